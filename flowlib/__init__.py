@@ -1,0 +1,46 @@
+"""The application library: allocate flows to names, read and write them, wait on many.
+
+    from flowlib import flow_alloc, qos
+    with flow_alloc("pong", qos=qos.raw) as f:
+        f.write(b"hi"); print(f.read())
+"""
+
+from flowlib import qos
+from flowlib.errors import (
+    FlowDown,
+    FlowError,
+    FlowTimeout,
+    FlowWouldBlock,
+    InvalidArgument,
+    IrmdUnreachable,
+    LayerDown,
+    NameNotFound,
+    PermissionDenied,
+)
+from flowlib.events import Event, EventQueue, EventType, FlowSet, fevent
+from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow, flow_accept, flow_alloc
+from flowlib.qos import QosSpec
+
+__all__ = [
+    "FLOWFRNONBLOCK",
+    "Event",
+    "EventQueue",
+    "EventType",
+    "Fccntl",
+    "Flow",
+    "FlowDown",
+    "FlowError",
+    "FlowSet",
+    "FlowTimeout",
+    "FlowWouldBlock",
+    "InvalidArgument",
+    "IrmdUnreachable",
+    "LayerDown",
+    "NameNotFound",
+    "PermissionDenied",
+    "QosSpec",
+    "fevent",
+    "flow_accept",
+    "flow_alloc",
+    "qos",
+]

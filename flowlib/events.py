@@ -1,0 +1,137 @@
+"""The event API, modelled on kqueue and Ouroboros's fqueue: flow sets and event queues.
+
+`fevent(set, queue, timeout)` waits on every flow of a set at once (one epoll)
+and fills the queue with (flow, event) pairs, so one thread serves many flows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import select
+from collections import deque
+from collections.abc import Iterator
+
+from flowlib.flow import Flow
+from flowlib.irm import IrmClient, default_client
+
+_HUP = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
+
+
+class EventType(enum.IntFlag):
+    """Event types, valued as Ouroboros's enum fqtype."""
+
+    PKT = 1 << 0  # an SDU is ready to read
+    DOWN = 1 << 1  # the flow's layer went away
+    UP = 1 << 2  # the flow came back up
+    ALLOC = 1 << 3  # a new flow arrived (sets that listen)
+    DEALLOC = 1 << 4  # the peer deallocated the flow
+    PEER = 1 << 5  # the peer timed out (flows with a qos timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    flow: Flow
+    type: EventType
+
+
+class EventQueue:
+    """What one fevent call found, consumed with next() or iteration."""
+
+    def __init__(self) -> None:
+        self._events: deque[Event] = deque()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def __iter__(self) -> Iterator[Event]:
+        while self._events:
+            yield self._events.popleft()
+
+    def next(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def push(self, flow: Flow, kind: EventType) -> None:
+        self._events.append(Event(flow, kind))
+
+
+class FlowSet:
+    """A set of flows to wait on together. With listen(), new flows join it as ALLOC events."""
+
+    def __init__(self, irm: IrmClient | None = None) -> None:
+        self._irm = irm
+        self._epoll = select.epoll()
+        self._flows: dict[int, Flow] = {}
+        self._listening = False
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __contains__(self, flow: Flow) -> bool:
+        return self._flows.get(flow.fd) is flow
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self._flows.values()))
+
+    def add(self, flow: Flow) -> None:
+        if flow.fd in self._flows:
+            return
+        self._epoll.register(flow.fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._flows[flow.fd] = flow
+
+    def remove(self, flow: Flow) -> None:
+        if self._flows.get(flow.fd) is flow:
+            del self._flows[flow.fd]
+            try:
+                self._epoll.unregister(flow.fd)
+            except (OSError, ValueError):
+                pass  # closed already
+
+    def zero(self) -> None:
+        for flow in list(self._flows.values()):
+            self.remove(flow)
+
+    def listen(self, enabled: bool = True) -> None:
+        """Have flows arriving for this process accepted into this set."""
+        irm = self._client()
+        if enabled and not self._listening:
+            self._epoll.register(irm.wakeup_fd, select.EPOLLIN)
+        elif not enabled and self._listening:
+            self._epoll.unregister(irm.wakeup_fd)
+        irm.listen(enabled)
+        self._listening = enabled
+
+    def close(self) -> None:
+        if self._listening:
+            self.listen(False)
+        self._epoll.close()
+        self._flows.clear()
+
+    def _client(self) -> IrmClient:
+        if self._irm is None:
+            self._irm = default_client()
+        return self._irm
+
+    def _poll(self, timeout: float | None, queue: EventQueue) -> None:
+        wakeup = self._irm.wakeup_fd if self._listening and self._irm else -1
+        for fd, mask in self._epoll.poll(-1 if timeout is None else timeout):
+            if fd == wakeup:
+                for reply, flow_fd in self._client().take_arrived():
+                    flow = Flow(reply, flow_fd, self._client())
+                    self.add(flow)
+                    queue.push(flow, EventType.ALLOC)
+                continue
+            flow = self._flows.get(fd)
+            if flow is None:
+                continue
+            if mask & _HUP and not flow.has_data():
+                self.remove(flow)  # report the end once
+                queue.push(flow, EventType.DEALLOC if flow.ended() == "dealloc" else EventType.DOWN)
+            else:
+                queue.push(flow, EventType.PKT)
+
+
+def fevent(fset: FlowSet, queue: EventQueue, timeout: float | None = None) -> int:
+    """Wait up to `timeout` seconds (None: forever) for events; returns how many (0: timeout)."""
+    fset._poll(timeout, queue)
+    return len(queue)

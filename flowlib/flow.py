@@ -1,0 +1,234 @@
+"""Flows: a file descriptor an application reads and writes SDUs on.
+
+`flow_alloc` and `flow_accept` get one from the IRMd; `Flow.fccntl` sets its
+options as Ouroboros's fccntl does (blocking, timeouts, queue limits).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import select
+import socket
+import time
+from typing import Any
+
+from flowlib.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
+from flowlib.irm import IrmClient, default_client
+from flowlib.qos import QosSpec
+from irmd import messages as m
+
+
+class Fccntl(enum.Enum):
+    """fccntl commands, named as Ouroboros's."""
+
+    SRCVTIMEO = "srcvtimeo"  # receive timeout in seconds, None = forever
+    GRCVTIMEO = "grcvtimeo"
+    SSNDTIMEO = "ssndtimeo"
+    GSNDTIMEO = "gsndtimeo"
+    SFLAGS = "sflags"  # FLOWFRNONBLOCK or 0
+    GFLAGS = "gflags"
+    GQOSSPEC = "gqosspec"
+    GMTU = "gmtu"
+    SRCVBUF = "srcvbuf"  # receive queue limit in bytes
+    GRCVBUF = "grcvbuf"
+    SSNDBUF = "ssndbuf"  # send queue limit in bytes
+    GSNDBUF = "gsndbuf"
+
+
+FLOWFRNONBLOCK = 0x1
+
+
+class Flow:
+    """One end of an allocated flow. Closing it deallocates the flow."""
+
+    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient) -> None:
+        self.flow_id = reply.flow_id
+        self.layer = reply.layer
+        self.name = reply.name
+        self.mtu = reply.mtu
+        self.qos = reply.qos
+        self._irm = irm
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(True)
+        self._recv = self._sock.recv
+        self._send = self._sock.send
+        self._rbuf = max(reply.mtu, 1)
+        self._nonblock = False
+        self._rcvtimeo: float | None = None
+        self._sndtimeo: float | None = None
+        self._closed = False
+        self._ended: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.flow_id} {self.name or '?'} via {self.layer} fd={self.fd}>"
+
+    def __enter__(self) -> Flow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def fd(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- data ------------------------------------------------------------
+
+    def read(self) -> bytes:
+        """The next SDU. Raises FlowDown when the flow ended, FlowTimeout, FlowWouldBlock."""
+        try:
+            data = self._recv(self._rbuf)
+        except BlockingIOError:
+            data = self._wait(select.POLLIN, self._rcvtimeo, self._recv, self._rbuf)
+        except OSError as e:
+            raise self._failed(e) from None
+        if data:
+            return data
+        raise self._down()
+
+    def write(self, sdu: bytes | bytearray | memoryview) -> int:
+        """Send one SDU, whole or not at all."""
+        n = len(sdu)
+        if n == 0 or n > self.mtu:
+            raise InvalidArgument(f"SDU of {n} bytes: flow {self.flow_id} carries 1 to {self.mtu} bytes")
+        try:
+            return self._send(sdu)
+        except BlockingIOError:
+            return self._wait(select.POLLOUT, self._sndtimeo, self._send, sdu)  # type: ignore[no-any-return]
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _wait(self, event: int, timeout: float | None, op: Any, arg: Any) -> Any:
+        if self._nonblock:
+            raise FlowWouldBlock(f"flow {self.flow_id}: would block")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self._sock, event)
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not poller.poll(None if left is None else left * 1000):
+                raise FlowTimeout(f"flow {self.flow_id}: timed out after {timeout} s")
+            try:
+                return op(arg)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> FlowError:
+        if self._closed or e.errno == errno.EBADF:
+            return FlowError(f"flow {self.flow_id} is closed")
+        if e.errno == errno.EMSGSIZE:
+            return InvalidArgument(f"flow {self.flow_id}: SDU too large for the layer")
+        return self._down()
+
+    def _down(self) -> FlowDown:
+        how = "deallocated by the peer" if self.ended() == "dealloc" else "down"
+        return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} is {how}")
+
+    def has_data(self) -> bool:
+        """Whether an SDU waits to be read, without reading it."""
+        try:
+            return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+
+    def ended(self) -> str:
+        """How the flow ended, as the IRMd saw it: 'dealloc' (by the peer) or 'down'."""
+        if self._ended is None:
+            self._ended = "dealloc" if self._irm.flow_state(self.flow_id) == "dealloc" else "down"
+        return self._ended
+
+    # -- options ---------------------------------------------------------
+
+    def fccntl(self, cmd: Fccntl, value: Any = None) -> Any:
+        """Get or set a flow option; setters return None, getters the value."""
+        sock = self._sock
+        match cmd:
+            case Fccntl.SRCVTIMEO:
+                self._rcvtimeo = _timeout(value)
+            case Fccntl.SSNDTIMEO:
+                self._sndtimeo = _timeout(value)
+            case Fccntl.SFLAGS:
+                self._nonblock = bool(int(value) & FLOWFRNONBLOCK)
+            case Fccntl.SRCVBUF:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(value))
+            case Fccntl.SSNDBUF:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(value))
+            case Fccntl.GRCVTIMEO:
+                return self._rcvtimeo
+            case Fccntl.GSNDTIMEO:
+                return self._sndtimeo
+            case Fccntl.GFLAGS:
+                return FLOWFRNONBLOCK if self._nonblock else 0
+            case Fccntl.GQOSSPEC:
+                return self.qos
+            case Fccntl.GMTU:
+                return self.mtu
+            case Fccntl.GRCVBUF:
+                return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            case Fccntl.GSNDBUF:
+                return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        # The fast path is a plain blocking socket; anything else polls in _wait.
+        sock.setblocking(not self._nonblock and self._rcvtimeo is None and self._sndtimeo is None)
+        return None
+
+    def set_blocking(self, blocking: bool) -> None:
+        self.fccntl(Fccntl.SFLAGS, 0 if blocking else FLOWFRNONBLOCK)
+
+    def set_timeout(self, timeout: float | None) -> None:
+        """Both the receive and the send timeout."""
+        self.fccntl(Fccntl.SRCVTIMEO, timeout)
+        self.fccntl(Fccntl.SSNDTIMEO, timeout)
+
+    # -- teardown --------------------------------------------------------
+
+    def close(self) -> None:
+        """Deallocate the flow (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        self._irm.dealloc(self.flow_id)
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    t = float(value)
+    if t < 0:
+        raise InvalidArgument(f"timeout {value!r}: expected seconds >= 0 or None")
+    return t
+
+
+def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None) -> Flow:
+    """Allocate a flow to `name` through whichever layer reaches it."""
+    irm = default_client()
+    reply, fd = irm.alloc(name, qos, timeout)
+    return Flow(reply, fd, irm)
+
+
+def flow_accept(qos: QosSpec | None = None, timeout: float | None = None) -> Flow:
+    """Wait for a flow to one of the names this process is bound to.
+
+    `qos`, if given, is the minimum the caller takes; weaker flows are refused.
+    """
+    irm = default_client()
+    while True:
+        reply, fd = irm.accept(timeout)
+        flow = Flow(reply, fd, irm)
+        if qos is None or _satisfies(flow.qos, qos):
+            return flow
+        flow.close()
+
+
+def _satisfies(got: QosSpec, want: QosSpec) -> bool:
+    return got.loss <= want.loss and got.in_order >= want.in_order

@@ -1,0 +1,133 @@
+"""A process's connection to its IRMd: flow allocation, acceptance and teardown.
+
+One connection per process, shared by its threads; flows pushed by the IRMd
+(for event-driven servers) are queued and signalled on an eventfd.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from flowlib.errors import FlowError, FlowTimeout, IrmdUnreachable, from_remote
+from flowlib.qos import QosSpec, raw
+from irmd import messages as m
+from transports.channel import ChannelClosed, RemoteError, SyncChannel
+from transports.unix import close_fds, irmd_sock_path
+from transports.wire import Message
+
+REPLY_MARGIN = 5.0  # extra seconds to wait for the IRMd beyond the timeout it enforces
+
+
+def open_channel(path: Path | None = None, on_notice: object = None) -> SyncChannel:
+    """Connect to the IRMd's control socket, with a clear error if none is there."""
+    path = path or irmd_sock_path()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(str(path))
+    except OSError as e:
+        sock.close()
+        raise IrmdUnreachable(f"cannot reach the IRMd at {path}: {e.strerror or e}") from None
+    return SyncChannel(sock, m.CODEC, on_notice)  # type: ignore[arg-type]
+
+
+def call(channel: SyncChannel, msg: Message, timeout: float | None = None,
+         fds: Sequence[int] = ()) -> tuple[Message, list[int]]:
+    """One request to the IRMd, with its failures as flow API exceptions."""
+    try:
+        return channel.request(msg, fds, timeout)
+    except RemoteError as e:
+        raise from_remote(e.code, e.text) from None
+    except ChannelClosed as e:
+        raise IrmdUnreachable(f"lost the IRMd: {e}") from None
+    except TimeoutError as e:
+        raise FlowTimeout(str(e)) from None
+
+
+class IrmClient:
+    """This process as the IRMd knows it."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.pid = os.getpid()
+        self._arrived: deque[tuple[m.FlowReply, int]] = deque()
+        self._arrived_lock = threading.Lock()
+        self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.channel = open_channel(path, self._on_notice)
+        call(self.channel, m.ProcAnnounce(os.path.abspath(sys.argv[0]) if sys.argv[0] else "python"))
+
+    def close(self) -> None:
+        self.channel.close()
+        with self._arrived_lock:
+            close_fds([fd for _, fd in self._arrived])
+            self._arrived.clear()
+        os.close(self.wakeup_fd)
+
+    def alloc(self, name: str, qos: QosSpec | None, timeout: float | None) -> tuple[m.FlowReply, int]:
+        reply, fds = call(
+            self.channel, m.FlowAlloc(name, qos or raw, timeout),
+            None if timeout is None else timeout + REPLY_MARGIN,
+        )  # fmt: skip
+        return self._flow_reply(reply, fds)
+
+    def accept(self, timeout: float | None) -> tuple[m.FlowReply, int]:
+        reply, fds = call(self.channel, m.FlowAccept(timeout), None if timeout is None else timeout + REPLY_MARGIN)
+        return self._flow_reply(reply, fds)
+
+    def dealloc(self, flow_id: int) -> None:
+        try:
+            call(self.channel, m.FlowDealloc(flow_id), REPLY_MARGIN)
+        except FlowError:
+            pass  # the IRMd may be gone, or already have dropped the flow
+
+    def flow_state(self, flow_id: int) -> str:
+        try:
+            reply, _ = call(self.channel, m.FlowInfo(flow_id), REPLY_MARGIN)
+        except FlowError:
+            return "down"
+        return reply.state if isinstance(reply, m.FlowInfo) else "down"
+
+    def listen(self, enabled: bool) -> None:
+        call(self.channel, m.FlowListen(enabled), REPLY_MARGIN)
+
+    def take_arrived(self) -> list[tuple[m.FlowReply, int]]:
+        try:
+            os.eventfd_read(self.wakeup_fd)
+        except BlockingIOError:
+            pass
+        with self._arrived_lock:
+            items = list(self._arrived)
+            self._arrived.clear()
+        return items
+
+    def _on_notice(self, msg: Message, fds: list[int]) -> None:
+        if isinstance(msg, m.FlowReply) and len(fds) == 1:
+            with self._arrived_lock:
+                self._arrived.append((msg, fds[0]))
+            os.eventfd_write(self.wakeup_fd, 1)
+        else:
+            close_fds(fds)
+
+    @staticmethod
+    def _flow_reply(reply: Message, fds: list[int]) -> tuple[m.FlowReply, int]:
+        if not isinstance(reply, m.FlowReply) or len(fds) != 1:
+            close_fds(fds)
+            raise FlowError(f"the IRMd answered with {type(reply).__name__}")
+        return reply, fds[0]
+
+
+_default: IrmClient | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> IrmClient:
+    """The process's connection, made on first use (and again in a forked child)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.pid != os.getpid() or _default.channel.closed:
+            _default = IrmClient()
+        return _default

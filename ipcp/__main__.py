@@ -1,0 +1,31 @@
+"""Entry point of an IPCP process, as the IRMd spawns it: python -m ipcp TYPE NAME SOCK."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ipcp.base import Ipcp, run_ipcp
+
+# Each type's module and class; modules are imported only for the type run.
+KINDS: dict[str, tuple[str, str]] = {
+    "local": ("ipcp.local", "LocalIpcp"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python -m ipcp TYPE NAME IRMD_SOCK", file=sys.stderr)
+        return 2
+    kind, name, sock = argv
+    if kind not in KINDS:
+        print(f"ipcp: type {kind!r} is not available (have: {', '.join(KINDS)})", file=sys.stderr)
+        return 2
+    module, cls_name = KINDS[kind]
+    cls: type[Ipcp] = getattr(importlib.import_module(module), cls_name)
+    run_ipcp(cls, name, sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

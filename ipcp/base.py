@@ -1,0 +1,137 @@
+"""What every IPCP process shares: the control channel to its IRMd and its dispatch.
+
+A concrete IPCP subclasses `Ipcp` and implements the layer operations; this
+module connects, announces, serves requests and exits when the IRMd goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flowlib.qos import QosSpec
+from irmd import messages as m
+from transports.channel import AsyncChannel, HandlerError
+from transports.unix import close_fds
+from transports.wire import Message
+
+log = logging.getLogger(__name__)
+
+
+class Ipcp:
+    """Base of all IPCP kinds; subclasses override the layer operations."""
+
+    type = ""
+
+    def __init__(self, name: str, irmd_sock: Path) -> None:
+        self.name = name
+        self.irmd_sock = irmd_sock
+        self.layer = ""
+        self.channel: AsyncChannel | None = None
+        self._done = asyncio.Event()
+
+    # -- the layer operations (override) ------------------------------------
+
+    async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
+        raise HandlerError(m.EINVAL, f"a {self.type} IPCP cannot bootstrap")
+
+    async def enroll(self, dst: str) -> m.LayerInfo:
+        raise HandlerError(m.EINVAL, f"a {self.type} IPCP cannot enroll; bootstrap it instead")
+
+    async def connect(self, dst: str, component: str, qos: str, connect: bool) -> None:
+        raise HandlerError(m.EINVAL, f"a {self.type} IPCP has no components to connect")
+
+    async def reg(self, digest: bytes, register: bool) -> None:
+        raise NotImplementedError
+
+    async def query(self, digest: bytes) -> bool:
+        raise NotImplementedError
+
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
+        """Allocate; return (mtu, fd of the application's end)."""
+        raise NotImplementedError
+
+    async def flow_dealloc(self, flow_id: int) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Release sockets and flows before the process exits."""
+
+    # -- services for subclasses ---------------------------------------------
+
+    async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int) -> int:
+        """Hand a flow requested by a peer to the IRMd; returns the new flow id.
+
+        The fd is the application's end; the caller keeps (and must close) its copy.
+        """
+        assert self.channel is not None
+        reply, fds = await self.channel.request(m.FlowReqArrived(digest, qos, mtu), [fd])
+        close_fds(fds)
+        if not isinstance(reply, m.IpcpFlowAccepted):
+            raise HandlerError(m.EPROTO, f"IRMd answered FlowReqArrived with {type(reply).__name__}")
+        return reply.flow_id
+
+    def peer_dealloc(self, flow_id: int, down: bool = False) -> None:
+        if self.channel is not None:
+            self.channel.notify(m.FlowPeerDealloc(flow_id, down))
+
+    # -- serving -------------------------------------------------------------
+
+    async def _handle(self, msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
+        close_fds(fds)  # the IRMd sends no descriptors to IPCPs
+        match msg:
+            case m.IpcpBootstrapReq():
+                if self.layer:
+                    raise HandlerError(m.EEXIST, f"already in layer {self.layer!r}")
+                info = await self.bootstrap(msg.layer, msg.conf)
+                self.layer = info.layer
+                log.info("%s: bootstrapped layer %s", self.name, self.layer)
+                return info, ()
+            case m.IpcpEnrollReq():
+                if self.layer:
+                    raise HandlerError(m.EEXIST, f"already in layer {self.layer!r}")
+                info = await self.enroll(msg.dst)
+                self.layer = info.layer
+                return info, ()
+            case m.IpcpConnectReq():
+                await self.connect(msg.dst, msg.component, msg.qos, msg.connect)
+                return m.Ok(), ()
+            case m.IpcpReg():
+                await self.reg(msg.hash, msg.register)
+                return m.Ok(), ()
+            case m.IpcpQuery():
+                if not await self.query(msg.hash):
+                    raise HandlerError(m.ENOENT, "name not reachable in this layer")
+                return m.Ok(), ()
+            case m.IpcpFlowAlloc():
+                mtu, fd = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0)
+                return m.IpcpFlow(mtu), (fd,)
+            case m.IpcpFlowDealloc():
+                await self.flow_dealloc(msg.flow_id)
+                return m.Ok(), ()
+        raise HandlerError(m.EPROTO, f"{type(msg).__name__} is not an IPCP request")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._done.set)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(str(self.irmd_sock))
+        self.channel = AsyncChannel(sock, m.CODEC, self._handle, name=f"ipcp {self.name}",
+                                    on_close=lambda _: self._done.set())
+        await self.channel.request(m.IpcpAnnounce(self.name, self.type), timeout=10)
+        await self._done.wait()
+        with contextlib.suppress(Exception):
+            await self.stop()
+        self.channel.close()
+
+
+def run_ipcp(cls: type[Ipcp], name: str, irmd_sock: str, **kw: Any) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s ipcp[{name}] %(levelname)s %(message)s")
+    asyncio.run(cls(name, Path(irmd_sock), **kw).run())

@@ -1,0 +1,367 @@
+"""irm: the administration tool, with the grammar of Ouroboros 0.23's irm.
+
+Keywords may be shortened to any unique prefix; every command is one small
+function that turns parsed words into one control message for the IRMd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from flowlib.errors import FlowError
+from flowlib.irm import call, open_channel
+from irmd import messages as m
+from irmd.registry import HASHES, IPCP_TYPES, LB_POLICIES
+from transports.wire import Message
+
+
+class UsageError(Exception):
+    """A command line that does not follow the grammar."""
+
+
+def match(word: str, choices: list[str], what: str) -> str:
+    """The keyword `word` abbreviates, exactly or as a unique prefix."""
+    if word in choices:
+        return word
+    hits = [c for c in choices if c.startswith(word)] if word else []
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise UsageError(f'"{word}" is ambiguous for {what}: could be {", ".join(hits)}')
+    raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}')
+
+
+# -- values -------------------------------------------------------------------
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def check(key: str, value: str) -> str:
+        if value not in options:
+            raise UsageError(f'bad {key} "{value}": expected one of {{{" ".join(options)}}}')
+        return value
+
+    return check
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], str]:
+    def check(key: str, value: str) -> str:
+        try:
+            n = int(value, 0)
+        except ValueError:
+            raise UsageError(f'bad {key} "{value}": expected a number from {lo} to {hi}') from None
+        if not lo <= n <= hi:
+            raise UsageError(f'bad {key} "{value}": expected a number from {lo} to {hi}')
+        return str(n)
+
+    return check
+
+
+def _ethertype(key: str, value: str) -> str:
+    try:
+        n = int(value, 16)
+    except ValueError:
+        n = -1
+    if not 0x0600 <= n <= 0xFFFE:
+        raise UsageError(f'bad ethertype "{value}": expected hex 0x0600-0xFFFE (recommended 0xA000-0xEFFF)')
+    return hex(n)
+
+
+def _ip(version: int) -> Callable[[str, str], str]:
+    def check(key: str, value: str) -> str:
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            addr = None
+        if addr is None or addr.version != version:
+            raise UsageError(f'bad {key} "{value}": expected an IPv{version} address')
+        return str(addr)
+
+    return check
+
+
+def _text(key: str, value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise UsageError(f'bad {key} "{value}": expected a word without spaces')
+    return value
+
+
+# Bootstrap options per IPCP type: keyword -> value check.
+TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
+    "local": {"hash": _choice(*HASHES)},
+    "broadcast": {},
+    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "dns": _ip(4)},
+    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "dns": _ip(6)},
+    "eth-dix": {"dev": _text, "ethertype": _ethertype, "hash": _choice(*HASHES)},
+    "eth-llc": {"dev": _text, "hash": _choice(*HASHES)},
+    "unicast": {
+        "addr": _int(1, 8), "eid": _int(8, 8), "ttl": _int(1, 255),
+        "routing": _choice("link_state", "lfa", "ecmp"), "congestion": _choice("none", "mb-ecn"),
+        "hash": _choice(*HASHES), "directory": _choice("DHT"), "addr_auth": _choice("flat"),
+        "key": _text,
+    },
+}  # fmt: skip
+MULTI = {"peer"}  # options that may repeat
+
+
+@dataclasses.dataclass
+class Words:
+    """Keyword/value pairs after the command words, plus flags and `-- args`."""
+
+    values: dict[str, list[str]]
+    flags: set[str]
+    rest: list[str]
+
+    def one(self, key: str, required: bool = False) -> str:
+        got = self.values.get(key, [])
+        if len(got) > 1 and key not in MULTI:
+            raise UsageError(f'"{key}" given {len(got)} times: expected once')
+        if required and not got:
+            raise UsageError(f'missing "{key} <value>"')
+        return got[0] if got else ""
+
+
+def parse_words(args: list[str], keys: list[str], flags: list[str] = (), rest: bool = False) -> Words:  # type: ignore[assignment]
+    values: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    choices = list(keys) + list(flags)
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--" and rest:
+            return Words(values, seen, args[i + 1 :])
+        key = match(word, choices, "an option")
+        if key in flags:
+            seen.add(key)
+            i += 1
+            continue
+        if i + 1 >= len(args):
+            raise UsageError(f'"{key}" needs a value')
+        values.setdefault(key, []).append(args[i + 1])
+        i += 2
+    return Words(values, seen, [])
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def ipcp_create(args: list[str]) -> Message:
+    w = parse_words(args, ["name", "type"])
+    return m.IpcpCreate(w.one("name", True), _choice(*IPCP_TYPES)("type", w.one("type", True)))
+
+
+def ipcp_destroy(args: list[str]) -> Message:
+    return m.IpcpDestroy(parse_words(args, ["name"]).one("name", True))
+
+
+def ipcp_bootstrap(args: list[str]) -> Message:
+    options = sorted({k for opts in TYPE_OPTIONS.values() for k in opts})
+    w = parse_words(args, ["name", "layer", "type", *options], ["autobind"])
+    kind = w.one("type")
+    if kind:
+        _choice(*IPCP_TYPES)("type", kind)
+    conf: dict[str, str] = {}
+    for key, vals in w.values.items():
+        if key in ("name", "layer", "type"):
+            continue
+        if kind and key not in TYPE_OPTIONS[kind]:
+            raise UsageError(f'"{key}" does not apply to type {kind}: expected one of '
+                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}')
+        check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
+        conf[key] = ",".join(check(key, v) for v in vals) if key in MULTI else check(key, w.one(key))
+    if kind in ("udp4", "udp6") and "ip" not in conf:
+        raise UsageError(f'missing "ip <address>" for type {kind}')
+    if kind in ("eth-dix", "eth-llc") and "dev" not in conf:
+        raise UsageError(f'missing "dev <interface>" for type {kind}')
+    return m.IpcpBootstrap(w.one("name", True), w.one("layer", True), kind, "autobind" in w.flags, conf)
+
+
+def ipcp_enroll(args: list[str]) -> Message:
+    w = parse_words(args, ["name", "layer", "dst", "type"], ["autobind"])
+    kind = w.one("type")
+    if kind:
+        _choice("unicast", "broadcast")("type", kind)
+    if not w.one("layer") and not w.one("dst"):
+        raise UsageError('enroll needs "layer <layer>" or "dst <destination>"')
+    return m.IpcpEnroll(w.one("name", True), w.one("layer"), w.one("dst"), kind, "autobind" in w.flags)
+
+
+def _connect(args: list[str], connect: bool) -> Message:
+    w = parse_words(args, ["name", "dst", "component", "qos"])
+    comp = w.one("component")
+    if comp:
+        comp = match(comp, ["dt", "mgmt"], "a component")
+    qos = w.one("qos") or "raw"
+    _choice("raw", "best", "voice", "video", "data")("qos", qos)
+    return m.IpcpConnect(w.one("name", True), w.one("dst", True), comp, qos, connect)
+
+
+def ipcp_connect(args: list[str]) -> Message:
+    return _connect(args, True)
+
+
+def ipcp_disconnect(args: list[str]) -> Message:
+    return _connect(args, False)
+
+
+def ipcp_list(args: list[str]) -> Message:
+    w = parse_words(args, ["name", "layer", "type"])
+    return m.IpcpList(w.one("name"), w.one("layer"), w.one("type"))
+
+
+def _bind(args: list[str], bind: bool) -> Message:
+    if not args:
+        raise UsageError("expected {program process ipcp}")
+    kind = match(args[0], ["program", "process", "ipcp"], "what to bind")
+    if len(args) < 2:
+        raise UsageError(f'missing the {kind} to {"bind" if bind else "unbind"}')
+    target = args[1]
+    w = parse_words(args[2:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
+    if kind == "program":
+        found = shutil.which(target)
+        if found is None and bind:
+            raise UsageError(f'program "{target}" not found (not executable or not in PATH)')
+        target = found or target
+    name = w.one("name", required=bind)
+    return m.Bind(kind, target, name, "auto" in w.flags, w.rest, bind)
+
+
+def bind(args: list[str]) -> Message:
+    return _bind(args, True)
+
+
+def unbind(args: list[str]) -> Message:
+    return _bind(args, False)
+
+
+def _name_arg(args: list[str]) -> tuple[str, list[str]]:
+    if not args:
+        raise UsageError("missing the name")
+    return args[0], args[1:]
+
+
+def name_create(args: list[str]) -> Message:
+    name, rest = _name_arg(args)
+    lb = parse_words(rest, ["lb"]).one("lb") or "round-robin"
+    return m.NameCreate(name, _choice(*LB_POLICIES)("lb", lb))
+
+
+def name_destroy(args: list[str]) -> Message:
+    name, rest = _name_arg(args)
+    parse_words(rest, [])
+    return m.NameDestroy(name)
+
+
+def _name_reg(args: list[str], register: bool) -> Message:
+    name, rest = _name_arg(args)
+    layers = parse_words(rest, ["layer"]).values.get("layer", [])
+    if not layers:
+        raise UsageError('missing "layer <layer>"')
+    return m.NameRegister(name, layers, register)
+
+
+def name_register(args: list[str]) -> Message:
+    return _name_reg(args, True)
+
+
+def name_unregister(args: list[str]) -> Message:
+    return _name_reg(args, False)
+
+
+def name_list(args: list[str]) -> Message:
+    parse_words(args, [])
+    return m.NameList()
+
+
+def flow_list(args: list[str]) -> Message:
+    parse_words(args, [])
+    return m.FlowList()
+
+
+COMMANDS: dict[str, Any] = {
+    "ipcp": {
+        "create": ipcp_create, "destroy": ipcp_destroy, "bootstrap": ipcp_bootstrap,
+        "enroll": ipcp_enroll, "connect": ipcp_connect, "disconnect": ipcp_disconnect,
+        "list": ipcp_list,
+    },
+    "bind": bind,
+    "unbind": unbind,
+    "name": {
+        "create": name_create, "destroy": name_destroy, "register": name_register,
+        "unregister": name_unregister, "list": name_list,
+    },
+    "flow": {"list": flow_list},
+}  # fmt: skip
+
+USAGE = """usage: irm OPERATION ...
+  irm ipcp create    name N type {local|unicast|broadcast|udp4|udp6|eth-dix|eth-llc}
+  irm ipcp bootstrap name N layer L [type T] [autobind] [type options]
+      local: [hash H]   udp4/udp6: ip ADDR [port 3435] [peer ADDR]...
+      eth-dix: dev IFACE [ethertype 0xA000]   eth-llc: dev IFACE
+      unicast: [addr 4] [eid 8] [ttl 60] [routing {link_state|lfa|ecmp}]
+               [congestion {none|mb-ecn}] [hash {SHA3_224|SHA3_256|SHA3_384|SHA3_512}]
+               [directory DHT] [key SECRET]
+  irm ipcp enroll    name N [layer L] [dst D] [type T] [autobind]
+  irm ipcp connect   name N dst D [component {dt|mgmt}] [qos {raw|best|voice|video|data}]
+  irm ipcp disconnect name N dst D [component {dt|mgmt}]
+  irm ipcp list [name N] [layer L] [type T]  |  irm ipcp destroy name N
+  irm bind program PATH name N [auto] [-- ARGS...] | bind process PID name N | bind ipcp I name N
+  irm unbind program PATH [name N] | unbind process PID [name N] | unbind ipcp I name N
+  irm name create N [lb {round-robin|spillover}] | irm name destroy N
+  irm name register N layer L [layer L2 ...] | irm name unregister N layer L
+  irm name list | irm flow list
+Keywords may be abbreviated to any unique prefix."""
+
+
+def parse(argv: list[str]) -> Message:
+    """Turn a command line into the message for the IRMd, or raise UsageError."""
+    node: Any = COMMANDS
+    words = list(argv)
+    path: list[str] = []
+    while isinstance(node, dict):
+        if not words:
+            raise UsageError(f"expected {' '.join(['irm', *path])} {{{' '.join(node)}}}")
+        word = match(words.pop(0), list(node), f"{' '.join(['irm', *path])} OPERATION")
+        path.append(word)
+        node = node[word]
+    return node(words)  # type: ignore[no-any-return]
+
+
+def render(table: m.Table) -> str:
+    if not table.rows:
+        return "(none)"
+    widths = {c: max(len(c), *(len(r.get(c, "")) for r in table.rows)) for c in table.columns}
+    rule = "+" + "+".join("-" * (widths[c] + 2) for c in table.columns) + "+"
+    line = lambda cells: "| " + " | ".join(cells[c].ljust(widths[c]) for c in table.columns) + " |"  # noqa: E731
+    return "\n".join([rule, line({c: c for c in table.columns}), rule,
+                      *(line({c: r.get(c, "") for c in table.columns}) for r in table.rows), rule])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("help", "-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if args else 2)
+    try:
+        msg = parse(args)
+    except UsageError as e:
+        print(f"irm: {e}", file=sys.stderr)
+        print("try 'irm help'", file=sys.stderr)
+        sys.exit(2)
+    try:
+        channel = open_channel()
+        try:
+            reply, _ = call(channel, msg, timeout=60)
+        finally:
+            channel.close()
+    except FlowError as e:
+        print(f"irm: {e}", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(reply, m.Table):
+        print(render(reply))
+    elif isinstance(reply, m.Ok) and reply.text:
+        print(reply.text)

@@ -1,0 +1,350 @@
+"""Control messages between applications, irm, the IRMd and IPCPs, defined once.
+
+Each message is a dataclass with a unique TYPE code; `CODEC` frames them
+(see transports.wire). Replies to failed requests are `transports.wire.Error`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from flowlib.qos import QosSpec
+from transports.wire import Codec, Message
+
+CODEC = Codec()
+reg = CODEC.register
+
+# Error codes carried in Error replies (errno-like symbols).
+ENOENT = "ENOENT"  # name, ipcp, layer or flow not found
+EEXIST = "EEXIST"
+EINVAL = "EINVAL"
+EPERM = "EPERM"
+ETIMEDOUT = "ETIMEDOUT"
+ENOTCONN = "ENOTCONN"  # layer or ipcp down
+EIPCP = "EIPCP"  # the IPCP failed the operation
+EPROTO = "EPROTO"
+
+
+# -- generic replies ----------------------------------------------------------
+
+
+@reg
+@dataclass
+class Ok(Message):
+    TYPE: ClassVar[int] = 2
+    text: str = ""
+
+
+@reg
+@dataclass
+class Table(Message):
+    """Rows for the `irm ... list` commands; every value is text."""
+
+    TYPE: ClassVar[int] = 3
+    columns: list[str] = field(default_factory=list)
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+
+# -- application <-> IRMd -------------------------------------------------------
+
+
+@reg
+@dataclass
+class ProcAnnounce(Message):
+    """First message of an application process: who it is."""
+
+    TYPE: ClassVar[int] = 10
+    prog: str
+
+
+@reg
+@dataclass
+class FlowAlloc(Message):
+    TYPE: ClassVar[int] = 11
+    name: str
+    qos: QosSpec
+    timeout: float | None = None
+
+
+@reg
+@dataclass
+class FlowAccept(Message):
+    TYPE: ClassVar[int] = 12
+    timeout: float | None = None
+
+
+@reg
+@dataclass
+class FlowReply(Message):
+    """A flow handed to an application; its fd rides along."""
+
+    TYPE: ClassVar[int] = 13
+    flow_id: int
+    layer: str
+    mtu: int
+    qos: QosSpec
+    name: str = ""
+
+
+@reg
+@dataclass
+class FlowDealloc(Message):
+    TYPE: ClassVar[int] = 14
+    flow_id: int
+
+
+@reg
+@dataclass
+class FlowInfo(Message):
+    """Asks (and answers) how a flow ended: state is 'allocated', 'dealloc' or 'down'."""
+
+    TYPE: ClassVar[int] = 15
+    flow_id: int
+    state: str = ""
+
+
+@reg
+@dataclass
+class FlowListen(Message):
+    """Turns on or off the push of arriving flows as FlowReply notices."""
+
+    TYPE: ClassVar[int] = 16
+    enabled: bool
+
+
+# -- irm (administration) -> IRMd ---------------------------------------------
+
+
+@reg
+@dataclass
+class IpcpCreate(Message):
+    TYPE: ClassVar[int] = 30
+    name: str
+    type: str
+
+
+@reg
+@dataclass
+class IpcpDestroy(Message):
+    TYPE: ClassVar[int] = 31
+    name: str
+
+
+@reg
+@dataclass
+class IpcpBootstrap(Message):
+    TYPE: ClassVar[int] = 32
+    name: str
+    layer: str
+    type: str = ""
+    autobind: bool = False
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@reg
+@dataclass
+class IpcpEnroll(Message):
+    TYPE: ClassVar[int] = 33
+    name: str
+    layer: str = ""
+    dst: str = ""
+    type: str = ""
+    autobind: bool = False
+
+
+@reg
+@dataclass
+class IpcpConnect(Message):
+    TYPE: ClassVar[int] = 34
+    name: str
+    dst: str
+    component: str = ""  # "" = both dt and mgmt
+    qos: str = "raw"
+    connect: bool = True  # False disconnects
+
+
+@reg
+@dataclass
+class IpcpList(Message):
+    TYPE: ClassVar[int] = 35
+    name: str = ""
+    layer: str = ""
+    type: str = ""
+
+
+@reg
+@dataclass
+class Bind(Message):
+    """bind program|process|ipcp TARGET name N; unbind when bind is False."""
+
+    TYPE: ClassVar[int] = 36
+    kind: str
+    target: str
+    name: str = ""
+    auto: bool = False
+    args: list[str] = field(default_factory=list)
+    bind: bool = True
+
+
+@reg
+@dataclass
+class NameCreate(Message):
+    TYPE: ClassVar[int] = 37
+    name: str
+    lb: str = "round-robin"
+
+
+@reg
+@dataclass
+class NameDestroy(Message):
+    TYPE: ClassVar[int] = 38
+    name: str
+
+
+@reg
+@dataclass
+class NameRegister(Message):
+    TYPE: ClassVar[int] = 39
+    name: str
+    layers: list[str]
+    register: bool = True  # False unregisters
+
+
+@reg
+@dataclass
+class NameList(Message):
+    TYPE: ClassVar[int] = 40
+
+
+@reg
+@dataclass
+class FlowList(Message):
+    TYPE: ClassVar[int] = 41
+
+
+# -- IRMd <-> IPCP --------------------------------------------------------------
+
+
+@reg
+@dataclass
+class IpcpAnnounce(Message):
+    """First message of a freshly spawned IPCP process."""
+
+    TYPE: ClassVar[int] = 60
+    name: str
+    type: str
+
+
+@reg
+@dataclass
+class LayerInfo(Message):
+    """An IPCP's reply to bootstrap/enroll: what the IRMd needs to know of its layer."""
+
+    TYPE: ClassVar[int] = 61
+    layer: str
+    hash: str = "SHA3_256"
+    mtu: int = 65535
+
+
+@reg
+@dataclass
+class IpcpBootstrapReq(Message):
+    TYPE: ClassVar[int] = 62
+    layer: str
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@reg
+@dataclass
+class IpcpEnrollReq(Message):
+    TYPE: ClassVar[int] = 63
+    dst: str
+
+
+@reg
+@dataclass
+class IpcpConnectReq(Message):
+    TYPE: ClassVar[int] = 64
+    dst: str
+    component: str = ""
+    qos: str = "raw"
+    connect: bool = True
+
+
+@reg
+@dataclass
+class IpcpReg(Message):
+    """Register (or unregister) a name hash in the IPCP's layer."""
+
+    TYPE: ClassVar[int] = 65
+    hash: bytes
+    register: bool = True
+
+
+@reg
+@dataclass
+class IpcpQuery(Message):
+    """Is this name hash reachable through the IPCP's layer? Ok or ENOENT."""
+
+    TYPE: ClassVar[int] = 66
+    hash: bytes
+
+
+@reg
+@dataclass
+class IpcpFlowAlloc(Message):
+    """Allocate a flow to a name hash; the reply is an IpcpFlow with the app's fd."""
+
+    TYPE: ClassVar[int] = 67
+    flow_id: int
+    hash: bytes
+    qos: QosSpec
+    timeout: float | None = None
+
+
+@reg
+@dataclass
+class IpcpFlow(Message):
+    TYPE: ClassVar[int] = 68
+    mtu: int
+
+
+@reg
+@dataclass
+class IpcpFlowDealloc(Message):
+    """IRMd -> IPCP: the application let go of the flow; a notice."""
+
+    TYPE: ClassVar[int] = 69
+    flow_id: int
+
+
+@reg
+@dataclass
+class FlowReqArrived(Message):
+    """IPCP -> IRMd: a peer asks for a flow to a name hash; the app's fd rides along.
+
+    The reply is an IpcpFlowAccepted naming the new flow's id.
+    """
+
+    TYPE: ClassVar[int] = 70
+    hash: bytes
+    qos: QosSpec
+    mtu: int
+
+
+@reg
+@dataclass
+class IpcpFlowAccepted(Message):
+    TYPE: ClassVar[int] = 71
+    flow_id: int
+
+
+@reg
+@dataclass
+class FlowPeerDealloc(Message):
+    """IPCP -> IRMd: the remote end deallocated (or, if down, lost) the flow; a notice."""
+
+    TYPE: ClassVar[int] = 72
+    flow_id: int
+    down: bool = False

@@ -1,0 +1,310 @@
+"""Request/reply channels over one SOCK_SEQPACKET control socket, in both directions.
+
+`AsyncChannel` serves the daemons (asyncio, add_reader, no per-request task
+unless a handler awaits); `SyncChannel` serves applications (a reader thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+from transports.unix import close_fds, recv_frame, send_frame
+from transports.wire import HEADER, NOTICE, Codec, Error, Message, WireError
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[Message, list[int]]
+# A handler takes a request and its fds (which it then owns) and returns the
+# reply and fds to pass; the channel closes those fds once sent.
+AsyncHandler = Callable[[Message, list[int]], Awaitable[tuple[Message, Sequence[int]]]]
+
+
+class RemoteError(Exception):
+    """The peer answered a request with an Error reply."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class ChannelClosed(ConnectionError):
+    """The control socket closed before a reply arrived."""
+
+
+class HandlerError(Exception):
+    """Raised by a handler to answer its request with an Error reply."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def _unwrap(frame_msg: Message, fds: list[int]) -> Reply:
+    if isinstance(frame_msg, Error):
+        close_fds(fds)
+        raise RemoteError(frame_msg.code, frame_msg.text)
+    return frame_msg, fds
+
+
+class AsyncChannel:
+    """Both ends may send requests; replies are matched by request id."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        codec: Codec,
+        handler: AsyncHandler,
+        *,
+        name: str = "",
+        on_close: Callable[[AsyncChannel], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.name = name
+        self._codec = codec
+        self._handler = handler
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._outq: deque[tuple[bytes, list[int]]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def request(
+        self, msg: Message, fds: Sequence[int] = (), timeout: float | None = None
+    ) -> Reply:
+        """Send a request and wait for its reply; fds sent are not closed here."""
+        if self.closed:
+            raise ChannelClosed(f"{self.name}: channel closed")
+        req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        self._pending[req_id] = fut
+        try:
+            self._send(self._codec.encode(msg, req_id), fds)
+            msg_in, fds_in = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(req_id, None)
+        return _unwrap(msg_in, fds_in)
+
+    def notify(self, msg: Message, fds: Sequence[int] = ()) -> None:
+        if not self.closed:
+            self._send(self._codec.encode(msg, NOTICE), fds)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._closed.set()
+        self._loop.remove_reader(self.sock.fileno())
+        if self._outq:
+            self._loop.remove_writer(self.sock.fileno())
+        for _, fds in self._outq:
+            close_fds(fds)
+        self._outq.clear()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed(f"{self.name}: channel closed"))
+        self.sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._on_close:
+            self._on_close(self)
+
+    # -- internals -------------------------------------------------------
+
+    def _send(self, frame: bytes, fds: Sequence[int]) -> None:
+        if not self._outq:
+            try:
+                send_frame(self.sock, frame, fds)
+                return
+            except BlockingIOError:
+                self._loop.add_writer(self.sock.fileno(), self._on_writable)
+            except OSError as e:
+                log.debug("%s: send failed: %s", self.name, e)
+                self._loop.call_soon(self.close)
+                return
+        # Queued frames keep their own copies of the fds: the caller may close its own.
+        self._outq.append((frame, [os.dup(fd) for fd in fds]))
+
+    def _on_writable(self) -> None:
+        while self._outq:
+            frame, fds = self._outq[0]
+            try:
+                send_frame(self.sock, frame, fds)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close()
+                return
+            self._outq.popleft()
+            close_fds(fds)
+        self._loop.remove_writer(self.sock.fileno())
+
+    def _on_readable(self) -> None:
+        for _ in range(64):  # bounded, so one chatty peer cannot starve the loop
+            try:
+                data, fds = recv_frame(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except WireError as e:
+                log.warning("%s: dropping connection: %s", self.name, e)
+                self.close()
+                return
+            except OSError as e:
+                log.debug("%s: recv failed: %s", self.name, e)
+                self.close()
+                return
+            if not data:
+                self.close()
+                return
+            try:
+                frame = self._codec.decode(data)
+            except WireError as e:
+                close_fds(fds)
+                log.warning("%s: malformed message: %s", self.name, e)
+                self._reply_error(data, "EPROTO", f"malformed message: {e}")
+                continue
+            fut = self._pending.get(frame.req_id)
+            if fut is not None and not fut.done():
+                fut.set_result((frame.msg, fds))
+            elif isinstance(frame.msg, Error) and frame.req_id:
+                close_fds(fds)  # a late reply to a request that timed out
+            else:
+                task = self._loop.create_task(self._serve(frame.req_id, frame.msg, fds))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _reply_error(self, data: bytes, code: str, text: str) -> None:
+        # Answer with the request id if the header was readable, so the peer is not left waiting.
+        if len(data) >= HEADER.size:
+            req_id = HEADER.unpack_from(data)[3]
+            if req_id:
+                self._send(self._codec.encode(Error(code, text[:500]), req_id), ())
+
+    async def _serve(self, req_id: int, msg: Message, fds: list[int]) -> None:
+        try:
+            reply, out_fds = await self._handler(msg, fds)
+        except (HandlerError, RemoteError) as e:
+            reply, out_fds = Error(e.code, e.text), ()
+        except (ChannelClosed, asyncio.CancelledError):
+            return
+        except Exception as e:
+            log.exception("%s: handler for %s failed", self.name, type(msg).__name__)
+            reply, out_fds = Error("EIO", f"internal error: {e}"), ()
+        try:
+            if req_id != NOTICE and not self.closed:
+                self._send(self._codec.encode(reply, req_id), out_fds)
+        finally:
+            close_fds(out_fds)
+
+
+class SyncChannel:
+    """A blocking client of an AsyncChannel, safe to share between threads."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        codec: Codec,
+        on_notice: Callable[[Message, list[int]], None] | None = None,
+    ) -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self._codec = codec
+        self._on_notice = on_notice
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, list[Reply | None]] = {}
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, name="irm-channel", daemon=True)
+        self._reader.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def request(
+        self, msg: Message, fds: Sequence[int] = (), timeout: float | None = None
+    ) -> Reply:
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed("connection to the IRMd is closed")
+            req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+            slot: list[Reply | None] = [None]
+            self._pending[req_id] = slot
+            try:
+                send_frame(self.sock, self._codec.encode(msg, req_id), fds)
+            except OSError as e:
+                del self._pending[req_id]
+                raise ChannelClosed(f"connection to the IRMd failed: {e}") from None
+            try:
+                if not self._cond.wait_for(lambda: slot[0] is not None or self._closed, timeout):
+                    raise TimeoutError(f"no reply to {type(msg).__name__} in {timeout} s")
+            finally:
+                self._pending.pop(req_id, None)
+            reply = slot[0]
+            if reply is None:
+                raise ChannelClosed("connection to the IRMd closed")
+        return _unwrap(*reply)
+
+    def notify(self, msg: Message) -> None:
+        with self._lock:
+            send_frame(self.sock, self._codec.encode(msg, NOTICE))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=2)
+        self.sock.close()
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    data, fds = recv_frame(self.sock)
+                except WireError as e:
+                    log.warning("IRMd sent a bad frame: %s", e)
+                    continue
+                if not data:
+                    return
+                try:
+                    frame = self._codec.decode(data)
+                except WireError as e:
+                    close_fds(fds)
+                    log.warning("IRMd sent a malformed message: %s", e)
+                    continue
+                with self._lock:
+                    slot = self._pending.get(frame.req_id)
+                    if slot is not None:
+                        slot[0] = (frame.msg, fds)
+                        self._cond.notify_all()
+                        continue
+                if frame.req_id == NOTICE and self._on_notice:
+                    self._on_notice(frame.msg, fds)
+                else:
+                    close_fds(fds)
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._closed = True
+                self._cond.notify_all()

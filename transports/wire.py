@@ -1,0 +1,182 @@
+"""Control-message framing: a fixed binary header plus a typed, validated JSON body.
+
+Sans-IO: bytes in, message dataclasses out; every limit explicit and every
+field type-checked, so a malformed frame raises `WireError`, never anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar, get_args, get_origin
+
+MAGIC = b"OU"
+VERSION = 1
+HEADER = struct.Struct("!2sBHII")  # magic, version, msg type, request id, body length
+MAX_BODY = 60 * 1024
+MAX_FRAME = HEADER.size + MAX_BODY
+MAX_FDS = 4
+MAX_DEPTH = 4
+NOTICE = 0  # request id of one-way notices, which get no reply
+
+
+class WireError(ValueError):
+    """A frame that does not follow the control protocol."""
+
+
+class Message:
+    """Base of all control messages; subclasses are dataclasses with a unique TYPE."""
+
+    TYPE: ClassVar[int] = 0
+
+
+M = TypeVar("M", bound=type[Message])
+
+
+@dataclasses.dataclass
+class Error(Message):
+    """The reply to a request that failed; `code` is an errno-like symbol."""
+
+    TYPE: ClassVar[int] = 1
+    code: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    req_id: int
+    msg: Message
+
+
+class Codec:
+    """Encodes and decodes the message classes registered with it."""
+
+    def __init__(self) -> None:
+        self._types: dict[int, type[Message]] = {}
+        self._hints: dict[type[Message], dict[str, Any]] = {}
+        self.register(Error)
+
+    def register(self, cls: M) -> M:
+        code = cls.TYPE
+        if not 0 < code < 0x10000 or code in self._types:
+            raise ValueError(f"{cls.__name__}: bad or duplicate TYPE {code}")
+        self._types[code] = cls
+        self._hints[cls] = typing.get_type_hints(cls)
+        return cls
+
+    @property
+    def types(self) -> dict[int, type[Message]]:
+        return dict(self._types)
+
+    def encode(self, msg: Message, req_id: int = NOTICE) -> bytes:
+        body = json.dumps(_to_json(msg), separators=(",", ":")).encode()
+        if len(body) > MAX_BODY:
+            raise WireError(f"{type(msg).__name__}: body of {len(body)} bytes exceeds {MAX_BODY}")
+        return HEADER.pack(MAGIC, VERSION, msg.TYPE, req_id, len(body)) + body
+
+    def decode(self, frame: bytes) -> Frame:
+        if len(frame) < HEADER.size:
+            raise WireError(f"truncated header: {len(frame)} bytes")
+        magic, version, code, req_id, length = HEADER.unpack_from(frame)
+        if magic != MAGIC:
+            raise WireError("bad magic")
+        if version != VERSION:
+            raise WireError(f"unsupported protocol version {version} (speaks {VERSION})")
+        if length != len(frame) - HEADER.size:
+            raise WireError(f"body length {length} != {len(frame) - HEADER.size} bytes received")
+        cls = self._types.get(code)
+        if cls is None:
+            raise WireError(f"unknown message type {code}")
+        try:
+            raw = json.loads(frame[HEADER.size :])
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise WireError(f"{cls.__name__}: body is not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise WireError(f"{cls.__name__}: body is not an object")
+        return Frame(req_id, self._build(cls, raw))
+
+    def _build(self, cls: type[Message], raw: dict[str, Any]) -> Message:
+        hints = self._hints[cls]
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in raw:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise WireError(f"{cls.__name__}: missing field {f.name!r}")
+                continue
+            kwargs[f.name] = _check(raw[f.name], hints[f.name], f"{cls.__name__}.{f.name}", 0)
+        unknown = set(raw) - set(kwargs) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise WireError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**kwargs)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    str: lambda v: isinstance(v, str),
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    Any: lambda v: isinstance(v, str | int | float | bool) or v is None,
+}
+
+
+def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
+    """Return `value` converted to `hint`, or raise WireError."""
+    if depth > MAX_DEPTH:
+        raise WireError(f"{where}: nested too deeply")
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _check(value, inner[0], where, depth)
+    if hint is bytes:
+        if not isinstance(value, str):
+            raise WireError(f"{where}: expected hex bytes")
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise WireError(f"{where}: bad hex") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise WireError(f"{where}: expected a list")
+        (item,) = get_args(hint)
+        return [_check(v, item, f"{where}[]", depth + 1) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise WireError(f"{where}: expected an object")
+        _, item = get_args(hint)
+        return {k: _check(v, item, f"{where}.{k}", depth + 1) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise WireError(f"{where}: expected an object")
+        hints = typing.get_type_hints(hint)
+        names = {f.name for f in dataclasses.fields(hint)}
+        if set(value) - names:
+            raise WireError(f"{where}: unknown fields {sorted(set(value) - names)}")
+        try:
+            return hint(**{k: _check(v, hints[k], f"{where}.{k}", depth + 1) for k, v in value.items()})
+        except (TypeError, ValueError) as e:
+            raise WireError(f"{where}: {e}") from None
+    check = _SCALARS.get(hint)
+    if check is None:
+        raise TypeError(f"{where}: unsupported field type {hint!r}")
+    if not check(value):
+        raise WireError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+    return float(value) if hint is float else value

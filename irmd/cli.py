@@ -158,25 +158,31 @@ def ipcp_destroy(args: list[str]) -> Message:
     return m.IpcpDestroy(parse_words(args, ["name"]).one("name", True))
 
 
+def bootstrap_conf(kind: str, options: dict[str, list[str]]) -> dict[str, str]:
+    """Check type options (as words or config values) and flatten them for the IPCP."""
+    conf: dict[str, str] = {}
+    for key, vals in options.items():
+        if kind and key not in TYPE_OPTIONS[kind]:
+            raise UsageError(f'"{key}" does not apply to type {kind}: expected one of '
+                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}')
+        check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
+        if len(vals) > 1 and key not in MULTI:
+            raise UsageError(f'"{key}" given {len(vals)} times: expected once')
+        conf[key] = ",".join(check(key, v) for v in vals)
+    if kind in ("udp4", "udp6") and "ip" not in conf:
+        raise UsageError(f'missing "ip <address>" for type {kind}')
+    if kind in ("eth-dix", "eth-llc") and "dev" not in conf:
+        raise UsageError(f'missing "dev <interface>" for type {kind}')
+    return conf
+
+
 def ipcp_bootstrap(args: list[str]) -> Message:
     options = sorted({k for opts in TYPE_OPTIONS.values() for k in opts})
     w = parse_words(args, ["name", "layer", "type", *options], ["autobind"])
     kind = w.one("type")
     if kind:
         _choice(*IPCP_TYPES)("type", kind)
-    conf: dict[str, str] = {}
-    for key, vals in w.values.items():
-        if key in ("name", "layer", "type"):
-            continue
-        if kind and key not in TYPE_OPTIONS[kind]:
-            raise UsageError(f'"{key}" does not apply to type {kind}: expected one of '
-                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}')
-        check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
-        conf[key] = ",".join(check(key, v) for v in vals) if key in MULTI else check(key, w.one(key))
-    if kind in ("udp4", "udp6") and "ip" not in conf:
-        raise UsageError(f'missing "ip <address>" for type {kind}')
-    if kind in ("eth-dix", "eth-llc") and "dev" not in conf:
-        raise UsageError(f'missing "dev <interface>" for type {kind}')
+    conf = bootstrap_conf(kind, {k: v for k, v in w.values.items() if k not in ("name", "layer", "type")})
     return m.IpcpBootstrap(w.one("name", True), w.one("layer", True), kind, "autobind" in w.flags, conf)
 
 

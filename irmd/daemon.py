@@ -181,6 +181,10 @@ class Irmd:
     def stop(self) -> None:
         self._stopped.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -270,7 +274,7 @@ class Irmd:
         for flow in list(self.reg.flows_of(owner=c.conn_id)):
             await self._release(flow)
         self.reg.forget_pid(c.pid)
-        if c.ipcp is not None and c.ipcp.channel is c.channel:
+        if c.ipcp is not None and c.ipcp.channel is c.channel and not self.stopping:
             log.warning("ipcp %s closed its control channel; stopping it", c.ipcp.name)
             with contextlib.suppress(ProcessLookupError):
                 c.ipcp.proc.kill()
@@ -518,7 +522,7 @@ class Irmd:
         if self.ipcps.get(ipcp.name) is not ipcp:
             return
         del self.ipcps[ipcp.name]
-        log.warning("ipcp %s (pid %d) exited with status %s", ipcp.name, ipcp.pid, code)
+        (log.info if self.stopping else log.warning)("ipcp %s (pid %d) exited with status %s", ipcp.name, ipcp.pid, code)
         for flow in self.reg.flows_of(ipcp=ipcp.name):
             self._end_flow(flow, FlowState.DOWN)
         if ipcp.layer and not any(i.layer == ipcp.layer for i in self.ipcps.values()):

@@ -1,0 +1,38 @@
+"""oecho: the simplest flow application, as Ouroboros's oecho.
+
+`oecho -l` echoes one message per flow; `oecho` sends one and prints the reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from apps.common import fail, serve
+from flowlib import Flow, FlowError, flow_alloc
+
+GREETING = b"Client says hi!"
+
+
+def reply(_: Flow, sdu: bytes) -> bytes:
+    print(f"Message from client is {sdu.decode(errors='replace')}.", flush=True)
+    return sdu
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="oecho", description="Send an echo between a server and a client.")
+    p.add_argument("-l", "--listen", action="store_true", help="run as the server")
+    p.add_argument("-n", "--name", default="oecho", help="name of the server (default: oecho)")
+    p.add_argument("-m", "--message", default=GREETING.decode(), help="what to send")
+    args = p.parse_args(argv)
+    if args.listen:
+        serve("echo", reply, idle_timeout=10.0)
+        return
+    try:
+        with flow_alloc(args.name, timeout=10.0) as flow:
+            flow.write(args.message.encode())
+            flow.set_timeout(5.0)
+            print(f"Server replied with {flow.read().decode(errors='replace')}")
+    except FlowError as e:
+        fail("oecho", e)
+    sys.exit(0)

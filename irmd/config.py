@@ -1,0 +1,155 @@
+"""Boot an IRMd from a TOML file with the tables of Ouroboros's irmd.conf.
+
+[name.N] binds programs; [local.X], [udp4.X], [eth-dix.X], [unicast.X] ...
+create IPCPs that bootstrap= or enrol=, then conn= neighbours and reg= names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from irmd import messages as m
+from irmd.cli import UsageError, bootstrap_conf
+from irmd.registry import LB_POLICIES
+from transports.channel import HandlerError
+from transports.wire import Message
+
+if TYPE_CHECKING:
+    from irmd.daemon import Irmd
+
+log = logging.getLogger("irmd.config")
+
+# irmd.conf spells some options differently from the irm command line.
+ALIASES = {"addr_size": "addr", "eid_size": "eid", "max_ttl": "ttl", "device": "dev"}
+IPCP_KEYS = {"bootstrap", "enrol", "enroll", "autobind", "reg", "conn"}
+NAME_KEYS = {"prog", "args", "lb", "auto"}
+# Shims first, so the layers above find the layers they run over.
+ORDER = ("local", "eth-dix", "eth-llc", "udp4", "udp6", "udp", "broadcast", "unicast")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be applied; the message names the file and key."""
+
+
+def _words(value: Any, where: str) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str | int | bool) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{where}: expected a string, a number or a list of them")
+    return [str(v) for v in values]
+
+
+Step = tuple[str, Message]  # where in the file, what to ask the IRMd
+
+
+def plan(path: Path) -> list[Step]:
+    """The admin messages the file asks for, in the order to apply them.
+
+    Registrations come last, naming no layer yet: they go to the layer their
+    IPCP joined, which an enrolling IPCP learns only when it has.
+    """
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    steps: list[Step] = []
+    regs: list[Step] = []
+    for top in doc:
+        if top != "name" and top not in ORDER:
+            raise ConfigError(f"{path}: unknown table [{top}]: expected [name.N] or one of "
+                              f"{', '.join(f'[{t}.X]' for t in ORDER if t != 'udp')}")
+    for name, table in doc.get("name", {}).items():
+        steps += _name_steps(path, name, table)
+    for kind in ORDER:
+        for ipcp, table in doc.get(kind, {}).items():
+            ipcp_steps, ipcp_regs = _ipcp_steps(path, "udp4" if kind == "udp" else kind, ipcp, table)
+            steps += ipcp_steps
+            regs += ipcp_regs
+    return steps + regs
+
+
+def _name_steps(path: Path, name: str, table: Any) -> list[Step]:
+    where = f"{path}: [name.{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    if unknown := set(table) - NAME_KEYS:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}: expected {sorted(NAME_KEYS)}")
+    lb = table.get("lb", "round-robin")
+    lb = {"spill": "spillover"}.get(lb, lb)
+    if lb not in LB_POLICIES:
+        raise ConfigError(f"{where}: lb = {lb!r}: expected one of {', '.join(LB_POLICIES)} (or spill)")
+    steps: list[Step] = [(where, m.NameCreate(name, lb))]
+    progs = _words(table.get("prog", []), f"{where} prog")
+    args = _words(table.get("args", []), f"{where} args")
+    for i, prog in enumerate(progs):
+        found = shutil.which(prog)
+        if found is None:
+            raise ConfigError(f"{where} prog: program {prog!r} not found (not executable or not in PATH)")
+        prog_args = args[i].split() if i < len(args) else []
+        auto = bool(table.get("auto", i < len(args)))  # as in irmd.conf, args imply auto
+        steps.append((where, m.Bind("program", os.path.abspath(found), name, auto, prog_args)))
+    return steps
+
+
+def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step], list[Step]]:
+    where = f"{path}: [{kind}.{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    options = {ALIASES.get(k, k): v for k, v in table.items() if k not in IPCP_KEYS}
+    if "routing" in options and isinstance(options["routing"], str):
+        options["routing"] = options["routing"].replace("-", "_")  # irmd.conf says link-state
+    if isinstance(options.get("ethertype"), int):
+        options["ethertype"] = hex(options["ethertype"])
+    autobind = table.get("autobind", False)
+    if not isinstance(autobind, bool):
+        raise ConfigError(f"{where} autobind: expected true or false")
+    enrol = table.get("enrol", table.get("enroll"))
+    try:
+        conf = bootstrap_conf(kind, {k: _words(v, f"{where} {k}") for k, v in options.items()})
+    except UsageError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    steps: list[Step] = []
+    if enrol is not None:
+        steps.append((where, m.IpcpEnroll(name, "", str(enrol), kind, autobind)))
+        for dst in _words(table.get("conn", []), f"{where} conn"):
+            steps.append((where, m.IpcpConnect(name, dst)))
+    elif "bootstrap" in table:
+        steps.append((where, m.IpcpBootstrap(name, str(table["bootstrap"]), kind, autobind, conf)))
+    else:
+        steps.append((where, m.IpcpCreate(name, kind)))
+    regs: list[Step] = [(where, _LayerOf(name, n)) for n in _words(table.get("reg", []), f"{where} reg")]
+    return steps, regs
+
+
+class _LayerOf(Message):
+    """Register `name` in the layer that IPCP `ipcp` is in, once it is."""
+
+    def __init__(self, ipcp: str, name: str) -> None:
+        self.ipcp, self.name = ipcp, name
+
+
+async def apply_config(irmd: Irmd, path: Path) -> None:
+    from irmd.daemon import Client
+
+    admin = Client(conn_id=0, pid=os.getpid(), uid=os.geteuid())
+    for where, msg in plan(path):
+        if isinstance(msg, _LayerOf):
+            ipcp = irmd.ipcps.get(msg.ipcp)
+            if ipcp is None or not ipcp.layer:
+                raise ConfigError(f"{where} reg: ipcp {msg.ipcp!r} is in no layer to register {msg.name!r} in")
+            msg = m.NameRegister(msg.name, [ipcp.layer])
+        try:
+            await irmd._dispatch(admin, msg, [])
+        except HandlerError as e:
+            if e.code == m.EEXIST and isinstance(msg, m.NameCreate):
+                continue
+            raise ConfigError(f"{where}: {e.text}") from None
+        log.info("%s: %s done", where, type(msg).__name__)
+    log.info("config %s applied", path)
+

@@ -10,6 +10,8 @@ from ipcp.base import Ipcp, run_ipcp
 # Each type's module and class; modules are imported only for the type run.
 KINDS: dict[str, tuple[str, str]] = {
     "local": ("ipcp.local", "LocalIpcp"),
+    "udp4": ("ipcp.udp", "UdpIpcp"),
+    "udp6": ("ipcp.udp", "Udp6Ipcp"),
 }
 
 

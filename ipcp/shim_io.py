@@ -1,0 +1,213 @@
+"""The I/O loop shared by the shim IPCPs: ShimCore driven by asyncio, data by a Relay thread.
+
+A subclass opens its transport in `open_transport` and frames per-flow headers;
+everything else (queries, handshakes, keepalives, teardown) is common.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Hashable
+
+from flowlib.qos import QosSpec
+from ipcp.base import Ipcp
+from ipcp.shim import (
+    E_NOENT,
+    E_REFUSED,
+    OK,
+    RESULTS,
+    AllocDone,
+    FlowEnded,
+    FlowRequested,
+    QueryDone,
+    ShimCore,
+    ShimFlow,
+)
+from irmd import messages as m
+from transports.channel import HandlerError, RemoteError
+from transports.relay import Relay
+from transports.unix import seqpacket_pair
+
+log = logging.getLogger(__name__)
+
+TICK = 0.1
+
+
+class ShimIpcp(Ipcp):
+    """Base of udp and eth IPCPs."""
+
+    mtu = 1500
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.core: ShimCore | None = None
+        self.relay: Relay | None = None
+        self._queries: dict[bytes, list[asyncio.Future[Hashable | None]]] = {}
+        self._allocs: dict[int, asyncio.Future[int]] = {}
+        self._by_flow_id: dict[int, ShimFlow] = {}
+        self._timer: asyncio.Task[None] | None = None
+
+    # -- what a transport provides ------------------------------------------
+
+    async def open_transport(self, layer: str, conf: dict[str, str]) -> tuple[ShimCore, Relay]:
+        raise NotImplementedError
+
+    def send_mgmt(self, dst: Hashable | None, frame: bytes) -> None:
+        """Send a management frame; None means every member and the broadcast."""
+        raise NotImplementedError
+
+    def flow_header(self, flow: ShimFlow) -> bytes:
+        raise NotImplementedError
+
+    # -- layer operations ----------------------------------------------------
+
+    async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
+        self.loop = asyncio.get_running_loop()
+        self.core, self.relay = await self.open_transport(layer, conf)
+        self.relay.start()
+        self._timer = asyncio.create_task(self._tick())
+        self._flush()
+        return m.LayerInfo(layer, "SHA3_256", self.mtu)
+
+    def _core(self) -> ShimCore:
+        if self.core is None:
+            raise HandlerError(m.ENOTCONN, f"ipcp {self.name} is not bootstrapped")
+        return self.core
+
+    async def reg(self, digest: bytes, register: bool) -> None:
+        self._core().register(digest, register)
+        self._flush()
+
+    async def query(self, digest: bytes) -> bool:
+        return await self._resolve(digest) is not None
+
+    async def _resolve(self, digest: bytes) -> Hashable | None:
+        core = self._core()
+        if digest in core.registered:
+            return core.own  # a name of this very host: the flow loops through our own socket
+        fut: asyncio.Future[Hashable | None] = asyncio.get_running_loop().create_future()
+        self._queries.setdefault(digest, []).append(fut)
+        core.query(digest, time.monotonic())
+        self._flush()
+        return await fut
+
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
+        core = self._core()
+        addr = await self._resolve(digest)
+        if addr is None:
+            raise HandlerError(m.ENOENT, "name not found in this layer")
+        flow = core.alloc(digest, qos, addr, time.monotonic(), timeout)
+        flow.flow_id = flow_id
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._allocs[flow.eid] = done
+        app_end, flow.io = seqpacket_pair()
+        self._flush()
+        try:
+            result = await done
+        except BaseException:
+            core.dealloc(flow.eid)
+            app_end.close()
+            flow.io.close()
+            raise
+        if result != OK:
+            app_end.close()
+            flow.io.close()
+            code = m.ENOENT if result == E_NOENT else m.ETIMEDOUT if result < 0 else m.EIPCP
+            raise HandlerError(code, RESULTS.get(result, "the peer did not answer"))
+        flow.hdr = self.flow_header(flow)
+        self._by_flow_id[flow_id] = flow
+        assert self.relay is not None
+        self.relay.add(flow)
+        return self.mtu, app_end.detach()
+
+    async def flow_dealloc(self, flow_id: int) -> None:
+        flow = self._by_flow_id.pop(flow_id, None)
+        if flow is not None and self.core is not None:
+            self.core.dealloc(flow.eid)
+            self._drop(flow)
+            self._flush()
+
+    def _drop(self, flow: ShimFlow) -> None:
+        if self.relay is not None:
+            self.relay.remove(flow)
+        if flow.io is not None:
+            flow.io.close()
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.core is not None:
+            for flow in list(self.core.flows.values()):
+                self.core.dealloc(flow.eid)
+            self._flush()
+        if self.relay is not None:
+            self.relay.stop()
+
+    # -- driving the core ----------------------------------------------------
+
+    def on_mgmt(self, frame: bytes, src: Hashable) -> None:
+        """From the relay thread: a management frame."""
+        self.loop.call_soon_threadsafe(self._receive, frame, src)
+
+    def _receive(self, frame: bytes, src: Hashable) -> None:
+        if self.core is not None:
+            self.core.receive(frame, src, time.monotonic())
+            self._flush()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            if self.core is not None:
+                self.core.handle_timer(time.monotonic())
+                self._flush()
+
+    def _flush(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        for dst, frame in core.datagrams_to_send():
+            try:
+                self.send_mgmt(dst, frame)
+            except OSError as e:
+                log.debug("management send to %s failed: %s", dst, e)
+        while (ev := core.next_event()) is not None:
+            match ev:
+                case QueryDone():
+                    for fut in self._queries.pop(ev.digest, []):
+                        if not fut.done():
+                            fut.set_result(ev.addr)
+                case AllocDone():
+                    done = self._allocs.pop(ev.eid, None)
+                    if done is not None and not done.done():
+                        done.set_result(ev.result)
+                case FlowRequested():
+                    asyncio.ensure_future(self._arrived(ev))
+                case FlowEnded():
+                    flow = next((f for f in self._by_flow_id.values() if f.eid == ev.eid), None)
+                    if flow is not None:
+                        del self._by_flow_id[flow.flow_id]
+                        self._drop(flow)
+                        self.peer_dealloc(flow.flow_id, ev.down)
+                        log.info("flow %d %s", flow.flow_id, "down: peer silent" if ev.down else "deallocated by peer")
+
+    async def _arrived(self, req: FlowRequested) -> None:
+        core = self._core()
+        app_end, mine = seqpacket_pair()
+        try:
+            flow_id = await self.flow_arrived(req.digest, req.qos, self.mtu, app_end.fileno())
+        except (RemoteError, HandlerError) as e:
+            mine.close()
+            core.refuse(req, E_NOENT if e.code == m.ENOENT else E_REFUSED)
+            self._flush()
+            return
+        finally:
+            app_end.close()
+        flow = core.accept(req, time.monotonic())
+        flow.flow_id, flow.io = flow_id, mine
+        flow.hdr = self.flow_header(flow)
+        self._by_flow_id[flow_id] = flow
+        assert self.relay is not None
+        self.relay.add(flow)
+        self._flush()

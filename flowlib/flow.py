@@ -209,19 +209,21 @@ def _timeout(value: Any) -> float | None:
     return t
 
 
-def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None) -> Flow:
+def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None,
+               *, irm: IrmClient | None = None) -> Flow:
     """Allocate a flow to `name` through whichever layer reaches it."""
-    irm = default_client()
+    irm = irm or default_client()
     reply, fd = irm.alloc(name, qos, timeout)
     return Flow(reply, fd, irm)
 
 
-def flow_accept(qos: QosSpec | None = None, timeout: float | None = None) -> Flow:
+def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
+                *, irm: IrmClient | None = None) -> Flow:
     """Wait for a flow to one of the names this process is bound to.
 
     `qos`, if given, is the minimum the caller takes; weaker flows are refused.
     """
-    irm = default_client()
+    irm = irm or default_client()
     while True:
         reply, fd = irm.accept(timeout)
         flow = Flow(reply, fd, irm)

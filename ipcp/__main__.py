@@ -12,6 +12,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "local": ("ipcp.local", "LocalIpcp"),
     "udp4": ("ipcp.udp", "UdpIpcp"),
     "udp6": ("ipcp.udp", "Udp6Ipcp"),
+    "unicast": ("ipcp.unicast.ipcp", "UnicastIpcp"),
 }
 
 

@@ -41,7 +41,7 @@ class Ipcp:
     async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
         raise HandlerError(m.EINVAL, f"a {self.type} IPCP cannot bootstrap")
 
-    async def enroll(self, dst: str) -> m.LayerInfo:
+    async def enroll(self, dst: str, key: str = "") -> m.LayerInfo:
         raise HandlerError(m.EINVAL, f"a {self.type} IPCP cannot enroll; bootstrap it instead")
 
     async def connect(self, dst: str, component: str, qos: str, connect: bool) -> None:
@@ -96,7 +96,7 @@ class Ipcp:
             case m.IpcpEnrollReq():
                 if self.layer:
                     raise HandlerError(m.EEXIST, f"already in layer {self.layer!r}")
-                info = await self.enroll(msg.dst)
+                info = await self.enroll(msg.dst, msg.key)
                 self.layer = info.layer
                 return info, ()
             case m.IpcpConnectReq():

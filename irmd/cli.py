@@ -187,13 +187,14 @@ def ipcp_bootstrap(args: list[str]) -> Message:
 
 
 def ipcp_enroll(args: list[str]) -> Message:
-    w = parse_words(args, ["name", "layer", "dst", "type"], ["autobind"])
+    w = parse_words(args, ["name", "layer", "dst", "type", "key"], ["autobind"])
     kind = w.one("type")
     if kind:
         _choice("unicast", "broadcast")("type", kind)
     if not w.one("layer") and not w.one("dst"):
         raise UsageError('enroll needs "layer <layer>" or "dst <destination>"')
-    return m.IpcpEnroll(w.one("name", True), w.one("layer"), w.one("dst"), kind, "autobind" in w.flags)
+    key = _text("key", w.one("key")) if w.one("key") else ""
+    return m.IpcpEnroll(w.one("name", True), w.one("layer"), w.one("dst"), kind, "autobind" in w.flags, key)
 
 
 def _connect(args: list[str], connect: bool) -> Message:
@@ -311,7 +312,7 @@ USAGE = """usage: irm OPERATION ...
       unicast: [addr 4] [eid 8] [ttl 60] [routing {link_state|lfa|ecmp}]
                [congestion {none|mb-ecn}] [hash {SHA3_224|SHA3_256|SHA3_384|SHA3_512}]
                [directory DHT] [key SECRET]
-  irm ipcp enroll    name N [layer L] [dst D] [type T] [autobind]
+  irm ipcp enroll    name N [layer L] [dst D] [type T] [autobind] [key SECRET]
   irm ipcp connect   name N dst D [component {dt|mgmt}] [qos {raw|best|voice|video|data}]
   irm ipcp disconnect name N dst D [component {dt|mgmt}]
   irm ipcp list [name N] [layer L] [type T]  |  irm ipcp destroy name N

@@ -295,8 +295,20 @@ class Irmd:
         check_name(msg.name)
         timeout = msg.timeout if msg.timeout and msg.timeout > 0 else ALLOC_TIMEOUT
         deadline = time.monotonic() + timeout
-        ipcp, digest = await self._resolve(msg.name, min(timeout, QUERY_TIMEOUT))
+        error = HandlerError(m.ENOENT, f"name {msg.name!r} not found in any layer")
+        for ipcp in await self._resolve(msg.name, min(timeout, QUERY_TIMEOUT)):
+            try:
+                return await self._alloc_via(c, msg, ipcp, deadline)
+            except HandlerError as e:
+                error = e  # the directory may have been stale: try the next layer that knows the name
+                if e.code != m.ENOENT:
+                    break
+        raise error
+
+    async def _alloc_via(self, c: Client, msg: m.FlowAlloc, ipcp: Ipcp, deadline: float,
+                         ) -> tuple[m.FlowReply, list[int]]:
         assert ipcp.channel is not None
+        digest = name_hash(ipcp.hash, msg.name)
         flow = self.reg.new_flow(
             owner=c.conn_id, pid=c.pid, name=msg.name, layer=ipcp.layer, ipcp=ipcp.name,
             qos=msg.qos, role="src",
@@ -323,8 +335,8 @@ class Irmd:
             raise ChannelClosed("client gone")
         return m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name), fds
 
-    async def _resolve(self, name: str, timeout: float) -> tuple[Ipcp, bytes]:
-        """Ask every operational IPCP whether it reaches `name`; the best-ranked wins."""
+    async def _resolve(self, name: str, timeout: float) -> list[Ipcp]:
+        """The operational IPCPs that reach `name`, the most local first."""
         candidates = [i for i in self.ipcps.values() if i.operational]
         if not candidates:
             raise HandlerError(m.ENOENT, f"name {name!r} not found: no layers are up")
@@ -341,7 +353,7 @@ class Irmd:
         hits = sorted((i for i, ok in zip(candidates, found, strict=True) if ok), key=lambda i: TYPE_RANK[i.type])
         if not hits:
             raise HandlerError(m.ENOENT, f"name {name!r} not found in any layer")
-        return hits[0], name_hash(hits[0].hash, name)
+        return hits
 
     async def _flow_accept(self, c: Client, msg: m.FlowAccept, _: list[int]) -> tuple[m.FlowReply, list[int]]:
         fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
@@ -561,18 +573,32 @@ class Irmd:
         close_fds(fds)
         return reply
 
-    async def _join_layer(self, ipcp: Ipcp, msg: Message, autobind: bool) -> m.Ok:
+    async def _join_layer(self, ipcp: Ipcp, msg: Message, autobind: bool, layer: str = "") -> m.Ok:
+        """Bootstrap or enroll; with autobind, the IPCP takes flows for its own and its
+        layer's name, registered in the layers below (those up before it joined)."""
         if ipcp.layer:
             raise HandlerError(m.EEXIST, f"ipcp {ipcp.name!r} is already in layer {ipcp.layer!r}")
+        lower = [i for i in self.ipcps.values() if i.operational and i is not ipcp]
+        if isinstance(msg, m.IpcpBootstrapReq) and ipcp.type in ("unicast", "broadcast"):
+            # The layer's PDUs ride on flows of the layers below: the smallest MTU bounds them.
+            msg.conf.setdefault("mtu", str(min((i.mtu for i in lower), default=1500)))
         info = await self._ipcp_request(ipcp, msg)
         if not isinstance(info, m.LayerInfo) or info.hash not in HASHES:
             raise HandlerError(m.EIPCP, f"ipcp {ipcp.name} answered with {type(info).__name__}")
+        if layer and info.layer != layer:
+            ipcp.proc.kill()
+            raise HandlerError(m.EINVAL, f"enrolled in layer {info.layer!r}, not {layer!r}; ipcp {ipcp.name} stopped")
         if any(i.layer == info.layer for i in self.ipcps.values()):
             raise HandlerError(m.EEXIST, f"layer {info.layer!r} already has an IPCP here")
         ipcp.layer, ipcp.hash, ipcp.mtu = info.layer, info.hash, info.mtu
         if autobind:
             for name in (ipcp.name, ipcp.layer):
                 self.reg.bind_pid(name, ipcp.pid)
+                entry = self.reg.names[name]
+                for below in lower:
+                    if below.layer not in entry.layers and below.operational:
+                        await self._ipcp_request(below, m.IpcpReg(name_hash(below.hash, name), True))
+                        entry.layers.add(below.layer)
         return m.Ok(f"ipcp {ipcp.name} is in layer {ipcp.layer}")
 
     async def _ipcp_bootstrap(self, c: Client, msg: m.IpcpBootstrap, _: list[int]) -> m.Ok:
@@ -595,7 +621,7 @@ class Irmd:
             if not msg.type:
                 raise HandlerError(m.ENOENT, f"ipcp {msg.name!r} not found; give its type to create it")
             ipcp = await self._create(msg.name, msg.type)
-        return await self._join_layer(ipcp, m.IpcpEnrollReq(dst), msg.autobind)
+        return await self._join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind, msg.layer)
 
     async def _ipcp_connect(self, c: Client, msg: m.IpcpConnect, _: list[int]) -> m.Ok:
         ipcp = self._ipcp(msg.name)

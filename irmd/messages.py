@@ -151,6 +151,7 @@ class IpcpEnroll(Message):
     dst: str = ""
     type: str = ""
     autobind: bool = False
+    key: str = ""  # the layer's key, if it was bootstrapped with one
 
 
 @reg
@@ -260,6 +261,7 @@ class IpcpBootstrapReq(Message):
 class IpcpEnrollReq(Message):
     TYPE: ClassVar[int] = 63
     dst: str
+    key: str = ""
 
 
 @reg

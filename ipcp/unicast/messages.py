@@ -1,0 +1,133 @@
+"""Management messages of the unicast layer: enrollment, neighbour hellos, LSUs, flow
+allocation and directory; dataclasses framed by the control-message codec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from flowlib.qos import QosSpec
+from transports.wire import Codec, Message
+
+CODEC = Codec()
+reg = CODEC.register
+
+ENROLL, MGMT, DT = "enroll", "mgmt", "dt"  # what an N-1 flow to a member is for
+OK, E_NOENT, E_REFUSED, E_AUTH = 0, 1, 2, 3
+
+
+@reg
+@dataclass
+class Hello(Message):
+    """First SDU on every N-1 flow: who is calling and for which component."""
+
+    TYPE: ClassVar[int] = 100
+    component: str
+    name: str
+    layer: str = ""
+    addr: int = 0
+    nonce: bytes = b""  # the challenge for the other side, when the layer has a key
+
+
+@reg
+@dataclass
+class Proof(Message):
+    """Answer to a challenge: a keyed hash of the nonce and the names involved."""
+
+    TYPE: ClassVar[int] = 101
+    mac: bytes
+
+
+@reg
+@dataclass
+class EnrollInfo(Message):
+    """The enroller's answer: the layer's configuration and who is in it."""
+
+    TYPE: ClassVar[int] = 102
+    layer: str
+    conf: dict[str, str]
+    members: list[int] = field(default_factory=list)
+    result: int = OK  # E_AUTH with a nonce: prove the layer key first
+    error: str = ""
+    nonce: bytes = b""
+
+
+@reg
+@dataclass
+class Lsu(Message):
+    """A link-state update: `src` has these neighbours (flooded over management flows)."""
+
+    TYPE: ClassVar[int] = 103
+    src: int
+    seqno: int
+    neighbours: list[int]
+
+
+@reg
+@dataclass
+class FaReq(Message):
+    TYPE: ClassVar[int] = 110
+    src: int
+    s_eid: int
+    hash: bytes
+    qos: QosSpec
+
+
+@reg
+@dataclass
+class FaReply(Message):
+    TYPE: ClassVar[int] = 111
+    src: int
+    s_eid: int  # the replier's eid
+    d_eid: int  # the requester's eid
+    result: int = OK
+
+
+@reg
+@dataclass
+class FaDealloc(Message):
+    TYPE: ClassVar[int] = 112
+    src: int
+    s_eid: int
+    d_eid: int
+
+
+@reg
+@dataclass
+class DhtStore(Message):
+    """Keep (key -> addr) for ttl seconds; ttl 0 removes it."""
+
+    TYPE: ClassVar[int] = 120
+    src: int
+    key: bytes
+    addr: int
+    ttl: float
+
+
+@reg
+@dataclass
+class DhtFind(Message):
+    TYPE: ClassVar[int] = 121
+    src: int
+    key: bytes
+    cookie: int
+
+
+@reg
+@dataclass
+class DhtFound(Message):
+    TYPE: ClassVar[int] = 122
+    src: int
+    key: bytes
+    cookie: int
+    addrs: list[int] = field(default_factory=list)
+
+
+@reg
+@dataclass
+class Echo(Message):
+    """Keeps a management adjacency alive."""
+
+    TYPE: ClassVar[int] = 123
+    src: int

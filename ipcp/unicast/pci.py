@@ -1,0 +1,48 @@
+"""The data transfer PDU header (PCI), defined once: dst address, qos cube, ttl, ecn, eid.
+
+Field sizes come from the layer's config (addr 4 and eid 8 bytes by default),
+so a layer's header is a struct built at enrollment; all fields big-endian.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+MGMT_EID = 0  # PDUs for the IPCP's own components (flow allocator, directory)
+_INT = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+class PciError(ValueError):
+    """A PDU too short for its header, or with impossible field values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pci:
+    dst: int
+    qos: int
+    ttl: int
+    ecn: int
+    eid: int
+
+
+class PciFormat:
+    """The PCI layout of one layer."""
+
+    def __init__(self, addr_size: int = 4, eid_size: int = 8) -> None:
+        if addr_size not in _INT or eid_size not in _INT:
+            raise ValueError(f"addr and eid sizes must be one of {sorted(_INT)} bytes")
+        self.struct = struct.Struct(f"!{_INT[addr_size]}BBB{_INT[eid_size]}")
+        self.size = self.struct.size
+        self.ttl_offset = addr_size + 1
+        self.ecn_offset = addr_size + 2
+        self.max_addr = (1 << (8 * addr_size)) - 1
+        self.max_eid = (1 << (8 * eid_size)) - 1
+
+    def pack(self, pci: Pci) -> bytes:
+        return self.struct.pack(pci.dst, pci.qos, pci.ttl, pci.ecn, pci.eid)
+
+    def unpack(self, pdu: bytes | bytearray | memoryview) -> Pci:
+        if len(pdu) < self.size:
+            raise PciError(f"PDU of {len(pdu)} bytes is shorter than the {self.size}-byte PCI")
+        return Pci(*self.struct.unpack_from(pdu))

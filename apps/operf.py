@@ -103,8 +103,8 @@ def client(args: argparse.Namespace) -> int:
             fail("operf", e)
     rcvd, nbytes, missing, reordered, corrupt = REPORT.unpack_from(reply, HDR.size)
     print(f"--- {args.name} perf statistics ---")
-    print(f"{sent} SDUs sent, {rcvd} received, {sent - rcvd} lost, {reordered} out-of-order, "
-          f"{corrupt} corrupt, time: {elapsed * 1000:.3f} ms")
+    print(f"{sent} SDUs sent, {rcvd} received, {sent - rcvd} lost ({missing} gaps in sequence), "
+          f"{reordered} out-of-order, {corrupt} corrupt, time: {elapsed * 1000:.3f} ms")
     print(f"sender: {sent * size * 8 / elapsed / 1e6:.3f} Mb/s ({sent / elapsed:.0f} SDUs/s), "
           f"receiver: {nbytes * 8 / elapsed / 1e6:.3f} Mb/s ({rcvd / elapsed:.0f} SDUs/s)")
     return 0 if rcvd and not corrupt else 1

@@ -121,9 +121,10 @@ class FlowSet:
                     self.add(flow)
                     queue.push(flow, EventType.ALLOC)
                 continue
-            flow = self._flows.get(fd)
-            if flow is None:
+            found = self._flows.get(fd)
+            if found is None:
                 continue
+            flow = found
             if mask & _HUP and not flow.has_data():
                 self.remove(flow)  # report the end once
                 queue.push(flow, EventType.DEALLOC if flow.ended() == "dealloc" else EventType.DOWN)

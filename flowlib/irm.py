@@ -6,6 +6,7 @@ One connection per process, shared by its threads; flows pushed by the IRMd
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -95,10 +96,8 @@ class IrmClient:
         call(self.channel, m.FlowListen(enabled), REPLY_MARGIN)
 
     def take_arrived(self) -> list[tuple[m.FlowReply, int]]:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wakeup_fd)
-        except BlockingIOError:
-            pass
         with self._arrived_lock:
             items = list(self._arrived)
             self._arrived.clear()

@@ -12,6 +12,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "local": ("ipcp.local", "LocalIpcp"),
     "udp4": ("ipcp.udp", "UdpIpcp"),
     "udp6": ("ipcp.udp", "Udp6Ipcp"),
+    "eth-dix": ("ipcp.eth", "EthDixIpcp"),
+    "eth-llc": ("ipcp.eth", "EthLlcIpcp"),
     "unicast": ("ipcp.unicast.ipcp", "UnicastIpcp"),
 }
 

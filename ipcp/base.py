@@ -35,6 +35,7 @@ class Ipcp:
         self.layer = ""
         self.channel: AsyncChannel | None = None
         self._done = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- the layer operations (override) ------------------------------------
 
@@ -64,6 +65,12 @@ class Ipcp:
         """Release sockets and flows before the process exits."""
 
     # -- services for subclasses ---------------------------------------------
+
+    def spawn(self, coro: Any) -> None:
+        """Run a coroutine in the background, held until done, cancelled at stop."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int) -> int:
         """Hand a flow requested by a peer to the IRMd; returns the new flow id.
@@ -127,6 +134,8 @@ class Ipcp:
                                     on_close=lambda _: self._done.set())
         await self.channel.request(m.IpcpAnnounce(self.name, self.type), timeout=10)
         await self._done.wait()
+        for task in list(self._tasks):
+            task.cancel()
         with contextlib.suppress(Exception):
             await self.stop()
         self.channel.close()

@@ -47,7 +47,6 @@ class ShimIpcp(Ipcp):
         self._queries: dict[bytes, list[asyncio.Future[Hashable | None]]] = {}
         self._allocs: dict[int, asyncio.Future[int]] = {}
         self._by_flow_id: dict[int, ShimFlow] = {}
-        self._timer: asyncio.Task[None] | None = None
 
     # -- what a transport provides ------------------------------------------
 
@@ -67,7 +66,7 @@ class ShimIpcp(Ipcp):
         self.loop = asyncio.get_running_loop()
         self.core, self.relay = await self.open_transport(layer, conf)
         self.relay.start()
-        self._timer = asyncio.create_task(self._tick())
+        self.spawn(self._tick())
         self._flush()
         return m.LayerInfo(layer, "SHA3_256", self.mtu)
 
@@ -136,8 +135,6 @@ class ShimIpcp(Ipcp):
             flow.io.close()
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
         if self.core is not None:
             for flow in list(self.core.flows.values()):
                 self.core.dealloc(flow.eid)
@@ -183,7 +180,7 @@ class ShimIpcp(Ipcp):
                     if done is not None and not done.done():
                         done.set_result(ev.result)
                 case FlowRequested():
-                    asyncio.ensure_future(self._arrived(ev))
+                    self.spawn(self._arrived(ev))
                 case FlowEnded():
                     flow = next((f for f in self._by_flow_id.values() if f.eid == ev.eid), None)
                     if flow is not None:

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Hashable
+from typing import cast
 
 from ipcp.shim import ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp
@@ -36,7 +37,7 @@ class UdpIpcp(ShimIpcp):
         try:
             ip = str(ipaddress.ip_address(conf["ip"]))
             port = int(conf.get("port", DEFAULT_PORT))
-            peers: list[Hashable] = [(str(ipaddress.ip_address(p)), port)
+            peers: list[tuple[str, int]] = [(str(ipaddress.ip_address(p)), port)
                                      for p in conf.get("peer", "").split(",") if p]
         except (KeyError, ValueError) as e:
             raise HandlerError(m.EINVAL, f"bad {self.type} options: {e}") from None
@@ -75,11 +76,11 @@ class UdpIpcp(ShimIpcp):
     def send_mgmt(self, dst: Hashable | None, frame: bytes) -> None:
         data = udp.EID.pack(0) + frame
         if dst is not None:
-            self.sock.sendto(data, dst)  # type: ignore[arg-type]
+            self.sock.sendto(data, cast(tuple[str, int], dst))
             return
         assert self.core is not None
         for member in self.core.members:
-            self.sock.sendto(data, member)  # type: ignore[arg-type]
+            self.sock.sendto(data, cast(tuple[str, int], member))
         if self.bcast is not None:
             self.sock.sendto(data, self.bcast)
 

@@ -343,7 +343,10 @@ def render(table: m.Table) -> str:
         return "(none)"
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in table.rows)) for c in table.columns}
     rule = "+" + "+".join("-" * (widths[c] + 2) for c in table.columns) + "+"
-    line = lambda cells: "| " + " | ".join(cells[c].ljust(widths[c]) for c in table.columns) + " |"  # noqa: E731
+
+    def line(cells: dict[str, str]) -> str:
+        return "| " + " | ".join(cells[c].ljust(widths[c]) for c in table.columns) + " |"
+
     return "\n".join([rule, line({c: c for c in table.columns}), rule,
                       *(line({c: r.get(c, "") for c in table.columns}) for r in table.rows), rule])
 

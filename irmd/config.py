@@ -101,7 +101,7 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     where = f"{path}: [{kind}.{name}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
-    options = {ALIASES.get(k, k): v for k, v in table.items() if k not in IPCP_KEYS}
+    options = {ALIASES.get(str(k), str(k)): v for k, v in table.items() if k not in IPCP_KEYS}
     if "routing" in options and isinstance(options["routing"], str):
         options["routing"] = options["routing"].replace("-", "_")  # irmd.conf says link-state
     if isinstance(options.get("ethertype"), int):

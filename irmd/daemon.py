@@ -516,8 +516,9 @@ class Irmd:
         ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future())
         self.ipcps[name] = ipcp
         self._spawn_task(self._watch_ipcp(ipcp))
-        waiter = asyncio.ensure_future(proc.wait())
-        done, _ = await asyncio.wait([ipcp.announced, waiter], timeout=ANNOUNCE_TIMEOUT,
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
+        announced: asyncio.Future[Any] = ipcp.announced
+        done, _ = await asyncio.wait([announced, waiter], timeout=ANNOUNCE_TIMEOUT,
                                      return_when=asyncio.FIRST_COMPLETED)
         if ipcp.announced not in done:
             waiter.cancel()
@@ -534,7 +535,8 @@ class Irmd:
         if self.ipcps.get(ipcp.name) is not ipcp:
             return
         del self.ipcps[ipcp.name]
-        (log.info if self.stopping else log.warning)("ipcp %s (pid %d) exited with status %s", ipcp.name, ipcp.pid, code)
+        report = log.info if self.stopping else log.warning
+        report("ipcp %s (pid %d) exited with status %s", ipcp.name, ipcp.pid, code)
         for flow in self.reg.flows_of(ipcp=ipcp.name):
             self._end_flow(flow, FlowState.DOWN)
         if ipcp.layer and not any(i.layer == ipcp.layer for i in self.ipcps.values()):

@@ -6,6 +6,7 @@ lookup and one system call each way. Framing is the transport's (`Framing`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import select
@@ -78,10 +79,8 @@ class Relay:
         self.flows.pop(flow.eid, None)
         fd = flow.io.fileno()
         if self._by_fd.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     def _run(self) -> None:
         net_fd = self.net.fileno()

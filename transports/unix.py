@@ -7,6 +7,7 @@ along as SCM_RIGHTS ancillary data.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -63,7 +64,5 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

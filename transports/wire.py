@@ -170,8 +170,9 @@ def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
         names = {f.name for f in dataclasses.fields(hint)}
         if set(value) - names:
             raise WireError(f"{where}: unknown fields {sorted(set(value) - names)}")
+        cls: Any = hint
         try:
-            return hint(**{k: _check(v, hints[k], f"{where}.{k}", depth + 1) for k, v in value.items()})
+            return cls(**{k: _check(v, hints[k], f"{where}.{k}", depth + 1) for k, v in value.items()})
         except (TypeError, ValueError) as e:
             raise WireError(f"{where}: {e}") from None
     check = _SCALARS.get(hint)

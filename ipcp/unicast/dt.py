@@ -6,6 +6,7 @@ PDUs for unknown flows are dropped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -112,10 +113,8 @@ class Dt:
     def _unwatch(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         if self._fds.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     def send_mgmt(self, dst: int, payload: bytes) -> bool:
         """A management PDU to the IPCP at `dst` (thread-safe); False if unroutable."""
@@ -124,7 +123,7 @@ class Dt:
             return True
         return self._route(dst, (self.fmt.pack(Pci(dst, 0, self.max_ttl, 0, MGMT_EID)), payload), 0)
 
-    def _route(self, dst: int, bufs: tuple[bytes, ...], spread: int) -> bool:
+    def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int) -> bool:
         hops = self.pff.get(dst)
         if not hops:
             self.counters.no_route += 1

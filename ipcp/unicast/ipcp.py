@@ -99,7 +99,6 @@ class UnicastIpcp(Ipcp):
         self.unreachable: dict[int, float] = {}  # flow id -> since when its dst has no route
         self._allocs: dict[int, asyncio.Future[um.FaReply]] = {}
         self._lookups: dict[bytes, list[asyncio.Future[list[int]]]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- joining a layer ---------------------------------------------------
 
@@ -140,15 +139,21 @@ class UnicastIpcp(Ipcp):
         self.lsdb = Lsdb(self.addr, conf["routing"])
         self.dir = Directory(self.addr)
         self.loop = asyncio.get_running_loop()
-        self.dt = Dt(fmt, self.addr, int(conf["ttl"]), 65536,
-                     on_mgmt=lambda pdu: self.loop.call_soon_threadsafe(self._on_mgmt, pdu),
-                     on_n1_down=lambda a: self.loop.call_soon_threadsafe(self._n1_down, a))
+        loop = self.loop
+
+        def on_mgmt(pdu: bytes) -> None:  # from the DT thread
+            loop.call_soon_threadsafe(self._on_mgmt, pdu)
+
+        def on_n1_down(addr: int) -> None:
+            loop.call_soon_threadsafe(self._n1_down, addr)
+
+        self.dt = Dt(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down)
         self.dt.ecmp = conf["routing"] == "ecmp"
         self.dt.start()
         irm = self._client()
         self.loop.add_reader(irm.wakeup_fd, self._on_arrivals)
         await asyncio.to_thread(irm.listen, True)
-        self._spawn(self._tick())
+        self.spawn(self._tick())
         log.info("%s: in layer %s at address %d", self.name, layer, self.addr)
         return m.LayerInfo(layer, conf["hash"], self.mtu)
 
@@ -157,13 +162,8 @@ class UnicastIpcp(Ipcp):
             self.irm = IrmClient(self.irmd_sock)
         return self.irm
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     @staticmethod
-    async def _expect(af: AsyncFlow, kind: type[Any]) -> Any:
+    async def _expect(af: AsyncFlow, kind: Any) -> Any:
         try:
             sdu = await asyncio.wait_for(af.read(), HELLO_TIMEOUT)
             msg = um.CODEC.decode(sdu).msg
@@ -209,7 +209,7 @@ class UnicastIpcp(Ipcp):
     def _on_arrivals(self) -> None:
         irm = self._client()
         for reply, fd in irm.take_arrived():
-            self._spawn(self._greet(AsyncFlow(Flow(reply, fd, irm))))
+            self.spawn(self._greet(AsyncFlow(Flow(reply, fd, irm))))
 
     async def _greet(self, af: AsyncFlow) -> None:
         """A member below reached us: it enrolls, or connects a component."""
@@ -358,7 +358,7 @@ class UnicastIpcp(Ipcp):
                 self._send_all(self.dir.receive(msg, now))
                 self._deliver_lookups()
             case um.FaReq():
-                self._spawn(self._fa_arrived(msg))
+                self.spawn(self._fa_arrived(msg))
             case um.FaReply():
                 fut = self._allocs.pop(msg.d_eid, None)
                 if fut is not None and not fut.done():
@@ -488,8 +488,6 @@ class UnicastIpcp(Ipcp):
                     self._end_flow(flow, down=True)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
         for flow in list(self.flows.values()):
             self._send(flow.dst, um.FaDealloc(self.addr, flow.eid, flow.remote_eid))
         for nb in list(self.neighbours.values()):

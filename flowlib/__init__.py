@@ -18,7 +18,7 @@ from flowlib.errors import (
     PermissionDenied,
 )
 from flowlib.events import Event, EventQueue, EventType, FlowSet, fevent
-from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow, flow_accept, flow_alloc
+from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow, flow_accept, flow_alloc, flow_join
 from flowlib.qos import QosSpec
 
 __all__ = [
@@ -42,5 +42,6 @@ __all__ = [
     "fevent",
     "flow_accept",
     "flow_alloc",
+    "flow_join",
     "qos",
 ]

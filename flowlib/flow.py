@@ -217,6 +217,14 @@ def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = No
     return Flow(reply, fd, irm)
 
 
+def flow_join(layer: str, qos: QosSpec | None = None, timeout: float | None = None,
+              *, irm: IrmClient | None = None) -> Flow:
+    """Join a broadcast layer: what this flow writes reaches every other joined flow."""
+    irm = irm or default_client()
+    reply, fd = irm.alloc(layer, qos, timeout, join=True)
+    return Flow(reply, fd, irm)
+
+
 def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
                 *, irm: IrmClient | None = None) -> Flow:
     """Wait for a flow to one of the names this process is bound to.

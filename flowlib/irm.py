@@ -68,9 +68,10 @@ class IrmClient:
             self._arrived.clear()
         os.close(self.wakeup_fd)
 
-    def alloc(self, name: str, qos: QosSpec | None, timeout: float | None) -> tuple[m.FlowReply, int]:
+    def alloc(self, name: str, qos: QosSpec | None, timeout: float | None,
+              join: bool = False) -> tuple[m.FlowReply, int]:
         reply, fds = call(
-            self.channel, m.FlowAlloc(name, qos or raw, timeout),
+            self.channel, m.FlowAlloc(name, qos or raw, timeout, join),
             None if timeout is None else timeout + REPLY_MARGIN,
         )  # fmt: skip
         return self._flow_reply(reply, fds)

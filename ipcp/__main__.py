@@ -15,6 +15,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "eth-dix": ("ipcp.eth", "EthDixIpcp"),
     "eth-llc": ("ipcp.eth", "EthLlcIpcp"),
     "unicast": ("ipcp.unicast.ipcp", "UnicastIpcp"),
+    "broadcast": ("ipcp.broadcast", "BroadcastIpcp"),
 }
 
 

@@ -296,7 +296,13 @@ class Irmd:
         timeout = msg.timeout if msg.timeout and msg.timeout > 0 else ALLOC_TIMEOUT
         deadline = time.monotonic() + timeout
         error = HandlerError(m.ENOENT, f"name {msg.name!r} not found in any layer")
-        for ipcp in await self._resolve(msg.name, min(timeout, QUERY_TIMEOUT)):
+        if msg.join:
+            hits = [i for i in self.ipcps.values() if i.operational and i.type == "broadcast" and i.layer == msg.name]
+            if not hits:
+                raise HandlerError(m.ENOENT, f"no broadcast layer {msg.name!r} here to join")
+        else:
+            hits = await self._resolve(msg.name, min(timeout, QUERY_TIMEOUT))
+        for ipcp in hits:
             try:
                 return await self._alloc_via(c, msg, ipcp, deadline)
             except HandlerError as e:

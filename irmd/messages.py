@@ -65,6 +65,7 @@ class FlowAlloc(Message):
     name: str
     qos: QosSpec
     timeout: float | None = None
+    join: bool = False  # flow_join: `name` is a broadcast layer to join
 
 
 @reg

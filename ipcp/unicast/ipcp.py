@@ -83,6 +83,7 @@ class Neighbour:
 
 class UnicastIpcp(Ipcp):
     type = "unicast"
+    dt_class = Dt
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -147,7 +148,7 @@ class UnicastIpcp(Ipcp):
         def on_n1_down(addr: int) -> None:
             loop.call_soon_threadsafe(self._n1_down, addr)
 
-        self.dt = Dt(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down)
+        self.dt = self.dt_class(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down)
         self.dt.ecmp = conf["routing"] == "ecmp"
         self.dt.start()
         irm = self._client()

@@ -1,0 +1,149 @@
+"""The broadcast IPCP: a layer in which every SDU a member's application writes reaches
+every other joined application (flow_join), flooded over the members' data flows.
+
+Enrollment and neighbour connections are the unicast IPCP's; the data path
+floods with duplicate suppression instead of routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from flowlib.qos import QosSpec
+from ipcp.unicast.dt import Dt, UniFlow
+from ipcp.unicast.ipcp import TICK, UnicastIpcp
+from ipcp.unicast.pci import Pci, PciError, PciFormat
+from irmd.registry import name_hash
+from transports.channel import HandlerError
+from transports.unix import seqpacket_pair
+
+log = logging.getLogger(__name__)
+
+SEEN = 4096  # (origin, seqno) pairs remembered to drop flooded duplicates
+
+
+class FloodDt(Dt):
+    """A PDU's PCI names its origin (dst field) and its sequence number (eid field)."""
+
+    def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
+                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None]) -> None:
+        super().__init__(fmt, me, max_ttl, bufsize, on_mgmt, on_n1_down)
+        self.seqno = 0
+        self.seen: OrderedDict[tuple[int, int], None] = OrderedDict()
+
+    def _deliver(self, sdu: bytes | memoryview, skip: UniFlow | None) -> None:
+        for flow in list(self.flows.values()):
+            if flow is not skip:
+                try:
+                    flow.io.send(sdu)
+                    self.counters.delivered += 1
+                except OSError:
+                    self.counters.overflow += 1
+
+    def _flood(self, bufs: tuple[bytes | bytearray, ...], skip: int) -> None:
+        for hop, sock in list(self.n1.items()):
+            if hop != skip:
+                try:
+                    sock.sendmsg(bufs)
+                    self.counters.forwarded += 1
+                except OSError:
+                    self.counters.overflow += 1
+
+    def _fresh(self, origin: int, seqno: int) -> bool:
+        key = (origin, seqno)
+        if key in self.seen:
+            return False
+        self.seen[key] = None
+        if len(self.seen) > SEEN:
+            self.seen.popitem(last=False)
+        return True
+
+    def _from_app(self, flow: UniFlow) -> None:
+        while True:
+            try:
+                sdu = flow.io.recv(self.bufsize)
+            except BlockingIOError:
+                return
+            except OSError:
+                sdu = b""
+            if not sdu:
+                self.remove_flow(flow.eid)
+                return
+            self.seqno += 1
+            self._fresh(self.me, self.seqno)
+            self._deliver(sdu, skip=flow)
+            self._flood((self.fmt.pack(Pci(self.me, 0, self.max_ttl, 0, self.seqno)), sdu), skip=0)
+
+    def _from_n1(self, hop: int) -> None:
+        sock = self.n1.get(hop)
+        if sock is None:
+            return
+        while True:
+            try:
+                pdu = sock.recv(self.bufsize)
+            except BlockingIOError:
+                return
+            except OSError:
+                pdu = b""
+            if not pdu:
+                self.remove_n1(hop)
+                self.on_n1_down(hop)
+                return
+            try:
+                pci = self.fmt.unpack(pdu)
+            except PciError:
+                self.counters.malformed += 1
+                continue
+            if not self._fresh(pci.dst, pci.eid) or len(pdu) == self.fmt.size:
+                continue
+            self._deliver(memoryview(pdu)[self.fmt.size :], skip=None)
+            if pci.ttl > 1:
+                buf = bytearray(pdu)
+                buf[self.fmt.ttl_offset] = pci.ttl - 1
+                self._flood((buf,), skip=hop)
+            else:
+                self.counters.ttl_expired += 1
+
+
+class BroadcastIpcp(UnicastIpcp):
+    type = "broadcast"
+    dt_class = FloodDt
+
+    def _recompute(self) -> None:
+        """No routes or directory: every data flow is a flooding direction."""
+
+    async def query(self, digest: bytes) -> bool:
+        return bool(self.layer) and digest == name_hash(self.conf["hash"], self.layer)
+
+    async def reg(self, digest: bytes, register: bool) -> None:
+        raise HandlerError("EINVAL", "names are not registered in a broadcast layer; applications join it")
+
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
+        """flow_join: the application's flow is one more tap on the layer."""
+        if not await self.query(digest):
+            raise HandlerError("ENOENT", "a broadcast layer is joined by its own name")
+        assert self.dt is not None
+        app_end, mine = seqpacket_pair()
+        flow = UniFlow(self._new_eid(), mine, flow_id=flow_id)
+        self.flows[flow_id] = flow
+        self.dt.add_flow(flow)
+        return self.mtu, app_end.detach()
+
+    async def flow_dealloc(self, flow_id: int) -> None:
+        flow = self.flows.pop(flow_id, None)
+        if flow is not None and self.dt is not None:
+            self.dt.remove_flow(flow.eid)
+            flow.io.close()
+
+    async def _tick(self) -> None:
+        """Only the link-state refresh: membership for enrollment answers."""
+        assert self.lsdb is not None
+        while True:
+            await asyncio.sleep(TICK)
+            due, _ = self.lsdb.tick(time.monotonic())
+            if due is not None:
+                self._flood(due)

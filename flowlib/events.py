@@ -6,6 +6,7 @@ and fills the queue with (flow, event) pairs, so one thread serves many flows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import select
@@ -82,10 +83,8 @@ class FlowSet:
     def remove(self, flow: Flow) -> None:
         if self._flows.get(flow.fd) is flow:
             del self._flows[flow.fd]
-            try:
+            with contextlib.suppress(OSError, ValueError):  # closed already
                 self._epoll.unregister(flow.fd)
-            except (OSError, ValueError):
-                pass  # closed already
 
     def zero(self) -> None:
         for flow in list(self._flows.values()):

@@ -81,10 +81,8 @@ class IrmClient:
         return self._flow_reply(reply, fds)
 
     def dealloc(self, flow_id: int) -> None:
-        try:
+        with contextlib.suppress(FlowError):  # the IRMd may be gone, or have dropped the flow
             call(self.channel, m.FlowDealloc(flow_id), REPLY_MARGIN)
-        except FlowError:
-            pass  # the IRMd may be gone, or already have dropped the flow
 
     def flow_state(self, flow_id: int) -> str:
         try:

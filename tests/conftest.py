@@ -7,26 +7,18 @@ exited cleanly, removed its socket and left none of its children behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import IrmdProc, start_irmd, stop_irmd
 
 import flowlib.irm
 from flowlib.irm import IrmClient
-
-BIN = Path(sys.executable).parent  # the venv's console scripts: irmd, irm, oping
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 10.0
+from irmd import messages as m
 
 
 def _raise_nofile() -> None:
@@ -37,166 +29,6 @@ def _raise_nofile() -> None:
 
 
 _raise_nofile()
-
-
-def children_of(pid: int) -> set[int]:
-    """Pids whose parent is `pid` (IPCPs and programs the IRMd spawned)."""
-    kids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may contain spaces or parentheses
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            kids.add(int(entry))
-    return kids
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def parse_table(text: str) -> list[dict[str, str]]:
-    """Rows of an `irm ... list` table ('(none)' is no rows)."""
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
-    if not lines:
-        return []
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[1:]]
-
-
-@dataclass
-class IrmdProc:
-    """A running irmd and what a test needs to talk to it."""
-
-    sock: Path
-    log: Path
-    proc: subprocess.Popen[bytes]
-    env: dict[str, str]
-    spawned: set[int] = field(default_factory=set)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def irm(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """Run the irm CLI against this irmd."""
-        return subprocess.run(
-            [str(BIN / "irm"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def irm_ok(self, *args: str) -> subprocess.CompletedProcess[str]:
-        r = self.irm(*args)
-        assert r.returncode == 0, f"irm {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}"
-        return r
-
-    def table(self, *args: str) -> list[dict[str, str]]:
-        return parse_table(self.irm_ok(*args).stdout)
-
-    def ipcp_pid(self, name: str) -> int:
-        rows = [r for r in self.table("ipcp", "list") if r["name"] == name]
-        assert rows, f"no ipcp {name!r} in the list"
-        return int(rows[0]["pid"])
-
-    def note_children(self) -> set[int]:
-        self.spawned |= children_of(self.pid)
-        return self.spawned
-
-    def run(self, tool: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """Run one of the console scripts (oping, ...) against this irmd."""
-        return subprocess.run(
-            [str(BIN / tool), *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-def irmd_env(sock: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["OUROBOROS_SOCK"] = str(sock)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def socket_answers(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        s.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
-def start_irmd(tmp: Path, name: str = "irmd") -> IrmdProc:
-    sock = tmp / f"{name}.sock"
-    log = tmp / f"{name}.log"
-    env = irmd_env(sock)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "irmd"), "--sock", str(sock)], env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    irmd = IrmdProc(sock, log, proc, env)
-    try:
-        wait_for(lambda: proc.poll() is not None or socket_answers(sock), START_TIMEOUT, "the irmd socket")
-        assert proc.poll() is None, f"irmd exited with {proc.returncode}:\n{irmd.log_text()}"
-    except BaseException:
-        stop_irmd(irmd, check=False)
-        raise
-    return irmd
-
-
-def stop_irmd(irmd: IrmdProc, check: bool = True) -> None:
-    """SIGTERM, then SIGKILL; with check, assert a clean exit, no socket, no children left."""
-    proc = irmd.proc
-    if proc.poll() is None:
-        irmd.note_children()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    leftovers = set()
-    with contextlib.suppress(AssertionError):
-        wait_for(lambda: not any(pid_alive(p) for p in irmd.spawned), 5.0, "the irmd's children to exit")
-    for pid in irmd.spawned:
-        if pid_alive(pid):
-            leftovers.add(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    if not check:
-        return
-    assert proc.returncode == 0, f"irmd exited with {proc.returncode}:\n{irmd.log_text()}"
-    assert not irmd.sock.exists(), "irmd left its socket behind"
-    assert not leftovers, f"irmd left children running: {sorted(leftovers)}"
 
 
 @pytest.fixture
@@ -218,7 +50,7 @@ def irm(irmd: IrmdProc) -> Callable[..., subprocess.CompletedProcess[str]]:
 @pytest.fixture
 def local_layer(irmd: IrmdProc) -> str:
     """A bootstrapped local IPCP 'lo' in layer 'local'; returns the layer name."""
-    irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "layer", "local", "type", "local")
+    irmd.request(m.IpcpBootstrap("lo", "local", "local"))
     irmd.note_children()
     return "local"
 
@@ -235,7 +67,8 @@ def client_factory(irmd: IrmdProc) -> Iterator[Callable[[], IrmClient]]:
 
     yield make
     for c in clients:
-        c.close()
+        if not c.channel.closed:  # IrmClient.close is not idempotent
+            c.close()
 
 
 @pytest.fixture
@@ -253,6 +86,6 @@ def default_client(irmd: IrmdProc, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 def bound_name(irmd: IrmdProc, local_layer: str) -> str:
     """A name this test process is bound to and that is registered in the local layer."""
     name = "tester"
-    irmd.irm_ok("bind", "process", str(os.getpid()), "name", name)
-    irmd.irm_ok("name", "register", name, "layer", local_layer)
+    irmd.request(m.Bind("process", str(os.getpid()), name))
+    irmd.request(m.NameRegister(name, [local_layer]))
     return name

@@ -69,7 +69,7 @@ def server() -> None:
 
 def client(args: argparse.Namespace) -> int:
     try:
-        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout)
+        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.encrypt)
     except FlowError as e:
         fail("operf", e)
     size = min(max(args.size, HDR.size), flow.mtu)
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-r", "--rate", type=float, default=0.0, help="bits/s to send at (default: flood)")
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="raw|best|video|voice|data")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds")
+    p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end")
     args = p.parse_args(argv)
     if args.listen:
         server()

@@ -58,7 +58,7 @@ def echo(_: Flow, sdu: bytes) -> bytes | None:
 
 def client(args: argparse.Namespace) -> int:
     try:
-        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout)
+        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.encrypt)
     except FlowError as e:
         fail("oping", e)
     size = max(args.size, MIN_SIZE)
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="raw|best|video|voice|data")
     p.add_argument("-Q", "--quiet", action="store_true", help="print only the statistics")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds")
+    p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end")
     args = p.parse_args(argv)
     if args.listen:
         serve("ping", echo, idle_timeout=10.0)

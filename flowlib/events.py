@@ -9,12 +9,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import logging
 import select
 from collections import deque
 from collections.abc import Iterator
 
-from flowlib.flow import Flow
+from flowlib.errors import FlowError
+from flowlib.flow import Flow, establish
 from flowlib.irm import IrmClient, default_client
+
+log = logging.getLogger(__name__)
 
 _HUP = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
 
@@ -116,7 +120,11 @@ class FlowSet:
         for fd, mask in self._epoll.poll(-1 if timeout is None else timeout):
             if fd == wakeup:
                 for reply, flow_fd in self._client().take_arrived():
-                    flow = Flow(reply, flow_fd, self._client())
+                    try:
+                        flow = establish(reply, flow_fd, self._client(), client=False)
+                    except FlowError as e:
+                        log.warning("dropped an arriving flow: %s", e)
+                        continue
                     self.add(flow)
                     queue.push(flow, EventType.ALLOC)
                 continue

@@ -6,17 +6,24 @@ options as Ouroboros's fccntl does (blocking, timeouts, queue limits).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
+import os
 import select
 import socket
 import time
 from typing import Any
 
+from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
+from flowlib.engine import APP_MTU, LINGER, Session, engine
 from flowlib.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
+from flowlib.frct import Frct
 from flowlib.irm import IrmClient, default_client
-from flowlib.qos import QosSpec
+from flowlib.qos import QosSpec, raw
 from irmd import messages as m
+
+KEY_AGREEMENT_TIMEOUT = 10.0
 
 
 class Fccntl(enum.Enum):
@@ -59,6 +66,7 @@ class Flow:
         self._sndtimeo: float | None = None
         self._closed = False
         self._ended: str | None = None
+        self._session: Session | None = None  # set when the flow engine runs FRCT or encryption
 
     def __repr__(self) -> str:
         return f"<Flow {self.flow_id} {self.name or '?'} via {self.layer} fd={self.fd}>"
@@ -197,6 +205,8 @@ class Flow:
             return
         self._closed = True
         self._sock.close()
+        if self._session is not None:  # let FRCT deliver what is still unacknowledged
+            self._session.done.wait(LINGER + 1.0)
         self._irm.dealloc(self.flow_id)
 
 
@@ -209,12 +219,60 @@ def _timeout(value: Any) -> float | None:
     return t
 
 
+def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow:
+    """A Flow over the IPCP's socket: direct for raw flows, through the engine otherwise."""
+    qos = reply.qos
+    crypto = None
+    try:
+        if qos.cypher_s:
+            crypto = _agree(fd, client)
+        if not crypto and not qos.frct:
+            return Flow(reply, fd, irm)
+        mtu = reply.mtu - (OVERHEAD if crypto else 0)
+        frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
+        app_fd, session = engine().wrap(fd, mtu, frct, crypto)
+    except BaseException:
+        os.close(fd)
+        irm.dealloc(reply.flow_id)
+        raise
+    flow = Flow(dataclasses.replace(reply, mtu=APP_MTU if frct else mtu), app_fd, irm)
+    flow._session = session
+    return flow
+
+
+def _agree(fd: int, client: bool) -> PacketCrypto:
+    """X25519 key agreement over the fresh flow: the allocator speaks first."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.settimeout(KEY_AGREEMENT_TIMEOUT)
+        kx = KeyExchange()
+        if client:
+            sock.send(kx.hello())
+        peer = sock.recv(HELLO.size + 1)
+        if not client:
+            sock.send(kx.hello())
+        return kx.session(peer, client)
+    except TimeoutError:
+        raise FlowTimeout("the peer did not complete the flow's key agreement") from None
+    except (OSError, HandshakeError) as e:
+        raise FlowError(f"flow key agreement failed: {e}") from None
+    finally:
+        sock.close()
+
+
 def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None,
-               *, irm: IrmClient | None = None) -> Flow:
-    """Allocate a flow to `name` through whichever layer reaches it."""
+               *, encrypt: bool = False, irm: IrmClient | None = None) -> Flow:
+    """Allocate a flow to `name` through whichever layer reaches it.
+
+    qos.data (loss 0) makes it reliable and in order; encrypt=True makes it
+    end-to-end encrypted (X25519, then ChaCha20-Poly1305 per packet).
+    """
     irm = irm or default_client()
-    reply, fd = irm.alloc(name, qos, timeout)
-    return Flow(reply, fd, irm)
+    spec = qos or raw
+    if encrypt and not spec.cypher_s:
+        spec = dataclasses.replace(spec, cypher_s=CYPHER_S)
+    reply, fd = irm.alloc(name, spec, timeout)
+    return establish(reply, fd, irm, client=True)
 
 
 def flow_join(layer: str, qos: QosSpec | None = None, timeout: float | None = None,
@@ -234,7 +292,7 @@ def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
     irm = irm or default_client()
     while True:
         reply, fd = irm.accept(timeout)
-        flow = Flow(reply, fd, irm)
+        flow = establish(reply, fd, irm, client=False)
         if qos is None or _satisfies(flow.qos, qos):
             return flow
         flow.close()

@@ -21,6 +21,7 @@ class QosSpec:
     in_order: int = 0  # 1 enables FRCT in-order delivery
     max_gap: int = UINT32_MAX  # ms
     timeout: int = 0  # peer timeout in ms, 0 = none
+    cypher_s: int = 0  # encryption key bits, 0 = none (flow_alloc(..., encrypt=True) sets it)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -31,6 +32,11 @@ class QosSpec:
     @property
     def reliable(self) -> bool:
         return self.loss == 0
+
+    @property
+    def frct(self) -> bool:
+        """Whether flows with this spec run FRCT: for ordering, and retransmission if reliable."""
+        return bool(self.in_order) or self.loss == 0
 
 
 raw = QosSpec()

@@ -23,7 +23,7 @@ Addr = Hashable  # (ip, port) for udp, a MAC address for eth
 # -- wire format of management messages -----------------------------------------
 
 MGMT = struct.Struct("!BBHIIQ")  # code, result, body length, s_eid, d_eid, cookie
-QOS = struct.Struct("!IQBIIBII")  # delay, bandwidth, availability, loss, ber, in_order, max_gap, timeout
+QOS = struct.Struct("!IQBIIBIIH")  # delay, bandwidth, availability, loss, ber, in_order, max_gap, timeout, cypher_s
 FLOW_REQ, FLOW_REPLY, FLOW_DEALLOC, KEEPALIVE, NAME_QUERY, NAME_REPLY, NAME_GONE, HELLO, MEMBERS = range(1, 10)
 CODES = range(FLOW_REQ, MEMBERS + 1)
 OK, E_NOENT, E_REFUSED = 0, 1, 2
@@ -74,14 +74,13 @@ class Mgmt:
 def encode_qos(q: QosSpec) -> bytes:
     return QOS.pack(min(q.delay, 0xFFFFFFFF), q.bandwidth, min(q.availability, 255), min(q.loss, 0xFFFFFFFF),
                     min(q.ber, 0xFFFFFFFF), min(q.in_order, 255), min(q.max_gap, 0xFFFFFFFF),
-                    min(q.timeout, 0xFFFFFFFF))
+                    min(q.timeout, 0xFFFFFFFF), min(q.cypher_s, 0xFFFF))
 
 
 def decode_qos(data: bytes) -> QosSpec:
     if len(data) < QOS.size:
         raise ShimWireError("qos truncated")
-    d, bw, av, loss, ber, io, gap, to = QOS.unpack_from(data)
-    return QosSpec(d, bw, av, loss, ber, io, gap, to)
+    return QosSpec(*QOS.unpack_from(data))
 
 
 def check_hash(body: bytes) -> bytes:

@@ -1,0 +1,212 @@
+"""FRCT, the flow and retransmission control of reliable flows, sans-IO: SDUs and PDUs in,
+PDUs and SDUs out, time as a parameter.
+
+Sequence numbers, cumulative acks, RTT estimation with RTO backoff (RFC 6298),
+retransmission, a flow-control window, AIMD congestion control, in-order
+delivery with duplicate suppression, and fragmentation of SDUs over the MTU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections import deque
+
+# The FRCT header, as Ouroboros's: flags, pad, window (PDUs), seqno, ackno.
+HDR = struct.Struct("!BBHII")
+DATA, DRF, ACK, FC, RDVS, FFGM, MFGM = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
+SEQ_MOD = 1 << 32
+WINDOW = 1024  # PDUs the receiver buffers out of order and the sender keeps in flight
+RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
+MAX_TRIES = 20  # retransmissions of one PDU before the flow is declared dead
+
+
+class FrctError(ValueError):
+    """A PDU that does not parse."""
+
+
+def _before(a: int, b: int) -> bool:
+    """a < b in sequence space (wrapping)."""
+    return 0 < (b - a) % SEQ_MOD < SEQ_MOD // 2
+
+
+@dataclasses.dataclass
+class _Sent:
+    pdu: bytes
+    sent: float
+    tries: int = 0
+
+
+@dataclasses.dataclass
+class Counters:
+    sent: int = 0
+    retransmitted: int = 0
+    received: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    dropped: int = 0  # late PDUs of flows without retransmission, and malformed ones
+
+
+class Frct:
+    """One end of a flow with FRCT; `reliable` adds acks and retransmission to ordering."""
+
+    def __init__(self, mtu: int, reliable: bool) -> None:
+        if mtu <= HDR.size:
+            raise ValueError(f"an MTU of {mtu} leaves no room for the {HDR.size}-byte FRCT header")
+        self.reliable = reliable
+        self.max_payload = mtu - HDR.size
+        self.counters = Counters()
+        # sender
+        self.snd_nxt = 0
+        self.snd_una = 0
+        self.unacked: dict[int, _Sent] = {}
+        self.cwnd = 16.0
+        self.ssthresh = float(WINDOW)
+        self.peer_window = WINDOW
+        self.dupacks = 0
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto = RTO_INIT
+        self.failed = False  # a PDU went unacknowledged MAX_TRIES times
+        # receiver
+        self.rcv_nxt = 0
+        self.ooo: dict[int, tuple[int, bytes]] = {}
+        self.fragments: list[bytes] = []
+        self.sdus: deque[bytes] = deque()  # in order, for the application
+        self.pdus: deque[bytes] = deque()  # for the network
+
+    # -- sending -----------------------------------------------------------
+
+    def can_send(self) -> bool:
+        if not self.reliable:
+            return True
+        return len(self.unacked) < min(int(self.cwnd), self.peer_window, WINDOW)
+
+    def send(self, sdu: bytes, now: float) -> None:
+        """Queue an SDU's PDUs (fragments if it exceeds the MTU)."""
+        chunks = [sdu[i : i + self.max_payload] for i in range(0, len(sdu), self.max_payload)]
+        last = len(chunks) - 1
+        for i, chunk in enumerate(chunks):
+            flags = DATA | ACK
+            if last:
+                flags |= (FFGM if i == 0 else 0) | (MFGM if i < last else 0)
+            seq = self.snd_nxt
+            self.snd_nxt = (seq + 1) % SEQ_MOD
+            pdu = HDR.pack(flags, 0, self._window(), seq, self.rcv_nxt) + chunk
+            if self.reliable:
+                self.unacked[seq] = _Sent(pdu, now)
+            self.pdus.append(pdu)
+            self.counters.sent += 1
+
+    def _window(self) -> int:
+        return max(WINDOW - len(self.ooo) - len(self.sdus), 0)
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive(self, pdu: bytes, now: float) -> None:
+        if len(pdu) < HDR.size:
+            self.counters.dropped += 1
+            return
+        flags, _, window, seq, ackno = HDR.unpack_from(pdu)
+        if flags & ACK and self.reliable:
+            self._acked(ackno, window, now)
+        if not flags & DATA:
+            return
+        self.counters.received += 1
+        payload = pdu[HDR.size :]
+        if seq == self.rcv_nxt:
+            self._accept(flags, payload)
+            while self.rcv_nxt in self.ooo:
+                self._accept(*self.ooo.pop(self.rcv_nxt))
+        elif _before(seq, self.rcv_nxt):
+            self.counters.duplicates += 1  # our ack was lost or late: repeat it below
+        elif not self.reliable:
+            # Ordered but unreliable: a gap never fills, so skip to what arrived.
+            self.counters.dropped += (seq - self.rcv_nxt) % SEQ_MOD
+            self.fragments.clear()
+            self.rcv_nxt = seq
+            self._accept(flags, payload)
+        elif (seq - self.rcv_nxt) % SEQ_MOD < WINDOW:
+            self.counters.out_of_order += 1
+            self.ooo.setdefault(seq, (flags, payload))
+        if self.reliable:
+            self.pdus.append(HDR.pack(ACK, 0, self._window(), self.snd_nxt, self.rcv_nxt))
+
+    def _accept(self, flags: int, payload: bytes) -> None:
+        self.rcv_nxt = (self.rcv_nxt + 1) % SEQ_MOD
+        if flags & FFGM:  # the first of several fragments
+            self.fragments = [payload]
+        elif self.fragments:
+            self.fragments.append(payload)
+        else:
+            self.sdus.append(payload)
+            return
+        if not flags & MFGM:  # the last one
+            self.sdus.append(b"".join(self.fragments))
+            self.fragments = []
+
+    def _acked(self, ackno: int, window: int, now: float) -> None:
+        self.peer_window = window
+        if not _before(self.snd_una, ackno):
+            if ackno == self.snd_una and self.unacked:
+                self.dupacks += 1
+                if self.dupacks == 3:  # fast retransmit, and halve as on loss
+                    self._lost(now, self.snd_una)
+            return
+        self.dupacks = 0
+        seq = self.snd_una
+        while seq != ackno:
+            sent = self.unacked.pop(seq, None)
+            if sent is not None:
+                if sent.tries == 0:  # Karn: no samples from retransmitted PDUs
+                    self._sample(now - sent.sent)
+                self.cwnd += 1.0 if self.cwnd < self.ssthresh else 1.0 / self.cwnd
+            seq = (seq + 1) % SEQ_MOD
+        self.snd_una = ackno
+
+    def _sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.rto = min(max(self.srtt + 4 * self.rttvar, RTO_MIN), RTO_MAX)
+
+    def _lost(self, now: float, seq: int) -> None:
+        sent = self.unacked.get(seq)
+        if sent is None:
+            return
+        self.ssthresh = max(self.cwnd / 2, 2.0)
+        self.cwnd = self.ssthresh
+        self._resend(seq, sent, now)
+
+    def _resend(self, seq: int, sent: _Sent, now: float) -> None:
+        sent.tries += 1
+        sent.sent = now
+        if sent.tries > MAX_TRIES:
+            self.failed = True
+        flags, pad, _, _, _ = HDR.unpack_from(sent.pdu)
+        self.pdus.append(HDR.pack(flags, pad, self._window(), seq, self.rcv_nxt) + sent.pdu[HDR.size :])
+        self.counters.retransmitted += 1
+
+    # -- time --------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        if not self.unacked:
+            return None
+        return self.unacked[self.snd_una].sent + self.rto if self.snd_una in self.unacked else None
+
+    def handle_timer(self, now: float) -> None:
+        """The oldest unacknowledged PDU timed out: back off and resend it."""
+        sent = self.unacked.get(self.snd_una)
+        if sent is None or now < sent.sent + self.rto:
+            return
+        self.rto = min(self.rto * 2, RTO_MAX)
+        self.ssthresh = max(self.cwnd / 2, 2.0)
+        self.cwnd = 2.0
+        self._resend(self.snd_una, sent, now)
+
+    @property
+    def idle(self) -> bool:
+        """Everything sent was acknowledged."""
+        return not self.unacked

@@ -64,6 +64,7 @@ class Frct:
         self.ssthresh = float(WINDOW)
         self.peer_window = WINDOW
         self.dupacks = 0
+        self.recover: int | None = None  # snd_nxt when a loss was found; partial acks until then resend
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = RTO_INIT
@@ -154,15 +155,23 @@ class Frct:
                     self._lost(now, self.snd_una)
             return
         self.dupacks = 0
+        oldest = self.unacked.get(self.snd_una)
+        # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one.
+        if oldest is not None and oldest.tries == 0:
+            self._sample(now - oldest.sent)
         seq = self.snd_una
         while seq != ackno:
-            sent = self.unacked.pop(seq, None)
-            if sent is not None:
-                if sent.tries == 0:  # Karn: no samples from retransmitted PDUs
-                    self._sample(now - sent.sent)
+            if self.unacked.pop(seq, None) is not None:
                 self.cwnd += 1.0 if self.cwnd < self.ssthresh else 1.0 / self.cwnd
             seq = (seq + 1) % SEQ_MOD
         self.snd_una = ackno
+        if self.srtt is not None:  # progress: drop the backoff
+            self.rto = min(max(self.srtt + 4 * self.rttvar, RTO_MIN), RTO_MAX)
+        if self.recover is not None:
+            if _before(ackno, self.recover) and ackno in self.unacked:
+                self._resend(ackno, self.unacked[ackno], now)  # NewReno: a partial ack shows the next hole
+            else:
+                self.recover = None
 
     def _sample(self, rtt: float) -> None:
         if self.srtt is None:
@@ -174,8 +183,9 @@ class Frct:
 
     def _lost(self, now: float, seq: int) -> None:
         sent = self.unacked.get(seq)
-        if sent is None:
+        if sent is None or self.recover is not None:
             return
+        self.recover = self.snd_nxt
         self.ssthresh = max(self.cwnd / 2, 2.0)
         self.cwnd = self.ssthresh
         self._resend(seq, sent, now)
@@ -204,6 +214,7 @@ class Frct:
         self.rto = min(self.rto * 2, RTO_MAX)
         self.ssthresh = max(self.cwnd / 2, 2.0)
         self.cwnd = 2.0
+        self.recover = self.snd_nxt
         self._resend(self.snd_una, sent, now)
 
     @property

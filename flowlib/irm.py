@@ -62,11 +62,14 @@ class IrmClient:
         call(self.channel, m.ProcAnnounce(os.path.abspath(sys.argv[0]) if sys.argv[0] else "python"))
 
     def close(self) -> None:
+        if self.wakeup_fd < 0:
+            return
         self.channel.close()
         with self._arrived_lock:
             close_fds([fd for _, fd in self._arrived])
             self._arrived.clear()
         os.close(self.wakeup_fd)
+        self.wakeup_fd = -1
 
     def alloc(self, name: str, qos: QosSpec | None, timeout: float | None,
               join: bool = False) -> tuple[m.FlowReply, int]:

@@ -39,7 +39,6 @@ class EthDixIpcp(ShimIpcp):
         self.hash_algo = DEFAULT_HASH
         self.sock: socket.socket | None = None
         self.framing: eth.EthFraming | eth.LlcFraming | None = None
-        self._stats: asyncio.Task[None] | None = None
         self._arriving = 0
 
     # -- transport -------------------------------------------------------------
@@ -82,7 +81,7 @@ class EthDixIpcp(ShimIpcp):
         self.mtu = self._layer_mtu(dev_mtu)
         core = ShimCore(eid_bits=self.eid_bits, encode_addr=eth.encode_addr,
                         decode_addrs=eth.decode_addrs, own=mac)
-        self._stats = asyncio.create_task(self._report_drops())
+        self.spawn(self._report_drops())
         log.info("%s: %s layer %s on %s (%s), proto 0x%04x, mtu %d", self.name, self.type, layer,
                  dev, eth.mac_str(mac), proto, self.mtu)
         return core, Relay(self.sock, self.framing, BUFSIZE, self.on_mgmt)
@@ -112,8 +111,6 @@ class EthDixIpcp(ShimIpcp):
         return await fut
 
     async def stop(self) -> None:
-        if self._stats is not None:
-            self._stats.cancel()
         await super().stop()
         if self.sock is not None:
             self.sock.close()

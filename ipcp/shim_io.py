@@ -27,12 +27,25 @@ from ipcp.shim import (
 )
 from irmd import messages as m
 from transports.channel import HandlerError, RemoteError
-from transports.relay import Relay
+from transports.impair import ImpairedFraming, Impairment
+from transports.relay import Framing, Relay
 from transports.unix import seqpacket_pair
 
 log = logging.getLogger(__name__)
 
 TICK = 0.1
+
+
+def impaired(framing: Framing, spec: str | None) -> Framing:
+    """The framing, wrapped in the test-only impairment if the layer asked for it."""
+    if not spec:
+        return framing
+    try:
+        impairment = Impairment.parse(spec)
+    except ValueError as e:
+        raise HandlerError(m.EINVAL, str(e)) from None
+    log.warning("impairment on (test only): %s", impairment)
+    return ImpairedFraming(framing, impairment)
 
 
 class ShimIpcp(Ipcp):

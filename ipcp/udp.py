@@ -13,7 +13,7 @@ from collections.abc import Hashable
 from typing import cast
 
 from ipcp.shim import ShimCore, ShimFlow
-from ipcp.shim_io import ShimIpcp
+from ipcp.shim_io import ShimIpcp, impaired
 from irmd import messages as m
 from transports import udp
 from transports.channel import HandlerError
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 3435
 UDP_MTU = 8980  # as Ouroboros: jumbo-frame sized, well under the 64 KiB datagram limit
-OPTIONS = {"ip", "port", "peer"}
+OPTIONS = {"ip", "port", "peer", "impair"}
 
 
 class UdpIpcp(ShimIpcp):
@@ -62,7 +62,7 @@ class UdpIpcp(ShimIpcp):
                         own=own, peers=[p for p in peers if p != own])
         log.info("%s: udp layer %s on %s:%d, broadcast %s, peers %s", self.name, layer, ip, port,
                  bcast_ip or "none", [p[0] for p in peers] or "none")
-        return core, Relay(self.sock, udp.UdpFraming(), 65536, self.on_mgmt)
+        return core, Relay(self.sock, impaired(udp.UdpFraming(), conf.get("impair")), 65536, self.on_mgmt)
 
     def _on_broadcast(self) -> None:
         try:

@@ -94,9 +94,9 @@ def _text(key: str, value: str) -> str:
 TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "local": {"hash": _choice(*HASHES)},
     "broadcast": {},
-    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "dns": _ip(4)},
-    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "dns": _ip(6)},
-    "eth-dix": {"dev": _text, "ethertype": _ethertype, "hash": _choice(*HASHES)},
+    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "impair": _text},
+    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "impair": _text},
+    "eth-dix": {"dev": _text, "ethertype": _ethertype, "hash": _choice(*HASHES), "impair": _text},
     "eth-llc": {"dev": _text, "hash": _choice(*HASHES)},
     "unicast": {
         "addr": _int(1, 8), "eid": _int(8, 8), "ttl": _int(1, 255),
@@ -308,6 +308,7 @@ USAGE = """usage: irm OPERATION ...
   irm ipcp create    name N type {local|unicast|broadcast|udp4|udp6|eth-dix|eth-llc}
   irm ipcp bootstrap name N layer L [type T] [autobind] [type options]
       local: [hash H]   udp4/udp6: ip ADDR [port 3435] [peer ADDR]...
+      udp/eth, for tests only: [impair loss=PCT,dup=PCT,reorder=PCT]
       eth-dix: dev IFACE [ethertype 0xA000]   eth-llc: dev IFACE
       unicast: [addr 4] [eid 8] [ttl 60] [routing {link_state|lfa|ecmp}]
                [congestion {none|mb-ecn}] [hash {SHA3_224|SHA3_256|SHA3_384|SHA3_512}]

@@ -273,7 +273,8 @@ class Irmd:
             fut.cancel()
         for flow in list(self.reg.flows_of(owner=c.conn_id)):
             await self._release(flow)
-        self.reg.forget_pid(c.pid)
+        if not any(other.pid == c.pid for other in self.clients.values()):
+            self.reg.forget_pid(c.pid)  # its process bindings end with its last connection
         if c.ipcp is not None and c.ipcp.channel is c.channel and not self.stopping:
             log.warning("ipcp %s closed its control channel; stopping it", c.ipcp.name)
             with contextlib.suppress(ProcessLookupError):

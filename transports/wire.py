@@ -93,11 +93,14 @@ class Codec:
             raise WireError(f"unknown message type {code}")
         try:
             raw = json.loads(frame[HEADER.size :])
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8 or an oversized number
             raise WireError(f"{cls.__name__}: body is not JSON: {e}") from None
         if not isinstance(raw, dict):
             raise WireError(f"{cls.__name__}: body is not an object")
-        return Frame(req_id, self._build(cls, raw))
+        try:
+            return Frame(req_id, self._build(cls, raw))
+        except OverflowError as e:
+            raise WireError(f"{cls.__name__}: {e}") from None
 
     def _build(self, cls: type[Message], raw: dict[str, Any]) -> Message:
         hints = self._hints[cls]

@@ -78,6 +78,7 @@ class EthDixIpcp(ShimIpcp):
         except OSError as e:
             raise HandlerError(m.EINVAL, f"{self.type} on {dev!r}: {e.strerror or e}") from None
         self.framing = self._framing(mac, proto)
+        self.framing.mgmt_frame(eth.BROADCAST, b"")  # loads scapy's layers now, not at a query
         self.mtu = self._layer_mtu(dev_mtu)
         core = ShimCore(eid_bits=self.eid_bits, encode_addr=eth.encode_addr,
                         decode_addrs=eth.decode_addrs, own=mac)
@@ -117,14 +118,14 @@ class EthDixIpcp(ShimIpcp):
 
     async def _report_drops(self) -> None:
         """Log the drop counters whenever they moved: bad frames never pass silently."""
-        seen = 0
+        seen = (0, 0)
         while True:
             await asyncio.sleep(STATS_EVERY)
             if self.relay is None or self.core is None:
                 continue
             total = self.relay.dropped + self.core.dropped
-            if total != seen:
-                seen = total
+            if (total, self.relay.overflow) != seen:
+                seen = (total, self.relay.overflow)
                 log.info("%s: dropped %d bad frames so far (%d malformed, for no flow or from the"
                          " wrong peer; %d bad management messages); %d SDUs overflowed",
                          self.name, total, self.relay.dropped, self.core.dropped,

@@ -106,12 +106,14 @@ class FlowRequested:
     remote_eid: int
     digest: bytes
     qos: QosSpec
+    endpoint: bytes = b""  # the requester's data endpoint, if the transport has per-flow ones
 
 
 @dataclasses.dataclass(frozen=True)
 class AllocDone:
     eid: int
     result: int  # OK or an error code from RESULTS; -1: no answer in time
+    endpoint: bytes = b""  # the peer's data endpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +162,8 @@ class ShimCore:
         self.asked: dict[Addr, float] = {}  # last keepalive request per peer
         self._queries: dict[bytes, _Pending] = {}
         self._allocs: dict[int, _Pending] = {}
-        self._answered: dict[tuple[Addr, int], int] = {}  # (peer, its eid) -> our eid
+        # (peer, its eid) -> our reply, or None while the IRMd decides
+        self._answered: dict[tuple[Addr, int], Mgmt | None] = {}
         self._out: deque[tuple[Addr | None, bytes]] = deque()
         self._events: deque[Event] = deque()
         self._next_hello = 0.0
@@ -213,24 +216,27 @@ class ShimCore:
             if eid not in self.flows:
                 return eid
 
-    def alloc(self, digest: bytes, qos: QosSpec, addr: Addr, now: float, timeout: float) -> ShimFlow:
+    def alloc(self, digest: bytes, qos: QosSpec, addr: Addr, now: float, timeout: float,
+              endpoint: bytes = b"") -> ShimFlow:
         """Ask `addr` for a flow; an AllocDone event follows."""
         flow = ShimFlow(self.new_eid(), addr)
         self.flows[flow.eid] = flow
-        msg = Mgmt(FLOW_REQ, s_eid=flow.eid, body=encode_qos(qos) + digest)
+        msg = Mgmt(FLOW_REQ, s_eid=flow.eid, body=encode_qos(qos) + bytes([len(digest)]) + digest + endpoint)
         self._allocs[flow.eid] = _Pending(now + timeout, now + ALLOC_RETRY, msg, addr)
         self._send(addr, msg)
         return flow
 
-    def accept(self, req: FlowRequested, now: float) -> ShimFlow:
+    def accept(self, req: FlowRequested, now: float, endpoint: bytes = b"") -> ShimFlow:
         flow = ShimFlow(self.new_eid(), req.addr, req.remote_eid)
         self.flows[flow.eid] = flow
-        self._answered[(req.addr, req.remote_eid)] = flow.eid
+        reply = Mgmt(FLOW_REPLY, OK, flow.eid, req.remote_eid, body=endpoint)
+        self._answered[(req.addr, req.remote_eid)] = reply
         self.heard[req.addr] = now
-        self._send(req.addr, Mgmt(FLOW_REPLY, OK, flow.eid, req.remote_eid))
+        self._send(req.addr, reply)
         return flow
 
     def refuse(self, req: FlowRequested, result: int) -> None:
+        self._answered.pop((req.addr, req.remote_eid), None)
         self._send(req.addr, Mgmt(FLOW_REPLY, result, 0, req.remote_eid))
 
     def dealloc(self, eid: int) -> ShimFlow | None:
@@ -280,15 +286,18 @@ class ShimCore:
                 del self.cache[digest]
         elif code == FLOW_REQ:
             qos = decode_qos(msg.body)
-            digest = check_hash(msg.body[QOS.size :])
-            mine = self._answered.get((src, msg.s_eid))
-            if mine is not None:  # a retransmitted request: answer again
-                self._send(src, Mgmt(FLOW_REPLY, OK, mine, msg.s_eid))
+            n = msg.body[QOS.size] if len(msg.body) > QOS.size else 0
+            digest = check_hash(msg.body[QOS.size + 1 : QOS.size + 1 + n])
+            endpoint = msg.body[QOS.size + 1 + n :]
+            key = (src, msg.s_eid)
+            if key in self._answered:  # a retransmitted request: repeat the answer, if there is one yet
+                if (reply := self._answered[key]) is not None:
+                    self._send(src, reply)
             elif digest not in self.registered:
                 self._send(src, Mgmt(FLOW_REPLY, E_NOENT, 0, msg.s_eid))
             elif msg.s_eid:
-                self._answered[(src, msg.s_eid)] = 0  # being decided; drop retransmissions
-                self._events.append(FlowRequested(src, msg.s_eid, digest, qos))
+                self._answered[key] = None
+                self._events.append(FlowRequested(src, msg.s_eid, digest, qos, endpoint))
         elif code == FLOW_REPLY:
             flow = self.flows.get(msg.d_eid)
             if flow is None or flow.addr != src or msg.d_eid not in self._allocs:
@@ -301,7 +310,8 @@ class ShimCore:
                 self._forget(msg.d_eid)
                 if msg.result == E_NOENT:
                     self.cache = {h: v for h, v in self.cache.items() if v[0] != src}
-            self._events.append(AllocDone(msg.d_eid, msg.result if msg.s_eid or msg.result else E_REFUSED))
+            result = msg.result if msg.s_eid or msg.result else E_REFUSED
+            self._events.append(AllocDone(msg.d_eid, result, msg.body if result == OK else b""))
         elif code == FLOW_DEALLOC:
             flow = self.flows.get(msg.d_eid)
             if flow is not None and flow.addr == src and flow.remote_eid == msg.s_eid:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Hashable
+from typing import Any
 
 from flowlib.qos import QosSpec
 from ipcp.base import Ipcp
@@ -58,7 +60,7 @@ class ShimIpcp(Ipcp):
         self.core: ShimCore | None = None
         self.relay: Relay | None = None
         self._queries: dict[bytes, list[asyncio.Future[Hashable | None]]] = {}
-        self._allocs: dict[int, asyncio.Future[int]] = {}
+        self._allocs: dict[int, asyncio.Future[AllocDone]] = {}
         self._by_flow_id: dict[int, ShimFlow] = {}
 
     # -- what a transport provides ------------------------------------------
@@ -110,29 +112,49 @@ class ShimIpcp(Ipcp):
         addr = await self._resolve(digest)
         if addr is None:
             raise HandlerError(m.ENOENT, "name not found in this layer")
-        flow = core.alloc(digest, qos, addr, time.monotonic(), timeout)
+        handle, endpoint = self.open_endpoint()
+        flow = core.alloc(digest, qos, addr, time.monotonic(), timeout, endpoint)
         flow.flow_id = flow_id
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[AllocDone] = asyncio.get_running_loop().create_future()
         self._allocs[flow.eid] = done
-        app_end, flow.io = seqpacket_pair()
         self._flush()
         try:
-            result = await done
+            reply = await done
+            if reply.result != OK:
+                code = m.ENOENT if reply.result == E_NOENT else m.ETIMEDOUT if reply.result < 0 else m.EIPCP
+                raise HandlerError(code, RESULTS.get(reply.result, "the peer did not answer"))
+            app_fd = self.connect_endpoint(handle, addr, reply.endpoint)
         except BaseException:
             core.dealloc(flow.eid)
-            app_end.close()
-            flow.io.close()
+            self._flush()
+            self.close_endpoint(handle)
             raise
-        if result != OK:
-            app_end.close()
-            flow.io.close()
-            code = m.ENOENT if result == E_NOENT else m.ETIMEDOUT if result < 0 else m.EIPCP
-            raise HandlerError(code, RESULTS.get(result, "the peer did not answer"))
-        flow.hdr = self.flow_header(flow)
+        self.bind_endpoint(flow, handle)
         self._by_flow_id[flow_id] = flow
+        return self.mtu, app_fd
+
+    # -- data endpoints: by default the relay's socketpair; transports may do better --------
+
+    def open_endpoint(self) -> tuple[Any, bytes]:
+        """A data endpoint for a new flow: a handle, and what the peer needs to reach it."""
+        return seqpacket_pair(), b""
+
+    def connect_endpoint(self, handle: Any, addr: Hashable, peer: bytes) -> int:
+        """Point the endpoint at the peer's; returns an fd for the application (the caller closes it)."""
+        app_end, _ = handle
+        return int(os.dup(app_end.fileno()))
+
+    def bind_endpoint(self, flow: ShimFlow, handle: Any) -> None:
+        """The flow is established: the IPCP's side of the endpoint starts relaying."""
+        app_end, flow.io = handle
+        app_end.close()
+        flow.hdr = self.flow_header(flow)
         assert self.relay is not None
         self.relay.add(flow)
-        return self.mtu, app_end.detach()
+
+    def close_endpoint(self, handle: Any) -> None:
+        for sock in handle:
+            sock.close()
 
     async def flow_dealloc(self, flow_id: int) -> None:
         flow = self._by_flow_id.pop(flow_id, None)
@@ -142,9 +164,9 @@ class ShimIpcp(Ipcp):
             self._flush()
 
     def _drop(self, flow: ShimFlow) -> None:
-        if self.relay is not None:
-            self.relay.remove(flow)
         if flow.io is not None:
+            if self.relay is not None:
+                self.relay.remove(flow)
             flow.io.close()
 
     async def stop(self) -> None:
@@ -191,7 +213,7 @@ class ShimIpcp(Ipcp):
                 case AllocDone():
                     done = self._allocs.pop(ev.eid, None)
                     if done is not None and not done.done():
-                        done.set_result(ev.result)
+                        done.set_result(ev)
                 case FlowRequested():
                     self.spawn(self._arrived(ev))
                 case FlowEnded():
@@ -204,20 +226,20 @@ class ShimIpcp(Ipcp):
 
     async def _arrived(self, req: FlowRequested) -> None:
         core = self._core()
-        app_end, mine = seqpacket_pair()
+        handle, endpoint = self.open_endpoint()
         try:
-            flow_id = await self.flow_arrived(req.digest, req.qos, self.mtu, app_end.fileno())
-        except (RemoteError, HandlerError) as e:
-            mine.close()
-            core.refuse(req, E_NOENT if e.code == m.ENOENT else E_REFUSED)
+            app_fd = self.connect_endpoint(handle, req.addr, req.endpoint)
+            try:
+                flow_id = await self.flow_arrived(req.digest, req.qos, self.mtu, app_fd)
+            finally:
+                os.close(app_fd)
+        except (RemoteError, HandlerError, OSError) as e:
+            self.close_endpoint(handle)
+            core.refuse(req, E_NOENT if getattr(e, "code", "") == m.ENOENT else E_REFUSED)
             self._flush()
             return
-        finally:
-            app_end.close()
-        flow = core.accept(req, time.monotonic())
-        flow.flow_id, flow.io = flow_id, mine
-        flow.hdr = self.flow_header(flow)
+        flow = core.accept(req, time.monotonic(), endpoint)
+        flow.flow_id = flow_id
+        self.bind_endpoint(flow, handle)
         self._by_flow_id[flow_id] = flow
-        assert self.relay is not None
-        self.relay.add(flow)
         self._flush()

@@ -2,6 +2,12 @@
 
 `peer ADDR` seeds the member list where broadcast cannot reach; members share
 the members they know, so configuring any one is enough.
+
+Data takes a fast path: each flow gets its own UDP socket, connected to the
+peer's, and that socket is the application's flow fd, so no process relays
+SDUs (as the local IPCP does with its socketpairs). The IPCP keeps the
+management port for names, handshakes and keepalives, and tears flows down
+through the IRMd. With `impair` (tests only) data goes through the relay.
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from collections.abc import Hashable
-from typing import cast
+from typing import Any, cast
 
 from ipcp.shim import ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp, impaired
@@ -57,6 +64,8 @@ class UdpIpcp(ShimIpcp):
                 asyncio.get_running_loop().add_reader(self.bcast_sock.fileno(), self._on_broadcast)
             except OSError as e:
                 log.warning("no broadcast listener on %s: %s", bcast_ip, e)
+        self.ip = ip
+        self.fast = "impair" not in conf
         own = (ip, port)
         core = ShimCore(eid_bits=32, encode_addr=udp.encode_addr, decode_addrs=udp.decode_addrs,
                         own=own, peers=[p for p in peers if p != own])
@@ -86,6 +95,33 @@ class UdpIpcp(ShimIpcp):
 
     def flow_header(self, flow: ShimFlow) -> bytes:
         return udp.EID.pack(flow.remote_eid)
+
+    def open_endpoint(self) -> tuple[Any, bytes]:
+        if not self.fast:
+            return super().open_endpoint()
+        sock = udp.open_udp(self.ip, 0)
+        return sock, udp.PORT.pack(sock.getsockname()[1])
+
+    def connect_endpoint(self, handle: Any, addr: Hashable, peer: bytes) -> int:
+        if not self.fast:
+            return super().connect_endpoint(handle, addr, peer)
+        if len(peer) != udp.PORT.size:
+            raise HandlerError(m.EPROTO, "the peer sent no data port")
+        handle.connect((cast(tuple[str, int], addr)[0], udp.PORT.unpack(peer)[0]))
+        handle.setblocking(True)
+        return int(os.dup(handle.fileno()))
+
+    def bind_endpoint(self, flow: ShimFlow, handle: Any) -> None:
+        if not self.fast:
+            super().bind_endpoint(flow, handle)
+        else:
+            handle.close()  # the application holds the socket now
+
+    def close_endpoint(self, handle: Any) -> None:
+        if not self.fast:
+            super().close_endpoint(handle)
+        else:
+            handle.close()
 
 
 class Udp6Ipcp(UdpIpcp):

@@ -17,6 +17,7 @@ RCVBUF = 8 * 1024 * 1024
 SIOCGIFADDR = 0x8915
 SIOCGIFBRDADDR = 0x8919
 EID = struct.Struct("!I")  # every udp-shim datagram starts with the receiver's endpoint id
+PORT = struct.Struct("!H")  # a flow's own data port, in the flow handshake
 
 
 def open_udp(ip: str, port: int, reuse: bool = False) -> socket.socket:

@@ -1,0 +1,225 @@
+"""Raw Ethernet for the eth shims: AF_PACKET sockets, interface MAC/MTU, the DIX and LLC frames.
+
+The data path packs headers with struct; scapy, imported lazily, finds interfaces and
+defines the frame layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import struct
+from collections.abc import Hashable
+from typing import Any
+
+ETH_HLEN = 14  # dst, src, ethertype/length
+ETH_P_802_2 = 0x0004  # the kernel's protocol for 802.3 frames carrying LLC
+DEFAULT_ETHERTYPE = 0xA000
+ARPHRD_ETHER = 1
+BROADCAST = b"\xff" * 6
+RCVBUF = 8 * 1024 * 1024
+PACKET_IGNORE_OUTGOING = getattr(socket, "PACKET_IGNORE_OUTGOING", 23)
+SOL_PACKET = getattr(socket, "SOL_PACKET", 263)
+SIOCGIFMTU = 0x8921
+LEN = struct.Struct("!H")
+
+# DIX: dst MAC, src MAC, ethertype, eid, payload length; then the payload (Ouroboros's eth-dix).
+DIX = struct.Struct("!6s6sHHH")
+DIX_EXTRA = DIX.size - ETH_HLEN  # the 4 bytes of eid and length the layer takes from the MTU
+
+# LLC: dst MAC, src MAC, 802.3 length (= 3 + payload), DSAP, SSAP, control (UI); then the payload.
+LLC = struct.Struct("!6s6sHBBB")
+LLC_EXTRA = LLC.size - ETH_HLEN
+LLC_UI = 0x03
+LLC_MAX_LEN = 1500  # an 802.3 length field above this would read as an ethertype
+MGMT_SAP = 0x01
+MAX_SAPS = 64  # eids 0..63: eid e travels as SAP e + 1, bit-reversed (so MGMT_SAP is eid 0)
+
+
+def _reverse8(b: int) -> int:
+    return int(f"{b:08b}"[::-1], 2)
+
+
+SAP_OF: list[int] = [_reverse8(e + 1) for e in range(MAX_SAPS)]
+EID_OF: list[int] = [-1] * 256
+for _eid, _sap in enumerate(SAP_OF):
+    EID_OF[_sap] = _eid
+MGMT_WIRE_SAP = SAP_OF[0]  # MGMT_SAP, bit-reversed as it travels
+
+
+class InterfaceError(OSError):
+    """An interface that does not exist or cannot carry an Ethernet shim."""
+
+
+# -- addresses ---------------------------------------------------------------
+
+
+def mac_str(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def mac_bytes(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"bad MAC address {text!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def encode_addr(addr: Hashable) -> bytes:
+    """A MAC address in a member list (eth has no gossip, but the core wants a codec)."""
+    return bytes(addr)  # type: ignore[call-overload, no-any-return]
+
+
+def decode_addrs(data: bytes) -> list[Hashable]:
+    return [bytes(data[i : i + 6]) for i in range(0, len(data) - 5, 6)]
+
+
+# -- interfaces and sockets -------------------------------------------------
+
+
+def interface_info(dev: str) -> tuple[bytes, int]:
+    """(MAC, MTU) of an Ethernet interface of this network namespace, asked through scapy."""
+    try:
+        socket.if_nametoindex(dev)
+    except OSError:
+        raise InterfaceError(f"no interface {dev!r} in this network namespace") from None
+    # Imported here: scapy costs a few tenths of a second and reads the interfaces of the
+    # namespace it is imported in; only an eth IPCP, already in its namespace, needs it.
+    from scapy.arch.unix import get_if, get_if_raw_hwaddr
+
+    try:
+        hwtype, mac = get_if_raw_hwaddr(dev)
+        (mtu,) = struct.unpack_from("16xi", get_if(dev, SIOCGIFMTU))
+    except OSError as e:
+        raise InterfaceError(f"interface {dev!r}: {e.strerror or e}") from None
+    if hwtype != ARPHRD_ETHER or len(mac) != 6:
+        raise InterfaceError(f"interface {dev!r} is not Ethernet (hardware type {hwtype})")
+    return bytes(mac), int(mtu)
+
+
+def open_packet_socket(dev: str, proto: int) -> socket.socket:
+    """A non-blocking AF_PACKET socket on `dev` that receives only frames of `proto`."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: nothing until bound
+    try:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            if opt is None or (opt != socket.SO_RCVBUF and os.geteuid() != 0):
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+                break
+            except OSError:
+                continue
+        for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if opt is None or (opt != socket.SO_SNDBUF and os.geteuid() != 0):
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+                break
+            except OSError:
+                continue
+        sock.bind((dev, proto))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- the frame layer, for scapy -----------------------------------------------
+
+
+@functools.cache
+def dix_layer() -> type[Any]:
+    """The scapy Packet class of a DIX frame (dst, src, type, eid, len), built on first use."""
+    from scapy.fields import LenField, MACField, ShortField, XShortField
+    from scapy.packet import Packet
+
+    class OuroborosDix(Packet):
+        name = "Ouroboros eth-dix"
+        fields_desc = [  # noqa: RUF012 - scapy's declaration style
+            MACField("dst", "ff:ff:ff:ff:ff:ff"),
+            MACField("src", "00:00:00:00:00:00"),
+            XShortField("type", DEFAULT_ETHERTYPE),
+            ShortField("eid", 0),
+            LenField("len", None),  # payload length, filled in on build
+        ]
+
+        def extract_padding(self, s: bytes) -> tuple[bytes, bytes]:
+            return s[: self.len], s[self.len :]
+
+    return OuroborosDix
+
+
+def llc_frame(dst: bytes, src: bytes, payload: bytes, sap: int = MGMT_WIRE_SAP) -> bytes:
+    """An 802.3/LLC frame built with scapy's layers (management, tests); `sap` as on the wire."""
+    from scapy.layers.l2 import LLC as ScapyLlc
+    from scapy.layers.l2 import Dot3
+
+    llc = ScapyLlc(dsap=sap, ssap=sap, ctrl=LLC_UI)
+    return bytes(Dot3(dst=mac_str(dst), src=mac_str(src)) / llc / payload)
+
+
+# -- framings for the relay ---------------------------------------------------
+
+
+class EthFraming:
+    """The relay's Framing for eth-dix: the DIX header, struct-packed."""
+
+    def __init__(self, own: bytes, ethertype: int = DEFAULT_ETHERTYPE) -> None:
+        self.own = own
+        self.ethertype = ethertype
+
+    def parse(self, frame: bytes, src: Any) -> tuple[int, memoryview, Hashable] | None:
+        """(eid, payload, source MAC) of a frame for us, or None to drop it."""
+        if len(frame) < DIX.size:
+            return None
+        dst, peer, etype, eid, length = DIX.unpack_from(frame)
+        if (etype != self.ethertype or length > len(frame) - DIX.size
+                or (dst != self.own and dst != BROADCAST)):
+            return None  # bytes beyond the length are Ethernet padding
+        return eid, memoryview(frame)[DIX.size : DIX.size + length], peer
+
+    def header(self, dst: bytes, eid: int) -> bytes:
+        """The per-flow part of the header: everything but the length."""
+        return DIX.pack(dst, self.own, self.ethertype, eid, 0)[: DIX.size - LEN.size]
+
+    def send(self, sock: socket.socket, flow: Any, sdu: bytes) -> None:
+        sock.sendmsg((flow.hdr, LEN.pack(len(sdu)), sdu))
+
+    def mgmt_frame(self, dst: bytes, payload: bytes) -> bytes:
+        hdr = dix_layer()(dst=mac_str(dst), src=mac_str(self.own), type=self.ethertype, eid=0)
+        return bytes(hdr / payload)
+
+
+class LlcFraming:
+    """The relay's Framing for eth-llc: 802.3 length, LLC SAPs (eid e: SAP e + 1, bit-reversed)."""
+
+    def __init__(self, own: bytes) -> None:
+        self.own = own
+
+    def parse(self, frame: bytes, src: Any) -> tuple[int, memoryview, Hashable] | None:
+        if len(frame) < LLC.size:
+            return None
+        dst, peer, length, dsap, _ssap, ctrl = LLC.unpack_from(frame)
+        if (ctrl != LLC_UI or not LLC_EXTRA <= length <= len(frame) - ETH_HLEN
+                or (dst != self.own and dst != BROADCAST)):
+            return None
+        eid = EID_OF[dsap]
+        if eid < 0:
+            return None
+        return eid, memoryview(frame)[LLC.size : ETH_HLEN + length], peer
+
+    def header(self, dst: bytes, local_eid: int, remote_eid: int) -> bytes:
+        """dst, src, then DSAP, SSAP, control: the length goes between them per SDU."""
+        return dst + self.own + bytes((SAP_OF[remote_eid], SAP_OF[local_eid], LLC_UI))
+
+    def send(self, sock: socket.socket, flow: Any, sdu: bytes) -> None:
+        hdr = flow.hdr
+        sock.sendmsg((hdr[:12], LEN.pack(LLC_EXTRA + len(sdu)), hdr[12:], sdu))
+
+    def mgmt_frame(self, dst: bytes, payload: bytes) -> bytes:
+        return llc_frame(dst, self.own, payload)

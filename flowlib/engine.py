@@ -13,6 +13,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 LINGER = 10.0  # how long a closed flow keeps retransmitting what its peer has not acknowledged
 BURST = 64
 APP_MTU = 65535  # SDUs up to this size are fragmented over the layer by FRCT
+DEFAULT_SWITCH, SWITCH = 0.005, 0.0002
 
 
 @dataclasses.dataclass(eq=False)
@@ -39,12 +41,16 @@ class Session:
     outq: deque[bytes] = dataclasses.field(default_factory=deque)  # PDUs the layer has no room for
     closing: float = 0.0  # when the application let go; 0 while it holds the flow
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    reading_app: bool = True
+    mask: int = select.EPOLLIN  # what we wait for on `inner`
 
 
 class Engine:
     def __init__(self) -> None:
         self.pid = os.getpid()
+        if sys.getswitchinterval() == DEFAULT_SWITCH:
+            # Every SDU crosses from the application's thread to this one: with the default 5 ms
+            # GIL switch interval a busy thread can hold a ready one back that long.
+            sys.setswitchinterval(SWITCH)
         self._epoll = select.epoll()
         self._lock = threading.Lock()
         self._sessions: dict[int, Session] = {}  # by fd, both outer and inner
@@ -105,7 +111,9 @@ class Engine:
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
                         self._from_app(session, now)
                 for session in {id(s): s for s in self._sessions.values()}.values():
-                    self._timers(session, now)
+                    due = session.frct.next_deadline() if session.frct is not None else None
+                    if session.closing or (due is not None and due <= now):
+                        self._timers(session, now)
 
     def _next_timeout(self) -> float:
         deadlines = [1.0]
@@ -185,8 +193,10 @@ class Engine:
             mask |= select.EPOLLIN
         if s.backlog:
             mask |= select.EPOLLOUT
-        with contextlib.suppress(OSError):
-            self._epoll.modify(s.inner.fileno(), mask)
+        if mask != s.mask:
+            s.mask = mask
+            with contextlib.suppress(OSError):
+                self._epoll.modify(s.inner.fileno(), mask)
 
     def _send(self, s: Session, pdu: bytes) -> None:
         if s.crypto is not None:
@@ -232,8 +242,7 @@ class Engine:
                 log.warning("flow peer stopped acknowledging; giving up")
                 self._end(s)
                 return
-            if f.can_send() and not s.closing:
-                self._interest(s)
+            self._interest(s)
         if s.closing and ((f is None or f.idle) or now - s.closing > LINGER):
             self._end(s)
 

@@ -19,6 +19,7 @@ SEQ_MOD = 1 << 32
 WINDOW = 1024  # PDUs the receiver buffers out of order and the sender keeps in flight
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
 MAX_TRIES = 20  # retransmissions of one PDU before the flow is declared dead
+ACK_DELAY = 0.002  # a lone in-order PDU waits this long for data to carry its ack (as TCP's delayed ack)
 
 
 class FrctError(ValueError):
@@ -73,6 +74,8 @@ class Frct:
         self.rcv_nxt = 0
         self.ooo: dict[int, tuple[int, bytes]] = {}
         self.fragments: list[bytes] = []
+        self.ack_due: float | None = None
+        self.rx_unacked = 0
         self.sdus: deque[bytes] = deque()  # in order, for the application
         self.pdus: deque[bytes] = deque()  # for the network
 
@@ -94,6 +97,7 @@ class Frct:
             seq = self.snd_nxt
             self.snd_nxt = (seq + 1) % SEQ_MOD
             pdu = HDR.pack(flags, 0, self._window(), seq, self.rcv_nxt) + chunk
+            self.ack_due, self.rx_unacked = None, 0  # the ack rides along
             if self.reliable:
                 self.unacked[seq] = _Sent(pdu, now)
             self.pdus.append(pdu)
@@ -115,7 +119,8 @@ class Frct:
             return
         self.counters.received += 1
         payload = pdu[HDR.size :]
-        if seq == self.rcv_nxt:
+        in_order = seq == self.rcv_nxt
+        if in_order:
             self._accept(flags, payload)
             while self.rcv_nxt in self.ooo:
                 self._accept(*self.ooo.pop(self.rcv_nxt))
@@ -131,7 +136,15 @@ class Frct:
             self.counters.out_of_order += 1
             self.ooo.setdefault(seq, (flags, payload))
         if self.reliable:
-            self.pdus.append(HDR.pack(ACK, 0, self._window(), self.snd_nxt, self.rcv_nxt))
+            self.rx_unacked += 1
+            if not in_order or self.ooo or self.rx_unacked >= 2:
+                self._ack()  # every second PDU, and at once on gaps and duplicates
+            elif self.ack_due is None:
+                self.ack_due = now + ACK_DELAY
+
+    def _ack(self) -> None:
+        self.pdus.append(HDR.pack(ACK, 0, self._window(), self.snd_nxt, self.rcv_nxt))
+        self.ack_due, self.rx_unacked = None, 0
 
     def _accept(self, flags: int, payload: bytes) -> None:
         self.rcv_nxt = (self.rcv_nxt + 1) % SEQ_MOD
@@ -202,12 +215,14 @@ class Frct:
     # -- time --------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        if not self.unacked:
-            return None
-        return self.unacked[self.snd_una].sent + self.rto if self.snd_una in self.unacked else None
+        oldest = self.unacked.get(self.snd_una)
+        deadlines = [d for d in (self.ack_due, oldest.sent + self.rto if oldest else None) if d is not None]
+        return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
-        """The oldest unacknowledged PDU timed out: back off and resend it."""
+        """Send a delayed ack that is due; if the oldest unacknowledged PDU timed out, back off and resend it."""
+        if self.ack_due is not None and now >= self.ack_due:
+            self._ack()
         sent = self.unacked.get(self.snd_una)
         if sent is None or now < sent.sent + self.rto:
             return

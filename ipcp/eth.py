@@ -5,15 +5,12 @@ Names resolve by broadcast query/reply frames on endpoint 0; data rides one AF_P
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-import time
 from collections.abc import Hashable
 
-from flowlib.qos import QosSpec
-from ipcp.shim import E_REFUSED, FlowRequested, ShimCore, ShimFlow
-from ipcp.shim_io import ShimIpcp
+from ipcp.shim import ShimCore, ShimFlow
+from ipcp.shim_io import ShimIpcp, impaired
 from irmd import messages as m
 from irmd.registry import HASHES
 from transports import eth
@@ -23,7 +20,6 @@ from transports.relay import Relay
 log = logging.getLogger(__name__)
 
 DEFAULT_HASH = "SHA3_256"
-STATS_EVERY = 1.0  # seconds between checks of the drop counters (logged when they change)
 BUFSIZE = 65536  # frames and application SDUs are read whole, oversized ones included
 
 
@@ -31,15 +27,14 @@ class EthDixIpcp(ShimIpcp):
     """eth-dix: DIX frames of one ethertype (default 0xA000), 16-bit endpoint ids."""
 
     type = "eth-dix"
-    options = frozenset({"dev", "ethertype", "hash"})
+    options = frozenset({"dev", "ethertype", "hash", "impair"})
     eid_bits = 16
+    loops_back = False  # Ethernet does not hand a frame back to its sender: use a local layer
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)
-        self.hash_algo = DEFAULT_HASH
         self.sock: socket.socket | None = None
         self.framing: eth.EthFraming | eth.LlcFraming | None = None
-        self._arriving = 0
 
     # -- transport -------------------------------------------------------------
 
@@ -82,14 +77,9 @@ class EthDixIpcp(ShimIpcp):
         self.mtu = self._layer_mtu(dev_mtu)
         core = ShimCore(eid_bits=self.eid_bits, encode_addr=eth.encode_addr,
                         decode_addrs=eth.decode_addrs, own=mac)
-        self.spawn(self._report_drops())
         log.info("%s: %s layer %s on %s (%s), proto 0x%04x, mtu %d", self.name, self.type, layer,
                  dev, eth.mac_str(mac), proto, self.mtu)
-        return core, Relay(self.sock, self.framing, BUFSIZE, self.on_mgmt)
-
-    async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
-        info = await super().bootstrap(layer, conf)
-        return m.LayerInfo(info.layer, self.hash_algo, info.mtu)
+        return core, Relay(self.sock, impaired(self.framing, conf.get("impair")), BUFSIZE, self.on_mgmt)
 
     def send_mgmt(self, dst: Hashable | None, frame: bytes) -> None:
         assert self.sock is not None and self.framing is not None
@@ -99,44 +89,17 @@ class EthDixIpcp(ShimIpcp):
         assert isinstance(self.framing, eth.EthFraming)
         return self.framing.header(bytes(flow.addr), flow.remote_eid)  # type: ignore[call-overload]
 
-    # -- differences from the udp shims -----------------------------------------
-
-    async def _resolve(self, digest: bytes) -> Hashable | None:
-        # Always ask the wire: Ethernet does not loop a frame back to its sender, so a name
-        # registered only on this host is not reachable through this layer (use a local one).
-        core = self._core()
-        fut: asyncio.Future[Hashable | None] = asyncio.get_running_loop().create_future()
-        self._queries.setdefault(digest, []).append(fut)
-        core.query(digest, time.monotonic())
-        self._flush()
-        return await fut
-
     async def stop(self) -> None:
         await super().stop()
         if self.sock is not None:
             self.sock.close()
-
-    async def _report_drops(self) -> None:
-        """Log the drop counters whenever they moved: bad frames never pass silently."""
-        seen = (0, 0)
-        while True:
-            await asyncio.sleep(STATS_EVERY)
-            if self.relay is None or self.core is None:
-                continue
-            total = self.relay.dropped + self.core.dropped
-            if (total, self.relay.overflow) != seen:
-                seen = (total, self.relay.overflow)
-                log.info("%s: dropped %d bad frames so far (%d malformed, for no flow or from the"
-                         " wrong peer; %d bad management messages); %d SDUs overflowed",
-                         self.name, total, self.relay.dropped, self.core.dropped,
-                         self.relay.overflow)
 
 
 class EthLlcIpcp(EthDixIpcp):
     """eth-llc: 802.3 frames with LLC SAPs as endpoint ids, so at most 63 flows."""
 
     type = "eth-llc"
-    options = frozenset({"dev", "hash"})
+    options = frozenset({"dev", "hash", "impair"})
     eid_bits = 6
 
     def _parse_conf(self, conf: dict[str, str]) -> tuple[str, int]:
@@ -155,25 +118,3 @@ class EthLlcIpcp(EthDixIpcp):
     def flow_header(self, flow: ShimFlow) -> bytes:
         assert isinstance(self.framing, eth.LlcFraming)
         return self.framing.header(bytes(flow.addr), flow.eid, flow.remote_eid)  # type: ignore[call-overload]
-
-    def _full(self) -> bool:
-        core = self._core()
-        return len(core.flows) + self._arriving >= core.eid_max
-
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec,
-                         timeout: float) -> tuple[int, int]:
-        if self._full():
-            raise HandlerError(m.EIPCP, f"all {self._core().eid_max} LLC SAPs of {self.name} "
-                                        "are in use")
-        return await super().flow_alloc(flow_id, digest, qos, timeout)
-
-    async def _arrived(self, req: FlowRequested) -> None:
-        if self._full():
-            self._core().refuse(req, E_REFUSED)
-            self._flush()
-            return
-        self._arriving += 1
-        try:
-            await super()._arrived(req)
-        finally:
-            self._arriving -= 1

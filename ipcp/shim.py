@@ -47,6 +47,10 @@ class ShimWireError(ValueError):
     """A management message that does not parse."""
 
 
+class ShimFull(Exception):
+    """Every endpoint id of the shim is taken."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Mgmt:
     code: int
@@ -210,7 +214,13 @@ class ShimCore:
 
     # -- flows ---------------------------------------------------------------
 
+    def _full(self) -> bool:
+        deciding = sum(1 for reply in self._answered.values() if reply is None)
+        return len(self.flows) + deciding >= self.eid_max
+
     def new_eid(self) -> int:
+        if self._full():
+            raise ShimFull(f"all {self.eid_max} endpoint ids are in use")
         while True:
             eid = random.randint(1, self.eid_max)
             if eid not in self.flows:
@@ -227,6 +237,7 @@ class ShimCore:
         return flow
 
     def accept(self, req: FlowRequested, now: float, endpoint: bytes = b"") -> ShimFlow:
+        self._answered.pop((req.addr, req.remote_eid), None)  # decided: no longer holds an eid back
         flow = ShimFlow(self.new_eid(), req.addr, req.remote_eid)
         self.flows[flow.eid] = flow
         reply = Mgmt(FLOW_REPLY, OK, flow.eid, req.remote_eid, body=endpoint)
@@ -295,6 +306,8 @@ class ShimCore:
                     self._send(src, reply)
             elif digest not in self.registered:
                 self._send(src, Mgmt(FLOW_REPLY, E_NOENT, 0, msg.s_eid))
+            elif self._full():
+                self._send(src, Mgmt(FLOW_REPLY, E_REFUSED, 0, msg.s_eid))
             elif msg.s_eid:
                 self._answered[key] = None
                 self._events.append(FlowRequested(src, msg.s_eid, digest, qos, endpoint))

@@ -26,6 +26,7 @@ from ipcp.shim import (
     QueryDone,
     ShimCore,
     ShimFlow,
+    ShimFull,
 )
 from irmd import messages as m
 from transports.channel import HandlerError, RemoteError
@@ -36,6 +37,7 @@ from transports.unix import seqpacket_pair
 log = logging.getLogger(__name__)
 
 TICK = 0.1
+STATS_EVERY = 1.0  # seconds between looks at the drop counters (logged when they change)
 
 
 def impaired(framing: Framing, spec: str | None) -> Framing:
@@ -54,6 +56,7 @@ class ShimIpcp(Ipcp):
     """Base of udp and eth IPCPs."""
 
     mtu = 1500
+    loops_back = True  # the transport delivers to our own address: names here are reachable
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
@@ -62,6 +65,7 @@ class ShimIpcp(Ipcp):
         self._queries: dict[bytes, list[asyncio.Future[Hashable | None]]] = {}
         self._allocs: dict[int, asyncio.Future[AllocDone]] = {}
         self._by_flow_id: dict[int, ShimFlow] = {}
+        self.hash_algo = "SHA3_256"
 
     # -- what a transport provides ------------------------------------------
 
@@ -82,8 +86,9 @@ class ShimIpcp(Ipcp):
         self.core, self.relay = await self.open_transport(layer, conf)
         self.relay.start()
         self.spawn(self._tick())
+        self.spawn(self._report_drops())
         self._flush()
-        return m.LayerInfo(layer, "SHA3_256", self.mtu)
+        return m.LayerInfo(layer, self.hash_algo, self.mtu)
 
     def _core(self) -> ShimCore:
         if self.core is None:
@@ -99,7 +104,7 @@ class ShimIpcp(Ipcp):
 
     async def _resolve(self, digest: bytes) -> Hashable | None:
         core = self._core()
-        if digest in core.registered:
+        if self.loops_back and digest in core.registered:
             return core.own  # a name of this very host: the flow loops through our own socket
         fut: asyncio.Future[Hashable | None] = asyncio.get_running_loop().create_future()
         self._queries.setdefault(digest, []).append(fut)
@@ -113,7 +118,11 @@ class ShimIpcp(Ipcp):
         if addr is None:
             raise HandlerError(m.ENOENT, "name not found in this layer")
         handle, endpoint = self.open_endpoint()
-        flow = core.alloc(digest, qos, addr, time.monotonic(), timeout, endpoint)
+        try:
+            flow = core.alloc(digest, qos, addr, time.monotonic(), timeout, endpoint)
+        except ShimFull as e:
+            self.close_endpoint(handle)
+            raise HandlerError(m.EIPCP, f"{self.name}: {e}") from None
         flow.flow_id = flow_id
         done: asyncio.Future[AllocDone] = asyncio.get_running_loop().create_future()
         self._allocs[flow.eid] = done
@@ -187,6 +196,20 @@ class ShimIpcp(Ipcp):
         if self.core is not None:
             self.core.receive(frame, src, time.monotonic())
             self._flush()
+
+    async def _report_drops(self) -> None:
+        """Log the drop counters whenever they moved: bad input never passes silently."""
+        seen = (0, 0)
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            if self.relay is None or self.core is None:
+                continue
+            now = (self.relay.dropped + self.core.dropped, self.relay.overflow)
+            if now != seen:
+                seen = now
+                log.info("%s: dropped %d bad frames so far (%d malformed, for no flow or from the"
+                         " wrong peer; %d bad management messages); %d SDUs overflowed",
+                         self.name, now[0], self.relay.dropped, self.core.dropped, self.relay.overflow)
 
     async def _tick(self) -> None:
         while True:

@@ -97,7 +97,7 @@ TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "impair": _text},
     "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "impair": _text},
     "eth-dix": {"dev": _text, "ethertype": _ethertype, "hash": _choice(*HASHES), "impair": _text},
-    "eth-llc": {"dev": _text, "hash": _choice(*HASHES)},
+    "eth-llc": {"dev": _text, "hash": _choice(*HASHES), "impair": _text},
     "unicast": {
         "addr": _int(1, 8), "eid": _int(8, 8), "ttl": _int(1, 255),
         "routing": _choice("link_state", "lfa", "ecmp"), "congestion": _choice("none", "mb-ecn"),

@@ -6,6 +6,7 @@ listens for new flows, idle flows reaped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -62,6 +63,9 @@ def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout
             fevent(fset, fq, 0.1)
         except InterruptedError:
             continue
+        except FlowError as e:  # the IRMd went away
+            print(f"{tool}: {e}", file=sys.stderr)
+            break
         now = time.monotonic()
         for ev in fq:
             _handle(ev, fset, last_seen, on_sdu, now)
@@ -71,7 +75,8 @@ def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout
                 _drop(flow, fset, last_seen)
     for flow in list(last_seen):
         _drop(flow, fset, last_seen)
-    fset.close()
+    with contextlib.suppress(FlowError):
+        fset.close()
 
 
 def _handle(ev: Event, fset: FlowSet, last_seen: dict[Flow, float],

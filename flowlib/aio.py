@@ -7,6 +7,7 @@ and accept, which wait on the IRMd, run in the loop's executor.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from flowlib.errors import FlowWouldBlock
 from flowlib.flow import Flow
@@ -61,8 +62,10 @@ async def _ready(fd: int, write: bool) -> None:
         remove(fd)
 
 
-async def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None) -> AsyncFlow:
-    return AsyncFlow(await asyncio.get_running_loop().run_in_executor(None, _alloc, name, qos, timeout))
+async def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None,
+                     encrypt: bool = False) -> AsyncFlow:
+    alloc = functools.partial(_alloc, name, qos, timeout, encrypt=encrypt)
+    return AsyncFlow(await asyncio.get_running_loop().run_in_executor(None, alloc))
 
 
 async def flow_accept(qos: QosSpec | None = None, timeout: float | None = None) -> AsyncFlow:

@@ -25,7 +25,7 @@ from transports.wire import Message
 REPLY_MARGIN = 5.0  # extra seconds to wait for the IRMd beyond the timeout it enforces
 
 
-def open_channel(path: Path | None = None, on_notice: object = None) -> SyncChannel:
+def open_channel(path: Path | None = None, on_notice: object = None, on_close: object = None) -> SyncChannel:
     """Connect to the IRMd's control socket, with a clear error if none is there."""
     path = path or irmd_sock_path()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -34,7 +34,7 @@ def open_channel(path: Path | None = None, on_notice: object = None) -> SyncChan
     except OSError as e:
         sock.close()
         raise IrmdUnreachable(f"cannot reach the IRMd at {path}: {e.strerror or e}") from None
-    return SyncChannel(sock, m.CODEC, on_notice)  # type: ignore[arg-type]
+    return SyncChannel(sock, m.CODEC, on_notice, on_close)  # type: ignore[arg-type]
 
 
 def call(channel: SyncChannel, msg: Message, timeout: float | None = None,
@@ -58,7 +58,8 @@ class IrmClient:
         self._arrived: deque[tuple[m.FlowReply, int]] = deque()
         self._arrived_lock = threading.Lock()
         self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.channel = open_channel(path, self._on_notice)
+        # A lost IRMd wakes whoever waits on arrivals, so a listening server notices.
+        self.channel = open_channel(path, self._on_notice, self._wake)
         call(self.channel, m.ProcAnnounce(os.path.abspath(sys.argv[0]) if sys.argv[0] else "python"))
 
     def close(self) -> None:
@@ -98,20 +99,27 @@ class IrmClient:
         call(self.channel, m.FlowListen(enabled), REPLY_MARGIN)
 
     def take_arrived(self) -> list[tuple[m.FlowReply, int]]:
+        """Flows pushed by the IRMd since the last call; raises IrmdUnreachable once it is gone."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wakeup_fd)
         with self._arrived_lock:
             items = list(self._arrived)
             self._arrived.clear()
+        if not items and self.channel.closed:
+            raise IrmdUnreachable("lost the IRMd")
         return items
 
     def _on_notice(self, msg: Message, fds: list[int]) -> None:
         if isinstance(msg, m.FlowReply) and len(fds) == 1:
             with self._arrived_lock:
                 self._arrived.append((msg, fds[0]))
-            os.eventfd_write(self.wakeup_fd, 1)
+            self._wake()
         else:
             close_fds(fds)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.wakeup_fd, 1)
 
     @staticmethod
     def _flow_reply(reply: Message, fds: list[int]) -> tuple[m.FlowReply, int]:

@@ -36,6 +36,7 @@ class Ipcp:
         self.channel: AsyncChannel | None = None
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._parked: dict[int, socket.socket] = {}  # ended flows' sockets, kept until the IRMd lets go
 
     # -- the layer operations (override) ------------------------------------
 
@@ -84,9 +85,17 @@ class Ipcp:
             raise HandlerError(m.EPROTO, f"IRMd answered FlowReqArrived with {type(reply).__name__}")
         return reply.flow_id
 
-    def peer_dealloc(self, flow_id: int, down: bool = False) -> None:
+    def flow_ended(self, flow_id: int, down: bool, io: socket.socket | None) -> None:
+        """The peer deallocated the flow (or went silent): tell the IRMd.
+
+        Our end of the application's socket stays open: the IRMd records how the
+        flow ended and only then shuts the application's end, so the application
+        never sees the end before the IRMd can say whether it was DOWN or DEALLOC.
+        """
         if self.channel is not None:
             self.channel.notify(m.FlowPeerDealloc(flow_id, down))
+        if io is not None:
+            self._parked[flow_id] = io
 
     # -- serving -------------------------------------------------------------
 
@@ -120,6 +129,8 @@ class Ipcp:
                 mtu, fd = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0)
                 return m.IpcpFlow(mtu), (fd,)
             case m.IpcpFlowDealloc():
+                if (parked := self._parked.pop(msg.flow_id, None)) is not None:
+                    parked.close()
                 await self.flow_dealloc(msg.flow_id)
                 return m.Ok(), ()
         raise HandlerError(m.EPROTO, f"{type(msg).__name__} is not an IPCP request")

@@ -59,4 +59,4 @@ class LocalIpcp(Ipcp):
     async def flow_dealloc(self, flow_id: int) -> None:
         peer = self.peers.pop(flow_id, None)
         if peer is not None and self.peers.pop(peer, None) is not None:
-            self.peer_dealloc(peer)
+            self.flow_ended(peer, down=False, io=None)

@@ -243,8 +243,9 @@ class ShimIpcp(Ipcp):
                     flow = next((f for f in self._by_flow_id.values() if f.eid == ev.eid), None)
                     if flow is not None:
                         del self._by_flow_id[flow.flow_id]
-                        self._drop(flow)
-                        self.peer_dealloc(flow.flow_id, ev.down)
+                        if flow.io is not None and self.relay is not None:
+                            self.relay.remove(flow)
+                        self.flow_ended(flow.flow_id, ev.down, flow.io)
                         log.info("flow %d %s", flow.flow_id, "down: peer silent" if ev.down else "deallocated by peer")
 
     async def _arrived(self, req: FlowRequested) -> None:

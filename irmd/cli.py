@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -99,7 +100,7 @@ TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "eth-dix": {"dev": _text, "ethertype": _ethertype, "hash": _choice(*HASHES), "impair": _text},
     "eth-llc": {"dev": _text, "hash": _choice(*HASHES), "impair": _text},
     "unicast": {
-        "addr": _int(1, 8), "eid": _int(8, 8), "ttl": _int(1, 255),
+        "addr": _choice("1", "2", "4", "8"), "eid": _int(8, 8), "ttl": _int(1, 255),
         "routing": _choice("link_state", "lfa", "ecmp"), "congestion": _choice("none", "mb-ecn"),
         "hash": _choice(*HASHES), "directory": _choice("DHT"), "addr_auth": _choice("flat"),
         "key": _text,
@@ -198,7 +199,7 @@ def ipcp_enroll(args: list[str]) -> Message:
 
 
 def _connect(args: list[str], connect: bool) -> Message:
-    w = parse_words(args, ["name", "dst", "component", "qos"])
+    w = parse_words(args, ["name", "dst", "component", *(["qos"] if connect else [])])
     comp = w.one("component")
     if comp:
         comp = match(comp, ["dt", "mgmt"], "a component")
@@ -232,7 +233,7 @@ def _bind(args: list[str], bind: bool) -> Message:
         found = shutil.which(target)
         if found is None and bind:
             raise UsageError(f'program "{target}" not found (not executable or not in PATH)')
-        target = found or target
+        target = os.path.abspath(found or target)
     name = w.one("name", required=bind)
     return m.Bind(kind, target, name, "auto" in w.flags, w.rest, bind)
 
@@ -312,15 +313,15 @@ USAGE = """usage: irm OPERATION ...
       eth-dix: dev IFACE [ethertype 0xA000]   eth-llc: dev IFACE
       unicast: [addr 4] [eid 8] [ttl 60] [routing {link_state|lfa|ecmp}]
                [congestion {none|mb-ecn}] [hash {SHA3_224|SHA3_256|SHA3_384|SHA3_512}]
-               [directory DHT] [key SECRET]
+               [directory DHT] [addr_auth flat] [key SECRET]
   irm ipcp enroll    name N [layer L] [dst D] [type T] [autobind] [key SECRET]
   irm ipcp connect   name N dst D [component {dt|mgmt}] [qos {raw|best|voice|video|data}]
   irm ipcp disconnect name N dst D [component {dt|mgmt}]
   irm ipcp list [name N] [layer L] [type T]  |  irm ipcp destroy name N
   irm bind program PATH name N [auto] [-- ARGS...] | bind process PID name N | bind ipcp I name N
-  irm unbind program PATH [name N] | unbind process PID [name N] | unbind ipcp I name N
+  irm unbind program PATH [name N] | unbind process PID [name N] | unbind ipcp I [name N]
   irm name create N [lb {round-robin|spillover}] | irm name destroy N
-  irm name register N layer L [layer L2 ...] | irm name unregister N layer L
+  irm name register N layer L [layer L2 ...] | irm name unregister N layer L [layer L2 ...]
   irm name list | irm flow list
 Keywords may be abbreviated to any unique prefix."""
 
@@ -372,7 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     except FlowError as e:
         print(f"irm: {e}", file=sys.stderr)
         sys.exit(1)
-    if isinstance(reply, m.Table):
-        print(render(reply))
-    elif isinstance(reply, m.Ok) and reply.text:
-        print(reply.text)
+    try:
+        if isinstance(reply, m.Table):
+            print(render(reply))
+        elif isinstance(reply, m.Ok) and reply.text:
+            print(reply.text)
+    except BrokenPipeError:  # irm ... | head
+        sys.stderr.close()

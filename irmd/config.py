@@ -116,13 +116,14 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
         raise ConfigError(f"{where}: {e}") from None
     steps: list[Step] = []
     if enrol is not None:
-        steps.append((where, m.IpcpEnroll(name, "", str(enrol), kind, autobind)))
-        for dst in _words(table.get("conn", []), f"{where} conn"):
-            steps.append((where, m.IpcpConnect(name, dst)))
+        steps.append((where, m.IpcpEnroll(name, "", str(enrol), kind, autobind, conf.get("key", ""))))
     elif "bootstrap" in table:
         steps.append((where, m.IpcpBootstrap(name, str(table["bootstrap"]), kind, autobind, conf)))
     else:
         steps.append((where, m.IpcpCreate(name, kind)))
+    if "conn" in table and enrol is None and "bootstrap" not in table:
+        raise ConfigError(f"{where} conn: an IPCP connects once it is in a layer: add bootstrap= or enrol=")
+    steps += [(where, m.IpcpConnect(name, dst)) for dst in _words(table.get("conn", []), f"{where} conn")]
     regs: list[Step] = [(where, _LayerOf(name, n)) for n in _words(table.get("reg", []), f"{where} reg")]
     return steps, regs
 

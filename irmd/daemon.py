@@ -348,16 +348,31 @@ class Irmd:
         if not candidates:
             raise HandlerError(m.ENOENT, f"name {name!r} not found: no layers are up")
 
-        async def query(ipcp: Ipcp) -> bool:
+        async def query(ipcp: Ipcp) -> Ipcp | None:
             assert ipcp.channel is not None
             try:
                 await ipcp.channel.request(m.IpcpQuery(name_hash(ipcp.hash, name)), timeout=timeout)
             except (RemoteError, TimeoutError, ChannelClosed):
-                return False
-            return True
+                return None
+            return ipcp
 
-        found = await asyncio.gather(*(query(i) for i in candidates))
-        hits = sorted((i for i, ok in zip(candidates, found, strict=True) if ok), key=lambda i: TYPE_RANK[i.type])
+        # Answers come in any order; stop waiting once no pending layer could rank better.
+        pending = {asyncio.ensure_future(query(i)): i for i in candidates}
+        hits: list[Ipcp] = []
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del pending[task]
+                    if (hit := task.result()) is not None:
+                        hits.append(hit)
+                best = min((TYPE_RANK[i.type] for i in hits), default=None)
+                if best is not None and all(TYPE_RANK[i.type] > best for i in pending.values()):
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+        hits.sort(key=lambda i: TYPE_RANK[i.type])
         if not hits:
             raise HandlerError(m.ENOENT, f"name {name!r} not found in any layer")
         return hits
@@ -399,7 +414,7 @@ class Irmd:
         """The owner is done with the flow: tell its IPCP, then tear our copy down."""
         self.reg.flows.pop(flow.flow_id, None)
         ipcp = self.ipcps.get(flow.ipcp)
-        if flow.state is FlowState.ALLOCATED and ipcp is not None and ipcp.channel is not None:
+        if flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None and not self.stopping:
             try:
                 await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
             except (RemoteError, TimeoutError, ChannelClosed) as e:
@@ -587,6 +602,8 @@ class Irmd:
         layer's name, registered in the layers below (those up before it joined)."""
         if ipcp.layer:
             raise HandlerError(m.EEXIST, f"ipcp {ipcp.name!r} is already in layer {ipcp.layer!r}")
+        if isinstance(msg, m.IpcpBootstrapReq) and any(i.layer == msg.layer for i in self.ipcps.values()):
+            raise HandlerError(m.EEXIST, f"layer {msg.layer!r} already has an IPCP here")
         lower = [i for i in self.ipcps.values() if i.operational and i is not ipcp]
         if isinstance(msg, m.IpcpBootstrapReq) and ipcp.type in ("unicast", "broadcast"):
             # The layer's PDUs ride on flows of the layers below: the smallest MTU bounds them.

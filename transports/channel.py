@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from transports.unix import close_fds, recv_frame, send_frame
-from transports.wire import HEADER, NOTICE, Codec, Error, Message, WireError
+from transports.wire import HEADER, ID_MASK, NOTICE, REPLY, Codec, Error, Message, WireError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class AsyncChannel:
         """Send a request and wait for its reply; fds sent are not closed here."""
         if self.closed:
             raise ChannelClosed(f"{self.name}: channel closed")
-        req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        req_id = next(self._ids) & ID_MASK or next(self._ids)
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[req_id] = fut
         try:
@@ -182,11 +182,12 @@ class AsyncChannel:
                 log.warning("%s: malformed message: %s", self.name, e)
                 self._reply_error(data, "EPROTO", f"malformed message: {e}")
                 continue
-            fut = self._pending.get(frame.req_id)
-            if fut is not None and not fut.done():
-                fut.set_result((frame.msg, fds))
-            elif isinstance(frame.msg, Error) and frame.req_id:
-                close_fds(fds)  # a late reply to a request that timed out
+            if frame.req_id & REPLY:
+                fut = self._pending.get(frame.req_id & ID_MASK)
+                if fut is not None and not fut.done():
+                    fut.set_result((frame.msg, fds))
+                else:
+                    close_fds(fds)  # a late reply to a request that timed out or was dropped
             else:
                 task = self._loop.create_task(self._serve(frame.req_id, frame.msg, fds))
                 self._tasks.add(task)
@@ -196,8 +197,8 @@ class AsyncChannel:
         # Answer with the request id if the header was readable, so the peer is not left waiting.
         if len(data) >= HEADER.size:
             req_id = HEADER.unpack_from(data)[3]
-            if req_id:
-                self._send(self._codec.encode(Error(code, text[:500]), req_id), ())
+            if req_id and not req_id & REPLY:
+                self._send(self._codec.encode(Error(code, text[:500]), req_id | REPLY), ())
 
     async def _serve(self, req_id: int, msg: Message, fds: list[int]) -> None:
         try:
@@ -211,7 +212,7 @@ class AsyncChannel:
             reply, out_fds = Error("EIO", f"internal error: {e}"), ()
         try:
             if req_id != NOTICE and not self.closed:
-                self._send(self._codec.encode(reply, req_id), out_fds)
+                self._send(self._codec.encode(reply, req_id | REPLY), out_fds)
         finally:
             close_fds(out_fds)
 
@@ -224,11 +225,13 @@ class SyncChannel:
         sock: socket.socket,
         codec: Codec,
         on_notice: Callable[[Message, list[int]], None] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         sock.setblocking(True)
         self.sock = sock
         self._codec = codec
         self._on_notice = on_notice
+        self._on_close = on_close
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, list[Reply | None]] = {}
@@ -247,7 +250,7 @@ class SyncChannel:
         with self._lock:
             if self._closed:
                 raise ChannelClosed("connection to the IRMd is closed")
-            req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+            req_id = next(self._ids) & ID_MASK or next(self._ids)
             slot: list[Reply | None] = [None]
             self._pending[req_id] = slot
             try:
@@ -293,7 +296,7 @@ class SyncChannel:
                     log.warning("IRMd sent a malformed message: %s", e)
                     continue
                 with self._lock:
-                    slot = self._pending.get(frame.req_id)
+                    slot = self._pending.get(frame.req_id & ID_MASK) if frame.req_id & REPLY else None
                     if slot is not None:
                         slot[0] = (frame.msg, fds)
                         self._cond.notify_all()
@@ -308,3 +311,5 @@ class SyncChannel:
             with self._lock:
                 self._closed = True
                 self._cond.notify_all()
+            if self._on_close:
+                self._on_close()

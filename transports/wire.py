@@ -22,6 +22,8 @@ MAX_FRAME = HEADER.size + MAX_BODY
 MAX_FDS = 4
 MAX_DEPTH = 4
 NOTICE = 0  # request id of one-way notices, which get no reply
+REPLY = 0x80000000  # set in the request id of a reply; requests number below it
+ID_MASK = REPLY - 1
 
 
 class WireError(ValueError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sortedcontainers import SortedList
 
@@ -51,6 +51,7 @@ class Directory:
         self._lookups: dict[int, _Lookup] = {}
         self._next_refresh = 0.0
         self.resolved: list[tuple[bytes, list[int]]] = []  # finished lookups, for the caller
+        self.reachable: Callable[[int], bool] = lambda addr: True  # members with a route to them
 
     def closest(self, key: bytes, n: int | None = None) -> list[int]:
         k = int.from_bytes(hashlib.sha3_256(key).digest(), "big")
@@ -93,8 +94,10 @@ class Directory:
     def _ask(self, cookie: int, lk: _Lookup) -> Out:
         out: Out = []
         while lk.targets and lk.waiting < ALPHA:
-            out.append((lk.targets.pop(0), DhtFind(self.me, lk.key, cookie)))
-            lk.waiting += 1
+            target = lk.targets.pop(0)
+            if self.reachable(target):  # no route yet (or any more): asking would only time out
+                out.append((target, DhtFind(self.me, lk.key, cookie)))
+                lk.waiting += 1
         if not out and lk.waiting == 0:
             del self._lookups[cookie]
             self.resolved.append((lk.key, []))

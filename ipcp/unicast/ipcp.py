@@ -23,6 +23,7 @@ from flowlib.errors import FlowError
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
 from flowlib.qos import QosSpec
+from flowlib.qos import by_name as qos_by_name
 from flowlib.qos import raw as qos_raw
 from ipcp.base import Ipcp
 from ipcp.unicast import messages as um
@@ -139,6 +140,7 @@ class UnicastIpcp(Ipcp):
         self.mtu = int(conf["mtu"]) - fmt.size
         self.lsdb = Lsdb(self.addr, conf["routing"])
         self.dir = Directory(self.addr)
+        self.dir.reachable = lambda addr: self.dt is not None and addr in self.dt.pff
         self.loop = asyncio.get_running_loop()
         loop = self.loop
 
@@ -185,8 +187,9 @@ class UnicastIpcp(Ipcp):
                 self._drop_neighbour(nb, comps)
             return
         for comp in comps:
+            spec = qos_by_name(qos) if comp == um.DT else qos_raw  # management always rides raw flows
             try:
-                flow = await asyncio.to_thread(flow_alloc, dst, qos_raw, ALLOC_TIMEOUT, irm=self._client())
+                flow = await asyncio.to_thread(flow_alloc, dst, spec, ALLOC_TIMEOUT, irm=self._client())
             except FlowError as e:
                 raise HandlerError(m.ENOENT, f"cannot reach {dst!r}: {e}") from None
             af = AsyncFlow(flow)
@@ -209,7 +212,12 @@ class UnicastIpcp(Ipcp):
 
     def _on_arrivals(self) -> None:
         irm = self._client()
-        for reply, fd in irm.take_arrived():
+        try:
+            arrived = irm.take_arrived()
+        except FlowError:  # the IRMd is gone; our control channel closing stops us
+            self.loop.remove_reader(irm.wakeup_fd)
+            return
+        for reply, fd in arrived:
             self.spawn(self._greet(AsyncFlow(Flow(reply, fd, irm))))
 
     async def _greet(self, af: AsyncFlow) -> None:
@@ -464,8 +472,7 @@ class UnicastIpcp(Ipcp):
         self.flows.pop(flow.flow_id, None)
         self.unreachable.pop(flow.flow_id, None)
         self.dt.remove_flow(flow.eid)
-        flow.io.close()
-        self.peer_dealloc(flow.flow_id, down)
+        self.flow_ended(flow.flow_id, down, flow.io)
 
     # -- timers ----------------------------------------------------------------
 

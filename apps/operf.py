@@ -12,7 +12,7 @@ import sys
 import time
 
 from apps.common import duration, fail, qos_arg, serve
-from flowlib import Flow, FlowError, flow_alloc, qos
+from flowlib import Flow, FlowError, FlowTimeout, flow_alloc, qos
 
 # Every operf SDU starts with a type and a sequence number.
 HDR = struct.Struct("!BQ")
@@ -67,6 +67,21 @@ def server() -> None:
     serve("perf", on_sdu, idle_timeout=10.0)
 
 
+def ask_stats(flow: Flow, sent: int, deadline: float) -> bytes:
+    """STOP until the receiver's report comes: on a raw flow either may be lost."""
+    flow.set_timeout(0.2)
+    while True:
+        flow.write(HDR.pack(STOP, sent))
+        try:
+            while True:
+                reply = flow.read()
+                if len(reply) == HDR.size + REPORT.size and reply[0] == STATS:
+                    return reply
+        except FlowTimeout:
+            if time.monotonic() > deadline:
+                raise FlowTimeout(f"{flow.name or 'the server'} sent no report") from None
+
+
 def client(args: argparse.Namespace) -> int:
     try:
         flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.encrypt)
@@ -93,12 +108,7 @@ def client(args: argparse.Namespace) -> int:
                 if gap:
                     time.sleep(max(start + sent * gap - time.monotonic(), 0))
             elapsed = time.monotonic() - start
-            flow.write(HDR.pack(STOP, sent))
-            flow.set_timeout(max(5.0, args.time))
-            while True:
-                reply = flow.read()
-                if len(reply) == HDR.size + REPORT.size and reply[0] == STATS:
-                    break
+            reply = ask_stats(flow, sent, deadline=time.monotonic() + max(5.0, args.time))
         except FlowError as e:
             fail("operf", e)
     rcvd, nbytes, missing, reordered, corrupt = REPORT.unpack_from(reply, HDR.size)

@@ -105,7 +105,7 @@ class Engine:
                         if mask & select.EPOLLOUT:
                             self._drain(session)
                         if mask & ~select.EPOLLOUT:
-                            self._from_outer(session, now)
+                            self._from_outer(session, now, hup=bool(mask & (select.EPOLLHUP | select.EPOLLERR)))
                     elif mask & select.EPOLLOUT:
                         self._deliver(session)
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
@@ -126,11 +126,14 @@ class Engine:
                     deadlines.append(0.2)
         return max(min(deadlines), 0.0)
 
-    def _from_outer(self, s: Session, now: float) -> None:
+    def _from_outer(self, s: Session, now: float, hup: bool) -> None:
         for _ in range(BURST):
             try:
                 pdu = s.outer.recv(65536)
             except BlockingIOError:
+                if hup:  # torn down: a shut-down datagram socket says EAGAIN, not EOF
+                    self._end(s)
+                    return
                 break
             except OSError:
                 pdu = b""

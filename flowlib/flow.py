@@ -115,19 +115,26 @@ class Flow:
             raise self._failed(e) from None
 
     def _wait(self, event: int, timeout: float | None, op: Any, arg: Any) -> Any:
-        if self._nonblock:
-            raise FlowWouldBlock(f"flow {self.flow_id}: would block")
+        """Wait until `op` can go, the deadline passes or the flow ends.
+
+        A flow torn down by the IRMd (shutdown of its socket) polls as hung up;
+        a datagram socket then still answers EAGAIN, so the hang-up decides.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(self._sock, event)
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if not poller.poll(None if left is None else left * 1000):
-                raise FlowTimeout(f"flow {self.flow_id}: timed out after {timeout} s")
+            left = 0.0 if self._nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ready = poller.poll(None if left is None else left * 1000)
             try:
                 return op(arg)
             except BlockingIOError:
-                continue
+                if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in ready):
+                    raise self._down() from None
+                if self._nonblock:
+                    raise FlowWouldBlock(f"flow {self.flow_id}: would block") from None
+                if not ready and left is not None and left <= 0:
+                    raise FlowTimeout(f"flow {self.flow_id}: timed out after {timeout} s") from None
             except OSError as e:
                 raise self._failed(e) from None
 

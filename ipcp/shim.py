@@ -29,6 +29,7 @@ CODES = range(FLOW_REQ, MEMBERS + 1)
 OK, E_NOENT, E_REFUSED = 0, 1, 2
 RESULTS = {OK: "ok", E_NOENT: "name not found at the peer", E_REFUSED: "refused by the peer"}
 MAX_HASH = 64
+MAX_LEARN = 64  # members taken from one MEMBERS message, so one datagram cannot make us greet thousands
 KEEPALIVE_ASK = 1  # KEEPALIVE result field: the sender wants one back
 
 # -- timers, in seconds ------------------------------------------------------------
@@ -341,8 +342,10 @@ class ShimCore:
             if new:
                 self._send(src, Mgmt(HELLO))
         elif code == MEMBERS:
+            if src not in self.members:
+                raise ShimWireError("MEMBERS from a stranger")  # we only hear them from whom we greeted
             self.members[src] = now
-            for addr in self.decode_addrs(msg.body):
+            for addr in self.decode_addrs(msg.body)[:MAX_LEARN]:
                 if addr != self.own and addr not in self.members:
                     self.members[addr] = 0.0
                     self._send(addr, Mgmt(HELLO))

@@ -88,10 +88,12 @@ class UdpIpcp(ShimIpcp):
             self.sock.sendto(data, cast(tuple[str, int], dst))
             return
         assert self.core is not None
-        for member in self.core.members:
-            self.sock.sendto(data, cast(tuple[str, int], member))
-        if self.bcast is not None:
-            self.sock.sendto(data, self.bcast)
+        targets = [cast(tuple[str, int], m) for m in self.core.members]
+        for target in [*targets, self.bcast] if self.bcast is not None else targets:
+            try:  # one unreachable member must not silence the others
+                self.sock.sendto(data, target)
+            except OSError as e:
+                log.debug("%s: management send to %s failed: %s", self.name, target, e)
 
     def flow_header(self, flow: ShimFlow) -> bytes:
         return udp.EID.pack(flow.remote_eid)

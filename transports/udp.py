@@ -16,6 +16,7 @@ from collections.abc import Hashable
 RCVBUF = 8 * 1024 * 1024
 SIOCGIFADDR = 0x8915
 SIOCGIFBRDADDR = 0x8919
+SIOCGIFNETMASK = 0x891B
 EID = struct.Struct("!I")  # every udp-shim datagram starts with the receiver's endpoint id
 PORT = struct.Struct("!H")  # a flow's own data port, in the flow handshake
 
@@ -50,7 +51,12 @@ def broadcast_address(ip: str) -> str | None:
             try:
                 addr = socket.inet_ntoa(fcntl.ioctl(probe, SIOCGIFADDR, req)[20:24])
                 if addr == ip:
-                    return socket.inet_ntoa(fcntl.ioctl(probe, SIOCGIFBRDADDR, req)[20:24])
+                    bcast = socket.inet_ntoa(fcntl.ioctl(probe, SIOCGIFBRDADDR, req)[20:24])
+                    if bcast != "0.0.0.0":
+                        return bcast
+                    # Added without "brd +" (iproute2's default): derive it from the netmask.
+                    mask = socket.inet_ntoa(fcntl.ioctl(probe, SIOCGIFNETMASK, req)[20:24])
+                    return str(ipaddress.ip_network(f"{ip}/{mask}", strict=False).broadcast_address)
             except OSError:
                 continue
     finally:
@@ -72,10 +78,11 @@ def decode_addrs(data: bytes) -> list[Hashable]:
         n = data[i]
         if n not in (4, 16) or i + 1 + n + 2 > len(data):
             break
-        ip = str(ipaddress.ip_address(data[i + 1 : i + 1 + n]))
+        addr = ipaddress.ip_address(data[i + 1 : i + 1 + n])
         (port,) = struct.unpack_from("!H", data, i + 1 + n)
-        out.append((ip, port))
         i += 1 + n + 2
+        if port and not (addr.is_multicast or addr.is_unspecified):
+            out.append((str(addr), port))
     return out
 
 

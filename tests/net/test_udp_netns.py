@@ -96,11 +96,6 @@ def test_operf_paced_across_a_veth_pair_loses_nothing(two_hosts: tuple[Host, Hos
     assert sent > 1000 and rcvd == sent and corrupt == 0, r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: transports/udp.py broadcast_address returns '0.0.0.0' for an address added without "
-    "'brd +' (iproute2 sets no broadcast by default: `ip addr add 10.9.0.1/24 dev veth0`, as the "
-    "issue's own example), so queries go to 0.0.0.0 (this host) and the broadcast listener fails "
-    "to bind: resolution without `peer` silently finds nothing"))
 def test_broadcast_resolution_works_when_the_address_was_added_without_brd(
         two_hosts: tuple[Host, Host]) -> None:
     a, b, ip_a, ip_b = veth_pair(two_hosts, brd=False)
@@ -110,11 +105,6 @@ def test_broadcast_resolution_works_when_the_address_was_added_without_brd(
     assert_oping(b, count=3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ipcp/udp.py UdpIpcp.send_mgmt: sendto an unroutable configured peer raises ENETUNREACH, "
-    "which aborts the loop over members before the broadcast is sent (the caller, "
-    "ShimIpcp._flush, catches OSError around the whole call): one unreachable `peer` disables "
-    "broadcast resolution entirely"))
 def test_an_unreachable_configured_peer_does_not_stop_broadcast_resolution(
         two_hosts: tuple[Host, Host]) -> None:
     a, b, ip_a, ip_b = veth_pair(two_hosts)

@@ -1,0 +1,640 @@
+"""The udp4 layer end to end on loopback: one irmd per 'host' (127.0.0.1, .2, .3), no root needed.
+
+Every host runs its own irmd on its own socket, with a udp4 IPCP in layer 'lan' on the same
+(random, free) port at its own loopback address. Every test stops its irmds at teardown, even
+when it failed or killed one of them on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import BIN, IrmdProc, pid_alive, start_irmd, stop_irmd, wait_for
+
+from apps import operf
+from apps.oping import ECHO_REPLY, ECHO_REQUEST, HDR
+from flowlib import (
+    EventQueue,
+    EventType,
+    Flow,
+    FlowDown,
+    FlowSet,
+    FlowTimeout,
+    InvalidArgument,
+    NameNotFound,
+    fevent,
+    qos,
+)
+from flowlib.flow import establish
+from flowlib.irm import IrmClient
+from ipcp import shim
+from ipcp.shim import HELLO, MEMBERS, Mgmt
+from transports import udp
+
+LAYER = "lan"
+A_IP, B_IP, C_IP = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+
+
+def free_port(ips: list[str]) -> int:
+    """A UDP port free on every one of `ips` (checked by binding, then released)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 60000)
+        socks: list[socket.socket] = []
+        try:
+            for ip in ips:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind((ip, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return port
+    raise RuntimeError("no free UDP port")
+
+
+@dataclass
+class Host:
+    irmd: IrmdProc
+    ip: str
+    port: int
+    killed: bool = False
+    clients: list[IrmClient] = field(default_factory=list)
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return self.ip, self.port
+
+    def irm_ok(self, *args: str) -> str:
+        return self.irmd.irm_ok(*args).stdout
+
+    def bootstrap(self, peer: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        opts = ["peer", peer] if peer else []
+        self.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER,
+                    "ip", self.ip, "port", str(self.port), *opts, *extra)
+        self.irmd.note_children()
+
+    def serve(self, name: str, prog: str = "oping", *args: str) -> None:
+        """`prog -l` started on demand for `name`, registered in the layer."""
+        path = prog if "/" in prog else str(BIN / prog)
+        self.irm_ok("bind", "program", path, "name", name, "auto", "--", "-l", *args)
+        self.irm_ok("name", "register", name, "layer", LAYER)
+
+    def run(self, tool: str, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+        r = self.irmd.run(tool, *args, timeout=timeout)
+        return r.returncode, r.stdout, r.stderr
+
+    def client(self) -> IrmClient:
+        c = IrmClient(self.irmd.sock)
+        self.clients.append(c)
+        return c
+
+    def alloc(self, name: str, timeout: float = 10.0) -> Flow:
+        c = self.client()
+        reply, fd = c.alloc(name, None, timeout)
+        return Flow(reply, fd, c)
+
+    def ipcp_pid(self) -> int:
+        return self.irmd.ipcp_pid("u")
+
+    def kill(self, ipcp_too: bool) -> None:
+        """SIGKILL the irmd (and, with ipcp_too, its IPCP: the host vanishes without a word)."""
+        self.irmd.note_children()
+        self.killed = True
+        ipcp = self.ipcp_pid()
+        if ipcp_too:
+            os.kill(ipcp, signal.SIGKILL)
+        self.irmd.proc.kill()
+        self.irmd.proc.wait()
+        for pid in self.irmd.note_children() - {ipcp}:  # servers it started: not under test here
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def lan(tmp_path: Path) -> Iterator[Callable[..., Host]]:
+    """`lan(ip, peer=None, extra=())`: a host with its irmd and a udp4 IPCP in layer 'lan'."""
+    hosts: list[Host] = []
+    port = free_port([A_IP, B_IP, C_IP])
+
+    def make(ip: str, peer: str | None = None, extra: tuple[str, ...] = ()) -> Host:
+        irmd = start_irmd(tmp_path, name=f"irmd-{ip}")
+        host = Host(irmd, ip, port)
+        hosts.append(host)
+        host.bootstrap(peer, extra)
+        return host
+
+    yield make
+    errors: list[BaseException] = []
+    for host in hosts:
+        for c in host.clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        try:
+            stop_irmd(host.irmd, check=not host.killed)
+        except BaseException as e:  # stop the others first
+            errors.append(e)
+        log = host.irmd.log_text()
+        if "Traceback" in log and not host.killed:
+            errors.append(AssertionError(f"a traceback in {host.ip}'s irmd log:\n{log[-3000:]}"))
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def pair(lan: Callable[..., Host]) -> tuple[Host, Host]:
+    """A (127.0.0.1) serving 'pong' with oping -l, B (127.0.0.2) configured with peer A."""
+    a = lan(A_IP)
+    b = lan(B_IP, peer=A_IP)
+    a.serve("pong")
+    return a, b
+
+
+def oping_ok(host: Host, name: str = "pong", count: int = 10) -> str:
+    code, out, err = host.run("oping", "-n", name, "-c", str(count), "-i", "10", "--timeout", "10")
+    assert code == 0, f"oping failed ({code}): {err}{out}"
+    assert f"{count} packets transmitted, {count} received" in out, out
+    return out
+
+
+def operf_counts(out: str) -> tuple[int, int, int, int]:
+    """(sent, received, lost, corrupt) from operf's statistics line."""
+    m = re.search(r"(\d+) SDUs sent, (\d+) received, (-?\d+) lost\b.*?(\d+) corrupt", out)
+    assert m, f"no statistics in operf's output:\n{out}"
+    sent, rcvd, lost, corrupt = map(int, m.groups())
+    return sent, rcvd, lost, corrupt
+
+
+def ping(flow: Flow, seq: int = 0) -> None:
+    flow.write(HDR.pack(ECHO_REQUEST, seq, time.monotonic_ns()) + bytes(40))
+    flow.set_timeout(5.0)
+    try:
+        reply = flow.read()
+    finally:
+        flow.set_timeout(None)  # back to a plain blocking socket
+    kind, got, _ = HDR.unpack_from(reply)
+    assert (kind, got) == (ECHO_REPLY, seq)
+
+
+# -- working paths ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_oping_across_two_irmds_gets_every_reply(pair: tuple[Host, Host]) -> None:
+    _a, b = pair
+    out = oping_ok(b)
+    assert "0% packet loss" in out
+    assert re.search(r"rtt min/avg/max/mdev = [\d.]+/[\d.]+/[\d.]+/[\d.]+ ms", out)
+    assert out.count("64 bytes from pong: seq=") == 10
+
+
+@pytest.mark.timeout(60)
+def test_oping_with_large_sdus_up_to_the_layer_mtu(pair: tuple[Host, Host]) -> None:
+    _a, b = pair
+    code, out, err = b.run("oping", "-n", "pong", "-c", "5", "-i", "10", "-s", "8000", "-Q")
+    assert code == 0, err
+    assert "5 packets transmitted, 5 received" in out
+
+
+@pytest.mark.timeout(60)
+def test_the_layer_mtu_is_enforced_with_a_clear_error(pair: tuple[Host, Host]) -> None:
+    _a, b = pair
+    flow = b.alloc("pong")
+    assert flow.mtu == 8980
+    with pytest.raises(InvalidArgument, match="carries 1 to 8980 bytes"):
+        flow.write(bytes(flow.mtu + 1))
+    ping(flow)
+    flow.close()
+
+
+@pytest.mark.timeout(90)
+def test_operf_paced_delivers_every_sdu_intact(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    a.serve("perf", "operf")
+    code, out, err = b.run("operf", "-n", "perf", "-t", "2", "-s", "1400", "-r", "40000000")
+    assert code == 0, f"operf failed: {err}{out}"
+    sent, rcvd, lost, corrupt = operf_counts(out)
+    assert sent > 1000 and rcvd == sent and lost == 0 and corrupt == 0, out
+
+
+@pytest.mark.timeout(90)
+def test_flooding_an_operf_server_corrupts_nothing(pair: tuple[Host, Host]) -> None:
+    """operf's protocol from this process, STOP repeated until answered (a raw flow may drop it)."""
+    a, b = pair
+    a.serve("perf", "operf")
+    flow = b.alloc("perf")
+    size = 1400
+    payload = operf.pattern(size)
+    sent = 0
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        for _ in range(64):
+            flow.write(operf.HDR.pack(operf.DATA, sent) + payload)
+            sent += 1
+    flow.set_timeout(0.2)
+    report = None
+    for _ in range(50):
+        flow.write(operf.HDR.pack(operf.STOP, sent))
+        try:
+            while (reply := flow.read())[0] != operf.STATS:
+                pass
+        except FlowTimeout:
+            continue
+        report = operf.REPORT.unpack_from(reply, operf.HDR.size)
+        break
+    flow.close()
+    assert report is not None, "the operf server never answered STOP"
+    rcvd, nbytes, _missing, reordered, corrupt = report
+    assert corrupt == 0 and reordered == 0, report
+    assert rcvd > 0 and nbytes == rcvd * size
+    assert rcvd >= 0.3 * sent, f"{rcvd} of {sent} SDUs arrived under flood"
+
+
+@pytest.mark.timeout(90)
+def test_operf_cli_flooding_reports_its_statistics(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    a.serve("perf", "operf")
+    code, out, err = b.run("operf", "-n", "perf", "-t", "2", "-s", "1400")
+    assert code == 0, f"operf failed: {err}{out}"
+    _sent, rcvd, _lost, corrupt = operf_counts(out)
+    assert rcvd > 0 and corrupt == 0, out
+
+
+@pytest.mark.timeout(60)
+def test_flows_in_both_directions_and_many_at_once(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    b.serve("pong-b")
+    oping_ok(a, "pong-b", count=3)
+    flows = [b.alloc("pong") for _ in range(10)]
+    for i, f in enumerate(flows):
+        ping(f, i)
+    for f in flows:
+        f.close()
+    oping_ok(b, count=3)
+
+
+@pytest.mark.timeout(60)
+def test_a_name_registered_on_the_host_itself_is_reached_through_the_udp_layer(
+        lan: Callable[..., Host]) -> None:
+    a = lan(A_IP)
+    a.serve("pong")
+    oping_ok(a, count=3)
+
+
+@pytest.mark.timeout(60)
+def test_deallocating_ends_the_flow_at_the_peer(pair: tuple[Host, Host], tmp_path: Path) -> None:
+    a, b = pair
+    a.irm_ok("bind", "process", str(os.getpid()), "name", "me")
+    a.irm_ok("name", "register", "me", "layer", LAYER)
+    server = a.client()
+    got: list[Flow] = []
+    fset, queue = FlowSet(server), EventQueue()
+    fset.listen()
+    try:
+        flow = b.alloc("me")
+        flow.write(b"hello")
+        deadline = time.monotonic() + 10
+        kinds: list[EventType] = []
+        while time.monotonic() < deadline and EventType.DEALLOC not in kinds:
+            fevent(fset, queue, 0.5)
+            for ev in queue:
+                kinds.append(ev.type)
+                if ev.type is EventType.ALLOC:
+                    got.append(ev.flow)
+                elif ev.type is EventType.PKT:
+                    assert ev.flow.read() == b"hello"
+                    flow.close()  # the requester lets go
+        assert kinds[:3] == [EventType.ALLOC, EventType.PKT, EventType.DEALLOC], kinds
+    finally:
+        fset.close()
+        for f in got:
+            f.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_flow_socket_takes_datagrams_only_from_its_peer(pair: tuple[Host, Host]) -> None:
+    _a, b = pair
+    flow = b.alloc("pong")
+    ping(flow, 1)
+    probe = socket.socket(fileno=os.dup(flow.fd))
+    try:
+        local = probe.getsockname()
+    finally:
+        probe.close()  # only the duplicate
+    for ip in (C_IP, A_IP):  # a stranger, and the peer's host from another port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+            for _ in range(20):
+                s.sendto(HDR.pack(ECHO_REPLY, 2, 0) + b"forged", local)
+    time.sleep(0.2)
+    flow.set_blocking(False)
+    with pytest.raises(Exception, match="would block"):
+        flow.read()  # nothing forged got in
+    flow.set_blocking(True)
+    ping(flow, 3)
+    flow.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_relay_data_path_carries_oping_and_operf(lan: Callable[..., Host]) -> None:
+    """With `impair` (at 0 %) data goes through the IPCPs' relays, the eth layers' data path."""
+    a = lan(A_IP, extra=("impair", "loss=0"))
+    b = lan(B_IP, peer=A_IP, extra=("impair", "loss=0"))
+    a.serve("pong")
+    oping_ok(b)
+    a.serve("perf", "operf")
+    code, out, err = b.run("operf", "-n", "perf", "-t", "1", "-s", "1400", "-r", "20000000")
+    assert code == 0, f"operf failed: {err}{out}"
+    sent, rcvd, _lost, corrupt = operf_counts(out)
+    assert sent > 500 and rcvd == sent and corrupt == 0, out
+
+
+# -- names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_unregistering_a_name_makes_it_unreachable(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    oping_ok(b, count=2)  # resolved and cached at B
+    a.irm_ok("name", "unregister", "pong", "layer", LAYER)
+    start = time.monotonic()
+    with pytest.raises(NameNotFound, match="not found"):
+        b.alloc("pong", timeout=5.0)
+    assert time.monotonic() - start < 5.0
+    code, _out, err = b.run("oping", "-n", "pong", "-c", "1")
+    assert code != 0 and "not found" in err
+    a.irm_ok("name", "register", "pong", "layer", LAYER)  # and back
+    oping_ok(b, count=2)
+
+
+@pytest.mark.timeout(60)
+def test_an_unknown_name_is_not_found_quickly(pair: tuple[Host, Host]) -> None:
+    _a, b = pair
+    start = time.monotonic()
+    with pytest.raises(NameNotFound):
+        b.alloc("nobody", timeout=10.0)
+    assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.timeout(60)
+def test_configuring_one_member_is_enough_c_finds_a_name_at_a_through_b(lan: Callable[..., Host]) -> None:
+    a = lan(A_IP)
+    lan(B_IP, peer=A_IP)
+    c = lan(C_IP, peer=B_IP)  # knows only B
+    a.serve("pong")
+    oping_ok(c)
+    c.serve("pong-c")  # and the other way: A never heard of C, yet finds its names
+    oping_ok(a, "pong-c", count=3)
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_takes_a_second_to_start_still_gets_the_flow(
+        pair: tuple[Host, Host], tmp_path: Path) -> None:
+    a, b = pair
+    slow = tmp_path / "slow" / "oping"  # matched by base name, as the real oping is
+    slow.parent.mkdir()
+    slow.write_text(f"#!/bin/sh\nsleep 1.2\nexec {BIN / 'oping'} \"$@\"\n")
+    slow.chmod(slow.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    a.serve("slow", str(slow))
+    code, out, err = b.run("oping", "-n", "slow", "-c", "2", "-i", "10", "--timeout", "10")
+    assert code == 0, f"oping failed ({code}): {err}{out}"
+    assert "2 received" in out
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def junk(rng: random.Random) -> Iterator[bytes]:
+    """Random and truncated datagrams: short ones, data for no flow, and mangled management."""
+    yield from (b"", b"\x00", b"\x00\x00", b"\x00\x00\x00", b"\x00\x00\x00\x00")
+    for _ in range(300):
+        yield rng.randbytes(rng.randrange(0, 200))
+    for _ in range(300):
+        yield struct.pack("!I", rng.randrange(1, 2**32)) + rng.randbytes(rng.randrange(0, 1500))
+    valid = [
+        Mgmt(shim.NAME_QUERY, cookie=7, body=bytes(32)),
+        Mgmt(shim.NAME_REPLY, cookie=7, body=bytes(32)),
+        Mgmt(shim.NAME_GONE, body=bytes(32)),
+        Mgmt(shim.FLOW_REQ, s_eid=5, body=bytes(shim.QOS.size) + bytes(32)),
+        Mgmt(shim.FLOW_REQ, s_eid=6, body=bytes(shim.QOS.size) + b"\x20" + bytes(32) + b"\x01\x02"),
+        Mgmt(shim.FLOW_REPLY, 0, 5, 6),
+        Mgmt(shim.FLOW_DEALLOC, s_eid=5, d_eid=6),
+        Mgmt(shim.KEEPALIVE, shim.KEEPALIVE_ASK),
+        Mgmt(shim.HELLO),
+        Mgmt(shim.MEMBERS, body=rng.randbytes(40)),
+    ]
+    for _ in range(600):
+        data = udp.EID.pack(0) + rng.choice(valid).encode()
+        how = rng.randrange(4)
+        if how == 0:  # truncated
+            data = data[: rng.randrange(0, len(data))]
+        elif how == 1:  # a byte flipped
+            i = rng.randrange(4, len(data))
+            data = data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1 :]
+        elif how == 2:  # garbage body of a random length
+            data = data[:24] + rng.randbytes(rng.randrange(0, 300))
+        yield data
+    yield udp.EID.pack(0) + bytes(65000)
+    yield bytes(65507)
+
+
+@pytest.mark.timeout(90)
+def test_random_and_truncated_datagrams_do_not_crash_the_ipcp(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    oping_ok(b, count=2)
+    pid = a.ipcp_pid()
+    rng = random.Random(3435)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((C_IP, 0))
+        for i, data in enumerate(junk(rng)):
+            s.sendto(data, a.addr)
+            if i % 100 == 0:
+                time.sleep(0.01)  # don't just overflow the receive buffer
+    time.sleep(0.5)
+    assert pid_alive(pid) and a.ipcp_pid() == pid, "the IPCP died"
+    assert a.irmd.alive()
+    oping_ok(b)
+    assert "Traceback" not in a.irmd.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_one_bad_member_address_does_not_stop_queries_reaching_the_others(lan: Callable[..., Host]) -> None:
+    a = lan(A_IP)
+    time.sleep(0.5)  # after A's first HELLO round (which would drop never-heard members at once)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a 'member' gossiping garbage
+        s.bind((B_IP, 0))
+        bad = udp.encode_addr(("::1", 9)) + udp.encode_addr(("127.0.0.9", 0))
+        s.sendto(udp.EID.pack(0) + Mgmt(MEMBERS, body=bad).encode(), a.addr)
+        time.sleep(0.3)
+    c = lan(C_IP, peer=A_IP)  # joins after the bad entries: last in A's member list
+    c.serve("pong-c")
+    wait_for(lambda: c.run("oping", "-n", "pong-c", "-c", "1")[0] == 0, 10, "C to serve its own name")
+    code, out, err = a.run("oping", "-n", "pong-c", "-c", "2", "-i", "10")
+    assert code == 0, f"A could not reach C's name: {err}{out}"
+
+
+@pytest.mark.timeout(60)
+def test_hello_from_a_stranger_gets_a_members_answer_and_nothing_breaks(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((C_IP, 0))
+        s.settimeout(3)
+        s.sendto(udp.EID.pack(0) + Mgmt(HELLO).encode(), a.addr)
+        codes = set()
+        with contextlib.suppress(TimeoutError):
+            while not {MEMBERS, HELLO} <= codes:
+                data, src = s.recvfrom(65536)
+                assert src == a.addr
+                assert udp.EID.unpack_from(data)[0] == 0
+                msg = Mgmt.decode(data[4:])
+                codes.add(msg.code)
+                if msg.code == MEMBERS:
+                    assert b.addr in udp.decode_addrs(msg.body)
+    assert {MEMBERS, HELLO} <= codes
+    oping_ok(b, count=2)
+
+
+# -- peer failure ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bounded(seconds: float, what: str) -> Iterator[None]:
+    """Fail (instead of hanging) if the block runs longer; pytest-timeout's alarm is restored."""
+    old_handler = signal.getsignal(signal.SIGALRM)
+    old_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    start = time.monotonic()
+
+    def expired(*_: object) -> None:
+        raise AssertionError(f"{what}: still running after {seconds} s")
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_left:
+            signal.setitimer(signal.ITIMER_REAL, max(old_left - (time.monotonic() - start), 0.01))
+
+
+def wait_end(client: IrmClient, flow: Flow, within: float) -> tuple[list[EventType], float]:
+    """fevent on `flow` until it reports something; (events, seconds it took)."""
+    start = time.monotonic()
+    fset, queue = FlowSet(client), EventQueue()
+    fset.add(flow)
+    events: list[EventType] = []
+    try:
+        while not events and time.monotonic() - start < within:
+            fevent(fset, queue, 0.5)
+            events += [ev.type for ev in queue]
+    finally:
+        fset.close()
+    return events, time.monotonic() - start
+
+
+@pytest.mark.timeout(60)
+def test_killing_the_peer_irmd_ends_open_flows(pair: tuple[Host, Host]) -> None:
+    """The peer's IPCP sees its IRMd go, deallocates its flows and exits: DEALLOC (or DOWN) here."""
+    a, b = pair
+    reader = b.alloc("pong")
+    watched = b.alloc("pong")
+    ping(reader)
+    ping(watched)
+    ipcp = a.ipcp_pid()
+    a.kill(ipcp_too=False)
+    events, took = wait_end(b.clients[-1], watched, 12)
+    assert events and events[0] in (EventType.DOWN, EventType.DEALLOC), f"no end event in {took:.1f} s"
+    assert took < 10, f"the flow took {took:.1f} s to end"
+    with bounded(10, "a blocking read of the ended flow"), pytest.raises(FlowDown):
+        reader.read()
+    wait_for(lambda: not pid_alive(ipcp), 5, "the orphaned IPCP to exit")
+
+
+@pytest.mark.timeout(60)
+def test_a_vanished_peer_takes_flows_down_within_the_peer_timeout(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    reader = b.alloc("pong")
+    watched = b.alloc("pong")
+    ping(reader)
+    ping(watched)
+    a.kill(ipcp_too=True)  # not a word from A any more
+    events, took = wait_end(b.clients[-1], watched, 15)
+    assert events == [EventType.DOWN], f"{events} after {took:.1f} s"
+    assert shim.PEER_TIMEOUT - 0.5 <= took < shim.PEER_TIMEOUT + 3, f"down after {took:.1f} s"
+    with bounded(10, "a blocking read of the flow that went down"), pytest.raises(FlowDown, match="down"):
+        reader.read()
+    rows = [r for r in b.irmd.table("flow", "list") if r["id"] == str(watched.flow_id)]
+    assert not rows or rows[0]["state"] == "down", rows
+
+
+@pytest.mark.timeout(60)
+def test_a_read_with_a_timeout_on_an_ended_flow_raises_flow_down(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    reader = b.alloc("pong")
+    watched = b.alloc("pong")
+    ping(reader)
+    a.kill(ipcp_too=False)
+    events, _ = wait_end(b.clients[-1], watched, 12)
+    assert events, "the flow did not end"
+    reader.set_timeout(3)
+    with bounded(8, "Flow.read with a 3 s timeout on an ended flow"), pytest.raises(FlowDown):
+        reader.read()
+
+
+@pytest.mark.timeout(60)
+def test_a_non_blocking_read_on_an_ended_flow_raises_flow_down(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    reader = b.alloc("pong")
+    watched = b.alloc("pong")
+    ping(reader)
+    a.kill(ipcp_too=False)
+    events, _ = wait_end(b.clients[-1], watched, 12)
+    assert events, "the flow did not end"
+    reader.set_blocking(False)
+    with bounded(5, "a non-blocking Flow.read on an ended flow"), pytest.raises(FlowDown):
+        reader.read()
+
+
+@pytest.mark.timeout(60)
+def test_a_reliable_flow_ends_when_the_peer_goes_away(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    client = b.client()
+    reply, fd = client.alloc("pong", qos.data, 10.0)
+    flow = establish(reply, fd, client, client=True)
+    ping(flow)
+    a.kill(ipcp_too=False)  # the peer deallocates: the IRMd shuts the UDP socket down
+    cpu = time.process_time()
+    events, took = wait_end(client, flow, 10)
+    cpu = time.process_time() - cpu
+    assert events and events[0] in (EventType.DOWN, EventType.DEALLOC) and cpu < 0.5 * took, (
+        f"events {events} after {took:.1f} s, this process used {cpu:.1f} s of CPU meanwhile")
+
+
+@pytest.mark.timeout(60)
+def test_allocating_to_a_dead_peer_times_out_with_a_clear_error(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    oping_ok(b, count=1)  # B has A's address for 'pong' cached
+    a.kill(ipcp_too=True)
+    start = time.monotonic()
+    with pytest.raises(FlowTimeout) as err:
+        b.alloc("pong", timeout=3.0)
+    took = time.monotonic() - start
+    assert 2.5 <= took < 8, f"gave up after {took:.1f} s"
+    assert "pong" in str(err.value) and "did not answer" in str(err.value), str(err.value)
+    code, _out, stderr = b.run("oping", "-n", "pong", "-c", "1", "--timeout", "2")
+    assert code != 0 and stderr.strip(), "oping to a dead peer did not fail with a message"

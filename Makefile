@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean sysdeps
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,7 +14,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m apps.demo configs/demo.toml
 
-test: $(STAMP)
+# The network tests (tests/net) need iproute2 and nftables; as root, install them if missing.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ip; } >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq nftables iproute2) >/dev/null 2>&1 \
+		|| echo "warning: could not install nftables/iproute2; the tests needing them will skip"; fi
+
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -37,9 +37,11 @@ class Session:
     mtu: int
     frct: Frct | None
     crypto: PacketCrypto | None
-    backlog: deque[bytes] = dataclasses.field(default_factory=deque)  # SDUs the app has no room for
+    backlog: deque[bytes] = dataclasses.field(default_factory=deque)  # without FRCT: SDUs the app has no room for
     outq: deque[bytes] = dataclasses.field(default_factory=deque)  # PDUs the layer has no room for
     closing: float = 0.0  # when the application let go; 0 while it holds the flow
+    gone: bool = False  # the flow ended below us: hand the application what arrived, then EOF
+    hellos: tuple[bytes, bytes] | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     mask: int = select.EPOLLIN  # what we wait for on `inner`
 
@@ -60,13 +62,18 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="flow-engine", daemon=True)
         self._thread.start()
 
-    def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None) -> tuple[int, Session]:
-        """Take over the IPCP's socket; returns the fd the application uses instead."""
+    def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None,
+             hellos: tuple[bytes, bytes] | None = None) -> tuple[int, Session]:
+        """Take over the IPCP's socket; returns the fd the application uses instead.
+
+        `hellos` (acceptors of encrypted flows): the allocator's key-agreement hello
+        and ours, to answer again if the allocator repeats it.
+        """
         outer = socket.socket(fileno=fd)
         app, inner = seqpacket_pair()
         for s in (outer, inner):
             s.setblocking(False)
-        session = Session(outer, inner, mtu, frct, crypto)
+        session = Session(outer, inner, mtu, frct, crypto, hellos=hellos)
         with self._lock:
             self._sessions[outer.fileno()] = session
             self._sessions[inner.fileno()] = session
@@ -132,14 +139,17 @@ class Engine:
                 pdu = s.outer.recv(65536)
             except BlockingIOError:
                 if hup:  # torn down: a shut-down datagram socket says EAGAIN, not EOF
-                    self._end(s)
+                    self._peer_gone(s)
                     return
                 break
             except OSError:
                 pdu = b""
             if not pdu:  # the flow went down under us
-                self._end(s)
+                self._peer_gone(s)
                 return
+            if s.hellos is not None and pdu == s.hellos[0]:
+                self._raw_send(s, s.hellos[1])  # our answer to the key agreement was lost: again
+                continue
             if s.crypto is not None:
                 opened = s.crypto.open(pdu)
                 if opened is None:
@@ -149,21 +159,34 @@ class Engine:
                 s.backlog.append(pdu)
             else:
                 s.frct.receive(pdu, now)
-                s.backlog.extend(s.frct.sdus)
-                s.frct.sdus.clear()
         self._flush(s)
         self._deliver(s)
 
+    def _peer_gone(self, s: Session) -> None:
+        """Nothing more will arrive; what did still reaches the application before its EOF."""
+        s.gone = True
+        self._unwatch(s.outer)
+        s.outer.close()
+        self._deliver(s)
+
     def _deliver(self, s: Session) -> None:
-        while s.backlog:
+        # FRCT's own queue counts against its window, so a slow reader slows the sender down.
+        queue = s.backlog if s.frct is None else s.frct.sdus
+        while queue:
             try:
-                s.inner.send(s.backlog[0])
+                s.inner.send(queue[0])
             except BlockingIOError:
                 break
             except OSError:
-                s.backlog.clear()
+                queue.clear()
                 break
-            s.backlog.popleft()
+            queue.popleft()
+        if s.frct is not None and not s.gone:
+            s.frct.taken()
+            self._flush(s)
+        if s.gone and not queue:
+            self._end(s)
+            return
         self._interest(s)
 
     def _from_app(self, s: Session, now: float) -> None:
@@ -192,9 +215,9 @@ class Engine:
         if s.closing or s.inner.fileno() < 0:
             return
         mask = 0
-        if not s.outq and (s.frct is None or s.frct.can_send()):
+        if not s.gone and not s.outq and (s.frct is None or s.frct.can_send()):
             mask |= select.EPOLLIN
-        if s.backlog:
+        if s.backlog or (s.frct is not None and s.frct.sdus):
             mask |= select.EPOLLOUT
         if mask != s.mask:
             s.mask = mask
@@ -204,6 +227,11 @@ class Engine:
     def _send(self, s: Session, pdu: bytes) -> None:
         if s.crypto is not None:
             pdu = s.crypto.seal(pdu)
+        self._raw_send(s, pdu)
+
+    def _raw_send(self, s: Session, pdu: bytes) -> None:
+        if s.gone:
+            return
         if s.outq:
             s.outq.append(pdu)
             return
@@ -246,7 +274,7 @@ class Engine:
                 self._end(s)
                 return
             self._interest(s)
-        if s.closing and ((f is None or f.idle) or now - s.closing > LINGER):
+        if s.closing and (((f is None or f.idle) and not s.outq) or now - s.closing > LINGER):
             self._end(s)
 
     def _unwatch(self, sock: socket.socket) -> None:

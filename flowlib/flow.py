@@ -24,6 +24,7 @@ from flowlib.qos import QosSpec, raw
 from irmd import messages as m
 
 KEY_AGREEMENT_TIMEOUT = 10.0
+HELLO_RETRY = 0.5
 
 
 class Fccntl(enum.Enum):
@@ -229,36 +230,53 @@ def _timeout(value: Any) -> float | None:
 def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow:
     """A Flow over the IPCP's socket: direct for raw flows, through the engine otherwise."""
     qos = reply.qos
-    crypto = None
+    crypto, hellos = None, None
     try:
         if qos.cypher_s:
-            crypto = _agree(fd, client)
+            crypto, hellos = _agree(fd, client)
         if not crypto and not qos.frct:
             return Flow(reply, fd, irm)
         mtu = reply.mtu - (OVERHEAD if crypto else 0)
         frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
-        app_fd, session = engine().wrap(fd, mtu, frct, crypto)
+        app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos)
     except BaseException:
         os.close(fd)
         irm.dealloc(reply.flow_id)
         raise
-    flow = Flow(dataclasses.replace(reply, mtu=APP_MTU if frct else mtu), app_fd, irm)
+    # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.
+    app_mtu = APP_MTU if frct and frct.reliable else frct.max_payload if frct else mtu
+    flow = Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm)
     flow._session = session
     return flow
 
 
-def _agree(fd: int, client: bool) -> PacketCrypto:
-    """X25519 key agreement over the fresh flow: the allocator speaks first."""
+def _agree(fd: int, client: bool) -> tuple[PacketCrypto, tuple[bytes, bytes]]:
+    """X25519 key agreement over the fresh flow: the allocator speaks first, and repeats
+    itself until answered, as either hello may be lost on the way.
+
+    Returns the packet crypto and (the peer's hello, ours), which the acceptor's
+    engine keeps to answer a repeated hello whose answer was lost.
+    """
     sock = socket.socket(fileno=os.dup(fd))
+    kx = KeyExchange()
+    deadline = time.monotonic() + KEY_AGREEMENT_TIMEOUT
     try:
-        sock.settimeout(KEY_AGREEMENT_TIMEOUT)
-        kx = KeyExchange()
-        if client:
-            sock.send(kx.hello())
-        peer = sock.recv(HELLO.size + 1)
+        while True:
+            if client:
+                sock.send(kx.hello())
+            wait = HELLO_RETRY if client else KEY_AGREEMENT_TIMEOUT
+            sock.settimeout(min(wait, max(deadline - time.monotonic(), 0.01)))
+            try:
+                peer = sock.recv(HELLO.size + 1)
+                break
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+        if not peer:
+            raise FlowError("the flow ended during its key agreement")
         if not client:
             sock.send(kx.hello())
-        return kx.session(peer, client)
+        return kx.session(peer, client), (peer, kx.hello())
     except TimeoutError:
         raise FlowTimeout("the peer did not complete the flow's key agreement") from None
     except (OSError, HandshakeError) as e:

@@ -18,6 +18,8 @@ DATA, DRF, ACK, FC, RDVS, FFGM, MFGM = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
 SEQ_MOD = 1 << 32
 WINDOW = 1024  # PDUs the receiver buffers out of order and the sender keeps in flight
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
+RTO_G = 0.005  # the least margin over the smoothed RTT (RFC 6298's clock granularity G)
+PROBE_EVERY = 0.2  # a sender facing a closed window asks for a window update this often
 MAX_TRIES = 20  # retransmissions of one PDU before the flow is declared dead
 ACK_DELAY = 0.002  # a lone in-order PDU waits this long for data to carry its ack (as TCP's delayed ack)
 
@@ -76,6 +78,8 @@ class Frct:
         self.fragments: list[bytes] = []
         self.ack_due: float | None = None
         self.rx_unacked = 0
+        self._advertised = WINDOW
+        self._probe_due: float | None = None
         self.sdus: deque[bytes] = deque()  # in order, for the application
         self.pdus: deque[bytes] = deque()  # for the network
 
@@ -87,7 +91,10 @@ class Frct:
         return len(self.unacked) < min(int(self.cwnd), self.peer_window, WINDOW)
 
     def send(self, sdu: bytes, now: float) -> None:
-        """Queue an SDU's PDUs (fragments if it exceeds the MTU)."""
+        """Queue an SDU's PDUs (fragments if it exceeds the MTU, on reliable flows only)."""
+        if not self.reliable and len(sdu) > self.max_payload:
+            # A lost piece could not be told from a whole SDU: unreliable flows do not fragment.
+            raise ValueError(f"SDU of {len(sdu)} bytes exceeds the {self.max_payload} an unreliable flow carries")
         chunks = [sdu[i : i + self.max_payload] for i in range(0, len(sdu), self.max_payload)]
         last = len(chunks) - 1
         for i, chunk in enumerate(chunks):
@@ -96,7 +103,8 @@ class Frct:
                 flags |= (FFGM if i == 0 else 0) | (MFGM if i < last else 0)
             seq = self.snd_nxt
             self.snd_nxt = (seq + 1) % SEQ_MOD
-            pdu = HDR.pack(flags, 0, self._window(), seq, self.rcv_nxt) + chunk
+            self._advertised = self._window()
+            pdu = HDR.pack(flags, 0, self._advertised, seq, self.rcv_nxt) + chunk
             self.ack_due, self.rx_unacked = None, 0  # the ack rides along
             if self.reliable:
                 self.unacked[seq] = _Sent(pdu, now)
@@ -104,7 +112,17 @@ class Frct:
             self.counters.sent += 1
 
     def _window(self) -> int:
-        return max(WINDOW - len(self.ooo) - len(self.sdus), 0)
+        """PDUs we can still buffer: SDUs the application has not taken count against it.
+
+        Out-of-order PDUs do not: they are bounded by their distance from rcv_nxt, and a
+        window that shrank with every one would hide the duplicate acks that reveal a hole.
+        """
+        return max(WINDOW - len(self.sdus), 0)
+
+    def taken(self) -> None:
+        """The application took SDUs: if our window had closed, say it is open again."""
+        if self.reliable and self._advertised < WINDOW // 2 <= self._window():
+            self._ack()
 
     # -- receiving ---------------------------------------------------------
 
@@ -114,7 +132,9 @@ class Frct:
             return
         flags, _, window, seq, ackno = HDR.unpack_from(pdu)
         if flags & ACK and self.reliable:
-            self._acked(ackno, window, now)
+            self._acked(ackno, window, now, pure=not flags & DATA)
+        if flags & RDVS and self.reliable:
+            self._ack()  # the sender faces a closed window: tell it ours
         if not flags & DATA:
             return
         self.counters.received += 1
@@ -143,7 +163,8 @@ class Frct:
                 self.ack_due = now + ACK_DELAY
 
     def _ack(self) -> None:
-        self.pdus.append(HDR.pack(ACK, 0, self._window(), self.snd_nxt, self.rcv_nxt))
+        self._advertised = self._window()
+        self.pdus.append(HDR.pack(ACK, 0, self._advertised, self.snd_nxt, self.rcv_nxt))
         self.ack_due, self.rx_unacked = None, 0
 
     def _accept(self, flags: int, payload: bytes) -> None:
@@ -159,10 +180,19 @@ class Frct:
             self.sdus.append(b"".join(self.fragments))
             self.fragments = []
 
-    def _acked(self, ackno: int, window: int, now: float) -> None:
+    def _acked(self, ackno: int, window: int, now: float, pure: bool) -> None:
+        if _before(self.snd_nxt, ackno):
+            self.counters.dropped += 1  # acknowledges what was never sent: not from our peer
+            return
+        opened = window != self.peer_window
         self.peer_window = window
+        if window == 0:
+            self._probe_due = self._probe_due or now + PROBE_EVERY
+        else:
+            self._probe_due = None
         if not _before(self.snd_una, ackno):
-            if ackno == self.snd_una and self.unacked:
+            # Only a pure ack that changes nothing hints at a hole; data and window updates do not.
+            if ackno == self.snd_una and self.unacked and pure and not opened:
                 self.dupacks += 1
                 if self.dupacks == 3:  # fast retransmit, and halve as on loss
                     self._lost(now, self.snd_una)
@@ -179,7 +209,7 @@ class Frct:
             seq = (seq + 1) % SEQ_MOD
         self.snd_una = ackno
         if self.srtt is not None:  # progress: drop the backoff
-            self.rto = min(max(self.srtt + 4 * self.rttvar, RTO_MIN), RTO_MAX)
+            self.rto = self._rto()
         if self.recover is not None:
             if _before(ackno, self.recover) and ackno in self.unacked:
                 self._resend(ackno, self.unacked[ackno], now)  # NewReno: a partial ack shows the next hole
@@ -192,7 +222,11 @@ class Frct:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.rto = min(max(self.srtt + 4 * self.rttvar, RTO_MIN), RTO_MAX)
+        self.rto = self._rto()
+
+    def _rto(self) -> float:
+        assert self.srtt is not None
+        return min(max(self.srtt + max(RTO_G, 4 * self.rttvar), RTO_MIN), RTO_MAX)
 
     def _lost(self, now: float, seq: int) -> None:
         sent = self.unacked.get(seq)
@@ -216,13 +250,17 @@ class Frct:
 
     def next_deadline(self) -> float | None:
         oldest = self.unacked.get(self.snd_una)
-        deadlines = [d for d in (self.ack_due, oldest.sent + self.rto if oldest else None) if d is not None]
-        return min(deadlines, default=None)
+        candidates = (self.ack_due, oldest.sent + self.rto if oldest else None, self._probe_due)
+        return min((d for d in candidates if d is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
         """Send a delayed ack that is due; if the oldest unacknowledged PDU timed out, back off and resend it."""
         if self.ack_due is not None and now >= self.ack_due:
             self._ack()
+        if self._probe_due is not None and now >= self._probe_due:
+            # Persist: the peer's window update may be lost, so ask for it (Ouroboros's RDVS).
+            self._probe_due = now + PROBE_EVERY
+            self.pdus.append(HDR.pack(RDVS, 0, self._window(), self.snd_nxt, self.rcv_nxt))
         sent = self.unacked.get(self.snd_una)
         if sent is None or now < sent.sent + self.rto:
             return

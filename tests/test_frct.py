@@ -1,0 +1,611 @@
+"""FRCT (flowlib.frct) sans-IO: two ends over a simulated network, time passed explicitly.
+
+No sockets, no threads, no wall clock: a seeded network drops, duplicates, delays and reorders the
+PDUs each end emits, and a discrete-event loop advances `now` to the next arrival or retransmission
+deadline. Every assertion is about what the application at the far end receives: complete, in order,
+byte-identical for reliable flows; never out of order (gaps skipped) for unreliable in-order flows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import random
+import struct
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowlib.frct import (
+    ACK,
+    DATA,
+    FFGM,
+    HDR,
+    MAX_TRIES,
+    MFGM,
+    RTO_G,
+    RTO_INIT,
+    RTO_MAX,
+    RTO_MIN,
+    SEQ_MOD,
+    WINDOW,
+    Frct,
+)
+
+MTU = 1000
+PAYLOAD = MTU - HDR.size
+TAG = struct.Struct("!I")  # every test SDU starts with its index, so order and identity show
+
+
+# -- the simulated network -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Link:
+    """One direction of the network: seeded loss, duplication and reordering (extra random delay)."""
+
+    rng: random.Random
+    loss: float = 0.0
+    dup: float = 0.0
+    reorder: float = 0.0  # chance a PDU is held back by up to `jitter` seconds more
+    delay: float = 0.010
+    jitter: float = 0.030
+    # An explicit per-transmission schedule overrides the random fates while it lasts:
+    # (drop, duplicate, extra delay in seconds) for the first len(schedule) PDUs.
+    schedule: list[tuple[bool, bool, float]] | None = None
+    sent: int = 0
+    dropped: int = 0
+
+    def fates(self, now: float) -> list[float]:
+        """Arrival times of the copies of one PDU sent at `now` (none if it is lost)."""
+        i, self.sent = self.sent, self.sent + 1
+        if self.schedule is not None and i < len(self.schedule):
+            drop, dup, extra = self.schedule[i]
+        elif self.schedule is not None:
+            drop, dup, extra = False, False, 0.0  # after the schedule, a clean network
+        else:
+            drop = self.rng.random() < self.loss
+            dup = self.rng.random() < self.dup
+            extra = self.rng.random() * self.jitter if self.rng.random() < self.reorder else 0.0
+        if drop:
+            self.dropped += 1
+            return []
+        arrivals = [now + self.delay + extra]
+        if dup:
+            arrivals.append(now + self.delay + self.rng.random() * self.jitter)
+        return arrivals
+
+
+@dataclasses.dataclass
+class Sim:
+    """Two FRCT ends a and b joined by two links; a discrete-event loop with an explicit clock."""
+
+    a: Frct
+    b: Frct
+    ab: Link
+    ba: Link
+    now: float = 0.0
+    _queue: list[tuple[float, int, str, bytes]] = dataclasses.field(default_factory=list)
+    _order: int = 0
+    got_a: list[bytes] = dataclasses.field(default_factory=list)  # SDUs a's application received
+    got_b: list[bytes] = dataclasses.field(default_factory=list)
+    max_in_flight: int = 0
+    drain: bool = True  # whether the applications take their SDUs (False: b's app stops reading)
+
+    def _transmit(self) -> None:
+        for src, dst, link in ((self.a, "b", self.ab), (self.b, "a", self.ba)):
+            while src.pdus:
+                pdu = src.pdus.popleft()
+                for t in link.fates(self.now):
+                    self._order += 1
+                    heapq.heappush(self._queue, (t, self._order, dst, pdu))
+
+    def _collect(self) -> None:
+        self.got_a.extend(self.a.sdus)
+        self.a.sdus.clear()
+        if self.drain:
+            self.got_b.extend(self.b.sdus)
+            self.b.sdus.clear()
+
+    def step(self, wake: float | None = None) -> bool:
+        """Advance to the next event (arrival, timer, or `wake`); False when nothing is pending."""
+        self._transmit()
+        times = [t for t in (self.a.next_deadline(), self.b.next_deadline(), wake) if t is not None]
+        if self._queue:
+            times.append(self._queue[0][0])
+        if not times:
+            return False
+        self.now = max(self.now, min(times))
+        while self._queue and self._queue[0][0] <= self.now:
+            _, _, dst, pdu = heapq.heappop(self._queue)
+            (self.a if dst == "a" else self.b).receive(pdu, self.now)
+        self.a.handle_timer(self.now)
+        self.b.handle_timer(self.now)
+        self._collect()
+        self._transmit()
+        return True
+
+    def stream(self, sdus_ab: Iterable[bytes], sdus_ba: Iterable[bytes] = (), limit: float = 600.0,
+               pace: float = 0.0) -> None:
+        """Both applications write their SDUs as fast as FRCT lets them (or one per `pace` seconds);
+        run until everything is written and acknowledged and the network is empty."""
+        out_a, out_b = list(sdus_ab)[::-1], list(sdus_ba)[::-1]
+        next_write = self.now
+        while True:
+            wake = None
+            for end, out in ((self.a, out_a), (self.b, out_b)):
+                while out and end.can_send() and self.now >= next_write:
+                    end.send(out.pop(), self.now)
+                    if pace:
+                        next_write = self.now + pace
+                self.max_in_flight = max(self.max_in_flight, len(end.unacked))
+                if out and pace:
+                    wake = next_write
+            if not (out_a or out_b) and self.a.idle and self.b.idle and not self._queue and not (
+                    self.a.pdus or self.b.pdus):
+                self._collect()
+                return
+            busy = self.step(wake)
+            assert not (self.a.failed or self.b.failed), f"a flow gave up at t={self.now:.3f}"
+            assert busy, (f"stalled at t={self.now:.3f}: nothing in flight, no timer armed, "
+                          f"{len(out_a)}+{len(out_b)} SDUs not yet accepted (peer window {self.a.peer_window})")
+            assert self.now < limit, f"not done after {limit} simulated seconds"
+
+
+def pair(reliable: bool = True, mtu: int = MTU, seed: int = 1, **link: float) -> Sim:
+    rng = random.Random(seed)
+    return Sim(Frct(mtu, reliable), Frct(mtu, reliable), Link(rng, **link), Link(rng, **link))
+
+
+def tagged(n: int, seed: int, min_size: int = TAG.size, max_size: int = 600) -> list[bytes]:
+    """n SDUs: a 4-byte index, then seeded random bytes (sizes min_size..max_size)."""
+    rng = random.Random(seed)
+    return [TAG.pack(i) + rng.randbytes(rng.randint(min_size, max_size) - TAG.size) for i in range(n)]
+
+
+def indices(sdus: Iterable[bytes]) -> list[int]:
+    return [TAG.unpack_from(s)[0] for s in sdus]
+
+
+# -- reliable, in-order delivery -------------------------------------------------------------------
+
+
+def test_a_clean_network_delivers_everything_in_order() -> None:
+    sim = pair()
+    sdus = tagged(2000, seed=1)
+    sim.stream(sdus)
+    assert sim.got_b == sdus
+    assert sim.a.counters.sent == 2000
+    assert sim.b.counters.out_of_order == 0
+
+
+def test_a_clean_path_shorter_than_the_minimum_rto_needs_no_retransmissions() -> None:
+    sim = pair(delay=0.002, jitter=0.0)  # RTT 4 ms, under RTO_MIN: as on a LAN or loopback
+    sdus = tagged(2000, seed=1)
+    sim.stream(sdus)
+    assert sim.got_b == sdus
+    assert sim.a.counters.retransmitted == 0
+    assert sim.b.counters.duplicates == sim.b.counters.out_of_order == 0
+
+
+def ping_pong(a: Frct, b: Frct, now: float, one_way: float) -> None:
+    """One SDU from a, its (possibly delayed) ack back, each hop taking `one_way` seconds."""
+    a.send(b"p", now)
+    t = now + one_way
+    b.receive(a.pdus.popleft(), t)
+    b.sdus.clear()
+    if not b.pdus:  # a lone PDU's ack waits for data to ride on, up to ACK_DELAY
+        t = b.next_deadline() or t
+        b.handle_timer(t)
+    ack = b.pdus.popleft()
+    arrival = t + one_way
+    deadline = a.next_deadline()
+    if deadline is not None and deadline < arrival:  # the timer expires before the ack arrives
+        a.handle_timer(deadline)
+    a.receive(ack, arrival)
+
+
+def test_a_steady_path_leaves_the_rto_a_margin_over_the_rtt() -> None:
+    a, b = Frct(MTU, True), Frct(MTU, True)
+    for i in range(200):
+        ping_pong(a, b, i * 1.0, 0.010)  # the same RTT every time
+    assert a.counters.retransmitted == 0
+    steady = a.srtt
+    ping_pong(a, b, 1000.0, 0.011)  # one round trip 2 ms (under 10%) longer than usual
+    assert a.counters.retransmitted == 0, f"spurious timeout: srtt was {steady * 1000:.3f} ms"
+
+
+@pytest.mark.parametrize("loss", [0.05, 0.20])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_loss_duplication_and_reordering_still_deliver_every_sdu_in_order(loss: float, seed: int) -> None:
+    sim = pair(seed=seed, loss=loss, dup=0.03, reorder=0.2)
+    sdus = tagged(2000, seed=seed)
+    sim.stream(sdus)
+    assert len(sim.got_b) == len(sdus)
+    assert indices(sim.got_b) == list(range(len(sdus)))  # in order, no gaps, no repeats
+    assert sim.got_b == sdus  # byte-identical
+    # The network really was hostile, and FRCT really repaired it.
+    assert sim.ab.dropped > loss * sim.ab.sent * 0.6
+    assert sim.a.counters.retransmitted >= sim.ab.dropped * 0.5
+    assert sim.b.counters.duplicates > 0
+    assert sim.b.counters.out_of_order > 0
+
+
+@pytest.mark.parametrize("loss", [0.05, 0.20])
+def test_both_directions_at_once_under_loss(loss: float) -> None:
+    sim = pair(seed=7, loss=loss, dup=0.02, reorder=0.1)
+    ab, ba = tagged(800, seed=11), tagged(800, seed=12)
+    sim.stream(ab, ba)
+    assert sim.got_b == ab
+    assert sim.got_a == ba
+
+
+def test_sequence_numbers_wrap_around_without_loss_of_order() -> None:
+    sim = pair(seed=5, loss=0.1, reorder=0.2)
+    start = SEQ_MOD - 300
+    for end in (sim.a, sim.b):
+        end.snd_nxt = end.snd_una = end.rcv_nxt = start
+    sdus = tagged(1000, seed=5)
+    sim.stream(sdus)
+    assert sim.got_b == sdus
+    assert sim.a.snd_nxt == (start + 1000) % SEQ_MOD
+
+
+def test_duplicates_of_delivered_pdus_are_suppressed_and_counted() -> None:
+    a, b = Frct(MTU, True), Frct(MTU, True)
+    a.send(b"once", 0.0)
+    pdu = a.pdus.popleft()
+    for _ in range(5):
+        b.receive(pdu, 0.01)
+    assert list(b.sdus) == [b"once"]
+    assert b.counters.duplicates == 4
+    assert b.counters.received == 5
+    # Every duplicate is acked at once (the first ack may have been lost), all acking seqno 0.
+    assert len(b.pdus) >= 4
+    assert {HDR.unpack_from(p)[0] & DATA for p in b.pdus} == {0}
+    assert {HDR.unpack_from(p)[4] for p in b.pdus} == {1}
+
+
+def test_duplicates_of_out_of_order_pdus_are_delivered_once() -> None:
+    a, b = Frct(MTU, True), Frct(MTU, True)
+    for i in range(3):
+        a.send(TAG.pack(i), 0.0)
+    p0, p1, p2 = a.pdus
+    for pdu in (p2, p2, p1, p2, p1, p0, p0, p2):
+        b.receive(pdu, 0.0)
+    assert indices(b.sdus) == [0, 1, 2]
+
+
+def test_rtt_estimate_follows_the_path_delay() -> None:
+    sim = pair(delay=0.050, jitter=0.0)
+    sim.stream(tagged(300, seed=2))
+    assert sim.a.srtt is not None
+    assert 0.095 <= sim.a.srtt <= 0.110  # two 50 ms hops
+    assert sim.a.rto == pytest.approx(max(RTO_MIN, sim.a.srtt + max(RTO_G, 4 * sim.a.rttvar)))
+
+
+# -- retransmission timer ---------------------------------------------------------------------------
+
+
+def test_rto_backs_off_exponentially_on_silence_up_to_the_cap_then_gives_up() -> None:
+    a = Frct(MTU, True)
+    a.send(b"hello?", 0.0)
+    first = a.pdus.popleft()
+    deadline = a.next_deadline()
+    assert deadline == pytest.approx(RTO_INIT)
+    a.handle_timer(deadline - 0.001)  # early: nothing happens
+    assert not a.pdus and a.counters.retransmitted == 0
+    gaps, now = [], deadline
+    while not a.failed:
+        a.handle_timer(now)
+        assert len(a.pdus) == 1, "one retransmission per expiry"
+        resent = a.pdus.popleft()
+        assert resent[HDR.size :] == first[HDR.size :]
+        assert HDR.unpack_from(resent)[3] == HDR.unpack_from(first)[3]  # the same seqno
+        nxt = a.next_deadline()
+        assert nxt is not None
+        gaps.append(round(nxt - now, 6))
+        now = nxt
+        assert len(gaps) <= MAX_TRIES + 1, "never gives up"
+    assert gaps[:5] == [2 * RTO_INIT, 4 * RTO_INIT, 8 * RTO_INIT, min(16 * RTO_INIT, RTO_MAX), RTO_MAX]
+    assert all(g == RTO_MAX for g in gaps[5:])
+    assert a.counters.retransmitted == MAX_TRIES + 1
+    assert a.cwnd == 2.0
+
+
+def test_the_backoff_ends_when_acks_resume() -> None:
+    sim = pair(delay=0.020, jitter=0.0)
+    sim.stream(tagged(50, seed=1))
+    settled = sim.a.rto
+    # Silence: the peer's acks stop for a while; a retransmits with growing RTOs.
+    sim.a.send(b"lost", sim.now)
+    sim.a.pdus.clear()
+    t = sim.now
+    for _ in range(4):
+        t = sim.a.next_deadline() or t
+        sim.a.handle_timer(t)
+        sim.a.pdus.clear()
+    assert sim.a.rto >= 8 * settled or sim.a.rto == RTO_MAX
+    sim.now = t
+    sim.stream(tagged(50, seed=2))  # the path works again
+    assert sim.a.rto <= settled * 2
+
+
+# -- window, congestion control ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.05, 0.20])
+def test_in_flight_pdus_never_exceed_the_window(loss: float) -> None:
+    sim = pair(seed=3, loss=loss, reorder=0.1 if loss else 0.0, delay=0.05)
+    seen: list[int] = []
+    orig = sim.a.send
+
+    def send(sdu: bytes, now: float) -> None:
+        limit = min(int(sim.a.cwnd), sim.a.peer_window, WINDOW)
+        assert len(sim.a.unacked) < limit
+        orig(sdu, now)
+        seen.append(len(sim.a.unacked))
+
+    sim.a.send = send  # type: ignore[method-assign]
+    sdus = tagged(5000, seed=3, max_size=100)
+    sim.stream(sdus)
+    assert sim.got_b == sdus
+    assert max(seen) <= WINDOW
+    if loss == 0.0:
+        assert max(seen) > 16, "the window opened beyond its initial size on a clean path"
+
+
+def test_the_initial_window_limits_the_first_burst() -> None:
+    a = Frct(MTU, True)
+    n = 0
+    while a.can_send():
+        a.send(b"x", 0.0)
+        n += 1
+    assert n == int(a.cwnd) == 16
+    assert len(a.pdus) == 16
+
+
+def test_a_receiver_that_stops_reading_closes_the_window() -> None:
+    sim = pair()
+    sim.drain = False
+    sdus = tagged(3 * WINDOW, seed=4, max_size=40)
+    out = sdus[::-1]
+    for _ in range(20000):
+        while out and sim.a.can_send():
+            sim.a.send(out.pop(), sim.now)
+        if not sim.step():
+            break
+    assert len(sim.b.sdus) <= WINDOW, "the receiver buffered more than its window"
+    assert sim.a.peer_window == 0
+    assert out, "the sender kept sending into a closed window"
+
+
+def test_the_window_reopens_when_the_receiver_reads_again() -> None:
+    sim = pair()
+    sim.drain = False
+    sdus = tagged(3 * WINDOW, seed=4, max_size=40)
+    out = sdus[::-1]
+    for _ in range(20000):
+        while out and sim.a.can_send():
+            sim.a.send(out.pop(), sim.now)
+        if not sim.step():
+            break
+    assert sim.a.peer_window == 0
+    sim.drain = True  # the application reads everything it was given
+    sim._collect()
+    sim.now += 1.0
+    sim.stream(out[::-1], limit=sim.now + 60.0)
+    assert sim.got_b == sdus
+
+
+def test_loss_halves_the_congestion_window_and_a_timeout_collapses_it() -> None:
+    sim = pair(delay=0.01, jitter=0.0)
+    sim.stream(tagged(400, seed=1, max_size=50))
+    grown = sim.a.cwnd
+    assert grown > 32
+    # Send a flight, lose its first PDU, deliver the rest: three duplicate acks trigger fast retransmit.
+    for i in range(10):
+        sim.a.send(TAG.pack(i), sim.now)
+    flight = list(sim.a.pdus)
+    sim.a.pdus.clear()
+    for pdu in flight[1:]:
+        sim.b.receive(pdu, sim.now + 0.01)
+    for ack in list(sim.b.pdus):
+        sim.a.receive(ack, sim.now + 0.02)
+    sim.b.pdus.clear()
+    assert sim.a.counters.retransmitted == 1
+    assert sim.a.cwnd == pytest.approx(grown / 2, rel=0.05)
+    assert HDR.unpack_from(sim.a.pdus[0])[3] == HDR.unpack_from(flight[0])[3]
+    sim.a.pdus.clear()
+    deadline = sim.a.next_deadline()
+    assert deadline is not None
+    sim.a.handle_timer(deadline)  # and the retransmission is lost too
+    assert sim.a.cwnd == 2.0
+
+
+def test_two_way_traffic_on_a_clean_path_causes_no_retransmissions() -> None:
+    a, b = Frct(MTU, True), Frct(MTU, True)
+    for i in range(5):
+        a.send(TAG.pack(i), 0.0)
+        b.send(TAG.pack(i), 0.0)
+    from_a, from_b = list(a.pdus), list(b.pdus)
+    a.pdus.clear()
+    b.pdus.clear()
+    for pdu in from_b:
+        a.receive(pdu, 0.01)
+    for pdu in from_a:
+        b.receive(pdu, 0.01)
+    assert a.counters.retransmitted == b.counters.retransmitted == 0
+    assert a.cwnd >= 16
+
+
+# -- fragmentation ----------------------------------------------------------------------------------
+
+
+EDGE_SIZES = [1, PAYLOAD - 1, PAYLOAD, PAYLOAD + 1, 2 * PAYLOAD, 2 * PAYLOAD + 1, 10 * PAYLOAD + 7, 65535]
+
+
+def sized(sizes: Iterable[int], seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [TAG.pack(i) + rng.randbytes(max(n - TAG.size, 0)) for i, n in enumerate(sizes)]
+
+
+def test_sdus_over_the_mtu_are_fragmented_into_pdus_that_fit() -> None:
+    a = Frct(MTU, True)
+    a.send(bytes(10 * PAYLOAD + 7), 0.0)
+    pdus = list(a.pdus)
+    assert len(pdus) == 11
+    assert all(len(p) <= MTU for p in pdus)
+    flags = [HDR.unpack_from(p)[0] for p in pdus]
+    assert flags[0] & FFGM and flags[0] & MFGM
+    assert all(f & MFGM and not f & FFGM for f in flags[1:-1])
+    assert not flags[-1] & (FFGM | MFGM)
+    a.send(bytes(PAYLOAD), 0.0)  # exactly one PDU's worth: not fragmented
+    assert len(a.pdus) == 12 and not HDR.unpack_from(a.pdus[-1])[0] & (FFGM | MFGM)
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.05, 0.20])
+def test_fragmented_sdus_are_reassembled_exactly_even_under_loss(loss: float) -> None:
+    rng = random.Random(9)
+    sizes = EDGE_SIZES + [rng.randint(1, 8 * PAYLOAD) for _ in range(300)]
+    sdus = sized(sizes, seed=9)
+    sim = pair(seed=9, loss=loss, dup=0.02 if loss else 0.0, reorder=0.2 if loss else 0.0)
+    sim.stream(sdus)
+    assert [len(s) for s in sim.got_b] == [len(s) for s in sdus]
+    assert sim.got_b == sdus
+
+
+def test_fragmentation_with_a_tiny_mtu() -> None:
+    sim = pair(mtu=HDR.size + 1, seed=4, loss=0.05, reorder=0.1)  # one byte per PDU
+    sdus = [b"a", b"hello, fragmented world", bytes(range(256))]
+    sim.stream(sdus)
+    assert sim.got_b == sdus
+
+
+def test_an_mtu_without_room_for_the_header_is_refused() -> None:
+    with pytest.raises(ValueError, match="MTU"):
+        Frct(HDR.size, True)
+
+
+# -- unreliable in-order flows ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", [0.05, 0.20])
+def test_unreliable_in_order_flows_never_deliver_out_of_order_and_skip_gaps(loss: float) -> None:
+    sim = pair(reliable=False, seed=4, loss=loss, dup=0.05, reorder=0.3)
+    sdus = tagged(3000, seed=4)
+    sim.stream(sdus, pace=0.002)  # a PDU every 2 ms; reordered ones are up to 30 ms late
+    got = indices(sim.got_b)
+    assert all(x < y for x, y in itertools.pairwise(got)), "out of order or repeated"
+    assert all(s == sdus[i] for s, i in zip(sim.got_b, got, strict=True)), "corrupted"
+    assert len(got) < len(sdus), "nothing was lost: the test did not test skipping"
+    assert len(got) > (1 - loss) * len(sdus) * 0.6, "gaps were not skipped: delivery stalled"
+    assert sim.a.counters.retransmitted == 0 and not sim.a.unacked
+    assert not sim.b.pdus and sim.ba.sent == 0, "an unreliable flow sends no acks"
+    assert sim.b.counters.dropped > 0
+
+
+def test_unreliable_flow_skips_a_gap_and_drops_the_late_pdu() -> None:
+    a, b = Frct(MTU, False), Frct(MTU, False)
+    for i in range(4):
+        a.send(TAG.pack(i), 0.0)
+    p0, p1, p2, p3 = a.pdus
+    for pdu in (p0, p2, p1, p3):  # 1 arrives after 2: too late, 2 was already delivered
+        b.receive(pdu, 0.0)
+    assert indices(b.sdus) == [0, 2, 3]
+
+
+def test_unreliable_flows_refuse_sdus_they_would_have_to_fragment() -> None:
+    # A lost fragment could not be told from a whole SDU, so unreliable flows never fragment.
+    a = Frct(112, False)  # 100 bytes of payload per PDU
+    a.send(bytes(100), 0.0)
+    with pytest.raises(ValueError, match="unreliable"):
+        a.send(bytes(101), 0.0)
+    assert len(a.pdus) == 1
+
+
+# -- malformed PDUs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reliable", [True, False])
+def test_truncated_pdus_are_dropped_and_counted(reliable: bool) -> None:
+    a, b = Frct(MTU, reliable), Frct(MTU, reliable)
+    a.send(b"good", 0.0)
+    good = a.pdus.popleft()
+    for n in range(HDR.size):
+        b.receive(good[:n], 0.0)
+    assert b.counters.dropped == HDR.size
+    assert b.counters.received == 0 and not b.sdus and not b.pdus and b.rcv_nxt == 0
+    b.receive(good, 0.0)  # and the flow goes on
+    assert list(b.sdus) == [b"good"]
+
+
+def test_pdus_far_outside_the_receive_window_are_not_delivered() -> None:
+    b = Frct(MTU, True)
+    b.receive(HDR.pack(DATA, 0, WINDOW, WINDOW + 5, 0) + b"future", 0.0)
+    b.receive(HDR.pack(DATA, 0, WINDOW, SEQ_MOD - 3, 0) + b"past", 0.0)
+    assert not b.sdus and not b.ooo and b.rcv_nxt == 0
+
+
+def test_an_ack_for_data_never_sent_is_dropped_and_counted() -> None:
+    a = Frct(MTU, True)
+    for i in range(5):
+        a.send(TAG.pack(i), 0.0)
+    a.pdus.clear()
+    a.receive(HDR.pack(ACK, 0, WINDOW, 0, a.snd_nxt + 10), 0.001)
+    assert len(a.unacked) == 5, "PDUs the peer never received were taken as acknowledged"
+    assert a.snd_una == 0
+    assert a.counters.dropped == 1
+
+
+def _no_ack_flag(data: bytes) -> bytes:
+    return bytes([data[0] & ~ACK]) + data[1:] if data else data
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=40).map(_no_ack_flag), max_size=30), st.booleans())
+def test_garbage_never_crashes_the_receiver(garbage: list[bytes], reliable: bool) -> None:
+    # (The ACK flag is masked here: bogus acks have their own test above.)
+    b = Frct(MTU, reliable)
+    for g in garbage:
+        b.receive(g, 0.0)
+    assert b.counters.dropped >= sum(1 for g in garbage if len(g) < HDR.size)
+    assert all(len(p) >= HDR.size for p in b.pdus)
+
+
+# -- property: random schedules -----------------------------------------------------------------------
+
+fate = st.tuples(st.booleans(), st.integers(0, 9), st.integers(0, 50)).map(
+    lambda t: (t[0], t[1] == 0, t[2] / 1000))  # (drop, duplicate 1 in 10, extra delay 0..50 ms)
+MAX_RUN = 3  # drops in a row a schedule may hold: a PDU lost MAX_TRIES times in a row ends a flow by design
+
+
+def bounded(schedule: list[tuple[bool, bool, float]]) -> list[tuple[bool, bool, float]]:
+    out, run = [], 0
+    for drop, dup, extra in schedule:
+        drop = drop and run < MAX_RUN
+        run = run + 1 if drop else 0
+        out.append((drop, dup, extra))
+    return out
+
+
+schedules = st.lists(fate, max_size=300).map(bounded)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sched_ab=schedules, sched_ba=schedules,
+       sizes=st.lists(st.integers(1, 3 * PAYLOAD), min_size=1, max_size=80),
+       seed=st.integers(0, 2**16))
+def test_any_loss_and_reorder_schedule_still_delivers_everything_in_order(
+        sched_ab: list[tuple[bool, bool, float]], sched_ba: list[tuple[bool, bool, float]],
+        sizes: list[int], seed: int) -> None:
+    rng = random.Random(seed)
+    sim = Sim(Frct(MTU, True), Frct(MTU, True), Link(rng, schedule=sched_ab), Link(rng, schedule=sched_ba))
+    sdus = [rng.randbytes(n) for n in sizes]
+    sim.stream(sdus)
+    assert sim.got_b == sdus
+

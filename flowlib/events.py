@@ -67,6 +67,7 @@ class FlowSet:
         self._irm = irm
         self._epoll = select.epoll()
         self._flows: dict[int, Flow] = {}
+        self._fd_of: dict[Flow, int] = {}
         self._listening = False
 
     def __len__(self) -> int:
@@ -79,16 +80,21 @@ class FlowSet:
         return iter(list(self._flows.values()))
 
     def add(self, flow: Flow) -> None:
-        if flow.fd in self._flows:
+        old = self._flows.get(flow.fd)
+        if old is flow:
             return
+        if old is not None:  # closed without remove(): its fd number now belongs to this flow
+            self.remove(old)
         self._epoll.register(flow.fd, select.EPOLLIN | select.EPOLLRDHUP)
         self._flows[flow.fd] = flow
+        self._fd_of[flow] = flow.fd
 
     def remove(self, flow: Flow) -> None:
-        if self._flows.get(flow.fd) is flow:
-            del self._flows[flow.fd]
+        fd = self._fd_of.pop(flow, None)  # by the number it had: a closed flow has no fd
+        if fd is not None:
+            del self._flows[fd]
             with contextlib.suppress(OSError, ValueError):  # closed already
-                self._epoll.unregister(flow.fd)
+                self._epoll.unregister(fd)
 
     def zero(self) -> None:
         for flow in list(self._flows.values()):
@@ -105,10 +111,14 @@ class FlowSet:
         self._listening = enabled
 
     def close(self) -> None:
-        if self._listening:
-            self.listen(False)
-        self._epoll.close()
-        self._flows.clear()
+        try:
+            if self._listening:
+                with contextlib.suppress(FlowError):  # the IRMd may be gone
+                    self.listen(False)
+        finally:
+            self._epoll.close()
+            self._flows.clear()
+            self._fd_of.clear()
 
     def _client(self) -> IrmClient:
         if self._irm is None:

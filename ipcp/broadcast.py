@@ -78,7 +78,7 @@ class FloodDt(Dt):
             self._deliver(sdu, skip=flow)
             self._flood((self.fmt.pack(Pci(self.me, 0, self.max_ttl, 0, self.seqno)), sdu), skip=0)
 
-    def _from_n1(self, hop: int) -> None:
+    def _from_n1(self, hop: int, hup: bool = False) -> None:
         sock = self.n1.get(hop)
         if sock is None:
             return
@@ -86,6 +86,9 @@ class FloodDt(Dt):
             try:
                 pdu = sock.recv(self.bufsize)
             except BlockingIOError:
+                if hup:
+                    self.remove_n1(hop)
+                    self.on_n1_down(hop)
                 return
             except OSError:
                 pdu = b""

@@ -99,6 +99,12 @@ def _peercred(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    """Signal a child by pid: Process.kill() may reap it behind asyncio's child watcher."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, sig)
+
+
 def _teardown_fd(fd: int) -> None:
     """Shut the application's end down, so whoever holds it sees the flow end."""
     if fd < 0:
@@ -197,14 +203,12 @@ class Irmd:
                 self.sock_path.unlink()
         procs = [i.proc for i in self.ipcps.values()] + list(self.programs.values())
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+            _signal(proc, signal.SIGTERM)
         if procs:
             _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE)
             for proc in procs:
                 if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+                    _signal(proc, signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending, timeout=STOP_GRACE)
         for flow in list(self.reg.flows.values()):
@@ -277,8 +281,7 @@ class Irmd:
             self.reg.forget_pid(c.pid)  # its process bindings end with its last connection
         if c.ipcp is not None and c.ipcp.channel is c.channel and not self.stopping:
             log.warning("ipcp %s closed its control channel; stopping it", c.ipcp.name)
-            with contextlib.suppress(ProcessLookupError):
-                c.ipcp.proc.kill()
+            _signal(c.ipcp.proc, signal.SIGKILL)
 
     # -- applications ----------------------------------------------------
 
@@ -330,7 +333,8 @@ class Irmd:
             raise HandlerError(e.code, f"flow to {msg.name!r} via {ipcp.layer!r}: {e.text}") from None
         except (TimeoutError, ChannelClosed) as e:
             self.reg.flows.pop(flow.flow_id, None)
-            raise HandlerError(m.ETIMEDOUT, f"flow to {msg.name!r} via {ipcp.layer!r}: {e or 'timed out'}") from None
+            why = str(e) or "timed out"
+            raise HandlerError(m.ETIMEDOUT, f"flow to {msg.name!r} via {ipcp.layer!r}: {why}") from None
         if not isinstance(reply, m.IpcpFlow) or len(fds) != 1:
             close_fds(fds)
             self.reg.flows.pop(flow.flow_id, None)
@@ -465,19 +469,23 @@ class Irmd:
 
         if (found := ready()) is not None:
             return found
-        bound_alive = any(c.serves and self.reg.bound(entry, c.acceptor) for c in self.clients.values())
+        # A server of the name is alive: one that accepted before, or a process bound by pid.
+        bound_alive = any((c.serves or c.pid in entry.pids) and self.reg.bound(entry, c.acceptor)
+                          for c in self.clients.values())
         prog = self.reg.auto_program(entry)
         if not bound_alive:
             if prog is None:
                 raise HandlerError(m.ENOENT, f"no process is accepting flows for {name!r}")
             self._start_program(name, prog)
-        try:
-            async with self._acceptors_changed:
-                await asyncio.wait_for(self._acceptors_changed.wait_for(ready), ACCEPT_TIMEOUT)
-        except TimeoutError:
-            raise HandlerError(m.ETIMEDOUT, f"no process accepted the flow for {name!r}") from None
-        found = ready()
-        assert found is not None
+        # Loop: between the wake-up and our turn, another arrival may take the acceptor.
+        deadline = time.monotonic() + ACCEPT_TIMEOUT
+        while (found := ready()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HandlerError(m.ETIMEDOUT, f"no process accepted the flow for {name!r}")
+            with contextlib.suppress(TimeoutError):
+                async with self._acceptors_changed:
+                    await asyncio.wait_for(self._acceptors_changed.wait(), left)
         return found
 
     def _start_program(self, name: str, prog: ProgBinding) -> None:
@@ -544,8 +552,7 @@ class Irmd:
                                      return_when=asyncio.FIRST_COMPLETED)
         if ipcp.announced not in done:
             waiter.cancel()
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            _signal(proc, signal.SIGKILL)
             self.ipcps.pop(name, None)
             raise HandlerError(m.EIPCP, f"ipcp {name!r} ({kind}) failed to start; see the IRMd log")
         waiter.cancel()
@@ -575,12 +582,11 @@ class Irmd:
 
     async def _ipcp_destroy(self, c: Client, msg: m.IpcpDestroy, _: list[int]) -> m.Ok:
         ipcp = self._ipcp(msg.name)
-        with contextlib.suppress(ProcessLookupError):
-            ipcp.proc.terminate()
+        _signal(ipcp.proc, signal.SIGTERM)
         try:
             await asyncio.wait_for(ipcp.proc.wait(), STOP_GRACE)
         except TimeoutError:
-            ipcp.proc.kill()
+            _signal(ipcp.proc, signal.SIGKILL)
             await ipcp.proc.wait()
         await asyncio.sleep(0)  # let the watcher clean up
         return m.Ok(f"destroyed ipcp {msg.name}")
@@ -593,7 +599,7 @@ class Irmd:
         except RemoteError as e:
             raise HandlerError(e.code, f"ipcp {ipcp.name}: {e.text}") from None
         except (TimeoutError, ChannelClosed) as e:
-            raise HandlerError(m.ETIMEDOUT, f"ipcp {ipcp.name}: {e or 'no answer'}") from None
+            raise HandlerError(m.ETIMEDOUT, f"ipcp {ipcp.name}: {str(e) or 'no answer'}") from None
         close_fds(fds)
         return reply
 
@@ -612,10 +618,11 @@ class Irmd:
         if not isinstance(info, m.LayerInfo) or info.hash not in HASHES:
             raise HandlerError(m.EIPCP, f"ipcp {ipcp.name} answered with {type(info).__name__}")
         if layer and info.layer != layer:
-            ipcp.proc.kill()
+            _signal(ipcp.proc, signal.SIGKILL)
             raise HandlerError(m.EINVAL, f"enrolled in layer {info.layer!r}, not {layer!r}; ipcp {ipcp.name} stopped")
         if any(i.layer == info.layer for i in self.ipcps.values()):
-            raise HandlerError(m.EEXIST, f"layer {info.layer!r} already has an IPCP here")
+            _signal(ipcp.proc, signal.SIGKILL)  # it joined; it must not stay in the layer unlisted
+            raise HandlerError(m.EEXIST, f"layer {info.layer!r} already has an IPCP here; ipcp {ipcp.name} stopped")
         ipcp.layer, ipcp.hash, ipcp.mtu = info.layer, info.hash, info.mtu
         if autobind:
             for name in (ipcp.name, ipcp.layer):

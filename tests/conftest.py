@@ -17,7 +17,7 @@ import pytest
 from helpers import IrmdProc, start_irmd, stop_irmd
 
 import flowlib.irm
-from flowlib.irm import IrmClient
+from flowlib.irm import IrmClient, call
 from irmd import messages as m
 
 
@@ -67,8 +67,7 @@ def client_factory(irmd: IrmdProc) -> Iterator[Callable[[], IrmClient]]:
 
     yield make
     for c in clients:
-        if not c.channel.closed:  # IrmClient.close is not idempotent
-            c.close()
+        c.close()
 
 
 @pytest.fixture
@@ -83,9 +82,12 @@ def default_client(irmd: IrmdProc, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 @pytest.fixture
-def bound_name(irmd: IrmdProc, local_layer: str) -> str:
+def bound_name(irmd: IrmdProc, local_layer: str, client_factory: Callable[[], IrmClient]) -> str:
     """A name this test process is bound to and that is registered in the local layer."""
     name = "tester"
-    irmd.request(m.Bind("process", str(os.getpid()), name))
-    irmd.request(m.NameRegister(name, [local_layer]))
+    # What irm would send, over a connection of this process that stays open for the test
+    # (a process's bindings end with its last connection to the IRMd).
+    keeper = client_factory()
+    call(keeper.channel, m.Bind("process", str(os.getpid()), name), timeout=30)
+    call(keeper.channel, m.NameRegister(name, [local_layer]), timeout=30)
     return name

@@ -95,7 +95,7 @@ class Codec:
         if cls is None:
             raise WireError(f"unknown message type {code}")
         try:
-            raw = json.loads(frame[HEADER.size :])
+            raw = json.loads(frame[HEADER.size :], parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8 or an oversized number
             raise WireError(f"{cls.__name__}: body is not JSON: {e}") from None
         if not isinstance(raw, dict):
@@ -118,6 +118,10 @@ class Codec:
         if unknown:
             raise WireError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
         return cls(**kwargs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the protocol carries")
 
 
 @functools.cache

@@ -7,6 +7,7 @@ membership comes from the link-state database, so every lookup is one hop.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Callable, Iterable
 
@@ -81,7 +82,8 @@ class Directory:
         if held:
             return held
         hit = self.cache.get(key)
-        return hit[0] if hit and hit[1] > now else None
+        live = [a for a in hit[0] if a in self.members] if hit and hit[1] > now else []
+        return live or None
 
     def lookup(self, key: bytes, now: float) -> tuple[int, Out]:
         """Start a lookup; its answer lands in `resolved` (an empty list: not found)."""
@@ -105,6 +107,8 @@ class Directory:
 
     def receive(self, msg: Message, now: float) -> Out:
         if isinstance(msg, DhtStore):
+            if not math.isfinite(msg.ttl):
+                return []
             entries = self.store.setdefault(msg.key, {})
             if msg.ttl <= 0:
                 entries.pop(msg.addr, None)

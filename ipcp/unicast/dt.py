@@ -154,18 +154,18 @@ class Dt:
                 continue
             except (OSError, ValueError):
                 return
-            for fd, _ in events:
+            for fd, mask in events:
                 if fd == wake:
                     continue
                 what = self._fds.get(fd)
                 if what is None:
                     continue
                 if what[0] == "n1":
-                    self._from_n1(what[1])  # type: ignore[arg-type]
+                    self._from_n1(what[1], hup=bool(mask & (select.EPOLLHUP | select.EPOLLERR)))  # type: ignore[arg-type]
                 else:
                     self._from_app(what[1])  # type: ignore[arg-type]
 
-    def _from_n1(self, hop: int) -> None:
+    def _from_n1(self, hop: int, hup: bool = False) -> None:
         sock = self.n1.get(hop)
         if sock is None:
             return
@@ -174,6 +174,9 @@ class Dt:
             try:
                 pdu = sock.recv(self.bufsize)
             except BlockingIOError:
+                if hup:  # torn down below us: a shut-down datagram socket says EAGAIN, not EOF
+                    self.remove_n1(hop)
+                    self.on_n1_down(hop)
                 return
             except OSError:
                 pdu = b""

@@ -199,6 +199,9 @@ class UnicastIpcp(Ipcp):
                 hello = await self._expect(af, um.Hello)
                 if hello.layer != self.layer:
                     raise HandlerError(m.EINVAL, f"{dst!r} is in layer {hello.layer!r}, not {self.layer!r}")
+                if bool(hello.nonce) != bool(self.key):  # a keyed member challenges; a keyless one cannot
+                    why = "needs the layer key" if hello.nonce else "does not know the layer key"
+                    raise HandlerError(m.EPERM, f"{dst!r} {why}")
                 if self.key:
                     await af.write(um.CODEC.encode(um.Proof(proof(self.key, hello.nonce, self.name))))
                     answer = await self._expect(af, um.Proof)
@@ -229,7 +232,7 @@ class UnicastIpcp(Ipcp):
                 return
             if hello.component not in (um.MGMT, um.DT) or hello.layer != self.layer:
                 raise HandlerError(m.EINVAL, f"unexpected hello {hello.component!r} for layer {hello.layer!r}")
-            nonce = os.urandom(16)
+            nonce = os.urandom(16) if self.key else b""  # a challenge only where there is a key
             await af.write(um.CODEC.encode(um.Hello(hello.component, self.name, self.layer, self.addr, nonce)))
             if self.key:
                 answer = await self._expect(af, um.Proof)
@@ -342,7 +345,8 @@ class UnicastIpcp(Ipcp):
     def _recompute(self) -> None:
         assert self.dt is not None and self.lsdb is not None and self.dir is not None
         self.dt.pff = self.lsdb.table()
-        self._send_all(self.dir.set_members(self.lsdb.members, time.monotonic()))
+        # Directory entries live only at members we can reach: others would drop them unseen.
+        self._send_all(self.dir.set_members(set(self.dt.pff) | {self.addr}, time.monotonic()))
 
     # -- management PDUs (flow allocator, directory) ---------------------------
 

@@ -72,8 +72,11 @@ class Lsdb:
             del self.db[a]
         due = None
         if now - self._last_flood >= LSU_REFRESH:
+            # A refresh must be news to be flooded on, and it outnumbers an old incarnation of us.
             self._last_flood = now
-            self.db[self.me].seen = now
+            self.seqno += 1
+            entry = self.db[self.me]
+            self.db[self.me] = _Entry(self.seqno, entry.neighbours, now)
             due = self.own()
         return due, bool(expired)
 

@@ -1,0 +1,222 @@
+"""Helpers of the suite: running and stopping irmd, the irm CLI, reading its tables, /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowlib.errors import NameNotFound
+from flowlib.flow import Flow
+from flowlib.irm import IrmClient, call, open_channel
+from flowlib.qos import QosSpec
+from transports.unix import close_fds
+from transports.wire import Message
+
+BIN = Path(sys.executable).parent  # the venv's console scripts: irmd, irm, oping
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+
+def children_of(pid: int) -> set[int]:
+    """Pids whose parent is `pid` (IPCPs and programs the IRMd spawned)."""
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may contain spaces or parentheses
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            kids.add(int(entry))
+    return kids
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """Rows of an `irm ... list` table ('(none)' is no rows)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    if not lines:
+        return []
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[1:]]
+
+
+@dataclass
+class IrmdProc:
+    """A running irmd and what a test needs to talk to it."""
+
+    sock: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+    spawned: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def irm(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run the irm CLI against this irmd."""
+        return subprocess.run(
+            [str(BIN / "irm"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def request(self, msg: Message) -> Message:
+        """Send one control request straight to the irmd (what irm does, without a process)."""
+        channel = open_channel(self.sock)
+        try:
+            reply, fds = call(channel, msg, timeout=30)
+        finally:
+            channel.close()
+        close_fds(fds)
+        return reply
+
+    def irm_ok(self, *args: str) -> subprocess.CompletedProcess[str]:
+        r = self.irm(*args)
+        assert r.returncode == 0, f"irm {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}"
+        return r
+
+    def table(self, *args: str) -> list[dict[str, str]]:
+        return parse_table(self.irm_ok(*args).stdout)
+
+    def ipcp_pid(self, name: str) -> int:
+        rows = [r for r in self.table("ipcp", "list") if r["name"] == name]
+        assert rows, f"no ipcp {name!r} in the list"
+        return int(rows[0]["pid"])
+
+    def note_children(self) -> set[int]:
+        self.spawned |= children_of(self.pid)
+        return self.spawned
+
+    def run(self, tool: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run one of the console scripts (oping, ...) against this irmd."""
+        return subprocess.run(
+            [str(BIN / tool), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def irmd_env(sock: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OUROBOROS_SOCK"] = str(sock)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def socket_answers(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def start_irmd(tmp: Path, name: str = "irmd") -> IrmdProc:
+    sock = tmp / f"{name}.sock"
+    log = tmp / f"{name}.log"
+    env = irmd_env(sock)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "irmd"), "--sock", str(sock)], env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    irmd = IrmdProc(sock, log, proc, env)
+    try:
+        wait_for(lambda: proc.poll() is not None or socket_answers(sock), START_TIMEOUT, "the irmd socket")
+        assert proc.poll() is None, f"irmd exited with {proc.returncode}:\n{irmd.log_text()}"
+    except BaseException:
+        stop_irmd(irmd, check=False)
+        raise
+    return irmd
+
+
+def stop_irmd(irmd: IrmdProc, check: bool = True) -> None:
+    """SIGTERM, then SIGKILL; with check, assert a clean exit, no socket, no children left."""
+    proc = irmd.proc
+    if proc.poll() is None:
+        irmd.note_children()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    leftovers = set()
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not any(pid_alive(p) for p in irmd.spawned), 5.0, "the irmd's children to exit")
+    for pid in irmd.spawned:
+        if pid_alive(pid):
+            leftovers.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if not check:
+        return
+    assert proc.returncode == 0, f"irmd exited with {proc.returncode}:\n{irmd.log_text()}"
+    assert not irmd.sock.exists(), "irmd left its socket behind"
+    assert not leftovers, f"irmd left children running: {sorted(leftovers)}"
+
+
+
+
+Pair = tuple[Flow, Flow]
+
+
+def alloc_when_accepting(client: IrmClient, name: str, qos_spec: QosSpec | None = None) -> Flow:
+    """Allocate once the accepting thread has reached the IRMd (until then: 'no process is accepting')."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return Flow(*client.alloc(name, qos_spec, 10), client)
+        except NameNotFound as e:
+            if "no process is accepting" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def accepted_pair(server: IrmClient, client: IrmClient, name: str, qos_spec: QosSpec | None = None) -> Pair:
+    """(client end, server end) of a flow that `server` took with accept."""
+    with ThreadPoolExecutor(1) as pool:
+        accepted: Future[tuple[object, int]] = pool.submit(server.accept, 10)
+        cli = alloc_when_accepting(client, name, qos_spec)
+        srv = Flow(*accepted.result(timeout=15), server)  # type: ignore[arg-type]
+    return cli, srv

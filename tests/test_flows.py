@@ -1,0 +1,401 @@
+"""Flows as file descriptors over the local layer, used in-process through flowlib."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from helpers import IrmdProc, Pair, accepted_pair, pid_alive, wait_for
+
+from flowlib import qos
+from flowlib.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument, NameNotFound
+from flowlib.events import EventQueue, EventType, FlowSet, fevent
+from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow
+from flowlib.irm import IrmClient
+
+
+@pytest.fixture
+def pair(client_factory: Callable[[], IrmClient], bound_name: str) -> Iterator[Pair]:
+    cli, srv = accepted_pair(client_factory(), client_factory(), bound_name)
+    yield cli, srv
+    cli.close()
+    srv.close()
+
+
+def echo_in_thread(flow: Flow) -> threading.Thread:
+    """Echo every SDU on `flow` until it goes down."""
+    def run() -> None:
+        try:
+            while True:
+                flow.write(flow.read())
+        except FlowError:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def poll_events(fset: FlowSet, want: int, timeout: float) -> list[tuple[Flow, EventType]]:
+    """fevent until `want` events were seen or `timeout` passed."""
+    got: list[tuple[Flow, EventType]] = []
+    q = EventQueue()
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        fevent(fset, q, max(deadline - time.monotonic(), 0))
+        got += [(e.flow, e.type) for e in q]
+    return got
+
+
+# -- allocation -------------------------------------------------------------------
+
+
+def test_accepted_flow_reports_name_layer_and_mtu(pair: Pair, bound_name: str, local_layer: str) -> None:
+    cli, srv = pair
+    assert (cli.name, cli.layer, cli.mtu) == (bound_name, local_layer, 65535)
+    assert (srv.name, srv.layer, srv.mtu) == (bound_name, local_layer, 65535)
+    assert cli.flow_id != srv.flow_id
+
+
+def test_flow_is_a_selectable_file_descriptor(pair: Pair) -> None:
+    cli, srv = pair
+    assert select.select([srv], [], [], 0)[0] == []
+    cli.write(b"ping")
+    assert select.select([srv], [], [], 5)[0] == [srv]
+    assert os.fstat(srv.fileno()).st_mode  # a real fd of this process
+
+
+def test_requested_qos_reaches_both_ends(client_factory: Callable[[], IrmClient], bound_name: str) -> None:
+    cli, srv = accepted_pair(client_factory(), client_factory(), bound_name, qos.voice)
+    with cli, srv:
+        assert cli.fccntl(Fccntl.GQOSSPEC) == qos.voice
+        assert srv.qos == qos.voice
+
+
+def test_allocating_an_unregistered_name_raises_name_not_found_fast(
+    client_factory: Callable[[], IrmClient], local_layer: str
+) -> None:
+    start = time.monotonic()
+    with pytest.raises(NameNotFound, match="not found"):
+        client_factory().alloc("nobody", None, 10)
+    assert time.monotonic() - start < 5
+
+
+def test_allocation_fails_once_the_name_is_unregistered(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, local_layer: str
+) -> None:
+    server, client = client_factory(), client_factory()
+    cli, srv = accepted_pair(server, client, bound_name)
+    cli.close()
+    srv.close()
+    irmd.irm_ok("name", "unregister", bound_name, "layer", local_layer)
+    with pytest.raises(NameNotFound, match="not found"):
+        client.alloc(bound_name, None, 10)
+
+
+def test_allocation_honours_its_timeout_when_the_server_never_accepts(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], local_layer: str
+) -> None:
+    irmd.irm_ok("bind", "program", "sleep", "name", "mute", "auto", "--", "30")  # started, never accepts
+    irmd.irm_ok("name", "register", "mute", "layer", local_layer)
+    start = time.monotonic()
+    with pytest.raises(FlowTimeout):
+        client_factory().alloc("mute", None, 1.0)
+    assert time.monotonic() - start < 4
+
+
+def test_allocation_timeout_error_says_what_happened(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], local_layer: str
+) -> None:
+    irmd.irm_ok("bind", "program", "sleep", "name", "mute", "auto", "--", "30")
+    irmd.irm_ok("name", "register", "mute", "layer", local_layer)
+    with pytest.raises(FlowTimeout) as err:
+        client_factory().alloc("mute", None, 0.5)
+    assert not str(err.value).rstrip().endswith(":"), f"empty reason in {str(err.value)!r}"
+
+
+def test_accept_times_out_when_no_flow_arrives(client_factory: Callable[[], IrmClient], bound_name: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(FlowTimeout):
+        client_factory().accept(0.3)
+    assert 0.25 < time.monotonic() - start < 3
+
+
+# -- data -------------------------------------------------------------------------
+
+SIZES = sorted(
+    {1, 2, 3, 65533, 65534, 65535}
+    | {n + d for n in (2**k for k in range(3, 16)) for d in (-1, 0, 1)}
+    | set(random.Random(1).sample(range(1, 65536), 100))
+)
+
+
+def test_sdus_of_every_size_arrive_intact_and_whole(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], local_layer: str
+) -> None:
+    irmd.irm_ok("bind", "process", str(os.getpid()), "name", "integrity")
+    irmd.irm_ok("name", "register", "integrity", "layer", local_layer)
+    cli, srv = accepted_pair(client_factory(), client_factory(), "integrity")
+    echo_in_thread(srv)
+    rng = random.Random(7)
+    with cli, srv:
+        for size in SIZES:
+            sdu = rng.randbytes(size)
+            assert cli.write(sdu) == size
+            assert cli.read() == sdu, f"SDU of {size} bytes came back different"
+
+
+def test_sdu_boundaries_are_kept_for_queued_sdus(pair: Pair) -> None:
+    cli, srv = pair
+    sdus = [bytes([i]) * (i * 100 + 1) for i in range(20)]
+    for sdu in sdus:
+        cli.write(sdu)
+    assert [srv.read() for _ in sdus] == sdus
+
+
+def test_both_directions_carry_data(pair: Pair) -> None:
+    cli, srv = pair
+    cli.write(b"request")
+    assert srv.read() == b"request"
+    srv.write(b"reply")
+    assert cli.read() == b"reply"
+
+
+def test_sdu_larger_than_the_mtu_raises_invalid_argument(pair: Pair) -> None:
+    cli, _ = pair
+    with pytest.raises(InvalidArgument, match="65536 bytes"):
+        cli.write(bytes(cli.mtu + 1))
+
+
+def test_empty_write_raises_invalid_argument(pair: Pair) -> None:
+    cli, _ = pair
+    with pytest.raises(InvalidArgument, match="0 bytes"):
+        cli.write(b"")
+
+
+# -- fccntl -----------------------------------------------------------------------
+
+
+def test_nonblocking_read_with_nothing_queued_raises_would_block(pair: Pair) -> None:
+    _, srv = pair
+    srv.fccntl(Fccntl.SFLAGS, FLOWFRNONBLOCK)
+    assert srv.fccntl(Fccntl.GFLAGS) == FLOWFRNONBLOCK
+    start = time.monotonic()
+    with pytest.raises(FlowWouldBlock):
+        srv.read()
+    assert time.monotonic() - start < 0.5
+
+
+def test_nonblocking_read_returns_a_queued_sdu(pair: Pair) -> None:
+    cli, srv = pair
+    srv.set_blocking(False)
+    cli.write(b"x")
+    wait_for(srv.has_data, 5, "the SDU")
+    assert srv.read() == b"x"
+
+
+def test_nonblocking_write_to_a_full_flow_raises_would_block(pair: Pair) -> None:
+    cli, _ = pair
+    cli.set_blocking(False)
+    with pytest.raises(FlowWouldBlock):
+        for _ in range(100_000):
+            cli.write(bytes(1000))
+
+
+def test_read_timeout_raises_flow_timeout_after_the_timeout(pair: Pair) -> None:
+    _, srv = pair
+    srv.fccntl(Fccntl.SRCVTIMEO, 0.3)
+    assert srv.fccntl(Fccntl.GRCVTIMEO) == 0.3
+    start = time.monotonic()
+    with pytest.raises(FlowTimeout):
+        srv.read()
+    assert 0.29 <= time.monotonic() - start < 1.5
+
+
+def test_read_with_a_timeout_returns_data_that_arrives_in_time(pair: Pair) -> None:
+    cli, srv = pair
+    srv.set_timeout(5)
+    threading.Timer(0.1, cli.write, (b"late",)).start()
+    assert srv.read() == b"late"
+
+
+def test_write_timeout_raises_flow_timeout_on_a_full_flow(pair: Pair) -> None:
+    cli, _ = pair
+    cli.fccntl(Fccntl.SSNDTIMEO, 0.2)
+    start = time.monotonic()
+    with pytest.raises(FlowTimeout):
+        for _ in range(100_000):
+            cli.write(bytes(1000))
+    assert time.monotonic() - start < 5
+
+
+def test_negative_timeout_is_an_invalid_argument(pair: Pair) -> None:
+    with pytest.raises(InvalidArgument):
+        pair[0].fccntl(Fccntl.SRCVTIMEO, -1)
+
+
+def test_mtu_is_available_through_fccntl(pair: Pair) -> None:
+    assert pair[0].fccntl(Fccntl.GMTU) == 65535
+
+
+def test_back_to_blocking_read_waits_for_data(pair: Pair) -> None:
+    cli, srv = pair
+    srv.set_blocking(False)
+    srv.set_blocking(True)
+    threading.Timer(0.1, cli.write, (b"ok",)).start()
+    assert srv.read() == b"ok"
+
+
+# -- the end of a flow ---------------------------------------------------------------
+
+
+def test_read_after_the_peer_deallocated_raises_flow_down(pair: Pair) -> None:
+    cli, srv = pair
+    cli.close()
+    with pytest.raises(FlowDown, match="deallocated by the peer"):
+        srv.read()
+
+
+def test_blocked_read_is_woken_by_the_peer_deallocating(pair: Pair) -> None:
+    cli, srv = pair
+    threading.Timer(0.2, cli.close).start()
+    with pytest.raises(FlowDown):
+        srv.read()
+
+
+def test_write_after_the_peer_deallocated_raises_flow_down(pair: Pair) -> None:
+    cli, srv = pair
+    srv.close()
+    with pytest.raises(FlowDown):
+        cli.write(b"anyone?")
+
+
+def test_sdus_queued_before_the_peer_deallocated_are_still_read(pair: Pair) -> None:
+    cli, srv = pair
+    cli.write(b"last words")
+    cli.close()
+    assert srv.read() == b"last words"
+    with pytest.raises(FlowDown):
+        srv.read()
+
+
+def test_fevent_reports_dealloc_when_the_peer_deallocates(pair: Pair) -> None:
+    cli, srv = pair
+    fset = FlowSet(srv._irm)
+    fset.add(srv)
+    threading.Timer(0.1, cli.close).start()
+    assert poll_events(fset, 1, 5) == [(srv, EventType.DEALLOC)]
+    assert srv not in fset  # reported once, then out of the set
+    fset.close()
+
+
+def test_closing_a_flow_is_idempotent_and_later_io_fails(pair: Pair) -> None:
+    cli, _ = pair
+    cli.close()
+    cli.close()
+    assert cli.closed
+    with pytest.raises(FlowError):
+        cli.write(b"x")
+
+
+def test_deallocated_flows_leave_the_flow_list(irmd: IrmdProc, pair: Pair) -> None:
+    cli, srv = pair
+    assert len(irmd.table("flow", "list")) == 2
+    cli.close()
+    srv.close()
+    assert irmd.table("flow", "list") == []
+
+
+def test_flows_of_a_client_that_disconnects_are_released(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    server, client = client_factory(), client_factory()
+    cli, srv = accepted_pair(server, client, bound_name)
+    client.channel.close()  # the connection drops with the flow still open
+    with pytest.raises(FlowDown):
+        srv.read()
+    assert [r["role"] for r in irmd.table("flow", "list")] == ["dst"]
+    srv.close()
+    cli.close()  # the IRMd is unreachable for this client: close still succeeds
+
+
+def test_a_process_stays_bound_while_it_has_another_connection(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], local_layer: str
+) -> None:
+    irmd.irm_ok("bind", "process", str(os.getpid()), "name", "srv")
+    irmd.irm_ok("name", "register", "srv", "layer", local_layer)
+    server, helper = client_factory(), client_factory()
+    helper.channel.close()  # e.g. a library in the process that talked to the IRMd once
+    wait_for(lambda: helper.channel.closed, 5, "the connection to close")
+    time.sleep(0.2)  # let the IRMd see it go
+    assert irmd.table("name", "list")[0]["pids"] == str(os.getpid())
+    cli, srv = accepted_pair(server, client_factory(), "srv")
+    cli.close()
+    srv.close()
+
+
+def test_closing_an_irm_client_twice_is_harmless(irmd: IrmdProc) -> None:
+    client = IrmClient(irmd.sock)
+    client.close()
+    bystander = os.eventfd(0)  # likely to reuse the fd number just freed
+    try:
+        client.close()
+        os.fstat(bystander)  # still open
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(bystander)
+
+
+# -- the IPCP dies -----------------------------------------------------------------------
+
+
+def test_killing_the_ipcp_takes_its_flows_down_and_the_irmd_carries_on(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, local_layer: str
+) -> None:
+    server, client = client_factory(), client_factory()
+    cli, srv = accepted_pair(server, client, bound_name)
+    fset = FlowSet(server)
+    fset.add(cli)
+    fset.add(srv)
+    pid = irmd.ipcp_pid("lo")
+
+    os.kill(pid, signal.SIGKILL)
+
+    events = poll_events(fset, 2, 5)
+    assert sorted((f.flow_id, t) for f, t in events) == sorted(
+        [(cli.flow_id, EventType.DOWN), (srv.flow_id, EventType.DOWN)])
+    with pytest.raises(FlowDown, match="is down"):
+        srv.read()
+    with pytest.raises(FlowDown):
+        cli.write(b"x")
+    wait_for(lambda: not pid_alive(pid), 5, "the IPCP to be reaped")
+    assert irmd.table("ipcp", "list") == []
+    assert {r["state"] for r in irmd.table("flow", "list")} == {"down"}
+    assert irmd.alive()
+    fset.close()
+    cli.close()
+    srv.close()
+
+
+def test_a_new_ipcp_serves_the_layer_after_the_old_one_was_killed(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, local_layer: str
+) -> None:
+    pid = irmd.ipcp_pid("lo")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: irmd.table("ipcp", "list") == [], 5, "the IPCP to leave the list")
+
+    irmd.irm_ok("ipcp", "bootstrap", "name", "lo2", "layer", local_layer, "type", "local")
+    irmd.note_children()
+    assert irmd.table("name", "list")[0]["layers"] == "-"  # registrations died with the layer
+    irmd.irm_ok("name", "register", bound_name, "layer", local_layer)
+    cli, srv = accepted_pair(client_factory(), client_factory(), bound_name)
+    with cli, srv:
+        cli.write(b"again")
+        assert srv.read() == b"again"

@@ -135,22 +135,19 @@ class _LayerOf(Message):
         self.ipcp, self.name = ipcp, name
 
 
-async def apply_config(irmd: Irmd, path: Path) -> None:
-    from irmd.daemon import Client
-
-    admin = Client(conn_id=0, pid=os.getpid(), uid=os.geteuid())
-    for where, msg in plan(path):
+async def apply_config(irmd: Irmd, steps: list[Step], path: Path) -> None:
+    """Carry out planned steps in order; the first failure raises ConfigError."""
+    for where, msg in steps:
         if isinstance(msg, _LayerOf):
             ipcp = irmd.ipcps.get(msg.ipcp)
             if ipcp is None or not ipcp.layer:
                 raise ConfigError(f"{where} reg: ipcp {msg.ipcp!r} is in no layer to register {msg.name!r} in")
             msg = m.NameRegister(msg.name, [ipcp.layer])
         try:
-            await irmd._dispatch(admin, msg, [])
+            await irmd.admin(msg)
         except HandlerError as e:
             if e.code == m.EEXIST and isinstance(msg, m.NameCreate):
                 continue
             raise ConfigError(f"{where}: {e.text}") from None
         log.info("%s: %s done", where, type(msg).__name__)
     log.info("config %s applied", path)
-

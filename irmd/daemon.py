@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from irmd import messages as m
+from irmd.config import ConfigError, Step, apply_config, plan
 from irmd.registry import (
     HASHES,
     IPCP_TYPES,
@@ -126,6 +127,7 @@ class Irmd:
         self.programs: dict[int, asyncio.subprocess.Process] = {}
         self._starting: dict[str, float] = {}  # name -> when its auto program was started
         self._conn_ids = 0
+        self._admin_client: Client | None = None
         self._server: socket.socket | None = None
         self._acceptors_changed: asyncio.Condition | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -270,6 +272,13 @@ class Irmd:
         if isinstance(result, tuple):
             return result
         return result, ()
+
+    async def admin(self, msg: Message) -> Message:
+        """Serve an administrative request from within (config boot) as irm would get it served."""
+        if self._admin_client is None:
+            self._admin_client = Client(conn_id=0, pid=os.getpid(), uid=os.geteuid())
+        reply, _ = await self._dispatch(self._admin_client, msg, [])
+        return reply
 
     async def _client_gone(self, c: Client) -> None:
         self.clients.pop(c.conn_id, None)
@@ -608,8 +617,6 @@ class Irmd:
         layer's name, registered in the layers below (those up before it joined)."""
         if ipcp.layer:
             raise HandlerError(m.EEXIST, f"ipcp {ipcp.name!r} is already in layer {ipcp.layer!r}")
-        if isinstance(msg, m.IpcpBootstrapReq) and any(i.layer == msg.layer for i in self.ipcps.values()):
-            raise HandlerError(m.EEXIST, f"layer {msg.layer!r} already has an IPCP here")
         lower = [i for i in self.ipcps.values() if i.operational and i is not ipcp]
         if isinstance(msg, m.IpcpBootstrapReq) and ipcp.type in ("unicast", "broadcast"):
             # The layer's PDUs ride on flows of the layers below: the smallest MTU bounds them.
@@ -636,6 +643,8 @@ class Irmd:
 
     async def _ipcp_bootstrap(self, c: Client, msg: m.IpcpBootstrap, _: list[int]) -> m.Ok:
         check_name(msg.layer, "layer name")
+        if any(i.layer == msg.layer for i in self.ipcps.values()):  # before creating anything
+            raise HandlerError(m.EEXIST, f"layer {msg.layer!r} already has an IPCP here")
         ipcp = self.ipcps.get(msg.name)
         if ipcp is None:
             if not msg.type:
@@ -760,6 +769,13 @@ def _raise_nofile() -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    steps: list[Step] = []
+    if args.config:
+        try:  # what the file says is checked before anything starts
+            steps = plan(Path(args.config))
+        except ConfigError as e:
+            log.error("%s", e)
+            return 1
     irmd = Irmd(irmd_sock_path(args.sock))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -767,12 +783,10 @@ async def _serve(args: argparse.Namespace) -> int:
     await irmd.start()
     status = 0
     try:
-        if args.config:
-            from irmd.config import apply_config
-
+        if steps:
             try:
-                await apply_config(irmd, Path(args.config))
-            except Exception as e:  # a bad config stops the boot, with the reason
+                await apply_config(irmd, steps, Path(args.config))
+            except ConfigError as e:  # what only running it shows stops the boot too
                 log.error("%s", e)
                 status = 1
                 irmd.stop()

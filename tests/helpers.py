@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,13 +151,13 @@ def socket_answers(path: Path) -> bool:
     return True
 
 
-def start_irmd(tmp: Path, name: str = "irmd") -> IrmdProc:
+def start_irmd(tmp: Path, name: str = "irmd", args: Sequence[str] = ()) -> IrmdProc:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
     env = irmd_env(sock)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "irmd"), "--sock", str(sock)], env=env, stdout=out, stderr=subprocess.STDOUT,
+            [str(BIN / "irmd"), "--sock", str(sock), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
     irmd = IrmdProc(sock, log, proc, env)

@@ -62,40 +62,15 @@ class FloodDt(Dt):
             self.seen.popitem(last=False)
         return True
 
-    def _from_app(self, flow: UniFlow) -> None:
-        while True:
-            try:
-                sdu = flow.io.recv(self.bufsize)
-            except BlockingIOError:
-                return
-            except OSError:
-                sdu = b""
-            if not sdu:
-                self.remove_flow(flow.eid)
-                return
+    def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
+        for sdu in sdus:
             self.seqno += 1
             self._fresh(self.me, self.seqno)
             self._deliver(sdu, skip=flow)
             self._flood((self.fmt.pack(Pci(self.me, 0, self.max_ttl, 0, self.seqno)), sdu), skip=0)
 
-    def _from_n1(self, hop: int, hup: bool = False) -> None:
-        sock = self.n1.get(hop)
-        if sock is None:
-            return
-        while True:
-            try:
-                pdu = sock.recv(self.bufsize)
-            except BlockingIOError:
-                if hup:
-                    self.remove_n1(hop)
-                    self.on_n1_down(hop)
-                return
-            except OSError:
-                pdu = b""
-            if not pdu:
-                self.remove_n1(hop)
-                self.on_n1_down(hop)
-                return
+    def from_n1(self, hop: int, pdus: list[bytes]) -> None:
+        for pdu in pdus:
             try:
                 pci = self.fmt.unpack(pdu)
             except PciError:

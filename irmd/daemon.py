@@ -643,6 +643,9 @@ class Irmd:
 
     async def _ipcp_bootstrap(self, c: Client, msg: m.IpcpBootstrap, _: list[int]) -> m.Ok:
         check_name(msg.layer, "layer name")
+        named = self.ipcps.get(msg.name)
+        if named is not None and named.layer:
+            raise HandlerError(m.EEXIST, f"ipcp {msg.name!r} is already in layer {named.layer!r}")
         if any(i.layer == msg.layer for i in self.ipcps.values()):  # before creating anything
             raise HandlerError(m.EEXIST, f"layer {msg.layer!r} already has an IPCP here")
         ipcp = self.ipcps.get(msg.name)

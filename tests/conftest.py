@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import IrmdProc, start_irmd, stop_irmd
+from unicast_net import Cluster
 
 import flowlib.irm
 from flowlib.irm import IrmClient, call
@@ -91,3 +92,13 @@ def bound_name(irmd: IrmdProc, local_layer: str, client_factory: Callable[[], Ir
     call(keeper.channel, m.Bind("process", str(os.getpid()), name), timeout=30)
     call(keeper.channel, m.NameRegister(name, [local_layer]), timeout=30)
     return name
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Hosts on loopback, one IRMd each (tests/unicast_net.py), all stopped at the end."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop_all()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,3 +221,22 @@ def accepted_pair(server: IrmClient, client: IrmClient, name: str, qos_spec: Qos
         cli = alloc_when_accepting(client, name, qos_spec)
         srv = Flow(*accepted.result(timeout=15), server)  # type: ignore[arg-type]
     return cli, srv
+
+
+def free_udp_port(ips: Iterable[str]) -> int:
+    """A port that is free on every one of `ips` right now."""
+    for _ in range(200):
+        port = random.randint(20000, 60000)
+        socks = []
+        try:
+            for ip in ips:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind((ip, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return port
+    raise RuntimeError("no free udp port")

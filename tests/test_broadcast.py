@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from unicast_net import Cluster, Host
@@ -32,15 +30,6 @@ else:
         pass
 flow.close()
 """
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def member(host: Host, *words: str) -> subprocess.Popen[str]:

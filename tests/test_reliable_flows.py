@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import BIN, IrmdProc, start_irmd, stop_irmd
+from helpers import BIN, IrmdProc, free_udp_port, start_irmd, stop_irmd
 from reliable_peer import Sink, payload, send_all, start_sink
 
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout, InvalidArgument, flow_alloc, qos
@@ -44,25 +44,6 @@ MB = 1_000_000
 CHUNK = 1400
 RATIO_FLOOR = 0.25  # encrypted/plain throughput below this is a regression, whatever the machine's load
 _names = itertools.count(1)
-
-
-def free_port(ips: list[str]) -> int:
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 60000)
-        socks: list[socket.socket] = []
-        try:
-            for ip in ips:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((ip, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
-    raise RuntimeError("no free UDP port")
 
 
 @dataclass
@@ -104,7 +85,7 @@ class Net:
 
 
 def make_net(tmp: Path, impair: str | None = None) -> Net:
-    port = free_port([A_IP, B_IP])
+    port = free_udp_port([A_IP, B_IP])
     a = start_irmd(tmp, "a")
     try:
         b = start_irmd(tmp, "b")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, pid_alive, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, free_udp_port, pid_alive, start_irmd, stop_irmd, wait_for
 
 from apps import operf
 from apps.oping import ECHO_REPLY, ECHO_REQUEST, HDR
@@ -45,26 +45,6 @@ from transports import udp
 
 LAYER = "lan"
 A_IP, B_IP, C_IP = "127.0.0.1", "127.0.0.2", "127.0.0.3"
-
-
-def free_port(ips: list[str]) -> int:
-    """A UDP port free on every one of `ips` (checked by binding, then released)."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 60000)
-        socks: list[socket.socket] = []
-        try:
-            for ip in ips:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((ip, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
-    raise RuntimeError("no free UDP port")
 
 
 @dataclass
@@ -129,7 +109,7 @@ class Host:
 def lan(tmp_path: Path) -> Iterator[Callable[..., Host]]:
     """`lan(ip, peer=None, extra=())`: a host with its irmd and a udp4 IPCP in layer 'lan'."""
     hosts: list[Host] = []
-    port = free_port([A_IP, B_IP, C_IP])
+    port = free_udp_port([A_IP, B_IP, C_IP])
 
     def make(ip: str, peer: str | None = None, extra: tuple[str, ...] = ()) -> Host:
         irmd = start_irmd(tmp_path, name=f"irmd-{ip}")

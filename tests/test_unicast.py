@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from unicast_net import Cluster, Host, echo_once
 from flowlib.errors import FlowDown, FlowError, FlowTimeout
 from flowlib.flow import flow_alloc
 from flowlib.irm import IrmClient
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def pong_at(host: Host, layer: str = "net") -> None:

@@ -20,9 +20,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,15 +33,6 @@ LSU_TIMEOUT = 60.0  # ipcp/unicast/routing.py: a dead member's LSU lingers this 
 # Layer sizes to run: 20 by default (about 2 minutes); UNICAST_SCALE_SIZES=10,20 measures both.
 SIZES = [int(n) for n in os.environ.get("UNICAST_SCALE_SIZES", "20").split(",")]
 WORKERS = 48  # concurrent pair checks (each allocation waits ~1 s for the udp layer's negative answer)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def topology(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import IrmdProc, children_of, pid_alive, start_irmd, stop_irmd, wait_for
+from helpers import IrmdProc, children_of, free_udp_port, pid_alive, start_irmd, stop_irmd, wait_for
 
 from flowlib.errors import FlowError
 from flowlib.flow import flow_alloc
@@ -59,25 +57,6 @@ while True:
     threading.Thread(target=serve, args=(f,), daemon=True).start()
     time.sleep(delay)
 """
-
-
-def free_udp_port(ips: Iterable[str]) -> int:
-    """A port that is free on every one of `ips` right now."""
-    for _ in range(200):
-        port = random.randint(20000, 60000)
-        socks = []
-        try:
-            for ip in ips:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((ip, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
-    raise RuntimeError("no free udp port")
 
 
 @dataclass

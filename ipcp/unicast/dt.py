@@ -6,20 +6,16 @@ PDUs for unknown flows are dropped and counted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import select
 import socket
-import threading
 from collections.abc import Callable
 
 from ipcp.unicast.pci import MGMT_EID, Pci, PciError, PciFormat
+from transports.poller import PollThread, read_burst
 
 log = logging.getLogger(__name__)
-
-BURST = 64
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,12 +42,13 @@ class Counters:
     overflow: int = 0
 
 
-class Dt:
+class Dt(PollThread):
     """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its socket."""
 
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
                  on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None]) -> None:
         self.fmt = fmt
+        super().__init__("dt")
         self.me = me
         self.max_ttl = max_ttl
         self.bufsize = bufsize
@@ -62,23 +59,13 @@ class Dt:
         self.n1: dict[int, socket.socket] = {}  # next-hop address -> its data flow
         self.flows: dict[int, UniFlow] = {}
         self.counters = Counters()
-        self._fds: dict[int, tuple[str, object]] = {}
-        self._epoll = select.epoll()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name="dt", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self._n1_at: dict[int, int] = {}  # fd -> next-hop address
+        self._flow_at: dict[int, UniFlow] = {}  # fd -> N+1 flow
 
     def stop(self) -> None:
-        self._running = False
-        self._wake_w.send(b"x")
-        self._thread.join(timeout=2)
+        super().stop()
         for sock in self.n1.values():
             sock.close()
-        self._epoll.close()
 
     # -- tables, changed from the IPCP's loop ----------------------------------
 
@@ -88,33 +75,28 @@ class Dt:
         sock = socket.socket(fileno=os.dup(fd))
         sock.setblocking(False)
         self.n1[addr] = sock
-        self._fds[sock.fileno()] = ("n1", addr)
-        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._n1_at[sock.fileno()] = addr
+        self.watch(sock.fileno())
 
     def remove_n1(self, addr: int) -> None:
         sock = self.n1.pop(addr, None)
         if sock is not None:
-            self._unwatch(sock)
+            if self._n1_at.pop(sock.fileno(), None) is not None:
+                self.unwatch(sock.fileno())
             sock.close()
 
     def add_flow(self, flow: UniFlow) -> None:
         flow.io.setblocking(False)
         flow.hdr = self.fmt.pack(Pci(flow.dst, flow.qos, self.max_ttl, 0, flow.remote_eid))
         self.flows[flow.eid] = flow
-        self._fds[flow.io.fileno()] = ("n+1", flow)
-        self._epoll.register(flow.io.fileno(), select.EPOLLIN)
+        self._flow_at[flow.io.fileno()] = flow
+        self.watch(flow.io.fileno())
 
     def remove_flow(self, eid: int) -> UniFlow | None:
         flow = self.flows.pop(eid, None)
-        if flow is not None:
-            self._unwatch(flow.io)
+        if flow is not None and self._flow_at.pop(flow.io.fileno(), None) is not None:
+            self.unwatch(flow.io.fileno())
         return flow
-
-    def _unwatch(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        if self._fds.pop(fd, None) is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._epoll.unregister(fd)
 
     def send_mgmt(self, dst: int, payload: bytes) -> bool:
         """A management PDU to the IPCP at `dst` (thread-safe); False if unroutable."""
@@ -145,45 +127,26 @@ class Dt:
 
     # -- the thread ----------------------------------------------------------
 
-    def _run(self) -> None:
-        wake = self._wake_r.fileno()
-        while self._running:
-            try:
-                events = self._epoll.poll()
-            except InterruptedError:
-                continue
-            except (OSError, ValueError):
-                return
-            for fd, mask in events:
-                if fd == wake:
-                    continue
-                what = self._fds.get(fd)
-                if what is None:
-                    continue
-                if what[0] == "n1":
-                    self._from_n1(what[1], hup=bool(mask & (select.EPOLLHUP | select.EPOLLERR)))  # type: ignore[arg-type]
-                else:
-                    self._from_app(what[1])  # type: ignore[arg-type]
-
-    def _from_n1(self, hop: int, hup: bool = False) -> None:
-        sock = self.n1.get(hop)
-        if sock is None:
-            return
-        fmt, size, me, c = self.fmt, self.fmt.size, self.me, self.counters
-        for _ in range(BURST):
-            try:
-                pdu = sock.recv(self.bufsize)
-            except BlockingIOError:
-                if hup:  # torn down below us: a shut-down datagram socket says EAGAIN, not EOF
+    def on_ready(self, fd: int, mask: int) -> None:
+        hup = bool(mask & self.HUP)
+        if (hop := self._n1_at.get(fd)) is not None:
+            sock = self.n1.get(hop)
+            if sock is not None:
+                pdus, ended = read_burst(sock, self.bufsize, hup)
+                self.from_n1(hop, pdus)
+                if ended:  # torn down below us
                     self.remove_n1(hop)
                     self.on_n1_down(hop)
-                return
-            except OSError:
-                pdu = b""
-            if not pdu:
-                self.remove_n1(hop)
-                self.on_n1_down(hop)
-                return
+        elif (flow := self._flow_at.get(fd)) is not None:
+            sdus, ended = read_burst(flow.io, self.bufsize, hup)
+            self.from_app(flow, sdus)
+            if ended:
+                self.remove_flow(flow.eid)
+
+    def from_n1(self, hop: int, pdus: list[bytes]) -> None:
+        """PDUs from a neighbour: ours are delivered, others forwarded with one hop less to live."""
+        fmt, size, me, c = self.fmt, self.fmt.size, self.me, self.counters
+        for pdu in pdus:
             try:
                 pci = fmt.unpack(pdu)
             except PciError:
@@ -213,15 +176,6 @@ class Dt:
             if self._route(pci.dst, (buf,), pci.eid):
                 c.forwarded += 1
 
-    def _from_app(self, flow: UniFlow) -> None:
-        for _ in range(BURST):
-            try:
-                sdu = flow.io.recv(self.bufsize)
-            except BlockingIOError:
-                return
-            except OSError:
-                sdu = b""
-            if not sdu:
-                self.remove_flow(flow.eid)
-                return
+    def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
+        for sdu in sdus:
             self._route(flow.dst, (flow.hdr, sdu), flow.eid)

@@ -1,0 +1,79 @@
+"""A thread that waits on many sockets with one epoll: the base of the data paths
+(the shims' relay, the unicast and broadcast DT), and the one way they read a burst.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+
+BURST = 64  # packets taken from one ready socket before looking at the others
+
+
+def read_burst(sock: socket.socket, bufsize: int, hup: bool) -> tuple[list[bytes], bool]:
+    """What is ready on `sock` (up to BURST packets), and whether it has ended.
+
+    It has ended on EOF, on an error, or on a hang-up with nothing left to read:
+    a datagram socket shut down under us answers EAGAIN, never EOF.
+    """
+    packets: list[bytes] = []
+    for _ in range(BURST):
+        try:
+            packet = sock.recv(bufsize)
+        except BlockingIOError:
+            return packets, hup
+        except OSError:
+            return packets, True
+        if not packet:
+            return packets, True
+        packets.append(packet)
+    return packets, False
+
+
+class PollThread:
+    """Subclasses watch sockets and handle their readiness in `on_ready`, on this thread."""
+
+    HUP = select.EPOLLHUP | select.EPOLLERR
+
+    def __init__(self, name: str) -> None:
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self._wake_w.send(b"x")
+        self._thread.join(timeout=2)
+        self._epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def watch(self, fd: int) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def unwatch(self, fd: int) -> None:
+        with contextlib.suppress(OSError, ValueError):  # closed already
+            self._epoll.unregister(fd)
+
+    def on_ready(self, fd: int, mask: int) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        wake = self._wake_r.fileno()
+        while self._running:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):
+                return  # closed under us at shutdown
+            for fd, mask in events:
+                if fd != wake:
+                    self.on_ready(fd, mask)

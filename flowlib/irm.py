@@ -98,6 +98,14 @@ class IrmClient:
     def listen(self, enabled: bool) -> None:
         call(self.channel, m.FlowListen(enabled), REPLY_MARGIN)
 
+    def bind(self, name: str) -> None:
+        """Bind this process to `name` (`irm bind process PID name NAME`): its flows come here."""
+        call(self.channel, m.Bind("process", str(self.pid), name), REPLY_MARGIN)
+
+    def register(self, name: str, layers: Sequence[str]) -> None:
+        """Register `name` in `layers` (`irm name register`), so other hosts find it."""
+        call(self.channel, m.NameRegister(name, list(layers)), REPLY_MARGIN)
+
     def take_arrived(self) -> list[tuple[m.FlowReply, int]]:
         """Flows pushed by the IRMd since the last call; raises IrmdUnreachable once it is gone."""
         with contextlib.suppress(BlockingIOError):

@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import local, udp
+from bench import eth, frct, local, udp, unicast
 from bench.harness import RESULTS, Row, Suite, table, write_json
 
 log = logging.getLogger("bench")
 
-# The registry: later suites (udp, unicast, frct, ...) add one entry each.
-SUITES: dict[str, Suite] = {s.name: s for s in (local.SUITE, udp.SUITE)}
+SUITES: dict[str, Suite] = {s.name: s for s in (local.SUITE, udp.SUITE, eth.SUITE, unicast.SUITE, frct.SUITE)}
 SUITE_TIME_LIMIT = 150  # seconds; a hung peer must not hang `make bench`
 
 

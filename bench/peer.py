@@ -15,6 +15,7 @@ import socket
 import subprocess
 
 from bench import session
+from bench.packet import PacketLink
 from bench.stack import tool
 from flowlib import EventQueue, EventType, FlowDown, FlowSet, fevent
 
@@ -45,13 +46,22 @@ def flow_server(name: str) -> None:
 
 
 def raw_server(ctrl: socket.socket) -> None:
-    """Serve one session on each socket passed over `ctrl` (SCM_RIGHTS), until it closes."""
+    """Serve one session on each socket passed over `ctrl` (SCM_RIGHTS), until it closes.
+
+    A packet socket comes with "LOCAL_MAC PEER_MAC" (hex) as its message: it carries frames.
+    """
     while True:
-        _, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
+        msg, fds, _, _ = socket.recv_fds(ctrl, 64, 1)
         if not fds:
             return
         with socket.socket(fileno=fds[0]) as sock:
-            session.serve(functools.partial(sock.recv, session.RECV_BUF), sock.send)
+            sock.setblocking(True)
+            if sock.family == socket.AF_PACKET:
+                local, peer = (bytes.fromhex(w) for w in msg.decode().split())
+                link = PacketLink(sock, local, peer)
+                session.serve(link.recv, link.send)
+            else:
+                session.serve(functools.partial(sock.recv, session.RECV_BUF), sock.send)
 
 
 def broker(client: socket.socket, listener: socket.socket) -> None:

@@ -47,9 +47,13 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class Stack:
-    """An IRMd on TMP/irmd.sock, with OUROBOROS_SOCK pointing at it while the stack is up."""
+    """An IRMd on TMP/irmd.sock, with OUROBOROS_SOCK pointing at it while the stack is up.
 
-    def __init__(self) -> None:
+    With `netns`, the IRMd and every process spawned run inside that network namespace.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._prefix = ["ip", "netns", "exec", netns] if netns else []
         self._tmp = tempfile.TemporaryDirectory(prefix="ouroboros-bench-")
         self.dir = Path(self._tmp.name)
         self.sock = self.dir / "irmd.sock"
@@ -86,7 +90,7 @@ class Stack:
         logfile = self.dir / f"{label}.log"
         with logfile.open("wb") as err:
             proc = subprocess.Popen(
-                argv,
+                [*self._prefix, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if ready else subprocess.DEVNULL,
                 stderr=err,

@@ -1,0 +1,92 @@
+"""Network namespaces for the eth suite: two hosts joined by a veth pair, always removed after.
+
+Sockets can be opened inside a namespace from this process (a short-lived thread enters it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from bench.harness import BenchError
+
+CLONE_NEWNET = 0x40000000
+
+
+def unavailable() -> str | None:
+    """Why namespaces cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip`"
+    return None
+
+
+def _ip(*args: str) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+class VethPair:
+    """Namespaces NAME-a and NAME-b with interfaces `dev_a` and `dev_b` between them, up, no IP."""
+
+    def __init__(self, name: str) -> None:
+        tag = f"{name}{os.getpid() % 100000}"
+        self.ns = (f"{tag}a", f"{tag}b")
+        self.dev = (f"{tag}va", f"{tag}vb")
+
+    def __enter__(self) -> VethPair:
+        try:
+            for ns in self.ns:
+                _ip("netns", "add", ns)
+            _ip("link", "add", self.dev[0], "netns", self.ns[0], "type", "veth",
+                "peer", "name", self.dev[1], "netns", self.ns[1])  # fmt: skip
+            for ns, dev in zip(self.ns, self.dev, strict=True):
+                _ip("-n", ns, "link", "set", dev, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ns in self.ns:  # deleting a namespace deletes its end of the veth, and so the pair
+            if Path(f"/run/netns/{ns}").exists():
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
+
+    def mac(self, side: int) -> bytes:
+        info = json.loads(_ip("-n", self.ns[side], "-j", "link", "show", "dev", self.dev[side]))
+        return bytes.fromhex(str(info[0]["address"]).replace(":", ""))
+
+    def inside(self, side: int, make: Callable[[], socket.socket]) -> socket.socket:
+        """`make()` run in namespace `side`: the socket it returns belongs there for good."""
+        result: list[socket.socket | BaseException] = []
+
+        def enter_and_make() -> None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            try:
+                with open(f"/run/netns/{self.ns[side]}", "rb") as f:  # setns moves this thread only
+                    if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns failed")
+                result.append(make())
+            except BaseException as e:
+                result.append(e)
+
+        worker = threading.Thread(target=enter_and_make)
+        worker.start()
+        worker.join()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]

@@ -1,0 +1,200 @@
+"""styx: serve a directory, the IRMd or net/ over flows; list, read and write files as NAME:/path.
+
+`styx serve` is an ordinary Ouroboros application; `styx bridge` lets third-party
+9P clients in over TCP or a unix socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import TransportError, bridge, dial, serve_tree
+from apps.styx.tree import StyxError
+from flowlib import Flow, FlowError
+from flowlib.irm import default_client
+
+log = logging.getLogger("styx")
+
+
+class CliError(Exception):
+    pass
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """'NAME:/path' -> ('NAME', '/path'); NAME may be tcp!HOST!PORT or unix!/path."""
+    name, sep, path = target.partition(":")
+    if not sep or not name:
+        raise CliError(f"bad target '{target}': expected NAME:/path")
+    return name, path or "/"
+
+
+def connect(target: str, user: str | None) -> tuple[Client, str]:
+    name, path = split_target(target)
+    try:
+        transport = dial(name)
+    except (FlowError, TransportError, ValueError) as e:
+        raise CliError(str(e)) from None
+    try:
+        return Client(transport, user), path
+    except StyxClientError:
+        transport.close()
+        raise
+
+
+def mode_string(mode: int) -> str:
+    kind = "d" if mode & w.DMDIR else "a" if mode & w.DMAPPEND else "-"
+    bits = "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
+    return kind + bits
+
+
+def stat_line(st: w.Stat) -> str:
+    when = time.strftime("%b %d %H:%M", time.localtime(st.mtime))
+    name = st.name + ("/" if st.mode & w.DMDIR else "")
+    return f"{mode_string(st.mode)} {st.uid:8} {st.gid:8} {st.length:10} {when} {name}"
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+def cmd_ls(a: argparse.Namespace) -> None:
+    client, path = connect(a.target, a.user)
+    with client:
+        for st in sorted(client.ls(path), key=lambda s: s.name):
+            print(stat_line(st) if a.long else st.name + ("/" if st.mode & w.DMDIR else ""))
+
+
+def cmd_cat(a: argparse.Namespace) -> None:
+    client, path = connect(a.target, a.user)
+    with client:
+        data = client.cat(path)
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+
+
+def cmd_put(a: argparse.Namespace) -> None:
+    data = sys.stdin.buffer.read()
+    client, path = connect(a.target, a.user)
+    with client:
+        client.put(path, data)
+
+
+def cmd_stat(a: argparse.Namespace) -> None:
+    client, path = connect(a.target, a.user)
+    with client:
+        st = client.stat(path)
+    print(f"name   {st.name}\nqid    type {st.qid.type:#04x} vers {st.qid.vers} path {st.qid.path:#x}\n"
+          f"mode   {mode_string(st.mode)} ({st.mode:#o})\nlength {st.length}\n"
+          f"uid    {st.uid}\ngid    {st.gid}\nmuid   {st.muid}\n"
+          f"atime  {time.ctime(st.atime)}\nmtime  {time.ctime(st.mtime)}")
+
+
+def cmd_rm(a: argparse.Namespace) -> None:
+    client, path = connect(a.target, a.user)
+    with client:
+        client.remove(path)
+
+
+def cmd_mkdir(a: argparse.Namespace) -> None:
+    client, path = connect(a.target, a.user)
+    with client:
+        client.mkdir(path)
+
+
+def announce(name: str, layers: list[str]) -> None:
+    """Bind this process to `name` and register it, tolerating what is already so."""
+    irm = default_client()
+    try:
+        irm.bind(name)
+    except FlowError as e:
+        log.info("bind %s: %s (already bound?)", name, e)
+    if layers:
+        try:
+            irm.register(name, layers)
+        except FlowError as e:
+            if "exist" not in str(e).lower() and "already" not in str(e).lower():
+                raise
+            log.info("register %s: %s", name, e)
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    users = frozenset(a.users.split(",")) if a.users else None
+    route: Callable[[Flow], bool] | None = None
+    if a.irm:
+        from apps.styx.irmfs import irm_tree
+
+        tree, route = irm_tree()
+    elif a.root:
+        from apps.styx.fs import FsTree
+
+        tree = FsTree(a.root)
+    else:
+        raise CliError("serve needs --root DIR or --irm")
+    if a.name:
+        announce(a.name, a.layer)
+    print(f"styx: serving {'the IRMd' if a.irm else a.root}" + (f" as {a.name}" if a.name else ""), flush=True)
+    serve_tree(tree, users, route)  # type: ignore[arg-type]
+
+
+def cmd_bridge(a: argparse.Namespace) -> None:
+    def ready() -> None:
+        print(f"styx: bridging {a.listen} to {a.name}", flush=True)
+
+    try:
+        bridge(a.name, a.listen, ready)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="styx", description="9P2000 file service over Ouroboros flows")
+    p.add_argument("-u", "--user", help="the user name to attach as (default: yours)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve a directory (--root) or the IRMd and net/ (--irm)")
+    s.add_argument("--name", help="bind this process to NAME (flows to NAME reach it)")
+    s.add_argument("--layer", action="append", default=[], help="also register NAME in layer L (repeatable)")
+    s.add_argument("--root", help="the directory to serve")
+    s.add_argument("--irm", action="store_true", help="serve the IRMd as files, and net/")
+    s.add_argument("--users", help="comma-separated users allowed to attach (default: any)")
+    s.set_defaults(func=cmd_serve)
+    for name, func, helptext in [
+        ("ls", cmd_ls, "list a directory"), ("cat", cmd_cat, "print a file"),
+        ("put", cmd_put, "write stdin to a file (created if missing)"), ("stat", cmd_stat, "show a file's stat"),
+        ("rm", cmd_rm, "remove a file or empty directory"), ("mkdir", cmd_mkdir, "make a directory"),
+    ]:  # fmt: skip
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("target", help="NAME:/path (NAME: a flow name, or tcp!HOST!PORT / unix!/path)")
+        if name == "ls":
+            c.add_argument("-l", dest="long", action="store_true", help="long listing")
+        c.set_defaults(func=func)
+    b = sub.add_parser("bridge", help="let 9P clients on TCP or a unix socket reach NAME")
+    b.add_argument("--name", required=True, help="the styx service to relay to")
+    b.add_argument("--listen", required=True, help="tcp!HOST!PORT or unix!/path")
+    b.set_defaults(func=cmd_bridge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="styx: %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        a.func(a)
+    except (CliError, StyxClientError, StyxError, FlowError, TransportError) as e:
+        print(f"styx: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
+        sys.exit(1)

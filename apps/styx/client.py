@@ -1,0 +1,217 @@
+"""A 9P2000 client: version, attach, then file operations by path, over any Transport.
+
+One request at a time; paths are walked MAXWELEM names per Twalk, data moves
+in iounit-sized reads and writes.
+"""
+
+from __future__ import annotations
+
+import getpass
+from typing import TypeVar
+
+from apps.styx import wire as w
+from apps.styx.transport import Transport, TransportError
+
+M = TypeVar("M", bound=w.Msg)
+
+
+class StyxClientError(Exception):
+    """The server answered Rerror, or the connection failed."""
+
+
+def split_path(path: str) -> list[str]:
+    """'/a/b//c/' -> ['a', 'b', 'c']; '..' is kept (the server decides what it means)."""
+    return [p for p in path.split("/") if p and p != "."]
+
+
+class Client:
+    def __init__(self, transport: Transport, user: str | None = None, aname: str = "",
+                 msize: int = w.MSIZE_MAX) -> None:
+        self.transport = transport
+        self.msize = msize
+        self._tag = 0
+        self._next_fid = 1
+        self.root = 0
+        self._version()
+        self.rpc(w.Tattach(0, self.root, w.NOFID, user or getpass.getuser(), aname), w.Rattach)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def iounit(self) -> int:
+        return self.msize - w.IOHDRSZ
+
+    # -- messages --------------------------------------------------------------
+
+    def _version(self) -> None:
+        reply = self.rpc(w.Tversion(w.NOTAG, self.msize, w.VERSION9P), w.Rversion)
+        if reply.version != w.VERSION9P:
+            raise StyxClientError(f"the server does not speak 9P2000 (answered '{reply.version}')")
+        self.msize = min(self.msize, reply.msize)
+
+    def rpc(self, msg: w.Msg, expect: type[M]) -> M:
+        if not isinstance(msg, w.Tversion):
+            self._tag = (self._tag + 1) % w.NOTAG
+            msg.tag = self._tag
+        try:
+            self.transport.send(w.encode(msg))
+            reply = w.decode(self.transport.recv(), max(self.msize, w.MSIZE_MAX))
+        except TransportError as e:
+            raise StyxClientError(f"connection lost: {e}") from None
+        except w.DecodeError as e:
+            raise StyxClientError(f"bad reply from the server: {e}") from None
+        if reply.tag != msg.tag:
+            raise StyxClientError(f"reply tag {reply.tag} does not match request tag {msg.tag}")
+        if isinstance(reply, w.Rerror):
+            raise StyxClientError(reply.ename)
+        if not isinstance(reply, expect):
+            raise StyxClientError(f"expected {expect.__name__}, got {type(reply).__name__}")
+        return reply
+
+    def newfid(self) -> int:
+        self._next_fid += 1
+        return self._next_fid
+
+    def walk(self, path: str | list[str], fid: int | None = None) -> int:
+        """A new fid for `path` (from the root, or from `fid`); StyxClientError if a name is missing."""
+        names = split_path(path) if isinstance(path, str) else path
+        start = self.root if fid is None else fid
+        new = self.newfid()
+        self.rpc(w.Twalk(0, start, new, []), w.Rwalk)
+        for i in range(0, len(names), w.MAXWELEM):
+            part = names[i : i + w.MAXWELEM]
+            try:
+                reply = self.rpc(w.Twalk(0, new, new, part), w.Rwalk)
+            except StyxClientError:
+                self.clunk(new)
+                raise
+            if len(reply.wqid) != len(part):
+                self.clunk(new)
+                raise StyxClientError(f"'{part[len(reply.wqid)]}' file does not exist")
+        return new
+
+    def clunk(self, fid: int) -> None:
+        self.rpc(w.Tclunk(0, fid), w.Rclunk)
+
+    def open(self, fid: int, mode: int) -> w.Ropen:
+        return self.rpc(w.Topen(0, fid, mode), w.Ropen)
+
+    def create(self, fid: int, name: str, perm: int, mode: int) -> w.Rcreate:
+        return self.rpc(w.Tcreate(0, fid, name, perm, mode), w.Rcreate)
+
+    def read(self, fid: int, offset: int, count: int) -> bytes:
+        return self.rpc(w.Tread(0, fid, offset, min(count, self.iounit)), w.Rread).data
+
+    def write(self, fid: int, offset: int, data: bytes) -> int:
+        return self.rpc(w.Twrite(0, fid, offset, data[: self.iounit]), w.Rwrite).count
+
+    def stat_fid(self, fid: int) -> w.Stat:
+        return self.rpc(w.Tstat(0, fid), w.Rstat).stat
+
+    def wstat_fid(self, fid: int, st: w.Stat) -> None:
+        self.rpc(w.Twstat(0, fid, st), w.Rwstat)
+
+    # -- by path -----------------------------------------------------------------
+
+    def read_fid_all(self, fid: int) -> bytes:
+        out, offset = bytearray(), 0
+        while True:
+            chunk = self.read(fid, offset, self.iounit)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+            offset += len(chunk)
+
+    def cat(self, path: str) -> bytes:
+        fid = self.walk(path)
+        try:
+            self.open(fid, w.OREAD)
+            return self.read_fid_all(fid)
+        finally:
+            self.clunk(fid)
+
+    def write_fid_all(self, fid: int, data: bytes, offset: int = 0) -> None:
+        pos = 0
+        while pos < len(data):
+            n = self.write(fid, offset + pos, data[pos : pos + self.iounit])
+            if n <= 0:
+                raise StyxClientError("the server accepted no bytes")
+            pos += n
+
+    def put(self, path: str, data: bytes, perm: int = 0o644) -> None:
+        """Write `data` as the whole file at `path`, creating it if needed."""
+        names = split_path(path)
+        if not names:
+            raise StyxClientError("cannot write to the root directory")
+        try:
+            fid = self.walk(names)
+            try:
+                self.open(fid, w.OWRITE | w.OTRUNC)
+            except StyxClientError:
+                self.clunk(fid)
+                raise
+        except StyxClientError as e:
+            if "does not exist" not in str(e):
+                raise
+            fid = self.walk(names[:-1])
+            try:
+                self.create(fid, names[-1], perm, w.OWRITE)
+            except StyxClientError:
+                self.clunk(fid)
+                raise
+        try:
+            self.write_fid_all(fid, data)
+        finally:
+            self.clunk(fid)
+
+    def command(self, path: str, text: str) -> str:
+        """Write one command to a ctl file and read back its answer (one open, as Plan 9 does)."""
+        fid = self.walk(path)
+        try:
+            self.open(fid, w.ORDWR)
+            self.write(fid, 0, text.encode())
+            return self.read_fid_all(fid).decode(errors="replace")
+        finally:
+            self.clunk(fid)
+
+    def stat(self, path: str) -> w.Stat:
+        fid = self.walk(path)
+        try:
+            return self.stat_fid(fid)
+        finally:
+            self.clunk(fid)
+
+    def ls(self, path: str) -> list[w.Stat]:
+        fid = self.walk(path)
+        try:
+            st = self.stat_fid(fid)
+            if not st.mode & w.DMDIR:
+                return [st]
+            self.open(fid, w.OREAD)
+            try:
+                return w.stats_decode(self.read_fid_all(fid))
+            except w.DecodeError as e:
+                raise StyxClientError(f"bad directory data: {e}") from None
+        finally:
+            self.clunk(fid)
+
+    def remove(self, path: str) -> None:
+        fid = self.walk(path)
+        self.rpc(w.Tremove(0, fid), w.Rremove)  # remove clunks the fid, even on error
+
+    def mkdir(self, path: str, perm: int = 0o755) -> None:
+        names = split_path(path)
+        if not names:
+            raise StyxClientError("the root already exists")
+        fid = self.walk(names[:-1])
+        try:
+            self.create(fid, names[-1], w.DMDIR | perm, w.OREAD)
+        finally:
+            self.clunk(fid)

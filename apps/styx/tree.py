@@ -1,0 +1,182 @@
+"""What a 9P server serves: nodes (files and directories) and their open handles.
+
+Backends implement Node and Handle; synthetic trees are built from SynthDir,
+SynthFile and the text handles here (ctl/status files that print plain text).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import time
+from collections.abc import Callable
+
+from apps.styx.wire import DMDIR, QTDIR, QTFILE, Qid, Stat
+
+
+class StyxError(Exception):
+    """A failed file operation; its text becomes the Rerror ename."""
+
+
+class WouldBlock(Exception):
+    """The operation must wait (a flow with no data yet); the server retries it later."""
+
+
+class Handle:
+    """An open file: what Topen/Tcreate return and Tread/Twrite/Tclunk act on."""
+
+    def read(self, offset: int, count: int) -> bytes:
+        raise StyxError("file not open for reading")
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise StyxError("file not open for writing")
+
+    def close(self) -> None:
+        pass
+
+
+class Node:
+    """One file or directory of a served tree."""
+
+    def stat(self) -> Stat:
+        raise NotImplementedError
+
+    def is_dir(self) -> bool:
+        return bool(self.stat().mode & DMDIR)
+
+    def walk(self, name: str) -> Node:
+        """The child called `name` (never '..': the server walks up with parent())."""
+        raise StyxError("not a directory")
+
+    def parent(self) -> Node:
+        raise NotImplementedError
+
+    def children(self) -> list[Node]:
+        raise StyxError("not a directory")
+
+    def open(self, mode: int, user: str) -> Handle:
+        raise StyxError("cannot open")
+
+    def create(self, name: str, perm: int, mode: int, user: str) -> tuple[Node, Handle]:
+        raise StyxError("cannot create here")
+
+    def remove(self) -> None:
+        raise StyxError("cannot remove")
+
+    def wstat(self, st: Stat, user: str) -> None:
+        raise StyxError("cannot change this file's attributes")
+
+
+class Tree:
+    """A served tree: gives each attach its root."""
+
+    def attach(self, uname: str, aname: str) -> Node:
+        raise NotImplementedError
+
+
+def qid_path(path: str) -> int:
+    """A stable 64-bit qid path for a synthetic node."""
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+
+
+# -- synthetic trees -------------------------------------------------------------
+
+
+class Synth(Node):
+    def __init__(self, name: str, mode: int, parent: Synth | None, owner: str | None) -> None:
+        self.name = name
+        self.mode = mode
+        self._parent = parent
+        self.owner: str = owner or (parent.owner if parent else getpass.getuser())
+        self.path: str = f"{parent.path}/{name}" if parent else ""
+        self.mtime = int(time.time())
+
+    def parent(self) -> Node:
+        return self._parent or self
+
+    def length(self) -> int:
+        return 0
+
+    def stat(self) -> Stat:
+        qtype = QTDIR if self.mode & DMDIR else QTFILE
+        return Stat(qid=Qid(qtype, 0, qid_path(self.path or "/")), mode=self.mode, atime=self.mtime,
+                    mtime=self.mtime, length=self.length(), name=self.name or "/",
+                    uid=self.owner, gid=self.owner, muid=self.owner)
+
+
+class SynthDir(Synth):
+    """A directory whose entries come from a function, so they follow live state."""
+
+    def __init__(self, name: str, parent: SynthDir | None = None,
+                 entries: Callable[[SynthDir], list[Synth]] | None = None,
+                 perm: int = 0o555, owner: str | None = None) -> None:
+        super().__init__(name, DMDIR | perm, parent, owner)
+        self._entries = entries
+        self.fixed: list[Synth] = []
+
+    def add(self, child: Synth) -> Synth:
+        self.fixed.append(child)
+        return child
+
+    def children(self) -> list[Node]:
+        return [*self.fixed, *(self._entries(self) if self._entries else [])]
+
+    def walk(self, name: str) -> Node:
+        for child in self.children():
+            if isinstance(child, Synth) and child.name == name:
+                return child
+        raise StyxError(f"'{name}' file does not exist")
+
+    def open(self, mode: int, user: str) -> Handle:
+        return Handle()  # directory reads are done by the server from children()
+
+
+class SynthFile(Synth):
+    """A file whose opens are made by a function (text, ctl, or anything live)."""
+
+    def __init__(self, name: str, parent: SynthDir, opener: Callable[[int, str], Handle],
+                 perm: int = 0o444, owner: str | None = None) -> None:
+        super().__init__(name, perm, parent, owner)
+        self._opener = opener
+
+    def open(self, mode: int, user: str) -> Handle:
+        return self._opener(mode, user)
+
+
+class TextHandle(Handle):
+    """Reads a text snapshot taken at open; writes run `on_write` per write as a command.
+
+    A command's answer (if any) replaces what later reads of this open file return,
+    as Plan 9 ctl files do.
+    """
+
+    def __init__(self, text: Callable[[], str] | str = "",
+                 on_write: Callable[[str], str | None] | None = None) -> None:
+        self._text = text
+        self._on_write = on_write
+        self._snapshot: bytes | None = None
+
+    def read(self, offset: int, count: int) -> bytes:
+        if self._snapshot is None or offset == 0:
+            self._snapshot = (self._text() if callable(self._text) else self._text).encode()
+        return self._snapshot[offset : offset + count]
+
+    def write(self, offset: int, data: bytes) -> int:
+        if self._on_write is None:
+            raise StyxError("permission denied: read-only file")
+        try:
+            command = data.decode().strip()
+        except UnicodeDecodeError:
+            raise StyxError("commands are UTF-8 text") from None
+        answer = self._on_write(command)
+        if answer is not None:
+            self._snapshot = answer.encode() if answer.endswith("\n") or not answer else (answer + "\n").encode()
+            self._text = answer
+        return len(data)
+
+
+def text_file(name: str, parent: SynthDir, text: Callable[[], str],
+              on_write: Callable[[str], str | None] | None = None, perm: int | None = None) -> SynthFile:
+    """A file that prints `text()`, and runs written commands through `on_write`."""
+    mode = perm if perm is not None else (0o644 if on_write else 0o444)
+    return SynthFile(name, parent, lambda _mode, _user: TextHandle(text, on_write), mode)

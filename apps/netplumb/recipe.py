@@ -1,0 +1,351 @@
+"""Recipes: labelled multi-command pipelines as the seed describes (`label:`, `|`, `&`, `>%label`,
+`2>%label`, `<`, `>`, `>>`, `2>`, `2>>`, `2>&1`); a strict parser, and the runner netplumbd uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apps.netplumb.jobs import RunAs, pipes
+
+MAX_COMMANDS = 256
+LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Longest first: the operators a token may start with.
+OPERATORS = ("2>&1", "2>>", "2>", ">>", ">", "<", "|", "&", ";")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the line."""
+
+
+@dataclass(frozen=True)
+class File:
+    path: str
+    append: bool = False
+
+
+@dataclass(frozen=True)
+class ToLabel:
+    label: str
+
+
+@dataclass(frozen=True)
+class ToNext:
+    """`|`: into the next command's stdin."""
+
+
+@dataclass(frozen=True)
+class ToStdout:
+    """`2>&1`."""
+
+
+Target = File | ToLabel | ToNext | ToStdout
+
+
+@dataclass
+class Command:
+    argv: list[str]
+    line: int
+    label: str | None = None
+    stdin: File | None = None
+    stdout: Target | None = None  # None: the session's stdout
+    stderr: Target | None = None  # None: the session's stderr
+    wait: bool = True  # False after `|` or `&`: start the next one at once
+    fed: bool = False  # something writes into this command's stdin (`|` or `>%label`)
+
+
+@dataclass
+class _Token:
+    text: str
+    op: bool  # an unquoted operator
+
+
+def tokenize(line: str, n: int) -> list[_Token]:
+    """Words with sh-style quotes and backslashes; operators split off; '#' starts a comment."""
+    out: list[_Token] = []
+    word: list[str] = []
+    i, quoted, in_word = 0, False, False
+
+    def end_word() -> None:
+        nonlocal word, quoted, in_word
+        if in_word:
+            out.append(_Token("".join(word), False))
+        word, quoted, in_word = [], False, False
+
+    while i < len(line):
+        c = line[i]
+        if c in " \t\r":
+            end_word()
+            i += 1
+        elif c == "#" and not in_word:
+            break
+        elif c == "'":
+            j = line.find("'", i + 1)
+            if j < 0:
+                raise RecipeError(f"line {n}: unterminated ' quote")
+            word.append(line[i + 1:j])
+            in_word = quoted = True
+            i = j + 1
+        elif c == '"':
+            i += 1
+            while i < len(line) and line[i] != '"':
+                if line[i] == "\\" and i + 1 < len(line) and line[i + 1] in '"\\$`':
+                    i += 1
+                word.append(line[i])
+                i += 1
+            if i >= len(line):
+                raise RecipeError(f"line {n}: unterminated \" quote")
+            in_word = quoted = True
+            i += 1
+        elif c == "\\":
+            if i + 1 >= len(line):
+                raise RecipeError(f"line {n}: a backslash at the end of the line")
+            word.append(line[i + 1])
+            in_word = True
+            i += 2
+        else:
+            op = next((o for o in OPERATORS if line.startswith(o, i)), None)
+            if op is not None and op.startswith("2") and in_word:
+                op = None  # 'x2>' is a word then '>'
+            if op is not None:
+                end_word()
+                out.append(_Token(op, True))
+                i += len(op)
+            else:
+                word.append(c)
+                in_word = True
+                i += 1
+    end_word()
+    return out
+
+
+def parse_recipe(text: str) -> list[Command]:
+    """Commands in order; raises RecipeError naming the line of the first problem."""
+    commands: list[Command] = []
+    current: Command | None = None
+    for n, raw in enumerate(text.splitlines(), 1):
+        tokens = tokenize(raw, n)
+        k = 0
+        while k < len(tokens):
+            tok = tokens[k]
+            k += 1
+            if current is None:
+                current = Command([], n)
+                if not tok.op and tok.text.endswith(":") and LABEL.fullmatch(tok.text[:-1]):
+                    current.label = tok.text[:-1]
+                    continue
+            if not tok.op:
+                current.argv.append(tok.text)
+                continue
+            if tok.text in ("|", "&", ";"):
+                if not current.argv:
+                    raise RecipeError(f"line {n}: {tok.text!r} without a command before it")
+                current.wait = tok.text == ";"
+                if tok.text == "|":
+                    current.stdout = _set(current.stdout, ToNext(), "stdout", n)
+                commands.append(current)
+                current = None
+                continue
+            if tok.text == "2>&1":
+                current.stderr = _set(current.stderr, ToStdout(), "stderr", n)
+                continue
+            if k >= len(tokens) or tokens[k].op:
+                raise RecipeError(f"line {n}: {tok.text!r} needs a file name or %label after it")
+            target, k = tokens[k].text, k + 1
+            if tok.text == "<":
+                if target.startswith("%"):
+                    raise RecipeError(f"line {n}: '<%label' is not a thing: send to a label with '>%label'")
+                current.stdin = File(target)
+                continue
+            dest: Target
+            if target.startswith("%"):
+                if tok.text not in (">", "2>"):
+                    raise RecipeError(f"line {n}: a label takes '>%label' or '2>%label', not {tok.text!r}")
+                if not LABEL.fullmatch(target[1:]):
+                    raise RecipeError(f"line {n}: bad label {target!r}")
+                dest = ToLabel(target[1:])
+            else:
+                dest = File(target, append=tok.text.endswith(">>"))
+            if tok.text.startswith("2"):
+                current.stderr = _set(current.stderr, dest, "stderr", n)
+            else:
+                current.stdout = _set(current.stdout, dest, "stdout", n)
+        if current is not None:  # the end of a line ends its command (unless it ended in | or &)
+            if not current.argv:
+                raise RecipeError(f"line {n}: label {current.label!r} without a command")
+            commands.append(current)
+            current = None
+        if len(commands) > MAX_COMMANDS:
+            raise RecipeError(f"more than {MAX_COMMANDS} commands")
+    _check(commands)
+    return commands
+
+
+def _set(old: Target | None, new: Target, what: str, n: int) -> Target:
+    if old is not None:
+        raise RecipeError(f"line {n}: {what} is redirected twice")
+    return new
+
+
+def _check(commands: list[Command]) -> None:
+    if not commands:
+        raise RecipeError("the recipe has no commands")
+    labels: dict[str, int] = {}
+    for i, cmd in enumerate(commands):
+        if cmd.label is not None:
+            if cmd.label in labels:
+                raise RecipeError(f"line {cmd.line}: label {cmd.label!r} is used twice")
+            labels[cmd.label] = i
+    for i, cmd in enumerate(commands):
+        for target in (cmd.stdout, cmd.stderr):
+            if isinstance(target, ToLabel):
+                if target.label not in labels:
+                    raise RecipeError(f"line {cmd.line}: no command is labelled {target.label!r}")
+                if labels[target.label] == i:
+                    raise RecipeError(f"line {cmd.line}: a command cannot feed its own stdin")
+                commands[labels[target.label]].fed = True
+            elif isinstance(target, ToNext):
+                if i + 1 >= len(commands):
+                    raise RecipeError(f"line {cmd.line}: '|' at the end of the recipe pipes into nothing")
+                commands[i + 1].fed = True
+    for cmd in commands:
+        if cmd.fed and cmd.stdin is not None:
+            raise RecipeError(f"line {cmd.line}: stdin comes from both a pipe and '<'")
+
+
+@dataclass
+class _Plan:
+    """File descriptors of every command, and after which command each can be closed."""
+
+    fds: list[tuple[int, int, int]] = field(default_factory=list)
+    last_use: dict[int, int] = field(default_factory=dict)
+
+
+class RecipeJob:
+    """Runs a parsed recipe: all pipes and files opened first, then commands in order, waiting
+    for each unless it ended in `|` or `&`. The status is the first non-zero one, else 0."""
+
+    def __init__(self, commands: list[Command], run_as: RunAs, recipe_dir: Path) -> None:
+        (ci, self.stdin), (co, self.stdout), (ce, self.stderr) = pipes()
+        self._commands = commands
+        self._kwargs = run_as.popen_kwargs()
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._status = 0
+        self._lock = threading.Lock()
+        opened: list[int] = [ci, co, ce]
+        try:
+            plan = self._plan(commands, recipe_dir, ci, co, ce, opened)
+        except BaseException:
+            for fd in (*opened, self.stdin, self.stdout, self.stderr):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        self._thread = threading.Thread(target=self._run, args=(plan, ce), daemon=True, name="recipe")
+        self._thread.start()
+
+    @staticmethod
+    def _plan(commands: list[Command], recipe_dir: Path, ci: int, co: int, ce: int, opened: list[int]) -> _Plan:
+        def open_file(f: File, write: bool) -> int:
+            path = Path(f.path)
+            if not path.is_absolute():
+                recipe_dir.mkdir(parents=True, exist_ok=True)
+                path = recipe_dir / path
+            flags = (os.O_WRONLY | os.O_CREAT | (os.O_APPEND if f.append else os.O_TRUNC)) if write else os.O_RDONLY
+            try:
+                fd = os.open(path, flags, 0o644)
+            except OSError as e:
+                raise RecipeError(f"cannot open {path}: {e.strerror}") from None
+            opened.append(fd)
+            return fd
+
+        labels = {c.label: i for i, c in enumerate(commands) if c.label is not None}
+        inputs: dict[int, tuple[int, int]] = {}
+        for i, cmd in enumerate(commands):
+            if cmd.fed:
+                r, w = os.pipe()
+                opened += [r, w]
+                inputs[i] = (r, w)
+        plan = _Plan()
+        stdin_taken = False
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        opened.append(devnull)
+
+        def dest(t: Target | None, i: int, default: int) -> int:
+            if t is None:
+                return default
+            if isinstance(t, File):
+                return open_file(t, True)
+            if isinstance(t, ToLabel):
+                return inputs[labels[t.label]][1]
+            if isinstance(t, ToNext):
+                return inputs[i + 1][1]
+            raise AssertionError(t)
+
+        for i, cmd in enumerate(commands):
+            if cmd.fed:
+                fin = inputs[i][0]
+            elif cmd.stdin is not None:
+                fin = open_file(cmd.stdin, False)
+            elif not stdin_taken:
+                fin, stdin_taken = ci, True
+            else:
+                fin = devnull
+            fout = dest(cmd.stdout, i, co)
+            ferr = fout if isinstance(cmd.stderr, ToStdout) else dest(cmd.stderr, i, ce)
+            plan.fds.append((fin, fout, ferr))
+        for fd in opened:
+            plan.last_use[fd] = -1
+        for i, triple in enumerate(plan.fds):
+            for fd in triple:
+                plan.last_use[fd] = i
+        return plan
+
+    def _run(self, plan: _Plan, ce: int) -> None:
+        def close_after(i: int) -> None:
+            for fd, last in list(plan.last_use.items()):
+                if last <= i:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    del plan.last_use[fd]
+
+        close_after(-1)
+        for i, (cmd, (fin, fout, ferr)) in enumerate(zip(self._commands, plan.fds, strict=True)):
+            try:
+                proc = subprocess.Popen(cmd.argv, stdin=fin, stdout=fout, stderr=ferr, close_fds=True,
+                                        **self._kwargs)  # type: ignore[call-overload]
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.write(ferr, f"recipe line {cmd.line}: cannot run {cmd.argv[0]}: {e.strerror}\n".encode())
+                self._note(127)
+                close_after(len(self._commands))
+                return
+            with self._lock:
+                self._procs.append(proc)
+            close_after(i)
+            if cmd.wait:
+                self._note(proc.wait())
+        close_after(len(self._commands))
+
+    def _note(self, code: int) -> None:
+        with self._lock:
+            if self._status == 0:
+                self._status = code
+
+    def wait(self) -> int:
+        self._thread.join()
+        for proc in list(self._procs):
+            self._note(proc.wait())
+        return self._status
+
+    def signal(self, sig: int) -> None:
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)

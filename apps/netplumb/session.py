@@ -1,0 +1,280 @@
+"""The netplumb session: a sans-IO state machine for the handshake and the encrypted packets after it.
+
+Fed whole packets (bytes), it returns events and queues the bytes to send; it never touches a flow.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nacl import bindings as nb
+from nacl.exceptions import CryptoError
+
+from apps.netplumb import wire
+from apps.netplumb.keys import Identity, verify
+from apps.netplumb.wire import Fields, Packet, WireError
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+KEY_BYTES = 32
+TAG_BYTES = nb.crypto_aead_chacha20poly1305_ietf_ABYTES
+SERVER_PROOF = b"netplumb-v1 server proof\0"
+CLIENT_PROOF = b"netplumb-v1 client proof\0"
+
+
+class SessionError(Exception):
+    """The session cannot go on: bad packet, failed authentication, or the peer's ERROR."""
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # client: hello not sent yet
+    HELLO_SENT = "hello sent"  # client waits for the server's hello
+    WAIT_HELLO = "wait hello"  # server waits for the client's hello
+    AUTH_SENT = "auth sent"  # client waits for welcome
+    WAIT_AUTH = "wait auth"  # server waits for the client's proof
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+# -- events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerKey:
+    """Client: the server proved it holds this long-term key (already accepted by check_host)."""
+
+    public: bytes
+
+
+@dataclass(frozen=True)
+class Established:
+    """The handshake is done; peer is the other side's long-term key."""
+
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class Message:
+    """An encrypted packet (type >= 20) that arrived and authenticated."""
+
+    type: int
+    fields: Fields
+
+
+@dataclass(frozen=True)
+class PeerError:
+    """The peer sent ERROR: it ends the session."""
+
+    message: str
+
+
+Event = ServerKey | Established | Message | PeerError
+
+
+class _Cipher:
+    """ChaCha20-Poly1305 in one direction; the nonce is a packet counter both sides keep."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.counter = 0
+
+    def _nonce(self) -> bytes:
+        nonce = struct.pack(">4xQ", self.counter)
+        self.counter += 1
+        return nonce
+
+    def seal(self, plain: bytes, aad: bytes) -> bytes:
+        return nb.crypto_aead_chacha20poly1305_ietf_encrypt(plain, aad, self._nonce(), self.key)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        return nb.crypto_aead_chacha20poly1305_ietf_decrypt(sealed, aad, self._nonce(), self.key)
+
+
+class Session:
+    """Common to both ends: sequence numbers, encryption, the outgoing queue."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.state = State.IDLE
+        self.peer: bytes | None = None
+        self._enc = wire.Encoder()
+        self._dec = wire.Decoder()
+        self._eph_secret = nb.randombytes(KEY_BYTES)
+        self.eph_public: bytes = nb.crypto_scalarmult_base(self._eph_secret)
+        self._tx: _Cipher | None = None
+        self._rx: _Cipher | None = None
+        self._transcript = b""
+        self._out: list[bytes] = []
+
+    # -- the caller's side -------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def send(self, ptype: int, fields: Fields) -> bytes:
+        """Seal one message of the established session; returns its bytes (also for direct writes)."""
+        if self.state is not State.ESTABLISHED:
+            raise SessionError(f"cannot send {wire.TYPE_NAMES.get(ptype, ptype)} in state {self.state.value}")
+        return self._packet(ptype, fields)
+
+    def error(self, message: str) -> bytes | None:
+        """The ERROR packet that ends this session (None if no key is agreed yet), and close."""
+        out = self._packet(wire.ERROR, Fields.of(message=message)) if self._tx is not None else None
+        self.state = State.CLOSED
+        return out
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed received bytes; raises SessionError (and closes) on anything wrong."""
+        if self.state is State.CLOSED:
+            raise SessionError("the session is closed")
+        try:
+            events: list[Event] = []
+            for packet in self._dec.feed(data):
+                events.extend(self._handle(packet))
+            return events
+        except (WireError, SessionError) as e:
+            self.state = State.CLOSED
+            raise SessionError(str(e)) from None
+
+    # -- internals ------------------------------------------------------------------
+
+    def _packet(self, ptype: int, fields: Fields) -> bytes:
+        plain = wire.encode_pairs(fields)
+        seq = self._enc.next()
+        if ptype >= wire.ENCRYPTED_FROM:
+            assert self._tx is not None
+            payload = self._tx.seal(plain, Packet(seq, ptype, b"").aad)
+        else:
+            payload = plain
+        return wire.encode(Packet(seq, ptype, payload))
+
+    def _queue(self, ptype: int, fields: Fields) -> None:
+        self._out.append(self._packet(ptype, fields))
+
+    def _open(self, packet: Packet) -> Fields:
+        if packet.type < wire.ENCRYPTED_FROM:
+            return wire.decode_pairs(packet.payload)
+        if self._rx is None:
+            raise SessionError(f"encrypted packet type {packet.type} before any key was agreed")
+        try:
+            plain = self._rx.open(packet.payload, packet.aad)
+        except (CryptoError, ValueError):
+            raise SessionError("a packet failed authentication: wrong session key, or it was tampered with") \
+                from None
+        return wire.decode_pairs(plain)
+
+    def _keys(self, peer_eph: bytes, client: bool) -> None:
+        if len(peer_eph) != KEY_BYTES:
+            raise SessionError("the peer's ephemeral key is not 32 bytes")
+        try:
+            shared = nb.crypto_scalarmult(self._eph_secret, peer_eph)
+        except Exception:  # nacl raises RuntimeError on a low-order point
+            raise SessionError("the peer's ephemeral key is unusable") from None
+        if shared == bytes(KEY_BYTES):
+            raise SessionError("the peer's ephemeral key is unusable (all-zero shared secret)")
+        okm = hashlib.blake2b(shared + self._transcript, digest_size=64, person=b"netplumb-v1 keys").digest()
+        c2s, s2c = _Cipher(okm[:32]), _Cipher(okm[32:])
+        self._tx, self._rx = (c2s, s2c) if client else (s2c, c2s)
+
+    def _handle(self, packet: Packet) -> list[Event]:
+        raise NotImplementedError
+
+    def _common(self, packet: Packet, fields: Fields) -> list[Event]:
+        """Packets of the established session."""
+        if packet.type == wire.ERROR:
+            self.state = State.CLOSED
+            return [PeerError(fields.get("message", "(no message)") or "")]
+        if self.state is not State.ESTABLISHED or packet.type < 20:
+            raise SessionError(f"unexpected {wire.TYPE_NAMES.get(packet.type, packet.type)} packet "
+                               f"in state {self.state.value}")
+        return [Message(packet.type, fields)]
+
+
+class ClientSession(Session):
+    """The allocating side. check_host(server_key) raises to refuse the server's key."""
+
+    def __init__(self, identity: Identity, check_host: Callable[[bytes], object]) -> None:
+        super().__init__(identity)
+        self.check_host = check_host
+
+    def start(self) -> None:
+        if self.state is not State.IDLE:
+            raise SessionError("the handshake was already started")
+        self._queue(wire.HELLO, Fields.of(version=VERSION, eph=wire.b64(self.eph_public)))
+        self.state = State.HELLO_SENT
+
+    def _handle(self, packet: Packet) -> list[Event]:
+        fields = self._open(packet)
+        if self.state is State.HELLO_SENT and packet.type == wire.HELLO:
+            if fields.get("version") != VERSION:
+                raise SessionError(f"the server speaks netplumb version {fields.get('version')!r}, not {VERSION}")
+            server_eph, server_key = fields.bin("eph"), fields.bin("key")
+            if len(server_key) != KEY_BYTES:
+                raise SessionError("the server's key is not 32 bytes")
+            self._transcript = self.eph_public + server_eph + server_key
+            if not verify(server_key, SERVER_PROOF + self._transcript, fields.bin("sig")):
+                raise SessionError("the server could not prove it holds its key (bad signature)")
+            self.check_host(server_key)  # may raise: a changed key ends it here
+            self.peer = server_key
+            self._keys(server_eph, client=True)
+            proof = self.identity.sign(CLIENT_PROOF + self._transcript + self.identity.public)
+            self._queue(wire.AUTH, Fields.of(key=wire.b64(self.identity.public), sig=wire.b64(proof)))
+            self.state = State.AUTH_SENT
+            return [ServerKey(server_key)]
+        if self.state is State.AUTH_SENT and packet.type == wire.AUTH:
+            if fields.get("ok") != "1":
+                raise SessionError("the server did not welcome us")
+            self.state = State.ESTABLISHED
+            assert self.peer is not None
+            return [Established(self.peer)]
+        return self._common(packet, fields)
+
+
+class ServerSession(Session):
+    """The accepting side. authorize(client_key) says whether the key may log in at all."""
+
+    def __init__(self, identity: Identity, authorize: Callable[[bytes], str | None]) -> None:
+        super().__init__(identity)
+        self.authorize = authorize
+        self.state = State.WAIT_HELLO
+
+    def _handle(self, packet: Packet) -> list[Event]:
+        fields = self._open(packet)
+        if self.state is State.WAIT_HELLO and packet.type == wire.HELLO:
+            if fields.get("version") != VERSION:
+                raise SessionError(f"the client speaks netplumb version {fields.get('version')!r}, not {VERSION}")
+            client_eph = fields.bin("eph")
+            self._transcript = client_eph + self.eph_public + self.identity.public
+            self._keys(client_eph, client=False)
+            proof = self.identity.sign(SERVER_PROOF + self._transcript)
+            self._queue(wire.HELLO, Fields.of(version=VERSION, eph=wire.b64(self.eph_public),
+                                              key=wire.b64(self.identity.public), sig=wire.b64(proof)))
+            self.state = State.WAIT_AUTH
+            return []
+        if self.state is State.WAIT_AUTH and packet.type == wire.AUTH:
+            client_key = fields.bin("key")
+            if len(client_key) != KEY_BYTES or not verify(
+                    client_key, CLIENT_PROOF + self._transcript + client_key, fields.bin("sig")):
+                self._refuse("the client could not prove it holds its key (bad signature)")
+            why = self.authorize(client_key)
+            if why is not None:
+                self._refuse(why)
+            self.peer = client_key
+            self._queue(wire.AUTH, Fields.of(ok=1))
+            self.state = State.ESTABLISHED
+            return [Established(client_key)]
+        return self._common(packet, fields)
+
+    def _refuse(self, why: str) -> None:
+        """Tell the client (encrypted, it has the key) why, then fail."""
+        packet = self.error(why)
+        if packet is not None:
+            self._out.append(packet)
+        raise SessionError(why)

@@ -1,0 +1,287 @@
+"""The `ibp` command: run a depot, and allocate, store, load, copy, mcopy, manage and status.
+
+Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from apps.common import duration as parse_duration
+from apps.ibp import wire as w
+from apps.ibp.capability import MANAGE, READ, WRITE
+from apps.ibp.client import DEFAULT_TIMEOUT, STORE_BLOCK, Connection, parse_cap
+from apps.ibp.depot import DepotCore
+from apps.ibp.server import (
+    DEFAULT_PORT,
+    DepotServer,
+    flow_loop,
+    install_stop_signals,
+    parse_listen,
+    tcp_listener,
+    tcp_loop,
+)
+from apps.ibp.storage import DiskStore
+from flowlib import FlowError
+from flowlib.irm import IrmClient
+
+log = logging.getLogger("ibp")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def size(text: str) -> int:
+    """'4096', '4k', '4M', '1G' (powers of 1024) -> bytes."""
+    m = re.fullmatch(r"(\d+)([kKmMgGtT]?)[bB]?", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected a number with an optional unit k|M|G|T")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def seconds(text: str) -> int:
+    try:
+        value = parse_duration(text, "s")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is under a second")
+    return int(value)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ibp", description="IBP depots and clients over flows")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a depot")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("depot", help="run a depot")
+    d.add_argument("--name", required=True, help="the name the depot is reached by (and in its capabilities)")
+    d.add_argument("--dir", required=True, type=Path, help="where data and metadata live")
+    d.add_argument("--capacity", type=size, default=size("1G"))
+    d.add_argument("--max-duration", type=seconds, default=seconds("1d"))
+    d.add_argument("--layer", action="append", default=[], help="register the name in this layer (repeatable)")
+    d.add_argument("--listen", nargs="?", const=f"tcp:{DEFAULT_PORT}", default=None,
+                   help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})")
+
+    a = sub.add_parser("allocate", help="reserve space; prints read, write and manage capabilities")
+    a.add_argument("depot")
+    a.add_argument("--size", type=size, required=True)
+    a.add_argument("--duration", type=seconds, required=True)
+    a.add_argument("--reliability", choices=["soft", "hard"], default="soft")
+    a.add_argument("--type", choices=["bytearray", "buffer", "fifo", "cirq"], default="bytearray")
+
+    s = sub.add_parser("store", help="append stdin to an allocation (or write at --offset)")
+    s.add_argument("cap")
+    s.add_argument("--offset", type=int, default=None)
+
+    ld = sub.add_parser("load", help="write an allocation's bytes to stdout")
+    ld.add_argument("cap")
+    ld.add_argument("--offset", type=int, default=0)
+    ld.add_argument("--length", type=int, default=0, help="bytes (0: up to the end)")
+
+    c = sub.add_parser("copy", help="the source depot pushes the bytes to the target itself")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--offset", type=int, default=0)
+    c.add_argument("--length", type=int, default=0)
+
+    mc = sub.add_parser("mcopy", help="one source, several targets")
+    mc.add_argument("src")
+    mc.add_argument("dsts", nargs="+")
+    mc.add_argument("--offset", type=int, default=0)
+    mc.add_argument("--length", type=int, default=0)
+
+    m = sub.add_parser("manage", help="probe, incr, decr, extend or change an allocation")
+    m.add_argument("cap")
+    m.add_argument("op", choices=["probe", "incr", "decr", "extend", "change"])
+    m.add_argument("--duration", type=seconds, default=0, help="extend/change: new duration from now")
+    m.add_argument("--size", type=size, default=0, help="change: new maximum size")
+    m.add_argument("--count", choices=["read", "write"], default="read", help="incr/decr: which reference count")
+
+    st = sub.add_parser("status", help="a depot's capacity, use and policy; admin changes")
+    st.add_argument("depot")
+    st.add_argument("--admin-key", help="the depot's admin key (DIR/admin.key) for changes")
+    st.add_argument("--capacity", type=size)
+    st.add_argument("--max-duration", type=seconds)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s ibp %(levelname)s %(message)s")
+    try:
+        sys.exit(run(args))
+    except w.IbpError as e:
+        print(f"ibp {args.cmd}: {e}", file=sys.stderr)
+        sys.exit(1)
+    except FlowError as e:
+        print(f"ibp {args.cmd}: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.cmd == "depot":
+        return run_depot(args)
+    t = args.timeout
+    if args.cmd == "allocate":
+        rel = w.IBP_HARD if args.reliability == "hard" else w.IBP_SOFT
+        typ = {"bytearray": w.IBP_BYTEARRAY, "buffer": w.IBP_BUFFER, "fifo": w.IBP_FIFO, "cirq": w.IBP_CIRQ}[args.type]
+        with Connection(args.depot, t) as conn:
+            for cap in conn.allocate(args.size, args.duration, rel, typ):
+                print(cap)
+        return 0
+    if args.cmd == "store":
+        cap = parse_cap(args.cap, WRITE)
+        total = store_stream(cap, sys.stdin.buffer, args.offset, t)
+        print(f"stored {total} bytes", file=sys.stderr)
+        return 0
+    if args.cmd == "load":
+        cap = parse_cap(args.cap, READ)
+        with Connection(cap.depot, t) as conn:
+            _, chunks = conn.load(cap, args.offset, args.length)
+            out = sys.stdout.buffer
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+        return 0
+    if args.cmd == "copy":
+        src, dst = parse_cap(args.src, READ), parse_cap(args.dst, WRITE)
+        with Connection(src.depot, t) as conn:
+            n = conn.copy(src, dst, args.offset, args.length)
+        print(f"copied {n} bytes to {dst.depot}", file=sys.stderr)
+        return 0
+    if args.cmd == "mcopy":
+        src = parse_cap(args.src, READ)
+        dsts = [parse_cap(d, WRITE) for d in args.dsts]
+        with Connection(src.depot, t) as conn:
+            statuses = conn.mcopy(src, dsts, args.offset, args.length)
+        failed = 0
+        for d, s in zip(dsts, statuses, strict=False):
+            print(f"{d.depot}: {'ok' if s == w.IBP_OK else w.status_text(s) + f' ({s})'}", file=sys.stderr)
+            failed += s != w.IBP_OK
+        return 1 if failed or len(statuses) != len(dsts) else 0
+    if args.cmd == "manage":
+        return run_manage(args)
+    return run_status(args)
+
+
+def _blocks(src: BinaryIO, limit: int) -> Iterator[bytes]:
+    while True:
+        block = src.read(limit)
+        if not block:
+            return
+        yield block
+
+
+def store_stream(cap: object, src: BinaryIO, offset: int | None, timeout: float) -> int:
+    """STORE (or WRITE) everything `src` holds, one request per block so memory stays bounded."""
+    from apps.ibp.capability import Capability
+
+    assert isinstance(cap, Capability)
+    total = 0
+    with Connection(cap.depot, timeout) as conn:
+        for block in _blocks(src, STORE_BLOCK):
+            conn.store(cap, [block], len(block), None if offset is None else offset + total)
+            total += len(block)
+    return total
+
+
+def run_manage(args: argparse.Namespace) -> int:
+    cap = parse_cap(args.cap, MANAGE)
+    captype = w.IBP_WRITECAP if args.count == "write" else w.IBP_READCAP
+    with Connection(cap.depot, args.timeout) as conn:
+        if args.op == "probe":
+            f = conn.manage(cap, w.IBP_PROBE)
+            names = ["read_refs", "write_refs", "size", "max_size", "seconds_left", "reliability", "type"]
+            for k, v in zip(names, f, strict=False):
+                print(f"{k} {v}")
+        elif args.op in ("incr", "decr"):
+            conn.manage(cap, w.IBP_INCR if args.op == "incr" else w.IBP_DECR, captype)
+        else:
+            if args.op == "extend" and not args.duration:
+                raise w.IbpError(w.IBP_E_INVALID_PARAMETER, "extend needs --duration")
+            conn.manage(cap, w.IBP_CHNG, w.IBP_MANAGECAP, args.size, args.duration)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with Connection(args.depot, args.timeout) as conn:
+        if args.capacity is not None or args.max_duration is not None:
+            if not args.admin_key:
+                raise w.IbpError(w.IBP_E_WRONG_PASSWD, "changes need --admin-key")
+            info = conn.status()
+            capacity = args.capacity if args.capacity is not None else int(info.get("capacity", "0"))
+            maxdur = args.max_duration if args.max_duration is not None else int(info.get("max_duration", "1"))
+            conn.change(args.admin_key, capacity, maxdur)
+        for k, v in conn.status().items():
+            print(f"{k} {v}")
+    return 0
+
+
+def depot_client(name: str) -> IrmClient:
+    """An IRMd connection announced as program `ibp@NAME`, bound by pid to NAME.
+
+    Every depot runs the same program, so a program binding of `ibp` to depot1 and to depot2 would
+    route depot2's flows to a running depot1. Announced under its own name, a depot is only reached
+    through its pid binding, and the IRMd starts depot2's own program for depot2's flows.
+    """
+    saved = sys.argv[0]
+    sys.argv[0] = f"{saved or 'ibp'}@{name}"
+    try:
+        return IrmClient()
+    finally:
+        sys.argv[0] = saved
+
+
+def run_depot(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(logging.INFO)
+    install_stop_signals()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    store = DiskStore(args.dir)
+    core = DepotCore(store, args.capacity, args.max_duration, time.time())
+    irm = depot_client(args.name)
+    try:
+        irm.bind(args.name)
+    except FlowError as e:  # started by the IRMd for this name, it is bound already
+        log.debug("bind %s: %s", args.name, e)
+    if args.layer:
+        try:
+            irm.register(args.name, args.layer)
+        except FlowError as e:
+            if "already" not in str(e).lower() and "exist" not in str(e).lower():
+                raise
+    server = DepotServer(core, args.name, irm=irm)
+    stop = threading.Event()
+    threading.Thread(target=server.expiry_loop, args=(stop,), daemon=True).start()
+    if args.listen:
+        try:
+            host, port = parse_listen(args.listen)
+            sock, addr = tcp_listener(server, host, port)
+        except (ValueError, OSError) as e:
+            raise w.IbpError(w.IBP_E_CONNECTION, f"--listen: {e}") from None
+        threading.Thread(target=tcp_loop, args=(server, sock, addr), daemon=True).start()
+        log.info("depot %s listening on tcp %s", args.name, addr)
+    log.info("depot %s serving %s (capacity %d, max duration %d s)", args.name, args.dir, args.capacity,
+             args.max_duration)
+    try:
+        flow_loop(server)
+    finally:
+        stop.set()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The IBP client library: one connection to a depot, by flow (a registered name) or TCP (host:port).
+
+Every wait has a timeout, so a silent depot returns control with IbpError(IBP_E_CLIENT_TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+from apps.ibp import wire as w
+from apps.ibp.capability import MANAGE, READ, WRITE, BadCapability, Capability
+from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
+from flowlib import FlowError, flow_alloc, qos
+from flowlib.irm import IrmClient
+
+DEFAULT_TIMEOUT = 30.0
+STORE_BLOCK = 8 * 1024 * 1024  # bytes per STORE when the length is not known up front
+_HOSTPORT = re.compile(r"(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
+
+
+def tcp_address(depot: str) -> tuple[str, int] | None:
+    """(host, port) if `depot` is host:port, else None (a name reached by flow)."""
+    m = _HOSTPORT.fullmatch(depot)
+    if m is None or not 0 < int(m["port"]) < 65536:
+        return None
+    return m["host"].strip("[]"), int(m["port"])
+
+
+def open_stream(depot: str, timeout: float, irm: IrmClient | None = None) -> ByteStream:
+    addr = tcp_address(depot)
+    try:
+        if addr is not None:
+            return TcpStream(socket.create_connection(addr, timeout=timeout))
+        return FlowStream(flow_alloc(depot, qos=qos.data, timeout=timeout, irm=irm))
+    except (OSError, FlowError) as e:
+        raise w.IbpError(w.IBP_E_CONNECTION, f"cannot reach depot {depot!r}: {e}") from None
+
+
+def parse_cap(text: str, right: str | None = None) -> Capability:
+    try:
+        cap = Capability.parse(text)
+    except BadCapability as e:
+        raise w.IbpError(w.IBP_E_WRONG_CAP_FORMAT, str(e)) from None
+    if right is not None and cap.right != right:
+        raise w.IbpError(w.IBP_E_WRONG_CAP_FORMAT, f"a {right} capability is needed here, not {cap.right}")
+    return cap
+
+
+class Connection:
+    """Requests to one depot over one stream; use as a context manager."""
+
+    def __init__(self, depot: str, timeout: float = DEFAULT_TIMEOUT, irm: IrmClient | None = None) -> None:
+        self.depot = depot
+        self.timeout = timeout
+        self.stream = open_stream(depot, timeout, irm)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def _server_timeout(self) -> int:
+        return max(1, int(self.timeout))
+
+    def _reply(self) -> w.Reply:
+        try:
+            line = self.stream.readline(w.MAX_LINE, self.timeout)
+            return w.parse_reply(line)
+        except StreamTimeout:
+            raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} did not answer in {self.timeout} s") \
+                from None
+        except StreamClosed:
+            raise w.IbpError(w.IBP_E_CONNECTION, f"depot {self.depot!r} closed the connection") from None
+        except (ValueError, w.BadRequest) as e:
+            raise w.IbpError(w.IBP_E_BAD_FORMAT, f"bad reply from depot {self.depot!r}: {e}") from None
+
+    def _send(self, data: bytes | memoryview) -> None:
+        try:
+            self.stream.send(data)
+        except StreamTimeout:
+            raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} takes no data") from None
+        except (StreamClosed, FlowError, OSError) as e:
+            raise w.IbpError(w.IBP_E_CONNECTION, f"lost depot {self.depot!r}: {e}") from None
+
+    def call(self, req: w.Request) -> w.Reply:
+        self._send(w.format_request(req))
+        reply = self._reply()
+        if not reply.ok:
+            raise w.IbpError(reply.status, f"depot {self.depot!r} refused: {' '.join(reply.fields) or 'no reason'}")
+        return reply
+
+    # -- operations --
+
+    def allocate(self, size: int, duration: int, reliability: int = w.IBP_SOFT,
+                 type_: int = w.IBP_BYTEARRAY) -> tuple[Capability, Capability, Capability]:
+        reply = self.call(w.Allocate("0", reliability, type_, duration, size, self._server_timeout))
+        if len(reply.fields) < 3:
+            raise w.IbpError(w.IBP_E_BAD_FORMAT, "ALLOCATE reply lacks capabilities")
+        caps = tuple(parse_cap(f) for f in reply.fields[:3])
+        return caps[0], caps[1], caps[2]
+
+    def store(self, cap: Capability, chunks: Iterable[bytes | memoryview], length: int,
+              offset: int | None = None) -> int:
+        """Append (offset None: STORE) or write at `offset` (WRITE) exactly `length` bytes."""
+        t = self._server_timeout
+        req: w.Request = (w.Store(cap.key, cap.typekey, length, t) if offset is None
+                          else w.Write(cap.key, cap.typekey, offset, length, t))
+        self.call(req)
+        sent = 0
+        for chunk in chunks:
+            if sent + len(chunk) > length:
+                raise ValueError("more data than announced")
+            self._send(chunk)
+            sent += len(chunk)
+        if sent != length:
+            # The depot waits for the rest and then times out; nothing of this store is kept.
+            raise w.IbpError(w.IBP_E_INVALID_PARAMETER, f"only {sent} of {length} bytes to store")
+        reply = self._reply()
+        if not reply.ok:
+            raise w.IbpError(reply.status, f"depot {self.depot!r} refused the data: {' '.join(reply.fields)}")
+        return w.reply_int(reply, 0, "stored length")
+
+    def load(self, cap: Capability, offset: int = 0, length: int = 0) -> tuple[int, Iterator[bytes]]:
+        """(n, chunks): n bytes at `offset` (length 0: to the end); consume the chunks before the next call."""
+        reply = self.call(w.Load(cap.key, cap.typekey, offset, length, self._server_timeout))
+        n = w.reply_int(reply, 0, "length")
+        if length and n != length:
+            raise w.IbpError(w.IBP_E_BAD_FORMAT, f"asked for {length} bytes, the depot announced {n}")
+        return n, self._chunks(n)
+
+    def _chunks(self, n: int) -> Iterator[bytes]:
+        try:
+            yield from self.stream.read_chunks(n, self.timeout)
+        except StreamTimeout:
+            raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} stopped sending") from None
+        except StreamClosed:
+            raise w.IbpError(w.IBP_E_CONNECTION, f"depot {self.depot!r} closed the connection mid-load") from None
+
+    def load_bytes(self, cap: Capability, offset: int = 0, length: int = 0) -> bytes:
+        _, chunks = self.load(cap, offset, length)
+        return b"".join(chunks)
+
+    def copy(self, src: Capability, dst: Capability, offset: int = 0, length: int = 0) -> int:
+        t = self._server_timeout
+        reply = self.call(w.Send(src.key, src.typekey, str(dst), offset, length, t, t, t))
+        return w.reply_int(reply, 0, "copied length")
+
+    def mcopy(self, src: Capability, dsts: list[Capability], offset: int = 0, length: int = 0) -> list[int]:
+        """Statuses per target (IBP_OK or an error), after the copied length."""
+        reply = self.call(w.Mcopy(src.key, src.typekey, offset, length, tuple(str(d) for d in dsts),
+                                  self._server_timeout))
+        return [w._int(f, "status", -w.MAX_INT, w.MAX_INT) for f in reply.fields[1:]]
+
+    def manage(self, cap: Capability, subcmd: int, captype: int = w.IBP_READCAP, size: int = 0,
+               duration: int = 0, reliability: int = 0) -> tuple[str, ...]:
+        return self.call(w.Manage(cap.key, cap.typekey, subcmd, captype, self._server_timeout, size, duration,
+                                  reliability)).fields
+
+    def status(self) -> dict[str, str]:
+        reply = self.call(w.Status("0", w.IBP_ST_INQ, "-", self._server_timeout))
+        n = w.reply_int(reply, 0, "length")
+        if n > 65536:
+            raise w.IbpError(w.IBP_E_BAD_FORMAT, "status text too long")
+        text = b"".join(self._chunks(n)).decode("ascii", "replace")
+        out = {}
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            out[k] = v
+        return out
+
+    def change(self, password: str, capacity: int, max_duration: int) -> None:
+        self.call(w.Status("0", w.IBP_ST_CHANGE, password, self._server_timeout, capacity, max_duration))
+
+
+def rights_check(cap: Capability, right: str) -> None:
+    if cap.right != right:
+        raise w.IbpError(w.IBP_E_WRONG_CAP_FORMAT, f"a {right} capability is needed, not {cap.right}")
+
+
+__all__ = ["DEFAULT_TIMEOUT", "MANAGE", "READ", "STORE_BLOCK", "WRITE", "Connection", "parse_cap", "tcp_address"]

@@ -1,0 +1,270 @@
+"""The depot's core, without sockets or flows: allocations, capabilities, admission policy,
+expiry, reference counts, persistence through DiskStore. Time is a parameter (`now`, epoch s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from sortedcontainers import SortedList
+
+from apps.ibp import wire as w
+from apps.ibp.capability import MANAGE, READ, WRITE, Capability, keys_equal, new_key
+from apps.ibp.storage import DiskStore, file_id
+from apps.ibp.wire import IbpError
+
+log = logging.getLogger(__name__)
+
+RID = "0"  # our depots have one resource
+INVALID_CAP = {READ: w.IBP_E_INVALID_READ_CAP, WRITE: w.IBP_E_INVALID_WRITE_CAP, MANAGE: w.IBP_E_INVALID_MANAGE_CAP}
+
+
+@dataclass
+class Allocation:
+    key: str
+    read_key: str
+    write_key: str
+    manage_key: str
+    reliability: int
+    type: int
+    max_size: int
+    expires: float
+    size: int = 0
+    read_refs: int = 1
+    write_refs: int = 1
+
+    @property
+    def fid(self) -> str:
+        return file_id(self.key)
+
+    def right_key(self, right: str) -> str:
+        return {READ: self.read_key, WRITE: self.write_key, MANAGE: self.manage_key}[right]
+
+
+def admit(size: int, duration: int, free: int, capacity: int, max_duration: int) -> tuple[int, str]:
+    """The admission policy on size x duration: (IBP_OK, "") or (status, reason).
+
+    An empty depot grants anything within its free space and maximum duration; as it fills, the
+    size x duration budget shrinks with the square of the free fraction, so large and long asks
+    are refused first while small or short ones still get through.
+    """
+    if duration > max_duration:
+        return w.IBP_E_LONG_DURATION, f"duration {duration} s exceeds the depot's maximum of {max_duration} s"
+    if size > free:
+        return w.IBP_E_WOULD_EXCEED_LIMIT, f"size {size} exceeds the free space of {free} bytes"
+    if capacity <= 0 or size * duration * capacity > free * free * max_duration:
+        budget = free * free * max_duration // capacity if capacity > 0 else 0
+        return (w.IBP_E_WOULD_EXCEED_POLICY,
+                f"size x duration {size * duration} exceeds the policy budget of {budget} byte-seconds now")
+    return w.IBP_OK, ""
+
+
+class DepotCore:
+    def __init__(self, store: DiskStore, capacity: int, max_duration: int, now: float) -> None:
+        self.store = store
+        self.capacity = capacity
+        self.max_duration = max_duration
+        self.admin_key = store.admin_key()
+        self.allocs: dict[str, Allocation] = {}
+        self.expiry: SortedList = SortedList()  # (expires, fid)
+        self.refused: Counter[int] = Counter()
+        self._recover(now)
+
+    # -- persistence --
+
+    def _recover(self, now: float) -> None:
+        fields = {f.name for f in dataclasses.fields(Allocation)}
+        for fid, rec in self.store.load().items():
+            try:
+                a = Allocation(**{k: v for k, v in rec.items() if k in fields})
+            except TypeError:
+                log.warning("allocation record %s is incomplete; dropped", fid[:12])
+                continue
+            if a.fid != fid:
+                log.warning("allocation record %s does not match its key; dropped", fid[:12])
+                continue
+            self.allocs[fid] = a
+            self.expiry.add((a.expires, fid))
+            self.store.truncate(fid, a.size)
+        for orphan in self.store.orphans(set(self.allocs)):
+            self.store.remove(orphan)
+        self.store.compact({fid: dataclasses.asdict(a) for fid, a in self.allocs.items()})
+        self.expire(now)
+        if self.allocs:
+            log.info("recovered %d allocations, %d bytes", len(self.allocs), self.stored)
+
+    def _journal_set(self, a: Allocation, **changes: Any) -> None:
+        for k, v in changes.items():
+            setattr(a, k, v)
+        self.store.append({"op": "set", "id": a.fid, "a": changes})
+
+    # -- accounting --
+
+    @property
+    def reserved(self) -> int:
+        return sum(a.max_size for a in self.allocs.values())
+
+    @property
+    def stored(self) -> int:
+        return sum(a.size for a in self.allocs.values())
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.reserved)
+
+    def refuse(self, status: int, reason: str) -> IbpError:
+        self.refused[status] += 1
+        return IbpError(status, reason)
+
+    # -- operations --
+
+    def allocate(self, req: w.Allocate, now: float) -> Allocation:
+        if req.rid != RID:
+            raise self.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
+        if req.type != w.IBP_BYTEARRAY:
+            raise self.refuse(w.IBP_E_TYPE_NOT_SUPPORTED, f"allocation type {req.type} (only BYTEARRAY is served)")
+        if req.reliability not in (w.IBP_SOFT, w.IBP_HARD):
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"reliability {req.reliability} (want 1 soft or 2 hard)")
+        if req.size <= 0:
+            raise self.refuse(w.IBP_E_INV_PAR_SIZE, "size must be positive")
+        if req.duration <= 0:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration must be positive")
+        status, reason = admit(req.size, req.duration, self.free, self.capacity, self.max_duration)
+        if status != w.IBP_OK:
+            raise self.refuse(status, reason)
+        a = Allocation(new_key(), new_key(), new_key(), new_key(), req.reliability, req.type, req.size,
+                       now + req.duration)
+        self.store.create(a.fid)
+        self.store.append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
+        self.allocs[a.fid] = a
+        self.expiry.add((a.expires, a.fid))
+        return a
+
+    def caps(self, a: Allocation, depot: str) -> tuple[Capability, Capability, Capability]:
+        return (Capability(depot, RID, a.key, a.read_key, READ), Capability(depot, RID, a.key, a.write_key, WRITE),
+                Capability(depot, RID, a.key, a.manage_key, MANAGE))
+
+    def authorize(self, key: str, typekey: str, right: str, now: float) -> Allocation:
+        """The allocation `key` names if `typekey` is its `right` key; refusals are counted."""
+        a = self.allocs.get(file_id(key))
+        if a is None or a.expires <= now:
+            raise self.refuse(w.IBP_E_CAP_NOT_FOUND, "no such allocation (wrong, expired or freed capability)")
+        if not keys_equal(typekey, a.right_key(right)):
+            raise self.refuse(INVALID_CAP[right], f"the key is not this allocation's {right} key")
+        return a
+
+    def check_write(self, a: Allocation, offset: int | None, length: int) -> int:
+        """Where a store (offset None: append) or write of `length` bytes goes; refuses overflows."""
+        if a.write_refs <= 0:
+            raise self.refuse(w.IBP_E_CAP_ACCESS_DENIED, "the allocation's write reference count is zero")
+        start = a.size if offset is None else offset
+        if start > a.size:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"offset {start} is past the end ({a.size}); no holes")
+        if length <= 0:
+            raise self.refuse(w.IBP_E_INV_PAR_SIZE, "nothing to write")
+        if start + length > a.max_size:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT,
+                              f"{length} bytes at {start} exceed the allocation's {a.max_size} bytes")
+        return start
+
+    def commit(self, a: Allocation, end: int) -> None:
+        """Acknowledge bytes up to `end` (already written and fsync'd by the caller)."""
+        if end > a.size:
+            self._journal_set(a, size=end)
+
+    def check_read(self, a: Allocation, offset: int, length: int) -> int:
+        """How many bytes a load of `length` at `offset` returns (length 0: up to the end)."""
+        if offset > a.size:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"offset {offset} is past the end ({a.size})")
+        if length == 0:
+            return a.size - offset
+        if offset + length > a.size:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT,
+                              f"{length} bytes at {offset} go past the end of the data ({a.size} bytes)")
+        return length
+
+    def open_data(self, a: Allocation) -> BinaryIO:
+        return self.store.open(a.fid)
+
+    def manage(self, req: w.Manage, now: float) -> tuple[object, ...]:
+        """MANAGE with the manage key: PROBE's fields, or () after INCR, DECR, CHNG."""
+        a = self.authorize(req.key, req.typekey, MANAGE, now)
+        if req.subcmd == w.IBP_PROBE:
+            return (a.read_refs, a.write_refs, a.size, a.max_size, max(0, int(a.expires - now)), a.reliability, a.type)
+        if req.subcmd in (w.IBP_INCR, w.IBP_DECR):
+            if req.captype not in (w.IBP_READCAP, w.IBP_WRITECAP):
+                raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"captype {req.captype} (want 1 read or 2 write)")
+            field = "read_refs" if req.captype == w.IBP_READCAP else "write_refs"
+            value = getattr(a, field) + (1 if req.subcmd == w.IBP_INCR else -1)
+            if value < 0 or value > 1_000_000:
+                raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"{field} would become {value}")
+            if field == "read_refs" and value == 0:
+                self.free_alloc(a)  # the last reader let go: the allocation is gone
+            else:
+                self._journal_set(a, **{field: value})
+            return ()
+        if req.subcmd == w.IBP_CHNG:
+            return self._change(a, req, now)
+        raise self.refuse(w.IBP_E_INVALID_CMD, f"MANAGE sub-command {req.subcmd}")
+
+    def _change(self, a: Allocation, req: w.Manage, now: float) -> tuple[object, ...]:
+        size = req.size or a.max_size
+        duration = req.duration or max(1, int(a.expires - now))
+        reliability = req.reliability or a.reliability
+        if reliability not in (w.IBP_SOFT, w.IBP_HARD):
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"reliability {reliability}")
+        if size < a.size:
+            raise self.refuse(w.IBP_E_WOULD_DAMAGE_DATA, f"size {size} is below the {a.size} bytes stored")
+        status, reason = admit(size, duration, self.free + a.max_size, self.capacity, self.max_duration)
+        if status != w.IBP_OK:
+            raise self.refuse(status, reason)
+        self.expiry.discard((a.expires, a.fid))
+        self._journal_set(a, max_size=size, expires=now + duration, reliability=reliability)
+        self.expiry.add((a.expires, a.fid))
+        return ()
+
+    def free_alloc(self, a: Allocation) -> None:
+        self.allocs.pop(a.fid, None)
+        self.expiry.discard((a.expires, a.fid))
+        self.store.append({"op": "free", "id": a.fid})
+        self.store.remove(a.fid)
+
+    def expire(self, now: float) -> list[str]:
+        """Reclaim every allocation whose time is up; returns their file ids."""
+        gone = []
+        while self.expiry and self.expiry[0][0] <= now:
+            _, fid = self.expiry[0]
+            a = self.allocs.get(fid)
+            if a is None:
+                self.expiry.pop(0)
+                continue
+            self.free_alloc(a)
+            gone.append(fid)
+        if gone:
+            log.info("reclaimed %d expired allocations", len(gone))
+        return gone
+
+    def next_expiry(self) -> float | None:
+        return self.expiry[0][0] if self.expiry else None
+
+    # -- STATUS --
+
+    def status(self) -> dict[str, object]:
+        return {
+            "capacity": self.capacity, "reserved": self.reserved, "used": self.stored, "free": self.free,
+            "max_duration": self.max_duration, "allocations": len(self.allocs),
+            "refused": sum(self.refused.values()),
+            "policy": "size*duration*capacity <= free^2*max_duration",
+        }
+
+    def change(self, password: str, capacity: int, max_duration: int) -> None:
+        if not keys_equal(password, self.admin_key):
+            raise self.refuse(w.IBP_E_WRONG_PASSWD, "wrong admin key")
+        if capacity < self.reserved:
+            raise self.refuse(w.IBP_E_WOULD_DAMAGE_DATA, f"capacity {capacity} is below the {self.reserved} reserved")
+        self.capacity = capacity
+        self.max_duration = max_duration

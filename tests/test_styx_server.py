@@ -1,0 +1,338 @@
+"""The 9P server core driven sans-IO: versions, fids, walks, opens and permissions,
+directory reads, writes, remove, wstat, flush, and escapes from the served root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from apps.styx import wire as w
+from apps.styx.fs import FsTree
+from apps.styx.server import Session
+from apps.styx.tree import Handle, SynthDir, SynthFile, Tree, WouldBlock, text_file
+
+USER = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+
+
+def rpc(s: Session, msg: w.Msg) -> w.Msg:
+    replies = s.receive(w.encode(msg))
+    assert len(replies) == 1, replies
+    reply = w.decode(replies[0])
+    assert reply.tag == msg.tag
+    return reply
+
+
+def ok(s: Session, msg: w.Msg) -> w.Msg:
+    reply = rpc(s, msg)
+    assert not isinstance(reply, w.Rerror), reply
+    return reply
+
+
+def err(s: Session, msg: w.Msg, match: str = "") -> str:
+    reply = rpc(s, msg)
+    assert isinstance(reply, w.Rerror), reply
+    assert match in reply.ename
+    return reply.ename
+
+
+def session(tree: Tree, user: str = USER, **kw: object) -> Session:
+    s = Session(tree, **kw)  # type: ignore[arg-type]
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    ok(s, w.Tattach(1, 0, w.NOFID, user, ""))
+    return s
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "hello.txt").write_text("hello world")
+    (d / "sub").mkdir()
+    (d / "sub" / "deep.txt").write_text("deep")
+    (tmp_path / "secret.txt").write_text("outside")
+    return d
+
+
+@pytest.fixture
+def fs(root: Path) -> Session:
+    return session(FsTree(root))
+
+
+def walk(s: Session, names: list[str], newfid: int = 2, fid: int = 0) -> w.Msg:
+    return rpc(s, w.Twalk(5, fid, newfid, names))
+
+
+# -- version ---------------------------------------------------------------------------
+
+
+def test_version_rules(root: Path) -> None:
+    s = Session(FsTree(root), msize_max=65535)
+    assert rpc(s, w.Tversion(w.NOTAG, 1 << 20, "9P2000")) == w.Rversion(w.NOTAG, 65535, "9P2000")
+    assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000.u")) == w.Rversion(w.NOTAG, 8192, "9P2000")
+    assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000.L")).version == "9P2000"  # type: ignore[attr-defined]
+    assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P1999")).version == "unknown"  # type: ignore[attr-defined]
+    err(s, w.Tattach(1, 0, w.NOFID, USER, ""), "Tversion first")
+    err(s, w.Tversion(w.NOTAG, 100, "9P2000"), "too small")
+
+
+def test_requests_before_version_are_refused(root: Path) -> None:
+    err(Session(FsTree(root)), w.Tattach(1, 0, w.NOFID, USER, ""), "Tversion")
+
+
+def test_version_clunks_all_fids(fs: Session) -> None:
+    ok(fs, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    err(fs, w.Tstat(1, 0), "unknown fid")
+
+
+def test_message_over_msize_gets_rerror(fs: Session) -> None:
+    replies = fs.receive(w.encode(w.Twrite(7, 0, 0, bytes(9000))))
+    assert w.decode(replies[0]) == w.Rerror(7, "bad message: message of 9023 bytes exceeds msize 8192")
+
+
+def test_garbage_gets_rerror_not_a_crash(fs: Session) -> None:
+    for junk in [b"", b"\x01", b"\x07\x00\x00\x00\x6a\x05\x00", os.urandom(64)]:
+        replies = fs.receive(junk)
+        assert len(replies) == 1 and isinstance(w.decode(replies[0]), w.Rerror)
+    ok(fs, w.Tstat(1, 0))  # the session still works
+
+
+# -- attach, walk ----------------------------------------------------------------------
+
+
+def test_attach_refuses_auth_and_fid_reuse(root: Path) -> None:
+    s = session(FsTree(root))
+    err(s, w.Tauth(2, 5, USER, ""), "authentication not required")
+    err(s, w.Tattach(2, 0, w.NOFID, USER, ""), "in use")
+    err(s, w.Tattach(2, 1, 7, USER, ""), "afid")
+
+
+def test_user_allowlist(root: Path) -> None:
+    s = Session(FsTree(root), users=frozenset({"alice"}))
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    err(s, w.Tattach(1, 0, w.NOFID, "mallory", ""), "may not attach")
+    ok(s, w.Tattach(1, 0, w.NOFID, "alice", ""))
+
+
+def test_walk_full_partial_and_failed(fs: Session) -> None:
+    reply = walk(fs, ["sub", "deep.txt"])
+    assert isinstance(reply, w.Rwalk) and len(reply.wqid) == 2 and reply.wqid[0].type == w.QTDIR
+    partial = walk(fs, ["sub", "nope", "x"], newfid=3)
+    assert isinstance(partial, w.Rwalk) and len(partial.wqid) == 1
+    err(fs, w.Tstat(1, 3), "unknown fid")  # a partial walk makes no newfid
+    err(fs, w.Twalk(1, 0, 4, ["nope"]), "does not exist")
+    err(fs, w.Twalk(1, 0, 2, []), "in use")  # newfid 2 exists
+    err(fs, w.Twalk(1, 2, 6, ["x"]), "non-directory")
+    err(fs, w.Twalk(1, 99, 6, []), "unknown fid")
+
+
+def test_walk_zero_names_clones_and_same_fid_moves(fs: Session) -> None:
+    ok(fs, w.Twalk(1, 0, 2, []))
+    ok(fs, w.Twalk(1, 2, 2, ["sub"]))
+    st = ok(fs, w.Tstat(1, 2))
+    assert isinstance(st, w.Rstat) and st.stat.name == "sub"
+
+
+def test_dotdot_cannot_leave_the_root(fs: Session) -> None:
+    reply = walk(fs, ["..", "..", "..", "etc", "passwd"])
+    assert isinstance(reply, w.Rerror) or len(reply.wqid) < 5  # type: ignore[attr-defined]
+    root_qid = ok(fs, w.Tstat(1, 0)).stat.qid  # type: ignore[attr-defined]
+    assert walk(fs, ["..", "secret.txt"], newfid=3) == w.Rwalk(5, [root_qid])  # partial: stopped at the root
+    err(fs, w.Tstat(1, 3), "unknown fid")
+    ok(fs, w.Twalk(1, 0, 3, ["sub", "..", "hello.txt"]))
+
+
+def test_symlinks_out_of_the_root_are_not_there(root: Path, fs: Session) -> None:
+    (root / "out").symlink_to(root.parent / "secret.txt")
+    (root / "outdir").symlink_to("/etc")
+    (root / "in").symlink_to("hello.txt")
+    err(fs, w.Twalk(1, 0, 2, ["out"]), "does not exist")
+    err(fs, w.Twalk(1, 0, 2, ["outdir", "passwd"]), "does not exist")
+    ok(fs, w.Twalk(1, 0, 2, ["in"]))
+    ok(fs, w.Topen(1, 2, w.OREAD))
+    assert ok(fs, w.Tread(1, 2, 0, 100)) == w.Rread(1, b"hello world")
+    ok(fs, w.Topen(1, 0, w.OREAD))
+    names = [s.name for s in w.stats_decode(ok(fs, w.Tread(1, 0, 0, 8000)).data)]  # type: ignore[attr-defined]
+    assert "out" not in names and "outdir" not in names and "in" in names
+
+
+def test_names_with_slashes_or_dots_are_refused(fs: Session) -> None:
+    err(fs, w.Twalk(1, 0, 2, ["sub/deep.txt"]), "bad file name")
+    err(fs, w.Twalk(1, 0, 2, ["."]), "bad file name")
+    err(fs, w.Twalk(1, 0, 2, ["/etc"]), "bad file name")
+    err(fs, w.Tcreate(1, 0, "../x", 0o644, w.OWRITE), "bad file name")
+
+
+# -- open, read, write ---------------------------------------------------------------------
+
+
+def test_read_with_offsets_and_count_capped_by_msize(fs: Session) -> None:
+    walk(fs, ["hello.txt"])
+    err(fs, w.Tread(1, 2, 0, 5), "not open")
+    ok(fs, w.Topen(1, 2, w.OREAD))
+    err(fs, w.Topen(1, 2, w.OREAD), "already open")
+    assert ok(fs, w.Tread(1, 2, 6, 100)) == w.Rread(1, b"world")
+    assert ok(fs, w.Tread(1, 2, 11, 100)) == w.Rread(1, b"")
+    err(fs, w.Twrite(1, 2, 0, b"x"), "not open for writing")
+    err(fs, w.Twalk(1, 2, 3, []), "open fid")
+
+
+def test_write_and_truncate(root: Path, fs: Session) -> None:
+    walk(fs, ["hello.txt"])
+    ok(fs, w.Topen(1, 2, w.ORDWR))
+    assert ok(fs, w.Twrite(1, 2, 6, b"there")) == w.Rwrite(1, 5)
+    assert (root / "hello.txt").read_text() == "hello there"
+    walk(fs, ["hello.txt"], newfid=3)
+    ok(fs, w.Topen(1, 3, w.OWRITE | w.OTRUNC))
+    assert (root / "hello.txt").read_text() == ""
+
+
+def test_permissions_follow_owner_group_other(root: Path) -> None:
+    (root / "private").write_text("p")
+    os.chmod(root / "private", 0o600)
+    s = session(FsTree(root), user="someone-else")
+    ok(s, w.Twalk(1, 0, 2, ["private"]))
+    err(s, w.Topen(1, 2, w.OREAD), "permission denied")
+    ok(s, w.Twalk(1, 0, 3, ["hello.txt"]))  # 0644: others read, not write
+    ok(s, w.Topen(1, 3, w.OREAD))
+    ok(s, w.Twalk(1, 0, 4, ["hello.txt"]))
+    err(s, w.Topen(1, 4, w.OWRITE), "permission denied")
+    err(s, w.Tcreate(1, 0, "new", 0o644, w.OWRITE), "permission denied")
+    os.chmod(root / "sub", 0o700)
+    assert len(walk(s, ["sub", "deep.txt"], newfid=5).wqid) == 1  # type: ignore[attr-defined]
+    ok(s, w.Twalk(1, 0, 5, ["sub"]))
+    err(s, w.Twalk(1, 5, 6, ["deep.txt"]), "cannot search")
+
+
+def test_directories_open_for_reading_only(fs: Session) -> None:
+    walk(fs, ["sub"])
+    err(fs, w.Topen(1, 2, w.OWRITE), "directory")
+    err(fs, w.Topen(1, 2, w.OREAD | w.OTRUNC), "directory")
+
+
+def test_directory_reads_are_whole_stat_records(fs: Session) -> None:
+    ok(fs, w.Topen(1, 0, w.OREAD))
+    first = ok(fs, w.Tread(1, 0, 0, 80)).data  # type: ignore[attr-defined]
+    assert len(w.stats_decode(first)) == 1  # two records do not fit in 80 bytes
+    err(fs, w.Tread(1, 0, 5, 80), "offset")
+    rest = ok(fs, w.Tread(1, 0, len(first), 8000)).data  # type: ignore[attr-defined]
+    names = [s.name for s in w.stats_decode(first + rest)]
+    assert names == ["hello.txt", "sub"]
+    assert ok(fs, w.Tread(1, 0, len(first) + len(rest), 8000)) == w.Rread(1, b"")
+    err(fs, w.Tread(1, 0, 0, 10), "too small")
+
+
+def test_create_file_and_directory(root: Path, fs: Session) -> None:
+    ok(fs, w.Twalk(1, 0, 2, []))
+    reply = ok(fs, w.Tcreate(1, 2, "new.txt", 0o666, w.OWRITE))
+    assert isinstance(reply, w.Rcreate) and reply.iounit == 8192 - w.IOHDRSZ
+    ok(fs, w.Twrite(1, 2, 0, b"data"))
+    assert (root / "new.txt").read_bytes() == b"data"
+    assert (root / "new.txt").stat().st_mode & 0o777 == 0o644  # limited by the directory's 0755... & umask
+    ok(fs, w.Twalk(1, 0, 3, []))
+    err(fs, w.Tcreate(1, 3, "new.txt", 0o644, w.OWRITE), "exists")
+    ok(fs, w.Twalk(1, 0, 4, []))
+    ok(fs, w.Tcreate(1, 4, "d", w.DMDIR | 0o755, w.OREAD))
+    assert (root / "d").is_dir()
+    st = ok(fs, w.Tstat(1, 4))
+    assert st.stat.mode & w.DMDIR  # type: ignore[attr-defined]
+
+
+def test_remove_clunks_even_on_failure(root: Path, fs: Session) -> None:
+    walk(fs, ["sub"])
+    err(fs, w.Tremove(1, 2), "remove")  # not empty
+    err(fs, w.Tstat(1, 2), "unknown fid")
+    walk(fs, ["hello.txt"], newfid=3)
+    ok(fs, w.Tremove(1, 3))
+    assert not (root / "hello.txt").exists()
+    err(fs, w.Tremove(1, 0), "root")
+
+
+def test_orclose_removes_on_clunk(root: Path, fs: Session) -> None:
+    walk(fs, ["hello.txt"])
+    ok(fs, w.Topen(1, 2, w.OREAD | w.ORCLOSE))
+    assert (root / "hello.txt").exists()
+    ok(fs, w.Tclunk(1, 2))
+    assert not (root / "hello.txt").exists()
+    err(fs, w.Tclunk(1, 2), "unknown fid")
+
+
+def test_wstat_rename_truncate_and_refusals(root: Path, fs: Session) -> None:
+    walk(fs, ["hello.txt"])
+    change = w.Stat.dont_touch()
+    change.name, change.length = "renamed.txt", 5
+    ok(fs, w.Twstat(1, 2, change))
+    assert (root / "renamed.txt").read_text() == "hello"
+    assert ok(fs, w.Tstat(1, 2)).stat.name == "renamed.txt"  # type: ignore[attr-defined]
+    bad = w.Stat.dont_touch()
+    bad.uid = "someone"
+    err(fs, w.Twstat(1, 2, bad), "only name")
+    escape = w.Stat.dont_touch()
+    escape.name = "../x"
+    err(fs, w.Twstat(1, 2, escape), "bad file name")
+    ok(fs, w.Twstat(1, 2, w.Stat.dont_touch()))  # a no-op "sync"
+
+
+# -- concurrency: parked requests, flush, tags ------------------------------------------------
+
+
+class Gate(Handle):
+    """A read that blocks until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+
+    def read(self, offset: int, count: int) -> bytes:
+        if self.data is None:
+            raise WouldBlock()
+        return self.data
+
+
+class GateTree(Tree):
+    def __init__(self) -> None:
+        self.gate = Gate()
+        self.root = SynthDir("")
+        self.root.add(SynthFile("gate", self.root, lambda mode, user: self.gate, 0o444))
+        self.root.add(text_file("motd", self.root, lambda: "hello\n"))
+
+    def attach(self, uname: str, aname: str) -> SynthDir:
+        return self.root
+
+
+def test_blocked_read_is_parked_then_answered() -> None:
+    tree = GateTree()
+    s = session(tree)
+    ok(s, w.Twalk(1, 0, 2, ["gate"]))
+    ok(s, w.Topen(1, 2, w.OREAD))
+    assert s.receive(w.encode(w.Tread(10, 2, 0, 100))) == []
+    assert s.retry() == []
+    # other tags go on meanwhile
+    ok(s, w.Twalk(11, 0, 3, ["motd"]))
+    err(s, w.Tread(10, 2, 0, 1), "tag 10 is in use")
+    tree.gate.data = b"open"
+    assert [w.decode(r) for r in s.retry()] == [w.Rread(10, b"open")]
+    assert not s.pending
+
+
+def test_flush_cancels_a_parked_request() -> None:
+    tree = GateTree()
+    s = session(tree)
+    ok(s, w.Twalk(1, 0, 2, ["gate"]))
+    ok(s, w.Topen(1, 2, w.OREAD))
+    assert s.receive(w.encode(w.Tread(10, 2, 0, 100))) == []
+    assert ok(s, w.Tflush(11, 10)) == w.Rflush(11)
+    tree.gate.data = b"late"
+    assert s.retry() == []  # the flushed request is never answered
+    assert ok(s, w.Tflush(12, 999)) == w.Rflush(12)  # flushing an answered tag is fine
+
+
+def test_synthetic_text_file_reads_with_offsets() -> None:
+    s = session(GateTree())
+    ok(s, w.Twalk(1, 0, 2, ["motd"]))
+    ok(s, w.Topen(1, 2, w.OREAD))
+    assert ok(s, w.Tread(1, 2, 2, 2)) == w.Rread(1, b"ll")
+    err(s, w.Twalk(1, 2, 3, ["x"]), "open fid")
+    ok(s, w.Twalk(1, 0, 3, ["gate"]))
+    err(s, w.Twalk(1, 3, 4, ["x"]), "non-directory")
+    err(s, w.Tcreate(1, 0, "x", 0o644, w.OWRITE), "permission denied")  # 0555 directory

@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
@@ -59,8 +60,8 @@ class Flow:
         self._irm = irm
         self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(True)
-        self._recv = self._sock.recv
-        self._send = self._sock.send
+        self._recv: Callable[[int], bytes] = self._sock.recv
+        self._send: Callable[[bytes | bytearray | memoryview], int] = self._sock.send
         self._rbuf = max(reply.mtu, 1)
         self._nonblock = False
         self._rcvtimeo: float | None = None
@@ -234,8 +235,10 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
     try:
         if qos.cypher_s:
             crypto, hellos = _agree(fd, client)
-        if not crypto and not qos.frct:
+        if not qos.frct and crypto is None:
             return Flow(reply, fd, irm)
+        if not qos.frct and crypto is not None:
+            return _sealed(reply, fd, irm, crypto, None if client else hellos)
         mtu = reply.mtu - (OVERHEAD if crypto else 0)
         frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
         app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos)
@@ -247,6 +250,34 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
     app_mtu = APP_MTU if frct and frct.reliable else frct.max_payload if frct else mtu
     flow = Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm)
     flow._session = session
+    return flow
+
+
+def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto,
+            hellos: tuple[bytes, bytes] | None) -> Flow:
+    """An encrypted flow without FRCT, sealed and opened in the caller's own thread.
+
+    No engine in between: a hop to another thread costs more than the cipher.
+    """
+    flow = Flow(dataclasses.replace(reply, mtu=reply.mtu - OVERHEAD), fd, irm)
+    send, recv = flow._sock.send, flow._sock.recv
+
+    def seal_send(sdu: bytes | bytearray | memoryview) -> int:
+        send(crypto.seal(bytes(sdu)))
+        return len(sdu)
+
+    def recv_open(size: int) -> bytes:
+        while True:  # a rejected packet is counted and skipped; EAGAIN goes up to Flow._wait
+            packet = recv(size + OVERHEAD)
+            if not packet:
+                return packet
+            if hellos is not None and packet == hellos[0]:
+                send(hellos[1])  # our answer to the key agreement was lost: again
+                continue
+            if (plain := crypto.open(packet)) is not None:
+                return plain
+
+    flow._send, flow._recv = seal_send, recv_open
     return flow
 
 

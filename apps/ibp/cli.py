@@ -6,6 +6,7 @@ Errors are one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 import sys
@@ -56,12 +57,14 @@ def seconds(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a depot")
+    common.add_argument("-v", "--verbose", action="store_true")
     p = argparse.ArgumentParser(prog="ibp", description="IBP depots and clients over flows")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a depot")
-    p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
+    add = functools.partial(sub.add_parser, parents=[common])
 
-    d = sub.add_parser("depot", help="run a depot")
+    d = add("depot", help="run a depot")
     d.add_argument("--name", required=True, help="the name the depot is reached by (and in its capabilities)")
     d.add_argument("--dir", required=True, type=Path, help="where data and metadata live")
     d.add_argument("--capacity", type=size, default=size("1G"))
@@ -70,42 +73,42 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--listen", nargs="?", const=f"tcp:{DEFAULT_PORT}", default=None,
                    help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})")
 
-    a = sub.add_parser("allocate", help="reserve space; prints read, write and manage capabilities")
+    a = add("allocate", help="reserve space; prints read, write and manage capabilities")
     a.add_argument("depot")
     a.add_argument("--size", type=size, required=True)
     a.add_argument("--duration", type=seconds, required=True)
     a.add_argument("--reliability", choices=["soft", "hard"], default="soft")
     a.add_argument("--type", choices=["bytearray", "buffer", "fifo", "cirq"], default="bytearray")
 
-    s = sub.add_parser("store", help="append stdin to an allocation (or write at --offset)")
+    s = add("store", help="append stdin to an allocation (or write at --offset)")
     s.add_argument("cap")
     s.add_argument("--offset", type=int, default=None)
 
-    ld = sub.add_parser("load", help="write an allocation's bytes to stdout")
+    ld = add("load", help="write an allocation's bytes to stdout")
     ld.add_argument("cap")
     ld.add_argument("--offset", type=int, default=0)
     ld.add_argument("--length", type=int, default=0, help="bytes (0: up to the end)")
 
-    c = sub.add_parser("copy", help="the source depot pushes the bytes to the target itself")
+    c = add("copy", help="the source depot pushes the bytes to the target itself")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--offset", type=int, default=0)
     c.add_argument("--length", type=int, default=0)
 
-    mc = sub.add_parser("mcopy", help="one source, several targets")
+    mc = add("mcopy", help="one source, several targets")
     mc.add_argument("src")
     mc.add_argument("dsts", nargs="+")
     mc.add_argument("--offset", type=int, default=0)
     mc.add_argument("--length", type=int, default=0)
 
-    m = sub.add_parser("manage", help="probe, incr, decr, extend or change an allocation")
+    m = add("manage", help="probe, incr, decr, extend or change an allocation")
     m.add_argument("cap")
     m.add_argument("op", choices=["probe", "incr", "decr", "extend", "change"])
     m.add_argument("--duration", type=seconds, default=0, help="extend/change: new duration from now")
     m.add_argument("--size", type=size, default=0, help="change: new maximum size")
     m.add_argument("--count", choices=["read", "write"], default="read", help="incr/decr: which reference count")
 
-    st = sub.add_parser("status", help="a depot's capacity, use and policy; admin changes")
+    st = add("status", help="a depot's capacity, use and policy; admin changes")
     st.add_argument("depot")
     st.add_argument("--admin-key", help="the depot's admin key (DIR/admin.key) for changes")
     st.add_argument("--capacity", type=size)

@@ -1,0 +1,124 @@
+"""IBP's wire codec and capabilities: round trips, strict parsing, fuzzed request lines."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apps.ibp import wire as w
+from apps.ibp.capability import BadCapability, Capability, keys_equal, new_key
+
+KEY = "a" * 64
+
+REQUESTS: list[w.Request] = [
+    w.Allocate("0", w.IBP_HARD, w.IBP_BYTEARRAY, 3600, 4 << 20, 30),
+    w.Store(KEY, KEY, 3_000_000, 30),
+    w.Write(KEY, KEY, 10, 20, 30),
+    w.Load(KEY, KEY, 0, 0, 30),
+    w.Send(KEY, KEY, f"ibp://depot2/0#{KEY}/{KEY}/WRITE", 0, 100, 5, 6, 7),
+    w.Mcopy(KEY, KEY, 0, 100, (f"ibp://d2/0#{KEY}/{KEY}/WRITE", f"ibp://127.0.0.1:6714/0#{KEY}/{KEY}/WRITE"), 9),
+    w.Manage(KEY, KEY, w.IBP_PROBE, w.IBP_MANAGECAP, 30),
+    w.Manage(KEY, KEY, w.IBP_INCR, w.IBP_READCAP, 30),
+    w.Manage(KEY, KEY, w.IBP_CHNG, w.IBP_MANAGECAP, 30, 1000, 60, w.IBP_SOFT),
+    w.Status("0", w.IBP_ST_INQ, "-", 30),
+    w.Status("0", w.IBP_ST_CHANGE, KEY, 30, 1 << 30, 86400),
+]
+
+
+@pytest.mark.parametrize("req", REQUESTS, ids=lambda r: type(r).__name__)
+def test_every_request_round_trips(req: w.Request) -> None:
+    line = w.format_request(req)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert w.parse_request(line) == req
+
+
+def test_command_codes_are_ibp_v1_4() -> None:
+    assert (w.IBP_ALLOCATE, w.IBP_STORE, w.IBP_DELIVER, w.IBP_STATUS, w.IBP_SEND, w.IBP_MCOPY, w.IBP_LOAD,
+            w.IBP_MANAGE, w.IBP_WRITE) == (1, 2, 3, 4, 5, 6, 8, 9, 13)
+    assert (w.IBP_PROBE, w.IBP_INCR, w.IBP_DECR, w.IBP_CHNG) == (40, 41, 42, 43)
+    assert w.format_request(REQUESTS[0]) == b"1 1 0 2 1 3600 4194304 30\n"
+    assert w.format_request(w.Load(KEY, "k", 5, 7, 3)) == f"1 8 {KEY} k 5 7 3\n".encode()
+
+
+@pytest.mark.parametrize(("line", "status"), [
+    (b"0 1 0 1 1 10 10 5\n", w.IBP_E_PROT_VERS),
+    (b"1 99 x\n", w.IBP_E_INVALID_CMD),
+    (b"1 3 a b\n", w.IBP_E_INVALID_CMD),                 # DELIVER is not served
+    (b"1 1 0 1 1 10 10\n", w.IBP_E_BAD_FORMAT),          # a field short
+    (b"1 1 0 1 1 10 10 5 6\n", w.IBP_E_BAD_FORMAT),      # a field too many
+    (b"1 1 0 1 1 ten 10 5\n", w.IBP_E_BAD_FORMAT),
+    (b"1 1 0 1 1 -5 10 5\n", w.IBP_E_INVALID_PARAMETER),  # negative duration
+    (b"1 2 k/ey t 10 5\n", w.IBP_E_WRONG_CAP_FORMAT),
+    (b"1 8 k t 0 99999999999999999999999 5\n", w.IBP_E_BAD_FORMAT),
+    (b"1 9 k t 77 1 5\n", w.IBP_E_INVALID_CMD),
+    (b"1 6 k t 0 10 0 9\n", w.IBP_E_INVALID_PARAMETER),  # MCOPY to no target
+    (b"\xff\xfe 1\n", w.IBP_E_BAD_FORMAT),
+    (b"\n", w.IBP_E_BAD_FORMAT),
+    (b"1 " + b"9" * 5000 + b"\n", w.IBP_E_BAD_FORMAT),
+])
+def test_bad_lines_get_the_right_status(line: bytes, status: int) -> None:
+    with pytest.raises(w.BadRequest) as e:
+        w.parse_request(line)
+    assert e.value.status == status
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzzed_bytes_parse_or_raise_bad_request(data: bytes) -> None:
+    try:
+        req = w.parse_request(data)
+    except w.BadRequest as e:
+        assert e.status < 0
+    else:
+        assert w.parse_request(w.format_request(req)) == req
+
+
+_tok = st.one_of(st.integers(-3, 2**64).map(str), st.sampled_from(["0", "1", KEY, "x", "-", "READ"]),
+                 st.text(alphabet="0123456789abc#/:-", max_size=12))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2), st.sampled_from([1, 2, 3, 4, 5, 6, 8, 9, 13, 40, 7]), st.lists(_tok, max_size=12))
+def test_fuzzed_token_lines_parse_or_raise_bad_request(version: int, cmd: int, toks: list[str]) -> None:
+    line = " ".join([str(version), str(cmd), *toks]).encode() + b"\n"
+    try:
+        req = w.parse_request(line)
+    except w.BadRequest as e:
+        assert e.status < 0 and e.reason
+    else:
+        assert w.parse_request(w.format_request(req)) == req
+
+
+def test_reply_parsing() -> None:
+    r = w.parse_reply(b"1 ibp://a/0#k/r/READ ibp://a/0#k/w/WRITE ibp://a/0#k/m/MANAGE\n")
+    assert r.ok and len(r.fields) == 3
+    assert w.parse_reply(b"-4 no such allocation\n").status == w.IBP_E_CAP_NOT_FOUND
+    with pytest.raises(w.BadRequest):
+        w.parse_reply(b"\n")
+    with pytest.raises(w.BadRequest):
+        w.parse_reply(b"ok\n")
+
+
+def test_capability_round_trip_and_forms() -> None:
+    cap = Capability("depot1", "0", new_key(), new_key(), "READ")
+    assert Capability.parse(str(cap)) == cap
+    assert len(cap.key) == 64 and cap.key != cap.typekey  # 256-bit keys, independent
+    assert Capability.parse(f"ibp://127.0.0.1:6714/0#{KEY}/{KEY}/WRITE").depot == "127.0.0.1:6714"
+
+
+@pytest.mark.parametrize("text", [
+    "", "ibp://d/0#k/t/DELETE", "http://d/0#k/t/READ", "ibp://d/0#k/READ", "ibp://d/0#k/t/READ/x",
+    "ibp://d/0#" + "k" * 200 + "/t/READ", "ibp://d d/0#k/t/READ",
+])
+def test_malformed_capabilities_are_refused(text: str) -> None:
+    with pytest.raises(BadCapability):
+        Capability.parse(text)
+
+
+def test_keys_compare_in_constant_time_helper() -> None:
+    k = new_key()
+    assert keys_equal(k, k)
+    assert not keys_equal(k, k[:-1])
+    assert not keys_equal(k, "X" + k)
+    assert not keys_equal(k, "é")

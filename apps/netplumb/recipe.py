@@ -234,7 +234,8 @@ class RecipeJob:
     def __init__(self, commands: list[Command], run_as: RunAs, recipe_dir: Path) -> None:
         (ci, self.stdin), (co, self.stdout), (ce, self.stderr) = pipes()
         self._commands = commands
-        self._kwargs = run_as.popen_kwargs()
+        recipe_dir.mkdir(parents=True, exist_ok=True)
+        self._kwargs = {**run_as.popen_kwargs(), "cwd": str(recipe_dir)}  # relative names mean the same to all
         self._procs: list[subprocess.Popen[bytes]] = []
         self._status = 0
         self._lock = threading.Lock()

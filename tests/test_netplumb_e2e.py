@@ -1,0 +1,286 @@
+"""netplumb end to end: netplumbd and plumb as processes over a local layer, with their key files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import BIN, IrmdProc, pid_alive, wait_for
+
+from apps.netplumb.keys import Identity, public_line
+from flowlib import FlowError, flow_alloc, qos
+from flowlib.irm import IrmClient
+
+Plumb = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+@dataclass
+class Host:
+    tmp: Path
+    env: dict[str, str]
+    auth: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def plumb(self, *args: str, input: bytes = b"", timeout: float = 30, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(BIN / "plumb"), *args], input=input, capture_output=True, timeout=timeout,
+                              env={**self.env, **(env or {})})
+
+    def authorize(self, line: str) -> None:
+        with open(self.auth, "a") as f:
+            f.write(line + "\n")
+
+    def my_key_line(self) -> str:
+        return (self.tmp / "home/.config/netplumb/id.pub").read_text().strip()
+
+
+@pytest.fixture
+def host(irmd: IrmdProc, local_layer: str, tmp_path: Path) -> Iterator[Host]:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**irmd.env, "HOME": str(home)}
+    env.pop("XDG_CONFIG_HOME", None)
+    subprocess.run([str(BIN / "plumb-keygen")], env=env, check=True, capture_output=True, timeout=30)
+    auth = tmp_path / "authorized_keys"
+    auth.write_text("")
+    log = tmp_path / "netplumbd.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "netplumbd"), "--name", "host2", "--layer", local_layer, "--authorized-keys", str(auth),
+             "--host-key", str(tmp_path / "host_key"), "--recipe-dir", str(tmp_path / "recipes"), "-v"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+    h = Host(tmp_path, env, auth, proc, log)
+    try:
+        wait_for(lambda: "serving with key" in log.read_text() or proc.poll() is not None, 15, "netplumbd")
+        assert proc.poll() is None, log.read_text()
+        yield h
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def authorized(host: Host) -> Host:
+    host.authorize(host.my_key_line())
+    return host
+
+
+def test_command_output_stderr_and_exit_status(authorized: Host) -> None:
+    r = authorized.plumb("host2", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (7, b"out\n", b"err")
+
+
+def test_single_string_command_is_split_like_a_shell(authorized: Host) -> None:
+    r = authorized.plumb("host2", "printf '%s|' 'a b' c")
+    assert r.stdout == b"a b|c|"
+
+
+def test_stdin_streams_byte_identical(authorized: Host) -> None:
+    data = os.urandom(3_000_000)
+    t = time.monotonic()
+    r = authorized.plumb("host2", "cat", input=data)
+    elapsed = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
+    print(f"3 MB round trip through plumb cat: {elapsed:.2f} s")
+
+
+def test_first_use_pins_the_server_key_with_a_notice(authorized: Host) -> None:
+    first = authorized.plumb("host2", "true")
+    assert b"pinned the key of 'host2'" in first.stderr
+    known = authorized.tmp / "home/.config/netplumb/known_hosts"
+    assert known.read_text().startswith("host2 ed25519 ")
+    again = authorized.plumb("host2", "true")
+    assert again.returncode == 0 and b"pinned" not in again.stderr
+
+
+def test_changed_server_key_is_refused_loudly(authorized: Host) -> None:
+    known = authorized.tmp / "home/.config/netplumb/known_hosts"
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text(f"host2 {public_line(Identity.generate().public)}\n")
+    marker = authorized.tmp / "ran"
+    r = authorized.plumb("host2", "touch", str(marker))
+    assert r.returncode == 255
+    assert b"CHANGED" in r.stderr and b"impersonating" in r.stderr
+    assert not marker.exists()
+
+
+def test_unauthorized_key_is_refused(host: Host) -> None:
+    marker = host.tmp / "ran"
+    r = host.plumb("host2", "touch", str(marker))
+    assert r.returncode == 255 and b"not authorized" in r.stderr
+    assert not marker.exists()
+
+
+def test_allowlist_limits_the_programs(host: Host) -> None:
+    host.authorize(f'allow="echo" {host.my_key_line()}')
+    assert host.plumb("host2", "echo", "ok").stdout == b"ok\n"
+    marker = host.tmp / "ran"
+    r = host.plumb("host2", "touch", str(marker))
+    assert r.returncode != 0 and b"allowlist" in r.stderr
+    assert not marker.exists()
+
+
+def test_one_time_key_works_once_for_its_command_only(host: Host) -> None:
+    marker = host.tmp / "ran"
+    key = host.tmp / "otk"
+    made = subprocess.run([str(BIN / "plumb-keygen"), "-f", str(key), "--one-time", f"touch {marker}"],
+                          env=host.env, capture_output=True, text=True, check=True, timeout=30)
+    host.authorize(made.stdout.strip())
+    other = host.plumb("host2", f"-key={key}", "echo", "hi")
+    assert other.returncode != 0 and b"may only run" in other.stderr
+    assert host.plumb("host2", f"-key={key}", "touch", str(marker)).returncode == 0
+    assert marker.exists()
+    marker.unlink()
+    again = host.plumb("host2", f"-key={key}", "touch", str(marker))
+    assert again.returncode == 255 and b"already used" in again.stderr
+    assert not marker.exists()
+
+
+def test_user_switch_refused_unless_allowed(authorized: Host) -> None:
+    r = authorized.plumb("host2", "-user=nobody", "id", "-un")
+    assert r.returncode != 0 and b"may not run commands as 'nobody'" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_user_switch_when_allowed(host: Host) -> None:
+    host.authorize(f'users="nobody" {host.my_key_line()}')
+    r = host.plumb("host2", "-user=nobody", "id", "-un")
+    assert r.returncode == 0 and r.stdout == b"nobody\n", r.stderr
+
+
+def test_export_sends_named_environment(authorized: Host) -> None:
+    r = authorized.plumb("host2", "-export=NP_A,NP_B", "sh", "-c", 'echo "$NP_A/$NP_B/$NP_C"',
+                         env={"NP_A": "1", "NP_B": "two words", "NP_C": "not sent"})
+    assert r.stdout == b"1/two words/\n"
+
+
+def test_named_pipes_are_replicated(authorized: Host) -> None:
+    src = authorized.tmp / "local-in.txt"
+    src.write_bytes(b"through the in fifo\n" * 1000)
+    dst = authorized.tmp / "local-out.txt"
+    rin, rout = authorized.tmp / "remote-in.fifo", authorized.tmp / "remote-out.fifo"
+    r = authorized.plumb("host2", f"-infifo={src}:{rin}", f"-outfifo={dst}:{rout}",
+                         "sh", "-c", f"tr a-z A-Z <{rin} >{rout}")
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == b"THROUGH THE IN FIFO\n" * 1000
+    assert not rin.exists() and not rout.exists()  # the fifos netplumbd made are gone
+
+
+def test_unopened_fifo_does_not_hang_the_session(authorized: Host) -> None:
+    dst = authorized.tmp / "out.txt"
+    r = authorized.plumb("host2", f"-outfifo={dst}:{authorized.tmp / 'never.fifo'}", "true", timeout=20)
+    assert r.returncode == 0
+
+
+def test_unix_socket_is_replicated_for_several_connections(authorized: Host) -> None:
+    local = authorized.tmp / "local.sock"
+    remote = authorized.tmp / "remote.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(local))
+    server.listen()
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                conn.sendall(data.upper())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    client = ("import socket,sys\n"
+              "for word in ('first', 'second'):\n"
+              "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+              "    s.sendall(word.encode() * 10000); s.shutdown(socket.SHUT_WR)\n"
+              "    got = b''\n"
+              "    while c := s.recv(65536): got += c\n"
+              "    print(got[:12].decode(), len(got))\n")
+    try:
+        r = authorized.plumb("host2", f"-socket={local}:{remote}", sys.executable, "-c", client, str(remote))
+    finally:
+        server.close()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"FIRSTFIRSTFI 50000\nSECONDSECOND 60000\n"
+
+
+def test_recipe_runs_remotely(authorized: Host) -> None:
+    recipe = authorized.tmp / "r.recipe"
+    recipe.write_text("gen: sh -c 'echo b; echo a; echo oops >&2' >%sorter 2>%errs &\n"
+                      "errs: cat >errs.txt &\n"
+                      "sorter: sort\n")
+    r = authorized.plumb("host2", f"-recipe={recipe}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"a\nb\n"
+    wait_for(lambda: (authorized.tmp / "recipes/errs.txt").exists(), 5, "errs.txt")
+
+
+def test_bad_recipe_is_refused_locally_with_its_line(authorized: Host) -> None:
+    recipe = authorized.tmp / "bad.recipe"
+    recipe.write_text("echo hi\necho >%nobody\n")
+    r = authorized.plumb("host2", f"-recipe={recipe}")
+    assert r.returncode == 255 and b"line 2" in r.stderr
+
+
+def test_missing_program_is_reported(authorized: Host) -> None:
+    r = authorized.plumb("host2", "no-such-program-xyz")
+    assert r.returncode == 126 and b"cannot run no-such-program-xyz" in r.stderr
+
+
+def test_remote_signal_death_is_reported(authorized: Host) -> None:
+    r = authorized.plumb("host2", "sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + signal.SIGTERM and b"SIGTERM" in r.stderr
+
+
+def test_client_going_away_kills_the_remote_command(authorized: Host) -> None:
+    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", "echo $$; exec sleep 60"],
+                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        pid = int(p.stdout.readline())
+        assert pid_alive(pid)
+    finally:
+        p.kill()
+        p.wait()
+    wait_for(lambda: not pid_alive(pid), 10, "the remote command to be killed")
+
+
+def test_usage_errors(authorized: Host) -> None:
+    for args in ([], ["host2"], ["host2", "-bogus=1", "ls"], ["-user=x"]):
+        r = authorized.plumb(*args)
+        assert r.returncode == 255 and b"usage: plumb" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_garbage_from_a_peer_does_not_crash_netplumbd(authorized: Host, irmd: IrmdProc) -> None:
+    client = IrmClient(irmd.sock)
+    try:
+        for junk in (b"hello", b"TAP1" + bytes(13), os.urandom(1000)):
+            flow = flow_alloc("host2", qos=qos.data, timeout=10, irm=client)
+            flow.write(junk)
+            flow.set_timeout(5)
+            with contextlib.suppress(FlowError):
+                flow.read()
+            flow.close()
+    finally:
+        client.close()
+    assert authorized.proc.poll() is None
+    assert authorized.plumb("host2", "echo", "still here").stdout == b"still here\n"
+    assert "rejected a packet" in authorized.log.read_text()

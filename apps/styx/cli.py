@@ -17,7 +17,7 @@ from collections.abc import Callable
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
 from apps.styx.transport import TransportError, bridge, dial, serve_tree
-from apps.styx.tree import StyxError
+from apps.styx.tree import StyxError, Tree
 from flowlib import Flow, FlowError
 from flowlib.irm import default_client
 
@@ -127,6 +127,7 @@ def announce(name: str, layers: list[str]) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     users = frozenset(a.users.split(",")) if a.users else None
     route: Callable[[Flow], bool] | None = None
+    tree: Tree
     if a.irm:
         from apps.styx.irmfs import irm_tree
 
@@ -140,7 +141,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if a.name:
         announce(a.name, a.layer)
     print(f"styx: serving {'the IRMd' if a.irm else a.root}" + (f" as {a.name}" if a.name else ""), flush=True)
-    serve_tree(tree, users, route)  # type: ignore[arg-type]
+    serve_tree(tree, users, route)
 
 
 def cmd_bridge(a: argparse.Namespace) -> None:

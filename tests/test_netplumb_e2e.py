@@ -284,3 +284,44 @@ def test_garbage_from_a_peer_does_not_crash_netplumbd(authorized: Host, irmd: Ir
     assert authorized.proc.poll() is None
     assert authorized.plumb("host2", "echo", "still here").stdout == b"still here\n"
     assert "rejected a packet" in authorized.log.read_text()
+
+
+def test_interrupt_is_forwarded_to_the_remote_command(authorized: Host) -> None:
+    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c",
+                          "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done"],
+                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=15)
+    finally:
+        p.kill()
+        p.wait()
+    assert out == b"got-int\n" and p.returncode == 3
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_reader_does_not_make_the_server_buffer(authorized: Host) -> None:
+    size = 40_000_000
+    p = subprocess.Popen([str(BIN / "plumb"), "host2", "head", "-c", str(size), "/dev/zero"],
+                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout is not None
+        first = p.stdout.read(1)  # the command runs; from here on nobody reads for a while
+        before = _rss_kib(authorized.proc.pid)
+        time.sleep(2.0)
+        grown = _rss_kib(authorized.proc.pid) - before
+        got = len(first) + len(p.stdout.read())
+        p.wait(30)
+    finally:
+        p.kill()
+        p.wait()
+    assert got == size and p.returncode == 0
+    assert grown < 16 * 1024, f"netplumbd grew by {grown} KiB while its client did not read"

@@ -95,7 +95,8 @@ class Pump(threading.Thread):
                 data = os.read(self.fd, n)
                 if not data:
                     break
-                self.window.grant(n - len(data)) if len(data) < n else None
+                if len(data) < n:  # give back what this read did not use
+                    self.window.grant(n - len(data))
                 self.link.send(wire.DATA, Fields.of(ch=self.ch, data=wire.b64(data)))
             self.link.send(wire.EOF, Fields.of(ch=self.ch))
         except Exception as e:  # a local I/O error or the flow going down ends this channel only
@@ -118,6 +119,7 @@ class Sink(threading.Thread):
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.close_fd = close_fd
         self.on_eof = on_eof
+        self.fd = -1  # -1 while the opener waits (a named pipe without a reader yet)
         self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._owed = 0  # bytes the peer sent that we have not written out yet
         self._lock = threading.Lock()
@@ -136,7 +138,7 @@ class Sink(threading.Thread):
     def run(self) -> None:
         fd, broken = -1, False
         try:
-            fd = self.opener()
+            fd = self.fd = self.opener()
         except OSError as e:
             log.warning("channel %d: %s", self.ch, e)
             broken = True

@@ -31,6 +31,7 @@ ALLOC_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 15.0
 USAGE = ("usage: plumb HOST [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]] [-outfifo=LOCAL[:REMOTE]]\n"
          "             [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=FILE] [-v] [--] COMMAND [ARG...]")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 OPTIONS = ("recipe", "user", "infifo", "outfifo", "socket", "export", "key")
 
 
@@ -159,6 +160,7 @@ class Client:
                 print(f"plumb: {req.host}: {reply.fields.get('message', 'refused')}", file=sys.stderr)
                 return reply.fields.int("status", 1, 255) if reply.fields.get("status") else FAILED
             flow.set_timeout(None)
+            self._forward_signals()
             self._start_channels()
             while self.status is None:
                 self._dispatch(self._next(flow.read))
@@ -174,6 +176,16 @@ class Client:
         finally:
             with contextlib.suppress(FlowError):
                 flow.close()
+
+    def _forward_signals(self) -> None:
+        """Interrupts go to the remote command (as ssh does), which decides whether to end."""
+
+        def forward(signum: int, _frame: object) -> None:
+            with contextlib.suppress(FlowError, SessionError):
+                self.link.send(wire.SIGNAL, Fields.of(sig=signal.Signals(signum).name[3:]))
+
+        for sig in FORWARDED:
+            signal.signal(sig, forward)
 
     def _events(self, data: bytes) -> list[object]:
         events: list[object] = []

@@ -26,7 +26,7 @@ from apps.netplumb.keys import AuthorizedKey, AuthorizedKeys, Identity, KeyFileE
 from apps.netplumb.recipe import RecipeError, RecipeJob, parse_recipe
 from apps.netplumb.session import Established, Message, PeerError, ServerSession, SessionError
 from apps.netplumb.wire import Fields
-from flowlib import FlowDown, FlowError, FlowTimeout, flow_accept
+from flowlib import Flow, FlowDown, FlowError, FlowTimeout, flow_accept
 from flowlib.irm import default_client
 
 log = logging.getLogger("netplumbd")
@@ -91,10 +91,7 @@ def parse_start(fields: Fields) -> Plan:
 class Connection:
     """One client: handshake, START, then the channels until the command exits."""
 
-    def __init__(self, flow: object, cfg: Config) -> None:
-        from flowlib import Flow  # for the type only
-
-        assert isinstance(flow, Flow)
+    def __init__(self, flow: Flow, cfg: Config) -> None:
         self.flow = flow
         self.cfg = cfg
         self.entries: list[AuthorizedKey] = []
@@ -332,9 +329,9 @@ class Connection:
         code = self.job.wait()
         # Fifos the command never opened would keep our pumps and sinks waiting in open().
         deadline = time.monotonic() + 5.0
-        waiting = [t for ch, t in [*self.pumps.items(), *self.sinks.items()] if ch >= 3 and ch < FIRST_SERVER_CHANNEL]
-        while any(t.is_alive() and t.fd < 0 if isinstance(t, Pump) else False for t in waiting) \
-                and time.monotonic() < deadline:
+        fifos: list[Pump | Sink] = [t for ch, t in self.pumps.items() if 3 <= ch < FIRST_SERVER_CHANNEL]
+        fifos += [t for ch, t in self.sinks.items() if 3 <= ch < FIRST_SERVER_CHANNEL]
+        while any(t.is_alive() and t.fd < 0 for t in fifos) and time.monotonic() < deadline:
             self._unblock_fifos()
             time.sleep(0.05)
         for ch in (STDOUT, STDERR, *(c for c in self.pumps if 3 <= c < FIRST_SERVER_CHANNEL)):
@@ -444,20 +441,30 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    live: set[Connection] = set()
     try:
         if args.name:
             _bind(args.name, args.layer)
         log.info("serving with key %s", fingerprint(identity.public))
         while True:
             flow = flow_accept()
-            threading.Thread(target=Connection(flow, cfg).run, daemon=True, name=f"conn-{flow.flow_id}").start()
+            conn = Connection(flow, cfg)
+            live.add(conn)
+
+            def serve(c: Connection = conn) -> None:
+                try:
+                    c.run()
+                finally:
+                    live.discard(c)
+
+            threading.Thread(target=serve, daemon=True, name=f"conn-{flow.flow_id}").start()
     except FlowError as e:
         print(f"netplumbd: {e}", file=sys.stderr)
         sys.exit(1)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        pass
+    finally:  # commands of sessions still running do not outlive us
+        for c in list(live):
+            if c.job is not None and not c.exited.is_set():
+                c.job.signal(signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,274 @@
+"""Styx over real flows: the CLI against a served directory, the bridge with a third-party
+client (python-9p), the IRMd driven through its files, and a flow made through net/."""
+
+from __future__ import annotations
+
+import json
+import pwd
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import BIN, IrmdProc, wait_for
+from test_styx_wire import py9p_python
+
+from apps.styx import wire as w
+from apps.styx.client import Client
+from apps.styx.transport import dial
+
+Styx = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def start(irmd: IrmdProc, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(BIN / "styx"), *args], env=irmd.env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def styx(irmd: IrmdProc) -> Styx:
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "styx"), *args], env=irmd.env, input=stdin, capture_output=True,
+                              text=True, timeout=30)
+
+    return run
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "hello.txt").write_text("hello styx\n")
+    (tmp_path / "secret.txt").write_text("outside")
+    return d
+
+
+@pytest.fixture
+def files(irmd: IrmdProc, local_layer: str, export: Path, tmp_path: Path, styx: Styx) -> Iterator[str]:
+    proc = start(irmd, "serve", "--name", "files", "--root", str(export), "--layer", local_layer,
+                 log=tmp_path / "serve.log")
+    try:
+        wait_for(lambda: proc.poll() is not None or styx("ls", "files:/").returncode == 0, 15, "styx serve")
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        yield "files"
+    finally:
+        stop(proc)
+
+
+def test_cli_reads_writes_lists_and_removes(files: str, export: Path, styx: Styx) -> None:
+    assert styx("cat", "files:/hello.txt").stdout == "hello styx\n"
+    assert styx("put", "files:/new.txt", stdin="x" * 100_000).returncode == 0  # many iounits
+    assert (export / "new.txt").read_text() == "x" * 100_000
+    assert styx("put", "files:/new.txt", stdin="short").returncode == 0  # truncates
+    assert (export / "new.txt").read_text() == "short"
+    assert styx("mkdir", "files:/d").returncode == 0 and (export / "d").is_dir()
+    assert styx("put", "files:/d/inner", stdin="in").returncode == 0
+    assert styx("ls", "files:/").stdout.split() == ["d/", "hello.txt", "new.txt"]
+    long = styx("ls", "-l", "files:/d").stdout
+    assert long.startswith("-rw-r--r--") and long.rstrip().endswith("inner")
+    stat = styx("stat", "files:/new.txt").stdout
+    assert "length 5" in stat and "name   new.txt" in stat
+    assert styx("rm", "files:/new.txt").returncode == 0 and not (export / "new.txt").exists()
+    r = styx("rm", "files:/d")
+    assert r.returncode == 1 and "remove" in r.stderr  # not empty
+
+
+def test_cli_cannot_leave_the_root_and_fails_in_one_line(files: str, styx: Styx) -> None:
+    for target in ["files:/../../etc/passwd", "files:/../secret.txt", "files:/nope"]:
+        r = styx("cat", target)
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    r = styx("cat", "nosuchname:/x")
+    assert r.returncode == 1 and "not found" in r.stderr
+    assert styx("cat", "no-colon").returncode == 1
+
+
+THIRD_PARTY = """
+import sys, json
+from py9p import Client, OREAD, OWRITE
+from py9p.native import decode_dir
+from py9p.messages import Dir
+out = {}
+with Client.connect_tcp('127.0.0.1', int(sys.argv[1])) as c:
+    c.negotiate(); c.attach(fid=0, uname=sys.argv[2])
+    c.walk(fid=0, newfid=1, path='')
+    c.open(fid=1, mode=int(OREAD))
+    data = c.read(fid=1, count=4096)
+    names = []
+    while data:
+        n = int.from_bytes(data[:2], 'little') + 2
+        names.append(decode_dir(data[:n]).name); data = data[n:]
+    out['ls'] = sorted(names)
+    c.walk(fid=0, newfid=2, path='hello.txt'); c.open(fid=2, mode=int(OREAD))
+    out['read'] = c.read(fid=2, count=4096).decode()
+    c.walk(fid=0, newfid=3, path='')
+    c.create(fid=3, name='made.txt', perm=0o644, mode=int(OWRITE))
+    out['wrote'] = c.write(fid=3, data=b'from py9p', offset=0)
+    c.clunk(3)
+    st = c.stat(2)
+    out['stat'] = [st.name, st.length, st.uid]
+    c.walk(fid=0, newfid=4, path='made.txt'); out['made'] = c.stat(4).length
+    c.walk(fid=0, newfid=5, path='hello.txt'); c.remove(5)
+    out['escape'] = len(c.walk(fid=0, newfid=6, path='../../etc/passwd'))  # a partial walk
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def bridge_port(irmd: IrmdProc, files: str, tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    proc = start(irmd, "bridge", "--name", files, "--listen", f"tcp!127.0.0.1!{port}", log=tmp_path / "bridge.log")
+    try:
+        wait_for(lambda: proc.poll() is not None or "bridging" in (tmp_path / "bridge.log").read_text(), 10, "bridge")
+        yield port
+    finally:
+        stop(proc)
+
+
+def test_third_party_client_through_the_bridge(bridge_port: int, export: Path) -> None:
+    python = py9p_python()
+    user = export.stat().st_uid
+    r = subprocess.run([python, "-c", THIRD_PARTY, str(bridge_port), pwd.getpwuid(user).pw_name],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ls"] == ["hello.txt"]
+    assert out["read"] == "hello styx\n"
+    assert out["wrote"] == 9 and out["made"] == 9 and (export / "made.txt").read_text() == "from py9p"
+    assert out["stat"][:2] == ["hello.txt", 11]
+    assert not (export / "hello.txt").exists()
+    assert out["escape"] == 2  # '..' twice stays at the root; 'etc' is not there
+
+
+def test_bridge_survives_garbage_and_answers_bad_messages(bridge_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", bridge_port), timeout=10) as s:
+        s.sendall(struct.pack("<I", 3))  # a size below the header: the bridge hangs up
+        assert s.recv(100) == b""
+    with socket.create_connection(("127.0.0.1", bridge_port), timeout=10) as s:
+        s.sendall(struct.pack("<IBH", 9, 200, 1) + b"zz")  # well framed, unknown type
+        reply = w.decode(s.recv(1000))
+        assert isinstance(reply, w.Rerror) and "unknown message type" in reply.ename
+    with socket.create_connection(("127.0.0.1", bridge_port), timeout=10) as s:  # still serving
+        client = Client(_Stream(s))
+        assert client.cat("hello.txt") == b"hello styx\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Stream:
+    """A socket as a client transport (what dial('tcp!...') makes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        from apps.styx.transport import StreamTransport
+
+        self.t = StreamTransport(sock)
+
+    def send(self, data: bytes) -> None:
+        self.t.send(data)
+
+    def recv(self) -> bytes:
+        return self.t.recv()
+
+    def close(self) -> None:
+        pass
+
+
+def test_unix_socket_bridge_with_our_client(irmd: IrmdProc, files: str, tmp_path: Path, styx: Styx) -> None:
+    path = tmp_path / "9p.sock"
+    proc = start(irmd, "bridge", "--name", files, "--listen", f"unix!{path}", log=tmp_path / "ubridge.log")
+    try:
+        wait_for(lambda: path.exists(), 10, "the unix bridge")
+        r = styx("cat", f"unix!{path}:/hello.txt")
+        assert r.stdout == "hello styx\n", r.stderr
+    finally:
+        stop(proc)
+
+
+# -- the IRMd as files, and net/ -------------------------------------------------------------------
+
+
+@pytest.fixture
+def irmfs(irmd: IrmdProc, local_layer: str, tmp_path: Path, styx: Styx) -> Iterator[str]:
+    proc = start(irmd, "serve", "--name", "irm", "--irm", "--layer", local_layer, log=tmp_path / "irm.log")
+    try:
+        wait_for(lambda: proc.poll() is not None or styx("ls", "irm:/").returncode == 0, 15, "styx serve --irm")
+        assert proc.poll() is None, (tmp_path / "irm.log").read_text()
+        yield "irm"
+    finally:
+        stop(proc)
+        irmd.note_children()
+
+
+def test_irmd_tree_lists_and_prints(irmfs: str, styx: Styx) -> None:
+    assert styx("ls", "irm:/").stdout.split() == ["ctl", "flow/", "ipcp/", "layer/", "name/", "net/"]
+    assert styx("ls", "irm:/ipcp").stdout.split() == ["ctl", "lo/"]
+    assert styx("ls", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "status"]
+    status = styx("cat", "irm:/ipcp/lo/status").stdout
+    assert "type local" in status and "state operational" in status
+    assert styx("cat", "irm:/ipcp/lo/layer").stdout == "local\n"
+    assert "irm" in styx("cat", "irm:/layer/local/names").stdout.split()
+    assert "layers local" in styx("cat", "irm:/name/irm/status").stdout
+    assert styx("ls", "irm:/flow").stdout.split()  # this very ls is a flow
+
+
+def test_irmd_driven_through_ctl_files(irmd: IrmdProc, irmfs: str, styx: Styx) -> None:
+    assert styx("put", "irm:/ctl", stdin="ipcp bootstrap name lo2 type local layer other\n").returncode == 0
+    irmd.note_children()
+    assert "lo2/" in styx("ls", "irm:/ipcp").stdout.split()
+    assert styx("put", "irm:/name/ctl", stdin="create svc").returncode == 0
+    assert styx("put", "irm:/name/svc/ctl", stdin="register layer other").returncode == 0
+    assert "layers other" in styx("cat", "irm:/name/svc/status").stdout
+    assert any(r["name"] == "svc" and r["layers"] == "other" for r in irmd.table("name", "list"))
+    bad = styx("put", "irm:/ipcp/lo2/ctl", stdin="explode")
+    assert bad.returncode == 1 and "explode" in bad.stderr
+    assert styx("put", "irm:/ipcp/lo2/ctl", stdin="destroy").returncode == 0
+    assert not any(r["name"] == "lo2" for r in irmd.table("ipcp", "list"))
+
+
+def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, default_client: None) -> None:
+    with Client(dial("irm")) as c:
+        def ctl_open(path: str) -> tuple[int, str]:
+            fid = c.walk(path)
+            c.open(fid, w.ORDWR)
+            return fid, c.read(fid, 0, 64).decode()
+
+        ann, n = ctl_open("net/clone")
+        c.write(ann, 0, b"announce netecho local")
+        assert c.cat(f"net/{n}/status").startswith(f"{n} announced".encode())
+        con, m = ctl_open("net/clone")
+        c.write(con, 0, b"connect netecho")
+        assert b"connected" in c.cat(f"net/{m}/status")
+        lis, k = ctl_open(f"net/{n}/listen")  # the open waits for the flow to arrive
+        out = c.walk(f"net/{m}/data")
+        c.open(out, w.ORDWR)
+        inp = c.walk(f"net/{k}/data")
+        c.open(inp, w.ORDWR)
+        c.write(out, 0, b"hello through files")
+        assert c.read(inp, 0, 100) == b"hello through files"
+        c.write(inp, 0, b"and back")
+        assert c.read(out, 0, 4) == b"and "  # a short read leaves the rest of the SDU
+        assert c.read(out, 0, 100) == b"back"
+        c.clunk(out)
+        c.clunk(con)  # the last open file of conversation m: its flow is deallocated
+        assert c.read(inp, 0, 100) == b""  # end of file at the other end
+        names = [s.name for s in c.ls("net")]
+        assert m not in names and k in names and "clone" in names
+        bad, j = ctl_open("net/clone")
+        with pytest.raises(Exception, match="unknown ctl command"):
+            c.write(bad, 0, b"dance")

@@ -85,8 +85,9 @@ class DepotServer:
         except w.IbpError as e:
             log.debug("refused %s: %s", type(req).__name__, e)
             stream.send(w.format_reply(e.status, reason_fields(e.reason)))
-            # A refused STORE/WRITE leaves the client's data unsent (it waits for our first line).
-            return True
+            # Some IBP clients send a STORE's data without waiting for our first line: after a
+            # refusal those bytes would be read as requests, so the connection ends here.
+            return not isinstance(req, (w.Store, w.Write))
 
     def _dispatch(self, stream: ByteStream, req: w.Request, depot_addr: str) -> bool:
         now = self.clock()
@@ -103,8 +104,12 @@ class DepotServer:
                 a = core.authorize(req.key, req.typekey, READ, now)
                 n = core.check_read(a, req.offset, req.length)
             stream.send(w.format_reply(w.IBP_OK, n))
-            for chunk in self._read(a, req.offset, n):
-                stream.send(chunk)
+            try:
+                for chunk in self._read(a, req.offset, n):
+                    stream.send(chunk)
+            except w.IbpError as e:  # after the header no status can follow: end the stream
+                log.error("load failed mid-stream: %s", e)
+                return False
         elif isinstance(req, w.Send):
             n = self._copy(req.key, req.typekey, req.offset, req.length, [req.dest_cap], req.dest_timeout)[0][0]
             stream.send(w.format_reply(w.IBP_OK, n))

@@ -1,0 +1,162 @@
+"""exNodes: a file as mappings of its byte ranges onto IBP allocations (striped, replicated), in
+the LoRS XML form (namespace http://loci.cs.utk.edu/exnode), and the plans that lay them out.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field, replace
+
+from apps.ibp.capability import BadCapability, Capability
+
+NS = "http://loci.cs.utk.edu/exnode"
+VERSION = "3.0"
+MAX_XML = 16 * 1024 * 1024  # bytes of exNode we agree to parse
+MAX_MAPPINGS = 100_000
+_INT_FIELDS = ("exnode_offset", "logical_length", "alloc_offset", "alloc_length")
+
+
+class BadExnode(ValueError):
+    """An exNode file we cannot use."""
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Bytes [exnode_offset, +logical_length) of the file are at alloc_offset in one allocation."""
+
+    exnode_offset: int
+    logical_length: int
+    alloc_offset: int
+    alloc_length: int
+    read: str
+    write: str = ""
+    manage: str = ""
+    sha256: str = ""  # of the mapped bytes; our metadata, so downloads can verify
+
+    @property
+    def depot(self) -> str:
+        return Capability.parse(self.read).depot
+
+    @property
+    def end(self) -> int:
+        return self.exnode_offset + self.logical_length
+
+
+@dataclass
+class ExNode:
+    filename: str
+    size: int
+    sha256: str = ""
+    mappings: list[Mapping] = field(default_factory=list)
+
+    def blocks(self) -> list[tuple[int, int, list[Mapping]]]:
+        """(offset, length, replicas) per distinct byte range, in file order."""
+        ranges: dict[tuple[int, int], list[Mapping]] = {}
+        for m in self.mappings:
+            ranges.setdefault((m.exnode_offset, m.logical_length), []).append(m)
+        return [(o, n, ms) for (o, n), ms in sorted(ranges.items())]
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """Byte ranges of the file no mapping covers."""
+        out, pos = [], 0
+        for m in sorted(self.mappings, key=lambda m: m.exnode_offset):
+            if m.exnode_offset > pos:
+                out.append((pos, m.exnode_offset - pos))
+            pos = max(pos, m.end)
+        if pos < self.size:
+            out.append((pos, self.size - pos))
+        return out
+
+    def without_depot(self, depot: str) -> ExNode:
+        return replace(self, mappings=[m for m in self.mappings if m.depot != depot])
+
+
+def plan(size: int, stripe: int, depots: list[str], replicas: int) -> list[tuple[int, int, list[str]]]:
+    """Blocks of `stripe` bytes, each on `replicas` distinct depots, round robin: (offset, length, depots)."""
+    if stripe <= 0 or not depots or not 1 <= replicas <= len(depots):
+        raise ValueError(f"need a positive stripe and 1..{len(depots)} replicas on {len(depots)} depots")
+    blocks = []
+    for i, off in enumerate(range(0, size, stripe)):
+        blocks.append((off, min(stripe, size - off), [depots[(i + r) % len(depots)] for r in range(replicas)]))
+    return blocks
+
+
+def _q(tag: str) -> str:
+    return f"{{{NS}}}{tag}"
+
+
+def _meta(parent: ET.Element, name: str, kind: str, value: object) -> None:
+    e = ET.SubElement(parent, _q("metadata"), {"name": name, "type": kind})
+    e.text = str(value)
+
+
+def to_xml(ex: ExNode) -> bytes:
+    ET.register_namespace("exnode", NS)
+    root = ET.Element("exnode", {"version": VERSION})
+    _meta(root, "filename", "string", ex.filename)
+    _meta(root, "original_filesize", "integer", ex.size)
+    if ex.sha256:
+        _meta(root, "sha256", "string", ex.sha256)
+    for m in ex.mappings:
+        e = ET.SubElement(root, _q("mapping"))
+        for name in _INT_FIELDS:
+            _meta(e, name, "integer", getattr(m, name))
+        if m.sha256:
+            _meta(e, "sha256", "string", m.sha256)
+        for tag in ("read", "write", "manage"):
+            if getattr(m, tag):
+                ET.SubElement(e, _q(tag)).text = getattr(m, tag)
+    ET.indent(root)
+    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return b"<?xml version=\"1.0\"?>\n" + body + b"\n"
+
+
+def _metas(e: ET.Element) -> dict[str, str]:
+    return {m.get("name", ""): (m.text or "").strip() for m in e.findall(_q("metadata"))}
+
+
+def _nonneg(meta: dict[str, str], name: str, where: str) -> int:
+    text = meta.get(name)
+    if text is None or not text.isdigit() or len(text) > 19:
+        raise BadExnode(f"{where}: metadata {name!r} must be a non-negative integer")
+    return int(text)
+
+
+def from_xml(data: bytes) -> ExNode:
+    """Parse an exNode strictly: no DTDs or entities, bounded size, every mapping checked."""
+    if len(data) > MAX_XML:
+        raise BadExnode(f"exNode larger than {MAX_XML} bytes")
+    lowered = data[:MAX_XML].lower()
+    if b"<!doctype" in lowered or b"<!entity" in lowered:
+        raise BadExnode("exNode with a DTD or entities refused")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise BadExnode(f"not XML: {e}") from None
+    if root.tag not in ("exnode", _q("exnode")):
+        raise BadExnode(f"root element is {root.tag!r}, not exnode")
+    meta = _metas(root)
+    ex = ExNode(meta.get("filename", ""), _nonneg(meta, "original_filesize", "exnode"), meta.get("sha256", ""))
+    maps = root.findall(_q("mapping"))
+    if len(maps) > MAX_MAPPINGS:
+        raise BadExnode(f"more than {MAX_MAPPINGS} mappings")
+    for i, el in enumerate(maps):
+        where = f"mapping {i}"
+        mm = _metas(el)
+        off, length, aoff, alen = (_nonneg(mm, n, where) for n in _INT_FIELDS)
+        caps = {t: (el.findtext(_q(t)) or "").strip() for t in ("read", "write", "manage")}
+        try:
+            for right, text in caps.items():
+                if text and Capability.parse(text).right != right.upper():
+                    raise BadExnode(f"{where}: the {right} capability is a {Capability.parse(text).right} one")
+        except BadCapability as err:
+            raise BadExnode(f"{where}: {err}") from None
+        if not caps["read"]:
+            raise BadExnode(f"{where}: no read capability")
+        m = Mapping(off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""))
+        if m.end > ex.size:
+            raise BadExnode(f"{where}: bytes {m.exnode_offset}..{m.end} fall outside the file of {ex.size}")
+        if m.alloc_offset + m.logical_length > m.alloc_length:
+            raise BadExnode(f"{where}: runs past the end of its allocation")
+        ex.mappings.append(m)
+    return ex

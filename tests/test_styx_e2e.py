@@ -16,8 +16,8 @@ from helpers import BIN, IrmdProc, wait_for
 from test_styx_wire import py9p_python
 
 from apps.styx import wire as w
-from apps.styx.client import Client
-from apps.styx.transport import dial
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import StreamTransport, dial
 
 Styx = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -161,7 +161,7 @@ def test_bridge_survives_garbage_and_answers_bad_messages(bridge_port: int) -> N
         reply = w.decode(s.recv(1000))
         assert isinstance(reply, w.Rerror) and "unknown message type" in reply.ename
     with socket.create_connection(("127.0.0.1", bridge_port), timeout=10) as s:  # still serving
-        client = Client(_Stream(s))
+        client = Client(StreamTransport(s))
         assert client.cat("hello.txt") == b"hello styx\n"
 
 
@@ -169,24 +169,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class _Stream:
-    """A socket as a client transport (what dial('tcp!...') makes)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        from apps.styx.transport import StreamTransport
-
-        self.t = StreamTransport(sock)
-
-    def send(self, data: bytes) -> None:
-        self.t.send(data)
-
-    def recv(self) -> bytes:
-        return self.t.recv()
-
-    def close(self) -> None:
-        pass
 
 
 def test_unix_socket_bridge_with_our_client(irmd: IrmdProc, files: str, tmp_path: Path, styx: Styx) -> None:
@@ -254,7 +236,7 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
         con, m = ctl_open("net/clone")
         c.write(con, 0, b"connect netecho")
         assert b"connected" in c.cat(f"net/{m}/status")
-        lis, k = ctl_open(f"net/{n}/listen")  # the open waits for the flow to arrive
+        _, k = ctl_open(f"net/{n}/listen")  # the open waits for the flow to arrive
         out = c.walk(f"net/{m}/data")
         c.open(out, w.ORDWR)
         inp = c.walk(f"net/{k}/data")
@@ -269,6 +251,6 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
         assert c.read(inp, 0, 100) == b""  # end of file at the other end
         names = [s.name for s in c.ls("net")]
         assert m not in names and k in names and "clone" in names
-        bad, j = ctl_open("net/clone")
-        with pytest.raises(Exception, match="unknown ctl command"):
+        bad, _ = ctl_open("net/clone")
+        with pytest.raises(StyxClientError, match="unknown ctl command"):
             c.write(bad, 0, b"dance")

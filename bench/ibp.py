@@ -1,0 +1,98 @@
+"""The ibp suite: IBP store, load and depot-to-depot copy over local-layer flows, against a raw
+reliable (qos.data) flow's one-way throughput measured in the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from apps.ibp import wire as w
+from apps.ibp.client import Connection
+from bench import session
+from bench.harness import BenchError, Goal, Row, Suite, median_row
+from bench.stack import Stack, tool
+from flowlib import flow_alloc, qos
+
+log = logging.getLogger(__name__)
+
+NAME = "bench-sink"
+DEPOTS = ("bench-depot1", "bench-depot2")
+PAYLOAD = 16 * 1024 * 1024
+RAW_SIZE = 65_000       # the SDU size IBP's streams use on flows
+RAW_SECONDS = 1.0
+TIMEOUT = 60.0
+RAW = "raw qos.data flow"
+
+
+def run(runs: int) -> list[Row]:
+    with Stack() as stack:
+        stack.irm("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        stack.spawn([sys.executable, "-m", "bench.peer", "flow", NAME], "flow-server", ready=True)
+        stack.irm("name", "register", NAME, "layer", "local")
+        for d in DEPOTS:
+            stack.spawn([tool("ibp"), "depot", "--name", d, "--dir", str(stack.dir / d), "--layer", "local",
+                         "--capacity", "8G"], d)
+        for d in DEPOTS:
+            _wait_depot(d)
+        data = os.urandom(PAYLOAD)
+        stores, loads, copies, raws = [], [], [], []
+        for i in range(runs):
+            raws.append(_raw())
+            s, ld, c = _ibp(data)
+            log.info("ibp run %d/%d: store %.0f, load %.0f, copy %.0f, raw %.0f MB/s", i + 1, runs, s, ld, c,
+                     raws[-1])
+            stores.append(s)
+            loads.append(ld)
+            copies.append(c)
+    goal = Goal(">=", 0.3)
+    return [
+        median_row("ibp.store_16MiB", "MB/s", stores, raws, RAW, goal),
+        median_row("ibp.load_16MiB", "MB/s", loads, raws, RAW, goal),
+        median_row("ibp.copy_16MiB", "MB/s", copies, raws, RAW, goal),
+    ]
+
+
+def _wait_depot(name: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with Connection(name, timeout=2) as c:
+                c.status()
+                return
+        except w.IbpError as e:
+            if time.monotonic() > deadline:
+                raise BenchError(f"depot {name} did not start: {e}") from None
+            time.sleep(0.2)
+
+
+def _raw() -> float:
+    with flow_alloc(NAME, qos=qos.data, timeout=TIMEOUT) as flow:
+        _, mbs = session.one_way(flow.write, flow.read, RAW_SECONDS, RAW_SIZE)
+    time.sleep(0.05)
+    return mbs
+
+
+def _ibp(data: bytes) -> tuple[float, float, float]:
+    """MB/s of one store, one load and one depot-to-depot copy of `data`."""
+    with Connection(DEPOTS[0], TIMEOUT) as c1, Connection(DEPOTS[1], TIMEOUT) as c2:
+        r, wcap, m = c1.allocate(len(data), 600)
+        t0 = time.perf_counter()
+        c1.store(wcap, [data], len(data))
+        t1 = time.perf_counter()
+        if c1.load_bytes(r) != data:
+            raise BenchError("IBP load returned other bytes than were stored")
+        t_load = time.perf_counter()
+        _, w2, m2 = c2.allocate(len(data), 600)
+        t2 = time.perf_counter()
+        c1.copy(r, w2)
+        t3 = time.perf_counter()
+        for conn, cap in ((c1, m), (c2, m2)):
+            conn.manage(cap, w.IBP_DECR, w.IBP_READCAP)  # free the space for the next run
+    mb = len(data) / 1e6
+    return mb / (t1 - t0), mb / (t_load - t1), mb / (t3 - t2)
+
+
+SUITE = Suite("ibp", "IBP store/load/copy over local flows vs a raw qos.data flow", run)

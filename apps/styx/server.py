@@ -7,6 +7,7 @@ with stat records, parks requests that must wait (WouldBlock) until retried or f
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 
 from apps.styx import wire as w
@@ -86,7 +87,7 @@ class Session:
         if msg.tag in self.pending and not isinstance(msg, w.Tversion):
             return [w.encode(w.Rerror(msg.tag, f"tag {msg.tag} is in use"))]
         reply = self._run(msg)
-        return [w.encode(reply)] if reply is not None else []
+        return [self._encode(reply)] if reply is not None else []
 
     def retry(self) -> list[bytes]:
         """Run the parked requests again; the replies of those that could go."""
@@ -95,8 +96,17 @@ class Session:
             del self.pending[tag]
             reply = self._run(p.msg)
             if reply is not None:
-                out.append(w.encode(reply))
+                out.append(self._encode(reply))
         return out
+
+    @staticmethod
+    def _encode(reply: w.Msg) -> bytes:
+        """The reply's bytes; one that cannot be encoded (a name over 64 KiB) becomes an Rerror."""
+        try:
+            return w.encode(reply)
+        except (ValueError, struct.error) as e:
+            log.warning("cannot encode %s: %s", type(reply).__name__, e)
+            return w.encode(w.Rerror(reply.tag, f"reply cannot be encoded: {e}"[:1000]))
 
     def close(self) -> None:
         """The connection ended: clunk every fid."""

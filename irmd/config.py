@@ -6,9 +6,13 @@ create IPCPs that bootstrap= or enrol=, then conn= neighbours and reg= names.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import re
 import shutil
+import socket
+import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,11 +33,36 @@ ALIASES = {"addr_size": "addr", "eid_size": "eid", "max_ttl": "ttl", "device": "
 IPCP_KEYS = {"bootstrap", "enrol", "enroll", "autobind", "reg", "conn"}
 NAME_KEYS = {"prog", "args", "lb", "auto"}
 # Shims first, so the layers above find the layers they run over.
+ENROL_PATIENCE = 300.0  # seconds an enrollment keeps looking for a member to enrol with
+ENROL_RETRY = 2.0
 ORDER = ("local", "eth-dix", "eth-llc", "udp4", "udp6", "udp", "broadcast", "unicast")
+
+
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ConfigError(Exception):
     """A config file that cannot be applied; the message names the file and key."""
+
+
+def _expand(value: Any, path: Path, key: str = "") -> Any:
+    """${VAR} in keys and strings, from the environment (HOSTNAME: this host's name), so one
+    file serves every member of a LAN."""
+    if isinstance(value, dict):
+        return {_expand(k, path, key): _expand(v, path, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, path, key) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def var(match: re.Match[str]) -> str:
+        name = match.group(1)
+        found = os.environ.get(name) or (socket.gethostname() if name == "HOSTNAME" else None)
+        if found is None:
+            raise ConfigError(f"{path}: {key or 'a table name'}: ${{{name}}} is not set in the environment")
+        return found
+
+    return VAR.sub(var, value)
 
 
 def _words(value: Any, where: str) -> list[str]:
@@ -58,6 +87,7 @@ def plan(path: Path) -> list[Step]:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
+    doc = _expand(doc, path)
     steps: list[Step] = []
     regs: list[Step] = []
     for top in doc:
@@ -135,6 +165,20 @@ class _LayerOf(Message):
         self.ipcp, self.name = ipcp, name
 
 
+async def _admin(irmd: Irmd, msg: Message, where: str) -> None:
+    """One step; an enrollment waits for a member to answer, as hosts of a LAN boot in any order."""
+    deadline = time.monotonic() + ENROL_PATIENCE
+    while True:
+        try:
+            await irmd.admin(msg)
+            return
+        except HandlerError as e:
+            if not isinstance(msg, m.IpcpEnroll) or e.code != m.ENOENT or time.monotonic() > deadline:
+                raise
+            log.warning("%s: %s; trying again in %.0f s", where, e.text, ENROL_RETRY)
+        await asyncio.sleep(ENROL_RETRY)
+
+
 async def apply_config(irmd: Irmd, steps: list[Step], path: Path) -> None:
     """Carry out planned steps in order; the first failure raises ConfigError."""
     for where, msg in steps:
@@ -144,7 +188,7 @@ async def apply_config(irmd: Irmd, steps: list[Step], path: Path) -> None:
                 raise ConfigError(f"{where} reg: ipcp {msg.ipcp!r} is in no layer to register {msg.name!r} in")
             msg = m.NameRegister(msg.name, [ipcp.layer])
         try:
-            await irmd.admin(msg)
+            await _admin(irmd, msg, where)
         except HandlerError as e:
             if e.code == m.EEXIST and isinstance(msg, m.NameCreate):
                 continue

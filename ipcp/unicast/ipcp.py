@@ -43,6 +43,9 @@ TICK = 0.5
 HELLO_TIMEOUT = 10.0
 ALLOC_TIMEOUT = 10.0
 PATH_GRACE = 10.0  # a flow whose destination stays unreachable this long goes down
+AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
+AUTO_NEIGHBOURS = 8  # automatic connects stop at this many neighbours
+AUTO_RETRY = 10.0  # seconds before trying a member that could not be reached again
 DEFAULTS = {"addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "none",
             "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat", "mtu": "1500"}
 
@@ -97,6 +100,10 @@ class UnicastIpcp(Ipcp):
         self.dir: Directory | None = None
         self.mtu = 0
         self.neighbours: dict[int, Neighbour] = {}
+        self.via = ""  # the name we enrolled through
+        self.auto = False
+        self._auto_busy = False
+        self._auto_retry: dict[str, float] = {}  # member name -> when to try it again
         self.flows: dict[int, UniFlow] = {}  # by irmd flow id
         self.unreachable: dict[int, float] = {}  # flow id -> since when its dst has no route
         self._allocs: dict[int, asyncio.Future[um.FaReply]] = {}
@@ -126,6 +133,7 @@ class UnicastIpcp(Ipcp):
         if info.result != um.OK:
             raise HandlerError(m.EPERM if info.result == um.E_AUTH else m.EIPCP, f"enrollment refused: {info.error}")
         log.info("%s: enrolled in %s through %s", self.name, info.layer, dst)
+        self.via = dst
         return await self._start(info.layer, check_conf(info.conf), members=set(info.members))
 
     async def _start(self, layer: str, conf: dict[str, str], members: set[int]) -> m.LayerInfo:
@@ -138,7 +146,7 @@ class UnicastIpcp(Ipcp):
                 break
         self.layer = layer
         self.mtu = int(conf["mtu"]) - fmt.size
-        self.lsdb = Lsdb(self.addr, conf["routing"])
+        self.lsdb = Lsdb(self.addr, conf["routing"], self.name)
         self.dir = Directory(self.addr)
         self.dir.reachable = lambda addr: self.dt is not None and addr in self.dt.pff
         self.loop = asyncio.get_running_loop()
@@ -181,6 +189,9 @@ class UnicastIpcp(Ipcp):
     async def connect(self, dst: str, component: str, qos: str, connect: bool) -> None:
         if not self.layer:
             raise HandlerError(m.ENOTCONN, "not in a layer yet")
+        if dst == AUTO:
+            self.auto = connect
+            return
         comps = [component] if component else [um.MGMT, um.DT]
         if not connect:
             for nb in [n for n in self.neighbours.values() if n.name == dst]:
@@ -492,12 +503,42 @@ class UnicastIpcp(Ipcp):
                 self._recompute()
             self._send_all(self.dir.tick(now))
             self._deliver_lookups()
+            if self.auto and not self._auto_busy and (target := self._auto_target(now)):
+                self.spawn(self._auto_connect(target, now))
             for flow in list(self.flows.values()):
                 if flow.dst in self.dt.pff:
                     self.unreachable.pop(flow.flow_id, None)
                 elif now - self.unreachable.setdefault(flow.flow_id, now) > PATH_GRACE:
                     log.info("%s: flow %d: no path to %d; down", self.name, flow.flow_id, flow.dst)
                     self._end_flow(flow, down=True)
+
+    def _auto_target(self, now: float) -> str | None:
+        """Whom to connect next on our own: with no neighbour, whoever answers to the name we
+        enrolled through; then members reachable by name in the layers below (LAN neighbours).
+
+        Of two members only the one with the lower address connects, so they never cross.
+        """
+        assert self.lsdb is not None
+        if not self.neighbours:  # a bootstrapper waits to be connected to
+            return self.via if self.via and self._auto_retry.get(self.via, 0.0) <= now else None
+        if len(self.neighbours) >= AUTO_NEIGHBOURS:
+            return None
+        linked = {nb.name for nb in self.neighbours.values()}
+        for addr, name in sorted(self.lsdb.names().items()):
+            if addr > self.addr and addr not in self.neighbours and name not in linked \
+                    and self._auto_retry.get(name, 0.0) <= now:
+                return name
+        return None
+
+    async def _auto_connect(self, dst: str, now: float) -> None:
+        self._auto_busy = True
+        try:
+            await self.connect(dst, "", "raw", True)
+        except HandlerError as e:
+            log.info("%s: automatic connect to %s failed: %s", self.name, dst, e.text)
+            self._auto_retry[dst] = now + AUTO_RETRY
+        finally:
+            self._auto_busy = False
 
     async def stop(self) -> None:
         for flow in list(self.flows.values()):

@@ -56,12 +56,13 @@ class EnrollInfo(Message):
 @reg
 @dataclass
 class Lsu(Message):
-    """A link-state update: `src` has these neighbours (flooded over management flows)."""
+    """A link-state update: `src` (IPCP `name`) has these neighbours (flooded over management flows)."""
 
     TYPE: ClassVar[int] = 103
     src: int
     seqno: int
     neighbours: list[int]
+    name: str = ""  # what the member is called in the layers below: automatic connects reach it by it
 
 
 @reg

@@ -19,37 +19,42 @@ class _Entry:
     seqno: int
     neighbours: frozenset[int]
     seen: float
+    name: str = ""
 
 
 class Lsdb:
     """What this member knows of the layer's graph, and the next hops it implies."""
 
-    def __init__(self, me: int, policy: str = "link_state") -> None:
+    def __init__(self, me: int, policy: str = "link_state", name: str = "") -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}: expected one of {', '.join(POLICIES)}")
         self.me = me
         self.policy = policy
         self.seqno = 0
-        self.db: dict[int, _Entry] = {me: _Entry(0, frozenset(), 0.0)}
+        self.db: dict[int, _Entry] = {me: _Entry(0, frozenset(), 0.0, name)}
         self._last_flood = 0.0
 
     @property
     def members(self) -> set[int]:
         return set(self.db)
 
+    def names(self) -> dict[int, str]:
+        """Members by address, with the names their LSUs gave."""
+        return {a: e.name for a, e in self.db.items() if e.name}
+
     def set_neighbours(self, neighbours: set[int], now: float) -> Lsu:
         """Our adjacencies changed: the LSU to flood."""
         self.seqno += 1
-        self.db[self.me] = _Entry(self.seqno, frozenset(neighbours), now)
+        self.db[self.me] = _Entry(self.seqno, frozenset(neighbours), now, self.db[self.me].name)
         self._last_flood = now
         return self.own()
 
     def own(self) -> Lsu:
         entry = self.db[self.me]
-        return Lsu(self.me, entry.seqno, sorted(entry.neighbours))
+        return Lsu(self.me, entry.seqno, sorted(entry.neighbours), entry.name)
 
     def all(self) -> list[Lsu]:
-        return [Lsu(a, e.seqno, sorted(e.neighbours)) for a, e in self.db.items()]
+        return [Lsu(a, e.seqno, sorted(e.neighbours), e.name) for a, e in self.db.items()]
 
     def receive(self, lsu: Lsu, now: float) -> bool:
         """Take an LSU; True if it was news (and so is to be flooded on)."""
@@ -62,7 +67,7 @@ class Lsdb:
             if lsu.seqno == entry.seqno:
                 entry.seen = now
             return False
-        self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now)
+        self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name)
         return True
 
     def tick(self, now: float) -> tuple[Lsu | None, bool]:
@@ -76,7 +81,7 @@ class Lsdb:
             self._last_flood = now
             self.seqno += 1
             entry = self.db[self.me]
-            self.db[self.me] = _Entry(self.seqno, entry.neighbours, now)
+            self.db[self.me] = _Entry(self.seqno, entry.neighbours, now, entry.name)
             due = self.own()
         return due, bool(expired)
 

@@ -107,15 +107,16 @@ class Lab:
             _run("ip", "-n", ns, "link", "set", dev, "up")
         return a, b
 
-    def start_irmd(self, ns: str, name: str) -> IrmdProc:
-        """An irmd inside `ns` (ip netns exec execs it: the pid is the irmd's)."""
+    def start_irmd(self, ns: str, name: str, *args: str, env: dict[str, str] | None = None) -> IrmdProc:
+        """An irmd inside `ns` (ip netns exec execs it: the pid is the irmd's); `args` for it,
+        `env` added to its environment. Its log is appended to, so a restarted host keeps one."""
         sock = self.tmp / f"{name}.sock"
         log = self.tmp / f"{name}.log"
-        env = irmd_env(sock)
-        with open(log, "wb") as out:
+        env = {**irmd_env(sock), **(env or {})}
+        with open(log, "ab") as out:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, "env", f"OUROBOROS_SOCK={sock}", str(BIN / "irmd"),
-                 "--sock", str(sock)],
+                 "--sock", str(sock), *args],
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         irmd = IrmdProc(sock, log, proc, env)
@@ -127,6 +128,21 @@ class Lab:
 
     def host(self, ns: str, dev: str, name: str) -> Host:
         return Host(ns, dev, self.start_irmd(ns, name))
+
+    def bridge(self, tags: str) -> list[tuple[str, str]]:
+        """A namespace per tag, each with a veth into one bridge (in a namespace of its own);
+        [(namespace, interface)]."""
+        switch = self.netns("sw")
+        bridge = unique("br")
+        _run("ip", "-n", switch, "link", "add", bridge, "type", "bridge", "forward_delay", "0")
+        _run("ip", "-n", switch, "link", "set", bridge, "up")
+        ends = []
+        for tag in tags:
+            ns = self.netns(tag)
+            dev, port = self.veth(ns, switch)
+            _run("ip", "-n", switch, "link", "set", port, "master", bridge)
+            ends.append((ns, dev))
+        return ends
 
     def close(self) -> None:
         for irmd in self.irmds:
@@ -169,14 +185,4 @@ def two_hosts(lab: Lab) -> tuple[Host, Host]:
 @pytest.fixture
 def bridged_hosts(lab: Lab) -> list[Host]:
     """Hosts a, b and c, each with a veth into one bridge (in a namespace of its own)."""
-    switch = lab.netns("sw")
-    bridge = unique("br")
-    _run("ip", "-n", switch, "link", "add", bridge, "type", "bridge", "forward_delay", "0")
-    _run("ip", "-n", switch, "link", "set", bridge, "up")
-    hosts = []
-    for tag in "abc":
-        ns = lab.netns(tag)
-        dev, port = lab.veth(ns, switch)
-        _run("ip", "-n", switch, "link", "set", port, "master", bridge)
-        hosts.append(lab.host(ns, dev, tag))
-    return hosts
+    return [lab.host(ns, dev, tag) for (ns, dev), tag in zip(lab.bridge("abc"), "abc", strict=True)]

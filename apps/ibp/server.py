@@ -70,6 +70,11 @@ class DepotServer:
                 except (StreamClosed, StreamTimeout, FlowError, OSError) as e:
                     log.info("connection ended mid-request: %s", e)
                     return
+                except Exception:  # a bug must cost one connection, never the depot
+                    log.exception("internal error serving %r", line[:80])
+                    with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
+                        stream.send(w.format_reply(w.IBP_E_INTERNAL, "internal error"))
+                    return
 
     def handle(self, stream: ByteStream, line: bytes, depot_addr: str) -> bool:
         """One request; False when the stream can no longer be trusted (and is to be closed)."""
@@ -158,12 +163,18 @@ class DepotServer:
             lock.release()
 
     def _receive(self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: int) -> None:
-        with self.core.open_data(a) as f:
-            f.seek(start)
-            for chunk in stream.read_chunks(length, max(1, timeout)):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.core.open_data(a) as f:
+                f.seek(start)
+                for chunk in stream.read_chunks(length, max(1, timeout)):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # e.g. the disk is full: nothing of this store is acknowledged
+            if isinstance(e, (StreamClosed, StreamTimeout)):
+                raise
+            log.error("store failed on disk: %s", e)
+            raise w.IbpError(w.IBP_E_FILE_WRITE, f"the depot could not write the data: {e.strerror}") from None
 
     def _read(self, a: Allocation, offset: int, n: int) -> Iterator[bytes]:
         with self.core.open_data(a) as f:

@@ -353,6 +353,24 @@ def test_lsdb_entries_expire_unless_refreshed() -> None:
     assert a.table() == {}
 
 
+def test_lsdb_lsus_carry_member_names_for_automatic_connects() -> None:
+    a = Lsdb(1, name="n1")
+    assert a.set_neighbours({2}, 0.0).name == "n1" and a.own().name == "n1"
+    a.receive(um.Lsu(2, 1, [1], "n2"), 0.0)
+    assert a.names() == {1: "n1", 2: "n2"}
+    assert {lsu.src: lsu.name for lsu in a.all()} == {1: "n1", 2: "n2"}
+
+
+def test_lsdb_a_member_back_at_a_new_address_replaces_its_old_incarnation() -> None:
+    a = Lsdb(1, name="n1")
+    a.set_neighbours({2}, 0.0)
+    a.receive(um.Lsu(2, 1, [1, 3], "n2"), 0.0)
+    a.receive(um.Lsu(3, 1, [2], "n3"), 0.0)
+    assert a.receive(um.Lsu(9, 1, [2], "n3"), 1.0)  # n3 rebooted and enrolled again as 9
+    assert a.members == {1, 2, 9} and a.names()[9] == "n3"
+    assert a.receive(um.Lsu(4, 1, [2]), 1.0) and 9 in a.members  # unnamed LSUs replace nothing
+
+
 def test_lsdb_refresh_is_due_every_lsu_refresh_seconds() -> None:
     a = Lsdb(1)
     a.set_neighbours({2}, 0.0)

@@ -67,6 +67,9 @@ class Lsdb:
             if lsu.seqno == entry.seqno:
                 entry.seen = now
             return False
+        if entry is None and lsu.name:  # a member that came back at a new address: forget the old one
+            for addr in [a for a, e in self.db.items() if e.name == lsu.name and a != self.me]:
+                del self.db[addr]
         self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name)
         return True
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 32 * 1024  # data per packet: base64 of it plus headers stays under one 64 KiB SDU
 WINDOW = 1024 * 1024  # what a receiver takes per channel before it has written any of it out
+GRANT_BATCH = WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
 STDIN, STDOUT, STDERR = 0, 1, 2
 
 
@@ -136,7 +137,7 @@ class Sink(threading.Thread):
         self._q.put(None)
 
     def run(self) -> None:
-        fd, broken = -1, False
+        fd, broken, ungranted = -1, False, 0
         try:
             fd = self.fd = self.opener()
         except OSError as e:
@@ -145,6 +146,9 @@ class Sink(threading.Thread):
         while True:
             data = self._q.get()
             if data is None:
+                if ungranted:
+                    with contextlib.suppress(Exception):
+                        self.link.send(wire.WINDOW, Fields.of(ch=self.ch, n=ungranted))
                 break
             if not broken:
                 try:
@@ -156,8 +160,12 @@ class Sink(threading.Thread):
                     broken = True
             with self._lock:
                 self._owed -= len(data)
-            with contextlib.suppress(Exception):
-                self.link.send(wire.WINDOW, Fields.of(ch=self.ch, n=len(data)))
+            ungranted += len(data)
+            # Grant in batches (fewer packets), but at once when we caught up, so the peer never stalls.
+            if ungranted >= GRANT_BATCH or self._q.empty():
+                with contextlib.suppress(Exception):
+                    self.link.send(wire.WINDOW, Fields.of(ch=self.ch, n=ungranted))
+                ungranted = 0
         if self.on_eof is not None and fd >= 0:
             with contextlib.suppress(OSError):
                 self.on_eof(fd)

@@ -22,13 +22,14 @@ from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHost
 from apps.netplumb.recipe import RecipeError, parse_recipe
 from apps.netplumb.session import ClientSession, Established, Message, PeerError, SessionError
 from apps.netplumb.wire import Fields
-from flowlib import FlowDown, FlowError, flow_alloc, qos
+from flowlib import Flow, FlowDown, FlowError, FlowTimeout, flow_alloc, qos
 
 log = logging.getLogger("plumb")
 
 FAILED = 255  # our own failures, as ssh does: the remote command's statuses stay distinguishable
 ALLOC_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 15.0
+SIGNAL_POLL = 0.1  # seconds between checks for signals while waiting for the server
 USAGE = ("usage: plumb HOST [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]] [-outfifo=LOCAL[:REMOTE]]\n"
          "             [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=FILE] [-v] [--] COMMAND [ARG...]")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -159,11 +160,12 @@ class Client:
             if reply.fields.get("ok") != "1":
                 print(f"plumb: {req.host}: {reply.fields.get('message', 'refused')}", file=sys.stderr)
                 return reply.fields.int("status", 1, 255) if reply.fields.get("status") else FAILED
-            flow.set_timeout(None)
+            # Short read timeouts: a signal that another thread took is handled at the next wake-up.
+            flow.set_timeout(SIGNAL_POLL)
             self._forward_signals()
             self._start_channels()
             while self.status is None:
-                self._dispatch(self._next(flow.read))
+                self._dispatch(self._next(lambda: _read_waiting(flow)))
             for sink in self.waited:
                 sink.join()
             return self.status
@@ -296,6 +298,14 @@ class Client:
         self.pumps[ch] = Pump(self.link, ch, lambda: fd, release, close_fd=False)
         self.sinks[ch].start()
         self.pumps[ch].start()
+
+
+def _read_waiting(flow: Flow) -> bytes:
+    while True:
+        try:
+            return flow.read()
+        except FlowTimeout:
+            continue
 
 
 def _nothing(_ch: int) -> None:

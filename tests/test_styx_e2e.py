@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import BIN, IrmdProc, wait_for
-from test_styx_wire import py9p_python
+from test_styx_wire import p9fs_python, py9p_python
 
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
@@ -163,6 +163,57 @@ def test_bridge_survives_garbage_and_answers_bad_messages(bridge_port: int) -> N
     with socket.create_connection(("127.0.0.1", bridge_port), timeout=10) as s:  # still serving
         client = Client(StreamTransport(s))
         assert client.cat("hello.txt") == b"hello styx\n"
+
+
+P9FS_CLIENT = """
+import sys, json
+from p9fs import P9FileSystem
+fs = P9FileSystem(host='127.0.0.1', port=int(sys.argv[1]), username=sys.argv[2], version='9P2000')
+out = {'ls': sorted(fs.ls('', detail=False)), 'cat': fs.cat_file('hello.txt').decode()}
+fs.pipe_file('made.txt', b'from p9fs')
+out['info'] = fs.info('made.txt')['size']
+fs.mkdir('dir1')
+out['ls2'] = sorted(fs.ls('', detail=False))
+fs.rm('made.txt')
+fs.rmdir('dir1')
+out['ls3'] = sorted(fs.ls('', detail=False))
+print(json.dumps(out))
+"""
+
+
+def test_p9fs_client_through_the_bridge(bridge_port: int, export: Path) -> None:
+    python = p9fs_python()
+    r = subprocess.run([python, "-c", P9FS_CLIENT, str(bridge_port), pwd.getpwuid(export.stat().st_uid).pw_name],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ls"] == ["/hello.txt"] and out["cat"] == "hello styx\n"
+    assert out["info"] == 9
+    assert out["ls2"] == ["/dir1/", "/hello.txt", "/made.txt"]
+    assert out["ls3"] == ["/hello.txt"]
+    assert sorted(p.name for p in export.iterdir()) == ["hello.txt"]
+
+
+def test_our_cli_against_py9p_server(export: Path, tmp_path: Path, styx: Styx) -> None:
+    python = p9fs_python()
+    port = free_port()
+    with open(tmp_path / "py9p.log", "wb") as log:
+        server = subprocess.Popen([python, "-m", "py9p", "-w", "-p", str(port), "-a", "127.0.0.1", "-r", str(export)],
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        at = f"tcp!127.0.0.1!{port}:"
+        wait_for(lambda: server.poll() is not None or styx("ls", at + "/").returncode == 0, 15, "py9p server")
+        assert styx("ls", at + "/").stdout.split() == ["hello.txt"]
+        assert styx("cat", at + "/hello.txt").stdout == "hello styx\n"
+        assert styx("put", at + "/new.txt", stdin="one").returncode == 0
+        assert styx("put", at + "/new.txt", stdin="two!").returncode == 0
+        assert (export / "new.txt").read_text() == "two!"
+        assert "length 4" in styx("stat", at + "/new.txt").stdout
+        assert styx("mkdir", at + "/d").returncode == 0 and (export / "d").is_dir()
+        assert styx("rm", at + "/new.txt").returncode == 0 and not (export / "new.txt").exists()
+        assert styx("cat", at + "/../../etc/hostname").returncode == 1
+    finally:
+        stop(server)
 
 
 def free_port() -> int:

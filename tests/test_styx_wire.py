@@ -19,20 +19,31 @@ from hypothesis import strategies as st
 from apps.styx import wire as w
 
 PY9P_VENV = Path("/tmp/checks-venv-python9p")  # where ../shared/checks/6-styx keeps python-9p
+P9FS_VENV = Path("/tmp/styx-p9fs-venv")
+
+
+def venv_python(venv: Path, package: str) -> str:
+    """A python with `package` in a venv of its own (python-9p and p9fs both install a module
+    named py9p, so each gets one). Made on first use; the test is skipped if pip cannot."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", package], check=True,
+                           timeout=300, capture_output=True)
+        except (subprocess.SubprocessError, OSError) as e:
+            pytest.skip(f"{package} is not installable here: {e}")
+    return str(python)
 
 
 def py9p_python() -> str:
-    """A python with python-9p (plan9port's codec), in a venv of its own: it and p9fs both
-    install a module named py9p. Made on first use; the test is skipped if pip cannot."""
-    python = Path(os.environ.get("STYX_PY9P_VENV", PY9P_VENV)) / "bin" / "python"
-    if not python.exists():
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(python.parent.parent)], check=True, timeout=120)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "python-9p"], check=True,
-                           timeout=300, capture_output=True)
-        except (subprocess.SubprocessError, OSError) as e:
-            pytest.skip(f"python-9p is not installable here: {e}")
-    return str(python)
+    """python-9p: a client on plan9port's C codec."""
+    return venv_python(Path(os.environ.get("STYX_PY9P_VENV", PY9P_VENV)), "python-9p")
+
+
+def p9fs_python() -> str:
+    """p9fs: an fsspec 9P client, and py9p's server."""
+    return venv_python(Path(os.environ.get("STYX_P9FS_VENV", P9FS_VENV)), "p9fs")
 
 
 def test_tversion_bytes_are_exactly_the_spec() -> None:

@@ -150,19 +150,20 @@ class Client:
         names = split_path(path)
         if not names:
             raise StyxClientError("cannot write to the root directory")
+        fid = self.walk(names[:-1])
         try:
-            fid = self.walk(names)
+            existing = self.walk(names[-1:], fid)
+        except StyxClientError:  # not there (whatever words the server uses for it): create
             try:
-                self.open(fid, w.OWRITE | w.OTRUNC)
+                self.create(fid, names[-1], perm, w.OWRITE)
             except StyxClientError:
                 self.clunk(fid)
                 raise
-        except StyxClientError as e:
-            if "does not exist" not in str(e):
-                raise
-            fid = self.walk(names[:-1])
+        else:
+            self.clunk(fid)
+            fid = existing
             try:
-                self.create(fid, names[-1], perm, w.OWRITE)
+                self.open(fid, w.OWRITE | w.OTRUNC)
             except StyxClientError:
                 self.clunk(fid)
                 raise

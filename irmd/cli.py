@@ -290,6 +290,17 @@ def flow_list(args: list[str]) -> Message:
     return m.FlowList()
 
 
+def dump_config(args: list[str]) -> Message:
+    parse_words(args, [])
+    return m.Dump("config")
+
+
+def dump_graph(args: list[str]) -> Message:
+    fmt = match(args.pop(0), ["text", "dot"], "a graph format") if args else "text"
+    parse_words(args, [])
+    return m.Dump(fmt)
+
+
 COMMANDS: dict[str, Any] = {
     "ipcp": {
         "create": ipcp_create, "destroy": ipcp_destroy, "bootstrap": ipcp_bootstrap,
@@ -303,6 +314,7 @@ COMMANDS: dict[str, Any] = {
         "unregister": name_unregister, "list": name_list,
     },
     "flow": {"list": flow_list},
+    "dump": {"config": dump_config, "graph": dump_graph},
 }  # fmt: skip
 
 USAGE = """usage: irm OPERATION ...
@@ -323,6 +335,8 @@ USAGE = """usage: irm OPERATION ...
   irm name create N [lb {round-robin|spillover}] | irm name destroy N
   irm name register N layer L [layer L2 ...] | irm name unregister N layer L [layer L2 ...]
   irm name list | irm flow list
+  irm dump config                 the running state as a config file (irmd --config takes it)
+  irm dump graph [text|dot]       the layers and what runs over what, as text or Graphviz dot
 Keywords may be abbreviated to any unique prefix."""
 
 

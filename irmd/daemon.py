@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from irmd import messages as m
+from irmd import state
 from irmd.config import ConfigError, Step, apply_config, plan
 from irmd.registry import (
     HASHES,
@@ -64,6 +65,8 @@ class Ipcp:
     layer: str = ""
     hash: str = "SHA3_256"
     mtu: int = 0
+    joined: dict[str, Any] = dataclasses.field(default_factory=dict)  # how: bootstrap (conf) or enrol (dst)
+    conns: list[str] = dataclasses.field(default_factory=list)  # connected to, as asked
 
     @property
     def pid(self) -> int:
@@ -154,6 +157,7 @@ class Irmd:
             m.NameRegister: self._name_register,
             m.NameList: self._name_list,
             m.FlowList: self._flow_list,
+            m.Dump: self._dump,
         }
         self._admin = {
             m.IpcpCreate, m.IpcpDestroy, m.IpcpBootstrap, m.IpcpEnroll, m.IpcpConnect,
@@ -631,6 +635,10 @@ class Irmd:
             _signal(ipcp.proc, signal.SIGKILL)  # it joined; it must not stay in the layer unlisted
             raise HandlerError(m.EEXIST, f"layer {info.layer!r} already has an IPCP here; ipcp {ipcp.name} stopped")
         ipcp.layer, ipcp.hash, ipcp.mtu = info.layer, info.hash, info.mtu
+        ipcp.joined = (
+            {"bootstrap": info.layer, "conf": {k: v for k, v in msg.conf.items() if k != "mtu"}}
+            if isinstance(msg, m.IpcpBootstrapReq) else {"enrol": msg.dst if isinstance(msg, m.IpcpEnrollReq) else ""}
+        ) | {"autobind": autobind}  # fmt: skip
         if autobind:
             for name in (ipcp.name, ipcp.layer):
                 self.reg.bind_pid(name, ipcp.pid)
@@ -671,6 +679,10 @@ class Irmd:
     async def _ipcp_connect(self, c: Client, msg: m.IpcpConnect, _: list[int]) -> m.Ok:
         ipcp = self._ipcp(msg.name)
         await self._ipcp_request(ipcp, m.IpcpConnectReq(msg.dst, msg.component, msg.qos, msg.connect))
+        if msg.connect and msg.dst not in ipcp.conns:
+            ipcp.conns.append(msg.dst)
+        elif not msg.connect and msg.dst in ipcp.conns:
+            ipcp.conns.remove(msg.dst)
         return m.Ok()
 
     async def _ipcp_list(self, c: Client, msg: m.IpcpList, _: list[int]) -> m.Table:
@@ -754,6 +766,14 @@ class Irmd:
             for e in self.reg.names.values()
         ]  # fmt: skip
         return m.Table(["name", "lb", "layers", "programs", "pids"], rows)
+
+    async def _dump(self, c: Client, msg: m.Dump, _: list[int]) -> m.Ok:
+        ipcps = list(self.ipcps.values())
+        if msg.what == "config":
+            return m.Ok(state.as_config(ipcps, self.reg))
+        if msg.what in ("text", "dot"):
+            return m.Ok(state.layer_graph(ipcps, self.reg, msg.what))
+        raise HandlerError(m.EINVAL, f"cannot dump {msg.what!r}: expected config, text or dot")
 
     async def _flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
         rows = [

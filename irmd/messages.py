@@ -225,6 +225,15 @@ class FlowList(Message):
     TYPE: ClassVar[int] = 41
 
 
+@reg
+@dataclass
+class Dump(Message):
+    """The running state as text: a config file ("config"), or the layer graph ("text", "dot")."""
+
+    TYPE: ClassVar[int] = 42
+    what: str = "config"
+
+
 # -- IRMd <-> IPCP --------------------------------------------------------------
 
 

@@ -152,10 +152,10 @@ def socket_answers(path: Path) -> bool:
     return True
 
 
-def start_irmd(tmp: Path, name: str = "irmd", args: Sequence[str] = ()) -> IrmdProc:
+def start_irmd(tmp: Path, name: str = "irmd", args: Sequence[str] = (), env: dict[str, str] | None = None) -> IrmdProc:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
-    env = irmd_env(sock)
+    env = {**irmd_env(sock), **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(BIN / "irmd"), "--sock", str(sock), *args], env=env, stdout=out, stderr=subprocess.STDOUT,

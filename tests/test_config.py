@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import BIN, irmd_env, start_irmd, stop_irmd, wait_for
+from helpers import BIN, free_udp_port, irmd_env, start_irmd, stop_irmd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,3 +113,81 @@ def test_a_config_that_fails_when_applied_stops_the_irmd_and_its_ipcps(tmp_path:
     assert r.returncode == 1
     assert "[local.lo2]" in r.stderr and "already has an IPCP" in r.stderr, r.stderr
     assert not sock.exists()
+
+
+@pytest.mark.timeout(60)
+def test_config_variables_come_from_the_environment_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    conf = tmp_path / "vars.toml"
+    conf.write_text('[local."lo-${HOST_TAG}"]\nbootstrap = "local-${HOST_TAG}"\nreg = ["${NOT_SET_ANYWHERE}"]\n')
+    sock = tmp_path / "irmd.sock"
+    env = {**irmd_env(sock), "HOST_TAG": "x1"}
+    env.pop("NOT_SET_ANYWHERE", None)
+    r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "local.lo-${HOST_TAG}.reg" in r.stderr and "${NOT_SET_ANYWHERE} is not set" in r.stderr
+    conf.write_text('[local."lo-${HOST_TAG}"]\nbootstrap = "local-${HOST_TAG}"\n')
+    irmd = start_irmd(tmp_path, "v", ["--config", str(conf)], env={"HOST_TAG": "x1"})
+    try:
+        wait_for(lambda: [(r["name"], r["layer"]) for r in irmd.table("ipcp", "list")] == [("lo-x1", "local-x1")],
+                 15, "the IPCP named from the environment")
+    finally:
+        stop_irmd(irmd)
+
+
+@pytest.mark.timeout(120)
+def test_irm_dump_config_boots_an_irmd_into_the_same_state(tmp_path: Path) -> None:
+    port = free_udp_port(["127.0.0.1"])
+    a = start_irmd(tmp_path, "a")
+    try:
+        for words in (["ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local"],
+                      ["ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "127.0.0.1",
+                       "port", str(port)],
+                      ["ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "autobind",
+                       "routing", "ecmp"],
+                      ["ipcp", "connect", "name", "n1", "dst", "auto"],
+                      ["bind", "program", "oping", "name", "pong", "auto", "--", "-l"],
+                      ["name", "create", "spare", "lb", "spillover"],
+                      ["name", "register", "pong", "layer", "net", "layer", "local"]):  # fmt: skip
+            a.irm_ok(*words)
+        dumped = a.irm_ok("dump", "config").stdout
+        before = {"ipcps": sorted((r["name"], r["type"], r["layer"]) for r in a.table("ipcp", "list")),
+                  "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in a.table("name", "list"))}
+    finally:
+        stop_irmd(a)
+    assert 'conn = ["auto"]' in dumped and 'routing = "ecmp"' in dumped and 'reg = ["pong"]' in dumped
+    conf = tmp_path / "dumped.toml"
+    conf.write_text(dumped)
+    b = start_irmd(tmp_path, "b", ["--config", str(conf)])
+    try:
+        wait_for(lambda: len(b.table("name", "list")) == len(before["names"]), 20, "the dumped config applied")
+        after = {"ipcps": sorted((r["name"], r["type"], r["layer"]) for r in b.table("ipcp", "list")),
+                 "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in b.table("name", "list"))}
+        assert after == before
+        out = b.run("oping", "-n", "pong", "-c", "2", "-i", "10", timeout=20)
+        assert out.returncode == 0 and "2 received" in out.stdout, out.stdout + out.stderr
+    finally:
+        stop_irmd(b)
+
+
+@pytest.mark.timeout(60)
+def test_irm_dump_graph_shows_what_runs_over_what_as_text_and_dot(tmp_path: Path) -> None:
+    port = free_udp_port(["127.0.0.1"])
+    irmd = start_irmd(tmp_path)
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "127.0.0.1",
+                    "port", str(port))
+        irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "autobind")
+        irmd.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
+        irmd.irm_ok("name", "register", "pong", "layer", "net")
+        # a flow to a name of this very member crosses the unicast layer and comes back
+        out = irmd.run("oping", "-n", "pong", "-c", "2", "-i", "10", timeout=20)
+        assert out.returncode == 0 and "2 received" in out.stdout, out.stdout + out.stderr
+        text = irmd.irm_ok("dump", "graph").stdout.splitlines()
+        assert text[0] == "net (unicast ipcp n1)  names: pong" and text[1].strip() == "└── lan (udp4 ipcp u)"
+        dot = irmd.irm_ok("dump", "graph", "dot").stdout
+        assert dot.startswith("digraph layers {") and '"layer net" -> "layer lan";' in dot
+        assert '"pong" -> "layer net";' in dot
+        bad = irmd.irm("dump", "graph", "svg")
+        assert bad.returncode == 2 and "svg" in bad.stderr
+    finally:
+        stop_irmd(irmd)

@@ -32,6 +32,7 @@ from irmd import messages as m
 from transports.wire import Error, Message
 
 UDP_LAYER = "lan"
+PARALLEL_STARTS = 8
 
 # An echo server that never reaps idle flows (oecho/oping -l drop a flow after 10 s idle,
 # which would hide a flow going DOWN behind a DEALLOC). Bound by pid to its names.
@@ -154,12 +155,14 @@ class Cluster:
         def one(name: str, ip: str) -> None:
             started[name] = self.hosts[name] = Host(name, ip, start_irmd(self.tmp, name))
 
-        if parallel:
-            threads = [threading.Thread(target=one, args=(n, ip)) for n, ip in zip(names, ips, strict=True)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        if parallel:  # in batches: fifty Python interpreters starting at once miss the start timeout
+            pairs = list(zip(names, ips, strict=True))
+            for i in range(0, len(pairs), PARALLEL_STARTS):
+                threads = [threading.Thread(target=one, args=pair) for pair in pairs[i : i + PARALLEL_STARTS]]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
             missing = [n for n in names if n not in started]
             assert not missing, f"irmds did not start: {missing}"
         else:

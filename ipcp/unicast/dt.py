@@ -106,6 +106,9 @@ class Dt(PollThread):
         return self._route(dst, (self.fmt.pack(Pci(dst, 0, self.max_ttl, 0, MGMT_EID)), payload), 0)
 
     def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int) -> bool:
+        if dst == self.me:  # a flow between two applications of this member
+            self.from_n1(dst, [b"".join(bufs)])
+            return True
         hops = self.pff.get(dst)
         if not hops:
             self.counters.no_route += 1

@@ -3,8 +3,11 @@ client (python-9p), the IRMd driven through its files, and a flow made through n
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import pwd
+import shutil
 import socket
 import struct
 import subprocess
@@ -305,3 +308,46 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
         bad, _ = ctl_open("net/clone")
         with pytest.raises(StyxClientError, match="unknown ctl command"):
             c.write(bad, 0, b"dance")
+
+
+# -- mount (FUSE) --------------------------------------------------------------------------------
+
+
+def fuse_usable() -> str:
+    """Why FUSE cannot be used here, or '' if it can."""
+    if importlib.util.find_spec("mfusepy") is None:
+        return "mfusepy is not installed"
+    if not Path("/dev/fuse").exists() or shutil.which("fusermount3") is None:
+        return "no /dev/fuse or fusermount3"
+    return ""
+
+
+@pytest.mark.skipif(bool(fuse_usable()), reason=fuse_usable() or "fuse")
+def test_mount_makes_ordinary_tools_work_and_unmounts_on_sigterm(
+        irmd: IrmdProc, files: str, export: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = start(irmd, "mount", files, str(mnt), log=tmp_path / "mount.log")
+    try:
+        wait_for(lambda: proc.poll() is not None or os.path.ismount(mnt), 15, "the mount")
+        assert os.path.ismount(mnt), (tmp_path / "mount.log").read_text()
+        assert sorted(os.listdir(mnt)) == ["hello.txt"]
+        assert (mnt / "hello.txt").read_text() == "hello styx\n"
+        (mnt / "new.txt").write_bytes(b"z" * 200_000)
+        assert (export / "new.txt").read_bytes() == b"z" * 200_000
+        subprocess.run(["cp", str(mnt / "new.txt"), str(mnt / "copy.txt")], check=True, timeout=20)
+        assert (export / "copy.txt").stat().st_size == 200_000
+        (mnt / "d").mkdir()
+        os.rename(mnt / "copy.txt", mnt / "moved.txt")
+        assert sorted(os.listdir(export)) == ["d", "hello.txt", "moved.txt", "new.txt"]
+        os.unlink(mnt / "moved.txt")
+        (mnt / "d").rmdir()
+        with pytest.raises(FileNotFoundError):
+            (mnt / "nope").read_text()
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert not os.path.ismount(mnt)
+    finally:
+        stop(proc)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], timeout=10, check=False)

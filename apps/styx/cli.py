@@ -144,6 +144,25 @@ def cmd_serve(a: argparse.Namespace) -> None:
     serve_tree(tree, users, route)
 
 
+def cmd_mount(a: argparse.Namespace) -> None:
+    from apps.styx.mount import mount
+
+    name, _, path = a.service.partition(":")
+    try:
+        transport = dial(name)
+    except (FlowError, TransportError, ValueError) as e:
+        raise CliError(str(e)) from None
+    with Client(transport, a.user) as client:
+        # libfuse installs its own handlers (which unmount) only over the default ones.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            mount(client, path or "/", a.mountpoint,
+                  lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True))
+        except RuntimeError as e:
+            raise CliError(str(e)) from None
+
+
 def cmd_bridge(a: argparse.Namespace) -> None:
     def ready() -> None:
         print(f"styx: bridging {a.listen} to {a.name}", flush=True)
@@ -176,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "ls":
             c.add_argument("-l", dest="long", action="store_true", help="long listing")
         c.set_defaults(func=func)
+    mnt = sub.add_parser("mount", help="mount a service on a local directory (FUSE) until interrupted")
+    mnt.add_argument("service", help="NAME or NAME:/path")
+    mnt.add_argument("mountpoint")
+    mnt.set_defaults(func=cmd_mount)
     b = sub.add_parser("bridge", help="let 9P clients on TCP or a unix socket reach NAME")
     b.add_argument("--name", required=True, help="the styx service to relay to")
     b.add_argument("--listen", required=True, help="tcp!HOST!PORT or unix!/path")

@@ -351,3 +351,19 @@ def test_mount_makes_ordinary_tools_work_and_unmounts_on_sigterm(
         stop(proc)
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], timeout=10, check=False)
+
+
+@pytest.mark.skipif(bool(fuse_usable()), reason=fuse_usable() or "fuse")
+def test_mounted_irmd_files_read_and_take_commands(irmd: IrmdProc, irmfs: str, tmp_path: Path) -> None:
+    mnt = tmp_path / "irm"
+    mnt.mkdir()
+    proc = start(irmd, "mount", irmfs, str(mnt), log=tmp_path / "mount.log")
+    try:
+        wait_for(lambda: proc.poll() is not None or os.path.ismount(mnt), 15, "the mount")
+        assert "state operational" in (mnt / "ipcp" / "lo" / "status").read_text()  # length 0, still read
+        (mnt / "name" / "ctl").write_text("create viafuse\n")
+        assert "viafuse" in os.listdir(mnt / "name")
+    finally:
+        stop(proc)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], timeout=10, check=False)

@@ -199,7 +199,7 @@ def mount(client: Client, base: str, mountpoint: str, on_ready: Callable[[], Non
         raise RuntimeError(f"{mountpoint}: not a directory")
     ops = StyxOps(client, base, on_ready)
     try:
-        fuse.FUSE(ops, mountpoint, foreground=True, nothreads=True, fsname="styx")
+        fuse.FUSE(ops, mountpoint, foreground=True, nothreads=True, fsname="styx", direct_io=True)
     except RuntimeError as e:
         # libfuse also answers non-zero when a signal ended a good mount, after unmounting it.
         if not ops.mounted or os.path.ismount(mountpoint):

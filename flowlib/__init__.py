@@ -16,6 +16,7 @@ from flowlib.errors import (
     LayerDown,
     NameNotFound,
     PermissionDenied,
+    QosNotSupported,
 )
 from flowlib.events import Event, EventQueue, EventType, FlowSet, fevent
 from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow, flow_accept, flow_alloc, flow_join
@@ -38,6 +39,7 @@ __all__ = [
     "LayerDown",
     "NameNotFound",
     "PermissionDenied",
+    "QosNotSupported",
     "QosSpec",
     "fevent",
     "flow_accept",

@@ -42,12 +42,17 @@ class InvalidArgument(FlowError, ValueError):
     """A request the IRMd or the flow cannot take as given."""
 
 
+class QosNotSupported(FlowError):
+    """No layer that reaches the name can serve the QoS asked."""
+
+
 _BY_CODE: dict[str, type[FlowError]] = {
     "ENOENT": NameNotFound,
     "ETIMEDOUT": FlowTimeout,
     "EPERM": PermissionDenied,
     "ENOTCONN": LayerDown,
     "EINVAL": InvalidArgument,
+    "ENOTSUP": QosNotSupported,
 }
 
 

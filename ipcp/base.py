@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flowlib.qos import QosSpec
+from flowlib.qos import UINT64_MAX, QosSpec
 from irmd import messages as m
 from transports.channel import AsyncChannel, HandlerError
 from transports.unix import close_fds
@@ -28,6 +28,7 @@ class Ipcp:
     """Base of all IPCP kinds; subclasses override the layer operations."""
 
     type = ""
+    capacity = 0  # bits/s the layer can carry; 0: not known
 
     def __init__(self, name: str, irmd_sock: Path) -> None:
         self.name = name
@@ -58,6 +59,16 @@ class Ipcp:
     async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
         """Allocate; return (mtu, fd of the application's end)."""
         raise NotImplementedError
+
+    def qos_refusal(self, qos: QosSpec) -> str | None:
+        """Why this layer cannot serve `qos`, or None.
+
+        Order, retransmission and encryption are end to end (FRCT and crypto in flowlib), so
+        a layer refuses only what depends on it: a bandwidth it does not have.
+        """
+        if self.capacity and UINT64_MAX > qos.bandwidth > self.capacity:  # UINT64_MAX: "all there is"
+            return f"{qos.bandwidth:,} b/s asked, the layer carries at most {self.capacity:,} b/s"
+        return None
 
     async def flow_dealloc(self, flow_id: int) -> None:
         raise NotImplementedError
@@ -126,6 +137,8 @@ class Ipcp:
                     raise HandlerError(m.ENOENT, "name not reachable in this layer")
                 return m.Ok(), ()
             case m.IpcpFlowAlloc():
+                if (why := self.qos_refusal(msg.qos)) is not None:
+                    raise HandlerError(m.ENOTSUP, f"layer {self.layer!r} cannot serve the QoS asked: {why}")
                 mtu, fd = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0)
                 return m.IpcpFlow(mtu), (fd,)
             case m.IpcpFlowDealloc():

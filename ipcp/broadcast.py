@@ -111,6 +111,11 @@ class BroadcastIpcp(UnicastIpcp):
         self.dt.add_flow(flow)
         return self.mtu, app_end.detach()
 
+    def qos_refusal(self, qos: QosSpec) -> str | None:
+        if qos.frct or qos.cypher_s:
+            return "a broadcast layer carries raw flows only: order, retransmission and encryption need one peer"
+        return super().qos_refusal(qos)
+
     async def flow_dealloc(self, flow_id: int) -> None:
         flow = self.flows.pop(flow_id, None)
         if flow is not None and self.dt is not None:

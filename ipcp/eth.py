@@ -75,6 +75,7 @@ class EthDixIpcp(ShimIpcp):
         self.framing = self._framing(mac, proto)
         self.framing.mgmt_frame(eth.BROADCAST, b"")  # loads scapy's layers now, not at a query
         self.mtu = self._layer_mtu(dev_mtu)
+        self.capacity = eth.link_speed(dev)
         core = ShimCore(eid_bits=self.eid_bits, encode_addr=eth.encode_addr,
                         decode_addrs=eth.decode_addrs, own=mac)
         log.info("%s: %s layer %s on %s (%s), proto 0x%04x, mtu %d", self.name, self.type, layer,

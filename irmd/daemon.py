@@ -323,8 +323,10 @@ class Irmd:
             try:
                 return await self._alloc_via(c, msg, ipcp, deadline)
             except HandlerError as e:
-                error = e  # the directory may have been stale: try the next layer that knows the name
-                if e.code != m.ENOENT:
+                # The directory may have been stale, or the layer cannot serve the QoS: try the next one.
+                if e.code != m.ENOENT or error.code != m.ENOTSUP:
+                    error = e
+                if e.code not in (m.ENOENT, m.ENOTSUP):
                     break
         raise error
 

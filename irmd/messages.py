@@ -24,6 +24,7 @@ ETIMEDOUT = "ETIMEDOUT"
 ENOTCONN = "ENOTCONN"  # layer or ipcp down
 EIPCP = "EIPCP"  # the IPCP failed the operation
 EPROTO = "EPROTO"
+ENOTSUP = "ENOTSUP"  # the layer cannot serve the QoS asked
 
 
 # -- generic replies ----------------------------------------------------------

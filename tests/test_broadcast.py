@@ -75,6 +75,19 @@ def test_joining_a_layer_that_is_not_here_fails_clearly(cluster: Cluster) -> Non
 
 
 @pytest.mark.timeout(60)
+def test_joining_with_a_qos_only_one_peer_can_serve_is_refused_clearly(cluster: Cluster) -> None:
+    (a,) = cluster.start(["a"])
+    cluster.udp([a])
+    a.irm_ok("ipcp", "bootstrap", "type", "broadcast", "name", "b1", "layer", "bc")
+    code = ("from flowlib import QosNotSupported, flow_join, qos\n"
+            "try:\n    flow_join('bc', qos=qos.data, timeout=5)\nexcept QosNotSupported as e:\n    print(e)\n"
+            "flow_join('bc', qos=qos.raw, timeout=5).close()\nprint('raw joined')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=a.irmd.env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "cannot serve the QoS asked" in r.stdout and "raw flows only" in r.stdout and "raw joined" in r.stdout
+
+
+@pytest.mark.timeout(60)
 def test_names_cannot_be_registered_in_a_broadcast_layer(cluster: Cluster) -> None:
     (a,) = cluster.start(["a"])
     cluster.udp([a])

@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 ETH_HLEN = 14  # dst, src, ethertype/length
@@ -97,6 +98,15 @@ def interface_info(dev: str) -> tuple[bytes, int]:
     if hwtype != ARPHRD_ETHER or len(mac) != 6:
         raise InterfaceError(f"interface {dev!r} is not Ethernet (hardware type {hwtype})")
     return bytes(mac), int(mtu)
+
+
+def link_speed(dev: str) -> int:
+    """The interface's speed in bits/s as the kernel reports it; 0 when it does not know."""
+    try:
+        mbps = int(Path(f"/sys/class/net/{dev}/speed").read_text())
+    except (OSError, ValueError):  # down links and some drivers give EINVAL
+        return 0
+    return max(mbps, 0) * 1_000_000
 
 
 def open_packet_socket(dev: str, proto: int) -> socket.socket:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 from helpers import wait_for
 
-from flowlib import FlowDown, FlowError, InvalidArgument
+from flowlib import FlowDown, FlowError, InvalidArgument, QosNotSupported, QosSpec
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient
 from transports import eth
@@ -181,6 +181,21 @@ def test_the_layer_mtu_fits_the_interface_and_bigger_sdus_are_refused_clearly(
         assert pair.client.read() == b"still here"
     finally:
         pair.close()
+
+
+def test_a_flow_asking_more_bandwidth_than_the_link_has_is_refused_clearly(two_hosts: tuple[Host, Host]) -> None:
+    a, b = two_hosts
+    for h in two_hosts:
+        bootstrap(h, "eth-dix")
+    speed = int(a.exec("cat", f"/sys/class/net/{a.dev}/speed").stdout) * 1_000_000
+    a.irmd.irm_ok("bind", "process", str(os.getpid()), "name", "srv")
+    a.irmd.irm_ok("name", "register", "srv", "layer", LAYER)
+    client = IrmClient(b.irmd.sock)
+    try:
+        with pytest.raises(QosNotSupported, match=f"at most {speed:,} b/s"):
+            client.alloc("srv", QosSpec(bandwidth=2 * speed), 10)
+    finally:
+        client.close()
 
 
 # -- bad input -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,25 @@ def test_mounted_irmd_files_read_and_take_commands(irmd: IrmdProc, irmfs: str, t
         stop(proc)
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], timeout=10, check=False)
+
+
+def test_started_by_the_irmd_on_demand(irmd: IrmdProc, local_layer: str, export: Path, styx: Styx) -> None:
+    irmd.irm_ok("bind", "program", str(BIN / "styx"), "name", "ondemand", "auto", "--",
+                "serve", "--name", "ondemand", "--root", str(export))
+    irmd.irm_ok("name", "register", "ondemand", "layer", local_layer)
+    r = styx("cat", "ondemand:/hello.txt")
+    irmd.note_children()
+    assert r.stdout == "hello styx\n", r.stderr
+    assert styx("put", "ondemand:/x", stdin="y").returncode == 0 and (export / "x").read_text() == "y"
+
+
+def test_many_clients_at_once(files: str, export: Path, default_client: None) -> None:
+    def work(i: int) -> bytes:
+        with Client(dial(files)) as c:
+            c.put(f"f{i}", bytes([i]) * 50_000)
+            return c.cat(f"f{i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(16)))
+    assert results == [bytes([i]) * 50_000 for i in range(16)]
+    assert len(list(export.iterdir())) == 17

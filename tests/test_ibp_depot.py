@@ -60,7 +60,11 @@ def test_each_command_needs_its_own_right_key(tmp_path: Path) -> None:
         c.authorize(a.key, a.read_key, "MANAGE", NOW)
 
 
-@pytest.mark.parametrize("forge", [lambda k: "X" + k, lambda k: k[:-1], lambda k: k[:-1] + "0", lambda k: k.upper()])
+def _flip_last(k: str) -> str:
+    return k[:-1] + ("1" if k[-1] == "0" else "0")
+
+
+@pytest.mark.parametrize("forge", [lambda k: "X" + k, lambda k: k[:-1], _flip_last, lambda k: k.upper()])
 def test_forged_or_truncated_keys_are_refused_and_counted(tmp_path: Path, forge: object) -> None:
     c = core(tmp_path)
     a = c.allocate(alloc(c), NOW)
@@ -222,3 +226,41 @@ def test_admin_changes_need_the_admin_key(tmp_path: Path) -> None:
     c.change(c.admin_key, 200 * MB, 60)
     assert c.status()["capacity"] == 200 * MB and c.status()["max_duration"] == 60
     assert (tmp_path / "admin.key").stat().st_mode & 0o077 == 0
+
+
+def test_admin_changes_last_across_restart_unless_the_operator_gives_new_values(tmp_path: Path) -> None:
+    c = core(tmp_path, capacity=100 * MB, max_duration=3600)
+    c.change(c.admin_key, 50 * MB, 60)
+    c.store.close()
+    again = core(tmp_path, capacity=100 * MB, max_duration=3600)
+    assert (again.capacity, again.max_duration) == (50 * MB, 60)
+    again.store.close()
+    other = core(tmp_path, capacity=200 * MB, max_duration=3600)
+    assert (other.capacity, other.max_duration) == (200 * MB, 3600)
+
+
+def test_capacity_cannot_drop_below_what_is_reserved(tmp_path: Path) -> None:
+    c = core(tmp_path, capacity=10 * MB)
+    c.allocate(alloc(c, 4 * MB), NOW)
+    with refused(w.IBP_E_WOULD_DAMAGE_DATA):
+        c.change(c.admin_key, 3 * MB, 60)
+
+
+def test_connections_beyond_the_limit_are_refused_at_once(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from apps.ibp.server import DepotServer
+    from apps.ibp.stream import TcpStream
+
+    server = DepotServer(core(tmp_path), "d", slots=threading.BoundedSemaphore(1))
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    with a, a_peer, b, b_peer:
+        server.start(TcpStream(a_peer), "d")  # takes the only slot, waiting for a request
+        server.start(TcpStream(b_peer), "d")
+        b.settimeout(5)
+        assert b.recv(100).split()[0] == b"-23"
+        a.sendall(b"1 4 0 1 - 5\n")  # the first connection is served
+        a.settimeout(5)
+        assert a.recv(100).split()[0] == b"1"

@@ -214,3 +214,21 @@ def test_silent_depot_returns_control_to_the_client() -> None:
         with Connection(f"127.0.0.1:{port}", timeout=1) as c, pytest.raises(w.IbpError) as e:
             c.allocate(10, 10)
         assert e.value.status == w.IBP_E_CLIENT_TIMEOUT and time.monotonic() - start < 5
+
+
+def test_copy_to_a_silent_depot_fails_with_a_timeout_not_a_hang(depots: Start) -> None:
+    depots("d1")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        with Connection("d1", timeout=2) as c:
+            r, wcap, _ = c.allocate(100, 60)
+            c.store(wcap, [b"x" * 100], 100)
+            dead = Capability(f"127.0.0.1:{port}", "0", "k" * 64, "k" * 64, "WRITE")
+            start = time.monotonic()
+            with pytest.raises(w.IbpError) as e:
+                c.copy(r, dead)
+            assert e.value.status == w.IBP_E_CLIENT_TIMEOUT and "copy to 127.0.0.1" in e.value.reason
+            assert time.monotonic() - start < 10
+            assert c.load_bytes(r) == b"x" * 100  # the depot and the connection carry on

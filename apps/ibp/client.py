@@ -17,6 +17,7 @@ from flowlib import FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient
 
 DEFAULT_TIMEOUT = 30.0
+COPY_WAIT_FACTOR = 10  # a copy's reply is awaited up to this many timeouts per target
 STORE_BLOCK = 8 * 1024 * 1024  # bytes per STORE when the length is not known up front
 _HOSTPORT = re.compile(r"(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 
@@ -70,12 +71,13 @@ class Connection:
     def _server_timeout(self) -> int:
         return max(1, int(self.timeout))
 
-    def _reply(self) -> w.Reply:
+    def _reply(self, wait: float | None = None) -> w.Reply:
+        wait = self.timeout if wait is None else wait
         try:
-            line = self.stream.readline(w.MAX_LINE, self.timeout)
+            line = self.stream.readline(w.MAX_LINE, wait)
             return w.parse_reply(line)
         except StreamTimeout:
-            raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} did not answer in {self.timeout} s") \
+            raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} did not answer in {wait:g} s") \
                 from None
         except StreamClosed:
             raise w.IbpError(w.IBP_E_CONNECTION, f"depot {self.depot!r} closed the connection") from None
@@ -90,9 +92,10 @@ class Connection:
         except (StreamClosed, FlowError, OSError) as e:
             raise w.IbpError(w.IBP_E_CONNECTION, f"lost depot {self.depot!r}: {e}") from None
 
-    def call(self, req: w.Request) -> w.Reply:
+    def call(self, req: w.Request, wait: float | None = None) -> w.Reply:
+        """Send `req`; its reply line, waited for `wait` seconds (default: the timeout)."""
         self._send(w.format_request(req))
-        reply = self._reply()
+        reply = self._reply(wait)
         if not reply.ok:
             raise w.IbpError(reply.status, f"depot {self.depot!r} refused: {' '.join(reply.fields) or 'no reason'}")
         return reply
@@ -150,13 +153,18 @@ class Connection:
 
     def copy(self, src: Capability, dst: Capability, offset: int = 0, length: int = 0) -> int:
         t = self._server_timeout
-        reply = self.call(w.Send(src.key, src.typekey, str(dst), offset, length, t, t, t))
+        reply = self.call(w.Send(src.key, src.typekey, str(dst), offset, length, t, t, t), self._copy_wait(1))
         return w.reply_int(reply, 0, "copied length")
+
+    def _copy_wait(self, targets: int) -> float:
+        """A copy answers only when done: the depot's timeouts apply per step towards each target,
+        so the whole may take several of them (a silent source depot still ends the wait)."""
+        return self.timeout * COPY_WAIT_FACTOR * targets
 
     def mcopy(self, src: Capability, dsts: list[Capability], offset: int = 0, length: int = 0) -> list[int]:
         """Statuses per target (IBP_OK or an error), after the copied length."""
         reply = self.call(w.Mcopy(src.key, src.typekey, offset, length, tuple(str(d) for d in dsts),
-                                  self._server_timeout))
+                                  self._server_timeout), self._copy_wait(len(dsts)))
         return [w._int(f, "status", -w.MAX_INT, w.MAX_INT) for f in reply.fields[1:]]
 
     def manage(self, cap: Capability, subcmd: int, captype: int = w.IBP_READCAP, size: int = 0,

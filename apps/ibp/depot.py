@@ -68,6 +68,13 @@ class DepotCore:
         self.store = store
         self.capacity = capacity
         self.max_duration = max_duration
+        self._given = [capacity, max_duration]
+        saved = store.settings()
+        # Admin changes last across restarts, unless the operator starts the depot with other values.
+        if saved.get("given") == self._given and isinstance(saved.get("admin"), list) and len(saved["admin"]) == 2:
+            cap, maxd = saved["admin"]
+            if isinstance(cap, int) and isinstance(maxd, int) and cap >= 0 and maxd > 0:
+                self.capacity, self.max_duration = cap, maxd
         self.admin_key = store.admin_key()
         self.allocs: dict[str, Allocation] = {}
         self.expiry: SortedList = SortedList()  # (expires, fid)
@@ -268,3 +275,4 @@ class DepotCore:
             raise self.refuse(w.IBP_E_WOULD_DAMAGE_DATA, f"capacity {capacity} is below the {self.reserved} reserved")
         self.capacity = capacity
         self.max_duration = max_duration
+        self.store.save_settings({"given": self._given, "admin": [capacity, max_duration]})

@@ -25,6 +25,7 @@ from flowlib.irm import IrmClient
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 256   # concurrent flows and TCP connections; more are closed at once
 IDLE_TIMEOUT = 300.0    # a connection silent between requests for this long is closed
 EXPIRY_TICK = 1.0       # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
@@ -44,6 +45,7 @@ class DepotServer:
     clock: Callable[[], float] = time.time
     irm: IrmClient | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_CONNECTIONS))
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
 
     def alloc_lock(self, a: Allocation) -> threading.Lock:
@@ -51,6 +53,23 @@ class DepotServer:
             return self._alloc_locks.setdefault(a.fid, threading.Lock())
 
     # -- per connection --
+
+    def start(self, stream: ByteStream, depot_addr: str) -> None:
+        """Serve `stream` on a thread of its own, if a connection slot is free."""
+        if not self.slots.acquire(blocking=False):
+            log.warning("%d connections already: one more refused", MAX_CONNECTIONS)
+            with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
+                stream.send(w.format_reply(w.IBP_E_RSRC_UNAVAIL, "too many connections"))
+            stream.close()
+            return
+
+        def run() -> None:
+            try:
+                self.serve(stream, depot_addr)
+            finally:
+                self.slots.release()
+
+        threading.Thread(target=run, daemon=True).start()
 
     def serve(self, stream: ByteStream, depot_addr: str) -> None:
         """Answer requests on `stream` until it closes, idles out or breaks the protocol."""
@@ -244,13 +263,13 @@ def tcp_loop(server: DepotServer, sock: socket.socket, addr: str) -> None:
             return
         log.debug("tcp connection from %s", peer)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=server.serve, args=(TcpStream(conn), addr), daemon=True).start()
+        server.start(TcpStream(conn), addr)
 
 
 def flow_loop(server: DepotServer) -> None:
     while True:
         flow = flow_accept(irm=server.irm)
-        threading.Thread(target=server.serve, args=(FlowStream(flow), server.name), daemon=True).start()
+        server.start(FlowStream(flow), server.name)
 
 
 def install_stop_signals() -> None:

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL = "journal.log"
 ADMIN_KEY = "admin.key"
+SETTINGS = "settings.json"
 MAX_RECORD = 16_384  # a journal line longer than this is corrupt
 
 
@@ -111,6 +112,23 @@ class DiskStore:
 
     def orphans(self, live: set[str]) -> list[str]:
         return [p.name for p in self.data.iterdir() if p.name not in live]
+
+    def settings(self) -> dict[str, Any]:
+        """What the admin changed through STATUS (empty if nothing, or unreadable)."""
+        try:
+            data = json.loads((self.root / SETTINGS).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save_settings(self, settings: dict[str, Any]) -> None:
+        tmp = self.root / (SETTINGS + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(settings, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / SETTINGS)
+        self._fsync_dir()
 
     def admin_key(self) -> str:
         """The depot's admin key, made on first start, readable by its owner only."""

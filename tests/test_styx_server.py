@@ -307,6 +307,7 @@ def test_blocked_read_is_parked_then_answered() -> None:
     ok(s, w.Topen(1, 2, w.OREAD))
     assert s.receive(w.encode(w.Tread(10, 2, 0, 100))) == []
     assert s.retry() == []
+    assert s.waitables() == ([], True)  # nothing to wait on: the loop retries on a timer
     # other tags go on meanwhile
     ok(s, w.Twalk(11, 0, 3, ["motd"]))
     err(s, w.Tread(10, 2, 0, 1), "tag 10 is in use")

@@ -263,7 +263,7 @@ class DataHandle(Handle):
             flow = self._flow()
             ready, _, _ = select.select([flow], [], [], 0)  # an SDU, or the end of the flow
             if not ready:
-                raise WouldBlock()
+                raise WouldBlock(flow)
             try:
                 conv.rbuf = flow.read()
             except FlowError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from apps.styx import wire as w
 from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock
@@ -35,6 +36,7 @@ class Fid:
 @dataclass
 class Pending:
     msg: w.Msg
+    waitable: Any = None  # readable when a retry may succeed; None: retry on a timer
 
 
 def allowed(st: w.Stat, user: str, want: int) -> bool:
@@ -108,6 +110,11 @@ class Session:
             log.warning("cannot encode %s: %s", type(reply).__name__, e)
             return w.encode(w.Rerror(reply.tag, f"reply cannot be encoded: {e}"[:1000]))
 
+    def waitables(self) -> tuple[list[Any], bool]:
+        """What parked requests wait on, and whether some can only be retried on a timer."""
+        objs = [p.waitable for p in self.pending.values() if p.waitable is not None]
+        return objs, len(objs) < len(self.pending)
+
     def close(self) -> None:
         """The connection ended: clunk every fid."""
         self.pending.clear()
@@ -119,8 +126,8 @@ class Session:
     def _run(self, msg: w.Msg) -> w.Msg | None:
         try:
             return self._dispatch(msg)
-        except WouldBlock:
-            self.pending[msg.tag] = Pending(msg)
+        except WouldBlock as e:
+            self.pending[msg.tag] = Pending(msg, e.waitable)
             return None
         except StyxError as e:
             return w.Rerror(msg.tag, str(e))

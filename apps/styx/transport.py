@@ -21,7 +21,8 @@ from flowlib import Flow, FlowError, flow_accept, flow_alloc, qos
 
 log = logging.getLogger(__name__)
 
-RETRY_INTERVAL = 0.02  # how often parked requests (reads of flows with no data yet) are retried
+RETRY_INTERVAL = 0.02  # how often parked requests with nothing to wait on (listens) are retried
+IDLE_RETRY = 1.0  # parked requests with a waitable are retried at least this often anyway
 ALLOC_TIMEOUT = 10.0
 
 
@@ -137,9 +138,11 @@ def serve_flow(flow: Flow, session: Session) -> None:
     """One client's loop: messages in, replies out, parked requests retried; until the flow ends."""
     try:
         while True:
-            ready, _, _ = select.select([flow], [], [], RETRY_INTERVAL if session.pending else None)
+            waitables, timed = session.waitables()
+            timeout = RETRY_INTERVAL if timed else IDLE_RETRY if waitables else None
+            ready, _, _ = select.select([flow, *waitables], [], [], timeout)
             replies: list[bytes] = []
-            if ready:
+            if flow in ready:
                 replies += session.receive(flow.read())
             if session.pending:
                 replies += session.retry()

@@ -19,7 +19,15 @@ class StyxError(Exception):
 
 
 class WouldBlock(Exception):
-    """The operation must wait (a flow with no data yet); the server retries it later."""
+    """The operation must wait (a flow with no data yet); the server retries it later.
+
+    `waitable` (anything with fileno(), e.g. the flow) becomes readable when a retry may go;
+    without one the server retries on a short timer.
+    """
+
+    def __init__(self, waitable: object | None = None) -> None:
+        super().__init__("would block")
+        self.waitable = waitable
 
 
 class Handle:

@@ -264,3 +264,17 @@ def test_connections_beyond_the_limit_are_refused_at_once(tmp_path: Path) -> Non
         a.sendall(b"1 4 0 1 - 5\n")  # the first connection is served
         a.settimeout(5)
         assert a.recv(100).split()[0] == b"1"
+
+
+def test_hard_requests_revoke_soft_allocations_soonest_expiring_first(tmp_path: Path) -> None:
+    c = core(tmp_path, capacity=10 * MB, max_duration=3600)
+    late = c.allocate(alloc(c, 4 * MB, 600), NOW)
+    early = c.allocate(alloc(c, 4 * MB, 60), NOW)
+    hard = c.allocate(w.Allocate("0", w.IBP_HARD, w.IBP_BYTEARRAY, 60, 5 * MB, 5), NOW)
+    assert early.fid not in c.allocs and late.fid in c.allocs and hard.fid in c.allocs
+    assert c.status()["revoked_soft"] == 1
+    with refused(w.IBP_E_WOULD_EXCEED_LIMIT):  # soft asks never revoke; nor do hopeless hard ones
+        c.allocate(alloc(c, 2 * MB, 60), NOW)
+    with refused(w.IBP_E_WOULD_EXCEED_LIMIT):
+        c.allocate(w.Allocate("0", w.IBP_HARD, w.IBP_BYTEARRAY, 60, 6 * MB, 5), NOW)
+    assert late.fid in c.allocs

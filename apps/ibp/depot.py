@@ -79,6 +79,7 @@ class DepotCore:
         self.allocs: dict[str, Allocation] = {}
         self.expiry: SortedList = SortedList()  # (expires, fid)
         self.refused: Counter[int] = Counter()
+        self.revoked = 0  # SOFT allocations given up for HARD ones
         self._recover(now)
 
     # -- persistence --
@@ -141,6 +142,8 @@ class DepotCore:
         if req.duration <= 0:
             raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration must be positive")
         status, reason = admit(req.size, req.duration, self.free, self.capacity, self.max_duration)
+        if status in (w.IBP_E_WOULD_EXCEED_LIMIT, w.IBP_E_WOULD_EXCEED_POLICY) and req.reliability == w.IBP_HARD:
+            status = self._revoke_soft_for(req.size, req.duration, status)
         if status != w.IBP_OK:
             raise self.refuse(status, reason)
         a = Allocation(new_key(), new_key(), new_key(), new_key(), req.reliability, req.type, req.size,
@@ -150,6 +153,24 @@ class DepotCore:
         self.allocs[a.fid] = a
         self.expiry.add((a.expires, a.fid))
         return a
+
+    def _revoke_soft_for(self, size: int, duration: int, status: int) -> int:
+        """Make room for a HARD request by revoking SOFT allocations, those expiring first first;
+        nothing is revoked unless enough would be freed."""
+        softs = sorted((a for a in self.allocs.values() if a.reliability == w.IBP_SOFT), key=lambda a: a.expires)
+        free, victims = self.free, []
+        for a in softs:
+            if admit(size, duration, free, self.capacity, self.max_duration)[0] == w.IBP_OK:
+                break
+            free += a.max_size
+            victims.append(a)
+        if admit(size, duration, free, self.capacity, self.max_duration)[0] != w.IBP_OK:
+            return status
+        for a in victims:
+            log.info("revoked soft allocation %s (%d bytes) for a hard one", a.fid[:12], a.max_size)
+            self.free_alloc(a)
+        self.revoked += len(victims)
+        return w.IBP_OK
 
     def caps(self, a: Allocation, depot: str) -> tuple[Capability, Capability, Capability]:
         return (Capability(depot, RID, a.key, a.read_key, READ), Capability(depot, RID, a.key, a.write_key, WRITE),
@@ -264,7 +285,7 @@ class DepotCore:
         return {
             "capacity": self.capacity, "reserved": self.reserved, "used": self.stored, "free": self.free,
             "max_duration": self.max_duration, "allocations": len(self.allocs),
-            "refused": sum(self.refused.values()),
+            "refused": sum(self.refused.values()), "revoked_soft": self.revoked,
             "policy": "size*duration*capacity <= free^2*max_duration",
         }
 

@@ -1,8 +1,8 @@
 """FRCT, the flow and retransmission control of reliable flows, sans-IO: SDUs and PDUs in,
 PDUs and SDUs out, time as a parameter.
 
-Sequence numbers, cumulative acks, RTT estimation with RTO backoff (RFC 6298),
-retransmission, a flow-control window, AIMD congestion control, in-order
+Sequence numbers, cumulative and selective acks, RTT estimation with RTO backoff
+(RFC 6298), retransmission, a flow-control window, AIMD congestion control, in-order
 delivery with duplicate suppression, and fragmentation of SDUs over the MTU.
 """
 
@@ -15,6 +15,12 @@ from collections import deque
 # The FRCT header, as Ouroboros's: flags, pad, window (PDUs), seqno, ackno.
 HDR = struct.Struct("!BBHII")
 DATA, DRF, ACK, FC, RDVS, FFGM, MFGM = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
+# Ours, not Ouroboros's: a pure ack with SACK carries blocks [start, end) of PDUs held out of order,
+# so one round trip repairs every hole of a window instead of one (RFC 2018's idea).
+SACK = 0x80
+SACK_BLOCK = struct.Struct("!II")
+MAX_SACK_BLOCKS = 8
+DUP_THRESH = 3  # a PDU this many places below a SACKed one is taken as lost (RFC 6675's DupThresh)
 SEQ_MOD = 1 << 32
 WINDOW = 1024  # PDUs the receiver buffers out of order and the sender keeps in flight
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
@@ -38,6 +44,7 @@ class _Sent:
     pdu: bytes
     sent: float
     tries: int = 0
+    episode: int = -1  # the loss recovery that last resent it
 
 
 @dataclasses.dataclass
@@ -68,6 +75,8 @@ class Frct:
         self.peer_window = WINDOW
         self.dupacks = 0
         self.recover: int | None = None  # snd_nxt when a loss was found; partial acks until then resend
+        self.episode = 0  # counts loss recoveries: a hole is resent once in each
+        self.high_sacked: int | None = None  # one past the highest PDU the peer holds out of order
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = RTO_INIT
@@ -75,6 +84,7 @@ class Frct:
         # receiver
         self.rcv_nxt = 0
         self.ooo: dict[int, tuple[int, bytes]] = {}
+        self.ooo_span = 0  # distance past rcv_nxt of the furthest PDU held out of order
         self.fragments: list[bytes] = []
         self.ack_due: float | None = None
         self.rx_unacked = 0
@@ -133,6 +143,8 @@ class Frct:
         flags, _, window, seq, ackno = HDR.unpack_from(pdu)
         if flags & ACK and self.reliable:
             self._acked(ackno, window, now, pure=not flags & DATA)
+            if flags & SACK and not flags & DATA:
+                self._sacked(pdu, now)
         if flags & RDVS and self.reliable:
             self._ack()  # the sender faces a closed window: tell it ours
         if not flags & DATA:
@@ -144,6 +156,7 @@ class Frct:
             self._accept(flags, payload)
             while self.rcv_nxt in self.ooo:
                 self._accept(*self.ooo.pop(self.rcv_nxt))
+            self.ooo_span = max(self.ooo_span - (self.rcv_nxt - seq) % SEQ_MOD, 0) if self.ooo else 0
         elif _before(seq, self.rcv_nxt):
             self.counters.duplicates += 1  # our ack was lost or late: repeat it below
         elif not self.reliable:
@@ -152,9 +165,10 @@ class Frct:
             self.fragments.clear()
             self.rcv_nxt = seq
             self._accept(flags, payload)
-        elif (seq - self.rcv_nxt) % SEQ_MOD < WINDOW:
+        elif (distance := (seq - self.rcv_nxt) % SEQ_MOD) < WINDOW:
             self.counters.out_of_order += 1
             self.ooo.setdefault(seq, (flags, payload))
+            self.ooo_span = max(self.ooo_span, distance)
         if self.reliable:
             self.rx_unacked += 1
             if not in_order or self.ooo or self.rx_unacked >= 2:
@@ -164,8 +178,29 @@ class Frct:
 
     def _ack(self) -> None:
         self._advertised = self._window()
-        self.pdus.append(HDR.pack(ACK, 0, self._advertised, self.snd_nxt, self.rcv_nxt))
+        if self.ooo:
+            blocks = self._sack_blocks()
+            self.pdus.append(HDR.pack(ACK | SACK, 0, self._advertised, self.snd_nxt, self.rcv_nxt) + blocks)
+        else:
+            self.pdus.append(HDR.pack(ACK, 0, self._advertised, self.snd_nxt, self.rcv_nxt))
         self.ack_due, self.rx_unacked = None, 0
+
+    def _sack_blocks(self) -> bytes:
+        """The first MAX_SACK_BLOCKS runs of PDUs held out of order, nearest the hole first."""
+        out = bytearray()
+        start: int | None = None
+        nxt, ooo = self.rcv_nxt, self.ooo
+        for off in range(1, self.ooo_span + 2):
+            seq = (nxt + off) % SEQ_MOD
+            if seq in ooo:
+                if start is None:
+                    start = seq
+            elif start is not None:
+                out += SACK_BLOCK.pack(start, seq)
+                start = None
+                if len(out) == MAX_SACK_BLOCKS * SACK_BLOCK.size:
+                    break
+        return bytes(out)
 
     def _accept(self, flags: int, payload: bytes) -> None:
         self.rcv_nxt = (self.rcv_nxt + 1) % SEQ_MOD
@@ -194,7 +229,7 @@ class Frct:
             # Only a pure ack that changes nothing hints at a hole; data and window updates do not.
             if ackno == self.snd_una and self.unacked and pure and not opened:
                 self.dupacks += 1
-                if self.dupacks == 3:  # fast retransmit, and halve as on loss
+                if self.dupacks == DUP_THRESH:  # fast retransmit, and halve as on loss
                     self._lost(now, self.snd_una)
             return
         self.dupacks = 0
@@ -208,13 +243,56 @@ class Frct:
                 self.cwnd += 1.0 if self.cwnd < self.ssthresh else 1.0 / self.cwnd
             seq = (seq + 1) % SEQ_MOD
         self.snd_una = ackno
+        if self.high_sacked is not None and not _before(ackno, self.high_sacked):
+            self.high_sacked = None
         if self.srtt is not None:  # progress: drop the backoff
             self.rto = self._rto()
         if self.recover is not None:
-            if _before(ackno, self.recover) and ackno in self.unacked:
-                self._resend(ackno, self.unacked[ackno], now)  # NewReno: a partial ack shows the next hole
+            if _before(ackno, self.recover) and (sent := self.unacked.get(ackno)) is not None:
+                if sent.episode != self.episode:  # NewReno: a partial ack shows the next hole
+                    self._resend(ackno, sent, now)
             else:
                 self.recover = None
+
+    def _sacked(self, pdu: bytes, now: float) -> None:
+        """SACK blocks: what the peer holds needs no resending; what lies well below it was lost."""
+        body = memoryview(pdu)[HDR.size :]
+        if len(body) % SACK_BLOCK.size or len(body) > MAX_SACK_BLOCKS * SACK_BLOCK.size:
+            self.counters.dropped += 1
+            return
+        news = False
+        for start, end in SACK_BLOCK.iter_unpack(body):
+            # Only blocks inside what is in flight, and no longer than a window: never trust more.
+            if not (_before(self.snd_una, start) and _before(start, end)) or _before(self.snd_nxt, end) \
+                    or (end - start) % SEQ_MOD > WINDOW:
+                continue
+            seq = start
+            while seq != end:
+                if self.unacked.pop(seq, None) is not None:
+                    news = True
+                seq = (seq + 1) % SEQ_MOD
+            if self.high_sacked is None or _before(self.high_sacked, end):
+                self.high_sacked = end
+        if not news or self.high_sacked is None or not _before(self.snd_una, self.high_sacked):
+            return
+        lost_below = (self.high_sacked - DUP_THRESH) % SEQ_MOD
+        holes = []
+        seq = self.snd_una
+        while seq != lost_below and _before(seq, lost_below):
+            sent = self.unacked.get(seq)
+            if sent is not None and sent.episode != self.episode:
+                holes.append((seq, sent))
+            seq = (seq + 1) % SEQ_MOD
+        if not holes:
+            return
+        if self.recover is None:  # a new loss: halve once, then repair every hole found
+            self.episode += 1
+            self.recover = self.snd_nxt
+            self.ssthresh = max(self.cwnd / 2, 2.0)
+            self.cwnd = self.ssthresh
+        for seq, sent in holes:
+            if sent.episode != self.episode:
+                self._resend(seq, sent, now)
 
     def _sample(self, rtt: float) -> None:
         if self.srtt is None:
@@ -232,6 +310,7 @@ class Frct:
         sent = self.unacked.get(seq)
         if sent is None or self.recover is not None:
             return
+        self.episode += 1
         self.recover = self.snd_nxt
         self.ssthresh = max(self.cwnd / 2, 2.0)
         self.cwnd = self.ssthresh
@@ -240,6 +319,7 @@ class Frct:
     def _resend(self, seq: int, sent: _Sent, now: float) -> None:
         sent.tries += 1
         sent.sent = now
+        sent.episode = self.episode
         if sent.tries > MAX_TRIES:
             self.failed = True
         flags, pad, _, _, _ = HDR.unpack_from(sent.pdu)
@@ -267,6 +347,7 @@ class Frct:
         self.rto = min(self.rto * 2, RTO_MAX)
         self.ssthresh = max(self.cwnd / 2, 2.0)
         self.cwnd = 2.0
+        self.episode += 1  # after a timeout every hole may be resent again
         self.recover = self.snd_nxt
         self._resend(self.snd_una, sent, now)
 

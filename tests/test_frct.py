@@ -24,12 +24,15 @@ from flowlib.frct import (
     DATA,
     FFGM,
     HDR,
+    MAX_SACK_BLOCKS,
     MAX_TRIES,
     MFGM,
     RTO_G,
     RTO_INIT,
     RTO_MAX,
     RTO_MIN,
+    SACK,
+    SACK_BLOCK,
     SEQ_MOD,
     WINDOW,
     Frct,
@@ -424,6 +427,62 @@ def test_loss_halves_the_congestion_window_and_a_timeout_collapses_it() -> None:
     assert deadline is not None
     sim.a.handle_timer(deadline)  # and the retransmission is lost too
     assert sim.a.cwnd == 2.0
+
+
+def test_selective_acks_repair_every_hole_of_a_window_in_one_round_trip() -> None:
+    sim = pair(delay=0.01, jitter=0.0)
+    sim.stream(tagged(400, seed=1, max_size=50))
+    assert sim.a.cwnd > 40
+    for i in range(40):
+        sim.a.send(TAG.pack(i), sim.now)
+    flight = list(sim.a.pdus)
+    sim.a.pdus.clear()
+    lost = {3, 11, 19, 27}
+    for i, pdu in enumerate(flight):
+        if i not in lost:
+            sim.b.receive(pdu, sim.now + 0.01)
+    acks = list(sim.b.pdus)
+    sim.b.pdus.clear()
+    assert any(HDR.unpack_from(a)[0] & SACK for a in acks)
+    for ack in acks:
+        sim.a.receive(ack, sim.now + 0.02)
+    resent = sorted(HDR.unpack_from(p)[3] - HDR.unpack_from(flight[0])[3] for p in sim.a.pdus)
+    assert resent == sorted(lost)  # every hole at once, each once, nothing the peer holds
+    assert sim.a.counters.retransmitted == len(lost)
+    for pdu in list(sim.a.pdus):
+        sim.b.receive(pdu, sim.now + 0.03)
+    sim.a.pdus.clear()
+    assert sim.b.ooo == {} and len(sim.b.sdus) >= 40  # repaired within the round trip
+
+
+def test_sack_blocks_name_the_runs_held_out_of_order_nearest_first() -> None:
+    a, b = Frct(MTU, True), Frct(MTU, True)
+    for i in range(30):
+        a.send(TAG.pack(i), 0.0)
+    flight = list(a.pdus)
+    for i in [*range(2, 5), *range(9, 12), 20]:  # holes at 0-1, 5-8, 12-19
+        b.receive(flight[i], 0.01)
+    ack = b.pdus[-1]
+    assert HDR.unpack_from(ack)[0] & SACK
+    blocks = list(SACK_BLOCK.iter_unpack(ack[HDR.size :]))
+    assert blocks == [(2, 5), (9, 12), (20, 21)]
+
+
+@pytest.mark.parametrize("blocks", [
+    SACK_BLOCK.pack(50, 60),  # beyond what was sent
+    SACK_BLOCK.pack(5, 3),  # backwards
+    SACK_BLOCK.pack(0, 5),  # at snd_una: that is what the cumulative ack says is missing
+    b"\x00" * 5,  # not whole blocks
+    SACK_BLOCK.pack(2, 4) * (MAX_SACK_BLOCKS + 1),  # too many
+])  # fmt: skip
+def test_forged_or_malformed_sack_blocks_change_nothing(blocks: bytes) -> None:
+    a = Frct(MTU, True)
+    for i in range(10):
+        a.send(TAG.pack(i), 0.0)
+    a.pdus.clear()
+    before = dict(a.unacked)
+    a.receive(HDR.pack(ACK | SACK, 0, WINDOW, 0, 0) + blocks, 0.01)
+    assert a.unacked.keys() == before.keys() and a.counters.retransmitted == 0 and not a.pdus
 
 
 def test_two_way_traffic_on_a_clean_path_causes_no_retransmissions() -> None:

@@ -325,3 +325,19 @@ def test_slow_reader_does_not_make_the_server_buffer(authorized: Host) -> None:
         p.wait()
     assert got == size and p.returncode == 0
     assert grown < 16 * 1024, f"netplumbd grew by {grown} KiB while its client did not read"
+
+
+def test_stopping_netplumbd_stops_running_commands(authorized: Host) -> None:
+    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", "echo $$; exec sleep 60"],
+                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        pid = int(p.stdout.readline())
+        authorized.proc.terminate()
+        authorized.proc.wait(10)
+        wait_for(lambda: not pid_alive(pid), 10, "the remote command to be stopped")
+        assert p.wait(15) != 0  # the client learns its session is gone
+    finally:
+        p.kill()
+        p.wait()

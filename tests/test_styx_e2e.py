@@ -309,6 +309,8 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
         bad, _ = ctl_open("net/clone")
         with pytest.raises(StyxClientError, match="unknown ctl command"):
             c.write(bad, 0, b"dance")
+        with pytest.raises(StyxClientError, match="own name"):
+            c.write(bad, 0, b"announce irm")
 
 
 # -- mount (FUSE) --------------------------------------------------------------------------------

@@ -157,6 +157,14 @@ def test_symlinks_out_of_the_root_are_not_there(root: Path, fs: Session) -> None
     assert "out" not in names and "outdir" not in names and "in" in names
 
 
+def test_long_names_in_errors_still_fit_the_smallest_msize(root: Path) -> None:
+    s = Session(FsTree(root))
+    ok(s, w.Tversion(w.NOTAG, w.MSIZE_MIN, "9P2000"))
+    ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
+    reply = s.receive(w.encode(w.Twalk(2, 0, 1, ["x" * 200])))[0]
+    assert len(reply) <= w.MSIZE_MIN and isinstance(w.decode(reply), w.Rerror)
+
+
 def test_names_with_slashes_or_dots_are_refused(fs: Session) -> None:
     err(fs, w.Twalk(1, 0, 2, ["sub/deep.txt"]), "bad file name")
     err(fs, w.Twalk(1, 0, 2, ["."]), "bad file name")

@@ -131,7 +131,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if a.irm:
         from apps.styx.irmfs import irm_tree
 
-        tree, route = irm_tree()
+        tree, route = irm_tree(a.name or "")
     elif a.root:
         from apps.styx.fs import FsTree
 

@@ -186,7 +186,7 @@ class IrmFs(Tree):
         return out
 
 
-def irm_tree(sock: Path | None = None) -> tuple[IrmFs, Callable[[Flow], bool]]:
+def irm_tree(served_as: str = "", sock: Path | None = None) -> tuple[IrmFs, Callable[[Flow], bool]]:
     """The tree `styx serve --irm` serves, and the router that hands announced flows to net/."""
-    net = NetFs()
+    net = NetFs(frozenset({served_as} - {""}))
     return IrmFs(IrmAdmin(sock), net), net.route

@@ -47,7 +47,8 @@ class Conv:
 class NetFs:
     """The conversations, shared by every client of the server."""
 
-    def __init__(self) -> None:
+    def __init__(self, reserved: frozenset[str] = frozenset()) -> None:
+        self.reserved = reserved  # names this server answers as: never handed to a listen
         self.lock = threading.Lock()
         self.convs: dict[int, Conv] = {}
         self.announced: dict[str, Conv] = {}
@@ -151,6 +152,8 @@ class NetFs:
         if not args:
             raise StyxError("usage: announce NAME [LAYER...]")
         name, layers = args[0], args[1:]
+        if name in self.reserved:
+            raise StyxError(f"'{name}' is this server's own name")
         if conv.state != "idle":
             raise StyxError(f"conversation {conv.n} is {conv.state}")
         with self.lock:

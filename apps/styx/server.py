@@ -17,6 +17,7 @@ from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock
 log = logging.getLogger(__name__)
 
 ENOTVERSION = "version not negotiated: send Tversion first"
+ENAME_MAX = 200  # error texts quote names; cut so an Rerror always fits the smallest msize
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Session:
         except w.DecodeError as e:
             tag = w.peek_tag(data)
             log.info("bad message: %s", e)
-            return [w.encode(w.Rerror(tag if tag is not None else w.NOTAG, f"bad message: {e}"))]
+            return [w.encode(w.Rerror(tag if tag is not None else w.NOTAG, f"bad message: {e}"[:ENAME_MAX]))]
         if msg.tag in self.pending and not isinstance(msg, w.Tversion):
             return [w.encode(w.Rerror(msg.tag, f"tag {msg.tag} is in use"))]
         reply = self._run(msg)
@@ -130,9 +131,9 @@ class Session:
             self.pending[msg.tag] = Pending(msg, e.waitable)
             return None
         except StyxError as e:
-            return w.Rerror(msg.tag, str(e))
+            return w.Rerror(msg.tag, str(e)[:ENAME_MAX])
         except OSError as e:
-            return w.Rerror(msg.tag, e.strerror or str(e))
+            return w.Rerror(msg.tag, (e.strerror or str(e))[:ENAME_MAX])
         except Exception as e:  # a backend bug must not end the service
             log.exception("%s failed", type(msg).__name__)
             return w.Rerror(msg.tag, f"internal error: {e}")

@@ -3,10 +3,15 @@ directory reads, writes, remove, wstat, flush, and escapes from the served root.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from apps.styx import wire as w
 from apps.styx.fs import FsTree
@@ -345,3 +350,57 @@ def test_synthetic_text_file_reads_with_offsets() -> None:
     ok(s, w.Twalk(1, 0, 3, ["gate"]))
     err(s, w.Twalk(1, 3, 4, ["x"]), "non-directory")
     err(s, w.Tcreate(1, 0, "x", 0o644, w.OWRITE), "permission denied")  # 0555 directory
+
+
+# -- fuzz: random request sequences ---------------------------------------------------------------
+
+
+fids = st.sampled_from([0, 1, 2, 3, w.NOFID])
+fnames = st.sampled_from(["a", "b", "..", ".", "", "/", "sub", "../x", "/etc", "hello.txt"])
+requests = st.one_of(
+    st.builds(w.Tversion, st.integers(0, 9), st.sampled_from([0, 100, 8192, 2**32 - 1]),
+              st.sampled_from(["9P2000", "9P2000.u", "9P", "x"])),
+    st.builds(w.Tattach, st.integers(0, 9), fids, fids, st.sampled_from([USER, "", "other"]), fnames),
+    st.builds(w.Tauth, st.integers(0, 9), fids, st.just(USER), fnames),
+    st.builds(w.Tflush, st.integers(0, 9), st.integers(0, 9)),
+    st.builds(w.Twalk, st.integers(0, 9), fids, fids, st.lists(fnames, max_size=4)),
+    st.builds(w.Topen, st.integers(0, 9), fids, st.integers(0, 255)),
+    st.builds(w.Tcreate, st.integers(0, 9), fids, fnames, st.sampled_from([0o644, w.DMDIR | 0o755, 0xFFFFFFFF]),
+              st.integers(0, 255)),
+    st.builds(w.Tread, st.integers(0, 9), fids, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
+    st.builds(w.Twrite, st.integers(0, 9), fids, st.integers(0, 2**20), st.binary(max_size=64)),
+    st.builds(w.Tclunk, st.integers(0, 9), fids),
+    st.builds(w.Tremove, st.integers(0, 9), fids),
+    st.builds(w.Tstat, st.integers(0, 9), fids),
+    st.builds(w.Twstat, st.integers(0, 9), fids, st.builds(
+        w.Stat, st.just(0xFFFF), st.just(0xFFFFFFFF), st.just(w.Qid(0xFF, 0xFFFFFFFF, 2**64 - 1)),
+        st.sampled_from([0xFFFFFFFF, 0o600, w.DMDIR | 0o700]), st.just(0xFFFFFFFF), st.just(0xFFFFFFFF),
+        st.sampled_from([2**64 - 1, 0, 3]), fnames, st.just(""), st.just(""), st.just(""))),
+    # replies sent as requests, and raw junk
+    st.builds(w.Rread, st.integers(0, 9), st.binary(max_size=8)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(requests, max_size=25))
+def test_random_request_sequences_never_crash_or_escape(tmp_path: Path, seq: list[w.Msg]) -> None:
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    root = base / "root"
+    root.mkdir()
+    (root / "hello.txt").write_text("hi")
+    (base / "outside").write_text("keep")
+    s = Session(FsTree(root))
+    start = [w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(0, 0, w.NOFID, USER, "")]
+    try:
+        for msg in start + seq:
+            for reply in s.receive(w.encode(msg)):
+                assert len(reply) <= max(s.msize, w.MSIZE_MIN) or isinstance(w.decode(reply), w.Rversion)
+                w.decode(reply)
+        s.close()
+        assert sorted(p.name for p in base.iterdir()) == ["outside", "root"]
+        assert (base / "outside").read_text() == "keep"
+    finally:
+        for p in root.rglob("*"):
+            with contextlib.suppress(OSError):
+                p.chmod(0o700)
+        shutil.rmtree(base, ignore_errors=True)

@@ -59,10 +59,16 @@ class ByteStream:
         """Exactly `n` bytes, as they arrive; `timeout` applies to each wait."""
         left = n
         while left > 0:
-            if not self._buf:
-                self._fill(None if timeout is None else time.monotonic() + timeout)
-            piece = bytes(self._buf[:left])
-            del self._buf[: len(piece)]
+            if self._buf:
+                piece = bytes(self._buf[:left])
+                del self._buf[: len(piece)]
+            else:  # straight from the transport, without a pass through the buffer
+                piece = self._recv(None if timeout is None else max(0.001, timeout))
+                if not piece:
+                    raise StreamClosed("the peer closed the connection")
+                if len(piece) > left:
+                    self._buf += piece[left:]
+                    piece = piece[:left]
             left -= len(piece)
             yield piece
 

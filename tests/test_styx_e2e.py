@@ -16,12 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, wait_for
+from helpers import BIN, IrmdProc, start_irmd, stop_irmd, wait_for
 from test_styx_wire import p9fs_python, py9p_python
 
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
 from apps.styx.transport import StreamTransport, dial
+from irmd import messages as m
 
 Styx = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -288,11 +289,11 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
         ann, n = ctl_open("net/clone")
         c.write(ann, 0, b"announce netecho local")
         assert c.cat(f"net/{n}/status").startswith(f"{n} announced".encode())
-        con, m = ctl_open("net/clone")
+        con, conv_m = ctl_open("net/clone")
         c.write(con, 0, b"connect netecho")
-        assert b"connected" in c.cat(f"net/{m}/status")
+        assert b"connected" in c.cat(f"net/{conv_m}/status")
         _, k = ctl_open(f"net/{n}/listen")  # the open waits for the flow to arrive
-        out = c.walk(f"net/{m}/data")
+        out = c.walk(f"net/{conv_m}/data")
         c.open(out, w.ORDWR)
         inp = c.walk(f"net/{k}/data")
         c.open(inp, w.ORDWR)
@@ -305,7 +306,7 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
         c.clunk(con)  # the last open file of conversation m: its flow is deallocated
         assert c.read(inp, 0, 100) == b""  # end of file at the other end
         names = [s.name for s in c.ls("net")]
-        assert m not in names and k in names and "clone" in names
+        assert conv_m not in names and k in names and "clone" in names
         bad, _ = ctl_open("net/clone")
         with pytest.raises(StyxClientError, match="unknown ctl command"):
             c.write(bad, 0, b"dance")
@@ -392,3 +393,24 @@ def test_many_clients_at_once(files: str, export: Path, default_client: None) ->
         results = list(pool.map(work, range(16)))
     assert results == [bytes([i]) * 50_000 for i in range(16)]
     assert len(list(export.iterdir())) == 17
+
+
+def test_server_and_bridge_end_with_their_irmd(tmp_path: Path, export: Path) -> None:
+    own = start_irmd(tmp_path, "solo")
+    procs = []
+    try:
+        own.request(m.IpcpBootstrap("lo", "local", "local"))
+        own.note_children()
+        procs.append(start(own, "serve", "--name", "f", "--root", str(export), "--layer", "local",
+                           log=tmp_path / "s.log"))
+        procs.append(start(own, "bridge", "--name", "f", "--listen", f"tcp!127.0.0.1!{free_port()}",
+                           log=tmp_path / "b.log"))
+        wait_for(lambda: all("styx:" in (tmp_path / f).read_text() for f in ("s.log", "b.log")), 10, "start")
+    finally:
+        stop_irmd(own)
+    try:
+        assert [p.wait(10) for p in procs] == [1, 1]
+        assert "lost the IRMd" in (tmp_path / "b.log").read_text()
+    finally:
+        for p in procs:
+            stop(p)

@@ -18,6 +18,7 @@ from apps.styx import wire as w
 from apps.styx.server import Session
 from apps.styx.tree import Tree
 from flowlib import Flow, FlowError, flow_accept, flow_alloc, qos
+from flowlib.irm import default_client
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +234,16 @@ def relay(conn: socket.socket, name: str) -> None:
 
 
 def bridge(name: str, addr: str, ready: Callable[[], None] | None = None) -> None:
-    """Accept 9P clients on `addr` forever, each relayed to its own flow to `name`."""
+    """Accept 9P clients on `addr`, each relayed to its own flow to `name`, until the IRMd goes away."""
+    irm = default_client()  # no IRMd, no bridge; and its loss (IrmdUnreachable) ends the bridge
     lsock = listen(addr)
     if ready is not None:
         ready()
     with lsock:
         while True:
-            conn, _ = lsock.accept()
-            threading.Thread(target=relay, args=(conn, name), daemon=True).start()
+            readable, _, _ = select.select([lsock.fileno(), irm.wakeup_fd], [], [])
+            if irm.wakeup_fd in readable:
+                irm.take_arrived()  # raises once the IRMd is gone
+            if lsock.fileno() in readable:
+                conn, _ = lsock.accept()
+                threading.Thread(target=relay, args=(conn, name), daemon=True).start()

@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 from helpers import BIN, IrmdProc, pid_alive, wait_for
 
+from apps.netplumb import wire
 from apps.netplumb.keys import Identity, public_line
-from flowlib import FlowError, flow_alloc, qos
+from apps.netplumb.session import ClientSession, Established, Message, PeerError
+from apps.netplumb.wire import Fields
+from flowlib import Flow, FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient
 
 Plumb = Callable[..., subprocess.CompletedProcess[bytes]]
@@ -283,6 +286,7 @@ def test_garbage_from_a_peer_does_not_crash_netplumbd(authorized: Host, irmd: Ir
         client.close()
     assert authorized.proc.poll() is None
     assert authorized.plumb("host2", "echo", "still here").stdout == b"still here\n"
+    assert "Traceback" not in authorized.log.read_text()
     assert "rejected a packet" in authorized.log.read_text()
 
 
@@ -341,3 +345,61 @@ def test_stopping_netplumbd_stops_running_commands(authorized: Host) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def _session(host: Host, irmd: IrmdProc, client: IrmClient) -> tuple[Flow, ClientSession]:
+    """A hand-driven client session to host2 with the user's key, up to a running `cat`."""
+    ident = Identity.load(host.tmp / "home/.config/netplumb/id")
+    session = ClientSession(ident, lambda key: None)
+    flow = flow_alloc("host2", qos=qos.data, timeout=10, irm=client)
+    flow.set_timeout(10)
+    session.start()
+    events: list[object] = []
+    while not any(isinstance(ev, Established) for ev in events):
+        for data in session.data_to_send():
+            flow.write(data)
+        events = list(session.receive(flow.read()))
+    flow.write(session.send(wire.START, Fields.of(arg="cat")))
+    assert session.receive(flow.read())[0] == Message(wire.START, Fields([("ok", "1")]))
+    return flow, session
+
+
+@pytest.mark.parametrize("bogus", [
+    [Fields.of(ch=77, data="AAAA")],  # no such channel
+    [Fields.of(ch=0, data="not base64!")],
+    [Fields.of(ch=0)],  # no data
+])
+def test_authenticated_nonsense_ends_the_session_with_a_reason(authorized: Host, irmd: IrmdProc,
+                                                               bogus: list[Fields]) -> None:
+    client = IrmClient(irmd.sock)
+    try:
+        flow, session = _session(authorized, irmd, client)
+        for fields in bogus:
+            flow.write(session.send(wire.DATA, fields))
+        events: list[object] = []
+        with contextlib.suppress(FlowError):
+            while not any(isinstance(ev, PeerError) for ev in events):
+                events = list(session.receive(flow.read()))
+        assert any(isinstance(ev, PeerError) and "protocol error" in ev.message for ev in events), events
+        flow.close()
+    finally:
+        client.close()
+    assert authorized.proc.poll() is None
+    assert authorized.plumb("host2", "echo", "still here").stdout == b"still here\n"
+    assert "Traceback" not in authorized.log.read_text()
+
+
+def test_data_after_eof_is_a_protocol_error(authorized: Host, irmd: IrmdProc) -> None:
+    client = IrmClient(irmd.sock)
+    try:
+        flow, session = _session(authorized, irmd, client)
+        flow.write(session.send(wire.EOF, Fields.of(ch=0)))
+        flow.write(session.send(wire.DATA, Fields.of(ch=0, data="AAAA")))
+        events: list[object] = []
+        with contextlib.suppress(FlowError):
+            while not any(isinstance(ev, PeerError) for ev in events):
+                events = list(session.receive(flow.read()))
+        assert any(isinstance(ev, PeerError) and "after its EOF" in ev.message for ev in events), events
+        flow.close()
+    finally:
+        client.close()

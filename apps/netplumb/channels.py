@@ -37,6 +37,13 @@ class Link:
         with self._lock:
             self.flow.write(self.session.send(ptype, fields))
 
+    def send_error(self, message: str) -> None:
+        """ERROR ends the session: the peer learns why."""
+        with self._lock:
+            packet = self.session.error(message)
+            if packet is not None:
+                self.flow.write(packet)
+
     def flush(self) -> None:
         with self._lock:
             for data in self.session.data_to_send():
@@ -123,17 +130,24 @@ class Sink(threading.Thread):
         self.fd = -1  # -1 while the opener waits (a named pipe without a reader yet)
         self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._owed = 0  # bytes the peer sent that we have not written out yet
+        self._finished = False
         self._lock = threading.Lock()
 
     def put(self, data: bytes) -> None:
         """From the receiving thread: never blocks; the window bounds what can pile up."""
         with self._lock:
+            if self._finished:
+                raise wire.WireError(f"data on channel {self.ch} after its EOF")
             self._owed += len(data)
             if self._owed > WINDOW:
                 raise wire.WireError(f"the peer overran the window of channel {self.ch}")
         self._q.put(data)
 
     def finish(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
         self._q.put(None)
 
     def run(self) -> None:

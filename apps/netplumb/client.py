@@ -21,7 +21,7 @@ from apps.netplumb.channels import STDERR, STDIN, STDOUT, Link, Pump, Sink
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.recipe import RecipeError, parse_recipe
 from apps.netplumb.session import ClientSession, Established, Message, PeerError, SessionError
-from apps.netplumb.wire import Fields
+from apps.netplumb.wire import Fields, WireError
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout, flow_alloc, qos
 
 log = logging.getLogger("plumb")
@@ -171,6 +171,10 @@ class Client:
             return self.status
         except SessionError as e:
             raise Failure(f"{req.host}: {e}") from None
+        except WireError as e:
+            with contextlib.suppress(FlowError, SessionError):
+                link.send_error(f"protocol error: {e}")
+            raise Failure(f"{req.host}: protocol error: {e}") from None
         except FlowDown:
             raise Failure(f"{req.host}: the connection ended before the command did") from None
         except FlowError as e:
@@ -193,7 +197,7 @@ class Client:
         events: list[object] = []
         for ev in self.link.session.receive(data):
             if isinstance(ev, PeerError):
-                raise Failure(f"{self.req.host} refused: {ev.message}")
+                raise Failure(f"{self.req.host}: {ev.message}")
             events.append(ev)
         return events
 
@@ -260,19 +264,19 @@ class Client:
         elif msg.type == wire.OPEN:
             self._open(f.int("ch"), f.int("parent"))
         else:
-            raise SessionError(f"unexpected packet type {msg.type}")
+            raise WireError(f"unexpected packet type {msg.type}")
 
     def _sink(self, f: Fields) -> Sink:
         sink = self.sinks.get(f.int("ch"))
         if sink is None:
-            raise SessionError(f"data for channel {f.get('ch')}, which takes none")
+            raise WireError(f"data for channel {f.get('ch')}, which takes none")
         return sink
 
     def _open(self, ch: int, parent: int) -> None:
         """A connection to the remote end of a replicated socket: connect to the local one."""
         path = self.local_sockets.get(parent)
         if path is None or ch in self.sinks:
-            raise SessionError(f"OPEN of channel {ch} on unknown socket {parent}")
+            raise WireError(f"OPEN of channel {ch} on unknown socket {parent}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 import os
+import pwd
 import shlex
 import signal
 import socket
@@ -25,7 +26,7 @@ from apps.netplumb.jobs import CommandJob, Job, RunAs, describe_status, signal_n
 from apps.netplumb.keys import AuthorizedKey, AuthorizedKeys, Identity, KeyFileError, SpentKeys, config_dir, fingerprint
 from apps.netplumb.recipe import RecipeError, RecipeJob, parse_recipe
 from apps.netplumb.session import Established, Message, PeerError, ServerSession, SessionError
-from apps.netplumb.wire import Fields
+from apps.netplumb.wire import Fields, WireError
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout, flow_accept
 from flowlib.irm import default_client
 
@@ -158,6 +159,10 @@ class Connection:
             log.warning("%s: session ended: %s", self.who, e)
             with contextlib.suppress(FlowError):
                 self.link.flush()  # the refusal, if there is one
+        except WireError as e:  # a well-sealed packet that makes no sense: tell the client why
+            log.warning("%s: protocol error: %s", self.who, e)
+            with contextlib.suppress(FlowError, SessionError):
+                self.link.send_error(f"protocol error: {e}")
         except (FlowDown, FlowTimeout) as e:
             log.info("%s: %s", self.who, e)
         except FlowError as e:
@@ -177,7 +182,7 @@ class Connection:
         log.info("%s: authenticated", self.who)
         start = self._next_message()
         if start.type != wire.START:
-            raise SessionError(f"expected START, got packet type {start.type}")
+            raise WireError(f"expected START, got packet type {start.type}")
         try:
             self._start(start.fields)
         except Refused as e:
@@ -207,7 +212,7 @@ class Connection:
                 if sig is not None and self.job is not None:
                     self.job.signal(sig)
             else:
-                raise SessionError(f"unexpected packet type {msg.type} during a command")
+                raise WireError(f"unexpected packet type {msg.type} during a command")
             if self.exited.is_set():
                 self.flow.set_timeout(LINGER)
 
@@ -223,7 +228,7 @@ class Connection:
         ch = fields.int("ch")
         sink = self.sinks.get(ch)
         if sink is None:
-            raise SessionError(f"data for channel {ch}, which does not take data")
+            raise WireError(f"data for channel {ch}, which does not take data")
         return sink
 
     def _start(self, fields: Fields) -> None:
@@ -236,13 +241,13 @@ class Connection:
                  "a recipe" if plan.recipe is not None else shlex.join(plan.argv),
                  f" as {plan.run_as.user}" if plan.run_as.user else "", entry.line)
         for ch, path in plan.infifos.items():
-            self._make_fifo(path)
+            self._make_fifo(path, plan)
             self._add_sink(ch, lambda p=path: os.open(p, os.O_WRONLY))
         for ch, path in plan.outfifos.items():
-            self._make_fifo(path)
+            self._make_fifo(path, plan)
             self._add_pump(ch, lambda p=path: os.open(p, os.O_RDONLY))
         for ch, path in plan.sockets.items():
-            self._listen(ch, path)
+            self._listen(ch, path, plan)
         try:
             if plan.recipe is not None:
                 self.job = RecipeJob(parse_recipe(plan.recipe), plan.run_as, self.cfg.recipe_dir)
@@ -259,10 +264,11 @@ class Connection:
         for t in [*self.sinks.values(), *self.pumps.values()]:
             t.start()
 
-    def _make_fifo(self, path: str) -> None:
+    def _make_fifo(self, path: str, plan: Plan) -> None:
         try:
             os.mkfifo(path, 0o600)
             self.cleanup.append(Path(path))
+            self._give(path, plan)
         except FileExistsError:
             if not stat.S_ISFIFO(os.stat(path).st_mode):
                 raise Refused(f"{path} exists and is not a named pipe") from None
@@ -284,11 +290,22 @@ class Connection:
 
     # -- unix sockets -----------------------------------------------------------------
 
-    def _listen(self, ch: int, path: str) -> None:
+    def _give(self, path: str, plan: Plan) -> None:
+        """A pipe or socket we made belongs to the user the command runs as (-user)."""
+        if plan.run_as.user and os.geteuid() == 0:
+            try:
+                entry = pwd.getpwnam(plan.run_as.user)
+            except KeyError:
+                raise Refused(f"no user {plan.run_as.user!r} here") from None
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _listen(self, ch: int, path: str, plan: Plan) -> None:
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise Refused(f"{path} exists and is not a unix socket")
-            os.unlink(path)  # a stale socket of an earlier session
+            if _answers(path):
+                raise Refused(f"{path} is a unix socket in use")
+            os.unlink(path)  # a stale socket nobody listens on
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             lsock.bind(path)
@@ -297,6 +314,7 @@ class Connection:
             lsock.close()
             raise Refused(f"cannot listen on {path}: {e.strerror}") from None
         self.cleanup.append(Path(path))
+        self._give(path, plan)
         self.listeners.append(lsock)
         threading.Thread(target=self._accept_loop, args=(ch, lsock), daemon=True, name=f"listen-{ch}").start()
 
@@ -339,7 +357,7 @@ class Connection:
         kind, value = describe_status(code)
         log.info("%s: command ended with %s %d", self.who, kind, value)
         self.exited.set()
-        with contextlib.suppress(FlowError):
+        with contextlib.suppress(FlowError, SessionError):  # the session may have ended first
             self.link.send(wire.EXIT, Fields.of((kind, value)))
 
     def _unblock_fifos(self) -> None:
@@ -388,9 +406,18 @@ class _SharedFd:
                     os.close(self.fd)
 
 
-def _current_user() -> str:
-    import pwd
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
+
+def _current_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import re
 import sys
 import threading
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     except FlowError as e:
         print(f"ibp {args.cmd}: {e}", file=sys.stderr)
         sys.exit(1)
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -7,16 +7,24 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import os
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO, TypeVar
 
 from apps.ibp import wire as w
 from apps.ibp.cli import seconds, size
 from apps.ibp.client import DEFAULT_TIMEOUT, Connection, parse_cap
 from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, plan, to_xml
 from flowlib import FlowError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Progress:
@@ -66,6 +74,43 @@ class Pool:
             self.drop(d)
 
 
+class Workers:
+    """Blocks moved by `n` threads at once, each with its own depot connections; results in order,
+    with at most 2n blocks in memory."""
+
+    def __init__(self, n: int, timeout: float) -> None:
+        self.n, self.timeout = max(1, n), timeout
+        self.local = threading.local()
+        self.pools: list[Pool] = []
+        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(self.n)
+
+    def pool(self) -> Pool:
+        p: Pool | None = getattr(self.local, "pool", None)
+        if p is None:
+            p = self.local.pool = Pool(self.timeout)
+            with self.lock:
+                self.pools.append(p)
+        return p
+
+    def map(self, fn: Callable[[Pool, T], R], items: Iterable[T]) -> Iterator[R]:
+        window: deque[Future[R]] = deque()
+        for item in items:
+            window.append(self.executor.submit(self._run, fn, item))
+            if len(window) >= 2 * self.n:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    def _run(self, fn: Callable[[Pool, T], R], item: T) -> R:
+        return fn(self.pool(), item)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        for p in self.pools:
+            p.close()
+
+
 def warn(text: str) -> None:
     print(f"\nexnode: {text}", file=sys.stderr)
 
@@ -101,22 +146,33 @@ def upload(args: argparse.Namespace) -> int:
     ex = ExNode(args.file.name, data_size)
     whole = hashlib.sha256()
     bar = Progress(data_size, f"upload {args.file.name}")
-    pool = Pool(args.timeout)
+    workers = Workers(args.parallel, args.timeout)
+
+    def place(pool: Pool, block: tuple[int, bytes, list[str]]) -> list[Mapping]:
+        offset, data, where = block
+        others = [d for d in depots if d not in where]
+        placed = _place(pool, data, offset, where + others, args.replicas, args.duration)
+        if not placed:
+            raise w.IbpError(w.IBP_E_RSRC_UNAVAIL, f"no depot took the block at {offset}")
+        if len(placed) < args.replicas:
+            warn(f"block at {offset} has {len(placed)} of {args.replicas} replicas")
+        return placed
+
+    def read(f: BinaryIO) -> Iterator[tuple[int, bytes, list[str]]]:
+        for offset, length, where in blocks:
+            data = f.read(length)
+            if len(data) != length:
+                raise w.IbpError(w.IBP_E_GENERIC, f"{args.file} changed while being uploaded")
+            whole.update(data)
+            yield offset, data, where
+
     try:
         with open(args.file, "rb") as f:
-            for offset, length, where in blocks:
-                data = f.read(length)
-                whole.update(data)
-                others = [d for d in depots if d not in where]
-                placed = _place(pool, data, offset, where + others, args.replicas, args.duration)
-                if not placed:
-                    raise w.IbpError(w.IBP_E_RSRC_UNAVAIL, f"no depot took the block at {offset}")
-                if len(placed) < args.replicas:
-                    warn(f"block at {offset} has {len(placed)} of {args.replicas} replicas")
+            for placed in workers.map(place, read(f)):
                 ex.mappings.extend(placed)
-                bar.add(length)
+                bar.add(placed[0].logical_length)
     finally:
-        pool.close()
+        workers.close()
     bar.finish()
     ex.sha256 = whole.hexdigest()
     sys.stdout.buffer.write(to_xml(ex))
@@ -146,23 +202,24 @@ def download(args: argparse.Namespace) -> int:
     ex = read_exnode(args.xnd)
     if ex.gaps():
         raise BadExnode(f"the exNode does not cover bytes {ex.gaps()[0]}")
+    # Distinct ranges in order, each trimmed of what an earlier, larger mapping already covers.
+    wanted, pos = [], 0
+    for offset, length, block in ex.blocks():
+        if offset + length > pos:
+            wanted.append((pos - offset if offset < pos else 0, block))
+            pos = offset + length
     out = sys.stdout.buffer if args.output is None else open(args.output, "wb")  # noqa: SIM115
     whole = hashlib.sha256()
     bar = Progress(ex.size, f"download {ex.filename}")
-    pool = Pool(args.timeout)
+    workers = Workers(args.parallel, args.timeout)
     try:
-        pos = 0
-        for offset, length, block in ex.blocks():
-            if offset + length <= pos:
-                continue  # covered by an earlier, larger mapping
-            data = _fetch(pool, block)[pos - offset:] if offset < pos else _fetch(pool, block)
+        for data in workers.map(lambda pool, item: _fetch(pool, item[1])[item[0]:], wanted):
             out.write(data)
             whole.update(data)
-            pos = offset + length
             bar.add(len(data))
         out.flush()
     finally:
-        pool.close()
+        workers.close()
         if out is not sys.stdout.buffer:
             out.close()
     bar.finish()
@@ -282,9 +339,11 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--stripe", type=size, default=size("4M"))
     u.add_argument("--replicas", type=int, default=1)
     u.add_argument("--duration", type=seconds, default=seconds("1d"))
+    u.add_argument("--parallel", type=int, default=4, help="blocks moved at once (default 4)")
     d = add("download", help="fetch the file an exNode describes to stdout (or -o)")
     d.add_argument("xnd", type=Path)
     d.add_argument("-o", "--output", type=Path)
+    d.add_argument("--parallel", type=int, default=4, help="blocks fetched at once (default 4)")
     lsp = add("ls", help="list an exNode's mappings")
     lsp.add_argument("xnd", type=Path)
     a = add("augment", help="add a replica of every block on more depots")
@@ -308,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run(args))
     except (w.IbpError, BadExnode, FlowError, ValueError) as e:
         print(f"\nexnode {args.cmd}: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet
         sys.exit(1)
     except OSError as e:
         print(f"\nexnode {args.cmd}: {e.strerror or e}", file=sys.stderr)

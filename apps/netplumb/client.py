@@ -5,6 +5,7 @@ sockets replicated over one encrypted session; exits with the remote command's s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -13,6 +14,7 @@ import socket
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,9 +203,9 @@ class Client:
             events.append(ev)
         return events
 
-    def _next(self, read: object) -> Message:
+    def _next(self, read: Callable[[], bytes]) -> Message:
         while True:
-            for ev in self._events(read()):  # type: ignore[operator]
+            for ev in self._events(read()):
                 if isinstance(ev, Message):
                     return ev
 
@@ -224,9 +226,10 @@ class Client:
             for local, remote in items:
                 f.add(kind, f"{ch} {remote}")
                 if kind == "infifo":
-                    self.pumps[ch] = Pump(self.link, ch, lambda p=local: os.open(p, os.O_RDONLY), _nothing)  # type: ignore[misc]
+                    self.pumps[ch] = Pump(self.link, ch, functools.partial(os.open, local, os.O_RDONLY),
+                                         _nothing)
                 elif kind == "outfifo":
-                    sink = Sink(self.link, ch, lambda p=local: _open_out(p), _nothing)  # type: ignore[misc]
+                    sink = Sink(self.link, ch, functools.partial(_open_out, local), _nothing)
                     self.sinks[ch] = sink
                     self.waited.append(sink)
                 else:
@@ -237,7 +240,7 @@ class Client:
     def _start_channels(self) -> None:
         self.pumps[STDIN] = Pump(self.link, STDIN, lambda: 0, _nothing, close_fd=False)
         for ch in (STDOUT, STDERR):
-            sink = Sink(self.link, ch, lambda c=ch: c, _nothing, close_fd=False)  # type: ignore[misc]
+            sink = Sink(self.link, ch, functools.partial(int, ch), _nothing, close_fd=False)
             self.sinks[ch] = sink
             self.waited.append(sink)
         for t in [*self.sinks.values(), *self.pumps.values()]:

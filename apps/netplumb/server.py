@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -17,6 +18,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,10 +244,10 @@ class Connection:
                  f" as {plan.run_as.user}" if plan.run_as.user else "", entry.line)
         for ch, path in plan.infifos.items():
             self._make_fifo(path, plan)
-            self._add_sink(ch, lambda p=path: os.open(p, os.O_WRONLY))
+            self._add_sink(ch, functools.partial(os.open, path, os.O_WRONLY))
         for ch, path in plan.outfifos.items():
             self._make_fifo(path, plan)
-            self._add_pump(ch, lambda p=path: os.open(p, os.O_RDONLY))
+            self._add_pump(ch, functools.partial(os.open, path, os.O_RDONLY))
         for ch, path in plan.sockets.items():
             self._listen(ch, path, plan)
         try:
@@ -275,18 +277,15 @@ class Connection:
         except OSError as e:
             raise Refused(f"cannot make the named pipe {path}: {e.strerror}") from None
 
-    def _add_sink(self, ch: int, opener: object, close_fd: bool = True) -> Sink:
-        sink = Sink(self.link, ch, opener, self._done, close_fd)  # type: ignore[arg-type]
+    def _add_sink(self, ch: int, opener: Callable[[], int], close_fd: bool = True) -> Sink:
+        sink = Sink(self.link, ch, opener, _ignore, close_fd)
         self.sinks[ch] = sink
         return sink
 
-    def _add_pump(self, ch: int, opener: object, close_fd: bool = True) -> Pump:
-        pump = Pump(self.link, ch, opener, self._done, close_fd)  # type: ignore[arg-type]
+    def _add_pump(self, ch: int, opener: Callable[[], int], close_fd: bool = True) -> Pump:
+        pump = Pump(self.link, ch, opener, _ignore, close_fd)
         self.pumps[ch] = pump
         return pump
-
-    def _done(self, ch: int) -> None:
-        pass
 
     # -- unix sockets -----------------------------------------------------------------
 
@@ -333,9 +332,9 @@ class Connection:
                 closer.release(0)
                 closer.release(0)
                 return
-            sink = Sink(self.link, ch, lambda f=fd: f, closer.release, close_fd=False,  # type: ignore[misc]
+            sink = Sink(self.link, ch, closer.get, closer.release, close_fd=False,
                         on_eof=lambda f: socket.socket(fileno=os.dup(f)).shutdown(socket.SHUT_WR))
-            pump = Pump(self.link, ch, lambda f=fd: f, closer.release, close_fd=False)  # type: ignore[misc]
+            pump = Pump(self.link, ch, closer.get, closer.release, close_fd=False)
             self.sinks[ch], self.pumps[ch] = sink, pump
             sink.start()
             pump.start()
@@ -398,12 +397,19 @@ class _SharedFd:
         self.users = 2
         self.lock = threading.Lock()
 
+    def get(self) -> int:
+        return self.fd
+
     def release(self, _ch: int) -> None:
         with self.lock:
             self.users -= 1
             if self.users == 0:
                 with contextlib.suppress(OSError):
                     os.close(self.fd)
+
+
+def _ignore(_ch: int) -> None:
+    pass
 
 
 def _answers(path: str) -> bool:

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from apps.common import duration as parse_duration
 from apps.ibp import wire as w
-from apps.ibp.capability import MANAGE, READ, WRITE
+from apps.ibp.capability import MANAGE, READ, WRITE, Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, STORE_BLOCK, Connection, parse_cap
 from apps.ibp.depot import DepotCore
 from apps.ibp.server import (
@@ -190,11 +190,8 @@ def _blocks(src: BinaryIO, limit: int) -> Iterator[bytes]:
         yield block
 
 
-def store_stream(cap: object, src: BinaryIO, offset: int | None, timeout: float) -> int:
+def store_stream(cap: Capability, src: BinaryIO, offset: int | None, timeout: float) -> int:
     """STORE (or WRITE) everything `src` holds, one request per block so memory stays bounded."""
-    from apps.ibp.capability import Capability
-
-    assert isinstance(cap, Capability)
     total = 0
     with Connection(cap.depot, timeout) as conn:
         for block in _blocks(src, STORE_BLOCK):

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 from apps.ibp import wire as w
-from apps.ibp.capability import MANAGE, READ, WRITE, BadCapability, Capability
+from apps.ibp.capability import BadCapability, Capability
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
 from flowlib import FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient
@@ -165,7 +165,7 @@ class Connection:
         """Statuses per target (IBP_OK or an error), after the copied length."""
         reply = self.call(w.Mcopy(src.key, src.typekey, offset, length, tuple(str(d) for d in dsts),
                                   self._server_timeout), self._copy_wait(len(dsts)))
-        return [w._int(f, "status", -w.MAX_INT, w.MAX_INT) for f in reply.fields[1:]]
+        return [w.reply_status(reply, i) for i in range(1, len(reply.fields))]
 
     def manage(self, cap: Capability, subcmd: int, captype: int = w.IBP_READCAP, size: int = 0,
                duration: int = 0, reliability: int = 0) -> tuple[str, ...]:
@@ -186,11 +186,3 @@ class Connection:
 
     def change(self, password: str, capacity: int, max_duration: int) -> None:
         self.call(w.Status("0", w.IBP_ST_CHANGE, password, self._server_timeout, capacity, max_duration))
-
-
-def rights_check(cap: Capability, right: str) -> None:
-    if cap.right != right:
-        raise w.IbpError(w.IBP_E_WRONG_CAP_FORMAT, f"a {right} capability is needed, not {cap.right}")
-
-
-__all__ = ["DEFAULT_TIMEOUT", "MANAGE", "READ", "STORE_BLOCK", "WRITE", "Connection", "parse_cap", "tcp_address"]

@@ -201,6 +201,8 @@ class DepotCore:
 
     def commit(self, a: Allocation, end: int) -> None:
         """Acknowledge bytes up to `end` (already written and fsync'd by the caller)."""
+        if end > a.max_size:  # the allocation shrank (CHNG) while the bytes were arriving
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"the allocation now ends at {a.max_size}")
         if end > a.size:
             self._journal_set(a, size=end)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO, TypeVar
 
 from apps.ibp import wire as w
+from apps.ibp.capability import Capability
 from apps.ibp.cli import seconds, size
 from apps.ibp.client import DEFAULT_TIMEOUT, Connection, parse_cap
 from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, plan, to_xml
@@ -268,10 +269,8 @@ def augment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_from_any(pool: Pool, block: list[Mapping], wcap: object, length: int) -> Mapping:
-    from apps.ibp.capability import Capability
-
-    assert isinstance(wcap, Capability)
+def _copy_from_any(pool: Pool, block: list[Mapping], wcap: Capability, length: int) -> Mapping:
+    """Have a depot holding the block push it into `wcap`; the replica it came from."""
     for m in block:
         src = parse_cap(m.read)
         try:

@@ -127,9 +127,13 @@ class DepotServer:
             with self.lock:
                 a = core.authorize(req.key, req.typekey, READ, now)
                 n = core.check_read(a, req.offset, req.length)
+            chunks = self._read(a, req.offset, n)
+            first = next(chunks, b"")  # the file opens (or fails) while a status can still say so
             stream.send(w.format_reply(w.IBP_OK, n))
             try:
-                for chunk in self._read(a, req.offset, n):
+                if first:
+                    stream.send(first)
+                for chunk in chunks:
                     stream.send(chunk)
             except w.IbpError as e:  # after the header no status can follow: end the stream
                 log.error("load failed mid-stream: %s", e)
@@ -196,7 +200,11 @@ class DepotServer:
             raise w.IbpError(w.IBP_E_FILE_WRITE, f"the depot could not write the data: {e.strerror}") from None
 
     def _read(self, a: Allocation, offset: int, n: int) -> Iterator[bytes]:
-        with self.core.open_data(a) as f:
+        try:
+            f = self.core.open_data(a)
+        except OSError as e:  # freed or expired since it was authorized
+            raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, f"the allocation went away: {e.strerror}") from None
+        with f:
             f.seek(offset)
             left = n
             while left > 0:
@@ -232,8 +240,10 @@ class DepotServer:
     def expiry_loop(self, stop: threading.Event) -> None:
         while not stop.wait(EXPIRY_TICK):
             with self.lock:
-                for fid in self.core.expire(self.clock()):
-                    self._alloc_locks.pop(fid, None)
+                self.core.expire(self.clock())
+                for fid, lock in list(self._alloc_locks.items()):  # forget locks of freed allocations
+                    if fid not in self.core.allocs and not lock.locked():
+                        del self._alloc_locks[fid]
 
 
 def parse_listen(text: str) -> tuple[str, int]:

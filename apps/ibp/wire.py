@@ -404,5 +404,12 @@ def reply_int(reply: Reply, index: int, what: str) -> int:
     return _int(reply.fields[index], what)
 
 
+def reply_status(reply: Reply, index: int) -> int:
+    """Field `index` of a reply as an IBP status (MCOPY's per-target results)."""
+    if index >= len(reply.fields):
+        raise BadRequest(IBP_E_BAD_FORMAT, "reply lacks a status")
+    return _int(reply.fields[index], "status", -MAX_INT, MAX_INT)
+
+
 def status_text(status: int) -> str:
     return STATUS_NAMES.get(status, "unknown status")

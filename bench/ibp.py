@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 NAME = "bench-sink"
 DEPOTS = ("bench-depot1", "bench-depot2")
-PAYLOAD = 16 * 1024 * 1024
+PAYLOAD = 32 * 1024 * 1024
 RAW_SIZE = 65_000       # the SDU size IBP's streams use on flows
 RAW_SECONDS = 1.0
 TIMEOUT = 60.0
@@ -49,9 +49,9 @@ def run(runs: int) -> list[Row]:
             copies.append(c)
     goal = Goal(">=", 0.3)
     return [
-        median_row("ibp.store_16MiB", "MB/s", stores, raws, RAW, goal),
-        median_row("ibp.load_16MiB", "MB/s", loads, raws, RAW, goal),
-        median_row("ibp.copy_16MiB", "MB/s", copies, raws, RAW, goal),
+        median_row(f"ibp.store_{PAYLOAD >> 20}MiB", "MB/s", stores, raws, RAW, goal),
+        median_row(f"ibp.load_{PAYLOAD >> 20}MiB", "MB/s", loads, raws, RAW, goal),
+        median_row(f"ibp.copy_{PAYLOAD >> 20}MiB", "MB/s", copies, raws, RAW, goal),
     ]
 
 

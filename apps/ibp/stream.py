@@ -93,9 +93,13 @@ class FlowStream(ByteStream):
     def __init__(self, flow: Flow) -> None:
         super().__init__()
         self.flow = flow
+        self._rcv_timeout: float | None = -1.0  # what the flow has now; set only on change
+        self._snd_timeout: float | None = -1.0
 
     def _recv(self, timeout: float | None) -> bytes:
-        self.flow.fccntl(Fccntl.SRCVTIMEO, timeout)
+        if timeout != self._rcv_timeout:
+            self.flow.fccntl(Fccntl.SRCVTIMEO, timeout)
+            self._rcv_timeout = timeout
         try:
             return self.flow.read()
         except FlowTimeout:
@@ -105,7 +109,9 @@ class FlowStream(ByteStream):
 
     def _send(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        self.flow.fccntl(Fccntl.SSNDTIMEO, SEND_TIMEOUT)
+        if self._snd_timeout != SEND_TIMEOUT:
+            self.flow.fccntl(Fccntl.SSNDTIMEO, SEND_TIMEOUT)
+            self._snd_timeout = SEND_TIMEOUT
         try:
             for i in range(0, len(view), CHUNK):
                 self.flow.write(view[i: i + CHUNK])

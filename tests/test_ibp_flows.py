@@ -232,3 +232,16 @@ def test_copy_to_a_silent_depot_fails_with_a_timeout_not_a_hang(depots: Start) -
             assert e.value.status == w.IBP_E_CLIENT_TIMEOUT and "copy to 127.0.0.1" in e.value.reason
             assert time.monotonic() - start < 10
             assert c.load_bytes(r) == b"x" * 100  # the depot and the connection carry on
+
+
+def test_encrypted_flows_store_load_and_copy(irmd: IrmdProc, depots: Start) -> None:
+    depots("e1", "--encrypt")
+    depots("e2")
+    data = os.urandom(200_000)
+    c1 = caps(ibp(irmd, "allocate", "e1", "--size", "1M", "--duration", "60", "--encrypt").stdout)
+    c2 = caps(ibp(irmd, "allocate", "e2", "--size", "1M", "--duration", "60", "--encrypt").stdout)
+    assert ibp(irmd, "store", c1["WRITE"], "--encrypt", stdin=data).returncode == 0
+    assert ibp(irmd, "load", c1["READ"], "--encrypt").stdout == data
+    r = ibp(irmd, "copy", c1["READ"], c2["WRITE"], "--encrypt")  # e1 copies over an encrypted flow too
+    assert r.returncode == 0, r.stderr
+    assert ibp(irmd, "load", c2["READ"]).stdout == data

@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a depot")
     common.add_argument("-v", "--verbose", action="store_true")
+    common.add_argument("--encrypt", action="store_true",
+                        help="encrypt flows end to end (capabilities and data); a depot: for its copies")
     p = argparse.ArgumentParser(prog="ibp", description="IBP depots and clients over flows")
     sub = p.add_subparsers(dest="cmd", required=True)
     add = functools.partial(sub.add_parser, parents=[common])
@@ -143,18 +145,18 @@ def run(args: argparse.Namespace) -> int:
     if args.cmd == "allocate":
         rel = w.IBP_HARD if args.reliability == "hard" else w.IBP_SOFT
         typ = {"bytearray": w.IBP_BYTEARRAY, "buffer": w.IBP_BUFFER, "fifo": w.IBP_FIFO, "cirq": w.IBP_CIRQ}[args.type]
-        with Connection(args.depot, t) as conn:
+        with Connection(args.depot, t, encrypt=args.encrypt) as conn:
             for cap in conn.allocate(args.size, args.duration, rel, typ):
                 print(cap)
         return 0
     if args.cmd == "store":
         cap = parse_cap(args.cap, WRITE)
-        total = store_stream(cap, sys.stdin.buffer, args.offset, t)
+        total = store_stream(cap, sys.stdin.buffer, args.offset, t, args.encrypt)
         print(f"stored {total} bytes", file=sys.stderr)
         return 0
     if args.cmd == "load":
         cap = parse_cap(args.cap, READ)
-        with Connection(cap.depot, t) as conn:
+        with Connection(cap.depot, t, encrypt=args.encrypt) as conn:
             _, chunks = conn.load(cap, args.offset, args.length)
             out = sys.stdout.buffer
             for chunk in chunks:
@@ -163,14 +165,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "copy":
         src, dst = parse_cap(args.src, READ), parse_cap(args.dst, WRITE)
-        with Connection(src.depot, t) as conn:
+        with Connection(src.depot, t, encrypt=args.encrypt) as conn:
             n = conn.copy(src, dst, args.offset, args.length)
         print(f"copied {n} bytes to {dst.depot}", file=sys.stderr)
         return 0
     if args.cmd == "mcopy":
         src = parse_cap(args.src, READ)
         dsts = [parse_cap(d, WRITE) for d in args.dsts]
-        with Connection(src.depot, t) as conn:
+        with Connection(src.depot, t, encrypt=args.encrypt) as conn:
             statuses = conn.mcopy(src, dsts, args.offset, args.length)
         failed = 0
         for d, s in zip(dsts, statuses, strict=False):
@@ -190,10 +192,10 @@ def _blocks(src: BinaryIO, limit: int) -> Iterator[bytes]:
         yield block
 
 
-def store_stream(cap: Capability, src: BinaryIO, offset: int | None, timeout: float) -> int:
+def store_stream(cap: Capability, src: BinaryIO, offset: int | None, timeout: float, encrypt: bool = False) -> int:
     """STORE (or WRITE) everything `src` holds, one request per block so memory stays bounded."""
     total = 0
-    with Connection(cap.depot, timeout) as conn:
+    with Connection(cap.depot, timeout, encrypt=encrypt) as conn:
         for block in _blocks(src, STORE_BLOCK):
             conn.store(cap, [block], len(block), None if offset is None else offset + total)
             total += len(block)
@@ -203,7 +205,7 @@ def store_stream(cap: Capability, src: BinaryIO, offset: int | None, timeout: fl
 def run_manage(args: argparse.Namespace) -> int:
     cap = parse_cap(args.cap, MANAGE)
     captype = w.IBP_WRITECAP if args.count == "write" else w.IBP_READCAP
-    with Connection(cap.depot, args.timeout) as conn:
+    with Connection(cap.depot, args.timeout, encrypt=args.encrypt) as conn:
         if args.op == "probe":
             f = conn.manage(cap, w.IBP_PROBE)
             names = ["read_refs", "write_refs", "size", "max_size", "seconds_left", "reliability", "type"]
@@ -219,7 +221,7 @@ def run_manage(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    with Connection(args.depot, args.timeout) as conn:
+    with Connection(args.depot, args.timeout, encrypt=args.encrypt) as conn:
         if args.capacity is not None or args.max_duration is not None:
             if not args.admin_key:
                 raise w.IbpError(w.IBP_E_WRONG_PASSWD, "changes need --admin-key")
@@ -264,7 +266,7 @@ def run_depot(args: argparse.Namespace) -> int:
         except FlowError as e:
             if "already" not in str(e).lower() and "exist" not in str(e).lower():
                 raise
-    server = DepotServer(core, args.name, irm=irm)
+    server = DepotServer(core, args.name, irm=irm, encrypt=args.encrypt)
     stop = threading.Event()
     threading.Thread(target=server.expiry_loop, args=(stop,), daemon=True).start()
     if args.listen:

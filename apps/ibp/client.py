@@ -30,12 +30,13 @@ def tcp_address(depot: str) -> tuple[str, int] | None:
     return m["host"].strip("[]"), int(m["port"])
 
 
-def open_stream(depot: str, timeout: float, irm: IrmClient | None = None) -> ByteStream:
+def open_stream(depot: str, timeout: float, irm: IrmClient | None = None, encrypt: bool = False) -> ByteStream:
+    """A stream to `depot`: TCP for host:port, else a reliable flow (end-to-end encrypted if asked)."""
     addr = tcp_address(depot)
     try:
         if addr is not None:
             return TcpStream(socket.create_connection(addr, timeout=timeout))
-        return FlowStream(flow_alloc(depot, qos=qos.data, timeout=timeout, irm=irm))
+        return FlowStream(flow_alloc(depot, qos=qos.data, timeout=timeout, irm=irm, encrypt=encrypt))
     except (OSError, FlowError) as e:
         raise w.IbpError(w.IBP_E_CONNECTION, f"cannot reach depot {depot!r}: {e}") from None
 
@@ -53,10 +54,11 @@ def parse_cap(text: str, right: str | None = None) -> Capability:
 class Connection:
     """Requests to one depot over one stream; use as a context manager."""
 
-    def __init__(self, depot: str, timeout: float = DEFAULT_TIMEOUT, irm: IrmClient | None = None) -> None:
+    def __init__(self, depot: str, timeout: float = DEFAULT_TIMEOUT, irm: IrmClient | None = None,
+                 encrypt: bool = False) -> None:
         self.depot = depot
         self.timeout = timeout
-        self.stream = open_stream(depot, timeout, irm)
+        self.stream = open_stream(depot, timeout, irm, encrypt)
 
     def close(self) -> None:
         self.stream.close()

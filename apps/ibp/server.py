@@ -44,6 +44,7 @@ class DepotServer:
     name: str
     clock: Callable[[], float] = time.time
     irm: IrmClient | None = None
+    encrypt: bool = False  # copies to other depots over encrypted flows
     lock: threading.Lock = field(default_factory=threading.Lock)
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_CONNECTIONS))
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
@@ -225,7 +226,7 @@ class DepotServer:
         results = []
         for cap in caps:
             try:
-                with Connection(cap.depot, timeout=max(1, timeout), irm=self.irm) as conn:
+                with Connection(cap.depot, timeout=max(1, timeout), irm=self.irm, encrypt=self.encrypt) as conn:
                     conn.store(cap, self._read(a, offset, n), n)
                 results.append((n, w.IBP_OK))
             except w.IbpError as e:

@@ -56,13 +56,14 @@ class Progress:
 class Pool:
     """One open connection per depot; a failed one is dropped and reopened on next use."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, encrypt: bool = False) -> None:
         self.timeout = timeout
+        self.encrypt = encrypt
         self.conns: dict[str, Connection] = {}
 
     def get(self, depot: str) -> Connection:
         if depot not in self.conns:
-            self.conns[depot] = Connection(depot, self.timeout)
+            self.conns[depot] = Connection(depot, self.timeout, encrypt=self.encrypt)
         return self.conns[depot]
 
     def drop(self, depot: str) -> None:
@@ -79,8 +80,8 @@ class Workers:
     """Blocks moved by `n` threads at once, each with its own depot connections; results in order,
     with at most 2n blocks in memory."""
 
-    def __init__(self, n: int, timeout: float) -> None:
-        self.n, self.timeout = max(1, n), timeout
+    def __init__(self, n: int, timeout: float, encrypt: bool = False) -> None:
+        self.n, self.timeout, self.encrypt = max(1, n), timeout, encrypt
         self.local = threading.local()
         self.pools: list[Pool] = []
         self.lock = threading.Lock()
@@ -89,7 +90,7 @@ class Workers:
     def pool(self) -> Pool:
         p: Pool | None = getattr(self.local, "pool", None)
         if p is None:
-            p = self.local.pool = Pool(self.timeout)
+            p = self.local.pool = Pool(self.timeout, self.encrypt)
             with self.lock:
                 self.pools.append(p)
         return p
@@ -147,7 +148,7 @@ def upload(args: argparse.Namespace) -> int:
     ex = ExNode(args.file.name, data_size)
     whole = hashlib.sha256()
     bar = Progress(data_size, f"upload {args.file.name}")
-    workers = Workers(args.parallel, args.timeout)
+    workers = Workers(args.parallel, args.timeout, args.encrypt)
 
     def place(pool: Pool, block: tuple[int, bytes, list[str]]) -> list[Mapping]:
         offset, data, where = block
@@ -212,7 +213,7 @@ def download(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer if args.output is None else open(args.output, "wb")  # noqa: SIM115
     whole = hashlib.sha256()
     bar = Progress(ex.size, f"download {ex.filename}")
-    workers = Workers(args.parallel, args.timeout)
+    workers = Workers(args.parallel, args.timeout, args.encrypt)
     try:
         for data in workers.map(lambda pool, item: _fetch(pool, item[1])[item[0]:], wanted):
             out.write(data)
@@ -242,7 +243,7 @@ def ls(args: argparse.Namespace) -> int:
 def augment(args: argparse.Namespace) -> int:
     ex = read_exnode(args.xnd)
     depots = [d for d in args.depots.split(",") if d]
-    pool = Pool(args.timeout)
+    pool = Pool(args.timeout, args.encrypt)
     added = 0
     bar = Progress(ex.size * len(depots), "augment")
     try:
@@ -290,7 +291,7 @@ def trim(args: argparse.Namespace) -> int:
     if trimmed.gaps() and not args.force:
         raise BadExnode(f"trimming would leave bytes {trimmed.gaps()[0]} with no replica (use --force)")
     if args.free:
-        pool = Pool(args.timeout)
+        pool = Pool(args.timeout, args.encrypt)
         try:
             for m in dropped:
                 if not m.manage:
@@ -329,6 +330,7 @@ def write_exnode(ex: ExNode, args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a depot")
+    common.add_argument("--encrypt", action="store_true", help="encrypt the flows to depots end to end")
     p = argparse.ArgumentParser(prog="exnode", description="files spread over IBP depots")
     sub = p.add_subparsers(dest="cmd", required=True)
     add = functools.partial(sub.add_parser, parents=[common])

@@ -22,6 +22,7 @@ from flowlib import EventQueue, EventType, FlowDown, FlowSet, fevent
 ALLOC = b"A"
 DEALLOC = b"D"
 OK = b"K"
+IDLE = 10.0  # seconds a raw session may stay silent
 
 
 def flow_server(name: str) -> None:
@@ -54,8 +55,8 @@ def raw_server(ctrl: socket.socket) -> None:
         msg, fds, _, _ = socket.recv_fds(ctrl, 64, 1)
         if not fds:
             return
-        with socket.socket(fileno=fds[0]) as sock:
-            sock.setblocking(True)
+        with socket.socket(fileno=fds[0]) as sock, contextlib.suppress(TimeoutError):
+            sock.settimeout(IDLE)  # a session whose end marker was lost must not hold up the next
             if sock.family == socket.AF_PACKET:
                 local, peer = (bytes.fromhex(w) for w in msg.decode().split())
                 link = PacketLink(sock, local, peer)

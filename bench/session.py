@@ -47,7 +47,11 @@ def serve(recv: Recv, send: Send) -> None:
         nbytes += len(data)
         data = recv()
     if data:
-        send(STATS.pack(count, nbytes, time.perf_counter_ns() - start))
+        stats = STATS.pack(count, nbytes, time.perf_counter_ns() - start)
+        send(stats)
+        while data := recv():  # on a lossy path the answer may be lost: answer every END again
+            if data == END:
+                send(stats)
 
 
 def _open(send: Send, recv: Recv, mode: bytes) -> None:

@@ -196,7 +196,7 @@ def test_restart_keeps_acknowledged_bytes_and_allocations(tmp_path: Path) -> Non
     with c.open_data(a) as f:
         f.seek(12)
         f.write(b"unacknowledged")
-    c.store.close()
+    c.store.release()
     again = core(tmp_path, now=NOW + 1)
     b = again.authorize(a.key, a.read_key, "READ", NOW + 1)
     assert (b.size, b.read_refs, b.expires) == (12, 2, NOW + 600)
@@ -211,7 +211,7 @@ def test_restart_survives_a_torn_journal_line_and_drops_expired(tmp_path: Path) 
     a = c.allocate(alloc(c, 100, 600), NOW)
     short = c.allocate(alloc(c, 100, 10), NOW)
     store(c, a, b"abc")
-    c.store.close()
+    c.store.release()
     with open(tmp_path / "journal.log", "ab") as f:
         f.write(b'{"op":"set","id":"' + a.fid.encode() + b'","a":{"size":9')  # torn by a crash
     again = core(tmp_path, now=NOW + 60)
@@ -231,10 +231,10 @@ def test_admin_changes_need_the_admin_key(tmp_path: Path) -> None:
 def test_admin_changes_last_across_restart_unless_the_operator_gives_new_values(tmp_path: Path) -> None:
     c = core(tmp_path, capacity=100 * MB, max_duration=3600)
     c.change(c.admin_key, 50 * MB, 60)
-    c.store.close()
+    c.store.release()
     again = core(tmp_path, capacity=100 * MB, max_duration=3600)
     assert (again.capacity, again.max_duration) == (50 * MB, 60)
-    again.store.close()
+    again.store.release()
     other = core(tmp_path, capacity=200 * MB, max_duration=3600)
     assert (other.capacity, other.max_duration) == (200 * MB, 3600)
 
@@ -333,3 +333,13 @@ def test_fuzzed_request_lines_never_break_the_depot(tmp_path: Path) -> None:
     assert c.reserved <= c.capacity
     for x in c.allocs.values():
         assert c.store.path(x.fid).stat().st_size >= x.size and x.size <= x.max_size
+
+
+def test_one_depot_per_directory(tmp_path: Path) -> None:
+    from apps.ibp.storage import DirInUse
+
+    c = core(tmp_path)
+    with pytest.raises(DirInUse, match="in use by another depot"):
+        DiskStore(tmp_path)
+    c.store.release()
+    DiskStore(tmp_path).release()

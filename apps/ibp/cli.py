@@ -253,7 +253,10 @@ def run_depot(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)
     install_stop_signals()
     args.dir.mkdir(parents=True, exist_ok=True)
-    store = DiskStore(args.dir)
+    try:
+        store = DiskStore(args.dir)
+    except OSError as e:
+        raise w.IbpError(w.IBP_E_FILE_OPEN, str(e)) from None
     core = DepotCore(store, args.capacity, args.max_duration, time.time())
     irm = depot_client(args.name)
     try:
@@ -283,7 +286,7 @@ def run_depot(args: argparse.Namespace) -> int:
         flow_loop(server)
     finally:
         stop.set()
-        store.close()
+        store.release()
     return 0
 
 

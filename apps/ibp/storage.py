@@ -6,6 +6,7 @@ A store is acknowledged only after its bytes and the journal record of the new l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -19,7 +20,12 @@ log = logging.getLogger(__name__)
 JOURNAL = "journal.log"
 ADMIN_KEY = "admin.key"
 SETTINGS = "settings.json"
+LOCK = "lock"
 MAX_RECORD = 16_384  # a journal line longer than this is corrupt
+
+
+class DirInUse(OSError):
+    """Another depot holds the directory."""
 
 
 def file_id(key: str) -> str:
@@ -34,6 +40,13 @@ class DiskStore:
         self.data.mkdir(parents=True, exist_ok=True)
         self.journal_path = root / JOURNAL
         self._journal: BinaryIO | None = None
+        # One depot per directory: a second one would interleave journals and data.
+        self._lock = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise DirInUse(f"{root} is in use by another depot") from None
 
     # -- journal --
 
@@ -85,6 +98,13 @@ class DiskStore:
             self._journal.close()
             self._journal = None
 
+    def release(self) -> None:
+        """Close the journal and let another depot use the directory."""
+        self.close()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
     # -- data files --
 
     def path(self, fid: str) -> Path:
@@ -111,6 +131,7 @@ class DiskStore:
             self.path(fid).unlink()
 
     def orphans(self, live: set[str]) -> list[str]:
+        """Data files no allocation owns (left by a crash between a file's creation and its record)."""
         return [p.name for p in self.data.iterdir() if p.name not in live]
 
     def settings(self) -> dict[str, Any]:

@@ -61,6 +61,7 @@ IBP_E_INVALID_MANAGE_CAP = -10
 IBP_E_WRONG_CAP_FORMAT = -11
 IBP_E_CAP_ACCESS_DENIED = -12
 IBP_E_CONNECTION = -13
+IBP_E_FILE_OPEN = -14
 IBP_E_FILE_WRITE = -16
 IBP_E_WOULD_EXCEED_LIMIT = -19
 IBP_E_WOULD_DAMAGE_DATA = -20
@@ -94,6 +95,7 @@ STATUS_NAMES = {
     IBP_E_WRONG_CAP_FORMAT: "wrong capability format",
     IBP_E_CAP_ACCESS_DENIED: "capability access denied",
     IBP_E_CONNECTION: "connection error",
+    IBP_E_FILE_OPEN: "file open error",
     IBP_E_FILE_WRITE: "file write error",
     IBP_E_WOULD_EXCEED_LIMIT: "would exceed limit",
     IBP_E_WOULD_DAMAGE_DATA: "would damage data",

@@ -520,8 +520,10 @@ class Irmd:
             return
         log.info("started %s %s (pid %d) for %r", prog.path, " ".join(prog.args), proc.pid, name)
         self.programs[proc.pid] = proc
+        self.reg.started[proc.pid] = name
         code = await proc.wait()
         self.programs.pop(proc.pid, None)
+        self.reg.started.pop(proc.pid, None)
         if code:
             self._starting.pop(name, None)  # it failed; the next flow may try again
         log.info("program %s (pid %d) exited with %s", prog.path, proc.pid, code)

@@ -105,6 +105,7 @@ class Registry:
         self.names: dict[str, Name] = {}
         self.flows: dict[int, Flow] = {}
         self._flow_ids = itertools.count(1)
+        self.started: dict[int, str] = {}  # pid -> the name the IRMd started that program for
 
     # -- names ---------------------------------------------------------
 
@@ -166,12 +167,18 @@ class Registry:
     def forget_pid(self, pid: int) -> None:
         for e in self.names.values():
             e.pids.discard(pid)
+        self.started.pop(pid, None)
 
     def _scope(self, name: str) -> Iterable[Name]:
         return [self.get_name(name)] if name else list(self.names.values())
 
     def bound(self, entry: Name, acceptor: Acceptor) -> bool:
-        return acceptor.pid in entry.pids or prog_key(acceptor.prog) in entry.programs
+        """Bound by pid; or by program, unless the IRMd started the process for another name
+        (its arguments were that name's: several depots of one program must not mix)."""
+        if acceptor.pid in entry.pids:
+            return True
+        started_for = self.started.get(acceptor.pid)
+        return prog_key(acceptor.prog) in entry.programs and started_for in (None, entry.name)
 
     def pick(self, entry: Name, acceptors: list[Acceptor]) -> Acceptor | None:
         """The acceptor that gets the next flow for `entry`, by its lb policy."""

@@ -7,9 +7,11 @@ import os
 import random
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from helpers import IrmdProc, Pair, accepted_pair, pid_alive, wait_for
@@ -399,3 +401,36 @@ def test_a_new_ipcp_serves_the_layer_after_the_old_one_was_killed(
     with cli, srv:
         cli.write(b"again")
         assert srv.read() == b"again"
+
+
+SAY_ARGS = """#!{python}
+import sys
+from flowlib import flow_accept
+while True:
+    with flow_accept() as flow:
+        flow.read()
+        flow.write(" ".join(sys.argv[1:]).encode())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_one_program_started_for_two_names_serves_each_with_its_own_arguments(
+    irmd: IrmdProc, local_layer: str, tmp_path: Path
+) -> None:
+    prog = tmp_path / "say-args"
+    prog.write_text(SAY_ARGS.format(python=sys.executable))
+    prog.chmod(0o755)
+    for name in ("depot-a", "depot-b"):
+        irmd.irm_ok("bind", "program", str(prog), "name", name, "auto", "--", "serving", name)
+        irmd.irm_ok("name", "register", name, "layer", local_layer)
+    client = IrmClient(irmd.sock)
+    try:
+        for _ in range(2):  # again once both run: a running instance must not take the other's flows
+            for name in ("depot-a", "depot-b"):
+                reply, fd = client.alloc(name, None, 20)
+                with Flow(reply, fd, client) as flow:
+                    flow.write(b"who?")
+                    flow.set_timeout(10)
+                    assert flow.read() == f"serving {name}".encode()
+    finally:
+        client.close()

@@ -111,6 +111,27 @@ def test_oping_across_two_namespaces(two_hosts: tuple[Host, Host], kind: str) ->
     print(f"{kind}: {rtt.group(0)}")
 
 
+@pytest.mark.timeout(120)
+def test_unicast_over_unicast_over_ethernet_carries_oping(two_hosts: tuple[Host, Host]) -> None:
+    """Recursion on a real wire: net2 over net over eth-dix, no IP anywhere."""
+    a, b = two_hosts
+    for h in two_hosts:
+        bootstrap(h, "eth-dix")
+    a.irmd.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", "net", "autobind")
+    b.irmd.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "dst", "n1", "autobind")
+    b.irmd.irm_ok("ipcp", "connect", "name", "n2", "dst", "n1")
+    a.irmd.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "m1", "layer", "net2", "autobind")
+    wait_for(lambda: b.irmd.irm("ipcp", "enroll", "type", "unicast", "name", "m2", "layer", "net2",
+                                "dst", "m1", "autobind").returncode == 0, 30, "m2 to enroll in net2 over net")
+    b.irmd.irm_ok("ipcp", "connect", "name", "m2", "dst", "m1")
+    serve_oping(a, "net2")
+    r = oping(b, 5)
+    assert r.returncode == 0 and "5 received" in r.stdout, r.stdout + r.stderr
+    flows = b.irmd.table("flow", "list")
+    assert any(f["layer"] == "net" for f in flows) and any(f["layer"] == LAYER for f in flows)
+    assert "net2" in b.irmd.irm_ok("dump", "graph").stdout
+
+
 def test_oping_across_a_bridge_of_three_hosts(bridged_hosts: list[Host]) -> None:
     a, b, c = bridged_hosts
     for h in bridged_hosts:

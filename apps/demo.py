@@ -1,6 +1,6 @@
-"""`make demo`: boot an IRMd from a config file and show flows working, then stop it.
+"""`make demo`: boot an IRMd from configs/demo.toml and use every part of the stack once.
 
-Each step is a command a user could type; its output is shown as is.
+Each step is a shell command a user could type; its output is shown as is, and the IRMd is stopped after.
 """
 
 from __future__ import annotations
@@ -8,52 +8,84 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+BOOT_TIMEOUT = 30.0
+
+SETUP = """
+mkdir -p "$DEMO_DIR/files" "$DEMO_DIR/depot1" "$HOME"
+echo "Hello from a Styx service over a flow." > "$DEMO_DIR/files/hello.txt"
+plumb-keygen >/dev/null && cp "$HOME/.config/netplumb/id.pub" "$DEMO_DIR/authorized_keys"
+"""
+
 STEPS = [
-    ["irm", "ipcp", "list"],
-    ["irm", "name", "list"],
-    ["oping", "-n", "pong", "-c", "5", "-i", "200"],
-    ["oecho"],
-    ["operf", "-n", "sink", "-t", "2"],
-    ["irm", "flow", "list"],
+    "irm ipcp list",
+    "irm name list",
+    "irm dump graph",
+    "oping -n pong -c 3 -i 100",
+    "oecho",
+    "operf -n sink -t 1",
+    "styx ls -l files:/",
+    "styx cat files:/hello.txt",
+    'echo "written over 9P" | styx put files:/from-demo.txt && cat "$DEMO_DIR/files/from-demo.txt"',
+    'ibp allocate depot1 --size 1M --duration 1h | tee "$DEMO_DIR/caps"',
+    'head -c 300000 /dev/urandom > "$DEMO_DIR/blob"'
+    ' && ibp store "$(grep -o "ibp://[^ ]*WRITE" "$DEMO_DIR/caps")" < "$DEMO_DIR/blob"'
+    ' && ibp load "$(grep -o "ibp://[^ ]*READ" "$DEMO_DIR/caps")" > "$DEMO_DIR/blob.back"'
+    ' && cmp "$DEMO_DIR/blob" "$DEMO_DIR/blob.back" && echo "300000 bytes stored in depot1 and loaded back intact"',
+    "ibp status depot1",
+    "plumb host1 uname -sr",
+    "echo 'piped through netplumb' | plumb host1 tr a-z A-Z",
+    "irm flow list",
 ]
 
 
-def _tool(name: str) -> str:
-    here = Path(sys.executable).parent / name  # the venv's console scripts
-    return str(here) if here.exists() else (shutil.which(name) or name)
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _booted(env: dict[str, str]) -> bool:
+    """The config is applied once its last registrations show."""
+    out = subprocess.run(["irm", "name", "list"], env=env, capture_output=True, text=True).stdout
+    return any("host1" in line and "net" in line for line in out.splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    config = Path(args[0] if args else "configs/demo.toml")
+    config = Path(args[0] if args else "configs/demo.toml").resolve()
     with tempfile.TemporaryDirectory(prefix="ouroboros-demo-") as tmp:
         sock = Path(tmp) / "irmd.sock"
-        bindir = str(Path(sys.executable).parent)  # so the IRMd finds the programs bound by name
-        env = dict(os.environ, OUROBOROS_SOCK=str(sock), PATH=f"{bindir}:{os.environ.get('PATH', '')}")
+        bindir = str(Path(sys.executable).parent)  # the venv's console scripts, for us and the IRMd
+        env = dict(os.environ, OUROBOROS_SOCK=str(sock), PATH=f"{bindir}:{os.environ.get('PATH', '')}",
+                   DEMO_DIR=tmp, DEMO_PORT=str(_free_udp_port()), HOME=str(Path(tmp) / "home"))
+        if subprocess.run(["sh", "-ec", SETUP], env=env).returncode != 0:
+            print("demo: setting up the scratch directory failed", file=sys.stderr)
+            return 1
         print(f"$ irmd --config {config}", flush=True)
-        irmd = subprocess.Popen([_tool("irmd"), "--sock", str(sock), "--config", str(config)], env=env)
+        irmd = subprocess.Popen([shutil.which("irmd", path=env["PATH"]) or "irmd", "--sock", str(sock),
+                                 "--config", str(config)], env=env)
+        failed = False
         try:
-            deadline = time.monotonic() + 15
-            while not sock.exists() and irmd.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            # The config is applied once the layer shows up in the list.
-            while time.monotonic() < deadline and b"operational" not in subprocess.run(
-                    [_tool("irm"), "ipcp", "list"], env=env, capture_output=True).stdout:
-                time.sleep(0.1)
-            failed = irmd.poll() is not None
+            deadline = time.monotonic() + BOOT_TIMEOUT
+            while irmd.poll() is None and time.monotonic() < deadline and not (sock.exists() and _booted(env)):
+                time.sleep(0.2)
+            failed = irmd.poll() is not None or not _booted(env)
             for step in [] if failed else STEPS:
-                print(f"\n$ {' '.join(step)}", flush=True)
-                failed |= subprocess.run([_tool(step[0]), *step[1:]], env=env).returncode != 0
+                print(f"\n$ {step}", flush=True)
+                if subprocess.run(["sh", "-c", step], env=env, timeout=60).returncode != 0:
+                    failed = True
+                    print(f"demo: step failed: {step}", flush=True)
         finally:
             print("\n$ kill -TERM irmd", flush=True)
             irmd.send_signal(signal.SIGTERM)
-            code = irmd.wait(timeout=15)
+            code = irmd.wait(timeout=20)
         clean = code == 0 and not sock.exists()
         print(f"\nirmd stopped ({'cleanly' if clean else f'status {code}'}); demo {'FAILED' if failed else 'done'}.")
         return 1 if failed or not clean else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,17 @@ from helpers import BIN, free_udp_port, irmd_env, start_irmd, stop_irmd, wait_fo
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(60)
-def test_the_demo_config_boots_a_local_layer_with_programs_started_on_demand(tmp_path: Path) -> None:
-    irmd = start_irmd(tmp_path, args=["--config", str(ROOT / "configs" / "demo.toml")])
-    try:
-        wait_for(lambda: any(r["layer"] == "local" for r in irmd.table("ipcp", "list")), 15, "the local layer")
-        names = {r["name"]: r for r in irmd.table("name", "list")}
-        assert {"pong", "oecho", "sink"} <= set(names)
-        assert names["pong"]["layers"] == "local" and "(auto)" in names["pong"]["programs"]
-        out = irmd.run("oping", "-n", "pong", "-c", "2", "-i", "10")
-        assert out.returncode == 0 and "2 received" in out.stdout, out.stdout + out.stderr
-    finally:
-        stop_irmd(irmd)
+@pytest.mark.timeout(180)
+def test_make_demo_boots_the_demo_config_and_every_step_works() -> None:
+    """`make demo`'s runner: local, udp and unicast layers, oping, Styx, IBP and netplumb, a clean stop."""
+    r = subprocess.run([sys.executable, "-m", "apps.demo", str(ROOT / "configs" / "demo.toml")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=150)
+    out = r.stdout
+    assert r.returncode == 0 and "demo done." in out and "irmd stopped (cleanly)" in out, out[-3000:] + r.stderr[-3000:]
+    for seen in ("3 packets transmitted, 3 received", "Hello from a Styx service over a flow.", "written over 9P",
+                 "300000 bytes stored in depot1 and loaded back intact", "PIPED THROUGH NETPLUMB",
+                 "net (unicast ipcp n1)  names: depot1, files, host1"):
+        assert seen in out, f"missing {seen!r} in:\n{out[-3000:]}"
 
 
 @pytest.mark.timeout(120)

@@ -403,3 +403,20 @@ def test_data_after_eof_is_a_protocol_error(authorized: Host, irmd: IrmdProc) ->
         flow.close()
     finally:
         client.close()
+
+
+def test_a_command_ignoring_sigterm_is_killed_when_netplumbd_stops(authorized: Host) -> None:
+    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", "trap '' TERM; echo $$; while :; do :; done"],
+                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        pid = int(p.stdout.readline())
+        t0 = time.monotonic()
+        authorized.proc.terminate()
+        authorized.proc.wait(10)
+        wait_for(lambda: not pid_alive(pid), 10, "the stubborn command to be killed")
+        assert time.monotonic() - t0 < 8
+    finally:
+        p.kill()
+        p.wait()

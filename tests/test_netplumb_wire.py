@@ -81,6 +81,15 @@ def test_stream_decoder_reassembles_split_packets() -> None:
     assert [p.payload for p in out] == [b"hello", b"world"]
 
 
+def test_whole_mode_rejects_a_piece_of_a_packet() -> None:
+    data = wire.encode(Packet(0, 1, b"hello"))
+    with pytest.raises(WireError, match="not a whole packet"):
+        Decoder(whole=True).feed(data[:-1])
+    with pytest.raises(WireError, match="not a whole packet"):
+        Decoder(whole=True).feed(b"TAP")
+    assert len(Decoder(whole=True).feed(data)) == 1
+
+
 def test_pairs_are_nul_terminated_and_end_with_an_empty_name() -> None:
     raw = wire.encode_pairs([("arg", "echo"), ("arg", ""), ("user", "x y ")])
     assert raw == b"arg\0echo\0arg\0\0user\0x y \0\0"
@@ -129,7 +138,7 @@ def test_pairs_round_trip(pairs: list[tuple[str, str]]) -> None:
 @settings(max_examples=200)
 @given(st.binary(max_size=300))
 def test_fuzz_decoders_only_raise_wire_errors(data: bytes) -> None:
-    for fn in (wire.decode, wire.decode_pairs, Decoder().feed):
+    for fn in (wire.decode, wire.decode_pairs, Decoder().feed, Decoder(whole=True).feed):
         with contextlib.suppress(WireError):
             fn(data)
 

@@ -469,12 +469,18 @@ def main(argv: list[str] | None = None) -> None:
     recipe_dir = args.recipe_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "netplumb"
     cfg = Config(identity, auth, SpentKeys(args.spent_keys or auth.with_name(auth.name + ".spent")), recipe_dir)
 
+    live: set[Connection] = set()
+
     def on_signal(signum: int, _frame: object) -> None:
+        _abandon(live, signal.SIGTERM)
+        # Whatever the main thread waits in, we are gone shortly, and so are the commands.
+        timer = threading.Timer(KILL_GRACE, _give_up, args=(live,))
+        timer.daemon = True
+        timer.start()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    live: set[Connection] = set()
     try:
         if args.name:
             _bind(args.name, args.layer)
@@ -495,9 +501,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"netplumbd: {e}", file=sys.stderr)
         sys.exit(1)
     finally:  # commands of sessions still running do not outlive us
-        for c in list(live):
-            if c.job is not None and not c.exited.is_set():
-                c.job.signal(signal.SIGTERM)
+        _abandon(live, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE
+        while any(c.job is not None and not c.exited.is_set() for c in list(live)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _abandon(live, signal.SIGKILL)
+
+
+def _give_up(live: set[Connection]) -> None:
+    _abandon(live, signal.SIGKILL)
+    os._exit(0)
+
+
+def _abandon(live: set[Connection], sig: int) -> None:
+    """Signal the commands still running and remove the pipes and sockets we made."""
+    for c in list(live):
+        if c.job is not None and not c.exited.is_set():
+            c.job.signal(sig)
+        for path in c.cleanup:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 if __name__ == "__main__":

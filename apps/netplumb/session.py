@@ -104,7 +104,7 @@ class Session:
         self.state = State.IDLE
         self.peer: bytes | None = None
         self._enc = wire.Encoder()
-        self._dec = wire.Decoder()
+        self._dec = wire.Decoder(whole=True)  # one or more whole packets per flow SDU
         self._eph_secret = nb.randombytes(KEY_BYTES)
         self.eph_public: bytes = nb.crypto_scalarmult_base(self._eph_secret)
         self._tx: _Cipher | None = None

@@ -88,14 +88,15 @@ def decode(data: bytes) -> Packet:
 
 
 class Decoder:
-    """Packets from a byte stream (or from whole SDUs), in sequence.
+    """Packets from a byte stream, or (whole=True) from SDUs that each hold whole packets, in sequence.
 
     Everything that fails is logged and raised: a peer that sends garbage loses the session.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, whole: bool = False) -> None:
         self._buf = bytearray()
         self.expect = 0
+        self.whole = whole
 
     def feed(self, data: bytes) -> list[Packet]:
         self._buf += data
@@ -116,6 +117,8 @@ class Decoder:
                 self._reject(f"bad sequence number {packet.seq}, expected {self.expect}")
             self.expect = next_seq(self.expect)
             out.append(packet)
+        if self.whole and self._buf:  # flows keep SDU boundaries: a piece of a packet is garbage
+            self._reject(f"{len(self._buf)} bytes that are not a whole packet")
         return out
 
     def _reject(self, why: str) -> None:

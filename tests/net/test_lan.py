@@ -1,8 +1,9 @@
 """A LAN overlay booted only from config files: four hosts on one Ethernet bridge, each an
-irmd started with configs/lan-first.toml (h1) or configs/lan-member.toml (h2..h4), unchanged.
+irmd started with configs/lan-first.toml (h1) or configs/lan-member.toml (h2..h4), unchanged,
+plus one service table per host: a Styx file service on h1, an IBP depot on h2, netplumbd on h3.
 
 The members find the layer by its name on the LAN, enroll, connect to their neighbours by
-themselves, and every host reaches every other host's service by name; a host killed and
+themselves, and every host reaches every other host's services by name; a host killed and
 booted again from the same file rejoins by itself.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Lab, _run
-from helpers import IrmdProc
+from helpers import BIN, IrmdProc
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -25,9 +26,25 @@ BOOT_WITHIN = 120.0  # seconds for the layer to form and every pair to answer
 REJOIN_WITHIN = 120.0
 
 
-def boot(lab: Lab, ns: str, tag: str) -> IrmdProc:
-    config = CONFIGS / ("lan-first.toml" if tag == "1" else "lan-member.toml")
-    return lab.start_irmd(ns, f"h{tag}", "--config", str(config), env={"HOSTNAME": f"h{tag}"})
+SERVICES = {
+    "1": '[name.files]\nprog = ["styx"]\nargs = ["serve --name files --root ${LAN_DIR}/files"]\n',
+    "2": '[name.depot2]\nprog = ["ibp"]\nargs = ["depot --name depot2 --dir ${LAN_DIR}/depot2"]\n',
+    "3": '[name.host3]\nprog = ["netplumbd"]\nargs = ["--name host3 --authorized-keys ${LAN_DIR}/authorized_keys"]\n',
+    "4": "",
+}
+SERVICE_NAMES = {"1": "files", "2": "depot2", "3": "host3"}
+
+
+def boot(lab: Lab, ns: str, tag: str, env: dict[str, str]) -> IrmdProc:
+    """The host's irmd from the shipped file for its role, with its service's table added."""
+    base = (CONFIGS / ("lan-first.toml" if tag == "1" else "lan-member.toml")).read_text()
+    config = lab.tmp / f"h{tag}.toml"
+    service = SERVICE_NAMES.get(tag)
+    text = base + "\n" + SERVICES[tag]
+    if service:  # registered where the host's own pong is: the same reg list
+        text = text.replace('reg = ["pong-${HOSTNAME}"]', f'reg = ["pong-${{HOSTNAME}}", "{service}"]')
+    config.write_text(text)
+    return lab.start_irmd(ns, f"h{tag}", "--config", str(config), env={**env, "HOSTNAME": f"h{tag}"})
 
 
 def eth0(ns: str, dev: str) -> None:
@@ -70,6 +87,27 @@ def reach_all(irmds: dict[str, IrmdProc], within: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def use_services(irmds: dict[str, IrmdProc], env: dict[str, str], lan_dir: Path) -> list[str]:
+    """Every host uses every service once, by name; what failed."""
+    failures = []
+    checks = {
+        "files": (["styx", "cat", "files:/hello.txt"], "hello over the LAN"),
+        "depot2": (["ibp", "status", "depot2"], "capacity"),
+        "host3": (["plumb", "host3", "echo", "plumbed"], "plumbed"),
+    }
+    for tag, irmd in irmds.items():
+        for service, (argv, expect) in checks.items():
+            try:
+                done = subprocess.run(argv, env={**irmd.env, "HOME": env["HOME"]}, capture_output=True,
+                                      text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                failures.append(f"h{tag} {service}: hung")
+                continue
+            if done.returncode != 0 or expect not in done.stdout:
+                failures.append(f"h{tag} {service}: {done.returncode} {(done.stderr or done.stdout).strip()[-200:]}")
+    return failures
+
+
 def kill_host(lab: Lab, ns: str, irmd: IrmdProc) -> None:
     """A crash: every process of the host's namespace killed at once, nothing cleaned up."""
     for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
@@ -80,15 +118,25 @@ def kill_host(lab: Lab, ns: str, irmd: IrmdProc) -> None:
 @pytest.mark.net
 @pytest.mark.timeout(420)
 def test_four_hosts_boot_a_lan_overlay_from_config_files_and_a_killed_host_rejoins(lab: Lab) -> None:
+    lan_dir = lab.tmp / "lan"
+    for sub in ("files", "depot2", "home"):
+        (lan_dir / sub).mkdir(parents=True)
+    (lan_dir / "files" / "hello.txt").write_text("hello over the LAN\n")
+    env = {"LAN_DIR": str(lan_dir), "HOME": str(lan_dir / "home")}
+    subprocess.run([str(BIN / "plumb-keygen")], env={**os.environ, **env}, check=True, capture_output=True,
+                   timeout=30)
+    (lan_dir / "authorized_keys").write_text((lan_dir / "home" / ".config" / "netplumb" / "id.pub").read_text())
     ends = dict(zip(TAGS, lab.bridge(TAGS), strict=True))
     for ns, dev in ends.values():
         eth0(ns, dev)
-    irmds = {tag: boot(lab, ns, tag) for tag, (ns, _) in ends.items()}
+    irmds = {tag: boot(lab, ns, tag, env) for tag, (ns, _) in ends.items()}
     took = reach_all(irmds, BOOT_WITHIN, "boot")
     print(f"4 hosts: every pair reachable {took:.1f} s after the first ping round")
+    assert use_services(irmds, env, lan_dir) == []
 
     kill_host(lab, ends["3"][0], irmds["3"])
     irmds["3"].sock.unlink(missing_ok=True)  # a crashed host leaves its socket; a reboot starts clean
-    irmds["3"] = boot(lab, ends["3"][0], "3")
+    irmds["3"] = boot(lab, ends["3"][0], "3", env)
     took = reach_all(irmds, REJOIN_WITHIN, "rejoin")
     print(f"h3 killed and booted again: every pair reachable after {took:.1f} s")
+    assert use_services(irmds, env, lan_dir) == []

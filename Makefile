@@ -8,17 +8,17 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,lint]"
+	$(PY) -m pip install -q -e ".[test,lint,mount]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m apps.demo configs/demo.toml
 
-# The network tests (tests/net) need iproute2 and nftables; as root, install them if missing.
+# The network tests (tests/net) need iproute2 and nftables, `styx mount` libfuse 3; as root, install them if missing.
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ip; } >/dev/null 2>&1; then \
-		(apt-get update -qq && apt-get install -y -qq nftables iproute2) >/dev/null 2>&1 \
-		|| echo "warning: could not install nftables/iproute2; the tests needing them will skip"; fi
+	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ip && command -v fusermount3; } >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq nftables iproute2 fuse3) >/dev/null 2>&1 \
+		|| echo "warning: could not install nftables/iproute2/fuse3; the tests needing them will skip"; fi
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q

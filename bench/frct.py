@@ -20,9 +20,7 @@ import logging
 
 from bench import hosts
 from bench.harness import Goal, Row, Suite, median_row
-from bench.stack import Stack
 from flowlib import QosSpec, qos
-from flowlib.irm import IrmClient
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +38,8 @@ def run(runs: int) -> list[Row]:
 
 def _layer(runs: int, loss: int) -> list[Row]:
     opts = ("impair", f"loss={loss}") if loss else ()
-    port = hosts.free_port((A_IP, B_IP))
     with contextlib.ExitStack() as ex:
-        a, b = ex.enter_context(Stack()), ex.enter_context(Stack())
-        hosts.udp_shim(a, A_IP, port, None, *opts)
-        hosts.udp_shim(b, B_IP, port, A_IP, *opts)
-        hosts.flow_server(a, hosts.UDP_LAYER)
-        irm = IrmClient(b.sock)
-        ex.callback(irm.close)
-        hosts.wait_route(irm)
+        _, _, irm = hosts.udp_pair(ex, A_IP, B_IP, *opts)
 
         def measure(spec: QosSpec = qos.raw, encrypt: bool = False) -> tuple[float, float]:
             return hosts.on_flow(hosts.alloc(irm, spec, encrypt), lambda s, r, t: hosts.one_way(s, r, t, SECONDS, SIZE))

@@ -94,6 +94,19 @@ def udp_shim(stack: Stack, ip: str, port: int, peer: str | None, *opts: str) -> 
            "ip", ip, "port", str(port), *extra, *opts)  # fmt: skip
 
 
+def udp_pair(ex: contextlib.ExitStack, a_ip: str, b_ip: str, *opts: str) -> tuple[Stack, Stack, IrmClient]:
+    """Hosts A and B with a udp4 layer between them, the flow server at A; (A, B, a client at B)."""
+    port = free_port((a_ip, b_ip))
+    a, b = ex.enter_context(Stack()), ex.enter_context(Stack())
+    udp_shim(a, a_ip, port, None, *opts)
+    udp_shim(b, b_ip, port, a_ip, *opts)
+    flow_server(a, UDP_LAYER)
+    irm = IrmClient(b.sock)
+    ex.callback(irm.close)
+    wait_route(irm)
+    return a, b, irm
+
+
 class RawServer:
     """`bench.peer raw` under `stack`: it serves one session on each socket handed to it."""
 

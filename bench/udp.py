@@ -19,8 +19,6 @@ import logging
 
 from bench import hosts
 from bench.harness import Goal, Row, Suite
-from bench.stack import Stack
-from flowlib.irm import IrmClient
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +32,10 @@ def run(runs: int) -> list[Row]:
 
 
 def _suite(runs: int, prefix: str, opts: tuple[str, ...], goals: bool) -> list[Row]:
-    port = hosts.free_port((A_IP, B_IP))
     with contextlib.ExitStack() as ex:
-        a, b = ex.enter_context(Stack()), ex.enter_context(Stack())
-        hosts.udp_shim(a, A_IP, port, None, *opts)
-        hosts.udp_shim(b, B_IP, port, A_IP, *opts)
-        hosts.flow_server(a, hosts.UDP_LAYER)
+        a, _, irm = hosts.udp_pair(ex, A_IP, B_IP, *opts)
         raw = hosts.RawUdpPeer(a, A_IP, B_IP)
         ex.callback(raw.close)
-        irm = IrmClient(b.sock)
-        ex.callback(irm.close)
-        hosts.wait_route(irm)
         rtt = functools.partial(hosts.rtt, count=RTT_COUNT)
         rtts = hosts.measure_runs(irm, raw, runs, rtt, f"{prefix} rtt")
         tputs = hosts.measure_runs(irm, raw, runs, hosts.tput, f"{prefix} throughput")

@@ -94,13 +94,13 @@ def test_single_string_command_is_split_like_a_shell(authorized: Host) -> None:
 
 
 def test_stdin_streams_byte_identical(authorized: Host) -> None:
-    data = os.urandom(3_000_000)
+    data = os.urandom(2_000_000)
     t = time.monotonic()
     r = authorized.plumb("host2", "cat", input=data)
     elapsed = time.monotonic() - t
     assert r.returncode == 0, r.stderr
     assert r.stdout == data
-    print(f"3 MB round trip through plumb cat: {elapsed:.2f} s")
+    print(f"2 MB round trip through plumb cat: {elapsed:.2f} s")
 
 
 def test_first_use_pins_the_server_key_with_a_notice(authorized: Host) -> None:
@@ -313,14 +313,14 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_slow_reader_does_not_make_the_server_buffer(authorized: Host) -> None:
-    size = 40_000_000
+    size = 20_000_000
     p = subprocess.Popen([str(BIN / "plumb"), "host2", "head", "-c", str(size), "/dev/zero"],
                          env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert p.stdout is not None
         first = p.stdout.read(1)  # the command runs; from here on nobody reads for a while
         before = _rss_kib(authorized.proc.pid)
-        time.sleep(2.0)
+        time.sleep(1.5)
         grown = _rss_kib(authorized.proc.pid) - before
         got = len(first) + len(p.stdout.read())
         p.wait(30)

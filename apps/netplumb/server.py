@@ -36,6 +36,7 @@ log = logging.getLogger("netplumbd")
 
 HANDSHAKE_TIMEOUT = 15.0  # a client that does not finish authenticating by then is dropped
 LINGER = 30.0  # after EXIT, how long we wait for the client to close
+IDLE_CHECK = 1.0  # seconds between looks at the clock while a session is quiet
 KILL_GRACE = 2.0  # SIGTERM, then SIGKILL this much later
 FIRST_SERVER_CHANNEL = 1000  # channels of socket connections; the client numbers below this
 MAX_CHANNELS = 64
@@ -85,6 +86,8 @@ def parse_start(fields: Fields) -> Plan:
             ch_text, _, path = item.partition(" ")
             if not ch_text.isdigit() or not 3 <= int(ch_text) < FIRST_SERVER_CHANNEL or not path.startswith("/"):
                 raise Refused(f"bad {kind} entry {item[:60]!r} (expected CHANNEL /absolute/path)")
+            if any(int(ch_text) in t for t in (plan.infifos, plan.outfifos, plan.sockets)):
+                raise Refused(f"channel {ch_text} is used twice")
             table[int(ch_text)] = path
     if len(plan.infifos) + len(plan.outfifos) + len(plan.sockets) > MAX_CHANNELS:
         raise Refused(f"more than {MAX_CHANNELS} named pipes and sockets")
@@ -105,6 +108,7 @@ class Connection:
         self.sinks: dict[int, Sink] = {}
         self.lock = threading.Lock()
         self.exited = threading.Event()
+        self.exit_time = 0.0
         self.cleanup: list[Path] = []
         self.listeners: list[socket.socket] = []
         self.ids = itertools.count(FIRST_SERVER_CHANNEL)
@@ -191,11 +195,17 @@ class Connection:
             log.warning("%s: refused: %s", self.who, e)
             self.link.send(wire.START, Fields.of(ok=0, message=str(e), status=126))
             return
-        self.flow.set_timeout(None)
+        # Wake up now and then: a client that neither speaks nor closes after EXIT is dropped.
+        self.flow.set_timeout(IDLE_CHECK)
         threading.Thread(target=self._wait_job, daemon=True, name="waiter").start()
         while True:
             try:
                 msg = self._next_message()
+            except FlowTimeout:
+                if self.exited.is_set() and time.monotonic() - self.exit_time > LINGER:
+                    log.info("%s: the client did not close after the command ended", self.who)
+                    return
+                continue
             except FlowDown:
                 if not self.exited.is_set():
                     log.info("%s: the client went away: killing its command", self.who)
@@ -215,8 +225,6 @@ class Connection:
                     self.job.signal(sig)
             else:
                 raise WireError(f"unexpected packet type {msg.type} during a command")
-            if self.exited.is_set():
-                self.flow.set_timeout(LINGER)
 
     def _next_message(self) -> Message:
         while True:
@@ -355,6 +363,7 @@ class Connection:
             self.pumps[ch].join()
         kind, value = describe_status(code)
         log.info("%s: command ended with %s %d", self.who, kind, value)
+        self.exit_time = time.monotonic()
         self.exited.set()
         with contextlib.suppress(FlowError, SessionError):  # the session may have ended first
             self.link.send(wire.EXIT, Fields.of((kind, value)))

@@ -111,6 +111,7 @@ class Connection:
         self.exit_time = 0.0
         self.cleanup: list[Path] = []
         self.listeners: list[socket.socket] = []
+        self.acceptors: list[threading.Thread] = []
         self.ids = itertools.count(FIRST_SERVER_CHANNEL)
         self.who = f"flow {flow.flow_id}"
 
@@ -271,7 +272,7 @@ class Connection:
         self._add_sink(STDIN, lambda: job.stdin)
         self._add_pump(STDOUT, lambda: job.stdout)
         self._add_pump(STDERR, lambda: job.stderr)
-        for t in [*self.sinks.values(), *self.pumps.values()]:
+        for t in [*self.sinks.values(), *self.pumps.values(), *self.acceptors]:
             t.start()
 
     def _make_fifo(self, path: str, plan: Plan) -> None:
@@ -323,7 +324,9 @@ class Connection:
         self.cleanup.append(Path(path))
         self._give(path, plan)
         self.listeners.append(lsock)
-        threading.Thread(target=self._accept_loop, args=(ch, lsock), daemon=True, name=f"listen-{ch}").start()
+        # Started after START's answer: an OPEN must not overtake it.
+        self.acceptors.append(threading.Thread(target=self._accept_loop, args=(ch, lsock), daemon=True,
+                                               name=f"listen-{ch}"))
 
     def _accept_loop(self, parent: int, lsock: socket.socket) -> None:
         while True:

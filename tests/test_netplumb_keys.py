@@ -63,7 +63,7 @@ def test_command_bound_key_runs_only_that_command() -> None:
     (f"one-time {LINE}", "bound to a command"),
     (f'allow {LINE}', "needs a value"),
     (f'allow="x"{LINE}', "expected ','"),
-])
+], ids=["rsa", "bad-base64", "short-key", "bogus-option", "one-time-alone", "allow-alone", "no-comma"])
 def test_bad_authorized_lines_are_named(line: str, why: str) -> None:
     with pytest.raises(KeyFileError, match=why):
         parse_authorized_line(line, "file:3")

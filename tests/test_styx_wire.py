@@ -4,6 +4,7 @@ and agreement with plan9port's C codec (python-9p) in its own venv."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -24,15 +25,21 @@ P9FS_VENV = Path("/tmp/styx-p9fs-venv")
 
 def venv_python(venv: Path, package: str) -> str:
     """A python with `package` in a venv of its own (python-9p and p9fs both install a module
-    named py9p, so each gets one). Made on first use; the test is skipped if pip cannot."""
+    named py9p, so each gets one). Made on first use, under a lock (tests run in parallel
+    workers); the test is skipped if pip cannot."""
     python = venv / "bin" / "python"
-    if not python.exists():
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", package], check=True,
-                           timeout=300, capture_output=True)
-        except (subprocess.SubprocessError, OSError) as e:
-            pytest.skip(f"{package} is not installable here: {e}")
+    installed = venv / f".{package}-installed"
+    with open(f"{venv}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not installed.exists():
+            try:
+                if not python.exists():
+                    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+                subprocess.run([str(python), "-m", "pip", "install", "-q", package], check=True,
+                               timeout=300, capture_output=True)
+            except (subprocess.SubprocessError, OSError) as e:
+                pytest.skip(f"{package} is not installable here: {e}")
+            installed.touch()
     return str(python)
 
 

@@ -364,6 +364,15 @@ def _session(host: Host, irmd: IrmdProc, client: IrmClient) -> tuple[Flow, Clien
     return flow, session
 
 
+
+def _until_peer_error(flow: Flow, session: ClientSession) -> list[object]:
+    """What the server answers until it names a protocol error (or the flow ends)."""
+    events: list[object] = []
+    with contextlib.suppress(FlowError):
+        while not any(isinstance(ev, PeerError) for ev in events):
+            events = list(session.receive(flow.read()))
+    return events
+
 @pytest.mark.parametrize("bogus", [
     [Fields.of(ch=77, data="AAAA")],  # no such channel
     [Fields.of(ch=0, data="not base64!")],
@@ -376,10 +385,7 @@ def test_authenticated_nonsense_ends_the_session_with_a_reason(authorized: Host,
         flow, session = _session(authorized, irmd, client)
         for fields in bogus:
             flow.write(session.send(wire.DATA, fields))
-        events: list[object] = []
-        with contextlib.suppress(FlowError):
-            while not any(isinstance(ev, PeerError) for ev in events):
-                events = list(session.receive(flow.read()))
+        events = _until_peer_error(flow, session)
         assert any(isinstance(ev, PeerError) and "protocol error" in ev.message for ev in events), events
         flow.close()
     finally:
@@ -395,10 +401,7 @@ def test_data_after_eof_is_a_protocol_error(authorized: Host, irmd: IrmdProc) ->
         flow, session = _session(authorized, irmd, client)
         flow.write(session.send(wire.EOF, Fields.of(ch=0)))
         flow.write(session.send(wire.DATA, Fields.of(ch=0, data="AAAA")))
-        events: list[object] = []
-        with contextlib.suppress(FlowError):
-            while not any(isinstance(ev, PeerError) for ev in events):
-                events = list(session.receive(flow.read()))
+        events = _until_peer_error(flow, session)
         assert any(isinstance(ev, PeerError) and "after its EOF" in ev.message for ev in events), events
         flow.close()
     finally:

@@ -108,6 +108,18 @@ def use_services(irmds: dict[str, IrmdProc], env: dict[str, str], lan_dir: Path)
     return failures
 
 
+def store_and_load(irmd: IrmdProc, lan_dir: Path) -> None:
+    data = os.urandom(1_000_000)
+    caps = subprocess.run(["ibp", "allocate", "depot2", "--size", "2M", "--duration", "10m"], env=irmd.env,
+                          capture_output=True, text=True, timeout=60)
+    assert caps.returncode == 0, caps.stderr
+    read, write = (next(w for w in caps.stdout.split() if w.endswith(right)) for right in ("/READ", "/WRITE"))
+    stored = subprocess.run(["ibp", "store", write], env=irmd.env, input=data, capture_output=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    loaded = subprocess.run(["ibp", "load", read], env=irmd.env, capture_output=True, timeout=60)
+    assert loaded.returncode == 0 and loaded.stdout == data, loaded.stderr
+
+
 def kill_host(lab: Lab, ns: str, irmd: IrmdProc) -> None:
     """A crash: every process of the host's namespace killed at once, nothing cleaned up."""
     for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
@@ -133,6 +145,7 @@ def test_four_hosts_boot_a_lan_overlay_from_config_files_and_a_killed_host_rejoi
     took = reach_all(irmds, BOOT_WITHIN, "boot")
     print(f"4 hosts: every pair reachable {took:.1f} s after the first ping round")
     assert use_services(irmds, env, lan_dir) == []
+    store_and_load(irmds["4"], lan_dir)  # 1 MB from h4 into the depot on h2 and back, across the bridge
 
     kill_host(lab, ends["3"][0], irmds["3"])
     irmds["3"].sock.unlink(missing_ok=True)  # a crashed host leaves its socket; a reboot starts clean

@@ -223,20 +223,28 @@ def accepted_pair(server: IrmClient, client: IrmClient, name: str, qos_spec: Qos
     return cli, srv
 
 
-def free_udp_port(ips: Iterable[str]) -> int:
-    """A port that is free on every one of `ips` right now."""
+def free_port(ips: Iterable[str]) -> int:
+    """A port free for both UDP and TCP on every one of `ips` right now.
+
+    Chosen below the kernel's ephemeral range (32768 up), so no outgoing socket takes it meanwhile,
+    and from a slice of its own per xdist worker, so parallel tests never pick the same one.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    slot = int(worker[2:]) % 8 if worker[2:].isdigit() else 0
+    low = 20000 + slot * 1500
     for _ in range(200):
-        port = random.randint(20000, 60000)
+        port = random.randint(low, low + 1499)
         socks = []
         try:
             for ip in ips:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((ip, port))
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    socks.append(s)
+                    s.bind((ip, port))
         except OSError:
             continue
         finally:
             for s in socks:
                 s.close()
         return port
-    raise RuntimeError("no free udp port")
+    raise RuntimeError("no free port")

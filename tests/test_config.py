@@ -4,13 +4,12 @@ and a bad file stops the boot with a message naming the file and the table.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import BIN, free_udp_port, irmd_env, start_irmd, stop_irmd, wait_for
+from helpers import BIN, free_port, irmd_env, start_irmd, stop_irmd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +29,7 @@ def test_make_demo_boots_the_demo_config_and_every_step_works() -> None:
 
 @pytest.mark.timeout(120)
 def test_an_irmd_conf_style_pair_of_files_builds_a_unicast_layer(tmp_path: Path) -> None:
-    port = random.randint(20000, 60000)
+    port = free_port(["127.0.0.1"])
     first = tmp_path / "first.toml"
     first.write_text(f"""
 [name.pong]
@@ -136,7 +135,7 @@ def test_config_variables_come_from_the_environment_and_a_missing_one_is_named(t
 
 @pytest.mark.timeout(120)
 def test_irm_dump_config_boots_an_irmd_into_the_same_state(tmp_path: Path) -> None:
-    port = free_udp_port(["127.0.0.1"])
+    port = free_port(["127.0.0.1"])
     a = start_irmd(tmp_path, "a")
     try:
         for words in (["ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local"],
@@ -171,7 +170,7 @@ def test_irm_dump_config_boots_an_irmd_into_the_same_state(tmp_path: Path) -> No
 
 @pytest.mark.timeout(60)
 def test_irm_dump_graph_shows_what_runs_over_what_as_text_and_dot(tmp_path: Path) -> None:
-    port = free_udp_port(["127.0.0.1"])
+    port = free_port(["127.0.0.1"])
     irmd = start_irmd(tmp_path)
     try:
         irmd.irm_ok("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "127.0.0.1",

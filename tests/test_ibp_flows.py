@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from helpers import BIN, IrmdProc, free_udp_port, wait_for
+from helpers import BIN, IrmdProc, free_port, wait_for
 
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
@@ -165,7 +165,7 @@ def test_server_side_timeout_drops_a_stalled_store(depots: Start) -> None:
 
 @pytest.fixture
 def tcp_depot(depots: Start) -> int:
-    port = free_udp_port(["127.0.0.1"])
+    port = free_port(["127.0.0.1"])
     depots("t1", "--listen", f"tcp:127.0.0.1:{port}")
     return port
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import BIN, IrmdProc, free_udp_port, start_irmd, stop_irmd
+from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd
 from reliable_peer import Sink, payload, send_all, start_sink
 
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout, InvalidArgument, flow_alloc, qos
@@ -84,7 +84,7 @@ class Net:
 
 
 def make_net(tmp: Path, impair: str | None = None) -> Net:
-    port = free_udp_port([A_IP, B_IP])
+    port = free_port([A_IP, B_IP])
     a = start_irmd(tmp, "a")
     try:
         b = start_irmd(tmp, "b")

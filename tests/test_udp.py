@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, free_udp_port, pid_alive, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, free_port, pid_alive, start_irmd, stop_irmd, wait_for
 
 from apps import operf
 from apps.oping import ECHO_REPLY, ECHO_REQUEST, HDR
@@ -109,7 +109,7 @@ class Host:
 def lan(tmp_path: Path) -> Iterator[Callable[..., Host]]:
     """`lan(ip, peer=None, extra=())`: a host with its irmd and a udp4 IPCP in layer 'lan'."""
     hosts: list[Host] = []
-    port = free_udp_port([A_IP, B_IP, C_IP])
+    port = free_port([A_IP, B_IP, C_IP])
 
     def make(ip: str, peer: str | None = None, extra: tuple[str, ...] = ()) -> Host:
         irmd = start_irmd(tmp_path, name=f"irmd-{ip}")

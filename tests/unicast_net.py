@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import IrmdProc, children_of, free_udp_port, pid_alive, start_irmd, stop_irmd, wait_for
+from helpers import IrmdProc, children_of, free_port, pid_alive, start_irmd, stop_irmd, wait_for
 
 from flowlib.errors import FlowError
 from flowlib.flow import flow_alloc
@@ -148,7 +148,7 @@ class Cluster:
     def start(self, names: list[str], parallel: bool = False) -> list[Host]:
         ips = [f"127.0.0.{len(self.hosts) + i + 1}" for i in range(len(names))]
         if not self.port:
-            self.port = free_udp_port(sorted({"127.0.0.1", *ips}))
+            self.port = free_port(sorted({"127.0.0.1", *ips}))
             self.peer_ip = ips[0]
         started: dict[str, Host] = {}
 

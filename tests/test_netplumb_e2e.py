@@ -40,6 +40,18 @@ class Host:
         return subprocess.run([str(BIN / "plumb"), *args], input=input, capture_output=True, timeout=timeout,
                               env={**self.env, **(env or {})})
 
+    @contextlib.contextmanager
+    def remote(self, script: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+        """`plumb host2 sh -c SCRIPT` running, where SCRIPT first echoes its pid; the client is killed after."""
+        p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", script], env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE)
+        try:
+            assert p.stdout is not None
+            yield p, int(p.stdout.readline())
+        finally:
+            p.kill()
+            p.wait()
+
     def authorize(self, line: str) -> None:
         with open(self.auth, "a") as f:
             f.write(line + "\n")
@@ -253,16 +265,8 @@ def test_remote_signal_death_is_reported(authorized: Host) -> None:
 
 
 def test_client_going_away_kills_the_remote_command(authorized: Host) -> None:
-    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", "echo $$; exec sleep 60"],
-                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                         stdin=subprocess.PIPE)
-    try:
-        assert p.stdout is not None
-        pid = int(p.stdout.readline())
+    with authorized.remote("echo $$; exec sleep 60") as (_, pid):
         assert pid_alive(pid)
-    finally:
-        p.kill()
-        p.wait()
     wait_for(lambda: not pid_alive(pid), 10, "the remote command to be killed")
 
 
@@ -332,19 +336,11 @@ def test_slow_reader_does_not_make_the_server_buffer(authorized: Host) -> None:
 
 
 def test_stopping_netplumbd_stops_running_commands(authorized: Host) -> None:
-    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", "echo $$; exec sleep 60"],
-                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         stdin=subprocess.PIPE)
-    try:
-        assert p.stdout is not None
-        pid = int(p.stdout.readline())
+    with authorized.remote("echo $$; exec sleep 60") as (p, pid):
         authorized.proc.terminate()
         authorized.proc.wait(10)
         wait_for(lambda: not pid_alive(pid), 10, "the remote command to be stopped")
         assert p.wait(15) != 0  # the client learns its session is gone
-    finally:
-        p.kill()
-        p.wait()
 
 
 def _session(host: Host, irmd: IrmdProc, client: IrmClient) -> tuple[Flow, ClientSession]:
@@ -409,17 +405,9 @@ def test_data_after_eof_is_a_protocol_error(authorized: Host, irmd: IrmdProc) ->
 
 
 def test_a_command_ignoring_sigterm_is_killed_when_netplumbd_stops(authorized: Host) -> None:
-    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", "trap '' TERM; echo $$; while :; do :; done"],
-                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         stdin=subprocess.PIPE)
-    try:
-        assert p.stdout is not None
-        pid = int(p.stdout.readline())
+    with authorized.remote("trap '' TERM; echo $$; while :; do :; done") as (_, pid):
         t0 = time.monotonic()
         authorized.proc.terminate()
         authorized.proc.wait(10)
         wait_for(lambda: not pid_alive(pid), 10, "the stubborn command to be killed")
         assert time.monotonic() - t0 < 8
-    finally:
-        p.kill()
-        p.wait()

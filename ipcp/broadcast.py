@@ -30,8 +30,9 @@ class FloodDt(Dt):
     """A PDU's PCI names its origin (dst field) and its sequence number (eid field)."""
 
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
-                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None]) -> None:
-        super().__init__(fmt, me, max_ttl, bufsize, on_mgmt, on_n1_down)
+                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None],
+                 on_congestion: object = None) -> None:
+        super().__init__(fmt, me, max_ttl, bufsize, on_mgmt, on_n1_down)  # floods have no one receiver to echo
         self.seqno = 0
         self.seen: OrderedDict[tuple[int, int], None] = OrderedDict()
 

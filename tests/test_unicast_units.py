@@ -109,6 +109,7 @@ SAMPLES: list[Message] = [
     um.FaReq(1, 99, b"\x03" * 32, data),
     um.FaReply(2, 5, 99, um.OK),
     um.FaDealloc(2, 5, 99),
+    um.FlowUpdate(2, 5, 40, 1.5e6),
     um.DhtStore(1, b"\x04" * 32, 1, 86400.0),
     um.DhtFind(1, b"\x04" * 32, 12345),
     um.DhtFound(2, b"\x04" * 32, 12345, [1, 3]),

@@ -170,11 +170,11 @@ class Cluster:
                 one(name, ip)
         return [started[n] for n in names]
 
-    def udp(self, hosts: Iterable[Host], cli: bool = True) -> None:
+    def udp(self, hosts: Iterable[Host], cli: bool = True, impair: str = "") -> None:
         """A udp4 shim 'u' in layer 'lan' on each host; the first host's address is the peer."""
         first = self.peer_ip
         for h in hosts:
-            extra = [] if h.ip == first else ["peer", first]
+            extra = ([] if h.ip == first else ["peer", first]) + (["impair", impair] if impair else [])
             if cli:
                 h.irm_ok(
                     "ipcp",
@@ -192,7 +192,8 @@ class Cluster:
                     *extra,
                 )
             else:
-                conf = {"ip": h.ip, "port": str(self.port)} | ({"peer": first} if extra else {})
+                conf = {"ip": h.ip, "port": str(self.port)} | ({"peer": first} if h.ip != first else {})
+                conf |= {"impair": impair} if impair else {}
                 h.request(m.IpcpBootstrap("u", UDP_LAYER, "udp4", False, conf))
             h.irmd.note_children()
 

@@ -5,21 +5,25 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import select
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 BURST = 64  # packets taken from one ready socket before looking at the others
 
 
-def read_burst(sock: socket.socket, bufsize: int, hup: bool) -> tuple[list[bytes], bool]:
-    """What is ready on `sock` (up to BURST packets), and whether it has ended.
+def read_burst(sock: socket.socket, bufsize: int, hup: bool, most: int = BURST) -> tuple[list[bytes], bool]:
+    """What is ready on `sock` (up to `most` packets), and whether it has ended.
 
     It has ended on EOF, on an error, or on a hang-up with nothing left to read:
     a datagram socket shut down under us answers EAGAIN, never EOF.
     """
     packets: list[bytes] = []
-    for _ in range(BURST):
+    for _ in range(most):
         try:
             packet = sock.recv(bufsize)
         except BlockingIOError:
@@ -42,6 +46,8 @@ class PollThread:
         self._wake_r, self._wake_w = socket.socketpair()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._running = True
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()  # ties keep their order and never compare callables
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -62,14 +68,28 @@ class PollThread:
         with contextlib.suppress(OSError, ValueError):  # closed already
             self._epoll.unregister(fd)
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run `fn` on this thread after `delay` seconds; only from this thread."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._order), fn))
+
     def on_ready(self, fd: int, mask: int) -> None:
         raise NotImplementedError
+
+    def _due(self) -> float:
+        """Run the timers that are due; seconds until the next one (-1: none)."""
+        timers = self._timers
+        while timers:
+            wait = timers[0][0] - time.monotonic()
+            if wait > 0:
+                return wait
+            heapq.heappop(timers)[2]()
+        return -1
 
     def _run(self) -> None:
         wake = self._wake_r.fileno()
         while self._running:
             try:
-                events = self._epoll.poll()
+                events = self._epoll.poll(self._due() if self._timers else -1)
             except InterruptedError:
                 continue
             except (OSError, ValueError):

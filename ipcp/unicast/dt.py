@@ -1,21 +1,31 @@
 """Data transfer: the thread that forwards PDUs between N-1 flows and delivers them to N+1 flows.
 
 Per PDU: one PCI unpack, one forwarding-table lookup, one send; TTL expiry and
-PDUs for unknown flows are dropped and counted.
+PDUs for unknown flows are dropped and counted. With congestion avoidance on, PDUs
+are marked by the queue they enter, and flows are paced by what their receivers echo.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
+import time
 from collections.abc import Callable
 
+from ipcp.unicast import ca
 from ipcp.unicast.pci import MGMT_EID, Pci, PciError, PciFormat
-from transports.poller import PollThread, read_burst
+from transports.poller import BURST, PollThread, read_burst
 
 log = logging.getLogger(__name__)
+
+SAMPLE_EVERY = 8  # PDUs sent into an N-1 flow between two looks at how full its queue is
+PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
+_QUEUED = struct.Struct("i")
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +39,26 @@ class UniFlow:
     flow_id: int = 0
     qos: int = 0
     hdr: bytes = b""
+    rx: ca.Receiver | None = None  # congestion avoidance, when the layer has it
+    tx: ca.Sender | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class N1Queue:
+    """How full the queue into one N-1 flow is, looked at every SAMPLE_EVERY PDUs and averaged
+    (as RED does), so that a burst the next hop is draining is not taken for congestion."""
+
+    sock: socket.socket
+    capacity: int
+    sent: int = 0
+    level: int = 0
+    average: float = 0.0
+
+    def sample(self) -> int:
+        queued = _QUEUED.unpack(fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * _QUEUED.size))[0]
+        self.average += (queued - self.average) / 8
+        self.level = ca.ecn_level(int(self.average), self.capacity)
+        return self.level
 
 
 @dataclasses.dataclass
@@ -40,13 +70,17 @@ class Counters:
     no_flow: int = 0
     malformed: int = 0
     overflow: int = 0
+    marked: int = 0  # PDUs this forwarder marked congested
+    updates: int = 0  # congestion updates sent back to senders
+    paced: int = 0  # times a sending flow was held back
 
 
 class Dt(PollThread):
     """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its socket."""
 
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
-                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None]) -> None:
+                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None],
+                 on_congestion: Callable[[UniFlow, ca.Update], None] | None = None) -> None:
         self.fmt = fmt
         super().__init__("dt")
         self.me = me
@@ -54,6 +88,7 @@ class Dt(PollThread):
         self.bufsize = bufsize
         self.on_mgmt = on_mgmt
         self.on_n1_down = on_n1_down
+        self.on_congestion = on_congestion  # None: the layer does no congestion avoidance
         self.pff: dict[int, list[int]] = {}
         self.ecmp = False  # spread flows over equal next hops (else: first that is up)
         self.n1: dict[int, socket.socket] = {}  # next-hop address -> its data flow
@@ -61,9 +96,11 @@ class Dt(PollThread):
         self.counters = Counters()
         self._n1_at: dict[int, int] = {}  # fd -> next-hop address
         self._flow_at: dict[int, UniFlow] = {}  # fd -> N+1 flow
+        self._queues: dict[int, N1Queue] = {}  # next-hop address -> its queue, with congestion avoidance
 
     def stop(self) -> None:
         super().stop()
+        log.info("data transfer: %s", self.counters)
         for sock in self.n1.values():
             sock.close()
 
@@ -76,10 +113,13 @@ class Dt(PollThread):
         sock.setblocking(False)
         self.n1[addr] = sock
         self._n1_at[sock.fileno()] = addr
+        if self.on_congestion is not None:
+            self._queues[addr] = N1Queue(sock, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
         self.watch(sock.fileno())
 
     def remove_n1(self, addr: int) -> None:
         sock = self.n1.pop(addr, None)
+        self._queues.pop(addr, None)
         if sock is not None:
             if self._n1_at.pop(sock.fileno(), None) is not None:
                 self.unwatch(sock.fileno())
@@ -88,6 +128,9 @@ class Dt(PollThread):
     def add_flow(self, flow: UniFlow) -> None:
         flow.io.setblocking(False)
         flow.hdr = self.fmt.pack(Pci(flow.dst, flow.qos, self.max_ttl, 0, flow.remote_eid))
+        if self.on_congestion is not None:
+            now = time.monotonic()
+            flow.rx, flow.tx = ca.Receiver(now), ca.Sender(now)
         self.flows[flow.eid] = flow
         self._flow_at[flow.io.fileno()] = flow
         self.watch(flow.io.fileno())
@@ -118,6 +161,8 @@ class Dt(PollThread):
             sock = n1.get(hop)
             if sock is None:
                 continue  # that next hop's flow is down: try the alternate
+            if self._queues:
+                bufs = self._mark(hop, bufs)
             try:
                 sock.sendmsg(bufs)
             except BlockingIOError:
@@ -127,6 +172,43 @@ class Dt(PollThread):
             return True
         self.counters.no_route += 1
         return False
+
+    def _mark(self, hop: int, bufs: tuple[bytes | bytearray, ...]) -> tuple[bytes | bytearray, ...]:
+        """The PDU marked with how full the queue to `hop` is, if that is more than it carries."""
+        queue = self._queues.get(hop)
+        if queue is None:
+            return bufs
+        queue.sent += 1
+        level = queue.sample() if queue.sent % SAMPLE_EVERY == 0 else queue.level
+        at = self.fmt.ecn_offset
+        if level <= bufs[0][at]:
+            return bufs
+        head = bufs[0] if isinstance(bufs[0], bytearray) else bytearray(bufs[0])
+        head[at] = level
+        self.counters.marked += 1
+        return (head, *bufs[1:])
+
+    def on_update(self, eid: int, update: ca.Update) -> None:
+        """Congestion feedback for our flow `eid` from its receiver."""
+        flow = self.flows.get(eid)
+        if flow is not None and flow.tx is not None:
+            flow.tx.on_update(update, time.monotonic())  # a few stores: safe from the IPCP's thread
+
+    def _pace(self, flow: UniFlow, nbytes: int) -> None:
+        """Hold the flow's SDUs back (stop reading them) for as long as its pace asks."""
+        assert flow.tx is not None
+        wait = flow.tx.admit(nbytes, time.monotonic())
+        if wait <= 0:
+            return
+        fd = flow.io.fileno()
+        self.unwatch(fd)
+        self.counters.paced += 1
+
+        def resume() -> None:
+            if self._flow_at.get(fd) is flow:
+                self.watch(fd)
+
+        self.call_later(wait, resume)
 
     # -- the thread ----------------------------------------------------------
 
@@ -141,7 +223,8 @@ class Dt(PollThread):
                     self.remove_n1(hop)
                     self.on_n1_down(hop)
         elif (flow := self._flow_at.get(fd)) is not None:
-            sdus, ended = read_burst(flow.io, self.bufsize, hup)
+            paced = flow.tx is not None and flow.tx.paced
+            sdus, ended = read_burst(flow.io, self.bufsize, hup, PACED_BURST if paced else BURST)
             self.from_app(flow, sdus)
             if ended:
                 self.remove_flow(flow.eid)
@@ -149,6 +232,7 @@ class Dt(PollThread):
     def from_n1(self, hop: int, pdus: list[bytes]) -> None:
         """PDUs from a neighbour: ours are delivered, others forwarded with one hop less to live."""
         fmt, size, me, c = self.fmt, self.fmt.size, self.me, self.counters
+        now = time.monotonic() if self.on_congestion is not None else 0.0
         for pdu in pdus:
             try:
                 pci = fmt.unpack(pdu)
@@ -163,6 +247,10 @@ class Dt(PollThread):
                 if flow is None or len(pdu) == size:
                     c.no_flow += 1
                     continue
+                if flow.rx is not None and (update := flow.rx.on_pdu(pci.ecn, len(pdu), now)) is not None:
+                    assert self.on_congestion is not None
+                    self.on_congestion(flow, update)
+                    c.updates += 1
                 try:
                     flow.io.send(memoryview(pdu)[size:])
                     c.delivered += 1
@@ -182,3 +270,5 @@ class Dt(PollThread):
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         for sdu in sdus:
             self._route(flow.dst, (flow.hdr, sdu), flow.eid)
+        if flow.tx is not None and flow.tx.paced:
+            self._pace(flow, sum(map(len, sdus)))

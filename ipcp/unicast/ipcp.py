@@ -26,6 +26,7 @@ from flowlib.qos import QosSpec
 from flowlib.qos import by_name as qos_by_name
 from flowlib.qos import raw as qos_raw
 from ipcp.base import Ipcp
+from ipcp.unicast import ca
 from ipcp.unicast import messages as um
 from ipcp.unicast.dir import Directory
 from ipcp.unicast.dt import Dt, UniFlow
@@ -158,7 +159,13 @@ class UnicastIpcp(Ipcp):
         def on_n1_down(addr: int) -> None:
             loop.call_soon_threadsafe(self._n1_down, addr)
 
-        self.dt = self.dt_class(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down)
+        def on_congestion(flow: UniFlow, update: ca.Update) -> None:  # on the DT thread
+            assert self.dt is not None
+            self.dt.send_mgmt(flow.dst, um.CODEC.encode(
+                um.FlowUpdate(self.addr, flow.remote_eid, update.ece, update.rate)))
+
+        self.dt = self.dt_class(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down,
+                                on_congestion if conf["congestion"] == "mb-ecn" else None)
         self.dt.ecmp = conf["routing"] == "ecmp"
         self.dt.start()
         irm = self._client()
@@ -387,6 +394,9 @@ class UnicastIpcp(Ipcp):
                 fut = self._allocs.pop(msg.d_eid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
+            case um.FlowUpdate():
+                assert self.dt is not None
+                self.dt.on_update(msg.eid, ca.Update(msg.ece, msg.rate))
             case um.FaDealloc():
                 flow = next((f for f in self.flows.values()
                              if f.eid == msg.d_eid and f.dst == msg.src and f.remote_eid == msg.s_eid), None)

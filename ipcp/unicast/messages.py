@@ -96,6 +96,18 @@ class FaDealloc(Message):
 
 @reg
 @dataclass
+class FlowUpdate(Message):
+    """Congestion feedback from a flow's receiving end to its sender (`congestion mb-ecn`)."""
+
+    TYPE: ClassVar[int] = 113
+    src: int
+    eid: int  # the sender's eid
+    ece: int  # congestion level seen, 0 to 255 (0: none)
+    rate: float  # bytes per second the receiver is getting
+
+
+@reg
+@dataclass
 class DhtStore(Message):
     """Keep (key -> addr) for ttl seconds; ttl 0 removes it."""
 

@@ -1,0 +1,115 @@
+"""Congestion avoidance of a unicast layer (`congestion mb-ecn`): forwarders mark PDUs with how
+full the queue to their next hop is, receivers echo the level and their delivery rate, senders pace.
+
+Multi-bit ECN as in Ouroboros, plus the receiver's measured delivery rate in every update, so a
+sender lands on the bottleneck's rate in one round trip instead of halving its way down to it.
+Sans-IO: fed queue depths, marks, byte counts and times; answers marks, updates and waits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MARK_FROM = 32  # average queue fullness (of 255) below which a forwarder does not mark
+UPDATE_EVERY = 8  # marked PDUs between two updates from a receiver
+RATE_WINDOW = 0.01  # seconds over which a receiver measures its delivery rate
+HOLD = 0.02  # seconds between two decreases of a sender's rate: one round trip of a congested path
+STALE = 0.1  # seconds after which a sender stops believing the last congestion it heard of
+INITIAL_RATE = 1.25e6  # bytes per second a new flow starts at (10 Mbit/s)
+SLOW_START = 0.5  # the fraction its rate grows by every RATE_WINDOW until it first hears of congestion
+INCREASE = 0.02  # ... and after: a gentle probe for the bandwidth others left
+MIN_RATE = 16_384.0  # bytes per second: the floor, so a flow always makes progress
+UNLIMITED = 1e9  # bytes per second above which a sender stops pacing altogether
+BURST = 16_384.0  # bytes a paced sender may send at once
+
+
+def ecn_level(queued: int, capacity: int) -> int:
+    """The mark for a PDU sent into a queue holding `queued` of `capacity` bytes: 0 to 255."""
+    level = (queued << 8) // max(capacity, 1)
+    return 0 if level < MARK_FROM else min(level, 255)
+
+
+@dataclasses.dataclass
+class Update:
+    """What a receiver tells the sender: congestion level (0: none) and bytes/s delivered."""
+
+    ece: int
+    rate: float
+
+
+class Receiver:
+    """Per flow at the receiving end: a smoothed congestion level and the delivery rate."""
+
+    def __init__(self, now: float) -> None:
+        self.ece = 0
+        self.rate = 0.0
+        self._marked = 0
+        self._window_start = now
+        self._window_bytes = 0
+
+    def on_pdu(self, ecn: int, nbytes: int, now: float) -> Update | None:
+        """A PDU of the flow arrived carrying mark `ecn`: an update to send back, if one is due."""
+        elapsed = now - self._window_start
+        if elapsed >= RATE_WINDOW:
+            if elapsed < 4 * RATE_WINDOW:  # else the flow was idle: that says nothing of the path
+                self.rate = self._window_bytes / elapsed
+            self._window_start, self._window_bytes = now, 0
+        self._window_bytes += nbytes
+        if not ecn and not self.ece:
+            return None
+        before = self.ece
+        self.ece = ecn if ecn > before else (3 * before + ecn) // 4  # up at once, down gently
+        if not self.ece:
+            self._marked = 0
+            return Update(0, self.rate)  # the congestion is over: let the sender speed up
+        self._marked += 1
+        if not before or self._marked >= UPDATE_EVERY:
+            self._marked = 0
+            return Update(self.ece, self.rate)
+        return None
+
+
+class Sender:
+    """Per flow at the sending end: a token bucket whose rate follows the receiver's updates."""
+
+    def __init__(self, now: float) -> None:
+        self.rate = INITIAL_RATE
+        self.slow_start = True
+        self.ece = 0
+        self._heard = 0.0
+        self._decreased = -HOLD
+        self._grown = now
+        self._tokens = BURST
+        self._last = now
+
+    @property
+    def paced(self) -> bool:
+        return self.rate < UNLIMITED
+
+    def on_update(self, update: Update, now: float) -> None:
+        self.ece, self._heard = update.ece, now
+        if not update.ece or now - self._decreased < HOLD:
+            return
+        # Below what arrives, the more so the fuller the queue: the queue drains, then we grow.
+        target = update.rate * (1 - min(update.ece, 128) / 512) if update.rate else self.rate / 2
+        if not self.paced:
+            self._tokens, self._last = BURST, now
+        self.rate = max(MIN_RATE, min(self.rate, target))
+        self.slow_start = False
+        self._decreased = self._grown = now
+
+    def admit(self, nbytes: int, now: float) -> float:
+        """`nbytes` are being sent: how long to wait before sending more (0: go on)."""
+        if not self.paced:
+            return 0.0
+        if self.ece and now - self._heard > STALE:
+            self.ece = 0  # the receiver went quiet about it: it is over
+        if not self.ece and now - self._grown >= RATE_WINDOW:
+            windows = min(now - self._grown, 2 * RATE_WINDOW) / RATE_WINDOW  # grown while sending, not idle
+            self.rate *= 1 + (SLOW_START if self.slow_start else INCREASE) * windows
+            self._grown = now
+            if not self.paced:
+                return 0.0
+        self._tokens = min(BURST, self._tokens + (now - self._last) * self.rate) - nbytes
+        self._last = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate

@@ -1,0 +1,91 @@
+"""The congestion avoidance core (ipcp/unicast/ca.py), sans-IO: marks from queue depths, the
+receiver's echo of marks and delivery rate, and the sender's pace following them."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipcp.unicast import ca
+
+
+def test_marks_start_above_a_standing_burst_and_grow_with_the_queue() -> None:
+    assert ca.ecn_level(0, 200_000) == 0
+    assert ca.ecn_level(20_000, 200_000) == 0  # a tenth full: a burst being drained
+    assert ca.ecn_level(50_000, 200_000) == 64
+    assert ca.ecn_level(200_000, 200_000) == 255
+    assert ca.ecn_level(10**9, 200_000) == 255
+    assert ca.ecn_level(5, 0) == 255  # no capacity known: anything queued is too much
+
+
+def test_receiver_is_silent_without_marks_and_answers_the_first_at_once() -> None:
+    rx = ca.Receiver(0.0)
+    assert all(rx.on_pdu(0, 1000, i * 0.001) is None for i in range(100))
+    first = rx.on_pdu(80, 1000, 0.1)
+    assert first is not None and first.ece == 80
+
+
+def test_receiver_measures_its_delivery_rate_over_busy_windows() -> None:
+    rx = ca.Receiver(0.0)
+    t = 0.0
+    for _ in range(200):  # 1000 bytes every ms: 1 MB/s
+        t += 0.001
+        rx.on_pdu(0, 1000, t)
+    assert rx.rate == pytest.approx(1e6, rel=0.15)
+    rx.on_pdu(0, 1000, t + 5.0)  # after an idle spell: no new figure from it
+    assert rx.rate == pytest.approx(1e6, rel=0.15)
+
+
+def test_receiver_updates_every_few_marks_then_once_when_it_is_over() -> None:
+    rx = ca.Receiver(0.0)
+    updates = [rx.on_pdu(100, 1000, 0.0) for _ in range(1 + 3 * ca.UPDATE_EVERY)]
+    assert sum(u is not None for u in updates) == 4
+    after = [rx.on_pdu(0, 1000, 0.0) for _ in range(20)]
+    sent = [u for u in after if u is not None]
+    assert [u.ece for u in sent][-1] == 0 and len([u for u in sent if u.ece == 0]) == 1
+    assert all(rx.on_pdu(0, 1000, 0.0) is None for _ in range(10))  # silent again
+
+
+def test_sender_slow_starts_then_lands_below_the_delivery_rate_on_congestion() -> None:
+    tx = ca.Sender(0.0)
+    assert tx.paced and tx.rate == ca.INITIAL_RATE
+    t = 0.0
+    for _ in range(10):
+        t += ca.RATE_WINDOW
+        tx.admit(1000, t)
+    assert tx.rate > 10 * ca.INITIAL_RATE  # grew by half each window
+    tx.on_update(ca.Update(128, 2e6), t)
+    assert not tx.slow_start and tx.rate == pytest.approx(2e6 * 0.75)
+    tx.on_update(ca.Update(128, 1e6), t + ca.HOLD / 2)  # within a round trip: the same congestion
+    assert tx.rate == pytest.approx(1.5e6)
+    tx.on_update(ca.Update(128, 1e6), t + ca.HOLD)
+    assert tx.rate == pytest.approx(0.75e6)
+
+
+def test_sender_never_goes_below_its_floor() -> None:
+    tx = ca.Sender(0.0)
+    for i in range(50):
+        tx.on_update(ca.Update(255, 10.0), i * ca.HOLD)
+    assert tx.rate == ca.MIN_RATE
+
+
+def test_sender_waits_as_long_as_its_rate_asks() -> None:
+    tx = ca.Sender(0.0)
+    tx.on_update(ca.Update(128, 1e6 / 0.75), 0.0)  # 1 MB/s
+    assert tx.admit(int(ca.BURST), 0.0) == 0.0  # a burst goes at once
+    assert tx.admit(10_000, 0.0) == pytest.approx(0.01)  # then 10 kB take 10 ms
+    assert tx.admit(10_000, 0.02) == pytest.approx(0.0, abs=1e-9)  # paid for by the wait
+
+
+def test_sender_grows_back_when_congestion_ends_or_goes_unheard() -> None:
+    tx = ca.Sender(0.0)
+    tx.on_update(ca.Update(128, 1e6), 0.0)
+    slow = tx.rate
+    tx.admit(1000, 0.05)  # congested, heard recently: no growth
+    assert tx.rate == slow
+    tx.admit(1000, 0.05 + ca.STALE + 0.01)  # the receiver went quiet: it is over
+    assert tx.ece == 0
+    t = 1.0
+    while tx.paced and t < 100:
+        t += ca.RATE_WINDOW
+        tx.admit(1000, t)
+    assert not tx.paced and tx.admit(10**6, t) == 0.0  # fast again, and no longer paced at all

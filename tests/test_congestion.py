@@ -1,0 +1,89 @@
+"""Congestion avoidance in a unicast layer (`congestion mb-ecn`) end to end: a sender flooding a
+raw flow over a slow link is paced down to the link's rate by the marks its receiver echoes.
+
+Two IRMds on loopback over a udp layer whose shims send at 16 Mbit/s (the test-only `impair rate`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from unicast_net import Cluster, Host
+
+from flowlib.flow import flow_alloc
+from flowlib.irm import IrmClient
+from flowlib.qos import raw
+
+SDU = 1000
+FLOOD = 3.0  # seconds of writing as fast as the sender can
+LINK = "rate=16"
+
+# Counts the SDUs of one flow until it has been quiet for 2 s after the first; prints the count.
+SINK = r"""
+from flowlib import FlowError, FlowTimeout, flow_accept
+print("ready", flush=True)
+f = flow_accept()
+f.read()
+n = 1
+f.set_timeout(2)
+try:
+    while True:
+        f.read()
+        n += 1
+except (FlowTimeout, FlowError):
+    pass
+print(n, flush=True)
+"""
+
+
+def pair(cluster: Cluster, congestion: str) -> tuple[Host, Host]:
+    a, b = cluster.start(["a", "b"])
+    cluster.udp([a, b], impair=LINK)
+    a.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", "net", "congestion", congestion,
+             "autobind")
+    b.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "dst", "n1", "autobind")
+    b.irm_ok("ipcp", "connect", "name", "n2", "dst", "n1")
+    return a, b
+
+
+def flood(cluster: Cluster, congestion: str) -> tuple[int, float]:
+    """SDUs that arrived of COUNT written as fast as the sender can, and seconds the writing took."""
+    a, b = pair(cluster, congestion)
+    sink = subprocess.Popen([sys.executable, "-c", SINK], env=b.irmd.env, stdout=subprocess.PIPE, text=True)
+    b.procs.append(sink)  # type: ignore[arg-type]  # stopped with the cluster
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    b.irm_ok("bind", "process", str(sink.pid), "name", "sink")
+    b.irm_ok("name", "register", "sink", "layer", "net")
+    irm = IrmClient(a.irmd.sock)
+    try:
+        flow = flow_alloc("sink", qos=raw, timeout=20, irm=irm)
+        sdu = bytes(SDU)
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < FLOOD:
+            flow.write(sdu)
+            sent += 1
+        got = int(sink.stdout.readline())
+        flow.close()
+    finally:
+        irm.close()
+    return got, sent
+
+
+@pytest.mark.timeout(120)
+def test_a_flood_over_a_slow_link_is_paced_to_it_with_mb_ecn(cluster: Cluster) -> None:
+    got, sent = flood(cluster, "mb-ecn")
+    print(f"congestion mb-ecn: {got} of {sent} SDUs arrived")
+    link = FLOOD * 16e6 / 8 / SDU  # SDUs the link can carry while the sender writes
+    assert got >= 0.75 * sent, f"{sent - got} of {sent} SDUs lost: the sender was not held back"
+    assert got >= 0.35 * link, f"only {got} SDUs of the link's {link:.0f} arrived: the sender starved itself"
+
+
+@pytest.mark.timeout(120)
+def test_without_congestion_avoidance_the_same_flood_mostly_drops(cluster: Cluster) -> None:
+    got, sent = flood(cluster, "none")
+    print(f"congestion none: {got} of {sent} SDUs arrived")
+    assert got < 0.3 * sent  # what the test above guards against does happen

@@ -15,9 +15,11 @@ UPDATE_EVERY = 8  # marked PDUs between two updates from a receiver
 RATE_WINDOW = 0.01  # seconds over which a receiver measures its delivery rate
 HOLD = 0.02  # seconds between two decreases of a sender's rate: one round trip of a congested path
 STALE = 0.1  # seconds after which a sender stops believing the last congestion it heard of
+QUIET = 1.0  # seconds without congestion after which a sender slow-starts again: it is long gone
 INITIAL_RATE = 1.25e6  # bytes per second a new flow starts at (10 Mbit/s)
 SLOW_START = 0.5  # the fraction its rate grows by every RATE_WINDOW until it first hears of congestion
-INCREASE = 0.02  # ... and after: a gentle probe for the bandwidth others left
+INCREASE = 32_000.0  # ... and after, the bytes/s it grows by every RATE_WINDOW: additive, so flows
+# that share a bottleneck converge on equal shares (each decrease takes more from the faster)
 MIN_RATE = 16_384.0  # bytes per second: the floor, so a flow always makes progress
 UNLIMITED = 1e9  # bytes per second above which a sender stops pacing altogether
 BURST = 16_384.0  # bytes a paced sender may send at once
@@ -90,8 +92,8 @@ class Sender:
         self.ece, self._heard = update.ece, now
         if not update.ece or now - self._decreased < HOLD:
             return
-        # Below what arrives, the more so the fuller the queue: the queue drains, then we grow.
-        target = update.rate * (1 - min(update.ece, 128) / 512) if update.rate else self.rate / 2
+        # Below what arrives, the more so the fuller the queue (down to half): the queue drains, then we grow.
+        target = update.rate * (1 - min(update.ece, 128) / 256) if update.rate else self.rate / 2
         if not self.paced:
             self._tokens, self._last = BURST, now
         self.rate = max(MIN_RATE, min(self.rate, target))
@@ -104,9 +106,11 @@ class Sender:
             return 0.0
         if self.ece and now - self._heard > STALE:
             self.ece = 0  # the receiver went quiet about it: it is over
+        if not self.slow_start and now - self._heard > QUIET:
+            self.slow_start = True
         if not self.ece and now - self._grown >= RATE_WINDOW:
             windows = min(now - self._grown, 2 * RATE_WINDOW) / RATE_WINDOW  # grown while sending, not idle
-            self.rate *= 1 + (SLOW_START if self.slow_start else INCREASE) * windows
+            self.rate = self.rate * (1 + SLOW_START * windows) if self.slow_start else self.rate + INCREASE * windows
             self._grown = now
             if not self.paced:
                 return 0.0

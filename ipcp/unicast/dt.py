@@ -24,8 +24,13 @@ from transports.poller import BURST, PollThread, read_burst
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY = 8  # PDUs sent into an N-1 flow between two looks at how full its queue is
+RETRY = 0.001  # seconds a flow held back by its full first hop waits before trying again
 PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
 _QUEUED = struct.Struct("i")
+
+
+class QueueFull(Exception):
+    """The next hop's queue is full and the PDU was not sent (only where the caller can hold it)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -72,7 +77,8 @@ class Counters:
     overflow: int = 0
     marked: int = 0  # PDUs this forwarder marked congested
     updates: int = 0  # congestion updates sent back to senders
-    paced: int = 0  # times a sending flow was held back
+    paced: int = 0  # times a sending flow was held back by its pace
+    held: int = 0  # ... and by its first hop's full queue
 
 
 class Dt(PollThread):
@@ -148,7 +154,9 @@ class Dt(PollThread):
             return True
         return self._route(dst, (self.fmt.pack(Pci(dst, 0, self.max_ttl, 0, MGMT_EID)), payload), 0)
 
-    def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int) -> bool:
+    def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int, hold: bool = False) -> bool:
+        """Send a PDU towards `dst`; False if there is no way. A full queue drops it, or with
+        `hold` raises QueueFull so that its sender keeps it."""
         if dst == self.me:  # a flow between two applications of this member
             self.from_n1(dst, [b"".join(bufs)])
             return True
@@ -166,6 +174,8 @@ class Dt(PollThread):
             try:
                 sock.sendmsg(bufs)
             except BlockingIOError:
+                if hold:
+                    raise QueueFull from None
                 self.counters.overflow += 1
             except OSError:
                 continue
@@ -194,18 +204,13 @@ class Dt(PollThread):
         if flow is not None and flow.tx is not None:
             flow.tx.on_update(update, time.monotonic())  # a few stores: safe from the IPCP's thread
 
-    def _pace(self, flow: UniFlow, nbytes: int) -> None:
-        """Hold the flow's SDUs back (stop reading them) for as long as its pace asks."""
-        assert flow.tx is not None
-        wait = flow.tx.admit(nbytes, time.monotonic())
-        if wait <= 0:
-            return
+    def _hold(self, flow: UniFlow, wait: float, rest: list[bytes]) -> None:
+        """Stop reading the flow for `wait` seconds; then send `rest` (read, not sent) and read on."""
         fd = flow.io.fileno()
         self.unwatch(fd)
-        self.counters.paced += 1
 
         def resume() -> None:
-            if self._flow_at.get(fd) is flow:
+            if self._flow_at.get(fd) is flow and (not rest or self._send_from(flow, rest)):
                 self.watch(fd)
 
         self.call_later(wait, resume)
@@ -268,7 +273,21 @@ class Dt(PollThread):
                 c.forwarded += 1
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
-        for sdu in sdus:
-            self._route(flow.dst, (flow.hdr, sdu), flow.eid)
-        if flow.tx is not None and flow.tx.paced:
-            self._pace(flow, sum(map(len, sdus)))
+        self._send_from(flow, sdus)
+
+    def _send_from(self, flow: UniFlow, sdus: list[bytes]) -> bool:
+        """Send a flow's SDUs; False if the flow is now held back. With congestion avoidance it is,
+        by its pace or by its first hop's full queue: its writer blocks rather than loses SDUs."""
+        tx = flow.tx
+        for i, sdu in enumerate(sdus):
+            try:
+                self._route(flow.dst, (flow.hdr, sdu), flow.eid, tx is not None)
+            except QueueFull:
+                self.counters.held += 1
+                self._hold(flow, RETRY, sdus[i:])
+                return False
+        if tx is not None and tx.paced and (wait := tx.admit(sum(map(len, sdus)), time.monotonic())) > 0:
+            self.counters.paced += 1
+            self._hold(flow, wait, [])
+            return False
+        return True

@@ -368,11 +368,22 @@ class Connection:
         log.info("%s: command ended with %s %d", self.who, kind, value)
         self.exit_time = time.monotonic()
         self.exited.set()
+        for path in self._fifos():  # gone before the client hears the exit status and returns
+            with contextlib.suppress(OSError):
+                path.unlink()
         with contextlib.suppress(FlowError, SessionError):  # the session may have ended first
             self.link.send(wire.EXIT, Fields.of((kind, value)))
 
+    def _fifos(self) -> list[Path]:
+        fifos = []
+        for path in self.cleanup:
+            with contextlib.suppress(OSError):  # gone already
+                if stat.S_ISFIFO(path.stat().st_mode):
+                    fifos.append(path)
+        return fifos
+
     def _unblock_fifos(self) -> None:
-        for path in [p for p in self.cleanup if p.exists() and stat.S_ISFIFO(p.stat().st_mode)]:
+        for path in self._fifos():
             for mode in (os.O_WRONLY | os.O_NONBLOCK, os.O_RDONLY | os.O_NONBLOCK):
                 with contextlib.suppress(OSError):
                     os.close(os.open(path, mode))

@@ -1,7 +1,8 @@
 """Boot an IRMd from a TOML file with the tables of Ouroboros's irmd.conf.
 
 [name.N] binds programs; [local.X], [udp4.X], [eth-dix.X], [unicast.X] ...
-create IPCPs that bootstrap= or enrol=, then conn= neighbours and reg= names.
+create IPCPs that bootstrap=, enrol= or join= (enrol, or bootstrap if no member answers),
+then conn= neighbours and reg= names.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ log = logging.getLogger("irmd.config")
 
 # irmd.conf spells some options differently from the irm command line.
 ALIASES = {"addr_size": "addr", "eid_size": "eid", "max_ttl": "ttl", "device": "dev"}
-IPCP_KEYS = {"bootstrap", "enrol", "enroll", "autobind", "reg", "conn"}
+IPCP_KEYS = {"bootstrap", "enrol", "enroll", "join", "autobind", "reg", "conn"}
 NAME_KEYS = {"prog", "args", "lb", "auto"}
 # Shims first, so the layers above find the layers they run over.
 ENROL_PATIENCE = 300.0  # seconds an enrollment keeps looking for a member to enrol with
 ENROL_RETRY = 2.0
+JOIN_PATIENCE = 10.0  # seconds a join= looks for a member before it bootstraps the layer itself,
+JOIN_TRIES = 4  # ... and at least this many tries: a loaded host's slow answers are no empty LAN
 ORDER = ("local", "eth-dix", "eth-llc", "udp4", "udp6", "udp", "broadcast", "unicast")
 
 
@@ -140,6 +143,9 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if not isinstance(autobind, bool):
         raise ConfigError(f"{where} autobind: expected true or false")
     enrol = table.get("enrol", table.get("enroll"))
+    join = table.get("join")
+    if sum(k in table for k in ("bootstrap", "join")) + (enrol is not None) > 1:
+        raise ConfigError(f"{where}: give one of bootstrap=, enrol= and join=")
     try:
         conf = bootstrap_conf(kind, {k: _words(v, f"{where} {k}") for k, v in options.items()})
     except UsageError as e:
@@ -147,12 +153,15 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     steps: list[Step] = []
     if enrol is not None:
         steps.append((where, m.IpcpEnroll(name, "", str(enrol), kind, autobind, conf.get("key", ""))))
+    elif join is not None:
+        steps.append((where, _Join(m.IpcpEnroll(name, "", str(join), kind, autobind, conf.get("key", "")),
+                                   m.IpcpBootstrap(name, str(join), kind, autobind, conf))))
     elif "bootstrap" in table:
         steps.append((where, m.IpcpBootstrap(name, str(table["bootstrap"]), kind, autobind, conf)))
     else:
         steps.append((where, m.IpcpCreate(name, kind)))
-    if "conn" in table and enrol is None and "bootstrap" not in table:
-        raise ConfigError(f"{where} conn: an IPCP connects once it is in a layer: add bootstrap= or enrol=")
+    if "conn" in table and enrol is None and join is None and "bootstrap" not in table:
+        raise ConfigError(f"{where} conn: an IPCP connects once it is in a layer: add bootstrap=, enrol= or join=")
     steps += [(where, m.IpcpConnect(name, dst)) for dst in _words(table.get("conn", []), f"{where} conn")]
     regs: list[Step] = [(where, _LayerOf(name, n)) for n in _words(table.get("reg", []), f"{where} reg")]
     return steps, regs
@@ -165,15 +174,38 @@ class _LayerOf(Message):
         self.ipcp, self.name = ipcp, name
 
 
-async def _admin(irmd: Irmd, msg: Message, where: str) -> None:
+class _Join(Message):
+    """Enroll into a layer through whichever member answers to its name; none within
+    JOIN_PATIENCE: bootstrap it. So one file serves the first host, and it when it reboots."""
+
+    def __init__(self, enroll: m.IpcpEnroll, bootstrap: m.IpcpBootstrap) -> None:
+        self.enroll, self.bootstrap = enroll, bootstrap
+
+
+async def _join(irmd: Irmd, msg: _Join, where: str) -> None:
+    try:
+        await _admin(irmd, msg.enroll, where, JOIN_PATIENCE, JOIN_TRIES)
+        log.info("%s: joined layer %s through a member", where, msg.enroll.dst)
+    except HandlerError as e:
+        if e.code != m.ENOENT:
+            raise
+        log.info("%s: no member of layer %s answered: bootstrapping it", where, msg.enroll.dst)
+        await irmd.admin(msg.bootstrap)
+
+
+async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_PATIENCE, tries: int = 1) -> None:
     """One step; an enrollment waits for a member to answer, as hosts of a LAN boot in any order."""
-    deadline = time.monotonic() + ENROL_PATIENCE
+    if isinstance(msg, _Join):
+        await _join(irmd, msg, where)
+        return
+    deadline = time.monotonic() + patience
     while True:
+        tries -= 1
         try:
             await irmd.admin(msg)
             return
         except HandlerError as e:
-            if not isinstance(msg, m.IpcpEnroll) or e.code != m.ENOENT or time.monotonic() > deadline:
+            if not isinstance(msg, m.IpcpEnroll) or e.code != m.ENOENT or (time.monotonic() > deadline and tries <= 0):
                 raise
             log.warning("%s: %s; trying again in %.0f s", where, e.text, ENROL_RETRY)
         await asyncio.sleep(ENROL_RETRY)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import BIN, free_port, irmd_env, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +76,58 @@ autobind = true
 
         wait_for(pong_reachable, 40, "pong over the unicast layer", interval=1.0)
         assert [r["lb"] for r in a.table("name", "list") if r["name"] == "pong"] == ["spillover"]
+    finally:
+        if b is not None:
+            stop_irmd(b)
+        stop_irmd(a)
+
+
+@pytest.mark.timeout(180)
+def test_join_bootstraps_a_layer_no_one_answers_for_and_rejoins_it_after_a_reboot(tmp_path: Path) -> None:
+    port = free_port(["127.0.0.1", "127.0.0.2"])
+
+    def host(i: int) -> Path:
+        conf = tmp_path / f"h{i}.toml"
+        conf.write_text(f"""
+[name.pong{i}]
+prog = ["oping"]
+args = ["-l"]
+
+[udp4.u{i}]
+bootstrap = "lan"
+ip = "127.0.0.{i}"
+port = {port}
+peer = "127.0.0.{3 - i}"
+
+[unicast.n{i}]
+join = "net"
+autobind = true
+conn = ["auto"]
+reg = ["pong{i}"]
+""")
+        return conf
+
+    def in_net(irmd: IrmdProc) -> bool:
+        return any(r["layer"] == "net" for r in irmd.table("ipcp", "list"))
+
+    def pings(irmd: IrmdProc, name: str) -> bool:
+        out = irmd.run("oping", "-n", name, "-c", "2", "-i", "10", timeout=20)
+        return out.returncode == 0 and "2 received" in out.stdout
+
+    a = start_irmd(tmp_path, "a", ["--config", str(host(1))])
+    b = None
+    try:
+        wait_for(lambda: in_net(a), 30, "layer net at a")
+        assert "no member of layer net answered: bootstrapping it" in a.log_text()
+        b = start_irmd(tmp_path, "b", ["--config", str(host(2))])
+        wait_for(lambda: in_net(b), 30, "layer net at b")
+        assert "joined layer net through a member" in b.log_text()
+        wait_for(lambda: pings(b, "pong1"), 40, "pong1 from b", interval=1.0)
+        stop_irmd(a)  # the first host reboots with the same file: it joins b's layer, not a new one
+        a = start_irmd(tmp_path, "a2", ["--config", str(host(1))])
+        wait_for(lambda: in_net(a), 40, "layer net at a again")
+        assert "joined layer net through a member" in a.log_text(), a.log_text()[-2000:]
+        wait_for(lambda: pings(a, "pong2") and pings(b, "pong1"), 60, "pongs both ways", interval=1.0)
     finally:
         if b is not None:
             stop_irmd(b)

@@ -133,8 +133,8 @@ class UnicastIpcp(Ipcp):
                 info = await self._expect(af, um.EnrollInfo)
         if info.result != um.OK:
             raise HandlerError(m.EPERM if info.result == um.E_AUTH else m.EIPCP, f"enrollment refused: {info.error}")
-        log.info("%s: enrolled in %s through %s", self.name, info.layer, dst)
-        self.via = dst
+        log.info("%s: enrolled in %s through %s", self.name, info.layer, info.name or dst)
+        self.via = info.name or dst  # its own name: the layer's name may be ours too soon (autobind)
         return await self._start(info.layer, check_conf(info.conf), members=set(info.members))
 
     async def _start(self, layer: str, conf: dict[str, str], members: set[int]) -> m.LayerInfo:
@@ -217,6 +217,8 @@ class UnicastIpcp(Ipcp):
                 hello = await self._expect(af, um.Hello)
                 if hello.layer != self.layer:
                     raise HandlerError(m.EINVAL, f"{dst!r} is in layer {hello.layer!r}, not {self.layer!r}")
+                if hello.addr == self.addr:  # a name this IPCP answers to itself (the layer's, say)
+                    raise HandlerError(m.EINVAL, f"{dst!r} is this IPCP itself")
                 if bool(hello.nonce) != bool(self.key):  # a keyed member challenges; a keyless one cannot
                     why = "needs the layer key" if hello.nonce else "does not know the layer key"
                     raise HandlerError(m.EPERM, f"{dst!r} {why}")
@@ -250,6 +252,8 @@ class UnicastIpcp(Ipcp):
                 return
             if hello.component not in (um.MGMT, um.DT) or hello.layer != self.layer:
                 raise HandlerError(m.EINVAL, f"unexpected hello {hello.component!r} for layer {hello.layer!r}")
+            if hello.addr == self.addr:
+                raise HandlerError(m.EINVAL, "a connection from this IPCP itself")
             nonce = os.urandom(16) if self.key else b""  # a challenge only where there is a key
             await af.write(um.CODEC.encode(um.Hello(hello.component, self.name, self.layer, self.addr, nonce)))
             if self.key:
@@ -279,7 +283,7 @@ class UnicastIpcp(Ipcp):
                 af.close()
                 return
             conf["key"] = self.key.decode()
-        await af.write(um.CODEC.encode(um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members))))
+        await af.write(um.CODEC.encode(um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name)))
         log.info("%s: enrolled %s", self.name, hello.name)
         with contextlib.suppress(TimeoutError, FlowError):
             await asyncio.wait_for(af.read(), HELLO_TIMEOUT)  # until the enrollee closes

@@ -51,6 +51,7 @@ class EnrollInfo(Message):
     result: int = OK  # E_AUTH with a nonce: prove the layer key first
     error: str = ""
     nonce: bytes = b""
+    name: str = ""  # the enroller's: whom the enrollee connects to first
 
 
 @reg

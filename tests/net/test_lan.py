@@ -3,8 +3,8 @@ irmd started with configs/lan-first.toml (h1) or configs/lan-member.toml (h2..h4
 plus one service table per host: a Styx file service on h1, an IBP depot on h2, netplumbd on h3.
 
 The members find the layer by its name on the LAN, enroll, connect to their neighbours by
-themselves, and every host reaches every other host's services by name; a host killed and
-booted again from the same file rejoins by itself.
+themselves, and every host reaches every other host's services by name; a member killed and
+booted again from the same file rejoins by itself, and so does the first host (join=).
 """
 
 from __future__ import annotations
@@ -147,9 +147,11 @@ def test_four_hosts_boot_a_lan_overlay_from_config_files_and_a_killed_host_rejoi
     assert use_services(irmds, env, lan_dir) == []
     store_and_load(irmds["4"], lan_dir)  # 1 MB from h4 into the depot on h2 and back, across the bridge
 
-    kill_host(lab, ends["3"][0], irmds["3"])
-    irmds["3"].sock.unlink(missing_ok=True)  # a crashed host leaves its socket; a reboot starts clean
-    irmds["3"] = boot(lab, ends["3"][0], "3", env)
-    took = reach_all(irmds, REJOIN_WITHIN, "rejoin")
-    print(f"h3 killed and booted again: every pair reachable after {took:.1f} s")
+    for tag in ("3", "1"):  # a member, then the first host: each rejoins the layer it left
+        kill_host(lab, ends[tag][0], irmds[tag])
+        irmds[tag].sock.unlink(missing_ok=True)  # a crashed host leaves its socket; a reboot starts clean
+        irmds[tag] = boot(lab, ends[tag][0], tag, env)
+        took = reach_all(irmds, REJOIN_WITHIN, "rejoin")
+        print(f"h{tag} killed and booted again: every pair reachable after {took:.1f} s")
+    assert "joined layer net through a member" in irmds["1"].log_text()  # not a second layer "net"
     assert use_services(irmds, env, lan_dir) == []

@@ -7,6 +7,7 @@ are marked by the queue they enter, and flows are paced by what their receivers 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -169,9 +170,9 @@ class Dt(PollThread):
             sock = n1.get(hop)
             if sock is None:
                 continue  # that next hop's flow is down: try the alternate
-            if self._queues:
-                bufs = self._mark(hop, bufs)
             try:
+                if self._queues:
+                    bufs = self._mark(hop, bufs)
                 sock.sendmsg(bufs)
             except BlockingIOError:
                 if hold:
@@ -211,7 +212,8 @@ class Dt(PollThread):
 
         def resume() -> None:
             if self._flow_at.get(fd) is flow and (not rest or self._send_from(flow, rest)):
-                self.watch(fd)
+                with contextlib.suppress(OSError):  # deallocated by the IPCP's thread just now
+                    self.watch(fd)
 
         self.call_later(wait, resume)
 

@@ -17,11 +17,31 @@ def test_marks_start_above_a_standing_burst_and_grow_with_the_queue() -> None:
     assert ca.ecn_level(5, 0) == 255  # no capacity known: anything queued is too much
 
 
-def test_receiver_is_silent_without_marks_and_answers_the_first_at_once() -> None:
+def test_receiver_reports_a_climbing_rate_unasked_then_is_silent_until_the_first_mark() -> None:
     rx = ca.Receiver(0.0)
-    assert all(rx.on_pdu(0, 1000, i * 0.001) is None for i in range(100))
-    first = rx.on_pdu(80, 1000, 0.1)
+    t, reports = 0.0, []
+    for per_ms in (1, 2, 4, 8, 8, 8, 8):  # a sender slow-starting to 8 MB/s, 50 ms at each pace
+        for _ in range(50):
+            t += 0.001
+            reports += [u for _ in range(per_ms) if (u := rx.on_pdu(0, 1000, t)) is not None]
+    assert all(u.ece == 0 for u in reports)
+    assert [round(u.rate / 1e6) for u in reports] == [1, 2, 4, 8]  # each climb once; the plateau not
+    first = rx.on_pdu(80, 1000, t)
     assert first is not None and first.ece == 80
+
+
+def test_a_slow_starting_sender_goes_no_faster_than_twice_what_arrives() -> None:
+    tx = ca.Sender(0.0)
+    t = 0.0
+    tx.on_update(ca.Update(0, 1e6), t)  # the receiver: 1 MB/s arrives
+    for _ in range(20):
+        t += ca.RATE_WINDOW
+        tx.admit(1000, t)
+    assert tx.slow_start and tx.rate == pytest.approx(2e6)
+    tx.on_update(ca.Update(0, 2e6), t)  # it got through: go on
+    t += ca.RATE_WINDOW
+    tx.admit(1000, t)
+    assert tx.rate > 2e6
 
 
 def test_receiver_measures_its_delivery_rate_over_busy_windows() -> None:

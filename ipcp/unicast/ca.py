@@ -14,8 +14,9 @@ MARK_FROM = 32  # average queue fullness (of 255) below which a forwarder does n
 UPDATE_EVERY = 8  # marked PDUs between two updates from a receiver
 RATE_WINDOW = 0.01  # seconds over which a receiver measures its delivery rate
 HOLD = 0.02  # seconds between two decreases of a sender's rate: one round trip of a congested path
-STALE = 0.1  # seconds after which a sender stops believing the last congestion it heard of
-QUIET = 1.0  # seconds without congestion after which a sender slow-starts again: it is long gone
+CLIMBING = 1.25  # a delivery rate this much above the last one reported is reported unasked
+STALE = 0.5  # seconds after which a sender stops believing the last congestion it heard of
+QUIET = 2.0  # seconds without congestion after which a sender slow-starts again: it is long gone
 INITIAL_RATE = 1.25e6  # bytes per second a new flow starts at (10 Mbit/s)
 SLOW_START = 0.5  # the fraction its rate grows by every RATE_WINDOW until it first hears of congestion
 INCREASE = 32_000.0  # ... and after, the bytes/s it grows by every RATE_WINDOW: additive, so flows
@@ -40,25 +41,33 @@ class Update:
 
 
 class Receiver:
-    """Per flow at the receiving end: a smoothed congestion level and the delivery rate."""
+    """Per flow at the receiving end: a smoothed congestion level and the delivery rate, echoed
+    on marks, and reported unasked while it keeps climbing (the sender is slow-starting)."""
 
     def __init__(self, now: float) -> None:
         self.ece = 0
         self.rate = 0.0
+        self._reported = 0.0  # the climbing rate last reported
         self._marked = 0
         self._window_start = now
         self._window_bytes = 0
 
     def on_pdu(self, ecn: int, nbytes: int, now: float) -> Update | None:
         """A PDU of the flow arrived carrying mark `ecn`: an update to send back, if one is due."""
+        report = None
         elapsed = now - self._window_start
         if elapsed >= RATE_WINDOW:
             if elapsed < 4 * RATE_WINDOW:  # else the flow was idle: that says nothing of the path
                 self.rate = self._window_bytes / elapsed
+                if self.rate > CLIMBING * self._reported:
+                    self._reported = self.rate
+                    report = Update(self.ece, self.rate)
+            else:
+                self._reported = 0.0  # a new busy spell: its sender slow-starts again
             self._window_start, self._window_bytes = now, 0
         self._window_bytes += nbytes
         if not ecn and not self.ece:
-            return None
+            return report
         before = self.ece
         self.ece = ecn if ecn > before else (3 * before + ecn) // 4  # up at once, down gently
         if not self.ece:
@@ -68,7 +77,7 @@ class Receiver:
         if not before or self._marked >= UPDATE_EVERY:
             self._marked = 0
             return Update(self.ece, self.rate)
-        return None
+        return report
 
 
 class Sender:
@@ -79,6 +88,8 @@ class Sender:
         self.slow_start = True
         self.ece = 0
         self._heard = 0.0
+        self._congested = -QUIET  # when congestion was last heard of
+        self._delivered = 0.0  # the last delivery rate heard, while slow-starting
         self._decreased = -HOLD
         self._grown = now
         self._tokens = BURST
@@ -90,7 +101,11 @@ class Sender:
 
     def on_update(self, update: Update, now: float) -> None:
         self.ece, self._heard = update.ece, now
-        if not update.ece or now - self._decreased < HOLD:
+        if not update.ece:
+            self._delivered = update.rate
+            return
+        self._congested = now
+        if now - self._decreased < HOLD:
             return
         # Below what arrives, the more so the fuller the queue (down to half): the queue drains, then we grow.
         target = update.rate * (1 - min(update.ece, 128) / 256) if update.rate else self.rate / 2
@@ -106,11 +121,16 @@ class Sender:
             return 0.0
         if self.ece and now - self._heard > STALE:
             self.ece = 0  # the receiver went quiet about it: it is over
-        if not self.slow_start and now - self._heard > QUIET:
-            self.slow_start = True
+        if not self.slow_start and now - self._congested > QUIET:
+            self.slow_start, self._delivered = True, 0.0
         if not self.ece and now - self._grown >= RATE_WINDOW:
             windows = min(now - self._grown, 2 * RATE_WINDOW) / RATE_WINDOW  # grown while sending, not idle
-            self.rate = self.rate * (1 + SLOW_START * windows) if self.slow_start else self.rate + INCREASE * windows
+            if self.slow_start:  # at most twice what arrives, once the receiver says: ack-clocked, as TCP's
+                grown = self.rate * (1 + SLOW_START * windows)
+                fresh = self._delivered and now - self._heard < STALE
+                self.rate = min(grown, max(self.rate, 2 * self._delivered)) if fresh else grown
+            else:
+                self.rate += INCREASE * windows
             self._grown = now
             if not self.paced:
                 return 0.0

@@ -451,27 +451,42 @@ class UnicastIpcp(Ipcp):
         addrs = await self._lookup(digest)
         if not addrs:
             raise HandlerError(m.ENOENT, "name not found in the layer's directory")
-        eid = self._new_eid()
-        fut: asyncio.Future[um.FaReply] = self.loop.create_future()
-        self._allocs[eid] = fut
-        if not self._send(addrs[0], um.FaReq(self.addr, eid, digest, qos)):
-            self._allocs.pop(eid, None)
-            raise HandlerError(m.ENOTCONN, f"no route to address {addrs[0]}")
-        try:
-            reply = await asyncio.wait_for(fut, min(timeout, ALLOC_TIMEOUT))
-        except TimeoutError:
-            raise HandlerError(m.ETIMEDOUT, f"address {addrs[0]} did not answer the flow request") from None
-        finally:
-            self._allocs.pop(eid, None)
+        reply, dst = await self._request_flow(digest, qos, addrs, min(timeout, ALLOC_TIMEOUT))
         if reply.result != um.OK:
             assert self.dir is not None
             self.dir.cache.pop(digest, None)  # stale: the next lookup asks again
             raise HandlerError(m.ENOENT if reply.result == um.E_NOENT else m.EIPCP, "the destination refused the flow")
         app_end, mine = seqpacket_pair()
-        flow = UniFlow(eid, mine, addrs[0], reply.s_eid, flow_id, qos_cube(qos))
+        flow = UniFlow(reply.d_eid, mine, dst, reply.s_eid, flow_id, qos_cube(qos))
         self.flows[flow_id] = flow
         self.dt.add_flow(flow)
         return self.mtu, app_end.detach()
+
+    async def _request_flow(self, digest: bytes, qos: QosSpec, addrs: list[int],
+                            timeout: float) -> tuple[um.FaReply, int]:
+        """Ask the members registered for the name in turn, those we have a route to first: an
+        entry may outlive its member (a host rebooted under a new address)."""
+        assert self.dt is not None
+        pff = self.dt.pff
+        addrs = sorted(addrs, key=lambda a: a != self.addr and a not in pff)
+        deadline = time.monotonic() + timeout
+        why = ""
+        for i, dst in enumerate(addrs):
+            eid = self._new_eid()
+            fut: asyncio.Future[um.FaReply] = self.loop.create_future()
+            self._allocs[eid] = fut
+            if not self._send(dst, um.FaReq(self.addr, eid, digest, qos)):
+                self._allocs.pop(eid, None)
+                why = why or f"no route to address {dst}"
+                continue
+            left = deadline - time.monotonic()
+            try:  # the last one may take what is left; the others share it
+                return await asyncio.wait_for(fut, left if i == len(addrs) - 1 else left / 2), dst
+            except TimeoutError:
+                why = f"address {dst} did not answer the flow request"
+            finally:
+                self._allocs.pop(eid, None)
+        raise HandlerError(m.ETIMEDOUT if "answer" in why else m.ENOTCONN, why)
 
     async def _fa_arrived(self, req: um.FaReq) -> None:
         assert self.dt is not None

@@ -372,6 +372,19 @@ def test_lsdb_a_member_back_at_a_new_address_replaces_its_old_incarnation() -> N
     assert a.receive(um.Lsu(4, 1, [2]), 1.0) and 9 in a.members  # unnamed LSUs replace nothing
 
 
+def test_lsdb_an_old_incarnations_lsu_still_going_round_does_not_undo_the_new_one() -> None:
+    a = Lsdb(1, name="n1")
+    a.receive(um.Lsu(3, 1, [2], "n3", since=100.0), 0.0)
+    assert a.receive(um.Lsu(9, 1, [2], "n3", since=200.0), 1.0)  # rebooted at 200, now at address 9
+    assert not a.receive(um.Lsu(3, 7, [2], "n3", since=100.0), 2.0)  # re-flooded by a slower member
+    assert 9 in a.members and 3 not in a.members
+    b = Lsdb(5, name="n5")  # heard of the new one first, then of the old: keeps the new one
+    b.receive(um.Lsu(9, 1, [2], "n3", since=200.0), 0.0)
+    assert not b.receive(um.Lsu(3, 1, [2], "n3", since=100.0), 1.0)
+    assert b.names() == {5: "n5", 9: "n3"}
+    assert not b.receive(um.Lsu(4, 1, [2], "n5", since=-1.0), 1.0)  # nor an old incarnation of itself
+
+
 def test_lsdb_refresh_is_due_every_lsu_refresh_seconds() -> None:
     a = Lsdb(1)
     a.set_neighbours({2}, 0.0)

@@ -171,7 +171,7 @@ class Dt(PollThread):
             if sock is None:
                 continue  # that next hop's flow is down: try the alternate
             try:
-                if self._queues:
+                if self._queues and not hold:  # our own flows' writers are held back by a full queue instead
                     bufs = self._mark(hop, bufs)
                 sock.sendmsg(bufs)
             except BlockingIOError:

@@ -147,7 +147,7 @@ class UnicastIpcp(Ipcp):
                 break
         self.layer = layer
         self.mtu = int(conf["mtu"]) - fmt.size
-        self.lsdb = Lsdb(self.addr, conf["routing"], self.name)
+        self.lsdb = Lsdb(self.addr, conf["routing"], self.name, time.time())
         self.dir = Directory(self.addr)
         self.dir.reachable = lambda addr: self.dt is not None and addr in self.dt.pff
         self.loop = asyncio.get_running_loop()

@@ -64,6 +64,7 @@ class Lsu(Message):
     seqno: int
     neighbours: list[int]
     name: str = ""  # what the member is called in the layers below: automatic connects reach it by it
+    since: float = 0.0  # when this incarnation started: of two addresses under one name, the later is the member
 
 
 @reg

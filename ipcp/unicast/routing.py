@@ -20,18 +20,19 @@ class _Entry:
     neighbours: frozenset[int]
     seen: float
     name: str = ""
+    since: float = 0.0  # when this incarnation of the member started (its own wall clock)
 
 
 class Lsdb:
     """What this member knows of the layer's graph, and the next hops it implies."""
 
-    def __init__(self, me: int, policy: str = "link_state", name: str = "") -> None:
+    def __init__(self, me: int, policy: str = "link_state", name: str = "", since: float = 0.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}: expected one of {', '.join(POLICIES)}")
         self.me = me
         self.policy = policy
         self.seqno = 0
-        self.db: dict[int, _Entry] = {me: _Entry(0, frozenset(), 0.0, name)}
+        self.db: dict[int, _Entry] = {me: _Entry(0, frozenset(), 0.0, name, since)}
         self._last_flood = 0.0
 
     @property
@@ -45,16 +46,17 @@ class Lsdb:
     def set_neighbours(self, neighbours: set[int], now: float) -> Lsu:
         """Our adjacencies changed: the LSU to flood."""
         self.seqno += 1
-        self.db[self.me] = _Entry(self.seqno, frozenset(neighbours), now, self.db[self.me].name)
+        self.db[self.me] = dataclasses.replace(self.db[self.me], seqno=self.seqno, neighbours=frozenset(neighbours),
+                                               seen=now)
         self._last_flood = now
         return self.own()
 
     def own(self) -> Lsu:
         entry = self.db[self.me]
-        return Lsu(self.me, entry.seqno, sorted(entry.neighbours), entry.name)
+        return Lsu(self.me, entry.seqno, sorted(entry.neighbours), entry.name, entry.since)
 
     def all(self) -> list[Lsu]:
-        return [Lsu(a, e.seqno, sorted(e.neighbours), e.name) for a, e in self.db.items()]
+        return [Lsu(a, e.seqno, sorted(e.neighbours), e.name, e.since) for a, e in self.db.items()]
 
     def receive(self, lsu: Lsu, now: float) -> bool:
         """Take an LSU; True if it was news (and so is to be flooded on)."""
@@ -67,10 +69,14 @@ class Lsdb:
             if lsu.seqno == entry.seqno:
                 entry.seen = now
             return False
-        if entry is None and lsu.name:  # a member that came back at a new address: forget the old one
-            for addr in [a for a, e in self.db.items() if e.name == lsu.name and a != self.me]:
-                del self.db[addr]
-        self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name)
+        if entry is None and lsu.name:  # a member under a second address: the later incarnation wins
+            rivals = [a for a, e in self.db.items() if e.name == lsu.name]
+            if any(self.db[a].since > lsu.since for a in rivals):
+                return False  # an old one's LSU still going round: it must not undo the new one
+            for addr in rivals:
+                if addr != self.me:
+                    del self.db[addr]
+        self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name, lsu.since)
         return True
 
     def tick(self, now: float) -> tuple[Lsu | None, bool]:
@@ -84,7 +90,7 @@ class Lsdb:
             self._last_flood = now
             self.seqno += 1
             entry = self.db[self.me]
-            self.db[self.me] = _Entry(self.seqno, entry.neighbours, now, entry.name)
+            self.db[self.me] = dataclasses.replace(entry, seqno=self.seqno, seen=now)
             due = self.own()
         return due, bool(expired)
 

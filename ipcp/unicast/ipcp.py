@@ -47,7 +47,7 @@ PATH_GRACE = 10.0  # a flow whose destination stays unreachable this long goes d
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
 AUTO_NEIGHBOURS = 8  # automatic connects stop at this many neighbours
 AUTO_RETRY = 10.0  # seconds before trying a member that could not be reached again
-DEFAULTS = {"addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "mb-ecn",
+DEFAULTS = {"addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "none",
             "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat", "mtu": "1500"}
 
 

@@ -6,7 +6,9 @@
 """
 
 from flowlib import qos
-from flowlib.errors import (
+from flowlib.events import Event, EventQueue, EventType, FlowSet, fevent
+from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow, flow_accept, flow_alloc, flow_join
+from proto.errors import (
     FlowDown,
     FlowError,
     FlowTimeout,
@@ -18,9 +20,7 @@ from flowlib.errors import (
     PermissionDenied,
     QosNotSupported,
 )
-from flowlib.events import Event, EventQueue, EventType, FlowSet, fevent
-from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow, flow_accept, flow_alloc, flow_join
-from flowlib.qos import QosSpec
+from proto.qos import QosSpec
 
 __all__ = [
     "FLOWFRNONBLOCK",

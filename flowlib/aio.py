@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from flowlib.errors import FlowWouldBlock
 from flowlib.flow import Flow
 from flowlib.flow import flow_accept as _accept
 from flowlib.flow import flow_alloc as _alloc
-from flowlib.qos import QosSpec
+from proto.errors import FlowWouldBlock
+from proto.qos import QosSpec
 
 
 class AsyncFlow:

@@ -14,9 +14,9 @@ import select
 from collections import deque
 from collections.abc import Iterator
 
-from flowlib.errors import FlowError
 from flowlib.flow import Flow, establish
 from flowlib.irm import IrmClient, default_client
+from proto.errors import FlowError
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 
 from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
 from flowlib.engine import APP_MTU, LINGER, Session, engine
-from flowlib.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
 from flowlib.frct import Frct
 from flowlib.irm import IrmClient, default_client
-from flowlib.qos import QosSpec, raw
-from irmd import messages as m
+from proto import messages as m
+from proto.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
+from proto.qos import QosSpec, raw
 
 KEY_AGREEMENT_TIMEOUT = 10.0
 HELLO_RETRY = 0.5
@@ -57,6 +57,9 @@ class Flow:
         self.name = reply.name
         self.mtu = reply.mtu
         self.qos = reply.qos
+        # Who allocated the flow, as the kernel told the IRMd: set only when both ends are on this host.
+        self.peer_uid: int | None = reply.peer_uid if reply.peer_uid >= 0 else None
+        self.peer_pid: int | None = reply.peer_pid or None
         self._irm = irm
         self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(True)

@@ -8,46 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from flowlib.errors import FlowError, FlowTimeout, IrmdUnreachable, from_remote
-from flowlib.qos import QosSpec, raw
-from irmd import messages as m
-from transports.channel import ChannelClosed, RemoteError, SyncChannel
-from transports.unix import close_fds, irmd_sock_path
+from proto import messages as m
+from proto.control import call, open_channel
+from proto.errors import FlowError, IrmdUnreachable
+from proto.qos import QosSpec, raw
+from transports.unix import close_fds
 from transports.wire import Message
 
+__all__ = ["IrmClient", "call", "default_client", "open_channel"]
+
 REPLY_MARGIN = 5.0  # extra seconds to wait for the IRMd beyond the timeout it enforces
-
-
-def open_channel(path: Path | None = None, on_notice: object = None, on_close: object = None) -> SyncChannel:
-    """Connect to the IRMd's control socket, with a clear error if none is there."""
-    path = path or irmd_sock_path()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        sock.connect(str(path))
-    except OSError as e:
-        sock.close()
-        raise IrmdUnreachable(f"cannot reach the IRMd at {path}: {e.strerror or e}") from None
-    return SyncChannel(sock, m.CODEC, on_notice, on_close)  # type: ignore[arg-type]
-
-
-def call(channel: SyncChannel, msg: Message, timeout: float | None = None,
-         fds: Sequence[int] = ()) -> tuple[Message, list[int]]:
-    """One request to the IRMd, with its failures as flow API exceptions."""
-    try:
-        return channel.request(msg, fds, timeout)
-    except RemoteError as e:
-        raise from_remote(e.code, e.text) from None
-    except ChannelClosed as e:
-        raise IrmdUnreachable(f"lost the IRMd: {e}") from None
-    except TimeoutError as e:
-        raise FlowTimeout(str(e)) from None
 
 
 class IrmClient:

@@ -1,65 +1,6 @@
-"""QoS specifications, as Ouroboros's qosspec_t: what an application asks of a flow.
+"""QoS specifications for applications: the presets and QosSpec of proto.qos, under flowlib's name."""
 
-Layers map a spec onto one of their QoS cubes; the presets mirror Ouroboros's.
-"""
+from proto.qos import PRESETS, UINT32_MAX, UINT64_MAX, QosSpec, best_effort, by_name, data, raw, video, voice
 
-from __future__ import annotations
-
-import dataclasses
-
-UINT32_MAX = 0xFFFFFFFF
-UINT64_MAX = 0xFFFFFFFFFFFFFFFF
-
-
-@dataclasses.dataclass(frozen=True)
-class QosSpec:
-    delay: int = UINT32_MAX  # ms
-    bandwidth: int = 0  # bits/s
-    availability: int = 0  # class of nines
-    loss: int = 1  # 0 asks for retransmission
-    ber: int = 1  # bit errors per billion bits; 0 asks for integrity checks
-    in_order: int = 0  # 1 enables FRCT in-order delivery
-    max_gap: int = UINT32_MAX  # ms
-    timeout: int = 0  # peer timeout in ms, 0 = none
-    cypher_s: int = 0  # encryption key bits, 0 = none (flow_alloc(..., encrypt=True) sets it)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= UINT64_MAX:
-                raise ValueError(f"qos {f.name}: expected a non-negative integer, got {value!r}")
-
-    @property
-    def reliable(self) -> bool:
-        return self.loss == 0
-
-    @property
-    def frct(self) -> bool:
-        """Whether flows with this spec run FRCT: for ordering, and retransmission if reliable."""
-        return bool(self.in_order) or self.loss == 0
-
-
-raw = QosSpec()
-best_effort = QosSpec(ber=0, in_order=1)
-video = QosSpec(delay=100, bandwidth=UINT64_MAX, availability=3, ber=0, in_order=1, max_gap=100)
-voice = QosSpec(delay=50, bandwidth=100_000, availability=5, ber=0, in_order=1, max_gap=50)
-data = QosSpec(delay=1000, loss=0, ber=0, in_order=1, max_gap=2000)
-
-PRESETS: dict[str, QosSpec] = {
-    "raw": raw,
-    "best": best_effort,
-    "best_effort": best_effort,
-    "video": video,
-    "voice": voice,
-    "data": data,
-}
-
-
-def by_name(name: str) -> QosSpec:
-    """The preset for an oping/irm-style QoS name, with a clear error otherwise."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown qos {name!r}: expected one of {', '.join(sorted(PRESETS))}"
-        ) from None
+__all__ = ["PRESETS", "UINT32_MAX", "UINT64_MAX", "QosSpec", "best_effort", "by_name", "data", "raw", "video",
+           "voice"]

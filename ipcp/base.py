@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flowlib.qos import UINT64_MAX, QosSpec
-from irmd import messages as m
+from proto import messages as m
+from proto.qos import UINT64_MAX, QosSpec
 from transports.channel import AsyncChannel, HandlerError
 from transports.unix import close_fds
 from transports.wire import Message
@@ -84,13 +84,13 @@ class Ipcp:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int) -> int:
+    async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int, src_flow: int = 0) -> int:
         """Hand a flow requested by a peer to the IRMd; returns the new flow id.
 
         The fd is the application's end; the caller keeps (and must close) its copy.
         """
         assert self.channel is not None
-        reply, fds = await self.channel.request(m.FlowReqArrived(digest, qos, mtu), [fd])
+        reply, fds = await self.channel.request(m.FlowReqArrived(digest, qos, mtu, src_flow), [fd])
         close_fds(fds)
         if not isinstance(reply, m.IpcpFlowAccepted):
             raise HandlerError(m.EPROTO, f"IRMd answered FlowReqArrived with {type(reply).__name__}")

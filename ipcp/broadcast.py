@@ -13,11 +13,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from flowlib.qos import QosSpec
 from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.ipcp import TICK, UnicastIpcp
 from ipcp.unicast.pci import Pci, PciError, PciFormat
-from irmd.registry import name_hash
+from proto.names import name_hash
+from proto.qos import QosSpec
 from transports.channel import HandlerError
 from transports.unix import seqpacket_pair
 

@@ -11,8 +11,8 @@ from collections.abc import Hashable
 
 from ipcp.shim import ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp, impaired
-from irmd import messages as m
-from irmd.registry import HASHES
+from proto import messages as m
+from proto.names import HASHES
 from transports import eth
 from transports.channel import HandlerError
 from transports.relay import Relay

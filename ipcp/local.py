@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from flowlib.qos import QosSpec
 from ipcp.base import Ipcp
-from irmd import messages as m
-from irmd.registry import HASHES
+from proto import messages as m
+from proto.names import HASHES
+from proto.qos import QosSpec
 from transports.channel import HandlerError
 from transports.unix import seqpacket_pair
 
@@ -47,7 +47,7 @@ class LocalIpcp(Ipcp):
             raise HandlerError(m.ENOENT, "name not registered in this layer")
         src, dst = seqpacket_pair()
         try:
-            peer_id = await self.flow_arrived(digest, qos, LOCAL_MTU, dst.fileno())
+            peer_id = await self.flow_arrived(digest, qos, LOCAL_MTU, dst.fileno(), src_flow=flow_id)
         except BaseException:
             src.close()
             raise

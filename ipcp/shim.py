@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from flowlib.qos import QosSpec
+from proto.qos import QosSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from flowlib.qos import QosSpec
 from ipcp.base import Ipcp
 from ipcp.shim import (
     E_NOENT,
@@ -28,7 +27,8 @@ from ipcp.shim import (
     ShimFlow,
     ShimFull,
 )
-from irmd import messages as m
+from proto import messages as m
+from proto.qos import QosSpec
 from transports.channel import HandlerError, RemoteError
 from transports.impair import ImpairedFraming, Impairment
 from transports.relay import Framing, Relay

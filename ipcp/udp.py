@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from ipcp.shim import ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp, impaired
-from irmd import messages as m
+from proto import messages as m
 from transports import udp
 from transports.channel import HandlerError
 from transports.relay import Relay

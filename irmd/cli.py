@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from flowlib.errors import FlowError
-from flowlib.irm import call, open_channel
-from irmd import messages as m
-from irmd.registry import HASHES, IPCP_TYPES, LB_POLICIES
+from proto import messages as m
+from proto.control import call, open_channel
+from proto.errors import FlowError
+from proto.names import HASHES, IPCP_TYPES, LB_POLICIES
 from transports.wire import Message
 
 

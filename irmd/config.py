@@ -18,9 +18,9 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from irmd import messages as m
 from irmd.cli import UsageError, bootstrap_conf
-from irmd.registry import LB_POLICIES
+from proto import messages as m
+from proto.names import LB_POLICIES
 from transports.channel import HandlerError
 from transports.wire import Message
 

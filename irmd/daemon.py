@@ -24,21 +24,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from irmd import messages as m
 from irmd import state
 from irmd.config import ConfigError, Step, apply_config, plan
-from irmd.registry import (
-    HASHES,
-    IPCP_TYPES,
-    Acceptor,
-    Flow,
-    FlowState,
-    ProgBinding,
-    Registry,
-    RegistryError,
-    check_name,
-    name_hash,
-)
+from irmd.registry import Acceptor, Flow, FlowState, ProgBinding, Registry
+from proto import messages as m
+from proto.names import HASHES, IPCP_TYPES, RegistryError, check_name, name_hash
 from transports.channel import AsyncChannel, ChannelClosed, HandlerError, RemoteError
 from transports.unix import close_fds, irmd_sock_path
 from transports.wire import Message
@@ -335,7 +325,7 @@ class Irmd:
         assert ipcp.channel is not None
         digest = name_hash(ipcp.hash, msg.name)
         flow = self.reg.new_flow(
-            owner=c.conn_id, pid=c.pid, name=msg.name, layer=ipcp.layer, ipcp=ipcp.name,
+            owner=c.conn_id, pid=c.pid, uid=c.uid, name=msg.name, layer=ipcp.layer, ipcp=ipcp.name,
             qos=msg.qos, role="src",
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
@@ -460,17 +450,25 @@ class Irmd:
             raise HandlerError(m.ENOENT, "no name with that hash is registered here")
         acceptor = await self._wait_acceptor(entry.name)
         flow = self.reg.new_flow(
-            owner=acceptor.conn_id, pid=acceptor.pid, name=entry.name, layer=ipcp.layer,
+            owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
             ipcp=ipcp.name, qos=msg.qos, role="dst", state=FlowState.ALLOCATED, mtu=msg.mtu,
         )  # fmt: skip
         flow.fd = os.dup(fds[0])
-        reply = m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name)
+        src = self._local_source(ipcp, msg.src_flow)
+        reply = m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
+                            src.uid if src else -1, src.pid if src else 0)
         waiting = next((f for f in acceptor.accepts if not f.done()), None)
         if waiting is not None:
             waiting.set_result((reply, os.dup(fds[0])))
         elif acceptor.channel is not None:
             acceptor.channel.notify(reply, fds)
         return m.IpcpFlowAccepted(flow.flow_id)
+
+    def _local_source(self, ipcp: Ipcp, src_flow: int) -> Flow | None:
+        """The allocating end of a flow that never left this host: only the local IPCP can name it,
+        and only a flow that IPCP is serving counts, so an IPCP cannot lend another flow's identity."""
+        src = self.reg.flows.get(src_flow) if ipcp.type == "local" and src_flow else None
+        return src if src is not None and src.ipcp == ipcp.name and src.role == "src" else None
 
     async def _wait_acceptor(self, name: str) -> Client:
         """A process to take a flow for `name`, starting the bound program if need be."""

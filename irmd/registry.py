@@ -8,43 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator
 
-from flowlib.qos import QosSpec
-
-HASHES = {
-    "SHA3_224": hashlib.sha3_224,
-    "SHA3_256": hashlib.sha3_256,
-    "SHA3_384": hashlib.sha3_384,
-    "SHA3_512": hashlib.sha3_512,
-}
-LB_POLICIES = ("round-robin", "spillover")
-IPCP_TYPES = ("local", "unicast", "broadcast", "udp4", "udp6", "eth-dix", "eth-llc")
-MAX_NAME = 255
-
-
-class RegistryError(Exception):
-    """A request the registry refuses; `code` is the Error reply's code."""
-
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-
-
-def check_name(name: str, what: str = "name") -> str:
-    if not name or len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
-        raise RegistryError("EINVAL", f"bad {what} {name!r}: 1-{MAX_NAME} printable characters, no spaces")
-    return name
-
-
-def name_hash(algo: str, name: str) -> bytes:
-    try:
-        return HASHES[algo](name.encode()).digest()
-    except KeyError:
-        raise RegistryError("EINVAL", f"unknown hash {algo!r}: expected one of {', '.join(HASHES)}") from None
+from proto.names import LB_POLICIES, RegistryError, check_name, name_hash
+from proto.qos import QosSpec
 
 
 def prog_key(path: str) -> str:
@@ -88,6 +57,7 @@ class Flow:
     role: str  # "src" or "dst"
     state: FlowState = FlowState.PENDING
     mtu: int = 0
+    uid: int = -1  # the owner's uid, from SO_PEERCRED
     fd: int = -1  # the IRMd's copy of the application's end, to tear the flow down
 
 

@@ -20,7 +20,7 @@ from unicast_net import Cluster
 
 import flowlib.irm
 from flowlib.irm import IrmClient, call
-from irmd import messages as m
+from proto import messages as m
 
 
 def _raise_nofile() -> None:

@@ -434,3 +434,10 @@ def test_one_program_started_for_two_names_serves_each_with_its_own_arguments(
                     assert flow.read() == f"serving {name}".encode()
     finally:
         client.close()
+
+
+def test_acceptor_learns_who_allocated_a_local_flow(pair: Pair) -> None:
+    """The kernel's word (SO_PEERCRED at the IRMd), not anything the allocator said."""
+    cli, srv = pair
+    assert (srv.peer_uid, srv.peer_pid) == (os.getuid(), os.getpid())
+    assert (cli.peer_uid, cli.peer_pid) == (None, None)  # the allocator learns nothing of the acceptor here

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from irmd import messages as m
 from irmd.cli import UsageError, parse
+from proto import messages as m
 
 
 def test_full_keywords_parse_to_the_request() -> None:

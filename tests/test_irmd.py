@@ -19,7 +19,7 @@ from helpers import BIN, IrmdProc, accepted_pair, irmd_env, pid_alive, start_irm
 from flowlib.errors import FlowDown, FlowError, IrmdUnreachable, NameNotFound
 from flowlib.events import EventQueue, EventType, FlowSet, fevent
 from flowlib.irm import IrmClient
-from irmd import messages as m
+from proto import messages as m
 from transports.unix import recv_frame, send_frame
 from transports.wire import HEADER, MAGIC, MAX_FRAME, REPLY, VERSION, Error, Message
 
@@ -259,7 +259,7 @@ def test_many_connections_that_come_and_go_do_not_hurt_the_irmd(irmd: IrmdProc) 
 
 HIT_AND_RUN = """
 import socket, sys
-from irmd import messages as m
+from proto import messages as m
 from transports.unix import send_frame
 for _ in range(int(sys.argv[3])):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -297,7 +297,7 @@ def test_client_that_allocates_and_disconnects_at_once_leaves_no_flow_behind(
 
 ACCEPT_AND_RUN = """
 import socket, sys, os
-from irmd import messages as m
+from proto import messages as m
 from transports.unix import send_frame, recv_frame
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(sys.argv[1])

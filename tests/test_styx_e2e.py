@@ -22,7 +22,7 @@ from test_styx_wire import p9fs_python, py9p_python
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
 from apps.styx.transport import StreamTransport, dial
-from irmd import messages as m
+from proto import messages as m
 
 Styx = Callable[..., subprocess.CompletedProcess[str]]
 

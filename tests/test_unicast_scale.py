@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from unicast_net import Cluster, Host, echo_once
 
-from irmd import messages as m
+from proto import messages as m
 
 LSU_TIMEOUT = 60.0  # ipcp/unicast/routing.py: a dead member's LSU lingers this long
 # Layer sizes to run: 20 by default (about 2 minutes); UNICAST_SCALE_SIZES=10,20 measures both.

@@ -1,4 +1,4 @@
-"""The control-message codec (transports.wire with irmd.messages.CODEC), without sockets."""
+"""The control-message codec (transports.wire with proto.messages.CODEC), without sockets."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from flowlib import qos
 from flowlib.qos import UINT64_MAX, QosSpec
-from irmd import messages as m
-from irmd.messages import CODEC
+from proto import messages as m
+from proto.messages import CODEC
 from transports.wire import HEADER, MAGIC, MAX_BODY, VERSION, Error, Frame, WireError
 
 MESSAGE_TYPES = sorted(CODEC.types.values(), key=lambda cls: cls.TYPE)

@@ -28,7 +28,7 @@ from helpers import IrmdProc, children_of, free_port, pid_alive, start_irmd, sto
 from flowlib.errors import FlowError
 from flowlib.flow import flow_alloc
 from flowlib.irm import IrmClient
-from irmd import messages as m
+from proto import messages as m
 from transports.wire import Error, Message
 
 UDP_LAYER = "lan"

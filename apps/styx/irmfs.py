@@ -15,7 +15,7 @@ from apps.styx.tree import Node, StyxError, Synth, SynthDir, Tree, text_file
 from flowlib import Flow, FlowError
 from flowlib.irm import call, open_channel
 from irmd import cli
-from irmd import messages as m
+from proto import messages as m
 from transports.wire import Message
 
 ADMIN_TIMEOUT = 60.0  # bootstrap and enroll may take a while

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from apps.styx.tree import Handle, StyxError, Synth, SynthDir, SynthFile, WouldBlock, text_file
 from flowlib import Flow, FlowError, flow_alloc, qos
 from flowlib.irm import call, default_client
-from irmd import messages as m
+from proto import messages as m
 
 log = logging.getLogger(__name__)
 

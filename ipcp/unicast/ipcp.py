@@ -19,12 +19,8 @@ import time
 from typing import Any
 
 from flowlib.aio import AsyncFlow
-from flowlib.errors import FlowError
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
-from flowlib.qos import QosSpec
-from flowlib.qos import by_name as qos_by_name
-from flowlib.qos import raw as qos_raw
 from ipcp.base import Ipcp
 from ipcp.unicast import ca
 from ipcp.unicast import messages as um
@@ -32,8 +28,12 @@ from ipcp.unicast.dir import Directory
 from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.pci import PciFormat
 from ipcp.unicast.routing import POLICIES, Lsdb
-from irmd import messages as m
-from irmd.registry import HASHES
+from proto import messages as m
+from proto.errors import FlowError
+from proto.names import HASHES
+from proto.qos import QosSpec
+from proto.qos import by_name as qos_by_name
+from proto.qos import raw as qos_raw
 from transports.channel import HandlerError, RemoteError
 from transports.unix import seqpacket_pair
 from transports.wire import Message, WireError

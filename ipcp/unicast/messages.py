@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from flowlib.qos import QosSpec
+from proto.qos import QosSpec
 from transports.wire import Codec, Message
 
 CODEC = Codec()

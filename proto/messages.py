@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from flowlib.qos import QosSpec
+from proto.qos import QosSpec
 from transports.wire import Codec, Message
 
 CODEC = Codec()
@@ -87,6 +87,9 @@ class FlowReply(Message):
     mtu: int
     qos: QosSpec
     name: str = ""
+    # Who allocated it, as the kernel told the IRMd, when both ends are on this host; else -1 / 0.
+    peer_uid: int = -1
+    peer_pid: int = 0
 
 
 @reg
@@ -344,6 +347,7 @@ class FlowReqArrived(Message):
     hash: bytes
     qos: QosSpec
     mtu: int
+    src_flow: int = 0  # the local IPCP: the allocating end's flow id at this IRMd, so it can name the peer
 
 
 @reg

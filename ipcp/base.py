@@ -56,8 +56,10 @@ class Ipcp:
     async def query(self, digest: bytes) -> bool:
         raise NotImplementedError
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
-        """Allocate; return (mtu, fd of the application's end)."""
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
+                         data: bytes) -> tuple[int, int, bytes]:
+        """Allocate, carrying `data` (opaque) to the peer; return (mtu, fd of the application's end,
+        the data the peer's answer carried)."""
         raise NotImplementedError
 
     def qos_refusal(self, qos: QosSpec) -> str | None:
@@ -84,17 +86,19 @@ class Ipcp:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int, src_flow: int = 0) -> int:
-        """Hand a flow requested by a peer to the IRMd; returns the new flow id.
+    async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes = b"",
+                           src_flow: int = 0) -> tuple[int, bytes]:
+        """Hand a flow requested by a peer, with the data its request carried, to the IRMd;
+        returns the new flow id and the data to carry back in the answer.
 
         The fd is the application's end; the caller keeps (and must close) its copy.
         """
         assert self.channel is not None
-        reply, fds = await self.channel.request(m.FlowReqArrived(digest, qos, mtu, src_flow), [fd])
+        reply, fds = await self.channel.request(m.FlowReqArrived(digest, qos, mtu, src_flow, data), [fd])
         close_fds(fds)
         if not isinstance(reply, m.IpcpFlowAccepted):
             raise HandlerError(m.EPROTO, f"IRMd answered FlowReqArrived with {type(reply).__name__}")
-        return reply.flow_id
+        return reply.flow_id, reply.data
 
     def flow_ended(self, flow_id: int, down: bool, io: socket.socket | None) -> None:
         """The peer deallocated the flow (or went silent): tell the IRMd.
@@ -139,8 +143,8 @@ class Ipcp:
             case m.IpcpFlowAlloc():
                 if (why := self.qos_refusal(msg.qos)) is not None:
                     raise HandlerError(m.ENOTSUP, f"layer {self.layer!r} cannot serve the QoS asked: {why}")
-                mtu, fd = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0)
-                return m.IpcpFlow(mtu), (fd,)
+                mtu, fd, data = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0, msg.data)
+                return m.IpcpFlow(mtu, data), (fd,)
             case m.IpcpFlowDealloc():
                 if (parked := self._parked.pop(msg.flow_id, None)) is not None:
                     parked.close()

@@ -101,7 +101,8 @@ class BroadcastIpcp(UnicastIpcp):
     async def reg(self, digest: bytes, register: bool) -> None:
         raise HandlerError("EINVAL", "names are not registered in a broadcast layer; applications join it")
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
+                         data: bytes) -> tuple[int, int, bytes]:
         """flow_join: the application's flow is one more tap on the layer."""
         if not await self.query(digest):
             raise HandlerError("ENOENT", "a broadcast layer is joined by its own name")
@@ -110,7 +111,7 @@ class BroadcastIpcp(UnicastIpcp):
         flow = UniFlow(self._new_eid(), mine, flow_id=flow_id)
         self.flows[flow_id] = flow
         self.dt.add_flow(flow)
-        return self.mtu, app_end.detach()
+        return self.mtu, app_end.detach(), b""
 
     def qos_refusal(self, qos: QosSpec) -> str | None:
         if qos.frct or qos.cypher_s:

@@ -42,19 +42,20 @@ class LocalIpcp(Ipcp):
     async def query(self, digest: bytes) -> bool:
         return digest in self.registered
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
+                         data: bytes) -> tuple[int, int, bytes]:
         if digest not in self.registered:
             raise HandlerError(m.ENOENT, "name not registered in this layer")
         src, dst = seqpacket_pair()
         try:
-            peer_id = await self.flow_arrived(digest, qos, LOCAL_MTU, dst.fileno(), src_flow=flow_id)
+            peer_id, answer = await self.flow_arrived(digest, qos, LOCAL_MTU, dst.fileno(), data, src_flow=flow_id)
         except BaseException:
             src.close()
             raise
         finally:
             dst.close()
         self.peers[flow_id], self.peers[peer_id] = peer_id, flow_id
-        return LOCAL_MTU, src.detach()
+        return LOCAL_MTU, src.detach(), answer
 
     async def flow_dealloc(self, flow_id: int) -> None:
         peer = self.peers.pop(flow_id, None)

@@ -112,7 +112,8 @@ class ShimIpcp(Ipcp):
         self._flush()
         return await fut
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
+                         data: bytes) -> tuple[int, int, bytes]:
         core = self._core()
         addr = await self._resolve(digest)
         if addr is None:
@@ -140,7 +141,7 @@ class ShimIpcp(Ipcp):
             raise
         self.bind_endpoint(flow, handle)
         self._by_flow_id[flow_id] = flow
-        return self.mtu, app_fd
+        return self.mtu, app_fd, b""  # TODO(shim): carry the piggyback on the wire
 
     # -- data endpoints: by default the relay's socketpair; transports may do better --------
 
@@ -254,7 +255,7 @@ class ShimIpcp(Ipcp):
         try:
             app_fd = self.connect_endpoint(handle, req.addr, req.endpoint)
             try:
-                flow_id = await self.flow_arrived(req.digest, req.qos, self.mtu, app_fd)
+                flow_id, _ = await self.flow_arrived(req.digest, req.qos, self.mtu, app_fd)
             finally:
                 os.close(app_fd)
         except (RemoteError, HandlerError, OSError) as e:

@@ -317,6 +317,7 @@ class IpcpFlowAlloc(Message):
     hash: bytes
     qos: QosSpec
     timeout: float | None = None
+    data: bytes = b""  # the allocation's piggyback (the IRMd's OAP request): opaque to the IPCP, carried whole
 
 
 @reg
@@ -324,6 +325,7 @@ class IpcpFlowAlloc(Message):
 class IpcpFlow(Message):
     TYPE: ClassVar[int] = 68
     mtu: int
+    data: bytes = b""  # the responder's piggyback (its IRMd's OAP response), as it arrived
 
 
 @reg
@@ -348,6 +350,7 @@ class FlowReqArrived(Message):
     qos: QosSpec
     mtu: int
     src_flow: int = 0  # the local IPCP: the allocating end's flow id at this IRMd, so it can name the peer
+    data: bytes = b""  # the requester's piggyback, as it arrived
 
 
 @reg
@@ -355,6 +358,7 @@ class FlowReqArrived(Message):
 class IpcpFlowAccepted(Message):
     TYPE: ClassVar[int] = 71
     flow_id: int
+    data: bytes = b""  # the piggyback to send back to the requester
 
 
 @reg

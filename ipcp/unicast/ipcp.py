@@ -446,7 +446,8 @@ class UnicastIpcp(Ipcp):
             if eid not in self.dt.flows and eid not in self._allocs:
                 return eid
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float) -> tuple[int, int]:
+    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
+                         data: bytes) -> tuple[int, int, bytes]:
         assert self.dt is not None
         addrs = await self._lookup(digest)
         if not addrs:
@@ -460,7 +461,7 @@ class UnicastIpcp(Ipcp):
         flow = UniFlow(reply.d_eid, mine, dst, reply.s_eid, flow_id, qos_cube(qos))
         self.flows[flow_id] = flow
         self.dt.add_flow(flow)
-        return self.mtu, app_end.detach()
+        return self.mtu, app_end.detach(), b""  # TODO(fa): carry the piggyback on the wire
 
     async def _request_flow(self, digest: bytes, qos: QosSpec, addrs: list[int],
                             timeout: float) -> tuple[um.FaReply, int]:
@@ -492,7 +493,7 @@ class UnicastIpcp(Ipcp):
         assert self.dt is not None
         app_end, mine = seqpacket_pair()
         try:
-            flow_id = await self.flow_arrived(req.hash, req.qos, self.mtu, app_end.fileno())
+            flow_id, _ = await self.flow_arrived(req.hash, req.qos, self.mtu, app_end.fileno())
         except (RemoteError, HandlerError) as e:
             mine.close()
             self._send(req.src, um.FaReply(self.addr, 0, req.s_eid, um.E_NOENT if e.code == m.ENOENT else um.E_REFUSED))

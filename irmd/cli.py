@@ -7,22 +7,19 @@ function that turns parsed words into one control message for the IRMd.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import shutil
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from proto import messages as m
 from proto.control import call, open_channel
 from proto.errors import FlowError
-from proto.names import HASHES, IPCP_TYPES, LB_POLICIES
+from proto.names import IPCP_TYPES, LB_POLICIES
+from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, text
 from transports.wire import Message
 
-
-class UsageError(Exception):
-    """A command line that does not follow the grammar."""
+UsageError = OptionError  # a command line that does not follow the grammar
 
 
 def match(word: str, choices: list[str], what: str) -> str:
@@ -35,78 +32,6 @@ def match(word: str, choices: list[str], what: str) -> str:
     if hits:
         raise UsageError(f'"{word}" is ambiguous for {what}: could be {", ".join(hits)}')
     raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}')
-
-
-# -- values -------------------------------------------------------------------
-
-
-def _choice(*options: str) -> Callable[[str, str], str]:
-    def check(key: str, value: str) -> str:
-        if value not in options:
-            raise UsageError(f'bad {key} "{value}": expected one of {{{" ".join(options)}}}')
-        return value
-
-    return check
-
-
-def _int(lo: int, hi: int) -> Callable[[str, str], str]:
-    def check(key: str, value: str) -> str:
-        try:
-            n = int(value, 0)
-        except ValueError:
-            raise UsageError(f'bad {key} "{value}": expected a number from {lo} to {hi}') from None
-        if not lo <= n <= hi:
-            raise UsageError(f'bad {key} "{value}": expected a number from {lo} to {hi}')
-        return str(n)
-
-    return check
-
-
-def _ethertype(key: str, value: str) -> str:
-    try:
-        n = int(value, 16)
-    except ValueError:
-        n = -1
-    if not 0x0600 <= n <= 0xFFFE:
-        raise UsageError(f'bad ethertype "{value}": expected hex 0x0600-0xFFFE (recommended 0xA000-0xEFFF)')
-    return hex(n)
-
-
-def _ip(version: int) -> Callable[[str, str], str]:
-    def check(key: str, value: str) -> str:
-        try:
-            addr = ipaddress.ip_address(value)
-        except ValueError:
-            addr = None
-        if addr is None or addr.version != version:
-            raise UsageError(f'bad {key} "{value}": expected an IPv{version} address')
-        return str(addr)
-
-    return check
-
-
-def _text(key: str, value: str) -> str:
-    if not value or any(c.isspace() for c in value):
-        raise UsageError(f'bad {key} "{value}": expected a word without spaces')
-    return value
-
-
-# Bootstrap options per IPCP type: keyword -> value check.
-TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
-    "local": {"hash": _choice(*HASHES)},
-    "broadcast": {},
-    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "impair": _text},
-    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "impair": _text},
-    "eth-dix": {"dev": _text, "ethertype": _ethertype, "hash": _choice(*HASHES), "impair": _text},
-    "eth-llc": {"dev": _text, "hash": _choice(*HASHES), "impair": _text},
-    "unicast": {
-        "addr": _choice("1", "2", "4", "8"), "eid": _int(8, 8), "ttl": _int(1, 255),
-        "routing": _choice("link_state", "lfa", "ecmp"), "congestion": _choice("none", "mb-ecn"),
-        "hash": _choice(*HASHES), "directory": _choice("DHT"), "addr_auth": _choice("flat"),
-        "key": _text,
-    },
-}  # fmt: skip
-MULTI = {"peer"}  # options that may repeat
 
 
 @dataclasses.dataclass
@@ -152,29 +77,11 @@ def parse_words(args: list[str], keys: list[str], flags: list[str] = (), rest: b
 
 def ipcp_create(args: list[str]) -> Message:
     w = parse_words(args, ["name", "type"])
-    return m.IpcpCreate(w.one("name", True), _choice(*IPCP_TYPES)("type", w.one("type", True)))
+    return m.IpcpCreate(w.one("name", True), choice(*IPCP_TYPES)("type", w.one("type", True)))
 
 
 def ipcp_destroy(args: list[str]) -> Message:
     return m.IpcpDestroy(parse_words(args, ["name"]).one("name", True))
-
-
-def bootstrap_conf(kind: str, options: dict[str, list[str]]) -> dict[str, str]:
-    """Check type options (as words or config values) and flatten them for the IPCP."""
-    conf: dict[str, str] = {}
-    for key, vals in options.items():
-        if kind and key not in TYPE_OPTIONS[kind]:
-            raise UsageError(f'"{key}" does not apply to type {kind}: expected one of '
-                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}')
-        check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
-        if len(vals) > 1 and key not in MULTI:
-            raise UsageError(f'"{key}" given {len(vals)} times: expected once')
-        conf[key] = ",".join(check(key, v) for v in vals)
-    if kind in ("udp4", "udp6") and "ip" not in conf:
-        raise UsageError(f'missing "ip <address>" for type {kind}')
-    if kind in ("eth-dix", "eth-llc") and "dev" not in conf:
-        raise UsageError(f'missing "dev <interface>" for type {kind}')
-    return conf
 
 
 def ipcp_bootstrap(args: list[str]) -> Message:
@@ -182,7 +89,7 @@ def ipcp_bootstrap(args: list[str]) -> Message:
     w = parse_words(args, ["name", "layer", "type", *options], ["autobind"])
     kind = w.one("type")
     if kind:
-        _choice(*IPCP_TYPES)("type", kind)
+        choice(*IPCP_TYPES)("type", kind)
     conf = bootstrap_conf(kind, {k: v for k, v in w.values.items() if k not in ("name", "layer", "type")})
     return m.IpcpBootstrap(w.one("name", True), w.one("layer", True), kind, "autobind" in w.flags, conf)
 
@@ -191,10 +98,10 @@ def ipcp_enroll(args: list[str]) -> Message:
     w = parse_words(args, ["name", "layer", "dst", "type", "key"], ["autobind"])
     kind = w.one("type")
     if kind:
-        _choice("unicast", "broadcast")("type", kind)
+        choice("unicast", "broadcast")("type", kind)
     if not w.one("layer") and not w.one("dst"):
         raise UsageError('enroll needs "layer <layer>" or "dst <destination>"')
-    key = _text("key", w.one("key")) if w.one("key") else ""
+    key = text("key", w.one("key")) if w.one("key") else ""
     return m.IpcpEnroll(w.one("name", True), w.one("layer"), w.one("dst"), kind, "autobind" in w.flags, key)
 
 
@@ -204,7 +111,7 @@ def _connect(args: list[str], connect: bool) -> Message:
     if comp:
         comp = match(comp, ["dt", "mgmt"], "a component")
     qos = w.one("qos") or "raw"
-    _choice("raw", "best", "voice", "video", "data")("qos", qos)
+    choice("raw", "best", "voice", "video", "data")("qos", qos)
     return m.IpcpConnect(w.one("name", True), w.one("dst", True), comp, qos, connect)
 
 
@@ -255,7 +162,7 @@ def _name_arg(args: list[str]) -> tuple[str, list[str]]:
 def name_create(args: list[str]) -> Message:
     name, rest = _name_arg(args)
     lb = parse_words(rest, ["lb"]).one("lb") or "round-robin"
-    return m.NameCreate(name, _choice(*LB_POLICIES)("lb", lb))
+    return m.NameCreate(name, choice(*LB_POLICIES)("lb", lb))
 
 
 def name_destroy(args: list[str]) -> Message:

@@ -18,9 +18,10 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from irmd.cli import UsageError, bootstrap_conf
+from irmd.cli import UsageError
 from proto import messages as m
 from proto.names import LB_POLICIES
+from proto.options import bootstrap_conf
 from transports.channel import HandlerError
 from transports.wire import Message
 

@@ -1,0 +1,102 @@
+"""The options each IPCP type takes at bootstrap, declared once: irm, config files and the
+IPCPs check them against this schema (keyword -> value check)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from proto.names import HASHES
+
+
+class OptionError(ValueError):
+    """A command line, option or value that does not follow the grammar."""
+
+
+
+
+def choice(*options: str) -> Callable[[str, str], str]:
+    def check(key: str, value: str) -> str:
+        if value not in options:
+            raise OptionError(f'bad {key} "{value}": expected one of {{{" ".join(options)}}}')
+        return value
+
+    return check
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], str]:
+    def check(key: str, value: str) -> str:
+        try:
+            n = int(value, 0)
+        except ValueError:
+            raise OptionError(f'bad {key} "{value}": expected a number from {lo} to {hi}') from None
+        if not lo <= n <= hi:
+            raise OptionError(f'bad {key} "{value}": expected a number from {lo} to {hi}')
+        return str(n)
+
+    return check
+
+
+def _ethertype(key: str, value: str) -> str:
+    try:
+        n = int(value, 16)
+    except ValueError:
+        n = -1
+    if not 0x0600 <= n <= 0xFFFE:
+        raise OptionError(f'bad ethertype "{value}": expected hex 0x0600-0xFFFE (recommended 0xA000-0xEFFF)')
+    return hex(n)
+
+
+def _ip(version: int) -> Callable[[str, str], str]:
+    def check(key: str, value: str) -> str:
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            addr = None
+        if addr is None or addr.version != version:
+            raise OptionError(f'bad {key} "{value}": expected an IPv{version} address')
+        return str(addr)
+
+    return check
+
+
+def text(key: str, value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise OptionError(f'bad {key} "{value}": expected a word without spaces')
+    return value
+
+
+# Bootstrap options per IPCP type: keyword -> value check.
+TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
+    "local": {"hash": choice(*HASHES)},
+    "broadcast": {},
+    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "impair": text},
+    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "impair": text},
+    "eth-dix": {"dev": text, "ethertype": _ethertype, "hash": choice(*HASHES), "impair": text},
+    "eth-llc": {"dev": text, "hash": choice(*HASHES), "impair": text},
+    "unicast": {
+        "addr": choice("1", "2", "4", "8"), "eid": _int(8, 8), "ttl": _int(1, 255),
+        "routing": choice("link_state", "lfa", "ecmp"), "congestion": choice("none", "mb-ecn"),
+        "hash": choice(*HASHES), "directory": choice("DHT"), "addr_auth": choice("flat"),
+        "key": text,
+    },
+}  # fmt: skip
+MULTI = {"peer"}  # options that may repeat
+
+
+def bootstrap_conf(kind: str, options: dict[str, list[str]]) -> dict[str, str]:
+    """Check type options (as words or config values) and flatten them for the IPCP."""
+    conf: dict[str, str] = {}
+    for key, vals in options.items():
+        if kind and key not in TYPE_OPTIONS[kind]:
+            raise OptionError(f'"{key}" does not apply to type {kind}: expected one of '
+                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}')
+        check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
+        if len(vals) > 1 and key not in MULTI:
+            raise OptionError(f'"{key}" given {len(vals)} times: expected once')
+        conf[key] = ",".join(check(key, v) for v in vals)
+    if kind in ("udp4", "udp6") and "ip" not in conf:
+        raise OptionError(f'missing "ip <address>" for type {kind}')
+    if kind in ("eth-dix", "eth-llc") and "dev" not in conf:
+        raise OptionError(f'missing "dev <interface>" for type {kind}')
+    return conf

@@ -227,9 +227,9 @@ COMMANDS: dict[str, Any] = {
 USAGE = """usage: irm OPERATION ...
   irm ipcp create    name N type {local|unicast|broadcast|udp4|udp6|eth-dix|eth-llc}
   irm ipcp bootstrap name N layer L [type T] [autobind] [type options]
-      local: [hash H]   udp4/udp6: ip ADDR [port 3435] [peer ADDR]...
+      local: [hash H]   udp4/udp6: ip ADDR [port 3435] [dns ADDR] [peer ADDR]... [members 1024]
       udp/eth, for tests only: [impair loss=PCT,dup=PCT,reorder=PCT]
-      eth-dix: dev IFACE [ethertype 0xA000]   eth-llc: dev IFACE
+      eth-dix: dev IFACE [ethertype 0xA000] [hash H]   eth-llc: dev IFACE [hash H]
       unicast: [addr 4] [eid 8] [ttl 60] [routing {link_state|lfa|ecmp}]
                [congestion {none|mb-ecn}] [hash {SHA3_224|SHA3_256|SHA3_384|SHA3_512}]
                [directory DHT] [addr_auth flat] [key SECRET]

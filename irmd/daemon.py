@@ -28,7 +28,7 @@ from irmd import state
 from irmd.config import ConfigError, Step, apply_config, plan
 from irmd.registry import Acceptor, Flow, FlowState, ProgBinding, Registry
 from proto import messages as m
-from proto.names import HASHES, IPCP_TYPES, RegistryError, check_name, name_hash
+from proto.names import DIGESTS, IPCP_TYPES, RegistryError, check_name, name_hash
 from transports.channel import AsyncChannel, ChannelClosed, HandlerError, RemoteError
 from transports.unix import close_fds, irmd_sock_path
 from transports.wire import Message
@@ -628,7 +628,7 @@ class Irmd:
             # The layer's PDUs ride on flows of the layers below: the smallest MTU bounds them.
             msg.conf.setdefault("mtu", str(min((i.mtu for i in lower), default=1500)))
         info = await self._ipcp_request(ipcp, msg)
-        if not isinstance(info, m.LayerInfo) or info.hash not in HASHES:
+        if not isinstance(info, m.LayerInfo) or info.hash not in DIGESTS:
             raise HandlerError(m.EIPCP, f"ipcp {ipcp.name} answered with {type(info).__name__}")
         if layer and info.layer != layer:
             _signal(ipcp.proc, signal.SIGKILL)

@@ -262,7 +262,7 @@ def llc_garbage(dst: bytes, src: bytes) -> list[bytes]:
     frames = [dst + src + struct.pack("!H", 3), dst + src + struct.pack("!HB", 3, mgmt)]  # truncated
     frames += [llc(100, mgmt, 3, b"short"), llc(2, mgmt, 3, b"")]  # length beyond / below
     frames += [llc(3 + 4, mgmt, 0x13, b"nope")]  # not a UI frame
-    frames += [llc(3 + 4, 0x42, 3, b"stp?"), llc(3 + 4, eth.SAP_OF[9], 3, b"noflow")]
+    frames += [llc(3 + 4, 0x42, 3, b"stp?"), llc(3 + 4, eth.WIRE_SAP[9], 3, b"noflow")]
     frames += [llc(3 + 30, mgmt, 3, b"\x00" * 30), llc(3, mgmt, 3, b"")]  # bad management
     for _ in range(20):
         payload = b"\x00" + rnd.randbytes(rnd.randint(0, 200))  # never 0xFFFF: that is raw 802.3
@@ -302,7 +302,8 @@ def test_bootstrap_on_a_missing_or_non_ethernet_device_fails_saying_why(
     a, _ = two_hosts
     r = a.irmd.irm("ipcp", "bootstrap", "type", "eth-dix", "name", "e", "layer", LAYER, "dev", "nosuch0")
     assert r.returncode != 0 and "no interface 'nosuch0'" in r.stderr + r.stdout
-    r = a.irmd.irm("ipcp", "bootstrap", "type", "eth-dix", "name", "e2", "layer", LAYER, "dev", "lo")
+    a.ip("tuntap", "add", "dev", "tun0", "mode", "tun")  # IP packets, no Ethernet header
+    r = a.irmd.irm("ipcp", "bootstrap", "type", "eth-dix", "name", "e2", "layer", LAYER, "dev", "tun0")
     assert r.returncode != 0 and "not Ethernet" in r.stderr + r.stdout
 
 

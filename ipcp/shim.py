@@ -53,7 +53,6 @@ HELLO_EVERY = 10.0
 MEMBER_TTL = 60.0
 GREET_EVERY = 0.5  # candidates are greeted a few at a time, not all at once
 QUARANTINE = 30.0  # a freed eid is not handed out again for this long: the peer may still send to it
-KEEPALIVE_MIN = 0.05  # floor of a flow's keepalive interval (its qos timeout / 4)
 
 # -- limits ---------------------------------------------------------------------------
 
@@ -107,20 +106,12 @@ class FlowEnded:
     down: bool  # True: the peer went silent; False: the peer deallocated
 
 
-@dataclasses.dataclass(frozen=True)
-class KeepaliveDue:
-    """Send an empty SDU on this (relayed) flow: the peer counts it as a sign of life."""
-
-    eid: int
-
-
 @dataclasses.dataclass(eq=False)
 class ShimFlow:
     eid: int
     addr: Addr
     remote_eid: int = 0  # 0 until the peer answered the request
     flow_id: int = 0
-    timeout: float = 0.0  # the qos peer timeout in seconds, 0: none (0.23 keepalives then)
     ours: bool = False  # the peer speaks our extensions
     relayed: bool = False  # data goes through the relay, which stamps rx_at and tx_at
     rx_at: float = 0.0
@@ -159,7 +150,7 @@ class _Pending:
     retry: bool = True
 
 
-Event = QueryDone | FlowRequested | AllocDone | FlowEnded | KeepaliveDue
+Event = QueryDone | FlowRequested | AllocDone | FlowEnded
 
 
 class ShimCore:
@@ -329,7 +320,7 @@ class ShimCore:
     def alloc(self, digest: bytes, qos: QosSpec, addr: Addr, now: float, timeout: float, data: bytes = b"",
               port: int = 0) -> ShimFlow:
         """Ask `addr` for a flow, carrying `data`; an AllocDone event follows."""
-        flow = ShimFlow(self.new_eid(), addr, timeout=qos.timeout / 1000)
+        flow = ShimFlow(self.new_eid(), addr)
         fields = {"s_eid": flow.eid, **qos_fields(qos), **offer_fields(Offer(qos.cypher_s, port), reply=False)}
         frame = self.layout.encode(Kind.FLOW_REQ, digest + data, **fields)
         self._add(flow)
@@ -447,7 +438,7 @@ class ShimCore:
         qos = msg.qos()
         if offer is not None:
             qos = dataclasses.replace(qos, cypher_s=offer.cypher_s)
-        flow = ShimFlow(self.new_eid(), src, msg.s_eid, timeout=qos.timeout / 1000)
+        flow = ShimFlow(self.new_eid(), src, msg.s_eid)
         self._deciding[key] = flow.eid
         self._events.append(FlowRequested(flow, digest, qos, data, offer, self._budget))
 
@@ -640,24 +631,14 @@ class ShimCore:
         self._next_greet = now + GREET_EVERY if self.candidates else math.inf
 
     def _check_flows(self, now: float) -> float:
-        """Keepalives and timeouts of established flows; when to look again."""
-        wake = math.inf
-        for flow in list(self.flows.values()):
-            if not flow.remote_eid:
-                continue
-            if flow.relayed and flow.ours and flow.rx_at:
+        """Keepalives between us and the peers of ours we have flows with; when to look again.
+
+        Flows to 0.23 peers are kept alive end to end, as in Ouroboros: their empty SDUs pass
+        through like data, and the peers' applications tell when the other end went silent.
+        """
+        for flow in self.flows.values():
+            if flow.relayed and flow.ours and flow.rx_at:  # data heard on the relay counts too
                 self.heard[flow.addr] = max(self.heard.get(flow.addr, 0.0), flow.rx_at)
-            if flow.relayed and flow.timeout:
-                # Ouroboros 0.23's liveness: an empty SDU after T/4 without sending, down after T without hearing.
-                idle = max(flow.timeout / 4, KEEPALIVE_MIN)
-                if now - flow.rx_at >= flow.timeout:
-                    self._forget(flow.eid, now)
-                    self._events.append(FlowEnded(flow.eid, down=True))
-                    continue
-                if now - flow.tx_at >= idle:
-                    flow.tx_at = now
-                    self._events.append(KeepaliveDue(flow.eid))
-                wake = min(wake, flow.tx_at + idle, flow.rx_at + flow.timeout)
         peers = {f.addr for f in self.flows.values() if f.remote_eid and f.ours}
         for addr in [a for a in self.heard if a not in peers]:
             del self.heard[addr]
@@ -669,12 +650,10 @@ class ShimCore:
                     self._forget(flow.eid, now)
                     self._events.append(FlowEnded(flow.eid, down=True))
                 del self.heard[addr]
-                continue
-            if silent > KEEPALIVE_IDLE and now - self.asked.get(addr, 0.0) > KEEPALIVE_IDLE:
+            elif silent > KEEPALIVE_IDLE and now - self.asked.get(addr, 0.0) > KEEPALIVE_IDLE:
                 self.asked[addr] = now
                 self._send(addr, self._encode(Kind.KEEPALIVE, response=KEEPALIVE_ASK))
-            wake = min(wake, now + KEEPALIVE_IDLE / 2)
-        return wake
+        return now + KEEPALIVE_IDLE / 2 if peers else math.inf
 
     def info(self) -> dict[str, int]:
         """Counters and table sizes, for `irm ipcp info` and the logs."""

@@ -21,7 +21,6 @@ from ipcp.shim import (
     AllocDone,
     FlowEnded,
     FlowRequested,
-    KeepaliveDue,
     QueryDone,
     ShimCore,
     ShimFlow,
@@ -316,10 +315,6 @@ class ShimIpcp(Ipcp):
                         done.set_result(ev)
                 case FlowRequested():
                     self.spawn(self._arrived(ev))
-                case KeepaliveDue():
-                    flow = core.flows.get(ev.eid)
-                    if flow is not None and flow.io is not None and self.relay is not None:
-                        self.relay.send(flow, b"")
                 case FlowEnded():
                     self._ended(ev)
         self._arm()

@@ -53,7 +53,7 @@ class Relay(PollThread):
         self.watch(net.fileno())
         self.dropped = 0  # frames that were malformed, for no flow, or from the wrong peer
         self.overflow = 0  # SDUs dropped because the application did not keep up
-        self.keepalives = 0  # empty SDUs received: signs of life, not data
+        self.keepalives = 0  # empty SDUs received: keepalives, carried to the application like data
 
     def add(self, flow: RelayFlow) -> None:
         flow.io.setblocking(False)
@@ -97,9 +97,8 @@ class Relay(PollThread):
                 self.dropped += 1
                 continue
             flow.rx_at = time.monotonic()
-            if not sdu:  # an Ouroboros keepalive: the flow is alive, the application gets nothing
+            if not sdu:  # a keepalive, as on Ouroboros's wire: the flows' ends send and read them
                 self.keepalives += 1
-                continue
             try:
                 flow.io.send(sdu)
             except BlockingIOError:
@@ -116,7 +115,7 @@ class Relay(PollThread):
             self.remove(flow)
 
     def send(self, flow: RelayFlow, sdu: bytes) -> None:
-        """One SDU to the flow's peer (an empty one is a keepalive); safe from any thread."""
+        """One SDU to the flow's peer (an empty one is a keepalive)."""
         try:
             self.framing.send(self.net, flow, sdu)
             flow.tx_at = time.monotonic()

@@ -52,7 +52,8 @@ PEER_TIMEOUT = 5.0  # flows to a peer of ours silent this long go down
 HELLO_EVERY = 10.0
 MEMBER_TTL = 60.0
 GREET_EVERY = 0.5  # candidates are greeted a few at a time, not all at once
-QUARANTINE = 30.0  # a freed eid is not handed out again for this long: the peer may still send to it
+QUARANTINE = 30.0  # a freed eid is not handed out again for this long, if others are free: the peer
+MAX_QUARANTINE = 65536  # may still send to it
 
 # -- limits ---------------------------------------------------------------------------
 
@@ -68,6 +69,7 @@ class Limits:
     candidates: int = 1024  # addresses heard of in gossip, waiting to be greeted
     greet: int = 10  # candidates greeted per GREET_EVERY
     learn: int = 64  # addresses taken from one MEMBERS page
+    flows: int = 4096  # flows, and requests waiting for the IRMd, in all
     deciding: int = 64  # flow requests waiting for the IRMd, in all
     deciding_per_source: int = 8
     queries: int = 256  # name queries outstanding
@@ -184,7 +186,7 @@ class ShimCore:
         self._peers: Counter[Addr] = Counter()  # flows per peer address
         self.heard: dict[Addr, float] = {}  # last sign of life of peers of ours we have flows with
         self.asked: dict[Addr, float] = {}
-        self._quarantine: dict[int, float] = {}
+        self._freed: OrderedDict[int, float] = OrderedDict()  # eids freed lately, the oldest first
         self._queries: dict[bytes, _Pending] = {}
         self._allocs: dict[int, _Pending] = {}
         # Flow requests by (peer, its eid): the eids held while the IRMd decides, then the answers
@@ -198,6 +200,7 @@ class ShimCore:
         self._next_greet = math.inf
         self._next_live = math.inf
         self.stats: Counter[str] = Counter()
+        self.version = 0  # moves whenever the addresses `known()` returns may have changed
         self._handlers: dict[Kind, Callable[[Mgmt, Addr, float], None]] = {
             Kind.FLOW_REQ: self._on_flow_req, Kind.FLOW_REPLY: self._on_flow_reply,
             Kind.NAME_QUERY: self._on_name_query, Kind.NAME_REPLY: self._on_name_reply,
@@ -298,18 +301,27 @@ class ShimCore:
 
     def _free_eids(self) -> int:
         lo, hi = self.layout.eids
-        return hi - lo + 1 - len(self.flows) - len(self._deciding) - len(self._quarantine)
+        return min(hi - lo + 1, self.limits.flows) - len(self.flows) - len(self._deciding)
 
     def new_eid(self) -> int:
+        """A free eid, and not one freed lately while others are free: its peer may still send to it."""
         if self._free_eids() <= 0:
-            raise ShimFull(f"all {self.layout.eids[1] - self.layout.eids[0] + 1} endpoint ids are in use")
+            lo, hi = self.layout.eids
+            raise ShimFull(f"all {min(hi - lo + 1, self.limits.flows)} endpoint ids are in use")
         lo, hi = self.layout.eids
-        taken = self.flows.keys() | self._quarantine.keys() | set(self._deciding.values())
+        busy = self.flows.keys() | set(self._deciding.values())
         if hi - lo < 4096:
-            return random.choice([e for e in range(lo, hi + 1) if e not in taken])
-        while (eid := random.randint(lo, hi)) in taken:
-            pass
+            fresh = [e for e in range(lo, hi + 1) if e not in busy and e not in self._freed]
+            eid = random.choice(fresh) if fresh else next(e for e in self._freed if e not in busy)
+        else:
+            while (eid := random.randint(lo, hi)) in busy or eid in self._freed:
+                pass
+        self._freed.pop(eid, None)
         return eid
+
+    def known(self) -> frozenset[Addr]:
+        """The addresses that are more than a claim (see _known), for the data path to favour."""
+        return frozenset(self.members.keys() | self.heard.keys() | self._peers.keys())
 
     def _known(self, addr: Addr, resolved: bool = False) -> bool:
         """Whether `addr` is more than a claim: a member or configured peer, a peer of flows of ours,
@@ -374,6 +386,7 @@ class ShimCore:
     def _add(self, flow: ShimFlow) -> None:
         self.flows[flow.eid] = flow
         self._peers[flow.addr] += 1
+        self.version += 1
 
     def _forget(self, eid: int, now: float) -> ShimFlow | None:
         flow = self.flows.pop(eid, None)
@@ -382,8 +395,11 @@ class ShimCore:
             self._peers[flow.addr] -= 1
             if self._peers[flow.addr] <= 0:
                 del self._peers[flow.addr]
+            self.version += 1
             self._answered.pop((flow.addr, flow.remote_eid), None)
-            self._quarantine[eid] = now + QUARANTINE
+            self._freed[eid] = now
+            if len(self._freed) > MAX_QUARANTINE:
+                self._freed.popitem(last=False)
         return flow
 
     # -- inputs --------------------------------------------------------------
@@ -540,6 +556,7 @@ class ShimCore:
         self.members[src] = now
         self.candidates.pop(src, None)
         if new:
+            self.version += 1
             self.stats["members adopted"] += 1
             log.info("member %s adopted", src)
             # It answered our cookie: ask it for its members at once, proving ourselves with its cookie.
@@ -602,9 +619,8 @@ class ShimCore:
             elif p.retry and now >= p.next_try:
                 p.next_try = now + ALLOC_RETRY
                 self._send(p.dst, p.frame)
-        for eid, until in list(self._quarantine.items()):
-            if now >= until:
-                del self._quarantine[eid]
+        while self._freed and now - next(iter(self._freed.values())) >= QUARANTINE:
+            self._freed.popitem(last=False)
         if now >= self._next_live:
             self._next_live = self._check_flows(now)
         if now >= self._next_greet:
@@ -616,6 +632,7 @@ class ShimCore:
                     del self.members[addr]
                     self._echo.pop(addr, None)
                     self._page.pop(addr, None)
+                    self.version += 1
                 else:
                     self._send(addr, self._hello(addr, now, want=True))
 

@@ -32,6 +32,23 @@ class Cookies:
         return cookie in (self._mac(addr, epoch), self._mac(addr, epoch - 1))
 
 
+class Bucket:
+    """A token bucket: `rate` tokens a second, at most `burst` saved."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float = 0.0) -> None:
+        self.rate, self.burst, self.tokens, self.last = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 class RateLimits:
     """A token bucket per source (the least recently heard forgotten beyond `max_sources`), and one
     bucket shared by every source not known to us, so that changing addresses earns no extra tokens."""
@@ -39,31 +56,19 @@ class RateLimits:
     def __init__(self, rate: float, burst: float, strangers_rate: float, strangers_burst: float,
                  max_sources: int) -> None:
         self.rate, self.burst = rate, burst
-        self.strangers_rate, self.strangers_burst = strangers_rate, strangers_burst
         self.max_sources = max_sources
-        self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
-        self._strangers = [strangers_burst, 0.0]
+        self._buckets: OrderedDict[Hashable, Bucket] = OrderedDict()
+        self._strangers = Bucket(strangers_rate, strangers_burst)
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-    @staticmethod
-    def _take(bucket: list[float], rate: float, burst: float, now: float) -> bool:
-        bucket[0] = min(burst, bucket[0] + (now - bucket[1]) * rate)
-        bucket[1] = now
-        if bucket[0] < 1.0:
-            return False
-        bucket[0] -= 1.0
-        return True
 
     def allow(self, src: Hashable, known: bool, now: float) -> bool:
         bucket = self._buckets.get(src)
         if bucket is None:
             if len(self._buckets) >= self.max_sources:
                 self._buckets.popitem(last=False)
-            bucket = self._buckets[src] = [self.burst, now]
+            bucket = self._buckets[src] = Bucket(self.rate, self.burst, now)
         else:
             self._buckets.move_to_end(src)
-        if not self._take(bucket, self.rate, self.burst, now):
-            return False
-        return known or self._take(self._strangers, self.strangers_rate, self.strangers_burst, now)
+        return bucket.take(now) and (known or self._strangers.take(now))

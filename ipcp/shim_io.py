@@ -26,6 +26,7 @@ from ipcp.shim import (
     ShimFlow,
     ShimFull,
 )
+from ipcp.shim_guard import Bucket
 from ipcp.shim_wire import ShimWireError, response_code
 from proto import messages as m
 from proto.qos import QosSpec
@@ -36,7 +37,8 @@ from transports.unix import seqpacket_pair
 
 log = logging.getLogger(__name__)
 
-MGMT_QUEUE = 1024  # management frames waiting for the loop; beyond this the relay drops them
+MGMT_QUEUE = 1024  # management frames from strangers waiting for the loop; beyond this the relay drops them
+KNOWN_QUEUE = 4096  # ... from members and flows' peers, which go first
 MGMT_BATCH = 128  # frames handled per turn of the loop, so flows' timers are not starved by a flood
 STATS_EVERY = 1.0  # seconds between looks at the drop counters (logged when they change)
 
@@ -66,7 +68,13 @@ class ShimIpcp(Ipcp):
         self._queries: dict[bytes, list[asyncio.Future[Hashable | None]]] = {}
         self._allocs: dict[int, asyncio.Future[AllocDone]] = {}
         self._by_flow_id: dict[int, ShimFlow] = {}
+        # Frames from the relay thread: members' and flows' peers' first, strangers' after, and only
+        # as many as the strangers' budget lets through, so that a flood cannot crowd a member out.
+        self._known: frozenset[Hashable] = frozenset()
+        self._known_version = -1
+        self._inbox_known: deque[tuple[bytes, Hashable]] = deque()
         self._inbox: deque[tuple[bytes, Hashable]] = deque()
+        self._strangers: Bucket | None = None
         self._draining = False
         self.inbox_dropped = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -98,6 +106,8 @@ class ShimIpcp(Ipcp):
     async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
         self.loop = asyncio.get_running_loop()
         self.core, self.relay = await self.open_transport(layer, conf)
+        limits = self.core.limits
+        self._strangers = Bucket(2 * limits.strangers_rate, 4 * limits.strangers_rate, time.monotonic())
         self.relay.start()
         self.spawn(self._report_drops())
         self._flush()
@@ -228,11 +238,18 @@ class ShimIpcp(Ipcp):
     # -- driving the core ----------------------------------------------------
 
     def on_mgmt(self, frame: bytes, src: Hashable) -> None:
-        """From the relay thread: a management frame, queued for the loop (a bounded queue)."""
-        if len(self._inbox) >= MGMT_QUEUE:
+        """From the relay thread: a management frame, queued for the loop (bounded queues)."""
+        if src in self._known:
+            inbox, limit = self._inbox_known, KNOWN_QUEUE
+        elif self._strangers is not None and not self._strangers.take(time.monotonic()):
             self.inbox_dropped += 1
             return
-        self._inbox.append((frame, src))
+        else:
+            inbox, limit = self._inbox, MGMT_QUEUE
+        if len(inbox) >= limit:
+            self.inbox_dropped += 1
+            return
+        inbox.append((frame, src))
         if not self._draining:
             self._draining = True
             self.loop.call_soon_threadsafe(self._drain)
@@ -240,11 +257,14 @@ class ShimIpcp(Ipcp):
     def _drain(self) -> None:
         self._draining = False
         core = self.core
-        for _ in range(min(MGMT_BATCH, len(self._inbox))):
-            frame, src = self._inbox.popleft()
+        for _ in range(MGMT_BATCH):
+            inbox = self._inbox_known or self._inbox
+            if not inbox:
+                break
+            frame, src = inbox.popleft()
             if core is not None:
                 self._receive(core, frame, src)
-        if self._inbox and not self._draining:
+        if (self._inbox_known or self._inbox) and not self._draining:
             self._draining = True
             self.loop.call_soon(self._drain)
         self._flush()
@@ -298,6 +318,8 @@ class ShimIpcp(Ipcp):
         core = self.core
         if core is None:
             return
+        if core.version != self._known_version:
+            self._known_version, self._known = core.version, core.known()
         for dst, frame in core.datagrams_to_send():
             try:
                 self.send_mgmt(dst, frame)

@@ -516,17 +516,32 @@ def test_a_reply_for_no_request_or_naming_eid_0_is_not_taken() -> None:
     assert b.next_event() == AllocDone(flow.eid, ERRNO["EPROTO"])
 
 
-def test_eids_are_not_handed_out_again_while_in_quarantine() -> None:
+def test_a_freed_eid_is_handed_out_again_only_when_no_other_is_free() -> None:
     b = core(B, layout=ETH_LLC)
+    freed = []
     for _ in range(3):
-        b.dealloc(b.alloc(PONG, qos.raw, MAC_A, T0, 5.0).eid, T0)
-    freed = set(b._quarantine)
-    eids = {b.alloc(PONG, qos.raw, MAC_A, T0, 5.0).eid for _ in range(59)}
-    assert len(eids) == 59 and not eids & freed
+        eid = b.alloc(PONG, qos.raw, MAC_A, T0, 5.0).eid
+        b.dealloc(eid, T0)
+        freed.append(eid)
+    eids = [b.alloc(PONG, qos.raw, MAC_A, T0, 5.0).eid for _ in range(62)]
+    assert eids[-3:] == freed, "a freed SAP was taken while others were free, or not the longest freed"
+    assert len(set(eids)) == 62
     with pytest.raises(Exception, match="endpoint ids are in use"):
         b.alloc(PONG, qos.raw, MAC_A, T0, 5.0)
+
+
+def test_the_flow_limit_holds_requests_and_allocations() -> None:
+    a = core(A, limits=Limits(flows=3))
+    a.register(PONG, True)
+    for i in range(5):
+        a.receive(UDP.encode(Kind.FLOW_REQ, PONG, s_eid=i + 1), B, T0)
+    assert len(a._deciding) == 3
+    assert [UDP.decode(f)[1].response for _, f in a.datagrams_to_send()] == [ERRNO["EBUSY"]] * 2
+    with pytest.raises(Exception, match="endpoint ids are in use"):
+        a.alloc(PONG, qos.raw, B, T0, 5.0)
+    b = core(B)
     b.handle_timer(T0 + QUARANTINE + 1)
-    assert b.alloc(PONG, qos.raw, MAC_A, T0, 5.0).eid in freed
+    assert not b._freed
 
 
 # -- deallocation and liveness -------------------------------------------------------------------

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import signal
 import socket
 import stat
-import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, free_port, pid_alive, start_irmd, stop_irmd, wait_for
+import udp_lan
+from helpers import BIN, pid_alive, wait_for
+from udp_lan import A_IP, B_IP, C_IP, LAYER, Host, answers, members_of, mgmt, oping_ok, ping, prove
 
 from apps import operf
-from apps.oping import ECHO_REPLY, ECHO_REQUEST, HDR
+from apps.oping import ECHO_REPLY, HDR
 from flowlib import (
     EventQueue,
     EventType,
@@ -40,116 +39,19 @@ from flowlib import (
 from flowlib.flow import establish
 from flowlib.irm import IrmClient
 from ipcp import shim
-from ipcp.shim_wire import COOKIE, UDP, WANT_MEMBERS, Kind
+from ipcp.shim_wire import COOKIE, WANT_MEMBERS, Kind
 from transports import udp
-
-LAYER = "lan"
-A_IP, B_IP, C_IP = "127.0.0.1", "127.0.0.2", "127.0.0.3"
-
-
-@dataclass
-class Host:
-    irmd: IrmdProc
-    ip: str
-    port: int
-    killed: bool = False
-    clients: list[IrmClient] = field(default_factory=list)
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return self.ip, self.port
-
-    def irm_ok(self, *args: str) -> str:
-        return self.irmd.irm_ok(*args).stdout
-
-    def bootstrap(self, peer: str | None = None, extra: tuple[str, ...] = ()) -> None:
-        opts = ["peer", peer] if peer else []
-        self.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER,
-                    "ip", self.ip, "port", str(self.port), *opts, *extra)
-        self.irmd.note_children()
-
-    def serve(self, name: str, prog: str = "oping", *args: str) -> None:
-        """`prog -l` started on demand for `name`, registered in the layer."""
-        path = prog if "/" in prog else str(BIN / prog)
-        self.irm_ok("bind", "program", path, "name", name, "auto", "--", "-l", *args)
-        self.irm_ok("name", "register", name, "layer", LAYER)
-
-    def run(self, tool: str, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
-        r = self.irmd.run(tool, *args, timeout=timeout)
-        return r.returncode, r.stdout, r.stderr
-
-    def client(self) -> IrmClient:
-        c = IrmClient(self.irmd.sock)
-        self.clients.append(c)
-        return c
-
-    def alloc(self, name: str, timeout: float = 10.0) -> Flow:
-        c = self.client()
-        reply, fd = c.alloc(name, None, timeout)
-        return Flow(reply, fd, c)
-
-    def ipcp_pid(self) -> int:
-        return self.irmd.ipcp_pid("u")
-
-    def kill(self, ipcp_too: bool) -> None:
-        """SIGKILL the irmd (and, with ipcp_too, its IPCP: the host vanishes without a word)."""
-        self.irmd.note_children()
-        self.killed = True
-        ipcp = self.ipcp_pid()
-        if ipcp_too:
-            os.kill(ipcp, signal.SIGKILL)
-        self.irmd.proc.kill()
-        self.irmd.proc.wait()
-        for pid in self.irmd.note_children() - {ipcp}:  # servers it started: not under test here
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
 def lan(tmp_path: Path) -> Iterator[Callable[..., Host]]:
-    """`lan(ip, peer=None, extra=())`: a host with its irmd and a udp4 IPCP in layer 'lan'."""
-    hosts: list[Host] = []
-    port = free_port([A_IP, B_IP, C_IP])
-
-    def make(ip: str, peer: str | None = None, extra: tuple[str, ...] = ()) -> Host:
-        irmd = start_irmd(tmp_path, name=f"irmd-{ip}")
-        host = Host(irmd, ip, port)
-        hosts.append(host)
-        host.bootstrap(peer, extra)
-        return host
-
-    yield make
-    errors: list[BaseException] = []
-    for host in hosts:
-        for c in host.clients:
-            with contextlib.suppress(Exception):
-                c.close()
-        try:
-            stop_irmd(host.irmd, check=not host.killed)
-        except BaseException as e:  # stop the others first
-            errors.append(e)
-        log = host.irmd.log_text()
-        if "Traceback" in log and not host.killed:
-            errors.append(AssertionError(f"a traceback in {host.ip}'s irmd log:\n{log[-3000:]}"))
-    if errors:
-        raise errors[0]
+    with udp_lan.lan(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
 def pair(lan: Callable[..., Host]) -> tuple[Host, Host]:
-    """A (127.0.0.1) serving 'pong' with oping -l, B (127.0.0.2) configured with peer A."""
-    a = lan(A_IP)
-    b = lan(B_IP, peer=A_IP)
-    a.serve("pong")
-    return a, b
-
-
-def oping_ok(host: Host, name: str = "pong", count: int = 10) -> str:
-    code, out, err = host.run("oping", "-n", name, "-c", str(count), "-i", "10", "--timeout", "10")
-    assert code == 0, f"oping failed ({code}): {err}{out}"
-    assert f"{count} packets transmitted, {count} received" in out, out
-    return out
-
+    return udp_lan.pair(lan)
 
 def operf_counts(out: str) -> tuple[int, int, int, int]:
     """(sent, received, lost, corrupt) from operf's statistics line."""
@@ -157,17 +59,6 @@ def operf_counts(out: str) -> tuple[int, int, int, int]:
     assert m, f"no statistics in operf's output:\n{out}"
     sent, rcvd, lost, corrupt = map(int, m.groups())
     return sent, rcvd, lost, corrupt
-
-
-def ping(flow: Flow, seq: int = 0) -> None:
-    flow.write(HDR.pack(ECHO_REQUEST, seq, time.monotonic_ns()) + bytes(40))
-    flow.set_timeout(5.0)
-    try:
-        reply = flow.read()
-    finally:
-        flow.set_timeout(None)  # back to a plain blocking socket
-    kind, got, _ = HDR.unpack_from(reply)
-    assert (kind, got) == (ECHO_REPLY, seq)
 
 
 # -- working paths ---------------------------------------------------------------------------
@@ -398,86 +289,6 @@ def test_a_server_that_takes_a_second_to_start_still_gets_the_flow(
 # -- bad input -------------------------------------------------------------------------------
 
 
-def junk(rng: random.Random) -> Iterator[bytes]:
-    """Random and truncated datagrams: short ones, data for no flow, and mangled management."""
-    yield from (b"", b"\x00", b"\x00\x00", b"\x00\x00\x00", b"\x00\x00\x00\x00")
-    for _ in range(300):
-        yield rng.randbytes(rng.randrange(0, 200))
-    for _ in range(300):
-        yield struct.pack("!I", rng.randrange(1, 2**32)) + rng.randbytes(rng.randrange(0, 1500))
-    pong = bytes(16)
-    valid = [
-        UDP.encode(Kind.NAME_QUERY, pong + COOKIE.pack(7)),
-        UDP.encode(Kind.NAME_REPLY, pong + COOKIE.pack(7)),
-        UDP.encode(Kind.NAME_GONE, pong),
-        UDP.encode(Kind.FLOW_REQ, pong, s_eid=5),
-        UDP.encode(Kind.FLOW_REQ, pong + b"\x01\x02", s_eid=6, response=0x4F370000, d_eid=9),
-        UDP.encode(Kind.FLOW_REPLY, s_eid=5, d_eid=6),
-        UDP.encode(Kind.DEALLOC, s_eid=5, d_eid=6),
-        UDP.encode(Kind.KEEPALIVE, response=1),
-        UDP.encode(Kind.HELLO, COOKIE.pack(1) + COOKIE.pack(2), response=WANT_MEMBERS),
-        UDP.encode(Kind.MEMBERS, rng.randbytes(40)),
-    ]
-    for _ in range(600):
-        data = udp.EID.pack(0) + rng.choice(valid)
-        how = rng.randrange(4)
-        if how == 0:  # truncated
-            data = data[: rng.randrange(0, len(data))]
-        elif how == 1:  # a byte flipped
-            i = rng.randrange(4, len(data))
-            data = data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1 :]
-        elif how == 2:  # garbage body of a random length
-            data = data[:24] + rng.randbytes(rng.randrange(0, 300))
-        yield data
-    yield udp.EID.pack(0) + bytes(65000)
-    yield bytes(65507)
-
-
-@pytest.mark.timeout(90)
-def test_random_and_truncated_datagrams_do_not_crash_the_ipcp(pair: tuple[Host, Host]) -> None:
-    a, b = pair
-    oping_ok(b, count=2)
-    pid = a.ipcp_pid()
-    rng = random.Random(3435)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((C_IP, 0))
-        for i, data in enumerate(junk(rng)):
-            s.sendto(data, a.addr)
-            if i % 100 == 0:
-                time.sleep(0.01)  # don't just overflow the receive buffer
-    time.sleep(0.5)
-    assert pid_alive(pid) and a.ipcp_pid() == pid, "the IPCP died"
-    assert a.irmd.alive()
-    oping_ok(b)
-    assert "Traceback" not in a.irmd.log_text()
-
-
-def mgmt(sock: socket.socket, dst: tuple[str, int], kind: Kind, body: bytes = b"", **fields: int) -> None:
-    sock.sendto(udp.EID.pack(0) + UDP.encode(kind, body, **fields), dst)
-
-
-def answers(sock: socket.socket, within: float = 2.0) -> list[tuple[Kind, shim.Mgmt]]:
-    """The management messages that arrive on `sock` until it is quiet for `within` s."""
-    out = []
-    sock.settimeout(within)
-    with contextlib.suppress(TimeoutError):
-        while True:
-            data, _ = sock.recvfrom(65536)
-            assert udp.EID.unpack_from(data)[0] == 0
-            out.append(UDP.decode(data[4:]))
-    return out
-
-
-def prove(sock: socket.socket, dst: tuple[str, int]) -> list[tuple[Kind, shim.Mgmt]]:
-    """Become a member of `dst`'s by echoing its cookie; what it answers the proven HELLO."""
-    mgmt(sock, dst, Kind.HELLO, COOKIE.pack(1) + COOKIE.pack(0))
-    ((kind, challenge),) = answers(sock, 1.0)
-    assert kind is Kind.HELLO
-    hello = UDP.encode(Kind.HELLO, bytes(8) + challenge.body[:8], response=WANT_MEMBERS)
-    sock.sendto(udp.EID.pack(0) + hello + bytes(512 - len(hello)), dst)
-    return answers(sock, 1.0)
-
-
 @pytest.mark.timeout(60)
 def test_one_bad_member_address_does_not_stop_queries_reaching_the_others(lan: Callable[..., Host]) -> None:
     a = lan(A_IP)
@@ -507,14 +318,6 @@ def test_a_hello_from_a_stranger_gets_a_challenge_and_members_only_once_it_echoe
         members = [msg for k, msg in got if k is Kind.MEMBERS]
         assert len(members) == 1 and b.addr in udp.decode_addrs(members[0].body)
     oping_ok(b, count=2)
-
-
-def members_of(host: Host) -> set[tuple[str, int]]:
-    """The members `host` proved, asked from outside: prove ourselves and page through its list."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.99", 0))
-        got = prove(s, host.addr)
-    return {a for k, msg in got if k is Kind.MEMBERS for a in udp.decode_addrs(msg.body)}
 
 
 # -- peer failure ------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd
 
@@ -172,9 +173,9 @@ def prove(sock: socket.socket, dst: tuple[str, int]) -> list[tuple[Kind, Mgmt]]:
     return answers(sock, 1.0)
 
 
-def members_of(host: Host) -> set[Hashable]:
+def members_of(host: Host) -> set[tuple[str, int]]:
     """The members `host` proved (the first page: a few hundred), asked from outside, as a member."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.99", 0))
         got = prove(s, host.addr)
-    return {a for k, msg in got if k is Kind.MEMBERS for a in udp.decode_addrs(msg.body)}
+    return {cast(tuple[str, int], a) for k, msg in got if k is Kind.MEMBERS for a in udp.decode_addrs(msg.body)}

@@ -441,7 +441,12 @@ class ShimCore:
                 self._send(src, reply)
             return
         if digest not in self.registered:
-            self._answer(src, Kind.FLOW_REPLY, response=ERRNO[m.ENOENT], **self.layout.reply_fields(msg.s_eid, 0))
+            # udp: refused at once. Ethernet is shared (on `lo` every IPCP has the same address), so
+            # as 0.23's eth IPCP we leave a request for a name we do not hold to whoever holds it.
+            if self.discovery:
+                self._answer(src, Kind.FLOW_REPLY, response=ERRNO[m.ENOENT], **self.layout.reply_fields(msg.s_eid, 0))
+            else:
+                self._drop("unexpected", f"flow request from {src} for a name not registered here")
             return
         from_src = sum(1 for a, _ in self._deciding if a == src)
         if len(self._deciding) >= self.limits.deciding or from_src >= self.limits.deciding_per_source:

@@ -367,6 +367,7 @@ class ShimIpcp(Ipcp):
                 if own:
                     own[0].close()  # the application holds it now, or nobody does
         except (RemoteError, HandlerError, OSError) as e:
+            log.info("%s: flow request from %s refused: %s", self.name, req.addr, e)
             self._drop(flow)
             core.refuse(req, getattr(e, "code", m.EIPCP))
             self._flush()

@@ -548,6 +548,7 @@ class ShimCore:
             # The challenge (or our proof) costs no state: the cookie is computed again when it comes back.
             # To a member, it also asks for a page of members (as large as the member's answer allows).
             mine = NO_COOKIE if proven else self.cookies.make(src, now)
+            self.stats["cookies sent"] += not proven
             want = {"response": WANT_MEMBERS, "d_eid": self._page.get(src, 0)} if src in self.members else {}
             self._answer(src, Kind.HELLO, COOKIE.pack(mine) + COOKIE.pack(theirs), **want)
         if proven and src in self.members and msg.response & WANT_MEMBERS:
@@ -677,8 +678,8 @@ class ShimCore:
                 self._send(addr, self._encode(Kind.KEEPALIVE, response=KEEPALIVE_ASK))
         return now + KEEPALIVE_IDLE / 2 if peers else math.inf
 
-    def info(self) -> dict[str, int]:
-        """Counters and table sizes, for `irm ipcp info` and the logs."""
+    def counters(self) -> dict[str, int]:
+        """Counters and table sizes, for the logs (and `irm ipcp show`)."""
         return {**self.stats, "flows": len(self.flows), "members": len(self.members),
                 "candidates": len(self.candidates), "rate-tracked sources": len(self.rates),
                 "undecided requests": len(self._deciding), "cached names": len(self.cache)}

@@ -298,15 +298,15 @@ class ShimIpcp(Ipcp):
         seen: dict[str, int] = {}
         while True:
             await asyncio.sleep(STATS_EVERY)
-            drops = {k: v for k, v in self.info().items() if k.startswith("dropped") and v}
+            drops = {k: v for k, v in self.counters().items() if k.startswith("dropped") and v}
             if drops != seen:
                 seen = drops
                 log.info("%s: dropped %d bad frames so far (%s)", self.name, sum(drops.values()),
                          ", ".join(f"{k.removeprefix('dropped ')} {v}" for k, v in sorted(drops.items())))
 
-    def info(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int]:
         """The shim's counters: what it sent and received, what it dropped and why, its tables."""
-        out = self.core.info() if self.core is not None else {}
+        out = self.core.counters() if self.core is not None else {}
         if self.relay is not None:
             out |= {"dropped data (malformed, no flow, wrong peer)": self.relay.dropped,
                     "dropped data (application slow)": self.relay.overflow,

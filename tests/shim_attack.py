@@ -14,8 +14,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from udp_lan import ping
+
+from flowlib import Flow
+from flowlib.irm import IrmClient
 
 # Stdlib only: it runs as nobody, outside the project's venv.
 ATTACKER = r"""
@@ -116,3 +123,38 @@ def usage(pid: int) -> Usage:
     status = Path(f"/proc/{pid}/status").read_text()
     rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
     return Usage((int(stat[11]) + int(stat[12])) / ticks, rss)
+
+
+class Watched:
+    """A flow to an oping server that must be served all through an attack: pinged twice a second
+    from a thread while the attack runs, every echo checked; `rtt_max` is the slowest answer."""
+
+    def __init__(self, client: IrmClient, name: str = "pong") -> None:
+        reply, fd = client.alloc(name, None, 20)
+        self.flow = Flow(reply, fd, client)
+        ping(self.flow)
+        self.errors: list[str] = []
+        self.rtt_max = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        seq = 1
+        while not self._stop.wait(0.5):
+            start = time.monotonic()
+            try:
+                ping(self.flow, seq)
+            except Exception as e:  # reported by check()
+                self.errors.append(f"ping {seq}: {e!r}")
+                return
+            self.rtt_max = max(self.rtt_max, time.monotonic() - start)
+            seq += 1
+
+    def check(self) -> None:
+        """Stop pinging; every ping must have been answered, and the flow still be up."""
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.errors, self.errors
+        ping(self.flow, 10_000)
+        self.flow.close()

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import udp_lan
 from helpers import pid_alive, wait_for
-from shim_attack import attack, loopback_sources, usage
-from udp_lan import C_IP, Host, members_of, mgmt, oping_ok, ping
+from shim_attack import Watched, attack, loopback_sources, usage
+from udp_lan import C_IP, Host, members_of, mgmt, oping_ok
 
-from flowlib import EventQueue, EventType, Flow, FlowSet, fevent
 from ipcp.shim import AMPLIFICATION, PEER_TIMEOUT
 from ipcp.shim_wire import COOKIE, UDP, WANT_MEMBERS, Kind
 from transports import udp
@@ -55,31 +54,10 @@ def figure(record_property: Callable[[str, object], None], name: str, value: flo
     record_property(name, value)
 
 
-class Watched:
-    """A flow from B to A that must live through the attack: pinged, and its events looked at."""
-
-    def __init__(self, b: Host) -> None:
-        self.client = b.client()
-        reply, fd = self.client.alloc("pong", None, 10)
-        self.flow = Flow(reply, fd, self.client)
-        ping(self.flow)
-
-    def alive(self) -> None:
-        fset, queue = FlowSet(self.client), EventQueue()
-        fset.add(self.flow)
-        try:
-            fevent(fset, queue, 0.2)
-            events = [ev.type for ev in queue]
-        finally:
-            fset.close()
-        assert EventType.DOWN not in events and EventType.DEALLOC not in events, events
-        ping(self.flow, 7)
-
-
 def test_a_flood_from_ten_thousand_addresses_adopts_nobody_and_amplifies_nothing(
         pair: tuple[Host, Host], record_property: Callable[[str, object], None]) -> None:
     a, b = pair
-    watched = Watched(b)
+    watched = Watched(b.client())
     pid = a.ipcp_pid()
     before = usage(pid)
     hello = UDP.encode(Kind.HELLO, COOKIE.pack(1) + COOKIE.pack(2), response=WANT_MEMBERS)
@@ -96,7 +74,7 @@ def test_a_flood_from_ten_thousand_addresses_adopts_nobody_and_amplifies_nothing
     assert pid_alive(pid) and a.ipcp_pid() == pid, "the IPCP died"
     assert result.worst <= AMPLIFICATION, result
     assert result.received <= result.sent, result
-    watched.alive()
+    watched.check()
     assert not {m for m in members_of(a) if str(m[0]).startswith("127.77.")}, "a spoofed source became a member"
     oping_ok(b, count=3)
     cpu = after.cpu - before.cpu
@@ -104,6 +82,7 @@ def test_a_flood_from_ten_thousand_addresses_adopts_nobody_and_amplifies_nothing
     figure(record_property, "udp_flood_ipcp_cpu_s", cpu, "s")
     figure(record_property, "udp_flood_answer_ratio", result.received / result.sent, "bytes out per byte in")
     figure(record_property, "udp_flood_rss_growth_mb", (after.rss - before.rss) / 1e6, "MB")
+    figure(record_property, "udp_flood_legit_rtt_max_ms", watched.rtt_max * 1e3, "ms")
     assert cpu < 20, f"{cpu:.1f} s of CPU for the flood"
     assert after.rss - before.rss < 40e6, f"the IPCP grew by {(after.rss - before.rss) / 1e6:.0f} MB"
 
@@ -130,7 +109,7 @@ def test_sources_that_prove_their_address_are_adopted_only_up_to_the_member_limi
 
 def test_flow_requests_from_one_source_or_many_are_held_to_their_limits(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    watched = Watched(b)
+    watched = Watched(b.client())
     pid = a.ipcp_pid()
     one = [framed(Kind.FLOW_REQ, PONG, s_eid=i + 1) for i in range(300)]
     result = attack(a.addr, ["127.79.0.1"], one, pause=0.0, linger=1.0)
@@ -138,7 +117,7 @@ def test_flow_requests_from_one_source_or_many_are_held_to_their_limits(pair: tu
     many = attack(a.addr, loopback_sources(300, block=79), [framed(Kind.FLOW_REQ, PONG, s_eid=64)], linger=1.0)
     assert many.worst <= AMPLIFICATION, many
     assert pid_alive(pid) and a.ipcp_pid() == pid
-    watched.alive()
+    watched.check()
     oping_ok(b, count=3)
 
 
@@ -199,7 +178,7 @@ def test_malformed_and_outsized_datagrams_are_counted_and_crash_nothing(pair: tu
 
 def test_replayed_and_spoofed_messages_change_nothing(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    watched = Watched(b)
+    watched = Watched(b.client())
     eids = range(1, 2**32, 2**32 // 2000)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((C_IP, 0))
@@ -217,5 +196,5 @@ def test_replayed_and_spoofed_messages_change_nothing(pair: tuple[Host, Host]) -
                 mgmt(s, a.addr, Kind.HELLO, bytes(8) + challenge.body[:8])
         time.sleep(0.5)
     assert not {m for m in members_of(a) if m[0] in (C_IP, "127.0.0.98")}
-    watched.alive()
+    watched.check()
     oping_ok(b, count=3)

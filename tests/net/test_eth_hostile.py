@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 from helpers import pid_alive
-from shim_attack import usage
+from shim_attack import Watched, usage
 
-from flowlib import EventQueue, EventType, Flow, FlowSet, fevent
 from flowlib.irm import IrmClient
 from ipcp.shim import AMPLIFICATION
 from ipcp.shim_wire import COOKIE, ETH_DIX, ETH_LLC, Kind, Layout
@@ -93,7 +90,7 @@ class Framer:
         self.kind, self.dst = kind, dst
         self.layout: Layout = ETH_DIX if kind == "eth-dix" else ETH_LLC
 
-    def mgmt(self, src: bytes, kind: Kind, body: bytes = b"", to: bytes | None = None, **fields: int) -> bytes:
+    def mgmt(self, src: bytes, kind: Kind, body: bytes = b"", /, to: bytes | None = None, **fields: int) -> bytes:
         return self.frame(src, self.layout.encode(kind, body, **fields), to)
 
     def frame(self, src: bytes, payload: bytes, to: bytes | None = None) -> bytes:
@@ -127,44 +124,6 @@ def attack(b: Host, target: bytes, frames: list[bytes], pause: float = 0.005, li
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
-class Watched:
-    """A flow from b to a, open before the attack, that must still work after it."""
-
-    def __init__(self, a: Host, b: Host) -> None:
-        a.irmd.irm_ok("bind", "process", str(os.getpid()), "name", "srv")
-        a.irmd.irm_ok("name", "register", "srv", "layer", LAYER)
-        self.server, self.clients = IrmClient(a.irmd.sock), [IrmClient(b.irmd.sock)]
-        fset, queue = FlowSet(self.server), EventQueue()
-        fset.listen()
-        reply, fd = self.clients[0].alloc("srv", None, 20)
-        self.flow = Flow(reply, fd, self.clients[0])
-        self.flow.write(b"hello")
-        deadline = time.monotonic() + 10
-        self.peer: Flow | None = None
-        while self.peer is None and time.monotonic() < deadline:
-            fevent(fset, queue, 0.2)
-            self.peer = next((ev.flow for ev in queue if ev.type is EventType.ALLOC), None)
-        fset.close()
-        assert self.peer is not None
-        self.peer.set_timeout(5)
-        assert self.peer.read() == b"hello"
-
-    def alive(self) -> None:
-        assert self.peer is not None
-        self.flow.write(b"still there")
-        assert self.peer.read() == b"still there"
-        self.peer.write(b"yes")
-        self.flow.set_timeout(5)
-        assert self.flow.read() == b"yes"
-
-    def close(self) -> None:
-        for f in (self.flow, self.peer):
-            if f is not None:
-                f.close()
-        for c in (self.server, *self.clients):
-            c.close()
-
-
 def oping_ok(host: Host, count: int = 3) -> None:
     r = host.irmd.run("oping", "-n", "pong", "-c", str(count), "-i", "10", "--timeout", "10")
     assert f"{count} packets transmitted, {count} received" in r.stdout, r.stdout + r.stderr
@@ -173,7 +132,8 @@ def oping_ok(host: Host, count: int = 3) -> None:
 def test_frames_from_thousands_of_forged_macs_amplify_nothing_and_leave_the_flow_up(
         lan: tuple[Host, Host, Framer], record_property: Callable[[str, object], None]) -> None:
     a, b, framer = lan
-    watched = Watched(a, b)
+    client = IrmClient(b.irmd.sock)
+    watched = Watched(client)
     try:
         pid = a.irmd.ipcp_pid("e")
         before = usage(pid)
@@ -184,8 +144,8 @@ def test_frames_from_thousands_of_forged_macs_amplify_nothing_and_leave_the_flow
             src = forged_mac(rng)
             frames.append(framer.mgmt(src, Kind.NAME_QUERY, PONG + COOKIE.pack(i), to=eth.BROADCAST))
             frames.append(framer.mgmt(src, Kind.NAME_QUERY, rng.randbytes(hash_len), to=eth.BROADCAST))
-            frames.append(framer.mgmt(src, Kind.FLOW_REPLY, **framer.layout.reply_fields(rng.randrange(2, 63),
-                                                                                        rng.randrange(2, 63))))
+            eids = framer.layout.reply_fields(rng.randrange(2, 63), rng.randrange(2, 63))
+            frames.append(framer.frame(src, framer.layout.encode(Kind.FLOW_REPLY, **eids)))
             frames.append(framer.mgmt(src, Kind.DEALLOC, s_eid=rng.randrange(2, 63), d_eid=rng.randrange(2, 63)))
             frames.append(framer.mgmt(src, Kind.KEEPALIVE, response=1))
             frames.append(framer.data(src, rng.randrange(1, 0xFFFF), b"data for nobody"))
@@ -194,7 +154,7 @@ def test_frames_from_thousands_of_forged_macs_amplify_nothing_and_leave_the_flow
         assert pid_alive(pid) and a.irmd.ipcp_pid("e") == pid, "the IPCP died"
         assert result["worst"] <= AMPLIFICATION, result
         assert result["received"] <= result["sent"], result
-        watched.alive()
+        watched.check()
         oping_ok(b)
         cpu = after.cpu - before.cpu
         ratio, grown = result["received"] / result["sent"], (after.rss - before.rss) / 1e6
@@ -203,14 +163,15 @@ def test_frames_from_thousands_of_forged_macs_amplify_nothing_and_leave_the_flow
         record_property(f"{framer.kind}_flood_ipcp_cpu_s", cpu)
         assert cpu < 20 and after.rss - before.rss < 40e6
     finally:
-        watched.close()
+        client.close()
 
 
 def test_flow_requests_from_forged_macs_are_held_to_the_limits(lan: tuple[Host, Host, Framer]) -> None:
     """Each forged request takes an endpoint while the IRMd decides and, accepted, a flow that never
     hears from its peer. The IPCP holds to its limits and the flow that was there keeps working."""
     a, b, framer = lan
-    watched = Watched(a, b)
+    client = IrmClient(b.irmd.sock)
+    watched = Watched(client)
     try:
         pid = a.irmd.ipcp_pid("e")
         rng = random.Random(9)
@@ -220,9 +181,9 @@ def test_flow_requests_from_forged_macs_are_held_to_the_limits(lan: tuple[Host, 
         result = attack(b, eth.mac_bytes(a.mac), frames, pause=0.01)
         assert result["worst"] <= AMPLIFICATION, result
         assert pid_alive(pid) and a.irmd.ipcp_pid("e") == pid
-        watched.alive()
+        watched.check()
     finally:
-        watched.close()
+        client.close()
 
 
 def test_malformed_management_of_every_length_and_field_crashes_nothing(lan: tuple[Host, Host, Framer]) -> None:

@@ -1,9 +1,7 @@
 """operf: measure a flow's throughput, with every SDU checked at the receiver.
 
 `operf -l` counts and verifies; `operf -n NAME -t SECONDS` floods (or paces
-with -r) and prints sender and receiver rates, loss and corruption. A flow
-starts, as Ouroboros 0.23's operf's do, with its test configuration, so either
-end may be a C operf: a C server echoes bidirectional tests and reports nothing.
+with -r) and prints sender and receiver rates, loss and corruption.
 """
 
 from __future__ import annotations
@@ -21,9 +19,6 @@ HDR = struct.Struct("!BQ")
 DATA, STOP, STATS = 0, 1, 2
 # The receiver's report: SDUs, bytes, SDUs missing (gaps), out of order, corrupt.
 REPORT = struct.Struct("!QQQQQ")
-# Ouroboros 0.23's first SDU of a test: its type, a uint32 in the sender's byte order (C's struct conf).
-CONF = struct.Struct("=I")
-TEST_UNI, TEST_BI = 0, 1
 
 
 def pattern(size: int) -> bytes:
@@ -65,19 +60,9 @@ class Receiver:
 
 def server() -> None:
     receivers: dict[Flow, Receiver] = {}
-    echoes: set[Flow] = set()  # bidirectional tests, as 0.23 runs them: every SDU goes back
 
     def on_sdu(flow: Flow, sdu: bytes) -> bytes | None:
-        if flow in echoes:
-            return sdu
-        receiver = receivers.get(flow)
-        if receiver is None:
-            receiver = receivers[flow] = Receiver()
-            if len(sdu) == CONF.size:  # a test configuration: 1 (either byte order) is bidirectional
-                if TEST_BI in (CONF.unpack(sdu)[0], int.from_bytes(sdu, "big")):
-                    echoes.add(flow)
-                return None
-        return receiver.take(sdu)
+        return receivers.setdefault(flow, Receiver()).take(sdu)
 
     serve("perf", on_sdu, idle_timeout=10.0)
 
@@ -110,7 +95,6 @@ def client(args: argparse.Namespace) -> int:
     sent = 0
     with flow:
         try:
-            flow.write(CONF.pack(TEST_UNI))  # what a 0.23 server reads first; ours takes it too
             start = time.monotonic()
             end = start + args.time
             pack, write = HDR.pack, flow.write
@@ -124,13 +108,7 @@ def client(args: argparse.Namespace) -> int:
                 if gap:
                     time.sleep(max(start + sent * gap - time.monotonic(), 0))
             elapsed = time.monotonic() - start
-            try:
-                reply = ask_stats(flow, sent, deadline=time.monotonic() + max(5.0, args.time))
-            except FlowTimeout as e:
-                print(f"--- {args.name} perf statistics ---")
-                print(f"{sent} SDUs sent in {elapsed * 1000:.3f} ms, {sent * size * 8 / elapsed / 1e6:.3f} Mb/s;"
-                      f" {e}: an Ouroboros 0.23 operf server counts what arrives itself")
-                return 0
+            reply = ask_stats(flow, sent, deadline=time.monotonic() + max(5.0, args.time))
         except FlowError as e:
             fail("operf", e)
     rcvd, nbytes, missing, reordered, corrupt = REPORT.unpack_from(reply, HDR.size)

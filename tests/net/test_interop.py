@@ -265,8 +265,8 @@ def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
     out = pair.c_spawn("c-operf", "operf", "--listen", bind="c-perf")
     pair.c.ok("irm", "name", "reg", "c-perf", "layer", LAYER)
     r = pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60)
-    counted = lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text()))  # noqa: E731
-    wait_for(lambda: counted() >= 500, 10, "the C server to count our packets" + r.stdout + r.stderr + pair.logs())
+    wait_for(lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text())) >= 500, 10,
+             "the C server to count our packets" + r.stdout + r.stderr + pair.logs())
     assert "Doing a unidirectional test." in out.read_text()
 
 

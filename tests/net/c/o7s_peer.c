@@ -2,8 +2,8 @@
  * A C Ouroboros 0.23 peer for tests/net/test_interop.py: what oping cannot show, how a flow ends.
  *
  *   o7s_peer client NAME TIMEOUT_MS IDLE_MS
- *       allocates a raw flow to NAME with a peer timeout of TIMEOUT_MS, pings, stays idle for
- *       IDLE_MS (the keepalives must carry it), pings again and deallocates.
+ *       allocates a raw flow to NAME with a peer timeout of TIMEOUT_MS, pings, sends nothing for
+ *       IDLE_MS (the keepalives must carry the flow), pings again and deallocates.
  *   o7s_peer server
  *       accepts one flow, echoes what arrives, and says how the flow ended ("ended -1006" when
  *       the peer went silent: FLOWPEER) and how long after the last packet it noticed.
@@ -11,7 +11,10 @@
 
 #include <ouroboros/dev.h>
 #include <ouroboros/errno.h>
+#include <ouroboros/fccntl.h>
 #include <ouroboros/qos.h>
+
+#include <errno.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +29,23 @@ static long now_ms(void)
         return t.tv_sec * 1000L + t.tv_nsec / 1000000L;
 }
 
+/* Reads with a short timeout: 0.23 counts a peer alive only by what the application pulls
+ * (keepalives included), so a reader that stopped reading would call the peer gone itself. */
+static ssize_t read_some(int fd, char * buf, size_t len, long ms)
+{
+        struct timespec tick = {0, 100 * 1000000L};
+        long            end  = now_ms() + ms;
+        ssize_t         n;
+
+        fccntl(fd, FLOWSRCVTIMEO, &tick);
+        do {
+                n = flow_read(fd, buf, len);
+                if (n != -ETIMEDOUT)
+                        return n;
+        } while (ms < 0 || now_ms() < end);
+        return -ETIMEDOUT;
+}
+
 static int ping(int fd, const char * what)
 {
         char    buf[64];
@@ -33,7 +53,7 @@ static int ping(int fd, const char * what)
 
         if (flow_write(fd, what, strlen(what)) < 0)
                 return -1;
-        n = flow_read(fd, buf, sizeof(buf));
+        n = read_some(fd, buf, sizeof(buf), 5000);
         if (n < 0) {
                 printf("read failed %zd\n", n);
                 return -1;
@@ -46,6 +66,8 @@ static int ping(int fd, const char * what)
 static int client(const char * name, int timeout_ms, int idle_ms)
 {
         qosspec_t qs = qos_raw;
+        char      buf[64];
+        ssize_t   n;
         int       fd;
 
         qs.timeout = timeout_ms;
@@ -56,7 +78,11 @@ static int client(const char * name, int timeout_ms, int idle_ms)
         }
         if (ping(fd, "ping-1") < 0)
                 return 1;
-        usleep(idle_ms * 1000);
+        n = read_some(fd, buf, sizeof(buf), idle_ms);  /* nothing but keepalives */
+        if (n != -ETIMEDOUT) {
+                printf("idle read %zd\n", n);
+                return 1;
+        }
         if (ping(fd, "ping-2") < 0)
                 return 1;
         flow_dealloc(fd);
@@ -81,7 +107,7 @@ static int server(void)
         fflush(stdout);
         last = now_ms();
         while (1) {
-                n = flow_read(fd, buf, sizeof(buf));
+                n = read_some(fd, buf, sizeof(buf), -1);
                 if (n < 0) {
                         printf("ended %zd after %ld ms\n", n, now_ms() - last);
                         fflush(stdout);

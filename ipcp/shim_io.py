@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import socket
 import time
 from collections import deque
@@ -107,6 +108,9 @@ class ShimIpcp(Ipcp):
         self.loop = asyncio.get_running_loop()
         self.core, self.relay = await self.open_transport(layer, conf)
         limits = self.core.limits
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < min(hard, 2 * limits.flows):  # a relayed flow holds a socket here
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * limits.flows), hard))
         self._strangers = Bucket(2 * limits.strangers_rate, 4 * limits.strangers_rate, time.monotonic())
         self.relay.start()
         self.spawn(self._report_drops())

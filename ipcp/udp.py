@@ -23,6 +23,7 @@ from ipcp.shim_wire import UDP
 from proto import messages as m
 from transports import udp
 from transports.channel import HandlerError
+from transports.poller import BURST
 from transports.relay import Relay
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,15 @@ class UdpIpcp(ShimIpcp):
         return core, Relay(self.sock, framing, udp.MAX_DATAGRAM + 1, self.on_mgmt, max_sdu=self.mtu)
 
     def _on_broadcast(self) -> None:
-        try:
-            frame, src = self.bcast_sock.recvfrom(udp.MAX_DATAGRAM)
-        except OSError:
-            return
-        parsed = udp.UdpFraming.parse(frame, src)
-        if parsed is not None and parsed[0] == 0 and self.core is not None and parsed[2] != self.core.own:
-            self._receive(self.core, bytes(parsed[1]), parsed[2])
-            self._flush()
+        """Queries to the subnet's broadcast: into the same bounded, rate-limited queues as the rest."""
+        for _ in range(BURST):
+            try:
+                frame, src = self.bcast_sock.recvfrom(udp.MAX_DATAGRAM)
+            except OSError:
+                return
+            parsed = udp.UdpFraming.parse(frame, src)
+            if parsed is not None and parsed[0] == 0 and self.core is not None and parsed[2] != self.core.own:
+                self.on_mgmt(bytes(parsed[1]), parsed[2])
 
     async def lookup(self, digest: bytes) -> Hashable | None:
         """As Ouroboros 0.23 without DNS updates: getaddrinfo on the lowercase hex of the hash, on our port."""

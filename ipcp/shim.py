@@ -52,8 +52,8 @@ PEER_TIMEOUT = 5.0  # flows to a peer of ours silent this long go down
 HELLO_EVERY = 10.0
 MEMBER_TTL = 60.0
 GREET_EVERY = 0.5  # candidates are greeted a few at a time, not all at once
-QUARANTINE = 30.0  # a freed eid is not handed out again for this long, if others are free: the peer
-MAX_QUARANTINE = 65536  # may still send to it
+QUARANTINE = 30.0  # a freed eid waits this long before reuse, if others are free: its peer may still send
+MAX_QUARANTINE = 65536  # freed eids remembered at most
 
 # -- limits ---------------------------------------------------------------------------
 
@@ -90,8 +90,6 @@ class ShimFull(Exception):
 class QueryDone:
     digest: bytes
     addr: Addr | None  # None: nobody answered
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,12 +307,13 @@ class ShimCore:
             lo, hi = self.layout.eids
             raise ShimFull(f"all {min(hi - lo + 1, self.limits.flows)} endpoint ids are in use")
         lo, hi = self.layout.eids
-        busy = self.flows.keys() | set(self._deciding.values())
-        if hi - lo < 4096:
-            fresh = [e for e in range(lo, hi + 1) if e not in busy and e not in self._freed]
-            eid = random.choice(fresh) if fresh else next(e for e in self._freed if e not in busy)
-        else:
-            while (eid := random.randint(lo, hi)) in busy or eid in self._freed:
+        held = self.flows.keys() | set(self._deciding.values())
+        if hi - lo < 4096:  # eth-llc's SAPs: pick among the free ones
+            fresh = [e for e in range(lo, hi + 1) if e not in held and e not in self._freed]
+            eid = random.choice(fresh) if fresh else next(e for e in self._freed if e not in held)
+        else:  # at most 4,096 of 65,535 or more taken: a few draws
+            held = set(self._deciding.values())
+            while (eid := random.randint(lo, hi)) in self.flows or eid in held or eid in self._freed:
                 pass
         self._freed.pop(eid, None)
         return eid

@@ -458,3 +458,24 @@ def test_one_depot_per_directory(tmp_path: Path) -> None:
         DiskStore(tmp_path)
     c.store.release()
     DiskStore(tmp_path).release()
+
+
+class _NoScan(dict):  # type: ignore[type-arg]
+    """The allocation table, refusing to be walked: admission must not sum over it."""
+
+    def values(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("admission walked every allocation")
+
+    __iter__ = items = values  # type: ignore[assignment]
+
+
+def test_admission_accounting_never_walks_the_allocations(tmp_path: Path) -> None:
+    c = core(tmp_path, limits=Limits(client_share=0.5))
+    for _ in range(50):
+        c.allocate(alloc(1000, 60), NOW, "uid:1")
+    c.allocs = _NoScan(c.allocs)
+    g = c.allocate(alloc(1000, 60), NOW, "uid:1")  # admission, quotas, totals: all from running sums
+    store(c, g, b"x")
+    c.manage(manage(g, w.IBP_CHNG, w.IBP_MANAGECAP, size=2000, duration=120), NOW)
+    c.manage(manage(g, w.IBP_DECR), NOW)
+    assert c.status()["allocations"] == 50 and c.reserved == 50 * 1000

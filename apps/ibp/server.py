@@ -84,6 +84,7 @@ class DepotServer:
     slots: Slots | None = None
     rejecter: Rejecter = field(default_factory=Rejecter)
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
+    turned_away: int = 0  # connections refused for a limit (ST_INQ reports it)
 
     def __post_init__(self) -> None:
         if self.slots is None:
@@ -101,7 +102,8 @@ class DepotServer:
         assert self.slots is not None
         why = self.slots.take(client)
         if why:
-            log.info("client %s turned away: %s", client, why)
+            log.debug("client %s turned away: %s", client, why)  # a flood must not fill the log too
+            self.turned_away += 1
             self.rejecter.reject(opener, discard, why)
             return
         try:
@@ -211,7 +213,8 @@ class DepotServer:
             assert self.slots is not None
             with self.lock:
                 values, extras = core.inq()
-            stream.send(w.format_inq(values, {**extras, "connections": self.slots.count()}))
+            extras.update(connections=self.slots.count(), turned_away=self.turned_away)
+            stream.send(w.format_inq(values, extras))
             return True
         if req.follows:
             req = w.parse_change(stream.readline(w.MAX_LINE, timeout, timeout), req)

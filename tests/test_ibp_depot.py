@@ -479,3 +479,60 @@ def test_admission_accounting_never_walks_the_allocations(tmp_path: Path) -> Non
     c.manage(manage(g, w.IBP_CHNG, w.IBP_MANAGECAP, size=2000, duration=120), NOW)
     c.manage(manage(g, w.IBP_DECR), NOW)
     assert c.status()["allocations"] == 50 and c.reserved == 50 * 1000
+
+
+def test_connection_slots_per_client_and_in_all() -> None:
+    from apps.ibp.limits import Slots
+
+    slots = Slots(total=3, per_client=2)
+    assert slots.take("uid:1") == "" and slots.take("uid:1") == ""
+    assert "2 connections from this client" in slots.take("uid:1")
+    assert slots.take("uid:2") == ""
+    assert "3 connections already" in slots.take("uid:3")
+    slots.give("uid:1")
+    assert slots.take("uid:3") == "" and slots.count() == 3
+    for c in ("uid:1", "uid:2", "uid:3"):
+        slots.give(c)
+    assert slots.count() == 0 and not slots.held
+
+
+@pytest.mark.parametrize(("dest", "patterns", "allowed"), [
+    ("depot2", (), True), ("10.0.0.5:6714", (), False), ("127.0.0.1:22", (), False),
+    ("depot2", ("depot*",), True), ("other", ("depot*",), False), ("10.0.0.5:6714", ("depot*",), False),
+    ("10.0.0.5:6714", ("10.0.0.*:6714",), True), ("10.0.0.5:22", ("10.0.0.*:6714",), False),
+    ("depot2", ("10.0.0.*:6714",), False),  # a list of addresses only: names too must be listed
+])
+def test_copy_targets(dest: str, patterns: tuple[str, ...], allowed: bool) -> None:
+    from apps.ibp.limits import copy_allowed
+
+    assert copy_allowed(dest, patterns) is allowed
+
+
+def test_limits_from_the_command_line() -> None:
+    from apps.ibp.cli import parser
+    from apps.ibp.limits import from_args
+
+    args = parser().parse_args(["depot", "--name", "d", "--dir", "x", "--client-connections", "3",
+                                "--copy-to", "depot*", "--copy-to", "10.0.0.1:6714", "--max-timeout", "9"])
+    lim = from_args(args)
+    assert (lim.client_connections, lim.max_timeout, lim.copy_to) == (3, 9, ("depot*", "10.0.0.1:6714"))
+    assert lim.max_connections == Limits().max_connections
+    assert lim.timeout(0) == 2 and lim.timeout(5) == 5 and lim.timeout(10**9) == 9
+    for bad in (["--client-share", "0"], ["--client-share", "1.5"], ["--max-connections", "0"]):
+        with pytest.raises(ValueError):
+            from_args(parser().parse_args(["depot", "--name", "d", "--dir", "x", *bad]))
+
+
+def test_a_local_tcp_client_is_known_by_its_uid() -> None:
+    import socket
+
+    from apps.ibp.peer import tcp_identity
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        with socket.create_connection(srv.getsockname()) as c:
+            conn, _ = srv.accept()
+            with conn:
+                assert tcp_identity(conn) == f"uid:{os.geteuid()}"
+                assert c.fileno() >= 0

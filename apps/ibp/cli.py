@@ -295,11 +295,11 @@ def run_depot(args: argparse.Namespace) -> int:
     log.info("depot %s serving %s (capacity %d, max duration %d s)", args.name, args.dir, args.capacity,
              args.max_duration)
     try:
-        flow_loop(server)
+        flow_loop(server)  # returns only when the IRMd is gone
     finally:
         stop.set()
         store.release()
-    return 0
+    return 1
 
 
 if __name__ == "__main__":

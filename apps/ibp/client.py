@@ -102,6 +102,11 @@ class Connection:
         return self._checked(self._reply(wait))
 
     def _checked(self, reply: w.Reply) -> w.Reply:
+        if reply.status == w.IBP_E_OUT_OF_SOCKETS:  # `-66 WAIT reason`: turned away for now
+            wait = reply.fields[0] if reply.fields else "?"
+            why = w.reason_fields(" ".join(reply.fields[1:]))
+            raise w.IbpError(reply.status, f"depot {self.depot!r} is busy ({why}): retry in "
+                             f"{w.reason_fields(wait)[:12]} s")
         if not reply.ok:
             why = w.reason_fields(" ".join(reply.fields)) or "no reason"
             raise w.IbpError(reply.status, f"depot {self.depot!r} refused: {why}")

@@ -27,13 +27,15 @@ class Hello(Message):
     name: str
     layer: str = ""
     addr: int = 0
-    nonce: bytes = b""  # the challenge for the other side, when the layer has a key
+    nonce: bytes = b""  # with a layer key: this end's fresh nonce ...
+    eph: bytes = b""  # ... and X25519 ephemeral for the key exchange (ipcp.unicast.auth)
+    mac: bytes = b""  # the responder's confirmation of the exchange (its reply only)
 
 
 @reg
 @dataclass
 class Proof(Message):
-    """Answer to a challenge: a keyed hash of the nonce and the names involved."""
+    """The initiator's confirmation of the key exchange: it knows the layer key."""
 
     TYPE: ClassVar[int] = 101
     mac: bytes
@@ -41,16 +43,25 @@ class Proof(Message):
 
 @reg
 @dataclass
+class Refuse(Message):
+    """Why the other end of a handshake will not go on (then it closes the flow)."""
+
+    TYPE: ClassVar[int] = 104
+    result: int
+    error: str
+
+
+@reg
+@dataclass
 class EnrollInfo(Message):
-    """The enroller's answer: the layer's configuration and who is in it."""
+    """The enroller's answer: the layer's configuration (never its key) and who is in it."""
 
     TYPE: ClassVar[int] = 102
     layer: str
     conf: dict[str, str]
     members: list[int] = field(default_factory=list)
-    result: int = OK  # E_AUTH with a nonce: prove the layer key first
+    result: int = OK
     error: str = ""
-    nonce: bytes = b""
     name: str = ""  # the enroller's: whom the enrollee connects to first
 
 
@@ -65,6 +76,8 @@ class Lsu(Message):
     neighbours: list[int]
     name: str = ""  # what the member is called in the layers below: automatic connects reach it by it
     since: float = 0.0  # when this incarnation started: of two addresses under one name, the later is the member
+    key: bytes = b""  # the member's signing key (bound to its address and name on first sight) ...
+    sig: bytes = b""  # ... and its signature of all the fields above
 
 
 @reg
@@ -75,6 +88,7 @@ class FaReq(Message):
     s_eid: int
     hash: bytes
     qos: QosSpec
+    data: bytes = b""  # the allocation's piggyback (the IRMd's OAP request), opaque
 
 
 @reg
@@ -85,6 +99,7 @@ class FaReply(Message):
     s_eid: int  # the replier's eid
     d_eid: int  # the requester's eid
     result: int = OK
+    data: bytes = b""  # the responder's piggyback
 
 
 @reg
@@ -111,13 +126,17 @@ class FlowUpdate(Message):
 @reg
 @dataclass
 class DhtStore(Message):
-    """Keep (key -> addr) for ttl seconds; ttl 0 removes it."""
+    """Keep (key -> addr) for ttl seconds; ttl 0 removes it. Signed by the member at `addr`, which
+    must be `src`: a member speaks only for itself; holders replicate the signed store as it is."""
 
     TYPE: ClassVar[int] = 120
     src: int
     key: bytes
     addr: int
     ttl: float
+    seq: int = 0  # the registrant's counter: an older store (a replay) never undoes a newer one
+    pub: bytes = b""
+    sig: bytes = b""
 
 
 @reg

@@ -21,7 +21,7 @@ from transports.wire import Message
 
 LOOKUP_TIMEOUT = 2.0
 CACHE_TTL = 10.0
-MAX_ENTRIES = 65536  # (key, address) entries a member holds for the layer
+MAX_ENTRIES = 16384  # (key, address) entries a member holds for the layer
 MAX_PER_MEMBER = 1024  # ... of which one member's
 MAX_LOOKUPS = 1024  # lookups under way at once
 MAX_KEY = 64  # bytes of a name hash (SHA3-512)

@@ -9,8 +9,18 @@ import pytest
 
 from ipcp.unicast import messages as um
 from ipcp.unicast.fa import (
-    ARRIVED_TIMEOUT, MAX_ARRIVED, MAX_DATA, PATH_GRACE, Allocated, AllocFailed, Arrived, Ended, Event, FaError,
-    FlowAllocator, State,
+    ARRIVED_TIMEOUT,
+    MAX_ARRIVED,
+    MAX_DATA,
+    PATH_GRACE,
+    Allocated,
+    AllocFailed,
+    Arrived,
+    Ended,
+    Event,
+    FaError,
+    FlowAllocator,
+    State,
 )
 from ipcp.unicast.fsm import IllegalTransition
 from proto.qos import QosSpec

@@ -61,6 +61,11 @@ def test_line_of_three_oping_across_two_hops(cluster: Cluster) -> None:
     assert [row["name"] for row in parse_table(a.irm_ok("ipcp", "list", "layer", "net"))] == ["n1"]
     # a and c share no adjacency: the pings were relayed by n2
     assert a.neighbours("n1") == {"n2"} and b.neighbours("n2") == {"n1", "n3"}
+    # IpcpInfo: every IPCP tells its basics; a unicast one its address, routes and counters
+    assert {row[0]: row[1] for row in a.info("u")["ipcp"]} == {"name": "u", "type": "udp4", "layer": "lan"}
+    routes = {row[0]: row[1] for row in a.info("n1")["forwarding"]}
+    assert routes == {str(b.address("n2")): str(b.address("n2")), str(c.address("n3")): str(b.address("n2"))}
+    assert b.counter("n2", "forwarded") >= 5 and a.counter("n1", "forged") == 0
 
 
 @pytest.mark.timeout(120)

@@ -12,7 +12,7 @@ import enum
 
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
-from ipcp.unicast.fsm import Machine
+from ipcp.unicast.fsm import Machine, TimedCore
 from ipcp.unicast.handshake import TIMEOUT, Handshake, Peer, Refused, decode
 from proto import messages as m
 
@@ -133,14 +133,14 @@ class Enrollee:
         self.machine.fire(EnrolleeEvent.FAIL)
 
 
-class Enroller:
+class Enroller(TimedCore):
     """Answers an enrollee its handshake proved: the layer's configuration, sealed; then waits
     for the enrollee to close (or TIMEOUT)."""
 
     def __init__(self, enrollee: Peer, info: um.EnrollInfo, now: float) -> None:
+        super().__init__(now + TIMEOUT)
         self.machine: Machine[EnrollerState, EnrollerEvent] = Machine("enroller", ENROLLER, EnrollerState.PROVED)
         self.enrollee = enrollee
-        self.deadline = now + TIMEOUT
         sdu = um.CODEC.encode(info)
         self._out = [enrollee.sealer.seal_bytes(sdu) if enrollee.sealer else sdu]
         self.machine.fire(EnrollerEvent.SEND)
@@ -149,16 +149,8 @@ class Enroller:
     def done(self) -> bool:
         return self.machine.state is EnrollerState.DONE
 
-    def pop_out(self) -> list[bytes]:
-        out, self._out = self._out, []
-        return out
-
-    def get_timer(self) -> float | None:
-        return None if self.done else self.deadline
-
-    def handle_timer(self, now: float) -> None:
-        if not self.done and now >= self.deadline:
-            self.machine.fire(EnrollerEvent.CLOSED)
+    def expire(self) -> None:
+        self.machine.fire(EnrollerEvent.CLOSED)
 
     def closed(self) -> None:
         self.machine.fire(EnrollerEvent.CLOSED)

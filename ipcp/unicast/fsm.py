@@ -36,3 +36,30 @@ class Machine(Generic[S, E]):
 
     def can(self, event: E) -> bool:
         return (self.state, event) in self.table
+
+
+class TimedCore:
+    """What the handshake and enrollment cores share: SDUs to send, and one deadline while not done."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._out: list[bytes] = []
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def pop_out(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return None if self.done else self.deadline
+
+    def handle_timer(self, now: float) -> None:
+        if not self.done and now >= self.deadline:
+            self.expire()
+
+    def expire(self) -> None:
+        """The deadline passed before the core was done."""
+        raise NotImplementedError

@@ -14,7 +14,7 @@ import enum
 
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
-from ipcp.unicast.fsm import Machine
+from ipcp.unicast.fsm import Machine, TimedCore
 from proto import messages as m
 from transports.wire import Message, WireError
 
@@ -74,37 +74,28 @@ def decode(sdu: bytes, opener: auth.Opener | None = None) -> Message:
         raise Refused(m.EPROTO, f"malformed message: {e}") from None
 
 
-class Handshake:
+class Handshake(TimedCore):
     """One end of a handshake. Feed it SDUs with receive(); send what pop_out() returns."""
 
     def __init__(self, initiator: bool, component: str, name: str, layer: str, addr: int,
                  psk: bytes | None, now: float) -> None:
+        super().__init__(now + TIMEOUT)
         self.initiator = initiator
         self.component, self.name, self.layer, self.addr = component, name, layer, addr
         self.psk = psk
         self.machine: Machine[State, Event] = Machine("handshake", TRANSITIONS, State.IDLE)
-        self.deadline = now + TIMEOUT
         self.peer: Peer | None = None
         self.error: Refused | None = None
         self._kex = auth.KeyExchange(psk) if psk is not None else None
         self._hello: um.Hello | None = None  # ours, as sent
         self._session: auth.Session | None = None
-        self._out: list[bytes] = []
 
     @property
     def done(self) -> bool:
         return self.machine.state in (State.UP, State.FAILED)
 
-    def pop_out(self) -> list[bytes]:
-        out, self._out = self._out, []
-        return out
-
-    def get_timer(self) -> float | None:
-        return None if self.done else self.deadline
-
-    def handle_timer(self, now: float) -> None:
-        if not self.done and now >= self.deadline:
-            self._fail(Refused(m.ETIMEDOUT, "the peer did not finish the handshake in time"), tell=False)
+    def expire(self) -> None:
+        self._fail(Refused(m.ETIMEDOUT, "the peer did not finish the handshake in time"), tell=False)
 
     def start(self) -> None:
         self.machine.fire(Event.START)

@@ -3,8 +3,9 @@
 1 hop: hosts A (127.0.0.1) and B (127.0.0.2), each with a udp4 shim in layer "lan" and a
 unicast member of layer "net" (n1 bootstraps, n2 enrolls and connects to n1). 3 hops: four
 hosts in a line (127.0.0.1..4, n(i) enrolls through and connects to n(i-1)); the flow runs
-between the ends; the .key rows are the same layers with a layer key. The flow server sits on the last host, the client on the first; the baseline
-is a pair of connected UDP sockets between the same two addresses, served by a peer process.
+between the ends; the .key rows are the same layers with a layer key (every N-1 PDU sealed).
+The flow server sits on the last host, the client on the first; the baseline is a pair of
+connected UDP sockets between the same two addresses, served by a peer process.
 RTT of 64-byte SDUs; one-way throughput of 1,400-byte SDUs as the receiver counted them.
 
 Every figure is measured min(runs, MAX_RUNS) times: building a layer takes seconds, and each

@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,7 @@ class Link:
     sock: socket.socket
     sealer: auth.Sealer | None = None
     opener: auth.Opener | None = None
+    token: object = None  # the driver's handle of this adjacency, given back when it goes down
 
 
 @dataclasses.dataclass
@@ -92,7 +94,7 @@ class Dt(PollThread):
     """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its link."""
 
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
-                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None],
+                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int, object], None],
                  on_congestion: Callable[[UniFlow, ca.Update], None],
                  congestion: ca.Congestion | None = None, spread: bool = False) -> None:
         self.fmt = fmt
@@ -127,6 +129,9 @@ class Dt(PollThread):
             fn(*args)
 
     def stop(self) -> None:
+        flushed = threading.Event()
+        self.command(flushed.set)
+        flushed.wait(2)  # what the driver queued last (its goodbyes to peers) goes out first
         super().stop()
         log.info("data transfer: %s", self.counters)
         for link in self.n1.values():
@@ -145,17 +150,20 @@ class Dt(PollThread):
         self.pff = table
 
     def add_n1(self, addr: int, fd: int, sealer: auth.Sealer | None = None,
-               opener: auth.Opener | None = None) -> None:
+               opener: auth.Opener | None = None, token: object = None) -> None:
         """A data flow to neighbour `addr`; this thread owns `fd` from now on."""
         self.remove_n1(addr)
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        self.n1[addr] = Link(addr, sock, sealer, opener)
+        self.n1[addr] = Link(addr, sock, sealer, opener, token)
         self._n1_at[sock.fileno()] = addr
         self.ca.n1_added(addr, _queued(sock), sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
         self.watch(sock.fileno())
 
-    def remove_n1(self, addr: int) -> None:
+    def remove_n1(self, addr: int, token: object = None) -> None:
+        """Close the data flow to `addr` (only the one added with `token`, if given)."""
+        if token is not None and getattr(self.n1.get(addr), "token", None) is not token:
+            return
         link = self.n1.pop(addr, None)
         self.ca.n1_removed(addr)
         if link is not None:
@@ -253,7 +261,7 @@ class Dt(PollThread):
             self.from_n1(link, pdus)
             if ended:  # torn down below us
                 self.remove_n1(hop)
-                self.on_n1_down(hop)
+                self.on_n1_down(hop, link.token)
         elif (flow := self._flow_at.get(fd)) is not None:
             paced = flow.tx is not None and flow.tx.paced
             sdus, ended = read_burst(flow.io, self.bufsize, hup, PACED_BURST if paced else BURST)

@@ -170,8 +170,8 @@ class UnicastIpcp(Ipcp):
         def on_mgmt(pdu: bytes) -> None:  # from the DT thread
             loop.call_soon_threadsafe(self._on_mgmt, pdu)
 
-        def on_n1_down(addr: int) -> None:
-            loop.call_soon_threadsafe(self._n1_down, addr)
+        def on_n1_down(addr: int, link: object) -> None:
+            loop.call_soon_threadsafe(self._drop_link, addr, um.DT, link)
 
         def on_congestion(flow: UniFlow, update: ca.Update) -> None:  # on the DT thread
             assert self.dt is not None
@@ -324,7 +324,7 @@ class UnicastIpcp(Ipcp):
         if old is not None:
             old[0].close()
         if comp == um.DT:
-            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener)
+            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link)
             self._adjacency_changed()
         else:
             self.spawn(self._serve_mgmt(link))
@@ -332,20 +332,16 @@ class UnicastIpcp(Ipcp):
                 self._write_mgmt(af, peer, lsu)
 
     def _drop_link(self, addr: int, comp: str, link: Any = None) -> None:
+        """Drop a neighbour's adjacency (only `link`, if given: not one that replaced it since)."""
         assert self.dt is not None
         gone = self.neighbours.remove(addr, comp, link)
         if gone is None:
             return
+        log.info("%s: %s flow to %s (address %d) is down", self.name, comp, gone[1].name, addr)
         gone[0].close()  # a management flow's task ends on it
         if comp == um.DT:
-            self.dt.command(self.dt.remove_n1, addr)
+            self.dt.command(self.dt.remove_n1, addr, gone)
             self._adjacency_changed()
-
-    def _n1_down(self, addr: int) -> None:
-        nb = self.neighbours.get(addr)
-        if nb is not None and um.DT in nb.links:
-            log.info("%s: data flow to %s (address %d) is down", self.name, nb.name, addr)
-            self._drop_link(addr, um.DT)
 
     async def _serve_mgmt(self, link: tuple[AsyncFlow, Peer]) -> None:
         assert self.lsdb is not None
@@ -354,7 +350,6 @@ class UnicastIpcp(Ipcp):
             try:
                 sdu = await af.read()
             except FlowError:
-                log.info("%s: management flow to %s is down", self.name, peer.name)
                 self._drop_link(peer.addr, um.MGMT, link)
                 return
             try:

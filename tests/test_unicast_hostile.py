@@ -7,6 +7,7 @@ attacked from host b by this test process, as a non-member and as a member gone 
 - a member speaking for others: LSUs for another's address or name, unsigned LSUs, directory
   stores for another's address, a flood of them, malformed management PDUs.
 
+The non-member's attacks are also played by an unprivileged local user (uid 65534) on host b.
 Each attack must leave n1 alive, its memory and CPU bounded, every forged or replayed message
 dropped and counted in its IpcpInfo, and n2's flow to pong answering all along.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -271,3 +274,55 @@ def test_a_member_flooding_its_own_stores_is_bounded(layer: Layer, peer: Peer) -
     assert int(a.field("n1", "directory entries")) <= 1024 + 8
     assert rss_kb(n1) - mem < 50_000
     assert a.irmd.alive() and b.irmd.alive()
+
+
+ATTACKER = r"""
+import os, sys, time
+from flowlib.errors import FlowError
+from flowlib.flow import flow_alloc
+from ipcp.unicast import auth
+from ipcp.unicast import messages as um
+from ipcp.unicast.connmgr import Adjacency
+from proto.qos import raw
+sent = 0
+for i in range(int(sys.argv[1])):
+    try:
+        f = flow_alloc("n1", raw, timeout=10)
+    except FlowError as e:
+        print("alloc:", e, flush=True)
+        continue
+    f.set_timeout(5)
+    try:
+        if i % 2:
+            f.write(os.urandom(64 + i))
+        else:  # a handshake under a guessed key
+            adj = Adjacency(True, um.DT, "guess", "net", 4000 + i, auth.layer_psk(f"guess{i}"), time.monotonic())
+            f.write(adj.pop_out()[0])
+            adj.receive(f.read(), time.monotonic())
+            assert adj.peer is None, "a guessed key was taken"
+            for sdu in adj.pop_out():
+                f.write(sdu)
+        sent += 1
+        f.read()
+    except FlowError:
+        pass
+    finally:
+        f.close()
+print("sent", sent, flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_an_unprivileged_non_member_is_refused_like_any_other(layer: Layer, cluster: Cluster) -> None:
+    a, b = layer.a, layer.b
+    os.chmod(cluster.tmp, 0o755)  # the test hosts' sockets, reachable by any local user (as /run/ouroboros is)
+    before = a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed")
+    with legit_pings(b) as failures:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", ATTACKER, "20"],
+                           env=b.irmd.env, capture_output=True, text=True, timeout=180, cwd="/")
+        assert r.returncode == 0 and "sent 20" in r.stdout, r.stdout + r.stderr
+        wait_for(lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= before + 20,
+                 30, "n1 to count the nobody's 20 refused handshakes")
+    assert not failures, failures
+    assert a.neighbours("n1") == {"n2"} and a.irmd.alive()

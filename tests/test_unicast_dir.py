@@ -204,7 +204,7 @@ def test_dir_lookup_times_out_empty_when_nobody_answers() -> None:
 def test_dir_found_with_an_unknown_cookie_is_ignored() -> None:
     d = Directory(1)
     d.set_members([1, 2], 0.0)
-    assert d.receive(um.DhtFound(2, KEY, 42, [2]), 0.0) == []
+    assert d.receive(um.DhtFound(2, KEY, 42, [store(2, KEY, 9.0)]), 0.0) == []
     assert d.resolved == [] and d.local(KEY, 0.0) is None
 
 
@@ -263,15 +263,20 @@ def test_dir_results_are_filtered_to_current_members() -> None:
     assert dht.lookup(asker, KEY) == [17]
 
 
-def test_dir_found_addresses_of_non_members_are_dropped_by_the_asker() -> None:
+def test_dir_an_answer_counts_only_members_that_signed_their_own_store() -> None:
     d = Directory(1)
+    for a in (2, 3, 77):
+        d.bindings.admit(a, "", ident_of(a).pub)
     d.set_members([1, 2, 3], 0.0)
     cookie, out = d.lookup(KEY, 0.0)
     assert {dst for dst, _ in out} == {2, 3}
-    assert d.receive(um.DhtFound(2, KEY, cookie, [77]), 0.0) == []  # 77 is no member: keep asking
+    assert d.receive(um.DhtFound(2, KEY, cookie, [store(77, KEY, 9.0)]), 0.0) == []  # 77 is no member: ask on
     assert d.resolved == []
-    d.receive(um.DhtFound(3, KEY, cookie, [3, 88]), 0.0)
-    assert d.resolved == [(KEY, [3])]
+    lies = [dataclasses.replace(store(3, KEY, 9.0), sig=b"\x00" * 64),  # a holder's invention
+            store(3, KEY, 9.0, ident=ident_of(99)),  # signed, by a key not 3's
+            store(3, b"other", 9.0)]  # 3's, but for another name
+    d.receive(um.DhtFound(3, KEY, cookie, [*lies, store(2, KEY, 9.0)]), 0.0)
+    assert d.resolved == [(KEY, [2])] and d.forged == 2
 
 
 def test_dir_cached_results_are_filtered_to_current_members() -> None:
@@ -320,7 +325,8 @@ DHT_MSGS = st.one_of(
         st.integers(0, 20),
         st.binary(max_size=4),
         st.integers(-5, 2**64),
-        st.lists(st.integers(-5, 20), max_size=5),
+        st.lists(st.builds(store, st.integers(0, 12), st.just(KEY), st.floats(allow_nan=False),
+                           st.integers(-5, 8)), max_size=5),
     ),
     st.builds(um.Lsu, st.integers(0, 5), st.integers(0, 5), st.lists(st.integers(0, 5), max_size=3)),
 )
@@ -335,7 +341,7 @@ def test_fuzz_directory_takes_any_message_without_raising(msgs: list[Message]) -
     cookie, _ = d.lookup(KEY, 0.0)
     for t, msg in enumerate(msgs):
         if isinstance(msg, um.DhtFound) and t % 2:
-            msg = um.DhtFound(msg.src, KEY, cookie, msg.addrs)
+            msg = um.DhtFound(msg.src, KEY, cookie, msg.stores)
         with contextlib.suppress(auth.Forged):
             for dst, reply in d.receive(msg, float(t)):
                 assert isinstance(dst, int) and isinstance(reply, um.DhtStore | um.DhtFind | um.DhtFound)

@@ -102,7 +102,7 @@ SAMPLES: list[Message] = [
     um.FlowUpdate(2, 5, 40, 1.5e6),
     um.DhtStore(1, b"\x04" * 32, 1, 86400.0, 7, b"\x07" * 32, b"\x08" * 64),
     um.DhtFind(1, b"\x04" * 32, 12345),
-    um.DhtFound(2, b"\x04" * 32, 12345, [1, 3]),
+    um.DhtFound(2, b"\x04" * 32, 12345, [um.DhtStore(1, b"\x04" * 32, 1, 5.0, 7, b"\x07" * 32, b"\x08" * 64)]),
     um.Echo(4),
 ]
 

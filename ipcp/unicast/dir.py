@@ -25,6 +25,7 @@ MAX_ENTRIES = 16384  # (key, address) entries a member holds for the layer
 MAX_PER_MEMBER = 1024  # ... of which one member's
 MAX_LOOKUPS = 1024  # lookups under way at once
 MAX_KEY = 64  # bytes of a name hash (SHA3-512)
+MAX_FOUND = 16  # signed stores in one lookup answer
 
 Out = list[tuple[int, Message]]  # (destination address, message)
 
@@ -70,7 +71,7 @@ class Directory:
         self.identity = identity or auth.Identity.generate()
         self.bindings = bindings or auth.Bindings()
         self.members: set[int] = {me}
-        self.mine: set[bytes] = set()  # what this member registered
+        self.mine: dict[bytes, DhtStore] = {}  # what this member registered, as last published
         self.store: dict[bytes, dict[int, _Held]] = {}  # key -> {addr: entry} held for the layer
         self.seqs: dict[tuple[bytes, int], int] = {}  # newest store seen per (key, addr), removals too
         self.cache: dict[bytes, tuple[list[int], float]] = {}
@@ -101,9 +102,9 @@ class Directory:
         return self._publish(self.mine, now) if changed else []
 
     def register(self, key: bytes, on: bool, now: float) -> Out:
-        (self.mine.add if on else self.mine.discard)(key)
         if on:
             return self._publish([key], now)
+        self.mine.pop(key, None)
         gone = self._signed(key, 0.0)
         return [(a, gone) for a in self.closest(key)]
 
@@ -114,18 +115,23 @@ class Directory:
 
     def _publish(self, keys: Iterable[bytes], now: float) -> Out:
         out: Out = []
-        for key in keys:
-            store = self._signed(key, self.params.t_expire)
+        for key in list(keys):
+            store = self.mine[key] = self._signed(key, self.params.t_expire)
             out += [(a, store) for a in self.closest(key)]
         return out
+
+    def _held(self, key: bytes, now: float) -> list[DhtStore]:
+        """The live stores for `key` we believe: of members, under the keys bound to them (a store
+        taken before its member's LSU counts once the keys agree)."""
+        keys = self.bindings.by_addr
+        return [h.store for a, h in self.store.get(key, {}).items()
+                if h.expiry > now and a in self.members and keys.get(a) == h.store.pub]
 
     def local(self, key: bytes, now: float) -> list[int] | None:
         """What we know without asking: our own names, entries we hold, the cache."""
         if key in self.mine:
             return [self.me]
-        keys = self.bindings.by_addr  # a store taken before its member's LSU counts once the keys agree
-        held = [a for a, h in self.store.get(key, {}).items()
-                if h.expiry > now and a in self.members and keys.get(a) == h.store.pub]
+        held = [store.addr for store in self._held(key, now)]
         if held:
             return held
         hit = self.cache.get(key)
@@ -163,13 +169,16 @@ class Directory:
         if isinstance(msg, DhtFind):
             if len(msg.key) > MAX_KEY:
                 return []
-            return [(msg.src, DhtFound(self.me, msg.key, msg.cookie, self.local(msg.key, now) or []))]
+            stores = self._held(msg.key, now)
+            if msg.key in self.mine:
+                stores.insert(0, self.mine[msg.key])
+            return [(msg.src, DhtFound(self.me, msg.key, msg.cookie, stores[:MAX_FOUND]))]
         if isinstance(msg, DhtFound):
             lk = self._lookups.get(msg.cookie)
             if lk is None or lk.key != msg.key:
                 return []
             lk.waiting -= 1
-            live = [a for a in msg.addrs if a in self.members]  # not members that left since
+            live = self._proven(msg, now)
             if live:
                 del self._lookups[msg.cookie]
                 self.cache[msg.key] = (live, now + CACHE_TTL)
@@ -178,17 +187,37 @@ class Directory:
             return self._ask(msg.cookie, lk)
         return []
 
+    def _proven(self, found: DhtFound, now: float) -> list[int]:
+        """The members a lookup answer proves registered for its key: each by its own signed store,
+        under the key bound to it; whatever else the answerer claims counts for nothing."""
+        live: list[int] = []
+        for store in found.stores[:MAX_FOUND]:
+            try:
+                self._check(store)
+            except auth.Forged:
+                self.forged += 1
+                continue
+            if (store.key == found.key and store.ttl > 0 and store.addr in self.members
+                    and self.bindings.by_addr.get(store.addr) == store.pub
+                    and store.seq >= self.seqs.get((store.key, store.addr), 0) and store.addr not in live):
+                live.append(store.addr)
+        return live
+
+    def _check(self, store: DhtStore) -> None:
+        """Forged unless `store` is signed by its member, for its own address, under its bound key."""
+        if store.addr != store.src:
+            raise auth.Forged(f"member {store.src} stores for address {store.addr}")
+        auth.verify(store.pub, signed_part(store), store.sig)
+        held = self.bindings.by_addr.get(store.src)
+        if held is not None and held != store.pub:
+            raise auth.Forged(f"a store for address {store.src} under another member's key")
+
     def _take(self, store: DhtStore, now: float) -> None:
         if not math.isfinite(store.ttl) or len(store.key) > MAX_KEY or not 0 <= store.seq < 1 << 63:
             self.refused += 1
             return
         try:
-            if store.addr != store.src:
-                raise auth.Forged(f"member {store.src} stores for address {store.addr}")
-            auth.verify(store.pub, signed_part(store), store.sig)
-            held = self.bindings.by_addr.get(store.src)
-            if held is not None and held != store.pub:
-                raise auth.Forged(f"a store for address {store.src} under another member's key")
+            self._check(store)
         except auth.Forged:
             self.forged += 1
             raise

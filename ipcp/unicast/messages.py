@@ -151,11 +151,14 @@ class DhtFind(Message):
 @reg
 @dataclass
 class DhtFound(Message):
+    """The answer to a DhtFind: the stores held for the key, each as its registrant signed it, so
+    that the asker believes no holder, only the registrants (MAX_FOUND at most)."""
+
     TYPE: ClassVar[int] = 122
     src: int
     key: bytes
     cookie: int
-    addrs: list[int] = field(default_factory=list)
+    stores: list[DhtStore] = field(default_factory=list)
 
 
 @reg

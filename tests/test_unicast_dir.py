@@ -23,7 +23,8 @@ from flowlib.qos import QosSpec
 from ipcp.unicast import auth
 from ipcp.unicast import dir as dir_mod
 from ipcp.unicast import messages as um
-from ipcp.unicast.dir import CACHE_TTL, LOOKUP_TIMEOUT, DhtParams, Directory, node_id, signed_part
+from ipcp.unicast.dir import CACHE_TTL, LOOKUP_TIMEOUT, DhtParams, Directory, node_id
+from ipcp.unicast.messages import signed_part
 from transports.wire import HEADER, MAGIC, VERSION, Message, WireError
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -155,3 +155,13 @@ def test_requests_awaiting_the_irmd_are_bounded_and_time_out() -> None:
     assert len(out) == MAX_ARRIVED and not fa.by_eid  # each refused: the IRMd never answered
     with pytest.raises(IllegalTransition):
         fa.accept(events[0].alloc, 9, b"")  # type: ignore[union-attr]
+
+
+def test_a_replayed_request_is_not_served_twice() -> None:
+    net = Net(1, 2)
+    net.fa[1].alloc(7, NAME, QOS, b"", [2], 10.0, 0.0)
+    net.run()
+    req = next(msg for _, msg in net.sent if isinstance(msg, um.FaReq))
+    net.fa[2].receive(req, 1.0)
+    out, events = net.fa[2].pop()
+    assert out == [] and [e for e in events if isinstance(e, Arrived)] == [] and net.fa[2].replayed == 1

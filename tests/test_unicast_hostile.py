@@ -5,7 +5,8 @@ attacked from host b by this test process, as a non-member and as a member gone 
 - non-members: garbage, bad hellos, guessed keys, silent handshakes by the hundred;
 - a member's data and management adjacencies: unsealed, altered and replayed PDUs;
 - a member speaking for others: LSUs for another's address or name, unsigned LSUs, directory
-  stores for another's address, a flood of them, malformed management PDUs.
+  stores for another's address, flow allocator messages in another's name, a flood of stores,
+  malformed management PDUs.
 
 The non-member's attacks are also played by an unprivileged local user (uid 65534) on host b.
 Each attack must leave n1 alive, its memory and CPU bounded, every forged or replayed message
@@ -34,8 +35,7 @@ from flowlib.irm import IrmClient
 from ipcp.unicast import auth, pci
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
-from ipcp.unicast.dir import signed_part as store_signed_part
-from ipcp.unicast.routing import signed_part as lsu_signed_part
+from ipcp.unicast.messages import signed_part
 from proto.qos import raw
 
 KEY = "s3cret-layer-key"
@@ -135,7 +135,7 @@ def peer(layer: Layer) -> Iterator[Peer]:
 def signed_lsu(ident: auth.Identity, src: int, name: str, seqno: int = 1, neighbours: list[int] | None = None,
                since: float = 0.0) -> um.Lsu:
     lsu = um.Lsu(src, seqno, neighbours or [], name, since, ident.pub)
-    return dataclasses.replace(lsu, sig=ident.sign(lsu_signed_part(lsu)))
+    return dataclasses.replace(lsu, sig=ident.sign(signed_part(lsu)))
 
 
 def mgmt_pdu(dst: int, msg: um.Message) -> bytes:
@@ -242,13 +242,19 @@ def test_a_member_cannot_speak_for_another_in_lsus_or_the_directory(layer: Layer
         # the directory: a store for n2's address, under the rogue's key; and an unsigned one
         name = b"\x22" * 32
         store = um.DhtStore(ROGUE, name, n2, 86400.0, 1, rogue.pub)
-        store = dataclasses.replace(store, sig=rogue.sign(store_signed_part(store)))
+        store = dataclasses.replace(store, sig=rogue.sign(signed_part(store)))
         dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, store)))
         dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, um.DhtStore(n2, name, n2, 86400.0))))
         for _ in range(50):
             dt.write(dsealer.seal_bytes(FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID)) + os.urandom(200)))
-        wait_for(lambda: a.counter("n1", "dht_forged") >= 2 and a.counter("n1", "mgmt_malformed") >= 50, 20,
-                 "n1 to count the forged stores and the malformed PDUs")
+        # the flow allocator: a request and a deallocation in n2's name, unsigned and signed by the rogue
+        for msg in (um.FaReq(n2, 99, name, raw), um.FaDealloc(n2, 1, 2)):
+            dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, msg)))
+            forged = dataclasses.replace(msg, sig=rogue.sign(signed_part(msg)))
+            dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, forged)))
+        wait_for(lambda: a.counter("n1", "dht_forged") >= 2 and a.counter("n1", "mgmt_malformed") >= 50
+                 and a.counter("n1", "fa_forged") >= 4, 20,
+                 "n1 to count the forged stores, allocator messages and malformed PDUs")
     assert not failures, failures
     routes = {row[0] for row in a.info("n1")["forwarding"]}
     assert str(n2) in routes  # n2's routes were not emptied
@@ -266,7 +272,7 @@ def test_a_member_flooding_its_own_stores_is_bounded(layer: Layer, peer: Peer) -
     with legit_pings(b) as failures:
         for i in range(3000):  # its own address, validly signed: only the bounds stop it
             store = um.DhtStore(ROGUE, i.to_bytes(32, "big"), ROGUE, 86400.0, i + 1, rogue.pub)
-            store = dataclasses.replace(store, sig=rogue.sign(store_signed_part(store)))
+            store = dataclasses.replace(store, sig=rogue.sign(signed_part(store)))
             with contextlib.suppress(FlowError):
                 dt.write(sealer.seal_bytes(mgmt_pdu(layer.n1, store)))
         wait_for(lambda: a.counter("n1", "dht_refused") > 0, 60, "n1 to refuse stores past its bound")

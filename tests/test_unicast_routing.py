@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from ipcp.unicast import auth, pff
 from ipcp.unicast import messages as um
-from ipcp.unicast.routing import Lsdb, LsTimers, signed_part
+from ipcp.unicast.messages import signed_part
+from ipcp.unicast.routing import Lsdb, LsTimers
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TIMERS = LsTimers()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from sortedcontainers import SortedList
 
 from ipcp.unicast import auth
-from ipcp.unicast.messages import CODEC, DhtFind, DhtFound, DhtStore
+from ipcp.unicast.messages import DhtFind, DhtFound, DhtStore, signed_part
 from transports.wire import Message
 
 LOOKUP_TIMEOUT = 2.0
@@ -44,9 +44,6 @@ class DhtParams:
 def node_id(addr: int) -> int:
     return int.from_bytes(hashlib.sha3_256(addr.to_bytes(8, "big")).digest(), "big")
 
-
-def signed_part(store: DhtStore) -> bytes:
-    return CODEC.encode(dataclasses.replace(store, sig=b""))
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ opaque, at most MAX_DATA bytes) and the reply carries the responder's back.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import random
@@ -22,6 +23,7 @@ from transports.wire import Message
 
 MAX_DATA = 4096  # bytes of piggyback a request or reply may carry
 MAX_ARRIVED = 256  # requests from peers awaiting the IRMd's answer at once
+SEEN = 4096  # requests remembered (requester, its eid), so that one replayed is not served twice
 ARRIVED_TIMEOUT = 10.0  # seconds the IRMd may take to answer one
 PATH_GRACE = 10.0  # a flow whose destination stays unreachable this long goes down
 
@@ -128,6 +130,8 @@ class FlowAllocator:
         self.events: list[FaEvent] = []
         self.out: Out = []
         self.refused = 0  # requests refused: too many awaiting the IRMd, or too much piggyback
+        self.replayed = 0  # requests seen before
+        self._seen: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
 
     def pop(self) -> tuple[Out, list[FaEvent]]:
         out, events = self.out, self.events
@@ -242,6 +246,12 @@ class FlowAllocator:
     def _on_request(self, req: um.FaReq, now: float) -> None:
         if not 0 < req.s_eid < 1 << 64:
             return
+        if (req.src, req.s_eid) in self._seen:
+            self.replayed += 1
+            return
+        self._seen[req.src, req.s_eid] = None
+        if len(self._seen) > SEEN:
+            self._seen.popitem(last=False)
         arrived = sum(1 for a in self.by_eid.values() if a.state is State.ARRIVED)
         if arrived >= MAX_ARRIVED or len(req.data) > MAX_DATA:
             self.refused += 1

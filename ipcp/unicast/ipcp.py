@@ -52,6 +52,7 @@ DEFAULTS = {"addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "cong
             "ls_t_recalc": "4", "ls_t_update": "15", "ls_t_timeo": "60",
             "dht_alpha": "3", "dht_k": "8", "dht_t_expire": "86400", "dht_t_refresh": "900",
             "dht_t_replicate": "900"}
+SIGNED = (um.FaReq, um.FaReply, um.FaDealloc, um.FlowUpdate)  # each member's own word, checked end to end
 BOUNDS = {"ls_t_recalc": (1, 3600), "ls_t_update": (1, 3600), "ls_t_timeo": (2, 86400), "dht_alpha": (1, 20),
           "dht_k": (1, 20), "dht_t_expire": (10, 86400), "dht_t_refresh": (1, 3600), "dht_t_replicate": (1, 3600)}
 
@@ -94,6 +95,7 @@ class UnicastIpcp(Ipcp):
         self.conf: dict[str, str] = {}
         self.addr = 0
         self.psk: bytes | None = None  # from the layer key; None: an open layer
+        self.identity = auth.Identity.generate()  # until the layer is joined: then the IPCP's own, kept
         self.irm: IrmClient | None = None
         self.dt: Dt | None = None
         self.lsdb: Lsdb | None = None
@@ -145,6 +147,7 @@ class UnicastIpcp(Ipcp):
             identity = auth.Identity.load(auth.state_dir() / "ipcp" / f"{self.name}.key")
         except (OSError, ValueError) as e:
             raise HandlerError(m.EPERM, f"cannot use this IPCP's member key: {e}") from None
+        self.identity = identity
         self.conf = conf
         self.psk = auth.layer_psk(conf["key"]) if conf.get("key") else None
         fmt = PciFormat(int(conf["addr"]), int(conf["eid"]))
@@ -175,8 +178,8 @@ class UnicastIpcp(Ipcp):
 
         def on_congestion(flow: UniFlow, update: ca.Update) -> None:  # on the DT thread
             assert self.dt is not None
-            self.dt.send_mgmt(flow.dst, um.CODEC.encode(um.FlowUpdate(self.addr, flow.remote_eid, update.ece,
-                                                                      update.rate)))
+            msg = self._sign(um.FlowUpdate(self.addr, flow.remote_eid, update.ece, update.rate))
+            self.dt.send_mgmt(flow.dst, um.CODEC.encode(msg))
 
         self.dt = self.dt_class(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down, on_congestion,
                                 ca.by_name(conf["congestion"]), policy.spread)
@@ -212,8 +215,12 @@ class UnicastIpcp(Ipcp):
     async def _drive(af: AsyncFlow, core: Enrollee | Adjacency) -> None:
         """Run a handshake core over its N-1 flow until it is done (or the flow ends)."""
         while True:
-            for sdu in core.pop_out():
-                await af.write(sdu)
+            try:
+                for sdu in core.pop_out():
+                    await af.write(sdu)
+            except FlowError:
+                core.closed()
+                return
             if core.done:
                 return
             deadline = core.get_timer()
@@ -281,8 +288,6 @@ class UnicastIpcp(Ipcp):
         adj = Adjacency(False, "", self.name, self.layer, self.addr, self.psk, time.monotonic())
         try:
             await self._drive(af, adj)
-        except (FlowError, Refused) as e:
-            log.info("%s: an N-1 flow ended in its handshake: %s", self.name, e)
         finally:
             self._handshakes -= 1
         peer = adj.peer
@@ -458,8 +463,26 @@ class UnicastIpcp(Ipcp):
 
     # -- management PDUs (flow allocator, directory) ---------------------------
 
+    def _sign(self, msg: Message) -> Message:
+        return dataclasses.replace(msg, sig=self.identity.sign(um.signed_part(msg)))  # type: ignore[type-var]
+
+    def _signed_by_src(self, msg: um.FaReq | um.FaReply | um.FaDealloc | um.FlowUpdate) -> bool:
+        """Whether the member at msg.src signed it, under the key bound to that address."""
+        assert self.lsdb is not None
+        pub = self.lsdb.bindings.by_addr.get(msg.src)
+        try:
+            if pub is None:
+                raise auth.Forged(f"no member key known for address {msg.src}")
+            auth.verify(pub, um.signed_part(msg), msg.sig)
+        except auth.Forged as e:
+            log.debug("%s: dropped a %s: %s", self.name, type(msg).__name__, e)
+            return False
+        return True
+
     def _send(self, dst: int, msg: Message) -> None:
         assert self.dt is not None
+        if isinstance(msg, SIGNED):
+            msg = self._sign(msg)
         self.dt.command(self.dt.send_mgmt, dst, um.CODEC.encode(msg))
 
     def _send_all(self, out: list[tuple[int, Message]]) -> None:
@@ -475,6 +498,9 @@ class UnicastIpcp(Ipcp):
             log.debug("%s: dropped a management PDU: %s", self.name, e)
             return
         now = time.monotonic()
+        if isinstance(msg, SIGNED) and not self._signed_by_src(msg):
+            self.stats["fa_forged"] += 1
+            return
         match msg:
             case um.DhtStore() | um.DhtFind() | um.DhtFound():
                 try:
@@ -614,7 +640,8 @@ class UnicastIpcp(Ipcp):
         table = [[str(d), " ".join(map(str, hops))] for d, hops in sorted(self.routes.items())]
         counters = {**dataclasses.asdict(self.dt.counters), **self.stats,
                     "lsu_forged": self.lsdb.forged, "lsu_refused": self.lsdb.refused,
-                    "dht_forged": self.dir.forged, "dht_refused": self.dir.refused, "fa_refused": self.fa.refused}
+                    "dht_forged": self.dir.forged, "dht_refused": self.dir.refused, "fa_refused": self.fa.refused,
+                    "fa_replayed": self.fa.replayed}
         return [*sections,
                 m.InfoSection("neighbours", ["address", "name", "components"], nbs),
                 m.InfoSection("forwarding", ["destination", "next hops"], table),

@@ -4,6 +4,7 @@ allocation and directory; dataclasses framed by the control-message codec.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,6 +16,11 @@ reg = CODEC.register
 
 ENROLL, MGMT, DT = "enroll", "mgmt", "dt"  # what an N-1 flow to a member is for
 OK, E_NOENT, E_REFUSED, E_AUTH = 0, 1, 2, 3
+
+
+def signed_part(msg: Message) -> bytes:
+    """What a member signs of a message it speaks for itself in: its encoding without the signature."""
+    return CODEC.encode(dataclasses.replace(msg, sig=b""))  # type: ignore[type-var]
 
 
 @reg
@@ -89,6 +95,7 @@ class FaReq(Message):
     hash: bytes
     qos: QosSpec
     data: bytes = b""  # the allocation's piggyback (the IRMd's OAP request), opaque
+    sig: bytes = b""  # the requester's (src's) signature: flow allocator messages are each member's own
 
 
 @reg
@@ -100,6 +107,7 @@ class FaReply(Message):
     d_eid: int  # the requester's eid
     result: int = OK
     data: bytes = b""  # the responder's piggyback
+    sig: bytes = b""
 
 
 @reg
@@ -109,6 +117,7 @@ class FaDealloc(Message):
     src: int
     s_eid: int
     d_eid: int
+    sig: bytes = b""
 
 
 @reg
@@ -121,6 +130,7 @@ class FlowUpdate(Message):
     eid: int  # the sender's eid
     ece: int  # congestion level seen, 0 to 255 (0: none)
     rate: float  # bytes per second the receiver is getting
+    sig: bytes = b""
 
 
 @reg

@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 from ipcp.unicast import auth
-from ipcp.unicast.messages import CODEC, Lsu
+from ipcp.unicast.messages import Lsu, signed_part
 from ipcp.unicast.pff import Graph, Pff, Simple, Table
 
 MAX_MEMBERS = 4096  # LSDB entries: past this, LSUs of members not yet known are refused
@@ -38,9 +38,6 @@ class _Entry:
     since: float = 0.0  # when this incarnation of the member started (its own wall clock)
     lsu: Lsu | None = None  # as signed, to pass on to new neighbours
 
-
-def signed_part(lsu: Lsu) -> bytes:
-    return CODEC.encode(dataclasses.replace(lsu, sig=b""))
 
 
 class Lsdb:

@@ -8,7 +8,10 @@ The flow server sits on the last host, the client on the first; the baseline is 
 connected UDP sockets between the same two addresses, served by a peer process.
 RTT of 64-byte SDUs; one-way throughput of 1,400-byte SDUs as the receiver counted them.
 
-Every figure is measured min(runs, MAX_RUNS) times: building a layer takes seconds, and each
+The dt_forward rows time the data transfer thread's forwarding loop alone (no processes): CPU
+per PDU with a layer key against the same PDUs in an open layer.
+
+Every figure over layers is measured min(runs, MAX_RUNS) times: building a layer takes seconds, and each
 run of each figure costs about a second per side.
 """
 
@@ -16,11 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import time
 
 from bench import hosts
-from bench.harness import Goal, Row, Suite
+from bench.harness import Goal, Row, Suite, median_row
 from bench.stack import Stack
 from flowlib.irm import IrmClient
+from ipcp.unicast import auth
+from ipcp.unicast.dt import Dt, Link
+from ipcp.unicast.pci import Pci, PciFormat
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,46 @@ KEY = ("key", "bench-layer-key")  # the .key rows: every N-1 PDU sealed (sequenc
 def run(runs: int) -> list[Row]:
     n = min(runs, MAX_RUNS)
     return [*_line(2, n, "unicast.1hop", Goal(">=", 0.3)), *_line(4, n, "unicast.3hop", None),
-            *_line(2, n, "unicast.1hop.key", None, KEY), *_line(4, n, "unicast.3hop.key", None, KEY)]
+            *_line(2, n, "unicast.1hop.key", None, KEY), *_line(4, n, "unicast.3hop.key", None, KEY),
+            *(_forward_cost(size, runs) for size in (64, 1400))]
+
+
+def _forward_cost(size: int, runs: int, burst: int = 2000) -> Row:
+    """CPU per PDU the data transfer thread spends forwarding (check the link's seal, route, seal for
+    the next link, send), keyed layer against open layer, on one thread: what a layer key costs."""
+    keyed, open_ = [], []
+    for _ in range(runs):
+        open_.append(_forward_us(size, burst, sealed=False))
+        keyed.append(_forward_us(size, burst, sealed=True))
+    return median_row(f"unicast.dt_forward_{size}B.key", "us", keyed, open_, "the same PDUs, open layer")
+
+
+def _forward_us(size: int, burst: int, sealed: bool) -> float:
+    fmt = PciFormat()
+    dt = Dt(fmt, 1, 60, 65536, lambda pdu: None, lambda addr, link: None, lambda flow, update: None)
+    drain, out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    keys = (b"\x01" * 32, b"\x02" * 32)
+    links = [Link(hop, out if hop == 3 else socket.socket(), auth.Sealer(k) if sealed else None,
+                  auth.Opener(k) if sealed else None) for hop, k in zip((2, 3), keys, strict=True)]
+    dt.n1[3], dt.pff = links[1], {9: [3]}
+    pdu = fmt.pack(Pci(9, 0, 60, 0, 5)) + b"x" * size
+    sealer = auth.Sealer(keys[0])
+    best = float("inf")
+    try:
+        for _ in range(5):
+            pdus = [sealer.seal_bytes(pdu) if sealed else pdu for _ in range(burst)]
+            start = time.perf_counter()
+            dt.from_n1(links[0], pdus)
+            best = min(best, time.perf_counter() - start)
+            for _ in range(burst):
+                drain.recv(65536)
+    finally:
+        for sock in (drain, out, links[0].sock):
+            sock.close()
+    if dt.counters.forwarded != 5 * burst:
+        raise RuntimeError(f"forwarded {dt.counters.forwarded} of {5 * burst} PDUs: {dt.counters}")
+    return best / burst * 1e6
 
 
 def _line(count: int, runs: int, prefix: str, tput_goal: Goal | None, key: tuple[str, ...] = ()) -> list[Row]:

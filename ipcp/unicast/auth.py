@@ -33,6 +33,8 @@ PUB = 32  # bytes of an Ed25519 public key
 SIG = 64  # bytes of an Ed25519 signature
 WINDOW = 256  # sequence numbers a receiver accepts out of order (datagrams below may reorder)
 _SEQ = struct.Struct("!Q")
+_unpack_seq = _SEQ.unpack_from
+_WINDOW_MASK = (1 << WINDOW) - 1
 SEAL = _SEQ.size + TAG  # bytes a seal adds to a PDU
 
 
@@ -117,47 +119,36 @@ class Sealer:
         return b"".join(self.seal(pdu))
 
 
-class ReplayWindow:
-    """Sequence numbers seen, as IPsec keeps them: the highest, and a bitmap of the WINDOW below it."""
-
-    def __init__(self) -> None:
-        self.top = 0
-        self._bits = 0  # bit i: top - i seen
-
-    def fresh(self, seq: int) -> bool:
-        if seq > self.top:
-            return True
-        off = self.top - seq
-        return seq > 0 and off < WINDOW and not self._bits >> off & 1
-
-    def accept(self, seq: int) -> None:
-        if seq > self.top:
-            shift = seq - self.top
-            self._bits = (self._bits << shift | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
-            self.top = seq
-        else:
-            self._bits |= 1 << (self.top - seq)
-
-
 class Opener:
-    """Checks the PDUs that arrive on one N-1 flow; raises Forged or Replayed. One thread only."""
+    """Checks the PDUs that arrive on one N-1 flow; raises Forged or Replayed. One thread only.
+
+    Sequence numbers seen are kept as IPsec keeps them: the highest, and a bitmap of the WINDOW
+    below it (bit i: top - i seen), so datagrams reordered below are taken, each once.
+    """
 
     def __init__(self, key: bytes) -> None:
         self._mac = hashlib.blake2b(key=key, digest_size=TAG)
-        self.window = ReplayWindow()
+        self.top = 0
+        self._bits = 0
 
     def open(self, pdu: bytes) -> memoryview:
         if len(pdu) < SEAL:
             raise Forged(f"PDU of {len(pdu)} bytes is shorter than its seal")
-        (seq,) = _SEQ.unpack_from(pdu)
-        if not self.window.fresh(seq):
+        seq = _unpack_seq(pdu)[0]
+        top = self.top
+        if seq <= top and (seq == 0 or top - seq >= WINDOW or self._bits >> (top - seq) & 1):
             raise Replayed(f"sequence number {seq} seen or too old")
         view = memoryview(pdu)
         h = self._mac.copy()
         h.update(view[:-TAG])
-        if not hmac.compare_digest(h.digest(), view[-TAG:]):
+        if not hmac.compare_digest(h.digest(), pdu[-TAG:]):
             raise Forged("PDU tag does not verify")
-        self.window.accept(seq)
+        if seq > top:  # only now: a forged PDU must not move the window
+            shift = seq - top
+            self._bits = (self._bits << shift | 1) & _WINDOW_MASK if shift < WINDOW else 1
+            self.top = seq
+        else:
+            self._bits |= 1 << (top - seq)
         return view[_SEQ.size : -TAG]
 
 

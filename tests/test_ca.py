@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ipcp.unicast import ca
+from ipcp.unicast.dt import UniFlow
 
 
 def test_marks_start_above_a_standing_burst_and_grow_with_the_queue() -> None:
@@ -115,8 +116,6 @@ def test_sender_grows_back_when_congestion_ends_or_goes_unheard() -> None:
 
 
 def test_policies_by_name_and_what_the_data_path_asks_of_them() -> None:
-    from ipcp.unicast.dt import UniFlow
-
     with pytest.raises(ValueError, match="unknown congestion policy 'bbr'"):
         ca.by_name("bbr")
     nop, ecn = ca.by_name("none"), ca.by_name("mb-ecn")

@@ -332,3 +332,23 @@ def test_an_unprivileged_non_member_is_refused_like_any_other(layer: Layer, clus
                  30, "n1 to count the nobody's 20 refused handshakes")
     assert not failures, failures
     assert a.neighbours("n1") == {"n2"} and a.irmd.alive()
+
+
+@pytest.mark.timeout(300)
+def test_a_member_flooding_management_pdus_is_bounded(layer: Layer, peer: Peer) -> None:
+    a, b = layer.a, layer.b
+    n1 = a.irmd.ipcp_pid("n1")
+    dt, sealer, _ = peer.member(um.DT)
+    head = FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID))
+    mem = rss_kb(n1)
+    with legit_pings(b) as failures:
+        for i in range(20000):
+            with contextlib.suppress(FlowError):
+                dt.write(sealer.seal_bytes(head + b"\x00" * (i % 100)))
+        wait_for(lambda: a.counter("n1", "mgmt_malformed") + a.counter("n1", "mgmt_dropped") >= 10000, 60,
+                 "n1 to drop the flood")
+    assert not failures, failures
+    assert rss_kb(n1) - mem < 30_000
+    before = cpu_seconds(n1)
+    time.sleep(3)
+    assert cpu_seconds(n1) - before < 1.0, "n1 keeps busy after the flood"

@@ -72,6 +72,7 @@ class Counters:
     forwarded: int = 0
     mgmt_in: int = 0  # management PDUs for this IPCP
     mgmt_out: int = 0
+    mgmt_dropped: int = 0  # ... that arrived faster than the IPCP could take them
     ttl_expired: int = 0  # the drops, by reason
     no_route: int = 0
     no_flow: int = 0

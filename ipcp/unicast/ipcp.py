@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
 MAX_HANDSHAKES = 32  # N-1 flows being greeted at once; more are closed unanswered
+MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop; more are dropped
+MGMT_SLICE = 256  # ... taken by the loop at once
 DEFAULTS = {"addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "none",
             "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat", "mtu": "1500",
             "ls_t_recalc": "4", "ls_t_update": "15", "ls_t_timeo": "60",
@@ -111,6 +113,7 @@ class UnicastIpcp(Ipcp):
         self._allocs: dict[int, asyncio.Future[Alloc]] = {}
         self._lookups: dict[bytes, list[asyncio.Future[list[int]]]] = {}
         self._handshakes = 0
+        self._mgmt_in: collections.deque[bytes] = collections.deque()  # from the DT thread
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -170,8 +173,14 @@ class UnicastIpcp(Ipcp):
         self.loop = loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._fatal)
 
-        def on_mgmt(pdu: bytes) -> None:  # from the DT thread
-            loop.call_soon_threadsafe(self._on_mgmt, pdu)
+        def on_mgmt(pdu: bytes) -> None:  # on the DT thread: hand over in batches, bounded
+            assert self.dt is not None
+            if len(self._mgmt_in) >= MAX_MGMT_QUEUE:
+                self.dt.counters.mgmt_dropped += 1
+                return
+            self._mgmt_in.append(pdu)
+            if len(self._mgmt_in) == 1:  # the loop drains to empty: one wake-up per batch
+                loop.call_soon_threadsafe(self._drain_mgmt)
 
         def on_n1_down(addr: int, link: object) -> None:
             loop.call_soon_threadsafe(self._drop_link, addr, um.DT, link)
@@ -488,6 +497,16 @@ class UnicastIpcp(Ipcp):
     def _send_all(self, out: list[tuple[int, Message]]) -> None:
         for dst, msg in out:
             self._send(dst, msg)
+
+    def _drain_mgmt(self) -> None:
+        """Management PDUs the DT thread handed over, MGMT_SLICE at a time so the loop stays responsive."""
+        for _ in range(MGMT_SLICE):
+            try:
+                pdu = self._mgmt_in.popleft()
+            except IndexError:
+                return
+            self._on_mgmt(pdu)
+        self.loop.call_soon(self._drain_mgmt)
 
     def _on_mgmt(self, payload: bytes) -> None:
         assert self.dir is not None and self.fa is not None and self.dt is not None

@@ -68,7 +68,8 @@ class Link:
 @dataclasses.dataclass
 class Counters:
     sent: int = 0  # PDUs of our flows sent into the layer
-    delivered: int = 0  # ... and delivered to them
+    received: int = 0  # PDUs that came in on N-1 flows (before any check)
+    delivered: int = 0  # ... delivered to our flows
     forwarded: int = 0
     mgmt_in: int = 0  # management PDUs for this IPCP
     mgmt_out: int = 0
@@ -273,6 +274,7 @@ class Dt(PollThread):
     def from_n1(self, link: Link, pdus: list[bytes]) -> None:
         """PDUs from a neighbour: checked, then ours delivered, others forwarded one hop less to live."""
         opener, c = link.opener, self.counters
+        c.received += len(pdus)
         for pdu in pdus:
             if opener is not None:
                 try:

@@ -134,7 +134,8 @@ class UnicastIpcp(Ipcp):
             af.close()
         if core.error is not None:
             self.stats["enroll_failed"] += 1
-            raise HandlerError(core.error.code, f"enrollment through {dst!r} failed: {core.error.text}")
+            hint = " (enroll ... key SECRET)" if core.error.code == m.EPERM and not key else ""
+            raise HandlerError(core.error.code, f"enrollment through {dst!r} failed: {core.error.text}{hint}")
         assert core.info is not None and core.enroller is not None
         info = core.info
         log.info("%s: enrolled in %s through %s", self.name, info.layer, info.name or dst)

@@ -339,13 +339,15 @@ def test_a_member_flooding_management_pdus_is_bounded(layer: Layer, peer: Peer) 
     a, b = layer.a, layer.b
     n1 = a.irmd.ipcp_pid("n1")
     dt, sealer, _ = peer.member(um.DT)
+    mgmt, msealer, _ = peer.member(um.MGMT)
     head = FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID))
     mem = rss_kb(n1)
     with legit_pings(b) as failures:
-        for i in range(20000):
+        for i in range(20000):  # on the data flow, as management PDUs; and on the management flow
             with contextlib.suppress(FlowError):
                 dt.write(sealer.seal_bytes(head + b"\x00" * (i % 100)))
-        wait_for(lambda: a.counter("n1", "mgmt_malformed") + a.counter("n1", "mgmt_dropped") >= 10000, 60,
+                mgmt.write(msealer.seal_bytes(b"\x01" * (i % 100)))
+        wait_for(lambda: a.counter("n1", "mgmt_malformed") + a.counter("n1", "mgmt_dropped") >= 20000, 60,
                  "n1 to drop the flood")
     assert not failures, failures
     assert rss_kb(n1) - mem < 30_000

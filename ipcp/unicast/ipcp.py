@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import random
@@ -361,7 +362,9 @@ class UnicastIpcp(Ipcp):
     async def _serve_mgmt(self, link: tuple[AsyncFlow, Peer]) -> None:
         assert self.lsdb is not None
         af, peer = link
-        while True:
+        for taken in itertools.count(1):
+            if taken % MGMT_SLICE == 0:
+                await asyncio.sleep(0)  # a read that is always ready never yields: let the others run
             try:
                 sdu = await af.read()
             except FlowError:

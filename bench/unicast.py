@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 
 from bench import hosts
 from bench.harness import Goal, Row, Suite, median_row
@@ -42,6 +45,21 @@ def run(runs: int) -> list[Row]:
     return [*_line(2, n, "unicast.1hop", Goal(">=", 0.3)), *_line(4, n, "unicast.3hop", None),
             *_line(2, n, "unicast.1hop.key", None, KEY), *_line(4, n, "unicast.3hop.key", None, KEY),
             *(_forward_cost(size, runs) for size in (64, 1400))]
+
+
+@contextlib.contextmanager
+def _member_keys() -> Iterator[None]:
+    """The IPCPs' member keys in a directory of the run's, not the machine's /var/lib/ouroboros."""
+    saved = os.environ.get("OUROBOROS_STATE_DIR")
+    with tempfile.TemporaryDirectory(prefix="ouroboros-bench-keys-") as keys:
+        os.environ["OUROBOROS_STATE_DIR"] = keys
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["OUROBOROS_STATE_DIR"]
+            else:
+                os.environ["OUROBOROS_STATE_DIR"] = saved
 
 
 def _forward_cost(size: int, runs: int, burst: int = 2000) -> Row:
@@ -86,6 +104,7 @@ def _line(count: int, runs: int, prefix: str, tput_goal: Goal | None, key: tuple
     ips = [f"127.0.0.{i + 1}" for i in range(count)]
     port = hosts.free_port(tuple(ips))
     with contextlib.ExitStack() as ex:
+        ex.enter_context(_member_keys())
         stacks = [ex.enter_context(Stack()) for _ in ips]
         for i, (st, ip) in enumerate(zip(stacks, ips, strict=True)):
             hosts.udp_shim(st, ip, port, None if i == 0 else ips[0])

@@ -14,11 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apps.styx import wire as w
+from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
-from apps.styx.server import Session
+from apps.styx.identity import NONE, Creds, Policy, User, server_policy, user_for_uid
+from apps.styx.server import Limits, Session
 from apps.styx.tree import Handle, SynthDir, SynthFile, Tree, WouldBlock, text_file
 
-USER = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+ME = user_for_uid(os.geteuid())
+USER = ME.name
+POLICY = server_policy()
+# A server that cannot act as others (not root): its Plan 9 checks decide for them.
+UNPRIVILEGED = Policy(euid=4242, anon=Creds(65534, 65534))
 
 
 def rpc(s: Session, msg: w.Msg) -> w.Msg:
@@ -42,10 +48,14 @@ def err(s: Session, msg: w.Msg, match: str = "") -> str:
     return reply.ename
 
 
-def session(tree: Tree, user: str = USER, **kw: object) -> Session:
-    s = Session(tree, **kw)  # type: ignore[arg-type]
+def new_session(tree: Tree, user: User = ME, policy: Policy = POLICY, **kw: object) -> Session:
+    return Session(tree, Peer(user, policy), **kw)  # type: ignore[arg-type]
+
+
+def session(tree: Tree, user: User = ME, policy: Policy = POLICY, **kw: object) -> Session:
+    s = new_session(tree, user, policy, **kw)
     ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
-    ok(s, w.Tattach(1, 0, w.NOFID, user, ""))
+    ok(s, w.Tattach(1, 0, w.NOFID, user.name, ""))
     return s
 
 
@@ -73,7 +83,7 @@ def walk(s: Session, names: list[str], newfid: int = 2, fid: int = 0) -> w.Msg:
 
 
 def test_version_rules(root: Path) -> None:
-    s = Session(FsTree(root), msize_max=65535)
+    s = new_session(FsTree(root), limits=Limits(msize=65535))
     assert rpc(s, w.Tversion(w.NOTAG, 1 << 20, "9P2000")) == w.Rversion(w.NOTAG, 65535, "9P2000")
     assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000.u")) == w.Rversion(w.NOTAG, 8192, "9P2000")
     assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000.L")).version == "9P2000"  # type: ignore[attr-defined]
@@ -83,7 +93,7 @@ def test_version_rules(root: Path) -> None:
 
 
 def test_requests_before_version_are_refused(root: Path) -> None:
-    err(Session(FsTree(root)), w.Tattach(1, 0, w.NOFID, USER, ""), "Tversion")
+    err(new_session(FsTree(root)), w.Tattach(1, 0, w.NOFID, USER, ""), "Tversion")
 
 
 def test_version_clunks_all_fids(fs: Session) -> None:
@@ -108,16 +118,38 @@ def test_garbage_gets_rerror_not_a_crash(fs: Session) -> None:
 
 def test_attach_refuses_auth_and_fid_reuse(root: Path) -> None:
     s = session(FsTree(root))
-    err(s, w.Tauth(2, 5, USER, ""), "authentication not required")
+    err(s, w.Tauth(2, 5, USER, ""), f"authentication not required: the flow's peer is user {USER}")
     err(s, w.Tattach(2, 0, w.NOFID, USER, ""), "in use")
     err(s, w.Tattach(2, 1, 7, USER, ""), "afid")
+    anon = session(FsTree(root), NONE)
+    err(anon, w.Tauth(2, 5, "root", ""), "no identity from the stack")
 
 
-def test_user_allowlist(root: Path) -> None:
-    s = Session(FsTree(root), users=frozenset({"alice"}))
+ALICE = User("alice", 5001, 5001, (5001,), frozenset({"alice"}))
+MALLORY = User("mallory", 5002, 5002, (5002,), frozenset({"mallory"}))
+
+
+def test_user_allowlist_names_the_peer_not_the_attach_name(root: Path) -> None:
+    s = new_session(FsTree(root), MALLORY, users=frozenset({"alice"}))
     ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
-    err(s, w.Tattach(1, 0, w.NOFID, "mallory", ""), "may not attach")
-    ok(s, w.Tattach(1, 0, w.NOFID, "alice", ""))
+    err(s, w.Tattach(1, 0, w.NOFID, "alice", ""), "user 'mallory' may not attach")
+    s = new_session(FsTree(root), ALICE, users=frozenset({"alice"}))
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    ok(s, w.Tattach(1, 0, w.NOFID, "whatever-label", ""))
+
+
+def test_the_attach_name_is_a_label_except_none(root: Path) -> None:
+    (root / "private").write_text("p")
+    os.chmod(root / "private", 0o600)
+    s = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(s, w.Tattach(2, 5, w.NOFID, "alice", ""))  # claiming alice changes nothing
+    ok(s, w.Twalk(1, 5, 6, ["private"]))
+    err(s, w.Topen(1, 6, w.OREAD), "permission denied")
+    assert ok(s, w.Tstat(1, 6)).stat.uid != "mallory"  # type: ignore[attr-defined]
+    err(s, w.Tattach(3, 7, w.NOFID, "none", ""), "attached as mallory")  # one user per connection
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    ok(s, w.Tattach(3, 7, w.NOFID, "none", ""))  # anyone may become none
+    assert s.attached is not None and s.attached.user.anonymous
 
 
 def test_walk_full_partial_and_failed(fs: Session) -> None:
@@ -163,7 +195,7 @@ def test_symlinks_out_of_the_root_are_not_there(root: Path, fs: Session) -> None
 
 
 def test_long_names_in_errors_still_fit_the_smallest_msize(root: Path) -> None:
-    s = Session(FsTree(root))
+    s = new_session(FsTree(root))
     ok(s, w.Tversion(w.NOTAG, w.MSIZE_MIN, "9P2000"))
     ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
     reply = s.receive(w.encode(w.Twalk(2, 0, 1, ["x" * 200])))[0]
@@ -204,7 +236,7 @@ def test_write_and_truncate(root: Path, fs: Session) -> None:
 def test_permissions_follow_owner_group_other(root: Path) -> None:
     (root / "private").write_text("p")
     os.chmod(root / "private", 0o600)
-    s = session(FsTree(root), user="someone-else")
+    s = session(FsTree(root), User("someone-else", 4343), UNPRIVILEGED)
     ok(s, w.Twalk(1, 0, 2, ["private"]))
     err(s, w.Topen(1, 2, w.OREAD), "permission denied")
     ok(s, w.Twalk(1, 0, 3, ["hello.txt"]))  # 0644: others read, not write
@@ -231,7 +263,7 @@ def test_directory_reads_are_whole_stat_records(fs: Session) -> None:
     err(fs, w.Tread(1, 0, 5, 80), "offset")
     rest = ok(fs, w.Tread(1, 0, len(first), 8000)).data  # type: ignore[attr-defined]
     names = [s.name for s in w.stats_decode(first + rest)]
-    assert names == ["hello.txt", "sub"]
+    assert sorted(names) == ["hello.txt", "sub"]  # in the directory's own order, as Plan 9
     assert ok(fs, w.Tread(1, 0, len(first) + len(rest), 8000)) == w.Rread(1, b"")
     err(fs, w.Tread(1, 0, 0, 10), "too small")
 
@@ -309,7 +341,7 @@ class GateTree(Tree):
         self.root.add(SynthFile("gate", self.root, lambda mode, user: self.gate, 0o444))
         self.root.add(text_file("motd", self.root, lambda: "hello\n"))
 
-    def attach(self, uname: str, aname: str) -> SynthDir:
+    def attach(self, peer: Peer, aname: str) -> SynthDir:
         return self.root
 
 
@@ -389,7 +421,7 @@ def test_random_request_sequences_never_crash_or_escape(tmp_path: Path, seq: lis
     root.mkdir()
     (root / "hello.txt").write_text("hi")
     (base / "outside").write_text("keep")
-    s = Session(FsTree(root))
+    s = new_session(FsTree(root))
     start = [w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(0, 0, w.NOFID, USER, "")]
     try:
         for msg in start + seq:

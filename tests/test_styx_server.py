@@ -7,12 +7,15 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from apps.styx import beneath
 from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
@@ -436,3 +439,167 @@ def test_random_request_sequences_never_crash_or_escape(tmp_path: Path, seq: lis
             with contextlib.suppress(OSError):
                 p.chmod(0o700)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- resolution beneath the root, with openat2 and without ----------------------------------------
+
+
+@pytest.fixture(params=["openat2", "component-wise"])
+def beneath_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "openat2" and not beneath.has_openat2():
+        pytest.skip("this kernel has no openat2")
+    monkeypatch.setattr(beneath, "_openat2_works", request.param == "openat2")
+    return str(request.param)
+
+
+def test_open_beneath_refuses_every_way_out(tmp_path: Path, beneath_mode: str) -> None:
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "a" / "f").write_text("in")
+    (tmp_path / "out.txt").write_text("out")
+    (tmp_path / "root" / "abs").symlink_to("/etc")
+    (tmp_path / "root" / "up").symlink_to("../out.txt")
+    (tmp_path / "root" / "a" / "in").symlink_to("f")
+    root = os.open(tmp_path / "root", os.O_PATH)
+    try:
+        for names in [("abs", "passwd"), ("up",), ("abs",), ("..",), ("a", ".."), ("a/f",), ("",)]:
+            with pytest.raises(OSError):
+                os.close(beneath.open_beneath(root, names, os.O_RDONLY))
+        fd = beneath.open_beneath(root, ("a", "f"), os.O_RDONLY)
+        assert os.read(fd, 10) == b"in"
+        os.close(fd)
+        if beneath_mode == "openat2":  # links that stay inside are followed; without openat2, none is
+            fd = beneath.open_beneath(root, ("a", "in"), os.O_RDONLY)
+            assert os.read(fd, 10) == b"in"
+            os.close(fd)
+        else:
+            with pytest.raises(beneath.Escape):
+                beneath.open_beneath(root, ("a", "in"), os.O_RDONLY)
+    finally:
+        os.close(root)
+
+
+def test_open_beneath_holds_while_a_directory_is_swapped_for_a_link(tmp_path: Path, beneath_mode: str) -> None:
+    d = tmp_path / "root" / "d"
+    d.mkdir(parents=True)
+    (d / "f").write_text("inside")
+    (tmp_path / "f").write_text("OUTSIDE")  # what d/f is once d points at tmp_path
+    stop = threading.Event()
+    swaps = [0]
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.rename(d, tmp_path / "root" / "real")
+            os.symlink(tmp_path, d)
+            time.sleep(0)  # let the reader in while the link is there
+            os.unlink(d)
+            os.rename(tmp_path / "root" / "real", d)
+            swaps[0] += 1
+            time.sleep(0)
+
+    root = os.open(tmp_path / "root", os.O_PATH)
+    t = threading.Thread(target=swap)
+    t.start()
+    seen: list[bytes] = []
+    deadline = time.monotonic() + 20
+    try:
+        while (swaps[0] < 500 or len(seen) < 20) and time.monotonic() < deadline:
+            try:
+                fd = beneath.open_beneath(root, ("d", "f"), os.O_RDONLY)
+            except OSError:
+                continue
+            seen.append(os.read(fd, 10))
+            os.close(fd)
+    finally:
+        stop.set()
+        t.join()
+        os.close(root)
+    assert set(seen) == {b"inside"} and swaps[0] >= 500  # read inside while racing, outside never
+
+
+# -- the policy: who gets whose rights ------------------------------------------------------------
+
+ANON = Creds(65534, 65534)
+
+
+@pytest.mark.parametrize(("euid", "user", "creds", "as_user"), [
+    (0, ALICE, Creds(5001, 5001, (5001,)), True),  # root works as each local user
+    (0, user_for_uid(0), Creds(0, 0, user_for_uid(0).groups), True),
+    (0, NONE, ANON, False),  # and as nobody for anonymous clients, who may not act
+    (5001, ALICE, None, True),  # a user's own server works as itself for that user
+    (5001, MALLORY, None, False),  # and cannot act for anyone else
+    (5001, NONE, None, False),
+])  # fmt: skip
+def test_policy_rights(euid: int, user: User, creds: Creds | None, as_user: bool) -> None:
+    rights = Policy(euid, ANON).rights(user)
+    assert (rights.creds, rights.as_user) == (creds, as_user)
+
+
+def test_identity_comes_from_the_peer_uid_only() -> None:
+    from apps.styx.identity import identify
+
+    assert identify(None) is NONE and identify(-1) is NONE
+    assert identify(0).name == user_for_uid(0).name and identify(0).uid == 0
+    unknown = identify(3_999_999)
+    assert unknown.name == "3999999" and unknown.gid == 65534  # no account: the anonymous group
+
+
+def test_anonymous_peers_may_not_act() -> None:
+    peer = Peer(NONE, Policy(0, ANON))
+    assert not peer.acts
+    with pytest.raises(Exception, match="needs an identity from the stack"):
+        peer.require_acts("writing an irm command")
+    mallory = Peer(MALLORY, Policy(5001, ANON))
+    with pytest.raises(Exception, match="cannot act as user mallory"):
+        mallory.require_acts("connect")
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+
+def test_fid_limit_is_an_rerror_and_clunking_makes_room(root: Path) -> None:
+    s = session(FsTree(root), limits=Limits(fids=3))
+    ok(s, w.Twalk(1, 0, 1, []))
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    err(s, w.Twalk(1, 0, 3, []), "too many fids: this connection may hold 3")
+    err(s, w.Tattach(1, 4, w.NOFID, USER, ""), "too many fids")
+    ok(s, w.Twalk(1, 1, 1, ["sub"]))  # moving a fid takes none
+    ok(s, w.Tclunk(1, 2))
+    ok(s, w.Twalk(1, 0, 3, []))
+
+
+def test_waiting_requests_are_capped() -> None:
+    s = session(GateTree(), limits=Limits(pending=2))
+    ok(s, w.Twalk(1, 0, 2, ["gate"]))
+    ok(s, w.Topen(1, 2, w.OREAD))
+    assert s.receive(w.encode(w.Tread(10, 2, 0, 10))) == []
+    assert s.receive(w.encode(w.Tread(11, 2, 0, 10))) == []
+    err(s, w.Tread(12, 2, 0, 10), "too many requests waiting (limit 2)")
+    ok(s, w.Tflush(13, 10))
+    assert s.receive(w.encode(w.Tread(12, 2, 0, 10))) == []  # room again
+
+
+def test_msize_is_capped_by_the_limit(root: Path) -> None:
+    s = new_session(FsTree(root), limits=Limits(msize=1024))
+    assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000")) == w.Rversion(w.NOTAG, 1024, "9P2000")
+    ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
+    replies = s.receive(w.encode(w.Twrite(7, 0, 0, bytes(2000))))
+    assert "exceeds msize 1024" in w.decode(replies[0]).ename  # type: ignore[attr-defined]
+
+
+def test_clunked_and_failed_walks_leave_no_descriptors(root: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    tree = FsTree(root)
+    s = session(tree)
+    ok(s, w.Twalk(1, 0, 5, []))
+    ok(s, w.Topen(1, 5, w.OREAD))
+    for _ in range(50):
+        ok(s, w.Twalk(1, 0, 10, ["sub", "deep.txt"]))
+        ok(s, w.Topen(1, 10, w.OREAD))
+        walk(s, ["sub", "nope"], newfid=11)  # partial
+        walk(s, ["..", "sub", ".."], newfid=12)
+        ok(s, w.Tclunk(1, 10))
+        ok(s, w.Tclunk(1, 12))
+        ok(s, w.Tread(1, 5, 0, 80))  # a directory read left half done, then started over
+    s.close()
+    tree.close()
+    assert len(os.listdir("/proc/self/fd")) == before

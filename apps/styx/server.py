@@ -300,15 +300,15 @@ class Session:
                 qids.append(node.stat().qid)
             if node is f.node:
                 node = f.node.clone()
-        except BaseException:
+            made, node = node, f.node  # from here on the new node is the fid's
+        finally:
             if node is not f.node:
                 node.close()
-            raise
         if msg.newfid == msg.fid:
             f.node.close()
-            f.node = node
+            f.node = made
         else:
-            self.fids[msg.newfid] = Fid(node, f.user)
+            self.fids[msg.newfid] = Fid(made, f.user)
         return w.Rwalk(msg.tag, qids)
 
     def _step(self, node: Node, name: str, user: User) -> Node:

@@ -245,19 +245,20 @@ class FsDirHandle(Handle):
         node = self.node
         fd = os.open(node.proc, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_symlink():  # shown as what it leads to beneath the root, if anything
-                            target = node.tree.resolve((*node.rel, entry.name))
-                            try:
-                                s = os.fstat(target)
-                            finally:
-                                os.close(target)
-                        else:
-                            s = os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
-                    except (StyxError, OSError):
-                        continue
-                    yield _stat(s, entry.name)
+            entries = os.scandir(fd)  # which holds a descriptor of its own while the listing lasts
         finally:
             os.close(fd)
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_symlink():  # shown as what it leads to beneath the root, if anything
+                        target = node.tree.resolve((*node.rel, entry.name))
+                        try:
+                            s = os.fstat(target)
+                        finally:
+                            os.close(target)
+                    else:  # by the directory's O_PATH descriptor: the listing's own is scandir's
+                        s = os.stat(entry.name, dir_fd=node.fd, follow_symlinks=False)
+                except (StyxError, OSError):
+                    continue
+                yield _stat(s, entry.name)

@@ -40,8 +40,10 @@ class Limits:
     send_timeout: float = 30.0  # seconds a client may leave a reply untaken before it is dropped
 
     def fds_per_conn(self) -> int:
-        """The descriptors one connection can hold at most: two per fid, its flows, its own."""
-        return 2 * self.fids + self.flows + 8
+        """The descriptors one connection can hold at most: two per fid (a file and its open
+        descriptor, or a directory and its listing), three per reliable flow (ours and the
+        flow engine's two), and its own flow, agent and IRMd connection."""
+        return 2 * self.fids + 3 * self.flows + 8
 
 
 DEFAULT_LIMITS = Limits()

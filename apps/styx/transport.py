@@ -237,7 +237,10 @@ def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None
                     log.info("flow %s did not attach within %.0f s: closed", flow.flow_id, attach_timeout)
                     return
                 timeout = left if timeout is None else min(timeout, left)
-            ready, _, _ = select.select([flow, *waitables], [], [], timeout)
+            try:
+                ready, _, _ = select.select([flow, *waitables], [], [], timeout)
+            except (OSError, ValueError):  # what a parked request waited on was closed: retry it now
+                ready = []
             replies: list[bytes] = []
             if flow in ready:
                 replies += session.receive(flow.read())

@@ -11,6 +11,8 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +24,8 @@ from test_styx_wire import p9fs_python, py9p_python
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
 from apps.styx.transport import StreamTransport, dial
+from flowlib import Flow, flow_accept
+from flowlib.irm import IrmClient, call
 from proto import messages as m
 
 Styx = Callable[..., subprocess.CompletedProcess[str]]
@@ -431,3 +435,28 @@ def test_server_and_bridge_end_with_their_irmd(tmp_path: Path, export: Path) -> 
     finally:
         for p in procs:
             stop(p)
+
+
+@pytest.mark.parametrize("answer", ["nothing", "echo"])
+def test_a_name_that_does_not_speak_9p_fails_fast_and_says_so(
+        irmd: IrmdProc, local_layer: str, styx: Styx, client_factory: Callable[[], IrmClient], answer: str) -> None:
+    irm = client_factory()
+    call(irm.channel, m.Bind("process", str(os.getpid()), "notnine"), timeout=10)
+    call(irm.channel, m.NameRegister("notnine", [local_layer]), timeout=10)
+    held: list[Flow] = []
+
+    def serve_one() -> None:
+        flow = flow_accept(irm=irm)
+        held.append(flow)
+        if answer == "echo":
+            flow.write(flow.read())  # a Tversion back is no Rversion
+
+    t = threading.Thread(target=serve_one, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    r = styx("ls", "notnine:/")
+    took = time.monotonic() - t0
+    for f in held:
+        f.close()
+    assert r.returncode == 1 and r.stderr.startswith("styx: notnine: not a 9P service"), r.stderr
+    assert took < 8, f"took {took:.1f} s"  # the Tversion wait (3 s), not the flow's timeout

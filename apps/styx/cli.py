@@ -39,17 +39,22 @@ def split_target(target: str) -> tuple[str, str]:
     return name, path or "/"
 
 
-def connect(target: str, user: str | None) -> tuple[Client, str]:
-    name, path = split_target(target)
+def client(name: str, user: str | None) -> Client:
+    """A client attached to the service NAME; CliError (naming it) if there is none."""
     try:
         transport = dial(name)
     except (FlowError, TransportError, ValueError) as e:
         raise CliError(str(e)) from None
     try:
-        return Client(transport, user), path
-    except StyxClientError:
+        return Client(transport, user)
+    except StyxClientError as e:
         transport.close()
-        raise
+        raise CliError(f"{name}: {e}") from None
+
+
+def connect(target: str, user: str | None) -> tuple[Client, str]:
+    name, path = split_target(target)
+    return client(name, user), path
 
 
 def mode_string(mode: int) -> str:
@@ -160,16 +165,12 @@ def cmd_mount(a: argparse.Namespace) -> None:
     from apps.styx.mount import mount
 
     name, _, path = a.service.partition(":")
-    try:
-        transport = dial(name)
-    except (FlowError, TransportError, ValueError) as e:
-        raise CliError(str(e)) from None
-    with Client(transport, a.user) as client:
+    with client(name, a.user) as c:
         # libfuse installs its own handlers (which unmount) only over the default ones.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
-            mount(client, path or "/", a.mountpoint,
+            mount(c, path or "/", a.mountpoint,
                   lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True))
         except RuntimeError as e:
             raise CliError(str(e)) from None

@@ -48,13 +48,23 @@ class TransportError(Exception):
     """The connection broke, or the peer sent something that is not 9P framing."""
 
 
+class TransportTimeout(TransportError):
+    """Nothing came within the time asked for."""
+
+
+def wait_readable(obj: Flow | socket.socket, timeout: float | None) -> None:
+    if timeout is not None and not select.select([obj], [], [], timeout)[0]:
+        raise TransportTimeout(f"nothing came in {timeout:g} s")
+
+
 class Transport:
     """A connection that carries whole 9P messages."""
 
     def send(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def recv(self) -> bytes:
+    def recv(self, timeout: float | None = None) -> bytes:
+        """The next message; TransportTimeout if none begins within `timeout` seconds."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -71,7 +81,8 @@ class FlowTransport(Transport):
         except FlowError as e:
             raise TransportError(str(e)) from None
 
-    def recv(self) -> bytes:
+    def recv(self, timeout: float | None = None) -> bytes:
+        wait_readable(self.flow, timeout)
         try:
             return self.flow.read()
         except FlowError as e:
@@ -110,7 +121,8 @@ class StreamTransport(Transport):
         except OSError as e:
             raise TransportError(str(e)) from None
 
-    def recv(self) -> bytes:
+    def recv(self, timeout: float | None = None) -> bytes:
+        wait_readable(self.sock, timeout)
         try:
             return recv_framed(self.sock)
         except OSError as e:

@@ -85,6 +85,7 @@ def test_cli_reads_writes_lists_and_removes(files: str, export: Path, styx: Styx
     assert styx("mkdir", "files:/d").returncode == 0 and (export / "d").is_dir()
     assert styx("put", "files:/d/inner", stdin="in").returncode == 0
     assert styx("ls", "files:/").stdout.split() == ["d/", "hello.txt", "new.txt"]
+    assert styx("cat", "files:/").stdout.split() == ["d/", "hello.txt", "new.txt"]  # a directory lists
     long = styx("ls", "-l", "files:/d").stdout
     assert long.startswith("-rw-r--r--") and long.rstrip().endswith("inner")
     stat = styx("stat", "files:/new.txt").stdout
@@ -276,6 +277,7 @@ def irmfs(irmd: IrmdProc, local_layer: str, tmp_path: Path, styx: Styx) -> Itera
 
 def test_irmd_tree_lists_and_prints(irmfs: str, styx: Styx) -> None:
     assert styx("ls", "irm:/").stdout.split() == ["ctl", "flow/", "ipcp/", "layer/", "name/", "net/"]
+    assert styx("cat", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "status"]
     assert styx("ls", "irm:/ipcp").stdout.split() == ["ctl", "lo/"]
     assert styx("ls", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "status"]
     status = styx("cat", "irm:/ipcp/lo/status").stdout

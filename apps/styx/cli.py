@@ -72,17 +72,27 @@ def stat_line(st: w.Stat) -> str:
 # -- commands ----------------------------------------------------------------------
 
 
+def print_listing(stats: list[w.Stat], long: bool = False) -> None:
+    for st in sorted(stats, key=lambda s: s.name):
+        print(stat_line(st) if long else st.name + ("/" if st.mode & w.DMDIR else ""))
+
+
 def cmd_ls(a: argparse.Namespace) -> None:
     client, path = connect(a.target, a.user)
     with client:
-        for st in sorted(client.ls(path), key=lambda s: s.name):
-            print(stat_line(st) if a.long else st.name + ("/" if st.mode & w.DMDIR else ""))
+        print_listing(client.ls(path), a.long)
 
 
 def cmd_cat(a: argparse.Namespace) -> None:
     client, path = connect(a.target, a.user)
     with client:
-        data = client.cat(path)
+        qid, data = client.read_file(path)
+    if qid.type & w.QTDIR:  # a directory reads as stat records: show them as ls does
+        try:
+            print_listing(w.stats_decode(data))
+        except w.DecodeError as e:
+            raise CliError(f"bad directory data: {e}") from None
+        return
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
 

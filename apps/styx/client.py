@@ -141,13 +141,17 @@ class Client:
             out += chunk
             offset += len(chunk)
 
-    def cat(self, path: str) -> bytes:
+    def read_file(self, path: str) -> tuple[w.Qid, bytes]:
+        """The qid and whole contents of `path` (a directory's are stat records)."""
         fid = self.walk(path)
         try:
-            self.open(fid, w.OREAD)
-            return self.read_fid_all(fid)
+            qid = self.open(fid, w.OREAD).qid
+            return qid, self.read_fid_all(fid)
         finally:
             self.clunk(fid)
+
+    def cat(self, path: str) -> bytes:
+        return self.read_file(path)[1]
 
     def write_fid_all(self, fid: int, data: bytes, offset: int = 0) -> None:
         pos = 0

@@ -360,6 +360,15 @@ def test_mount_makes_ordinary_tools_work_and_unmounts_on_sigterm(
         assert os.path.ismount(mnt), (tmp_path / "mount.log").read_text()
         assert sorted(os.listdir(mnt)) == ["hello.txt"]
         assert (mnt / "hello.txt").read_text() == "hello styx\n"
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+        line = next(m for m in mounts if m.split()[4] == str(mnt))
+        assert line.split(" - ")[1].split()[:2] == ["fuse.styx", "styx\\043files"]  # styx#files in mount, df -a
+        assert os.statvfs(mnt).f_bsize == 65535 - w.IOHDRSZ  # tools are told to use the iounit
+        (export / "big.bin").write_bytes(os.urandom(3_000_000))
+        with open(mnt / "big.bin", "rb", buffering=0) as f:  # small reads, served by the read-ahead
+            assert b"".join(iter(lambda: f.read(4096), b"")) == (export / "big.bin").read_bytes()
+        assert (mnt / "big.bin").stat().st_blocks == (3_000_000 + 511) // 512
+        (export / "big.bin").unlink()
         (mnt / "new.txt").write_bytes(b"z" * 200_000)
         assert (export / "new.txt").read_bytes() == b"z" * 200_000
         subprocess.run(["cp", str(mnt / "new.txt"), str(mnt / "copy.txt")], check=True, timeout=20)

@@ -181,7 +181,7 @@ def cmd_mount(a: argparse.Namespace) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
             mount(c, path or "/", a.mountpoint,
-                  lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True))
+                  lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True), a.service)
         except RuntimeError as e:
             raise CliError(str(e)) from None
 

@@ -16,10 +16,12 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from apps.styx import wire as w
+from apps.styx.bridge import bridge
 from apps.styx.client import Client, StyxClientError
 from apps.styx.identity import ANON_ACCOUNT, server_policy
+from apps.styx.serve import Server
 from apps.styx.server import Limits
-from apps.styx.transport import Server, TransportError, bridge, dial
+from apps.styx.transport import TransportError, dial
 from apps.styx.tree import StyxError, Tree
 from flowlib import FlowError
 from flowlib.irm import default_client

@@ -48,6 +48,7 @@ class User:
 NONE = User(NONE_NAME)
 
 
+@functools.lru_cache(maxsize=1024)  # every stat record names two: do not read the database each time
 def group_name(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name
@@ -55,6 +56,7 @@ def group_name(gid: int) -> str:
         return str(gid)
 
 
+@functools.lru_cache(maxsize=1024)
 def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name

@@ -10,6 +10,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import struct
 import threading
 import time
@@ -29,21 +30,43 @@ from transports.unix import irmd_sock_path
 log = logging.getLogger(__name__)
 
 
+def _stale(path: str) -> bool:
+    """A socket (not a link, not a file) at `path` that nobody answers on: an earlier bridge's."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return True
+    return False
+
+
 def listen(addr: str) -> socket.socket:
+    """A listening socket on `addr`. A unix socket is made mode 0666 as it is bound (the umask
+    says so then: a chmod after would follow whatever link was put there meanwhile): any local
+    user may connect, and each is served as who the kernel says it is."""
     family, sockaddr = parse_dial(addr)
     sock = socket.socket(family, socket.SOCK_STREAM)
     if family == socket.AF_UNIX:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(str(sockaddr)) and not os.path.isfile(str(sockaddr)):
-                os.unlink(str(sockaddr))  # a stale socket from an earlier bridge
+        if _stale(str(sockaddr)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(sockaddr))
     else:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    old_umask = os.umask(0o111) if family == socket.AF_UNIX else None
     try:
         sock.bind(sockaddr)  # type: ignore[arg-type]
         sock.listen(16)
     except OSError as e:
         sock.close()
         raise TransportError(f"cannot listen on {addr}: {e.strerror or e}") from None
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
     return sock
 
 

@@ -271,7 +271,7 @@ class Session:
                 self.on_attach(peer)
             self.attached = peer
             if msg.uname != peer.user.name:
-                log.info("attach as '%s' by user %s", msg.uname[:64], peer.user.name)
+                log.info("attach as %r by user %s", msg.uname[:64], peer.user.name)
         root = self.tree.attach(peer, msg.aname)
         self.fids[msg.fid] = Fid(root, peer.user)
         return w.Rattach(msg.tag, root.stat().qid)

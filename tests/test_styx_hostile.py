@@ -25,6 +25,7 @@ pytestmark = needs_root
 __all__ = ["lab", "open_irmd"]  # fixtures shared with the trust tests
 
 ATTACH_TIMEOUT = 2.0
+SEND_TIMEOUT = 2.0
 MAX_FIDS = 64
 PER_USER = 4
 
@@ -35,7 +36,8 @@ def files(open_irmd: IrmdProc, lab: Path) -> Iterator[subprocess.Popen[bytes]]:
     export.mkdir()
     (export / "hello.txt").write_text("hello\n")
     proc = serve(open_irmd, lab, "files", "--root", str(export), "--attach-timeout", str(ATTACH_TIMEOUT),
-                 "--max-fids", str(MAX_FIDS), "--max-conns-per-user", str(PER_USER))
+                 "--send-timeout", str(SEND_TIMEOUT), "--max-fids", str(MAX_FIDS),
+                 "--max-conns-per-user", str(PER_USER))
     try:
         yield proc
     finally:
@@ -293,3 +295,52 @@ def test_a_flood_of_garbage_costs_bounded_memory_and_cpu_and_others_are_served(
     assert grew < 30, f"the server grew {grew:.0f} MB"
     assert spent / n < 0.005, f"{spent:.1f} s of CPU for {n} messages"  # milliseconds per message, no more
     assert max(took) < 10.0
+
+
+DEAF = r"""
+import json, sys, time
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos, FlowError, FlowTimeout
+f = flow_alloc(sys.argv[1], qos=qos.data, timeout=10)
+f.set_timeout(5)
+for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, "x", "")):
+    f.write(w.encode(msg))
+    f.read()
+f.set_timeout(1)
+sent = 0
+try:
+    while sent < 500000:  # requests, never reading a reply
+        f.write(w.encode(w.Tstat(sent % 60000, 0)))
+        sent += 1
+except FlowTimeout:
+    pass  # the server stopped taking them: its replies have nowhere to go
+time.sleep(float(sys.argv[2]) + 3)
+f.set_timeout(5)
+read, how = 0, "still open"
+try:
+    while True:
+        f.read()
+        read += 1
+except FlowError as e:
+    how = type(e).__name__
+print(json.dumps({"sent": sent, "read": read, "how": how}))
+"""
+
+
+def test_a_client_that_takes_no_replies_is_dropped_after_the_send_timeout(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    deaf = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", DEAF, "files", str(SEND_TIMEOUT)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        time.sleep(1)
+        legit_ok(open_irmd)  # while the deaf client's session is blocked on its replies
+        out_text, err = deaf.communicate(timeout=50)
+    finally:
+        if deaf.poll() is None:
+            deaf.kill()
+    out = json.loads(out_text or "{}")
+    assert out.get("how") == "FlowDown", (out, err)  # the server hung up on it
+    assert out["read"] < out["sent"]  # not every reply was ever sent
+    assert files.poll() is None
+    legit_ok(open_irmd)

@@ -22,7 +22,7 @@ from apps.styx.identity import Policy, User, identify, server_policy
 from apps.styx.server import DEFAULT_LIMITS, Limits, Session
 from apps.styx.transport import FlowTransport, Transport, TransportError
 from apps.styx.tree import StyxError, Tree
-from flowlib import Fccntl, Flow, FlowError, IrmdUnreachable
+from flowlib import Flow, FlowError, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
@@ -104,9 +104,13 @@ def fit_fds(limits: Limits) -> Limits:
     return replace(limits, conns=conns, conns_per_user=min(limits.conns_per_user, conns))
 
 
-def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None) -> None:
+def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None,
+               send_timeout: float | None = None) -> None:
     """One client's loop: messages in, replies out, parked requests retried; until the flow ends,
-    or, if it has not attached within attach_timeout seconds, until then."""
+    or, if it has not attached within attach_timeout seconds, until then, or until it has left
+    its replies untaken for send_timeout seconds.
+
+    The flow stays a blocking socket (its fast path); the wait for room is a select."""
     deadline = None if attach_timeout is None else time.monotonic() + attach_timeout
     try:
         while True:
@@ -130,6 +134,9 @@ def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None
             if session.pending:
                 replies += session.retry()
             for reply in replies:
+                if send_timeout is not None and not select.select([], [flow], [], send_timeout)[1]:
+                    log.info("flow %s took no reply for %.0f s: dropped", flow.flow_id, send_timeout)
+                    return
                 flow.write(reply)
     except FlowError as e:
         log.info("flow %s ended: %s", flow.flow_id, e)
@@ -206,8 +213,7 @@ class Server:
         peer = Peer(user, self.policy, self.irmd_sock, self.irmd_pid)
         session = Session(self.tree, peer, self.limits, self.users,
                           on_attach=self._become if self.thread_creds else None)
-        flow.fccntl(Fccntl.SSNDTIMEO, self.limits.send_timeout)
-        serve_flow(flow, session, self.limits.attach_timeout)
+        serve_flow(flow, session, self.limits.attach_timeout, self.limits.send_timeout)
 
     @staticmethod
     def _become(peer: Peer) -> None:

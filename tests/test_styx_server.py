@@ -603,3 +603,28 @@ def test_clunked_and_failed_walks_leave_no_descriptors(root: Path) -> None:
     s.close()
     tree.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+FIT_FDS = """
+import json, os, resource, sys
+from apps.styx.serve import fit_fds
+from apps.styx.server import Limits
+resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600))
+if os.geteuid() == 0:  # a process that may not raise its hard limit again
+    os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+lim = fit_fds(Limits(fids=50, flows=10, conns=64, conns_per_user=16))
+print(json.dumps([lim.conns, lim.conns_per_user, lim.fds_per_conn()]))
+"""
+
+
+def test_descriptor_budget_lowers_connections_when_the_limit_cannot_be_raised() -> None:
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", FIT_FDS], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, cwd="/")
+    assert r.returncode == 0, r.stderr
+    conns, per_user, per_conn = json.loads(r.stdout)
+    assert per_conn == 2 * 50 + 3 * 10 + 8
+    assert conns == (600 - 64) // per_conn and per_user == conns  # every admitted connection has its share

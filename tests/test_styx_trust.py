@@ -433,3 +433,37 @@ def test_a_client_at_its_limits_gets_errors_and_others_are_served(open_irmd: Irm
         hog.kill()
         hog.wait()
         stop(proc)
+
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+LS_IPCP = r"""
+import sys
+from apps.styx.client import Client
+from apps.styx.transport import dial
+for _ in range(int(sys.argv[2])):
+    with Client(dial(sys.argv[1])) as c:
+        c.ls("ipcp")  # made by the session's agent
+"""
+
+
+def test_sessions_leave_no_agents_or_descriptors_behind(open_irmd: IrmdProc, lab: Path) -> None:
+    proc = serve(open_irmd, lab, "irm2", "--irm")
+    try:
+        warmup = as_nobody(open_irmd, LS_IPCP, "irm2", "1")
+        assert warmup.returncode == 0, warmup.stderr
+        wait_for(lambda: not children(proc.pid), 10, "the first agent to go")
+        fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        r = as_nobody(open_irmd, LS_IPCP, "irm2", "15")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: not children(proc.pid), 10, "every agent to be reaped")  # no zombies either
+        wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) <= fds, 10, "the descriptors to be closed")
+    finally:
+        stop(proc)

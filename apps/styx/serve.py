@@ -213,7 +213,10 @@ class Server:
         peer = Peer(user, self.policy, self.irmd_sock, self.irmd_pid)
         session = Session(self.tree, peer, self.limits, self.users,
                           on_attach=self._become if self.thread_creds else None)
-        serve_flow(flow, session, self.limits.attach_timeout, self.limits.send_timeout)
+        try:
+            serve_flow(flow, session, self.limits.attach_timeout, self.limits.send_timeout)
+        finally:
+            peer.close()  # its agent, if it had one, and that agent's IRMd connection
 
     @staticmethod
     def _become(peer: Peer) -> None:

@@ -79,7 +79,7 @@ class Admission:
 def refuse(transport: Transport, why: str) -> None:
     """Answer the first message of a refused connection with an Rerror saying why, then hang up."""
     try:
-        data = transport.recv()
+        data = transport.recv(REFUSE_WAIT)
         tag = w.peek_tag(data)
         transport.send(w.encode(w.Rerror(tag if tag is not None else w.NOTAG, why)))
     except TransportError as e:
@@ -181,8 +181,15 @@ class Server:
                     os.close(fd)
                 self.irm.dealloc(reply.flow_id)
                 continue
-            threading.Thread(target=self._connection, args=(reply, fd, user, why), daemon=True,
-                             name=f"styx-flow-{reply.flow_id}").start()
+            try:
+                threading.Thread(target=self._connection, args=(reply, fd, user, why), daemon=True,
+                                 name=f"styx-flow-{reply.flow_id}").start()
+            except RuntimeError as e:  # no thread to be had: this flow goes, the loop stays
+                log.warning("flow %d of %s dropped: %s", reply.flow_id, user.name, e)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                self.irm.dealloc(reply.flow_id)
+                self._done(user, why)
 
     def _connection(self, reply: m.FlowReply, fd: int, user: User, why: str) -> None:
         try:
@@ -194,7 +201,6 @@ class Server:
             try:
                 if why:
                     log.warning("flow %s of %s refused: %s", flow.flow_id, user.name, why)
-                    flow.set_timeout(REFUSE_WAIT)
                     refuse(FlowTransport(flow), why)
                 else:
                     log.info("flow %s from %s via layer %s", flow.flow_id, user.name, flow.layer)
@@ -204,14 +210,19 @@ class Server:
         except Exception:  # whatever went wrong, it went wrong for this connection alone
             log.exception("connection of %s failed", user.name)
         finally:
-            if why:
-                self.admission.answered()
-            else:
-                self.admission.leave(user)
+            self._done(user, why)
+
+    def _done(self, user: User, why: str) -> None:
+        """A connection admitted (why == '') or being refused is over."""
+        if why:
+            self.admission.answered()
+        else:
+            self.admission.leave(user)
 
     def _serve(self, flow: Flow, user: User) -> None:
         peer = Peer(user, self.policy, self.irmd_sock, self.irmd_pid)
-        session = Session(self.tree, peer, self.limits, self.users,
+        limits = replace(self.limits, msize=min(self.limits.msize, flow.mtu))  # one message is one SDU
+        session = Session(self.tree, peer, limits, self.users,
                           on_attach=self._become if self.thread_creds else None)
         try:
             serve_flow(flow, session, self.limits.attach_timeout, self.limits.send_timeout)

@@ -471,3 +471,34 @@ def test_a_name_that_does_not_speak_9p_fails_fast_and_says_so(
         f.close()
     assert r.returncode == 1 and r.stderr.startswith("styx: notnine: not a 9P service"), r.stderr
     assert took < 8, f"took {took:.1f} s"  # the Tversion wait (3 s), not the flow's timeout
+
+
+def test_bridge_limits_connections_per_user_with_an_rerror(irmd: IrmdProc, files: str, tmp_path: Path) -> None:
+    port = free_port()
+    proc = start(irmd, "bridge", "--name", files, "--listen", f"tcp!127.0.0.1!{port}", "--max-conns-per-user", "2",
+                 log=tmp_path / "bridge.log")
+    socks: list[socket.socket] = []
+    try:
+        wait_for(lambda: "bridging" in (tmp_path / "bridge.log").read_text(), 10, "the bridge")
+        for _ in range(2):  # all TCP clients are the one user none
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            Client(StreamTransport(socks[-1]))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(w.encode(w.Tversion(w.NOTAG, 8192, "9P2000")))
+            reply = w.decode(s.recv(1000))
+            assert reply == w.Rerror(w.NOTAG, "too many connections from user none (limit 2)")
+            assert s.recv(100) == b""  # and hung up
+        socks.pop().close()
+        wait_for(lambda: _serves(port), 10, "room for a client again")
+    finally:
+        for s in socks:
+            s.close()
+        stop(proc)
+
+
+def _serves(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            return Client(StreamTransport(s)).cat("hello.txt") == b"hello styx\n"
+        except StyxClientError:
+            return False

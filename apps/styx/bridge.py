@@ -111,36 +111,45 @@ class Bridge:
                 if self.irm.wakeup_fd in readable:
                     self.irm.take_arrived()  # raises once the IRMd is gone
                 if lsock.fileno() in readable:
-                    try:
-                        conn, _ = lsock.accept()
-                    except OSError as e:
-                        log.warning("bridge: accept failed: %s", e)
-                        time.sleep(ACCEPT_BACKOFF)
-                        continue
-                    threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+                    self._accept(lsock)
 
-    def _client(self, conn: socket.socket) -> None:
+    def _accept(self, lsock: socket.socket) -> None:
+        """One client, admitted (or refused) before any thread is spent on it."""
+        try:
+            conn, _ = lsock.accept()
+        except OSError as e:
+            log.warning("bridge: accept failed: %s", e)
+            time.sleep(ACCEPT_BACKOFF)
+            return
         try:
             user = stream_user(conn)
         except OSError:
             conn.close()
             return
         why = self.admission.enter(user)
-        if why:
-            if self.admission.may_answer():
-                conn.settimeout(REFUSE_WAIT)
-                refuse(StreamTransport(conn), why)
-                self.admission.answered()
+        if why and not self.admission.may_answer():
+            log.warning("bridge: client %s refused: %s", user.name, why)
             conn.close()
             return
         try:
-            self._relay_as(conn, user)
+            threading.Thread(target=self._client, args=(conn, user, why), daemon=True).start()
+        except RuntimeError as e:
+            log.warning("bridge: client %s dropped: %s", user.name, e)
+            conn.close()
+            self.admission.done(user, why)
+
+    def _client(self, conn: socket.socket, user: User, why: str) -> None:
+        try:
+            if why:
+                conn.settimeout(REFUSE_WAIT)
+                refuse(StreamTransport(conn), why)
+            else:
+                self._relay_as(conn, user)
         except Exception:
             log.exception("bridge: client %s failed", user.name)
         finally:
             conn.close()
-            self.admission.leave(user)
-
+            self.admission.done(user, why)
     def _relay_as(self, conn: socket.socket, user: User) -> None:
         rights = self.policy.rights(user)
         agent: Agent | None = None

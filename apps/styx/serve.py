@@ -75,6 +75,13 @@ class Admission:
         with self.lock:
             self.refusing -= 1
 
+    def done(self, user: User, why: str) -> None:
+        """A connection admitted (why == '') or being told why not is over."""
+        if why:
+            self.answered()
+        else:
+            self.leave(user)
+
 
 def refuse(transport: Transport, why: str) -> None:
     """Answer the first message of a refused connection with an Rerror saying why, then hang up."""
@@ -189,7 +196,7 @@ class Server:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.irm.dealloc(reply.flow_id)
-                self._done(user, why)
+                self.admission.done(user, why)
 
     def _connection(self, reply: m.FlowReply, fd: int, user: User, why: str) -> None:
         try:
@@ -210,15 +217,7 @@ class Server:
         except Exception:  # whatever went wrong, it went wrong for this connection alone
             log.exception("connection of %s failed", user.name)
         finally:
-            self._done(user, why)
-
-    def _done(self, user: User, why: str) -> None:
-        """A connection admitted (why == '') or being refused is over."""
-        if why:
-            self.admission.answered()
-        else:
-            self.admission.leave(user)
-
+            self.admission.done(user, why)
     def _serve(self, flow: Flow, user: User) -> None:
         peer = Peer(user, self.policy, self.irmd_sock, self.irmd_pid)
         limits = replace(self.limits, msize=min(self.limits.msize, flow.mtu))  # one message is one SDU

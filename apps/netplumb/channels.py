@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 CHUNK = 32 * 1024  # data per packet: base64 of it plus headers stays under one 64 KiB SDU
 WINDOW = 1024 * 1024  # what a receiver takes per channel before it has written any of it out
 GRANT_BATCH = WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
-STDIN, STDOUT, STDERR = 0, 1, 2
 
 
 class Link:
@@ -40,9 +39,7 @@ class Link:
     def send_error(self, message: str) -> None:
         """ERROR ends the session: the peer learns why."""
         with self._lock:
-            packet = self.session.error(message)
-            if packet is not None:
-                self.flow.write(packet)
+            self.flow.write(self.session.error(message))
 
     def flush(self) -> None:
         with self._lock:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.netplumb import wire
-from apps.netplumb.channels import STDERR, STDIN, STDOUT, Link, Pump, Sink
+from apps.netplumb.channels import Link, Pump, Sink
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.recipe import RecipeError, parse_recipe
 from apps.netplumb.session import ClientSession, Established, Message, PeerError, SessionError
-from apps.netplumb.wire import Fields, WireError
+from apps.netplumb.wire import STDERR, STDIN, STDOUT, Fields, WireError
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout, flow_alloc, qos
 
 log = logging.getLogger("plumb")

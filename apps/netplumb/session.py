@@ -124,9 +124,10 @@ class Session:
             raise SessionError(f"cannot send {wire.TYPE_NAMES.get(ptype, ptype)} in state {self.state.value}")
         return self._packet(ptype, fields)
 
-    def error(self, message: str) -> bytes | None:
-        """The ERROR packet that ends this session (None if no key is agreed yet), and close."""
-        out = self._packet(wire.ERROR, Fields.of(message=message)) if self._tx is not None else None
+    def error(self, message: str) -> bytes:
+        """The packet that ends this session with a reason, and close: ERROR, sealed, once a key is
+        agreed; before that REFUSE, in clear."""
+        out = self._packet(wire.ERROR if self._tx is not None else wire.REFUSE, Fields.of(message=message))
         self.state = State.CLOSED
         return out
 
@@ -212,6 +213,9 @@ class ClientSession(Session):
 
     def _handle(self, packet: Packet) -> list[Event]:
         fields = self._open(packet)
+        if packet.type == wire.REFUSE and self.state in (State.HELLO_SENT, State.AUTH_SENT):
+            self.state = State.CLOSED
+            return [PeerError(fields.get("message") or "(no message)")]
         if self.state is State.HELLO_SENT and packet.type == wire.HELLO:
             if fields.get("version") != VERSION:
                 raise SessionError(f"the server speaks netplumb version {fields.get('version')!r}, not {VERSION}")
@@ -274,7 +278,5 @@ class ServerSession(Session):
 
     def _refuse(self, why: str) -> None:
         """Tell the client (encrypted, it has the key) why, then fail."""
-        packet = self.error(why)
-        if packet is not None:
-            self._out.append(packet)
+        self._out.append(self.error(why))
         raise SessionError(why)

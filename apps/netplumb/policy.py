@@ -1,0 +1,283 @@
+"""Who may log in, and what a START may run, as whom, with which environment: pure functions of
+(identity, request, configuration) returning the plan netplumbd carries out, or why not.
+
+The configuration's view of the machine (accounts, programs in PATH) comes in as lookups, so the
+decisions are tested exhaustively without touching it; the daemon does the I/O and follows the plan.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from apps.netplumb import wire
+from apps.netplumb.keys import AuthorizedKey, fingerprint
+from apps.netplumb.recipe import RecipeError, parse_recipe
+from apps.netplumb.wire import Fields
+
+MAX_RECIPE = 1 << 16
+REFUSED = 126  # the status a refused START reports, as a shell's "cannot execute"
+NOT_FOUND = 127  # "command not found"
+
+
+class Refused(Exception):
+    """A START this key may not have; the message and status go back to the client."""
+
+    def __init__(self, message: str, status: int = REFUSED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- the configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user on this machine, as the password and group databases say."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+    shell: str
+
+
+@dataclass(frozen=True)
+class Program:
+    """A program found for a command: `path` is executed, `real` (symlinks resolved) is compared."""
+
+    path: str
+    real: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """netplumbd's configuration, and lookups into this machine (so the policy stays pure).
+
+    me: the account netplumbd runs as; path: the server's PATH, the only one programs are found in;
+    accept_env: patterns of client variables a command may get (AcceptEnv), none by default;
+    account(name) and which(name, path): the lookups.
+    """
+
+    me: Account
+    path: str
+    account: Callable[[str], Account | None]
+    which: Callable[[str, str], Program | None]
+    accept_env: tuple[str, ...] = ()
+    lang: str | None = None
+    max_channels: int = 64
+
+
+# -- the request ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A START: a command (argv) or a recipe, the user, client variables, pipes and sockets by channel."""
+
+    argv: tuple[str, ...] = ()
+    recipe: str | None = None
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    infifos: tuple[tuple[int, str], ...] = ()
+    outfifos: tuple[tuple[int, str], ...] = ()
+    sockets: tuple[tuple[int, str], ...] = ()
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Request:
+        """The START fields, checked; Refused names the first bad one."""
+        argv = tuple(fields.getall("arg"))
+        recipe = fields.get("recipe")
+        if recipe is not None and len(recipe) > MAX_RECIPE:
+            raise Refused(f"recipe longer than {MAX_RECIPE} bytes")
+        if not argv and recipe is None:
+            raise Refused("no command given")
+        if argv and recipe is not None:
+            raise Refused("a command and a recipe at once")
+        env = []
+        for item in fields.getall("env"):
+            name, eq, value = item.partition("=")
+            if not eq or not name.isidentifier():
+                raise Refused(f"bad environment entry {item[:40]!r} (expected NAME=VALUE)")
+            env.append((name, value))
+        seen: set[int] = set()
+        tables: dict[str, list[tuple[int, str]]] = {"infifo": [], "outfifo": [], "socket": []}
+        for kind, table in tables.items():
+            for item in fields.getall(kind):
+                ch_text, _, path = item.partition(" ")
+                if not ch_text.isascii() or not ch_text.isdigit() \
+                        or not wire.FIRST_CLIENT_CHANNEL <= int(ch_text) < wire.FIRST_SERVER_CHANNEL \
+                        or not path.startswith("/"):
+                    raise Refused(f"bad {kind} entry {item[:60]!r} (expected CHANNEL /absolute/path)")
+                if int(ch_text) in seen:
+                    raise Refused(f"channel {ch_text} is used twice")
+                seen.add(int(ch_text))
+                table.append((int(ch_text), path))
+        return cls(argv, recipe, fields.get("user") or None, tuple(env), tuple(tables["infifo"]),
+                   tuple(tables["outfifo"]), tuple(tables["socket"]))
+
+    def to_fields(self) -> Fields:
+        f = Fields()
+        for arg in self.argv:
+            f.add("arg", arg)
+        if self.recipe is not None:
+            f.add("recipe", self.recipe)
+        if self.user:
+            f.add("user", self.user)
+        for name, value in self.env:
+            f.add("env", f"{name}={value}")
+        for kind, table in (("infifo", self.infifos), ("outfifo", self.outfifos), ("socket", self.sockets)):
+            for ch, path in table:
+                f.add(kind, f"{ch} {path}")
+        return f
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One program to start: argv as the client gave it, executed from `exe`."""
+
+    argv: tuple[str, ...]
+    exe: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What netplumbd does for a START it admitted, with the rights of `account`."""
+
+    account: Account
+    steps: tuple[Step, ...]  # a command: one; a recipe: its commands in order
+    env: tuple[tuple[str, str], ...]  # the whole environment of the commands
+    recipe: str | None = None  # the recipe's text (its commands are `steps`), run in the recipe directory
+    cwd: str | None = None  # a command's directory: the account's home
+    infifos: tuple[tuple[int, str], ...] = ()
+    outfifos: tuple[tuple[int, str], ...] = ()
+    sockets: tuple[tuple[int, str], ...] = ()
+    line: int = 0  # the authorized_keys line that admitted it
+    one_time: bool = False  # spend the key before running
+    ignored_env: tuple[str, ...] = field(default=(), compare=False)  # client variables not accepted
+
+
+def login(key: bytes, entries: Sequence[AuthorizedKey], spent: bool) -> str | None:
+    """None if `key` may log in at all (each START is checked again), else why not."""
+    if not entries:
+        return f"key {fingerprint(key)} is not authorized"
+    if spent and all(e.one_time for e in entries):
+        return f"one-time key {fingerprint(key)} was already used"
+    return None
+
+
+def plan(entries: Sequence[AuthorizedKey], request: Request, settings: Settings) -> Plan:
+    """The plan of the first of the key's authorized_keys lines that admits the request; else Refused
+    with the first line's reason."""
+    refusals = []
+    for entry in entries:
+        try:
+            return _plan_one(entry, request, settings)
+        except Refused as e:
+            refusals.append(e)
+    raise refusals[0] if refusals else Refused("not permitted")
+
+
+def _plan_one(entry: AuthorizedKey, req: Request, s: Settings) -> Plan:
+    if req.recipe is not None:
+        if entry.command is not None:
+            raise Refused("a key bound to one command cannot run recipes")
+        try:
+            commands = [tuple(c.argv) for c in parse_recipe(req.recipe)]
+        except RecipeError as e:
+            raise Refused(f"bad recipe: {e}") from None
+    else:
+        commands = [req.argv]
+        if entry.command is not None and req.argv != entry.command:
+            raise Refused(f"this key may only run: {shlex.join(entry.command)}")
+    account = _account(entry, req.user, s)
+    steps = tuple(Step(argv, _program(argv[0], entry, s).path) for argv in commands)
+    channels = len(req.infifos) + len(req.outfifos) + len(req.sockets)
+    if channels > s.max_channels:
+        raise Refused(f"{channels} named pipes and sockets: at most {s.max_channels}")
+    env, ignored = _environment(entry, req, account, s)
+    return Plan(account, steps, env, req.recipe, account.home if req.recipe is None else None, req.infifos,
+                req.outfifos, req.sockets, entry.line, entry.one_time, ignored)
+
+
+def _account(entry: AuthorizedKey, asked: str | None, s: Settings) -> Account:
+    """The account the key runs as: the one asked for if its users= lists it, else the first listed;
+    a key without users= runs as netplumbd's own account only."""
+    allowed = entry.users or (s.me.name,)
+    name = asked or allowed[0]
+    if name not in allowed:
+        raise Refused(f"this key may not run commands as {name!r}")
+    account = s.me if name == s.me.name else s.account(name)
+    if account is None:
+        raise Refused(f"no user {name!r} here")
+    if account.uid != s.me.uid and s.me.uid != 0:
+        raise Refused(f"netplumbd does not run as root and cannot switch to user {name!r}")
+    return account
+
+
+def _program(name: str, entry: AuthorizedKey, s: Settings) -> Program:
+    """The program `name` means here, found with the server's PATH (never the client's), and checked
+    against the key's allowlist by the file it is."""
+    if "/" in name and not name.startswith("/"):
+        raise Refused(f"{name!r}: give a program found in PATH or an absolute path")
+    program = s.which(name, s.path)
+    if program is None:
+        raise Refused(f"{name}: command not found (PATH={s.path})", NOT_FOUND)
+    if entry.allow is not None:
+        allowed = {p.real for a in entry.allow if (p := s.which(a, s.path)) is not None}
+        if program.real not in allowed:
+            raise Refused(f"{name!r} ({program.real}) is not in this key's allowlist "
+                          f"({', '.join(sorted(entry.allow)) or 'empty'})")
+    return program
+
+
+def _environment(entry: AuthorizedKey, req: Request, account: Account, s: Settings,
+                 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """A fresh environment, plus the client's variables that match accept_env (AcceptEnv); a key bound
+    to one command gets none of them."""
+    env = {"PATH": s.path, "HOME": account.home, "USER": account.name, "LOGNAME": account.name,
+           "SHELL": account.shell or "/bin/sh"}
+    if s.lang:
+        env["LANG"] = s.lang
+    ignored = []
+    for name, value in req.env:
+        if entry.command is None and any(fnmatchcase(name, pattern) for pattern in s.accept_env):
+            env[name] = value
+        else:
+            ignored.append(name)
+    return tuple(env.items()), tuple(ignored)
+
+
+def real_which(name: str, path: str) -> Program | None:
+    """which(1) with `path`; the lookup Settings.which is in production."""
+    if name.startswith("/"):
+        found: str | None = name if os.path.isfile(name) and os.access(name, os.X_OK) else None
+    else:
+        found = next((c for d in path.split(os.pathsep) if d.startswith("/")
+                      for c in [os.path.join(d, name)] if os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    return None if found is None else Program(found, os.path.realpath(found))
+
+
+def real_account(name: str) -> Account | None:
+    """The account `name` in the password database, with its groups; the lookup Settings.account is."""
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return account_of(pw)
+
+
+def account_of(pw: pwd.struct_passwd) -> Account:
+    try:
+        groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    except OSError:
+        groups = (pw.pw_gid,)
+    return Account(pw.pw_name, pw.pw_uid, pw.pw_gid, groups, pw.pw_dir, pw.pw_shell)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apps.netplumb.keys import AuthorizedKey, Identity, parse_authorized_line, public_line
+from apps.netplumb.messages import Start
 from apps.netplumb.policy import (
     NOT_FOUND,
     REFUSED,
@@ -15,12 +16,10 @@ from apps.netplumb.policy import (
     Plan,
     Program,
     Refused,
-    Request,
     Settings,
     login,
     plan,
 )
-from apps.netplumb.wire import Fields
 
 KEY = Identity.generate().public
 ROOT = Account("root", 0, 0, (0,), "/root", "/bin/bash")
@@ -55,11 +54,11 @@ def key(options: str = "") -> AuthorizedKey:
     return entry
 
 
-def run(options: str, req: Request, me: Account = ROOT, accept_env: tuple[str, ...] = ()) -> Plan:
+def run(options: str, req: Start, me: Account = ROOT, accept_env: tuple[str, ...] = ()) -> Plan:
     return plan([key(options)], req, config(me, accept_env))
 
 
-def refused(options: str, req: Request, me: Account = ROOT, accept_env: tuple[str, ...] = ()) -> Refused:
+def refused(options: str, req: Start, me: Account = ROOT, accept_env: tuple[str, ...] = ()) -> Refused:
     with pytest.raises(Refused) as e:
         run(options, req, me, accept_env)
     return e.value
@@ -82,7 +81,7 @@ def test_login_refuses_a_spent_one_time_key_unless_another_line_admits_it() -> N
 
 # -- who it runs as ----------------------------------------------------------------------------
 
-ARGV = Request(argv=("id",))
+ARGV = Start(argv=("id",))
 
 
 @pytest.mark.parametrize("options, user, me, runs_as", [
@@ -96,7 +95,7 @@ ARGV = Request(argv=("id",))
     ('users="alice"', None, ALICE, "alice"),
 ])
 def test_runs_as(options: str, user: str | None, me: Account, runs_as: str) -> None:
-    assert run(options, Request(argv=("id",), user=user), me).account == ACCOUNTS[runs_as]
+    assert run(options, Start(argv=("id",), user=user), me).account == ACCOUNTS[runs_as]
 
 
 @pytest.mark.parametrize("options, user, me, why", [
@@ -107,7 +106,7 @@ def test_runs_as(options: str, user: str | None, me: Account, runs_as: str) -> N
     ('users="nobody"', None, ALICE, "does not run as root and cannot switch to user 'nobody'"),
 ])
 def test_user_refusals(options: str, user: str | None, me: Account, why: str) -> None:
-    assert why in str(refused(options, Request(argv=("id",), user=user), me))
+    assert why in str(refused(options, Start(argv=("id",), user=user), me))
 
 
 # -- what it runs ------------------------------------------------------------------------------
@@ -123,7 +122,7 @@ def test_user_refusals(options: str, user: str | None, me: Account, why: str) ->
     ('command="tar x -C /srv"', ("tar", "x", "-C", "/srv"), "/usr/bin/tar"),
 ])
 def test_programs_found_with_the_servers_path(options: str, argv: tuple[str, ...], exe: str) -> None:
-    p = run(options, Request(argv=argv))
+    p = run(options, Start(argv=argv))
     assert [(s.argv, s.exe) for s in p.steps] == [(argv, exe)]
 
 
@@ -138,28 +137,28 @@ def test_programs_found_with_the_servers_path(options: str, argv: tuple[str, ...
     ('command="tar x -C /srv"', ("tar", "x", "-C", "/"), "may only run: tar x -C /srv", REFUSED),
 ])
 def test_program_refusals(options: str, argv: tuple[str, ...], why: str, status: int) -> None:
-    e = refused(options, Request(argv=argv))
+    e = refused(options, Start(argv=argv))
     assert why in str(e) and e.status == status
 
 
 def test_recipe_commands_are_each_checked() -> None:
-    p = run('allow="cat tar"', Request(recipe="a: tar c /etc >%b &\nb: cat >out\n"))
+    p = run('allow="cat tar"', Start(recipe="a: tar c /etc >%b &\nb: cat >out\n"))
     assert [s.exe for s in p.steps] == ["/usr/bin/tar", "/usr/bin/cat"] and p.cwd is None
     assert "'sh' (/usr/bin/dash) is not in this key's allowlist" in str(
-        refused('allow="cat"', Request(recipe="cat x\nsh -c 'cat /etc/shadow'\n")))
+        refused('allow="cat"', Start(recipe="cat x\nsh -c 'cat /etc/shadow'\n")))
 
 
 def test_recipe_refusals() -> None:
-    assert "cannot run recipes" in str(refused('command="cat"', Request(recipe="cat\n")))
-    assert "bad recipe: line 1" in str(refused("", Request(recipe="cat >%nowhere\n")))
+    assert "cannot run recipes" in str(refused('command="cat"', Start(recipe="cat\n")))
+    assert "bad recipe: line 1" in str(refused("", Start(recipe="cat >%nowhere\n")))
 
 
 def test_first_admitting_line_wins_else_the_first_reason() -> None:
     lines = [key('allow="tar"'), key('users="nobody",allow="cat"')]
-    p = plan(lines, Request(argv=("cat",)), config())
+    p = plan(lines, Start(argv=("cat",)), config())
     assert p.account == NOBODY and p.line == lines[1].line
     with pytest.raises(Refused, match=r"allowlist \(tar\)"):
-        plan(lines, Request(argv=("id",)), config())
+        plan(lines, Start(argv=("id",)), config())
 
 
 def test_one_time_is_in_the_plan() -> None:
@@ -168,7 +167,7 @@ def test_one_time_is_in_the_plan() -> None:
 
 
 def test_channels_are_limited() -> None:
-    req = Request(argv=("cat",), infifos=tuple((3 + i, f"/tmp/f{i}") for i in range(5)))
+    req = Start(argv=("cat",), infifos=tuple((3 + i, f"/tmp/f{i}") for i in range(5)))
     assert "at most 4" in str(refused("", req))
 
 
@@ -178,45 +177,20 @@ CLIENT_ENV = (("NP_OK", "1"), ("LD_PRELOAD", "/tmp/evil.so"), ("PATH", "/tmp/x")
 
 
 def test_client_variables_are_dropped_unless_accepted() -> None:
-    p = run('users="nobody"', Request(argv=("id",), env=CLIENT_ENV))
+    p = run('users="nobody"', Start(argv=("id",), env=CLIENT_ENV))
     assert dict(p.env) == {"PATH": PATH, "HOME": "/nonexistent", "USER": "nobody", "LOGNAME": "nobody",
                            "SHELL": "/usr/sbin/nologin", "LANG": "C.UTF-8"}
     assert p.ignored_env == ("NP_OK", "LD_PRELOAD", "PATH", "HOME")
 
 
 def test_accepted_variables_pass_by_pattern() -> None:
-    p = run("", Request(argv=("id",), env=CLIENT_ENV), accept_env=("NP_*",))
+    p = run("", Start(argv=("id",), env=CLIENT_ENV), accept_env=("NP_*",))
     assert dict(p.env)["NP_OK"] == "1" and dict(p.env)["PATH"] == PATH and "LD_PRELOAD" not in dict(p.env)
 
 
 def test_a_command_key_gets_no_client_variables_even_accepted_ones() -> None:
-    p = run('command="id"', Request(argv=("id",), env=CLIENT_ENV), accept_env=("*",))
+    p = run('command="id"', Start(argv=("id",), env=CLIENT_ENV), accept_env=("*",))
     assert "NP_OK" not in dict(p.env) and dict(p.env)["PATH"] == PATH
-
-
-# -- the START fields --------------------------------------------------------------------------
-
-
-def test_request_round_trips_through_its_fields() -> None:
-    req = Request(("tar", "x"), None, "nobody", (("A", "1"),), ((3, "/a"),), ((4, "/b"),), ((5, "/c"),))
-    assert Request.from_fields(req.to_fields()) == req
-
-
-@pytest.mark.parametrize("pairs, why", [
-    ([], "no command given"),
-    ([("arg", "x"), ("recipe", "y")], "a command and a recipe at once"),
-    ([("recipe", "x" * 70000)], "recipe longer than"),
-    ([("arg", "x"), ("env", "NOEQUALS")], "bad environment entry"),
-    ([("arg", "x"), ("env", "1X=y")], "bad environment entry"),
-    ([("arg", "x"), ("infifo", "3 relative")], "expected CHANNEL /absolute/path"),
-    ([("arg", "x"), ("infifo", "2 /a")], "expected CHANNEL"),  # stdio's channels
-    ([("arg", "x"), ("socket", "1000 /a")], "expected CHANNEL"),  # the server's
-    ([("arg", "x"), ("outfifo", "٣ /a")], "expected CHANNEL"),  # a digit, but not ASCII
-    ([("arg", "x"), ("infifo", "3 /a"), ("outfifo", "3 /b")], "channel 3 is used twice"),
-])
-def test_bad_start_fields_are_refused_with_a_reason(pairs: list[tuple[str, str]], why: str) -> None:
-    with pytest.raises(Refused, match=why):
-        Request.from_fields(Fields(pairs))
 
 
 # -- invariants over any key and any request -----------------------------------------------------
@@ -234,7 +208,7 @@ def entries(draw: st.DrawFn) -> AuthorizedKey:
 
 
 @st.composite
-def requests(draw: st.DrawFn) -> Request:
+def requests(draw: st.DrawFn) -> Start:
     if draw(st.booleans()):
         argv: tuple[str, ...] = (draw(NAMES), *draw(st.lists(st.sampled_from(["x", "-C"]), max_size=2)))
         recipe = None
@@ -242,12 +216,12 @@ def requests(draw: st.DrawFn) -> Request:
         argv, recipe = (), "\n".join(f"{n} x" for n in draw(st.lists(NAMES, min_size=1, max_size=3)))
     env = tuple(draw(st.lists(st.tuples(st.sampled_from(["NP_OK", "LD_PRELOAD", "PATH"]), st.just("v")),
                               max_size=3)))
-    return Request(argv, recipe, draw(st.none() | USERS), env)
+    return Start(argv, recipe, draw(st.none() | USERS), env)
 
 
 @settings(max_examples=500)
 @given(entries(), requests(), st.sampled_from([ROOT, ALICE]), st.sampled_from([(), ("NP_*",), ("*",)]))
-def test_every_plan_keeps_every_rule(entry: AuthorizedKey, req: Request, me: Account,
+def test_every_plan_keeps_every_rule(entry: AuthorizedKey, req: Start, me: Account,
                                      accept_env: tuple[str, ...]) -> None:
     try:
         p = plan([entry], req, config(me, accept_env))

@@ -1,5 +1,5 @@
-"""Channels over a session: pumps (local fd -> DATA packets, within the peer's window) and sinks
-(DATA -> local fd, granting window as they write). Threads; the session is shared under a lock.
+"""Channels over a session, in threads: pumps (local fd -> DATA, within the peer's window) and sinks
+(DATA -> local fd, granting window as they write), sharing the connection core through a Link.
 """
 
 from __future__ import annotations
@@ -8,49 +8,64 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from apps.netplumb import wire
-from apps.netplumb.session import Session
-from apps.netplumb.wire import Fields
+from apps.netplumb.wire import INITIAL_WINDOW
 from flowlib import Flow
 
 log = logging.getLogger(__name__)
 
 CHUNK = 32 * 1024  # data per packet: base64 of it plus headers stays under one 64 KiB SDU
-WINDOW = 1024 * 1024  # what a receiver takes per channel before it has written any of it out
-GRANT_BATCH = WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
+GRANT_BATCH = INITIAL_WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
+
+
+class Core(Protocol):
+    """The send side of a sans-IO connection (apps/netplumb/connection.py)."""
+
+    def send_data(self, ch: int, data: bytes) -> None: ...
+
+    def send_eof(self, ch: int) -> None: ...
+
+    def grant(self, ch: int, n: int) -> None: ...
+
+    def data_to_send(self) -> list[bytes]: ...
 
 
 class Link:
-    """The flow and its session, shared by the threads of one connection."""
+    """A connection core and the flow under it, shared by the threads of a session: each send is
+    sealed, queued and written under one lock, so packets leave in the order they were numbered."""
 
-    def __init__(self, flow: Flow, session: Session) -> None:
+    def __init__(self, flow: Flow, core: Core) -> None:
         self.flow = flow
-        self.session = session
+        self.core = core
         self._lock = threading.Lock()
 
-    def send(self, ptype: int, fields: Fields) -> None:
-        # Sequence numbers and nonces are taken in the order packets go out, hence one lock.
+    def send(self, queue: Callable[[], object] = lambda: None) -> None:
+        """Have the core queue something (none: only what it queued by itself, such as handshake
+        replies and errors), then write all it queued."""
         with self._lock:
-            self.flow.write(self.session.send(ptype, fields))
+            queue()
+            for packet in self.core.data_to_send():
+                self.flow.write(packet)
 
-    def send_error(self, message: str) -> None:
-        """ERROR ends the session: the peer learns why."""
-        with self._lock:
-            self.flow.write(self.session.error(message))
+    def data(self, ch: int, data: bytes) -> None:
+        self.send(lambda: self.core.send_data(ch, data))
 
-    def flush(self) -> None:
-        with self._lock:
-            for data in self.session.data_to_send():
-                self.flow.write(data)
+    def eof(self, ch: int) -> None:
+        self.send(lambda: self.core.send_eof(ch))
+
+    def grant(self, ch: int, n: int) -> None:
+        self.send(lambda: self.core.grant(ch, n))
 
 
 class Window:
     """Bytes the peer still takes on one channel; a pump waits here."""
 
-    def __init__(self, size: int = WINDOW) -> None:
+    def __init__(self, size: int = INITIAL_WINDOW) -> None:
         self._left = size
         self._cond = threading.Condition()
         self._closed = False
@@ -102,12 +117,12 @@ class Pump(threading.Thread):
                     break
                 if len(data) < n:  # give back what this read did not use
                     self.window.grant(n - len(data))
-                self.link.send(wire.DATA, Fields.of(ch=self.ch, data=wire.b64(data)))
-            self.link.send(wire.EOF, Fields.of(ch=self.ch))
+                self.link.data(self.ch, data)
+            self.link.eof(self.ch)
         except Exception as e:  # a local I/O error or the flow going down ends this channel only
             log.debug("channel %d pump ended: %s", self.ch, e)
             with contextlib.suppress(Exception):
-                self.link.send(wire.EOF, Fields.of(ch=self.ch))
+                self.link.eof(self.ch)
         finally:
             if self.close_fd and self.fd >= 0:
                 with contextlib.suppress(OSError):
@@ -116,7 +131,8 @@ class Pump(threading.Thread):
 
 
 class Sink(threading.Thread):
-    """Write DATA of channel ch to a local fd (opened lazily), granting window as it goes."""
+    """Write DATA of channel ch to a local fd (opened lazily), granting window as it goes. The core
+    has checked the data against the window, so what waits here is at most one window."""
 
     def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None],
                  close_fd: bool = True, on_eof: Callable[[int], None] | None = None) -> None:
@@ -126,18 +142,11 @@ class Sink(threading.Thread):
         self.on_eof = on_eof
         self.fd = -1  # -1 while the opener waits (a named pipe without a reader yet)
         self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._owed = 0  # bytes the peer sent that we have not written out yet
         self._finished = False
         self._lock = threading.Lock()
 
     def put(self, data: bytes) -> None:
-        """From the receiving thread: never blocks; the window bounds what can pile up."""
-        with self._lock:
-            if self._finished:
-                raise wire.WireError(f"data on channel {self.ch} after its EOF")
-            self._owed += len(data)
-            if self._owed > WINDOW:
-                raise wire.WireError(f"the peer overran the window of channel {self.ch}")
+        """From the receiving thread: never blocks."""
         self._q.put(data)
 
     def finish(self) -> None:
@@ -159,7 +168,7 @@ class Sink(threading.Thread):
             if data is None:
                 if ungranted:
                     with contextlib.suppress(Exception):
-                        self.link.send(wire.WINDOW, Fields.of(ch=self.ch, n=ungranted))
+                        self.link.grant(self.ch, ungranted)
                 break
             if not broken:
                 try:
@@ -169,13 +178,11 @@ class Sink(threading.Thread):
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
-            with self._lock:
-                self._owed -= len(data)
             ungranted += len(data)
             # Grant in batches (fewer packets), but at once when we caught up, so the peer never stalls.
             if ungranted >= GRANT_BATCH or self._q.empty():
                 with contextlib.suppress(Exception):
-                    self.link.send(wire.WINDOW, Fields.of(ch=self.ch, n=ungranted))
+                    self.link.grant(self.ch, ungranted)
                 ungranted = 0
         if self.on_eof is not None and fd >= 0:
             with contextlib.suppress(OSError):
@@ -184,3 +191,28 @@ class Sink(threading.Thread):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.on_done(self.ch)
+
+
+def duplex(link: Link, ch: int, sock: socket.socket, on_close: Callable[[], None] = lambda: None,
+           ) -> tuple[Sink, Pump]:
+    """A socket connection as one channel both ways: the peer's EOF half-closes it, and the socket
+    closes (then on_close) when both directions are done."""
+    fd = sock.detach()
+    users = [2]
+    lock = threading.Lock()
+
+    def release(_ch: int) -> None:
+        with lock:
+            users[0] -= 1
+            if users[0]:
+                return
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        on_close()
+
+    def half_close(f: int) -> None:
+        with socket.socket(fileno=os.dup(f)) as s:
+            s.shutdown(socket.SHUT_WR)
+
+    return (Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close),
+            Pump(link, ch, lambda: fd, release, close_fd=False))

@@ -6,32 +6,33 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
+import select
 import shlex
 import signal
 import socket
 import stat
 import sys
-import threading
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.netplumb import wire
-from apps.netplumb.channels import Link, Pump, Sink
+from apps.netplumb.channels import Link, Pump, Sink, duplex
+from apps.netplumb.connection import ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
+from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.recipe import RecipeError, parse_recipe
-from apps.netplumb.session import ClientSession, Established, Message, PeerError, SessionError
-from apps.netplumb.wire import STDERR, STDIN, STDOUT, Fields, WireError
-from flowlib import Flow, FlowDown, FlowError, FlowTimeout, flow_alloc, qos
+from apps.netplumb.session import SessionError
+from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
+from flowlib import Flow, FlowDown, FlowError, flow_alloc, qos
 
 log = logging.getLogger("plumb")
 
 FAILED = 255  # our own failures, as ssh does: the remote command's statuses stay distinguishable
 ALLOC_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 15.0
-SIGNAL_POLL = 0.1  # seconds between checks for signals while waiting for the server
+ANSWER_TIMEOUT = 30.0  # for the handshake and START's answer (the server may take 15 s to start a recipe)
 USAGE = ("usage: plumb HOST [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]] [-outfifo=LOCAL[:REMOTE]]\n"
          "             [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=FILE] [-v] [--] COMMAND [ARG...]")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -115,11 +116,12 @@ def parse_args(args: list[str]) -> Request:
 
 
 class Client:
-    """One plumb run: connect, authenticate, START, then move data until EXIT."""
+    """One plumb run: drive the connection core over a flow until EXIT, with the local ends of the
+    channels in threads."""
 
     def __init__(self, req: Request) -> None:
         self.req = req
-        self.local_sockets: dict[int, str] = {}
+        self.locals: dict[int, str] = {}  # channel -> its local pipe, file or socket
         self.pumps: dict[int, Pump] = {}
         self.sinks: dict[int, Sink] = {}
         self.waited: list[Sink] = []
@@ -142,177 +144,137 @@ class Client:
             identity = Identity.load(req.key or config_dir() / "id")
         except (KeyFileError, OSError) as e:
             raise Failure(str(e)) from None
-        session = ClientSession(identity, self._check_host)
+        self.core = ClientConnection(identity, self._check_host, self._start_message(), time.monotonic(),
+                                     ANSWER_TIMEOUT)
         try:
             flow = flow_alloc(req.host, qos=qos.data, timeout=ALLOC_TIMEOUT)
         except FlowError as e:
             raise Failure(f"cannot reach {req.host}: {e}") from None
-        self.link = link = Link(flow, session)
+        self.link = Link(flow, self.core)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wake_w)  # a signal any thread took wakes us to run its handler
         try:
-            flow.set_timeout(HANDSHAKE_TIMEOUT)
-            session.start()
-            link.flush()
-            while not any(isinstance(ev, Established) for ev in self._events(flow.read())):
-                link.flush()
-            link.flush()
-            link.send(wire.START, self._start_fields())
-            reply = self._next(flow.read)
-            if reply.type != wire.START:
-                raise Failure(f"{req.host}: unexpected answer (packet type {reply.type}) to START")
-            if reply.fields.get("ok") != "1":
-                print(f"plumb: {req.host}: {reply.fields.get('message', 'refused')}", file=sys.stderr)
-                return reply.fields.int("status", 1, 255) if reply.fields.get("status") else FAILED
-            # Short read timeouts: a signal that another thread took is handled at the next wake-up.
-            flow.set_timeout(SIGNAL_POLL)
-            self._forward_signals()
-            self._start_channels()
-            while self.status is None:
-                self._dispatch(self._next(lambda: _read_waiting(flow)))
-            for sink in self.waited:
-                sink.join()
-            return self.status
-        except SessionError as e:
-            raise Failure(f"{req.host}: {e}") from None
-        except WireError as e:
-            with contextlib.suppress(FlowError, SessionError):
-                link.send_error(f"protocol error: {e}")
-            raise Failure(f"{req.host}: protocol error: {e}") from None
+            self.link.send(self.core.connect)
+            return self._loop(flow, wake_r)
         except FlowDown:
             raise Failure(f"{req.host}: the connection ended before the command did") from None
         except FlowError as e:
             raise Failure(f"{req.host}: {e}") from None
         finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for fd in (wake_r, wake_w):
+                os.close(fd)
             with contextlib.suppress(FlowError):
                 flow.close()
+
+    def _loop(self, flow: Flow, wake_r: int) -> int:
+        poller = select.poll()
+        poller.register(flow.fileno(), select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        while self.status is None:
+            timer, now = self.core.get_timer(), time.monotonic()
+            if timer is not None and timer <= now:
+                events = self.core.handle_timer(now)
+            else:
+                ready = {fd for fd, _ in poller.poll(None if timer is None else (timer - now) * 1000)}
+                if wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 64)
+                if flow.fileno() not in ready:
+                    continue
+                events = self.core.receive(flow.read(), time.monotonic())
+            self.link.send()
+            for ev in events:
+                refused = self._on(ev)
+                if refused is not None:
+                    return refused
+        for sink in self.waited:
+            sink.join()
+        return self.status
+
+    def _on(self, ev: Event) -> int | None:
+        """Act on one event; the status to exit with if the command was refused."""
+        match ev:
+            case Started(ok, message, status):
+                if not ok:
+                    print(f"plumb: {self.req.host}: {message}", file=sys.stderr)
+                    return status
+                self._forward_signals()
+                self._start_channels()
+            case Data(ch, data):
+                self.sinks[ch].put(data)
+            case Eof(ch):
+                self.sinks[ch].finish()
+            case Window(ch, n):
+                pump = self.pumps.get(ch)
+                if pump is not None:
+                    pump.window.grant(n)
+            case Open(ch, parent):
+                self._open(ch, parent)
+            case Exit("signal", sig):
+                name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
+                print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
+                self.status = 128 + sig
+            case Exit(_, status):
+                self.status = status
+            case Closed(reason):
+                raise Failure(f"{self.req.host}: {reason}")
+        return None
 
     def _forward_signals(self) -> None:
         """Interrupts go to the remote command (as ssh does), which decides whether to end."""
 
         def forward(signum: int, _frame: object) -> None:
-            with contextlib.suppress(FlowError, SessionError):
-                self.link.send(wire.SIGNAL, Fields.of(sig=signal.Signals(signum).name[3:]))
+            with contextlib.suppress(FlowError, LocalProtocolError):
+                self.link.send(lambda: self.core.signal(signal.Signals(signum).name[3:]))
 
         for sig in FORWARDED:
             signal.signal(sig, forward)
 
-    def _events(self, data: bytes) -> list[object]:
-        events: list[object] = []
-        for ev in self.link.session.receive(data):
-            if isinstance(ev, PeerError):
-                raise Failure(f"{self.req.host}: {ev.message}")
-            events.append(ev)
-        return events
-
-    def _next(self, read: Callable[[], bytes]) -> Message:
-        while True:
-            for ev in self._events(read()):
-                if isinstance(ev, Message):
-                    return ev
-
-    def _start_fields(self) -> Fields:
+    def _start_message(self) -> Start:
+        """START: the channels from 3 on are the pipes and sockets in the order given."""
         req = self.req
-        f = Fields()
-        for arg in req.argv:
-            f.add("arg", arg)
-        if req.recipe is not None:
-            f.add("recipe", req.recipe)
-        if req.user:
-            f.add("user", req.user)
-        for name in req.export:
-            if name in os.environ:
-                f.add("env", f"{name}={os.environ[name]}")
-        ch = 3
-        for kind, items in (("infifo", req.infifos), ("outfifo", req.outfifos), ("socket", req.sockets)):
-            for local, remote in items:
-                f.add(kind, f"{ch} {remote}")
-                if kind == "infifo":
-                    self.pumps[ch] = Pump(self.link, ch, functools.partial(os.open, local, os.O_RDONLY),
-                                         _nothing)
-                elif kind == "outfifo":
-                    sink = Sink(self.link, ch, functools.partial(_open_out, local), _nothing)
-                    self.sinks[ch] = sink
-                    self.waited.append(sink)
-                else:
-                    self.local_sockets[ch] = local
-                ch += 1
-        return f
+        env = tuple((name, os.environ[name]) for name in req.export if name in os.environ)
+        pairs = [*req.infifos, *req.outfifos, *req.sockets]
+        numbered = list(zip(itertools.count(FIRST_CLIENT_CHANNEL), pairs))
+        self.locals = {ch: local for ch, (local, _) in numbered}
+        channels = [(ch, remote) for ch, (_, remote) in numbered]
+        n_in, n_out = len(req.infifos), len(req.outfifos)
+        return Start(tuple(req.argv), req.recipe, req.user, env, tuple(channels[:n_in]),
+                     tuple(channels[n_in:n_in + n_out]), tuple(channels[n_in + n_out:]))
 
     def _start_channels(self) -> None:
+        start = self.core.start
         self.pumps[STDIN] = Pump(self.link, STDIN, lambda: 0, _nothing, close_fd=False)
         for ch in (STDOUT, STDERR):
-            sink = Sink(self.link, ch, functools.partial(int, ch), _nothing, close_fd=False)
-            self.sinks[ch] = sink
-            self.waited.append(sink)
+            self.sinks[ch] = Sink(self.link, ch, functools.partial(int, ch), _nothing, close_fd=False)
+        for ch, _ in start.infifos:
+            self.pumps[ch] = Pump(self.link, ch, functools.partial(os.open, self.locals[ch], os.O_RDONLY), _nothing)
+        for ch, _ in start.outfifos:
+            self.sinks[ch] = Sink(self.link, ch, functools.partial(_open_out, self.locals[ch]), _nothing)
+        self.waited = list(self.sinks.values())
+        for ch in self.pumps:
+            self.core.add_channel(ch, receives=False, sends=True)
+        for ch in self.sinks:
+            self.core.add_channel(ch, receives=True, sends=False)
         for t in [*self.sinks.values(), *self.pumps.values()]:
             t.start()
 
-    def _dispatch(self, msg: Message) -> None:
-        f = msg.fields
-        if msg.type == wire.DATA:
-            self._sink(f).put(f.bin("data"))
-        elif msg.type == wire.EOF:
-            self._sink(f).finish()
-        elif msg.type == wire.WINDOW:
-            pump = self.pumps.get(f.int("ch"))
-            if pump is not None:
-                pump.window.grant(f.int("n", 1, 1 << 40))
-        elif msg.type == wire.EXIT:
-            if f.get("signal") is not None:
-                sig = f.int("signal", 1, 255)
-                name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
-                print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
-                self.status = 128 + sig
-            else:
-                self.status = f.int("status", 0, 255)
-        elif msg.type == wire.OPEN:
-            self._open(f.int("ch"), f.int("parent"))
-        else:
-            raise WireError(f"unexpected packet type {msg.type}")
-
-    def _sink(self, f: Fields) -> Sink:
-        sink = self.sinks.get(f.int("ch"))
-        if sink is None:
-            raise WireError(f"data for channel {f.get('ch')}, which takes none")
-        return sink
-
     def _open(self, ch: int, parent: int) -> None:
         """A connection to the remote end of a replicated socket: connect to the local one."""
-        path = self.local_sockets.get(parent)
-        if path is None or ch in self.sinks:
-            raise WireError(f"OPEN of channel {ch} on unknown socket {parent}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(path)
+            sock.connect(self.locals[parent])
         except OSError as e:
-            log.warning("socket %s: %s", path, e.strerror)
+            log.warning("socket %s: %s", self.locals[parent], e.strerror)
             sock.close()
             self.sinks[ch] = Sink(self.link, ch, _refuse, _nothing)
             self.sinks[ch].start()
-            self.link.send(wire.EOF, Fields.of(ch=ch))
+            self.link.eof(ch)
             return
-        fd = sock.detach()
-        users = [2]
-        lock = threading.Lock()
-
-        def release(_ch: int) -> None:
-            with lock:
-                users[0] -= 1
-                if users[0] == 0:
-                    os.close(fd)
-
-        self.sinks[ch] = Sink(self.link, ch, lambda: fd, release, close_fd=False,
-                              on_eof=lambda f: socket.socket(fileno=os.dup(f)).shutdown(socket.SHUT_WR))
-        self.pumps[ch] = Pump(self.link, ch, lambda: fd, release, close_fd=False)
+        self.sinks[ch], self.pumps[ch] = duplex(self.link, ch, sock)
         self.sinks[ch].start()
         self.pumps[ch].start()
-
-
-def _read_waiting(flow: Flow) -> bytes:
-    while True:
-        try:
-            return flow.read()
-        except FlowTimeout:
-            continue
 
 
 def _nothing(_ch: int) -> None:

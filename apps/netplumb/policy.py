@@ -14,12 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from apps.netplumb import wire
 from apps.netplumb.keys import AuthorizedKey, fingerprint
+from apps.netplumb.messages import Start
 from apps.netplumb.recipe import RecipeError, parse_recipe
-from apps.netplumb.wire import Fields
 
-MAX_RECIPE = 1 << 16
 REFUSED = 126  # the status a refused START reports, as a shell's "cannot execute"
 NOT_FOUND = 127  # "command not found"
 
@@ -73,70 +71,6 @@ class Settings:
     max_channels: int = 64
 
 
-# -- the request ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Request:
-    """A START: a command (argv) or a recipe, the user, client variables, pipes and sockets by channel."""
-
-    argv: tuple[str, ...] = ()
-    recipe: str | None = None
-    user: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    infifos: tuple[tuple[int, str], ...] = ()
-    outfifos: tuple[tuple[int, str], ...] = ()
-    sockets: tuple[tuple[int, str], ...] = ()
-
-    @classmethod
-    def from_fields(cls, fields: Fields) -> Request:
-        """The START fields, checked; Refused names the first bad one."""
-        argv = tuple(fields.getall("arg"))
-        recipe = fields.get("recipe")
-        if recipe is not None and len(recipe) > MAX_RECIPE:
-            raise Refused(f"recipe longer than {MAX_RECIPE} bytes")
-        if not argv and recipe is None:
-            raise Refused("no command given")
-        if argv and recipe is not None:
-            raise Refused("a command and a recipe at once")
-        env = []
-        for item in fields.getall("env"):
-            name, eq, value = item.partition("=")
-            if not eq or not name.isidentifier():
-                raise Refused(f"bad environment entry {item[:40]!r} (expected NAME=VALUE)")
-            env.append((name, value))
-        seen: set[int] = set()
-        tables: dict[str, list[tuple[int, str]]] = {"infifo": [], "outfifo": [], "socket": []}
-        for kind, table in tables.items():
-            for item in fields.getall(kind):
-                ch_text, _, path = item.partition(" ")
-                if not ch_text.isascii() or not ch_text.isdigit() \
-                        or not wire.FIRST_CLIENT_CHANNEL <= int(ch_text) < wire.FIRST_SERVER_CHANNEL \
-                        or not path.startswith("/"):
-                    raise Refused(f"bad {kind} entry {item[:60]!r} (expected CHANNEL /absolute/path)")
-                if int(ch_text) in seen:
-                    raise Refused(f"channel {ch_text} is used twice")
-                seen.add(int(ch_text))
-                table.append((int(ch_text), path))
-        return cls(argv, recipe, fields.get("user") or None, tuple(env), tuple(tables["infifo"]),
-                   tuple(tables["outfifo"]), tuple(tables["socket"]))
-
-    def to_fields(self) -> Fields:
-        f = Fields()
-        for arg in self.argv:
-            f.add("arg", arg)
-        if self.recipe is not None:
-            f.add("recipe", self.recipe)
-        if self.user:
-            f.add("user", self.user)
-        for name, value in self.env:
-            f.add("env", f"{name}={value}")
-        for kind, table in (("infifo", self.infifos), ("outfifo", self.outfifos), ("socket", self.sockets)):
-            for ch, path in table:
-                f.add(kind, f"{ch} {path}")
-        return f
-
-
 # -- the plan ---------------------------------------------------------------------------------
 
 
@@ -174,7 +108,7 @@ def login(key: bytes, entries: Sequence[AuthorizedKey], spent: bool) -> str | No
     return None
 
 
-def plan(entries: Sequence[AuthorizedKey], request: Request, settings: Settings) -> Plan:
+def plan(entries: Sequence[AuthorizedKey], request: Start, settings: Settings) -> Plan:
     """The plan of the first of the key's authorized_keys lines that admits the request; else Refused
     with the first line's reason."""
     refusals = []
@@ -186,7 +120,7 @@ def plan(entries: Sequence[AuthorizedKey], request: Request, settings: Settings)
     raise refusals[0] if refusals else Refused("not permitted")
 
 
-def _plan_one(entry: AuthorizedKey, req: Request, s: Settings) -> Plan:
+def _plan_one(entry: AuthorizedKey, req: Start, s: Settings) -> Plan:
     if req.recipe is not None:
         if entry.command is not None:
             raise Refused("a key bound to one command cannot run recipes")
@@ -239,7 +173,7 @@ def _program(name: str, entry: AuthorizedKey, s: Settings) -> Program:
     return program
 
 
-def _environment(entry: AuthorizedKey, req: Request, account: Account, s: Settings,
+def _environment(entry: AuthorizedKey, req: Start, account: Account, s: Settings,
                  ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     """A fresh environment, plus the client's variables that match accept_env (AcceptEnv); a key bound
     to one command gets none of them."""

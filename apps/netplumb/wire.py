@@ -36,6 +36,7 @@ OPEN = 25  # ch, parent: a new connection on a replicated unix socket
 SIGNAL = 27  # sig: deliver a signal to the remote command
 ERROR = 99  # message: the sender ends the session
 ENCRYPTED_FROM = 10
+FIRST_SESSION_TYPE = 20  # START and up: the established session's messages
 
 TYPE_NAMES = {HELLO: "HELLO", REFUSE: "REFUSE", AUTH: "AUTH", START: "START", DATA: "DATA", EOF: "EOF",
               WINDOW: "WINDOW", EXIT: "EXIT", OPEN: "OPEN", SIGNAL: "SIGNAL", ERROR: "ERROR"}
@@ -46,6 +47,7 @@ TYPE_NAMES = {HELLO: "HELLO", REFUSE: "REFUSE", AUTH: "AUTH", START: "START", DA
 STDIN, STDOUT, STDERR = 0, 1, 2
 FIRST_CLIENT_CHANNEL = 3
 FIRST_SERVER_CHANNEL = 1000
+INITIAL_WINDOW = 1024 * 1024  # each direction of each channel starts with this much credit
 
 
 class WireError(ValueError):

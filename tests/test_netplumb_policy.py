@@ -44,8 +44,11 @@ def which(name: str, path: str) -> Program | None:
     return PROGRAMS.get(name)
 
 
+SHELLS = frozenset({"/bin/sh", "/bin/bash"})
+
+
 def config(me: Account = ROOT, accept_env: tuple[str, ...] = ()) -> Settings:
-    return Settings(me, PATH, ACCOUNTS.get, which, accept_env, "C.UTF-8", max_channels=4)
+    return Settings(me, PATH, ACCOUNTS.get, which, accept_env, SHELLS, "C.UTF-8", max_channels=4)
 
 
 def key(options: str = "") -> AuthorizedKey:
@@ -112,18 +115,39 @@ def test_user_refusals(options: str, user: str | None, me: Account, why: str) ->
 # -- what it runs ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("options, user, argv, step", [
+    ("", None, ("cat", "x"), (("bash", "-c", "cat x"), "/bin/bash")),
+    ("", None, ("sh", "-c", "exit 7"), (("bash", "-c", "sh -c 'exit 7'"), "/bin/bash")),  # several: quoted
+    ("", None, ("echo $HOME | wc -c",), (("bash", "-c", "echo $HOME | wc -c"), "/bin/bash")),  # one: a line
+    ("", None, ("/tmp/x/cat",), (("bash", "-c", "/tmp/x/cat"), "/bin/bash")),  # anything goes, unrestricted
+    ('users="nobody"', None, ("id",), (("sh", "-c", "id"), "/bin/sh")),  # nologin is no login shell
+    ('users="alice"', None, ("id",), (("bash", "-c", "id"), "/bin/bash")),
+])
+def test_an_unrestricted_key_runs_the_command_line_through_the_accounts_shell(
+        options: str, user: str | None, argv: tuple[str, ...], step: tuple[tuple[str, ...], str]) -> None:
+    p = run(options, Start(argv=argv, user=user))
+    assert [(s.argv, s.exe) for s in p.steps] == [step]
+
+
 @pytest.mark.parametrize("options, argv, exe", [
-    ("", ("cat", "x"), "/usr/bin/cat"),
-    ("", ("/tmp/x/cat",), "/tmp/x/cat"),  # an unrestricted key may run any program
     ('allow="cat"', ("cat",), "/usr/bin/cat"),
     ('allow="cat"', ("/bin/cat",), "/bin/cat"),  # the same file by another path
     ('allow="/usr/bin/cat"', ("cat",), "/usr/bin/cat"),
     ('allow="tar cat"', ("tar", "c", "/etc"), "/usr/bin/tar"),
     ('command="tar x -C /srv"', ("tar", "x", "-C", "/srv"), "/usr/bin/tar"),
 ])
-def test_programs_found_with_the_servers_path(options: str, argv: tuple[str, ...], exe: str) -> None:
+def test_a_restricted_key_runs_its_program_found_with_the_servers_path(options: str, argv: tuple[str, ...],
+                                                                       exe: str) -> None:
     p = run(options, Start(argv=argv))
     assert [(s.argv, s.exe) for s in p.steps] == [(argv, exe)]
+
+
+def test_a_restricted_keys_single_line_is_split_not_given_to_a_shell() -> None:
+    p = run('command="tar x -C \\"/a b\\""', Start(argv=('tar x -C "/a b"',)))
+    assert p.steps[0].argv == ("tar", "x", "-C", "/a b") and p.steps[0].exe == "/usr/bin/tar"
+    p = run('allow="cat"', Start(argv=("cat /x; sh",)))  # no shell: ';' and 'sh' are cat's arguments
+    assert p.steps[0].argv == ("cat", "/x;", "sh") and p.steps[0].exe == "/usr/bin/cat"
+    assert "command: No closing quotation" in str(refused('allow="cat"', Start(argv=("cat 'x",))))
 
 
 @pytest.mark.parametrize("options, argv, why, status", [
@@ -131,9 +155,9 @@ def test_programs_found_with_the_servers_path(options: str, argv: tuple[str, ...
     ('allow="cat"', ("tar",), "is not in this key's allowlist (cat)", REFUSED),
     ('allow="nosuch"', ("cat",), "allowlist (nosuch)", REFUSED),
     ('allow=""', ("cat",), "allowlist (empty)", REFUSED),
-    ("", ("./cat",), "give a program found in PATH or an absolute path", REFUSED),
+    ('allow="cat"', ("./cat",), "give a program found in PATH or an absolute path", REFUSED),
     ('allow="cat"', ("x/cat",), "give a program found in PATH", REFUSED),
-    ("", ("nosuch",), "nosuch: command not found", NOT_FOUND),
+    ('allow="nosuch"', ("nosuch",), "nosuch: command not found", NOT_FOUND),
     ('command="tar x -C /srv"', ("tar", "x", "-C", "/"), "may only run: tar x -C /srv", REFUSED),
 ])
 def test_program_refusals(options: str, argv: tuple[str, ...], why: str, status: int) -> None:
@@ -234,8 +258,14 @@ def test_every_plan_keeps_every_rule(entry: AuthorizedKey, req: Start, me: Accou
     assert p.account.uid == me.uid or me.uid == 0
     if req.user is not None:
         assert p.account.name == req.user
-    # what: the server's PATH found every program; an allowlist admits the very file; a command key its command
+    # what: a restricted key or a recipe runs programs the server's PATH found, an allowlist the very
+    # files it names, a command key its command; an unrestricted command goes to the account's shell
+    restricted = entry.allow is not None or entry.command is not None
     for step in p.steps:
+        if req.recipe is None and not restricted:
+            shell = p.account.shell if p.account.shell in SHELLS else "/bin/sh"
+            assert step.exe == shell and step.argv[:2] == (shell.rsplit("/", 1)[1], "-c")
+            continue
         found = which(step.argv[0], PATH)
         assert found is not None and step.exe == found.path
         if entry.allow is not None:

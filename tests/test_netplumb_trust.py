@@ -121,6 +121,13 @@ def test_netplumbd_refuses_a_recipe_directory_others_control() -> None:
 # -- what runs, and with which environment ------------------------------------------------------
 
 
+def test_an_account_without_a_login_shell_runs_commands_with_sh(lab: Lab) -> None:
+    """nobody's shell is nologin: `users="nobody"` admits it explicitly, so /bin/sh runs its commands."""
+    mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+    r = lab.plumb(mallory, "echo $0 $(id -un)")
+    assert (r.returncode, r.stdout) == (0, b"sh nobody\n"), r.stderr
+
+
 def test_allow_matches_the_program_found_in_the_servers_path(lab: Lab) -> None:
     public, _, _, shared = _files(lab)
     fake = shared / "bin"

@@ -1,5 +1,6 @@
-"""Channels over a session, in threads: pumps (local fd -> DATA, within the peer's window) and sinks
-(DATA -> local fd, granting window as they write), sharing the connection core through a Link.
+"""The I/O around a connection core, in threads: the Reader feeding it the flow's bytes and its
+timer, the Link writing what it queued, pumps (local fd -> DATA, within the peer's window) and sinks
+(DATA -> local fd, granting window as they write).
 """
 
 from __future__ import annotations
@@ -8,23 +9,32 @@ import contextlib
 import logging
 import os
 import queue
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from apps.netplumb import wire
 from apps.netplumb.wire import INITIAL_WINDOW
 from flowlib import Flow
 
 log = logging.getLogger(__name__)
+DEBUG2, DEBUG3 = 12, 10  # plumb -vv (channels) and -vvv (packets); -v is 15
 
 CHUNK = 32 * 1024  # data per packet: base64 of it plus headers stays under one 64 KiB SDU
 GRANT_BATCH = INITIAL_WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
 
 
 class Core(Protocol):
-    """The send side of a sans-IO connection (apps/netplumb/connection.py)."""
+    """A sans-IO connection (apps/netplumb/connection.py), as the I/O around it uses it."""
+
+    def receive(self, data: bytes, now: float) -> list[Any]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> list[Any]: ...
 
     def send_data(self, ch: int, data: bytes) -> None: ...
 
@@ -33,6 +43,43 @@ class Core(Protocol):
     def grant(self, ch: int, n: int) -> None: ...
 
     def data_to_send(self) -> list[bytes]: ...
+
+
+class Reader:
+    """Feeds a core from one thread: the flow's bytes when it has some, handle_timer() when its timer
+    is due; nothing else wakes it but wake() (a new timer, a signal's handler to run). One timer, no
+    polling tick."""
+
+    def __init__(self, flow: Flow, core: Core) -> None:
+        self.flow = flow
+        self.core = core
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller = select.poll()
+        self._poller.register(flow.fileno(), select.POLLIN)
+        self._poller.register(self.wake_r, select.POLLIN)
+
+    def events(self) -> list[Any]:
+        """The core's events of one wake-up (maybe none). Raises the flow's errors."""
+        timer, now = self.core.get_timer(), time.monotonic()
+        if timer is not None and timer <= now:
+            return self.core.handle_timer(now)
+        ready = {fd for fd, _ in self._poller.poll(None if timer is None else (timer - now) * 1000)}
+        if self.wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 64)
+        if self.flow.fileno() not in ready:
+            return []
+        data = self.flow.read()
+        log.log(DEBUG3, "<- %s", wire.describe(data))
+        return self.core.receive(data, time.monotonic())
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"x")
+
+    def close(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
 
 
 class Link:
@@ -50,6 +97,7 @@ class Link:
         with self._lock:
             queue()
             for packet in self.core.data_to_send():
+                log.log(DEBUG3, "-> %s", wire.describe(packet))
                 self.flow.write(packet)
 
     def data(self, ch: int, data: bytes) -> None:
@@ -106,6 +154,7 @@ class Pump(threading.Thread):
         self.fd = -1
 
     def run(self) -> None:
+        sent = 0
         try:
             self.fd = self.opener()
             while True:
@@ -118,6 +167,8 @@ class Pump(threading.Thread):
                 if len(data) < n:  # give back what this read did not use
                     self.window.grant(n - len(data))
                 self.link.data(self.ch, data)
+                sent += len(data)
+            log.log(DEBUG2, "channel %d: %d bytes sent, then EOF", self.ch, sent)
             self.link.eof(self.ch)
         except Exception as e:  # a local I/O error or the flow going down ends this channel only
             log.debug("channel %d pump ended: %s", self.ch, e)
@@ -157,7 +208,7 @@ class Sink(threading.Thread):
         self._q.put(None)
 
     def run(self) -> None:
-        fd, broken, ungranted = -1, False, 0
+        fd, broken, ungranted, got = -1, False, 0, 0
         try:
             fd = self.fd = self.opener()
         except OSError as e:
@@ -166,6 +217,7 @@ class Sink(threading.Thread):
         while True:
             data = self._q.get()
             if data is None:
+                log.log(DEBUG2, "channel %d: %d bytes received, then EOF", self.ch, got)
                 if ungranted:
                     with contextlib.suppress(Exception):
                         self.link.grant(self.ch, ungranted)
@@ -179,6 +231,7 @@ class Sink(threading.Thread):
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
             ungranted += len(data)
+            got += len(data)
             # Grant in batches (fewer packets), but at once when we caught up, so the peer never stalls.
             if ungranted >= GRANT_BATCH or self._q.empty():
                 with contextlib.suppress(Exception):

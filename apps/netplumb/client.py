@@ -9,7 +9,6 @@ import functools
 import itertools
 import logging
 import os
-import select
 import shlex
 import signal
 import socket
@@ -19,24 +18,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.netplumb.channels import Link, Pump, Sink, duplex
-from apps.netplumb.connection import ClientConnection, Closed, Event, LocalProtocolError
+from apps.netplumb.channels import DEBUG2, DEBUG3, Link, Pump, Reader, Sink, duplex
+from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.recipe import RecipeError, parse_recipe
-from apps.netplumb.session import SessionError
+from apps.netplumb.session import ServerKey, SessionError
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
-from flowlib import Flow, FlowDown, FlowError, flow_alloc, qos
+from flowlib import FlowDown, FlowError, flow_alloc, qos
 
 log = logging.getLogger("plumb")
 
 FAILED = 255  # our own failures, as ssh does: the remote command's statuses stay distinguishable
 ALLOC_TIMEOUT = 10.0
 ANSWER_TIMEOUT = 30.0  # for the handshake and START's answer (the server may take 15 s to start a recipe)
-USAGE = ("usage: plumb HOST [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]] [-outfifo=LOCAL[:REMOTE]]\n"
-         "             [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=FILE] [-v] [--] COMMAND [ARG...]")
+USAGE = """\
+usage: plumb [-qv] [-i KEY] [-l USER] [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]]
+             [-outfifo=LOCAL[:REMOTE]] [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=KEY]
+             [USER@]HOST [OPTIONS] [--] [COMMAND [ARG...]]"""
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-OPTIONS = ("recipe", "user", "infifo", "outfifo", "socket", "export", "key")
+LONG = ("recipe", "user", "infifo", "outfifo", "socket", "export", "key")  # the seed's -NAME=VALUE
+FLAGS = "qv"
+VALUED = {"l": "user", "i": "key"}  # ssh's -l login_name, -i identity_file
+DEBUG1 = 15  # plumb -v: the flow and the handshake; -vv adds channels, -vvv packets (channels.py)
 
 
 class UsageError(Exception):
@@ -49,7 +53,7 @@ class Failure(Exception):
 
 @dataclass
 class Request:
-    host: str
+    host: str = ""
     argv: list[str] = field(default_factory=list)
     recipe: str | None = None
     user: str | None = None
@@ -58,7 +62,8 @@ class Request:
     sockets: list[tuple[str, str]] = field(default_factory=list)
     export: list[str] = field(default_factory=list)
     key: Path | None = None
-    verbose: bool = False
+    verbose: int = 0
+    quiet: bool = False
 
 
 def _paths(value: str, opt: str) -> tuple[str, str]:
@@ -70,49 +75,97 @@ def _paths(value: str, opt: str) -> tuple[str, str]:
 
 
 def parse_args(args: list[str]) -> Request:
-    if not args or args[0].startswith("-"):
-        raise UsageError("the first argument is the HOST (a name netplumbd is registered as)")
-    req = Request(args[0])
-    i = 1
-    while i < len(args) and args[i].startswith("-"):
+    """Options anywhere before the command, as ssh takes them (before and after the host), in ssh's
+    short form (-v, -q, -l USER, -i KEY) or the seed's -NAME=VALUE; `--` ends them."""
+    req = Request()
+    i = 0
+    while i < len(args):
         arg = args[i]
-        i += 1
         if arg == "--":
+            i += 1
+            if not req.host and i < len(args):
+                _host(req, args[i])
+                i += 1
             break
-        if arg == "-v":
-            req.verbose = True
-            continue
-        name, eq, value = arg[1:].partition("=")
-        if name not in OPTIONS or not eq or not value:
-            raise UsageError(f"unknown option {arg!r} (options: {', '.join('-' + o + '=' for o in OPTIONS)}, -v)")
-        if name == "recipe":
-            try:
-                req.recipe = Path(value).read_text()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"-recipe={value}: {getattr(e, 'strerror', None) or e}") from None
-            try:
-                parse_recipe(req.recipe)  # fail here, with the line, rather than remotely
-            except RecipeError as e:
-                raise UsageError(f"{value}: {e}") from None
-        elif name == "user":
-            req.user = value
-        elif name == "key":
-            req.key = Path(value)
-        elif name == "export":
-            req.export += [n for n in value.replace(" ", ",").split(",") if n]
+        if arg.startswith("-") and len(arg) > 1:
+            i = _option(req, args, i)
+        elif not req.host:
+            _host(req, arg)
+            i += 1
         else:
-            getattr(req, name + "s").append(_paths(value, name))
+            break  # the command
     req.argv = args[i:]
-    if len(req.argv) == 1 and any(c.isspace() for c in req.argv[0]):
-        try:
-            req.argv = shlex.split(req.argv[0])  # plumb host 'tar x -C /tmp/dst'
-        except ValueError as e:
-            raise UsageError(f"command: {e}") from None
+    if not req.host:
+        raise UsageError("no HOST (a name netplumbd is registered as)")
     if not req.argv and req.recipe is None:
         raise UsageError("no command (and no -recipe=)")
     if req.argv and req.recipe is not None:
         raise UsageError("give either a command or -recipe=, not both")
     return req
+
+
+def _host(req: Request, text: str) -> None:
+    user, at, host = text.partition("@")
+    if at:
+        _set_user(req, user)
+    req.host = host if at else text
+    if not req.host:
+        raise UsageError(f"no HOST in {text!r}")
+
+
+def _set_user(req: Request, user: str) -> None:
+    if not user:
+        raise UsageError("an empty user name")
+    if req.user is not None and req.user != user:
+        raise UsageError(f"the user is given twice: {req.user!r} and {user!r}")
+    req.user = user
+
+
+def _option(req: Request, args: list[str], i: int) -> int:
+    """Take the option at args[i] (and its value); the index after it."""
+    arg = args[i]
+    if any(arg[1:].startswith(o) for o in LONG):  # the seed's form: never read as -i, -l and letters
+        name, eq, value = arg[1:].partition("=")
+        if name not in LONG:
+            raise UsageError(f"unknown option {arg!r}")
+        if not eq or not value:
+            raise UsageError(f"{arg!r}: -{name}= takes a value")
+        _long(req, name, value)
+        return i + 1
+    for k, flag in enumerate(arg[1:], 1):
+        if flag == "v":
+            req.verbose += 1
+        elif flag == "q":
+            req.quiet = True
+        elif flag in VALUED:
+            value = arg[k + 1:] or (args[i + 1] if i + 1 < len(args) else "")
+            if not value:
+                raise UsageError(f"-{flag} needs a value")
+            _long(req, VALUED[flag], value)
+            return i + (1 if arg[k + 1:] else 2)
+        else:
+            raise UsageError(f"unknown option {arg!r}")
+    return i + 1
+
+
+def _long(req: Request, name: str, value: str) -> None:
+    if name == "recipe":
+        try:
+            req.recipe = Path(value).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"-recipe={value}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            parse_recipe(req.recipe)  # fail here, with the line, rather than remotely
+        except RecipeError as e:
+            raise UsageError(f"{value}: {e}") from None
+    elif name == "user":
+        _set_user(req, value)
+    elif name == "key":
+        req.key = Path(value)
+    elif name == "export":
+        req.export += [n for n in value.replace(" ", ",").split(",") if n]
+    else:
+        getattr(req, name + "s").append(_paths(value, name))
 
 
 class Client:
@@ -131,8 +184,9 @@ class Client:
         known = KnownHosts(config_dir() / "known_hosts")
         try:
             if known.check(self.req.host, key):
-                print(f"plumb: pinned the key of {self.req.host!r} ({fingerprint(key)}) in {known.path}",
-                      file=sys.stderr)
+                log.warning("pinned the key of %r (%s) in %s", self.req.host, fingerprint(key), known.path)
+            else:
+                log.log(DEBUG1, "server key %s matches %s", fingerprint(key), known.path)
         except HostKeyChanged as e:
             raise SessionError(str(e)) from None
         except (KeyFileError, OSError) as e:
@@ -140,49 +194,40 @@ class Client:
 
     def run(self) -> int:
         req = self.req
+        key = req.key or config_dir() / "id"
         try:
-            identity = Identity.load(req.key or config_dir() / "id")
+            identity = Identity.load(key)
         except (KeyFileError, OSError) as e:
             raise Failure(str(e)) from None
-        self.core = ClientConnection(identity, self._check_host, self._start_message(), time.monotonic(),
-                                     ANSWER_TIMEOUT)
+        log.log(DEBUG1, "key %s: %s", key, fingerprint(identity.public))
+        start = self._start_message()
+        self.core = ClientConnection(identity, self._check_host, start, time.monotonic(), ANSWER_TIMEOUT)
+        log.log(DEBUG1, "allocating a flow to %s (qos data)", req.host)
         try:
             flow = flow_alloc(req.host, qos=qos.data, timeout=ALLOC_TIMEOUT)
         except FlowError as e:
             raise Failure(f"cannot reach {req.host}: {e}") from None
+        log.log(DEBUG1, "flow %d to %s via layer %s", flow.flow_id, req.host, flow.layer)
         self.link = Link(flow, self.core)
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        old_wakeup = signal.set_wakeup_fd(wake_w)  # a signal any thread took wakes us to run its handler
+        self.reader = Reader(flow, self.core)
+        old_wakeup = signal.set_wakeup_fd(self.reader.wake_w)  # a signal any thread took wakes us for its handler
         try:
             self.link.send(self.core.connect)
-            return self._loop(flow, wake_r)
+            log.log(DEBUG1, "sent HELLO: a fresh X25519 key")
+            return self._loop()
         except FlowDown:
             raise Failure(f"{req.host}: the connection ended before the command did") from None
         except FlowError as e:
             raise Failure(f"{req.host}: {e}") from None
         finally:
             signal.set_wakeup_fd(old_wakeup)
-            for fd in (wake_r, wake_w):
-                os.close(fd)
+            self.reader.close()
             with contextlib.suppress(FlowError):
                 flow.close()
 
-    def _loop(self, flow: Flow, wake_r: int) -> int:
-        poller = select.poll()
-        poller.register(flow.fileno(), select.POLLIN)
-        poller.register(wake_r, select.POLLIN)
+    def _loop(self) -> int:
         while self.status is None:
-            timer, now = self.core.get_timer(), time.monotonic()
-            if timer is not None and timer <= now:
-                events = self.core.handle_timer(now)
-            else:
-                ready = {fd for fd, _ in poller.poll(None if timer is None else (timer - now) * 1000)}
-                if wake_r in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(wake_r, 64)
-                if flow.fileno() not in ready:
-                    continue
-                events = self.core.receive(flow.read(), time.monotonic())
+            events = self.reader.events()
             self.link.send()
             for ev in events:
                 refused = self._on(ev)
@@ -195,10 +240,19 @@ class Client:
     def _on(self, ev: Event) -> int | None:
         """Act on one event; the status to exit with if the command was refused."""
         match ev:
+            case ServerKey(key):
+                log.log(DEBUG1, "the server proved it holds %s; sent AUTH (sealed): our key and proof",
+                        fingerprint(key))
+            case Authenticated():
+                what = "the recipe" if self.core.start.recipe is not None else shlex.join(self.core.start.argv)
+                log.log(DEBUG1, "authenticated; START: %s%s", what,
+                        f" as {self.core.start.user}" if self.core.start.user else "")
             case Started(ok, message, status):
                 if not ok:
+                    log.log(DEBUG1, "START refused (status %d)", status)
                     print(f"plumb: {self.req.host}: {message}", file=sys.stderr)
                     return status
+                log.log(DEBUG1, "started")
                 self._forward_signals()
                 self._start_channels()
             case Data(ch, data):
@@ -210,12 +264,14 @@ class Client:
                 if pump is not None:
                     pump.window.grant(n)
             case Open(ch, parent):
+                log.log(DEBUG2, "channel %d: a connection on socket %d, to %s", ch, parent, self.locals[parent])
                 self._open(ch, parent)
             case Exit("signal", sig):
                 name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
                 print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
                 self.status = 128 + sig
             case Exit(_, status):
+                log.log(DEBUG1, "exit status %d", status)
                 self.status = status
             case Closed(reason):
                 raise Failure(f"{self.req.host}: {reason}")
@@ -225,6 +281,7 @@ class Client:
         """Interrupts go to the remote command (as ssh does), which decides whether to end."""
 
         def forward(signum: int, _frame: object) -> None:
+            log.log(DEBUG2, "forwarding %s", signal.Signals(signum).name)
             with contextlib.suppress(FlowError, LocalProtocolError):
                 self.link.send(lambda: self.core.signal(signal.Signals(signum).name[3:]))
 
@@ -255,10 +312,17 @@ class Client:
         self.waited = list(self.sinks.values())
         for ch in self.pumps:
             self.core.add_channel(ch, receives=False, sends=True)
+            log.log(DEBUG2, "channel %d: %s -> server", ch, self._local(ch))
         for ch in self.sinks:
             self.core.add_channel(ch, receives=True, sends=False)
+            log.log(DEBUG2, "channel %d: server -> %s", ch, self._local(ch))
+        for ch, remote in start.sockets:
+            log.log(DEBUG2, "channel %d: connections to %s there come to %s", ch, remote, self.locals[ch])
         for t in [*self.sinks.values(), *self.pumps.values()]:
             t.start()
+
+    def _local(self, ch: int) -> str:
+        return self.locals[ch] if ch in self.locals else ("stdin", "stdout", "stderr")[ch]
 
     def _open(self, ch: int, parent: int) -> None:
         """A connection to the remote end of a replicated socket: connect to the local one."""
@@ -290,7 +354,7 @@ def _open_out(path: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISFIFO(os.stat(path).st_mode):
             return os.open(path, os.O_WRONLY)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,7 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         print(f"plumb: {e}\n{USAGE}", file=sys.stderr)
         sys.exit(FAILED)
-    logging.basicConfig(level=logging.DEBUG if req.verbose else logging.WARNING, format="plumb: %(message)s")
+    for level, name in ((DEBUG1, "debug1"), (DEBUG2, "debug2"), (DEBUG3, "debug3")):
+        logging.addLevelName(level, name)
+    level = logging.ERROR if req.quiet else (logging.WARNING, DEBUG1, DEBUG2, DEBUG3)[min(req.verbose, 3)]
+    logging.basicConfig(level=level, format="plumb: %(levelname)s: %(message)s")
+    logging.addLevelName(logging.WARNING, "warning")
     with contextlib.suppress(ValueError):  # a closed reader of our stdout is not our error to report
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:

@@ -9,7 +9,6 @@ import itertools
 import logging
 import os
 import re
-import select
 import shlex
 import socket
 import stat
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.netplumb import policy
-from apps.netplumb.channels import Link, Pump, Sink, duplex
+from apps.netplumb.channels import Link, Pump, Reader, Sink, duplex
 from apps.netplumb.connection import (
     Authenticated,
     Closed,
@@ -94,7 +93,7 @@ class Driver:
         self.ids = itertools.count(FIRST_SERVER_CHANNEL)
         self.open_connections = 0
         self.lock = threading.Lock()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # the core's timer changed
+        self.reader = Reader(flow, self.core)
         self.who = f"flow {flow.flow_id}" + (f" (uid {ticket.peer})" if ticket.peer is not None else "")
 
     # -- authentication ---------------------------------------------------------
@@ -135,22 +134,8 @@ class Driver:
             self._teardown()
 
     def _loop(self) -> None:
-        """Read when the flow has something, act when the core's timer is due; one timer, no polling."""
-        poller = select.poll()
-        poller.register(self.flow.fileno(), select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
         while not self.core.closed:
-            timer, now = self.core.get_timer(), time.monotonic()
-            if timer is not None and timer <= now:
-                events = self.core.handle_timer(now)
-            else:
-                ready = {fd for fd, _ in poller.poll(None if timer is None else (timer - now) * 1000)}
-                if self.wake_r in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self.wake_r, 64)
-                if self.flow.fileno() not in ready:
-                    continue
-                events = self.core.receive(self.flow.read(), time.monotonic())
+            events = self.reader.events()
             self.link.send()
             for ev in events:
                 self._on(ev)
@@ -287,8 +272,7 @@ class Driver:
         self.exited.set()
         with contextlib.suppress(FlowError, LocalProtocolError):  # the connection may have ended first
             self.link.send(lambda: self.core.exited(ended.kind, ended.value, time.monotonic()))
-        with contextlib.suppress(OSError):
-            os.write(self.wake_w, b"x")  # the reader's timer is the linger now
+        self.reader.wake()  # its timer is the linger now
 
     def stop_job(self) -> None:
         """Have the runner end the job (SIGTERM, then SIGKILL after the grace time)."""
@@ -306,8 +290,7 @@ class Driver:
         for sink in self.sinks.values():
             sink.finish()
         self.flow.close()
-        for fd in (self.wake_r, self.wake_w):
-            os.close(fd)
+        self.reader.close()
         log.info("%s: closed", self.who)
 
 

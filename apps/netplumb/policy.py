@@ -20,6 +20,7 @@ from apps.netplumb.recipe import RecipeError, parse_recipe
 
 REFUSED = 126  # the status a refused START reports, as a shell's "cannot execute"
 NOT_FOUND = 127  # "command not found"
+DEFAULT_SHELL = "/bin/sh"  # for accounts whose shell is not a login shell (nologin, false), as _PATH_BSHELL
 
 
 class Refused(Exception):
@@ -59,7 +60,7 @@ class Settings:
 
     me: the account netplumbd runs as; path: the server's PATH, the only one programs are found in;
     accept_env: patterns of client variables a command may get (AcceptEnv), none by default;
-    account(name) and which(name, path): the lookups.
+    shells: the login shells (/etc/shells); account(name) and which(name, path): the lookups.
     """
 
     me: Account
@@ -67,6 +68,7 @@ class Settings:
     account: Callable[[str], Account | None]
     which: Callable[[str, str], Program | None]
     accept_env: tuple[str, ...] = ()
+    shells: frozenset[str] = frozenset({DEFAULT_SHELL})
     lang: str | None = None
     max_channels: int = 64
 
@@ -121,25 +123,54 @@ def plan(entries: Sequence[AuthorizedKey], request: Start, settings: Settings) -
 
 
 def _plan_one(entry: AuthorizedKey, req: Start, s: Settings) -> Plan:
-    if req.recipe is not None:
-        if entry.command is not None:
-            raise Refused("a key bound to one command cannot run recipes")
-        try:
-            commands = [tuple(c.argv) for c in parse_recipe(req.recipe)]
-        except RecipeError as e:
-            raise Refused(f"bad recipe: {e}") from None
-    else:
-        commands = [req.argv]
-        if entry.command is not None and req.argv != entry.command:
-            raise Refused(f"this key may only run: {shlex.join(entry.command)}")
     account = _account(entry, req.user, s)
-    steps = tuple(Step(argv, _program(argv[0], entry, s).path) for argv in commands)
+    if req.recipe is not None:
+        steps = _recipe_steps(entry, req.recipe, s)
+    else:
+        steps = _command_step(entry, req.argv, account, s)
     channels = len(req.infifos) + len(req.outfifos) + len(req.sockets)
     if channels > s.max_channels:
         raise Refused(f"{channels} named pipes and sockets: at most {s.max_channels}")
     env, ignored = _environment(entry, req, account, s)
     return Plan(account, steps, env, req.recipe, account.home if req.recipe is None else None, req.infifos,
                 req.outfifos, req.sockets, entry.line, entry.one_time, ignored)
+
+
+def _recipe_steps(entry: AuthorizedKey, recipe: str, s: Settings) -> tuple[Step, ...]:
+    if entry.command is not None:
+        raise Refused("a key bound to one command cannot run recipes")
+    try:
+        commands = parse_recipe(recipe)
+    except RecipeError as e:
+        raise Refused(f"bad recipe: {e}") from None
+    return tuple(Step(tuple(c.argv), _program(c.argv[0], entry, s).path) for c in commands)
+
+
+def _command_step(entry: AuthorizedKey, argv: tuple[str, ...], account: Account, s: Settings) -> tuple[Step]:
+    """As ssh, the account's shell runs the command line: one argument is a line as typed, several are
+    quoted so that they arrive as given. A restricted key gets no shell (it would run whatever the line
+    says, past the allowlist): its program is found and checked instead."""
+    if entry.allow is None and entry.command is None:
+        shell = account.shell if account.shell in s.shells else DEFAULT_SHELL
+        line = argv[0] if len(argv) == 1 else shlex.join(argv)
+        return (Step((os.path.basename(shell), "-c", line), shell),)
+    words = _words(argv)
+    if entry.command is not None and words != entry.command:
+        raise Refused(f"this key may only run: {shlex.join(entry.command)}")
+    return (Step(words, _program(words[0], entry, s).path),)
+
+
+def _words(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """A lone argument with spaces is a command line: split as a shell would, quotes and all."""
+    if len(argv) != 1 or not any(c.isspace() for c in argv[0]):
+        return argv
+    try:
+        words = tuple(shlex.split(argv[0]))
+    except ValueError as e:
+        raise Refused(f"command: {e}") from None
+    if not words:
+        raise Refused("no command given")
+    return words
 
 
 def _account(entry: AuthorizedKey, asked: str | None, s: Settings) -> Account:
@@ -188,6 +219,16 @@ def _environment(entry: AuthorizedKey, req: Start, account: Account, s: Settings
         else:
             ignored.append(name)
     return tuple(env.items()), tuple(ignored)
+
+
+def login_shells(path: str = "/etc/shells") -> frozenset[str]:
+    """The login shells this machine lists; /bin/sh if it lists none."""
+    try:
+        with open(path) as f:
+            shells = {line.strip() for line in f if line.startswith("/")}
+    except OSError:
+        shells = set()
+    return frozenset(shells or {DEFAULT_SHELL})
 
 
 def real_which(name: str, path: str) -> Program | None:

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     me = policy.account_of(pwd.getpwuid(os.geteuid()))
     settings = Settings(me, args.path or os.environ.get("PATH") or os.defpath, policy.real_account,
-                        policy.real_which, tuple(args.accept_env), os.environ.get("LANG"), limits.max_channels)
+                        policy.real_which, tuple(args.accept_env), policy.login_shells(), os.environ.get("LANG"),
+                        limits.max_channels)
     cfg = Config(identity, auth, SpentKeys(args.spent_keys or auth.with_name(auth.name + ".spent")), recipe_dir,
                  recipe_fd, settings, limits)
     irm = default_client()

@@ -97,6 +97,14 @@ def decode(data: bytes) -> Packet:
     return Packet(seq, ptype, bytes(data[HEADER_SIZE:]))
 
 
+def describe(data: bytes) -> str:
+    """One packet in a line, for tracing: its type, sequence number and size (without checking it)."""
+    if len(data) < HEADER_SIZE or data[:4] != MAGIC:
+        return f"{len(data)} bytes that are not a TAP1 packet"
+    seq, ptype = BODY.unpack_from(data, HEADER.size)
+    return f"{TYPE_NAMES.get(ptype, str(ptype))} seq {seq}, {len(data)} bytes"
+
+
 class Decoder:
     """Packets from a byte stream, or (whole=True) from SDUs that each hold whole packets, in sequence.
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from apps.netplumb import wire
+from apps.netplumb.messages import Data, Eof
+from apps.netplumb.messages import Window as Grant
 from apps.netplumb.wire import INITIAL_WINDOW
 from flowlib import Flow
 
@@ -142,10 +144,14 @@ class Window:
             self._cond.notify_all()
 
 
+def _nothing(_ch: int) -> None:
+    pass
+
+
 class Pump(threading.Thread):
     """Read a local fd (opened lazily by `opener`) and send it as DATA on channel ch, then EOF."""
 
-    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None],
+    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None] = _nothing,
                  close_fd: bool = True) -> None:
         super().__init__(daemon=True, name=f"pump-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
@@ -185,7 +191,7 @@ class Sink(threading.Thread):
     """Write DATA of channel ch to a local fd (opened lazily), granting window as it goes. The core
     has checked the data against the window, so what waits here is at most one window."""
 
-    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None],
+    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None] = _nothing,
                  close_fd: bool = True, on_eof: Callable[[int], None] | None = None) -> None:
         super().__init__(daemon=True, name=f"sink-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
@@ -244,6 +250,38 @@ class Sink(threading.Thread):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.on_done(self.ch)
+
+
+class Ends:
+    """The local ends of a session's channels, by channel: what the peer's DATA, EOF and WINDOW
+    (checked by the core) are for."""
+
+    def __init__(self) -> None:
+        self.pumps: dict[int, Pump] = {}
+        self.sinks: dict[int, Sink] = {}
+
+    def take(self, msg: Data | Eof | Grant) -> None:
+        match msg:
+            case Data(ch, data):
+                self.sinks[ch].put(data)
+            case Eof(ch):
+                self.sinks[ch].finish()
+            case Grant(ch, n):
+                pump = self.pumps.get(ch)
+                if pump is not None:  # else the channel ended: a late grant
+                    pump.window.grant(n)
+
+    def start(self) -> None:
+        for t in [*self.sinks.values(), *self.pumps.values()]:
+            if t.ident is None:
+                t.start()
+
+    def close(self) -> None:
+        """Stop every pump waiting for window and every sink waiting for data."""
+        for pump in self.pumps.values():
+            pump.window.close()
+        for sink in self.sinks.values():
+            sink.finish()
 
 
 def duplex(link: Link, ch: int, sock: socket.socket, on_close: Callable[[], None] = lambda: None,

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.netplumb.channels import DEBUG2, DEBUG3, Link, Pump, Reader, Sink, duplex
+from apps.netplumb.channels import DEBUG2, DEBUG3, Ends, Link, Pump, Reader, Sink, duplex
 from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
@@ -175,8 +175,7 @@ class Client:
     def __init__(self, req: Request) -> None:
         self.req = req
         self.locals: dict[int, str] = {}  # channel -> its local pipe, file or socket
-        self.pumps: dict[int, Pump] = {}
-        self.sinks: dict[int, Sink] = {}
+        self.ends = Ends()
         self.waited: list[Sink] = []
         self.status: int | None = None
 
@@ -255,14 +254,8 @@ class Client:
                 log.log(DEBUG1, "started")
                 self._forward_signals()
                 self._start_channels()
-            case Data(ch, data):
-                self.sinks[ch].put(data)
-            case Eof(ch):
-                self.sinks[ch].finish()
-            case Window(ch, n):
-                pump = self.pumps.get(ch)
-                if pump is not None:
-                    pump.window.grant(n)
+            case Data() | Eof() | Window():
+                self.ends.take(ev)
             case Open(ch, parent):
                 log.log(DEBUG2, "channel %d: a connection on socket %d, to %s", ch, parent, self.locals[parent])
                 self._open(ch, parent)
@@ -302,24 +295,24 @@ class Client:
 
     def _start_channels(self) -> None:
         start = self.core.start
-        self.pumps[STDIN] = Pump(self.link, STDIN, lambda: 0, _nothing, close_fd=False)
+        pumps, sinks = self.ends.pumps, self.ends.sinks
+        pumps[STDIN] = Pump(self.link, STDIN, lambda: 0, close_fd=False)
         for ch in (STDOUT, STDERR):
-            self.sinks[ch] = Sink(self.link, ch, functools.partial(int, ch), _nothing, close_fd=False)
+            sinks[ch] = Sink(self.link, ch, functools.partial(int, ch), close_fd=False)
         for ch, _ in start.infifos:
-            self.pumps[ch] = Pump(self.link, ch, functools.partial(os.open, self.locals[ch], os.O_RDONLY), _nothing)
+            pumps[ch] = Pump(self.link, ch, functools.partial(os.open, self.locals[ch], os.O_RDONLY))
         for ch, _ in start.outfifos:
-            self.sinks[ch] = Sink(self.link, ch, functools.partial(_open_out, self.locals[ch]), _nothing)
-        self.waited = list(self.sinks.values())
-        for ch in self.pumps:
+            sinks[ch] = Sink(self.link, ch, functools.partial(_open_out, self.locals[ch]))
+        self.waited = list(sinks.values())
+        for ch in pumps:
             self.core.add_channel(ch, receives=False, sends=True)
             log.log(DEBUG2, "channel %d: %s -> server", ch, self._local(ch))
-        for ch in self.sinks:
+        for ch in sinks:
             self.core.add_channel(ch, receives=True, sends=False)
             log.log(DEBUG2, "channel %d: server -> %s", ch, self._local(ch))
         for ch, remote in start.sockets:
             log.log(DEBUG2, "channel %d: connections to %s there come to %s", ch, remote, self.locals[ch])
-        for t in [*self.sinks.values(), *self.pumps.values()]:
-            t.start()
+        self.ends.start()
 
     def _local(self, ch: int) -> str:
         return self.locals[ch] if ch in self.locals else ("stdin", "stdout", "stderr")[ch]
@@ -332,17 +325,11 @@ class Client:
         except OSError as e:
             log.warning("socket %s: %s", self.locals[parent], e.strerror)
             sock.close()
-            self.sinks[ch] = Sink(self.link, ch, _refuse, _nothing)
-            self.sinks[ch].start()
+            self.ends.sinks[ch] = Sink(self.link, ch, _refuse)  # drains what comes, writes nowhere
             self.link.eof(ch)
-            return
-        self.sinks[ch], self.pumps[ch] = duplex(self.link, ch, sock)
-        self.sinks[ch].start()
-        self.pumps[ch].start()
-
-
-def _nothing(_ch: int) -> None:
-    pass
+        else:
+            self.ends.sinks[ch], self.ends.pumps[ch] = duplex(self.link, ch, sock)
+        self.ends.start()
 
 
 def _refuse() -> int:

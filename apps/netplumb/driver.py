@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.netplumb import policy
-from apps.netplumb.channels import Link, Pump, Reader, Sink, duplex
+from apps.netplumb.channels import Ends, Link, Pump, Reader, Sink, duplex
 from apps.netplumb.connection import (
     Authenticated,
     Closed,
@@ -86,8 +86,7 @@ class Driver:
                                      LINGER)
         self.link = Link(flow, self.core)
         self.runner: Runner | None = None
-        self.pumps: dict[int, Pump] = {}
-        self.sinks: dict[int, Sink] = {}
+        self.ends = Ends()
         self.exited = threading.Event()
         self.listeners: list[socket.socket] = []
         self.ids = itertools.count(FIRST_SERVER_CHANNEL)
@@ -146,14 +145,8 @@ class Driver:
                 log.info("%s: authenticated", self.who)
             case StartRequested(fields):
                 self._start(fields)
-            case Data(ch, data):
-                self.sinks[ch].put(data)
-            case Eof(ch):
-                self.sinks[ch].finish()
-            case Window(ch, n):
-                pump = self.pumps.get(ch)
-                if pump is not None:  # else the channel ended: a late grant
-                    pump.window.grant(n)
+            case Data() | Eof() | Window():
+                self.ends.take(ev)
             case Signal(name):
                 sig = signal_number(name)
                 if sig is not None and self.runner is not None:
@@ -189,7 +182,8 @@ class Driver:
             acceptors.append(threading.Thread(target=self._accept_loop, args=(ch, lsock), daemon=True,
                                               name=f"listen-{ch}"))
         self.link.send(self.core.started)
-        for t in [*self.sinks.values(), *self.pumps.values(), *acceptors]:
+        self.ends.start()
+        for t in acceptors:
             t.start()
         threading.Thread(target=self._wait_job, daemon=True, name="waiter").start()
 
@@ -224,11 +218,11 @@ class Driver:
 
     def _add_sink(self, ch: int, opener: Callable[[], int]) -> None:
         self.core.add_channel(ch, receives=True, sends=False)
-        self.sinks[ch] = Sink(self.link, ch, opener, _ignore)
+        self.ends.sinks[ch] = Sink(self.link, ch, opener)
 
     def _add_pump(self, ch: int, opener: Callable[[], int]) -> None:
         self.core.add_channel(ch, receives=False, sends=True)
-        self.pumps[ch] = Pump(self.link, ch, opener, _ignore)
+        self.ends.pumps[ch] = Pump(self.link, ch, opener)
 
     # -- unix sockets -----------------------------------------------------------------
 
@@ -248,7 +242,7 @@ class Driver:
                 continue
             ch = next(self.ids)
             sink, pump = duplex(self.link, ch, conn, self._connection_closed)
-            self.sinks[ch], self.pumps[ch] = sink, pump  # before OPEN: the client may answer at once
+            self.ends.sinks[ch], self.ends.pumps[ch] = sink, pump  # before OPEN: the client may answer at once
             try:
                 self.link.send(lambda: self.core.open_connection(ch, parent))  # noqa: B023 - called at once
             except (FlowError, LocalProtocolError):
@@ -266,8 +260,9 @@ class Driver:
     def _wait_job(self) -> None:
         assert self.runner is not None
         ended = self.runner.ended.result()
-        for ch in (STDOUT, STDERR, *(c for c in self.pumps if FIRST_CLIENT_CHANNEL <= c < FIRST_SERVER_CHANNEL)):
-            self.pumps[ch].join()
+        pumps = self.ends.pumps
+        for ch in (STDOUT, STDERR, *(c for c in pumps if FIRST_CLIENT_CHANNEL <= c < FIRST_SERVER_CHANNEL)):
+            pumps[ch].join()
         log.info("%s: command ended with %s %d", self.who, ended.kind, ended.value)
         self.exited.set()
         with contextlib.suppress(FlowError, LocalProtocolError):  # the connection may have ended first
@@ -285,17 +280,10 @@ class Driver:
             lsock.close()
         if self.runner is not None:
             self.runner.reap(KILL_GRACE + 2.0)
-        for pump in self.pumps.values():
-            pump.window.close()
-        for sink in self.sinks.values():
-            sink.finish()
+        self.ends.close()
         self.flow.close()
         self.reader.close()
         log.info("%s: closed", self.who)
-
-
-def _ignore(_ch: int) -> None:
-    pass
 
 
 # -- the recipe directory ---------------------------------------------------------------

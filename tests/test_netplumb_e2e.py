@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, pid_alive, wait_for
+from helpers import BIN, IrmdProc, children_of, pid_alive, wait_for
 
 from apps.netplumb import wire
 from apps.netplumb.keys import Identity, public_line
@@ -476,3 +476,12 @@ def test_a_recipe_reads_and_writes_the_sessions_pipes_without_deadlock(authorize
     recipe.write_text(f"cat <{rin}\n")  # a `<` from the pipe, to the session's stdout
     r = authorized.plumb("host2", f"-recipe={recipe}", f"-infifo={src}:{rin}")
     assert r.returncode == 0 and r.stdout == src.read_bytes(), r.stderr
+
+
+def test_netplumbd_leaves_no_runner_behind(authorized: Host) -> None:
+    assert authorized.plumb("host2", "true").returncode == 0
+    wait_for(lambda: children_of(authorized.proc.pid), 10, "the spare runner")  # one waits for the next session
+    runners = children_of(authorized.proc.pid)
+    authorized.proc.terminate()
+    authorized.proc.wait(10)
+    wait_for(lambda: not any(pid_alive(p) for p in runners), 10, "the runners to go")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the runner imports this module: it stays light (no crypto, 
 log = logging.getLogger("netplumbd")
 
 MAX_MESSAGE = 4096
+WORKDIR = b"workdir"  # netplumbd -> runner, before the plan: the recipe directory it works in (one fd)
 MAX_FDS = 3 + 64  # stdio and one listener per socket
 CODE_ROOT = str(Path(__file__).resolve().parents[2])  # where `apps` is: the runner imports the same code
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from apps.netplumb.runner import main; main()"
@@ -182,17 +183,73 @@ def receive(sock: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
 # -- the plan, netplumbd -> runner (the runner trusts it) -------------------------------------
 
 
-def plan_to_json(plan: Plan, workdir_fd: int | None, open_timeout: float, kill_grace: float) -> bytes:
+def plan_to_json(plan: Plan, workdir: bool, open_timeout: float, kill_grace: float) -> bytes:
     a = plan.account
     return json.dumps({
         "uid": a.uid, "gid": a.gid, "groups": a.groups,
         "steps": [[list(s.argv), s.exe] for s in plan.steps], "recipe": plan.recipe, "env": dict(plan.env),
-        "cwd": plan.cwd, "workdir_fd": workdir_fd, "infifos": plan.infifos, "outfifos": plan.outfifos,
+        "cwd": plan.cwd, "workdir": workdir, "infifos": plan.infifos, "outfifos": plan.outfifos,
         "sockets": plan.sockets, "open_timeout": open_timeout, "kill_grace": kill_grace,
     }).encode()
 
 
 # -- netplumbd's side -------------------------------------------------------------------------
+
+
+def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """A runner process, started and waiting for its plan, and our end of its socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:  # as us: the interpreter may be where the user cannot reach; it drops to the user first
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", BOOT, CODE_ROOT, str(theirs.fileno())], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=[theirs.fileno()], cwd="/",
+            env={"PATH": os.defpath}, start_new_session=True)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
+
+
+class Spare:
+    """One runner started ahead, so that a session does not wait for an interpreter to start."""
+
+    _lock = threading.Lock()
+    _ready: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+
+    @classmethod
+    def take(cls) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        with cls._lock:
+            spare, cls._ready = cls._ready, None
+        if spare is None or spare[0].poll() is not None:
+            spare = _spawn()
+        threading.Thread(target=cls.refill, daemon=True, name="spare-runner").start()
+        return spare
+
+    @classmethod
+    def refill(cls) -> None:
+        with contextlib.suppress(OSError):
+            spare = _spawn()
+            with cls._lock:
+                old, cls._ready = cls._ready, spare
+            if old is not None:
+                cls._drop(old)
+
+    @classmethod
+    def discard(cls) -> None:
+        with cls._lock:
+            old, cls._ready = cls._ready, None
+        if old is not None:
+            cls._drop(old)
+
+    @staticmethod
+    def _drop(spare: tuple[subprocess.Popen[bytes], socket.socket]) -> None:
+        proc, sock = spare
+        sock.close()
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait()
 
 
 class Runner:
@@ -204,23 +261,13 @@ class Runner:
         self.started: Future[tuple[Started, list[int]]] = Future()
         self.fifos: dict[int, Future[int]] = {ch: Future() for ch, _ in (*plan.infifos, *plan.outfifos)}
         self.ended: Future[Ended] = Future()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock = ours
-        keep = [theirs.fileno()] + ([] if workdir_fd is None else [workdir_fd])
-        try:  # as us: the interpreter may be where the user cannot reach; it drops to the user first
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", BOOT, CODE_ROOT, str(theirs.fileno())], stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=keep, cwd="/",
-                env={"PATH": os.defpath}, start_new_session=True)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        self.proc, self.sock = Spare.take()
         assert self.proc.stdin is not None
         try:
+            if workdir_fd is not None:
+                socket.send_fds(self.sock, [WORKDIR], [workdir_fd])
             with self.proc.stdin:
-                self.proc.stdin.write(plan_to_json(plan, workdir_fd, open_timeout, kill_grace))
+                self.proc.stdin.write(plan_to_json(plan, workdir_fd is not None, open_timeout, kill_grace))
         except OSError:
             pass  # it died first: its end of the socket says so
         threading.Thread(target=self._read, daemon=True, name=f"runner-{self.proc.pid}").start()

@@ -64,9 +64,12 @@ class Session:
 
     def _start(self) -> tuple[Job, list[socket.socket]]:
         plan = self.plan
-        if plan["workdir_fd"] is not None:
-            os.fchdir(plan["workdir_fd"])
-            os.close(plan["workdir_fd"])
+        if plan["workdir"]:
+            _, fds, _, _ = socket.recv_fds(self.ctl, len(privsep.WORKDIR), 1)
+            if len(fds) != 1:
+                raise OSError("no working directory came with the plan")
+            os.fchdir(fds[0])
+            os.close(fds[0])
         else:
             try:
                 os.chdir(plan["cwd"] or "/")

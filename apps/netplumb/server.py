@@ -20,6 +20,7 @@ from apps.netplumb.driver import KILL_GRACE, Config, ConfigError, Driver, open_r
 from apps.netplumb.keys import AuthorizedKeys, Identity, KeyFileError, SpentKeys, config_dir, fingerprint
 from apps.netplumb.limits import LimitReached, Limits, Ticket
 from apps.netplumb.policy import Settings
+from apps.netplumb.privsep import Spare
 from apps.netplumb.session import ServerSession
 from flowlib import FlowError, IrmdUnreachable
 from flowlib.flow import establish
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=Spare.refill, daemon=True, name="spare-runner").start()
     try:
         if args.name:
             _bind(irm, args.name, args.layer)
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     finally:  # the commands of sessions still running do not outlive us
         daemon.stop_jobs()
+        Spare.discard()
         deadline = time.monotonic() + KILL_GRACE + 1.0
         while daemon.busy() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -113,7 +113,8 @@ class Driver:
         if why is not None:
             log.warning("%s: refused key %s: %s", self.who, fingerprint(key), why)
             return why
-        self.entries, self.key = entries, key
+        self.entries = [e for e in entries if not (e.one_time and spent)]  # a spent line admits no more
+        self.key = key
         self.who += f" {fingerprint(key)[:20]}…"
         return None
 

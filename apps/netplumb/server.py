@@ -65,17 +65,25 @@ class Daemon:
                              name=f"conn-{reply.flow_id}").start()
 
     def _connection(self, reply: m.FlowReply, fd: int, ticket: Ticket) -> None:
-        conn = None
         try:
-            flow = establish(reply, fd, self.irm, client=False)
-            conn = Driver(flow, self.cfg, ticket)
-            self.live.add(conn)
-            conn.run()
+            flow = establish(reply, fd, self.irm, client=False)  # closes fd if it fails
         except Exception as e:  # whatever a peer did to the flow before the session began
             log.warning("flow %d: %s: %s", reply.flow_id, type(e).__name__, e)
+            self.cfg.admission.leave(ticket)
+            return
+        try:
+            conn = Driver(flow, self.cfg, ticket)
+        except Exception as e:  # out of descriptors, say: this client only
+            log.warning("flow %d: %s: %s", reply.flow_id, type(e).__name__, e)
+            with contextlib.suppress(FlowError):
+                flow.close()
+            self.cfg.admission.leave(ticket)
+            return
+        self.live.add(conn)
+        try:
+            conn.run()  # never raises: it ends its own connection, whatever happens
         finally:
-            if conn is not None:
-                self.live.discard(conn)
+            self.live.discard(conn)
             self.cfg.admission.leave(ticket)
 
     def _refuse(self, reply: m.FlowReply, fd: int, why: str) -> None:

@@ -46,8 +46,8 @@ class Session:
     def run(self) -> None:
         try:
             job, listeners = self._start()
-        except (EndpointError, RecipeError, OSError) as e:
-            self.send(privsep.NotStarted(_why(e), getattr(e, "status", 126)))
+        except Exception as e:
+            self.send(privsep.NotStarted(_why(e), e.status if isinstance(e, _NotRun) else 126))
             self._finish()
             return
         self.job = job
@@ -139,15 +139,21 @@ class Session:
         self.ends.remove()
 
 
-class _NotRun(OSError):
+class _NotRun(Exception):
+    """The program would not start: why, and the status (127: not found)."""
+
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
 
 
-def _why(e: BaseException) -> str:
-    return str(e) if not isinstance(e, OSError) or isinstance(e, EndpointError | _NotRun) or not e.strerror \
-        else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
+def _why(e: Exception) -> str:
+    """What the client reads when its job could not start."""
+    if isinstance(e, EndpointError | RecipeError | _NotRun):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:  # the working directory, a descriptor
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return f"the session runner failed: {type(e).__name__}: {e}"
 
 
 def become(uid: int, gid: int, groups: list[int]) -> None:

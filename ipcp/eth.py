@@ -97,6 +97,9 @@ class EthDixIpcp(ShimIpcp):
         assert self.sock is not None and self.framing is not None
         self.sock.send(self.framing.mgmt_frame(eth.BROADCAST if dst is None else bytes(dst), frame))  # type: ignore[call-overload]
 
+    def show_addr(self, addr: Hashable) -> str:
+        return eth.mac_str(bytes(addr))  # type: ignore[call-overload]
+
     def flow_header(self, flow: ShimFlow) -> bytes:
         assert isinstance(self.framing, eth.EthFraming)
         return self.framing.header(bytes(flow.addr), flow.remote_eid)  # type: ignore[call-overload]

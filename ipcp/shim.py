@@ -523,13 +523,14 @@ class ShimCore:
 
     # -- members (udp) -------------------------------------------------------------
 
-    def _hello(self, dst: Addr, now: float, want: bool) -> bytes | None:
-        """A HELLO of ours: our cookie for `dst`, its latest for us; padded when it asks for members."""
+    def _hello(self, dst: Addr, now: float, want: bool, pad: bool = True) -> bytes | None:
+        """A HELLO of ours: our cookie for `dst`, its latest for us; asking for members, padded so that
+        the answer may carry a page of them (HELLO_SIZE)."""
         body = COOKIE.pack(self.cookies.make(dst, now)) + COOKIE.pack(self._echo.get(dst, NO_COOKIE))
         if not want:
             return self._encode(Kind.HELLO, body)
         frame = self._encode(Kind.HELLO, body, response=WANT_MEMBERS, d_eid=self._page.get(dst, 0))
-        return None if frame is None else frame + bytes(max(HELLO_SIZE - len(frame), 0))
+        return None if frame is None or not pad else frame + bytes(max(HELLO_SIZE - len(frame), 0))
 
     def _on_hello(self, msg: Mgmt, src: Addr, now: float) -> None:
         if not self.discovery:
@@ -564,8 +565,9 @@ class ShimCore:
             self.version += 1
             self.stats["members adopted"] += 1
             log.info("member %s adopted", src)
-            # It answered our cookie: ask it for its members at once, proving ourselves with its cookie.
-            self._send(src, self._hello(src, now, want=True))
+            # It answered our cookie: ask it for its first members at once (unpadded, as this follows
+            # from its datagram: what it gets for it stays within 3x; full pages come with the rounds).
+            self._send(src, self._hello(src, now, want=True, pad=False))
 
     def _answer_members(self, src: Addr, offset: int) -> None:
         """A page of members, from `offset`, as much as the request's budget allows."""

@@ -308,6 +308,32 @@ class ShimIpcp(Ipcp):
                 log.info("%s: dropped %d bad frames so far (%s)", self.name, sum(drops.values()),
                          ", ".join(f"{k.removeprefix('dropped ')} {v}" for k, v in sorted(drops.items())))
 
+    def info(self) -> list[m.InfoSection]:
+        """`irm ipcp show`: the layer's address and MTU, the counters, the flows and (udp) the members."""
+        sections = super().info()
+        core = self.core
+        if core is None:
+            return sections
+        now = time.monotonic()
+        flows = [[str(f.eid), self.show_addr(f.addr), str(f.remote_eid) if f.remote_eid else "-",
+                  "ours" if f.ours else "0.23", "relay" if f.relayed else "own socket"]
+                 for f in sorted(core.flows.values(), key=lambda f: f.eid)]
+        sections += [
+            m.InfoSection("shim", ["field", "value"], [["address", self.show_addr(core.own)],
+                                                       ["mtu", str(self.mtu)], ["hash", self.hash_algo]]),
+            m.InfoSection("counters", ["counter", "value"],
+                          [[k, str(v)] for k, v in sorted(self.counters().items())]),
+            m.InfoSection("flows", ["eid", "peer", "peer eid", "peer speaks", "data"], flows),
+        ]
+        if core.discovery:
+            members = [[self.show_addr(a), "configured" if a in core.static_peers else "proven",
+                        f"{now - seen:.0f} s ago" if seen else "never"] for a, seen in core.members.items()]
+            sections.append(m.InfoSection("members", ["member", "how", "last heard"], members))
+        return sections
+
+    def show_addr(self, addr: Hashable) -> str:
+        return str(addr)
+
     def counters(self) -> dict[str, int]:
         """The shim's counters: what it sent and received, what it dropped and why, its tables."""
         out = self.core.counters() if self.core is not None else {}

@@ -127,6 +127,10 @@ class UdpIpcp(ShimIpcp):
     def _ip_of(self, addr: Hashable) -> str:
         return str(cast(tuple[str, int], addr)[0])
 
+    def show_addr(self, addr: Hashable) -> str:
+        ip, port = cast(tuple[str, int], addr)
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
 
 class Udp6Ipcp(UdpIpcp):
     type = "udp6"

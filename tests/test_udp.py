@@ -234,6 +234,29 @@ def test_the_relay_data_path_carries_oping_and_operf(lan: Callable[..., Host]) -
     assert sent > 500 and rcvd == sent and corrupt == 0, out
 
 
+@pytest.mark.timeout(60)
+def test_the_ipcp_tells_its_address_flows_members_and_counters(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    flow = b.alloc("pong")
+    ping(flow)
+    wait_for(lambda: f"{B_IP}:{b.port}" in a.info().get("members", {}), 10, "B among A's members")
+    info = a.info()
+    assert info["shim"]["address"][1] == f"{A_IP}:{a.port}" and info["shim"]["mtu"][1] == "8976"
+    assert info["shim"]["hash"][1] == "MD5"
+    assert info["members"][f"{B_IP}:{b.port}"][1] == "proven"
+    ((eid, peer, peer_eid, speaks, data),) = info["flows"].values()
+    assert peer == f"{B_IP}:{b.port}" and speaks == "ours" and data == "own socket"
+    assert b.info()["flows"][peer_eid][2] == eid  # each end names the other's eid
+    assert b.info()["members"][f"{A_IP}:{a.port}"][1] == "configured"
+    before = a.counter("dropped malformed")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((C_IP, 0))
+        s.sendto(udp.EID.pack(0) + b"runt", a.addr)
+    wait_for(lambda: a.counter("dropped malformed") == before + 1, 5, "the runt to be counted")
+    assert a.counter("received") > 0 and a.counter("sent") > 0
+    flow.close()
+
+
 # -- names ---------------------------------------------------------------------------------
 
 

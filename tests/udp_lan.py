@@ -23,6 +23,7 @@ from apps.oping import ECHO_REPLY, ECHO_REQUEST, HDR
 from flowlib import Flow
 from flowlib.irm import IrmClient
 from ipcp.shim_wire import COOKIE, UDP, WANT_MEMBERS, Kind, Mgmt
+from proto import messages as m
 from transports import udp
 
 LAYER = "lan"
@@ -72,6 +73,16 @@ class Host:
 
     def ipcp_pid(self) -> int:
         return self.irmd.ipcp_pid("u")
+
+    def info(self) -> dict[str, dict[str, list[str]]]:
+        """What the IPCP tells of itself (IpcpInfo, `irm ipcp show`): section -> first column -> row."""
+        reply = self.irmd.request(m.IpcpInfoReq("u"))
+        assert isinstance(reply, m.IpcpInfo), reply
+        return {s.name: {row[0]: row for row in s.rows} for s in reply.sections}
+
+    def counter(self, name: str) -> int:
+        row = self.info()["counters"].get(name)
+        return int(row[1]) if row else 0
 
     def kill(self, ipcp_too: bool) -> None:
         """SIGKILL the irmd (and, with ipcp_too, its IPCP: the host vanishes without a word)."""

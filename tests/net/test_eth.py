@@ -22,6 +22,7 @@ from helpers import wait_for
 from flowlib import FlowDown, FlowError, InvalidArgument, QosNotSupported, QosSpec
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient
+from proto import messages as m
 from transports import eth
 
 pytestmark = pytest.mark.net
@@ -325,6 +326,10 @@ def test_a_layer_on_lo_reaches_its_own_names_as_in_the_ouroboros_tutorial(lab: L
         assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr + host.irmd.log_text()
         r = host.exec("oping", "-n", "my.oping.server", "-c", "1", "-s", str(mtu + 1))
         assert f"Packet size truncated to {mtu} bytes" in r.stdout, r.stdout + r.stderr  # the layer's MTU
+        info = host.irmd.request(m.IpcpInfoReq("llc"))
+        assert isinstance(info, m.IpcpInfo)
+        shim = {row[0]: row[1] for s in info.sections if s.name == "shim" for row in s.rows}
+        assert shim == {"address": "00:00:00:00:00:00", "mtu": str(mtu), "hash": "SHA3_256"}
     finally:
         server.kill()
         server.wait()

@@ -26,6 +26,7 @@ from typing import Any
 
 from irmd import state
 from irmd.config import ConfigError, Step, apply_config, plan
+from irmd.oap import Oap
 from irmd.registry import Acceptor, Flow, FlowState, ProgBinding, Registry
 from proto import messages as m
 from proto.names import HASHES, IPCP_TYPES, RegistryError, check_name, name_hash
@@ -115,6 +116,7 @@ class Irmd:
     def __init__(self, sock_path: Path) -> None:
         self.sock_path = sock_path
         self.reg = Registry()
+        self.oap = Oap()
         self.ipcps: dict[str, Ipcp] = {}
         self.clients: dict[int, Client] = {}
         self.programs: dict[int, asyncio.subprocess.Process] = {}
@@ -329,9 +331,10 @@ class Irmd:
             qos=msg.qos, role="src",
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
+        attempt = self.oap.request(msg.name)
         try:
             reply, fds = await ipcp.channel.request(
-                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining), timeout=remaining + 1.0
+                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
             )
         except RemoteError as e:
             self.reg.flows.pop(flow.flow_id, None)
@@ -345,11 +348,15 @@ class Irmd:
             self.reg.flows.pop(flow.flow_id, None)
             raise HandlerError(m.EIPCP, f"ipcp {ipcp.name} answered the allocation wrongly")
         flow.fd, flow.mtu, flow.state = os.dup(fds[0]), reply.mtu, FlowState.ALLOCATED
-        if c.conn_id not in self.clients:  # the application left while we waited
+        try:
+            if c.conn_id not in self.clients:  # the application left while we waited
+                raise ChannelClosed("client gone")
+            outcome = self.oap.complete(attempt, reply.data)
+        except (ChannelClosed, HandlerError):
             close_fds(fds)
             await self._release(flow)
-            raise ChannelClosed("client gone")
-        return m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name), fds
+            raise
+        return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
 
     async def _resolve(self, name: str, timeout: float) -> list[Ipcp]:
         """The operational IPCPs that reach `name`, the most local first."""
@@ -449,20 +456,21 @@ class Irmd:
         if entry is None:
             raise HandlerError(m.ENOENT, "no name with that hash is registered here")
         acceptor = await self._wait_acceptor(entry.name)
+        answer, outcome = self.oap.serve(entry.name, msg.data)
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
             ipcp=ipcp.name, qos=msg.qos, role="dst", state=FlowState.ALLOCATED, mtu=msg.mtu,
         )  # fmt: skip
         flow.fd = os.dup(fds[0])
         src = self._local_source(ipcp, msg.src_flow)
-        reply = m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
-                            src.uid if src else -1, src.pid if src else 0)
+        reply = outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
+                                          src.uid if src else -1, src.pid if src else 0))
         waiting = next((f for f in acceptor.accepts if not f.done()), None)
         if waiting is not None:
             waiting.set_result((reply, os.dup(fds[0])))
         elif acceptor.channel is not None:
             acceptor.channel.notify(reply, fds)
-        return m.IpcpFlowAccepted(flow.flow_id)
+        return m.IpcpFlowAccepted(flow.flow_id, answer)
 
     def _local_source(self, ipcp: Ipcp, src_flow: int) -> Flow | None:
         """The allocating end of a flow that never left this host: only the local IPCP can name it,

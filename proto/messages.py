@@ -25,6 +25,9 @@ ENOTCONN = "ENOTCONN"  # layer or ipcp down
 EIPCP = "EIPCP"  # the IPCP failed the operation
 EPROTO = "EPROTO"
 ENOTSUP = "ENOTSUP"  # the layer cannot serve the QoS asked
+EAUTH = "EAUTH"  # the flow allocation failed authentication (OAP header, timestamp, replay, identity)
+ECRYPT = "ECRYPT"  # the flow allocation's key exchange failed, or encryption was required and not offered
+EBUSY = "EBUSY"  # too many allocations in flight: try again later
 
 
 # -- generic replies ----------------------------------------------------------

@@ -7,6 +7,7 @@ checks (timestamp window, replay cache, request hash) are pure and tested withou
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import heapq
@@ -46,11 +47,12 @@ KEX_RANK = (1126, 415, 1034, 1127, 715, 1128, 1035, 716, 1454, 1455, 1456, 2053,
 # nid -> (name as enc.conf spells it, hashlib's name)
 DIGESTS = {
     672: ("sha256", "sha256"), 673: ("sha384", "sha384"), 674: ("sha512", "sha512"),
-    1096: ("sha3-256", "sha3_256"), 1097: ("sha3-384", "sha3_384"), 1098: ("sha3-512", "sha3_512"),
+    1097: ("sha3-256", "sha3_256"), 1098: ("sha3-384", "sha3_384"), 1099: ("sha3-512", "sha3_512"),
     1056: ("blake2b512", "blake2b"), 1057: ("blake2s256", "blake2s"),
 }  # fmt: skip
-DIGEST_RANK = (1057, 672, 1096, 673, 1097, 1056, 674, 1098)
+DIGEST_RANK = (1057, 672, 1097, 673, 1098, 1056, 674, 1099)
 SHA256, SHA384 = 672, 673
+KEY_BITS = {895: 128, 898: 192, 901: 256, 1018: 256, 904: 128, 905: 192, 906: 256}
 
 # -- the checks' constants (src/irmd/oap/auth.c, cmake/config/irmd.cmake) -----------------------
 
@@ -58,6 +60,11 @@ NS = 1_000_000_000
 TIMESYNC_SLACK = 100_000_000  # ns a request may come from the future (clock skew)
 REPLAY_TIMER = 20 * NS  # ns a request stays valid, and is remembered to refuse it twice
 REPLAY_CACHE_MAX = 65536  # requests remembered at once; beyond, new ones are refused, not forgotten
+
+
+# Our use of the data field (which 0.23 carries and ignores): an encrypting peer that numbers its
+# IVs says so, and when both do, each refuses the other's replayed packets.
+SEQ_IV = b"o7s-py seq-iv"
 
 
 class OapError(Exception):
@@ -74,6 +81,11 @@ def rank(order: tuple[int, ...], nid: int) -> int:
     if nid == 0:
         return 0
     return order.index(nid) + 1 if nid in order else -1
+
+
+def fingerprint(spki_der: bytes) -> str:
+    """A public key's name as OpenSSH prints it: SHA256:<base64 of the key's digest, unpadded>."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(spki_der).digest()).decode().rstrip("=")
 
 
 def digest(md_nid: int, data: bytes) -> bytes:

@@ -8,10 +8,10 @@ here, so nothing a peer sends can do more than be refused and counted.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
 import threading
-from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -28,6 +28,7 @@ REPLAY_WINDOW = 1024  # counters remembered behind the highest one seen, when th
 PHASE = 0x80  # bit 7 of IV byte 0: the sender's key phase
 SERVER = 0x40  # bit 6 of IV byte 0 in our numbered IVs: the two ends never share an IV
 COUNTER = struct.Struct("!Q")  # our IVs: 4 bytes (phase, role, random), then the packet number
+IV = struct.Struct("!4sQ")
 
 # cipher NID -> (IV size, tag size, key bytes); 0.23's EVP defaults (src/lib/crypt/openssl.c).
 CIPHERS = {
@@ -43,12 +44,28 @@ def overhead(cipher: int) -> int:
     return iv + tag
 
 
-def _aead(cipher: int, key: bytes) -> AESGCM | ChaCha20Poly1305 | None:
+class _Ctr:
+    """AES-CTR behind the AEAD interface: no tag, so every packet "opens" (as 0.23 offers it,
+    "not recommended")."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def encrypt(self, iv: bytes, data: bytes, _aad: None) -> bytes:
+        ctx = Cipher(algorithms.AES(self._key), modes.CTR(iv)).encryptor()
+        return ctx.update(data) + ctx.finalize()
+
+    decrypt = encrypt
+
+
+Aead = AESGCM | ChaCha20Poly1305 | _Ctr
+
+
+def _aead(cipher: int, key: bytes) -> Aead:
+    key = key[: CIPHERS[cipher][2]]  # 0.23 hands EVP the first bytes of its 32-byte key
     if cipher == 1018:
         return ChaCha20Poly1305(key)
-    if CIPHERS[cipher][1]:
-        return AESGCM(key)
-    return None  # AES-CTR: no tag (0.23 offers it, "not recommended")
+    return AESGCM(key) if CIPHERS[cipher][1] else _Ctr(key)
 
 
 class PacketCrypto:
@@ -59,6 +76,9 @@ class PacketCrypto:
     Our IVs are numbered (the counter follows four bytes of phase, role and randomness), so they
     never repeat under a key; when the peer numbers its IVs too (`seq_iv`, agreed in OAP),
     replayed and too old packets are refused. A packet that fails to open changes no state.
+
+    Sealing takes no lock (the packet number comes from an atomic counter); opening holds one,
+    for the replay window; rotating holds it too, so two threads never rotate one key twice.
     """
 
     def __init__(self, cipher: int, key: bytes, server: bool, seq_iv: bool = False,
@@ -68,70 +88,58 @@ class PacketCrypto:
         if len(key) != KEY_SIZE:
             raise ValueError(f"flow key of {len(key)} bytes: {KEY_SIZE} expected")
         self.cipher = cipher
-        self.ivsz, self.tagsz, self._keylen = CIPHERS[cipher]
+        self.ivsz, self.tagsz, _ = CIPHERS[cipher]
         self.overhead = self.ivsz + self.tagsz
         self.seq_iv = seq_iv
         self.rejected = 0
         self._salt = hashlib.sha256(key).digest()  # the rotation salt, from the initial key
-        self._keys: list[bytes] = [key]  # current, then the previous during its grace period
-        self._seal_fn, open_ = self._ciphers(key)
-        self._open_fns = [open_]
-        self._next: tuple[bytes, Callable[[bytes, bytes], bytes]] | None = None  # derived when first needed
+        self._key = key
+        self._aead = _aead(cipher, key)
+        self._previous: Aead | None = None  # the key before the last rotation, during its grace
+        self._next: tuple[bytes, Aead] | None = None  # derived when a packet first needs it
         self._mask = 1 << rotation_bit
         self._cntr = 0  # packets sealed and opened
         self._age = 0  # ... since the last rotation
         self._phase = 0
         prefix = os.urandom(4)
-        self._first = (prefix[0] & 0x3F) | (SERVER if server else 0)
-        self._prefix = prefix[1:]
-        self._sent = 0
+        first = (prefix[0] & 0x3F) | (SERVER if server else 0)
+        self._heads = (bytes((first,)) + prefix[1:], bytes((first | PHASE,)) + prefix[1:])
+        self._tail = b"\0\0\0\0" if self.ivsz == 16 else b""  # CTR: the low 32 bits count the packet's blocks
+        self._numbers = itertools.count()
         self._highest = -1
-        self._seen = 0  # bit i: counter highest - i arrived
-        self._lock = threading.Lock()  # seal and open share the rotation state, and may run in two threads
+        self._seen = bytearray(REPLAY_WINDOW)  # slot n % REPLAY_WINDOW: number n arrived (n within the window)
+        self._lock = threading.Lock()
 
-    def _ciphers(self, key: bytes) -> tuple[Callable[[bytes, bytes], bytes], Callable[[bytes, bytes], bytes]]:
-        """(seal(iv, plain), open(iv, body)) for one key; open raises on a bad tag."""
-        key = key[: self._keylen]
-        aead = _aead(self.cipher, key)
-        if aead is not None:
-            return (lambda iv, plain: aead.encrypt(iv, plain, None)), (lambda iv, body: aead.decrypt(iv, body, None))
+    def _next_key(self) -> tuple[bytes, Aead]:
+        if self._next is None:
+            key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=self._salt,
+                       info=HKDF_INFO_ROTATION).derive(self._key)  # fmt: skip
+            self._next = key, _aead(self.cipher, key)
+        return self._next
 
-        def ctr(iv: bytes, data: bytes) -> bytes:
-            ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-            return ctx.update(data) + ctx.finalize()
-
-        return ctr, ctr
-
-    def _next_key(self) -> bytes:
-        return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=self._salt,
-                    info=HKDF_INFO_ROTATION).derive(self._keys[0])  # fmt: skip
-
-    def _rotate(self, key: bytes) -> None:
-        self._next = None
-        self._keys = [key, self._keys[0]]
-        seal, open_ = self._ciphers(key)
-        self._seal_fn, self._open_fns = seal, [open_, self._open_fns[0]]
+    def _rotate(self) -> None:
+        """Move to the next key; the caller holds the lock."""
+        self._key, aead = self._next_key()
+        self._previous, self._aead, self._next = self._aead, aead, None
         self._age = 0
         self._phase ^= 1
 
     # -- sending ---------------------------------------------------------------------------------
 
     def seal(self, plain: bytes) -> bytes:
-        with self._lock:
-            first = self._first | (PHASE if self._cntr & self._mask else 0)
-            iv = bytes((first,)) + self._prefix + COUNTER.pack(self._sent)
-            if self.ivsz == 16:
-                iv += b"\0\0\0\0"  # CTR: the low 32 bits count the packet's blocks
-            self._sent += 1
-            packet: bytes = iv + self._seal_fn(iv, plain)
-            self._cntr += 1
-            self._age += 1
-            if self._cntr & self._mask != (self._cntr - 1) & self._mask:
-                self._rotate(self._next_key())
-            if len(self._keys) > 1 and self._age >= self._mask >> 1:
-                self._keys.pop()  # the previous key's grace is over
-                self._open_fns.pop()
-            return packet
+        cntr = self._cntr
+        aead = self._aead
+        iv = IV.pack(self._heads[1 if cntr & self._mask else 0], next(self._numbers)) + self._tail
+        packet: bytes = iv + aead.encrypt(iv, plain, None)
+        self._cntr = cntr + 1
+        self._age += 1
+        if (cntr + 1) & self._mask != cntr & self._mask:
+            with self._lock:
+                if self._aead is aead:  # not rotated meanwhile by the other direction
+                    self._rotate()
+        if self._previous is not None and self._age >= self._mask >> 1:
+            self._previous = None  # the previous key's grace is over
+        return packet
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -143,11 +151,10 @@ class PacketCrypto:
             return None
         iv, body = packet[:ivsz], packet[ivsz:]
         with self._lock:
-            number = -1
             if self.seq_iv:
                 (number,) = COUNTER.unpack_from(iv, 4)
-                age = self._highest - number
-                if age >= REPLAY_WINDOW or (age >= 0 and self._seen >> age & 1):
+                if number <= self._highest and (self._highest - number >= REPLAY_WINDOW
+                                                or self._seen[number % REPLAY_WINDOW]):  # fmt: skip
                     self.rejected += 1
                     return None
             plain = self._try(iv, body)
@@ -156,9 +163,20 @@ class PacketCrypto:
                 return None
             self._cntr += 1
             self._age += 1
-            if number >= 0:
+            if self.seq_iv:
                 self._note(number)
             return plain
+
+    def _note(self, number: int) -> None:
+        seen, highest = self._seen, self._highest
+        if number > highest:  # the window moves on: slots it passes over are free again
+            if number - highest >= REPLAY_WINDOW:
+                seen[:] = bytes(REPLAY_WINDOW)
+            else:
+                for skipped in range(highest + 1, number):
+                    seen[skipped % REPLAY_WINDOW] = 0
+            self._highest = number
+        seen[number % REPLAY_WINDOW] = 1
 
     def _try(self, iv: bytes, body: bytes) -> bytes | None:
         """Open with the current key, the previous one, or the next one: a peer's key may be a
@@ -167,28 +185,17 @@ class PacketCrypto:
         there the phase bit decides, as in 0.23."""
         if not self.tagsz:
             if (iv[0] >> 7) != self._phase and self._age >= self._mask - (self._mask >> 2):
-                self._rotate(self._next_key())
-            return self._open_fns[0](iv, body)
-        for open_ in self._open_fns:
-            try:
-                return open_(iv, body)
-            except InvalidTag:
-                continue
-        if self._next is None:
-            key = self._next_key()
-            self._next = key, self._ciphers(key)[1]
+                self._rotate()
+            return self._aead.decrypt(iv, body, None)
+        for aead in (self._aead, self._previous):
+            if aead is not None:
+                try:
+                    return aead.decrypt(iv, body, None)
+                except InvalidTag:
+                    pass
         try:
-            plain = self._next[1](iv, body)
+            plain = self._next_key()[1].decrypt(iv, body, None)
         except InvalidTag:
             return None
-        self._rotate(self._next[0])
+        self._rotate()
         return plain
-
-    def _note(self, number: int) -> None:
-        age = self._highest - number
-        if age < 0:
-            self._seen = (self._seen << -age | 1) & ((1 << REPLAY_WINDOW) - 1)
-            self._highest = number
-        else:
-            self._seen |= 1 << age
-

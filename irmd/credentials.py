@@ -61,13 +61,13 @@ def load_der(der: bytes) -> x509.Certificate:
         raise OapError(EAUTH, f"peer's certificate does not parse: {e}") from None
 
 
-def _stamp(path: Path) -> tuple[int, int, int, int]:
-    st = path.stat()
+def _stamp(path: Path | str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode
 
 
-def _read(path: Path, private: bool) -> bytes:
-    st = path.stat()
+def _read(path: Path | str, private: bool) -> bytes:
+    st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise CredentialError(f"{path} is not a regular file")
     if st.st_size > MAX_FILE:
@@ -77,16 +77,17 @@ def _read(path: Path, private: bool) -> bytes:
                               f"a private key must be mode 0600 or stricter")  # fmt: skip
     if private and st.st_uid not in (0, os.geteuid()):
         raise CredentialError(f"{path} belongs to uid {st.st_uid}, not to this IRMd's user or root")
-    return path.read_bytes()
+    with open(path, "rb") as f:
+        return f.read(MAX_FILE)
 
 
 class CredentialStore:
     """Credentials by (certificate, key) path, reloaded when either file changes."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[Path, Path], tuple[Any, Credentials]] = {}
+        self._cache: dict[tuple[str, str], tuple[Any, Credentials]] = {}
 
-    def load(self, crt_path: Path, key_path: Path) -> Credentials | None:
+    def load(self, crt_path: str, key_path: str) -> Credentials | None:
         """None when either file is missing (the name has no identity, as 0.23)."""
         try:
             stamp = (_stamp(crt_path), _stamp(key_path))
@@ -102,7 +103,7 @@ class CredentialStore:
         return creds
 
     @staticmethod
-    def _parse(crt_path: Path, key_path: Path) -> Credentials:
+    def _parse(crt_path: str, key_path: str) -> Credentials:
         try:
             crt = x509.load_pem_x509_certificate(_read(crt_path, private=False))
         except (OSError, ValueError) as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 from irmd import kex
 from irmd.credentials import CaStore, CredentialError, Credentials, CredentialStore, common_name, load_der, spki
 from irmd.registry import Registry
-from irmd.secfiles import APP_DEFAULT, CA_DIR, EncConfError, SecConfig, load_enc_conf, sec_paths, security_dir
+from irmd.secfiles import APP_DEFAULT, CA_DIR, EncConfError, SecConfig, load_enc_conf, role_files, security_dir
 from proto import messages as m
 from proto import oap
 from proto.oap import EAUTH, ECRYPT, OapError
@@ -134,7 +134,7 @@ class Oap:
     def __init__(self, reg: Registry | None = None, base: Path | None = None,
                  clock: Callable[[], int] = time.time_ns, startups: Startups | None = None) -> None:
         self.reg = reg or Registry()
-        self.base = base
+        self.base = str(base or security_dir())
         self.clock = clock  # CLOCK_REALTIME in ns, as the timestamps on the wire
         self.replay = oap.ReplayCache()
         self.credentials = CredentialStore()
@@ -144,15 +144,15 @@ class Oap:
     @property
     def ca(self) -> CaStore:
         if self._ca is None:
-            self._ca = CaStore((self.base or security_dir()) / CA_DIR)
+            self._ca = CaStore(Path(self.base) / CA_DIR)
         return self._ca
 
     def _files(self, name: str, role: str) -> tuple[SecConfig, Credentials | None]:
         entry = self.reg.names.get(name)
-        paths = sec_paths(name, entry.sec if entry is not None else {}, self.base)
+        enc, crt, key = role_files(name, entry.sec if entry is not None else {}, role, self.base)
         try:
-            config = load_enc_conf(paths[f"{role}_enc_file"])
-            creds = self.credentials.load(paths[f"{role}_crt_file"], paths[f"{role}_key_file"])
+            config = load_enc_conf(enc)
+            creds = self.credentials.load(crt, key)
         except (EncConfError, CredentialError) as e:
             raise OapError(EAUTH if isinstance(e, CredentialError) else ECRYPT, str(e)) from None
         if config.encrypt:

@@ -27,6 +27,7 @@ SEC_FILES = (
 SEC_KEYS = tuple(key for key, *_ in SEC_FILES)
 IRM_WORDS = {word: key for key, word, *_ in SEC_FILES}
 CA_DIR = "cacert"
+MAX_ENC_CONF = 64 * 1024  # bytes of an enc.conf read
 
 
 def security_dir() -> Path:
@@ -49,11 +50,17 @@ def check_sec(sec: dict[str, str]) -> dict[str, str]:
     return dict(sec)
 
 
-def sec_paths(name: str, overrides: dict[str, str], base: Path | None = None) -> dict[str, Path]:
+def sec_paths(name: str, overrides: dict[str, str], base: Path | str | None = None) -> dict[str, str]:
     """The six files of `name`: the overrides given at `irm name create`, else the defaults."""
-    base = base or security_dir()
-    return {key: Path(overrides[key]) if overrides.get(key) else base / role / name / file
-            for key, _, role, file in SEC_FILES}  # fmt: skip
+    root = str(base or security_dir())
+    return {key: overrides.get(key) or os.path.join(root, role, name, file) for key, _, role, file in SEC_FILES}
+
+
+def role_files(name: str, overrides: dict[str, str], role: str, base: str) -> tuple[str, str, str]:
+    """(enc.conf, crt.pem, key.pem) of `name` as a server or a client: what every allocation reads."""
+    enc, crt, key = (overrides.get(f"{role}_{f}_file") or os.path.join(base, role, name, f"{f}.{ext}")
+                     for f, ext in (("enc", "conf"), ("crt", "pem"), ("key", "pem")))  # fmt: skip
+    return enc, crt, key
 
 
 # -- enc.conf (src/lib/crypt.c parse_sec_config) ---------------------------------------------------
@@ -124,10 +131,11 @@ def parse_enc_conf(text: str) -> SecConfig:
     return SecConfig(**fields)
 
 
-def load_enc_conf(path: Path) -> SecConfig:
+def load_enc_conf(path: Path | str) -> SecConfig:
     """A missing file means plain, as 0.23; an unreadable or bad one raises EncConfError."""
     try:
-        text = path.read_text()
+        with open(path) as f:
+            text = f.read(MAX_ENC_CONF)
     except FileNotFoundError:
         return NONE
     except (OSError, UnicodeDecodeError) as e:

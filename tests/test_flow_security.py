@@ -152,7 +152,7 @@ def test_an_unknown_server_key_is_refused_unless_accept_new_then_pinned(site: Si
     site.pki.serve_as("pong", crt, key)
     _, accept = site.serve("pong")
     accept()
-    with pytest.raises(AuthenticationFailed, match="neither this IRMd's CA store nor .* vouches") as e:
+    with pytest.raises(AuthenticationFailed, match=r"neither this IRMd.s CA store nor .* vouches") as e:
         site.alloc("pong")
     assert "SHA256:" in str(e.value) and "accept-new" in str(e.value)
     pending = accept()

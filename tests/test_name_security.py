@@ -30,9 +30,9 @@ from proto.names import RegistryError
 
 def test_the_default_files_are_0_23s_layout(tmp_path: Path) -> None:
     paths = sec_paths("pong", {}, tmp_path)
-    assert paths["server_enc_file"] == tmp_path / "server/pong/enc.conf"
-    assert paths["server_crt_file"] == tmp_path / "server/pong/crt.pem"
-    assert paths["client_key_file"] == tmp_path / "client/pong/key.pem"
+    assert paths["server_enc_file"] == str(tmp_path / "server/pong/enc.conf")
+    assert paths["server_crt_file"] == str(tmp_path / "server/pong/crt.pem")
+    assert paths["client_key_file"] == str(tmp_path / "client/pong/key.pem")
     assert set(paths) == set(SEC_KEYS)
 
 

@@ -36,6 +36,7 @@ PER_PEER = 10
 # Until every IPCP carries the piggyback, an allocation that arrives without OAP is taken as a
 # plain, anonymous one (0.23 refuses it with EAUTH); encryption and pinned names still refuse it.
 ACCEPT_NO_OAP = True
+AES_256_GCM = 901
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +183,7 @@ class Oap:
             config, creds = self._files(name, "client")
             if qos.cypher_s and not config.encrypt:
                 config = APP_DEFAULT  # the application asks for encryption; its enc.conf does not
+            config = _at_least(config, qos.cypher_s)
             key = kex.keypair(config.kex) if config.encrypt else None
             raw = oap.encode(os.urandom(oap.ID_SIZE), self.clock(), cipher_nid=config.cipher, kdf_nid=config.kdf,
                              md_nid=config.md, crt=creds.der if creds else b"",
@@ -242,6 +244,7 @@ class Oap:
             hdr = oap.decode(data)
             self.replay.check(hdr, self.clock())  # remembered even if a later step fails, as 0.23
             config, creds = self._files(name, "server")
+            config = _at_least(config, cypher_s)
             peer_crt, peer_ca = self._peer(hdr)
             if peer_crt and not peer_ca:
                 raise OapError(EAUTH, "the client's certificate does not chain to this IRMd's CA store")
@@ -286,6 +289,14 @@ class Oap:
         seq_iv = hdr.data == oap.SEQ_IV
         answer = Answer(cipher, kdf, kex.public_der(ours), oap.SEQ_IV if seq_iv else b"")
         return dataclasses.replace(outcome, cipher=cipher, key=key, seq_iv=seq_iv), answer
+
+
+def _at_least(config: SecConfig, cypher_s: int) -> SecConfig:
+    """The config with a cipher of at least `cypher_s` key bits (AES-256-GCM if it names a weaker one):
+    both sides keep the stronger cipher, so the flow gets the key length its application asked for."""
+    if cypher_s and oap.KEY_BITS.get(config.cipher, 0) < cypher_s:
+        return dataclasses.replace(config, cipher=AES_256_GCM)
+    return config
 
 
 def _signer(creds: Credentials | None, md_nid: int) -> Callable[[bytes], bytes] | None:

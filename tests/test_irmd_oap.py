@@ -152,6 +152,15 @@ def test_the_server_picks_the_stronger_cipher_and_the_client_takes_it(clock: Clo
     assert got.cipher == served.cipher == 1018
 
 
+def test_a_cypher_s_of_256_raises_a_weaker_configured_cipher(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    client_pki.enc_conf("pong", "cipher=aes-128-gcm\n", role="client")
+    client, server = irmds(clock, client_pki, pki)
+    assert allocate(client, server)[0].cipher == 895  # what the name's enc.conf asks
+    assert allocate(client, server, qos=ENCRYPT)[0].cipher == 901  # what the application asks
+    pki.enc_conf("pong", "cipher=aes-128-gcm\n")
+    assert allocate(client, server, qos=QosSpec(cypher_s=128), cypher_s=256)[1].cipher == 901  # the acceptor's
+
+
 def test_a_server_with_an_enc_conf_refuses_plain_requests(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     pki.enc_conf("pong", "")  # empty: encryption with 0.23's defaults
     client, server = irmds(clock, client_pki, pki)

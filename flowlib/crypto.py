@@ -77,8 +77,8 @@ class PacketCrypto:
     never repeat under a key; when the peer numbers its IVs too (`seq_iv`, agreed in OAP),
     replayed and too old packets are refused. A packet that fails to open changes no state.
 
-    Sealing takes no lock (the packet number comes from an atomic counter); opening holds one,
-    for the replay window; rotating holds it too, so two threads never rotate one key twice.
+    Sealing takes no lock (the packet number comes from an atomic counter); opening takes one for
+    the replay window only; rotating takes it too, so two threads never rotate one key twice.
     """
 
     def __init__(self, cipher: int, key: bytes, server: bool, seq_iv: bool = False,
@@ -108,7 +108,7 @@ class PacketCrypto:
         self._numbers = itertools.count()
         self._highest = -1
         self._seen = bytearray(REPLAY_WINDOW)  # slot n % REPLAY_WINDOW: number n arrived (n within the window)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # opening may rotate while it holds it for the window
 
     def _next_key(self) -> tuple[bytes, Aead]:
         if self._next is None:
@@ -146,26 +146,55 @@ class PacketCrypto:
     def open(self, packet: bytes) -> bytes | None:
         """The plaintext, or None for a packet that is short, forged, for another key, or replayed."""
         ivsz = self.ivsz
-        if len(packet) < ivsz + self.tagsz:
+        if len(packet) < self.overhead:
             self.rejected += 1
             return None
         iv, body = packet[:ivsz], packet[ivsz:]
-        with self._lock:
-            if self.seq_iv:
+        if self.seq_iv:
+            with self._lock:  # the window's check and update, atomic against another reader
                 (number,) = COUNTER.unpack_from(iv, 4)
                 if number <= self._highest and (self._highest - number >= REPLAY_WINDOW
                                                 or self._seen[number % REPLAY_WINDOW]):  # fmt: skip
                     self.rejected += 1
                     return None
-            plain = self._try(iv, body)
-            if plain is None:
+                plain = self._open(iv, body)
+                if plain is not None:
+                    self._note(number)
+                return plain
+        return self._open(iv, body)
+
+    def _open(self, iv: bytes, body: bytes) -> bytes | None:
+        if not self.tagsz and (iv[0] >> 7) != self._phase and self._age >= self._mask - (self._mask >> 2):
+            with self._lock:  # AES-CTR has no tag to tell keys apart: the phase bit decides, as in 0.23
+                self._rotate()
+        try:
+            plain: bytes = self._aead.decrypt(iv, body, None)  # the current key: nearly always
+        except InvalidTag:
+            with self._lock:
+                found = self._other_keys(iv, body)
+            if found is None:
                 self.rejected += 1
                 return None
-            self._cntr += 1
-            self._age += 1
-            if self.seq_iv:
-                self._note(number)
-            return plain
+            plain = found
+        self._cntr += 1
+        self._age += 1
+        return plain
+
+    def _other_keys(self, iv: bytes, body: bytes) -> bytes | None:
+        """The previous key (late packets), or the next one: a peer's key may be a rotation ahead of
+        ours (0.23 rotates each end on its own count); a packet that opens with it moves us on, so
+        no forgery can."""
+        if self._previous is not None:
+            try:
+                return self._previous.decrypt(iv, body, None)
+            except InvalidTag:
+                pass
+        try:
+            plain: bytes = self._next_key()[1].decrypt(iv, body, None)
+        except InvalidTag:
+            return None
+        self._rotate()
+        return plain
 
     def _note(self, number: int) -> None:
         seen, highest = self._seen, self._highest
@@ -177,25 +206,3 @@ class PacketCrypto:
                     seen[skipped % REPLAY_WINDOW] = 0
             self._highest = number
         seen[number % REPLAY_WINDOW] = 1
-
-    def _try(self, iv: bytes, body: bytes) -> bytes | None:
-        """Open with the current key, the previous one, or the next one: a peer's key may be a
-        rotation ahead of ours (0.23 rotates each end on its own count), and a packet that opens
-        with the next key moves us on, so no forgery can. AES-CTR has no tag to tell keys apart:
-        there the phase bit decides, as in 0.23."""
-        if not self.tagsz:
-            if (iv[0] >> 7) != self._phase and self._age >= self._mask - (self._mask >> 2):
-                self._rotate()
-            return self._aead.decrypt(iv, body, None)
-        for aead in (self._aead, self._previous):
-            if aead is not None:
-                try:
-                    return aead.decrypt(iv, body, None)
-                except InvalidTag:
-                    pass
-        try:
-            plain = self._next_key()[1].decrypt(iv, body, None)
-        except InvalidTag:
-            return None
-        self._rotate()
-        return plain

@@ -39,6 +39,31 @@ ACCEPT_NO_OAP = True
 AES_256_GCM = 901
 
 
+class RateLog:
+    """Log lines a peer can cause, at most `rate` a second (bursts of `burst`); the rest are counted
+    and reported with the next line that passes, so a flood cannot fill the disk."""
+
+    def __init__(self, rate: float = 10.0, burst: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.at, self.suppressed = float(burst), clock(), 0
+
+    def log(self, fmt: str, *args: object, level: int = logging.WARNING) -> None:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            return
+        self.tokens -= 1
+        if self.suppressed:
+            log.warning("(%d more refusals not logged)", self.suppressed)
+            self.suppressed = 0
+        log.log(level, fmt, *args)
+
+
+REFUSALS = RateLog()
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """What an allocation established, for the application that gets the flow."""
@@ -118,7 +143,7 @@ class Startups:
     def admit(self, layer: str, peer: str) -> Iterator[None]:
         why = self.refuse(layer, peer)
         if why is not None:
-            log.warning("flow refused: %s", why)
+            REFUSALS.log("flow refused: %s", why)
             raise HandlerError(m.EBUSY, f"busy: {why}; try again later")
         self.layers[layer] += 1
         self.peers[(layer, peer)] += 1
@@ -170,7 +195,7 @@ class Oap:
         try:
             self.ca.verify(crt)
         except OapError as e:
-            log.info("peer %r (%s): %s", common_name(crt), oap.fingerprint(spki(crt)), e.reason)
+            REFUSALS.log("peer %r (%s): %s", common_name(crt), oap.fingerprint(spki(crt)), e.reason, level=logging.INFO)
             return hdr.crt, False
         return hdr.crt, True
 
@@ -208,7 +233,7 @@ class Oap:
             if attempt.key is not None:
                 outcome = self._client_kex(attempt, rsp, outcome)
         except OapError as e:
-            log.warning("flow to %s: %s", attempt.name, e.reason)
+            REFUSALS.log("flow to %s: %s", attempt.name, e.reason)
             raise HandlerError(e.code, f"flow to {attempt.name!r} refused: {e.reason}") from None
         return outcome
 
@@ -257,7 +282,7 @@ class Oap:
                                   crt=creds.der if creds else b"", kex=ours.kex, data=ours.data,
                                   req_hash=oap.request_hash(hdr), sign=_signer(creds, config.md))  # fmt: skip
         except OapError as e:
-            log.warning("flow for %s refused: %s", name, e.reason)
+            REFUSALS.log("flow for %s refused: %s", name, e.reason)
             raise HandlerError(e.code, f"flow for {name!r} refused: {e.reason}") from None
         return response, outcome
 

@@ -10,12 +10,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import IrmdProc, start_irmd, stop_irmd
+from helpers import IrmdProc, start_irmd, stop_irmd, wait_for
+from unicast_net import Cluster
+from unicast_net import Host as UnicastHost
 
 from flowlib import Flow, flow_accept, flow_alloc, qos
 from flowlib.crypto import OVERHEAD
@@ -240,3 +243,51 @@ def test_nobody_cannot_get_a_plain_flow_to_an_encrypting_server_while_the_owner_
     assert "EncryptionFailed" in r.stdout and "requires encryption" in r.stdout, r.stdout + r.stderr
     with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
         exchange(cli, srv)
+
+
+# -- across a unicast layer ---------------------------------------------------------------------------
+
+
+def _host(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, name: str, pki: Pki) -> UnicastHost:
+    monkeypatch.setenv("OUROBOROS_SECURITY_DIR", str(pki.base))  # each host's irmd reads its own
+    (host,) = cluster.start([name])
+    return host
+
+
+@pytest.mark.timeout(180)
+def test_across_a_unicast_layer_the_named_server_is_reached_and_an_impostor_is_not(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real, client_side, impostor = Pki(tmp_path / "b"), Pki(tmp_path / "a"), Pki(tmp_path / "c", "Impostor CA")
+    client_side.ca, client_side.ca_key = real.ca, real.ca_key
+    client_side.trust()
+    crt, key = real.issue("pong")
+    real.serve_as("pong", crt, key)
+    real.enc_conf("pong", "")
+    crt, key = impostor.issue("pong")  # a certificate for the name, from a CA the client does not trust
+    impostor.serve_as("pong", crt, key)
+    a = _host(cluster, monkeypatch, "a", client_side)
+    b = _host(cluster, monkeypatch, "b", real)
+    c = _host(cluster, monkeypatch, "c", impostor)
+    cluster.udp([a, b, c])
+    a.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", "net", "autobind")
+    for h, n in ((b, "n2"), (c, "n3")):
+        h.irm_ok("ipcp", "enroll", "type", "unicast", "name", n, "layer", "net", "dst", "n1", "autobind")
+        h.irm_ok("ipcp", "connect", "name", n, "dst", "n1")
+    for h in (a, b, c):
+        h.irmd.note_children()
+    b.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
+    b.irm_ok("name", "register", "pong", "layer", "net")
+    wait_for(lambda: "requires encryption" in a.irmd.run("oping", "-n", "pong", "-c", "1", timeout=30).stderr,
+             60, "pong to refuse a plain flow, saying why, across the layer")  # fmt: skip
+    r = a.irmd.run("oping", "-n", "pong", "-c", "3", "-i", "10", "--encrypt", timeout=60)
+    assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr
+    b.irm_ok("name", "unregister", "pong", "layer", "net")  # the impostor takes the name over
+    c.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
+    c.irm_ok("name", "register", "pong", "layer", "net")
+    deadline = time.monotonic() + 60
+    while True:
+        r = a.irmd.run("oping", "-n", "pong", "-c", "1", "--encrypt", timeout=30)
+        if "vouches for" in r.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(1)  # until the directory points at the impostor
+    assert "neither this IRMd's CA store" in r.stderr and "1 received" not in r.stdout, r.stdout + r.stderr

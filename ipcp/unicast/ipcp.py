@@ -621,7 +621,7 @@ class UnicastIpcp(Ipcp):
             flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data)
         except (RemoteError, HandlerError) as e:
             mine.close()
-            self.fa.refuse(alloc, um.E_NOENT if e.code == m.ENOENT else um.E_REFUSED)
+            self.fa.refuse(alloc, um.RESULTS.get(e.code, um.E_REFUSED))
             self._after(time.monotonic())
             return
         finally:

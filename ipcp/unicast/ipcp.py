@@ -618,7 +618,8 @@ class UnicastIpcp(Ipcp):
         assert self.fa is not None
         app_end, mine = seqpacket_pair()
         try:
-            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data)
+            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data,
+                                                    peer=f"address {alloc.dst}")
         except (RemoteError, HandlerError) as e:
             mine.close()
             self.fa.refuse(alloc, um.RESULTS.get(e.code, um.E_REFUSED))

@@ -334,7 +334,7 @@ class Irmd:
             qos=msg.qos, role="src",
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
-        attempt = self.oap.request(msg.name, msg.qos)
+        attempt = self.oap.request(msg.name, msg.qos, msg.join)
         try:
             reply, fds = await ipcp.channel.request(
                 m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0

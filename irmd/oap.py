@@ -20,7 +20,7 @@ from pathlib import Path
 from irmd import kex
 from irmd.credentials import CaStore, CredentialError, Credentials, CredentialStore, common_name, load_der, spki
 from irmd.registry import Registry
-from irmd.secfiles import APP_DEFAULT, CA_DIR, EncConfError, SecConfig, load_enc_conf, role_files, security_dir
+from irmd.secfiles import APP_DEFAULT, CA_DIR, NONE, EncConfError, SecConfig, load_enc_conf, role_files, security_dir
 from proto import messages as m
 from proto import oap
 from proto.oap import EAUTH, ECRYPT, OapError
@@ -95,13 +95,13 @@ class Attempt:
     """One allocation attempt's request, kept until its response arrives."""
 
     name: str
-    request: oap.Header
-    config: SecConfig
+    request: oap.Header | None  # None: no OAP (joining a broadcast layer, as 0.23)
+    config: SecConfig = NONE
     key: kex.KexKey | None = None  # our ephemeral key-exchange key
 
     @property
     def data(self) -> bytes:
-        return self.request.raw
+        return self.request.raw if self.request is not None else b""
 
 
 class Startups:
@@ -201,9 +201,12 @@ class Oap:
 
     # -- the allocating side ---------------------------------------------------------------------
 
-    def request(self, name: str, qos: QosSpec) -> Attempt:
+    def request(self, name: str, qos: QosSpec, join: bool = False) -> Attempt:
         """A new request: a fresh id and timestamp (a retry is never taken for a replay), the
-        name's client certificate if it has one, and an ephemeral public key when it encrypts."""
+        name's client certificate if it has one, and an ephemeral public key when it encrypts.
+        Joining a broadcast layer has no peer to answer: no OAP, as 0.23's flow_join."""
+        if join:
+            return Attempt(name, None)
         try:
             config, creds = self._files(name, "client")
             if qos.cypher_s and not config.encrypt:
@@ -222,7 +225,7 @@ class Oap:
     def complete(self, attempt: Attempt, data: bytes) -> Outcome:
         """Check the response to our request: its id and request hash, the server's identity, and
         with encryption its part of the key exchange; the outcome, or a refusal that says why."""
-        if not data and ACCEPT_NO_OAP and attempt.key is None:
+        if attempt.request is None or (not data and ACCEPT_NO_OAP and attempt.key is None):
             return Outcome()
         try:
             rsp = oap.check_response(attempt.request, data)

@@ -80,6 +80,12 @@ def test_every_attempt_has_a_fresh_id_and_timestamp(clock: Clock) -> None:
     assert a.request.id != b.request.id and a.request.timestamp != b.request.timestamp
 
 
+def test_joining_a_broadcast_layer_carries_no_oap_as_in_0_23(clock: Clock) -> None:
+    client = Oap(clock=clock)
+    attempt = client.request("bcast", raw, join=True)
+    assert attempt.data == b"" and client.complete(attempt, b"") == Outcome()
+
+
 def test_a_replayed_request_is_refused_with_eauth(clock: Clock) -> None:
     client, server = Oap(clock=clock), Oap(clock=clock)
     attempt = client.request("pong", raw)

@@ -184,9 +184,10 @@ class PacketCrypto:
         """The previous key (late packets), or the next one: a peer's key may be a rotation ahead of
         ours (0.23 rotates each end on its own count); a packet that opens with it moves us on, so
         no forgery can."""
-        if self._previous is not None:
+        previous = self._previous  # one read: a sealing thread may end its grace meanwhile
+        if previous is not None:
             try:
-                return self._previous.decrypt(iv, body, None)
+                return previous.decrypt(iv, body, None)
             except InvalidTag:
                 pass
         try:

@@ -33,9 +33,6 @@ STARTUPS_ENV = "OUROBOROS_MAX_STARTUPS"  # start:rate:full, as sshd's MaxStartup
 PER_PEER_ENV = "OUROBOROS_MAX_STARTUPS_PER_PEER"
 MAX_STARTUPS = (10, 30, 100)
 PER_PEER = 10
-# Until every IPCP carries the piggyback, an allocation that arrives without OAP is taken as a
-# plain, anonymous one (0.23 refuses it with EAUTH); encryption and pinned names still refuse it.
-ACCEPT_NO_OAP = True
 AES_256_GCM = 901
 
 
@@ -225,7 +222,7 @@ class Oap:
     def complete(self, attempt: Attempt, data: bytes) -> Outcome:
         """Check the response to our request: its id and request hash, the server's identity, and
         with encryption its part of the key exchange; the outcome, or a refusal that says why."""
-        if attempt.request is None or (not data and ACCEPT_NO_OAP and attempt.key is None):
+        if attempt.request is None:
             return Outcome()
         try:
             rsp = oap.check_response(attempt.request, data)
@@ -267,8 +264,6 @@ class Oap:
         """Check a request for `name` (window and replay first: they cost nothing) and build the
         response, or refuse the flow. `cypher_s`: the accepting process requires encryption."""
         try:
-            if not data and ACCEPT_NO_OAP:
-                return self._no_oap(name, cypher_s)
             hdr = oap.decode(data)
             self.replay.check(hdr, self.clock())  # remembered even if a later step fails, as 0.23
             config, creds = self._files(name, "server")
@@ -288,12 +283,6 @@ class Oap:
             REFUSALS.log("flow for %s refused: %s", name, e.reason)
             raise HandlerError(e.code, f"flow for {name!r} refused: {e.reason}") from None
         return response, outcome
-
-    def _no_oap(self, name: str, cypher_s: int) -> tuple[bytes, Outcome]:
-        config, _ = self._files(name, "server")
-        if config.encrypt or cypher_s:
-            raise OapError(ECRYPT, f"{name!r} requires encryption; the allocation carries no OAP header")
-        return b"", Outcome()
 
     @staticmethod
     def _server_kex(hdr: oap.Header, config: SecConfig, outcome: Outcome) -> tuple[Outcome, Answer]:

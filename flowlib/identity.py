@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -46,10 +47,22 @@ class Peer:
                    fingerprint(spki), verified, der)  # fmt: skip
 
 
+def _home() -> Path:
+    """$HOME when it is this user's; else the passwd entry's, as OpenSSH takes it: a HOME inherited
+    from another user (su, setpriv) is not where this user's pins are."""
+    home = os.environ.get("HOME")
+    try:
+        if home and os.stat(home).st_uid == os.geteuid():
+            return Path(home)
+    except OSError:
+        pass
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+
 def known_names_path() -> Path:
     if env := os.environ.get(KNOWN_NAMES_ENV):
         return Path(env)
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "ouroboros" / "known_names"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or _home() / ".config") / "ouroboros" / "known_names"
 
 
 class KnownNames:

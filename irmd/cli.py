@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from proto import messages as m
-from proto.control import call, open_channel
+from proto.control import open_channel, request_all
 from proto.errors import FlowError
 from proto.names import IPCP_TYPES, LB_POLICIES
 from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, text
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         channel = open_channel()
         try:
-            reply, _ = call(channel, msg, timeout=60)
+            reply = request_all(channel, msg, timeout=60)
         finally:
             channel.close()
     except FlowError as e:
@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if isinstance(reply, m.Table):
             print(render(reply))
+        elif isinstance(reply, m.Text):
+            print(reply.text, end="")
         elif isinstance(reply, m.Ok) and reply.text:
             print(reply.text)
     except BrokenPipeError:  # irm ... | head

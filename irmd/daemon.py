@@ -16,22 +16,26 @@ import os
 import resource
 import signal
 import socket
-import struct
+import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from irmd import state
+from irmd import policy, spawn, state, views
 from irmd.config import ConfigError, Step, apply_config, plan
-from irmd.registry import Acceptor, Flow, FlowState, ProgBinding, Registry
+from irmd.identity import Peer, peer_of, proc_start, proc_uids, program_of, read_peer
+from irmd.limits import LimitError, Limits, parse_options
+from irmd.policy import Caller
+from irmd.registry import Acceptor, Flow, FlowState, Name, ProcBinding, ProgBinding, Registry
 from proto import messages as m
-from proto.names import HASHES, IPCP_TYPES, RegistryError, check_name, name_hash
+from proto.errors import FlowError, LimitReached
+from proto.names import HASHES, IPCP_TYPES, check_name, name_hash
 from transports.channel import AsyncChannel, ChannelClosed, HandlerError, RemoteError
-from transports.unix import close_fds, irmd_sock_path
-from transports.wire import Message
+from transports.unix import SocketTrustError, close_fds, irmd_sock_path, make_sock_dir
+from transports.wire import Error, Message
 
 log = logging.getLogger("irmd")
 
@@ -57,6 +61,7 @@ class Ipcp:
     mtu: int = 0
     joined: dict[str, Any] = dataclasses.field(default_factory=dict)  # how: bootstrap (conf) or enrol (dst)
     conns: list[str] = dataclasses.field(default_factory=list)  # connected to, as asked
+    seq: int = 0  # creation order: lists page by it
 
     @property
     def pid(self) -> int:
@@ -69,34 +74,49 @@ class Ipcp:
 
 @dataclasses.dataclass(eq=False)
 class Client:
+    """One control connection, and the process behind it as the kernel described it at connect time."""
+
     conn_id: int
-    pid: int
-    uid: int
+    peer: Peer
+    caller: Caller
     channel: AsyncChannel | None = None
-    prog: str = ""
+    prog: str = ""  # what the process announced: a label for logs, never an identity
     ipcp: Ipcp | None = None
     listening: bool = False
     serves: bool = False  # has accepted or listened: a server, not just a client of the name
     accepts: deque[asyncio.Future[tuple[m.FlowReply, int]]] = dataclasses.field(default_factory=deque)
+    dump: str = ""  # a dump being fetched in parts
+
+    @property
+    def pid(self) -> int:
+        return self.peer.pid
+
+    @property
+    def uid(self) -> int:
+        return self.peer.uid
 
     @property
     def acceptor(self) -> Acceptor:
-        return Acceptor(self.conn_id, self.pid, self.prog)
+        return Acceptor(self.conn_id, self.peer)
 
     @property
     def accepting(self) -> bool:
-        return self.listening or any(not f.done() for f in self.accepts)
-
-
-def _peercred(sock: socket.socket) -> tuple[int, int]:
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid, uid
+        congested = self.channel is not None and self.channel.congested  # it takes nothing more until it reads
+        return not congested and (self.listening or any(not f.done() for f in self.accepts))
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
     """Signal a child by pid: Process.kill() may reap it behind asyncio's child watcher."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
+
+
+def _farewell(conn: socket.socket, code: str, text: str) -> None:
+    """Refuse a connection, saying why in an Error notice before closing it."""
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(m.CODEC.encode(Error(code, text)))
+    conn.close()
 
 
 def _teardown_fd(fd: int) -> None:
@@ -112,14 +132,17 @@ def _teardown_fd(fd: int) -> None:
 
 
 class Irmd:
-    def __init__(self, sock_path: Path) -> None:
-        self.sock_path = sock_path
-        self.reg = Registry()
+    def __init__(self, sock_path: Path, limits: Limits | None = None) -> None:
+        self.sock_path = Path(os.path.abspath(sock_path))  # what it starts runs in /: no relative path
+        self.limits = limits or Limits()
+        self.uid = os.geteuid()
+        self.reg = Registry(self.uid)
         self.ipcps: dict[str, Ipcp] = {}
         self.clients: dict[int, Client] = {}
         self.programs: dict[int, asyncio.subprocess.Process] = {}
         self._starting: dict[str, float] = {}  # name -> when its auto program was started
         self._conn_ids = 0
+        self._ipcp_seq = 0
         self._admin_client: Client | None = None
         self._server: socket.socket | None = None
         self._acceptors_changed: asyncio.Condition | None = None
@@ -149,18 +172,16 @@ class Irmd:
             m.FlowList: self._flow_list,
             m.Dump: self._dump,
         }
-        self._admin = {
-            m.IpcpCreate, m.IpcpDestroy, m.IpcpBootstrap, m.IpcpEnroll, m.IpcpConnect,
-            m.Bind, m.NameCreate, m.NameDestroy, m.NameRegister,
-        }  # fmt: skip
-        self._from_ipcp = {m.FlowReqArrived, m.FlowPeerDealloc}
 
     # -- life cycle ------------------------------------------------------
 
     async def start(self) -> None:
         self._acceptors_changed = asyncio.Condition()
         path = self.sock_path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # root's socket directory is open to all (any user's applications use flows); a user's is private
+            make_sock_dir(path.parent, 0o755 if self.uid == 0 else 0o700)
+        except SocketTrustError as e:
+            raise SystemExit(f"irmd: will not serve from {path.parent}: {e.strerror}") from None
         if path.exists() or path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
@@ -173,7 +194,7 @@ class Irmd:
                 probe.close()
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         srv.bind(str(path))
-        os.chmod(path, 0o666)  # applications of any user may connect; admin is checked per request
+        os.chmod(path, 0o666)  # applications of any user may connect; each request is checked for its caller
         srv.listen(128)
         srv.setblocking(False)
         self._server = srv
@@ -233,15 +254,23 @@ class Irmd:
             log.warning("accept failed: %s", e)
             return
         self._conn_ids += 1
-        pid, uid = _peercred(conn)
-        client = Client(self._conn_ids, pid, uid)
+        peer = peer_of(conn)
+        client = Client(self._conn_ids, peer, Caller.of(peer.uid, self.uid))
+        if not client.caller.admin:
+            held = sum(1 for c in self.clients.values() if c.uid == peer.uid)
+            if held >= self.limits.conns_per_uid:
+                log.warning("uid %d (pid %d) has %d connections open: refusing another", peer.uid, peer.pid, held)
+                _farewell(conn, m.EDQUOT, f"uid {peer.uid} has {held} connections to the IRMd open "
+                                          f"(limit conns_per_uid={self.limits.conns_per_uid})")
+                return
 
         async def handle(msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
             return await self._dispatch(client, msg, fds)
 
         client.channel = AsyncChannel(
-            conn, m.CODEC, handle, name=f"conn{client.conn_id}/pid{pid}",
+            conn, m.CODEC, handle, name=f"conn{client.conn_id}/pid{peer.pid}",
             on_close=lambda _: self._spawn_task(self._client_gone(client)),
+            max_requests=self.limits.requests_per_conn, max_queued=self.limits.queued_bytes_per_conn,
         )  # fmt: skip
         self.clients[client.conn_id] = client
 
@@ -254,12 +283,13 @@ class Irmd:
         try:
             if handler is None:
                 raise HandlerError(m.EPROTO, f"{kind.__name__} is not a request the IRMd serves")
-            if kind in self._admin and c.uid not in (0, os.geteuid()):
-                raise HandlerError(m.EPERM, "permission denied: irm needs the IRMd's user or root")
-            if kind in self._from_ipcp and c.ipcp is None:
+            policy.check_request(c.caller, kind)
+            if kind in policy.FROM_IPCP and c.ipcp is None:
                 raise HandlerError(m.EPERM, f"{kind.__name__} is only accepted from IPCPs")
             result = await handler(c, msg, fds)
-        except RegistryError as e:
+        except FlowError as e:
+            if e.code is None:
+                raise
             raise HandlerError(e.code, str(e)) from None
         finally:
             close_fds(fds)
@@ -270,7 +300,8 @@ class Irmd:
     async def admin(self, msg: Message) -> Message:
         """Serve an administrative request from within (config boot) as irm would get it served."""
         if self._admin_client is None:
-            self._admin_client = Client(conn_id=0, pid=os.getpid(), uid=os.geteuid())
+            me = read_peer(os.getpid(), self.uid, os.getegid())
+            self._admin_client = Client(conn_id=0, peer=me, caller=Caller.of(self.uid, self.uid))
         reply, _ = await self._dispatch(self._admin_client, msg, [])
         return reply
 
@@ -286,10 +317,22 @@ class Irmd:
             log.warning("ipcp %s closed its control channel; stopping it", c.ipcp.name)
             _signal(c.ipcp.proc, signal.SIGKILL)
 
+    def _limit_flows(self, uid: int) -> None:
+        """A user other than root and the IRMd's holds at most flows_per_uid flows, either end."""
+        if policy.is_admin(uid, self.uid):
+            return
+        held = self.reg.flows_of_uid(uid)
+        if held >= self.limits.flows_per_uid:
+            raise LimitReached(f"uid {uid} holds {held} flows (limit flows_per_uid={self.limits.flows_per_uid})")
+
     # -- applications ----------------------------------------------------
 
     async def _proc_announce(self, c: Client, msg: m.ProcAnnounce, _: list[int]) -> m.Ok:
-        c.prog = msg.prog
+        c.prog = msg.prog  # a label only: who it is, the kernel says (read again: it may have exec'd)
+        if c.conn_id:
+            fresh = read_peer(c.pid, c.uid, c.peer.gid)
+            if fresh.start == c.peer.start:
+                c.peer = fresh
         await self._notify_acceptors()
         return m.Ok()
 
@@ -300,6 +343,7 @@ class Irmd:
 
     async def _flow_alloc(self, c: Client, msg: m.FlowAlloc, _: list[int]) -> tuple[m.FlowReply, list[int]]:
         check_name(msg.name)
+        self._limit_flows(c.uid)
         timeout = msg.timeout if msg.timeout and msg.timeout > 0 else ALLOC_TIMEOUT
         deadline = time.monotonic() + timeout
         error = HandlerError(m.ENOENT, f"name {msg.name!r} not found in any layer")
@@ -387,6 +431,10 @@ class Irmd:
         return hits
 
     async def _flow_accept(self, c: Client, msg: m.FlowAccept, _: list[int]) -> tuple[m.FlowReply, list[int]]:
+        waiting = sum(1 for f in c.accepts if not f.done())
+        if waiting >= self.limits.accepts_per_conn:
+            raise LimitReached(f"{waiting} accepts are waiting on this connection already "
+                               f"(limit accepts_per_conn={self.limits.accepts_per_conn})")
         fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
         c.accepts.append(fut)
         c.serves = True
@@ -449,6 +497,7 @@ class Irmd:
         if entry is None:
             raise HandlerError(m.ENOENT, "no name with that hash is registered here")
         acceptor = await self._wait_acceptor(entry.name)
+        self._limit_flows(acceptor.uid)
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
             ipcp=ipcp.name, qos=msg.qos, role="dst", state=FlowState.ALLOCATED, mtu=msg.mtu,
@@ -483,7 +532,7 @@ class Irmd:
         if (found := ready()) is not None:
             return found
         # A server of the name is alive: one that accepted before, or a process bound by pid.
-        bound_alive = any((c.serves or c.pid in entry.pids) and self.reg.bound(entry, c.acceptor)
+        bound_alive = any((c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor)
                           for c in self.clients.values())
         prog = self.reg.auto_program(entry)
         if not bound_alive:
@@ -510,15 +559,15 @@ class Irmd:
 
     async def _run_program(self, name: str, prog: ProgBinding) -> None:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                prog.path, *prog.args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
-            )
-        except OSError as e:
+            proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.sock_path)
+        except (OSError, subprocess.SubprocessError) as e:
             log.error("cannot start %s for %r: %s", prog.path, name, e)
+            self._starting.pop(name, None)
             return
-        log.info("started %s %s (pid %d) for %r", prog.path, " ".join(prog.args), proc.pid, name)
+        who = spawn.run_as(prog.owner, self.uid)
+        log.info("started %s %s (pid %d) for %r as %s", prog.path, " ".join(prog.args), proc.pid, name, who.user)
         self.programs[proc.pid] = proc
-        self.reg.started[proc.pid] = name
+        self.reg.started[proc.pid] = (name, proc_start(proc.pid))  # this process, not a later one with its pid
         code = await proc.wait()
         self.programs.pop(proc.pid, None)
         self.reg.started.pop(proc.pid, None)
@@ -536,10 +585,12 @@ class Irmd:
 
     async def _ipcp_announce(self, c: Client, msg: m.IpcpAnnounce, _: list[int]) -> m.Ok:
         ipcp = self.ipcps.get(msg.name)
-        if ipcp is None or ipcp.pid != c.pid or ipcp.announced.done():
+        # The kernel's pid of the process we started (our child: its pid cannot be another's meanwhile).
+        if ipcp is None or ipcp.pid != c.pid or c.uid != self.uid or ipcp.announced.done():
             raise HandlerError(m.EPERM, f"no IPCP {msg.name!r} is expected from pid {c.pid}")
         assert c.channel is not None
         c.ipcp = ipcp
+        c.channel.unlimit()  # our own IPCP: it serves every flow of its layer on this connection
         ipcp.channel = c.channel
         ipcp.announced.set_result(c.channel)
         return m.Ok()
@@ -554,11 +605,9 @@ class Irmd:
             raise HandlerError(m.EINVAL, f"unknown ipcp type {kind!r}: expected one of {'|'.join(IPCP_TYPES)}")
         if name in self.ipcps:
             raise HandlerError(m.EEXIST, f"ipcp {name!r} already exists")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ipcp", kind, name, str(self.sock_path),
-            stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future())
+        proc = await spawn.start_ipcp(kind, name, self.sock_path)
+        self._ipcp_seq += 1
+        ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._ipcp_seq)
         self.ipcps[name] = ipcp
         self._spawn_task(self._watch_ipcp(ipcp))
         waiter: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
@@ -643,7 +692,7 @@ class Irmd:
         ) | {"autobind": autobind}  # fmt: skip
         if autobind:
             for name in (ipcp.name, ipcp.layer):
-                self.reg.bind_pid(name, ipcp.pid)
+                self.reg.bind_proc(name, ProcBinding(ipcp.pid, proc_start(ipcp.pid), self.uid), self.uid)
                 entry = self.reg.names[name]
                 for below in lower:
                     if below.layer not in entry.layers and below.operational:
@@ -688,66 +737,87 @@ class Irmd:
         return m.Ok()
 
     async def _ipcp_list(self, c: Client, msg: m.IpcpList, _: list[int]) -> m.Table:
-        rows = [
-            {"pid": str(i.pid), "name": i.name, "type": i.type, "layer": i.layer or "-",
-             "state": "operational" if i.operational else "init"}
-            for i in self.ipcps.values()
+        rows = (
+            (i.seq, {"pid": str(i.pid), "name": i.name, "type": i.type, "layer": i.layer or "-",
+                     "state": "operational" if i.operational else "init"})
+            for i in sorted(self.ipcps.values(), key=lambda i: i.seq)
             if (not msg.name or i.name == msg.name) and (not msg.layer or i.layer == msg.layer)
             and (not msg.type or i.type == msg.type)
-        ]  # fmt: skip
-        return m.Table(["pid", "name", "type", "layer", "state"], rows)
+        )  # fmt: skip
+        return views.page(["pid", "name", "type", "layer", "state"], rows, msg.start)
 
     # -- names and bindings -------------------------------------------------
+
+    def _new_name(self, c: Client, name: str, lb: str = "round-robin") -> Name:
+        """A name `c` creates (by create, bind or register): it owns it; a user has a limited number."""
+        check_name(name)
+        if not c.caller.admin:
+            held = self.reg.names_of(c.uid)
+            if held >= self.limits.names_per_uid:
+                raise LimitReached(f"uid {c.uid} has made {held} names "
+                                   f"(limit names_per_uid={self.limits.names_per_uid})")
+        return self.reg.create_name(name, lb, owner=c.uid)
+
+    def _own_name(self, c: Client, name: str, create: bool = False) -> Name:
+        """Name `name`, which `c` may act on (theirs, or any for an admin); created as theirs if missing."""
+        entry = self.reg.names.get(name)
+        if entry is None and create:
+            return self._new_name(c, name)
+        if entry is None:
+            entry = self.reg.get_name(name)  # raises: not found
+        policy.check_name(c.caller, entry.owner, name)
+        return entry
 
     async def _bind(self, c: Client, msg: m.Bind, _: list[int]) -> m.Ok:
         if msg.bind:
             check_name(msg.name)
         if msg.kind == "program":
+            policy.check_bind(c.caller, "program", None)
             if msg.bind:
                 if not os.path.isabs(msg.target) or not os.access(msg.target, os.X_OK):
                     raise HandlerError(m.EINVAL, f"program {msg.target!r} is not an executable absolute path")
-                self.reg.bind_program(msg.name, msg.target, msg.args, msg.auto)
+                existing = self.reg.names.get(msg.name)
+                if existing is not None:
+                    policy.check_admin_name(c.caller, existing.owner, msg.name, self.uid)
+                entry = self._own_name(c, msg.name, create=True)
+                self.reg.bind_program(entry.name, msg.target, msg.args, msg.auto, c.uid, program_of(msg.target))
             else:
                 self.reg.unbind_program(msg.target, msg.name)
         elif msg.kind in ("process", "ipcp"):
-            pid = self._ipcp(msg.target).pid if msg.kind == "ipcp" else self._pid(msg.target)
+            pid = self._ipcp(msg.target).pid if msg.kind == "ipcp" else _pid(msg.target)
+            uids = proc_uids(pid)
+            if uids is None:
+                raise HandlerError(m.ENOENT, f"no process with pid {pid}")
+            # A user's own process: it runs as them, really and effectively (not a setuid program they started).
+            policy.check_bind(c.caller, msg.kind, uids[1] if uids[0] == uids[1] else -1)
             if msg.bind:
-                self.reg.bind_pid(msg.name, pid)
-            else:
+                entry = self._own_name(c, msg.name, create=True)
+                self.reg.bind_proc(entry.name, ProcBinding(pid, proc_start(pid), uids[1]))
+            elif msg.name:
+                self._own_name(c, msg.name)
                 self.reg.unbind_pid(pid, msg.name)
+            else:  # from every name the caller may act on
+                self.reg.unbind_pid(pid, scope=list(self._names_seen(c)))
         else:
             raise HandlerError(m.EINVAL, f"cannot bind a {msg.kind!r}: expected program, process or ipcp")
         await self._notify_acceptors()
         return m.Ok()
 
-    @staticmethod
-    def _pid(text: str) -> int:
-        if not text.isdigit():
-            raise HandlerError(m.EINVAL, f"bad pid {text!r}: expected a number")
-        pid = int(text)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise HandlerError(m.ENOENT, f"no process with pid {pid}") from None
-        except PermissionError:
-            pass
-        return pid
-
     async def _name_create(self, c: Client, msg: m.NameCreate, _: list[int]) -> m.Ok:
         if msg.name in self.reg.names:
             raise HandlerError(m.EEXIST, f"name {msg.name!r} already exists")
-        self.reg.create_name(msg.name, msg.lb)
+        self._new_name(c, msg.name, msg.lb)
         return m.Ok()
 
     async def _name_destroy(self, c: Client, msg: m.NameDestroy, _: list[int]) -> m.Ok:
+        self._own_name(c, msg.name)
         self.reg.destroy_name(msg.name)
         return m.Ok()
 
     async def _name_register(self, c: Client, msg: m.NameRegister, _: list[int]) -> m.Ok:
         if not msg.layers:
             raise HandlerError(m.EINVAL, "register needs at least one layer")
-        entry = self.reg.create_name(msg.name) if msg.register and msg.name not in self.reg.names else (
-            self.reg.get_name(msg.name))  # fmt: skip
+        entry = self._own_name(c, msg.name, create=msg.register)
         for layer in msg.layers:
             ipcp = next((i for i in self.ipcps.values() if i.layer == layer and i.operational), None)
             if ipcp is None:
@@ -760,31 +830,52 @@ class Irmd:
             (entry.layers.add if msg.register else entry.layers.discard)(layer)
         return m.Ok()
 
-    async def _name_list(self, c: Client, msg: m.NameList, _: list[int]) -> m.Table:
-        rows = [
-            {"name": e.name, "lb": e.lb, "layers": ",".join(sorted(e.layers)) or "-",
-             "programs": ",".join(f"{p.path}{' (auto)' if p.auto else ''}" for p in e.programs.values()) or "-",
-             "pids": ",".join(map(str, sorted(e.pids))) or "-"}
-            for e in self.reg.names.values()
-        ]  # fmt: skip
-        return m.Table(["name", "lb", "layers", "programs", "pids"], rows)
+    def _names_seen(self, c: Client) -> Iterator[Name]:
+        """The names `c` may see, in creation order: an admin all, a user their own."""
+        return (e for e in sorted(self.reg.names.values(), key=lambda e: e.seq) if policy.visible(c.caller, e.owner))
 
-    async def _dump(self, c: Client, msg: m.Dump, _: list[int]) -> m.Ok:
-        ipcps = list(self.ipcps.values())
-        if msg.what == "config":
-            return m.Ok(state.as_config(ipcps, self.reg))
-        if msg.what in ("text", "dot"):
-            return m.Ok(state.layer_graph(ipcps, self.reg, msg.what))
-        raise HandlerError(m.EINVAL, f"cannot dump {msg.what!r}: expected config, text or dot")
+    async def _name_list(self, c: Client, msg: m.NameList, _: list[int]) -> m.Table:
+        rows = (
+            (e.seq, {"name": e.name, "lb": e.lb, "layers": ",".join(sorted(e.layers)) or "-",
+                     "programs": ",".join(f"{p.path}{' (auto)' if p.auto else ''}" for p in e.programs.values()) or "-",
+                     "pids": ",".join(map(str, sorted(e.procs))) or "-"})
+            for e in self._names_seen(c)
+        )  # fmt: skip
+        return views.page(["name", "lb", "layers", "programs", "pids"], rows, msg.start)
+
+    async def _dump(self, c: Client, msg: m.Dump, _: list[int]) -> m.Text:
+        if msg.offset == 0 or not c.dump:  # a dump is made once, then fetched in parts
+            ipcps = list(self.ipcps.values())
+
+            def shown(entry: Name) -> bool:
+                return policy.visible(c.caller, entry.owner)
+
+            if msg.what == "config":
+                c.dump = state.as_config(ipcps, self.reg, shown)
+            elif msg.what in ("text", "dot"):
+                c.dump = state.layer_graph(ipcps, self.reg, msg.what, shown)
+            else:
+                raise HandlerError(m.EINVAL, f"cannot dump {msg.what!r}: expected config, text or dot")
+        part = views.text_part(c.dump, msg.offset)
+        if not part.next:
+            c.dump = ""
+        return part
 
     async def _flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
-        rows = [
-            {"id": str(f.flow_id), "pid": str(f.pid), "name": f.name, "role": f.role,
-             "layer": f.layer, "ipcp": f.ipcp, "state": f.state.value, "mtu": str(f.mtu),
-             "qos": "reliable" if f.qos.reliable else "best-effort"}
-            for f in self.reg.flows.values()
-        ]  # fmt: skip
-        return m.Table(["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos"], rows)
+        rows = (
+            (f.flow_id, {"id": str(f.flow_id), "pid": str(f.pid), "name": f.name, "role": f.role,
+                         "layer": f.layer, "ipcp": f.ipcp, "state": f.state.value, "mtu": str(f.mtu),
+                         "qos": "reliable" if f.qos.reliable else "best-effort"})
+            for f in list(self.reg.flows.values())
+            if policy.visible(c.caller, f.uid)
+        )  # fmt: skip
+        return views.page(["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos"], rows, msg.start)
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit() or len(text) > 10:
+        raise HandlerError(m.EINVAL, f"bad pid {text!r}: expected a number")
+    return int(text)
 
 
 def _raise_nofile() -> None:
@@ -801,7 +892,7 @@ async def _serve(args: argparse.Namespace) -> int:
         except ConfigError as e:
             log.error("%s", e)
             return 1
-    irmd = Irmd(irmd_sock_path(args.sock))
+    irmd = Irmd(irmd_sock_path(args.sock), args.limits)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, irmd.stop)
@@ -826,7 +917,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sock", help="control socket (default: $OUROBOROS_SOCK or the per-user default)")
     parser.add_argument("--config", metavar="FILE.toml", help="create, bootstrap, bind and register from a file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--limit", action="append", default=[], metavar="KEY=N",
+                        help=f"a per-user or per-connection limit (docs/security/irmd.md): {', '.join(Limits.keys())}")
     args = parser.parse_args(argv)
+    try:
+        args.limits = parse_options(args.limit)
+    except LimitError as e:
+        parser.error(str(e))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",

@@ -12,30 +12,50 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator
 
-from proto.names import LB_POLICIES, RegistryError, check_name, name_hash
+from irmd.identity import Peer, Program, runs
+from proto.errors import Busy, InvalidArgument, NotFound
+from proto.names import LB_POLICIES, check_name, name_hash
 from proto.qos import QosSpec
-
-
-def prog_key(path: str) -> str:
-    """Programs are matched by base name, as `irm bind program oping` names them."""
-    return os.path.basename(path.rstrip("/")) or path
 
 
 @dataclasses.dataclass
 class ProgBinding:
+    """`irm bind program`: processes running `program` (as its owner, root or the IRMd's user) accept."""
+
     path: str
     args: list[str]
     auto: bool
+    owner: int = 0  # the uid that bound it; auto-started instances run as this uid
+    program: Program | None = None  # what the kernel runs for path, read when it was bound
+
+    def __post_init__(self) -> None:
+        if self.program is None:
+            self.program = Program(self.path, os.path.realpath(self.path))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcBinding:
+    """`irm bind process`: this one process (its pid and start time: pids are reused)."""
+
+    pid: int
+    start: int
+    uid: int
 
 
 @dataclasses.dataclass
 class Name:
     name: str
     lb: str = "round-robin"
-    programs: dict[str, ProgBinding] = dataclasses.field(default_factory=dict)
-    pids: set[int] = dataclasses.field(default_factory=set)
+    owner: int = 0  # the uid that created it (by create, bind or register)
+    seq: int = 0  # creation order: lists page by it
+    programs: dict[str, ProgBinding] = dataclasses.field(default_factory=dict)  # real path -> binding
+    procs: dict[int, ProcBinding] = dataclasses.field(default_factory=dict)  # pid -> binding
     layers: set[str] = dataclasses.field(default_factory=set)
     next_rr: int = 0
+
+    @property
+    def pids(self) -> set[int]:
+        return set(self.procs)
 
 
 class FlowState(enum.Enum):
@@ -61,31 +81,42 @@ class Flow:
     fd: int = -1  # the IRMd's copy of the application's end, to tear the flow down
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Acceptor:
-    """An application connection that can take flows: the bound pid, its program."""
+    """An application connection that can take flows: the process as the kernel describes it."""
 
     conn_id: int
-    pid: int
-    prog: str
+    peer: Peer
+
+    @property
+    def pid(self) -> int:
+        return self.peer.pid
+
+
+def prog_key(path: str) -> str:
+    """Program bindings are keyed by the file's real path: two names for one file are one program."""
+    return os.path.realpath(path)
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, irmd_uid: int | None = None) -> None:
+        self.irmd_uid = os.geteuid() if irmd_uid is None else irmd_uid
         self.names: dict[str, Name] = {}
         self.flows: dict[int, Flow] = {}
         self._flow_ids = itertools.count(1)
-        self.started: dict[int, str] = {}  # pid -> the name the IRMd started that program for
+        self._name_seq = itertools.count(1)
+        self.started: dict[int, tuple[str, int]] = {}  # pid -> (name it was started for, its start time)
 
     # -- names ---------------------------------------------------------
 
-    def create_name(self, name: str, lb: str = "round-robin") -> Name:
+    def create_name(self, name: str, lb: str = "round-robin", owner: int | None = None) -> Name:
         check_name(name)
         if lb not in LB_POLICIES:
-            raise RegistryError("EINVAL", f"unknown lb policy {lb!r}: expected {' or '.join(LB_POLICIES)}")
+            raise InvalidArgument(f"unknown lb policy {lb!r}: expected {' or '.join(LB_POLICIES)}")
         entry = self.names.get(name)
         if entry is None:
-            entry = self.names[name] = Name(name, lb)
+            owner = self.irmd_uid if owner is None else owner
+            entry = self.names[name] = Name(name, lb, owner, next(self._name_seq))
         else:
             entry.lb = lb
         return entry
@@ -94,15 +125,16 @@ class Registry:
         try:
             return self.names[name]
         except KeyError:
-            raise RegistryError("ENOENT", f"name {name!r} not found") from None
+            raise NotFound(f"name {name!r} not found") from None
 
     def destroy_name(self, name: str) -> Name:
         entry = self.get_name(name)
         if entry.layers:
-            raise RegistryError(
-                "EBUSY", f"name {name!r} is registered in {', '.join(sorted(entry.layers))}; unregister it first"
-            )
+            raise Busy(f"name {name!r} is registered in {', '.join(sorted(entry.layers))}; unregister it first")
         return self.names.pop(name)
+
+    def names_of(self, uid: int) -> int:
+        return sum(1 for e in self.names.values() if e.owner == uid)
 
     def name_for_hash(self, layer: str, algo: str, digest: bytes) -> Name | None:
         for entry in self.names.values():
@@ -112,43 +144,52 @@ class Registry:
 
     # -- bindings ------------------------------------------------------
 
-    def bind_program(self, name: str, path: str, args: list[str], auto: bool) -> None:
-        self.create_name(name) if name not in self.names else None
-        self.names[name].programs[prog_key(path)] = ProgBinding(path, list(args), auto)
+    def _name(self, name: str, owner: int | None) -> Name:
+        return self.names[name] if name in self.names else self.create_name(name, owner=owner)
+
+    def bind_program(self, name: str, path: str, args: list[str], auto: bool, owner: int | None = None,
+                     program: Program | None = None) -> None:
+        owner = self.irmd_uid if owner is None else owner
+        self._name(name, owner).programs[prog_key(path)] = ProgBinding(path, list(args), auto, owner, program)
 
     def unbind_program(self, path: str, name: str = "") -> None:
         key = prog_key(path)
         hits = [e for e in self._scope(name) if e.programs.pop(key, None) is not None]
         if not hits:
-            raise RegistryError("ENOENT", f"program {path!r} is not bound{f' to {name!r}' if name else ''}")
+            raise NotFound(f"program {path!r} is not bound{f' to {name!r}' if name else ''}")
 
-    def bind_pid(self, name: str, pid: int) -> None:
-        if name not in self.names:
-            self.create_name(name)
-        self.names[name].pids.add(pid)
+    def bind_proc(self, name: str, proc: ProcBinding, owner: int | None = None) -> None:
+        self._name(name, owner).procs[proc.pid] = proc
 
-    def unbind_pid(self, pid: int, name: str = "") -> None:
-        hits = [e for e in self._scope(name) if pid in e.pids]
+    def unbind_pid(self, pid: int, name: str = "", scope: Iterable[Name] | None = None) -> None:
+        hits = [e for e in (self._scope(name) if scope is None else scope) if pid in e.procs]
         if not hits:
-            raise RegistryError("ENOENT", f"process {pid} is not bound{f' to {name!r}' if name else ''}")
+            raise NotFound(f"process {pid} is not bound{f' to {name!r}' if name else ''}")
         for e in hits:
-            e.pids.discard(pid)
+            del e.procs[pid]
 
     def forget_pid(self, pid: int) -> None:
         for e in self.names.values():
-            e.pids.discard(pid)
+            e.procs.pop(pid, None)
         self.started.pop(pid, None)
 
     def _scope(self, name: str) -> Iterable[Name]:
         return [self.get_name(name)] if name else list(self.names.values())
 
     def bound(self, entry: Name, acceptor: Acceptor) -> bool:
-        """Bound by pid; or by program, unless the IRMd started the process for another name
-        (its arguments were that name's: several depots of one program must not mix)."""
-        if acceptor.pid in entry.pids:
+        """May `acceptor` take flows for `entry`? A process bound by pid (the same process: its start
+        time matches); one the IRMd started for this name; or one whose executable is a bound program
+        and that runs as the binding's owner, root or the IRMd's user. A process the IRMd started for
+        another name takes only that name's flows (its arguments were that name's)."""
+        peer = acceptor.peer
+        proc = entry.procs.get(peer.pid)
+        if proc is not None and proc.start == peer.start:
             return True
-        started_for = self.started.get(acceptor.pid)
-        return prog_key(acceptor.prog) in entry.programs and started_for in (None, entry.name)
+        started = self.started.get(peer.pid)
+        if started is not None and started[1] == peer.start:
+            return started[0] == entry.name
+        return any(peer.uid in (p.owner, 0, self.irmd_uid) and p.program is not None and runs(p.program, peer)
+                   for p in entry.programs.values())
 
     def pick(self, entry: Name, acceptors: list[Acceptor]) -> Acceptor | None:
         """The acceptor that gets the next flow for `entry`, by its lb policy."""
@@ -175,3 +216,6 @@ class Registry:
         for flow in list(self.flows.values()):
             if (owner is None or flow.owner == owner) and (ipcp is None or flow.ipcp == ipcp):
                 yield flow
+
+    def flows_of_uid(self, uid: int) -> int:
+        return sum(1 for f in self.flows.values() if f.uid == uid)

@@ -5,10 +5,11 @@ and the graph of layers, what runs over what (`irm dump graph`, as text or Graph
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from irmd.registry import Registry
+from irmd.registry import Name, Registry
+from irmd.views import REDACTED, redact
 
 if TYPE_CHECKING:
     from irmd.daemon import Ipcp
@@ -26,12 +27,19 @@ def _ipcp_pids(ipcps: Sequence[Ipcp]) -> set[int]:
     return {i.pid for i in ipcps}
 
 
-def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
-    """A TOML config file (docs/config.md) that recreates this state when an irmd boots from it."""
+def _everything(entry: Name) -> bool:
+    return True
+
+
+def as_config(ipcps: Sequence[Ipcp], reg: Registry, shown: Callable[[Name], bool] = _everything) -> str:
+    """A TOML config file (docs/config.md) that recreates this state when an irmd boots from it.
+
+    Only the names `shown` are in it (a user sees their own); secrets (layer keys) never are.
+    """
     out = ["# The running state of this IRMd, as `irmd --config` takes it (written by `irm dump config`).", ""]
     ipcp_pids = _ipcp_pids(ipcps)
     for entry in sorted(reg.names.values(), key=lambda e: e.name):
-        if entry.pids & ipcp_pids:
+        if entry.pids & ipcp_pids or not shown(entry):
             continue  # an IPCP's own names: autobind makes them again
         out.append(f"[name.{_q(entry.name)}]")
         if entry.programs:
@@ -50,7 +58,9 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
         joined = ipcp.joined
         if "bootstrap" in joined:
             out.append(f"bootstrap = {_q(joined['bootstrap'])}")
-            out += [f"{key} = {_q(value)}" for key, value in sorted(joined["conf"].items())]
+            out += [f"# {key} = ... (a secret, never dumped: write it here to boot from this file)"
+                    if value == REDACTED else f"{key} = {_q(value)}"
+                    for key, value in sorted(redact(joined["conf"]).items())]
         elif "enrol" in joined:
             out.append(f"enrol = {_q(joined['enrol'])}")
         if joined.get("autobind"):
@@ -58,7 +68,7 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
         if ipcp.conns:
             out.append(f"conn = [{', '.join(map(_q, ipcp.conns))}]")
         names = sorted(e.name for e in reg.names.values()
-                       if ipcp.layer and ipcp.layer in e.layers and not e.pids & ipcp_pids)  # fmt: skip
+                       if ipcp.layer and ipcp.layer in e.layers and not e.pids & ipcp_pids and shown(e))  # fmt: skip
         if names:
             out.append(f"reg = [{', '.join(map(_q, names))}]")
         out.append("")
@@ -84,9 +94,11 @@ def _edges(ipcps: Sequence[Ipcp], reg: Registry) -> tuple[dict[str, set[str]], d
     return over, names
 
 
-def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text") -> str:
-    """What runs over what on this host: layers over layers, applications' names over layers."""
+def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
+                shown: Callable[[Name], bool] = _everything) -> str:
+    """What runs over what on this host: layers over layers, applications' names (those `shown`) over layers."""
     over, names = _edges(ipcps, reg)
+    names = {n: layers for n, layers in names.items() if shown(reg.names[n])}
     of_layer = {i.layer: i for i in ipcps if i.layer}
     if fmt == "dot":
         dot = ["digraph layers {", "  rankdir=BT;", "  node [fontname=Helvetica];"]

@@ -9,22 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from proto.errors import Code
 from proto.qos import QosSpec
 from transports.wire import Codec, Message
 
 CODEC = Codec()
 reg = CODEC.register
 
-# Error codes carried in Error replies (errno-like symbols).
-ENOENT = "ENOENT"  # name, ipcp, layer or flow not found
-EEXIST = "EEXIST"
-EINVAL = "EINVAL"
-EPERM = "EPERM"
-ETIMEDOUT = "ETIMEDOUT"
-ENOTCONN = "ENOTCONN"  # layer or ipcp down
-EIPCP = "EIPCP"  # the IPCP failed the operation
-EPROTO = "EPROTO"
-ENOTSUP = "ENOTSUP"  # the layer cannot serve the QoS asked
+# Error codes carried in Error replies: proto.errors.Code, one exception class each.
+ENOENT = Code.ENOENT  # name, ipcp, layer or flow not found
+EEXIST = Code.EEXIST
+EINVAL = Code.EINVAL
+EPERM = Code.EPERM
+ETIMEDOUT = Code.ETIMEDOUT
+ENOTCONN = Code.ENOTCONN  # layer or ipcp down
+EIPCP = Code.EIPCP  # the IPCP failed the operation
+EPROTO = Code.EPROTO
+ENOTSUP = Code.ENOTSUP  # the layer cannot serve the QoS asked
+EBUSY = Code.EBUSY
+EDQUOT = Code.EDQUOT  # a limit of the IRMd is reached
+EIO = Code.EIO
 
 
 # -- generic replies ----------------------------------------------------------
@@ -45,6 +49,7 @@ class Table(Message):
     TYPE: ClassVar[int] = 3
     columns: list[str] = field(default_factory=list)
     rows: list[dict[str, str]] = field(default_factory=list)
+    next: int = 0  # more rows follow: ask again with start=next (a list never outgrows one frame)
 
 
 # -- application <-> IRMd -------------------------------------------------------
@@ -177,6 +182,7 @@ class IpcpList(Message):
     name: str = ""
     layer: str = ""
     type: str = ""
+    start: int = 0  # the page from this key on (Table.next of the page before)
 
 
 @reg
@@ -221,12 +227,14 @@ class NameRegister(Message):
 @dataclass
 class NameList(Message):
     TYPE: ClassVar[int] = 40
+    start: int = 0
 
 
 @reg
 @dataclass
 class FlowList(Message):
     TYPE: ClassVar[int] = 41
+    start: int = 0
 
 
 @reg
@@ -236,6 +244,17 @@ class Dump(Message):
 
     TYPE: ClassVar[int] = 42
     what: str = "config"
+    offset: int = 0  # the text from this offset on (Text.next of the part before)
+
+
+@reg
+@dataclass
+class Text(Message):
+    """A part of a long text (a dump): ask again with offset=next while next is not 0."""
+
+    TYPE: ClassVar[int] = 110
+    text: str
+    next: int = 0
 
 
 # -- IRMd <-> IPCP --------------------------------------------------------------

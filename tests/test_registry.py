@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
-from irmd.registry import Acceptor, Registry, RegistryError, check_name, name_hash, prog_key
+from irmd.identity import Peer, Program
+from irmd.registry import Acceptor, ProcBinding, Registry, check_name, name_hash, prog_key
+from proto.errors import Busy, InvalidArgument, NotFound
+
+IRMD_UID = 4242  # the IRMd's own user in these tests: not root, not the users below
+USER, OTHER = 1000, 1001
 
 
 @pytest.fixture
 def reg() -> Registry:
-    return Registry()
+    return Registry(IRMD_UID)
 
 
-def acceptors(*pids: int, prog: str = "/usr/bin/other") -> list[Acceptor]:
-    return [Acceptor(conn_id=100 + pid, pid=pid, prog=prog) for pid in pids]
+def peer(pid: int, uid: int = USER, exe: str = "/usr/bin/other", start: int = 7, argv: tuple[str, ...] = ()) -> Peer:
+    return Peer(pid, uid, uid, start, exe, argv or (exe,), "/")
+
+
+def acceptors(*pids: int, exe: str = "/usr/bin/other") -> list[Acceptor]:
+    return [Acceptor(100 + pid, peer(pid, exe=exe)) for pid in pids]
+
+
+def bind_pid(reg: Registry, name: str, pid: int, start: int = 7) -> None:
+    reg.bind_proc(name, ProcBinding(pid, start, USER))
 
 
 # -- names ----------------------------------------------------------------------
@@ -26,16 +40,14 @@ def test_create_name_defaults_to_round_robin(reg: Registry) -> None:
 
 
 def test_create_name_rejects_an_unknown_lb_policy_naming_the_choices(reg: Registry) -> None:
-    with pytest.raises(RegistryError, match="round-robin or spillover") as err:
+    with pytest.raises(InvalidArgument, match="round-robin or spillover"):
         reg.create_name("pong", "random")
-    assert err.value.code == "EINVAL"
 
 
 @pytest.mark.parametrize("bad", ["", "two words", "tab\there", "nl\n", "x" * 256, "bell\x07"])
 def test_bad_names_are_rejected(bad: str) -> None:
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(InvalidArgument):
         check_name(bad)
-    assert err.value.code == "EINVAL"
 
 
 def test_longest_allowed_name_is_accepted() -> None:
@@ -43,7 +55,7 @@ def test_longest_allowed_name_is_accepted() -> None:
 
 
 def test_get_unknown_name_is_enoent_saying_not_found(reg: Registry) -> None:
-    with pytest.raises(RegistryError, match="'ghost' not found") as err:
+    with pytest.raises(NotFound, match="'ghost' not found") as err:
         reg.get_name("ghost")
     assert err.value.code == "ENOENT"
 
@@ -56,7 +68,7 @@ def test_destroy_removes_an_unregistered_name(reg: Registry) -> None:
 
 def test_destroy_refuses_a_name_registered_in_a_layer(reg: Registry) -> None:
     reg.create_name("pong").layers.add("local")
-    with pytest.raises(RegistryError, match="registered in local; unregister it first"):
+    with pytest.raises(Busy, match="registered in local; unregister it first"):
         reg.destroy_name("pong")
     assert "pong" in reg.names
 
@@ -64,20 +76,38 @@ def test_destroy_refuses_a_name_registered_in_a_layer(reg: Registry) -> None:
 # -- bindings -------------------------------------------------------------------
 
 
-def test_bind_program_creates_the_name_and_records_path_args_auto(reg: Registry) -> None:
-    reg.bind_program("pong", "/usr/bin/oping", ["-l"], True)
-    binding = reg.names["pong"].programs["oping"]
-    assert (binding.path, binding.args, binding.auto) == ("/usr/bin/oping", ["-l"], True)
+def test_names_belong_to_who_made_them_the_irmds_user_by_default(reg: Registry) -> None:
+    assert reg.create_name("mine", owner=USER).owner == USER
+    assert reg.create_name("host's").owner == IRMD_UID
+    reg.bind_program("auto-made", "/bin/oping", [], False, owner=OTHER)
+    assert reg.names["auto-made"].owner == OTHER
+    assert reg.names_of(USER) == 1
 
 
-def test_programs_are_matched_by_base_name() -> None:
-    assert prog_key("/usr/local/bin/oping") == prog_key("oping") == "oping"
+def test_names_list_in_the_order_they_were_made(reg: Registry) -> None:
+    for name in ("b", "a", "c"):
+        reg.create_name(name)
+    assert sorted(reg.names, key=lambda n: reg.names[n].seq) == ["b", "a", "c"]
+
+
+def test_bind_program_creates_the_name_and_records_path_args_auto_and_owner(reg: Registry) -> None:
+    reg.bind_program("pong", "/usr/bin/oping", ["-l"], True, owner=0)
+    binding = reg.names["pong"].programs[prog_key("/usr/bin/oping")]
+    assert (binding.path, binding.args, binding.auto, binding.owner) == ("/usr/bin/oping", ["-l"], True, 0)
+
+
+def test_programs_are_keyed_by_their_real_path(tmp_path: os.PathLike[str]) -> None:
+    real = os.path.join(tmp_path, "prog")
+    link = os.path.join(tmp_path, "link")
+    open(real, "w").close()
+    os.symlink(real, link)
+    assert prog_key(link) == prog_key(real) == os.path.realpath(real)
 
 
 def test_unbind_program_removes_it_from_every_name_when_no_name_given(reg: Registry) -> None:
     reg.bind_program("a", "/bin/oping", [], False)
     reg.bind_program("b", "/bin/oping", [], False)
-    reg.unbind_program("oping")
+    reg.unbind_program("/bin/oping")
     assert not reg.names["a"].programs and not reg.names["b"].programs
 
 
@@ -85,44 +115,78 @@ def test_unbind_program_with_a_name_keeps_other_bindings(reg: Registry) -> None:
     reg.bind_program("a", "/bin/oping", [], False)
     reg.bind_program("b", "/bin/oping", [], False)
     reg.unbind_program("/bin/oping", "a")
-    assert "oping" not in reg.names["a"].programs and "oping" in reg.names["b"].programs
+    assert not reg.names["a"].programs and reg.names["b"].programs
 
 
 def test_unbind_of_an_unbound_program_is_enoent(reg: Registry) -> None:
     reg.create_name("a")
-    with pytest.raises(RegistryError, match="not bound") as err:
+    with pytest.raises(NotFound, match="not bound"):
         reg.unbind_program("/bin/oping")
-    assert err.value.code == "ENOENT"
 
 
 def test_bind_and_unbind_pid(reg: Registry) -> None:
-    reg.bind_pid("a", 42)
+    bind_pid(reg, "a", 42)
     assert 42 in reg.names["a"].pids
     reg.unbind_pid(42, "a")
     assert 42 not in reg.names["a"].pids
 
 
 def test_unbind_of_an_unbound_pid_is_enoent(reg: Registry) -> None:
-    reg.bind_pid("a", 42)
-    with pytest.raises(RegistryError, match="process 7 is not bound") as err:
+    bind_pid(reg, "a", 42)
+    with pytest.raises(NotFound, match="process 7 is not bound"):
         reg.unbind_pid(7)
-    assert err.value.code == "ENOENT"
+
+
+def test_unbind_pid_without_a_name_stays_within_the_scope_given(reg: Registry) -> None:
+    bind_pid(reg, "a", 42)
+    bind_pid(reg, "b", 42)
+    reg.unbind_pid(42, scope=[reg.names["a"]])
+    assert 42 not in reg.names["a"].pids and 42 in reg.names["b"].pids
 
 
 def test_forget_pid_drops_it_from_all_names(reg: Registry) -> None:
-    reg.bind_pid("a", 42)
-    reg.bind_pid("b", 42)
+    bind_pid(reg, "a", 42)
+    bind_pid(reg, "b", 42)
     reg.forget_pid(42)
     assert not reg.names["a"].pids and not reg.names["b"].pids
 
 
-def test_bound_by_pid_or_by_program(reg: Registry) -> None:
+# -- who may accept -------------------------------------------------------------
+
+
+def test_a_pid_binding_is_that_process_not_a_later_one_with_its_pid(reg: Registry) -> None:
     entry = reg.create_name("a")
-    reg.bind_pid("a", 42)
-    reg.bind_program("a", "/bin/oping", [], False)
-    assert reg.bound(entry, Acceptor(1, 42, "/bin/sh"))
-    assert reg.bound(entry, Acceptor(2, 43, "/opt/bin/oping"))
-    assert not reg.bound(entry, Acceptor(3, 44, "/bin/sh"))
+    bind_pid(reg, "a", 42, start=1000)
+    assert reg.bound(entry, Acceptor(1, peer(42, start=1000)))
+    assert not reg.bound(entry, Acceptor(1, peer(42, start=2000)))
+
+
+def test_a_program_binding_takes_a_process_running_it_as_its_owner_root_or_the_irmds_user(reg: Registry) -> None:
+    entry = reg.create_name("a")
+    reg.bind_program("a", "/bin/oping", [], False, owner=USER, program=Program("/bin/oping", "/bin/oping"))
+    for uid in (USER, 0, IRMD_UID):
+        assert reg.bound(entry, Acceptor(1, peer(50, uid=uid, exe="/bin/oping"))), uid
+    assert not reg.bound(entry, Acceptor(1, peer(50, uid=OTHER, exe="/bin/oping")))  # the program, another user
+    assert not reg.bound(entry, Acceptor(1, peer(50, uid=USER, exe="/bin/sh")))  # the user, another program
+
+
+def test_what_a_process_announces_is_no_identity(reg: Registry) -> None:
+    """Only the kernel's exe counts: a process whose argv[0] says oping is not oping."""
+    entry = reg.create_name("a")
+    reg.bind_program("a", "/bin/oping", [], False, owner=USER, program=Program("/bin/oping", "/bin/oping"))
+    liar = peer(50, exe="/bin/sh", argv=("/bin/oping", "-l"))
+    assert not reg.bound(entry, Acceptor(1, liar))
+
+
+def test_a_process_the_irmd_started_for_one_name_takes_that_names_flows_only(reg: Registry) -> None:
+    a, b = reg.create_name("a"), reg.create_name("b")
+    for name in ("a", "b"):
+        reg.bind_program(name, "/bin/depot", [name], True, owner=USER, program=Program("/bin/depot", "/bin/depot"))
+    reg.started[60] = ("a", 5)
+    started = Acceptor(1, peer(60, exe="/bin/depot", start=5))
+    assert reg.bound(a, started) and not reg.bound(b, started)
+    later = Acceptor(1, peer(60, exe="/bin/depot", start=9))  # the pid again, another process: a plain instance
+    assert reg.bound(a, later) and reg.bound(b, later)
 
 
 def test_auto_program_is_the_binding_marked_auto(reg: Registry) -> None:
@@ -139,7 +203,7 @@ def test_auto_program_is_the_binding_marked_auto(reg: Registry) -> None:
 def test_round_robin_pick_cycles_over_bound_acceptors(reg: Registry) -> None:
     entry = reg.create_name("a", "round-robin")
     for pid in (1, 2, 3):
-        reg.bind_pid("a", pid)
+        bind_pid(reg, "a", pid)
     ready = acceptors(1, 2, 3)
     picks = [reg.pick(entry, ready).pid for _ in range(6)]  # type: ignore[union-attr]
     assert picks == [1, 2, 3, 1, 2, 3]
@@ -148,7 +212,7 @@ def test_round_robin_pick_cycles_over_bound_acceptors(reg: Registry) -> None:
 def test_spillover_pick_always_takes_the_first_bound_acceptor(reg: Registry) -> None:
     entry = reg.create_name("a", "spillover")
     for pid in (1, 2, 3):
-        reg.bind_pid("a", pid)
+        bind_pid(reg, "a", pid)
     ready = acceptors(1, 2, 3)
     assert [reg.pick(entry, ready).pid for _ in range(4)] == [1, 1, 1, 1]  # type: ignore[union-attr]
     assert reg.pick(entry, ready[1:]).pid == 2  # type: ignore[union-attr]
@@ -156,13 +220,13 @@ def test_spillover_pick_always_takes_the_first_bound_acceptor(reg: Registry) -> 
 
 def test_pick_ignores_acceptors_not_bound_to_the_name(reg: Registry) -> None:
     entry = reg.create_name("a")
-    reg.bind_pid("a", 2)
+    bind_pid(reg, "a", 2)
     assert reg.pick(entry, acceptors(1, 2, 3)).pid == 2  # type: ignore[union-attr]
 
 
 def test_pick_with_no_bound_acceptor_is_none(reg: Registry) -> None:
     entry = reg.create_name("a")
-    reg.bind_pid("a", 9)
+    bind_pid(reg, "a", 9)
     assert reg.pick(entry, acceptors(1, 2)) is None
 
 
@@ -175,7 +239,7 @@ def test_name_hash_is_the_layers_sha3_of_the_name(algo: str) -> None:
 
 
 def test_unknown_hash_is_einval() -> None:
-    with pytest.raises(RegistryError, match="unknown hash 'MD5'"):
+    with pytest.raises(InvalidArgument, match="unknown hash 'MD5'"):
         name_hash("MD5", "pong")
 
 

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from irmd.cli import UsageError
 from proto import messages as m
+from proto.errors import AlreadyExists, FlowError, NotFound
 from proto.names import LB_POLICIES
 from proto.options import bootstrap_conf
-from transports.channel import HandlerError
 from transports.wire import Message
 
 if TYPE_CHECKING:
-    from irmd.daemon import Irmd
+    from irmd.core import Irmd
 
 log = logging.getLogger("irmd.config")
 
@@ -187,9 +187,7 @@ async def _join(irmd: Irmd, msg: _Join, where: str) -> None:
     try:
         await _admin(irmd, msg.enroll, where, JOIN_PATIENCE, JOIN_TRIES)
         log.info("%s: joined layer %s through a member", where, msg.enroll.dst)
-    except HandlerError as e:
-        if e.code != m.ENOENT:
-            raise
+    except NotFound:
         log.info("%s: no member of layer %s answered: bootstrapping it", where, msg.enroll.dst)
         await irmd.admin(msg.bootstrap)
 
@@ -205,10 +203,10 @@ async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_P
         try:
             await irmd.admin(msg)
             return
-        except HandlerError as e:
-            if not isinstance(msg, m.IpcpEnroll) or e.code != m.ENOENT or (time.monotonic() > deadline and tries <= 0):
+        except NotFound as e:  # no member answers yet: LAN hosts boot in any order
+            if not isinstance(msg, m.IpcpEnroll) or (time.monotonic() > deadline and tries <= 0):
                 raise
-            log.warning("%s: %s; trying again in %.0f s", where, e.text, ENROL_RETRY)
+            log.warning("%s: %s; trying again in %.0f s", where, e, ENROL_RETRY)
         await asyncio.sleep(ENROL_RETRY)
 
 
@@ -216,15 +214,15 @@ async def apply_config(irmd: Irmd, steps: list[Step], path: Path) -> None:
     """Carry out planned steps in order; the first failure raises ConfigError."""
     for where, msg in steps:
         if isinstance(msg, _LayerOf):
-            ipcp = irmd.ipcps.get(msg.ipcp)
+            ipcp = irmd.reg.ipcps.get(msg.ipcp)
             if ipcp is None or not ipcp.layer:
                 raise ConfigError(f"{where} reg: ipcp {msg.ipcp!r} is in no layer to register {msg.name!r} in")
             msg = m.NameRegister(msg.name, [ipcp.layer])
         try:
             await _admin(irmd, msg, where)
-        except HandlerError as e:
-            if e.code == m.EEXIST and isinstance(msg, m.NameCreate):
-                continue
-            raise ConfigError(f"{where}: {e.text}") from None
+        except FlowError as e:
+            if isinstance(e, AlreadyExists) and isinstance(msg, m.NameCreate):
+                continue  # [name.N] for a name a reg= or bind made already
+            raise ConfigError(f"{where}: {e}") from None
         log.info("%s: %s done", where, type(msg).__name__)
     log.info("config %s applied", path)

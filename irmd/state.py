@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-from irmd.registry import Name, Registry
+from irmd.reg import Ipcp, Name, Registry
 from irmd.views import REDACTED, redact
-
-if TYPE_CHECKING:
-    from irmd.daemon import Ipcp
 
 # The IPCPs an irmd.conf lists first are the ones the others run over.
 TYPE_ORDER = ("local", "eth-dix", "eth-llc", "udp4", "udp6", "broadcast", "unicast")

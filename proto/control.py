@@ -3,13 +3,14 @@ with failures raised as the flow API's exceptions (shared by flowlib, irm and th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 from proto import messages as m
-from proto.errors import FlowTimeout, IrmdUnreachable, ProtocolError, from_remote
+from proto.errors import AlreadyExists, FlowTimeout, IrmdUnreachable, ProtocolError, from_remote
 from transports.channel import ChannelClosed, RemoteError, SyncChannel
 from transports.unix import SocketTrustError, check_socket, irmd_sock_path
 from transports.wire import Message
@@ -67,3 +68,14 @@ def request_all(channel: SyncChannel, msg: Message, timeout: float | None = None
         else:
             return reply
     raise ProtocolError(f"the IRMd's answer has more than {MAX_PARTS} parts")
+
+
+def bind_and_register(channel: SyncChannel, pid: int, name: str, layers: Sequence[str],
+                      timeout: float | None = 10.0) -> None:
+    """What a server does at start: bind its process `pid` to `name` (creating the name) and register
+    `name` in each of `layers`. A registration already there (made by an admin, or by an earlier run)
+    is no failure, and does not keep the name from the layers after it; anything else raises."""
+    call(channel, m.Bind("process", str(pid), name), timeout)
+    for layer in layers:
+        with contextlib.suppress(AlreadyExists):
+            call(channel, m.NameRegister(name, [layer]), timeout)

@@ -20,6 +20,7 @@ from flowlib.errors import FlowDown, FlowError, IrmdUnreachable, NameNotFound
 from flowlib.events import EventQueue, EventType, FlowSet, fevent
 from flowlib.irm import IrmClient
 from proto import messages as m
+from proto.control import bind_and_register
 from transports.unix import recv_frame, send_frame
 from transports.wire import HEADER, MAGIC, MAX_FRAME, REPLY, VERSION, Error, Message
 
@@ -260,6 +261,7 @@ def test_many_connections_that_come_and_go_do_not_hurt_the_irmd(irmd: IrmdProc) 
 HIT_AND_RUN = """
 import socket, sys
 from proto import messages as m
+from proto.control import bind_and_register
 from transports.unix import send_frame
 for _ in range(int(sys.argv[3])):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -298,6 +300,7 @@ def test_client_that_allocates_and_disconnects_at_once_leaves_no_flow_behind(
 ACCEPT_AND_RUN = """
 import socket, sys, os
 from proto import messages as m
+from proto.control import bind_and_register
 from transports.unix import send_frame, recv_frame
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(sys.argv[1])
@@ -448,3 +451,17 @@ def test_frames_are_versioned_json_as_documented() -> None:
     magic, version, code, req_id, length = HEADER.unpack_from(data)
     assert (magic, version, code, req_id, length) == (b"OU", 1, m.FlowDealloc.TYPE, 9, len(data) - HEADER.size)
     assert json.loads(data[HEADER.size:]) == {"flow_id": 5}
+
+
+def test_a_server_binds_and_registers_in_one_call_tolerating_a_registration_already_there(
+    irmd: IrmdProc, local_layer: str, client_factory: Callable[[], IrmClient]
+) -> None:
+    irmd.irm_ok("ipcp", "bootstrap", "name", "lo2", "type", "local", "layer", "local2")
+    irmd.note_children()
+    irmd.irm_ok("name", "register", "srv", "layer", "local")  # an admin registered it in the first layer
+    client = client_factory()
+    bind_and_register(client.channel, os.getpid(), "srv", ["local", "local2"])
+    row = next(r for r in irmd.table("name", "list") if r["name"] == "srv")
+    assert (row["layers"], row["pids"]) == ("local,local2", str(os.getpid()))
+    with pytest.raises(NameNotFound, match="layer 'nosuch' not found"):  # anything else still fails
+        bind_and_register(client.channel, os.getpid(), "srv", ["nosuch"])

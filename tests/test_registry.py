@@ -1,4 +1,4 @@
-"""The IRMd's bookkeeping (irmd.registry), free of I/O."""
+"""The IRMd's registry (irmd.reg): names, bindings, flows, IPCPs and the decisions about them, free of I/O."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import os
 import pytest
 
 from irmd.identity import Peer, Program
-from irmd.registry import Acceptor, ProcBinding, Registry, check_name, name_hash, prog_key
+from irmd.reg import Acceptor, FlowEvent, FlowState, IllegalFlowTransition, Ipcp, ProcBinding, Registry, prog_key
+from irmd.reg.flow import TRANSITIONS, next_state, try_next_layer, worse
+from irmd.reg.ipcp import by_preference, settled
 from proto.errors import Busy, InvalidArgument, NotFound
+from proto.names import check_name, name_hash
 
 IRMD_UID = 4242  # the IRMd's own user in these tests: not root, not the users below
 USER, OTHER = 1000, 1001
@@ -274,3 +277,58 @@ def test_new_flows_get_distinct_ids_and_can_be_listed_by_owner_and_ipcp(reg: Reg
     assert len({a.flow_id, b.flow_id, c.flow_id}) == 3
     assert [f.flow_id for f in reg.flows_of(owner=1)] == [a.flow_id, c.flow_id]
     assert [f.flow_id for f in reg.flows_of(ipcp="lo")] == [a.flow_id, b.flow_id]
+
+
+# -- decisions: flow states, layer preference, which failure is told --------------------------
+
+
+
+@pytest.mark.parametrize(("state", "event", "after"), [
+    (FlowState.PENDING, FlowEvent.ALLOCATED, FlowState.ALLOCATED),
+    (FlowState.ALLOCATED, FlowEvent.PEER_DEALLOC, FlowState.DEALLOC),
+    (FlowState.ALLOCATED, FlowEvent.DOWN, FlowState.DOWN),
+    (FlowState.PENDING, FlowEvent.DOWN, FlowState.DOWN),
+    (FlowState.DEALLOC, FlowEvent.DOWN, FlowState.DEALLOC),  # how it ended stays how it ended
+    (FlowState.DOWN, FlowEvent.PEER_DEALLOC, FlowState.DOWN),
+    (FlowState.DEALLOC, FlowEvent.ALLOCATED, FlowState.DEALLOC),  # its answer came after its end
+])
+def test_flow_states_change_as_the_table_says(state: FlowState, event: FlowEvent, after: FlowState) -> None:
+    assert next_state(state, event) is after
+
+
+def test_a_flow_allocated_twice_is_an_illegal_transition() -> None:
+    with pytest.raises(IllegalFlowTransition, match="a flow in state allocated cannot be allocated"):
+        next_state(FlowState.ALLOCATED, FlowEvent.ALLOCATED)
+
+
+def test_every_state_and_event_is_in_the_table_or_illegal() -> None:
+    legal = {(s, e) for s in FlowState for e in FlowEvent} - {(FlowState.ALLOCATED, FlowEvent.ALLOCATED)}
+    assert set(TRANSITIONS) == legal
+
+
+def ipcp(name: str, kind: str) -> Ipcp:
+    return Ipcp(name, kind, None, None)  # type: ignore[arg-type]
+
+
+def test_the_most_local_layer_is_tried_first_then_as_they_came() -> None:
+    got = by_preference([ipcp("u", "udp4"), ipcp("n1", "unicast"), ipcp("lo", "local"), ipcp("n2", "unicast")])
+    assert [i.name for i in got] == ["lo", "n1", "n2", "u"]
+
+
+def test_resolution_waits_only_for_layers_that_would_come_first() -> None:
+    lo, net, udp = ipcp("lo", "local"), ipcp("n", "unicast"), ipcp("u", "udp4")
+    assert settled([lo], [net, udp])
+    assert not settled([net], [lo])
+    assert settled([net], [udp])
+    assert not settled([], [udp])
+
+
+@pytest.mark.parametrize(("code", "next_layer"), [("ENOENT", True), ("ENOTSUP", True), ("ETIMEDOUT", False),
+                                                  ("EPERM", False), ("EIPCP", False)])
+def test_a_stale_directory_or_a_qos_refusal_leaves_the_flow_to_the_next_layer(code: str, next_layer: bool) -> None:
+    assert try_next_layer(code) is next_layer
+
+
+def test_the_latest_failure_is_told_unless_it_would_hide_a_qos_refusal() -> None:
+    assert worse("ENOENT", "ENOTSUP") and worse("ENOENT", "ENOENT") and worse("ENOTSUP", "ETIMEDOUT")
+    assert not worse("ENOTSUP", "ENOENT")

@@ -1,4 +1,4 @@
-"""The IRMd's bookkeeping: names, bindings, registrations and flows, free of I/O.
+"""The registry: names, bindings, registrations and flows, free of I/O.
 
 The daemon asks it questions (which name is this hash, who may accept, which
 program to start) and records outcomes; everything here is unit-testable.
@@ -6,106 +6,43 @@ program to start) and records outcomes; everything here is unit-testable.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import itertools
 import os
 from collections.abc import Iterable, Iterator
 
-from irmd.identity import Peer, Program, runs
+from irmd.identity import Program
+from irmd.reg.flow import Flow
+from irmd.reg.ipcp import Ipcp
+from irmd.reg.name import Name, ProcBinding, ProgBinding, lb_pick, prog_key
+from irmd.reg.proc import Acceptor, may_accept
 from proto.errors import Busy, InvalidArgument, NotFound
 from proto.names import LB_POLICIES, check_name, name_hash
-from proto.qos import QosSpec
-
-
-@dataclasses.dataclass
-class ProgBinding:
-    """`irm bind program`: processes running `program` (as its owner, root or the IRMd's user) accept."""
-
-    path: str
-    args: list[str]
-    auto: bool
-    owner: int = 0  # the uid that bound it; auto-started instances run as this uid
-    program: Program | None = None  # what the kernel runs for path, read when it was bound
-
-    def __post_init__(self) -> None:
-        if self.program is None:
-            self.program = Program(self.path, os.path.realpath(self.path))
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcBinding:
-    """`irm bind process`: this one process (its pid and start time: pids are reused)."""
-
-    pid: int
-    start: int
-    uid: int
-
-
-@dataclasses.dataclass
-class Name:
-    name: str
-    lb: str = "round-robin"
-    owner: int = 0  # the uid that created it (by create, bind or register)
-    seq: int = 0  # creation order: lists page by it
-    programs: dict[str, ProgBinding] = dataclasses.field(default_factory=dict)  # real path -> binding
-    procs: dict[int, ProcBinding] = dataclasses.field(default_factory=dict)  # pid -> binding
-    layers: set[str] = dataclasses.field(default_factory=set)
-    next_rr: int = 0
-
-    @property
-    def pids(self) -> set[int]:
-        return set(self.procs)
-
-
-class FlowState(enum.Enum):
-    PENDING = "pending"
-    ALLOCATED = "allocated"
-    DEALLOC = "dealloc"  # the peer deallocated
-    DOWN = "down"  # the layer or IPCP failed
-
-
-@dataclasses.dataclass
-class Flow:
-    flow_id: int
-    owner: int  # connection id of the owning application
-    pid: int
-    name: str
-    layer: str
-    ipcp: str
-    qos: QosSpec
-    role: str  # "src" or "dst"
-    state: FlowState = FlowState.PENDING
-    mtu: int = 0
-    uid: int = -1  # the owner's uid, from SO_PEERCRED
-    fd: int = -1  # the IRMd's copy of the application's end, to tear the flow down
-
-
-@dataclasses.dataclass(frozen=True)
-class Acceptor:
-    """An application connection that can take flows: the process as the kernel describes it."""
-
-    conn_id: int
-    peer: Peer
-
-    @property
-    def pid(self) -> int:
-        return self.peer.pid
-
-
-def prog_key(path: str) -> str:
-    """Program bindings are keyed by the file's real path: two names for one file are one program."""
-    return os.path.realpath(path)
 
 
 class Registry:
     def __init__(self, irmd_uid: int | None = None) -> None:
         self.irmd_uid = os.geteuid() if irmd_uid is None else irmd_uid
+        self.ipcps: dict[str, Ipcp] = {}
         self.names: dict[str, Name] = {}
         self.flows: dict[int, Flow] = {}
         self._flow_ids = itertools.count(1)
         self._name_seq = itertools.count(1)
         self.started: dict[int, tuple[str, int]] = {}  # pid -> (name it was started for, its start time)
+
+    # -- IPCPs ---------------------------------------------------------
+
+    def get_ipcp(self, name: str) -> Ipcp:
+        try:
+            return self.ipcps[name]
+        except KeyError:
+            raise NotFound(f"ipcp {name!r} not found") from None
+
+    def operational(self) -> list[Ipcp]:
+        return [i for i in self.ipcps.values() if i.operational]
+
+    def in_layer(self, layer: str, operational: bool = True) -> list[Ipcp]:
+        """This IRMd's IPCPs in `layer` (only those working, unless operational is False)."""
+        return [i for i in self.ipcps.values() if i.layer == layer and (i.operational or not operational)]
 
     # -- names ---------------------------------------------------------
 
@@ -177,33 +114,15 @@ class Registry:
         return [self.get_name(name)] if name else list(self.names.values())
 
     def bound(self, entry: Name, acceptor: Acceptor) -> bool:
-        """May `acceptor` take flows for `entry`? A process bound by pid (the same process: its start
-        time matches); one the IRMd started for this name; or one whose executable is a bound program
-        and that runs as the binding's owner, root or the IRMd's user. A process the IRMd started for
-        another name takes only that name's flows (its arguments were that name's)."""
-        peer = acceptor.peer
-        proc = entry.procs.get(peer.pid)
-        if proc is not None and proc.start == peer.start:
-            return True
-        started = self.started.get(peer.pid)
-        if started is not None and started[1] == peer.start:
-            return started[0] == entry.name
-        return any(peer.uid in (p.owner, 0, self.irmd_uid) and p.program is not None and runs(p.program, peer)
-                   for p in entry.programs.values())
+        """May `acceptor` take flows for `entry`? (irmd.reg.proc.may_accept)"""
+        return may_accept(entry, acceptor.peer, self.started.get(acceptor.pid), self.irmd_uid)
 
     def pick(self, entry: Name, acceptors: list[Acceptor]) -> Acceptor | None:
         """The acceptor that gets the next flow for `entry`, by its lb policy."""
-        ready = [a for a in acceptors if self.bound(entry, a)]
-        if not ready:
-            return None
-        if entry.lb == "spillover":
-            return ready[0]
-        choice = ready[entry.next_rr % len(ready)]
-        entry.next_rr += 1
-        return choice
+        return lb_pick(entry, [a for a in acceptors if self.bound(entry, a)])
 
     def auto_program(self, entry: Name) -> ProgBinding | None:
-        return next((p for p in entry.programs.values() if p.auto), None)
+        return entry.auto_program()
 
     # -- flows ---------------------------------------------------------
 

@@ -27,9 +27,10 @@ Handler = Callable[[Client, Any, list[int]], Awaitable[Any]]
 
 
 class Irmd:
-    def __init__(self, sock_path: Path, limits: Limits | None = None) -> None:
+    def __init__(self, sock_path: Path, limits: Limits | None = None, log_stdout: bool = False) -> None:
         self.sock_path = Path(os.path.abspath(sock_path))  # what it starts runs in /: no relative path
         self.limits = limits or Limits()
+        self.log_stdout = log_stdout  # irmd --stdout: IPCPs log there too
         self.uid = os.geteuid()
         self.reg = Registry(self.uid)
         self.clients: dict[int, Client] = {}

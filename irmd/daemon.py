@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import resource
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from irmd.config import ConfigError, Step, apply_config, plan
+from irmd.config import DEFAULT_PATH, ConfigError, Plan, apply_config, plan
 from irmd.core import Irmd
-from irmd.limits import LimitError, Limits, parse_options
+from irmd.limits import LimitError, Limits, option_values
 from transports.unix import irmd_sock_path
 
 log = logging.getLogger("irmd")
@@ -28,14 +30,16 @@ def _raise_nofile() -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    steps: list[Step] = []
+    boot = Plan([])
     if args.config:
         try:  # what the file says is checked before anything starts
-            steps = plan(Path(args.config))
+            boot = plan(Path(args.config))
         except ConfigError as e:
             log.error("%s", e)
             return 1
-    irmd = Irmd(irmd_sock_path(args.sock), args.limits)
+    steps = boot.steps
+    limits = boot.limits.with_values(args.limits)  # the command line's --limit over the file's [limits]
+    irmd = Irmd(irmd_sock_path(args.sock), limits, args.stdout)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, irmd.stop)
@@ -55,23 +59,60 @@ async def _serve(args: argparse.Namespace) -> int:
     return status
 
 
+VERSION = "0.23.0"  # the Ouroboros version whose interfaces this irmd speaks
+USAGE = f"""Usage: irmd
+         [--config <path> (Path to configuration file, default: {DEFAULT_PATH} if it exists)]
+         [--stdout  (Log to stdout instead of stderr)]
+         [--version (Print version number and exit)]
+         [--sock <path> (Control socket, default: $OUROBOROS_SOCK or {irmd_sock_path()})]
+         [--limit <key>=<n> (A limit: {", ".join(Limits.keys())})]
+         [-v, --verbose (Log debug messages)]
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Ouroboros's irmd answers a bad command line with its usage and exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"irmd: {message}\n{USAGE}")
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="irmd", description="The Ouroboros IPC Resource Manager daemon.")
-    parser.add_argument("--sock", help="control socket (default: $OUROBOROS_SOCK or the per-user default)")
-    parser.add_argument("--config", metavar="FILE.toml", help="create, bootstrap, bind and register from a file")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("--limit", action="append", default=[], metavar="KEY=N",
-                        help=f"a per-user or per-connection limit (docs/security/irmd.md): {', '.join(Limits.keys())}")
+    parser = _Parser(prog="irmd", usage=USAGE, add_help=False)
+    parser.add_argument("--sock", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--stdout", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--limit", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("-h", "--help", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.help:
+        print(USAGE, end="")
+        sys.exit(0)
+    if args.version:
+        print(f"Ouroboros version {VERSION} (ouroboros-py {_our_version()})")
+        sys.exit(0)
     try:
-        args.limits = parse_options(args.limit)
+        args.limits = option_values(args.limit)
     except LimitError as e:
         parser.error(str(e))
+    if args.config is None and DEFAULT_PATH.exists():
+        args.config = str(DEFAULT_PATH)  # --config "" boots from no file
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stdout if args.stdout else sys.stderr,
     )
     _raise_nofile()
     if args.sock:
         os.environ["OUROBOROS_SOCK"] = args.sock  # spawned programs find this irmd
     sys.exit(asyncio.run(_serve(args)))
+
+
+def _our_version() -> str:
+    try:
+        return importlib.metadata.version("ouroboros-py")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

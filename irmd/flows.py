@@ -264,7 +264,7 @@ class Flows:
         assert ipcp is not None
         if len(fds) != 1:
             raise ProtocolError("FlowReqArrived must carry exactly one fd")
-        entry = self.reg.name_for_hash(ipcp.layer, ipcp.hash, msg.hash)
+        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, msg.hash)
         if entry is None:
             raise NotFound("no name with that hash is registered here")
         acceptor = await self.wait_acceptor(entry.name)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from irmd import spawn, views
 from irmd.identity import proc_start
 from irmd.programs import STOP_GRACE, kill
-from irmd.reg import Ipcp, ProcBinding
+from irmd.reg import Ipcp, Name, ProcBinding
+from irmd.reg.ipcp import is_pattern
 from proto import messages as m
 from proto.errors import (
     AlreadyExists,
@@ -37,6 +38,7 @@ log = logging.getLogger("irmd")
 
 ANNOUNCE_TIMEOUT = 15.0  # a new IPCP process has this long to connect and announce itself
 IPCP_OP_TIMEOUT = 30.0
+AUTOBIND_TYPES = ("unicast", "broadcast")
 
 
 class Ipcps:
@@ -66,11 +68,13 @@ class Ipcps:
     async def start(self, name: str, kind: str) -> Ipcp:
         """Start IPCP `name` of type `kind` and wait for it to announce itself."""
         check_name(name, "ipcp name")
+        if is_pattern(name):
+            raise InvalidArgument(f"bad ipcp name {name!r}: * matches IPCP names in irm commands, so no name has one")
         if kind not in IPCP_TYPES:
             raise InvalidArgument(f"unknown ipcp type {kind!r}: expected one of {'|'.join(IPCP_TYPES)}")
         if name in self.reg.ipcps:
             raise AlreadyExists(f"ipcp {name!r} already exists")
-        proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path)
+        proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.log_stdout)
         self._seq += 1
         ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq)
         self.reg.ipcps[name] = ipcp
@@ -95,9 +99,7 @@ class Ipcps:
         report = log.info if self.irmd.stopping else log.warning
         report("ipcp %s (pid %d) exited with status %s", ipcp.name, ipcp.pid, code)
         self.irmd.flows.ipcp_gone(ipcp)
-        if ipcp.layer and not self.reg.in_layer(ipcp.layer, operational=False):
-            for entry in self.reg.names.values():
-                entry.layers.discard(ipcp.layer)
+        self.reg.drop_ipcp(ipcp.name)
         if ipcp.channel is not None:
             ipcp.channel.close()
 
@@ -140,60 +142,86 @@ class Ipcps:
         lower = [i for i in self.reg.operational() if i is not ipcp]
         if isinstance(msg, m.IpcpBootstrapReq) and ipcp.type in ("unicast", "broadcast"):
             # The layer's PDUs ride on flows of the layers below: the smallest MTU bounds them.
-            msg.conf.setdefault("mtu", str(min((i.mtu for i in lower), default=1500)))
+            below = [i.mtu for i in lower if i.layer != msg.layer]
+            msg.conf.setdefault("mtu", str(min(below, default=1500)))
         info = await self.request(ipcp, msg)
         if not isinstance(info, m.LayerInfo) or info.hash not in HASHES:
             raise IpcpFailed(f"ipcp {ipcp.name} answered with {type(info).__name__}")
         if layer and info.layer != layer:
             kill(ipcp.proc, signal.SIGKILL)
             raise InvalidArgument(f"enrolled in layer {info.layer!r}, not {layer!r}; ipcp {ipcp.name} stopped")
-        if self.reg.in_layer(info.layer, operational=False):
-            kill(ipcp.proc, signal.SIGKILL)  # it joined; it must not stay in the layer unlisted
-            raise AlreadyExists(f"layer {info.layer!r} already has an IPCP here; ipcp {ipcp.name} stopped")
         ipcp.layer, ipcp.hash, ipcp.mtu = info.layer, info.hash, info.mtu
         ipcp.joined = (
             {"bootstrap": info.layer, "conf": {k: v for k, v in msg.conf.items() if k != "mtu"}}
             if isinstance(msg, m.IpcpBootstrapReq) else {"enrol": msg.dst if isinstance(msg, m.IpcpEnrollReq) else ""}
         ) | {"autobind": autobind}  # fmt: skip
-        if autobind:
+        if autobind and ipcp.type not in AUTOBIND_TYPES:  # as Ouroboros: only members of layers above serve names
+            log.warning("ipcp %s: a %s IPCP does not autobind", ipcp.name, ipcp.type)
+        elif autobind:
             await self._autobind(ipcp, lower)
         return m.Ok(f"ipcp {ipcp.name} is in layer {ipcp.layer}")
 
     async def _autobind(self, ipcp: Ipcp, lower: list[Ipcp]) -> None:
+        """Bind the IPCP to its own name and its layer's, and register both in the layers below it
+        (not broadcast layers, which have no directory, nor its own layer)."""
         me = ProcBinding(ipcp.pid, proc_start(ipcp.pid), self.irmd.uid)
         for name in (ipcp.name, ipcp.layer):
             self.reg.bind_proc(name, me, self.irmd.uid)
             entry = self.reg.names[name]
             for below in lower:
-                if below.layer not in entry.layers and below.operational:
-                    await self.request(below, m.IpcpReg(name_hash(below.hash, name), True))
-                    entry.layers.add(below.layer)
+                if below.type != "broadcast" and below.layer != ipcp.layer and below.operational:
+                    await self.register(below, entry)
+
+    async def register(self, ipcp: Ipcp, entry: Name, register: bool = True) -> None:
+        """Register (or unregister) `entry` with `ipcp`; asking for what is so already is no error."""
+        if register == (ipcp.name in entry.regs):
+            return
+        await self.request(ipcp, m.IpcpReg(name_hash(ipcp.hash, entry.name), register))
+        (entry.regs.add if register else entry.regs.discard)(ipcp.name)
+
+    def _targets(self, pattern: str, kind: str, create_as: str) -> tuple[list[Ipcp], str]:
+        """The IPCPs `pattern` names (of type `kind`, if given); or, when none does, the type to create
+        one of (a name without *, and a type to give it)."""
+        hits = [i for i in self.reg.matching(pattern) if not kind or i.type == kind]
+        if hits:
+            return hits, ""
+        if is_pattern(pattern):
+            raise NotFound(f"no ipcp here matches {pattern!r}")
+        existing = self.reg.ipcps.get(pattern)
+        if existing is not None:
+            raise InvalidArgument(f"ipcp {pattern!r} is of type {existing.type}, not {kind}")
+        if not create_as:
+            raise NotFound(f"ipcp {pattern!r} not found; give its type to create it")
+        return [], create_as
 
     async def bootstrap(self, c: Client, msg: m.IpcpBootstrap, _: list[int]) -> m.Ok:
         check_name(msg.layer, "layer name")
-        ipcp = self.reg.ipcps.get(msg.name)
-        if ipcp is not None and ipcp.layer:
-            raise AlreadyExists(f"ipcp {msg.name!r} is already in layer {ipcp.layer!r}")
-        if self.reg.in_layer(msg.layer, operational=False):  # before creating anything
-            raise AlreadyExists(f"layer {msg.layer!r} already has an IPCP here")
-        if ipcp is None:
-            if not msg.type:
-                raise NotFound(f"ipcp {msg.name!r} not found; give its type to create it")
-            ipcp = await self.start(msg.name, msg.type)
-        elif msg.type and msg.type != ipcp.type:
-            raise InvalidArgument(f"ipcp {msg.name!r} is of type {ipcp.type}, not {msg.type}")
-        return await self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, msg.conf), msg.autobind)
+        ipcps, create = self._targets(msg.name, msg.type, msg.type)
+        for ipcp in ipcps:
+            if ipcp.layer:
+                raise AlreadyExists(f"ipcp {ipcp.name!r} is already in layer {ipcp.layer!r}")
+        if create:
+            ipcps = [await self.start(msg.name, create)]
+        conf, notes = dict(msg.conf), []
+        if "dns" in conf:  # Ouroboros's DDNS directory for udp layers: not here, names are found by queries
+            notes.append(f"dns {conf.pop('dns')} ignored: there is no DDNS support; names are found by "
+                         "broadcast and peer queries")
+            log.warning("ipcp %s: %s", msg.name, notes[-1])
+        done = [await self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(conf)), msg.autobind)
+                for ipcp in ipcps]
+        return m.Ok("\n".join([*(ok.text for ok in done), *notes]))
 
     async def enroll(self, c: Client, msg: m.IpcpEnroll, _: list[int]) -> m.Ok:
+        """Enroll the IPCPs `msg.name` names (a unicast one made if none is there and no type is given)."""
         dst = msg.dst or msg.layer
         if not dst:
             raise InvalidArgument("enroll needs a layer or a dst")
-        ipcp = self.reg.ipcps.get(msg.name)
-        if ipcp is None:
-            if not msg.type:
-                raise NotFound(f"ipcp {msg.name!r} not found; give its type to create it")
-            ipcp = await self.start(msg.name, msg.type)
-        return await self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind, msg.layer)
+        ipcps, create = self._targets(msg.name, msg.type, msg.type or "unicast")
+        if create:
+            ipcps = [await self.start(msg.name, create)]
+        done = [await self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind, msg.layer)
+                for ipcp in ipcps]
+        return m.Ok("\n".join(ok.text for ok in done))
 
     async def connect(self, c: Client, msg: m.IpcpConnect, _: list[int]) -> m.Ok:
         ipcp = self.reg.get_ipcp(msg.name)
@@ -206,9 +234,9 @@ class Ipcps:
 
     async def list_ipcps(self, c: Client, msg: m.IpcpList, _: list[int]) -> m.Table:
         rows = (
-            (i.seq, {"pid": str(i.pid), "name": i.name, "type": i.type, "layer": i.layer or "-",
+            (i.order, {"pid": str(i.pid), "name": i.name, "type": i.type, "layer": i.layer or "-",
                      "state": "operational" if i.operational else "init"})
-            for i in sorted(self.reg.ipcps.values(), key=lambda i: i.seq)
+            for i in sorted(self.reg.ipcps.values(), key=lambda i: i.order)
             if (not msg.name or i.name == msg.name) and (not msg.layer or i.layer == msg.layer)
             and (not msg.type or i.type == msg.type)
         )  # fmt: skip

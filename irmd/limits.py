@@ -44,12 +44,17 @@ class Limits:
         return dataclasses.replace(self, **changes)
 
 
-def parse_options(words: list[str], base: Limits | None = None) -> Limits:
-    """`--limit KEY=N` options, each one KEY=N."""
+def option_values(words: list[str]) -> dict[str, str]:
+    """`--limit KEY=N` options (each one KEY=N) as key -> value, checked."""
     values: dict[str, str] = {}
     for word in words:
         key, sep, value = word.partition("=")
         if not sep:
             raise LimitError(f"--limit {word!r}: expected KEY=N, KEY one of {', '.join(Limits.keys())}")
         values[key.strip()] = value.strip()
-    return (base or Limits()).with_values(values, "--limit")
+    Limits().with_values(values, "--limit")
+    return values
+
+
+def parse_options(words: list[str], base: Limits | None = None) -> Limits:
+    return (base or Limits()).with_values(option_values(words), "--limit")

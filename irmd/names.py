@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 
 from irmd import policy, state, views
 from irmd.identity import proc_start, proc_uids, program_of
-from irmd.reg import Name, ProcBinding
+from irmd.reg import Ipcp, Name, ProcBinding
+from irmd.reg.ipcp import is_pattern
+from irmd.reg.name import LB_IMPLICIT
 from proto import messages as m
 from proto.errors import AlreadyExists, InvalidArgument, LimitReached, NotFound
-from proto.names import check_name, name_hash
+from proto.names import check_name
 
 if TYPE_CHECKING:
     from irmd.core import Irmd
@@ -31,7 +33,7 @@ class Names:
         self.irmd = irmd
         self.reg = irmd.reg
 
-    def new_name(self, c: Client, name: str, lb: str = "round-robin") -> Name:
+    def new_name(self, c: Client, name: str, lb: str = LB_IMPLICIT) -> Name:
         """A name `c` creates (by create, bind or register): it owns it; a user has a limited number."""
         check_name(name)
         if not c.caller.admin:
@@ -106,30 +108,42 @@ class Names:
         return m.Ok()
 
     async def destroy(self, c: Client, msg: m.NameDestroy, _: list[int]) -> m.Ok:
-        self.own_name(c, msg.name)
+        """Destroy a name; registered, it is unregistered first (as Ouroboros destroys it)."""
+        entry = self.own_name(c, msg.name)
+        for ipcp in [self.reg.ipcps[r] for r in sorted(entry.regs) if r in self.reg.ipcps]:
+            await self.irmd.ipcps.register(ipcp, entry, False)
         self.reg.destroy_name(msg.name)
         return m.Ok()
 
+    def _reg_targets(self, msg: m.NameRegister) -> list[Ipcp]:
+        """The working IPCPs the request names: those in its layers and those it names itself."""
+        targets: dict[str, Ipcp] = {}
+        for pattern, by_layer in [*((p, True) for p in msg.layers), *((p, False) for p in msg.ipcps)]:
+            hits = [i for i in self.reg.matching(pattern, layer=by_layer) if i.operational]
+            if not hits:
+                what = f"layer {pattern!r} not found: no IPCP here is in it" if by_layer else (
+                    f"ipcp {pattern!r} not found" if not is_pattern(pattern) else f"no ipcp here matches {pattern!r}")
+                raise NotFound(what)
+            targets.update((i.name, i) for i in hits)
+        return list(targets.values())
+
     async def register(self, c: Client, msg: m.NameRegister, _: list[int]) -> m.Ok:
-        if not msg.layers:
-            raise InvalidArgument("register needs at least one layer")
+        """Register a name with IPCPs (making it if need be), or unregister it. Asking for a
+        registration that is there already is no error (a config's reg and an autobind may both)."""
+        if not msg.layers and not msg.ipcps:
+            raise InvalidArgument("register needs at least one layer or ipcp")
         entry = self.own_name(c, msg.name, create=msg.register)
-        for layer in msg.layers:
-            ipcps = self.reg.in_layer(layer)
-            if not ipcps:
-                raise NotFound(f"layer {layer!r} not found: no IPCP here is in it")
-            if msg.register == (layer in entry.layers):
-                if msg.register:
-                    raise AlreadyExists(f"name {msg.name!r} is already registered in {layer!r}")
-                raise NotFound(f"name {msg.name!r} is not registered in {layer!r}")
-            ipcp = ipcps[0]
-            await self.irmd.ipcps.request(ipcp, m.IpcpReg(name_hash(ipcp.hash, msg.name), msg.register))
-            (entry.layers.add if msg.register else entry.layers.discard)(layer)
+        targets = self._reg_targets(msg)
+        if not msg.register and not any(i.name in entry.regs for i in targets):
+            where = ", ".join([*msg.layers, *msg.ipcps])
+            raise NotFound(f"name {msg.name!r} is not registered in {where!r}")
+        for ipcp in targets:
+            await self.irmd.ipcps.register(ipcp, entry, msg.register)
         return m.Ok()
 
     async def list_names(self, c: Client, msg: m.NameList, _: list[int]) -> m.Table:
         rows = (
-            (e.seq, {"name": e.name, "lb": e.lb, "layers": ",".join(sorted(e.layers)) or "-",
+            (e.seq, {"name": e.name, "lb": e.lb, "layers": ",".join(self.reg.layers_of(e)) or "-",
                      "programs": ",".join(f"{p.path}{' (auto)' if p.auto else ''}" for p in e.programs.values()) or "-",
                      "pids": ",".join(map(str, sorted(e.procs))) or "-"})
             for e in self.seen_by(c)

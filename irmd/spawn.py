@@ -60,11 +60,12 @@ def ipcp_command(kind: str, name: str, sock: Path) -> list[str]:
     return [sys.executable, "-I", "-c", IPCP_BOOT, PROJECT_ROOT, kind, name, str(sock)]
 
 
-async def start_ipcp(kind: str, name: str, sock: Path) -> asyncio.subprocess.Process:
+async def start_ipcp(kind: str, name: str, sock: Path, log_stdout: bool = False) -> asyncio.subprocess.Process:
+    """An IPCP process; with log_stdout it logs to the IRMd's stdout, as the IRMd itself then does."""
     who = run_as(os.geteuid(), os.geteuid())
     return await asyncio.create_subprocess_exec(
         *ipcp_command(kind, name, sock), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-        cwd="/", env=clean_env(sock, who),
+        cwd="/", env=clean_env(sock, who), stderr=asyncio.subprocess.STDOUT if log_stdout else None,
     )  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry, shown: Callable[[Name], bool
         if ipcp.conns:
             out.append(f"conn = [{', '.join(map(_q, ipcp.conns))}]")
         names = sorted(e.name for e in reg.names.values()
-                       if ipcp.layer and ipcp.layer in e.layers and not e.pids & ipcp_pids and shown(e))  # fmt: skip
+                       if ipcp.name in e.regs and not e.pids & ipcp_pids and shown(e))  # fmt: skip
         if names:
             out.append(f"reg = [{', '.join(map(_q, names))}]")
         out.append("")
@@ -81,13 +81,22 @@ def _edges(ipcps: Sequence[Ipcp], reg: Registry) -> tuple[dict[str, set[str]], d
             over[upper.layer].add(flow.layer)
     names: dict[str, set[str]] = {}
     for entry in reg.names.values():
+        layers = set(reg.layers_of(entry))
         ipcp = next((by_pid[p] for p in entry.pids if p in by_pid), None)
         if ipcp is not None:  # an IPCP's name in a lower layer: that layer carries its own
             if ipcp.layer:
-                over[ipcp.layer] |= entry.layers - {ipcp.layer}
-        elif entry.layers:
-            names[entry.name] = set(entry.layers)
+                over[ipcp.layer] |= layers - {ipcp.layer}
+        elif layers:
+            names[entry.name] = layers
     return over, names
+
+
+def _names(members: Sequence[Ipcp]) -> str:
+    return ", ".join(i.name for i in members)
+
+
+def _members(members: Sequence[Ipcp]) -> str:
+    return f"{members[0].type} ({_names(members)})"
 
 
 def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
@@ -95,11 +104,14 @@ def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
     """What runs over what on this host: layers over layers, applications' names (those `shown`) over layers."""
     over, names = _edges(ipcps, reg)
     names = {n: layers for n, layers in names.items() if shown(reg.names[n])}
-    of_layer = {i.layer: i for i in ipcps if i.layer}
+    of_layer: dict[str, list[Ipcp]] = {}
+    for i in ipcps:
+        if i.layer:
+            of_layer.setdefault(i.layer, []).append(i)
     if fmt == "dot":
         dot = ["digraph layers {", "  rankdir=BT;", "  node [fontname=Helvetica];"]
-        for layer, ipcp in sorted(of_layer.items()):
-            label = _q(f"{layer}\n{ipcp.type} ({ipcp.name})")
+        for layer, members in sorted(of_layer.items()):
+            label = _q(f"{layer}\n{_members(members)}")
             dot.append(f"  {_q('layer ' + layer)} [shape=box, label={label}];")
         for layer, lowers in sorted(over.items()):
             dot += [f"  {_q('layer ' + layer)} -> {_q('layer ' + low)};" for low in sorted(lowers)]
@@ -113,8 +125,8 @@ def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
     lines: list[str] = []
 
     def show(layer: str, depth: int, seen: frozenset[str]) -> None:
-        ipcp = of_layer.get(layer)
-        what = f"{ipcp.type} ipcp {ipcp.name}" if ipcp else "not here"
+        members = of_layer.get(layer)
+        what = f"{members[0].type} ipcp{'s' if len(members) > 1 else ''} {_names(members)}" if members else "not here"
         apps = sorted(n for n, layers in names.items() if layer in layers)
         lines.append(f"{'    ' * depth}{'└── ' if depth else ''}{layer} ({what})"
                      + (f"  names: {', '.join(apps)}" if apps else ""))  # fmt: skip

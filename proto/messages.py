@@ -217,10 +217,14 @@ class NameDestroy(Message):
 @reg
 @dataclass
 class NameRegister(Message):
+    """Register (or unregister) a name with every IPCP in the layers, and with the IPCPs, named:
+    patterns where * stands for any run of characters."""
+
     TYPE: ClassVar[int] = 39
     name: str
     layers: list[str]
     register: bool = True  # False unregisters
+    ipcps: list[str] = field(default_factory=list)
 
 
 @reg

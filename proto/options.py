@@ -13,8 +13,6 @@ class OptionError(ValueError):
     """A command line, option or value that does not follow the grammar."""
 
 
-
-
 def choice(*options: str) -> Callable[[str, str], str]:
     def check(key: str, value: str) -> str:
         if value not in options:
@@ -66,19 +64,38 @@ def text(key: str, value: str) -> str:
     return value
 
 
-# Bootstrap options per IPCP type: keyword -> value check.
+# Bootstrap options per IPCP type: keyword -> value check. Ranges are Ouroboros 0.23's (ipcp.h,
+# configfile.c); where it checks only a lower bound (ls_t_*), a day is the upper one.
+_SECONDS = _int(1, 86400)
 TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "local": {"hash": choice(*HASHES)},
     "broadcast": {},
-    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "impair": text},
-    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "impair": text},
+    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "dns": _ip(4), "impair": text},
+    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "dns": _ip(6), "impair": text},
     "eth-dix": {"dev": text, "ethertype": _ethertype, "hash": choice(*HASHES), "impair": text},
     "eth-llc": {"dev": text, "hash": choice(*HASHES), "impair": text},
     "unicast": {
         "addr": choice("1", "2", "4", "8"), "eid": _int(8, 8), "ttl": _int(1, 255),
         "routing": choice("link_state", "lfa", "ecmp"), "congestion": choice("none", "mb-ecn"),
         "hash": choice(*HASHES), "directory": choice("DHT"), "addr_auth": choice("flat"),
+        "ls_t_recalc": _SECONDS, "ls_t_update": _SECONDS, "ls_t_timeo": _SECONDS,
+        "dht_alpha": _int(1, 10), "dht_k": _int(1, 20), "dht_t_expire": _int(10, 86400),
+        "dht_t_refresh": _int(3, 3600), "dht_t_replicate": _int(3, 3600),
         "key": text,
+    },
+}  # fmt: skip
+# What an IPCP takes when an option is not given (ours: congestion none, where Ouroboros has mb-ecn).
+DEFAULTS: dict[str, dict[str, str]] = {
+    "local": {"hash": "SHA3_256"},
+    "udp4": {"port": "3435"},
+    "udp6": {"port": "3435"},
+    "eth-dix": {"ethertype": "0xa000", "hash": "SHA3_256"},
+    "eth-llc": {"hash": "SHA3_256"},
+    "unicast": {
+        "addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "none",
+        "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat",
+        "ls_t_recalc": "4", "ls_t_update": "15", "ls_t_timeo": "60",
+        "dht_alpha": "3", "dht_k": "8", "dht_t_expire": "86400", "dht_t_refresh": "900", "dht_t_replicate": "900",
     },
 }  # fmt: skip
 MULTI = {"peer"}  # options that may repeat

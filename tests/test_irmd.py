@@ -465,3 +465,28 @@ def test_a_server_binds_and_registers_in_one_call_tolerating_a_registration_alre
     assert (row["layers"], row["pids"]) == ("local,local2", str(os.getpid()))
     with pytest.raises(NameNotFound, match="layer 'nosuch' not found"):  # anything else still fails
         bind_and_register(client.channel, os.getpid(), "srv", ["nosuch"])
+
+
+def test_irmd_prints_its_version_and_refuses_a_bad_command_line_with_its_usage() -> None:
+    r = subprocess.run([str(BIN / "irmd"), "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("Ouroboros version 0.23.0 (ouroboros-py ")
+    r = subprocess.run([str(BIN / "irmd"), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "Usage: irmd" in r.stderr and "[--stdout" in r.stderr
+
+
+def test_irmd_stdout_sends_its_log_and_its_ipcps_to_stdout(tmp_path: Path) -> None:
+    sock = tmp_path / "irmd.sock"
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([str(BIN / "irmd"), "--sock", str(sock), "--stdout"], env=irmd_env(sock),
+                                stdout=o, stderr=e)
+    irmd = IrmdProc(sock, out, proc, irmd_env(sock))
+    try:
+        wait_for(lambda: sock.exists(), 15, "the irmd socket")
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        wait_for(lambda: "ipcp[lo]" in out.read_text(), 10, "the IPCP's log on stdout")
+        assert "irmd listening" in out.read_text()
+    finally:
+        stop_irmd(irmd)
+    assert err.read_text() == ""

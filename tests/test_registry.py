@@ -10,7 +10,7 @@ import pytest
 from irmd.identity import Peer, Program
 from irmd.reg import Acceptor, FlowEvent, FlowState, IllegalFlowTransition, Ipcp, ProcBinding, Registry, prog_key
 from irmd.reg.flow import TRANSITIONS, next_state, try_next_layer, worse
-from irmd.reg.ipcp import by_preference, settled
+from irmd.reg.ipcp import by_preference, settled, wildcard_match
 from proto.errors import Busy, InvalidArgument, NotFound
 from proto.names import check_name, name_hash
 
@@ -38,8 +38,9 @@ def bind_pid(reg: Registry, name: str, pid: int, start: int = 7) -> None:
 # -- names ----------------------------------------------------------------------
 
 
-def test_create_name_defaults_to_round_robin(reg: Registry) -> None:
-    assert reg.create_name("pong").lb == "round-robin"
+def test_a_name_made_without_a_policy_spills_over_as_in_ouroboros(reg: Registry) -> None:
+    assert reg.create_name("pong").lb == "spillover"
+    assert reg.create_name("ping", "round-robin").lb == "round-robin"
 
 
 def test_create_name_rejects_an_unknown_lb_policy_naming_the_choices(reg: Registry) -> None:
@@ -70,7 +71,8 @@ def test_destroy_removes_an_unregistered_name(reg: Registry) -> None:
 
 
 def test_destroy_refuses_a_name_registered_in_a_layer(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("local")
+    reg.ipcps["lo"] = ipcp("lo", "local", "local")
+    reg.create_name("pong").regs.add("lo")
     with pytest.raises(Busy, match="registered in local; unregister it first"):
         reg.destroy_name("pong")
     assert "pong" in reg.names
@@ -246,22 +248,34 @@ def test_unknown_hash_is_einval() -> None:
         name_hash("MD5", "pong")
 
 
-def test_name_for_hash_finds_the_name_registered_in_that_layer(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("local")
-    reg.create_name("ping").layers.add("local")
-    found = reg.name_for_hash("local", "SHA3_256", name_hash("SHA3_256", "pong"))
+def test_name_for_hash_finds_the_name_registered_with_that_ipcp(reg: Registry) -> None:
+    reg.create_name("pong").regs.add("lo")
+    reg.create_name("ping").regs.add("lo")
+    found = reg.name_for_hash("lo", "SHA3_256", name_hash("SHA3_256", "pong"))
     assert found is not None and found.name == "pong"
 
 
-def test_name_for_hash_ignores_names_not_registered_in_the_layer(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("other")
-    assert reg.name_for_hash("local", "SHA3_256", name_hash("SHA3_256", "pong")) is None
+def test_name_for_hash_ignores_names_not_registered_with_the_ipcp(reg: Registry) -> None:
+    reg.create_name("pong").regs.add("other")
+    assert reg.name_for_hash("lo", "SHA3_256", name_hash("SHA3_256", "pong")) is None
 
 
 def test_name_for_hash_uses_the_layers_algorithm(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("local")
-    assert reg.name_for_hash("local", "SHA3_512", name_hash("SHA3_256", "pong")) is None
-    assert reg.name_for_hash("local", "SHA3_512", name_hash("SHA3_512", "pong")) is not None
+    reg.create_name("pong").regs.add("lo")
+    assert reg.name_for_hash("lo", "SHA3_512", name_hash("SHA3_256", "pong")) is None
+    assert reg.name_for_hash("lo", "SHA3_512", name_hash("SHA3_512", "pong")) is not None
+
+
+def test_a_name_is_in_the_layers_of_the_ipcps_it_is_registered_with_until_they_go(reg: Registry) -> None:
+    for name, layer in (("u1", "net"), ("u2", "net"), ("lo", "local")):
+        reg.ipcps[name] = ipcp(name, "unicast", layer)
+    entry = reg.create_name("pong")
+    entry.regs |= {"u1", "u2", "lo"}
+    assert reg.layers_of(entry) == ["local", "net"]
+    reg.drop_ipcp("u1")
+    assert reg.layers_of(entry) == ["local", "net"]
+    reg.drop_ipcp("u2")
+    assert reg.layers_of(entry) == ["local"]
 
 
 # -- flows ------------------------------------------------------------------------
@@ -306,8 +320,15 @@ def test_every_state_and_event_is_in_the_table_or_illegal() -> None:
     assert set(TRANSITIONS) == legal
 
 
-def ipcp(name: str, kind: str) -> Ipcp:
-    return Ipcp(name, kind, None, None)  # type: ignore[arg-type]
+def ipcp(name: str, kind: str, layer: str = "") -> Ipcp:
+    return Ipcp(name, kind, None, None, layer=layer)  # type: ignore[arg-type]
+
+
+def test_ipcp_patterns_have_one_wildcard_star() -> None:
+    assert wildcard_match("uni-*", "uni-1") and wildcard_match("*", "") and wildcard_match("a*b*c", "aXbYc")
+    assert not wildcard_match("uni-*", "unicast") and not wildcard_match("a*b", "ab-") and wildcard_match("a*b", "ab")
+    assert not wildcard_match("uni-?", "uni-1") and wildcard_match("uni-?", "uni-?")  # ? is no pattern
+    assert not wildcard_match("a*a", "a")
 
 
 def test_the_most_local_layer_is_tried_first_then_as_they_came() -> None:

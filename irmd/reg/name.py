@@ -11,6 +11,7 @@ from typing import TypeVar
 from irmd.identity import Program
 
 LB_ROUND_ROBIN, LB_SPILLOVER = "round-robin", "spillover"
+LB_IMPLICIT = LB_SPILLOVER  # the policy of a name made by a bind, a registration or a config's reg, as in Ouroboros
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ class Name:
     seq: int = 0  # creation order: lists page by it
     programs: dict[str, ProgBinding] = dataclasses.field(default_factory=dict)  # real path -> binding
     procs: dict[int, ProcBinding] = dataclasses.field(default_factory=dict)  # pid -> binding
-    layers: set[str] = dataclasses.field(default_factory=set)
+    regs: set[str] = dataclasses.field(default_factory=set)  # the IPCPs it is registered with
     next_rr: int = 0
 
     @property

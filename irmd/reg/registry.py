@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator
 
 from irmd.identity import Program
 from irmd.reg.flow import Flow
-from irmd.reg.ipcp import Ipcp
-from irmd.reg.name import Name, ProcBinding, ProgBinding, lb_pick, prog_key
+from irmd.reg.ipcp import Ipcp, by_preference, wildcard_match
+from irmd.reg.name import LB_IMPLICIT, Name, ProcBinding, ProgBinding, lb_pick, prog_key
 from irmd.reg.proc import Acceptor, may_accept
 from proto.errors import Busy, InvalidArgument, NotFound
 from proto.names import LB_POLICIES, check_name, name_hash
@@ -44,9 +44,13 @@ class Registry:
         """This IRMd's IPCPs in `layer` (only those working, unless operational is False)."""
         return [i for i in self.ipcps.values() if i.layer == layer and (i.operational or not operational)]
 
+    def matching(self, pattern: str, *, layer: bool = False) -> list[Ipcp]:
+        """The IPCPs whose name (or, with layer, whose layer) matches `pattern`, in preference order."""
+        return by_preference(i for i in self.ipcps.values() if wildcard_match(pattern, i.layer if layer else i.name))
+
     # -- names ---------------------------------------------------------
 
-    def create_name(self, name: str, lb: str = "round-robin", owner: int | None = None) -> Name:
+    def create_name(self, name: str, lb: str = LB_IMPLICIT, owner: int | None = None) -> Name:
         check_name(name)
         if lb not in LB_POLICIES:
             raise InvalidArgument(f"unknown lb policy {lb!r}: expected {' or '.join(LB_POLICIES)}")
@@ -66,16 +70,29 @@ class Registry:
 
     def destroy_name(self, name: str) -> Name:
         entry = self.get_name(name)
-        if entry.layers:
-            raise Busy(f"name {name!r} is registered in {', '.join(sorted(entry.layers))}; unregister it first")
+        if entry.regs:
+            raise Busy(f"name {name!r} is registered in {', '.join(self.layers_of(entry))}; unregister it first")
         return self.names.pop(name)
+
+    def layers_of(self, entry: Name) -> list[str]:
+        """The layers `entry` is registered in (through one or more of this IRMd's IPCPs)."""
+        return sorted({self.ipcps[r].layer for r in entry.regs if r in self.ipcps})
+
+    def registered_with(self, ipcp: str) -> list[Name]:
+        return [e for e in self.names.values() if ipcp in e.regs]
+
+    def drop_ipcp(self, ipcp: str) -> None:
+        """IPCP `ipcp` is gone: so are the registrations it held."""
+        for entry in self.names.values():
+            entry.regs.discard(ipcp)
 
     def names_of(self, uid: int) -> int:
         return sum(1 for e in self.names.values() if e.owner == uid)
 
-    def name_for_hash(self, layer: str, algo: str, digest: bytes) -> Name | None:
+    def name_for_hash(self, ipcp: str, algo: str, digest: bytes) -> Name | None:
+        """The name registered with IPCP `ipcp` whose hash (by the layer's algorithm) is `digest`."""
         for entry in self.names.values():
-            if layer in entry.layers and name_hash(algo, entry.name) == digest:
+            if ipcp in entry.regs and name_hash(algo, entry.name) == digest:
                 return entry
         return None
 

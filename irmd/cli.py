@@ -7,6 +7,7 @@ function that turns parsed words into one control message for the IRMd.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -136,7 +137,8 @@ def ipcp_list(args: list[str]) -> Message:
     return m.IpcpList(w.one("name"), w.one("layer"), w.one("type"))
 
 
-def _bind(kind: str, args: list[str], bind: bool) -> Message:
+def _bind(kind: str, bind: bool, args: list[str]) -> Message:
+    """`irm bind KIND TARGET name N ...` (and unbind): KIND is program, process or ipcp."""
     if not args:
         raise UsageError(f'missing the {kind} to {"bind" if bind else "unbind"}')
     target = args[0]
@@ -150,28 +152,7 @@ def _bind(kind: str, args: list[str], bind: bool) -> Message:
     return m.Bind(kind, target, name, "auto" in w.flags, w.rest, bind)
 
 
-def bind_program(args: list[str]) -> Message:
-    return _bind("program", args, True)
-
-
-def bind_process(args: list[str]) -> Message:
-    return _bind("process", args, True)
-
-
-def bind_ipcp(args: list[str]) -> Message:
-    return _bind("ipcp", args, True)
-
-
-def unbind_program(args: list[str]) -> Message:
-    return _bind("program", args, False)
-
-
-def unbind_process(args: list[str]) -> Message:
-    return _bind("process", args, False)
-
-
-def unbind_ipcp(args: list[str]) -> Message:
-    return _bind("ipcp", args, False)
+BIND_KINDS = ("program", "process", "ipcp")
 
 
 def _name_arg(args: list[str]) -> tuple[str, list[str]]:
@@ -236,8 +217,8 @@ COMMANDS: dict[str, Any] = {
         "enroll": ipcp_enroll, "connect": ipcp_connect, "disconnect": ipcp_disconnect,
         "list": ipcp_list,
     },
-    "bind": {"program": bind_program, "process": bind_process, "ipcp": bind_ipcp},
-    "unbind": {"program": unbind_program, "process": unbind_process, "ipcp": unbind_ipcp},
+    "bind": {kind: functools.partial(_bind, kind, True) for kind in BIND_KINDS},
+    "unbind": {kind: functools.partial(_bind, kind, False) for kind in BIND_KINDS},
     "name": {
         "create": name_create, "destroy": name_destroy, "register": name_register,
         "unregister": name_unregister, "list": name_list,

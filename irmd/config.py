@@ -25,6 +25,7 @@ from proto import messages as m
 from proto.errors import AlreadyExists, FlowError, NotFound
 from proto.names import LB_POLICIES
 from proto.options import bootstrap_conf
+from transports.unix import TrustError, read_trusted
 from transports.wire import Message
 
 if TYPE_CHECKING:
@@ -99,8 +100,10 @@ def plan(path: Path) -> Plan:
     Registrations come last, once every IPCP has joined its layer: a table's reg= registers
     with that table's IPCP (as Ouroboros registers with the IPCP's pid).
     """
-    try:
-        doc = tomllib.loads(path.read_text())
+    try:  # what it says the IRMd does as its own user (it starts programs): only admins may have written it
+        doc = tomllib.loads(read_trusted(path, os.geteuid()))
+    except TrustError as e:
+        raise ConfigError(f"{path}: will not boot from it: {e.strerror}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:

@@ -21,7 +21,7 @@ from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
 from proto.errors import Code, FlowError, PermissionDenied, ProtocolError
 from transports.channel import AsyncChannel, HandlerError
-from transports.unix import SocketTrustError, close_fds, make_sock_dir
+from transports.unix import TrustError, close_fds, make_sock_dir
 from transports.wire import Error, Message
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class Server:
         path = self.irmd.sock_path
         try:  # root's socket directory is open to all (any user's applications use flows); a user's is private
             make_sock_dir(path.parent, 0o755 if self.irmd.uid == 0 else 0o700)
-        except SocketTrustError as e:
+        except TrustError as e:
             raise SystemExit(f"irmd: will not serve from {path.parent}: {e.strerror}") from None
         if path.exists() or path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

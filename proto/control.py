@@ -12,7 +12,7 @@ from pathlib import Path
 from proto import messages as m
 from proto.errors import AlreadyExists, FlowTimeout, IrmdUnreachable, ProtocolError, from_remote
 from transports.channel import ChannelClosed, RemoteError, SyncChannel
-from transports.unix import SocketTrustError, check_socket, irmd_sock_path
+from transports.unix import TrustError, check_socket, irmd_sock_path
 from transports.wire import Message
 
 
@@ -22,7 +22,7 @@ def open_channel(path: Path | None = None, on_notice: object = None, on_close: o
     path = path or irmd_sock_path()
     try:
         check_socket(path)
-    except SocketTrustError as e:
+    except TrustError as e:
         if e.errno:  # missing, unreadable: no IRMd there
             raise IrmdUnreachable(f"cannot reach the IRMd at {path}: {e.strerror}") from None
         raise IrmdUnreachable(f"refusing the IRMd socket {path}: {e.strerror}") from None

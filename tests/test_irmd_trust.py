@@ -523,3 +523,23 @@ def test_a_limit_reached_is_its_own_error_class() -> None:
     from proto.errors import from_remote
 
     assert isinstance(from_remote("EDQUOT", "x"), LimitReached)
+
+
+@pytest.mark.parametrize(("mode", "owner", "says"), [
+    (0o666, 0, "writable by others"), (0o644, NOBODY, "belongs to uid 65534"),
+])
+def test_the_irmd_boots_from_no_config_another_user_could_have_written(public_dir: Path, mode: int, owner: int,
+                                                                        says: str) -> None:
+    conf = public_dir / "irmd.conf"
+    conf.write_text('[name.pwn]\nprog = ["/bin/sh"]\nargs = ["-c id"]\n')  # root would run it on demand
+    conf.chmod(mode)
+    os.chown(conf, owner, owner)
+    sock = public_dir / "irmd.sock"
+    r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1 and "will not boot from it" in r.stderr and says in r.stderr
+    conf.chmod(0o644)
+    os.chown(conf, 0, 0)  # the same file as root's own: it boots
+    with irmd_in(public_dir, "--config", str(conf)) as irmd:
+        wait_for(lambda: "applied" in irmd.log_text(), 15, "the config to be applied")
+        assert any(r["name"] == "pwn" for r in irmd.table("name", "list"))

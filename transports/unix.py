@@ -32,8 +32,8 @@ def irmd_sock_path(explicit: str | None = None) -> Path:
     return Path(runtime) / "ouroboros" / "irmd.sock"
 
 
-class SocketTrustError(OSError):
-    """The socket or a directory above it is not owned and guarded as it must be."""
+class TrustError(OSError):
+    """A socket, file or directory above them is not owned and guarded as it must be."""
 
 
 def _owner_ok(st: os.stat_result, uid: int) -> bool:
@@ -54,19 +54,34 @@ def check_dirs(path: Path, uid: int, *, strict_leaf: bool) -> None:
             try:
                 st = os.lstat(here)
             except OSError as e:
-                raise SocketTrustError(e.errno, e.strerror) from None
+                raise TrustError(e.errno, e.strerror) from None
             if not stat.S_ISLNK(st.st_mode):  # a link's directory is what guards it, checked next
                 if not stat.S_ISDIR(st.st_mode):
-                    raise SocketTrustError(0, f"{here} is not a directory")
+                    raise TrustError(0, f"{here} is not a directory")
                 if not _owner_ok(st, uid):
-                    raise SocketTrustError(0, f"directory {here} belongs to uid {st.st_uid}, "
+                    raise TrustError(0, f"directory {here} belongs to uid {st.st_uid}, "
                                               f"not to root or uid {uid}")
                 if st.st_mode & 0o022 and ((strict_leaf and leaf) or not st.st_mode & stat.S_ISVTX):
-                    raise SocketTrustError(0, f"directory {here} is writable by others "
+                    raise TrustError(0, f"directory {here} is writable by others "
                                               f"(mode {stat.S_IMODE(st.st_mode):04o})")
             if here.parent == here:
                 break
             here, leaf = here.parent, False
+
+
+def read_trusted(path: Path, uid: int) -> str:
+    """The text of a file that only root or `uid` could have written: it and the directories above
+    it belong to one of them and are not writable by others (as OpenSSH's StrictModes)."""
+    with open(path, "rb") as f:  # checked on the file opened, not on a name that may change meanwhile
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise TrustError(0, f"{path} is not a regular file")
+        if not _owner_ok(st, uid):
+            raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
+        if st.st_mode & 0o022:
+            raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+        check_dirs(Path(os.path.abspath(path)).parent, uid, strict_leaf=False)
+        return f.read().decode()
 
 
 def make_sock_dir(path: Path, mode: int) -> None:
@@ -92,11 +107,11 @@ def check_socket(path: Path, uid: int | None = None) -> None:
     try:
         st = os.lstat(path)
     except OSError as e:
-        raise SocketTrustError(e.errno, e.strerror) from None
+        raise TrustError(e.errno, e.strerror) from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise SocketTrustError(0, f"{path} is not a socket")
+        raise TrustError(0, f"{path} is not a socket")
     if not _owner_ok(st, uid):
-        raise SocketTrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
+        raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:

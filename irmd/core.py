@@ -65,6 +65,7 @@ class Irmd:
             m.NameRegister: self.names.register,
             m.NameList: self.names.list_names,
             m.Dump: self.names.dump,
+            m.ActAs: self.server.act_as,
         }
 
     # -- life cycle ------------------------------------------------------

@@ -19,7 +19,7 @@ from irmd.identity import Peer, peer_of, read_peer
 from irmd.policy import Caller
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
-from proto.errors import Code, FlowError, PermissionDenied, ProtocolError
+from proto.errors import Code, FlowError, InvalidArgument, PermissionDenied, ProtocolError
 from transports.channel import AsyncChannel, HandlerError
 from transports.unix import TrustError, close_fds, make_sock_dir
 from transports.wire import Error, Message
@@ -173,6 +173,18 @@ class Server:
         finally:
             close_fds(fds)
         return result if isinstance(result, tuple) else (result, ())
+
+    async def act_as(self, c: Client, msg: m.ActAs, _: list[int]) -> m.Ok:
+        """Lower the connection to user `msg.uid`'s rights, for good."""
+        if msg.uid != c.uid:
+            if not c.caller.admin:
+                raise PermissionDenied(f"permission denied: uid {c.uid} cannot act as uid {msg.uid}")
+            if not 0 <= msg.uid < 1 << 32:
+                raise InvalidArgument(f"bad uid {msg.uid}")
+            log.info("conn%d (pid %d, uid %d) acts as uid %d from now on", c.conn_id, c.pid, c.uid, msg.uid)
+            c.peer = dataclasses.replace(c.peer, uid=msg.uid)
+            c.caller = Caller.of(msg.uid, self.irmd.uid)
+        return m.Ok()
 
     async def serve_locally(self, msg: Message) -> tuple[Message, Sequence[int]]:
         """A request made from within (the config boot): the IRMd's own user asks."""

@@ -79,3 +79,9 @@ def bind_and_register(channel: SyncChannel, pid: int, name: str, layers: Sequenc
     for layer in layers:
         with contextlib.suppress(AlreadyExists):
             call(channel, m.NameRegister(name, [layer]), timeout)
+
+
+def act_as(channel: SyncChannel, uid: int, timeout: float | None = 10.0) -> None:
+    """Make this connection user `uid`'s, for good: what a root server does before it works for a
+    user it authenticated, so the IRMd grants that user's rights, not root's."""
+    call(channel, m.ActAs(uid), timeout)

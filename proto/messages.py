@@ -253,6 +253,17 @@ class Dump(Message):
 
 @reg
 @dataclass
+class ActAs(Message):
+    """From now on, treat this connection as user `uid`'s: a server that serves a user it has
+    authenticated works with that user's rights (root may name any uid; others only their own;
+    there is no way back)."""
+
+    TYPE: ClassVar[int] = 111
+    uid: int
+
+
+@reg
+@dataclass
 class Text(Message):
     """A part of a long text (a dump): ask again with offset=next while next is not 0."""
 

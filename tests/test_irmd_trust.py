@@ -543,3 +543,25 @@ def test_the_irmd_boots_from_no_config_another_user_could_have_written(public_di
     with irmd_in(public_dir, "--config", str(conf)) as irmd:
         wait_for(lambda: "applied" in irmd.log_text(), 15, "the config to be applied")
         assert any(r["name"] == "pwn" for r in irmd.table("name", "list"))
+
+
+def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: IrmdProc) -> None:
+    from proto.control import act_as
+    from proto.errors import PermissionDenied
+
+    client = IrmClient(host.sock)
+    try:
+        act_as(client.channel, NOBODY)
+        with pytest.raises(PermissionDenied):  # what uid 65534 may not do, its server may not do for it
+            call(client.channel, m.Bind("program", "/bin/sh", "pwn", True), timeout=10)
+        call(client.channel, m.NameCreate("for-nobody"), timeout=10)
+        with pytest.raises(PermissionDenied, match="cannot act as uid 0"):
+            act_as(client.channel, 0)  # no way back
+        reply, _ = call(client.channel, m.NameList(), timeout=10)
+        assert isinstance(reply, m.Table) and [r["name"] for r in reply.rows] == ["for-nobody"]
+    finally:
+        client.close()
+    assert [r["name"] for r in parse_table(nobody_irm(host, "name", "list").stdout)] == ["for-nobody"]
+    r = nobody_py(host, "from flowlib.irm import IrmClient\nfrom proto.control import act_as\n"
+                        "act_as(IrmClient().channel, 0)")
+    assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr

@@ -119,14 +119,14 @@ class Flows:
                 m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining), timeout=remaining + 1.0
             )
         except RemoteError as e:
-            self.reg.flows.pop(flow.flow_id, None)
+            self.reg.drop_flow(flow)
             raise error_class(e.code)(f"{where}: {e.text}") from None
         except (TimeoutError, ChannelClosed) as e:
-            self.reg.flows.pop(flow.flow_id, None)
+            self.reg.drop_flow(flow)
             raise FlowTimeout(f"{where}: {str(e) or 'timed out'}") from None
         if not isinstance(reply, m.IpcpFlow) or len(fds) != 1:
             close_fds(fds)
-            self.reg.flows.pop(flow.flow_id, None)
+            self.reg.drop_flow(flow)
             raise IpcpFailed(f"ipcp {ipcp.name} answered the allocation wrongly")
         flow.fd, flow.mtu = os.dup(fds[0]), reply.mtu
         if flow.advance(FlowEvent.ALLOCATED) is not FlowState.ALLOCATED:
@@ -221,7 +221,7 @@ class Flows:
 
     async def release(self, flow: Flow) -> None:
         """The owner is done with the flow: tell its IPCP, then tear our copy down."""
-        self.reg.flows.pop(flow.flow_id, None)
+        self.reg.drop_flow(flow)
         ipcp = self.reg.ipcps.get(flow.ipcp)
         if (flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None
                 and not self.irmd.stopping):

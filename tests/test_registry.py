@@ -353,3 +353,15 @@ def test_a_stale_directory_or_a_qos_refusal_leaves_the_flow_to_the_next_layer(co
 def test_the_latest_failure_is_told_unless_it_would_hide_a_qos_refusal() -> None:
     assert worse("ENOENT", "ENOTSUP") and worse("ENOENT", "ENOENT") and worse("ENOTSUP", "ETIMEDOUT")
     assert not worse("ENOTSUP", "ENOENT")
+
+
+def test_the_flows_a_user_holds_are_counted_as_they_come_and_go(reg: Registry) -> None:
+    from proto.qos import raw
+
+    common = {"owner": 1, "pid": 1, "name": "n", "layer": "l", "ipcp": "lo", "qos": raw, "role": "src"}
+    a, b = reg.new_flow(uid=USER, **common), reg.new_flow(uid=USER, **common)
+    reg.new_flow(uid=OTHER, **common)
+    assert (reg.flows_of_uid(USER), reg.flows_of_uid(OTHER)) == (2, 1)
+    reg.drop_flow(a)
+    reg.drop_flow(a)  # twice: no matter
+    assert reg.flows_of_uid(USER) == 1 and b.flow_id in reg.flows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from irmd.identity import Program
@@ -26,6 +27,7 @@ class Registry:
         self.names: dict[str, Name] = {}
         self.flows: dict[int, Flow] = {}
         self._flow_ids = itertools.count(1)
+        self._flows_by_uid: Counter[int] = Counter()
         self._name_seq = itertools.count(1)
         self.started: dict[int, tuple[str, int]] = {}  # pid -> (name it was started for, its start time)
 
@@ -77,9 +79,6 @@ class Registry:
     def layers_of(self, entry: Name) -> list[str]:
         """The layers `entry` is registered in (through one or more of this IRMd's IPCPs)."""
         return sorted({self.ipcps[r].layer for r in entry.regs if r in self.ipcps})
-
-    def registered_with(self, ipcp: str) -> list[Name]:
-        return [e for e in self.names.values() if ipcp in e.regs]
 
     def drop_ipcp(self, ipcp: str) -> None:
         """IPCP `ipcp` is gone: so are the registrations it held."""
@@ -146,7 +145,14 @@ class Registry:
     def new_flow(self, **kw: object) -> Flow:
         flow = Flow(flow_id=next(self._flow_ids), **kw)  # type: ignore[arg-type]
         self.flows[flow.flow_id] = flow
+        self._flows_by_uid[flow.uid] += 1
         return flow
+
+    def drop_flow(self, flow: Flow) -> None:
+        if self.flows.pop(flow.flow_id, None) is not None:
+            self._flows_by_uid[flow.uid] -= 1
+            if not self._flows_by_uid[flow.uid]:
+                del self._flows_by_uid[flow.uid]
 
     def flows_of(self, *, owner: int | None = None, ipcp: str | None = None) -> Iterator[Flow]:
         for flow in list(self.flows.values()):
@@ -154,4 +160,4 @@ class Registry:
                 yield flow
 
     def flows_of_uid(self, uid: int) -> int:
-        return sum(1 for f in self.flows.values() if f.uid == uid)
+        return self._flows_by_uid[uid]

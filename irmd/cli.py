@@ -132,6 +132,12 @@ def ipcp_disconnect(args: list[str]) -> Message:
     return _connect(args, False)
 
 
+def ipcp_show(args: list[str]) -> Message:
+    if len(args) == 1:  # irm ipcp show NAME
+        return m.IpcpInfoReq(args[0])
+    return m.IpcpInfoReq(parse_words(args, ["name"]).one("name", True))
+
+
 def ipcp_list(args: list[str]) -> Message:
     w = parse_words(args, ["name", "layer", "type"])
     return m.IpcpList(w.one("name"), w.one("layer"), w.one("type"))
@@ -215,7 +221,7 @@ COMMANDS: dict[str, Any] = {
     "ipcp": {
         "create": ipcp_create, "destroy": ipcp_destroy, "bootstrap": ipcp_bootstrap,
         "enroll": ipcp_enroll, "connect": ipcp_connect, "disconnect": ipcp_disconnect,
-        "list": ipcp_list,
+        "list": ipcp_list, "show": ipcp_show,
     },
     "bind": {kind: functools.partial(_bind, kind, True) for kind in BIND_KINDS},
     "unbind": {kind: functools.partial(_bind, kind, False) for kind in BIND_KINDS},
@@ -259,6 +265,12 @@ def parse(argv: list[str]) -> Message:
 EMPTY = {m.IpcpList: "No IPCPs in system.", m.NameList: "No names in system.", m.FlowList: "No flows in system."}
 
 
+def render_info(info: m.IpcpInfo) -> str:
+    """What an IPCP tells of itself: each section a titled table."""
+    return "\n".join(f"{section.name}:\n" + render(m.Table(section.columns, [dict(zip(section.columns, row,
+                      strict=False)) for row in section.rows])) for section in info.sections)
+
+
 def render(table: m.Table, empty: str = "(none)") -> str:
     if not table.rows:
         return empty
@@ -300,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
             print(render(reply, EMPTY.get(type(msg), "(none)")))
         elif isinstance(reply, m.Text):
             print(reply.text, end="")
+        elif isinstance(reply, m.IpcpInfo):
+            print(render_info(reply))
         # Done is said by the exit status alone, as Ouroboros's irm does.
     except BrokenPipeError:  # irm ... | head
         sys.stderr.close()

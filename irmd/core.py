@@ -59,6 +59,7 @@ class Irmd:
             m.IpcpEnroll: self.ipcps.enroll,
             m.IpcpConnect: self.ipcps.connect,
             m.IpcpList: self.ipcps.list_ipcps,
+            m.IpcpInfoReq: self.ipcps.info,
             m.Bind: self.names.bind,
             m.NameCreate: self.names.create,
             m.NameDestroy: self.names.destroy,

@@ -23,6 +23,7 @@ from proto.errors import (
     LayerDown,
     NotFound,
     PermissionDenied,
+    ProtocolError,
     error_class,
 )
 from proto.names import HASHES, IPCP_TYPES, check_name, name_hash
@@ -231,6 +232,14 @@ class Ipcps:
         elif not msg.connect and msg.dst in ipcp.conns:
             ipcp.conns.remove(msg.dst)
         return m.Ok()
+
+    async def info(self, c: Client, msg: m.IpcpInfoReq, _: list[int]) -> m.IpcpInfo:
+        """What the IPCP says of itself (irm ipcp show)."""
+        ipcp = self.reg.get_ipcp(msg.name)
+        reply = await self.request(ipcp, m.IpcpInfoReq())
+        if not isinstance(reply, m.IpcpInfo):
+            raise ProtocolError(f"ipcp {ipcp.name}: answered IpcpInfoReq with {type(reply).__name__}")
+        return reply
 
     async def list_ipcps(self, c: Client, msg: m.IpcpList, _: list[int]) -> m.Table:
         rows = (

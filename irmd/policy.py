@@ -13,7 +13,7 @@ from transports.wire import Message
 
 # Requests only an admin may make: they act on IPCPs, layers or programs, which are the host's.
 ADMIN_ONLY: frozenset[type[Message]] = frozenset(
-    {m.IpcpCreate, m.IpcpDestroy, m.IpcpBootstrap, m.IpcpEnroll, m.IpcpConnect}
+    {m.IpcpCreate, m.IpcpDestroy, m.IpcpBootstrap, m.IpcpEnroll, m.IpcpConnect, m.IpcpInfoReq}
 )
 # Requests only an IPCP of this IRMd makes (checked by the connection being the IPCP's).
 FROM_IPCP: frozenset[type[Message]] = frozenset({m.FlowReqArrived, m.FlowPeerDealloc})

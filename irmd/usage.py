@@ -91,7 +91,7 @@ USAGE: dict[tuple[str, ...], str] = {
                 "where OPERATION in {create destroy\n"
                 "                    bootstrap enroll\n"
                 "                    connect disconnect\n"
-                "                    list\n"
+                "                    list show\n"
                 "                    help}\n"),
     ("ipcp", "create"): ("Usage: irm ipcp create\n"
                          "                name <ipcp name>\n"
@@ -125,6 +125,7 @@ USAGE: dict[tuple[str, ...], str] = {
                        "                [layer <layer_name>]\n\n"
                        "                [type [TYPE]]\n\n"
                        f"where TYPE = {TYPES}\n"),
+    ("ipcp", "show"): "Usage: irm ipcp show\n                [name] <ipcp name>\n",
     ("bind",): _operations("bind", ["program", "process", "ipcp", "help"]),
     ("bind", "program"): ("Usage: irm bind program <program>\n"
                           "           name <name>\n"

@@ -65,8 +65,7 @@ def text(key: str, value: str) -> str:
 
 
 # Bootstrap options per IPCP type: keyword -> value check. Ranges are Ouroboros 0.23's (ipcp.h,
-# configfile.c); where it checks only a lower bound (ls_t_*), a day is the upper one.
-_SECONDS = _int(1, 86400)
+# configfile.c), with upper bounds where it has none.
 TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "local": {"hash": choice(*HASHES)},
     "broadcast": {},
@@ -78,10 +77,13 @@ TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
         "addr": choice("1", "2", "4", "8"), "eid": _int(8, 8), "ttl": _int(1, 255),
         "routing": choice("link_state", "lfa", "ecmp"), "congestion": choice("none", "mb-ecn"),
         "hash": choice(*HASHES), "directory": choice("DHT"), "addr_auth": choice("flat"),
-        "ls_t_recalc": _SECONDS, "ls_t_update": _SECONDS, "ls_t_timeo": _SECONDS,
+        "key": text,
+        # link state (seconds): pff recalculation, LSU refresh, LSU/link timeout (which must exceed
+        # the refresh: 0.23 checks only that each is at least 1)
+        "ls_t_recalc": _int(1, 3600), "ls_t_update": _int(1, 3600), "ls_t_timeo": _int(2, 86400),
+        # the DHT directory: lookup parallelism, replicas, entry expiry, refresh, replication (s)
         "dht_alpha": _int(1, 10), "dht_k": _int(1, 20), "dht_t_expire": _int(10, 86400),
         "dht_t_refresh": _int(3, 3600), "dht_t_replicate": _int(3, 3600),
-        "key": text,
     },
 }  # fmt: skip
 # What an IPCP takes when an option is not given (ours: congestion none, where Ouroboros has mb-ecn).

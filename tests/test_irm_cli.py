@@ -248,3 +248,12 @@ def test_enroll_without_a_type_makes_a_unicast_ipcp(irmd: IrmdProc, local_layer:
     assert r.returncode == 1 and "nobody-here" in r.stderr
     assert [(i["name"], i["type"], i["state"]) for i in irmd.table("ipcp", "list", "name", "n2")] == [
         ("n2", "unicast", "init")]
+
+
+def test_ipcp_show_prints_what_the_ipcp_tells_of_itself(irmd: IrmdProc) -> None:
+    irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net")
+    irmd.note_children()
+    out = irmd.irm_ok("ipcp", "show", "name", "n1").stdout
+    assert out.startswith("ipcp:\n+") and "| n1 " in out and "net" in out
+    r = irmd.irm("ipcp", "show", "name", "nosuch")
+    assert r.returncode == 1 and "ipcp 'nosuch' not found" in r.stderr

@@ -137,6 +137,8 @@ class Names:
         if not msg.register and not any(i.name in entry.regs for i in targets):
             where = ", ".join([*msg.layers, *msg.ipcps])
             raise NotFound(f"name {msg.name!r} is not registered in {where!r}")
+        for ipcp in targets if msg.register else ():  # taking a name of theirs off a layer is always theirs
+            policy.check_register(c.caller, ipcp.type, ipcp.layer)
         for ipcp in targets:
             await self.irmd.ipcps.register(ipcp, entry, msg.register)
         return m.Ok()

@@ -60,6 +60,16 @@ def check_bind(caller: Caller, kind: str, target_uid: int | None) -> None:
         raise _refuse(f"that process is not yours (uid {caller.uid})")
 
 
+def check_register(caller: Caller, ipcp_type: str, layer: str) -> None:
+    """Registering a name with an IPCP: a user only in a local layer. A name in
+    any other layer is reachable from other hosts, where it could take flows meant for another
+    host's service of that name: which names a host serves is its admins' to say."""
+    if caller.admin or ipcp_type == "local":
+        return
+    raise _refuse(f"registering names in {ipcp_type} layer {layer!r} needs root or the IRMd's user "
+                  "(a user registers in local layers)")
+
+
 def check_admin_name(caller: Caller, owner: int, name: str, irmd_uid: int) -> None:
     """An admin binding a program to a name another user made (so that user's processes would get
     flows meant for the program) is refused: the name must be destroyed or taken over first."""

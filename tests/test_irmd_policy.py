@@ -176,3 +176,12 @@ def test_ipcps_run_isolated_from_the_callers_python_settings() -> None:
 
     argv = ipcp_command("local", "lo", Path("/s"))
     assert argv[1] == "-I" and argv[-3:] == ["local", "lo", "/s"]
+
+
+def test_a_user_registers_names_in_local_layers_only() -> None:
+    policy.check_register(USER, "local", "local")
+    for kind in ("unicast", "broadcast", "udp4", "udp6", "eth-dix", "eth-llc"):
+        with pytest.raises(PermissionDenied, match=f"registering names in {kind} layer 'l' needs root"):
+            policy.check_register(USER, kind, "l")
+        for caller in ADMINS:
+            policy.check_register(caller, kind, "l")

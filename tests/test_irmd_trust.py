@@ -565,3 +565,15 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
     r = nobody_py(host, "from flowlib.irm import IrmClient\nfrom proto.control import act_as\n"
                         "act_as(IrmClient().channel, 0)")
     assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr
+
+
+def test_a_user_registers_their_names_in_local_layers_but_not_in_layers_other_hosts_reach(host: IrmdProc) -> None:
+    host.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net")
+    host.note_children()
+    r = nobody_irm(host, "name", "register", "bank", "layer", "net")
+    assert r.returncode == 1 and "registering names in unicast layer 'net' needs root" in r.stderr
+    assert nobody_irm(host, "name", "register", "bank", "layer", "local").returncode == 0
+    host.irm_ok("name", "register", "bank", "layer", "net")  # an admin may, for the user
+    assert nobody_irm(host, "name", "unregister", "bank", "layer", "net").returncode == 0  # and they may withdraw
+    rows = {r["name"]: r for r in host.table("name", "list")}
+    assert rows["bank"]["layers"] == "local"

@@ -167,7 +167,7 @@ class Ipcps:
         (not broadcast layers, which have no directory, nor its own layer)."""
         me = ProcBinding(ipcp.pid, proc_start(ipcp.pid), self.irmd.uid)
         for name in (ipcp.name, ipcp.layer):
-            self.reg.bind_proc(name, me, self.irmd.uid)
+            self.reg.bind_proc(name, me)
             entry = self.reg.names[name]
             for below in lower:
                 if below.type != "broadcast" and below.layer != ipcp.layer and below.operational:

@@ -19,7 +19,6 @@ class LimitError(ValueError):
 class Limits:
     conns_per_uid: int = 256  # control connections open at once (every flowlib process holds one)
     flows_per_uid: int = 4096  # flows held, allocated or accepted
-    names_per_uid: int = 256  # names created (by name create, bind or register)
     accepts_per_conn: int = 64  # flow_accept calls waiting at once
     requests_per_conn: int = 256  # requests being served at once
     queued_bytes_per_conn: int = 4 << 20  # replies and notices not yet read; above it, no more requests are read

@@ -1,6 +1,6 @@
-"""Who may do what at the IRMd: a pure function of the caller (uid from SO_PEERCRED), the request
-and what it touches. Admins are root and the IRMd's own user; everyone else uses flows and keeps
-to the names, processes and flows that are theirs.
+"""Who may do what at the IRMd: a pure function of the caller (uid from SO_PEERCRED) and the request.
+Admins (root and the IRMd's own user) run the host's IPCPs, names and bindings; everyone else uses
+flows, and sees their own.
 """
 
 from __future__ import annotations
@@ -11,10 +11,15 @@ from proto import messages as m
 from proto.errors import PermissionDenied
 from transports.wire import Message
 
-# Requests only an admin may make: they act on IPCPs, layers or programs, which are the host's.
-ADMIN_ONLY: frozenset[type[Message]] = frozenset(
-    {m.IpcpCreate, m.IpcpDestroy, m.IpcpBootstrap, m.IpcpEnroll, m.IpcpConnect, m.IpcpInfoReq}
-)
+# What makes a process serve a name, or a name reachable, is the host's: a user who could bind or
+# register would take flows meant for the host's services (or, in a layer other hosts reach, for
+# another host's service of that name). Users ask an admin, who binds their process.
+ADMIN_ONLY: dict[type[Message], str] = {
+    m.IpcpCreate: "managing IPCPs", m.IpcpDestroy: "managing IPCPs", m.IpcpBootstrap: "managing IPCPs",
+    m.IpcpEnroll: "managing IPCPs", m.IpcpConnect: "managing IPCPs", m.IpcpInfoReq: "asking IPCPs",
+    m.Bind: "binding", m.NameCreate: "managing names", m.NameDestroy: "managing names",
+    m.NameRegister: "registering names",
+}  # fmt: skip
 # Requests only an IPCP of this IRMd makes (checked by the connection being the IPCP's).
 FROM_IPCP: frozenset[type[Message]] = frozenset({m.FlowReqArrived, m.FlowPeerDealloc})
 
@@ -33,50 +38,15 @@ def is_admin(uid: int, irmd_uid: int) -> bool:
     return uid in (0, irmd_uid)
 
 
-def _refuse(why: str) -> PermissionDenied:
-    return PermissionDenied(f"permission denied: {why}")
-
-
 def check_request(caller: Caller, kind: type[Message]) -> None:
-    """The first gate: requests that need an admin, whatever they touch."""
-    if kind in ADMIN_ONLY and not caller.admin:
-        raise _refuse("managing IPCPs needs root or the IRMd's user")
+    """Admins may ask anything; users only for flows, lists and dumps (of their own), and to act
+    as themselves."""
+    what = ADMIN_ONLY.get(kind)
+    if what is not None and not caller.admin:
+        raise PermissionDenied(f"permission denied: {what} needs root or the IRMd's user (uid {caller.uid} "
+                               "may allocate and accept flows)")
 
 
-def check_name(caller: Caller, owner: int | None, name: str) -> None:
-    """Acting on name `name` (owned by `owner`; None: it does not exist yet, and would be the caller's)."""
-    if caller.admin or owner is None or owner == caller.uid:
-        return
-    raise _refuse(f"name {name!r} belongs to uid {owner}")
-
-
-def check_bind(caller: Caller, kind: str, target_uid: int | None) -> None:
-    """Binding (or unbinding) a program, an IPCP, or a process running as `target_uid`."""
-    if caller.admin:
-        return
-    if kind in ("program", "ipcp"):
-        raise _refuse(f"binding {kind}s needs root or the IRMd's user; bind your own process instead")
-    if target_uid != caller.uid:
-        raise _refuse(f"that process is not yours (uid {caller.uid})")
-
-
-def check_register(caller: Caller, ipcp_type: str, layer: str) -> None:
-    """Registering a name with an IPCP: a user only in a local layer. A name in
-    any other layer is reachable from other hosts, where it could take flows meant for another
-    host's service of that name: which names a host serves is its admins' to say."""
-    if caller.admin or ipcp_type == "local":
-        return
-    raise _refuse(f"registering names in {ipcp_type} layer {layer!r} needs root or the IRMd's user "
-                  "(a user registers in local layers)")
-
-
-def check_admin_name(caller: Caller, owner: int, name: str, irmd_uid: int) -> None:
-    """An admin binding a program to a name another user made (so that user's processes would get
-    flows meant for the program) is refused: the name must be destroyed or taken over first."""
-    if caller.admin and not is_admin(owner, irmd_uid):
-        raise _refuse(f"name {name!r} belongs to uid {owner}: destroy it before binding a program to it")
-
-
-def visible(caller: Caller, owner: int) -> bool:
-    """Lists and dumps show a non-admin what is theirs only."""
-    return caller.admin or owner == caller.uid
+def visible(caller: Caller, uid: int) -> bool:
+    """Lists and dumps show a user what is theirs (their flows, their processes' bindings)."""
+    return caller.admin or uid == caller.uid

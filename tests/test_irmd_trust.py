@@ -117,6 +117,9 @@ def test_a_user_uses_flows_but_cannot_bind_a_program_to_run_as_root(host: IrmdPr
 
 @pytest.mark.parametrize("attack", [
     ["bind", "process", "{pid}", "name", "echo"],  # take the host's name over with its own process
+    ["bind", "process", "{pid}", "name", "mine"],  # or serve a name of its own
+    ["name", "create", "mine"],
+    ["name", "register", "mine", "layer", "local"],
     ["name", "unregister", "echo", "layer", "local"],
     ["name", "register", "echo", "layer", "local"],
     ["name", "destroy", "echo"],
@@ -152,8 +155,6 @@ import json, os, sys
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient
 client = IrmClient()
-client.bind("mine")
-client.register("mine", ["local"])
 print("ready", flush=True)
 reply, fd = client.accept(20)
 with Flow(reply, fd, client) as flow:
@@ -163,9 +164,13 @@ with Flow(reply, fd, client) as flow:
 """
 
 
-def test_a_user_serves_their_own_name_and_learns_who_allocated(host: IrmdProc) -> None:
+def test_a_users_server_an_admin_bound_serves_and_learns_who_allocated(host: IrmdProc) -> None:
     log = host.log.parent / "mine.log"
-    with server([*AS_NOBODY, str(BIN / "python"), "-c", SERVE_MINE], host.env, log, "ready"):
+    with server([*AS_NOBODY, str(BIN / "python"), "-c", SERVE_MINE], host.env, log, "ready") as srv:
+        host.irm_ok("bind", "process", str(srv.pid), "name", "mine")  # the admin binds the user's process
+        host.irm_ok("name", "register", "mine", "layer", "local")
+        rows = parse_table(nobody_irm(host, "name", "list").stdout)
+        assert [(r["name"], r["pids"]) for r in rows] == [("mine", str(srv.pid))]  # its own, not the host's
         client = IrmClient(host.sock)
         try:
             reply, fd = client.alloc("mine", None, 10)
@@ -176,8 +181,6 @@ def test_a_user_serves_their_own_name_and_learns_who_allocated(host: IrmdProc) -
         finally:
             client.close()
         assert (peer_uid, peer_pid, served_by) == (0, os.getpid(), NOBODY)
-        rows = parse_table(nobody_irm(host, "name", "list").stdout)
-        assert [r["name"] for r in rows] == ["mine"]  # its own name only, not the host's
         assert any(r["name"] == "mine" for r in host.table("name", "list"))
 
 
@@ -251,10 +254,14 @@ def test_users_see_their_own_flows_and_names_and_nobody_sees_a_layer_key(host: I
     echo_service(host, "echo")
     dump = host.irm_ok("dump", "config").stdout
     assert "s3cret-k3y" not in dump and "# key = ... (a secret" in dump and '[name."echo"]' in dump
-    r = nobody_irm(host, "name", "create", "nobodys")
-    assert r.returncode == 0, r.stderr
-    theirs = nobody_irm(host, "dump", "config").stdout
-    assert "s3cret-k3y" not in theirs and '[name."nobodys"]' in theirs and "echo" not in theirs
+    holder = subprocess.Popen([*AS_NOBODY, "sleep", "60"])
+    try:
+        host.irm_ok("bind", "process", str(holder.pid), "name", "nobodys")
+        theirs = nobody_irm(host, "dump", "config").stdout
+        assert "s3cret-k3y" not in theirs and '[name."nobodys"]' in theirs and "echo" not in theirs
+    finally:
+        holder.kill()
+        holder.wait()
     assert "s3cret-k3y" not in nobody_irm(host, "dump", "graph").stdout
     assert "s3cret-k3y" not in host.log_text()
 
@@ -264,8 +271,7 @@ def test_users_see_their_own_flows_and_names_and_nobody_sees_a_layer_key(host: I
 
 @pytest.fixture
 def tight(public_dir: Path) -> Iterator[IrmdProc]:
-    limits = ["conns_per_uid=3", "flows_per_uid=2", "names_per_uid=2", "accepts_per_conn=2",
-              "requests_per_conn=4"]
+    limits = ["conns_per_uid=3", "flows_per_uid=2", "accepts_per_conn=2", "requests_per_conn=4"]
     with irmd_in(public_dir, *(a for limit in limits for a in ("--limit", limit))) as irmd:
         irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
         irmd.note_children()
@@ -321,14 +327,6 @@ def test_flows_per_user_are_limited_and_others_still_allocate(tight: IrmdProc) -
             flow.close()
     finally:
         srv.close()
-
-
-def test_names_per_user_are_limited(tight: IrmdProc) -> None:
-    for name in ("n1", "n2"):
-        assert nobody_irm(tight, "name", "create", name).returncode == 0
-    r = nobody_irm(tight, "name", "create", "n3")
-    assert r.returncode == 1 and "names_per_uid=2" in r.stderr
-    tight.irm_ok("name", "create", "host-name")
 
 
 def raw_conn(irmd: IrmdProc) -> socket.socket:
@@ -552,28 +550,16 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
     client = IrmClient(host.sock)
     try:
         act_as(client.channel, NOBODY)
-        with pytest.raises(PermissionDenied):  # what uid 65534 may not do, its server may not do for it
-            call(client.channel, m.Bind("program", "/bin/sh", "pwn", True), timeout=10)
-        call(client.channel, m.NameCreate("for-nobody"), timeout=10)
+        for msg in (m.Bind("program", "/bin/sh", "pwn", True), m.NameCreate("for-nobody")):
+            with pytest.raises(PermissionDenied):  # what uid 65534 may not do, its server may not do for it
+                call(client.channel, msg, timeout=10)
         with pytest.raises(PermissionDenied, match="cannot act as uid 0"):
             act_as(client.channel, 0)  # no way back
-        reply, _ = call(client.channel, m.NameList(), timeout=10)
-        assert isinstance(reply, m.Table) and [r["name"] for r in reply.rows] == ["for-nobody"]
+        reply, _ = call(client.channel, m.FlowList(), timeout=10)
+        assert isinstance(reply, m.Table) and reply.rows == []  # root's flows are not its to see
     finally:
         client.close()
-    assert [r["name"] for r in parse_table(nobody_irm(host, "name", "list").stdout)] == ["for-nobody"]
+    assert "for-nobody" not in {r["name"] for r in host.table("name", "list")}
     r = nobody_py(host, "from flowlib.irm import IrmClient\nfrom proto.control import act_as\n"
                         "act_as(IrmClient().channel, 0)")
     assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr
-
-
-def test_a_user_registers_their_names_in_local_layers_but_not_in_layers_other_hosts_reach(host: IrmdProc) -> None:
-    host.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net")
-    host.note_children()
-    r = nobody_irm(host, "name", "register", "bank", "layer", "net")
-    assert r.returncode == 1 and "registering names in unicast layer 'net' needs root" in r.stderr
-    assert nobody_irm(host, "name", "register", "bank", "layer", "local").returncode == 0
-    host.irm_ok("name", "register", "bank", "layer", "net")  # an admin may, for the user
-    assert nobody_irm(host, "name", "unregister", "bank", "layer", "net").returncode == 0  # and they may withdraw
-    rows = {r["name"]: r for r in host.table("name", "list")}
-    assert rows["bank"]["layers"] == "local"

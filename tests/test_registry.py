@@ -81,14 +81,6 @@ def test_destroy_refuses_a_name_registered_in_a_layer(reg: Registry) -> None:
 # -- bindings -------------------------------------------------------------------
 
 
-def test_names_belong_to_who_made_them_the_irmds_user_by_default(reg: Registry) -> None:
-    assert reg.create_name("mine", owner=USER).owner == USER
-    assert reg.create_name("host's").owner == IRMD_UID
-    reg.bind_program("auto-made", "/bin/oping", [], False, owner=OTHER)
-    assert reg.names["auto-made"].owner == OTHER
-    assert reg.names_of(USER) == 1
-
-
 def test_names_list_in_the_order_they_were_made(reg: Registry) -> None:
     for name in ("b", "a", "c"):
         reg.create_name(name)

@@ -1,4 +1,4 @@
-"""Names as the IRMd records them: their owner, load-balancing policy, the programs and processes
+"""Names as the IRMd records them: their load-balancing policy, the programs and processes
 bound to them and the layers they are registered in; and which acceptor gets the next flow.
 """
 
@@ -42,7 +42,6 @@ class ProcBinding:
 class Name:
     name: str
     lb: str = LB_ROUND_ROBIN
-    owner: int = 0  # the uid that created it (by create, bind or register)
     seq: int = 0  # creation order: lists page by it
     programs: dict[str, ProgBinding] = dataclasses.field(default_factory=dict)  # real path -> binding
     procs: dict[int, ProcBinding] = dataclasses.field(default_factory=dict)  # pid -> binding

@@ -52,14 +52,13 @@ class Registry:
 
     # -- names ---------------------------------------------------------
 
-    def create_name(self, name: str, lb: str = LB_IMPLICIT, owner: int | None = None) -> Name:
+    def create_name(self, name: str, lb: str = LB_IMPLICIT) -> Name:
         check_name(name)
         if lb not in LB_POLICIES:
             raise InvalidArgument(f"unknown lb policy {lb!r}: expected {' or '.join(LB_POLICIES)}")
         entry = self.names.get(name)
         if entry is None:
-            owner = self.irmd_uid if owner is None else owner
-            entry = self.names[name] = Name(name, lb, owner, next(self._name_seq))
+            entry = self.names[name] = Name(name, lb, next(self._name_seq))
         else:
             entry.lb = lb
         return entry
@@ -85,9 +84,6 @@ class Registry:
         for entry in self.names.values():
             entry.regs.discard(ipcp)
 
-    def names_of(self, uid: int) -> int:
-        return sum(1 for e in self.names.values() if e.owner == uid)
-
     def name_for_hash(self, ipcp: str, algo: str, digest: bytes) -> Name | None:
         """The name registered with IPCP `ipcp` whose hash (by the layer's algorithm) is `digest`."""
         for entry in self.names.values():
@@ -97,13 +93,13 @@ class Registry:
 
     # -- bindings ------------------------------------------------------
 
-    def _name(self, name: str, owner: int | None) -> Name:
-        return self.names[name] if name in self.names else self.create_name(name, owner=owner)
+    def _name(self, name: str) -> Name:
+        return self.names[name] if name in self.names else self.create_name(name)
 
     def bind_program(self, name: str, path: str, args: list[str], auto: bool, owner: int | None = None,
                      program: Program | None = None) -> None:
         owner = self.irmd_uid if owner is None else owner
-        self._name(name, owner).programs[prog_key(path)] = ProgBinding(path, list(args), auto, owner, program)
+        self._name(name).programs[prog_key(path)] = ProgBinding(path, list(args), auto, owner, program)
 
     def unbind_program(self, path: str, name: str = "") -> None:
         key = prog_key(path)
@@ -111,8 +107,8 @@ class Registry:
         if not hits:
             raise NotFound(f"program {path!r} is not bound{f' to {name!r}' if name else ''}")
 
-    def bind_proc(self, name: str, proc: ProcBinding, owner: int | None = None) -> None:
-        self._name(name, owner).procs[proc.pid] = proc
+    def bind_proc(self, name: str, proc: ProcBinding) -> None:
+        self._name(name).procs[proc.pid] = proc
 
     def unbind_pid(self, pid: int, name: str = "", scope: Iterable[Name] | None = None) -> None:
         hits = [e for e in (self._scope(name) if scope is None else scope) if pid in e.procs]

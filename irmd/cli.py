@@ -13,6 +13,7 @@ import shutil
 import sys
 from typing import Any
 
+from irmd.secfiles import IRM_WORDS
 from irmd.usage import USAGE
 from proto import messages as m
 from proto.control import open_channel, request_all
@@ -169,8 +170,18 @@ def _name_arg(args: list[str]) -> tuple[str, list[str]]:
 
 def name_create(args: list[str]) -> Message:
     name, rest = _name_arg(args)
-    lb = parse_words(rest, ["lb"]).one("lb") or "round-robin"
-    return m.NameCreate(name, choice(*LB_POLICIES)("lb", lb))
+    w = parse_words(rest, ["lb", *IRM_WORDS])
+    lb = w.one("lb") or "round-robin"
+    sec = {IRM_WORDS[word]: _existing(word, w.one(word)) for word in IRM_WORDS if w.one(word)}
+    return m.NameCreate(name, choice(*LB_POLICIES)("lb", lb), sec)
+
+
+def _existing(word: str, path: str) -> str:
+    """A security file path, resolved as 0.23's irm does (realpath; the file must exist)."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError as e:
+        raise UsageError(f'{word} "{path}": {e.strerror}') from None
 
 
 def name_destroy(args: list[str]) -> Message:

@@ -15,6 +15,7 @@ from irmd.flows import Flows
 from irmd.ipcps import Ipcps
 from irmd.limits import Limits
 from irmd.names import Names
+from irmd.oap import Oap
 from irmd.programs import Programs
 from irmd.reg import Registry
 from irmd.server import Client, Server
@@ -33,6 +34,7 @@ class Irmd:
         self.log_stdout = log_stdout  # irmd --stdout: IPCPs log there too
         self.uid = os.geteuid()
         self.reg = Registry(self.uid)
+        self.oap = Oap(self.reg)  # flow allocation authentication: headers out, headers in
         self.clients: dict[int, Client] = {}
         self.server = Server(self)
         self.flows = Flows(self)

@@ -114,9 +114,10 @@ class Flows:
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
         where = f"flow to {msg.name!r} via {ipcp.layer!r}"
+        attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join)  # OAP: a fresh header each attempt
         try:
             reply, fds = await ipcp.channel.request(
-                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining), timeout=remaining + 1.0
+                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
             )
         except RemoteError as e:
             self.reg.drop_flow(flow)
@@ -131,11 +132,15 @@ class Flows:
         flow.fd, flow.mtu = os.dup(fds[0]), reply.mtu
         if flow.advance(FlowEvent.ALLOCATED) is not FlowState.ALLOCATED:
             self.end_flow(flow, FlowEvent.DOWN)  # it ended before its answer came: the application sees the end
-        if c.conn_id not in self.irmd.clients:  # the application left while we waited
+        try:
+            if c.conn_id not in self.irmd.clients:  # the application left while we waited
+                raise ChannelClosed("client gone")
+            outcome = self.irmd.oap.complete(attempt, reply.data)  # OAP: the peer's answer checked
+        except (ChannelClosed, FlowError):
             close_fds(fds)
             await self.release(flow)
-            raise ChannelClosed("client gone")
-        return m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name), fds
+            raise
+        return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
 
     async def resolve(self, name: str, timeout: float) -> list[Ipcp]:
         """The operational IPCPs that reach `name`, the most local first."""
@@ -177,7 +182,7 @@ class Flows:
                                f"(limit accepts_per_conn={limit})")
         fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
         c.accepts.append(fut)
-        c.serves = True
+        c.serves, c.cypher_s = True, msg.cypher_s
         await self.irmd.notify_acceptors()
         try:
             reply, fd = await asyncio.wait_for(fut, msg.timeout if msg.timeout and msg.timeout > 0 else None)
@@ -189,7 +194,7 @@ class Flows:
         return reply, [fd]
 
     async def flow_listen(self, c: Client, msg: m.FlowListen, _: list[int]) -> m.Ok:
-        c.listening = msg.enabled
+        c.listening, c.cypher_s = msg.enabled, msg.cypher_s
         c.serves |= msg.enabled
         await self.irmd.notify_acceptors()
         return m.Ok()
@@ -267,23 +272,25 @@ class Flows:
         entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, msg.hash)
         if entry is None:
             raise NotFound("no name with that hash is registered here")
-        acceptor = await self.wait_acceptor(entry.name)
-        self.limit_flows(acceptor.uid)
+        src = self.local_source(ipcp, msg.src_flow)
+        with self.irmd.oap.startup(ipcp.layer, f"uid {src.uid}" if src else msg.peer):  # OAP: in flight, bounded
+            acceptor = await self.wait_acceptor(entry.name)
+            self.limit_flows(acceptor.uid)
+            answer, outcome = self.irmd.oap.serve(entry.name, msg.data, acceptor.cypher_s)  # OAP: checked, answered
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
             ipcp=ipcp.name, qos=msg.qos, role="dst", mtu=msg.mtu,
         )  # fmt: skip
         flow.advance(FlowEvent.ALLOCATED)
         flow.fd = os.dup(fds[0])
-        src = self.local_source(ipcp, msg.src_flow)
-        reply = m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
-                            src.uid if src else -1, src.pid if src else 0)
+        reply = outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
+                                          src.uid if src else -1, src.pid if src else 0))
         waiting = next((f for f in acceptor.accepts if not f.done()), None)
         if waiting is not None:
             waiting.set_result((reply, os.dup(fds[0])))
         elif acceptor.channel is not None:
             acceptor.channel.notify(reply, fds)
-        return m.IpcpFlowAccepted(flow.flow_id)
+        return m.IpcpFlowAccepted(flow.flow_id, answer)
 
     def local_source(self, ipcp: Ipcp, src_flow: int) -> Flow | None:
         """The allocating end of a flow that never left this host: only the local IPCP can name it,

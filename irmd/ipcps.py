@@ -26,7 +26,7 @@ from proto.errors import (
     ProtocolError,
     error_class,
 )
-from proto.names import HASHES, IPCP_TYPES, check_name, name_hash
+from proto.names import DIGESTS, IPCP_TYPES, check_name, name_hash
 from transports.channel import ChannelClosed, RemoteError
 from transports.unix import close_fds
 from transports.wire import Message
@@ -146,7 +146,7 @@ class Ipcps:
             below = [i.mtu for i in lower if i.layer != msg.layer]
             msg.conf.setdefault("mtu", str(min(below, default=1500)))
         info = await self.request(ipcp, msg)
-        if not isinstance(info, m.LayerInfo) or info.hash not in HASHES:
+        if not isinstance(info, m.LayerInfo) or info.hash not in DIGESTS:
             raise IpcpFailed(f"ipcp {ipcp.name} answered with {type(info).__name__}")
         if layer and info.layer != layer:
             kill(ipcp.proc, signal.SIGKILL)
@@ -203,14 +203,9 @@ class Ipcps:
                 raise AlreadyExists(f"ipcp {ipcp.name!r} is already in layer {ipcp.layer!r}")
         if create:
             ipcps = [await self.start(msg.name, create)]
-        conf, notes = dict(msg.conf), []
-        if "dns" in conf:  # Ouroboros's DDNS directory for udp layers: not here, names are found by queries
-            notes.append(f"dns {conf.pop('dns')} ignored: there is no DDNS support; names are found by "
-                         "broadcast and peer queries")
-            log.warning("ipcp %s: %s", msg.name, notes[-1])
-        done = [await self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(conf)), msg.autobind)
+        done = [await self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(msg.conf)), msg.autobind)
                 for ipcp in ipcps]
-        return m.Ok("\n".join([*(ok.text for ok in done), *notes]))
+        return m.Ok("\n".join(ok.text for ok in done))
 
     async def enroll(self, c: Client, msg: m.IpcpEnroll, _: list[int]) -> m.Ok:
         """Enroll the IPCPs `msg.name` names (a unicast one made if none is there and no type is given)."""

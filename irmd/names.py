@@ -12,6 +12,7 @@ from irmd import policy, state, views
 from irmd.identity import proc_start, proc_uids, program_of
 from irmd.reg import Ipcp, Name, ProcBinding
 from irmd.reg.ipcp import is_pattern
+from irmd.secfiles import check_sec
 from proto import messages as m
 from proto.errors import AlreadyExists, InvalidArgument, NotFound
 from proto.names import check_name
@@ -72,7 +73,7 @@ class Names:
     async def create(self, c: Client, msg: m.NameCreate, _: list[int]) -> m.Ok:
         if msg.name in self.reg.names:
             raise AlreadyExists(f"name {msg.name!r} already exists")
-        self.reg.create_name(msg.name, msg.lb)
+        self.reg.create_name(msg.name, msg.lb).sec = check_sec(msg.sec)
         return m.Ok()
 
     async def destroy(self, c: Client, msg: m.NameDestroy, _: list[int]) -> m.Ok:

@@ -44,6 +44,7 @@ class Client:
     ipcp: Ipcp | None = None
     listening: bool = False
     serves: bool = False  # has accepted or listened: a server, not just a client of the name
+    cypher_s: int = 0  # takes only encrypted flows (FlowAccept/FlowListen)
     accepts: deque[asyncio.Future[tuple[m.FlowReply, int]]] = dataclasses.field(default_factory=deque)
     dump: str = ""  # a dump being fetched in parts
 

@@ -10,6 +10,8 @@ HASHES = "{SHA3_224 SHA3_256 SHA3_384 SHA3_512}"
 TYPES = "{unicast broadcast local udp4 udp6 eth-llc eth-dix}"
 IMPAIR = "        [impair <loss=PCT,dup=PCT,reorder=PCT,rate=MBITS> (tests only, default: none)]\n"
 U, D4, D6 = DEFAULTS["unicast"], DEFAULTS["udp4"], DEFAULTS["udp6"]
+SECURITY_PATHS = [(f"{side[0]}{kind}path", side, file) for side in ("server", "client")
+                  for kind, file in (("enc", "enc.conf"), ("crt", "crt.pem"), ("key", "key.pem"))]
 
 
 def _operations(path: str, ops: list[str]) -> str:
@@ -56,14 +58,16 @@ if ROUTING_POLICY == link_state
 if TYPE == udp4
         ip <IP address in dotted notation>
         [port <UDP port> (default: {D4['port']})]
-        [dns <DDNS IPv4 address in dotted notation> (default: none; no DDNS support: ignored)]
+        [dns <DDNS IPv4 address in dotted notation> (default: none)]
         [peer <IPv4 address of a member> (repeatable, default: none)]
+        [members <most members to keep> (default: {D4['members']})]
 {IMPAIR}
 if TYPE == udp6
         ip <IPv6 address>
         [port <UDP port> (default: {D6['port']})]
-        [dns <DDNS IPv6 address> (default: none; no DDNS support: ignored)]
+        [dns <DDNS IPv6 address> (default: none)]
         [peer <IPv6 address of a member> (repeatable, default: none)]
+        [members <most members to keep> (default: {D6['members']})]
 {IMPAIR}
 if TYPE == eth-llc
         dev <interface name>
@@ -147,8 +151,10 @@ USAGE: dict[tuple[str, ...], str] = {
                 "                    help}\n"),
     ("name", "create"): ("Usage: irm name create\n"
                          "                <name>. max 255 chars.\n"
-                         "                [lb LB_POLICY], default: round-robin\n\n"
-                         "where LB_POLICY in {round-robin spillover}\n"),
+                         "                [lb LB_POLICY], default: round-robin\n"
+                         + "".join(f"                [{word} <path>, default: <security_dir>/{side}/<name>/{file}]\n"
+                                   for word, side, file in SECURITY_PATHS)
+                         + "\nwhere LB_POLICY in {round-robin spillover}\n"),
     ("name", "destroy"): "Usage: irm name destroy <name>\n",
     ("name", "register"): ("Usage: irm name register <name>\n"
                            "           ipcp <ipcp to register with>\n"

@@ -25,6 +25,8 @@ class Code(enum.StrEnum):
     EBUSY = "EBUSY"  # in use: a name still registered
     EDQUOT = "EDQUOT"  # a per-user or per-connection limit is reached
     EIO = "EIO"  # an internal error
+    EAUTH = "EAUTH"  # the flow allocation failed authentication (OAP header, timestamp, replay, identity)
+    ECRYPT = "ECRYPT"  # the allocation's key exchange failed, or encryption was required and not offered
 
 
 class FlowError(Exception):
@@ -95,7 +97,7 @@ class QosNotSupported(FlowError):
 
 
 class Busy(FlowError):
-    """The object is in use (a name still registered in a layer)."""
+    """The object is in use (a name still registered in a layer), or too much is in flight: try again."""
 
     code = Code.EBUSY
 
@@ -112,6 +114,19 @@ class InternalError(FlowError):
     code = Code.EIO
 
 
+class AuthenticationFailed(FlowError, PermissionError):
+    """The flow allocation failed authentication: a bad or replayed OAP header, or an identity
+    that did not verify (EAUTH)."""
+
+    code = Code.EAUTH
+
+
+class EncryptionFailed(FlowError):
+    """The flow's key exchange failed, or one side required encryption the other did not offer (ECRYPT)."""
+
+    code = Code.ECRYPT
+
+
 class FlowWouldBlock(FlowError, BlockingIOError):
     """A non-blocking flow has nothing to read or no room to write."""
 
@@ -123,7 +138,8 @@ class FlowDown(FlowError, ConnectionError):
 BY_CODE: dict[str, type[FlowError]] = {
     cls.code: cls
     for cls in (NotFound, AlreadyExists, InvalidArgument, PermissionDenied, FlowTimeout, LayerDown, IpcpFailed,
-                ProtocolError, QosNotSupported, Busy, LimitReached, InternalError)
+                ProtocolError, QosNotSupported, Busy, LimitReached, InternalError, AuthenticationFailed,
+                EncryptionFailed)
     if cls.code is not None
 }
 assert set(BY_CODE) == set(Code), "every code has its exception class"

@@ -17,18 +17,20 @@ CODEC = Codec()
 reg = CODEC.register
 
 # Error codes carried in Error replies: proto.errors.Code, one exception class each.
-ENOENT = Code.ENOENT  # name, ipcp, layer or flow not found
-EEXIST = Code.EEXIST
-EINVAL = Code.EINVAL
-EPERM = Code.EPERM
-ETIMEDOUT = Code.ETIMEDOUT
-ENOTCONN = Code.ENOTCONN  # layer or ipcp down
-EIPCP = Code.EIPCP  # the IPCP failed the operation
-EPROTO = Code.EPROTO
-ENOTSUP = Code.ENOTSUP  # the layer cannot serve the QoS asked
-EBUSY = Code.EBUSY
-EDQUOT = Code.EDQUOT  # a limit of the IRMd is reached
-EIO = Code.EIO
+ENOENT: str = Code.ENOENT  # name, ipcp, layer or flow not found
+EEXIST: str = Code.EEXIST
+EINVAL: str = Code.EINVAL
+EPERM: str = Code.EPERM
+ETIMEDOUT: str = Code.ETIMEDOUT
+ENOTCONN: str = Code.ENOTCONN  # layer or ipcp down
+EIPCP: str = Code.EIPCP  # the IPCP failed the operation
+EPROTO: str = Code.EPROTO
+ENOTSUP: str = Code.ENOTSUP  # the layer cannot serve the QoS asked
+EBUSY: str = Code.EBUSY
+EDQUOT: str = Code.EDQUOT  # a limit of the IRMd is reached
+EIO: str = Code.EIO
+EAUTH: str = Code.EAUTH  # the flow allocation failed authentication (OAP header, timestamp, replay, identity)
+ECRYPT: str = Code.ECRYPT  # the allocation's key exchange failed, or encryption was required and not offered
 
 
 # -- generic replies ----------------------------------------------------------
@@ -79,6 +81,7 @@ class FlowAlloc(Message):
 class FlowAccept(Message):
     TYPE: ClassVar[int] = 12
     timeout: float | None = None
+    cypher_s: int = 0  # > 0: take only encrypted flows (the IRMd refuses plain ones for this process)
 
 
 @reg
@@ -95,6 +98,15 @@ class FlowReply(Message):
     # Who allocated it, as the kernel told the IRMd, when both ends are on this host; else -1 / 0.
     peer_uid: int = -1
     peer_pid: int = 0
+    # What the allocation's OAP exchange established (irmd.oap): the cipher (OpenSSL NID, 0 = plain)
+    # and its key, which the application's flowlib seals and opens packets with; the peer's
+    # certificate (DER) if it signed its header, and whether it chains to the IRMd's CA store;
+    # seq_iv: both ends number their IVs, so either may refuse replays.
+    cipher: int = 0
+    key: bytes = b""
+    peer_crt: bytes = b""
+    peer_ca: bool = False
+    seq_iv: bool = False
 
 
 @reg
@@ -121,6 +133,7 @@ class FlowListen(Message):
 
     TYPE: ClassVar[int] = 16
     enabled: bool
+    cypher_s: int = 0  # as FlowAccept's
 
 
 # -- irm (administration) -> IRMd ---------------------------------------------
@@ -205,6 +218,7 @@ class NameCreate(Message):
     TYPE: ClassVar[int] = 37
     name: str
     lb: str = "round-robin"
+    sec: dict[str, str] = field(default_factory=dict)  # irmd.secfiles.SEC_KEYS -> path: security files
 
 
 @reg
@@ -385,6 +399,7 @@ class FlowReqArrived(Message):
     mtu: int
     src_flow: int = 0  # the local IPCP: the allocating end's flow id at this IRMd, so it can name the peer
     data: bytes = b""  # the requester's piggyback, as it arrived
+    peer: str = ""  # who asks, as the layer knows it (an address): in-flight allocations are limited per peer
 
 
 @reg

@@ -70,9 +70,14 @@ def host(public_dir: Path) -> Iterator[IrmdProc]:
         yield irmd
 
 
+def as_nobody_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a process of uid 65534: its own home, not root's."""
+    return {**{k: v for k, v in env.items() if k != "XDG_CONFIG_HOME"}, "HOME": "/nonexistent"}
+
+
 def nobody(irmd: IrmdProc, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AS_NOBODY, *argv], env=irmd.env, capture_output=True, text=True, timeout=timeout,
-                          cwd="/")
+    return subprocess.run([*AS_NOBODY, *argv], env=as_nobody_env(irmd.env), capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
 
 
 def nobody_irm(irmd: IrmdProc, *args: str) -> subprocess.CompletedProcess[str]:
@@ -86,6 +91,8 @@ def nobody_py(irmd: IrmdProc, code: str, *args: str, timeout: float = 30) -> sub
 @contextlib.contextmanager
 def server(argv: list[str], env: dict[str, str], log: Path, ready: str) -> Iterator[subprocess.Popen[bytes]]:
     """A process that serves until the end of the block; `ready` in its log says it is up."""
+    if argv[:1] == AS_NOBODY[:1]:
+        env = as_nobody_env(env)
     with open(log, "wb") as out:
         p = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd="/")
     try:

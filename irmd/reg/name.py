@@ -47,6 +47,7 @@ class Name:
     procs: dict[int, ProcBinding] = dataclasses.field(default_factory=dict)  # pid -> binding
     regs: set[str] = dataclasses.field(default_factory=set)  # the IPCPs it is registered with
     next_rr: int = 0
+    sec: dict[str, str] = dataclasses.field(default_factory=dict)  # security files set at creation (irmd.secfiles)
 
     @property
     def pids(self) -> set[int]:

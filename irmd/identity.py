@@ -12,6 +12,7 @@ import socket
 import struct
 
 SHEBANG_MAX = 256  # bytes of a script's first line we read (Linux reads at most 256 too)
+ANCESTORS = 8  # generations of parents a peer's identity records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Peer:
     exe: str = ""  # what the kernel runs: the real path of /proc/PID/exe
     argv: tuple[str, ...] = ()
     cwd: str = ""
+    ancestors: tuple[tuple[int, int], ...] = ()  # (pid, start time) of its parent, grandparent, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +40,41 @@ class Program:
     script: bool = False  # not an ELF binary: run by an interpreter, named in its argv
 
 
-def proc_start(pid: int) -> int:
-    """The start time of process `pid` (0 if it is gone): tells it apart from a later one with its pid."""
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after "pid (comm)" (comm may hold spaces and ")"): [] if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            return f.read().rsplit(b")", 1)[-1].split()
     except OSError:
-        return 0
-    fields = stat.rsplit(b")", 1)[-1].split()  # after "pid (comm)": comm may hold spaces and ")"
+        return []
+
+
+def proc_start(pid: int) -> int:
+    """The start time of process `pid` (0 if it is gone): tells it apart from a later one with its pid."""
+    fields = _stat(pid)
     try:
         return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
     except (IndexError, ValueError):
         return 0
+
+
+def proc_ancestors(pid: int, depth: int = ANCESTORS) -> tuple[tuple[int, int], ...]:
+    """(pid, start time) of the parent of `pid`, its parent, ... up to `depth` generations or init."""
+    out: list[tuple[int, int]] = []
+    fields = _stat(pid)
+    while fields and len(out) < depth:
+        try:
+            ppid = int(fields[1])  # field 4
+        except (IndexError, ValueError):
+            break
+        if ppid <= 1:
+            break
+        fields = _stat(ppid)
+        try:
+            out.append((ppid, int(fields[19])))
+        except (IndexError, ValueError):
+            break
+    return tuple(out)
 
 
 def proc_uids(pid: int) -> tuple[int, int] | None:
@@ -87,9 +112,10 @@ def read_peer(pid: int, uid: int, gid: int) -> Peer:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         cwd = ""
+    ancestors = proc_ancestors(pid)
     if proc_start(pid) != start:  # it exec'd or went while we read: trust none of it
         return Peer(pid, uid, gid)
-    return Peer(pid, uid, gid, start, exe, argv, cwd)
+    return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors)
 
 
 def program_of(path: str) -> Program:

@@ -116,3 +116,21 @@ def test_an_interpreter_without_a_script_runs_no_script(tmp_path: Path, argv: tu
 
 def test_unknown_exe_runs_nothing() -> None:
     assert not runs(program_of("/bin/sleep"), Peer(1, 0, 0, 1, "", ("sleep",), "/"))
+
+
+def test_a_peer_knows_its_ancestors_by_pid_and_start_time() -> None:
+    from irmd.identity import proc_ancestors
+
+    p = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        child = 0
+        while not child and time.monotonic() < deadline:
+            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            child = int(kids[0]) if kids else 0
+            time.sleep(0.01)
+        ancestors = proc_ancestors(child)
+        assert ancestors[:2] == ((p.pid, proc_start(p.pid)), (os.getpid(), proc_start(os.getpid())))
+    finally:
+        p.kill()
+        p.wait()

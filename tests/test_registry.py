@@ -361,3 +361,14 @@ def test_the_flows_a_user_holds_are_counted_as_they_come_and_go(reg: Registry) -
     reg.drop_flow(a)
     reg.drop_flow(a)  # twice: no matter
     assert reg.flows_of_uid(USER) == 1 and b.flow_id in reg.flows
+
+
+def test_a_pid_binding_takes_in_the_processes_the_bound_one_started_as_its_user(reg: Registry) -> None:
+    entry = reg.create_name("a")
+    reg.bind_proc("a", ProcBinding(42, 1000, USER))  # the shell that ran `oping -l &`
+    child = Peer(43, USER, USER, 1001, "/bin/oping", ("oping", "-l"), "/", ancestors=((42, 1000), (1, 1)))
+    assert reg.bound(entry, Acceptor(1, child))
+    setuid = Peer(44, 0, 0, 1002, "/usr/bin/passwd", ("passwd",), "/", ancestors=((42, 1000),))
+    assert not reg.bound(entry, Acceptor(1, setuid))  # another user's, though the bound one started it
+    orphan = Peer(45, USER, USER, 1003, "/bin/oping", ("oping",), "/", ancestors=((42, 999),))
+    assert not reg.bound(entry, Acceptor(1, orphan))  # a child of a later process with that pid

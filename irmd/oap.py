@@ -2,7 +2,7 @@
 peer's response; an arriving request checked (window, replay, identity, key exchange) and answered.
 
 The daemon calls `request`/`complete` around an IpcpFlowAlloc and `serve` once a process is
-there to accept, inside `startup` (MaxStartups); every refusal is a HandlerError for that flow.
+there to accept, inside `startup` (MaxStartups); every refusal is a FlowError (by its code) for that flow.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 
 from irmd import kex
 from irmd.credentials import CaStore, CredentialError, Credentials, CredentialStore, common_name, load_der, spki
-from irmd.registry import Registry
+from irmd.reg import Registry
 from irmd.secfiles import APP_DEFAULT, CA_DIR, NONE, EncConfError, SecConfig, load_enc_conf, role_files, security_dir
 from proto import messages as m
 from proto import oap
+from proto.errors import Busy, error_class
 from proto.oap import EAUTH, ECRYPT, OapError
 from proto.qos import QosSpec
-from transports.channel import HandlerError
 
 log = logging.getLogger("irmd.oap")
 
@@ -141,7 +141,7 @@ class Startups:
         why = self.refuse(layer, peer)
         if why is not None:
             REFUSALS.log("flow refused: %s", why)
-            raise HandlerError(m.EBUSY, f"busy: {why}; try again later")
+            raise Busy(f"busy: {why}; try again later")
         self.layers[layer] += 1
         self.peers[(layer, peer)] += 1
         try:
@@ -216,7 +216,7 @@ class Oap:
                              sign=_signer(creds, config.md))  # fmt: skip
         except OapError as e:
             log.error("flow to %s: %s", name, e.reason)
-            raise HandlerError(e.code, f"flow to {name!r}: {e.reason}") from None
+            raise error_class(e.code)(f"flow to {name!r}: {e.reason}") from None
         return Attempt(name, oap.decode(raw), config, key)
 
     def complete(self, attempt: Attempt, data: bytes) -> Outcome:
@@ -234,7 +234,7 @@ class Oap:
                 outcome = self._client_kex(attempt, rsp, outcome)
         except OapError as e:
             REFUSALS.log("flow to %s: %s", attempt.name, e.reason)
-            raise HandlerError(e.code, f"flow to {attempt.name!r} refused: {e.reason}") from None
+            raise error_class(e.code)(f"flow to {attempt.name!r} refused: {e.reason}") from None
         return outcome
 
     @staticmethod
@@ -281,7 +281,7 @@ class Oap:
                                   req_hash=oap.request_hash(hdr), sign=_signer(creds, config.md))  # fmt: skip
         except OapError as e:
             REFUSALS.log("flow for %s refused: %s", name, e.reason)
-            raise HandlerError(e.code, f"flow for {name!r} refused: {e.reason}") from None
+            raise error_class(e.code)(f"flow for {name!r} refused: {e.reason}") from None
         return response, outcome
 
     @staticmethod

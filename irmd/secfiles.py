@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from proto import oap
-from proto.names import RegistryError
+from proto.errors import InvalidArgument
 
 SECURITY_ENV = "OUROBOROS_SECURITY_DIR"
 
@@ -44,9 +44,9 @@ def check_sec(sec: dict[str, str]) -> dict[str, str]:
     """A name's security file overrides as given to NameCreate: known keys, absolute paths."""
     for key, path in sec.items():
         if key not in SEC_KEYS:
-            raise RegistryError("EINVAL", f"unknown security file {key!r}: expected one of {', '.join(SEC_KEYS)}")
+            raise InvalidArgument(f"unknown security file {key!r}: expected one of {', '.join(SEC_KEYS)}")
         if not os.path.isabs(path) or "\0" in path:
-            raise RegistryError("EINVAL", f"{key} {path!r}: expected an absolute path")
+            raise InvalidArgument(f"{key} {path!r}: expected an absolute path")
     return dict(sec)
 
 

@@ -9,25 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from proto.errors import Code
 from proto.qos import QosSpec
 from transports.wire import Codec, Message
 
 CODEC = Codec()
 reg = CODEC.register
 
-# Error codes carried in Error replies (errno-like symbols).
-ENOENT = "ENOENT"  # name, ipcp, layer or flow not found
-EEXIST = "EEXIST"
-EINVAL = "EINVAL"
-EPERM = "EPERM"
-ETIMEDOUT = "ETIMEDOUT"
-ENOTCONN = "ENOTCONN"  # layer or ipcp down
-EIPCP = "EIPCP"  # the IPCP failed the operation
-EPROTO = "EPROTO"
-ENOTSUP = "ENOTSUP"  # the layer cannot serve the QoS asked
-EAUTH = "EAUTH"  # the flow allocation failed authentication (OAP header, timestamp, replay, identity)
-ECRYPT = "ECRYPT"  # the flow allocation's key exchange failed, or encryption was required and not offered
-EBUSY = "EBUSY"  # too many allocations in flight: try again later
+# Error codes carried in Error replies: proto.errors.Code, one exception class each.
+ENOENT: str = Code.ENOENT  # name, ipcp, layer or flow not found
+EEXIST: str = Code.EEXIST
+EINVAL: str = Code.EINVAL
+EPERM: str = Code.EPERM
+ETIMEDOUT: str = Code.ETIMEDOUT
+ENOTCONN: str = Code.ENOTCONN  # layer or ipcp down
+EIPCP: str = Code.EIPCP  # the IPCP failed the operation
+EPROTO: str = Code.EPROTO
+ENOTSUP: str = Code.ENOTSUP  # the layer cannot serve the QoS asked
+EBUSY: str = Code.EBUSY
+EDQUOT: str = Code.EDQUOT  # a limit of the IRMd is reached
+EIO: str = Code.EIO
+EAUTH: str = Code.EAUTH  # the flow allocation failed authentication (OAP header, timestamp, replay, identity)
+ECRYPT: str = Code.ECRYPT  # the allocation's key exchange failed, or encryption was required and not offered
 
 
 # -- generic replies ----------------------------------------------------------
@@ -48,6 +51,7 @@ class Table(Message):
     TYPE: ClassVar[int] = 3
     columns: list[str] = field(default_factory=list)
     rows: list[dict[str, str]] = field(default_factory=list)
+    next: int = 0  # more rows follow: ask again with start=next (a list never outgrows one frame)
 
 
 # -- application <-> IRMd -------------------------------------------------------
@@ -191,6 +195,7 @@ class IpcpList(Message):
     name: str = ""
     layer: str = ""
     type: str = ""
+    start: int = 0  # the page from this key on (Table.next of the page before)
 
 
 @reg
@@ -226,22 +231,28 @@ class NameDestroy(Message):
 @reg
 @dataclass
 class NameRegister(Message):
+    """Register (or unregister) a name with every IPCP in the layers, and with the IPCPs, named:
+    patterns where * stands for any run of characters."""
+
     TYPE: ClassVar[int] = 39
     name: str
     layers: list[str]
     register: bool = True  # False unregisters
+    ipcps: list[str] = field(default_factory=list)
 
 
 @reg
 @dataclass
 class NameList(Message):
     TYPE: ClassVar[int] = 40
+    start: int = 0
 
 
 @reg
 @dataclass
 class FlowList(Message):
     TYPE: ClassVar[int] = 41
+    start: int = 0
 
 
 @reg
@@ -251,6 +262,28 @@ class Dump(Message):
 
     TYPE: ClassVar[int] = 42
     what: str = "config"
+    offset: int = 0  # the text from this offset on (Text.next of the part before)
+
+
+@reg
+@dataclass
+class ActAs(Message):
+    """From now on, treat this connection as user `uid`'s: a server that serves a user it has
+    authenticated works with that user's rights (root may name any uid; others only their own;
+    there is no way back)."""
+
+    TYPE: ClassVar[int] = 111
+    uid: int
+
+
+@reg
+@dataclass
+class Text(Message):
+    """A part of a long text (a dump): ask again with offset=next while next is not 0."""
+
+    TYPE: ClassVar[int] = 110
+    text: str
+    next: int = 0
 
 
 # -- IRMd <-> IPCP --------------------------------------------------------------

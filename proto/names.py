@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 
+from proto.errors import InvalidArgument
+
 HASHES = {  # what a layer may be configured with
     "SHA3_224": hashlib.sha3_224,
     "SHA3_256": hashlib.sha3_256,
@@ -19,17 +21,9 @@ IPCP_TYPES = ("local", "unicast", "broadcast", "udp4", "udp6", "eth-dix", "eth-l
 MAX_NAME = 255
 
 
-class RegistryError(Exception):
-    """A request the registry refuses; `code` is the Error reply's code."""
-
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-
-
 def check_name(name: str, what: str = "name") -> str:
     if not name or len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
-        raise RegistryError("EINVAL", f"bad {what} {name!r}: 1-{MAX_NAME} printable characters, no spaces")
+        raise InvalidArgument(f"bad {what} {name!r}: 1-{MAX_NAME} printable characters, no spaces")
     return name
 
 
@@ -37,4 +31,4 @@ def name_hash(algo: str, name: str) -> bytes:
     try:
         return DIGESTS[algo](name.encode()).digest()
     except KeyError:
-        raise RegistryError("EINVAL", f"unknown hash {algo!r}: expected one of {', '.join(DIGESTS)}") from None
+        raise InvalidArgument(f"unknown hash {algo!r}: expected one of {', '.join(DIGESTS)}") from None

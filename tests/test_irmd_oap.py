@@ -14,12 +14,12 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from irmd.oap import Oap, Outcome, RateLog, Startups
-from irmd.registry import Registry
+from irmd.reg import Registry
 from proto import messages as m
 from proto import oap
+from proto.errors import FlowError
 from proto.qos import QosSpec, raw
 from tests.pki import Pki, certificate, new_key
-from transports.channel import HandlerError
 
 T0 = 1_800_000_000_000_000_000
 MS = 1_000_000
@@ -91,7 +91,7 @@ def test_a_replayed_request_is_refused_with_eauth(clock: Clock) -> None:
     attempt = client.request("pong", raw)
     server.serve("pong", attempt.data)
     clock.now += 10 * MS
-    with pytest.raises(HandlerError, match="replay") as e:
+    with pytest.raises(FlowError, match="replay") as e:
         server.serve("pong", attempt.data)
     assert e.value.code == oap.EAUTH
 
@@ -99,13 +99,13 @@ def test_a_replayed_request_is_refused_with_eauth(clock: Clock) -> None:
 def test_a_stale_request_is_refused(clock: Clock) -> None:
     attempt = Oap(clock=clock).request("pong", raw)
     clock.now += 21_000 * MS
-    with pytest.raises(HandlerError, match="too old"):
+    with pytest.raises(FlowError, match="too old"):
         Oap(clock=clock).serve("pong", attempt.data)
 
 
 @pytest.mark.parametrize("data", [b"x" * 35, bytes(36) + b"!"])
 def test_a_malformed_request_is_refused(clock: Clock, data: bytes) -> None:
-    with pytest.raises(HandlerError) as e:
+    with pytest.raises(FlowError) as e:
         Oap(clock=clock).serve("pong", data)
     assert e.value.code == oap.EAUTH
 
@@ -114,7 +114,7 @@ def test_a_response_to_another_request_fails_the_allocation(clock: Clock) -> Non
     client, server = Oap(clock=clock), Oap(clock=clock)
     mine, other = client.request("pong", raw), client.request("pong", raw)
     answer, _ = server.serve("pong", other.data)
-    with pytest.raises(HandlerError, match="does not match"):
+    with pytest.raises(FlowError, match="does not match"):
         client.complete(mine, answer)
 
 
@@ -171,7 +171,7 @@ def test_a_cypher_s_of_256_raises_a_weaker_configured_cipher(clock: Clock, pki: 
 def test_a_server_with_an_enc_conf_refuses_plain_requests(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     pki.enc_conf("pong", "")  # empty: encryption with 0.23's defaults
     client, server = irmds(clock, client_pki, pki)
-    with pytest.raises(HandlerError, match="requires encryption") as e:
+    with pytest.raises(FlowError, match="requires encryption") as e:
         allocate(client, server)
     assert e.value.code == oap.ECRYPT
     assert allocate(client, server, qos=ENCRYPT)[1].cipher == 901
@@ -179,7 +179,7 @@ def test_a_server_with_an_enc_conf_refuses_plain_requests(clock: Clock, pki: Pki
 
 def test_an_accepting_process_that_asks_for_encryption_refuses_plain_requests(clock: Clock) -> None:
     client, server = Oap(clock=clock), Oap(clock=clock)
-    with pytest.raises(HandlerError, match="requires encryption"):
+    with pytest.raises(FlowError, match="requires encryption"):
         allocate(client, server, cypher_s=256)
     assert allocate(client, server, qos=ENCRYPT, cypher_s=256)[1].cipher
 
@@ -187,7 +187,7 @@ def test_an_accepting_process_that_asks_for_encryption_refuses_plain_requests(cl
 def test_a_client_weaker_than_the_servers_key_exchange_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     pki.enc_conf("pong", "kex=secp384r1\n")
     client, server = irmds(clock, client_pki, pki)
-    with pytest.raises(HandlerError, match="weaker") as e:
+    with pytest.raises(FlowError, match="weaker") as e:
         allocate(client, server, qos=ENCRYPT)  # X25519 ranks below P-384 in 0.23
     assert e.value.code == oap.ECRYPT
 
@@ -197,10 +197,10 @@ def test_a_response_that_drops_the_key_exchange_is_refused(clock: Clock) -> None
     attempt = client.request("pong", ENCRYPT)
     req = oap.decode(attempt.data)
     plain = oap.encode(req.id, clock(), req_hash=oap.request_hash(req))  # an answer as if plain
-    with pytest.raises(HandlerError, match="key exchange") as e:
+    with pytest.raises(FlowError, match="key exchange") as e:
         client.complete(attempt, plain)
     assert e.value.code == oap.ECRYPT
-    with pytest.raises(HandlerError):
+    with pytest.raises(FlowError):
         client.complete(attempt, b"")  # no OAP at all: never a plain flow when encryption was asked
 
 
@@ -212,20 +212,20 @@ def test_a_response_that_drops_the_key_exchange_is_refused(clock: Clock) -> None
 ], ids=["zeros", "truncated-der", "low-order-x25519", "ed25519-not-kex"])
 def test_a_hostile_public_key_is_refused_with_ecrypt(clock: Clock, kex: bytes) -> None:
     req = oap.encode(b"i" * 16, clock(), cipher_nid=901, kdf_nid=672, md_nid=672, kex=kex)
-    with pytest.raises(HandlerError) as e:
+    with pytest.raises(FlowError) as e:
         Oap(clock=clock).serve("pong", req)
     assert e.value.code == oap.ECRYPT
 
 
 def test_kem_key_exchanges_are_refused_with_the_reason(clock: Clock) -> None:
     req = oap.encode(b"k" * 16, clock(), cipher_nid=901, kex=bytes(1216), kex_raw=True)
-    with pytest.raises(HandlerError, match="KEM"):
+    with pytest.raises(FlowError, match="KEM"):
         Oap(clock=clock).serve("pong", req)
 
 
 def test_an_unsupported_kex_in_enc_conf_fails_with_the_reason(clock: Clock, client_pki: Pki) -> None:
     client_pki.enc_conf("pong", "kex=ffdhe2048\n", role="client")
-    with pytest.raises(HandlerError, match="ffdhe2048 is not supported"):
+    with pytest.raises(FlowError, match="ffdhe2048 is not supported"):
         Oap(base=client_pki.base, clock=clock).request("pong", raw)
 
 
@@ -257,7 +257,7 @@ def test_a_certificate_for_another_name_is_refused(clock: Clock, pki: Pki, clien
     crt, key = pki.issue("ping")
     pki.serve_as("pong", crt, key)
     client, server = irmds(clock, client_pki, pki)
-    with pytest.raises(HandlerError, match="for 'ping', not 'pong'") as e:
+    with pytest.raises(FlowError, match="for 'ping', not 'pong'") as e:
         allocate(client, server)
     assert e.value.code == oap.EAUTH
 
@@ -271,7 +271,7 @@ def test_a_tampered_signed_response_is_refused(clock: Clock, pki: Pki, client_pk
     hdr = oap.decode(answer, oap.decode(attempt.data).md_nid)
     at = len(answer) - len(hdr.sig) - len(hdr.req_hash) - 5  # a byte of the server's public key
     forged = answer[:at] + bytes([answer[at] ^ 1]) + answer[at + 1 :]
-    with pytest.raises(HandlerError, match="signature") as e:
+    with pytest.raises(FlowError, match="signature") as e:
         client.complete(attempt, forged)
     assert e.value.code == oap.EAUTH
 
@@ -289,7 +289,7 @@ def test_an_impostor_replaying_the_servers_certificate_cannot_sign(clock: Clock,
     mine = kex.keypair(1034)
     impostor = oap.encode(req.id, clock(), cipher_nid=901, kdf_nid=672, md_nid=672, crt=der, kex=kex.public_der(mine),
                           req_hash=oap.request_hash(req), sign=lambda b: kex.sign(new_key(), 672, b))  # fmt: skip
-    with pytest.raises(HandlerError, match="signature"):
+    with pytest.raises(FlowError, match="signature"):
         client.complete(attempt, impostor)
 
 
@@ -340,7 +340,7 @@ def test_a_private_key_readable_by_others_is_refused_with_the_file(clock: Clock,
     crt, key = pki.issue("pong")
     pki.serve_as("pong", crt, key)
     (pki.base / "server" / "pong" / "key.pem").chmod(0o644)
-    with pytest.raises(HandlerError, match=r"key\.pem is accessible by others") as e:
+    with pytest.raises(FlowError, match=r"key\.pem is accessible by others") as e:
         allocate(*irmds(clock, client_pki, pki))
     assert e.value.code == oap.EAUTH
 
@@ -348,7 +348,7 @@ def test_a_private_key_readable_by_others_is_refused_with_the_file(clock: Clock,
 def test_a_key_that_is_not_the_certificates_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     crt, _ = pki.issue("pong")
     pki.serve_as("pong", crt, new_key())
-    with pytest.raises(HandlerError, match="is not the key of"):
+    with pytest.raises(FlowError, match="is not the key of"):
         allocate(*irmds(clock, client_pki, pki))
 
 
@@ -379,7 +379,7 @@ def test_a_client_certificate_the_server_cannot_verify_is_refused(clock: Clock, 
     pki.trust()
     crt, key = client_pki.issue("mallory")  # from another CA
     client_pki.serve_as("pong", crt, key, role="client")
-    with pytest.raises(HandlerError, match="CA store") as e:
+    with pytest.raises(FlowError, match="CA store") as e:
         allocate(*irmds(clock, client_pki, pki))
     assert e.value.code == oap.EAUTH
 
@@ -391,7 +391,7 @@ def test_a_signed_request_altered_on_the_way_is_refused(clock: Clock, pki: Pki, 
     client, server = irmds(clock, client_pki, pki)
     data = bytearray(client.request("pong", ENCRYPT).data)
     data[-80] ^= 1  # inside the client's public key, which the signature covers
-    with pytest.raises(HandlerError, match=r"signature|public key"):
+    with pytest.raises(FlowError, match=r"signature|public key"):
         server.serve("pong", bytes(data))
 
 
@@ -401,11 +401,11 @@ def test_a_signed_request_altered_on_the_way_is_refused(clock: Clock, pki: Pki, 
 def test_startups_refuse_a_peer_beyond_its_share_and_a_full_layer() -> None:
     s = Startups(start=3, rate=50, full=6, per_peer=2, rng=lambda: 0.99)
     with s.admit("l", "a"), s.admit("l", "a"):
-        with pytest.raises(HandlerError, match="2 allocations from a") as e, s.admit("l", "a"):
+        with pytest.raises(FlowError, match="2 allocations from a") as e, s.admit("l", "a"):
             pass
         assert e.value.code == m.EBUSY
         with s.admit("l", "b"), s.admit("l", "c"), s.admit("l", "d"), s.admit("l", "e"):  # 0.99 beats p < 1
-            with pytest.raises(HandlerError, match="6 allocations already"), s.admit("l", "f"):
+            with pytest.raises(FlowError, match="6 allocations already"), s.admit("l", "f"):
                 pass
             with s.admit("other", "a"):  # another layer has its own count
                 pass
@@ -416,7 +416,7 @@ def test_startups_drop_early_with_rising_probability() -> None:
     draws = iter([0.2, 0.6])
     s = Startups(start=1, rate=50, full=3, rng=lambda: next(draws))
     with s.admit("l", ""):
-        with pytest.raises(HandlerError, match="refused 50%"), s.admit("l", ""):
+        with pytest.raises(FlowError, match="refused 50%"), s.admit("l", ""):
             pass
         with s.admit("l", ""):  # 0.6 >= 50%: admitted
             pass

@@ -10,7 +10,7 @@ import pytest
 
 from irmd import cli
 from irmd.config import ConfigError, plan
-from irmd.registry import Registry
+from irmd.reg import Registry
 from irmd.secfiles import (
     APP_DEFAULT,
     DEFAULT,
@@ -25,7 +25,7 @@ from irmd.secfiles import (
 )
 from irmd.state import as_config
 from proto import messages as m
-from proto.names import RegistryError
+from proto.errors import InvalidArgument
 
 
 def test_the_default_files_are_0_23s_layout(tmp_path: Path) -> None:
@@ -66,9 +66,9 @@ def test_irm_name_create_resolves_paths_and_refuses_missing_files(tmp_path: Path
 
 def test_the_irmd_takes_only_known_keys_and_absolute_paths() -> None:
     assert check_sec({"server_enc_file": "/etc/x"}) == {"server_enc_file": "/etc/x"}
-    with pytest.raises(RegistryError, match="unknown security file"):
+    with pytest.raises(InvalidArgument, match="unknown security file"):
         check_sec({"root_shell": "/bin/sh"})
-    with pytest.raises(RegistryError, match="absolute"):
+    with pytest.raises(InvalidArgument, match="absolute"):
         check_sec({"server_key_file": "key.pem"})
 
 
@@ -76,7 +76,7 @@ def test_a_config_file_sets_them_relative_to_itself(tmp_path: Path) -> None:
     conf = tmp_path / "irmd.toml"
     conf.write_text('[name.pong]\nserver_crt_file = "sec/crt.pem"\nserver_key_file = "/abs/key.pem"\n'
                     'client_enc_file = "enc.conf"\n')  # fmt: skip
-    (step,) = [msg for _, msg in plan(conf) if isinstance(msg, m.NameCreate)]
+    (step,) = [msg for _, msg in plan(conf).steps if isinstance(msg, m.NameCreate)]
     assert step.sec == {"server_crt_file": str(tmp_path / "sec/crt.pem"), "server_key_file": "/abs/key.pem",
                         "client_enc_file": str(tmp_path / "enc.conf")}
     conf.write_text("[name.pong]\nserver_key_file = 3\n")

@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flowlib import crc
 from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
-from flowlib.engine import APP_MTU, LINGER, Session, engine
-from flowlib.frct import Frct
+from flowlib.engine import LINGER, Session, engine
+from flowlib.frct import APP_MTU, Frct
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
 from proto.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
 from proto.qos import QosSpec, raw
+from transports.unix import recv_record
 
 KEY_AGREEMENT_TIMEOUT = 10.0
 HELLO_RETRY = 0.5
@@ -51,11 +53,11 @@ FLOWFRNONBLOCK = 0x1
 class Flow:
     """One end of an allocated flow. Closing it deallocates the flow."""
 
-    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient) -> None:
+    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient, *, with_crc: bool = False) -> None:
         self.flow_id = reply.flow_id
         self.layer = reply.layer
         self.name = reply.name
-        self.mtu = reply.mtu
+        self.mtu = reply.mtu - (crc.CRCLEN if with_crc else 0)
         self.qos = reply.qos
         # Who allocated the flow, as the kernel told the IRMd: set only when both ends are on this host.
         self.peer_uid: int | None = reply.peer_uid if reply.peer_uid >= 0 else None
@@ -65,7 +67,10 @@ class Flow:
         self._sock.setblocking(True)
         self._recv: Callable[[int], bytes] = self._sock.recv
         self._send: Callable[[bytes | bytearray | memoryview], int] = self._sock.send
-        self._rbuf = max(reply.mtu, 1)
+        self._rbuf = max(self.mtu, 1)
+        self.rejected = 0  # packets dropped for a CRC that did not match
+        if with_crc:
+            self._recv, self._send = self._crc_recv, self._crc_send
         self._nonblock = False
         self._rcvtimeo: float | None = None
         self._sndtimeo: float | None = None
@@ -100,12 +105,39 @@ class Flow:
         try:
             data = self._recv(self._rbuf)
         except BlockingIOError:
-            data = self._wait(select.POLLIN, self._rcvtimeo, self._recv, self._rbuf)
+            data = b""
         except OSError as e:
             raise self._failed(e) from None
-        if data:
-            return data
-        raise self._down()
+        return data or self._read_slow()
+
+    def _read_slow(self) -> bytes:
+        """Past empty records (keepalives), waiting as the flow's options say; the end raises."""
+        deadline = None if self._rcvtimeo is None else time.monotonic() + self._rcvtimeo
+        while True:
+            try:
+                data = recv_record(self._sock, self._rbuf, self._recv)
+            except BlockingIOError:
+                data = self._wait(select.POLLIN, deadline, recv_record, self._sock, self._rbuf, self._recv)
+            except OSError as e:
+                raise self._failed(e) from None
+            if data is None:
+                raise self._down()
+            if data:
+                return data
+
+    def _crc_recv(self, size: int) -> bytes:
+        while True:  # a packet with a bad CRC is counted and skipped; EAGAIN goes up to the caller
+            packet = self._sock.recv(size + crc.CRCLEN)
+            if not packet:
+                return packet
+            body = crc.strip(packet)
+            if body is not None:
+                return body
+            self.rejected += 1
+
+    def _crc_send(self, sdu: bytes | bytearray | memoryview) -> int:
+        self._sock.send(crc.add(bytes(sdu)))
+        return len(sdu)
 
     def write(self, sdu: bytes | bytearray | memoryview) -> int:
         """Send one SDU, whole or not at all."""
@@ -115,30 +147,31 @@ class Flow:
         try:
             return self._send(sdu)
         except BlockingIOError:
-            return self._wait(select.POLLOUT, self._sndtimeo, self._send, sdu)  # type: ignore[no-any-return]
+            deadline = None if self._sndtimeo is None else time.monotonic() + self._sndtimeo
+            return self._wait(select.POLLOUT, deadline, self._send, sdu)  # type: ignore[no-any-return]
         except OSError as e:
             raise self._failed(e) from None
 
-    def _wait(self, event: int, timeout: float | None, op: Any, arg: Any) -> Any:
+    def _wait(self, event: int, deadline: float | None, op: Any, *args: Any) -> Any:
         """Wait until `op` can go, the deadline passes or the flow ends.
 
         A flow torn down by the IRMd (shutdown of its socket) polls as hung up;
         a datagram socket then still answers EAGAIN, so the hang-up decides.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(self._sock, event)
         while True:
             left = 0.0 if self._nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
             ready = poller.poll(None if left is None else left * 1000)
             try:
-                return op(arg)
+                return op(*args)
             except BlockingIOError:
                 if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in ready):
                     raise self._down() from None
                 if self._nonblock:
                     raise FlowWouldBlock(f"flow {self.flow_id}: would block") from None
                 if not ready and left is not None and left <= 0:
+                    timeout = self._rcvtimeo if event == select.POLLIN else self._sndtimeo
                     raise FlowTimeout(f"flow {self.flow_id}: timed out after {timeout} s") from None
             except OSError as e:
                 raise self._failed(e) from None
@@ -151,6 +184,8 @@ class Flow:
         return self._down()
 
     def _down(self) -> FlowDown:
+        if self._session is not None and self._session.error is not None:
+            return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} was reset: {self._session.error}")
         how = "deallocated by the peer" if self.ended() == "dealloc" else "down"
         return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} is {how}")
 
@@ -239,12 +274,13 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
         if qos.cypher_s:
             crypto, hellos = _agree(fd, client)
         if not qos.frct and crypto is None:
-            return Flow(reply, fd, irm)
-        if not qos.frct and crypto is not None:
+            return Flow(reply, fd, irm, with_crc=qos.crc)
+        if not qos.frct and crypto is not None and not qos.crc:
             return _sealed(reply, fd, irm, crypto, None if client else hellos)
-        mtu = reply.mtu - (OVERHEAD if crypto else 0)
+        # C's order on the wire: FRCT PCI, then encryption, then the CRC.
+        mtu = reply.mtu - (OVERHEAD if crypto else 0) - (crc.CRCLEN if qos.crc else 0)
         frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
-        app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos)
+        app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos, with_crc=qos.crc)
     except BaseException:
         os.close(fd)
         irm.dealloc(reply.flow_id)

@@ -22,7 +22,7 @@ from flowlib.engine import LINGER, Session, engine
 from flowlib.frct import APP_MTU, Frct
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
-from proto.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
+from proto.errors import FlowDown, FlowError, FlowReset, FlowTimeout, FlowWouldBlock, InvalidArgument
 from proto.qos import QosSpec, raw
 from transports.unix import recv_record
 
@@ -185,7 +185,7 @@ class Flow:
 
     def _down(self) -> FlowDown:
         if self._session is not None and self._session.error is not None:
-            return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} was reset: {self._session.error}")
+            return FlowReset(f"flow {self.flow_id} to {self.name or 'its peer'} was reset: {self._session.error}")
         how = "deallocated by the peer" if self.ended() == "dealloc" else "down"
         return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} is {how}")
 

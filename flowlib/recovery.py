@@ -132,16 +132,21 @@ class Recovery:
     def on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int) -> Resend:
         """SACK blocks [start, end): held by the peer, so not resent; what lies well below them was lost."""
         news = False
+        budget = limit  # PDUs all blocks together may name: a forged ack costs at most one window's work
         for start, end in blocks:
             # Only blocks inside what is in flight and no longer than the sender keeps: never trust more.
             if not (before(self.una, start) and before(start, end)) or before(nxt, end) \
-                    or distance(start, end) > limit:
+                    or distance(start, end) > budget:
                 continue
-            seq = start
-            while seq != end:
-                if self.unacked.pop(seq, None) is not None:
-                    news = True
-                seq = (seq + 1) % SEQ_MOD
+            span = distance(start, end)
+            budget -= span
+            if len(self.unacked) < span:  # walk whichever is shorter: the block or what is in flight
+                held = [s for s in self.unacked if not before(s, start) and before(s, end)]
+            else:
+                held = [s for i in range(span) if (s := (start + i) % SEQ_MOD) in self.unacked]
+            for seq in held:
+                del self.unacked[seq]
+                news = True
             if self.high_sacked is None or before(self.high_sacked, end):
                 self.high_sacked = end
         if not news or self.high_sacked is None or not before(self.una, self.high_sacked):

@@ -65,6 +65,8 @@ class FloodDt(Dt):
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         for sdu in sdus:
+            if not sdu:
+                continue  # a keepalive has one peer to reach; a broadcast has none
             self.seqno += 1
             self._fresh(self.me, self.seqno)
             self._deliver(sdu, skip=flow)
@@ -72,6 +74,8 @@ class FloodDt(Dt):
 
     def from_n1(self, hop: int, pdus: list[bytes]) -> None:
         for pdu in pdus:
+            if not pdu:
+                continue  # the N-1 flow's own keepalive
             try:
                 pci = self.fmt.unpack(pdu)
             except PciError:

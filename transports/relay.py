@@ -89,7 +89,7 @@ class Relay(PollThread):
                 self.on_mgmt(bytes(sdu), peer)
                 continue
             flow = flows.get(eid)
-            if flow is None or flow.addr != peer or not sdu:
+            if flow is None or flow.addr != peer:  # (an empty SDU is a keepalive: carried like the rest)
                 self.dropped += 1
                 continue
             flow.rx = True

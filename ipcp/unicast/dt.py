@@ -241,6 +241,8 @@ class Dt(PollThread):
         fmt, size, me, c = self.fmt, self.fmt.size, self.me, self.counters
         now = time.monotonic() if self.on_congestion is not None else 0.0
         for pdu in pdus:
+            if not pdu:
+                continue  # the N-1 flow's own keepalive
             try:
                 pci = fmt.unpack(pdu)
             except PciError:
@@ -251,7 +253,7 @@ class Dt(PollThread):
                     self.on_mgmt(pdu[size:])
                     continue
                 flow = self.flows.get(pci.eid)
-                if flow is None or len(pdu) == size:
+                if flow is None:  # (a PDU with no SDU carries a keepalive of the flow: delivered empty)
                     c.no_flow += 1
                     continue
                 if flow.rx is not None and (update := flow.rx.on_pdu(pci.ecn, len(pdu), now)) is not None:

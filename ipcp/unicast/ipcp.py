@@ -206,6 +206,9 @@ class UnicastIpcp(Ipcp):
             return
         for comp in comps:
             spec = qos_by_name(qos) if comp == um.DT else qos_raw  # management always rides raw flows
+            if comp == um.DT and not spec.frct:
+                # DT reads a raw flow's socket itself, past flowlib: its peer's liveness cannot be seen.
+                spec = dataclasses.replace(spec, timeout=0)
             try:
                 flow = await asyncio.to_thread(flow_alloc, dst, spec, ALLOC_TIMEOUT, irm=self._client())
             except FlowError as e:

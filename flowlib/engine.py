@@ -1,9 +1,10 @@
 """The process's flow engine: one thread running FRCT, encryption and CRCs for the flows that need them,
-between the IPCP's socket (PDUs) and the application's socket (SDUs).
+between the IPCP's socket (PDUs) and the application's socket (SDUs), and keepalives for every flow.
 
 The application keeps reading and writing a plain socket, so blocking, timeouts, the event API and
 asyncio work unchanged on these flows. Packets are built in C's order: FRCT PCI, then encryption,
-then the CRC32 trailer.
+then the CRC32 trailer. Flows it does not carry (raw ones) it only watches: arrivals are noticed by an
+edge-triggered epoll looked at on its timer, never read, so watching costs their data path nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections import deque
 from flowlib import crc
 from flowlib.crypto import PacketCrypto
 from flowlib.frct import APP_MTU, DATA, PCI, Frct
+from flowlib.liveness import Action, Liveness
 from transports.unix import recv_record, seqpacket_pair
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Session:
     frct: Frct | None
     crypto: PacketCrypto | None
     crc: bool = False  # qos ber 0: a CRC32 trailer on every packet
+    live: Liveness = dataclasses.field(default_factory=lambda: Liveness(0, 0.0))
     backlog: deque[bytes] = dataclasses.field(default_factory=deque)  # without FRCT: SDUs the app has no room for
     backlog_bytes: int = 0
     outq: deque[bytes] = dataclasses.field(default_factory=deque)  # PDUs the layer has no room for
@@ -55,16 +58,23 @@ class Session:
     rejected: int = 0  # packets whose CRC did not match or that would not open
 
 
+@dataclasses.dataclass(eq=False)
+class Watch:
+    """A flow the engine does not carry, only keeps alive: the application's own socket."""
+
+    sock: socket.socket
+    live: Liveness
+
+
 class Engine:
     def __init__(self) -> None:
         self.pid = os.getpid()
-        if sys.getswitchinterval() == DEFAULT_SWITCH:
-            # Every SDU crosses from the application's thread to this one: with the default 5 ms
-            # GIL switch interval a busy thread can hold a ready one back that long.
-            sys.setswitchinterval(SWITCH)
         self._epoll = select.epoll()
         self._lock = threading.Lock()
         self._sessions: dict[int, Session] = {}  # by fd, both outer and inner
+        self._watches: dict[int, Watch] = {}  # by fd
+        self._arrivals = select.epoll()  # edge-triggered on watched flows; polled, never waited on
+        self._live_due = float("inf")  # when the next keepalive or peer check is due
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
@@ -72,24 +82,51 @@ class Engine:
         self._thread.start()
 
     def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None,
-             hellos: tuple[bytes, bytes] | None = None, *, with_crc: bool = False) -> tuple[int, Session]:
+             hellos: tuple[bytes, bytes] | None = None, *, with_crc: bool = False,
+             live: Liveness | None = None) -> tuple[int, Session]:
         """Take over the IPCP's socket; returns the fd the application uses instead.
 
         `hellos` (acceptors of encrypted flows): the allocator's key-agreement hello
         and ours, to answer again if the allocator repeats it.
         """
+        if sys.getswitchinterval() == DEFAULT_SWITCH:
+            # Every SDU crosses from the application's thread to this one: with the default 5 ms
+            # GIL switch interval a busy thread can hold a ready one back that long.
+            sys.setswitchinterval(SWITCH)
         outer = socket.socket(fileno=fd)
         app, inner = seqpacket_pair()
         for s in (outer, inner):
             s.setblocking(False)
-        session = Session(outer, inner, mtu, frct, crypto, with_crc, hellos=hellos)
+        session = Session(outer, inner, mtu, frct, crypto, with_crc, live or Liveness(0, 0.0), hellos=hellos)
         with self._lock:
             self._sessions[outer.fileno()] = session
             self._sessions[inner.fileno()] = session
             self._epoll.register(outer.fileno(), select.EPOLLIN)
             self._epoll.register(inner.fileno(), select.EPOLLIN)
+            self._due(session.live)
         self._wake()
         return app.detach(), session
+
+    def watch(self, sock: socket.socket, live: Liveness) -> None:
+        """Keep a flow the engine does not carry alive: send its keepalives, notice its arrivals."""
+        if not live.timeout:
+            return
+        with self._lock:
+            self._watches[sock.fileno()] = Watch(sock, live)
+            self._arrivals.register(sock.fileno(), select.EPOLLIN | select.EPOLLET)
+            self._due(live)
+        self._wake()
+
+    def unwatch(self, sock: socket.socket) -> None:
+        """Before the flow's socket is closed: the engine never touches it again."""
+        with self._lock:
+            if self._watches.pop(sock.fileno(), None) is not None:
+                with contextlib.suppress(OSError):
+                    self._arrivals.unregister(sock.fileno())
+
+    def _due(self, live: Liveness) -> None:
+        if (due := live.get_timer()) is not None:
+            self._live_due = min(self._live_due, due)
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -130,11 +167,45 @@ class Engine:
                     due = session.frct.get_timer() if session.frct is not None else None
                     if session.closing or (due is not None and due <= now):
                         self._timers(session, now)
+                if now >= self._live_due:
+                    self._liveness(now)
+
+    def _liveness(self, now: float) -> None:
+        """Keepalives due, peers silent too long; arrivals on watched flows first."""
+        for fd, _ in self._arrivals.poll(0):
+            if (w := self._watches.get(fd)) is not None:
+                w.live.received(now)
+        due = float("inf")
+        for session in {id(s): s for s in self._sessions.values()}.values():
+            action = session.live.handle_timer(now)
+            if action is Action.KEEPALIVE:
+                self._raw_send(session, b"")  # no FRCT, no encryption, no CRC: as C
+            elif action is Action.PEER:
+                log.info("flow peer silent for %g s: FLOW_PEER", session.live.timeout)
+                self._end(session)
+                continue
+            due = min(due, session.live.get_timer() or due)
+        for fd, w in list(self._watches.items()):
+            action = w.live.handle_timer(now)
+            if action is Action.KEEPALIVE:
+                with contextlib.suppress(OSError):  # a full queue: the data in it says we live
+                    w.sock.send(b"", socket.MSG_DONTWAIT)
+            elif action is Action.PEER:
+                log.info("flow peer silent for %g s: FLOW_PEER", w.live.timeout)
+                del self._watches[fd]
+                with contextlib.suppress(OSError):
+                    self._arrivals.unregister(fd)
+                    # Reads drain what arrived, then end; writes fail: the application learns at once.
+                    w.sock.shutdown(socket.SHUT_RDWR)
+                continue
+            due = min(due, w.live.get_timer() or due)
+        self._live_due = due
 
     def _next_timeout(self) -> float:
         deadlines = [1.0]
         now = time.monotonic()
         with self._lock:
+            deadlines.append(self._live_due - now)
             for s in self._sessions.values():
                 if s.frct is not None and (d := s.frct.get_timer()) is not None:
                     deadlines.append(d - now)
@@ -156,6 +227,7 @@ class Engine:
             if pdu is None:  # the flow went down under us
                 self._peer_gone(s)
                 return
+            s.live.received(now)
             if not pdu:
                 continue  # a keepalive
             if s.hellos is not None and pdu == s.hellos[0]:
@@ -241,6 +313,7 @@ class Engine:
                 s.linger = f is not None and f.close()
                 self._unwatch(s.inner)
                 break
+            s.live.sent(now)
             if f is None:
                 self._send(s, sdu)
             else:
@@ -343,10 +416,16 @@ _engine_lock = threading.Lock()
 
 
 def engine() -> Engine:
-    """The process's engine, started on the first flow that needs it (again in a forked child)."""
+    """The process's engine, started on its first flow (again in a forked child)."""
     global _engine
     with _engine_lock:
         if _engine is None or _engine.pid != os.getpid():
             _engine = Engine()
         return _engine
+
+
+def running() -> Engine | None:
+    """The process's engine if it was started, without starting it."""
+    e = _engine
+    return e if e is not None and e.pid == os.getpid() else None
 

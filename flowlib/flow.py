@@ -13,18 +13,20 @@ import os
 import select
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from flowlib import crc
 from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
-from flowlib.engine import LINGER, Session, engine
+from flowlib.engine import LINGER, Session, engine, running
 from flowlib.frct import APP_MTU, Frct
 from flowlib.irm import IrmClient, default_client
+from flowlib.liveness import Liveness
 from proto import messages as m
-from proto.errors import FlowDown, FlowError, FlowReset, FlowTimeout, FlowWouldBlock, InvalidArgument
+from proto.errors import FlowDown, FlowError, FlowPeer, FlowReset, FlowTimeout, FlowWouldBlock, InvalidArgument
 from proto.qos import QosSpec, raw
-from transports.unix import recv_record
+from transports.unix import hung_up, recv_record
 
 KEY_AGREEMENT_TIMEOUT = 10.0
 HELLO_RETRY = 0.5
@@ -48,12 +50,18 @@ class Fccntl(enum.Enum):
 
 
 FLOWFRNONBLOCK = 0x1
+FLOWFDOWN = 0o4  # the flow is down: reads and writes fail, FLOW_DOWN (and FLOW_UP once cleared)
 
 
 class Flow:
-    """One end of an allocated flow. Closing it deallocates the flow."""
+    """One end of an allocated flow. Closing it deallocates the flow.
 
-    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient, *, with_crc: bool = False) -> None:
+    Without a `session` (the flow engine carrying it) the flow's socket is the IPCP's own, read and
+    written in the caller's thread; the engine still keeps it alive (keepalives, FLOW_PEER).
+    """
+
+    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient, *, with_crc: bool = False,
+                 session: Session | None = None) -> None:
         self.flow_id = reply.flow_id
         self.layer = reply.layer
         self.name = reply.name
@@ -76,7 +84,14 @@ class Flow:
         self._sndtimeo: float | None = None
         self._closed = False
         self._ended: str | None = None
-        self._session: Session | None = None  # set when the flow engine runs FRCT or encryption
+        self._session = session  # the flow engine's, when it runs FRCT, encryption or CRCs for the flow
+        self._pending: bytes | None = None  # an SDU fevent read while skipping keepalives
+        self._sets: weakref.WeakSet[Any] = weakref.WeakSet()  # the FlowSets holding it: told of FLOW_DOWN/UP
+        if session is not None:
+            self._live = session.live
+        else:
+            self._live = Liveness(reply.qos.timeout, time.monotonic())
+            engine().watch(self._sock, self._live)
 
     def __repr__(self) -> str:
         return f"<Flow {self.flow_id} {self.name or '?'} via {self.layer} fd={self.fd}>"
@@ -101,19 +116,28 @@ class Flow:
     # -- data ------------------------------------------------------------
 
     def read(self) -> bytes:
-        """The next SDU. Raises FlowDown when the flow ended, FlowTimeout, FlowWouldBlock."""
+        """The next SDU. Raises FlowDown when the flow ended (FlowPeer when its peer went silent),
+        FlowTimeout, FlowWouldBlock."""
+        if self._pending is not None:
+            data, self._pending = self._pending, None
+            return data
         try:
             data = self._recv(self._rbuf)
         except BlockingIOError:
             data = b""
         except OSError as e:
             raise self._failed(e) from None
-        return data or self._read_slow()
+        if data:
+            self._live.heard = True
+            return data
+        return self._read_slow()
 
     def _read_slow(self) -> bytes:
         """Past empty records (keepalives), waiting as the flow's options say; the end raises."""
         deadline = None if self._rcvtimeo is None else time.monotonic() + self._rcvtimeo
         while True:
+            if self._live.down:
+                raise self._down()
             try:
                 data = recv_record(self._sock, self._rbuf, self._recv)
             except BlockingIOError:
@@ -122,6 +146,7 @@ class Flow:
                 raise self._failed(e) from None
             if data is None:
                 raise self._down()
+            self._live.heard = True
             if data:
                 return data
 
@@ -144,6 +169,10 @@ class Flow:
         n = len(sdu)
         if n == 0 or n > self.mtu:
             raise InvalidArgument(f"SDU of {n} bytes: flow {self.flow_id} carries 1 to {self.mtu} bytes")
+        live = self._live
+        if live.down or live.peer:
+            raise self._down()
+        live.wrote = True
         try:
             return self._send(sdu)
         except BlockingIOError:
@@ -184,6 +213,11 @@ class Flow:
         return self._down()
 
     def _down(self) -> FlowDown:
+        if self._live.peer:
+            return FlowPeer(f"flow {self.flow_id} to {self.name or 'its peer'}: the peer was silent for "
+                            f"{self._live.timeout:g} s (FLOW_PEER)")
+        if self._live.down:
+            return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} is down (FLOWFDOWN)")
         if self._session is not None and self._session.error is not None:
             return FlowReset(f"flow {self.flow_id} to {self.name or 'its peer'} was reset: {self._session.error}")
         how = "deallocated by the peer" if self.ended() == "dealloc" else "down"
@@ -191,10 +225,46 @@ class Flow:
 
     def has_data(self) -> bool:
         """Whether an SDU waits to be read, without reading it."""
+        if self._pending is not None:
+            return True
         try:
             return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:
             return False
+
+    def _skip_keepalives(self) -> bool:
+        """Take the empty records (keepalives) at the head of the queue; whether anything else is there
+        (an SDU, or the end) for read to take. For fevent, so that a keepalive is no FLOW_PKT."""
+        while self._pending is None:
+            try:
+                if self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) or hung_up(self._sock):
+                    return True
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            blocking = self._sock.getblocking()
+            self._sock.setblocking(False)  # read() copes with EAGAIN, should another thread race us
+            try:
+                data = self._recv(self._rbuf)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            finally:
+                self._sock.setblocking(blocking)
+            self._live.heard = True
+            if data:  # a reader in another thread took the keepalive first: this SDU is read's
+                self._pending = data
+        return True
+
+    def _set_down(self, down: bool) -> None:
+        """FLOWFDOWN set or cleared: reads and writes fail while it is set; FLOW_DOWN or FLOW_UP follows."""
+        if down == self._live.down:
+            return
+        self._live.set_down(down, time.monotonic())
+        for fset in list(self._sets):
+            fset._changed(self)
 
     def ended(self) -> str:
         """How the flow ended, as the IRMd saw it: 'dealloc' (by the peer) or 'down'."""
@@ -214,6 +284,7 @@ class Flow:
                 self._sndtimeo = _timeout(value)
             case Fccntl.SFLAGS:
                 self._nonblock = bool(int(value) & FLOWFRNONBLOCK)
+                self._set_down(bool(int(value) & FLOWFDOWN))
             case Fccntl.SRCVBUF:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(value))
             case Fccntl.SSNDBUF:
@@ -223,7 +294,7 @@ class Flow:
             case Fccntl.GSNDTIMEO:
                 return self._sndtimeo
             case Fccntl.GFLAGS:
-                return FLOWFRNONBLOCK if self._nonblock else 0
+                return (FLOWFRNONBLOCK if self._nonblock else 0) | (FLOWFDOWN if self._live.down else 0)
             case Fccntl.GQOSSPEC:
                 return self.qos
             case Fccntl.GMTU:
@@ -251,6 +322,8 @@ class Flow:
         if self._closed:
             return
         self._closed = True
+        if self._session is None and (e := running()) is not None:
+            e.unwatch(self._sock)
         self._sock.close()
         if self._session is not None:  # let FRCT deliver what is still unacknowledged
             self._session.done.wait(LINGER + 1.0)
@@ -280,16 +353,16 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
         # C's order on the wire: FRCT PCI, then encryption, then the CRC.
         mtu = reply.mtu - (OVERHEAD if crypto else 0) - (crc.CRCLEN if qos.crc else 0)
         frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
-        app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos, with_crc=qos.crc)
+        live = Liveness(qos.timeout, time.monotonic())
+        app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos, with_crc=qos.crc,
+                                        live=live)
     except BaseException:
         os.close(fd)
         irm.dealloc(reply.flow_id)
         raise
     # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.
     app_mtu = APP_MTU if frct and frct.reliable else frct.max_payload if frct else mtu
-    flow = Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm)
-    flow._session = session
-    return flow
+    return Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm, session=session)
 
 
 def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto,
@@ -372,9 +445,12 @@ def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = No
 
 def flow_join(layer: str, qos: QosSpec | None = None, timeout: float | None = None,
               *, irm: IrmClient | None = None) -> Flow:
-    """Join a broadcast layer: what this flow writes reaches every other joined flow."""
+    """Join a broadcast layer: what this flow writes reaches every other joined flow.
+
+    No keepalives (qos timeout 0, as C's joins): a broadcast flow has many peers, not one.
+    """
     irm = irm or default_client()
-    reply, fd = irm.alloc(layer, qos, timeout, join=True)
+    reply, fd = irm.alloc(layer, dataclasses.replace(qos or raw, timeout=0), timeout, join=True)
     return Flow(reply, fd, irm)
 
 

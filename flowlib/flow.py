@@ -6,12 +6,15 @@ options as Ouroboros's fccntl does (blocking, timeouts, queue limits).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import enum
 import errno
+import fcntl
 import os
 import select
 import socket
+import struct
+import termios
 import time
 import weakref
 from collections.abc import Callable
@@ -20,37 +23,43 @@ from typing import Any
 from flowlib import crc
 from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
 from flowlib.engine import LINGER, Session, engine, running
+from flowlib.fccntl import (
+    FLOWFACCMODE,
+    FLOWFDEFAULT,
+    FLOWFDOWN,
+    FLOWFINVALID,
+    FLOWFNONBLOCK,
+    FLOWFRDONLY,
+    FLOWFRNOBLOCK,
+    FLOWFRNOPART,
+    FLOWFWNOBLOCK,
+    FLOWFWNOPART,
+    FLOWFWRONLY,
+    FRCTFLINGER,
+    FRCTFRESCNTL,
+    FRCTFRTX,
+    Fccntl,
+)
 from flowlib.frct import APP_MTU, Frct
 from flowlib.irm import IrmClient, default_client
 from flowlib.liveness import Liveness
 from proto import messages as m
-from proto.errors import FlowDown, FlowError, FlowPeer, FlowReset, FlowTimeout, FlowWouldBlock, InvalidArgument
+from proto.errors import (
+    FlowDown,
+    FlowError,
+    FlowPeer,
+    FlowReset,
+    FlowTimeout,
+    FlowWouldBlock,
+    InvalidArgument,
+    PermissionDenied,
+)
 from proto.qos import QosSpec, raw
 from transports.unix import hung_up, recv_record
 
+_INT = struct.Struct("i")
 KEY_AGREEMENT_TIMEOUT = 10.0
 HELLO_RETRY = 0.5
-
-
-class Fccntl(enum.Enum):
-    """fccntl commands, named as Ouroboros's."""
-
-    SRCVTIMEO = "srcvtimeo"  # receive timeout in seconds, None = forever
-    GRCVTIMEO = "grcvtimeo"
-    SSNDTIMEO = "ssndtimeo"
-    GSNDTIMEO = "gsndtimeo"
-    SFLAGS = "sflags"  # FLOWFRNONBLOCK or 0
-    GFLAGS = "gflags"
-    GQOSSPEC = "gqosspec"
-    GMTU = "gmtu"
-    SRCVBUF = "srcvbuf"  # receive queue limit in bytes
-    GRCVBUF = "grcvbuf"
-    SSNDBUF = "ssndbuf"  # send queue limit in bytes
-    GSNDBUF = "gsndbuf"
-
-
-FLOWFRNONBLOCK = 0x1
-FLOWFDOWN = 0o4  # the flow is down: reads and writes fail, FLOW_DOWN (and FLOW_UP once cleared)
 
 
 class Flow:
@@ -79,13 +88,15 @@ class Flow:
         self.rejected = 0  # packets dropped for a CRC that did not match
         if with_crc:
             self._recv, self._send = self._crc_recv, self._crc_send
-        self._nonblock = False
+        self._oflags = FLOWFDEFAULT
+        self._can_read = self._can_write = True
+        self._part_done = False  # a read(count) ended an SDU exactly: the next one returns b"" (as C)
         self._rcvtimeo: float | None = None
         self._sndtimeo: float | None = None
         self._closed = False
         self._ended: str | None = None
         self._session = session  # the flow engine's, when it runs FRCT, encryption or CRCs for the flow
-        self._pending: bytes | None = None  # an SDU fevent read while skipping keepalives
+        self._pending: bytes | None = None  # the rest of an SDU partly read, or one fevent read past keepalives
         self._sets: weakref.WeakSet[Any] = weakref.WeakSet()  # the FlowSets holding it: told of FLOW_DOWN/UP
         if session is not None:
             self._live = session.live
@@ -115,12 +126,16 @@ class Flow:
 
     # -- data ------------------------------------------------------------
 
-    def read(self) -> bytes:
-        """The next SDU. Raises FlowDown when the flow ended (FlowPeer when its peer went silent),
-        FlowTimeout, FlowWouldBlock."""
-        if self._pending is not None:
-            data, self._pending = self._pending, None
-            return data
+    def read(self, count: int | None = None) -> bytes:
+        """The next SDU, or with `count` up to count bytes of it, as C's flow_read: the rest of a longer
+        SDU comes with the next reads (unless FLOWFRNOPART, which fails and drops it), and a read after
+        one that ended an SDU exactly at count bytes returns b''.
+
+        Raises FlowDown when the flow ended (FlowPeer when its peer went silent), FlowTimeout,
+        FlowWouldBlock.
+        """
+        if count is not None or not self._can_read or self._pending is not None:
+            return self._read_some(count)
         try:
             data = self._recv(self._rbuf)
         except BlockingIOError:
@@ -132,16 +147,50 @@ class Flow:
             return data
         return self._read_slow()
 
+    def _read_some(self, count: int | None) -> bytes:
+        if not self._can_read:
+            raise PermissionDenied(f"flow {self.flow_id} is write-only (FLOWFWRONLY)")
+        if count is not None and count < 0:
+            raise InvalidArgument(f"read count {count}: expected 0 or more bytes")
+        if self._part_done and count is not None:
+            self._part_done = False
+            return b""
+        self._part_done = False
+        if self._pending is not None:
+            sdu, self._pending = self._pending, None
+        else:
+            try:
+                sdu = self._recv(self._rbuf)
+            except BlockingIOError:
+                sdu = b""
+            except OSError as e:
+                raise self._failed(e) from None
+            self._live.heard = True
+            sdu = sdu or self._read_slow()
+        n = len(sdu)
+        if count is None:
+            return sdu
+        partial = not self._oflags & FLOWFRNOPART
+        if n <= count:
+            self._part_done = partial and n == count
+            return sdu
+        if not partial:
+            raise InvalidArgument(f"flow {self.flow_id}: an SDU of {n} bytes does not fit in {count} "
+                                  f"(FLOWFRNOPART): dropped")
+        self._pending = sdu[count:]
+        return sdu[:count]
+
     def _read_slow(self) -> bytes:
         """Past empty records (keepalives), waiting as the flow's options say; the end raises."""
         deadline = None if self._rcvtimeo is None else time.monotonic() + self._rcvtimeo
+        nonblock = bool(self._oflags & FLOWFRNOBLOCK)
         while True:
             if self._live.down:
                 raise self._down()
             try:
                 data = recv_record(self._sock, self._rbuf, self._recv)
             except BlockingIOError:
-                data = self._wait(select.POLLIN, deadline, recv_record, self._sock, self._rbuf, self._recv)
+                data = self._wait(select.POLLIN, deadline, nonblock, recv_record, self._sock, self._rbuf, self._recv)
             except OSError as e:
                 raise self._failed(e) from None
             if data is None:
@@ -165,23 +214,29 @@ class Flow:
         return len(sdu)
 
     def write(self, sdu: bytes | bytearray | memoryview) -> int:
-        """Send one SDU, whole or not at all."""
+        """Send one SDU, whole or not at all; unless FLOWFWNOPART is cleared, when an SDU over the MTU is
+        cut to it. Returns the bytes sent."""
         n = len(sdu)
         if n == 0 or n > self.mtu:
-            raise InvalidArgument(f"SDU of {n} bytes: flow {self.flow_id} carries 1 to {self.mtu} bytes")
+            if n == 0 or self._oflags & FLOWFWNOPART:
+                raise InvalidArgument(f"SDU of {n} bytes: flow {self.flow_id} carries 1 to {self.mtu} bytes")
+            sdu = sdu[: self.mtu]  # a partial write
         live = self._live
-        if live.down or live.peer:
+        if live.down or live.peer or not self._can_write:
+            if not self._can_write:
+                raise PermissionDenied(f"flow {self.flow_id} is read-only (FLOWFRDONLY)")
             raise self._down()
         live.wrote = True
         try:
             return self._send(sdu)
         except BlockingIOError:
             deadline = None if self._sndtimeo is None else time.monotonic() + self._sndtimeo
-            return self._wait(select.POLLOUT, deadline, self._send, sdu)  # type: ignore[no-any-return]
+            nonblock = bool(self._oflags & FLOWFWNOBLOCK)
+            return self._wait(select.POLLOUT, deadline, nonblock, self._send, sdu)  # type: ignore[no-any-return]
         except OSError as e:
             raise self._failed(e) from None
 
-    def _wait(self, event: int, deadline: float | None, op: Any, *args: Any) -> Any:
+    def _wait(self, event: int, deadline: float | None, nonblock: bool, op: Any, *args: Any) -> Any:
         """Wait until `op` can go, the deadline passes or the flow ends.
 
         A flow torn down by the IRMd (shutdown of its socket) polls as hung up;
@@ -190,14 +245,14 @@ class Flow:
         poller = select.poll()
         poller.register(self._sock, event)
         while True:
-            left = 0.0 if self._nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            left = 0.0 if nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
             ready = poller.poll(None if left is None else left * 1000)
             try:
                 return op(*args)
             except BlockingIOError:
                 if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in ready):
                     raise self._down() from None
-                if self._nonblock:
+                if nonblock:
                     raise FlowWouldBlock(f"flow {self.flow_id}: would block") from None
                 if not ready and left is not None and left <= 0:
                     timeout = self._rcvtimeo if event == select.POLLIN else self._sndtimeo
@@ -274,8 +329,13 @@ class Flow:
 
     # -- options ---------------------------------------------------------
 
-    def fccntl(self, cmd: Fccntl, value: Any = None) -> Any:
-        """Get or set a flow option; setters return None, getters the value."""
+    def fccntl(self, cmd: int, value: Any = None) -> Any:
+        """Get or set a flow option, as C's fccntl (flowlib.fccntl names the commands and flags);
+        setters return None, getters the value."""
+        try:
+            cmd = Fccntl(cmd)
+        except ValueError:
+            raise InvalidArgument(f"fccntl: no command {cmd!r}") from None
         sock = self._sock
         match cmd:
             case Fccntl.SRCVTIMEO:
@@ -283,20 +343,29 @@ class Flow:
             case Fccntl.SSNDTIMEO:
                 self._sndtimeo = _timeout(value)
             case Fccntl.SFLAGS:
-                self._nonblock = bool(int(value) & FLOWFRNONBLOCK)
-                self._set_down(bool(int(value) & FLOWFDOWN))
+                self._set_flags(int(value))
             case Fccntl.SRCVBUF:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(value))
             case Fccntl.SSNDBUF:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(value))
+            case Fccntl.FRCTSFLAGS:
+                frct = self._frct()
+                # Retransmission follows the QoS; the rest is the caller's.
+                frct.cflags = frct.cflags & FRCTFRTX | int(value) & (FRCTFRESCNTL | FRCTFLINGER)
             case Fccntl.GRCVTIMEO:
                 return self._rcvtimeo
             case Fccntl.GSNDTIMEO:
                 return self._sndtimeo
             case Fccntl.GFLAGS:
-                return (FLOWFRNONBLOCK if self._nonblock else 0) | (FLOWFDOWN if self._live.down else 0)
+                return self._oflags
             case Fccntl.GQOSSPEC:
                 return self.qos
+            case Fccntl.GRXQLEN:
+                return self._rx_queued()
+            case Fccntl.GTXQLEN:
+                return self._tx_queued()
+            case Fccntl.FRCTGFLAGS:
+                return self._frct().cflags
             case Fccntl.GMTU:
                 return self.mtu
             case Fccntl.GRCVBUF:
@@ -304,11 +373,45 @@ class Flow:
             case Fccntl.GSNDBUF:
                 return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         # The fast path is a plain blocking socket; anything else polls in _wait.
-        sock.setblocking(not self._nonblock and self._rcvtimeo is None and self._sndtimeo is None)
+        sock.setblocking(not self._oflags & FLOWFNONBLOCK and self._rcvtimeo is None and self._sndtimeo is None)
         return None
 
+    def _set_flags(self, flags: int) -> None:
+        if flags & FLOWFACCMODE == FLOWFINVALID:
+            raise InvalidArgument(f"flow flags {flags:#o}: no access mode is both FLOWFWRONLY and FLOWFRDWR")
+        self._oflags = flags
+        mode = flags & FLOWFACCMODE
+        self._can_read = mode != FLOWFWRONLY
+        self._can_write = mode != FLOWFRDONLY
+        self._set_down(bool(flags & FLOWFDOWN))
+
+    def _frct(self) -> Frct:
+        if self._session is None or self._session.frct is None:
+            raise PermissionDenied(f"flow {self.flow_id} runs no FRCT (qos in_order 0 and loss not 0)")
+        return self._session.frct
+
+    def _rx_queued(self) -> int:
+        """SDUs waiting to be read: what flowlib holds, and one if the socket holds any (the kernel
+        counts bytes, not datagrams)."""
+        n = int(self._pending is not None)
+        if (s := self._session) is not None:
+            n += len(s.frct.sdus) if s.frct is not None else len(s.backlog)
+        with contextlib.suppress(OSError):
+            n += len(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) > 0
+        return n
+
+    def _tx_queued(self) -> int:
+        """SDUs written and not yet gone: FRCT's unacknowledged and the engine's held ones, and one if
+        the socket holds any."""
+        n = 0
+        if (s := self._session) is not None:
+            n += len(s.outq) + (len(s.frct.unacked) if s.frct is not None else 0)
+        queued: int = _INT.unpack(fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0" * _INT.size))[0]
+        return n + (queued > 0)
+
     def set_blocking(self, blocking: bool) -> None:
-        self.fccntl(Fccntl.SFLAGS, 0 if blocking else FLOWFRNONBLOCK)
+        """Blocking (the default) or non-blocking reads and writes, the other flags as they are."""
+        self.fccntl(Fccntl.SFLAGS, self._oflags & ~FLOWFNONBLOCK | (0 if blocking else FLOWFNONBLOCK))
 
     def set_timeout(self, timeout: float | None) -> None:
         """Both the receive and the send timeout."""

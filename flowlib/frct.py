@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 from flowlib.congestion import NewReno
+from flowlib.fccntl import FRCTFLINGER, FRCTFRESCNTL, FRCTFRTX
 from flowlib.recovery import SEQ_MOD, Recovery, Sent, before, distance
 
 # The PCI, as C's struct frct_pci: flags (8 bits) and the right window edge (24) in one word, seqno, ackno.
@@ -29,8 +30,6 @@ RWE_MASK = 0xFFFFFF
 SACK_BLOCK = struct.Struct("!II")
 MAX_SACK_BLOCKS = 8
 
-# fccntl's FRCT flags, values as C's fccntl.h.
-FRCTFRTX, FRCTFRESCNTL, FRCTFLINGER = 0o1, 0o2, 0o4
 
 # C 0.23's constants (build/src/lib/config.h, frct.c).
 RQ_SIZE = 256  # PDUs the receiver takes beyond the next one it expects

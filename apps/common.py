@@ -6,6 +6,7 @@ listens for new flows, idle flows reaped.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import re
@@ -13,8 +14,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
-from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, qos
+from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
 from flowlib.qos import QosSpec
 
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -72,9 +74,27 @@ def qos_arg(text: str) -> QosSpec:
         raise SystemExit(f"{sys.argv[0]}: {e}") from None
 
 
-def fail(tool: str, err: Exception) -> None:
+def fail(tool: str, err: Exception) -> NoReturn:
     print(f"{tool}: {err}", file=sys.stderr)
     sys.exit(1)
+
+
+def alloc(tool: str, args: argparse.Namespace, timeout: float | None) -> Flow:
+    """The client's flow to args.name (args.qos, args.encrypt); args.size cut to its MTU, as C's tools say."""
+    try:
+        flow = flow_alloc(args.name, qos=args.qos, timeout=timeout, encrypt=args.encrypt)
+    except FlowError as e:
+        fail(tool, e)
+    if args.size > flow.mtu:
+        print(f"Packet size truncated to {flow.mtu} bytes.")
+        args.size = flow.mtu
+    return flow
+
+
+def on_signals(stop: Callable[[], None]) -> None:
+    """What C's clients stop on: SIGINT, SIGTERM, SIGHUP."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop())
 
 
 def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout: float,

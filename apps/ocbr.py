@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import struct
 import sys
 import time
 
-from apps.common import Pacer, fail, qos_arg, rate, serve
-from flowlib import Flow, FlowError, flow_alloc, qos
+from apps.common import Pacer, alloc, on_signals, qos_arg, rate, serve
+from flowlib import Flow, FlowError, qos
 
 SEQ = struct.Struct("=q")
 BUF_SIZE = 524288  # the largest SDU, as C's
@@ -66,28 +65,16 @@ def server(interval: float, timeout: float) -> None:
 
 def client(args: argparse.Namespace) -> int:
     print(f"Client started, duration {args.duration:g}, rate {args.rate:.0f} b/s, size {args.size} B.", flush=True)
-    try:
-        flow = flow_alloc(args.name, qos=args.qos, timeout=args.alloc_timeout, encrypt=args.encrypt)
-    except FlowError as e:
-        fail("ocbr", e)
-    if args.size > flow.mtu:
-        print(f"Packet size truncated to {flow.mtu} bytes.")
-        args.size = flow.mtu
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    flow = alloc("ocbr", args, args.alloc_timeout)
+    stopped = []
+    on_signals(lambda: stopped.append(True))
     buf = bytearray(max(args.size, SEQ.size))
     sent = 0
     pacer = None if args.flood else Pacer(args.rate, args.size, args.sleep)
     start = time.monotonic()
     with flow:
         try:
-            while not stop and time.monotonic() - start < args.duration:
+            while not stopped and time.monotonic() - start < args.duration:
                 SEQ.pack_into(buf, 0, sent)
                 flow.write(memoryview(buf)[: args.size])
                 sent += 1

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import struct
 import sys
 import threading
 import time
 
-from apps.common import Pacer, duration, fail, qos_arg, rate, serve
-from flowlib import Flow, FlowError, FlowTimeout, flow_alloc, qos
+from apps.common import Pacer, alloc, duration, fail, on_signals, qos_arg, rate, serve
+from flowlib import Flow, FlowError, FlowTimeout, qos
 
 CONF = struct.Struct("=I")  # the test type, as C's struct conf (packed, host order)
 MSG = struct.Struct("=I")  # every data SDU's id, as C's struct msg
@@ -166,20 +165,9 @@ def statistics(name: str, sent: int, rcvd: int, size: int, elapsed: float) -> No
 
 
 def client(args: argparse.Namespace) -> int:
-    try:
-        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.encrypt)
-    except FlowError as e:
-        fail("operf", e)
-    if args.size > flow.mtu:
-        print(f"Packet size truncated to {flow.mtu} bytes.")
-        args.size = flow.mtu
+    flow = alloc("operf", args, args.timeout)
     c = Client(args, flow)
-
-    def on_signal(*_: object) -> None:
-        c.stop = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    on_signals(lambda: setattr(c, "stop", True))
     bi = args.test == BI
     print(f"Doing a {'bi' if bi else 'uni'}directional test.", flush=True)
     with flow:

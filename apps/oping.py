@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import math
 import select
-import signal
 import struct
 import sys
 import time
 
-from apps.common import duration, fail, qos_arg, serve
+from apps.common import alloc, duration, fail, on_signals, qos_arg, serve
 from flowlib import (
     FLOWFRDWR,
     FLOWFRNOBLOCK,
@@ -25,7 +24,6 @@ from flowlib import (
     FlowTimeout,
     FlowWouldBlock,
     flow_accept,
-    flow_alloc,
     qos,
 )
 
@@ -197,22 +195,11 @@ class Client:
 
 
 def client(args: argparse.Namespace) -> int:
-    try:
-        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.encrypt)
-    except FlowError as e:
-        fail("oping", e)
+    flow = alloc("oping", args, args.timeout)
     size = args.size
-    if size > flow.mtu:
-        print(f"Packet size truncated to {flow.mtu} bytes.")
-        size = flow.mtu
     flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART)
     c = Client(args, flow, size)
-
-    def on_signal(*_: object) -> None:
-        c.stop = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    on_signals(lambda: setattr(c, "stop", True))
     if not args.quiet:
         how = ", busy-poll" if args.flood_busy else ""
         print(f"Pinging {args.name} with {size} bytes of data ({args.count} packets{how}):\n", flush=True)

@@ -159,14 +159,7 @@ class Flow:
         if self._pending is not None:
             sdu, self._pending = self._pending, None
         else:
-            try:
-                sdu = self._recv(self._rbuf)
-            except BlockingIOError:
-                sdu = b""
-            except OSError as e:
-                raise self._failed(e) from None
-            self._live.heard = True
-            sdu = sdu or self._read_slow()
+            sdu = self.read()  # a whole one
         n = len(sdu)
         if count is None:
             return sdu

@@ -102,7 +102,8 @@ class Flow:
             self._live = session.live
         else:
             self._live = Liveness(reply.qos.timeout, time.monotonic())
-            engine().watch(self._sock, self._live)
+            if self._live.timeout:  # (the engine thread starts with the first flow it keeps alive)
+                engine().watch(self._sock, self._live)
 
     def __repr__(self) -> str:
         return f"<Flow {self.flow_id} {self.name or '?'} via {self.layer} fd={self.fd}>"

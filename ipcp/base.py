@@ -7,10 +7,11 @@ module connects, announces, serves requests and exits when the IRMd goes away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from transports.unix import close_fds
 from transports.wire import Message
 
 log = logging.getLogger(__name__)
+
+EXIT_FAILED = 70  # the exit status of an IPCP that met an error it did not handle
 
 
 class Ipcp:
@@ -38,6 +41,7 @@ class Ipcp:
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._parked: dict[int, socket.socket] = {}  # ended flows' sockets, kept until the IRMd lets go
+        self.failed = False  # an error nothing handled: the process ends with EXIT_FAILED
 
     # -- the layer operations (override) ------------------------------------
 
@@ -78,13 +82,34 @@ class Ipcp:
     async def stop(self) -> None:
         """Release sockets and flows before the process exits."""
 
+    def info(self) -> list[m.InfoSection]:
+        """What `irm ipcp show` tells of this IPCP; subclasses add sections (and rows to "ipcp")."""
+        return [m.InfoSection("ipcp", ["field", "value"],
+                              [["name", self.name], ["type", self.type], ["layer", self.layer or "-"]])]
+
     # -- services for subclasses ---------------------------------------------
 
     def spawn(self, coro: Any) -> None:
-        """Run a coroutine in the background, held until done, cancelled at stop."""
+        """Run a coroutine in the background, held until done, cancelled at stop; an error it
+        does not handle ends the process (supervised: nothing fails unseen)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if self._done.is_set():  # stopping: the IRMd or the channel went first
+            log.info("%s: a background task ended with the IPCP: %r", self.name, error)
+        else:
+            log.critical("%s: a background task failed; the IPCP ends", self.name, exc_info=error)
+            self.fail()
+
+    def fail(self) -> None:
+        """End the process with EXIT_FAILED: the IRMd reports the IPCP dead and its flows DOWN."""
+        self.failed = True
+        self._done.set()
 
     async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes = b"",
                            src_flow: int = 0) -> tuple[int, bytes]:
@@ -145,6 +170,8 @@ class Ipcp:
                     raise HandlerError(m.ENOTSUP, f"layer {self.layer!r} cannot serve the QoS asked: {why}")
                 mtu, fd, data = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0, msg.data)
                 return m.IpcpFlow(mtu, data), (fd,)
+            case m.IpcpInfoReq():
+                return m.IpcpInfo([dataclasses.replace(s, rows=s.rows[: m.INFO_ROWS]) for s in self.info()]), ()
             case m.IpcpFlowDealloc():
                 if (parked := self._parked.pop(msg.flow_id, None)) is not None:
                     parked.close()
@@ -164,11 +191,17 @@ class Ipcp:
         await self._done.wait()
         for task in list(self._tasks):
             task.cancel()
-        with contextlib.suppress(Exception):
+        try:
             await self.stop()
+        except Exception:
+            log.exception("%s: stopping failed", self.name)
+            self.failed = True
         self.channel.close()
 
 
 def run_ipcp(cls: type[Ipcp], name: str, irmd_sock: str, **kw: Any) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s ipcp[{name}] %(levelname)s %(message)s")
-    asyncio.run(cls(name, Path(irmd_sock), **kw).run())
+    ipcp = cls(name, Path(irmd_sock), **kw)
+    asyncio.run(ipcp.run())
+    if ipcp.failed:
+        sys.exit(EXIT_FAILED)

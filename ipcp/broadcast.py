@@ -1,20 +1,18 @@
 """The broadcast IPCP: a layer in which every SDU a member's application writes reaches
 every other joined application (flow_join), flooded over the members' data flows.
 
-Enrollment and neighbour connections are the unicast IPCP's; the data path
-floods with duplicate suppression instead of routing.
+Enrollment, neighbour connections and the link-state membership are the unicast IPCP's;
+the data path floods with duplicate suppression instead of routing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import OrderedDict
-from collections.abc import Callable
+from typing import Any
 
 from ipcp.unicast.dt import Dt, UniFlow
-from ipcp.unicast.ipcp import TICK, UnicastIpcp
+from ipcp.unicast.ipcp import UnicastIpcp
 from ipcp.unicast.pci import Pci, PciError, PciFormat
 from proto.names import name_hash
 from proto.qos import QosSpec
@@ -29,10 +27,8 @@ SEEN = 4096  # (origin, seqno) pairs remembered to drop flooded duplicates
 class FloodDt(Dt):
     """A PDU's PCI names its origin (dst field) and its sequence number (eid field)."""
 
-    def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
-                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None],
-                 on_congestion: object = None) -> None:
-        super().__init__(fmt, me, max_ttl, bufsize, on_mgmt, on_n1_down)  # floods have no one receiver to echo
+    def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int, *args: Any, **kw: Any) -> None:
+        super().__init__(fmt, me, max_ttl, bufsize, *args)  # floods have no one receiver to echo: no congestion
         self.seqno = 0
         self.seen: OrderedDict[tuple[int, int], None] = OrderedDict()
 
@@ -46,10 +42,10 @@ class FloodDt(Dt):
                     self.counters.overflow += 1
 
     def _flood(self, bufs: tuple[bytes | bytearray, ...], skip: int) -> None:
-        for hop, sock in list(self.n1.items()):
+        for hop, link in list(self.n1.items()):
             if hop != skip:
                 try:
-                    sock.sendmsg(bufs)
+                    link.sock.sendmsg(link.sealer.seal(*bufs) if link.sealer else bufs)
                     self.counters.forwarded += 1
                 except OSError:
                     self.counters.overflow += 1
@@ -72,32 +68,26 @@ class FloodDt(Dt):
             self._deliver(sdu, skip=flow)
             self._flood((self.fmt.pack(Pci(self.me, 0, self.max_ttl, 0, self.seqno)), sdu), skip=0)
 
-    def from_n1(self, hop: int, pdus: list[bytes]) -> None:
-        for pdu in pdus:
-            if not pdu:
-                continue  # the N-1 flow's own keepalive
-            try:
-                pci = self.fmt.unpack(pdu)
-            except PciError:
-                self.counters.malformed += 1
-                continue
-            if not self._fresh(pci.dst, pci.eid) or len(pdu) == self.fmt.size:
-                continue
-            self._deliver(memoryview(pdu)[self.fmt.size :], skip=None)
-            if pci.ttl > 1:
-                buf = bytearray(pdu)
-                buf[self.fmt.ttl_offset] = pci.ttl - 1
-                self._flood((buf,), skip=hop)
-            else:
-                self.counters.ttl_expired += 1
+    def _arrived(self, pdu: bytes | memoryview, hop: int) -> None:
+        try:
+            pci = self.fmt.unpack(pdu)
+        except PciError:
+            self.counters.malformed += 1
+            return
+        if not self._fresh(pci.dst, pci.eid) or len(pdu) == self.fmt.size:
+            return
+        self._deliver(memoryview(pdu)[self.fmt.size :], skip=None)
+        if pci.ttl > 1:
+            buf = bytearray(pdu)
+            buf[self.fmt.ttl_offset] = pci.ttl - 1
+            self._flood((buf,), skip=hop)
+        else:
+            self.counters.ttl_expired += 1
 
 
 class BroadcastIpcp(UnicastIpcp):
     type = "broadcast"
     dt_class = FloodDt
-
-    def _recompute(self) -> None:
-        """No routes or directory: every data flow is a flooding direction."""
 
     async def query(self, digest: bytes) -> bool:
         return bool(self.layer) and digest == name_hash(self.conf["hash"], self.layer)
@@ -112,9 +102,8 @@ class BroadcastIpcp(UnicastIpcp):
             raise HandlerError("ENOENT", "a broadcast layer is joined by its own name")
         assert self.dt is not None
         app_end, mine = seqpacket_pair()
-        flow = UniFlow(self._new_eid(), mine, flow_id=flow_id)
-        self.flows[flow_id] = flow
-        self.dt.add_flow(flow)
+        eid = max((f.eid for f in self.flows.values()), default=0) + 1
+        self._add_flow(UniFlow(eid, mine, flow_id=flow_id))
         return self.mtu, app_end.detach(), b""
 
     def qos_refusal(self, qos: QosSpec) -> str | None:
@@ -125,14 +114,4 @@ class BroadcastIpcp(UnicastIpcp):
     async def flow_dealloc(self, flow_id: int) -> None:
         flow = self.flows.pop(flow_id, None)
         if flow is not None and self.dt is not None:
-            self.dt.remove_flow(flow.eid)
-            flow.io.close()
-
-    async def _tick(self) -> None:
-        """Only the link-state refresh: membership for enrollment answers."""
-        assert self.lsdb is not None
-        while True:
-            await asyncio.sleep(TICK)
-            due, _ = self.lsdb.tick(time.monotonic())
-            if due is not None:
-                self._flood(due)
+            self.dt.command(self._close_flow, flow)

@@ -141,6 +141,7 @@ class Irmd:
             m.IpcpEnroll: self._ipcp_enroll,
             m.IpcpConnect: self._ipcp_connect,
             m.IpcpList: self._ipcp_list,
+            m.IpcpInfoReq: self._ipcp_info,
             m.Bind: self._bind,
             m.NameCreate: self._name_create,
             m.NameDestroy: self._name_destroy,
@@ -150,7 +151,7 @@ class Irmd:
             m.Dump: self._dump,
         }
         self._admin = {
-            m.IpcpCreate, m.IpcpDestroy, m.IpcpBootstrap, m.IpcpEnroll, m.IpcpConnect,
+            m.IpcpCreate, m.IpcpDestroy, m.IpcpBootstrap, m.IpcpEnroll, m.IpcpConnect, m.IpcpInfoReq,
             m.Bind, m.NameCreate, m.NameDestroy, m.NameRegister,
         }  # fmt: skip
         self._from_ipcp = {m.FlowReqArrived, m.FlowPeerDealloc}
@@ -686,6 +687,14 @@ class Irmd:
         elif not msg.connect and msg.dst in ipcp.conns:
             ipcp.conns.remove(msg.dst)
         return m.Ok()
+
+    async def _ipcp_info(self, c: Client, msg: m.IpcpInfoReq, _: list[int]) -> Message:
+        """What the IPCP says of itself (irm ipcp show)."""
+        ipcp = self._ipcp(msg.name)
+        reply = await self._ipcp_request(ipcp, m.IpcpInfoReq())
+        if not isinstance(reply, m.IpcpInfo):
+            raise HandlerError(m.EPROTO, f"ipcp {ipcp.name}: answered IpcpInfoReq with {type(reply).__name__}")
+        return reply
 
     async def _ipcp_list(self, c: Client, msg: m.IpcpList, _: list[int]) -> m.Table:
         rows = [

@@ -369,3 +369,37 @@ class FlowPeerDealloc(Message):
     TYPE: ClassVar[int] = 72
     flow_id: int
     down: bool = False
+
+
+# -- state an IPCP can be asked for (irm ipcp show) ------------------------------------------
+
+
+@dataclass
+class InfoSection:
+    """One named table of an IpcpInfo: rows of text columns."""
+
+    name: str
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+
+
+@reg
+@dataclass
+class IpcpInfoReq(Message):
+    """What an IPCP knows of itself. irm -> IRMd naming the IPCP (admin); IRMd -> IPCP with no name."""
+
+    TYPE: ClassVar[int] = 140
+    name: str = ""
+
+
+@reg
+@dataclass
+class IpcpInfo(Message):
+    """The answer: sections such as "ipcp" (name, type, layer), and per type e.g. "neighbours",
+    "forwarding", "counters"; a section holds at most INFO_ROWS rows."""
+
+    TYPE: ClassVar[int] = 141
+    sections: list[InfoSection] = field(default_factory=list)
+
+
+INFO_ROWS = 512

@@ -79,6 +79,11 @@ TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
         "routing": choice("link_state", "lfa", "ecmp"), "congestion": choice("none", "mb-ecn"),
         "hash": choice(*HASHES), "directory": choice("DHT"), "addr_auth": choice("flat"),
         "key": text,
+        # link state (seconds): pff recalculation, LSU refresh, LSU/link timeout (Ouroboros 0.23's)
+        "ls_t_recalc": _int(1, 3600), "ls_t_update": _int(1, 3600), "ls_t_timeo": _int(2, 86400),
+        # the DHT directory: lookup parallelism, replicas, entry expiry, refresh, replication (s)
+        "dht_alpha": _int(1, 20), "dht_k": _int(1, 20), "dht_t_expire": _int(10, 86400),
+        "dht_t_refresh": _int(1, 3600), "dht_t_replicate": _int(1, 3600),
     },
 }  # fmt: skip
 MULTI = {"peer"}  # options that may repeat

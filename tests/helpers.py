@@ -136,6 +136,7 @@ class IrmdProc:
 def irmd_env(sock: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["OUROBOROS_SOCK"] = str(sock)
+    env["OUROBOROS_STATE_DIR"] = str(sock.with_suffix(".state"))  # IPCPs' member keys: per IRMd, not /var/lib
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ipcp.unicast import ca
+from ipcp.unicast.dt import UniFlow
 
 
 def test_marks_start_above_a_standing_burst_and_grow_with_the_queue() -> None:
@@ -112,3 +113,24 @@ def test_sender_grows_back_when_congestion_ends_or_goes_unheard() -> None:
         tx.admit(1000, t)
     assert tx.slow_start and not tx.paced  # long quiet: fast again, and no longer paced at all
     assert tx.admit(10**6, t) == 0.0
+
+
+def test_policies_by_name_and_what_the_data_path_asks_of_them() -> None:
+    with pytest.raises(ValueError, match="unknown congestion policy 'bbr'"):
+        ca.by_name("bbr")
+    nop, ecn = ca.by_name("none"), ca.by_name("mb-ecn")
+    assert (nop.name, nop.holds, ecn.name, ecn.holds) == ("none", False, "mb-ecn", True)
+    flow = UniFlow(1, None)  # type: ignore[arg-type]
+    nop.flow_added(flow, 0.0)
+    assert flow.rx is None and flow.tx is None
+    ecn.flow_added(flow, 0.0)
+    assert isinstance(flow.rx, ca.Receiver) and isinstance(flow.tx, ca.Sender)
+    queued = [0]
+    ecn.n1_added(7, lambda: queued[0], 1000)
+    nop.n1_added(7, lambda: queued[0], 1000)
+    queued[0] = 900  # a queue 90% full, looked at every SAMPLE_EVERY PDUs, averaged
+    levels = [ecn.level(7) for _ in range(ca.SAMPLE_EVERY * 40)]
+    assert levels[0] == 0 and levels[-1] > ca.MARK_FROM and levels == sorted(levels)
+    assert nop.level(7) == 0 and ecn.level(8) == 0  # no queue known: no mark
+    ecn.n1_removed(7)
+    assert ecn.level(7) == 0

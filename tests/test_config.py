@@ -124,7 +124,9 @@ reg = ["pong{i}"]
         assert "joined layer net through a member" in b.log_text()
         wait_for(lambda: pings(b, "pong1"), 40, "pong1 from b", interval=1.0)
         stop_irmd(a)  # the first host reboots with the same file: it joins b's layer, not a new one
-        a = start_irmd(tmp_path, "a2", ["--config", str(host(1))])
+        # a reboot keeps the IPCPs' member keys (/var/lib/ouroboros): n1 proves it is n1 again
+        keys = {"OUROBOROS_STATE_DIR": str(a.sock.with_suffix(".state"))}
+        a = start_irmd(tmp_path, "a2", ["--config", str(host(1))], env=keys)
         wait_for(lambda: in_net(a), 40, "layer net at a again")
         assert "joined layer net through a member" in a.log_text(), a.log_text()[-2000:]
         wait_for(lambda: pings(a, "pong2") and pings(b, "pong1"), 60, "pongs both ways", interval=1.0)

@@ -95,7 +95,7 @@ def test_cli_store_load_copy_mcopy_and_forged_cap(irmd: IrmdProc, depots: Start)
 
 
 def test_cli_refusals_are_one_line_errors(irmd: IrmdProc, depots: Start) -> None:
-    depots("d1", "--capacity", "4M", "--max-duration", "1h")
+    depots("d1", "--capacity", "4M", "--max-duration", "1h", "--client-share", "1")
     r = ibp(irmd, "allocate", "d1", "--size", "8M", "--duration", "60")
     assert r.returncode == 1 and b"would exceed limit" in r.stderr and r.stderr.count(b"\n") == 1
     r = ibp(irmd, "allocate", "d1", "--size", "1M", "--duration", "2h")
@@ -191,7 +191,7 @@ def test_plain_tcp_client_speaks_the_text_protocol(tcp_depot: int) -> None:
         assert ask(f, f"1 8 {r.key} {r.typekey} 0 99 10\n".encode())[0] == b"-19"  # past the end
         assert ask(f, b"0 8 a b 0 1 10\n")[0] == b"-27"
         n = int(ask(f, b"1 4 0 1 - 10\n")[1])
-        assert b"capacity" in f.read(n)
+        assert b" CT:1073741824 " in f.read(n)
     # The capability handed out over TCP works with the library too.
     with Connection(f"127.0.0.1:{tcp_depot}", timeout=10) as c:
         assert c.load_bytes(parse_cap(rcap.decode())) == b"hello world"
@@ -217,7 +217,7 @@ def test_silent_depot_returns_control_to_the_client() -> None:
 
 
 def test_copy_to_a_silent_depot_fails_with_a_timeout_not_a_hang(depots: Start) -> None:
-    depots("d1")
+    depots("d1", "--copy-to", "127.0.0.1:*")
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)

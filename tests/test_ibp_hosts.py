@@ -57,11 +57,10 @@ def test_three_hosts_store_copy_and_exnode(cluster: Cluster, tmp_path: Path) -> 
 
     src = tmp_path / "f.bin"
     src.write_bytes(data)
-    r = ibp(client, "exnode", "upload", str(src), "--depots", "depot-h1,depot-h2,depot-h3", "--stripe", "200k",
-            "--replicas", "2")
-    assert r.returncode == 0, r.stderr
     xnd = tmp_path / "f.xnd"
-    xnd.write_bytes(r.stdout)
-    r = ibp(hosts[2], "exnode", "download", str(xnd))  # from another host
+    r = ibp(client, "exnode", "upload", str(src), "--depots", "depot-h1,depot-h2,depot-h3", "--stripe", "200k",
+            "--replicas", "2", "-o", str(xnd))
+    assert r.returncode == 0, r.stderr
+    r = ibp(hosts[2], "exnode", "download", str(xnd), "-o", "-")  # from another host
     assert r.returncode == 0, r.stderr
     assert r.stdout == data

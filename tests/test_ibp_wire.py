@@ -23,6 +23,11 @@ REQUESTS: list[w.Request] = [
     w.Manage(KEY, KEY, w.IBP_CHNG, w.IBP_MANAGECAP, 30, 1000, 60, w.IBP_SOFT),
     w.Status("0", w.IBP_ST_INQ, "-", 30),
     w.Status("0", w.IBP_ST_CHANGE, KEY, 30, 1 << 30, 86400),
+    w.Status("", w.IBP_ST_VERSION, "", 30),
+    w.Status("", w.IBP_ST_RES, "", 30),
+    w.Store(KEY, KEY, 10, 30, "0"),
+    w.Load(KEY, KEY, 0, 5, 30, "17"),
+    w.Manage(KEY, KEY, w.IBP_CHNG, w.IBP_MANAGECAP, 30, 0, w.KEEP, w.KEEP, "0"),
 ]
 
 
@@ -33,12 +38,66 @@ def test_every_request_round_trips(req: w.Request) -> None:
     assert w.parse_request(line) == req
 
 
+def first_line(req: w.Request) -> bytes:
+    return w.format_request(req).split(b"\n")[0]
+
+
 def test_command_codes_are_ibp_v1_4() -> None:
     assert (w.IBP_ALLOCATE, w.IBP_STORE, w.IBP_DELIVER, w.IBP_STATUS, w.IBP_SEND, w.IBP_MCOPY, w.IBP_LOAD,
             w.IBP_MANAGE, w.IBP_WRITE) == (1, 2, 3, 4, 5, 6, 8, 9, 13)
     assert (w.IBP_PROBE, w.IBP_INCR, w.IBP_DECR, w.IBP_CHNG) == (40, 41, 42, 43)
     assert w.format_request(REQUESTS[0]) == b"1 1 0 2 1 3600 4194304 30\n"
     assert w.format_request(w.Load(KEY, "k", 5, 7, 3)) == f"1 8 {KEY} k 5 7 3\n".encode()
+    assert w.format_request(w.Load(KEY, "k", 5, 7, 3, "0")) == f"1 8 0#{KEY} k 5 7 3\n".encode()
+
+
+def test_keys_in_the_rid_form_are_split_and_bare_keys_still_accepted() -> None:
+    for tok, rid in ((f"0#{KEY}", "0"), (KEY, ""), (f"42#{KEY}", "42")):
+        req = w.parse_request(f"1 8 {tok} rk 0 10 30\n".encode())
+        assert req == w.Load(KEY, "rk", 0, 10, 30, rid)
+    with pytest.raises(w.BadRequest) as e:
+        w.parse_request(f"1 8 0#x#{KEY} rk 0 10 30\n".encode())
+    assert e.value.status == w.IBP_E_WRONG_CAP_FORMAT
+
+
+def test_send_takes_the_target_in_either_place() -> None:
+    dest = f"ibp://d2/0#{KEY}/{KEY}/WRITE"
+    lstore = f"1 5  0#{KEY} {dest} rk 0 100 5 6 7\n".encode()  # L-Store: an empty path, key destcap typekey
+    older = f"1 5 0#{KEY} rk {dest} 0 100 5 6 7\n".encode()
+    want = w.Send(KEY, "rk", dest, 0, 100, 5, 6, 7, "0")
+    assert w.parse_request(lstore) == w.parse_request(older) == want
+    assert w.format_request(want) == f"1 5 0#{KEY} {dest} rk 0 100 5 6 7\n".encode()
+
+
+def test_manage_forms_of_l_store() -> None:
+    probe = w.parse_request(f"1 9 0#{KEY} mk 40 3 0 0 0 30 \n".encode())  # probe_command's unused fields
+    assert probe == w.Manage(KEY, "mk", w.IBP_PROBE, w.IBP_MANAGECAP, 30, rid="0")
+    chng = w.parse_request(f"1 9 0#{KEY} mk 43 3 4096 -1 -1 30\n".encode())
+    assert (chng.size, chng.duration, chng.reliability) == (4096, w.KEEP, w.KEEP)  # type: ignore[union-attr]
+
+
+def test_status_forms_by_field_count() -> None:
+    assert w.parse_request(b"1 4 5 30\n") == w.Status("", w.IBP_ST_VERSION, "", 30)
+    assert w.parse_request(b"1 4 3 30\n") == w.Status("", w.IBP_ST_RES, "", 30)
+    two = w.format_request(w.Status("0", w.IBP_ST_CHANGE, "pw", 30, 5000, 60, follows=True))
+    first, second, _ = two.split(b"\n")
+    head = w.parse_request(first)
+    assert isinstance(head, w.Status) and head.follows
+    assert w.parse_change(second, head) == w.Status("0", w.IBP_ST_CHANGE, "pw", 30, 5000, 60)
+    with pytest.raises(w.BadRequest):
+        w.parse_change(b"1 2\n", head)
+
+
+def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
+    values = {name: i for i, (_, name) in enumerate(w.INQ_TAGS)}
+    reply = w.format_inq(values, {"allocations": 7})
+    status, body = reply.split(b"\n", 1)
+    assert status.split() == [b"1", str(len(body)).encode()] and len(body) < 1024
+    tags = body.split()
+    assert tags[0] == b"VS:0" and tags[-2:] == [b"RE", b"allocations:7"]
+    assert [t.split(b":")[0] for t in tags[:13]] == [tag.encode() for tag, _ in w.INQ_TAGS]
+    parsed = w.parse_inq(body)
+    assert parsed["capacity"] == "4" and parsed["allocations"] == "7" and "RE" not in parsed
 
 
 @pytest.mark.parametrize(("line", "status"), [
@@ -71,7 +130,7 @@ def test_fuzzed_bytes_parse_or_raise_bad_request(data: bytes) -> None:
     except w.BadRequest as e:
         assert e.status < 0
     else:
-        assert w.parse_request(w.format_request(req)) == req
+        assert w.parse_request(first_line(req)) == req
 
 
 _tok = st.one_of(st.integers(-3, 2**64).map(str), st.sampled_from(["0", "1", KEY, "x", "-", "READ"]),
@@ -87,7 +146,7 @@ def test_fuzzed_token_lines_parse_or_raise_bad_request(version: int, cmd: int, t
     except w.BadRequest as e:
         assert e.status < 0 and e.reason
     else:
-        assert w.parse_request(w.format_request(req)) == req
+        assert w.parse_request(first_line(req)) == req
 
 
 def test_reply_parsing() -> None:

@@ -1,6 +1,6 @@
 """A unicast layer of 10 and 20 members in a ring-plus-chords topology, one IRMd per member on
 loopback: it forms, converges (every member reaches every other by name), survives two
-members crashing, and stays converged once their LSUs have expired.
+members crashing, and stays converged once their LSUs have expired (ls_t_timeo scaled down).
 
 Each member i is a host: an IRMd, a udp4 shim on 127.0.0.i (member 1's shim is every
 shim's peer), a unicast IPCP n<i> in layer "net" and an echo server for the name m<i>.
@@ -25,11 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from helpers import wait_for
 from unicast_net import Cluster, Host, echo_once
 
 from proto import messages as m
 
-LSU_TIMEOUT = 60.0  # ipcp/unicast/routing.py: a dead member's LSU lingers this long
+# Link-state timers scaled down from C's 15 s and 60 s, so that dead members' LSUs expire in seconds.
+LS_TIMERS = {"ls_t_update": "2", "ls_t_timeo": "8"}
 # Layer sizes to run: 20 by default (about 2 minutes); UNICAST_SCALE_SIZES=10,20 measures both.
 SIZES = [int(n) for n in os.environ.get("UNICAST_SCALE_SIZES", "20").split(",")]
 WORKERS = 48  # concurrent pair checks (each allocation waits ~1 s for the udp layer's negative answer)
@@ -124,7 +126,7 @@ def test_ring_with_chords_converges_and_survives_two_crashes(cluster: Cluster, n
     hosts = dict(enumerate(cluster.start([f"h{i:02}" for i in range(1, n + 1)], parallel=True), start=1))
     cluster.udp([hosts[1]], cli=False)
     in_parallel([(hosts[i],) for i in range(2, n + 1)], lambda h: cluster.udp([h], cli=False))
-    hosts[1].request(m.IpcpBootstrap("n1", "net", "unicast", True))
+    hosts[1].request(m.IpcpBootstrap("n1", "net", "unicast", True, LS_TIMERS))
 
     def enroll(i: int) -> None:
         hosts[i].request(m.IpcpEnroll(f"n{i}", "net", "n1", "unicast", True))
@@ -158,9 +160,11 @@ def test_ring_with_chords_converges_and_survives_two_crashes(cluster: Cluster, n
     recovered = reach_all(alive, 90, f"n={n} after crashing members {sorted(dead)}")
     assert all(h.irmd.alive() for h in alive.values())
 
-    # once the dead members' LSUs have expired (and the layer has refreshed itself a few times)
-    time.sleep(max(0.0, LSU_TIMEOUT + 15 - (time.monotonic() - killed_at)))
-    later = reach_all(alive, 90, f"n={n} {LSU_TIMEOUT + 15:.0f} s after the crash")
+    # once the dead members' LSUs have expired everywhere (and the layer has renewed itself since)
+    wait_for(lambda: all(h.field(f"n{i}", "members") == str(len(alive)) for i, h in alive.items()), 60,
+             "every survivor to forget the dead members")
+    expired = time.monotonic() - killed_at
+    later = reach_all(alive, 90, f"n={n} {expired:.0f} s after the crash, the dead forgotten")
     print(
         f"n={n}: SUMMARY convergence {converged:.1f} s, recovery {recovered:.1f} s, "
         f"stable check {later:.1f} s, total {time.monotonic() - t0:.1f} s"

@@ -49,6 +49,8 @@ def sample(hint: Any) -> Any:
         return [sample(item), sample(item)]
     if origin is dict:
         return {"key": sample(typing.get_args(hint)[1])}
+    if dataclasses.is_dataclass(hint) and hint is not QosSpec:  # a nested record (IpcpInfo's sections)
+        return sample_message(hint)  # type: ignore[arg-type]
     return {str: "wörd-1", int: 4242, bool: True, float: 2.5, bytes: b"\x00\x01\xfe\xff",
             QosSpec: qos.video}[hint]
 
@@ -67,6 +69,8 @@ def strategy(hint: Any) -> st.SearchStrategy[Any]:
         return st.lists(strategy(typing.get_args(hint)[0]), max_size=4)
     if origin is dict:
         return st.dictionaries(st.text(max_size=8), strategy(typing.get_args(hint)[1]), max_size=4)
+    if dataclasses.is_dataclass(hint) and hint is not QosSpec:  # a nested record (IpcpInfo's sections)
+        return message_strategy(hint)  # type: ignore[arg-type]
     if hint is QosSpec:
         u64 = st.integers(0, UINT64_MAX)
         return st.builds(QosSpec, delay=u64, bandwidth=u64, availability=u64, loss=u64, ber=u64,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -84,13 +83,24 @@ class Host:
     def log(self) -> str:
         return self.irmd.log_text()
 
+    def info(self, ipcp: str) -> dict[str, list[list[str]]]:
+        """What the IPCP tells of itself (IpcpInfo, as `irm ipcp show`): section -> rows."""
+        reply = self.request(m.IpcpInfoReq(ipcp))
+        assert isinstance(reply, m.IpcpInfo), reply
+        return {s.name: s.rows for s in reply.sections}
+
+    def field(self, ipcp: str, name: str, section: str = "ipcp") -> str:
+        return dict((row[0], row[1]) for row in self.info(ipcp)[section])[name]
+
+    def counter(self, ipcp: str, name: str) -> int:
+        return int(dict((row[0], row[1]) for row in self.info(ipcp)["counters"]).get(name, "0"))
+
+    def neighbours(self, ipcp: str) -> set[str]:
+        return {row[1] for row in self.info(ipcp)["neighbours"]}
+
     def address(self, ipcp: str) -> int:
-        """The layer address a unicast IPCP logged when it joined."""
-        found = re.findall(
-            rf"ipcp\[{re.escape(ipcp)}\] INFO {re.escape(ipcp)}: in layer \S+ at address (\d+)", self.log()
-        )
-        assert found, f"{self.name}: {ipcp} logged no address"
-        return int(found[-1])
+        """The layer address of a unicast IPCP."""
+        return int(self.field(ipcp, "address"))
 
     def oping(self, name: str, count: int = 3, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
         return self.irmd.run("oping", "-n", name, "-c", str(count), "-i", "10", timeout=timeout)

@@ -75,8 +75,15 @@ class PollThread:
         """Run `fn` on this thread after `delay` seconds; only from this thread."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._order), fn))
 
+    def wake(self) -> None:
+        """Have on_wake run on this thread soon; from any thread."""
+        self._wake_w.send(b"w")
+
     def on_ready(self, fd: int, mask: int) -> None:
         raise NotImplementedError
+
+    def on_wake(self) -> None:
+        """Work other threads queued for this one (see wake)."""
 
     def _due(self) -> float:
         """Run the timers that are due; seconds until the next one (-1: none)."""
@@ -100,3 +107,6 @@ class PollThread:
             for fd, mask in events:
                 if fd != wake:
                     self.on_ready(fd, mask)
+                elif self._running:
+                    self._wake_r.recv(4096)
+                    self.on_wake()

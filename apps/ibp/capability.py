@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import secrets
@@ -31,6 +32,11 @@ class BadCapability(ValueError):
 def new_key() -> str:
     """A fresh 256-bit key from the OS's CSPRNG, as 64 hex digits."""
     return secrets.token_hex(KEY_BYTES)
+
+
+def key_hash(key: str) -> str:
+    """What a depot keeps of a key: its SHA-256, so its files hold no capability."""
+    return hashlib.sha256(key.encode("ascii", "replace")).hexdigest()
 
 
 def keys_equal(a: str, b: str) -> bool:

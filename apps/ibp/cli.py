@@ -22,6 +22,7 @@ from apps.ibp import wire as w
 from apps.ibp.capability import MANAGE, READ, WRITE, Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, STORE_BLOCK, Connection, parse_cap
 from apps.ibp.depot import DepotCore
+from apps.ibp.limits import add_flags, from_args
 from apps.ibp.server import (
     DEFAULT_PORT,
     DepotServer,
@@ -75,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--layer", action="append", default=[], help="register the name in this layer (repeatable)")
     d.add_argument("--listen", nargs="?", const=f"tcp:{DEFAULT_PORT}", default=None,
                    help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})")
+    add_flags(d)
 
     a = add("allocate", help="reserve space; prints read, write and manage capabilities")
     a.add_argument("depot")
@@ -113,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
 
     st = add("status", help="a depot's capacity, use and policy; admin changes")
     st.add_argument("depot")
+    st.add_argument("--version", action="store_true", help="the depot's description, policy and limits")
     st.add_argument("--admin-key", help="the depot's admin key (DIR/admin.key) for changes")
     st.add_argument("--capacity", type=size)
     st.add_argument("--max-duration", type=seconds)
@@ -146,8 +149,7 @@ def run(args: argparse.Namespace) -> int:
         rel = w.IBP_HARD if args.reliability == "hard" else w.IBP_SOFT
         typ = {"bytearray": w.IBP_BYTEARRAY, "buffer": w.IBP_BUFFER, "fifo": w.IBP_FIFO, "cirq": w.IBP_CIRQ}[args.type]
         with Connection(args.depot, t, encrypt=args.encrypt) as conn:
-            for cap in conn.allocate(args.size, args.duration, rel, typ):
-                print(cap)
+            print_caps(conn.allocate(args.size, args.duration, rel, typ))
         return 0
     if args.cmd == "store":
         cap = parse_cap(args.cap, WRITE)
@@ -184,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
     return run_status(args)
 
 
+def print_caps(caps: tuple[Capability, ...]) -> None:
+    for cap in caps:
+        print(cap)
+
+
 def _blocks(src: BinaryIO, limit: int) -> Iterator[bytes]:
     while True:
         block = src.read(limit)
@@ -207,21 +214,22 @@ def run_manage(args: argparse.Namespace) -> int:
     captype = w.IBP_WRITECAP if args.count == "write" else w.IBP_READCAP
     with Connection(cap.depot, args.timeout, encrypt=args.encrypt) as conn:
         if args.op == "probe":
-            f = conn.manage(cap, w.IBP_PROBE)
-            names = ["read_refs", "write_refs", "size", "max_size", "seconds_left", "reliability", "type"]
-            for k, v in zip(names, f, strict=False):
+            for k, v in conn.probe(cap).items():
                 print(f"{k} {v}")
         elif args.op in ("incr", "decr"):
             conn.manage(cap, w.IBP_INCR if args.op == "incr" else w.IBP_DECR, captype)
         else:
             if args.op == "extend" and not args.duration:
                 raise w.IbpError(w.IBP_E_INVALID_PARAMETER, "extend needs --duration")
-            conn.manage(cap, w.IBP_CHNG, w.IBP_MANAGECAP, args.size, args.duration)
+            conn.manage(cap, w.IBP_CHNG, w.IBP_MANAGECAP, args.size, args.duration or w.KEEP)
     return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
     with Connection(args.depot, args.timeout, encrypt=args.encrypt) as conn:
+        if args.version:
+            print(conn.version())
+            return 0
         if args.capacity is not None or args.max_duration is not None:
             if not args.admin_key:
                 raise w.IbpError(w.IBP_E_WRONG_PASSWD, "changes need --admin-key")
@@ -229,6 +237,7 @@ def run_status(args: argparse.Namespace) -> int:
             capacity = args.capacity if args.capacity is not None else int(info.get("capacity", "0"))
             maxdur = args.max_duration if args.max_duration is not None else int(info.get("max_duration", "1"))
             conn.change(args.admin_key, capacity, maxdur)
+        print(f"name {args.depot}")
         for k, v in conn.status().items():
             print(f"{k} {v}")
     return 0
@@ -252,12 +261,15 @@ def depot_client(name: str) -> IrmClient:
 def run_depot(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)
     install_stop_signals()
-    args.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        limits = from_args(args)
+    except ValueError as e:
+        raise w.IbpError(w.IBP_E_INVALID_PARAMETER, str(e)) from None
     try:
         store = DiskStore(args.dir)
     except OSError as e:
         raise w.IbpError(w.IBP_E_FILE_OPEN, str(e)) from None
-    core = DepotCore(store, args.capacity, args.max_duration, time.time())
+    core = DepotCore(store, args.capacity, args.max_duration, time.time(), limits)
     irm = depot_client(args.name)
     try:
         irm.bind(args.name)
@@ -269,13 +281,13 @@ def run_depot(args: argparse.Namespace) -> int:
         except FlowError as e:
             if "already" not in str(e).lower() and "exist" not in str(e).lower():
                 raise
-    server = DepotServer(core, args.name, irm=irm, encrypt=args.encrypt)
+    server = DepotServer(core, args.name, limits, irm=irm, encrypt=args.encrypt)
     stop = threading.Event()
     threading.Thread(target=server.expiry_loop, args=(stop,), daemon=True).start()
     if args.listen:
         try:
             host, port = parse_listen(args.listen)
-            sock, addr = tcp_listener(server, host, port)
+            sock, addr = tcp_listener(host, port)
         except (ValueError, OSError) as e:
             raise w.IbpError(w.IBP_E_CONNECTION, f"--listen: {e}") from None
         threading.Thread(target=tcp_loop, args=(server, sock, addr), daemon=True).start()
@@ -283,11 +295,11 @@ def run_depot(args: argparse.Namespace) -> int:
     log.info("depot %s serving %s (capacity %d, max duration %d s)", args.name, args.dir, args.capacity,
              args.max_duration)
     try:
-        flow_loop(server)
+        flow_loop(server)  # returns only when the IRMd is gone
     finally:
         stop.set()
         store.release()
-    return 0
+    return 1
 
 
 if __name__ == "__main__":

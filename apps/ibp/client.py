@@ -19,6 +19,8 @@ from flowlib.irm import IrmClient
 DEFAULT_TIMEOUT = 30.0
 COPY_WAIT_FACTOR = 10  # a copy's reply is awaited up to this many timeouts per target
 STORE_BLOCK = 8 * 1024 * 1024  # bytes per STORE when the length is not known up front
+MAX_STATUS_TEXT = 65_536  # bytes of STATUS text we take from a depot
+PROBE_FIELDS = ("read_refs", "write_refs", "size", "max_size", "seconds_left", "reliability", "type")
 _HOSTPORT = re.compile(r"(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 
 
@@ -97,9 +99,17 @@ class Connection:
     def call(self, req: w.Request, wait: float | None = None) -> w.Reply:
         """Send `req`; its reply line, waited for `wait` seconds (default: the timeout)."""
         self._send(w.format_request(req))
-        reply = self._reply(wait)
+        return self._checked(self._reply(wait))
+
+    def _checked(self, reply: w.Reply) -> w.Reply:
+        if reply.status == w.IBP_E_OUT_OF_SOCKETS:  # `-66 WAIT reason`: turned away for now
+            wait = reply.fields[0] if reply.fields else "?"
+            why = w.reason_fields(" ".join(reply.fields[1:]))
+            raise w.IbpError(reply.status, f"depot {self.depot!r} is busy ({why}): retry in "
+                             f"{w.reason_fields(wait)[:12]} s")
         if not reply.ok:
-            raise w.IbpError(reply.status, f"depot {self.depot!r} refused: {' '.join(reply.fields) or 'no reason'}")
+            why = w.reason_fields(" ".join(reply.fields)) or "no reason"
+            raise w.IbpError(reply.status, f"depot {self.depot!r} refused: {why}")
         return reply
 
     # -- operations --
@@ -116,8 +126,8 @@ class Connection:
               offset: int | None = None) -> int:
         """Append (offset None: STORE) or write at `offset` (WRITE) exactly `length` bytes."""
         t = self._server_timeout
-        req: w.Request = (w.Store(cap.key, cap.typekey, length, t) if offset is None
-                          else w.Write(cap.key, cap.typekey, offset, length, t))
+        req: w.Request = (w.Store(cap.key, cap.typekey, length, t, cap.rid) if offset is None
+                          else w.Write(cap.key, cap.typekey, offset, length, t, cap.rid))
         self.call(req)
         sent = 0
         for chunk in chunks:
@@ -128,14 +138,12 @@ class Connection:
         if sent != length:
             # The depot waits for the rest and then times out; nothing of this store is kept.
             raise w.IbpError(w.IBP_E_INVALID_PARAMETER, f"only {sent} of {length} bytes to store")
-        reply = self._reply()
-        if not reply.ok:
-            raise w.IbpError(reply.status, f"depot {self.depot!r} refused the data: {' '.join(reply.fields)}")
+        reply = self._checked(self._reply())
         return w.reply_int(reply, 0, "stored length")
 
     def load(self, cap: Capability, offset: int = 0, length: int = 0) -> tuple[int, Iterator[bytes]]:
         """(n, chunks): n bytes at `offset` (length 0: to the end); consume the chunks before the next call."""
-        reply = self.call(w.Load(cap.key, cap.typekey, offset, length, self._server_timeout))
+        reply = self.call(w.Load(cap.key, cap.typekey, offset, length, self._server_timeout, cap.rid))
         n = w.reply_int(reply, 0, "length")
         if length and n != length:
             raise w.IbpError(w.IBP_E_BAD_FORMAT, f"asked for {length} bytes, the depot announced {n}")
@@ -155,7 +163,7 @@ class Connection:
 
     def copy(self, src: Capability, dst: Capability, offset: int = 0, length: int = 0) -> int:
         t = self._server_timeout
-        reply = self.call(w.Send(src.key, src.typekey, str(dst), offset, length, t, t, t), self._copy_wait(1))
+        reply = self.call(w.Send(src.key, src.typekey, str(dst), offset, length, t, t, t, src.rid), self._copy_wait(1))
         return w.reply_int(reply, 0, "copied length")
 
     def _copy_wait(self, targets: int) -> float:
@@ -166,25 +174,49 @@ class Connection:
     def mcopy(self, src: Capability, dsts: list[Capability], offset: int = 0, length: int = 0) -> list[int]:
         """Statuses per target (IBP_OK or an error), after the copied length."""
         reply = self.call(w.Mcopy(src.key, src.typekey, offset, length, tuple(str(d) for d in dsts),
-                                  self._server_timeout), self._copy_wait(len(dsts)))
+                                  self._server_timeout, src.rid), self._copy_wait(len(dsts)))
         return [w.reply_status(reply, i) for i in range(1, len(reply.fields))]
 
     def manage(self, cap: Capability, subcmd: int, captype: int = w.IBP_READCAP, size: int = 0,
-               duration: int = 0, reliability: int = 0) -> tuple[str, ...]:
+               duration: int = w.KEEP, reliability: int = w.KEEP) -> tuple[str, ...]:
+        """PROBE's fields (read_refs write_refs size max_size seconds_left reliability type), or ()."""
         return self.call(w.Manage(cap.key, cap.typekey, subcmd, captype, self._server_timeout, size, duration,
-                                  reliability)).fields
+                                  reliability, cap.rid)).fields
 
-    def status(self) -> dict[str, str]:
-        reply = self.call(w.Status("0", w.IBP_ST_INQ, "-", self._server_timeout))
+    def probe(self, cap: Capability) -> dict[str, int]:
+        fields = self.manage(cap, w.IBP_PROBE, w.IBP_MANAGECAP)
+        reply = w.Reply(w.IBP_OK, fields)
+        return {name: w.reply_int(reply, i, name) for i, name in enumerate(PROBE_FIELDS)}
+
+    def status(self, rid: str = "0", password: str = "ibp") -> dict[str, str]:
+        """ST_INQ: the depot's figures by name (capacity, reserved, free, max_duration, ...)."""
+        reply = self.call(w.Status(rid, w.IBP_ST_INQ, password, self._server_timeout))
         n = w.reply_int(reply, 0, "length")
-        if n > 65536:
-            raise w.IbpError(w.IBP_E_BAD_FORMAT, "status text too long")
-        text = b"".join(self._chunks(n)).decode("ascii", "replace")
-        out = {}
-        for line in text.splitlines():
-            k, _, v = line.partition(" ")
-            out[k] = v
-        return out
+        if n > w.MAX_LINE:
+            raise w.IbpError(w.IBP_E_BAD_FORMAT, "status line too long")
+        return w.parse_inq(b"".join(self._chunks(n)))
+
+    def version(self) -> str:
+        """ST_VERSION: the depot's description in words, up to its END line."""
+        self.call(w.Status("", w.IBP_ST_VERSION, "", self._server_timeout))
+        lines: list[str] = []
+        size = 0
+        while True:
+            try:
+                line = self.stream.readline(w.MAX_LINE, self.timeout)
+            except StreamTimeout:
+                raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} stopped sending") from None
+            except (StreamClosed, ValueError) as e:
+                raise w.IbpError(w.IBP_E_CONNECTION, f"depot {self.depot!r}: {e}") from None
+            text = line.decode("ascii", "replace").rstrip("\r\n")
+            if text == "END":
+                return "\n".join(lines)
+            size += len(line)
+            if size > MAX_STATUS_TEXT:
+                raise w.IbpError(w.IBP_E_BAD_FORMAT, "version text too long")
+            lines.append("".join(c if c.isprintable() else "?" for c in text))
 
     def change(self, password: str, capacity: int, max_duration: int) -> None:
-        self.call(w.Status("0", w.IBP_ST_CHANGE, password, self._server_timeout, capacity, max_duration))
+        """ST_CHANGE as IBP sends it: the new limits on a second line."""
+        self.call(w.Status("0", w.IBP_ST_CHANGE, password, self._server_timeout, capacity, max_duration,
+                           follows=True))

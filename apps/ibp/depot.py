@@ -1,5 +1,5 @@
 """The depot's core, without sockets or flows: allocations, capabilities, admission policy,
-expiry, reference counts, persistence through DiskStore. Time is a parameter (`now`, epoch s).
+per-client quotas, expiry, reference counts, persistence through DiskStore. Time is a parameter.
 """
 
 from __future__ import annotations
@@ -13,22 +13,26 @@ from typing import Any, BinaryIO
 from sortedcontainers import SortedList
 
 from apps.ibp import wire as w
-from apps.ibp.capability import MANAGE, READ, WRITE, Capability, keys_equal, new_key
-from apps.ibp.storage import DiskStore, file_id
+from apps.ibp.capability import MANAGE, READ, WRITE, Capability, key_hash, keys_equal, new_key
+from apps.ibp.limits import Limits
+from apps.ibp.storage import DiskStore
 from apps.ibp.wire import IbpError
 
 log = logging.getLogger(__name__)
 
 RID = "0"  # our depots have one resource
 INVALID_CAP = {READ: w.IBP_E_INVALID_READ_CAP, WRITE: w.IBP_E_INVALID_WRITE_CAP, MANAGE: w.IBP_E_INVALID_MANAGE_CAP}
+MAX_REFS = 1_000_000
 
 
 @dataclass
 class Allocation:
-    key: str
-    read_key: str
-    write_key: str
-    manage_key: str
+    """What the depot keeps of an allocation: hashes of its keys, never the keys themselves."""
+
+    fid: str          # the SHA-256 of the allocation's key: its name on disk and in memory
+    read_hash: str    # the SHA-256 of each right's key
+    write_hash: str
+    manage_hash: str
     reliability: int
     type: int
     max_size: int
@@ -36,13 +40,26 @@ class Allocation:
     size: int = 0
     read_refs: int = 1
     write_refs: int = 1
+    owner: str = ""   # the client that made it, for its quotas
 
-    @property
-    def fid(self) -> str:
-        return file_id(self.key)
+    def right_hash(self, right: str) -> str:
+        return {READ: self.read_hash, WRITE: self.write_hash, MANAGE: self.manage_hash}[right]
 
-    def right_key(self, right: str) -> str:
-        return {READ: self.read_key, WRITE: self.write_key, MANAGE: self.manage_key}[right]
+
+@dataclass(frozen=True)
+class Grant:
+    """A new allocation and its keys, which leave the depot once, in the ALLOCATE reply."""
+
+    allocation: Allocation
+    key: str
+    read_key: str
+    write_key: str
+    manage_key: str
+
+    def caps(self, depot: str) -> tuple[Capability, Capability, Capability]:
+        return (Capability(depot, RID, self.key, self.read_key, READ),
+                Capability(depot, RID, self.key, self.write_key, WRITE),
+                Capability(depot, RID, self.key, self.manage_key, MANAGE))
 
 
 def admit(size: int, duration: int, free: int, capacity: int, max_duration: int) -> tuple[int, str]:
@@ -64,8 +81,10 @@ def admit(size: int, duration: int, free: int, capacity: int, max_duration: int)
 
 
 class DepotCore:
-    def __init__(self, store: DiskStore, capacity: int, max_duration: int, now: float) -> None:
+    def __init__(self, store: DiskStore, capacity: int, max_duration: int, now: float,
+                 limits: Limits | None = None) -> None:
         self.store = store
+        self.limits = limits or Limits()
         self.capacity = capacity
         self.max_duration = max_duration
         self._given = [capacity, max_duration]
@@ -80,22 +99,22 @@ class DepotCore:
         self.expiry: SortedList = SortedList()  # (expires, fid)
         self.refused: Counter[int] = Counter()
         self.revoked = 0  # SOFT allocations given up for HARD ones
+        # Running totals, kept as allocations change, so admission never sums over them all.
+        self.reserved = self.hard_reserved = self.stored = 0
+        self.owned: Counter[str] = Counter()        # allocations per client
+        self.owned_bytes: Counter[str] = Counter()  # bytes reserved per client
         self._recover(now)
 
     # -- persistence --
 
     def _recover(self, now: float) -> None:
-        fields = {f.name for f in dataclasses.fields(Allocation)}
         for fid, rec in self.store.load().items():
-            try:
-                a = Allocation(**{k: v for k, v in rec.items() if k in fields})
-            except TypeError:
+            a = _record(fid, rec)
+            if a is None:
                 log.warning("allocation record %s is incomplete; dropped", fid[:12])
                 continue
-            if a.fid != fid:
-                log.warning("allocation record %s does not match its key; dropped", fid[:12])
-                continue
             self.allocs[fid] = a
+            self._account(a, 1)
             self.expiry.add((a.expires, fid))
             self.store.truncate(fid, a.size)
         for orphan in self.store.orphans(set(self.allocs)):
@@ -106,19 +125,23 @@ class DepotCore:
             log.info("recovered %d allocations, %d bytes", len(self.allocs), self.stored)
 
     def _journal_set(self, a: Allocation, **changes: Any) -> None:
+        self._account(a, -1)
         for k, v in changes.items():
             setattr(a, k, v)
+        self._account(a, 1)
         self.store.append({"op": "set", "id": a.fid, "a": changes})
 
     # -- accounting --
 
-    @property
-    def reserved(self) -> int:
-        return sum(a.max_size for a in self.allocs.values())
-
-    @property
-    def stored(self) -> int:
-        return sum(a.size for a in self.allocs.values())
+    def _account(self, a: Allocation, sign: int) -> None:
+        self.reserved += sign * a.max_size
+        self.stored += sign * a.size
+        if a.reliability == w.IBP_HARD:
+            self.hard_reserved += sign * a.max_size
+        self.owned[a.owner] += sign
+        self.owned_bytes[a.owner] += sign * a.max_size
+        if self.owned[a.owner] <= 0:
+            del self.owned[a.owner], self.owned_bytes[a.owner]
 
     @property
     def free(self) -> int:
@@ -128,31 +151,50 @@ class DepotCore:
         self.refused[status] += 1
         return IbpError(status, reason)
 
+    def _check_quota(self, owner: str, more_allocs: int, more_bytes: int) -> None:
+        """The per-client and per-depot bounds on what one client may hold."""
+        lim = self.limits
+        if more_allocs and len(self.allocs) >= lim.max_allocations:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"the depot holds {lim.max_allocations} allocations")
+        if more_allocs and self.owned[owner] >= lim.client_allocations:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_POLICY,
+                              f"this client holds {lim.client_allocations} allocations already")
+        share = int(self.capacity * lim.client_share)  # a share of 1 leaves it to the admission policy
+        if lim.client_share < 1 and more_bytes > 0 and self.owned_bytes[owner] + more_bytes > share:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_POLICY,
+                              f"this client would hold more than its share of {share} bytes")
+
     # -- operations --
 
-    def allocate(self, req: w.Allocate, now: float) -> Allocation:
+    def allocate(self, req: w.Allocate, now: float, owner: str = "") -> Grant:
         if req.rid != RID:
             raise self.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
+        if req.reliability not in (w.IBP_SOFT, w.IBP_HARD):
+            raise self.refuse(w.IBP_E_BAD_FORMAT, f"reliability {req.reliability} (want 1 soft or 2 hard)")
+        if req.type not in w.TYPES:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"allocation type {req.type}")
         if req.type != w.IBP_BYTEARRAY:
             raise self.refuse(w.IBP_E_TYPE_NOT_SUPPORTED, f"allocation type {req.type} (only BYTEARRAY is served)")
-        if req.reliability not in (w.IBP_SOFT, w.IBP_HARD):
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"reliability {req.reliability} (want 1 soft or 2 hard)")
         if req.size <= 0:
-            raise self.refuse(w.IBP_E_INV_PAR_SIZE, "size must be positive")
-        if req.duration <= 0:
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration must be positive")
-        status, reason = admit(req.size, req.duration, self.free, self.capacity, self.max_duration)
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "size must be positive")
+        if req.duration == 0:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration must be positive (or -1: the longest allowed)")
+        duration = self.max_duration if req.duration == w.FOREVER else req.duration
+        self._check_quota(owner, 1, req.size)
+        status, reason = admit(req.size, duration, self.free, self.capacity, self.max_duration)
         if status in (w.IBP_E_WOULD_EXCEED_LIMIT, w.IBP_E_WOULD_EXCEED_POLICY) and req.reliability == w.IBP_HARD:
-            status = self._revoke_soft_for(req.size, req.duration, status)
+            status = self._revoke_soft_for(req.size, duration, status)
         if status != w.IBP_OK:
             raise self.refuse(status, reason)
-        a = Allocation(new_key(), new_key(), new_key(), new_key(), req.reliability, req.type, req.size,
-                       now + req.duration)
+        key, rkey, wkey, mkey = new_key(), new_key(), new_key(), new_key()
+        a = Allocation(key_hash(key), key_hash(rkey), key_hash(wkey), key_hash(mkey), req.reliability, req.type,
+                       req.size, now + duration, owner=owner)
         self.store.create(a.fid)
         self.store.append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
         self.allocs[a.fid] = a
+        self._account(a, 1)
         self.expiry.add((a.expires, a.fid))
-        return a
+        return Grant(a, key, rkey, wkey, mkey)
 
     def _revoke_soft_for(self, size: int, duration: int, status: int) -> int:
         """Make room for a HARD request by revoking SOFT allocations, those expiring first first;
@@ -172,16 +214,14 @@ class DepotCore:
         self.revoked += len(victims)
         return w.IBP_OK
 
-    def caps(self, a: Allocation, depot: str) -> tuple[Capability, Capability, Capability]:
-        return (Capability(depot, RID, a.key, a.read_key, READ), Capability(depot, RID, a.key, a.write_key, WRITE),
-                Capability(depot, RID, a.key, a.manage_key, MANAGE))
-
-    def authorize(self, key: str, typekey: str, right: str, now: float) -> Allocation:
+    def authorize(self, key: str, typekey: str, right: str, now: float, rid: str = "") -> Allocation:
         """The allocation `key` names if `typekey` is its `right` key; refusals are counted."""
-        a = self.allocs.get(file_id(key))
+        if rid not in ("", RID):
+            raise self.refuse(w.IBP_E_INVALID_RID, f"no resource {rid!r} (this depot has {RID!r})")
+        a = self.allocs.get(key_hash(key))
         if a is None or a.expires <= now:
             raise self.refuse(w.IBP_E_CAP_NOT_FOUND, "no such allocation (wrong, expired or freed capability)")
-        if not keys_equal(typekey, a.right_key(right)):
+        if not keys_equal(key_hash(typekey), a.right_hash(right)):
             raise self.refuse(INVALID_CAP[right], f"the key is not this allocation's {right} key")
         return a
 
@@ -222,15 +262,15 @@ class DepotCore:
 
     def manage(self, req: w.Manage, now: float) -> tuple[object, ...]:
         """MANAGE with the manage key: PROBE's fields, or () after INCR, DECR, CHNG."""
-        a = self.authorize(req.key, req.typekey, MANAGE, now)
+        a = self.authorize(req.key, req.typekey, MANAGE, now, req.rid)
         if req.subcmd == w.IBP_PROBE:
             return (a.read_refs, a.write_refs, a.size, a.max_size, max(0, int(a.expires - now)), a.reliability, a.type)
         if req.subcmd in (w.IBP_INCR, w.IBP_DECR):
             if req.captype not in (w.IBP_READCAP, w.IBP_WRITECAP):
-                raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"captype {req.captype} (want 1 read or 2 write)")
+                raise self.refuse(w.IBP_E_BAD_FORMAT, f"captype {req.captype} (want 1 read or 2 write)")
             field = "read_refs" if req.captype == w.IBP_READCAP else "write_refs"
             value = getattr(a, field) + (1 if req.subcmd == w.IBP_INCR else -1)
-            if value < 0 or value > 1_000_000:
+            if value < 0 or value > MAX_REFS:
                 raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"{field} would become {value}")
             if field == "read_refs" and value == 0:
                 self.free_alloc(a)  # the last reader let go: the allocation is gone
@@ -242,13 +282,17 @@ class DepotCore:
         raise self.refuse(w.IBP_E_INVALID_CMD, f"MANAGE sub-command {req.subcmd}")
 
     def _change(self, a: Allocation, req: w.Manage, now: float) -> tuple[object, ...]:
+        """CHNG: a new maximum size (0 keeps it), duration from now and reliability (KEEP keeps them)."""
         size = req.size or a.max_size
-        duration = req.duration or max(1, int(a.expires - now))
-        reliability = req.reliability or a.reliability
+        if req.duration == 0:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration 0 (-1 keeps the current one)")
+        duration = max(1, int(a.expires - now)) if req.duration == w.KEEP else req.duration
+        reliability = a.reliability if req.reliability == w.KEEP else req.reliability
         if reliability not in (w.IBP_SOFT, w.IBP_HARD):
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"reliability {reliability}")
+            raise self.refuse(w.IBP_E_BAD_FORMAT, f"reliability {reliability}")
         if size < a.size:
             raise self.refuse(w.IBP_E_WOULD_DAMAGE_DATA, f"size {size} is below the {a.size} bytes stored")
+        self._check_quota(a.owner, 0, size - a.max_size)
         status, reason = admit(size, duration, self.free + a.max_size, self.capacity, self.max_duration)
         if status != w.IBP_OK:
             raise self.refuse(status, reason)
@@ -258,7 +302,8 @@ class DepotCore:
         return ()
 
     def free_alloc(self, a: Allocation) -> None:
-        self.allocs.pop(a.fid, None)
+        if self.allocs.pop(a.fid, None) is not None:
+            self._account(a, -1)
         self.expiry.discard((a.expires, a.fid))
         self.store.append({"op": "free", "id": a.fid})
         self.store.remove(a.fid)
@@ -283,13 +328,23 @@ class DepotCore:
 
     # -- STATUS --
 
-    def status(self) -> dict[str, object]:
-        return {
-            "capacity": self.capacity, "reserved": self.reserved, "used": self.stored, "free": self.free,
-            "max_duration": self.max_duration, "allocations": len(self.allocs),
-            "refused": sum(self.refused.values()), "revoked_soft": self.revoked,
-            "policy": "size*duration*capacity <= free^2*max_duration",
+    def inq(self) -> tuple[dict[str, object], dict[str, int]]:
+        """ST_INQ's standard figures (by our names) and our own, for wire.format_inq."""
+        hard_free = self.free
+        values: dict[str, object] = {
+            "version": w.INQ_VERSION, "data_mover": w.DM_TCP, "rid": RID, "resource_type": w.RS_DISK,
+            "capacity": self.capacity, "served": self.capacity, "reserved": self.reserved,
+            "hard_reserved": self.hard_reserved, "hard_served": self.capacity, "hard_capacity": self.capacity,
+            "free": self.free, "hard_free": hard_free, "max_duration": self.max_duration,
         }
+        extras = {"used": self.stored, "allocations": len(self.allocs), "refused": self.refused.total(),
+                  "revoked_soft": self.revoked}
+        return values, extras
+
+    def status(self) -> dict[str, object]:
+        """Everything ST_INQ reports, by our names."""
+        values, extras = self.inq()
+        return {**values, **extras}
 
     def change(self, password: str, capacity: int, max_duration: int) -> None:
         if not keys_equal(password, self.admin_key):
@@ -299,3 +354,26 @@ class DepotCore:
         self.capacity = capacity
         self.max_duration = max_duration
         self.store.save_settings({"given": self._given, "admin": [capacity, max_duration]})
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Allocation)}
+
+
+def _record(fid: str, rec: dict[str, Any]) -> Allocation | None:
+    """An allocation from its journal record; one written before keys were kept as hashes is
+    converted (and the journal rewritten without them)."""
+    rec = dict(rec)
+    if "read_key" in rec:
+        for right in ("read", "write", "manage"):
+            rec[f"{right}_hash"] = key_hash(str(rec.pop(f"{right}_key", "")))
+        if key_hash(str(rec.pop("key", ""))) != fid:
+            return None
+    rec["fid"] = fid
+    try:
+        a = Allocation(**{k: v for k, v in rec.items() if k in _FIELDS})
+    except TypeError:
+        return None
+    numbers = (a.reliability, a.type, a.max_size, a.size, a.read_refs, a.write_refs)
+    if not all(isinstance(n, int) for n in numbers) or not isinstance(a.expires, int | float):
+        return None
+    return a

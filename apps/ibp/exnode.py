@@ -5,7 +5,7 @@ the LoRS XML form (namespace http://loci.cs.utk.edu/exnode), and the plans that 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from apps.ibp.capability import BadCapability, Capability
 
@@ -32,6 +32,7 @@ class Mapping:
     write: str = ""
     manage: str = ""
     sha256: str = ""  # of the mapped bytes; our metadata, so downloads can verify
+    expires: int = 0  # when the allocation ends (epoch s, 0: unknown); ours, kept by upload and refresh
 
     @property
     def depot(self) -> str:
@@ -67,8 +68,26 @@ class ExNode:
             out.append((pos, self.size - pos))
         return out
 
-    def without_depot(self, depot: str) -> ExNode:
-        return replace(self, mappings=[m for m in self.mappings if m.depot != depot])
+    def pieces(self, offset: int = 0, length: int | None = None) -> list[tuple[list[Mapping], int, int]]:
+        """What to read for the file's bytes [offset, offset + length): (replicas of a block, where
+        in the block, how many bytes), in file order, each byte once. BadExnode if a byte is unmapped."""
+        end = self.size if length is None else min(self.size, offset + length)
+        out, pos = [], offset
+        for off, n, block in self.blocks():
+            if off + n <= pos or off >= end:
+                continue
+            if off > pos:
+                break
+            take = min(off + n, end) - pos
+            out.append((block, pos - off, take))
+            pos += take
+        if pos < end:
+            raise BadExnode(f"the exNode does not cover bytes {pos}..{end}")
+        return out
+
+    def replicas(self) -> list[tuple[int, int, int]]:
+        """(offset, length, replica count) per block."""
+        return [(o, n, len(ms)) for o, n, ms in self.blocks()]
 
 
 def plan(size: int, stripe: int, depots: list[str], replicas: int) -> list[tuple[int, int, list[str]]]:
@@ -101,8 +120,11 @@ def to_xml(ex: ExNode) -> bytes:
         e = ET.SubElement(root, _q("mapping"))
         for name in _INT_FIELDS:
             _meta(e, name, "integer", getattr(m, name))
+        _meta(e, "e2e_blocksize", "integer", 0)  # LoRS reads it: no end-to-end conditioning
         if m.sha256:
             _meta(e, "sha256", "string", m.sha256)
+        if m.expires:
+            _meta(e, "expires", "integer", m.expires)
         for tag in ("read", "write", "manage"):
             if getattr(m, tag):
                 ET.SubElement(e, _q(tag)).text = getattr(m, tag)
@@ -117,7 +139,7 @@ def _metas(e: ET.Element) -> dict[str, str]:
 
 def _nonneg(meta: dict[str, str], name: str, where: str) -> int:
     text = meta.get(name)
-    if text is None or not text.isdigit() or len(text) > 19:
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 18:
         raise BadExnode(f"{where}: metadata {name!r} must be a non-negative integer")
     return int(text)
 
@@ -153,7 +175,9 @@ def from_xml(data: bytes) -> ExNode:
             raise BadExnode(f"{where}: {err}") from None
         if not caps["read"]:
             raise BadExnode(f"{where}: no read capability")
-        m = Mapping(off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""))
+        expires = _nonneg(mm, "expires", where) if "expires" in mm else 0
+        m = Mapping(off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""),
+                    expires)
         if m.end > ex.size:
             raise BadExnode(f"{where}: bytes {m.exnode_offset}..{m.end} fall outside the file of {ex.size}")
         if m.alloc_offset + m.logical_length > m.alloc_length:

@@ -1,12 +1,15 @@
-"""The depot's I/O: one thread per flow or TCP connection speaking IBP to the DepotCore, the
-expiry timer, and depot-to-depot copies where the depot itself becomes a client.
+"""The depot's I/O: accept loops that nothing a peer sends can end, one thread per admitted flow or
+TCP connection speaking IBP to the DepotCore, the expiry timer, and depot-to-depot copies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import os
+import queue
 import re
 import signal
 import socket
@@ -16,38 +19,76 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from apps.ibp import wire as w
-from apps.ibp.capability import READ, WRITE
+from apps.ibp.capability import READ, WRITE, Capability
 from apps.ibp.client import Connection, parse_cap
-from apps.ibp.depot import Allocation, DepotCore
+from apps.ibp.depot import RID, Allocation, DepotCore
+from apps.ibp.limits import Limits, Slots, copy_allowed
+from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
-from flowlib import FlowError, flow_accept
+from flowlib import FlowError
+from flowlib.flow import establish
 from flowlib.irm import IrmClient
+from proto import messages as m
+from proto.errors import IrmdUnreachable
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 256   # concurrent flows and TCP connections; more are closed at once
-IDLE_TIMEOUT = 300.0    # a connection silent between requests for this long is closed
 EXPIRY_TICK = 1.0       # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
 DEFAULT_PORT = 6714
-_REASON = re.compile(r"[^\x21-\x7e]+")
+REJECT_QUEUE = 32       # turned-away connections waiting for their -66; beyond, they are just closed
+REJECT_TIME = 2.0       # seconds a turned-away client gets to take its -66
+ACCEPT_BACKOFF = 0.1    # after a failed accept (out of fds, a flow that failed to arrive)
+VERSION_TEXT = "ouroboros-py IBP depot, protocol 1.4"
+# Accept errors that concern one connection or a passing shortage, not the listening socket.
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO,
+              errno.EPERM, errno.EINTR, errno.EAGAIN}
+
+Opener = Callable[[], ByteStream]
 
 
-def reason_fields(reason: str) -> str:
-    """A reason as printable words on the status line (after the status, which clients parse)."""
-    return _REASON.sub(" ", reason).strip()[:200]
+class Rejecter:
+    """Tells turned-away clients `-66 wait reason` from a thread of its own, a bounded few at a time."""
+
+    def __init__(self) -> None:
+        self.pending: queue.Queue[tuple[Opener, Callable[[], None], str]] = queue.Queue(REJECT_QUEUE)
+        threading.Thread(target=self._run, name="ibp-reject", daemon=True).start()
+
+    def reject(self, opener: Opener, discard: Callable[[], None], why: str) -> None:
+        try:
+            self.pending.put_nowait((opener, discard, why))
+        except queue.Full:
+            discard()
+
+    def _run(self) -> None:
+        while True:
+            opener, discard, why = self.pending.get()
+            try:
+                with opener() as stream:
+                    stream.send(w.format_refusal(w.IBP_E_OUT_OF_SOCKETS, why), time.monotonic() + REJECT_TIME)
+            except Exception as e:  # whatever the peer did, the next one gets its answer
+                log.debug("turning a client away: %s", e)
+                with contextlib.suppress(Exception):
+                    discard()
 
 
 @dataclass
 class DepotServer:
     core: DepotCore
     name: str
+    limits: Limits = field(default_factory=Limits)
     clock: Callable[[], float] = time.time
     irm: IrmClient | None = None
     encrypt: bool = False  # copies to other depots over encrypted flows
     lock: threading.Lock = field(default_factory=threading.Lock)
-    slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_CONNECTIONS))
+    slots: Slots | None = None
+    rejecter: Rejecter = field(default_factory=Rejecter)
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
+    turned_away: int = 0  # connections refused for a limit (ST_INQ reports it)
+
+    def __post_init__(self) -> None:
+        if self.slots is None:
+            self.slots = Slots(self.limits.max_connections, self.limits.client_connections)
 
     def alloc_lock(self, a: Allocation) -> threading.Lock:
         with self.lock:
@@ -55,37 +96,52 @@ class DepotServer:
 
     # -- per connection --
 
-    def start(self, stream: ByteStream, depot_addr: str) -> None:
-        """Serve `stream` on a thread of its own, if a connection slot is free."""
-        if not self.slots.acquire(blocking=False):
-            log.warning("%d connections already: one more refused", MAX_CONNECTIONS)
-            with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
-                stream.send(w.format_reply(w.IBP_E_RSRC_UNAVAIL, "too many connections"))
-            stream.close()
+    def admit(self, client: str, opener: Opener, depot_addr: str, discard: Callable[[], None]) -> None:
+        """Serve the connection `opener` makes on a thread of its own, if `client` may have one more;
+        else it gets -66. Never blocks and never raises: the accept loop goes on whatever happens."""
+        assert self.slots is not None
+        why = self.slots.take(client)
+        if why:
+            log.debug("client %s turned away: %s", client, why)  # a flood must not fill the log too
+            self.turned_away += 1
+            self.rejecter.reject(opener, discard, why)
             return
+        try:
+            threading.Thread(target=self._run, args=(client, opener, depot_addr), daemon=True).start()
+        except RuntimeError as e:  # no thread to be had
+            log.error("cannot serve %s: %s", client, e)
+            self.slots.give(client)
+            with contextlib.suppress(Exception):
+                discard()
 
-        def run() -> None:
-            try:
-                self.serve(stream, depot_addr)
-            finally:
-                self.slots.release()
+    def _run(self, client: str, opener: Opener, depot_addr: str) -> None:
+        assert self.slots is not None
+        try:
+            stream = opener()  # a flow's key agreement runs here, off the accept loop
+        except Exception as e:  # a flow that never became one costs its slot only
+            log.info("connection from %s failed to open: %s", client, e)
+            self.slots.give(client)
+            return
+        try:
+            self.serve(stream, depot_addr, client)
+        finally:
+            self.slots.give(client)
 
-        threading.Thread(target=run, daemon=True).start()
-
-    def serve(self, stream: ByteStream, depot_addr: str) -> None:
+    def serve(self, stream: ByteStream, depot_addr: str, client: str = "") -> None:
         """Answer requests on `stream` until it closes, idles out or breaks the protocol."""
+        lim = self.limits
         with stream:
             while True:
                 try:
-                    line = stream.readline(w.MAX_LINE, IDLE_TIMEOUT)
+                    line = stream.readline(w.MAX_LINE, lim.idle_timeout, lim.request_timeout)
                 except (StreamClosed, StreamTimeout, FlowError, OSError):
                     return
                 except ValueError:
                     with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
-                        stream.send(w.format_reply(w.IBP_E_BAD_FORMAT, "request line too long"))
+                        stream.send(w.format_refusal(w.IBP_E_BAD_FORMAT, "request line too long"))
                     return
                 try:
-                    if not self.handle(stream, line, depot_addr):
+                    if not self.handle(stream, line, depot_addr, client):
                         return
                 except (StreamClosed, StreamTimeout, FlowError, OSError) as e:
                     log.info("connection ended mid-request: %s", e)
@@ -93,87 +149,103 @@ class DepotServer:
                 except Exception:  # a bug must cost one connection, never the depot
                     log.exception("internal error serving %r", line[:80])
                     with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
-                        stream.send(w.format_reply(w.IBP_E_INTERNAL, "internal error"))
+                        stream.send(w.format_refusal(w.IBP_E_INTERNAL, "internal error"))
                     return
 
-    def handle(self, stream: ByteStream, line: bytes, depot_addr: str) -> bool:
+    def handle(self, stream: ByteStream, line: bytes, depot_addr: str, client: str = "") -> bool:
         """One request; False when the stream can no longer be trusted (and is to be closed)."""
         try:
             req = w.parse_request(line)
         except w.BadRequest as e:
             with self.lock:
                 self.core.refused[e.status] += 1
-            stream.send(w.format_reply(e.status, reason_fields(e.reason)))
+            stream.send(w.format_refusal(e.status, e.reason))
             return True
         try:
-            return self._dispatch(stream, req, depot_addr)
+            return self._dispatch(stream, req, depot_addr, client)
         except w.IbpError as e:
             log.debug("refused %s: %s", type(req).__name__, e)
-            stream.send(w.format_reply(e.status, reason_fields(e.reason)))
+            stream.send(w.format_refusal(e.status, e.reason))
             # Some IBP clients send a STORE's data without waiting for our first line: after a
             # refusal those bytes would be read as requests, so the connection ends here.
             return not isinstance(req, (w.Store, w.Write))
+        except w.BadRequest as e:  # a second line (ST_CHANGE's limits) that does not parse
+            stream.send(w.format_refusal(e.status, e.reason))
+            return False
 
-    def _dispatch(self, stream: ByteStream, req: w.Request, depot_addr: str) -> bool:
+    def _dispatch(self, stream: ByteStream, req: w.Request, depot_addr: str, client: str) -> bool:
         now = self.clock()
         core = self.core
+        timeout = self.limits.timeout(req.timeout)
         if isinstance(req, w.Allocate):
             with self.lock:
-                a = core.allocate(req, now)
-                caps = core.caps(a, depot_addr)
-            stream.send(w.format_reply(w.IBP_OK, *caps))
+                grant = core.allocate(req, now, client)
+            stream.send(w.format_reply(w.IBP_OK, *grant.caps(depot_addr)))
         elif isinstance(req, (w.Store, w.Write)):
-            return self._store(stream, req, now)
+            return self._store(stream, req, now, timeout)
         elif isinstance(req, w.Load):
-            with self.lock:
-                a = core.authorize(req.key, req.typekey, READ, now)
-                n = core.check_read(a, req.offset, req.length)
-            chunks = self._read(a, req.offset, n)
-            first = next(chunks, b"")  # the file opens (or fails) while a status can still say so
-            stream.send(w.format_reply(w.IBP_OK, n))
-            try:
-                if first:
-                    stream.send(first)
-                for chunk in chunks:
-                    stream.send(chunk)
-            except w.IbpError as e:  # after the header no status can follow: end the stream
-                log.error("load failed mid-stream: %s", e)
-                return False
+            return self._load(stream, req, now)
         elif isinstance(req, w.Send):
-            n = self._copy(req.key, req.typekey, req.offset, req.length, [req.dest_cap], req.dest_timeout)[0][0]
+            n = self._copy(req, [req.dest_cap], req.dest_timeout)[0][0]
             stream.send(w.format_reply(w.IBP_OK, n))
         elif isinstance(req, w.Mcopy):
-            results = self._copy(req.key, req.typekey, req.offset, req.length, list(req.dest_caps), req.timeout)
+            results = self._copy(req, list(req.dest_caps), req.timeout)
             stream.send(w.format_reply(w.IBP_OK, results[0][0], *(s for _, s in results)))
         elif isinstance(req, w.Manage):
             with self.lock:
                 fields = core.manage(req, now)
             stream.send(w.format_reply(w.IBP_OK, *fields))
-        elif req.subcmd == w.IBP_ST_INQ:
-            with self.lock:
-                info = {**core.status(), "name": depot_addr}
-            text = "".join(f"{k} {v}\n" for k, v in info.items()).encode("ascii", "replace")
-            stream.send(w.format_reply(w.IBP_OK, len(text)) + text)
         else:
-            with self.lock:
-                core.change(req.password, req.capacity, req.max_duration)
-            stream.send(w.format_reply(w.IBP_OK))
+            return self._status(stream, req, depot_addr, timeout)
         return True
 
-    def _store(self, stream: ByteStream, req: w.Store | w.Write, now: float) -> bool:
+    def _status(self, stream: ByteStream, req: w.Status, depot_addr: str, timeout: float) -> bool:
+        core = self.core
+        if req.subcmd == w.IBP_ST_VERSION:
+            stream.send(w.format_reply(w.IBP_OK) + self.version_text(depot_addr) + b"END\n")
+            return True
+        if req.subcmd == w.IBP_ST_RES:
+            stream.send(w.format_reply(w.IBP_OK, RID))
+            return True
+        if req.rid != RID:
+            raise core.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
+        if req.subcmd == w.IBP_ST_INQ:  # public, whatever the password
+            assert self.slots is not None
+            with self.lock:
+                values, extras = core.inq()
+            extras.update(connections=self.slots.count(), turned_away=self.turned_away)
+            stream.send(w.format_inq(values, extras))
+            return True
+        if req.follows:
+            req = w.parse_change(stream.readline(w.MAX_LINE, timeout, timeout), req)
         with self.lock:
-            a = self.core.authorize(req.key, req.typekey, WRITE, now)
+            core.change(req.password, req.capacity, req.max_duration)
+        stream.send(w.format_reply(w.IBP_OK))
+        return True
+
+    def version_text(self, depot_addr: str) -> bytes:
+        """ST_VERSION's lines: who we are, the policy and every limit."""
+        lim = self.limits
+        lines = [VERSION_TEXT, f"name {depot_addr}", "policy size*duration*capacity <= free^2*max_duration"]
+        lines += [f"{name} {getattr(lim, name)}" for name in lim.__dataclass_fields__ if name != "copy_to"]
+        lines.append("copy_to " + (" ".join(lim.copy_to) if lim.copy_to else "(registered names)"))
+        return "".join(w.reason_fields(ln) + "\n" for ln in lines).encode("ascii")
+
+    def _store(self, stream: ByteStream, req: w.Store | w.Write, now: float, timeout: float) -> bool:
+        with self.lock:
+            a = self.core.authorize(req.key, req.typekey, WRITE, now, req.rid)
         lock = self.alloc_lock(a)
         # Two writers of one allocation take turns; a writer that waits too long gives up (the seed's
         # server-side timeout), rather than hang.
-        if not lock.acquire(timeout=max(1, req.timeout)):
+        if not lock.acquire(timeout=timeout):
             raise w.IbpError(w.IBP_E_SERVER_TIMEOUT, "another store to this allocation is still running")
         try:
             with self.lock:
                 start = self.core.check_write(a, req.offset if isinstance(req, w.Write) else None, req.length)
             stream.send(w.format_reply(w.IBP_OK))
+            deadline = time.monotonic() + self.limits.transfer_time(req.timeout, req.length)
             try:
-                self._receive(stream, a, start, req.length, req.timeout)
+                self._receive(stream, a, start, req.length, timeout, deadline)
             except (StreamTimeout, StreamClosed):
                 log.info("store of %d bytes cut short; nothing acknowledged", req.length)
                 return False
@@ -186,11 +258,12 @@ class DepotServer:
         finally:
             lock.release()
 
-    def _receive(self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: int) -> None:
+    def _receive(self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: float,
+                 deadline: float) -> None:
         try:
             with self.core.open_data(a) as f:
                 f.seek(start)
-                for chunk in stream.read_chunks(length, max(1, timeout)):
+                for chunk in stream.read_chunks(length, timeout, deadline):
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
@@ -199,6 +272,27 @@ class DepotServer:
                 raise
             log.error("store failed on disk: %s", e)
             raise w.IbpError(w.IBP_E_FILE_WRITE, f"the depot could not write the data: {e.strerror}") from None
+
+    def _load(self, stream: ByteStream, req: w.Load, now: float) -> bool:
+        with self.lock:
+            a = self.core.authorize(req.key, req.typekey, READ, now, req.rid)
+            n = self.core.check_read(a, req.offset, req.length)
+        chunks = self._read(a, req.offset, n)
+        first = next(chunks, b"")  # the file opens (or fails) while a status can still say so
+        deadline = time.monotonic() + self.limits.transfer_time(req.timeout, n)
+        stream.send(w.format_reply(w.IBP_OK, n), deadline)
+        try:
+            if first:
+                stream.send(first, deadline)
+            for chunk in chunks:
+                stream.send(chunk, deadline)
+        except w.IbpError as e:  # after the header no status can follow: end the stream
+            log.error("load failed mid-stream: %s", e)
+            return False
+        except StreamTimeout:
+            log.info("load of %d bytes too slow for its client; connection closed", n)
+            return False
+        return True
 
     def _read(self, a: Allocation, offset: int, n: int) -> Iterator[bytes]:
         try:
@@ -215,36 +309,53 @@ class DepotServer:
                 left -= len(data)
                 yield data
 
-    def _copy(self, key: str, typekey: str, offset: int, length: int, dests: list[str],
-              timeout: int) -> list[tuple[int, int]]:
-        """Push the bytes to each destination over our own flows: [(length, status)] per target."""
+    def _copy(self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int) -> list[tuple[int, int]]:
+        """Push the bytes to each destination over our own flows: [(length, status)] per target.
+
+        Only to depots the operator allows (limits.copy_to), and a target's reply is reduced to its
+        status number: nothing a target sends reaches our client, nor is a refusal's text repeated.
+        """
         now = self.clock()
         with self.lock:
-            a = self.core.authorize(key, typekey, READ, now)
-            n = self.core.check_read(a, offset, length)
+            a = self.core.authorize(req.key, req.typekey, READ, now, req.rid)
+            n = self.core.check_read(a, req.offset, req.length)
         caps = [parse_cap(d, WRITE) for d in dests]
+        timeout = self.limits.timeout(dest_timeout)
         results = []
         for cap in caps:
-            try:
-                with Connection(cap.depot, timeout=max(1, timeout), irm=self.irm, encrypt=self.encrypt) as conn:
-                    conn.store(cap, self._read(a, offset, n), n)
-                results.append((n, w.IBP_OK))
-            except w.IbpError as e:
-                log.info("copy to %s failed: %s", cap.depot, e)
-                if len(caps) == 1:
-                    raise w.IbpError(e.status, f"copy to {cap.depot}: {e.reason}") from None
-                results.append((n, e.status))
+            if not copy_allowed(cap.depot, self.limits.copy_to):
+                status, why = w.IBP_E_INVALID_HOST, f"this depot does not copy to {cap.depot}"
+                with self.lock:
+                    self.core.refused[status] += 1
+            else:
+                status, why = self._copy_one(a, cap, req.offset, n, timeout)
+            if status != w.IBP_OK and len(caps) == 1:
+                raise w.IbpError(status, why)
+            results.append((n, status))
         return results
+
+    def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float) -> tuple[int, str]:
+        try:
+            with Connection(cap.depot, timeout=timeout, irm=self.irm, encrypt=self.encrypt) as conn:
+                conn.store(cap, self._read(a, offset, n), n)
+        except w.IbpError as e:
+            status = w.known_error(e.status)
+            log.info("copy to %s failed: %s", cap.depot, w.status_text(status))
+            return status, f"copy to {cap.depot}: {w.status_text(status)}"
+        return w.IBP_OK, ""
 
     # -- expiry --
 
     def expiry_loop(self, stop: threading.Event) -> None:
         while not stop.wait(EXPIRY_TICK):
-            with self.lock:
-                self.core.expire(self.clock())
-                for fid, lock in list(self._alloc_locks.items()):  # forget locks of freed allocations
-                    if fid not in self.core.allocs and not lock.locked():
-                        del self._alloc_locks[fid]
+            try:
+                with self.lock:
+                    self.core.expire(self.clock())
+                    for fid, lock in list(self._alloc_locks.items()):  # forget locks of freed allocations
+                        if fid not in self.core.allocs and not lock.locked():
+                            del self._alloc_locks[fid]
+            except Exception:  # e.g. a disk error: expiry tries again on the next tick
+                log.exception("expiry sweep failed")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -255,7 +366,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return (m["host"] or "127.0.0.1").strip("[]"), int(m["port"])
 
 
-def tcp_listener(server: DepotServer, host: str, port: int) -> tuple[socket.socket, str]:
+def tcp_listener(host: str, port: int) -> tuple[socket.socket, str]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -267,20 +378,51 @@ def tcp_listener(server: DepotServer, host: str, port: int) -> tuple[socket.sock
 
 
 def tcp_loop(server: DepotServer, sock: socket.socket, addr: str) -> None:
+    """Accept TCP connections until the listening socket is closed; nothing a client does ends it."""
     while True:
         try:
-            conn, peer = sock.accept()
-        except OSError:
+            conn, _ = sock.accept()
+        except OSError as e:
+            if e.errno in _TRANSIENT:
+                log.warning("tcp accept: %s", e)
+                time.sleep(ACCEPT_BACKOFF)
+                continue
             return
-        log.debug("tcp connection from %s", peer)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server.start(TcpStream(conn), addr)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = tcp_identity(conn)
+        except OSError:  # gone already
+            conn.close()
+            continue
+        server.admit(client, functools.partial(TcpStream, conn), addr, conn.close)
 
 
 def flow_loop(server: DepotServer) -> None:
+    """Accept flows until the IRMd goes away; a flow's own setup (key agreement, FRCT) runs on its
+    connection's thread, so neither a silent nor a broken flow stalls or ends this loop."""
+    irm = server.irm
+    assert irm is not None
     while True:
-        flow = flow_accept(irm=server.irm)
-        server.start(FlowStream(flow), server.name)
+        try:
+            reply, fd = irm.accept(None)
+        except IrmdUnreachable:
+            log.error("lost the IRMd: no more flows")
+            return
+        except FlowError as e:
+            log.warning("flow accept: %s", e)
+            time.sleep(ACCEPT_BACKOFF)
+            continue
+        server.admit(flow_identity(reply), functools.partial(_open_flow, irm, reply, fd), server.name,
+                     functools.partial(_drop_flow, irm, reply, fd))
+
+
+def _open_flow(irm: IrmClient, reply: m.FlowReply, fd: int) -> ByteStream:
+    return FlowStream(establish(reply, fd, irm, client=False))
+
+
+def _drop_flow(irm: IrmClient, reply: m.FlowReply, fd: int) -> None:
+    os.close(fd)
+    irm.dealloc(reply.flow_id)
 
 
 def install_stop_signals() -> None:

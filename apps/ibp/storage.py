@@ -1,17 +1,18 @@
 """A depot's disk: one data file per allocation and an fsync'd journal of allocation metadata.
 
 A store is acknowledged only after its bytes and the journal record of the new length are on disk.
+The directory is 0700 and every file 0600, set explicitly, whatever the umask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,26 +23,47 @@ ADMIN_KEY = "admin.key"
 SETTINGS = "settings.json"
 LOCK = "lock"
 MAX_RECORD = 16_384  # a journal line longer than this is corrupt
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class DirInUse(OSError):
     """Another depot holds the directory."""
 
 
-def file_id(key: str) -> str:
-    """The on-disk and in-memory name of an allocation: a hash, so lookups leak no key prefix."""
-    return hashlib.sha256(key.encode("ascii", "replace")).hexdigest()
+def private_dir(path: Path) -> None:
+    """Make `path` (and missing parents) and leave it 0700 and ours; refuse one another user owns,
+    as sshd's StrictModes would: whoever owns it could read or swap what the depot keeps there."""
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to the depot's uid {os.geteuid()}")
+    os.chmod(path, DIR_MODE)
+
+
+def private_open(path: Path, flags: int) -> int:
+    """A file descriptor on `path`, created 0600 if need be and 0600 in any case; never through a symlink."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class DiskStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.data = root / "data"
-        self.data.mkdir(parents=True, exist_ok=True)
+        private_dir(root)
+        private_dir(self.data)
         self.journal_path = root / JOURNAL
         self._journal: BinaryIO | None = None
         # One depot per directory: a second one would interleave journals and data.
-        self._lock = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock = private_open(root / LOCK, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,21 +77,23 @@ class DiskStore:
         records: dict[str, dict[str, Any]] = {}
         if not self.journal_path.exists():
             return records
-        with open(self.journal_path, "rb") as f:
+        with os.fdopen(private_open(self.journal_path, os.O_RDONLY), "rb") as f:
             for n, line in enumerate(f, 1):
                 if len(line) > MAX_RECORD or not line.endswith(b"\n"):
                     log.warning("journal line %d is torn or too long; ignored", n)
                     continue
                 try:
                     rec = json.loads(line)
-                    op, fid = rec["op"], rec["id"]
-                except (ValueError, KeyError, TypeError):
+                    op, fid, fields = rec["op"], rec["id"], rec.get("a", {})
+                    if not isinstance(fid, str) or not isinstance(fields, dict):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError, AttributeError):
                     log.warning("journal line %d is corrupt; ignored", n)
                     continue
                 if op == "alloc":
-                    records[fid] = rec["a"]
+                    records[fid] = fields
                 elif op == "set" and fid in records:
-                    records[fid].update(rec["a"])
+                    records[fid].update(fields)
                 elif op == "free":
                     records.pop(fid, None)
         return records
@@ -78,7 +102,7 @@ class DiskStore:
         """Rewrite the journal as one record per live allocation (atomically, by rename)."""
         self.close()
         tmp = self.journal_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
             for fid, a in records.items():
                 f.write(_line({"op": "alloc", "id": fid, "a": a}))
             f.flush()
@@ -88,7 +112,8 @@ class DiskStore:
 
     def append(self, record: dict[str, Any]) -> None:
         if self._journal is None:
-            self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - held open for the depot's life
+            fd = private_open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            self._journal = os.fdopen(fd, "ab")  # held open for the depot's life
         self._journal.write(_line(record))
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -111,20 +136,28 @@ class DiskStore:
         return self.data / fid
 
     def create(self, fid: str) -> None:
-        with open(self.path(fid), "wb") as f:
-            os.fsync(f.fileno())
+        fd = private_open(self.path(fid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self._fsync_dir()
 
     def open(self, fid: str) -> BinaryIO:
-        return open(self.path(fid), "r+b")
+        return os.fdopen(private_open(self.path(fid), os.O_RDWR), "r+b")
 
     def truncate(self, fid: str, size: int) -> None:
-        """Cut off bytes no journal record acknowledged (a store cut short by a crash)."""
+        """Cut off bytes no journal record acknowledged (a store cut short by a crash); 0600 again."""
         p = self.path(fid)
         if not p.exists():
             self.create(fid)
-        elif p.stat().st_size != size:
-            os.truncate(p, size)
+            return
+        fd = private_open(p, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
     def remove(self, fid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -144,7 +177,7 @@ class DiskStore:
 
     def save_settings(self, settings: dict[str, Any]) -> None:
         tmp = self.root / (SETTINGS + ".tmp")
-        with open(tmp, "w") as f:
+        with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
             json.dump(settings, f)
             f.flush()
             os.fsync(f.fileno())
@@ -155,11 +188,13 @@ class DiskStore:
         """The depot's admin key, made on first start, readable by its owner only."""
         p = self.root / ADMIN_KEY
         if p.exists():
-            return p.read_text().strip()
+            with os.fdopen(private_open(p, os.O_RDONLY)) as f:
+                return f.read().strip()
         key = secrets.token_hex(32)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(private_open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as f:
             f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         return key
 
     def _fsync_dir(self) -> None:

@@ -1,6 +1,5 @@
-"""IBP's byte stream over a flow (SDUs of up to CHUNK bytes) or a TCP socket, with bounded reads.
-
-The text protocol is a byte stream; on a flow each SDU carries the next piece of it.
+"""IBP's byte stream over a flow (SDUs of up to CHUNK bytes) or a TCP socket, with bounded reads
+and deadlines, so a slow or silent peer costs a connection its time limit, never a hang.
 """
 
 from __future__ import annotations
@@ -21,11 +20,21 @@ class StreamClosed(ConnectionError):
 
 
 class StreamTimeout(TimeoutError):
-    """Nothing arrived in time."""
+    """Nothing arrived, or nothing was taken, in time."""
+
+
+def _left(deadline: float | None, wait: float | None) -> float | None:
+    """The wait allowed now: `wait`, cut to what is left before `deadline` (monotonic)."""
+    if deadline is None:
+        return wait
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise StreamTimeout("out of time")
+    return left if wait is None else min(wait, left)
 
 
 class ByteStream:
-    """readline/readexact/send over a transport; subclasses supply _recv and _send."""
+    """readline/read_chunks/send over a transport; subclasses supply _recv and _send."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -33,18 +42,25 @@ class ByteStream:
     def _recv(self, timeout: float | None) -> bytes:
         raise NotImplementedError
 
-    def _send(self, data: bytes | memoryview) -> None:
+    def _send(self, data: bytes | memoryview, timeout: float) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
 
-    def send(self, data: bytes | memoryview) -> None:
-        self._send(data)
+    def send(self, data: bytes | memoryview, deadline: float | None = None) -> None:
+        """All of `data`, within SEND_TIMEOUT and before `deadline` (monotonic) if given."""
+        wait = _left(deadline, SEND_TIMEOUT)
+        self._send(data, SEND_TIMEOUT if wait is None else wait)
 
-    def readline(self, limit: int, timeout: float | None) -> bytes:
-        """One line, newline included; ValueError if it exceeds `limit` bytes."""
+    def readline(self, limit: int, timeout: float | None, line_timeout: float | None = None) -> bytes:
+        """One line, newline included; ValueError if it exceeds `limit` bytes.
+
+        Waits up to `timeout` for it to begin; once begun, the rest must follow within
+        `line_timeout`, so a peer dribbling a line keeps no connection for long.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        begun = False
         while True:
             i = self._buf.find(b"\n", 0, limit)
             if i >= 0:
@@ -53,17 +69,22 @@ class ByteStream:
                 return line
             if len(self._buf) >= limit:
                 raise ValueError(f"line longer than {limit} bytes")
+            if self._buf and not begun and line_timeout is not None:
+                begun = True
+                end = time.monotonic() + line_timeout
+                deadline = end if deadline is None else min(deadline, end)
             self._fill(deadline)
 
-    def read_chunks(self, n: int, timeout: float | None) -> Iterator[bytes]:
-        """Exactly `n` bytes, as they arrive; `timeout` applies to each wait."""
+    def read_chunks(self, n: int, timeout: float | None, deadline: float | None = None) -> Iterator[bytes]:
+        """Exactly `n` bytes, as they arrive; `timeout` applies to each wait, `deadline` to all."""
         left = n
         while left > 0:
             if self._buf:
                 piece = bytes(self._buf[:left])
                 del self._buf[: len(piece)]
             else:  # straight from the transport, without a pass through the buffer
-                piece = self._recv(None if timeout is None else max(0.001, timeout))
+                wait = _left(deadline, timeout)
+                piece = self._recv(None if wait is None else max(0.001, wait))
                 if not piece:
                     raise StreamClosed("the peer closed the connection")
                 if len(piece) > left:
@@ -76,8 +97,8 @@ class ByteStream:
         return b"".join(self.read_chunks(n, timeout))
 
     def _fill(self, deadline: float | None) -> None:
-        wait = None if deadline is None else max(0.001, deadline - time.monotonic())
-        data = self._recv(wait)
+        wait = _left(deadline, None)
+        data = self._recv(None if wait is None else max(0.001, wait))
         if not data:
             raise StreamClosed("the peer closed the connection")
         self._buf += data
@@ -107,13 +128,16 @@ class FlowStream(ByteStream):
         except FlowDown:
             return b""
 
-    def _send(self, data: bytes | memoryview) -> None:
+    def _send(self, data: bytes | memoryview, timeout: float) -> None:
         view = memoryview(data)
-        if self._snd_timeout != SEND_TIMEOUT:
-            self.flow.fccntl(Fccntl.SSNDTIMEO, SEND_TIMEOUT)
-            self._snd_timeout = SEND_TIMEOUT
+        end = time.monotonic() + timeout
+        if timeout != self._snd_timeout:
+            self.flow.fccntl(Fccntl.SSNDTIMEO, timeout)
+            self._snd_timeout = timeout
         try:
             for i in range(0, len(view), CHUNK):
+                if i and time.monotonic() > end:  # each SDU waits at most `timeout`; all of them too
+                    raise StreamTimeout("the peer takes data too slowly")
                 self.flow.write(view[i: i + CHUNK])
         except FlowTimeout:
             raise StreamTimeout("the peer takes no data") from None
@@ -139,10 +163,12 @@ class TcpStream(ByteStream):
         except ConnectionResetError:
             return b""
 
-    def _send(self, data: bytes | memoryview) -> None:
-        self.sock.settimeout(SEND_TIMEOUT)
+    def _send(self, data: bytes | memoryview, timeout: float) -> None:
+        self.sock.settimeout(timeout)  # for the whole sendall (Python >= 3.5)
         try:
             self.sock.sendall(data)
+        except TimeoutError:
+            raise StreamTimeout("the peer takes no data") from None
         except (BrokenPipeError, ConnectionResetError):
             raise StreamClosed("the peer closed the connection") from None
 

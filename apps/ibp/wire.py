@@ -29,9 +29,11 @@ IBP_INCR = 41
 IBP_DECR = 42
 IBP_CHNG = 43
 
-# STATUS sub-commands.
+# STATUS sub-commands (ST_VERSION is L-Store's).
 IBP_ST_INQ = 1
 IBP_ST_CHANGE = 2
+IBP_ST_RES = 3
+IBP_ST_VERSION = 5
 
 # Capability types (MANAGE's captype).
 IBP_READCAP = 1
@@ -45,8 +47,9 @@ IBP_BYTEARRAY = 1
 IBP_BUFFER = 2
 IBP_FIFO = 3
 IBP_CIRQ = 4
+TYPES = (IBP_BYTEARRAY, IBP_BUFFER, IBP_FIFO, IBP_CIRQ)
 
-# Status codes.
+# Status codes: the IBP/L-Store table (ibp_protocol.h), -1 to -66.
 IBP_OK = 1
 IBP_E_GENERIC = -1
 IBP_E_SOCK_READ = -2
@@ -62,7 +65,10 @@ IBP_E_WRONG_CAP_FORMAT = -11
 IBP_E_CAP_ACCESS_DENIED = -12
 IBP_E_CONNECTION = -13
 IBP_E_FILE_OPEN = -14
+IBP_E_FILE_READ = -15
 IBP_E_FILE_WRITE = -16
+IBP_E_FILE_ACCESS = -17
+IBP_E_FILE_SEEK_ERROR = -18
 IBP_E_WOULD_EXCEED_LIMIT = -19
 IBP_E_WOULD_DAMAGE_DATA = -20
 IBP_E_BAD_FORMAT = -21
@@ -70,15 +76,47 @@ IBP_E_TYPE_NOT_SUPPORTED = -22
 IBP_E_RSRC_UNAVAIL = -23
 IBP_E_INTERNAL = -24
 IBP_E_INVALID_CMD = -25
+IBP_E_WOULD_BLOCK = -26
 IBP_E_PROT_VERS = -27
 IBP_E_LONG_DURATION = -28
 IBP_E_WRONG_PASSWD = -29
 IBP_E_INVALID_PARAMETER = -30
+IBP_E_INV_PAR_HOST = -31
+IBP_E_INV_PAR_PORT = -32
+IBP_E_INV_PAR_ATDR = -33
+IBP_E_INV_PAR_ATRL = -34
+IBP_E_INV_PAR_ATTP = -35
 IBP_E_INV_PAR_SIZE = -36
+IBP_E_INV_PAR_PTR = -37
+IBP_E_ALLOC_FAILED = -38
+IBP_E_TOO_MANY_UNITS = -39
+IBP_E_SET_SOCK_ATTR = -40
+IBP_E_GET_SOCK_ATTR = -41
 IBP_E_CLIENT_TIMEOUT = -42
+IBP_E_UNKNOWN_FUNCTION = -43
+IBP_E_INV_IP_ADDR = -44
 IBP_E_WOULD_EXCEED_POLICY = -45
 IBP_E_SERVER_TIMEOUT = -46
+IBP_E_SERVER_RECOVERING = -47
+IBP_E_CAP_DELETING = -48
+IBP_E_UNKNOWN_RS = -49
 IBP_E_INVALID_RID = -50
+IBP_E_NFU_UNKNOWN = -51
+IBP_E_NFU_DUP_PARA = -52
+IBP_E_QUEUE_FULL = -53
+IBP_E_CRT_AUTH_FAIL = -54
+IBP_E_INVALID_CERT_FILE = -55
+IBP_E_INVALID_PRIVATE_KEY_PASSWD = -56
+IBP_E_INVALID_PRIVATE_KEY_FILE = -57
+IBP_AUTHENTICATION_REQ = -58
+IBP_E_AUTHEN_NOT_SUPPORT = -59
+IBP_E_AUTHENTICATION_FAILED = -60
+IBP_E_INVALID_HOST = -61
+IBP_E_CANT_CONNECT = -62
+IBP_E_CHKSUM = -63
+IBP_E_CHKSUM_TYPE = -64
+IBP_E_CHKSUM_BLOCKSIZE = -65
+IBP_E_OUT_OF_SOCKETS = -66  # "retry after N s": the depot turned the connection away
 
 STATUS_NAMES = {
     IBP_OK: "ok",
@@ -96,7 +134,10 @@ STATUS_NAMES = {
     IBP_E_CAP_ACCESS_DENIED: "capability access denied",
     IBP_E_CONNECTION: "connection error",
     IBP_E_FILE_OPEN: "file open error",
+    IBP_E_FILE_READ: "file read error",
     IBP_E_FILE_WRITE: "file write error",
+    IBP_E_FILE_ACCESS: "file access error",
+    IBP_E_FILE_SEEK_ERROR: "file seek error",
     IBP_E_WOULD_EXCEED_LIMIT: "would exceed limit",
     IBP_E_WOULD_DAMAGE_DATA: "would damage data",
     IBP_E_BAD_FORMAT: "bad format",
@@ -104,28 +145,63 @@ STATUS_NAMES = {
     IBP_E_RSRC_UNAVAIL: "resource unavailable",
     IBP_E_INTERNAL: "internal error",
     IBP_E_INVALID_CMD: "invalid command",
+    IBP_E_WOULD_BLOCK: "would block",
     IBP_E_PROT_VERS: "protocol version not supported",
     IBP_E_LONG_DURATION: "duration too long",
     IBP_E_WRONG_PASSWD: "wrong password",
     IBP_E_INVALID_PARAMETER: "invalid parameter",
+    IBP_E_INV_PAR_HOST: "invalid host",
+    IBP_E_INV_PAR_PORT: "invalid port",
+    IBP_E_INV_PAR_ATDR: "invalid duration attribute",
+    IBP_E_INV_PAR_ATRL: "invalid reliability attribute",
+    IBP_E_INV_PAR_ATTP: "invalid type attribute",
     IBP_E_INV_PAR_SIZE: "invalid size",
+    IBP_E_INV_PAR_PTR: "invalid pointer",
+    IBP_E_ALLOC_FAILED: "allocation failed",
+    IBP_E_TOO_MANY_UNITS: "too many units",
+    IBP_E_SET_SOCK_ATTR: "cannot set socket attribute",
+    IBP_E_GET_SOCK_ATTR: "cannot get socket attribute",
     IBP_E_CLIENT_TIMEOUT: "client timeout",
+    IBP_E_UNKNOWN_FUNCTION: "unknown function",
+    IBP_E_INV_IP_ADDR: "invalid IP address",
     IBP_E_WOULD_EXCEED_POLICY: "would exceed policy",
     IBP_E_SERVER_TIMEOUT: "server timeout",
+    IBP_E_SERVER_RECOVERING: "server recovering",
+    IBP_E_CAP_DELETING: "capability being deleted",
+    IBP_E_UNKNOWN_RS: "unknown resource",
     IBP_E_INVALID_RID: "invalid resource id",
+    IBP_E_NFU_UNKNOWN: "unknown NFU operation",
+    IBP_E_NFU_DUP_PARA: "duplicate NFU parameter",
+    IBP_E_QUEUE_FULL: "queue full",
+    IBP_E_CRT_AUTH_FAIL: "certificate authentication failed",
+    IBP_E_INVALID_CERT_FILE: "invalid certificate file",
+    IBP_E_INVALID_PRIVATE_KEY_PASSWD: "invalid private key password",
+    IBP_E_INVALID_PRIVATE_KEY_FILE: "invalid private key file",
+    IBP_AUTHENTICATION_REQ: "authentication required",
+    IBP_E_AUTHEN_NOT_SUPPORT: "authentication not supported",
+    IBP_E_AUTHENTICATION_FAILED: "authentication failed",
+    IBP_E_INVALID_HOST: "invalid host",
+    IBP_E_CANT_CONNECT: "cannot connect",
+    IBP_E_CHKSUM: "checksum error",
+    IBP_E_CHKSUM_TYPE: "unknown checksum type",
+    IBP_E_CHKSUM_BLOCKSIZE: "bad checksum block size",
+    IBP_E_OUT_OF_SOCKETS: "out of sockets, retry later",
 }
 
 # Limits on what we accept.
 MAX_LINE = 4096          # one request or reply line, newline included
 MAX_TOKEN = 1024         # a capability string
 MAX_KEY = 128            # an allocation or right key
+MAX_RID = 64             # a resource id
 MAX_TARGETS = 16         # MCOPY destinations
-MAX_INT = 2**63 - 1      # sizes and offsets
-MAX_TIMEOUT = 86_400     # seconds
-MAX_DURATION = 10 * 365 * 86_400
+MAX_INT = 2**63 - 1      # sizes, offsets, timeouts
+FOREVER = -1             # ALLOCATE's duration -1: as long as the depot allows (L-Store)
+KEEP = -1                # CHNG's duration or reliability -1: leave it as it is (L-Store)
 
-_KEY_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_KEY}}}")
+_KEY_RE = re.compile(rf"(?:(?P<rid>[A-Za-z0-9_.\-]{{1,{MAX_RID}}})#)?(?P<key>[A-Za-z0-9_.\-]{{1,{MAX_KEY}}})")
+_WORD_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_KEY}}}")
 _TOKEN_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_TOKEN}}}")
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
 
 
 class BadRequest(ValueError):
@@ -146,35 +222,40 @@ class IbpError(Exception):
         self.reason = reason
 
 
+# Keys travel as `RID#key` (L-Store's parse_key splits them) or bare; `rid` "" is "this depot's".
+
+
 @dataclass(frozen=True)
 class Allocate:
     rid: str
     reliability: int
     type: int
-    duration: int
+    duration: int  # seconds; FOREVER: the depot's maximum
     size: int
     timeout: int
 
 
 @dataclass(frozen=True)
 class Store:
-    """Append `length` bytes, sent after the depot's first status line."""
+    """Append `length` bytes, sent after (or, as L-Store clients do, right behind) the request."""
 
     key: str
     typekey: str
     length: int
     timeout: int
+    rid: str = ""
 
 
 @dataclass(frozen=True)
 class Write:
-    """Write `length` bytes at `offset` (no holes), sent after the first status line."""
+    """Write `length` bytes at `offset` (no holes), sent after the request."""
 
     key: str
     typekey: str
     offset: int
     length: int
     timeout: int
+    rid: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,11 +267,12 @@ class Load:
     offset: int
     length: int
     timeout: int
+    rid: str = ""
 
 
 @dataclass(frozen=True)
 class Send:
-    """Depot-to-depot copy: the depot stores the bytes into `dest_cap` itself."""
+    """Depot-to-depot copy: the depot appends the bytes to `dest_cap` itself."""
 
     key: str
     typekey: str
@@ -200,6 +282,7 @@ class Send:
     timeout: int
     dest_timeout: int
     dest_client_timeout: int
+    rid: str = ""
 
 
 @dataclass(frozen=True)
@@ -212,6 +295,7 @@ class Mcopy:
     length: int
     dest_caps: tuple[str, ...]
     timeout: int
+    rid: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,9 +305,10 @@ class Manage:
     subcmd: int
     captype: int
     timeout: int
-    size: int = 0         # CHNG only: new maximum size
-    duration: int = 0     # CHNG only: new duration from now, seconds
-    reliability: int = 0  # CHNG only
+    size: int = 0         # CHNG only: new maximum size, 0 keeps it
+    duration: int = KEEP  # CHNG only: new duration from now, KEEP keeps it
+    reliability: int = KEEP  # CHNG only
+    rid: str = ""
 
 
 @dataclass(frozen=True)
@@ -232,30 +317,40 @@ class Status:
     subcmd: int
     password: str
     timeout: int
-    capacity: int = 0      # ST_CHANGE only
-    max_duration: int = 0  # ST_CHANGE only
+    capacity: int = 0      # ST_CHANGE in one line (ours)
+    max_duration: int = 0  # ST_CHANGE in one line (ours)
+    follows: bool = False  # ST_CHANGE as IBP sends it: `max_hard max_soft max_duration` on the next line
 
 
 Request = Allocate | Store | Write | Load | Send | Mcopy | Manage | Status
+KeyedRequest = Store | Write | Load | Send | Mcopy | Manage
 
 
 def _int(tok: str, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
     if not tok or len(tok) > 20 or not (tok.isascii() and (tok.isdigit() or (tok[0] == "-" and tok[1:].isdigit()))):
-        raise BadRequest(IBP_E_BAD_FORMAT, f"{what}: expected an integer, got {tok[:24]!r}")
+        raise BadRequest(IBP_E_BAD_FORMAT, f"{what}: expected an integer, got {reason_fields(tok[:24])!r}")
     value = int(tok)
     if not lo <= value <= hi:
         raise BadRequest(IBP_E_INVALID_PARAMETER, f"{what} {value} out of range [{lo}, {hi}]")
     return value
 
 
-def _key(tok: str, what: str) -> str:
-    if not _KEY_RE.fullmatch(tok):
+def _key(tok: str, what: str) -> tuple[str, str]:
+    """(rid, key) of `RID#key` or a bare key (rid "")."""
+    m = _KEY_RE.fullmatch(tok)
+    if m is None:
+        raise BadRequest(IBP_E_WRONG_CAP_FORMAT, f"malformed {what}")
+    return m["rid"] or "", m["key"]
+
+
+def _word(tok: str, what: str) -> str:
+    if not _WORD_RE.fullmatch(tok):
         raise BadRequest(IBP_E_WRONG_CAP_FORMAT, f"malformed {what}")
     return tok
 
 
 def _cap(tok: str) -> str:
-    if not _TOKEN_RE.fullmatch(tok):
+    if not (tok.startswith("ibp://") and _TOKEN_RE.fullmatch(tok)):
         raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed capability")
     return tok
 
@@ -263,6 +358,10 @@ def _cap(tok: str) -> str:
 def _want(args: list[str], n: int, form: str) -> None:
     if len(args) != n:
         raise BadRequest(IBP_E_BAD_FORMAT, f"expected {form}")
+
+
+def _timeout(tok: str) -> int:
+    return _int(tok, "timeout")
 
 
 def parse_request(line: bytes) -> Request:
@@ -281,93 +380,145 @@ def parse_request(line: bytes) -> Request:
         raise BadRequest(IBP_E_PROT_VERS, f"protocol version {version} not supported (want {IBPv040})")
     cmd = _int(toks[1], "command", -MAX_INT, MAX_INT)
     a = toks[2:]
-    t = "timeout"
     if cmd == IBP_ALLOCATE:
         _want(a, 6, "ALLOCATE rid reliability type duration size timeout")
-        return Allocate(_key(a[0], "rid"), _int(a[1], "reliability", 0, 99), _int(a[2], "type", 0, 99),
-                        _int(a[3], "duration", 0, MAX_DURATION), _int(a[4], "size"), _int(a[5], t, 0, MAX_TIMEOUT))
-    if cmd == IBP_STORE:
-        _want(a, 4, "STORE key typekey length timeout")
-        return Store(_key(a[0], "key"), _key(a[1], "typekey"), _int(a[2], "length"), _int(a[3], t, 0, MAX_TIMEOUT))
-    if cmd == IBP_WRITE:
-        _want(a, 5, "WRITE key typekey offset length timeout")
-        return Write(_key(a[0], "key"), _key(a[1], "typekey"), _int(a[2], "offset"), _int(a[3], "length"),
-                     _int(a[4], t, 0, MAX_TIMEOUT))
-    if cmd == IBP_LOAD:
-        _want(a, 5, "LOAD key typekey offset length timeout")
-        return Load(_key(a[0], "key"), _key(a[1], "typekey"), _int(a[2], "offset"), _int(a[3], "length"),
-                    _int(a[4], t, 0, MAX_TIMEOUT))
+        return Allocate(_word(a[0], "rid"), _int(a[1], "reliability", -MAX_INT, MAX_INT),
+                        _int(a[2], "type", -MAX_INT, MAX_INT), _int(a[3], "duration", FOREVER),
+                        _int(a[4], "size"), _timeout(a[5]))
+    if cmd in (IBP_STORE, IBP_WRITE, IBP_LOAD):
+        return _parse_rw(cmd, a)
     if cmd == IBP_SEND:
-        _want(a, 8, "SEND key typekey destcap offset length timeout dest_timeout dest_client_timeout")
-        return Send(_key(a[0], "key"), _key(a[1], "typekey"), _cap(a[2]), _int(a[3], "offset"),
-                    _int(a[4], "length"), _int(a[5], t, 0, MAX_TIMEOUT), _int(a[6], t, 0, MAX_TIMEOUT),
-                    _int(a[7], t, 0, MAX_TIMEOUT))
+        _want(a, 8, "SEND key destcap typekey offset length timeout dest_timeout dest_client_timeout")
+        # L-Store sends `key destcap typekey`; older clients `key typekey destcap`: the cap tells which.
+        dest, typekey = (a[2], a[1]) if a[2].startswith("ibp://") else (a[1], a[2])
+        rid, key = _key(a[0], "key")
+        return Send(key, _word(typekey, "typekey"), _cap(dest), _int(a[3], "offset"), _int(a[4], "length"),
+                    _timeout(a[5]), _timeout(a[6]), _timeout(a[7]), rid)
     if cmd == IBP_MCOPY:
         if len(a) < 5:
             raise BadRequest(IBP_E_BAD_FORMAT, "expected MCOPY key typekey offset length n cap... timeout")
         n = _int(a[4], "target count", 1, MAX_TARGETS)
         _want(a, 6 + n, "MCOPY key typekey offset length n cap... timeout")
-        return Mcopy(_key(a[0], "key"), _key(a[1], "typekey"), _int(a[2], "offset"), _int(a[3], "length"),
-                     tuple(_cap(c) for c in a[5:5 + n]), _int(a[5 + n], t, 0, MAX_TIMEOUT))
+        rid, key = _key(a[0], "key")
+        return Mcopy(key, _word(a[1], "typekey"), _int(a[2], "offset"), _int(a[3], "length"),
+                     tuple(_cap(c) for c in a[5:5 + n]), _timeout(a[5 + n]), rid)
     if cmd == IBP_MANAGE:
-        if len(a) < 3:
-            raise BadRequest(IBP_E_BAD_FORMAT, "expected MANAGE key typekey subcmd captype ... timeout")
-        sub = _int(a[2], "manage sub-command", -MAX_INT, MAX_INT)
-        if sub in (IBP_PROBE, IBP_INCR, IBP_DECR):
-            _want(a, 5, "MANAGE key typekey subcmd captype timeout")
-            return Manage(_key(a[0], "key"), _key(a[1], "typekey"), sub, _int(a[3], "captype", 0, 99),
-                          _int(a[4], t, 0, MAX_TIMEOUT))
-        if sub == IBP_CHNG:
-            _want(a, 8, "MANAGE key typekey 43 captype size duration reliability timeout")
-            return Manage(_key(a[0], "key"), _key(a[1], "typekey"), sub, _int(a[3], "captype", 0, 99),
-                          _int(a[7], t, 0, MAX_TIMEOUT), _int(a[4], "size"),
-                          _int(a[5], "duration", 0, MAX_DURATION), _int(a[6], "reliability", 0, 99))
-        raise BadRequest(IBP_E_INVALID_CMD, f"unknown MANAGE sub-command {sub}")
+        return _parse_manage(a)
     if cmd == IBP_STATUS:
-        if len(a) < 2:
-            raise BadRequest(IBP_E_BAD_FORMAT, "expected STATUS rid subcmd password ... timeout")
-        sub = _int(a[1], "status sub-command", -MAX_INT, MAX_INT)
-        if sub == IBP_ST_INQ:
-            _want(a, 4, "STATUS rid 1 password timeout")
-            return Status(_key(a[0], "rid"), sub, _key(a[2], "password"), _int(a[3], t, 0, MAX_TIMEOUT))
-        if sub == IBP_ST_CHANGE:
-            _want(a, 6, "STATUS rid 2 password capacity max_duration timeout")
-            return Status(_key(a[0], "rid"), sub, _key(a[2], "password"), _int(a[5], t, 0, MAX_TIMEOUT),
-                          _int(a[3], "capacity"), _int(a[4], "max_duration", 1, MAX_DURATION))
-        raise BadRequest(IBP_E_INVALID_CMD, f"unknown STATUS sub-command {sub}")
+        return _parse_status(a)
     if cmd == IBP_DELIVER:
         raise BadRequest(IBP_E_INVALID_CMD, "DELIVER is not implemented")
     raise BadRequest(IBP_E_INVALID_CMD, f"unknown command {cmd}")
 
 
+def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
+    if cmd == IBP_STORE:
+        _want(a, 4, "STORE key typekey length timeout")
+        rid, key = _key(a[0], "key")
+        return Store(key, _word(a[1], "typekey"), _int(a[2], "length"), _timeout(a[3]), rid)
+    name = "WRITE" if cmd == IBP_WRITE else "LOAD"
+    _want(a, 5, f"{name} key typekey offset length timeout")
+    rid, key = _key(a[0], "key")
+    kind = Write if cmd == IBP_WRITE else Load
+    return kind(key, _word(a[1], "typekey"), _int(a[2], "offset"), _int(a[3], "length"), _timeout(a[4]), rid)
+
+
+def _parse_manage(a: list[str]) -> Manage:
+    if len(a) < 3:
+        raise BadRequest(IBP_E_BAD_FORMAT, "expected MANAGE key typekey subcmd captype ... timeout")
+    rid, key = _key(a[0], "key")
+    typekey = _word(a[1], "typekey")
+    sub = _int(a[2], "manage sub-command", -MAX_INT, MAX_INT)
+    if sub in (IBP_INCR, IBP_DECR) or (sub == IBP_PROBE and len(a) == 5):
+        _want(a, 5, "MANAGE key typekey subcmd captype timeout")
+        return Manage(key, typekey, sub, _int(a[3], "captype", 0, 99), _timeout(a[4]), rid=rid)
+    if sub in (IBP_CHNG, IBP_PROBE):  # PROBE as L-Store sends it: with three unused fields
+        _want(a, 8, f"MANAGE key typekey {sub} captype size duration reliability timeout")
+        if sub == IBP_PROBE:
+            return Manage(key, typekey, sub, _int(a[3], "captype", 0, 99), _timeout(a[7]), rid=rid)
+        return Manage(key, typekey, sub, _int(a[3], "captype", 0, 99), _timeout(a[7]), _int(a[4], "size"),
+                      _keep(_int(a[5], "duration", -MAX_INT)), _keep(_int(a[6], "reliability", -MAX_INT)), rid)
+    raise BadRequest(IBP_E_INVALID_CMD, f"unknown MANAGE sub-command {sub}")
+
+
+def _keep(value: int) -> int:
+    """CHNG's negative duration or reliability: no change (L-Store sends -1)."""
+    return KEEP if value < 0 else value
+
+
+def _parse_status(a: list[str]) -> Status:
+    # As L-Store's read_status: the number of fields tells the forms apart.
+    if len(a) == 2:  # STATUS subcmd timeout: ST_RES or ST_VERSION, without a RID
+        sub = _int(a[0], "status sub-command", -MAX_INT, MAX_INT)
+        if sub not in (IBP_ST_RES, IBP_ST_VERSION):
+            raise BadRequest(IBP_E_INVALID_CMD, f"unknown STATUS sub-command {sub}")
+        return Status("", sub, "", _timeout(a[1]))
+    if len(a) < 4:
+        raise BadRequest(IBP_E_BAD_FORMAT, "expected STATUS rid subcmd password ... timeout")
+    rid = _word(a[0], "rid")
+    sub = _int(a[1], "status sub-command", -MAX_INT, MAX_INT)
+    password = _word(a[2], "password")
+    if sub == IBP_ST_INQ:
+        _want(a, 4, "STATUS rid 1 password timeout")
+        return Status(rid, sub, password, _timeout(a[3]))
+    if sub == IBP_ST_CHANGE:
+        if len(a) == 4:  # the new limits follow on a line of their own
+            return Status(rid, sub, password, _timeout(a[3]), follows=True)
+        _want(a, 6, "STATUS rid 2 password capacity max_duration timeout")
+        return Status(rid, sub, password, _timeout(a[5]), _int(a[3], "capacity"),
+                      _int(a[4], "max_duration", 1))
+    raise BadRequest(IBP_E_INVALID_CMD, f"unknown STATUS sub-command {sub}")
+
+
+def parse_change(line: bytes, req: Status) -> Status:
+    """ST_CHANGE's second line `max_hard max_soft max_duration`: one capacity (hard + soft) here."""
+    try:
+        toks = line.decode("ascii").split()
+    except UnicodeDecodeError:
+        raise BadRequest(IBP_E_BAD_FORMAT, "ST_CHANGE limits are not ASCII") from None
+    if len(toks) != 3:
+        raise BadRequest(IBP_E_BAD_FORMAT, "expected max_hard max_soft max_duration")
+    hard, soft = _int(toks[0], "max_hard"), _int(toks[1], "max_soft")
+    return Status(req.rid, req.subcmd, req.password, req.timeout, min(MAX_INT, hard + soft),
+                  _int(toks[2], "max_duration", 1))
+
+
+def _k(rid: str, key: str) -> str:
+    return f"{rid}#{key}" if rid else key
+
+
 def format_request(req: Request) -> bytes:
-    """The request line for `req`, newline included."""
+    """The request line for `req`, newline included (ST_CHANGE's limits on a second line)."""
     v = IBPv040
+    f: list[object]
     if isinstance(req, Allocate):
         f = [v, IBP_ALLOCATE, req.rid, req.reliability, req.type, req.duration, req.size, req.timeout]
     elif isinstance(req, Store):
-        f = [v, IBP_STORE, req.key, req.typekey, req.length, req.timeout]
+        f = [v, IBP_STORE, _k(req.rid, req.key), req.typekey, req.length, req.timeout]
     elif isinstance(req, Write):
-        f = [v, IBP_WRITE, req.key, req.typekey, req.offset, req.length, req.timeout]
+        f = [v, IBP_WRITE, _k(req.rid, req.key), req.typekey, req.offset, req.length, req.timeout]
     elif isinstance(req, Load):
-        f = [v, IBP_LOAD, req.key, req.typekey, req.offset, req.length, req.timeout]
+        f = [v, IBP_LOAD, _k(req.rid, req.key), req.typekey, req.offset, req.length, req.timeout]
     elif isinstance(req, Send):
-        f = [v, IBP_SEND, req.key, req.typekey, req.dest_cap, req.offset, req.length, req.timeout,
+        f = [v, IBP_SEND, _k(req.rid, req.key), req.dest_cap, req.typekey, req.offset, req.length, req.timeout,
              req.dest_timeout, req.dest_client_timeout]
     elif isinstance(req, Mcopy):
-        f = [v, IBP_MCOPY, req.key, req.typekey, req.offset, req.length, len(req.dest_caps), *req.dest_caps,
-             req.timeout]
+        f = [v, IBP_MCOPY, _k(req.rid, req.key), req.typekey, req.offset, req.length, len(req.dest_caps),
+             *req.dest_caps, req.timeout]
     elif isinstance(req, Manage):
+        f = [v, IBP_MANAGE, _k(req.rid, req.key), req.typekey, req.subcmd, req.captype]
         if req.subcmd == IBP_CHNG:
-            f = [v, IBP_MANAGE, req.key, req.typekey, req.subcmd, req.captype, req.size, req.duration,
-                 req.reliability, req.timeout]
-        else:
-            f = [v, IBP_MANAGE, req.key, req.typekey, req.subcmd, req.captype, req.timeout]
+            f += [req.size, req.duration, req.reliability]
+        f.append(req.timeout)
+    elif req.subcmd in (IBP_ST_RES, IBP_ST_VERSION):
+        f = [v, IBP_STATUS, req.subcmd, req.timeout]
+    elif req.subcmd == IBP_ST_CHANGE and req.follows:
+        return (f"{v} {IBP_STATUS} {req.rid} {req.subcmd} {req.password} {req.timeout}\n"
+                f"{req.capacity} 0 {req.max_duration}\n").encode("ascii")
+    elif req.subcmd == IBP_ST_CHANGE:
+        f = [v, IBP_STATUS, req.rid, req.subcmd, req.password, req.capacity, req.max_duration, req.timeout]
     else:
-        if req.subcmd == IBP_ST_CHANGE:
-            f = [v, IBP_STATUS, req.rid, req.subcmd, req.password, req.capacity, req.max_duration, req.timeout]
-        else:
-            f = [v, IBP_STATUS, req.rid, req.subcmd, req.password, req.timeout]
+        f = [v, IBP_STATUS, req.rid, req.subcmd, req.password, req.timeout]
     return (" ".join(str(x) for x in f) + "\n").encode("ascii")
 
 
@@ -399,6 +550,21 @@ def format_reply(status: int, *fields: object) -> bytes:
     return (" ".join(str(x) for x in (status, *fields)) + "\n").encode("ascii")
 
 
+def format_refusal(status: int, reason: str) -> bytes:
+    """An error status line with a reason in words, which IBP clients skip (they read the number).
+
+    -66 is followed by the seconds to wait before a retry, as L-Store's clients parse it.
+    """
+    if status == IBP_E_OUT_OF_SOCKETS:
+        return format_reply(status, "1.0", reason_fields(reason))
+    return format_reply(status, reason_fields(reason))
+
+
+def reason_fields(reason: str) -> str:
+    """`reason` as printable words only, bounded: safe on a status line and in a log."""
+    return _UNPRINTABLE.sub(" ", reason).strip()[:200]
+
+
 def reply_int(reply: Reply, index: int, what: str) -> int:
     """Field `index` of a reply as a non-negative integer, or BadRequest."""
     if index >= len(reply.fields):
@@ -415,3 +581,45 @@ def reply_status(reply: Reply, index: int) -> int:
 
 def status_text(status: int) -> str:
     return STATUS_NAMES.get(status, "unknown status")
+
+
+def known_error(status: int) -> int:
+    """`status` if it is an IBP error we know, else IBP_E_GENERIC (a peer's number is not echoed)."""
+    return status if status < 0 and status in STATUS_NAMES else IBP_E_GENERIC
+
+
+# ST_INQ's reply for v1.4 clients: `1 N` then one line of TAG:value tokens, as L-Store's depot sends
+# and its process_inq reads (it stops at RE; our own figures follow RE, where it does not look).
+
+INQ_TAGS = (  # (tag, our name); the order L-Store's depot writes them in
+    ("VS", "version"), ("DT", "data_mover"), ("RID", "rid"), ("RT", "resource_type"),
+    ("CT", "capacity"), ("ST", "served"), ("UT", "reserved"), ("UH", "hard_reserved"),
+    ("SH", "hard_served"), ("CH", "hard_capacity"), ("AT", "free"), ("AH", "hard_free"),
+    ("DR", "max_duration"),
+)
+INQ_END = "RE"
+INQ_VERSION = "1.4:1.0"
+DM_TCP = 1
+RS_DISK = 1
+_INQ_NAME = dict(INQ_TAGS)
+
+
+def format_inq(values: dict[str, object], extras: dict[str, int]) -> bytes:
+    """The ST_INQ reply: status line with the byte count, then the tag line."""
+    tags = " ".join(f"{tag}:{values[name]}" for tag, name in INQ_TAGS)
+    more = "".join(f" {name}:{value}" for name, value in extras.items())
+    body = f"{tags} {INQ_END}{more} \n".encode("ascii")
+    return format_reply(IBP_OK, len(body)) + body
+
+
+def parse_inq(line: bytes) -> dict[str, str]:
+    """Our names -> values from an ST_INQ tag line (ours or any v1.4 depot's)."""
+    out: dict[str, str] = {}
+    for tok in line.decode("ascii", "replace").split():
+        tag, _, value = tok.partition(":")
+        if tag == INQ_END:
+            continue
+        name = _INQ_NAME.get(tag, tag)
+        if _WORD_RE.fullmatch(name) and value:
+            out[name] = reason_fields(value)
+    return out

@@ -9,6 +9,8 @@ Sans-IO: fed queue depths, marks, byte counts and times; answers marks, updates 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Protocol
 
 MARK_FROM = 32  # average queue fullness (of 255) below which a forwarder does not mark
 UPDATE_EVERY = 8  # marked PDUs between two updates from a receiver
@@ -137,3 +139,101 @@ class Sender:
         self._tokens = min(BURST, self._tokens + (now - self._last) * self.rate) - nbytes
         self._last = now
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+# -- the policies, as the data path uses them ---------------------------------------------------
+
+SAMPLE_EVERY = 8  # PDUs sent into an N-1 flow between two looks at how full its queue is
+
+
+@dataclasses.dataclass(eq=False)
+class N1Queue:
+    """How full the queue into one N-1 flow is, looked at every SAMPLE_EVERY PDUs and averaged
+    (as RED does), so that a burst the next hop is draining is not taken for congestion."""
+
+    depth: Callable[[], int]  # bytes queued now
+    capacity: int
+    sent: int = 0
+    level: int = 0
+    average: float = 0.0
+
+    def sample(self) -> int:
+        self.average += (self.depth() - self.average) / 8
+        self.level = ecn_level(int(self.average), self.capacity)
+        return self.level
+
+
+class Flow(Protocol):
+    rx: Receiver | None
+    tx: Sender | None
+
+
+class Congestion(Protocol):
+    """What the data path asks of a congestion policy, per flow, per N-1 flow and per PDU."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def holds(self) -> bool: ...  # our flows' writers are held back by a full first hop (else PDUs drop)
+
+    def flow_added(self, flow: Flow, now: float) -> None: ...
+    def n1_added(self, hop: int, depth: Callable[[], int], capacity: int) -> None: ...
+    def n1_removed(self, hop: int) -> None: ...
+    def level(self, hop: int) -> int: ...  # the mark a PDU forwarded to `hop` gets now (0: none)
+
+
+class Nop:
+    """`congestion none`: nothing is measured, marked or paced."""
+
+    name = "none"
+    holds = False
+
+    def flow_added(self, flow: Flow, now: float) -> None:
+        flow.rx = flow.tx = None
+
+    def n1_added(self, hop: int, depth: Callable[[], int], capacity: int) -> None:
+        pass
+
+    def n1_removed(self, hop: int) -> None:
+        pass
+
+    def level(self, hop: int) -> int:
+        return 0
+
+
+class MbEcn:
+    """`congestion mb-ecn`: forwarders mark by their next hop's averaged queue, receivers echo,
+    senders pace (Receiver, Sender above)."""
+
+    name = "mb-ecn"
+    holds = True
+
+    def __init__(self) -> None:
+        self.queues: dict[int, N1Queue] = {}
+
+    def flow_added(self, flow: Flow, now: float) -> None:
+        flow.rx, flow.tx = Receiver(now), Sender(now)
+
+    def n1_added(self, hop: int, depth: Callable[[], int], capacity: int) -> None:
+        self.queues[hop] = N1Queue(depth, capacity)
+
+    def n1_removed(self, hop: int) -> None:
+        self.queues.pop(hop, None)
+
+    def level(self, hop: int) -> int:
+        queue = self.queues.get(hop)
+        if queue is None:
+            return 0
+        queue.sent += 1
+        return queue.sample() if queue.sent % SAMPLE_EVERY == 0 else queue.level
+
+
+POLICIES: dict[str, type[Nop] | type[MbEcn]] = {"none": Nop, "mb-ecn": MbEcn}
+
+
+def by_name(name: str) -> Congestion:
+    try:
+        policy: Congestion = POLICIES[name]()
+        return policy
+    except KeyError:
+        raise ValueError(f"unknown congestion policy {name!r}: expected one of {', '.join(POLICIES)}") from None

@@ -1,11 +1,13 @@
 """The directory: a DHT mapping name hashes to member addresses, sans-IO.
 
-Keys live at the K members whose ids are XOR-closest to them (Kademlia's metric);
-membership comes from the link-state database, so every lookup is one hop.
+Keys live at the K members whose ids are XOR-closest to them (Kademlia's metric); membership
+comes from the link-state database, so every lookup is one hop. A member stores only its own
+address, signed; holders keep the signed store and replicate it as it is (dht_t_replicate).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -13,21 +15,41 @@ from collections.abc import Callable, Iterable
 
 from sortedcontainers import SortedList
 
-from ipcp.unicast.messages import DhtFind, DhtFound, DhtStore
+from ipcp.unicast import auth
+from ipcp.unicast.messages import DhtFind, DhtFound, DhtStore, signed_part
 from transports.wire import Message
 
-K = 8  # replicas of each entry (dht_k)
-ALPHA = 3  # lookups asked in parallel (dht_alpha)
-T_EXPIRE = 86400.0  # an entry lives this long unless refreshed (dht_t_expire)
-T_REFRESH = 900.0  # registrations are republished this often (dht_t_refresh)
 LOOKUP_TIMEOUT = 2.0
 CACHE_TTL = 10.0
+MAX_ENTRIES = 16384  # (key, address) entries a member holds for the layer
+MAX_PER_MEMBER = 1024  # ... of which one member's
+MAX_LOOKUPS = 1024  # lookups under way at once
+MAX_KEY = 64  # bytes of a name hash (SHA3-512)
+MAX_FOUND = 16  # signed stores in one lookup answer
 
 Out = list[tuple[int, Message]]  # (destination address, message)
 
 
+@dataclasses.dataclass(frozen=True)
+class DhtParams:
+    """Ouroboros 0.23's DHT defaults (seconds)."""
+
+    alpha: int = 3  # dht_alpha: members asked at once in a lookup
+    k: int = 8  # dht_k: replicas of each entry
+    t_expire: float = 86400.0  # dht_t_expire: an entry lives this long unless stored again
+    t_refresh: float = 900.0  # dht_t_refresh: a registrant publishes its entries again this often
+    t_replicate: float = 900.0  # dht_t_replicate: a holder passes its entries on this often
+
+
 def node_id(addr: int) -> int:
     return int.from_bytes(hashlib.sha3_256(addr.to_bytes(8, "big")).digest(), "big")
+
+
+
+@dataclasses.dataclass
+class _Held:
+    store: DhtStore  # as its member signed it
+    expiry: float
 
 
 class _Lookup:
@@ -39,24 +61,35 @@ class _Lookup:
 
 
 class Directory:
-    def __init__(self, me: int, k: int = K, expire: float = T_EXPIRE, refresh: float = T_REFRESH) -> None:
+    def __init__(self, me: int, params: DhtParams = DhtParams(), identity: auth.Identity | None = None,
+                 bindings: auth.Bindings | None = None, now: float = 0.0) -> None:
         self.me = me
-        self.k = k
-        self.expire = expire
-        self.refresh = refresh
+        self.params = params
+        self.identity = identity or auth.Identity.generate()
+        self.bindings = bindings or auth.Bindings()
         self.members: set[int] = {me}
-        self.mine: set[bytes] = set()  # what this member registered
-        self.store: dict[bytes, dict[int, float]] = {}  # key -> {addr: expiry} held for the layer
+        self.mine: dict[bytes, DhtStore] = {}  # what this member registered, as last published
+        self.store: dict[bytes, dict[int, _Held]] = {}  # key -> {addr: entry} held for the layer
+        self.seqs: dict[tuple[bytes, int], int] = {}  # newest store seen per (key, addr), removals too
         self.cache: dict[bytes, tuple[list[int], float]] = {}
+        self.forged = 0  # stores refused: unsigned, signed by another key, or for another's address
+        self.refused = 0  # stores refused for bounds
+        self._per_member: dict[int, int] = {}
         self._schedule: SortedList = SortedList()  # (expiry, key, addr)
         self._lookups: dict[int, _Lookup] = {}
-        self._next_refresh = 0.0
+        self._seq = int(now * 1e6)  # over restarts too: a new incarnation's stores outnumber the old's
+        self._next_refresh = now + params.t_refresh
+        self._next_replicate = now + params.t_replicate
         self.resolved: list[tuple[bytes, list[int]]] = []  # finished lookups, for the caller
         self.reachable: Callable[[int], bool] = lambda addr: True  # members with a route to them
 
+    @property
+    def size(self) -> int:
+        return sum(len(e) for e in self.store.values())
+
     def closest(self, key: bytes, n: int | None = None) -> list[int]:
         k = int.from_bytes(hashlib.sha3_256(key).digest(), "big")
-        return sorted(self.members, key=lambda a: node_id(a) ^ k)[: n or self.k]
+        return sorted(self.members, key=lambda a: node_id(a) ^ k)[: n or self.params.k]
 
     def set_members(self, members: Iterable[int], now: float) -> Out:
         """Membership changed: republish what we registered to its new home."""
@@ -66,19 +99,36 @@ class Directory:
         return self._publish(self.mine, now) if changed else []
 
     def register(self, key: bytes, on: bool, now: float) -> Out:
-        (self.mine.add if on else self.mine.discard)(key)
         if on:
             return self._publish([key], now)
-        return [(a, DhtStore(self.me, key, self.me, 0.0)) for a in self.closest(key)]
+        self.mine.pop(key, None)
+        gone = self._signed(key, 0.0)
+        return [(a, gone) for a in self.closest(key)]
+
+    def _signed(self, key: bytes, ttl: float) -> DhtStore:
+        self._seq += 1
+        store = DhtStore(self.me, key, self.me, ttl, self._seq, self.identity.pub)
+        return dataclasses.replace(store, sig=self.identity.sign(signed_part(store)))
 
     def _publish(self, keys: Iterable[bytes], now: float) -> Out:
-        return [(a, DhtStore(self.me, key, self.me, self.expire)) for key in keys for a in self.closest(key)]
+        out: Out = []
+        for key in list(keys):
+            store = self.mine[key] = self._signed(key, self.params.t_expire)
+            out += [(a, store) for a in self.closest(key)]
+        return out
+
+    def _held(self, key: bytes, now: float) -> list[DhtStore]:
+        """The live stores for `key` we believe: of members, under the keys bound to them (a store
+        taken before its member's LSU counts once the keys agree)."""
+        keys = self.bindings.by_addr
+        return [h.store for a, h in self.store.get(key, {}).items()
+                if h.expiry > now and a in self.members and keys.get(a) == h.store.pub]
 
     def local(self, key: bytes, now: float) -> list[int] | None:
         """What we know without asking: our own names, entries we hold, the cache."""
         if key in self.mine:
             return [self.me]
-        held = [a for a, exp in self.store.get(key, {}).items() if exp > now and a in self.members]
+        held = [store.addr for store in self._held(key, now)]
         if held:
             return held
         hit = self.cache.get(key)
@@ -88,6 +138,9 @@ class Directory:
     def lookup(self, key: bytes, now: float) -> tuple[int, Out]:
         """Start a lookup; its answer lands in `resolved` (an empty list: not found)."""
         cookie = random.getrandbits(62)
+        if len(self._lookups) >= MAX_LOOKUPS:
+            self.resolved.append((key, []))
+            return cookie, []
         targets = [a for a in self.closest(key) if a != self.me]
         lk = _Lookup(key, targets, now + LOOKUP_TIMEOUT)
         self._lookups[cookie] = lk
@@ -95,7 +148,7 @@ class Directory:
 
     def _ask(self, cookie: int, lk: _Lookup) -> Out:
         out: Out = []
-        while lk.targets and lk.waiting < ALPHA:
+        while lk.targets and lk.waiting < self.params.alpha:
             target = lk.targets.pop(0)
             if self.reachable(target):  # no route yet (or any more): asking would only time out
                 out.append((target, DhtFind(self.me, lk.key, cookie)))
@@ -106,28 +159,23 @@ class Directory:
         return out
 
     def receive(self, msg: Message, now: float) -> Out:
+        """Take a DHT message; raises auth.Forged for a store its member did not sign."""
         if isinstance(msg, DhtStore):
-            if not math.isfinite(msg.ttl):
-                return []
-            entries = self.store.setdefault(msg.key, {})
-            if msg.ttl <= 0:
-                entries.pop(msg.addr, None)
-                self.cache.pop(msg.key, None)
-            else:
-                expiry = now + min(msg.ttl, self.expire)
-                entries[msg.addr] = expiry
-                self._schedule.add((expiry, msg.key, msg.addr))
-            if not entries:
-                del self.store[msg.key]
+            self._take(msg, now)
             return []
         if isinstance(msg, DhtFind):
-            return [(msg.src, DhtFound(self.me, msg.key, msg.cookie, self.local(msg.key, now) or []))]
+            if len(msg.key) > MAX_KEY:
+                return []
+            stores = self._held(msg.key, now)
+            if msg.key in self.mine:
+                stores.insert(0, self.mine[msg.key])
+            return [(msg.src, DhtFound(self.me, msg.key, msg.cookie, stores[:MAX_FOUND]))]
         if isinstance(msg, DhtFound):
             lk = self._lookups.get(msg.cookie)
             if lk is None or lk.key != msg.key:
                 return []
             lk.waiting -= 1
-            live = [a for a in msg.addrs if a in self.members]  # not members that left since
+            live = self._proven(msg, now)
             if live:
                 del self._lookups[msg.cookie]
                 self.cache[msg.key] = (live, now + CACHE_TTL)
@@ -136,19 +184,95 @@ class Directory:
             return self._ask(msg.cookie, lk)
         return []
 
-    def tick(self, now: float) -> Out:
+    def _proven(self, found: DhtFound, now: float) -> list[int]:
+        """The members a lookup answer proves registered for its key: each by its own signed store,
+        under the key bound to it; whatever else the answerer claims counts for nothing."""
+        live: list[int] = []
+        for store in found.stores[:MAX_FOUND]:
+            try:
+                self._check(store)
+            except auth.Forged:
+                self.forged += 1
+                continue
+            if (store.key == found.key and store.ttl > 0 and store.addr in self.members
+                    and self.bindings.by_addr.get(store.addr) == store.pub
+                    and store.seq >= self.seqs.get((store.key, store.addr), 0) and store.addr not in live):
+                live.append(store.addr)
+        return live
+
+    def _check(self, store: DhtStore) -> None:
+        """Forged unless `store` is signed by its member, for its own address, under its bound key."""
+        if store.addr != store.src:
+            raise auth.Forged(f"member {store.src} stores for address {store.addr}")
+        auth.verify(store.pub, signed_part(store), store.sig)
+        held = self.bindings.by_addr.get(store.src)
+        if held is not None and held != store.pub:
+            raise auth.Forged(f"a store for address {store.src} under another member's key")
+
+    def _take(self, store: DhtStore, now: float) -> None:
+        if not math.isfinite(store.ttl) or len(store.key) > MAX_KEY or not 0 <= store.seq < 1 << 63:
+            self.refused += 1
+            return
+        try:
+            self._check(store)
+        except auth.Forged:
+            self.forged += 1
+            raise
+        slot = (store.key, store.addr)
+        if store.seq <= self.seqs.get(slot, -1):
+            return  # a replay, or a replica of what we hold
+        entries = self.store.get(store.key, {})
+        if store.addr not in entries and store.ttl > 0:
+            if self.size >= MAX_ENTRIES or self._per_member.get(store.addr, 0) >= MAX_PER_MEMBER:
+                self.refused += 1
+                return
+            self._per_member[store.addr] = self._per_member.get(store.addr, 0) + 1
+        if slot not in self.seqs and len(self.seqs) >= 2 * MAX_ENTRIES:
+            self.seqs.pop(next(iter(self.seqs)))  # forget the oldest removal rather than grow
+        self.seqs[slot] = store.seq
+        if store.ttl <= 0:
+            self._drop(store.key, store.addr)
+            self.cache.pop(store.key, None)
+            return
+        expiry = now + min(store.ttl, self.params.t_expire)
+        self.store.setdefault(store.key, {})[store.addr] = _Held(store, expiry)
+        self._schedule.add((expiry, store.key, store.addr))
+
+    def _drop(self, key: bytes, addr: int) -> None:
+        entries = self.store.get(key)
+        if entries is not None and entries.pop(addr, None) is not None:
+            self._per_member[addr] -= 1
+            if not self._per_member[addr]:
+                del self._per_member[addr]
+            if not entries:
+                del self.store[key]
+
+    # -- timers (sans-IO) ------------------------------------------------------------
+
+    def get_timer(self) -> float:
+        due = [self._next_refresh, self._next_replicate]
+        if self._schedule:
+            due.append(self._schedule[0][0])
+        due += [lk.deadline for lk in self._lookups.values()]
+        return min(due)
+
+    def handle_timer(self, now: float) -> Out:
         while self._schedule and self._schedule[0][0] <= now:
             expiry, key, addr = self._schedule.pop(0)
-            entries = self.store.get(key)
-            if entries is not None and entries.get(addr) == expiry:
-                del entries[addr]
-                if not entries:
-                    del self.store[key]
+            held = self.store.get(key, {}).get(addr)
+            if held is not None and held.expiry == expiry:
+                self._drop(key, addr)
         for cookie, lk in list(self._lookups.items()):
             if now >= lk.deadline:
                 del self._lookups[cookie]
                 self.resolved.append((lk.key, []))
+        out: Out = []
         if now >= self._next_refresh:
-            self._next_refresh = now + self.refresh
-            return self._publish(self.mine, now)
-        return []
+            self._next_refresh = now + self.params.t_refresh
+            out += self._publish(self.mine, now)
+        if now >= self._next_replicate:
+            self._next_replicate = now + self.params.t_replicate
+            for key, entries in self.store.items():
+                homes = [a for a in self.closest(key) if a != self.me]
+                out += [(a, h.store) for h in entries.values() for a in homes if a != h.store.src]
+        return out

@@ -1,12 +1,14 @@
 """Data transfer: the thread that forwards PDUs between N-1 flows and delivers them to N+1 flows.
 
-Per PDU: one PCI unpack, one forwarding-table lookup, one send; TTL expiry and
-PDUs for unknown flows are dropped and counted. With congestion avoidance on, PDUs
-are marked by the queue they enter, and flows are paced by what their receivers echo.
+It owns its tables (forwarding table, N-1 links, flows); the IPCP's loop changes them only by
+commands queued to this thread (`command`). Per PDU: the link's seal checked (keyed layers), one
+PCI unpack, one forwarding-table lookup, the next link's seal, one send; every drop is counted by
+reason. A congestion policy (ca) marks, echoes and paces; an error on this thread ends the process.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -15,18 +17,21 @@ import os
 import socket
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from ipcp.unicast import ca
+from ipcp.unicast import auth, ca
 from ipcp.unicast.pci import MGMT_EID, Pci, PciError, PciFormat
+from ipcp.unicast.pff import Table
 from transports.poller import BURST, PollThread, read_burst
 
 log = logging.getLogger(__name__)
 
-SAMPLE_EVERY = 8  # PDUs sent into an N-1 flow between two looks at how full its queue is
 RETRY = 0.001  # seconds a flow held back by its full first hop waits before trying again
 PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
+EXIT_CODE = 70  # the process's exit status when this thread fails
 _QUEUED = struct.Struct("i")
 
 
@@ -50,44 +55,50 @@ class UniFlow:
 
 
 @dataclasses.dataclass(eq=False)
-class N1Queue:
-    """How full the queue into one N-1 flow is, looked at every SAMPLE_EVERY PDUs and averaged
-    (as RED does), so that a burst the next hop is draining is not taken for congestion."""
+class Link:
+    """The data flow to one neighbour, with its seals in a keyed layer."""
 
+    addr: int
     sock: socket.socket
-    capacity: int
-    sent: int = 0
-    level: int = 0
-    average: float = 0.0
-
-    def sample(self) -> int:
-        queued = _QUEUED.unpack(fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * _QUEUED.size))[0]
-        self.average += (queued - self.average) / 8
-        self.level = ca.ecn_level(int(self.average), self.capacity)
-        return self.level
+    sealer: auth.Sealer | None = None
+    opener: auth.Opener | None = None
+    token: object = None  # the driver's handle of this adjacency, given back when it goes down
 
 
 @dataclasses.dataclass
 class Counters:
+    sent: int = 0  # PDUs of our flows sent into the layer
+    received: int = 0  # PDUs that came in on N-1 flows (before any check)
+    delivered: int = 0  # ... delivered to our flows
     forwarded: int = 0
-    delivered: int = 0
-    ttl_expired: int = 0
+    mgmt_in: int = 0  # management PDUs for this IPCP
+    mgmt_out: int = 0
+    mgmt_dropped: int = 0  # ... that arrived faster than the IPCP could take them
+    ttl_expired: int = 0  # the drops, by reason
     no_route: int = 0
     no_flow: int = 0
     malformed: int = 0
     overflow: int = 0
+    forged: int = 0  # a link's PDU whose seal does not verify
+    replayed: int = 0  # ... or whose sequence number was seen
     marked: int = 0  # PDUs this forwarder marked congested
     updates: int = 0  # congestion updates sent back to senders
     paced: int = 0  # times a sending flow was held back by its pace
     held: int = 0  # ... and by its first hop's full queue
 
 
+def _queued(sock: socket.socket) -> Callable[[], int]:
+    fd = sock.fileno()
+    return lambda: _QUEUED.unpack(fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * _QUEUED.size))[0]
+
+
 class Dt(PollThread):
-    """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its socket."""
+    """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its link."""
 
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
-                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int], None],
-                 on_congestion: Callable[[UniFlow, ca.Update], None] | None = None) -> None:
+                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int, object], None],
+                 on_congestion: Callable[[UniFlow, ca.Update], None],
+                 congestion: ca.Congestion | None = None, spread: bool = False) -> None:
         self.fmt = fmt
         super().__init__("dt")
         self.me = me
@@ -95,49 +106,77 @@ class Dt(PollThread):
         self.bufsize = bufsize
         self.on_mgmt = on_mgmt
         self.on_n1_down = on_n1_down
-        self.on_congestion = on_congestion  # None: the layer does no congestion avoidance
-        self.pff: dict[int, list[int]] = {}
-        self.ecmp = False  # spread flows over equal next hops (else: first that is up)
-        self.n1: dict[int, socket.socket] = {}  # next-hop address -> its data flow
+        self.on_congestion = on_congestion
+        self.ca: ca.Congestion = congestion if congestion is not None else ca.Nop()
+        self.spread = spread  # spread flows over equal next hops (ecmp), else the first that is up
+        self.pff: Table = {}
+        self.n1: dict[int, Link] = {}  # next-hop address -> its data flow
         self.flows: dict[int, UniFlow] = {}
         self.counters = Counters()
         self._n1_at: dict[int, int] = {}  # fd -> next-hop address
         self._flow_at: dict[int, UniFlow] = {}  # fd -> N+1 flow
-        self._queues: dict[int, N1Queue] = {}  # next-hop address -> its queue, with congestion avoidance
+        self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+
+    # -- commands, from the IPCP's loop ----------------------------------------------
+
+    def command(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) on this thread (in order with the other commands)."""
+        self._commands.append((fn, args))
+        if len(self._commands) == 1:
+            self.wake()
+
+    def on_wake(self) -> None:
+        while self._commands:
+            fn, args = self._commands.popleft()
+            fn(*args)
 
     def stop(self) -> None:
+        flushed = threading.Event()
+        self.command(flushed.set)
+        flushed.wait(2)  # what the driver queued last (its goodbyes to peers) goes out first
         super().stop()
         log.info("data transfer: %s", self.counters)
-        for sock in self.n1.values():
-            sock.close()
+        for link in self.n1.values():
+            link.sock.close()
 
-    # -- tables, changed from the IPCP's loop ----------------------------------
+    def _run(self) -> None:
+        try:
+            super()._run()
+        except BaseException:
+            log.critical("data transfer failed; the IPCP ends", exc_info=True)
+            os._exit(EXIT_CODE)  # the IRMd sees the IPCP die and takes its flows DOWN
 
-    def add_n1(self, addr: int, fd: int) -> None:
-        """A data flow to neighbour `addr` (the fd is duplicated; the caller keeps its own)."""
+    # -- tables: on this thread only ---------------------------------------------------
+
+    def set_pff(self, table: Table) -> None:
+        self.pff = table
+
+    def add_n1(self, addr: int, fd: int, sealer: auth.Sealer | None = None,
+               opener: auth.Opener | None = None, token: object = None) -> None:
+        """A data flow to neighbour `addr`; this thread owns `fd` from now on."""
         self.remove_n1(addr)
-        sock = socket.socket(fileno=os.dup(fd))
+        sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        self.n1[addr] = sock
+        self.n1[addr] = Link(addr, sock, sealer, opener, token)
         self._n1_at[sock.fileno()] = addr
-        if self.on_congestion is not None:
-            self._queues[addr] = N1Queue(sock, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        self.ca.n1_added(addr, _queued(sock), sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
         self.watch(sock.fileno())
 
-    def remove_n1(self, addr: int) -> None:
-        sock = self.n1.pop(addr, None)
-        self._queues.pop(addr, None)
-        if sock is not None:
-            if self._n1_at.pop(sock.fileno(), None) is not None:
-                self.unwatch(sock.fileno())
-            sock.close()
+    def remove_n1(self, addr: int, token: object = None) -> None:
+        """Close the data flow to `addr` (only the one added with `token`, if given)."""
+        if token is not None and getattr(self.n1.get(addr), "token", None) is not token:
+            return
+        link = self.n1.pop(addr, None)
+        self.ca.n1_removed(addr)
+        if link is not None:
+            if self._n1_at.pop(link.sock.fileno(), None) is not None:
+                self.unwatch(link.sock.fileno())
+            link.sock.close()
 
     def add_flow(self, flow: UniFlow) -> None:
         flow.io.setblocking(False)
         flow.hdr = self.fmt.pack(Pci(flow.dst, flow.qos, self.max_ttl, 0, flow.remote_eid))
-        if self.on_congestion is not None:
-            now = time.monotonic()
-            flow.rx, flow.tx = ca.Receiver(now), ca.Sender(now)
+        self.ca.flow_added(flow, time.monotonic())
         self.flows[flow.eid] = flow
         self._flow_at[flow.io.fileno()] = flow
         self.watch(flow.io.fileno())
@@ -148,32 +187,41 @@ class Dt(PollThread):
             self.unwatch(flow.io.fileno())
         return flow
 
-    def send_mgmt(self, dst: int, payload: bytes) -> bool:
-        """A management PDU to the IPCP at `dst` (thread-safe); False if unroutable."""
+    def send_mgmt(self, dst: int, payload: bytes) -> None:
+        """A management PDU to the IPCP at `dst`."""
+        self.counters.mgmt_out += 1
         if dst == self.me:
             self.on_mgmt(payload)
-            return True
-        return self._route(dst, (self.fmt.pack(Pci(dst, 0, self.max_ttl, 0, MGMT_EID)), payload), 0)
+        else:
+            self._route(dst, (self.fmt.pack(Pci(dst, 0, self.max_ttl, 0, MGMT_EID)), payload), 0)
 
-    def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int, hold: bool = False) -> bool:
+    def on_update(self, eid: int, update: ca.Update) -> None:
+        """Congestion feedback for our flow `eid` from its receiver."""
+        flow = self.flows.get(eid)
+        if flow is not None and flow.tx is not None:
+            flow.tx.on_update(update, time.monotonic())
+
+    # -- the data path ------------------------------------------------------------------
+
+    def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int, hold: bool = False,
+               mark: bool = False) -> bool:
         """Send a PDU towards `dst`; False if there is no way. A full queue drops it, or with
-        `hold` raises QueueFull so that its sender keeps it."""
+        `hold` raises QueueFull so that its sender keeps it. Forwarded PDUs are `mark`ed."""
         if dst == self.me:  # a flow between two applications of this member
-            self.from_n1(dst, [b"".join(bufs)])
+            self._arrived(b"".join(bufs), self.me)
             return True
         hops = self.pff.get(dst)
         if not hops:
             self.counters.no_route += 1
             return False
         n1 = self.n1
-        for hop in (hops[spread % len(hops)], *hops) if self.ecmp and len(hops) > 1 else hops:
-            sock = n1.get(hop)
-            if sock is None:
+        for hop in (hops[spread % len(hops)], *hops) if self.spread and len(hops) > 1 else hops:
+            link = n1.get(hop)
+            if link is None:
                 continue  # that next hop's flow is down: try the alternate
+            out = self._mark(hop, bufs) if mark else bufs
             try:
-                if self._queues and not hold:  # our own flows' writers are held back by a full queue instead
-                    bufs = self._mark(hop, bufs)
-                sock.sendmsg(bufs)
+                link.sock.sendmsg(link.sealer.seal(*out) if link.sealer else out)
             except BlockingIOError:
                 if hold:
                     raise QueueFull from None
@@ -186,11 +234,7 @@ class Dt(PollThread):
 
     def _mark(self, hop: int, bufs: tuple[bytes | bytearray, ...]) -> tuple[bytes | bytearray, ...]:
         """The PDU marked with how full the queue to `hop` is, if that is more than it carries."""
-        queue = self._queues.get(hop)
-        if queue is None:
-            return bufs
-        queue.sent += 1
-        level = queue.sample() if queue.sent % SAMPLE_EVERY == 0 else queue.level
+        level = self.ca.level(hop)
         at = self.fmt.ecn_offset
         if level <= bufs[0][at]:
             return bufs
@@ -199,12 +243,6 @@ class Dt(PollThread):
         self.counters.marked += 1
         return (head, *bufs[1:])
 
-    def on_update(self, eid: int, update: ca.Update) -> None:
-        """Congestion feedback for our flow `eid` from its receiver."""
-        flow = self.flows.get(eid)
-        if flow is not None and flow.tx is not None:
-            flow.tx.on_update(update, time.monotonic())  # a few stores: safe from the IPCP's thread
-
     def _hold(self, flow: UniFlow, wait: float, rest: list[bytes]) -> None:
         """Stop reading the flow for `wait` seconds; then send `rest` (read, not sent) and read on."""
         fd = flow.io.fileno()
@@ -212,23 +250,20 @@ class Dt(PollThread):
 
         def resume() -> None:
             if self._flow_at.get(fd) is flow and (not rest or self._send_from(flow, rest)):
-                with contextlib.suppress(OSError):  # deallocated by the IPCP's thread just now
+                with contextlib.suppress(OSError):  # deallocated by a command just now
                     self.watch(fd)
 
         self.call_later(wait, resume)
 
-    # -- the thread ----------------------------------------------------------
-
     def on_ready(self, fd: int, mask: int) -> None:
         hup = bool(mask & self.HUP)
         if (hop := self._n1_at.get(fd)) is not None:
-            sock = self.n1.get(hop)
-            if sock is not None:
-                pdus, ended = read_burst(sock, self.bufsize, hup)
-                self.from_n1(hop, pdus)
-                if ended:  # torn down below us
-                    self.remove_n1(hop)
-                    self.on_n1_down(hop)
+            link = self.n1[hop]
+            pdus, ended = read_burst(link.sock, self.bufsize, hup)
+            self.from_n1(link, pdus)
+            if ended:  # torn down below us
+                self.remove_n1(hop)
+                self.on_n1_down(hop, link.token)
         elif (flow := self._flow_at.get(fd)) is not None:
             paced = flow.tx is not None and flow.tx.paced
             sdus, ended = read_burst(flow.io, self.bufsize, hup, PACED_BURST if paced else BURST)
@@ -236,45 +271,60 @@ class Dt(PollThread):
             if ended:
                 self.remove_flow(flow.eid)
 
-    def from_n1(self, hop: int, pdus: list[bytes]) -> None:
-        """PDUs from a neighbour: ours are delivered, others forwarded with one hop less to live."""
-        fmt, size, me, c = self.fmt, self.fmt.size, self.me, self.counters
-        now = time.monotonic() if self.on_congestion is not None else 0.0
+    def from_n1(self, link: Link, pdus: list[bytes]) -> None:
+        """PDUs from a neighbour: checked, then ours delivered, others forwarded one hop less to live."""
+        opener, c = link.opener, self.counters
+        c.received += len(pdus)
         for pdu in pdus:
             if not pdu:
                 continue  # the N-1 flow's own keepalive
-            try:
-                pci = fmt.unpack(pdu)
-            except PciError:
-                c.malformed += 1
-                continue
-            if pci.dst == me:
-                if pci.eid == MGMT_EID:
-                    self.on_mgmt(pdu[size:])
-                    continue
-                flow = self.flows.get(pci.eid)
-                if flow is None:  # (a PDU with no SDU carries a keepalive of the flow: delivered empty)
-                    c.no_flow += 1
-                    continue
-                if flow.rx is not None and (update := flow.rx.on_pdu(pci.ecn, len(pdu), now)) is not None:
-                    assert self.on_congestion is not None
-                    self.on_congestion(flow, update)
-                    c.updates += 1
+            if opener is not None:
                 try:
-                    flow.io.send(memoryview(pdu)[size:])
-                    c.delivered += 1
-                except BlockingIOError:
-                    c.overflow += 1
-                except OSError:
-                    c.no_flow += 1
-                continue
+                    pdu = opener.open(pdu)  # type: ignore[assignment]
+                except auth.Replayed:
+                    c.replayed += 1
+                    continue
+                except auth.Forged:
+                    c.forged += 1
+                    continue
+            self._arrived(pdu, link.addr)
+
+    def _arrived(self, pdu: bytes | memoryview, hop: int) -> None:
+        """A PDU from neighbour `hop` (its seal checked), or from ourselves."""
+        fmt, c = self.fmt, self.counters
+        try:
+            pci = fmt.unpack(pdu)
+        except PciError:
+            c.malformed += 1
+            return
+        if pci.dst != self.me:
             if pci.ttl <= 1:
                 c.ttl_expired += 1
-                continue
+                return
             buf = bytearray(pdu)
             buf[fmt.ttl_offset] = pci.ttl - 1
-            if self._route(pci.dst, (buf,), pci.eid):
+            if self._route(pci.dst, (buf,), pci.eid, mark=True):
                 c.forwarded += 1
+            return
+        size = fmt.size
+        if pci.eid == MGMT_EID:
+            c.mgmt_in += 1
+            self.on_mgmt(bytes(pdu[size:]))
+            return
+        flow = self.flows.get(pci.eid)
+        if flow is None:  # (a PDU with no SDU carries a keepalive of the flow: delivered empty)
+            c.no_flow += 1
+            return
+        if flow.rx is not None and (update := flow.rx.on_pdu(pci.ecn, len(pdu), time.monotonic())) is not None:
+            self.on_congestion(flow, update)
+            c.updates += 1
+        try:
+            flow.io.send(memoryview(pdu)[size:])
+            c.delivered += 1
+        except BlockingIOError:
+            c.overflow += 1
+        except OSError:
+            c.no_flow += 1
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         self._send_from(flow, sdus)
@@ -282,10 +332,11 @@ class Dt(PollThread):
     def _send_from(self, flow: UniFlow, sdus: list[bytes]) -> bool:
         """Send a flow's SDUs; False if the flow is now held back. With congestion avoidance it is,
         by its pace or by its first hop's full queue: its writer blocks rather than loses SDUs."""
-        tx = flow.tx
+        tx, hold = flow.tx, self.ca.holds
         for i, sdu in enumerate(sdus):
             try:
-                self._route(flow.dst, (flow.hdr, sdu), flow.eid, tx is not None)
+                if self._route(flow.dst, (flow.hdr, sdu), flow.eid, hold):
+                    self.counters.sent += 1
             except QueueFull:
                 self.counters.held += 1
                 self._hold(flow, RETRY, sdus[i:])

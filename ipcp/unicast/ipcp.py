@@ -1,17 +1,18 @@
 """The unicast IPCP: an application of the layers below that enrolls, routes, keeps the
-directory and carries flows across its layer, multi-hop.
+directory and carries flows across its layer, multi-hop. This module composes and drives.
 
-Components live in their own modules (pci, dt, routing, dir); this module is
-the glue: enrollment, neighbour connections, the flow allocator, timers.
+The parts are sans-IO cores, each in its module: enroll, connmgr (adjacencies, neighbours,
+automatic connects), fa (flow allocator), routing (link state) with a pff policy, dir (DHT), and
+the data transfer thread (dt) with a congestion policy (ca). Here: N-1 flows, the IRMd, and one
+timer armed for the earliest of the cores' get_timer().
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import dataclasses
-import hashlib
-import hmac
+import itertools
 import logging
 import os
 import random
@@ -22,12 +23,16 @@ from flowlib.aio import AsyncFlow
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
 from ipcp.base import Ipcp
-from ipcp.unicast import ca
+from ipcp.unicast import auth, ca, pff
 from ipcp.unicast import messages as um
-from ipcp.unicast.dir import Directory
+from ipcp.unicast.connmgr import MAX_NEIGHBOURS, Adjacency, AutoConnect, Neighbours
+from ipcp.unicast.dir import DhtParams, Directory
 from ipcp.unicast.dt import Dt, UniFlow
+from ipcp.unicast.enroll import Enrollee, Enroller
+from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, Ended, FaError, FlowAllocator, State
+from ipcp.unicast.handshake import Peer, Refused
 from ipcp.unicast.pci import PciFormat
-from ipcp.unicast.routing import POLICIES, Lsdb
+from ipcp.unicast.routing import Lsdb, LsTimers
 from proto import messages as m
 from proto.errors import FlowError
 from proto.names import HASHES
@@ -40,15 +45,19 @@ from transports.wire import Message, WireError
 
 log = logging.getLogger(__name__)
 
-TICK = 0.5
-HELLO_TIMEOUT = 10.0
 ALLOC_TIMEOUT = 10.0
-PATH_GRACE = 10.0  # a flow whose destination stays unreachable this long goes down
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
-AUTO_NEIGHBOURS = 8  # automatic connects stop at this many neighbours
-AUTO_RETRY = 10.0  # seconds before trying a member that could not be reached again
+MAX_HANDSHAKES = 32  # N-1 flows being greeted at once; more are closed unanswered
+MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop; more are dropped
+MGMT_SLICE = 256  # ... taken by the loop at once
 DEFAULTS = {"addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "none",
-            "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat", "mtu": "1500"}
+            "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat", "mtu": "1500",
+            "ls_t_recalc": "4", "ls_t_update": "15", "ls_t_timeo": "60",
+            "dht_alpha": "3", "dht_k": "8", "dht_t_expire": "86400", "dht_t_refresh": "900",
+            "dht_t_replicate": "900"}
+SIGNED = (um.FaReq, um.FaReply, um.FaDealloc, um.FlowUpdate)  # each member's own word, checked end to end
+BOUNDS = {"ls_t_recalc": (1, 3600), "ls_t_update": (1, 3600), "ls_t_timeo": (2, 86400), "dht_alpha": (1, 20),
+          "dht_k": (1, 20), "dht_t_expire": (10, 86400), "dht_t_refresh": (1, 3600), "dht_t_replicate": (1, 3600)}
 
 
 def qos_cube(qos: QosSpec) -> int:
@@ -66,24 +75,18 @@ def check_conf(conf: dict[str, str]) -> dict[str, str]:
         PciFormat(int(out["addr"]), int(out["eid"]))
         if not 1 <= int(out["ttl"]) <= 255 or int(out["mtu"]) < 64:
             raise ValueError("ttl must be 1-255 and mtu at least 64")
+        for key, (lo, hi) in BOUNDS.items():
+            if not lo <= int(out[key]) <= hi:
+                raise ValueError(f"{key} must be {lo}-{hi}")
+        if int(out["ls_t_timeo"]) <= int(out["ls_t_update"]):
+            raise ValueError("ls_t_timeo must exceed ls_t_update, or LSUs expire between two updates")
+        pff.by_name(out["routing"])
+        ca.by_name(out["congestion"])
     except ValueError as e:
         raise HandlerError(m.EINVAL, f"bad unicast options: {e}") from None
-    if out["routing"] not in POLICIES or out["hash"] not in HASHES:
-        raise HandlerError(m.EINVAL, f"bad routing {out['routing']!r} or hash {out['hash']!r}")
+    if out["hash"] not in HASHES:
+        raise HandlerError(m.EINVAL, f"bad hash {out['hash']!r}")
     return out
-
-
-def proof(key: bytes, nonce: bytes, name: str) -> bytes:
-    return hmac.new(key, nonce + name.encode(), hashlib.sha3_256).digest()
-
-
-@dataclasses.dataclass(eq=False)
-class Neighbour:
-    addr: int
-    name: str
-    mgmt: AsyncFlow | None = None
-    dt: Flow | None = None
-    task: asyncio.Task[None] | None = None
 
 
 class UnicastIpcp(Ipcp):
@@ -94,21 +97,26 @@ class UnicastIpcp(Ipcp):
         super().__init__(*args, **kw)
         self.conf: dict[str, str] = {}
         self.addr = 0
-        self.key = b""
+        self.psk: bytes | None = None  # from the layer key; None: an open layer
+        self.identity = auth.Identity.generate()  # until the layer is joined: then the IPCP's own, kept
         self.irm: IrmClient | None = None
         self.dt: Dt | None = None
         self.lsdb: Lsdb | None = None
         self.dir: Directory | None = None
+        self.fa: FlowAllocator | None = None
         self.mtu = 0
-        self.neighbours: dict[int, Neighbour] = {}
+        self.neighbours = Neighbours()
+        self.routes: dict[int, list[int]] = {}  # the forwarding table, as last given to the DT thread
         self.via = ""  # the name we enrolled through
-        self.auto = False
-        self._auto_busy = False
-        self._auto_retry: dict[str, float] = {}  # member name -> when to try it again
+        self.auto = AutoConnect(time.monotonic())
         self.flows: dict[int, UniFlow] = {}  # by irmd flow id
-        self.unreachable: dict[int, float] = {}  # flow id -> since when its dst has no route
-        self._allocs: dict[int, asyncio.Future[um.FaReply]] = {}
+        self.stats: collections.Counter[str] = collections.Counter()  # enrollment, handshakes, drops
+        self._allocs: dict[int, asyncio.Future[Alloc]] = {}
         self._lookups: dict[bytes, list[asyncio.Future[list[int]]]] = {}
+        self._handshakes = 0
+        self._mgmt_in: collections.deque[bytes] = collections.deque()  # from the DT thread
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- joining a layer ---------------------------------------------------
 
@@ -118,78 +126,125 @@ class UnicastIpcp(Ipcp):
 
     async def enroll(self, dst: str, key: str = "") -> m.LayerInfo:
         """Ask a member, reached by name through the layers below, for the layer's config."""
-        irm = self._client()
+        af = await self._alloc_n1(dst, qos_raw, "enroll")
+        core = Enrollee(self.name, key, time.monotonic())
+        core.start()
         try:
-            flow = await asyncio.to_thread(flow_alloc, dst, qos_raw, ALLOC_TIMEOUT, irm=irm)
-        except FlowError as e:
-            raise HandlerError(m.ENOENT, f"cannot reach {dst!r} to enroll: {e}") from None
-        async with AsyncFlow(flow) as af:
-            await af.write(um.CODEC.encode(um.Hello(um.ENROLL, self.name)))
-            info = await self._expect(af, um.EnrollInfo)
-            if info.result == um.E_AUTH and info.nonce:
-                if not key:
-                    raise HandlerError(m.EPERM, f"layer {info.layer!r} needs a key to enroll (enroll ... key SECRET)")
-                await af.write(um.CODEC.encode(um.Proof(proof(key.encode(), info.nonce, self.name))))
-                info = await self._expect(af, um.EnrollInfo)
-        if info.result != um.OK:
-            raise HandlerError(m.EPERM if info.result == um.E_AUTH else m.EIPCP, f"enrollment refused: {info.error}")
+            await self._drive(af, core)
+        finally:
+            af.close()
+        if core.error is not None:
+            self.stats["enroll_failed"] += 1
+            hint = " (enroll ... key SECRET)" if core.error.code == m.EPERM and not key else ""
+            raise HandlerError(core.error.code, f"enrollment through {dst!r} failed: {core.error.text}{hint}")
+        assert core.info is not None and core.enroller is not None
+        info = core.info
         log.info("%s: enrolled in %s through %s", self.name, info.layer, info.name or dst)
         self.via = info.name or dst  # its own name: the layer's name may be ours too soon (autobind)
-        return await self._start(info.layer, check_conf(info.conf), members=set(info.members))
+        conf = check_conf({k: v for k, v in info.conf.items() if k != "key"})
+        if key:
+            conf["key"] = key  # ours: the enroller proved it knows it, never sent it
+        self.stats["enrolled"] += 1
+        return await self._start(info.layer, conf, members=set(info.members))
 
     async def _start(self, layer: str, conf: dict[str, str], members: set[int]) -> m.LayerInfo:
+        try:
+            identity = auth.Identity.load(auth.state_dir() / "ipcp" / f"{self.name}.key")
+        except (OSError, ValueError) as e:
+            raise HandlerError(m.EPERM, f"cannot use this IPCP's member key: {e}") from None
+        self.identity = identity
         self.conf = conf
-        self.key = conf.get("key", "").encode()
+        self.psk = auth.layer_psk(conf["key"]) if conf.get("key") else None
         fmt = PciFormat(int(conf["addr"]), int(conf["eid"]))
         while True:
             self.addr = random.randint(1, fmt.max_addr)
             if self.addr not in members:
                 break
         self.layer = layer
-        self.mtu = int(conf["mtu"]) - fmt.size
-        self.lsdb = Lsdb(self.addr, conf["routing"], self.name, time.time())
-        self.dir = Directory(self.addr)
-        self.dir.reachable = lambda addr: self.dt is not None and addr in self.dt.pff
-        self.loop = asyncio.get_running_loop()
-        loop = self.loop
+        self.mtu = int(conf["mtu"]) - fmt.size - (auth.SEAL if self.psk else 0)
+        now = time.monotonic()
+        bindings = auth.Bindings()
+        timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
+        policy = pff.by_name(conf["routing"])
+        self.lsdb = Lsdb(self.addr, policy, self.name, time.time(), identity, bindings, timers, now)
+        params = DhtParams(int(conf["dht_alpha"]), int(conf["dht_k"]), float(conf["dht_t_expire"]),
+                           float(conf["dht_t_refresh"]), float(conf["dht_t_replicate"]))
+        self.dir = Directory(self.addr, params, identity, bindings, now)
+        self.dir.reachable = self._reachable
+        self.fa = FlowAllocator(self.addr, fmt.max_eid, self._reachable)
+        self.loop = loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._fatal)
 
-        def on_mgmt(pdu: bytes) -> None:  # from the DT thread
-            loop.call_soon_threadsafe(self._on_mgmt, pdu)
+        def on_mgmt(pdu: bytes) -> None:  # on the DT thread: hand over in batches, bounded
+            assert self.dt is not None
+            if len(self._mgmt_in) >= MAX_MGMT_QUEUE:
+                self.dt.counters.mgmt_dropped += 1
+                return
+            self._mgmt_in.append(pdu)
+            if len(self._mgmt_in) == 1:  # the loop drains to empty: one wake-up per batch
+                loop.call_soon_threadsafe(self._drain_mgmt)
 
-        def on_n1_down(addr: int) -> None:
-            loop.call_soon_threadsafe(self._n1_down, addr)
+        def on_n1_down(addr: int, link: object) -> None:
+            loop.call_soon_threadsafe(self._drop_link, addr, um.DT, link)
 
         def on_congestion(flow: UniFlow, update: ca.Update) -> None:  # on the DT thread
             assert self.dt is not None
-            self.dt.send_mgmt(flow.dst, um.CODEC.encode(
-                um.FlowUpdate(self.addr, flow.remote_eid, update.ece, update.rate)))
+            msg = self._sign(um.FlowUpdate(self.addr, flow.remote_eid, update.ece, update.rate))
+            self.dt.send_mgmt(flow.dst, um.CODEC.encode(msg))
 
-        self.dt = self.dt_class(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down,
-                                on_congestion if conf["congestion"] == "mb-ecn" else None)
-        self.dt.ecmp = conf["routing"] == "ecmp"
+        self.dt = self.dt_class(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down, on_congestion,
+                                ca.by_name(conf["congestion"]), policy.spread)
         self.dt.start()
         irm = self._client()
-        self.loop.add_reader(irm.wakeup_fd, self._on_arrivals)
+        loop.add_reader(irm.wakeup_fd, self._on_arrivals)
         await asyncio.to_thread(irm.listen, True)
-        self.spawn(self._tick())
         log.info("%s: in layer %s at address %d", self.name, layer, self.addr)
+        self._after(now)
         return m.LayerInfo(layer, conf["hash"], self.mtu)
+
+    def _fatal(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An error nothing handled, in a callback or a task: the IPCP is not to be trusted on."""
+        log.critical("%s: %s; the IPCP ends", self.name, context.get("message"), exc_info=context.get("exception"))
+        self.fail()
 
     def _client(self) -> IrmClient:
         if self.irm is None:
             self.irm = IrmClient(self.irmd_sock)
         return self.irm
 
-    @staticmethod
-    async def _expect(af: AsyncFlow, kind: Any) -> Any:
+    def _reachable(self, addr: int) -> bool:
+        return addr in self.routes
+
+    async def _alloc_n1(self, dst: str, qos: QosSpec, what: str) -> AsyncFlow:
         try:
-            sdu = await asyncio.wait_for(af.read(), HELLO_TIMEOUT)
-            msg = um.CODEC.decode(sdu).msg
-        except (TimeoutError, FlowError, WireError) as e:
-            raise HandlerError(m.EIPCP, f"peer did not answer as expected: {e or 'timed out'}") from None
-        if not isinstance(msg, kind):
-            raise HandlerError(m.EIPCP, f"peer answered {type(msg).__name__}, expected {kind.__name__}")
-        return msg
+            flow = await asyncio.to_thread(flow_alloc, dst, qos, ALLOC_TIMEOUT, irm=self._client())
+        except FlowError as e:
+            raise HandlerError(m.ENOENT, f"cannot reach {dst!r} to {what}: {e}") from None
+        return AsyncFlow(flow)
+
+    @staticmethod
+    async def _drive(af: AsyncFlow, core: Enrollee | Adjacency) -> None:
+        """Run a handshake core over its N-1 flow until it is done (or the flow ends)."""
+        while True:
+            try:
+                for sdu in core.pop_out():
+                    await af.write(sdu)
+            except FlowError:
+                core.closed()
+                return
+            if core.done:
+                return
+            deadline = core.get_timer()
+            assert deadline is not None
+            try:
+                sdu = await asyncio.wait_for(af.read(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                core.handle_timer(time.monotonic())
+                continue
+            except FlowError:
+                core.closed()
+                return
+            core.receive(sdu, time.monotonic())
 
     # -- neighbours ----------------------------------------------------------
 
@@ -197,44 +252,34 @@ class UnicastIpcp(Ipcp):
         if not self.layer:
             raise HandlerError(m.ENOTCONN, "not in a layer yet")
         if dst == AUTO:
-            self.auto = connect
+            self.auto.enabled = connect
+            self._rearm()
             return
         comps = [component] if component else [um.MGMT, um.DT]
         if not connect:
-            for nb in [n for n in self.neighbours.values() if n.name == dst]:
-                self._drop_neighbour(nb, comps)
+            for nb in self.neighbours.named(dst):
+                for comp in comps:
+                    self._drop_link(nb.addr, comp)
             return
         for comp in comps:
             spec = qos_by_name(qos) if comp == um.DT else qos_raw  # management always rides raw flows
             if comp == um.DT and not spec.frct:
                 # DT reads a raw flow's socket itself, past flowlib: its peer's liveness cannot be seen.
                 spec = dataclasses.replace(spec, timeout=0)
+            af = await self._alloc_n1(dst, spec, "connect")
+            adj = Adjacency(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic())
             try:
-                flow = await asyncio.to_thread(flow_alloc, dst, spec, ALLOC_TIMEOUT, irm=self._client())
-            except FlowError as e:
-                raise HandlerError(m.ENOENT, f"cannot reach {dst!r}: {e}") from None
-            af = AsyncFlow(flow)
-            try:
-                nonce = os.urandom(16)
-                await af.write(um.CODEC.encode(um.Hello(comp, self.name, self.layer, self.addr, nonce)))
-                hello = await self._expect(af, um.Hello)
-                if hello.layer != self.layer:
-                    raise HandlerError(m.EINVAL, f"{dst!r} is in layer {hello.layer!r}, not {self.layer!r}")
-                if hello.addr == self.addr:  # a name this IPCP answers to itself (the layer's, say)
-                    raise HandlerError(m.EINVAL, f"{dst!r} is this IPCP itself")
-                if bool(hello.nonce) != bool(self.key):  # a keyed member challenges; a keyless one cannot
-                    why = "needs the layer key" if hello.nonce else "does not know the layer key"
-                    raise HandlerError(m.EPERM, f"{dst!r} {why}")
-                if self.key:
-                    await af.write(um.CODEC.encode(um.Proof(proof(self.key, hello.nonce, self.name))))
-                    answer = await self._expect(af, um.Proof)
-                    if not hmac.compare_digest(answer.mac, proof(self.key, nonce, hello.name)):
-                        raise HandlerError(m.EPERM, f"{dst!r} failed to prove the layer key")
+                await self._drive(af, adj)
             except BaseException:
                 af.close()
                 raise
-            self._add_neighbour(hello.addr, hello.name, comp, af)
-            log.info("%s: connected %s to %s (address %d)", self.name, comp, dst, hello.addr)
+            if adj.error is not None or adj.peer is None:
+                af.close()
+                error = adj.error or Refused(m.EIPCP, "the flow ended during the handshake")
+                self.stats["handshake_auth" if error.code == m.EPERM else "handshake_failed"] += 1
+                raise HandlerError(error.code, f"cannot connect {comp} to {dst!r}: {error.text}")
+            self._add_link(adj.peer, af)
+            log.info("%s: connected %s to %s (address %d)", self.name, comp, dst, adj.peer.addr)
 
     def _on_arrivals(self) -> None:
         irm = self._client()
@@ -244,179 +289,257 @@ class UnicastIpcp(Ipcp):
             self.loop.remove_reader(irm.wakeup_fd)
             return
         for reply, fd in arrived:
-            self.spawn(self._greet(AsyncFlow(Flow(reply, fd, irm))))
+            af = AsyncFlow(Flow(reply, fd, irm))
+            if self._handshakes >= MAX_HANDSHAKES or len(self.neighbours) >= MAX_NEIGHBOURS:
+                self.stats["greet_refused"] += 1
+                af.close()
+                continue
+            self.spawn(self._greet(af))
 
     async def _greet(self, af: AsyncFlow) -> None:
         """A member below reached us: it enrolls, or connects a component."""
+        self._handshakes += 1
+        adj = Adjacency(False, "", self.name, self.layer, self.addr, self.psk, time.monotonic())
         try:
-            hello = await self._expect(af, um.Hello)
-            if hello.component == um.ENROLL:
-                await self._enroll_peer(af, hello)
-                return
-            if hello.component not in (um.MGMT, um.DT) or hello.layer != self.layer:
-                raise HandlerError(m.EINVAL, f"unexpected hello {hello.component!r} for layer {hello.layer!r}")
-            if hello.addr == self.addr:
-                raise HandlerError(m.EINVAL, "a connection from this IPCP itself")
-            nonce = os.urandom(16) if self.key else b""  # a challenge only where there is a key
-            await af.write(um.CODEC.encode(um.Hello(hello.component, self.name, self.layer, self.addr, nonce)))
-            if self.key:
-                answer = await self._expect(af, um.Proof)
-                if not hmac.compare_digest(answer.mac, proof(self.key, nonce, hello.name)):
-                    log.warning("%s: %s failed to prove the layer key; refused", self.name, hello.name)
-                    af.close()
-                    return
-                await af.write(um.CODEC.encode(um.Proof(proof(self.key, hello.nonce, self.name))))
-            self._add_neighbour(hello.addr, hello.name, hello.component, af)
-            log.info("%s: %s connected %s (address %d)", self.name, hello.name, hello.component, hello.addr)
-        except (HandlerError, FlowError) as e:
-            log.warning("%s: dropping an N-1 flow: %s", self.name, e)
+            await self._drive(af, adj)
+        finally:
+            self._handshakes -= 1
+        peer = adj.peer
+        if peer is None:
+            self.stats["handshake_auth" if adj.error and adj.error.code == m.EPERM else "handshake_failed"] += 1
+            if adj.error is not None:
+                log.warning("%s: refused an N-1 flow: %s", self.name, adj.error.text)
+            af.close()
+        elif peer.component == um.ENROLL:
+            await self._enroll_peer(af, peer)
+        else:
+            self._add_link(peer, af)
+            log.info("%s: %s connected %s (address %d)", self.name, peer.name, peer.component, peer.addr)
+
+    async def _enroll_peer(self, af: AsyncFlow, peer: Peer) -> None:
+        assert self.lsdb is not None
+        conf = {k: v for k, v in self.conf.items() if k != "key"}  # the key never travels
+        core = Enroller(peer, um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name),
+                        time.monotonic())
+        try:
+            for sdu in core.pop_out():
+                await af.write(sdu)
+            self.stats["enrollments"] += 1
+            log.info("%s: enrolled %s", self.name, peer.name)
+            deadline = core.get_timer()
+            assert deadline is not None
+            await asyncio.wait_for(af.read(), max(0.0, deadline - time.monotonic()))  # until the enrollee closes
+        except (TimeoutError, FlowError):
+            pass  # closed, or done waiting for it: either way the enrollment is over
+        finally:
+            core.closed() if not core.done else None
             af.close()
 
-    async def _enroll_peer(self, af: AsyncFlow, hello: um.Hello) -> None:
-        assert self.lsdb is not None
-        conf = {k: v for k, v in self.conf.items() if k != "key"}
-        if self.key:
-            # The enrollee proves the key over our nonce; only then it learns the layer.
-            nonce = os.urandom(16)
-            await af.write(um.CODEC.encode(um.EnrollInfo(self.layer, {}, [], um.E_AUTH, "prove the key", nonce)))
-            answer = await self._expect(af, um.Proof)
-            if not hmac.compare_digest(answer.mac, proof(self.key, nonce, hello.name)):
-                log.warning("%s: %s failed to prove the layer key; enrollment refused", self.name, hello.name)
-                await af.write(um.CODEC.encode(um.EnrollInfo(self.layer, {}, [], um.E_AUTH, "wrong layer key")))
-                af.close()
-                return
-            conf["key"] = self.key.decode()
-        await af.write(um.CODEC.encode(um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name)))
-        log.info("%s: enrolled %s", self.name, hello.name)
-        with contextlib.suppress(TimeoutError, FlowError):
-            await asyncio.wait_for(af.read(), HELLO_TIMEOUT)  # until the enrollee closes
-        af.close()
-
-    def _add_neighbour(self, addr: int, name: str, comp: str, af: AsyncFlow) -> None:
+    def _add_link(self, peer: Peer, af: AsyncFlow) -> None:
         assert self.dt is not None and self.lsdb is not None
-        nb = self.neighbours.setdefault(addr, Neighbour(addr, name))
+        comp = peer.component
+        link = (af, peer)
+        old = self.neighbours.add(peer.addr, peer.name, comp, link)
+        if old is not None:
+            old[0].close()
         if comp == um.DT:
-            if nb.dt is not None:
-                nb.dt.close()
-            nb.dt = af.flow
-            self.dt.add_n1(addr, af.flow.fd)
+            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link)
             self._adjacency_changed()
         else:
-            if nb.mgmt is not None:
-                nb.mgmt.close()
-            if nb.task is not None:
-                nb.task.cancel()
-            nb.mgmt = af
-            nb.task = asyncio.ensure_future(self._serve_mgmt(nb, af))
+            self.spawn(self._serve_mgmt(link))
             for lsu in self.lsdb.all():
-                self._send_mgmt_flow(af, lsu)
+                self._write_mgmt(af, peer, lsu)
 
-    def _drop_neighbour(self, nb: Neighbour, comps: list[str]) -> None:
+    def _drop_link(self, addr: int, comp: str, link: Any = None) -> None:
+        """Drop a neighbour's adjacency (only `link`, if given: not one that replaced it since)."""
         assert self.dt is not None
-        if um.DT in comps and nb.dt is not None:
-            self.dt.remove_n1(nb.addr)
-            nb.dt.close()
-            nb.dt = None
+        gone = self.neighbours.remove(addr, comp, link)
+        if gone is None:
+            return
+        log.info("%s: %s flow to %s (address %d) is down", self.name, comp, gone[1].name, addr)
+        gone[0].close()  # a management flow's task ends on it
+        if comp == um.DT:
+            self.dt.command(self.dt.remove_n1, addr, gone)
             self._adjacency_changed()
-        if um.MGMT in comps and nb.mgmt is not None:
-            if nb.task is not None:
-                nb.task.cancel()
-            nb.mgmt.close()
-            nb.mgmt = None
-        if nb.dt is None and nb.mgmt is None:
-            self.neighbours.pop(nb.addr, None)
 
-    def _n1_down(self, addr: int) -> None:
-        nb = self.neighbours.get(addr)
-        if nb is not None:
-            log.info("%s: data flow to %s (address %d) is down", self.name, nb.name, addr)
-            self._drop_neighbour(nb, [um.DT])
-
-    async def _serve_mgmt(self, nb: Neighbour, af: AsyncFlow) -> None:
+    async def _serve_mgmt(self, link: tuple[AsyncFlow, Peer]) -> None:
         assert self.lsdb is not None
-        while True:
+        af, peer = link
+        for taken in itertools.count(1):
+            if taken % MGMT_SLICE == 0:
+                await asyncio.sleep(0)  # a read that is always ready never yields: let the others run
             try:
                 sdu = await af.read()
             except FlowError:
-                log.info("%s: management flow to %s is down", self.name, nb.name)
-                self.loop.call_soon(self._drop_neighbour, nb, [um.MGMT])
+                self._drop_link(peer.addr, um.MGMT, link)
                 return
             try:
-                msg = um.CODEC.decode(sdu).msg
-            except WireError as e:
-                log.warning("%s: bad management message from %s: %s", self.name, nb.name, e)
+                msg = um.CODEC.decode(bytes(peer.opener.open(sdu)) if peer.opener else sdu).msg
+            except auth.Replayed:
+                self.stats["mgmt_replayed"] += 1
                 continue
-            if isinstance(msg, um.Lsu) and self.lsdb.receive(msg, time.monotonic()):
-                self._flood(msg, exclude=nb.addr)
-                self._recompute()
+            except auth.Forged:
+                self.stats["mgmt_forged"] += 1
+                continue
+            except WireError as e:
+                self.stats["mgmt_malformed"] += 1
+                log.debug("%s: bad management message from %s: %s", self.name, peer.name, e)
+                continue
+            if not isinstance(msg, um.Lsu):
+                self.stats["mgmt_malformed"] += 1
+                continue
+            now = time.monotonic()
+            try:
+                news = self.lsdb.receive(msg, now)
+            except auth.Forged as e:
+                log.info("%s: dropped an LSU via %s: %s", self.name, peer.name, e)
+                continue
+            if news:
+                self._flood(msg, exclude=peer.addr)
+                self._after(now)
 
-    def _send_mgmt_flow(self, af: AsyncFlow, msg: Message) -> None:
+    @staticmethod
+    def _write_mgmt(af: AsyncFlow, peer: Peer, msg: Message) -> None:
+        sdu = um.CODEC.encode(msg)
         try:
-            af.flow.write(um.CODEC.encode(msg))
+            af.flow.write(peer.sealer.seal_bytes(sdu) if peer.sealer else sdu)
         except FlowError as e:
-            log.debug("%s: management write failed: %s", self.name, e)
+            log.debug("management write failed: %s", e)
 
     def _flood(self, lsu: um.Lsu, exclude: int = 0) -> None:
-        for nb in self.neighbours.values():
-            if nb.mgmt is not None and nb.addr != exclude:
-                self._send_mgmt_flow(nb.mgmt, lsu)
+        for addr, (af, peer) in self.neighbours.with_link(um.MGMT).items():
+            if addr != exclude:
+                self._write_mgmt(af, peer, lsu)
 
     def _adjacency_changed(self) -> None:
         assert self.lsdb is not None
-        live = {a for a, nb in self.neighbours.items() if nb.dt is not None}
-        self._flood(self.lsdb.set_neighbours(live, time.monotonic()))
-        self._recompute()
-
-    def _recompute(self) -> None:
-        assert self.dt is not None and self.lsdb is not None and self.dir is not None
-        self.dt.pff = self.lsdb.table()
-        # Directory entries live only at members we can reach: others would drop them unseen.
-        self._send_all(self.dir.set_members(set(self.dt.pff) | {self.addr}, time.monotonic()))
-
-    # -- management PDUs (flow allocator, directory) ---------------------------
-
-    def _send(self, dst: int, msg: Message) -> bool:
-        assert self.dt is not None
-        return self.dt.send_mgmt(dst, um.CODEC.encode(msg))
-
-    def _send_all(self, out: list[tuple[int, Message]]) -> None:
-        for dst, msg in out:
-            self._send(dst, msg)
-
-    def _on_mgmt(self, payload: bytes) -> None:
-        assert self.dir is not None
-        try:
-            msg = um.CODEC.decode(payload).msg
-        except WireError as e:
-            log.debug("%s: dropped a management PDU: %s", self.name, e)
-            return
         now = time.monotonic()
-        match msg:
-            case um.DhtStore() | um.DhtFind() | um.DhtFound():
-                self._send_all(self.dir.receive(msg, now))
-                self._deliver_lookups()
-            case um.FaReq():
-                self.spawn(self._fa_arrived(msg))
-            case um.FaReply():
-                fut = self._allocs.pop(msg.d_eid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            case um.FlowUpdate():
-                assert self.dt is not None
-                self.dt.on_update(msg.eid, ca.Update(msg.ece, msg.rate))
-            case um.FaDealloc():
-                flow = next((f for f in self.flows.values()
-                             if f.eid == msg.d_eid and f.dst == msg.src and f.remote_eid == msg.s_eid), None)
-                if flow is not None:
-                    self._end_flow(flow, down=False)
+        self._flood(self.lsdb.set_neighbours(set(self.neighbours.with_link(um.DT)), now))
+        self._after(now)
 
-    def _deliver_lookups(self) -> None:
-        assert self.dir is not None
+    # -- the cores' output, and the one timer --------------------------------------
+
+    def _after(self, now: float) -> None:
+        """Carry out what the cores have to say after any input, and re-arm the timer."""
+        assert self.dt is not None and self.lsdb is not None and self.dir is not None and self.fa is not None
+        table = self.lsdb.take_table(now)
+        if table is not None:
+            self.routes = table
+            self.dt.command(self.dt.set_pff, table)
+            # Directory entries live only at members we can reach: others would drop them unseen.
+            self._send_all(self.dir.set_members(set(table) | {self.addr}, now))
+            self.fa.routes_changed(now)
+        out, events = self.fa.pop()
+        self._send_all(out)
+        for ev in events:
+            self._on_fa_event(ev)
         for key, addrs in self.dir.resolved:
             for fut in self._lookups.pop(key, []):
                 if not fut.done():
                     fut.set_result(addrs)
         self.dir.resolved.clear()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        if self.lsdb is None or self.dir is None or self.fa is None:
+            return
+        due = [t for t in (self.lsdb.get_timer(), self.dir.get_timer(), self.fa.get_timer(), self.auto.get_timer())
+               if t is not None]
+        at = min(due)
+        if self._timer is not None and self._timer_at == at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        assert self.lsdb is not None and self.dir is not None and self.fa is not None
+        self._timer = None
+        now = time.monotonic()
+        lsu = self.lsdb.handle_timer(now)
+        if lsu is not None:
+            self._flood(lsu)
+        self._send_all(self.dir.handle_timer(now))
+        self.fa.handle_timer(now)
+        target = self.auto.handle_timer(now, self.addr, self.via, self.neighbours, self.lsdb.names())
+        if target is not None:
+            self.spawn(self._auto_connect(target))
+        self._after(now)
+
+    async def _auto_connect(self, dst: str) -> None:
+        try:
+            await self.connect(dst, "", "raw", True)
+        except HandlerError as e:
+            log.info("%s: automatic connect to %s failed: %s", self.name, dst, e.text)
+            self.auto.done(dst, False, time.monotonic())
+        else:
+            self.auto.done(dst, True, time.monotonic())
+        self._rearm()
+
+    # -- management PDUs (flow allocator, directory) ---------------------------
+
+    def _sign(self, msg: Message) -> Message:
+        return dataclasses.replace(msg, sig=self.identity.sign(um.signed_part(msg)))  # type: ignore[type-var]
+
+    def _signed_by_src(self, msg: um.FaReq | um.FaReply | um.FaDealloc | um.FlowUpdate) -> bool:
+        """Whether the member at msg.src signed it, under the key bound to that address."""
+        assert self.lsdb is not None
+        pub = self.lsdb.bindings.by_addr.get(msg.src)
+        try:
+            if pub is None:
+                raise auth.Forged(f"no member key known for address {msg.src}")
+            auth.verify(pub, um.signed_part(msg), msg.sig)
+        except auth.Forged as e:
+            log.debug("%s: dropped a %s: %s", self.name, type(msg).__name__, e)
+            return False
+        return True
+
+    def _send(self, dst: int, msg: Message) -> None:
+        assert self.dt is not None
+        if isinstance(msg, SIGNED):
+            msg = self._sign(msg)
+        self.dt.command(self.dt.send_mgmt, dst, um.CODEC.encode(msg))
+
+    def _send_all(self, out: list[tuple[int, Message]]) -> None:
+        for dst, msg in out:
+            self._send(dst, msg)
+
+    def _drain_mgmt(self) -> None:
+        """Management PDUs the DT thread handed over, MGMT_SLICE at a time so the loop stays responsive."""
+        for _ in range(MGMT_SLICE):
+            try:
+                pdu = self._mgmt_in.popleft()
+            except IndexError:
+                return
+            self._on_mgmt(pdu)
+        self.loop.call_soon(self._drain_mgmt)
+
+    def _on_mgmt(self, payload: bytes) -> None:
+        assert self.dir is not None and self.fa is not None and self.dt is not None
+        try:
+            msg = um.CODEC.decode(payload).msg
+        except WireError as e:
+            self.stats["mgmt_malformed"] += 1
+            log.debug("%s: dropped a management PDU: %s", self.name, e)
+            return
+        now = time.monotonic()
+        if isinstance(msg, SIGNED) and not self._signed_by_src(msg):
+            self.stats["fa_forged"] += 1
+            return
+        match msg:
+            case um.DhtStore() | um.DhtFind() | um.DhtFound():
+                try:
+                    self._send_all(self.dir.receive(msg, now))
+                except auth.Forged as e:
+                    log.info("%s: dropped a directory store: %s", self.name, e)
+            case um.FaReq() | um.FaReply() | um.FaDealloc():
+                self.fa.receive(msg, now)
+            case um.FlowUpdate():
+                self.dt.command(self.dt.on_update, msg.eid, ca.Update(msg.ece, msg.rate))
+            case _:
+                self.stats["mgmt_malformed"] += 1
+        self._after(now)
 
     async def _lookup(self, digest: bytes) -> list[int]:
         if self.dir is None:
@@ -431,153 +554,135 @@ class UnicastIpcp(Ipcp):
         if first:
             _, out = self.dir.lookup(digest, now)
             self._send_all(out)
-            self._deliver_lookups()
+            self._after(now)
         return await fut
 
     async def reg(self, digest: bytes, register: bool) -> None:
         if self.dir is None:
             raise HandlerError(m.ENOTCONN, "not in a layer yet")
-        self._send_all(self.dir.register(digest, register, time.monotonic()))
+        now = time.monotonic()
+        self._send_all(self.dir.register(digest, register, now))
+        self._after(now)
 
     async def query(self, digest: bytes) -> bool:
         return bool(await self._lookup(digest))
 
-    def _new_eid(self) -> int:
-        assert self.dt is not None
-        while True:
-            eid = random.randint(1, min(self.dt.fmt.max_eid, 2**63 - 1))
-            if eid not in self.dt.flows and eid not in self._allocs:
-                return eid
-
     async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
                          data: bytes) -> tuple[int, int, bytes]:
-        assert self.dt is not None
+        assert self.dt is not None and self.fa is not None and self.dir is not None
+        if len(data) > MAX_DATA:
+            raise HandlerError(m.EINVAL, f"allocation data of {len(data)} bytes exceeds {MAX_DATA}")
         addrs = await self._lookup(digest)
         if not addrs:
             raise HandlerError(m.ENOENT, "name not found in the layer's directory")
-        reply, dst = await self._request_flow(digest, qos, addrs, min(timeout, ALLOC_TIMEOUT))
-        if reply.result != um.OK:
-            assert self.dir is not None
-            self.dir.cache.pop(digest, None)  # stale: the next lookup asks again
-            raise HandlerError(m.ENOENT if reply.result == um.E_NOENT else m.EIPCP, "the destination refused the flow")
+        fut: asyncio.Future[Alloc] = self.loop.create_future()
+        now = time.monotonic()
+        try:
+            alloc = self.fa.alloc(flow_id, digest, qos, data, addrs, min(timeout, ALLOC_TIMEOUT), now)
+        except FaError as e:
+            raise HandlerError(e.code, e.text) from None
+        self._allocs[alloc.eid] = fut
+        self._after(now)
+        try:
+            await fut
+        finally:
+            self._allocs.pop(alloc.eid, None)
+        if alloc.error is not None:
+            if alloc.error.code in (m.ENOENT, m.EIPCP):
+                self.dir.cache.pop(digest, None)  # stale: the next lookup asks again
+            raise HandlerError(alloc.error.code, alloc.error.text)
         app_end, mine = seqpacket_pair()
-        flow = UniFlow(reply.d_eid, mine, dst, reply.s_eid, flow_id, qos_cube(qos))
-        self.flows[flow_id] = flow
-        self.dt.add_flow(flow)
-        return self.mtu, app_end.detach(), b""  # TODO(fa): carry the piggyback on the wire
+        self._add_flow(UniFlow(alloc.eid, mine, alloc.dst, alloc.remote_eid, flow_id, qos_cube(qos)))
+        return self.mtu, app_end.detach(), alloc.data
 
-    async def _request_flow(self, digest: bytes, qos: QosSpec, addrs: list[int],
-                            timeout: float) -> tuple[um.FaReply, int]:
-        """Ask the members registered for the name in turn, those we have a route to first: an
-        entry may outlive its member (a host rebooted under a new address)."""
+    def _add_flow(self, flow: UniFlow) -> None:
         assert self.dt is not None
-        pff = self.dt.pff
-        addrs = sorted(addrs, key=lambda a: a != self.addr and a not in pff)
-        deadline = time.monotonic() + timeout
-        why = ""
-        for i, dst in enumerate(addrs):
-            eid = self._new_eid()
-            fut: asyncio.Future[um.FaReply] = self.loop.create_future()
-            self._allocs[eid] = fut
-            if not self._send(dst, um.FaReq(self.addr, eid, digest, qos)):
-                self._allocs.pop(eid, None)
-                why = why or f"no route to address {dst}"
-                continue
-            left = deadline - time.monotonic()
-            try:  # the last one may take what is left; the others share it
-                return await asyncio.wait_for(fut, left if i == len(addrs) - 1 else left / 2), dst
-            except TimeoutError:
-                why = f"address {dst} did not answer the flow request"
-            finally:
-                self._allocs.pop(eid, None)
-        raise HandlerError(m.ETIMEDOUT if "answer" in why else m.ENOTCONN, why)
+        self.flows[flow.flow_id] = flow
+        self.dt.command(self.dt.add_flow, flow)
 
-    async def _fa_arrived(self, req: um.FaReq) -> None:
-        assert self.dt is not None
+    def _on_fa_event(self, ev: Allocated | AllocFailed | Arrived | Ended) -> None:
+        match ev:
+            case Allocated(alloc) | AllocFailed(alloc):
+                fut = self._allocs.get(alloc.eid)
+                if fut is not None and not fut.done():
+                    fut.set_result(alloc)
+            case Arrived(alloc):
+                self.spawn(self._fa_arrived(alloc))
+            case Ended(alloc, down):
+                flow = self.flows.pop(alloc.flow_id, None)
+                if flow is not None:
+                    assert self.dt is not None
+                    self.dt.command(self.dt.remove_flow, flow.eid)
+                    why = "its lost path" if down else "its peer"
+                    log.info("%s: flow %d ended by %s", self.name, flow.flow_id, why)
+                    self.flow_ended(flow.flow_id, down, flow.io)
+
+    async def _fa_arrived(self, alloc: Alloc) -> None:
+        assert self.fa is not None
         app_end, mine = seqpacket_pair()
         try:
-            flow_id, _ = await self.flow_arrived(req.hash, req.qos, self.mtu, app_end.fileno())
+            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data)
         except (RemoteError, HandlerError) as e:
             mine.close()
-            self._send(req.src, um.FaReply(self.addr, 0, req.s_eid, um.E_NOENT if e.code == m.ENOENT else um.E_REFUSED))
+            self.fa.refuse(alloc, um.E_NOENT if e.code == m.ENOENT else um.E_REFUSED)
+            self._after(time.monotonic())
             return
         finally:
             app_end.close()
-        flow = UniFlow(self._new_eid(), mine, req.src, req.s_eid, flow_id, qos_cube(req.qos))
-        self.flows[flow_id] = flow
-        self.dt.add_flow(flow)
-        self._send(req.src, um.FaReply(self.addr, flow.eid, req.s_eid))
+        try:
+            if alloc.state is not State.ARRIVED:
+                raise FaError(m.ETIMEDOUT, "the IRMd answered after the request timed out")
+            self.fa.accept(alloc, flow_id, data)
+        except FaError as e:
+            log.info("%s: flow %d not served: %s", self.name, flow_id, e.text)
+            self.flow_ended(flow_id, True, mine)
+        else:
+            self._add_flow(UniFlow(alloc.eid, mine, alloc.dst, alloc.remote_eid, flow_id, qos_cube(alloc.qos)))
+        self._after(time.monotonic())
 
     async def flow_dealloc(self, flow_id: int) -> None:
         flow = self.flows.pop(flow_id, None)
-        if flow is not None and self.dt is not None:
-            self.dt.remove_flow(flow.eid)
-            flow.io.close()
-            self._send(flow.dst, um.FaDealloc(self.addr, flow.eid, flow.remote_eid))
+        if flow is not None and self.dt is not None and self.fa is not None:
+            self.dt.command(self._close_flow, flow)
+            self.fa.dealloc(flow_id)
+            self._after(time.monotonic())
 
-    def _end_flow(self, flow: UniFlow, down: bool) -> None:
+    def _close_flow(self, flow: UniFlow) -> None:  # on the DT thread
         assert self.dt is not None
-        self.flows.pop(flow.flow_id, None)
-        self.unreachable.pop(flow.flow_id, None)
         self.dt.remove_flow(flow.eid)
-        self.flow_ended(flow.flow_id, down, flow.io)
+        flow.io.close()
 
-    # -- timers ----------------------------------------------------------------
+    # -- state ------------------------------------------------------------------
 
-    async def _tick(self) -> None:
-        assert self.lsdb is not None and self.dir is not None and self.dt is not None
-        while True:
-            await asyncio.sleep(TICK)
-            now = time.monotonic()
-            due, expired = self.lsdb.tick(now)
-            if due is not None:
-                self._flood(due)
-            if expired:
-                self._recompute()
-            self._send_all(self.dir.tick(now))
-            self._deliver_lookups()
-            if self.auto and not self._auto_busy and (target := self._auto_target(now)):
-                self.spawn(self._auto_connect(target, now))
-            for flow in list(self.flows.values()):
-                if flow.dst in self.dt.pff:
-                    self.unreachable.pop(flow.flow_id, None)
-                elif now - self.unreachable.setdefault(flow.flow_id, now) > PATH_GRACE:
-                    log.info("%s: flow %d: no path to %d; down", self.name, flow.flow_id, flow.dst)
-                    self._end_flow(flow, down=True)
-
-    def _auto_target(self, now: float) -> str | None:
-        """Whom to connect next on our own: with no neighbour, whoever answers to the name we
-        enrolled through; then members reachable by name in the layers below (LAN neighbours).
-
-        Of two members only the one with the lower address connects, so they never cross.
-        """
-        assert self.lsdb is not None
-        if not self.neighbours:  # a bootstrapper waits to be connected to
-            return self.via if self.via and self._auto_retry.get(self.via, 0.0) <= now else None
-        if len(self.neighbours) >= AUTO_NEIGHBOURS:
-            return None
-        linked = {nb.name for nb in self.neighbours.values()}
-        for addr, name in sorted(self.lsdb.names().items()):
-            if addr > self.addr and addr not in self.neighbours and name not in linked \
-                    and self._auto_retry.get(name, 0.0) <= now:
-                return name
-        return None
-
-    async def _auto_connect(self, dst: str, now: float) -> None:
-        self._auto_busy = True
-        try:
-            await self.connect(dst, "", "raw", True)
-        except HandlerError as e:
-            log.info("%s: automatic connect to %s failed: %s", self.name, dst, e.text)
-            self._auto_retry[dst] = now + AUTO_RETRY
-        finally:
-            self._auto_busy = False
+    def info(self) -> list[m.InfoSection]:
+        sections = super().info()
+        if self.lsdb is None or self.dir is None or self.fa is None or self.dt is None:
+            return sections
+        sections[0].rows += [["address", str(self.addr)], ["key", "yes" if self.psk else "no (open layer)"],
+                             ["routing", self.conf["routing"]], ["congestion", self.conf["congestion"]],
+                             ["members", str(len(self.lsdb.db))], ["directory entries", str(self.dir.size)],
+                             ["registered", str(len(self.dir.mine))], ["flows", str(len(self.flows))]]
+        nbs = [[str(nb.addr), nb.name, " ".join(sorted(nb.links))] for nb in self.neighbours]
+        table = [[str(d), " ".join(map(str, hops))] for d, hops in sorted(self.routes.items())]
+        counters = {**dataclasses.asdict(self.dt.counters), **self.stats,
+                    "lsu_forged": self.lsdb.forged, "lsu_refused": self.lsdb.refused,
+                    "dht_forged": self.dir.forged, "dht_refused": self.dir.refused, "fa_refused": self.fa.refused,
+                    "fa_replayed": self.fa.replayed}
+        return [*sections,
+                m.InfoSection("neighbours", ["address", "name", "components"], nbs),
+                m.InfoSection("forwarding", ["destination", "next hops"], table),
+                m.InfoSection("counters", ["counter", "value"], [[k, str(v)] for k, v in sorted(counters.items())])]
 
     async def stop(self) -> None:
-        for flow in list(self.flows.values()):
-            self._send(flow.dst, um.FaDealloc(self.addr, flow.eid, flow.remote_eid))
-        for nb in list(self.neighbours.values()):
-            self._drop_neighbour(nb, [um.MGMT, um.DT])
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.fa is not None:
+            for flow_id in list(self.flows):
+                self.fa.dealloc(flow_id)
+            self._send_all(self.fa.pop()[0])
+        for nb in self.neighbours:
+            for comp in list(nb.links):
+                self._drop_link(nb.addr, comp)
         if self.dt is not None:
             self.dt.stop()
         if self.irm is not None:

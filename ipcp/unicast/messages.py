@@ -4,6 +4,7 @@ allocation and directory; dataclasses framed by the control-message codec.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,6 +18,11 @@ ENROLL, MGMT, DT = "enroll", "mgmt", "dt"  # what an N-1 flow to a member is for
 OK, E_NOENT, E_REFUSED, E_AUTH = 0, 1, 2, 3
 
 
+def signed_part(msg: Message) -> bytes:
+    """What a member signs of a message it speaks for itself in: its encoding without the signature."""
+    return CODEC.encode(dataclasses.replace(msg, sig=b""))  # type: ignore[type-var]
+
+
 @reg
 @dataclass
 class Hello(Message):
@@ -27,13 +33,15 @@ class Hello(Message):
     name: str
     layer: str = ""
     addr: int = 0
-    nonce: bytes = b""  # the challenge for the other side, when the layer has a key
+    nonce: bytes = b""  # with a layer key: this end's fresh nonce ...
+    eph: bytes = b""  # ... and X25519 ephemeral for the key exchange (ipcp.unicast.auth)
+    mac: bytes = b""  # the responder's confirmation of the exchange (its reply only)
 
 
 @reg
 @dataclass
 class Proof(Message):
-    """Answer to a challenge: a keyed hash of the nonce and the names involved."""
+    """The initiator's confirmation of the key exchange: it knows the layer key."""
 
     TYPE: ClassVar[int] = 101
     mac: bytes
@@ -41,16 +49,25 @@ class Proof(Message):
 
 @reg
 @dataclass
+class Refuse(Message):
+    """Why the other end of a handshake will not go on (then it closes the flow)."""
+
+    TYPE: ClassVar[int] = 104
+    result: int
+    error: str
+
+
+@reg
+@dataclass
 class EnrollInfo(Message):
-    """The enroller's answer: the layer's configuration and who is in it."""
+    """The enroller's answer: the layer's configuration (never its key) and who is in it."""
 
     TYPE: ClassVar[int] = 102
     layer: str
     conf: dict[str, str]
     members: list[int] = field(default_factory=list)
-    result: int = OK  # E_AUTH with a nonce: prove the layer key first
+    result: int = OK
     error: str = ""
-    nonce: bytes = b""
     name: str = ""  # the enroller's: whom the enrollee connects to first
 
 
@@ -65,6 +82,8 @@ class Lsu(Message):
     neighbours: list[int]
     name: str = ""  # what the member is called in the layers below: automatic connects reach it by it
     since: float = 0.0  # when this incarnation started: of two addresses under one name, the later is the member
+    key: bytes = b""  # the member's signing key (bound to its address and name on first sight) ...
+    sig: bytes = b""  # ... and its signature of all the fields above
 
 
 @reg
@@ -75,6 +94,8 @@ class FaReq(Message):
     s_eid: int
     hash: bytes
     qos: QosSpec
+    data: bytes = b""  # the allocation's piggyback (the IRMd's OAP request), opaque
+    sig: bytes = b""  # the requester's (src's) signature: flow allocator messages are each member's own
 
 
 @reg
@@ -85,6 +106,8 @@ class FaReply(Message):
     s_eid: int  # the replier's eid
     d_eid: int  # the requester's eid
     result: int = OK
+    data: bytes = b""  # the responder's piggyback
+    sig: bytes = b""
 
 
 @reg
@@ -94,6 +117,7 @@ class FaDealloc(Message):
     src: int
     s_eid: int
     d_eid: int
+    sig: bytes = b""
 
 
 @reg
@@ -106,18 +130,23 @@ class FlowUpdate(Message):
     eid: int  # the sender's eid
     ece: int  # congestion level seen, 0 to 255 (0: none)
     rate: float  # bytes per second the receiver is getting
+    sig: bytes = b""
 
 
 @reg
 @dataclass
 class DhtStore(Message):
-    """Keep (key -> addr) for ttl seconds; ttl 0 removes it."""
+    """Keep (key -> addr) for ttl seconds; ttl 0 removes it. Signed by the member at `addr`, which
+    must be `src`: a member speaks only for itself; holders replicate the signed store as it is."""
 
     TYPE: ClassVar[int] = 120
     src: int
     key: bytes
     addr: int
     ttl: float
+    seq: int = 0  # the registrant's counter: an older store (a replay) never undoes a newer one
+    pub: bytes = b""
+    sig: bytes = b""
 
 
 @reg
@@ -132,11 +161,14 @@ class DhtFind(Message):
 @reg
 @dataclass
 class DhtFound(Message):
+    """The answer to a DhtFind: the stores held for the key, each as its registrant signed it, so
+    that the asker believes no holder, only the registrants (MAX_FOUND at most)."""
+
     TYPE: ClassVar[int] = 122
     src: int
     key: bytes
     cookie: int
-    addrs: list[int] = field(default_factory=list)
+    stores: list[DhtStore] = field(default_factory=list)
 
 
 @reg

@@ -1,17 +1,32 @@
-"""Link-state routing, sans-IO: the link-state database, LSU flooding decisions, and the
-forwarding table computed from it by Dijkstra under a policy (link_state, lfa, ecmp).
+"""Link-state routing, sans-IO: the link-state database of signed LSUs, flooding decisions, the
+timers of Ouroboros's link-state policy (ls_t_recalc, ls_t_update, ls_t_timeo), and the
+forwarding table a pff policy computes from it.
+
+Each member signs its own LSU; an LSU is taken only under the key bound to its address and name
+(auth.Bindings), so no member can speak for another, relay or not.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
+import math
 
-from ipcp.unicast.messages import Lsu
+from ipcp.unicast import auth
+from ipcp.unicast.messages import Lsu, signed_part
+from ipcp.unicast.pff import Graph, Pff, Simple, Table
 
-POLICIES = ("link_state", "lfa", "ecmp")
-LSU_REFRESH = 15.0  # re-flood our own LSU this often (Ouroboros's ls_t_update)
-LSU_TIMEOUT = 60.0  # forget an LSU not refreshed for this long (ls_t_timeo)
+MAX_MEMBERS = 4096  # LSDB entries: past this, LSUs of members not yet known are refused
+MAX_LINKS = 1024  # neighbours one LSU may claim
+MAX_NAME = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class LsTimers:
+    """Ouroboros 0.23's link-state defaults, in seconds."""
+
+    recalc: float = 4.0  # ls_t_recalc: a lost link is routed around within this (a new one at once)
+    update: float = 15.0  # ls_t_update: our LSU is flooded again this often
+    timeo: float = 60.0  # ls_t_timeo: an LSU not renewed for this long is forgotten
 
 
 @dataclasses.dataclass
@@ -21,19 +36,29 @@ class _Entry:
     seen: float
     name: str = ""
     since: float = 0.0  # when this incarnation of the member started (its own wall clock)
+    lsu: Lsu | None = None  # as signed, to pass on to new neighbours
+
 
 
 class Lsdb:
     """What this member knows of the layer's graph, and the next hops it implies."""
 
-    def __init__(self, me: int, policy: str = "link_state", name: str = "", since: float = 0.0) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    def __init__(self, me: int, pff: Pff | None = None, name: str = "", since: float = 0.0,
+                 identity: auth.Identity | None = None, bindings: auth.Bindings | None = None,
+                 timers: LsTimers = LsTimers(), now: float = 0.0) -> None:
         self.me = me
-        self.policy = policy
+        self.pff = pff or Simple()
+        self.identity = identity or auth.Identity.generate()
+        self.bindings = bindings or auth.Bindings()
+        self.bindings.admit(me, name, self.identity.pub)
+        self.timers = timers
         self.seqno = 0
-        self.db: dict[int, _Entry] = {me: _Entry(0, frozenset(), 0.0, name, since)}
-        self._last_flood = 0.0
+        self.db: dict[int, _Entry] = {me: _Entry(0, frozenset(), now, name, since)}
+        self.forged = 0  # LSUs refused: bad signature, or a key speaking for another's address or name
+        self.refused = 0  # LSUs refused for bounds: too many members, links or too long a name
+        self._last_flood = now
+        self._dirty = True
+        self._next_recalc = now
 
     @property
     def members(self) -> set[int]:
@@ -45,105 +70,108 @@ class Lsdb:
 
     def set_neighbours(self, neighbours: set[int], now: float) -> Lsu:
         """Our adjacencies changed: the LSU to flood."""
+        entry = self.db[self.me]
+        self._changed(now, added=bool(frozenset(neighbours) - entry.neighbours))
+        entry.neighbours = frozenset(neighbours)
+        return self._renew(now)
+
+    def _changed(self, now: float, added: bool) -> None:
+        """As Ouroboros: a new link is routed over at once, a lost one at the next ls_t_recalc."""
+        self._dirty = True
+        if added:
+            self._next_recalc = min(self._next_recalc, now)
+
+    def _renew(self, now: float) -> Lsu:
         self.seqno += 1
-        self.db[self.me] = dataclasses.replace(self.db[self.me], seqno=self.seqno, neighbours=frozenset(neighbours),
-                                               seen=now)
+        entry = self.db[self.me]
+        entry.seqno, entry.seen = self.seqno, now
         self._last_flood = now
-        return self.own()
+        lsu = Lsu(self.me, self.seqno, sorted(entry.neighbours), entry.name, entry.since, self.identity.pub)
+        entry.lsu = dataclasses.replace(lsu, sig=self.identity.sign(signed_part(lsu)))
+        return entry.lsu
 
     def own(self) -> Lsu:
-        entry = self.db[self.me]
-        return Lsu(self.me, entry.seqno, sorted(entry.neighbours), entry.name, entry.since)
+        lsu = self.db[self.me].lsu
+        return lsu if lsu is not None else self._renew(self.db[self.me].seen)
 
     def all(self) -> list[Lsu]:
-        return [Lsu(a, e.seqno, sorted(e.neighbours), e.name, e.since) for a, e in self.db.items()]
+        """Every LSU we hold, as its member signed it (for a new neighbour)."""
+        return [self.own(), *(e.lsu for a, e in self.db.items() if a != self.me and e.lsu is not None)]
 
     def receive(self, lsu: Lsu, now: float) -> bool:
-        """Take an LSU; True if it was news (and so is to be flooded on)."""
-        if lsu.src == self.me:
-            if lsu.seqno > self.seqno:  # an older incarnation of us: outnumber it
-                self.seqno = lsu.seqno
+        """Take an LSU; True if it was news (and so is to be flooded on). Raises auth.Forged for an
+        LSU its member did not sign, or signed with a key not its own."""
+        if (len(lsu.neighbours) > MAX_LINKS or len(lsu.name) > MAX_NAME or not math.isfinite(lsu.since)
+                or not 0 <= lsu.seqno < 1 << 63):
+            self.refused += 1
             return False
         entry = self.db.get(lsu.src)
         if entry is not None and lsu.seqno <= entry.seqno:
-            if lsu.seqno == entry.seqno:
-                entry.seen = now
+            return False  # no news (a replay, or a copy by another path): it renews nothing
+        if entry is None and len(self.db) >= MAX_MEMBERS:
+            self.refused += 1
             return False
-        if entry is None and lsu.name:  # a member under a second address: the later incarnation wins
-            rivals = [a for a, e in self.db.items() if e.name == lsu.name]
+        try:
+            auth.verify(lsu.key, signed_part(lsu), lsu.sig)
+            if lsu.src == self.me:
+                if lsu.key != self.identity.pub:
+                    raise auth.Forged(f"an LSU for our own address {self.me} under another key")
+            else:
+                self.bindings.admit(lsu.src, lsu.name, lsu.key)
+        except auth.Forged:
+            self.forged += 1
+            raise
+        if lsu.src == self.me:  # an older incarnation of us, still going round: outnumber it
+            self.seqno = max(self.seqno, lsu.seqno)
+            return False
+        if entry is None and lsu.name:  # the member back under a new address (its key proves it)
+            rivals = [a for a, e in self.db.items() if e.name == lsu.name and a not in (lsu.src, self.me)]
             if any(self.db[a].since > lsu.since for a in rivals):
-                return False  # an old one's LSU still going round: it must not undo the new one
+                self.bindings.release(lsu.src)
+                return False  # an old incarnation's LSU still going round: it must not undo the new one
             for addr in rivals:
-                if addr != self.me:
-                    del self.db[addr]
-        self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name, lsu.since)
+                del self.db[addr]
+                self.bindings.release(addr)
+        self._changed(now, added=entry is None or bool(frozenset(lsu.neighbours) - entry.neighbours))
+        self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name, lsu.since, lsu)
         return True
 
-    def tick(self, now: float) -> tuple[Lsu | None, bool]:
-        """(our LSU if due for a refresh flood, whether entries expired)."""
-        expired = [a for a, e in self.db.items() if a != self.me and now - e.seen > LSU_TIMEOUT]
-        for a in expired:
-            del self.db[a]
-        due = None
-        if now - self._last_flood >= LSU_REFRESH:
-            # A refresh must be news to be flooded on, and it outnumbers an old incarnation of us.
-            self._last_flood = now
-            self.seqno += 1
-            entry = self.db[self.me]
-            self.db[self.me] = dataclasses.replace(entry, seqno=self.seqno, seen=now)
-            due = self.own()
-        return due, bool(expired)
+    # -- timers (sans-IO) ------------------------------------------------------------
 
-    def graph(self) -> dict[int, set[int]]:
+    def get_timer(self) -> float:
+        """When handle_timer next has work."""
+        oldest = min((e.seen for a, e in self.db.items() if a != self.me), default=math.inf)
+        due = [self._last_flood + self.timers.update, oldest + self.timers.timeo]
+        if self._dirty:
+            due.append(self._next_recalc)
+        return min(due)
+
+    def handle_timer(self, now: float) -> Lsu | None:
+        """Forget LSUs not renewed in time; our own LSU if due to be flooded again."""
+        for a in [a for a, e in self.db.items() if a != self.me and now - e.seen >= self.timers.timeo]:
+            del self.db[a]
+            self.bindings.release(a)
+            self._changed(now, added=False)
+        if now - self._last_flood >= self.timers.update:
+            return self._renew(now)  # news to everyone: it outnumbers an older incarnation of us too
+        return None
+
+    def take_table(self, now: float) -> Table | None:
+        """A new forwarding table, if the graph changed and ls_t_recalc allows one now."""
+        if not self._dirty or now < self._next_recalc:
+            return None
+        self._dirty = False
+        self._next_recalc = now + self.timers.recalc
+        return self.table()
+
+    def graph(self) -> Graph:
         """Links both ends report; a one-sided claim is not a link."""
-        g: dict[int, set[int]] = {a: set() for a in self.db}
+        g: Graph = {a: set() for a in self.db}
         for a, e in self.db.items():
             for b in e.neighbours:
                 if b in self.db and a in self.db[b].neighbours:
                     g[a].add(b)
         return g
 
-    def table(self) -> dict[int, list[int]]:
-        """Destination -> next hops, best first, per the policy."""
-        g = self.graph()
-        dist, first = _dijkstra(g, self.me)
-        table: dict[int, list[int]] = {}
-        for dst, hops in first.items():
-            if dst == self.me:
-                continue
-            primary = sorted(hops)
-            if self.policy == "link_state":
-                table[dst] = primary[:1]
-            elif self.policy == "ecmp":
-                table[dst] = primary
-            else:  # lfa: a neighbour whose own path to dst cannot loop back through us
-                alternates = []
-                for n in sorted(g[self.me]):
-                    if n in primary[:1]:
-                        continue
-                    dn, _ = _dijkstra(g, n)
-                    if dst in dn and dn[dst] < dn.get(self.me, 1 << 30) + dist[dst]:
-                        alternates.append(n)
-                table[dst] = primary[:1] + alternates
-        return table
-
-
-def _dijkstra(g: dict[int, set[int]], src: int) -> tuple[dict[int, int], dict[int, set[int]]]:
-    """Distances from src, and for each node every first hop on a shortest path to it."""
-    dist = {src: 0}
-    first: dict[int, set[int]] = {src: set()}
-    heap = [(0, src)]
-    while heap:
-        d, node = heapq.heappop(heap)
-        if d > dist[node]:
-            continue
-        for nb in g.get(node, ()):
-            nd = d + 1  # every link costs the same
-            hops = {nb} if node == src else first[node]
-            if nb not in dist or nd < dist[nb]:
-                dist[nb] = nd
-                first[nb] = set(hops)
-                heapq.heappush(heap, (nd, nb))
-            elif nd == dist[nb]:
-                first[nb] |= hops
-    return dist, first
+    def table(self) -> Table:
+        return self.pff.table(self.graph(), self.me)

@@ -1,0 +1,216 @@
+"""Each trust property of a depot, attacked by uid 65534 (setpriv) while root uses the depot:
+private files, a leaked journal, copies to arbitrary addresses, what a copy target sends back,
+per-client connection slots, clamped timeouts and durations.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import free_port
+from test_ibp_hostile import LEGIT_WAIT, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
+
+from apps.ibp import wire as w
+from apps.ibp.client import Connection
+
+pytestmark = pytest.mark.skipif(__import__("os").geteuid() != 0,
+                                reason="the attacker runs as uid 65534 through setpriv: needs root")
+
+
+@pytest.fixture
+def depot(open_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:  # noqa: F811
+    yield from run_depot(open_dir, monkeypatch)
+
+
+READ_FILES = r"""
+import os, sys
+d = sys.argv[4]
+for path in [d, d + '/journal.log', d + '/admin.key', d + '/data', d + '/settings.json']:
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            open(path, 'rb').read()
+        print(path, 'READ')
+    except OSError as e:
+        print(path, type(e).__name__)
+"""
+
+
+def test_depot_files_are_the_depots_alone(depot: Depot) -> None:
+    with Connection(depot.name, timeout=5) as c:
+        r, wcap, _ = c.allocate(100, 60)
+        c.store(wcap, [b"private"], 7)
+    r_ = depot.attack(READ_FILES, str(depot.dir))
+    assert "READ" not in r_.stdout and r_.stdout.count("PermissionError") >= 1, r_.stdout + r_.stderr
+    assert stat.S_IMODE(depot.dir.stat().st_mode) == 0o700
+    for p in depot.dir.rglob("*"):
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
+    with Connection(depot.name, timeout=5) as c:
+        assert c.load_bytes(r) == b"private"
+
+
+LEAKED = PRELUDE + r"""
+hashes = sys.argv[4].split(',')
+s = conn()
+answers = set()
+for key in hashes:
+    for typekey in hashes:
+        s.sendall(('1 8 0#%s %s 0 0 5\n' % (key, typekey)).encode())
+        answers.add(first_line(s).split(' ')[0])
+print(' '.join(sorted(answers)))
+"""
+
+
+def test_a_leaked_journal_yields_no_capability(depot: Depot) -> None:
+    """Everything 64-hex-long in the journal, tried as key and right key by uid 65534: nothing opens,
+    while the real capability still does."""
+    with Connection(depot.addr, timeout=5) as c:
+        r, wcap, _ = c.allocate(100, 60)
+        c.store(wcap, [b"secret"], 6)
+    journal = (depot.dir / "journal.log").read_text()
+    leaked = sorted(set(re.findall(r"[0-9a-f]{64}", journal)))
+    assert len(leaked) >= 4 and r.key not in leaked and r.typekey not in leaked
+    out = depot.attack(LEAKED, ",".join(leaked))
+    assert out.stdout.split() and all(int(s) < 0 for s in out.stdout.split()), out.stdout + out.stderr
+    with Connection(depot.addr, timeout=5) as c:
+        assert c.load_bytes(r) == b"secret"
+
+
+class FakeTarget:
+    """A TCP service root runs: it records who connects and answers with `reply` (a secret inside)."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", free_port(["127.0.0.1"])))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(self.reply)
+                    time.sleep(0.2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+COPY = PRELUDE + r"""
+targets = sys.argv[4].split(',')
+s = conn()
+s.sendall(b'1 1 0 1 1 60 100 5\n')
+caps = first_line(s).split()[1:]
+key, rkey, wkey = caps[0].split('/')[3], caps[0].split('/')[4], caps[1].split('/')[4]
+s.sendall(('1 2 %s %s 5 5\n' % (key, wkey)).encode() + b'hello')
+first_line(s); first_line(s)
+for t in targets:
+    s.sendall(('1 5 %s ibp://%s/0#%s/%s/WRITE %s 0 5 3 3 3\n' % (key, t, 'k' * 64, 'k' * 64, rkey)).encode())
+    print(t, '->', first_line(s))
+"""
+
+
+def test_copies_reach_only_allowed_depots_and_never_echo_a_target(open_dir: Path,  # noqa: F811
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = FakeTarget(b"SSH-2.0-OpenSSH SECRET-BANNER\r\n")  # a service no copy may reach
+    refusing = FakeTarget(b"-19 SECRET-WORDS from the target\n")  # a listed depot that refuses
+    garbage = FakeTarget(b"HTTP/1.1 200 OK SECRET-PAGE\r\n\r\n")  # a listed address that is no depot
+    try:
+        allow = [f"--copy-to=127.0.0.1:{refusing.port}", f"--copy-to=127.0.0.1:{garbage.port}", "--copy-to=depot*"]
+        for depot in run_depot(open_dir, monkeypatch, *allow):
+            out = depot.attack(COPY, ",".join(f"127.0.0.1:{t.port}" for t in (secret, refusing, garbage)))
+            replies = [ln.split("->", 1)[1].strip() for ln in out.stdout.splitlines()]
+            assert len(replies) == 3, out.stdout + out.stderr
+            assert replies[0].startswith(f"{w.IBP_E_INVALID_HOST} ") and secret.connections == 0
+            assert replies[1].split()[0] == str(w.IBP_E_WOULD_EXCEED_LIMIT) and refusing.connections == 1
+            assert int(replies[2].split()[0]) < 0 and garbage.connections == 1
+            assert not any("SECRET" in r for r in replies), replies
+            assert "SECRET" not in depot.log.read_text()
+            # Root copies depot to depot by name, as allowed.
+            with Connection(depot.name, timeout=5) as c:
+                r, wcap, _ = c.allocate(10, 60)
+                c.store(wcap, [b"0123456789"], 10)
+                r2, w2, _ = c.allocate(10, 60)
+                assert c.copy(r, w2) == 10 and c.load_bytes(r2) == b"0123456789"
+    finally:
+        for t in (secret, refusing, garbage):
+            t.close()
+
+
+HOLD = PRELUDE + r"""
+from flowlib.irm import IrmClient
+from flowlib import flow_alloc, qos
+socks = [conn() for _ in range(4)]
+for s in socks:
+    s.sendall(b'1 4 0 1 x 5\n')
+    first_line(s)
+flow = flow_alloc(name, qos=qos.data, timeout=5)
+flow.write(b'1 4 0 1 x 5\n')
+flow.fccntl(__import__('flowlib').Fccntl.SRCVTIMEO, 5)
+print('flow', flow.read().split(b' ')[0].decode(), flush=True)
+time.sleep(float(sys.argv[4]))
+"""
+
+
+def test_connection_slots_count_a_clients_flows_and_tcp_together(depot: Depot) -> None:
+    """uid 65534 holds its four slots over TCP; its flow is turned away with -66; root is served."""
+    p = depot.attack_bg(HOLD, "3")
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.split() == ["flow", str(w.IBP_E_OUT_OF_SOCKETS)], line + (p.stderr.read() if p.stderr else "")
+        assert depot.served() < LEGIT_WAIT
+    finally:
+        p.kill()
+        p.wait()
+
+
+STALL = PRELUDE + r"""
+s = conn()
+s.sendall(b'1 1 0 1 1 -1 1000 999999\n')
+caps = first_line(s).split()[1:]
+key, wkey, mkey = caps[0].split('/')[3], caps[1].split('/')[4], caps[2].split('/')[4]
+s.sendall(('1 9 %s %s 40 3 999999\n' % (key, mkey)).encode())
+print('probe', first_line(s))
+s.sendall(b'1 1 0 1 1 999999999 1000 999999\n')
+print('long', first_line(s).split()[0])
+s.sendall(('1 2 %s %s 1000 999999\n' % (key, wkey)).encode() + b'x' * 10)
+first_line(s)
+t0 = time.monotonic()
+s.settimeout(60)
+print('closed after', s.recv(100), round(time.monotonic() - t0, 1))
+"""
+
+
+def test_client_timeouts_and_durations_are_clamped(depot: Depot) -> None:
+    """A client asking for a 999999 s timeout and stalling its STORE is cut at the depot's
+    --max-timeout (3 s here); -1 (forever) gets the longest duration allowed, more gets -28."""
+    out = depot.attack(STALL)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout + out.stderr
+    probe = lines[0].split()
+    assert probe[1] == "1" and 86390 <= int(probe[6]) <= 86400  # seconds left: the depot's maximum
+    assert lines[1] == f"long {w.IBP_E_LONG_DURATION}"
+    closed, took = lines[2].rsplit(" ", 1)
+    assert closed == "closed after b''" and float(took) < 3 + 2
+    assert depot.served() < LEGIT_WAIT

@@ -1,0 +1,356 @@
+"""Hostile peers against a real unicast IPCP, reached the way any peer reaches it: flows in the
+udp layer below to its name. A keyed layer 'net' (n1 on host a, n2 on host b, a pong at a) is
+attacked from host b by this test process, as a non-member and as a member gone bad:
+
+- non-members: garbage, bad hellos, guessed keys, silent handshakes by the hundred;
+- a member's data and management adjacencies: unsealed, altered and replayed PDUs;
+- a member speaking for others: LSUs for another's address or name, unsigned LSUs, directory
+  stores for another's address, flow allocator messages in another's name, a flood of stores,
+  malformed management PDUs.
+
+The non-member's attacks are also played by an unprivileged local user (uid 65534) on host b.
+Each attack must leave n1 alive, its memory and CPU bounded, every forged or replayed message
+dropped and counted in its IpcpInfo, and n2's flow to pong answering all along.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+from unicast_net import Cluster, Host
+
+from flowlib.errors import FlowError
+from flowlib.flow import Flow, flow_alloc
+from flowlib.irm import IrmClient
+from ipcp.unicast import auth, pci
+from ipcp.unicast import messages as um
+from ipcp.unicast.connmgr import Adjacency
+from ipcp.unicast.messages import signed_part
+from proto.qos import raw
+
+KEY = "s3cret-layer-key"
+FMT = pci.PciFormat()
+ROGUE = 0xFEED  # the address the rogue member claims
+
+
+@dataclasses.dataclass
+class Layer:
+    a: Host
+    b: Host
+    n1: int  # n1's address
+
+
+@pytest.fixture
+def layer(cluster: Cluster) -> Layer:
+    a, b = cluster.start(["a", "b"])
+    cluster.udp([a, b])
+    a.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", "net", "key", KEY, "autobind")
+    b.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "key", KEY, "autobind")
+    b.irm_ok("ipcp", "connect", "name", "n2", "dst", "n1")
+    a.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
+    a.irm_ok("name", "register", "pong", "layer", "net")
+    for h in (a, b):
+        h.irmd.note_children()
+    b.oping_until_ok("pong", within=30)
+    return Layer(a, b, a.address("n1"))
+
+
+@contextlib.contextmanager
+def legit_pings(host: Host) -> Iterator[list[str]]:
+    """oping pong from `host` in a loop while the attack runs; the failures it met."""
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            r = host.oping("pong", count=3, timeout=30)
+            if r.returncode != 0 or "3 received" not in r.stdout:
+                failures.append(r.stdout[-200:] + r.stderr[-200:])
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield failures
+    finally:
+        stop.set()
+        t.join(60)
+
+
+def rss_kb(pid: int) -> int:
+    return int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Peer:
+    """This test process as a peer of n1 in the layer below: a flow to n1 through b's IRMd."""
+
+    def __init__(self, host: Host) -> None:
+        self.irm = IrmClient(host.irmd.sock)
+
+    def flow(self) -> Flow:
+        f = flow_alloc("n1", raw, timeout=10, irm=self.irm)
+        f.set_timeout(5)
+        return f
+
+    def member(self, component: str, key: str = KEY, addr: int = ROGUE) -> tuple[Flow, auth.Sealer, auth.Opener]:
+        """A completed handshake as a member would do it: the flow and its seals."""
+        f = self.flow()
+        adj = Adjacency(True, component, "rogue", "net", addr, auth.layer_psk(key), time.monotonic())
+        while not adj.done:
+            for sdu in adj.pop_out():
+                f.write(sdu)
+            if not adj.done:
+                adj.receive(f.read(), time.monotonic())
+        for sdu in adj.pop_out():
+            f.write(sdu)
+        assert adj.peer is not None and adj.peer.sealer and adj.peer.opener, adj.error
+        return f, adj.peer.sealer, adj.peer.opener
+
+    def close(self) -> None:
+        self.irm.close()
+
+
+@pytest.fixture
+def peer(layer: Layer) -> Iterator[Peer]:
+    p = Peer(layer.b)
+    yield p
+    p.close()
+
+
+def signed_lsu(ident: auth.Identity, src: int, name: str, seqno: int = 1, neighbours: list[int] | None = None,
+               since: float = 0.0) -> um.Lsu:
+    lsu = um.Lsu(src, seqno, neighbours or [], name, since, ident.pub)
+    return dataclasses.replace(lsu, sig=ident.sign(signed_part(lsu)))
+
+
+def mgmt_pdu(dst: int, msg: um.Message) -> bytes:
+    return FMT.pack(pci.Pci(dst, 0, 10, 0, pci.MGMT_EID)) + um.CODEC.encode(msg)
+
+
+@pytest.mark.timeout(240)
+def test_non_members_garbage_bad_hellos_and_guessed_keys_are_refused_and_counted(layer: Layer, peer: Peer) -> None:
+    a, b = layer.a, layer.b
+    n1 = a.irmd.ipcp_pid("n1")
+    mem = rss_kb(n1)
+    with legit_pings(b) as failures:
+        attempts = [
+            b"",  # an empty SDU
+            os.urandom(3000),  # noise
+            b"OU\x01\x00d\x00\x00\x00\x00\xff\xff\xff\xff",  # a header claiming 4 GB
+            um.CODEC.encode(um.Proof(b"\x00" * 32)),  # a proof before any hello
+            um.CODEC.encode(um.Hello(um.DT, "x", "net", 5)),  # keyless, into a keyed layer
+            um.CODEC.encode(um.Hello(um.DT, "x", "net", 5, b"\x01" * 32, b"\x00" * 32)),  # degenerate ephemeral
+            um.CODEC.encode(um.Hello("bogus", "x" * 5000, "net", 5)),
+            um.CODEC.encode(um.EnrollInfo("net", {"key": "stolen?"})),
+        ]
+        for sdu in attempts:
+            f = peer.flow()
+            with contextlib.suppress(FlowError):
+                f.write(sdu)
+                f.read()  # a Refuse, or the flow closed under us
+            f.close()
+        for key in ("guess1", "s3cret", ""):  # a wrong key fails the handshake both ways
+            with pytest.raises(AssertionError):
+                peer.member(um.DT, key=key)
+        wait_for(lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= 10, 30,
+                 "n1 to count every refused handshake")
+    assert not failures, failures
+    assert a.neighbours("n1") == {"n2"} and a.counter("n1", "enrollments") == 1  # n2's own
+    assert rss_kb(n1) - mem < 20_000
+
+
+@pytest.mark.timeout(240)
+def test_silent_handshakes_by_the_hundred_are_bounded_and_time_out(layer: Layer, peer: Peer) -> None:
+    a, b = layer.a, layer.b
+    n1 = a.irmd.ipcp_pid("n1")
+    mem = rss_kb(n1)
+    with legit_pings(b) as failures:
+        flows = []
+        for _ in range(100):
+            with contextlib.suppress(FlowError):
+                flows.append(peer.flow())  # and then say nothing
+        wait_for(lambda: a.counter("n1", "greet_refused") > 0, 30, "n1 to refuse greetings past its bound")
+        for f in flows:
+            f.close()
+    assert not failures, failures
+    wait_for(lambda: a.neighbours("n1") == {"n2"}, 30, "n1 to end every silent handshake")
+    assert rss_kb(n1) - mem < 30_000
+    before = cpu_seconds(n1)
+    time.sleep(3)
+    assert cpu_seconds(n1) - before < 1.0, "n1 keeps busy after the attack"
+
+
+@pytest.mark.timeout(240)
+def test_a_members_link_drops_unsealed_altered_and_replayed_pdus(layer: Layer, peer: Peer) -> None:
+    a, b = layer.a, layer.b
+    dt, sealer, _ = peer.member(um.DT)
+    wait_for(lambda: "rogue" in a.neighbours("n1"), 10, "n1 to take the rogue's data flow")
+    # a lookup n1 answers to the rogue, which has no route yet: each one taken shows as a no_route
+    probe = mgmt_pdu(layer.n1, um.DhtFind(ROGUE, b"\x01" * 32, 1))
+    good = sealer.seal_bytes(probe)
+    before = a.counter("n1", "no_route")
+    with legit_pings(b) as failures:
+        dt.write(good)
+        wait_for(lambda: a.counter("n1", "no_route") == before + 1, 10, "the sealed PDU to be answered")
+        for _ in range(200):
+            dt.write(good)  # replayed
+        altered = bytearray(sealer.seal_bytes(probe))
+        altered[12] ^= 0x40
+        for _ in range(200):
+            dt.write(bytes(altered))
+            dt.write(probe)  # not sealed at all
+        wait_for(lambda: a.counter("n1", "replayed") >= 200 and a.counter("n1", "forged") >= 400, 30,
+                 "n1 to count the replays and forgeries")
+    assert not failures, failures
+    assert a.counter("n1", "no_route") == before + 1  # the replays and forgeries were never taken
+
+
+@pytest.mark.timeout(240)
+def test_a_member_cannot_speak_for_another_in_lsus_or_the_directory(layer: Layer, peer: Peer) -> None:
+    a, b = layer.a, layer.b
+    n2 = b.address("n2")
+    mgmt, msealer, _ = peer.member(um.MGMT)
+    dt, dsealer, _ = peer.member(um.DT)
+    rogue = auth.Identity.generate()
+    entries = a.field("n1", "directory entries")
+    forged_lsus = [
+        signed_lsu(rogue, n2, "n2", seqno=1 << 40),  # n2's address: empty its routes
+        signed_lsu(rogue, 0xBEEF, "n2", seqno=1, since=time.time() + 1e6),  # n2's name, a "newer incarnation"
+        signed_lsu(rogue, layer.n1, "n1", seqno=1 << 40),  # n1's own address, to n1
+        dataclasses.replace(signed_lsu(rogue, ROGUE, "rogue"), neighbours=[n2]),  # altered after signing
+        um.Lsu(ROGUE, 2, [layer.n1], "rogue"),  # unsigned
+    ]
+    with legit_pings(b) as failures:
+        for lsu in forged_lsus:
+            mgmt.write(msealer.seal_bytes(um.CODEC.encode(lsu)))
+        wait_for(lambda: a.counter("n1", "lsu_forged") >= len(forged_lsus), 20, "n1 to count the forged LSUs")
+        # the directory: a store for n2's address, under the rogue's key; and an unsigned one
+        name = b"\x22" * 32
+        store = um.DhtStore(ROGUE, name, n2, 86400.0, 1, rogue.pub)
+        store = dataclasses.replace(store, sig=rogue.sign(signed_part(store)))
+        dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, store)))
+        dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, um.DhtStore(n2, name, n2, 86400.0))))
+        for _ in range(50):
+            dt.write(dsealer.seal_bytes(FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID)) + os.urandom(200)))
+        # the flow allocator: a request and a deallocation in n2's name, unsigned and signed by the rogue
+        for msg in (um.FaReq(n2, 99, name, raw), um.FaDealloc(n2, 1, 2)):
+            dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, msg)))
+            forged = dataclasses.replace(msg, sig=rogue.sign(signed_part(msg)))
+            dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, forged)))
+        wait_for(lambda: a.counter("n1", "dht_forged") >= 2 and a.counter("n1", "mgmt_malformed") >= 50
+                 and a.counter("n1", "fa_forged") >= 4, 20,
+                 "n1 to count the forged stores, allocator messages and malformed PDUs")
+    assert not failures, failures
+    routes = {row[0] for row in a.info("n1")["forwarding"]}
+    assert str(n2) in routes  # n2's routes were not emptied
+    assert a.field("n1", "directory entries") == entries
+    assert a.counter("n1", "lsu_forged") >= len(forged_lsus)
+
+
+@pytest.mark.timeout(300)
+def test_a_member_flooding_its_own_stores_is_bounded(layer: Layer, peer: Peer) -> None:
+    a, b = layer.a, layer.b
+    n1 = a.irmd.ipcp_pid("n1")
+    dt, sealer, _ = peer.member(um.DT)
+    rogue = auth.Identity.generate()
+    mem = rss_kb(n1)
+    with legit_pings(b) as failures:
+        for i in range(3000):  # its own address, validly signed: only the bounds stop it
+            store = um.DhtStore(ROGUE, i.to_bytes(32, "big"), ROGUE, 86400.0, i + 1, rogue.pub)
+            store = dataclasses.replace(store, sig=rogue.sign(signed_part(store)))
+            with contextlib.suppress(FlowError):
+                dt.write(sealer.seal_bytes(mgmt_pdu(layer.n1, store)))
+        wait_for(lambda: a.counter("n1", "dht_refused") > 0, 60, "n1 to refuse stores past its bound")
+    assert not failures, failures
+    assert int(a.field("n1", "directory entries")) <= 1024 + 8
+    assert rss_kb(n1) - mem < 50_000
+    assert a.irmd.alive() and b.irmd.alive()
+
+
+ATTACKER = r"""
+import os, sys, time
+from flowlib.errors import FlowError
+from flowlib.flow import flow_alloc
+from ipcp.unicast import auth
+from ipcp.unicast import messages as um
+from ipcp.unicast.connmgr import Adjacency
+from proto.qos import raw
+sent = 0
+for i in range(int(sys.argv[1])):
+    try:
+        f = flow_alloc("n1", raw, timeout=10)
+    except FlowError as e:
+        print("alloc:", e, flush=True)
+        continue
+    f.set_timeout(5)
+    try:
+        if i % 2:
+            f.write(os.urandom(64 + i))
+        else:  # a handshake under a guessed key
+            adj = Adjacency(True, um.DT, "guess", "net", 4000 + i, auth.layer_psk(f"guess{i}"), time.monotonic())
+            f.write(adj.pop_out()[0])
+            adj.receive(f.read(), time.monotonic())
+            assert adj.peer is None, "a guessed key was taken"
+            for sdu in adj.pop_out():
+                f.write(sdu)
+        sent += 1
+        f.read()
+    except FlowError:
+        pass
+    finally:
+        f.close()
+print("sent", sent, flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_an_unprivileged_non_member_is_refused_like_any_other(layer: Layer, cluster: Cluster) -> None:
+    a, b = layer.a, layer.b
+    os.chmod(cluster.tmp, 0o755)  # the test hosts' sockets, reachable by any local user (as /run/ouroboros is)
+    before = a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed")
+    with legit_pings(b) as failures:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", ATTACKER, "20"],
+                           env=b.irmd.env, capture_output=True, text=True, timeout=180, cwd="/")
+        assert r.returncode == 0 and "sent 20" in r.stdout, r.stdout + r.stderr
+        wait_for(lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= before + 20,
+                 30, "n1 to count the nobody's 20 refused handshakes")
+    assert not failures, failures
+    assert a.neighbours("n1") == {"n2"} and a.irmd.alive()
+
+
+@pytest.mark.timeout(300)
+def test_a_member_flooding_management_pdus_is_bounded(layer: Layer, peer: Peer) -> None:
+    a, b = layer.a, layer.b
+    n1 = a.irmd.ipcp_pid("n1")
+    dt, sealer, _ = peer.member(um.DT)
+    mgmt, msealer, _ = peer.member(um.MGMT)
+    head = FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID))
+    mem = rss_kb(n1)
+    with legit_pings(b) as failures:
+        for i in range(20000):  # on the data flow, as management PDUs; and on the management flow
+            with contextlib.suppress(FlowError):
+                dt.write(sealer.seal_bytes(head + b"\x00" * (i % 100)))
+                mgmt.write(msealer.seal_bytes(b"\x01" * (i % 100)))
+        wait_for(lambda: a.counter("n1", "mgmt_malformed") + a.counter("n1", "mgmt_dropped") >= 20000, 60,
+                 "n1 to drop the flood")
+    assert not failures, failures
+    assert rss_kb(n1) - mem < 30_000
+    before = cpu_seconds(n1)
+    time.sleep(3)
+    assert cpu_seconds(n1) - before < 1.0, "n1 keeps busy after the flood"

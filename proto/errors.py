@@ -135,6 +135,14 @@ class FlowDown(FlowError, ConnectionError):
     """The flow ended: deallocated by the peer, or its layer went away."""
 
 
+class FlowPeer(FlowDown):
+    """The peer stayed silent past the flow's QoS timeout (Ouroboros's FLOW_PEER)."""
+
+
+class FlowReset(FlowDown):
+    """The peer broke the flow's protocol (FRCT) and the flow was reset."""
+
+
 BY_CODE: dict[str, type[FlowError]] = {
     cls.code: cls
     for cls in (NotFound, AlreadyExists, InvalidArgument, PermissionDenied, FlowTimeout, LayerDown, IpcpFailed,

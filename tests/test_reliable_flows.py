@@ -216,7 +216,7 @@ def test_oping_encrypted_gets_every_reply(udp: Net, spec: str) -> None:
 def test_operf_over_qos_data_loses_and_corrupts_nothing(udp: Net, encrypt: bool,
                                                         record_property: Callable[[str, object], None]) -> None:
     udp.serve("perf", "operf")
-    r = udp.b.run("operf", "-n", "perf", "-q", "data", "-t", "3", "-s", "1400", "--timeout", "10",
+    r = udp.b.run("operf", "-n", "perf", "-q", "data", "-d", "3s", "-f", "-s", "1400", "--timeout", "10",
                   *(["--encrypt"] if encrypt else []), timeout=90)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"operf failed ({r.returncode}):\n{out}"

@@ -96,7 +96,7 @@ def test_the_layer_mtu_is_enforced_with_a_clear_error(pair: tuple[Host, Host]) -
 def test_operf_paced_delivers_every_sdu_intact(pair: tuple[Host, Host]) -> None:
     a, b = pair
     a.serve("perf", "operf")
-    code, out, err = b.run("operf", "-n", "perf", "-t", "2", "-s", "1400", "-r", "40000000")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-r", "40M")
     assert code == 0, f"operf failed: {err}{out}"
     sent, rcvd, lost, corrupt = operf_counts(out)
     assert sent > 1000 and rcvd == sent and lost == 0 and corrupt == 0, out
@@ -104,31 +104,32 @@ def test_operf_paced_delivers_every_sdu_intact(pair: tuple[Host, Host]) -> None:
 
 @pytest.mark.timeout(90)
 def test_flooding_an_operf_server_corrupts_nothing(pair: tuple[Host, Host]) -> None:
-    """operf's protocol from this process, STOP repeated until answered (a raw flow may drop it)."""
+    """operf's protocol from this process, the report asked until answered (a raw flow may drop it)."""
     a, b = pair
     a.serve("perf", "operf")
     flow = b.alloc("perf")
     size = 1400
-    payload = operf.pattern(size)
+    zeros = bytes(size - operf.MSG.size)
+    flow.write(operf.CONF.pack(operf.UNI))
     sent = 0
     end = time.monotonic() + 2.0
     while time.monotonic() < end:
         for _ in range(64):
-            flow.write(operf.HDR.pack(operf.DATA, sent) + payload)
+            flow.write(operf.MSG.pack(sent) + zeros)
             sent += 1
     flow.set_timeout(0.2)
     report = None
     for _ in range(50):
-        flow.write(operf.HDR.pack(operf.STOP, sent))
+        flow.write(operf.ASK)
         try:
-            while (reply := flow.read())[0] != operf.STATS:
+            while not (reply := flow.read()).startswith(operf.ANSWER):
                 pass
         except FlowTimeout:
             continue
-        report = operf.REPORT.unpack_from(reply, operf.HDR.size)
+        report = operf.REPORT.unpack(reply)[1:]
         break
     flow.close()
-    assert report is not None, "the operf server never answered STOP"
+    assert report is not None, "the operf server never answered"
     rcvd, nbytes, _missing, reordered, corrupt = report
     assert corrupt == 0 and reordered == 0, report
     assert rcvd > 0 and nbytes == rcvd * size
@@ -139,7 +140,7 @@ def test_flooding_an_operf_server_corrupts_nothing(pair: tuple[Host, Host]) -> N
 def test_operf_cli_flooding_reports_its_statistics(pair: tuple[Host, Host]) -> None:
     a, b = pair
     a.serve("perf", "operf")
-    code, out, err = b.run("operf", "-n", "perf", "-t", "2", "-s", "1400")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-f")
     assert code == 0, f"operf failed: {err}{out}"
     _sent, rcvd, _lost, corrupt = operf_counts(out)
     assert rcvd > 0 and corrupt == 0, out
@@ -228,7 +229,7 @@ def test_the_relay_data_path_carries_oping_and_operf(lan: Callable[..., Host]) -
     a.serve("pong")
     oping_ok(b)
     a.serve("perf", "operf")
-    code, out, err = b.run("operf", "-n", "perf", "-t", "1", "-s", "1400", "-r", "20000000")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "1s", "-s", "1400", "-r", "20M")
     assert code == 0, f"operf failed: {err}{out}"
     sent, rcvd, _lost, corrupt = operf_counts(out)
     assert sent > 500 and rcvd == sent and corrupt == 0, out

@@ -9,9 +9,10 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import select
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from transports.wire import MAX_FDS, MAX_FRAME, WireError
@@ -149,3 +150,35 @@ def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+SDU_LOOKAHEAD = 16  # records read past an empty one once the peer hung up, looking for data behind it
+
+
+def recv_record(sock: socket.socket, bufsize: int, recv: Callable[[int], bytes] | None = None) -> bytes | None:
+    """One record of a flow's SOCK_SEQPACKET socket: an SDU, b'' for an empty record (a keepalive, as
+    on C's wire), or None once the flow has ended. Raises BlockingIOError when nothing is queued.
+    `recv` (default sock.recv) may decode what it reads, if it passes empty records on as b''.
+
+    recv says b'' both for an empty record and at the end, which then repeats for ever: only a hang-up
+    tells them apart, and records still queued behind an empty one are read before calling it the end.
+    """
+    recv = recv or sock.recv
+    data = recv(bufsize)
+    if data or not hung_up(sock):
+        return data
+    for _ in range(SDU_LOOKAHEAD):
+        try:
+            data = recv(bufsize)  # the socket never blocks once hung up; a decoder may still say EAGAIN
+        except BlockingIOError:
+            return None
+        if data:
+            return data
+    return None
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed its end or either end was shut down (nothing more will arrive)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in poller.poll(0))

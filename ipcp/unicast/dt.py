@@ -276,6 +276,8 @@ class Dt(PollThread):
         opener, c = link.opener, self.counters
         c.received += len(pdus)
         for pdu in pdus:
+            if not pdu:
+                continue  # the N-1 flow's own keepalive
             if opener is not None:
                 try:
                     pdu = opener.open(pdu)  # type: ignore[assignment]
@@ -310,7 +312,7 @@ class Dt(PollThread):
             self.on_mgmt(bytes(pdu[size:]))
             return
         flow = self.flows.get(pci.eid)
-        if flow is None or len(pdu) == size:
+        if flow is None:  # (a PDU with no SDU carries a keepalive of the flow: delivered empty)
             c.no_flow += 1
             return
         if flow.rx is not None and (update := flow.rx.on_pdu(pci.ecn, len(pdu), time.monotonic())) is not None:

@@ -263,6 +263,9 @@ class UnicastIpcp(Ipcp):
             return
         for comp in comps:
             spec = qos_by_name(qos) if comp == um.DT else qos_raw  # management always rides raw flows
+            if comp == um.DT and not spec.frct:
+                # DT reads a raw flow's socket itself, past flowlib: its peer's liveness cannot be seen.
+                spec = dataclasses.replace(spec, timeout=0)
             af = await self._alloc_n1(dst, spec, "connect")
             adj = Adjacency(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic())
             try:

@@ -39,7 +39,7 @@ def tool(name: str) -> str:
     return found
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -108,7 +108,7 @@ class Stack:
         """Stop every process, the IRMd last, and remove the directory (idempotent)."""
         while self._procs:
             proc, logfile = self._procs.pop()
-            _stop(proc)
+            stop_process(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
             if proc.returncode not in (0, -15):
@@ -116,7 +116,7 @@ class Stack:
                     "%s exited with %s; its log ends:\n%s",
                     logfile.stem,
                     proc.returncode,
-                    _tail(logfile),
+                    log_tail(logfile),
                 )
         if self._saved_env is None:
             os.environ.pop(SOCK_ENV, None)
@@ -128,7 +128,7 @@ class Stack:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if irmd.poll() is not None:
-                raise BenchError(f"irmd exited with {irmd.returncode}:\n{_tail(self.dir / 'irmd.log')}")
+                raise BenchError(f"irmd exited with {irmd.returncode}:\n{log_tail(self.dir / 'irmd.log')}")
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
                 try:
                     probe.connect(str(self.sock))
@@ -143,10 +143,10 @@ class Stack:
         ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
         line = proc.stdout.readline() if ready else b""
         if line.strip() != b"ready":
-            raise BenchError(f"{label} did not get ready (exit status {proc.poll()}):\n{_tail(logfile)}")
+            raise BenchError(f"{label} did not get ready (exit status {proc.poll()}):\n{log_tail(logfile)}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:

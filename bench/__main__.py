@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import eth, frct, ibp, local, netplumb, styx, udp, unicast
-from bench.harness import RESULTS, Row, Suite, table, write_json
+from bench import c, eth, frct, ibp, local, netplumb, styx, udp, unicast
+from bench.harness import RESULTS, Row, Suite, SuiteFailed, table, write_json
 
 log = logging.getLogger("bench")
 
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
-        local.SUITE, udp.SUITE, eth.SUITE, unicast.SUITE, frct.SUITE, styx.SUITE, ibp.SUITE, netplumb.SUITE,
+        local.SUITE, udp.SUITE, eth.SUITE, unicast.SUITE, frct.SUITE, styx.SUITE, ibp.SUITE, netplumb.SUITE, c.SUITE,
     )
 }
 
@@ -96,6 +96,10 @@ def _run(names: list[str], runs: int) -> tuple[list[Row], list[str]]:
         signal.alarm(SUITES[name].time_limit)
         try:
             rows += SUITES[name].run(runs)
+        except SuiteFailed as e:
+            log.error("suite %s failed in part: %s", name, e)
+            rows += e.rows
+            failed.append(name)
         except Exception:
             log.exception("suite %s failed", name)
             failed.append(name)

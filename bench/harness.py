@@ -19,7 +19,8 @@ from pathlib import Path
 from bench.goals import GOALS, Goal
 
 __all__ = [  # Goal too: suites take it from here
-    "RESULTS", "BenchError", "Goal", "Row", "Suite", "median_row", "ops_per_second", "pinned", "table", "write_json",
+    "RESULTS", "BenchError", "Goal", "Row", "Suite", "SuiteFailed",
+    "median_row", "ops_per_second", "pinned", "table", "write_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,14 @@ RESULTS = Path(__file__).with_name("results.json")
 
 class BenchError(Exception):
     """A benchmark could not run: a process failed to start, or a peer answered wrongly."""
+
+
+class SuiteFailed(BenchError):
+    """Some figures of a suite could not be measured: `rows` holds those of the others."""
+
+    def __init__(self, why: str, rows: list[Row]) -> None:
+        super().__init__(why)
+        self.rows = rows
 
 
 @dataclasses.dataclass(frozen=True)

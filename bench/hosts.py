@@ -181,8 +181,17 @@ def wait_route(irm: IrmClient, within: float = CONVERGE_TIMEOUT, name: str = NAM
 def one_way(
     send: session.Send, recv: session.Recv, set_timeout: Callable[[float | None], None], duration: float, size: int
 ) -> tuple[float, float]:
-    """session.one_way over a lossy path: SINK and END are repeated until answered (either, or the
-    answer, may be lost), END for up to END_WAIT s (a reliable flow may lag behind the sender)."""
+    """session.one_way over a lossy path: (SDU/s, MB/s) as the sink counted them (see `sink`)."""
+    count, nbytes, elapsed_ns = sink(send, recv, set_timeout, duration, size)
+    return count / elapsed_ns * 1e9, nbytes / elapsed_ns * 1e3
+
+
+def sink(
+    send: session.Send, recv: session.Recv, set_timeout: Callable[[float | None], None], duration: float, size: int
+) -> tuple[int, int, int]:
+    """A sink session over a lossy path: SDUs, bytes and ns from the first SDU to END, as the sink
+    counted them. SINK and END are repeated until answered (either, or the answer, may be lost),
+    END for up to END_WAIT s (a reliable flow may lag behind the sender)."""
     set_timeout(END_RETRY)
     _ask(send, recv, session.SINK, lambda answer: answer == session.READY)
     set_timeout(None)  # a reliable flow's writes may block on its window
@@ -196,7 +205,7 @@ def one_way(
     count, nbytes, elapsed_ns = session.STATS.unpack(answer)
     if not count or not elapsed_ns:
         raise BenchError("sink peer received nothing")
-    return count / elapsed_ns * 1e9, nbytes / elapsed_ns * 1e3
+    return count, nbytes, elapsed_ns
 
 
 def _ask(send: session.Send, recv: session.Recv, question: bytes, is_answer: Callable[[bytes], bool]) -> bytes:

@@ -242,6 +242,7 @@ def _label(pid: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class Usage:
     cpu_s: float
+    children_s: float  # of its children that have exited (a plumb client, a remote cat)
     voluntary: int
     involuntary: int
 
@@ -250,13 +251,14 @@ def usage(pid: int) -> Usage:
     """CPU seconds and context switches of every thread of `pid` so far."""
     fields = (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]).split()
     cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: the whole thread group
+    children = (int(fields[13]) + int(fields[14])) / CLK_TCK  # cutime, cstime: its reaped children
     vol = invol = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
             vol += int(status["voluntary_ctxt_switches"])
             invol += int(status["nonvoluntary_ctxt_switches"])
-    return Usage(cpu, vol, invol)
+    return Usage(cpu, children, vol, invol)
 
 
 # -- the three passes --------------------------------------------------------------------------
@@ -271,12 +273,15 @@ def pass_usage(load: Load, procs: dict[int, str], seconds: float) -> tuple[float
     lines = [f"  {units / wall:,.1f} {load.unit}/s; per {load.unit}: CPU µs, voluntary + involuntary switches"]
     for pid, label in procs.items():
         d_cpu = after[pid].cpu_s - before[pid].cpu_s
-        if d_cpu <= 0:
+        d_children = after[pid].children_s - before[pid].children_s
+        if d_cpu <= 0 and d_children <= 0:
             continue
         vol = after[pid].voluntary - before[pid].voluntary
         invol = after[pid].involuntary - before[pid].involuntary
         lines.append(f"    {label:40} {d_cpu / units * 1e6:9.1f} µs  {vol / units:7.3f} + {invol / units:.3f}"
                      f"   ({d_cpu / wall:.0%} of a CPU)")  # fmt: skip
+        if d_children > 0:
+            lines.append(f"    {'  its children, exited':40} {d_children / units * 1e6:9.1f} µs")
     return units, lines
 
 

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from bench import hosts, netns
 from bench.cstack import DIRECT, NODIRECT, CBuild, CStack, unavailable
-from bench.harness import BenchError, Row, Suite, SuiteFailed, median_row
+from bench.harness import BenchError, Resource, Row, Suite, SuiteFailed, median_row
 from bench.stack import Stack
 from flowlib.irm import IrmClient
 
@@ -43,7 +43,7 @@ RTT_COUNT = 10_000
 RTT_SIZE = hosts.RTT_SIZE
 TPUT_SIZE = hosts.TPUT_SIZE
 TPUT_SECONDS = round(hosts.TPUT_SECONDS)  # ocbr takes whole seconds
-CBR_IDLE = 1  # seconds without SDUs before the ocbr server closes its count
+CBR_IDLE = 3  # seconds without SDUs before the ocbr server closes its count (1 s starved it under load)
 ADDRS = ("10.97.0.1/24", "10.97.0.2/24")
 PING, CBR = "c-ping", "c-cbr"
 UDP_PORT = 3435  # C's default; ours listens on it too
@@ -118,7 +118,7 @@ class CEnds:
 Layout = Callable[[contextlib.ExitStack], CEnds]  # sets a C path up, its teardown on the ExitStack
 
 
-class C:
+class C(Resource):
     """C's side of a path: oping and ocbr over the C IRMds that `layout` sets up.
 
     A failed run is tried again on a fresh layout: once a C 0.23 IPCP has failed to answer one
@@ -131,18 +131,10 @@ class C:
         self._ex = contextlib.ExitStack()
         self._ends: CEnds | None = None
 
-    def __enter__(self) -> C:
-        try:
-            self._open()
-        except BaseException:
-            self._ex.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self._ex.close()
 
-    def _open(self) -> None:
+    def open(self) -> None:
         """Set the layout up and wait for a first flow; a layout that gives none is set up again."""
         for attempt in range(1, ATTEMPTS + 1):
             self._ends = self._layout(self._ex)
@@ -190,8 +182,8 @@ class C:
                 if attempt == ATTEMPTS:
                     raise
                 log.warning("C %s on %s failed (%s); setting the C side up again", tool, self.what, e)
-                self._ex.close()
-                self._open()
+                self.close()
+                self.open()
         raise AssertionError("unreachable")
 
     def _wait_route(self) -> None:

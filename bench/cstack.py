@@ -18,9 +18,8 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from bench.harness import BenchError
+from bench.harness import BenchError, Resource
 from bench.stack import log_tail, stop_process
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def name_hash(name: str) -> str:
     return hashlib.md5(name.encode()).hexdigest()
 
 
-class CStack:
+class CStack(Resource):
     """A C IRMd of `build` in network namespace `ns` (which must exist), with its own mounts.
 
     `hosts` maps remote names to addresses: they go to /etc/netns/NS/hosts as MD5 host names,
@@ -105,18 +104,7 @@ class CStack:
     def label(self) -> str:
         return f"c-{self.ns}"
 
-    def __enter__(self) -> CStack:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-    def _start(self) -> None:
+    def open(self) -> None:
         if self._hosts:
             self._etc.mkdir(parents=True, exist_ok=True)
             lines = ["127.0.0.1 localhost", *(f"{ip} {name_hash(n)}" for n, ip in self._hosts.items())]

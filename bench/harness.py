@@ -15,11 +15,12 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 from bench.goals import GOALS, Goal
 
 __all__ = [  # Goal too: suites take it from here
-    "RESULTS", "BenchError", "Goal", "Row", "Suite", "SuiteFailed",
+    "RESULTS", "BenchError", "Goal", "Resource", "Row", "Suite", "SuiteFailed",
     "median_row", "ops_per_second", "pinned", "table", "write_json",
 ]
 
@@ -38,6 +39,28 @@ class SuiteFailed(BenchError):
     def __init__(self, why: str, rows: list[Row]) -> None:
         super().__init__(why)
         self.rows = rows
+
+
+class Resource:
+    """A context manager that sets itself up with `open()` and tears itself down with `close()`,
+    which must be idempotent: it runs also when `open()` fails half-way."""
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,4 +182,5 @@ def _alloc(raw: _RawPeers, runs: int) -> Row:
     return median_row("local.alloc_dealloc", "flows/s", flows, raws, BROKER)
 
 
-SUITE = Suite("local", "local-layer flows vs an AF_UNIX SOCK_SEQPACKET socketpair", run)
+# Its processes are pinned: under load they cannot move to a free CPU, and the suite takes 1.5-2 minutes.
+SUITE = Suite("local", "local-layer flows vs an AF_UNIX SOCK_SEQPACKET socketpair", run, time_limit=240)

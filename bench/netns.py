@@ -15,9 +15,8 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
-from bench.harness import BenchError
+from bench.harness import BenchError, Resource
 
 CLONE_NEWNET = 0x40000000
 
@@ -48,25 +47,20 @@ def _delete(ns: str) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
 
 
-class Netns:
+class Netns(Resource):
     """Namespace NAME<pid> with only its loopback, up."""
 
     def __init__(self, name: str) -> None:
         self.ns = f"{name}{os.getpid() % 100000}"
 
-    def __enter__(self) -> Netns:
-        try:
-            _add(self.ns)
-        except BaseException:
-            _delete(self.ns)
-            raise
-        return self
+    def open(self) -> None:
+        _add(self.ns)
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def close(self) -> None:
         _delete(self.ns)
 
 
-class VethPair:
+class VethPair(Resource):
     """Namespaces NAME-a and NAME-b with interfaces `dev_a` and `dev_b` between them, up.
 
     With `addrs` (two "IP/LEN"), each end gets its address; without, the link carries no IP.
@@ -85,23 +79,15 @@ class VethPair:
             raise BenchError("this veth pair carries no IP")
         return self.addrs[0].split("/")[0], self.addrs[1].split("/")[0]
 
-    def __enter__(self) -> VethPair:
-        try:
-            for ns in self.ns:
-                _add(ns)
-            _ip("link", "add", self.dev[0], "netns", self.ns[0], "type", "veth",
-                "peer", "name", self.dev[1], "netns", self.ns[1])  # fmt: skip
-            for i, (ns, dev) in enumerate(zip(self.ns, self.dev, strict=True)):
-                if self.addrs is not None:
-                    _ip("-n", ns, "addr", "add", self.addrs[i], "dev", dev)
-                _ip("-n", ns, "link", "set", dev, "up")
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+    def open(self) -> None:
+        for ns in self.ns:
+            _add(ns)
+        _ip("link", "add", self.dev[0], "netns", self.ns[0], "type", "veth",
+            "peer", "name", self.dev[1], "netns", self.ns[1])  # fmt: skip
+        for i, (ns, dev) in enumerate(zip(self.ns, self.dev, strict=True)):
+            if self.addrs is not None:
+                _ip("-n", ns, "addr", "add", self.addrs[i], "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
 
     def close(self) -> None:
         for ns in self.ns:  # deleting a namespace deletes its end of the veth, and so the pair

@@ -197,6 +197,7 @@ TARGETS: dict[str, tuple[str, Build]] = {
     "eth": ("raw flow across a veth pair, eth-dix", _eth),
     "unicast1": ("raw flow over a 2-member unicast layer over loopback udp4", lambda ex: _unicast(ex, 2)),
     "unicast3": ("raw flow over a 4-member line (3 hops)", lambda ex: _unicast(ex, 4)),
+    "udp": ("raw flow over loopback udp4: the reference for frct0, frct5 and encrypted", lambda ex: _udp(ex, qos.raw)),
     "frct0": ("reliable flow (qos.data) over loopback udp4", lambda ex: _udp(ex, qos.data)),
     "frct5": ("reliable flow over loopback udp4 dropping 5%", lambda ex: _udp(ex, qos.data, loss=5)),
     "encrypted": ("encrypted raw flow over loopback udp4", lambda ex: _udp(ex, qos.raw, encrypt=True)),

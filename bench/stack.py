@@ -16,9 +16,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-from bench.harness import BenchError
+from bench.harness import BenchError, Resource
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-class Stack:
+class Stack(Resource):
     """An IRMd on TMP/irmd.sock, with OUROBOROS_SOCK pointing at it while the stack is up.
 
     With `netns`, the IRMd and every process spawned run inside that network namespace.
@@ -60,18 +59,10 @@ class Stack:
         self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
         self._saved_env = os.environ.get(SOCK_ENV)
 
-    def __enter__(self) -> Stack:
+    def open(self) -> None:
         os.environ[SOCK_ENV] = str(self.sock)  # for this process's flowlib and every child
-        try:
-            irmd = self.spawn([tool("irmd"), "--sock", str(self.sock)], "irmd")
-            self._wait_listening(irmd)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        irmd = self.spawn([tool("irmd"), "--sock", str(self.sock)], "irmd")
+        self._wait_listening(irmd)
 
     def irm(self, *words: str) -> str:
         """Run one `irm` command against this stack's IRMd; its output, or BenchError."""

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ log = logging.getLogger("bench.profile")
 SIZE = 1400
 RATE = 100  # py-spy samples per second
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+OUT = Path(tempfile.gettempdir()) / "ouroboros-bench-profiles"
 
 T = TypeVar("T")
 
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("targets", nargs="*", metavar="TARGET", help=f"of: {', '.join(TARGETS)} (default all)")
     p.add_argument("--seconds", type=float, default=4.0, help="load per pass (default 4)")
-    p.add_argument("--out", type=Path, default=Path("bench/profiles"), help="py-spy and strace output")
+    p.add_argument("--out", type=Path, default=OUT, help=f"py-spy and strace output (default {OUT})")
     args = p.parse_args(argv)
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown:

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apps.netplumb import wire
-from apps.netplumb.channels import CHUNK
 from apps.netplumb.connection import (
     CLIENT_ACCEPTS,
     MAX_CREDIT,
@@ -210,8 +209,8 @@ def test_client_gives_up_waiting_for_the_answer() -> None:
 def test_the_peer_cannot_overrun_a_window_and_grants_restore_it() -> None:
     c, s = running()
     c.channels._by_ch[0].window = INITIAL_WINDOW * 2  # a client that ignores the window it got
-    chunk = bytes(CHUNK)
-    for _ in range(INITIAL_WINDOW // CHUNK):
+    chunk = b"\xff" * (INITIAL_WINDOW // 32)
+    for _ in range(32):
         assert s.receive(c.session.send(wire.DATA, Data(0, chunk).to_fields()), 0.0) == [Data(0, chunk)]
     s.grant(0, 1)
     assert s.receive(c.session.send(wire.DATA, Data(0, b"x").to_fields()), 0.0) == [Data(0, b"x")]
@@ -284,14 +283,52 @@ def test_messages_round_trip_through_their_fields(msg: SessionMessage) -> None:
     assert type(msg).from_fields(wire.decode_pairs(wire.encode_pairs(msg.to_fields()))) == msg
 
 
+@pytest.mark.parametrize("data, form", [
+    (b"", "data"), (b"plain text, no NUL\n" * 100, "data"), (bytes(range(256)) * 200, "data"),
+    (b"\0" + b"x" * 15, "data"), (b"\0" + b"x" * 14, "base64"), (bytes(5000), "base64"), (b"\0\0x" * 100, "base64"),
+])
+def test_data_goes_as_it_is_cut_at_nuls_or_as_base64_when_nuls_are_dense(data: bytes, form: str) -> None:
+    fields = Data(3, data).to_fields()
+    assert {k for k, _ in fields.pairs} == {b"ch", form.encode()}
+    encoded = wire.encode_pairs(fields)
+    assert len(encoded) == fields.size()
+    if form == "data":  # the bytes themselves, each NUL costing one `data` name
+        assert len(encoded) == len(b"ch\0" b"3\0") + len(data) + 5 * data.count(0) + len(b"data\0" b"\0" b"\0")
+    assert Data.from_fields(wire.decode_pairs(encoded)) == Data(3, data)
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=3000))
+def test_data_round_trips_whatever_the_bytes(data: bytes) -> None:
+    assert Data.from_fields(wire.decode_pairs(wire.encode_pairs(Data(0, data).to_fields()))) == Data(0, data)
+
+
+@pytest.mark.parametrize("data, mtu", [
+    (bytes(range(256)) * 256, wire.MAX_PACKET),  # 64 KiB, NULs sparse: two packets
+    (bytes(60 * 1024), wire.MAX_PACKET),  # NULs only: base64, a third larger
+    (bytes(range(256)) * 40, 1400),  # a flow of a small MTU
+])
+def test_data_too_large_for_one_packet_goes_in_several_in_order(data: bytes, mtu: int) -> None:
+    c, s = running()
+    c.session.max_packet = mtu
+    c.send_data(0, data)
+    packets = c.data_to_send()
+    assert len(packets) > 1 and all(len(p) <= mtu for p in packets)
+    got = [ev for p in packets for ev in s.receive(p, 0.0)]
+    assert all(isinstance(ev, Data) and ev.ch == 0 for ev in got)
+    assert b"".join(ev.data for ev in got if isinstance(ev, Data)) == data
+
+
 @pytest.mark.parametrize("cls, pairs", [
     (Window, [("ch", "1"), ("n", "0")]), (Window, [("ch", "1"), ("n", str(1 << 41))]),
-    (Data, [("ch", "-1"), ("data", "")]), (Data, [("ch", "1")]), (Exit, [("status", "256")]),
+    (Data, [("ch", "-1"), ("data", "")]), (Data, [("ch", "1")]), (Data, [("ch", "1"), ("base64", "!")]),
+    (Data, [("ch", "1"), ("data", "x"), ("base64", "eA==")]),
+    (Data, [("ch", "1"), ("base64", "eA=="), ("base64", "eA==")]), (Exit, [("status", "256")]),
     (Signal, [("sig", "X" * 17)]), (Open, [("ch", "x"), ("parent", "3")]),
 ])
 def test_malformed_messages_are_wire_errors(cls: type[SessionMessage], pairs: list[tuple[str, str]]) -> None:
     with pytest.raises(WireError):
-        cls.from_fields(Fields(pairs))
+        cls.from_fields(Fields.of(*pairs))
 
 
 @pytest.mark.parametrize("pairs, why", [
@@ -308,7 +345,7 @@ def test_malformed_messages_are_wire_errors(cls: type[SessionMessage], pairs: li
 ])
 def test_bad_start_fields_are_refused_with_a_reason(pairs: list[tuple[str, str]], why: str) -> None:
     with pytest.raises(BadStart, match=why):
-        Start.from_fields(Fields(pairs))
+        Start.from_fields(Fields.of(*pairs))
 
 
 # -- anything at all, after the handshake -------------------------------------------------------

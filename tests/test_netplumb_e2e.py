@@ -362,7 +362,7 @@ def _session(host: Host, irmd: IrmdProc, client: IrmClient) -> tuple[Flow, Clien
             flow.write(data)
         events = list(session.receive(flow.read()))
     flow.write(session.send(wire.START, Fields.of(arg="cat")))
-    assert session.receive(flow.read())[0] == Message(wire.START, Fields([("ok", "1")]))
+    assert session.receive(flow.read())[0] == Message(wire.START, Fields.of(ok=1))
     return flow, session
 
 
@@ -377,7 +377,8 @@ def _until_peer_error(flow: Flow, session: ClientSession) -> list[object]:
 
 @pytest.mark.parametrize("bogus", [
     [Fields.of(ch=77, data="AAAA")],  # no such channel
-    [Fields.of(ch=0, data="not base64!")],
+    [Fields.of(ch=0, base64="not base64!")],
+    [Fields.of(ch=0, data="AA", base64="AAAA")],  # both forms at once
     [Fields.of(ch=0)],  # no data
 ])
 def test_authenticated_nonsense_ends_the_session_with_a_reason(authorized: Host, irmd: IrmdProc,

@@ -200,13 +200,13 @@ class Client:
             raise Failure(str(e)) from None
         log.log(DEBUG1, "key %s: %s", key, fingerprint(identity.public))
         start = self._start_message()
-        self.core = ClientConnection(identity, self._check_host, start, time.monotonic(), ANSWER_TIMEOUT)
         log.log(DEBUG1, "allocating a flow to %s (qos data)", req.host)
         try:
             flow = flow_alloc(req.host, qos=qos.data, timeout=ALLOC_TIMEOUT)
         except FlowError as e:
             raise Failure(f"cannot reach {req.host}: {e}") from None
         log.log(DEBUG1, "flow %d to %s via layer %s", flow.flow_id, req.host, flow.layer)
+        self.core = ClientConnection(identity, self._check_host, start, time.monotonic(), ANSWER_TIMEOUT, flow.mtu)
         self.link = Link(flow, self.core)
         self.reader = Reader(flow, self.core)
         old_wakeup = signal.set_wakeup_fd(self.reader.wake_w)  # a signal any thread took wakes us for its handler

@@ -184,8 +184,9 @@ class Connection:
     ACCEPTS: dict[Phase, frozenset[int]]
     peer = "peer"
 
-    def __init__(self, session: Session, deadline: float | None) -> None:
+    def __init__(self, session: Session, deadline: float | None, mtu: int) -> None:
         self.session = session
+        session.max_packet = mtu
         self.channels = Channels()
         self.phase = Phase.HANDSHAKE
         self._deadline = deadline
@@ -269,9 +270,16 @@ class Connection:
         self.channels.add(ch, receives, sends)
 
     def send_data(self, ch: int, data: bytes) -> None:
+        """DATA on a channel: one packet, or as many as the bytes take."""
         msg = Data(ch, data)
+        fields = msg.to_fields()
+        if fields.size() > self.session.room and len(data) > 1:
+            half = len(data) // 2
+            self.send_data(ch, data[:half])
+            self.send_data(ch, data[half:])
+            return
         self.channels.sending(msg)
-        self._send(msg)
+        self._send(msg, fields)
 
     def send_eof(self, ch: int) -> None:
         msg = Eof(ch)
@@ -291,8 +299,8 @@ class Connection:
                 self._out.append(self.session.error(reason))
         return Closed(reason)
 
-    def _send(self, msg: SessionMessage) -> None:
-        fields = msg.to_fields()
+    def _send(self, msg: SessionMessage, fields: Fields | None = None) -> None:
+        fields = msg.to_fields() if fields is None else fields
         with self._tx:
             if self.closed:
                 raise LocalProtocolError(f"cannot send {type(msg).__name__}: the connection is closed")
@@ -319,8 +327,8 @@ class ServerConnection(Connection):
     peer = "client"
 
     def __init__(self, identity: Identity, authorize: Callable[[bytes], str | None], now: float,
-                 login_grace: float, linger: float) -> None:
-        super().__init__(ServerSession(identity, authorize), now + login_grace)
+                 login_grace: float, linger: float, mtu: int = wire.MAX_PACKET) -> None:
+        super().__init__(ServerSession(identity, authorize), now + login_grace, mtu)
         self.login_grace = login_grace
         self.linger = linger
 
@@ -367,8 +375,8 @@ class ClientConnection(Connection):
     peer = "server"
 
     def __init__(self, identity: Identity, check_host: Callable[[bytes], object], start: Start, now: float,
-                 timeout: float) -> None:
-        super().__init__(ClientSession(identity, check_host), now + timeout)
+                 timeout: float, mtu: int = wire.MAX_PACKET) -> None:
+        super().__init__(ClientSession(identity, check_host), now + timeout, mtu)
         self.start = start
         self.timeout = timeout
         self.sockets = {ch for ch, _ in start.sockets}

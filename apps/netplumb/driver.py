@@ -83,7 +83,7 @@ class Driver:
         self.entries: list[AuthorizedKey] = []
         self.key = b""
         self.core = ServerConnection(cfg.identity, self._authorize, time.monotonic(), cfg.limits.login_grace,
-                                     LINGER)
+                                     LINGER, flow.mtu)
         self.link = Link(flow, self.core)
         self.runner: Runner | None = None
         self.ends = Ends()

@@ -199,9 +199,12 @@ def plan_to_json(plan: Plan, workdir: bool, open_timeout: float, kill_grace: flo
 def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
     """A runner process, started and waiting for its plan, and our end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Isolated (-I: no PYTHON* variables), but with our bytecode settings, which -I would drop.
+    cache = ["-B"] if sys.flags.dont_write_bytecode else []
+    cache += ["-X", f"pycache_prefix={sys.pycache_prefix}"] if sys.pycache_prefix else []
     try:  # as us: the interpreter may be where the user cannot reach; it drops to the user first
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOT, CODE_ROOT, str(theirs.fileno())], stdin=subprocess.PIPE,
+            [sys.executable, "-I", *cache, "-c", BOOT, CODE_ROOT, str(theirs.fileno())], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=[theirs.fileno()], cwd="/",
             env={"PATH": os.defpath}, start_new_session=True)
     except BaseException:

@@ -291,7 +291,6 @@ def test_data_goes_as_it_is_cut_at_nuls_or_as_base64_when_nuls_are_dense(data: b
     fields = Data(3, data).to_fields()
     assert {k for k, _ in fields.pairs} == {b"ch", form.encode()}
     encoded = wire.encode_pairs(fields)
-    assert len(encoded) == fields.size()
     if form == "data":  # the bytes themselves, each NUL costing one `data` name
         assert len(encoded) == len(b"ch\0" b"3\0") + len(data) + 5 * data.count(0) + len(b"data\0" b"\0" b"\0")
     assert Data.from_fields(wire.decode_pairs(encoded)) == Data(3, data)

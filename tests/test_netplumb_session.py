@@ -130,9 +130,9 @@ def test_server_without_the_private_key_is_refused() -> None:
     shuttle(c, s)
     reply = wire.decode(s.data_to_send()[0])
     fields = wire.decode_pairs(reply.payload)
-    fields.pairs = [(k, wire.b64(SERVER.public).encode() if k == b"key" else v) for k, v in fields.pairs]
+    forged = Fields.of(*((k, wire.b64(SERVER.public) if k == "key" else v) for k, v in fields.text()))
     with pytest.raises(SessionError, match="prove"):
-        c.receive(wire.encode(Packet(reply.seq, reply.type, wire.encode_pairs(fields))))
+        c.receive(wire.encode(Packet(reply.seq, reply.type, wire.encode_pairs(forged))))
 
 
 # -- the cipher ---------------------------------------------------------------------------------
@@ -175,9 +175,9 @@ def test_a_cipher_the_client_did_not_offer_is_refused() -> None:
     shuttle(c, s)
     reply = wire.decode(s.data_to_send()[0])
     fields = wire.decode_pairs(reply.payload)
-    fields.pairs = [(k, b"rot13" if k == b"cipher" else v) for k, v in fields.pairs]
+    forged = Fields.of(*((k, "rot13" if k == "cipher" else v) for k, v in fields.text()))
     with pytest.raises(SessionError, match="did not offer"):
-        c.receive(wire.encode(Packet(reply.seq, reply.type, wire.encode_pairs(fields))))
+        c.receive(wire.encode(Packet(reply.seq, reply.type, wire.encode_pairs(forged))))
 
 
 @needs_aegis
@@ -188,8 +188,8 @@ def test_an_offer_changed_on_the_way_breaks_the_servers_proof() -> None:
     c.start()
     hello = wire.decode(c.data_to_send()[0])
     fields = wire.decode_pairs(hello.payload)
-    fields.pairs = [(k, v) for k, v in fields.pairs if v != b"aegis256"]
-    s.receive(wire.encode(Packet(hello.seq, hello.type, wire.encode_pairs(fields))))
+    stripped = Fields.of(*((k, v) for k, v in fields.text() if v != "aegis256"))
+    s.receive(wire.encode(Packet(hello.seq, hello.type, wire.encode_pairs(stripped))))
     with pytest.raises(SessionError, match="prove"):
         shuttle(s, c)
 

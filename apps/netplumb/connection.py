@@ -272,14 +272,14 @@ class Connection:
     def send_data(self, ch: int, data: bytes) -> None:
         """DATA on a channel: one packet, or as many as the bytes take."""
         msg = Data(ch, data)
-        fields = msg.to_fields()
-        if fields.size() > self.session.room and len(data) > 1:
+        plain = wire.encode_pairs(msg.to_fields())
+        if len(plain) > self.session.room and len(data) > 1:
             half = len(data) // 2
             self.send_data(ch, data[:half])
             self.send_data(ch, data[half:])
             return
         self.channels.sending(msg)
-        self._send(msg, fields)
+        self._send(msg, plain)
 
     def send_eof(self, ch: int) -> None:
         msg = Eof(ch)
@@ -299,12 +299,13 @@ class Connection:
                 self._out.append(self.session.error(reason))
         return Closed(reason)
 
-    def _send(self, msg: SessionMessage, fields: Fields | None = None) -> None:
-        fields = msg.to_fields() if fields is None else fields
+    def _send(self, msg: SessionMessage, plain: bytes | None = None) -> None:
+        """Seal and queue a message (plain: its fields, encoded already)."""
+        encoded = wire.encode_pairs(msg.to_fields()) if plain is None else plain
         with self._tx:
             if self.closed:
                 raise LocalProtocolError(f"cannot send {type(msg).__name__}: the connection is closed")
-            self._out.append(self.session.send(msg.TYPE, fields))
+            self._out.append(self.session.send(msg.TYPE, encoded))
 
     def _step(self, step: str) -> None:
         with self._lock:

@@ -117,17 +117,18 @@ class Data:
 
     def to_fields(self) -> Fields:
         fields = Fields.of(ch=self.ch).add_pieces("data", self.data)
-        if len(fields.pairs) - 2 > min(len(self.data) // NUL_DENSITY, MAX_PIECES - 1):  # too many NULs
+        if len(fields.items) // 2 - 2 > min(len(self.data) // NUL_DENSITY, MAX_PIECES - 1):  # too many NULs
             fields = Fields.of(ch=self.ch, base64=wire.b64(self.data))
         return fields
 
     @classmethod
     def from_fields(cls, fields: Fields) -> Data:
         ch = fields.int("ch", 0, MAX_CHANNEL)
-        pieces, encoded = fields.rawall("data"), fields.rawall("base64")
-        if pieces and not encoded:
+        encoded = fields.rawall("base64") if b"base64" in fields.items[0::2] else []
+        pieces = fields.rawall("data") if not encoded else []
+        if pieces:
             return cls(ch, b"\0".join(pieces))
-        if len(encoded) == 1 and not pieces:
+        if len(encoded) == 1 and fields.raw("data") is None:
             return cls(ch, wire.unb64(encoded[0], "base64"))
         raise WireError("DATA carries its bytes as `data` values or as one `base64` value")
 

@@ -123,7 +123,7 @@ def fast_aeads() -> tuple[Aead, ...]:
 
 def _agreement(offer: Sequence[bytes], chosen: str) -> bytes:
     """The cipher negotiation as the transcript takes it: each end signs what it saw offered and chosen."""
-    return wire.encode_pairs(wire.Fields([*((b"cipher", o) for o in offer), (b"chosen", chosen.encode())]))
+    return wire.encode_pairs(wire.Fields([*(b for o in offer for b in (b"cipher", o)), b"chosen", chosen.encode()]))
 
 
 class _Cipher:
@@ -192,8 +192,9 @@ class Session:
         out, self._out = self._out, []
         return out
 
-    def send(self, ptype: int, fields: Fields) -> bytes:
-        """Seal one message of the established session; returns its bytes (also for direct writes)."""
+    def send(self, ptype: int, fields: Fields | bytes) -> bytes:
+        """Seal one message of the established session (its fields, or their encoding already made);
+        returns its bytes (also for direct writes)."""
         if self.state is not State.ESTABLISHED:
             raise SessionError(f"cannot send {wire.TYPE_NAMES.get(ptype, ptype)} in state {self.state.value}")
         return self._packet(ptype, fields)
@@ -223,8 +224,8 @@ class Session:
 
     # -- internals ------------------------------------------------------------------
 
-    def _packet(self, ptype: int, fields: Fields) -> bytes:
-        plain = wire.encode_pairs(fields)
+    def _packet(self, ptype: int, fields: Fields | bytes) -> bytes:
+        plain = fields if isinstance(fields, bytes) else wire.encode_pairs(fields)
         seq = self._enc.next()
         if ptype >= wire.ENCRYPTED_FROM:
             assert self._tx is not None

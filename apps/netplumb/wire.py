@@ -11,7 +11,7 @@ import itertools
 import logging
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -189,42 +189,42 @@ def _pair(name: Value, value: Value) -> tuple[bytes, bytes]:
 
 @dataclass
 class Fields:
-    """An ordered list of name/value pairs as they travel (bytes); a name may repeat (one 'arg' per
-    argument). get() and friends read a value as text, raw() and rawall() as the bytes themselves.
+    """An ordered list of name/value pairs as they travel: name, value, name, value, ... (bytes, kept
+    flat: a DATA has hundreds). A name may repeat (one 'arg' per argument). get() and friends read a
+    value as text, raw() and rawall() as the bytes themselves.
 
-    Pairs are checked as they are added (of, add, pieces) and as they arrive (decode_pairs)."""
+    Pairs are checked as they are added (of, add, add_pieces) and as they arrive (decode_pairs)."""
 
-    pairs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    items: list[bytes] = field(default_factory=list)
 
     @classmethod
     def of(cls, *pairs: tuple[str, Value], **kw: Value) -> Fields:
-        return cls([_pair(k, v) for k, v in (*pairs, *kw.items())])
+        return cls([b for k, v in (*pairs, *kw.items()) for b in _pair(k, v)])
 
     def add(self, name: str, value: Value) -> Fields:
-        self.pairs.append(_pair(name, value))
+        self.items += _pair(name, value)
         return self
 
     def add_pieces(self, name: str, data: bytes) -> Fields:
         """Bytes that may hold NULs, as a run of `name` pairs cut at them: the run's values, joined by
         NUL, are the bytes again."""
-        key = _pair(name, b"")[0]
-        self.pairs += zip(itertools.repeat(key), data.split(b"\0"))
+        pieces = data.split(b"\0")
+        run = [_pair(name, b"")[0]] * (2 * len(pieces))
+        run[1::2] = pieces
+        self.items += run
         return self
 
-    def size(self) -> int:
-        """The bytes encode_pairs makes of these pairs."""
-        return sum(map(len, itertools.chain.from_iterable(self.pairs))) + 2 * len(self.pairs) + 1
+    @property
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        return list(zip(self.items[0::2], self.items[1::2], strict=True))
 
     def raw(self, name: str) -> bytes | None:
+        names = self.items[0::2]
         key = _raw(name)
-        for k, v in self.pairs:
-            if k == key:
-                return v
-        return None
+        return self.items[2 * names.index(key) + 1] if key in names else None
 
     def rawall(self, name: str) -> list[bytes]:
-        key = _raw(name)
-        return [v for k, v in self.pairs if k == key]
+        return list(itertools.compress(self.items[1::2], map(_raw(name).__eq__, self.items[0::2])))
 
     def get(self, name: str, default: str | None = None) -> str | None:
         value = self.raw(name)
@@ -255,9 +255,6 @@ class Fields:
         """The pairs as text (for logs and tests)."""
         return [(_text(k), _text(v)) for k, v in self.pairs]
 
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter(self.pairs)
-
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -273,17 +270,17 @@ def unb64(text: str | bytes, what: str = "value") -> bytes:
 def encode_pairs(pairs: Fields | Iterable[tuple[str, Value]]) -> bytes:
     """name NUL value NUL ... then an empty name (a lone NUL) ends the list."""
     fields = pairs if isinstance(pairs, Fields) else Fields.of(*pairs)
-    return b"\0".join([*itertools.chain.from_iterable(fields.pairs), b"", b""])  # the last NUL, the end mark
+    return b"\0".join(itertools.chain(fields.items, (b"", b"")))  # the last value's NUL, the end mark
 
 
 def decode_pairs(data: bytes) -> Fields:
-    parts = data.split(b"\0")
+    items = data.split(b"\0")
     # A well-formed list splits into name, value, ..., '' (the end mark), '' (after its NUL).
-    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"" or len(parts) % 2:
+    if len(items) < 2 or items[-1] != b"" or items[-2] != b"" or len(items) % 2:
         raise WireError("name/value list is not NUL-terminated pairs ending with an empty name")
-    names, values = parts[0:-2:2], parts[1:-2:2]
-    if len(names) > MAX_PAIRS:
+    del items[-2:]
+    if len(items) > 2 * MAX_PAIRS:
         raise WireError(f"more than {MAX_PAIRS} name/value pairs")
-    if b"" in names:
+    if b"" in items[0::2]:
         raise WireError("empty name before the end of the name/value list")
-    return Fields(list(zip(names, values, strict=True)))
+    return Fields(items)

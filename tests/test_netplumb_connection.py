@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from apps.netplumb import wire
 from apps.netplumb.connection import (
     CLIENT_ACCEPTS,
+    CLIENT_TRANSITIONS,
     MAX_CREDIT,
     SERVER_ACCEPTS,
-    TRANSITIONS,
+    SERVER_TRANSITIONS,
     Authenticated,
     ClientConnection,
     Closed,
@@ -54,10 +55,10 @@ def running(now: float = 0.0) -> tuple[ClientConnection, ServerConnection]:
     c.connect()
     assert deliver(c, s, now) == []
     assert deliver(s, c, now) == [ServerKey(SERVER.public)]
-    assert deliver(c, s, now) == [Authenticated(CLIENT.public)]
-    assert deliver(s, c, now) == [Authenticated(SERVER.public)]
-    (req,) = deliver(c, s, now)
+    auth, req = deliver(c, s, now)  # START right behind AUTH
+    assert auth == Authenticated(CLIENT.public)
     assert isinstance(req, StartRequested) and Start.from_fields(req.fields) == START
+    assert deliver(s, c, now) == [Authenticated(SERVER.public)]
     for end, sends in ((s, (1, 2)), (c, (0,))):
         for ch in (0, 1, 2):
             end.add_channel(ch, receives=ch not in sends, sends=ch in sends)
@@ -103,20 +104,44 @@ def test_an_unauthorized_client_is_told_why() -> None:
 
 # -- the phase table --------------------------------------------------------------------------
 
-STEPS = sorted({step for _, step in TRANSITIONS})
+STEPS = sorted({step for _, step in [*SERVER_TRANSITIONS, *CLIENT_TRANSITIONS]})
 
 
-@pytest.mark.parametrize("phase, step", [(p, st) for p in Phase for st in STEPS if (p, st) not in TRANSITIONS])
-def test_a_step_outside_the_table_is_a_named_error(phase: Phase, step: str) -> None:
-    _, s = pair()
-    s.phase = phase
+@pytest.mark.parametrize("end, phase, step", [
+    (end, p, st) for end, table in (("server", SERVER_TRANSITIONS), ("client", CLIENT_TRANSITIONS))
+    for p in Phase for st in STEPS if (p, st) not in table])
+def test_a_step_outside_the_table_is_a_named_error(end: str, phase: Phase, step: str) -> None:
+    c, s = pair()
+    conn: Connection = s if end == "server" else c
+    conn.phase = phase
     with pytest.raises(LocalProtocolError, match=f"{step} is not allowed"):
-        s._step(step)
+        conn._step(step)
+
+
+def test_the_client_sends_start_behind_auth_and_the_server_takes_it_only_after() -> None:
+    c, s = pair()
+    c.connect()
+    deliver(c, s)
+    deliver(s, c)
+    auth, start = c.data_to_send()  # both sealed before the server welcomed us
+    assert c.phase is Phase.STARTING
+    assert s.receive(auth, 0.0) == [Authenticated(CLIENT.public)] and s.phase is Phase.AUTHENTICATED
+    (req,) = s.receive(start, 0.0)
+    assert isinstance(req, StartRequested) and s.phase is Phase.STARTING
+
+
+def test_a_refused_client_has_its_start_go_unread() -> None:
+    c, s = pair(allowed=False)
+    c.connect()
+    deliver(c, s)
+    deliver(s, c)
+    assert deliver(c, s) == [Closed("not authorized")]  # START came too: nothing of it was read
+    assert s.closed and s.phase is Phase.CLOSED
 
 
 def test_every_phase_but_closed_can_close_and_closing_twice_is_harmless() -> None:
     for phase in Phase:
-        assert TRANSITIONS[(phase, "close")] is Phase.CLOSED
+        assert SERVER_TRANSITIONS[(phase, "close")] is CLIENT_TRANSITIONS[(phase, "close")] is Phase.CLOSED
     c, s = running()
     assert s.close("bye") == Closed("bye") and s.close("again") == Closed("again")
     assert deliver(s, c) == [Closed("the server ended the session: bye")]
@@ -178,11 +203,13 @@ def test_login_grace_ends_a_silent_client_in_clear() -> None:
 def test_login_grace_covers_authentication_and_stops_at_start() -> None:
     c, s = pair()
     c.connect()
-    for a, b in ((c, s), (s, c), (c, s), (s, c)):
+    for a, b in ((c, s), (s, c)):
         deliver(a, b)
+    auth, _ = c.data_to_send()  # a client that proves its key but asks for nothing
+    s.receive(auth, 0.0)
     assert s.phase is Phase.AUTHENTICATED and s.get_timer() == GRACE  # authenticated, no START yet
     assert s.handle_timer(GRACE) == [Closed(f"no command asked for within {GRACE:g} s (--login-grace-time)")]
-    assert wire.decode(s.data_to_send()[0]).type == wire.ERROR  # keys agreed: sealed
+    assert wire.decode(s.data_to_send()[-1]).type == wire.ERROR  # after the welcome; keys agreed: sealed
     c, s = running()
     assert s.get_timer() is None
 

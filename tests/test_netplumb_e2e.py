@@ -443,7 +443,7 @@ def test_verbosity_levels_show_the_handshake_then_channels_then_packets(authoriz
     one, two, three = (r.stderr.decode() for r in levels)
     for line in ("debug1: allocating a flow to host2", "debug1: sent HELLO",
                  "debug1: the server proved it holds SHA256:", "debug1: server key SHA256:",
-                 "debug1: authenticated; START: echo hi", "debug1: started", "debug1: exit status 0"):
+                 "and START: echo hi", "debug1: authenticated", "debug1: started", "debug1: exit status 0"):
         assert line in one and line in two and line in three, line
     assert "debug2" not in one and "debug3" not in two
     for line in ("debug2: channel 0: stdin -> server", "debug2: channel 1: server -> stdout",

@@ -241,12 +241,12 @@ class Client:
         """Act on one event; the status to exit with if the command was refused."""
         match ev:
             case ServerKey(key):
-                log.log(DEBUG1, "the server proved it holds %s; sent AUTH (sealed): our key and proof",
-                        fingerprint(key))
-            case Authenticated():
                 what = "the recipe" if self.core.start.recipe is not None else shlex.join(self.core.start.argv)
-                log.log(DEBUG1, "authenticated; START: %s%s", what,
+                log.log(DEBUG1, "the server proved it holds %s; sent AUTH (sealed): our key and proof, "
+                        "and START: %s%s", fingerprint(key), what,
                         f" as {self.core.start.user}" if self.core.start.user else "")
+            case Authenticated():
+                log.log(DEBUG1, "authenticated")
             case Started(ok, message, status):
                 if not ok:
                     log.log(DEBUG1, "START refused (status %d)", status)

@@ -124,14 +124,20 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-# Where each step leads, on both ends; a step not listed for the current phase is an error.
-TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+# Where each step leads; a step not listed for the current phase is an error.
+SERVER_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.HANDSHAKE, "authenticated"): Phase.AUTHENTICATED,
     (Phase.AUTHENTICATED, "START"): Phase.STARTING,
     (Phase.STARTING, "started"): Phase.RUNNING,
     (Phase.STARTING, "refused"): Phase.CLOSED,
     (Phase.RUNNING, "EXIT"): Phase.EXITED,
     **{(p, "close"): Phase.CLOSED for p in Phase},
+}
+CLIENT_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.HANDSHAKE, "START"): Phase.STARTING,  # START goes right behind AUTH, a round trip less
+    (Phase.STARTING, "authenticated"): Phase.STARTING,  # the welcome; START's answer comes next
+    **{(p, step): nxt for (p, step), nxt in SERVER_TRANSITIONS.items()
+       if step == "close" or p not in (Phase.HANDSHAKE, Phase.AUTHENTICATED)},
 }
 
 _CHANNEL = frozenset({wire.DATA, wire.EOF, wire.WINDOW})
@@ -182,6 +188,7 @@ class Connection:
     """
 
     ACCEPTS: dict[Phase, frozenset[int]]
+    TRANSITIONS: dict[tuple[Phase, str], Phase]
     peer = "peer"
 
     def __init__(self, session: Session, deadline: float | None, mtu: int) -> None:
@@ -309,7 +316,7 @@ class Connection:
 
     def _step(self, step: str) -> None:
         with self._lock:
-            nxt = TRANSITIONS.get((self.phase, step))
+            nxt = self.TRANSITIONS.get((self.phase, step))
             if nxt is None:
                 raise LocalProtocolError(f"{step} is not allowed {self.phase.value}")
             self.phase = nxt
@@ -325,6 +332,7 @@ class ServerConnection(Connection):
     START, and `linger` after EXIT to close."""
 
     ACCEPTS = SERVER_ACCEPTS
+    TRANSITIONS = SERVER_TRANSITIONS
     peer = "client"
 
     def __init__(self, identity: Identity, authorize: Callable[[bytes], str | None], now: float,
@@ -369,10 +377,11 @@ class ServerConnection(Connection):
 
 
 class ClientConnection(Connection):
-    """plumb's side: START goes out as soon as the server admitted us; the handshake and START's
-    answer must come within `timeout` seconds."""
+    """plumb's side: START goes out right behind AUTH, once the server proved its key; the handshake
+    and START's answer must come within `timeout` seconds."""
 
     ACCEPTS = CLIENT_ACCEPTS
+    TRANSITIONS = CLIENT_TRANSITIONS
     peer = "server"
 
     def __init__(self, identity: Identity, check_host: Callable[[bytes], object], start: Start, now: float,
@@ -387,10 +396,11 @@ class ClientConnection(Connection):
         with self._tx:
             self.session.start()
 
-    def _authenticated(self, key: bytes) -> list[Event]:
-        self._step("START")
-        self._send(self.start)
-        return [Authenticated(key)]
+    def _event(self, ev: object) -> list[Event]:
+        if isinstance(ev, ServerKey):  # our AUTH is queued
+            self._step("START")
+            self._send(self.start)
+        return super()._event(ev)
 
     def _start(self, fields: Fields) -> list[Event]:
         answer = Started.from_fields(fields)

@@ -216,7 +216,8 @@ def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
 
 
 class Spare:
-    """One runner started ahead, so that a session does not wait for an interpreter to start."""
+    """One runner started ahead, so that a session does not wait for an interpreter to start. The
+    next one is started once the session's job has (refill_soon), not beside it."""
 
     _lock = threading.Lock()
     _ready: tuple[subprocess.Popen[bytes], socket.socket] | None = None
@@ -227,8 +228,11 @@ class Spare:
             spare, cls._ready = cls._ready, None
         if spare is None or spare[0].poll() is not None:
             spare = _spawn()
-        threading.Thread(target=cls.refill, daemon=True, name="spare-runner").start()
         return spare
+
+    @classmethod
+    def refill_soon(cls) -> None:
+        threading.Thread(target=cls.refill, daemon=True, name="spare-runner").start()
 
     @classmethod
     def refill(cls) -> None:
@@ -303,6 +307,7 @@ class Runner:
                 if self.started.done():
                     raise RunnerError("started twice")
                 self.started.set_result((msg, fds))
+                Spare.refill_soon()
             case FifoOpened(ch):
                 if self.fifos[ch].done():
                     raise RunnerError(f"pipe {ch} opened twice")
@@ -311,6 +316,7 @@ class Runner:
                 if self.started.done():
                     raise RunnerError("refused after it started")
                 self.started.set_exception(JobNotStarted(message, status))
+                Spare.refill_soon()
             case Ended():
                 if not self.started.done():
                     raise RunnerError("ended before it started")
@@ -330,6 +336,7 @@ class Runner:
                 fut.set_exception(gone)
         if not self.started.done():
             self.started.set_exception(JobNotStarted("the session runner failed to start the command", 126))
+            Spare.refill_soon()
         if not self.ended.done():
             code = self.proc.wait()
             self.ended.set_result(Ended("signal", -code) if code < 0 else Ended("status", code or 255))

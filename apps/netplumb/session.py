@@ -195,7 +195,7 @@ class Session:
     def send(self, ptype: int, fields: Fields | bytes) -> bytes:
         """Seal one message of the established session (its fields, or their encoding already made);
         returns its bytes (also for direct writes)."""
-        if self.state is not State.ESTABLISHED:
+        if self.state not in self.SENDS_IN:
             raise SessionError(f"cannot send {wire.TYPE_NAMES.get(ptype, ptype)} in state {self.state.value}")
         return self._packet(ptype, fields)
 
@@ -262,6 +262,7 @@ class Session:
 
     # (state, packet type) -> what to do; each end fills in its handshake.
     HANDSHAKE: ClassVar[Handshake] = {}
+    SENDS_IN: ClassVar[frozenset[State]] = frozenset({State.ESTABLISHED})  # where send() may seal
 
     def _handle(self, packet: Packet) -> list[Event]:
         fields = self._open(packet)
@@ -325,6 +326,9 @@ class ClientSession(Session):
         assert self.peer is not None
         return [Established(self.peer)]
 
+    # The session's first message may follow AUTH at once: the server has proved its key, what we
+    # seal only it can open, and it reads nothing of ours past an AUTH it refuses.
+    SENDS_IN: ClassVar[frozenset[State]] = frozenset({State.AUTH_SENT, State.ESTABLISHED})
     HANDSHAKE: ClassVar[Handshake] = {
         (State.HELLO_SENT, wire.HELLO): _on_hello,
         (State.HELLO_SENT, wire.REFUSE): _on_refuse,

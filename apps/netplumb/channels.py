@@ -46,6 +46,8 @@ class Core(Protocol):
 
     def data_to_send(self) -> list[bytes]: ...
 
+    def has_output(self) -> bool: ...
+
 
 class Reader:
     """Feeds a core from one thread: the flow's bytes when it has some, handle_timer() when its timer
@@ -103,6 +105,12 @@ class Link:
                 if log.isEnabledFor(DEBUG3):
                     log.log(DEBUG3, "-> %s", wire.describe(packet))
                 self.flow.write(packet)
+
+    def flush(self) -> None:
+        """Write what the core queued by itself (handshake replies, errors), if anything: the
+        receiving thread does not wait for the lock while a pump writes."""
+        if self.core.has_output():
+            self.send()
 
     def data(self, ch: int, data: bytes) -> None:
         self.send(lambda: self.core.send_data(ch, data))

@@ -228,7 +228,7 @@ class Client:
     def _loop(self) -> int:
         while self.status is None:
             events = self.reader.events()
-            self.link.send()
+            self.link.flush()
             for ev in events:
                 refused = self._on(ev)
                 if refused is not None:

@@ -273,6 +273,11 @@ class Connection:
             out, self._out = self.session.data_to_send() + self._out, []
         return out
 
+    def has_output(self) -> bool:
+        """Whether something waits in data_to_send() (seen without a lock: a thread that queues
+        something sends it itself, so only what this thread queued needs to be seen)."""
+        return bool(self._out) or self.session.has_output()
+
     def add_channel(self, ch: int, receives: bool, sends: bool) -> None:
         self.channels.add(ch, receives, sends)
 

@@ -136,7 +136,7 @@ class Driver:
     def _loop(self) -> None:
         while not self.core.closed:
             events = self.reader.events()
-            self.link.send()
+            self.link.flush()
             for ev in events:
                 self._on(ev)
 

@@ -192,6 +192,9 @@ class Session:
         out, self._out = self._out, []
         return out
 
+    def has_output(self) -> bool:
+        return bool(self._out)
+
     def send(self, ptype: int, fields: Fields | bytes) -> bytes:
         """Seal one message of the established session (its fields, or their encoding already made);
         returns its bytes (also for direct writes)."""

@@ -146,6 +146,30 @@ def test_unauthorized_key_is_refused(host: Host) -> None:
     assert not marker.exists()
 
 
+def test_a_refused_client_gets_the_reason_whatever_it_sent_behind_its_auth(host: Host, irmd: IrmdProc) -> None:
+    """START and data right behind an AUTH the server refuses: netplumbd reads and drops them before
+    it closes, so that the flow does not lose its ERROR."""
+    client = IrmClient(irmd.sock)
+    try:
+        session = ClientSession(Identity.generate(), lambda key: None)
+        flow = flow_alloc("host2", qos=qos.data, timeout=10, irm=client)
+        flow.set_timeout(10)
+        session.start()
+        for data in session.data_to_send():
+            flow.write(data)
+        session.receive(flow.read())  # the server's hello: our AUTH is queued
+        for data in session.data_to_send():
+            flow.write(data)
+        flow.write(session.send(wire.START, Fields.of(arg="true")))
+        for _ in range(100):  # more than the server reads before it has refused us
+            flow.write(session.send(wire.DATA, Fields.of(ch=0, data="x" * 60_000)))
+        events = _until_peer_error(flow, session)
+        assert any(isinstance(ev, PeerError) and "not authorized" in ev.message for ev in events), events
+        flow.close()
+    finally:
+        client.close()
+
+
 def test_allowlist_limits_the_programs(host: Host) -> None:
     host.authorize(f'allow="echo" {host.my_key_line()}')
     assert host.plumb("host2", "echo", "ok").stdout == b"ok\n"

@@ -195,6 +195,11 @@ class Session:
     def has_output(self) -> bool:
         return bool(self._out)
 
+    @property
+    def keyed(self) -> bool:
+        """Keys are agreed: the peer may have sealed packets on the way."""
+        return self._rx is not None
+
     def send(self, ptype: int, fields: Fields | bytes) -> bytes:
         """Seal one message of the established session (its fields, or their encoding already made);
         returns its bytes (also for direct writes)."""

@@ -1,9 +1,11 @@
 """Data transfer: the thread that forwards PDUs between N-1 flows and delivers them to N+1 flows.
 
 It owns its tables (forwarding table, N-1 links, flows); the IPCP's loop changes them only by
-commands queued to this thread (`command`). Per PDU: the link's seal checked (keyed layers), one
-PCI unpack, one forwarding-table lookup, the next link's seal, one send; every drop is counted by
-reason. A congestion policy (ca) marks, echoes and paces; an error on this thread ends the process.
+commands queued to this thread (`command`). Per PDU: one PCI unpack, one forwarding-table lookup,
+and a place in the frame to its next hop; per frame (what one burst sends to one next hop, up to
+the N-1 flow's MTU): one seal (keyed layers), one send, flushed before the thread waits again, so a
+lone PDU is never held back. Every drop is counted by reason. A congestion policy (ca) marks,
+echoes and paces; an error on this thread ends the process.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipcp.unicast import auth, ca
-from ipcp.unicast.pci import MGMT_EID, Pci, PciError, PciFormat
+from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat, unframe
 from ipcp.unicast.pff import Table
 from transports.poller import BURST, PollThread, read_burst
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 RETRY = 0.001  # seconds a flow held back by its full first hop waits before trying again
 PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
 EXIT_CODE = 70  # the process's exit status when this thread fails
+FLOW_QUEUE = 1 << 20  # bytes queued to an application at most (SO_SNDBUF, within net.core.wmem_max):
+# room for the bursts this thread delivers while the application waits for a CPU; past it, drops
 _QUEUED = struct.Struct("i")
 
 
@@ -52,6 +56,7 @@ class UniFlow:
     hdr: bytes = b""
     rx: ca.Receiver | None = None  # congestion avoidance, when the layer has it
     tx: ca.Sender | None = None
+    inbox: list[memoryview] = dataclasses.field(default_factory=list)  # SDUs of this burst, to deliver
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,12 +68,18 @@ class Link:
     sealer: auth.Sealer | None = None
     opener: auth.Opener | None = None
     token: object = None  # the driver's handle of this adjacency, given back when it goes down
+    room: int = 65535  # bytes a frame may carry (the N-1 flow's MTU less the seal)
+    out: list[bytes | bytearray | memoryview] = dataclasses.field(default_factory=list)  # the frame being packed
+    size: int = 0  # ... its bytes
+    count: int = 0  # ... its PDUs
 
 
 @dataclasses.dataclass
 class Counters:
     sent: int = 0  # PDUs of our flows sent into the layer
-    received: int = 0  # PDUs that came in on N-1 flows (before any check)
+    received: int = 0  # PDUs that came in on N-1 flows (a frame whose seal fails counts as one)
+    frames_out: int = 0  # N-1 SDUs sent, each carrying one or more PDUs
+    frames_in: int = 0  # ... and received
     delivered: int = 0  # ... delivered to our flows
     forwarded: int = 0
     mgmt_in: int = 0  # management PDUs for this IPCP
@@ -116,6 +127,8 @@ class Dt(PollThread):
         self._n1_at: dict[int, int] = {}  # fd -> next-hop address
         self._flow_at: dict[int, UniFlow] = {}  # fd -> N+1 flow
         self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._packed: list[Link] = []  # links with a frame being packed
+        self._delivering: list[UniFlow] = []  # flows with SDUs to deliver
 
     # -- commands, from the IPCP's loop ----------------------------------------------
 
@@ -129,6 +142,7 @@ class Dt(PollThread):
         while self._commands:
             fn, args = self._commands.popleft()
             fn(*args)
+        self.flush()
 
     def stop(self) -> None:
         flushed = threading.Event()
@@ -152,12 +166,14 @@ class Dt(PollThread):
         self.pff = table
 
     def add_n1(self, addr: int, fd: int, sealer: auth.Sealer | None = None,
-               opener: auth.Opener | None = None, token: object = None) -> None:
-        """A data flow to neighbour `addr`; this thread owns `fd` from now on."""
+               opener: auth.Opener | None = None, token: object = None, mtu: int = 65535) -> None:
+        """A data flow to neighbour `addr` that carries up to `mtu` bytes an SDU; this thread owns
+        `fd` from now on."""
         self.remove_n1(addr)
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        self.n1[addr] = Link(addr, sock, sealer, opener, token)
+        room = min(mtu, 65535) - (auth.SEAL if sealer else 0)
+        self.n1[addr] = Link(addr, sock, sealer, opener, token, room)
         self._n1_at[sock.fileno()] = addr
         self.ca.n1_added(addr, _queued(sock), sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
         self.watch(sock.fileno())
@@ -169,12 +185,14 @@ class Dt(PollThread):
         link = self.n1.pop(addr, None)
         self.ca.n1_removed(addr)
         if link is not None:
+            link.out, link.size, link.count = [], 0, 0
             if self._n1_at.pop(link.sock.fileno(), None) is not None:
                 self.unwatch(link.sock.fileno())
             link.sock.close()
 
     def add_flow(self, flow: UniFlow) -> None:
         flow.io.setblocking(False)
+        flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FLOW_QUEUE)
         flow.hdr = self.fmt.pack(Pci(flow.dst, flow.qos, self.max_ttl, 0, flow.remote_eid))
         self.ca.flow_added(flow, time.monotonic())
         self.flows[flow.eid] = flow
@@ -203,12 +221,13 @@ class Dt(PollThread):
 
     # -- the data path ------------------------------------------------------------------
 
-    def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int, hold: bool = False,
-               mark: bool = False) -> bool:
-        """Send a PDU towards `dst`; False if there is no way. A full queue drops it, or with
-        `hold` raises QueueFull so that its sender keeps it. Forwarded PDUs are `mark`ed."""
+    def _route(self, dst: int, parts: tuple[bytes | bytearray | memoryview, ...], spread: int,
+               hold: bool = False, mark: bool = False) -> bool:
+        """Queue a PDU (the concatenation of `parts`) towards `dst`; False if there is no way.
+        With `hold` it is sent at once, and a full queue raises QueueFull so that its sender keeps
+        it. Forwarded PDUs are `mark`ed."""
         if dst == self.me:  # a flow between two applications of this member
-            self._arrived(b"".join(bufs), self.me)
+            self._arrived(b"".join(parts), self.me)
             return True
         hops = self.pff.get(dst)
         if not hops:
@@ -219,29 +238,69 @@ class Dt(PollThread):
             link = n1.get(hop)
             if link is None:
                 continue  # that next hop's flow is down: try the alternate
-            out = self._mark(hop, bufs) if mark else bufs
-            try:
-                link.sock.sendmsg(link.sealer.seal(*out) if link.sealer else out)
-            except BlockingIOError:
-                if hold:
-                    raise QueueFull from None
-                self.counters.overflow += 1
-            except OSError:
-                continue
+            if mark:
+                parts = self._mark(hop, parts)
+            if hold:
+                self._flush(link)
+                self._pack(link, parts)
+                if not self._flush(link, True):
+                    raise QueueFull
+                return True
+            self._pack(link, parts)
             return True
         self.counters.no_route += 1
         return False
 
-    def _mark(self, hop: int, bufs: tuple[bytes | bytearray, ...]) -> tuple[bytes | bytearray, ...]:
+    def _pack(self, link: Link, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
+        """Add a PDU to the frame for `link`, sending the frame first if the PDU would not fit."""
+        size = sum(map(len, parts)) if len(parts) > 1 else len(parts[0])
+        if link.count and (link.size + size + FRAMING > link.room or link.count >= MAX_FRAME_PDUS):
+            self._flush(link)
+        if not link.count:
+            self._packed.append(link)
+        link.out.append(LEN.pack(size))
+        link.out.extend(parts)
+        link.size += size + FRAMING
+        link.count += 1
+
+    def _flush(self, link: Link, hold: bool = False) -> bool:
+        """Send the frame packed for `link`, if any; False if it was dropped (with `hold`: kept)."""
+        if not link.count:
+            return True
+        out, count = link.out, link.count
+        try:
+            link.sock.sendmsg(link.sealer.seal(*out) if link.sealer else out)
+        except BlockingIOError:
+            if hold:
+                link.out, link.size, link.count = [], 0, 0  # its sender keeps it (a skipped seal is fine)
+                return False
+            self.counters.overflow += count
+        except OSError:
+            self.counters.no_route += count  # the flow is going down: its hang-up follows
+        else:
+            self.counters.frames_out += 1
+        link.out, link.size, link.count = [], 0, 0
+        return True
+
+    def flush(self) -> None:
+        """Send every frame packed so far and every SDU waiting for its flow: before the thread waits."""
+        packed = self._packed
+        while packed:
+            self._flush(packed.pop())
+        delivering = self._delivering
+        while delivering:
+            self._deliver(delivering.pop())
+
+    def _mark(self, hop: int, parts: tuple[bytes | bytearray | memoryview, ...]) -> tuple[bytes | bytearray | memoryview, ...]:
         """The PDU marked with how full the queue to `hop` is, if that is more than it carries."""
         level = self.ca.level(hop)
         at = self.fmt.ecn_offset
-        if level <= bufs[0][at]:
-            return bufs
-        head = bufs[0] if isinstance(bufs[0], bytearray) else bytearray(bufs[0])
+        if level <= parts[0][at]:
+            return parts
+        head = parts[0] if isinstance(parts[0], bytearray) else bytearray(parts[0])
         head[at] = level
         self.counters.marked += 1
-        return (head, *bufs[1:])
+        return (head, *parts[1:])
 
     def _hold(self, flow: UniFlow, wait: float, rest: list[bytes]) -> None:
         """Stop reading the flow for `wait` seconds; then send `rest` (read, not sent) and read on."""
@@ -252,6 +311,7 @@ class Dt(PollThread):
             if self._flow_at.get(fd) is flow and (not rest or self._send_from(flow, rest)):
                 with contextlib.suppress(OSError):  # deallocated by a command just now
                     self.watch(fd)
+            self.flush()
 
         self.call_later(wait, resume)
 
@@ -271,74 +331,96 @@ class Dt(PollThread):
             if ended:
                 self.remove_flow(flow.eid)
 
-    def from_n1(self, link: Link, pdus: list[bytes]) -> None:
-        """PDUs from a neighbour: checked, then ours delivered, others forwarded one hop less to live."""
-        opener, c = link.opener, self.counters
-        c.received += len(pdus)
-        for pdu in pdus:
+    def from_n1(self, link: Link, frames: list[bytes]) -> None:
+        """Frames from a neighbour: checked, then PDUs for us delivered, others forwarded one hop
+        less to live; what that sends is flushed before this returns."""
+        opener, c, arrived = link.opener, self.counters, self._arrived
+        c.frames_in += len(frames)
+        for frame in frames:
             if opener is not None:
                 try:
-                    pdu = opener.open(pdu)  # type: ignore[assignment]
+                    frame = opener.open(frame)  # type: ignore[assignment]
                 except auth.Replayed:
+                    c.received += 1
                     c.replayed += 1
                     continue
                 except auth.Forged:
+                    c.received += 1
                     c.forged += 1
                     continue
-            self._arrived(pdu, link.addr)
+            pdus, malformed = unframe(frame)
+            c.received += len(pdus) + malformed
+            c.malformed += malformed
+            for pdu in pdus:
+                arrived(pdu, link.addr)
+        self.flush()
 
     def _arrived(self, pdu: bytes | memoryview, hop: int) -> None:
-        """A PDU from neighbour `hop` (its seal checked), or from ourselves."""
+        """A PDU from neighbour `hop` (its frame's seal checked), or from ourselves."""
         fmt, c = self.fmt, self.counters
-        try:
-            pci = fmt.unpack(pdu)
-        except PciError:
+        size = fmt.size
+        if len(pdu) < size:
             c.malformed += 1
             return
-        if pci.dst != self.me:
-            if pci.ttl <= 1:
+        dst, _, ttl, ecn, eid = fmt.struct.unpack_from(pdu)
+        if dst != self.me:
+            if ttl <= 1:
                 c.ttl_expired += 1
                 return
             buf = bytearray(pdu)
-            buf[fmt.ttl_offset] = pci.ttl - 1
-            if self._route(pci.dst, (buf,), pci.eid, mark=True):
+            buf[fmt.ttl_offset] = ttl - 1
+            if self._route(dst, (buf,), eid, mark=True):
                 c.forwarded += 1
             return
-        size = fmt.size
-        if pci.eid == MGMT_EID:
+        if eid == MGMT_EID:
             c.mgmt_in += 1
             self.on_mgmt(bytes(pdu[size:]))
             return
-        flow = self.flows.get(pci.eid)
+        flow = self.flows.get(eid)
         if flow is None or len(pdu) == size:
             c.no_flow += 1
             return
-        if flow.rx is not None and (update := flow.rx.on_pdu(pci.ecn, len(pdu), time.monotonic())) is not None:
+        if flow.rx is not None and (update := flow.rx.on_pdu(ecn, len(pdu), time.monotonic())) is not None:
             self.on_congestion(flow, update)
             c.updates += 1
-        try:
-            flow.io.send(memoryview(pdu)[size:])
+        if not flow.inbox:
+            self._delivering.append(flow)
+        flow.inbox.append(memoryview(pdu)[size:])
+
+    def _deliver(self, flow: UniFlow) -> None:
+        """Hand a flow the SDUs that arrived for it in this burst."""
+        sdus, flow.inbox, c = flow.inbox, [], self.counters
+        send = flow.io.send
+        for i, sdu in enumerate(sdus):
+            try:
+                send(sdu)
+            except BlockingIOError:
+                c.overflow += len(sdus) - i  # the application is not keeping up: the rest waits no better
+                return
+            except OSError:
+                c.no_flow += len(sdus) - i
+                return
             c.delivered += 1
-        except BlockingIOError:
-            c.overflow += 1
-        except OSError:
-            c.no_flow += 1
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         self._send_from(flow, sdus)
+        self.flush()
 
     def _send_from(self, flow: UniFlow, sdus: list[bytes]) -> bool:
         """Send a flow's SDUs; False if the flow is now held back. With congestion avoidance it is,
         by its pace or by its first hop's full queue: its writer blocks rather than loses SDUs."""
-        tx, hold = flow.tx, self.ca.holds
+        tx, hold, route, dst, hdr, eid = flow.tx, self.ca.holds, self._route, flow.dst, flow.hdr, flow.eid
+        sent = 0
         for i, sdu in enumerate(sdus):
             try:
-                if self._route(flow.dst, (flow.hdr, sdu), flow.eid, hold):
-                    self.counters.sent += 1
+                if route(dst, (hdr, sdu), eid, hold):
+                    sent += 1
             except QueueFull:
+                self.counters.sent += sent
                 self.counters.held += 1
                 self._hold(flow, RETRY, sdus[i:])
                 return False
+        self.counters.sent += sent
         if tx is not None and tx.paced and (wait := tx.admit(sum(map(len, sdus)), time.monotonic())) > 0:
             self.counters.paced += 1
             self._hold(flow, wait, [])

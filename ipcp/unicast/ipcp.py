@@ -31,7 +31,7 @@ from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.enroll import Enrollee, Enroller
 from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, Ended, FaError, FlowAllocator, State
 from ipcp.unicast.handshake import Peer, Refused
-from ipcp.unicast.pci import PciFormat
+from ipcp.unicast.pci import FRAMING, PciFormat
 from ipcp.unicast.routing import Lsdb, LsTimers
 from proto import messages as m
 from proto.errors import FlowError
@@ -161,7 +161,7 @@ class UnicastIpcp(Ipcp):
             if self.addr not in members:
                 break
         self.layer = layer
-        self.mtu = int(conf["mtu"]) - fmt.size - (auth.SEAL if self.psk else 0)
+        self.mtu = int(conf["mtu"]) - fmt.size - FRAMING - (auth.SEAL if self.psk else 0)
         now = time.monotonic()
         bindings = auth.Bindings()
         timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
@@ -340,7 +340,8 @@ class UnicastIpcp(Ipcp):
         if old is not None:
             old[0].close()
         if comp == um.DT:
-            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link)
+            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link,
+                            af.flow.mtu)
             self._adjacency_changed()
         else:
             self.spawn(self._serve_mgmt(link))

@@ -247,7 +247,8 @@ def test_a_member_cannot_speak_for_another_in_lsus_or_the_directory(layer: Layer
         dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, store)))
         dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, um.DhtStore(n2, name, n2, 86400.0))))
         for _ in range(50):
-            dt.write(dsealer.seal_bytes(pci.frame(FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID)) + os.urandom(200))))
+            head = FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID))
+            dt.write(dsealer.seal_bytes(pci.frame(head + os.urandom(200))))
         # the flow allocator: a request and a deallocation in n2's name, unsigned and signed by the rogue
         for msg in (um.FaReq(n2, 99, name, raw), um.FaDealloc(n2, 1, 2)):
             dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, msg)))

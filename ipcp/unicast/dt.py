@@ -39,6 +39,9 @@ FLOW_QUEUE = 1 << 20  # bytes queued to an application at most (SO_SNDBUF, withi
 _QUEUED = struct.Struct("i")
 
 
+Parts = tuple[bytes | bytearray | memoryview, ...]  # a PDU in pieces, sent as one (sendmsg gathers them)
+
+
 class QueueFull(Exception):
     """The next hop's queue is full and the PDU was not sent (only where the caller can hold it)."""
 
@@ -221,8 +224,7 @@ class Dt(PollThread):
 
     # -- the data path ------------------------------------------------------------------
 
-    def _route(self, dst: int, parts: tuple[bytes | bytearray | memoryview, ...], spread: int,
-               hold: bool = False, mark: bool = False) -> bool:
+    def _route(self, dst: int, parts: Parts, spread: int, hold: bool = False, mark: bool = False) -> bool:
         """Queue a PDU (the concatenation of `parts`) towards `dst`; False if there is no way.
         With `hold` it is sent at once, and a full queue raises QueueFull so that its sender keeps
         it. Forwarded PDUs are `mark`ed."""
@@ -251,7 +253,7 @@ class Dt(PollThread):
         self.counters.no_route += 1
         return False
 
-    def _pack(self, link: Link, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
+    def _pack(self, link: Link, parts: Parts) -> None:
         """Add a PDU to the frame for `link`, sending the frame first if the PDU would not fit."""
         size = sum(map(len, parts)) if len(parts) > 1 else len(parts[0])
         if link.count and (link.size + size + FRAMING > link.room or link.count >= MAX_FRAME_PDUS):
@@ -291,7 +293,7 @@ class Dt(PollThread):
         while delivering:
             self._deliver(delivering.pop())
 
-    def _mark(self, hop: int, parts: tuple[bytes | bytearray | memoryview, ...]) -> tuple[bytes | bytearray | memoryview, ...]:
+    def _mark(self, hop: int, parts: Parts) -> Parts:
         """The PDU marked with how full the queue to `hop` is, if that is more than it carries."""
         level = self.ca.level(hop)
         at = self.fmt.ecn_offset

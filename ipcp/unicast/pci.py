@@ -63,7 +63,8 @@ def frame(*pdus: bytes) -> bytes:
 def unframe(frame: bytes | memoryview) -> tuple[list[memoryview], bool]:
     """The PDUs of a frame, and whether it was malformed (then the PDUs before the fault)."""
     view = memoryview(frame)
-    end, at, pdus = len(view), 0, []
+    end, at = len(view), 0
+    pdus: list[memoryview] = []
     unpack = LEN.unpack_from
     while at < end:
         if end - at < FRAMING:

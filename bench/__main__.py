@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import eth, frct, ibp, local, netplumb, styx, udp, unicast
+from bench import eth, frct, ibp, local, netplumb, styx, udp, unicast, unicast_scale
 from bench.harness import RESULTS, Row, Suite, table, write_json
 
 log = logging.getLogger("bench")
 
 SUITES: dict[str, Suite] = {
     s.name: s
-    for s in (local.SUITE, udp.SUITE, eth.SUITE, unicast.SUITE, frct.SUITE, styx.SUITE, ibp.SUITE, netplumb.SUITE)
+    for s in (local.SUITE, udp.SUITE, eth.SUITE, unicast.SUITE, unicast_scale.SUITE, frct.SUITE, styx.SUITE,
+              ibp.SUITE, netplumb.SUITE)
 }
 SUITE_TIME_LIMIT = 150  # seconds; a hung peer must not hang `make bench`
 

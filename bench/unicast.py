@@ -50,7 +50,7 @@ def run(runs: int) -> list[Row]:
 
 
 @contextlib.contextmanager
-def _member_keys() -> Iterator[None]:
+def member_keys() -> Iterator[None]:
     """The IPCPs' member keys in a directory of the run's, not the machine's /var/lib/ouroboros."""
     saved = os.environ.get("OUROBOROS_STATE_DIR")
     with tempfile.TemporaryDirectory(prefix="ouroboros-bench-keys-") as keys:
@@ -109,24 +109,30 @@ def _forward_us(size: int, burst: int, sealed: bool) -> float:
     return best / (sent // 5) * 1e6
 
 
-def _line(count: int, runs: int, prefix: str, tput_goal: Goal | None, rtt_goal: Goal | None = None,
-          key: tuple[str, ...] = ()) -> list[Row]:
+def line_layer(ex: contextlib.ExitStack, count: int, key: tuple[str, ...]) -> list[Stack]:
+    """`count` hosts in a line (127.0.0.1...), each a udp4 shim and a unicast member of LAYER: n(i)
+    enrolls through and connects to n(i-1). The stacks, first to last."""
     ips = [f"127.0.0.{i + 1}" for i in range(count)]
     port = hosts.free_port(tuple(ips))
+    ex.enter_context(member_keys())
+    stacks = [ex.enter_context(Stack()) for _ in ips]
+    for i, (st, ip) in enumerate(zip(stacks, ips, strict=True)):
+        hosts.udp_shim(st, ip, port, None if i == 0 else ips[0])
+    hosts.irm_at(stacks[0], "ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", LAYER, *key, "autobind")
+    for i, st in enumerate(stacks[1:], start=2):
+        hosts.irm_at(st, "ipcp", "enroll", "type", "unicast", "name", f"n{i}", "layer", LAYER,
+                     "dst", f"n{i - 1}", *key, "autobind")  # fmt: skip
+        hosts.irm_at(st, "ipcp", "connect", "name", f"n{i}", "dst", f"n{i - 1}")
+    return stacks
+
+
+def _line(count: int, runs: int, prefix: str, tput_goal: Goal | None, rtt_goal: Goal | None = None,
+          key: tuple[str, ...] = ()) -> list[Row]:
     with contextlib.ExitStack() as ex:
-        ex.enter_context(_member_keys())
-        stacks = [ex.enter_context(Stack()) for _ in ips]
-        for i, (st, ip) in enumerate(zip(stacks, ips, strict=True)):
-            hosts.udp_shim(st, ip, port, None if i == 0 else ips[0])
-        hosts.irm_at(stacks[0], "ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", LAYER, *key,
-                     "autobind")
-        for i, st in enumerate(stacks[1:], start=2):
-            hosts.irm_at(st, "ipcp", "enroll", "type", "unicast", "name", f"n{i}", "layer", LAYER,
-                         "dst", f"n{i - 1}", *key, "autobind")  # fmt: skip
-            hosts.irm_at(st, "ipcp", "connect", "name", f"n{i}", "dst", f"n{i - 1}")
+        stacks = line_layer(ex, count, key)
         server, client = stacks[-1], stacks[0]
         hosts.flow_server(server, LAYER)
-        raw = hosts.RawUdpPeer(server, ips[-1], ips[0])
+        raw = hosts.RawUdpPeer(server, f"127.0.0.{count}", "127.0.0.1")
         ex.callback(raw.close)
         irm = IrmClient(client.sock)
         ex.callback(irm.close)

@@ -658,7 +658,8 @@ class UnicastIpcp(Ipcp):
             return sections
         sections[0].rows += [["address", str(self.addr)], ["key", "yes" if self.psk else "no (open layer)"],
                              ["routing", self.conf["routing"]], ["congestion", self.conf["congestion"]],
-                             ["members", str(len(self.lsdb.db))], ["directory entries", str(self.dir.size)],
+                             ["members", str(len(self.lsdb.db))], ["lsdb", self.lsdb.digest()],
+                             ["directory entries", str(self.dir.size)],
                              ["registered", str(len(self.dir.mine))], ["flows", str(len(self.flows))]]
         nbs = [[str(nb.addr), nb.name, " ".join(sorted(nb.links))] for nb in self.neighbours]
         table = [[str(d), " ".join(map(str, hops))] for d, hops in sorted(self.routes.items())]

@@ -131,15 +131,29 @@ class LayerSim:
                     if hops[0][0] > until:
                         return
                     self.now, to, src, lsu = hops.popleft()
-                    self._deliver(self.members[to], src, lsu)
+                    if (member := self.members.get(to)) is not None:  # else it left meanwhile
+                        self._deliver(member, src, lsu)
                     continue
                 if not queue or queue[0][0] > until:
                     return
                 self.now, _, to, src, msg = heapq.heappop(queue)
+                if (member := self.members.get(to)) is None:
+                    continue
                 if msg is not None:
-                    self._deliver(self.members[to], src, msg)
-                elif self.members[to].wake_at == self.now:  # else re-armed since
-                    self._on_timer(self.members[to])
+                    self._deliver(member, src, msg)
+                elif member.wake_at == self.now:  # else re-armed since
+                    self._on_timer(member)
+
+    def leave(self, addr: int) -> None:
+        """A member is gone: its neighbours see their flows to it go down."""
+        gone = self.members.pop(addr)
+        for nb in gone.neighbours:
+            m = self.members[nb]
+            m.neighbours.discard(addr)
+            lsu = m.lsdb.set_neighbours(m.neighbours, self.now)
+            for other in m.neighbours:
+                self._send_lsu(m, other, lsu)
+            self._after(m)
 
     def lookup_all(self, pairs: list[tuple[int, str]]) -> dict[tuple[int, str], list[int]]:
         """Look names up (asker address, name); what each lookup found once traffic has ended."""
@@ -238,7 +252,8 @@ class LayerSim:
         """Hops along the forwarding tables from `src` to `dst` now; None where they end first."""
         at, hops = src, 0
         while at != dst:
-            nxt = self.members[at].table.get(dst)
+            member = self.members.get(at)
+            nxt = member.table.get(dst) if member is not None else None
             if not nxt or hops > len(self.members):
                 return None
             at, hops = nxt[0], hops + 1

@@ -119,6 +119,7 @@ def hold(name: str) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     irm = IrmClient()
     irm.bind(name)
+    irm.listen(True)
     print("ready", flush=True)
     sel = selectors.DefaultSelector()
     sel.register(irm.wakeup_fd, selectors.EVENT_READ)

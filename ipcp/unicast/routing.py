@@ -178,10 +178,10 @@ class Lsdb:
 
     def handle_timer(self, now: float) -> Lsu | None:
         """Forget LSUs not renewed in time; our own LSU if due to be flooded again."""
-        for a in [a for a, e in self.db.items() if a != self.me and now - e.seen >= self.timers.timeo]:
+        for a in [a for a, e in self.db.items() if a != self.me and now >= e.seen + self.timers.timeo]:
             self._drop(a)
             self._changed(now, added=False)
-        if now - self._last_flood >= self.timers.update:
+        if now >= self._last_flood + self.timers.update:  # as get_timer sums it: no rounding apart
             return self._renew(now)  # news to everyone: it outnumbers an older incarnation of us too
         return None
 

@@ -160,30 +160,35 @@ def hold(name: str) -> None:
 
 
 def _converge() -> Row:
-    edges = sorted({(a, b) for a, nbs in layer_sim.ring_with_chords(MEMBERS).items() for b in nbs if a < b})
-    with contextlib.ExitStack() as ex:
+    """50 hosts on 127.0.0.1-50, each an IRMd with a udp4 shim and a unicast member (an IRMd has one
+    IPCP per layer); set up WORKERS at a time."""
+    graph = layer_sim.ring_with_chords(MEMBERS)
+    edges = sorted({(a, b) for a, nbs in graph.items() for b in nbs if a < b})
+    ips = [f"127.0.0.{i + 1}" for i in range(MEMBERS)]
+    port = hosts.free_port(tuple(ips))
+    with contextlib.ExitStack() as ex, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         ex.enter_context(member_keys())
-        stack = ex.enter_context(Stack())
+        stacks = [ex.enter_context(Stack()) for _ in ips]
         irm = hosts.irm_at
-        irm(stack, "ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "lo")
-        irm(stack, "ipcp", "bootstrap", "type", "unicast", "name", "n0", "layer", LAYER, "autobind")
-        with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-            list(pool.map(lambda i: irm(stack, "ipcp", "enroll", "type", "unicast", "name", f"n{i}", "layer",
-                                        LAYER, "dst", "n0", "autobind"), range(1, MEMBERS)))
-            formed = time.monotonic()
-            list(pool.map(lambda e: irm(stack, "ipcp", "connect", "name", f"n{e[0]}", "dst", f"n{e[1]}"), edges))
+        list(pool.map(lambda i: hosts.udp_shim(stacks[i], ips[i], port, None if i == 0 else ips[0]), range(MEMBERS)))
+        irm(stacks[0], "ipcp", "bootstrap", "type", "unicast", "name", "n0", "layer", LAYER, "autobind")
+        list(pool.map(lambda i: irm(stacks[i], "ipcp", "enroll", "type", "unicast", "name", f"n{i}", "layer",
+                                    LAYER, "dst", "n0", "autobind"), range(1, MEMBERS)))
+        formed = time.monotonic()
+        list(pool.map(lambda e: irm(stacks[e[0]], "ipcp", "connect", "name", f"n{e[0]}", "dst", f"n{e[1]}"), edges))
         up = time.monotonic()
         log.info("%d members enrolled, %d adjacencies up in %.1f s", MEMBERS, len(edges), up - formed)
-        client = IrmClient(stack.sock)
-        ex.callback(client.close)
+        clients = [IrmClient(st.sock) for st in stacks]
+        for c in clients:
+            ex.callback(c.close)
         while True:
-            digests = collections.Counter(_lsdb(client, f"n{i}") for i in range(MEMBERS))
+            digests = collections.Counter(pool.map(lambda i: _lsdb(clients[i], f"n{i}"), range(MEMBERS)))
             if len(digests) == 1 and next(iter(digests))[1] == MEMBERS:
                 took = time.monotonic() - up
                 break
             if time.monotonic() - up > 60:
-                raise BenchError(f"50 LSDBs still differ after 60 s: {digests.most_common(3)}")
-    log.info("50 LSDBs identical %.2f s after the last adjacency came up", took)
+                raise BenchError(f"{MEMBERS} LSDBs still differ after 60 s: {digests.most_common(3)}")
+    log.info("%d LSDBs identical %.2f s after the last adjacency came up", MEMBERS, took)
     return median_row(f"unicast.converge_{MEMBERS}", "s", [took], [CONVERGE_GOAL], "the goal",
                       Goal("<=", 1.0))
 

@@ -174,6 +174,7 @@ class LayerSim:
     # -- what the checks read -----------------------------------------------------------------
 
     def lsdb_digest(self, m: Member) -> tuple[tuple[int, int], ...]:
+        """Which LSU of each member `m` holds (all members renew at once here: seqnos compare)."""
         return tuple(sorted((a, e.seqno) for a, e in m.lsdb.db.items()))
 
     def unrouted(self) -> Iterator[tuple[int, int]]:

@@ -21,13 +21,14 @@ import logging
 import os
 import resource
 import selectors
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench import hosts, layer_sim
 from bench.harness import BenchError, Goal, Row, Suite, median_row
-from bench.stack import Stack
+from bench.stack import SOCK_ENV, Stack, tool
 from bench.unicast import LAYER, line_layer, member_keys
 from flowlib import FlowError
 from flowlib.flow import Flow
@@ -169,8 +170,10 @@ def _converge() -> Row:
     with contextlib.ExitStack() as ex, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         ex.enter_context(member_keys())
         stacks = [ex.enter_context(Stack()) for _ in ips]
-        irm = hosts.irm_at
-        list(pool.map(lambda i: hosts.udp_shim(stacks[i], ips[i], port, None if i == 0 else ips[0]), range(MEMBERS)))
+        irm = _irm
+        list(pool.map(lambda i: irm(stacks[i], "ipcp", "bootstrap", "name", "u", "type", "udp4", "layer",
+                                    hosts.UDP_LAYER, "ip", ips[i], "port", str(port),
+                                    *(("peer", ips[0]) if i else ())), range(MEMBERS)))
         irm(stacks[0], "ipcp", "bootstrap", "type", "unicast", "name", "n0", "layer", LAYER, "autobind")
         list(pool.map(lambda i: irm(stacks[i], "ipcp", "enroll", "type", "unicast", "name", f"n{i}", "layer",
                                     LAYER, "dst", "n0", "autobind"), range(1, MEMBERS)))
@@ -186,11 +189,20 @@ def _converge() -> Row:
             if len(digests) == 1 and next(iter(digests))[1] == MEMBERS:
                 took = time.monotonic() - up
                 break
-            if time.monotonic() - up > 60:
-                raise BenchError(f"{MEMBERS} LSDBs still differ after 60 s: {digests.most_common(3)}")
+            if time.monotonic() - up > 120:
+                raise BenchError(f"{MEMBERS} LSDBs still differ after 120 s: {digests.most_common(3)}")
     log.info("%d LSDBs identical %.2f s after the last adjacency came up", MEMBERS, took)
     return median_row(f"unicast.converge_{MEMBERS}", "s", [took], [CONVERGE_GOAL], "the goal",
                       Goal("<=", 1.0))
+
+
+def _irm(stack: Stack, *words: str) -> str:
+    """`irm` against `stack`'s IRMd, from any thread (hosts.irm_at points the process's environment)."""
+    env = {**os.environ, SOCK_ENV: str(stack.sock)}
+    done = subprocess.run([tool("irm"), *words], capture_output=True, text=True, timeout=60, check=False, env=env)
+    if done.returncode != 0:
+        raise BenchError(f"irm {' '.join(words)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout
 
 
 def _lsdb(irm: IrmClient, name: str) -> tuple[str, int]:
@@ -227,8 +239,11 @@ def _simulated() -> list[Row]:
 
 # Three suites, each under bench's time limit of its own.
 FLOWS_SUITE = Suite("unicast_flows", "10,000 flows held open through one unicast IPCP", lambda runs: _flows())
-CONVERGE_SUITE = Suite("unicast_converge", "a unicast layer of 50 members converges", lambda runs: [_converge()])
-SIM_SUITE = Suite("unicast_sim", "a unicast layer of 1,000 simulated members", lambda runs: _simulated())
+# 150 Python processes on loopback take minutes to start on 2 CPUs: only when named.
+CONVERGE_SUITE = Suite("unicast_converge", "a unicast layer of 50 members converges (opt-in: several minutes)",
+                       lambda runs: [_converge()], time_limit=600, default=False)
+SIM_SUITE = Suite("unicast_sim", "a unicast layer of 1,000 simulated members", lambda runs: _simulated(),
+                  time_limit=300)
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "hold":

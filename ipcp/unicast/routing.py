@@ -70,11 +70,13 @@ class Lsdb:
         return set(self.db)
 
     def digest(self) -> str:
-        """A short digest of which LSU of each member we hold: equal at two members when their
-        databases are (how a layer's convergence is seen from outside, in IpcpInfo)."""
+        """A short digest of the layer's graph as we hold it (members and the links each reports):
+        equal at two members when their databases agree on it (how a layer's convergence is seen
+        from outside, in IpcpInfo; the periodic renewals, which change only sequence numbers, do
+        not count)."""
         h = hashlib.blake2b(digest_size=8)
         for addr, entry in sorted(self.db.items()):
-            h.update(b"%d:%d;" % (addr, entry.seqno))
+            h.update(b"%d:%s;" % (addr, ",".join(map(str, sorted(entry.neighbours))).encode()))
         return h.hexdigest()
 
     def names(self) -> dict[int, str]:

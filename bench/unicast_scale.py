@@ -21,14 +21,13 @@ import logging
 import os
 import resource
 import selectors
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench import hosts, layer_sim
 from bench.harness import BenchError, Goal, Row, Suite, median_row
-from bench.stack import SOCK_ENV, Stack, tool
+from bench.stack import Stack
 from bench.unicast import LAYER, line_layer, member_keys
 from flowlib import FlowError
 from flowlib.flow import Flow
@@ -170,7 +169,7 @@ def _converge() -> Row:
     with contextlib.ExitStack() as ex, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         ex.enter_context(member_keys())
         stacks = [ex.enter_context(Stack()) for _ in ips]
-        irm = _irm
+        irm = Stack.irm
         list(pool.map(lambda i: irm(stacks[i], "ipcp", "bootstrap", "name", "u", "type", "udp4", "layer",
                                     hosts.UDP_LAYER, "ip", ips[i], "port", str(port),
                                     *(("peer", ips[0]) if i else ())), range(MEMBERS)))
@@ -194,15 +193,6 @@ def _converge() -> Row:
     log.info("%d LSDBs identical %.2f s after the last adjacency came up", MEMBERS, took)
     return median_row(f"unicast.converge_{MEMBERS}", "s", [took], [CONVERGE_GOAL], "the goal",
                       Goal("<=", 1.0))
-
-
-def _irm(stack: Stack, *words: str) -> str:
-    """`irm` against `stack`'s IRMd, from any thread (hosts.irm_at points the process's environment)."""
-    env = {**os.environ, SOCK_ENV: str(stack.sock)}
-    done = subprocess.run([tool("irm"), *words], capture_output=True, text=True, timeout=60, check=False, env=env)
-    if done.returncode != 0:
-        raise BenchError(f"irm {' '.join(words)}: {done.stderr.strip() or done.returncode}")
-    return done.stdout
 
 
 def _lsdb(irm: IrmClient, name: str) -> tuple[str, int]:

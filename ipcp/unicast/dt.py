@@ -231,27 +231,32 @@ class Dt(PollThread):
         if dst == self.me:  # a flow between two applications of this member
             self._arrived(b"".join(parts), self.me)
             return True
-        hops = self.pff.get(dst)
-        if not hops:
+        link = self._next_link(dst, spread)
+        if link is None:
             self.counters.no_route += 1
             return False
+        if mark:
+            parts = self._mark(link.addr, parts)
+        if hold:
+            self._flush(link)
+            self._pack(link, parts)
+            if not self._flush(link, True):
+                raise QueueFull
+            return True
+        self._pack(link, parts)
+        return True
+
+    def _next_link(self, dst: int, spread: int) -> Link | None:
+        """The link to the next hop towards `dst` (another member), if one is up."""
+        hops = self.pff.get(dst)
+        if not hops:
+            return None
         n1 = self.n1
         for hop in (hops[spread % len(hops)], *hops) if self.spread and len(hops) > 1 else hops:
             link = n1.get(hop)
-            if link is None:
-                continue  # that next hop's flow is down: try the alternate
-            if mark:
-                parts = self._mark(hop, parts)
-            if hold:
-                self._flush(link)
-                self._pack(link, parts)
-                if not self._flush(link, True):
-                    raise QueueFull
-                return True
-            self._pack(link, parts)
-            return True
-        self.counters.no_route += 1
-        return False
+            if link is not None:
+                return link  # else that next hop's flow is down: try the alternate
+        return None
 
     def _pack(self, link: Link, parts: Parts) -> None:
         """Add a PDU to the frame for `link`, sending the frame first if the PDU would not fit."""
@@ -412,16 +417,23 @@ class Dt(PollThread):
         """Send a flow's SDUs; False if the flow is now held back. With congestion avoidance it is,
         by its pace or by its first hop's full queue: its writer blocks rather than loses SDUs."""
         tx, hold, route, dst, hdr, eid = flow.tx, self.ca.holds, self._route, flow.dst, flow.hdr, flow.eid
-        sent = 0
-        for i, sdu in enumerate(sdus):
-            try:
-                if route(dst, (hdr, sdu), eid, hold):
-                    sent += 1
-            except QueueFull:
-                self.counters.sent += sent
-                self.counters.held += 1
-                self._hold(flow, RETRY, sdus[i:])
-                return False
+        link = self._next_link(dst, eid) if not hold and dst != self.me else None
+        if link is not None:  # the common case: one next hop for the whole burst, looked up once
+            pack = self._pack
+            for sdu in sdus:
+                pack(link, (hdr, sdu))
+            sent = len(sdus)
+        else:
+            sent = 0
+            for i, sdu in enumerate(sdus):
+                try:
+                    if route(dst, (hdr, sdu), eid, hold):
+                        sent += 1
+                except QueueFull:
+                    self.counters.sent += sent
+                    self.counters.held += 1
+                    self._hold(flow, RETRY, sdus[i:])
+                    return False
         self.counters.sent += sent
         if tx is not None and tx.paced and (wait := tx.admit(sum(map(len, sdus)), time.monotonic())) > 0:
             self.counters.paced += 1

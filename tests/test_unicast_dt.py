@@ -117,3 +117,33 @@ def test_forged_replayed_and_malformed_frames_are_dropped_whole_and_counted(
         assert len(drain(theirs)) == 1
     finally:
         came.sock.close()
+
+
+def test_a_flow_that_falls_behind_gets_a_longer_queue_within_the_budget(
+        wire: tuple[Dt, socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipcp.unicast import dt as dt_module
+    from ipcp.unicast.dt import UniFlow
+
+    dt, _, _ = wire
+    flows = []
+    try:
+        for eid in (5, 6):
+            app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # holds a PDU or two
+            mine.setblocking(False)
+            flows.append((app, mine))
+            dt.flows[eid] = UniFlow(eid, mine)
+        monkeypatch.setattr(dt_module, "QUEUE_BUDGET", dt_module.FLOW_QUEUE)  # room for one flow
+        came = Link(2, socket.socket())
+        dt.from_n1(came, [pci.frame(*[pdu(1400, dst=ME, eid=5)] * 6)])
+        assert dt.counters.delivered == 6 and dt.counters.overflow == 0  # grown, then delivered
+        assert dt.flows[5].queue == dt_module.FLOW_QUEUE
+        dt.from_n1(came, [pci.frame(*[pdu(1400, dst=ME, eid=6)] * 6)])
+        assert dt.flows[6].queue == 0 and dt.counters.overflow > 0  # the budget is spent: dropped
+        dt.remove_flow(5)
+        assert dt._queued == 0  # its share is back
+        came.sock.close()
+    finally:
+        for a, b in flows:
+            a.close()
+            b.close()

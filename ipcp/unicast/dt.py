@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 RETRY = 0.001  # seconds a flow held back by its full first hop waits before trying again
 PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
 EXIT_CODE = 70  # the process's exit status when this thread fails
-FLOW_QUEUE = 1 << 20  # bytes queued to an application at most (SO_SNDBUF, within net.core.wmem_max):
-# room for the bursts this thread delivers while the application waits for a CPU; past it, drops
+FLOW_QUEUE = 1 << 20  # bytes a flow that overflowed may queue to its application (SO_SNDBUF, within
+# net.core.wmem_max): room for the bursts this thread delivers while the application waits for a CPU
+QUEUE_BUDGET = 64 << 20  # ... over all flows at once: kernel memory that idle readers can pin stays bounded
 _QUEUED = struct.Struct("i")
 
 
@@ -60,6 +61,7 @@ class UniFlow:
     rx: ca.Receiver | None = None  # congestion avoidance, when the layer has it
     tx: ca.Sender | None = None
     inbox: list[memoryview] = dataclasses.field(default_factory=list)  # SDUs of this burst, to deliver
+    queue: int = 0  # bytes of QUEUE_BUDGET its socket was given (0: the system's default queue)
 
 
 @dataclasses.dataclass(eq=False)
@@ -132,6 +134,7 @@ class Dt(PollThread):
         self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._packed: list[Link] = []  # links with a frame being packed
         self._delivering: list[UniFlow] = []  # flows with SDUs to deliver
+        self._queued = 0  # bytes of QUEUE_BUDGET given to flows
 
     # -- commands, from the IPCP's loop ----------------------------------------------
 
@@ -195,7 +198,6 @@ class Dt(PollThread):
 
     def add_flow(self, flow: UniFlow) -> None:
         flow.io.setblocking(False)
-        flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FLOW_QUEUE)
         flow.hdr = self.fmt.pack(Pci(flow.dst, flow.qos, self.max_ttl, 0, flow.remote_eid))
         self.ca.flow_added(flow, time.monotonic())
         self.flows[flow.eid] = flow
@@ -204,8 +206,11 @@ class Dt(PollThread):
 
     def remove_flow(self, eid: int) -> UniFlow | None:
         flow = self.flows.pop(eid, None)
-        if flow is not None and self._flow_at.pop(flow.io.fileno(), None) is not None:
-            self.unwatch(flow.io.fileno())
+        if flow is not None:
+            self._queued -= flow.queue
+            flow.queue = 0
+            if self._flow_at.pop(flow.io.fileno(), None) is not None:
+                self.unwatch(flow.io.fileno())
         return flow
 
     def send_mgmt(self, dst: int, payload: bytes) -> None:
@@ -402,12 +407,26 @@ class Dt(PollThread):
             try:
                 send(sdu)
             except BlockingIOError:
+                if not flow.queue and self._queued + FLOW_QUEUE <= QUEUE_BUDGET and self._grow(flow):
+                    flow.inbox = sdus[i:]  # a longer queue now: try the rest again
+                    self._deliver(flow)
+                    return
                 c.overflow += len(sdus) - i  # the application is not keeping up: the rest waits no better
                 return
             except OSError:
                 c.no_flow += len(sdus) - i
                 return
             c.delivered += 1
+
+    def _grow(self, flow: UniFlow) -> bool:
+        """Give a flow that overflowed FLOW_QUEUE bytes of queue, from QUEUE_BUDGET."""
+        try:
+            flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FLOW_QUEUE)
+        except OSError:
+            return False
+        flow.queue = FLOW_QUEUE
+        self._queued += FLOW_QUEUE
+        return True
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         self._send_from(flow, sdus)

@@ -170,19 +170,23 @@ class Lsdb:
 
     def get_timer(self) -> float:
         """When handle_timer next has work."""
-        if self._oldest is None:
-            self._oldest = min((e.seen for a, e in self.db.items() if a != self.me), default=math.inf)
-        oldest = self._oldest
-        due = [self._last_flood + self.timers.update, oldest + self.timers.timeo]
+        due = [self._last_flood + self.timers.update, self._oldest_seen() + self.timers.timeo]
         if self._dirty:
             due.append(self._next_recalc)
         return min(due)
 
+    def _oldest_seen(self) -> float:
+        """When the least recently renewed entry of another member was (inf: none)."""
+        if self._oldest is None:
+            self._oldest = min((e.seen for a, e in self.db.items() if a != self.me), default=math.inf)
+        return self._oldest
+
     def handle_timer(self, now: float) -> Lsu | None:
         """Forget LSUs not renewed in time; our own LSU if due to be flooded again."""
-        for a in [a for a, e in self.db.items() if a != self.me and now >= e.seen + self.timers.timeo]:
-            self._drop(a)
-            self._changed(now, added=False)
+        if now >= self._oldest_seen() + self.timers.timeo:  # else nothing can have expired: no scan
+            for a in [a for a, e in self.db.items() if a != self.me and now >= e.seen + self.timers.timeo]:
+                self._drop(a)
+                self._changed(now, added=False)
         if now >= self._last_flood + self.timers.update:  # as get_timer sums it: no rounding apart
             return self._renew(now)  # news to everyone: it outnumbers an older incarnation of us too
         return None

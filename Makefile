@@ -14,11 +14,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m apps.demo configs/demo.toml
 
-# The network tests (tests/net) need iproute2 and nftables, `styx mount` libfuse 3; as root, install them if missing.
+# The network tests (tests/net) need iproute2, nftables and ping (the ovpn tunnel), `styx mount` libfuse 3;
+# as root, install them if missing. tests/net/test_interop.py builds C Ouroboros 0.23 with
+# ../shared/tools/build-ouroboros-c (into $$OUROBOROS_C, default /opt/ouroboros-c-0.23), which installs its own
+# build packages (gcc, cmake, protobuf-c, OpenSSL).
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ip && command -v fusermount3; } >/dev/null 2>&1; then \
-		(apt-get update -qq && apt-get install -y -qq nftables iproute2 fuse3) >/dev/null 2>&1 \
-		|| echo "warning: could not install nftables/iproute2/fuse3; the tests needing them will skip"; fi
+	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ip && command -v fusermount3 && command -v ping; } \
+		>/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq nftables iproute2 fuse3 iputils-ping) >/dev/null 2>&1 \
+		|| echo "warning: could not install nftables/iproute2/fuse3/iputils-ping; the tests needing them will skip"; fi
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q

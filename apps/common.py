@@ -1,4 +1,4 @@
-"""What the small tools (oping, operf, oecho) share: option parsing and the server loop.
+"""What the small tools (oping, operf, oecho, ocbr) share: option parsing and the server loop.
 
 The server loop is the event API's canonical use: one thread, one FlowSet that
 listens for new flows, idle flows reaped.
@@ -6,6 +6,7 @@ listens for new flows, idle flows reaped.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import re
@@ -13,19 +14,57 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
-from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, qos
+from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
 from flowlib.qos import QosSpec
 
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
 
 
 def duration(text: str, default_unit: str = "ms") -> float:
-    """'10' (in default_unit), '10ms', '2s', '1m' -> seconds."""
+    """'10' (in default_unit), '10ms', '2s', '1m' -> seconds (C's tools take ms without a unit)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?", text.strip())
     if match is None:
         raise ValueError(f"bad duration {text!r}: expected a number with an optional unit ms|s|m|h|d")
     return float(match.group(1)) * _UNITS[match.group(2) or default_unit]
+
+
+def rate(text: str, default_unit: str = "") -> float:
+    """'100' (in default_unit), '10k', '2M', '1G' -> bits/s, as C's operf and ocbr read -r."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kMG]?)", text.strip())
+    if match is None:
+        raise ValueError(f"bad rate {text!r}: expected a number of bits/s with an optional unit k|M|G")
+    value = float(match.group(1)) * _RATES[match.group(2) or default_unit]
+    if value <= 0:
+        raise ValueError(f"bad rate {text!r}: expected more than 0 bits/s")
+    return value
+
+
+class Pacer:
+    """A constant bit rate, as C's operf and ocbr keep it: each SDU is due a gap after the last, the gap
+    slept (`sleep`) or waited out spinning; ours sleeps all but its last SPIN seconds even then."""
+
+    SPIN = 0.0002
+
+    def __init__(self, bits_per_s: float, size: int, sleep: bool) -> None:
+        self.gap = size * 8 / bits_per_s
+        self.sleep = sleep
+        self.start = time.monotonic()
+
+    def wait(self, sent: int) -> None:
+        """Until the SDU after `sent` of them is due."""
+        due = self.start + sent * self.gap
+        left = due - time.monotonic()
+        if self.sleep:
+            if left > 0:
+                time.sleep(left)
+            return
+        if left > self.SPIN:
+            time.sleep(left - self.SPIN)
+        while time.monotonic() < due:
+            pass
 
 
 def qos_arg(text: str) -> QosSpec:
@@ -35,70 +74,126 @@ def qos_arg(text: str) -> QosSpec:
         raise SystemExit(f"{sys.argv[0]}: {e}") from None
 
 
-def fail(tool: str, err: Exception) -> None:
+def fail(tool: str, err: Exception) -> NoReturn:
     print(f"{tool}: {err}", file=sys.stderr)
     sys.exit(1)
 
 
-def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout: float) -> None:
-    """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM."""
-    logging.basicConfig(level=logging.WARNING)
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    fset, fq = FlowSet(), EventQueue()
+def alloc(tool: str, args: argparse.Namespace, timeout: float | None) -> Flow:
+    """The client's flow to args.name (args.qos, args.encrypt); args.size cut to its MTU, as C's tools say."""
     try:
-        fset.listen()
+        flow = flow_alloc(args.name, qos=args.qos, timeout=timeout, encrypt=args.encrypt)
     except FlowError as e:
         fail(tool, e)
-    print(f"Ouroboros {tool} server started.", flush=True)
-    last_seen: dict[Flow, float] = {}
-    while not stop:
+    if args.size > flow.mtu:
+        print(f"Packet size truncated to {flow.mtu} bytes.")
+        args.size = flow.mtu
+    return flow
+
+
+def on_signals(stop: Callable[[], None]) -> None:
+    """What C's clients stop on: SIGINT, SIGTERM, SIGHUP."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop())
+
+
+def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout: float,
+          poll: bool = False, banner: str = "", on_end: Callable[[Flow], None] | None = None,
+          on_tick: Callable[[float], None] | None = None, max_flows: int = 0) -> None:
+    """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM.
+
+    `poll` spins on fevent without sleeping (C's `--poll`: lower latency, a core busy);
+    `on_end` hears of each flow as it goes, before it is closed; `on_tick` of the time, every
+    0.1 s at least; with `max_flows`, no more flows are taken while that many are open.
+    """
+    logging.basicConfig(level=logging.WARNING)
+    Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows).run(poll, banner)
+
+
+class Server:
+    """One thread, one FlowSet that listens for new flows; idle flows reaped."""
+
+    def __init__(self, tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout: float,
+                 on_end: Callable[[Flow], None] | None = None, on_tick: Callable[[float], None] | None = None,
+                 max_flows: int = 0) -> None:
+        self.tool = tool
+        self.on_sdu = on_sdu
+        self.on_end = on_end
+        self.on_tick = on_tick
+        self.max_flows = max_flows
+        self.listening = False
+        self.idle_timeout = idle_timeout
+        self.fset = FlowSet()
+        self.last_seen: dict[Flow, float] = {}
+        self.stop = False
+
+    def run(self, poll: bool, banner: str) -> None:
+        def on_signal(*_: object) -> None:
+            self.stop = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        fq = EventQueue()
         try:
-            fevent(fset, fq, 0.1)
-        except InterruptedError:
-            continue
-        except FlowError as e:  # the IRMd went away
-            print(f"{tool}: {e}", file=sys.stderr)
-            break
-        now = time.monotonic()
-        for ev in fq:
-            _handle(ev, fset, last_seen, on_sdu, now)
-        for flow, seen in list(last_seen.items()):
-            if now - seen > idle_timeout:
-                print(f"Flow {flow.flow_id} timed out.", flush=True)
-                _drop(flow, fset, last_seen)
-    for flow in list(last_seen):
-        _drop(flow, fset, last_seen)
-    with contextlib.suppress(FlowError):
-        fset.close()
+            self._listen(True)
+        except FlowError as e:
+            fail(self.tool, e)
+        print(f"Ouroboros {self.tool} server started.{banner}", flush=True)
+        wait = 0.0 if poll else 0.1
+        while not self.stop:
+            try:
+                fevent(self.fset, fq, wait)
+            except InterruptedError:
+                continue
+            except FlowError as e:  # the IRMd went away
+                print(f"{self.tool}: {e}", file=sys.stderr)
+                break
+            now = time.monotonic()
+            for ev in fq:
+                self._handle(ev, now)
+            for flow, seen in list(self.last_seen.items()):
+                if now - seen > self.idle_timeout:
+                    print(f"Flow {flow.flow_id} timed out.", flush=True)
+                    self._drop(flow)
+            if self.on_tick is not None:
+                self.on_tick(now)
+            if self.max_flows:
+                with contextlib.suppress(FlowError):
+                    self._listen(len(self.last_seen) < self.max_flows)
+        for flow in list(self.last_seen):
+            self._drop(flow)
+        with contextlib.suppress(FlowError):
+            self.fset.close()
 
+    def _listen(self, enabled: bool) -> None:
+        if enabled != self.listening:
+            if not enabled:
+                print("Can't accept any more flows, waiting.", flush=True)
+            self.fset.listen(enabled)
+            self.listening = enabled
 
-def _handle(ev: Event, fset: FlowSet, last_seen: dict[Flow, float],
-            on_sdu: Callable[[Flow, bytes], bytes | None], now: float) -> None:
-    flow = ev.flow
-    if ev.type is EventType.ALLOC:
-        print(f"New flow {flow.flow_id}.", flush=True)
-        last_seen[flow] = now
-    elif ev.type is EventType.PKT:
-        last_seen[flow] = now
-        try:
-            reply = on_sdu(flow, flow.read())
-            if reply is not None:
-                flow.write(reply)
-        except FlowError:
-            _drop(flow, fset, last_seen)
-    else:
-        print(f"Flow {flow.flow_id} {'deallocated' if ev.type is EventType.DEALLOC else 'down'}.", flush=True)
-        _drop(flow, fset, last_seen)
+    def _handle(self, ev: Event, now: float) -> None:
+        flow = ev.flow
+        if ev.type is EventType.ALLOC:
+            print(f"New flow {flow.flow_id}.", flush=True)
+            self.last_seen[flow] = now
+        elif ev.type is EventType.PKT:
+            self.last_seen[flow] = now
+            try:
+                reply = self.on_sdu(flow, flow.read())
+                if reply is not None:
+                    flow.write(reply)
+            except FlowError:
+                self._drop(flow)
+        elif ev.type is EventType.UP or flow in self.fset:  # FLOWFDOWN set or cleared: the flow stays
+            print(f"Flow {flow.flow_id} {(ev.type.name or '').lower()}.", flush=True)
+        else:
+            how = {EventType.DEALLOC: "deallocated", EventType.PEER: "lost its peer (FLOW_PEER)"}.get(ev.type, "down")
+            print(f"Flow {flow.flow_id} {how}.", flush=True)
+            self._drop(flow)
 
-
-def _drop(flow: Flow, fset: FlowSet, last_seen: dict[Flow, float]) -> None:
-    fset.remove(flow)
-    last_seen.pop(flow, None)
-    flow.close()
+    def _drop(self, flow: Flow) -> None:
+        self.fset.remove(flow)
+        if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
+            self.on_end(flow)
+        flow.close()

@@ -1,139 +1,250 @@
-"""operf: measure a flow's throughput, with every SDU checked at the receiver.
+"""operf: a flow's throughput, as C Ouroboros 0.23's operf: a unidirectional or bidirectional test
+(-t uni|bi) for a duration (-d), at a rate (-r, with k/M/G) or flooding (-f), with C's statistics.
 
-`operf -l` counts and verifies; `operf -n NAME -t SECONDS` floods (or paces
-with -r) and prints sender and receiver rates, loss and corruption.
+On the wire as C's: a 4-byte test type, then SDUs that start with a 4-byte id (host order, as C's
+packed structs), zeros after it. Ours beyond C's: our server checks every SDU (gaps, order, corruption)
+and reports to a client that asks with an 8-byte request, which C's server ignores.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import struct
 import sys
+import threading
 import time
 
-from apps.common import duration, fail, qos_arg, serve
-from flowlib import Flow, FlowError, FlowTimeout, flow_alloc, qos
+from apps.common import Pacer, alloc, duration, fail, on_signals, qos_arg, rate, serve
+from flowlib import Flow, FlowError, FlowTimeout, qos
 
-# Every operf SDU starts with a type and a sequence number.
-HDR = struct.Struct("!BQ")
-DATA, STOP, STATS = 0, 1, 2
-# The receiver's report: SDUs, bytes, SDUs missing (gaps), out of order, corrupt.
-REPORT = struct.Struct("!QQQQQ")
+CONF = struct.Struct("=I")  # the test type, as C's struct conf (packed, host order)
+MSG = struct.Struct("=I")  # every data SDU's id, as C's struct msg
+UNI, BI = 0, 1
+TESTS = {"uni": UNI, "bi": BI}
+MIN_SIZE, MAX_SIZE = 64, 1 << 20  # C's bounds (OPERF_BUF_SIZE)
+ASK = b"OPRF?STS"  # ours: "what did you get?"; 8 bytes, so never a test type or a data SDU
+REPORT = struct.Struct("!8sQQQQQ")  # b"OPRF!STS", SDUs, bytes, missing (gaps), out of order, corrupt
+ANSWER = b"OPRF!STS"
+SERVER_TIMEOUT = 10.0  # seconds a server keeps a silent flow (C's: 1 s)
 
 
-def pattern(size: int) -> bytes:
-    """The payload every DATA SDU of this size carries, so corruption shows."""
-    return bytes(i & 0xFF for i in range(size - HDR.size))
+@dataclasses.dataclass
+class Received:
+    """What one flow's receiver saw: per SDU, whether it was intact and in order."""
 
+    test: int | None = None
+    sdus: int = 0
+    nbytes: int = 0
+    missing: int = 0
+    reordered: int = 0
+    corrupt: int = 0
+    next_id: int = 0
+    first: float = 0.0
+    last: float = 0.0
 
-class Receiver:
-    """Per-flow counters of what arrived and whether it was intact and in order."""
-
-    def __init__(self) -> None:
-        self.sdus = self.bytes = self.missing = self.reordered = self.corrupt = 0
-        self.next_seq = 0
-        self._patterns: dict[int, bytes] = {}
-
-    def take(self, sdu: bytes) -> bytes | None:
-        if len(sdu) < HDR.size:
-            self.corrupt += 1
-            return None
-        kind, seq = HDR.unpack_from(sdu)
-        if kind == STOP:
-            return HDR.pack(STATS, seq) + REPORT.pack(
-                self.sdus, self.bytes, self.missing, self.reordered, self.corrupt)
+    def take(self, sdu: bytes) -> None:
+        now = time.monotonic()
+        self.first = self.first or now
+        self.last = now
         self.sdus += 1
-        self.bytes += len(sdu)
-        expect = self._patterns.get(len(sdu))
-        if expect is None:
-            expect = self._patterns.setdefault(len(sdu), pattern(len(sdu)))
-        if sdu[HDR.size :] != expect:
+        self.nbytes += len(sdu)
+        if len(sdu) < MIN_SIZE or sdu.count(0, MSG.size) != len(sdu) - MSG.size:
             self.corrupt += 1
-        if seq > self.next_seq:
-            self.missing += seq - self.next_seq
-        elif seq < self.next_seq:
+            return
+        (i,) = MSG.unpack_from(sdu)
+        if i > self.next_id:
+            self.missing += i - self.next_id
+        elif i < self.next_id:
             self.reordered += 1
             self.missing -= 1
-        self.next_seq = max(self.next_seq, seq + 1)
-        return None
+        self.next_id = max(self.next_id, i + 1)
+
+    def report(self) -> bytes:
+        return REPORT.pack(ANSWER, self.sdus, self.nbytes, self.missing, self.reordered, self.corrupt)
 
 
 def server() -> None:
-    receivers: dict[Flow, Receiver] = {}
+    flows: dict[Flow, Received] = {}
 
     def on_sdu(flow: Flow, sdu: bytes) -> bytes | None:
-        return receivers.setdefault(flow, Receiver()).take(sdu)
+        rx = flows.setdefault(flow, Received())
+        if rx.test is None:  # the first SDU says which test
+            if len(sdu) != CONF.size or CONF.unpack(sdu)[0] not in (UNI, BI):
+                print("Invalid config message.", flush=True)
+                raise FlowError("invalid config message")
+            rx.test = CONF.unpack(sdu)[0]
+            print(f"Doing a {'bi' if rx.test == BI else 'uni'}directional test.", flush=True)
+            return None
+        if sdu == ASK:
+            return rx.report()
+        rx.take(sdu)
+        return sdu if rx.test == BI else None
 
-    serve("perf", on_sdu, idle_timeout=10.0)
+    def on_end(flow: Flow) -> None:
+        rx = flows.pop(flow, None)
+        if rx is None or not rx.sdus:
+            return
+        secs = max(rx.last - rx.first, 1e-9)
+        print(f"Flow {flow.flow_id}: {rx.sdus} packets ({rx.nbytes} bytes) in {secs * 1000:.0f} ms => "
+              f"{rx.sdus / secs:.4f} pps, {rx.nbytes * 8 / secs / 1e6:.4f} Mbps; {rx.missing} lost, "
+              f"{rx.reordered} out-of-order, {rx.corrupt} corrupt", flush=True)
+
+    serve("perf", on_sdu, idle_timeout=SERVER_TIMEOUT, on_end=on_end)
 
 
-def ask_stats(flow: Flow, sent: int, deadline: float) -> bytes:
-    """STOP until the receiver's report comes: on a raw flow either may be lost."""
-    flow.set_timeout(0.2)
-    while True:
-        flow.write(HDR.pack(STOP, sent))
-        try:
-            while True:
-                reply = flow.read()
-                if len(reply) == HDR.size + REPORT.size and reply[0] == STATS:
-                    return reply
-        except FlowTimeout:
-            if time.monotonic() > deadline:
-                raise FlowTimeout(f"{flow.name or 'the server'} sent no report") from None
+class Client:
+    def __init__(self, args: argparse.Namespace, flow: Flow) -> None:
+        self.args = args
+        self.flow = flow
+        self.size = args.size
+        self.zeros = bytes(self.size - MSG.size)
+        self.sent = 0
+        self.echoed = self.echo_corrupt = 0
+        self.stop = False
+
+    def write_for(self, seconds: float) -> float:
+        """Send until the duration is over (or a signal); returns how long it took."""
+        pack, write, zeros = MSG.pack, self.flow.write, self.zeros
+        pacer = None if self.args.flood else Pacer(self.args.rate, self.size, self.args.sleep)
+        start = time.monotonic()
+        end = start + seconds
+        while not self.stop and time.monotonic() < end:
+            if pacer is None:
+                for _ in range(64):  # check the clock every 64 SDUs
+                    write(pack(self.sent & 0xFFFFFFFF) + zeros)
+                    self.sent += 1
+                continue
+            write(pack(self.sent & 0xFFFFFFFF) + zeros)
+            self.sent += 1
+            pacer.wait(self.sent)
+        return time.monotonic() - start
+
+    def read_echoes(self, done: threading.Event) -> None:
+        """The bidirectional test's reader: every echo must be the SDU sent."""
+        self.flow.set_timeout(2.0)
+        while not (done.is_set() and self.echoed >= self.sent):
+            try:
+                sdu = self.flow.read()
+            except FlowTimeout:
+                if self.echoed < self.sent:
+                    print("Server timed out.", flush=True)
+                return
+            except FlowError:
+                return
+            if len(sdu) != self.size:
+                print(f"Invalid message on flow {self.flow.flow_id}.", flush=True)
+                continue
+            self.echoed += 1
+            if sdu.count(0, MSG.size) != len(sdu) - MSG.size:
+                self.echo_corrupt += 1
+
+    def ask(self) -> tuple[int, int, int, int, int] | None:
+        """Our server's counts (asked again on a raw flow, which may lose either way); None from C's."""
+        self.flow.set_timeout(0.2)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            self.flow.write(ASK)
+            try:
+                while True:
+                    reply = self.flow.read()
+                    if len(reply) == REPORT.size and reply.startswith(ANSWER):
+                        return REPORT.unpack(reply)[1:]
+            except FlowTimeout:
+                continue
+        return None
+
+
+def statistics(name: str, sent: int, rcvd: int, size: int, elapsed: float) -> None:
+    """C's block, for both tests."""
+    us = max(elapsed * 1e6, 1.0)
+    loss = 100 - 100 * rcvd // sent if sent else 0
+    print(f"\n--- {name} perf statistics ---")
+    print(f"{sent} packets transmitted, {rcvd} received, {loss}% packet loss, time: {us / 1000:.3f} ms, "
+          f"bandwidth: {rcvd * size * 8 / us:.3f} Mb/s.")
 
 
 def client(args: argparse.Namespace) -> int:
-    try:
-        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.encrypt)
-    except FlowError as e:
-        fail("operf", e)
-    size = min(max(args.size, HDR.size), flow.mtu)
-    payload = pattern(size)
-    gap = size * 8 / args.rate if args.rate else 0.0
-    how = f"at {args.rate / 1e6:.3f} Mb/s" if args.rate else "flooding"
-    print(f"Sending {size} byte SDUs to {args.name} for {args.time:g} s, {how}.\n", flush=True)
-    sent = 0
+    flow = alloc("operf", args, args.timeout)
+    c = Client(args, flow)
+    on_signals(lambda: setattr(c, "stop", True))
+    bi = args.test == BI
+    print(f"Doing a {'bi' if bi else 'uni'}directional test.", flush=True)
     with flow:
         try:
-            start = time.monotonic()
-            end = start + args.time
-            pack, write = HDR.pack, flow.write
-            while True:
-                now = time.monotonic()
-                if now >= end:
-                    break
-                for _ in range(64):  # check the clock every 64 SDUs
-                    write(pack(DATA, sent) + payload)
-                    sent += 1
-                if gap:
-                    time.sleep(max(start + sent * gap - time.monotonic(), 0))
-            elapsed = time.monotonic() - start
-            reply = ask_stats(flow, sent, deadline=time.monotonic() + max(5.0, args.time))
+            flow.write(CONF.pack(args.test))
+            time.sleep(1.0)  # as C: the server sets up
+            if args.flood:
+                print(f"Flooding {args.name} with {args.size} byte packets for {args.duration:g} seconds.\n",
+                      flush=True)
+            else:
+                print(f"Sending {args.size} byte packets for {args.duration:g} s to {args.name} "
+                      f"at {args.rate / 1e6:.3f} Mb/s.\n", flush=True)
+            done = threading.Event()
+            reader = threading.Thread(target=c.read_echoes, args=(done,), daemon=True) if bi else None
+            if reader is not None:
+                reader.start()
+            elapsed = c.write_for(args.duration)
+            done.set()
+            print("Test finished.", flush=True)
+            if reader is not None:
+                reader.join()
+                counts = (c.echoed, c.echoed * args.size, c.sent - c.echoed, 0, c.echo_corrupt)
+            else:
+                asked = c.ask()
+                if asked is None:
+                    print("The server sent no report (C's operf server keeps none): sender figures only.")
+                    print(f"{c.sent} SDUs sent in {elapsed * 1000:.3f} ms, "
+                          f"{c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s.")
+                    return 0 if c.sent else 1
+                counts = asked
         except FlowError as e:
             fail("operf", e)
-    rcvd, nbytes, missing, reordered, corrupt = REPORT.unpack_from(reply, HDR.size)
-    print(f"--- {args.name} perf statistics ---")
-    print(f"{sent} SDUs sent, {rcvd} received, {sent - rcvd} lost ({missing} gaps in sequence), "
+    rcvd, nbytes, missing, reordered, corrupt = counts
+    statistics(args.name, c.sent, rcvd, args.size, elapsed)
+    print(f"{c.sent} SDUs sent, {rcvd} received, {c.sent - rcvd} lost ({missing} gaps in sequence), "
           f"{reordered} out-of-order, {corrupt} corrupt, time: {elapsed * 1000:.3f} ms")
-    print(f"sender: {sent * size * 8 / elapsed / 1e6:.3f} Mb/s ({sent / elapsed:.0f} SDUs/s), "
-          f"receiver: {nbytes * 8 / elapsed / 1e6:.3f} Mb/s ({rcvd / elapsed:.0f} SDUs/s)")
+    print(f"sender: {c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s ({c.sent / elapsed:.0f} SDUs/s), "
+          f"receiver: {nbytes * 8 / elapsed / 1e6:.3f} Mb/s ({rcvd / elapsed:.0f} SDUs/s)", flush=True)
     return 0 if rcvd and not corrupt else 1
 
 
+def test_type(text: str) -> int | float:
+    """uni|bi; a number is the older `-t SECONDS` (a duration), kept."""
+    if text in TESTS:
+        return TESTS[text]
+    try:
+        return duration(text, "s")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid test type {text!r}: expected uni or bi") from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="operf", description="Ouroboros perf: throughput over a flow.")
-    p.add_argument("-l", "--listen", action="store_true", help="run as the server")
-    p.add_argument("-n", "--server-name", dest="name", help="name of the server")
-    p.add_argument("-t", "--time", type=lambda t: duration(t, "s"), default=10.0, help="test length (default 10s)")
-    p.add_argument("-s", "--size", type=int, default=1400, help="SDU size in bytes (default 1400)")
-    p.add_argument("-r", "--rate", type=float, default=0.0, help="bits/s to send at (default: flood)")
-    p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="raw|best|video|voice|data")
-    p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds")
-    p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end")
+    p = argparse.ArgumentParser(prog="operf", description="Measures bandwidth between a client and a server.")
+    p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
+    p.add_argument("-t", "--test", type=test_type, default=UNI, help="the type of test: uni, bi (default uni)")
+    p.add_argument("-n", "--server-name", dest="name", help="name of the operf server")
+    p.add_argument("-d", "--duration", type=duration, default=60.0, help="test duration (ms, or 10s; default 60s)")
+    p.add_argument("-r", "--rate", type=lambda t: rate(t, "k"), default=1e6,
+                   help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)")
+    p.add_argument("-s", "--size", type=int, default=1500, help="payload size (B, default 1500)")
+    p.add_argument("-f", "--flood", action="store_true", help="send packets as fast as possible")
+    p.add_argument("--sleep", action="store_true", help="sleep in between sending packets (rather than spin)")
+    p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
+    p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
+    p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
     args = p.parse_args(argv)
     if args.listen:
         server()
         return
     if not args.name:
-        p.error("No server specified (-n NAME).")
+        p.error("No server specified.")
+    if isinstance(args.test, float):  # the older -t SECONDS
+        args.duration, args.test = args.test, UNI
+    if args.size > MAX_SIZE:
+        print(f"Packet size truncated to {MAX_SIZE} bytes.")
+        args.size = MAX_SIZE
+    if args.size < MIN_SIZE:
+        print(f"Packet size set to {MIN_SIZE} bytes.")
+        args.size = MIN_SIZE
     sys.exit(client(args))

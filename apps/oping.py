@@ -1,7 +1,7 @@
-"""oping: measure round-trip times over a flow, as Ouroboros's oping does.
+"""oping: round-trip times over a flow, as C Ouroboros 0.23's oping, with its options and output.
 
-`oping -l` serves echo replies; `oping -n NAME` sends echo requests and
-prints ping-style statistics.
+`oping -l` serves echo replies (`--poll` spins, `--busy` serves one flow spinning); `oping -n NAME`
+pings, paced by -i (or back to back: -f, -F spinning), and prints ping's statistics.
 """
 
 from __future__ import annotations
@@ -13,19 +13,32 @@ import struct
 import sys
 import time
 
-from apps.common import duration, fail, qos_arg, serve
-from flowlib import Flow, FlowError, flow_alloc, qos
+from apps.common import alloc, duration, fail, on_signals, qos_arg, serve
+from flowlib import (
+    FLOWFRDWR,
+    FLOWFRNOBLOCK,
+    FLOWFRNOPART,
+    FLOWSFLAGS,
+    Flow,
+    FlowError,
+    FlowTimeout,
+    FlowWouldBlock,
+    flow_accept,
+    qos,
+)
 
-# The 24-byte oping header: type, id (sequence number), send time in ns (monotonic clock).
+# The 24-byte header. C's: type and id big-endian, then the send time as two host-order words (opaque to
+# the server, which only flips the type). Ours: the send time in ns of the monotonic clock, then padding.
 HDR = struct.Struct("!IIQ8x")
 ECHO_REQUEST = 0
 ECHO_REPLY = 1
 MIN_SIZE = 64
 MAX_INTERVAL = 10.0
+REPLY_WAIT = 2.0  # seconds past the interval the reader waits for a reply, as C's "Server timed out."
 
 
 class Stats:
-    """Welford's running mean and deviation of the RTTs."""
+    """Welford's running mean and deviation of the RTTs (ms)."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -47,101 +60,199 @@ class Stats:
         return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else math.nan
 
 
-def echo(_: Flow, sdu: bytes) -> bytes | None:
-    if len(sdu) < HDR.size:
+def rtt_text(ms: float) -> str:
+    """As C prints an RTT: in µs under 0.1 ms."""
+    return f"{ms * 1000:.3f} µs" if ms < 0.1 else f"{ms:.3f} ms"
+
+
+def echo(flow: Flow, sdu: bytes, quiet: bool) -> bytes | None:
+    if not quiet:
+        print(f"Received {len(sdu)} bytes on flow {flow.flow_id}.", flush=True)
+    if len(sdu) < HDR.size or HDR.unpack_from(sdu)[0] != ECHO_REQUEST:
+        print(f"Invalid message on flow {flow.flow_id}.", flush=True)
         return None
-    kind, seq, stamp = HDR.unpack_from(sdu)
-    if kind != ECHO_REQUEST:
-        return None
-    return HDR.pack(ECHO_REPLY, seq, stamp) + sdu[HDR.size :]
+    return struct.pack("!I", ECHO_REPLY) + sdu[4:]
+
+
+def busy_server(quiet: bool) -> None:
+    """C's --busy: one flow, served spinning on non-blocking reads."""
+    print("Ouroboros ping server started. [busy-poll]", flush=True)
+    try:
+        flow = flow_accept()
+    except FlowError as e:
+        fail("oping", e)
+    print(f"New flow {flow.flow_id} (busy-poll).", flush=True)
+    flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOBLOCK | FLOWFRNOPART)
+    with flow:
+        while True:
+            try:
+                sdu = flow.read()
+            except FlowWouldBlock:
+                continue
+            except FlowError:
+                break
+            reply = echo(flow, sdu, quiet)
+            if reply is not None:
+                flow.write(reply)
+
+
+class Client:
+    def __init__(self, args: argparse.Namespace, flow: Flow, size: int) -> None:
+        self.args = args
+        self.flow = flow
+        self.name = args.name
+        self.padding = bytes(size - HDR.size)
+        self.stats = Stats()
+        self.sent = self.out_of_order = self.expected = 0
+        self.stop = False
+
+    def request(self) -> bytes:
+        sdu = HDR.pack(ECHO_REQUEST, self.sent, time.monotonic_ns()) + self.padding
+        self.sent += 1
+        return sdu
+
+    def take(self, sdu: bytes) -> None:
+        """A reply: counted and printed as C's reader does."""
+        now = time.monotonic_ns()
+        if len(sdu) < HDR.size or HDR.unpack_from(sdu)[0] != ECHO_REPLY:
+            print(f"Invalid message on flow {self.flow.flow_id}.", flush=True)
+            return
+        _, seq, stamp = HDR.unpack_from(sdu)
+        if seq >= self.args.count:
+            print("Invalid id.", flush=True)
+            return
+        rtt = (now - stamp) / 1e6
+        late = seq < self.expected
+        self.expected = max(self.expected, seq + 1)
+        self.out_of_order += late
+        self.stats.add(rtt)
+        if not self.args.quiet:
+            stamp_text = ""
+            if self.args.timeofday:
+                t = time.time()
+                stamp_text = f"[{int(t)}.{int(t % 1 * 1e6):06d}] "
+            print(f"{stamp_text}{len(sdu)} bytes from {self.name}: seq={seq} time={rtt_text(rtt)}"
+                  f"{' [out-of-order]' if late else ''}", flush=True)
+
+    def paced(self) -> None:
+        """C's threaded ping: a request every interval (the first after one), replies until all came
+        or none for the interval and 2 s more ("Server timed out.")."""
+        interval = self.args.interval
+        self.flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART | FLOWFRNOBLOCK)  # reads: the poll waits
+        poller = select.poll()
+        poller.register(self.flow.fd, select.POLLIN)
+        next_send = last_heard = time.monotonic() + interval
+        count = self.args.count
+        while not self.stop and self.stats.n < count:
+            now = time.monotonic()
+            if self.sent < count and now >= next_send:
+                self.flow.write(self.request())
+                next_send += interval
+                continue
+            if now - last_heard > interval + REPLY_WAIT:
+                print("Server timed out.", flush=True)
+                break
+            wake = min(next_send, last_heard + interval + REPLY_WAIT) if self.sent < count \
+                else last_heard + interval + REPLY_WAIT
+            if not poller.poll(max(wake - now, 0) * 1000):
+                continue
+            try:
+                self.take(self.flow.read())
+            except FlowWouldBlock:
+                continue  # a keepalive woke us
+            last_heard = time.monotonic()
+
+    def flood(self, busy: bool) -> None:
+        """C's -f: each request waits for its reply; -F spins on non-blocking reads meanwhile."""
+        if busy:
+            self.flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART | FLOWFRNOBLOCK)
+        else:
+            self.flow.set_timeout(self.args.interval + REPLY_WAIT)
+        while not self.stop and self.sent < self.args.count:
+            self.flow.write(self.request())
+            while True:
+                try:
+                    self.take(self.flow.read())
+                    break
+                except FlowWouldBlock:
+                    if self.stop:
+                        return
+                except FlowTimeout:
+                    print("Server timed out.", flush=True)
+                    return
+
+    def statistics(self, elapsed_ms: float) -> None:
+        s = self.stats
+        loss = math.ceil(100 - 100 * s.n / self.sent) if self.sent else 0
+        print(f"\n--- {self.name} ping statistics ---")
+        print(f"{self.sent} packets transmitted, {s.n} received, {self.out_of_order} out-of-order, "
+              f"{loss}% packet loss, time: {elapsed_ms:.3f} ms")
+        if s.n:
+            f, unit = (1000, "µs") if s.mean < 0.1 else (1, "ms")
+            mdev = "NaN" if s.n < 2 else f"{s.mdev * f:.3f}"
+            print(f"rtt min/avg/max/mdev = {s.min * f:.3f}/{s.mean * f:.3f}/{s.max * f:.3f}/{mdev} {unit}",
+                  flush=True)
 
 
 def client(args: argparse.Namespace) -> int:
-    try:
-        flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.encrypt)
-    except FlowError as e:
-        fail("oping", e)
-    size = max(args.size, MIN_SIZE)
-    if size > flow.mtu:
-        print(f"Packet size truncated to {flow.mtu} bytes.")
-        size = flow.mtu
-    interval = min(args.interval, MAX_INTERVAL)
-    if args.interval > MAX_INTERVAL:
-        print("Ping interval truncated to 10s.")
-    count = args.count
-    padding = bytes(size - HDR.size)
-    print(f"Pinging {args.name} with {size} bytes of data ({count} packets):\n", flush=True)
-    stats, sent, expected, out_of_order = Stats(), 0, 0, 0
-    poller = select.poll()
-    poller.register(flow.fd, select.POLLIN)
+    flow = alloc("oping", args, args.timeout)
+    size = args.size
+    flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART)
+    c = Client(args, flow, size)
+    on_signals(lambda: setattr(c, "stop", True))
+    if not args.quiet:
+        how = ", busy-poll" if args.flood_busy else ""
+        print(f"Pinging {args.name} with {size} bytes of data ({args.count} packets{how}):\n", flush=True)
     start = time.monotonic()
-    next_send = start
-    deadline = math.inf
     with flow:
         try:
-            while sent < count or (stats.n + out_of_order < sent and time.monotonic() < deadline):
-                now = time.monotonic()
-                if sent < count and now >= next_send:
-                    flow.write(HDR.pack(ECHO_REQUEST, sent, time.monotonic_ns()) + padding)
-                    sent += 1
-                    next_send += interval
-                    if sent == count:
-                        deadline = time.monotonic() + interval + 2.0  # Ouroboros's reply timeout
-                    continue
-                wait = (next_send if sent < count else deadline) - now
-                if not poller.poll(max(wait, 0) * 1000):
-                    continue
-                sdu = flow.read()
-                if len(sdu) < HDR.size:
-                    print("Invalid message.")
-                    continue
-                kind, seq, stamp = HDR.unpack_from(sdu)
-                if kind != ECHO_REPLY or seq >= sent:
-                    print("Invalid id." if kind == ECHO_REPLY else f"Invalid message on flow {flow.flow_id}.")
-                    continue
-                rtt = (time.monotonic_ns() - stamp) / 1e6
-                late = seq < expected
-                expected = max(expected, seq + 1)
-                stats.add(rtt)
-                if late:
-                    out_of_order += 1
-                if not args.quiet:
-                    print(f"{len(sdu)} bytes from {args.name}: seq={seq} time={rtt:.3f} ms"
-                          f"{' [out-of-order]' if late else ''}", flush=True)
-        except KeyboardInterrupt:
-            pass
+            if args.flood or args.flood_busy:
+                c.flood(args.flood_busy)
+            else:
+                c.paced()
         except FlowError as e:
             print(f"oping: {e}", file=sys.stderr)
-    elapsed = (time.monotonic() - start) * 1000
-    loss = math.ceil(100 - 100 * stats.n / sent) if sent else 0
-    print(f"\n--- {args.name} ping statistics ---")
-    print(f"{sent} packets transmitted, {stats.n} received, {out_of_order} out-of-order, "
-          f"{loss}% packet loss, time: {elapsed:.3f} ms")
-    if stats.n:
-        print(f"rtt min/avg/max/mdev = {stats.min:.3f}/{stats.mean:.3f}/{stats.max:.3f}/{stats.mdev:.3f} ms")
-    return 0 if stats.n else 1
+        c.statistics((time.monotonic() - start) * 1000)
+    return 0 if c.stats.n else 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="oping", description="Ouroboros ping: RTT over a flow.")
-    p.add_argument("-l", "--listen", action="store_true", help="run as the echo server")
-    p.add_argument("-n", "--server-name", dest="name", help="name to ping")
-    p.add_argument("-c", "--count", type=int, default=2**31 - 1, help="packets to send (default: until stopped)")
-    p.add_argument("-d", "--duration", type=lambda t: duration(t, "s"), help="stop after this long (e.g. 10s)")
-    p.add_argument("-i", "--interval", type=duration, default=1.0, help="between packets (default 1000 ms)")
-    p.add_argument("-s", "--size", type=int, default=MIN_SIZE, help="SDU size in bytes (default 64)")
-    p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="raw|best|video|voice|data")
-    p.add_argument("-Q", "--quiet", action="store_true", help="print only the statistics")
-    p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds")
-    p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end")
+    p = argparse.ArgumentParser(prog="oping", description="Checks liveness between a client and a server "
+                                "and reports the Round Trip Time (RTT).")
+    p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
+    p.add_argument("--poll", action="store_true", help="server polls without sleeping (lower latency)")
+    p.add_argument("--busy", action="store_true", help="server busy-polls one flow")
+    p.add_argument("-c", "--count", type=int, default=2**31 - 1, help="number of packets")
+    p.add_argument("-d", "--duration", type=duration, help="duration of the test (ms, or with a unit: 10s)")
+    p.add_argument("-f", "--flood", action="store_true", help="send back-to-back, each after the last reply")
+    p.add_argument("-F", "--flood-busy", action="store_true", help="flood, busy-polling for replies")
+    p.add_argument("-i", "--interval", type=duration, default=1.0, help="interval (default 1000 ms)")
+    p.add_argument("-n", "--server-name", dest="name", help="name of the oping server")
+    p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="raw, best, video, voice, data (and the "
+                   "other presets)")
+    p.add_argument("-s", "--size", type=int, default=MIN_SIZE, help="payload size (B, default 64)")
+    p.add_argument("-Q", "--quiet", action="store_true", help="only print final statistics")
+    p.add_argument("-D", "--timeofday", action="store_true", help="print time of day before each line")
+    p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
+    p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
     args = p.parse_args(argv)
     if args.listen:
-        serve("ping", echo, idle_timeout=10.0)
+        if args.busy:
+            busy_server(args.quiet)
+        else:
+            serve("ping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll)
         return
     if not args.name:
-        p.error("No server specified (-n NAME).")
+        p.error("No server specified.")
     if args.count < 1:
         p.error("count must be at least 1")
+    if args.interval > MAX_INTERVAL:
+        print("Ping interval truncated to 10s.")
+        args.interval = MAX_INTERVAL
+    if args.size < MIN_SIZE:
+        print(f"Packet size set to {MIN_SIZE} bytes.")
+        args.size = MIN_SIZE
     if args.duration is not None:
-        args.count = max(int(args.duration / args.interval), 1) if args.interval else int(args.duration * 10)
+        # As C: a packet per interval, or 10 per ms of the duration with no interval.
+        args.count = max(int(args.duration / args.interval) if args.interval else int(args.duration * 1e4), 1)
     sys.exit(client(args))

@@ -1,8 +1,10 @@
-"""The process's flow engine: one thread running FRCT and encryption for the flows that
-need them, between the IPCP's socket (PDUs) and the application's socket (SDUs).
+"""The process's flow engine: one thread running FRCT, encryption and CRCs for the flows that need them,
+between the IPCP's socket (PDUs) and the application's socket (SDUs), and keepalives for every flow.
 
-The application keeps reading and writing a plain socket, so blocking,
-timeouts, the event API and asyncio work unchanged on reliable flows.
+The application keeps reading and writing a plain socket, so blocking, timeouts, the event API and
+asyncio work unchanged on these flows. Packets are built in C's order: FRCT PCI, then encryption,
+then the CRC32 trailer. Flows it does not carry (raw ones) it only watches: arrivals are noticed by an
+edge-triggered epoll looked at on its timer, never read, so watching costs their data path nothing.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ import threading
 import time
 from collections import deque
 
+from flowlib import crc
 from flowlib.crypto import PacketCrypto
-from flowlib.frct import Frct
-from transports.unix import seqpacket_pair
+from flowlib.frct import APP_MTU, DATA, PCI, Frct
+from flowlib.liveness import Action, Liveness
+from transports.unix import recv_record, seqpacket_pair
 
 log = logging.getLogger(__name__)
 
 LINGER = 10.0  # how long a closed flow keeps retransmitting what its peer has not acknowledged
 BURST = 64
-APP_MTU = 65535  # SDUs up to this size are fragmented over the layer by FRCT
+MAX_PDU = 65536 + 64  # the largest PDU read from the IPCP: a layer MTU plus encryption and CRC
+BACKLOG = 1 << 20  # bytes held for an application that does not read a flow without FRCT; then dropped
+OUTQ = 1024  # PDUs held while the layer has no room; past it (only FRCT's own packets) dropped
 DEFAULT_SWITCH, SWITCH = 0.005, 0.0002
 
 
@@ -37,50 +43,84 @@ class Session:
     mtu: int
     frct: Frct | None
     crypto: PacketCrypto | None
+    crc: bool = False  # qos ber 0: a CRC32 trailer on every packet
+    live: Liveness = dataclasses.field(default_factory=lambda: Liveness(0, 0.0))
     backlog: deque[bytes] = dataclasses.field(default_factory=deque)  # without FRCT: SDUs the app has no room for
+    backlog_bytes: int = 0
     outq: deque[bytes] = dataclasses.field(default_factory=deque)  # PDUs the layer has no room for
     closing: float = 0.0  # when the application let go; 0 while it holds the flow
+    linger: bool = False  # closing, and FRCT still has data the peer must acknowledge
     gone: bool = False  # the flow ended below us: hand the application what arrived, then EOF
-    hellos: tuple[bytes, bytes] | None = None
+    error: str | None = None  # why the engine ended the flow, for the application's error
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     mask: int = select.EPOLLIN  # what we wait for on `inner`
+    rejected: int = 0  # packets whose CRC did not match or that would not open
+
+
+@dataclasses.dataclass(eq=False)
+class Watch:
+    """A flow the engine does not carry, only keeps alive: the application's own socket."""
+
+    sock: socket.socket
+    live: Liveness
 
 
 class Engine:
     def __init__(self) -> None:
         self.pid = os.getpid()
-        if sys.getswitchinterval() == DEFAULT_SWITCH:
-            # Every SDU crosses from the application's thread to this one: with the default 5 ms
-            # GIL switch interval a busy thread can hold a ready one back that long.
-            sys.setswitchinterval(SWITCH)
         self._epoll = select.epoll()
         self._lock = threading.Lock()
         self._sessions: dict[int, Session] = {}  # by fd, both outer and inner
+        self._watches: dict[int, Watch] = {}  # by fd
+        self._arrivals = select.epoll()  # edge-triggered on watched flows; polled, never waited on
+        self._live_due = float("inf")  # when the next keepalive or peer check is due
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="flow-engine", daemon=True)
         self._thread.start()
 
-    def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None,
-             hellos: tuple[bytes, bytes] | None = None) -> tuple[int, Session]:
-        """Take over the IPCP's socket; returns the fd the application uses instead.
-
-        `hellos` (acceptors of encrypted flows): the allocator's key-agreement hello
-        and ours, to answer again if the allocator repeats it.
-        """
+    def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None, *, with_crc: bool = False,
+             live: Liveness | None = None) -> tuple[int, Session]:
+        """Take over the IPCP's socket; returns the fd the application uses instead."""
+        if sys.getswitchinterval() == DEFAULT_SWITCH:
+            # Every SDU crosses from the application's thread to this one: with the default 5 ms
+            # GIL switch interval a busy thread can hold a ready one back that long.
+            sys.setswitchinterval(SWITCH)
         outer = socket.socket(fileno=fd)
         app, inner = seqpacket_pair()
         for s in (outer, inner):
             s.setblocking(False)
-        session = Session(outer, inner, mtu, frct, crypto, hellos=hellos)
+        session = Session(outer, inner, mtu, frct, crypto, with_crc, live or Liveness(0, 0.0))
         with self._lock:
             self._sessions[outer.fileno()] = session
             self._sessions[inner.fileno()] = session
             self._epoll.register(outer.fileno(), select.EPOLLIN)
             self._epoll.register(inner.fileno(), select.EPOLLIN)
+            self._due(session.live)
         self._wake()
         return app.detach(), session
+
+    def watch(self, sock: socket.socket, live: Liveness) -> None:
+        """Keep a flow the engine does not carry alive: send its keepalives, notice its arrivals."""
+        if not live.timeout:
+            return
+        with self._lock:
+            self._watches[sock.fileno()] = Watch(sock, live)
+            self._arrivals.register(sock.fileno(), select.EPOLLIN | select.EPOLLET)
+            self._due(live)
+        self._wake()
+
+    def unwatch(self, sock: socket.socket) -> None:
+        """Before the flow's socket is closed: the engine never touches it again."""
+        with self._lock:
+            if self._watches.pop(sock.fileno(), None) is not None:
+                with contextlib.suppress(OSError):
+                    self._arrivals.unregister(sock.fileno())
+
+    def _due(self, live: Liveness) -> None:
+        if (due := live.get_timer()) is not None:
+            self._live_due = min(self._live_due, due)
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -114,20 +154,54 @@ class Engine:
                         if mask & ~select.EPOLLOUT:
                             self._from_outer(session, now, hup=bool(mask & (select.EPOLLHUP | select.EPOLLERR)))
                     elif mask & select.EPOLLOUT:
-                        self._deliver(session)
+                        self._deliver(session, now)
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
                         self._from_app(session, now)
                 for session in {id(s): s for s in self._sessions.values()}.values():
-                    due = session.frct.next_deadline() if session.frct is not None else None
+                    due = session.frct.get_timer() if session.frct is not None else None
                     if session.closing or (due is not None and due <= now):
                         self._timers(session, now)
+                if now >= self._live_due:
+                    self._liveness(now)
+
+    def _liveness(self, now: float) -> None:
+        """Keepalives due, peers silent too long; arrivals on watched flows first."""
+        for fd, _ in self._arrivals.poll(0):
+            if (w := self._watches.get(fd)) is not None:
+                w.live.received(now)
+        due = float("inf")
+        for session in {id(s): s for s in self._sessions.values()}.values():
+            action = session.live.handle_timer(now)
+            if action is Action.KEEPALIVE:
+                self._raw_send(session, b"")  # no FRCT, no encryption, no CRC: as C
+            elif action is Action.PEER:
+                log.info("flow peer silent for %g s: FLOW_PEER", session.live.timeout)
+                self._end(session)
+                continue
+            due = min(due, session.live.get_timer() or due)
+        for fd, w in list(self._watches.items()):
+            action = w.live.handle_timer(now)
+            if action is Action.KEEPALIVE:
+                with contextlib.suppress(OSError):  # a full queue: the data in it says we live
+                    w.sock.send(b"", socket.MSG_DONTWAIT)
+            elif action is Action.PEER:
+                log.info("flow peer silent for %g s: FLOW_PEER", w.live.timeout)
+                del self._watches[fd]
+                with contextlib.suppress(OSError):
+                    self._arrivals.unregister(fd)
+                    # Reads drain what arrived, then end; writes fail: the application learns at once.
+                    w.sock.shutdown(socket.SHUT_RDWR)
+                continue
+            due = min(due, w.live.get_timer() or due)
+        self._live_due = due
 
     def _next_timeout(self) -> float:
         deadlines = [1.0]
         now = time.monotonic()
         with self._lock:
+            deadlines.append(self._live_due - now)
             for s in self._sessions.values():
-                if s.frct is not None and (d := s.frct.next_deadline()) is not None:
+                if s.frct is not None and (d := s.frct.get_timer()) is not None:
                     deadlines.append(d - now)
                 if s.closing:
                     deadlines.append(0.2)
@@ -136,42 +210,65 @@ class Engine:
     def _from_outer(self, s: Session, now: float, hup: bool) -> None:
         for _ in range(BURST):
             try:
-                pdu = s.outer.recv(65536)
+                pdu = recv_record(s.outer, MAX_PDU)
             except BlockingIOError:
                 if hup:  # torn down: a shut-down datagram socket says EAGAIN, not EOF
                     self._peer_gone(s)
                     return
                 break
             except OSError:
-                pdu = b""
-            if not pdu:  # the flow went down under us
+                pdu = None
+            if pdu is None:  # the flow went down under us
                 self._peer_gone(s)
                 return
-            if s.hellos is not None and pdu == s.hellos[0]:
-                self._raw_send(s, s.hellos[1])  # our answer to the key agreement was lost: again
+            s.live.received(now)
+            if not pdu:
+                continue  # a keepalive
+            opened = self._open(s, pdu)
+            if opened is None:
+                s.rejected += 1  # corrupt, tampered, replayed or stale
                 continue
-            if s.crypto is not None:
-                opened = s.crypto.open(pdu)
-                if opened is None:
-                    continue  # tampered, replayed or stale: counted in crypto.rejected
-                pdu = opened
             if s.frct is None:
-                s.backlog.append(pdu)
+                if s.backlog_bytes + len(opened) > BACKLOG:
+                    s.rejected += 1  # the application does not read: a flow without FRCT may drop
+                    continue
+                s.backlog.append(opened)
+                s.backlog_bytes += len(opened)
             else:
-                s.frct.receive(pdu, now)
+                s.frct.receive(opened, now)
+        if s.frct is not None and s.frct.error is not None:
+            self._fail(s, s.frct.error)
+            return
         self._flush(s)
-        self._deliver(s)
+        self._deliver(s, now)
+
+    def _open(self, s: Session, pdu: bytes) -> bytes | None:
+        """A packet from the peer, CRC checked and stripped, then decrypted; None if it is not good.
+
+        C sends FRCT's own packets (acks, window updates) without a CRC even when ber is 0: a bare
+        PCI that fails the CRC check is taken as one of those.
+        """
+        body = crc.strip(pdu) if s.crc else pdu
+        if body is None:
+            bare = pdu if s.crypto is None else s.crypto.open(pdu)
+            if s.frct is None or bare is None or len(bare) != PCI.size or bare[0] & DATA:
+                return None
+            return bare
+        if s.crypto is not None:
+            return s.crypto.open(body)
+        return body
 
     def _peer_gone(self, s: Session) -> None:
         """Nothing more will arrive; what did still reaches the application before its EOF."""
         s.gone = True
         self._unwatch(s.outer)
         s.outer.close()
-        self._deliver(s)
+        self._deliver(s, time.monotonic())
 
-    def _deliver(self, s: Session) -> None:
+    def _deliver(self, s: Session, now: float) -> None:
         # FRCT's own queue counts against its window, so a slow reader slows the sender down.
         queue = s.backlog if s.frct is None else s.frct.sdus
+        taken = 0
         while queue:
             try:
                 s.inner.send(queue[0])
@@ -180,42 +277,50 @@ class Engine:
             except OSError:
                 queue.clear()
                 break
-            queue.popleft()
-        if s.frct is not None and not s.gone:
-            s.frct.taken()
+            taken += len(queue.popleft())
+        if s.frct is None:
+            s.backlog_bytes -= taken
+        elif not s.gone:
+            s.frct.taken(taken, now)
             self._flush(s)
         if s.gone and not queue:
             self._end(s)
             return
-        self._interest(s)
+        self._interest(s, now)
 
     def _from_app(self, s: Session, now: float) -> None:
+        f = s.frct
         for _ in range(BURST):
-            if s.frct is not None and not s.frct.can_send():
+            if f is not None and not f.can_send(now):
                 break
             try:
-                sdu = s.inner.recv(APP_MTU)
+                sdu = s.inner.recv(APP_MTU + 1)
             except BlockingIOError:
                 break
             except OSError:
                 sdu = b""
-            if not sdu:  # the application let go: linger until acknowledged
+            if not sdu:  # the application let go: a final ack, then linger until acknowledged
                 s.closing = now
+                s.linger = f is not None and f.close()
                 self._unwatch(s.inner)
                 break
-            if s.frct is None:
+            s.live.sent(now)
+            if f is None:
                 self._send(s, sdu)
             else:
-                s.frct.send(sdu, now)
+                try:
+                    f.send(sdu, now)
+                except ValueError as e:
+                    log.warning("dropped an SDU the flow cannot carry: %s", e)
         self._flush(s)
-        self._interest(s)
+        self._interest(s, now)
 
-    def _interest(self, s: Session) -> None:
+    def _interest(self, s: Session, now: float) -> None:
         """Read the app only while the window is open; wait for room when it cannot take SDUs."""
         if s.closing or s.inner.fileno() < 0:
             return
         mask = 0
-        if not s.gone and not s.outq and (s.frct is None or s.frct.can_send()):
+        if not s.gone and not s.outq and (s.frct is None or s.frct.can_send(now)):
             mask |= select.EPOLLIN
         if s.backlog or (s.frct is not None and s.frct.sdus):
             mask |= select.EPOLLOUT
@@ -227,13 +332,16 @@ class Engine:
     def _send(self, s: Session, pdu: bytes) -> None:
         if s.crypto is not None:
             pdu = s.crypto.seal(pdu)
+        if s.crc:
+            pdu = crc.add(pdu)
         self._raw_send(s, pdu)
 
     def _raw_send(self, s: Session, pdu: bytes) -> None:
         if s.gone:
             return
         if s.outq:
-            s.outq.append(pdu)
+            if len(s.outq) < OUTQ:
+                s.outq.append(pdu)
             return
         try:
             s.outer.send(pdu)
@@ -257,7 +365,7 @@ class Engine:
             s.outq.popleft()
         with contextlib.suppress(OSError):
             self._epoll.modify(s.outer.fileno(), select.EPOLLIN)
-        self._interest(s)
+        self._interest(s, time.monotonic())
 
     def _flush(self, s: Session) -> None:
         if s.frct is not None:
@@ -269,13 +377,17 @@ class Engine:
         if f is not None:
             f.handle_timer(now)
             self._flush(s)
-            if f.failed:
-                log.warning("flow peer stopped acknowledging; giving up")
-                self._end(s)
+            if f.error is not None:
+                self._fail(s, f.error)
                 return
-            self._interest(s)
-        if s.closing and (((f is None or f.idle) and not s.outq) or now - s.closing > LINGER):
+            self._interest(s, now)
+        if s.closing and (((not s.linger or f is None or f.idle) and not s.outq) or now - s.closing > LINGER):
             self._end(s)
+
+    def _fail(self, s: Session, why: str) -> None:
+        log.warning("flow reset: %s", why)
+        s.error = why
+        self._end(s)
 
     def _unwatch(self, sock: socket.socket) -> None:
         fd = sock.fileno()
@@ -295,9 +407,16 @@ _engine_lock = threading.Lock()
 
 
 def engine() -> Engine:
-    """The process's engine, started on the first flow that needs it (again in a forked child)."""
+    """The process's engine, started on its first flow (again in a forked child)."""
     global _engine
     with _engine_lock:
         if _engine is None or _engine.pid != os.getpid():
             _engine = Engine()
         return _engine
+
+
+def running() -> Engine | None:
+    """The process's engine if it was started, without starting it."""
+    e = _engine
+    return e if e is not None and e.pid == os.getpid() else None
+

@@ -3,6 +3,8 @@
 from proto.errors import (
     FlowDown,
     FlowError,
+    FlowPeer,
+    FlowReset,
     FlowTimeout,
     FlowWouldBlock,
     InvalidArgument,
@@ -14,5 +16,5 @@ from proto.errors import (
     from_remote,
 )
 
-__all__ = ["FlowDown", "FlowError", "FlowTimeout", "FlowWouldBlock", "InvalidArgument", "IrmdUnreachable",
-           "LayerDown", "NameNotFound", "PermissionDenied", "QosNotSupported", "from_remote"]
+__all__ = ["FlowDown", "FlowError", "FlowPeer", "FlowReset", "FlowTimeout", "FlowWouldBlock", "InvalidArgument",
+           "IrmdUnreachable", "LayerDown", "NameNotFound", "PermissionDenied", "QosNotSupported", "from_remote"]

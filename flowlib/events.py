@@ -2,6 +2,7 @@
 
 `fevent(set, queue, timeout)` waits on every flow of a set at once (one epoll)
 and fills the queue with (flow, event) pairs, so one thread serves many flows.
+Keepalives are no events; a silent peer is FLOW_PEER, FLOWFDOWN set and cleared FLOW_DOWN and FLOW_UP.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import os
 import select
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -32,6 +36,9 @@ class EventType(enum.IntFlag):
     ALLOC = 1 << 3  # a new flow arrived (sets that listen)
     DEALLOC = 1 << 4  # the peer deallocated the flow
     PEER = 1 << 5  # the peer timed out (flows with a qos timeout)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"  # not the number IntFlag prints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,10 @@ class FlowSet:
         self._flows: dict[int, Flow] = {}
         self._fd_of: dict[Flow, int] = {}
         self._listening = False
+        self._changes: dict[Flow, None] = {}  # flows whose FLOWFDOWN changed since the last fevent, in order
+        self._changes_lock = threading.Lock()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -88,9 +99,11 @@ class FlowSet:
         self._epoll.register(flow.fd, select.EPOLLIN | select.EPOLLRDHUP)
         self._flows[flow.fd] = flow
         self._fd_of[flow] = flow.fd
+        flow._sets.add(self)
 
     def remove(self, flow: Flow) -> None:
         fd = self._fd_of.pop(flow, None)  # by the number it had: a closed flow has no fd
+        flow._sets.discard(self)
         if fd is not None:
             del self._flows[fd]
             with contextlib.suppress(OSError, ValueError):  # closed already
@@ -116,9 +129,18 @@ class FlowSet:
                 with contextlib.suppress(FlowError):  # the IRMd may be gone
                     self.listen(False)
         finally:
+            for flow in self._fd_of:
+                flow._sets.discard(self)
             self._epoll.close()
+            os.close(self._wake)
             self._flows.clear()
             self._fd_of.clear()
+
+    def _changed(self, flow: Flow) -> None:
+        """A flow of this set went down or came up (from any thread)."""
+        with self._changes_lock:
+            self._changes[flow] = None
+        os.eventfd_write(self._wake, 1)
 
     def _client(self) -> IrmClient:
         if self._irm is None:
@@ -128,6 +150,15 @@ class FlowSet:
     def _poll(self, timeout: float | None, queue: EventQueue) -> None:
         wakeup = self._irm.wakeup_fd if self._listening and self._irm else -1
         for fd, mask in self._epoll.poll(-1 if timeout is None else timeout):
+            if fd == self._wake:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake)
+                with self._changes_lock:
+                    changed, self._changes = list(self._changes), {}
+                for flow in changed:
+                    if flow in self:
+                        queue.push(flow, EventType.DOWN if flow._live.down else EventType.UP)
+                continue
             if fd == wakeup:
                 for reply, flow_fd in self._client().take_arrived():
                     try:
@@ -144,12 +175,21 @@ class FlowSet:
             flow = found
             if mask & _HUP and not flow.has_data():
                 self.remove(flow)  # report the end once
-                queue.push(flow, EventType.DEALLOC if flow.ended() == "dealloc" else EventType.DOWN)
-            else:
+                queue.push(flow, self._end_of(flow))
+            elif flow._session is not None or flow._skip_keepalives():
                 queue.push(flow, EventType.PKT)
+
+    @staticmethod
+    def _end_of(flow: Flow) -> EventType:
+        if flow._live.peer:
+            return EventType.PEER
+        return EventType.DEALLOC if flow.ended() == "dealloc" else EventType.DOWN
 
 
 def fevent(fset: FlowSet, queue: EventQueue, timeout: float | None = None) -> int:
     """Wait up to `timeout` seconds (None: forever) for events; returns how many (0: timeout)."""
-    fset._poll(timeout, queue)
-    return len(queue)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        fset._poll(None if deadline is None else max(deadline - time.monotonic(), 0.0), queue)
+        if len(queue) or (deadline is not None and time.monotonic() >= deadline):
+            return len(queue)

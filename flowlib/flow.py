@@ -6,56 +6,74 @@ options as Ouroboros's fccntl does (blocking, timeouts, queue limits).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import enum
 import errno
+import fcntl
 import os
 import select
 import socket
+import struct
+import termios
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
-from flowlib.engine import APP_MTU, LINGER, Session, engine
-from flowlib.frct import Frct
+from flowlib import crc
+from flowlib.crypto import CYPHER_S, PacketCrypto
+from flowlib.engine import LINGER, Session, engine, running
+from flowlib.fccntl import (
+    FLOWFACCMODE,
+    FLOWFDEFAULT,
+    FLOWFDOWN,
+    FLOWFINVALID,
+    FLOWFNONBLOCK,
+    FLOWFRDONLY,
+    FLOWFRNOBLOCK,
+    FLOWFRNOPART,
+    FLOWFWNOBLOCK,
+    FLOWFWNOPART,
+    FLOWFWRONLY,
+    FRCTFLINGER,
+    FRCTFRESCNTL,
+    FRCTFRTX,
+    Fccntl,
+)
+from flowlib.frct import APP_MTU, Frct
+from flowlib.identity import Peer, client_identity, server_identity
 from flowlib.irm import IrmClient, default_client
+from flowlib.liveness import Liveness
 from proto import messages as m
-from proto.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
+from proto.errors import (
+    FlowDown,
+    FlowError,
+    FlowPeer,
+    FlowReset,
+    FlowTimeout,
+    FlowWouldBlock,
+    InvalidArgument,
+    PermissionDenied,
+)
 from proto.qos import QosSpec, raw
+from transports.unix import hung_up, recv_record
 
-KEY_AGREEMENT_TIMEOUT = 10.0
-HELLO_RETRY = 0.5
-
-
-class Fccntl(enum.Enum):
-    """fccntl commands, named as Ouroboros's."""
-
-    SRCVTIMEO = "srcvtimeo"  # receive timeout in seconds, None = forever
-    GRCVTIMEO = "grcvtimeo"
-    SSNDTIMEO = "ssndtimeo"
-    GSNDTIMEO = "gsndtimeo"
-    SFLAGS = "sflags"  # FLOWFRNONBLOCK or 0
-    GFLAGS = "gflags"
-    GQOSSPEC = "gqosspec"
-    GMTU = "gmtu"
-    SRCVBUF = "srcvbuf"  # receive queue limit in bytes
-    GRCVBUF = "grcvbuf"
-    SSNDBUF = "ssndbuf"  # send queue limit in bytes
-    GSNDBUF = "gsndbuf"
-
-
-FLOWFRNONBLOCK = 0x1
+_INT = struct.Struct("i")
 
 
 class Flow:
-    """One end of an allocated flow. Closing it deallocates the flow."""
+    """One end of an allocated flow. Closing it deallocates the flow.
 
-    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient) -> None:
+    Without a `session` (the flow engine carrying it) the flow's socket is the IPCP's own, read and
+    written in the caller's thread; the engine still keeps it alive (keepalives, FLOW_PEER).
+    """
+
+    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient, *, with_crc: bool = False,
+                 session: Session | None = None) -> None:
         self.flow_id = reply.flow_id
         self.layer = reply.layer
         self.name = reply.name
-        self.mtu = reply.mtu
+        self.mtu = reply.mtu - (crc.CRCLEN if with_crc else 0)
         self.qos = reply.qos
         # Who allocated the flow, as the kernel told the IRMd: set only when both ends are on this host.
         self.peer_uid: int | None = reply.peer_uid if reply.peer_uid >= 0 else None
@@ -65,13 +83,27 @@ class Flow:
         self._sock.setblocking(True)
         self._recv: Callable[[int], bytes] = self._sock.recv
         self._send: Callable[[bytes | bytearray | memoryview], int] = self._sock.send
-        self._rbuf = max(reply.mtu, 1)
-        self._nonblock = False
+        self._rbuf = max(self.mtu, 1)
+        self.rejected = 0  # packets dropped for a CRC that did not match
+        if with_crc:
+            self._recv, self._send = self._crc_recv, self._crc_send
+        self._oflags = FLOWFDEFAULT
+        self._can_read = self._can_write = True
+        self._part_done = False  # a read(count) ended an SDU exactly: the next one returns b"" (as C)
         self._rcvtimeo: float | None = None
         self._sndtimeo: float | None = None
         self._closed = False
         self._ended: str | None = None
-        self._session: Session | None = None  # set when the flow engine runs FRCT or encryption
+        self._session = session  # the flow engine's, when it runs FRCT, encryption or CRCs for the flow
+        self._pending: bytes | None = None  # the rest of an SDU partly read, or one fevent read past keepalives
+        self._sets: weakref.WeakSet[Any] = weakref.WeakSet()  # the FlowSets holding it: told of FLOW_DOWN/UP
+        if session is not None:
+            self._live = session.live
+        else:
+            self._live = Liveness(reply.qos.timeout, time.monotonic())
+            if self._live.timeout:  # (the engine thread starts with the first flow it keeps alive)
+                engine().watch(self._sock, self._live)
+        self.peer: Peer | None = None  # the peer's verified identity; None: anonymous
 
     def __repr__(self) -> str:
         return f"<Flow {self.flow_id} {self.name or '?'} via {self.layer} fd={self.fd}>"
@@ -95,50 +127,129 @@ class Flow:
 
     # -- data ------------------------------------------------------------
 
-    def read(self) -> bytes:
-        """The next SDU. Raises FlowDown when the flow ended, FlowTimeout, FlowWouldBlock."""
+    def read(self, count: int | None = None) -> bytes:
+        """The next SDU, or with `count` up to count bytes of it, as C's flow_read: the rest of a longer
+        SDU comes with the next reads (unless FLOWFRNOPART, which fails and drops it), and a read after
+        one that ended an SDU exactly at count bytes returns b''.
+
+        Raises FlowDown when the flow ended (FlowPeer when its peer went silent), FlowTimeout,
+        FlowWouldBlock.
+        """
+        if count is not None or not self._can_read or self._pending is not None:
+            return self._read_some(count)
         try:
             data = self._recv(self._rbuf)
         except BlockingIOError:
-            data = self._wait(select.POLLIN, self._rcvtimeo, self._recv, self._rbuf)
+            data = b""
         except OSError as e:
             raise self._failed(e) from None
         if data:
+            self._live.heard = True
             return data
-        raise self._down()
+        return self._read_slow()
+
+    def _read_some(self, count: int | None) -> bytes:
+        if not self._can_read:
+            raise PermissionDenied(f"flow {self.flow_id} is write-only (FLOWFWRONLY)")
+        if count is not None and count < 0:
+            raise InvalidArgument(f"read count {count}: expected 0 or more bytes")
+        if self._part_done and count is not None:
+            self._part_done = False
+            return b""
+        self._part_done = False
+        if self._pending is not None:
+            sdu, self._pending = self._pending, None
+        else:
+            sdu = self.read()  # a whole one
+        n = len(sdu)
+        if count is None:
+            return sdu
+        partial = not self._oflags & FLOWFRNOPART
+        if n <= count:
+            self._part_done = partial and n == count
+            return sdu
+        if not partial:
+            raise InvalidArgument(f"flow {self.flow_id}: an SDU of {n} bytes does not fit in {count} "
+                                  f"(FLOWFRNOPART): dropped")
+        self._pending = sdu[count:]
+        return sdu[:count]
+
+    def _read_slow(self) -> bytes:
+        """Past empty records (keepalives), waiting as the flow's options say; the end raises."""
+        deadline = None if self._rcvtimeo is None else time.monotonic() + self._rcvtimeo
+        nonblock = bool(self._oflags & FLOWFRNOBLOCK)
+        while True:
+            if self._live.down:
+                raise self._down()
+            try:
+                data = recv_record(self._sock, self._rbuf, self._recv)
+            except BlockingIOError:
+                data = self._wait(select.POLLIN, deadline, nonblock, recv_record, self._sock, self._rbuf, self._recv)
+            except OSError as e:
+                raise self._failed(e) from None
+            if data is None:
+                raise self._down()
+            self._live.heard = True
+            if data:
+                return data
+
+    def _crc_recv(self, size: int) -> bytes:
+        while True:  # a packet with a bad CRC is counted and skipped; EAGAIN goes up to the caller
+            packet = self._sock.recv(size + crc.CRCLEN)
+            if not packet:
+                return packet
+            body = crc.strip(packet)
+            if body is not None:
+                return body
+            self.rejected += 1
+
+    def _crc_send(self, sdu: bytes | bytearray | memoryview) -> int:
+        self._sock.send(crc.add(bytes(sdu)))
+        return len(sdu)
 
     def write(self, sdu: bytes | bytearray | memoryview) -> int:
-        """Send one SDU, whole or not at all."""
+        """Send one SDU, whole or not at all; unless FLOWFWNOPART is cleared, when an SDU over the MTU is
+        cut to it. Returns the bytes sent."""
         n = len(sdu)
         if n == 0 or n > self.mtu:
-            raise InvalidArgument(f"SDU of {n} bytes: flow {self.flow_id} carries 1 to {self.mtu} bytes")
+            if n == 0 or self._oflags & FLOWFWNOPART:
+                raise InvalidArgument(f"SDU of {n} bytes: flow {self.flow_id} carries 1 to {self.mtu} bytes")
+            sdu = sdu[: self.mtu]  # a partial write
+        live = self._live
+        if live.down or live.peer or not self._can_write:
+            if not self._can_write:
+                raise PermissionDenied(f"flow {self.flow_id} is read-only (FLOWFRDONLY)")
+            raise self._down()
+        live.wrote = True
         try:
             return self._send(sdu)
         except BlockingIOError:
-            return self._wait(select.POLLOUT, self._sndtimeo, self._send, sdu)  # type: ignore[no-any-return]
+            deadline = None if self._sndtimeo is None else time.monotonic() + self._sndtimeo
+            nonblock = bool(self._oflags & FLOWFWNOBLOCK)
+            return self._wait(select.POLLOUT, deadline, nonblock, self._send, sdu)  # type: ignore[no-any-return]
         except OSError as e:
             raise self._failed(e) from None
 
-    def _wait(self, event: int, timeout: float | None, op: Any, arg: Any) -> Any:
+    def _wait(self, event: int, deadline: float | None, nonblock: bool, op: Any, *args: Any) -> Any:
         """Wait until `op` can go, the deadline passes or the flow ends.
 
         A flow torn down by the IRMd (shutdown of its socket) polls as hung up;
         a datagram socket then still answers EAGAIN, so the hang-up decides.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(self._sock, event)
         while True:
-            left = 0.0 if self._nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            left = 0.0 if nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
             ready = poller.poll(None if left is None else left * 1000)
             try:
-                return op(arg)
+                return op(*args)
             except BlockingIOError:
                 if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in ready):
                     raise self._down() from None
-                if self._nonblock:
+                if nonblock:
                     raise FlowWouldBlock(f"flow {self.flow_id}: would block") from None
                 if not ready and left is not None and left <= 0:
+                    timeout = self._rcvtimeo if event == select.POLLIN else self._sndtimeo
                     raise FlowTimeout(f"flow {self.flow_id}: timed out after {timeout} s") from None
             except OSError as e:
                 raise self._failed(e) from None
@@ -151,15 +262,58 @@ class Flow:
         return self._down()
 
     def _down(self) -> FlowDown:
+        if self._live.peer:
+            return FlowPeer(f"flow {self.flow_id} to {self.name or 'its peer'}: the peer was silent for "
+                            f"{self._live.timeout:g} s (FLOW_PEER)")
+        if self._live.down:
+            return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} is down (FLOWFDOWN)")
+        if self._session is not None and self._session.error is not None:
+            return FlowReset(f"flow {self.flow_id} to {self.name or 'its peer'} was reset: {self._session.error}")
         how = "deallocated by the peer" if self.ended() == "dealloc" else "down"
         return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} is {how}")
 
     def has_data(self) -> bool:
         """Whether an SDU waits to be read, without reading it."""
+        if self._pending is not None:
+            return True
         try:
             return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:
             return False
+
+    def _skip_keepalives(self) -> bool:
+        """Take the empty records (keepalives) at the head of the queue; whether anything else is there
+        (an SDU, or the end) for read to take. For fevent, so that a keepalive is no FLOW_PKT."""
+        while self._pending is None:
+            try:
+                if self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) or hung_up(self._sock):
+                    return True
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            blocking = self._sock.getblocking()
+            self._sock.setblocking(False)  # read() copes with EAGAIN, should another thread race us
+            try:
+                data = self._recv(self._rbuf)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            finally:
+                self._sock.setblocking(blocking)
+            self._live.heard = True
+            if data:  # a reader in another thread took the keepalive first: this SDU is read's
+                self._pending = data
+        return True
+
+    def _set_down(self, down: bool) -> None:
+        """FLOWFDOWN set or cleared: reads and writes fail while it is set; FLOW_DOWN or FLOW_UP follows."""
+        if down == self._live.down:
+            return
+        self._live.set_down(down, time.monotonic())
+        for fset in list(self._sets):
+            fset._changed(self)
 
     def ended(self) -> str:
         """How the flow ended, as the IRMd saw it: 'dealloc' (by the peer) or 'down'."""
@@ -169,8 +323,13 @@ class Flow:
 
     # -- options ---------------------------------------------------------
 
-    def fccntl(self, cmd: Fccntl, value: Any = None) -> Any:
-        """Get or set a flow option; setters return None, getters the value."""
+    def fccntl(self, cmd: int, value: Any = None) -> Any:
+        """Get or set a flow option, as C's fccntl (flowlib.fccntl names the commands and flags);
+        setters return None, getters the value."""
+        try:
+            cmd = Fccntl(cmd)
+        except ValueError:
+            raise InvalidArgument(f"fccntl: no command {cmd!r}") from None
         sock = self._sock
         match cmd:
             case Fccntl.SRCVTIMEO:
@@ -178,19 +337,29 @@ class Flow:
             case Fccntl.SSNDTIMEO:
                 self._sndtimeo = _timeout(value)
             case Fccntl.SFLAGS:
-                self._nonblock = bool(int(value) & FLOWFRNONBLOCK)
+                self._set_flags(int(value))
             case Fccntl.SRCVBUF:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(value))
             case Fccntl.SSNDBUF:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(value))
+            case Fccntl.FRCTSFLAGS:
+                frct = self._frct()
+                # Retransmission follows the QoS; the rest is the caller's.
+                frct.cflags = frct.cflags & FRCTFRTX | int(value) & (FRCTFRESCNTL | FRCTFLINGER)
             case Fccntl.GRCVTIMEO:
                 return self._rcvtimeo
             case Fccntl.GSNDTIMEO:
                 return self._sndtimeo
             case Fccntl.GFLAGS:
-                return FLOWFRNONBLOCK if self._nonblock else 0
+                return self._oflags
             case Fccntl.GQOSSPEC:
                 return self.qos
+            case Fccntl.GRXQLEN:
+                return self._rx_queued()
+            case Fccntl.GTXQLEN:
+                return self._tx_queued()
+            case Fccntl.FRCTGFLAGS:
+                return self._frct().cflags
             case Fccntl.GMTU:
                 return self.mtu
             case Fccntl.GRCVBUF:
@@ -198,11 +367,45 @@ class Flow:
             case Fccntl.GSNDBUF:
                 return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         # The fast path is a plain blocking socket; anything else polls in _wait.
-        sock.setblocking(not self._nonblock and self._rcvtimeo is None and self._sndtimeo is None)
+        sock.setblocking(not self._oflags & FLOWFNONBLOCK and self._rcvtimeo is None and self._sndtimeo is None)
         return None
 
+    def _set_flags(self, flags: int) -> None:
+        if flags & FLOWFACCMODE == FLOWFINVALID:
+            raise InvalidArgument(f"flow flags {flags:#o}: no access mode is both FLOWFWRONLY and FLOWFRDWR")
+        self._oflags = flags
+        mode = flags & FLOWFACCMODE
+        self._can_read = mode != FLOWFWRONLY
+        self._can_write = mode != FLOWFRDONLY
+        self._set_down(bool(flags & FLOWFDOWN))
+
+    def _frct(self) -> Frct:
+        if self._session is None or self._session.frct is None:
+            raise PermissionDenied(f"flow {self.flow_id} runs no FRCT (qos in_order 0 and loss not 0)")
+        return self._session.frct
+
+    def _rx_queued(self) -> int:
+        """SDUs waiting to be read: what flowlib holds, and one if the socket holds any (the kernel
+        counts bytes, not datagrams)."""
+        n = int(self._pending is not None)
+        if (s := self._session) is not None:
+            n += len(s.frct.sdus) if s.frct is not None else len(s.backlog)
+        with contextlib.suppress(OSError):
+            n += len(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) > 0
+        return n
+
+    def _tx_queued(self) -> int:
+        """SDUs written and not yet gone: FRCT's unacknowledged and the engine's held ones, and one if
+        the socket holds any."""
+        n = 0
+        if (s := self._session) is not None:
+            n += len(s.outq) + (len(s.frct.unacked) if s.frct is not None else 0)
+        queued: int = _INT.unpack(fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0" * _INT.size))[0]
+        return n + (queued > 0)
+
     def set_blocking(self, blocking: bool) -> None:
-        self.fccntl(Fccntl.SFLAGS, 0 if blocking else FLOWFRNONBLOCK)
+        """Blocking (the default) or non-blocking reads and writes, the other flags as they are."""
+        self.fccntl(Fccntl.SFLAGS, self._oflags & ~FLOWFNONBLOCK | (0 if blocking else FLOWFNONBLOCK))
 
     def set_timeout(self, timeout: float | None) -> None:
         """Both the receive and the send timeout."""
@@ -216,6 +419,8 @@ class Flow:
         if self._closed:
             return
         self._closed = True
+        if self._session is None and (e := running()) is not None:
+            e.unwatch(self._sock)
         self._sock.close()
         if self._session is not None:  # let FRCT deliver what is still unacknowledged
             self._session.done.wait(LINGER + 1.0)
@@ -232,113 +437,94 @@ def _timeout(value: Any) -> float | None:
 
 
 def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow:
-    """A Flow over the IPCP's socket: direct for raw flows, through the engine otherwise."""
+    """A Flow over the IPCP's socket: direct for raw flows, through the engine for FRCT.
+
+    An encrypted flow seals and opens with the key and cipher the IRMds agreed in OAP; the
+    acceptor's peer is the client certificate its IRMd verified (the allocator's is set by
+    flow_alloc, which checks it against the user's known names)."""
     qos = reply.qos
-    crypto, hellos = None, None
     try:
-        if qos.cypher_s:
-            crypto, hellos = _agree(fd, client)
+        crypto = PacketCrypto(reply.cipher, reply.key, server=not client, seq_iv=reply.seq_iv) if reply.cipher else None
+        peer = None if client else client_identity(reply)
         if not qos.frct and crypto is None:
-            return Flow(reply, fd, irm)
-        if not qos.frct and crypto is not None:
-            return _sealed(reply, fd, irm, crypto, None if client else hellos)
-        mtu = reply.mtu - (OVERHEAD if crypto else 0)
-        frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
-        app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos)
+            flow = Flow(reply, fd, irm, with_crc=qos.crc)
+        elif not qos.frct and not qos.crc and crypto is not None:
+            flow = _sealed(reply, fd, irm, crypto)
+        else:
+            # C's order on the wire: FRCT PCI, then encryption, then the CRC.
+            mtu = reply.mtu - (crypto.overhead if crypto else 0) - (crc.CRCLEN if qos.crc else 0)
+            frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
+            live = Liveness(qos.timeout, time.monotonic())
+            app_fd, session = engine().wrap(fd, mtu, frct, crypto, with_crc=qos.crc, live=live)
+            # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.
+            app_mtu = APP_MTU if frct and frct.reliable else frct.max_payload if frct else mtu
+            flow = Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm, session=session)
     except BaseException:
         os.close(fd)
         irm.dealloc(reply.flow_id)
         raise
-    # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.
-    app_mtu = APP_MTU if frct and frct.reliable else frct.max_payload if frct else mtu
-    flow = Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm)
-    flow._session = session
+    flow.peer = peer
     return flow
 
 
-def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto,
-            hellos: tuple[bytes, bytes] | None) -> Flow:
+def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto) -> Flow:
     """An encrypted flow without FRCT, sealed and opened in the caller's own thread.
 
     No engine in between: a hop to another thread costs more than the cipher.
     """
-    flow = Flow(dataclasses.replace(reply, mtu=reply.mtu - OVERHEAD), fd, irm)
-    send, recv = flow._sock.send, flow._sock.recv
+    flow = Flow(dataclasses.replace(reply, mtu=reply.mtu - crypto.overhead), fd, irm)
+    send, recv, seal, open_, room = flow._sock.send, flow._sock.recv, crypto.seal, crypto.open, crypto.overhead
 
     def seal_send(sdu: bytes | bytearray | memoryview) -> int:
-        send(crypto.seal(bytes(sdu)))
+        send(seal(sdu if isinstance(sdu, bytes) else bytes(sdu)))
         return len(sdu)
 
     def recv_open(size: int) -> bytes:
-        while True:  # a rejected packet is counted and skipped; EAGAIN goes up to Flow._wait
-            packet = recv(size + OVERHEAD)
+        while True:  # a packet that does not open is counted and skipped; EAGAIN goes up to Flow._wait
+            packet = recv(size + room)
             if not packet:
                 return packet
-            if hellos is not None and packet == hellos[0]:
-                send(hellos[1])  # our answer to the key agreement was lost: again
-                continue
-            if (plain := crypto.open(packet)) is not None:
+            if (plain := open_(packet)) is not None:
                 return plain
 
     flow._send, flow._recv = seal_send, recv_open
     return flow
 
 
-def _agree(fd: int, client: bool) -> tuple[PacketCrypto, tuple[bytes, bytes]]:
-    """X25519 key agreement over the fresh flow: the allocator speaks first, and repeats
-    itself until answered, as either hello may be lost on the way.
-
-    Returns the packet crypto and (the peer's hello, ours), which the acceptor's
-    engine keeps to answer a repeated hello whose answer was lost.
-    """
-    sock = socket.socket(fileno=os.dup(fd))
-    kx = KeyExchange()
-    deadline = time.monotonic() + KEY_AGREEMENT_TIMEOUT
-    try:
-        while True:
-            if client:
-                sock.send(kx.hello())
-            wait = HELLO_RETRY if client else KEY_AGREEMENT_TIMEOUT
-            sock.settimeout(min(wait, max(deadline - time.monotonic(), 0.01)))
-            try:
-                peer = sock.recv(HELLO.size + 1)
-                break
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise
-        if not peer:
-            raise FlowError("the flow ended during its key agreement")
-        if not client:
-            sock.send(kx.hello())
-        return kx.session(peer, client), (peer, kx.hello())
-    except TimeoutError:
-        raise FlowTimeout("the peer did not complete the flow's key agreement") from None
-    except (OSError, HandshakeError) as e:
-        raise FlowError(f"flow key agreement failed: {e}") from None
-    finally:
-        sock.close()
-
-
 def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None,
-               *, encrypt: bool = False, irm: IrmClient | None = None) -> Flow:
+               *, encrypt: bool = False, accept_new: bool | None = None, irm: IrmClient | None = None) -> Flow:
     """Allocate a flow to `name` through whichever layer reaches it.
 
-    qos.data (loss 0) makes it reliable and in order; encrypt=True makes it
-    end-to-end encrypted (X25519, then ChaCha20-Poly1305 per packet).
+    qos.data (loss 0) makes it reliable and in order; encrypt=True (or qos.cypher_s) makes it
+    end-to-end encrypted, keys agreed by the IRMds (OAP: X25519 unless the name's client enc.conf
+    says otherwise, then AES-256-GCM per packet). A peer that presents a certificate must be vouched
+    for by the IRMd's CA store or the user's known names; accept_new=True pins an unknown one
+    (default: $OUROBOROS_STRICT_NAMES, "yes" or "accept-new"). `flow.peer` says who answered.
     """
     irm = irm or default_client()
     spec = qos or raw
     if encrypt and not spec.cypher_s:
         spec = dataclasses.replace(spec, cypher_s=CYPHER_S)
     reply, fd = irm.alloc(name, spec, timeout)
-    return establish(reply, fd, irm, client=True)
+    try:
+        peer = server_identity(name, reply, accept_new)
+    except BaseException:
+        os.close(fd)
+        irm.dealloc(reply.flow_id)
+        raise
+    flow = establish(reply, fd, irm, client=True)
+    flow.peer = peer
+    return flow
 
 
 def flow_join(layer: str, qos: QosSpec | None = None, timeout: float | None = None,
               *, irm: IrmClient | None = None) -> Flow:
-    """Join a broadcast layer: what this flow writes reaches every other joined flow."""
+    """Join a broadcast layer: what this flow writes reaches every other joined flow.
+
+    No keepalives (qos timeout 0, as C's joins): a broadcast flow has many peers, not one.
+    """
     irm = irm or default_client()
-    reply, fd = irm.alloc(layer, qos, timeout, join=True)
+    reply, fd = irm.alloc(layer, dataclasses.replace(qos or raw, timeout=0), timeout, join=True)
     return Flow(reply, fd, irm)
 
 
@@ -346,11 +532,12 @@ def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
                 *, irm: IrmClient | None = None) -> Flow:
     """Wait for a flow to one of the names this process is bound to.
 
-    `qos`, if given, is the minimum the caller takes; weaker flows are refused.
+    `qos`, if given, is the minimum the caller takes; weaker flows are refused. With qos.cypher_s
+    the IRMd refuses plain allocations for this process outright (ECRYPT to the allocator).
     """
     irm = irm or default_client()
     while True:
-        reply, fd = irm.accept(timeout)
+        reply, fd = irm.accept(timeout, qos.cypher_s if qos else 0)
         flow = establish(reply, fd, irm, client=False)
         if qos is None or _satisfies(flow.qos, qos):
             return flow
@@ -358,4 +545,4 @@ def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
 
 
 def _satisfies(got: QosSpec, want: QosSpec) -> bool:
-    return got.loss <= want.loss and got.in_order >= want.in_order
+    return got.loss <= want.loss and got.in_order >= want.in_order and got.cypher_s >= want.cypher_s

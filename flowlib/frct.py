@@ -1,50 +1,84 @@
-"""FRCT, the flow and retransmission control of reliable flows, sans-IO: SDUs and PDUs in,
-PDUs and SDUs out, time as a parameter.
+"""FRCT, the flow and retransmission control of in-order flows, sans-IO and on C Ouroboros 0.23's wire:
+SDUs and PDUs in, PDUs and SDUs out, time passed in (`receive(pdu, now)`, `handle_timer(now)`, `get_timer()`).
 
-Sequence numbers, cumulative and selective acks, RTT estimation with RTO backoff
-(RFC 6298), retransmission, a flow-control window, AIMD congestion control, in-order
-delivery with duplicate suppression, and fragmentation of SDUs over the MTU.
+The 12-byte PCI, data runs opened by DRF after a random sequence number, cumulative acks, flow control
+with a 24-bit right window edge and rendez-vous (RDVS) when it closes, as src/lib/frct.c. Loss recovery
+(flowlib.recovery) and congestion control (flowlib.congestion) are their own modules. Ours beyond C's:
+SACK blocks on pure acks and fragments of SDUs over the MTU (flags C 0.23 defines and ignores).
+Every buffer is bounded: a peer that breaks the rules gets its flow reset (`error`), never our memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 from collections import deque
+from collections.abc import Callable
 
-# The FRCT header, as Ouroboros's: flags, pad, window (PDUs), seqno, ackno.
-HDR = struct.Struct("!BBHII")
+from flowlib.congestion import NewReno
+from flowlib.fccntl import FRCTFLINGER, FRCTFRESCNTL, FRCTFRTX
+from flowlib.recovery import SEQ_MOD, Recovery, Sent, before, distance
+
+# The PCI, as C's struct frct_pci: flags (8 bits) and the right window edge (24) in one word, seqno, ackno.
+PCI = struct.Struct("!III")
 DATA, DRF, ACK, FC, RDVS, FFGM, MFGM = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
-# Ours, not Ouroboros's: a pure ack with SACK carries blocks [start, end) of PDUs held out of order,
-# so one round trip repairs every hole of a window instead of one (RFC 2018's idea).
-SACK = 0x80
+SACK = 0x80  # ours: a pure ack followed by blocks [start, end) of PDUs held out of order (RFC 2018's idea)
+FLAG_NAMES = {DATA: "DATA", DRF: "DRF", ACK: "ACK", FC: "FC", RDVS: "RDVS", FFGM: "FFGM", MFGM: "MFGM",
+              SACK: "SACK"}
+RWE_MASK = 0xFFFFFF
 SACK_BLOCK = struct.Struct("!II")
 MAX_SACK_BLOCKS = 8
-DUP_THRESH = 3  # a PDU this many places below a SACKed one is taken as lost (RFC 6675's DupThresh)
-SEQ_MOD = 1 << 32
-WINDOW = 1024  # PDUs the receiver buffers out of order and the sender keeps in flight
-RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
-RTO_G = 0.005  # the least margin over the smoothed RTT (RFC 6298's clock granularity G)
-PROBE_EVERY = 0.2  # a sender facing a closed window asks for a window update this often
-MAX_TRIES = 20  # retransmissions of one PDU before the flow is declared dead
-ACK_DELAY = 0.002  # a lone in-order PDU waits this long for data to carry its ack (as TCP's delayed ack)
+
+
+# C 0.23's constants (build/src/lib/config.h, frct.c).
+RQ_SIZE = 256  # PDUs the receiver takes beyond the next one it expects
+START_WINDOW = 64  # PDUs a sender may send into a new run before the receiver's first window update
+DELT_A = 10.0  # s: a receiver acks only what arrived this recently
+DELT_R = 120.0  # s: a PDU still unacknowledged this long after it was first sent takes the flow down
+RDV_EVERY = 0.1  # s: a sender facing a closed window asks for an update this often
+# Inactivity that ends a data run: C's (3 mpl + A + R) for senders and (2 mpl + A + R) for receivers. We
+# take the layers' extremes (udp mpl 5 s, eth 0.1 s): our sender keeps a run at least as long as any C
+# receiver, our receiver ends one no later than any C sender, so a run is never restarted on one side only.
+SND_INACT = 146.0
+RCV_INACT = 130.0
+
+# Ours.
+APP_MTU = 65535  # the largest SDU a reliable flow carries: longer ones are fragmented, reassembly stops here
+RCV_BUF = 4 << 20  # bytes a receiver holds for its application (in order, out of order, half reassembled)
+SPAN = 4 * RQ_SIZE  # the most PDUs a sender has outstanding from its oldest unacknowledged one
+ACK_DELAY = 0.002  # s: a lone in-order PDU waits this long for data to carry its ack
 
 
 class FrctError(ValueError):
     """A PDU that does not parse."""
 
 
-def _before(a: int, b: int) -> bool:
-    """a < b in sequence space (wrapping)."""
-    return 0 < (b - a) % SEQ_MOD < SEQ_MOD // 2
+def flag_names(flags: int) -> str:
+    return "|".join(name for bit, name in FLAG_NAMES.items() if flags & bit) or "0"
 
 
-@dataclasses.dataclass
-class _Sent:
-    pdu: bytes
-    sent: float
-    tries: int = 0
-    episode: int = -1  # the loss recovery that last resent it
+@dataclasses.dataclass(frozen=True)
+class Pci:
+    """One PCI, for tools and tests (the data path unpacks PCI directly)."""
+
+    flags: int
+    rwe: int  # the low 24 bits of the sender's receive window edge: valid with FC
+    seqno: int  # valid with DATA
+    ackno: int  # the next PDU the sender expects: valid with ACK
+
+    def pack(self) -> bytes:
+        return PCI.pack(self.flags << 24 | self.rwe & RWE_MASK, self.seqno, self.ackno)
+
+    @classmethod
+    def parse(cls, pdu: bytes | memoryview) -> Pci:
+        if len(pdu) < PCI.size:
+            raise FrctError(f"a PDU of {len(pdu)} bytes has no room for the {PCI.size}-byte FRCT PCI")
+        word, seqno, ackno = PCI.unpack_from(pdu)
+        return cls(word >> 24, word & RWE_MASK, seqno, ackno)
+
+    def __str__(self) -> str:
+        return f"{flag_names(self.flags)} rwe={self.rwe:#08x} seq={self.seqno:#010x} ack={self.ackno:#010x}"
 
 
 @dataclasses.dataclass
@@ -54,143 +88,328 @@ class Counters:
     received: int = 0
     duplicates: int = 0
     out_of_order: int = 0
-    dropped: int = 0  # late PDUs of flows without retransmission, and malformed ones
+    out_of_window: int = 0  # data past the edge we advertised: the peer ignores flow control
+    no_run: int = 0  # data without DRF while no run was open (as C, dropped)
+    dropped: int = 0  # late PDUs of flows without retransmission, and overflow of their queue
+    malformed: int = 0  # too short, too long, impossible acks or flags
+    rdvs: int = 0  # rendez-vous sent
+
+
+def _random_seq() -> int:
+    return int.from_bytes(os.urandom(4), "big")
+
+
+def _pack(flags: int, rwe: int, seqno: int, ackno: int) -> bytes:
+    return PCI.pack(flags << 24 | rwe & RWE_MASK, seqno, ackno)
 
 
 class Frct:
-    """One end of a flow with FRCT; `reliable` adds acks and retransmission to ordering."""
+    """One end of a flow with FRCT; `reliable` (qos loss 0) adds acks and retransmission to ordering."""
 
-    def __init__(self, mtu: int, reliable: bool) -> None:
-        if mtu <= HDR.size:
-            raise ValueError(f"an MTU of {mtu} leaves no room for the {HDR.size}-byte FRCT header")
+    def __init__(self, mtu: int, reliable: bool, *, rcv_buf: int = RCV_BUF, app_mtu: int = APP_MTU,
+                 r_timeout: float = DELT_R, isn: Callable[[], int] = _random_seq) -> None:
+        if mtu <= PCI.size:
+            raise ValueError(f"an MTU of {mtu} leaves no room for the {PCI.size}-byte FRCT PCI")
         self.reliable = reliable
-        self.max_payload = mtu - HDR.size
+        self.max_payload = mtu - PCI.size
+        self.app_mtu = app_mtu if reliable else min(app_mtu, self.max_payload)
+        self.rcv_buf = max(rcv_buf, self.app_mtu + self.max_payload)  # room for one whole SDU at least
+        self.r_timeout = r_timeout
+        self._isn = isn
+        self.cflags = FRCTFRESCNTL | (FRCTFRTX | FRCTFLINGER if reliable else 0)
         self.counters = Counters()
-        # sender
-        self.snd_nxt = 0
-        self.snd_una = 0
-        self.unacked: dict[int, _Sent] = {}
-        self.cwnd = 16.0
-        self.ssthresh = float(WINDOW)
-        self.peer_window = WINDOW
-        self.dupacks = 0
-        self.recover: int | None = None  # snd_nxt when a loss was found; partial acks until then resend
-        self.episode = 0  # counts loss recoveries: a hole is resent once in each
-        self.high_sacked: int | None = None  # one past the highest PDU the peer holds out of order
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.rto = RTO_INIT
-        self.failed = False  # a PDU went unacknowledged MAX_TRIES times
-        # receiver
-        self.rcv_nxt = 0
-        self.ooo: dict[int, tuple[int, bytes]] = {}
-        self.ooo_span = 0  # distance past rcv_nxt of the furthest PDU held out of order
-        self.fragments: list[bytes] = []
-        self.ack_due: float | None = None
-        self.rx_unacked = 0
-        self._advertised = WINDOW
-        self._probe_due: float | None = None
-        self.sdus: deque[bytes] = deque()  # in order, for the application
+        self.error: str | None = None  # the peer broke the protocol: the flow is to be reset
         self.pdus: deque[bytes] = deque()  # for the network
+        self.sdus: deque[bytes] = deque()  # in order, for the application
+        # sender
+        self.recovery = Recovery(NewReno(RQ_SIZE * 4)) if reliable else None
+        self.snd_nxt = 0
+        self.snd_rwe = START_WINDOW
+        self.snd_act = -float("inf")  # when we last sent data: a run ends after SND_INACT without
+        self._rdvs_due: float | None = None  # while the peer's window is closed to data we hold
+        # receiver
+        self.rcv_nxt = 0  # C's rcv lwe: the next PDU we expect
+        self.rcv_rwe = 0  # the right window edge we advertised (never pulled back)
+        self.rcv_act = -float("inf")  # when data last arrived: a run ends after RCV_INACT without
+        self.rcv_acked = 0  # the last ackno we sent
+        self.ooo: dict[int, tuple[int, bytes]] = {}
+        self.fragments: list[bytes] = []
+        self._frag_bytes = 0
+        self._held = 0  # bytes of ooo, fragments and sdus
+        self.ack_due: float | None = None
+        self._fc_due: float | None = None  # a window update owed to a rendez-vous
+        self._fc_edge = 0  # the edge of our last window update, for unreliable flows (no acks)
 
-    # -- sending -----------------------------------------------------------
+    # -- the application's side ---------------------------------------------------------------------
 
-    def can_send(self) -> bool:
-        if not self.reliable:
-            return True
-        return len(self.unacked) < min(int(self.cwnd), self.peer_window, WINDOW)
+    @property
+    def snd_una(self) -> int:
+        return self.recovery.una if self.recovery is not None else self.snd_nxt
+
+    @property
+    def unacked(self) -> dict[int, Sent]:
+        return self.recovery.unacked if self.recovery is not None else {}
+
+    @property
+    def idle(self) -> bool:
+        """Everything sent was acknowledged."""
+        return not self.unacked
+
+    def can_send(self, now: float) -> bool:
+        """Whether an SDU may go now; a sender the peer's window holds back asks for an update (RDVS)."""
+        rec = self.recovery
+        if rec is not None and (len(rec.unacked) >= rec.cc.window() or distance(rec.una, self.snd_nxt) >= SPAN):
+            return False
+        if self.cflags & FRCTFRESCNTL and now - self.snd_act <= SND_INACT and not before(self.snd_nxt, self.snd_rwe):
+            if self._rdvs_due is None:
+                self._rdvs_due = now + RDV_EVERY
+            return False
+        return True
 
     def send(self, sdu: bytes, now: float) -> None:
-        """Queue an SDU's PDUs (fragments if it exceeds the MTU, on reliable flows only)."""
-        if not self.reliable and len(sdu) > self.max_payload:
-            # A lost piece could not be told from a whole SDU: unreliable flows do not fragment.
-            raise ValueError(f"SDU of {len(sdu)} bytes exceeds the {self.max_payload} an unreliable flow carries")
-        chunks = [sdu[i : i + self.max_payload] for i in range(0, len(sdu), self.max_payload)]
+        """Queue an SDU's PDUs: fragments if it exceeds the MTU (reliable flows only)."""
+        n = len(sdu)
+        if n > self.app_mtu:
+            raise ValueError(f"SDU of {n} bytes exceeds the {self.app_mtu} this flow carries")
+        rec = self.recovery
+        if now - self.snd_act > SND_INACT and self.snd_una == self.snd_nxt:
+            self._new_run(self._isn() % SEQ_MOD)  # as C: a fresh run after inactivity, from a random seqno
+        mp = self.max_payload
+        chunks = [sdu[i : i + mp] for i in range(0, n, mp)] if n > mp else [sdu]
         last = len(chunks) - 1
+        rcv_on = now - self.rcv_act <= RCV_INACT
         for i, chunk in enumerate(chunks):
-            flags = DATA | ACK
+            seq = self.snd_nxt
+            flags = DATA
+            if seq == self.snd_una:
+                flags |= DRF  # nothing unacknowledged: a receiver without a run may start one here
             if last:
                 flags |= (FFGM if i == 0 else 0) | (MFGM if i < last else 0)
-            seq = self.snd_nxt
+            rwe = ackno = 0
+            if rcv_on:
+                flags |= FC
+                rwe = self._advertise()
+                if rec is not None and now - self.rcv_act <= DELT_A:
+                    flags |= ACK
+                    ackno = self.rcv_acked = self.rcv_nxt
+                    self.ack_due = None  # the ack rides along
+            pdu = _pack(flags, rwe, seq, ackno) + chunk
             self.snd_nxt = (seq + 1) % SEQ_MOD
-            self._advertised = self._window()
-            pdu = HDR.pack(flags, 0, self._advertised, seq, self.rcv_nxt) + chunk
-            self.ack_due, self.rx_unacked = None, 0  # the ack rides along
-            if self.reliable:
-                self.unacked[seq] = _Sent(pdu, now)
+            if rec is not None:
+                rec.on_sent(seq, pdu, now)
             self.pdus.append(pdu)
             self.counters.sent += 1
+        self.snd_act = now
 
-    def _window(self) -> int:
-        """PDUs we can still buffer: SDUs the application has not taken count against it.
+    def _new_run(self, seq: int) -> None:
+        self.snd_nxt = seq
+        self.snd_rwe = (seq + START_WINDOW) % SEQ_MOD
+        if self.recovery is not None:
+            self.recovery.start(seq)
 
-        Out-of-order PDUs do not: they are bounded by their distance from rcv_nxt, and a
-        window that shrank with every one would hide the duplicate acks that reveal a hole.
-        """
-        return max(WINDOW - len(self.sdus), 0)
+    def taken(self, nbytes: int, now: float) -> None:
+        """The application took `nbytes` of SDUs: if the window we advertised had nearly closed, reopen it."""
+        self._held -= nbytes
+        before_edge = self.rcv_rwe
+        edge = self._advertise()
+        if now - self.rcv_act > RCV_INACT:
+            return
+        if self.reliable:
+            if distance(self.rcv_nxt, before_edge) < RQ_SIZE // 2 <= distance(self.rcv_nxt, edge):
+                self._ack(now)
+        elif distance(self._fc_edge, edge) >= RQ_SIZE // 2:
+            # Unreliable flows have no acks to carry the window: update it unasked, not only on RDVS as C.
+            self._fc_edge = edge
+            self.pdus.append(_pack(FC, edge, 0, 0))
 
-    def taken(self) -> None:
-        """The application took SDUs: if our window had closed, say it is open again."""
-        if self.reliable and self._advertised < WINDOW // 2 <= self._window():
-            self._ack()
+    def close(self) -> bool:
+        """The application let go: a final ack if one is owed (as C's dealloc); whether to linger and
+        retransmit what the peer has not acknowledged (FRCTFLINGER)."""
+        if self.reliable and self.rcv_nxt != self.rcv_acked:
+            self.pdus.append(_pack(ACK, 0, 0, self.rcv_nxt))
+            self.rcv_acked = self.rcv_nxt
+        return bool(self.cflags & FRCTFLINGER) and not self.idle
 
-    # -- receiving ---------------------------------------------------------
+    # -- the network's side ---------------------------------------------------------------------------
 
     def receive(self, pdu: bytes, now: float) -> None:
-        if len(pdu) < HDR.size:
-            self.counters.dropped += 1
+        if self.error is not None:
             return
-        flags, _, window, seq, ackno = HDR.unpack_from(pdu)
-        if flags & ACK and self.reliable:
-            self._acked(ackno, window, now, pure=not flags & DATA)
-            if flags & SACK and not flags & DATA:
-                self._sacked(pdu, now)
-        if flags & RDVS and self.reliable:
-            self._ack()  # the sender faces a closed window: tell it ours
-        if not flags & DATA:
+        n = len(pdu)
+        if n < PCI.size:
+            self.counters.malformed += 1
             return
-        self.counters.received += 1
-        payload = pdu[HDR.size :]
-        in_order = seq == self.rcv_nxt
-        if in_order:
-            self._accept(flags, payload)
-            while self.rcv_nxt in self.ooo:
-                self._accept(*self.ooo.pop(self.rcv_nxt))
-            self.ooo_span = max(self.ooo_span - (self.rcv_nxt - seq) % SEQ_MOD, 0) if self.ooo else 0
-        elif _before(seq, self.rcv_nxt):
-            self.counters.duplicates += 1  # our ack was lost or late: repeat it below
-        elif not self.reliable:
-            # Ordered but unreliable: a gap never fills, so skip to what arrived.
-            self.counters.dropped += (seq - self.rcv_nxt) % SEQ_MOD
-            self.fragments.clear()
-            self.rcv_nxt = seq
-            self._accept(flags, payload)
-        elif (distance := (seq - self.rcv_nxt) % SEQ_MOD) < WINDOW:
-            self.counters.out_of_order += 1
-            self.ooo.setdefault(seq, (flags, payload))
-            self.ooo_span = max(self.ooo_span, distance)
-        if self.reliable:
-            self.rx_unacked += 1
-            if not in_order or self.ooo or self.rx_unacked >= 2:
-                self._ack()  # every second PDU, and at once on gaps and duplicates
-            elif self.ack_due is None:
-                self.ack_due = now + ACK_DELAY
+        word, seq, ackno = PCI.unpack_from(pdu)
+        flags = word >> 24
+        if flags & DATA:
+            if n - PCI.size > self.max_payload or n == PCI.size or flags & (RDVS | SACK):
+                self.counters.malformed += 1
+                return
+            if now - self.rcv_act > RCV_INACT:  # no run open: only DRF opens one (as C)
+                if not flags & DRF:
+                    self.counters.no_run += 1
+                    return
+                self._new_rcv_run(seq)
+            self.rcv_act = now
+        if flags & RDVS:
+            # The sender faces our closed window: tell it where the edge is (as C, an FC-only packet),
+            # once per timer check however many rendez-vous came.
+            self._fc_due = now
+            return
+        if flags & ACK and self.recovery is not None:
+            self._on_ack(ackno, now, pure=not flags & DATA)
+            if flags & SACK:
+                self._on_sack(pdu, now)
+        if flags & FC:
+            self._on_window(word & RWE_MASK)
+        if flags & DATA:
+            self._on_data(flags, seq, pdu[PCI.size :], now)
 
-    def _ack(self) -> None:
-        self._advertised = self._window()
+    def _new_rcv_run(self, seq: int) -> None:
+        self._held -= sum(len(p) for _, p in self.ooo.values()) + sum(len(f) for f in self.fragments)
+        self.ooo.clear()
+        self.fragments.clear()
+        self._frag_bytes = 0
+        self.rcv_nxt = self.rcv_acked = self.rcv_rwe = self._fc_edge = seq
+        self._advertise()
+
+    def _on_ack(self, ackno: int, now: float, pure: bool) -> None:
+        rec = self.recovery
+        assert rec is not None
+        if before(self.snd_nxt, ackno):
+            self.counters.malformed += 1  # acknowledges what was never sent: not from our peer
+            return
+        for seq, sent in rec.on_ack(ackno, self.snd_nxt, now, pure):
+            self._resend(seq, sent, now)
+
+    def _on_sack(self, pdu: bytes, now: float) -> None:
+        rec = self.recovery
+        assert rec is not None
+        body = memoryview(pdu)[PCI.size :]
+        if len(body) % SACK_BLOCK.size or len(body) > MAX_SACK_BLOCKS * SACK_BLOCK.size:
+            self.counters.malformed += 1
+            return
+        for seq, sent in rec.on_sack(list(SACK_BLOCK.iter_unpack(body)), self.snd_nxt, SPAN):
+            self._resend(seq, sent, now)
+
+    def _on_window(self, rwe24: int) -> None:
+        """The peer's receive window edge, 24 bits of it: the high byte is ours, with C's rollover rule."""
+        old = self.snd_rwe
+        rwe = (old & ~RWE_MASK) | rwe24
+        if before(rwe, old) and old - rwe > 0x7FFFFF:
+            rwe += 1 << 24
+        self.snd_rwe = rwe % SEQ_MOD
+        if before(self.snd_nxt, self.snd_rwe):
+            self._rdvs_due = None
+
+    def _on_data(self, flags: int, seq: int, payload: bytes, now: float) -> None:
+        c = self.counters
+        c.received += 1
+        if not self.reliable:
+            if before(seq, self.rcv_nxt):
+                c.dropped += 1  # late: ordered but unreliable flows never go back
+                return
+            c.dropped += distance(self.rcv_nxt, seq)  # a gap never fills: skip it
+            self.rcv_nxt = seq
+            if self._held + len(payload) > self.rcv_buf:
+                c.dropped += 1  # the application does not keep up: unreliable flows may drop
+                self.rcv_nxt = (seq + 1) % SEQ_MOD
+                return
+            self._accept(flags & ~(FFGM | MFGM), payload)  # unreliable senders never fragment
+            return
+        if before(seq, self.rcv_nxt):
+            c.duplicates += 1  # our ack was lost or late: repeat it
+            self._ack_soon(now)
+            return
+        if not before(seq, self.rcv_rwe):
+            c.out_of_window += 1  # past the edge we advertised: the peer ignores flow control
+            self._ack_soon(now)
+            return
+        if seq != self.rcv_nxt:
+            if seq in self.ooo:
+                c.duplicates += 1
+            else:
+                c.out_of_order += 1
+                self.ooo[seq] = (flags, payload)
+                self._held += len(payload)
+            self._ack_soon(now)
+            return
+        self._accept(flags, payload)
+        ooo = self.ooo
+        while self.error is None and self.rcv_nxt in ooo:
+            f, p = ooo.pop(self.rcv_nxt)
+            self._held -= len(p)
+            self._accept(f, p)
+        if ooo:
+            self._ack_soon(now)  # a hole remains: say so at once
+        elif distance(self.rcv_acked, self.rcv_nxt) >= 2:
+            self._ack_soon(now)  # every second PDU
+        elif self.ack_due is None:
+            self.ack_due = now + ACK_DELAY
+
+    def _accept(self, flags: int, payload: bytes) -> None:
+        """The next PDU in order: an SDU, or a piece of one."""
+        self.rcv_nxt = (self.rcv_nxt + 1) % SEQ_MOD
+        self._held += len(payload)
+        frags = self.fragments
+        if flags & FFGM:
+            if frags:
+                return self._reset("a new fragmented SDU began before the last one ended")
+        elif not frags:
+            if flags & MFGM:
+                return self._reset("a middle fragment arrived without a first one")
+            self.sdus.append(payload)
+            return None
+        frags.append(payload)
+        self._frag_bytes += len(payload)
+        if self._frag_bytes > self.app_mtu:
+            return self._reset(f"a fragmented SDU grew past the application MTU of {self.app_mtu} bytes")
+        if not flags & MFGM:
+            self.sdus.append(b"".join(frags))
+            frags.clear()
+            self._frag_bytes = 0
+        return None
+
+    def _reset(self, why: str) -> None:
+        self.error = f"peer broke FRCT: {why}"
+        self.sdus.clear()
+        self.fragments.clear()
+        self._frag_bytes = 0
+        self.ooo.clear()
+        self.pdus.clear()
+        self._held = 0
+        if self.recovery is not None:
+            self.recovery.unacked.clear()
+
+    def _advertise(self) -> int:
+        """Our receive window's right edge, never pulled back: PDUs and bytes we can still hold."""
+        room = min(RQ_SIZE - len(self.sdus) - len(self.fragments), (self.rcv_buf - self._held) // self.max_payload)
+        edge = (self.rcv_nxt + max(room, 0)) % SEQ_MOD
+        if before(self.rcv_rwe, edge):
+            self.rcv_rwe = edge
+        return self.rcv_rwe
+
+    def _ack_soon(self, now: float) -> None:
+        """An ack at the next timer check: one for a burst of PDUs, not one each."""
+        self.ack_due = now
+
+    def _ack(self, now: float) -> None:
+        """A pure ack (as C: ACK|FC, seqno 0), with SACK blocks while PDUs wait behind a hole."""
+        rwe = self._advertise()
         if self.ooo:
-            blocks = self._sack_blocks()
-            self.pdus.append(HDR.pack(ACK | SACK, 0, self._advertised, self.snd_nxt, self.rcv_nxt) + blocks)
+            self.pdus.append(_pack(ACK | FC | SACK, rwe, 0, self.rcv_nxt) + self._sack_blocks())
         else:
-            self.pdus.append(HDR.pack(ACK, 0, self._advertised, self.snd_nxt, self.rcv_nxt))
-        self.ack_due, self.rx_unacked = None, 0
+            self.pdus.append(_pack(ACK | FC, rwe, 0, self.rcv_nxt))
+        self.rcv_acked = self.rcv_nxt
+        self.ack_due = None
 
     def _sack_blocks(self) -> bytes:
         """The first MAX_SACK_BLOCKS runs of PDUs held out of order, nearest the hole first."""
         out = bytearray()
         start: int | None = None
         nxt, ooo = self.rcv_nxt, self.ooo
-        for off in range(1, self.ooo_span + 2):
+        span = max(distance(nxt, s) for s in ooo)
+        for off in range(1, span + 2):
             seq = (nxt + off) % SEQ_MOD
             if seq in ooo:
                 if start is None:
@@ -202,156 +421,52 @@ class Frct:
                     break
         return bytes(out)
 
-    def _accept(self, flags: int, payload: bytes) -> None:
-        self.rcv_nxt = (self.rcv_nxt + 1) % SEQ_MOD
-        if flags & FFGM:  # the first of several fragments
-            self.fragments = [payload]
-        elif self.fragments:
-            self.fragments.append(payload)
-        else:
-            self.sdus.append(payload)
-            return
-        if not flags & MFGM:  # the last one
-            self.sdus.append(b"".join(self.fragments))
-            self.fragments = []
-
-    def _acked(self, ackno: int, window: int, now: float, pure: bool) -> None:
-        if _before(self.snd_nxt, ackno):
-            self.counters.dropped += 1  # acknowledges what was never sent: not from our peer
-            return
-        opened = window != self.peer_window
-        self.peer_window = window
-        if window == 0:
-            self._probe_due = self._probe_due or now + PROBE_EVERY
-        else:
-            self._probe_due = None
-        if not _before(self.snd_una, ackno):
-            # Only a pure ack that changes nothing hints at a hole; data and window updates do not.
-            if ackno == self.snd_una and self.unacked and pure and not opened:
-                self.dupacks += 1
-                if self.dupacks == DUP_THRESH:  # fast retransmit, and halve as on loss
-                    self._lost(now, self.snd_una)
-            return
-        self.dupacks = 0
-        oldest = self.unacked.get(self.snd_una)
-        # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one.
-        if oldest is not None and oldest.tries == 0:
-            self._sample(now - oldest.sent)
-        seq = self.snd_una
-        while seq != ackno:
-            if self.unacked.pop(seq, None) is not None:
-                self.cwnd += 1.0 if self.cwnd < self.ssthresh else 1.0 / self.cwnd
-            seq = (seq + 1) % SEQ_MOD
-        self.snd_una = ackno
-        if self.high_sacked is not None and not _before(ackno, self.high_sacked):
-            self.high_sacked = None
-        if self.srtt is not None:  # progress: drop the backoff
-            self.rto = self._rto()
-        if self.recover is not None:
-            if _before(ackno, self.recover) and (sent := self.unacked.get(ackno)) is not None:
-                if sent.episode != self.episode:  # NewReno: a partial ack shows the next hole
-                    self._resend(ackno, sent, now)
-            else:
-                self.recover = None
-
-    def _sacked(self, pdu: bytes, now: float) -> None:
-        """SACK blocks: what the peer holds needs no resending; what lies well below it was lost."""
-        body = memoryview(pdu)[HDR.size :]
-        if len(body) % SACK_BLOCK.size or len(body) > MAX_SACK_BLOCKS * SACK_BLOCK.size:
-            self.counters.dropped += 1
-            return
-        news = False
-        for start, end in SACK_BLOCK.iter_unpack(body):
-            # Only blocks inside what is in flight, and no longer than a window: never trust more.
-            if not (_before(self.snd_una, start) and _before(start, end)) or _before(self.snd_nxt, end) \
-                    or (end - start) % SEQ_MOD > WINDOW:
-                continue
-            seq = start
-            while seq != end:
-                if self.unacked.pop(seq, None) is not None:
-                    news = True
-                seq = (seq + 1) % SEQ_MOD
-            if self.high_sacked is None or _before(self.high_sacked, end):
-                self.high_sacked = end
-        if not news or self.high_sacked is None or not _before(self.snd_una, self.high_sacked):
-            return
-        lost_below = (self.high_sacked - DUP_THRESH) % SEQ_MOD
-        holes = []
-        seq = self.snd_una
-        while seq != lost_below and _before(seq, lost_below):
-            sent = self.unacked.get(seq)
-            if sent is not None and sent.episode != self.episode:
-                holes.append((seq, sent))
-            seq = (seq + 1) % SEQ_MOD
-        if not holes:
-            return
-        if self.recover is None:  # a new loss: halve once, then repair every hole found
-            self.episode += 1
-            self.recover = self.snd_nxt
-            self.ssthresh = max(self.cwnd / 2, 2.0)
-            self.cwnd = self.ssthresh
-        for seq, sent in holes:
-            if sent.episode != self.episode:
-                self._resend(seq, sent, now)
-
-    def _sample(self, rtt: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.rto = self._rto()
-
-    def _rto(self) -> float:
-        assert self.srtt is not None
-        return min(max(self.srtt + max(RTO_G, 4 * self.rttvar), RTO_MIN), RTO_MAX)
-
-    def _lost(self, now: float, seq: int) -> None:
-        sent = self.unacked.get(seq)
-        if sent is None or self.recover is not None:
-            return
-        self.episode += 1
-        self.recover = self.snd_nxt
-        self.ssthresh = max(self.cwnd / 2, 2.0)
-        self.cwnd = self.ssthresh
-        self._resend(seq, sent, now)
-
-    def _resend(self, seq: int, sent: _Sent, now: float) -> None:
-        sent.tries += 1
-        sent.sent = now
-        sent.episode = self.episode
-        if sent.tries > MAX_TRIES:
-            self.failed = True
-        flags, pad, _, _, _ = HDR.unpack_from(sent.pdu)
-        self.pdus.append(HDR.pack(flags, pad, self._window(), seq, self.rcv_nxt) + sent.pdu[HDR.size :])
+    def _resend(self, seq: int, sent: Sent, now: float) -> None:
+        """A copy with the same flags and seqno; the ack and window refreshed (C refreshes the ack)."""
+        rec = self.recovery
+        assert rec is not None
+        rec.resent(sent, now)
+        word, _, ackno = PCI.unpack_from(sent.pdu)
+        flags = word >> 24
+        rwe = self._advertise() if flags & FC else 0
+        if flags & ACK:
+            ackno = self.rcv_acked = self.rcv_nxt
+        self.pdus.append(_pack(flags, rwe, seq, ackno) + sent.pdu[PCI.size :])
         self.counters.retransmitted += 1
 
-    # -- time --------------------------------------------------------------
+    # -- time -----------------------------------------------------------------------------------------
 
-    def next_deadline(self) -> float | None:
-        oldest = self.unacked.get(self.snd_una)
-        candidates = (self.ack_due, oldest.sent + self.rto if oldest else None, self._probe_due)
-        return min((d for d in candidates if d is not None), default=None)
+    def get_timer(self) -> float | None:
+        """When handle_timer next has work: a delayed ack, a rendez-vous, a retransmission or the R timer."""
+        due = [d for d in (self.ack_due, self._fc_due, self._rdvs_due) if d is not None]
+        rec = self.recovery
+        if rec is not None and (oldest := rec.oldest()) is not None:
+            due.append(oldest.sent + rec.rtt.rto)
+            due.append(oldest.first + self.r_timeout)
+        return min(due, default=None)
 
     def handle_timer(self, now: float) -> None:
-        """Send a delayed ack that is due; if the oldest unacknowledged PDU timed out, back off and resend it."""
-        if self.ack_due is not None and now >= self.ack_due:
-            self._ack()
-        if self._probe_due is not None and now >= self._probe_due:
-            # Persist: the peer's window update may be lost, so ask for it (Ouroboros's RDVS).
-            self._probe_due = now + PROBE_EVERY
-            self.pdus.append(HDR.pack(RDVS, 0, self._window(), self.snd_nxt, self.rcv_nxt))
-        sent = self.unacked.get(self.snd_una)
-        if sent is None or now < sent.sent + self.rto:
+        if self.error is not None:
             return
-        self.rto = min(self.rto * 2, RTO_MAX)
-        self.ssthresh = max(self.cwnd / 2, 2.0)
-        self.cwnd = 2.0
-        self.episode += 1  # after a timeout every hole may be resent again
-        self.recover = self.snd_nxt
-        self._resend(self.snd_una, sent, now)
-
-    @property
-    def idle(self) -> bool:
-        """Everything sent was acknowledged."""
-        return not self.unacked
+        if self.ack_due is not None and now >= self.ack_due:
+            self._ack(now)  # carries the window too
+            self._fc_due = None
+        if self._fc_due is not None and now >= self._fc_due:
+            self._fc_due = None
+            self.pdus.append(_pack(FC, self._advertise(), 0, 0))
+        if self._rdvs_due is not None and now >= self._rdvs_due:
+            if before(self.snd_nxt, self.snd_rwe):
+                self._rdvs_due = None
+            else:  # the peer's window update may be lost: ask again (as C, every 100 ms)
+                self._rdvs_due = now + RDV_EVERY
+                self.pdus.append(_pack(RDVS, 0, 0, 0))
+                self.counters.rdvs += 1
+        rec = self.recovery
+        if rec is None:
+            return
+        oldest = rec.oldest()
+        if oldest is not None and now - oldest.first >= self.r_timeout:
+            self.error = f"the peer acknowledged nothing for {self.r_timeout:g} s"
+            return
+        for seq, sent in rec.on_timer(now, self.snd_nxt):
+            self._resend(seq, sent, now)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 from collections import deque
@@ -18,6 +19,7 @@ from proto import messages as m
 from proto.control import call, open_channel
 from proto.errors import FlowError, IrmdUnreachable
 from proto.qos import QosSpec, raw
+from transports.channel import SyncChannel
 from transports.unix import close_fds
 from transports.wire import Message
 
@@ -29,14 +31,20 @@ REPLY_MARGIN = 5.0  # extra seconds to wait for the IRMd beyond the timeout it e
 class IrmClient:
     """This process as the IRMd knows it."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, sock: socket.socket | None = None,
+                 prog: str | None = None) -> None:
+        """sock: a connection to the IRMd made by another process, whose credentials it carries
+        (a server's agent for a client); prog: the program name to announce instead of ours."""
         self.pid = os.getpid()
         self._arrived: deque[tuple[m.FlowReply, int]] = deque()
         self._arrived_lock = threading.Lock()
         self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # A lost IRMd wakes whoever waits on arrivals, so a listening server notices.
-        self.channel = open_channel(path, self._on_notice, self._wake)
-        call(self.channel, m.ProcAnnounce(os.path.abspath(sys.argv[0]) if sys.argv[0] else "python"))
+        if sock is not None:
+            self.channel = SyncChannel(sock, m.CODEC, self._on_notice, self._wake)
+        else:
+            self.channel = open_channel(path, self._on_notice, self._wake)
+        call(self.channel, m.ProcAnnounce(prog or (os.path.abspath(sys.argv[0]) if sys.argv[0] else "python")))
 
     def close(self) -> None:
         if self.wakeup_fd < 0:
@@ -56,8 +64,10 @@ class IrmClient:
         )  # fmt: skip
         return self._flow_reply(reply, fds)
 
-    def accept(self, timeout: float | None) -> tuple[m.FlowReply, int]:
-        reply, fds = call(self.channel, m.FlowAccept(timeout), None if timeout is None else timeout + REPLY_MARGIN)
+    def accept(self, timeout: float | None, cypher_s: int = 0) -> tuple[m.FlowReply, int]:
+        """The next flow for this process; cypher_s > 0: only encrypted ones (the IRMd refuses the rest)."""
+        msg = m.FlowAccept(timeout, cypher_s)
+        reply, fds = call(self.channel, msg, None if timeout is None else timeout + REPLY_MARGIN)
         return self._flow_reply(reply, fds)
 
     def dealloc(self, flow_id: int) -> None:
@@ -71,8 +81,8 @@ class IrmClient:
             return "down"
         return reply.state if isinstance(reply, m.FlowInfo) else "down"
 
-    def listen(self, enabled: bool) -> None:
-        call(self.channel, m.FlowListen(enabled), REPLY_MARGIN)
+    def listen(self, enabled: bool, cypher_s: int = 0) -> None:
+        call(self.channel, m.FlowListen(enabled, cypher_s), REPLY_MARGIN)
 
     def bind(self, name: str) -> None:
         """Bind this process to `name` (`irm bind process PID name NAME`): its flows come here."""

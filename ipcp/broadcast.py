@@ -57,6 +57,8 @@ class FloodDt(Dt):
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         for sdu in sdus:
+            if not sdu:
+                continue  # a keepalive has one peer to reach; a broadcast has none
             self.seqno += 1
             self._fresh(self.me, self.seqno)
             self._tap(sdu, skip=flow)

@@ -7,13 +7,16 @@ function that turns parsed words into one control message for the IRMd.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import sys
 from typing import Any
 
+from irmd.secfiles import IRM_WORDS
+from irmd.usage import USAGE
 from proto import messages as m
-from proto.control import call, open_channel
+from proto.control import open_channel, request_all
 from proto.errors import FlowError
 from proto.names import IPCP_TYPES, LB_POLICIES
 from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, text
@@ -84,9 +87,16 @@ def ipcp_destroy(args: list[str]) -> Message:
     return m.IpcpDestroy(parse_words(args, ["name"]).one("name", True))
 
 
+# Ouroboros's irm spells dev as device (and matches its prefixes).
+SPELLINGS = {"device": "dev"}
+
+
 def ipcp_bootstrap(args: list[str]) -> Message:
     options = sorted({k for opts in TYPE_OPTIONS.values() for k in opts})
-    w = parse_words(args, ["name", "layer", "type", *options], ["autobind"])
+    w = parse_words(args, ["name", "layer", "type", *options, *SPELLINGS], ["autobind"])
+    for spelling, key in SPELLINGS.items():
+        if spelling in w.values:
+            w.values.setdefault(key, []).extend(w.values.pop(spelling))
     kind = w.one("type")
     if kind:
         choice(*IPCP_TYPES)("type", kind)
@@ -123,19 +133,23 @@ def ipcp_disconnect(args: list[str]) -> Message:
     return _connect(args, False)
 
 
+def ipcp_show(args: list[str]) -> Message:
+    if len(args) == 1:  # irm ipcp show NAME
+        return m.IpcpInfoReq(args[0])
+    return m.IpcpInfoReq(parse_words(args, ["name"]).one("name", True))
+
+
 def ipcp_list(args: list[str]) -> Message:
     w = parse_words(args, ["name", "layer", "type"])
     return m.IpcpList(w.one("name"), w.one("layer"), w.one("type"))
 
 
-def _bind(args: list[str], bind: bool) -> Message:
+def _bind(kind: str, bind: bool, args: list[str]) -> Message:
+    """`irm bind KIND TARGET name N ...` (and unbind): KIND is program, process or ipcp."""
     if not args:
-        raise UsageError("expected {program process ipcp}")
-    kind = match(args[0], ["program", "process", "ipcp"], "what to bind")
-    if len(args) < 2:
         raise UsageError(f'missing the {kind} to {"bind" if bind else "unbind"}')
-    target = args[1]
-    w = parse_words(args[2:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
+    target = args[0]
+    w = parse_words(args[1:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
     if kind == "program":
         found = shutil.which(target)
         if found is None and bind:
@@ -145,12 +159,7 @@ def _bind(args: list[str], bind: bool) -> Message:
     return m.Bind(kind, target, name, "auto" in w.flags, w.rest, bind)
 
 
-def bind(args: list[str]) -> Message:
-    return _bind(args, True)
-
-
-def unbind(args: list[str]) -> Message:
-    return _bind(args, False)
+BIND_KINDS = ("program", "process", "ipcp")
 
 
 def _name_arg(args: list[str]) -> tuple[str, list[str]]:
@@ -161,8 +170,18 @@ def _name_arg(args: list[str]) -> tuple[str, list[str]]:
 
 def name_create(args: list[str]) -> Message:
     name, rest = _name_arg(args)
-    lb = parse_words(rest, ["lb"]).one("lb") or "round-robin"
-    return m.NameCreate(name, choice(*LB_POLICIES)("lb", lb))
+    w = parse_words(rest, ["lb", *IRM_WORDS])
+    lb = w.one("lb") or "round-robin"
+    sec = {IRM_WORDS[word]: _existing(word, w.one(word)) for word in IRM_WORDS if w.one(word)}
+    return m.NameCreate(name, choice(*LB_POLICIES)("lb", lb), sec)
+
+
+def _existing(word: str, path: str) -> str:
+    """A security file path, resolved as 0.23's irm does (realpath; the file must exist)."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError as e:
+        raise UsageError(f'{word} "{path}": {e.strerror}') from None
 
 
 def name_destroy(args: list[str]) -> Message:
@@ -173,10 +192,11 @@ def name_destroy(args: list[str]) -> Message:
 
 def _name_reg(args: list[str], register: bool) -> Message:
     name, rest = _name_arg(args)
-    layers = parse_words(rest, ["layer"]).values.get("layer", [])
-    if not layers:
-        raise UsageError('missing "layer <layer>"')
-    return m.NameRegister(name, layers, register)
+    w = parse_words(rest, ["layer", "ipcp"])
+    layers, ipcps = w.values.get("layer", []), w.values.get("ipcp", [])
+    if not layers and not ipcps:
+        raise UsageError('missing "layer <layer>" or "ipcp <ipcp>"')
+    return m.NameRegister(name, layers, register, ipcps)
 
 
 def name_register(args: list[str]) -> Message:
@@ -212,10 +232,10 @@ COMMANDS: dict[str, Any] = {
     "ipcp": {
         "create": ipcp_create, "destroy": ipcp_destroy, "bootstrap": ipcp_bootstrap,
         "enroll": ipcp_enroll, "connect": ipcp_connect, "disconnect": ipcp_disconnect,
-        "list": ipcp_list,
+        "list": ipcp_list, "show": ipcp_show,
     },
-    "bind": bind,
-    "unbind": unbind,
+    "bind": {kind: functools.partial(_bind, kind, True) for kind in BIND_KINDS},
+    "unbind": {kind: functools.partial(_bind, kind, False) for kind in BIND_KINDS},
     "name": {
         "create": name_create, "destroy": name_destroy, "register": name_register,
         "unregister": name_unregister, "list": name_list,
@@ -224,46 +244,47 @@ COMMANDS: dict[str, Any] = {
     "dump": {"config": dump_config, "graph": dump_graph},
 }  # fmt: skip
 
-USAGE = """usage: irm OPERATION ...
-  irm ipcp create    name N type {local|unicast|broadcast|udp4|udp6|eth-dix|eth-llc}
-  irm ipcp bootstrap name N layer L [type T] [autobind] [type options]
-      local: [hash H]   udp4/udp6: ip ADDR [port 3435] [peer ADDR]...
-      udp/eth, for tests only: [impair loss=PCT,dup=PCT,reorder=PCT]
-      eth-dix: dev IFACE [ethertype 0xA000]   eth-llc: dev IFACE
-      unicast: [addr 4] [eid 8] [ttl 60] [routing {link_state|lfa|ecmp}]
-               [congestion {none|mb-ecn}] [hash {SHA3_224|SHA3_256|SHA3_384|SHA3_512}]
-               [directory DHT] [addr_auth flat] [key SECRET]
-  irm ipcp enroll    name N [layer L] [dst D] [type T] [autobind] [key SECRET]
-  irm ipcp connect   name N dst D [component {dt|mgmt}] [qos {raw|best|voice|video|data}]
-  irm ipcp disconnect name N dst D [component {dt|mgmt}]
-  irm ipcp list [name N] [layer L] [type T]  |  irm ipcp destroy name N
-  irm bind program PATH name N [auto] [-- ARGS...] | bind process PID name N | bind ipcp I name N
-  irm unbind program PATH [name N] | unbind process PID [name N] | unbind ipcp I [name N]
-  irm name create N [lb {round-robin|spillover}] | irm name destroy N
-  irm name register N layer L [layer L2 ...] | irm name unregister N layer L [layer L2 ...]
-  irm name list | irm flow list
-  irm dump config                 the running state as a config file (irmd --config takes it)
-  irm dump graph [text|dot]       the layers and what runs over what, as text or Graphviz dot
-Keywords may be abbreviated to any unique prefix."""
+class HelpAsked(Exception):
+    """`irm [LEVEL...] help`: print the usage of that level."""
+
+    def __init__(self, path: tuple[str, ...]) -> None:
+        super().__init__(" ".join(path))
+        self.path = path
 
 
 def parse(argv: list[str]) -> Message:
-    """Turn a command line into the message for the IRMd, or raise UsageError."""
+    """Turn a command line into the message for the IRMd, or raise UsageError (with the `path` of
+    the command whose usage to show) or HelpAsked."""
     node: Any = COMMANDS
     words = list(argv)
     path: list[str] = []
-    while isinstance(node, dict):
-        if not words:
-            raise UsageError(f"expected {' '.join(['irm', *path])} {{{' '.join(node)}}}")
-        word = match(words.pop(0), list(node), f"{' '.join(['irm', *path])} OPERATION")
-        path.append(word)
-        node = node[word]
-    return node(words)  # type: ignore[no-any-return]
+    try:
+        while isinstance(node, dict):
+            if not words:
+                raise UsageError(f"expected {' '.join(['irm', *path])} {{{' '.join(node)}}}")
+            word = match(words.pop(0), [*node, "help"], f"{' '.join(['irm', *path])} OPERATION")
+            if word == "help":
+                raise HelpAsked(tuple(path))
+            path.append(word)
+            node = node[word]
+        return node(words)  # type: ignore[no-any-return]
+    except UsageError as e:
+        e.path = tuple(path)  # type: ignore[attr-defined]
+        raise
 
 
-def render(table: m.Table) -> str:
+EMPTY = {m.IpcpList: "No IPCPs in system.", m.NameList: "No names in system.", m.FlowList: "No flows in system."}
+
+
+def render_info(info: m.IpcpInfo) -> str:
+    """What an IPCP tells of itself: each section a titled table."""
+    return "\n".join(f"{section.name}:\n" + render(m.Table(section.columns, [dict(zip(section.columns, row,
+                      strict=False)) for row in section.rows])) for section in info.sections)
+
+
+def render(table: m.Table, empty: str = "(none)") -> str:
     if not table.rows:
-        return "(none)"
+        return empty
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in table.rows)) for c in table.columns}
     rule = "+" + "+".join("-" * (widths[c] + 2) for c in table.columns) + "+"
 
@@ -276,19 +297,22 @@ def render(table: m.Table) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("help", "-h", "--help"):
-        print(USAGE)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE[()], end="")
         sys.exit(0 if args else 2)
     try:
         msg = parse(args)
+    except HelpAsked as e:
+        print(USAGE[e.path], end="")
+        sys.exit(0)
     except UsageError as e:
         print(f"irm: {e}", file=sys.stderr)
-        print("try 'irm help'", file=sys.stderr)
+        print(USAGE[getattr(e, "path", ())], end="")
         sys.exit(2)
     try:
         channel = open_channel()
         try:
-            reply, _ = call(channel, msg, timeout=60)
+            reply = request_all(channel, msg, timeout=60)
         finally:
             channel.close()
     except FlowError as e:
@@ -296,8 +320,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     try:
         if isinstance(reply, m.Table):
-            print(render(reply))
-        elif isinstance(reply, m.Ok) and reply.text:
-            print(reply.text)
+            print(render(reply, EMPTY.get(type(msg), "(none)")))
+        elif isinstance(reply, m.Text):
+            print(reply.text, end="")
+        elif isinstance(reply, m.IpcpInfo):
+            print(render_info(reply))
+        # Done is said by the exit status alone, as Ouroboros's irm does.
     except BrokenPipeError:  # irm ... | head
         sys.stderr.close()

@@ -1,13 +1,14 @@
-"""Boot an IRMd from a TOML file with the tables of Ouroboros's irmd.conf.
+"""Boot an IRMd from a TOML file with the tables and keys of Ouroboros 0.23's irmd.conf.
 
 [name.N] binds programs; [local.X], [udp4.X], [eth-dix.X], [unicast.X] ...
 create IPCPs that bootstrap=, enrol= or join= (enrol, or bootstrap if no member answers),
-then conn= neighbours and reg= names.
+then conn= neighbours and reg= names; [limits] sets the IRMd's limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -19,21 +20,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from irmd.cli import UsageError
+from irmd.limits import LimitError, Limits
+from irmd.secfiles import SEC_KEYS
 from proto import messages as m
+from proto.errors import AlreadyExists, FlowError, NotFound
 from proto.names import LB_POLICIES
 from proto.options import bootstrap_conf
-from transports.channel import HandlerError
+from transports.unix import TrustError, read_trusted
 from transports.wire import Message
 
 if TYPE_CHECKING:
-    from irmd.daemon import Irmd
+    from irmd.core import Irmd
 
 log = logging.getLogger("irmd.config")
 
-# irmd.conf spells some options differently from the irm command line.
-ALIASES = {"addr_size": "addr", "eid_size": "eid", "max_ttl": "ttl", "device": "dev"}
+DEFAULT_PATH = Path("/etc/ouroboros/irmd.conf")  # read at start when there, as Ouroboros's irmd service does
+# irmd.conf spells some options differently from the irm command line (dht_t_expiry: its example's
+# spelling of what its parser reads as dht_t_expire).
+ALIASES = {"addr_size": "addr", "eid_size": "eid", "max_ttl": "ttl", "device": "dev", "addr-auth": "addr_auth",
+           "dht_t_expiry": "dht_t_expire"}
+VALUES = {"routing": {"link-state": "link_state"}, "directory": {"dht": "DHT"}}  # irmd.conf's spellings of values
 IPCP_KEYS = {"bootstrap", "enrol", "enroll", "join", "autobind", "reg", "conn"}
-NAME_KEYS = {"prog", "args", "lb", "auto"}
+NAME_KEYS = {"prog", "args", "lb", "auto", *SEC_KEYS}
 # Shims first, so the layers above find the layers they run over.
 ENROL_PATIENCE = 300.0  # seconds an enrollment keeps looking for a member to enrol with
 ENROL_RETRY = 2.0
@@ -47,6 +55,14 @@ VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 class ConfigError(Exception):
     """A config file that cannot be applied; the message names the file and key."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a config file asks for: the IRMd's limits, and the steps to boot it."""
+
+    steps: list[Step]
+    limits: Limits = dataclasses.field(default_factory=Limits)
 
 
 def _expand(value: Any, path: Path, key: str = "") -> Any:
@@ -79,14 +95,16 @@ def _words(value: Any, where: str) -> list[str]:
 Step = tuple[str, Message]  # where in the file, what to ask the IRMd
 
 
-def plan(path: Path) -> list[Step]:
-    """The admin messages the file asks for, in the order to apply them.
+def plan(path: Path) -> Plan:
+    """The admin messages the file asks for, in the order to apply them, and its [limits].
 
-    Registrations come last, naming no layer yet: they go to the layer their
-    IPCP joined, which an enrolling IPCP learns only when it has.
+    Registrations come last, once every IPCP has joined its layer: a table's reg= registers
+    with that table's IPCP (as Ouroboros registers with the IPCP's pid).
     """
-    try:
-        doc = tomllib.loads(path.read_text())
+    try:  # what it says the IRMd does as its own user (it starts programs): only admins may have written it
+        doc = tomllib.loads(read_trusted(path, os.geteuid()))
+    except TrustError as e:
+        raise ConfigError(f"{path}: will not boot from it: {e.strerror}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:
@@ -94,10 +112,16 @@ def plan(path: Path) -> list[Step]:
     doc = _expand(doc, path)
     steps: list[Step] = []
     regs: list[Step] = []
-    for top in doc:
-        if top != "name" and top not in ORDER:
-            raise ConfigError(f"{path}: unknown table [{top}]: expected [name.N] or one of "
+    for top, table in doc.items():
+        if top not in ("name", "limits") and top not in ORDER:
+            raise ConfigError(f"{path}: unknown table [{top}]: expected [name.N], [limits] or one of "
                               f"{', '.join(f'[{t}.X]' for t in ORDER if t != 'udp')}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {top} = ...: expected a table [{top}]")
+    try:
+        limits = Limits().with_values(doc.get("limits", {}), f"{path}: [limits]")
+    except LimitError as e:
+        raise ConfigError(str(e)) from None
     for name, table in doc.get("name", {}).items():
         steps += _name_steps(path, name, table)
     for kind in ORDER:
@@ -105,7 +129,7 @@ def plan(path: Path) -> list[Step]:
             ipcp_steps, ipcp_regs = _ipcp_steps(path, "udp4" if kind == "udp" else kind, ipcp, table)
             steps += ipcp_steps
             regs += ipcp_regs
-    return steps + regs
+    return Plan(steps + regs, limits)
 
 
 def _name_steps(path: Path, name: str, table: Any) -> list[Step]:
@@ -114,17 +138,25 @@ def _name_steps(path: Path, name: str, table: Any) -> list[Step]:
         raise ConfigError(f"{where}: expected a table")
     if unknown := set(table) - NAME_KEYS:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}: expected {sorted(NAME_KEYS)}")
-    lb = table.get("lb", "round-robin")
+    lb = table.get("lb", "spill")  # irmd.conf's default: spill
     lb = {"spill": "spillover"}.get(lb, lb)
     if lb not in LB_POLICIES:
         raise ConfigError(f"{where}: lb = {lb!r}: expected one of {', '.join(LB_POLICIES)} (or spill)")
-    steps: list[Step] = [(where, m.NameCreate(name, lb))]
+    sec = {}
+    for key in SEC_KEYS:
+        if key in table:
+            value = table[key]
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where} {key}: expected a path")
+            sec[key] = os.path.abspath(os.path.join(path.parent, os.path.expanduser(value)))
+    steps: list[Step] = [(where, m.NameCreate(name, lb, sec))]
     progs = _words(table.get("prog", []), f"{where} prog")
     args = _words(table.get("args", []), f"{where} args")
     for i, prog in enumerate(progs):
         found = shutil.which(prog)
-        if found is None:
-            raise ConfigError(f"{where} prog: program {prog!r} not found (not executable or not in PATH)")
+        if found is None:  # irmd.conf binds by path: a program not installed here runs nowhere
+            log.warning("%s prog: program %r not found (not executable or not in PATH): not bound", where, prog)
+            continue
         prog_args = args[i].split() if i < len(args) else []
         auto = bool(table.get("auto", i < len(args)))  # as in irmd.conf, args imply auto
         steps.append((where, m.Bind("program", os.path.abspath(found), name, auto, prog_args)))
@@ -136,8 +168,9 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
     options = {ALIASES.get(str(k), str(k)): v for k, v in table.items() if k not in IPCP_KEYS}
-    if "routing" in options and isinstance(options["routing"], str):
-        options["routing"] = options["routing"].replace("-", "_")  # irmd.conf says link-state
+    for key, spellings in VALUES.items():
+        if isinstance(options.get(key), str):
+            options[key] = spellings.get(options[key], options[key])
     if isinstance(options.get("ethertype"), int):
         options["ethertype"] = hex(options["ethertype"])
     autobind = table.get("autobind", False)
@@ -164,15 +197,9 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if "conn" in table and enrol is None and join is None and "bootstrap" not in table:
         raise ConfigError(f"{where} conn: an IPCP connects once it is in a layer: add bootstrap=, enrol= or join=")
     steps += [(where, m.IpcpConnect(name, dst)) for dst in _words(table.get("conn", []), f"{where} conn")]
-    regs: list[Step] = [(where, _LayerOf(name, n)) for n in _words(table.get("reg", []), f"{where} reg")]
+    regs: list[Step] = [(where, m.NameRegister(n, [], True, [name])) for n in _words(table.get("reg", []),
+                                                                                 f"{where} reg")]
     return steps, regs
-
-
-class _LayerOf(Message):
-    """Register `name` in the layer that IPCP `ipcp` is in, once it is."""
-
-    def __init__(self, ipcp: str, name: str) -> None:
-        self.ipcp, self.name = ipcp, name
 
 
 class _Join(Message):
@@ -187,9 +214,7 @@ async def _join(irmd: Irmd, msg: _Join, where: str) -> None:
     try:
         await _admin(irmd, msg.enroll, where, JOIN_PATIENCE, JOIN_TRIES)
         log.info("%s: joined layer %s through a member", where, msg.enroll.dst)
-    except HandlerError as e:
-        if e.code != m.ENOENT:
-            raise
+    except NotFound:
         log.info("%s: no member of layer %s answered: bootstrapping it", where, msg.enroll.dst)
         await irmd.admin(msg.bootstrap)
 
@@ -205,26 +230,25 @@ async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_P
         try:
             await irmd.admin(msg)
             return
-        except HandlerError as e:
-            if not isinstance(msg, m.IpcpEnroll) or e.code != m.ENOENT or (time.monotonic() > deadline and tries <= 0):
+        except NotFound as e:  # no member answers yet: LAN hosts boot in any order
+            if not isinstance(msg, m.IpcpEnroll) or (time.monotonic() > deadline and tries <= 0):
                 raise
-            log.warning("%s: %s; trying again in %.0f s", where, e.text, ENROL_RETRY)
+            log.warning("%s: %s; trying again in %.0f s", where, e, ENROL_RETRY)
         await asyncio.sleep(ENROL_RETRY)
 
 
 async def apply_config(irmd: Irmd, steps: list[Step], path: Path) -> None:
     """Carry out planned steps in order; the first failure raises ConfigError."""
     for where, msg in steps:
-        if isinstance(msg, _LayerOf):
-            ipcp = irmd.ipcps.get(msg.ipcp)
+        if isinstance(msg, m.NameRegister):
+            ipcp = irmd.reg.ipcps.get(msg.ipcps[0])
             if ipcp is None or not ipcp.layer:
-                raise ConfigError(f"{where} reg: ipcp {msg.ipcp!r} is in no layer to register {msg.name!r} in")
-            msg = m.NameRegister(msg.name, [ipcp.layer])
+                raise ConfigError(f"{where} reg: ipcp {msg.ipcps[0]!r} is in no layer to register {msg.name!r} in")
         try:
             await _admin(irmd, msg, where)
-        except HandlerError as e:
-            if e.code == m.EEXIST and isinstance(msg, m.NameCreate):
-                continue
-            raise ConfigError(f"{where}: {e.text}") from None
+        except FlowError as e:
+            if isinstance(e, AlreadyExists) and isinstance(msg, m.NameCreate):
+                continue  # [name.N] for a name a reg= or bind made already
+            raise ConfigError(f"{where}: {e}") from None
         log.info("%s: %s done", where, type(msg).__name__)
     log.info("config %s applied", path)

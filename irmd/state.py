@@ -5,13 +5,10 @@ and the graph of layers, what runs over what (`irm dump graph`, as text or Graph
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
-from irmd.registry import Registry
-
-if TYPE_CHECKING:
-    from irmd.daemon import Ipcp
+from irmd.reg import Ipcp, Name, Registry
+from irmd.views import REDACTED, redact
 
 # The IPCPs an irmd.conf lists first are the ones the others run over.
 TYPE_ORDER = ("local", "eth-dix", "eth-llc", "udp4", "udp6", "broadcast", "unicast")
@@ -26,12 +23,19 @@ def _ipcp_pids(ipcps: Sequence[Ipcp]) -> set[int]:
     return {i.pid for i in ipcps}
 
 
-def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
-    """A TOML config file (docs/config.md) that recreates this state when an irmd boots from it."""
+def _everything(entry: Name) -> bool:
+    return True
+
+
+def as_config(ipcps: Sequence[Ipcp], reg: Registry, shown: Callable[[Name], bool] = _everything) -> str:
+    """A TOML config file (docs/config.md) that recreates this state when an irmd boots from it.
+
+    Only the names `shown` are in it (a user sees their own); secrets (layer keys) never are.
+    """
     out = ["# The running state of this IRMd, as `irmd --config` takes it (written by `irm dump config`).", ""]
     ipcp_pids = _ipcp_pids(ipcps)
     for entry in sorted(reg.names.values(), key=lambda e: e.name):
-        if entry.pids & ipcp_pids:
+        if entry.pids & ipcp_pids or not shown(entry):
             continue  # an IPCP's own names: autobind makes them again
         out.append(f"[name.{_q(entry.name)}]")
         if entry.programs:
@@ -42,6 +46,7 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
             out.append(f"auto = {'true' if any(p.auto for p in progs) else 'false'}")
         if entry.lb != "round-robin":
             out.append(f"lb = {_q(entry.lb)}")
+        out += [f"{key} = {_q(value)}" for key, value in sorted(entry.sec.items())]
         if entry.pids:
             out.append(f"# bound to processes {', '.join(map(str, sorted(entry.pids)))}: not kept in a config file")
         out.append("")
@@ -50,7 +55,9 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
         joined = ipcp.joined
         if "bootstrap" in joined:
             out.append(f"bootstrap = {_q(joined['bootstrap'])}")
-            out += [f"{key} = {_q(value)}" for key, value in sorted(joined["conf"].items())]
+            out += [f"# {key} = ... (a secret, never dumped: write it here to boot from this file)"
+                    if value == REDACTED else f"{key} = {_q(value)}"
+                    for key, value in sorted(redact(joined["conf"]).items())]
         elif "enrol" in joined:
             out.append(f"enrol = {_q(joined['enrol'])}")
         if joined.get("autobind"):
@@ -58,7 +65,7 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
         if ipcp.conns:
             out.append(f"conn = [{', '.join(map(_q, ipcp.conns))}]")
         names = sorted(e.name for e in reg.names.values()
-                       if ipcp.layer and ipcp.layer in e.layers and not e.pids & ipcp_pids)  # fmt: skip
+                       if ipcp.name in e.regs and not e.pids & ipcp_pids and shown(e))  # fmt: skip
         if names:
             out.append(f"reg = [{', '.join(map(_q, names))}]")
         out.append("")
@@ -75,23 +82,37 @@ def _edges(ipcps: Sequence[Ipcp], reg: Registry) -> tuple[dict[str, set[str]], d
             over[upper.layer].add(flow.layer)
     names: dict[str, set[str]] = {}
     for entry in reg.names.values():
+        layers = set(reg.layers_of(entry))
         ipcp = next((by_pid[p] for p in entry.pids if p in by_pid), None)
         if ipcp is not None:  # an IPCP's name in a lower layer: that layer carries its own
             if ipcp.layer:
-                over[ipcp.layer] |= entry.layers - {ipcp.layer}
-        elif entry.layers:
-            names[entry.name] = set(entry.layers)
+                over[ipcp.layer] |= layers - {ipcp.layer}
+        elif layers:
+            names[entry.name] = layers
     return over, names
 
 
-def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text") -> str:
-    """What runs over what on this host: layers over layers, applications' names over layers."""
+def _names(members: Sequence[Ipcp]) -> str:
+    return ", ".join(i.name for i in members)
+
+
+def _members(members: Sequence[Ipcp]) -> str:
+    return f"{members[0].type} ({_names(members)})"
+
+
+def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
+                shown: Callable[[Name], bool] = _everything) -> str:
+    """What runs over what on this host: layers over layers, applications' names (those `shown`) over layers."""
     over, names = _edges(ipcps, reg)
-    of_layer = {i.layer: i for i in ipcps if i.layer}
+    names = {n: layers for n, layers in names.items() if shown(reg.names[n])}
+    of_layer: dict[str, list[Ipcp]] = {}
+    for i in ipcps:
+        if i.layer:
+            of_layer.setdefault(i.layer, []).append(i)
     if fmt == "dot":
         dot = ["digraph layers {", "  rankdir=BT;", "  node [fontname=Helvetica];"]
-        for layer, ipcp in sorted(of_layer.items()):
-            label = _q(f"{layer}\n{ipcp.type} ({ipcp.name})")
+        for layer, members in sorted(of_layer.items()):
+            label = _q(f"{layer}\n{_members(members)}")
             dot.append(f"  {_q('layer ' + layer)} [shape=box, label={label}];")
         for layer, lowers in sorted(over.items()):
             dot += [f"  {_q('layer ' + layer)} -> {_q('layer ' + low)};" for low in sorted(lowers)]
@@ -105,8 +126,8 @@ def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text") -> str:
     lines: list[str] = []
 
     def show(layer: str, depth: int, seen: frozenset[str]) -> None:
-        ipcp = of_layer.get(layer)
-        what = f"{ipcp.type} ipcp {ipcp.name}" if ipcp else "not here"
+        members = of_layer.get(layer)
+        what = f"{members[0].type} ipcp{'s' if len(members) > 1 else ''} {_names(members)}" if members else "not here"
         apps = sorted(n for n, layers in names.items() if layer in layers)
         lines.append(f"{'    ' * depth}{'└── ' if depth else ''}{layer} ({what})"
                      + (f"  names: {', '.join(apps)}" if apps else ""))  # fmt: skip

@@ -9,22 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from proto.errors import Code
 from proto.qos import QosSpec
 from transports.wire import Codec, Message
 
 CODEC = Codec()
 reg = CODEC.register
 
-# Error codes carried in Error replies (errno-like symbols).
-ENOENT = "ENOENT"  # name, ipcp, layer or flow not found
-EEXIST = "EEXIST"
-EINVAL = "EINVAL"
-EPERM = "EPERM"
-ETIMEDOUT = "ETIMEDOUT"
-ENOTCONN = "ENOTCONN"  # layer or ipcp down
-EIPCP = "EIPCP"  # the IPCP failed the operation
-EPROTO = "EPROTO"
-ENOTSUP = "ENOTSUP"  # the layer cannot serve the QoS asked
+# Error codes carried in Error replies: proto.errors.Code, one exception class each.
+ENOENT: str = Code.ENOENT  # name, ipcp, layer or flow not found
+EEXIST: str = Code.EEXIST
+EINVAL: str = Code.EINVAL
+EPERM: str = Code.EPERM
+ETIMEDOUT: str = Code.ETIMEDOUT
+ENOTCONN: str = Code.ENOTCONN  # layer or ipcp down
+EIPCP: str = Code.EIPCP  # the IPCP failed the operation
+EPROTO: str = Code.EPROTO
+ENOTSUP: str = Code.ENOTSUP  # the layer cannot serve the QoS asked
+EBUSY: str = Code.EBUSY
+EDQUOT: str = Code.EDQUOT  # a limit of the IRMd is reached
+EIO: str = Code.EIO
+EAUTH: str = Code.EAUTH  # the flow allocation failed authentication (OAP header, timestamp, replay, identity)
+ECRYPT: str = Code.ECRYPT  # the allocation's key exchange failed, or encryption was required and not offered
 
 
 # -- generic replies ----------------------------------------------------------
@@ -45,6 +51,7 @@ class Table(Message):
     TYPE: ClassVar[int] = 3
     columns: list[str] = field(default_factory=list)
     rows: list[dict[str, str]] = field(default_factory=list)
+    next: int = 0  # more rows follow: ask again with start=next (a list never outgrows one frame)
 
 
 # -- application <-> IRMd -------------------------------------------------------
@@ -74,6 +81,7 @@ class FlowAlloc(Message):
 class FlowAccept(Message):
     TYPE: ClassVar[int] = 12
     timeout: float | None = None
+    cypher_s: int = 0  # > 0: take only encrypted flows (the IRMd refuses plain ones for this process)
 
 
 @reg
@@ -90,6 +98,15 @@ class FlowReply(Message):
     # Who allocated it, as the kernel told the IRMd, when both ends are on this host; else -1 / 0.
     peer_uid: int = -1
     peer_pid: int = 0
+    # What the allocation's OAP exchange established (irmd.oap): the cipher (OpenSSL NID, 0 = plain)
+    # and its key, which the application's flowlib seals and opens packets with; the peer's
+    # certificate (DER) if it signed its header, and whether it chains to the IRMd's CA store;
+    # seq_iv: both ends number their IVs, so either may refuse replays.
+    cipher: int = 0
+    key: bytes = b""
+    peer_crt: bytes = b""
+    peer_ca: bool = False
+    seq_iv: bool = False
 
 
 @reg
@@ -116,6 +133,7 @@ class FlowListen(Message):
 
     TYPE: ClassVar[int] = 16
     enabled: bool
+    cypher_s: int = 0  # as FlowAccept's
 
 
 # -- irm (administration) -> IRMd ---------------------------------------------
@@ -177,6 +195,7 @@ class IpcpList(Message):
     name: str = ""
     layer: str = ""
     type: str = ""
+    start: int = 0  # the page from this key on (Table.next of the page before)
 
 
 @reg
@@ -199,6 +218,7 @@ class NameCreate(Message):
     TYPE: ClassVar[int] = 37
     name: str
     lb: str = "round-robin"
+    sec: dict[str, str] = field(default_factory=dict)  # irmd.secfiles.SEC_KEYS -> path: security files
 
 
 @reg
@@ -211,22 +231,28 @@ class NameDestroy(Message):
 @reg
 @dataclass
 class NameRegister(Message):
+    """Register (or unregister) a name with every IPCP in the layers, and with the IPCPs, named:
+    patterns where * stands for any run of characters."""
+
     TYPE: ClassVar[int] = 39
     name: str
     layers: list[str]
     register: bool = True  # False unregisters
+    ipcps: list[str] = field(default_factory=list)
 
 
 @reg
 @dataclass
 class NameList(Message):
     TYPE: ClassVar[int] = 40
+    start: int = 0
 
 
 @reg
 @dataclass
 class FlowList(Message):
     TYPE: ClassVar[int] = 41
+    start: int = 0
 
 
 @reg
@@ -236,6 +262,28 @@ class Dump(Message):
 
     TYPE: ClassVar[int] = 42
     what: str = "config"
+    offset: int = 0  # the text from this offset on (Text.next of the part before)
+
+
+@reg
+@dataclass
+class ActAs(Message):
+    """From now on, treat this connection as user `uid`'s: a server that serves a user it has
+    authenticated works with that user's rights (root may name any uid; others only their own;
+    there is no way back)."""
+
+    TYPE: ClassVar[int] = 111
+    uid: int
+
+
+@reg
+@dataclass
+class Text(Message):
+    """A part of a long text (a dump): ask again with offset=next while next is not 0."""
+
+    TYPE: ClassVar[int] = 110
+    text: str
+    next: int = 0
 
 
 # -- IRMd <-> IPCP --------------------------------------------------------------
@@ -351,6 +399,7 @@ class FlowReqArrived(Message):
     mtu: int
     src_flow: int = 0  # the local IPCP: the allocating end's flow id at this IRMd, so it can name the peer
     data: bytes = b""  # the requester's piggyback, as it arrived
+    peer: str = ""  # who asks, as the layer knows it (an address): in-flight allocations are limited per peer
 
 
 @reg

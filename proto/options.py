@@ -13,8 +13,6 @@ class OptionError(ValueError):
     """A command line, option or value that does not follow the grammar."""
 
 
-
-
 def choice(*options: str) -> Callable[[str, str], str]:
     def check(key: str, value: str) -> str:
         if value not in options:
@@ -66,12 +64,17 @@ def text(key: str, value: str) -> str:
     return value
 
 
-# Bootstrap options per IPCP type: keyword -> value check.
+# Bootstrap options per IPCP type: keyword -> value check. Ranges are Ouroboros 0.23's (ipcp.h,
+# configfile.c), with upper bounds where it has none.
 TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "local": {"hash": choice(*HASHES)},
     "broadcast": {},
-    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "impair": text},
-    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "impair": text},
+    # udp: `hash` and `dns` as Ouroboros takes them (a udp layer hashes with MD5 all the same, and
+    # resolves without DDNS); `peer`, `members` and `impair` are ours.
+    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "dns": _ip(4), "hash": choice(*HASHES), "peer": _ip(4),
+             "members": _int(1, 65536), "impair": text},
+    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "dns": _ip(6), "hash": choice(*HASHES), "peer": _ip(6),
+             "members": _int(1, 65536), "impair": text},
     "eth-dix": {"dev": text, "ethertype": _ethertype, "hash": choice(*HASHES), "impair": text},
     "eth-llc": {"dev": text, "hash": choice(*HASHES), "impair": text},
     "unicast": {
@@ -79,11 +82,26 @@ TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
         "routing": choice("link_state", "lfa", "ecmp"), "congestion": choice("none", "mb-ecn"),
         "hash": choice(*HASHES), "directory": choice("DHT"), "addr_auth": choice("flat"),
         "key": text,
-        # link state (seconds): pff recalculation, LSU refresh, LSU/link timeout (Ouroboros 0.23's)
+        # link state (seconds): pff recalculation, LSU refresh, LSU/link timeout (which must exceed
+        # the refresh: 0.23 checks only that each is at least 1)
         "ls_t_recalc": _int(1, 3600), "ls_t_update": _int(1, 3600), "ls_t_timeo": _int(2, 86400),
         # the DHT directory: lookup parallelism, replicas, entry expiry, refresh, replication (s)
-        "dht_alpha": _int(1, 20), "dht_k": _int(1, 20), "dht_t_expire": _int(10, 86400),
-        "dht_t_refresh": _int(1, 3600), "dht_t_replicate": _int(1, 3600),
+        "dht_alpha": _int(1, 10), "dht_k": _int(1, 20), "dht_t_expire": _int(10, 86400),
+        "dht_t_refresh": _int(3, 3600), "dht_t_replicate": _int(3, 3600),
+    },
+}  # fmt: skip
+# What an IPCP takes when an option is not given (ours: congestion none, where Ouroboros has mb-ecn).
+DEFAULTS: dict[str, dict[str, str]] = {
+    "local": {"hash": "SHA3_256"},
+    "udp4": {"port": "3435", "members": "1024"},
+    "udp6": {"port": "3435", "members": "1024"},
+    "eth-dix": {"ethertype": "0xa000", "hash": "SHA3_256"},
+    "eth-llc": {"hash": "SHA3_256"},
+    "unicast": {
+        "addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "none",
+        "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat",
+        "ls_t_recalc": "4", "ls_t_update": "15", "ls_t_timeo": "60",
+        "dht_alpha": "3", "dht_k": "8", "dht_t_expire": "86400", "dht_t_refresh": "900", "dht_t_replicate": "900",
     },
 }  # fmt: skip
 MULTI = {"peer"}  # options that may repeat

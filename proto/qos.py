@@ -1,6 +1,6 @@
 """QoS specifications, as Ouroboros's qosspec_t: what an application asks of a flow.
 
-Layers map a spec onto one of their QoS cubes; the presets mirror Ouroboros's.
+Layers map a spec onto one of their QoS cubes; the presets are C Ouroboros 0.23's, field for field.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import dataclasses
 
 UINT32_MAX = 0xFFFFFFFF
 UINT64_MAX = 0xFFFFFFFFFFFFFFFF
+DEFAULT_PEER_TIMEOUT = 120_000  # ms: every preset's keepalive timeout, as C's DEFAULT_PEER_TIMEOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,10 +18,10 @@ class QosSpec:
     bandwidth: int = 0  # bits/s
     availability: int = 0  # class of nines
     loss: int = 1  # 0 asks for retransmission
-    ber: int = 1  # bit errors per billion bits; 0 asks for integrity checks
+    ber: int = 1  # bit errors per billion bits; 0 asks for a CRC32 on every packet
     in_order: int = 0  # 1 enables FRCT in-order delivery
     max_gap: int = UINT32_MAX  # ms
-    timeout: int = 0  # peer timeout in ms, 0 = none
+    timeout: int = DEFAULT_PEER_TIMEOUT  # peer timeout in ms (keepalives every quarter), 0 = none
     cypher_s: int = 0  # encryption key bits, 0 = none (flow_alloc(..., encrypt=True) sets it)
 
     def __post_init__(self) -> None:
@@ -38,8 +39,14 @@ class QosSpec:
         """Whether flows with this spec run FRCT: for ordering, and retransmission if reliable."""
         return bool(self.in_order) or self.loss == 0
 
+    @property
+    def crc(self) -> bool:
+        """Whether every packet carries a CRC32 trailer (ber 0, as C's)."""
+        return self.ber == 0
+
 
 raw = QosSpec()
+raw_no_errors = QosSpec(ber=0)
 best_effort = QosSpec(ber=0, in_order=1)
 video = QosSpec(delay=100, bandwidth=UINT64_MAX, availability=3, ber=0, in_order=1, max_gap=100)
 voice = QosSpec(delay=50, bandwidth=100_000, availability=5, ber=0, in_order=1, max_gap=50)
@@ -47,6 +54,7 @@ data = QosSpec(delay=1000, loss=0, ber=0, in_order=1, max_gap=2000)
 
 PRESETS: dict[str, QosSpec] = {
     "raw": raw,
+    "raw_no_errors": raw_no_errors,
     "best": best_effort,
     "best_effort": best_effort,
     "video": video,

@@ -95,6 +95,7 @@ def bound_name(irmd: IrmdProc, local_layer: str, client_factory: Callable[[], Ir
     # What irm would send, over a connection of this process that stays open for the test
     # (a process's bindings end with its last connection to the IRMd).
     keeper = client_factory()
+    call(keeper.channel, m.NameCreate(name, "round-robin"), timeout=30)  # a name made by a bind spills over
     call(keeper.channel, m.Bind("process", str(os.getpid()), name), timeout=30)
     call(keeper.channel, m.NameRegister(name, [local_layer]), timeout=30)
     return name

@@ -4,12 +4,16 @@ and a bad file stops the boot with a message naming the file and the table.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, wait_for
+
+from proto import messages as m
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +144,10 @@ reg = ["pong{i}"]
 @pytest.mark.parametrize(("text", "words"), [
     ("[frobnicate.x]\nbootstrap = 'l'\n", ["unknown table [frobnicate]"]),
     ("[local.lo]\nbootstrap = 'l'\ncolour = 'red'\n", ["[local.lo]", "colour"]),
-    ("[name.x]\nprog = ['nosuchprogram']\n", ["[name.x] prog", "not found"]),
+    ("[name.x]\nlb = 'random'\n", ["[name.x]", "lb = 'random'"]),
+    ("[unicast.n]\nbootstrap = 'net'\ndht_k = 21\n", ["[unicast.n]", "dht_k", "from 1 to 20"]),
+    ("[limits]\nflows_per_uid = 0\n", ["[limits]", "flows_per_uid"]),
+    ("limits = 3\n", ["expected a table [limits]"]),
     ("[local.lo\n", ["bad.toml"]),
     ("[udp4.u]\nbootstrap = 'l'\nip = 'not an ip'\n", ["[udp4.u]", "IPv4"]),
 ])
@@ -159,12 +166,13 @@ def test_a_bad_config_stops_the_boot_naming_file_and_table(tmp_path: Path, text:
 @pytest.mark.timeout(60)
 def test_a_config_that_fails_when_applied_stops_the_irmd_and_its_ipcps(tmp_path: Path) -> None:
     bad = tmp_path / "late.toml"
-    bad.write_text("[local.lo]\nbootstrap = 'l'\n\n[local.lo2]\nbootstrap = 'l'\n")  # two IPCPs, one layer
+    # Only running it shows that this host has no such address to bind.
+    bad.write_text("[local.lo]\nbootstrap = 'l'\n\n[udp4.u]\nbootstrap = 'u'\nip = '192.0.2.1'\n")
     sock = tmp_path / "irmd.sock"
     r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(bad)], env=irmd_env(sock),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
-    assert "[local.lo2]" in r.stderr and "already has an IPCP" in r.stderr, r.stderr
+    assert "[udp4.u]" in r.stderr and "cannot bind 192.0.2.1" in r.stderr, r.stderr
     assert not sock.exists()
 
 
@@ -244,3 +252,116 @@ def test_irm_dump_graph_shows_what_runs_over_what_as_text_and_dot(tmp_path: Path
         assert bad.returncode == 2 and "svg" in bad.stderr
     finally:
         stop_irmd(irmd)
+
+
+EXAMPLE = ROOT / "configs" / "irmd.conf.example"
+
+
+@pytest.mark.timeout(60)
+def test_a_program_the_config_binds_that_is_not_installed_is_left_unbound_with_a_warning(tmp_path: Path) -> None:
+    conf = tmp_path / "progs.toml"
+    conf.write_text("[name.x]\nprog = ['nosuchprogram', 'oping']\n")
+    irmd = start_irmd(tmp_path, args=["--config", str(conf)])
+    try:
+        wait_for(lambda: "applied" in irmd.log_text(), 20, "the config to be applied")
+        assert "[name.x] prog: program 'nosuchprogram' not found" in irmd.log_text()
+        row = next(r for r in irmd.table("name", "list") if r["name"] == "x")
+        assert row["programs"].endswith("/oping") and row["lb"] == "spillover"  # irmd.conf's default lb
+    finally:
+        stop_irmd(irmd)
+
+
+@pytest.mark.timeout(60)
+def test_irmd_conf_spellings_and_0_23_keys_are_taken(tmp_path: Path) -> None:
+    from irmd.config import plan
+
+    conf = tmp_path / "keys.toml"
+    conf.write_text("""
+[udp4.u]
+bootstrap = "udp"
+ip = "127.0.0.1"
+port = 3435
+dns = "127.0.0.1"
+
+[unicast.n]
+bootstrap = "net"
+addr_size = 4
+eid_size = 8
+max_ttl = 60
+addr-auth = "flat"
+routing = "link-state"
+ls_t_recalc = 4
+ls_t_update = 15
+ls_t_timeo = 60
+congestion = "none"
+directory = "dht"
+hash = "SHA3_256"
+dht_alpha = 3
+dht_k = 8
+dht_t_expiry = 86400
+dht_t_refresh = 900
+dht_t_replicate = 900
+
+[limits]
+flows_per_uid = 99
+""")
+    boot = plan(conf)
+    by_ipcp = {msg.name: msg for _, msg in boot.steps if isinstance(msg, m.IpcpBootstrap)}
+    assert by_ipcp["u"].conf == {"ip": "127.0.0.1", "port": "3435", "dns": "127.0.0.1"}
+    assert by_ipcp["n"].conf == {
+        "addr": "4", "eid": "8", "ttl": "60", "addr_auth": "flat", "routing": "link_state", "ls_t_recalc": "4",
+        "ls_t_update": "15", "ls_t_timeo": "60", "congestion": "none", "directory": "DHT", "hash": "SHA3_256",
+        "dht_alpha": "3", "dht_k": "8", "dht_t_expire": "86400", "dht_t_refresh": "900", "dht_t_replicate": "900"}
+    assert boot.limits.flows_per_uid == 99
+
+
+@pytest.mark.timeout(60)
+def test_dns_is_accepted_with_a_warning_as_there_is_no_ddns(irmd: IrmdProc) -> None:
+    port = free_port(["127.0.0.1"])
+    irmd.irm_ok("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "udp", "ip", "127.0.0.1",
+                "port", str(port), "dns", "127.0.0.1")
+    irmd.note_children()
+    assert "no dynamic DNS here" in irmd.log_text()  # the udp IPCP says so
+    assert irmd.table("ipcp", "list")[0]["state"] == "operational"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                    reason="the example's Ethernet IPCPs and its fixed UDP port need root and a network namespace")
+def test_the_ouroboros_example_config_boots_whole(tmp_path: Path) -> None:
+    ns = f"irmdconf{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        conf = tmp_path / "irmd.conf"
+        conf.write_text(EXAMPLE.read_text())  # as it is: its Ethernet IPCPs on lo
+        sock = tmp_path / "irmd.sock"
+        log = tmp_path / "irmd.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, str(BIN / "irmd"), "--sock", str(sock),
+                                     "--config", str(conf)], env=irmd_env(sock), stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: proc.poll() is not None or "applied" in log.read_text(), 150, "the example to boot")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        irm = IrmdProc(sock, log, proc, irmd_env(sock))
+        ipcps = {r["name"]: r for r in irm.table("ipcp", "list")}
+        assert {n: (r["type"], r["layer"], r["state"]) for n, r in ipcps.items()} == {
+            "local1": ("local", "local1", "operational"), "lan1": ("unicast", "LAN", "operational"),
+            "lan2": ("unicast", "LAN", "operational"), "bc1": ("broadcast", "broadcast", "operational"),
+            "bc2": ("broadcast", "broadcast", "operational"), "ethl": ("eth-llc", "ethl1", "operational"),
+            "eth1": ("eth-dix", "eth1", "operational"), "udp1": ("udp4", "udp", "operational"),
+            "udp2": ("udp6", "udp2", "operational")}
+        names = {r["name"]: r for r in irm.table("name", "list")}
+        assert {"oping", "oecho", "ocbr", "ovpn", "oping.secure", "bc1", "LAN", "lan1", "lan2"} <= set(names)
+        assert "LAN" in names["oping"]["layers"] and "local1" in names["bc1"]["layers"]
+        assert "eth1" in names["lan1"]["layers"] and names["ocbr"]["programs"] == "-"
+        r = subprocess.run(["ip", "netns", "exec", ns, str(BIN / "oping"), "-n", "oping", "-c", "2", "-i", "100"],
+                           env=irmd_env(sock), capture_output=True, text=True, timeout=60)
+        assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr  # started on demand
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), 9)
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -11,15 +11,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from helpers import IrmdProc, Pair, accepted_pair, pid_alive, wait_for
 
+import flowlib
+from flowlib import fccntl as fc
 from flowlib import qos
-from flowlib.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument, NameNotFound
+from flowlib.errors import (
+    FlowDown,
+    FlowError,
+    FlowTimeout,
+    FlowWouldBlock,
+    InvalidArgument,
+    NameNotFound,
+    PermissionDenied,
+)
 from flowlib.events import EventQueue, EventType, FlowSet, fevent
-from flowlib.flow import FLOWFRNONBLOCK, Fccntl, Flow
+from flowlib.fccntl import FLOWFRNONBLOCK, Fccntl
+from flowlib.flow import Flow, flow_accept, flow_alloc
 from flowlib.irm import IrmClient
 
 
@@ -185,10 +197,40 @@ def test_empty_write_raises_invalid_argument(pair: Pair) -> None:
 # -- fccntl -----------------------------------------------------------------------
 
 
+# C Ouroboros 0.23's include/ouroboros/fccntl.h, name for name, value for value.
+C_FCCNTL = {"FLOWFRDONLY": 0, "FLOWFWRONLY": 0o1, "FLOWFRDWR": 0o2, "FLOWFACCMODE": 0o3, "FLOWFDOWN": 0o4,
+            "FLOWFRNOBLOCK": 0o1000, "FLOWFWNOBLOCK": 0o2000, "FLOWFNONBLOCK": 0o3000, "FLOWFRNOPART": 0o10000,
+            "FLOWFWNOPART": 0o20000, "FLOWFDEFAULT": 0o20002, "FRCTFRTX": 0o1, "FRCTFRESCNTL": 0o2,
+            "FRCTFLINGER": 0o4, "FLOWSRCVTIMEO": 0o1, "FLOWGRCVTIMEO": 0o2, "FLOWSSNDTIMEO": 0o3,
+            "FLOWGSNDTIMEO": 0o4, "FLOWGQOSSPEC": 0o5, "FLOWSFLAGS": 0o6, "FLOWGFLAGS": 0o7, "FLOWGRXQLEN": 0o10,
+            "FLOWGTXQLEN": 0o11, "FRCTSFLAGS": 0o1000, "FRCTGFLAGS": 0o2000}
+
+
+@pytest.mark.parametrize(("name", "value"), sorted(C_FCCNTL.items()))
+def test_fccntl_names_and_values_are_cs(name: str, value: int) -> None:
+    assert getattr(flowlib, name) == getattr(fc, name) == value
+
+
+def test_the_older_command_names_stay_as_aliases() -> None:
+    assert Fccntl.SRCVTIMEO is fc.FLOWSRCVTIMEO and Fccntl.GFLAGS == fc.FLOWGFLAGS == 7
+    assert FLOWFRNONBLOCK == fc.FLOWFRDWR | fc.FLOWFNONBLOCK
+
+
+def test_flags_start_as_cs_default(pair: Pair) -> None:
+    assert pair[0].fccntl(fc.FLOWGFLAGS) == fc.FLOWFDEFAULT == fc.FLOWFRDWR | fc.FLOWFWNOPART
+
+
+def test_an_unknown_command_or_access_mode_is_an_invalid_argument(pair: Pair) -> None:
+    with pytest.raises(InvalidArgument, match="no command 42"):
+        pair[0].fccntl(42)
+    with pytest.raises(InvalidArgument, match="no access mode"):
+        pair[0].fccntl(fc.FLOWSFLAGS, fc.FLOWFWRONLY | fc.FLOWFRDWR)
+
+
 def test_nonblocking_read_with_nothing_queued_raises_would_block(pair: Pair) -> None:
     _, srv = pair
-    srv.fccntl(Fccntl.SFLAGS, FLOWFRNONBLOCK)
-    assert srv.fccntl(Fccntl.GFLAGS) == FLOWFRNONBLOCK
+    srv.fccntl(fc.FLOWSFLAGS, fc.FLOWFRDWR | fc.FLOWFRNOBLOCK)
+    assert srv.fccntl(fc.FLOWGFLAGS) == fc.FLOWFRDWR | fc.FLOWFRNOBLOCK
     start = time.monotonic()
     with pytest.raises(FlowWouldBlock):
         srv.read()
@@ -245,6 +287,124 @@ def test_negative_timeout_is_an_invalid_argument(pair: Pair) -> None:
 
 def test_mtu_is_available_through_fccntl(pair: Pair) -> None:
     assert pair[0].fccntl(Fccntl.GMTU) == 65535
+
+
+def test_nonblocking_reads_leave_writes_blocking(pair: Pair) -> None:
+    cli, srv = pair
+    cli.fccntl(fc.FLOWSFLAGS, fc.FLOWFRDWR | fc.FLOWFRNOBLOCK)
+    with pytest.raises(FlowWouldBlock):
+        cli.read()
+    threading.Timer(0.3, lambda: [srv.read() for _ in range(2000)]).start()
+    for _ in range(2000):  # fills the flow: a non-blocking write would raise, this one waits
+        cli.write(bytes(1000))
+
+
+def test_older_flowfrnonblock_makes_reads_and_writes_nonblocking(pair: Pair) -> None:
+    cli, _ = pair
+    cli.fccntl(Fccntl.SFLAGS, FLOWFRNONBLOCK)
+    with pytest.raises(FlowWouldBlock):
+        cli.read()
+    with pytest.raises(FlowWouldBlock):
+        for _ in range(100_000):
+            cli.write(bytes(1000))
+
+
+def test_a_read_only_flow_refuses_writes_and_a_write_only_one_reads(pair: Pair) -> None:
+    cli, srv = pair
+    cli.fccntl(fc.FLOWSFLAGS, fc.FLOWFRDONLY)
+    with pytest.raises(PermissionDenied, match="read-only"):
+        cli.write(b"x")
+    srv.fccntl(fc.FLOWSFLAGS, fc.FLOWFWRONLY)
+    with pytest.raises(PermissionDenied, match="write-only"):
+        srv.read()
+    srv.write(b"to a read-only end")
+    cli.set_timeout(5)
+    assert cli.read() == b"to a read-only end"
+
+
+def test_partial_reads_return_the_rest_of_an_sdu_then_an_empty_read_at_its_exact_end(pair: Pair) -> None:
+    cli, srv = pair
+    srv.set_timeout(5)
+    cli.write(b"0123456789")
+    cli.write(b"abcd")
+    cli.write(b"next")
+    assert [srv.read(4), srv.read(4), srv.read(4)] == [b"0123", b"4567", b"89"]
+    assert [srv.read(4), srv.read(4)] == [b"abcd", b""]  # as C: an SDU that filled the read exactly
+    assert srv.read() == b"next"
+
+
+def test_no_partial_reads_fails_and_drops_an_sdu_that_does_not_fit(pair: Pair) -> None:
+    cli, srv = pair
+    srv.set_timeout(5)
+    srv.fccntl(fc.FLOWSFLAGS, fc.FLOWFRDWR | fc.FLOWFRNOPART)
+    cli.write(b"too long for four")
+    cli.write(b"fits")
+    with pytest.raises(InvalidArgument, match=r"does not fit in 4 \(FLOWFRNOPART\): dropped"):
+        srv.read(4)
+    assert srv.read(4) == b"fits"
+
+
+def test_partial_writes_cut_an_sdu_to_the_mtu_once_flowfwnopart_is_cleared(pair: Pair) -> None:
+    cli, srv = pair
+    big = bytes(cli.mtu + 10)
+    with pytest.raises(InvalidArgument):
+        cli.write(big)
+    cli.fccntl(fc.FLOWSFLAGS, fc.FLOWFRDWR)
+    assert cli.write(big) == cli.mtu
+    srv.set_timeout(5)
+    assert len(srv.read()) == cli.mtu
+
+
+def test_queue_lengths_count_what_waits(pair: Pair) -> None:
+    cli, srv = pair
+    assert srv.fccntl(fc.FLOWGRXQLEN) == 0 and cli.fccntl(fc.FLOWGTXQLEN) == 0
+    cli.write(b"one")
+    cli.write(b"two")
+    wait_for(srv.has_data, 5, "the SDUs")
+    assert cli.fccntl(fc.FLOWGTXQLEN) >= 1 and srv.fccntl(fc.FLOWGRXQLEN) >= 1
+    srv.read()
+    srv.read()
+    assert srv.fccntl(fc.FLOWGRXQLEN) == 0 and cli.fccntl(fc.FLOWGTXQLEN) == 0
+
+
+def established_pair(client_factory: Callable[[], IrmClient], name: str, spec: qos.QosSpec) -> Pair:
+    """(client end, server end) of a flow allocated and accepted through flowlib, engine and all."""
+    server, client = client_factory(), client_factory()
+    with ThreadPoolExecutor(1) as pool:
+        accepted = pool.submit(flow_accept, timeout=10, irm=server)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                cli = flow_alloc(name, qos=spec, timeout=10, irm=client)
+                break
+            except NameNotFound as e:
+                if "no process is accepting" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        return cli, accepted.result(timeout=15)
+
+
+def test_frct_flags_are_the_qos_s_and_only_frct_flows_have_them(
+        client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair) -> None:
+    with pytest.raises(PermissionDenied, match="runs no FRCT"):
+        pair[0].fccntl(fc.FRCTGFLAGS)
+    cli, srv = established_pair(client_factory, bound_name, qos.data)
+    try:
+        assert cli.fccntl(fc.FRCTGFLAGS) == fc.FRCTFRTX | fc.FRCTFRESCNTL | fc.FRCTFLINGER
+        cli.fccntl(fc.FRCTSFLAGS, fc.FRCTFRESCNTL)  # retransmission stays: the QoS asked for it
+        assert cli.fccntl(fc.FRCTGFLAGS) == fc.FRCTFRTX | fc.FRCTFRESCNTL
+        cli.write(b"still reliable")
+        srv.set_timeout(5)
+        assert srv.read() == b"still reliable"
+    finally:
+        cli.close()
+        srv.close()
+    uo, us = established_pair(client_factory, bound_name, qos.best_effort)
+    try:
+        assert uo.fccntl(fc.FRCTGFLAGS) == fc.FRCTFRESCNTL
+    finally:
+        uo.close()
+        us.close()
 
 
 def test_back_to_blocking_read_waits_for_data(pair: Pair) -> None:

@@ -22,24 +22,23 @@ from hypothesis import strategies as st
 from flowlib.frct import (
     ACK,
     DATA,
+    DRF,
+    FC,
     FFGM,
-    HDR,
     MAX_SACK_BLOCKS,
-    MAX_TRIES,
     MFGM,
-    RTO_G,
-    RTO_INIT,
-    RTO_MAX,
-    RTO_MIN,
+    PCI,
+    RQ_SIZE,
     SACK,
     SACK_BLOCK,
-    SEQ_MOD,
-    WINDOW,
+    SPAN,
     Frct,
+    Pci,
 )
+from flowlib.recovery import RTO_G, RTO_INIT, RTO_MAX, RTO_MIN, SEQ_MOD, before
 
 MTU = 1000
-PAYLOAD = MTU - HDR.size
+PAYLOAD = MTU - PCI.size
 TAG = struct.Struct("!I")  # every test SDU starts with its index, so order and identity show
 
 
@@ -107,16 +106,17 @@ class Sim:
                     heapq.heappush(self._queue, (t, self._order, dst, pdu))
 
     def _collect(self) -> None:
-        self.got_a.extend(self.a.sdus)
-        self.a.sdus.clear()
-        if self.drain:
-            self.got_b.extend(self.b.sdus)
-            self.b.sdus.clear()
+        for end, got in ((self.a, self.got_a), (self.b, self.got_b)):
+            if end is self.b and not self.drain:
+                continue
+            got.extend(end.sdus)
+            end.taken(sum(map(len, end.sdus)), self.now)
+            end.sdus.clear()
 
     def step(self, wake: float | None = None) -> bool:
         """Advance to the next event (arrival, timer, or `wake`); False when nothing is pending."""
         self._transmit()
-        times = [t for t in (self.a.next_deadline(), self.b.next_deadline(), wake) if t is not None]
+        times = [t for t in (self.a.get_timer(), self.b.get_timer(), wake) if t is not None]
         if self._queue:
             times.append(self._queue[0][0])
         if not times:
@@ -140,27 +140,46 @@ class Sim:
         while True:
             wake = None
             for end, out in ((self.a, out_a), (self.b, out_b)):
-                while out and end.can_send() and self.now >= next_write:
+                while out and end.can_send(self.now) and self.now >= next_write:
                     end.send(out.pop(), self.now)
                     if pace:
                         next_write = self.now + pace
                 self.max_in_flight = max(self.max_in_flight, len(end.unacked))
-                if out and pace:
+                if out and pace and next_write > self.now:
                     wake = next_write
             if not (out_a or out_b) and self.a.idle and self.b.idle and not self._queue and not (
                     self.a.pdus or self.b.pdus):
                 self._collect()
                 return
             busy = self.step(wake)
-            assert not (self.a.failed or self.b.failed), f"a flow gave up at t={self.now:.3f}"
+            assert self.a.error is None and self.b.error is None, f"a flow gave up at t={self.now:.3f}"
             assert busy, (f"stalled at t={self.now:.3f}: nothing in flight, no timer armed, "
-                          f"{len(out_a)}+{len(out_b)} SDUs not yet accepted (peer window {self.a.peer_window})")
+                          f"{len(out_a)}+{len(out_b)} SDUs not yet accepted (peer window {self.a.snd_rwe})")
             assert self.now < limit, f"not done after {limit} simulated seconds"
 
 
-def pair(reliable: bool = True, mtu: int = MTU, seed: int = 1, **link: float) -> Sim:
+def pair(reliable: bool = True, mtu: int = MTU, seed: int = 1, start: int | None = None, **link: float) -> Sim:
     rng = random.Random(seed)
-    return Sim(Frct(mtu, reliable), Frct(mtu, reliable), Link(rng, **link), Link(rng, **link))
+    a, b = (Frct(mtu, reliable, isn=lambda: rng.getrandbits(32) if start is None else start) for _ in range(2))
+    return Sim(a, b, Link(rng, **link), Link(rng, **link))
+
+
+def new(reliable: bool = True, mtu: int = MTU) -> Frct:
+    """An end whose runs start at seqno 0, so tests can name PDUs by number."""
+    return Frct(mtu, reliable, isn=lambda: 0)
+
+
+def seq_of(pdu: bytes) -> int:
+    return Pci.parse(pdu).seqno
+
+
+def flags_of(pdu: bytes) -> int:
+    return Pci.parse(pdu).flags
+
+
+def cwnd(f: Frct) -> float:
+    assert f.recovery is not None
+    return f.recovery.cc.cwnd
 
 
 def tagged(n: int, seed: int, min_size: int = TAG.size, max_size: int = 600) -> list[bytes]:
@@ -199,24 +218,26 @@ def ping_pong(a: Frct, b: Frct, now: float, one_way: float) -> None:
     a.send(b"p", now)
     t = now + one_way
     b.receive(a.pdus.popleft(), t)
-    b.sdus.clear()
+    b.taken(len(b.sdus.popleft()), t)
     if not b.pdus:  # a lone PDU's ack waits for data to ride on, up to ACK_DELAY
-        t = b.next_deadline() or t
+        t = b.get_timer() or t
         b.handle_timer(t)
     ack = b.pdus.popleft()
     arrival = t + one_way
-    deadline = a.next_deadline()
+    deadline = a.get_timer()
     if deadline is not None and deadline < arrival:  # the timer expires before the ack arrives
         a.handle_timer(deadline)
     a.receive(ack, arrival)
 
 
 def test_a_steady_path_leaves_the_rto_a_margin_over_the_rtt() -> None:
-    a, b = Frct(MTU, True), Frct(MTU, True)
+    a, b = new(), new()
     for i in range(200):
         ping_pong(a, b, i * 1.0, 0.010)  # the same RTT every time
     assert a.counters.retransmitted == 0
-    steady = a.srtt
+    assert a.recovery is not None
+    steady = a.recovery.rtt.srtt
+    assert steady is not None
     ping_pong(a, b, 1000.0, 0.011)  # one round trip 2 ms (under 10%) longer than usual
     assert a.counters.retransmitted == 0, f"spurious timeout: srtt was {steady * 1000:.3f} ms"
 
@@ -247,10 +268,8 @@ def test_both_directions_at_once_under_loss(loss: float) -> None:
 
 
 def test_sequence_numbers_wrap_around_without_loss_of_order() -> None:
-    sim = pair(seed=5, loss=0.1, reorder=0.2)
     start = SEQ_MOD - 300
-    for end in (sim.a, sim.b):
-        end.snd_nxt = end.snd_una = end.rcv_nxt = start
+    sim = pair(seed=5, loss=0.1, reorder=0.2, start=start)
     sdus = tagged(1000, seed=5)
     sim.stream(sdus)
     assert sim.got_b == sdus
@@ -258,26 +277,30 @@ def test_sequence_numbers_wrap_around_without_loss_of_order() -> None:
 
 
 def test_duplicates_of_delivered_pdus_are_suppressed_and_counted() -> None:
-    a, b = Frct(MTU, True), Frct(MTU, True)
+    a, b = new(), new()
     a.send(b"once", 0.0)
     pdu = a.pdus.popleft()
+    acks = []
     for _ in range(5):
         b.receive(pdu, 0.01)
+        b.handle_timer(0.01)
+        acks += b.pdus
+        b.pdus.clear()
     assert list(b.sdus) == [b"once"]
     assert b.counters.duplicates == 4
     assert b.counters.received == 5
-    # Every duplicate is acked at once (the first ack may have been lost), all acking seqno 0.
-    assert len(b.pdus) >= 4
-    assert {HDR.unpack_from(p)[0] & DATA for p in b.pdus} == {0}
-    assert {HDR.unpack_from(p)[4] for p in b.pdus} == {1}
+    # Every duplicate is acked at once (the first ack may have been lost), all acking seqno 1.
+    assert len(acks) == 4
+    assert {Pci.parse(p).flags for p in acks} == {ACK | FC}
+    assert {Pci.parse(p).ackno for p in acks} == {1}
 
 
 def test_duplicates_of_out_of_order_pdus_are_delivered_once() -> None:
-    a, b = Frct(MTU, True), Frct(MTU, True)
+    a, b = new(), new()
     for i in range(3):
         a.send(TAG.pack(i), 0.0)
     p0, p1, p2 = a.pdus
-    for pdu in (p2, p2, p1, p2, p1, p0, p0, p2):
+    for pdu in (p0, p2, p2, p1, p2, p1, p0, p0, p2):
         b.receive(pdu, 0.0)
     assert indices(b.sdus) == [0, 1, 2]
 
@@ -285,56 +308,65 @@ def test_duplicates_of_out_of_order_pdus_are_delivered_once() -> None:
 def test_rtt_estimate_follows_the_path_delay() -> None:
     sim = pair(delay=0.050, jitter=0.0)
     sim.stream(tagged(300, seed=2))
-    assert sim.a.srtt is not None
-    assert 0.095 <= sim.a.srtt <= 0.110  # two 50 ms hops
-    assert sim.a.rto == pytest.approx(max(RTO_MIN, sim.a.srtt + max(RTO_G, 4 * sim.a.rttvar)))
+    assert sim.a.recovery is not None
+    rtt = sim.a.recovery.rtt
+    assert rtt.srtt is not None
+    assert 0.095 <= rtt.srtt <= 0.110  # two 50 ms hops
+    assert rtt.rto == pytest.approx(max(RTO_MIN, rtt.srtt + max(RTO_G, 4 * rtt.rttvar)))
 
 
 # -- retransmission timer ---------------------------------------------------------------------------
 
 
-def test_rto_backs_off_exponentially_on_silence_up_to_the_cap_then_gives_up() -> None:
-    a = Frct(MTU, True)
+def test_rto_backs_off_exponentially_on_silence_up_to_the_cap_then_gives_up_at_the_r_timer() -> None:
+    r = 30.0
+    a = Frct(MTU, True, r_timeout=r)
     a.send(b"hello?", 0.0)
     first = a.pdus.popleft()
-    deadline = a.next_deadline()
+    deadline = a.get_timer()
     assert deadline == pytest.approx(RTO_INIT)
     a.handle_timer(deadline - 0.001)  # early: nothing happens
     assert not a.pdus and a.counters.retransmitted == 0
     gaps, now = [], deadline
-    while not a.failed:
+    while a.error is None:
         a.handle_timer(now)
+        if a.error is not None:
+            break
         assert len(a.pdus) == 1, "one retransmission per expiry"
         resent = a.pdus.popleft()
-        assert resent[HDR.size :] == first[HDR.size :]
-        assert HDR.unpack_from(resent)[3] == HDR.unpack_from(first)[3]  # the same seqno
-        nxt = a.next_deadline()
+        assert resent[PCI.size :] == first[PCI.size :]
+        assert resent[:8] == first[:8]  # the same flags and seqno (C resends the copy)
+        nxt = a.get_timer()
         assert nxt is not None
         gaps.append(round(nxt - now, 6))
         now = nxt
-        assert len(gaps) <= MAX_TRIES + 1, "never gives up"
+        assert now <= r + RTO_MAX, "never gives up"
     assert gaps[:5] == [2 * RTO_INIT, 4 * RTO_INIT, 8 * RTO_INIT, min(16 * RTO_INIT, RTO_MAX), RTO_MAX]
-    assert all(g == RTO_MAX for g in gaps[5:])
-    assert a.counters.retransmitted == MAX_TRIES + 1
-    assert a.cwnd == 2.0
+    assert all(g == RTO_MAX for g in gaps[5:-1])
+    assert now == pytest.approx(r), "gave up when the first copy was R seconds old, as C"
+    assert "acknowledged nothing for 30 s" in a.error
+    assert cwnd(a) == 2.0
 
 
 def test_the_backoff_ends_when_acks_resume() -> None:
     sim = pair(delay=0.020, jitter=0.0)
     sim.stream(tagged(50, seed=1))
-    settled = sim.a.rto
+    assert sim.a.recovery is not None
+    rtt = sim.a.recovery.rtt
+    settled = rtt.rto
     # Silence: the peer's acks stop for a while; a retransmits with growing RTOs.
     sim.a.send(b"lost", sim.now)
-    sim.a.pdus.clear()
+    lost = sim.a.pdus.popleft()
     t = sim.now
     for _ in range(4):
-        t = sim.a.next_deadline() or t
+        t = sim.a.get_timer() or t
         sim.a.handle_timer(t)
         sim.a.pdus.clear()
-    assert sim.a.rto >= 8 * settled or sim.a.rto == RTO_MAX
+    assert rtt.rto >= 8 * settled or rtt.rto == RTO_MAX
     sim.now = t
-    sim.stream(tagged(50, seed=2))  # the path works again
-    assert sim.a.rto <= settled * 2
+    sim.a.pdus.append(lost)  # the path works again: this copy gets through
+    sim.stream(tagged(50, seed=2))
+    assert rtt.rto <= settled * 2
 
 
 # -- window, congestion control ----------------------------------------------------------------------
@@ -347,8 +379,8 @@ def test_in_flight_pdus_never_exceed_the_window(loss: float) -> None:
     orig = sim.a.send
 
     def send(sdu: bytes, now: float) -> None:
-        limit = min(int(sim.a.cwnd), sim.a.peer_window, WINDOW)
-        assert len(sim.a.unacked) < limit
+        assert len(sim.a.unacked) < int(cwnd(sim.a))
+        assert before(sim.a.snd_nxt, sim.a.snd_rwe), "sent past the edge the receiver advertised"
         orig(sdu, now)
         seen.append(len(sim.a.unacked))
 
@@ -356,7 +388,7 @@ def test_in_flight_pdus_never_exceed_the_window(loss: float) -> None:
     sdus = tagged(5000, seed=3, max_size=100)
     sim.stream(sdus)
     assert sim.got_b == sdus
-    assert max(seen) <= WINDOW
+    assert max(seen) <= min(RQ_SIZE + 1, SPAN)
     if loss == 0.0:
         assert max(seen) > 16, "the window opened beyond its initial size on a clean path"
 
@@ -364,39 +396,41 @@ def test_in_flight_pdus_never_exceed_the_window(loss: float) -> None:
 def test_the_initial_window_limits_the_first_burst() -> None:
     a = Frct(MTU, True)
     n = 0
-    while a.can_send():
+    while a.can_send(0.0):
         a.send(b"x", 0.0)
         n += 1
-    assert n == int(a.cwnd) == 16
+    assert n == int(cwnd(a)) == 16
     assert len(a.pdus) == 16
 
 
 def test_a_receiver_that_stops_reading_closes_the_window() -> None:
     sim = pair()
     sim.drain = False
-    sdus = tagged(3 * WINDOW, seed=4, max_size=40)
+    sdus = tagged(3 * RQ_SIZE, seed=4, max_size=40)
     out = sdus[::-1]
     for _ in range(20000):
-        while out and sim.a.can_send():
+        while out and sim.a.can_send(sim.now):
             sim.a.send(out.pop(), sim.now)
-        if not sim.step():
+        if not sim.step(sim.now + 1.0) or sim.now > 30:
             break
-    assert len(sim.b.sdus) <= WINDOW, "the receiver buffered more than its window"
-    assert sim.a.peer_window == 0
+    assert len(sim.b.sdus) <= RQ_SIZE, "the receiver buffered more than its window"
+    assert sim.a.snd_nxt == sim.a.snd_rwe, "the sender stopped at the window's edge"
+    assert sim.b.counters.out_of_window == 0
+    assert sim.a.counters.rdvs > 0, "the sender asked for the window to reopen"
     assert out, "the sender kept sending into a closed window"
 
 
 def test_the_window_reopens_when_the_receiver_reads_again() -> None:
     sim = pair()
     sim.drain = False
-    sdus = tagged(3 * WINDOW, seed=4, max_size=40)
+    sdus = tagged(3 * RQ_SIZE, seed=4, max_size=40)
     out = sdus[::-1]
     for _ in range(20000):
-        while out and sim.a.can_send():
+        while out and sim.a.can_send(sim.now):
             sim.a.send(out.pop(), sim.now)
-        if not sim.step():
+        if not sim.step(sim.now + 1.0) or sim.now > 30:
             break
-    assert sim.a.peer_window == 0
+    assert sim.a.snd_nxt == sim.a.snd_rwe
     sim.drain = True  # the application reads everything it was given
     sim._collect()
     sim.now += 1.0
@@ -407,7 +441,7 @@ def test_the_window_reopens_when_the_receiver_reads_again() -> None:
 def test_loss_halves_the_congestion_window_and_a_timeout_collapses_it() -> None:
     sim = pair(delay=0.01, jitter=0.0)
     sim.stream(tagged(400, seed=1, max_size=50))
-    grown = sim.a.cwnd
+    grown = cwnd(sim.a)
     assert grown > 32
     # Send a flight, lose its first PDU, deliver the rest: three duplicate acks trigger fast retransmit.
     for i in range(10):
@@ -416,23 +450,24 @@ def test_loss_halves_the_congestion_window_and_a_timeout_collapses_it() -> None:
     sim.a.pdus.clear()
     for pdu in flight[1:]:
         sim.b.receive(pdu, sim.now + 0.01)
+        sim.b.handle_timer(sim.now + 0.01)  # the duplicate acks, one per PDU behind the hole
     for ack in list(sim.b.pdus):
         sim.a.receive(ack, sim.now + 0.02)
     sim.b.pdus.clear()
     assert sim.a.counters.retransmitted == 1
-    assert sim.a.cwnd == pytest.approx(grown / 2, rel=0.05)
-    assert HDR.unpack_from(sim.a.pdus[0])[3] == HDR.unpack_from(flight[0])[3]
+    assert cwnd(sim.a) == pytest.approx(grown / 2, rel=0.05)
+    assert seq_of(sim.a.pdus[0]) == seq_of(flight[0])
     sim.a.pdus.clear()
-    deadline = sim.a.next_deadline()
+    deadline = sim.a.get_timer()
     assert deadline is not None
     sim.a.handle_timer(deadline)  # and the retransmission is lost too
-    assert sim.a.cwnd == 2.0
+    assert cwnd(sim.a) == 2.0
 
 
 def test_selective_acks_repair_every_hole_of_a_window_in_one_round_trip() -> None:
     sim = pair(delay=0.01, jitter=0.0)
     sim.stream(tagged(400, seed=1, max_size=50))
-    assert sim.a.cwnd > 40
+    assert cwnd(sim.a) > 40
     for i in range(40):
         sim.a.send(TAG.pack(i), sim.now)
     flight = list(sim.a.pdus)
@@ -441,12 +476,13 @@ def test_selective_acks_repair_every_hole_of_a_window_in_one_round_trip() -> Non
     for i, pdu in enumerate(flight):
         if i not in lost:
             sim.b.receive(pdu, sim.now + 0.01)
+    sim.b.handle_timer(sim.now + 0.01)
     acks = list(sim.b.pdus)
     sim.b.pdus.clear()
-    assert any(HDR.unpack_from(a)[0] & SACK for a in acks)
+    assert any(flags_of(a) & SACK for a in acks)
     for ack in acks:
         sim.a.receive(ack, sim.now + 0.02)
-    resent = sorted(HDR.unpack_from(p)[3] - HDR.unpack_from(flight[0])[3] for p in sim.a.pdus)
+    resent = sorted((seq_of(p) - seq_of(flight[0])) % SEQ_MOD for p in sim.a.pdus)
     assert resent == sorted(lost)  # every hole at once, each once, nothing the peer holds
     assert sim.a.counters.retransmitted == len(lost)
     for pdu in list(sim.a.pdus):
@@ -456,16 +492,17 @@ def test_selective_acks_repair_every_hole_of_a_window_in_one_round_trip() -> Non
 
 
 def test_sack_blocks_name_the_runs_held_out_of_order_nearest_first() -> None:
-    a, b = Frct(MTU, True), Frct(MTU, True)
+    a, b = new(), new()
     for i in range(30):
         a.send(TAG.pack(i), 0.0)
     flight = list(a.pdus)
-    for i in [*range(2, 5), *range(9, 12), 20]:  # holes at 0-1, 5-8, 12-19
+    for i in [0, *range(3, 6), *range(10, 13), 21]:  # holes at 1-2, 6-9, 13-20
         b.receive(flight[i], 0.01)
+    b.handle_timer(0.01)
     ack = b.pdus[-1]
-    assert HDR.unpack_from(ack)[0] & SACK
-    blocks = list(SACK_BLOCK.iter_unpack(ack[HDR.size :]))
-    assert blocks == [(2, 5), (9, 12), (20, 21)]
+    assert flags_of(ack) == ACK | FC | SACK
+    blocks = list(SACK_BLOCK.iter_unpack(ack[PCI.size :]))
+    assert blocks == [(3, 6), (10, 13), (21, 22)]
 
 
 @pytest.mark.parametrize("blocks", [
@@ -476,17 +513,17 @@ def test_sack_blocks_name_the_runs_held_out_of_order_nearest_first() -> None:
     SACK_BLOCK.pack(2, 4) * (MAX_SACK_BLOCKS + 1),  # too many
 ])  # fmt: skip
 def test_forged_or_malformed_sack_blocks_change_nothing(blocks: bytes) -> None:
-    a = Frct(MTU, True)
+    a = new()
     for i in range(10):
         a.send(TAG.pack(i), 0.0)
     a.pdus.clear()
-    before = dict(a.unacked)
-    a.receive(HDR.pack(ACK | SACK, 0, WINDOW, 0, 0) + blocks, 0.01)
-    assert a.unacked.keys() == before.keys() and a.counters.retransmitted == 0 and not a.pdus
+    held = dict(a.unacked)
+    a.receive(Pci(ACK | SACK, 0, 0, 0).pack() + blocks, 0.01)
+    assert a.unacked.keys() == held.keys() and a.counters.retransmitted == 0 and not a.pdus
 
 
 def test_two_way_traffic_on_a_clean_path_causes_no_retransmissions() -> None:
-    a, b = Frct(MTU, True), Frct(MTU, True)
+    a, b = new(), new()
     for i in range(5):
         a.send(TAG.pack(i), 0.0)
         b.send(TAG.pack(i), 0.0)
@@ -498,7 +535,7 @@ def test_two_way_traffic_on_a_clean_path_causes_no_retransmissions() -> None:
     for pdu in from_a:
         b.receive(pdu, 0.01)
     assert a.counters.retransmitted == b.counters.retransmitted == 0
-    assert a.cwnd >= 16
+    assert cwnd(a) >= 16
 
 
 # -- fragmentation ----------------------------------------------------------------------------------
@@ -518,12 +555,12 @@ def test_sdus_over_the_mtu_are_fragmented_into_pdus_that_fit() -> None:
     pdus = list(a.pdus)
     assert len(pdus) == 11
     assert all(len(p) <= MTU for p in pdus)
-    flags = [HDR.unpack_from(p)[0] for p in pdus]
-    assert flags[0] & FFGM and flags[0] & MFGM
-    assert all(f & MFGM and not f & FFGM for f in flags[1:-1])
+    flags = [flags_of(p) for p in pdus]
+    assert flags[0] & FFGM and flags[0] & MFGM and flags[0] & DRF
+    assert all(f & MFGM and not f & (FFGM | DRF) for f in flags[1:-1])
     assert not flags[-1] & (FFGM | MFGM)
     a.send(bytes(PAYLOAD), 0.0)  # exactly one PDU's worth: not fragmented
-    assert len(a.pdus) == 12 and not HDR.unpack_from(a.pdus[-1])[0] & (FFGM | MFGM)
+    assert len(a.pdus) == 12 and not flags_of(a.pdus[-1]) & (FFGM | MFGM)
 
 
 @pytest.mark.parametrize("loss", [0.0, 0.05, 0.20])
@@ -538,7 +575,7 @@ def test_fragmented_sdus_are_reassembled_exactly_even_under_loss(loss: float) ->
 
 
 def test_fragmentation_with_a_tiny_mtu() -> None:
-    sim = pair(mtu=HDR.size + 1, seed=4, loss=0.05, reorder=0.1)  # one byte per PDU
+    sim = pair(mtu=PCI.size + 1, seed=4, loss=0.05, reorder=0.1)  # one byte per PDU
     sdus = [b"a", b"hello, fragmented world", bytes(range(256))]
     sim.stream(sdus)
     assert sim.got_b == sdus
@@ -546,7 +583,7 @@ def test_fragmentation_with_a_tiny_mtu() -> None:
 
 def test_an_mtu_without_room_for_the_header_is_refused() -> None:
     with pytest.raises(ValueError, match="MTU"):
-        Frct(HDR.size, True)
+        Frct(PCI.size, True)
 
 
 # -- unreliable in-order flows ----------------------------------------------------------------------
@@ -563,12 +600,13 @@ def test_unreliable_in_order_flows_never_deliver_out_of_order_and_skip_gaps(loss
     assert len(got) < len(sdus), "nothing was lost: the test did not test skipping"
     assert len(got) > (1 - loss) * len(sdus) * 0.6, "gaps were not skipped: delivery stalled"
     assert sim.a.counters.retransmitted == 0 and not sim.a.unacked
-    assert not sim.b.pdus and sim.ba.sent == 0, "an unreliable flow sends no acks"
+    assert not sim.b.pdus
+    assert 0 < sim.ba.sent < len(sdus) // 50, "an unreliable flow sends no acks, only window updates"
     assert sim.b.counters.dropped > 0
 
 
 def test_unreliable_flow_skips_a_gap_and_drops_the_late_pdu() -> None:
-    a, b = Frct(MTU, False), Frct(MTU, False)
+    a, b = new(False), new(False)
     for i in range(4):
         a.send(TAG.pack(i), 0.0)
     p0, p1, p2, p3 = a.pdus
@@ -581,7 +619,7 @@ def test_unreliable_flows_refuse_sdus_they_would_have_to_fragment() -> None:
     # A lost fragment could not be told from a whole SDU, so unreliable flows never fragment.
     a = Frct(112, False)  # 100 bytes of payload per PDU
     a.send(bytes(100), 0.0)
-    with pytest.raises(ValueError, match="unreliable"):
+    with pytest.raises(ValueError, match="exceeds the 100 this flow carries"):
         a.send(bytes(101), 0.0)
     assert len(a.pdus) == 1
 
@@ -591,33 +629,35 @@ def test_unreliable_flows_refuse_sdus_they_would_have_to_fragment() -> None:
 
 @pytest.mark.parametrize("reliable", [True, False])
 def test_truncated_pdus_are_dropped_and_counted(reliable: bool) -> None:
-    a, b = Frct(MTU, reliable), Frct(MTU, reliable)
+    a, b = new(reliable), new(reliable)
     a.send(b"good", 0.0)
     good = a.pdus.popleft()
-    for n in range(HDR.size):
+    for n in range(PCI.size + 1):
         b.receive(good[:n], 0.0)
-    assert b.counters.dropped == HDR.size
+    assert b.counters.malformed == PCI.size + 1  # a data PDU with no payload is malformed too
     assert b.counters.received == 0 and not b.sdus and not b.pdus and b.rcv_nxt == 0
     b.receive(good, 0.0)  # and the flow goes on
     assert list(b.sdus) == [b"good"]
 
 
 def test_pdus_far_outside_the_receive_window_are_not_delivered() -> None:
-    b = Frct(MTU, True)
-    b.receive(HDR.pack(DATA, 0, WINDOW, WINDOW + 5, 0) + b"future", 0.0)
-    b.receive(HDR.pack(DATA, 0, WINDOW, SEQ_MOD - 3, 0) + b"past", 0.0)
-    assert not b.sdus and not b.ooo and b.rcv_nxt == 0
+    b = new()
+    b.receive(Pci(DATA | DRF, 0, 0, 0).pack() + b"first", 0.0)
+    b.receive(Pci(DATA, 0, RQ_SIZE + 5, 0).pack() + b"future", 0.0)
+    b.receive(Pci(DATA, 0, SEQ_MOD - 3, 0).pack() + b"past", 0.0)
+    assert list(b.sdus) == [b"first"] and not b.ooo and b.rcv_nxt == 1
+    assert b.counters.out_of_window == 1 and b.counters.duplicates == 1
 
 
 def test_an_ack_for_data_never_sent_is_dropped_and_counted() -> None:
-    a = Frct(MTU, True)
+    a = new()
     for i in range(5):
         a.send(TAG.pack(i), 0.0)
     a.pdus.clear()
-    a.receive(HDR.pack(ACK, 0, WINDOW, 0, a.snd_nxt + 10), 0.001)
+    a.receive(Pci(ACK, 0, 0, a.snd_nxt + 10).pack(), 0.001)
     assert len(a.unacked) == 5, "PDUs the peer never received were taken as acknowledged"
     assert a.snd_una == 0
-    assert a.counters.dropped == 1
+    assert a.counters.malformed == 1
 
 
 def _no_ack_flag(data: bytes) -> bytes:
@@ -631,15 +671,16 @@ def test_garbage_never_crashes_the_receiver(garbage: list[bytes], reliable: bool
     b = Frct(MTU, reliable)
     for g in garbage:
         b.receive(g, 0.0)
-    assert b.counters.dropped >= sum(1 for g in garbage if len(g) < HDR.size)
-    assert all(len(p) >= HDR.size for p in b.pdus)
+        b.handle_timer(0.0)
+    assert b.counters.malformed >= sum(1 for g in garbage if len(g) < PCI.size)
+    assert all(len(p) >= PCI.size for p in b.pdus)
 
 
 # -- property: random schedules -----------------------------------------------------------------------
 
 fate = st.tuples(st.booleans(), st.integers(0, 9), st.integers(0, 50)).map(
     lambda t: (t[0], t[1] == 0, t[2] / 1000))  # (drop, duplicate 1 in 10, extra delay 0..50 ms)
-MAX_RUN = 3  # drops in a row a schedule may hold: a PDU lost MAX_TRIES times in a row ends a flow by design
+MAX_RUN = 3  # drops in a row a schedule may hold
 
 
 def bounded(schedule: list[tuple[bool, bool, float]]) -> list[tuple[bool, bool, float]]:

@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import BIN, IrmdProc, accepted_pair, irmd_env, parse_table, pid_alive, wait_for
 
 from flowlib import qos
@@ -15,10 +16,9 @@ from flowlib.irm import IrmClient
 IrmFn = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def test_successful_command_exits_zero_and_reports(irm: IrmFn) -> None:
+def test_a_successful_command_exits_zero_and_says_nothing_as_ouroboros_does(irm: IrmFn) -> None:
     r = irm("ipcp", "bootstrap", "name", "lo", "layer", "local", "type", "local")
-    assert r.returncode == 0
-    assert "ipcp lo is in layer local" in r.stdout
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
 
 
 def test_unknown_word_exits_nonzero_naming_the_word(irm: IrmFn) -> None:
@@ -46,15 +46,29 @@ def test_irm_without_an_irmd_exits_nonzero_saying_it_cannot_reach_it(tmp_path: P
     assert "cannot reach the IRMd" in r.stderr
 
 
-def test_irm_help_prints_the_grammar_and_exits_zero(irmd: IrmdProc) -> None:
+def test_irm_help_prints_the_operations_and_exits_zero(irmd: IrmdProc) -> None:
     r = irmd.irm("help")
     assert r.returncode == 0
-    assert "irm ipcp bootstrap" in r.stdout and "unique prefix" in r.stdout
+    assert r.stdout == "Usage: irm [OPERATION]\n\nwhere OPERATION in { ipcp bind unbind name flow dump }\n"
 
 
-def test_empty_tables_print_none(irmd: IrmdProc) -> None:
-    for args in (("ipcp", "list"), ("name", "list"), ("flow", "list")):
-        assert irmd.irm_ok(*args).stdout.strip() == "(none)"
+@pytest.mark.parametrize("level", ["ipcp", "bind", "unbind", "name", "flow", "dump"])
+def test_every_level_has_its_help(irmd: IrmdProc, level: str) -> None:
+    r = irmd.irm(level, "help")
+    assert r.returncode == 0 and r.stdout.startswith(f"Usage: irm {level} [OPERATION]\n\nwhere OPERATION in {{")
+
+
+def test_a_command_missing_what_it_needs_prints_its_usage(irmd: IrmdProc) -> None:
+    r = irmd.irm("ipcp", "bootstrap", "name", "x")
+    assert r.returncode == 2 and 'missing "layer <value>"' in r.stderr
+    assert r.stdout.startswith("Usage: irm ipcp bootstrap\n")
+    assert "[dht_k <replication factor> (default: 8)]" in r.stdout
+
+
+def test_empty_tables_say_so_as_ouroboros_does(irmd: IrmdProc) -> None:
+    for args, says in ((("ipcp", "list"), "No IPCPs in system."), (("name", "list"), "No names in system."),
+                       (("flow", "list"), "No flows in system.")):
+        assert irmd.irm_ok(*args).stdout.strip() == says
 
 
 def test_ipcp_list_shows_the_bootstrapped_ipcp(irmd: IrmdProc, local_layer: str) -> None:
@@ -86,9 +100,13 @@ def test_creating_an_ipcp_twice_is_refused(irmd: IrmdProc) -> None:
     assert r.returncode != 0 and "already exists" in r.stderr
 
 
-def test_bootstrap_of_a_second_ipcp_into_the_same_layer_is_refused(irmd: IrmdProc, local_layer: str) -> None:
-    r = irmd.irm("ipcp", "bootstrap", "name", "lo2", "layer", local_layer, "type", "local")
-    assert r.returncode != 0 and "already has an IPCP" in r.stderr
+def test_a_layer_may_have_several_ipcps_in_one_irmd(irmd: IrmdProc, local_layer: str) -> None:
+    irmd.irm_ok("ipcp", "bootstrap", "name", "lo2", "layer", local_layer, "type", "local")
+    irmd.note_children()
+    assert [r["name"] for r in irmd.table("ipcp", "list", "layer", local_layer)] == ["lo", "lo2"]
+    irmd.irm_ok("name", "register", "pong", "layer", local_layer)  # with both
+    irmd.irm_ok("name", "unregister", "pong", "ipcp", "lo")
+    assert irmd.table("name", "list")[0]["layers"] == local_layer  # still through lo2
 
 
 def test_ipcp_destroy_stops_its_process(irmd: IrmdProc, local_layer: str) -> None:
@@ -98,11 +116,15 @@ def test_ipcp_destroy_stops_its_process(irmd: IrmdProc, local_layer: str) -> Non
     wait_for(lambda: not pid_alive(pid), 5, "the destroyed IPCP to exit")
 
 
-def test_autobind_binds_the_ipcp_to_its_name_and_layer(irmd: IrmdProc) -> None:
+def test_autobind_binds_the_ipcp_to_its_name_and_layer_and_registers_them_below(irmd: IrmdProc) -> None:
     irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "layer", "local", "type", "local", "autobind")
-    pid = irmd.ipcp_pid("lo")
+    assert irmd.table("name", "list") == []  # as in Ouroboros, only unicast and broadcast IPCPs autobind
+    irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "layer", "net", "type", "unicast", "autobind")
+    irmd.note_children()
+    pid = irmd.ipcp_pid("n1")
     names = {r["name"]: r for r in irmd.table("name", "list")}
-    assert names["lo"]["pids"] == names["local"]["pids"] == str(pid)
+    assert names["n1"]["pids"] == names["net"]["pids"] == str(pid)
+    assert names["n1"]["layers"] == names["net"]["layers"] == "local"
 
 
 def test_name_create_and_destroy(irmd: IrmdProc) -> None:
@@ -134,10 +156,18 @@ def test_name_unregister_removes_the_layer(irmd: IrmdProc, local_layer: str) -> 
     assert irmd.table("name", "list")[0]["layers"] == "-"
 
 
-def test_destroying_a_registered_name_is_refused(irmd: IrmdProc, local_layer: str) -> None:
+def test_destroying_a_registered_name_unregisters_it_first(irmd: IrmdProc, local_layer: str) -> None:
     irmd.irm_ok("name", "register", "pong", "layer", local_layer)
-    r = irmd.irm("name", "destroy", "pong")
-    assert r.returncode != 0 and "unregister it first" in r.stderr
+    irmd.irm_ok("name", "destroy", "pong")
+    assert irmd.table("name", "list") == []
+    irmd.irm_ok("name", "register", "pong", "layer", local_layer)  # the IPCP let go of it: it registers anew
+
+
+def test_registering_twice_is_no_error(irmd: IrmdProc, local_layer: str) -> None:
+    irmd.irm_ok("name", "register", "pong", "layer", local_layer)
+    irmd.irm_ok("name", "register", "pong", "layer", local_layer)
+    r = irmd.irm("name", "unregister", "pong", "layer", "nowhere")
+    assert r.returncode == 1 and "layer 'nowhere' not found" in r.stderr
 
 
 def test_bind_process_lists_the_pid_and_unbind_removes_it(irmd: IrmdProc) -> None:
@@ -193,3 +223,37 @@ def test_tables_have_a_header_and_ruled_borders(irmd: IrmdProc, local_layer: str
     assert lines[0].startswith("+-") and lines[2].startswith("+-") and lines[-1].startswith("+-")
     assert [c.strip() for c in lines[1].strip("|").split("|")] == ["pid", "name", "type", "layer", "state"]
     assert len(parse_table("\n".join(lines))) == 1
+
+
+def test_ipcp_names_in_bootstrap_and_layers_in_register_take_patterns(irmd: IrmdProc) -> None:
+    for name in ("u1", "u2", "v1"):
+        irmd.irm_ok("ipcp", "create", "name", name, "type", "local")
+    irmd.note_children()
+    irmd.irm_ok("ipcp", "bootstrap", "name", "u*", "layer", "ul")
+    assert {(r["name"], r["layer"]) for r in irmd.table("ipcp", "list")} == {("u1", "ul"), ("u2", "ul"), ("v1", "-")}
+    irmd.irm_ok("ipcp", "bootstrap", "name", "v1", "layer", "vl")
+    irmd.irm_ok("name", "register", "both", "layer", "*l")
+    irmd.irm_ok("name", "register", "one", "ipcp", "u1")
+    layers = {r["name"]: r["layers"] for r in irmd.table("name", "list")}
+    assert layers == {"both": "ul,vl", "one": "ul"}
+    irmd.irm_ok("name", "unregister", "both", "ipcp", "u*")
+    assert {r["name"]: r["layers"] for r in irmd.table("name", "list")}["both"] == "vl"
+    r = irmd.irm("ipcp", "bootstrap", "name", "w*", "layer", "wl", "type", "local")
+    assert r.returncode == 1 and "no ipcp here matches 'w*'" in r.stderr  # a pattern makes no IPCP
+
+
+def test_enroll_without_a_type_makes_a_unicast_ipcp(irmd: IrmdProc, local_layer: str) -> None:
+    r = irmd.irm("ipcp", "enroll", "name", "n2", "dst", "nobody-here")
+    irmd.note_children()
+    assert r.returncode == 1 and "nobody-here" in r.stderr
+    assert [(i["name"], i["type"], i["state"]) for i in irmd.table("ipcp", "list", "name", "n2")] == [
+        ("n2", "unicast", "init")]
+
+
+def test_ipcp_show_prints_what_the_ipcp_tells_of_itself(irmd: IrmdProc) -> None:
+    irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net")
+    irmd.note_children()
+    out = irmd.irm_ok("ipcp", "show", "name", "n1").stdout
+    assert out.startswith("ipcp:\n+") and "| n1 " in out and "net" in out
+    r = irmd.irm("ipcp", "show", "name", "nosuch")
+    assert r.returncode == 1 and "ipcp 'nosuch' not found" in r.stderr

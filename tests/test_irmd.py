@@ -20,6 +20,7 @@ from flowlib.errors import FlowDown, FlowError, IrmdUnreachable, NameNotFound
 from flowlib.events import EventQueue, EventType, FlowSet, fevent
 from flowlib.irm import IrmClient
 from proto import messages as m
+from proto.control import bind_and_register
 from transports.unix import recv_frame, send_frame
 from transports.wire import HEADER, MAGIC, MAX_FRAME, REPLY, VERSION, Error, Message
 
@@ -260,6 +261,7 @@ def test_many_connections_that_come_and_go_do_not_hurt_the_irmd(irmd: IrmdProc) 
 HIT_AND_RUN = """
 import socket, sys
 from proto import messages as m
+from proto.control import bind_and_register
 from transports.unix import send_frame
 for _ in range(int(sys.argv[3])):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -298,6 +300,7 @@ def test_client_that_allocates_and_disconnects_at_once_leaves_no_flow_behind(
 ACCEPT_AND_RUN = """
 import socket, sys, os
 from proto import messages as m
+from proto.control import bind_and_register
 from transports.unix import send_frame, recv_frame
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(sys.argv[1])
@@ -448,3 +451,42 @@ def test_frames_are_versioned_json_as_documented() -> None:
     magic, version, code, req_id, length = HEADER.unpack_from(data)
     assert (magic, version, code, req_id, length) == (b"OU", 1, m.FlowDealloc.TYPE, 9, len(data) - HEADER.size)
     assert json.loads(data[HEADER.size:]) == {"flow_id": 5}
+
+
+def test_a_server_binds_and_registers_in_one_call_tolerating_a_registration_already_there(
+    irmd: IrmdProc, local_layer: str, client_factory: Callable[[], IrmClient]
+) -> None:
+    irmd.irm_ok("ipcp", "bootstrap", "name", "lo2", "type", "local", "layer", "local2")
+    irmd.note_children()
+    irmd.irm_ok("name", "register", "srv", "layer", "local")  # an admin registered it in the first layer
+    client = client_factory()
+    bind_and_register(client.channel, os.getpid(), "srv", ["local", "local2"])
+    row = next(r for r in irmd.table("name", "list") if r["name"] == "srv")
+    assert (row["layers"], row["pids"]) == ("local,local2", str(os.getpid()))
+    with pytest.raises(NameNotFound, match="layer 'nosuch' not found"):  # anything else still fails
+        bind_and_register(client.channel, os.getpid(), "srv", ["nosuch"])
+
+
+def test_irmd_prints_its_version_and_refuses_a_bad_command_line_with_its_usage() -> None:
+    r = subprocess.run([str(BIN / "irmd"), "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("Ouroboros version 0.23.0 (ouroboros-py ")
+    r = subprocess.run([str(BIN / "irmd"), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "Usage: irmd" in r.stderr and "[--stdout" in r.stderr
+
+
+def test_irmd_stdout_sends_its_log_and_its_ipcps_to_stdout(tmp_path: Path) -> None:
+    sock = tmp_path / "irmd.sock"
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([str(BIN / "irmd"), "--sock", str(sock), "--stdout"], env=irmd_env(sock),
+                                stdout=o, stderr=e)
+    irmd = IrmdProc(sock, out, proc, irmd_env(sock))
+    try:
+        wait_for(lambda: sock.exists(), 15, "the irmd socket")
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        wait_for(lambda: "ipcp[lo]" in out.read_text(), 10, "the IPCP's log on stdout")
+        assert "irmd listening" in out.read_text()
+    finally:
+        stop_irmd(irmd)
+    assert err.read_text() == ""

@@ -80,3 +80,52 @@ def test_oping_works_over_a_local_layer_with_another_hash(irmd: IrmdProc) -> Non
 def test_oping_with_a_reliable_qos_gets_every_reply(irmd: IrmdProc, pong: str) -> None:
     r = irmd.run("oping", "-n", pong, "-c", "3", "-i", "10", "-q", "data")
     assert "3 packets transmitted, 3 received" in r.stdout, r.stderr
+
+
+# -- C's options and output --------------------------------------------------------------------------
+
+RTT_LINE = re.compile(r"^(\[\d+\.\d{6}\] )?64 bytes from pong: seq=(\d+) time=\d+\.\d{3} (µs|ms)( \[out-of-order\])?$")
+STATS = re.compile(r"rtt min/avg/max/mdev = [\d.]+/[\d.]+/[\d.]+/([\d.]+|NaN) (µs|ms)$")
+
+
+def reply_lines(out: str) -> list[re.Match[str]]:
+    return [m for line in out.splitlines() if (m := RTT_LINE.match(line))]
+
+
+@pytest.mark.parametrize("flood", ["-f", "-F"])
+def test_flood_pings_back_to_back_and_gets_every_reply(irmd: IrmdProc, pong: str, flood: str) -> None:
+    r = irmd.run("oping", "-n", pong, "-c", "200", flood)
+    assert "200 packets transmitted, 200 received, 0 out-of-order, 0% packet loss" in r.stdout, r.stdout + r.stderr
+    assert [int(m.group(2)) for m in reply_lines(r.stdout)] == list(range(200))
+    assert STATS.search(r.stdout)
+    assert ("busy-poll" in r.stdout) == (flood == "-F")
+
+
+def test_timeofday_prefixes_every_reply_line(irmd: IrmdProc, pong: str) -> None:
+    r = irmd.run("oping", "-n", pong, "-c", "3", "-i", "10", "-D")
+    lines = reply_lines(r.stdout)
+    assert len(lines) == 3 and all(m.group(1) for m in lines), r.stdout
+    stamp = float(lines[0].group(1)[1:-2])
+    assert abs(stamp - time.time()) < 60
+
+
+def test_duration_over_interval_gives_the_count_and_times_are_ms_unless_tiny(irmd: IrmdProc, pong: str) -> None:
+    r = irmd.run("oping", "-n", pong, "-d", "100", "-i", "10")  # as C: ms without a unit
+    assert "10 packets transmitted, 10 received" in r.stdout, r.stdout + r.stderr
+    assert len(reply_lines(r.stdout)) == 10
+
+
+def test_out_of_range_options_are_set_as_c_says(irmd: IrmdProc, pong: str) -> None:
+    r = irmd.run("oping", "-n", pong, "-c", "1", "-s", "10", "-i", "11s", "-f")
+    assert "Packet size set to 64 bytes." in r.stdout and "Ping interval truncated to 10s." in r.stdout
+    assert "1 packets transmitted, 1 received" in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["--poll", "--busy"])
+def test_the_polling_and_busy_servers_answer(irmd: IrmdProc, local_layer: str, mode: str) -> None:
+    irmd.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l", mode)
+    irmd.irm_ok("name", "register", "pong", "layer", local_layer)
+    r = irmd.run("oping", "-n", "pong", "-c", "20", "-i", "5")
+    assert "20 packets transmitted, 20 received" in r.stdout, r.stdout + r.stderr
+    if mode == "--busy":
+        assert "[busy-poll]" in irmd.log_text()

@@ -1,4 +1,4 @@
-"""QoS specifications (flowlib.qos): presets as Ouroboros's, and validation."""
+"""QoS specifications (flowlib.qos): presets as C Ouroboros 0.23's qos.h, and validation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,33 @@ from flowlib.qos import UINT32_MAX, UINT64_MAX, QosSpec
 def test_raw_is_the_default_spec_and_unreliable() -> None:
     assert qos.raw == QosSpec()
     assert (qos.raw.loss, qos.raw.ber, qos.raw.in_order) == (1, 1, 0)
-    assert not qos.raw.reliable
+    assert not qos.raw.reliable and not qos.raw.crc and not qos.raw.frct
+
+
+# C 0.23's include/ouroboros/qos.h, field by field:
+# (delay, bandwidth, availability, loss, ber, in_order, max_gap, timeout)
+C_PRESETS = {
+    "raw": (UINT32_MAX, 0, 0, 1, 1, 0, UINT32_MAX, 120000),
+    "raw_no_errors": (UINT32_MAX, 0, 0, 1, 0, 0, UINT32_MAX, 120000),
+    "best_effort": (UINT32_MAX, 0, 0, 1, 0, 1, UINT32_MAX, 120000),
+    "video": (100, UINT64_MAX, 3, 1, 0, 1, 100, 120000),
+    "voice": (50, 100000, 5, 1, 0, 1, 50, 120000),
+    "data": (1000, 0, 0, 0, 0, 1, 2000, 120000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(C_PRESETS))
+def test_presets_are_c_ouroboros_0_23s_field_for_field(name: str) -> None:
+    spec = qos.PRESETS[name]
+    fields = ("delay", "bandwidth", "availability", "loss", "ber", "in_order", "max_gap", "timeout")
+    assert tuple(getattr(spec, f) for f in fields) == C_PRESETS[name]
+    assert spec.cypher_s == 0
+
+
+def test_every_preset_has_the_default_peer_timeout_and_ber_0_asks_for_a_crc() -> None:
+    assert {p.timeout for p in qos.PRESETS.values()} == {qos.DEFAULT_PEER_TIMEOUT} == {120_000}
+    assert [n for n, p in sorted(qos.PRESETS.items()) if p.crc] == [
+        "best", "best_effort", "data", "raw_no_errors", "video", "voice"]
 
 
 def test_best_effort_asks_for_integrity_and_order_but_not_retransmission() -> None:
@@ -37,13 +63,14 @@ def test_unbounded_fields_default_to_uint32_max() -> None:
     assert qos.raw.delay == qos.raw.max_gap == UINT32_MAX
 
 
-@pytest.mark.parametrize("name", ["raw", "best", "best_effort", "video", "voice", "data"])
+@pytest.mark.parametrize("name", ["raw", "raw_no_errors", "best", "best_effort", "video", "voice", "data"])
 def test_presets_are_found_by_name(name: str) -> None:
     assert qos.by_name(name) is qos.PRESETS[name]
 
 
 def test_unknown_preset_name_error_lists_the_presets() -> None:
-    with pytest.raises(ValueError, match="unknown qos 'gold': expected one of best, best_effort, data"):
+    with pytest.raises(ValueError, match="unknown qos 'gold': expected one of best, best_effort, data, raw, "
+                                         "raw_no_errors, video, voice"):
         qos.by_name("gold")
 
 

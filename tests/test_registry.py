@@ -1,41 +1,57 @@
-"""The IRMd's bookkeeping (irmd.registry), free of I/O."""
+"""The IRMd's registry (irmd.reg): names, bindings, flows, IPCPs and the decisions about them, free of I/O."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
-from irmd.registry import Acceptor, Registry, RegistryError, check_name, name_hash, prog_key
+from irmd.identity import Peer, Program
+from irmd.reg import Acceptor, FlowEvent, FlowState, IllegalFlowTransition, Ipcp, ProcBinding, Registry, prog_key
+from irmd.reg.flow import TRANSITIONS, next_state, try_next_layer, worse
+from irmd.reg.ipcp import by_preference, settled, wildcard_match
+from proto.errors import Busy, InvalidArgument, NotFound
+from proto.names import check_name, name_hash
+
+IRMD_UID = 4242  # the IRMd's own user in these tests: not root, not the users below
+USER, OTHER = 1000, 1001
 
 
 @pytest.fixture
 def reg() -> Registry:
-    return Registry()
+    return Registry(IRMD_UID)
 
 
-def acceptors(*pids: int, prog: str = "/usr/bin/other") -> list[Acceptor]:
-    return [Acceptor(conn_id=100 + pid, pid=pid, prog=prog) for pid in pids]
+def peer(pid: int, uid: int = USER, exe: str = "/usr/bin/other", start: int = 7, argv: tuple[str, ...] = ()) -> Peer:
+    return Peer(pid, uid, uid, start, exe, argv or (exe,), "/")
+
+
+def acceptors(*pids: int, exe: str = "/usr/bin/other") -> list[Acceptor]:
+    return [Acceptor(100 + pid, peer(pid, exe=exe)) for pid in pids]
+
+
+def bind_pid(reg: Registry, name: str, pid: int, start: int = 7) -> None:
+    reg.bind_proc(name, ProcBinding(pid, start, USER))
 
 
 # -- names ----------------------------------------------------------------------
 
 
-def test_create_name_defaults_to_round_robin(reg: Registry) -> None:
-    assert reg.create_name("pong").lb == "round-robin"
+def test_a_name_made_without_a_policy_spills_over_as_in_ouroboros(reg: Registry) -> None:
+    assert reg.create_name("pong").lb == "spillover"
+    assert reg.create_name("ping", "round-robin").lb == "round-robin"
 
 
 def test_create_name_rejects_an_unknown_lb_policy_naming_the_choices(reg: Registry) -> None:
-    with pytest.raises(RegistryError, match="round-robin or spillover") as err:
+    with pytest.raises(InvalidArgument, match="round-robin or spillover"):
         reg.create_name("pong", "random")
-    assert err.value.code == "EINVAL"
 
 
 @pytest.mark.parametrize("bad", ["", "two words", "tab\there", "nl\n", "x" * 256, "bell\x07"])
 def test_bad_names_are_rejected(bad: str) -> None:
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(InvalidArgument):
         check_name(bad)
-    assert err.value.code == "EINVAL"
 
 
 def test_longest_allowed_name_is_accepted() -> None:
@@ -43,7 +59,7 @@ def test_longest_allowed_name_is_accepted() -> None:
 
 
 def test_get_unknown_name_is_enoent_saying_not_found(reg: Registry) -> None:
-    with pytest.raises(RegistryError, match="'ghost' not found") as err:
+    with pytest.raises(NotFound, match="'ghost' not found") as err:
         reg.get_name("ghost")
     assert err.value.code == "ENOENT"
 
@@ -55,8 +71,9 @@ def test_destroy_removes_an_unregistered_name(reg: Registry) -> None:
 
 
 def test_destroy_refuses_a_name_registered_in_a_layer(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("local")
-    with pytest.raises(RegistryError, match="registered in local; unregister it first"):
+    reg.ipcps["lo"] = ipcp("lo", "local", "local")
+    reg.create_name("pong").regs.add("lo")
+    with pytest.raises(Busy, match="registered in local; unregister it first"):
         reg.destroy_name("pong")
     assert "pong" in reg.names
 
@@ -64,20 +81,30 @@ def test_destroy_refuses_a_name_registered_in_a_layer(reg: Registry) -> None:
 # -- bindings -------------------------------------------------------------------
 
 
-def test_bind_program_creates_the_name_and_records_path_args_auto(reg: Registry) -> None:
-    reg.bind_program("pong", "/usr/bin/oping", ["-l"], True)
-    binding = reg.names["pong"].programs["oping"]
-    assert (binding.path, binding.args, binding.auto) == ("/usr/bin/oping", ["-l"], True)
+def test_names_list_in_the_order_they_were_made(reg: Registry) -> None:
+    for name in ("b", "a", "c"):
+        reg.create_name(name)
+    assert sorted(reg.names, key=lambda n: reg.names[n].seq) == ["b", "a", "c"]
 
 
-def test_programs_are_matched_by_base_name() -> None:
-    assert prog_key("/usr/local/bin/oping") == prog_key("oping") == "oping"
+def test_bind_program_creates_the_name_and_records_path_args_auto_and_owner(reg: Registry) -> None:
+    reg.bind_program("pong", "/usr/bin/oping", ["-l"], True, owner=0)
+    binding = reg.names["pong"].programs[prog_key("/usr/bin/oping")]
+    assert (binding.path, binding.args, binding.auto, binding.owner) == ("/usr/bin/oping", ["-l"], True, 0)
+
+
+def test_programs_are_keyed_by_their_real_path(tmp_path: os.PathLike[str]) -> None:
+    real = os.path.join(tmp_path, "prog")
+    link = os.path.join(tmp_path, "link")
+    open(real, "w").close()
+    os.symlink(real, link)
+    assert prog_key(link) == prog_key(real) == os.path.realpath(real)
 
 
 def test_unbind_program_removes_it_from_every_name_when_no_name_given(reg: Registry) -> None:
     reg.bind_program("a", "/bin/oping", [], False)
     reg.bind_program("b", "/bin/oping", [], False)
-    reg.unbind_program("oping")
+    reg.unbind_program("/bin/oping")
     assert not reg.names["a"].programs and not reg.names["b"].programs
 
 
@@ -85,44 +112,78 @@ def test_unbind_program_with_a_name_keeps_other_bindings(reg: Registry) -> None:
     reg.bind_program("a", "/bin/oping", [], False)
     reg.bind_program("b", "/bin/oping", [], False)
     reg.unbind_program("/bin/oping", "a")
-    assert "oping" not in reg.names["a"].programs and "oping" in reg.names["b"].programs
+    assert not reg.names["a"].programs and reg.names["b"].programs
 
 
 def test_unbind_of_an_unbound_program_is_enoent(reg: Registry) -> None:
     reg.create_name("a")
-    with pytest.raises(RegistryError, match="not bound") as err:
+    with pytest.raises(NotFound, match="not bound"):
         reg.unbind_program("/bin/oping")
-    assert err.value.code == "ENOENT"
 
 
 def test_bind_and_unbind_pid(reg: Registry) -> None:
-    reg.bind_pid("a", 42)
+    bind_pid(reg, "a", 42)
     assert 42 in reg.names["a"].pids
     reg.unbind_pid(42, "a")
     assert 42 not in reg.names["a"].pids
 
 
 def test_unbind_of_an_unbound_pid_is_enoent(reg: Registry) -> None:
-    reg.bind_pid("a", 42)
-    with pytest.raises(RegistryError, match="process 7 is not bound") as err:
+    bind_pid(reg, "a", 42)
+    with pytest.raises(NotFound, match="process 7 is not bound"):
         reg.unbind_pid(7)
-    assert err.value.code == "ENOENT"
+
+
+def test_unbind_pid_without_a_name_stays_within_the_scope_given(reg: Registry) -> None:
+    bind_pid(reg, "a", 42)
+    bind_pid(reg, "b", 42)
+    reg.unbind_pid(42, scope=[reg.names["a"]])
+    assert 42 not in reg.names["a"].pids and 42 in reg.names["b"].pids
 
 
 def test_forget_pid_drops_it_from_all_names(reg: Registry) -> None:
-    reg.bind_pid("a", 42)
-    reg.bind_pid("b", 42)
+    bind_pid(reg, "a", 42)
+    bind_pid(reg, "b", 42)
     reg.forget_pid(42)
     assert not reg.names["a"].pids and not reg.names["b"].pids
 
 
-def test_bound_by_pid_or_by_program(reg: Registry) -> None:
+# -- who may accept -------------------------------------------------------------
+
+
+def test_a_pid_binding_is_that_process_not_a_later_one_with_its_pid(reg: Registry) -> None:
     entry = reg.create_name("a")
-    reg.bind_pid("a", 42)
-    reg.bind_program("a", "/bin/oping", [], False)
-    assert reg.bound(entry, Acceptor(1, 42, "/bin/sh"))
-    assert reg.bound(entry, Acceptor(2, 43, "/opt/bin/oping"))
-    assert not reg.bound(entry, Acceptor(3, 44, "/bin/sh"))
+    bind_pid(reg, "a", 42, start=1000)
+    assert reg.bound(entry, Acceptor(1, peer(42, start=1000)))
+    assert not reg.bound(entry, Acceptor(1, peer(42, start=2000)))
+
+
+def test_a_program_binding_takes_a_process_running_it_as_its_owner_root_or_the_irmds_user(reg: Registry) -> None:
+    entry = reg.create_name("a")
+    reg.bind_program("a", "/bin/oping", [], False, owner=USER, program=Program("/bin/oping", "/bin/oping"))
+    for uid in (USER, 0, IRMD_UID):
+        assert reg.bound(entry, Acceptor(1, peer(50, uid=uid, exe="/bin/oping"))), uid
+    assert not reg.bound(entry, Acceptor(1, peer(50, uid=OTHER, exe="/bin/oping")))  # the program, another user
+    assert not reg.bound(entry, Acceptor(1, peer(50, uid=USER, exe="/bin/sh")))  # the user, another program
+
+
+def test_what_a_process_announces_is_no_identity(reg: Registry) -> None:
+    """Only the kernel's exe counts: a process whose argv[0] says oping is not oping."""
+    entry = reg.create_name("a")
+    reg.bind_program("a", "/bin/oping", [], False, owner=USER, program=Program("/bin/oping", "/bin/oping"))
+    liar = peer(50, exe="/bin/sh", argv=("/bin/oping", "-l"))
+    assert not reg.bound(entry, Acceptor(1, liar))
+
+
+def test_a_process_the_irmd_started_for_one_name_takes_that_names_flows_only(reg: Registry) -> None:
+    a, b = reg.create_name("a"), reg.create_name("b")
+    for name in ("a", "b"):
+        reg.bind_program(name, "/bin/depot", [name], True, owner=USER, program=Program("/bin/depot", "/bin/depot"))
+    reg.started[60] = ("a", 5)
+    started = Acceptor(1, peer(60, exe="/bin/depot", start=5))
+    assert reg.bound(a, started) and not reg.bound(b, started)
+    later = Acceptor(1, peer(60, exe="/bin/depot", start=9))  # the pid again, another process: a plain instance
+    assert reg.bound(a, later) and reg.bound(b, later)
 
 
 def test_auto_program_is_the_binding_marked_auto(reg: Registry) -> None:
@@ -139,7 +200,7 @@ def test_auto_program_is_the_binding_marked_auto(reg: Registry) -> None:
 def test_round_robin_pick_cycles_over_bound_acceptors(reg: Registry) -> None:
     entry = reg.create_name("a", "round-robin")
     for pid in (1, 2, 3):
-        reg.bind_pid("a", pid)
+        bind_pid(reg, "a", pid)
     ready = acceptors(1, 2, 3)
     picks = [reg.pick(entry, ready).pid for _ in range(6)]  # type: ignore[union-attr]
     assert picks == [1, 2, 3, 1, 2, 3]
@@ -148,7 +209,7 @@ def test_round_robin_pick_cycles_over_bound_acceptors(reg: Registry) -> None:
 def test_spillover_pick_always_takes_the_first_bound_acceptor(reg: Registry) -> None:
     entry = reg.create_name("a", "spillover")
     for pid in (1, 2, 3):
-        reg.bind_pid("a", pid)
+        bind_pid(reg, "a", pid)
     ready = acceptors(1, 2, 3)
     assert [reg.pick(entry, ready).pid for _ in range(4)] == [1, 1, 1, 1]  # type: ignore[union-attr]
     assert reg.pick(entry, ready[1:]).pid == 2  # type: ignore[union-attr]
@@ -156,13 +217,13 @@ def test_spillover_pick_always_takes_the_first_bound_acceptor(reg: Registry) -> 
 
 def test_pick_ignores_acceptors_not_bound_to_the_name(reg: Registry) -> None:
     entry = reg.create_name("a")
-    reg.bind_pid("a", 2)
+    bind_pid(reg, "a", 2)
     assert reg.pick(entry, acceptors(1, 2, 3)).pid == 2  # type: ignore[union-attr]
 
 
 def test_pick_with_no_bound_acceptor_is_none(reg: Registry) -> None:
     entry = reg.create_name("a")
-    reg.bind_pid("a", 9)
+    bind_pid(reg, "a", 9)
     assert reg.pick(entry, acceptors(1, 2)) is None
 
 
@@ -175,26 +236,42 @@ def test_name_hash_is_the_layers_sha3_of_the_name(algo: str) -> None:
 
 
 def test_unknown_hash_is_einval() -> None:
-    with pytest.raises(RegistryError, match="unknown hash 'MD5'"):
-        name_hash("MD5", "pong")
+    with pytest.raises(InvalidArgument, match="unknown hash 'SHA1'"):
+        name_hash("SHA1", "pong")
 
 
-def test_name_for_hash_finds_the_name_registered_in_that_layer(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("local")
-    reg.create_name("ping").layers.add("local")
-    found = reg.name_for_hash("local", "SHA3_256", name_hash("SHA3_256", "pong"))
+def test_udp_layers_hash_names_with_md5_as_ouroboros() -> None:
+    assert name_hash("MD5", "pingsrv").hex() == "d2734aedb9cfd555ae646fd801963bfa"  # INTEROP-0.23.md §1.1
+
+
+def test_name_for_hash_finds_the_name_registered_with_that_ipcp(reg: Registry) -> None:
+    reg.create_name("pong").regs.add("lo")
+    reg.create_name("ping").regs.add("lo")
+    found = reg.name_for_hash("lo", "SHA3_256", name_hash("SHA3_256", "pong"))
     assert found is not None and found.name == "pong"
 
 
-def test_name_for_hash_ignores_names_not_registered_in_the_layer(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("other")
-    assert reg.name_for_hash("local", "SHA3_256", name_hash("SHA3_256", "pong")) is None
+def test_name_for_hash_ignores_names_not_registered_with_the_ipcp(reg: Registry) -> None:
+    reg.create_name("pong").regs.add("other")
+    assert reg.name_for_hash("lo", "SHA3_256", name_hash("SHA3_256", "pong")) is None
 
 
 def test_name_for_hash_uses_the_layers_algorithm(reg: Registry) -> None:
-    reg.create_name("pong").layers.add("local")
-    assert reg.name_for_hash("local", "SHA3_512", name_hash("SHA3_256", "pong")) is None
-    assert reg.name_for_hash("local", "SHA3_512", name_hash("SHA3_512", "pong")) is not None
+    reg.create_name("pong").regs.add("lo")
+    assert reg.name_for_hash("lo", "SHA3_512", name_hash("SHA3_256", "pong")) is None
+    assert reg.name_for_hash("lo", "SHA3_512", name_hash("SHA3_512", "pong")) is not None
+
+
+def test_a_name_is_in_the_layers_of_the_ipcps_it_is_registered_with_until_they_go(reg: Registry) -> None:
+    for name, layer in (("u1", "net"), ("u2", "net"), ("lo", "local")):
+        reg.ipcps[name] = ipcp(name, "unicast", layer)
+    entry = reg.create_name("pong")
+    entry.regs |= {"u1", "u2", "lo"}
+    assert reg.layers_of(entry) == ["local", "net"]
+    reg.drop_ipcp("u1")
+    assert reg.layers_of(entry) == ["local", "net"]
+    reg.drop_ipcp("u2")
+    assert reg.layers_of(entry) == ["local"]
 
 
 # -- flows ------------------------------------------------------------------------
@@ -210,3 +287,88 @@ def test_new_flows_get_distinct_ids_and_can_be_listed_by_owner_and_ipcp(reg: Reg
     assert len({a.flow_id, b.flow_id, c.flow_id}) == 3
     assert [f.flow_id for f in reg.flows_of(owner=1)] == [a.flow_id, c.flow_id]
     assert [f.flow_id for f in reg.flows_of(ipcp="lo")] == [a.flow_id, b.flow_id]
+
+
+# -- decisions: flow states, layer preference, which failure is told --------------------------
+
+
+
+@pytest.mark.parametrize(("state", "event", "after"), [
+    (FlowState.PENDING, FlowEvent.ALLOCATED, FlowState.ALLOCATED),
+    (FlowState.ALLOCATED, FlowEvent.PEER_DEALLOC, FlowState.DEALLOC),
+    (FlowState.ALLOCATED, FlowEvent.DOWN, FlowState.DOWN),
+    (FlowState.PENDING, FlowEvent.DOWN, FlowState.DOWN),
+    (FlowState.DEALLOC, FlowEvent.DOWN, FlowState.DEALLOC),  # how it ended stays how it ended
+    (FlowState.DOWN, FlowEvent.PEER_DEALLOC, FlowState.DOWN),
+    (FlowState.DEALLOC, FlowEvent.ALLOCATED, FlowState.DEALLOC),  # its answer came after its end
+])
+def test_flow_states_change_as_the_table_says(state: FlowState, event: FlowEvent, after: FlowState) -> None:
+    assert next_state(state, event) is after
+
+
+def test_a_flow_allocated_twice_is_an_illegal_transition() -> None:
+    with pytest.raises(IllegalFlowTransition, match="a flow in state allocated cannot be allocated"):
+        next_state(FlowState.ALLOCATED, FlowEvent.ALLOCATED)
+
+
+def test_every_state_and_event_is_in_the_table_or_illegal() -> None:
+    legal = {(s, e) for s in FlowState for e in FlowEvent} - {(FlowState.ALLOCATED, FlowEvent.ALLOCATED)}
+    assert set(TRANSITIONS) == legal
+
+
+def ipcp(name: str, kind: str, layer: str = "") -> Ipcp:
+    return Ipcp(name, kind, None, None, layer=layer)  # type: ignore[arg-type]
+
+
+def test_ipcp_patterns_have_one_wildcard_star() -> None:
+    assert wildcard_match("uni-*", "uni-1") and wildcard_match("*", "") and wildcard_match("a*b*c", "aXbYc")
+    assert not wildcard_match("uni-*", "unicast") and not wildcard_match("a*b", "ab-") and wildcard_match("a*b", "ab")
+    assert not wildcard_match("uni-?", "uni-1") and wildcard_match("uni-?", "uni-?")  # ? is no pattern
+    assert not wildcard_match("a*a", "a")
+
+
+def test_the_most_local_layer_is_tried_first_then_as_they_came() -> None:
+    got = by_preference([ipcp("u", "udp4"), ipcp("n1", "unicast"), ipcp("lo", "local"), ipcp("n2", "unicast")])
+    assert [i.name for i in got] == ["lo", "n1", "n2", "u"]
+
+
+def test_resolution_waits_only_for_layers_that_would_come_first() -> None:
+    lo, net, udp = ipcp("lo", "local"), ipcp("n", "unicast"), ipcp("u", "udp4")
+    assert settled([lo], [net, udp])
+    assert not settled([net], [lo])
+    assert settled([net], [udp])
+    assert not settled([], [udp])
+
+
+@pytest.mark.parametrize(("code", "next_layer"), [("ENOENT", True), ("ENOTSUP", True), ("ETIMEDOUT", False),
+                                                  ("EPERM", False), ("EIPCP", False)])
+def test_a_stale_directory_or_a_qos_refusal_leaves_the_flow_to_the_next_layer(code: str, next_layer: bool) -> None:
+    assert try_next_layer(code) is next_layer
+
+
+def test_the_latest_failure_is_told_unless_it_would_hide_a_qos_refusal() -> None:
+    assert worse("ENOENT", "ENOTSUP") and worse("ENOENT", "ENOENT") and worse("ENOTSUP", "ETIMEDOUT")
+    assert not worse("ENOTSUP", "ENOENT")
+
+
+def test_the_flows_a_user_holds_are_counted_as_they_come_and_go(reg: Registry) -> None:
+    from proto.qos import raw
+
+    common = {"owner": 1, "pid": 1, "name": "n", "layer": "l", "ipcp": "lo", "qos": raw, "role": "src"}
+    a, b = reg.new_flow(uid=USER, **common), reg.new_flow(uid=USER, **common)
+    reg.new_flow(uid=OTHER, **common)
+    assert (reg.flows_of_uid(USER), reg.flows_of_uid(OTHER)) == (2, 1)
+    reg.drop_flow(a)
+    reg.drop_flow(a)  # twice: no matter
+    assert reg.flows_of_uid(USER) == 1 and b.flow_id in reg.flows
+
+
+def test_a_pid_binding_takes_in_the_processes_the_bound_one_started_as_its_user(reg: Registry) -> None:
+    entry = reg.create_name("a")
+    reg.bind_proc("a", ProcBinding(42, 1000, USER))  # the shell that ran `oping -l &`
+    child = Peer(43, USER, USER, 1001, "/bin/oping", ("oping", "-l"), "/", ancestors=((42, 1000), (1, 1)))
+    assert reg.bound(entry, Acceptor(1, child))
+    setuid = Peer(44, 0, 0, 1002, "/usr/bin/passwd", ("passwd",), "/", ancestors=((42, 1000),))
+    assert not reg.bound(entry, Acceptor(1, setuid))  # another user's, though the bound one started it
+    orphan = Peer(45, USER, USER, 1003, "/bin/oping", ("oping",), "/", ancestors=((42, 999),))
+    assert not reg.bound(entry, Acceptor(1, orphan))  # a child of a later process with that pid

@@ -11,6 +11,8 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +24,8 @@ from test_styx_wire import p9fs_python, py9p_python
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
 from apps.styx.transport import StreamTransport, dial
+from flowlib import Flow, flow_accept
+from flowlib.irm import IrmClient, call
 from proto import messages as m
 
 Styx = Callable[..., subprocess.CompletedProcess[str]]
@@ -81,6 +85,7 @@ def test_cli_reads_writes_lists_and_removes(files: str, export: Path, styx: Styx
     assert styx("mkdir", "files:/d").returncode == 0 and (export / "d").is_dir()
     assert styx("put", "files:/d/inner", stdin="in").returncode == 0
     assert styx("ls", "files:/").stdout.split() == ["d/", "hello.txt", "new.txt"]
+    assert styx("cat", "files:/").stdout.split() == ["d/", "hello.txt", "new.txt"]  # a directory lists
     long = styx("ls", "-l", "files:/d").stdout
     assert long.startswith("-rw-r--r--") and long.rstrip().endswith("inner")
     stat = styx("stat", "files:/new.txt").stdout
@@ -103,10 +108,13 @@ def test_cli_cannot_leave_the_root_and_fails_in_one_line(files: str, styx: Styx)
 THIRD_PARTY = """
 import sys, json
 from py9p import Client, OREAD, OWRITE
+from py9p.client import RemoteError
 from py9p.native import decode_dir
 from py9p.messages import Dir
+kind, where = sys.argv[1].split(':', 1)
+connect = Client.connect_tcp('127.0.0.1', int(where)) if kind == 'tcp' else Client.connect_unix(where)
 out = {}
-with Client.connect_tcp('127.0.0.1', int(sys.argv[1])) as c:
+with connect as c:
     c.negotiate(); c.attach(fid=0, uname=sys.argv[2])
     c.walk(fid=0, newfid=1, path='')
     c.open(fid=1, mode=int(OREAD))
@@ -118,15 +126,19 @@ with Client.connect_tcp('127.0.0.1', int(sys.argv[1])) as c:
     out['ls'] = sorted(names)
     c.walk(fid=0, newfid=2, path='hello.txt'); c.open(fid=2, mode=int(OREAD))
     out['read'] = c.read(fid=2, count=4096).decode()
-    c.walk(fid=0, newfid=3, path='')
-    c.create(fid=3, name='made.txt', perm=0o644, mode=int(OWRITE))
-    out['wrote'] = c.write(fid=3, data=b'from py9p', offset=0)
-    c.clunk(3)
     st = c.stat(2)
     out['stat'] = [st.name, st.length, st.uid]
-    c.walk(fid=0, newfid=4, path='made.txt'); out['made'] = c.stat(4).length
-    c.walk(fid=0, newfid=5, path='hello.txt'); c.remove(5)
     out['escape'] = len(c.walk(fid=0, newfid=6, path='../../etc/passwd'))  # a partial walk
+    c.walk(fid=0, newfid=3, path='')
+    try:
+        c.create(fid=3, name='made.txt', perm=0o644, mode=int(OWRITE))
+    except RemoteError as e:
+        out['create'] = str(e)
+    else:
+        out['wrote'] = c.write(fid=3, data=b'from py9p', offset=0)
+        c.clunk(3)
+        c.walk(fid=0, newfid=4, path='made.txt'); out['made'] = c.stat(4).length
+        c.walk(fid=0, newfid=5, path='hello.txt'); c.remove(5)
 print(json.dumps(out))
 """
 
@@ -142,19 +154,37 @@ def bridge_port(irmd: IrmdProc, files: str, tmp_path: Path) -> Iterator[int]:
         stop(proc)
 
 
-def test_third_party_client_through_the_bridge(bridge_port: int, export: Path) -> None:
-    python = py9p_python()
-    user = export.stat().st_uid
-    r = subprocess.run([python, "-c", THIRD_PARTY, str(bridge_port), pwd.getpwuid(user).pw_name],
-                       capture_output=True, text=True, timeout=30)
+@pytest.fixture
+def bridge_unix(irmd: IrmdProc, files: str, tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "9p.sock"
+    proc = start(irmd, "bridge", "--name", files, "--listen", f"unix!{path}", log=tmp_path / "ubridge.log")
+    try:
+        wait_for(lambda: proc.poll() is not None or path.exists(), 10, "the unix bridge")
+        yield path
+    finally:
+        stop(proc)
+
+
+def third_party(where: str, uname: str) -> dict[str, object]:
+    r = subprocess.run([py9p_python(), "-c", THIRD_PARTY, where, uname], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["ls"] == ["hello.txt"]
-    assert out["read"] == "hello styx\n"
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def test_third_party_client_over_a_unix_socket_works_as_itself(bridge_unix: Path, export: Path) -> None:
+    out = third_party(f"unix:{bridge_unix}", "any-label")  # SO_PEERCRED: it is root, whatever it claims
+    assert out["ls"] == ["hello.txt"] and out["read"] == "hello styx\n"
+    assert out["stat"] == ["hello.txt", 11, pwd.getpwuid(export.stat().st_uid).pw_name]
     assert out["wrote"] == 9 and out["made"] == 9 and (export / "made.txt").read_text() == "from py9p"
-    assert out["stat"][:2] == ["hello.txt", 11]
     assert not (export / "hello.txt").exists()
     assert out["escape"] == 2  # '..' twice stays at the root; 'etc' is not there
+
+
+def test_third_party_client_over_tcp_is_anonymous_and_reads_only(bridge_port: int, export: Path) -> None:
+    out = third_party(f"tcp:{bridge_port}", "root")  # no identity over TCP: claiming root changes nothing
+    assert out["ls"] == ["hello.txt"] and out["read"] == "hello styx\n"
+    assert "permission denied" in str(out["create"])
+    assert sorted(p.name for p in export.iterdir()) == ["hello.txt"]
 
 
 def test_bridge_survives_garbage_and_answers_bad_messages(bridge_port: int) -> None:
@@ -174,28 +204,24 @@ P9FS_CLIENT = """
 import sys, json
 from p9fs import P9FileSystem
 fs = P9FileSystem(host='127.0.0.1', port=int(sys.argv[1]), username=sys.argv[2], version='9P2000')
-out = {'ls': sorted(fs.ls('', detail=False)), 'cat': fs.cat_file('hello.txt').decode()}
-fs.pipe_file('made.txt', b'from p9fs')
-out['info'] = fs.info('made.txt')['size']
-fs.mkdir('dir1')
-out['ls2'] = sorted(fs.ls('', detail=False))
-fs.rm('made.txt')
-fs.rmdir('dir1')
-out['ls3'] = sorted(fs.ls('', detail=False))
+out = {'ls': sorted(fs.ls('', detail=False)), 'cat': fs.cat_file('hello.txt').decode(),
+       'info': fs.info('hello.txt')['size']}
+try:
+    fs.pipe_file('made.txt', b'from p9fs')
+except Exception as e:
+    out['pipe'] = str(e)
 print(json.dumps(out))
 """
 
 
-def test_p9fs_client_through_the_bridge(bridge_port: int, export: Path) -> None:
+def test_p9fs_client_through_the_tcp_bridge(bridge_port: int, export: Path) -> None:
     python = p9fs_python()
     r = subprocess.run([python, "-c", P9FS_CLIENT, str(bridge_port), pwd.getpwuid(export.stat().st_uid).pw_name],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["ls"] == ["/hello.txt"] and out["cat"] == "hello styx\n"
-    assert out["info"] == 9
-    assert out["ls2"] == ["/dir1/", "/hello.txt", "/made.txt"]
-    assert out["ls3"] == ["/hello.txt"]
+    assert out["ls"] == ["/hello.txt"] and out["cat"] == "hello styx\n" and out["info"] == 11
+    assert "permission denied" in out["pipe"]
     assert sorted(p.name for p in export.iterdir()) == ["hello.txt"]
 
 
@@ -227,15 +253,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_unix_socket_bridge_with_our_client(irmd: IrmdProc, files: str, tmp_path: Path, styx: Styx) -> None:
-    path = tmp_path / "9p.sock"
-    proc = start(irmd, "bridge", "--name", files, "--listen", f"unix!{path}", log=tmp_path / "ubridge.log")
-    try:
-        wait_for(lambda: path.exists(), 10, "the unix bridge")
-        r = styx("cat", f"unix!{path}:/hello.txt")
-        assert r.stdout == "hello styx\n", r.stderr
-    finally:
-        stop(proc)
+def test_unix_socket_bridge_with_our_client(bridge_unix: Path, export: Path, styx: Styx) -> None:
+    r = styx("cat", f"unix!{bridge_unix}:/hello.txt")
+    assert r.stdout == "hello styx\n", r.stderr
+    assert styx("put", f"unix!{bridge_unix}:/new.txt", stdin="via unix").returncode == 0
+    assert (export / "new.txt").read_text() == "via unix"
 
 
 # -- the IRMd as files, and net/ -------------------------------------------------------------------
@@ -255,6 +277,7 @@ def irmfs(irmd: IrmdProc, local_layer: str, tmp_path: Path, styx: Styx) -> Itera
 
 def test_irmd_tree_lists_and_prints(irmfs: str, styx: Styx) -> None:
     assert styx("ls", "irm:/").stdout.split() == ["ctl", "flow/", "ipcp/", "layer/", "name/", "net/"]
+    assert styx("cat", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "status"]
     assert styx("ls", "irm:/ipcp").stdout.split() == ["ctl", "lo/"]
     assert styx("ls", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "status"]
     status = styx("cat", "irm:/ipcp/lo/status").stdout
@@ -337,6 +360,15 @@ def test_mount_makes_ordinary_tools_work_and_unmounts_on_sigterm(
         assert os.path.ismount(mnt), (tmp_path / "mount.log").read_text()
         assert sorted(os.listdir(mnt)) == ["hello.txt"]
         assert (mnt / "hello.txt").read_text() == "hello styx\n"
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+        line = next(m for m in mounts if m.split()[4] == str(mnt))
+        assert line.split(" - ")[1].split()[:2] == ["fuse.styx", "styx\\043files"]  # styx#files in mount, df -a
+        assert os.statvfs(mnt).f_bsize == 65535 - w.IOHDRSZ  # tools are told to use the iounit
+        (export / "big.bin").write_bytes(os.urandom(3_000_000))
+        with open(mnt / "big.bin", "rb", buffering=0) as f:  # small reads, served by the read-ahead
+            assert b"".join(iter(lambda: f.read(4096), b"")) == (export / "big.bin").read_bytes()
+        assert (mnt / "big.bin").stat().st_blocks == (3_000_000 + 511) // 512
+        (export / "big.bin").unlink()
         (mnt / "new.txt").write_bytes(b"z" * 200_000)
         assert (export / "new.txt").read_bytes() == b"z" * 200_000
         subprocess.run(["cp", str(mnt / "new.txt"), str(mnt / "copy.txt")], check=True, timeout=20)
@@ -414,3 +446,59 @@ def test_server_and_bridge_end_with_their_irmd(tmp_path: Path, export: Path) -> 
     finally:
         for p in procs:
             stop(p)
+
+
+@pytest.mark.parametrize("answer", ["nothing", "echo"])
+def test_a_name_that_does_not_speak_9p_fails_fast_and_says_so(
+        irmd: IrmdProc, local_layer: str, styx: Styx, client_factory: Callable[[], IrmClient], answer: str) -> None:
+    irm = client_factory()
+    call(irm.channel, m.Bind("process", str(os.getpid()), "notnine"), timeout=10)
+    call(irm.channel, m.NameRegister("notnine", [local_layer]), timeout=10)
+    held: list[Flow] = []
+
+    def serve_one() -> None:
+        flow = flow_accept(irm=irm)
+        held.append(flow)
+        if answer == "echo":
+            flow.write(flow.read())  # a Tversion back is no Rversion
+
+    t = threading.Thread(target=serve_one, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    r = styx("ls", "notnine:/")
+    took = time.monotonic() - t0
+    for f in held:
+        f.close()
+    assert r.returncode == 1 and r.stderr.startswith("styx: notnine: not a 9P service"), r.stderr
+    assert took < 8, f"took {took:.1f} s"  # the Tversion wait (3 s), not the flow's timeout
+
+
+def test_bridge_limits_connections_per_user_with_an_rerror(irmd: IrmdProc, files: str, tmp_path: Path) -> None:
+    port = free_port()
+    proc = start(irmd, "bridge", "--name", files, "--listen", f"tcp!127.0.0.1!{port}", "--max-conns-per-user", "2",
+                 log=tmp_path / "bridge.log")
+    socks: list[socket.socket] = []
+    try:
+        wait_for(lambda: "bridging" in (tmp_path / "bridge.log").read_text(), 10, "the bridge")
+        for _ in range(2):  # all TCP clients are the one user none
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            Client(StreamTransport(socks[-1]))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(w.encode(w.Tversion(w.NOTAG, 8192, "9P2000")))
+            reply = w.decode(s.recv(1000))
+            assert reply == w.Rerror(w.NOTAG, "too many connections from user none (limit 2)")
+            assert s.recv(100) == b""  # and hung up
+        socks.pop().close()
+        wait_for(lambda: _serves(port), 10, "room for a client again")
+    finally:
+        for s in socks:
+            s.close()
+        stop(proc)
+
+
+def _serves(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            return Client(StreamTransport(s)).cat("hello.txt") == b"hello styx\n"
+        except StyxClientError:
+            return False

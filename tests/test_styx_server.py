@@ -7,18 +7,27 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from apps.styx import beneath
 from apps.styx import wire as w
+from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
-from apps.styx.server import Session
+from apps.styx.identity import NONE, Creds, Policy, User, server_policy, user_for_uid
+from apps.styx.server import Limits, Session
 from apps.styx.tree import Handle, SynthDir, SynthFile, Tree, WouldBlock, text_file
 
-USER = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+ME = user_for_uid(os.geteuid())
+USER = ME.name
+POLICY = server_policy()
+# A server that cannot act as others (not root): its Plan 9 checks decide for them.
+UNPRIVILEGED = Policy(euid=4242, anon=Creds(65534, 65534))
 
 
 def rpc(s: Session, msg: w.Msg) -> w.Msg:
@@ -42,10 +51,14 @@ def err(s: Session, msg: w.Msg, match: str = "") -> str:
     return reply.ename
 
 
-def session(tree: Tree, user: str = USER, **kw: object) -> Session:
-    s = Session(tree, **kw)  # type: ignore[arg-type]
+def new_session(tree: Tree, user: User = ME, policy: Policy = POLICY, **kw: object) -> Session:
+    return Session(tree, Peer(user, policy), **kw)  # type: ignore[arg-type]
+
+
+def session(tree: Tree, user: User = ME, policy: Policy = POLICY, **kw: object) -> Session:
+    s = new_session(tree, user, policy, **kw)
     ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
-    ok(s, w.Tattach(1, 0, w.NOFID, user, ""))
+    ok(s, w.Tattach(1, 0, w.NOFID, user.name, ""))
     return s
 
 
@@ -73,7 +86,7 @@ def walk(s: Session, names: list[str], newfid: int = 2, fid: int = 0) -> w.Msg:
 
 
 def test_version_rules(root: Path) -> None:
-    s = Session(FsTree(root), msize_max=65535)
+    s = new_session(FsTree(root), limits=Limits(msize=65535))
     assert rpc(s, w.Tversion(w.NOTAG, 1 << 20, "9P2000")) == w.Rversion(w.NOTAG, 65535, "9P2000")
     assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000.u")) == w.Rversion(w.NOTAG, 8192, "9P2000")
     assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000.L")).version == "9P2000"  # type: ignore[attr-defined]
@@ -83,7 +96,7 @@ def test_version_rules(root: Path) -> None:
 
 
 def test_requests_before_version_are_refused(root: Path) -> None:
-    err(Session(FsTree(root)), w.Tattach(1, 0, w.NOFID, USER, ""), "Tversion")
+    err(new_session(FsTree(root)), w.Tattach(1, 0, w.NOFID, USER, ""), "Tversion")
 
 
 def test_version_clunks_all_fids(fs: Session) -> None:
@@ -108,16 +121,38 @@ def test_garbage_gets_rerror_not_a_crash(fs: Session) -> None:
 
 def test_attach_refuses_auth_and_fid_reuse(root: Path) -> None:
     s = session(FsTree(root))
-    err(s, w.Tauth(2, 5, USER, ""), "authentication not required")
+    err(s, w.Tauth(2, 5, USER, ""), f"authentication not required: the flow's peer is user {USER}")
     err(s, w.Tattach(2, 0, w.NOFID, USER, ""), "in use")
     err(s, w.Tattach(2, 1, 7, USER, ""), "afid")
+    anon = session(FsTree(root), NONE)
+    err(anon, w.Tauth(2, 5, "root", ""), "no identity from the stack")
 
 
-def test_user_allowlist(root: Path) -> None:
-    s = Session(FsTree(root), users=frozenset({"alice"}))
+ALICE = User("alice", 5001, 5001, (5001,), frozenset({"alice"}))
+MALLORY = User("mallory", 5002, 5002, (5002,), frozenset({"mallory"}))
+
+
+def test_user_allowlist_names_the_peer_not_the_attach_name(root: Path) -> None:
+    s = new_session(FsTree(root), MALLORY, users=frozenset({"alice"}))
     ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
-    err(s, w.Tattach(1, 0, w.NOFID, "mallory", ""), "may not attach")
-    ok(s, w.Tattach(1, 0, w.NOFID, "alice", ""))
+    err(s, w.Tattach(1, 0, w.NOFID, "alice", ""), "user 'mallory' may not attach")
+    s = new_session(FsTree(root), ALICE, users=frozenset({"alice"}))
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    ok(s, w.Tattach(1, 0, w.NOFID, "whatever-label", ""))
+
+
+def test_the_attach_name_is_a_label_except_none(root: Path) -> None:
+    (root / "private").write_text("p")
+    os.chmod(root / "private", 0o600)
+    s = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(s, w.Tattach(2, 5, w.NOFID, "alice", ""))  # claiming alice changes nothing
+    ok(s, w.Twalk(1, 5, 6, ["private"]))
+    err(s, w.Topen(1, 6, w.OREAD), "permission denied")
+    assert ok(s, w.Tstat(1, 6)).stat.uid != "mallory"  # type: ignore[attr-defined]
+    err(s, w.Tattach(3, 7, w.NOFID, "none", ""), "attached as mallory")  # one user per connection
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    ok(s, w.Tattach(3, 7, w.NOFID, "none", ""))  # anyone may become none
+    assert s.attached is not None and s.attached.user.anonymous
 
 
 def test_walk_full_partial_and_failed(fs: Session) -> None:
@@ -163,7 +198,7 @@ def test_symlinks_out_of_the_root_are_not_there(root: Path, fs: Session) -> None
 
 
 def test_long_names_in_errors_still_fit_the_smallest_msize(root: Path) -> None:
-    s = Session(FsTree(root))
+    s = new_session(FsTree(root))
     ok(s, w.Tversion(w.NOTAG, w.MSIZE_MIN, "9P2000"))
     ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
     reply = s.receive(w.encode(w.Twalk(2, 0, 1, ["x" * 200])))[0]
@@ -204,7 +239,7 @@ def test_write_and_truncate(root: Path, fs: Session) -> None:
 def test_permissions_follow_owner_group_other(root: Path) -> None:
     (root / "private").write_text("p")
     os.chmod(root / "private", 0o600)
-    s = session(FsTree(root), user="someone-else")
+    s = session(FsTree(root), User("someone-else", 4343), UNPRIVILEGED)
     ok(s, w.Twalk(1, 0, 2, ["private"]))
     err(s, w.Topen(1, 2, w.OREAD), "permission denied")
     ok(s, w.Twalk(1, 0, 3, ["hello.txt"]))  # 0644: others read, not write
@@ -231,7 +266,7 @@ def test_directory_reads_are_whole_stat_records(fs: Session) -> None:
     err(fs, w.Tread(1, 0, 5, 80), "offset")
     rest = ok(fs, w.Tread(1, 0, len(first), 8000)).data  # type: ignore[attr-defined]
     names = [s.name for s in w.stats_decode(first + rest)]
-    assert names == ["hello.txt", "sub"]
+    assert sorted(names) == ["hello.txt", "sub"]  # in the directory's own order, as Plan 9
     assert ok(fs, w.Tread(1, 0, len(first) + len(rest), 8000)) == w.Rread(1, b"")
     err(fs, w.Tread(1, 0, 0, 10), "too small")
 
@@ -309,7 +344,7 @@ class GateTree(Tree):
         self.root.add(SynthFile("gate", self.root, lambda mode, user: self.gate, 0o444))
         self.root.add(text_file("motd", self.root, lambda: "hello\n"))
 
-    def attach(self, uname: str, aname: str) -> SynthDir:
+    def attach(self, peer: Peer, aname: str) -> SynthDir:
         return self.root
 
 
@@ -389,7 +424,7 @@ def test_random_request_sequences_never_crash_or_escape(tmp_path: Path, seq: lis
     root.mkdir()
     (root / "hello.txt").write_text("hi")
     (base / "outside").write_text("keep")
-    s = Session(FsTree(root))
+    s = new_session(FsTree(root))
     start = [w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(0, 0, w.NOFID, USER, "")]
     try:
         for msg in start + seq:
@@ -404,3 +439,192 @@ def test_random_request_sequences_never_crash_or_escape(tmp_path: Path, seq: lis
             with contextlib.suppress(OSError):
                 p.chmod(0o700)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- resolution beneath the root, with openat2 and without ----------------------------------------
+
+
+@pytest.fixture(params=["openat2", "component-wise"])
+def beneath_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "openat2" and not beneath.has_openat2():
+        pytest.skip("this kernel has no openat2")
+    monkeypatch.setattr(beneath, "_openat2_works", request.param == "openat2")
+    return str(request.param)
+
+
+def test_open_beneath_refuses_every_way_out(tmp_path: Path, beneath_mode: str) -> None:
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "a" / "f").write_text("in")
+    (tmp_path / "out.txt").write_text("out")
+    (tmp_path / "root" / "abs").symlink_to("/etc")
+    (tmp_path / "root" / "up").symlink_to("../out.txt")
+    (tmp_path / "root" / "a" / "in").symlink_to("f")
+    root = os.open(tmp_path / "root", os.O_PATH)
+    try:
+        for names in [("abs", "passwd"), ("up",), ("abs",), ("..",), ("a", ".."), ("a/f",), ("",)]:
+            with pytest.raises(OSError):
+                os.close(beneath.open_beneath(root, names, os.O_RDONLY))
+        fd = beneath.open_beneath(root, ("a", "f"), os.O_RDONLY)
+        assert os.read(fd, 10) == b"in"
+        os.close(fd)
+        if beneath_mode == "openat2":  # links that stay inside are followed; without openat2, none is
+            fd = beneath.open_beneath(root, ("a", "in"), os.O_RDONLY)
+            assert os.read(fd, 10) == b"in"
+            os.close(fd)
+        else:
+            with pytest.raises(beneath.Escape):
+                beneath.open_beneath(root, ("a", "in"), os.O_RDONLY)
+    finally:
+        os.close(root)
+
+
+def test_open_beneath_holds_while_a_directory_is_swapped_for_a_link(tmp_path: Path, beneath_mode: str) -> None:
+    d = tmp_path / "root" / "d"
+    d.mkdir(parents=True)
+    (d / "f").write_text("inside")
+    (tmp_path / "f").write_text("OUTSIDE")  # what d/f is once d points at tmp_path
+    stop = threading.Event()
+    swaps = [0]
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.rename(d, tmp_path / "root" / "real")
+            os.symlink(tmp_path, d)
+            time.sleep(0)  # let the reader in while the link is there
+            os.unlink(d)
+            os.rename(tmp_path / "root" / "real", d)
+            swaps[0] += 1
+            time.sleep(0)
+
+    root = os.open(tmp_path / "root", os.O_PATH)
+    t = threading.Thread(target=swap)
+    t.start()
+    seen: list[bytes] = []
+    deadline = time.monotonic() + 20
+    try:
+        while (swaps[0] < 500 or len(seen) < 20) and time.monotonic() < deadline:
+            try:
+                fd = beneath.open_beneath(root, ("d", "f"), os.O_RDONLY)
+            except OSError:
+                continue
+            seen.append(os.read(fd, 10))
+            os.close(fd)
+    finally:
+        stop.set()
+        t.join()
+        os.close(root)
+    assert set(seen) == {b"inside"} and swaps[0] >= 500  # read inside while racing, outside never
+
+
+# -- the policy: who gets whose rights ------------------------------------------------------------
+
+ANON = Creds(65534, 65534)
+
+
+@pytest.mark.parametrize(("euid", "user", "creds", "as_user"), [
+    (0, ALICE, Creds(5001, 5001, (5001,)), True),  # root works as each local user
+    (0, user_for_uid(0), Creds(0, 0, user_for_uid(0).groups), True),
+    (0, NONE, ANON, False),  # and as nobody for anonymous clients, who may not act
+    (5001, ALICE, None, True),  # a user's own server works as itself for that user
+    (5001, MALLORY, None, False),  # and cannot act for anyone else
+    (5001, NONE, None, False),
+])  # fmt: skip
+def test_policy_rights(euid: int, user: User, creds: Creds | None, as_user: bool) -> None:
+    rights = Policy(euid, ANON).rights(user)
+    assert (rights.creds, rights.as_user) == (creds, as_user)
+
+
+def test_identity_comes_from_the_peer_uid_only() -> None:
+    from apps.styx.identity import identify
+
+    assert identify(None) is NONE and identify(-1) is NONE
+    assert identify(0).name == user_for_uid(0).name and identify(0).uid == 0
+    unknown = identify(3_999_999)
+    assert unknown.name == "3999999" and unknown.gid == 65534  # no account: the anonymous group
+
+
+def test_anonymous_peers_may_not_act() -> None:
+    peer = Peer(NONE, Policy(0, ANON))
+    assert not peer.acts
+    with pytest.raises(Exception, match="needs an identity from the stack"):
+        peer.require_acts("writing an irm command")
+    mallory = Peer(MALLORY, Policy(5001, ANON))
+    with pytest.raises(Exception, match="cannot act as user mallory"):
+        mallory.require_acts("connect")
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+
+def test_fid_limit_is_an_rerror_and_clunking_makes_room(root: Path) -> None:
+    s = session(FsTree(root), limits=Limits(fids=3))
+    ok(s, w.Twalk(1, 0, 1, []))
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    err(s, w.Twalk(1, 0, 3, []), "too many fids: this connection may hold 3")
+    err(s, w.Tattach(1, 4, w.NOFID, USER, ""), "too many fids")
+    ok(s, w.Twalk(1, 1, 1, ["sub"]))  # moving a fid takes none
+    ok(s, w.Tclunk(1, 2))
+    ok(s, w.Twalk(1, 0, 3, []))
+
+
+def test_waiting_requests_are_capped() -> None:
+    s = session(GateTree(), limits=Limits(pending=2))
+    ok(s, w.Twalk(1, 0, 2, ["gate"]))
+    ok(s, w.Topen(1, 2, w.OREAD))
+    assert s.receive(w.encode(w.Tread(10, 2, 0, 10))) == []
+    assert s.receive(w.encode(w.Tread(11, 2, 0, 10))) == []
+    err(s, w.Tread(12, 2, 0, 10), "too many requests waiting (limit 2)")
+    ok(s, w.Tflush(13, 10))
+    assert s.receive(w.encode(w.Tread(12, 2, 0, 10))) == []  # room again
+
+
+def test_msize_is_capped_by_the_limit(root: Path) -> None:
+    s = new_session(FsTree(root), limits=Limits(msize=1024))
+    assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000")) == w.Rversion(w.NOTAG, 1024, "9P2000")
+    ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
+    replies = s.receive(w.encode(w.Twrite(7, 0, 0, bytes(2000))))
+    assert "exceeds msize 1024" in w.decode(replies[0]).ename  # type: ignore[attr-defined]
+
+
+def test_clunked_and_failed_walks_leave_no_descriptors(root: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    tree = FsTree(root)
+    s = session(tree)
+    ok(s, w.Twalk(1, 0, 5, []))
+    ok(s, w.Topen(1, 5, w.OREAD))
+    for _ in range(50):
+        ok(s, w.Twalk(1, 0, 10, ["sub", "deep.txt"]))
+        ok(s, w.Topen(1, 10, w.OREAD))
+        walk(s, ["sub", "nope"], newfid=11)  # partial
+        walk(s, ["..", "sub", ".."], newfid=12)
+        ok(s, w.Tclunk(1, 10))
+        ok(s, w.Tclunk(1, 12))
+        ok(s, w.Tread(1, 5, 0, 80))  # a directory read left half done, then started over
+    s.close()
+    tree.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+FIT_FDS = """
+import json, os, resource, sys
+from apps.styx.serve import fit_fds
+from apps.styx.server import Limits
+resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600))
+if os.geteuid() == 0:  # a process that may not raise its hard limit again
+    os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+lim = fit_fds(Limits(fids=50, flows=10, conns=64, conns_per_user=16))
+print(json.dumps([lim.conns, lim.conns_per_user, lim.fds_per_conn()]))
+"""
+
+
+def test_descriptor_budget_lowers_connections_when_the_limit_cannot_be_raised() -> None:
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", FIT_FDS], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, cwd="/")
+    assert r.returncode == 0, r.stderr
+    conns, per_user, per_conn = json.loads(r.stdout)
+    assert per_conn == 2 * 50 + 3 * 10 + 8
+    assert conns == (600 - 64) // per_conn and per_user == conns  # every admitted connection has its share

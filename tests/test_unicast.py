@@ -103,23 +103,14 @@ def test_enrolling_twice_fails_saying_already_in_layer(cluster: Cluster) -> None
 
 
 @pytest.mark.timeout(90)
-def test_a_second_ipcp_of_the_same_layer_on_one_host_is_refused(cluster: Cluster) -> None:
+def test_a_second_ipcp_of_the_same_layer_on_one_host_is_a_member_of_its_own(cluster: Cluster) -> None:
+    """As in Ouroboros: one irmd may hold several IPCPs of a layer, each with its own address."""
     _, b = line(cluster, 2)
-    r = b.irm("ipcp", "enroll", "type", "unicast", "name", "n2b", "layer", "net", "dst", "n1")
-    assert r.returncode != 0
-    assert "already has an IPCP here" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
-
-
-@pytest.mark.timeout(90)
-def test_a_refused_second_ipcp_is_left_in_no_layer(cluster: Cluster) -> None:
-    _, b = line(cluster, 2)
-    r = b.irm("ipcp", "enroll", "type", "unicast", "name", "n2b", "layer", "net", "dst", "n1")
-    assert r.returncode != 0
-    rows = parse_table(b.irm_ok("ipcp", "list", "name", "n2b"))
-    assert [row["layer"] for row in rows] in ([], ["-"])
-    if rows:  # still there: it must be free to join another layer
-        b.irm_ok("ipcp", "bootstrap", "name", "n2b", "layer", "other")
+    b.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2b", "layer", "net", "dst", "n1")
+    b.irmd.note_children()
+    rows = {row["name"]: row for row in parse_table(b.irm_ok("ipcp", "list", "layer", "net"))}
+    assert {n: (r["layer"], r["state"]) for n, r in rows.items()} == {
+        "n2": ("net", "operational"), "n2b": ("net", "operational")}
 
 
 @pytest.mark.timeout(90)

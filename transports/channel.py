@@ -22,6 +22,7 @@ from transports.wire import HEADER, ID_MASK, NOTICE, REPLY, Codec, Error, Messag
 log = logging.getLogger(__name__)
 
 Reply = tuple[Message, list[int]]
+FAREWELL_WAIT = 1.0  # seconds a failed send waits for the reader to see why the peer closed
 # A handler takes a request and its fds (which it then owns) and returns the
 # reply and fds to pass; the channel closes those fds once sent.
 AsyncHandler = Callable[[Message, list[int]], Awaitable[tuple[Message, Sequence[int]]]]
@@ -67,17 +68,26 @@ class AsyncChannel:
         *,
         name: str = "",
         on_close: Callable[[AsyncChannel], None] | None = None,
+        max_requests: int | None = None,
+        max_queued: int | None = None,
     ) -> None:
+        """max_requests: requests served at once, more are answered EBUSY at once; max_queued: bytes
+        sent but not yet taken by the peer, above which its requests are not read until it catches
+        up (twice that, and the connection is dropped)."""
         sock.setblocking(False)
         self.sock = sock
         self.name = name
         self._codec = codec
         self._handler = handler
         self._on_close = on_close
+        self._max_requests = max_requests
+        self._max_queued = max_queued
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._outq: deque[tuple[bytes, list[int]]] = deque()
+        self._queued = 0  # bytes in _outq
+        self._reading = True
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -85,6 +95,18 @@ class AsyncChannel:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    def unlimit(self) -> None:
+        """A trusted peer (an IPCP of ours): serve it without per-connection limits."""
+        self._max_requests = self._max_queued = None
+        if not self._reading and not self.closed:
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reading = True
+
+    @property
+    def congested(self) -> bool:
+        """The peer is not taking what we send: more would only queue up here."""
+        return self._max_queued is not None and self._queued > self._max_queued
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -113,12 +135,14 @@ class AsyncChannel:
         if self.closed:
             return
         self._closed.set()
-        self._loop.remove_reader(self.sock.fileno())
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
         if self._outq:
             self._loop.remove_writer(self.sock.fileno())
         for _, fds in self._outq:
             close_fds(fds)
         self._outq.clear()
+        self._queued = 0
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed(f"{self.name}: channel closed"))
@@ -141,8 +165,16 @@ class AsyncChannel:
                 log.debug("%s: send failed: %s", self.name, e)
                 self._loop.call_soon(self.close)
                 return
+        if self._max_queued is not None and self._queued > 2 * self._max_queued:
+            log.warning("%s: the peer has left %d bytes unread; dropping the connection", self.name, self._queued)
+            self._loop.call_soon(self.close)
+            return
         # Queued frames keep their own copies of the fds: the caller may close its own.
         self._outq.append((frame, [os.dup(fd) for fd in fds]))
+        self._queued += len(frame)
+        if self.congested and self._reading:  # read no more requests until the peer catches up
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
 
     def _on_writable(self) -> None:
         while self._outq:
@@ -155,11 +187,17 @@ class AsyncChannel:
                 self.close()
                 return
             self._outq.popleft()
+            self._queued -= len(frame)
             close_fds(fds)
+            if not self._reading and self._max_queued is not None and self._queued <= self._max_queued // 2:
+                self._loop.add_reader(self.sock.fileno(), self._on_readable)
+                self._reading = True
         self._loop.remove_writer(self.sock.fileno())
 
     def _on_readable(self) -> None:
         for _ in range(64):  # bounded, so one chatty peer cannot starve the loop
+            if not self._reading or self.closed:
+                return
             try:
                 data, fds = recv_frame(self.sock)
             except (BlockingIOError, InterruptedError):
@@ -188,6 +226,10 @@ class AsyncChannel:
                     fut.set_result((frame.msg, fds))
                 else:
                     close_fds(fds)  # a late reply to a request that timed out or was dropped
+            elif self._max_requests is not None and len(self._tasks) >= self._max_requests:
+                close_fds(fds)
+                self._reply_error(data, "EBUSY", f"{self._max_requests} requests are being served on this "
+                                                 "connection already; wait for their replies")
             else:
                 task = self._loop.create_task(self._serve(frame.req_id, frame.msg, fds))
                 self._tasks.add(task)
@@ -237,6 +279,7 @@ class SyncChannel:
         self._pending: dict[int, list[Reply | None]] = {}
         self._cond = threading.Condition(self._lock)
         self._closed = False
+        self._farewell: Error | None = None  # an Error notice the peer sent before it closed: why
         self._reader = threading.Thread(target=self._read_loop, name="irm-channel", daemon=True)
         self._reader.start()
 
@@ -249,6 +292,7 @@ class SyncChannel:
     ) -> Reply:
         with self._lock:
             if self._closed:
+                self._raise_farewell()
                 raise ChannelClosed("connection to the IRMd is closed")
             req_id = next(self._ids) & ID_MASK or next(self._ids)
             slot: list[Reply | None] = [None]
@@ -257,6 +301,8 @@ class SyncChannel:
                 send_frame(self.sock, self._codec.encode(msg, req_id), fds)
             except OSError as e:
                 del self._pending[req_id]
+                self._cond.wait_for(lambda: self._closed, FAREWELL_WAIT)  # it may have said why
+                self._raise_farewell()
                 raise ChannelClosed(f"connection to the IRMd failed: {e}") from None
             try:
                 if not self._cond.wait_for(lambda: slot[0] is not None or self._closed, timeout):
@@ -265,8 +311,13 @@ class SyncChannel:
                 self._pending.pop(req_id, None)
             reply = slot[0]
             if reply is None:
+                self._raise_farewell()
                 raise ChannelClosed("connection to the IRMd closed")
         return _unwrap(*reply)
+
+    def _raise_farewell(self) -> None:
+        if self._farewell is not None:
+            raise RemoteError(self._farewell.code, self._farewell.text)
 
     def notify(self, msg: Message) -> None:
         with self._lock:
@@ -281,11 +332,19 @@ class SyncChannel:
 
     def _read_loop(self) -> None:
         try:
+            resets = 0
             while True:
                 try:
                     data, fds = recv_frame(self.sock)
                 except WireError as e:
                     log.warning("IRMd sent a bad frame: %s", e)
+                    continue
+                except ConnectionResetError:
+                    # The IRMd closed with our request unread: the kernel reports that first, but what
+                    # it sent before (why it refused us) is still queued: read on to it.
+                    resets += 1
+                    if resets > 1:
+                        return
                     continue
                 if not data:
                     return
@@ -301,7 +360,11 @@ class SyncChannel:
                         slot[0] = (frame.msg, fds)
                         self._cond.notify_all()
                         continue
-                if frame.req_id == NOTICE and self._on_notice:
+                if frame.req_id == NOTICE and isinstance(frame.msg, Error):
+                    close_fds(fds)
+                    with self._lock:
+                        self._farewell = frame.msg  # the peer refuses us, and says why before it closes
+                elif frame.req_id == NOTICE and self._on_notice:
                     self._on_notice(frame.msg, fds)
                 else:
                     close_fds(fds)

@@ -13,24 +13,27 @@ import threading
 import time
 from collections.abc import Callable
 
+from transports.unix import recv_record
+
 BURST = 64  # packets taken from one ready socket before looking at the others
 
 
 def read_burst(sock: socket.socket, bufsize: int, hup: bool, most: int = BURST) -> tuple[list[bytes], bool]:
     """What is ready on `sock` (up to `most` packets), and whether it has ended.
 
+    Empty packets are kept: they are keepalives, which the flows' ends send and the layers carry.
     It has ended on EOF, on an error, or on a hang-up with nothing left to read:
     a datagram socket shut down under us answers EAGAIN, never EOF.
     """
     packets: list[bytes] = []
     for _ in range(most):
         try:
-            packet = sock.recv(bufsize)
+            packet = recv_record(sock, bufsize)
         except BlockingIOError:
             return packets, hup
         except OSError:
             return packets, True
-        if not packet:
+        if packet is None:
             return packets, True
         packets.append(packet)
     return packets, False

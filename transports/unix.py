@@ -1,4 +1,4 @@
-"""Unix-domain socket plumbing: the IRMd socket path and frames with passed fds.
+"""Unix-domain socket plumbing: the IRMd socket path and who may own it, frames with passed fds.
 
 One SOCK_SEQPACKET packet carries one control frame; file descriptors ride
 along as SCM_RIGHTS ancillary data.
@@ -9,8 +9,10 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import select
 import socket
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from transports.wire import MAX_FDS, MAX_FRAME, WireError
@@ -29,6 +31,88 @@ def irmd_sock_path(explicit: str | None = None) -> Path:
         return Path("/run/ouroboros/irmd.sock")
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/ouroboros-{os.geteuid()}"
     return Path(runtime) / "ouroboros" / "irmd.sock"
+
+
+class TrustError(OSError):
+    """A socket, file or directory above them is not owned and guarded as it must be."""
+
+
+def _owner_ok(st: os.stat_result, uid: int) -> bool:
+    return st.st_uid in (0, uid)
+
+
+def check_dirs(path: Path, uid: int, *, strict_leaf: bool) -> None:
+    """Every directory from `path` up to / belongs to root or `uid`, and none lets others replace
+    what is in it: not group- or other-writable, unless sticky (like /tmp) above the leaf.
+
+    The path as written and the path its symlinks lead to are both checked. strict_leaf: `path`
+    itself may not be group- or other-writable even if sticky (the IRMd's own socket directory);
+    clients allow a sticky leaf, as they check the socket's owner as well.
+    """
+    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        here, leaf = Path(start), True
+        while True:
+            try:
+                st = os.lstat(here)
+            except OSError as e:
+                raise TrustError(e.errno, e.strerror) from None
+            if not stat.S_ISLNK(st.st_mode):  # a link's directory is what guards it, checked next
+                if not stat.S_ISDIR(st.st_mode):
+                    raise TrustError(0, f"{here} is not a directory")
+                if not _owner_ok(st, uid):
+                    raise TrustError(0, f"directory {here} belongs to uid {st.st_uid}, "
+                                              f"not to root or uid {uid}")
+                if st.st_mode & 0o022 and ((strict_leaf and leaf) or not st.st_mode & stat.S_ISVTX):
+                    raise TrustError(0, f"directory {here} is writable by others "
+                                              f"(mode {stat.S_IMODE(st.st_mode):04o})")
+            if here.parent == here:
+                break
+            here, leaf = here.parent, False
+
+
+def read_trusted(path: Path, uid: int) -> str:
+    """The text of a file that only root or `uid` could have written: it and the directories above
+    it belong to one of them and are not writable by others (as OpenSSH's StrictModes)."""
+    with open(path, "rb") as f:  # checked on the file opened, not on a name that may change meanwhile
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise TrustError(0, f"{path} is not a regular file")
+        if not _owner_ok(st, uid):
+            raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
+        if st.st_mode & 0o022:
+            raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+        check_dirs(Path(os.path.abspath(path)).parent, uid, strict_leaf=False)
+        return f.read().decode()
+
+
+def make_sock_dir(path: Path, mode: int) -> None:
+    """Create the IRMd's socket directory (and what is missing above it) with `mode`, then
+    check it and its parents as clients will: refuse rather than serve from a directory others control."""
+    missing: list[Path] = []
+    here = Path(os.path.abspath(path))
+    while not os.path.lexists(here):
+        missing.append(here)
+        here = here.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, mode)
+            os.chmod(d, mode)  # the umask must not loosen or tighten what we chose
+    check_dirs(path, os.geteuid(), strict_leaf=True)
+
+
+def check_socket(path: Path, uid: int | None = None) -> None:
+    """Before talking to an IRMd: its socket belongs to root or to us, and so do the directories
+    above it, so nobody else can have put it there."""
+    uid = os.geteuid() if uid is None else uid
+    check_dirs(path.parent, uid, strict_leaf=False)
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise TrustError(e.errno, e.strerror) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TrustError(0, f"{path} is not a socket")
+    if not _owner_ok(st, uid):
+        raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
@@ -66,3 +150,35 @@ def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+SDU_LOOKAHEAD = 16  # records read past an empty one once the peer hung up, looking for data behind it
+
+
+def recv_record(sock: socket.socket, bufsize: int, recv: Callable[[int], bytes] | None = None) -> bytes | None:
+    """One record of a flow's SOCK_SEQPACKET socket: an SDU, b'' for an empty record (a keepalive, as
+    on C's wire), or None once the flow has ended. Raises BlockingIOError when nothing is queued.
+    `recv` (default sock.recv) may decode what it reads, if it passes empty records on as b''.
+
+    recv says b'' both for an empty record and at the end, which then repeats for ever: only a hang-up
+    tells them apart, and records still queued behind an empty one are read before calling it the end.
+    """
+    recv = recv or sock.recv
+    data = recv(bufsize)
+    if data or not hung_up(sock):
+        return data
+    for _ in range(SDU_LOOKAHEAD):
+        try:
+            data = recv(bufsize)  # the socket never blocks once hung up; a decoder may still say EAGAIN
+        except BlockingIOError:
+            return None
+        if data:
+            return data
+    return None
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed its end or either end was shut down (nothing more will arrive)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in poller.poll(0))

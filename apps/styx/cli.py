@@ -12,13 +12,18 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
+from dataclasses import replace
 
 from apps.styx import wire as w
+from apps.styx.bridge import bridge
 from apps.styx.client import Client, StyxClientError
-from apps.styx.transport import TransportError, bridge, dial, serve_tree
+from apps.styx.identity import ANON_ACCOUNT, server_policy
+from apps.styx.serve import Server
+from apps.styx.server import Limits
+from apps.styx.transport import TransportError, dial
 from apps.styx.tree import StyxError, Tree
-from flowlib import Flow, FlowError
+from flowlib import FlowError
 from flowlib.irm import default_client
 
 log = logging.getLogger("styx")
@@ -36,17 +41,22 @@ def split_target(target: str) -> tuple[str, str]:
     return name, path or "/"
 
 
-def connect(target: str, user: str | None) -> tuple[Client, str]:
-    name, path = split_target(target)
+def client(name: str, user: str | None) -> Client:
+    """A client attached to the service NAME; CliError (naming it) if there is none."""
     try:
         transport = dial(name)
     except (FlowError, TransportError, ValueError) as e:
         raise CliError(str(e)) from None
     try:
-        return Client(transport, user), path
-    except StyxClientError:
+        return Client(transport, user)
+    except StyxClientError as e:
         transport.close()
-        raise
+        raise CliError(f"{name}: {e}") from None
+
+
+def connect(target: str, user: str | None) -> tuple[Client, str]:
+    name, path = split_target(target)
+    return client(name, user), path
 
 
 def mode_string(mode: int) -> str:
@@ -64,17 +74,27 @@ def stat_line(st: w.Stat) -> str:
 # -- commands ----------------------------------------------------------------------
 
 
+def print_listing(stats: list[w.Stat], long: bool = False) -> None:
+    for st in sorted(stats, key=lambda s: s.name):
+        print(stat_line(st) if long else st.name + ("/" if st.mode & w.DMDIR else ""))
+
+
 def cmd_ls(a: argparse.Namespace) -> None:
     client, path = connect(a.target, a.user)
     with client:
-        for st in sorted(client.ls(path), key=lambda s: s.name):
-            print(stat_line(st) if a.long else st.name + ("/" if st.mode & w.DMDIR else ""))
+        print_listing(client.ls(path), a.long)
 
 
 def cmd_cat(a: argparse.Namespace) -> None:
     client, path = connect(a.target, a.user)
     with client:
-        data = client.cat(path)
+        qid, data = client.read_file(path)
+    if qid.type & w.QTDIR:  # a directory reads as stat records: show them as ls does
+        try:
+            print_listing(w.stats_decode(data))
+        except w.DecodeError as e:
+            raise CliError(f"bad directory data: {e}") from None
+        return
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
 
@@ -124,41 +144,46 @@ def announce(name: str, layers: list[str]) -> None:
             log.info("register %s: %s", name, e)
 
 
+def limits(a: argparse.Namespace) -> Limits:
+    lim = Limits(**{k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k, None) is not None})
+    if lim.msize < w.MSIZE_MIN or min(lim.fids, lim.pending, lim.flows, lim.conns, lim.conns_per_user) < 1 \
+            or lim.attach_timeout <= 0 or lim.send_timeout <= 0:
+        raise CliError(f"limits must be positive (and --msize at least {w.MSIZE_MIN})")
+    return replace(lim, msize=min(lim.msize, w.MSIZE_MAX))
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     users = frozenset(a.users.split(",")) if a.users else None
-    route: Callable[[Flow], bool] | None = None
+    lim = limits(a)
     tree: Tree
     if a.irm:
-        from apps.styx.irmfs import irm_tree
+        from apps.styx.irmfs import IrmTree
 
-        tree, route = irm_tree(a.name or "")
+        tree = IrmTree(frozenset({a.name} - {None}), lim)
     elif a.root:
         from apps.styx.fs import FsTree
 
         tree = FsTree(a.root)
     else:
         raise CliError("serve needs --root DIR or --irm")
+    server = Server(tree, lim, users, server_policy(a.anon_user))
     if a.name:
         announce(a.name, a.layer)
     print(f"styx: serving {'the IRMd' if a.irm else a.root}" + (f" as {a.name}" if a.name else ""), flush=True)
-    serve_tree(tree, users, route)
+    server.serve_forever()
 
 
 def cmd_mount(a: argparse.Namespace) -> None:
     from apps.styx.mount import mount
 
     name, _, path = a.service.partition(":")
-    try:
-        transport = dial(name)
-    except (FlowError, TransportError, ValueError) as e:
-        raise CliError(str(e)) from None
-    with Client(transport, a.user) as client:
+    with client(name, a.user) as c:
         # libfuse installs its own handlers (which unmount) only over the default ones.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
-            mount(client, path or "/", a.mountpoint,
-                  lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True))
+            mount(c, path or "/", a.mountpoint,
+                  lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True), a.service)
         except RuntimeError as e:
             raise CliError(str(e)) from None
 
@@ -168,9 +193,28 @@ def cmd_bridge(a: argparse.Namespace) -> None:
         print(f"styx: bridging {a.listen} to {a.name}", flush=True)
 
     try:
-        bridge(a.name, a.listen, ready)
+        bridge(a.name, a.listen, ready, limits(a))
     except ValueError as e:
         raise CliError(str(e)) from None
+
+
+# Limits flags (--max-fids ...) and their help; defaults are Limits'.
+LIMIT_FLAGS = {
+    "msize": ("--msize", int, "the largest 9P message a client may negotiate"),
+    "fids": ("--max-fids", int, "fids one connection may hold"),
+    "pending": ("--max-pending", int, "requests of one connection waiting for an answer"),
+    "flows": ("--max-flows", int, "net/ flows of one connection, arrivals waiting for a listen included"),
+    "conns": ("--max-conns", int, "connections served at once"),
+    "conns_per_user": ("--max-conns-per-user", int, "connections at once per user (anonymous: all are none)"),
+    "attach_timeout": ("--attach-timeout", float, "seconds a connection may take to attach"),
+    "send_timeout": ("--send-timeout", float, "seconds a client may leave replies untaken before it is dropped"),
+}
+
+
+def add_limits(p: argparse.ArgumentParser, which: Iterable[str]) -> None:
+    for key in which:
+        flag, kind, helptext = LIMIT_FLAGS[key]
+        p.add_argument(flag, dest=key, type=kind, help=f"{helptext} (default {getattr(Limits(), key)})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -183,7 +227,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", action="append", default=[], help="also register NAME in layer L (repeatable)")
     s.add_argument("--root", help="the directory to serve")
     s.add_argument("--irm", action="store_true", help="serve the IRMd as files, and net/")
-    s.add_argument("--users", help="comma-separated users allowed to attach (default: any)")
+    s.add_argument("--users", help="comma-separated users allowed to attach, none for anonymous clients "
+                   "(default: any)")
+    s.add_argument("--anon-user", default=ANON_ACCOUNT, help="as root, work for anonymous clients (user none) "
+                   f"with this account's rights (default: {ANON_ACCOUNT})")
+    add_limits(s, LIMIT_FLAGS)
     s.set_defaults(func=cmd_serve)
     for name, func, helptext in [
         ("ls", cmd_ls, "list a directory"), ("cat", cmd_cat, "print a file"),
@@ -202,6 +250,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bridge", help="let 9P clients on TCP or a unix socket reach NAME")
     b.add_argument("--name", required=True, help="the styx service to relay to")
     b.add_argument("--listen", required=True, help="tcp!HOST!PORT or unix!/path")
+    add_limits(b, ["conns", "conns_per_user", "send_timeout"])
     b.set_defaults(func=cmd_bridge)
     return p
 

@@ -10,9 +10,10 @@ import getpass
 from typing import TypeVar
 
 from apps.styx import wire as w
-from apps.styx.transport import Transport, TransportError
+from apps.styx.transport import Transport, TransportError, TransportTimeout
 
 M = TypeVar("M", bound=w.Msg)
+VERSION_TIMEOUT = 3.0  # a 9P server answers Tversion at once; one that does not is no 9P server
 
 
 class StyxClientError(Exception):
@@ -51,18 +52,29 @@ class Client:
     # -- messages --------------------------------------------------------------
 
     def _version(self) -> None:
-        reply = self.rpc(w.Tversion(w.NOTAG, self.msize, w.VERSION9P), w.Rversion)
+        """Tversion, which also tells a 9P service from anything else quickly."""
+        try:
+            reply = self.rpc(w.Tversion(w.NOTAG, self.msize, w.VERSION9P), w.Rversion, VERSION_TIMEOUT)
+        except TransportTimeout:
+            raise StyxClientError(f"not a 9P service: no answer to Tversion within {VERSION_TIMEOUT:g} s") \
+                from None
+        except StyxClientError as e:
+            if "bad reply" in str(e) or "expected Rversion" in str(e):
+                raise StyxClientError(f"not a 9P service: {e}") from None
+            raise
         if reply.version != w.VERSION9P:
             raise StyxClientError(f"the server does not speak 9P2000 (answered '{reply.version}')")
         self.msize = min(self.msize, reply.msize)
 
-    def rpc(self, msg: w.Msg, expect: type[M]) -> M:
+    def rpc(self, msg: w.Msg, expect: type[M], timeout: float | None = None) -> M:
         if not isinstance(msg, w.Tversion):
             self._tag = (self._tag + 1) % w.NOTAG
             msg.tag = self._tag
         try:
             self.transport.send(w.encode(msg))
-            reply = w.decode(self.transport.recv(), max(self.msize, w.MSIZE_MAX))
+            reply = w.decode(self.transport.recv(timeout), max(self.msize, w.MSIZE_MAX))
+        except TransportTimeout:
+            raise
         except TransportError as e:
             raise StyxClientError(f"connection lost: {e}") from None
         except w.DecodeError as e:
@@ -129,13 +141,17 @@ class Client:
             out += chunk
             offset += len(chunk)
 
-    def cat(self, path: str) -> bytes:
+    def read_file(self, path: str) -> tuple[w.Qid, bytes]:
+        """The qid and whole contents of `path` (a directory's are stat records)."""
         fid = self.walk(path)
         try:
-            self.open(fid, w.OREAD)
-            return self.read_fid_all(fid)
+            qid = self.open(fid, w.OREAD).qid
+            return qid, self.read_fid_all(fid)
         finally:
             self.clunk(fid)
+
+    def cat(self, path: str) -> bytes:
+        return self.read_file(path)[1]
 
     def write_fid_all(self, fid: int, data: bytes, offset: int = 0) -> None:
         pos = 0

@@ -1,158 +1,222 @@
-"""A real directory tree as a 9P tree, confined to its root.
+"""A real directory tree as a 9P tree, confined to its root by the kernel.
 
-Nodes are paths relative to the root; every access resolves the real path and
-refuses anything (`..`, symlinks, absolute names) that lands outside the root.
+Every fid holds its own O_PATH descriptor of its file (a fid is a file, not a name); names
+are resolved beneath the root's descriptor (beneath.open_beneath), so no rename or symlink
+swap by anyone leads outside the root, and name operations first check the name still
+leads to the fid's file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import grp
 import os
-import pwd
 import stat as st_
+from collections.abc import Generator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apps.styx import wire as w
+from apps.styx.beneath import Escape, open_beneath
+from apps.styx.identity import group_name, user_name
 from apps.styx.tree import Handle, Node, StyxError, Tree
 
+if TYPE_CHECKING:
+    from apps.styx.agent import Peer
 
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+PROC_FD = "/proc/self/fd"  # an O_PATH descriptor is reopened, chmod-ed, truncated through here
+RENAME_NOREPLACE = 1
+_OPEN_FLAGS = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}
 
 
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
+def _stat(s: os.stat_result, name: str) -> w.Stat:
+    is_dir = st_.S_ISDIR(s.st_mode)
+    mode = (w.DMDIR if is_dir else 0) | (s.st_mode & 0o777)
+    qid = w.Qid(w.QTDIR if is_dir else w.QTFILE, (s.st_mtime_ns ^ s.st_size) & 0xFFFFFFFF, s.st_ino)
+    owner = user_name(s.st_uid)
+    return w.Stat(0, 0, qid, mode, int(s.st_atime) & 0xFFFFFFFF, int(s.st_mtime) & 0xFFFFFFFF,
+                  0 if is_dir else s.st_size, name, owner, group_name(s.st_gid), owner)
+
+
+def _rename_noreplace(dirfd: int, old: str, new: str) -> None:
+    """renameat2(RENAME_NOREPLACE): 9P renames never replace a file; without it, check then rename."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(dirfd, os.fsencode(old), dirfd, os.fsencode(new), RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: the file system has no NOREPLACE
+            raise OSError(err, os.strerror(err))
+    if os.path.lexists(os.path.join(f"{PROC_FD}/{dirfd}", new)):
+        raise FileExistsError(errno.EEXIST, "file exists")
+    os.rename(old, new, src_dir_fd=dirfd, dst_dir_fd=dirfd)
 
 
 class FsTree(Tree):
+    kernel_checked = True
+
     def __init__(self, root: str | Path) -> None:
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise StyxError(f"{root}: not a directory")
+        if not os.path.isdir(PROC_FD):
+            raise StyxError(f"serving files needs {PROC_FD} (/proc is not mounted)")
+        self.rootfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def attach(self, uname: str, aname: str) -> Node:
-        node = FsNode(self, ())
+    def attach(self, peer: Peer, aname: str) -> Node:
+        node: Node = FsNode(self, (), self.resolve(()))
         for part in aname.split("/"):
             if part and part != ".":
-                node = node.walk(part) if part != ".." else node.parent()  # type: ignore[assignment]
+                step = node.parent() if part == ".." else node.walk(part)
+                node.close()
+                node = step
         return node
 
-    def real(self, rel: tuple[str, ...]) -> str:
-        """The real path of `rel`, symlinks resolved, or StyxError if it is outside the root."""
-        path = os.path.realpath(os.path.join(self.root, *rel))
-        if path != self.root and not path.startswith(self.root + os.sep):
-            raise StyxError(f"'{'/'.join(rel)}' file does not exist")  # what is outside is not there
-        return path
+    def resolve(self, rel: tuple[str, ...], flags: int = os.O_PATH, mode: int = 0) -> int:
+        """A descriptor for `rel` beneath the root; what leads outside is not there."""
+        try:
+            return open_beneath(self.rootfd, rel, flags, mode)
+        except (Escape, FileNotFoundError):
+            raise StyxError(f"'{'/'.join(rel)}' file does not exist") from None
+
+    def close(self) -> None:
+        os.close(self.rootfd)
 
 
 class FsNode(Node):
-    def __init__(self, tree: FsTree, rel: tuple[str, ...]) -> None:
+    def __init__(self, tree: FsTree, rel: tuple[str, ...], fd: int) -> None:
         self.tree = tree
         self.rel = rel
+        self.fd = fd
 
     @property
-    def path(self) -> str:
-        return self.tree.real(self.rel)
+    def name(self) -> str:
+        return self.rel[-1] if self.rel else "/"
+
+    @property
+    def proc(self) -> str:
+        return f"{PROC_FD}/{self.fd}"
 
     def _os_stat(self) -> os.stat_result:
-        try:
-            return os.stat(self.path)
-        except FileNotFoundError:
-            raise StyxError(f"'{'/'.join(self.rel)}' file does not exist") from None
+        return os.fstat(self.fd)
 
     def stat(self) -> w.Stat:
-        s = self._os_stat()
-        is_dir = st_.S_ISDIR(s.st_mode)
-        mode = (w.DMDIR if is_dir else 0) | (s.st_mode & 0o777)
-        qid = w.Qid(w.QTDIR if is_dir else w.QTFILE, (s.st_mtime_ns ^ s.st_size) & 0xFFFFFFFF, s.st_ino)
-        name = self.rel[-1] if self.rel else "/"
-        return w.Stat(0, 0, qid, mode, int(s.st_atime) & 0xFFFFFFFF, int(s.st_mtime) & 0xFFFFFFFF,
-                      0 if is_dir else s.st_size, name, _user(s.st_uid), _group(s.st_gid), _user(s.st_uid))
+        return _stat(self._os_stat(), self.name)
 
-    def parent(self) -> Node:
-        return FsNode(self.tree, self.rel[:-1]) if self.rel else self
+    def is_root(self) -> bool:
+        return not self.rel
 
     def walk(self, name: str) -> Node:
-        child = FsNode(self.tree, (*self.rel, name))
-        child._os_stat()  # exists, and inside the root
-        return child
+        rel = (*self.rel, name)
+        return FsNode(self.tree, rel, self.tree.resolve(rel))
 
-    def children(self) -> list[Node]:
-        out: list[Node] = []
-        for name in sorted(os.listdir(self.path)):
-            child = FsNode(self.tree, (*self.rel, name))
-            try:
-                child._os_stat()
-            except (StyxError, OSError):
-                continue  # dangling or escaping symlinks are not shown
-            out.append(child)
-        return out
+    def parent(self) -> Node:
+        return FsNode(self.tree, self.rel[:-1], self.tree.resolve(self.rel[:-1])) if self.rel else self.clone()
+
+    def clone(self) -> Node:
+        return FsNode(self.tree, self.rel, os.dup(self.fd))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _still_here(self, flags: int = os.O_PATH) -> int:
+        """Our name resolved anew (a descriptor with `flags`), if it still leads to our file."""
+        here = self.tree.resolve(self.rel, flags)
+        try:
+            a, b = os.fstat(here), self._os_stat()
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                raise StyxError(f"'{self.name}' was moved or replaced since it was walked: walk to it again")
+        except BaseException:
+            os.close(here)
+            raise
+        return here
+
+    def _parent_fd(self) -> int:
+        """The parent directory's descriptor, after checking our name still leads to our file."""
+        os.close(self._still_here())
+        return self.tree.resolve(self.rel[:-1])
 
     def open(self, mode: int, user: str) -> Handle:
-        path = self.path
-        if os.path.isdir(path):
-            return Handle()
-        flags = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}[mode & 3]
-        if mode & w.OTRUNC:
-            flags |= os.O_TRUNC
-        return FileHandle(os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC))
+        s = self._os_stat()
+        if st_.S_ISDIR(s.st_mode):
+            return FsDirHandle(self)
+        if not st_.S_ISREG(s.st_mode):  # a fifo would block the session, a device is not ours to serve
+            raise StyxError(f"'{self.name}' is not a regular file")
+        flags = _OPEN_FLAGS[mode & 3] | (os.O_TRUNC if mode & w.OTRUNC else 0)
+        return FileHandle(os.open(self.proc, flags | os.O_CLOEXEC))  # this very file, by its descriptor
 
     def create(self, name: str, perm: int, mode: int, user: str) -> tuple[Node, Handle]:
-        parent = self.path
-        target = os.path.join(parent, name)
-        child = FsNode(self.tree, (*self.rel, name))
-        if perm & w.DMDIR:
-            try:
-                os.mkdir(target, perm & 0o777)
-            except FileExistsError:
-                raise StyxError(f"'{name}' file already exists") from None
-            return child, Handle()
-        flags = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}[mode & 3]
+        pfd = self._still_here(os.O_PATH | os.O_DIRECTORY)  # a directory new files can be made in
+        rel = (*self.rel, name)
         try:
-            fd = os.open(target, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm & 0o777)
+            if perm & w.DMDIR:
+                os.mkdir(name, perm & 0o777, dir_fd=pfd)
+                child = FsNode(self.tree, rel, self.tree.resolve(rel))
+                return child, FsDirHandle(child)
+            flags = _OPEN_FLAGS[mode & 3] | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, perm & 0o777, dir_fd=pfd)
         except FileExistsError:
             raise StyxError(f"'{name}' file already exists") from None
-        return child, FileHandle(fd)
+        finally:
+            os.close(pfd)
+        try:
+            node = FsNode(self.tree, rel, os.open(f"{PROC_FD}/{fd}", os.O_PATH | os.O_CLOEXEC))
+        except BaseException:
+            os.close(fd)
+            raise
+        return node, FileHandle(fd)
 
     def remove(self) -> None:
         if not self.rel:
             raise StyxError("cannot remove the root")
-        # The entry itself (a symlink is removed, not its target), in a directory inside the root.
-        target = os.path.join(self.tree.real(self.rel[:-1]), self.rel[-1])
-        if os.path.isdir(target) and not os.path.islink(target):
-            try:
-                os.rmdir(target)
-            except OSError as e:
-                raise StyxError(f"remove '{self.rel[-1]}': {e.strerror}") from None
-        else:
-            os.unlink(target)
+        pfd = self._parent_fd()
+        name = self.rel[-1]
+        try:
+            # The entry itself: a symlink walked through is removed, not what it points to.
+            if st_.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
+                os.rmdir(name, dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise StyxError(f"remove '{name}': directory not empty") from None
+            raise
+        finally:
+            os.close(pfd)
 
     def wstat(self, st: w.Stat, user: str) -> None:
         keep = w.Stat.dont_touch()
-        path = self.path
         if st.length != keep.length:
-            os.truncate(path, st.length)
-        if st.mode != keep.mode:
-            os.chmod(path, st.mode & 0o777)
-        if st.mtime != keep.mtime:
-            os.utime(path, (os.stat(path).st_atime, st.mtime))
-        if st.gid and st.gid != _group(os.stat(path).st_gid):
+            if not st_.S_ISREG(self._os_stat().st_mode):
+                raise StyxError(f"'{self.name}' is not a regular file")
+            fd = os.open(self.proc, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                os.chown(path, -1, grp.getgrnam(st.gid).gr_gid)
+                os.ftruncate(fd, st.length)
+            finally:
+                os.close(fd)
+        if st.mode != keep.mode:
+            os.chmod(self.proc, st.mode & 0o777)
+        if st.mtime != keep.mtime:
+            os.utime(self.proc, (self._os_stat().st_atime, st.mtime))
+        if st.gid and st.gid != group_name(self._os_stat().st_gid):
+            try:
+                gid = grp.getgrnam(st.gid).gr_gid
             except KeyError:
                 raise StyxError(f"unknown group '{st.gid}'") from None
+            os.chown(self.proc, -1, gid)
         if st.name and self.rel and st.name != self.rel[-1]:
-            new = os.path.join(os.path.dirname(path), st.name)
-            if os.path.lexists(new):
-                raise StyxError(f"'{st.name}' file already exists")
-            os.rename(path, new)
+            pfd = self._parent_fd()
+            try:
+                _rename_noreplace(pfd, self.rel[-1], st.name)
+            except FileExistsError:
+                raise StyxError(f"'{st.name}' file already exists") from None
+            finally:
+                os.close(pfd)
             self.rel = (*self.rel[:-1], st.name)
 
 
@@ -169,3 +233,32 @@ class FileHandle(Handle):
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+class FsDirHandle(Handle):
+    """An open directory: each listing reads it anew through the fid's own descriptor."""
+
+    def __init__(self, node: FsNode) -> None:
+        self.node = node
+
+    def dirents(self) -> Generator[w.Stat, None, None]:
+        node = self.node
+        fd = os.open(node.proc, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            entries = os.scandir(fd)  # which holds a descriptor of its own while the listing lasts
+        finally:
+            os.close(fd)
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_symlink():  # shown as what it leads to beneath the root, if anything
+                        target = node.tree.resolve((*node.rel, entry.name))
+                        try:
+                            s = os.fstat(target)
+                        finally:
+                            os.close(target)
+                    else:  # by the directory's O_PATH descriptor: the listing's own is scandir's
+                        s = os.stat(entry.name, dir_fd=node.fd, follow_symlinks=False)
+                except (StyxError, OSError):
+                    continue
+                yield _stat(s, entry.name)

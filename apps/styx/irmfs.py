@@ -2,24 +2,27 @@
 
 Reads print the IRMd's tables as plain text; a line written to a ctl file is an
 irm command (irmd.cli's grammar), with the ipcp or name implied by the directory.
+Each attach gets its own tree, whose requests its client's agent makes: the IRMd judges them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 
+from apps.styx.agent import Peer
 from apps.styx.netfs import NetFs
+from apps.styx.server import DEFAULT_LIMITS, Limits
 from apps.styx.tree import Node, StyxError, Synth, SynthDir, Tree, text_file
-from flowlib import Flow, FlowError
-from flowlib.irm import call, open_channel
+from flowlib import FlowError
+from flowlib.irm import call
 from irmd import cli
 from proto import messages as m
 from transports.wire import Message
 
 ADMIN_TIMEOUT = 60.0  # bootstrap and enroll may take a while
-CTL_PERM = 0o600  # only the owner drives the IRMd
+CTL_PERM = 0o666  # whoever may act writes; the IRMd decides what each user may do
+READ_ONLY = 0o444  # the ctl files of a client the IRMd would not see as itself
 HELP = """write one irm command per write, e.g.
   ipcp bootstrap name lo type local layer local
   name register NAME layer local
@@ -29,18 +32,14 @@ then read this file for the answer
 
 
 class IrmAdmin:
-    """Requests to the IRMd, one control connection each, as the irm tool makes them."""
+    """One client's requests to the IRMd, on the connection its agent made."""
 
-    def __init__(self, sock: Path | None = None) -> None:
-        self.sock = sock
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
 
     def request(self, msg: Message) -> Message:
         try:
-            channel = open_channel(self.sock)
-            try:
-                reply, _ = call(channel, msg, ADMIN_TIMEOUT)
-            finally:
-                channel.close()
+            reply, _ = call(self.peer.irm().channel, msg, ADMIN_TIMEOUT)
         except FlowError as e:
             raise StyxError(str(e)) from None
         return reply
@@ -51,6 +50,7 @@ class IrmAdmin:
 
     def run(self, words: list[str]) -> str:
         """One irm command line; its answer as text."""
+        self.peer.require_acts("writing an irm command")
         try:
             msg = cli.parse(words)
         except cli.UsageError as e:
@@ -76,26 +76,38 @@ def _safe(name: str) -> bool:
     return bool(name) and "/" not in name and name not in (".", "..", "-")
 
 
-class IrmFs(Tree):
+class IrmTree(Tree):
+    """What `styx serve --irm` serves: to each attach, an IrmFs of its own client."""
+
+    def __init__(self, served_as: frozenset[str] = frozenset(), limits: Limits = DEFAULT_LIMITS) -> None:
+        self.served_as = served_as  # names this server answers as: never announced through net/
+        self.limits = limits
+
+    def attach(self, peer: Peer, aname: str) -> Node:
+        net = NetFs(peer, self.served_as, self.limits) if peer.acts else None
+        return IrmFs(IrmAdmin(peer), net).root
+
+
+class IrmFs:
+    """One client's view of the IRMd (and its net/, if the client may use flows)."""
+
     def __init__(self, admin: IrmAdmin, net: NetFs | None = None) -> None:
         self.admin = admin
+        self.ctl_perm = perm = CTL_PERM if admin.peer.acts else READ_ONLY
         root = self.root = SynthDir("")
-        root.add(text_file("ctl", root, lambda: HELP, lambda c: self.admin.run(_words(c)), CTL_PERM))
+        root.add(text_file("ctl", root, lambda: HELP, lambda c: self.admin.run(_words(c)), perm))
         ipcp = root.add(SynthDir("ipcp", root, self._ipcps))
         assert isinstance(ipcp, SynthDir)
         ipcp.add(text_file("ctl", ipcp, lambda: "ipcp create|bootstrap|enroll ... without the word ipcp\n",
-                           lambda c: self.admin.run(["ipcp", *_words(c)]), CTL_PERM))
+                           lambda c: self.admin.run(["ipcp", *_words(c)]), perm))
         root.add(SynthDir("layer", root, self._layers))
         name = root.add(SynthDir("name", root, self._names))
         assert isinstance(name, SynthDir)
         name.add(text_file("ctl", name, lambda: "create NAME [lb POLICY] | destroy NAME\n",
-                           lambda c: self.admin.run(["name", *_words(c)]), CTL_PERM))
+                           lambda c: self.admin.run(["name", *_words(c)]), perm))
         root.add(SynthDir("flow", root, self._flows))
         if net is not None:
             root.add(net.mount(root))
-
-    def attach(self, uname: str, aname: str) -> Node:
-        return self.root
 
     # -- ipcp/ --------------------------------------------------------------------------
 
@@ -112,7 +124,7 @@ class IrmFs(Tree):
         name = row["name"]
         d = SynthDir(name, parent)
         d.add(text_file("ctl", d, lambda: "destroy | bootstrap layer L [type T ...] | enroll ... | "
-                        "connect dst D ... | disconnect dst D\n", lambda c: self._ipcp_ctl(name, c), CTL_PERM))
+                        "connect dst D ... | disconnect dst D\n", lambda c: self._ipcp_ctl(name, c), self.ctl_perm))
         d.add(text_file("status", d, lambda: _kv(self._ipcp_row(name))))
         d.add(text_file("layer", d, lambda: self._ipcp_row(name).get("layer", "") + "\n"))
         return d
@@ -151,7 +163,7 @@ class IrmFs(Tree):
             d = SynthDir(name, parent)
             d.add(text_file("ctl", d, lambda: "register layer L | unregister layer L | destroy | "
                             "bind program PATH [auto] [-- ARGS] | unbind program PATH\n",
-                            lambda c, n=name: self._name_ctl(n, c), CTL_PERM))  # type: ignore[misc]
+                            lambda c, n=name: self._name_ctl(n, c), self.ctl_perm))  # type: ignore[misc]
             d.add(text_file("status", d, lambda n=name: _kv(self._name_row(n))))  # type: ignore[misc]
             out.append(d)
         return out
@@ -185,8 +197,3 @@ class IrmFs(Tree):
                 out.append(text_file(fid, parent, lambda r=row: _kv(r)))  # type: ignore[misc]
         return out
 
-
-def irm_tree(served_as: str = "", sock: Path | None = None) -> tuple[IrmFs, Callable[[Flow], bool]]:
-    """The tree `styx serve --irm` serves, and the router that hands announced flows to net/."""
-    net = NetFs(frozenset({served_as} - {""}))
-    return IrmFs(IrmAdmin(sock), net), net.route

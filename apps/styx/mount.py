@@ -1,7 +1,9 @@
 """`styx mount`: a 9P service as a local directory through FUSE (mfusepy + libfuse).
 
 Each FUSE call becomes 9P requests of one Client (serialised by a lock); open files
-are fids. Unmounted by libfuse on SIGINT/SIGTERM, or by `fusermount3 -u`.
+are fids. Files with a length go through the page cache with read-ahead, read in
+iounit-sized 9P reads; synthetic ones (length 0) are read directly. Unmounted by
+libfuse on SIGINT/SIGTERM, or by `fusermount3 -u`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ except (ImportError, OSError) as e:  # the binding, or libfuse itself, is missin
 else:
     FUSE_MISSING = ""
 
+READAHEAD = 1 << 20  # what we ask the kernel to read ahead of a sequential reader (it may cap it)
+SECTOR = 512  # st_blocks counts these
+
 _ERRNOS = [("does not exist", errno.ENOENT), ("not found", errno.ENOENT), ("permission", errno.EACCES),
            ("exists", errno.EEXIST), ("not empty", errno.ENOTEMPTY), ("non-directory", errno.ENOTDIR),
            ("is a directory", errno.EISDIR), ("directory", errno.EISDIR)]
@@ -48,17 +53,28 @@ def _flags_to_mode(flags: int) -> int:
 
 
 class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
-    """FUSE operations on paths, done with 9P."""
+    """FUSE operations on paths, done with 9P (raw_fi: open files are fuse_file_info, fh the fid)."""
 
-    def __init__(self, client: Client, base: str = "/", on_ready: Callable[[], None] | None = None) -> None:
+    use_ns = True  # utimens gets nanoseconds
+
+    def __init__(self, client: Client, base: str = "/", on_ready: Callable[[], None] | None = None,
+                 mountpoint: str = "") -> None:
         self.client = client
+        self.mountpoint = mountpoint
         self.base = split_path(base)
         self._mutex = threading.Lock()
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mounted = False
         self.on_ready = on_ready
+        # The last iounit-sized chunk read of each file read through the page cache: the kernel
+        # asks for 128 KiB, which is not a multiple of an iounit, so what is left serves the next.
+        self._chunks: dict[int, tuple[int, bytes]] = {}
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            conn.max_readahead = max(conn.max_readahead, READAHEAD)
+        if self.mountpoint:
+            raise_readahead(self.mountpoint)
         self.mounted = True
         if self.on_ready is not None:
             self.on_ready()
@@ -99,30 +115,38 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
 
     # -- FUSE calls -----------------------------------------------------------------------
 
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         s = self._stat(path)
         kind = st_.S_IFDIR if s.mode & w.DMDIR else st_.S_IFREG
+        mtime = s.mtime * 1_000_000_000
         return {"st_mode": kind | (s.mode & 0o777), "st_size": s.length, "st_nlink": 2 if kind == st_.S_IFDIR else 1,
-                "st_mtime": s.mtime, "st_atime": s.atime, "st_ctime": s.mtime, "st_uid": self.uid,
-                "st_gid": self.gid, "st_ino": s.qid.path & 0x7FFFFFFFFFFFFFFF}
+                "st_mtime": mtime, "st_atime": s.atime * 1_000_000_000, "st_ctime": mtime, "st_uid": self.uid,
+                "st_gid": self.gid, "st_ino": s.qid.path & 0x7FFFFFFFFFFFFFFF,
+                "st_blocks": (s.length + SECTOR - 1) // SECTOR, "st_blksize": self.client.iounit}
 
-    def readdir(self, path: str, fh: int) -> list[str]:
+    def readdir(self, path: str, fh: Any) -> list[str]:
         stats = self._call(self.client.ls, "/".join(self._names(path)) or "/")
         return [".", "..", *(s.name for s in stats)]
 
-    def open(self, path: str, flags: int) -> int:
-        def do() -> int:
+    def open(self, path: str, fi: Any) -> int:
+        def do() -> tuple[int, w.Stat]:
             fid = self.client.walk(self._names(path))
             try:
-                self.client.open(fid, _flags_to_mode(flags))
+                st = self.client.stat_fid(fid)
+                self.client.open(fid, _flags_to_mode(fi.flags))
             except StyxClientError:
                 self.client.clunk(fid)
                 raise
-            return fid
+            return fid, st
 
-        return self._call(do)  # type: ignore[no-any-return]
+        fid, st = self._call(do)
+        fi.fh = fid
+        # A file of length 0 may be synthetic (a status file, a flow): read it as it comes.
+        fi.direct_io = st.length == 0 or bool(st.qid.type & (w.QTAPPEND | w.QTEXCL))
+        fi.keep_cache = False  # another client may have changed it: read it anew after each open
+        return 0
 
-    def create(self, path: str, mode: int, fi: Any = None) -> int:
+    def create(self, path: str, mode: int, fi: Any) -> int:
         names = self._names(path)
 
         def do() -> int:
@@ -134,29 +158,45 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
                 raise
             return fid
 
-        return self._call(do)  # type: ignore[no-any-return]
-
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        def do() -> bytes:
-            out = bytearray()
-            while len(out) < size:
-                chunk = self.client.read(fh, offset + len(out), size - len(out))
-                if not chunk:
-                    break
-                out += chunk
-            return bytes(out)
-
-        return self._call(do)  # type: ignore[no-any-return]
-
-    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        self._call(self.client.write_fid_all, fh, bytes(data), offset)
-        return len(data)
-
-    def release(self, path: str, fh: int) -> int:
-        self._call(self.client.clunk, fh)
+        fi.fh = self._call(do)
         return 0
 
-    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        fid = fi.fh
+        if fi.direct_io:  # synthetic: each read as it comes, nothing kept
+            return self._call(self._read, fid, offset, size)  # type: ignore[no-any-return]
+        out = bytearray()
+        while len(out) < size:
+            pos = offset + len(out)
+            start, chunk = self._chunks.get(fid, (0, b""))
+            if not start <= pos < start + len(chunk):
+                start, chunk = pos, self._call(self.client.read, fid, pos, self.client.iounit)
+                if not chunk:
+                    break
+                self._chunks[fid] = (start, chunk)
+            out += chunk[pos - start : pos - start + size - len(out)]
+        return bytes(out)
+
+    def _read(self, fid: int, offset: int, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            chunk = self.client.read(fid, offset + len(out), size - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        self._chunks.pop(fi.fh, None)
+        self._call(self.client.write_fid_all, fi.fh, bytes(data), offset)
+        return len(data)
+
+    def release(self, path: str, fi: Any) -> int:
+        self._chunks.pop(fi.fh, None)
+        self._call(self.client.clunk, fi.fh)
+        return 0
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
         self._wstat(path, length=length)
         return 0
 
@@ -165,8 +205,8 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
         self._wstat(path, mode=(old.mode & ~0o777) | (mode & 0o777))
         return 0
 
-    def utimens(self, path: str, times: tuple[float, float] | None = None) -> int:
-        mtime = int(times[1] if times else time.time())
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        mtime = times[1] // 1_000_000_000 if times else int(time.time())
         self._wstat(path, mtime=mtime & 0xFFFFFFFF)
         return 0
 
@@ -188,18 +228,39 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
         return 0
 
     def statfs(self, path: str) -> dict[str, int]:
-        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0, "f_namemax": 255}
+        # 9P2000 carries no file system sizes: the counts are unknown (0), the I/O size is the iounit.
+        return {"f_bsize": self.client.iounit, "f_frsize": SECTOR, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0,
+                "f_namemax": 255}
 
 
-def mount(client: Client, base: str, mountpoint: str, on_ready: Callable[[], None] | None = None) -> None:
-    """Serve `client`'s tree at `mountpoint` until unmounted (blocks)."""
+def raise_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead READAHEAD bytes on our mount (its default is 128 KiB), so a
+    sequential reader costs a FUSE request per MiB. Only root may; others keep the default.
+
+    `mountpoint` is already resolved: looking it up now would ask us, who are in init.
+    """
+    where = mountpoint.replace("\\", "\\134").replace(" ", "\\040").replace("\n", "\\012")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == where]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as ra:
+                ra.write(str(READAHEAD // 1024))
+    except OSError as e:
+        log.info("read-ahead stays the kernel's: %s", e)
+
+
+def mount(client: Client, base: str, mountpoint: str, on_ready: Callable[[], None] | None = None,
+          name: str = "") -> None:
+    """Serve `client`'s tree at `mountpoint` until unmounted (blocks); `mount` shows it as styx#NAME."""
     if fuse is None:
         raise RuntimeError(FUSE_MISSING)
     if not os.path.isdir(mountpoint):
         raise RuntimeError(f"{mountpoint}: not a directory")
-    ops = StyxOps(client, base, on_ready)
+    ops = StyxOps(client, base, on_ready, os.path.realpath(mountpoint))
+    fsname = "styx#" + (name or "9p").replace(",", "_")  # a comma would end the mount option
     try:
-        fuse.FUSE(ops, mountpoint, foreground=True, nothreads=True, fsname="styx", direct_io=True)
+        fuse.FUSE(ops, mountpoint, raw_fi=True, foreground=True, nothreads=True, fsname=fsname, subtype="styx")
     except RuntimeError as e:
         # libfuse also answers non-zero when a signal ended a good mount, after unmounting it.
         if not ops.mounted or os.path.ismount(mountpoint):

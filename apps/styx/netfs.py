@@ -2,28 +2,46 @@
 
 net/clone reserves conversation N (reading it says N); `connect NAME [QOS]` or
 `announce NAME [LAYER...]` written to its ctl; N/listen waits for a flow; N/data moves SDUs.
+Each client has its own net/, and its agent's IRMd connection allocates, binds and accepts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
-import os
 import select
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from apps.styx.agent import Peer
+from apps.styx.server import DEFAULT_LIMITS, Limits
 from apps.styx.tree import Handle, StyxError, Synth, SynthDir, SynthFile, WouldBlock, text_file
 from flowlib import Flow, FlowError, flow_alloc, qos
-from flowlib.irm import call, default_client
+from flowlib.flow import establish
+from flowlib.irm import call
 from proto import messages as m
+from transports.unix import close_fds
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 NET_PERM = 0o660
-MAX_BACKLOG = 64  # flows waiting for a listen, per announced name
+
+
+class ConvState(enum.Enum):
+    IDLE = "idle"
+    CONNECTED = "connected"
+    ANNOUNCED = "announced"
+    CLOSED = "closed"
+
+
+# What a ctl command does to a conversation; any other (state, command) pair is refused.
+TRANSITIONS = {
+    (ConvState.IDLE, "connect"): ConvState.CONNECTED,
+    (ConvState.IDLE, "announce"): ConvState.ANNOUNCED,
+}
 
 
 @dataclass
@@ -31,7 +49,7 @@ class Conv:
     """One conversation: a numbered directory under net/."""
 
     n: int
-    state: str = "idle"  # idle | connected | announced | closed
+    state: ConvState = ConvState.IDLE
     flow: Flow | None = None
     local: str = ""
     remote: str = ""
@@ -41,38 +59,34 @@ class Conv:
 
     def status(self) -> str:
         extra = f" flow {self.flow.flow_id} layer {self.flow.layer} mtu {self.flow.mtu}" if self.flow else ""
-        return f"{self.n} {self.state} local {self.local or '-'} remote {self.remote or '-'}{extra}\n"
+        return f"{self.n} {self.state.value} local {self.local or '-'} remote {self.remote or '-'}{extra}\n"
+
+    def next_state(self, command: str) -> ConvState:
+        nxt = TRANSITIONS.get((self.state, command))
+        if nxt is None:
+            raise StyxError(f"conversation {self.n} is {self.state.value}: cannot {command}")
+        return nxt
 
 
 class NetFs:
-    """The conversations, shared by every client of the server."""
+    """One client's conversations."""
 
-    def __init__(self, reserved: frozenset[str] = frozenset()) -> None:
-        self.reserved = reserved  # names this server answers as: never handed to a listen
+    def __init__(self, peer: Peer, reserved: frozenset[str] = frozenset(), limits: Limits = DEFAULT_LIMITS) -> None:
+        self.peer = peer
+        self.reserved = reserved  # names this server answers as: never announced
+        self.limits = limits
         self.lock = threading.Lock()
         self.convs: dict[int, Conv] = {}
         self.announced: dict[str, Conv] = {}
         self._next = 0
-
-    # -- the serving loop's hook -------------------------------------------------------------
-
-    def route(self, flow: Flow) -> bool:
-        """Claim a flow arriving for an announced name (True), else leave it to the 9P server."""
-        with self.lock:
-            conv = self.announced.get(flow.name)
-            if conv is None:
-                return False
-            if len(conv.backlog) >= MAX_BACKLOG:
-                log.warning("net: backlog of %s full, refusing flow %s", flow.name, flow.flow_id)
-                flow.close()
-                return True
-            conv.backlog.append(flow)
-            return True
+        self._listening = False
 
     # -- conversations -------------------------------------------------------------------------
 
     def new_conv(self) -> Conv:
         with self.lock:
+            if len(self.convs) >= self.limits.fids:
+                raise StyxError(f"too many conversations (limit {self.limits.fids})")
             conv = Conv(self._next, refs=1)
             self.convs[conv.n] = conv
             self._next += 1
@@ -98,23 +112,30 @@ class NetFs:
             self.convs.pop(conv.n, None)
         self.hangup(conv)
 
+    def _flows(self) -> int:
+        return sum((c.flow is not None) + len(c.backlog) for c in self.convs.values())
+
+    def _room(self) -> None:
+        with self.lock:
+            if self._flows() >= self.limits.flows:
+                raise StyxError(f"too many flows (limit {self.limits.flows})")
+
     def hangup(self, conv: Conv) -> None:
         with self.lock:
             flows = [*conv.backlog, *([conv.flow] if conv.flow else [])]
             conv.backlog.clear()
             conv.flow = None
-            name = conv.local if conv.state == "announced" else ""
+            name = conv.local if conv.state is ConvState.ANNOUNCED else ""
             if name and self.announced.get(name) is conv:
                 del self.announced[name]
             else:
                 name = ""
-            conv.state = "closed"
+            conv.state = ConvState.CLOSED
         for f in flows:
             f.close()
         if name:
             with contextlib.suppress(FlowError):
-                irm = default_client()
-                call(irm.channel, m.Bind("process", str(os.getpid()), name, bind=False), 10)
+                call(self.peer.irm().channel, m.Bind("process", str(self.peer.agent_pid), name, bind=False), 10)
 
     def ctl(self, conv: Conv, command: str) -> str | None:
         words = command.split()
@@ -134,18 +155,19 @@ class NetFs:
     def _connect(self, conv: Conv, args: list[str]) -> str | None:
         if len(args) not in (1, 2):
             raise StyxError("usage: connect NAME [raw|best|voice|video|data]")
-        if conv.state != "idle":
-            raise StyxError(f"conversation {conv.n} is {conv.state}")
+        nxt = conv.next_state("connect")
+        self.peer.require_acts("connect")
         try:
             spec = qos.by_name(args[1]) if len(args) == 2 else qos.data
         except ValueError as e:
             raise StyxError(str(e)) from None
+        self._room()
         try:
-            flow = flow_alloc(args[0], qos=spec, timeout=CONNECT_TIMEOUT)
+            flow = flow_alloc(args[0], qos=spec, timeout=CONNECT_TIMEOUT, irm=self.peer.irm())
         except FlowError as e:
             raise StyxError(f"connect {args[0]}: {e}") from None
         with self.lock:
-            conv.flow, conv.state, conv.remote, conv.local = flow, "connected", args[0], flow.layer
+            conv.flow, conv.state, conv.remote, conv.local = flow, nxt, args[0], flow.layer
         return None
 
     def _announce(self, conv: Conv, args: list[str]) -> str | None:
@@ -154,38 +176,68 @@ class NetFs:
         name, layers = args[0], args[1:]
         if name in self.reserved:
             raise StyxError(f"'{name}' is this server's own name")
-        if conv.state != "idle":
-            raise StyxError(f"conversation {conv.n} is {conv.state}")
+        nxt = conv.next_state("announce")
+        self.peer.require_acts("announce")
         with self.lock:
             if name in self.announced:
                 raise StyxError(f"'{name}' is already announced")
             self.announced[name] = conv
-            conv.state, conv.local = "announced", name
+            conv.state, conv.local = nxt, name
         try:
-            irm = default_client()
-            irm.bind(name)
+            irm = self.peer.irm()
+            # The agent's process is what the IRMd binds, as the client's own: its flows come to us.
+            call(irm.channel, m.Bind("process", str(self.peer.agent_pid), name), 10)
             if layers:
                 try:
                     irm.register(name, layers)
                 except FlowError as e:
                     if "exist" not in str(e).lower():
                         raise
+            if not self._listening:
+                irm.listen(True)
+                self._listening = True
         except FlowError as e:
             with self.lock:
                 del self.announced[name]
-                conv.state, conv.local = "idle", ""
+                conv.state, conv.local = ConvState.IDLE, ""
             raise StyxError(f"announce {name}: {e}") from None
         return None
 
+    def _arrivals(self) -> None:
+        """File the flows the IRMd pushed to the agent's connection under their announced names."""
+        irm = self.peer.irm()
+        try:
+            arrived = irm.take_arrived()
+        except FlowError as e:
+            raise StyxError(f"listen: {e}") from None
+        for reply, fd in arrived:
+            with self.lock:
+                conv = self.announced.get(reply.name)
+                room = self._flows() < self.limits.flows
+            if conv is None or not room:
+                log.warning("net: refusing flow %d for %s: %s", reply.flow_id, reply.name,
+                            "not announced" if conv is None else "too many flows")
+                close_fds([fd])
+                irm.dealloc(reply.flow_id)
+                continue
+            try:
+                flow = establish(reply, fd, irm, client=False)
+            except FlowError as e:
+                log.info("net: flow %d for %s failed: %s", reply.flow_id, reply.name, e)
+                continue
+            with self.lock:
+                conv.backlog.append(flow)
+
     def accept(self, conv: Conv) -> Conv:
         """A flow that arrived for the announced name, as a new conversation; WouldBlock if none yet."""
+        if conv.state is not ConvState.ANNOUNCED:
+            raise StyxError(f"conversation {conv.n} is not announced")
+        self._arrivals()
         with self.lock:
-            if conv.state != "announced":
-                raise StyxError(f"conversation {conv.n} is not announced")
             if not conv.backlog:
-                raise WouldBlock()
+                raise WouldBlock(self.peer.irm().wakeup_fd)
             flow = conv.backlog.popleft()
-            new = Conv(self._next, "connected", flow, conv.local, f"flow {flow.flow_id}", refs=1)
+            new = Conv(self._next, ConvState.CONNECTED, flow, conv.local, f"flow {flow.flow_id}", refs=1)
             self.convs[new.n] = new
             self._next += 1
             return new
@@ -193,7 +245,7 @@ class NetFs:
     # -- the tree ------------------------------------------------------------------------------------
 
     def mount(self, parent: SynthDir) -> SynthDir:
-        net = SynthDir("net", parent, self._conv_dirs)
+        net = SynthDir("net", parent, self._conv_dirs, owner=self.peer.user.name)
         net.add(SynthFile("clone", net, lambda _mode, _user: CtlHandle(self, self.new_conv()), NET_PERM))
         return net
 
@@ -261,7 +313,7 @@ class DataHandle(Handle):
     def read(self, offset: int, count: int) -> bytes:
         conv = self.conv
         if not conv.rbuf:
-            if conv.state == "closed":
+            if conv.state is ConvState.CLOSED:
                 return b""
             flow = self._flow()
             ready, _, _ = select.select([flow], [], [], 0)  # an SDU, or the end of the flow

@@ -1,17 +1,22 @@
 """The 9P2000 server core, sans-IO: one Session per client connection, fed whole messages.
 
-It keeps the fids, checks walks, opens and permissions, answers directory reads
+It keeps the fids within the connection's limits, checks walks, opens and permissions for
+the connection's user (its flow's peer, never the attach name), answers directory reads
 with stat records, parks requests that must wait (WouldBlock) until retried or flushed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 from apps.styx import wire as w
+from apps.styx.agent import Peer
+from apps.styx.identity import NONE_NAME, User
 from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock
 
 log = logging.getLogger(__name__)
@@ -20,13 +25,39 @@ ENOTVERSION = "version not negotiated: send Tversion first"
 ENAME_MAX = 200  # error texts quote names; cut so an Rerror always fits the smallest msize
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold, and what the server takes at once; each limit reached is
+    answered with an Rerror (or, for connections, a refusal), never felt by other clients."""
+
+    msize: int = w.MSIZE_MAX  # the largest message a client may negotiate
+    fids: int = 256  # fids per connection (each may hold two descriptors)
+    pending: int = 32  # requests per connection waiting for an answer (a read of an idle flow)
+    flows: int = 32  # net/ flows per connection, arrivals waiting for a listen included
+    conns: int = 64  # connections served at once
+    conns_per_user: int = 16  # of those, per user: every anonymous client is the one user none
+    attach_timeout: float = 30.0  # seconds a connection may take to attach
+    send_timeout: float = 30.0  # seconds a client may leave a reply untaken before it is dropped
+
+    def fds_per_conn(self) -> int:
+        """The descriptors one connection can hold at most: two per fid (a file and its open
+        descriptor, or a directory and its listing), three per reliable flow (ours and the
+        flow engine's two), and its own flow, agent and IRMd connection."""
+        return 2 * self.fids + 3 * self.flows + 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass
 class Fid:
     node: Node
-    user: str
+    user: User
     mode: int | None = None  # the open mode, None while not open
     handle: Handle | None = None
-    dirbuf: bytes = b""  # a directory's stat records, fixed at the read at offset 0
+    isdir: bool = False
+    dirents: Generator[w.Stat, None, None] | None = None  # an open directory's entries still to be read
+    dircarry: bytes = b""  # an entry that did not fit the last read
     diroff: int = 0  # the offset the next directory read must ask for
 
     @property
@@ -40,12 +71,12 @@ class Pending:
     waitable: Any = None  # readable when a retry may succeed; None: retry on a timer
 
 
-def allowed(st: w.Stat, user: str, want: int) -> bool:
-    """Plan 9's check: other bits, plus owner bits for the owner, group bits for the group."""
+def allowed(st: w.Stat, user: User, want: int) -> bool:
+    """Plan 9's check: other bits, plus owner bits for the owner, group bits for its groups."""
     bits = st.mode & 0o7
-    if user == st.uid:
+    if user.name == st.uid:
         bits |= (st.mode >> 6) & 0o7
-    if user == st.gid:
+    if st.gid in user.group_names or st.gid == user.name:
         bits |= (st.mode >> 3) & 0o7
     return bits & want == want
 
@@ -66,23 +97,42 @@ def writable(mode: int) -> bool:
     return mode & 3 in (w.OWRITE, w.ORDWR)
 
 
+def auth_answer(user: User) -> str:
+    """The Rerror to Tauth: identity comes from the flow, there is no afid protocol (attach(5))."""
+    if user.anonymous:
+        return "authentication not available: this connection has no identity from the stack (user none)"
+    return f"authentication not required: the flow's peer is user {user.name}"
+
+
+def os_error_text(e: OSError) -> str:
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return "the server is out of file descriptors: try again later"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return e.strerror or str(e)
+
+
 @dataclass
 class Session:
     """One client's conversation with a tree."""
 
     tree: Tree
-    msize_max: int = w.MSIZE_MAX
-    users: frozenset[str] | None = None  # allowlist of attach names; None allows all
+    peer: Peer
+    limits: Limits = DEFAULT_LIMITS
+    users: frozenset[str] | None = None  # allowlist of users (not attach names); None allows all
+    on_attach: Callable[[Peer], None] | None = None  # the user is fixed: e.g. take its file credentials
     msize: int = 0  # 0 until Tversion
+    attached: Peer | None = None  # whose connection this is, fixed by the first attach
     fids: dict[int, Fid] = field(default_factory=dict)
     pending: dict[int, Pending] = field(default_factory=dict)
+    _none: Peer | None = None  # this connection as user none, made on the first attach as none
 
     # -- the I/O loop's entry points ----------------------------------------
 
     def receive(self, data: bytes) -> list[bytes]:
         """One whole message in; the replies that are ready out."""
         try:
-            msg = w.decode(data, self.msize or self.msize_max)
+            msg = w.decode(data, self.msize or self.limits.msize)
         except w.DecodeError as e:
             tag = w.peek_tag(data)
             log.info("bad message: %s", e)
@@ -117,7 +167,12 @@ class Session:
         return objs, len(objs) < len(self.pending)
 
     def close(self) -> None:
-        """The connection ended: clunk every fid."""
+        """The connection ended: clunk every fid, let the agents go."""
+        self._reset()
+        if self._none is not None:
+            self._none.close()
+
+    def _reset(self) -> None:
         self.pending.clear()
         for fid in list(self.fids):
             self._clunk(fid)
@@ -128,15 +183,17 @@ class Session:
         try:
             return self._dispatch(msg)
         except WouldBlock as e:
+            if len(self.pending) >= self.limits.pending:
+                return w.Rerror(msg.tag, f"too many requests waiting (limit {self.limits.pending})")
             self.pending[msg.tag] = Pending(msg, e.waitable)
             return None
         except StyxError as e:
             return w.Rerror(msg.tag, str(e)[:ENAME_MAX])
         except OSError as e:
-            return w.Rerror(msg.tag, (e.strerror or str(e))[:ENAME_MAX])
+            return w.Rerror(msg.tag, os_error_text(e)[:ENAME_MAX])
         except Exception as e:  # a backend bug must not end the service
             log.exception("%s failed", type(msg).__name__)
-            return w.Rerror(msg.tag, f"internal error: {e}")
+            return w.Rerror(msg.tag, f"internal error: {e}"[:ENAME_MAX])
 
     def _dispatch(self, msg: w.Msg) -> w.Msg | None:
         if isinstance(msg, w.Tversion):
@@ -158,33 +215,65 @@ class Session:
             raise StyxError(f"unknown fid {fid}")
         return f
 
+    def _new_fid(self, fid: int) -> None:
+        if fid in self.fids:
+            raise StyxError(f"fid {fid} in use")
+        if len(self.fids) >= self.limits.fids:
+            raise StyxError(f"too many fids: this connection may hold {self.limits.fids}")
+
+    @property
+    def _kernel_judges(self) -> bool:
+        """The files are real and the server works with the client's own credentials."""
+        return self.tree.kernel_checked and self.attached is not None and self.attached.rights.as_user
+
+    def _check(self, st: w.Stat, user: User, want: int, what: str) -> None:
+        """Plan 9's permission check, unless the kernel checks the client's own credentials."""
+        if not self._kernel_judges and not allowed(st, user, want):
+            raise StyxError(f"permission denied: {what} '{st.name}'"[:ENAME_MAX])
+
     # -- requests -------------------------------------------------------------
 
     def _version(self, msg: w.Tversion) -> w.Msg:
-        self.close()  # Tversion aborts all outstanding I/O and clunks all fids
+        self._reset()  # Tversion aborts all outstanding I/O and clunks all fids
+        self.attached = None
         if msg.msize < w.MSIZE_MIN:
             self.msize = 0
             raise StyxError(f"msize {msg.msize} too small: at least {w.MSIZE_MIN}")
         if msg.version == w.VERSION9P or msg.version.startswith(w.VERSION9P + "."):
-            self.msize = min(msg.msize, self.msize_max)
+            self.msize = min(msg.msize, self.limits.msize)
             return w.Rversion(msg.tag, self.msize, w.VERSION9P)
         self.msize = 0
-        return w.Rversion(msg.tag, min(msg.msize, self.msize_max), "unknown")
+        return w.Rversion(msg.tag, min(msg.msize, self.limits.msize), "unknown")
 
     def _auth(self, msg: w.Tauth) -> w.Msg:
-        raise StyxError("authentication not required")
+        raise StyxError(auth_answer(self.peer.user))
 
     def _attach(self, msg: w.Tattach) -> w.Msg:
-        if msg.fid in self.fids:
-            raise StyxError(f"fid {msg.fid} in use")
+        self._new_fid(msg.fid)
         if msg.afid != w.NOFID:
             raise StyxError("authentication not required: afid must be NOFID")
         if not msg.uname:
             raise StyxError("attach needs a user name")
-        if self.users is not None and msg.uname not in self.users:
-            raise StyxError(f"permission denied: user '{msg.uname}' may not attach")
-        root = self.tree.attach(msg.uname, msg.aname)
-        self.fids[msg.fid] = Fid(root, msg.uname)
+        # The name is a label, except none: anyone may give up its identity, as in Plan 9.
+        none = msg.uname == NONE_NAME or self.peer.user.anonymous
+        if self.attached is not None:
+            peer = self.attached
+            if none != peer.user.anonymous:
+                raise StyxError(f"this connection is attached as {peer.user.name}: Tversion starts over")
+        elif none and not self.peer.user.anonymous:
+            peer = self._none = self._none or self.peer.as_none()
+        else:
+            peer = self.peer
+        if self.users is not None and peer.user.name not in self.users:
+            raise StyxError(f"permission denied: user '{peer.user.name}' may not attach")
+        if self.attached is None:
+            if self.on_attach is not None:
+                self.on_attach(peer)
+            self.attached = peer
+            if msg.uname != peer.user.name:
+                log.info("attach as %r by user %s", msg.uname[:64], peer.user.name)
+        root = self.tree.attach(peer, msg.aname)
+        self.fids[msg.fid] = Fid(root, peer.user)
         return w.Rattach(msg.tag, root.stat().qid)
 
     def _flush(self, msg: w.Tflush) -> w.Msg:
@@ -195,26 +284,40 @@ class Session:
         f = self._fid(msg.fid)
         if f.is_open:
             raise StyxError("cannot walk an open fid")
-        if msg.newfid != msg.fid and msg.newfid in self.fids:
-            raise StyxError(f"fid {msg.newfid} in use")
+        if msg.newfid != msg.fid:
+            self._new_fid(msg.newfid)
         node = f.node
         qids: list[w.Qid] = []
-        for i, name in enumerate(msg.wname):
-            try:
-                node = self._step(node, name, f.user)
-            except StyxError:
-                if i == 0:
-                    raise
-                return w.Rwalk(msg.tag, qids)  # a partial walk: newfid is not made
-            qids.append(node.stat().qid)
-        self.fids[msg.newfid] = Fid(node, f.user)
+        try:
+            for i, name in enumerate(msg.wname):
+                try:
+                    step = self._step(node, name, f.user)
+                except StyxError:
+                    if i == 0:
+                        raise
+                    return w.Rwalk(msg.tag, qids)  # a partial walk: newfid is not made
+                if node is not f.node:
+                    node.close()
+                node = step
+                qids.append(node.stat().qid)
+            if node is f.node:
+                node = f.node.clone()
+            made, node = node, f.node  # from here on the new node is the fid's
+        finally:
+            if node is not f.node:
+                node.close()
+        if msg.newfid == msg.fid:
+            f.node.close()
+            f.node = made
+        else:
+            self.fids[msg.newfid] = Fid(made, f.user)
         return w.Rwalk(msg.tag, qids)
 
-    def _step(self, node: Node, name: str, user: str) -> Node:
+    def _step(self, node: Node, name: str, user: User) -> Node:
         st = node.stat()
         if not st.mode & w.DMDIR:
             raise StyxError(f"walk in non-directory '{st.name}'")
-        if not allowed(st, user, w.DMEXEC):
+        if not self._kernel_judges and not allowed(st, user, w.DMEXEC):
             raise StyxError(f"permission denied: cannot search '{st.name}'")
         if name == "..":
             return node.parent()
@@ -227,14 +330,14 @@ class Session:
         if f.is_open:
             raise StyxError("fid already open")
         st = f.node.stat()
-        if st.mode & w.DMDIR and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):
+        isdir = bool(st.mode & w.DMDIR)
+        if isdir and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):
             raise StyxError(f"'{st.name}' is a directory: open it for reading only")
-        if not allowed(st, f.user, open_wants(msg.mode)):
-            raise StyxError(f"permission denied: open '{st.name}'")
+        self._check(st, f.user, open_wants(msg.mode), "open")
         if msg.mode & w.ORCLOSE:
             self._may_remove(f)
-        f.handle = f.node.open(msg.mode, f.user)
-        f.mode = msg.mode
+        f.handle = f.node.open(msg.mode, f.user.name)
+        f.mode, f.isdir = msg.mode, isdir
         return w.Ropen(msg.tag, f.node.stat().qid, self._iounit())
 
     def _create(self, msg: w.Tcreate) -> w.Msg:
@@ -246,15 +349,16 @@ class Session:
             raise StyxError(f"create in non-directory '{st.name}'")
         if msg.name in ("", ".", "..") or "/" in msg.name:
             raise StyxError(f"bad file name '{msg.name}'")
-        if not allowed(st, f.user, w.DMWRITE):
-            raise StyxError(f"permission denied: create in '{st.name}'")
-        if msg.perm & w.DMDIR and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
+        self._check(st, f.user, w.DMWRITE, "create in")
+        isdir = bool(msg.perm & w.DMDIR)
+        if isdir and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
             raise StyxError("a new directory can only be opened for reading")
         # Plan 9: the new file's permissions are limited by the directory's.
-        mask = 0o777 if msg.perm & w.DMDIR else 0o666
+        mask = 0o777 if isdir else 0o666
         perm = (msg.perm & ~0o777) | (msg.perm & (~mask | (st.mode & mask)) & 0o777)
-        node, handle = f.node.create(msg.name, perm, msg.mode, f.user)
-        f.node, f.handle, f.mode = node, handle, msg.mode
+        node, handle = f.node.create(msg.name, perm, msg.mode, f.user.name)
+        f.node.close()
+        f.node, f.handle, f.mode, f.isdir = node, handle, msg.mode, isdir
         return w.Rcreate(msg.tag, node.stat().qid, self._iounit())
 
     def _iounit(self) -> int:
@@ -265,26 +369,34 @@ class Session:
         if f.mode is None or f.handle is None or not readable(f.mode):
             raise StyxError("fid not open for reading")
         count = min(msg.count, self._iounit())
-        if f.node.is_dir():
+        if f.isdir:
             return w.Rread(msg.tag, self._dirread(f, msg.offset, count))
         return w.Rread(msg.tag, f.handle.read(msg.offset, count)[:count])
 
     def _dirread(self, f: Fid, offset: int, count: int) -> bytes:
+        """Whole stat records, made as they are read: memory stays one entry per fid."""
+        assert f.handle is not None
         if offset == 0:
-            f.dirbuf = b"".join(child.stat().encode() for child in f.node.children())
-        elif offset != f.diroff:
+            if f.dirents is not None:
+                f.dirents.close()
+            f.dirents, f.dircarry, f.diroff = f.handle.dirents(), b"", 0
+        elif offset != f.diroff or f.dirents is None:
             raise StyxError(f"bad directory read offset {offset}: expected 0 or {f.diroff}")
         out: list[bytes] = []
-        pos = offset
-        while pos < len(f.dirbuf):
-            n = w.message_size(f.dirbuf[pos : pos + 2] + b"\0\0") + 2
-            if pos - offset + n > count:
+        used = 0
+        while True:
+            rec = f.dircarry or next((st.encode() for st in f.dirents), b"")
+            if not rec:
                 break
-            out.append(f.dirbuf[pos : pos + n])
-            pos += n
-        if not out and pos < len(f.dirbuf):
+            if used + len(rec) > count:
+                f.dircarry = rec
+                break
+            f.dircarry = b""
+            out.append(rec)
+            used += len(rec)
+        if not out and f.dircarry:
             raise StyxError(f"read count {count} too small for a directory entry")
-        f.diroff = pos
+        f.diroff += used
         return b"".join(out)
 
     def _write(self, msg: w.Twrite) -> w.Msg:
@@ -302,35 +414,42 @@ class Session:
 
     def _clunk(self, fid: int) -> None:
         f = self.fids.pop(fid)
-        if f.handle is not None:
-            try:
-                f.handle.close()
-            except (StyxError, OSError) as e:
-                log.info("closing fid %d: %s", fid, e)
-        if f.mode is not None and f.mode & w.ORCLOSE:
-            try:
-                f.node.remove()
-            except (StyxError, OSError) as e:
-                log.info("remove on close of fid %d: %s", fid, e)
+        try:
+            if f.dirents is not None:
+                f.dirents.close()
+            if f.handle is not None:
+                try:
+                    f.handle.close()
+                except (StyxError, OSError) as e:
+                    log.info("closing fid %d: %s", fid, e)
+            if f.mode is not None and f.mode & w.ORCLOSE:
+                try:
+                    f.node.remove()
+                except (StyxError, OSError) as e:
+                    log.info("remove on close of fid %d: %s", fid, e)
+        finally:
+            f.node.close()
 
     def _may_remove(self, f: Fid) -> None:
-        parent = f.node.parent()
-        if parent is f.node:
+        if f.node.is_root():
             raise StyxError("cannot remove the root")
-        if not allowed(parent.stat(), f.user, w.DMWRITE):
-            raise StyxError(f"permission denied: remove from '{parent.stat().name}'")
+        parent = f.node.parent_stat()
+        self._check(parent, f.user, w.DMWRITE, "remove from")
 
     def _remove(self, msg: w.Tremove) -> w.Msg:
         f = self._fid(msg.fid)
         try:
             self._may_remove(f)
+            if f.dirents is not None:
+                f.dirents.close()
             if f.handle is not None:
                 f.handle.close()
                 f.handle = None
             f.mode = None
             f.node.remove()
         finally:
-            self.fids.pop(msg.fid, None)  # remove clunks the fid even when it fails
+            if self.fids.pop(msg.fid, None) is not None:  # remove clunks the fid even when it fails
+                f.node.close()
         return w.Rremove(msg.tag)
 
     def _stat(self, msg: w.Tstat) -> w.Msg:
@@ -343,18 +462,17 @@ class Session:
         if (new.type, new.dev, new.qid, new.atime) != (keep.type, keep.dev, keep.qid, keep.atime) \
                 or new.muid or (new.uid and new.uid != st.uid):
             raise StyxError("wstat can change only name, length, mode, mtime and gid")
-        owner = f.user == st.uid
+        owner = self._kernel_judges or f.user.name == st.uid
         if new.name and new.name != st.name:
             if new.name in (".", "..") or "/" in new.name:
                 raise StyxError(f"bad file name '{new.name}'")
-            parent = f.node.parent()
-            if parent is f.node or not allowed(parent.stat(), f.user, w.DMWRITE):
-                raise StyxError("permission denied: rename")
+            if f.node.is_root():
+                raise StyxError("permission denied: rename the root")
+            self._check(f.node.parent_stat(), f.user, w.DMWRITE, "rename in")
         if new.length != keep.length:
             if st.mode & w.DMDIR:
                 raise StyxError("cannot set the length of a directory")
-            if not allowed(st, f.user, w.DMWRITE):
-                raise StyxError("permission denied: truncate")
+            self._check(st, f.user, w.DMWRITE, "truncate")
         if new.mode != keep.mode:
             if not owner:
                 raise StyxError("permission denied: only the owner changes the mode")
@@ -362,5 +480,5 @@ class Session:
                 raise StyxError("cannot change the directory bit")
         if (new.mtime != keep.mtime or (new.gid and new.gid != st.gid)) and not owner:
             raise StyxError("permission denied: only the owner changes mtime or gid")
-        f.node.wstat(new, f.user)
+        f.node.wstat(new, f.user.name)
         return w.Rwstat(msg.tag)

@@ -6,12 +6,17 @@ SynthFile and the text handles here (ctl/status files that print plain text).
 
 from __future__ import annotations
 
-import getpass
 import hashlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING
 
+from apps.styx.identity import user_name
 from apps.styx.wire import DMDIR, QTDIR, QTFILE, Qid, Stat
+
+if TYPE_CHECKING:
+    from apps.styx.agent import Peer
 
 
 class StyxError(Exception):
@@ -36,6 +41,10 @@ class Handle:
     def read(self, offset: int, count: int) -> bytes:
         raise StyxError("file not open for reading")
 
+    def dirents(self) -> Generator[Stat, None, None]:
+        """An open directory's entries, from the start, made as they are read."""
+        raise StyxError("not a directory")
+
     def write(self, offset: int, data: bytes) -> int:
         raise StyxError("file not open for writing")
 
@@ -44,7 +53,11 @@ class Handle:
 
 
 class Node:
-    """One file or directory of a served tree."""
+    """One file or directory of a served tree.
+
+    A node may hold resources (a descriptor): walk, parent and clone give the caller a node
+    of its own, which it closes when done; close of a shared synthetic node does nothing.
+    """
 
     def stat(self) -> Stat:
         raise NotImplementedError
@@ -58,6 +71,22 @@ class Node:
 
     def parent(self) -> Node:
         raise NotImplementedError
+
+    def is_root(self) -> bool:
+        raise NotImplementedError
+
+    def clone(self) -> Node:
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def parent_stat(self) -> Stat:
+        parent = self.parent()
+        try:
+            return parent.stat()
+        finally:
+            parent.close()
 
     def children(self) -> list[Node]:
         raise StyxError("not a directory")
@@ -76,9 +105,15 @@ class Node:
 
 
 class Tree:
-    """A served tree: gives each attach its root."""
+    """A served tree: gives each attach its root.
 
-    def attach(self, uname: str, aname: str) -> Node:
+    kernel_checked: its files are real, so when the server works as the client itself the
+    kernel judges every access and the server adds no checks of its own.
+    """
+
+    kernel_checked = False
+
+    def attach(self, peer: Peer, aname: str) -> Node:
         raise NotImplementedError
 
 
@@ -95,12 +130,15 @@ class Synth(Node):
         self.name = name
         self.mode = mode
         self._parent = parent
-        self.owner: str = owner or (parent.owner if parent else getpass.getuser())
+        self.owner: str = owner or (parent.owner if parent else user_name(os.geteuid()))
         self.path: str = f"{parent.path}/{name}" if parent else ""
         self.mtime = int(time.time())
 
     def parent(self) -> Node:
         return self._parent or self
+
+    def is_root(self) -> bool:
+        return self._parent is None
 
     def length(self) -> int:
         return 0
@@ -136,7 +174,15 @@ class SynthDir(Synth):
         raise StyxError(f"'{name}' file does not exist")
 
     def open(self, mode: int, user: str) -> Handle:
-        return Handle()  # directory reads are done by the server from children()
+        return SynthDirHandle(self)
+
+
+class SynthDirHandle(Handle):
+    def __init__(self, d: SynthDir) -> None:
+        self.dir = d
+
+    def dirents(self) -> Generator[Stat, None, None]:
+        return (child.stat() for child in self.dir.children())
 
 
 class SynthFile(Synth):

@@ -349,6 +349,8 @@ class Dt(PollThread):
         opener, c, arrived = link.opener, self.counters, self._arrived
         c.frames_in += len(frames)
         for frame in frames:
+            if not frame:
+                continue  # the N-1 flow's own keepalive
             if opener is not None:
                 try:
                     frame = opener.open(frame)  # type: ignore[assignment]
@@ -389,7 +391,7 @@ class Dt(PollThread):
             self.on_mgmt(bytes(pdu[size:]))
             return
         flow = self.flows.get(eid)
-        if flow is None or len(pdu) == size:
+        if flow is None:  # (a PDU with no SDU carries a keepalive of the flow: delivered empty)
             c.no_flow += 1
             return
         if flow.rx is not None and (update := flow.rx.on_pdu(ecn, len(pdu), time.monotonic())) is not None:

@@ -263,6 +263,9 @@ class UnicastIpcp(Ipcp):
             return
         for comp in comps:
             spec = qos_by_name(qos) if comp == um.DT else qos_raw  # management always rides raw flows
+            if comp == um.DT and not spec.frct:
+                # DT reads a raw flow's socket itself, past flowlib: its peer's liveness cannot be seen.
+                spec = dataclasses.replace(spec, timeout=0)
             af = await self._alloc_n1(dst, spec, "connect")
             adj = Adjacency(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic())
             try:
@@ -619,10 +622,11 @@ class UnicastIpcp(Ipcp):
         assert self.fa is not None
         app_end, mine = seqpacket_pair()
         try:
-            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data)
+            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data,
+                                                    peer=f"address {alloc.dst}")
         except (RemoteError, HandlerError) as e:
             mine.close()
-            self.fa.refuse(alloc, um.E_NOENT if e.code == m.ENOENT else um.E_REFUSED)
+            self.fa.refuse(alloc, um.RESULTS.get(e.code, um.E_REFUSED))
             self._after(time.monotonic())
             return
         finally:

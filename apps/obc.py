@@ -1,0 +1,95 @@
+"""obc: messages to every member of a broadcast layer, as C Ouroboros 0.23's obc (over flow_join).
+
+`obc -n LAYER -m TEXT` sends one message; `obc -l -n LAYER` prints every message; `obc -c -n LAYER`
+(ours) is a chat: it prints what the others say and sends each line typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+from flowlib import FLOWGTXQLEN, Flow, FlowError, flow_join
+
+DEFAULT_MESSAGE = "Ouroboros multicast rocks!"
+BUF_SIZE = 256  # what a reader takes of a message, as C's
+LINGER = 2.0  # seconds a writer waits for the layer to take its message before it leaves
+
+
+def join(layer: str) -> Flow:
+    try:
+        return flow_join(layer, timeout=10)
+    except FlowError as e:
+        print(f"Failed to join broadcast: {e}", flush=True)
+        sys.exit(1)
+
+
+def text_of(sdu: bytes) -> str:
+    """As C prints it: up to its NUL (C's writer sends one), at most BUF_SIZE bytes."""
+    return sdu[:BUF_SIZE].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def reader(flow: Flow) -> int:
+    while True:
+        try:
+            sdu = flow.read()
+        except FlowError:
+            print("Failed to read.", flush=True)
+            flow.close()
+            return 1
+        print(f"Message is {text_of(sdu)}.", flush=True)
+
+
+def send(flow: Flow, message: str) -> bool:
+    try:
+        flow.write(message.encode() + b"\0")  # with the NUL, as C's strlen + 1
+    except FlowError:
+        print("Failed to write packet.", flush=True)
+        return False
+    return True
+
+
+def handed_over(flow: Flow, within: float = LINGER) -> None:
+    """Until the layer has taken what was written: a flow closed at once may take its last SDU with it."""
+    deadline = time.monotonic() + within
+    while flow.fccntl(FLOWGTXQLEN) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def chat(flow: Flow) -> int:
+    threading.Thread(target=reader, args=(flow,), daemon=True).start()
+    for line in sys.stdin:
+        if line.strip() and not send(flow, line.rstrip("\n")):
+            return 1
+    handed_over(flow)
+    flow.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="obc", description="Sends a message to a broadcast network.")
+    p.add_argument("-n", "--name", help="name of the broadcast layer")
+    p.add_argument("-m", "--message", default=DEFAULT_MESSAGE, help="a message to send")
+    p.add_argument("-l", "--listen", action="store_true", help="listen mode")
+    p.add_argument("-c", "--chat", action="store_true", help="chat: print the others, send each line typed (ours)")
+    args = p.parse_args(argv)
+    if args.name is None:
+        print("Please specify a name.\n")
+        p.print_usage()
+        sys.exit(1)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    if args.listen:
+        print("Starting a reader.", flush=True)
+        flow = join(args.name)
+        print("New flow.", flush=True)
+        sys.exit(reader(flow))
+    flow = join(args.name)
+    if args.chat:
+        sys.exit(chat(flow))
+    ok = send(flow, args.message)
+    handed_over(flow)
+    flow.close()
+    sys.exit(0 if ok else 1)

@@ -1,0 +1,145 @@
+"""ovpn: IP over a flow through a TUN device, as C Ouroboros 0.23's ovpn (as root).
+
+`ovpn -i IP -m MASK` waits for a flow, `ovpn -n NAME -i IP -m MASK` allocates one to NAME; then each
+end's TUN device (given IP/MASK, up, its MTU the flow's) carries its IP packets over the flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import ipaddress
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+
+from apps.common import qos_arg
+from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
+
+TUN_DEVICE = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+IFF_UP, IFF_RUNNING = 0x1, 0x40
+SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFMTU = 0x8913, 0x8914, 0x8916, 0x891C, 0x8922
+IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq (40 bytes) with ifr_flags
+IFREQ_ADDR = struct.Struct("16sHH4s16x")  # with ifr_addr: a sockaddr_in (family, port, address, zeros)
+IFREQ_MTU = struct.Struct("16si20x")
+BUF_SIZE = 65536
+
+
+def mask_arg(text: str) -> ipaddress.IPv4Address:
+    try:
+        mask = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid subnet mask: {text}.") from None
+    inverted = ~int(mask) & 0xFFFFFFFF
+    if inverted & (inverted + 1):  # the ones must come first, the zeros after
+        raise argparse.ArgumentTypeError(f"Invalid subnet mask: {text}.")
+    return mask
+
+
+def ip_arg(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid IP address: {text}.") from None
+
+
+def tun_open(name: str, ip: ipaddress.IPv4Address, mask: ipaddress.IPv4Address, mtu: int) -> tuple[int, str]:
+    """A TUN device (no packet information header), addressed, its MTU set, up; (fd, its name)."""
+    fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        got = fcntl.ioctl(fd, TUNSETIFF, IFREQ_FLAGS.pack(name.encode(), IFF_TUN | IFF_NO_PI))
+        dev = got[:16].rstrip(b"\0")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s, SIOCSIFADDR, IFREQ_ADDR.pack(dev, socket.AF_INET, 0, ip.packed))
+            fcntl.ioctl(s, SIOCSIFNETMASK, IFREQ_ADDR.pack(dev, socket.AF_INET, 0, mask.packed))
+            fcntl.ioctl(s, SIOCSIFMTU, IFREQ_MTU.pack(dev, mtu))
+            _, flags = IFREQ_FLAGS.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, IFREQ_FLAGS.pack(dev, 0)))
+            fcntl.ioctl(s, SIOCSIFFLAGS, IFREQ_FLAGS.pack(dev, flags | IFF_UP | IFF_RUNNING))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, dev.decode()
+
+
+class Tunnel:
+    """Two threads: the flow's SDUs to the TUN device, the device's packets to the flow."""
+
+    def __init__(self, flow: Flow, tun: int) -> None:
+        self.flow = flow
+        self.tun = tun
+        self.ended = threading.Event()
+        self.dropped = 0  # packets larger than the flow carries
+
+    def from_flow(self) -> None:
+        try:
+            while True:
+                os.write(self.tun, self.flow.read())
+        except (FlowError, OSError) as e:
+            print(f"The flow ended: {e}", flush=True)
+        self.ended.set()
+
+    def to_flow(self) -> None:
+        try:
+            while True:
+                packet = os.read(self.tun, BUF_SIZE)
+                try:
+                    self.flow.write(packet)
+                except InvalidArgument:
+                    self.dropped += 1
+        except (FlowError, OSError) as e:
+            print(f"The tunnel ended: {e}", flush=True)
+        self.ended.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="ovpn", description="Sends TCP/IP traffic over Ouroboros.")
+    p.add_argument("-n", "--name", help="run as client, name of ovpn server to connect to")
+    p.add_argument("-i", "--ip", type=ip_arg, help="IP address to give to TUN device")
+    p.add_argument("-m", "--mask", type=mask_arg, help="subnet mask to give to TUN device")
+    p.add_argument("--dev", default="tun%d", help="name of the TUN device (ours; default: the kernel picks)")
+    p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
+    p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("ovpn must be run as root.")
+        sys.exit(1)
+    if args.ip is None or int(args.ip) == 0:
+        p.error("Please specify an IP address.")
+    if args.mask is None:
+        p.error("Please specify a subnetmask.")
+    try:
+        if args.name is not None:
+            print(f"Allocating a flow to {args.name}.", flush=True)
+            flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout)
+        else:
+            print("Waiting for a new flow...", flush=True)
+            flow = flow_accept(timeout=args.timeout)
+    except FlowError as e:
+        print(f"Failed to allocate flow: {e}", flush=True)
+        sys.exit(1)
+    print("Flow allocated.", flush=True)
+    try:
+        tun, dev = tun_open(args.dev, args.ip, args.mask, flow.mtu)
+    except OSError as e:
+        print(f"Failed to open tunnel device: {e}", flush=True)
+        flow.close()
+        sys.exit(1)
+    print(f"Tunnel device name is {dev}.", flush=True)
+    tunnel = Tunnel(flow, tun)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, lambda *_: tunnel.ended.set())
+    print("Starting read/write threads.", flush=True)
+    for target in (tunnel.from_flow, tunnel.to_flow):
+        threading.Thread(target=target, daemon=True).start()
+    while not tunnel.ended.wait(1.0):
+        pass
+    print("Shutting down...", flush=True)
+    with contextlib.suppress(OSError):
+        os.close(tun)
+    flow.close()

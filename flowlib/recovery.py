@@ -1,0 +1,193 @@
+"""Loss recovery of FRCT senders, sans-IO: the PDUs in flight, the RTT estimate and its backed-off
+retransmission timeout (RFC 6298), and loss found from duplicate and selective acks (NewReno, RFC 6675).
+
+It says which PDUs to send again; the connection (flowlib.frct) builds the copies and sends them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flowlib.congestion import NewReno
+
+SEQ_MOD = 1 << 32
+RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
+RTO_G = 0.005  # the least margin over the smoothed RTT (RFC 6298's clock granularity G)
+DUP_THRESH = 3  # a PDU this many places below an acked one is taken as lost (RFC 6675's DupThresh)
+
+
+def before(a: int, b: int) -> bool:
+    """a < b in 32-bit sequence space (wrapping), as C's before()."""
+    return 0 < (b - a) % SEQ_MOD < SEQ_MOD // 2
+
+
+def distance(a: int, b: int) -> int:
+    """How far b lies past a in sequence space."""
+    return (b - a) % SEQ_MOD
+
+
+@dataclasses.dataclass(slots=True)
+class Sent:
+    pdu: bytes
+    first: float  # first sent: the R timer runs from here
+    sent: float  # last sent
+    tries: int = 0
+    episode: int = -1  # the loss recovery that last resent it
+
+
+class Rtt:
+    """The smoothed RTT, its variance and the retransmission timeout (RFC 6298)."""
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto = RTO_INIT
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.settle()
+
+    def settle(self) -> None:
+        """Progress: drop any backoff."""
+        if self.srtt is not None:
+            self.rto = min(max(self.srtt + max(RTO_G, 4 * self.rttvar), RTO_MIN), RTO_MAX)
+
+    def backoff(self) -> None:
+        self.rto = min(self.rto * 2, RTO_MAX)
+
+
+Resend = list[tuple[int, Sent]]
+
+
+class Recovery:
+    """The sender's PDUs in flight, from `una` (the oldest not acknowledged) up to the connection's next."""
+
+    def __init__(self, cc: NewReno) -> None:
+        self.cc = cc
+        self.rtt = Rtt()
+        self.unacked: dict[int, Sent] = {}
+        self.una = 0
+        self.dupacks = 0
+        self.recover: int | None = None  # the next seqno when a loss was found; partial acks until then resend
+        self.episode = 0  # counts loss recoveries: a hole is resent once in each
+        self.high_sacked: int | None = None  # one past the highest PDU the peer holds out of order
+
+    def start(self, seq: int) -> None:
+        """A new data run begins at `seq` (nothing is in flight)."""
+        self.una = seq
+        self.recover = self.high_sacked = None
+        self.dupacks = 0
+
+    def on_sent(self, seq: int, pdu: bytes, now: float) -> None:
+        self.unacked[seq] = Sent(pdu, now, now)
+
+    def resent(self, sent: Sent, now: float) -> None:
+        sent.tries += 1
+        sent.sent = now
+        sent.episode = self.episode
+
+    def oldest(self) -> Sent | None:
+        return self.unacked.get(self.una)
+
+    def on_ack(self, ackno: int, nxt: int, now: float, pure: bool) -> Resend:
+        """A cumulative ack (`ackno`: the next PDU the peer expects; the caller checked it is not past `nxt`)."""
+        if not before(self.una, ackno):
+            # Only a pure ack that moves nothing hints at a hole; data and window updates do not.
+            if ackno == self.una and pure and self.unacked:
+                self.dupacks += 1
+                if self.dupacks == DUP_THRESH:
+                    return self._lost(self.una, nxt)
+            return []
+        self.dupacks = 0
+        oldest = self.unacked.get(self.una)
+        # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one.
+        if oldest is not None and oldest.tries == 0:
+            self.rtt.sample(now - oldest.sent)
+        acked, seq, unacked = 0, self.una, self.unacked
+        while seq != ackno:
+            if unacked.pop(seq, None) is not None:
+                acked += 1
+            seq = (seq + 1) % SEQ_MOD
+        # Past PDUs the peer held out of order and acked selectively before: the oldest still in flight.
+        while seq not in unacked and before(seq, nxt):
+            seq = (seq + 1) % SEQ_MOD
+        self.una = seq
+        if acked:
+            self.cc.on_acked(acked)
+        if self.high_sacked is not None and not before(seq, self.high_sacked):
+            self.high_sacked = None
+        self.rtt.settle()
+        if self.recover is not None:
+            if before(seq, self.recover) and (sent := unacked.get(seq)) is not None:
+                if sent.episode != self.episode:  # NewReno: a partial ack shows the next hole
+                    return [(seq, sent)]
+            else:
+                self.recover = None
+        return []
+
+    def on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int) -> Resend:
+        """SACK blocks [start, end): held by the peer, so not resent; what lies well below them was lost."""
+        news = False
+        budget = limit  # PDUs all blocks together may name: a forged ack costs at most one window's work
+        for start, end in blocks:
+            # Only blocks inside what is in flight and no longer than the sender keeps: never trust more.
+            if not (before(self.una, start) and before(start, end)) or before(nxt, end) \
+                    or distance(start, end) > budget:
+                continue
+            span = distance(start, end)
+            budget -= span
+            if len(self.unacked) < span:  # walk whichever is shorter: the block or what is in flight
+                held = [s for s in self.unacked if not before(s, start) and before(s, end)]
+            else:
+                held = [s for i in range(span) if (s := (start + i) % SEQ_MOD) in self.unacked]
+            for seq in held:
+                del self.unacked[seq]
+                news = True
+            if self.high_sacked is None or before(self.high_sacked, end):
+                self.high_sacked = end
+        if not news or self.high_sacked is None or not before(self.una, self.high_sacked):
+            return []
+        lost_below = (self.high_sacked - DUP_THRESH) % SEQ_MOD
+        holes: Resend = []
+        seq = self.una
+        while before(seq, lost_below):
+            sent = self.unacked.get(seq)
+            if sent is not None and sent.episode != self.episode:
+                holes.append((seq, sent))
+            seq = (seq + 1) % SEQ_MOD
+        if not holes:
+            return []
+        if self.recover is None:  # a new loss: halve once, then repair every hole found
+            self.episode += 1
+            self.recover = nxt
+            self.cc.on_loss()
+        return [(s, sent) for s, sent in holes if sent.episode != self.episode]
+
+    def _lost(self, seq: int, nxt: int) -> Resend:
+        sent = self.unacked.get(seq)
+        if sent is None or self.recover is not None:
+            return []
+        self.episode += 1
+        self.recover = nxt
+        self.cc.on_loss()
+        return [(seq, sent)]
+
+    def deadline(self) -> float | None:
+        """When the oldest PDU in flight is due for retransmission."""
+        oldest = self.unacked.get(self.una)
+        return oldest.sent + self.rtt.rto if oldest is not None else None
+
+    def on_timer(self, now: float, nxt: int) -> Resend:
+        """If the oldest PDU timed out: back off, collapse the window, resend it."""
+        oldest = self.unacked.get(self.una)
+        if oldest is None or now < oldest.sent + self.rtt.rto:
+            return []
+        self.rtt.backoff()
+        self.cc.on_timeout()
+        self.episode += 1  # after a timeout every hole may be resent again
+        self.recover = nxt
+        return [(self.una, oldest)]

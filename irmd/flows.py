@@ -1,0 +1,328 @@
+"""Flows: allocation through the layers that reach a name, acceptance by a bound process (starting
+one if need be), arrival from IPCPs, deallocation and teardown. Data never passes here; the IRMd
+hands descriptors along and keeps a copy of each application's end to end flows it brokered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from irmd import policy, views
+from irmd.identity import read_peer
+from irmd.reg import Flow, FlowEvent, FlowState, Ipcp
+from irmd.reg.flow import try_next_layer, worse
+from irmd.reg.ipcp import by_preference, settled
+from proto import messages as m
+from proto.errors import (
+    FlowError,
+    FlowTimeout,
+    IpcpFailed,
+    LimitReached,
+    NotFound,
+    ProtocolError,
+    error_class,
+)
+from proto.names import check_name, name_hash
+from transports.channel import ChannelClosed, RemoteError
+from transports.unix import close_fds
+
+if TYPE_CHECKING:
+    from irmd.core import Irmd
+    from irmd.server import Client
+
+log = logging.getLogger("irmd")
+
+QUERY_TIMEOUT = 3.0
+ALLOC_TIMEOUT = 15.0
+ACCEPT_TIMEOUT = 10.0  # how long an arriving flow waits for a process to accept it
+
+
+def teardown_fd(fd: int) -> None:
+    """Shut the application's end down, so whoever holds it sees the flow end."""
+    if fd < 0:
+        return
+    with contextlib.suppress(OSError):
+        s = socket.socket(fileno=fd)
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        finally:
+            s.close()
+
+
+class Flows:
+    def __init__(self, irmd: Irmd) -> None:
+        self.irmd = irmd
+        self.reg = irmd.reg
+
+    # -- applications ----------------------------------------------------
+
+    async def proc_announce(self, c: Client, msg: m.ProcAnnounce, _: list[int]) -> m.Ok:
+        c.prog = msg.prog  # a label only: who it is, the kernel says (read again: it may have exec'd)
+        if c.conn_id:
+            fresh = read_peer(c.pid, c.uid, c.peer.gid)
+            if fresh.start == c.peer.start:
+                c.peer = fresh
+        await self.irmd.notify_acceptors()
+        return m.Ok()
+
+    def limit_flows(self, uid: int) -> None:
+        """A user other than root and the IRMd's holds at most flows_per_uid flows, either end."""
+        if policy.is_admin(uid, self.irmd.uid):
+            return
+        held, limit = self.reg.flows_of_uid(uid), self.irmd.limits.flows_per_uid
+        if held >= limit:
+            raise LimitReached(f"uid {uid} holds {held} flows (limit flows_per_uid={limit})")
+
+    async def flow_alloc(self, c: Client, msg: m.FlowAlloc, _: list[int]) -> tuple[m.FlowReply, list[int]]:
+        check_name(msg.name)
+        self.limit_flows(c.uid)
+        timeout = msg.timeout if msg.timeout and msg.timeout > 0 else ALLOC_TIMEOUT
+        deadline = time.monotonic() + timeout
+        error: FlowError = NotFound(f"name {msg.name!r} not found in any layer")
+        if msg.join:
+            hits = [i for i in self.reg.operational() if i.type == "broadcast" and i.layer == msg.name]
+            if not hits:
+                raise NotFound(f"no broadcast layer {msg.name!r} here to join")
+        else:
+            hits = await self.resolve(msg.name, min(timeout, QUERY_TIMEOUT))
+        for ipcp in hits:
+            try:
+                return await self.alloc_via(c, msg, ipcp, deadline)
+            except FlowError as e:
+                if e.code is None:
+                    raise
+                if worse(error.code or "", e.code):
+                    error = e
+                if not try_next_layer(e.code):
+                    break
+        raise error
+
+    async def alloc_via(self, c: Client, msg: m.FlowAlloc, ipcp: Ipcp, deadline: float,
+                        ) -> tuple[m.FlowReply, list[int]]:
+        """Allocate through one IPCP: it reaches the name's hash in its layer."""
+        assert ipcp.channel is not None
+        digest = name_hash(ipcp.hash, msg.name)
+        flow = self.reg.new_flow(
+            owner=c.conn_id, pid=c.pid, uid=c.uid, name=msg.name, layer=ipcp.layer, ipcp=ipcp.name,
+            qos=msg.qos, role="src",
+        )  # fmt: skip
+        remaining = max(deadline - time.monotonic(), 0.1)
+        where = f"flow to {msg.name!r} via {ipcp.layer!r}"
+        attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join)  # OAP: a fresh header each attempt
+        try:
+            reply, fds = await ipcp.channel.request(
+                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
+            )
+        except RemoteError as e:
+            self.reg.drop_flow(flow)
+            raise error_class(e.code)(f"{where}: {e.text}") from None
+        except (TimeoutError, ChannelClosed) as e:
+            self.reg.drop_flow(flow)
+            raise FlowTimeout(f"{where}: {str(e) or 'timed out'}") from None
+        if not isinstance(reply, m.IpcpFlow) or len(fds) != 1:
+            close_fds(fds)
+            self.reg.drop_flow(flow)
+            raise IpcpFailed(f"ipcp {ipcp.name} answered the allocation wrongly")
+        flow.fd, flow.mtu = os.dup(fds[0]), reply.mtu
+        if flow.advance(FlowEvent.ALLOCATED) is not FlowState.ALLOCATED:
+            self.end_flow(flow, FlowEvent.DOWN)  # it ended before its answer came: the application sees the end
+        try:
+            if c.conn_id not in self.irmd.clients:  # the application left while we waited
+                raise ChannelClosed("client gone")
+            outcome = self.irmd.oap.complete(attempt, reply.data)  # OAP: the peer's answer checked
+        except (ChannelClosed, FlowError):
+            close_fds(fds)
+            await self.release(flow)
+            raise
+        return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
+
+    async def resolve(self, name: str, timeout: float) -> list[Ipcp]:
+        """The operational IPCPs that reach `name`, the most local first."""
+        candidates = self.reg.operational()
+        if not candidates:
+            raise NotFound(f"name {name!r} not found: no layers are up")
+
+        async def query(ipcp: Ipcp) -> Ipcp | None:
+            assert ipcp.channel is not None
+            try:
+                await ipcp.channel.request(m.IpcpQuery(name_hash(ipcp.hash, name)), timeout=timeout)
+            except (RemoteError, TimeoutError, ChannelClosed):
+                return None
+            return ipcp
+
+        # Answers come in any order; stop waiting once no pending layer would be tried first.
+        pending = {asyncio.ensure_future(query(i)): i for i in candidates}
+        hits: list[Ipcp] = []
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del pending[task]
+                    if (hit := task.result()) is not None:
+                        hits.append(hit)
+                if settled(hits, pending.values()):
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+        if not hits:
+            raise NotFound(f"name {name!r} not found in any layer")
+        return by_preference(hits)
+
+    async def flow_accept(self, c: Client, msg: m.FlowAccept, _: list[int]) -> tuple[m.FlowReply, list[int]]:
+        waiting, limit = sum(1 for f in c.accepts if not f.done()), self.irmd.limits.accepts_per_conn
+        if waiting >= limit:
+            raise LimitReached(f"{waiting} accepts are waiting on this connection already "
+                               f"(limit accepts_per_conn={limit})")
+        fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
+        c.accepts.append(fut)
+        c.serves, c.cypher_s = True, msg.cypher_s
+        await self.irmd.notify_acceptors()
+        try:
+            reply, fd = await asyncio.wait_for(fut, msg.timeout if msg.timeout and msg.timeout > 0 else None)
+        except TimeoutError:
+            raise FlowTimeout(f"no flow arrived within {msg.timeout} s") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                c.accepts.remove(fut)
+        return reply, [fd]
+
+    async def flow_listen(self, c: Client, msg: m.FlowListen, _: list[int]) -> m.Ok:
+        c.listening, c.cypher_s = msg.enabled, msg.cypher_s
+        c.serves |= msg.enabled
+        await self.irmd.notify_acceptors()
+        return m.Ok()
+
+    async def flow_dealloc(self, c: Client, msg: m.FlowDealloc, _: list[int]) -> m.Ok:
+        flow = self.reg.flows.get(msg.flow_id)
+        if flow is None or flow.owner != c.conn_id:
+            raise NotFound(f"flow {msg.flow_id} not found")
+        await self.release(flow)
+        return m.Ok()
+
+    async def flow_info(self, c: Client, msg: m.FlowInfo, _: list[int]) -> m.FlowInfo:
+        flow = self.reg.flows.get(msg.flow_id)
+        if flow is None or flow.owner != c.conn_id:
+            return m.FlowInfo(msg.flow_id, FlowState.DEALLOC.value)
+        return m.FlowInfo(msg.flow_id, flow.state.value)
+
+    async def flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
+        rows = (
+            (f.flow_id, {"id": str(f.flow_id), "pid": str(f.pid), "name": f.name, "role": f.role,
+                         "layer": f.layer, "ipcp": f.ipcp, "state": f.state.value, "mtu": str(f.mtu),
+                         "qos": "reliable" if f.qos.reliable else "best-effort"})
+            for f in list(self.reg.flows.values())
+            if policy.visible(c.caller, f.uid)
+        )  # fmt: skip
+        return views.page(["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos"], rows, msg.start)
+
+    # -- ends of flows --------------------------------------------------------
+
+    async def release(self, flow: Flow) -> None:
+        """The owner is done with the flow: tell its IPCP, then tear our copy down."""
+        self.reg.drop_flow(flow)
+        ipcp = self.reg.ipcps.get(flow.ipcp)
+        if (flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None
+                and not self.irmd.stopping):
+            try:
+                await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
+            except (RemoteError, TimeoutError, ChannelClosed) as e:
+                log.debug("dealloc of flow %d at %s: %s", flow.flow_id, ipcp.name, e)
+        teardown_fd(flow.fd)
+        flow.fd = -1
+
+    async def release_all(self, c: Client) -> None:
+        for flow in list(self.reg.flows_of(owner=c.conn_id)):
+            await self.release(flow)
+
+    def end_flow(self, flow: Flow, event: FlowEvent) -> None:
+        """The flow ended under its owner: record how, so it can ask, and tear it down."""
+        flow.advance(event)
+        teardown_fd(flow.fd)
+        flow.fd = -1
+
+    def ipcp_gone(self, ipcp: Ipcp) -> None:
+        for flow in self.reg.flows_of(ipcp=ipcp.name):
+            self.end_flow(flow, FlowEvent.DOWN)
+
+    def tear_down_all(self) -> None:
+        for flow in list(self.reg.flows.values()):
+            teardown_fd(flow.fd)
+
+    async def flow_peer_dealloc(self, c: Client, msg: m.FlowPeerDealloc, _: list[int]) -> m.Ok:
+        flow = self.reg.flows.get(msg.flow_id)
+        if flow is not None and c.ipcp is not None and flow.ipcp == c.ipcp.name:
+            self.end_flow(flow, FlowEvent.DOWN if msg.down else FlowEvent.PEER_DEALLOC)
+        return m.Ok()
+
+    # -- flows arriving from IPCPs -----------------------------------------
+
+    async def flow_req_arrived(self, c: Client, msg: m.FlowReqArrived, fds: list[int]) -> m.IpcpFlowAccepted:
+        """A peer asks, through IPCP `c`, for a flow to a name registered in its layer."""
+        ipcp = c.ipcp
+        assert ipcp is not None
+        if len(fds) != 1:
+            raise ProtocolError("FlowReqArrived must carry exactly one fd")
+        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, msg.hash)
+        if entry is None:
+            raise NotFound("no name with that hash is registered here")
+        src = self.local_source(ipcp, msg.src_flow)
+        with self.irmd.oap.startup(ipcp.layer, f"uid {src.uid}" if src else msg.peer):  # OAP: in flight, bounded
+            acceptor = await self.wait_acceptor(entry.name)
+            self.limit_flows(acceptor.uid)
+            answer, outcome = self.irmd.oap.serve(entry.name, msg.data, acceptor.cypher_s)  # OAP: checked, answered
+        flow = self.reg.new_flow(
+            owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
+            ipcp=ipcp.name, qos=msg.qos, role="dst", mtu=msg.mtu,
+        )  # fmt: skip
+        flow.advance(FlowEvent.ALLOCATED)
+        flow.fd = os.dup(fds[0])
+        reply = outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
+                                          src.uid if src else -1, src.pid if src else 0))
+        waiting = next((f for f in acceptor.accepts if not f.done()), None)
+        if waiting is not None:
+            waiting.set_result((reply, os.dup(fds[0])))
+        elif acceptor.channel is not None:
+            acceptor.channel.notify(reply, fds)
+        return m.IpcpFlowAccepted(flow.flow_id, answer)
+
+    def local_source(self, ipcp: Ipcp, src_flow: int) -> Flow | None:
+        """The allocating end of a flow that never left this host: only the local IPCP can name it,
+        and only a flow that IPCP is serving counts, so an IPCP cannot lend another flow's identity."""
+        src = self.reg.flows.get(src_flow) if ipcp.type == "local" and src_flow else None
+        return src if src is not None and src.ipcp == ipcp.name and src.role == "src" else None
+
+    async def wait_acceptor(self, name: str) -> Client:
+        """A process to take a flow for `name`, starting the bound program if need be."""
+        entry = self.reg.get_name(name)
+
+        def ready() -> Client | None:
+            clients = {c.conn_id: c for c in self.irmd.clients.values() if c.accepting}
+            pick = self.reg.pick(entry, [c.acceptor for c in clients.values()])
+            return clients[pick.conn_id] if pick else None
+
+        if (found := ready()) is not None:
+            return found
+        # A server of the name is alive: one that accepted before, or a process bound by pid.
+        bound_alive = any((c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor)
+                          for c in self.irmd.clients.values())
+        prog = entry.auto_program()
+        if not bound_alive:
+            if prog is None:
+                raise NotFound(f"no process is accepting flows for {name!r}")
+            self.irmd.programs.start(name, prog)
+        # Loop: between the wake-up and our turn, another arrival may take the acceptor.
+        deadline = time.monotonic() + ACCEPT_TIMEOUT
+        while (found := ready()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FlowTimeout(f"no process accepted the flow for {name!r}")
+            with contextlib.suppress(TimeoutError):
+                await self.irmd.acceptors_changed(left)
+        return found

@@ -1,0 +1,168 @@
+"""Who a local process is, as the kernel says: SO_PEERCRED's uid and pid, /proc's exe, argv and start
+time; and whether such a process runs a bound program. Never what the process announces.
+
+A pid alone is no identity (pids are reused): with its start time it names one process for good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import struct
+
+SHEBANG_MAX = 256  # bytes of a script's first line we read (Linux reads at most 256 too)
+ANCESTORS = 8  # generations of parents a peer's identity records
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A process at the other end of a control connection."""
+
+    pid: int
+    uid: int
+    gid: int
+    start: int = 0  # /proc/PID/stat starttime (clock ticks after boot); 0: unknown
+    exe: str = ""  # what the kernel runs: the real path of /proc/PID/exe
+    argv: tuple[str, ...] = ()
+    cwd: str = ""
+    ancestors: tuple[tuple[int, int], ...] = ()  # (pid, start time) of its parent, grandparent, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A bound program file, with what the kernel runs when it is exec'd."""
+
+    path: str  # as bound: absolute
+    real: str  # its real path
+    interpreter: str = ""  # a script's interpreter (real path); "" for a binary
+    interp_arg: str = ""  # the optional argument on the #! line
+    script: bool = False  # not an ELF binary: run by an interpreter, named in its argv
+
+
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after "pid (comm)" (comm may hold spaces and ")"): [] if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()
+    except OSError:
+        return []
+
+
+def proc_start(pid: int) -> int:
+    """The start time of process `pid` (0 if it is gone): tells it apart from a later one with its pid."""
+    fields = _stat(pid)
+    try:
+        return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
+    except (IndexError, ValueError):
+        return 0
+
+
+def proc_ancestors(pid: int, depth: int = ANCESTORS) -> tuple[tuple[int, int], ...]:
+    """(pid, start time) of the parent of `pid`, its parent, ... up to `depth` generations or init."""
+    out: list[tuple[int, int]] = []
+    fields = _stat(pid)
+    while fields and len(out) < depth:
+        try:
+            ppid = int(fields[1])  # field 4
+        except (IndexError, ValueError):
+            break
+        if ppid <= 1:
+            break
+        fields = _stat(ppid)
+        try:
+            out.append((ppid, int(fields[19])))
+        except (IndexError, ValueError):
+            break
+    return tuple(out)
+
+
+def proc_uids(pid: int) -> tuple[int, int] | None:
+    """(real uid, effective uid) of process `pid`, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    real, effective = line.split()[1:3]
+                    return int(real), int(effective)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """The process that connected `sock`, from the kernel: SO_PEERCRED, then /proc."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return read_peer(pid, uid, gid)
+
+
+def read_peer(pid: int, uid: int, gid: int) -> Peer:
+    start = proc_start(pid)
+    try:
+        exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        exe = ""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(64 * 1024)
+        argv = tuple(a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
+    except OSError:
+        argv = ()
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = ""
+    ancestors = proc_ancestors(pid)
+    if proc_start(pid) != start:  # it exec'd or went while we read: trust none of it
+        return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors)
+
+
+def program_of(path: str) -> Program:
+    """What the kernel runs for `path`: the file itself, or the interpreter its #! line names."""
+    real = os.path.realpath(path)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(SHEBANG_MAX)
+    except OSError:
+        head = b""
+    if head.startswith(b"\x7fELF"):
+        return Program(path, real)
+    if not head.startswith(b"#!"):
+        return Program(path, real, script=True)
+    words = head[2:].split(b"\n", 1)[0].decode(errors="replace").strip().split(None, 1)
+    if not words:
+        return Program(path, real, script=True)
+    interpreter, arg = words[0], (words[1].strip() if len(words) > 1 else "")
+    if os.path.basename(interpreter) == "env" and arg and not arg.startswith("-"):
+        interpreter, arg = arg.split()[0], ""  # #!/usr/bin/env python3: the interpreter is found in PATH
+        return Program(path, real, interpreter=interpreter, script=True)
+    return Program(path, real, os.path.realpath(interpreter), arg, script=True)
+
+
+def runs(program: Program, peer: Peer) -> bool:
+    """Does `peer` run `program`? A binary: the kernel's exe is it. A script: the process is its
+    interpreter with the script as the argument the kernel put after it.
+
+    The script rule is weaker: whoever may run the interpreter may name the script and still run
+    other code (PYTHONPATH, -c before it is refused, but not site hooks). The uid rule is the guard.
+    """
+    if not peer.exe:
+        return False
+    if peer.exe == program.real:
+        return True
+    if not program.script or len(peer.argv) < 2:
+        return False
+    if program.interpreter:
+        if os.path.isabs(program.interpreter):
+            if peer.exe != program.interpreter:
+                return False
+        elif not os.path.basename(peer.exe).startswith(program.interpreter):
+            return False  # #!/usr/bin/env python3 runs python3.11
+    args = list(peer.argv[1:])
+    if program.interp_arg and args and args[0] == program.interp_arg:
+        args.pop(0)
+    if not args or args[0].startswith("-"):
+        return False
+    script = args[0] if os.path.isabs(args[0]) else os.path.join(peer.cwd or "/", args[0])
+    return os.path.realpath(script) == program.real

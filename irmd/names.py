@@ -1,0 +1,143 @@
+"""Names: created, bound to programs and processes, registered in layers, listed and dumped; each
+act checked against who owns the name and who asks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from irmd import policy, state, views
+from irmd.identity import proc_start, proc_uids, program_of
+from irmd.reg import Ipcp, Name, ProcBinding
+from irmd.reg.ipcp import is_pattern
+from irmd.secfiles import check_sec
+from proto import messages as m
+from proto.errors import AlreadyExists, InvalidArgument, NotFound
+from proto.names import check_name
+
+if TYPE_CHECKING:
+    from irmd.core import Irmd
+    from irmd.server import Client
+
+
+def parse_pid(text: str) -> int:
+    if not text.isdigit() or len(text) > 10:
+        raise InvalidArgument(f"bad pid {text!r}: expected a number")
+    return int(text)
+
+
+class Names:
+    def __init__(self, irmd: Irmd) -> None:
+        self.irmd = irmd
+        self.reg = irmd.reg
+
+    def seen_by(self, c: Client) -> Iterator[Name]:
+        """The names `c` may see, in creation order: an admin all, a user those its processes are bound to."""
+        for entry in sorted(self.reg.names.values(), key=lambda e: e.seq):
+            if c.caller.admin or any(policy.visible(c.caller, b.uid) for b in entry.procs.values()):
+                yield entry
+
+    # -- bindings ------------------------------------------------------------
+
+    async def bind(self, c: Client, msg: m.Bind, _: list[int]) -> m.Ok:
+        if msg.bind:
+            check_name(msg.name)
+        if msg.kind == "program":
+            if msg.bind:
+                if not os.path.isabs(msg.target) or not os.access(msg.target, os.X_OK):
+                    raise InvalidArgument(f"program {msg.target!r} is not an executable absolute path")
+                self.reg.bind_program(msg.name, msg.target, msg.args, msg.auto, c.uid, program_of(msg.target))
+            else:
+                self.reg.unbind_program(msg.target, msg.name)
+        elif msg.kind in ("process", "ipcp"):
+            self._bind_process(msg)
+        else:
+            raise InvalidArgument(f"cannot bind a {msg.kind!r}: expected program, process or ipcp")
+        await self.irmd.notify_acceptors()
+        return m.Ok()
+
+    def _bind_process(self, msg: m.Bind) -> None:
+        pid = self.reg.get_ipcp(msg.target).pid if msg.kind == "ipcp" else parse_pid(msg.target)
+        uids = proc_uids(pid)
+        if uids is None:
+            raise NotFound(f"no process with pid {pid}")
+        if msg.bind:  # this process (its start time: not a later one with its pid), running as this user
+            self.reg.bind_proc(msg.name, ProcBinding(pid, proc_start(pid), uids[1]))
+        else:
+            self.reg.unbind_pid(pid, msg.name)
+
+    # -- names -------------------------------------------------------------------
+
+    async def create(self, c: Client, msg: m.NameCreate, _: list[int]) -> m.Ok:
+        if msg.name in self.reg.names:
+            raise AlreadyExists(f"name {msg.name!r} already exists")
+        self.reg.create_name(msg.name, msg.lb).sec = check_sec(msg.sec)
+        return m.Ok()
+
+    async def destroy(self, c: Client, msg: m.NameDestroy, _: list[int]) -> m.Ok:
+        """Destroy a name; registered, it is unregistered first (as Ouroboros destroys it)."""
+        entry = self.reg.get_name(msg.name)
+        for ipcp in [self.reg.ipcps[r] for r in sorted(entry.regs) if r in self.reg.ipcps]:
+            await self.irmd.ipcps.register(ipcp, entry, False)
+        self.reg.destroy_name(msg.name)
+        return m.Ok()
+
+    def _reg_targets(self, msg: m.NameRegister) -> list[Ipcp]:
+        """The working IPCPs the request names: those in its layers and those it names itself."""
+        targets: dict[str, Ipcp] = {}
+        for pattern, by_layer in [*((p, True) for p in msg.layers), *((p, False) for p in msg.ipcps)]:
+            hits = [i for i in self.reg.matching(pattern, layer=by_layer) if i.operational]
+            if not hits:
+                what = f"layer {pattern!r} not found: no IPCP here is in it" if by_layer else (
+                    f"ipcp {pattern!r} not found" if not is_pattern(pattern) else f"no ipcp here matches {pattern!r}")
+                raise NotFound(what)
+            targets.update((i.name, i) for i in hits)
+        return list(targets.values())
+
+    async def register(self, c: Client, msg: m.NameRegister, _: list[int]) -> m.Ok:
+        """Register a name with IPCPs (making it if need be), or unregister it. Asking for a
+        registration that is there already is no error (a config's reg and an autobind may both)."""
+        if not msg.layers and not msg.ipcps:
+            raise InvalidArgument("register needs at least one layer or ipcp")
+        entry = self.reg.create_name(msg.name) if msg.register and msg.name not in self.reg.names else (
+            self.reg.get_name(msg.name))  # fmt: skip
+        targets = self._reg_targets(msg)
+        if not msg.register and not any(i.name in entry.regs for i in targets):
+            where = ", ".join([*msg.layers, *msg.ipcps])
+            raise NotFound(f"name {msg.name!r} is not registered in {where!r}")
+        for ipcp in targets:
+            await self.irmd.ipcps.register(ipcp, entry, msg.register)
+        return m.Ok()
+
+    async def list_names(self, c: Client, msg: m.NameList, _: list[int]) -> m.Table:
+        def row(e: Name) -> dict[str, str]:
+            pids = sorted(pid for pid, b in e.procs.items() if policy.visible(c.caller, b.uid))
+            programs = e.programs.values() if c.caller.admin else ()  # a user sees their own processes
+            return {"name": e.name, "lb": e.lb, "layers": ",".join(self.reg.layers_of(e)) or "-",
+                    "programs": ",".join(f"{p.path}{' (auto)' if p.auto else ''}" for p in programs) or "-",
+                    "pids": ",".join(map(str, pids)) or "-"}
+
+        return views.page(["name", "lb", "layers", "programs", "pids"], ((e.seq, row(e)) for e in self.seen_by(c)),
+                          msg.start)
+
+    async def dump(self, c: Client, msg: m.Dump, _: list[int]) -> m.Text:
+        if msg.offset == 0 or not c.dump:  # a dump is made once, then fetched in parts
+            ipcps = list(self.reg.ipcps.values())
+
+            seen = {e.name for e in self.seen_by(c)}
+
+            def shown(entry: Name) -> bool:
+                return entry.name in seen
+
+            if msg.what == "config":
+                c.dump = state.as_config(ipcps, self.reg, shown)
+            elif msg.what in ("text", "dot"):
+                c.dump = state.layer_graph(ipcps, self.reg, msg.what, shown)
+            else:
+                raise InvalidArgument(f"cannot dump {msg.what!r}: expected config, text or dot")
+        part = views.text_part(c.dump, msg.offset)
+        if not part.next:
+            c.dump = ""
+        return part

@@ -1,0 +1,82 @@
+"""Programs started on demand (`bind program ... auto`): one at a time per name, as the binding's
+owner; and stopping what the IRMd started (IPCPs and programs) when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from irmd import spawn
+from irmd.identity import proc_start
+from irmd.reg import Ipcp, ProgBinding
+
+if TYPE_CHECKING:
+    from irmd.core import Irmd
+
+log = logging.getLogger("irmd")
+
+START_GRACE = 10.0  # a program started for a name has this long to accept before another is started
+STOP_GRACE = 2.0  # SIGTERM, then SIGKILL after this long
+
+
+def kill(proc: asyncio.subprocess.Process, sig: int) -> None:
+    """Signal a child by pid: Process.kill() may reap it behind asyncio's child watcher."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, sig)
+
+
+async def stop(procs: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM, and SIGKILL to those still running after STOP_GRACE."""
+    for proc in procs:
+        kill(proc, signal.SIGTERM)
+    if not procs:
+        return
+    _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE)
+    for proc in procs:
+        if proc.returncode is None:
+            kill(proc, signal.SIGKILL)
+    if pending:
+        await asyncio.wait(pending, timeout=STOP_GRACE)
+
+
+class Programs:
+    def __init__(self, irmd: Irmd) -> None:
+        self.irmd = irmd
+        self.running: dict[int, asyncio.subprocess.Process] = {}
+        self._starting: dict[str, float] = {}  # name -> when its program was started
+
+    def start(self, name: str, prog: ProgBinding) -> None:
+        """Start `prog` for `name`, unless one started for it is on its way."""
+        started = self._starting.get(name)
+        if started is not None and time.monotonic() - started < START_GRACE:
+            return
+        self._starting[name] = time.monotonic()
+        self.irmd.spawn_task(self._run(name, prog))
+
+    async def _run(self, name: str, prog: ProgBinding) -> None:
+        try:
+            proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.irmd.sock_path)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.error("cannot start %s for %r: %s", prog.path, name, e)
+            self._starting.pop(name, None)
+            return
+        who = spawn.run_as(prog.owner, self.irmd.uid)
+        log.info("started %s %s (pid %d) for %r as %s", prog.path, " ".join(prog.args), proc.pid, name, who.user)
+        self.running[proc.pid] = proc
+        self.irmd.reg.started[proc.pid] = (name, proc_start(proc.pid))  # this process, not a later one with its pid
+        code = await proc.wait()
+        self.running.pop(proc.pid, None)
+        self.irmd.reg.started.pop(proc.pid, None)
+        if code:
+            self._starting.pop(name, None)  # it failed; the next flow may try again
+        log.info("program %s (pid %d) exited with %s", prog.path, proc.pid, code)
+
+    async def stop_all(self, ipcps: list[Ipcp]) -> None:
+        await stop([i.proc for i in ipcps] + list(self.running.values()))

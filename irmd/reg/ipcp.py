@@ -1,0 +1,83 @@
+"""IPCPs as the IRMd records them (process, control channel, layer), and which layer a flow tries
+first when several reach its destination: the most local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from transports.channel import AsyncChannel
+
+# Preference when a name is reachable through several layers: the most local first (Ouroboros's
+# order of IPCP types); IPCPs of one type in the order they were made.
+PREFERENCE = ("local", "unicast", "broadcast", "eth-llc", "eth-dix", "udp4", "udp6")
+TYPE_RANK = {t: i for i, t in enumerate(PREFERENCE)}
+
+
+@dataclasses.dataclass(eq=False)
+class Ipcp:
+    name: str
+    type: str
+    proc: asyncio.subprocess.Process
+    announced: asyncio.Future[AsyncChannel]
+    channel: AsyncChannel | None = None
+    layer: str = ""
+    hash: str = "SHA3_256"
+    mtu: int = 0
+    joined: dict[str, Any] = dataclasses.field(default_factory=dict)  # how: bootstrap (conf) or enrol (dst)
+    conns: list[str] = dataclasses.field(default_factory=list)  # connected to, as asked
+    seq: int = 0  # creation order: lists page by it
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def operational(self) -> bool:
+        return bool(self.layer) and self.channel is not None and not self.channel.closed
+
+    @property
+    def rank(self) -> int:
+        return TYPE_RANK.get(self.type, len(TYPE_RANK))
+
+    @property
+    def order(self) -> int:
+        """Its place in lists: by type as Ouroboros orders them, then as made (a key for pages)."""
+        return self.rank << 32 | self.seq
+
+
+def by_preference(ipcps: Iterable[Ipcp]) -> list[Ipcp]:
+    """The IPCPs in the order a flow tries them (and lists show them): the most local type first,
+    then as they came."""
+    return sorted(ipcps, key=lambda i: (i.rank, i.seq))
+
+
+def wildcard_match(pattern: str, text: str) -> bool:
+    """Does `text` match `pattern`, where * stands for any run of characters (nothing else is special,
+    as in the irm tool's patterns for IPCP and layer names)?"""
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return pattern == text
+    if not text.startswith(parts[0]) or not text.endswith(parts[-1]) or len(text) < len(parts[0]) + len(parts[-1]):
+        return False
+    at, end = len(parts[0]), len(text) - len(parts[-1])
+    for part in parts[1:-1]:
+        found = text.find(part, at, end)
+        if found < 0:
+            return False
+        at = found + len(part)
+    return True
+
+
+def is_pattern(name: str) -> bool:
+    return "*" in name
+
+
+def settled(hits: Iterable[Ipcp], pending: Iterable[Ipcp]) -> bool:
+    """Need we wait for the IPCPs still `pending` to answer a query? Not once one that answered
+    yes ranks before every one of them: none of them would be tried first."""
+    best = min((i.rank for i in hits), default=None)
+    return best is not None and all(i.rank > best for i in pending)

@@ -1,0 +1,205 @@
+"""The IRMd's control socket: its directory checked, connections accepted with the kernel's word on
+who is calling, each request passed through the policy to the job that serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from irmd import policy
+from irmd.identity import Peer, peer_of, read_peer
+from irmd.policy import Caller
+from irmd.reg import Acceptor, Ipcp
+from proto import messages as m
+from proto.errors import Code, FlowError, InvalidArgument, PermissionDenied, ProtocolError
+from transports.channel import AsyncChannel, HandlerError
+from transports.unix import TrustError, close_fds, make_sock_dir
+from transports.wire import Error, Message
+
+if TYPE_CHECKING:
+    from irmd.core import Irmd
+
+log = logging.getLogger("irmd")
+
+BACKLOG = 128
+
+
+@dataclasses.dataclass(eq=False)
+class Client:
+    """One control connection, and the process behind it as the kernel described it at connect time."""
+
+    conn_id: int
+    peer: Peer
+    caller: Caller
+    channel: AsyncChannel | None = None
+    prog: str = ""  # what the process announced: a label for logs, never an identity
+    ipcp: Ipcp | None = None
+    listening: bool = False
+    serves: bool = False  # has accepted or listened: a server, not just a client of the name
+    cypher_s: int = 0  # takes only encrypted flows (FlowAccept/FlowListen)
+    accepts: deque[asyncio.Future[tuple[m.FlowReply, int]]] = dataclasses.field(default_factory=deque)
+    dump: str = ""  # a dump being fetched in parts
+
+    @property
+    def pid(self) -> int:
+        return self.peer.pid
+
+    @property
+    def uid(self) -> int:
+        return self.peer.uid
+
+    @property
+    def acceptor(self) -> Acceptor:
+        return Acceptor(self.conn_id, self.peer)
+
+    @property
+    def accepting(self) -> bool:
+        congested = self.channel is not None and self.channel.congested  # it takes nothing more until it reads
+        return not congested and (self.listening or any(not f.done() for f in self.accepts))
+
+
+def farewell(conn: socket.socket, code: str, text: str) -> None:
+    """Refuse a connection, saying why in an Error notice before closing it."""
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(m.CODEC.encode(Error(code, text)))
+    conn.close()
+
+
+class Server:
+    def __init__(self, irmd: Irmd) -> None:
+        self.irmd = irmd
+        self._sock: socket.socket | None = None
+        self._conn_ids = 0
+        self._local: Client | None = None
+
+    async def start(self) -> None:
+        path = self.irmd.sock_path
+        try:  # root's socket directory is open to all (any user's applications use flows); a user's is private
+            make_sock_dir(path.parent, 0o755 if self.irmd.uid == 0 else 0o700)
+        except TrustError as e:
+            raise SystemExit(f"irmd: will not serve from {path.parent}: {e.strerror}") from None
+        if path.exists() or path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket of a dead irmd
+            else:
+                raise SystemExit(f"irmd: another irmd is running on {path}")
+            finally:
+                probe.close()
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        srv.bind(str(path))
+        os.chmod(path, 0o666)  # applications of any user may connect; each request is checked for its caller
+        srv.listen(BACKLOG)
+        srv.setblocking(False)
+        self._sock = srv
+        asyncio.get_running_loop().add_reader(srv.fileno(), self._on_connect)
+        log.info("irmd listening on %s", path)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                self.irmd.sock_path.unlink()
+
+    def close_clients(self) -> None:
+        for client in list(self.irmd.clients.values()):
+            if client.channel:
+                client.channel.close()
+
+    # -- connections -------------------------------------------------------
+
+    def _on_connect(self) -> None:
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # e.g. EMFILE: keep serving the others
+            log.warning("accept failed: %s", e)
+            return
+        self._conn_ids += 1
+        peer = peer_of(conn)
+        client = Client(self._conn_ids, peer, Caller.of(peer.uid, self.irmd.uid))
+        limit = self.irmd.limits.conns_per_uid
+        if not client.caller.admin:
+            held = sum(1 for c in self.irmd.clients.values() if c.uid == peer.uid)
+            if held >= limit:
+                log.warning("uid %d (pid %d) has %d connections open: refusing another", peer.uid, peer.pid, held)
+                farewell(conn, Code.EDQUOT, f"uid {peer.uid} has {held} connections to the IRMd open "
+                                            f"(limit conns_per_uid={limit})")
+                return
+
+        async def handle(msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
+            try:
+                return await self.dispatch(client, msg, fds)
+            except FlowError as e:
+                if e.code is None:
+                    raise
+                raise HandlerError(e.code, str(e)) from None
+
+        client.channel = AsyncChannel(
+            conn, m.CODEC, handle, name=f"conn{client.conn_id}/pid{peer.pid}",
+            on_close=lambda _: self.irmd.spawn_task(self._client_gone(client)),
+            max_requests=self.irmd.limits.requests_per_conn, max_queued=self.irmd.limits.queued_bytes_per_conn,
+        )  # fmt: skip
+        self.irmd.clients[client.conn_id] = client
+
+    async def dispatch(self, c: Client, msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
+        """Serve one request of `c`: through the policy to its job. Failures are FlowErrors."""
+        kind = type(msg)
+        handler = self.irmd.handlers.get(kind)
+        if kind is not m.FlowReqArrived:
+            close_fds(fds)  # only arriving flows carry descriptors
+            fds = []
+        try:
+            if handler is None:
+                raise ProtocolError(f"{kind.__name__} is not a request the IRMd serves")
+            policy.check_request(c.caller, kind)
+            if kind in policy.FROM_IPCP and c.ipcp is None:
+                raise PermissionDenied(f"{kind.__name__} is only accepted from IPCPs")
+            result = await handler(c, msg, fds)
+        finally:
+            close_fds(fds)
+        return result if isinstance(result, tuple) else (result, ())
+
+    async def act_as(self, c: Client, msg: m.ActAs, _: list[int]) -> m.Ok:
+        """Lower the connection to user `msg.uid`'s rights, for good."""
+        if msg.uid != c.uid:
+            if not c.caller.admin:
+                raise PermissionDenied(f"permission denied: uid {c.uid} cannot act as uid {msg.uid}")
+            if not 0 <= msg.uid < 1 << 32:
+                raise InvalidArgument(f"bad uid {msg.uid}")
+            log.info("conn%d (pid %d, uid %d) acts as uid %d from now on", c.conn_id, c.pid, c.uid, msg.uid)
+            c.peer = dataclasses.replace(c.peer, uid=msg.uid)
+            c.caller = Caller.of(msg.uid, self.irmd.uid)
+        return m.Ok()
+
+    async def serve_locally(self, msg: Message) -> tuple[Message, Sequence[int]]:
+        """A request made from within (the config boot): the IRMd's own user asks."""
+        if self._local is None:
+            me = read_peer(os.getpid(), self.irmd.uid, os.getegid())
+            self._local = Client(0, me, Caller.of(self.irmd.uid, self.irmd.uid))
+        return await self.dispatch(self._local, msg, [])
+
+    async def _client_gone(self, c: Client) -> None:
+        self.irmd.clients.pop(c.conn_id, None)
+        for fut in c.accepts:
+            fut.cancel()
+        await self.irmd.flows.release_all(c)
+        if not any(other.pid == c.pid for other in self.irmd.clients.values()):
+            self.irmd.reg.forget_pid(c.pid)  # its process bindings end with its last connection
+        if c.ipcp is not None and c.ipcp.channel is c.channel and not self.irmd.stopping:
+            self.irmd.ipcps.lost(c.ipcp)

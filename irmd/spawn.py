@@ -1,0 +1,82 @@
+"""How the IRMd starts processes: IPCPs (its own code, isolated from its caller's working directory
+and environment) and bound programs (as their binding's owner, with a clean environment, in /).
+
+Nothing of the IRMd's environment or working directory reaches what it starts, except the socket
+to find it by: an admin's PYTHONPATH or LD_PRELOAD must not become a started service's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import pwd
+import sys
+from pathlib import Path
+
+from transports.unix import SOCK_ENV
+
+# The directory that holds the irmd package: ipcp is its sibling in the same distribution.
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+KEPT = ("LANG", "LC_ALL", "TZ")  # locale and time zone: how to speak, never what to run
+# `python -I` ignores PYTHON* variables, the user's site directory and the working directory; the
+# project comes from where this IRMd's own code is, so an IPCP runs the code its IRMd runs.
+IPCP_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+             "from ipcp.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAs:
+    """The user a started program runs as; uid None: as the IRMd itself (no change)."""
+
+    uid: int | None
+    gid: int | None
+    home: str
+    user: str
+
+
+def run_as(owner: int, irmd_uid: int) -> RunAs:
+    """A program runs as its binding's owner. Only a root IRMd can switch users; a non-root IRMd runs
+    everything as itself (no owner can then be more than it)."""
+    target = owner if irmd_uid == 0 else irmd_uid
+    try:
+        entry = pwd.getpwuid(target)
+        home, user, gid = entry.pw_dir, entry.pw_name, entry.pw_gid
+    except KeyError:  # a uid without a passwd entry: its own group, home /
+        home, user, gid = "/", str(target), target
+    if target == irmd_uid:
+        return RunAs(None, None, home, user)
+    return RunAs(target, gid, home, user)
+
+
+def clean_env(sock: Path, who: RunAs) -> dict[str, str]:
+    env = {"PATH": SAFE_PATH, "HOME": who.home, "USER": who.user, "LOGNAME": who.user, SOCK_ENV: str(sock)}
+    env.update({k: v for k in KEPT if (v := os.environ.get(k))})
+    return env
+
+
+def ipcp_command(kind: str, name: str, sock: Path) -> list[str]:
+    return [sys.executable, "-I", "-c", IPCP_BOOT, PROJECT_ROOT, kind, name, str(sock)]
+
+
+async def start_ipcp(kind: str, name: str, sock: Path, log_stdout: bool = False) -> asyncio.subprocess.Process:
+    """An IPCP process; with log_stdout it logs to the IRMd's stdout, as the IRMd itself then does."""
+    who = run_as(os.geteuid(), os.geteuid())
+    return await asyncio.create_subprocess_exec(
+        *ipcp_command(kind, name, sock), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+        cwd="/", env=clean_env(sock, who), stderr=asyncio.subprocess.STDOUT if log_stdout else None,
+    )  # fmt: skip
+
+
+async def start_program(path: str, args: list[str], owner: int, sock: Path) -> asyncio.subprocess.Process:
+    """Start a bound program as its owner: in its own session, stdin /dev/null, cwd /, a clean environment."""
+    who = run_as(owner, os.geteuid())
+    creds: dict[str, object] = {}
+    if who.uid is not None:
+        creds = {"user": who.uid, "group": who.gid, "extra_groups": os.getgrouplist(who.user, who.gid or 0)
+                 if who.user != str(who.uid) else []}  # fmt: skip
+    return await asyncio.create_subprocess_exec(
+        path, *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, cwd="/",
+        env=clean_env(sock, who), **creds,  # type: ignore[arg-type]
+    )  # fmt: skip

@@ -1,0 +1,136 @@
+"""Who a local process is (irmd.identity): the kernel's exe, argv and start time, never its claims;
+and which processes run a bound program, binary or script."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from irmd.identity import Peer, Program, peer_of, proc_start, proc_uids, program_of, read_peer, runs
+
+PYTHON = os.path.realpath(sys.executable)
+
+
+def test_the_kernel_names_the_peer_of_a_socket() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        me = peer_of(a)
+    assert (me.pid, me.uid, me.gid) == (os.getpid(), os.geteuid(), os.getegid())
+    assert me.exe == PYTHON and me.start == proc_start(os.getpid()) > 0
+    assert me.cwd == os.getcwd()
+
+
+def test_a_process_gone_has_no_start_time_nor_uids() -> None:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert proc_start(p.pid) == 0 and proc_uids(p.pid) is None
+    gone = read_peer(p.pid, 0, 0)
+    assert (gone.exe, gone.argv, gone.start) == ("", (), 0)
+
+
+def test_argv_zero_is_what_the_process_says_exe_is_what_runs() -> None:
+    p = subprocess.Popen(["/bin/sleep", "30"], executable="/bin/sleep")
+    try:
+        liar = subprocess.Popen(["oping", "30"], executable="/bin/sleep")  # argv[0] says oping
+        try:
+            deadline = time.monotonic() + 5
+            while read_peer(liar.pid, 0, 0).argv[:1] != ("oping",) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            peer = read_peer(liar.pid, 0, 0)
+            assert peer.argv[0] == "oping" and peer.exe == os.path.realpath("/bin/sleep")
+        finally:
+            liar.kill()
+            liar.wait()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def script(tmp_path: Path, first_line: str, name: str = "server.py") -> Path:
+    path = tmp_path / name
+    path.write_text(f"{first_line}\nimport time\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_a_binary_is_what_the_kernel_runs() -> None:
+    prog = program_of("/bin/sleep")
+    assert not prog.script and prog.real == os.path.realpath("/bin/sleep")
+    assert runs(prog, Peer(1, 0, 0, 1, os.path.realpath("/bin/sleep"), ("sleep",), "/"))
+    assert not runs(prog, Peer(1, 0, 0, 1, PYTHON, ("sleep",), "/"))
+
+
+def test_a_script_runs_as_its_interpreter_with_the_script_after_it(tmp_path: Path) -> None:
+    path = script(tmp_path, f"#!{sys.executable}")
+    prog = program_of(str(path))
+    assert prog.script and prog.interpreter == PYTHON
+    assert runs(prog, Peer(1, 0, 0, 1, PYTHON, (sys.executable, str(path)), "/"))
+    assert runs(prog, Peer(1, 0, 0, 1, PYTHON, ("python3", "server.py"), str(tmp_path)))  # relative to its cwd
+    assert not runs(prog, Peer(1, 0, 0, 1, PYTHON, ("python3", "-c", "evil", str(path)), "/"))
+    assert not runs(prog, Peer(1, 0, 0, 1, PYTHON, ("python3", "other.py"), str(tmp_path)))
+    assert not runs(prog, Peer(1, 0, 0, 1, os.path.realpath("/bin/sh"), ("sh", str(path)), "/"))
+
+
+def test_an_env_shebang_matches_the_interpreter_by_name(tmp_path: Path) -> None:
+    path = script(tmp_path, "#!/usr/bin/env python3")
+    prog = program_of(str(path))
+    assert prog.interpreter == "python3"
+    assert runs(prog, Peer(1, 0, 0, 1, "/usr/bin/python3.11", ("python3", str(path)), "/"))
+    assert not runs(prog, Peer(1, 0, 0, 1, "/usr/bin/perl", ("perl", str(path)), "/"))
+
+
+def test_a_shebang_argument_may_come_before_the_script(tmp_path: Path) -> None:
+    path = script(tmp_path, f"#!{sys.executable} -u")
+    prog = program_of(str(path))
+    assert prog.interp_arg == "-u"
+    assert runs(prog, Peer(1, 0, 0, 1, PYTHON, (sys.executable, "-u", str(path)), "/"))
+
+
+def test_a_live_script_process_runs_its_program(tmp_path: Path) -> None:
+    path = tmp_path / "waiter"
+    path.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(30)\n")
+    path.chmod(0o755)
+    p = subprocess.Popen([str(path)])
+    try:
+        deadline = time.monotonic() + 5
+        while str(path) not in read_peer(p.pid, 0, 0).argv and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runs(program_of(str(path)), read_peer(p.pid, 0, 0))
+        assert not runs(Program("/bin/sleep", os.path.realpath("/bin/sleep")), read_peer(p.pid, 0, 0))
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("argv", [(), ("python3",)])
+def test_an_interpreter_without_a_script_runs_no_script(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    prog = program_of(str(script(tmp_path, f"#!{sys.executable}")))
+    assert not runs(prog, Peer(1, 0, 0, 1, PYTHON, argv, "/"))
+
+
+def test_unknown_exe_runs_nothing() -> None:
+    assert not runs(program_of("/bin/sleep"), Peer(1, 0, 0, 1, "", ("sleep",), "/"))
+
+
+def test_a_peer_knows_its_ancestors_by_pid_and_start_time() -> None:
+    from irmd.identity import proc_ancestors
+
+    p = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        child = 0
+        while not child and time.monotonic() < deadline:
+            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            child = int(kids[0]) if kids else 0
+            time.sleep(0.01)
+        ancestors = proc_ancestors(child)
+        assert ancestors[:2] == ((p.pid, proc_start(p.pid)), (os.getpid(), proc_start(os.getpid())))
+    finally:
+        p.kill()
+        p.wait()

@@ -1,0 +1,154 @@
+"""Who may do what at the IRMd (irmd.policy, irmd.limits, irmd.views): pure functions, every case."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from irmd import policy, views
+from irmd.limits import LimitError, Limits, parse_options
+from irmd.policy import Caller
+from irmd.spawn import RunAs, clean_env, ipcp_command, run_as
+from proto import messages as m
+from proto.errors import PermissionDenied
+from transports.wire import MAX_BODY
+
+IRMD = 4242
+ROOT, HOST, USER, OTHER = Caller.of(0, IRMD), Caller.of(IRMD, IRMD), Caller.of(1000, IRMD), Caller.of(1001, IRMD)
+ADMINS, USERS = (ROOT, HOST), (USER, OTHER)
+
+
+def test_admins_are_root_and_the_irmds_user() -> None:
+    assert ROOT.admin and HOST.admin and not USER.admin
+
+
+@pytest.mark.parametrize("kind", sorted(policy.ADMIN_ONLY, key=lambda k: k.__name__))
+def test_only_admins_manage_ipcps_names_and_bindings(kind: type[m.Message]) -> None:
+    for caller in ADMINS:
+        policy.check_request(caller, kind)
+    for caller in USERS:
+        with pytest.raises(PermissionDenied, match=f"{policy.ADMIN_ONLY[kind]} needs root"):
+            policy.check_request(caller, kind)
+
+
+@pytest.mark.parametrize("kind", [m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc,
+                                  m.FlowInfo, m.IpcpList, m.NameList, m.FlowList, m.Dump, m.ActAs])
+def test_users_use_flows_and_list_their_own(kind: type[m.Message]) -> None:
+    policy.check_request(USER, kind)
+
+
+def test_every_request_is_either_for_admins_or_for_users_by_design() -> None:
+    users = {m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo, m.IpcpList,
+             m.NameList, m.FlowList, m.Dump, m.ActAs}
+    asked = {cls for cls in m.CODEC.types.values() if cls.__module__ == m.__name__}
+    replies = {m.Ok, m.Table, m.FlowReply, m.Text, m.LayerInfo, m.IpcpFlow, m.IpcpFlowAccepted, m.IpcpInfo}
+    ipcp_side = {m.IpcpBootstrapReq, m.IpcpEnrollReq, m.IpcpConnectReq, m.IpcpReg, m.IpcpQuery, m.IpcpFlowAlloc,
+                m.IpcpFlowDealloc, m.IpcpAnnounce}
+    assert asked - replies - ipcp_side - policy.FROM_IPCP == users | set(policy.ADMIN_ONLY)
+
+
+def test_users_see_their_own_things_admins_all() -> None:
+    assert policy.visible(USER, USER.uid) and not policy.visible(USER, OTHER.uid) and not policy.visible(USER, 0)
+    assert all(policy.visible(c, USER.uid) for c in ADMINS)
+
+
+# -- limits ----------------------------------------------------------------------------
+
+
+def test_limits_have_defaults_and_take_options() -> None:
+    limits = parse_options(["flows_per_uid=10", "conns_per_uid = 0x10"])
+    assert (limits.flows_per_uid, limits.conns_per_uid) == (10, 16)
+    assert limits.accepts_per_conn == Limits().accepts_per_conn
+
+
+@pytest.mark.parametrize(("words", "says"), [
+    (["nope=1"], "unknown limit 'nope'"), (["flows_per_uid"], "expected KEY=N"),
+    (["flows_per_uid=x"], "expected a whole number"), (["flows_per_uid=0"], "from 1 to"),
+])
+def test_bad_limits_are_refused_naming_them(words: list[str], says: str) -> None:
+    with pytest.raises(LimitError, match=says):
+        parse_options(words)
+
+
+def test_config_values_may_be_numbers() -> None:
+    assert Limits().with_values({"accepts_per_conn": 3}).accepts_per_conn == 3
+    with pytest.raises(LimitError, match="whole number"):
+        Limits().with_values({"accepts_per_conn": True})
+
+
+# -- views: pages, parts, secrets ---------------------------------------------------------
+
+
+def rows(n: int, width: int = 100) -> list[tuple[int, dict[str, str]]]:
+    return [(i, {"id": str(i), "pad": "x" * width}) for i in range(1, n + 1)]
+
+
+def test_a_long_list_comes_in_pages_that_each_fit_a_frame_and_join_to_all() -> None:
+    got: list[dict[str, str]] = []
+    start, pages = 0, 0
+    while True:
+        table = views.page(["id", "pad"], rows(10_000), start)
+        assert len(m.CODEC.encode(table)) <= MAX_BODY
+        got += table.rows
+        pages += 1
+        if not table.next:
+            break
+        start = table.next
+    assert [r["id"] for r in got] == [str(i) for i in range(1, 10_001)] and pages > 1
+
+
+def test_a_page_starts_at_the_key_asked_even_if_rows_went_meanwhile() -> None:
+    table = views.page(["id", "pad"], [(k, r) for k, r in rows(10) if k != 5], start=5)
+    assert table.rows[0]["id"] == "6"
+
+
+def test_a_cell_too_long_for_a_frame_is_cut_saying_how_much_is_left_out() -> None:
+    pids = ",".join(str(i) for i in range(100_000))
+    table = views.page(["name", "pids"], [(1, {"name": "n", "pids": pids})])
+    assert len(m.CODEC.encode(table)) <= MAX_BODY and table.rows[0]["pids"].endswith("more)")
+
+
+def test_a_long_text_comes_in_parts_that_each_fit_a_frame() -> None:
+    text = json.dumps(["\u2603" * 10] * 20_000)
+    out, offset = "", 0
+    while True:
+        part = views.text_part(text, offset)
+        assert len(m.CODEC.encode(part)) <= MAX_BODY
+        out += part.text
+        if not part.next:
+            break
+        offset = part.next
+    assert out == text
+
+
+def test_secrets_are_redacted() -> None:
+    assert views.redact({"key": "s3cret", "addr": "4"}) == {"key": views.REDACTED, "addr": "4"}
+
+
+# -- what started processes get -----------------------------------------------------------
+
+
+def test_a_root_irmd_runs_a_program_as_its_owner_a_users_irmd_as_itself() -> None:
+    assert run_as(0, 0).uid is None
+    nobody = run_as(65534, 0)
+    assert nobody.uid == 65534 and nobody.gid is not None
+    assert run_as(0, 1000).uid is None and run_as(65534, 1000).uid is None  # cannot switch: stays itself
+
+
+def test_started_processes_get_a_clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    monkeypatch.setenv("PYTHONPATH", "/evil")
+    monkeypatch.setenv("LD_PRELOAD", "/evil.so")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    env = clean_env(Path("/run/ouroboros/irmd.sock"), RunAs(None, None, "/root", "root"))
+    assert env == {"PATH": env["PATH"], "HOME": "/root", "USER": "root", "LOGNAME": "root", "LANG": "C.UTF-8",
+                   "OUROBOROS_SOCK": "/run/ouroboros/irmd.sock"}
+
+
+def test_ipcps_run_isolated_from_the_callers_python_settings() -> None:
+    from pathlib import Path
+
+    argv = ipcp_command("local", "lo", Path("/s"))
+    assert argv[1] == "-I" and argv[-3:] == ["local", "lo", "/s"]

@@ -1,0 +1,572 @@
+"""Trust on one host: the IRMd takes rights from the kernel's word (SO_PEERCRED, /proc, file owners and
+modes), bounds what each user and connection holds, and runs what it starts cleanly.
+
+Each test plays the attacker as uid 65534 (setpriv) and checks that the attack fails while the
+legitimate use beside it still works. They need root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from helpers import BIN, IrmdProc, parse_table, start_irmd, stop_irmd, wait_for
+
+from flowlib.flow import Flow
+from flowlib.irm import IrmClient
+from proto import messages as m
+from proto.control import call
+from proto.errors import LimitReached
+from transports.unix import recv_frame, send_frame
+from transports.wire import REPLY, Error
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="playing an unprivileged attacker needs root and setpriv (util-linux)",
+)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can reach (pytest's own tmp_path is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="irmd-trust-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def irmd_in(d: Path, *args: str) -> Iterator[IrmdProc]:
+    irmd = start_irmd(d, args=args)
+    try:
+        yield irmd
+    finally:
+        stop_irmd(irmd)
+
+
+@pytest.fixture
+def host(public_dir: Path) -> Iterator[IrmdProc]:
+    """A root IRMd with a local layer, its socket reachable by every user."""
+    with irmd_in(public_dir) as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        yield irmd
+
+
+def as_nobody_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a process of uid 65534: its own home, not root's."""
+    return {**{k: v for k, v in env.items() if k != "XDG_CONFIG_HOME"}, "HOME": "/nonexistent"}
+
+
+def nobody(irmd: IrmdProc, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AS_NOBODY, *argv], env=as_nobody_env(irmd.env), capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+def nobody_irm(irmd: IrmdProc, *args: str) -> subprocess.CompletedProcess[str]:
+    return nobody(irmd, str(BIN / "irm"), *args)
+
+
+def nobody_py(irmd: IrmdProc, code: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return nobody(irmd, str(BIN / "python"), "-c", textwrap.dedent(code), *args, timeout=timeout)
+
+
+@contextlib.contextmanager
+def server(argv: list[str], env: dict[str, str], log: Path, ready: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that serves until the end of the block; `ready` in its log says it is up."""
+    if argv[:1] == AS_NOBODY[:1]:
+        env = as_nobody_env(env)
+    with open(log, "wb") as out:
+        p = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd="/")
+    try:
+        wait_for(lambda: ready in log.read_text() or p.poll() is not None, 15, f"{argv[-2:]} to start")
+        assert p.poll() is None, log.read_text()
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def echo_service(irmd: IrmdProc, name: str) -> None:
+    irmd.irm_ok("bind", "program", "oping", "name", name)
+    irmd.irm_ok("name", "register", name, "layer", "local")
+
+
+# -- rights: what a user may and may not do --------------------------------------------------
+
+
+def test_a_user_uses_flows_but_cannot_bind_a_program_to_run_as_root(host: IrmdProc) -> None:
+    echo_service(host, "echo")
+    with server([str(BIN / "oping"), "-l"], host.env, host.log.parent / "srv.log", "started"):
+        r = nobody(host, str(BIN / "oping"), "-n", "echo", "-c", "1")
+        assert "1 received" in r.stdout, r.stdout + r.stderr  # the legitimate use
+        r = nobody_irm(host, "bind", "program", "/bin/sh", "name", "pwn", "auto", "--", "-c", "id > /tmp/pwned")
+        assert r.returncode == 1 and "permission denied" in r.stderr
+        assert not any(row["name"] == "pwn" for row in host.table("name", "list"))
+
+
+@pytest.mark.parametrize("attack", [
+    ["bind", "process", "{pid}", "name", "echo"],  # take the host's name over with its own process
+    ["bind", "process", "{pid}", "name", "mine"],  # or serve a name of its own
+    ["name", "create", "mine"],
+    ["name", "register", "mine", "layer", "local"],
+    ["name", "unregister", "echo", "layer", "local"],
+    ["name", "register", "echo", "layer", "local"],
+    ["name", "destroy", "echo"],
+    ["unbind", "program", "oping"],
+    ["unbind", "program", "oping", "name", "echo"],
+    ["bind", "ipcp", "lo", "name", "mine"],
+    ["bind", "process", "1", "name", "mine"],  # someone else's process (init) under its name
+    ["ipcp", "create", "name", "x", "type", "local"],
+    ["ipcp", "bootstrap", "name", "x", "type", "local", "layer", "l2"],
+    ["ipcp", "destroy", "name", "lo"],
+    ["ipcp", "connect", "name", "lo", "dst", "x"],
+])
+def test_a_user_cannot_touch_the_hosts_names_ipcps_or_others_processes(host: IrmdProc, attack: list[str]) -> None:
+    echo_service(host, "echo")
+    with server([str(BIN / "oping"), "-l"], host.env, host.log.parent / "srv.log", "started"):
+        holder = subprocess.Popen([*AS_NOBODY, "sleep", "60"])
+        try:
+            args = [a.format(pid=holder.pid) for a in attack]
+            r = nobody_irm(host, *args)
+            assert r.returncode == 1 and "permission denied" in r.stderr, r.stderr
+            row = next(r for r in host.table("name", "list") if r["name"] == "echo")
+            assert row["layers"] == "local" and "oping" in row["programs"] and row["pids"] == "-"
+            assert [i["name"] for i in host.table("ipcp", "list")] == ["lo"]
+            r = host.run("oping", "-n", "echo", "-c", "1")
+            assert "1 received" in r.stdout, r.stdout + r.stderr  # the host's service still works
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+SERVE_MINE = """
+import json, os, sys
+from flowlib.flow import Flow
+from flowlib.irm import IrmClient
+client = IrmClient()
+print("ready", flush=True)
+reply, fd = client.accept(20)
+with Flow(reply, fd, client) as flow:
+    flow.write(json.dumps([flow.peer_uid, flow.peer_pid, os.geteuid()]).encode())
+    flow.set_timeout(10)
+    flow.read()
+"""
+
+
+def test_a_users_server_an_admin_bound_serves_and_learns_who_allocated(host: IrmdProc) -> None:
+    log = host.log.parent / "mine.log"
+    with server([*AS_NOBODY, str(BIN / "python"), "-c", SERVE_MINE], host.env, log, "ready") as srv:
+        host.irm_ok("bind", "process", str(srv.pid), "name", "mine")  # the admin binds the user's process
+        host.irm_ok("name", "register", "mine", "layer", "local")
+        rows = parse_table(nobody_irm(host, "name", "list").stdout)
+        assert [(r["name"], r["pids"]) for r in rows] == [("mine", str(srv.pid))]  # its own, not the host's
+        client = IrmClient(host.sock)
+        try:
+            reply, fd = client.alloc("mine", None, 10)
+            with Flow(reply, fd, client) as flow:
+                flow.set_timeout(10)
+                peer_uid, peer_pid, served_by = json.loads(flow.read())
+                flow.write(b"bye")
+        finally:
+            client.close()
+        assert (peer_uid, peer_pid, served_by) == (0, os.getpid(), NOBODY)
+        assert any(r["name"] == "mine" for r in host.table("name", "list"))
+
+
+ALLOC_AND_HOLD = """
+import os, sys, time
+from flowlib import flow_alloc
+flow = flow_alloc(sys.argv[1], timeout=10)
+print(os.getpid(), flush=True)
+time.sleep(30)
+"""
+
+
+def test_the_acceptor_learns_the_kernels_uid_and_pid_of_a_user_that_allocated(host: IrmdProc) -> None:
+    client = IrmClient(host.sock)
+    try:
+        call(client.channel, m.Bind("process", str(os.getpid()), "hostsrv"), timeout=10)
+        call(client.channel, m.NameRegister("hostsrv", ["local"]), timeout=10)
+        with ThreadPoolExecutor(1) as pool:
+            accepted = pool.submit(client.accept, 20)
+            with server([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, "hostsrv"], host.env,
+                        host.log.parent / "alloc.log", "\n") as p:
+                reply, fd = accepted.result(20)
+                with Flow(reply, fd, client) as flow:
+                    assert (flow.peer_uid, flow.peer_pid) == (NOBODY, p.pid)
+                flows = parse_table(nobody_irm(host, "flow", "list").stdout)
+                assert [f["role"] for f in flows] == ["src"]  # its own end only, not the host's
+    finally:
+        client.close()
+
+
+def test_a_program_binding_is_not_served_by_that_program_run_by_another_user(host: IrmdProc) -> None:
+    echo_service(host, "echo")
+    with server([*AS_NOBODY, str(BIN / "oping"), "-l"], host.env, host.log.parent / "nobody.log", "started"):
+        r = host.run("oping", "-n", "echo", "-c", "1", timeout=60)
+        assert "1 received" not in r.stdout  # uid 65534 running oping takes no flow meant for root's oping
+        assert "no process is accepting" in r.stderr + r.stdout
+        with server([str(BIN / "oping"), "-l"], host.env, host.log.parent / "root.log", "started"):
+            r = host.run("oping", "-n", "echo", "-c", "1")
+            assert "1 received" in r.stdout, r.stdout + r.stderr
+        assert "New flow" not in (host.log.parent / "nobody.log").read_text()
+
+
+CLAIM_OPING = """
+import sys
+sys.argv[0] = sys.argv[1]  # announce itself as oping
+from flowlib.irm import IrmClient
+from proto.errors import FlowTimeout
+client = IrmClient()
+print("ready", flush=True)
+try:
+    client.accept(3)
+    print("GOT A FLOW")
+except FlowTimeout:
+    print("no flow")
+"""
+
+
+def test_announcing_a_programs_name_does_not_make_a_process_that_program(host: IrmdProc) -> None:
+    echo_service(host, "echo")
+    log = host.log.parent / "claim.log"
+    with server([str(BIN / "python"), "-c", CLAIM_OPING, str(BIN / "oping")], host.env, log, "ready") as p:
+        r = host.run("oping", "-n", "echo", "-c", "1", timeout=60)
+        assert "1 received" not in r.stdout and "no process is accepting" in r.stderr + r.stdout
+        p.wait(20)
+    assert "no flow" in log.read_text()
+
+
+def test_users_see_their_own_flows_and_names_and_nobody_sees_a_layer_key(host: IrmdProc) -> None:
+    host.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "key", "s3cret-k3y")
+    host.note_children()
+    echo_service(host, "echo")
+    dump = host.irm_ok("dump", "config").stdout
+    assert "s3cret-k3y" not in dump and "# key = ... (a secret" in dump and '[name."echo"]' in dump
+    holder = subprocess.Popen([*AS_NOBODY, "sleep", "60"])
+    try:
+        host.irm_ok("bind", "process", str(holder.pid), "name", "nobodys")
+        theirs = nobody_irm(host, "dump", "config").stdout
+        assert "s3cret-k3y" not in theirs and '[name."nobodys"]' in theirs and "echo" not in theirs
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "s3cret-k3y" not in nobody_irm(host, "dump", "graph").stdout
+    assert "s3cret-k3y" not in host.log_text()
+
+
+# -- limits -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tight(public_dir: Path) -> Iterator[IrmdProc]:
+    limits = ["conns_per_uid=3", "flows_per_uid=2", "accepts_per_conn=2", "requests_per_conn=4"]
+    with irmd_in(public_dir, *(a for limit in limits for a in ("--limit", limit))) as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        yield irmd
+
+
+HOLD_CONNECTIONS = """
+from flowlib.irm import IrmClient
+from proto.errors import LimitReached
+held = []
+try:
+    for _ in range(5):
+        held.append(IrmClient())
+    print("all 5")
+except LimitReached as e:
+    print(len(held), "then", e)
+"""
+
+
+def test_connections_per_user_are_limited_and_others_still_connect(tight: IrmdProc) -> None:
+    r = nobody_py(tight, HOLD_CONNECTIONS)
+    assert r.stdout.startswith("3 then uid 65534 has 3 connections"), r.stdout + r.stderr
+    clients = [IrmClient(tight.sock) for _ in range(5)]  # root is not limited
+    for c in clients:
+        c.close()
+    assert nobody_py(tight, HOLD_CONNECTIONS).stdout.startswith("3 then")  # the first three were released
+
+
+HOLD_FLOWS = """
+import sys
+from flowlib import flow_alloc
+from proto.errors import LimitReached
+flows = []
+try:
+    for _ in range(4):
+        flows.append(flow_alloc("sink", timeout=10))
+    print("all 4")
+except LimitReached as e:
+    print(len(flows), "then", e)
+"""
+
+
+def test_flows_per_user_are_limited_and_others_still_allocate(tight: IrmdProc) -> None:
+    srv = IrmClient(tight.sock)
+    try:
+        call(srv.channel, m.Bind("process", str(os.getpid()), "sink"), timeout=10)
+        call(srv.channel, m.NameRegister("sink", ["local"]), timeout=10)
+        srv.listen(True)  # take every flow as it comes
+        r = nobody_py(tight, HOLD_FLOWS)
+        assert r.stdout.startswith("2 then uid 65534 holds 2 flows"), r.stdout + r.stderr
+        mine = [Flow(*IrmClient.alloc(srv, "sink", None, 10), srv) for _ in range(4)]
+        for flow in mine:
+            flow.close()
+    finally:
+        srv.close()
+
+
+def raw_conn(irmd: IrmdProc) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(str(irmd.sock))
+    s.settimeout(10)
+    return s
+
+
+def replies(s: socket.socket, n: int) -> dict[int, m.Message]:
+    got: dict[int, m.Message] = {}
+    while len(got) < n:
+        data, fds = recv_frame(s)
+        for fd in fds:
+            os.close(fd)
+        frame = m.CODEC.decode(data)
+        got[frame.req_id & ~REPLY] = frame.msg
+    return got
+
+
+def test_pending_accepts_per_connection_are_limited(tight: IrmdProc) -> None:
+    s = raw_conn(tight)
+    with s:
+        for req in (1, 2, 3):
+            send_frame(s, m.CODEC.encode(m.FlowAccept(30), req))
+        got = replies(s, 1)
+        assert isinstance(got[3], Error) and got[3].code == "EDQUOT" and "accepts_per_conn=2" in got[3].text
+
+
+def test_requests_at_once_per_connection_are_limited(public_dir: Path) -> None:
+    with irmd_in(public_dir, "--limit", "requests_per_conn=4") as irmd:
+        s = raw_conn(irmd)
+        with s:
+            for req in range(1, 6):
+                send_frame(s, m.CODEC.encode(m.FlowAccept(30), req))
+            got = replies(s, 1)
+            assert isinstance(got[5], Error) and got[5].code == "EBUSY"
+            irmd.irm_ok("ipcp", "list")
+
+
+def test_a_client_that_never_reads_its_replies_holds_little_and_others_are_served(public_dir: Path) -> None:
+    with irmd_in(public_dir, "--limit", "queued_bytes_per_conn=16384") as irmd:
+        for i in range(50):
+            irmd.request(m.NameCreate(f"name-with-a-long-enough-name-{i:03}"))
+        hog = raw_conn(irmd)
+        hog.setblocking(False)
+        sent = 0
+        with hog:
+            with contextlib.suppress(BlockingIOError):
+                for req in range(1, 20_000):
+                    send_frame(hog, m.CODEC.encode(m.NameList(), req))
+                    sent += 1
+            t0 = time.monotonic()
+            assert len(irmd.table("name", "list")) == 50
+            assert time.monotonic() - t0 < 10
+            rss = int(next(line for line in Path(f"/proc/{irmd.pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS")).split()[1])
+            assert rss < 200_000, f"the irmd holds {rss} kB"  # 20,000 unread lists would be ~100 MB
+        assert sent > 0
+        irmd.irm_ok("name", "list")
+
+
+# -- sockets and directories ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "owner", "says"), [
+    (0o777, 0, "writable by others"), (0o775, 0, "writable by others"), (0o755, NOBODY, "belongs to uid 65534"),
+])
+def test_the_irmd_refuses_a_socket_directory_others_control(public_dir: Path, mode: int, owner: int,
+                                                            says: str) -> None:
+    d = public_dir / "run"
+    d.mkdir()
+    d.chmod(mode)
+    os.chown(d, owner, owner)
+    r = subprocess.run([str(BIN / "irmd"), "--sock", str(d / "irmd.sock")], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1 and "will not serve from" in r.stderr and says in r.stderr
+    assert not (d / "irmd.sock").exists()
+
+
+def test_the_irmd_makes_its_socket_directory_open_to_reach_closed_to_write(public_dir: Path) -> None:
+    d = public_dir / "made" / "ouroboros"
+    sock = d / "irmd.sock"
+    env = dict(os.environ, OUROBOROS_SOCK=str(sock))
+    p = subprocess.Popen([str(BIN / "irmd"), "--sock", str(sock)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sock.exists() or p.poll() is not None, 15, "the irmd's socket")
+        for made in (d, d.parent):
+            assert (made.stat().st_mode & 0o7777, made.stat().st_uid) == (0o755, 0)
+        assert sock.stat().st_mode & 0o777 == 0o666
+        r = nobody(IrmdProc(sock, public_dir / "none", p, env), str(BIN / "irm"), "ipcp", "list")
+        assert r.returncode == 0, r.stderr  # any user's applications reach it
+    finally:
+        p.terminate()
+        assert p.wait(15) == 0
+
+
+def test_a_client_refuses_a_socket_another_user_put_there(public_dir: Path) -> None:
+    fake = public_dir / "irmd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with listener:
+        listener.bind(str(fake))
+        listener.listen(1)
+        os.chown(fake, NOBODY, NOBODY)  # as if uid 65534 made it, waiting for root's irm
+        env = dict(os.environ, OUROBOROS_SOCK=str(fake))
+        r = subprocess.run([str(BIN / "irm"), "ipcp", "list"], env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "refusing the IRMd socket" in r.stderr and "uid 65534" in r.stderr
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # irm never even connected
+
+
+# -- what the irmd starts ------------------------------------------------------------------------
+
+EVIL = "import os, pathlib; (pathlib.Path({marker!r}) / str(os.getpid())).write_text('ran')\n"
+
+REPORT = """#!{python}
+import json, os, sys
+from flowlib import flow_accept
+with open(sys.argv[1], "w") as f:
+    json.dump({{"env": dict(os.environ), "cwd": os.getcwd(), "uid": os.geteuid()}}, f)
+with flow_accept() as flow:
+    flow.write(b"hi")
+"""
+
+
+def test_ipcps_and_programs_started_ignore_the_irmds_working_directory_and_environment(public_dir: Path) -> None:
+    marker = public_dir / "evil-ran"  # a file per process that ran the admin's PYTHONPATH
+    marker.mkdir()
+    evil = public_dir / "evil"
+    for pkg in ("ipcp", "flowlib"):
+        (evil / pkg).mkdir(parents=True)
+        (evil / pkg / "__init__.py").write_text(EVIL.format(marker=str(marker)))
+        (evil / pkg / "__main__.py").write_text(EVIL.format(marker=str(marker)))
+    (evil / "sitecustomize.py").write_text(EVIL.format(marker=str(marker)))
+    prog = public_dir / "report"
+    prog.write_text(REPORT.format(python=sys.executable))
+    prog.chmod(0o755)
+    out = public_dir / "report.json"
+    env = {"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "sitecustomize.py"), "LD_PRELOAD": "",
+           "SECRET_OF_THE_ADMIN": "x"}
+    irmd = start_irmd(public_dir, env=env)
+    irmd.env = {k: v for k, v in irmd.env.items() if k not in env}  # our own irm commands run without it
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.irm_ok("bind", "program", str(prog), "name", "report", "auto", "--", str(out))
+        irmd.irm_ok("name", "register", "report", "layer", "local")
+        r = subprocess.run([sys.executable, "-I", "-c", "from flowlib import flow_alloc\n"
+                            "f = flow_alloc('report', timeout=20); f.set_timeout(10); print(f.read().decode())"],
+                           env={"OUROBOROS_SOCK": str(irmd.sock)}, capture_output=True, text=True, timeout=60,
+                           cwd=str(Path(__file__).resolve().parent.parent))
+        assert r.stdout.strip() == "hi", r.stderr
+        got = json.loads(out.read_text())
+        assert got["cwd"] == "/" and got["uid"] == 0
+        assert not {"PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD", "SECRET_OF_THE_ADMIN"} & set(got["env"])
+        assert got["env"]["OUROBOROS_SOCK"] == str(irmd.sock)
+        irmd.note_children()
+    finally:
+        stop_irmd(irmd)
+    ran = {int(p.name) for p in marker.iterdir()}
+    assert ran <= {irmd.pid}, "code from the irmd's PYTHONPATH ran in an IPCP or a started program"
+
+
+def test_ten_thousand_flows_list_in_pages(public_dir: Path) -> None:
+    with irmd_in(public_dir) as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        srv, cli = IrmClient(irmd.sock), IrmClient(irmd.sock)
+        flows: list[int] = []
+        try:
+            call(srv.channel, m.Bind("process", str(os.getpid()), "many"), timeout=10)
+            call(srv.channel, m.NameRegister("many", ["local"]), timeout=10)
+            srv.listen(True)
+            with ThreadPoolExecutor(8) as pool:
+                flows = [fd for _, fd in pool.map(lambda _: cli.alloc("many", None, 30), range(5000))]
+            t0 = time.monotonic()
+            rows = irmd.table("flow", "list")
+            took = time.monotonic() - t0
+            assert len(rows) == 10_000 and len({r["id"] for r in rows}) == 10_000
+            assert took < 30, f"irm flow list took {took:.1f} s"
+        finally:
+            for fd in flows:
+                os.close(fd)
+            for _, fd in srv.take_arrived():
+                os.close(fd)
+            srv.close()
+            cli.close()
+
+
+def test_a_limit_reached_is_its_own_error_class() -> None:
+    from proto.errors import from_remote
+
+    assert isinstance(from_remote("EDQUOT", "x"), LimitReached)
+
+
+@pytest.mark.parametrize(("mode", "owner", "says"), [
+    (0o666, 0, "writable by others"), (0o644, NOBODY, "belongs to uid 65534"),
+])
+def test_the_irmd_boots_from_no_config_another_user_could_have_written(public_dir: Path, mode: int, owner: int,
+                                                                        says: str) -> None:
+    conf = public_dir / "irmd.conf"
+    conf.write_text('[name.pwn]\nprog = ["/bin/sh"]\nargs = ["-c id"]\n')  # root would run it on demand
+    conf.chmod(mode)
+    os.chown(conf, owner, owner)
+    sock = public_dir / "irmd.sock"
+    r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1 and "will not boot from it" in r.stderr and says in r.stderr
+    conf.chmod(0o644)
+    os.chown(conf, 0, 0)  # the same file as root's own: it boots
+    with irmd_in(public_dir, "--config", str(conf)) as irmd:
+        wait_for(lambda: "applied" in irmd.log_text(), 15, "the config to be applied")
+        assert any(r["name"] == "pwn" for r in irmd.table("name", "list"))
+
+
+def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: IrmdProc) -> None:
+    from proto.control import act_as
+    from proto.errors import PermissionDenied
+
+    client = IrmClient(host.sock)
+    try:
+        act_as(client.channel, NOBODY)
+        for msg in (m.Bind("program", "/bin/sh", "pwn", True), m.NameCreate("for-nobody")):
+            with pytest.raises(PermissionDenied):  # what uid 65534 may not do, its server may not do for it
+                call(client.channel, msg, timeout=10)
+        with pytest.raises(PermissionDenied, match="cannot act as uid 0"):
+            act_as(client.channel, 0)  # no way back
+        reply, _ = call(client.channel, m.FlowList(), timeout=10)
+        assert isinstance(reply, m.Table) and reply.rows == []  # root's flows are not its to see
+    finally:
+        client.close()
+    assert "for-nobody" not in {r["name"] for r in host.table("name", "list")}
+    r = nobody_py(host, "from flowlib.irm import IrmClient\nfrom proto.control import act_as\n"
+                        "act_as(IrmClient().channel, 0)")
+    assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr

@@ -1,0 +1,345 @@
+"""A hostile 9P peer (uid 65534) against a real `styx serve`: malformed, oversized and
+out-of-order messages, fid and connection exhaustion, silent flows, hang-ups mid-handshake
+and floods. Each asserts the server answers or hangs up as specified, stays within bounded
+memory and CPU, and serves a legitimate client meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import IrmdProc
+from test_styx_e2e import stop
+from test_styx_trust import AS_NOBODY, CHECKOUT, as_nobody, lab, needs_root, open_irmd, result, root_client, serve
+
+from apps.styx import wire as w
+
+pytestmark = needs_root
+__all__ = ["lab", "open_irmd"]  # fixtures shared with the trust tests
+
+ATTACH_TIMEOUT = 2.0
+SEND_TIMEOUT = 2.0
+MAX_FIDS = 64
+PER_USER = 4
+
+
+@pytest.fixture
+def files(open_irmd: IrmdProc, lab: Path) -> Iterator[subprocess.Popen[bytes]]:
+    export = lab / "export"
+    export.mkdir()
+    (export / "hello.txt").write_text("hello\n")
+    proc = serve(open_irmd, lab, "files", "--root", str(export), "--attach-timeout", str(ATTACH_TIMEOUT),
+                 "--send-timeout", str(SEND_TIMEOUT), "--max-fids", str(MAX_FIDS),
+                 "--max-conns-per-user", str(PER_USER))
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def legit_ok(irmd: IrmdProc, within: float = 5.0) -> float:
+    """A root client lists and reads; returns how long it took (and fails past `within`)."""
+    t0 = time.monotonic()
+    with root_client(irmd, "files") as c:
+        assert [s.name for s in c.ls("/")] == ["hello.txt"]
+        assert c.cat("hello.txt") == b"hello\n"
+    took = time.monotonic() - t0
+    assert took < within, f"a legitimate client took {took:.1f} s"
+    return took
+
+
+# Raw 9P over a flow: argv = NAME, then a JSON list of hex messages; prints each reply (hex or an error).
+RAW = r"""
+import json, sys
+from flowlib import flow_alloc, qos, FlowError
+name, msgs = sys.argv[1], json.loads(sys.argv[2])
+f = flow_alloc(name, qos=qos.data, timeout=10)
+f.set_timeout(5)
+out = []
+for hexmsg in msgs:
+    try:
+        f.write(bytes.fromhex(hexmsg))
+        out.append(f.read().hex())
+    except FlowError as e:
+        out.append("ended: " + str(e))
+        break
+print(json.dumps({"replies": out}))
+"""
+
+
+def t(msg: w.Msg) -> str:
+    return w.encode(msg).hex()
+
+
+def raw(tag: int, mtype: int, body: bytes = b"", size: int | None = None) -> str:
+    size = 7 + len(body) if size is None else size
+    return (struct.pack("<IBH", size, mtype, tag) + body).hex()
+
+
+def test_malformed_and_out_of_order_messages_are_answered_and_the_server_goes_on(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    version = t(w.Tversion(w.NOTAG, 8192, "9P2000"))
+    bad_utf8 = struct.pack("<IIH", 0, w.NOFID, 2) + b"\xff\xfe" + struct.pack("<H", 0)
+    # Each message, and what its reply must be: an Rerror with these words, or this reply type.
+    cases: list[tuple[str, str | type[w.Msg]]] = [
+        (t(w.Tattach(1, 0, w.NOFID, "root", "")), "Tversion first"),
+        (t(w.Tread(2, 0, 0, 10)), "Tversion first"),
+        (version, w.Rversion),
+        ("01", "shorter than the 7-byte header"),
+        (raw(3, 200), "unknown message type"),
+        (raw(4, w.TWALK, b"\x00" * 3), "truncated"),
+        (raw(5, w.TCLUNK, struct.pack("<I", 0), size=0xFFFFFFFF), "size field says"),
+        (raw(6, w.TATTACH, bad_utf8), "not valid UTF-8"),
+        (raw(7, w.TWALK, struct.pack("<IIH", 0, 1, 17) + b"\x01\x00a" * 17), "17 walk elements"),
+        (t(w.Rread(8, b"reply as a request")), "Rread is not a request"),
+        (t(w.Tread(9, 42, 0, 10)), "unknown fid 42"),
+        (t(w.Tflush(10, 999)), w.Rflush),
+        (t(w.Twrite(11, 0, 0, bytes(9000))), "exceeds msize 8192"),
+        (t(w.Tattach(12, 0, w.NOFID, "root", "")), w.Rattach),  # claims root: is nobody
+        (t(w.Tattach(13, 0, w.NOFID, "root", "")), "fid 0 in use"),
+        (t(w.Twalk(14, 0, 1, ["..", "..", "etc", "passwd"])), w.Rwalk),
+        (t(w.Tcreate(15, 0, "x", 0o644, w.OWRITE)), "permission denied"),
+        (t(w.Tversion(w.NOTAG, 0, "9P2000")), "too small"),
+        (version, w.Rversion),
+        *[(os.urandom(n).hex(), "") for n in (7, 9, 64, 300)],  # anything, as long as it is an answer
+    ]
+    out = result(as_nobody(open_irmd, RAW, "files", json.dumps([hexmsg for hexmsg, _ in cases])))
+    replies = out["replies"]
+    assert isinstance(replies, list) and len(replies) == len(cases), replies
+    for (_, expect), reply_hex in zip(cases, replies, strict=True):
+        reply = w.decode(bytes.fromhex(reply_hex))  # every reply is well formed
+        if isinstance(expect, str):
+            assert isinstance(reply, w.Rerror) and expect in reply.ename, (expect, reply)
+        else:
+            assert isinstance(reply, expect), (expect, reply)
+            if isinstance(reply, w.Rwalk):
+                assert len(reply.wqid) < 4  # stopped at the root
+    assert files.poll() is None
+    legit_ok(open_irmd)
+
+
+EXHAUST = r"""
+import json, sys, time
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos, FlowError
+name, conns, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+out = {"refused": [], "fids": 0}
+flows = []
+for i in range(conns):
+    f = flow_alloc(name, qos=qos.data, timeout=10)
+    f.set_timeout(5)
+    flows.append(f)
+    f.write(w.encode(w.Tversion(w.NOTAG, 8192, "9P2000")))
+    r = w.decode(f.read())
+    if isinstance(r, w.Rerror):
+        out["refused"].append(r.ename)
+        continue
+    f.write(w.encode(w.Tattach(1, 0, w.NOFID, "x", "")))
+    w.decode(f.read())
+f = flows[0]
+for fid in range(1, 10000):
+    f.write(w.encode(w.Twalk(2, 0, fid, [])))
+    r = w.decode(f.read())
+    if isinstance(r, w.Rerror):
+        out["fid_error"] = r.ename
+        break
+    out["fids"] += 1
+print(json.dumps(out), flush=True)
+time.sleep(hold)
+"""
+
+
+def test_fid_and_connection_exhaustion_stop_at_the_limits_and_others_are_served(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    rss0 = rss_mb(files.pid)
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    hog = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", EXHAUST, "files", str(PER_USER + 3), "8"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert hog.stdout is not None
+        line = hog.stdout.readline()
+        assert line, hog.stderr.read() if hog.poll() is not None else "no output"
+        out = json.loads(line)
+        assert out["refused"] == [f"too many connections from user nobody (limit {PER_USER})"] * 3
+        assert out["fids"] == MAX_FIDS - 1 and "too many fids" in out["fid_error"]
+        legit_ok(open_irmd)  # while the attacker holds everything it may
+        assert rss_mb(files.pid) - rss0 < 40
+    finally:
+        hog.kill()
+        hog.wait()
+    assert files.poll() is None
+
+
+SILENT = r"""
+import json, sys, time
+from flowlib import flow_alloc, qos, FlowError
+f = flow_alloc(sys.argv[1], qos=qos.data, timeout=10)
+f.set_timeout(float(sys.argv[2]))
+t0 = time.monotonic()
+try:
+    f.read()
+    how = "data"
+except FlowError as e:
+    how = type(e).__name__
+print(json.dumps({"after": time.monotonic() - t0, "how": how}))
+"""
+
+
+def test_a_silent_flow_is_hung_up_after_the_attach_timeout(open_irmd: IrmdProc,
+                                                           files: subprocess.Popen[bytes]) -> None:
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    silent = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", SILENT, "files", "20"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        legit_ok(open_irmd)  # meanwhile
+        out_text, err = silent.communicate(timeout=30)
+    finally:
+        if silent.poll() is None:
+            silent.kill()
+    out = json.loads(out_text or "{}")
+    assert out.get("how") == "FlowDown", err
+    assert ATTACH_TIMEOUT - 0.5 < out["after"] < ATTACH_TIMEOUT + 5
+
+
+HANDSHAKE = r"""
+import os, sys, time
+from flowlib.irm import IrmClient
+from flowlib.qos import QosSpec
+mode, name = sys.argv[1], sys.argv[2]
+irm = IrmClient()
+reply, fd = irm.alloc(name, QosSpec(cypher_s=256), 5.0)  # the flow, without our half of the agreement
+if mode == "zero":
+    os.write(fd, b"OUKX\x01" + bytes(32))  # the former in-band hello, with the all-zero (low-order) key
+elif mode == "garbage":
+    os.write(fd, b"xyz")
+time.sleep(float(sys.argv[3]))
+os.close(fd)
+irm.dealloc(reply.flow_id)
+"""
+
+
+def test_hang_ups_and_garbage_mid_key_agreement_harm_only_their_own_flow(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    stall = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HANDSHAKE, "silent", "files", "6"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+    try:
+        time.sleep(0.5)
+        legit_ok(open_irmd, within=3.0)  # not stalled behind the silent agreement
+        for mode, hold in [("garbage", "0.3"), ("zero", "0.3"), ("silent", "0.5")]:
+            r = as_nobody(open_irmd, HANDSHAKE, mode, "files", hold)
+            assert r.returncode == 0, r.stderr
+            assert files.poll() is None, f"the server died of a {mode} hello"
+    finally:
+        stall.wait(20)
+    assert files.poll() is None
+    legit_ok(open_irmd)
+
+
+FLOOD = r"""
+import json, os, sys
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos
+f = flow_alloc(sys.argv[1], qos=qos.data, timeout=10)
+f.set_timeout(10)
+n, got = int(sys.argv[2]), 0
+junk = [os.urandom(k) for k in (7, 40, 500, 4000)]
+for i in range(n):
+    f.write(junk[i % 4])
+    if i % 64 == 63:  # drain now and then, as a client must take its replies
+        while got < i + 1 - 32:
+            f.read(); got += 1
+while got < n:
+    f.read(); got += 1
+print(json.dumps({"answered": got}))
+"""
+
+
+def test_a_flood_of_garbage_costs_bounded_memory_and_cpu_and_others_are_served(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    n = 4000
+    rss0, cpu0 = rss_mb(files.pid), cpu_s(files.pid)
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    flood = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", FLOOD, "files", str(n)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        took = [legit_ok(open_irmd, within=10.0) for _ in range(3)]  # during the flood
+        out_text, err = flood.communicate(timeout=60)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+    assert json.loads(out_text or "{}").get("answered") == n, err  # every message got its Rerror
+    assert files.poll() is None
+    grew, spent = rss_mb(files.pid) - rss0, cpu_s(files.pid) - cpu0
+    print(f"flood of {n}: server +{grew:.1f} MB, {1000 * spent / n:.2f} ms CPU per message, "
+          f"legitimate client {max(took):.2f} s at worst")
+    assert grew < 30, f"the server grew {grew:.0f} MB"
+    assert spent / n < 0.005, f"{spent:.1f} s of CPU for {n} messages"  # milliseconds per message, no more
+    assert max(took) < 10.0
+
+
+DEAF = r"""
+import json, sys, time
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos, FlowError, FlowTimeout
+f = flow_alloc(sys.argv[1], qos=qos.data, timeout=10)
+f.set_timeout(5)
+for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, "x", "")):
+    f.write(w.encode(msg))
+    f.read()
+f.set_timeout(1)
+sent = 0
+try:
+    while sent < 500000:  # requests, never reading a reply
+        f.write(w.encode(w.Tstat(sent % 60000, 0)))
+        sent += 1
+except FlowTimeout:
+    pass  # the server stopped taking them: its replies have nowhere to go
+time.sleep(float(sys.argv[2]) + 3)
+f.set_timeout(5)
+read, how = 0, "still open"
+try:
+    while True:
+        f.read()
+        read += 1
+except FlowError as e:
+    how = type(e).__name__
+print(json.dumps({"sent": sent, "read": read, "how": how}))
+"""
+
+
+def test_a_client_that_takes_no_replies_is_dropped_after_the_send_timeout(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    deaf = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", DEAF, "files", str(SEND_TIMEOUT)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        time.sleep(1)
+        legit_ok(open_irmd)  # while the deaf client's session is blocked on its replies
+        out_text, err = deaf.communicate(timeout=50)
+    finally:
+        if deaf.poll() is None:
+            deaf.kill()
+    out = json.loads(out_text or "{}")
+    assert out.get("how") == "FlowDown", (out, err)  # the server hung up on it
+    assert out["read"] < out["sent"]  # not every reply was ever sent
+    assert files.poll() is None
+    legit_ok(open_irmd)

@@ -1,0 +1,469 @@
+"""Styx against an unprivileged local attacker (uid 65534 through setpriv), each attack beside
+the legitimate use it must not disturb: the IRMd's files and net/ judged as the flow's peer,
+the unix bridge carrying the peer, TCP clients as none, a root file server working as each
+client, and a symlink-swap race that must never lead outside the served root."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import IrmdProc, start_irmd, stop_irmd, wait_for
+from test_styx_e2e import free_port, start, stop
+
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import FlowTransport, dial
+from flowlib import Flow, flow_accept, flow_alloc, qos
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="playing the attacker as uid 65534 needs root and setpriv (CI runs as root)")
+pytestmark = needs_root
+
+
+@pytest.fixture
+def lab() -> Iterator[Path]:
+    """A directory uid 65534 can reach (pytest's own tmp_path is private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="styx-trust-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def open_irmd(lab: Path) -> Iterator[IrmdProc]:
+    """An IRMd (with a local layer) whose socket the attacker can reach."""
+    irmd = start_irmd(lab)
+    try:
+        irmd.request(m.IpcpBootstrap("lo", "local", "local"))
+        irmd.note_children()
+        yield irmd
+    finally:
+        stop_irmd(irmd)
+
+
+def as_nobody(irmd: IrmdProc, code: str, *args: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:
+    """Run Python code as uid 65534 against `irmd`."""
+    env = dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([*AS_NOBODY, sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd="/")
+
+
+def result(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def serve(irmd: IrmdProc, lab: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    """`styx serve --name NAME ARGS` as root, up and answering."""
+    log = lab / f"{name}.log"
+    proc = start(irmd, "serve", "--name", name, "--layer", "local", *args, log=log)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            return True
+        return any(r["name"] == name and "local" in r["layers"] for r in irmd.table("name", "list"))
+
+    wait_for(up, 15, f"styx serve {name}")
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+@pytest.fixture
+def irm_server(open_irmd: IrmdProc, lab: Path) -> Iterator[str]:
+    proc = serve(open_irmd, lab, "irm", "--irm")
+    try:
+        yield "irm"
+    finally:
+        stop(proc)
+
+
+def names(irmd: IrmdProc) -> dict[str, dict[str, str]]:
+    return {r["name"]: r for r in irmd.table("name", "list")}
+
+
+class Probe:
+    """A name served by this test: records who each flow's peer is, as the IRMd vouches."""
+
+    def __init__(self, irmd: IrmdProc, name: str = "probe") -> None:
+        self.irm = IrmClient(irmd.sock)
+        call(self.irm.channel, m.Bind("process", str(os.getpid()), name), 10)
+        call(self.irm.channel, m.NameRegister(name, ["local"]), 10)
+        self.peers: list[int | None] = []
+        self.flows: list[Flow] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                flow = flow_accept(irm=self.irm)
+                self.flows.append(flow)
+                self.peers.append(flow.peer_uid)
+
+    def close(self) -> None:
+        for f in self.flows:
+            f.close()
+        self.irm.close()
+
+
+@pytest.fixture
+def probe(open_irmd: IrmdProc) -> Iterator[Probe]:
+    p = Probe(open_irmd)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@contextlib.contextmanager
+def root_client(irmd: IrmdProc, target: str) -> Iterator[Client]:
+    """A client of this (root) test process, on a flow allocated through `irmd`."""
+    irm = IrmClient(irmd.sock)
+    try:
+        with Client(FlowTransport(flow_alloc(target, qos=qos.data, timeout=10, irm=irm))) as c:
+            yield c
+    finally:
+        irm.close()
+
+
+# -- the IRMd's files: judged as the flow's peer ---------------------------------------------------
+
+CTL_ATTACK = r"""
+import json, sys
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user="root") as c:   # the attach name claims root
+    for key, path, cmd in [("bind", "ctl", "bind program /bin/sh name pwn auto -- -c id"),
+                           ("create", "name/ctl", "create stolen"),
+                           ("bootstrap", "ipcp/ctl", "bootstrap name evil type local layer evil")]:
+        try:
+            out[key] = c.command(path, cmd)
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+    out["status"] = c.cat("ipcp/lo/status").decode()
+    out["ls"] = sorted(s.name for s in c.ls("/"))
+print(json.dumps(out))
+"""
+
+
+def test_ctl_writes_are_the_peers_and_the_irmd_refuses_them(open_irmd: IrmdProc, irm_server: str) -> None:
+    out = result(as_nobody(open_irmd, CTL_ATTACK, irm_server))
+    for key in ("bind", "create", "bootstrap"):
+        assert str(out[key]).startswith("error: ") and "permission denied" in str(out[key]), out
+    assert "type local" in str(out["status"])  # reading is fine
+    assert "net" in out["ls"]  # a local user may use flows through net/
+    table = names(open_irmd)
+    assert "pwn" not in table and "stolen" not in table
+    assert not any(r["name"] == "evil" for r in open_irmd.table("ipcp", "list"))
+    with root_client(open_irmd, irm_server) as c:  # root's own use beside it
+        c.command("name/ctl", "create legit")
+    assert "legit" in names(open_irmd)
+
+
+NET_ATTACK = r"""
+import json, sys, time
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user="root") as c:
+    def conv(cmd):
+        fid = c.walk("net/clone")
+        c.open(fid, w.ORDWR)
+        n = c.read(fid, 0, 32).decode()
+        try:
+            c.write(fid, 0, cmd.encode())
+            return fid, n, "ok"
+        except StyxClientError as e:
+            return fid, n, "error: " + str(e)
+    _, _, out["announce"] = conv("announce stolen local")
+    fid, n, out["connect"] = conv("connect probe")
+    out["status"] = c.cat(f"net/{n}/status").decode()
+    time.sleep(0.5)
+print(json.dumps(out))
+"""
+
+
+def test_net_flows_are_allocated_and_announced_as_the_peer(open_irmd: IrmdProc, irm_server: str,
+                                                           probe: Probe) -> None:
+    out = result(as_nobody(open_irmd, NET_ATTACK, irm_server))
+    assert "permission denied" in str(out["announce"]), out
+    assert "stolen" not in names(open_irmd)
+    assert out["connect"] == "ok" and "connected" in str(out["status"])
+    wait_for(lambda: probe.peers, 10, "the probe's flow")
+    assert probe.peers == [NOBODY]  # the flow was the attacker's own, not the server's (root)
+
+
+def test_anonymous_clients_see_read_only_irmd_files(open_irmd: IrmdProc, irm_server: str, lab: Path) -> None:
+    port = free_port()
+    bridge = start(open_irmd, "bridge", "--name", irm_server, "--listen", f"tcp!127.0.0.1!{port}",
+                   log=lab / "bridge.log")
+    try:
+        wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
+        with Client(dial(f"tcp!127.0.0.1!{port}"), user="root") as c:  # over TCP nobody is anybody
+            listing = {s.name: s for s in c.ls("/")}
+            assert "net" not in listing and listing["ctl"].mode & 0o222 == 0
+            assert "type local" in c.cat("ipcp/lo/status").decode()
+            with pytest.raises(StyxClientError, match="permission denied"):
+                c.command("name/ctl", "create via-tcp")
+            fid = c.walk("ctl")
+            with pytest.raises(StyxClientError, match="permission denied"):
+                c.open(fid, w.OWRITE)
+        assert "via-tcp" not in names(open_irmd)
+    finally:
+        stop(bridge)
+
+
+UNIX_ATTACK = r"""
+import json, sys, time
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user="root") as c:
+    try:
+        out["create"] = c.command("name/ctl", "create via-unix")
+    except StyxClientError as e:
+        out["create"] = "error: " + str(e)
+    fid = c.walk("net/clone")
+    c.open(fid, w.ORDWR)
+    c.write(fid, 0, b"connect probe")
+    time.sleep(0.5)
+print(json.dumps(out))
+"""
+
+
+def test_unix_bridge_relays_each_client_as_itself(open_irmd: IrmdProc, irm_server: str, lab: Path,
+                                                  probe: Probe) -> None:
+    path = lab / "irm.9p"
+    bridge = start(open_irmd, "bridge", "--name", irm_server, "--listen", f"unix!{path}", log=lab / "ubridge.log")
+    try:
+        wait_for(path.exists, 10, "the unix bridge")
+        assert path.stat().st_mode & 0o777 == 0o666  # anyone may connect: each is served as itself
+        out = result(as_nobody(open_irmd, UNIX_ATTACK, f"unix!{path}"))
+        assert "permission denied" in str(out["create"]) and "via-unix" not in names(open_irmd)
+        wait_for(lambda: probe.peers, 10, "the probe's flow")
+        assert probe.peers == [NOBODY]  # the bridge allocated it with the client's credentials
+        with Client(dial(f"unix!{path}")) as c:  # root through the same socket
+            c.command("name/ctl", "create root-via-unix")
+        assert "root-via-unix" in names(open_irmd)
+    finally:
+        stop(bridge)
+
+
+# -- a root file server works as each client -------------------------------------------------------
+
+FILES_ATTACK = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user="root") as c:
+    def attempt(key, fn, *args):
+        try:
+            r = fn(*args)
+            out[key] = r.decode() if isinstance(r, bytes) else "ok"
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+    attempt("secret", c.cat, "secret.txt")
+    attempt("shared", c.cat, "shared.txt")
+    attempt("put-root-dir", c.put, "evil.txt", b"x")
+    attempt("overwrite", c.put, "shared.txt", b"defaced")
+    attempt("put-own-dir", c.put, "drop/mine.txt", b"mine")
+    st = w.Stat.dont_touch()
+    st.mode = 0o666
+    attempt("chmod", c.wstat_fid, c.walk("secret.txt"), st)
+print(json.dumps(out))
+"""
+
+
+def test_root_file_server_does_each_clients_file_access_as_that_client(open_irmd: IrmdProc, lab: Path) -> None:
+    export = lab / "export"
+    export.mkdir()
+    (export / "secret.txt").write_text("root only\n")
+    os.chmod(export / "secret.txt", 0o600)
+    (export / "shared.txt").write_text("everyone reads\n")
+    (export / "drop").mkdir()
+    os.chown(export / "drop", NOBODY, NOBODY)
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    try:
+        out = result(as_nobody(open_irmd, FILES_ATTACK, "files"))
+        assert out["secret"].startswith("error: permission denied"), out  # type: ignore[union-attr]
+        assert out["shared"] == "everyone reads\n"
+        assert str(out["put-root-dir"]).startswith("error") and not (export / "evil.txt").exists()
+        assert str(out["overwrite"]).startswith("error") and (export / "shared.txt").read_text() == "everyone reads\n"
+        assert str(out["chmod"]).startswith("error") and (export / "secret.txt").stat().st_mode & 0o777 == 0o600
+        assert out["put-own-dir"] == "ok"
+        made = (export / "drop" / "mine.txt").stat()
+        assert (made.st_uid, made.st_gid) == (NOBODY, NOBODY)  # created by the client, not by root
+        with root_client(open_irmd, "files") as c:  # root, beside it, reads and writes anything
+            assert c.cat("secret.txt") == b"root only\n"
+            c.put("drop/roots.txt", b"r")
+        assert (export / "drop" / "roots.txt").stat().st_uid == 0
+    finally:
+        stop(proc)
+
+
+# -- confinement: a symlink swapped in while a client walks ------------------------------------------
+
+SWAPPER = r"""
+import os, sys, time
+d, real, escape, until = sys.argv[1], sys.argv[2], sys.argv[3], time.monotonic() + float(sys.argv[4])
+swaps = 0
+while time.monotonic() < until:
+    os.rename(d, real)          # the directory goes ...
+    os.symlink(escape, d)       # ... a link out of the root takes its place ...
+    os.unlink(d)
+    os.rename(real, d)          # ... and back
+    swaps += 1
+print(swaps)
+"""
+
+
+def test_symlink_swaps_never_lead_a_client_outside_the_root(open_irmd: IrmdProc, lab: Path) -> None:
+    export = lab / "export"
+    shared = export / "shared"  # the attacker's own corner of the export
+    d = shared / "d"
+    (d / "etc").mkdir(parents=True)
+    (d / "etc" / "hostname").write_text("inside\n")
+    (d / "tmp").mkdir()
+    for p in [shared, d, d / "etc", d / "tmp"]:
+        os.chown(p, NOBODY, NOBODY)
+    os.chmod(d / "tmp", 0o777)
+    marker = f"styx-race-{os.getpid()}"
+    outside_etc = Path("/etc/hostname").read_text()
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    swapper = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", SWAPPER, str(d), str(shared / "real"), "/", "8"],
+                               env=env, stdout=subprocess.PIPE, text=True)
+    reads = writes = refused = 0
+    try:
+        with root_client(open_irmd, "files") as c:  # root: only the server's confinement stands in the way
+            end = time.monotonic() + 6
+            i = 0
+            while time.monotonic() < end:
+                i += 1
+                try:
+                    data = c.cat("shared/d/etc/hostname")
+                    assert data == b"inside\n", f"read outside the root: {data!r}"
+                    reads += 1
+                except StyxClientError:
+                    refused += 1
+                try:
+                    c.put(f"shared/d/tmp/{marker}-{i}", b"w")
+                    writes += 1
+                except StyxClientError:
+                    refused += 1
+        swaps = int(swapper.communicate(timeout=20)[0] or 0)
+    finally:
+        if swapper.poll() is None:
+            swapper.kill()
+        stop(proc)
+    assert not list(Path("/tmp").glob(f"{marker}-*")), "a write landed outside the root"
+    assert Path("/etc/hostname").read_text() == outside_etc
+    assert swaps > 100 and reads > 0 and writes > 0, (swaps, reads, writes, refused)
+    assert len(list((d / "tmp").glob(f"{marker}-*"))) == writes  # every write that succeeded is inside
+
+
+# -- the limits, against the attacker ---------------------------------------------------------------
+
+HOG = r"""
+import json, sys, time
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {"held": 0}
+clients = []
+for _ in range(int(sys.argv[2])):
+    try:
+        clients.append(Client(dial(sys.argv[1])))
+    except StyxClientError as e:
+        out["refused"] = str(e)
+        break
+c = clients[0]
+try:
+    while True:
+        fid = c.walk("hello.txt")
+        c.open(fid, w.OREAD)
+        out["held"] += 1
+except StyxClientError as e:
+    out["fids"] = str(e)
+print(json.dumps(out), flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_a_client_at_its_limits_gets_errors_and_others_are_served(open_irmd: IrmdProc, lab: Path) -> None:
+    export = lab / "export"
+    export.mkdir()
+    (export / "hello.txt").write_text("hello\n")
+    proc = serve(open_irmd, lab, "files", "--root", str(export), "--max-fids", "20", "--max-conns-per-user", "3")
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    hog = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HOG, "files", "5", "6"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None
+        out = json.loads(hog.stdout.readline() or "{}")
+        assert "too many connections from user nobody (limit 3)" in out.get("refused", ""), out
+        assert out["held"] == 19 and "too many fids" in out["fids"]  # the root fid is the 20th
+        with root_client(open_irmd, "files") as c:  # meanwhile, another user
+            assert c.cat("hello.txt") == b"hello\n"
+    finally:
+        hog.kill()
+        hog.wait()
+        stop(proc)
+
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+LS_IPCP = r"""
+import sys
+from apps.styx.client import Client
+from apps.styx.transport import dial
+for _ in range(int(sys.argv[2])):
+    with Client(dial(sys.argv[1])) as c:
+        c.ls("ipcp")  # made by the session's agent
+"""
+
+
+def test_sessions_leave_no_agents_or_descriptors_behind(open_irmd: IrmdProc, lab: Path) -> None:
+    proc = serve(open_irmd, lab, "irm2", "--irm")
+    try:
+        warmup = as_nobody(open_irmd, LS_IPCP, "irm2", "1")
+        assert warmup.returncode == 0, warmup.stderr
+        wait_for(lambda: not children(proc.pid), 10, "the first agent to go")
+        fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        r = as_nobody(open_irmd, LS_IPCP, "irm2", "15")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: not children(proc.pid), 10, "every agent to be reaped")  # no zombies either
+        wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) <= fds, 10, "the descriptors to be closed")
+    finally:
+        stop(proc)

@@ -1,0 +1,179 @@
+"""operf, ocbr and obc end to end, as C Ouroboros 0.23's tools: their options, their wire and their output.
+
+operf and ocbr over a local layer (servers started on demand by the IRMd), obc over a broadcast layer.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from helpers import BIN, IrmdProc
+from unicast_net import Cluster
+
+from apps import operf
+from flowlib import flow_alloc
+from flowlib.irm import IrmClient
+
+C_STATS = re.compile(r"--- perf perf statistics ---\n(\d+) packets transmitted, (\d+) received, (\d+)% packet loss, "
+                     r"time: [\d.]+ ms, bandwidth: ([\d.]+) Mb/s\.")
+OUR_COUNTS = re.compile(r"(\d+) SDUs sent, (\d+) received, (-?\d+) lost \((-?\d+) gaps in sequence\), "
+                        r"(\d+) out-of-order, (\d+) corrupt")
+
+
+@pytest.fixture
+def serving(irmd: IrmdProc, local_layer: str) -> Callable[[str, str], None]:
+    def serve(name: str, prog: str, *args: str) -> None:
+        irmd.irm_ok("bind", "program", prog, "name", name, "auto", "--", "-l", *args)
+        irmd.irm_ok("name", "register", name, "layer", local_layer)
+
+    return serve
+
+
+def run(irmd: IrmdProc, *argv: str, timeout: float = 60.0) -> str:
+    r = irmd.run(*argv, timeout=timeout)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"{' '.join(argv)} failed ({r.returncode}):\n{out}"
+    return out
+
+
+# -- operf ------------------------------------------------------------------------------------------
+
+
+def test_operf_unidirectional_paced_reports_cs_statistics_and_loses_nothing(
+        irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    serving("perf", "operf")
+    out = run(irmd, "operf", "-n", "perf", "-d", "1s", "-r", "8M", "-s", "1000")
+    assert "Doing a unidirectional test." in out
+    assert "Sending 1000 byte packets for 1 s to perf at 8.000 Mb/s." in out and "Test finished." in out
+    m = C_STATS.search(out)
+    assert m, out
+    sent, rcvd, loss, mbps = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+    assert 900 <= sent <= 1100 and rcvd == sent and loss == 0, out  # 1000 SDUs/s for a second
+    assert 6.0 < mbps < 10.0
+    assert OUR_COUNTS.search(out).groups()[2:] == ("0", "0", "0", "0")  # type: ignore[union-attr]
+    summary = re.compile(rf"Flow \d+: {sent} packets \({sent * 1000} bytes\) in \d+ ms => .* 0 lost, "
+                         r"0 out-of-order, 0 corrupt")
+    deadline = time.monotonic() + 10  # the server writes it once it sees the flow go
+    while not summary.search(irmd.log_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert summary.search(irmd.log_text()), irmd.log_text()[-2000:]
+    assert "Doing a unidirectional test." in irmd.log_text()
+
+
+def test_operf_bidirectional_flood_gets_every_sdu_back(irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    serving("perf", "operf")
+    out = run(irmd, "operf", "-n", "perf", "-t", "bi", "-d", "500", "-f", "-s", "200")
+    assert "Doing a bidirectional test." in out and "Flooding perf with 200 byte packets for 0.5 seconds." in out
+    m = C_STATS.search(out)
+    assert m, out
+    assert int(m[1]) > 100 and int(m[2]) == int(m[1]) and m[3] == "0", out
+    assert OUR_COUNTS.search(out).group(6) == "0"  # type: ignore[union-attr]
+
+
+def test_operf_rates_take_cs_units_and_sizes_its_bounds(irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    serving("perf", "operf")
+    out = run(irmd, "operf", "-n", "perf", "-d", "300", "-r", "500", "-s", "10", "--sleep")
+    assert "Packet size set to 64 bytes." in out
+    assert "at 0.500 Mb/s" in out  # 500 with no unit is kb/s, as C's
+    r = irmd.run("operf", "-n", "perf", "-t", "sideways")
+    assert r.returncode == 2 and "invalid test type 'sideways': expected uni or bi" in r.stderr
+
+
+def test_operfs_wire_is_cs_a_test_type_then_ids(irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    """What a C operf client sends, written here by hand: our server counts it and says so when asked."""
+    serving("perf", "operf")
+    client = IrmClient(irmd.sock)
+    flow = flow_alloc("perf", timeout=10, irm=client)
+    try:
+        flow.write(struct.pack("=I", 0))  # uni
+        for i in (0, 1, 2, 4, 3):  # one late
+            flow.write(struct.pack("=I", i) + bytes(60))
+        flow.write(struct.pack("=I", 5) + b"\1" + bytes(59))  # corrupt
+        flow.write(operf.ASK)
+        flow.set_timeout(5)
+        reply = flow.read()
+        assert operf.REPORT.unpack(reply) == (operf.ANSWER, 6, 6 * 64, 0, 1, 1)
+    finally:
+        flow.close()
+        client.close()
+
+
+# -- ocbr -------------------------------------------------------------------------------------------
+
+
+def test_ocbr_sends_at_its_rate_and_the_server_reports_each_interval(
+        irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    serving("cbr", "ocbr", "-i", "1", "-t", "2")
+    out = run(irmd, "ocbr", "-n", "cbr", "-d", "2", "-r", "800k", "-s", "1000")
+    assert "Client started, duration 2, rate 800000 b/s, size 1000 B." in out
+    m = re.search(r"sent statistics: +(\d+) packets, +(\d+) bytes in +(\d+) ms, ([\d.]+) Mb/s", out)
+    assert m, out
+    assert 180 <= int(m[1]) <= 210 and int(m[2]) == int(m[1]) * 1000  # 100 packets/s for 2 s
+    assert 0.7 < float(m[4]) < 0.9
+    deadline = time.monotonic() + 10
+    while "timed out" not in irmd.log_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = irmd.log_text()
+    assert "Interval is 1 s, timeout is 2 s." in log
+    reports = [int(n) for n in re.findall(r"Flow +\d+: +(\d+) packets \( *\d+ bytes\) in +\d+ ms => ", log)]
+    assert len(reports) >= 2 and sum(reports) == int(m[1]), log[-2000:]
+    assert "Test on flow" in log and "timed out" in log
+
+
+def test_ocbr_flood_sends_back_to_back(irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    serving("cbr", "ocbr")
+    out = run(irmd, "ocbr", "-n", "cbr", "-d", "1", "-f", "-s", "500")
+    m = re.search(r"sent statistics: +(\d+) packets", out)
+    assert m and int(m[1]) > 1000, out
+
+
+# -- obc ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broadcast(cluster: Cluster) -> Iterator[IrmdProc]:
+    (a,) = cluster.start(["a"])
+    cluster.udp([a])
+    a.irm_ok("ipcp", "bootstrap", "type", "broadcast", "name", "b1", "layer", "bc", "autobind")
+    yield a.irmd
+
+
+def test_obc_writers_reach_a_listening_reader(broadcast: IrmdProc) -> None:
+    reader = subprocess.Popen([str(BIN / "obc"), "-l", "-n", "bc"], env=broadcast.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "Starting a reader."
+        assert reader.stdout.readline().strip() == "New flow."
+        run(broadcast, "obc", "-n", "bc", "-m", "hello, layer")
+        run(broadcast, "obc", "-n", "bc")
+        assert reader.stdout.readline().strip() == "Message is hello, layer."
+        assert reader.stdout.readline().strip() == "Message is Ouroboros multicast rocks!."
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_obc_sends_cs_message_with_its_nul(broadcast: IrmdProc) -> None:
+    joined = subprocess.Popen([sys.executable, "-c", "from flowlib import flow_join\n"
+                               "f = flow_join('bc', timeout=10); print('joined', flush=True)\n"
+                               "f.set_timeout(10); print(f.read().hex(), flush=True)"],
+                              env=broadcast.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert joined.stdout is not None and joined.stdout.readline().strip() == "joined"
+        run(broadcast, "obc", "-n", "bc", "-m", "hi")
+        assert bytes.fromhex(joined.stdout.readline().strip()) == b"hi\0"
+    finally:
+        joined.kill()
+        joined.wait()
+
+
+def test_obc_without_a_name_says_so(irmd: IrmdProc) -> None:
+    r = irmd.run("obc", "-m", "x")
+    assert r.returncode == 1 and "Please specify a name." in r.stdout

@@ -124,6 +124,9 @@ class Dt(PollThread):
         self.on_n1_down = on_n1_down
         self.on_congestion = on_congestion
         self.ca: ca.Congestion = congestion if congestion is not None else ca.Nop()
+        # With congestion avoidance, one PDU a frame: a full queue then drops a PDU, not a frame
+        # of them, and each PDU's mark reads the queue it joins (packing is for open throughput).
+        self.frame_pdus = 1 if self.ca.holds else MAX_FRAME_PDUS
         self.spread = spread  # spread flows over equal next hops (ecmp), else the first that is up
         self.pff: Table = {}
         self.n1: dict[int, Link] = {}  # next-hop address -> its data flow
@@ -244,7 +247,7 @@ class Dt(PollThread):
             parts = self._mark(link.addr, parts)
         if hold:
             self._flush(link)
-            self._pack(link, parts)
+            self._pack(link, parts, send_full=False)
             if not self._flush(link, True):
                 raise QueueFull
             return True
@@ -263,10 +266,11 @@ class Dt(PollThread):
                 return link  # else that next hop's flow is down: try the alternate
         return None
 
-    def _pack(self, link: Link, parts: Parts) -> None:
-        """Add a PDU to the frame for `link`, sending the frame first if the PDU would not fit."""
+    def _pack(self, link: Link, parts: Parts, send_full: bool = True) -> None:
+        """Add a PDU to the frame for `link`, sending the frame first if the PDU would not fit, and
+        after if it is full (unless not `send_full`)."""
         size = sum(map(len, parts)) if len(parts) > 1 else len(parts[0])
-        if link.count and (link.size + size + FRAMING > link.room or link.count >= MAX_FRAME_PDUS):
+        if link.count and link.size + size + FRAMING > link.room:
             self._flush(link)
         if not link.count:
             self._packed.append(link)
@@ -274,6 +278,8 @@ class Dt(PollThread):
         link.out.extend(parts)
         link.size += size + FRAMING
         link.count += 1
+        if send_full and link.count >= self.frame_pdus:
+            self._flush(link)  # with congestion avoidance at once: the next PDU's mark sees this one queued
 
     def _flush(self, link: Link, hold: bool = False) -> bool:
         """Send the frame packed for `link`, if any; False if it was dropped (with `hold`: kept)."""

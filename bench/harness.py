@@ -126,7 +126,8 @@ class Suite:
     name: str
     about: str
     run: Callable[[int], list[Row]]
-    time_limit: int = 150  # a hung peer must not hang `make bench`
+    time_limit: int = 150  # seconds it may run (a hung peer must not hang `make bench`)
+    default: bool = True  # run by `python -m bench` without names (else only when named)
 
 
 def ops_per_second(op: Callable[[], object], duration: float) -> float:

@@ -66,7 +66,8 @@ class Stack(Resource):
 
     def irm(self, *words: str) -> str:
         """Run one `irm` command against this stack's IRMd; its output, or BenchError."""
-        done = subprocess.run([tool("irm"), *words], capture_output=True, text=True, timeout=60, check=False)
+        env = {**os.environ, SOCK_ENV: str(self.sock)}  # this stack's, from any thread
+        done = subprocess.run([tool("irm"), *words], capture_output=True, text=True, timeout=60, check=False, env=env)
         if done.returncode != 0:
             raise BenchError(f"irm {' '.join(words)}: {done.stderr.strip() or done.returncode}")
         return done.stdout

@@ -247,7 +247,7 @@ class Tread(Msg):
 class Rread(Msg):
     TYPE: ClassVar[int] = RREAD
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("data", "data"),)
-    data: bytes = b""
+    data: bytes | memoryview = b""  # a view of a file's buffer is sent without a copy of its own
 
 
 @dataclass
@@ -256,7 +256,7 @@ class Twrite(Msg):
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("offset", "8"), ("data", "data"))
     fid: int = 0
     offset: int = 0
-    data: bytes = b""
+    data: bytes | memoryview = b""  # as Rread's
 
 
 @dataclass
@@ -338,8 +338,8 @@ def _qid(q: Qid) -> bytes:
 
 
 def encode(msg: Msg) -> bytes:
-    """One whole message, size[4] included."""
-    parts = [b""]
+    """One whole message, size[4] included; a data field is copied once, into the message."""
+    parts: list[bytes | memoryview] = [b""]
     for name, kind in msg.FIELDS:
         v: Any = getattr(msg, name)
         if kind in _INT:
@@ -349,7 +349,7 @@ def encode(msg: Msg) -> bytes:
         elif kind == "qid":
             parts.append(_qid(v))
         elif kind == "data":
-            parts.append(struct.pack("<I", len(v)) + bytes(v))
+            parts += (struct.pack("<I", len(v)), v)
         elif kind == "stat":
             st = v.encode()
             parts.append(struct.pack("<H", len(st)) + st)
@@ -361,8 +361,8 @@ def encode(msg: Msg) -> bytes:
             if len(v) > MAXWELEM:
                 raise ValueError(f"walk reply of {len(v)} qids: at most {MAXWELEM}")
             parts.append(struct.pack("<H", len(v)) + b"".join(_qid(q) for q in v))
-    body = b"".join(parts)
-    return struct.pack("<IBH", HEADER + len(body), msg.TYPE, msg.tag) + body
+    parts[0] = struct.pack("<IBH", HEADER + sum(len(p) for p in parts), msg.TYPE, msg.tag)
+    return b"".join(parts)
 
 
 def message_size(header: bytes) -> int:

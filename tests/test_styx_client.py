@@ -39,7 +39,7 @@ class Loopback(Transport):
         self.replies.extend(self.session.receive(data))
         self.most_in_flight = max(self.most_in_flight, len(self.replies))
 
-    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_MAX) -> bytes:
+    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_SDU) -> bytes:
         if not self.replies:
             raise TransportTimeout("no reply queued")
         return self.replies.popleft()

@@ -344,3 +344,32 @@ def test_a_client_that_takes_no_replies_is_dropped_after_the_send_timeout(
     assert out["read"] < out["sent"]  # not every reply was ever sent
     assert files.poll() is None
     legit_ok(open_irmd)
+
+
+PIECES = r"""
+import json, sys
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos, FlowError
+f = flow_alloc(sys.argv[1], qos=qos.data, timeout=10)
+f.set_timeout(5)
+for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, "x", "")):
+    f.write(w.encode(msg))
+    f.read()
+big = w.encode(w.Twrite(2, 0, 0, bytes(6000)))
+f.write(big[:5000])  # a message in pieces: the rest must follow, and nothing else
+f.write(big[5000:] + bytes(2000))  # runs past the end of its message
+try:
+    f.read()
+    how = "answered"
+except FlowError as e:
+    how = type(e).__name__
+print(json.dumps({"how": how}))
+"""
+
+
+def test_a_piece_running_past_its_message_ends_that_connection_only(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    out = result(as_nobody(open_irmd, PIECES, "files"))
+    assert out["how"] == "FlowDown"
+    assert files.poll() is None
+    legit_ok(open_irmd)

@@ -37,7 +37,7 @@ def _expect(reply: w.Msg, expect: type[M]) -> M:
 
 class Client:
     def __init__(self, transport: Transport, user: str | None = None, aname: str = "",
-                 msize: int = w.MSIZE_MAX, pipeline: int = PIPELINE) -> None:
+                 msize: int = w.MSIZE_DEFAULT, pipeline: int = PIPELINE) -> None:
         self.transport = transport
         self.msize = msize
         self.pipeline = max(1, pipeline)
@@ -91,7 +91,7 @@ class Client:
     def _receive(self, timeout: float | None = None) -> w.Msg:
         """The next reply, whichever request it answers."""
         try:
-            return w.decode(self.transport.recv(timeout), max(self.msize, w.MSIZE_MAX))
+            return w.decode(self.transport.recv(timeout, self.msize), self.msize)
         except TransportTimeout:
             raise
         except TransportError as e:

@@ -19,7 +19,12 @@ QIDSZ = 13
 STATFIXLEN = 49  # a stat record with four empty strings, its own size[2] included
 HEADER = 7  # size[4] type[1] tag[2]
 MSIZE_MIN = 256  # smaller than this cannot carry a useful Rread/Twrite
-MSIZE_MAX = 65535  # one 9P message is one SDU: the largest a reliable flow carries
+MSIZE_SDU = 65535  # the largest message that travels as one SDU: the most a flow's SDU carries
+# On a reliable flow a longer message goes in SDUs of PIECE bytes, each one FRCT PDU of a local
+# layer (65,535 bytes, 12 of them FRCT's header): see transport.py.
+PIECE = 65_000
+MSIZE_DEFAULT = 4 * PIECE  # what clients ask for and servers allow: a message is four whole PDUs
+MSIZE_MAX = 16 << 20  # the most a server may be told to allow (each connection may buffer one)
 
 # Message types (fcall.h).
 TVERSION, RVERSION = 100, 101

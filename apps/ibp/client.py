@@ -157,9 +157,14 @@ class Connection:
         except StreamClosed:
             raise w.IbpError(w.IBP_E_CONNECTION, f"depot {self.depot!r} closed the connection mid-load") from None
 
-    def load_bytes(self, cap: Capability, offset: int = 0, length: int = 0) -> bytes:
+    def load_bytes(self, cap: Capability, offset: int = 0, length: int = 0) -> bytearray:
+        """The bytes of a load, gathered as they arrive into the buffer returned (no copy at the end:
+        a join would copy them all once the last came)."""
         _, chunks = self.load(cap, offset, length)
-        return b"".join(chunks)
+        out = bytearray()
+        for chunk in chunks:
+            out += chunk
+        return out
 
     def copy(self, src: Capability, dst: Capability, offset: int = 0, length: int = 0) -> int:
         t = self._server_timeout

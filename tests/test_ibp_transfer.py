@@ -17,6 +17,7 @@ from apps.ibp.depot import DepotCore
 from apps.ibp.limits import Limits
 from apps.ibp.storage import DiskStore
 from apps.ibp.stream import ByteStream
+from apps.ibp.targets import KEEP_FOR, PER_TARGET, Targets
 
 NOW = 1_000_000.0
 MB = 1 << 20
@@ -113,8 +114,120 @@ def test_load_bytes_gathers_a_load_as_it_arrives() -> None:
 
     data = os.urandom(300_000)
     conn = Connection.__new__(Connection)
-    conn.depot, conn.timeout = "d", 5.0
+    conn.depot, conn.timeout, conn.answered = "d", 5.0, 0
     conn.stream = Scripted([w.format_reply(w.IBP_OK, len(data)) + data[:1000]]
                            + [data[i : i + 65000] for i in range(1000, len(data), 65000)])
     cap = Capability("d", "0", "k" * 64, "r" * 64, "READ")
     assert conn.load_bytes(cap) == data
+
+
+# -- connections kept to copy targets ---------------------------------------------------------------
+
+
+class FakeConn:
+    """What Targets looks at in a connection: its depot, timeout, replies and unread bytes."""
+
+    def __init__(self, depot: str, timeout: float) -> None:
+        self.depot, self.timeout = depot, timeout
+        self.answered = 0
+        self.stream = Scripted([])
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Opener:
+    def __init__(self) -> None:
+        self.opened: list[FakeConn] = []
+
+    def __call__(self, depot: str, timeout: float) -> FakeConn:
+        self.opened.append(FakeConn(depot, timeout))
+        return self.opened[-1]
+
+
+def targets(clock: list[float] | None = None) -> tuple[Targets, Opener]:
+    opener = Opener()
+    now = clock if clock is not None else [0.0]
+    return Targets(opener, lambda: now[0]), opener  # type: ignore[arg-type]
+
+
+def answer(conn: FakeConn) -> None:
+    conn.answered += 1
+
+
+def test_a_copy_target_connection_is_kept_for_the_next_copy() -> None:
+    t, opener = targets()
+    t.use("d2", 5.0, answer)
+    t.use("d2", 7.0, answer)
+    assert len(opener.opened) == 1 and opener.opened[0].answered == 2
+    assert opener.opened[0].timeout == 7.0  # each copy's own timeout
+    t.use("d3", 5.0, answer)
+    assert len(opener.opened) == 2
+
+
+def test_kept_connections_are_bounded_and_expire() -> None:
+    clock = [0.0]
+    t, opener = targets(clock)
+    held: list[FakeConn] = []
+
+    def hold_all(conn: FakeConn) -> None:  # copies at once each take a connection of their own
+        held.append(conn)
+        if len(held) < 4:
+            t.use("d2", 5.0, hold_all)
+
+    t.use("d2", 5.0, hold_all)
+    assert len(opener.opened) == 4
+    assert sum(c.closed for c in opener.opened) == 4 - PER_TARGET  # only a few are kept
+    clock[0] = KEEP_FOR + 1
+    t.expire()
+    assert all(c.closed for c in opener.opened)
+    t.use("d2", 5.0, answer)
+    assert len(opener.opened) == 5
+
+
+def test_a_connection_with_unread_bytes_or_an_error_is_not_kept() -> None:
+    t, opener = targets()
+    t.use("d2", 5.0, lambda c: c.stream._buf.extend(b"stray"))
+    assert opener.opened[0].closed
+    with pytest.raises(w.IbpError):
+        t.use("d2", 5.0, lambda c: (_ for _ in ()).throw(w.IbpError(w.IBP_E_WOULD_EXCEED_LIMIT, "full")))
+    assert opener.opened[1].closed
+    t.use("d2", 5.0, answer)
+    assert len(opener.opened) == 3
+
+
+def lost(conn: FakeConn) -> None:
+    raise w.IbpError(w.IBP_E_CONNECTION, "lost")
+
+
+def test_a_kept_connection_lost_before_any_answer_is_replaced_once() -> None:
+    t, opener = targets()
+    t.use("d2", 5.0, answer)
+    calls: list[FakeConn] = []
+
+    def stale_then_fine(conn: FakeConn) -> None:
+        calls.append(conn)
+        if conn is opener.opened[0]:
+            lost(conn)
+        answer(conn)
+
+    t.use("d2", 5.0, stale_then_fine)
+    assert calls == opener.opened and opener.opened[0].closed
+    with pytest.raises(w.IbpError):  # a new connection that fails is not tried again
+        t.use("d3", 5.0, lost)
+
+
+def test_a_kept_connection_lost_after_an_answer_is_not_done_again() -> None:
+    t, opener = targets()
+    t.use("d2", 5.0, answer)
+    tries: list[FakeConn] = []
+
+    def answered_then_lost(conn: FakeConn) -> None:  # the target may have taken the store
+        tries.append(conn)
+        answer(conn)
+        lost(conn)
+
+    with pytest.raises(w.IbpError):
+        t.use("d2", 5.0, answered_then_lost)
+    assert len(tries) == 1 and len(opener.opened) == 1

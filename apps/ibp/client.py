@@ -60,6 +60,7 @@ class Connection:
                  encrypt: bool = False) -> None:
         self.depot = depot
         self.timeout = timeout
+        self.answered = 0  # replies received: whether the depot took a request, when a connection is lost
         self.stream = open_stream(depot, timeout, irm, encrypt)
 
     def close(self) -> None:
@@ -79,6 +80,7 @@ class Connection:
         wait = self.timeout if wait is None else wait
         try:
             line = self.stream.readline(w.MAX_LINE, wait)
+            self.answered += 1
             return w.parse_reply(line)
         except StreamTimeout:
             raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} did not answer in {wait:g} s") \

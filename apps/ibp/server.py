@@ -26,6 +26,7 @@ from apps.ibp.limits import Limits, Slots, copy_allowed
 from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
+from apps.ibp.targets import Targets
 from flowlib import FlowError
 from flowlib.flow import establish
 from flowlib.irm import IrmClient
@@ -87,10 +88,16 @@ class DepotServer:
     rejecter: Rejecter = field(default_factory=Rejecter)
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
     turned_away: int = 0  # connections refused for a limit (ST_INQ reports it)
+    accepted: int = 0  # connections served since the start (ST_INQ reports it)
+    targets: Targets = field(init=False)
 
     def __post_init__(self) -> None:
         if self.slots is None:
             self.slots = Slots(self.limits.max_connections, self.limits.client_connections)
+        self.targets = Targets(self._open_target)
+
+    def _open_target(self, depot: str, timeout: float) -> Connection:
+        return Connection(depot, timeout=timeout, irm=self.irm, encrypt=self.encrypt)
 
     def alloc_lock(self, a: Allocation) -> threading.Lock:
         with self.lock:
@@ -108,6 +115,7 @@ class DepotServer:
             self.turned_away += 1
             self.rejecter.reject(opener, discard, why)
             return
+        self.accepted += 1
         try:
             threading.Thread(target=self._run, args=(client, opener, depot_addr), daemon=True).start()
         except RuntimeError as e:  # no thread to be had
@@ -215,7 +223,7 @@ class DepotServer:
             assert self.slots is not None
             with self.lock:
                 values, extras = core.inq()
-            extras.update(connections=self.slots.count(), turned_away=self.turned_away)
+            extras.update(connections=self.slots.count(), accepted=self.accepted, turned_away=self.turned_away)
             stream.send(w.format_inq(values, extras))
             return True
         if req.follows:
@@ -348,8 +356,7 @@ class DepotServer:
 
     def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float) -> tuple[int, str]:
         try:
-            with Connection(cap.depot, timeout=timeout, irm=self.irm, encrypt=self.encrypt) as conn:
-                conn.store(cap, self._read(a, offset, n), n)
+            self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n))
         except w.IbpError as e:
             status = w.known_error(e.status)
             log.info("copy to %s failed: %s", cap.depot, w.status_text(status))
@@ -360,6 +367,7 @@ class DepotServer:
 
     def expiry_loop(self, stop: threading.Event) -> None:
         while not stop.wait(EXPIRY_TICK):
+            self.targets.expire()
             try:
                 with self.lock:
                     self.core.expire(self.clock())

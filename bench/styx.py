@@ -83,7 +83,7 @@ def _direct_read(path: Path, chunk: int) -> float:
     return FILE_SIZE / (time.perf_counter() - t) / 1e6
 
 
-def _direct_write(path: Path, data: bytes, chunk: int) -> float:
+def _direct_write(path: Path, data: bytes | bytearray, chunk: int) -> float:
     t = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -173,7 +173,7 @@ class ShortWrites(FileHandle):
         super().__init__(fd)
         self.short_at = short_at
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         if offset == self.short_at:
             self.short_at = -1
             data = data[:7]
@@ -195,7 +195,7 @@ def test_a_short_write_is_taken_up_from_where_it_stopped(tmp_path: Path) -> None
 
 
 class Refusing(Handle):
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         if offset >= UNIT * 3:
             raise StyxError("no space left")
         return len(data)

@@ -173,13 +173,15 @@ class Client:
             self._drain(inflight)
             raise
 
-    def _read_parts(self, fid: int, offset: int, count: int) -> list[bytes | memoryview]:
-        """Up to `count` bytes from `offset`, in pieces, fewer only where the file ends (a short read)."""
+    def _read_into(self, out: bytearray, fid: int, offset: int, count: int) -> None:
+        """Append to `out` up to `count` bytes from `offset`, fewer only where the file ends (a short
+        read), with up to `pipeline` reads in flight: each reply's data goes in as soon as it is
+        next, so the bytes are gathered while the rest is still on its way."""
         unit = self.iounit
         end = offset + count
-        parts: dict[int, bytes | memoryview] = {}
         inflight: dict[int, int] = {}  # tag -> offset
-        pos = offset
+        early: dict[int, bytes | memoryview] = {}  # replies ahead of one still awaited
+        pos = done = offset  # the next offset to ask for; the end of what is in `out`
         short: int | None = None  # the offset of the first read that came back short: the file ends there
         while True:
             while pos < end and short is None and len(inflight) < self.pipeline:
@@ -187,46 +189,46 @@ class Client:
                 inflight[self._send(w.Tread(0, fid, pos, n))] = pos
                 pos += n
             if not inflight:
-                break
+                return
             at, reply = self._answer(inflight)
             data = self._settle(reply, w.Rread, inflight).data
-            parts[at] = data
+            if short is not None and at > short:
+                continue  # past the end
             if len(data) < min(unit, end - at):
                 short = at if short is None else min(short, at)
-        out: list[bytes | memoryview] = []
-        for at in sorted(parts):
-            if short is not None and at > short:
-                break
-            out.append(parts[at])
-        return out
+                early = {k: v for k, v in early.items() if k <= short}
+            early[at] = data
+            while done in early:
+                data = early.pop(done)
+                out += data
+                done += len(data)
 
-    def read_at(self, fid: int, offset: int, count: int) -> bytes:
+    def read_at(self, fid: int, offset: int, count: int) -> bytearray:
         """Up to `count` bytes of an open file from `offset` (fewer where it ends), `pipeline` reads
         at a time. Only for files read by offset: each read of a stream (net/N/data) takes the next
         SDU, and a read in flight past a short one would take an SDU nobody gets."""
-        return b"".join(self._read_parts(fid, offset, count))
+        out = bytearray()
+        self._read_into(out, fid, offset, count)
+        return out
 
-    def read_fid_all(self, fid: int) -> bytes:
+    def read_fid_all(self, fid: int) -> bytearray:
         """An open file's contents, read until a read returns nothing. A file that fills its first
         read and whose stat gives a length (a real file: synthetic ones and streams say 0) is read
         up to that length `pipeline` reads at a time."""
-        parts: list[bytes | memoryview] = []
-        offset = 0
+        out = bytearray()
         while True:
-            chunk = self.rpc(w.Tread(0, fid, offset, self.iounit), w.Rread).data
+            chunk = self.rpc(w.Tread(0, fid, len(out), self.iounit), w.Rread).data
             if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            offset += len(chunk)
-            if offset == self.iounit and self.pipeline > 1:
+                return out
+            out += chunk
+            if len(out) == self.iounit and self.pipeline > 1:
                 length = self.stat_fid(fid).length
-                if length > offset:
-                    more = self._read_parts(fid, offset, length - offset)
-                    parts += more
-                    offset += sum(len(p) for p in more)
+                if length > len(out):
+                    self._read_into(out, fid, len(out), length - len(out))
 
-    def read_file(self, path: str) -> tuple[w.Qid, bytes]:
-        """The qid and whole contents of `path` (a directory's are stat records)."""
+    def read_file(self, path: str) -> tuple[w.Qid, bytearray]:
+        """The qid and whole contents of `path` (a directory's are stat records), in the buffer
+        they were gathered in as they came."""
         fid = self.walk(path)
         try:
             qid = self.open(fid, w.OREAD).qid
@@ -234,10 +236,10 @@ class Client:
         finally:
             self.clunk(fid)
 
-    def cat(self, path: str) -> bytes:
+    def cat(self, path: str) -> bytearray:
         return self.read_file(path)[1]
 
-    def write_fid_all(self, fid: int, data: bytes | memoryview, offset: int = 0) -> None:
+    def write_fid_all(self, fid: int, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
         """All of `data` at `offset`: iounit-sized writes, `pipeline` at a time once one went through
         whole. After a short write the rest goes one write at a time from where it stopped."""
         view = memoryview(data).cast("B")
@@ -260,7 +262,7 @@ class Client:
                                       f"the server says it wrote {count} bytes of {n}")
             window, pos = 1, at + count
 
-    def put(self, path: str, data: bytes, perm: int = 0o644) -> None:
+    def put(self, path: str, data: bytes | bytearray | memoryview, perm: int = 0o644) -> None:
         """Write `data` as the whole file at `path`, creating it if needed."""
         names = split_path(path)
         if not names:

@@ -405,7 +405,7 @@ class Session:
             raise StyxError("fid not open for writing")
         if len(msg.data) > self._iounit():
             raise StyxError(f"write of {len(msg.data)} bytes exceeds iounit {self._iounit()}")
-        return w.Rwrite(msg.tag, f.handle.write(msg.offset, bytes(msg.data)))  # decoded: bytes already, no copy
+        return w.Rwrite(msg.tag, f.handle.write(msg.offset, msg.data))
 
     def _clunk_msg(self, msg: w.Tclunk) -> w.Msg:
         self._fid(msg.fid)

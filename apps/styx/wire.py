@@ -252,7 +252,7 @@ class Tread(Msg):
 class Rread(Msg):
     TYPE: ClassVar[int] = RREAD
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("data", "data"),)
-    data: bytes | memoryview = b""  # a view of a file's buffer is sent without a copy of its own
+    data: bytes | memoryview = b""  # decoded: a view of the message it came in (no copy)
 
 
 @dataclass
@@ -405,7 +405,7 @@ def peek_tag(data: bytes | memoryview) -> int | None:
 class _Reader:
     """Bounded reads from one buffer; every overrun is a DecodeError."""
 
-    def __init__(self, data: bytes | memoryview, pos: int = 0) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, pos: int = 0) -> None:
         self.data = memoryview(data)
         self.pos = pos
 
@@ -452,7 +452,7 @@ class _Reader:
         if kind == "qid":
             return self.qid()
         if kind == "data":
-            return bytes(self.take(self.uint("<I")))
+            return self.take(self.uint("<I"))  # a view of the message: bulk data is not copied
         if kind == "stat":
             n = self.uint("<H")
             sub = _Reader(self.take(n))
@@ -475,7 +475,7 @@ def stats_encode(stats: list[Stat]) -> bytes:
     return b"".join(s.encode() for s in stats)
 
 
-def stats_decode(data: bytes) -> list[Stat]:
+def stats_decode(data: bytes | bytearray | memoryview) -> list[Stat]:
     """The concatenated stat records a directory read returns."""
     r = _Reader(data)
     out = []

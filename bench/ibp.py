@@ -47,7 +47,7 @@ def run(runs: int) -> list[Row]:
             stores.append(s)
             loads.append(ld)
             copies.append(c)
-    goal = Goal(">=", 0.3)
+    goal = Goal(">=", 0.7)
     return [
         median_row(f"ibp.store_{PAYLOAD >> 20}MiB", "MB/s", stores, raws, RAW, goal),
         median_row(f"ibp.load_{PAYLOAD >> 20}MiB", "MB/s", loads, raws, RAW, goal),

@@ -297,7 +297,8 @@ def test_a_flood_of_garbage_costs_bounded_memory_and_cpu_and_others_are_served(
     assert max(took) < 10.0
 
 
-DEAF = r"""
+# A client attached as whoever it is: the flow `f`, version and attach done, msize 8192.
+ATTACHED = r"""
 import json, sys, time
 from apps.styx import wire as w
 from flowlib import flow_alloc, qos, FlowError, FlowTimeout
@@ -306,6 +307,9 @@ f.set_timeout(5)
 for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, "x", "")):
     f.write(w.encode(msg))
     f.read()
+"""
+
+DEAF = ATTACHED + r"""
 f.set_timeout(1)
 sent = 0
 try:
@@ -346,15 +350,7 @@ def test_a_client_that_takes_no_replies_is_dropped_after_the_send_timeout(
     legit_ok(open_irmd)
 
 
-PIECES = r"""
-import json, sys
-from apps.styx import wire as w
-from flowlib import flow_alloc, qos, FlowError
-f = flow_alloc(sys.argv[1], qos=qos.data, timeout=10)
-f.set_timeout(5)
-for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, "x", "")):
-    f.write(w.encode(msg))
-    f.read()
+PIECES = ATTACHED + r"""
 big = w.encode(w.Twrite(2, 0, 0, bytes(6000)))
 f.write(big[:5000])  # a message in pieces: the rest must follow, and nothing else
 f.write(big[5000:] + bytes(2000))  # runs past the end of its message

@@ -15,6 +15,8 @@ demo: $(STAMP)
 	$(PY) -m apps.demo configs/demo.toml
 
 # The network tests (tests/net) need iproute2 and nftables, `styx mount` libfuse 3; as root, install them if missing.
+# tests/net/test_interop.py builds C Ouroboros 0.23 with ../shared/tools/build-ouroboros-c (into $$OUROBOROS_C,
+# default /opt/ouroboros-c-0.23), which installs its own build packages (gcc, cmake, protobuf-c, OpenSSL).
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ip && command -v fusermount3; } >/dev/null 2>&1; then \
 		(apt-get update -qq && apt-get install -y -qq nftables iproute2 fuse3) >/dev/null 2>&1 \

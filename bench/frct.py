@@ -7,8 +7,9 @@ Two irmds on loopback (127.0.0.1 serves, 127.0.0.2 allocates), a udp4 layer betw
   reliable flow is only bytes delivered in order. At 0% loss, and at 5% loss on a second layer
   whose shims drop 5% of outgoing SDUs (the test-only `impair loss=5`, on both). There the raw
   figure is what survives the loss, so the ratio is reliable goodput / lossy raw throughput.
-- encryption: an encrypted raw flow (flow_alloc(..., encrypt=True): X25519, then
-  ChaCha20-Poly1305 per packet in the flow engine) against a plain raw flow on the 0% layer.
+- encryption: an encrypted raw flow (flow_alloc(..., encrypt=True): the IRMds' OAP exchange
+  agrees an X25519 key, then AES-256-GCM per packet in 0.23's format, sealed and opened in the
+  applications' own threads) against a plain raw flow on the 0% layer.
 
 Every figure is measured min(runs, MAX_RUNS) times, the two sides in alternating order.
 """
@@ -61,7 +62,7 @@ def _layer(runs: int, loss: int) -> list[Row]:
             log.info("frct encryption run %d/%d: encrypted %.1f MB/s, plain %.1f MB/s", i + 1, runs, e[1], p[1])
             enc.append((e[1], p[1]))
         rows.append(median_row(f"frct.encrypted_raw_{SIZE}B", "MB/s", [e for e, _ in enc], [p for _, p in enc],
-                               "plain raw flow, same layer", Goal(">=", 0.6)))  # fmt: skip
+                               "plain raw flow, same layer", Goal(">=", 0.75)))  # fmt: skip
         return rows
 
 

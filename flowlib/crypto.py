@@ -1,113 +1,209 @@
-"""End-to-end flow encryption: X25519 key agreement when the flow is allocated, then
-ChaCha20-Poly1305 on every packet with a counter nonce and a replay window.
+"""Flow encryption, packet by packet, in Ouroboros 0.23's format: IV | ciphertext | tag, with the
+key phase in bit 7 of the IV's first byte and the key rotated every 2^20 packets (HKDF-SHA-256).
 
-The IPCPs in between carry only ciphertext; keys never leave the two processes.
+The key and cipher come from the allocation (the IRMds' OAP exchange); nothing is negotiated
+here, so nothing a peer sends can do more than be refused and counted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
 import struct
 import threading
 
-from nacl._sodium import ffi, lib
-from nacl.bindings import (
-    crypto_kx_client_session_keys,
-    crypto_kx_keypair,
-    crypto_kx_server_session_keys,
-)
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-HELLO = struct.Struct("!4sB32s")  # magic, version, X25519 public key
-MAGIC = b"OUKX"
-VERSION = 1
-COUNTER = struct.Struct("!Q")
+CYPHER_S = 256  # the qos cypher_s that asks for an encrypted flow
+KEY_SIZE = 32
 TAG = 16
-OVERHEAD = COUNTER.size + TAG
-REPLAY_WINDOW = 1024
-MAX_PACKET = 65536 + OVERHEAD
-CYPHER_S = 256  # the qos cypher_s of encrypted flows, as Ouroboros's
+ROTATION_BIT = 20  # KEY_ROTATION_BIT: the key changes every 2^20 packets, sent and received
+HKDF_INFO_ROTATION = b"o7s-key-rotation"
+REPLAY_WINDOW = 1024  # counters remembered behind the highest one seen, when the peer numbers its IVs
+PHASE = 0x80  # bit 7 of IV byte 0: the sender's key phase
+SERVER = 0x40  # bit 6 of IV byte 0 in our numbered IVs: the two ends never share an IV
+COUNTER = struct.Struct("!Q")  # our IVs: 4 bytes (phase, role, random), then the packet number
+IV = struct.Struct("!4sQ")
+
+# cipher NID -> (IV size, tag size, key bytes); 0.23's EVP defaults (src/lib/crypt/openssl.c).
+CIPHERS = {
+    895: (12, TAG, 16), 898: (12, TAG, 24), 901: (12, TAG, 32), 1018: (12, TAG, 32),
+    904: (16, 0, 16), 905: (16, 0, 24), 906: (16, 0, 32),
+}  # fmt: skip
+AES_256_GCM = 901
+OVERHEAD = 12 + TAG  # of the AEAD ciphers, which flows use unless told otherwise
 
 
-class HandshakeError(ValueError):
-    """The peer's key-agreement message was not one."""
+def overhead(cipher: int) -> int:
+    iv, tag, _ = CIPHERS[cipher]
+    return iv + tag
 
 
-class KeyExchange:
-    """One side of the agreement; the allocator is the client, the acceptor the server."""
+class _Ctr:
+    """AES-CTR behind the AEAD interface: no tag, so every packet "opens" (as 0.23 offers it,
+    "not recommended")."""
 
-    def __init__(self) -> None:
-        self.pk, self._sk = crypto_kx_keypair()
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
-    def hello(self) -> bytes:
-        return HELLO.pack(MAGIC, VERSION, self.pk)
+    def encrypt(self, iv: bytes, data: bytes, _aad: None) -> bytes:
+        ctx = Cipher(algorithms.AES(self._key), modes.CTR(iv)).encryptor()
+        return ctx.update(data) + ctx.finalize()
 
-    @staticmethod
-    def peer_key(msg: bytes) -> bytes:
-        if len(msg) != HELLO.size:
-            raise HandshakeError(f"key agreement message of {len(msg)} bytes, expected {HELLO.size}")
-        magic, version, pk = HELLO.unpack(msg)
-        if magic != MAGIC or version != VERSION:
-            raise HandshakeError("not a flow key agreement message")
-        return bytes(pk)
+    decrypt = encrypt
 
-    def session(self, peer_hello: bytes, client: bool) -> PacketCrypto:
-        peer = self.peer_key(peer_hello)
-        derive = crypto_kx_client_session_keys if client else crypto_kx_server_session_keys
-        rx, tx = derive(self.pk, self._sk, peer)
-        return PacketCrypto(tx, rx)
+
+Aead = AESGCM | ChaCha20Poly1305 | _Ctr
+
+
+def _aead(cipher: int, key: bytes) -> Aead:
+    key = key[: CIPHERS[cipher][2]]  # 0.23 hands EVP the first bytes of its 32-byte key
+    if cipher == 1018:
+        return ChaCha20Poly1305(key)
+    return AESGCM(key) if CIPHERS[cipher][1] else _Ctr(key)
 
 
 class PacketCrypto:
-    """Seal and open packets; tampered, replayed or too old packets fail to open.
+    """Seal and open one flow's packets; packets that do not open are counted and dropped.
 
-    libsodium is called through pynacl's own cffi module with buffers kept per flow:
-    nacl.bindings checks and copies on every call and costs 11 us a packet here, this 4 us.
+    One key serves both directions, as in 0.23, and each end rotates it when its count of packets
+    (sent and opened) crosses a multiple of 2^rotation_bit while sealing; IVs carry the phase.
+    Our IVs are numbered (the counter follows four bytes of phase, role and randomness), so they
+    never repeat under a key; when the peer numbers its IVs too (`seq_iv`, agreed in OAP),
+    replayed and too old packets are refused. A packet that fails to open changes no state.
+
+    Sealing takes no lock (the packet number comes from an atomic counter); opening takes one for
+    the replay window only; rotating takes it too, so two threads never rotate one key twice.
     """
 
-    def __init__(self, tx_key: bytes, rx_key: bytes) -> None:
-        self._tx = tx_key
-        self._rx = rx_key
-        self._sent = 0
-        self._highest = -1
-        self._seen = 0  # bit i: counter highest - i arrived
+    def __init__(self, cipher: int, key: bytes, server: bool, seq_iv: bool = False,
+                 rotation_bit: int = ROTATION_BIT) -> None:
+        if cipher not in CIPHERS:
+            raise ValueError(f"cipher NID {cipher} is not one flows use")
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"flow key of {len(key)} bytes: {KEY_SIZE} expected")
+        self.cipher = cipher
+        self.ivsz, self.tagsz, _ = CIPHERS[cipher]
+        self.overhead = self.ivsz + self.tagsz
+        self.seq_iv = seq_iv
         self.rejected = 0
-        # Separate buffers: a flow may be written in one thread and read in another.
-        self._out = ffi.new("unsigned char[]", MAX_PACKET)
-        self._body = self._out + COUNTER.size  # the ciphertext goes after the counter
-        self._len = ffi.new("unsigned long long *")
-        self._in = ffi.new("unsigned char[]", MAX_PACKET)
-        self._in_len = ffi.new("unsigned long long *")
-        self._seal_lock = threading.Lock()  # a nonce must never be used twice
+        self._salt = hashlib.sha256(key).digest()  # the rotation salt, from the initial key
+        self._key = key
+        self._aead = _aead(cipher, key)
+        self._previous: Aead | None = None  # the key before the last rotation, during its grace
+        self._next: tuple[bytes, Aead] | None = None  # derived when a packet first needs it
+        self._mask = 1 << rotation_bit
+        self._cntr = 0  # packets sealed and opened
+        self._age = 0  # ... since the last rotation
+        self._phase = 0
+        prefix = os.urandom(4)
+        first = (prefix[0] & 0x3F) | (SERVER if server else 0)
+        self._heads = (bytes((first,)) + prefix[1:], bytes((first | PHASE,)) + prefix[1:])
+        self._tail = b"\0\0\0\0" if self.ivsz == 16 else b""  # CTR: the low 32 bits count the packet's blocks
+        self._numbers = itertools.count()
+        self._highest = -1
+        self._seen = bytearray(REPLAY_WINDOW)  # slot n % REPLAY_WINDOW: number n arrived (n within the window)
+        self._lock = threading.RLock()  # opening may rotate while it holds it for the window
+
+    def _next_key(self) -> tuple[bytes, Aead]:
+        if self._next is None:
+            key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=self._salt,
+                       info=HKDF_INFO_ROTATION).derive(self._key)  # fmt: skip
+            self._next = key, _aead(self.cipher, key)
+        return self._next
+
+    def _rotate(self) -> None:
+        """Move to the next key; the caller holds the lock."""
+        self._key, aead = self._next_key()
+        self._previous, self._aead, self._next = self._aead, aead, None
+        self._age = 0
+        self._phase ^= 1
+
+    # -- sending ---------------------------------------------------------------------------------
 
     def seal(self, plain: bytes) -> bytes:
-        if len(plain) > MAX_PACKET - OVERHEAD:
-            raise ValueError(f"packet of {len(plain)} bytes is too large to seal")
-        with self._seal_lock:
-            counter = COUNTER.pack(self._sent)
-            self._sent += 1
-            ffi.memmove(self._out, counter, COUNTER.size)
-            lib.crypto_aead_chacha20poly1305_ietf_encrypt(self._body, self._len, plain, len(plain), ffi.NULL, 0,
-                                                          ffi.NULL, b"\0\0\0\0" + counter, self._tx)
-            return ffi.buffer(self._out, COUNTER.size + self._len[0])[:]  # type: ignore[no-any-return]
+        cntr = self._cntr
+        aead = self._aead
+        iv = IV.pack(self._heads[1 if cntr & self._mask else 0], next(self._numbers)) + self._tail
+        packet: bytes = iv + aead.encrypt(iv, plain, None)
+        self._cntr = cntr + 1
+        self._age += 1
+        if (cntr + 1) & self._mask != cntr & self._mask:
+            with self._lock:
+                if self._aead is aead:  # not rotated meanwhile by the other direction
+                    self._rotate()
+        if self._previous is not None and self._age >= self._mask >> 1:
+            self._previous = None  # the previous key's grace is over
+        return packet
+
+    # -- receiving -------------------------------------------------------------------------------
 
     def open(self, packet: bytes) -> bytes | None:
-        if len(packet) < OVERHEAD:
+        """The plaintext, or None for a packet that is short, forged, for another key, or replayed."""
+        ivsz = self.ivsz
+        if len(packet) < self.overhead:
             self.rejected += 1
             return None
-        counter = packet[: COUNTER.size]
-        (n,) = COUNTER.unpack(counter)
-        age = self._highest - n
-        if age >= REPLAY_WINDOW or (age >= 0 and self._seen >> age & 1):
-            self.rejected += 1
-            return None
-        body = packet[COUNTER.size :]
-        if len(body) > MAX_PACKET - COUNTER.size or lib.crypto_aead_chacha20poly1305_ietf_decrypt(
-                self._in, self._in_len, ffi.NULL, body, len(body), ffi.NULL, 0, b"\0\0\0\0" + counter, self._rx) != 0:
-            self.rejected += 1
-            return None
-        plain: bytes = ffi.buffer(self._in, self._in_len[0])[:]
-        if age < 0:
-            self._seen = (self._seen << -age | 1) & ((1 << REPLAY_WINDOW) - 1)
-            self._highest = n
-        else:
-            self._seen |= 1 << age
+        iv, body = packet[:ivsz], packet[ivsz:]
+        if self.seq_iv:
+            with self._lock:  # the window's check and update, atomic against another reader
+                (number,) = COUNTER.unpack_from(iv, 4)
+                if number <= self._highest and (self._highest - number >= REPLAY_WINDOW
+                                                or self._seen[number % REPLAY_WINDOW]):  # fmt: skip
+                    self.rejected += 1
+                    return None
+                plain = self._open(iv, body)
+                if plain is not None:
+                    self._note(number)
+                return plain
+        return self._open(iv, body)
+
+    def _open(self, iv: bytes, body: bytes) -> bytes | None:
+        if not self.tagsz and (iv[0] >> 7) != self._phase and self._age >= self._mask - (self._mask >> 2):
+            with self._lock:  # AES-CTR has no tag to tell keys apart: the phase bit decides, as in 0.23
+                self._rotate()
+        try:
+            plain: bytes = self._aead.decrypt(iv, body, None)  # the current key: nearly always
+        except InvalidTag:
+            with self._lock:
+                found = self._other_keys(iv, body)
+            if found is None:
+                self.rejected += 1
+                return None
+            plain = found
+        self._cntr += 1
+        self._age += 1
         return plain
+
+    def _other_keys(self, iv: bytes, body: bytes) -> bytes | None:
+        """The previous key (late packets), or the next one: a peer's key may be a rotation ahead of
+        ours (0.23 rotates each end on its own count); a packet that opens with it moves us on, so
+        no forgery can."""
+        previous = self._previous  # one read: a sealing thread may end its grace meanwhile
+        if previous is not None:
+            try:
+                return previous.decrypt(iv, body, None)
+            except InvalidTag:
+                pass
+        try:
+            plain: bytes = self._next_key()[1].decrypt(iv, body, None)
+        except InvalidTag:
+            return None
+        self._rotate()
+        return plain
+
+    def _note(self, number: int) -> None:
+        seen, highest = self._seen, self._highest
+        if number > highest:  # the window moves on: slots it passes over are free again
+            if number - highest >= REPLAY_WINDOW:
+                seen[:] = bytes(REPLAY_WINDOW)
+            else:
+                for skipped in range(highest + 1, number):
+                    seen[skipped % REPLAY_WINDOW] = 0
+            self._highest = number
+        seen[number % REPLAY_WINDOW] = 1

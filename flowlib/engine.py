@@ -41,7 +41,6 @@ class Session:
     outq: deque[bytes] = dataclasses.field(default_factory=deque)  # PDUs the layer has no room for
     closing: float = 0.0  # when the application let go; 0 while it holds the flow
     gone: bool = False  # the flow ended below us: hand the application what arrived, then EOF
-    hellos: tuple[bytes, bytes] | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     mask: int = select.EPOLLIN  # what we wait for on `inner`
 
@@ -62,18 +61,13 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="flow-engine", daemon=True)
         self._thread.start()
 
-    def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None,
-             hellos: tuple[bytes, bytes] | None = None) -> tuple[int, Session]:
-        """Take over the IPCP's socket; returns the fd the application uses instead.
-
-        `hellos` (acceptors of encrypted flows): the allocator's key-agreement hello
-        and ours, to answer again if the allocator repeats it.
-        """
+    def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None) -> tuple[int, Session]:
+        """Take over the IPCP's socket; returns the fd the application uses instead."""
         outer = socket.socket(fileno=fd)
         app, inner = seqpacket_pair()
         for s in (outer, inner):
             s.setblocking(False)
-        session = Session(outer, inner, mtu, frct, crypto, hellos=hellos)
+        session = Session(outer, inner, mtu, frct, crypto)
         with self._lock:
             self._sessions[outer.fileno()] = session
             self._sessions[inner.fileno()] = session
@@ -147,9 +141,6 @@ class Engine:
             if not pdu:  # the flow went down under us
                 self._peer_gone(s)
                 return
-            if s.hellos is not None and pdu == s.hellos[0]:
-                self._raw_send(s, s.hellos[1])  # our answer to the key agreement was lost: again
-                continue
             if s.crypto is not None:
                 opened = s.crypto.open(pdu)
                 if opened is None:

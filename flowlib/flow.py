@@ -16,16 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flowlib.crypto import CYPHER_S, HELLO, OVERHEAD, HandshakeError, KeyExchange, PacketCrypto
+from flowlib.crypto import CYPHER_S, PacketCrypto
 from flowlib.engine import APP_MTU, LINGER, Session, engine
 from flowlib.frct import Frct
+from flowlib.identity import Peer, client_identity, server_identity
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
 from proto.errors import FlowDown, FlowError, FlowTimeout, FlowWouldBlock, InvalidArgument
 from proto.qos import QosSpec, raw
-
-KEY_AGREEMENT_TIMEOUT = 10.0
-HELLO_RETRY = 0.5
 
 
 class Fccntl(enum.Enum):
@@ -72,6 +70,7 @@ class Flow:
         self._closed = False
         self._ended: str | None = None
         self._session: Session | None = None  # set when the flow engine runs FRCT or encryption
+        self.peer: Peer | None = None  # the peer's verified identity; None: anonymous
 
     def __repr__(self) -> str:
         return f"<Flow {self.flow_id} {self.name or '?'} via {self.layer} fd={self.fd}>"
@@ -232,106 +231,82 @@ def _timeout(value: Any) -> float | None:
 
 
 def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow:
-    """A Flow over the IPCP's socket: direct for raw flows, through the engine otherwise."""
+    """A Flow over the IPCP's socket: direct for raw flows, through the engine for FRCT.
+
+    An encrypted flow seals and opens with the key and cipher the IRMds agreed in OAP; the
+    acceptor's peer is the client certificate its IRMd verified (the allocator's is set by
+    flow_alloc, which checks it against the user's known names)."""
     qos = reply.qos
-    crypto, hellos = None, None
     try:
-        if qos.cypher_s:
-            crypto, hellos = _agree(fd, client)
+        crypto = PacketCrypto(reply.cipher, reply.key, server=not client, seq_iv=reply.seq_iv) if reply.cipher else None
+        peer = None if client else client_identity(reply)
         if not qos.frct and crypto is None:
-            return Flow(reply, fd, irm)
-        if not qos.frct and crypto is not None:
-            return _sealed(reply, fd, irm, crypto, None if client else hellos)
-        mtu = reply.mtu - (OVERHEAD if crypto else 0)
-        frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
-        app_fd, session = engine().wrap(fd, mtu, frct, crypto, None if client else hellos)
+            flow = Flow(reply, fd, irm)
+        elif not qos.frct and crypto is not None:
+            flow = _sealed(reply, fd, irm, crypto)
+        else:
+            mtu = reply.mtu - (crypto.overhead if crypto else 0)
+            frct = Frct(mtu, reliable=qos.reliable)
+            app_fd, session = engine().wrap(fd, mtu, frct, crypto)
+            # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.
+            flow = Flow(dataclasses.replace(reply, mtu=APP_MTU if frct.reliable else frct.max_payload), app_fd, irm)
+            flow._session = session
     except BaseException:
         os.close(fd)
         irm.dealloc(reply.flow_id)
         raise
-    # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.
-    app_mtu = APP_MTU if frct and frct.reliable else frct.max_payload if frct else mtu
-    flow = Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm)
-    flow._session = session
+    flow.peer = peer
     return flow
 
 
-def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto,
-            hellos: tuple[bytes, bytes] | None) -> Flow:
+def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto) -> Flow:
     """An encrypted flow without FRCT, sealed and opened in the caller's own thread.
 
     No engine in between: a hop to another thread costs more than the cipher.
     """
-    flow = Flow(dataclasses.replace(reply, mtu=reply.mtu - OVERHEAD), fd, irm)
-    send, recv = flow._sock.send, flow._sock.recv
+    flow = Flow(dataclasses.replace(reply, mtu=reply.mtu - crypto.overhead), fd, irm)
+    send, recv, seal, open_, room = flow._sock.send, flow._sock.recv, crypto.seal, crypto.open, crypto.overhead
 
     def seal_send(sdu: bytes | bytearray | memoryview) -> int:
-        send(crypto.seal(bytes(sdu)))
+        send(seal(sdu if isinstance(sdu, bytes) else bytes(sdu)))
         return len(sdu)
 
     def recv_open(size: int) -> bytes:
-        while True:  # a rejected packet is counted and skipped; EAGAIN goes up to Flow._wait
-            packet = recv(size + OVERHEAD)
+        while True:  # a packet that does not open is counted and skipped; EAGAIN goes up to Flow._wait
+            packet = recv(size + room)
             if not packet:
                 return packet
-            if hellos is not None and packet == hellos[0]:
-                send(hellos[1])  # our answer to the key agreement was lost: again
-                continue
-            if (plain := crypto.open(packet)) is not None:
+            if (plain := open_(packet)) is not None:
                 return plain
 
     flow._send, flow._recv = seal_send, recv_open
     return flow
 
 
-def _agree(fd: int, client: bool) -> tuple[PacketCrypto, tuple[bytes, bytes]]:
-    """X25519 key agreement over the fresh flow: the allocator speaks first, and repeats
-    itself until answered, as either hello may be lost on the way.
-
-    Returns the packet crypto and (the peer's hello, ours), which the acceptor's
-    engine keeps to answer a repeated hello whose answer was lost.
-    """
-    sock = socket.socket(fileno=os.dup(fd))
-    kx = KeyExchange()
-    deadline = time.monotonic() + KEY_AGREEMENT_TIMEOUT
-    try:
-        while True:
-            if client:
-                sock.send(kx.hello())
-            wait = HELLO_RETRY if client else KEY_AGREEMENT_TIMEOUT
-            sock.settimeout(min(wait, max(deadline - time.monotonic(), 0.01)))
-            try:
-                peer = sock.recv(HELLO.size + 1)
-                break
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise
-        if not peer:
-            raise FlowError("the flow ended during its key agreement")
-        if not client:
-            sock.send(kx.hello())
-        return kx.session(peer, client), (peer, kx.hello())
-    except TimeoutError:
-        raise FlowTimeout("the peer did not complete the flow's key agreement") from None
-    except (OSError, HandshakeError) as e:
-        raise FlowError(f"flow key agreement failed: {e}") from None
-    finally:
-        sock.close()
-
-
 def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None,
-               *, encrypt: bool = False, irm: IrmClient | None = None) -> Flow:
+               *, encrypt: bool = False, accept_new: bool | None = None, irm: IrmClient | None = None) -> Flow:
     """Allocate a flow to `name` through whichever layer reaches it.
 
-    qos.data (loss 0) makes it reliable and in order; encrypt=True makes it
-    end-to-end encrypted (X25519, then ChaCha20-Poly1305 per packet).
+    qos.data (loss 0) makes it reliable and in order; encrypt=True (or qos.cypher_s) makes it
+    end-to-end encrypted, keys agreed by the IRMds (OAP: X25519 unless the name's client enc.conf
+    says otherwise, then AES-256-GCM per packet). A peer that presents a certificate must be vouched
+    for by the IRMd's CA store or the user's known names; accept_new=True pins an unknown one
+    (default: $OUROBOROS_STRICT_NAMES, "yes" or "accept-new"). `flow.peer` says who answered.
     """
     irm = irm or default_client()
     spec = qos or raw
     if encrypt and not spec.cypher_s:
         spec = dataclasses.replace(spec, cypher_s=CYPHER_S)
     reply, fd = irm.alloc(name, spec, timeout)
-    return establish(reply, fd, irm, client=True)
+    try:
+        peer = server_identity(name, reply, accept_new)
+    except BaseException:
+        os.close(fd)
+        irm.dealloc(reply.flow_id)
+        raise
+    flow = establish(reply, fd, irm, client=True)
+    flow.peer = peer
+    return flow
 
 
 def flow_join(layer: str, qos: QosSpec | None = None, timeout: float | None = None,
@@ -346,11 +321,12 @@ def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
                 *, irm: IrmClient | None = None) -> Flow:
     """Wait for a flow to one of the names this process is bound to.
 
-    `qos`, if given, is the minimum the caller takes; weaker flows are refused.
+    `qos`, if given, is the minimum the caller takes; weaker flows are refused. With qos.cypher_s
+    the IRMd refuses plain allocations for this process outright (ECRYPT to the allocator).
     """
     irm = irm or default_client()
     while True:
-        reply, fd = irm.accept(timeout)
+        reply, fd = irm.accept(timeout, qos.cypher_s if qos else 0)
         flow = establish(reply, fd, irm, client=False)
         if qos is None or _satisfies(flow.qos, qos):
             return flow
@@ -358,4 +334,4 @@ def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
 
 
 def _satisfies(got: QosSpec, want: QosSpec) -> bool:
-    return got.loss <= want.loss and got.in_order >= want.in_order
+    return got.loss <= want.loss and got.in_order >= want.in_order and got.cypher_s >= want.cypher_s

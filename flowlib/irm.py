@@ -64,8 +64,10 @@ class IrmClient:
         )  # fmt: skip
         return self._flow_reply(reply, fds)
 
-    def accept(self, timeout: float | None) -> tuple[m.FlowReply, int]:
-        reply, fds = call(self.channel, m.FlowAccept(timeout), None if timeout is None else timeout + REPLY_MARGIN)
+    def accept(self, timeout: float | None, cypher_s: int = 0) -> tuple[m.FlowReply, int]:
+        """The next flow for this process; cypher_s > 0: only encrypted ones (the IRMd refuses the rest)."""
+        msg = m.FlowAccept(timeout, cypher_s)
+        reply, fds = call(self.channel, msg, None if timeout is None else timeout + REPLY_MARGIN)
         return self._flow_reply(reply, fds)
 
     def dealloc(self, flow_id: int) -> None:
@@ -79,8 +81,8 @@ class IrmClient:
             return "down"
         return reply.state if isinstance(reply, m.FlowInfo) else "down"
 
-    def listen(self, enabled: bool) -> None:
-        call(self.channel, m.FlowListen(enabled), REPLY_MARGIN)
+    def listen(self, enabled: bool, cypher_s: int = 0) -> None:
+        call(self.channel, m.FlowListen(enabled, cypher_s), REPLY_MARGIN)
 
     def bind(self, name: str) -> None:
         """Bind this process to `name` (`irm bind process PID name NAME`): its flows come here."""

@@ -112,14 +112,15 @@ class Ipcp:
         self._done.set()
 
     async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes = b"",
-                           src_flow: int = 0) -> tuple[int, bytes]:
+                           src_flow: int = 0, peer: str = "") -> tuple[int, bytes]:
         """Hand a flow requested by a peer, with the data its request carried, to the IRMd;
-        returns the new flow id and the data to carry back in the answer.
+        returns the new flow id and the data to carry back in the answer. `peer`: who asks, as
+        the layer knows it (the IRMd limits the allocations in flight per peer).
 
         The fd is the application's end; the caller keeps (and must close) its copy.
         """
         assert self.channel is not None
-        reply, fds = await self.channel.request(m.FlowReqArrived(digest, qos, mtu, src_flow, data), [fd])
+        reply, fds = await self.channel.request(m.FlowReqArrived(digest, qos, mtu, src_flow, data, peer), [fd])
         close_fds(fds)
         if not isinstance(reply, m.IpcpFlowAccepted):
             raise HandlerError(m.EPROTO, f"IRMd answered FlowReqArrived with {type(reply).__name__}")

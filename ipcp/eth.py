@@ -1,6 +1,8 @@
-"""The eth-dix and eth-llc IPCPs: a layer over raw Ethernet frames on one interface, no IP needed.
+"""The eth-dix and eth-llc IPCPs: a layer over raw Ethernet frames on one interface, no IP needed,
+speaking Ouroboros 0.23's eth wire (names by broadcast query, flows on endpoint 0, data by eid).
 
-Names resolve by broadcast query/reply frames on endpoint 0; data rides one AF_PACKET socket.
+Between nodes of ours, also deallocation notices and peer keepalives (docs/interop.md). On a
+loopback interface (`lo`) every frame comes back to its sender, so the layer reaches itself.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Hashable
 
 from ipcp.shim import ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp, impaired
+from ipcp.shim_wire import ETH_DIX, ETH_LLC, Layout
 from proto import messages as m
 from proto.names import HASHES
 from transports import eth
@@ -20,6 +23,7 @@ from transports.relay import Relay
 log = logging.getLogger(__name__)
 
 DEFAULT_HASH = "SHA3_256"
+DIX_MAX_MTU = 0xFFFF  # the length field's reach
 BUFSIZE = 65536  # frames and application SDUs are read whole, oversized ones included
 
 
@@ -28,8 +32,8 @@ class EthDixIpcp(ShimIpcp):
 
     type = "eth-dix"
     options = frozenset({"dev", "ethertype", "hash", "impair"})
-    eid_bits = 16
-    loops_back = False  # Ethernet does not hand a frame back to its sender: use a local layer
+    layout: Layout = ETH_DIX
+    loops_back = False  # Ethernet does not hand a frame back to its sender (but `lo` does, by itself)
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)
@@ -62,8 +66,13 @@ class EthDixIpcp(ShimIpcp):
     def _framing(self, mac: bytes, proto: int) -> eth.EthFraming | eth.LlcFraming:
         return eth.EthFraming(mac, proto)
 
-    def _layer_mtu(self, dev_mtu: int) -> int:
-        return dev_mtu - eth.DIX_EXTRA
+    def _link_mtu(self, dev_mtu: int, loopback: bool) -> int:
+        """As Ouroboros: the interface's MTU up to what the length field reaches, 9000 on a loopback."""
+        mtu = min(dev_mtu, DIX_MAX_MTU)
+        return min(mtu, eth.LO_MTU) if loopback else mtu
+
+    def _extra(self) -> int:
+        return eth.DIX_EXTRA
 
     async def open_transport(self, layer: str, conf: dict[str, str]) -> tuple[ShimCore, Relay]:
         dev, proto = self._parse_conf(conf)
@@ -74,17 +83,22 @@ class EthDixIpcp(ShimIpcp):
             raise HandlerError(m.EINVAL, f"{self.type} on {dev!r}: {e.strerror or e}") from None
         self.framing = self._framing(mac, proto)
         self.framing.mgmt_frame(eth.BROADCAST, b"")  # loads scapy's layers now, not at a query
-        self.mtu = self._layer_mtu(dev_mtu)
+        link_mtu = self._link_mtu(dev_mtu, eth.is_loopback(dev))
+        self.mtu = link_mtu - self._extra()
         self.capacity = eth.link_speed(dev)
-        core = ShimCore(eid_bits=self.eid_bits, encode_addr=eth.encode_addr,
-                        decode_addrs=eth.decode_addrs, own=mac)
+        hash_len = HASHES[self.hash_algo]().digest_size
+        core = ShimCore(self.layout.limited(self.mtu), hash_len=hash_len, own=mac, discovery=False)
         log.info("%s: %s layer %s on %s (%s), proto 0x%04x, mtu %d", self.name, self.type, layer,
                  dev, eth.mac_str(mac), proto, self.mtu)
-        return core, Relay(self.sock, impaired(self.framing, conf.get("impair")), BUFSIZE, self.on_mgmt)
+        framing = impaired(self.framing, conf.get("impair"))
+        return core, Relay(self.sock, framing, BUFSIZE, self.on_mgmt, max_sdu=self.mtu)
 
     def send_mgmt(self, dst: Hashable | None, frame: bytes) -> None:
         assert self.sock is not None and self.framing is not None
         self.sock.send(self.framing.mgmt_frame(eth.BROADCAST if dst is None else bytes(dst), frame))  # type: ignore[call-overload]
+
+    def show_addr(self, addr: Hashable) -> str:
+        return eth.mac_str(bytes(addr))  # type: ignore[call-overload]
 
     def flow_header(self, flow: ShimFlow) -> bytes:
         assert isinstance(self.framing, eth.EthFraming)
@@ -97,11 +111,11 @@ class EthDixIpcp(ShimIpcp):
 
 
 class EthLlcIpcp(EthDixIpcp):
-    """eth-llc: 802.3 frames with LLC SAPs as endpoint ids, so at most 63 flows."""
+    """eth-llc: 802.3 frames with LLC SAPs as endpoint ids, so at most 62 flows."""
 
     type = "eth-llc"
     options = frozenset({"dev", "hash", "impair"})
-    eid_bits = 6
+    layout = ETH_LLC
 
     def _parse_conf(self, conf: dict[str, str]) -> tuple[str, int]:
         if "ethertype" in conf:
@@ -113,8 +127,11 @@ class EthLlcIpcp(EthDixIpcp):
     def _framing(self, mac: bytes, proto: int) -> eth.EthFraming | eth.LlcFraming:
         return eth.LlcFraming(mac)
 
-    def _layer_mtu(self, dev_mtu: int) -> int:
-        return min(dev_mtu, eth.LLC_MAX_LEN) - eth.LLC_EXTRA
+    def _link_mtu(self, dev_mtu: int, loopback: bool) -> int:
+        return min(dev_mtu, eth.LLC_MAX_LEN)  # an 802.3 length; Ouroboros's lo cap is above it
+
+    def _extra(self) -> int:
+        return eth.LLC_EXTRA
 
     def flow_header(self, flow: ShimFlow) -> bytes:
         assert isinstance(self.framing, eth.LlcFraming)

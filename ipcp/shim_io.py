@@ -1,4 +1,5 @@
-"""The I/O loop shared by the shim IPCPs: ShimCore driven by asyncio, data by a Relay thread.
+"""The I/O loop shared by the shim IPCPs: ShimCore driven by asyncio (one timer, from get_timer),
+data moved by a Relay thread, or by the application itself on a flow's own socket.
 
 A subclass opens its transport in `open_transport` and frames per-flow headers;
 everything else (queries, handshakes, keepalives, teardown) is common.
@@ -8,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import resource
+import socket
 import time
+from collections import deque
 from collections.abc import Hashable
-from typing import Any
 
 from ipcp.base import Ipcp
 from ipcp.shim import (
-    E_NOENT,
-    E_REFUSED,
-    OK,
-    RESULTS,
     AllocDone,
     FlowEnded,
     FlowRequested,
@@ -27,6 +27,8 @@ from ipcp.shim import (
     ShimFlow,
     ShimFull,
 )
+from ipcp.shim_guard import Bucket
+from ipcp.shim_wire import ShimWireError, response_code
 from proto import messages as m
 from proto.qos import QosSpec
 from transports.channel import HandlerError, RemoteError
@@ -36,7 +38,9 @@ from transports.unix import seqpacket_pair
 
 log = logging.getLogger(__name__)
 
-TICK = 0.1
+MGMT_QUEUE = 1024  # management frames from strangers waiting for the loop; beyond this the relay drops them
+KNOWN_QUEUE = 4096  # ... from members and flows' peers, which go first
+MGMT_BATCH = 128  # frames handled per turn of the loop, so flows' timers are not starved by a flood
 STATS_EVERY = 1.0  # seconds between looks at the drop counters (logged when they change)
 
 
@@ -65,6 +69,17 @@ class ShimIpcp(Ipcp):
         self._queries: dict[bytes, list[asyncio.Future[Hashable | None]]] = {}
         self._allocs: dict[int, asyncio.Future[AllocDone]] = {}
         self._by_flow_id: dict[int, ShimFlow] = {}
+        # Frames from the relay thread: members' and flows' peers' first, strangers' after, and only
+        # as many as the strangers' budget lets through, so that a flood cannot crowd a member out.
+        self._known: frozenset[Hashable] = frozenset()
+        self._known_version = -1
+        self._inbox_known: deque[tuple[bytes, Hashable]] = deque()
+        self._inbox: deque[tuple[bytes, Hashable]] = deque()
+        self._strangers: Bucket | None = None
+        self._draining = False
+        self.inbox_dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self.hash_algo = "SHA3_256"
 
     # -- what a transport provides ------------------------------------------
@@ -79,13 +94,25 @@ class ShimIpcp(Ipcp):
     def flow_header(self, flow: ShimFlow) -> bytes:
         raise NotImplementedError
 
+    def data_socket(self) -> tuple[socket.socket, int] | None:
+        """A socket of its own for a flow's data, and its port, if the transport has them (udp)."""
+        return None
+
+    async def lookup(self, digest: bytes) -> Hashable | None:
+        """Resolve a hash outside the layer's own protocol (udp: /etc/hosts and DNS), or None."""
+        return None
+
     # -- layer operations ----------------------------------------------------
 
     async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
         self.loop = asyncio.get_running_loop()
         self.core, self.relay = await self.open_transport(layer, conf)
+        limits = self.core.limits
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < min(hard, 2 * limits.flows):  # a relayed flow holds a socket here
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * limits.flows), hard))
+        self._strangers = Bucket(2 * limits.strangers_rate, 4 * limits.strangers_rate, time.monotonic())
         self.relay.start()
-        self.spawn(self._tick())
         self.spawn(self._report_drops())
         self._flush()
         return m.LayerInfo(layer, self.hash_algo, self.mtu)
@@ -106,11 +133,23 @@ class ShimIpcp(Ipcp):
         core = self._core()
         if self.loops_back and digest in core.registered:
             return core.own  # a name of this very host: the flow loops through our own socket
+        if (addr := core.resolved(digest, time.monotonic())) is not None:
+            return addr
         fut: asyncio.Future[Hashable | None] = asyncio.get_running_loop().create_future()
+        first = digest not in self._queries
         self._queries.setdefault(digest, []).append(fut)
         core.query(digest, time.monotonic())
         self._flush()
+        if first:
+            self.spawn(self._look_up(digest))
         return await fut
+
+    async def _look_up(self, digest: bytes) -> None:
+        """The outside resolver runs beside the layer's own query; whichever answers first wins."""
+        addr = await self.lookup(digest)
+        if addr is not None and self.core is not None:
+            self.core.learn(digest, addr, time.monotonic())
+            self._flush()
 
     async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
                          data: bytes) -> tuple[int, int, bytes]:
@@ -118,58 +157,71 @@ class ShimIpcp(Ipcp):
         addr = await self._resolve(digest)
         if addr is None:
             raise HandlerError(m.ENOENT, "name not found in this layer")
-        handle, endpoint = self.open_endpoint()
+        own = self.data_socket()
         try:
-            flow = core.alloc(digest, qos, addr, time.monotonic(), timeout, endpoint)
-        except ShimFull as e:
-            self.close_endpoint(handle)
-            raise HandlerError(m.EIPCP, f"{self.name}: {e}") from None
+            flow = core.alloc(digest, qos, addr, time.monotonic(), timeout, data, own[1] if own else 0)
+        except (ShimFull, ShimWireError) as e:
+            if own:
+                own[0].close()
+            raise HandlerError(m.EIPCP if isinstance(e, ShimFull) else m.EINVAL, f"{self.name}: {e}") from None
         flow.flow_id = flow_id
         done: asyncio.Future[AllocDone] = asyncio.get_running_loop().create_future()
         self._allocs[flow.eid] = done
         self._flush()
         try:
             reply = await done
-            if reply.result != OK:
-                code = m.ENOENT if reply.result == E_NOENT else m.ETIMEDOUT if reply.result < 0 else m.EIPCP
-                raise HandlerError(code, RESULTS.get(reply.result, "the peer did not answer"))
-            app_fd = self.connect_endpoint(handle, addr, reply.endpoint)
+            if reply.response is None:
+                raise HandlerError(m.ETIMEDOUT, "the peer did not answer")
+            if reply.response != 0:
+                raise HandlerError(response_code(reply.response), f"refused by the peer ({reply.response})")
+            port = reply.offer.port if reply.offer is not None else 0
+            app_fd = self._data_end(flow, own if port else None, port)
         except BaseException:
-            core.dealloc(flow.eid)
+            core.dealloc(flow.eid, time.monotonic())
             self._flush()
-            self.close_endpoint(handle)
             raise
-        self.bind_endpoint(flow, handle)
+        finally:
+            if own:
+                own[0].close()  # the application has its own copy, if it got the socket
+        self._start(flow)
         self._by_flow_id[flow_id] = flow
-        return self.mtu, app_fd, b""  # TODO(shim): carry the piggyback on the wire
+        core.established(flow, time.monotonic())
+        self._flush()
+        return self.mtu, app_fd, reply.data
 
-    # -- data endpoints: by default the relay's socketpair; transports may do better --------
+    # -- data: a flow's own socket (ours, udp) or the relay's socketpair --------------------
 
-    def open_endpoint(self) -> tuple[Any, bytes]:
-        """A data endpoint for a new flow: a handle, and what the peer needs to reach it."""
-        return seqpacket_pair(), b""
+    def _data_end(self, flow: ShimFlow, own: tuple[socket.socket, int] | None, peer_port: int) -> int:
+        """The application's end of the flow (the caller closes it once passed on).
 
-    def connect_endpoint(self, handle: Any, addr: Hashable, peer: bytes) -> int:
-        """Point the endpoint at the peer's; returns an fd for the application (the caller closes it)."""
-        app_end, _ = handle
-        return int(os.dup(app_end.fileno()))
-
-    def bind_endpoint(self, flow: ShimFlow, handle: Any) -> None:
-        """The flow is established: the IPCP's side of the endpoint starts relaying."""
-        app_end, flow.io = handle
-        app_end.close()
+        With a socket of its own (both ends ours), the application gets that socket, connected to the
+        peer's: no process relays its SDUs. Otherwise the relay carries them over the layer's socket.
+        """
+        if own is not None:
+            sock = own[0]
+            sock.connect((self._ip_of(flow.addr), peer_port))
+            sock.setblocking(True)
+            return os.dup(sock.fileno())
+        app_end, flow.io = seqpacket_pair()
+        flow.relayed = True
         flow.hdr = self.flow_header(flow)
-        assert self.relay is not None
-        self.relay.add(flow)
+        try:
+            return os.dup(app_end.fileno())
+        finally:
+            app_end.close()
 
-    def close_endpoint(self, handle: Any) -> None:
-        for sock in handle:
-            sock.close()
+    def _start(self, flow: ShimFlow) -> None:
+        """The flow is established: the relay takes its SDUs (those the application wrote meanwhile too)."""
+        if flow.relayed and self.relay is not None:
+            self.relay.add(flow)
+
+    def _ip_of(self, addr: Hashable) -> str:
+        raise NotImplementedError
 
     async def flow_dealloc(self, flow_id: int) -> None:
         flow = self._by_flow_id.pop(flow_id, None)
         if flow is not None and self.core is not None:
-            self.core.dealloc(flow.eid)
+            self.core.dealloc(flow.eid, time.monotonic())
             self._drop(flow)
             self._flush()
 
@@ -182,7 +234,7 @@ class ShimIpcp(Ipcp):
     async def stop(self) -> None:
         if self.core is not None:
             for flow in list(self.core.flows.values()):
-                self.core.dealloc(flow.eid)
+                self.core.dealloc(flow.eid, time.monotonic())
             self._flush()
         if self.relay is not None:
             self.relay.stop()
@@ -190,39 +242,114 @@ class ShimIpcp(Ipcp):
     # -- driving the core ----------------------------------------------------
 
     def on_mgmt(self, frame: bytes, src: Hashable) -> None:
-        """From the relay thread: a management frame."""
-        self.loop.call_soon_threadsafe(self._receive, frame, src)
+        """From the relay thread: a management frame, queued for the loop (bounded queues)."""
+        if src in self._known:
+            inbox, limit = self._inbox_known, KNOWN_QUEUE
+        elif self._strangers is not None and not self._strangers.take(time.monotonic()):
+            self.inbox_dropped += 1
+            return
+        else:
+            inbox, limit = self._inbox, MGMT_QUEUE
+        if len(inbox) >= limit:
+            self.inbox_dropped += 1
+            return
+        inbox.append((frame, src))
+        if not self._draining:
+            self._draining = True
+            self.loop.call_soon_threadsafe(self._drain)
 
-    def _receive(self, frame: bytes, src: Hashable) -> None:
+    def _drain(self) -> None:
+        self._draining = False
+        core = self.core
+        for _ in range(MGMT_BATCH):
+            inbox = self._inbox_known or self._inbox
+            if not inbox:
+                break
+            frame, src = inbox.popleft()
+            if core is not None:
+                self._receive(core, frame, src)
+        if (self._inbox_known or self._inbox) and not self._draining:
+            self._draining = True
+            self.loop.call_soon(self._drain)
+        self._flush()
+
+    def _receive(self, core: ShimCore, frame: bytes, src: Hashable) -> None:
+        try:
+            core.receive(frame, src, time.monotonic())
+        except Exception:  # a bug the network can trigger must not end the IPCP: count it, say where
+            core.stats["dropped internal error"] += 1
+            if core.stats["dropped internal error"] <= 3:
+                log.exception("%s: management frame from %s", self.name, src)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
         if self.core is not None:
-            self.core.receive(frame, src, time.monotonic())
+            self.core.handle_timer(time.monotonic())
             self._flush()
+
+    def _arm(self) -> None:
+        """One timer, at the core's next deadline (asyncio's clock is time.monotonic)."""
+        when = self.core.get_timer() if self.core is not None else math.inf
+        if when >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer) if when < math.inf else None
 
     async def _report_drops(self) -> None:
         """Log the drop counters whenever they moved: bad input never passes silently."""
-        seen = (0, 0)
+        seen: dict[str, int] = {}
         while True:
             await asyncio.sleep(STATS_EVERY)
-            if self.relay is None or self.core is None:
-                continue
-            now = (self.relay.dropped + self.core.dropped, self.relay.overflow)
-            if now != seen:
-                seen = now
-                log.info("%s: dropped %d bad frames so far (%d malformed, for no flow or from the"
-                         " wrong peer; %d bad management messages); %d SDUs overflowed",
-                         self.name, now[0], self.relay.dropped, self.core.dropped, self.relay.overflow)
+            drops = {k: v for k, v in self.counters().items() if k.startswith("dropped") and v}
+            if drops != seen:
+                seen = drops
+                log.info("%s: dropped %d bad frames so far (%s)", self.name, sum(drops.values()),
+                         ", ".join(f"{k.removeprefix('dropped ')} {v}" for k, v in sorted(drops.items())))
 
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            if self.core is not None:
-                self.core.handle_timer(time.monotonic())
-                self._flush()
+    def info(self) -> list[m.InfoSection]:
+        """`irm ipcp show`: the layer's address and MTU, the counters, the flows and (udp) the members."""
+        sections = super().info()
+        core = self.core
+        if core is None:
+            return sections
+        now = time.monotonic()
+        flows = [[str(f.eid), self.show_addr(f.addr), str(f.remote_eid) if f.remote_eid else "-",
+                  "ours" if f.ours else "0.23", "relay" if f.relayed else "own socket"]
+                 for f in sorted(core.flows.values(), key=lambda f: f.eid)]
+        sections += [
+            m.InfoSection("shim", ["field", "value"], [["address", self.show_addr(core.own)],
+                                                       ["mtu", str(self.mtu)], ["hash", self.hash_algo]]),
+            m.InfoSection("counters", ["counter", "value"],
+                          [[k, str(v)] for k, v in sorted(self.counters().items())]),
+            m.InfoSection("flows", ["eid", "peer", "peer eid", "peer speaks", "data"], flows),
+        ]
+        if core.discovery:
+            members = [[self.show_addr(a), "configured" if a in core.static_peers else "proven",
+                        f"{now - seen:.0f} s ago" if seen else "never"] for a, seen in core.members.items()]
+            sections.append(m.InfoSection("members", ["member", "how", "last heard"], members))
+        return sections
+
+    def show_addr(self, addr: Hashable) -> str:
+        return str(addr)
+
+    def counters(self) -> dict[str, int]:
+        """The shim's counters: what it sent and received, what it dropped and why, its tables."""
+        out = self.core.counters() if self.core is not None else {}
+        if self.relay is not None:
+            out |= {"dropped data (malformed, no flow, wrong peer)": self.relay.dropped,
+                    "dropped data (application slow)": self.relay.overflow,
+                    "keepalives received": self.relay.keepalives}
+        out["dropped management (queue full)"] = self.inbox_dropped
+        return out
 
     def _flush(self) -> None:
         core = self.core
         if core is None:
             return
+        if core.version != self._known_version:
+            self._known_version, self._known = core.version, core.known()
         for dst, frame in core.datagrams_to_send():
             try:
                 self.send_mgmt(dst, frame)
@@ -241,30 +368,45 @@ class ShimIpcp(Ipcp):
                 case FlowRequested():
                     self.spawn(self._arrived(ev))
                 case FlowEnded():
-                    flow = next((f for f in self._by_flow_id.values() if f.eid == ev.eid), None)
-                    if flow is not None:
-                        del self._by_flow_id[flow.flow_id]
-                        if flow.io is not None and self.relay is not None:
-                            self.relay.remove(flow)
-                        self.flow_ended(flow.flow_id, ev.down, flow.io)
-                        log.info("flow %d %s", flow.flow_id, "down: peer silent" if ev.down else "deallocated by peer")
+                    self._ended(ev)
+        self._arm()
+
+    def _ended(self, ev: FlowEnded) -> None:
+        flow = next((f for f in self._by_flow_id.values() if f.eid == ev.eid), None)
+        if flow is None:
+            return
+        del self._by_flow_id[flow.flow_id]
+        if flow.io is not None and self.relay is not None:
+            self.relay.remove(flow)
+        self.flow_ended(flow.flow_id, ev.down, flow.io)
+        log.info("flow %d %s", flow.flow_id, "down: peer silent" if ev.down else "deallocated by peer")
 
     async def _arrived(self, req: FlowRequested) -> None:
         core = self._core()
-        handle, endpoint = self.open_endpoint()
+        flow = req.flow
+        port = req.offer.port if req.offer is not None else 0
+        own = self.data_socket() if port else None
         try:
-            app_fd = self.connect_endpoint(handle, req.addr, req.endpoint)
             try:
-                flow_id, _ = await self.flow_arrived(req.digest, req.qos, self.mtu, app_fd)
+                app_fd = self._data_end(flow, own, port)
+                try:
+                    flow_id, data = await self.flow_arrived(req.digest, req.qos, self.mtu, app_fd, data=req.data)
+                finally:
+                    os.close(app_fd)
             finally:
-                os.close(app_fd)
+                if own:
+                    own[0].close()  # the application holds it now, or nobody does
         except (RemoteError, HandlerError, OSError) as e:
-            self.close_endpoint(handle)
-            core.refuse(req, E_NOENT if getattr(e, "code", "") == m.ENOENT else E_REFUSED)
+            log.info("%s: flow request from %s refused: %s", self.name, req.addr, e)
+            self._drop(flow)
+            core.refuse(req, getattr(e, "code", m.EIPCP))
             self._flush()
             return
-        flow = core.accept(req, time.monotonic(), endpoint)
-        flow.flow_id = flow_id
-        self.bind_endpoint(flow, handle)
-        self._by_flow_id[flow_id] = flow
+        if core.accept(req, time.monotonic(), data, own[1] if own else 0) is None:
+            self._drop(flow)
+            self.flow_ended(flow_id, True, None)
+        else:
+            flow.flow_id = flow_id
+            self._start(flow)
+            self._by_flow_id[flow_id] = flow
         self._flush()

@@ -1,13 +1,11 @@
-"""The udp4/udp6 IPCPs: a layer over UDP/IP, names resolved by broadcast and member gossip.
+"""The udp4/udp6 IPCPs: a layer over UDP/IP that speaks Ouroboros 0.23's udp wire, with our extensions.
 
-`peer ADDR` seeds the member list where broadcast cannot reach; members share
-the members they know, so configuring any one is enough.
-
-Data takes a fast path: each flow gets its own UDP socket, connected to the
-peer's, and that socket is the application's flow fd, so no process relays
-SDUs (as the local IPCP does with its socketpairs). The IPCP keeps the
-management port for names, handshakes and keepalives, and tears flows down
-through the IRMd. With `impair` (tests only) data goes through the relay.
+As Ouroboros, names resolve through getaddrinfo on the hex MD5 of the name (/etc/hosts, DNS),
+every member uses the same port, and flows are set up on that one socket. Between nodes of ours,
+also: members found by broadcast and gossip (`peer ADDR` seeds the list where broadcast cannot
+reach), names found by query, and each flow's data on a UDP socket of its own, which is the
+application's flow fd, so no process relays its SDUs (docs/interop.md). With `impair` (tests
+only) data goes through the relay.
 """
 
 from __future__ import annotations
@@ -15,28 +13,37 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
+import socket
 from collections.abc import Hashable
-from typing import Any, cast
+from typing import cast
 
-from ipcp.shim import ShimCore, ShimFlow
+from ipcp.shim import Limits, ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp, impaired
+from ipcp.shim_wire import UDP
 from proto import messages as m
 from transports import udp
 from transports.channel import HandlerError
+from transports.poller import BURST
 from transports.relay import Relay
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 3435
-UDP_MTU = 8980  # as Ouroboros: jumbo-frame sized, well under the 64 KiB datagram limit
-OPTIONS = {"ip", "port", "peer", "impair"}
+UDP_MTU = udp.MAX_DATAGRAM - udp.EID.size  # the largest SDU an Ouroboros 0.23 peer reads whole
+HASH = "MD5"  # as Ouroboros: a udp layer hashes names with MD5, whatever the bootstrap asked for
+LOOKUPS = 4  # getaddrinfo calls at once (each holds a thread while DNS answers)
+OPTIONS = {"ip", "port", "peer", "impair", "hash", "dns", "members"}
 
 
 class UdpIpcp(ShimIpcp):
     type = "udp4"
     version = 4
     mtu = UDP_MTU
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)
+        self.hash_algo = HASH
+        self._lookups = asyncio.Semaphore(LOOKUPS)
 
     async def open_transport(self, layer: str, conf: dict[str, str]) -> tuple[ShimCore, Relay]:
         if unknown := set(conf) - OPTIONS:
@@ -45,11 +52,15 @@ class UdpIpcp(ShimIpcp):
             ip = str(ipaddress.ip_address(conf["ip"]))
             port = int(conf.get("port", DEFAULT_PORT))
             peers: list[tuple[str, int]] = [(str(ipaddress.ip_address(p)), port)
-                                     for p in conf.get("peer", "").split(",") if p]
+                                            for p in conf.get("peer", "").split(",") if p]
+            limits = Limits(members=int(conf.get("members", Limits.members)))
         except (KeyError, ValueError) as e:
             raise HandlerError(m.EINVAL, f"bad {self.type} options: {e}") from None
         if ipaddress.ip_address(ip).version != self.version:
             raise HandlerError(m.EINVAL, f"{ip} is not an IPv{self.version} address")
+        if "dns" in conf:
+            log.warning("%s: no dynamic DNS here (as a 0.23 build without nsupdate): names resolve through"
+                        " /etc/hosts and the system's resolver", self.name)
         try:
             self.sock = udp.open_udp(ip, port)
         except OSError as e:
@@ -67,20 +78,29 @@ class UdpIpcp(ShimIpcp):
         self.ip = ip
         self.fast = "impair" not in conf
         own = (ip, port)
-        core = ShimCore(eid_bits=32, encode_addr=udp.encode_addr, decode_addrs=udp.decode_addrs,
-                        own=own, peers=[p for p in peers if p != own])
+        core = ShimCore(UDP, hash_len=16, own=own, discovery=True, encode_addr=udp.encode_addr,
+                        decode_addrs=udp.decode_addrs, peers=peers, limits=limits)
         log.info("%s: udp layer %s on %s:%d, broadcast %s, peers %s", self.name, layer, ip, port,
                  bcast_ip or "none", [p[0] for p in peers] or "none")
-        return core, Relay(self.sock, impaired(udp.UdpFraming(), conf.get("impair")), 65536, self.on_mgmt)
+        framing = impaired(udp.UdpFraming(), conf.get("impair"))
+        return core, Relay(self.sock, framing, udp.MAX_DATAGRAM + 1, self.on_mgmt, max_sdu=self.mtu)
 
     def _on_broadcast(self) -> None:
-        try:
-            frame, src = self.bcast_sock.recvfrom(65536)
-        except OSError:
-            return
-        parsed = udp.UdpFraming.parse(frame, src)
-        if parsed is not None and parsed[0] == 0 and parsed[2] != self.core.own:  # type: ignore[union-attr]
-            self._receive(bytes(parsed[1]), parsed[2])
+        """Queries to the subnet's broadcast: into the same bounded, rate-limited queues as the rest."""
+        for _ in range(BURST):
+            try:
+                frame, src = self.bcast_sock.recvfrom(udp.MAX_DATAGRAM)
+            except OSError:
+                return
+            parsed = udp.UdpFraming.parse(frame, src)
+            if parsed is not None and parsed[0] == 0 and self.core is not None and parsed[2] != self.core.own:
+                self.on_mgmt(bytes(parsed[1]), parsed[2])
+
+    async def lookup(self, digest: bytes) -> Hashable | None:
+        """As Ouroboros 0.23 without DNS updates: getaddrinfo on the lowercase hex of the hash, on our port."""
+        async with self._lookups:
+            ip = await asyncio.to_thread(udp.lookup, digest.hex(), self.version)
+        return None if ip is None or self.core is None else (ip, self.core.own[1])  # type: ignore[index]
 
     def send_mgmt(self, dst: Hashable | None, frame: bytes) -> None:
         data = udp.EID.pack(0) + frame
@@ -98,35 +118,20 @@ class UdpIpcp(ShimIpcp):
     def flow_header(self, flow: ShimFlow) -> bytes:
         return udp.EID.pack(flow.remote_eid)
 
-    def open_endpoint(self) -> tuple[Any, bytes]:
+    def data_socket(self) -> tuple[socket.socket, int] | None:
         if not self.fast:
-            return super().open_endpoint()
+            return None
         sock = udp.open_udp(self.ip, 0)
-        return sock, udp.PORT.pack(sock.getsockname()[1])
+        return sock, sock.getsockname()[1]
 
-    def connect_endpoint(self, handle: Any, addr: Hashable, peer: bytes) -> int:
-        if not self.fast:
-            return super().connect_endpoint(handle, addr, peer)
-        if len(peer) != udp.PORT.size:
-            raise HandlerError(m.EPROTO, "the peer sent no data port")
-        handle.connect((cast(tuple[str, int], addr)[0], udp.PORT.unpack(peer)[0]))
-        handle.setblocking(True)
-        return int(os.dup(handle.fileno()))
+    def _ip_of(self, addr: Hashable) -> str:
+        return str(cast(tuple[str, int], addr)[0])
 
-    def bind_endpoint(self, flow: ShimFlow, handle: Any) -> None:
-        if not self.fast:
-            super().bind_endpoint(flow, handle)
-        else:
-            handle.close()  # the application holds the socket now
-
-    def close_endpoint(self, handle: Any) -> None:
-        if not self.fast:
-            super().close_endpoint(handle)
-        else:
-            handle.close()
+    def show_addr(self, addr: Hashable) -> str:
+        ip, port = cast(tuple[str, int], addr)
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class Udp6Ipcp(UdpIpcp):
     type = "udp6"
     version = 6
-

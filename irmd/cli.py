@@ -12,6 +12,7 @@ import shutil
 import sys
 from typing import Any
 
+from irmd.secfiles import IRM_WORDS
 from proto import messages as m
 from proto.control import call, open_channel
 from proto.errors import FlowError
@@ -161,8 +162,18 @@ def _name_arg(args: list[str]) -> tuple[str, list[str]]:
 
 def name_create(args: list[str]) -> Message:
     name, rest = _name_arg(args)
-    lb = parse_words(rest, ["lb"]).one("lb") or "round-robin"
-    return m.NameCreate(name, choice(*LB_POLICIES)("lb", lb))
+    w = parse_words(rest, ["lb", *IRM_WORDS])
+    lb = w.one("lb") or "round-robin"
+    sec = {IRM_WORDS[word]: _existing(word, w.one(word)) for word in IRM_WORDS if w.one(word)}
+    return m.NameCreate(name, choice(*LB_POLICIES)("lb", lb), sec)
+
+
+def _existing(word: str, path: str) -> str:
+    """A security file path, resolved as 0.23's irm does (realpath; the file must exist)."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError as e:
+        raise UsageError(f'{word} "{path}": {e.strerror}') from None
 
 
 def name_destroy(args: list[str]) -> Message:
@@ -227,9 +238,9 @@ COMMANDS: dict[str, Any] = {
 USAGE = """usage: irm OPERATION ...
   irm ipcp create    name N type {local|unicast|broadcast|udp4|udp6|eth-dix|eth-llc}
   irm ipcp bootstrap name N layer L [type T] [autobind] [type options]
-      local: [hash H]   udp4/udp6: ip ADDR [port 3435] [peer ADDR]...
+      local: [hash H]   udp4/udp6: ip ADDR [port 3435] [dns ADDR] [peer ADDR]... [members 1024]
       udp/eth, for tests only: [impair loss=PCT,dup=PCT,reorder=PCT]
-      eth-dix: dev IFACE [ethertype 0xA000]   eth-llc: dev IFACE
+      eth-dix: dev IFACE [ethertype 0xA000] [hash H]   eth-llc: dev IFACE [hash H]
       unicast: [addr 4] [eid 8] [ttl 60] [routing {link_state|lfa|ecmp}]
                [congestion {none|mb-ecn}] [hash {SHA3_224|SHA3_256|SHA3_384|SHA3_512}]
                [directory DHT] [addr_auth flat] [key SECRET]
@@ -239,7 +250,11 @@ USAGE = """usage: irm OPERATION ...
   irm ipcp list [name N] [layer L] [type T]  |  irm ipcp destroy name N
   irm bind program PATH name N [auto] [-- ARGS...] | bind process PID name N | bind ipcp I name N
   irm unbind program PATH [name N] | unbind process PID [name N] | unbind ipcp I [name N]
-  irm name create N [lb {round-robin|spillover}] | irm name destroy N
+  irm name create N [lb {round-robin|spillover}] [sencpath P] [scrtpath P] [skeypath P]
+                  [cencpath P] [ccrtpath P] [ckeypath P]   | irm name destroy N
+      security files (server/client enc.conf, crt.pem, key.pem); default:
+      <security dir>/{server,client}/N/..., the security dir $OUROBOROS_SECURITY_DIR,
+      /etc/ouroboros/security for root, else ~/.config/ouroboros/security
   irm name register N layer L [layer L2 ...] | irm name unregister N layer L [layer L2 ...]
   irm name list | irm flow list
   irm dump config                 the running state as a config file (irmd --config takes it)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from irmd.cli import UsageError
+from irmd.secfiles import SEC_KEYS
 from proto import messages as m
 from proto.names import LB_POLICIES
 from proto.options import bootstrap_conf
@@ -33,7 +34,7 @@ log = logging.getLogger("irmd.config")
 # irmd.conf spells some options differently from the irm command line.
 ALIASES = {"addr_size": "addr", "eid_size": "eid", "max_ttl": "ttl", "device": "dev"}
 IPCP_KEYS = {"bootstrap", "enrol", "enroll", "join", "autobind", "reg", "conn"}
-NAME_KEYS = {"prog", "args", "lb", "auto"}
+NAME_KEYS = {"prog", "args", "lb", "auto", *SEC_KEYS}
 # Shims first, so the layers above find the layers they run over.
 ENROL_PATIENCE = 300.0  # seconds an enrollment keeps looking for a member to enrol with
 ENROL_RETRY = 2.0
@@ -118,7 +119,14 @@ def _name_steps(path: Path, name: str, table: Any) -> list[Step]:
     lb = {"spill": "spillover"}.get(lb, lb)
     if lb not in LB_POLICIES:
         raise ConfigError(f"{where}: lb = {lb!r}: expected one of {', '.join(LB_POLICIES)} (or spill)")
-    steps: list[Step] = [(where, m.NameCreate(name, lb))]
+    sec = {}
+    for key in SEC_KEYS:
+        if key in table:
+            value = table[key]
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where} {key}: expected a path")
+            sec[key] = os.path.abspath(os.path.join(path.parent, os.path.expanduser(value)))
+    steps: list[Step] = [(where, m.NameCreate(name, lb, sec))]
     progs = _words(table.get("prog", []), f"{where} prog")
     args = _words(table.get("args", []), f"{where} args")
     for i, prog in enumerate(progs):

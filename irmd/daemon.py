@@ -26,9 +26,11 @@ from typing import Any
 
 from irmd import state
 from irmd.config import ConfigError, Step, apply_config, plan
+from irmd.oap import Oap
 from irmd.registry import Acceptor, Flow, FlowState, ProgBinding, Registry
+from irmd.secfiles import check_sec
 from proto import messages as m
-from proto.names import HASHES, IPCP_TYPES, RegistryError, check_name, name_hash
+from proto.names import DIGESTS, IPCP_TYPES, RegistryError, check_name, name_hash
 from transports.channel import AsyncChannel, ChannelClosed, HandlerError, RemoteError
 from transports.unix import close_fds, irmd_sock_path
 from transports.wire import Message
@@ -77,6 +79,7 @@ class Client:
     ipcp: Ipcp | None = None
     listening: bool = False
     serves: bool = False  # has accepted or listened: a server, not just a client of the name
+    cypher_s: int = 0  # takes only encrypted flows (FlowAccept/FlowListen)
     accepts: deque[asyncio.Future[tuple[m.FlowReply, int]]] = dataclasses.field(default_factory=deque)
 
     @property
@@ -115,6 +118,7 @@ class Irmd:
     def __init__(self, sock_path: Path) -> None:
         self.sock_path = sock_path
         self.reg = Registry()
+        self.oap = Oap(self.reg)
         self.ipcps: dict[str, Ipcp] = {}
         self.clients: dict[int, Client] = {}
         self.programs: dict[int, asyncio.subprocess.Process] = {}
@@ -330,9 +334,10 @@ class Irmd:
             qos=msg.qos, role="src",
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
+        attempt = self.oap.request(msg.name, msg.qos, msg.join)
         try:
             reply, fds = await ipcp.channel.request(
-                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining), timeout=remaining + 1.0
+                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
             )
         except RemoteError as e:
             self.reg.flows.pop(flow.flow_id, None)
@@ -346,11 +351,15 @@ class Irmd:
             self.reg.flows.pop(flow.flow_id, None)
             raise HandlerError(m.EIPCP, f"ipcp {ipcp.name} answered the allocation wrongly")
         flow.fd, flow.mtu, flow.state = os.dup(fds[0]), reply.mtu, FlowState.ALLOCATED
-        if c.conn_id not in self.clients:  # the application left while we waited
+        try:
+            if c.conn_id not in self.clients:  # the application left while we waited
+                raise ChannelClosed("client gone")
+            outcome = self.oap.complete(attempt, reply.data)
+        except (ChannelClosed, HandlerError):
             close_fds(fds)
             await self._release(flow)
-            raise ChannelClosed("client gone")
-        return m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name), fds
+            raise
+        return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
 
     async def _resolve(self, name: str, timeout: float) -> list[Ipcp]:
         """The operational IPCPs that reach `name`, the most local first."""
@@ -390,7 +399,7 @@ class Irmd:
     async def _flow_accept(self, c: Client, msg: m.FlowAccept, _: list[int]) -> tuple[m.FlowReply, list[int]]:
         fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
         c.accepts.append(fut)
-        c.serves = True
+        c.serves, c.cypher_s = True, msg.cypher_s
         await self._notify_acceptors()
         try:
             reply, fd = await asyncio.wait_for(fut, msg.timeout if msg.timeout and msg.timeout > 0 else None)
@@ -402,7 +411,7 @@ class Irmd:
         return reply, [fd]
 
     async def _flow_listen(self, c: Client, msg: m.FlowListen, _: list[int]) -> m.Ok:
-        c.listening = msg.enabled
+        c.listening, c.cypher_s = msg.enabled, msg.cypher_s
         c.serves |= msg.enabled
         await self._notify_acceptors()
         return m.Ok()
@@ -449,21 +458,23 @@ class Irmd:
         entry = self.reg.name_for_hash(ipcp.layer, ipcp.hash, msg.hash)
         if entry is None:
             raise HandlerError(m.ENOENT, "no name with that hash is registered here")
-        acceptor = await self._wait_acceptor(entry.name)
+        src = self._local_source(ipcp, msg.src_flow)
+        with self.oap.startup(ipcp.layer, f"uid {src.uid}" if src else msg.peer):
+            acceptor = await self._wait_acceptor(entry.name)
+            answer, outcome = self.oap.serve(entry.name, msg.data, acceptor.cypher_s)
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
             ipcp=ipcp.name, qos=msg.qos, role="dst", state=FlowState.ALLOCATED, mtu=msg.mtu,
         )  # fmt: skip
         flow.fd = os.dup(fds[0])
-        src = self._local_source(ipcp, msg.src_flow)
-        reply = m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
-                            src.uid if src else -1, src.pid if src else 0)
+        reply = outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
+                                          src.uid if src else -1, src.pid if src else 0))
         waiting = next((f for f in acceptor.accepts if not f.done()), None)
         if waiting is not None:
             waiting.set_result((reply, os.dup(fds[0])))
         elif acceptor.channel is not None:
             acceptor.channel.notify(reply, fds)
-        return m.IpcpFlowAccepted(flow.flow_id)
+        return m.IpcpFlowAccepted(flow.flow_id, answer)
 
     def _local_source(self, ipcp: Ipcp, src_flow: int) -> Flow | None:
         """The allocating end of a flow that never left this host: only the local IPCP can name it,
@@ -629,7 +640,7 @@ class Irmd:
             # The layer's PDUs ride on flows of the layers below: the smallest MTU bounds them.
             msg.conf.setdefault("mtu", str(min((i.mtu for i in lower), default=1500)))
         info = await self._ipcp_request(ipcp, msg)
-        if not isinstance(info, m.LayerInfo) or info.hash not in HASHES:
+        if not isinstance(info, m.LayerInfo) or info.hash not in DIGESTS:
             raise HandlerError(m.EIPCP, f"ipcp {ipcp.name} answered with {type(info).__name__}")
         if layer and info.layer != layer:
             _signal(ipcp.proc, signal.SIGKILL)
@@ -745,7 +756,7 @@ class Irmd:
     async def _name_create(self, c: Client, msg: m.NameCreate, _: list[int]) -> m.Ok:
         if msg.name in self.reg.names:
             raise HandlerError(m.EEXIST, f"name {msg.name!r} already exists")
-        self.reg.create_name(msg.name, msg.lb)
+        self.reg.create_name(msg.name, msg.lb).sec = check_sec(msg.sec)
         return m.Ok()
 
     async def _name_destroy(self, c: Client, msg: m.NameDestroy, _: list[int]) -> m.Ok:

@@ -36,6 +36,7 @@ class Name:
     pids: set[int] = dataclasses.field(default_factory=set)
     layers: set[str] = dataclasses.field(default_factory=set)
     next_rr: int = 0
+    sec: dict[str, str] = dataclasses.field(default_factory=dict)  # security files set at creation (irmd.secfiles)
 
 
 class FlowState(enum.Enum):

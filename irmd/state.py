@@ -42,6 +42,7 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry) -> str:
             out.append(f"auto = {'true' if any(p.auto for p in progs) else 'false'}")
         if entry.lb != "round-robin":
             out.append(f"lb = {_q(entry.lb)}")
+        out += [f"{key} = {_q(value)}" for key, value in sorted(entry.sec.items())]
         if entry.pids:
             out.append(f"# bound to processes {', '.join(map(str, sorted(entry.pids)))}: not kept in a config file")
         out.append("")

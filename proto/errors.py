@@ -46,6 +46,15 @@ class QosNotSupported(FlowError):
     """No layer that reaches the name can serve the QoS asked."""
 
 
+class AuthenticationFailed(FlowError, PermissionError):
+    """The flow allocation failed authentication: a bad or replayed OAP header, or an identity
+    that did not verify (EAUTH)."""
+
+
+class EncryptionFailed(FlowError):
+    """The flow's key exchange failed, or one side required encryption the other did not offer (ECRYPT)."""
+
+
 _BY_CODE: dict[str, type[FlowError]] = {
     "ENOENT": NameNotFound,
     "ETIMEDOUT": FlowTimeout,
@@ -53,6 +62,8 @@ _BY_CODE: dict[str, type[FlowError]] = {
     "ENOTCONN": LayerDown,
     "EINVAL": InvalidArgument,
     "ENOTSUP": QosNotSupported,
+    "EAUTH": AuthenticationFailed,
+    "ECRYPT": EncryptionFailed,
 }
 
 

@@ -25,6 +25,9 @@ ENOTCONN = "ENOTCONN"  # layer or ipcp down
 EIPCP = "EIPCP"  # the IPCP failed the operation
 EPROTO = "EPROTO"
 ENOTSUP = "ENOTSUP"  # the layer cannot serve the QoS asked
+EAUTH = "EAUTH"  # the flow allocation failed authentication (OAP header, timestamp, replay, identity)
+ECRYPT = "ECRYPT"  # the flow allocation's key exchange failed, or encryption was required and not offered
+EBUSY = "EBUSY"  # too many allocations in flight: try again later
 
 
 # -- generic replies ----------------------------------------------------------
@@ -74,6 +77,7 @@ class FlowAlloc(Message):
 class FlowAccept(Message):
     TYPE: ClassVar[int] = 12
     timeout: float | None = None
+    cypher_s: int = 0  # > 0: take only encrypted flows (the IRMd refuses plain ones for this process)
 
 
 @reg
@@ -90,6 +94,15 @@ class FlowReply(Message):
     # Who allocated it, as the kernel told the IRMd, when both ends are on this host; else -1 / 0.
     peer_uid: int = -1
     peer_pid: int = 0
+    # What the allocation's OAP exchange established (irmd.oap): the cipher (OpenSSL NID, 0 = plain)
+    # and its key, which the application's flowlib seals and opens packets with; the peer's
+    # certificate (DER) if it signed its header, and whether it chains to the IRMd's CA store;
+    # seq_iv: both ends number their IVs, so either may refuse replays.
+    cipher: int = 0
+    key: bytes = b""
+    peer_crt: bytes = b""
+    peer_ca: bool = False
+    seq_iv: bool = False
 
 
 @reg
@@ -116,6 +129,7 @@ class FlowListen(Message):
 
     TYPE: ClassVar[int] = 16
     enabled: bool
+    cypher_s: int = 0  # as FlowAccept's
 
 
 # -- irm (administration) -> IRMd ---------------------------------------------
@@ -199,6 +213,7 @@ class NameCreate(Message):
     TYPE: ClassVar[int] = 37
     name: str
     lb: str = "round-robin"
+    sec: dict[str, str] = field(default_factory=dict)  # irmd.secfiles.SEC_KEYS -> path: security files
 
 
 @reg
@@ -351,6 +366,7 @@ class FlowReqArrived(Message):
     mtu: int
     src_flow: int = 0  # the local IPCP: the allocating end's flow id at this IRMd, so it can name the peer
     data: bytes = b""  # the requester's piggyback, as it arrived
+    peer: str = ""  # who asks, as the layer knows it (an address): in-flight allocations are limited per peer
 
 
 @reg

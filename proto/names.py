@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 
-HASHES = {
+HASHES = {  # what a layer may be configured with
     "SHA3_224": hashlib.sha3_224,
     "SHA3_256": hashlib.sha3_256,
     "SHA3_384": hashlib.sha3_384,
     "SHA3_512": hashlib.sha3_512,
 }
+DIGESTS = {**HASHES, "MD5": hashlib.md5}  # and what udp layers always use, as Ouroboros's
 LB_POLICIES = ("round-robin", "spillover")
 IPCP_TYPES = ("local", "unicast", "broadcast", "udp4", "udp6", "eth-dix", "eth-llc")
 MAX_NAME = 255
@@ -34,6 +35,6 @@ def check_name(name: str, what: str = "name") -> str:
 
 def name_hash(algo: str, name: str) -> bytes:
     try:
-        return HASHES[algo](name.encode()).digest()
+        return DIGESTS[algo](name.encode()).digest()
     except KeyError:
-        raise RegistryError("EINVAL", f"unknown hash {algo!r}: expected one of {', '.join(HASHES)}") from None
+        raise RegistryError("EINVAL", f"unknown hash {algo!r}: expected one of {', '.join(DIGESTS)}") from None

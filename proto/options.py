@@ -70,8 +70,12 @@ def text(key: str, value: str) -> str:
 TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "local": {"hash": choice(*HASHES)},
     "broadcast": {},
-    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "peer": _ip(4), "impair": text},
-    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "peer": _ip(6), "impair": text},
+    # udp: `hash` and `dns` as Ouroboros takes them (a udp layer hashes with MD5 all the same, and
+    # resolves without DDNS); `peer`, `members` and `impair` are ours.
+    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "dns": _ip(4), "hash": choice(*HASHES), "peer": _ip(4),
+             "members": _int(1, 65536), "impair": text},
+    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "dns": _ip(6), "hash": choice(*HASHES), "peer": _ip(6),
+             "members": _int(1, 65536), "impair": text},
     "eth-dix": {"dev": text, "ethertype": _ethertype, "hash": choice(*HASHES), "impair": text},
     "eth-llc": {"dev": text, "hash": choice(*HASHES), "impair": text},
     "unicast": {

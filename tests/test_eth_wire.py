@@ -68,6 +68,8 @@ def test_dix_parse_of_any_bytes_is_none_or_a_valid_tuple(frame: bytes) -> None:
 @given(st.binary(max_size=200))
 def test_llc_parse_of_any_bytes_is_none_or_a_valid_tuple(frame: bytes) -> None:
     check_parsed(LLC.parse(frame, None), frame, eth.MAX_SAPS - 1)
+    got = LLC.parse(frame, None)
+    assert got is None or got[0] == 0 or got[0] >= 2  # SAP 1 is management, eid 0
 
 
 @settings(max_examples=1000)
@@ -94,7 +96,8 @@ def test_llc_parse_of_frames_with_any_header_fields_never_raises(
     got = LLC.parse(frame, None)
     check_parsed(got, frame, eth.MAX_SAPS - 1)
     if got is not None:
-        assert ctrl == eth.LLC_UI and eth.EID_OF[dsap] == got[0]
+        plain = eth.WIRE_SAP[dsap]
+        assert ctrl == eth.LLC_UI and got[0] == (0 if plain == eth.MGMT_SAP else plain)
         assert bytes(got[1]) == rest[: length - eth.LLC_EXTRA]
 
 
@@ -109,7 +112,7 @@ def test_dix_frames_sent_parse_back_even_with_ethernet_padding(eid: int, sdu: by
     assert (got[0], bytes(got[1]), got[2]) == (eid, sdu, PEER)
 
 
-@given(st.integers(1, eth.MAX_SAPS - 1), st.integers(1, eth.MAX_SAPS - 1),
+@given(st.integers(2, eth.MAX_SAPS - 1), st.integers(2, eth.MAX_SAPS - 1),
        st.binary(max_size=1497), st.binary(max_size=46))  # fmt: skip
 def test_llc_frames_sent_parse_back_even_with_ethernet_padding(
     local: int, remote: int, sdu: bytes, pad: bytes
@@ -126,15 +129,17 @@ def test_frames_for_other_hosts_other_ethertypes_or_multicast_are_dropped() -> N
     assert DIX.parse(sent(DIX, eth.EthFraming(PEER, 0xA001).header(OWN, 5), b"x"), None) is None
     multicast = bytes.fromhex("01005e000001")
     assert DIX.parse(sent(DIX, eth.EthFraming(PEER).header(multicast, 5), b"x"), None) is None
-    assert LLC.parse(sent(LLC, eth.LlcFraming(PEER).header(other, 1, 2), b"x"), None) is None
+    assert LLC.parse(sent(LLC, eth.LlcFraming(PEER).header(other, 2, 3), b"x"), None) is None
 
 
-def test_the_llc_saps_are_individual_distinct_and_management_is_sap_1_reversed() -> None:
+def test_the_llc_saps_are_ouroboros_s_individual_and_bit_reversed_on_the_wire() -> None:
     assert eth.MGMT_WIRE_SAP == 0x80  # 0x01 bit-reversed, as Ouroboros writes it
-    assert len(set(eth.SAP_OF)) == eth.MAX_SAPS
-    assert all(sap & 1 == 0 for sap in eth.SAP_OF)  # I/G bit clear: individual SAPs
-    assert all(eth.EID_OF[sap] == e for e, sap in enumerate(eth.SAP_OF))
-    assert sum(e >= 0 for e in eth.EID_OF) == eth.MAX_SAPS
+    assert len(set(eth.WIRE_SAP)) == 256 and all(eth.WIRE_SAP[eth.WIRE_SAP[b]] == b for b in range(256))
+    assert all(eth.WIRE_SAP[sap] & 1 == 0 for sap in range(2, eth.MAX_SAPS))  # I/G bit clear: individual
+    # A 0.23 data frame from SAP 2 to SAP 3 (eth.c: dsap = reverse_bits(r_sap), ssap = reverse_bits(sap)):
+    frame = PEER[::-1] + PEER + b"\x00\x04" + bytes((0xC0, 0x40, 0x03)) + b"x"
+    got = eth.LlcFraming(PEER[::-1]).parse(frame, None)
+    assert got is not None and got[0] == 3 and bytes(got[1]) == b"x"
 
 
 def test_header_sizes_are_ouroboros_s() -> None:
@@ -166,7 +171,7 @@ def test_scapy_dissects_what_the_data_path_sends(eid: int, sdu: bytes, pad: byte
 
 
 @settings(max_examples=200)
-@given(st.integers(1, eth.MAX_SAPS - 1), st.integers(1, eth.MAX_SAPS - 1), st.binary(max_size=1497))
+@given(st.integers(2, eth.MAX_SAPS - 1), st.integers(2, eth.MAX_SAPS - 1), st.binary(max_size=1497))
 def test_scapy_dissects_llc_frames_the_data_path_sends(local: int, remote: int, sdu: bytes) -> None:
     from scapy.layers.l2 import LLC as ScapyLlc
     from scapy.layers.l2 import Dot3
@@ -174,7 +179,7 @@ def test_scapy_dissects_llc_frames_the_data_path_sends(local: int, remote: int, 
     pkt = Dot3(sent(LLC, eth.LlcFraming(PEER).header(OWN, local, remote), sdu))
     assert pkt.len == 3 + len(sdu)
     llc = pkt[ScapyLlc]
-    assert (llc.dsap, llc.ssap, llc.ctrl) == (eth.SAP_OF[remote], eth.SAP_OF[local], eth.LLC_UI)
+    assert (llc.dsap, llc.ssap, llc.ctrl) == (eth.WIRE_SAP[remote], eth.WIRE_SAP[local], eth.LLC_UI)
 
 
 @given(st.sampled_from([OWN, eth.BROADCAST]), st.binary(min_size=1, max_size=300))

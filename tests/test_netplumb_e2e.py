@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, pid_alive, wait_for
+from helpers import BIN, IrmdProc, children_of, pid_alive, wait_for
 
 from apps.netplumb import wire
 from apps.netplumb.keys import Identity, public_line
+from apps.netplumb.policy import login_shells
 from apps.netplumb.session import ClientSession, Established, Message, PeerError
 from apps.netplumb.wire import Fields
 from flowlib import Flow, FlowError, flow_alloc, qos
@@ -61,7 +63,9 @@ class Host:
 
 
 @pytest.fixture
-def host(irmd: IrmdProc, local_layer: str, tmp_path: Path) -> Iterator[Host]:
+def host(irmd: IrmdProc, local_layer: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """netplumbd serving host2; extra options by indirect parametrization."""
+    extra: list[str] = getattr(request, "param", [])
     home = tmp_path / "home"
     home.mkdir()
     env = {**irmd.env, "HOME": str(home)}
@@ -73,7 +77,7 @@ def host(irmd: IrmdProc, local_layer: str, tmp_path: Path) -> Iterator[Host]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(BIN / "netplumbd"), "--name", "host2", "--layer", local_layer, "--authorized-keys", str(auth),
-             "--host-key", str(tmp_path / "host_key"), "--recipe-dir", str(tmp_path / "recipes"), "-v"],
+             "--host-key", str(tmp_path / "host_key"), "--recipe-dir", str(tmp_path / "recipes"), "-v", *extra],
             env=env, stdout=out, stderr=subprocess.STDOUT)
     h = Host(tmp_path, env, auth, proc, log)
     try:
@@ -179,6 +183,7 @@ def test_user_switch_when_allowed(host: Host) -> None:
     assert r.returncode == 0 and r.stdout == b"nobody\n", r.stderr
 
 
+@pytest.mark.parametrize("host", [["--accept-env", "NP_A", "--accept-env", "NP_B"]], indirect=True)
 def test_export_sends_named_environment(authorized: Host) -> None:
     r = authorized.plumb("host2", "-export=NP_A,NP_B", "sh", "-c", 'echo "$NP_A/$NP_B/$NP_C"',
                          env={"NP_A": "1", "NP_B": "two words", "NP_C": "not sent"})
@@ -244,7 +249,8 @@ def test_recipe_runs_remotely(authorized: Host) -> None:
     r = authorized.plumb("host2", f"-recipe={recipe}")
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"a\nb\n"
-    wait_for(lambda: (authorized.tmp / "recipes/errs.txt").exists(), 5, "errs.txt")
+    me = pwd.getpwuid(os.geteuid()).pw_name  # relative names are in the user's own recipe directory
+    wait_for(lambda: (authorized.tmp / "recipes" / me / "errs.txt").exists(), 5, "errs.txt")
 
 
 def test_bad_recipe_is_refused_locally_with_its_line(authorized: Host) -> None:
@@ -255,8 +261,8 @@ def test_bad_recipe_is_refused_locally_with_its_line(authorized: Host) -> None:
 
 
 def test_missing_program_is_reported(authorized: Host) -> None:
-    r = authorized.plumb("host2", "no-such-program-xyz")
-    assert r.returncode == 126 and b"cannot run no-such-program-xyz" in r.stderr
+    r = authorized.plumb("host2", "no-such-program-xyz")  # by the remote shell, as ssh
+    assert r.returncode == 127 and b"no-such-program-xyz" in r.stderr and b"not found" in r.stderr
 
 
 def test_remote_signal_death_is_reported(authorized: Host) -> None:
@@ -411,3 +417,73 @@ def test_a_command_ignoring_sigterm_is_killed_when_netplumbd_stops(authorized: H
         authorized.proc.wait(10)
         wait_for(lambda: not pid_alive(pid), 10, "the stubborn command to be killed")
         assert time.monotonic() - t0 < 8
+
+
+# -- plumb like ssh ----------------------------------------------------------------------------------
+
+
+def test_options_before_the_host_as_with_ssh(authorized: Host) -> None:
+    key = str(authorized.tmp / "home/.config/netplumb/id")
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    for args in (["-i", key, "-l", me, "host2", "id", "-un"], [f"{me}@host2", "id", "-un"],
+                 ["host2", f"-user={me}", "id", "-un"], ["-q", "-user=" + me, "host2", "--", "id", "-un"]):
+        r = authorized.plumb(*args)
+        assert (r.returncode, r.stdout) == (0, f"{me}\n".encode()), (args, r.stderr)
+
+
+def test_verbosity_levels_show_the_handshake_then_channels_then_packets(authorized: Host) -> None:
+    quiet = authorized.plumb("-q", "host2", "echo", "hi")
+    assert quiet.stdout == b"hi\n" and quiet.stderr == b""  # not even the notice of the pinned key
+    plain = authorized.plumb("host2", "echo", "hi")
+    assert b"debug" not in plain.stderr
+    levels = [authorized.plumb(v, "host2", "echo", "hi") for v in ("-v", "-vv", "-vvv")]
+    for r in levels:
+        assert r.returncode == 0 and r.stdout == b"hi\n", r.stderr
+    one, two, three = (r.stderr.decode() for r in levels)
+    for line in ("debug1: allocating a flow to host2", "debug1: sent HELLO",
+                 "debug1: the server proved it holds SHA256:", "debug1: server key SHA256:",
+                 "debug1: authenticated; START: echo hi", "debug1: started", "debug1: exit status 0"):
+        assert line in one and line in two and line in three, line
+    assert "debug2" not in one and "debug3" not in two
+    for line in ("debug2: channel 0: stdin -> server", "debug2: channel 1: server -> stdout",
+                 "debug2: channel 1: 3 bytes received, then EOF"):
+        assert line in two and line in three, line
+    for line in ("debug3: -> HELLO seq 0", "debug3: <- HELLO seq 0", "debug3: -> AUTH seq 1",
+                 "debug3: -> START seq 2", "debug3: <- EXIT seq"):
+        assert line in three, line
+
+
+def test_the_command_line_goes_through_the_accounts_shell(authorized: Host) -> None:
+    shell = pwd.getpwuid(os.geteuid()).pw_shell
+    shell = os.path.basename(shell if shell in login_shells() else "/bin/sh")
+    r = authorized.plumb("host2", "echo $0 | tr a-z A-Z; exit 3")  # one argument: a line for the shell
+    assert (r.returncode, r.stdout) == (3, f"{shell.upper()}\n".encode()), r.stderr
+    r = authorized.plumb("host2", "printf", "%s|", "$HOME", "a b")  # several: they arrive as given
+    assert r.stdout == b"$HOME|a b|"
+
+
+def test_a_recipe_reads_and_writes_the_sessions_pipes_without_deadlock(authorized: Host) -> None:
+    src = authorized.tmp / "in.txt"
+    src.write_bytes(b"through the pipes\n" * 5000)
+    dst = authorized.tmp / "out.txt"
+    rin, rout = authorized.tmp / "r-in.fifo", authorized.tmp / "r-out.fifo"
+    recipe = authorized.tmp / "pipes.recipe"
+    recipe.write_text(f"tr a-z A-Z <{rin} >{rout}\n")
+    t0 = time.monotonic()
+    r = authorized.plumb("host2", f"-recipe={recipe}", f"-infifo={src}:{rin}", f"-outfifo={dst}:{rout}",
+                         timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == b"THROUGH THE PIPES\n" * 5000
+    assert time.monotonic() - t0 < 20  # no deadlock, and no wait for a timeout either
+    recipe.write_text(f"cat <{rin}\n")  # a `<` from the pipe, to the session's stdout
+    r = authorized.plumb("host2", f"-recipe={recipe}", f"-infifo={src}:{rin}")
+    assert r.returncode == 0 and r.stdout == src.read_bytes(), r.stderr
+
+
+def test_netplumbd_leaves_no_runner_behind(authorized: Host) -> None:
+    assert authorized.plumb("host2", "true").returncode == 0
+    wait_for(lambda: children_of(authorized.proc.pid), 10, "the spare runner")  # one waits for the next session
+    runners = children_of(authorized.proc.pid)
+    authorized.proc.terminate()
+    authorized.proc.wait(10)
+    wait_for(lambda: not any(pid_alive(p) for p in runners), 10, "the runners to go")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apps.netplumb.jobs import RunAs
+from apps.netplumb.jobs import Launch
 from apps.netplumb.recipe import File, RecipeError, RecipeJob, ToLabel, ToNext, ToStdout, parse_recipe
 
 SEED_EXAMPLE = """\
@@ -76,8 +78,20 @@ def test_fuzz_parser_only_raises_recipe_errors(text: str) -> None:
         parse_recipe(text)
 
 
+def _job(text: str, open_timeout: float = 10.0) -> RecipeJob:
+    """The job as the runner starts it: programs found in PATH, in the current directory."""
+    commands = parse_recipe(text)
+    exes = [shutil.which(c.argv[0]) or c.argv[0] for c in commands]
+    return RecipeJob(commands, exes, Launch(dict(os.environ)), open_timeout)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the runner works in the user's recipe directory
+
+
 def _run(text: str, tmp_path: Path, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
-    job = RecipeJob(parse_recipe(text), RunAs(), tmp_path)
+    job = _job(text)
     out: dict[int, bytes] = {}
 
     def drain(fd: int) -> None:
@@ -122,5 +136,35 @@ def test_run_missing_program_reports_127(tmp_path: Path) -> None:
 
 def test_unopenable_file_is_refused_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="cannot open"):
-        RecipeJob(parse_recipe(f"touch {tmp_path}/ran\ncat <{tmp_path}/missing/x"), RunAs(), tmp_path)
+        _job(f"touch {tmp_path}/ran\ncat <{tmp_path}/missing/x")
     assert not (tmp_path / "ran").exists()
+
+
+def test_files_a_recipe_makes_are_private(tmp_path: Path) -> None:
+    code, _, _ = _run("echo hi >made.txt", tmp_path)
+    assert code == 0 and os.stat(tmp_path / "made.txt").st_mode & 0o777 == 0o600
+
+
+def test_redirection_from_a_pipe_nobody_writes_gives_up_with_a_reason(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "lonely")
+    t0 = time.monotonic()
+    with pytest.raises(RecipeError, match=r"lonely: nothing opened the other end of this named pipe within 0\.3 s"):
+        _job("cat <lonely\n", open_timeout=0.3)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(RecipeError, match=r"within 0\.3 s"):
+        _job("echo x >lonely\n", open_timeout=0.3)
+
+
+def test_redirection_meets_a_writer_that_comes_meanwhile(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+
+    def writer() -> None:
+        fd = os.open(tmp_path / "pipe", os.O_WRONLY)  # waits for the recipe's `<`
+        os.write(fd, b"through the pipe\n")
+        os.close(fd)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    code, out, _ = _run("cat <pipe\n", tmp_path)
+    t.join(10)
+    assert code == 0 and out == b"through the pipe\n"

@@ -175,8 +175,12 @@ def test_name_hash_is_the_layers_sha3_of_the_name(algo: str) -> None:
 
 
 def test_unknown_hash_is_einval() -> None:
-    with pytest.raises(RegistryError, match="unknown hash 'MD5'"):
-        name_hash("MD5", "pong")
+    with pytest.raises(RegistryError, match="unknown hash 'SHA1'"):
+        name_hash("SHA1", "pong")
+
+
+def test_udp_layers_hash_names_with_md5_as_ouroboros() -> None:
+    assert name_hash("MD5", "pingsrv").hex() == "d2734aedb9cfd555ae646fd801963bfa"  # INTEROP-0.23.md §1.1
 
 
 def test_name_for_hash_finds_the_name_registered_in_that_layer(reg: Registry) -> None:

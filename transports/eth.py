@@ -19,6 +19,7 @@ ETH_HLEN = 14  # dst, src, ethertype/length
 ETH_P_802_2 = 0x0004  # the kernel's protocol for 802.3 frames carrying LLC
 DEFAULT_ETHERTYPE = 0xA000
 ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772  # `lo`: Ethernet frames, an all-zero MAC, and every frame comes back to its sender
 BROADCAST = b"\xff" * 6
 RCVBUF = 8 * 1024 * 1024
 PACKET_IGNORE_OUTGOING = getattr(socket, "PACKET_IGNORE_OUTGOING", 23)
@@ -35,19 +36,19 @@ LLC = struct.Struct("!6s6sHBBB")
 LLC_EXTRA = LLC.size - ETH_HLEN
 LLC_UI = 0x03
 LLC_MAX_LEN = 1500  # an 802.3 length field above this would read as an ethertype
+LO_MTU = 9000  # Ouroboros caps a layer on a loopback interface (IPCP_ETH_LO_MTU)
+# As Ouroboros's eth-llc: a flow's endpoint is an LLC SAP from 2 to 63, SAP 1 carries management,
+# and a SAP travels bit-reversed in the frame (plain in management messages).
 MGMT_SAP = 0x01
-MAX_SAPS = 64  # eids 0..63: eid e travels as SAP e + 1, bit-reversed (so MGMT_SAP is eid 0)
+MAX_SAPS = 64
 
 
 def _reverse8(b: int) -> int:
     return int(f"{b:08b}"[::-1], 2)
 
 
-SAP_OF: list[int] = [_reverse8(e + 1) for e in range(MAX_SAPS)]
-EID_OF: list[int] = [-1] * 256
-for _eid, _sap in enumerate(SAP_OF):
-    EID_OF[_sap] = _eid
-MGMT_WIRE_SAP = SAP_OF[0]  # MGMT_SAP, bit-reversed as it travels
+WIRE_SAP: list[int] = [_reverse8(sap) for sap in range(256)]  # a SAP as it travels, and back
+MGMT_WIRE_SAP = WIRE_SAP[MGMT_SAP]
 
 
 class InterfaceError(OSError):
@@ -95,9 +96,17 @@ def interface_info(dev: str) -> tuple[bytes, int]:
         (mtu,) = struct.unpack_from("16xi", get_if(dev, SIOCGIFMTU))
     except OSError as e:
         raise InterfaceError(f"interface {dev!r}: {e.strerror or e}") from None
-    if hwtype != ARPHRD_ETHER or len(mac) != 6:
+    if hwtype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK) or len(mac) != 6:
         raise InterfaceError(f"interface {dev!r} is not Ethernet (hardware type {hwtype})")
     return bytes(mac), int(mtu)
+
+
+def is_loopback(dev: str) -> bool:
+    """Whether `dev` hands every frame back to its sender (`lo`)."""
+    try:
+        return int(Path(f"/sys/class/net/{dev}/type").read_text()) == ARPHRD_LOOPBACK
+    except (OSError, ValueError):
+        return False
 
 
 def link_speed(dev: str) -> int:
@@ -206,7 +215,7 @@ class EthFraming:
 
 
 class LlcFraming:
-    """The relay's Framing for eth-llc: 802.3 length, LLC SAPs (eid e: SAP e + 1, bit-reversed)."""
+    """The relay's Framing for eth-llc: 802.3 length, LLC SAPs as endpoint ids (management: eid 0)."""
 
     def __init__(self, own: bytes) -> None:
         self.own = own
@@ -214,18 +223,22 @@ class LlcFraming:
     def parse(self, frame: bytes, src: Any) -> tuple[int, memoryview, Hashable] | None:
         if len(frame) < LLC.size:
             return None
-        dst, peer, length, dsap, _ssap, ctrl = LLC.unpack_from(frame)
+        dst, peer, length, dsap, ssap, ctrl = LLC.unpack_from(frame)
         if (ctrl != LLC_UI or not LLC_EXTRA <= length <= len(frame) - ETH_HLEN
                 or (dst != self.own and dst != BROADCAST)):
             return None
-        eid = EID_OF[dsap]
+        dsap, ssap = WIRE_SAP[dsap], WIRE_SAP[ssap]
+        if dsap == MGMT_SAP:
+            eid = 0 if ssap == MGMT_SAP else -1
+        else:
+            eid = dsap if 2 <= dsap < MAX_SAPS and 2 <= ssap < MAX_SAPS else -1
         if eid < 0:
             return None
         return eid, memoryview(frame)[LLC.size : ETH_HLEN + length], peer
 
-    def header(self, dst: bytes, local_eid: int, remote_eid: int) -> bytes:
+    def header(self, dst: bytes, local_sap: int, remote_sap: int) -> bytes:
         """dst, src, then DSAP, SSAP, control: the length goes between them per SDU."""
-        return dst + self.own + bytes((SAP_OF[remote_eid], SAP_OF[local_eid], LLC_UI))
+        return dst + self.own + bytes((WIRE_SAP[remote_sap], WIRE_SAP[local_sap], LLC_UI))
 
     def send(self, sock: socket.socket, flow: Any, sdu: bytes) -> None:
         hdr = flow.hdr

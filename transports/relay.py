@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
@@ -32,24 +33,27 @@ class RelayFlow(Protocol):
     addr: Hashable
     remote_eid: int
     io: socket.socket
-    rx: bool
+    rx_at: float  # when the peer was last heard on the flow (data or keepalive)
+    tx_at: float  # when we last sent on it
 
 
 class Relay(PollThread):
     """The data path of one shim IPCP; `on_mgmt` gets endpoint-0 frames (from this thread)."""
 
     def __init__(self, net: socket.socket, framing: Framing, bufsize: int,
-                 on_mgmt: Callable[[bytes, Hashable], None]) -> None:
+                 on_mgmt: Callable[[bytes, Hashable], None], max_sdu: int) -> None:
         super().__init__("relay")
         self.net = net
         self.framing = framing
         self.bufsize = bufsize
+        self.max_sdu = max_sdu  # the layer's MTU: a peer's longer SDU is dropped, not cut short
         self.on_mgmt = on_mgmt
         self.flows: dict[int, RelayFlow] = {}
         self._by_fd: dict[int, RelayFlow] = {}
         self.watch(net.fileno())
         self.dropped = 0  # frames that were malformed, for no flow, or from the wrong peer
         self.overflow = 0  # SDUs dropped because the application did not keep up
+        self.keepalives = 0  # empty SDUs received: keepalives, carried to the application like data
 
     def add(self, flow: RelayFlow) -> None:
         flow.io.setblocking(False)
@@ -89,10 +93,12 @@ class Relay(PollThread):
                 self.on_mgmt(bytes(sdu), peer)
                 continue
             flow = flows.get(eid)
-            if flow is None or flow.addr != peer or not sdu:
+            if flow is None or flow.addr != peer or len(sdu) > self.max_sdu:
                 self.dropped += 1
                 continue
-            flow.rx = True
+            flow.rx_at = time.monotonic()
+            if not sdu:  # a keepalive, as on Ouroboros's wire: the flows' ends send and read them
+                self.keepalives += 1
             try:
                 flow.io.send(sdu)
             except BlockingIOError:
@@ -104,11 +110,16 @@ class Relay(PollThread):
         sdus, ended = read_burst(flow.io, self.bufsize, hup)
         if flow.remote_eid:
             for sdu in sdus:
-                try:
-                    self.framing.send(self.net, flow, sdu)
-                except BlockingIOError:
-                    self.overflow += 1
-                except OSError as e:
-                    log.debug("send to %s failed: %s", flow.addr, e)
+                self.send(flow, sdu)
         if ended:  # the application's end was torn down
             self.remove(flow)
+
+    def send(self, flow: RelayFlow, sdu: bytes) -> None:
+        """One SDU to the flow's peer (an empty one is a keepalive)."""
+        try:
+            self.framing.send(self.net, flow, sdu)
+            flow.tx_at = time.monotonic()
+        except BlockingIOError:
+            self.overflow += 1
+        except OSError as e:
+            log.debug("send to %s failed: %s", flow.addr, e)

@@ -18,7 +18,7 @@ SIOCGIFADDR = 0x8915
 SIOCGIFBRDADDR = 0x8919
 SIOCGIFNETMASK = 0x891B
 EID = struct.Struct("!I")  # every udp-shim datagram starts with the receiver's endpoint id
-PORT = struct.Struct("!H")  # a flow's own data port, in the flow handshake
+MAX_DATAGRAM = 8980  # eid included: what an Ouroboros 0.23 udp IPCP reads at most (IPCP_UDP_MAX_PACKET_SIZE)
 
 
 def open_udp(ip: str, port: int, reuse: bool = False) -> socket.socket:
@@ -62,6 +62,16 @@ def broadcast_address(ip: str) -> str | None:
     finally:
         probe.close()
     return None
+
+
+def lookup(name: str, version: int) -> str | None:
+    """The first address getaddrinfo gives `name` (/etc/hosts, then DNS), as Ouroboros's udp layer asks."""
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(name, None, family)
+    except (OSError, UnicodeError):
+        return None
+    return next((str(info[4][0]) for info in infos if info[0] == family), None)
 
 
 def encode_addr(addr: Hashable) -> bytes:

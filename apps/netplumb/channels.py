@@ -1,5 +1,6 @@
-"""Channels over a session: pumps (local fd -> DATA packets, within the peer's window) and sinks
-(DATA -> local fd, granting window as they write). Threads; the session is shared under a lock.
+"""The I/O around a connection core, in threads: the Reader feeding it the flow's bytes and its
+timer, the Link writing what it queued, pumps (local fd -> DATA, within the peer's window) and sinks
+(DATA -> local fd, granting window as they write).
 """
 
 from __future__ import annotations
@@ -8,52 +9,113 @@ import contextlib
 import logging
 import os
 import queue
+import select
+import socket
 import threading
+import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from apps.netplumb import wire
-from apps.netplumb.session import Session
-from apps.netplumb.wire import Fields
+from apps.netplumb.messages import Data, Eof
+from apps.netplumb.messages import Window as Grant
+from apps.netplumb.wire import INITIAL_WINDOW
 from flowlib import Flow
 
 log = logging.getLogger(__name__)
+DEBUG2, DEBUG3 = 12, 10  # plumb -vv (channels) and -vvv (packets); -v is 15
 
 CHUNK = 32 * 1024  # data per packet: base64 of it plus headers stays under one 64 KiB SDU
-WINDOW = 1024 * 1024  # what a receiver takes per channel before it has written any of it out
-GRANT_BATCH = WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
-STDIN, STDOUT, STDERR = 0, 1, 2
+GRANT_BATCH = INITIAL_WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
+
+
+class Core(Protocol):
+    """A sans-IO connection (apps/netplumb/connection.py), as the I/O around it uses it."""
+
+    def receive(self, data: bytes, now: float) -> list[Any]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> list[Any]: ...
+
+    def send_data(self, ch: int, data: bytes) -> None: ...
+
+    def send_eof(self, ch: int) -> None: ...
+
+    def grant(self, ch: int, n: int) -> None: ...
+
+    def data_to_send(self) -> list[bytes]: ...
+
+
+class Reader:
+    """Feeds a core from one thread: the flow's bytes when it has some, handle_timer() when its timer
+    is due; nothing else wakes it but wake() (a new timer, a signal's handler to run). One timer, no
+    polling tick."""
+
+    def __init__(self, flow: Flow, core: Core) -> None:
+        self.flow = flow
+        self.core = core
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller = select.poll()
+        self._poller.register(flow.fileno(), select.POLLIN)
+        self._poller.register(self.wake_r, select.POLLIN)
+
+    def events(self) -> list[Any]:
+        """The core's events of one wake-up (maybe none). Raises the flow's errors."""
+        timer, now = self.core.get_timer(), time.monotonic()
+        if timer is not None and timer <= now:
+            return self.core.handle_timer(now)
+        ready = {fd for fd, _ in self._poller.poll(None if timer is None else (timer - now) * 1000)}
+        if self.wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 64)
+        if self.flow.fileno() not in ready:
+            return []
+        data = self.flow.read()
+        log.log(DEBUG3, "<- %s", wire.describe(data))
+        return self.core.receive(data, time.monotonic())
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"x")
+
+    def close(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
 
 
 class Link:
-    """The flow and its session, shared by the threads of one connection."""
+    """A connection core and the flow under it, shared by the threads of a session: each send is
+    sealed, queued and written under one lock, so packets leave in the order they were numbered."""
 
-    def __init__(self, flow: Flow, session: Session) -> None:
+    def __init__(self, flow: Flow, core: Core) -> None:
         self.flow = flow
-        self.session = session
+        self.core = core
         self._lock = threading.Lock()
 
-    def send(self, ptype: int, fields: Fields) -> None:
-        # Sequence numbers and nonces are taken in the order packets go out, hence one lock.
+    def send(self, queue: Callable[[], object] = lambda: None) -> None:
+        """Have the core queue something (none: only what it queued by itself, such as handshake
+        replies and errors), then write all it queued."""
         with self._lock:
-            self.flow.write(self.session.send(ptype, fields))
-
-    def send_error(self, message: str) -> None:
-        """ERROR ends the session: the peer learns why."""
-        with self._lock:
-            packet = self.session.error(message)
-            if packet is not None:
+            queue()
+            for packet in self.core.data_to_send():
+                log.log(DEBUG3, "-> %s", wire.describe(packet))
                 self.flow.write(packet)
 
-    def flush(self) -> None:
-        with self._lock:
-            for data in self.session.data_to_send():
-                self.flow.write(data)
+    def data(self, ch: int, data: bytes) -> None:
+        self.send(lambda: self.core.send_data(ch, data))
+
+    def eof(self, ch: int) -> None:
+        self.send(lambda: self.core.send_eof(ch))
+
+    def grant(self, ch: int, n: int) -> None:
+        self.send(lambda: self.core.grant(ch, n))
 
 
 class Window:
     """Bytes the peer still takes on one channel; a pump waits here."""
 
-    def __init__(self, size: int = WINDOW) -> None:
+    def __init__(self, size: int = INITIAL_WINDOW) -> None:
         self._left = size
         self._cond = threading.Condition()
         self._closed = False
@@ -82,10 +144,14 @@ class Window:
             self._cond.notify_all()
 
 
+def _nothing(_ch: int) -> None:
+    pass
+
+
 class Pump(threading.Thread):
     """Read a local fd (opened lazily by `opener`) and send it as DATA on channel ch, then EOF."""
 
-    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None],
+    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None] = _nothing,
                  close_fd: bool = True) -> None:
         super().__init__(daemon=True, name=f"pump-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
@@ -94,6 +160,7 @@ class Pump(threading.Thread):
         self.fd = -1
 
     def run(self) -> None:
+        sent = 0
         try:
             self.fd = self.opener()
             while True:
@@ -105,12 +172,14 @@ class Pump(threading.Thread):
                     break
                 if len(data) < n:  # give back what this read did not use
                     self.window.grant(n - len(data))
-                self.link.send(wire.DATA, Fields.of(ch=self.ch, data=wire.b64(data)))
-            self.link.send(wire.EOF, Fields.of(ch=self.ch))
+                self.link.data(self.ch, data)
+                sent += len(data)
+            log.log(DEBUG2, "channel %d: %d bytes sent, then EOF", self.ch, sent)
+            self.link.eof(self.ch)
         except Exception as e:  # a local I/O error or the flow going down ends this channel only
             log.debug("channel %d pump ended: %s", self.ch, e)
             with contextlib.suppress(Exception):
-                self.link.send(wire.EOF, Fields.of(ch=self.ch))
+                self.link.eof(self.ch)
         finally:
             if self.close_fd and self.fd >= 0:
                 with contextlib.suppress(OSError):
@@ -119,9 +188,10 @@ class Pump(threading.Thread):
 
 
 class Sink(threading.Thread):
-    """Write DATA of channel ch to a local fd (opened lazily), granting window as it goes."""
+    """Write DATA of channel ch to a local fd (opened lazily), granting window as it goes. The core
+    has checked the data against the window, so what waits here is at most one window."""
 
-    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None],
+    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None] = _nothing,
                  close_fd: bool = True, on_eof: Callable[[int], None] | None = None) -> None:
         super().__init__(daemon=True, name=f"sink-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
@@ -129,18 +199,11 @@ class Sink(threading.Thread):
         self.on_eof = on_eof
         self.fd = -1  # -1 while the opener waits (a named pipe without a reader yet)
         self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._owed = 0  # bytes the peer sent that we have not written out yet
         self._finished = False
         self._lock = threading.Lock()
 
     def put(self, data: bytes) -> None:
-        """From the receiving thread: never blocks; the window bounds what can pile up."""
-        with self._lock:
-            if self._finished:
-                raise wire.WireError(f"data on channel {self.ch} after its EOF")
-            self._owed += len(data)
-            if self._owed > WINDOW:
-                raise wire.WireError(f"the peer overran the window of channel {self.ch}")
+        """From the receiving thread: never blocks."""
         self._q.put(data)
 
     def finish(self) -> None:
@@ -151,7 +214,7 @@ class Sink(threading.Thread):
         self._q.put(None)
 
     def run(self) -> None:
-        fd, broken, ungranted = -1, False, 0
+        fd, broken, ungranted, got = -1, False, 0, 0
         try:
             fd = self.fd = self.opener()
         except OSError as e:
@@ -160,9 +223,10 @@ class Sink(threading.Thread):
         while True:
             data = self._q.get()
             if data is None:
+                log.log(DEBUG2, "channel %d: %d bytes received, then EOF", self.ch, got)
                 if ungranted:
                     with contextlib.suppress(Exception):
-                        self.link.send(wire.WINDOW, Fields.of(ch=self.ch, n=ungranted))
+                        self.link.grant(self.ch, ungranted)
                 break
             if not broken:
                 try:
@@ -172,13 +236,12 @@ class Sink(threading.Thread):
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
-            with self._lock:
-                self._owed -= len(data)
             ungranted += len(data)
+            got += len(data)
             # Grant in batches (fewer packets), but at once when we caught up, so the peer never stalls.
             if ungranted >= GRANT_BATCH or self._q.empty():
                 with contextlib.suppress(Exception):
-                    self.link.send(wire.WINDOW, Fields.of(ch=self.ch, n=ungranted))
+                    self.link.grant(self.ch, ungranted)
                 ungranted = 0
         if self.on_eof is not None and fd >= 0:
             with contextlib.suppress(OSError):
@@ -187,3 +250,60 @@ class Sink(threading.Thread):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.on_done(self.ch)
+
+
+class Ends:
+    """The local ends of a session's channels, by channel: what the peer's DATA, EOF and WINDOW
+    (checked by the core) are for."""
+
+    def __init__(self) -> None:
+        self.pumps: dict[int, Pump] = {}
+        self.sinks: dict[int, Sink] = {}
+
+    def take(self, msg: Data | Eof | Grant) -> None:
+        match msg:
+            case Data(ch, data):
+                self.sinks[ch].put(data)
+            case Eof(ch):
+                self.sinks[ch].finish()
+            case Grant(ch, n):
+                pump = self.pumps.get(ch)
+                if pump is not None:  # else the channel ended: a late grant
+                    pump.window.grant(n)
+
+    def start(self) -> None:
+        for t in [*self.sinks.values(), *self.pumps.values()]:
+            if t.ident is None:
+                t.start()
+
+    def close(self) -> None:
+        """Stop every pump waiting for window and every sink waiting for data."""
+        for pump in self.pumps.values():
+            pump.window.close()
+        for sink in self.sinks.values():
+            sink.finish()
+
+
+def duplex(link: Link, ch: int, sock: socket.socket, on_close: Callable[[], None] = lambda: None,
+           ) -> tuple[Sink, Pump]:
+    """A socket connection as one channel both ways: the peer's EOF half-closes it, and the socket
+    closes (then on_close) when both directions are done."""
+    fd = sock.detach()
+    users = [2]
+    lock = threading.Lock()
+
+    def release(_ch: int) -> None:
+        with lock:
+            users[0] -= 1
+            if users[0]:
+                return
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        on_close()
+
+    def half_close(f: int) -> None:
+        with socket.socket(fileno=os.dup(f)) as s:
+            s.shutdown(socket.SHUT_WR)
+
+    return (Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close),
+            Pump(link, ch, lambda: fd, release, close_fd=False))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import shlex
@@ -13,29 +14,33 @@ import signal
 import socket
 import stat
 import sys
-import threading
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.netplumb import wire
-from apps.netplumb.channels import STDERR, STDIN, STDOUT, Link, Pump, Sink
+from apps.netplumb.channels import DEBUG2, DEBUG3, Ends, Link, Pump, Reader, Sink, duplex
+from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
+from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.recipe import RecipeError, parse_recipe
-from apps.netplumb.session import ClientSession, Established, Message, PeerError, SessionError
-from apps.netplumb.wire import Fields, WireError
-from flowlib import Flow, FlowDown, FlowError, FlowTimeout, flow_alloc, qos
+from apps.netplumb.session import ServerKey, SessionError
+from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
+from flowlib import FlowDown, FlowError, flow_alloc, qos
 
 log = logging.getLogger("plumb")
 
 FAILED = 255  # our own failures, as ssh does: the remote command's statuses stay distinguishable
 ALLOC_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 15.0
-SIGNAL_POLL = 0.1  # seconds between checks for signals while waiting for the server
-USAGE = ("usage: plumb HOST [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]] [-outfifo=LOCAL[:REMOTE]]\n"
-         "             [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=FILE] [-v] [--] COMMAND [ARG...]")
+ANSWER_TIMEOUT = 30.0  # for the handshake and START's answer (the server may take 15 s to start a recipe)
+USAGE = """\
+usage: plumb [-qv] [-i KEY] [-l USER] [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]]
+             [-outfifo=LOCAL[:REMOTE]] [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=KEY]
+             [USER@]HOST [OPTIONS] [--] [COMMAND [ARG...]]"""
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-OPTIONS = ("recipe", "user", "infifo", "outfifo", "socket", "export", "key")
+LONG = ("recipe", "user", "infifo", "outfifo", "socket", "export", "key")  # the seed's -NAME=VALUE
+FLAGS = "qv"
+VALUED = {"l": "user", "i": "key"}  # ssh's -l login_name, -i identity_file
+DEBUG1 = 15  # plumb -v: the flow and the handshake; -vv adds channels, -vvv packets (channels.py)
 
 
 class UsageError(Exception):
@@ -48,7 +53,7 @@ class Failure(Exception):
 
 @dataclass
 class Request:
-    host: str
+    host: str = ""
     argv: list[str] = field(default_factory=list)
     recipe: str | None = None
     user: str | None = None
@@ -57,7 +62,8 @@ class Request:
     sockets: list[tuple[str, str]] = field(default_factory=list)
     export: list[str] = field(default_factory=list)
     key: Path | None = None
-    verbose: bool = False
+    verbose: int = 0
+    quiet: bool = False
 
 
 def _paths(value: str, opt: str) -> tuple[str, str]:
@@ -69,44 +75,28 @@ def _paths(value: str, opt: str) -> tuple[str, str]:
 
 
 def parse_args(args: list[str]) -> Request:
-    if not args or args[0].startswith("-"):
-        raise UsageError("the first argument is the HOST (a name netplumbd is registered as)")
-    req = Request(args[0])
-    i = 1
-    while i < len(args) and args[i].startswith("-"):
+    """Options anywhere before the command, as ssh takes them (before and after the host), in ssh's
+    short form (-v, -q, -l USER, -i KEY) or the seed's -NAME=VALUE; `--` ends them."""
+    req = Request()
+    i = 0
+    while i < len(args):
         arg = args[i]
-        i += 1
         if arg == "--":
+            i += 1
+            if not req.host and i < len(args):
+                _host(req, args[i])
+                i += 1
             break
-        if arg == "-v":
-            req.verbose = True
-            continue
-        name, eq, value = arg[1:].partition("=")
-        if name not in OPTIONS or not eq or not value:
-            raise UsageError(f"unknown option {arg!r} (options: {', '.join('-' + o + '=' for o in OPTIONS)}, -v)")
-        if name == "recipe":
-            try:
-                req.recipe = Path(value).read_text()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"-recipe={value}: {getattr(e, 'strerror', None) or e}") from None
-            try:
-                parse_recipe(req.recipe)  # fail here, with the line, rather than remotely
-            except RecipeError as e:
-                raise UsageError(f"{value}: {e}") from None
-        elif name == "user":
-            req.user = value
-        elif name == "key":
-            req.key = Path(value)
-        elif name == "export":
-            req.export += [n for n in value.replace(" ", ",").split(",") if n]
+        if arg.startswith("-") and len(arg) > 1:
+            i = _option(req, args, i)
+        elif not req.host:
+            _host(req, arg)
+            i += 1
         else:
-            getattr(req, name + "s").append(_paths(value, name))
+            break  # the command
     req.argv = args[i:]
-    if len(req.argv) == 1 and any(c.isspace() for c in req.argv[0]):
-        try:
-            req.argv = shlex.split(req.argv[0])  # plumb host 'tar x -C /tmp/dst'
-        except ValueError as e:
-            raise UsageError(f"command: {e}") from None
+    if not req.host:
+        raise UsageError("no HOST (a name netplumbd is registered as)")
     if not req.argv and req.recipe is None:
         raise UsageError("no command (and no -recipe=)")
     if req.argv and req.recipe is not None:
@@ -114,14 +104,78 @@ def parse_args(args: list[str]) -> Request:
     return req
 
 
+def _host(req: Request, text: str) -> None:
+    user, at, host = text.partition("@")
+    if at:
+        _set_user(req, user)
+    req.host = host if at else text
+    if not req.host:
+        raise UsageError(f"no HOST in {text!r}")
+
+
+def _set_user(req: Request, user: str) -> None:
+    if not user:
+        raise UsageError("an empty user name")
+    if req.user is not None and req.user != user:
+        raise UsageError(f"the user is given twice: {req.user!r} and {user!r}")
+    req.user = user
+
+
+def _option(req: Request, args: list[str], i: int) -> int:
+    """Take the option at args[i] (and its value); the index after it."""
+    arg = args[i]
+    if any(arg[1:].startswith(o) for o in LONG):  # the seed's form: never read as -i, -l and letters
+        name, eq, value = arg[1:].partition("=")
+        if name not in LONG:
+            raise UsageError(f"unknown option {arg!r}")
+        if not eq or not value:
+            raise UsageError(f"{arg!r}: -{name}= takes a value")
+        _long(req, name, value)
+        return i + 1
+    for k, flag in enumerate(arg[1:], 1):
+        if flag == "v":
+            req.verbose += 1
+        elif flag == "q":
+            req.quiet = True
+        elif flag in VALUED:
+            value = arg[k + 1:] or (args[i + 1] if i + 1 < len(args) else "")
+            if not value:
+                raise UsageError(f"-{flag} needs a value")
+            _long(req, VALUED[flag], value)
+            return i + (1 if arg[k + 1:] else 2)
+        else:
+            raise UsageError(f"unknown option {arg!r}")
+    return i + 1
+
+
+def _long(req: Request, name: str, value: str) -> None:
+    if name == "recipe":
+        try:
+            req.recipe = Path(value).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"-recipe={value}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            parse_recipe(req.recipe)  # fail here, with the line, rather than remotely
+        except RecipeError as e:
+            raise UsageError(f"{value}: {e}") from None
+    elif name == "user":
+        _set_user(req, value)
+    elif name == "key":
+        req.key = Path(value)
+    elif name == "export":
+        req.export += [n for n in value.replace(" ", ",").split(",") if n]
+    else:
+        getattr(req, name + "s").append(_paths(value, name))
+
+
 class Client:
-    """One plumb run: connect, authenticate, START, then move data until EXIT."""
+    """One plumb run: drive the connection core over a flow until EXIT, with the local ends of the
+    channels in threads."""
 
     def __init__(self, req: Request) -> None:
         self.req = req
-        self.local_sockets: dict[int, str] = {}
-        self.pumps: dict[int, Pump] = {}
-        self.sinks: dict[int, Sink] = {}
+        self.locals: dict[int, str] = {}  # channel -> its local pipe, file or socket
+        self.ends = Ends()
         self.waited: list[Sink] = []
         self.status: int | None = None
 
@@ -129,8 +183,9 @@ class Client:
         known = KnownHosts(config_dir() / "known_hosts")
         try:
             if known.check(self.req.host, key):
-                print(f"plumb: pinned the key of {self.req.host!r} ({fingerprint(key)}) in {known.path}",
-                      file=sys.stderr)
+                log.warning("pinned the key of %r (%s) in %s", self.req.host, fingerprint(key), known.path)
+            else:
+                log.log(DEBUG1, "server key %s matches %s", fingerprint(key), known.path)
         except HostKeyChanged as e:
             raise SessionError(str(e)) from None
         except (KeyFileError, OSError) as e:
@@ -138,185 +193,143 @@ class Client:
 
     def run(self) -> int:
         req = self.req
+        key = req.key or config_dir() / "id"
         try:
-            identity = Identity.load(req.key or config_dir() / "id")
+            identity = Identity.load(key)
         except (KeyFileError, OSError) as e:
             raise Failure(str(e)) from None
-        session = ClientSession(identity, self._check_host)
+        log.log(DEBUG1, "key %s: %s", key, fingerprint(identity.public))
+        start = self._start_message()
+        self.core = ClientConnection(identity, self._check_host, start, time.monotonic(), ANSWER_TIMEOUT)
+        log.log(DEBUG1, "allocating a flow to %s (qos data)", req.host)
         try:
             flow = flow_alloc(req.host, qos=qos.data, timeout=ALLOC_TIMEOUT)
         except FlowError as e:
             raise Failure(f"cannot reach {req.host}: {e}") from None
-        self.link = link = Link(flow, session)
+        log.log(DEBUG1, "flow %d to %s via layer %s", flow.flow_id, req.host, flow.layer)
+        self.link = Link(flow, self.core)
+        self.reader = Reader(flow, self.core)
+        old_wakeup = signal.set_wakeup_fd(self.reader.wake_w)  # a signal any thread took wakes us for its handler
         try:
-            flow.set_timeout(HANDSHAKE_TIMEOUT)
-            session.start()
-            link.flush()
-            while not any(isinstance(ev, Established) for ev in self._events(flow.read())):
-                link.flush()
-            link.flush()
-            link.send(wire.START, self._start_fields())
-            reply = self._next(flow.read)
-            if reply.type != wire.START:
-                raise Failure(f"{req.host}: unexpected answer (packet type {reply.type}) to START")
-            if reply.fields.get("ok") != "1":
-                print(f"plumb: {req.host}: {reply.fields.get('message', 'refused')}", file=sys.stderr)
-                return reply.fields.int("status", 1, 255) if reply.fields.get("status") else FAILED
-            # Short read timeouts: a signal that another thread took is handled at the next wake-up.
-            flow.set_timeout(SIGNAL_POLL)
-            self._forward_signals()
-            self._start_channels()
-            while self.status is None:
-                self._dispatch(self._next(lambda: _read_waiting(flow)))
-            for sink in self.waited:
-                sink.join()
-            return self.status
-        except SessionError as e:
-            raise Failure(f"{req.host}: {e}") from None
-        except WireError as e:
-            with contextlib.suppress(FlowError, SessionError):
-                link.send_error(f"protocol error: {e}")
-            raise Failure(f"{req.host}: protocol error: {e}") from None
+            self.link.send(self.core.connect)
+            log.log(DEBUG1, "sent HELLO: a fresh X25519 key")
+            return self._loop()
         except FlowDown:
             raise Failure(f"{req.host}: the connection ended before the command did") from None
         except FlowError as e:
             raise Failure(f"{req.host}: {e}") from None
         finally:
+            signal.set_wakeup_fd(old_wakeup)
+            self.reader.close()
             with contextlib.suppress(FlowError):
                 flow.close()
+
+    def _loop(self) -> int:
+        while self.status is None:
+            events = self.reader.events()
+            self.link.send()
+            for ev in events:
+                refused = self._on(ev)
+                if refused is not None:
+                    return refused
+        for sink in self.waited:
+            sink.join()
+        return self.status
+
+    def _on(self, ev: Event) -> int | None:
+        """Act on one event; the status to exit with if the command was refused."""
+        match ev:
+            case ServerKey(key):
+                log.log(DEBUG1, "the server proved it holds %s; sent AUTH (sealed): our key and proof",
+                        fingerprint(key))
+            case Authenticated():
+                what = "the recipe" if self.core.start.recipe is not None else shlex.join(self.core.start.argv)
+                log.log(DEBUG1, "authenticated; START: %s%s", what,
+                        f" as {self.core.start.user}" if self.core.start.user else "")
+            case Started(ok, message, status):
+                if not ok:
+                    log.log(DEBUG1, "START refused (status %d)", status)
+                    print(f"plumb: {self.req.host}: {message}", file=sys.stderr)
+                    return status
+                log.log(DEBUG1, "started")
+                self._forward_signals()
+                self._start_channels()
+            case Data() | Eof() | Window():
+                self.ends.take(ev)
+            case Open(ch, parent):
+                log.log(DEBUG2, "channel %d: a connection on socket %d, to %s", ch, parent, self.locals[parent])
+                self._open(ch, parent)
+            case Exit("signal", sig):
+                name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
+                print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
+                self.status = 128 + sig
+            case Exit(_, status):
+                log.log(DEBUG1, "exit status %d", status)
+                self.status = status
+            case Closed(reason):
+                raise Failure(f"{self.req.host}: {reason}")
+        return None
 
     def _forward_signals(self) -> None:
         """Interrupts go to the remote command (as ssh does), which decides whether to end."""
 
         def forward(signum: int, _frame: object) -> None:
-            with contextlib.suppress(FlowError, SessionError):
-                self.link.send(wire.SIGNAL, Fields.of(sig=signal.Signals(signum).name[3:]))
+            log.log(DEBUG2, "forwarding %s", signal.Signals(signum).name)
+            with contextlib.suppress(FlowError, LocalProtocolError):
+                self.link.send(lambda: self.core.signal(signal.Signals(signum).name[3:]))
 
         for sig in FORWARDED:
             signal.signal(sig, forward)
 
-    def _events(self, data: bytes) -> list[object]:
-        events: list[object] = []
-        for ev in self.link.session.receive(data):
-            if isinstance(ev, PeerError):
-                raise Failure(f"{self.req.host}: {ev.message}")
-            events.append(ev)
-        return events
-
-    def _next(self, read: Callable[[], bytes]) -> Message:
-        while True:
-            for ev in self._events(read()):
-                if isinstance(ev, Message):
-                    return ev
-
-    def _start_fields(self) -> Fields:
+    def _start_message(self) -> Start:
+        """START: the channels from 3 on are the pipes and sockets in the order given."""
         req = self.req
-        f = Fields()
-        for arg in req.argv:
-            f.add("arg", arg)
-        if req.recipe is not None:
-            f.add("recipe", req.recipe)
-        if req.user:
-            f.add("user", req.user)
-        for name in req.export:
-            if name in os.environ:
-                f.add("env", f"{name}={os.environ[name]}")
-        ch = 3
-        for kind, items in (("infifo", req.infifos), ("outfifo", req.outfifos), ("socket", req.sockets)):
-            for local, remote in items:
-                f.add(kind, f"{ch} {remote}")
-                if kind == "infifo":
-                    self.pumps[ch] = Pump(self.link, ch, functools.partial(os.open, local, os.O_RDONLY),
-                                         _nothing)
-                elif kind == "outfifo":
-                    sink = Sink(self.link, ch, functools.partial(_open_out, local), _nothing)
-                    self.sinks[ch] = sink
-                    self.waited.append(sink)
-                else:
-                    self.local_sockets[ch] = local
-                ch += 1
-        return f
+        env = tuple((name, os.environ[name]) for name in req.export if name in os.environ)
+        pairs = [*req.infifos, *req.outfifos, *req.sockets]
+        numbered = list(zip(itertools.count(FIRST_CLIENT_CHANNEL), pairs))
+        self.locals = {ch: local for ch, (local, _) in numbered}
+        channels = [(ch, remote) for ch, (_, remote) in numbered]
+        n_in, n_out = len(req.infifos), len(req.outfifos)
+        return Start(tuple(req.argv), req.recipe, req.user, env, tuple(channels[:n_in]),
+                     tuple(channels[n_in:n_in + n_out]), tuple(channels[n_in + n_out:]))
 
     def _start_channels(self) -> None:
-        self.pumps[STDIN] = Pump(self.link, STDIN, lambda: 0, _nothing, close_fd=False)
+        start = self.core.start
+        pumps, sinks = self.ends.pumps, self.ends.sinks
+        pumps[STDIN] = Pump(self.link, STDIN, lambda: 0, close_fd=False)
         for ch in (STDOUT, STDERR):
-            sink = Sink(self.link, ch, functools.partial(int, ch), _nothing, close_fd=False)
-            self.sinks[ch] = sink
-            self.waited.append(sink)
-        for t in [*self.sinks.values(), *self.pumps.values()]:
-            t.start()
+            sinks[ch] = Sink(self.link, ch, functools.partial(int, ch), close_fd=False)
+        for ch, _ in start.infifos:
+            pumps[ch] = Pump(self.link, ch, functools.partial(os.open, self.locals[ch], os.O_RDONLY))
+        for ch, _ in start.outfifos:
+            sinks[ch] = Sink(self.link, ch, functools.partial(_open_out, self.locals[ch]))
+        self.waited = list(sinks.values())
+        for ch in pumps:
+            self.core.add_channel(ch, receives=False, sends=True)
+            log.log(DEBUG2, "channel %d: %s -> server", ch, self._local(ch))
+        for ch in sinks:
+            self.core.add_channel(ch, receives=True, sends=False)
+            log.log(DEBUG2, "channel %d: server -> %s", ch, self._local(ch))
+        for ch, remote in start.sockets:
+            log.log(DEBUG2, "channel %d: connections to %s there come to %s", ch, remote, self.locals[ch])
+        self.ends.start()
 
-    def _dispatch(self, msg: Message) -> None:
-        f = msg.fields
-        if msg.type == wire.DATA:
-            self._sink(f).put(f.bin("data"))
-        elif msg.type == wire.EOF:
-            self._sink(f).finish()
-        elif msg.type == wire.WINDOW:
-            pump = self.pumps.get(f.int("ch"))
-            if pump is not None:
-                pump.window.grant(f.int("n", 1, 1 << 40))
-        elif msg.type == wire.EXIT:
-            if f.get("signal") is not None:
-                sig = f.int("signal", 1, 255)
-                name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
-                print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
-                self.status = 128 + sig
-            else:
-                self.status = f.int("status", 0, 255)
-        elif msg.type == wire.OPEN:
-            self._open(f.int("ch"), f.int("parent"))
-        else:
-            raise WireError(f"unexpected packet type {msg.type}")
-
-    def _sink(self, f: Fields) -> Sink:
-        sink = self.sinks.get(f.int("ch"))
-        if sink is None:
-            raise WireError(f"data for channel {f.get('ch')}, which takes none")
-        return sink
+    def _local(self, ch: int) -> str:
+        return self.locals[ch] if ch in self.locals else ("stdin", "stdout", "stderr")[ch]
 
     def _open(self, ch: int, parent: int) -> None:
         """A connection to the remote end of a replicated socket: connect to the local one."""
-        path = self.local_sockets.get(parent)
-        if path is None or ch in self.sinks:
-            raise WireError(f"OPEN of channel {ch} on unknown socket {parent}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(path)
+            sock.connect(self.locals[parent])
         except OSError as e:
-            log.warning("socket %s: %s", path, e.strerror)
+            log.warning("socket %s: %s", self.locals[parent], e.strerror)
             sock.close()
-            self.sinks[ch] = Sink(self.link, ch, _refuse, _nothing)
-            self.sinks[ch].start()
-            self.link.send(wire.EOF, Fields.of(ch=ch))
-            return
-        fd = sock.detach()
-        users = [2]
-        lock = threading.Lock()
-
-        def release(_ch: int) -> None:
-            with lock:
-                users[0] -= 1
-                if users[0] == 0:
-                    os.close(fd)
-
-        self.sinks[ch] = Sink(self.link, ch, lambda: fd, release, close_fd=False,
-                              on_eof=lambda f: socket.socket(fileno=os.dup(f)).shutdown(socket.SHUT_WR))
-        self.pumps[ch] = Pump(self.link, ch, lambda: fd, release, close_fd=False)
-        self.sinks[ch].start()
-        self.pumps[ch].start()
-
-
-def _read_waiting(flow: Flow) -> bytes:
-    while True:
-        try:
-            return flow.read()
-        except FlowTimeout:
-            continue
-
-
-def _nothing(_ch: int) -> None:
-    pass
+            self.ends.sinks[ch] = Sink(self.link, ch, _refuse)  # drains what comes, writes nowhere
+            self.link.eof(ch)
+        else:
+            self.ends.sinks[ch], self.ends.pumps[ch] = duplex(self.link, ch, sock)
+        self.ends.start()
 
 
 def _refuse() -> int:
@@ -328,7 +341,7 @@ def _open_out(path: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISFIFO(os.stat(path).st_mode):
             return os.open(path, os.O_WRONLY)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -341,7 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         print(f"plumb: {e}\n{USAGE}", file=sys.stderr)
         sys.exit(FAILED)
-    logging.basicConfig(level=logging.DEBUG if req.verbose else logging.WARNING, format="plumb: %(message)s")
+    for level, name in ((DEBUG1, "debug1"), (DEBUG2, "debug2"), (DEBUG3, "debug3")):
+        logging.addLevelName(level, name)
+    level = logging.ERROR if req.quiet else (logging.WARNING, DEBUG1, DEBUG2, DEBUG3)[min(req.verbose, 3)]
+    logging.basicConfig(level=level, format="plumb: %(levelname)s: %(message)s")
+    logging.addLevelName(logging.WARNING, "warning")
     with contextlib.suppress(ValueError):  # a closed reader of our stdout is not our error to report
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:

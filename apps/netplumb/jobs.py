@@ -1,16 +1,14 @@
-"""What netplumbd runs for a session: one command, with its stdio on pipes this process holds.
-
-The process gets a session (process group) of its own, so a signal or a kill reaches all of it.
+"""What a session runs: one command, with its stdio on pipes this process holds (the runner,
+already the target user). The process gets a session of its own, so a signal reaches all of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import signal
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -25,26 +23,19 @@ class Job(Protocol):
 
     def signal(self, sig: int) -> None: ...
 
+    def cancel(self) -> None:
+        """Start nothing more (the job is being stopped)."""
 
-@dataclass
-class RunAs:
-    """Who a job runs as, and the environment it gets."""
 
-    user: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+@dataclass(frozen=True)
+class Launch:
+    """How every process of a job starts: its environment, and its directory (None: ours)."""
+
+    env: dict[str, str]
+    cwd: str | None = None
 
     def popen_kwargs(self) -> dict[str, object]:
-        entry = pwd.getpwnam(self.user) if self.user else pwd.getpwuid(os.getuid())
-        env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": entry.pw_dir,
-               "USER": entry.pw_name, "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh"}
-        if "LANG" in os.environ:
-            env["LANG"] = os.environ["LANG"]
-        env.update(self.env)
-        kwargs: dict[str, object] = {"env": env, "start_new_session": True,
-                                     "cwd": entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"}
-        if self.user and entry.pw_uid != os.geteuid():
-            kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
-        return kwargs
+        return {"env": self.env, "cwd": self.cwd, "start_new_session": True, "close_fds": True}
 
 
 def pipes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -58,13 +49,13 @@ def pipes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
 
 
 class CommandJob:
-    """A single command (argv, no shell)."""
+    """A single program: argv as given, executed from `exe` (the path the policy resolved)."""
 
-    def __init__(self, argv: list[str], run_as: RunAs) -> None:
+    def __init__(self, argv: list[str], exe: str, launch: Launch) -> None:
         (ci, self.stdin), (co, self.stdout), (ce, self.stderr) = pipes()
         try:
-            self.proc = subprocess.Popen(argv, stdin=ci, stdout=co, stderr=ce, close_fds=True,
-                                         **run_as.popen_kwargs())  # type: ignore[call-overload]
+            self.proc = subprocess.Popen(argv, executable=exe, stdin=ci, stdout=co, stderr=ce,
+                                         **launch.popen_kwargs())  # type: ignore[call-overload]
         except BaseException:
             for fd in (self.stdin, self.stdout, self.stderr):
                 os.close(fd)
@@ -79,6 +70,9 @@ class CommandJob:
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+    def cancel(self) -> None:
+        pass
 
 
 def describe_status(code: int) -> tuple[str, int]:

@@ -1,6 +1,7 @@
 """Long-term Ed25519 identities and the files that hold them: id, id.pub, authorized_keys, known_hosts.
 
-Parsing is strict and line-oriented; a bad line names its file and line number.
+Parsing is strict and line-oriented; a bad line names its file and line number. Modes are checked
+as OpenSSH's StrictModes does, and every file or directory made here is private (0600, 0700).
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shlex
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +39,63 @@ class HostKeyChanged(KeyFileError):
 def config_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "netplumb"
+
+
+def private_dir(path: Path) -> Path:
+    """Make `path` and its missing parents, each mode 0700 (Path.mkdir gives parents the umask's mode)."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+    return path
+
+
+def open_private(path: Path, flags: int) -> int:
+    """Open (creating) a file of ours, mode 0600 even if it existed looser; never through a symlink."""
+    private_dir(path.parent)
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_private(path: Path, text: str) -> None:
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_TRUNC), "w") as f:
+        f.write(text)
+
+
+def check_private_key_mode(path: Path, st: os.stat_result) -> None:
+    """StrictModes for a private key: no one but its owner may read it."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise KeyFileError(f"{path}: mode {mode:04o} is too open: a private key must be readable by its owner "
+                           f"only (chmod 600 {path})")
+
+
+def check_trusted_file(path: Path, st: os.stat_result) -> None:
+    """StrictModes for a file that grants trust (authorized_keys, known_hosts, spent keys): owned by us
+    or root, and neither it nor a directory above it writable by anyone else (a sticky directory, like
+    /tmp, is fine: others cannot replace what is ours in it)."""
+    me = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, me):
+        raise KeyFileError(f"{path}: owned by uid {st.st_uid}, not by uid {me} or root: refusing it")
+    if mode & 0o022:
+        raise KeyFileError(f"{path}: mode {mode:04o} is writable by group or others: refusing it "
+                           f"(chmod go-w {path})")
+    for d in Path(os.path.realpath(path)).parents:
+        dst = os.stat(d)
+        dmode = stat.S_IMODE(dst.st_mode)
+        if dst.st_uid not in (0, me) or (dmode & 0o022 and not dmode & stat.S_ISVTX):
+            raise KeyFileError(f"{path}: its directory {d} (mode {dmode:04o}, uid {dst.st_uid}) lets others "
+                               f"replace it: refusing it")
 
 
 def fingerprint(public: bytes) -> str:
@@ -87,19 +148,16 @@ class Identity:
     @classmethod
     def load(cls, path: Path) -> Identity:
         try:
-            text = _read(path)
+            text = _read(path, check_private_key_mode)
         except FileNotFoundError:
             raise KeyFileError(f"no key at {path}: run plumb-keygen") from None
         return cls.from_text(text, str(path))
 
     def save(self, path: Path, comment: str = "") -> Path:
-        """Write the private key (mode 0600) and PATH.pub; returns the .pub path."""
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.private_text())
+        """Write the private key and PATH.pub (both 0600, in 0700 directories); returns the .pub path."""
+        write_private(path, self.private_text())
         pub = path.with_name(path.name + ".pub")
-        pub.write_text(public_line(self.public, comment) + "\n")
+        write_private(pub, public_line(self.public, comment) + "\n")
         return pub
 
     @classmethod
@@ -119,8 +177,10 @@ def verify(public: bytes, message: bytes, signature: bytes) -> bool:
     return True
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, check: Callable[[Path, os.stat_result], None] = check_trusted_file) -> str:
+    """The file's text, once `check` passed on the file actually opened."""
     with open(path, "rb") as f:
+        check(path, os.fstat(f.fileno()))
         data = f.read(MAX_KEY_FILE + 1)
     if len(data) > MAX_KEY_FILE:
         raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE} bytes")
@@ -135,29 +195,20 @@ _OPTION = re.compile(r'([a-z-]+)(?:="((?:[^"\\]|\\.)*)")?')
 
 @dataclass(frozen=True)
 class AuthorizedKey:
-    """One line of authorized_keys: a client key and what it may do.
+    """One line of authorized_keys: a client key and what it may do (apps/netplumb/policy.py decides).
 
-    allow: program names (argv[0] or its basename) this key may run, None = any;
-    users: users it may run commands as (-user); command: the only command line it may run;
-    one_time: accepted once, then spent.
+    allow: programs (names found in the server's PATH, or absolute paths) this key may run, None = any;
+    users: the accounts it runs as, the first by default (none: netplumbd's own account only);
+    command: the only command line it may run; one_time: accepted once, then spent.
     """
 
     public: bytes
     comment: str = ""
     allow: frozenset[str] | None = None
-    users: frozenset[str] = frozenset()
+    users: tuple[str, ...] = ()
     command: tuple[str, ...] | None = None
     one_time: bool = False
     line: int = 0
-
-    def permits(self, argv: list[str]) -> str | None:
-        """None if argv may run, else why not."""
-        if self.command is not None and tuple(argv) != self.command:
-            return f"this key may only run: {shlex.join(self.command)}"
-        if self.allow is not None and argv and argv[0] not in self.allow \
-                and os.path.basename(argv[0]) not in self.allow:
-            return f"{argv[0]!r} is not in this key's allowlist ({', '.join(sorted(self.allow)) or 'empty'})"
-        return None
 
 
 def parse_authorized_line(text: str, where: str) -> AuthorizedKey | None:
@@ -205,7 +256,7 @@ def parse_authorized_line(text: str, where: str) -> AuthorizedKey | None:
         raise KeyFileError(f"{where}: a one-time key must be bound to a command=\"...\"")
     allow_text = opts.get("allow")
     allow = None if allow_text is None else frozenset(re.split(r"[\s,]+", allow_text.strip())) - {""}
-    users = frozenset(re.split(r"[\s,]+", (opts.get("users") or "").strip())) - {""}
+    users = tuple(dict.fromkeys(u for u in re.split(r"[\s,]+", (opts.get("users") or "").strip()) if u))
     return AuthorizedKey(public, words[2] if len(words) > 2 else "", allow, users, command,
                          "one-time" in opts, 0)
 
@@ -241,22 +292,25 @@ class SpentKeys:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _all(self) -> set[str]:
-        try:
-            return set(_read(self.path).split())
-        except FileNotFoundError:
-            return set()
-
     def spent(self, public: bytes) -> bool:
-        return base64.b64encode(public).decode() in self._all()
+        try:
+            return base64.b64encode(public).decode() in _read(self.path).split()
+        except FileNotFoundError:
+            return False
 
     def spend(self, public: bytes) -> bool:
-        """Mark spent; False if it already was. O_APPEND keeps concurrent spends whole."""
-        if self.spent(public):
-            return False
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with contextlib.closing(os.fdopen(fd, "w")) as f:
-            f.write(base64.b64encode(public).decode() + "\n")
+        """Mark spent; False if it already was. The test and the mark are one step under an exclusive
+        lock on the file, so of two sessions racing with one key exactly one gets True."""
+        fd = open_private(self.path, os.O_RDWR | os.O_APPEND)
+        with os.fdopen(fd, "r+b") as f:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file closes
+            check_trusted_file(self.path, os.fstat(fd))
+            line = base64.b64encode(public)
+            if line in f.read(MAX_KEY_FILE + 1).split():
+                return False
+            f.write(line + b"\n")
+            f.flush()
+            os.fsync(fd)
         return True
 
 
@@ -294,7 +348,6 @@ class KnownHosts:
                 f"WARNING: the key of {host!r} has CHANGED (now {fingerprint(public)}, pinned "
                 f"{fingerprint(pinned)} in {self.path}). Someone may be impersonating it, or its key "
                 f"was replaced; if you trust the new key, remove the line for {host!r} from {self.path}.")
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path, "a") as f:
+        with os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "w") as f:
             f.write(f"{host} {public_line(public)}\n")
         return True

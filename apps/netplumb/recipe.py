@@ -1,5 +1,5 @@
 """Recipes: labelled multi-command pipelines as the seed describes (`label:`, `|`, `&`, `>%label`,
-`2>%label`, `<`, `>`, `>>`, `2>`, `2>>`, `2>&1`); a strict parser, and the runner netplumbd uses.
+`2>%label`, `<`, `>`, `>>`, `2>`, `2>>`, `2>&1`); a strict parser, and the job the runner starts.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import re
 import subprocess
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from apps.netplumb.jobs import RunAs, pipes
+from apps.netplumb.endpoints import open_within
+from apps.netplumb.jobs import Launch, pipes
 
 MAX_COMMANDS = 256
+OPEN_TIMEOUT = 10.0  # seconds a redirection waits for the other end of a named pipe
 LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Longest first: the operators a token may start with.
 OPERATORS = ("2>&1", "2>>", "2>", ">>", ">", "<", "|", "&", ";")
@@ -228,20 +229,25 @@ class _Plan:
 
 
 class RecipeJob:
-    """Runs a parsed recipe: all pipes and files opened first, then commands in order, waiting
-    for each unless it ended in `|` or `&`. The status is the first non-zero one, else 0."""
+    """Runs a parsed recipe: all pipes and files opened first (with this process's rights, in its
+    working directory), then commands in order, waiting for each unless it ended in `|` or `&`.
+    The status is the first non-zero one, else 0. exes: each command's program, as resolved."""
 
-    def __init__(self, commands: list[Command], run_as: RunAs, recipe_dir: Path) -> None:
+    def __init__(self, commands: list[Command], exes: list[str], launch: Launch,
+                 open_timeout: float = OPEN_TIMEOUT) -> None:
+        if len(exes) != len(commands):
+            raise RecipeError(f"{len(exes)} programs for {len(commands)} commands")
         (ci, self.stdin), (co, self.stdout), (ce, self.stderr) = pipes()
         self._commands = commands
-        recipe_dir.mkdir(parents=True, exist_ok=True)
-        self._kwargs = {**run_as.popen_kwargs(), "cwd": str(recipe_dir)}  # relative names mean the same to all
+        self._exes = exes
+        self._kwargs = launch.popen_kwargs()
         self._procs: list[subprocess.Popen[bytes]] = []
         self._status = 0
         self._lock = threading.Lock()
+        self._cancelled = False
         opened: list[int] = [ci, co, ce]
         try:
-            plan = self._plan(commands, recipe_dir, ci, co, ce, opened)
+            plan = self._plan(commands, open_timeout, ci, co, ce, opened)
         except BaseException:
             for fd in (*opened, self.stdin, self.stdout, self.stderr):
                 with contextlib.suppress(OSError):
@@ -251,17 +257,17 @@ class RecipeJob:
         self._thread.start()
 
     @staticmethod
-    def _plan(commands: list[Command], recipe_dir: Path, ci: int, co: int, ce: int, opened: list[int]) -> _Plan:
+    def _plan(commands: list[Command], open_timeout: float, ci: int, co: int, ce: int,
+              opened: list[int]) -> _Plan:
         def open_file(f: File, write: bool) -> int:
-            path = Path(f.path)
-            if not path.is_absolute():
-                recipe_dir.mkdir(parents=True, exist_ok=True)
-                path = recipe_dir / path
             flags = (os.O_WRONLY | os.O_CREAT | (os.O_APPEND if f.append else os.O_TRUNC)) if write else os.O_RDONLY
             try:
-                fd = os.open(path, flags, 0o644)
+                fd = open_within(f.path, flags, open_timeout)
+            except TimeoutError:
+                raise RecipeError(f"cannot open {f.path}: nothing opened the other end of this named pipe "
+                                  f"within {open_timeout:g} s") from None
             except OSError as e:
-                raise RecipeError(f"cannot open {path}: {e.strerror}") from None
+                raise RecipeError(f"cannot open {f.path}: {e.strerror}") from None
             opened.append(fd)
             return fd
 
@@ -316,17 +322,18 @@ class RecipeJob:
                     del plan.last_use[fd]
 
         close_after(-1)
-        for i, (cmd, (fin, fout, ferr)) in enumerate(zip(self._commands, plan.fds, strict=True)):
-            try:
-                proc = subprocess.Popen(cmd.argv, stdin=fin, stdout=fout, stderr=ferr, close_fds=True,
-                                        **self._kwargs)  # type: ignore[call-overload]
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.write(ferr, f"recipe line {cmd.line}: cannot run {cmd.argv[0]}: {e.strerror}\n".encode())
-                self._note(127)
-                close_after(len(self._commands))
-                return
-            with self._lock:
+        for i, (cmd, exe, (fin, fout, ferr)) in enumerate(zip(self._commands, self._exes, plan.fds, strict=True)):
+            with self._lock:  # the check and the start, so that a cancel cannot slip between them
+                if self._cancelled:
+                    break
+                try:
+                    proc = subprocess.Popen(cmd.argv, executable=exe, stdin=fin, stdout=fout, stderr=ferr,
+                                            **self._kwargs)  # type: ignore[call-overload]
+                except OSError as e:
+                    with contextlib.suppress(OSError):
+                        os.write(ferr, f"recipe line {cmd.line}: cannot run {cmd.argv[0]}: {e.strerror}\n".encode())
+                    self._status = self._status or 127
+                    break
                 self._procs.append(proc)
             close_after(i)
             if cmd.wait:
@@ -343,6 +350,10 @@ class RecipeJob:
         for proc in list(self._procs):
             self._note(proc.wait())
         return self._status
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
 
     def signal(self, sig: int) -> None:
         with self._lock:

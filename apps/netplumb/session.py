@@ -1,6 +1,7 @@
 """The netplumb session: a sans-IO state machine for the handshake and the encrypted packets after it.
 
 Fed whole packets (bytes), it returns events and queues the bytes to send; it never touches a flow.
+Each end's handshake is a table of (state, packet type) -> handler; any other packet is an error.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from nacl import bindings as nb
 from nacl.exceptions import CryptoError
@@ -30,6 +32,22 @@ CLIENT_PROOF = b"netplumb-v1 client proof\0"
 
 class SessionError(Exception):
     """The session cannot go on: bad packet, failed authentication, or the peer's ERROR."""
+
+
+class UnexpectedPacket(SessionError):
+    """A packet its state has no place for."""
+
+
+class HandshakeFailed(SessionError):
+    """The peer's hello or proof does not hold: version, keys, signature."""
+
+
+class Tampered(SessionError):
+    """A sealed packet did not open: wrong key, or changed on the way."""
+
+
+class NotAdmitted(SessionError):
+    """The server does not admit this client (the reason went to the client)."""
 
 
 class State(enum.Enum):
@@ -75,6 +93,7 @@ class PeerError:
 
 
 Event = ServerKey | Established | Message | PeerError
+Handshake = dict[tuple[State, int], Callable[[Any, Fields], list[Event]]]
 
 
 class _Cipher:
@@ -124,9 +143,10 @@ class Session:
             raise SessionError(f"cannot send {wire.TYPE_NAMES.get(ptype, ptype)} in state {self.state.value}")
         return self._packet(ptype, fields)
 
-    def error(self, message: str) -> bytes | None:
-        """The ERROR packet that ends this session (None if no key is agreed yet), and close."""
-        out = self._packet(wire.ERROR, Fields.of(message=message)) if self._tx is not None else None
+    def error(self, message: str) -> bytes:
+        """The packet that ends this session with a reason, and close: ERROR, sealed, once a key is
+        agreed; before that REFUSE, in clear."""
+        out = self._packet(wire.ERROR if self._tx is not None else wire.REFUSE, Fields.of(message=message))
         self.state = State.CLOSED
         return out
 
@@ -139,7 +159,10 @@ class Session:
             for packet in self._dec.feed(data):
                 events.extend(self._handle(packet))
             return events
-        except (WireError, SessionError) as e:
+        except SessionError:
+            self.state = State.CLOSED
+            raise
+        except WireError as e:
             self.state = State.CLOSED
             raise SessionError(str(e)) from None
 
@@ -162,38 +185,40 @@ class Session:
         if packet.type < wire.ENCRYPTED_FROM:
             return wire.decode_pairs(packet.payload)
         if self._rx is None:
-            raise SessionError(f"encrypted packet type {packet.type} before any key was agreed")
+            raise Tampered(f"encrypted packet type {packet.type} before any key was agreed")
         try:
             plain = self._rx.open(packet.payload, packet.aad)
         except (CryptoError, ValueError):
-            raise SessionError("a packet failed authentication: wrong session key, or it was tampered with") \
-                from None
+            raise Tampered("a packet failed authentication: wrong session key, or it was tampered with") from None
         return wire.decode_pairs(plain)
 
     def _keys(self, peer_eph: bytes, client: bool) -> None:
         if len(peer_eph) != KEY_BYTES:
-            raise SessionError("the peer's ephemeral key is not 32 bytes")
+            raise HandshakeFailed("the peer's ephemeral key is not 32 bytes")
         try:
             shared = nb.crypto_scalarmult(self._eph_secret, peer_eph)
         except Exception:  # nacl raises RuntimeError on a low-order point
-            raise SessionError("the peer's ephemeral key is unusable") from None
+            raise HandshakeFailed("the peer's ephemeral key is unusable") from None
         if shared == bytes(KEY_BYTES):
-            raise SessionError("the peer's ephemeral key is unusable (all-zero shared secret)")
+            raise HandshakeFailed("the peer's ephemeral key is unusable (all-zero shared secret)")
         okm = hashlib.blake2b(shared + self._transcript, digest_size=64, person=b"netplumb-v1 keys").digest()
         c2s, s2c = _Cipher(okm[:32]), _Cipher(okm[32:])
         self._tx, self._rx = (c2s, s2c) if client else (s2c, c2s)
 
-    def _handle(self, packet: Packet) -> list[Event]:
-        raise NotImplementedError
+    # (state, packet type) -> what to do; each end fills in its handshake.
+    HANDSHAKE: ClassVar[Handshake] = {}
 
-    def _common(self, packet: Packet, fields: Fields) -> list[Event]:
-        """Packets of the established session."""
+    def _handle(self, packet: Packet) -> list[Event]:
+        fields = self._open(packet)
+        handler = self.HANDSHAKE.get((self.state, packet.type))
+        if handler is not None:
+            return handler(self, fields)
         if packet.type == wire.ERROR:
             self.state = State.CLOSED
             return [PeerError(fields.get("message", "(no message)") or "")]
-        if self.state is not State.ESTABLISHED or packet.type < 20:
-            raise SessionError(f"unexpected {wire.TYPE_NAMES.get(packet.type, packet.type)} packet "
-                               f"in state {self.state.value}")
+        if self.state is not State.ESTABLISHED or packet.type < wire.FIRST_SESSION_TYPE:
+            raise UnexpectedPacket(f"unexpected {wire.TYPE_NAMES.get(packet.type, packet.type)} packet "
+                                   f"in state {self.state.value}")
         return [Message(packet.type, fields)]
 
 
@@ -206,35 +231,44 @@ class ClientSession(Session):
 
     def start(self) -> None:
         if self.state is not State.IDLE:
-            raise SessionError("the handshake was already started")
+            raise UnexpectedPacket("the handshake was already started")
         self._queue(wire.HELLO, Fields.of(version=VERSION, eph=wire.b64(self.eph_public)))
         self.state = State.HELLO_SENT
 
-    def _handle(self, packet: Packet) -> list[Event]:
-        fields = self._open(packet)
-        if self.state is State.HELLO_SENT and packet.type == wire.HELLO:
-            if fields.get("version") != VERSION:
-                raise SessionError(f"the server speaks netplumb version {fields.get('version')!r}, not {VERSION}")
-            server_eph, server_key = fields.bin("eph"), fields.bin("key")
-            if len(server_key) != KEY_BYTES:
-                raise SessionError("the server's key is not 32 bytes")
-            self._transcript = self.eph_public + server_eph + server_key
-            if not verify(server_key, SERVER_PROOF + self._transcript, fields.bin("sig")):
-                raise SessionError("the server could not prove it holds its key (bad signature)")
-            self.check_host(server_key)  # may raise: a changed key ends it here
-            self.peer = server_key
-            self._keys(server_eph, client=True)
-            proof = self.identity.sign(CLIENT_PROOF + self._transcript + self.identity.public)
-            self._queue(wire.AUTH, Fields.of(key=wire.b64(self.identity.public), sig=wire.b64(proof)))
-            self.state = State.AUTH_SENT
-            return [ServerKey(server_key)]
-        if self.state is State.AUTH_SENT and packet.type == wire.AUTH:
-            if fields.get("ok") != "1":
-                raise SessionError("the server did not welcome us")
-            self.state = State.ESTABLISHED
-            assert self.peer is not None
-            return [Established(self.peer)]
-        return self._common(packet, fields)
+    def _on_refuse(self, fields: Fields) -> list[Event]:
+        self.state = State.CLOSED
+        return [PeerError(fields.get("message") or "(no message)")]
+
+    def _on_hello(self, fields: Fields) -> list[Event]:
+        if fields.get("version") != VERSION:
+            raise HandshakeFailed(f"the server speaks netplumb version {fields.get('version')!r}, not {VERSION}")
+        server_eph, server_key = fields.bin("eph"), fields.bin("key")
+        if len(server_key) != KEY_BYTES:
+            raise HandshakeFailed("the server's key is not 32 bytes")
+        self._transcript = self.eph_public + server_eph + server_key
+        if not verify(server_key, SERVER_PROOF + self._transcript, fields.bin("sig")):
+            raise HandshakeFailed("the server could not prove it holds its key (bad signature)")
+        self.check_host(server_key)  # may raise: a changed key ends it here
+        self.peer = server_key
+        self._keys(server_eph, client=True)
+        proof = self.identity.sign(CLIENT_PROOF + self._transcript + self.identity.public)
+        self._queue(wire.AUTH, Fields.of(key=wire.b64(self.identity.public), sig=wire.b64(proof)))
+        self.state = State.AUTH_SENT
+        return [ServerKey(server_key)]
+
+    def _on_welcome(self, fields: Fields) -> list[Event]:
+        if fields.get("ok") != "1":
+            raise HandshakeFailed("the server did not welcome us")
+        self.state = State.ESTABLISHED
+        assert self.peer is not None
+        return [Established(self.peer)]
+
+    HANDSHAKE: ClassVar[Handshake] = {
+        (State.HELLO_SENT, wire.HELLO): _on_hello,
+        (State.HELLO_SENT, wire.REFUSE): _on_refuse,
+        (State.AUTH_SENT, wire.AUTH): _on_welcome,
+        (State.AUTH_SENT, wire.REFUSE): _on_refuse,
+    }
 
 
 class ServerSession(Session):
@@ -245,36 +279,37 @@ class ServerSession(Session):
         self.authorize = authorize
         self.state = State.WAIT_HELLO
 
-    def _handle(self, packet: Packet) -> list[Event]:
-        fields = self._open(packet)
-        if self.state is State.WAIT_HELLO and packet.type == wire.HELLO:
-            if fields.get("version") != VERSION:
-                raise SessionError(f"the client speaks netplumb version {fields.get('version')!r}, not {VERSION}")
-            client_eph = fields.bin("eph")
-            self._transcript = client_eph + self.eph_public + self.identity.public
-            self._keys(client_eph, client=False)
-            proof = self.identity.sign(SERVER_PROOF + self._transcript)
-            self._queue(wire.HELLO, Fields.of(version=VERSION, eph=wire.b64(self.eph_public),
-                                              key=wire.b64(self.identity.public), sig=wire.b64(proof)))
-            self.state = State.WAIT_AUTH
-            return []
-        if self.state is State.WAIT_AUTH and packet.type == wire.AUTH:
-            client_key = fields.bin("key")
-            if len(client_key) != KEY_BYTES or not verify(
-                    client_key, CLIENT_PROOF + self._transcript + client_key, fields.bin("sig")):
-                self._refuse("the client could not prove it holds its key (bad signature)")
-            why = self.authorize(client_key)
-            if why is not None:
-                self._refuse(why)
-            self.peer = client_key
-            self._queue(wire.AUTH, Fields.of(ok=1))
-            self.state = State.ESTABLISHED
-            return [Established(client_key)]
-        return self._common(packet, fields)
+    def _on_hello(self, fields: Fields) -> list[Event]:
+        if fields.get("version") != VERSION:
+            raise HandshakeFailed(f"the client speaks netplumb version {fields.get('version')!r}, not {VERSION}")
+        client_eph = fields.bin("eph")
+        self._transcript = client_eph + self.eph_public + self.identity.public
+        self._keys(client_eph, client=False)
+        proof = self.identity.sign(SERVER_PROOF + self._transcript)
+        self._queue(wire.HELLO, Fields.of(version=VERSION, eph=wire.b64(self.eph_public),
+                                          key=wire.b64(self.identity.public), sig=wire.b64(proof)))
+        self.state = State.WAIT_AUTH
+        return []
 
-    def _refuse(self, why: str) -> None:
+    def _on_auth(self, fields: Fields) -> list[Event]:
+        client_key = fields.bin("key")
+        if len(client_key) != KEY_BYTES or not verify(
+                client_key, CLIENT_PROOF + self._transcript + client_key, fields.bin("sig")):
+            self._refuse(HandshakeFailed("the client could not prove it holds its key (bad signature)"))
+        why = self.authorize(client_key)
+        if why is not None:
+            self._refuse(NotAdmitted(why))
+        self.peer = client_key
+        self._queue(wire.AUTH, Fields.of(ok=1))
+        self.state = State.ESTABLISHED
+        return [Established(client_key)]
+
+    HANDSHAKE: ClassVar[Handshake] = {
+        (State.WAIT_HELLO, wire.HELLO): _on_hello,
+        (State.WAIT_AUTH, wire.AUTH): _on_auth,
+    }
+
+    def _refuse(self, e: SessionError) -> None:
         """Tell the client (encrypted, it has the key) why, then fail."""
-        packet = self.error(why)
-        if packet is not None:
-            self._out.append(packet)
-        raise SessionError(why)
+        self._out.append(self.error(str(e)))
+        raise e

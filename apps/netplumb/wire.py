@@ -25,6 +25,7 @@ MAX_PAIRS = 4096
 
 # Packet types. Below 10: clear text (the handshake); 10 and up: encrypted and authenticated.
 HELLO = 1  # ephemeral keys; the server's reply proves its long-term key
+REFUSE = 2  # message: the server will not go on (a limit), said before any key is agreed
 AUTH = 10  # the client's long-term key and proof; the reply says welcome
 START = 20  # what to run; the reply says started
 DATA = 21  # ch, data (base64)
@@ -35,9 +36,18 @@ OPEN = 25  # ch, parent: a new connection on a replicated unix socket
 SIGNAL = 27  # sig: deliver a signal to the remote command
 ERROR = 99  # message: the sender ends the session
 ENCRYPTED_FROM = 10
+FIRST_SESSION_TYPE = 20  # START and up: the established session's messages
 
-TYPE_NAMES = {HELLO: "HELLO", AUTH: "AUTH", START: "START", DATA: "DATA", EOF: "EOF", WINDOW: "WINDOW",
-              EXIT: "EXIT", OPEN: "OPEN", SIGNAL: "SIGNAL", ERROR: "ERROR"}
+TYPE_NAMES = {HELLO: "HELLO", REFUSE: "REFUSE", AUTH: "AUTH", START: "START", DATA: "DATA", EOF: "EOF",
+              WINDOW: "WINDOW", EXIT: "EXIT", OPEN: "OPEN", SIGNAL: "SIGNAL", ERROR: "ERROR"}
+
+
+# Channels, as SSH's: 0-2 stdio, the client numbers its pipes and sockets from 3, the server its
+# socket connections from 1000.
+STDIN, STDOUT, STDERR = 0, 1, 2
+FIRST_CLIENT_CHANNEL = 3
+FIRST_SERVER_CHANNEL = 1000
+INITIAL_WINDOW = 1024 * 1024  # each direction of each channel starts with this much credit
 
 
 class WireError(ValueError):
@@ -85,6 +95,14 @@ def decode(data: bytes) -> Packet:
     if seq >= SEQ_MODULO:
         raise WireError(f"bad sequence number {seq}: it rolls over at {SEQ_MODULO - 1}")
     return Packet(seq, ptype, bytes(data[HEADER_SIZE:]))
+
+
+def describe(data: bytes) -> str:
+    """One packet in a line, for tracing: its type, sequence number and size (without checking it)."""
+    if len(data) < HEADER_SIZE or data[:4] != MAGIC:
+        return f"{len(data)} bytes that are not a TAP1 packet"
+    seq, ptype = BODY.unpack_from(data, HEADER.size)
+    return f"{TYPE_NAMES.get(ptype, str(ptype))} seq {seq}, {len(data)} bytes"
 
 
 class Decoder:

@@ -227,8 +227,10 @@ class FlowAllocator:
                 if alloc is None or alloc.state is not State.REQUESTED or msg.src != alloc.dst:
                     return  # late, for another, or not from whom we asked
                 if msg.result != um.OK:
-                    code = m.ENOENT if msg.result == um.E_NOENT else m.EIPCP
-                    self._fail(alloc, Event.REFUSED, FaError(code, "the destination refused the flow"))
+                    code = um.ERRORS.get(msg.result, m.EIPCP)
+                    why = {m.EAUTH: ": authentication failed", m.ECRYPT: ": it requires encryption, or the key "
+                           "exchange failed"}.get(code, "")  # fmt: skip
+                    self._fail(alloc, Event.REFUSED, FaError(code, f"the destination refused the flow{why}"))
                 elif len(msg.data) > MAX_DATA or not 0 < msg.s_eid < 1 << 64:
                     self._fail(alloc, Event.REFUSED, FaError(m.EPROTO, "a malformed flow reply"))
                 else:

@@ -618,10 +618,11 @@ class UnicastIpcp(Ipcp):
         assert self.fa is not None
         app_end, mine = seqpacket_pair()
         try:
-            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data)
+            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data,
+                                                    peer=f"address {alloc.dst}")
         except (RemoteError, HandlerError) as e:
             mine.close()
-            self.fa.refuse(alloc, um.E_NOENT if e.code == m.ENOENT else um.E_REFUSED)
+            self.fa.refuse(alloc, um.RESULTS.get(e.code, um.E_REFUSED))
             self._after(time.monotonic())
             return
         finally:

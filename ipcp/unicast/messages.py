@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from proto import messages as m
 from proto.qos import QosSpec
 from transports.wire import Codec, Message
 
@@ -15,7 +16,10 @@ CODEC = Codec()
 reg = CODEC.register
 
 ENROLL, MGMT, DT = "enroll", "mgmt", "dt"  # what an N-1 flow to a member is for
-OK, E_NOENT, E_REFUSED, E_AUTH = 0, 1, 2, 3
+OK, E_NOENT, E_REFUSED, E_AUTH, E_CRYPT = 0, 1, 2, 3, 4
+# A refusal's result and our error name for it, both ways (an OAP failure keeps its reason: EAUTH, ECRYPT).
+RESULTS = {m.ENOENT: E_NOENT, m.EAUTH: E_AUTH, m.ECRYPT: E_CRYPT}
+ERRORS = {result: code for code, result in RESULTS.items()}
 
 
 def signed_part(msg: Message) -> bytes:

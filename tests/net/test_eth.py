@@ -14,18 +14,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import pytest
+from conftest import Host, Lab
 from helpers import wait_for
 
 from flowlib import FlowDown, FlowError, InvalidArgument, QosNotSupported, QosSpec
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient
+from proto import messages as m
 from transports import eth
-
-if TYPE_CHECKING:
-    from conftest import Host  # tests/net/conftest.py; only for annotations
 
 pytestmark = pytest.mark.net
 
@@ -262,7 +260,7 @@ def llc_garbage(dst: bytes, src: bytes) -> list[bytes]:
     frames = [dst + src + struct.pack("!H", 3), dst + src + struct.pack("!HB", 3, mgmt)]  # truncated
     frames += [llc(100, mgmt, 3, b"short"), llc(2, mgmt, 3, b"")]  # length beyond / below
     frames += [llc(3 + 4, mgmt, 0x13, b"nope")]  # not a UI frame
-    frames += [llc(3 + 4, 0x42, 3, b"stp?"), llc(3 + 4, eth.SAP_OF[9], 3, b"noflow")]
+    frames += [llc(3 + 4, 0x42, 3, b"stp?"), llc(3 + 4, eth.WIRE_SAP[9], 3, b"noflow")]
     frames += [llc(3 + 30, mgmt, 3, b"\x00" * 30), llc(3, mgmt, 3, b"")]  # bad management
     for _ in range(20):
         payload = b"\x00" + rnd.randbytes(rnd.randint(0, 200))  # never 0xFFFF: that is raw 802.3
@@ -302,8 +300,39 @@ def test_bootstrap_on_a_missing_or_non_ethernet_device_fails_saying_why(
     a, _ = two_hosts
     r = a.irmd.irm("ipcp", "bootstrap", "type", "eth-dix", "name", "e", "layer", LAYER, "dev", "nosuch0")
     assert r.returncode != 0 and "no interface 'nosuch0'" in r.stderr + r.stdout
-    r = a.irmd.irm("ipcp", "bootstrap", "type", "eth-dix", "name", "e2", "layer", LAYER, "dev", "lo")
+    a.ip("tuntap", "add", "dev", "tun0", "mode", "tun")  # IP packets, no Ethernet header
+    r = a.irmd.irm("ipcp", "bootstrap", "type", "eth-dix", "name", "e2", "layer", LAYER, "dev", "tun0")
     assert r.returncode != 0 and "not Ethernet" in r.stderr + r.stdout
+
+
+# -- on a loopback interface, as the Ouroboros tutorial ---------------------------------
+
+
+@pytest.mark.parametrize(("kind", "mtu"), [("eth-llc", 1497), ("eth-dix", 9000 - 4)])
+def test_a_layer_on_lo_reaches_its_own_names_as_in_the_ouroboros_tutorial(lab: Lab, kind: str, mtu: int) -> None:
+    """ouroboros-tutorial(7): `irm ipcp bootstrap type eth-llc name llc layer llc dev lo`, a name
+    registered, a process bound to it, oping. Every frame on `lo` comes back to its sender, so the
+    layer reaches itself; the MTU is C's there (9000 on a loopback interface, 1500 for 802.3)."""
+    ns = lab.netns("lo")  # a `lo` of its own: in the root namespace, others' layers would share it
+    host = Host(ns, "lo", lab.start_irmd(ns, "t"))
+    host.irmd.irm_ok("ipcp", "bootstrap", "type", kind, "name", "llc", "layer", "llc", "dev", "lo")
+    host.irmd.irm_ok("name", "reg", "my.oping.server", "layer", "llc")
+    server = subprocess.Popen(["ip", "netns", "exec", ns, "oping", "-l"], env=host.irmd.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: host.irmd.irm("bind", "process", str(server.pid), "name", "my.oping.server").returncode == 0,
+                 10, "oping -l to be bound")
+        r = host.exec("oping", "-n", "my.oping.server", "-c", "3", "-i", "10", "-s", str(mtu))
+        assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr + host.irmd.log_text()
+        r = host.exec("oping", "-n", "my.oping.server", "-c", "1", "-s", str(mtu + 1))
+        assert f"Packet size truncated to {mtu} bytes" in r.stdout, r.stdout + r.stderr  # the layer's MTU
+        info = host.irmd.request(m.IpcpInfoReq("llc"))
+        assert isinstance(info, m.IpcpInfo)
+        shim = {row[0]: row[1] for s in info.sections if s.name == "shim" for row in s.rows}
+        assert shim == {"address": "00:00:00:00:00:00", "mtu": str(mtu), "hash": "SHA3_256"}
+    finally:
+        server.kill()
+        server.wait()
 
 
 # -- peer failure --------------------------------------------------------------------

@@ -9,13 +9,16 @@ mode cannot hold two test modules of one basename in package-less directories.)
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import re
+import shutil
 import time
+from pathlib import Path
 
 import pytest
-from conftest import Host
+from conftest import Host, Lab
 
 from flowlib import EventQueue, EventType, FlowSet, fevent
 from flowlib.flow import Flow
@@ -164,3 +167,27 @@ def test_three_hosts_on_a_bridge_find_each_other_by_broadcast(bridged_hosts: lis
     for host in (b, c):
         code, out = oping(host, count=1)
         assert code != 0 and "not found" in out, out
+
+
+def test_names_resolve_through_etc_hosts_as_ouroboros_0_23_does(lab: Lab) -> None:
+    """No broadcast (loopback), no peer: only /etc/hosts, where the name is the hex MD5 of it.
+    Bootstrapped with 0.23's own words, `hash` and `dns` included (a udp layer uses MD5 regardless)."""
+    ns = lab.netns("h")
+    etc = Path("/etc/netns") / ns
+    try:
+        etc.mkdir(parents=True)
+        md5 = {n: hashlib.md5(n.encode()).hexdigest() for n in ("pong", "ghost")}
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.0.1 {md5['pong']}\n127.0.0.3 {md5['ghost']}\n")
+        a, b = (Host(ns, "lo", lab.start_irmd(ns, name)) for name in "ab")
+        for host, ip in ((a, "127.0.0.1"), (b, "127.0.0.2")):
+            host.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", ip,
+                             "hash", "SHA3_512", "dns", "127.0.0.53")
+        serve(a)
+        assert_oping(b, count=3, logs=(a, b))
+        assert "no dynamic DNS here" in b.irmd.log_text()
+        code, out = oping(b, "ghost", count=1)  # resolved, but nobody answers at 127.0.0.3
+        assert code != 0 and "did not answer" in out, out
+        code, out = oping(b, "nobody", count=1)
+        assert code != 0 and "not found" in out, out
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)

@@ -1,0 +1,137 @@
+"""netplumbd's admission limits, as OpenSSH's MaxStartups, PerSourceMaxStartups and LoginGraceTime:
+connections in the handshake, sessions per peer and per key. Counts under one lock; the decisions are
+pure functions of the counts, and every refusal names the limit and its option.
+
+A peer is the allocating uid the IRMd vouches for on a local flow; a flow from another machine has
+none (Ouroboros hands out no addresses), so only the overall and per-key limits apply to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from apps.netplumb.keys import fingerprint
+
+K = TypeVar("K", int, bytes)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit, with the option that sets it (docs/netplumb.md lists them)."""
+
+    max_startups: int = 10  # --max-startups: connections not yet authenticated, in all
+    peer_startups: int = 3  # --per-peer-startups: of those, from one peer
+    max_sessions: int = 64  # --max-sessions: connections in all, authenticated or not
+    peer_sessions: int = 16  # --per-peer-sessions: connections from one peer
+    key_sessions: int = 8  # --per-key-sessions: authenticated sessions of one key
+    login_grace: float = 15.0  # --login-grace-time: seconds to authenticate and ask for a command
+    max_channels: int = 64  # --max-channels: named pipes and sockets one START may ask for
+    max_connections: int = 64  # --max-connections: open connections on a session's replicated sockets
+
+
+@dataclass
+class Counts:
+    startups: int = 0
+    sessions: int = 0  # every connection, in the handshake or past it
+    peer_startups: Counter[int] = field(default_factory=Counter)
+    peer_sessions: Counter[int] = field(default_factory=Counter)
+    key_sessions: Counter[bytes] = field(default_factory=Counter)
+
+
+class LimitReached(Exception):
+    """A connection or a login over a limit; the message goes to the client."""
+
+
+def refuse_arrival(counts: Counts, limits: Limits, peer: int | None) -> str | None:
+    """Why a new connection may not start its handshake, or None."""
+    if counts.sessions >= limits.max_sessions:
+        return f"too many connections (at most {limits.max_sessions}: --max-sessions); try again later"
+    if counts.startups >= limits.max_startups:
+        return (f"too many unauthenticated connections (at most {limits.max_startups}: --max-startups); "
+                f"try again later")
+    if peer is not None and counts.peer_sessions[peer] >= limits.peer_sessions:
+        return f"too many connections from uid {peer} (at most {limits.peer_sessions}: --per-peer-sessions)"
+    if peer is not None and counts.peer_startups[peer] >= limits.peer_startups:
+        return (f"too many unauthenticated connections from uid {peer} (at most {limits.peer_startups}: "
+                f"--per-peer-startups)")
+    return None
+
+
+def refuse_login(counts: Counts, limits: Limits, key: bytes) -> str | None:
+    """Why an authenticated key may not have one more session, or None."""
+    if counts.key_sessions[key] >= limits.key_sessions:
+        return (f"too many sessions with key {fingerprint(key)} (at most {limits.key_sessions}: "
+                f"--per-key-sessions)")
+    return None
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One admitted connection."""
+
+    id: int
+    peer: int | None
+
+
+class Admission:
+    """The counts of live connections; arrive(), login() and leave() keep them, atomically."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.counts = Counts()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._keys: dict[int, bytes] = {}  # ticket -> its key, once logged in
+
+    def arrive(self, peer: int | None) -> Ticket:
+        with self._lock:
+            why = refuse_arrival(self.counts, self.limits, peer)
+            if why is not None:
+                raise LimitReached(why)
+            c = self.counts
+            c.startups += 1
+            c.sessions += 1
+            if peer is not None:
+                c.peer_startups[peer] += 1
+                c.peer_sessions[peer] += 1
+            return Ticket(next(self._ids), peer)
+
+    def login(self, ticket: Ticket, key: bytes) -> None:
+        """The ticket's client authenticated as `key`: it leaves the handshake count (LimitReached if the
+        key has all the sessions it may)."""
+        with self._lock:
+            if ticket.id in self._keys:
+                raise LimitReached("this connection already logged in")
+            why = refuse_login(self.counts, self.limits, key)
+            if why is not None:
+                raise LimitReached(why)
+            self._end_startup(ticket)
+            self.counts.key_sessions[key] += 1
+            self._keys[ticket.id] = key
+
+    def leave(self, ticket: Ticket) -> None:
+        with self._lock:
+            key = self._keys.pop(ticket.id, None)
+            c = self.counts
+            if key is None:
+                self._end_startup(ticket)
+            else:
+                _drop(c.key_sessions, key)
+            c.sessions -= 1
+            if ticket.peer is not None:
+                _drop(c.peer_sessions, ticket.peer)
+
+    def _end_startup(self, ticket: Ticket) -> None:
+        self.counts.startups -= 1
+        if ticket.peer is not None:
+            _drop(self.counts.peer_startups, ticket.peer)
+
+
+def _drop(counter: Counter[K], key: K) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -1,0 +1,202 @@
+"""The messages of an established netplumb session (START ... SIGNAL), declared once as frozen
+dataclasses: their name/value fields both ways, with explicit bounds; a malformed one is a WireError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from apps.netplumb import wire
+from apps.netplumb.wire import Fields, WireError
+
+MAX_RECIPE = 1 << 16
+MAX_GRANT = 1 << 40  # one WINDOW adjustment
+MAX_CHANNEL = 1 << 31
+
+
+class BadStart(WireError):
+    """A START whose fields make no sense; refused with this message (status 126), not a protocol error."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """What to run: a command (argv) or a recipe, as whom, with which of the client's variables, and
+    the named pipes and sockets to replicate, by channel."""
+
+    TYPE: ClassVar[int] = wire.START
+    argv: tuple[str, ...] = ()
+    recipe: str | None = None
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    infifos: tuple[tuple[int, str], ...] = ()
+    outfifos: tuple[tuple[int, str], ...] = ()
+    sockets: tuple[tuple[int, str], ...] = ()
+
+    def to_fields(self) -> Fields:
+        f = Fields()
+        for arg in self.argv:
+            f.add("arg", arg)
+        if self.recipe is not None:
+            f.add("recipe", self.recipe)
+        if self.user:
+            f.add("user", self.user)
+        for name, value in self.env:
+            f.add("env", f"{name}={value}")
+        for kind, table in (("infifo", self.infifos), ("outfifo", self.outfifos), ("socket", self.sockets)):
+            for ch, path in table:
+                f.add(kind, f"{ch} {path}")
+        return f
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Start:
+        argv = tuple(fields.getall("arg"))
+        recipe = fields.get("recipe")
+        if recipe is not None and len(recipe) > MAX_RECIPE:
+            raise BadStart(f"recipe longer than {MAX_RECIPE} bytes")
+        if not argv and recipe is None:
+            raise BadStart("no command given")
+        if argv and recipe is not None:
+            raise BadStart("a command and a recipe at once")
+        env = []
+        for item in fields.getall("env"):
+            name, eq, value = item.partition("=")
+            if not eq or not name.isidentifier():
+                raise BadStart(f"bad environment entry {item[:40]!r} (expected NAME=VALUE)")
+            env.append((name, value))
+        seen: set[int] = set()
+        tables: dict[str, list[tuple[int, str]]] = {"infifo": [], "outfifo": [], "socket": []}
+        for kind, table in tables.items():
+            for item in fields.getall(kind):
+                ch_text, _, path = item.partition(" ")
+                if not ch_text.isascii() or not ch_text.isdigit() \
+                        or not wire.FIRST_CLIENT_CHANNEL <= int(ch_text) < wire.FIRST_SERVER_CHANNEL \
+                        or not path.startswith("/"):
+                    raise BadStart(f"bad {kind} entry {item[:60]!r} (expected CHANNEL /absolute/path)")
+                if int(ch_text) in seen:
+                    raise BadStart(f"channel {ch_text} is used twice")
+                seen.add(int(ch_text))
+                table.append((int(ch_text), path))
+        return cls(argv, recipe, fields.get("user") or None, tuple(env), tuple(tables["infifo"]),
+                   tuple(tables["outfifo"]), tuple(tables["socket"]))
+
+
+@dataclass(frozen=True)
+class Started:
+    """START's answer: it runs (ok), or why not and the status to exit with."""
+
+    TYPE: ClassVar[int] = wire.START
+    ok: bool
+    message: str = ""
+    status: int = 0
+
+    def to_fields(self) -> Fields:
+        return Fields.of(ok=1) if self.ok else Fields.of(ok=0, message=self.message, status=self.status)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Started:
+        if fields.get("ok") == "1":
+            return cls(True)
+        status = fields.int("status", 1, 255) if fields.get("status") is not None else 255
+        return cls(False, fields.get("message") or "refused", status)
+
+
+@dataclass(frozen=True)
+class Data:
+    TYPE: ClassVar[int] = wire.DATA
+    ch: int
+    data: bytes
+
+    def to_fields(self) -> Fields:
+        return Fields.of(ch=self.ch, data=wire.b64(self.data))
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Data:
+        return cls(fields.int("ch", 0, MAX_CHANNEL), fields.bin("data"))
+
+
+@dataclass(frozen=True)
+class Eof:
+    """No more data on this channel in this direction (a half-close)."""
+
+    TYPE: ClassVar[int] = wire.EOF
+    ch: int
+
+    def to_fields(self) -> Fields:
+        return Fields.of(ch=self.ch)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Eof:
+        return cls(fields.int("ch", 0, MAX_CHANNEL))
+
+
+@dataclass(frozen=True)
+class Window:
+    """The sender of this takes n more bytes on the channel."""
+
+    TYPE: ClassVar[int] = wire.WINDOW
+    ch: int
+    n: int
+
+    def to_fields(self) -> Fields:
+        return Fields.of(ch=self.ch, n=self.n)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Window:
+        return cls(fields.int("ch", 0, MAX_CHANNEL), fields.int("n", 1, MAX_GRANT))
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How the command ended: kind "status" (exit code) or "signal" (killed by it)."""
+
+    TYPE: ClassVar[int] = wire.EXIT
+    kind: str
+    value: int
+
+    def to_fields(self) -> Fields:
+        return Fields.of((self.kind, self.value))
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Exit:
+        if fields.get("signal") is not None:
+            return cls("signal", fields.int("signal", 1, 255))
+        return cls("status", fields.int("status", 0, 255))
+
+
+@dataclass(frozen=True)
+class Open:
+    """A new connection (channel ch) on the replicated socket of channel parent."""
+
+    TYPE: ClassVar[int] = wire.OPEN
+    ch: int
+    parent: int
+
+    def to_fields(self) -> Fields:
+        return Fields.of(ch=self.ch, parent=self.parent)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Open:
+        return cls(fields.int("ch", 0, MAX_CHANNEL), fields.int("parent", 0, MAX_CHANNEL))
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A signal for the command's process group, by name (INT, TERM, ...)."""
+
+    TYPE: ClassVar[int] = wire.SIGNAL
+    name: str
+
+    def to_fields(self) -> Fields:
+        return Fields.of(sig=self.name)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Signal:
+        name = fields.need("sig")
+        if len(name) > 16:
+            raise WireError(f"signal name {name[:20]!r}... is too long")
+        return cls(name)
+
+
+SessionMessage = Start | Started | Data | Eof | Window | Exit | Open | Signal
+ChannelMessage = Data | Eof | Window

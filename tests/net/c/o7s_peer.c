@@ -1,0 +1,133 @@
+/*
+ * A C Ouroboros 0.23 peer for tests/net/test_interop.py: what oping cannot show, how a flow ends.
+ *
+ *   o7s_peer client NAME TIMEOUT_MS IDLE_MS
+ *       allocates a raw flow to NAME with a peer timeout of TIMEOUT_MS, pings, sends nothing for
+ *       IDLE_MS (the keepalives must carry the flow), pings again and deallocates.
+ *   o7s_peer server
+ *       accepts one flow, echoes what arrives, and says how the flow ended ("ended -1006" when
+ *       the peer went silent: FLOWPEER) and how long after the last packet it noticed.
+ */
+
+#include <ouroboros/dev.h>
+#include <ouroboros/errno.h>
+#include <ouroboros/fccntl.h>
+#include <ouroboros/qos.h>
+
+#include <errno.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static long now_ms(void)
+{
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        return t.tv_sec * 1000L + t.tv_nsec / 1000000L;
+}
+
+/* Reads with a short timeout: 0.23 counts a peer alive only by what the application pulls
+ * (keepalives included), so a reader that stopped reading would call the peer gone itself. */
+static ssize_t read_some(int fd, char * buf, size_t len, long ms)
+{
+        struct timespec tick = {0, 100 * 1000000L};
+        long            end  = now_ms() + ms;
+        ssize_t         n;
+
+        fccntl(fd, FLOWSRCVTIMEO, &tick);
+        do {
+                n = flow_read(fd, buf, len);
+                if (n != -ETIMEDOUT)
+                        return n;
+        } while (ms < 0 || now_ms() < end);
+        return -ETIMEDOUT;
+}
+
+static int ping(int fd, const char * what)
+{
+        char    buf[64];
+        ssize_t n;
+
+        if (flow_write(fd, what, strlen(what)) < 0)
+                return -1;
+        n = read_some(fd, buf, sizeof(buf), 5000);
+        if (n < 0) {
+                printf("read failed %zd\n", n);
+                return -1;
+        }
+        printf("echo %.*s\n", (int) n, buf);
+        fflush(stdout);
+        return 0;
+}
+
+static int client(const char * name, int timeout_ms, int idle_ms)
+{
+        qosspec_t qs = qos_raw;
+        char      buf[64];
+        ssize_t   n;
+        int       fd;
+
+        qs.timeout = timeout_ms;
+        fd = flow_alloc(name, &qs, NULL);
+        if (fd < 0) {
+                printf("alloc failed %d\n", fd);
+                return 1;
+        }
+        if (ping(fd, "ping-1") < 0)
+                return 1;
+        n = read_some(fd, buf, sizeof(buf), idle_ms);  /* nothing but keepalives */
+        if (n != -ETIMEDOUT) {
+                printf("idle read %zd\n", n);
+                return 1;
+        }
+        if (ping(fd, "ping-2") < 0)
+                return 1;
+        flow_dealloc(fd);
+        printf("deallocated\n");
+        return 0;
+}
+
+static int server(void)
+{
+        qosspec_t qs;
+        char      buf[2048];
+        long      last;
+        ssize_t   n;
+        int       fd;
+
+        fd = flow_accept(&qs, NULL);
+        if (fd < 0) {
+                printf("accept failed %d\n", fd);
+                return 1;
+        }
+        printf("accepted timeout %u\n", qs.timeout);
+        fflush(stdout);
+        last = now_ms();
+        while (1) {
+                n = read_some(fd, buf, sizeof(buf), -1);
+                if (n < 0) {
+                        printf("ended %zd after %ld ms\n", n, now_ms() - last);
+                        fflush(stdout);
+                        flow_dealloc(fd);
+                        return 0;
+                }
+                last = now_ms();
+                printf("got %.*s\n", (int) n, buf);
+                fflush(stdout);
+                flow_write(fd, buf, n);
+        }
+}
+
+int main(int argc, char ** argv)
+{
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        if (argc == 5 && strcmp(argv[1], "client") == 0)
+                return client(argv[2], atoi(argv[3]), atoi(argv[4]));
+        if (argc == 2 && strcmp(argv[1], "server") == 0)
+                return server();
+        fprintf(stderr, "usage: o7s_peer client NAME TIMEOUT_MS IDLE_MS | o7s_peer server\n");
+        return 2;
+}

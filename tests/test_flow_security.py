@@ -1,0 +1,293 @@
+"""Authenticated and encrypted flows end to end through a real IRMd and local layer: what an
+application sees (flow.peer, flow.qos.cypher_s, the data), the user's known names, the policies
+(a server's enc.conf, flow_accept asking for encryption, client certificates), and every refusal
+saying why."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from helpers import IrmdProc, start_irmd, stop_irmd, wait_for
+from unicast_net import Cluster
+from unicast_net import Host as UnicastHost
+
+from flowlib import Flow, flow_accept, flow_alloc, qos
+from flowlib.crypto import OVERHEAD
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+from proto.errors import AuthenticationFailed, EncryptionFailed
+from tests.pki import Pki, certificate, new_key
+
+ENCRYPTED = qos.QosSpec(cypher_s=256)
+
+
+class Site:
+    """One IRMd with a security directory, a local layer and servers in this process."""
+
+    def __init__(self, tmp: Path, irmd: IrmdProc, pool: ThreadPoolExecutor) -> None:
+        self.tmp, self.irmd, self.pool = tmp, irmd, pool
+        self.pki = Pki(tmp / "security")
+        self.known = tmp / "known_names"
+        self.clients: list[IrmClient] = []
+
+    def client(self) -> IrmClient:
+        c = IrmClient(self.irmd.sock)
+        self.clients.append(c)
+        return c
+
+    def serve(self, name: str, want: qos.QosSpec | None = None) -> tuple[IrmClient, Callable[[], Future[Flow]]]:
+        """A server of `name` (bound and registered); each call of the second value accepts one flow."""
+        server = self.client()
+        call(server.channel, m.Bind("process", str(os.getpid()), name), timeout=10)
+        if not any(name == r["name"] and "local" in r["layers"] for r in self.irmd.table("name", "list")):
+            call(server.channel, m.NameRegister(name, ["local"]), timeout=10)
+        return server, lambda: self.pool.submit(flow_accept, want, 10, irm=server)
+
+    def alloc(self, name: str, spec: qos.QosSpec = qos.raw, **kw: object) -> Flow:
+        return flow_alloc(name, spec, 10, irm=self.client(), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    tmp_path = Path(tempfile.mkdtemp(prefix="oap-", dir="/tmp"))  # uid 65534 must reach the socket
+    tmp_path.chmod(0o755)
+    sec = tmp_path / "security"
+    sec.mkdir()
+    irmd = start_irmd(tmp_path, env={"OUROBOROS_SECURITY_DIR": str(sec)})
+    monkeypatch.setenv("OUROBOROS_KNOWN_NAMES", str(tmp_path / "known_names"))
+    monkeypatch.delenv("OUROBOROS_STRICT_NAMES", raising=False)
+    pool = ThreadPoolExecutor(4)
+    s = Site(tmp_path, irmd, pool)
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        yield s
+    finally:
+        for c in s.clients:
+            c.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+        stop_irmd(irmd)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def exchange(cli: Flow, srv: Flow) -> None:
+    cli.write(b"ping" * 100)
+    assert srv.read() == b"ping" * 100
+    srv.write(b"pong")
+    assert cli.read() == b"pong"
+
+
+# -- encryption ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [qos.raw, qos.data], ids=["raw", "data"])
+def test_an_encrypted_flow_carries_data_and_both_ends_know_it(site: Site, spec: qos.QosSpec) -> None:
+    _, accept = site.serve("pong")
+    pending = accept()
+    with site.alloc("pong", spec, encrypt=True) as cli, pending.result(10) as srv:
+        assert cli.qos.cypher_s == srv.qos.cypher_s == 256
+        assert cli.peer is None and srv.peer is None  # encrypted, but nobody proved who they are
+        exchange(cli, srv)
+        if spec is qos.raw:
+            assert cli.mtu == 65535 - OVERHEAD
+
+
+def test_only_ciphertext_crosses_the_flow(site: Site) -> None:
+    server, _ = site.serve("pong")
+    pending = site.pool.submit(server.accept, 10)  # the raw end, below flowlib's crypto
+    with site.alloc("pong", encrypt=True) as cli:
+        reply, fd = pending.result(10)
+        assert reply.cipher == 901 and len(reply.key) == 32
+        cli.write(b"SECRET MESSAGE " * 10)
+        with os.fdopen(fd, "rb", buffering=0) as raw_end:
+            packet = raw_end.read(4096)
+        assert b"SECRET" not in packet and len(packet) == 150 + OVERHEAD
+
+
+def test_a_server_whose_enc_conf_requires_encryption_refuses_a_plain_flow(site: Site) -> None:
+    site.pki.enc_conf("pong", "kex=prime256v1\n")
+    _, accept = site.serve("pong")
+    pending = accept()
+    with pytest.raises(EncryptionFailed, match="'pong' requires encryption"):
+        site.alloc("pong")
+    with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
+        exchange(cli, srv)
+
+
+def test_flow_accept_asking_for_encryption_refuses_plain_flows_at_the_irmd(site: Site) -> None:
+    _, accept = site.serve("pong", ENCRYPTED)
+    pending = accept()
+    with pytest.raises(EncryptionFailed, match="requires encryption"):
+        site.alloc("pong")
+    assert not pending.done()  # the server never saw the plain flow
+    with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
+        assert srv.qos.cypher_s == 256
+        exchange(cli, srv)
+
+
+# -- server identities: CA and known names ----------------------------------------------------------
+
+
+def test_a_server_certified_by_the_ca_store_is_the_peer(site: Site) -> None:
+    crt, key = site.pki.issue("pong")
+    site.pki.serve_as("pong", crt, key)
+    site.pki.trust()
+    _, accept = site.serve("pong")
+    pending = accept()
+    with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
+        assert cli.peer is not None and (cli.peer.name, cli.peer.verified) == ("pong", "ca")
+        assert cli.peer.subject == "CN=pong" and cli.peer.fingerprint.startswith("SHA256:")
+        exchange(cli, srv)
+    assert not site.known.exists()  # the CA vouched: nothing to pin
+
+
+def test_an_unknown_server_key_is_refused_unless_accept_new_then_pinned(site: Site) -> None:
+    crt, key = site.pki.issue("pong")  # the CA store is empty: only pins can vouch
+    site.pki.serve_as("pong", crt, key)
+    _, accept = site.serve("pong")
+    accept()
+    with pytest.raises(AuthenticationFailed, match=r"neither this IRMd.s CA store nor .* vouches") as e:
+        site.alloc("pong")
+    assert "SHA256:" in str(e.value) and "accept-new" in str(e.value)
+    pending = accept()
+    with site.alloc("pong", encrypt=True, accept_new=True) as cli, pending.result(10) as srv:
+        assert cli.peer is not None and cli.peer.verified == "new"
+        exchange(cli, srv)
+    assert site.known.read_text().startswith(f"pong {cli.peer.fingerprint} CN=pong")
+    assert site.known.stat().st_mode & 0o777 == 0o600
+    pending = accept()
+    with site.alloc("pong") as cli2, pending.result(10):
+        assert cli2.peer is not None and cli2.peer.verified == "pinned"
+
+
+def test_a_changed_key_is_refused_with_both_fingerprints(site: Site) -> None:
+    crt, key = site.pki.issue("pong")
+    site.pki.serve_as("pong", crt, key)
+    _, accept = site.serve("pong")
+    pending = accept()
+    with site.alloc("pong", accept_new=True) as cli, pending.result(10):
+        old = cli.peer.fingerprint if cli.peer else ""
+    impostor_key = new_key()
+    site.pki.serve_as("pong", certificate("pong", impostor_key), impostor_key)
+    accept()
+    with pytest.raises(AuthenticationFailed, match="CHANGED") as e:
+        site.alloc("pong", encrypt=True, accept_new=True)  # accept-new never takes a changed key
+    assert old in str(e.value) and str(e.value).count("SHA256:") == 2
+
+
+def test_an_anonymous_answer_for_a_pinned_name_is_refused(site: Site) -> None:
+    site.known.write_text("pong SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA CN=pong\n")
+    site.known.chmod(0o600)
+    _, accept = site.serve("pong")
+    accept()
+    with pytest.raises(AuthenticationFailed, match="proved no identity"):
+        site.alloc("pong", encrypt=True)
+
+
+def test_a_known_names_file_others_may_write_is_not_trusted(site: Site) -> None:
+    crt, key = site.pki.issue("pong")
+    site.pki.serve_as("pong", crt, key)
+    _, accept = site.serve("pong")
+    accept()
+    site.known.write_text("")
+    site.known.chmod(0o666)
+    with pytest.raises(AuthenticationFailed, match="may be written by others"):
+        site.alloc("pong", accept_new=True)
+
+
+# -- client certificates ---------------------------------------------------------------------------------
+
+
+def test_a_client_certificate_tells_the_server_who_connected(site: Site) -> None:
+    site.pki.trust()
+    crt, key = site.pki.issue("alice")
+    site.pki.serve_as("pong", crt, key, role="client")
+    _, accept = site.serve("pong")
+    pending = accept()
+    with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
+        assert srv.peer is not None and (srv.peer.name, srv.peer.verified) == ("alice", "ca")
+        assert cli.peer is None
+        exchange(cli, srv)
+
+
+# -- as an unprivileged user ------------------------------------------------------------------------------
+
+
+ATTACK = r"""
+import sys
+from flowlib import flow_alloc
+try:
+    flow_alloc(sys.argv[1], timeout=5)
+except Exception as e:
+    print(type(e).__name__, e)
+    sys.exit(0)
+print("ALLOCATED")
+"""
+
+
+def test_nobody_cannot_get_a_plain_flow_to_an_encrypting_server_while_the_owner_can_talk(site: Site) -> None:
+    _, accept = site.serve("pong", ENCRYPTED)
+    pending = accept()
+    env = dict(site.irmd.env, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", ATTACK,
+                        "pong"], env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "EncryptionFailed" in r.stdout and "requires encryption" in r.stdout, r.stdout + r.stderr
+    with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
+        exchange(cli, srv)
+
+
+# -- across a unicast layer ---------------------------------------------------------------------------
+
+
+def _host(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, name: str, pki: Pki) -> UnicastHost:
+    monkeypatch.setenv("OUROBOROS_SECURITY_DIR", str(pki.base))  # each host's irmd reads its own
+    (host,) = cluster.start([name])
+    return host
+
+
+@pytest.mark.timeout(180)
+def test_across_a_unicast_layer_the_named_server_is_reached_and_an_impostor_is_not(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real, client_side, impostor = Pki(tmp_path / "b"), Pki(tmp_path / "a"), Pki(tmp_path / "c", "Impostor CA")
+    client_side.ca, client_side.ca_key = real.ca, real.ca_key
+    client_side.trust()
+    crt, key = real.issue("pong")
+    real.serve_as("pong", crt, key)
+    real.enc_conf("pong", "")
+    crt, key = impostor.issue("pong")  # a certificate for the name, from a CA the client does not trust
+    impostor.serve_as("pong", crt, key)
+    a = _host(cluster, monkeypatch, "a", client_side)
+    b = _host(cluster, monkeypatch, "b", real)
+    c = _host(cluster, monkeypatch, "c", impostor)
+    cluster.udp([a, b, c])
+    a.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", "net", "autobind")
+    for h, n in ((b, "n2"), (c, "n3")):
+        h.irm_ok("ipcp", "enroll", "type", "unicast", "name", n, "layer", "net", "dst", "n1", "autobind")
+        h.irm_ok("ipcp", "connect", "name", n, "dst", "n1")
+    for h in (a, b, c):
+        h.irmd.note_children()
+    b.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
+    b.irm_ok("name", "register", "pong", "layer", "net")
+    wait_for(lambda: "requires encryption" in a.irmd.run("oping", "-n", "pong", "-c", "1", timeout=30).stderr,
+             60, "pong to refuse a plain flow, saying why, across the layer")  # fmt: skip
+    r = a.irmd.run("oping", "-n", "pong", "-c", "3", "-i", "10", "--encrypt", timeout=60)
+    assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr
+    b.irm_ok("name", "unregister", "pong", "layer", "net")  # the impostor takes the name over
+    c.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
+    c.irm_ok("name", "register", "pong", "layer", "net")
+    deadline = time.monotonic() + 60
+    while True:
+        r = a.irmd.run("oping", "-n", "pong", "-c", "1", "--encrypt", timeout=30)
+        if "vouches for" in r.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(1)  # until the directory points at the impostor
+    assert "neither this IRMd's CA store" in r.stderr and "1 received" not in r.stdout, r.stdout + r.stderr

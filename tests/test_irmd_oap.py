@@ -1,0 +1,441 @@
+"""The IRMd's OAP (irmd.oap) between two IRMds' worth of state, without sockets: the allocating
+side's request and completion, the accepting side's checks and answer, identities (CA chains,
+client certificates), encryption policy and negotiation, and every refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from irmd.oap import Oap, Outcome, RateLog, Startups
+from irmd.registry import Registry
+from proto import messages as m
+from proto import oap
+from proto.qos import QosSpec, raw
+from tests.pki import Pki, certificate, new_key
+from transports.channel import HandlerError
+
+T0 = 1_800_000_000_000_000_000
+MS = 1_000_000
+ENCRYPT = QosSpec(cypher_s=256)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "server-side")
+
+
+@pytest.fixture
+def client_pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "client-side", "Client Root CA")
+
+
+def irmds(clock: Clock, client: Pki, server: Pki) -> tuple[Oap, Oap]:
+    return Oap(base=client.base, clock=clock), Oap(base=server.base, clock=clock)
+
+
+def allocate(client: Oap, server: Oap, name: str = "pong", qos: QosSpec = raw,
+             cypher_s: int = 0) -> tuple[Outcome, Outcome]:
+    attempt = client.request(name, qos)
+    answer, served = server.serve(name, attempt.data, cypher_s)
+    return client.complete(attempt, answer), served
+
+
+# -- the plain exchange ------------------------------------------------------------------------------
+
+
+def test_a_plain_allocation_is_36_bytes_out_84_back_and_establishes_nothing(clock: Clock, pki: Pki,
+                                                                              client_pki: Pki) -> None:
+    client, server = irmds(clock, client_pki, pki)
+    attempt = client.request("pong", raw)
+    answer, served = server.serve("pong", attempt.data)
+    assert (len(attempt.data), len(answer)) == (36, 84)
+    assert client.complete(attempt, answer) == served == Outcome()
+
+
+def test_every_attempt_has_a_fresh_id_and_timestamp(clock: Clock) -> None:
+    client = Oap(clock=clock)
+    a = client.request("pong", raw)
+    clock.now += 1
+    b = client.request("pong", raw)
+    assert a.request.id != b.request.id and a.request.timestamp != b.request.timestamp
+
+
+def test_joining_a_broadcast_layer_carries_no_oap_as_in_0_23(clock: Clock) -> None:
+    client = Oap(clock=clock)
+    attempt = client.request("bcast", raw, join=True)
+    assert attempt.data == b"" and client.complete(attempt, b"") == Outcome()
+
+
+def test_a_replayed_request_is_refused_with_eauth(clock: Clock) -> None:
+    client, server = Oap(clock=clock), Oap(clock=clock)
+    attempt = client.request("pong", raw)
+    server.serve("pong", attempt.data)
+    clock.now += 10 * MS
+    with pytest.raises(HandlerError, match="replay") as e:
+        server.serve("pong", attempt.data)
+    assert e.value.code == oap.EAUTH
+
+
+def test_a_stale_request_is_refused(clock: Clock) -> None:
+    attempt = Oap(clock=clock).request("pong", raw)
+    clock.now += 21_000 * MS
+    with pytest.raises(HandlerError, match="too old"):
+        Oap(clock=clock).serve("pong", attempt.data)
+
+
+@pytest.mark.parametrize("data", [b"x" * 35, bytes(36) + b"!"])
+def test_a_malformed_request_is_refused(clock: Clock, data: bytes) -> None:
+    with pytest.raises(HandlerError) as e:
+        Oap(clock=clock).serve("pong", data)
+    assert e.value.code == oap.EAUTH
+
+
+def test_a_response_to_another_request_fails_the_allocation(clock: Clock) -> None:
+    client, server = Oap(clock=clock), Oap(clock=clock)
+    mine, other = client.request("pong", raw), client.request("pong", raw)
+    answer, _ = server.serve("pong", other.data)
+    with pytest.raises(HandlerError, match="does not match"):
+        client.complete(mine, answer)
+
+
+# -- encryption ----------------------------------------------------------------------------------------
+
+
+def test_an_application_asking_for_encryption_gets_the_same_key_at_both_ends(clock: Clock, pki: Pki,
+                                                                             client_pki: Pki) -> None:
+    client, server = irmds(clock, client_pki, pki)
+    got, served = allocate(client, server, qos=ENCRYPT)
+    assert got.key == served.key and len(got.key) == 32
+    assert got.cipher == served.cipher == 901  # AES-256-GCM
+    assert got.seq_iv and served.seq_iv  # both ends ours: numbered IVs, replays refused
+    reply = got.reply(m.FlowReply(1, "l", 1500, raw))
+    assert reply.qos.cypher_s == 256 and reply.key == got.key
+
+
+def test_each_allocation_gets_its_own_key(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    client, server = irmds(clock, client_pki, pki)
+    assert allocate(client, server, qos=ENCRYPT)[0].key != allocate(client, server, qos=ENCRYPT)[0].key
+
+
+@pytest.mark.parametrize(("kex", "cipher", "kdf"), [
+    ("prime256v1", "aes-256-gcm", "sha256"), ("secp384r1", "chacha20-poly1305", "sha384"),
+    ("secp521r1", "aes-128-gcm", "sha512"), ("X448", "aes-192-gcm", "sha3-256"),
+    ("X25519", "aes-256-ctr", "blake2b512"),
+])
+def test_a_client_enc_conf_chooses_the_exchange(clock: Clock, pki: Pki, client_pki: Pki, kex: str, cipher: str,
+                                                kdf: str) -> None:
+    client_pki.enc_conf("pong", f"kex={kex}\ncipher={cipher}\nkdf={kdf}\n", role="client")
+    client, server = irmds(clock, client_pki, pki)
+    got, served = allocate(client, server)  # no cypher_s: the name's enc.conf asks for it
+    assert got.key == served.key and oap.CIPHERS[got.cipher] == cipher
+
+
+def test_the_server_picks_the_stronger_cipher_and_the_client_takes_it(clock: Clock, pki: Pki,
+                                                                      client_pki: Pki) -> None:
+    pki.enc_conf("pong", "cipher=chacha20-poly1305\n")
+    client_pki.enc_conf("pong", "cipher=aes-128-gcm\n", role="client")
+    client, server = irmds(clock, client_pki, pki)
+    got, served = allocate(client, server)
+    assert got.cipher == served.cipher == 1018
+
+
+def test_a_cypher_s_of_256_raises_a_weaker_configured_cipher(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    client_pki.enc_conf("pong", "cipher=aes-128-gcm\n", role="client")
+    client, server = irmds(clock, client_pki, pki)
+    assert allocate(client, server)[0].cipher == 895  # what the name's enc.conf asks
+    assert allocate(client, server, qos=ENCRYPT)[0].cipher == 901  # what the application asks
+    pki.enc_conf("pong", "cipher=aes-128-gcm\n")
+    assert allocate(client, server, qos=QosSpec(cypher_s=128), cypher_s=256)[1].cipher == 901  # the acceptor's
+
+
+def test_a_server_with_an_enc_conf_refuses_plain_requests(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    pki.enc_conf("pong", "")  # empty: encryption with 0.23's defaults
+    client, server = irmds(clock, client_pki, pki)
+    with pytest.raises(HandlerError, match="requires encryption") as e:
+        allocate(client, server)
+    assert e.value.code == oap.ECRYPT
+    assert allocate(client, server, qos=ENCRYPT)[1].cipher == 901
+
+
+def test_an_accepting_process_that_asks_for_encryption_refuses_plain_requests(clock: Clock) -> None:
+    client, server = Oap(clock=clock), Oap(clock=clock)
+    with pytest.raises(HandlerError, match="requires encryption"):
+        allocate(client, server, cypher_s=256)
+    assert allocate(client, server, qos=ENCRYPT, cypher_s=256)[1].cipher
+
+
+def test_a_client_weaker_than_the_servers_key_exchange_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    pki.enc_conf("pong", "kex=secp384r1\n")
+    client, server = irmds(clock, client_pki, pki)
+    with pytest.raises(HandlerError, match="weaker") as e:
+        allocate(client, server, qos=ENCRYPT)  # X25519 ranks below P-384 in 0.23
+    assert e.value.code == oap.ECRYPT
+
+
+def test_a_response_that_drops_the_key_exchange_is_refused(clock: Clock) -> None:
+    client = Oap(clock=clock)
+    attempt = client.request("pong", ENCRYPT)
+    req = oap.decode(attempt.data)
+    plain = oap.encode(req.id, clock(), req_hash=oap.request_hash(req))  # an answer as if plain
+    with pytest.raises(HandlerError, match="key exchange") as e:
+        client.complete(attempt, plain)
+    assert e.value.code == oap.ECRYPT
+    with pytest.raises(HandlerError):
+        client.complete(attempt, b"")  # no OAP at all: never a plain flow when encryption was asked
+
+
+@pytest.mark.parametrize("kex", [
+    bytes(44), b"\x30\x03\x02\x01\x00",
+    x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)[:-32]
+    + bytes(32),  # the all-zero (low-order) X25519 key
+    new_key("ed25519").public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+], ids=["zeros", "truncated-der", "low-order-x25519", "ed25519-not-kex"])
+def test_a_hostile_public_key_is_refused_with_ecrypt(clock: Clock, kex: bytes) -> None:
+    req = oap.encode(b"i" * 16, clock(), cipher_nid=901, kdf_nid=672, md_nid=672, kex=kex)
+    with pytest.raises(HandlerError) as e:
+        Oap(clock=clock).serve("pong", req)
+    assert e.value.code == oap.ECRYPT
+
+
+def test_kem_key_exchanges_are_refused_with_the_reason(clock: Clock) -> None:
+    req = oap.encode(b"k" * 16, clock(), cipher_nid=901, kex=bytes(1216), kex_raw=True)
+    with pytest.raises(HandlerError, match="KEM"):
+        Oap(clock=clock).serve("pong", req)
+
+
+def test_an_unsupported_kex_in_enc_conf_fails_with_the_reason(clock: Clock, client_pki: Pki) -> None:
+    client_pki.enc_conf("pong", "kex=ffdhe2048\n", role="client")
+    with pytest.raises(HandlerError, match="ffdhe2048 is not supported"):
+        Oap(base=client_pki.base, clock=clock).request("pong", raw)
+
+
+# -- server identities ------------------------------------------------------------------------------
+
+
+def test_a_server_signs_its_response_and_the_client_verifies_the_chain(clock: Clock, pki: Pki,
+                                                                       client_pki: Pki) -> None:
+    crt, key = pki.issue("pong")
+    pki.serve_as("pong", crt, key)
+    client_pki.ca, client_pki.ca_key = pki.ca, pki.ca_key
+    client_pki.trust()
+    client, server = irmds(clock, client_pki, pki)
+    got, _ = allocate(client, server, qos=ENCRYPT)
+    assert got.peer_crt and got.peer_ca
+
+
+def test_a_certificate_from_an_unknown_ca_reaches_the_client_unvouched(clock: Clock, pki: Pki,
+                                                                      client_pki: Pki) -> None:
+    crt, key = pki.issue("pong")
+    pki.serve_as("pong", crt, key)
+    client_pki.trust()  # its own root, not the server's
+    client, server = irmds(clock, client_pki, pki)
+    got, _ = allocate(client, server)
+    assert got.peer_crt and not got.peer_ca  # flowlib's known names decide (tests/test_identity.py)
+
+
+def test_a_certificate_for_another_name_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    crt, key = pki.issue("ping")
+    pki.serve_as("pong", crt, key)
+    client, server = irmds(clock, client_pki, pki)
+    with pytest.raises(HandlerError, match="for 'ping', not 'pong'") as e:
+        allocate(client, server)
+    assert e.value.code == oap.EAUTH
+
+
+def test_a_tampered_signed_response_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    crt, key = pki.issue("pong")
+    pki.serve_as("pong", crt, key)
+    client, server = irmds(clock, client_pki, pki)
+    attempt = client.request("pong", ENCRYPT)
+    answer, _ = server.serve("pong", attempt.data)
+    hdr = oap.decode(answer, oap.decode(attempt.data).md_nid)
+    at = len(answer) - len(hdr.sig) - len(hdr.req_hash) - 5  # a byte of the server's public key
+    forged = answer[:at] + bytes([answer[at] ^ 1]) + answer[at + 1 :]
+    with pytest.raises(HandlerError, match="signature") as e:
+        client.complete(attempt, forged)
+    assert e.value.code == oap.EAUTH
+
+
+def test_an_impostor_replaying_the_servers_certificate_cannot_sign(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    crt, _ = pki.issue("pong")
+    client = Oap(base=client_pki.base, clock=clock)
+    attempt = client.request("pong", ENCRYPT)
+    req = oap.decode(attempt.data)
+    from cryptography.hazmat.primitives import serialization
+
+    from irmd import kex
+
+    der = crt.public_bytes(serialization.Encoding.DER)
+    mine = kex.keypair(1034)
+    impostor = oap.encode(req.id, clock(), cipher_nid=901, kdf_nid=672, md_nid=672, crt=der, kex=kex.public_der(mine),
+                          req_hash=oap.request_hash(req), sign=lambda b: kex.sign(new_key(), 672, b))  # fmt: skip
+    with pytest.raises(HandlerError, match="signature"):
+        client.complete(attempt, impostor)
+
+
+@pytest.mark.parametrize("case", ["expired", "not-yet", "intermediate-not-ca", "self-signed-untrusted"])
+def test_chains_that_do_not_verify_leave_the_certificate_unvouched(clock: Clock, pki: Pki, client_pki: Pki,
+                                                                   case: str) -> None:
+    client_pki.ca, client_pki.ca_key = pki.ca, pki.ca_key
+    client_pki.trust()
+    if case == "expired":
+        crt, key = pki.issue("pong", days=0, start=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=5))
+    elif case == "not-yet":
+        crt, key = pki.issue("pong", start=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=2))
+    elif case == "intermediate-not-ca":
+        mid_key = new_key()
+        mid = certificate("Not a CA", mid_key, (pki.ca, pki.ca_key))
+        key = new_key()
+        crt = certificate("pong", key, (mid, mid_key))
+        client_pki.trust(mid, "mid.pem")
+    else:
+        key = new_key()
+        crt = certificate("pong", key)
+    pki.serve_as("pong", crt, key)
+    got, _ = allocate(*irmds(clock, client_pki, pki))
+    assert got.peer_crt and not got.peer_ca
+
+
+def test_an_intermediate_ca_in_the_store_completes_the_chain(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    mid_key = new_key()
+    mid = certificate("Issuing CA", mid_key, (pki.ca, pki.ca_key), ca=True)
+    key = new_key("rsa")
+    pki.serve_as("pong", certificate("pong", key, (mid, mid_key)), key)
+    client_pki.trust(pki.ca)
+    client_pki.trust(mid, "issuing.pem")
+    got, _ = allocate(*irmds(clock, client_pki, pki), qos=ENCRYPT)
+    assert got.peer_ca
+
+
+@pytest.mark.parametrize("kind", ["p384", "rsa", "ed25519"])
+def test_every_kind_of_certificate_key_signs(clock: Clock, pki: Pki, client_pki: Pki, kind: str) -> None:
+    crt, key = pki.issue("pong", kind)
+    pki.serve_as("pong", crt, key)
+    client_pki.ca, client_pki.ca_key = pki.ca, pki.ca_key
+    client_pki.trust()
+    assert allocate(*irmds(clock, client_pki, pki))[0].peer_ca
+
+
+def test_a_private_key_readable_by_others_is_refused_with_the_file(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    crt, key = pki.issue("pong")
+    pki.serve_as("pong", crt, key)
+    (pki.base / "server" / "pong" / "key.pem").chmod(0o644)
+    with pytest.raises(HandlerError, match=r"key\.pem is accessible by others") as e:
+        allocate(*irmds(clock, client_pki, pki))
+    assert e.value.code == oap.EAUTH
+
+
+def test_a_key_that_is_not_the_certificates_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    crt, _ = pki.issue("pong")
+    pki.serve_as("pong", crt, new_key())
+    with pytest.raises(HandlerError, match="is not the key of"):
+        allocate(*irmds(clock, client_pki, pki))
+
+
+def test_per_name_paths_override_the_defaults(clock: Clock, pki: Pki, client_pki: Pki, tmp_path: Path) -> None:
+    crt, key = pki.issue("pong")
+    pki.serve_as("elsewhere", crt, key)
+    reg = Registry()
+    d = pki.base / "server" / "elsewhere"
+    reg.create_name("pong").sec = {"server_crt_file": str(d / "crt.pem"), "server_key_file": str(d / "key.pem")}
+    server = Oap(reg, base=pki.base, clock=clock)
+    got, _ = allocate(Oap(base=client_pki.base, clock=clock), server)
+    assert got.peer_crt
+
+
+# -- client certificates (mutual authentication) ---------------------------------------------------------
+
+
+def test_a_client_certificate_from_the_servers_ca_identifies_the_client(clock: Clock, pki: Pki,
+                                                                       client_pki: Pki) -> None:
+    pki.trust()
+    crt, key = pki.issue("alice")
+    client_pki.serve_as("pong", crt, key, role="client")
+    got, served = allocate(*irmds(clock, client_pki, pki), qos=ENCRYPT)
+    assert served.peer_crt and served.peer_ca and not got.peer_crt
+
+
+def test_a_client_certificate_the_server_cannot_verify_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    pki.trust()
+    crt, key = client_pki.issue("mallory")  # from another CA
+    client_pki.serve_as("pong", crt, key, role="client")
+    with pytest.raises(HandlerError, match="CA store") as e:
+        allocate(*irmds(clock, client_pki, pki))
+    assert e.value.code == oap.EAUTH
+
+
+def test_a_signed_request_altered_on_the_way_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    pki.trust()
+    crt, key = pki.issue("alice")
+    client_pki.serve_as("pong", crt, key, role="client")
+    client, server = irmds(clock, client_pki, pki)
+    data = bytearray(client.request("pong", ENCRYPT).data)
+    data[-80] ^= 1  # inside the client's public key, which the signature covers
+    with pytest.raises(HandlerError, match=r"signature|public key"):
+        server.serve("pong", bytes(data))
+
+
+# -- allocations in flight (MaxStartups) --------------------------------------------------------------------
+
+
+def test_startups_refuse_a_peer_beyond_its_share_and_a_full_layer() -> None:
+    s = Startups(start=3, rate=50, full=6, per_peer=2, rng=lambda: 0.99)
+    with s.admit("l", "a"), s.admit("l", "a"):
+        with pytest.raises(HandlerError, match="2 allocations from a") as e, s.admit("l", "a"):
+            pass
+        assert e.value.code == m.EBUSY
+        with s.admit("l", "b"), s.admit("l", "c"), s.admit("l", "d"), s.admit("l", "e"):  # 0.99 beats p < 1
+            with pytest.raises(HandlerError, match="6 allocations already"), s.admit("l", "f"):
+                pass
+            with s.admit("other", "a"):  # another layer has its own count
+                pass
+    assert not s.layers and not s.peers  # everything let go
+
+
+def test_startups_drop_early_with_rising_probability() -> None:
+    draws = iter([0.2, 0.6])
+    s = Startups(start=1, rate=50, full=3, rng=lambda: next(draws))
+    with s.admit("l", ""):
+        with pytest.raises(HandlerError, match="refused 50%"), s.admit("l", ""):
+            pass
+        with s.admit("l", ""):  # 0.6 >= 50%: admitted
+            pass
+
+
+def test_refusals_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+    t = [0.0]
+    rl = RateLog(rate=2, burst=3, clock=lambda: t[0])
+    with caplog.at_level(logging.INFO, logger="irmd.oap"):
+        for i in range(100):
+            rl.log("refused %d", i)
+        t[0] += 1.0  # two more tokens
+        rl.log("later")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refused 0", "refused 1", "refused 2", "(97 more refusals not logged)", "later"]
+
+
+def test_outcome_fills_the_flow_reply() -> None:
+    out = Outcome(cipher=1018, key=b"k" * 32, peer_crt=b"c", peer_ca=True, seq_iv=True)
+    reply = out.reply(m.FlowReply(7, "l", 1500, dataclasses.replace(raw, cypher_s=0)))
+    assert (reply.cipher, reply.key, reply.peer_crt, reply.peer_ca, reply.seq_iv, reply.qos.cypher_s) == (
+        1018, b"k" * 32, b"c", True, True, 256)

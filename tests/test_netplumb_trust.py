@@ -1,0 +1,337 @@
+"""netplumb trust, end to end: netplumbd as root, the attacker as uid 65534 (setpriv) holding keys
+restricted to `nobody`. Each test plays an attack, asserts it fails, and that the legitimate use beside
+it still works: work done as the target user, private recipe directories, AcceptEnv, programs from the
+server's PATH, one-time keys spent once, StrictModes, and every limit reached with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import BIN, wait_for
+from netplumb_lab import NOBODY, Lab, lab_dir, needs_root, running_lab
+
+pytestmark = [needs_root, pytest.mark.timeout(120)]
+
+SECRET = "secret-of-root-4f2a"
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with running_lab() as lab:
+        yield lab
+
+
+def _files(lab: Lab) -> tuple[Path, Path, Path, Path]:
+    """A public file, a root-only one, a root-only directory, one nobody may write in."""
+    public, secret = lab.root / "public.txt", lab.root / "secret.txt"
+    public.write_text("public words\n")
+    os.chmod(public, 0o644)
+    secret.write_text(SECRET + "\n")
+    os.chmod(secret, 0o600)
+    rootonly, shared = lab.root / "rootonly", lab.root / "shared"
+    rootonly.mkdir(mode=0o700)
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    return public, secret, rootonly, shared
+
+
+def _recipe(lab: Lab, name: str, text: str) -> str:
+    path = lab.root / f"{name}.recipe"
+    path.write_text(text)
+    os.chmod(path, 0o644)
+    return f"-recipe={path}"
+
+
+# -- work is done as the target user ------------------------------------------------------------
+
+
+def test_recipe_redirections_are_opened_as_the_target_user(lab: Lab) -> None:
+    public, secret, rootonly, shared = _files(lab)
+    mallory = lab.client("mallory", NOBODY, 'allow="cat",users="nobody"')
+    r = lab.plumb(mallory, _recipe(lab, "legit", f"cat <{public} >{shared}/copy\ncat {shared}/copy\n"))
+    assert r.returncode == 0 and r.stdout == b"public words\n", r.stderr
+    assert os.stat(shared / "copy").st_uid == NOBODY  # made by nobody, not by netplumbd
+    for name, text in (("read", f"cat <{secret}\n"), ("write", f"cat >{rootonly}/planted\n"),
+                       ("append", f"cat >>{secret}\n"), ("stderr", f"cat 2>{rootonly}/err\n")):
+        r = lab.plumb(mallory, _recipe(lab, name, text), input=b"planted\n")
+        assert r.returncode != 0 and b"Permission denied" in r.stderr, (name, r.stderr)
+        assert SECRET.encode() not in r.stdout
+    assert os.listdir(rootonly) == [] and secret.read_text() == SECRET + "\n"
+
+
+def test_pipes_and_sockets_are_made_as_the_target_user(lab: Lab) -> None:
+    _, secret, rootonly, shared = _files(lab)
+    mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+    src = mallory.config / "in.txt"
+    src.write_bytes(b"via the pipe\n")
+    os.chown(src, NOBODY, NOBODY)
+    r = lab.plumb(mallory, f"-infifo={src}:{shared}/in.fifo", "sh", "-c",
+                  f"stat -c %U {shared}/in.fifo; cat {shared}/in.fifo")
+    assert r.returncode == 0 and r.stdout == b"nobody\nvia the pipe\n", r.stderr
+    for opt in (f"-infifo={src}:{rootonly}/in.fifo", f"-outfifo={src}.out:{rootonly}/out.fifo",
+                f"-socket={mallory.config}/s:{rootonly}/s.sock"):
+        r = lab.plumb(mallory, opt, "true")
+        assert r.returncode == 126 and b"Permission denied" in r.stderr, (opt, r.stderr)
+    assert os.listdir(rootonly) == []
+    # A link planted where the pipe should go is not followed into root's file.
+    os.symlink(secret, shared / "trap.fifo")
+    r = lab.plumb(mallory, f"-outfifo={mallory.config}/got:{shared}/trap.fifo", "true")
+    assert r.returncode == 126 and b"not a named pipe" in r.stderr
+    assert secret.read_text() == SECRET + "\n" and stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+
+
+def test_each_user_has_a_private_recipe_directory(lab: Lab) -> None:
+    alice = lab.client("alice", 0)  # runs as root, netplumbd's own account
+    mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+    r = lab.plumb(alice, _recipe(lab, "root", f"echo {SECRET} >notes.txt\n"))
+    assert r.returncode == 0, r.stderr
+    r = lab.plumb(mallory, _recipe(lab, "peek", "cat <../root/notes.txt\n"))
+    assert r.returncode != 0 and SECRET.encode() not in r.stdout and b"Permission denied" in r.stderr
+    r = lab.plumb(mallory, _recipe(lab, "own", "echo mine >notes.txt\ncat notes.txt\n"))
+    assert r.returncode == 0 and r.stdout == b"mine\n", r.stderr
+    mine = lab.recipes / "nobody"
+    assert os.stat(mine).st_uid == NOBODY and stat.S_IMODE(os.stat(mine).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(lab.recipes).st_mode) == 0o700 and os.stat(lab.recipes).st_uid == 0
+    assert (lab.recipes / "root" / "notes.txt").read_text() == SECRET + "\n"
+
+
+def test_netplumbd_refuses_a_recipe_directory_others_control() -> None:
+    with running_lab(args=None) as lab:
+        theirs = lab.root / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, NOBODY, NOBODY)
+        loose = lab.root / "loose"
+        loose.mkdir(mode=0o755)
+        for d, why in ((theirs, f"owner uid {NOBODY}"), (loose, "mode 0755")):
+            r = subprocess.run([str(BIN / "netplumbd"), "--authorized-keys", str(lab.auth), "--host-key",
+                                str(lab.root / "server" / "host_key"), "--recipe-dir", str(d)],
+                               env=lab.env(), capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1 and f"recipe directory {d}" in r.stderr and why in r.stderr, r.stderr
+        lab.start()  # its own, made private: fine
+        alice = lab.client("alice")
+        assert lab.plumb(alice, "echo", "ok").stdout == b"ok\n"
+
+
+# -- what runs, and with which environment ------------------------------------------------------
+
+
+def test_an_account_without_a_login_shell_runs_commands_with_sh(lab: Lab) -> None:
+    """nobody's shell is nologin: `users="nobody"` admits it explicitly, so /bin/sh runs its commands."""
+    mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+    r = lab.plumb(mallory, "echo $0 $(id -un)")
+    assert (r.returncode, r.stdout) == (0, b"sh nobody\n"), r.stderr
+
+
+def test_allow_matches_the_program_found_in_the_servers_path(lab: Lab) -> None:
+    public, _, _, shared = _files(lab)
+    fake = shared / "bin"
+    fake.mkdir()
+    (fake / "cat").write_text(f"#!/bin/sh\ntouch {shared}/fake-ran\n")
+    os.chmod(fake / "cat", 0o755)
+    mallory = lab.client("mallory", NOBODY, 'allow="cat",users="nobody"')
+    r = lab.plumb(mallory, str(fake / "cat"))
+    assert r.returncode == 126 and b"not in this key's allowlist" in r.stderr
+    r = lab.plumb(mallory, "-export=PATH", "cat", str(public), env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.returncode == 0 and r.stdout == b"public words\n", r.stderr
+    assert not (shared / "fake-ran").exists()
+
+
+def test_client_environment_only_through_accept_env() -> None:
+    with running_lab(["--accept-env", "NP_*"]) as lab:
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        ticket = lab.client("ticket", NOBODY, 'command="env",users="nobody"')
+        sent = {"NP_OK": "yes", "LD_PRELOAD": "/tmp/evil.so", "BASH_ENV": "/tmp/evil.sh", "PATH": "/tmp/evil"}
+        export = "-export=" + ",".join(sent)
+        r = lab.plumb(mallory, export, "env", env=sent)
+        got = dict(line.split("=", 1) for line in r.stdout.decode().splitlines())
+        assert r.returncode == 0 and got["NP_OK"] == "yes", r.stderr
+        assert "LD_PRELOAD" not in got and "BASH_ENV" not in got and got["PATH"] != "/tmp/evil"
+        assert got["USER"] == "nobody" and got["HOME"] == "/nonexistent"
+        r = lab.plumb(ticket, export, "env", env=sent)
+        assert r.returncode == 0 and b"NP_OK" not in r.stdout and b"LD_PRELOAD" not in r.stdout
+        assert "client variables not accepted: LD_PRELOAD, BASH_ENV, PATH" in lab.log_text()
+
+
+def test_one_time_key_runs_once_of_many_racing(lab: Lab) -> None:
+    ran = lab.root / "ran"
+    ticket = lab.client("ticket", NOBODY, f'one-time,command="sh -c \\"echo x >>{ran}\\""')
+    procs = [lab.popen_plumb(ticket, "sh", "-c", f"echo x >>{ran}") for _ in range(4)]
+    results = [(p.wait(60), p.communicate()[1]) for p in procs]
+    assert ran.read_text() == "x\n", results
+    assert [code for code, _ in results].count(0) == 1, results
+    assert all(b"already used" in err for code, err in results if code), results
+    again = lab.client("again", NOBODY, f'one-time,command="sh -c \\"echo y >>{ran}\\""')
+    assert lab.plumb(again, "sh", "-c", f"echo y >>{ran}").returncode == 0
+    assert ran.read_text() == "x\ny\n"
+
+
+# -- StrictModes -------------------------------------------------------------------------------
+
+
+def test_a_private_key_others_may_read_is_refused(lab: Lab) -> None:
+    mallory = lab.client("mallory", NOBODY)
+    os.chmod(mallory.key, 0o644)
+    r = lab.plumb(mallory, "true")
+    assert r.returncode == 255 and f"{mallory.key}: mode 0644 is too open".encode() in r.stderr
+    os.chmod(mallory.key, 0o600)
+    assert lab.plumb(mallory, "echo", "ok").stdout == b"ok\n"
+
+
+def test_an_authorized_keys_others_may_write_is_refused(lab: Lab) -> None:
+    alice = lab.client("alice")
+    assert lab.plumb(alice, "true").returncode == 0
+    mallory = lab.client("mallory", NOBODY, authorize=False)
+    os.chmod(lab.auth.parent, 0o755)
+    os.chmod(lab.auth, 0o666)
+    r = lab.py(NOBODY, "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')", str(lab.auth),
+               mallory.public_line)
+    assert r.returncode == 0, r.stderr  # nobody planted its key...
+    r = lab.plumb(mallory, "id", "-un")
+    assert r.returncode == 255 and b"cannot read its authorized keys" in r.stderr and r.stdout == b""
+    assert f"{lab.auth}: mode 0666 is writable by group or others".encode() in lab.log.read_bytes()
+    lab.auth.write_text(alice.public_line + "\n")  # the admin notices, removes it, fixes the mode
+    os.chmod(lab.auth, 0o644)
+    assert lab.plumb(alice, "echo", "ok").stdout == b"ok\n"
+    assert lab.plumb(mallory, "id").returncode == 255
+
+
+def test_netplumbd_refuses_to_start_with_loose_authorized_keys() -> None:
+    with running_lab(args=None) as lab:
+        os.chmod(lab.auth, 0o646)
+        r = subprocess.run([str(BIN / "netplumbd"), "--authorized-keys", str(lab.auth), "--host-key",
+                            str(lab.root / "server" / "host_key"), "--recipe-dir", str(lab.recipes)],
+                           env=lab.env(), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and f"{lab.auth}: mode 0646 is writable by group or others" in r.stderr
+
+
+def test_files_the_tools_make_are_private(lab: Lab) -> None:
+    alice = lab.client("alice")
+    assert lab.plumb(alice, _recipe(lab, "r", "echo x >made\n")).returncode == 0
+    ticket = lab.client("ticket", 0, 'one-time,command="true"')
+    assert lab.plumb(ticket, "true").returncode == 0
+    files = [alice.key, alice.key.with_name("id.pub"), alice.config / "netplumb" / "known_hosts",
+             lab.root / "server" / "host_key", lab.root / "server" / "host_key.pub",
+             lab.root / "server" / "authorized_keys.spent", lab.recipes / "root" / "made"]
+    for f in files:
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
+    for d in (alice.config / "netplumb", lab.recipes, lab.recipes / "root"):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+SILENT = r"""
+import sys, time
+from flowlib import flow_alloc, qos
+flows = [flow_alloc("host2", qos=qos.data, timeout=10) for _ in range(int(sys.argv[1]))]
+print("holding", len(flows), flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(lab: Lab, uid: int, n: int, seconds: float) -> subprocess.Popen[str]:
+    p = lab.popen_py(uid, SILENT, str(n), str(seconds))
+    assert p.stdout is not None
+    assert p.stdout.readline().startswith("holding"), p.communicate()
+    return p
+
+
+def test_unauthenticated_connections_are_capped_per_peer_and_timed_out() -> None:
+    with running_lab(["--per-peer-startups", "2", "--login-grace-time", "3"]) as lab:
+        alice = lab.client("alice")
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        hold = _hold(lab, NOBODY, 2, 60)
+        try:
+            r = lab.plumb(mallory, "true")
+            assert r.returncode == 255 and b"too many unauthenticated connections from uid 65534" in r.stderr \
+                and b"--per-peer-startups" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "served").stdout == b"served\n"  # another peer meanwhile
+            # The grace time ends the silent ones, and the attacker's own slots free up.
+            wait_for(lambda: lab.log_text().count("no command asked for within 3 s") >= 2, 15, "the grace time")
+            assert lab.plumb(mallory, "echo", "again").stdout == b"again\n"
+        finally:
+            hold.kill()
+            hold.wait()
+
+
+def test_all_unauthenticated_connections_are_capped() -> None:
+    with running_lab(["--max-startups", "3", "--per-peer-startups", "3", "--login-grace-time", "30"]) as lab:
+        alice = lab.client("alice")
+        hold = _hold(lab, NOBODY, 3, 60)
+        try:
+            r = lab.plumb(alice, "true")
+            assert r.returncode == 255 and b"(at most 3: --max-startups); try again later" in r.stderr, r.stderr
+        finally:
+            hold.kill()
+            hold.wait()
+        wait_for(lambda: lab.plumb(alice, "true").returncode == 0, 15, "the slots to free up")
+
+
+def test_sessions_are_capped_per_key_and_per_peer() -> None:
+    with running_lab(["--per-key-sessions", "2", "--per-peer-sessions", "3"]) as lab:
+        alice = lab.client("alice")
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        mallory2 = lab.client("mallory2", NOBODY, 'users="nobody"')
+        running = [lab.popen_plumb(mallory, "sh", "-c", "echo up; exec sleep 60") for _ in range(2)]
+        try:
+            for p in running:
+                assert p.stdout is not None and p.stdout.readline() == b"up\n"
+            r = lab.plumb(mallory, "true")
+            assert r.returncode == 255 and b"too many sessions with key" in r.stderr \
+                and b"(at most 2: --per-key-sessions)" in r.stderr, r.stderr
+            third = lab.popen_plumb(mallory2, "sh", "-c", "echo up; exec sleep 60")
+            running.append(third)
+            assert third.stdout is not None and third.stdout.readline() == b"up\n"
+            r = lab.plumb(mallory2, "true")
+            assert r.returncode == 255 and b"too many connections from uid 65534" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "served").stdout == b"served\n"
+        finally:
+            for p in running:
+                p.kill()
+                p.wait()
+        wait_for(lambda: lab.plumb(mallory, "true").returncode == 0, 20, "the sessions to end")
+
+
+def test_connections_to_a_replicated_socket_are_capped() -> None:
+    with running_lab(["--max-connections", "2"]) as lab:
+        alice = lab.client("alice")
+        local = alice.config / "local.sock"
+        remote = lab.root / "remote.sock"
+        code = ("import socket, sys\n"
+                "conns = [socket.socket(socket.AF_UNIX) for _ in range(4)]\n"
+                "for s in conns:\n"
+                "    s.connect(sys.argv[1])\n"
+                "closed = 0\n"
+                "for s in conns:  # a refused one ends at once; the others stay open, quiet\n"
+                "    s.settimeout(3)\n"
+                "    try:\n"
+                "        closed += s.recv(1) == b''\n"
+                "    except TimeoutError:\n"
+                "        pass\n"
+                "print(closed)\n")
+        server = subprocess.Popen([str(BIN / "python"), "-c",
+                                   "import socket,sys\ns=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); "
+                                   "s.listen(); c=[s.accept() for _ in range(2)]; import time; time.sleep(30)",
+                                   str(local)])
+        try:
+            wait_for(lambda: local.exists(), 10, "the local socket")
+            r = lab.plumb(alice, f"-socket={local}:{remote}", str(BIN / "python"), "-c", code, str(remote))
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == b"2\n"  # two of the four were closed at once, two served
+            assert "socket connection refused: 2 open (--max-connections)" in lab.log_text()
+        finally:
+            server.kill()
+            server.wait()
+
+
+def test_limit_options_must_be_positive() -> None:
+    with lab_dir() as d:
+        r = subprocess.run([str(BIN / "netplumbd"), "--max-startups", "0"], capture_output=True, text=True,
+                           timeout=30, env={**os.environ, "HOME": str(d)})
+        assert r.returncode == 2 and "every limit must be positive" in r.stderr

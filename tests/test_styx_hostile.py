@@ -226,9 +226,9 @@ from flowlib.qos import QosSpec
 from flowlib import crypto
 mode, name = sys.argv[1], sys.argv[2]
 irm = IrmClient()
-reply, fd = irm.alloc(name, QosSpec(cypher_s=256), 5.0)  # the flow, without our half of the agreement
-if mode == "zero":
-    os.write(fd, crypto.HELLO.pack(crypto.MAGIC, getattr(crypto, "VERSION", 1), bytes(32)))
+reply, fd = irm.alloc(name, QosSpec(cypher_s=256), 5.0)  # the encrypted flow, not made a Flow of
+if mode == "forged":  # the shape of a sealed packet (IV, ciphertext, tag), under no key of this flow
+    os.write(fd, os.urandom(crypto.OVERHEAD + 32))
 elif mode == "garbage":
     os.write(fd, b"xyz")
 time.sleep(float(sys.argv[3]))
@@ -237,18 +237,18 @@ irm.dealloc(reply.flow_id)
 """
 
 
-def test_hang_ups_and_garbage_mid_key_agreement_harm_only_their_own_flow(
+def test_hang_ups_garbage_and_forged_packets_on_new_encrypted_flows_harm_only_their_own_flow(
         open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
     stall = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HANDSHAKE, "silent", "files", "6"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
     try:
         time.sleep(0.5)
-        legit_ok(open_irmd, within=3.0)  # not stalled behind the silent agreement
-        for mode, hold in [("garbage", "0.3"), ("zero", "0.3"), ("silent", "0.5")]:
+        legit_ok(open_irmd, within=3.0)  # not stalled behind the silent flow
+        for mode, hold in [("garbage", "0.3"), ("forged", "0.3"), ("silent", "0.5")]:
             r = as_nobody(open_irmd, HANDSHAKE, mode, "files", hold)
             assert r.returncode == 0, r.stderr
-            assert files.poll() is None, f"the server died of a {mode} hello"
+            assert files.poll() is None, f"the server died of a {mode} flow"
     finally:
         stall.wait(20)
     assert files.poll() is None

@@ -127,7 +127,7 @@ class DepotServer:
     def _run(self, client: str, opener: Opener, depot_addr: str) -> None:
         assert self.slots is not None
         try:
-            stream = opener()  # a flow's key agreement runs here, off the accept loop
+            stream = opener()  # a flow's setup runs here, off the accept loop
         except Exception as e:  # a flow that never became one costs its slot only
             log.info("connection from %s failed to open: %s", client, e)
             self.slots.give(client)
@@ -418,7 +418,7 @@ def tcp_loop(server: DepotServer, sock: socket.socket, addr: str) -> None:
 
 
 def flow_loop(server: DepotServer) -> None:
-    """Accept flows until the IRMd goes away; a flow's own setup (key agreement, FRCT) runs on its
+    """Accept flows until the IRMd goes away; a flow's own setup (FRCT, its agreed keys) runs on its
     connection's thread, so neither a silent nor a broken flow stalls or ends this loop."""
     irm = server.irm
     assert irm is not None

@@ -205,7 +205,7 @@ class Server:
         try:
             try:
                 flow = establish(reply, fd, self.irm, client=False)
-            except FlowError as e:  # a bad or silent key agreement: this flow only
+            except FlowError as e:  # a flow that could not be set up: this flow only
                 log.info("flow from %s failed: %s", user.name, e)
                 return
             try:

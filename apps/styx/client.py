@@ -161,8 +161,6 @@ class Client:
     def wstat_fid(self, fid: int, st: w.Stat) -> None:
         self.rpc(w.Twstat(0, fid, st), w.Rwstat)
 
-    # -- by path -----------------------------------------------------------------
-
     # -- bulk data: up to `pipeline` requests in flight ---------------------------
 
     def _settle(self, reply: w.Msg, expect: type[M], inflight: dict[int, _T]) -> M:
@@ -226,19 +224,6 @@ class Client:
                 if length > len(out):
                     self._read_into(out, fid, len(out), length - len(out))
 
-    def read_file(self, path: str) -> tuple[w.Qid, bytearray]:
-        """The qid and whole contents of `path` (a directory's are stat records), in the buffer
-        they were gathered in as they came."""
-        fid = self.walk(path)
-        try:
-            qid = self.open(fid, w.OREAD).qid
-            return qid, self.read_fid_all(fid)
-        finally:
-            self.clunk(fid)
-
-    def cat(self, path: str) -> bytearray:
-        return self.read_file(path)[1]
-
     def write_fid_all(self, fid: int, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
         """All of `data` at `offset`: iounit-sized writes, `pipeline` at a time once one went through
         whole. After a short write the rest goes one write at a time from where it stopped."""
@@ -261,6 +246,21 @@ class Client:
                 raise StyxClientError("the server accepted no bytes" if count <= 0 else
                                       f"the server says it wrote {count} bytes of {n}")
             window, pos = 1, at + count
+
+    # -- by path -----------------------------------------------------------------
+
+    def read_file(self, path: str) -> tuple[w.Qid, bytearray]:
+        """The qid and whole contents of `path` (a directory's are stat records), in the buffer
+        they were gathered in as they came."""
+        fid = self.walk(path)
+        try:
+            qid = self.open(fid, w.OREAD).qid
+            return qid, self.read_fid_all(fid)
+        finally:
+            self.clunk(fid)
+
+    def cat(self, path: str) -> bytearray:
+        return self.read_file(path)[1]
 
     def put(self, path: str, data: bytes | bytearray | memoryview, perm: int = 0o644) -> None:
         """Write `data` as the whole file at `path`, creating it if needed."""

@@ -302,7 +302,7 @@ with Client(dial(sys.argv[1]), user="root") as c:
     def attempt(key, fn, *args):
         try:
             r = fn(*args)
-            out[key] = r.decode() if isinstance(r, bytes) else "ok"
+            out[key] = r.decode() if isinstance(r, (bytes, bytearray)) else "ok"
         except StyxClientError as e:
             out[key] = "error: " + str(e)
     attempt("secret", c.cat, "secret.txt")

@@ -420,12 +420,12 @@ def test_a_writer_that_closes_at_once_delivers_everything_despite_sdus_it_never_
         assert poller.poll(5000), "the SDU never reached the writer's socket"
         sdus = [i.to_bytes(4, "big") * 350 for i in range(2000)]  # more than FRCT's window holds at once
         received: list[bytes] = []
+        srv.set_timeout(10)
         reader = threading.Thread(target=lambda: received.extend(srv.read() for _ in sdus), daemon=True)
         reader.start()
         for sdu in sdus:
             cli.write(sdu)
         cli.close()
-        srv.set_timeout(10)
         reader.join(20)
         assert len(received) == len(sdus), f"{len(received)} of {len(sdus)} SDUs arrived"
         assert received == sdus

@@ -76,9 +76,7 @@ def attack() -> bool:
             after = subprocess.run([str(BIN / "styx"), "cat", "files:/hello.txt"], env=ir.env, capture_output=True,
                                    text=True, timeout=60)
             print("root's styx cat during:", after.returncode, after.stdout.strip(), after.stderr.strip()[-200:])
-            other = as_nobody(ir, "import subprocess,sys\nr=subprocess.run([sys.argv[1],'cat',sys.argv[2]],"
-                                  "capture_output=True,text=True,timeout=60)\nprint(r.returncode, r.stdout, r.stderr[-200:])",
-                              str(BIN / "styx"), f"tcp!127.0.0.1!{port}:/hello.txt")
+            other = as_nobody(ir, HOLDER.replace("time.sleep(150)", ""), str(port), "1")
             print("another TCP client during:", (other.stdout + other.stderr).strip()[-300:])
             return before.returncode == 0 and after.returncode != 0
         finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from lab import BIN, as_nobody, irmd, lab, last_json, main, nobody_popen, stop, wait_for
+from lab import BIN, irmd, lab, main, nobody_popen, stop, wait_for
 
 ATTACKER = r"""
 import json, sys

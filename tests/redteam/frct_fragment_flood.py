@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from lab import BIN, irmd, lab, main, nobody_popen, stop, wait_for
+from lab import BIN, irmd, lab, main, nobody_popen, rss_mb, spawn, stop, wait_for
 
 SEND_MB = 300
 
@@ -37,19 +37,24 @@ time.sleep(60)
 """
 
 
-def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def attack() -> bool:
     with lab("frctfrag") as d, irmd(d) as ir:
-        log = open(d / "depot.log", "wb")
-        depot = subprocess.Popen([str(BIN / "ibp"), "depot", "--name", "depot1", "--dir", str(d / "depot1"),
-                                  "--capacity", "16M", "--layer", "local"], env=ir.env, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        depot = spawn(
+            [
+                str(BIN / "ibp"),
+                "depot",
+                "--name",
+                "depot1",
+                "--dir",
+                str(d / "depot1"),
+                "--capacity",
+                "16M",
+                "--layer",
+                "local",
+            ],
+            ir.env,
+            d / "depot.log",
+        )
         attacker = None
         try:
             wait_for(lambda: "depot1" in ir.irm("name", "list").stdout, 40, "the depot")
@@ -65,7 +70,6 @@ def attack() -> bool:
             if attacker is not None:
                 stop(attacker)
             stop(depot)
-            log.close()
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ import subprocess
 import time
 
 import lab  # noqa: F401 - the checkout and tests/ on sys.path
+from lab import main, nobody_popen, rss_mb, stop
 from netplumb_lab import running_lab
-
-from lab import main, nobody_popen, stop
 
 FLOWS = 3
 
@@ -40,13 +39,6 @@ for i in range(int(sys.argv[1])):
 print("sent", sent >> 20, "MB on", len(flows), "flows, before any authentication", flush=True)
 time.sleep(60)
 """
-
-
-def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def attack() -> bool:

@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 
-from lab import BIN, irmd, lab, main, nobody_popen, stop, wait_for
+from lab import BIN, irmd, lab, main, nobody_popen, spawn, stop, wait_for
 
 ATTACKER = r"""
 import sys, threading, time
@@ -48,21 +48,41 @@ def attack() -> bool:
         export = d / "export"
         export.mkdir()
         (export / "hello.txt").write_text("hello\n")
-        log = open(d / "servers.log", "wb")
         procs = [
-            subprocess.Popen([str(BIN / "styx"), "-v", "serve", "--name", "files", "--layer", "local", "--root", str(export)],
-                             env=ir.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
-            subprocess.Popen([str(BIN / "ibp"), "depot", "--name", "depot1", "--dir", str(d / "depot1"), "--capacity",
-                              "16M", "--layer", "local"], env=ir.env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True),
+            spawn(
+                [str(BIN / "styx"), "-v", "serve", "--name", "files", "--layer", "local", "--root", str(export)],
+                ir.env,
+                d / "servers.log",
+            ),
+            spawn(
+                [
+                    str(BIN / "ibp"),
+                    "depot",
+                    "--name",
+                    "depot1",
+                    "--dir",
+                    str(d / "depot1"),
+                    "--capacity",
+                    "16M",
+                    "--layer",
+                    "local",
+                ],
+                ir.env,
+                d / "servers.log",
+            ),
         ]
         attacker = None
         try:
             wait_for(lambda: all(n in ir.irm("name", "list").stdout for n in ("files", "depot1")), 40, "the servers")
 
             def cat() -> subprocess.CompletedProcess[str]:
-                return subprocess.run([str(BIN / "styx"), "cat", "files:/hello.txt"], env=ir.env, capture_output=True,
-                                      text=True, timeout=60)
+                return subprocess.run(
+                    [str(BIN / "styx"), "cat", "files:/hello.txt"],
+                    env=ir.env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
 
             before = cat()
             print("root's styx cat before:", before.returncode, before.stdout.strip(), before.stderr.strip()[-160:])
@@ -82,10 +102,13 @@ def attack() -> bool:
             if attacker is not None:
                 stop(attacker)
                 print("attacker:", (attacker.stdout.read() if attacker.stdout else "").strip()[-300:])
-            print("\n".join(l for l in (d / "servers.log").read_text(errors="replace").splitlines() if "ended: flow" not in l)[-3000:])
+            print(
+                "\n".join(
+                    ln for ln in (d / "servers.log").read_text(errors="replace").splitlines() if "ended: flow" not in ln
+                )[-3000:]
+            )
             for p in procs:
                 stop(p)
-            log.close()
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from lab import BIN, CHECKOUT, irmd, lab, main, nobody_popen, stop, wait_for
+from lab import BIN, CHECKOUT, irmd, lab, main, nobody_popen, spawn, stop, wait_for
 
 sys.path.insert(0, str(CHECKOUT / "tests"))
-from helpers import free_port  # noqa: E402
+from helpers import free_port
 
 HOLDER = r"""
 import time
@@ -44,17 +44,30 @@ def attack() -> bool:
     with lab("ibpslots") as d, irmd(d, local=False) as ir:
         port = str(free_port(["127.0.0.1"]))
         ir.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", "127.0.0.1", "port", port)
-        log = open(d / "depot.log", "wb")
-        depot = subprocess.Popen([str(BIN / "ibp"), "depot", "--name", "depot1", "--dir", str(d / "depot1"),
-                                  "--capacity", "16M", "--layer", "lan"], env=ir.env, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        depot = spawn(
+            [
+                str(BIN / "ibp"),
+                "depot",
+                "--name",
+                "depot1",
+                "--dir",
+                str(d / "depot1"),
+                "--capacity",
+                "16M",
+                "--layer",
+                "lan",
+            ],
+            ir.env,
+            d / "depot.log",
+        )
         holder = None
         try:
             wait_for(lambda: "depot1" in ir.irm("name", "list").stdout, 40, "the depot")
 
             def root_status() -> str:
-                return subprocess.run([str(BIN / "python"), "-c", ROOT], env=ir.env, capture_output=True, text=True,
-                                      timeout=60).stdout.strip()
+                return subprocess.run(
+                    [str(BIN / "python"), "-c", ROOT], env=ir.env, capture_output=True, text=True, timeout=60
+                ).stdout.strip()
 
             before = root_status()
             print("root before:", before)
@@ -68,7 +81,6 @@ def attack() -> bool:
             if holder is not None:
                 stop(holder)
             stop(depot)
-            log.close()
 
 
 if __name__ == "__main__":

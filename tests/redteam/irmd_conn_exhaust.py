@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
-from lab import as_nobody, irmd, lab, main, nobody_popen, stop, wait_for
+from lab import irmd, lab, main, nobody_popen, stop, wait_for
 
 HOLDER = r"""
 import resource, socket, sys, time
@@ -46,13 +47,13 @@ def fd_count(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def attack() -> bool:
     with lab("connexhaust") as d, irmd(d) as ir:
-        soft = int(open(f"/proc/{ir.pid}/limits").read().split("Max open files")[1].split()[0])
+        soft = int(Path(f"/proc/{ir.pid}/limits").read_text().split("Max open files")[1].split()[0])
         print(f"the IRMd may hold {soft} descriptors; it holds {fd_count(ir.pid)}")
         assert ir.irm("ipcp", "list").returncode == 0
         per = soft // 2 + 200
@@ -63,8 +64,10 @@ def attack() -> bool:
             size0, cpu0 = ir.log.stat().st_size, cpu_seconds(ir.pid)
             time.sleep(2.0)
             size1, cpu1 = ir.log.stat().st_size, cpu_seconds(ir.pid)
-            print(f"while the attacker holds them: IRMd CPU {(cpu1 - cpu0) / 2:.0%}, its log grows "
-                  f"{(size1 - size0) / 2 / 1e6:.1f} MB/s ('accept failed: Too many open files')")
+            print(
+                f"while the attacker holds them: IRMd CPU {(cpu1 - cpu0) / 2:.0%}, its log grows "
+                f"{(size1 - size0) / 2 / 1e6:.1f} MB/s ('accept failed: Too many open files')"
+            )
             try:
                 r = ir.irm("ipcp", "list", timeout=20)
                 print("root's irm ipcp list:", r.returncode, (r.stderr or r.stdout).strip()[-200:])

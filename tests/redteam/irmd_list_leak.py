@@ -37,15 +37,23 @@ import time; time.sleep(60)
 
 def attack() -> bool:
     with lab("listleak") as d, irmd(d) as ir:
-        server = subprocess.Popen([str(BIN / "python"), "-c", SERVER], env=ir.env, stdout=subprocess.PIPE, text=True,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [str(BIN / "python"), "-c", SERVER], env=ir.env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
         client = None
         try:
             assert server.stdout is not None
             server.stdout.readline()
-            client = subprocess.Popen([str(BIN / "python"), "-c", "from flowlib import flow_alloc\nimport time\n"
-                                       "f = flow_alloc('payroll-db', timeout=10)\ntime.sleep(60)"], env=ir.env,
-                                      start_new_session=True)
+            client = subprocess.Popen(
+                [
+                    str(BIN / "python"),
+                    "-c",
+                    "from flowlib import flow_alloc\nimport time\n"
+                    "f = flow_alloc('payroll-db', timeout=10)\ntime.sleep(60)",
+                ],
+                env=ir.env,
+                start_new_session=True,
+            )
             time.sleep(3)
             r = as_nobody(ir, PROBE)
             print("uid 65534 sees:\n" + r.stdout.strip() + r.stderr.strip()[-300:])

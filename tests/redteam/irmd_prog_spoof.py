@@ -50,15 +50,19 @@ def attack() -> bool:
     with lab("progspoof") as d, irmd(d) as ir:
         ir.irm_ok("bind", "program", str(BIN / "oping"), "name", "pong")
         ir.irm_ok("name", "register", "pong", "layer", "local")
-        legit = subprocess.Popen([str(BIN / "oping"), "-l"], env=ir.env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        legit = subprocess.Popen(
+            [str(BIN / "oping"), "-l"],
+            env=ir.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         thief = nobody_popen(ir, ATTACKER, stdout=subprocess.PIPE)
         try:
             assert thief.stdout is not None
             wait_for(lambda: thief.stdout.readline().startswith("ready"), 30, "the attacker")  # type: ignore[union-attr]
             time.sleep(1.0)  # oping -l up too
-            r = subprocess.run([BIN / "python", "-c", CLIENT], env=ir.env, capture_output=True, text=True,
-                               timeout=90)
+            r = subprocess.run([BIN / "python", "-c", CLIENT], env=ir.env, capture_output=True, text=True, timeout=90)
             print("root's client got:", r.stdout.strip() or r.stderr.strip()[-500:])
         finally:
             stop(thief)

@@ -14,14 +14,13 @@ allocates to "pong" reach it instead of (round-robin with) root's `oping -l`.
 from __future__ import annotations
 
 import subprocess
-import time
-
 import sys
+import time
 
 from lab import BIN, CHECKOUT, irmd, lab, main, nobody_popen, stop, wait_for
 
 sys.path.insert(0, str(CHECKOUT / "tests"))
-from pki import Pki  # noqa: E402
+from pki import Pki
 
 ATTACKER = r"""
 import json, sys
@@ -71,15 +70,19 @@ def _attack(d, ir) -> bool:  # type: ignore[no-untyped-def]
     if True:
         ir.irm_ok("bind", "program", str(BIN / "oping"), "name", "pong")
         ir.irm_ok("name", "register", "pong", "layer", "local")
-        legit = subprocess.Popen([str(BIN / "oping"), "-l"], env=ir.env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        legit = subprocess.Popen(
+            [str(BIN / "oping"), "-l"],
+            env=ir.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         thief = nobody_popen(ir, ATTACKER, stdout=subprocess.PIPE)
         try:
             assert thief.stdout is not None
             wait_for(lambda: thief.stdout.readline().startswith("ready"), 30, "the attacker")  # type: ignore[union-attr]
             time.sleep(1.0)  # oping -l up too
-            r = subprocess.run([BIN / "python", "-c", CLIENT], env=ir.env, capture_output=True, text=True,
-                               timeout=90)
+            r = subprocess.run([BIN / "python", "-c", CLIENT], env=ir.env, capture_output=True, text=True, timeout=90)
             print("root's client got:", r.stdout.strip() or r.stderr.strip()[-500:])
         finally:
             stop(thief)

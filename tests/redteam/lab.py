@@ -27,8 +27,19 @@ NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 PY = sys.executable
 
-__all__ = ["BIN", "CHECKOUT", "NOBODY", "PY", "IrmdProc", "as_nobody", "irmd", "lab", "main", "nobody_popen",
-           "wait_for"]
+__all__ = [
+    "BIN",
+    "CHECKOUT",
+    "NOBODY",
+    "PY",
+    "IrmdProc",
+    "as_nobody",
+    "irmd",
+    "lab",
+    "main",
+    "nobody_popen",
+    "wait_for",
+]
 
 
 def _alarm(seconds: int) -> None:
@@ -73,18 +84,43 @@ def _nobody_env(ir: IrmdProc | None, extra: dict[str, str] | None) -> dict[str, 
     return env
 
 
-def as_nobody(ir: IrmdProc | None, code: str, *args: str, timeout: float = 60,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def as_nobody(
+    ir: IrmdProc | None, code: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run Python `code` as uid 65534 (against `ir` if given) and wait for it."""
-    return subprocess.run([*AS_NOBODY, PY, "-c", code, *args], env=_nobody_env(ir, env), capture_output=True,
-                          text=True, timeout=timeout, cwd="/")
+    return subprocess.run(
+        [*AS_NOBODY, PY, "-c", code, *args],
+        env=_nobody_env(ir, env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
 
 
-def nobody_popen(ir: IrmdProc | None, code: str, *args: str, env: dict[str, str] | None = None,
-                 **kw: object) -> subprocess.Popen[str]:
+def nobody_popen(
+    ir: IrmdProc | None, code: str, *args: str, env: dict[str, str] | None = None, **kw: object
+) -> subprocess.Popen[str]:
     """Start Python `code` as uid 65534 in the background (stop it with stop())."""
-    return subprocess.Popen([*AS_NOBODY, PY, "-c", code, *args], env=_nobody_env(ir, env), text=True, cwd="/",
-                            start_new_session=True, **kw)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [*AS_NOBODY, PY, "-c", code, *args], env=_nobody_env(ir, env), text=True, cwd="/", start_new_session=True, **kw
+    )  # type: ignore[call-overload]
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path, **kw: object) -> subprocess.Popen[bytes]:
+    """Start a daemon in its own session, its output appended to `log` (stop it with stop())."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **kw
+        )  # type: ignore[call-overload, no-any-return]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of `pid` in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
@@ -115,7 +151,7 @@ def main(attack: Callable[[], bool | None], limit: int = 240) -> None:
     _alarm(limit)
     try:
         got_through = attack()
-    except Exception as e:  # noqa: BLE001 - the verdict line must always come out
+    except Exception as e:
         import traceback
 
         traceback.print_exc()

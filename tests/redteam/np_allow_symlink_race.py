@@ -13,9 +13,8 @@ import subprocess
 import time
 
 import lab  # noqa: F401 - puts the checkout and tests/ on sys.path
-from netplumb_lab import running_lab
-
 from lab import NOBODY, main, nobody_popen, stop
+from netplumb_lab import running_lab
 
 FLIPPER = r"""
 import os, sys, time

@@ -16,8 +16,8 @@ import sys
 from lab import BIN, PY, irmd, lab, main, stop, wait_for
 
 sys.path.insert(0, str(__import__("lab").CHECKOUT / "tests"))
-from helpers import free_port  # noqa: E402
-from pki import Pki  # noqa: E402
+from helpers import free_port
+from pki import Pki
 
 IMPOSTOR = r"""
 import json, os
@@ -53,19 +53,59 @@ def attack() -> bool:
         pki.issue("files")  # the real server's identity, on a host that is down or slower than the impostor
         home = d / "home"
         home.mkdir()
-        with irmd(d, "a", env={"OUROBOROS_SECURITY_DIR": str(pki.base)}, local=False) as a, \
-                irmd(d, "b", env={"OUROBOROS_SECURITY_DIR": str(d / "sec-b")}, local=False) as b:
-            a.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", "127.0.0.1", "port", port,
-                     "peer", "127.0.0.2")
-            b.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", "127.0.0.2", "port", port,
-                     "peer", "127.0.0.1")
-            imp = subprocess.Popen([PY, "-c", IMPOSTOR], env=dict(b.env, PYTHONPATH=str(BIN.parent.parent)),
-                                   stdout=subprocess.PIPE, text=True, start_new_session=True)
+        with (
+            irmd(d, "a", env={"OUROBOROS_SECURITY_DIR": str(pki.base)}, local=False) as a,
+            irmd(d, "b", env={"OUROBOROS_SECURITY_DIR": str(d / "sec-b")}, local=False) as b,
+        ):
+            a.irm_ok(
+                "ipcp",
+                "bootstrap",
+                "type",
+                "udp4",
+                "name",
+                "u",
+                "layer",
+                "lan",
+                "ip",
+                "127.0.0.1",
+                "port",
+                port,
+                "peer",
+                "127.0.0.2",
+            )
+            b.irm_ok(
+                "ipcp",
+                "bootstrap",
+                "type",
+                "udp4",
+                "name",
+                "u",
+                "layer",
+                "lan",
+                "ip",
+                "127.0.0.2",
+                "port",
+                port,
+                "peer",
+                "127.0.0.1",
+            )
+            imp = subprocess.Popen(
+                [PY, "-c", IMPOSTOR],
+                env=dict(b.env, PYTHONPATH=str(BIN.parent.parent)),
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
             try:
                 assert imp.stdout is not None
                 wait_for(lambda: imp.stdout.readline().startswith("ready"), 30, "the impostor")  # type: ignore[union-attr]
-                r = subprocess.run([PY, "-c", CLIENT], env=dict(a.env, HOME=str(home), XDG_CONFIG_HOME=str(home)),
-                                   capture_output=True, text=True, timeout=60)
+                r = subprocess.run(
+                    [PY, "-c", CLIENT],
+                    env=dict(a.env, HOME=str(home), XDG_CONFIG_HOME=str(home)),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 print("client on A (CA store has the CA of `files`):", r.stdout.strip() or r.stderr.strip()[-400:])
                 imp.wait(20)
             finally:

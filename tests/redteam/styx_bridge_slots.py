@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 
-from lab import BIN, as_nobody, irmd, lab, main, nobody_popen, stop, wait_for
+from lab import BIN, as_nobody, irmd, lab, main, nobody_popen, spawn, stop, wait_for
 
 HOLDER = r"""
 import socket, struct, sys, time
@@ -46,17 +46,22 @@ def attack() -> bool:
         export.mkdir()
         (export / "hello.txt").write_text("hello\n")
         port = free_port()
-        logs = [open(d / "serve.log", "wb"), open(d / "bridge.log", "wb")]
-        serve = subprocess.Popen([str(BIN / "styx"), "serve", "--name", "files", "--layer", "local", "--root",
-                                  str(export)], env=ir.env, stdout=logs[0], stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        serve = spawn(
+            [str(BIN / "styx"), "serve", "--name", "files", "--layer", "local", "--root", str(export)],
+            ir.env,
+            d / "serve.log",
+        )
         procs = [serve]
         holder = None
         try:
             wait_for(lambda: "files" in ir.irm("name", "list").stdout, 30, "styx serve")
-            procs.append(subprocess.Popen([str(BIN / "styx"), "bridge", "--name", "files", "--listen",
-                                           f"tcp!127.0.0.1!{port}"], env=ir.env, stdout=logs[1],
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                spawn(
+                    [str(BIN / "styx"), "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}"],
+                    ir.env,
+                    d / "bridge.log",
+                )
+            )
 
             def bridge_up() -> bool:
                 try:
@@ -66,15 +71,17 @@ def attack() -> bool:
                     return False
 
             wait_for(bridge_up, 30, "styx bridge")
-            before = subprocess.run([str(BIN / "styx"), "cat", "files:/hello.txt"], env=ir.env, capture_output=True,
-                                    text=True, timeout=60)
+            before = subprocess.run(
+                [str(BIN / "styx"), "cat", "files:/hello.txt"], env=ir.env, capture_output=True, text=True, timeout=60
+            )
             print("root's styx cat before:", before.returncode, before.stdout.strip(), before.stderr.strip()[-200:])
             holder = nobody_popen(ir, HOLDER, str(port), "16", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert holder.stdout is not None
             print("attacker (uid 65534, over TCP):", holder.stdout.readline().strip())
             time.sleep(1)
-            after = subprocess.run([str(BIN / "styx"), "cat", "files:/hello.txt"], env=ir.env, capture_output=True,
-                                   text=True, timeout=60)
+            after = subprocess.run(
+                [str(BIN / "styx"), "cat", "files:/hello.txt"], env=ir.env, capture_output=True, text=True, timeout=60
+            )
             print("root's styx cat during:", after.returncode, after.stdout.strip(), after.stderr.strip()[-200:])
             other = as_nobody(ir, HOLDER.replace("time.sleep(150)", ""), str(port), "1")
             print("another TCP client during:", (other.stdout + other.stderr).strip()[-300:])
@@ -84,8 +91,6 @@ def attack() -> bool:
                 stop(holder)
             for p in procs:
                 stop(p)
-            for f in logs:
-                f.close()
 
 
 if __name__ == "__main__":

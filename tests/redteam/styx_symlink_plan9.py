@@ -15,7 +15,7 @@ import os
 import subprocess
 import time
 
-from lab import BIN, NOBODY, as_nobody, irmd, lab, main, stop
+from lab import BIN, NOBODY, as_nobody, irmd, lab, main, spawn, stop
 
 S = 1  # the serving user (daemon)
 AS_S = ["setpriv", f"--reuid={S}", f"--regid={S}", "--clear-groups"]
@@ -48,9 +48,7 @@ def attack() -> bool:
         os.chmod(root / "private", 0o700)
         os.chmod(root / "private" / "draft.txt", 0o644)
         with irmd(d) as ir:
-            log = open(d / "log", "wb")
-            serve = subprocess.Popen([*AS_S, str(BIN / "styx"), "serve", "--root", str(root)], env=ir.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+            serve = spawn([*AS_S, str(BIN / "styx"), "serve", "--root", str(root)], ir.env, d / "log")
             try:
                 time.sleep(2)  # up and accepting; then root binds it to the name
                 ir.irm_ok("bind", "process", str(serve.pid), "name", "files")
@@ -58,12 +56,14 @@ def attack() -> bool:
                 return _read(ir, root)
             finally:
                 stop(serve)
-                log.close()
 
 
 def _read(ir, root) -> bool:  # type: ignore[no-untyped-def]
-    kernel = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat",
-                             str(root / "pub" / "latest")], capture_output=True, text=True)
+    kernel = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat", str(root / "pub" / "latest")],
+        capture_output=True,
+        text=True,
+    )
     print("uid 65534 through the kernel:", kernel.returncode, (kernel.stdout + kernel.stderr).strip())
     r = as_nobody(ir, READER, "/pub/readme.txt", "/private/draft.txt", "/pub/latest")
     print("uid 65534 through Styx:\n" + r.stdout.strip() + r.stderr.strip()[-300:])

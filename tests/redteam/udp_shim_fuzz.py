@@ -18,9 +18,9 @@ import time
 from lab import BIN, CHECKOUT, irmd, lab, main, nobody_popen, stop, wait_for
 
 sys.path.insert(0, str(CHECKOUT / "tests"))
-from helpers import free_port  # noqa: E402
+from helpers import free_port
 
-from proto import oap  # noqa: E402
+from proto import oap
 
 IPCP_IP, FUZZ_NET, CLIENT_IP = "127.0.88.1", "127.0.89.", "127.0.90.1"
 MGMT = struct.Struct("!IIIiQIIIIIBBB")
@@ -96,7 +96,7 @@ def legit(port: int) -> bool:
             if f[0] == 0 and f[10] == 2 and f[1] == eid:
                 if f[3] != 0:
                     return False
-                oap.check_response(oap.decode(req), data[MGMT.size:])
+                oap.check_response(oap.decode(req), data[MGMT.size :])
                 return True
     except (TimeoutError, OSError, oap.OapError):
         return False
@@ -111,13 +111,20 @@ def attack() -> bool:
         ir.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", IPCP_IP, "port", str(port))
         ir.irm_ok("bind", "program", str(BIN / "oping"), "name", "pong")
         ir.irm_ok("name", "register", "pong", "layer", "lan")
-        ping_srv = subprocess.Popen([str(BIN / "oping"), "-l"], env=ir.env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        ping_srv = subprocess.Popen(
+            [str(BIN / "oping"), "-l"],
+            env=ir.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             wait_for(lambda: legit(port), 30, "a first legitimate FLOW_REQ to be answered")
             ipcp = ir.ipcp_pid("u")
-            fuzzers = [nobody_popen(ir, FUZZER, IPCP_IP, str(port), FUZZ_NET, str(seed), "20", stdout=subprocess.PIPE)
-                       for seed in (1, 2)]
+            fuzzers = [
+                nobody_popen(ir, FUZZER, IPCP_IP, str(port), FUZZ_NET, str(seed), "20", stdout=subprocess.PIPE)
+                for seed in (1, 2)
+            ]
             for f in fuzzers:
                 f.wait(90)
                 print("fuzzer:", f.stdout.read().strip() if f.stdout else "")
@@ -125,8 +132,10 @@ def attack() -> bool:
             ok = alive and legit(port)
             log = ir.log_text()
             bad = [ln for ln in log.splitlines() if "Traceback" in ln or "internal error" in ln.lower()]
-            print(f"IPCP alive: {alive}; legitimate FLOW_REQ answered afterwards: {ok}; tracebacks/internal errors "
-                  f"in the log: {len(bad)}")
+            print(
+                f"IPCP alive: {alive}; legitimate FLOW_REQ answered afterwards: {ok}; tracebacks/internal errors "
+                f"in the log: {len(bad)}"
+            )
             for ln in bad[:5]:
                 print("  ", ln)
             return not ok or bool(bad)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -15,8 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from irmd import policy
-from irmd.identity import Peer, peer_of, read_peer
+from irmd.identity import Peer, peer_cred, read_peer
 from irmd.policy import Caller
+from irmd.ratelog import RateLog
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
 from proto.errors import Code, FlowError, InvalidArgument, PermissionDenied, ProtocolError
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("irmd")
 
 BACKLOG = 128
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # seconds without accepting when accept fails again and again
+REFUSED = RateLog(logger=log)  # refused connections and failed accepts: others cause them
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,6 +84,8 @@ class Server:
         self._sock: socket.socket | None = None
         self._conn_ids = 0
         self._local: Client | None = None
+        self._spare = -1  # a descriptor held back, to accept an admin's connection when out of them
+        self._backoff = 0.0
 
     async def start(self) -> None:
         path = self.irmd.sock_path
@@ -103,6 +109,7 @@ class Server:
         srv.listen(BACKLOG)
         srv.setblocking(False)
         self._sock = srv
+        self._take_spare()
         asyncio.get_running_loop().add_reader(srv.fileno(), self._on_connect)
         log.info("irmd listening on %s", path)
 
@@ -111,6 +118,9 @@ class Server:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            if self._spare >= 0:
+                os.close(self._spare)
+                self._spare = -1
             with contextlib.suppress(FileNotFoundError):
                 self.irmd.sock_path.unlink()
 
@@ -121,26 +131,40 @@ class Server:
 
     # -- connections -------------------------------------------------------
 
-    def _on_connect(self) -> None:
+    def _accept(self) -> tuple[socket.socket, bool] | None:
+        """The next connection, and whether it was taken on the spare descriptor (the IRMd is out
+        of them); None if there is none to take now."""
         assert self._sock is not None
+        short = not self._take_spare()  # the spare comes first: without it, this one may be the last
         try:
-            conn, _ = self._sock.accept()
+            return self._sock.accept()[0], short
         except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            conn = self._accept_on_spare() if e.errno in (errno.EMFILE, errno.ENFILE) else None
+            if conn is None:
+                REFUSED.log("accept failed: %s; pausing %.2f s", e.strerror, self._pause())
+                return None
+            return conn, True
+
+    def _on_connect(self) -> None:
+        accepted = self._accept()
+        if accepted is None:
             return
-        except OSError as e:  # e.g. EMFILE: keep serving the others
-            log.warning("accept failed: %s", e)
+        conn, short = accepted
+        self._backoff = 0.0
+        pid, uid, gid = peer_cred(conn)
+        why = "" if policy.is_admin(uid, self.irmd.uid) else self._refusal(uid, short)
+        if why:
+            REFUSED.log("refusing a connection of uid %d (pid %d): %s", uid, pid, why)
+            farewell(conn, Code.EDQUOT, why)
+        if short:
+            self._take_spare()
+        if why:
             return
+        peer = read_peer(pid, uid, gid)  # /proc read only for connections served
         self._conn_ids += 1
-        peer = peer_of(conn)
-        client = Client(self._conn_ids, peer, Caller.of(peer.uid, self.irmd.uid))
-        limit = self.irmd.limits.conns_per_uid
-        if not client.caller.admin:
-            held = sum(1 for c in self.irmd.clients.values() if c.uid == peer.uid)
-            if held >= limit:
-                log.warning("uid %d (pid %d) has %d connections open: refusing another", peer.uid, peer.pid, held)
-                farewell(conn, Code.EDQUOT, f"uid {peer.uid} has {held} connections to the IRMd open "
-                                            f"(limit conns_per_uid={limit})")
-                return
+        client = Client(self._conn_ids, peer, Caller.of(uid, self.irmd.uid))
 
         async def handle(msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
             try:
@@ -156,6 +180,55 @@ class Server:
             max_requests=self.irmd.limits.requests_per_conn, max_queued=self.irmd.limits.queued_bytes_per_conn,
         )  # fmt: skip
         self.irmd.clients[client.conn_id] = client
+
+    def _refusal(self, uid: int, short: bool) -> str:
+        """Why a user's new connection is refused (its own, all users', or the IRMd's descriptors
+        are at their limit), or "": admins are never refused, and the limits keep their reserve."""
+        limits = self.irmd.limits
+        if short:
+            return "the IRMd is out of descriptors: it serves only root and its own user now"
+        held = sum(1 for c in self.irmd.clients.values() if c.uid == uid)
+        if held >= limits.conns_per_uid:
+            return f"uid {uid} has {held} connections to the IRMd open (limit conns_per_uid={limits.conns_per_uid})"
+        users = sum(1 for c in self.irmd.clients.values() if not c.caller.admin)
+        if users >= limits.conns_total:
+            return f"users have {users} connections to the IRMd open (limit conns_total={limits.conns_total})"
+        return ""
+
+    def _accept_on_spare(self) -> socket.socket | None:
+        """Out of descriptors: free the spare one kept for this and accept on it, so that an admin
+        is still served and a user told why; None if there was none (or nobody was waiting)."""
+        if self._spare < 0:
+            return None
+        os.close(self._spare)
+        self._spare = -1
+        try:
+            return self._sock.accept()[0] if self._sock is not None else None
+        except OSError:
+            self._take_spare()
+            return None
+
+    def _take_spare(self) -> bool:
+        """Hold the spare descriptor again if it was spent; whether it is held."""
+        if self._spare < 0:
+            with contextlib.suppress(OSError):  # still short: taken again once a descriptor is free
+                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        return self._spare >= 0
+
+    def _pause(self) -> float:
+        """Stop accepting for a while, longer each time in a row (a level-triggered reader on a
+        socket that cannot be accepted from would spin): how long."""
+        self._backoff = min(max(self._backoff * 2, BACKOFF_MIN), BACKOFF_MAX)
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            loop.remove_reader(self._sock.fileno())
+            loop.call_later(self._backoff, self._resume)
+        return self._backoff
+
+    def _resume(self) -> None:
+        self._take_spare()
+        if self._sock is not None:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_connect)
 
     async def dispatch(self, c: Client, msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
         """Serve one request of `c`: through the policy to its job. Failures are FlowErrors."""

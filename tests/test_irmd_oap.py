@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from irmd.oap import Oap, Outcome, RateLog, Startups
+from irmd.oap import Oap, Outcome, Startups
+from irmd.ratelog import RateLog
 from irmd.reg import Registry
 from proto import messages as m
 from proto import oap
@@ -424,14 +425,14 @@ def test_startups_drop_early_with_rising_probability() -> None:
 
 def test_refusals_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
     t = [0.0]
-    rl = RateLog(rate=2, burst=3, clock=lambda: t[0])
+    rl = RateLog(rate=2, burst=3, clock=lambda: t[0], logger=logging.getLogger("irmd.oap"))
     with caplog.at_level(logging.INFO, logger="irmd.oap"):
         for i in range(100):
             rl.log("refused %d", i)
         t[0] += 1.0  # two more tokens
         rl.log("later")
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["refused 0", "refused 1", "refused 2", "(97 more refusals not logged)", "later"]
+    assert lines == ["refused 0", "refused 1", "refused 2", "(97 more lines not logged)", "later"]
 
 
 def test_outcome_fills_the_flow_reply() -> None:

@@ -201,16 +201,13 @@ class Oap:
         return Attempt(name, oap.decode(raw), config, key, expect)
 
     def _expectation(self, config: SecConfig, creds: Credentials | None, cypher_s: int) -> str:
-        """Why this host can verify the name it allocates to, so that an answer without a certificate is refused: its
-        client files (credentials, an encrypting enc.conf) or, for an encrypted flow, a CA store. An
-        encrypted flow whose key an anonymous answerer agreed on is encrypted to whoever answered."""
-        if creds is not None:
-            return "this host has a client certificate for it"
-        if config.encrypt:
-            return "its client enc.conf here asks for encryption"
-        if cypher_s and self.ca.configured:
-            return f"the flow is encrypted and this IRMd's CA store ({self.ca.directory}) can verify it"
-        return ""
+        """Why the peer must prove itself with a certificate, or "": when this IRMd's CA store can
+        verify one and the flow is encrypted (a key agreed with an anonymous answerer is a key
+        shared with whoever answered) or we prove our own identity to the name (mutual, or not at all)."""
+        if not (config.encrypt or cypher_s or creds is not None) or not self.ca.configured:
+            return ""
+        why = "the flow is encrypted" if config.encrypt or cypher_s else "this host has a client certificate for it"
+        return f"{why} and this IRMd's CA store ({self.ca.directory}) can verify it"
 
     def complete(self, attempt: Attempt, data: bytes) -> Outcome:
         """Check the response to our request: its id and request hash, the server's identity, and

@@ -238,9 +238,9 @@ class Server:
             close_fds(fds)  # only arriving flows carry descriptors
             fds = []
         try:
+            policy.check_request(c.caller, kind)  # first: a user learns nothing of what admins may ask
             if handler is None:
                 raise ProtocolError(f"{kind.__name__} is not a request the IRMd serves")
-            policy.check_request(c.caller, kind)
             if kind in policy.FROM_IPCP and c.ipcp is None:
                 raise PermissionDenied(f"{kind.__name__} is only accepted from IPCPs")
             result = await handler(c, msg, fds)

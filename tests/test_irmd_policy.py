@@ -32,20 +32,38 @@ def test_only_admins_manage_ipcps_names_and_bindings(kind: type[m.Message]) -> N
             policy.check_request(caller, kind)
 
 
-@pytest.mark.parametrize("kind", [m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc,
-                                  m.FlowInfo, m.IpcpList, m.NameList, m.FlowList, m.Dump, m.ActAs])
+USERS_MAY = {m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo, m.IpcpList,
+             m.NameList, m.FlowList, m.Dump, m.ActAs}
+
+
+@pytest.mark.parametrize("kind", sorted(USERS_MAY, key=lambda k: k.__name__))
 def test_users_use_flows_and_list_their_own(kind: type[m.Message]) -> None:
     policy.check_request(USER, kind)
 
 
 def test_every_request_is_either_for_admins_or_for_users_by_design() -> None:
-    users = {m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo, m.IpcpList,
-             m.NameList, m.FlowList, m.Dump, m.ActAs}
     asked = {cls for cls in m.CODEC.types.values() if cls.__module__ == m.__name__}
     replies = {m.Ok, m.Table, m.FlowReply, m.Text, m.LayerInfo, m.IpcpFlow, m.IpcpFlowAccepted, m.IpcpInfo}
     ipcp_side = {m.IpcpBootstrapReq, m.IpcpEnrollReq, m.IpcpConnectReq, m.IpcpReg, m.IpcpQuery, m.IpcpFlowAlloc,
                 m.IpcpFlowDealloc, m.IpcpAnnounce}
-    assert asked - replies - ipcp_side - policy.FROM_IPCP == users | set(policy.ADMIN_ONLY)
+    assert asked - replies - ipcp_side - policy.FROM_IPCP == USERS_MAY | set(policy.ADMIN_ONLY)
+    assert policy.FOR_USERS == USERS_MAY  # widening what users may ask is a decision, made here too
+
+
+@pytest.mark.parametrize("kind", sorted(set(m.CODEC.types.values()) - USERS_MAY, key=lambda k: k.__name__))
+def test_users_may_ask_nothing_else_not_even_kinds_added_later(kind: type[m.Message]) -> None:
+    with pytest.raises(PermissionDenied, match="needs root"):
+        policy.check_request(USER, kind)
+    policy.check_request(ROOT, kind)
+
+
+def test_a_kind_nobody_listed_is_the_admins() -> None:
+    class Novel(m.Message):
+        TYPE = 999
+
+    with pytest.raises(PermissionDenied, match="Novel requests needs root"):
+        policy.check_request(USER, Novel)
+    policy.check_request(HOST, Novel)
 
 
 def test_users_see_their_own_things_admins_all() -> None:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("irmd")
 
 BACKLOG = 128
+RESERVE = 8  # admins' connections accepted once the IRMd is out of descriptors
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # seconds without accepting when accept fails again and again
 REFUSED = RateLog(logger=log)  # refused connections and failed accepts: others cause them
 
@@ -78,13 +79,42 @@ def farewell(conn: socket.socket, code: str, text: str) -> None:
     conn.close()
 
 
+class Reserve:
+    """Descriptors held back (open on /dev/null) so that an IRMd out of them still accepts its
+    admins' connections, and tells users why it refuses theirs."""
+
+    def __init__(self, size: int = RESERVE) -> None:
+        self.size = size
+        self.fds: list[int] = []
+
+    def refill(self) -> bool:
+        """Take back what was spent, as far as descriptors allow; whether the reserve is whole."""
+        while len(self.fds) < self.size:
+            try:
+                self.fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return False
+        return True
+
+    def spend(self) -> bool:
+        """Free one for a connection to take at once; False when none is left."""
+        if not self.fds:
+            return False
+        os.close(self.fds.pop())
+        return True
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+
+
 class Server:
     def __init__(self, irmd: Irmd) -> None:
         self.irmd = irmd
         self._sock: socket.socket | None = None
         self._conn_ids = 0
         self._local: Client | None = None
-        self._spare = -1  # a descriptor held back, to accept an admin's connection when out of them
+        self._reserve = Reserve()
         self._backoff = 0.0
 
     async def start(self) -> None:
@@ -109,7 +139,7 @@ class Server:
         srv.listen(BACKLOG)
         srv.setblocking(False)
         self._sock = srv
-        self._take_spare()
+        self._reserve.refill()
         asyncio.get_running_loop().add_reader(srv.fileno(), self._on_connect)
         log.info("irmd listening on %s", path)
 
@@ -118,9 +148,7 @@ class Server:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
-            if self._spare >= 0:
-                os.close(self._spare)
-                self._spare = -1
+            self._reserve.close()
             with contextlib.suppress(FileNotFoundError):
                 self.irmd.sock_path.unlink()
 
@@ -132,20 +160,25 @@ class Server:
     # -- connections -------------------------------------------------------
 
     def _accept(self) -> tuple[socket.socket, bool] | None:
-        """The next connection, and whether it was taken on the spare descriptor (the IRMd is out
-        of them); None if there is none to take now."""
+        """The next connection, and whether the IRMd is short of descriptors (its reserve is not
+        whole: it serves only admins); None if there is none to take now."""
         assert self._sock is not None
-        short = not self._take_spare()  # the spare comes first: without it, this one may be the last
+        short = not self._reserve.refill()
         try:
             return self._sock.accept()[0], short
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as e:
-            conn = self._accept_on_spare() if e.errno in (errno.EMFILE, errno.ENFILE) else None
-            if conn is None:
-                REFUSED.log("accept failed: %s; pausing %.2f s", e.strerror, self._pause())
+            failure = e
+        if failure.errno in (errno.EMFILE, errno.ENFILE) and self._reserve.spend():
+            try:
+                return self._sock.accept()[0], True
+            except (BlockingIOError, InterruptedError):
                 return None
-            return conn, True
+            except OSError as e:
+                failure = e
+        REFUSED.log("accept failed: %s; pausing %.2f s", failure.strerror, self._pause())
+        return None
 
     def _on_connect(self) -> None:
         accepted = self._accept()
@@ -158,9 +191,6 @@ class Server:
         if why:
             REFUSED.log("refusing a connection of uid %d (pid %d): %s", uid, pid, why)
             farewell(conn, Code.EDQUOT, why)
-        if short:
-            self._take_spare()
-        if why:
             return
         peer = read_peer(pid, uid, gid)  # /proc read only for connections served
         self._conn_ids += 1
@@ -183,7 +213,7 @@ class Server:
 
     def _refusal(self, uid: int, short: bool) -> str:
         """Why a user's new connection is refused (its own, all users', or the IRMd's descriptors
-        are at their limit), or "": admins are never refused, and the limits keep their reserve."""
+        are at their limit), or "": admins are never refused."""
         limits = self.irmd.limits
         if short:
             return "the IRMd is out of descriptors: it serves only root and its own user now"
@@ -194,26 +224,6 @@ class Server:
         if users >= limits.conns_total:
             return f"users have {users} connections to the IRMd open (limit conns_total={limits.conns_total})"
         return ""
-
-    def _accept_on_spare(self) -> socket.socket | None:
-        """Out of descriptors: free the spare one kept for this and accept on it, so that an admin
-        is still served and a user told why; None if there was none (or nobody was waiting)."""
-        if self._spare < 0:
-            return None
-        os.close(self._spare)
-        self._spare = -1
-        try:
-            return self._sock.accept()[0] if self._sock is not None else None
-        except OSError:
-            self._take_spare()
-            return None
-
-    def _take_spare(self) -> bool:
-        """Hold the spare descriptor again if it was spent; whether it is held."""
-        if self._spare < 0:
-            with contextlib.suppress(OSError):  # still short: taken again once a descriptor is free
-                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        return self._spare >= 0
 
     def _pause(self) -> float:
         """Stop accepting for a while, longer each time in a row (a level-triggered reader on a
@@ -226,7 +236,6 @@ class Server:
         return self._backoff
 
     def _resume(self) -> None:
-        self._take_spare()
         if self._sock is not None:
             asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_connect)
 

@@ -204,6 +204,22 @@ def test_a_known_names_file_others_may_write_is_not_trusted(site: Site) -> None:
         site.alloc("pong", accept_new=True)
 
 
+def test_a_uid_without_an_account_has_no_pins_rather_than_no_flows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    from flowlib.identity import KNOWN_NAMES_ENV, KnownNames, known_names_path
+
+    def no_account(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    for var in (KNOWN_NAMES_ENV, "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")
+    monkeypatch.setattr(pwd, "getpwuid", no_account)
+    assert known_names_path() == Path("/nonexistent/.config/ouroboros/known_names")
+    assert KnownNames().pins("pong") == []
+
+
 # -- client certificates ---------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from irmd import policy, views
-from irmd.limits import LimitError, Limits, parse_options
+from irmd.limits import ADMIN_RESERVE, LimitError, Limits, parse_options
 from irmd.policy import Caller
 from irmd.spawn import RunAs, clean_env, ipcp_command, run_as
 from proto import messages as m
@@ -78,6 +78,14 @@ def test_limits_have_defaults_and_take_options() -> None:
     limits = parse_options(["flows_per_uid=10", "conns_per_uid = 0x10"])
     assert (limits.flows_per_uid, limits.conns_per_uid) == (10, 16)
     assert limits.accepts_per_conn == Limits().accepts_per_conn
+
+
+def test_totals_leave_admins_a_reserve_of_descriptors(caplog: pytest.LogCaptureFixture) -> None:
+    assert Limits().fit_descriptors(1 << 20) == Limits()  # room enough: as configured
+    fitted = Limits().fit_descriptors(1024)  # a common default hard limit
+    assert fitted.conns_total + fitted.flows_total <= 1024 - ADMIN_RESERVE
+    assert fitted.conns_total >= 1 and fitted.flows_total >= 1 and "conns_total=96" in caplog.text
+    assert Limits().fit_descriptors(10).conns_total == 1  # never zero: users still get something
 
 
 @pytest.mark.parametrize(("words", "says"), [

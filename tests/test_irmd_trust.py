@@ -317,7 +317,10 @@ try:
         flows.append(flow_alloc("sink", timeout=10))
     print("all 4")
 except LimitReached as e:
-    print(len(flows), "then", e)
+    print(len(flows), "then", e, flush=True)
+if sys.argv[1:]:
+    import time
+    time.sleep(float(sys.argv[1]))  # and hold them
 """
 
 
@@ -334,6 +337,29 @@ def test_flows_per_user_are_limited_and_others_still_allocate(tight: IrmdProc) -
             flow.close()
     finally:
         srv.close()
+
+
+def test_users_flows_in_all_are_limited_and_root_still_allocates(public_dir: Path) -> None:
+    with irmd_in(public_dir, "--limit", "flows_per_uid=2", "--limit", "flows_total=3") as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        srv = IrmClient(irmd.sock)
+        try:
+            call(srv.channel, m.Bind("process", str(os.getpid()), "sink"), timeout=10)
+            call(srv.channel, m.NameRegister("sink", ["local"]), timeout=10)
+            srv.listen(True)
+            a_log, b_log = public_dir / "a.log", public_dir / "b.log"
+            with (server([*AS_NOBODY, str(BIN / "python"), "-c", HOLD_FLOWS, "60"], irmd.env, a_log, "then"),
+                  server(["setpriv", f"--reuid={NOBODY - 1}", f"--regid={NOBODY - 1}", "--clear-groups",
+                          str(BIN / "python"), "-c", HOLD_FLOWS, "60"], irmd.env, b_log, "then")):  # fmt: skip
+                assert a_log.read_text().startswith("2 then uid 65534 holds 2 flows"), a_log.read_text()
+                assert b_log.read_text().startswith("1 then users hold 3 flows (limit flows_total=3)"), \
+                    b_log.read_text()
+                mine = [Flow(*IrmClient.alloc(srv, "sink", None, 10), srv) for _ in range(3)]  # root's are not
+                for flow in mine:
+                    flow.close()
+        finally:
+            srv.close()
 
 
 def raw_conn(irmd: IrmdProc) -> socket.socket:

@@ -163,22 +163,17 @@ class Server:
         """The next connection, and whether the IRMd is short of descriptors (its reserve is not
         whole: it serves only admins); None if there is none to take now."""
         assert self._sock is not None
-        short = not self._reserve.refill()
-        try:
-            return self._sock.accept()[0], short
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as e:
-            failure = e
-        if failure.errno in (errno.EMFILE, errno.ENFILE) and self._reserve.spend():
+        short, spent = not self._reserve.refill(), False
+        while True:
             try:
-                return self._sock.accept()[0], True
+                return self._sock.accept()[0], short or spent
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as e:
-                failure = e
-        REFUSED.log("accept failed: %s; pausing %.2f s", failure.strerror, self._pause())
-        return None
+                if e.errno not in (errno.EMFILE, errno.ENFILE) or spent or not self._reserve.spend():
+                    REFUSED.log("accept failed: %s; pausing %.2f s", e.strerror, self._pause())
+                    return None
+                spent = True  # once more, on a descriptor of the reserve
 
     def _on_connect(self) -> None:
         accepted = self._accept()

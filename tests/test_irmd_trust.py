@@ -200,22 +200,30 @@ time.sleep(30)
 """
 
 
-def test_the_acceptor_learns_the_kernels_uid_and_pid_of_a_user_that_allocated(host: IrmdProc) -> None:
+@contextlib.contextmanager
+def nobody_allocates_to_root(host: IrmdProc, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Flow]]:
+    """Root serves `name` from this process; uid 65534 allocates a flow to it and holds it: (the
+    allocating process, root's end of the flow)."""
     client = IrmClient(host.sock)
     try:
-        call(client.channel, m.Bind("process", str(os.getpid()), "hostsrv"), timeout=10)
-        call(client.channel, m.NameRegister("hostsrv", ["local"]), timeout=10)
+        call(client.channel, m.Bind("process", str(os.getpid()), name), timeout=10)
+        call(client.channel, m.NameRegister(name, ["local"]), timeout=10)
         with ThreadPoolExecutor(1) as pool:
             accepted = pool.submit(client.accept, 20)
-            with server([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, "hostsrv"], host.env,
+            with server([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, name], host.env,
                         host.log.parent / "alloc.log", "\n") as p:
                 reply, fd = accepted.result(20)
                 with Flow(reply, fd, client) as flow:
-                    assert (flow.peer_uid, flow.peer_pid) == (NOBODY, p.pid)
-                flows = parse_table(nobody_irm(host, "flow", "list").stdout)
-                assert [f["role"] for f in flows] == ["src"]  # its own end only, not the host's
+                    yield p, flow
     finally:
         client.close()
+
+
+def test_the_acceptor_learns_the_kernels_uid_and_pid_of_a_user_that_allocated(host: IrmdProc) -> None:
+    with nobody_allocates_to_root(host, "hostsrv") as (p, flow):
+        assert (flow.peer_uid, flow.peer_pid) == (NOBODY, p.pid)
+        flows = parse_table(nobody_irm(host, "flow", "list").stdout)
+        assert [f["role"] for f in flows] == ["src"]  # its own end only, not the host's
 
 
 def test_a_program_binding_is_not_served_by_that_program_run_by_another_user(host: IrmdProc) -> None:
@@ -747,25 +755,14 @@ print(json.dumps({type(msg).__name__: call(channel, msg, 10)[0].rows for msg in 
 
 
 def test_flow_and_name_lists_show_uid_65534_its_own_and_nothing_of_roots(host: IrmdProc) -> None:
-    client = IrmClient(host.sock)
-    try:
-        call(client.channel, m.Bind("process", str(os.getpid()), "payroll-db"), timeout=10)
-        call(client.channel, m.NameRegister("payroll-db", ["local"]), timeout=10)
-        with ThreadPoolExecutor(1) as pool:
-            accepted = pool.submit(client.accept, 20)
-            with server([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, "payroll-db"], host.env,
-                        host.log.parent / "alloc.log", "\n") as mine:
-                reply, fd = accepted.result(20)
-                with Flow(reply, fd, client):
-                    r = nobody_py(host, LIST_PROBE)
-                    seen = json.loads(r.stdout)
-                    assert [row["pid"] for row in seen["FlowList"]] == [str(mine.pid)], seen  # its own end only
-                    assert seen["NameList"] == [], seen  # root's binding is not its to see
-                    assert str(os.getpid()) not in r.stdout and "payroll-db" not in json.dumps(seen["NameList"])
-                    rows = host.table("flow", "list")  # root sees both ends
-                    assert {row["pid"] for row in rows} == {str(os.getpid()), str(mine.pid)}
-    finally:
-        client.close()
+    with nobody_allocates_to_root(host, "payroll-db") as (mine, _):
+        r = nobody_py(host, LIST_PROBE)
+        seen = json.loads(r.stdout)
+        assert [row["pid"] for row in seen["FlowList"]] == [str(mine.pid)], seen  # its own end only
+        assert seen["NameList"] == [], seen  # root's binding is not its to see
+        assert str(os.getpid()) not in r.stdout
+        rows = host.table("flow", "list")  # root sees both ends
+        assert {row["pid"] for row in rows} == {str(os.getpid()), str(mine.pid)}
 
 
 # -- descriptors: connections in all, and an IRMd out of them ------------------------------------------------

@@ -244,8 +244,10 @@ def name_unregister(args: list[str]) -> Message:
 
 
 def name_list(args: list[str]) -> Message:
-    parse_words(args, [])
-    return m.NameList()
+    """`irm name list [PREFIX]` as ouroboros(8) has it; 0.23's irm takes `irm name list list PREFIX`."""
+    if len(args) == 1:
+        return m.NameList(prefix=args[0])
+    return m.NameList(prefix=parse_words(args, ["list"]).one("list"))
 
 
 def flow_list(args: list[str]) -> Message:

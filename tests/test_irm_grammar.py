@@ -45,6 +45,16 @@ def test_list_commands_parse() -> None:
     assert parse(["flow", "list"]) == m.FlowList()
 
 
+def test_name_list_takes_a_prefix_as_ouroboros_8_and_0_23s_irm_spell_it() -> None:
+    assert parse(["name", "list", "oping"]) == m.NameList(prefix="oping")
+    assert parse(["name", "list", "l", "oping"]) == m.NameList(prefix="oping")
+
+
+def test_a_broadcast_layer_takes_the_hash_of_its_name_as_ouroboros_8_says() -> None:
+    assert parse(["ipcp", "bootstrap", "type", "broadcast", "name", "b", "layer", "bc", "hash", "SHA3_512"]) == (
+        m.IpcpBootstrap("b", "bc", "broadcast", False, {"hash": "SHA3_512"}))
+
+
 def test_bind_process_parses_pid_and_name() -> None:
     assert parse(["bind", "process", "123", "name", "x"]) == m.Bind("process", "123", "x")
 

@@ -184,3 +184,21 @@ def test_tutorial_05_config_serves_two_names_over_udp_on_loopback(tmp_path: Path
             "oping-server": ("round-robin", "wifi-network"), "oping-server2": ("spillover", "wifi-network")}
         pinged(irmd, inside, "oping --server-name oping-server --count 3 --interval 100", "oping-server", 3)
         pinged(irmd, inside, "oping --server-name oping-server2 --count 3 --interval 100", "oping-server2", 3)
+
+
+@pytest.mark.timeout(60)
+def test_ouroboros_8_broadcast_layer_with_its_hash_reaches_a_reader(irmd: IrmdProc) -> None:
+    """ouroboros(8): a broadcast IPCP takes [hash policy], the hash of the layer name; obc joins it."""
+    ok(irmd, [], "irm ipcp bootstrap type broadcast name bc-ipcp layer bc hash SHA3_512 autobind")
+    assert ipcps(irmd) == [("bc-ipcp", "broadcast", "bc", "operational")]
+    reader = subprocess.Popen([str(BIN / "obc"), "--listen", "--name", "bc"], env=irmd.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        assert reader.stdout is not None
+        assert [reader.stdout.readline().strip() for _ in range(2)] == ["Starting a reader.", "New flow."]
+        r = typed(irmd, [], "obc --name bc --message hello")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert reader.stdout.readline().strip() == "Message is hello."
+    finally:
+        reader.kill()
+        reader.wait()

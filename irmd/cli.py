@@ -186,8 +186,10 @@ def _bind(kind: str, bind: bool, args: list[str]) -> Message:
         raise UsageError(f'missing the {kind} to {"bind" if bind else "unbind"}')
     target = args[0]
     w = parse_words(args[1:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
-    if kind == "program":
-        found = shutil.which(target)
+    if kind == "program":  # one in $PATH, else a file here as 0.23's realpath() finds it (that
+        # one first there: here a file in the current directory never shadows a program in $PATH)
+        here = os.path.isfile(target) and os.access(target, os.X_OK)
+        found = shutil.which(target) or (target if here else None)
         if found is None and bind:
             raise UsageError(f'program "{target}" not found (not executable or not in PATH)')
         target = os.path.abspath(found or target)

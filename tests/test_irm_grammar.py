@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,19 @@ def test_bind_program_given_a_relative_path_sends_an_absolute_one(
     monkeypatch.chdir(tmp_path)
     msg = parse(["bind", "program", "./server", "name", "x"])
     assert isinstance(msg, m.Bind) and msg.target == str(prog)
+
+
+def test_bind_program_takes_a_file_in_the_current_directory_not_in_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("my-server-xyz", "sh"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    msg = parse(["bind", "program", "my-server-xyz", "name", "x"])  # as 0.23's realpath() finds it
+    assert isinstance(msg, m.Bind) and msg.target == str(tmp_path / "my-server-xyz")
+    msg = parse(["bind", "program", "sh", "name", "x"])  # but never in place of one in $PATH
+    assert isinstance(msg, m.Bind) and msg.target == shutil.which("sh")
 
 
 def test_unbind_process_name_is_optional() -> None:

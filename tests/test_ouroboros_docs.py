@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, irmd_env, parse_table, socket_answers, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, irmd_env, parse_table, socket_answers, stop_irmd, terminate, wait_for
 
 NEEDS_NETNS = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                  reason="Ethernet IPCPs on lo and a fixed UDP port need root and a network namespace")
@@ -81,12 +81,7 @@ def server(irmd: IrmdProc, inside: list[str], tmp_path: Path, line: str = "oping
         assert proc.poll() is None, log.read_text()
         yield proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 def pinged(irmd: IrmdProc, inside: list[str], line: str, name: str, count: int) -> None:

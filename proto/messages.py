@@ -11,9 +11,9 @@ from typing import ClassVar
 
 from proto.errors import Code
 from proto.qos import QosSpec
-from transports.wire import Codec, Message
+from transports.wire import Message, PackedCodec
 
-CODEC = Codec()
+CODEC = PackedCodec()
 reg = CODEC.register
 
 # Error codes carried in Error replies: proto.errors.Code, one exception class each.

@@ -71,8 +71,10 @@ class IrmClient:
         return self._flow_reply(reply, fds)
 
     def dealloc(self, flow_id: int) -> None:
-        with contextlib.suppress(FlowError):  # the IRMd may be gone, or have dropped the flow
-            call(self.channel, m.FlowDealloc(flow_id), REPLY_MARGIN)
+        """Let go of a flow: a notice, as nothing is to be done if the IRMd refused it (it has gone, or
+        dropped the flow already); the IRMd takes it in order, before any later request of ours."""
+        with contextlib.suppress(OSError):
+            self.channel.notify(m.FlowDealloc(flow_id))
 
     def flow_state(self, flow_id: int) -> str:
         try:

@@ -1,7 +1,7 @@
 """The local IPCP: a layer spanning this host only.
 
 A flow is one SOCK_SEQPACKET pair whose two ends go to the two applications,
-so no process relays the data.
+so no process relays the data; both ends go to the IRMd in the allocation's answer.
 """
 
 from __future__ import annotations
@@ -42,22 +42,18 @@ class LocalIpcp(Ipcp):
     async def query(self, digest: bytes) -> bool:
         return digest in self.registered
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
-                         data: bytes) -> tuple[int, int, bytes]:
+    async def flow_pair(self, flow_id: int, digest: bytes, qos: QosSpec) -> tuple[int, int, int]:
         if digest not in self.registered:
-            raise HandlerError(m.ENOENT, "name not registered in this layer")
+            raise HandlerError(m.ENOENT, "name not found in this layer")
         src, dst = seqpacket_pair()
-        try:
-            peer_id, answer = await self.flow_arrived(digest, qos, LOCAL_MTU, dst.fileno(), data, src_flow=flow_id)
-        except BaseException:
-            src.close()
-            raise
-        finally:
-            dst.close()
-        self.peers[flow_id], self.peers[peer_id] = peer_id, flow_id
-        return LOCAL_MTU, src.detach(), answer
+        self.peers[flow_id] = 0  # until the IRMd names the accepting end
+        return LOCAL_MTU, src.detach(), dst.detach()
+
+    def flow_accepted(self, src_flow: int, flow_id: int) -> None:
+        if self.peers.get(src_flow) == 0 and flow_id > 0 and flow_id not in self.peers:
+            self.peers[src_flow], self.peers[flow_id] = flow_id, src_flow
 
     async def flow_dealloc(self, flow_id: int) -> None:
         peer = self.peers.pop(flow_id, None)
-        if peer is not None and self.peers.pop(peer, None) is not None:
+        if peer and self.peers.pop(peer, None) is not None:
             self.flow_ended(peer, down=False, io=None)

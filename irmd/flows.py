@@ -29,6 +29,7 @@ from proto.errors import (
     error_class,
 )
 from proto.names import check_name, name_hash
+from proto.qos import QosSpec
 from transports.channel import ChannelClosed, RemoteError
 from transports.unix import close_fds
 
@@ -105,7 +106,8 @@ class Flows:
 
     async def alloc_via(self, c: Client, msg: m.FlowAlloc, ipcp: Ipcp, deadline: float,
                         ) -> tuple[m.FlowReply, list[int]]:
-        """Allocate through one IPCP: it reaches the name's hash in its layer."""
+        """Allocate through one IPCP: it reaches the name's hash in its layer. An IPCP whose flow stays on
+        this host (the local layer's) answers with both ends: the accepting one arrives here at once."""
         assert ipcp.channel is not None
         digest = name_hash(ipcp.hash, msg.name)
         flow = self.reg.new_flow(
@@ -125,28 +127,56 @@ class Flows:
         except (TimeoutError, ChannelClosed) as e:
             self.reg.drop_flow(flow)
             raise FlowTimeout(f"{where}: {str(e) or 'timed out'}") from None
-        if not isinstance(reply, m.IpcpFlow) or len(fds) != 1:
+        if not isinstance(reply, m.IpcpFlow) or len(fds) not in (1, 2):
             close_fds(fds)
             self.reg.drop_flow(flow)
             raise IpcpFailed(f"ipcp {ipcp.name} answered the allocation wrongly")
+        answer = reply.data
+        if len(fds) == 2:
+            try:
+                answer = await self.arrive_here(ipcp, flow, digest, reply.mtu, fds.pop(), attempt.data, deadline)
+            except FlowError as e:
+                close_fds(fds)
+                raise error_class(e.code or "EIO")(f"{where}: {e}") from None
+            except BaseException:
+                close_fds(fds)
+                raise
         flow.fd, flow.mtu = os.dup(fds[0]), reply.mtu
         if flow.advance(FlowEvent.ALLOCATED) is not FlowState.ALLOCATED:
             self.end_flow(flow, FlowEvent.DOWN)  # it ended before its answer came: the application sees the end
         try:
             if c.conn_id not in self.irmd.clients:  # the application left while we waited
                 raise ChannelClosed("client gone")
-            outcome = self.irmd.oap.complete(attempt, reply.data)  # OAP: the peer's answer checked
+            outcome = self.irmd.oap.complete(attempt, answer)  # OAP: the peer's answer checked
         except (ChannelClosed, FlowError):
             close_fds(fds)
             await self.release(flow)
             raise
         return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
 
+    async def arrive_here(self, ipcp: Ipcp, src: Flow, digest: bytes, mtu: int, fd: int, data: bytes,
+                          deadline: float) -> bytes:
+        """The accepting end of a flow that stays on this host, served as an arrival from `ipcp` would be;
+        the IPCP learns which flow it became. Returns the OAP answer; fails as the arrival does."""
+        assert ipcp.channel is not None
+        try:
+            peer_id, answer = await self.arrive(ipcp, digest, src.qos, mtu, fd, data, src, deadline=deadline)
+        except BaseException:
+            self.reg.drop_flow(src)
+            ipcp.channel.notify(m.IpcpFlowDealloc(src.flow_id))  # the IPCP forgets the pair
+            raise
+        finally:
+            close_fds([fd])
+        ipcp.channel.notify(m.IpcpFlowAccepted(peer_id, b"", src_flow=src.flow_id))
+        return answer
+
     async def resolve(self, name: str, timeout: float) -> list[Ipcp]:
         """The operational IPCPs that reach `name`, the most local first."""
         candidates = self.reg.operational()
         if not candidates:
             raise NotFound(f"name {name!r} not found: no layers are up")
+        if len(candidates) == 1:  # no layer to choose: its allocation resolves the name (ENOENT if it cannot)
+            return candidates
 
         async def query(ipcp: Ipcp) -> Ipcp | None:
             assert ipcp.channel is not None
@@ -200,10 +230,13 @@ class Flows:
         return m.Ok()
 
     async def flow_dealloc(self, c: Client, msg: m.FlowDealloc, _: list[int]) -> m.Ok:
+        """The flow is the owner's no more at once (its limits, its lists); its IPCP and its peer learn
+        of it in the background, so the request (a notice, from flowlib) never waits on the layer."""
         flow = self.reg.flows.get(msg.flow_id)
         if flow is None or flow.owner != c.conn_id:
             raise NotFound(f"flow {msg.flow_id} not found")
-        await self.release(flow)
+        self.reg.drop_flow(flow)
+        self.irmd.spawn_task(self.release(flow))
         return m.Ok()
 
     async def flow_info(self, c: Client, msg: m.FlowInfo, _: list[int]) -> m.FlowInfo:
@@ -225,15 +258,20 @@ class Flows:
     # -- ends of flows --------------------------------------------------------
 
     async def release(self, flow: Flow) -> None:
-        """The owner is done with the flow: tell its IPCP, then tear our copy down."""
+        """The owner is done with the flow: tell its IPCP, then tear our copy down. While the flow is up,
+        the IPCP's answer is awaited: by then its peer knows the flow was deallocated (FlowPeerDealloc),
+        before it sees its end close; a flow that ended already just lets the IPCP know."""
         self.reg.drop_flow(flow)
         ipcp = self.reg.ipcps.get(flow.ipcp)
         if (flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None
                 and not self.irmd.stopping):
-            try:
-                await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
-            except (RemoteError, TimeoutError, ChannelClosed) as e:
-                log.debug("dealloc of flow %d at %s: %s", flow.flow_id, ipcp.name, e)
+            if flow.state is not FlowState.ALLOCATED:
+                ipcp.channel.notify(m.IpcpFlowDealloc(flow.flow_id))
+            else:
+                try:
+                    await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
+                except (RemoteError, TimeoutError, ChannelClosed) as e:
+                    log.debug("dealloc of flow %d at %s: %s", flow.flow_id, ipcp.name, e)
         teardown_fd(flow.fd)
         flow.fd = -1
 
@@ -269,28 +307,36 @@ class Flows:
         assert ipcp is not None
         if len(fds) != 1:
             raise ProtocolError("FlowReqArrived must carry exactly one fd")
-        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, msg.hash)
+        src = self.local_source(ipcp, msg.src_flow)
+        flow_id, answer = await self.arrive(ipcp, msg.hash, msg.qos, msg.mtu, fds[0], msg.data, src, msg.peer)
+        return m.IpcpFlowAccepted(flow_id, answer)
+
+    async def arrive(self, ipcp: Ipcp, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes,
+                     src: Flow | None, peer: str = "", deadline: float | None = None) -> tuple[int, bytes]:
+        """Hand an arriving flow (`fd`, the application's end; the caller keeps its copy) to a process that
+        accepts its name, once OAP checked the request `data`; the new flow's id and the OAP answer.
+        `src`: the allocating end, when it is on this host; `deadline`: its allocation's."""
+        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, digest)
         if entry is None:
             raise NotFound("no name with that hash is registered here")
-        src = self.local_source(ipcp, msg.src_flow)
-        with self.irmd.oap.startup(ipcp.layer, f"uid {src.uid}" if src else msg.peer):  # OAP: in flight, bounded
-            acceptor = await self.wait_acceptor(entry.name)
+        with self.irmd.oap.startup(ipcp.layer, f"uid {src.uid}" if src else peer):  # OAP: in flight, bounded
+            acceptor = await self.wait_acceptor(entry.name, deadline)
             self.limit_flows(acceptor.uid)
-            answer, outcome = self.irmd.oap.serve(entry.name, msg.data, acceptor.cypher_s)  # OAP: checked, answered
+            answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s)  # OAP: checked, answered
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
-            ipcp=ipcp.name, qos=msg.qos, role="dst", mtu=msg.mtu,
+            ipcp=ipcp.name, qos=qos, role="dst", mtu=mtu,
         )  # fmt: skip
         flow.advance(FlowEvent.ALLOCATED)
-        flow.fd = os.dup(fds[0])
+        flow.fd = os.dup(fd)
         reply = outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
                                           src.uid if src else -1, src.pid if src else 0))
         waiting = next((f for f in acceptor.accepts if not f.done()), None)
         if waiting is not None:
-            waiting.set_result((reply, os.dup(fds[0])))
+            waiting.set_result((reply, os.dup(fd)))
         elif acceptor.channel is not None:
-            acceptor.channel.notify(reply, fds)
-        return m.IpcpFlowAccepted(flow.flow_id, answer)
+            acceptor.channel.notify(reply, [fd])
+        return flow.flow_id, answer
 
     def local_source(self, ipcp: Ipcp, src_flow: int) -> Flow | None:
         """The allocating end of a flow that never left this host: only the local IPCP can name it,
@@ -298,8 +344,9 @@ class Flows:
         src = self.reg.flows.get(src_flow) if ipcp.type == "local" and src_flow else None
         return src if src is not None and src.ipcp == ipcp.name and src.role == "src" else None
 
-    async def wait_acceptor(self, name: str) -> Client:
-        """A process to take a flow for `name`, starting the bound program if need be."""
+    async def wait_acceptor(self, name: str, deadline: float | None = None) -> Client:
+        """A process to take a flow for `name`, starting the bound program if need be; waiting at most
+        ACCEPT_TIMEOUT, and not past `deadline`."""
         entry = self.reg.get_name(name)
 
         def ready() -> Client | None:
@@ -318,7 +365,7 @@ class Flows:
                 raise NotFound(f"no process is accepting flows for {name!r}")
             self.irmd.programs.start(name, prog)
         # Loop: between the wake-up and our turn, another arrival may take the acceptor.
-        deadline = time.monotonic() + ACCEPT_TIMEOUT
+        deadline = min(time.monotonic() + ACCEPT_TIMEOUT, deadline or float("inf"))
         while (found := ready()) is None:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -371,6 +371,9 @@ class IpcpFlowAlloc(Message):
 @reg
 @dataclass
 class IpcpFlow(Message):
+    """The allocation's answer, with the allocating application's fd; a flow that stays on this host
+    (the local layer) carries the accepting application's fd as a second one, for the IRMd to hand on."""
+
     TYPE: ClassVar[int] = 68
     mtu: int
     data: bytes = b""  # the responder's piggyback (its IRMd's OAP response), as it arrived
@@ -405,9 +408,13 @@ class FlowReqArrived(Message):
 @reg
 @dataclass
 class IpcpFlowAccepted(Message):
+    """IRMd -> IPCP: the reply to FlowReqArrived; or, as a notice naming `src_flow`, which flow the
+    accepting end of that allocation became, when the IPCP answered it with both ends (the local layer)."""
+
     TYPE: ClassVar[int] = 71
     flow_id: int
     data: bytes = b""  # the piggyback to send back to the requester
+    src_flow: int = 0
 
 
 @reg

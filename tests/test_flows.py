@@ -434,7 +434,9 @@ def test_blocked_read_is_woken_by_the_peer_deallocating(pair: Pair) -> None:
 
 def test_write_after_the_peer_deallocated_raises_flow_down(pair: Pair) -> None:
     cli, srv = pair
-    srv.close()
+    srv.close()  # a notice to the IRMd: the end reaches this side a moment later
+    with pytest.raises(FlowDown):
+        cli.read()  # returns once it has
     with pytest.raises(FlowDown):
         cli.write(b"anyone?")
 

@@ -266,7 +266,8 @@ class Flows:
         if (flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None
                 and not self.irmd.stopping):
             if flow.state is not FlowState.ALLOCATED:
-                ipcp.channel.notify(m.IpcpFlowDealloc(flow.flow_id))
+                if ipcp.type != "local":  # the local IPCP forgot both ends when the first went
+                    ipcp.channel.notify(m.IpcpFlowDealloc(flow.flow_id))
             else:
                 try:
                     await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
@@ -280,8 +281,12 @@ class Flows:
             await self.release(flow)
 
     def end_flow(self, flow: Flow, event: FlowEvent) -> None:
-        """The flow ended under its owner: record how, so it can ask, and tear it down."""
+        """The flow ended under its owner: record how, tell the owner (so it need not ask when it sees
+        the end: the notice goes first), and tear it down."""
         flow.advance(event)
+        owner = self.irmd.clients.get(flow.owner)
+        if owner is not None and owner.channel is not None and flow.fd >= 0:
+            owner.channel.notify(m.FlowInfo(flow.flow_id, flow.state.value))
         teardown_fd(flow.fd)
         flow.fd = -1
 

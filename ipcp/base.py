@@ -68,12 +68,10 @@ class Ipcp:
 
     async def flow_pair(self, flow_id: int, digest: bytes, qos: QosSpec) -> tuple[int, int, int] | None:
         """A flow that stays on this host: (mtu, the allocating application's end, the accepting one's),
-        the arrival served by the IRMd at once (no FlowReqArrived round trip), which then names the new
-        flow (`flow_accepted`); None: allocate through the layer (`flow_alloc`)."""
+        the arrival served by the IRMd at once (no FlowReqArrived round trip); the IRMd, holding both
+        ends, tells each when the other lets go and deallocates nothing here. None: allocate through the
+        layer (`flow_alloc`)."""
         return None
-
-    def flow_accepted(self, src_flow: int, flow_id: int) -> None:
-        """The accepting end of the pair allocated as `src_flow` became flow `flow_id`."""
 
     def qos_refusal(self, qos: QosSpec) -> str | None:
         """Why this layer cannot serve `qos`, or None.
@@ -183,9 +181,6 @@ class Ipcp:
                     return m.IpcpFlow(mtu), (src, dst)
                 mtu, fd, data = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0, msg.data)
                 return m.IpcpFlow(mtu, data), (fd,)
-            case m.IpcpFlowAccepted():
-                self.flow_accepted(msg.src_flow, msg.flow_id)
-                return m.Ok(), ()
             case m.IpcpInfoReq():
                 return m.IpcpInfo([dataclasses.replace(s, rows=s.rows[: m.INFO_ROWS]) for s in self.info()]), ()
             case m.IpcpFlowDealloc():

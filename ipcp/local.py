@@ -1,7 +1,8 @@
 """The local IPCP: a layer spanning this host only.
 
 A flow is one SOCK_SEQPACKET pair whose two ends go to the two applications,
-so no process relays the data; both ends go to the IRMd in the allocation's answer.
+so no process relays the data; both ends go to the IRMd in the allocation's answer,
+and the IRMd, holding both, tells each end when the other lets go: nothing of a flow stays here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class LocalIpcp(Ipcp):
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.registered: set[bytes] = set()
-        self.peers: dict[int, int] = {}  # flow id -> the flow id of the other end
 
     async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
         algo = conf.pop("hash", "SHA3_256")
@@ -46,14 +46,7 @@ class LocalIpcp(Ipcp):
         if digest not in self.registered:
             raise HandlerError(m.ENOENT, "name not found in this layer")
         src, dst = seqpacket_pair()
-        self.peers[flow_id] = 0  # until the IRMd names the accepting end
         return LOCAL_MTU, src.detach(), dst.detach()
 
-    def flow_accepted(self, src_flow: int, flow_id: int) -> None:
-        if self.peers.get(src_flow) == 0 and flow_id > 0 and flow_id not in self.peers:
-            self.peers[src_flow], self.peers[flow_id] = flow_id, src_flow
-
     async def flow_dealloc(self, flow_id: int) -> None:
-        peer = self.peers.pop(flow_id, None)
-        if peer and self.peers.pop(peer, None) is not None:
-            self.flow_ended(peer, down=False, io=None)
+        """Nothing to forget: the IRMd holds both ends of a local flow and ends them itself."""

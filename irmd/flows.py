@@ -49,7 +49,8 @@ def teardown_fd(fd: int) -> None:
     if fd < 0:
         return
     with contextlib.suppress(OSError):
-        s = socket.socket(fileno=fd)
+        # family and type given: shutdown and close are all we do, and they need not be asked for
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
         try:
             s.shutdown(socket.SHUT_RDWR)
         finally:
@@ -157,17 +158,17 @@ class Flows:
     async def arrive_here(self, ipcp: Ipcp, src: Flow, digest: bytes, mtu: int, fd: int, data: bytes,
                           deadline: float) -> bytes:
         """The accepting end of a flow that stays on this host, served as an arrival from `ipcp` would be;
-        the IPCP learns which flow it became. Returns the OAP answer; fails as the arrival does."""
+        the two ends know each other here (see release_pair). Returns the OAP answer; fails as the arrival
+        does."""
         assert ipcp.channel is not None
         try:
             peer_id, answer = await self.arrive(ipcp, digest, src.qos, mtu, fd, data, src, deadline=deadline)
         except BaseException:
             self.reg.drop_flow(src)
-            ipcp.channel.notify(m.IpcpFlowDealloc(src.flow_id))  # the IPCP forgets the pair
             raise
         finally:
             close_fds([fd])
-        ipcp.channel.notify(m.IpcpFlowAccepted(peer_id, b"", src_flow=src.flow_id))
+        src.peer, self.reg.flows[peer_id].peer = peer_id, src.flow_id
         return answer
 
     async def resolve(self, name: str, timeout: float) -> list[Ipcp]:
@@ -235,8 +236,11 @@ class Flows:
         flow = self.reg.flows.get(msg.flow_id)
         if flow is None or flow.owner != c.conn_id:
             raise NotFound(f"flow {msg.flow_id} not found")
-        self.reg.drop_flow(flow)
-        self.irmd.spawn_task(self.release(flow))
+        if flow.peer:
+            self.release_pair(flow)
+        else:
+            self.reg.drop_flow(flow)
+            self.irmd.spawn_task(self.release(flow))
         return m.Ok()
 
     async def flow_info(self, c: Client, msg: m.FlowInfo, _: list[int]) -> m.FlowInfo:
@@ -261,18 +265,31 @@ class Flows:
         """The owner is done with the flow: tell its IPCP, then tear our copy down. While the flow is up,
         the IPCP's answer is awaited: by then its peer knows the flow was deallocated (FlowPeerDealloc),
         before it sees its end close; a flow that ended already just lets the IPCP know."""
+        if flow.peer:
+            self.release_pair(flow)
+            return
         self.reg.drop_flow(flow)
         ipcp = self.reg.ipcps.get(flow.ipcp)
         if (flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None
                 and not self.irmd.stopping):
             if flow.state is not FlowState.ALLOCATED:
-                if ipcp.type != "local":  # the local IPCP forgot both ends when the first went
-                    ipcp.channel.notify(m.IpcpFlowDealloc(flow.flow_id))
+                ipcp.channel.notify(m.IpcpFlowDealloc(flow.flow_id))
             else:
                 try:
                     await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
                 except (RemoteError, TimeoutError, ChannelClosed) as e:
                     log.debug("dealloc of flow %d at %s: %s", flow.flow_id, ipcp.name, e)
+        teardown_fd(flow.fd)
+        flow.fd = -1
+
+    def release_pair(self, flow: Flow) -> None:
+        """An end of a flow whose two ends the local layer handed to us (it keeps nothing of them): the
+        other end learns here that its peer let go (FlowInfo, then its socket ends), as FlowPeerDealloc
+        from a layer would tell it."""
+        self.reg.drop_flow(flow)
+        peer = self.reg.flows.get(flow.peer)
+        if peer is not None and peer.state is FlowState.ALLOCATED:
+            self.end_flow(peer, FlowEvent.PEER_DEALLOC)
         teardown_fd(flow.fd)
         flow.fd = -1
 

@@ -408,13 +408,9 @@ class FlowReqArrived(Message):
 @reg
 @dataclass
 class IpcpFlowAccepted(Message):
-    """IRMd -> IPCP: the reply to FlowReqArrived; or, as a notice naming `src_flow`, which flow the
-    accepting end of that allocation became, when the IPCP answered it with both ends (the local layer)."""
-
     TYPE: ClassVar[int] = 71
     flow_id: int
     data: bytes = b""  # the piggyback to send back to the requester
-    src_flow: int = 0
 
 
 @reg

@@ -285,12 +285,15 @@ class Flows:
     def release_pair(self, flow: Flow) -> None:
         """An end of a flow whose two ends the local layer handed to us (it keeps nothing of them): the
         other end learns here that its peer let go (FlowInfo, then its socket ends), as FlowPeerDealloc
-        from a layer would tell it."""
+        from a layer would tell it. One shutdown ends a socket pair both ways: the other end's, so this
+        end's copy is only closed (when the other end went first, it is closed already)."""
         self.reg.drop_flow(flow)
         peer = self.reg.flows.get(flow.peer)
         if peer is not None and peer.state is FlowState.ALLOCATED:
             self.end_flow(peer, FlowEvent.PEER_DEALLOC)
-        teardown_fd(flow.fd)
+            close_fds([flow.fd])
+        else:
+            teardown_fd(flow.fd)
         flow.fd = -1
 
     async def release_all(self, c: Client) -> None:

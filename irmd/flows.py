@@ -31,7 +31,8 @@ from proto.errors import (
 from proto.names import check_name, name_hash
 from proto.qos import QosSpec
 from transports.channel import ChannelClosed, RemoteError
-from transports.unix import close_fds
+from transports.unix import close_fds, seqpacket_pair
+from transports.wire import Message
 
 if TYPE_CHECKING:
     from irmd.core import Irmd
@@ -107,8 +108,9 @@ class Flows:
 
     async def alloc_via(self, c: Client, msg: m.FlowAlloc, ipcp: Ipcp, deadline: float,
                         ) -> tuple[m.FlowReply, list[int]]:
-        """Allocate through one IPCP: it reaches the name's hash in its layer. An IPCP whose flow stays on
-        this host (the local layer's) answers with both ends: the accepting one arrives here at once."""
+        """Allocate through one IPCP: it reaches the name's hash in its layer. A flow that stays on this
+        host (the local layer's: made by its IPCP, or by us as direct IPC) comes with both ends: the
+        accepting one arrives here at once."""
         assert ipcp.channel is not None
         digest = name_hash(ipcp.hash, msg.name)
         flow = self.reg.new_flow(
@@ -118,10 +120,15 @@ class Flows:
         remaining = max(deadline - time.monotonic(), 0.1)
         where = f"flow to {msg.name!r} via {ipcp.layer!r}"
         attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join)  # OAP: a fresh header each attempt
+        reply: Message
         try:
-            reply, fds = await ipcp.channel.request(
-                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
-            )
+            if self.direct(c, ipcp, digest):
+                src_end, dst_end = seqpacket_pair()
+                reply, fds = m.IpcpFlow(ipcp.mtu), [src_end.detach(), dst_end.detach()]
+            else:
+                reply, fds = await ipcp.channel.request(
+                    m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
+                )
         except RemoteError as e:
             self.reg.drop_flow(flow)
             raise error_class(e.code)(f"{where}: {e.text}") from None
@@ -154,6 +161,19 @@ class Flows:
             await self.release(flow)
             raise
         return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
+
+    def direct(self, c: Client, ipcp: Ipcp, digest: bytes) -> bool:
+        """Direct IPC, as 0.23's (on unless built without): a flow of the local layer between processes of
+        one user is a socket pair the IRMd makes itself, the IPCP not asked, when every process ready to
+        accept the name is that user's; else (another user's server, none ready yet) the IPCP makes it.
+        The arrival is served the same either way (acceptor, limits, OAP, the peer's uid and pid)."""
+        if ipcp.type != "local":
+            return False
+        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, digest)
+        if entry is None:
+            return False
+        ready = [a for a in self.irmd.clients.values() if a.accepting and self.reg.bound(entry, a.acceptor)]
+        return bool(ready) and all(a.uid == c.uid for a in ready)
 
     async def arrive_here(self, ipcp: Ipcp, src: Flow, digest: bytes, mtu: int, fd: int, data: bytes,
                           deadline: float) -> bytes:

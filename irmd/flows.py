@@ -140,7 +140,8 @@ class Flows:
         except (TimeoutError, ChannelClosed) as e:
             self.reg.drop_flow(flow)
             raise FlowTimeout(f"{where}: {str(e) or 'timed out'}") from None
-        if not isinstance(reply, m.IpcpFlow) or len(fds) not in (1, 2):
+        # Both ends only from the local layer: its pairs alone may arrive here with the allocator as peer.
+        if not isinstance(reply, m.IpcpFlow) or len(fds) != (2 if ipcp.type == "local" else 1):
             close_fds(fds)
             self.reg.drop_flow(flow)
             raise IpcpFailed(f"ipcp {ipcp.name} answered the allocation wrongly")

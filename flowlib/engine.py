@@ -108,8 +108,9 @@ class Engine:
         with self._lock:
             self._watches[sock.fileno()] = Watch(sock, live)
             self._arrivals.register(sock.fileno(), select.EPOLLIN | select.EPOLLET)
-            self._due(live)
-        self._wake()
+            earlier = self._due(live)
+        if earlier:  # else the thread wakes in time anyway (a hop to it costs a flow allocation dear)
+            self._wake()
 
     def unwatch(self, sock: socket.socket) -> None:
         """Before the flow's socket is closed: the engine never touches it again."""
@@ -118,9 +119,12 @@ class Engine:
                 with contextlib.suppress(OSError):
                     self._arrivals.unregister(sock.fileno())
 
-    def _due(self, live: Liveness) -> None:
-        if (due := live.get_timer()) is not None:
-            self._live_due = min(self._live_due, due)
+    def _due(self, live: Liveness) -> bool:
+        """Whether `live` is due before the thread planned to look: then it must be woken."""
+        if (due := live.get_timer()) is None or due >= self._live_due:
+            return False
+        self._live_due = due
+        return True
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -26,6 +26,8 @@ from transports.wire import Message
 __all__ = ["IrmClient", "call", "default_client", "open_channel"]
 
 REPLY_MARGIN = 5.0  # extra seconds to wait for the IRMd beyond the timeout it enforces
+MAX_ENDED = 4096  # flows whose end the IRMd told us of, kept until asked or closed; past it the oldest
+# is dropped (its state is then asked for, as before the notice)
 
 
 class IrmClient:
@@ -38,6 +40,7 @@ class IrmClient:
         self.pid = os.getpid()
         self._arrived: deque[tuple[m.FlowReply, int]] = deque()
         self._arrived_lock = threading.Lock()
+        self._ended: dict[int, str] = {}  # flow id -> 'dealloc' or 'down', from the IRMd's FlowInfo notices
         self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # A lost IRMd wakes whoever waits on arrivals, so a listening server notices.
         if sock is not None:
@@ -71,10 +74,20 @@ class IrmClient:
         return self._flow_reply(reply, fds)
 
     def dealloc(self, flow_id: int) -> None:
-        with contextlib.suppress(FlowError):  # the IRMd may be gone, or have dropped the flow
-            call(self.channel, m.FlowDealloc(flow_id), REPLY_MARGIN)
+        """Let go of a flow: a notice, as nothing is to be done if the IRMd refused it (it has gone, or
+        dropped the flow already); the IRMd takes it in order, before any later request of ours."""
+        with self._arrived_lock:
+            self._ended.pop(flow_id, None)
+        with contextlib.suppress(OSError):
+            self.channel.notify(m.FlowDealloc(flow_id))
 
     def flow_state(self, flow_id: int) -> str:
+        """How the flow stands at the IRMd: told already when it ended (a notice sent before its end
+        closed), else asked."""
+        with self._arrived_lock:
+            told = self._ended.pop(flow_id, None)
+        if told is not None:
+            return told
         try:
             reply, _ = call(self.channel, m.FlowInfo(flow_id), REPLY_MARGIN)
         except FlowError:
@@ -108,8 +121,13 @@ class IrmClient:
             with self._arrived_lock:
                 self._arrived.append((msg, fds[0]))
             self._wake()
-        else:
-            close_fds(fds)
+            return
+        close_fds(fds)
+        if isinstance(msg, m.FlowInfo) and msg.state:
+            with self._arrived_lock:
+                if len(self._ended) >= MAX_ENDED:
+                    del self._ended[next(iter(self._ended))]
+                self._ended[msg.flow_id] = msg.state
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):

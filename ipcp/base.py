@@ -66,6 +66,13 @@ class Ipcp:
         the data the peer's answer carried)."""
         raise NotImplementedError
 
+    async def flow_pair(self, flow_id: int, digest: bytes, qos: QosSpec) -> tuple[int, int, int] | None:
+        """A flow that stays on this host: (mtu, the allocating application's end, the accepting one's),
+        the arrival served by the IRMd at once (no FlowReqArrived round trip); the IRMd, holding both
+        ends, tells each when the other lets go and deallocates nothing here. None: allocate through the
+        layer (`flow_alloc`)."""
+        return None
+
     def qos_refusal(self, qos: QosSpec) -> str | None:
         """Why this layer cannot serve `qos`, or None.
 
@@ -169,6 +176,9 @@ class Ipcp:
             case m.IpcpFlowAlloc():
                 if (why := self.qos_refusal(msg.qos)) is not None:
                     raise HandlerError(m.ENOTSUP, f"layer {self.layer!r} cannot serve the QoS asked: {why}")
+                if (pair := await self.flow_pair(msg.flow_id, msg.hash, msg.qos)) is not None:
+                    mtu, src, dst = pair
+                    return m.IpcpFlow(mtu), (src, dst)
                 mtu, fd, data = await self.flow_alloc(msg.flow_id, msg.hash, msg.qos, msg.timeout or 10.0, msg.data)
                 return m.IpcpFlow(mtu, data), (fd,)
             case m.IpcpInfoReq():

@@ -1,7 +1,8 @@
 """The local IPCP: a layer spanning this host only.
 
 A flow is one SOCK_SEQPACKET pair whose two ends go to the two applications,
-so no process relays the data.
+so no process relays the data; both ends go to the IRMd in the allocation's answer,
+and the IRMd, holding both, tells each end when the other lets go: nothing of a flow stays here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class LocalIpcp(Ipcp):
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.registered: set[bytes] = set()
-        self.peers: dict[int, int] = {}  # flow id -> the flow id of the other end
 
     async def bootstrap(self, layer: str, conf: dict[str, str]) -> m.LayerInfo:
         algo = conf.pop("hash", "SHA3_256")
@@ -42,22 +42,11 @@ class LocalIpcp(Ipcp):
     async def query(self, digest: bytes) -> bool:
         return digest in self.registered
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
-                         data: bytes) -> tuple[int, int, bytes]:
+    async def flow_pair(self, flow_id: int, digest: bytes, qos: QosSpec) -> tuple[int, int, int]:
         if digest not in self.registered:
-            raise HandlerError(m.ENOENT, "name not registered in this layer")
+            raise HandlerError(m.ENOENT, "name not found in this layer")
         src, dst = seqpacket_pair()
-        try:
-            peer_id, answer = await self.flow_arrived(digest, qos, LOCAL_MTU, dst.fileno(), data, src_flow=flow_id)
-        except BaseException:
-            src.close()
-            raise
-        finally:
-            dst.close()
-        self.peers[flow_id], self.peers[peer_id] = peer_id, flow_id
-        return LOCAL_MTU, src.detach(), answer
+        return LOCAL_MTU, src.detach(), dst.detach()
 
     async def flow_dealloc(self, flow_id: int) -> None:
-        peer = self.peers.pop(flow_id, None)
-        if peer is not None and self.peers.pop(peer, None) is not None:
-            self.flow_ended(peer, down=False, io=None)
+        """Nothing to forget: the IRMd holds both ends of a local flow and ends them itself."""

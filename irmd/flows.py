@@ -29,8 +29,10 @@ from proto.errors import (
     error_class,
 )
 from proto.names import check_name, name_hash
+from proto.qos import QosSpec
 from transports.channel import ChannelClosed, RemoteError
-from transports.unix import close_fds
+from transports.unix import close_fds, seqpacket_pair
+from transports.wire import Message
 
 if TYPE_CHECKING:
     from irmd.core import Irmd
@@ -48,7 +50,8 @@ def teardown_fd(fd: int) -> None:
     if fd < 0:
         return
     with contextlib.suppress(OSError):
-        s = socket.socket(fileno=fd)
+        # family and type given: shutdown and close are all we do, and they need not be asked for
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
         try:
             s.shutdown(socket.SHUT_RDWR)
         finally:
@@ -110,7 +113,9 @@ class Flows:
 
     async def alloc_via(self, c: Client, msg: m.FlowAlloc, ipcp: Ipcp, deadline: float,
                         ) -> tuple[m.FlowReply, list[int]]:
-        """Allocate through one IPCP: it reaches the name's hash in its layer."""
+        """Allocate through one IPCP: it reaches the name's hash in its layer. A flow that stays on this
+        host (the local layer's: made by its IPCP, or by us as direct IPC) comes with both ends: the
+        accepting one arrives here at once."""
         assert ipcp.channel is not None
         digest = name_hash(ipcp.hash, msg.name)
         flow = self.reg.new_flow(
@@ -120,38 +125,85 @@ class Flows:
         remaining = max(deadline - time.monotonic(), 0.1)
         where = f"flow to {msg.name!r} via {ipcp.layer!r}"
         attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join)  # OAP: a fresh header each attempt
+        reply: Message
         try:
-            reply, fds = await ipcp.channel.request(
-                m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
-            )
+            if self.direct(c, ipcp, digest):
+                src_end, dst_end = seqpacket_pair()
+                reply, fds = m.IpcpFlow(ipcp.mtu), [src_end.detach(), dst_end.detach()]
+            else:
+                reply, fds = await ipcp.channel.request(
+                    m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0
+                )
         except RemoteError as e:
             self.reg.drop_flow(flow)
             raise error_class(e.code)(f"{where}: {e.text}") from None
         except (TimeoutError, ChannelClosed) as e:
             self.reg.drop_flow(flow)
             raise FlowTimeout(f"{where}: {str(e) or 'timed out'}") from None
-        if not isinstance(reply, m.IpcpFlow) or len(fds) != 1:
+        # Both ends only from the local layer: its pairs alone may arrive here with the allocator as peer.
+        if not isinstance(reply, m.IpcpFlow) or len(fds) != (2 if ipcp.type == "local" else 1):
             close_fds(fds)
             self.reg.drop_flow(flow)
             raise IpcpFailed(f"ipcp {ipcp.name} answered the allocation wrongly")
+        answer = reply.data
+        if len(fds) == 2:
+            try:
+                answer = await self.arrive_here(ipcp, flow, digest, reply.mtu, fds.pop(), attempt.data, deadline)
+            except FlowError as e:
+                close_fds(fds)
+                raise error_class(e.code or "EIO")(f"{where}: {e}") from None
+            except BaseException:
+                close_fds(fds)
+                raise
         flow.fd, flow.mtu = os.dup(fds[0]), reply.mtu
         if flow.advance(FlowEvent.ALLOCATED) is not FlowState.ALLOCATED:
             self.end_flow(flow, FlowEvent.DOWN)  # it ended before its answer came: the application sees the end
         try:
             if c.conn_id not in self.irmd.clients:  # the application left while we waited
                 raise ChannelClosed("client gone")
-            outcome = self.irmd.oap.complete(attempt, reply.data)  # OAP: the peer's answer checked
+            outcome = self.irmd.oap.complete(attempt, answer)  # OAP: the peer's answer checked
         except (ChannelClosed, FlowError):
             close_fds(fds)
             await self.release(flow)
             raise
         return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
 
+    def direct(self, c: Client, ipcp: Ipcp, digest: bytes) -> bool:
+        """Direct IPC, as 0.23's (on unless built without): a flow of the local layer between processes of
+        one user is a socket pair the IRMd makes itself, the IPCP not asked, when every process ready to
+        accept the name is that user's; else (another user's server, none ready yet) the IPCP makes it.
+        The arrival is served the same either way (acceptor, limits, OAP, the peer's uid and pid)."""
+        if ipcp.type != "local":
+            return False
+        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, digest)
+        if entry is None:
+            return False
+        ready = [a for a in self.irmd.clients.values() if a.accepting and self.reg.bound(entry, a.acceptor)]
+        return bool(ready) and all(a.uid == c.uid for a in ready)
+
+    async def arrive_here(self, ipcp: Ipcp, src: Flow, digest: bytes, mtu: int, fd: int, data: bytes,
+                          deadline: float) -> bytes:
+        """The accepting end of a flow that stays on this host, served as an arrival from `ipcp` would be;
+        the two ends know each other here (see release_pair). Returns the OAP answer; fails as the arrival
+        does."""
+        assert ipcp.channel is not None
+        try:
+            peer_id, answer = await self.arrive(ipcp, digest, src.qos, mtu, fd, data, src, deadline=deadline)
+        except BaseException:
+            self.reg.drop_flow(src)
+            raise
+        finally:
+            close_fds([fd])
+        src.peer, self.reg.flows[peer_id].peer = peer_id, src.flow_id
+        return answer
+
     async def resolve(self, name: str, timeout: float) -> list[Ipcp]:
         """The operational IPCPs that reach `name`, the most local first."""
         candidates = self.reg.operational()
         if not candidates:
             raise NotFound(f"name {name!r} not found: no layers are up")
+        if len(candidates) == 1:  # no layer to choose: its allocation resolves the name (ENOENT if it cannot)
+            return candidates
 
         async def query(ipcp: Ipcp) -> Ipcp | None:
             assert ipcp.channel is not None
@@ -205,10 +257,16 @@ class Flows:
         return m.Ok()
 
     async def flow_dealloc(self, c: Client, msg: m.FlowDealloc, _: list[int]) -> m.Ok:
+        """The flow is the owner's no more at once (its limits, its lists); its IPCP and its peer learn
+        of it in the background, so the request (a notice, from flowlib) never waits on the layer."""
         flow = self.reg.flows.get(msg.flow_id)
         if flow is None or flow.owner != c.conn_id:
             raise NotFound(f"flow {msg.flow_id} not found")
-        await self.release(flow)
+        if flow.peer:
+            self.release_pair(flow)
+        else:
+            self.reg.drop_flow(flow)
+            self.irmd.spawn_task(self.release(flow))
         return m.Ok()
 
     async def flow_info(self, c: Client, msg: m.FlowInfo, _: list[int]) -> m.FlowInfo:
@@ -230,16 +288,38 @@ class Flows:
     # -- ends of flows --------------------------------------------------------
 
     async def release(self, flow: Flow) -> None:
-        """The owner is done with the flow: tell its IPCP, then tear our copy down."""
+        """The owner is done with the flow: tell its IPCP, then tear our copy down. While the flow is up,
+        the IPCP's answer is awaited: by then its peer knows the flow was deallocated (FlowPeerDealloc),
+        before it sees its end close; a flow that ended already just lets the IPCP know."""
+        if flow.peer:
+            self.release_pair(flow)
+            return
         self.reg.drop_flow(flow)
         ipcp = self.reg.ipcps.get(flow.ipcp)
         if (flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None
                 and not self.irmd.stopping):
-            try:
-                await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
-            except (RemoteError, TimeoutError, ChannelClosed) as e:
-                log.debug("dealloc of flow %d at %s: %s", flow.flow_id, ipcp.name, e)
+            if flow.state is not FlowState.ALLOCATED:
+                ipcp.channel.notify(m.IpcpFlowDealloc(flow.flow_id))
+            else:
+                try:
+                    await ipcp.channel.request(m.IpcpFlowDealloc(flow.flow_id), timeout=QUERY_TIMEOUT)
+                except (RemoteError, TimeoutError, ChannelClosed) as e:
+                    log.debug("dealloc of flow %d at %s: %s", flow.flow_id, ipcp.name, e)
         teardown_fd(flow.fd)
+        flow.fd = -1
+
+    def release_pair(self, flow: Flow) -> None:
+        """An end of a flow whose two ends the local layer handed to us (it keeps nothing of them): the
+        other end learns here that its peer let go (FlowInfo, then its socket ends), as FlowPeerDealloc
+        from a layer would tell it. One shutdown ends a socket pair both ways: the other end's, so this
+        end's copy is only closed (when the other end went first, it is closed already)."""
+        self.reg.drop_flow(flow)
+        peer = self.reg.flows.get(flow.peer)
+        if peer is not None and peer.state is FlowState.ALLOCATED:
+            self.end_flow(peer, FlowEvent.PEER_DEALLOC)
+            close_fds([flow.fd])
+        else:
+            teardown_fd(flow.fd)
         flow.fd = -1
 
     async def release_all(self, c: Client) -> None:
@@ -247,8 +327,12 @@ class Flows:
             await self.release(flow)
 
     def end_flow(self, flow: Flow, event: FlowEvent) -> None:
-        """The flow ended under its owner: record how, so it can ask, and tear it down."""
+        """The flow ended under its owner: record how, tell the owner (so it need not ask when it sees
+        the end: the notice goes first), and tear it down."""
         flow.advance(event)
+        owner = self.irmd.clients.get(flow.owner)
+        if owner is not None and owner.channel is not None and flow.fd >= 0:
+            owner.channel.notify(m.FlowInfo(flow.flow_id, flow.state.value))
         teardown_fd(flow.fd)
         flow.fd = -1
 
@@ -274,28 +358,36 @@ class Flows:
         assert ipcp is not None
         if len(fds) != 1:
             raise ProtocolError("FlowReqArrived must carry exactly one fd")
-        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, msg.hash)
+        src = self.local_source(ipcp, msg.src_flow)
+        flow_id, answer = await self.arrive(ipcp, msg.hash, msg.qos, msg.mtu, fds[0], msg.data, src, msg.peer)
+        return m.IpcpFlowAccepted(flow_id, answer)
+
+    async def arrive(self, ipcp: Ipcp, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes,
+                     src: Flow | None, peer: str = "", deadline: float | None = None) -> tuple[int, bytes]:
+        """Hand an arriving flow (`fd`, the application's end; the caller keeps its copy) to a process that
+        accepts its name, once OAP checked the request `data`; the new flow's id and the OAP answer.
+        `src`: the allocating end, when it is on this host; `deadline`: its allocation's."""
+        entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, digest)
         if entry is None:
             raise NotFound("no name with that hash is registered here")
-        src = self.local_source(ipcp, msg.src_flow)
-        with self.irmd.oap.startup(ipcp.layer, f"uid {src.uid}" if src else msg.peer):  # OAP: in flight, bounded
-            acceptor = await self.wait_acceptor(entry.name)
+        with self.irmd.oap.startup(ipcp.layer, f"uid {src.uid}" if src else peer):  # OAP: in flight, bounded
+            acceptor = await self.wait_acceptor(entry.name, deadline)
             self.limit_flows(acceptor.uid)
-            answer, outcome = self.irmd.oap.serve(entry.name, msg.data, acceptor.cypher_s)  # OAP: checked, answered
+            answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s)  # OAP: checked, answered
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
-            ipcp=ipcp.name, qos=msg.qos, role="dst", mtu=msg.mtu,
+            ipcp=ipcp.name, qos=qos, role="dst", mtu=mtu,
         )  # fmt: skip
         flow.advance(FlowEvent.ALLOCATED)
-        flow.fd = os.dup(fds[0])
+        flow.fd = os.dup(fd)
         reply = outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
                                           src.uid if src else -1, src.pid if src else 0))
         waiting = next((f for f in acceptor.accepts if not f.done()), None)
         if waiting is not None:
-            waiting.set_result((reply, os.dup(fds[0])))
+            waiting.set_result((reply, os.dup(fd)))
         elif acceptor.channel is not None:
-            acceptor.channel.notify(reply, fds)
-        return m.IpcpFlowAccepted(flow.flow_id, answer)
+            acceptor.channel.notify(reply, [fd])
+        return flow.flow_id, answer
 
     def local_source(self, ipcp: Ipcp, src_flow: int) -> Flow | None:
         """The allocating end of a flow that never left this host: only the local IPCP can name it,
@@ -303,8 +395,9 @@ class Flows:
         src = self.reg.flows.get(src_flow) if ipcp.type == "local" and src_flow else None
         return src if src is not None and src.ipcp == ipcp.name and src.role == "src" else None
 
-    async def wait_acceptor(self, name: str) -> Client:
-        """A process to take a flow for `name`, starting the bound program if need be."""
+    async def wait_acceptor(self, name: str, deadline: float | None = None) -> Client:
+        """A process to take a flow for `name`, starting the bound program if need be; waiting at most
+        ACCEPT_TIMEOUT, and not past `deadline`."""
         entry = self.reg.get_name(name)
 
         def ready() -> Client | None:
@@ -323,7 +416,7 @@ class Flows:
                 raise NotFound(f"no process is accepting flows for {name!r}")
             self.irmd.programs.start(name, prog)
         # Loop: between the wake-up and our turn, another arrival may take the acceptor.
-        deadline = time.monotonic() + ACCEPT_TIMEOUT
+        deadline = min(time.monotonic() + ACCEPT_TIMEOUT, deadline or float("inf"))
         while (found := ready()) is None:
             left = deadline - time.monotonic()
             if left <= 0:

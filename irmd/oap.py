@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from irmd import kex
 from irmd.credentials import CaStore, CredentialError, Credentials, CredentialStore, common_name, load_der, spki
@@ -51,9 +52,14 @@ class Outcome:
     seq_iv: bool = False  # both ends number their IVs: replays can be refused
 
     def reply(self, reply: m.FlowReply) -> m.FlowReply:
+        if self == PLAIN and not reply.qos.cypher_s:
+            return reply  # a plain flow's reply says so already
         qos = dataclasses.replace(reply.qos, cypher_s=oap.KEY_BITS.get(self.cipher, 0))
         return dataclasses.replace(reply, qos=qos, cipher=self.cipher, key=self.key, peer_crt=self.peer_crt,
                                    peer_ca=self.peer_ca, seq_iv=self.seq_iv)  # fmt: skip
+
+
+PLAIN = Outcome()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +133,16 @@ class Startups:
         try:
             yield
         finally:
-            self.layers[layer] -= 1
-            self.peers[(layer, peer)] -= 1
-            self.layers += Counter()  # drop the zeros
-            self.peers += Counter()
+            _leave(self.layers, layer)
+            _leave(self.peers, (layer, peer))
+
+
+def _leave(counter: Counter[Any], key: Any) -> None:
+    """One fewer in flight; a count that reaches zero goes (the counters hold only what is in flight)."""
+    if counter[key] <= 1:
+        del counter[key]
+    else:
+        counter[key] -= 1
 
 
 class Oap:

@@ -11,9 +11,9 @@ from typing import ClassVar
 
 from proto.errors import Code
 from proto.qos import QosSpec
-from transports.wire import Codec, Message
+from transports.wire import Message, PackedCodec
 
-CODEC = Codec()
+CODEC = PackedCodec()
 reg = CODEC.register
 
 # Error codes carried in Error replies: proto.errors.Code, one exception class each.
@@ -372,6 +372,9 @@ class IpcpFlowAlloc(Message):
 @reg
 @dataclass
 class IpcpFlow(Message):
+    """The allocation's answer, with the allocating application's fd; a flow that stays on this host
+    (the local layer) carries the accepting application's fd as a second one, for the IRMd to hand on."""
+
     TYPE: ClassVar[int] = 68
     mtu: int
     data: bytes = b""  # the responder's piggyback (its IRMd's OAP response), as it arrived

@@ -142,6 +142,33 @@ def test_accept_times_out_when_no_flow_arrives(client_factory: Callable[[], IrmC
     assert 0.25 < time.monotonic() - start < 3
 
 
+def test_direct_ipc_a_flow_between_one_users_processes_needs_no_ipcp(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """Direct IPC (0.23's): the IRMd makes the socket pair itself when the server ready to accept is the
+    allocator's user, so a stopped local IPCP holds nothing up; the arrival is served as ever (the
+    acceptor learns who allocated) and each end learns that the other let go."""
+    server, client = client_factory(), client_factory()
+    server.listen(True)  # ready before the allocation: only a process ready to accept is taken directly
+    lo = irmd.ipcp_pid("lo")
+    os.kill(lo, signal.SIGSTOP)
+    try:
+        cli = Flow(*client.alloc(bound_name, None, 5), client)
+        arrived = wait_for(server.take_arrived, 5, "the arrival")
+        assert isinstance(arrived, list) and len(arrived) == 1
+        srv = Flow(*arrived[0], server)
+        assert (srv.peer_uid, srv.peer_pid) == (os.getuid(), os.getpid())
+        cli.write(b"direct")
+        srv.set_timeout(5)
+        assert srv.read() == b"direct"
+        cli.close()
+        with pytest.raises(FlowDown, match="deallocated by the peer"):
+            srv.read()
+        srv.close()
+    finally:
+        os.kill(lo, signal.SIGCONT)
+
+
 # -- data -------------------------------------------------------------------------
 
 SIZES = sorted(
@@ -461,7 +488,9 @@ def test_blocked_read_is_woken_by_the_peer_deallocating(pair: Pair) -> None:
 
 def test_write_after_the_peer_deallocated_raises_flow_down(pair: Pair) -> None:
     cli, srv = pair
-    srv.close()
+    srv.close()  # a notice to the IRMd: the end reaches this side a moment later
+    with pytest.raises(FlowDown):
+        cli.read()  # returns once it has
     with pytest.raises(FlowDown):
         cli.write(b"anyone?")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -13,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 from helpers import BIN, IrmdProc, accepted_pair, irmd_env, pid_alive, start_irmd, stop_irmd, wait_for
 
@@ -22,7 +22,7 @@ from flowlib.irm import IrmClient
 from proto import messages as m
 from proto.control import bind_and_register
 from transports.unix import recv_frame, send_frame
-from transports.wire import HEADER, MAGIC, MAX_FRAME, REPLY, VERSION, Error, Message
+from transports.wire import HEADER, MAGIC, MAX_FRAME, PACKED_VERSION, REPLY, Error, Message
 
 RAW_TIMEOUT = 5.0
 
@@ -69,7 +69,7 @@ def raw(irmd: IrmdProc) -> Iterator[Callable[[], RawConn]]:
 
 def frame(code: int, body: bytes | str, req_id: int = 77, length: int | None = None) -> bytes:
     body = body.encode() if isinstance(body, str) else body
-    return HEADER.pack(MAGIC, VERSION, code, req_id, len(body) if length is None else length) + body
+    return HEADER.pack(MAGIC, PACKED_VERSION, code, req_id, len(body) if length is None else length) + body
 
 
 def still_serving(irmd: IrmdProc) -> None:
@@ -110,13 +110,14 @@ def test_garbage_bytes_get_an_error_reply_at_most_and_the_connection_serves_on(
 @pytest.mark.parametrize(
     ("body", "says"),
     [
-        (b"{not json", "not JSON"),
-        (b"\xff\xfe", "not JSON"),
-        (b"[]", "not an object"),
-        (b'{"flow_id": "3"}', "expected int"),
-        (b'{"flow_id": true}', "expected int, got bool"),
-        (b"{}", "missing field"),
-        (b'{"flow_id": 3, "evil": 1}', "unknown fields"),
+        (b"{not json", "not MessagePack"),
+        (b"\xc1", "not MessagePack"),
+        (b"\x91" * 50_000 + b"\x01", "not MessagePack"),
+        (msgspec.msgpack.encode([]), "not an object"),
+        (msgspec.msgpack.encode({"flow_id": "3"}), "expected int"),
+        (msgspec.msgpack.encode({"flow_id": True}), "expected int, got bool"),
+        (msgspec.msgpack.encode({}), "missing field"),
+        (msgspec.msgpack.encode({"flow_id": 3, "evil": 1}), "unknown fields"),
     ],
 )
 def test_valid_header_with_a_bad_body_gets_an_eproto_reply(
@@ -133,7 +134,7 @@ def test_valid_header_with_a_bad_body_gets_an_eproto_reply(
 
 def test_connection_stays_usable_after_a_malformed_frame(irmd: IrmdProc, raw: Callable[[], RawConn]) -> None:
     conn = raw()
-    conn.send(frame(m.FlowDealloc.TYPE, b"{oops"))
+    conn.send(frame(m.FlowDealloc.TYPE, b"\xc1oops"))
     assert isinstance(conn.reply(), Error)
     conn.send(m.CODEC.encode(m.IpcpList(), 5))
     assert isinstance(conn.reply(), m.Table)
@@ -141,7 +142,7 @@ def test_connection_stays_usable_after_a_malformed_frame(irmd: IrmdProc, raw: Ca
 
 def test_unknown_message_type_gets_an_eproto_reply(irmd: IrmdProc, raw: Callable[[], RawConn]) -> None:
     conn = raw()
-    conn.send(frame(4321, b"{}"))
+    conn.send(frame(4321, b"\x80"))
     msg = conn.reply()
     assert isinstance(msg, Error) and msg.code == "EPROTO" and "unknown message type 4321" in msg.text
     still_serving(irmd)
@@ -149,7 +150,7 @@ def test_unknown_message_type_gets_an_eproto_reply(irmd: IrmdProc, raw: Callable
 
 def test_header_claiming_a_huge_body_gets_an_eproto_reply(irmd: IrmdProc, raw: Callable[[], RawConn]) -> None:
     conn = raw()
-    conn.send(frame(m.IpcpList.TYPE, b"{}", length=0xFFFFFFFF))
+    conn.send(frame(m.IpcpList.TYPE, b"\x80", length=0xFFFFFFFF))
     msg = conn.reply()
     assert isinstance(msg, Error) and "length" in msg.text
     still_serving(irmd)
@@ -446,11 +447,11 @@ def test_irmd_logs_an_ipcp_that_dies(irmd: IrmdProc) -> None:
     still_serving(irmd)
 
 
-def test_frames_are_versioned_json_as_documented() -> None:
+def test_frames_are_versioned_messagepack_as_documented() -> None:
     data = m.CODEC.encode(m.FlowDealloc(5), 9)
     magic, version, code, req_id, length = HEADER.unpack_from(data)
-    assert (magic, version, code, req_id, length) == (b"OU", 1, m.FlowDealloc.TYPE, 9, len(data) - HEADER.size)
-    assert json.loads(data[HEADER.size:]) == {"flow_id": 5}
+    assert (magic, version, code, req_id, length) == (b"OU", 2, m.FlowDealloc.TYPE, 9, len(data) - HEADER.size)
+    assert msgspec.msgpack.decode(data[HEADER.size:]) == {"flow_id": 5}
 
 
 def test_a_server_binds_and_registers_in_one_call_tolerating_a_registration_already_there(

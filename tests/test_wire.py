@@ -1,4 +1,5 @@
-"""The control-message codec (transports.wire with proto.messages.CODEC), without sockets."""
+"""The control-message codecs without sockets: proto.messages.CODEC (MessagePack, the IRMd's control
+protocol) and transports.wire.Codec (JSON, the unicast layer's messages between hosts)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import types
 import typing
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,20 +19,28 @@ from flowlib import qos
 from flowlib.qos import UINT64_MAX, QosSpec
 from proto import messages as m
 from proto.messages import CODEC
-from transports.wire import HEADER, MAGIC, MAX_BODY, VERSION, Error, Frame, WireError
+from transports.wire import HEADER, MAGIC, MAX_BODY, PACKED_VERSION, VERSION, Codec, Error, Frame, WireError
 
 MESSAGE_TYPES = sorted(CODEC.types.values(), key=lambda cls: cls.TYPE)
+JSON_CODEC = Codec()  # the same messages with JSON bodies, as the unicast layer's codec frames its own
+for _cls in MESSAGE_TYPES:
+    if _cls is not Error:
+        JSON_CODEC.register(_cls)
 
 
-def frame(code: int, body: bytes | str, req_id: int = 7, *, magic: bytes = MAGIC, version: int = VERSION,
+def frame(code: int, body: bytes | str, req_id: int = 7, *, magic: bytes = MAGIC, version: int = PACKED_VERSION,
           length: int | None = None) -> bytes:
     if isinstance(body, str):
         body = body.encode()
     return HEADER.pack(magic, version, code, req_id, len(body) if length is None else length) + body
 
 
+def packed_frame(cls: type[m.Message], body: Any, req_id: int = 7) -> bytes:
+    return frame(cls.TYPE, msgspec.msgpack.encode(body), req_id)
+
+
 def json_frame(cls: type[m.Message], body: Any, req_id: int = 7) -> bytes:
-    return frame(cls.TYPE, json.dumps(body), req_id)
+    return frame(cls.TYPE, json.dumps(body), req_id, version=VERSION)
 
 
 # -- sample values for every field type -----------------------------------------
@@ -77,7 +87,7 @@ def strategy(hint: Any) -> st.SearchStrategy[Any]:
                          in_order=u64, max_gap=u64, timeout=u64)
     return {
         str: st.text(max_size=40),
-        int: st.integers(-(2**63), 2**64),
+        int: st.integers(-(2**63), 2**64 - 1),
         bool: st.booleans(),
         float: st.floats(allow_nan=False, allow_infinity=False),
         bytes: st.binary(max_size=64),
@@ -121,12 +131,12 @@ def test_generated_messages_round_trip(cls: type[m.Message], data: st.DataObject
 
 
 def test_omitted_optional_fields_take_their_defaults() -> None:
-    got = CODEC.decode(json_frame(m.FlowAlloc, {"name": "pong", "qos": {}})).msg
+    got = CODEC.decode(packed_frame(m.FlowAlloc, {"name": "pong", "qos": {}})).msg
     assert got == m.FlowAlloc("pong", QosSpec(), None)
 
 
 def test_int_is_accepted_for_a_float_field_and_becomes_float() -> None:
-    got = CODEC.decode(json_frame(m.FlowAccept, {"timeout": 3})).msg
+    got = CODEC.decode(packed_frame(m.FlowAccept, {"timeout": 3})).msg
     assert isinstance(got, m.FlowAccept)
     assert got.timeout == 3.0 and isinstance(got.timeout, float)
 
@@ -152,13 +162,15 @@ def test_bad_magic_is_rejected() -> None:
 
 
 def test_other_protocol_version_is_rejected_naming_it() -> None:
+    with pytest.raises(WireError, match="version 1"):  # a JSON peer of old
+        CODEC.decode(frame(m.FlowDealloc.TYPE, '{"flow_id":1}', version=1))
     with pytest.raises(WireError, match="version 2"):
-        CODEC.decode(frame(m.FlowDealloc.TYPE, '{"flow_id":1}', version=2))
+        JSON_CODEC.decode(frame(m.FlowDealloc.TYPE, '{"flow_id":1}', version=2))
 
 
 @pytest.mark.parametrize("delta", [-1, 1, 1000])
 def test_header_length_not_matching_the_body_is_rejected(delta: int) -> None:
-    body = '{"flow_id":1}'
+    body = msgspec.msgpack.encode({"flow_id": 1})
     with pytest.raises(WireError, match="length"):
         CODEC.decode(frame(m.FlowDealloc.TYPE, body, length=len(body) + delta))
 
@@ -171,19 +183,29 @@ def test_extra_bytes_after_the_body_are_rejected() -> None:
 @pytest.mark.parametrize("code", [0, 9, 999, 0xFFFF])
 def test_unknown_message_type_is_rejected(code: int) -> None:
     with pytest.raises(WireError, match=f"unknown message type {code}"):
-        CODEC.decode(frame(code, "{}"))
+        CODEC.decode(frame(code, b"\x80"))
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"\xc1", b"\x81\xa7flow_id", b"\x91" * 100_000 + b"\x01",
+                                  b"\x81\xa7flow_id\x01\x00"])
+def test_body_that_is_not_messagepack_is_rejected(body: bytes) -> None:
+    with pytest.raises(WireError, match="not MessagePack"):
+        CODEC.decode(frame(m.FlowDealloc.TYPE, body))
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe\x00", b'{"flow_id": 1', b"[" * 10_000])
 def test_body_that_is_not_json_is_rejected(body: bytes) -> None:
     with pytest.raises(WireError):
-        CODEC.decode(frame(m.FlowDealloc.TYPE, body))
+        JSON_CODEC.decode(frame(m.FlowDealloc.TYPE, body, version=VERSION))
 
 
-@pytest.mark.parametrize("body", ["[]", "1", '"text"', "null", "true"])
-def test_body_that_is_not_an_object_is_rejected(body: str) -> None:
+@pytest.mark.parametrize("body", [[], 1, "text", None, True, b"bin"])
+def test_body_that_is_not_an_object_is_rejected(body: Any) -> None:
     with pytest.raises(WireError, match="not an object"):
-        CODEC.decode(frame(m.FlowDealloc.TYPE, body))
+        CODEC.decode(packed_frame(m.FlowDealloc, body))
+    if not isinstance(body, bytes):
+        with pytest.raises(WireError, match="not an object"):
+            JSON_CODEC.decode(json_frame(m.FlowDealloc, body))
 
 
 @pytest.mark.parametrize(
@@ -207,54 +229,90 @@ def test_body_that_is_not_an_object_is_rejected(body: str) -> None:
 )
 def test_field_of_the_wrong_type_is_rejected_naming_the_field(cls: type[m.Message], body: Any, field: str) -> None:
     with pytest.raises(WireError, match=f"{cls.__name__}.{field}"):
-        CODEC.decode(json_frame(cls, body))
+        CODEC.decode(packed_frame(cls, body))
+    with pytest.raises(WireError, match=f"{cls.__name__}.{field}"):
+        JSON_CODEC.decode(json_frame(cls, body))
+
+
+@pytest.mark.parametrize(
+    ("cls", "body", "field"),
+    [
+        (m.IpcpReg, {"hash": "00ff"}, "hash"),  # bytes travel as bytes, not text
+        (m.ProcAnnounce, {"prog": b"x"}, "prog"),
+        (m.FlowAccept, {"timeout": float("nan")}, "timeout"),
+        (m.FlowAccept, {"timeout": float("inf")}, "timeout"),
+        (m.IpcpBootstrap, {"name": "n", "layer": "l", "conf": {1: "x"}}, "conf"),
+        (m.IpcpInfo, {"sections": [{"name": "s", "evil": 1}]}, "sections"),
+        (m.IpcpInfo, {"sections": [{"columns": []}]}, "sections"),
+    ],
+)
+def test_packed_field_of_the_wrong_kind_is_rejected_naming_the_field(cls: type[m.Message], body: Any,
+                                                                     field: str) -> None:
+    with pytest.raises(WireError, match=f"{cls.__name__}.{field}"):
+        CODEC.decode(packed_frame(cls, body))
 
 
 def test_bool_is_not_accepted_as_an_int() -> None:
     with pytest.raises(WireError, match="flow_id: expected int, got bool"):
-        CODEC.decode(json_frame(m.FlowDealloc, {"flow_id": True}))
+        CODEC.decode(packed_frame(m.FlowDealloc, {"flow_id": True}))
+    with pytest.raises(WireError, match="flow_id: expected int, got bool"):
+        JSON_CODEC.decode(json_frame(m.FlowDealloc, {"flow_id": True}))
 
 
 def test_bool_is_not_accepted_as_a_float() -> None:
     with pytest.raises(WireError, match="timeout"):
-        CODEC.decode(json_frame(m.FlowAccept, {"timeout": False}))
+        CODEC.decode(packed_frame(m.FlowAccept, {"timeout": False}))
+    with pytest.raises(WireError, match="timeout"):
+        JSON_CODEC.decode(json_frame(m.FlowAccept, {"timeout": False}))
 
 
 def test_int_is_not_accepted_as_a_bool() -> None:
     with pytest.raises(WireError, match="enabled: expected bool, got int"):
-        CODEC.decode(json_frame(m.FlowListen, {"enabled": 1}))
+        CODEC.decode(packed_frame(m.FlowListen, {"enabled": 1}))
+    with pytest.raises(WireError, match="enabled: expected bool, got int"):
+        JSON_CODEC.decode(json_frame(m.FlowListen, {"enabled": 1}))
 
 
 def test_bool_is_not_accepted_as_a_qos_int() -> None:
     with pytest.raises(WireError, match="qos"):
-        CODEC.decode(json_frame(m.FlowAlloc, {"name": "n", "qos": {"loss": True}}))
+        CODEC.decode(packed_frame(m.FlowAlloc, {"name": "n", "qos": {"loss": True}}))
+    with pytest.raises(WireError, match="qos"):
+        JSON_CODEC.decode(json_frame(m.FlowAlloc, {"name": "n", "qos": {"loss": True}}))
 
 
 def test_missing_required_field_is_rejected_naming_it() -> None:
     with pytest.raises(WireError, match="missing field 'flow_id'"):
-        CODEC.decode(json_frame(m.FlowDealloc, {}))
+        CODEC.decode(packed_frame(m.FlowDealloc, {}))
+    with pytest.raises(WireError, match="missing field 'flow_id'"):
+        JSON_CODEC.decode(json_frame(m.FlowDealloc, {}))
 
 
 def test_unknown_field_is_rejected_naming_it() -> None:
     with pytest.raises(WireError, match=r"unknown fields.*'bogus'"):
-        CODEC.decode(json_frame(m.FlowDealloc, {"flow_id": 1, "bogus": 2}))
+        CODEC.decode(packed_frame(m.FlowDealloc, {"flow_id": 1, "bogus": 2}))
+    with pytest.raises(WireError, match=r"unknown fields.*'bogus'"):
+        JSON_CODEC.decode(json_frame(m.FlowDealloc, {"flow_id": 1, "bogus": 2}))
 
 
 def test_unknown_field_in_a_nested_qos_spec_is_rejected() -> None:
     with pytest.raises(WireError, match=r"unknown fields.*'speed'"):
-        CODEC.decode(json_frame(m.FlowAlloc, {"name": "n", "qos": {"speed": 1}}))
+        CODEC.decode(packed_frame(m.FlowAlloc, {"name": "n", "qos": {"speed": 1}}))
+    with pytest.raises(WireError, match=r"unknown fields.*'speed'"):
+        JSON_CODEC.decode(json_frame(m.FlowAlloc, {"name": "n", "qos": {"speed": 1}}))
 
 
-@pytest.mark.parametrize("value", [-1, UINT64_MAX + 1])
+@pytest.mark.parametrize("value", [-1, -(2**63)])
 def test_qos_value_out_of_range_is_rejected(value: int) -> None:
     with pytest.raises(WireError, match="qos"):
-        CODEC.decode(json_frame(m.FlowAlloc, {"name": "n", "qos": {"delay": value}}))
+        CODEC.decode(packed_frame(m.FlowAlloc, {"name": "n", "qos": {"delay": value}}))
+    with pytest.raises(WireError, match="qos"):
+        JSON_CODEC.decode(json_frame(m.FlowAlloc, {"name": "n", "qos": {"delay": value}}))
 
 
 @pytest.mark.parametrize("text", ["zz", "abc", "0x12"])
 def test_bytes_field_that_is_not_hex_is_rejected(text: str) -> None:
     with pytest.raises(WireError, match="hex"):
-        CODEC.decode(json_frame(m.IpcpReg, {"hash": text}))
+        JSON_CODEC.decode(json_frame(m.IpcpReg, {"hash": text}))
 
 
 def test_deep_nesting_in_a_field_is_rejected() -> None:
@@ -262,19 +320,29 @@ def test_deep_nesting_in_a_field_is_rejected() -> None:
     for _ in range(10):
         nested = [nested]
     with pytest.raises(WireError):
-        CODEC.decode(json_frame(m.NameRegister, {"name": "n", "layers": nested}))
+        CODEC.decode(packed_frame(m.NameRegister, {"name": "n", "layers": nested}))
+    with pytest.raises(WireError):
+        JSON_CODEC.decode(json_frame(m.NameRegister, {"name": "n", "layers": nested}))
 
 
 def test_integer_too_large_for_a_float_field_is_rejected_as_wire_error() -> None:
     body = '{"timeout":1' + "0" * 400 + "}"
     with pytest.raises(WireError):
-        CODEC.decode(frame(m.FlowAccept.TYPE, body))
+        JSON_CODEC.decode(frame(m.FlowAccept.TYPE, body, version=VERSION))
 
 
 def test_integer_with_too_many_digits_is_rejected_as_wire_error() -> None:
     body = '{"flow_id":' + "1" * 5000 + "}"
     with pytest.raises(WireError):
-        CODEC.decode(frame(m.FlowDealloc.TYPE, body))
+        JSON_CODEC.decode(frame(m.FlowDealloc.TYPE, body, version=VERSION))
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1])
+def test_integer_beyond_64_bits_is_no_message(value: int) -> None:
+    with pytest.raises(WireError):
+        CODEC.encode(m.FlowDealloc(value))
+    with pytest.raises(WireError):  # the largest MessagePack carries, as a float field's value
+        CODEC.decode(frame(m.FlowDealloc.TYPE, b"\x81\xa7flow_id\xcf" + b"\xff" * 8 + b"\x00"))
 
 
 # -- fuzzing: decode raises WireError and nothing else ---------------------------
@@ -311,6 +379,8 @@ def test_decoding_json_bodies_with_real_field_names_only_raises_wire_error(data:
     names = [f.name for f in dataclasses.fields(cls)] + ["bogus"]
     body = data.draw(st.dictionaries(st.sampled_from(names), JSON, max_size=len(names)))
     decode_or_wire_error(json_frame(cls, body))
+    with contextlib.suppress(OverflowError):  # integers beyond what MessagePack carries
+        decode_or_wire_error(packed_frame(cls, body))
 
 
 @settings(max_examples=400)
@@ -337,5 +407,5 @@ def test_decoding_mutated_valid_frames_only_raises_wire_error(
     if fix_length and len(raw) >= HEADER.size:
         # Keep the header consistent so mutations reach the body parser.
         _, _, code, req_id, _ = HEADER.unpack_from(raw)
-        raw[: HEADER.size] = HEADER.pack(MAGIC, VERSION, code, req_id, len(raw) - HEADER.size)
+        raw[: HEADER.size] = HEADER.pack(MAGIC, PACKED_VERSION, code, req_id, len(raw) - HEADER.size)
     decode_or_wire_error(bytes(raw))

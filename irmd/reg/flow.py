@@ -67,6 +67,7 @@ class Flow:
     mtu: int = 0
     uid: int = -1  # the owner's uid, from SO_PEERCRED
     fd: int = -1  # the IRMd's copy of the application's end, to tear the flow down
+    peer: int = 0  # the other end's flow id, when the local layer handed both ends to this IRMd
 
     def advance(self, event: FlowEvent) -> FlowState:
         self.state = next_state(self.state, event)

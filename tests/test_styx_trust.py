@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import IrmdProc, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, start_irmd, stop_irmd, wait_for
 from test_styx_e2e import free_port, start, stop
 
 from apps.styx import wire as w
@@ -340,6 +340,71 @@ def test_root_file_server_does_each_clients_file_access_as_that_client(open_irmd
             assert c.cat("secret.txt") == b"root only\n"
             c.put("drop/roots.txt", b"r")
         assert (export / "drop" / "roots.txt").stat().st_uid == 0
+    finally:
+        stop(proc)
+
+
+# -- a server of an ordinary user: its symlinks lead others past nothing it does not check ------------
+
+S = 1  # the serving user (daemon)
+
+READER = r"""
+import json, sys
+from apps.styx.client import Client, StyxClientError
+out = {}
+for aname, path in [("", "pub/readme.txt"), ("", "pub/latest"), ("", "pub/also"), ("", "private/draft.txt"),
+                    ("private", "draft.txt")]:
+    try:
+        from apps.styx.transport import dial
+        with Client(dial(sys.argv[1]), aname=aname) as c:
+            out[aname + ":" + path] = c.cat(path).decode()
+    except StyxClientError as e:
+        out[aname + ":" + path] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def as_uid(uid: int, irmd: IrmdProc, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c",
+                           code, *args], env=env, capture_output=True, text=True, timeout=40, cwd="/")
+
+
+def test_a_users_server_follows_no_symlink_for_others(open_irmd: IrmdProc, lab: Path) -> None:
+    """A server of user S checks Plan 9 permissions itself for other users: a symlink (or an attach
+    name) must not take them through a directory they may not search. S's own clients, whom the
+    kernel judges, still follow S's symlinks."""
+    export = lab / "export"
+    (export / "pub").mkdir(parents=True)
+    (export / "private").mkdir(mode=0o700)
+    (export / "pub" / "readme.txt").write_text("public\n")
+    (export / "private" / "draft.txt").write_text("S's draft\n")
+    os.symlink("../private/draft.txt", export / "pub" / "latest")
+    os.symlink("readme.txt", export / "pub" / "also")
+    for dirpath, dirnames, filenames in os.walk(export):
+        for n in (dirpath, *(os.path.join(dirpath, f) for f in dirnames + filenames)):
+            os.lchown(n, S, S)
+    os.chmod(export / "private" / "draft.txt", 0o644)
+    with open(lab / "s.log", "wb") as log:
+        proc = subprocess.Popen(["setpriv", f"--reuid={S}", f"--regid={S}", "--clear-groups", str(BIN / "styx"),
+                                 "serve", "--root", str(export)], env=open_irmd.env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: b"serving" in (lab / "s.log").read_bytes() or proc.poll() is not None, 30, "styx serve")
+        assert proc.poll() is None, (lab / "s.log").read_text()
+        open_irmd.irm_ok("bind", "process", str(proc.pid), "name", "sfiles")
+        open_irmd.irm_ok("name", "register", "sfiles", "layer", "local")
+        kernel = subprocess.run([*AS_NOBODY, "cat", str(export / "pub" / "latest")], capture_output=True)
+        assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+        out = result(as_nobody(open_irmd, READER, "sfiles"))
+        assert out[":pub/readme.txt"] == "public\n", out  # ... Styx refuses it too, and serves the rest
+        assert str(out[":pub/latest"]).startswith("error") and "draft" not in str(out[":pub/latest"]), out
+        assert str(out[":private/draft.txt"]).startswith("error"), out
+        assert str(out["private:draft.txt"]).startswith("error: permission denied"), out
+        assert str(out[":pub/also"]).startswith("error"), out  # no symlink at all for them (Plan 9 has none)
+        mine = result(as_uid(S, open_irmd, READER, "sfiles"))  # S itself: the kernel judges, links work
+        assert mine[":pub/latest"] == mine["private:draft.txt"] == "S's draft\n", mine
+        assert mine[":pub/also"] == "public\n", mine
     finally:
         stop(proc)
 

@@ -17,7 +17,7 @@ from typing import Any
 from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.identity import NONE_NAME, User
-from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock
+from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock, allowed
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,6 @@ class Fid:
 class Pending:
     msg: w.Msg
     waitable: Any = None  # readable when a retry may succeed; None: retry on a timer
-
-
-def allowed(st: w.Stat, user: User, want: int) -> bool:
-    """Plan 9's check: other bits, plus owner bits for the owner, group bits for its groups."""
-    bits = st.mode & 0o7
-    if user.name == st.uid:
-        bits |= (st.mode >> 6) & 0o7
-    if st.gid in user.group_names or st.gid == user.name:
-        bits |= (st.mode >> 3) & 0o7
-    return bits & want == want
 
 
 def open_wants(mode: int) -> int:

@@ -76,7 +76,7 @@ def result(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
 def serve(irmd: IrmdProc, lab: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
     """`styx serve --name NAME ARGS` as root, up and answering."""
     log = lab / f"{name}.log"
-    proc = start(irmd, "serve", "--name", name, "--layer", "local", *args, log=log)
+    proc = start(irmd, "-v", "serve", "--name", name, "--layer", "local", *args, log=log)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -251,6 +251,55 @@ def test_anonymous_clients_see_read_only_irmd_files(open_irmd: IrmdProc, irm_ser
         assert "via-tcp" not in names(open_irmd)
     finally:
         stop(bridge)
+
+
+TCP_HOLDER = r"""
+import socket, struct, sys, time
+from apps.styx import wire as w
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def rpc(s, msg):
+    s.sendall(w.encode(msg))
+    size = struct.unpack("<I", s.recv(4, socket.MSG_WAITALL))[0]
+    return w.decode(struct.pack("<I", size) + s.recv(size - 4, socket.MSG_WAITALL))
+held = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    r = rpc(s, w.Tattach(1, 0, w.NOFID, "none", ""))
+    held.append(s)
+print("attached", len(held), type(r).__name__, flush=True)
+time.sleep(120)
+"""
+
+
+def test_tcp_clients_of_a_root_bridge_hold_no_slots_of_the_bridges_user(open_irmd: IrmdProc, lab: Path) -> None:
+    """The bridge allocates its anonymous clients' flows as the anonymous account: however many the
+    attacker holds (attached, then silent), they are counted there and root's own clients are served."""
+    export = lab / "export"
+    export.mkdir()
+    (export / "hello.txt").write_text("hello\n")
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    port = free_port()
+    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}",
+                   log=lab / "bridge.log")
+    holder = None
+    try:
+        wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
+        env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+        holder = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", TCP_HOLDER, str(port), "16"], env=env,
+                                  stdout=subprocess.PIPE, text=True, cwd="/")
+        assert holder.stdout is not None
+        assert holder.stdout.readline().startswith("attached 16 Rattach")
+        log = (lab / "files.log").read_text()
+        assert log.count(" from nobody via layer local") == 16 and " from root via" not in log, log
+        with root_client(open_irmd, "files") as c:  # root, beside the 16, on a local flow
+            assert c.cat("hello.txt") == b"hello\n"
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        stop(bridge)
+        stop(proc)
 
 
 UNIX_ATTACK = r"""

@@ -1,6 +1,7 @@
 """The bridge: third-party 9P clients on a TCP or unix socket, each relayed to a flow of its own
 to the served name, as who it is (unix: SO_PEERCRED, the flow allocated with its credentials)
-or as the anonymous user none (TCP: every Tattach's user rewritten).
+or as the anonymous user none (TCP: the flow allocated as the anonymous account, every Tattach's
+user rewritten).
 """
 
 from __future__ import annotations
@@ -176,7 +177,10 @@ class Bridge:
         agent: Agent | None = None
         irm = self.irm
         try:
-            if rights.as_user and rights.creds is not None and rights.creds.uid != self.policy.euid:
+            # The flow carries who the client is: its own uid, or (TCP, or a user the bridge cannot
+            # act as) the anonymous account's, so that a server counts it there and never as the
+            # bridge's user; only a bridge that cannot switch lends its own.
+            if rights.creds is not None and rights.creds.uid != self.policy.euid:
                 agent = Agent(rights.creds, Path(os.path.abspath(irmd_sock_path())), self.irmd_pid)
                 irm = IrmClient(sock=agent.connect(), prog=AGENT_PROG)
             try:

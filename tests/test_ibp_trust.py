@@ -86,15 +86,18 @@ def test_a_leaked_journal_yields_no_capability(depot: Depot) -> None:
 
 
 class FakeTarget:
-    """A TCP service root runs: it records who connects and answers with `reply` (a secret inside)."""
+    """A TCP service root runs: it records who connects and what each sent first, and answers with
+    `reply` (a secret inside), or (None) never answers and keeps the connection."""
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes | None) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", free_port(["127.0.0.1"])))
         self.sock.listen(8)
         self.port = self.sock.getsockname()[1]
         self.reply = reply
         self.connections = 0
+        self.received: list[bytes] = []
+        self.held: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -104,17 +107,23 @@ class FakeTarget:
             except OSError:
                 return
             self.connections += 1
-            with conn:
-                conn.settimeout(2)
-                try:
-                    conn.recv(4096)
+            conn.settimeout(2 if self.reply is not None else 10)
+            try:
+                self.received.append(conn.recv(4096))
+                if self.reply is not None:
                     conn.sendall(self.reply)
                     time.sleep(0.2)
-                except OSError:
-                    pass
+            except OSError:
+                pass
+            if self.reply is None:
+                self.held.append(conn)
+            else:
+                conn.close()
 
     def close(self) -> None:
         self.sock.close()
+        for c in self.held:
+            c.close()
 
 
 COPY = PRELUDE + r"""
@@ -158,37 +167,6 @@ def test_copies_reach_only_allowed_depots_and_never_echo_a_target(open_dir: Path
             t.close()
 
 
-class SilentTarget:
-    """A TCP service that takes connections and never answers: records the first bytes of each."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", free_port(["127.0.0.1"])))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.received: list[bytes] = []
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-            conn.settimeout(10)
-            try:
-                self.received.append(conn.recv(4096))
-            except OSError:
-                self.received.append(b"")
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.held:
-            c.close()
-
-
 COPIES = PRELUDE + r"""
 import threading
 target, n = sys.argv[4], int(sys.argv[5])
@@ -217,7 +195,7 @@ def test_copies_are_few_per_client_and_only_to_what_answers_as_a_depot(open_dir:
     """The flows a copy opens are the depot's own: a client has at most --client-copies of them at
     once (more are refused with -66), and a target that does not answer ST_VERSION as a depot is left
     before any byte of the copy is sent. Root's copies, another client's, go on meanwhile."""
-    silent = SilentTarget()
+    silent = FakeTarget(None)
     try:
         for depot in run_depot(open_dir, monkeypatch, f"--copy-to=127.0.0.1:{silent.port}", "--copy-to=depot*",
                                "--client-copies", "2"):

@@ -302,6 +302,37 @@ def test_tcp_clients_of_a_root_bridge_hold_no_slots_of_the_bridges_user(open_irm
         stop(proc)
 
 
+IDLE_ANON = TCP_HOLDER.replace("time.sleep(120)", """
+t0 = time.monotonic()
+held[0].settimeout(30)
+print("closed", held[0].recv(100) == b"", round(time.monotonic() - t0, 1), flush=True)
+""")
+
+
+def test_anonymous_clients_keep_no_slot_for_nothing(open_irmd: IrmdProc, lab: Path) -> None:
+    """An anonymous client (over the TCP bridge, attached as none) that asks nothing is closed after
+    --anon-idle-timeout; root's idle local client stays attached and is served after longer."""
+    export = lab / "export"
+    export.mkdir()
+    (export / "hello.txt").write_text("hello\n")
+    proc = serve(open_irmd, lab, "files", "--root", str(export), "--anon-idle-timeout", "2")
+    port = free_port()
+    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}",
+                   log=lab / "bridge.log")
+    try:
+        wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
+        with root_client(open_irmd, "files") as c:
+            assert c.cat("hello.txt") == b"hello\n"
+            out = as_nobody(open_irmd, IDLE_ANON, str(port), "1").stdout.split()
+            assert out[:5] == ["attached", "1", "Rattach", "closed", "True"], out
+            assert 1.5 <= float(out[5]) < 15, out
+            assert c.cat("hello.txt") == b"hello\n"  # idle as long, not anonymous: still attached
+        assert "asked nothing, anonymous, for 2 s: closed" in (lab / "files.log").read_text()
+    finally:
+        stop(bridge)
+        stop(proc)
+
+
 UNIX_ATTACK = r"""
 import json, sys, time
 from apps.styx import wire as w

@@ -181,8 +181,13 @@ class Bridge:
             # act as) the anonymous account's, so that a server counts it there and never as the
             # bridge's user; only a bridge that cannot switch lends its own.
             if rights.creds is not None and rights.creds.uid != self.policy.euid:
-                agent = Agent(rights.creds, Path(os.path.abspath(irmd_sock_path())), self.irmd_pid)
-                irm = IrmClient(sock=agent.connect(), prog=AGENT_PROG)
+                try:
+                    agent = Agent(rights.creds, Path(os.path.abspath(irmd_sock_path())), self.irmd_pid)
+                    irm = IrmClient(sock=agent.connect(), prog=AGENT_PROG)
+                except FlowError as e:  # fail closed: never the bridge's identity instead
+                    log.warning("bridge: cannot reach the IRMd as %s: %s", user.name, e)
+                    refuse(StreamTransport(conn), f"the bridge cannot reach the IRMd as {user.name}")
+                    return
             try:
                 flow = flow_alloc(self.name, qos=qos.data, timeout=ALLOC_TIMEOUT, irm=irm)
             except FlowError as e:

@@ -38,6 +38,7 @@ class Limits:
     conns_per_user: int = 16  # of those, per user: every anonymous client is the one user none
     attach_timeout: float = 30.0  # seconds a connection may take to attach
     send_timeout: float = 30.0  # seconds a client may leave a reply untaken before it is dropped
+    anon_idle_timeout: float = 300.0  # seconds an anonymous client may stay attached with nothing asked
 
     def fds_per_conn(self) -> int:
         """The descriptors one connection can hold at most: two per fid (a file and its open

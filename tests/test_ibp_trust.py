@@ -126,16 +126,20 @@ class FakeTarget:
             c.close()
 
 
-COPY = PRELUDE + r"""
-targets = sys.argv[4].split(',')
+STORED = PRELUDE + r"""
 s = conn()
 s.sendall(b'1 1 0 1 1 60 100 5\n')
 caps = first_line(s).split()[1:]
 key, rkey, wkey = caps[0].split('/')[3], caps[0].split('/')[4], caps[1].split('/')[4]
 s.sendall(('1 2 %s %s 5 5\n' % (key, wkey)).encode() + b'hello')
 first_line(s); first_line(s)
-for t in targets:
-    s.sendall(('1 5 %s ibp://%s/0#%s/%s/WRITE %s 0 5 3 3 3\n' % (key, t, 'k' * 64, 'k' * 64, rkey)).encode())
+def send_line(target):
+    return ('1 5 %s ibp://%s/0#%s/%s/WRITE %s 0 5 3 3 3\n' % (key, target, 'k' * 64, 'k' * 64, rkey)).encode()
+"""  # uid 65534's allocation with b'hello' in it, and send_line(target): a SEND of it
+
+COPY = STORED + r"""
+for t in sys.argv[4].split(','):
+    s.sendall(send_line(t))
     print(t, '->', first_line(s))
 """
 
@@ -167,21 +171,14 @@ def test_copies_reach_only_allowed_depots_and_never_echo_a_target(open_dir: Path
             t.close()
 
 
-COPIES = PRELUDE + r"""
+COPIES = STORED + r"""
 import threading
-target, n = sys.argv[4], int(sys.argv[5])
-s = conn()
-s.sendall(b'1 1 0 1 1 60 100 5\n')
-caps = first_line(s).split()[1:]
-key, rkey, wkey = caps[0].split('/')[3], caps[0].split('/')[4], caps[1].split('/')[4]
-s.sendall(('1 2 %s %s 5 5\n' % (key, wkey)).encode() + b'hello')
-first_line(s); first_line(s)
 out = []
 def copy():
     c = conn()
-    c.sendall(('1 5 %s ibp://%s/0#%s/%s/WRITE %s 0 5 3 3 3\n' % (key, target, 'k' * 64, 'k' * 64, rkey)).encode())
+    c.sendall(send_line(sys.argv[4]))
     out.append(first_line(c).split(' ')[0])
-threads = [threading.Thread(target=copy) for _ in range(n)]
+threads = [threading.Thread(target=copy) for _ in range(int(sys.argv[5]))]
 for t in threads:
     t.start()
 for t in threads:

@@ -18,21 +18,25 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from apps.ibp import wire as w
 from apps.ibp.capability import READ, WRITE, Capability
-from apps.ibp.client import Connection, parse_cap
+from apps.ibp.client import Connection, parse_cap, tcp_address
 from apps.ibp.depot import RID, Allocation, DepotCore
 from apps.ibp.limits import Busy, Limits, Slots, Ticket, copy_allowed
 from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
 from apps.ibp.targets import Targets
+from apps.styx.agent import AGENT_PROG, Agent, peer_pid
+from apps.styx.identity import Creds, anon_creds, user_for_uid
 from flowlib import FlowError
 from flowlib.flow import establish
-from flowlib.irm import IrmClient
+from flowlib.irm import IrmClient, default_client
 from proto import messages as m
 from proto.errors import IrmdUnreachable
+from transports.unix import irmd_sock_path
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class DepotServer:
     rejecter: Rejecter = field(default_factory=Rejecter)
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
     _copies: Counter[str] = field(default_factory=Counter)  # copies in progress per client
+    euid: int = field(default_factory=os.geteuid)  # root copies as its clients (copier)
     turned_away: int = 0  # connections refused for a limit (ST_INQ reports it)
     accepted: int = 0  # connections served since the start (ST_INQ reports it)
     targets: Targets = field(init=False)
@@ -100,10 +105,15 @@ class DepotServer:
             self.slots = Slots(self.limits.max_connections, self.limits.client_connections)
         self.targets = Targets(self._open_target)
 
-    def _open_target(self, depot: str, timeout: float) -> Connection:
-        """A connection to a copy target that answered as a depot (ST_VERSION) within VERIFY_TIMEOUT:
-        a service of another protocol is left at once, before any copy is sent to it."""
-        conn = Connection(depot, timeout=min(timeout, VERIFY_TIMEOUT), irm=self.irm, encrypt=self.encrypt)
+    def _open_target(self, depot: str, timeout: float, who: Creds | None) -> Connection:
+        """A connection to a copy target, its flow allocated as `who` (None: as the depot), that
+        answered as a depot (ST_VERSION) within VERIFY_TIMEOUT: a service of another protocol is left
+        at once, before any copy is sent to it."""
+        irm = self.irm
+        if who is not None and tcp_address(depot) is None:
+            irm = self._irm_as(who)
+        conn = Connection(depot, timeout=min(timeout, VERIFY_TIMEOUT), irm=irm, encrypt=self.encrypt,
+                          own_irm=irm is not self.irm)
         try:
             conn.version()
         except BaseException:
@@ -111,6 +121,30 @@ class DepotServer:
             raise
         conn.timeout = timeout
         return conn
+
+    def copier(self, client: str) -> Creds | None:
+        """Whose identity the flows of `client`'s copies carry, so that other services count them
+        against the client and never against the depot's user: a local client's own uid, the
+        anonymous account for clients the stack cannot name; None (the depot's own) for the depot's
+        user itself, or when the depot cannot act as anyone else (it is not root)."""
+        if self.euid != 0:
+            return None
+        if client.startswith("uid:") and client[4:].isdigit():
+            uid = int(client[4:])
+            return None if uid == self.euid else user_for_uid(uid).creds
+        return anon_creds()
+
+    def _irm_as(self, who: Creds) -> IrmClient:
+        """An IRMd connection made by an agent process that is `who` (forked, switched, connected,
+        then gone: the connection carries its credentials)."""
+        ours = self.irm or default_client()
+        agent = Agent(who, Path(os.path.abspath(irmd_sock_path())), peer_pid(ours.channel.sock))
+        try:
+            return IrmClient(sock=agent.connect(), prog=AGENT_PROG)
+        except FlowError as e:
+            raise w.IbpError(w.IBP_E_CONNECTION, f"cannot reach the IRMd as uid {who.uid}: {e}") from None
+        finally:
+            agent.close()
 
     def alloc_lock(self, a: Allocation) -> threading.Lock:
         with self.lock:
@@ -233,11 +267,11 @@ class DepotServer:
             return self._load(stream, req, now)
         elif isinstance(req, w.Send):
             with self._copying(client):
-                n = self._copy(req, [req.dest_cap], req.dest_timeout)[0][0]
+                n = self._copy(req, [req.dest_cap], req.dest_timeout, client)[0][0]
             stream.send(w.format_reply(w.IBP_OK, n))
         elif isinstance(req, w.Mcopy):
             with self._copying(client):
-                results = self._copy(req, list(req.dest_caps), req.timeout)
+                results = self._copy(req, list(req.dest_caps), req.timeout, client)
             stream.send(w.format_reply(w.IBP_OK, results[0][0], *(s for _, s in results)))
         elif isinstance(req, w.Manage):
             with self.lock:
@@ -384,7 +418,8 @@ class DepotServer:
                 if self._copies[client] <= 0:
                     del self._copies[client]
 
-    def _copy(self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int) -> list[tuple[int, int]]:
+    def _copy(self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int,
+              client: str = "") -> list[tuple[int, int]]:
         """Push the bytes to each destination over our own flows: [(length, status)] per target.
 
         Only to depots the operator allows (limits.copy_to), and a target's reply is reduced to its
@@ -403,15 +438,16 @@ class DepotServer:
                 with self.lock:
                     self.core.refused[status] += 1
             else:
-                status, why = self._copy_one(a, cap, req.offset, n, timeout)
+                status, why = self._copy_one(a, cap, req.offset, n, timeout, self.copier(client))
             if status != w.IBP_OK and len(caps) == 1:
                 raise w.IbpError(status, why)
             results.append((n, status))
         return results
 
-    def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float) -> tuple[int, str]:
+    def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float,
+                  who: Creds | None) -> tuple[int, str]:
         try:
-            self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n))
+            self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n), who)
         except w.IbpError as e:
             status = w.known_error(e.status)
             log.info("copy to %s failed: %s", cap.depot, w.status_text(status))

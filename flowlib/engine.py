@@ -297,6 +297,10 @@ class Engine:
                 sdu = s.inner.recv(APP_MTU + 1)
             except BlockingIOError:
                 break
+            except ConnectionResetError:
+                # The application closed with SDUs we relayed still unread: the kernel says so once,
+                # ahead of what it wrote before closing, which still goes out; its end follows as EOF.
+                continue
             except OSError:
                 sdu = b""
             if not sdu:  # the application let go: a final ack, then linger until acknowledged

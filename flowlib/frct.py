@@ -16,7 +16,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 
-from flowlib.congestion import NewReno
+from flowlib.congestion import Window
 from flowlib.fccntl import FRCTFLINGER, FRCTFRESCNTL, FRCTFRTX
 from flowlib.recovery import SEQ_MOD, Recovery, Sent, before, distance
 
@@ -122,7 +122,7 @@ class Frct:
         self.pdus: deque[bytes] = deque()  # for the network
         self.sdus: deque[bytes] = deque()  # in order, for the application
         # sender
-        self.recovery = Recovery(NewReno(RQ_SIZE * 4)) if reliable else None
+        self.recovery = Recovery(Window(RQ_SIZE * 4)) if reliable else None
         self.snd_nxt = 0
         self.snd_rwe = START_WINDOW
         self.snd_act = -float("inf")  # when we last sent data: a run ends after SND_INACT without
@@ -289,7 +289,7 @@ class Frct:
         if len(body) % SACK_BLOCK.size or len(body) > MAX_SACK_BLOCKS * SACK_BLOCK.size:
             self.counters.malformed += 1
             return
-        for seq, sent in rec.on_sack(list(SACK_BLOCK.iter_unpack(body)), self.snd_nxt, SPAN):
+        for seq, sent in rec.on_sack(list(SACK_BLOCK.iter_unpack(body)), self.snd_nxt, SPAN, now):
             self._resend(seq, sent, now)
 
     def _on_window(self, rwe24: int) -> None:

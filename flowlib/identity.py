@@ -56,7 +56,10 @@ def _home() -> Path:
             return Path(home)
     except OSError:
         pass
-    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a uid without an account (a container's, setpriv's): no home, so no pins
+        return Path("/nonexistent")
 
 
 def known_names_path() -> Path:

@@ -1,5 +1,6 @@
 """Loss recovery of FRCT senders, sans-IO: the PDUs in flight, the RTT estimate and its backed-off
-retransmission timeout (RFC 6298), and loss found from duplicate and selective acks (NewReno, RFC 6675).
+retransmission timeout (RFC 6298), and loss found from duplicate and selective acks (NewReno, RFC 6675;
+a repair still missing an RTO later while later PDUs arrive is resent, as RACK would).
 
 It says which PDUs to send again; the connection (flowlib.frct) builds the copies and sends them.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from flowlib.congestion import NewReno
+from flowlib.congestion import Window
 
 SEQ_MOD = 1 << 32
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
@@ -66,7 +67,7 @@ Resend = list[tuple[int, Sent]]
 class Recovery:
     """The sender's PDUs in flight, from `una` (the oldest not acknowledged) up to the connection's next."""
 
-    def __init__(self, cc: NewReno) -> None:
+    def __init__(self, cc: Window) -> None:
         self.cc = cc
         self.rtt = Rtt()
         self.unacked: dict[int, Sent] = {}
@@ -75,6 +76,7 @@ class Recovery:
         self.recover: int | None = None  # the next seqno when a loss was found; partial acks until then resend
         self.episode = 0  # counts loss recoveries: a hole is resent once in each
         self.high_sacked: int | None = None  # one past the highest PDU the peer holds out of order
+        self.timeouts = 0  # retransmission timeouts since the last ack that moved
 
     def start(self, seq: int) -> None:
         """A new data run begins at `seq` (nothing is in flight)."""
@@ -103,6 +105,7 @@ class Recovery:
                     return self._lost(self.una, nxt)
             return []
         self.dupacks = 0
+        self.timeouts = 0
         oldest = self.unacked.get(self.una)
         # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one.
         if oldest is not None and oldest.tries == 0:
@@ -129,7 +132,7 @@ class Recovery:
                 self.recover = None
         return []
 
-    def on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int) -> Resend:
+    def on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int, now: float) -> Resend:
         """SACK blocks [start, end): held by the peer, so not resent; what lies well below them was lost."""
         news = False
         budget = limit  # PDUs all blocks together may name: a forged ack costs at most one window's work
@@ -152,20 +155,23 @@ class Recovery:
         if not news or self.high_sacked is None or not before(self.una, self.high_sacked):
             return []
         lost_below = (self.high_sacked - DUP_THRESH) % SEQ_MOD
+        # A hole resent in this recovery is lost again if later PDUs still arrive an RTO after: resend
+        # it now, without the timeout's backoff, since acks show the path works.
+        stale = now - self.rtt.rto
         holes: Resend = []
         seq = self.una
         while before(seq, lost_below):
             sent = self.unacked.get(seq)
-            if sent is not None and sent.episode != self.episode:
+            if sent is not None and (sent.episode != self.episode or sent.sent < stale):
                 holes.append((seq, sent))
             seq = (seq + 1) % SEQ_MOD
         if not holes:
             return []
-        if self.recover is None:  # a new loss: halve once, then repair every hole found
+        if self.recover is None:  # a new loss: tell congestion control once, then repair every hole found
             self.episode += 1
             self.recover = nxt
             self.cc.on_loss()
-        return [(s, sent) for s, sent in holes if sent.episode != self.episode]
+        return holes
 
     def _lost(self, seq: int, nxt: int) -> Resend:
         sent = self.unacked.get(seq)
@@ -182,12 +188,13 @@ class Recovery:
         return oldest.sent + self.rtt.rto if oldest is not None else None
 
     def on_timer(self, now: float, nxt: int) -> Resend:
-        """If the oldest PDU timed out: back off, collapse the window, resend it."""
+        """If the oldest PDU timed out: back off, tell congestion control, resend it."""
         oldest = self.unacked.get(self.una)
         if oldest is None or now < oldest.sent + self.rtt.rto:
             return []
         self.rtt.backoff()
-        self.cc.on_timeout()
+        self.cc.on_timeout(repeated=self.timeouts > 0)
+        self.timeouts += 1
         self.episode += 1  # after a timeout every hole may be resent again
         self.recover = nxt
         return [(self.una, oldest)]

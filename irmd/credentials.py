@@ -154,6 +154,12 @@ class CaStore:
         if entries:
             log.info("CA store: %d certificates from %s", len(self._anchors), self.directory)
 
+    @property
+    def configured(self) -> bool:
+        """The store holds a trust anchor: this host's clients can verify a name's certificate."""
+        self._refresh()
+        return bool(self._anchors)
+
     def verify(self, crt: x509.Certificate, now: datetime.datetime | None = None) -> None:
         """Raise OapError(EAUTH) with the reason unless `crt` chains to the store."""
         self._refresh()

@@ -23,10 +23,12 @@ from transports.unix import irmd_sock_path
 log = logging.getLogger("irmd")
 
 
-def _raise_nofile() -> None:
+def _raise_nofile() -> int:
+    """Take every descriptor the hard limit allows; how many that is."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -39,6 +41,7 @@ async def _serve(args: argparse.Namespace) -> int:
             return 1
     steps = boot.steps
     limits = boot.limits.with_values(args.limits)  # the command line's --limit over the file's [limits]
+    limits = limits.fit_descriptors(args.nofile)
     irmd = Irmd(irmd_sock_path(args.sock), limits, args.stdout)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
         stream=sys.stdout if args.stdout else sys.stderr,
     )
-    _raise_nofile()
+    args.nofile = _raise_nofile()
     if args.sock:
         os.environ["OUROBOROS_SOCK"] = args.sock  # spawned programs find this irmd
     sys.exit(asyncio.run(_serve(args)))

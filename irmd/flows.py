@@ -72,12 +72,17 @@ class Flows:
         return m.Ok()
 
     def limit_flows(self, uid: int) -> None:
-        """A user other than root and the IRMd's holds at most flows_per_uid flows, either end."""
+        """A user other than root and the IRMd's holds at most flows_per_uid flows, either end, and
+        all of them together flows_total."""
         if policy.is_admin(uid, self.irmd.uid):
             return
-        held, limit = self.reg.flows_of_uid(uid), self.irmd.limits.flows_per_uid
-        if held >= limit:
-            raise LimitReached(f"uid {uid} holds {held} flows (limit flows_per_uid={limit})")
+        limits = self.irmd.limits
+        held = self.reg.flows_of_uid(uid)
+        if held >= limits.flows_per_uid:
+            raise LimitReached(f"uid {uid} holds {held} flows (limit flows_per_uid={limits.flows_per_uid})")
+        users = self.reg.flows_of_users(lambda u: policy.is_admin(u, self.irmd.uid))
+        if users >= limits.flows_total:
+            raise LimitReached(f"users hold {users} flows (limit flows_total={limits.flows_total})")
 
     async def flow_alloc(self, c: Client, msg: m.FlowAlloc, _: list[int]) -> tuple[m.FlowReply, list[int]]:
         check_name(msg.name)

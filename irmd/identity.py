@@ -90,10 +90,15 @@ def proc_uids(pid: int) -> tuple[int, int] | None:
     return None
 
 
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected `sock`, from the kernel (SO_PEERCRED)."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid, gid
+
+
 def peer_of(sock: socket.socket) -> Peer:
     """The process that connected `sock`, from the kernel: SO_PEERCRED, then /proc."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return read_peer(pid, uid, gid)
+    return read_peer(*peer_cred(sock))
 
 
 def read_peer(pid: int, uid: int, gid: int) -> Peer:

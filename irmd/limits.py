@@ -1,14 +1,22 @@
 """The IRMd's limits on what one user or one connection may hold, with their defaults, and how
 `irmd --limit KEY=N` and a config file's [limits] table set them.
 
-Per-user limits bind local users other than root and the IRMd's own user (who can stop the IRMd
-anyway); per-connection limits bind every application connection (not the IPCPs').
+Per-user and total limits bind local users other than root and the IRMd's own user (who can stop
+the IRMd anyway), so that a reserve of descriptors is always left for the admins; per-connection
+limits bind every application connection (not the IPCPs').
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
+
+log = logging.getLogger("irmd")
+
+# Descriptors the users' limits leave to the admins (their irm, IPCPs, bound programs) and to the
+# IRMd itself (its socket, logs, spawning).
+ADMIN_RESERVE = 256
 
 
 class LimitError(ValueError):
@@ -18,7 +26,9 @@ class LimitError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Limits:
     conns_per_uid: int = 256  # control connections open at once (every flowlib process holds one)
+    conns_total: int = 1024  # control connections of all users together
     flows_per_uid: int = 4096  # flows held, allocated or accepted
+    flows_total: int = 8192  # flows of all users together (the IRMd holds a descriptor for each)
     accepts_per_conn: int = 64  # flow_accept calls waiting at once
     requests_per_conn: int = 256  # requests being served at once
     queued_bytes_per_conn: int = 4 << 20  # replies and notices not yet read; above it, no more requests are read
@@ -41,6 +51,18 @@ class Limits:
                 raise LimitError(f"{where}: {key} = {value}: expected a number from 1 to {1 << 40}")
             changes[key] = value
         return dataclasses.replace(self, **changes)
+
+    def fit_descriptors(self, nofile: int) -> Limits:
+        """These limits, the totals lowered so that users together leave ADMIN_RESERVE of the
+        IRMd's `nofile` descriptors free: however many users there are, root's irm is served."""
+        room = max(nofile - ADMIN_RESERVE, 2)
+        if self.conns_total + self.flows_total <= room:
+            return self
+        conns = max(1, min(self.conns_total, room // 8))
+        flows = max(1, min(self.flows_total, room - conns))
+        log.warning("%d descriptors (RLIMIT_NOFILE) leave room for %d of users' connections and flows: "
+                    "conns_total=%d flows_total=%d (raise the limit to serve more)", nofile, room, conns, flows)
+        return dataclasses.replace(self, conns_total=conns, flows_total=flows)
 
 
 def option_values(words: list[str]) -> dict[str, str]:

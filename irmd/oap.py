@@ -19,6 +19,7 @@ from pathlib import Path
 
 from irmd import kex
 from irmd.credentials import CaStore, CredentialError, Credentials, CredentialStore, common_name, load_der, spki
+from irmd.ratelog import RateLog
 from irmd.reg import Registry
 from irmd.secfiles import APP_DEFAULT, CA_DIR, NONE, EncConfError, SecConfig, load_enc_conf, role_files, security_dir
 from proto import messages as m
@@ -36,29 +37,7 @@ PER_PEER = 10
 AES_256_GCM = 901
 
 
-class RateLog:
-    """Log lines a peer can cause, at most `rate` a second (bursts of `burst`); the rest are counted
-    and reported with the next line that passes, so a flood cannot fill the disk."""
-
-    def __init__(self, rate: float = 10.0, burst: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.tokens, self.at, self.suppressed = float(burst), clock(), 0
-
-    def log(self, fmt: str, *args: object, level: int = logging.WARNING) -> None:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            self.suppressed += 1
-            return
-        self.tokens -= 1
-        if self.suppressed:
-            log.warning("(%d more refusals not logged)", self.suppressed)
-            self.suppressed = 0
-        log.log(level, fmt, *args)
-
-
-REFUSALS = RateLog()
+REFUSALS = RateLog(logger=log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +74,7 @@ class Attempt:
     request: oap.Header | None  # None: no OAP (joining a broadcast layer, as 0.23)
     config: SecConfig = NONE
     key: kex.KexKey | None = None  # our ephemeral key-exchange key
+    expect: str = ""  # why the peer must prove itself (fail closed on an anonymous answer); "": it need not
 
     @property
     def data(self) -> bytes:
@@ -206,6 +186,7 @@ class Oap:
             return Attempt(name, None)
         try:
             config, creds = self._files(name, "client")
+            expect = self._expectation(config, creds, qos.cypher_s)
             if qos.cypher_s and not config.encrypt:
                 config = APP_DEFAULT  # the application asks for encryption; its enc.conf does not
             config = _at_least(config, qos.cypher_s)
@@ -217,7 +198,16 @@ class Oap:
         except OapError as e:
             log.error("flow to %s: %s", name, e.reason)
             raise error_class(e.code)(f"flow to {name!r}: {e.reason}") from None
-        return Attempt(name, oap.decode(raw), config, key)
+        return Attempt(name, oap.decode(raw), config, key, expect)
+
+    def _expectation(self, config: SecConfig, creds: Credentials | None, cypher_s: int) -> str:
+        """Why the peer must prove itself with a certificate, or "": when this IRMd's CA store can
+        verify one and the flow is encrypted (a key agreed with an anonymous answerer is a key
+        shared with whoever answered) or we prove our own identity to the name (mutual, or not at all)."""
+        if not (config.encrypt or cypher_s or creds is not None) or not self.ca.configured:
+            return ""
+        why = "the flow is encrypted" if config.encrypt or cypher_s else "this host has a client certificate for it"
+        return f"{why} and this IRMd's CA store ({self.ca.directory}) can verify it"
 
     def complete(self, attempt: Attempt, data: bytes) -> Outcome:
         """Check the response to our request: its id and request hash, the server's identity, and
@@ -227,6 +217,9 @@ class Oap:
         try:
             rsp = oap.check_response(attempt.request, data)
             peer_crt, peer_ca = self._peer(rsp)
+            if not peer_crt and attempt.expect:
+                raise OapError(EAUTH, f"{attempt.name!r} must prove itself ({attempt.expect}), but its peer "
+                                      f"presented no certificate")  # fmt: skip
             if peer_crt and (cn := common_name(load_der(peer_crt))) != attempt.name:
                 raise OapError(EAUTH, f"the peer's certificate is for {cn!r}, not {attempt.name!r}")
             outcome = Outcome(peer_crt=peer_crt, peer_ca=peer_ca)

@@ -22,6 +22,11 @@ ADMIN_ONLY: dict[type[Message], str] = {
 }  # fmt: skip
 # Requests only an IPCP of this IRMd makes (checked by the connection being the IPCP's).
 FROM_IPCP: frozenset[type[Message]] = frozenset({m.FlowReqArrived, m.FlowPeerDealloc})
+# All a user may ask: an allow-list, so a request kind added later is the admins' until it is put here.
+FOR_USERS: frozenset[type[Message]] = frozenset({
+    m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo,
+    m.IpcpList, m.NameList, m.FlowList, m.Dump, m.ActAs,
+})  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +46,11 @@ def is_admin(uid: int, irmd_uid: int) -> bool:
 def check_request(caller: Caller, kind: type[Message]) -> None:
     """Admins may ask anything; users only for flows, lists and dumps (of their own), and to act
     as themselves."""
-    what = ADMIN_ONLY.get(kind)
-    if what is not None and not caller.admin:
-        raise PermissionDenied(f"permission denied: {what} needs root or the IRMd's user (uid {caller.uid} "
-                               "may allocate and accept flows)")
+    if caller.admin or kind in FOR_USERS:
+        return
+    what = ADMIN_ONLY.get(kind, f"{kind.__name__} requests")
+    raise PermissionDenied(f"permission denied: {what} needs root or the IRMd's user (uid {caller.uid} "
+                           "may allocate and accept flows)")
 
 
 def visible(caller: Caller, uid: int) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -15,8 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from irmd import policy
-from irmd.identity import Peer, peer_of, read_peer
+from irmd.identity import Peer, peer_cred, read_peer
 from irmd.policy import Caller
+from irmd.ratelog import RateLog
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
 from proto.errors import Code, FlowError, InvalidArgument, PermissionDenied, ProtocolError
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("irmd")
 
 BACKLOG = 128
+RESERVE = 8  # admins' connections accepted once the IRMd is out of descriptors
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # seconds without accepting when accept fails again and again
+REFUSED = RateLog(logger=log)  # refused connections and failed accepts: others cause them
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,12 +79,43 @@ def farewell(conn: socket.socket, code: str, text: str) -> None:
     conn.close()
 
 
+class Reserve:
+    """Descriptors held back (open on /dev/null) so that an IRMd out of them still accepts its
+    admins' connections, and tells users why it refuses theirs."""
+
+    def __init__(self, size: int = RESERVE) -> None:
+        self.size = size
+        self.fds: list[int] = []
+
+    def refill(self) -> bool:
+        """Take back what was spent, as far as descriptors allow; whether the reserve is whole."""
+        while len(self.fds) < self.size:
+            try:
+                self.fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return False
+        return True
+
+    def spend(self) -> bool:
+        """Free one for a connection to take at once; False when none is left."""
+        if not self.fds:
+            return False
+        os.close(self.fds.pop())
+        return True
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+
+
 class Server:
     def __init__(self, irmd: Irmd) -> None:
         self.irmd = irmd
         self._sock: socket.socket | None = None
         self._conn_ids = 0
         self._local: Client | None = None
+        self._reserve = Reserve()
+        self._backoff = 0.0
 
     async def start(self) -> None:
         path = self.irmd.sock_path
@@ -103,6 +139,7 @@ class Server:
         srv.listen(BACKLOG)
         srv.setblocking(False)
         self._sock = srv
+        self._reserve.refill()
         asyncio.get_running_loop().add_reader(srv.fileno(), self._on_connect)
         log.info("irmd listening on %s", path)
 
@@ -111,6 +148,7 @@ class Server:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            self._reserve.close()
             with contextlib.suppress(FileNotFoundError):
                 self.irmd.sock_path.unlink()
 
@@ -121,26 +159,37 @@ class Server:
 
     # -- connections -------------------------------------------------------
 
-    def _on_connect(self) -> None:
+    def _accept(self) -> tuple[socket.socket, bool] | None:
+        """The next connection, and whether the IRMd is short of descriptors (its reserve is not
+        whole: it serves only admins); None if there is none to take now."""
         assert self._sock is not None
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
+        short, spent = not self._reserve.refill(), False
+        while True:
+            try:
+                return self._sock.accept()[0], short or spent
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE) or spent or not self._reserve.spend():
+                    REFUSED.log("accept failed: %s; pausing %.2f s", e.strerror, self._pause())
+                    return None
+                spent = True  # once more, on a descriptor of the reserve
+
+    def _on_connect(self) -> None:
+        accepted = self._accept()
+        if accepted is None:
             return
-        except OSError as e:  # e.g. EMFILE: keep serving the others
-            log.warning("accept failed: %s", e)
+        conn, short = accepted
+        self._backoff = 0.0
+        pid, uid, gid = peer_cred(conn)
+        why = "" if policy.is_admin(uid, self.irmd.uid) else self._refusal(uid, short)
+        if why:
+            REFUSED.log("refusing a connection of uid %d (pid %d): %s", uid, pid, why)
+            farewell(conn, Code.EDQUOT, why)
             return
+        peer = read_peer(pid, uid, gid)  # /proc read only for connections served
         self._conn_ids += 1
-        peer = peer_of(conn)
-        client = Client(self._conn_ids, peer, Caller.of(peer.uid, self.irmd.uid))
-        limit = self.irmd.limits.conns_per_uid
-        if not client.caller.admin:
-            held = sum(1 for c in self.irmd.clients.values() if c.uid == peer.uid)
-            if held >= limit:
-                log.warning("uid %d (pid %d) has %d connections open: refusing another", peer.uid, peer.pid, held)
-                farewell(conn, Code.EDQUOT, f"uid {peer.uid} has {held} connections to the IRMd open "
-                                            f"(limit conns_per_uid={limit})")
-                return
+        client = Client(self._conn_ids, peer, Caller.of(uid, self.irmd.uid))
 
         async def handle(msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
             try:
@@ -157,6 +206,34 @@ class Server:
         )  # fmt: skip
         self.irmd.clients[client.conn_id] = client
 
+    def _refusal(self, uid: int, short: bool) -> str:
+        """Why a user's new connection is refused (its own, all users', or the IRMd's descriptors
+        are at their limit), or "": admins are never refused."""
+        limits = self.irmd.limits
+        if short:
+            return "the IRMd is out of descriptors: it serves only root and its own user now"
+        held = sum(1 for c in self.irmd.clients.values() if c.uid == uid)
+        if held >= limits.conns_per_uid:
+            return f"uid {uid} has {held} connections to the IRMd open (limit conns_per_uid={limits.conns_per_uid})"
+        users = sum(1 for c in self.irmd.clients.values() if not c.caller.admin)
+        if users >= limits.conns_total:
+            return f"users have {users} connections to the IRMd open (limit conns_total={limits.conns_total})"
+        return ""
+
+    def _pause(self) -> float:
+        """Stop accepting for a while, longer each time in a row (a level-triggered reader on a
+        socket that cannot be accepted from would spin): how long."""
+        self._backoff = min(max(self._backoff * 2, BACKOFF_MIN), BACKOFF_MAX)
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            loop.remove_reader(self._sock.fileno())
+            loop.call_later(self._backoff, self._resume)
+        return self._backoff
+
+    def _resume(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_connect)
+
     async def dispatch(self, c: Client, msg: Message, fds: list[int]) -> tuple[Message, Sequence[int]]:
         """Serve one request of `c`: through the policy to its job. Failures are FlowErrors."""
         kind = type(msg)
@@ -165,9 +242,9 @@ class Server:
             close_fds(fds)  # only arriving flows carry descriptors
             fds = []
         try:
+            policy.check_request(c.caller, kind)  # first: a user learns nothing of what admins may ask
             if handler is None:
                 raise ProtocolError(f"{kind.__name__} is not a request the IRMd serves")
-            policy.check_request(c.caller, kind)
             if kind in policy.FROM_IPCP and c.ipcp is None:
                 raise PermissionDenied(f"{kind.__name__} is only accepted from IPCPs")
             result = await handler(c, msg, fds)

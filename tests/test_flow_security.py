@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import IrmdProc, start_irmd, stop_irmd, wait_for
+from helpers import IrmdProc, free_port, start_irmd, stop_irmd, wait_for
 from unicast_net import Cluster
 from unicast_net import Host as UnicastHost
 
@@ -204,6 +204,22 @@ def test_a_known_names_file_others_may_write_is_not_trusted(site: Site) -> None:
         site.alloc("pong", accept_new=True)
 
 
+def test_a_uid_without_an_account_has_no_pins_rather_than_no_flows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    from flowlib.identity import KNOWN_NAMES_ENV, KnownNames, known_names_path
+
+    def no_account(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    for var in (KNOWN_NAMES_ENV, "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")
+    monkeypatch.setattr(pwd, "getpwuid", no_account)
+    assert known_names_path() == Path("/nonexistent/.config/ouroboros/known_names")
+    assert KnownNames().pins("pong") == []
+
+
 # -- client certificates ---------------------------------------------------------------------------------
 
 
@@ -212,10 +228,15 @@ def test_a_client_certificate_tells_the_server_who_connected(site: Site) -> None
     crt, key = site.pki.issue("alice")
     site.pki.serve_as("pong", crt, key, role="client")
     _, accept = site.serve("pong")
+    refused = accept()
+    with pytest.raises(AuthenticationFailed, match="'pong' must prove itself"):
+        site.alloc("pong", encrypt=True)  # the client proves itself only to a server that does too
+    refused.result(10).close()  # the server's end of the flow its client then refused
+    site.pki.serve_as("pong", *site.pki.issue("pong"))
     pending = accept()
     with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
         assert srv.peer is not None and (srv.peer.name, srv.peer.verified) == ("alice", "ca")
-        assert cli.peer is None
+        assert cli.peer is not None and (cli.peer.name, cli.peer.verified) == ("pong", "ca")
         exchange(cli, srv)
 
 
@@ -243,6 +264,81 @@ def test_nobody_cannot_get_a_plain_flow_to_an_encrypting_server_while_the_owner_
     assert "EncryptionFailed" in r.stdout and "requires encryption" in r.stdout, r.stdout + r.stderr
     with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
         exchange(cli, srv)
+
+
+# -- an anonymous impostor on another host ------------------------------------------------------------
+
+
+ANSWER = r"""
+import json
+from flowlib import flow_accept
+print("ready", flush=True)
+while True:
+    try:
+        f = flow_accept(timeout=60)
+        f.set_timeout(10)
+        data = bytes(f.read())
+    except Exception as e:
+        print(json.dumps({"event": type(e).__name__}), flush=True)
+        continue
+    f.write(b"got " + data)
+    print(json.dumps({"read": data.decode(), "cypher_s": f.qos.cypher_s}), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_impostor_without_a_certificate_gets_no_encrypted_flow_for_a_name_a_ca_can_verify(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host A trusts the CA that certifies `files`; hostile host B serves `files` without a
+    certificate (its admin bound a uid 65534 process to it). A's client, with no pin, is refused
+    rather than encrypting to B; once B holds the name's certificate, the same flow works."""
+    d = Path(tempfile.mkdtemp(prefix="oap-anon-", dir="/tmp"))
+    d.chmod(0o755)
+    monkeypatch.setenv("OUROBOROS_KNOWN_NAMES", str(d / "known_names"))  # no pins: the CA alone decides
+    monkeypatch.delenv("OUROBOROS_STRICT_NAMES", raising=False)
+    pki = Pki(d / "sec-a")
+    pki.trust()
+    port = str(free_port(["127.0.0.1", "127.0.0.2"]))
+    hosts: list[IrmdProc] = []
+    answer: subprocess.Popen[str] | None = None
+    try:
+        for name, sec in (("a", pki.base), ("b", d / "sec-b")):
+            hosts.append(start_irmd(d, name, env={"OUROBOROS_SECURITY_DIR": str(sec)}))
+        a, b = hosts
+        for irmd, me, peer in ((a, "127.0.0.1", "127.0.0.2"), (b, "127.0.0.2", "127.0.0.1")):
+            irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", me, "port", port,
+                        "peer", peer)  # fmt: skip
+            irmd.note_children()
+        answer = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                   "-c", ANSWER], env=dict(b.env, PYTHONPATH=str(Path(__file__).parent.parent),
+                                                           HOME="/nonexistent"),
+                                  stdout=subprocess.PIPE, text=True, cwd="/")  # fmt: skip
+        assert answer.stdout is not None and answer.stdout.readline() == "ready\n"
+        b.irm_ok("bind", "process", str(answer.pid), "name", "files")
+        b.irm_ok("name", "register", "files", "layer", "lan")
+        client = IrmClient(a.sock)
+        try:
+            with pytest.raises(AuthenticationFailed, match=r"'files' must prove itself \(the flow is encrypted"):
+                flow_alloc("files", timeout=15, encrypt=True, irm=client)
+            Pki.serve_as(pki, "files", *pki.issue("files"))  # B gets the name's certificate, as the real server
+            (d / "sec-b").mkdir(exist_ok=True)
+            (pki.base / "server").rename(d / "sec-b" / "server")
+            with flow_alloc("files", timeout=15, encrypt=True, irm=client) as f:
+                assert f.peer is not None and (f.peer.name, f.peer.verified) == ("files", "ca")
+                f.write(b"the password is hunter2")
+                f.set_timeout(10)
+                assert f.read() == b"got the password is hunter2"
+        finally:
+            client.close()
+    finally:
+        if answer is not None:
+            answer.kill()
+            out = answer.communicate(timeout=10)[0]
+        for irmd in hosts:
+            stop_irmd(irmd)
+        shutil.rmtree(d, ignore_errors=True)
+    reads = [line for line in out.splitlines() if '"read"' in line]
+    assert reads == ['{"read": "the password is hunter2", "cypher_s": 256}'], out  # only the certified flow
 
 
 # -- across a unicast layer ---------------------------------------------------------------------------

@@ -407,6 +407,33 @@ def test_frct_flags_are_the_qos_s_and_only_frct_flows_have_them(
         us.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_writer_that_closes_at_once_delivers_everything_despite_sdus_it_never_read(
+        client_factory: Callable[[], IrmClient], bound_name: str) -> None:
+    # An SDU the writer never reads sits in its socket when it closes: the engine's end of the socket
+    # then says ECONNRESET once, ahead of the SDUs still queued there, which must go out all the same.
+    cli, srv = established_pair(client_factory, bound_name, qos.data)
+    try:
+        srv.write(b"never read")
+        poller = select.poll()
+        poller.register(cli.fileno(), select.POLLIN)
+        assert poller.poll(5000), "the SDU never reached the writer's socket"
+        sdus = [i.to_bytes(4, "big") * 350 for i in range(2000)]  # more than FRCT's window holds at once
+        received: list[bytes] = []
+        srv.set_timeout(10)
+        reader = threading.Thread(target=lambda: received.extend(srv.read() for _ in sdus), daemon=True)
+        reader.start()
+        for sdu in sdus:
+            cli.write(sdu)
+        cli.close()
+        reader.join(20)
+        assert len(received) == len(sdus), f"{len(received)} of {len(sdus)} SDUs arrived"
+        assert received == sdus
+    finally:
+        cli.close()
+        srv.close()
+
+
 def test_back_to_blocking_read_waits_for_data(pair: Pair) -> None:
     cli, srv = pair
     srv.set_blocking(False)

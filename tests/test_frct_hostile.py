@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -390,3 +392,95 @@ def test_a_peer_ignoring_the_window_of_a_reader_that_never_reads_leaves_its_memo
     grown = victim.rss() - victim.baseline
     assert sent > 8 * RQ_SIZE * len(payload), "the victim stopped reading its socket: the test tested nothing"
     assert grown < SLACK, f"{grown >> 20} MB more after {sent >> 20} MB from the peer"
+
+
+# -- through a real IRMd, the attacker uid 65534 ---------------------------------------------------------
+
+ROOT_SERVER = r"""
+import json, threading
+from flowlib import FlowError, flow_accept
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+def echo(flow):
+    try:
+        while True:
+            flow.write(flow.read())
+    except FlowError as e:
+        print(json.dumps({"rss": rss(), "error": f"{type(e).__name__}: {e}"}), flush=True)
+
+print(json.dumps({"rss": rss()}), flush=True)
+while True:
+    threading.Thread(target=echo, args=(flow_accept(timeout=120),), daemon=True).start()
+"""
+
+RAW_FRAGMENTS = r"""
+import socket, sys
+from flowlib.crc import add
+from flowlib.frct import DATA, DRF, FFGM, MFGM, PCI, Pci
+from flowlib.irm import IrmClient
+from proto.qos import data
+reply, fd = IrmClient().alloc("sink", data, 10)  # the raw end: no FRCT of ours in the way
+s = socket.socket(fileno=fd)
+s.settimeout(10)
+payload = bytes(min(reply.mtu, 65000) - PCI.size - 4)
+seq, sent = 1, 0
+try:
+    s.send(add(Pci(DATA | DRF | FFGM | MFGM, 0, seq, 0).pack() + payload))
+    while sent < int(sys.argv[1]):
+        seq, sent = seq + 1, sent + len(payload)
+        s.send(add(Pci(DATA | MFGM, 0, seq, 0).pack() + payload))  # more fragments, never the last
+except OSError as e:
+    print("ended:", e.strerror)
+print("sent", sent)
+"""
+
+ECHO_ONCE = r"""
+from flowlib import flow_alloc, qos
+with flow_alloc("sink", qos.data, timeout=10) as f:
+    f.write(b"x" * 60_000)  # fragmented below the MTU of the layer, as it should be
+    f.set_timeout(10)
+    got = b""
+    while len(got) < 60_000:
+        got += f.read()
+print("echoed", len(got))
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(os.geteuid() != 0, reason="playing uid 65534 against a root server needs root and setpriv")
+def test_uid_65534_sending_endless_fragments_to_a_root_server_leaves_its_memory_flat() -> None:
+    from helpers import BIN, start_irmd, stop_irmd
+
+    d = Path(tempfile.mkdtemp(prefix="frct-flood-", dir="/tmp"))
+    d.chmod(0o755)
+    irmd = start_irmd(d)
+    srv = None
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        srv = subprocess.Popen([str(BIN / "python"), "-c", ROOT_SERVER], env=irmd.env, stdout=subprocess.PIPE,
+                               text=True)  # fmt: skip
+        assert srv.stdout is not None
+        baseline = json.loads(srv.stdout.readline())["rss"]
+        irmd.irm_ok("bind", "process", str(srv.pid), "name", "sink")
+        irmd.irm_ok("name", "register", "sink", "layer", "local")
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(BIN / "python"), "-c"]
+        env = {**irmd.env, "HOME": "/nonexistent"}
+        r = subprocess.run([*nobody, RAW_FRAGMENTS, str(200 << 20)], env=env, capture_output=True, text=True,
+                           timeout=120, cwd="/")  # fmt: skip
+        assert "sent" in r.stdout, r.stdout + r.stderr
+        reply = json.loads(srv.stdout.readline())
+        assert reply["error"].endswith(f"peer broke FRCT: a fragmented SDU grew past the application MTU of "
+                                       f"{APP_MTU} bytes"), reply  # fmt: skip
+        assert reply["rss"] - baseline < SLACK, f"{(reply['rss'] - baseline) >> 20} MB more"
+        r = subprocess.run([*nobody, ECHO_ONCE], env=env, capture_output=True, text=True, timeout=60, cwd="/")
+        assert "echoed 60000" in r.stdout, r.stdout + r.stderr  # a well-behaved reliable flow, beside
+    finally:
+        if srv is not None:
+            srv.kill()
+            srv.wait()
+        stop_irmd(irmd)
+        shutil.rmtree(d, ignore_errors=True)

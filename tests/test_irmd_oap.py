@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from irmd.oap import Oap, Outcome, RateLog, Startups
+from irmd.oap import Oap, Outcome, Startups
+from irmd.ratelog import RateLog
 from irmd.reg import Registry
 from proto import messages as m
 from proto import oap
@@ -253,6 +254,53 @@ def test_a_certificate_from_an_unknown_ca_reaches_the_client_unvouched(clock: Cl
     assert got.peer_crt and not got.peer_ca  # flowlib's known names decide (tests/test_identity.py)
 
 
+# -- fail closed: a name this host can verify must prove itself --------------------------------------
+
+
+def _anonymous_server(pki: Pki, client_pki: Pki) -> None:
+    """The client's CA store holds the CA that certifies `pong`; whoever answers has no certificate."""
+    client_pki.ca, client_pki.ca_key = pki.ca, pki.ca_key
+    client_pki.trust()
+
+
+@pytest.mark.parametrize("how", ["application", "client enc.conf"])
+def test_an_anonymous_answer_to_an_encrypted_flow_the_ca_store_could_verify_is_refused(
+        clock: Clock, pki: Pki, client_pki: Pki, how: str) -> None:
+    _anonymous_server(pki, client_pki)
+    if how == "client enc.conf":
+        client_pki.enc_conf("pong", "", role="client")
+    client, server = irmds(clock, client_pki, pki)
+    with pytest.raises(FlowError, match=r"'pong' must prove itself \(the flow is encrypted and this IRMd's CA "
+                                        r"store .* can verify it\), but its peer presented no certificate") as e:
+        allocate(client, server, qos=ENCRYPT if how == "application" else raw)
+    assert e.value.code == oap.EAUTH
+    crt, key = pki.issue("pong")  # the real server, beside: certified, it is taken
+    pki.serve_as("pong", crt, key)
+    got, served = allocate(client, server, qos=ENCRYPT)
+    assert got.peer_ca and got.key == served.key
+
+
+def test_an_anonymous_answer_to_a_client_that_proves_itself_is_refused(clock: Clock, pki: Pki,
+                                                                      client_pki: Pki) -> None:
+    _anonymous_server(pki, client_pki)
+    pki.trust()  # the server would verify alice
+    crt, key = pki.issue("alice")
+    client_pki.serve_as("pong", crt, key, role="client")
+    with pytest.raises(FlowError, match="client certificate for it and this IRMd's CA store"):
+        allocate(*irmds(clock, client_pki, pki))  # even a plain flow: mutual, or not at all
+
+
+def test_anonymous_encryption_stays_where_nothing_is_expected(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    client, server = irmds(clock, client_pki, pki)  # no CA store on the client
+    got, served = allocate(client, server, qos=ENCRYPT)
+    assert got.cipher and got.key == served.key and not got.peer_crt
+    client_pki.enc_conf("pong", "", role="client")  # a client enc.conf alone verifies nothing either
+    assert allocate(client, server)[0].cipher
+    (client_pki.base / "client" / "pong" / "enc.conf").unlink()
+    _anonymous_server(pki, client_pki)
+    assert allocate(client, server, qos=raw)[0] == Outcome()  # a plain flow expects nothing (docs/security)
+
+
 def test_a_certificate_for_another_name_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     crt, key = pki.issue("ping")
     pki.serve_as("pong", crt, key)
@@ -424,14 +472,14 @@ def test_startups_drop_early_with_rising_probability() -> None:
 
 def test_refusals_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
     t = [0.0]
-    rl = RateLog(rate=2, burst=3, clock=lambda: t[0])
+    rl = RateLog(rate=2, burst=3, clock=lambda: t[0], logger=logging.getLogger("irmd.oap"))
     with caplog.at_level(logging.INFO, logger="irmd.oap"):
         for i in range(100):
             rl.log("refused %d", i)
         t[0] += 1.0  # two more tokens
         rl.log("later")
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["refused 0", "refused 1", "refused 2", "(97 more refusals not logged)", "later"]
+    assert lines == ["refused 0", "refused 1", "refused 2", "(97 more lines not logged)", "later"]
 
 
 def test_outcome_fills_the_flow_reply() -> None:

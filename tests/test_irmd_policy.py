@@ -7,7 +7,7 @@ import json
 import pytest
 
 from irmd import policy, views
-from irmd.limits import LimitError, Limits, parse_options
+from irmd.limits import ADMIN_RESERVE, LimitError, Limits, parse_options
 from irmd.policy import Caller
 from irmd.spawn import RunAs, clean_env, ipcp_command, run_as
 from proto import messages as m
@@ -32,20 +32,38 @@ def test_only_admins_manage_ipcps_names_and_bindings(kind: type[m.Message]) -> N
             policy.check_request(caller, kind)
 
 
-@pytest.mark.parametrize("kind", [m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc,
-                                  m.FlowInfo, m.IpcpList, m.NameList, m.FlowList, m.Dump, m.ActAs])
+USERS_MAY = {m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo, m.IpcpList,
+             m.NameList, m.FlowList, m.Dump, m.ActAs}
+
+
+@pytest.mark.parametrize("kind", sorted(USERS_MAY, key=lambda k: k.__name__))
 def test_users_use_flows_and_list_their_own(kind: type[m.Message]) -> None:
     policy.check_request(USER, kind)
 
 
 def test_every_request_is_either_for_admins_or_for_users_by_design() -> None:
-    users = {m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo, m.IpcpList,
-             m.NameList, m.FlowList, m.Dump, m.ActAs}
     asked = {cls for cls in m.CODEC.types.values() if cls.__module__ == m.__name__}
     replies = {m.Ok, m.Table, m.FlowReply, m.Text, m.LayerInfo, m.IpcpFlow, m.IpcpFlowAccepted, m.IpcpInfo}
     ipcp_side = {m.IpcpBootstrapReq, m.IpcpEnrollReq, m.IpcpConnectReq, m.IpcpReg, m.IpcpQuery, m.IpcpFlowAlloc,
                 m.IpcpFlowDealloc, m.IpcpAnnounce}
-    assert asked - replies - ipcp_side - policy.FROM_IPCP == users | set(policy.ADMIN_ONLY)
+    assert asked - replies - ipcp_side - policy.FROM_IPCP == USERS_MAY | set(policy.ADMIN_ONLY)
+    assert policy.FOR_USERS == USERS_MAY  # widening what users may ask is a decision, made here too
+
+
+@pytest.mark.parametrize("kind", sorted(set(m.CODEC.types.values()) - USERS_MAY, key=lambda k: k.__name__))
+def test_users_may_ask_nothing_else_not_even_kinds_added_later(kind: type[m.Message]) -> None:
+    with pytest.raises(PermissionDenied, match="needs root"):
+        policy.check_request(USER, kind)
+    policy.check_request(ROOT, kind)
+
+
+def test_a_kind_nobody_listed_is_the_admins() -> None:
+    class Novel(m.Message):
+        TYPE = 999
+
+    with pytest.raises(PermissionDenied, match="Novel requests needs root"):
+        policy.check_request(USER, Novel)
+    policy.check_request(HOST, Novel)
 
 
 def test_users_see_their_own_things_admins_all() -> None:
@@ -60,6 +78,14 @@ def test_limits_have_defaults_and_take_options() -> None:
     limits = parse_options(["flows_per_uid=10", "conns_per_uid = 0x10"])
     assert (limits.flows_per_uid, limits.conns_per_uid) == (10, 16)
     assert limits.accepts_per_conn == Limits().accepts_per_conn
+
+
+def test_totals_leave_admins_a_reserve_of_descriptors(caplog: pytest.LogCaptureFixture) -> None:
+    assert Limits().fit_descriptors(1 << 20) == Limits()  # room enough: as configured
+    fitted = Limits().fit_descriptors(1024)  # a common default hard limit
+    assert fitted.conns_total + fitted.flows_total <= 1024 - ADMIN_RESERVE
+    assert fitted.conns_total >= 1 and fitted.flows_total >= 1 and "conns_total=96" in caplog.text
+    assert Limits().fit_descriptors(10).conns_total == 1  # never zero: users still get something
 
 
 @pytest.mark.parametrize(("words", "says"), [

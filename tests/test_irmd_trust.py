@@ -200,22 +200,30 @@ time.sleep(30)
 """
 
 
-def test_the_acceptor_learns_the_kernels_uid_and_pid_of_a_user_that_allocated(host: IrmdProc) -> None:
+@contextlib.contextmanager
+def nobody_allocates_to_root(host: IrmdProc, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Flow]]:
+    """Root serves `name` from this process; uid 65534 allocates a flow to it and holds it: (the
+    allocating process, root's end of the flow)."""
     client = IrmClient(host.sock)
     try:
-        call(client.channel, m.Bind("process", str(os.getpid()), "hostsrv"), timeout=10)
-        call(client.channel, m.NameRegister("hostsrv", ["local"]), timeout=10)
+        call(client.channel, m.Bind("process", str(os.getpid()), name), timeout=10)
+        call(client.channel, m.NameRegister(name, ["local"]), timeout=10)
         with ThreadPoolExecutor(1) as pool:
             accepted = pool.submit(client.accept, 20)
-            with server([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, "hostsrv"], host.env,
+            with server([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, name], host.env,
                         host.log.parent / "alloc.log", "\n") as p:
                 reply, fd = accepted.result(20)
                 with Flow(reply, fd, client) as flow:
-                    assert (flow.peer_uid, flow.peer_pid) == (NOBODY, p.pid)
-                flows = parse_table(nobody_irm(host, "flow", "list").stdout)
-                assert [f["role"] for f in flows] == ["src"]  # its own end only, not the host's
+                    yield p, flow
     finally:
         client.close()
+
+
+def test_the_acceptor_learns_the_kernels_uid_and_pid_of_a_user_that_allocated(host: IrmdProc) -> None:
+    with nobody_allocates_to_root(host, "hostsrv") as (p, flow):
+        assert (flow.peer_uid, flow.peer_pid) == (NOBODY, p.pid)
+        flows = parse_table(nobody_irm(host, "flow", "list").stdout)
+        assert [f["role"] for f in flows] == ["src"]  # its own end only, not the host's
 
 
 def test_a_program_binding_is_not_served_by_that_program_run_by_another_user(host: IrmdProc) -> None:
@@ -317,7 +325,10 @@ try:
         flows.append(flow_alloc("sink", timeout=10))
     print("all 4")
 except LimitReached as e:
-    print(len(flows), "then", e)
+    print(len(flows), "then", e, flush=True)
+if sys.argv[1:]:
+    import time
+    time.sleep(float(sys.argv[1]))  # and hold them
 """
 
 
@@ -334,6 +345,29 @@ def test_flows_per_user_are_limited_and_others_still_allocate(tight: IrmdProc) -
             flow.close()
     finally:
         srv.close()
+
+
+def test_users_flows_in_all_are_limited_and_root_still_allocates(public_dir: Path) -> None:
+    with irmd_in(public_dir, "--limit", "flows_per_uid=2", "--limit", "flows_total=3") as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        srv = IrmClient(irmd.sock)
+        try:
+            call(srv.channel, m.Bind("process", str(os.getpid()), "sink"), timeout=10)
+            call(srv.channel, m.NameRegister("sink", ["local"]), timeout=10)
+            srv.listen(True)
+            a_log, b_log = public_dir / "a.log", public_dir / "b.log"
+            with (server([*AS_NOBODY, str(BIN / "python"), "-c", HOLD_FLOWS, "60"], irmd.env, a_log, "then"),
+                  server(["setpriv", f"--reuid={NOBODY - 1}", f"--regid={NOBODY - 1}", "--clear-groups",
+                          str(BIN / "python"), "-c", HOLD_FLOWS, "60"], irmd.env, b_log, "then")):  # fmt: skip
+                assert a_log.read_text().startswith("2 then uid 65534 holds 2 flows"), a_log.read_text()
+                assert b_log.read_text().startswith("1 then users hold 3 flows (limit flows_total=3)"), \
+                    b_log.read_text()
+                mine = [Flow(*IrmClient.alloc(srv, "sink", None, 10), srv) for _ in range(3)]  # root's are not
+                for flow in mine:
+                    flow.close()
+        finally:
+            srv.close()
 
 
 def raw_conn(irmd: IrmdProc) -> socket.socket:
@@ -570,3 +604,258 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
     r = nobody_py(host, "from flowlib.irm import IrmClient\nfrom proto.control import act_as\n"
                         "act_as(IrmClient().channel, 0)")
     assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr
+
+
+# -- the general rule: whatever a user may not ask is refused, new kinds included -------------------------
+
+
+PROBE_EVERY_KIND = r"""
+import dataclasses, json, os, sys, typing
+from flowlib.irm import open_channel
+from proto import messages as m
+from proto.control import call
+
+AIMED = {"name": "echo", "layer": "local", "layers": ["local"], "type": "local", "kind": "process",
+         "target": str(os.getpid()), "dst": "lo", "uid": 0, "ipcps": ["lo"]}  # what would hurt if it passed
+
+
+def sample(hint):
+    origin = typing.get_origin(hint) or hint
+    if dataclasses.is_dataclass(origin):
+        return origin(**{f.name: sample(h) for f, h in zip(dataclasses.fields(origin),
+                         typing.get_type_hints(origin).values()) if f.init and not has_default(f)})
+    return {str: "x", int: 1, bool: False, bytes: b"", float: 1.0, list: [], dict: {}, tuple: ()}.get(origin)
+
+
+def has_default(f):
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def build(cls):
+    hints = typing.get_type_hints(cls)
+    args = {f.name: AIMED[f.name] if f.name in AIMED else sample(hints[f.name])
+            for f in dataclasses.fields(cls) if f.init and (f.name in AIMED or not has_default(f))}
+    return cls(**args)
+
+
+out = {}
+for name in sys.argv[1:]:
+    channel = open_channel(None)
+    try:
+        reply, _ = call(channel, build(getattr(m, name)), 10)
+        out[name] = ["ANSWERED", type(reply).__name__]
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+    finally:
+        channel.close()
+print(json.dumps(out))
+"""
+
+
+def test_every_request_a_user_may_not_make_is_refused_to_uid_65534(host: IrmdProc) -> None:
+    """Table-driven over every message kind proto.messages declares (so a kind added later is in the
+    table by itself): each one users may not ask is refused to uid 65534 at a real IRMd, aimed at the
+    host's name, IPCP and layer; acting as root is refused; the host and its service are untouched."""
+    from test_irmd_policy import USERS_MAY
+
+    kinds = sorted(cls.__name__ for cls in m.CODEC.types.values() if cls.__module__ == m.__name__
+                   and cls not in USERS_MAY)  # fmt: skip
+    assert len(kinds) > 20 and "IpcpDestroy" in kinds and "FlowReqArrived" in kinds
+    echo_service(host, "echo")
+    with server([str(BIN / "oping"), "-l"], host.env, host.log.parent / "srv.log", "started"):
+        r = nobody_py(host, PROBE_EVERY_KIND, *kinds, "ActAs", timeout=120)
+        answers = json.loads(r.stdout.splitlines()[-1]) if r.stdout else {}
+        assert set(answers) == {*kinds, "ActAs"}, r.stdout + r.stderr
+        let_through = {k: v for k, v in answers.items() if k != "ActAs"
+                       and (v[0] != "PermissionDenied" or "needs root or the IRMd's user" not in v[1])}
+        assert not let_through, let_through
+        assert answers["ActAs"] == ["PermissionDenied", "permission denied: uid 65534 cannot act as uid 0"]
+        assert [i["name"] for i in host.table("ipcp", "list")] == ["lo"]
+        assert [(n["name"], n["layers"]) for n in host.table("name", "list")] == [("echo", "local")]
+        r = nobody(host, str(BIN / "oping"), "-n", "echo", "-c", "1")
+        assert "1 received" in r.stdout, r.stdout + r.stderr  # what users may do still works for them
+
+
+# -- program bindings against what a process says it is ---------------------------------------------------
+
+
+CLAIMING_THIEF = r"""
+import json, sys
+from flowlib import flow_accept
+from flowlib.irm import IrmClient
+irm = IrmClient(prog=sys.argv[1])  # a claim: this process is python, run by uid 65534
+print("ready", flush=True)
+stolen = 0
+try:
+    while True:
+        flow_accept(timeout=30, irm=irm)
+        stolen += 1
+        print(json.dumps({"stolen": stolen}), flush=True)
+except Exception as e:
+    print(json.dumps({"stolen": stolen, "end": type(e).__name__}), flush=True)
+"""
+
+
+SIX_FLOWS = r"""
+import json, sys
+from flowlib import flow_alloc
+out = []
+for _ in range(6):  # round robin among the acceptors a binding lets take them
+    with flow_alloc("pong", timeout=10, encrypt=bool(sys.argv[1])) as f:
+        out.append([f.peer and f.peer.verified, f.qos.cypher_s])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("secured", [False, True], ids=["plain", "ca-certified-encrypted"])
+def test_uid_65534_announcing_a_bound_programs_name_takes_none_of_its_flows(public_dir: Path,
+                                                                            secured: bool) -> None:
+    """Root's `oping -l` serves `pong` (a program binding); uid 65534 announces itself as that oping
+    and accepts beside it. Every ping root sends reaches root's oping, none the claimant; with a
+    CA-certified name that takes only encrypted flows, the client sees the CA's identity for it."""
+    from tests.pki import Pki
+
+    env = {}
+    if secured:
+        pki = Pki(public_dir / "security")
+        pki.trust()
+        pki.serve_as("pong", *pki.issue("pong"))
+        pki.enc_conf("pong", "")
+        env = {"OUROBOROS_SECURITY_DIR": str(pki.base)}
+    irmd = start_irmd(public_dir, env=env)
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        echo_service(irmd, "pong")
+        thief_log = public_dir / "thief.log"
+        with (server([*AS_NOBODY, str(BIN / "python"), "-c", CLAIMING_THIEF, str(BIN / "oping")], irmd.env,
+                     thief_log, "ready"),
+              server([str(BIN / "oping"), "-l"], irmd.env, public_dir / "oping.log", "started")):  # fmt: skip
+            r = subprocess.run([str(BIN / "python"), "-c", SIX_FLOWS, "1" if secured else ""], env=irmd.env,
+                               capture_output=True, text=True, timeout=90)  # fmt: skip
+            assert json.loads(r.stdout) == [["ca", 256] if secured else [None, 0]] * 6, r.stdout + r.stderr
+            r = irmd.run("oping", "-n", "pong", "-c", "2", "-i", "50", *(["--encrypt"] if secured else []))
+            assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
+        assert '"stolen": 1' not in thief_log.read_text() and "ready" in thief_log.read_text()
+    finally:
+        stop_irmd(irmd)
+
+
+# -- lists: a user's own ---------------------------------------------------------------------------------
+
+
+LIST_PROBE = r"""
+import json
+from flowlib.irm import open_channel
+from proto import messages as m
+from proto.control import call
+channel = open_channel(None)
+print(json.dumps({type(msg).__name__: call(channel, msg, 10)[0].rows for msg in (m.FlowList(), m.NameList())}))
+"""
+
+
+def test_flow_and_name_lists_show_uid_65534_its_own_and_nothing_of_roots(host: IrmdProc) -> None:
+    with nobody_allocates_to_root(host, "payroll-db") as (mine, _):
+        r = nobody_py(host, LIST_PROBE)
+        seen = json.loads(r.stdout)
+        assert [row["pid"] for row in seen["FlowList"]] == [str(mine.pid)], seen  # its own end only
+        assert seen["NameList"] == [], seen  # root's binding is not its to see
+        assert str(os.getpid()) not in r.stdout
+        rows = host.table("flow", "list")  # root sees both ends
+        assert {row["pid"] for row in rows} == {str(os.getpid()), str(mine.pid)}
+
+
+# -- descriptors: connections in all, and an IRMd out of them ------------------------------------------------
+
+
+HOLD_AND_HAMMER = r"""
+import json, sys, time
+from flowlib.irm import IrmClient
+from proto.errors import FlowError
+held, refused, why = [], 0, ""
+for _ in range(int(sys.argv[1])):
+    try:
+        held.append(IrmClient())
+    except FlowError as e:
+        refused, why = refused + 1, str(e)
+        if refused >= 5:
+            break
+print(json.dumps({"held": len(held), "refused": refused, "why": why}), flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # and then knock again and again
+    try:
+        held.append(IrmClient())
+    except (FlowError, OSError):
+        pass
+time.sleep(60)
+"""
+
+
+def hold(irmd: IrmdProc, uid: int, n: int, hammer: float, log: Path) -> contextlib.AbstractContextManager[
+        subprocess.Popen[bytes]]:
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", str(BIN / "python"), "-c",
+            HOLD_AND_HAMMER, str(n), str(hammer)]
+    return server(argv, irmd.env, log, '"held"')
+
+
+def held(log: Path) -> dict[str, object]:
+    return dict(json.loads(next(ln for ln in log.read_text().splitlines() if ln.startswith("{"))))
+
+
+def test_users_connections_in_all_are_limited_and_admins_still_connect(public_dir: Path) -> None:
+    with (irmd_in(public_dir, "--limit", "conns_per_uid=3", "--limit", "conns_total=4") as irmd,
+          hold(irmd, NOBODY, 10, 0, public_dir / "a.log"), hold(irmd, NOBODY - 1, 10, 0, public_dir / "b.log")):
+        a, b = held(public_dir / "a.log"), held(public_dir / "b.log")
+        assert (a["held"], b["held"]) == (3, 1), (a, b)  # uid 65534 first, to its own limit; 65533 then
+        assert "uid 65534 has 3 connections" in str(a["why"]) and "(limit conns_total=4)" in str(b["why"]), (a, b)
+        clients = [IrmClient(irmd.sock) for _ in range(6)]  # root is never refused
+        for c in clients:
+            c.close()
+        irmd.irm_ok("ipcp", "list")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(180)
+def test_an_irmd_out_of_descriptors_serves_root_refuses_users_and_neither_spins_nor_floods_its_log(
+        public_dir: Path) -> None:
+    with irmd_in(public_dir, "--limit", "conns_per_uid=5000", "--limit", "conns_total=5000") as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        nofile = fds(irmd.pid) + 40  # so that 40 descriptors are all one user needs to take them all
+        subprocess.run(["prlimit", "--pid", str(irmd.pid), f"--nofile={nofile}:{nofile}"], check=True)
+        log = public_dir / "attacker.log"
+        with hold(irmd, NOBODY, 200, 8, log):
+            got = held(log)
+            assert got["refused"] and "out of descriptors" in str(got["why"]), got
+            assert int(got["held"]) <= 40  # type: ignore[call-overload]
+            size0, cpu0 = irmd.log.stat().st_size, cpu_seconds(irmd.pid)
+            for _ in range(3):  # root's irm, while uid 65534 knocks again and again
+                irmd.irm_ok("ipcp", "list")
+            time.sleep(2.0)
+            grown = irmd.log.stat().st_size - size0
+            assert grown < 16_000, f"the log grew {grown} bytes in {2:.0f} s and three irm calls"
+            admins = []
+            try:  # root takes the whole reserve too: now nobody can be accepted, and the IRMd waits
+                for _ in range(8):
+                    admins.append(IrmClient(irmd.sock))
+                stuck = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                stuck.connect(str(irmd.sock))  # in the backlog, not accepted
+                cpu0 = cpu_seconds(irmd.pid)
+                time.sleep(2.0)
+                busy = (cpu_seconds(irmd.pid) - cpu0) / 2.0
+                assert busy < 0.25, f"the IRMd used {busy:.0%} of a CPU waiting for a descriptor"
+                stuck.close()
+            finally:
+                for c in admins:
+                    c.close()
+            wait_for(lambda: irmd.irm("ipcp", "list").returncode == 0, 20, "root's irm to be served again")
+        wait_for(lambda: nobody_irm(irmd, "ipcp", "list").returncode == 0, 20, "users to be served again")
+        assert "accept failed" in irmd.log_text() or "out of descriptors" in irmd.log_text()

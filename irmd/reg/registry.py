@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from irmd.identity import Program
 from irmd.reg.flow import Flow
@@ -157,3 +157,7 @@ class Registry:
 
     def flows_of_uid(self, uid: int) -> int:
         return self._flows_by_uid[uid]
+
+    def flows_of_users(self, admin: Callable[[int], bool]) -> int:
+        """Flows held by uids that are not admins."""
+        return sum(n for uid, n in self._flows_by_uid.items() if not admin(uid))

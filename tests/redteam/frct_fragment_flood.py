@@ -17,22 +17,26 @@ from lab import BIN, irmd, lab, main, nobody_popen, rss_mb, spawn, stop, wait_fo
 SEND_MB = 300
 
 ATTACKER = r"""
-import socket, struct, sys, time
+import socket, sys, time
+from flowlib.crc import add as with_crc  # qos data: ber 0, a CRC32 on every packet
+from flowlib.frct import DATA, DRF, FFGM, MFGM, PCI, Pci
 from flowlib.irm import IrmClient
 from proto.qos import data as reliable
-HDR = struct.Struct("!BBHII")
-DATA, ACK, FFGM, MFGM = 0x01, 0x04, 0x20, 0x40
 irm = IrmClient()
 reply, fd = irm.alloc("depot1", reliable, 10)
 s = socket.socket(fileno=fd)
-payload = b"A" * (min(reply.mtu, 65000) - HDR.size)
+s.settimeout(10)
+payload = b"A" * (min(reply.mtu, 65000) - PCI.size - 4)
 total = int(sys.argv[1]) << 20
-s.send(HDR.pack(DATA | FFGM | MFGM, 0, 1024, 0, 0) + payload)
-seq, sent = 1, len(payload)
-while sent < total:
-    s.send(HDR.pack(DATA | MFGM, 0, 1024, seq, 0) + payload)   # more fragments, never the last
-    seq, sent = seq + 1, sent + len(payload)
-print("sent", sent >> 20, "MB in", seq, "PDUs of", len(payload) + HDR.size, "bytes", flush=True)
+seq, sent = 1000, 0
+try:
+    s.send(with_crc(Pci(DATA | DRF | FFGM | MFGM, 0, seq, 0).pack() + payload))
+    while sent < total:
+        seq, sent = seq + 1, sent + len(payload)
+        s.send(with_crc(Pci(DATA | MFGM, 0, seq, 0).pack() + payload))  # more fragments, never the last
+except OSError as e:
+    print("the flow ended:", e, flush=True)
+print("sent", sent >> 20, "MB in", seq - 1000, "PDUs of", len(payload) + PCI.size + 4, "bytes", flush=True)
 time.sleep(60)
 """
 

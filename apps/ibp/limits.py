@@ -87,7 +87,7 @@ def copy_allowed(dest: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(dest, p) for p in patterns if (":" in p) == tcp)
 
 
-IDLE_GRACE = 0.25  # s: a connection of a shared identity idle this long gives way to a new one
+IDLE_GRACE = 0.05  # s: a shared identity's connection idle this long gives way (not one between two requests)
 
 
 def shared_identity(client: str) -> bool:

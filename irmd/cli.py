@@ -1,7 +1,7 @@
 """irm: the administration tool, with the grammar of Ouroboros 0.23's irm.
 
-Keywords may be shortened to any unique prefix; every command is one small
-function that turns parsed words into one control message for the IRMd.
+Keywords may be shortened to any prefix, which means the first keyword in 0.23's order that it
+begins; every command is one small function that turns parsed words into one control message.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shutil
 import sys
 from typing import Any
 
+from irmd.reg.ipcp import is_pattern, wildcard_match
 from irmd.secfiles import IRM_WORDS
 from irmd.usage import USAGE
 from proto import messages as m
@@ -26,15 +27,29 @@ UsageError = OptionError  # a command line that does not follow the grammar
 
 
 def match(word: str, choices: list[str], what: str) -> str:
-    """The keyword `word` abbreviates, exactly or as a unique prefix."""
+    """The keyword `word` abbreviates: itself, else the first of `choices` it begins. `choices` are
+    in the order 0.23's irm tries them, so a prefix means what it means there (`c` is create)."""
     if word in choices:
         return word
-    hits = [c for c in choices if c.startswith(word)] if word else []
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        raise UsageError(f'"{word}" is ambiguous for {what}: could be {", ".join(hits)}')
-    raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}')
+    for candidate in choices:
+        if word and candidate.startswith(word):
+            return candidate
+    raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}'
+                     + _renamed(word, choices))
+
+
+# Words of an irm older than 0.23 that ouroboros-tutorial(7) still shows: (the keyword that
+# replaced it, which must be a choice where the hint applies, and how 0.23 spells the command).
+RENAMED = {
+    "reg": ("name", "irm name register <name> layer <layer>"),
+    "unreg": ("name", "irm name unregister <name> layer <layer>"),
+    "if": ("dev", "dev <interface name>"),
+}
+
+
+def _renamed(word: str, choices: list[str]) -> str:
+    keyword, spelling = RENAMED.get(word, ("", ""))
+    return f'; "{word}" is the word of an older irm, 0.23 says "{spelling}"' if keyword in choices else ""
 
 
 @dataclasses.dataclass
@@ -55,9 +70,10 @@ class Words:
 
 
 def parse_words(args: list[str], keys: list[str], flags: list[str] = (), rest: bool = False) -> Words:  # type: ignore[assignment]
+    """`keys` in 0.23's order of matching; a flag goes where `keys` lists it, else after them."""
     values: dict[str, list[str]] = {}
     seen: set[str] = set()
-    choices = list(keys) + list(flags)
+    choices = [*keys, *(f for f in flags if f not in keys)]
     i = 0
     while i < len(args):
         word = args[i]
@@ -79,7 +95,7 @@ def parse_words(args: list[str], keys: list[str], flags: list[str] = (), rest: b
 
 
 def ipcp_create(args: list[str]) -> Message:
-    w = parse_words(args, ["name", "type"])
+    w = parse_words(args, ["type", "name"])
     return m.IpcpCreate(w.one("name", True), choice(*IPCP_TYPES)("type", w.one("type", True)))
 
 
@@ -89,23 +105,31 @@ def ipcp_destroy(args: list[str]) -> Message:
 
 # Ouroboros's irm spells dev as device (and matches its prefixes).
 SPELLINGS = {"device": "dev"}
+# bootstrap's words in the order 0.23's irm tries them (irm_ipcp_bootstrap.c), then ours
+BOOTSTRAP_WORDS = [
+    "type", "layer", "name", "hash", "ip", "dns", "device", "ethertype", "addr", "eid", "ttl", "port",
+    "autobind", "addr_auth", "directory", "dht_alpha", "dht_k", "dht_t_expire", "dht_t_refresh",
+    "dht_t_replicate", "routing", "ls_t_timeo", "ls_t_update", "ls_t_recalc", "congestion",
+]  # fmt: skip
+BOOTSTRAP_WORDS += sorted({k for opts in TYPE_OPTIONS.values() for k in opts} - set(BOOTSTRAP_WORDS))
+# the order in which 0.23's bootstrap matches a prefix of the type (`type u` is unicast)
+BOOTSTRAP_TYPES = ["unicast", "broadcast", "udp4", "udp6", "eth-dix", "eth-llc", "local"]
 
 
 def ipcp_bootstrap(args: list[str]) -> Message:
-    options = sorted({k for opts in TYPE_OPTIONS.values() for k in opts})
-    w = parse_words(args, ["name", "layer", "type", *options, *SPELLINGS], ["autobind"])
+    w = parse_words(args, BOOTSTRAP_WORDS, ["autobind"])
     for spelling, key in SPELLINGS.items():
         if spelling in w.values:
             w.values.setdefault(key, []).extend(w.values.pop(spelling))
     kind = w.one("type")
-    if kind:
-        choice(*IPCP_TYPES)("type", kind)
+    if kind:  # no type is a prefix of one before it, so the first one kind begins is also exact
+        kind = next((t for t in BOOTSTRAP_TYPES if t.startswith(kind)), None) or choice(*IPCP_TYPES)("type", kind)
     conf = bootstrap_conf(kind, {k: v for k, v in w.values.items() if k not in ("name", "layer", "type")})
     return m.IpcpBootstrap(w.one("name", True), w.one("layer", True), kind, "autobind" in w.flags, conf)
 
 
 def ipcp_enroll(args: list[str]) -> Message:
-    w = parse_words(args, ["name", "layer", "dst", "type", "key"], ["autobind"])
+    w = parse_words(args, ["name", "type", "layer", "dst", "autobind", "key"], ["autobind"])
     kind = w.one("type")
     if kind:
         choice("unicast", "broadcast")("type", kind)
@@ -115,14 +139,26 @@ def ipcp_enroll(args: list[str]) -> Message:
     return m.IpcpEnroll(w.one("name", True), w.one("layer"), w.one("dst"), kind, "autobind" in w.flags, key)
 
 
+COMPONENTS = ("dt", "mgmt")
+
+
 def _connect(args: list[str], connect: bool) -> Message:
     w = parse_words(args, ["name", "dst", "component", *(["qos"] if connect else [])])
-    comp = w.one("component")
-    if comp:
-        comp = match(comp, ["dt", "mgmt"], "a component")
+    comp = _component(w.one("component") or "*")
     qos = w.one("qos") or "raw"
     choice("raw", "best", "voice", "video", "data")("qos", qos)
     return m.IpcpConnect(w.one("name", True), w.one("dst", True), comp, qos, connect)
+
+
+def _component(word: str) -> str:
+    """The component to (dis)connect, "" for both. 0.23 takes a pattern (`*`, the default, is
+    both); a prefix names one too (`d` is dt)."""
+    if not is_pattern(word):
+        return match(word, list(COMPONENTS), "a component")
+    hits = [c for c in COMPONENTS if wildcard_match(word, c)]
+    if not hits:
+        raise UsageError(f'bad component "{word}": the pattern matches none of {{{" ".join(COMPONENTS)}}}')
+    return hits[0] if len(hits) == 1 else ""
 
 
 def ipcp_connect(args: list[str]) -> Message:
@@ -140,7 +176,7 @@ def ipcp_show(args: list[str]) -> Message:
 
 
 def ipcp_list(args: list[str]) -> Message:
-    w = parse_words(args, ["name", "layer", "type"])
+    w = parse_words(args, ["type", "name", "layer"])
     return m.IpcpList(w.one("name"), w.one("layer"), w.one("type"))
 
 
@@ -150,8 +186,10 @@ def _bind(kind: str, bind: bool, args: list[str]) -> Message:
         raise UsageError(f'missing the {kind} to {"bind" if bind else "unbind"}')
     target = args[0]
     w = parse_words(args[1:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
-    if kind == "program":
-        found = shutil.which(target)
+    if kind == "program":  # one in $PATH, else a file here as 0.23's realpath() finds it (that
+        # one first there: here a file in the current directory never shadows a program in $PATH)
+        here = os.path.isfile(target) and os.access(target, os.X_OK)
+        found = shutil.which(target) or (target if here else None)
         if found is None and bind:
             raise UsageError(f'program "{target}" not found (not executable or not in PATH)')
         target = os.path.abspath(found or target)
@@ -208,8 +246,10 @@ def name_unregister(args: list[str]) -> Message:
 
 
 def name_list(args: list[str]) -> Message:
-    parse_words(args, [])
-    return m.NameList()
+    """`irm name list [PREFIX]` as ouroboros(8) has it; 0.23's irm takes `irm name list list PREFIX`."""
+    if len(args) == 1:
+        return m.NameList(prefix=args[0])
+    return m.NameList(prefix=parse_words(args, ["list"]).one("list"))
 
 
 def flow_list(args: list[str]) -> Message:

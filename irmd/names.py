@@ -119,8 +119,8 @@ class Names:
                     "programs": ",".join(f"{p.path}{' (auto)' if p.auto else ''}" for p in programs) or "-",
                     "pids": ",".join(map(str, pids)) or "-"}
 
-        return views.page(["name", "lb", "layers", "programs", "pids"], ((e.seq, row(e)) for e in self.seen_by(c)),
-                          msg.start)
+        entries = (e for e in self.seen_by(c) if e.name.startswith(msg.prefix))
+        return views.page(["name", "lb", "layers", "programs", "pids"], ((e.seq, row(e)) for e in entries), msg.start)
 
     async def dump(self, c: Client, msg: m.Dump, _: list[int]) -> m.Text:
         if msg.offset == 0 or not c.dump:  # a dump is made once, then fetched in parts

@@ -85,7 +85,9 @@ if TYPE == local
 where ALGORITHM in {HASHES}
 
 if TYPE == broadcast
+        [hash [ALGORITHM] (default: {DEFAULTS['local']['hash']})]
         [autobind]
+where ALGORITHM in {HASHES}
 
 """
 
@@ -172,7 +174,7 @@ USAGE: dict[tuple[str, ...], str] = {
                              "           [layer <layer to unregister from>]\n"
                              "           [... (as many as wanted)]\n"
                              "(ipcp and layer take patterns: * stands for any characters)\n"),
-    ("name", "list"): "Usage: irm name list\n",
+    ("name", "list"): "Usage: irm name list [<prefix>] (only the names that begin with it)\n",
     ("flow",): _operations("flow", ["list", "help"]),
     ("flow", "list"): "Usage: irm flow list\n",
     ("dump",): _operations("dump", ["config", "graph", "help"]),

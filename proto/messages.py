@@ -246,6 +246,7 @@ class NameRegister(Message):
 class NameList(Message):
     TYPE: ClassVar[int] = 40
     start: int = 0
+    prefix: str = ""  # only the names that begin with it (ouroboros(8): irm name list NAME)
 
 
 @reg

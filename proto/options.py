@@ -68,7 +68,7 @@ def text(key: str, value: str) -> str:
 # configfile.c), with upper bounds where it has none.
 TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "local": {"hash": choice(*HASHES)},
-    "broadcast": {},
+    "broadcast": {"hash": choice(*HASHES)},  # the hash of the layer name that flow_join looks for
     # udp: `hash` and `dns` as Ouroboros takes them (a udp layer hashes with MD5 all the same, and
     # resolves without DDNS); `peer`, `members` and `impair` are ours.
     "udp4": {"ip": _ip(4), "port": _int(1, 65535), "dns": _ip(4), "hash": choice(*HASHES), "peer": _ip(4),

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flowlib.errors import NameNotFound
 from flowlib.flow import Flow
@@ -131,6 +132,16 @@ class IrmdProc:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def irmd_env(sock: Path) -> dict[str, str]:

@@ -140,6 +140,14 @@ def test_name_create_twice_is_refused(irmd: IrmdProc) -> None:
     assert r.returncode != 0 and "already exists" in r.stderr
 
 
+def test_name_list_takes_a_prefix_to_show_only_the_names_that_begin_with_it(irmd: IrmdProc) -> None:
+    for name in ("oping.a", "oping.b", "echo"):
+        irmd.irm_ok("name", "create", name)
+    assert [r["name"] for r in irmd.table("name", "list", "oping.")] == ["oping.a", "oping.b"]  # ouroboros(8)
+    assert [r["name"] for r in irmd.table("name", "list", "list", "ec")] == ["echo"]  # 0.23's irm
+    assert irmd.irm_ok("name", "list", "nothing").stdout == "No names in system.\n"
+
+
 def test_name_register_creates_the_name_and_lists_its_layer(irmd: IrmdProc, local_layer: str) -> None:
     irmd.irm_ok("n", "r", "pong", "l", local_layer)
     assert [(r["name"], r["layers"]) for r in irmd.table("name", "list")] == [("pong", local_layer)]

@@ -482,17 +482,41 @@ def test_admission_accounting_never_walks_the_allocations(tmp_path: Path) -> Non
 
 
 def test_connection_slots_per_client_and_in_all() -> None:
-    from apps.ibp.limits import Slots
+    from apps.ibp.limits import Busy, Slots
 
     slots = Slots(total=3, per_client=2)
-    assert slots.take("uid:1") == "" and slots.take("uid:1") == ""
-    assert "2 connections from this client" in slots.take("uid:1")
-    assert slots.take("uid:2") == ""
-    assert "3 connections already" in slots.take("uid:3")
-    slots.give("uid:1")
-    assert slots.take("uid:3") == "" and slots.count() == 3
-    for c in ("uid:1", "uid:2", "uid:3"):
-        slots.give(c)
+    a, b = slots.take("uid:1", 0.0), slots.take("uid:1", 0.0)
+    with pytest.raises(Busy, match="2 connections from this client"):
+        slots.take("uid:1", 100.0)  # one uid is one user: its idle connections keep their slots
+    c = slots.take("uid:2")
+    with pytest.raises(Busy, match="3 connections already"):
+        slots.take("uid:3")
+    slots.give(a)
+    d = slots.take("uid:3")
+    assert slots.count() == 3
+    for t in (b, c, d):
+        slots.give(t)
+    assert slots.count() == 0 and not slots.held
+
+
+def test_a_shared_identity_gives_the_slot_idle_longest_to_a_new_connection() -> None:
+    """Behind a layer's name many users look alike: a new connection takes the slot of the one idle
+    longest (past the grace), never one busy in a request; that connection learns it gave way."""
+    from apps.ibp.limits import IDLE_GRACE, Busy, Slots
+
+    slots = Slots(total=8, per_client=2)
+    old, busy = slots.take("layer:net", 0.0), slots.take("layer:net", 5.0)
+    assert slots.busy(busy)
+    with pytest.raises(Busy):
+        slots.take("layer:net", IDLE_GRACE / 2)  # the idle one is within its grace (between requests)
+    new = slots.take("layer:net", 10.0)
+    assert old.evicted and not slots.busy(old) and slots.busy(new) and slots.count() == 2
+    slots.give(old)  # its connection closes: the slot it gave away stays the new one's
+    assert slots.count() == 2
+    with pytest.raises(Busy):
+        slots.take("layer:net", 20.0)  # both busy: nobody gives way
+    for t in (busy, new):
+        slots.give(t)
     assert slots.count() == 0 and not slots.held
 
 

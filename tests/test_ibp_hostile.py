@@ -100,20 +100,26 @@ def open_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run_depot(d: Path, mp: pytest.MonkeyPatch, *extra: str) -> Iterator[Depot]:
-    """A depot with LIMITS and `extra` flags; this process's flows go to its irmd."""
+def run_depot(d: Path, mp: pytest.MonkeyPatch, *extra: str, shared_layer: bool = False) -> Iterator[Depot]:
+    """A depot with LIMITS and `extra` flags; this process's flows go to its irmd. shared_layer: the
+    depot is registered in a udp4 layer only, where the stack names no local peer."""
     irmd = start_irmd(d)
     proc = None
     mp.setenv("OUROBOROS_SOCK", str(irmd.sock))
     mp.setattr(flowlib.irm, "_default", None)
     try:
-        irmd.request(m.IpcpBootstrap("lo", "local", "local"))
+        if shared_layer:
+            irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", "127.0.0.1",
+                        "port", str(free_port(["127.0.0.1"])))
+        else:
+            irmd.request(m.IpcpBootstrap("lo", "local", "local"))
         irmd.note_children()
         port = free_port(["127.0.0.1"])
         log = d / "depot.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen([str(BIN / "ibp"), "depot", "--name", "depot1", "--dir", str(d / "depot1"),
-                                     "--layer", "local", "--listen", f"tcp:127.0.0.1:{port}", *LIMITS, *extra],
+                                     "--layer", "lan" if shared_layer else "local",
+                                     "--listen", f"tcp:127.0.0.1:{port}", *LIMITS, *extra],
                                     env=irmd.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         depot = Depot(irmd, proc, "depot1", port, d / "depot1", log)
 

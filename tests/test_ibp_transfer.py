@@ -141,7 +141,7 @@ class Opener:
     def __init__(self) -> None:
         self.opened: list[FakeConn] = []
 
-    def __call__(self, depot: str, timeout: float) -> FakeConn:
+    def __call__(self, depot: str, timeout: float, who: object = None) -> FakeConn:
         self.opened.append(FakeConn(depot, timeout))
         return self.opened[-1]
 

@@ -8,17 +8,23 @@ from __future__ import annotations
 import re
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
-from test_ibp_hostile import LEGIT_WAIT, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
+from helpers import free_port, wait_for
+from test_ibp_hostile import LEGIT_WAIT, LIMITS, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import wire as w
+from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
+from apps.ibp.limits import IDLE_GRACE
+
+NOBODY = 65534
 
 pytestmark = pytest.mark.skipif(__import__("os").geteuid() != 0,
                                 reason="the attacker runs as uid 65534 through setpriv: needs root")
@@ -85,15 +91,18 @@ def test_a_leaked_journal_yields_no_capability(depot: Depot) -> None:
 
 
 class FakeTarget:
-    """A TCP service root runs: it records who connects and answers with `reply` (a secret inside)."""
+    """A TCP service root runs: it records who connects and what each sent first, and answers with
+    `reply` (a secret inside), or (None) never answers and keeps the connection."""
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes | None) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", free_port(["127.0.0.1"])))
         self.sock.listen(8)
         self.port = self.sock.getsockname()[1]
         self.reply = reply
         self.connections = 0
+        self.received: list[bytes] = []
+        self.held: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -103,29 +112,39 @@ class FakeTarget:
             except OSError:
                 return
             self.connections += 1
-            with conn:
-                conn.settimeout(2)
-                try:
-                    conn.recv(4096)
+            conn.settimeout(2 if self.reply is not None else 10)
+            try:
+                self.received.append(conn.recv(4096))
+                if self.reply is not None:
                     conn.sendall(self.reply)
                     time.sleep(0.2)
-                except OSError:
-                    pass
+            except OSError:
+                pass
+            if self.reply is None:
+                self.held.append(conn)
+            else:
+                conn.close()
 
     def close(self) -> None:
         self.sock.close()
+        for c in self.held:
+            c.close()
 
 
-COPY = PRELUDE + r"""
-targets = sys.argv[4].split(',')
+STORED = PRELUDE + r"""
 s = conn()
 s.sendall(b'1 1 0 1 1 60 100 5\n')
 caps = first_line(s).split()[1:]
 key, rkey, wkey = caps[0].split('/')[3], caps[0].split('/')[4], caps[1].split('/')[4]
 s.sendall(('1 2 %s %s 5 5\n' % (key, wkey)).encode() + b'hello')
 first_line(s); first_line(s)
-for t in targets:
-    s.sendall(('1 5 %s ibp://%s/0#%s/%s/WRITE %s 0 5 3 3 3\n' % (key, t, 'k' * 64, 'k' * 64, rkey)).encode())
+def send_line(target):
+    return ('1 5 %s ibp://%s/0#%s/%s/WRITE %s 0 5 3 3 3\n' % (key, target, 'k' * 64, 'k' * 64, rkey)).encode()
+"""  # uid 65534's allocation with b'hello' in it, and send_line(target): a SEND of it
+
+COPY = STORED + r"""
+for t in sys.argv[4].split(','):
+    s.sendall(send_line(t))
     print(t, '->', first_line(s))
 """
 
@@ -157,6 +176,91 @@ def test_copies_reach_only_allowed_depots_and_never_echo_a_target(open_dir: Path
             t.close()
 
 
+COPIES = STORED + r"""
+import threading
+out = []
+def copy():
+    c = conn()
+    c.sendall(send_line(sys.argv[4]))
+    out.append(first_line(c).split(' ')[0])
+threads = [threading.Thread(target=copy) for _ in range(int(sys.argv[5]))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(' '.join(sorted(out)))
+"""
+
+
+def test_copies_are_few_per_client_and_only_to_what_answers_as_a_depot(open_dir: Path,  # noqa: F811
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flows a copy opens are the depot's own: a client has at most --client-copies of them at
+    once (more are refused with -66), and a target that does not answer ST_VERSION as a depot is left
+    before any byte of the copy is sent. Root's copies, another client's, go on meanwhile."""
+    silent = FakeTarget(None)
+    try:
+        for depot in run_depot(open_dir, monkeypatch, f"--copy-to=127.0.0.1:{silent.port}", "--copy-to=depot*",
+                               "--client-copies", "2"):
+            p = depot.attack_bg(COPIES, f"127.0.0.1:{silent.port}", "3")
+            try:
+                wait_for(lambda: len(silent.received) >= 2, 15, "the copies to reach the target")
+                with Connection(depot.name, timeout=LEGIT_WAIT) as c:  # root, while they hang
+                    r, wcap, _ = c.allocate(10, 60)
+                    c.store(wcap, [b"0123456789"], 10)
+                    r2, w2, _ = c.allocate(10, 60)
+                    assert c.copy(r, w2) == 10 and c.load_bytes(r2) == b"0123456789"
+                out, err = p.communicate(timeout=30)
+            finally:
+                p.kill()
+                p.wait()
+            statuses = out.split()
+            assert sorted(statuses) == sorted([str(w.IBP_E_OUT_OF_SOCKETS), str(w.IBP_E_CLIENT_TIMEOUT),
+                                               str(w.IBP_E_CLIENT_TIMEOUT)]), out + err
+            assert len(silent.received) == 2, silent.received
+            for got in silent.received:  # a version question, never the copy itself
+                assert got.split()[:2] == [b"1", str(w.IBP_STATUS).encode()] and b"hello" not in got, got
+    finally:
+        silent.close()
+
+
+PROBE = r"""
+import os, sys
+from flowlib import flow_accept
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+irm = IrmClient()
+call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
+call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
+print("ready", flush=True)
+while True:
+    flow = flow_accept(irm=irm)
+    print(flow.peer_uid, flush=True)  # who the IRMd says allocated it; then hang up: no depot here
+    flow.close()
+"""
+
+
+def test_copies_are_made_with_the_clients_identity(depot: Depot) -> None:
+    """A root depot allocates a copy's flow as the client: the target sees uid 65534 for uid 65534's
+    copy (and counts it there), root for root's; neither is the depot's identity lent."""
+    env = {**depot.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, "probe"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
+        out = depot.attack(COPY, "probe")
+        assert out.stdout.split("->")[-1].split()[0].startswith("-"), out.stdout + out.stderr  # no depot: failed
+        assert probe.stdout.readline().strip() == str(NOBODY)
+        target = Capability.parse(f"ibp://probe/0#{'k' * 64}/{'k' * 64}/WRITE")
+        with Connection(depot.name, timeout=LEGIT_WAIT) as c:
+            r, wcap, _ = c.allocate(10, 60)
+            c.store(wcap, [b"0123456789"], 10)
+            with pytest.raises(w.IbpError):
+                c.copy(r, target)
+        assert probe.stdout.readline().strip() == "0"
+    finally:
+        probe.kill()
+        probe.wait()
+
+
 HOLD = PRELUDE + r"""
 from flowlib.irm import IrmClient
 from flowlib import flow_alloc, qos
@@ -183,6 +287,36 @@ def test_connection_slots_count_a_clients_flows_and_tcp_together(depot: Depot) -
     finally:
         p.kill()
         p.wait()
+
+
+HOLD_FLOWS = PRELUDE + r"""
+from apps.ibp.client import Connection
+held = []
+for i in range(int(sys.argv[4])):
+    c = Connection(name, timeout=20)
+    c.status()
+    held.append(c)
+print('holding', len(held), flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_user_cannot_hold_a_shared_layers_slots(open_dir: Path,  # noqa: F811
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a layer that names no local peer, every client is one identity: uid 65534 fills its
+    slots with idle connections, and root's new connection still gets in (an idle one gives way)."""
+    for depot in run_depot(open_dir, monkeypatch, shared_layer=True):
+        limit = int(LIMITS[LIMITS.index("--client-connections") + 1])
+        p = depot.attack_bg(HOLD_FLOWS, str(limit))
+        try:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            assert line.split() == ["holding", str(limit)], line + (p.stderr.read() if p.stderr else "")
+            time.sleep(IDLE_GRACE)  # the attacker's connections are now idle, not between two requests
+            assert depot.served() < LEGIT_WAIT  # by TCP (root's own uid) and by flow (the shared layer)
+        finally:
+            p.kill()
+            p.wait()
 
 
 STALL = PRELUDE + r"""

@@ -22,6 +22,7 @@ from apps.netplumb.connection import Closed, ServerConnection
 from apps.netplumb.keys import Identity
 from apps.netplumb.session import ClientSession, ServerSession
 from apps.netplumb.wire import Fields, Packet
+from flowlib.frct import RCV_BUF
 
 # -- the sans-IO session, fed anything -------------------------------------------------------------
 
@@ -120,6 +121,7 @@ from apps.netplumb import wire
 from apps.netplumb.keys import Identity
 from apps.netplumb.session import ClientSession, SessionError
 from apps.netplumb.wire import Fields, Packet
+from flowlib.frct import RCV_BUF
 from flowlib import FlowError, QosSpec, flow_alloc, qos
 from flowlib.irm import IrmClient
 LOW_ORDER_HELLO = b'OUKX\x01' + bytes(32)  # the former in-band hello, with the all-zero key
@@ -360,3 +362,48 @@ def test_a_silent_peer_does_not_hold_up_accept() -> None:
             hold.kill()
             hold.wait()
         assert lab.proc is not None and lab.proc.poll() is None
+
+
+OUT_OF_ORDER = r"""
+import socket, struct, sys, time
+from flowlib.irm import IrmClient
+from proto.qos import data as reliable
+HDR = struct.Struct("!BBHII")
+DATA = 0x01
+irm = IrmClient()
+flows, sent = [], 0
+for i in range(int(sys.argv[1])):
+    reply, fd = irm.alloc("host2", reliable, 10)
+    s = socket.socket(fileno=fd)
+    payload = b"B" * (reply.mtu - HDR.size)
+    for seq in range(1, 1024):  # every PDU but the first: all out of order, none ever delivered
+        s.send(HDR.pack(DATA, 0, 1024, seq, 0) + payload)
+        sent += len(payload)
+    flows.append(s)
+print("sent", sent >> 20, flush=True)
+time.sleep(60)
+"""
+
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_unauthenticated_peers_hold_a_bounded_receive_window() -> None:
+    """uid 65534, with no key, fills its three unauthenticated connections (--per-peer-startups) with
+    out-of-order PDUs that never become an SDU (~190 MB offered): netplumbd holds no more than FRCT's
+    receive window in bytes for each, and serves a client meanwhile."""
+    with running_lab([]) as lab:
+        alice = lab.client("alice")
+        assert lab.plumb(alice, "echo", "warm").stdout == b"warm\n"
+        assert lab.proc is not None
+        rss0 = _proc_stat(lab.proc.pid)[1]
+        p = lab.popen_py(NOBODY, OUT_OF_ORDER, "3")
+        try:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            assert line.startswith("sent") and int(line.split()[1]) > 150, line
+            assert lab.plumb(alice, "echo", "during").stdout == b"during\n"  # served beside it, so all was read
+            grown = (_proc_stat(lab.proc.pid)[1] - rss0) // 1024
+        finally:
+            p.kill()
+            p.wait()
+        assert grown < 3 * (RCV_BUF >> 20) + 16, f"netplumbd grew {grown} MiB"

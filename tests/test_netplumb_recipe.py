@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apps.netplumb.jobs import Launch
+from apps.netplumb.jobs import Exe, Launch
 from apps.netplumb.recipe import File, RecipeError, RecipeJob, ToLabel, ToNext, ToStdout, parse_recipe
 
 SEED_EXAMPLE = """\
@@ -81,7 +81,7 @@ def test_fuzz_parser_only_raises_recipe_errors(text: str) -> None:
 def _job(text: str, open_timeout: float = 10.0) -> RecipeJob:
     """The job as the runner starts it: programs found in PATH, in the current directory."""
     commands = parse_recipe(text)
-    exes = [shutil.which(c.argv[0]) or c.argv[0] for c in commands]
+    exes = [Exe(shutil.which(c.argv[0]) or c.argv[0]) for c in commands]
     return RecipeJob(commands, exes, Launch(dict(os.environ)), open_timeout)
 
 

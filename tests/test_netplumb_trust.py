@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -140,6 +140,52 @@ def test_allow_matches_the_program_found_in_the_servers_path(lab: Lab) -> None:
     r = lab.plumb(mallory, "-export=PATH", "cat", str(public), env={"PATH": f"{fake}:{os.environ['PATH']}"})
     assert r.returncode == 0 and r.stdout == b"public words\n", r.stderr
     assert not (shared / "fake-ran").exists()
+
+
+SWAP = "import os, sys; os.symlink(sys.argv[2], sys.argv[1] + '.new'); os.replace(sys.argv[1] + '.new', sys.argv[1])"
+
+
+def _open_gate(gate: Path, meanwhile: Callable[[], object] = lambda: None) -> None:
+    """Wait for the recipe's first command to read `gate` (the recipe was checked and runs), do
+    `meanwhile`, then let that command end."""
+    def writer() -> int | None:
+        try:
+            return os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            return None
+    fd = wait_for(writer, 30, "the recipe reading its gate")
+    try:
+        meanwhile()
+    finally:
+        os.close(fd)
+
+
+def test_the_program_run_is_the_file_checked(lab: Lab) -> None:
+    """An allowed name that is a symlink of the attacker's, swapped after the check (here while the
+    recipe's first command waits), runs nothing but the file allowed: the runner opens the program once,
+    compares the open file with the one checked and executes that file, scripts included."""
+    public, _, _, shared = _files(lab)
+    tool = lab.root / "tool"
+    tool.write_text("#!/bin/sh\necho tool ran as $(id -un)\n")
+    os.chmod(tool, 0o755)
+    x, gate = shared / "x", shared / "gate"
+    x.mkdir()
+    os.chown(x, NOBODY, NOBODY)
+    link = x / "cat"
+    os.mkfifo(gate, 0o666)
+    cat = os.path.realpath("/bin/cat")
+    assert lab.py(NOBODY, SWAP, str(link), cat).returncode == 0
+    mallory = lab.client("mallory", NOBODY, f'allow="cat,{tool}",users="nobody"')
+    recipe = _recipe(lab, "gated", f"cat {gate}\n{link} {public}\n{tool}\n")
+    p = lab.popen_plumb(mallory, recipe)
+    _open_gate(gate)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out) == (0, b"public words\ntool ran as nobody\n"), err
+    p = lab.popen_plumb(mallory, recipe)
+    _open_gate(gate, lambda: lab.py(NOBODY, SWAP, str(link), "/usr/bin/id").check_returncode())  # checked as cat
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and b"uid=" not in out and b"tool ran" not in out, (out, err)
+    assert f"{link} is now /usr/bin/id, not the {cat} allowed".encode() in err, err
 
 
 def test_client_environment_only_through_accept_env() -> None:

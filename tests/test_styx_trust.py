@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import IrmdProc, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, start_irmd, stop_irmd, wait_for
 from test_styx_e2e import free_port, start, stop
 
 from apps.styx import wire as w
@@ -76,7 +76,7 @@ def result(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
 def serve(irmd: IrmdProc, lab: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
     """`styx serve --name NAME ARGS` as root, up and answering."""
     log = lab / f"{name}.log"
-    proc = start(irmd, "serve", "--name", name, "--layer", "local", *args, log=log)
+    proc = start(irmd, "-v", "serve", "--name", name, "--layer", "local", *args, log=log)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -253,6 +253,86 @@ def test_anonymous_clients_see_read_only_irmd_files(open_irmd: IrmdProc, irm_ser
         stop(bridge)
 
 
+TCP_HOLDER = r"""
+import socket, struct, sys, time
+from apps.styx import wire as w
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def rpc(s, msg):
+    s.sendall(w.encode(msg))
+    size = struct.unpack("<I", s.recv(4, socket.MSG_WAITALL))[0]
+    return w.decode(struct.pack("<I", size) + s.recv(size - 4, socket.MSG_WAITALL))
+held = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    r = rpc(s, w.Tattach(1, 0, w.NOFID, "none", ""))
+    held.append(s)
+print("attached", len(held), type(r).__name__, flush=True)
+time.sleep(120)
+"""
+
+
+def test_tcp_clients_of_a_root_bridge_hold_no_slots_of_the_bridges_user(open_irmd: IrmdProc, lab: Path) -> None:
+    """The bridge allocates its anonymous clients' flows as the anonymous account: however many the
+    attacker holds (attached, then silent), they are counted there and root's own clients are served."""
+    export = lab / "export"
+    export.mkdir()
+    (export / "hello.txt").write_text("hello\n")
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    port = free_port()
+    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}",
+                   log=lab / "bridge.log")
+    holder = None
+    try:
+        wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
+        env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+        holder = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", TCP_HOLDER, str(port), "16"], env=env,
+                                  stdout=subprocess.PIPE, text=True, cwd="/")
+        assert holder.stdout is not None
+        assert holder.stdout.readline().startswith("attached 16 Rattach")
+        log = (lab / "files.log").read_text()
+        assert log.count(" from nobody via layer local") == 16 and " from root via" not in log, log
+        with root_client(open_irmd, "files") as c:  # root, beside the 16, on a local flow
+            assert c.cat("hello.txt") == b"hello\n"
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        stop(bridge)
+        stop(proc)
+
+
+IDLE_ANON = TCP_HOLDER.replace("time.sleep(120)", """
+t0 = time.monotonic()
+held[0].settimeout(30)
+print("closed", held[0].recv(100) == b"", round(time.monotonic() - t0, 1), flush=True)
+""")
+
+
+def test_anonymous_clients_keep_no_slot_for_nothing(open_irmd: IrmdProc, lab: Path) -> None:
+    """An anonymous client (over the TCP bridge, attached as none) that asks nothing is closed after
+    --anon-idle-timeout; root's idle local client stays attached and is served after longer."""
+    export = lab / "export"
+    export.mkdir()
+    (export / "hello.txt").write_text("hello\n")
+    proc = serve(open_irmd, lab, "files", "--root", str(export), "--anon-idle-timeout", "2")
+    port = free_port()
+    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}",
+                   log=lab / "bridge.log")
+    try:
+        wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
+        with root_client(open_irmd, "files") as c:
+            assert c.cat("hello.txt") == b"hello\n"
+            out = as_nobody(open_irmd, IDLE_ANON, str(port), "1").stdout.split()
+            assert out[:5] == ["attached", "1", "Rattach", "closed", "True"], out
+            assert 1.5 <= float(out[5]) < 15, out
+            assert c.cat("hello.txt") == b"hello\n"  # idle as long, not anonymous: still attached
+        assert "asked nothing, anonymous, for 2 s: closed" in (lab / "files.log").read_text()
+    finally:
+        stop(bridge)
+        stop(proc)
+
+
 UNIX_ATTACK = r"""
 import json, sys, time
 from apps.styx import wire as w
@@ -340,6 +420,71 @@ def test_root_file_server_does_each_clients_file_access_as_that_client(open_irmd
             assert c.cat("secret.txt") == b"root only\n"
             c.put("drop/roots.txt", b"r")
         assert (export / "drop" / "roots.txt").stat().st_uid == 0
+    finally:
+        stop(proc)
+
+
+# -- a server of an ordinary user: its symlinks lead others past nothing it does not check ------------
+
+S = 1  # the serving user (daemon)
+
+READER = r"""
+import json, sys
+from apps.styx.client import Client, StyxClientError
+out = {}
+for aname, path in [("", "pub/readme.txt"), ("", "pub/latest"), ("", "pub/also"), ("", "private/draft.txt"),
+                    ("private", "draft.txt")]:
+    try:
+        from apps.styx.transport import dial
+        with Client(dial(sys.argv[1]), aname=aname) as c:
+            out[aname + ":" + path] = c.cat(path).decode()
+    except StyxClientError as e:
+        out[aname + ":" + path] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def as_uid(uid: int, irmd: IrmdProc, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c",
+                           code, *args], env=env, capture_output=True, text=True, timeout=40, cwd="/")
+
+
+def test_a_users_server_follows_no_symlink_for_others(open_irmd: IrmdProc, lab: Path) -> None:
+    """A server of user S checks Plan 9 permissions itself for other users: a symlink (or an attach
+    name) must not take them through a directory they may not search. S's own clients, whom the
+    kernel judges, still follow S's symlinks."""
+    export = lab / "export"
+    (export / "pub").mkdir(parents=True)
+    (export / "private").mkdir(mode=0o700)
+    (export / "pub" / "readme.txt").write_text("public\n")
+    (export / "private" / "draft.txt").write_text("S's draft\n")
+    os.symlink("../private/draft.txt", export / "pub" / "latest")
+    os.symlink("readme.txt", export / "pub" / "also")
+    for dirpath, dirnames, filenames in os.walk(export):
+        for n in (dirpath, *(os.path.join(dirpath, f) for f in dirnames + filenames)):
+            os.lchown(n, S, S)
+    os.chmod(export / "private" / "draft.txt", 0o644)
+    with open(lab / "s.log", "wb") as log:
+        proc = subprocess.Popen(["setpriv", f"--reuid={S}", f"--regid={S}", "--clear-groups", str(BIN / "styx"),
+                                 "serve", "--root", str(export)], env=open_irmd.env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: b"serving" in (lab / "s.log").read_bytes() or proc.poll() is not None, 30, "styx serve")
+        assert proc.poll() is None, (lab / "s.log").read_text()
+        open_irmd.irm_ok("bind", "process", str(proc.pid), "name", "sfiles")
+        open_irmd.irm_ok("name", "register", "sfiles", "layer", "local")
+        kernel = subprocess.run([*AS_NOBODY, "cat", str(export / "pub" / "latest")], capture_output=True)
+        assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+        out = result(as_nobody(open_irmd, READER, "sfiles"))
+        assert out[":pub/readme.txt"] == "public\n", out  # ... Styx refuses it too, and serves the rest
+        assert str(out[":pub/latest"]).startswith("error") and "draft" not in str(out[":pub/latest"]), out
+        assert str(out[":private/draft.txt"]).startswith("error"), out
+        assert str(out["private:draft.txt"]).startswith("error: permission denied"), out
+        assert str(out[":pub/also"]).startswith("error"), out  # no symlink at all for them (Plan 9 has none)
+        mine = result(as_uid(S, open_irmd, READER, "sfiles"))  # S itself: the kernel judges, links work
+        assert mine[":pub/latest"] == mine["private:draft.txt"] == "S's draft\n", mine
+        assert mine[":pub/also"] == "public\n", mine
     finally:
         stop(proc)
 

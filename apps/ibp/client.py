@@ -57,14 +57,28 @@ class Connection:
     """Requests to one depot over one stream; use as a context manager."""
 
     def __init__(self, depot: str, timeout: float = DEFAULT_TIMEOUT, irm: IrmClient | None = None,
-                 encrypt: bool = False) -> None:
+                 encrypt: bool = False, own_irm: bool = False) -> None:
+        """own_irm: `irm` was made for this connection alone, and is closed with it."""
         self.depot = depot
         self.timeout = timeout
         self.answered = 0  # replies received: whether the depot took a request, when a connection is lost
-        self.stream = open_stream(depot, timeout, irm, encrypt)
+        self._own_irm = irm if own_irm else None
+        try:
+            self.stream = open_stream(depot, timeout, irm, encrypt)
+        except BaseException:
+            self._close_irm()
+            raise
 
     def close(self) -> None:
-        self.stream.close()
+        try:
+            self.stream.close()
+        finally:
+            self._close_irm()
+
+    def _close_irm(self) -> None:
+        if self._own_irm is not None:
+            self._own_irm.close()
+            self._own_irm = None
 
     def __enter__(self) -> Connection:
         return self

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import threading
-from collections import Counter
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -26,6 +26,7 @@ class Limits:
     client_allocations: int = 10_000  # ... made by one client
     client_share: float = 0.5         # the fraction of the capacity one client may hold
     copy_to: tuple[str, ...] = ()     # depots SEND/MCOPY may write to (patterns); () is every flow name
+    client_copies: int = 2            # SEND/MCOPY requests of one client in progress at once
 
     def timeout(self, asked: int) -> float:
         """A client's timeout as the depot applies it: 0 is 2 s (as L-Store, for LoRS), at most max_timeout."""
@@ -47,6 +48,7 @@ FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("max_allocations", "--max-allocations", "N", "live allocations, all clients together"),
     ("client_allocations", "--client-allocations", "N", "live allocations of one client"),
     ("client_share", "--client-share", "F", "the fraction of the capacity one client may hold (0-1]"),
+    ("client_copies", "--client-copies", "N", "SEND/MCOPY requests of one client in progress at once"),
 )
 
 
@@ -85,30 +87,82 @@ def copy_allowed(dest: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(dest, p) for p in patterns if (":" in p) == tcp)
 
 
+IDLE_GRACE = 0.05  # s: a shared identity's connection idle this long gives way (not one between two requests)
+
+
+def shared_identity(client: str) -> bool:
+    """Whether `client` stands for many users (a layer, a remote address), not one uid of this host."""
+    return not client.startswith("uid:")
+
+
+class Busy(Exception):
+    """No slot for this client: why."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One connection's slot: whose, since when it waits for a request (None: it is in one), and
+    whether it gave way to a newer connection of the same shared identity."""
+
+    client: str
+    idle_since: float | None = None
+    evicted: bool = False
+
+
 class Slots:
-    """Connection slots, at most `total` in all and `per_client` for any one client."""
+    """Connection slots, at most `total` in all and `per_client` for any one client.
+
+    Identities many users share (a layer, a remote address) cannot tell one user from another, so
+    one of them could hold all of its slots for everyone: there a new connection takes the slot of
+    the one idle longest (at least IDLE_GRACE), which notices and closes; only connections busy in a
+    request keep theirs."""
 
     def __init__(self, total: int, per_client: int) -> None:
         self.total, self.per_client = total, per_client
-        self.held: Counter[str] = Counter()
+        self.held: dict[str, list[Ticket]] = {}
         self._lock = threading.Lock()
 
-    def take(self, client: str) -> str:
-        """"" if `client` got a slot, else why not."""
+    def take(self, client: str, now: float | None = None) -> Ticket:
+        """A slot for `client` (Busy if none), idle until it marks itself busy."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            if self.held[client] >= self.per_client:
-                return f"{self.per_client} connections from this client already"
-            if self.held.total() >= self.total:
-                return f"{self.total} connections already"
-            self.held[client] += 1
-            return ""
+            mine = self.held.setdefault(client, [])
+            why = ""
+            if len(mine) >= self.per_client:
+                why = f"{self.per_client} connections from this client already"
+            elif sum(map(len, self.held.values())) >= self.total:
+                why = f"{self.total} connections already"
+            if why:
+                idle = [t for t in mine if t.idle_since is not None and now - t.idle_since >= IDLE_GRACE]
+                if not idle or not shared_identity(client):
+                    if not mine:
+                        del self.held[client]
+                    raise Busy(why)
+                oldest = min(idle, key=lambda t: t.idle_since or 0.0)
+                oldest.evicted = True
+                mine.remove(oldest)
+            ticket = Ticket(client, now)
+            mine.append(ticket)
+            return ticket
 
-    def give(self, client: str) -> None:
+    def busy(self, ticket: Ticket) -> bool:
+        """Mark `ticket` in a request; False if it gave way meanwhile (its connection is to close)."""
         with self._lock:
-            self.held[client] -= 1
-            if self.held[client] <= 0:
-                del self.held[client]
+            ticket.idle_since = None
+            return not ticket.evicted
+
+    def idle(self, ticket: Ticket, now: float | None = None) -> None:
+        with self._lock:
+            ticket.idle_since = time.monotonic() if now is None else now
+
+    def give(self, ticket: Ticket) -> None:
+        with self._lock:
+            mine = self.held.get(ticket.client, [])
+            if ticket in mine:
+                mine.remove(ticket)
+            if not mine:
+                self.held.pop(ticket.client, None)
 
     def count(self) -> int:
         with self._lock:
-            return self.held.total()
+            return sum(map(len, self.held.values()))

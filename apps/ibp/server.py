@@ -15,23 +15,28 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from apps.ibp import wire as w
 from apps.ibp.capability import READ, WRITE, Capability
-from apps.ibp.client import Connection, parse_cap
+from apps.ibp.client import Connection, parse_cap, tcp_address
 from apps.ibp.depot import RID, Allocation, DepotCore
-from apps.ibp.limits import Limits, Slots, copy_allowed
+from apps.ibp.limits import Busy, Limits, Slots, Ticket, copy_allowed
 from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
 from apps.ibp.targets import Targets
+from apps.styx.agent import AGENT_PROG, Agent, peer_pid
+from apps.styx.identity import Creds, anon_creds, user_for_uid
 from flowlib import FlowError
 from flowlib.flow import establish
-from flowlib.irm import IrmClient
+from flowlib.irm import IrmClient, default_client
 from proto import messages as m
 from proto.errors import IrmdUnreachable
+from transports.unix import irmd_sock_path
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ DEFAULT_PORT = 6714
 REJECT_QUEUE = 32       # turned-away connections waiting for their -66; beyond, they are just closed
 REJECT_TIME = 2.0       # seconds a turned-away client gets to take its -66
 ACCEPT_BACKOFF = 0.1    # after a failed accept (out of fds, a flow that failed to arrive)
+VERIFY_TIMEOUT = 5.0    # seconds a copy target has to answer ST_VERSION as a depot
+EVICT_POLL = 1.0        # seconds between an idle connection's looks at whether it gave its slot away
 VERSION_TEXT = "ouroboros-py IBP depot, protocol 1.4"
 # Accept errors that concern one connection or a passing shortage, not the listening socket.
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO,
@@ -87,6 +94,8 @@ class DepotServer:
     slots: Slots | None = None
     rejecter: Rejecter = field(default_factory=Rejecter)
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _copies: Counter[str] = field(default_factory=Counter)  # copies in progress per client
+    euid: int = field(default_factory=os.geteuid)  # root copies as its clients (copier)
     turned_away: int = 0  # connections refused for a limit (ST_INQ reports it)
     accepted: int = 0  # connections served since the start (ST_INQ reports it)
     targets: Targets = field(init=False)
@@ -96,8 +105,46 @@ class DepotServer:
             self.slots = Slots(self.limits.max_connections, self.limits.client_connections)
         self.targets = Targets(self._open_target)
 
-    def _open_target(self, depot: str, timeout: float) -> Connection:
-        return Connection(depot, timeout=timeout, irm=self.irm, encrypt=self.encrypt)
+    def _open_target(self, depot: str, timeout: float, who: Creds | None) -> Connection:
+        """A connection to a copy target, its flow allocated as `who` (None: as the depot), that
+        answered as a depot (ST_VERSION) within VERIFY_TIMEOUT: a service of another protocol is left
+        at once, before any copy is sent to it."""
+        irm = self.irm
+        if who is not None and tcp_address(depot) is None:
+            irm = self._irm_as(who)
+        conn = Connection(depot, timeout=min(timeout, VERIFY_TIMEOUT), irm=irm, encrypt=self.encrypt,
+                          own_irm=irm is not self.irm)
+        try:
+            conn.version()
+        except BaseException:
+            conn.close()
+            raise
+        conn.timeout = timeout
+        return conn
+
+    def copier(self, client: str) -> Creds | None:
+        """Whose identity the flows of `client`'s copies carry, so that other services count them
+        against the client and never against the depot's user: a local client's own uid, the
+        anonymous account for clients the stack cannot name; None (the depot's own) for the depot's
+        user itself, or when the depot cannot act as anyone else (it is not root)."""
+        if self.euid != 0:
+            return None
+        if client.startswith("uid:") and client[4:].isdigit():
+            uid = int(client[4:])
+            return None if uid == self.euid else user_for_uid(uid).creds
+        return anon_creds()
+
+    def _irm_as(self, who: Creds) -> IrmClient:
+        """An IRMd connection made by an agent process that is `who` (forked, switched, connected,
+        then gone: the connection carries its credentials)."""
+        ours = self.irm or default_client()
+        agent = Agent(who, Path(os.path.abspath(irmd_sock_path())), peer_pid(ours.channel.sock))
+        try:
+            return IrmClient(sock=agent.connect(), prog=AGENT_PROG)
+        except FlowError as e:
+            raise w.IbpError(w.IBP_E_CONNECTION, f"cannot reach the IRMd as uid {who.uid}: {e}") from None
+        finally:
+            agent.close()
 
     def alloc_lock(self, a: Allocation) -> threading.Lock:
         with self.lock:
@@ -109,46 +156,53 @@ class DepotServer:
         """Serve the connection `opener` makes on a thread of its own, if `client` may have one more;
         else it gets -66. Never blocks and never raises: the accept loop goes on whatever happens."""
         assert self.slots is not None
-        why = self.slots.take(client)
-        if why:
-            log.debug("client %s turned away: %s", client, why)  # a flood must not fill the log too
+        try:
+            ticket = self.slots.take(client)
+        except Busy as e:
+            log.debug("client %s turned away: %s", client, e)  # a flood must not fill the log too
             self.turned_away += 1
-            self.rejecter.reject(opener, discard, why)
+            self.rejecter.reject(opener, discard, str(e))
             return
         self.accepted += 1
         try:
-            threading.Thread(target=self._run, args=(client, opener, depot_addr), daemon=True).start()
+            threading.Thread(target=self._run, args=(ticket, opener, depot_addr), daemon=True).start()
         except RuntimeError as e:  # no thread to be had
             log.error("cannot serve %s: %s", client, e)
-            self.slots.give(client)
+            self.slots.give(ticket)
             with contextlib.suppress(Exception):
                 discard()
 
-    def _run(self, client: str, opener: Opener, depot_addr: str) -> None:
+    def _run(self, ticket: Ticket, opener: Opener, depot_addr: str) -> None:
         assert self.slots is not None
         try:
             stream = opener()  # a flow's setup runs here, off the accept loop
         except Exception as e:  # a flow that never became one costs its slot only
-            log.info("connection from %s failed to open: %s", client, e)
-            self.slots.give(client)
+            log.info("connection from %s failed to open: %s", ticket.client, e)
+            self.slots.give(ticket)
             return
         try:
-            self.serve(stream, depot_addr, client)
+            self.serve(stream, depot_addr, ticket.client, ticket)
         finally:
-            self.slots.give(client)
+            self.slots.give(ticket)
 
-    def serve(self, stream: ByteStream, depot_addr: str, client: str = "") -> None:
-        """Answer requests on `stream` until it closes, idles out or breaks the protocol."""
+    def serve(self, stream: ByteStream, depot_addr: str, client: str = "", ticket: Ticket | None = None) -> None:
+        """Answer requests on `stream` until it closes, idles out, gives its slot `ticket` way to a
+        newer connection of its (shared) identity, or breaks the protocol."""
         lim = self.limits
         with stream:
             while True:
                 try:
+                    if not self._await_request(stream, ticket):
+                        return
                     line = stream.readline(w.MAX_LINE, lim.idle_timeout, lim.request_timeout)
                 except (StreamClosed, StreamTimeout, FlowError, OSError):
                     return
                 except ValueError:
                     with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
                         stream.send(w.format_refusal(w.IBP_E_BAD_FORMAT, "request line too long"))
+                    return
+                if ticket is not None and self.slots is not None and not self.slots.busy(ticket):
+                    log.info("connection of %s gave way to a newer one", ticket.client)
                     return
                 try:
                     if not self.handle(stream, line, depot_addr, client):
@@ -161,6 +215,22 @@ class DepotServer:
                     with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
                         stream.send(w.format_refusal(w.IBP_E_INTERNAL, "internal error"))
                     return
+
+    def _await_request(self, stream: ByteStream, ticket: Ticket | None) -> bool:
+        """Wait, idle, for the next request to begin: True when it does, False after the idle timeout
+        or once the connection gave its slot away (looked at every EVICT_POLL seconds)."""
+        if ticket is None or self.slots is None:
+            return True
+        self.slots.idle(ticket)
+        end = time.monotonic() + self.limits.idle_timeout
+        while not ticket.evicted:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if stream.wait(min(EVICT_POLL, left)):
+                return True
+        log.info("idle connection of %s gave way to a newer one", ticket.client)
+        return False
 
     def handle(self, stream: ByteStream, line: bytes, depot_addr: str, client: str = "") -> bool:
         """One request; False when the stream can no longer be trusted (and is to be closed)."""
@@ -196,10 +266,12 @@ class DepotServer:
         elif isinstance(req, w.Load):
             return self._load(stream, req, now)
         elif isinstance(req, w.Send):
-            n = self._copy(req, [req.dest_cap], req.dest_timeout)[0][0]
+            with self._copying(client):
+                n = self._copy(req, [req.dest_cap], req.dest_timeout, client)[0][0]
             stream.send(w.format_reply(w.IBP_OK, n))
         elif isinstance(req, w.Mcopy):
-            results = self._copy(req, list(req.dest_caps), req.timeout)
+            with self._copying(client):
+                results = self._copy(req, list(req.dest_caps), req.timeout, client)
             stream.send(w.format_reply(w.IBP_OK, results[0][0], *(s for _, s in results)))
         elif isinstance(req, w.Manage):
             with self.lock:
@@ -329,7 +401,25 @@ class DepotServer:
                 yield view[: at + got]
                 at = 0
 
-    def _copy(self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int) -> list[tuple[int, int]]:
+    @contextlib.contextmanager
+    def _copying(self, client: str) -> Iterator[None]:
+        """One of `client`'s copies in progress, at most limits.client_copies at once: the flows a copy
+        opens are the depot's, so no client may hold many of them at other services."""
+        with self.lock:
+            if self._copies[client] >= self.limits.client_copies:
+                raise w.IbpError(w.IBP_E_OUT_OF_SOCKETS,
+                                 f"{self.limits.client_copies} copies of this client in progress already")
+            self._copies[client] += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._copies[client] -= 1
+                if self._copies[client] <= 0:
+                    del self._copies[client]
+
+    def _copy(self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int,
+              client: str = "") -> list[tuple[int, int]]:
         """Push the bytes to each destination over our own flows: [(length, status)] per target.
 
         Only to depots the operator allows (limits.copy_to), and a target's reply is reduced to its
@@ -348,15 +438,16 @@ class DepotServer:
                 with self.lock:
                     self.core.refused[status] += 1
             else:
-                status, why = self._copy_one(a, cap, req.offset, n, timeout)
+                status, why = self._copy_one(a, cap, req.offset, n, timeout, self.copier(client))
             if status != w.IBP_OK and len(caps) == 1:
                 raise w.IbpError(status, why)
             results.append((n, status))
         return results
 
-    def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float) -> tuple[int, str]:
+    def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float,
+                  who: Creds | None) -> tuple[int, str]:
         try:
-            self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n))
+            self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n), who)
         except w.IbpError as e:
             status = w.known_error(e.status)
             log.info("copy to %s failed: %s", cap.depot, w.status_text(status))

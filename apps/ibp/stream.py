@@ -58,6 +58,15 @@ class ByteStream:
         wait = _left(deadline, SEND_TIMEOUT)
         self._send(data, SEND_TIMEOUT if wait is None else wait)
 
+    def wait(self, timeout: float) -> bool:
+        """Whether bytes are pending, after waiting up to `timeout` for some (False: none came)."""
+        if not self._buf:
+            try:
+                self._fill(time.monotonic() + timeout)
+            except StreamTimeout:
+                return False
+        return True
+
     def readline(self, limit: int, timeout: float | None, line_timeout: float | None = None) -> bytes:
         """One line, newline included; ValueError if it exceeds `limit` bytes.
 

@@ -8,15 +8,19 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from apps.ibp import wire as w
 from apps.ibp.client import Connection
+
+if TYPE_CHECKING:
+    from apps.styx.identity import Creds
 
 KEEP_FOR = 60.0  # seconds an unused connection is kept (well within a target's idle timeout)
 PER_TARGET = 2  # connections kept per target depot
 MOST = 16  # connections kept in all
 
-Opener = Callable[[str, float], Connection]
+Opener = Callable[[str, float, "Creds | None"], Connection]  # depot, timeout, whose identity (None: ours)
 
 
 class Targets:
@@ -27,13 +31,14 @@ class Targets:
         self.opener = opener
         self.clock = clock
         self.lock = threading.Lock()
-        self.kept: dict[str, list[tuple[float, Connection]]] = {}
+        self.kept: dict[tuple[Creds | None, str], list[tuple[float, Connection]]] = {}
 
-    def use(self, depot: str, timeout: float, work: Callable[[Connection], object]) -> None:
-        """`work` on a connection to `depot`: a kept one, or a new one. A kept one the target has
-        closed meanwhile is lost before its first request is answered; the work is then done again
-        on a new connection (the target did nothing for it)."""
-        conn = self._take(depot)
+    def use(self, depot: str, timeout: float, work: Callable[[Connection], object], who: Creds | None = None) -> None:
+        """`work` on a connection to `depot` made as `who`: a kept one, or a new one. A kept one the
+        target has closed meanwhile is lost before its first request is answered; the work is then
+        done again on a new connection (the target did nothing for it)."""
+        key = (who, depot)
+        conn = self._take(key)
         if conn is not None:
             conn.timeout = timeout
             answered = conn.answered
@@ -44,25 +49,25 @@ class Targets:
                 if e.status != w.IBP_E_CONNECTION or conn.answered != answered:
                     raise  # the target took the request: doing it again could do it twice
             else:
-                self._keep(conn)
+                self._keep(key, conn)
                 return
-        conn = self.opener(depot, timeout)
+        conn = self.opener(depot, timeout, who)
         try:
             work(conn)
         except BaseException:
             conn.close()
             raise
-        self._keep(conn)
+        self._keep(key, conn)
 
-    def _take(self, depot: str) -> Connection | None:
+    def _take(self, key: tuple[Creds | None, str]) -> Connection | None:
         with self.lock:
-            kept = self.kept.get(depot)
+            kept = self.kept.get(key)
             return kept.pop()[1] if kept else None
 
-    def _keep(self, conn: Connection) -> None:
+    def _keep(self, key: tuple[Creds | None, str], conn: Connection) -> None:
         """Keep `conn` for the next copy if it is in step (nothing unread) and there is room."""
         with self.lock:
-            kept = self.kept.setdefault(conn.depot, [])
+            kept = self.kept.setdefault(key, [])
             if not conn.stream.pending and len(kept) < PER_TARGET and sum(map(len, self.kept.values())) < MOST:
                 kept.append((self.clock(), conn))
                 return
@@ -72,11 +77,11 @@ class Targets:
         """Close the connections unused for KEEP_FOR seconds."""
         old: list[Connection] = []
         with self.lock:
-            for depot, kept in list(self.kept.items()):
+            for key, kept in list(self.kept.items()):
                 old += [c for t, c in kept if self.clock() - t >= KEEP_FOR]
                 kept[:] = [(t, c) for t, c in kept if self.clock() - t < KEEP_FOR]
                 if not kept:
-                    del self.kept[depot]
+                    del self.kept[key]
         for conn in old:
             with contextlib.suppress(Exception):
                 conn.close()

@@ -5,6 +5,7 @@ already the target user). The process gets a session of its own, so a signal rea
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -39,6 +40,28 @@ class Launch:
         return {"env": self.env, "cwd": self.cwd, "start_new_session": True, "close_fds": True}
 
 
+@dataclass(frozen=True)
+class Exe:
+    """A program of the plan: the path to run, and the file the policy checked it is (None: unchecked)."""
+
+    path: str
+    real: str | None = None
+
+    def popen(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start `argv` from exactly the file the policy checked. The path is opened once, with this
+        process's rights; the open file is compared with `real` and is what the kernel executes (through
+        /proc/self/fd, as fexecve does, the descriptor inherited so that a script's interpreter can read
+        it), so a symlink swapped between the check and the start runs nothing else."""
+        fd = os.open(self.path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            opened = f"/proc/self/fd/{fd}"
+            if self.real is not None and (now := os.readlink(opened)) != self.real:
+                raise PermissionError(errno.EACCES, f"{self.path} is now {now}, not the {self.real} allowed")
+            return subprocess.Popen(argv, executable=opened, pass_fds=(fd,), **kwargs)  # type: ignore[call-overload,no-any-return]
+        finally:
+            os.close(fd)
+
+
 PIPE_SIZE = 256 * 1024  # stdin and stdout hold several DATA packets' worth, so reads and writes go whole
 
 
@@ -56,13 +79,12 @@ def pipes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
 
 
 class CommandJob:
-    """A single program: argv as given, executed from `exe` (the path the policy resolved)."""
+    """A single program: argv as given, executed from `exe` (the file the policy resolved)."""
 
-    def __init__(self, argv: list[str], exe: str, launch: Launch) -> None:
+    def __init__(self, argv: list[str], exe: Exe, launch: Launch) -> None:
         (ci, self.stdin), (co, self.stdout), (ce, self.stderr) = pipes()
         try:
-            self.proc = subprocess.Popen(argv, executable=exe, stdin=ci, stdout=co, stderr=ce,
-                                         **launch.popen_kwargs())  # type: ignore[call-overload]
+            self.proc = exe.popen(argv, stdin=ci, stdout=co, stderr=ce, **launch.popen_kwargs())
         except BaseException:
             for fd in (self.stdin, self.stdout, self.stderr):
                 os.close(fd)

@@ -78,10 +78,12 @@ class Settings:
 
 @dataclass(frozen=True)
 class Step:
-    """One program to start: argv as the client gave it, executed from `exe`."""
+    """One program to start: argv as the client gave it, executed from `exe`, which must still be the
+    file `real` the policy checked when the runner opens it (None: the login shell, not checked)."""
 
     argv: tuple[str, ...]
     exe: str
+    real: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def _recipe_steps(entry: AuthorizedKey, recipe: str, s: Settings) -> tuple[Step,
         commands = parse_recipe(recipe)
     except RecipeError as e:
         raise Refused(f"bad recipe: {e}") from None
-    return tuple(Step(tuple(c.argv), _program(c.argv[0], entry, s).path) for c in commands)
+    return tuple(_step(tuple(c.argv), _program(c.argv[0], entry, s)) for c in commands)
 
 
 def _command_step(entry: AuthorizedKey, argv: tuple[str, ...], account: Account, s: Settings) -> tuple[Step]:
@@ -157,7 +159,11 @@ def _command_step(entry: AuthorizedKey, argv: tuple[str, ...], account: Account,
     words = _words(argv)
     if entry.command is not None and words != entry.command:
         raise Refused(f"this key may only run: {shlex.join(entry.command)}")
-    return (Step(words, _program(words[0], entry, s).path),)
+    return (_step(words, _program(words[0], entry, s)),)
+
+
+def _step(argv: tuple[str, ...], program: Program) -> Step:
+    return Step(argv, program.path, program.real)
 
 
 def _words(argv: tuple[str, ...]) -> tuple[str, ...]:

@@ -187,7 +187,7 @@ def plan_to_json(plan: Plan, workdir: bool, open_timeout: float, kill_grace: flo
     a = plan.account
     return json.dumps({
         "uid": a.uid, "gid": a.gid, "groups": a.groups,
-        "steps": [[list(s.argv), s.exe] for s in plan.steps], "recipe": plan.recipe, "env": dict(plan.env),
+        "steps": [[list(s.argv), s.exe, s.real] for s in plan.steps], "recipe": plan.recipe, "env": dict(plan.env),
         "cwd": plan.cwd, "workdir": workdir, "infifos": plan.infifos, "outfifos": plan.outfifos,
         "sockets": plan.sockets, "open_timeout": open_timeout, "kill_grace": kill_grace,
     }).encode()

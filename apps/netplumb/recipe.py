@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from apps.netplumb.endpoints import open_within
-from apps.netplumb.jobs import Launch, pipes
+from apps.netplumb.jobs import Exe, Launch, pipes
 
 MAX_COMMANDS = 256
 OPEN_TIMEOUT = 10.0  # seconds a redirection waits for the other end of a named pipe
@@ -233,7 +233,7 @@ class RecipeJob:
     working directory), then commands in order, waiting for each unless it ended in `|` or `&`.
     The status is the first non-zero one, else 0. exes: each command's program, as resolved."""
 
-    def __init__(self, commands: list[Command], exes: list[str], launch: Launch,
+    def __init__(self, commands: list[Command], exes: list[Exe], launch: Launch,
                  open_timeout: float = OPEN_TIMEOUT) -> None:
         if len(exes) != len(commands):
             raise RecipeError(f"{len(exes)} programs for {len(commands)} commands")
@@ -327,8 +327,7 @@ class RecipeJob:
                 if self._cancelled:
                     break
                 try:
-                    proc = subprocess.Popen(cmd.argv, executable=exe, stdin=fin, stdout=fout, stderr=ferr,
-                                            **self._kwargs)  # type: ignore[call-overload]
+                    proc = exe.popen(cmd.argv, stdin=fin, stdout=fout, stderr=ferr, **self._kwargs)
                 except OSError as e:
                     with contextlib.suppress(OSError):
                         os.write(ferr, f"recipe line {cmd.line}: cannot run {cmd.argv[0]}: {e.strerror}\n".encode())

@@ -20,7 +20,7 @@ from typing import Any
 
 from apps.netplumb import privsep
 from apps.netplumb.endpoints import EndpointError, Endpoints, open_fifo
-from apps.netplumb.jobs import CommandJob, Job, Launch, describe_status
+from apps.netplumb.jobs import CommandJob, Exe, Job, Launch, describe_status
 from apps.netplumb.recipe import RecipeError, RecipeJob, parse_recipe
 
 MAX_PLAN = 4 << 20
@@ -89,10 +89,11 @@ class Session:
         steps = plan["steps"]
         if plan["recipe"] is not None:
             commands = parse_recipe(plan["recipe"])
-            return RecipeJob(commands, [exe for _, exe in steps], launch, plan["open_timeout"]), listeners
-        (argv, exe), = steps
+            return RecipeJob(commands, [Exe(exe, real) for _, exe, real in steps], launch,
+                             plan["open_timeout"]), listeners
+        (argv, exe, real), = steps
         try:
-            return CommandJob(argv, exe, launch), listeners
+            return CommandJob(argv, Exe(exe, real), launch), listeners
         except OSError as e:
             raise _NotRun(f"cannot run {argv[0]}: {e.strerror}", 127 if e.errno == 2 else 126) from None
 

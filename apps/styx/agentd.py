@@ -46,7 +46,9 @@ def _become(creds: Creds) -> None:
         raise OSError("credentials did not change")
 
 
-def serve(control: socket.socket, irmd_sock: str) -> None:
+def serve(control: socket.socket, irmd_sock: str, via: str | None = None) -> None:
+    """Answer requests for IRMd connections, made to `via` (the socket file opened before the switch)
+    or else to `irmd_sock`."""
     while True:
         try:
             request = control.recv(16)
@@ -56,7 +58,7 @@ def serve(control: socket.socket, irmd_sock: str) -> None:
             return  # end of file (the session is over), or not a request we know
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            conn.connect(irmd_sock)
+            conn.connect(via or irmd_sock)
         except OSError as e:
             control.send(f"cannot reach the IRMd at {irmd_sock} as uid {os.getuid()}: {e.strerror}".encode())
         else:
@@ -70,11 +72,17 @@ def child(control: int, irmd_sock: str, creds: Creds | None) -> None:
     code = 1
     try:
         _shed(control)
+        # The IRMd's socket (mode 0666) as the server reaches it: a connect through this descriptor
+        # needs the client's right to write the socket, not to search the directories above it (a
+        # private run directory would otherwise keep clients out that the IRMd itself admits).
+        via = None
+        with contextlib.suppress(OSError):
+            via = f"/proc/self/fd/{os.open(irmd_sock, os.O_PATH | os.O_CLOEXEC)}"
         if creds is not None:
             _become(creds)
         os.chdir("/")
         with socket.socket(fileno=control) as sock:
-            serve(sock, irmd_sock)
+            serve(sock, irmd_sock, via)
         code = 0
     except BaseException as e:  # report and leave: nothing may return into the server's code
         with contextlib.suppress(BaseException):

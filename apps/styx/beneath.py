@@ -1,8 +1,8 @@
 """Opening paths beneath a directory descriptor and nowhere else, whatever is renamed meanwhile.
 
 openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) through ctypes where the kernel has it (5.6+):
-symlinks that stay beneath are followed, all others fail. Elsewhere one component at a time
-with O_NOFOLLOW, so no symlink is followed at all.
+symlinks that stay beneath are followed, all others fail (or all fail, with follow=False). Elsewhere
+one component at a time with O_NOFOLLOW, so no symlink is followed at all.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import struct
 
 SYS_OPENAT2 = 437  # the same number on every architecture (new system calls share one table)
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 OPEN_HOW = struct.Struct("=QQQ")  # flags, mode, resolve
 RETRIES = 8  # EAGAIN: a rename raced the lookup; the kernel asks us to try again
@@ -27,9 +28,10 @@ class Escape(OSError):
 _openat2_works: bool | None = None
 
 
-def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
+def _openat2(dirfd: int, path: str, flags: int, mode: int, follow: bool = True) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
-    how = ctypes.create_string_buffer(OPEN_HOW.pack(flags, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS))
+    resolve = RESOLVE_BENEATH | (RESOLVE_NO_MAGICLINKS if follow else RESOLVE_NO_SYMLINKS)
+    how = ctypes.create_string_buffer(OPEN_HOW.pack(flags, mode, resolve))
     for _ in range(RETRIES):
         fd = int(libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path),
                               how, ctypes.c_size_t(OPEN_HOW.size)))
@@ -40,6 +42,8 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
             break
     if err == errno.EXDEV:
         raise Escape(errno.ENOENT, "leads outside the served tree")
+    if err == errno.ELOOP and not follow:
+        raise Escape(errno.ENOENT, "symbolic links are not followed here")
     raise OSError(err, os.strerror(err))
 
 
@@ -76,11 +80,13 @@ def _walk_nofollow(dirfd: int, parts: list[str], flags: int, mode: int) -> int:
     return last
 
 
-def open_beneath(dirfd: int, names: tuple[str, ...] | list[str], flags: int, mode: int = 0) -> int:
+def open_beneath(dirfd: int, names: tuple[str, ...] | list[str], flags: int, mode: int = 0,
+                 follow: bool = True) -> int:
     """open(2) of `names` (single components, none '.', '..' or with '/') beneath `dirfd`.
 
-    No component may be a symbolic link leading out of dirfd's tree (Escape); the result is
-    close-on-exec. An empty `names` opens dirfd's own directory anew.
+    No component may be a symbolic link leading out of dirfd's tree, nor any symbolic link at all
+    with follow=False (Escape); the result is close-on-exec. An empty `names` opens dirfd's own
+    directory anew.
     """
     parts = list(names)
     if any(not n or n in (".", "..") or "/" in n for n in parts):
@@ -88,5 +94,5 @@ def open_beneath(dirfd: int, names: tuple[str, ...] | list[str], flags: int, mod
     if not parts:
         parts = ["."]
     if has_openat2():
-        return _openat2(dirfd, "/".join(parts), flags | os.O_CLOEXEC, mode)
+        return _openat2(dirfd, "/".join(parts), flags | os.O_CLOEXEC, mode, follow)
     return _walk_nofollow(dirfd, parts, flags, mode)

@@ -1,6 +1,7 @@
 """The bridge: third-party 9P clients on a TCP or unix socket, each relayed to a flow of its own
 to the served name, as who it is (unix: SO_PEERCRED, the flow allocated with its credentials)
-or as the anonymous user none (TCP: every Tattach's user rewritten).
+or as the anonymous user none (TCP: the flow allocated as the anonymous account, every Tattach's
+user rewritten).
 """
 
 from __future__ import annotations
@@ -176,9 +177,17 @@ class Bridge:
         agent: Agent | None = None
         irm = self.irm
         try:
-            if rights.as_user and rights.creds is not None and rights.creds.uid != self.policy.euid:
-                agent = Agent(rights.creds, Path(os.path.abspath(irmd_sock_path())), self.irmd_pid)
-                irm = IrmClient(sock=agent.connect(), prog=AGENT_PROG)
+            # The flow carries who the client is: its own uid, or (TCP, or a user the bridge cannot
+            # act as) the anonymous account's, so that a server counts it there and never as the
+            # bridge's user; only a bridge that cannot switch lends its own.
+            if rights.creds is not None and rights.creds.uid != self.policy.euid:
+                try:
+                    agent = Agent(rights.creds, Path(os.path.abspath(irmd_sock_path())), self.irmd_pid)
+                    irm = IrmClient(sock=agent.connect(), prog=AGENT_PROG)
+                except FlowError as e:  # fail closed: never the bridge's identity instead
+                    log.warning("bridge: cannot reach the IRMd as %s: %s", user.name, e)
+                    refuse(StreamTransport(conn), f"the bridge cannot reach the IRMd as {user.name}")
+                    return
             try:
                 flow = flow_alloc(self.name, qos=qos.data, timeout=ALLOC_TIMEOUT, irm=irm)
             except FlowError as e:

@@ -147,7 +147,7 @@ def announce(name: str, layers: list[str]) -> None:
 def limits(a: argparse.Namespace) -> Limits:
     lim = Limits(**{k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k, None) is not None})
     if lim.msize < w.MSIZE_MIN or min(lim.fids, lim.pending, lim.flows, lim.conns, lim.conns_per_user) < 1 \
-            or lim.attach_timeout <= 0 or lim.send_timeout <= 0:
+            or min(lim.attach_timeout, lim.send_timeout, lim.anon_idle_timeout) <= 0:
         raise CliError(f"limits must be positive (and --msize at least {w.MSIZE_MIN})")
     return replace(lim, msize=min(lim.msize, w.MSIZE_MAX))
 
@@ -208,6 +208,8 @@ LIMIT_FLAGS = {
     "conns_per_user": ("--max-conns-per-user", int, "connections at once per user (anonymous: all are none)"),
     "attach_timeout": ("--attach-timeout", float, "seconds a connection may take to attach"),
     "send_timeout": ("--send-timeout", float, "seconds a client may leave replies untaken before it is dropped"),
+    "anon_idle_timeout": ("--anon-idle-timeout", float,
+                          "seconds an anonymous client may stay attached without a request (none share slots)"),
 }
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from apps.styx import wire as w
 from apps.styx.beneath import Escape, open_beneath
 from apps.styx.identity import group_name, user_name
-from apps.styx.tree import Handle, Node, StyxError, Tree
+from apps.styx.tree import Handle, Node, StyxError, Tree, allowed
 
 if TYPE_CHECKING:
     from apps.styx.agent import Peer
@@ -67,18 +67,28 @@ class FsTree(Tree):
         self.rootfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def attach(self, peer: Peer, aname: str) -> Node:
-        node: Node = FsNode(self, (), self.resolve(()))
+        """The node `aname` names. Symlinks are followed only where the kernel checks every directory
+        they lead through with credentials that are the client's (its own, or the anonymous user's);
+        a server working for others with its own rights checks each directory walked itself (the
+        server's Plan 9 check), so a link would take them past directories nobody checked."""
+        rights = peer.rights
+        node: Node = FsNode(self, (), self.resolve(()), follow=rights.as_user or rights.creds is not None)
         for part in aname.split("/"):
             if part and part != ".":
+                if not rights.as_user and not allowed(st := node.stat(), peer.user, w.DMEXEC):
+                    node.close()
+                    raise StyxError(f"permission denied: cannot search '{st.name}'")
                 step = node.parent() if part == ".." else node.walk(part)
                 node.close()
                 node = step
         return node
 
-    def resolve(self, rel: tuple[str, ...], flags: int = os.O_PATH, mode: int = 0) -> int:
-        """A descriptor for `rel` beneath the root; what leads outside is not there."""
+    def resolve(self, rel: tuple[str, ...], flags: int = os.O_PATH, mode: int = 0, follow: bool = True,
+                at: int | None = None) -> int:
+        """A descriptor for `rel` beneath the root (or beneath the directory `at`); what leads outside,
+        or through a symlink with follow=False, is not there."""
         try:
-            return open_beneath(self.rootfd, rel, flags, mode)
+            return open_beneath(self.rootfd if at is None else at, rel, flags, mode, follow)
         except (Escape, FileNotFoundError):
             raise StyxError(f"'{'/'.join(rel)}' file does not exist") from None
 
@@ -87,10 +97,21 @@ class FsTree(Tree):
 
 
 class FsNode(Node):
-    def __init__(self, tree: FsTree, rel: tuple[str, ...], fd: int) -> None:
+    """A file of the tree: its path from the root and its own descriptor. follow: whether names are
+    resolved through symlinks (beneath the root) for this client, or each walk step opens one name in
+    this very directory, the one the server checked, and no symlink at all."""
+
+    def __init__(self, tree: FsTree, rel: tuple[str, ...], fd: int, follow: bool = True) -> None:
         self.tree = tree
         self.rel = rel
         self.fd = fd
+        self.follow = follow
+
+    def _resolve(self, rel: tuple[str, ...], flags: int = os.O_PATH) -> int:
+        return self.tree.resolve(rel, flags, follow=self.follow)
+
+    def _node(self, rel: tuple[str, ...], fd: int) -> FsNode:
+        return FsNode(self.tree, rel, fd, self.follow)
 
     @property
     def name(self) -> str:
@@ -111,13 +132,15 @@ class FsNode(Node):
 
     def walk(self, name: str) -> Node:
         rel = (*self.rel, name)
-        return FsNode(self.tree, rel, self.tree.resolve(rel))
+        if self.follow:
+            return self._node(rel, self._resolve(rel))
+        return self._node(rel, self.tree.resolve((name,), follow=False, at=self.fd))
 
     def parent(self) -> Node:
-        return FsNode(self.tree, self.rel[:-1], self.tree.resolve(self.rel[:-1])) if self.rel else self.clone()
+        return self._node(self.rel[:-1], self._resolve(self.rel[:-1])) if self.rel else self.clone()
 
     def clone(self) -> Node:
-        return FsNode(self.tree, self.rel, os.dup(self.fd))
+        return self._node(self.rel, os.dup(self.fd))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -126,7 +149,7 @@ class FsNode(Node):
 
     def _still_here(self, flags: int = os.O_PATH) -> int:
         """Our name resolved anew (a descriptor with `flags`), if it still leads to our file."""
-        here = self.tree.resolve(self.rel, flags)
+        here = self._resolve(self.rel, flags)
         try:
             a, b = os.fstat(here), self._os_stat()
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
@@ -139,7 +162,7 @@ class FsNode(Node):
     def _parent_fd(self) -> int:
         """The parent directory's descriptor, after checking our name still leads to our file."""
         os.close(self._still_here())
-        return self.tree.resolve(self.rel[:-1])
+        return self._resolve(self.rel[:-1])
 
     def open(self, mode: int, user: str) -> Handle:
         s = self._os_stat()
@@ -156,7 +179,7 @@ class FsNode(Node):
         try:
             if perm & w.DMDIR:
                 os.mkdir(name, perm & 0o777, dir_fd=pfd)
-                child = FsNode(self.tree, rel, self.tree.resolve(rel))
+                child = self._node(rel, self._resolve(rel))
                 return child, FsDirHandle(child)
             flags = _OPEN_FLAGS[mode & 3] | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, perm & 0o777, dir_fd=pfd)
@@ -165,7 +188,7 @@ class FsNode(Node):
         finally:
             os.close(pfd)
         try:
-            node = FsNode(self.tree, rel, os.open(f"{PROC_FD}/{fd}", os.O_PATH | os.O_CLOEXEC))
+            node = self._node(rel, os.open(f"{PROC_FD}/{fd}", os.O_PATH | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
             raise
@@ -252,7 +275,7 @@ class FsDirHandle(Handle):
             for entry in entries:
                 try:
                     if entry.is_symlink():  # shown as what it leads to beneath the root, if anything
-                        target = node.tree.resolve((*node.rel, entry.name))
+                        target = node._resolve((*node.rel, entry.name))
                         try:
                             s = os.fstat(target)
                         finally:

@@ -112,24 +112,32 @@ def fit_fds(limits: Limits) -> Limits:
 
 
 def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None,
-               send_timeout: float | None = None) -> None:
+               send_timeout: float | None = None, anon_idle: float | None = None) -> None:
     """One client's loop: messages in, replies out, parked requests retried; until the flow ends,
-    or, if it has not attached within attach_timeout seconds, until then, or until it has left
-    a reply (or a piece of one) untaken for send_timeout seconds."""
-    deadline = None if attach_timeout is None else time.monotonic() + attach_timeout
+    or, if it has not attached within attach_timeout seconds, until then, or, attached as the
+    anonymous user, once it has asked nothing for anon_idle seconds (anonymous clients share their
+    slots: none may keep one for nothing), or until it has left a reply (or a piece of one)
+    untaken for send_timeout seconds. Other attached clients (mounts) idle as long as they like."""
+    start = last = time.monotonic()
     pieces = Reassembly() if flow.qos.reliable else None
     if send_timeout is not None:
         flow.fccntl(Fccntl.SSNDTIMEO, send_timeout)  # a write that waits that long raises FlowTimeout
     try:
         while True:
-            if deadline is not None and session.attached is not None:
-                deadline = None  # attached once: idle clients (mounts) stay as long as they like
             waitables, timed = session.waitables()
             timeout = RETRY_INTERVAL if timed else IDLE_RETRY if waitables else None
+            peer = session.attached
+            if peer is None:
+                limit, why = attach_timeout, "did not attach within"
+                deadline = None if attach_timeout is None else start + attach_timeout
+            else:
+                limit, why = anon_idle, "asked nothing, anonymous, for"
+                deadline = None if anon_idle is None or not peer.user.anonymous or session.pending \
+                    else last + anon_idle
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.info("flow %s did not attach within %.0f s: closed", flow.flow_id, attach_timeout)
+                    log.info("flow %s %s %.0f s: closed", flow.flow_id, why, limit)
                     return
                 timeout = left if timeout is None else min(timeout, left)
             try:
@@ -141,6 +149,7 @@ def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None
                 sdu = flow.read()
                 message = sdu if pieces is None else pieces.feed(sdu, session.msize or session.limits.msize)
                 if message is not None:
+                    last = time.monotonic()
                     replies += session.receive(message)
             if session.pending:
                 replies += session.retry()
@@ -227,7 +236,8 @@ class Server:
         session = Session(self.tree, peer, limits, self.users,
                           on_attach=self._become if self.thread_creds else None)
         try:
-            serve_flow(flow, session, self.limits.attach_timeout, self.limits.send_timeout)
+            serve_flow(flow, session, self.limits.attach_timeout, self.limits.send_timeout,
+                       self.limits.anon_idle_timeout)
         finally:
             peer.close()  # its agent, if it had one, and that agent's IRMd connection
 

@@ -17,7 +17,7 @@ from typing import Any
 from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.identity import NONE_NAME, User
-from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock
+from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock, allowed
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Limits:
     conns_per_user: int = 16  # of those, per user: every anonymous client is the one user none
     attach_timeout: float = 30.0  # seconds a connection may take to attach
     send_timeout: float = 30.0  # seconds a client may leave a reply untaken before it is dropped
+    anon_idle_timeout: float = 300.0  # seconds an anonymous client may stay attached with nothing asked
 
     def fds_per_conn(self) -> int:
         """The descriptors one connection can hold at most: two per fid (a file and its open
@@ -69,16 +70,6 @@ class Fid:
 class Pending:
     msg: w.Msg
     waitable: Any = None  # readable when a retry may succeed; None: retry on a timer
-
-
-def allowed(st: w.Stat, user: User, want: int) -> bool:
-    """Plan 9's check: other bits, plus owner bits for the owner, group bits for its groups."""
-    bits = st.mode & 0o7
-    if user.name == st.uid:
-        bits |= (st.mode >> 6) & 0o7
-    if st.gid in user.group_names or st.gid == user.name:
-        bits |= (st.mode >> 3) & 0o7
-    return bits & want == want
 
 
 def open_wants(mode: int) -> int:

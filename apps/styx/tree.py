@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
-from apps.styx.identity import user_name
+from apps.styx.identity import User, user_name
 from apps.styx.wire import DMDIR, QTDIR, QTFILE, Qid, Stat
 
 if TYPE_CHECKING:
@@ -115,6 +115,16 @@ class Tree:
 
     def attach(self, peer: Peer, aname: str) -> Node:
         raise NotImplementedError
+
+
+def allowed(st: Stat, user: User, want: int) -> bool:
+    """Plan 9's check: other bits, plus owner bits for the owner, group bits for its groups."""
+    bits = st.mode & 0o7
+    if user.name == st.uid:
+        bits |= (st.mode >> 6) & 0o7
+    if st.gid in user.group_names or st.gid == user.name:
+        bits |= (st.mode >> 3) & 0o7
+    return bits & want == want
 
 
 def qid_path(path: str) -> int:

@@ -17,28 +17,9 @@ import time
 import lab  # noqa: F401 - the checkout and tests/ on sys.path
 from lab import main, nobody_popen, rss_mb, stop
 from netplumb_lab import running_lab
+from test_netplumb_hostile import OUT_OF_ORDER as ATTACKER
 
 FLOWS = 3
-
-ATTACKER = r"""
-import socket, struct, sys, time
-from flowlib.irm import IrmClient
-from proto.qos import data as reliable
-HDR = struct.Struct("!BBHII")
-DATA = 0x01
-irm = IrmClient()
-flows, sent = [], 0
-for i in range(int(sys.argv[1])):
-    reply, fd = irm.alloc("host2", reliable, 10)
-    s = socket.socket(fileno=fd)
-    payload = b"B" * (reply.mtu - HDR.size)
-    for seq in range(1, 1024):  # every PDU but the first: all held out of order, none delivered
-        s.send(HDR.pack(DATA, 0, 1024, seq, 0) + payload)
-        sent += len(payload)
-    flows.append(s)
-print("sent", sent >> 20, "MB on", len(flows), "flows, before any authentication", flush=True)
-time.sleep(60)
-"""
 
 
 def attack() -> bool:

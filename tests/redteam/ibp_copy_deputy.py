@@ -33,6 +33,7 @@ def copy():
             results.append("ok")
         except w.IbpError as e:
             results.append(str(e)[:80])
+            time.sleep(1)  # refused at once: again later (a tight loop would be a flow-allocation flood)
 threads = [threading.Thread(target=copy) for _ in range(int(sys.argv[1]))]
 for t in threads:
     t.start()
@@ -97,6 +98,8 @@ def attack() -> bool:
                     print("root's styx cat during:", during.returncode, during.stderr.strip()[-200:])
                     refused.set()
                 time.sleep(2)
+            log = (d / "servers.log").read_text(errors="replace")
+            print("styx refused root's flows:", log.count("too many connections from user root"))
             return before.returncode == 0 and refused.is_set()
         finally:
             if attacker is not None:

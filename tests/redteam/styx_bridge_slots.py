@@ -14,24 +14,7 @@ import subprocess
 import time
 
 from lab import BIN, as_nobody, irmd, lab, main, nobody_popen, spawn, stop, wait_for
-
-HOLDER = r"""
-import socket, struct, sys, time
-from apps.styx import wire as w
-port, n = int(sys.argv[1]), int(sys.argv[2])
-def rpc(s, msg):
-    s.sendall(w.encode(msg))
-    size = struct.unpack("<I", s.recv(4, socket.MSG_WAITALL))[0]
-    return w.decode(struct.pack("<I", size) + s.recv(size - 4, socket.MSG_WAITALL))
-held = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    rpc(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
-    r = rpc(s, w.Tattach(1, 0, w.NOFID, "none", ""))
-    held.append(s)
-print("attached", len(held), type(r).__name__, flush=True)
-time.sleep(150)
-"""
+from test_styx_trust import TCP_HOLDER as HOLDER
 
 
 def free_port() -> int:
@@ -83,7 +66,7 @@ def attack() -> bool:
                 [str(BIN / "styx"), "cat", "files:/hello.txt"], env=ir.env, capture_output=True, text=True, timeout=60
             )
             print("root's styx cat during:", after.returncode, after.stdout.strip(), after.stderr.strip()[-200:])
-            other = as_nobody(ir, HOLDER.replace("time.sleep(150)", ""), str(port), "1")
+            other = as_nobody(ir, HOLDER.replace("time.sleep(120)", ""), str(port), "1")
             print("another TCP client during:", (other.stdout + other.stderr).strip()[-300:])
             return before.returncode == 0 and after.returncode != 0
         finally:

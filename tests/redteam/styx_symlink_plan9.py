@@ -35,7 +35,7 @@ for path in sys.argv[1:]:
 
 def attack() -> bool:
     with lab("styxplan9") as d:
-        os.chown(d, S, S)
+        # the lab directory stays root's (the IRMd serves only from one); the export is S's
         root = d / "export"
         (root / "pub").mkdir(parents=True)
         (root / "private").mkdir()

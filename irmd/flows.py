@@ -370,7 +370,9 @@ class Flows:
         entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, digest)
         if entry is None:
             raise NotFound("no name with that hash is registered here")
-        with self.irmd.oap.startup(ipcp.layer, f"uid {src.uid}" if src else peer):  # OAP: in flight, bounded
+        in_flight = self.irmd.oap.startup(ipcp.layer, peer, src.uid if src else None,
+                                          src is not None and policy.is_admin(src.uid, self.irmd.uid))
+        with in_flight:  # OAP: in flight, bounded
             acceptor = await self.wait_acceptor(entry.name, deadline)
             self.limit_flows(acceptor.uid)
             answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s)  # OAP: checked, answered

@@ -109,11 +109,14 @@ class Startups:
             log.error("%s/%s: %s; using 10:30:100 and %d per peer", STARTUPS_ENV, PER_PEER_ENV, e, PER_PEER)
             return cls()
 
-    def refuse(self, layer: str, peer: str) -> str | None:
-        """Why a new allocation may not start now, or None."""
+    def refuse(self, layer: str, peer: str, local: bool = False) -> str | None:
+        """Why a new allocation may not start now, or None. A `local` peer (a user of this host, known
+        by uid) is held to its own share only: another user's flood must not refuse it."""
         n = self.layers[layer]
         if peer and self.peers[(layer, peer)] >= self.per_peer:
             return f"{self.per_peer} allocations from {peer} already in flight in layer {layer!r}"
+        if local:
+            return None
         if n >= self.full:
             return f"{n} allocations already in flight in layer {layer!r}"
         if n >= self.start:
@@ -123,17 +126,22 @@ class Startups:
         return None
 
     @contextlib.contextmanager
-    def admit(self, layer: str, peer: str) -> Iterator[None]:
-        why = self.refuse(layer, peer)
+    def admit(self, layer: str, peer: str, local: bool = False) -> Iterator[None]:
+        """Hold a place while the allocation is in flight. Local peers count only in their own share,
+        so the layer's pool (for peers known by an address at best) cannot be filled by one local user."""
+        why = self.refuse(layer, peer, local)
         if why is not None:
             REFUSALS.log("flow refused: %s", why)
             raise Busy(f"busy: {why}; try again later")
-        self.layers[layer] += 1
+        pool = None if local else layer
+        if pool is not None:
+            self.layers[pool] += 1
         self.peers[(layer, peer)] += 1
         try:
             yield
         finally:
-            _leave(self.layers, layer)
+            if pool is not None:
+                _leave(self.layers, pool)
             _leave(self.peers, (layer, peer))
 
 
@@ -261,8 +269,14 @@ class Oap:
 
     # -- the accepting side ----------------------------------------------------------------------
 
-    def startup(self, layer: str, peer: str = "") -> contextlib.AbstractContextManager[None]:
-        """Hold a place among the allocations in flight, or refuse with EBUSY."""
+    def startup(self, layer: str, peer: str = "", uid: int | None = None,
+                admin: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Hold a place among the allocations in flight, or refuse with EBUSY. `uid`: the allocating
+        user when it is on this host (held to its own share); an `admin` of this host is never refused."""
+        if admin:
+            return contextlib.nullcontext()
+        if uid is not None:
+            return self.startups.admit(layer, f"uid {uid}", local=True)
         return self.startups.admit(layer, peer)
 
     def serve(self, name: str, data: bytes, cypher_s: int = 0) -> tuple[bytes, Outcome]:

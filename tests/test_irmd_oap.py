@@ -460,6 +460,19 @@ def test_startups_refuse_a_peer_beyond_its_share_and_a_full_layer() -> None:
     assert not s.layers and not s.peers  # everything let go
 
 
+def test_a_local_users_flood_neither_fills_the_layer_nor_refuses_another_user_or_an_admin() -> None:
+    s = Startups(start=2, rate=100, full=3, per_peer=3, rng=lambda: 0.0)  # from `start` on, refuse all
+    o = Oap(startups=s)
+    with o.startup("l", uid=65534), o.startup("l", uid=65534), o.startup("l", uid=65534):
+        with pytest.raises(FlowError, match="3 allocations from uid 65534"), o.startup("l", uid=65534):
+            pass
+        assert not s.layers  # the flooding user holds only its own share
+        with o.startup("l", uid=1000), o.startup("l", "a remote peer"):
+            with o.startup("l", uid=0, admin=True), o.startup("l", uid=1000):  # an admin is never refused
+                pass
+    assert not s.layers and not s.peers
+
+
 def test_startups_drop_early_with_rising_probability() -> None:
     draws = iter([0.2, 0.6])
     s = Startups(start=1, rate=50, full=3, rng=lambda: next(draws))

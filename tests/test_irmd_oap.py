@@ -467,9 +467,8 @@ def test_a_local_users_flood_neither_fills_the_layer_nor_refuses_another_user_or
         with pytest.raises(FlowError, match="3 allocations from uid 65534"), o.startup("l", uid=65534):
             pass
         assert not s.layers  # the flooding user holds only its own share
-        with o.startup("l", uid=1000), o.startup("l", "a remote peer"):
-            with o.startup("l", uid=0, admin=True), o.startup("l", uid=1000):  # an admin is never refused
-                pass
+        with o.startup("l", uid=1000), o.startup("l", "a remote peer"), o.startup("l", uid=0, admin=True):
+            pass  # another user, a remote peer and an admin (never refused) all start
     assert not s.layers and not s.peers
 
 

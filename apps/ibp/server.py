@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from apps.accounts import Creds, anon_creds, user_for_uid
+from apps.agent import AGENT_PROG, Agent, peer_pid
 from apps.ibp import wire as w
 from apps.ibp.capability import READ, WRITE, Capability
 from apps.ibp.client import Connection, parse_cap, tcp_address
@@ -29,8 +31,6 @@ from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
 from apps.ibp.targets import Targets
-from apps.styx.agent import AGENT_PROG, Agent, peer_pid
-from apps.styx.identity import Creds, anon_creds, user_for_uid
 from flowlib import FlowError
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client

@@ -14,7 +14,7 @@ from apps.ibp import wire as w
 from apps.ibp.client import Connection
 
 if TYPE_CHECKING:
-    from apps.styx.identity import Creds
+    from apps.accounts import Creds
 
 KEEP_FOR = 60.0  # seconds an unused connection is kept (well within a target's idle timeout)
 PER_TARGET = 2  # connections kept per target depot

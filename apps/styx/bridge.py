@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from apps.agent import AGENT_PROG, Agent, peer_pid
 from apps.styx import wire as w
-from apps.styx.agent import AGENT_PROG, Agent, peer_pid
 from apps.styx.identity import NONE, NONE_NAME, Policy, User, server_policy, user_for_uid
 from apps.styx.serve import ACCEPT_BACKOFF, REFUSE_WAIT, Admission, refuse
 from apps.styx.server import DEFAULT_LIMITS, Limits

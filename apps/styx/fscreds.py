@@ -11,7 +11,7 @@ import ctypes
 import platform
 import threading
 
-from apps.styx.identity import Creds
+from apps.accounts import Creds
 
 # (setgroups, setfsgid, setfsuid) system call numbers, from the kernel's syscall tables.
 _GENERIC = (159, 152, 151)  # asm-generic: aarch64, riscv64, loongarch64

@@ -15,9 +15,10 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from apps.agent import peer_pid
 from apps.styx import fscreds
 from apps.styx import wire as w
-from apps.styx.agent import Peer, peer_pid
+from apps.styx.agent import Peer
 from apps.styx.identity import Policy, User, identify, server_policy
 from apps.styx.server import DEFAULT_LIMITS, Limits, Session
 from apps.styx.transport import FlowTransport, Reassembly, Transport, TransportError, flow_msize, send_message

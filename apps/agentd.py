@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 
-from apps.styx.identity import Creds
+from apps.accounts import Creds
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import importlib.util
 import itertools
 import os
 import re
@@ -40,26 +39,7 @@ C_PREFIX = Path(os.environ.get("OUROBOROS_C", "/opt/ouroboros-c-0.23"))
 LAYER = "udp"
 _subnets = itertools.count()
 
-# What C 0.23 needs of our irmd and flow library, which come from other parts of the project:
-HAVE_OAP = importlib.util.find_spec("proto.oap") is not None
-needs_oap = pytest.mark.xfail(not HAVE_OAP, run=False, reason="a C irmd refuses flows without an OAP header; "
-                                                             "ours sends one once proto.oap is in")
-
-
-def _c_frct() -> bool:
-    from flowlib import frct
-
-    pci = getattr(frct, "PCI", None)
-    return pci is not None and getattr(pci, "size", 0) == 12
-
-
-needs_frct = pytest.mark.xfail(not _c_frct(), run=False, reason="qos data needs FRCT in C's wire format (flowlib)")
-HAVE_KEEPALIVES = importlib.util.find_spec("flowlib.liveness") is not None
-needs_keepalives = pytest.mark.xfail(not HAVE_KEEPALIVES, run=False,
-                                     reason="C's flow liveness needs keepalives from our flows' ends (flowlib)")
-QOS = [pytest.param("raw", marks=needs_oap), pytest.param("data", marks=[needs_oap, needs_frct])]
-needs_operf = pytest.mark.xfail(not hasattr(importlib.import_module("apps.operf"), "CONF"), run=False,
-                                reason="our operf speaks C's test configuration once flowlib's operf is in")
+QOS = ["raw", "data"]
 
 
 def md5(name: str) -> str:
@@ -242,7 +222,6 @@ def test_a_c_oping_reaches_ours(pair: Pair, q: str) -> None:
     assert received(r.stdout, 3), r.stdout + r.stderr + pair.logs()
 
 
-@needs_oap
 def test_our_oecho_reaches_a_c_oecho_server(pair: Pair) -> None:
     udp_layer(pair)
     pair.c_serve("oecho", "oecho", "--listen")
@@ -250,7 +229,6 @@ def test_our_oecho_reaches_a_c_oecho_server(pair: Pair) -> None:
     assert r.returncode == 0 and "Server replied with Client says hi!" in r.stdout, r.stdout + r.stderr + pair.logs()
 
 
-@needs_oap
 def test_a_c_oecho_reaches_ours(pair: Pair) -> None:
     udp_layer(pair)
     pair.serve("oecho", "oecho", "--listen")
@@ -258,8 +236,6 @@ def test_a_c_oecho_reaches_ours(pair: Pair) -> None:
     assert "Server replied with Client says hi!" in r.stdout, r.stdout + r.stderr + pair.logs()
 
 
-@needs_oap
-@needs_operf
 def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
     udp_layer(pair)
     out = pair.c_spawn("c-operf", "operf", "--listen", bind="c-perf")
@@ -270,8 +246,6 @@ def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
     assert "Doing a unidirectional test." in out.read_text()
 
 
-@needs_oap
-@needs_operf
 def test_a_c_operf_reaches_ours(pair: Pair) -> None:
     udp_layer(pair)
     pair.serve("py-perf", "operf", "--listen")
@@ -284,8 +258,6 @@ def test_a_c_operf_reaches_ours(pair: Pair) -> None:
 # -- deallocation, seen at the other end ------------------------------------------------------------
 
 
-@needs_oap
-@needs_keepalives
 def test_deallocating_here_is_seen_at_the_c_end(pair: Pair, c_peer: Path) -> None:
     """Our flow with a 2 s peer timeout stays up while idle (our keepalives) and, once closed,
     the C end notices within the timeout (FLOWPEER, -1006), as between two C nodes."""
@@ -313,8 +285,6 @@ def test_deallocating_here_is_seen_at_the_c_end(pair: Pair, c_peer: Path) -> Non
     assert 1.5 <= took <= 5.0, f"the C end noticed {took:.1f} s after the close"
 
 
-@needs_oap
-@needs_keepalives
 def test_deallocating_at_the_c_end_is_seen_here(pair: Pair, c_peer: Path) -> None:
     """A C flow with a 2 s peer timeout: idle it stays up here; deallocated, FLOW_PEER here within it."""
     udp_layer(pair)
@@ -349,7 +319,6 @@ def test_deallocating_at_the_c_end_is_seen_here(pair: Pair, c_peer: Path) -> Non
 
 
 @pytest.mark.parametrize("kind", ["eth-dix", "eth-llc"])
-@needs_oap
 def test_oping_both_ways_over_ethernet(pair: Pair, kind: str) -> None:
     pair.c.ok("irm", "ipcp", "bootstrap", "type", kind, "name", "e", "layer", "eth", "dev", pair.c_dev)
     pair.ours.irmd.irm_ok("ipcp", "bootstrap", "type", kind, "name", "e", "layer", "eth", "dev", pair.ours.dev)
@@ -359,15 +328,3 @@ def test_oping_both_ways_over_ethernet(pair: Pair, kind: str) -> None:
     assert received(r.stdout, 3), "ours -> C: " + r.stdout + r.stderr + pair.logs()
     r = pair.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", timeout=60)
     assert received(r.stdout, 3), "C -> ours: " + r.stdout + r.stderr + pair.logs()
-
-
-def test_without_an_oap_header_a_c_node_refuses_but_our_wire_reaches_its_irmd(pair: Pair) -> None:
-    """Runs whatever our irmd sends: the C IPCP parsed our FLOW_REQ and handed it to its irmd."""
-    if HAVE_OAP:
-        pytest.skip("our irmd sends OAP headers: the oping tests cover the whole exchange")
-    udp_layer(pair)
-    pair.c_serve("c-pong", "oping", "--listen")
-    r = pair.ours.irmd.run("oping", "-n", "c-pong", "-c", "1", "--timeout", "5", timeout=60)
-    assert r.returncode != 0
-    wait_for(lambda: "Flow request arrived for c-pong" in pair.c.log_text(), 10,
-             "the C irmd to get our request" + pair.logs())

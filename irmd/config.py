@@ -50,7 +50,7 @@ JOIN_TRIES = 4  # ... and at least this many tries: a loaded host's slow answers
 ORDER = ("local", "eth-dix", "eth-llc", "udp4", "udp6", "udp", "broadcast", "unicast")
 
 
-VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")  # ${NAME}, ${NAME:-default}
 
 
 class ConfigError(Exception):
@@ -64,10 +64,21 @@ class Plan:
     steps: list[Step]
     limits: Limits = dataclasses.field(default_factory=Limits)
 
+    @property
+    def ipcps(self) -> set[str]:
+        """The IPCPs the file makes."""
+        return {(msg.enroll if isinstance(msg, _Join) else msg).name for _, msg in self.steps
+                if isinstance(msg, m.IpcpCreate | m.IpcpBootstrap | m.IpcpEnroll | _Join)}
+
+    @property
+    def names(self) -> set[str]:
+        """The names it makes ([name.N] tables)."""
+        return {msg.name for _, msg in self.steps if isinstance(msg, m.NameCreate)}
+
 
 def _expand(value: Any, path: Path, key: str = "") -> Any:
     """${VAR} in keys and strings, from the environment (HOSTNAME: this host's name), so one
-    file serves every member of a LAN."""
+    file serves every member of a LAN; ${VAR:-default} when VAR is unset or empty, as in a shell."""
     if isinstance(value, dict):
         return {_expand(k, path, key): _expand(v, path, f"{key}.{k}" if key else k) for k, v in value.items()}
     if isinstance(value, list):
@@ -76,8 +87,8 @@ def _expand(value: Any, path: Path, key: str = "") -> Any:
         return value
 
     def var(match: re.Match[str]) -> str:
-        name = match.group(1)
-        found = os.environ.get(name) or (socket.gethostname() if name == "HOSTNAME" else None)
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name) or (socket.gethostname() if name == "HOSTNAME" else default)
         if found is None:
             raise ConfigError(f"{path}: {key or 'a table name'}: ${{{name}}} is not set in the environment")
         return found
@@ -225,6 +236,7 @@ async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_P
         await _join(irmd, msg, where)
         return
     deadline = time.monotonic() + patience
+    waited = False
     while True:
         tries -= 1
         try:
@@ -233,7 +245,10 @@ async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_P
         except NotFound as e:  # no member answers yet: LAN hosts boot in any order
             if not isinstance(msg, m.IpcpEnroll) or (time.monotonic() > deadline and tries <= 0):
                 raise
-            log.warning("%s: %s; trying again in %.0f s", where, e, ENROL_RETRY)
+            # Expected while the hosts of a LAN boot: said once, then only when debugging.
+            log.log(logging.DEBUG if waited else logging.INFO, "%s: %s; trying again every %.0f s for up to %.0f s",
+                    where, e, ENROL_RETRY, patience)
+            waited = True
         await asyncio.sleep(ENROL_RETRY)
 
 

@@ -75,7 +75,7 @@ class Ipcps:
             raise InvalidArgument(f"unknown ipcp type {kind!r}: expected one of {'|'.join(IPCP_TYPES)}")
         if name in self.reg.ipcps:
             raise AlreadyExists(f"ipcp {name!r} already exists")
-        proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.log_stdout)
+        proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.output)
         self._seq += 1
         ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq)
         self.reg.ipcps[name] = ipcp

@@ -44,7 +44,7 @@ class RateLog:
         self.rate, self.burst, self.clock = rate, burst, clock
         self.tokens, self.at, self.suppressed = float(burst), clock(), 0
 
-    def log(self, fmt: str, *args: object, level: int = logging.WARNING) -> None:
+    def log(self, fmt: str, *args: object, level: int = logging.INFO) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
@@ -53,7 +53,7 @@ class RateLog:
             return
         self.tokens -= 1
         if self.suppressed:
-            log.warning("(%d more refusals not logged)", self.suppressed)
+            log.log(level, "(%d more refusals not logged)", self.suppressed)
             self.suppressed = 0
         log.log(level, fmt, *args)
 

@@ -137,7 +137,7 @@ class Server:
         if not client.caller.admin:
             held = sum(1 for c in self.irmd.clients.values() if c.uid == peer.uid)
             if held >= limit:
-                log.warning("uid %d (pid %d) has %d connections open: refusing another", peer.uid, peer.pid, held)
+                log.info("uid %d (pid %d) has %d connections open: refusing another", peer.uid, peer.pid, held)
                 farewell(conn, Code.EDQUOT, f"uid {peer.uid} has {held} connections to the IRMd open "
                                             f"(limit conns_per_uid={limit})")
                 return

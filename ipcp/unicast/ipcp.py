@@ -308,7 +308,7 @@ class UnicastIpcp(Ipcp):
         if peer is None:
             self.stats["handshake_auth" if adj.error and adj.error.code == m.EPERM else "handshake_failed"] += 1
             if adj.error is not None:
-                log.warning("%s: refused an N-1 flow: %s", self.name, adj.error.text)
+                log.info("%s: refused an N-1 flow: %s", self.name, adj.error.text)
             af.close()
         elif peer.component == um.ENROLL:
             await self._enroll_peer(af, peer)

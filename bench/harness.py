@@ -1,6 +1,7 @@
 """What every suite shares: result rows with goals, medians of runs, the table and the JSON file.
 
 A suite is a function from a run count to rows; `Suite` names it for the registry in __main__.
+A row's goal comes from bench.goals.GOALS when the table names the row, else from the suite.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Self
+
+from bench.goals import GOALS, Goal
+
+__all__ = [  # Goal too: suites take it from here
+    "RESULTS", "BenchError", "Goal", "Resource", "Row", "Suite", "SuiteFailed",
+    "median_row", "ops_per_second", "pinned", "table", "write_json",
+]
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +33,34 @@ class BenchError(Exception):
     """A benchmark could not run: a process failed to start, or a peer answered wrongly."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Goal:
-    """A bound on a row's ratio, e.g. `<= 1.5`."""
+class SuiteFailed(BenchError):
+    """Some figures of a suite could not be measured: `rows` holds those of the others."""
 
-    op: Literal["<=", ">="]
-    bound: float
+    def __init__(self, why: str, rows: list[Row]) -> None:
+        super().__init__(why)
+        self.rows = rows
 
-    def met(self, ratio: float) -> bool:
-        return ratio <= self.bound if self.op == "<=" else ratio >= self.bound
 
-    def __str__(self) -> str:
-        return f"{self.op} {self.bound:g}"
+class Resource:
+    """A context manager that sets itself up with `open()` and tears itself down with `close()`,
+    which must be idempotent: it runs also when `open()` fails half-way."""
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +87,13 @@ class Row:
         }  # fmt: skip
         if self.goal is not None:
             out["goal"] = str(self.goal)
-            out["met"] = self.goal.met(self.ratio)
+            out["met"] = self.met
         return out
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the row meets its goal; None without one."""
+        return None if self.goal is None else self.goal.met(self.ratio, self.value)
 
 
 def median_row(
@@ -76,6 +105,7 @@ def median_row(
     goal: Goal | None = None,
 ) -> Row:
     """A row from the per-run values of the thing measured and of its baseline, run by run."""
+    goal = GOALS.get(name, goal)
     ratios = [v / b for v, b in zip(values, baselines, strict=True)]
     return Row(
         name,
@@ -91,11 +121,13 @@ def median_row(
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """A named group of benchmarks: `run(runs)` measures each figure `runs` times."""
+    """A named group of benchmarks: `run(runs)` measures each figure `runs` times, within `time_limit` s."""
 
     name: str
     about: str
     run: Callable[[int], list[Row]]
+    time_limit: int = 150  # seconds it may run (a hung peer must not hang `make bench`)
+    default: bool = True  # run by `python -m bench` without names (else only when named)
 
 
 def ops_per_second(op: Callable[[], object], duration: float) -> float:
@@ -139,7 +171,7 @@ def _fmt(x: float) -> str:
 def _verdict(row: Row) -> str:
     if row.goal is None:
         return "-"
-    return f"{row.goal} {'ok' if row.goal.met(row.ratio) else 'MISSED'}"
+    return f"{row.goal} {'ok' if row.met else 'MISSED'}"
 
 
 def table(rows: Sequence[Row]) -> str:

@@ -181,33 +181,46 @@ def wait_route(irm: IrmClient, within: float = CONVERGE_TIMEOUT, name: str = NAM
 def one_way(
     send: session.Send, recv: session.Recv, set_timeout: Callable[[float | None], None], duration: float, size: int
 ) -> tuple[float, float]:
-    """session.one_way over a lossy path: END is repeated for up to END_WAIT s (lost; or a reliable flow lags)."""
-    send(session.SINK)
-    if (got := recv()) != session.READY:
-        raise BenchError(f"peer answered {session.SINK!r} with {got[:32]!r}")
+    """session.one_way over a lossy path: (SDU/s, MB/s) as the sink counted them (see `sink`)."""
+    count, nbytes, elapsed_ns = sink(send, recv, set_timeout, duration, size)
+    return count / elapsed_ns * 1e9, nbytes / elapsed_ns * 1e3
+
+
+def sink(
+    send: session.Send, recv: session.Recv, set_timeout: Callable[[float | None], None], duration: float, size: int
+) -> tuple[int, int, int]:
+    """A sink session over a lossy path: SDUs, bytes and ns from the first SDU to END, as the sink
+    counted them. SINK and END are repeated until answered (either, or the answer, may be lost),
+    END for up to END_WAIT s (a reliable flow may lag behind the sender)."""
+    set_timeout(END_RETRY)
+    _ask(send, recv, session.SINK, lambda answer: answer == session.READY)
+    set_timeout(None)  # a reliable flow's writes may block on its window
     sdu = bytes(size)
     deadline = time.perf_counter() + duration
     while time.perf_counter() < deadline:
         for _ in range(session.BATCH):
             send(sdu)
     set_timeout(END_RETRY)
+    answer = _ask(send, recv, session.END, lambda answer: len(answer) == session.STATS.size)
+    count, nbytes, elapsed_ns = session.STATS.unpack(answer)
+    if not count or not elapsed_ns:
+        raise BenchError("sink peer received nothing")
+    return count, nbytes, elapsed_ns
+
+
+def _ask(send: session.Send, recv: session.Recv, question: bytes, is_answer: Callable[[bytes], bool]) -> bytes:
+    """Send `question` until an SDU that `is_answer` comes back (skipping late answers to earlier questions)."""
     give_up = time.monotonic() + END_WAIT
-    answer = b""
     while time.monotonic() < give_up:
         with contextlib.suppress(TimeoutError, FlowTimeout):
-            send(session.END)
+            send(question)
         try:
             answer = recv()
         except (TimeoutError, FlowTimeout):
             continue
-        if len(answer) == session.STATS.size:
-            break
-    else:
-        raise BenchError(f"the sink never answered END within {END_WAIT:.0f} s")
-    count, nbytes, elapsed_ns = session.STATS.unpack(answer)
-    if not count or not elapsed_ns:
-        raise BenchError("sink peer received nothing")
-    return count / elapsed_ns * 1e9, nbytes / elapsed_ns * 1e3
+        if is_answer(answer):
+            return answer
+    raise BenchError(f"the peer never answered {question!r} within {END_WAIT:.0f} s")
 
 
 def on_flow(flow: Flow, measure: Measure[T]) -> T:

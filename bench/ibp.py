@@ -47,7 +47,7 @@ def run(runs: int) -> list[Row]:
             stores.append(s)
             loads.append(ld)
             copies.append(c)
-    goal = Goal(">=", 0.3)
+    goal = Goal(">=", 0.7)
     return [
         median_row(f"ibp.store_{PAYLOAD >> 20}MiB", "MB/s", stores, raws, RAW, goal),
         median_row(f"ibp.load_{PAYLOAD >> 20}MiB", "MB/s", loads, raws, RAW, goal),
@@ -82,9 +82,11 @@ def _ibp(data: bytes) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         c1.store(wcap, [data], len(data))
         t1 = time.perf_counter()
-        if c1.load_bytes(r) != data:
+        loaded = c1.load_bytes(r)
+        t_load = time.perf_counter()  # the check below is the benchmark's, not part of the load
+        if loaded != data:
             raise BenchError("IBP load returned other bytes than were stored")
-        t_load = time.perf_counter()
+        del loaded
         _, w2, m2 = c2.allocate(len(data), 600)
         t2 = time.perf_counter()
         c1.copy(r, w2)

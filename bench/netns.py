@@ -1,6 +1,7 @@
-"""Network namespaces for the eth suite: two hosts joined by a veth pair, always removed after.
+"""Network namespaces for the eth and c suites: one host alone, or two joined by a veth pair.
 
-Sockets can be opened inside a namespace from this process (a short-lived thread enters it).
+Always removed after. Sockets can be opened inside a namespace from this process (a short-lived
+thread enters it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
-from bench.harness import BenchError
+from bench.harness import BenchError, Resource
 
 CLONE_NEWNET = 0x40000000
 
@@ -37,34 +37,61 @@ def _ip(*args: str) -> str:
     return done.stdout
 
 
-class VethPair:
-    """Namespaces NAME-a and NAME-b with interfaces `dev_a` and `dev_b` between them, up, no IP."""
+def _add(ns: str) -> None:
+    _ip("netns", "add", ns)
+    _ip("-n", ns, "link", "set", "lo", "up")
+
+
+def _delete(ns: str) -> None:
+    if Path(f"/run/netns/{ns}").exists():
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
+
+
+class Netns(Resource):
+    """Namespace NAME<pid> with only its loopback, up."""
 
     def __init__(self, name: str) -> None:
+        self.ns = f"{name}{os.getpid() % 100000}"
+
+    def open(self) -> None:
+        _add(self.ns)
+
+    def close(self) -> None:
+        _delete(self.ns)
+
+
+class VethPair(Resource):
+    """Namespaces NAME-a and NAME-b with interfaces `dev_a` and `dev_b` between them, up.
+
+    With `addrs` (two "IP/LEN"), each end gets its address; without, the link carries no IP.
+    """
+
+    def __init__(self, name: str, addrs: tuple[str, str] | None = None) -> None:
         tag = f"{name}{os.getpid() % 100000}"
         self.ns = (f"{tag}a", f"{tag}b")
         self.dev = (f"{tag}va", f"{tag}vb")
+        self.addrs = addrs
 
-    def __enter__(self) -> VethPair:
-        try:
-            for ns in self.ns:
-                _ip("netns", "add", ns)
-            _ip("link", "add", self.dev[0], "netns", self.ns[0], "type", "veth",
-                "peer", "name", self.dev[1], "netns", self.ns[1])  # fmt: skip
-            for ns, dev in zip(self.ns, self.dev, strict=True):
-                _ip("-n", ns, "link", "set", dev, "up")
-        except BaseException:
-            self.close()
-            raise
-        return self
+    @property
+    def ips(self) -> tuple[str, str]:
+        """The two ends' addresses without the prefix length."""
+        if self.addrs is None:
+            raise BenchError("this veth pair carries no IP")
+        return self.addrs[0].split("/")[0], self.addrs[1].split("/")[0]
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+    def open(self) -> None:
+        for ns in self.ns:
+            _add(ns)
+        _ip("link", "add", self.dev[0], "netns", self.ns[0], "type", "veth",
+            "peer", "name", self.dev[1], "netns", self.ns[1])  # fmt: skip
+        for i, (ns, dev) in enumerate(zip(self.ns, self.dev, strict=True)):
+            if self.addrs is not None:
+                _ip("-n", ns, "addr", "add", self.addrs[i], "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
 
     def close(self) -> None:
         for ns in self.ns:  # deleting a namespace deletes its end of the veth, and so the pair
-            if Path(f"/run/netns/{ns}").exists():
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
+            _delete(ns)
 
     def mac(self, side: int) -> bytes:
         info = json.loads(_ip("-n", self.ns[side], "-j", "link", "show", "dev", self.dev[side]))

@@ -20,7 +20,7 @@ Recv = Callable[[], bytes]  # one SDU; b"" (or an exception) when the stream end
 ECHO = b"echo"
 SINK = b"sink"
 READY = b"ready"
-END = b"end"  # closes a sink session; data SDUs are never this short
+END = b"end"  # closes a sink session; data SDUs are never this short, nor a repeated SINK
 STATS = struct.Struct("!QQQ")  # the sink's answer: SDUs, bytes, ns from the first SDU to END
 RECV_BUF = 65535  # what Flow.read asks of its socket (the local MTU); raw peers use the same
 WARMUP = 1000  # untimed round trips before an RTT measurement
@@ -39,13 +39,15 @@ def serve(recv: Recv, send: Send) -> None:
         while data := recv():
             send(data)
         return
-    count = nbytes = 0
-    data = recv()
-    start = time.perf_counter_ns()
-    while data and data != END:
+    count = nbytes = start = 0
+    while (data := recv()) and data != END:
+        if data == SINK:  # on a lossy path our READY was lost: the client asks again
+            send(READY)
+            continue
+        if not count:
+            start = time.perf_counter_ns()  # from the first data SDU's arrival
         count += 1
         nbytes += len(data)
-        data = recv()
     if data:
         stats = STATS.pack(count, nbytes, time.perf_counter_ns() - start)
         send(stats)

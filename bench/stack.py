@@ -16,9 +16,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-from bench.harness import BenchError
+from bench.harness import BenchError, Resource
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,14 @@ def tool(name: str) -> str:
     return found
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
 
 
-class Stack:
+class Stack(Resource):
     """An IRMd on TMP/irmd.sock, with OUROBOROS_SOCK pointing at it while the stack is up.
 
     With `netns`, the IRMd and every process spawned run inside that network namespace.
@@ -60,22 +59,15 @@ class Stack:
         self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
         self._saved_env = os.environ.get(SOCK_ENV)
 
-    def __enter__(self) -> Stack:
+    def open(self) -> None:
         os.environ[SOCK_ENV] = str(self.sock)  # for this process's flowlib and every child
-        try:
-            irmd = self.spawn([tool("irmd"), "--sock", str(self.sock)], "irmd")
-            self._wait_listening(irmd)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        irmd = self.spawn([tool("irmd"), "--sock", str(self.sock)], "irmd")
+        self._wait_listening(irmd)
 
     def irm(self, *words: str) -> str:
         """Run one `irm` command against this stack's IRMd; its output, or BenchError."""
-        done = subprocess.run([tool("irm"), *words], capture_output=True, text=True, timeout=60, check=False)
+        env = {**os.environ, SOCK_ENV: str(self.sock)}  # this stack's, from any thread
+        done = subprocess.run([tool("irm"), *words], capture_output=True, text=True, timeout=60, check=False, env=env)
         if done.returncode != 0:
             raise BenchError(f"irm {' '.join(words)}: {done.stderr.strip() or done.returncode}")
         return done.stdout
@@ -108,7 +100,7 @@ class Stack:
         """Stop every process, the IRMd last, and remove the directory (idempotent)."""
         while self._procs:
             proc, logfile = self._procs.pop()
-            _stop(proc)
+            stop_process(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
             if proc.returncode not in (0, -15):
@@ -116,7 +108,7 @@ class Stack:
                     "%s exited with %s; its log ends:\n%s",
                     logfile.stem,
                     proc.returncode,
-                    _tail(logfile),
+                    log_tail(logfile),
                 )
         if self._saved_env is None:
             os.environ.pop(SOCK_ENV, None)
@@ -128,7 +120,7 @@ class Stack:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if irmd.poll() is not None:
-                raise BenchError(f"irmd exited with {irmd.returncode}:\n{_tail(self.dir / 'irmd.log')}")
+                raise BenchError(f"irmd exited with {irmd.returncode}:\n{log_tail(self.dir / 'irmd.log')}")
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
                 try:
                     probe.connect(str(self.sock))
@@ -143,10 +135,10 @@ class Stack:
         ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
         line = proc.stdout.readline() if ready else b""
         if line.strip() != b"ready":
-            raise BenchError(f"{label} did not get ready (exit status {proc.poll()}):\n{_tail(logfile)}")
+            raise BenchError(f"{label} did not get ready (exit status {proc.poll()}):\n{log_tail(logfile)}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:

@@ -11,9 +11,9 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from ipcp.unicast.dt import Dt, UniFlow
+from ipcp.unicast.dt import Dt, Parts, UniFlow
 from ipcp.unicast.ipcp import UnicastIpcp
-from ipcp.unicast.pci import Pci, PciError, PciFormat
+from ipcp.unicast.pci import Pci, PciFormat
 from proto.names import name_hash
 from proto.qos import QosSpec
 from transports.channel import HandlerError
@@ -32,23 +32,19 @@ class FloodDt(Dt):
         self.seqno = 0
         self.seen: OrderedDict[tuple[int, int], None] = OrderedDict()
 
-    def _deliver(self, sdu: bytes | memoryview, skip: UniFlow | None) -> None:
-        for flow in list(self.flows.values()):
+    def _tap(self, sdu: bytes | memoryview, skip: UniFlow | None) -> None:
+        """Every joined flow but `skip` gets the SDU (delivered when the burst is done)."""
+        for flow in self.flows.values():
             if flow is not skip:
-                try:
-                    flow.io.send(sdu)
-                    self.counters.delivered += 1
-                except OSError:
-                    self.counters.overflow += 1
+                if not flow.inbox:
+                    self._delivering.append(flow)
+                flow.inbox.append(memoryview(sdu))
 
-    def _flood(self, bufs: tuple[bytes | bytearray, ...], skip: int) -> None:
-        for hop, link in list(self.n1.items()):
+    def _flood(self, parts: Parts, skip: int) -> None:
+        for hop, link in self.n1.items():
             if hop != skip:
-                try:
-                    link.sock.sendmsg(link.sealer.seal(*bufs) if link.sealer else bufs)
-                    self.counters.forwarded += 1
-                except OSError:
-                    self.counters.overflow += 1
+                self._pack(link, parts)
+                self.counters.forwarded += 1
 
     def _fresh(self, origin: int, seqno: int) -> bool:
         key = (origin, seqno)
@@ -65,21 +61,22 @@ class FloodDt(Dt):
                 continue  # a keepalive has one peer to reach; a broadcast has none
             self.seqno += 1
             self._fresh(self.me, self.seqno)
-            self._deliver(sdu, skip=flow)
+            self._tap(sdu, skip=flow)
             self._flood((self.fmt.pack(Pci(self.me, 0, self.max_ttl, 0, self.seqno)), sdu), skip=0)
+        self.flush()
 
     def _arrived(self, pdu: bytes | memoryview, hop: int) -> None:
-        try:
-            pci = self.fmt.unpack(pdu)
-        except PciError:
+        fmt = self.fmt
+        if len(pdu) < fmt.size:
             self.counters.malformed += 1
             return
-        if not self._fresh(pci.dst, pci.eid) or len(pdu) == self.fmt.size:
+        origin, _, ttl, _, seqno = fmt.struct.unpack_from(pdu)
+        if not self._fresh(origin, seqno) or len(pdu) == fmt.size:
             return
-        self._deliver(memoryview(pdu)[self.fmt.size :], skip=None)
-        if pci.ttl > 1:
+        self._tap(memoryview(pdu)[fmt.size :], skip=None)
+        if ttl > 1:
             buf = bytearray(pdu)
-            buf[self.fmt.ttl_offset] = pci.ttl - 1
+            buf[fmt.ttl_offset] = ttl - 1
             self._flood((buf,), skip=hop)
         else:
             self.counters.ttl_expired += 1

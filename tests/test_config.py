@@ -354,7 +354,8 @@ def test_the_ouroboros_example_config_boots_whole(tmp_path: Path) -> None:
         names = {r["name"]: r for r in irm.table("name", "list")}
         assert {"oping", "oecho", "ocbr", "ovpn", "oping.secure", "bc1", "LAN", "lan1", "lan2"} <= set(names)
         assert "LAN" in names["oping"]["layers"] and "local1" in names["bc1"]["layers"]
-        assert "eth1" in names["lan1"]["layers"] and names["ocbr"]["programs"] == "-"
+        assert "eth1" in names["lan1"]["layers"] and names["ocbr"]["programs"].endswith("/ocbr")
+        assert names["ovpn"]["programs"].endswith("/ovpn")  # both programs are installed beside oping
         r = subprocess.run(["ip", "netns", "exec", ns, str(BIN / "oping"), "-n", "oping", "-c", "2", "-i", "100"],
                            env=irmd_env(sock), capture_output=True, text=True, timeout=60)
         assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr  # started on demand

@@ -150,6 +150,28 @@ def test_library_copy_and_acknowledged_bytes_survive_sigkill_mid_store(depots: S
         assert c.store(wcap, [b"d"], 1) == 1
 
 
+def test_copies_to_a_depot_share_a_kept_flow_that_is_replaced_when_it_breaks(depots: Start) -> None:
+    depots("d1")
+    d2 = depots("d2")
+    data = os.urandom(300_000)
+    with Connection("d1", timeout=10) as c1:
+        r, wcap, _ = c1.allocate(len(data), 600)
+        c1.store(wcap, [data], len(data))
+        accepted = []  # connections d2 took since it started
+        for round_ in range(3):
+            if round_ == 2:  # the target restarts: the flow the copier kept is gone
+                d2.kill()
+                d2.wait()
+                d2 = depots("d2")
+            with Connection("d2", timeout=10) as c2:
+                r2, w2, _ = c2.allocate(len(data), 600)
+                assert c1.copy(r, w2) == len(data)
+                assert c2.load_bytes(r2) == data
+                accepted.append(int(c2.status()["accepted"]))
+    # depots() probes once; then each round our connection, and the copier's flow in rounds 1 and 3 only
+    assert accepted == [3, 4, 3]
+
+
 def test_server_side_timeout_drops_a_stalled_store(depots: Start) -> None:
     depots("d1")
     with Connection("d1", timeout=10) as c:

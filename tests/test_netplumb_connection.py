@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apps.netplumb import wire
-from apps.netplumb.channels import CHUNK
 from apps.netplumb.connection import (
     CLIENT_ACCEPTS,
+    CLIENT_TRANSITIONS,
     MAX_CREDIT,
     SERVER_ACCEPTS,
-    TRANSITIONS,
+    SERVER_TRANSITIONS,
     Authenticated,
     ClientConnection,
     Closed,
@@ -55,10 +55,10 @@ def running(now: float = 0.0) -> tuple[ClientConnection, ServerConnection]:
     c.connect()
     assert deliver(c, s, now) == []
     assert deliver(s, c, now) == [ServerKey(SERVER.public)]
-    assert deliver(c, s, now) == [Authenticated(CLIENT.public)]
-    assert deliver(s, c, now) == [Authenticated(SERVER.public)]
-    (req,) = deliver(c, s, now)
+    auth, req = deliver(c, s, now)  # START right behind AUTH
+    assert auth == Authenticated(CLIENT.public)
     assert isinstance(req, StartRequested) and Start.from_fields(req.fields) == START
+    assert deliver(s, c, now) == [Authenticated(SERVER.public)]
     for end, sends in ((s, (1, 2)), (c, (0,))):
         for ch in (0, 1, 2):
             end.add_channel(ch, receives=ch not in sends, sends=ch in sends)
@@ -104,20 +104,44 @@ def test_an_unauthorized_client_is_told_why() -> None:
 
 # -- the phase table --------------------------------------------------------------------------
 
-STEPS = sorted({step for _, step in TRANSITIONS})
+STEPS = sorted({step for _, step in [*SERVER_TRANSITIONS, *CLIENT_TRANSITIONS]})
 
 
-@pytest.mark.parametrize("phase, step", [(p, st) for p in Phase for st in STEPS if (p, st) not in TRANSITIONS])
-def test_a_step_outside_the_table_is_a_named_error(phase: Phase, step: str) -> None:
-    _, s = pair()
-    s.phase = phase
+@pytest.mark.parametrize("end, phase, step", [
+    (end, p, st) for end, table in (("server", SERVER_TRANSITIONS), ("client", CLIENT_TRANSITIONS))
+    for p in Phase for st in STEPS if (p, st) not in table])
+def test_a_step_outside_the_table_is_a_named_error(end: str, phase: Phase, step: str) -> None:
+    c, s = pair()
+    conn: Connection = s if end == "server" else c
+    conn.phase = phase
     with pytest.raises(LocalProtocolError, match=f"{step} is not allowed"):
-        s._step(step)
+        conn._step(step)
+
+
+def test_the_client_sends_start_behind_auth_and_the_server_takes_it_only_after() -> None:
+    c, s = pair()
+    c.connect()
+    deliver(c, s)
+    deliver(s, c)
+    auth, start = c.data_to_send()  # both sealed before the server welcomed us
+    assert c.phase is Phase.STARTING
+    assert s.receive(auth, 0.0) == [Authenticated(CLIENT.public)] and s.phase is Phase.AUTHENTICATED
+    (req,) = s.receive(start, 0.0)
+    assert isinstance(req, StartRequested) and s.phase is Phase.STARTING
+
+
+def test_a_refused_client_has_its_start_go_unread() -> None:
+    c, s = pair(allowed=False)
+    c.connect()
+    deliver(c, s)
+    deliver(s, c)
+    assert deliver(c, s) == [Closed("not authorized")]  # START came too: nothing of it was read
+    assert s.closed and s.phase is Phase.CLOSED
 
 
 def test_every_phase_but_closed_can_close_and_closing_twice_is_harmless() -> None:
     for phase in Phase:
-        assert TRANSITIONS[(phase, "close")] is Phase.CLOSED
+        assert SERVER_TRANSITIONS[(phase, "close")] is CLIENT_TRANSITIONS[(phase, "close")] is Phase.CLOSED
     c, s = running()
     assert s.close("bye") == Closed("bye") and s.close("again") == Closed("again")
     assert deliver(s, c) == [Closed("the server ended the session: bye")]
@@ -179,11 +203,13 @@ def test_login_grace_ends_a_silent_client_in_clear() -> None:
 def test_login_grace_covers_authentication_and_stops_at_start() -> None:
     c, s = pair()
     c.connect()
-    for a, b in ((c, s), (s, c), (c, s), (s, c)):
+    for a, b in ((c, s), (s, c)):
         deliver(a, b)
+    auth, _ = c.data_to_send()  # a client that proves its key but asks for nothing
+    s.receive(auth, 0.0)
     assert s.phase is Phase.AUTHENTICATED and s.get_timer() == GRACE  # authenticated, no START yet
     assert s.handle_timer(GRACE) == [Closed(f"no command asked for within {GRACE:g} s (--login-grace-time)")]
-    assert wire.decode(s.data_to_send()[0]).type == wire.ERROR  # keys agreed: sealed
+    assert wire.decode(s.data_to_send()[-1]).type == wire.ERROR  # after the welcome; keys agreed: sealed
     c, s = running()
     assert s.get_timer() is None
 
@@ -210,8 +236,8 @@ def test_client_gives_up_waiting_for_the_answer() -> None:
 def test_the_peer_cannot_overrun_a_window_and_grants_restore_it() -> None:
     c, s = running()
     c.channels._by_ch[0].window = INITIAL_WINDOW * 2  # a client that ignores the window it got
-    chunk = bytes(CHUNK)
-    for _ in range(INITIAL_WINDOW // CHUNK):
+    chunk = b"\xff" * (INITIAL_WINDOW // 32)
+    for _ in range(32):
         assert s.receive(c.session.send(wire.DATA, Data(0, chunk).to_fields()), 0.0) == [Data(0, chunk)]
     s.grant(0, 1)
     assert s.receive(c.session.send(wire.DATA, Data(0, b"x").to_fields()), 0.0) == [Data(0, b"x")]
@@ -284,14 +310,51 @@ def test_messages_round_trip_through_their_fields(msg: SessionMessage) -> None:
     assert type(msg).from_fields(wire.decode_pairs(wire.encode_pairs(msg.to_fields()))) == msg
 
 
+@pytest.mark.parametrize("data, form", [
+    (b"", "data"), (b"plain text, no NUL\n" * 100, "data"), (bytes(range(256)) * 200, "data"),
+    (b"\0" + b"x" * 15, "data"), (b"\0" + b"x" * 14, "base64"), (bytes(5000), "base64"), (b"\0\0x" * 100, "base64"),
+])
+def test_data_goes_as_it_is_cut_at_nuls_or_as_base64_when_nuls_are_dense(data: bytes, form: str) -> None:
+    fields = Data(3, data).to_fields()
+    assert {k for k, _ in fields.pairs} == {b"ch", form.encode()}
+    encoded = wire.encode_pairs(fields)
+    if form == "data":  # the bytes themselves, each NUL costing one `data` name
+        assert len(encoded) == len(b"ch\0" b"3\0") + len(data) + 5 * data.count(0) + len(b"data\0" b"\0" b"\0")
+    assert Data.from_fields(wire.decode_pairs(encoded)) == Data(3, data)
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=3000))
+def test_data_round_trips_whatever_the_bytes(data: bytes) -> None:
+    assert Data.from_fields(wire.decode_pairs(wire.encode_pairs(Data(0, data).to_fields()))) == Data(0, data)
+
+
+@pytest.mark.parametrize("data, mtu", [
+    (bytes(range(256)) * 256, wire.MAX_PACKET),  # 64 KiB, NULs sparse: two packets
+    (bytes(60 * 1024), wire.MAX_PACKET),  # NULs only: base64, a third larger
+    (bytes(range(256)) * 40, 1400),  # a flow of a small MTU
+])
+def test_data_too_large_for_one_packet_goes_in_several_in_order(data: bytes, mtu: int) -> None:
+    c, s = running()
+    c.session.max_packet = mtu
+    c.send_data(0, data)
+    packets = c.data_to_send()
+    assert len(packets) > 1 and all(len(p) <= mtu for p in packets)
+    got = [ev for p in packets for ev in s.receive(p, 0.0)]
+    assert all(isinstance(ev, Data) and ev.ch == 0 for ev in got)
+    assert b"".join(ev.data for ev in got if isinstance(ev, Data)) == data
+
+
 @pytest.mark.parametrize("cls, pairs", [
     (Window, [("ch", "1"), ("n", "0")]), (Window, [("ch", "1"), ("n", str(1 << 41))]),
-    (Data, [("ch", "-1"), ("data", "")]), (Data, [("ch", "1")]), (Exit, [("status", "256")]),
+    (Data, [("ch", "-1"), ("data", "")]), (Data, [("ch", "1")]), (Data, [("ch", "1"), ("base64", "!")]),
+    (Data, [("ch", "1"), ("data", "x"), ("base64", "eA==")]),
+    (Data, [("ch", "1"), ("base64", "eA=="), ("base64", "eA==")]), (Exit, [("status", "256")]),
     (Signal, [("sig", "X" * 17)]), (Open, [("ch", "x"), ("parent", "3")]),
 ])
 def test_malformed_messages_are_wire_errors(cls: type[SessionMessage], pairs: list[tuple[str, str]]) -> None:
     with pytest.raises(WireError):
-        cls.from_fields(Fields(pairs))
+        cls.from_fields(Fields.of(*pairs))
 
 
 @pytest.mark.parametrize("pairs, why", [
@@ -308,7 +371,7 @@ def test_malformed_messages_are_wire_errors(cls: type[SessionMessage], pairs: li
 ])
 def test_bad_start_fields_are_refused_with_a_reason(pairs: list[tuple[str, str]], why: str) -> None:
     with pytest.raises(BadStart, match=why):
-        Start.from_fields(Fields(pairs))
+        Start.from_fields(Fields.of(*pairs))
 
 
 # -- anything at all, after the handshake -------------------------------------------------------

@@ -146,6 +146,30 @@ def test_unauthorized_key_is_refused(host: Host) -> None:
     assert not marker.exists()
 
 
+def test_a_refused_client_gets_the_reason_whatever_it_sent_behind_its_auth(host: Host, irmd: IrmdProc) -> None:
+    """START and data right behind an AUTH the server refuses: netplumbd reads and drops them before
+    it closes, so that the flow does not lose its ERROR."""
+    client = IrmClient(irmd.sock)
+    try:
+        session = ClientSession(Identity.generate(), lambda key: None)
+        flow = flow_alloc("host2", qos=qos.data, timeout=10, irm=client)
+        flow.set_timeout(10)
+        session.start()
+        for data in session.data_to_send():
+            flow.write(data)
+        session.receive(flow.read())  # the server's hello: our AUTH is queued
+        for data in session.data_to_send():
+            flow.write(data)
+        flow.write(session.send(wire.START, Fields.of(arg="true")))
+        for _ in range(100):  # more than the server reads before it has refused us
+            flow.write(session.send(wire.DATA, Fields.of(ch=0, data="x" * 60_000)))
+        events = _until_peer_error(flow, session)
+        assert any(isinstance(ev, PeerError) and "not authorized" in ev.message for ev in events), events
+        flow.close()
+    finally:
+        client.close()
+
+
 def test_allowlist_limits_the_programs(host: Host) -> None:
     host.authorize(f'allow="echo" {host.my_key_line()}')
     assert host.plumb("host2", "echo", "ok").stdout == b"ok\n"
@@ -362,7 +386,7 @@ def _session(host: Host, irmd: IrmdProc, client: IrmClient) -> tuple[Flow, Clien
             flow.write(data)
         events = list(session.receive(flow.read()))
     flow.write(session.send(wire.START, Fields.of(arg="cat")))
-    assert session.receive(flow.read())[0] == Message(wire.START, Fields([("ok", "1")]))
+    assert session.receive(flow.read())[0] == Message(wire.START, Fields.of(ok=1))
     return flow, session
 
 
@@ -377,7 +401,8 @@ def _until_peer_error(flow: Flow, session: ClientSession) -> list[object]:
 
 @pytest.mark.parametrize("bogus", [
     [Fields.of(ch=77, data="AAAA")],  # no such channel
-    [Fields.of(ch=0, data="not base64!")],
+    [Fields.of(ch=0, base64="not base64!")],
+    [Fields.of(ch=0, data="AA", base64="AAAA")],  # both forms at once
     [Fields.of(ch=0)],  # no data
 ])
 def test_authenticated_nonsense_ends_the_session_with_a_reason(authorized: Host, irmd: IrmdProc,
@@ -442,7 +467,7 @@ def test_verbosity_levels_show_the_handshake_then_channels_then_packets(authoriz
     one, two, three = (r.stderr.decode() for r in levels)
     for line in ("debug1: allocating a flow to host2", "debug1: sent HELLO",
                  "debug1: the server proved it holds SHA256:", "debug1: server key SHA256:",
-                 "debug1: authenticated; START: echo hi", "debug1: started", "debug1: exit status 0"):
+                 "and START: echo hi", "debug1: authenticated", "debug1: started", "debug1: exit status 0"):
         assert line in one and line in two and line in three, line
     assert "debug2" not in one and "debug3" not in two
     for line in ("debug2: channel 0: stdin -> server", "debug2: channel 1: server -> stdout",

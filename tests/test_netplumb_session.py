@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 from apps.netplumb import wire
 from apps.netplumb.keys import Identity
 from apps.netplumb.session import (
+    AEGIS256,
+    CHACHA20_POLY1305,
+    Aead,
     ClientSession,
     Established,
     Event,
@@ -30,10 +33,11 @@ CHARS = st.characters(blacklist_characters="\0", blacklist_categories=["Cs"])
 
 
 def pair(client: Identity = CLIENT, server: Identity = SERVER, allowed: bytes | None = None,
-         check: Callable[[bytes], object] = lambda key: None) -> tuple[ClientSession, ServerSession]:
+         check: Callable[[bytes], object] = lambda key: None, offer: tuple[Aead, ...] | None = None,
+         take: tuple[Aead, ...] | None = None) -> tuple[ClientSession, ServerSession]:
     allowed = client.public if allowed is None else allowed
-    c = ClientSession(client, check)
-    s = ServerSession(server, lambda key: None if key == allowed else "not authorized")
+    c = ClientSession(client, check, offer)
+    s = ServerSession(server, lambda key: None if key == allowed else "not authorized", take)
     return c, s
 
 
@@ -64,8 +68,8 @@ def test_messages_both_ways_after_the_handshake() -> None:
     c, s = pair()
     handshake(c, s)
     got = s.receive(c.send(wire.START, Fields.of(arg="echo")))
-    assert got == [Message(wire.START, Fields([("arg", "echo")]))]
-    assert c.receive(s.send(wire.EXIT, Fields.of(status=7))) == [Message(wire.EXIT, Fields([("status", "7")]))]
+    assert got == [Message(wire.START, Fields.of(arg="echo"))]
+    assert c.receive(s.send(wire.EXIT, Fields.of(status=7))) == [Message(wire.EXIT, Fields.of(status=7))]
 
 
 def test_packets_from_type_10_are_encrypted() -> None:
@@ -126,9 +130,75 @@ def test_server_without_the_private_key_is_refused() -> None:
     shuttle(c, s)
     reply = wire.decode(s.data_to_send()[0])
     fields = wire.decode_pairs(reply.payload)
-    fields.pairs = [(k, wire.b64(SERVER.public) if k == "key" else v) for k, v in fields.pairs]
+    forged = Fields.of(*((k, wire.b64(SERVER.public) if k == "key" else v) for k, v in fields.text()))
     with pytest.raises(SessionError, match="prove"):
-        c.receive(wire.encode(Packet(reply.seq, reply.type, wire.encode_pairs(fields))))
+        c.receive(wire.encode(Packet(reply.seq, reply.type, wire.encode_pairs(forged))))
+
+
+# -- the cipher ---------------------------------------------------------------------------------
+
+needs_aegis = pytest.mark.skipif(AEGIS256 is None, reason="this libsodium has no AEGIS-256")
+BOTH = tuple(a for a in (AEGIS256, CHACHA20_POLY1305) if a is not None)
+
+
+@pytest.mark.parametrize("offer, take, agreed", [
+    (BOTH, BOTH, BOTH[0]),  # the client's preference
+    (BOTH, (CHACHA20_POLY1305,), CHACHA20_POLY1305),  # a server without AES instructions
+    ((CHACHA20_POLY1305,), BOTH, CHACHA20_POLY1305),
+    (BOTH[::-1], BOTH, CHACHA20_POLY1305),
+])
+def test_the_cipher_is_the_clients_first_choice_the_server_takes(offer: tuple[Aead, ...], take: tuple[Aead, ...],
+                                                                 agreed: Aead) -> None:
+    c, s = pair(offer=offer, take=take)
+    handshake(c, s)
+    assert c._tx is not None and s._tx is not None and c._tx.aead is s._tx.aead is agreed
+    got = s.receive(c.send(wire.START, Fields.of(arg="echo")))
+    assert got == [Message(wire.START, Fields.of(arg="echo"))]
+
+
+@needs_aegis
+def test_no_cipher_in_common_is_refused_in_clear_with_the_reason() -> None:
+    assert AEGIS256 is not None
+    c, s = pair(offer=(AEGIS256,), take=(CHACHA20_POLY1305,))
+    c.start()
+    with pytest.raises(SessionError, match="no cipher in common"):
+        shuttle(c, s)
+    (refusal,) = s.data_to_send()
+    assert wire.decode(refusal).type == wire.REFUSE
+    assert c.receive(refusal) == [PeerError("no cipher in common: the client offers 'aegis256'; "
+                                            "this server takes chacha20-poly1305")]
+
+
+def test_a_cipher_the_client_did_not_offer_is_refused() -> None:
+    c, s = pair(offer=(CHACHA20_POLY1305,))
+    c.start()
+    shuttle(c, s)
+    reply = wire.decode(s.data_to_send()[0])
+    fields = wire.decode_pairs(reply.payload)
+    forged = Fields.of(*((k, "rot13" if k == "cipher" else v) for k, v in fields.text()))
+    with pytest.raises(SessionError, match="did not offer"):
+        c.receive(wire.encode(Packet(reply.seq, reply.type, wire.encode_pairs(forged))))
+
+
+@needs_aegis
+def test_an_offer_changed_on_the_way_breaks_the_servers_proof() -> None:
+    """A man in the middle striking the client's fast cipher from its hello: the server's signature
+    covers the offer it saw, so the client notices."""
+    c, s = pair(take=BOTH)
+    c.start()
+    hello = wire.decode(c.data_to_send()[0])
+    fields = wire.decode_pairs(hello.payload)
+    stripped = Fields.of(*((k, v) for k, v in fields.text() if v != "aegis256"))
+    s.receive(wire.encode(Packet(hello.seq, hello.type, wire.encode_pairs(stripped))))
+    with pytest.raises(SessionError, match="prove"):
+        shuttle(s, c)
+
+
+def test_a_hello_without_ciphers_is_refused() -> None:
+    c, s = pair(offer=())
+    c.start()
+    with pytest.raises(SessionError, match="no cipher in common: the client offers none"):
+        shuttle(c, s)
 
 
 def test_host_check_can_refuse_the_server_key() -> None:

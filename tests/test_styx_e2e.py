@@ -23,8 +23,8 @@ from test_styx_wire import p9fs_python, py9p_python
 
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
-from apps.styx.transport import StreamTransport, dial
-from flowlib import Flow, flow_accept
+from apps.styx.transport import FlowTransport, StreamTransport, dial
+from flowlib import Flow, flow_accept, flow_alloc, qos
 from flowlib.irm import IrmClient, call
 from proto import messages as m
 
@@ -258,6 +258,12 @@ def test_unix_socket_bridge_with_our_client(bridge_unix: Path, export: Path, sty
     assert r.stdout == "hello styx\n", r.stderr
     assert styx("put", f"unix!{bridge_unix}:/new.txt", stdin="via unix").returncode == 0
     assert (export / "new.txt").read_text() == "via unix"
+    data = os.urandom(2 * w.MSIZE_DEFAULT + 777)  # large messages, split into SDUs by the bridge
+    with Client(dial(f"unix!{bridge_unix}"), msize=1 << 20) as c:
+        assert c.msize == w.MSIZE_DEFAULT  # the bridge asked no more than it frames
+        c.put("big.bin", data)
+        assert c.cat("big.bin") == data
+    assert (export / "big.bin").read_bytes() == data
 
 
 # -- the IRMd as files, and net/ -------------------------------------------------------------------
@@ -363,7 +369,7 @@ def test_mount_makes_ordinary_tools_work_and_unmounts_on_sigterm(
         mounts = Path("/proc/self/mountinfo").read_text().splitlines()
         line = next(m for m in mounts if m.split()[4] == str(mnt))
         assert line.split(" - ")[1].split()[:2] == ["fuse.styx", "styx\\043files"]  # styx#files in mount, df -a
-        assert os.statvfs(mnt).f_bsize == 65535 - w.IOHDRSZ  # tools are told to use the iounit
+        assert os.statvfs(mnt).f_bsize == w.MSIZE_DEFAULT - w.IOHDRSZ  # tools are told to use the iounit
         (export / "big.bin").write_bytes(os.urandom(3_000_000))
         with open(mnt / "big.bin", "rb", buffering=0) as f:  # small reads, served by the read-ahead
             assert b"".join(iter(lambda: f.read(4096), b"")) == (export / "big.bin").read_bytes()
@@ -425,6 +431,21 @@ def test_many_clients_at_once(files: str, export: Path, default_client: None) ->
         results = list(pool.map(work, range(16)))
     assert results == [bytes([i]) * 50_000 for i in range(16)]
     assert len(list(export.iterdir())) == 17
+
+
+def test_reliable_flows_carry_large_messages_and_others_one_sdu_each(
+        files: str, export: Path, default_client: None) -> None:
+    data = os.urandom(3 * w.MSIZE_DEFAULT + 12345)
+    with Client(dial(files)) as c:  # a reliable flow: messages of several SDUs each
+        assert c.msize == w.MSIZE_DEFAULT
+        c.put("big.bin", data)
+        assert c.cat("big.bin") == data
+    assert (export / "big.bin").read_bytes() == data
+    with Client(FlowTransport(flow_alloc(files, qos=qos.raw, timeout=10))) as c:  # a message is an SDU
+        assert c.msize == c.transport.flow.mtu  # type: ignore[attr-defined]
+        assert c.cat("big.bin") == data
+        c.put("again.bin", data[::-1])
+    assert (export / "again.bin").read_bytes() == data[::-1]
 
 
 def test_server_and_bridge_end_with_their_irmd(tmp_path: Path, export: Path) -> None:

@@ -222,12 +222,13 @@ def test_a_silent_flow_is_hung_up_after_the_attach_timeout(open_irmd: IrmdProc,
 HANDSHAKE = r"""
 import os, sys, time
 from flowlib.irm import IrmClient
+from flowlib import crypto
 from flowlib.qos import QosSpec
 mode, name = sys.argv[1], sys.argv[2]
 irm = IrmClient()
-reply, fd = irm.alloc(name, QosSpec(cypher_s=256), 5.0)  # the flow, without our half of the agreement
-if mode == "zero":
-    os.write(fd, b"OUKX\x01" + bytes(32))  # the former in-band hello, with the all-zero (low-order) key
+reply, fd = irm.alloc(name, QosSpec(cypher_s=256), 5.0)  # the encrypted flow, not made a Flow of
+if mode == "forged":  # the shape of a sealed packet (IV, ciphertext, tag), under no key of this flow
+    os.write(fd, os.urandom(crypto.OVERHEAD + 32))
 elif mode == "garbage":
     os.write(fd, b"xyz")
 time.sleep(float(sys.argv[3]))
@@ -236,18 +237,18 @@ irm.dealloc(reply.flow_id)
 """
 
 
-def test_hang_ups_and_garbage_mid_key_agreement_harm_only_their_own_flow(
+def test_hang_ups_garbage_and_forged_packets_on_new_encrypted_flows_harm_only_their_own_flow(
         open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
     stall = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HANDSHAKE, "silent", "files", "6"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
     try:
         time.sleep(0.5)
-        legit_ok(open_irmd, within=3.0)  # not stalled behind the silent agreement
-        for mode, hold in [("garbage", "0.3"), ("zero", "0.3"), ("silent", "0.5")]:
+        legit_ok(open_irmd, within=3.0)  # not stalled behind the silent flow
+        for mode, hold in [("garbage", "0.3"), ("forged", "0.3"), ("silent", "0.5")]:
             r = as_nobody(open_irmd, HANDSHAKE, mode, "files", hold)
             assert r.returncode == 0, r.stderr
-            assert files.poll() is None, f"the server died of a {mode} hello"
+            assert files.poll() is None, f"the server died of a {mode} flow"
     finally:
         stall.wait(20)
     assert files.poll() is None
@@ -296,7 +297,8 @@ def test_a_flood_of_garbage_costs_bounded_memory_and_cpu_and_others_are_served(
     assert max(took) < 10.0
 
 
-DEAF = r"""
+# A client attached as whoever it is: the flow `f`, version and attach done, msize 8192.
+ATTACHED = r"""
 import json, sys, time
 from apps.styx import wire as w
 from flowlib import flow_alloc, qos, FlowError, FlowTimeout
@@ -305,6 +307,9 @@ f.set_timeout(5)
 for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, "x", "")):
     f.write(w.encode(msg))
     f.read()
+"""
+
+DEAF = ATTACHED + r"""
 f.set_timeout(1)
 sent = 0
 try:
@@ -341,5 +346,26 @@ def test_a_client_that_takes_no_replies_is_dropped_after_the_send_timeout(
     out = json.loads(out_text or "{}")
     assert out.get("how") == "FlowDown", (out, err)  # the server hung up on it
     assert out["read"] < out["sent"]  # not every reply was ever sent
+    assert files.poll() is None
+    legit_ok(open_irmd)
+
+
+PIECES = ATTACHED + r"""
+big = w.encode(w.Twrite(2, 0, 0, bytes(6000)))
+f.write(big[:5000])  # a message in pieces: the rest must follow, and nothing else
+f.write(big[5000:] + bytes(2000))  # runs past the end of its message
+try:
+    f.read()
+    how = "answered"
+except FlowError as e:
+    how = type(e).__name__
+print(json.dumps({"how": how}))
+"""
+
+
+def test_a_piece_running_past_its_message_ends_that_connection_only(
+        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    out = result(as_nobody(open_irmd, PIECES, "files"))
+    assert out["how"] == "FlowDown"
     assert files.poll() is None
     legit_ok(open_irmd)

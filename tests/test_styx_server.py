@@ -265,7 +265,7 @@ def test_directory_reads_are_whole_stat_records(fs: Session) -> None:
     assert len(w.stats_decode(first)) == 1  # two records do not fit in 80 bytes
     err(fs, w.Tread(1, 0, 5, 80), "offset")
     rest = ok(fs, w.Tread(1, 0, len(first), 8000)).data  # type: ignore[attr-defined]
-    names = [s.name for s in w.stats_decode(first + rest)]
+    names = [s.name for s in w.stats_decode(bytes(first) + bytes(rest))]
     assert sorted(names) == ["hello.txt", "sub"]  # in the directory's own order, as Plan 9
     assert ok(fs, w.Tread(1, 0, len(first) + len(rest), 8000)) == w.Rread(1, b"")
     err(fs, w.Tread(1, 0, 0, 10), "too small")

@@ -24,8 +24,8 @@ from test_styx_e2e import free_port, start, stop
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
 from apps.styx.transport import FlowTransport, dial
-from flowlib import Flow, flow_accept, flow_alloc, qos
-from flowlib.irm import IrmClient, call
+from flowlib import flow_alloc, qos
+from flowlib.irm import IrmClient
 from proto import messages as m
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -101,28 +101,47 @@ def names(irmd: IrmdProc) -> dict[str, dict[str, str]]:
     return {r["name"]: r for r in irmd.table("name", "list")}
 
 
+PROBE = r"""
+import os, sys
+from flowlib import flow_accept
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+irm = IrmClient()
+call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
+call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
+print("ready", flush=True)
+flows = []
+while True:
+    flows.append(flow_accept(irm=irm))
+    print(flows[-1].peer_uid, flush=True)
+"""
+
+
 class Probe:
-    """A name served by this test: records who each flow's peer is, as the IRMd vouches."""
+    """A name served by a process of its own (not an ancestor of the servers the tests start, which
+    a process binding would let take its flows): records who each flow's peer is, as the IRMd vouches."""
 
     def __init__(self, irmd: IrmdProc, name: str = "probe") -> None:
-        self.irm = IrmClient(irmd.sock)
-        call(self.irm.channel, m.Bind("process", str(os.getpid()), name), 10)
-        call(self.irm.channel, m.NameRegister(name, ["local"]), 10)
-        self.peers: list[int | None] = []
-        self.flows: list[Flow] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        env = dict(irmd.env, PYTHONPATH=str(CHECKOUT))
+        self.proc = subprocess.Popen([sys.executable, "-c", PROBE, name], env=env, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        self._lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_for(lambda: self._lines or self.proc.poll() is not None, 30, "the probe to serve")
+        assert self._lines[:1] == ["ready"], f"the probe exited with {self.proc.returncode}"
 
-    def _accept(self) -> None:
-        with contextlib.suppress(Exception):
-            while True:
-                flow = flow_accept(irm=self.irm)
-                self.flows.append(flow)
-                self.peers.append(flow.peer_uid)
+    def _read(self) -> None:
+        for line in self.proc.stdout or ():
+            self._lines.append(line.strip())
+
+    @property
+    def peers(self) -> list[int]:
+        return [int(line) for line in self._lines[1:]]
 
     def close(self) -> None:
-        for f in self.flows:
-            f.close()
-        self.irm.close()
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 @pytest.fixture
@@ -283,7 +302,7 @@ with Client(dial(sys.argv[1]), user="root") as c:
     def attempt(key, fn, *args):
         try:
             r = fn(*args)
-            out[key] = r.decode() if isinstance(r, bytes) else "ok"
+            out[key] = r.decode() if isinstance(r, (bytes, bytearray)) else "ok"
         except StyxClientError as e:
             out[key] = "error: " + str(e)
     attempt("secret", c.cat, "secret.txt")

@@ -414,3 +414,25 @@ def test_qos_spec_survives_the_fa_req_codec() -> None:
     req = um.FaReq(1, 2, b"\x01" * 32, QosSpec(delay=5, loss=0, in_order=1))
     got = um.CODEC.decode(um.CODEC.encode(req)).msg
     assert isinstance(got, um.FaReq) and got.qos == req.qos and got.qos.reliable
+
+
+def test_dir_a_registration_goes_to_new_homes_as_signed_and_to_all_once_membership_settles() -> None:
+    key = hashlib.sha3_256(b"settle").digest()
+    d = Directory(1, DhtParams(k=3), ident_of(1), now=0.0)
+    first = d.register(key, True, 0.0)
+    assert [a for a, _ in first] == [1]  # alone: its own home
+    signed = first[0][1]
+    out = d.set_members(range(1, 4), 0.1)  # two members more: they are new homes
+    assert sorted(a for a, _ in out) == [2, 3] and all(msg is signed for _, msg in out)  # not re-signed
+    out = d.set_members(range(1, 50), 0.2)  # homes change again: only the new ones are sent to
+    homes = d.closest(key)
+    assert {a for a, _ in out} == set(homes) - {1, 2, 3}
+    assert d.get_timer() == pytest.approx(0.2 + dir_mod.SETTLE)
+    out = d.handle_timer(0.2 + dir_mod.SETTLE)  # settled: once more to every home, as signed
+    assert sorted(a for a, _ in out) == sorted(homes) and all(msg is signed for _, msg in out)
+    assert d.handle_timer(1.0) == []
+    for n in range(60, 200):  # churn that never settles is still followed within MAX_SETTLE
+        d.set_members(range(1, n), 1.0 + (n - 60) * 0.1)
+        if d.get_timer() <= 1.0 + (n - 60) * 0.1:
+            break
+    assert d.get_timer() <= 1.0 + dir_mod.MAX_SETTLE

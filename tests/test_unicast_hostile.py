@@ -139,7 +139,8 @@ def signed_lsu(ident: auth.Identity, src: int, name: str, seqno: int = 1, neighb
 
 
 def mgmt_pdu(dst: int, msg: um.Message) -> bytes:
-    return FMT.pack(pci.Pci(dst, 0, 10, 0, pci.MGMT_EID)) + um.CODEC.encode(msg)
+    """A management PDU for `dst`, framed as a data flow carries it."""
+    return pci.frame(FMT.pack(pci.Pci(dst, 0, 10, 0, pci.MGMT_EID)) + um.CODEC.encode(msg))
 
 
 @pytest.mark.timeout(240)
@@ -246,7 +247,8 @@ def test_a_member_cannot_speak_for_another_in_lsus_or_the_directory(layer: Layer
         dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, store)))
         dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, um.DhtStore(n2, name, n2, 86400.0))))
         for _ in range(50):
-            dt.write(dsealer.seal_bytes(FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID)) + os.urandom(200)))
+            head = FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID))
+            dt.write(dsealer.seal_bytes(pci.frame(head + os.urandom(200))))
         # the flow allocator: a request and a deallocation in n2's name, unsigned and signed by the rogue
         for msg in (um.FaReq(n2, 99, name, raw), um.FaDealloc(n2, 1, 2)):
             dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, msg)))
@@ -345,7 +347,7 @@ def test_a_member_flooding_management_pdus_is_bounded(layer: Layer, peer: Peer) 
     with legit_pings(b) as failures:
         for i in range(20000):  # on the data flow, as management PDUs; and on the management flow
             with contextlib.suppress(FlowError):
-                dt.write(sealer.seal_bytes(head + b"\x00" * (i % 100)))
+                dt.write(sealer.seal_bytes(pci.frame(head + b"\x00" * (i % 100))))
                 mgmt.write(msealer.seal_bytes(b"\x01" * (i % 100)))
         wait_for(lambda: a.counter("n1", "mgmt_malformed") + a.counter("n1", "mgmt_dropped") >= 20000, 60,
                  "n1 to drop the flood")

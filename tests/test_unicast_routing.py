@@ -331,3 +331,21 @@ def test_pff_rejects_an_unknown_policy() -> None:
         pff.by_name("ospf")
 
 
+
+
+def test_lsdb_tables_come_at_most_every_holdoff_in_a_join_storm() -> None:
+    """A new link is routed over at once, but within HOLDOFF of the last table only once it has
+    passed: a storm of members joining costs a few tables, not one each."""
+    from ipcp.unicast.routing import HOLDOFF
+
+    a = Lsdb(1)
+    a.set_neighbours({2}, 0.0)
+    a.receive(lsu(2, 1, [1]), 0.0)
+    assert a.take_table(0.0) == {2: [2]}
+    for n in range(3, 30):  # members behind 2 join one after the other, 1 ms apart
+        a.receive(lsu(n, 1, [2]), 0.001 * n)
+        a.receive(lsu(2, n, [1, *range(3, n + 1)]), 0.001 * n)
+        assert a.take_table(0.001 * n) is None
+    assert a.get_timer() == HOLDOFF
+    table = a.take_table(HOLDOFF)
+    assert table is not None and set(table) == set(range(2, 30))

@@ -60,6 +60,7 @@ class Connection:
                  encrypt: bool = False) -> None:
         self.depot = depot
         self.timeout = timeout
+        self.answered = 0  # replies received: whether the depot took a request, when a connection is lost
         self.stream = open_stream(depot, timeout, irm, encrypt)
 
     def close(self) -> None:
@@ -79,6 +80,7 @@ class Connection:
         wait = self.timeout if wait is None else wait
         try:
             line = self.stream.readline(w.MAX_LINE, wait)
+            self.answered += 1
             return w.parse_reply(line)
         except StreamTimeout:
             raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} did not answer in {wait:g} s") \
@@ -157,9 +159,14 @@ class Connection:
         except StreamClosed:
             raise w.IbpError(w.IBP_E_CONNECTION, f"depot {self.depot!r} closed the connection mid-load") from None
 
-    def load_bytes(self, cap: Capability, offset: int = 0, length: int = 0) -> bytes:
+    def load_bytes(self, cap: Capability, offset: int = 0, length: int = 0) -> bytearray:
+        """The bytes of a load, gathered as they arrive into the buffer returned (no copy at the end:
+        a join would copy them all once the last came)."""
         _, chunks = self.load(cap, offset, length)
-        return b"".join(chunks)
+        out = bytearray()
+        for chunk in chunks:
+            out += chunk
+        return out
 
     def copy(self, src: Capability, dst: Capability, offset: int = 0, length: int = 0) -> int:
         t = self._server_timeout

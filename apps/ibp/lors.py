@@ -249,7 +249,7 @@ def download(ex: ExNode, out: BinaryIO, s: Settings, offset: int = 0, length: in
     return total
 
 
-def _fetch(pool: Pool, block: list[Mapping], start: int, n: int) -> bytes:
+def _fetch(pool: Pool, block: list[Mapping], start: int, n: int) -> bytearray:
     """Bytes [start, start + n) of a block, from the first replica that answers with the right bytes
     (a replica with a checksum is read whole, to check it)."""
     errors = []

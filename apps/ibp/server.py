@@ -24,7 +24,9 @@ from apps.ibp.client import Connection, parse_cap
 from apps.ibp.depot import RID, Allocation, DepotCore
 from apps.ibp.limits import Limits, Slots, copy_allowed
 from apps.ibp.peer import flow_identity, tcp_identity
+from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
+from apps.ibp.targets import Targets
 from flowlib import FlowError
 from flowlib.flow import establish
 from flowlib.irm import IrmClient
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 EXPIRY_TICK = 1.0       # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
+WRITEBACK = 2 * 1024 * 1024  # a store's bytes are handed to the disk this many at a time as they come
 DEFAULT_PORT = 6714
 REJECT_QUEUE = 32       # turned-away connections waiting for their -66; beyond, they are just closed
 REJECT_TIME = 2.0       # seconds a turned-away client gets to take its -66
@@ -85,10 +88,16 @@ class DepotServer:
     rejecter: Rejecter = field(default_factory=Rejecter)
     _alloc_locks: dict[str, threading.Lock] = field(default_factory=dict)
     turned_away: int = 0  # connections refused for a limit (ST_INQ reports it)
+    accepted: int = 0  # connections served since the start (ST_INQ reports it)
+    targets: Targets = field(init=False)
 
     def __post_init__(self) -> None:
         if self.slots is None:
             self.slots = Slots(self.limits.max_connections, self.limits.client_connections)
+        self.targets = Targets(self._open_target)
+
+    def _open_target(self, depot: str, timeout: float) -> Connection:
+        return Connection(depot, timeout=timeout, irm=self.irm, encrypt=self.encrypt)
 
     def alloc_lock(self, a: Allocation) -> threading.Lock:
         with self.lock:
@@ -106,6 +115,7 @@ class DepotServer:
             self.turned_away += 1
             self.rejecter.reject(opener, discard, why)
             return
+        self.accepted += 1
         try:
             threading.Thread(target=self._run, args=(client, opener, depot_addr), daemon=True).start()
         except RuntimeError as e:  # no thread to be had
@@ -117,7 +127,7 @@ class DepotServer:
     def _run(self, client: str, opener: Opener, depot_addr: str) -> None:
         assert self.slots is not None
         try:
-            stream = opener()  # a flow's key agreement runs here, off the accept loop
+            stream = opener()  # a flow's setup runs here, off the accept loop
         except Exception as e:  # a flow that never became one costs its slot only
             log.info("connection from %s failed to open: %s", client, e)
             self.slots.give(client)
@@ -213,7 +223,7 @@ class DepotServer:
             assert self.slots is not None
             with self.lock:
                 values, extras = core.inq()
-            extras.update(connections=self.slots.count(), turned_away=self.turned_away)
+            extras.update(connections=self.slots.count(), accepted=self.accepted, turned_away=self.turned_away)
             stream.send(w.format_inq(values, extras))
             return True
         if req.follows:
@@ -263,8 +273,14 @@ class DepotServer:
         try:
             with self.core.open_data(a) as f:
                 f.seek(start)
+                end = handed = start  # the end of what came, of what is handed to the disk already
                 for chunk in stream.read_chunks(length, timeout, deadline):
                     f.write(chunk)
+                    end += len(chunk)
+                    if end - handed >= WRITEBACK:
+                        f.flush()
+                        start_writeback(f.fileno(), handed, end - handed)
+                        handed = end
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:  # e.g. the disk is full: nothing of this store is acknowledged
@@ -277,16 +293,14 @@ class DepotServer:
         with self.lock:
             a = self.core.authorize(req.key, req.typekey, READ, now, req.rid)
             n = self.core.check_read(a, req.offset, req.length)
-        chunks = self._read(a, req.offset, n)
-        first = next(chunks, b"")  # the file opens (or fails) while a status can still say so
+        blocks = self._read(a, req.offset, n, head=w.format_reply(w.IBP_OK, n))
+        first = next(blocks)  # the file opens (or fails) while a status can still say so
         deadline = time.monotonic() + self.limits.transfer_time(req.timeout, n)
-        stream.send(w.format_reply(w.IBP_OK, n), deadline)
         try:
-            if first:
-                stream.send(first, deadline)
-            for chunk in chunks:
-                stream.send(chunk, deadline)
-        except w.IbpError as e:  # after the header no status can follow: end the stream
+            stream.send(first, deadline)  # the status line and the first bytes, in one SDU
+            for block in blocks:
+                stream.send(block, deadline)
+        except w.IbpError as e:  # after the status no other can follow: end the stream
             log.error("load failed mid-stream: %s", e)
             return False
         except StreamTimeout:
@@ -294,20 +308,26 @@ class DepotServer:
             return False
         return True
 
-    def _read(self, a: Allocation, offset: int, n: int) -> Iterator[bytes]:
+    def _read(self, a: Allocation, offset: int, n: int, head: bytes = b"") -> Iterator[memoryview]:
+        """`n` bytes of `a` from `offset`, `head` before them, in blocks read into one buffer: no
+        allocation or copy per block, so each block is valid only until the next is asked for."""
         try:
             f = self.core.open_data(a)
         except OSError as e:  # freed or expired since it was authorized
             raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, f"the allocation went away: {e.strerror}") from None
         with f:
-            f.seek(offset)
-            left = n
+            view = memoryview(bytearray(len(head) + min(READ_BLOCK, n)))
+            view[: len(head)] = head
+            at, left = len(head), n
+            if head and not left:
+                yield view
             while left > 0:
-                data = f.read(min(READ_BLOCK, left))
-                if not data:
+                got = os.preadv(f.fileno(), [view[at : at + min(READ_BLOCK, left)]], offset + n - left)
+                if got <= 0:
                     raise w.IbpError(w.IBP_E_INTERNAL, "data file shorter than its record")
-                left -= len(data)
-                yield data
+                left -= got
+                yield view[: at + got]
+                at = 0
 
     def _copy(self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int) -> list[tuple[int, int]]:
         """Push the bytes to each destination over our own flows: [(length, status)] per target.
@@ -336,8 +356,7 @@ class DepotServer:
 
     def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float) -> tuple[int, str]:
         try:
-            with Connection(cap.depot, timeout=timeout, irm=self.irm, encrypt=self.encrypt) as conn:
-                conn.store(cap, self._read(a, offset, n), n)
+            self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n))
         except w.IbpError as e:
             status = w.known_error(e.status)
             log.info("copy to %s failed: %s", cap.depot, w.status_text(status))
@@ -348,6 +367,7 @@ class DepotServer:
 
     def expiry_loop(self, stop: threading.Event) -> None:
         while not stop.wait(EXPIRY_TICK):
+            self.targets.expire()
             try:
                 with self.lock:
                     self.core.expire(self.clock())
@@ -398,7 +418,7 @@ def tcp_loop(server: DepotServer, sock: socket.socket, addr: str) -> None:
 
 
 def flow_loop(server: DepotServer) -> None:
-    """Accept flows until the IRMd goes away; a flow's own setup (key agreement, FRCT) runs on its
+    """Accept flows until the IRMd goes away; a flow's own setup (FRCT, its agreed keys) runs on its
     connection's thread, so neither a silent nor a broken flow stalls or ends this loop."""
     irm = server.irm
     assert irm is not None

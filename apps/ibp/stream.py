@@ -39,6 +39,11 @@ class ByteStream:
     def __init__(self) -> None:
         self._buf = bytearray()
 
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet read."""
+        return len(self._buf)
+
     def _recv(self, timeout: float | None) -> bytes:
         raise NotImplementedError
 

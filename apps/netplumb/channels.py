@@ -25,8 +25,8 @@ from flowlib import Flow
 log = logging.getLogger(__name__)
 DEBUG2, DEBUG3 = 12, 10  # plumb -vv (channels) and -vvv (packets); -v is 15
 
-CHUNK = 32 * 1024  # data per packet: base64 of it plus headers stays under one 64 KiB SDU
-GRANT_BATCH = INITIAL_WINDOW // 4  # window adjustments are sent per this many bytes written (or when idle)
+CHUNK = 60 * 1024  # data read at once: one DATA packet of under 64 KiB, one SDU (the core cuts it if need be)
+GRANT_BATCH = INITIAL_WINDOW // 4  # window adjustments are sent per this many bytes written
 
 
 class Core(Protocol):
@@ -45,6 +45,8 @@ class Core(Protocol):
     def grant(self, ch: int, n: int) -> None: ...
 
     def data_to_send(self) -> list[bytes]: ...
+
+    def has_output(self) -> bool: ...
 
 
 class Reader:
@@ -72,7 +74,8 @@ class Reader:
         if self.flow.fileno() not in ready:
             return []
         data = self.flow.read()
-        log.log(DEBUG3, "<- %s", wire.describe(data))
+        if log.isEnabledFor(DEBUG3):
+            log.log(DEBUG3, "<- %s", wire.describe(data))
         return self.core.receive(data, time.monotonic())
 
     def wake(self) -> None:
@@ -99,8 +102,15 @@ class Link:
         with self._lock:
             queue()
             for packet in self.core.data_to_send():
-                log.log(DEBUG3, "-> %s", wire.describe(packet))
+                if log.isEnabledFor(DEBUG3):
+                    log.log(DEBUG3, "-> %s", wire.describe(packet))
                 self.flow.write(packet)
+
+    def flush(self) -> None:
+        """Write what the core queued by itself (handshake replies, errors), if anything: the
+        receiving thread does not wait for the lock while a pump writes."""
+        if self.core.has_output():
+            self.send()
 
     def data(self, ch: int, data: bytes) -> None:
         self.send(lambda: self.core.send_data(ch, data))
@@ -238,8 +248,9 @@ class Sink(threading.Thread):
                     broken = True
             ungranted += len(data)
             got += len(data)
-            # Grant in batches (fewer packets), but at once when we caught up, so the peer never stalls.
-            if ungranted >= GRANT_BATCH or self._q.empty():
+            # In batches: the peer still has three quarters of its window, and stalls only when the
+            # whole window waits here or is written out ungranted (then this grants it).
+            if ungranted >= GRANT_BATCH:
                 with contextlib.suppress(Exception):
                     self.link.grant(self.ch, ungranted)
                 ungranted = 0

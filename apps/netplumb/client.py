@@ -22,7 +22,6 @@ from apps.netplumb.channels import DEBUG2, DEBUG3, Ends, Link, Pump, Reader, Sin
 from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
-from apps.netplumb.recipe import RecipeError, parse_recipe
 from apps.netplumb.session import ServerKey, SessionError
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
 from flowlib import FlowDown, FlowError, flow_alloc, qos
@@ -150,6 +149,8 @@ def _option(req: Request, args: list[str], i: int) -> int:
 
 def _long(req: Request, name: str, value: str) -> None:
     if name == "recipe":
+        from apps.netplumb.recipe import RecipeError, parse_recipe  # here: plumb starts faster without it
+
         try:
             req.recipe = Path(value).read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -200,13 +201,13 @@ class Client:
             raise Failure(str(e)) from None
         log.log(DEBUG1, "key %s: %s", key, fingerprint(identity.public))
         start = self._start_message()
-        self.core = ClientConnection(identity, self._check_host, start, time.monotonic(), ANSWER_TIMEOUT)
         log.log(DEBUG1, "allocating a flow to %s (qos data)", req.host)
         try:
             flow = flow_alloc(req.host, qos=qos.data, timeout=ALLOC_TIMEOUT)
         except FlowError as e:
             raise Failure(f"cannot reach {req.host}: {e}") from None
         log.log(DEBUG1, "flow %d to %s via layer %s", flow.flow_id, req.host, flow.layer)
+        self.core = ClientConnection(identity, self._check_host, start, time.monotonic(), ANSWER_TIMEOUT, flow.mtu)
         self.link = Link(flow, self.core)
         self.reader = Reader(flow, self.core)
         old_wakeup = signal.set_wakeup_fd(self.reader.wake_w)  # a signal any thread took wakes us for its handler
@@ -227,7 +228,7 @@ class Client:
     def _loop(self) -> int:
         while self.status is None:
             events = self.reader.events()
-            self.link.send()
+            self.link.flush()
             for ev in events:
                 refused = self._on(ev)
                 if refused is not None:
@@ -240,12 +241,12 @@ class Client:
         """Act on one event; the status to exit with if the command was refused."""
         match ev:
             case ServerKey(key):
-                log.log(DEBUG1, "the server proved it holds %s; sent AUTH (sealed): our key and proof",
-                        fingerprint(key))
-            case Authenticated():
                 what = "the recipe" if self.core.start.recipe is not None else shlex.join(self.core.start.argv)
-                log.log(DEBUG1, "authenticated; START: %s%s", what,
+                log.log(DEBUG1, "the server proved it holds %s; sent AUTH (sealed): our key and proof, "
+                        "and START: %s%s", fingerprint(key), what,
                         f" as {self.core.start.user}" if self.core.start.user else "")
+            case Authenticated():
+                log.log(DEBUG1, "authenticated")
             case Started(ok, message, status):
                 if not ok:
                     log.log(DEBUG1, "START refused (status %d)", status)

@@ -124,14 +124,20 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-# Where each step leads, on both ends; a step not listed for the current phase is an error.
-TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+# Where each step leads; a step not listed for the current phase is an error.
+SERVER_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.HANDSHAKE, "authenticated"): Phase.AUTHENTICATED,
     (Phase.AUTHENTICATED, "START"): Phase.STARTING,
     (Phase.STARTING, "started"): Phase.RUNNING,
     (Phase.STARTING, "refused"): Phase.CLOSED,
     (Phase.RUNNING, "EXIT"): Phase.EXITED,
     **{(p, "close"): Phase.CLOSED for p in Phase},
+}
+CLIENT_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.HANDSHAKE, "START"): Phase.STARTING,  # START goes right behind AUTH, a round trip less
+    (Phase.STARTING, "authenticated"): Phase.STARTING,  # the welcome; START's answer comes next
+    **{(p, step): nxt for (p, step), nxt in SERVER_TRANSITIONS.items()
+       if step == "close" or p not in (Phase.HANDSHAKE, Phase.AUTHENTICATED)},
 }
 
 _CHANNEL = frozenset({wire.DATA, wire.EOF, wire.WINDOW})
@@ -182,10 +188,12 @@ class Connection:
     """
 
     ACCEPTS: dict[Phase, frozenset[int]]
+    TRANSITIONS: dict[tuple[Phase, str], Phase]
     peer = "peer"
 
-    def __init__(self, session: Session, deadline: float | None) -> None:
+    def __init__(self, session: Session, deadline: float | None, mtu: int) -> None:
         self.session = session
+        session.max_packet = mtu
         self.channels = Channels()
         self.phase = Phase.HANDSHAKE
         self._deadline = deadline
@@ -265,13 +273,25 @@ class Connection:
             out, self._out = self.session.data_to_send() + self._out, []
         return out
 
+    def has_output(self) -> bool:
+        """Whether something waits in data_to_send() (seen without a lock: a thread that queues
+        something sends it itself, so only what this thread queued needs to be seen)."""
+        return bool(self._out) or self.session.has_output()
+
     def add_channel(self, ch: int, receives: bool, sends: bool) -> None:
         self.channels.add(ch, receives, sends)
 
     def send_data(self, ch: int, data: bytes) -> None:
+        """DATA on a channel: one packet, or as many as the bytes take."""
         msg = Data(ch, data)
+        plain = wire.encode_pairs(msg.to_fields())
+        if len(plain) > self.session.room and len(data) > 1:
+            half = len(data) // 2
+            self.send_data(ch, data[:half])
+            self.send_data(ch, data[half:])
+            return
         self.channels.sending(msg)
-        self._send(msg)
+        self._send(msg, plain)
 
     def send_eof(self, ch: int) -> None:
         msg = Eof(ch)
@@ -291,16 +311,17 @@ class Connection:
                 self._out.append(self.session.error(reason))
         return Closed(reason)
 
-    def _send(self, msg: SessionMessage) -> None:
-        fields = msg.to_fields()
+    def _send(self, msg: SessionMessage, plain: bytes | None = None) -> None:
+        """Seal and queue a message (plain: its fields, encoded already)."""
+        encoded = wire.encode_pairs(msg.to_fields()) if plain is None else plain
         with self._tx:
             if self.closed:
                 raise LocalProtocolError(f"cannot send {type(msg).__name__}: the connection is closed")
-            self._out.append(self.session.send(msg.TYPE, fields))
+            self._out.append(self.session.send(msg.TYPE, encoded))
 
     def _step(self, step: str) -> None:
         with self._lock:
-            nxt = TRANSITIONS.get((self.phase, step))
+            nxt = self.TRANSITIONS.get((self.phase, step))
             if nxt is None:
                 raise LocalProtocolError(f"{step} is not allowed {self.phase.value}")
             self.phase = nxt
@@ -316,11 +337,12 @@ class ServerConnection(Connection):
     START, and `linger` after EXIT to close."""
 
     ACCEPTS = SERVER_ACCEPTS
+    TRANSITIONS = SERVER_TRANSITIONS
     peer = "client"
 
     def __init__(self, identity: Identity, authorize: Callable[[bytes], str | None], now: float,
-                 login_grace: float, linger: float) -> None:
-        super().__init__(ServerSession(identity, authorize), now + login_grace)
+                 login_grace: float, linger: float, mtu: int = wire.MAX_PACKET) -> None:
+        super().__init__(ServerSession(identity, authorize), now + login_grace, mtu)
         self.login_grace = login_grace
         self.linger = linger
 
@@ -360,15 +382,16 @@ class ServerConnection(Connection):
 
 
 class ClientConnection(Connection):
-    """plumb's side: START goes out as soon as the server admitted us; the handshake and START's
-    answer must come within `timeout` seconds."""
+    """plumb's side: START goes out right behind AUTH, once the server proved its key; the handshake
+    and START's answer must come within `timeout` seconds."""
 
     ACCEPTS = CLIENT_ACCEPTS
+    TRANSITIONS = CLIENT_TRANSITIONS
     peer = "server"
 
     def __init__(self, identity: Identity, check_host: Callable[[bytes], object], start: Start, now: float,
-                 timeout: float) -> None:
-        super().__init__(ClientSession(identity, check_host), now + timeout)
+                 timeout: float, mtu: int = wire.MAX_PACKET) -> None:
+        super().__init__(ClientSession(identity, check_host), now + timeout, mtu)
         self.start = start
         self.timeout = timeout
         self.sockets = {ch for ch, _ in start.sockets}
@@ -378,10 +401,11 @@ class ClientConnection(Connection):
         with self._tx:
             self.session.start()
 
-    def _authenticated(self, key: bytes) -> list[Event]:
-        self._step("START")
-        self._send(self.start)
-        return [Authenticated(key)]
+    def _event(self, ev: object) -> list[Event]:
+        if isinstance(ev, ServerKey):  # our AUTH is queued
+            self._step("START")
+            self._send(self.start)
+        return super()._event(ev)
 
     def _start(self, fields: Fields) -> list[Event]:
         answer = Started.from_fields(fields)

@@ -44,11 +44,12 @@ from apps.netplumb.messages import BadStart, Data, Eof, Signal, Start, Window
 from apps.netplumb.policy import Account, Plan, Refused, Settings
 from apps.netplumb.privsep import JobNotStarted, Runner
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, FIRST_SERVER_CHANNEL, STDERR, STDIN, STDOUT, Fields
-from flowlib import Flow, FlowDown, FlowError
+from flowlib import Flow, FlowDown, FlowError, FlowTimeout
 
 log = logging.getLogger("netplumbd")
 
 LINGER = 30.0  # after EXIT, how long we wait for the client to close
+CLOSE_LINGER = 2.0  # after we ended a connection, how long what the client still sends is read and dropped
 KILL_GRACE = 2.0  # SIGTERM, then SIGKILL this much later
 START_TIMEOUT = 15.0  # the runner reports the job started (or why not) by then
 OPEN_TIMEOUT = 10.0  # a recipe's redirection waits this long for the other end of a named pipe
@@ -83,7 +84,7 @@ class Driver:
         self.entries: list[AuthorizedKey] = []
         self.key = b""
         self.core = ServerConnection(cfg.identity, self._authorize, time.monotonic(), cfg.limits.login_grace,
-                                     LINGER)
+                                     LINGER, flow.mtu)
         self.link = Link(flow, self.core)
         self.runner: Runner | None = None
         self.ends = Ends()
@@ -123,6 +124,7 @@ class Driver:
     def run(self) -> None:
         try:
             self._loop()
+            self._linger()
         except FlowDown:
             if self.runner is not None and not self.exited.is_set():
                 log.info("%s: the client went away: stopping its command", self.who)
@@ -136,9 +138,23 @@ class Driver:
     def _loop(self) -> None:
         while not self.core.closed:
             events = self.reader.events()
-            self.link.send()
+            self.link.flush()
             for ev in events:
                 self._on(ev)
+
+    def _linger(self) -> None:
+        """We ended the connection (an ERROR or a refusal went out) after keys were agreed, so the
+        client may have packets on the way (START goes right behind AUTH): read and drop what it
+        still sends until it closes, for CLOSE_LINGER at most. A flow closed on packets nobody read
+        can lose the last ones written to it, and with them the reason we gave (as with TCP, and a
+        web server's lingering close)."""
+        if not self.core.session.keyed:
+            return
+        deadline = time.monotonic() + CLOSE_LINGER
+        with contextlib.suppress(FlowDown, FlowTimeout):
+            while (left := deadline - time.monotonic()) > 0:
+                self.flow.set_timeout(left)
+                self.flow.read()
 
     def _on(self, ev: Event) -> None:
         match ev:

@@ -5,6 +5,7 @@ already the target user). The process gets a session of its own, so a signal rea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -38,6 +39,9 @@ class Launch:
         return {"env": self.env, "cwd": self.cwd, "start_new_session": True, "close_fds": True}
 
 
+PIPE_SIZE = 256 * 1024  # stdin and stdout hold several DATA packets' worth, so reads and writes go whole
+
+
 def pipes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(child, ours) for stdin, stdout and stderr."""
     i_r, i_w = os.pipe()
@@ -45,6 +49,9 @@ def pipes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     e_r, e_w = os.pipe()
     for fd in (i_w, o_r, e_r):
         os.set_inheritable(fd, False)
+    for fd in (i_w, o_r):  # counted against the user's own pipe limits; past them, the usual size
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     return (i_r, i_w), (o_w, o_r), (e_w, e_r)
 
 

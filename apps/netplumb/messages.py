@@ -13,6 +13,10 @@ from apps.netplumb.wire import Fields, WireError
 MAX_RECIPE = 1 << 16
 MAX_GRANT = 1 << 40  # one WINDOW adjustment
 MAX_CHANNEL = 1 << 31
+# DATA carries its bytes as they are, cut at their NULs (each NUL costs a pair's name, 5 bytes), unless
+# more than one in this many is NUL: then base64 (a third more) is the smaller, and one value.
+NUL_DENSITY = 16
+MAX_PIECES = wire.MAX_PAIRS - 2  # so that a DATA stays within the pair list's bound
 
 
 class BadStart(WireError):
@@ -103,16 +107,30 @@ class Started:
 
 @dataclass(frozen=True)
 class Data:
+    """Bytes on a channel. On the wire: the `data` values, joined by NUL, are the bytes (a NUL in them
+    ends one value and the next `data` pair goes on), so binary data needs no encoding; bytes with many
+    NULs go instead as one `base64` value."""
+
     TYPE: ClassVar[int] = wire.DATA
     ch: int
     data: bytes
 
     def to_fields(self) -> Fields:
-        return Fields.of(ch=self.ch, data=wire.b64(self.data))
+        fields = Fields.of(ch=self.ch).add_pieces("data", self.data)
+        if len(fields.items) // 2 - 2 > min(len(self.data) // NUL_DENSITY, MAX_PIECES - 1):  # too many NULs
+            fields = Fields.of(ch=self.ch, base64=wire.b64(self.data))
+        return fields
 
     @classmethod
     def from_fields(cls, fields: Fields) -> Data:
-        return cls(fields.int("ch", 0, MAX_CHANNEL), fields.bin("data"))
+        ch = fields.int("ch", 0, MAX_CHANNEL)
+        encoded = fields.rawall("base64") if b"base64" in fields.items[0::2] else []
+        pieces = fields.rawall("data") if not encoded else []
+        if pieces:
+            return cls(ch, b"\0".join(pieces))
+        if len(encoded) == 1 and fields.raw("data") is None:
+            return cls(ch, wire.unb64(encoded[0], "base64"))
+        raise WireError("DATA carries its bytes as `data` values or as one `base64` value")
 
 
 @dataclass(frozen=True)

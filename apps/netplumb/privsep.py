@@ -199,9 +199,12 @@ def plan_to_json(plan: Plan, workdir: bool, open_timeout: float, kill_grace: flo
 def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
     """A runner process, started and waiting for its plan, and our end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Isolated (-I: no PYTHON* variables), but with our bytecode settings, which -I would drop.
+    cache = ["-B"] if sys.flags.dont_write_bytecode else []
+    cache += ["-X", f"pycache_prefix={sys.pycache_prefix}"] if sys.pycache_prefix else []
     try:  # as us: the interpreter may be where the user cannot reach; it drops to the user first
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOT, CODE_ROOT, str(theirs.fileno())], stdin=subprocess.PIPE,
+            [sys.executable, "-I", *cache, "-c", BOOT, CODE_ROOT, str(theirs.fileno())], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=[theirs.fileno()], cwd="/",
             env={"PATH": os.defpath}, start_new_session=True)
     except BaseException:
@@ -213,7 +216,8 @@ def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
 
 
 class Spare:
-    """One runner started ahead, so that a session does not wait for an interpreter to start."""
+    """One runner started ahead, so that a session does not wait for an interpreter to start. The
+    next one is started once the session's job has (refill_soon), not beside it."""
 
     _lock = threading.Lock()
     _ready: tuple[subprocess.Popen[bytes], socket.socket] | None = None
@@ -224,8 +228,11 @@ class Spare:
             spare, cls._ready = cls._ready, None
         if spare is None or spare[0].poll() is not None:
             spare = _spawn()
-        threading.Thread(target=cls.refill, daemon=True, name="spare-runner").start()
         return spare
+
+    @classmethod
+    def refill_soon(cls) -> None:
+        threading.Thread(target=cls.refill, daemon=True, name="spare-runner").start()
 
     @classmethod
     def refill(cls) -> None:
@@ -300,6 +307,7 @@ class Runner:
                 if self.started.done():
                     raise RunnerError("started twice")
                 self.started.set_result((msg, fds))
+                Spare.refill_soon()
             case FifoOpened(ch):
                 if self.fifos[ch].done():
                     raise RunnerError(f"pipe {ch} opened twice")
@@ -308,6 +316,7 @@ class Runner:
                 if self.started.done():
                     raise RunnerError("refused after it started")
                 self.started.set_exception(JobNotStarted(message, status))
+                Spare.refill_soon()
             case Ended():
                 if not self.started.done():
                     raise RunnerError("ended before it started")
@@ -327,6 +336,7 @@ class Runner:
                 fut.set_exception(gone)
         if not self.started.done():
             self.started.set_exception(JobNotStarted("the session runner failed to start the command", 126))
+            Spare.refill_soon()
         if not self.ended.done():
             code = self.proc.wait()
             self.ended.set_result(Ended("signal", -code) if code < 0 else Ended("status", code or 255))

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=Spare.refill, daemon=True, name="spare-runner").start()
+    Spare.refill_soon()
     try:
         if args.name:
             _bind(irm, args.name, args.layer)

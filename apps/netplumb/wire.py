@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import logging
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,12 @@ def encode(packet: Packet) -> bytes:
     size = HEADER_SIZE + len(packet.payload)
     if size > MAX_PACKET:
         raise WireError(f"packet of {size} bytes exceeds {MAX_PACKET}")
-    rest = BODY.pack(packet.seq, packet.type) + packet.payload
-    return HEADER.pack(MAGIC, size, zlib.crc32(rest)) + rest
+    body = BODY.pack(packet.seq, packet.type)
+    # The CRC runs on over the payload where it lies: the packet is put together in one copy.
+    return b"".join((HEADER.pack(MAGIC, size, zlib.crc32(packet.payload, zlib.crc32(body))), body, packet.payload))
 
 
-def decode(data: bytes) -> Packet:
+def decode(data: bytes | memoryview) -> Packet:
     """One whole packet; raises WireError on a bad magic, size or CRC."""
     if len(data) < HEADER_SIZE:
         raise WireError(f"packet of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
@@ -89,12 +91,13 @@ def decode(data: bytes) -> Packet:
         raise WireError(f"bad magic {magic!r}: not a TAP1 packet")
     if size != len(data) or size > MAX_PACKET:
         raise WireError(f"bad size {size}: got {len(data)} bytes (at most {MAX_PACKET})")
-    if zlib.crc32(memoryview(data)[HEADER.size:]) != crc:
+    view = memoryview(data)
+    if zlib.crc32(view[HEADER.size:]) != crc:
         raise WireError("bad CRC32: the packet was damaged")
     seq, ptype = BODY.unpack_from(data, HEADER.size)
     if seq >= SEQ_MODULO:
         raise WireError(f"bad sequence number {seq}: it rolls over at {SEQ_MODULO - 1}")
-    return Packet(seq, ptype, bytes(data[HEADER_SIZE:]))
+    return Packet(seq, ptype, bytes(view[HEADER_SIZE:]))
 
 
 def describe(data: bytes) -> str:
@@ -117,26 +120,30 @@ class Decoder:
         self.whole = whole
 
     def feed(self, data: bytes) -> list[Packet]:
-        self._buf += data
-        out = []
-        while len(self._buf) >= HEADER.size:
-            magic, size, _ = HEADER.unpack_from(self._buf)
+        if self._buf:  # the rest of a packet a stream cut
+            self._buf += data
+            data, self._buf = bytes(self._buf), bytearray()
+        view = memoryview(data)
+        out, pos = [], 0
+        while len(data) - pos >= HEADER.size:
+            magic, size, _ = HEADER.unpack_from(data, pos)
             if magic != MAGIC or not HEADER_SIZE <= size <= MAX_PACKET:
                 self._reject(f"bad magic {bytes(magic)!r} or size {size}")
-            if len(self._buf) < size:
+            if len(data) - pos < size:
                 break
-            chunk = bytes(self._buf[:size])
-            del self._buf[:size]
             try:
-                packet = decode(chunk)
+                packet = decode(view[pos:pos + size])
             except WireError as e:
                 self._reject(str(e))
             if packet.seq != self.expect:
                 self._reject(f"bad sequence number {packet.seq}, expected {self.expect}")
             self.expect = next_seq(self.expect)
             out.append(packet)
-        if self.whole and self._buf:  # flows keep SDU boundaries: a piece of a packet is garbage
-            self._reject(f"{len(self._buf)} bytes that are not a whole packet")
+            pos += size
+        if pos < len(data):
+            if self.whole:  # flows keep SDU boundaries: a piece of a packet is garbage
+                self._reject(f"{len(data) - pos} bytes that are not a whole packet")
+            self._buf += view[pos:]
         return out
 
     def _reject(self, why: str) -> None:
@@ -159,25 +166,69 @@ class Encoder:
 # -- name/value pairs ---------------------------------------------------------
 
 
+Value = str | int | bytes
+
+
+def _raw(value: Value) -> bytes:
+    """A name or value as it travels: text in UTF-8 (undecodable bytes kept as they came), numbers in decimal."""
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "surrogateescape")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _pair(name: Value, value: Value) -> tuple[bytes, bytes]:
+    n, v = _raw(name), _raw(value)
+    if not n or 0 in n or 0 in v:
+        raise WireError(f"pair {_text(n)[:40]!r}: names are non-empty, neither may hold NUL")
+    return n, v
+
+
 @dataclass
 class Fields:
-    """An ordered list of name/value pairs; a name may repeat (e.g. one 'arg' per argument)."""
+    """An ordered list of name/value pairs as they travel: name, value, name, value, ... (bytes, kept
+    flat: a DATA has hundreds). A name may repeat (one 'arg' per argument). get() and friends read a
+    value as text, raw() and rawall() as the bytes themselves.
 
-    pairs: list[tuple[str, str]] = field(default_factory=list)
+    Pairs are checked as they are added (of, add, add_pieces) and as they arrive (decode_pairs)."""
+
+    items: list[bytes] = field(default_factory=list)
 
     @classmethod
-    def of(cls, *pairs: tuple[str, str | int], **kw: str | int) -> Fields:
-        return cls([(k, str(v)) for k, v in (*pairs, *kw.items())])
+    def of(cls, *pairs: tuple[str, Value], **kw: Value) -> Fields:
+        return cls([b for k, v in (*pairs, *kw.items()) for b in _pair(k, v)])
 
-    def add(self, name: str, value: str | int) -> Fields:
-        self.pairs.append((name, str(value)))
+    def add(self, name: str, value: Value) -> Fields:
+        self.items += _pair(name, value)
         return self
 
+    def add_pieces(self, name: str, data: bytes) -> Fields:
+        """Bytes that may hold NULs, as a run of `name` pairs cut at them: the run's values, joined by
+        NUL, are the bytes again."""
+        pieces = data.split(b"\0")
+        run = [_pair(name, b"")[0]] * (2 * len(pieces))
+        run[1::2] = pieces
+        self.items += run
+        return self
+
+    @property
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        return list(zip(self.items[0::2], self.items[1::2], strict=True))
+
+    def raw(self, name: str) -> bytes | None:
+        names = self.items[0::2]
+        key = _raw(name)
+        return self.items[2 * names.index(key) + 1] if key in names else None
+
+    def rawall(self, name: str) -> list[bytes]:
+        return list(itertools.compress(self.items[1::2], map(_raw(name).__eq__, self.items[0::2])))
+
     def get(self, name: str, default: str | None = None) -> str | None:
-        for k, v in self.pairs:
-            if k == name:
-                return v
-        return default
+        value = self.raw(name)
+        return default if value is None else _text(value)
 
     def need(self, name: str) -> str:
         value = self.get(name)
@@ -198,50 +249,38 @@ class Fields:
         return unb64(self.need(name), name)
 
     def getall(self, name: str) -> list[str]:
-        return [v for k, v in self.pairs if k == name]
+        return [_text(v) for v in self.rawall(name)]
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self.pairs)
+    def text(self) -> list[tuple[str, str]]:
+        """The pairs as text (for logs and tests)."""
+        return [(_text(k), _text(v)) for k, v in self.pairs]
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def unb64(text: str, what: str = "value") -> bytes:
+def unb64(text: str | bytes, what: str = "value") -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise WireError(f"field {what!r} is not valid base64") from None
 
 
-def _text(s: str) -> bytes:
-    return s.encode("utf-8", "surrogateescape")
-
-
-def encode_pairs(pairs: Iterable[tuple[str, str]]) -> bytes:
+def encode_pairs(pairs: Fields | Iterable[tuple[str, Value]]) -> bytes:
     """name NUL value NUL ... then an empty name (a lone NUL) ends the list."""
-    out = bytearray()
-    for name, value in pairs:
-        n, v = _text(name), _text(value)
-        if not n or b"\0" in n or b"\0" in v:
-            raise WireError(f"pair {name[:40]!r}: names are non-empty, neither may hold NUL")
-        out += n + b"\0" + v + b"\0"
-    out += b"\0"
-    return bytes(out)
+    fields = pairs if isinstance(pairs, Fields) else Fields.of(*pairs)
+    return b"\0".join(itertools.chain(fields.items, (b"", b"")))  # the last value's NUL, the end mark
 
 
 def decode_pairs(data: bytes) -> Fields:
-    parts = data.split(b"\0")
+    items = data.split(b"\0")
     # A well-formed list splits into name, value, ..., '' (the end mark), '' (after its NUL).
-    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"" or len(parts) % 2:
+    if len(items) < 2 or items[-1] != b"" or items[-2] != b"" or len(items) % 2:
         raise WireError("name/value list is not NUL-terminated pairs ending with an empty name")
-    body = parts[:-2]
-    if len(body) // 2 > MAX_PAIRS:
+    del items[-2:]
+    if len(items) > 2 * MAX_PAIRS:
         raise WireError(f"more than {MAX_PAIRS} name/value pairs")
-    pairs = []
-    for i in range(0, len(body), 2):
-        if not body[i]:
-            raise WireError("empty name before the end of the name/value list")
-        pairs.append((body[i].decode("utf-8", "surrogateescape"), body[i + 1].decode("utf-8", "surrogateescape")))
-    return Fields(pairs)
+    if b"" in items[0::2]:
+        raise WireError("empty name before the end of the name/value list")
+    return Fields(items)

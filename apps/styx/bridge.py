@@ -22,7 +22,15 @@ from apps.styx.agent import AGENT_PROG, Agent, peer_pid
 from apps.styx.identity import NONE, NONE_NAME, Policy, User, server_policy, user_for_uid
 from apps.styx.serve import ACCEPT_BACKOFF, REFUSE_WAIT, Admission, refuse
 from apps.styx.server import DEFAULT_LIMITS, Limits
-from apps.styx.transport import ALLOC_TIMEOUT, StreamTransport, TransportError, parse_dial, recv_framed
+from apps.styx.transport import (
+    ALLOC_TIMEOUT,
+    StreamTransport,
+    TransportError,
+    flow_msize,
+    parse_dial,
+    recv_framed,
+    send_message,
+)
 from flowlib import Flow, FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient, default_client
 from transports.unix import irmd_sock_path
@@ -86,6 +94,19 @@ def as_none(data: bytes) -> bytes:
     msg = w.decode(data)
     assert isinstance(msg, (w.Tattach, w.Tauth))
     msg.uname = NONE_NAME
+    return w.encode(msg)
+
+
+def capped(data: bytes, msize: int) -> bytes:
+    """A client message with any Tversion's msize cut to `msize`: the server then negotiates no
+    larger messages than the bridge frames. Raises DecodeError."""
+    if data[4:5] != bytes([w.TVERSION]):
+        return data
+    msg = w.decode(data)
+    assert isinstance(msg, w.Tversion)
+    if msg.msize <= msize:
+        return data
+    msg.msize = msize
     return w.encode(msg)
 
 
@@ -164,7 +185,7 @@ class Bridge:
                 log.warning("bridge: cannot reach %s for %s: %s", self.name, user.name, e)
                 return
             with flow:
-                relay(conn, flow, not rights.as_user, self.limits.send_timeout)
+                relay(conn, flow, not rights.as_user, self.limits.send_timeout, self.limits.msize)
         finally:
             if irm is not self.irm:
                 irm.close()
@@ -172,9 +193,11 @@ class Bridge:
                 agent.close()
 
 
-def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float) -> None:
-    """One bridged client's 9P byte stream to and from its flow; anonymous: attaches become none."""
-    limit = min(w.MSIZE_MAX, flow.mtu)
+def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float,
+          msize: int = w.MSIZE_DEFAULT) -> None:
+    """One bridged client's 9P byte stream to and from its flow, in messages of at most `msize`
+    bytes (Tversion asks no more); anonymous: attaches become none."""
+    limit = flow_msize(flow, msize)
     # A client that takes no replies is dropped after a while (SO_SNDTIMEO: sends only, idle is fine).
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(send_timeout), 0))
     done = threading.Event()
@@ -184,15 +207,14 @@ def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float)
         try:
             while True:
                 data = recv_framed(conn, limit)
-                if anonymous:
-                    try:
-                        data = as_none(data)
-                    except w.DecodeError as e:
-                        tag = w.peek_tag(data)
-                        with send_lock:
-                            conn.sendall(w.encode(w.Rerror(w.NOTAG if tag is None else tag, f"bad message: {e}"[:200])))
-                        continue
-                flow.write(data)
+                try:
+                    data = capped(as_none(data) if anonymous else data, limit)
+                except w.DecodeError as e:
+                    tag = w.peek_tag(data)
+                    with send_lock:
+                        conn.sendall(w.encode(w.Rerror(w.NOTAG if tag is None else tag, f"bad message: {e}"[:200])))
+                    continue
+                send_message(flow, data)
         except (TransportError, OSError, FlowError) as e:
             log.info("bridge: client side ended: %s", e)
         finally:

@@ -255,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bridge", help="let 9P clients on TCP or a unix socket reach NAME")
     b.add_argument("--name", required=True, help="the styx service to relay to")
     b.add_argument("--listen", required=True, help="tcp!HOST!PORT or unix!/path")
-    add_limits(b, ["conns", "conns_per_user", "send_timeout"])
+    add_limits(b, ["msize", "conns", "conns_per_user", "send_timeout"])
     b.set_defaults(func=cmd_bridge)
     return p
 

@@ -1,7 +1,7 @@
 """A 9P2000 client: version, attach, then file operations by path, over any Transport.
 
-One request at a time; paths are walked MAXWELEM names per Twalk, data moves
-in iounit-sized reads and writes.
+Paths are walked MAXWELEM names per Twalk; bulk data moves in iounit-sized reads and writes,
+up to `pipeline` of them in flight, so a file costs a round trip per window, not per message.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from apps.styx import wire as w
 from apps.styx.transport import Transport, TransportError, TransportTimeout
 
 M = TypeVar("M", bound=w.Msg)
+_T = TypeVar("_T")
 VERSION_TIMEOUT = 3.0  # a 9P server answers Tversion at once; one that does not is no 9P server
+PIPELINE = 8  # Treads or Twrites in flight on a bulk transfer: the round trip is paid once per window
 
 
 class StyxClientError(Exception):
@@ -25,11 +27,20 @@ def split_path(path: str) -> list[str]:
     return [p for p in path.split("/") if p and p != "."]
 
 
+def _expect(reply: w.Msg, expect: type[M]) -> M:
+    if isinstance(reply, w.Rerror):
+        raise StyxClientError(reply.ename)
+    if not isinstance(reply, expect):
+        raise StyxClientError(f"expected {expect.__name__}, got {type(reply).__name__}")
+    return reply
+
+
 class Client:
     def __init__(self, transport: Transport, user: str | None = None, aname: str = "",
-                 msize: int = w.MSIZE_MAX) -> None:
+                 msize: int = w.MSIZE_DEFAULT, pipeline: int = PIPELINE) -> None:
         self.transport = transport
         self.msize = msize
+        self.pipeline = max(1, pipeline)
         self._tag = 0
         self._next_fid = 1
         self.root = 0
@@ -66,26 +77,46 @@ class Client:
             raise StyxClientError(f"the server does not speak 9P2000 (answered '{reply.version}')")
         self.msize = min(self.msize, reply.msize)
 
-    def rpc(self, msg: w.Msg, expect: type[M], timeout: float | None = None) -> M:
+    def _send(self, msg: w.Msg) -> int:
+        """Send a request under a fresh tag (Tversion keeps NOTAG); the tag."""
         if not isinstance(msg, w.Tversion):
             self._tag = (self._tag + 1) % w.NOTAG
             msg.tag = self._tag
         try:
             self.transport.send(w.encode(msg))
-            reply = w.decode(self.transport.recv(timeout), max(self.msize, w.MSIZE_MAX))
+        except TransportError as e:
+            raise StyxClientError(f"connection lost: {e}") from None
+        return msg.tag
+
+    def _receive(self, timeout: float | None = None) -> w.Msg:
+        """The next reply, whichever request it answers."""
+        try:
+            return w.decode(self.transport.recv(timeout, self.msize), self.msize)
         except TransportTimeout:
             raise
         except TransportError as e:
             raise StyxClientError(f"connection lost: {e}") from None
         except w.DecodeError as e:
             raise StyxClientError(f"bad reply from the server: {e}") from None
-        if reply.tag != msg.tag:
-            raise StyxClientError(f"reply tag {reply.tag} does not match request tag {msg.tag}")
-        if isinstance(reply, w.Rerror):
-            raise StyxClientError(reply.ename)
-        if not isinstance(reply, expect):
-            raise StyxClientError(f"expected {expect.__name__}, got {type(reply).__name__}")
-        return reply
+
+    def _answer(self, inflight: dict[int, _T]) -> tuple[_T, w.Msg]:
+        """The next reply to one of the requests in flight (tag -> what the caller keeps for it)."""
+        reply = self._receive()
+        if reply.tag not in inflight:
+            raise StyxClientError(f"reply tag {reply.tag} answers no request in flight")
+        return inflight.pop(reply.tag), reply
+
+    def _drain(self, inflight: dict[int, _T]) -> None:
+        """Take the replies still due, so the connection is in step for the next request."""
+        while inflight:
+            self._answer(inflight)
+
+    def rpc(self, msg: w.Msg, expect: type[M], timeout: float | None = None) -> M:
+        tag = self._send(msg)
+        reply = self._receive(timeout)
+        if reply.tag != tag:
+            raise StyxClientError(f"reply tag {reply.tag} does not match request tag {tag}")
+        return _expect(reply, expect)
 
     def newfid(self) -> int:
         self._next_fid += 1
@@ -119,9 +150,9 @@ class Client:
         return self.rpc(w.Tcreate(0, fid, name, perm, mode), w.Rcreate)
 
     def read(self, fid: int, offset: int, count: int) -> bytes:
-        return self.rpc(w.Tread(0, fid, offset, min(count, self.iounit)), w.Rread).data
+        return bytes(self.rpc(w.Tread(0, fid, offset, min(count, self.iounit)), w.Rread).data)
 
-    def write(self, fid: int, offset: int, data: bytes) -> int:
+    def write(self, fid: int, offset: int, data: bytes | memoryview) -> int:
         return self.rpc(w.Twrite(0, fid, offset, data[: self.iounit]), w.Rwrite).count
 
     def stat_fid(self, fid: int) -> w.Stat:
@@ -130,19 +161,97 @@ class Client:
     def wstat_fid(self, fid: int, st: w.Stat) -> None:
         self.rpc(w.Twstat(0, fid, st), w.Rwstat)
 
+    # -- bulk data: up to `pipeline` requests in flight ---------------------------
+
+    def _settle(self, reply: w.Msg, expect: type[M], inflight: dict[int, _T]) -> M:
+        """`reply` as `expect`; on an error the rest of the window is taken first, to stay in step."""
+        try:
+            return _expect(reply, expect)
+        except StyxClientError:
+            self._drain(inflight)
+            raise
+
+    def _read_into(self, out: bytearray, fid: int, offset: int, count: int) -> None:
+        """Append to `out` up to `count` bytes from `offset`, fewer only where the file ends (a short
+        read), with up to `pipeline` reads in flight: each reply's data goes in as soon as it is
+        next, so the bytes are gathered while the rest is still on its way."""
+        unit = self.iounit
+        end = offset + count
+        inflight: dict[int, int] = {}  # tag -> offset
+        early: dict[int, bytes | memoryview] = {}  # replies ahead of one still awaited
+        pos = done = offset  # the next offset to ask for; the end of what is in `out`
+        short: int | None = None  # the offset of the first read that came back short: the file ends there
+        while True:
+            while pos < end and short is None and len(inflight) < self.pipeline:
+                n = min(unit, end - pos)
+                inflight[self._send(w.Tread(0, fid, pos, n))] = pos
+                pos += n
+            if not inflight:
+                return
+            at, reply = self._answer(inflight)
+            data = self._settle(reply, w.Rread, inflight).data
+            if short is not None and at > short:
+                continue  # past the end
+            if len(data) < min(unit, end - at):
+                short = at if short is None else min(short, at)
+                early = {k: v for k, v in early.items() if k <= short}
+            early[at] = data
+            while done in early:
+                data = early.pop(done)
+                out += data
+                done += len(data)
+
+    def read_at(self, fid: int, offset: int, count: int) -> bytearray:
+        """Up to `count` bytes of an open file from `offset` (fewer where it ends), `pipeline` reads
+        at a time. Only for files read by offset: each read of a stream (net/N/data) takes the next
+        SDU, and a read in flight past a short one would take an SDU nobody gets."""
+        out = bytearray()
+        self._read_into(out, fid, offset, count)
+        return out
+
+    def read_fid_all(self, fid: int) -> bytearray:
+        """An open file's contents, read until a read returns nothing. A file that fills its first
+        read and whose stat gives a length (a real file: synthetic ones and streams say 0) is read
+        up to that length `pipeline` reads at a time."""
+        out = bytearray()
+        while True:
+            chunk = self.rpc(w.Tread(0, fid, len(out), self.iounit), w.Rread).data
+            if not chunk:
+                return out
+            out += chunk
+            if len(out) == self.iounit and self.pipeline > 1:
+                length = self.stat_fid(fid).length
+                if length > len(out):
+                    self._read_into(out, fid, len(out), length - len(out))
+
+    def write_fid_all(self, fid: int, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+        """All of `data` at `offset`: iounit-sized writes, `pipeline` at a time once one went through
+        whole. After a short write the rest goes one write at a time from where it stopped."""
+        view = memoryview(data).cast("B")
+        unit = self.iounit
+        inflight: dict[int, tuple[int, int]] = {}  # tag -> (position in data, bytes sent)
+        window, pos = 1, 0
+        while pos < len(view) or inflight:
+            while pos < len(view) and len(inflight) < window:
+                n = min(unit, len(view) - pos)
+                inflight[self._send(w.Twrite(0, fid, offset + pos, view[pos : pos + n]))] = (pos, n)
+                pos += n
+            (at, n), reply = self._answer(inflight)
+            count = self._settle(reply, w.Rwrite, inflight).count
+            if count == n:
+                window = self.pipeline
+                continue
+            self._drain(inflight)  # what those wrote past the short one is written again, in order
+            if not 0 < count < n:
+                raise StyxClientError("the server accepted no bytes" if count <= 0 else
+                                      f"the server says it wrote {count} bytes of {n}")
+            window, pos = 1, at + count
+
     # -- by path -----------------------------------------------------------------
 
-    def read_fid_all(self, fid: int) -> bytes:
-        out, offset = bytearray(), 0
-        while True:
-            chunk = self.read(fid, offset, self.iounit)
-            if not chunk:
-                return bytes(out)
-            out += chunk
-            offset += len(chunk)
-
-    def read_file(self, path: str) -> tuple[w.Qid, bytes]:
-        """The qid and whole contents of `path` (a directory's are stat records)."""
+    def read_file(self, path: str) -> tuple[w.Qid, bytearray]:
+        """The qid and whole contents of `path` (a directory's are stat records), in the buffer
+        they were gathered in as they came."""
         fid = self.walk(path)
         try:
             qid = self.open(fid, w.OREAD).qid
@@ -150,18 +259,10 @@ class Client:
         finally:
             self.clunk(fid)
 
-    def cat(self, path: str) -> bytes:
+    def cat(self, path: str) -> bytearray:
         return self.read_file(path)[1]
 
-    def write_fid_all(self, fid: int, data: bytes, offset: int = 0) -> None:
-        pos = 0
-        while pos < len(data):
-            n = self.write(fid, offset + pos, data[pos : pos + self.iounit])
-            if n <= 0:
-                raise StyxClientError("the server accepted no bytes")
-            pos += n
-
-    def put(self, path: str, data: bytes, perm: int = 0o644) -> None:
+    def put(self, path: str, data: bytes | bytearray | memoryview, perm: int = 0o644) -> None:
         """Write `data` as the whole file at `path`, creating it if needed."""
         names = split_path(path)
         if not names:

@@ -227,7 +227,7 @@ class FileHandle(Handle):
     def read(self, offset: int, count: int) -> bytes:
         return os.pread(self.fd, count, offset)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         return os.pwrite(self.fd, data, offset)
 
     def close(self) -> None:

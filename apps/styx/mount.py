@@ -2,8 +2,8 @@
 
 Each FUSE call becomes 9P requests of one Client (serialised by a lock); open files
 are fids. Files with a length go through the page cache with read-ahead, read in
-iounit-sized 9P reads; synthetic ones (length 0) are read directly. Unmounted by
-libfuse on SIGINT/SIGTERM, or by `fusermount3 -u`.
+iounit-sized 9P reads several at a time; synthetic ones (length 0) are read directly,
+one read at a time. Unmounted by libfuse on SIGINT/SIGTERM, or by `fusermount3 -u`.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
             pos = offset + len(out)
             start, chunk = self._chunks.get(fid, (0, b""))
             if not start <= pos < start + len(chunk):
-                start, chunk = pos, self._call(self.client.read, fid, pos, self.client.iounit)
+                units = -(-(size - len(out)) // self.client.iounit)  # whole iounits, read `pipeline` at a time
+                start, chunk = pos, self._call(self.client.read_at, fid, pos, units * self.client.iounit)
                 if not chunk:
                     break
                 self._chunks[fid] = (start, chunk)

@@ -285,9 +285,9 @@ class CtlHandle(Handle):
     def read(self, offset: int, count: int) -> bytes:
         return str(self.conv.n).encode()[offset : offset + count]
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         try:
-            command = data.decode().strip()
+            command = str(data, "utf-8").strip()
         except UnicodeDecodeError:
             raise StyxError("ctl commands are UTF-8 text") from None
         self.net.ctl(self.conv, command)
@@ -326,7 +326,7 @@ class DataHandle(Handle):
         out, conv.rbuf = conv.rbuf[:count], conv.rbuf[count:]
         return out
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         flow = self._flow()
         try:
             for i in range(0, len(data), flow.mtu):

@@ -20,9 +20,9 @@ from apps.styx import wire as w
 from apps.styx.agent import Peer, peer_pid
 from apps.styx.identity import Policy, User, identify, server_policy
 from apps.styx.server import DEFAULT_LIMITS, Limits, Session
-from apps.styx.transport import FlowTransport, Transport, TransportError
+from apps.styx.transport import FlowTransport, Reassembly, Transport, TransportError, flow_msize, send_message
 from apps.styx.tree import StyxError, Tree
-from flowlib import Flow, FlowError, IrmdUnreachable
+from flowlib import Fccntl, Flow, FlowError, FlowTimeout, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
@@ -115,10 +115,11 @@ def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None
                send_timeout: float | None = None) -> None:
     """One client's loop: messages in, replies out, parked requests retried; until the flow ends,
     or, if it has not attached within attach_timeout seconds, until then, or until it has left
-    its replies untaken for send_timeout seconds.
-
-    The flow stays a blocking socket (its fast path); the wait for room is a select."""
+    a reply (or a piece of one) untaken for send_timeout seconds."""
     deadline = None if attach_timeout is None else time.monotonic() + attach_timeout
+    pieces = Reassembly() if flow.qos.reliable else None
+    if send_timeout is not None:
+        flow.fccntl(Fccntl.SSNDTIMEO, send_timeout)  # a write that waits that long raises FlowTimeout
     try:
         while True:
             if deadline is not None and session.attached is not None:
@@ -137,15 +138,17 @@ def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None
                 ready = []
             replies: list[bytes] = []
             if flow in ready:
-                replies += session.receive(flow.read())
+                sdu = flow.read()
+                message = sdu if pieces is None else pieces.feed(sdu, session.msize or session.limits.msize)
+                if message is not None:
+                    replies += session.receive(message)
             if session.pending:
                 replies += session.retry()
             for reply in replies:
-                if send_timeout is not None and not select.select([], [flow], [], send_timeout)[1]:
-                    log.info("flow %s took no reply for %.0f s: dropped", flow.flow_id, send_timeout)
-                    return
-                flow.write(reply)
-    except FlowError as e:
+                send_message(flow, reply)
+    except FlowTimeout:
+        log.info("flow %s took no reply for %.0f s: dropped", flow.flow_id, send_timeout)
+    except (FlowError, TransportError) as e:
         log.info("flow %s ended: %s", flow.flow_id, e)
     finally:
         session.close()
@@ -202,7 +205,7 @@ class Server:
         try:
             try:
                 flow = establish(reply, fd, self.irm, client=False)
-            except FlowError as e:  # a bad or silent key agreement: this flow only
+            except FlowError as e:  # a flow that could not be set up: this flow only
                 log.info("flow from %s failed: %s", user.name, e)
                 return
             try:
@@ -220,7 +223,7 @@ class Server:
             self.admission.done(user, why)
     def _serve(self, flow: Flow, user: User) -> None:
         peer = Peer(user, self.policy, self.irmd_sock, self.irmd_pid)
-        limits = replace(self.limits, msize=min(self.limits.msize, flow.mtu))  # one message is one SDU
+        limits = replace(self.limits, msize=flow_msize(flow, self.limits.msize))
         session = Session(self.tree, peer, limits, self.users,
                           on_attach=self._become if self.thread_creds else None)
         try:

@@ -30,7 +30,7 @@ class Limits:
     """What one client may hold, and what the server takes at once; each limit reached is
     answered with an Rerror (or, for connections, a refusal), never felt by other clients."""
 
-    msize: int = w.MSIZE_MAX  # the largest message a client may negotiate
+    msize: int = w.MSIZE_DEFAULT  # the largest message a client may negotiate (unreliable flows: an SDU)
     fids: int = 256  # fids per connection (each may hold two descriptors)
     pending: int = 32  # requests per connection waiting for an answer (a read of an idle flow)
     flows: int = 32  # net/ flows per connection, arrivals waiting for a listen included

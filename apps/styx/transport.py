@@ -1,5 +1,5 @@
-"""Moving 9P messages: over flows (one message per SDU) and over byte streams (size[4] framing),
-and dialing a service: a flow to a name, or tcp!/unix! for a plain 9P server or a bridge.
+"""Moving 9P messages: over flows (a message per SDU, or on reliable flows in SDU-sized pieces)
+and byte streams (size[4] framing), and dialing a service by flow name or tcp!/unix! address.
 """
 
 from __future__ import annotations
@@ -32,30 +32,82 @@ class Transport:
     def send(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def recv(self, timeout: float | None = None) -> bytes:
-        """The next message; TransportTimeout if none begins within `timeout` seconds."""
+    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_SDU) -> bytes:
+        """The next message, of at most `limit` bytes (a longer one is passed on for the decoder to
+        refuse, or ends the connection where framing depends on it); TransportTimeout if none
+        begins within `timeout` seconds."""
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
 
 
+def flow_msize(flow: Flow, msize: int) -> int:
+    """The largest message `flow` carries under `msize`: any on a reliable flow, one SDU on others."""
+    return msize if flow.qos.reliable else min(msize, flow.mtu)
+
+
+def send_message(flow: Flow, data: bytes) -> None:
+    """One message as one SDU; on a reliable flow one longer than an SDU goes in PIECE-sized SDUs
+    (an unreliable flow's msize is its MTU: a lost piece could not be told from a whole)."""
+    if len(data) <= flow.mtu or not flow.qos.reliable:
+        flow.write(data)
+        return
+    view = memoryview(data)
+    for i in range(0, len(view), w.PIECE):
+        flow.write(view[i : i + w.PIECE])
+
+
+class Reassembly:
+    """Whole messages out of a reliable flow's SDUs, sans-IO: a message begins an SDU and says its
+    size; a longer one continues in the SDUs that follow, which carry nothing else."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._need = 0
+        self._have = 0
+
+    def feed(self, sdu: bytes, limit: int) -> bytes | None:
+        """The message `sdu` completes (or is); None while more of it is due. A message said to be
+        longer than `limit` is not waited for: it is passed on whole, for the decoder to refuse.
+        TransportError if an SDU runs past the end of its message (the framing is lost)."""
+        if not self._parts:
+            if len(sdu) < 4 or not len(sdu) < w.message_size(sdu) <= limit:
+                return sdu
+            self._parts, self._need, self._have = [sdu], w.message_size(sdu), len(sdu)
+            return None
+        self._have += len(sdu)
+        if self._have > self._need:
+            raise TransportError(f"an SDU runs {self._have - self._need} bytes past the end of its message")
+        self._parts.append(sdu)
+        if self._have < self._need:
+            return None
+        whole = b"".join(self._parts)
+        self._parts = []
+        return whole
+
+
 class FlowTransport(Transport):
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
+        self._pieces = Reassembly() if flow.qos.reliable else None
 
     def send(self, data: bytes) -> None:
         try:
-            self.flow.write(data)
+            send_message(self.flow, data)
         except FlowError as e:
             raise TransportError(str(e)) from None
 
-    def recv(self, timeout: float | None = None) -> bytes:
-        wait_readable(self.flow, timeout)
-        try:
-            return self.flow.read()
-        except FlowError as e:
-            raise TransportError(str(e)) from None
+    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_SDU) -> bytes:
+        while True:
+            wait_readable(self.flow, timeout)
+            try:
+                sdu = self.flow.read()
+            except FlowError as e:
+                raise TransportError(str(e)) from None
+            whole = sdu if self._pieces is None else self._pieces.feed(sdu, limit)
+            if whole is not None:
+                return whole
 
     def close(self) -> None:
         self.flow.close()
@@ -71,7 +123,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def recv_framed(sock: socket.socket, limit: int = w.MSIZE_MAX) -> bytes:
+def recv_framed(sock: socket.socket, limit: int = w.MSIZE_SDU) -> bytes:
     """One 9P message from a byte stream, split on its size[4]."""
     head = recv_exact(sock, 4)
     size = w.message_size(head)
@@ -90,10 +142,10 @@ class StreamTransport(Transport):
         except OSError as e:
             raise TransportError(str(e)) from None
 
-    def recv(self, timeout: float | None = None) -> bytes:
+    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_SDU) -> bytes:
         wait_readable(self.sock, timeout)
         try:
-            return recv_framed(self.sock)
+            return recv_framed(self.sock, limit)
         except OSError as e:
             raise TransportError(str(e)) from None
 

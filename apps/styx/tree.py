@@ -45,7 +45,7 @@ class Handle:
         """An open directory's entries, from the start, made as they are read."""
         raise StyxError("not a directory")
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         raise StyxError("file not open for writing")
 
     def close(self) -> None:
@@ -215,11 +215,11 @@ class TextHandle(Handle):
             self._snapshot = (self._text() if callable(self._text) else self._text).encode()
         return self._snapshot[offset : offset + count]
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         if self._on_write is None:
             raise StyxError("permission denied: read-only file")
         try:
-            command = data.decode().strip()
+            command = str(data, "utf-8").strip()
         except UnicodeDecodeError:
             raise StyxError("commands are UTF-8 text") from None
         answer = self._on_write(command)

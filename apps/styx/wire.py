@@ -19,7 +19,12 @@ QIDSZ = 13
 STATFIXLEN = 49  # a stat record with four empty strings, its own size[2] included
 HEADER = 7  # size[4] type[1] tag[2]
 MSIZE_MIN = 256  # smaller than this cannot carry a useful Rread/Twrite
-MSIZE_MAX = 65535  # one 9P message is one SDU: the largest a reliable flow carries
+MSIZE_SDU = 65535  # the largest message that travels as one SDU: the most a flow's SDU carries
+# On a reliable flow a longer message goes in SDUs of PIECE bytes, each one FRCT PDU of a local
+# layer (65,535 bytes, 12 of them FRCT's header): see transport.py.
+PIECE = 65_000
+MSIZE_DEFAULT = 4 * PIECE  # what clients ask for and servers allow: a message is four whole PDUs
+MSIZE_MAX = 16 << 20  # the most a server may be told to allow (each connection may buffer one)
 
 # Message types (fcall.h).
 TVERSION, RVERSION = 100, 101
@@ -247,7 +252,7 @@ class Tread(Msg):
 class Rread(Msg):
     TYPE: ClassVar[int] = RREAD
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("data", "data"),)
-    data: bytes = b""
+    data: bytes | memoryview = b""  # decoded: a view of the message it came in (no copy)
 
 
 @dataclass
@@ -256,7 +261,7 @@ class Twrite(Msg):
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("offset", "8"), ("data", "data"))
     fid: int = 0
     offset: int = 0
-    data: bytes = b""
+    data: bytes | memoryview = b""  # as Rread's
 
 
 @dataclass
@@ -338,8 +343,8 @@ def _qid(q: Qid) -> bytes:
 
 
 def encode(msg: Msg) -> bytes:
-    """One whole message, size[4] included."""
-    parts = [b""]
+    """One whole message, size[4] included; a data field is copied once, into the message."""
+    parts: list[bytes | memoryview] = [b""]
     for name, kind in msg.FIELDS:
         v: Any = getattr(msg, name)
         if kind in _INT:
@@ -349,7 +354,7 @@ def encode(msg: Msg) -> bytes:
         elif kind == "qid":
             parts.append(_qid(v))
         elif kind == "data":
-            parts.append(struct.pack("<I", len(v)) + bytes(v))
+            parts += (struct.pack("<I", len(v)), v)
         elif kind == "stat":
             st = v.encode()
             parts.append(struct.pack("<H", len(st)) + st)
@@ -361,8 +366,8 @@ def encode(msg: Msg) -> bytes:
             if len(v) > MAXWELEM:
                 raise ValueError(f"walk reply of {len(v)} qids: at most {MAXWELEM}")
             parts.append(struct.pack("<H", len(v)) + b"".join(_qid(q) for q in v))
-    body = b"".join(parts)
-    return struct.pack("<IBH", HEADER + len(body), msg.TYPE, msg.tag) + body
+    parts[0] = struct.pack("<IBH", HEADER + sum(len(p) for p in parts), msg.TYPE, msg.tag)
+    return b"".join(parts)
 
 
 def message_size(header: bytes) -> int:
@@ -400,7 +405,7 @@ def peek_tag(data: bytes | memoryview) -> int | None:
 class _Reader:
     """Bounded reads from one buffer; every overrun is a DecodeError."""
 
-    def __init__(self, data: bytes | memoryview, pos: int = 0) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, pos: int = 0) -> None:
         self.data = memoryview(data)
         self.pos = pos
 
@@ -447,7 +452,7 @@ class _Reader:
         if kind == "qid":
             return self.qid()
         if kind == "data":
-            return bytes(self.take(self.uint("<I")))
+            return self.take(self.uint("<I"))  # a view of the message: bulk data is not copied
         if kind == "stat":
             n = self.uint("<H")
             sub = _Reader(self.take(n))
@@ -470,7 +475,7 @@ def stats_encode(stats: list[Stat]) -> bytes:
     return b"".join(s.encode() for s in stats)
 
 
-def stats_decode(data: bytes) -> list[Stat]:
+def stats_decode(data: bytes | bytearray | memoryview) -> list[Stat]:
     """The concatenated stat records a directory read returns."""
     r = _Reader(data)
     out = []

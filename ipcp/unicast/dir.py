@@ -8,7 +8,9 @@ address, signed; holders keep the signed store and replicate it as it is (dht_t_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import heapq
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -26,6 +28,9 @@ MAX_PER_MEMBER = 1024  # ... of which one member's
 MAX_LOOKUPS = 1024  # lookups under way at once
 MAX_KEY = 64  # bytes of a name hash (SHA3-512)
 MAX_FOUND = 16  # signed stores in one lookup answer
+SETTLE = 0.5  # seconds without membership change after which our entries are published again ...
+MAX_SETTLE = 5.0  # ... or this long after the first change of a spell: stores sent while routes were
+# still forming may have been dropped on the way, and would otherwise wait for dht_t_refresh
 
 Out = list[tuple[int, Message]]  # (destination address, message)
 
@@ -41,6 +46,7 @@ class DhtParams:
     t_replicate: float = 900.0  # dht_t_replicate: a holder passes its entries on this often
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def node_id(addr: int) -> int:
     return int.from_bytes(hashlib.sha3_256(addr.to_bytes(8, "big")).digest(), "big")
 
@@ -69,6 +75,7 @@ class Directory:
         self.bindings = bindings or auth.Bindings()
         self.members: set[int] = {me}
         self.mine: dict[bytes, DhtStore] = {}  # what this member registered, as last published
+        self._homes: dict[bytes, list[int]] = {}  # ... and the members it was last sent to
         self.store: dict[bytes, dict[int, _Held]] = {}  # key -> {addr: entry} held for the layer
         self.seqs: dict[tuple[bytes, int], int] = {}  # newest store seen per (key, addr), removals too
         self.cache: dict[bytes, tuple[list[int], float]] = {}
@@ -79,6 +86,8 @@ class Directory:
         self._lookups: dict[int, _Lookup] = {}
         self._seq = int(now * 1e6)  # over restarts too: a new incarnation's stores outnumber the old's
         self._next_refresh = now + params.t_refresh
+        self._settled_at = math.inf  # when to publish again after membership changed
+        self._churn_from = math.inf  # when the current spell of changes began
         self._next_replicate = now + params.t_replicate
         self.resolved: list[tuple[bytes, list[int]]] = []  # finished lookups, for the caller
         self.reachable: Callable[[int], bool] = lambda addr: True  # members with a route to them
@@ -89,19 +98,30 @@ class Directory:
 
     def closest(self, key: bytes, n: int | None = None) -> list[int]:
         k = int.from_bytes(hashlib.sha3_256(key).digest(), "big")
-        return sorted(self.members, key=lambda a: node_id(a) ^ k)[: n or self.params.k]
+        return heapq.nsmallest(n or self.params.k, self.members, key=lambda a: node_id(a) ^ k)
 
     def set_members(self, members: Iterable[int], now: float) -> Out:
-        """Membership changed: republish what we registered to its new home."""
+        """Membership changed: what we registered goes to the members that became its homes (as
+        signed: those that were already hold it, and it is refreshed every dht_t_refresh)."""
         new = set(members) | {self.me}
-        changed = new != self.members
+        if new == self.members:
+            return []
         self.members = new
-        return self._publish(self.mine, now) if changed else []
+        if self._churn_from == math.inf:
+            self._churn_from = now
+        self._settled_at = min(now + SETTLE, self._churn_from + MAX_SETTLE)
+        out: Out = []
+        for key, store in self.mine.items():
+            homes = self.closest(key)
+            out += [(a, store) for a in homes if a not in self._homes.get(key, ())]
+            self._homes[key] = homes
+        return out
 
     def register(self, key: bytes, on: bool, now: float) -> Out:
         if on:
             return self._publish([key], now)
         self.mine.pop(key, None)
+        self._homes.pop(key, None)
         gone = self._signed(key, 0.0)
         return [(a, gone) for a in self.closest(key)]
 
@@ -114,7 +134,8 @@ class Directory:
         out: Out = []
         for key in list(keys):
             store = self.mine[key] = self._signed(key, self.params.t_expire)
-            out += [(a, store) for a in self.closest(key)]
+            homes = self._homes[key] = self.closest(key)
+            out += [(a, store) for a in homes]
         return out
 
     def _held(self, key: bytes, now: float) -> list[DhtStore]:
@@ -213,14 +234,14 @@ class Directory:
         if not math.isfinite(store.ttl) or len(store.key) > MAX_KEY or not 0 <= store.seq < 1 << 63:
             self.refused += 1
             return
+        slot = (store.key, store.addr)
+        if store.seq <= self.seqs.get(slot, -1):
+            return  # a replay, or a replica of what we hold: nothing to take, nothing to check
         try:
             self._check(store)
         except auth.Forged:
             self.forged += 1
             raise
-        slot = (store.key, store.addr)
-        if store.seq <= self.seqs.get(slot, -1):
-            return  # a replay, or a replica of what we hold
         entries = self.store.get(store.key, {})
         if store.addr not in entries and store.ttl > 0:
             if self.size >= MAX_ENTRIES or self._per_member.get(store.addr, 0) >= MAX_PER_MEMBER:
@@ -250,7 +271,7 @@ class Directory:
     # -- timers (sans-IO) ------------------------------------------------------------
 
     def get_timer(self) -> float:
-        due = [self._next_refresh, self._next_replicate]
+        due = [self._next_refresh, self._next_replicate, self._settled_at]
         if self._schedule:
             due.append(self._schedule[0][0])
         due += [lk.deadline for lk in self._lookups.values()]
@@ -267,6 +288,9 @@ class Directory:
                 del self._lookups[cookie]
                 self.resolved.append((lk.key, []))
         out: Out = []
+        if now >= self._settled_at:  # as signed: a home that has it ignores it, one that missed it takes it
+            self._settled_at = self._churn_from = math.inf
+            out += [(a, store) for key, store in self.mine.items() for a in self._homes.get(key, ())]
         if now >= self._next_refresh:
             self._next_refresh = now + self.params.t_refresh
             out += self._publish(self.mine, now)

@@ -1,9 +1,11 @@
 """Data transfer: the thread that forwards PDUs between N-1 flows and delivers them to N+1 flows.
 
 It owns its tables (forwarding table, N-1 links, flows); the IPCP's loop changes them only by
-commands queued to this thread (`command`). Per PDU: the link's seal checked (keyed layers), one
-PCI unpack, one forwarding-table lookup, the next link's seal, one send; every drop is counted by
-reason. A congestion policy (ca) marks, echoes and paces; an error on this thread ends the process.
+commands queued to this thread (`command`). Per PDU: one PCI unpack, one forwarding-table lookup,
+and a place in the frame to its next hop; per frame (what one burst sends to one next hop, up to
+the N-1 flow's MTU): one seal (keyed layers), one send, flushed before the thread waits again, so a
+lone PDU is never held back. Every drop is counted by reason. A congestion policy (ca) marks,
+echoes and paces; an error on this thread ends the process.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipcp.unicast import auth, ca
-from ipcp.unicast.pci import MGMT_EID, Pci, PciError, PciFormat
+from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat, unframe
 from ipcp.unicast.pff import Table
 from transports.poller import BURST, PollThread, read_burst
 
@@ -32,7 +34,13 @@ log = logging.getLogger(__name__)
 RETRY = 0.001  # seconds a flow held back by its full first hop waits before trying again
 PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
 EXIT_CODE = 70  # the process's exit status when this thread fails
+FLOW_QUEUE = 1 << 20  # bytes a flow that overflowed may queue to its application (SO_SNDBUF, within
+# net.core.wmem_max): room for the bursts this thread delivers while the application waits for a CPU
+QUEUE_BUDGET = 64 << 20  # ... over all flows at once: kernel memory that idle readers can pin stays bounded
 _QUEUED = struct.Struct("i")
+
+
+Parts = tuple[bytes | bytearray | memoryview, ...]  # a PDU in pieces, sent as one (sendmsg gathers them)
 
 
 class QueueFull(Exception):
@@ -52,6 +60,8 @@ class UniFlow:
     hdr: bytes = b""
     rx: ca.Receiver | None = None  # congestion avoidance, when the layer has it
     tx: ca.Sender | None = None
+    inbox: list[memoryview] = dataclasses.field(default_factory=list)  # SDUs of this burst, to deliver
+    queue: int = 0  # bytes of QUEUE_BUDGET its socket was given (0: the system's default queue)
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,12 +73,18 @@ class Link:
     sealer: auth.Sealer | None = None
     opener: auth.Opener | None = None
     token: object = None  # the driver's handle of this adjacency, given back when it goes down
+    room: int = 65535  # bytes a frame may carry (the N-1 flow's MTU less the seal)
+    out: list[bytes | bytearray | memoryview] = dataclasses.field(default_factory=list)  # the frame being packed
+    size: int = 0  # ... its bytes
+    count: int = 0  # ... its PDUs
 
 
 @dataclasses.dataclass
 class Counters:
     sent: int = 0  # PDUs of our flows sent into the layer
-    received: int = 0  # PDUs that came in on N-1 flows (before any check)
+    received: int = 0  # PDUs that came in on N-1 flows (a frame whose seal fails counts as one)
+    frames_out: int = 0  # N-1 SDUs sent, each carrying one or more PDUs
+    frames_in: int = 0  # ... and received
     delivered: int = 0  # ... delivered to our flows
     forwarded: int = 0
     mgmt_in: int = 0  # management PDUs for this IPCP
@@ -108,6 +124,9 @@ class Dt(PollThread):
         self.on_n1_down = on_n1_down
         self.on_congestion = on_congestion
         self.ca: ca.Congestion = congestion if congestion is not None else ca.Nop()
+        # With congestion avoidance, one PDU a frame: a full queue then drops a PDU, not a frame
+        # of them, and each PDU's mark reads the queue it joins (packing is for open throughput).
+        self.frame_pdus = 1 if self.ca.holds else MAX_FRAME_PDUS
         self.spread = spread  # spread flows over equal next hops (ecmp), else the first that is up
         self.pff: Table = {}
         self.n1: dict[int, Link] = {}  # next-hop address -> its data flow
@@ -116,6 +135,9 @@ class Dt(PollThread):
         self._n1_at: dict[int, int] = {}  # fd -> next-hop address
         self._flow_at: dict[int, UniFlow] = {}  # fd -> N+1 flow
         self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._packed: list[Link] = []  # links with a frame being packed
+        self._delivering: list[UniFlow] = []  # flows with SDUs to deliver
+        self._queued = 0  # bytes of QUEUE_BUDGET given to flows
 
     # -- commands, from the IPCP's loop ----------------------------------------------
 
@@ -129,6 +151,7 @@ class Dt(PollThread):
         while self._commands:
             fn, args = self._commands.popleft()
             fn(*args)
+        self.flush()
 
     def stop(self) -> None:
         flushed = threading.Event()
@@ -152,12 +175,14 @@ class Dt(PollThread):
         self.pff = table
 
     def add_n1(self, addr: int, fd: int, sealer: auth.Sealer | None = None,
-               opener: auth.Opener | None = None, token: object = None) -> None:
-        """A data flow to neighbour `addr`; this thread owns `fd` from now on."""
+               opener: auth.Opener | None = None, token: object = None, mtu: int = 65535) -> None:
+        """A data flow to neighbour `addr` that carries up to `mtu` bytes an SDU; this thread owns
+        `fd` from now on."""
         self.remove_n1(addr)
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        self.n1[addr] = Link(addr, sock, sealer, opener, token)
+        room = min(mtu, 65535) - (auth.SEAL if sealer else 0)
+        self.n1[addr] = Link(addr, sock, sealer, opener, token, room)
         self._n1_at[sock.fileno()] = addr
         self.ca.n1_added(addr, _queued(sock), sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
         self.watch(sock.fileno())
@@ -169,6 +194,7 @@ class Dt(PollThread):
         link = self.n1.pop(addr, None)
         self.ca.n1_removed(addr)
         if link is not None:
+            link.out, link.size, link.count = [], 0, 0
             if self._n1_at.pop(link.sock.fileno(), None) is not None:
                 self.unwatch(link.sock.fileno())
             link.sock.close()
@@ -183,8 +209,11 @@ class Dt(PollThread):
 
     def remove_flow(self, eid: int) -> UniFlow | None:
         flow = self.flows.pop(eid, None)
-        if flow is not None and self._flow_at.pop(flow.io.fileno(), None) is not None:
-            self.unwatch(flow.io.fileno())
+        if flow is not None:
+            self._queued -= flow.queue
+            flow.queue = 0
+            if self._flow_at.pop(flow.io.fileno(), None) is not None:
+                self.unwatch(flow.io.fileno())
         return flow
 
     def send_mgmt(self, dst: int, payload: bytes) -> None:
@@ -203,45 +232,93 @@ class Dt(PollThread):
 
     # -- the data path ------------------------------------------------------------------
 
-    def _route(self, dst: int, bufs: tuple[bytes | bytearray, ...], spread: int, hold: bool = False,
-               mark: bool = False) -> bool:
-        """Send a PDU towards `dst`; False if there is no way. A full queue drops it, or with
-        `hold` raises QueueFull so that its sender keeps it. Forwarded PDUs are `mark`ed."""
+    def _route(self, dst: int, parts: Parts, spread: int, hold: bool = False, mark: bool = False) -> bool:
+        """Queue a PDU (the concatenation of `parts`) towards `dst`; False if there is no way.
+        With `hold` it is sent at once, and a full queue raises QueueFull so that its sender keeps
+        it. Forwarded PDUs are `mark`ed."""
         if dst == self.me:  # a flow between two applications of this member
-            self._arrived(b"".join(bufs), self.me)
+            self._arrived(b"".join(parts), self.me)
             return True
-        hops = self.pff.get(dst)
-        if not hops:
+        link = self._next_link(dst, spread)
+        if link is None:
             self.counters.no_route += 1
             return False
+        if mark:
+            parts = self._mark(link.addr, parts)
+        if hold:
+            self._flush(link)
+            self._pack(link, parts, send_full=False)
+            if not self._flush(link, True):
+                raise QueueFull
+            return True
+        self._pack(link, parts)
+        return True
+
+    def _next_link(self, dst: int, spread: int) -> Link | None:
+        """The link to the next hop towards `dst` (another member), if one is up."""
+        hops = self.pff.get(dst)
+        if not hops:
+            return None
         n1 = self.n1
         for hop in (hops[spread % len(hops)], *hops) if self.spread and len(hops) > 1 else hops:
             link = n1.get(hop)
-            if link is None:
-                continue  # that next hop's flow is down: try the alternate
-            out = self._mark(hop, bufs) if mark else bufs
-            try:
-                link.sock.sendmsg(link.sealer.seal(*out) if link.sealer else out)
-            except BlockingIOError:
-                if hold:
-                    raise QueueFull from None
-                self.counters.overflow += 1
-            except OSError:
-                continue
-            return True
-        self.counters.no_route += 1
-        return False
+            if link is not None:
+                return link  # else that next hop's flow is down: try the alternate
+        return None
 
-    def _mark(self, hop: int, bufs: tuple[bytes | bytearray, ...]) -> tuple[bytes | bytearray, ...]:
+    def _pack(self, link: Link, parts: Parts, send_full: bool = True) -> None:
+        """Add a PDU to the frame for `link`, sending the frame first if the PDU would not fit, and
+        after if it is full (unless not `send_full`)."""
+        size = sum(map(len, parts)) if len(parts) > 1 else len(parts[0])
+        if link.count and link.size + size + FRAMING > link.room:
+            self._flush(link)
+        if not link.count:
+            self._packed.append(link)
+        link.out.append(LEN.pack(size))
+        link.out.extend(parts)
+        link.size += size + FRAMING
+        link.count += 1
+        if send_full and link.count >= self.frame_pdus:
+            self._flush(link)  # with congestion avoidance at once: the next PDU's mark sees this one queued
+
+    def _flush(self, link: Link, hold: bool = False) -> bool:
+        """Send the frame packed for `link`, if any; False if it was dropped (with `hold`: kept)."""
+        if not link.count:
+            return True
+        out, count = link.out, link.count
+        try:
+            link.sock.sendmsg(link.sealer.seal(*out) if link.sealer else out)
+        except BlockingIOError:
+            if hold:
+                link.out, link.size, link.count = [], 0, 0  # its sender keeps it (a skipped seal is fine)
+                return False
+            self.counters.overflow += count
+        except OSError:
+            self.counters.no_route += count  # the flow is going down: its hang-up follows
+        else:
+            self.counters.frames_out += 1
+        link.out, link.size, link.count = [], 0, 0
+        return True
+
+    def flush(self) -> None:
+        """Send every frame packed so far and every SDU waiting for its flow: before the thread waits."""
+        packed = self._packed
+        while packed:
+            self._flush(packed.pop())
+        delivering = self._delivering
+        while delivering:
+            self._deliver(delivering.pop())
+
+    def _mark(self, hop: int, parts: Parts) -> Parts:
         """The PDU marked with how full the queue to `hop` is, if that is more than it carries."""
         level = self.ca.level(hop)
         at = self.fmt.ecn_offset
-        if level <= bufs[0][at]:
-            return bufs
-        head = bufs[0] if isinstance(bufs[0], bytearray) else bytearray(bufs[0])
+        if level <= parts[0][at]:
+            return parts
+        head = parts[0] if isinstance(parts[0], bytearray) else bytearray(parts[0])
         head[at] = level
         self.counters.marked += 1
-        return (head, *bufs[1:])
+        return (head, *parts[1:])
 
     def _hold(self, flow: UniFlow, wait: float, rest: list[bytes]) -> None:
         """Stop reading the flow for `wait` seconds; then send `rest` (read, not sent) and read on."""
@@ -252,6 +329,7 @@ class Dt(PollThread):
             if self._flow_at.get(fd) is flow and (not rest or self._send_from(flow, rest)):
                 with contextlib.suppress(OSError):  # deallocated by a command just now
                     self.watch(fd)
+            self.flush()
 
         self.call_later(wait, resume)
 
@@ -271,76 +349,119 @@ class Dt(PollThread):
             if ended:
                 self.remove_flow(flow.eid)
 
-    def from_n1(self, link: Link, pdus: list[bytes]) -> None:
-        """PDUs from a neighbour: checked, then ours delivered, others forwarded one hop less to live."""
-        opener, c = link.opener, self.counters
-        c.received += len(pdus)
-        for pdu in pdus:
-            if not pdu:
+    def from_n1(self, link: Link, frames: list[bytes]) -> None:
+        """Frames from a neighbour: checked, then PDUs for us delivered, others forwarded one hop
+        less to live; what that sends is flushed before this returns."""
+        opener, c, arrived = link.opener, self.counters, self._arrived
+        c.frames_in += len(frames)
+        for frame in frames:
+            if not frame:
                 continue  # the N-1 flow's own keepalive
             if opener is not None:
                 try:
-                    pdu = opener.open(pdu)  # type: ignore[assignment]
+                    frame = opener.open(frame)  # type: ignore[assignment]
                 except auth.Replayed:
+                    c.received += 1
                     c.replayed += 1
                     continue
                 except auth.Forged:
+                    c.received += 1
                     c.forged += 1
                     continue
-            self._arrived(pdu, link.addr)
+            pdus, malformed = unframe(frame)
+            c.received += len(pdus) + malformed
+            c.malformed += malformed
+            for pdu in pdus:
+                arrived(pdu, link.addr)
+        self.flush()
 
     def _arrived(self, pdu: bytes | memoryview, hop: int) -> None:
-        """A PDU from neighbour `hop` (its seal checked), or from ourselves."""
+        """A PDU from neighbour `hop` (its frame's seal checked), or from ourselves."""
         fmt, c = self.fmt, self.counters
-        try:
-            pci = fmt.unpack(pdu)
-        except PciError:
+        size = fmt.size
+        if len(pdu) < size:
             c.malformed += 1
             return
-        if pci.dst != self.me:
-            if pci.ttl <= 1:
+        dst, _, ttl, ecn, eid = fmt.struct.unpack_from(pdu)
+        if dst != self.me:
+            if ttl <= 1:
                 c.ttl_expired += 1
                 return
             buf = bytearray(pdu)
-            buf[fmt.ttl_offset] = pci.ttl - 1
-            if self._route(pci.dst, (buf,), pci.eid, mark=True):
+            buf[fmt.ttl_offset] = ttl - 1
+            if self._route(dst, (buf,), eid, mark=True):
                 c.forwarded += 1
             return
-        size = fmt.size
-        if pci.eid == MGMT_EID:
+        if eid == MGMT_EID:
             c.mgmt_in += 1
             self.on_mgmt(bytes(pdu[size:]))
             return
-        flow = self.flows.get(pci.eid)
+        flow = self.flows.get(eid)
         if flow is None:  # (a PDU with no SDU carries a keepalive of the flow: delivered empty)
             c.no_flow += 1
             return
-        if flow.rx is not None and (update := flow.rx.on_pdu(pci.ecn, len(pdu), time.monotonic())) is not None:
+        if flow.rx is not None and (update := flow.rx.on_pdu(ecn, len(pdu), time.monotonic())) is not None:
             self.on_congestion(flow, update)
             c.updates += 1
-        try:
-            flow.io.send(memoryview(pdu)[size:])
+        if not flow.inbox:
+            self._delivering.append(flow)
+        flow.inbox.append(memoryview(pdu)[size:])
+
+    def _deliver(self, flow: UniFlow) -> None:
+        """Hand a flow the SDUs that arrived for it in this burst."""
+        sdus, flow.inbox, c = flow.inbox, [], self.counters
+        send = flow.io.send
+        for i, sdu in enumerate(sdus):
+            try:
+                send(sdu)
+            except BlockingIOError:
+                if not flow.queue and self._queued + FLOW_QUEUE <= QUEUE_BUDGET and self._grow(flow):
+                    flow.inbox = sdus[i:]  # a longer queue now: try the rest again
+                    self._deliver(flow)
+                    return
+                c.overflow += len(sdus) - i  # the application is not keeping up: the rest waits no better
+                return
+            except OSError:
+                c.no_flow += len(sdus) - i
+                return
             c.delivered += 1
-        except BlockingIOError:
-            c.overflow += 1
+
+    def _grow(self, flow: UniFlow) -> bool:
+        """Give a flow that overflowed FLOW_QUEUE bytes of queue, from QUEUE_BUDGET."""
+        try:
+            flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FLOW_QUEUE)
         except OSError:
-            c.no_flow += 1
+            return False
+        flow.queue = FLOW_QUEUE
+        self._queued += FLOW_QUEUE
+        return True
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         self._send_from(flow, sdus)
+        self.flush()
 
     def _send_from(self, flow: UniFlow, sdus: list[bytes]) -> bool:
         """Send a flow's SDUs; False if the flow is now held back. With congestion avoidance it is,
         by its pace or by its first hop's full queue: its writer blocks rather than loses SDUs."""
-        tx, hold = flow.tx, self.ca.holds
-        for i, sdu in enumerate(sdus):
-            try:
-                if self._route(flow.dst, (flow.hdr, sdu), flow.eid, hold):
-                    self.counters.sent += 1
-            except QueueFull:
-                self.counters.held += 1
-                self._hold(flow, RETRY, sdus[i:])
-                return False
+        tx, hold, route, dst, hdr, eid = flow.tx, self.ca.holds, self._route, flow.dst, flow.hdr, flow.eid
+        link = self._next_link(dst, eid) if not hold and dst != self.me else None
+        if link is not None:  # the common case: one next hop for the whole burst, looked up once
+            pack = self._pack
+            for sdu in sdus:
+                pack(link, (hdr, sdu))
+            sent = len(sdus)
+        else:
+            sent = 0
+            for i, sdu in enumerate(sdus):
+                try:
+                    if route(dst, (hdr, sdu), eid, hold):
+                        sent += 1
+                except QueueFull:
+                    self.counters.sent += sent
+                    self.counters.held += 1
+                    self._hold(flow, RETRY, sdus[i:])
+                    return False
+        self.counters.sent += sent
         if tx is not None and tx.paced and (wait := tx.admit(sum(map(len, sdus)), time.monotonic())) > 0:
             self.counters.paced += 1
             self._hold(flow, wait, [])

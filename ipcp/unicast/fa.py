@@ -132,6 +132,9 @@ class FlowAllocator:
         self.refused = 0  # requests refused: too many awaiting the IRMd, or too much piggyback
         self.replayed = 0  # requests seen before
         self._seen: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+        # Allocations that may have a deadline (pending, or with their path lost): the timers look
+        # at these alone, not at every flow (an IPCP may carry tens of thousands); pruned as they settle.
+        self._timed: set[Alloc] = set()
 
     def pop(self) -> tuple[Out, list[FaEvent]]:
         out, events = self.out, self.events
@@ -145,7 +148,16 @@ class FlowAllocator:
                 break
         alloc = Alloc(eid, qos, digest, Machine("allocation", ALLOCATION, State.REQUESTED), deadline)
         self.by_eid[eid] = alloc
+        self._timed.add(alloc)
         return alloc
+
+    def _timers(self) -> list[Alloc]:
+        """The allocations with a deadline now (others leave the set: states only move on)."""
+        live = [a for a in self._timed if a.state in (State.REQUESTED, State.ARRIVED)
+                or (a.state is State.ALLOCATED and a.unreachable_since is not None and a.eid in self.by_eid)]
+        if len(live) < len(self._timed):
+            self._timed = set(live)
+        return live
 
     # -- ours ------------------------------------------------------------------------
 
@@ -254,7 +266,7 @@ class FlowAllocator:
         self._seen[req.src, req.s_eid] = None
         if len(self._seen) > SEEN:
             self._seen.popitem(last=False)
-        arrived = sum(1 for a in self.by_eid.values() if a.state is State.ARRIVED)
+        arrived = sum(1 for a in self._timers() if a.state is State.ARRIVED)
         if arrived >= MAX_ARRIVED or len(req.data) > MAX_DATA:
             self.refused += 1
             self.out.append((req.src, um.FaReply(self.me, 0, req.s_eid, um.E_REFUSED)))
@@ -272,18 +284,17 @@ class FlowAllocator:
                     alloc.unreachable_since = None
                 elif alloc.unreachable_since is None:
                     alloc.unreachable_since = now
+                    self._timed.add(alloc)
 
     # -- timers (sans-IO) ------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        due = [a.asked_until if a.state is State.REQUESTED else a.deadline
-               for a in self.by_eid.values() if a.state in (State.REQUESTED, State.ARRIVED)]
-        due += [a.unreachable_since + PATH_GRACE for a in self.by_flow.values()
-                if a.state is State.ALLOCATED and a.unreachable_since is not None]
+        due = [a.asked_until if a.state is State.REQUESTED else a.deadline if a.state is State.ARRIVED
+               else a.unreachable_since + PATH_GRACE for a in self._timers()]  # type: ignore[operator]
         return min(due, default=None)
 
     def handle_timer(self, now: float) -> None:
-        for alloc in list(self.by_eid.values()):
+        for alloc in self._timers():
             if alloc.state is State.REQUESTED and now >= alloc.asked_until:
                 alloc.machine.fire(Event.RETRY)
                 self._ask_next(alloc, now, f"address {alloc.dst} did not answer the flow request")

@@ -31,7 +31,7 @@ from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.enroll import Enrollee, Enroller
 from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, Ended, FaError, FlowAllocator, State
 from ipcp.unicast.handshake import Peer, Refused
-from ipcp.unicast.pci import PciFormat
+from ipcp.unicast.pci import FRAMING, PciFormat
 from ipcp.unicast.routing import Lsdb, LsTimers
 from proto import messages as m
 from proto.errors import FlowError
@@ -161,7 +161,7 @@ class UnicastIpcp(Ipcp):
             if self.addr not in members:
                 break
         self.layer = layer
-        self.mtu = int(conf["mtu"]) - fmt.size - (auth.SEAL if self.psk else 0)
+        self.mtu = int(conf["mtu"]) - fmt.size - FRAMING - (auth.SEAL if self.psk else 0)
         now = time.monotonic()
         bindings = auth.Bindings()
         timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
@@ -343,7 +343,8 @@ class UnicastIpcp(Ipcp):
         if old is not None:
             old[0].close()
         if comp == um.DT:
-            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link)
+            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link,
+                            af.flow.mtu)
             self._adjacency_changed()
         else:
             self.spawn(self._serve_mgmt(link))
@@ -661,7 +662,8 @@ class UnicastIpcp(Ipcp):
             return sections
         sections[0].rows += [["address", str(self.addr)], ["key", "yes" if self.psk else "no (open layer)"],
                              ["routing", self.conf["routing"]], ["congestion", self.conf["congestion"]],
-                             ["members", str(len(self.lsdb.db))], ["directory entries", str(self.dir.size)],
+                             ["members", str(len(self.lsdb.db))], ["lsdb", self.lsdb.digest()],
+                             ["directory entries", str(self.dir.size)],
                              ["registered", str(len(self.dir.mine))], ["flows", str(len(self.flows))]]
         nbs = [[str(nb.addr), nb.name, " ".join(sorted(nb.links))] for nb in self.neighbours]
         table = [[str(d), " ".join(map(str, hops))] for d, hops in sorted(self.routes.items())]

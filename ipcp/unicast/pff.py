@@ -7,7 +7,6 @@ lfa: that hop, then loop-free alternates; ecmp: every next hop on an equal-cost 
 
 from __future__ import annotations
 
-import heapq
 from typing import Protocol
 
 Graph = dict[int, set[int]]
@@ -74,21 +73,24 @@ def by_name(name: str) -> Pff:
 
 
 def dijkstra(g: Graph, src: int) -> tuple[dict[int, int], dict[int, set[int]]]:
-    """Distances from src, and for each node every first hop on a shortest path to it."""
+    """Distances from src, and for each node every first hop on a shortest path to it. Every link
+    costs the same, so a breadth-first search, level by level; first-hop sets are shared between
+    nodes until two paths merge (then a new set), never copied per node."""
     dist = {src: 0}
     first: dict[int, set[int]] = {src: set()}
-    heap = [(0, src)]
-    while heap:
-        d, node = heapq.heappop(heap)
-        if d > dist[node]:
-            continue
-        for nb in g.get(node, ()):
-            nd = d + 1  # every link costs the same
-            hops = {nb} if node == src else first[node]
-            if nb not in dist or nd < dist[nb]:
-                dist[nb] = nd
-                first[nb] = set(hops)
-                heapq.heappush(heap, (nd, nb))
-            elif nd == dist[nb]:
-                first[nb] |= hops
+    level, d = [src], 0
+    while level:
+        d += 1
+        below: list[int] = []
+        for node in level:
+            hops = first[node]
+            for nb in g.get(node, ()):
+                seen = dist.get(nb)
+                if seen is None:
+                    dist[nb] = d
+                    first[nb] = {nb} if node == src else hops
+                    below.append(nb)
+                elif seen == d and node != src and not hops <= first[nb]:
+                    first[nb] = first[nb] | hops
+        level = below
     return dist, first

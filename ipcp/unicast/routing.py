@@ -9,6 +9,7 @@ Each member signs its own LSU; an LSU is taken only under the key bound to its a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 
 from ipcp.unicast import auth
@@ -18,6 +19,7 @@ from ipcp.unicast.pff import Graph, Pff, Simple, Table
 MAX_MEMBERS = 4096  # LSDB entries: past this, LSUs of members not yet known are refused
 MAX_LINKS = 1024  # neighbours one LSU may claim
 MAX_NAME = 255
+HOLDOFF = 0.05  # seconds between two tables at least: a join storm of N members costs a few tables, not N
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +56,28 @@ class Lsdb:
         self.timers = timers
         self.seqno = 0
         self.db: dict[int, _Entry] = {me: _Entry(0, frozenset(), now, name, since)}
+        self._named: dict[str, set[int]] = {name: {me}}  # addresses by member name
         self.forged = 0  # LSUs refused: bad signature, or a key speaking for another's address or name
         self.refused = 0  # LSUs refused for bounds: too many members, links or too long a name
         self._last_flood = now
         self._dirty = True
         self._next_recalc = now
+        self._last_calc = -math.inf
+        self._oldest: float | None = None  # the oldest `seen` of another member's entry; None: to find
 
     @property
     def members(self) -> set[int]:
         return set(self.db)
+
+    def digest(self) -> str:
+        """A short digest of the layer's graph as we hold it (members and the links each reports):
+        equal at two members when their databases agree on it (how a layer's convergence is seen
+        from outside, in IpcpInfo; the periodic renewals, which change only sequence numbers, do
+        not count)."""
+        h = hashlib.blake2b(digest_size=8)
+        for addr, entry in sorted(self.db.items()):
+            h.update(b"%d:%s;" % (addr, ",".join(map(str, sorted(entry.neighbours))).encode()))
+        return h.hexdigest()
 
     def names(self) -> dict[int, str]:
         """Members by address, with the names their LSUs gave."""
@@ -76,10 +91,11 @@ class Lsdb:
         return self._renew(now)
 
     def _changed(self, now: float, added: bool) -> None:
-        """As Ouroboros: a new link is routed over at once, a lost one at the next ls_t_recalc."""
+        """As Ouroboros: a new link is routed over at once (within HOLDOFF of the last table), a lost
+        one at the next ls_t_recalc."""
         self._dirty = True
         if added:
-            self._next_recalc = min(self._next_recalc, now)
+            self._next_recalc = min(self._next_recalc, max(now, self._last_calc + HOLDOFF))
 
     def _renew(self, now: float) -> Lsu:
         self.seqno += 1
@@ -101,13 +117,13 @@ class Lsdb:
     def receive(self, lsu: Lsu, now: float) -> bool:
         """Take an LSU; True if it was news (and so is to be flooded on). Raises auth.Forged for an
         LSU its member did not sign, or signed with a key not its own."""
+        entry = self.db.get(lsu.src)
+        if entry is not None and lsu.seqno <= entry.seqno:
+            return False  # no news (a replay, or a copy by another path; most LSUs): it renews nothing
         if (len(lsu.neighbours) > MAX_LINKS or len(lsu.name) > MAX_NAME or not math.isfinite(lsu.since)
                 or not 0 <= lsu.seqno < 1 << 63):
             self.refused += 1
             return False
-        entry = self.db.get(lsu.src)
-        if entry is not None and lsu.seqno <= entry.seqno:
-            return False  # no news (a replay, or a copy by another path): it renews nothing
         if entry is None and len(self.db) >= MAX_MEMBERS:
             self.refused += 1
             return False
@@ -125,34 +141,53 @@ class Lsdb:
             self.seqno = max(self.seqno, lsu.seqno)
             return False
         if entry is None and lsu.name:  # the member back under a new address (its key proves it)
-            rivals = [a for a, e in self.db.items() if e.name == lsu.name and a not in (lsu.src, self.me)]
+            rivals = [a for a in self._named.get(lsu.name, ()) if a not in (lsu.src, self.me)]
             if any(self.db[a].since > lsu.since for a in rivals):
                 self.bindings.release(lsu.src)
                 return False  # an old incarnation's LSU still going round: it must not undo the new one
             for addr in rivals:
-                del self.db[addr]
-                self.bindings.release(addr)
+                self._drop(addr)
         self._changed(now, added=entry is None or bool(frozenset(lsu.neighbours) - entry.neighbours))
+        if entry is None or entry.seen == self._oldest:
+            self._oldest = None if entry is not None or self._oldest is None else min(self._oldest, now)
+        if entry is not None and entry.name != lsu.name:
+            self._named[entry.name].discard(lsu.src)
+        self._named.setdefault(lsu.name, set()).add(lsu.src)
         self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name, lsu.since, lsu)
         return True
+
+    def _drop(self, addr: int) -> None:
+        """Forget another member's entry, and release its address and name."""
+        entry = self.db.pop(addr)
+        self._oldest = None
+        named = self._named[entry.name]
+        named.discard(addr)
+        if not named:
+            del self._named[entry.name]
+        self.bindings.release(addr)
 
     # -- timers (sans-IO) ------------------------------------------------------------
 
     def get_timer(self) -> float:
         """When handle_timer next has work."""
-        oldest = min((e.seen for a, e in self.db.items() if a != self.me), default=math.inf)
-        due = [self._last_flood + self.timers.update, oldest + self.timers.timeo]
+        due = [self._last_flood + self.timers.update, self._oldest_seen() + self.timers.timeo]
         if self._dirty:
             due.append(self._next_recalc)
         return min(due)
 
+    def _oldest_seen(self) -> float:
+        """When the least recently renewed entry of another member was (inf: none)."""
+        if self._oldest is None:
+            self._oldest = min((e.seen for a, e in self.db.items() if a != self.me), default=math.inf)
+        return self._oldest
+
     def handle_timer(self, now: float) -> Lsu | None:
         """Forget LSUs not renewed in time; our own LSU if due to be flooded again."""
-        for a in [a for a, e in self.db.items() if a != self.me and now - e.seen >= self.timers.timeo]:
-            del self.db[a]
-            self.bindings.release(a)
-            self._changed(now, added=False)
-        if now - self._last_flood >= self.timers.update:
+        if now >= self._oldest_seen() + self.timers.timeo:  # else nothing can have expired: no scan
+            for a in [a for a, e in self.db.items() if a != self.me and now >= e.seen + self.timers.timeo]:
+                self._drop(a)
+                self._changed(now, added=False)
+        if now >= self._last_flood + self.timers.update:  # as get_timer sums it: no rounding apart
             return self._renew(now)  # news to everyone: it outnumbers an older incarnation of us too
         return None
 
@@ -161,6 +196,7 @@ class Lsdb:
         if not self._dirty or now < self._next_recalc:
             return None
         self._dirty = False
+        self._last_calc = now
         self._next_recalc = now + self.timers.recalc
         return self.table()
 

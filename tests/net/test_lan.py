@@ -9,6 +9,7 @@ booted again from the same file rejoins by itself, and so does the first host (j
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -123,7 +124,8 @@ def store_and_load(irmd: IrmdProc, lan_dir: Path) -> None:
 def kill_host(lab: Lab, ns: str, irmd: IrmdProc) -> None:
     """A crash: every process of the host's namespace killed at once, nothing cleaned up."""
     for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it exited between the listing and the kill
+            os.kill(int(pid), signal.SIGKILL)
     irmd.proc.wait(10)
 
 

@@ -19,7 +19,8 @@ from proto import messages as m
 from proto.control import open_channel, request_all
 from proto.errors import FlowError
 from proto.names import IPCP_TYPES, LB_POLICIES
-from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, text
+from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, did_you_mean, text
+from proto.version import text as version_text
 from transports.wire import Message
 
 UsageError = OptionError  # a command line that does not follow the grammar
@@ -34,7 +35,8 @@ def match(word: str, choices: list[str], what: str) -> str:
         return hits[0]
     if hits:
         raise UsageError(f'"{word}" is ambiguous for {what}: could be {", ".join(hits)}')
-    raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}')
+    raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}'
+                     + did_you_mean(word, choices))
 
 
 @dataclasses.dataclass
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE[()], end="")
         sys.exit(0 if args else 2)
+    if args[0] == "--version":
+        print(version_text("irm"))
+        sys.exit(0)
     try:
         msg = parse(args)
     except HelpAsked as e:

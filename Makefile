@@ -29,6 +29,13 @@ sysdeps:
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
 
+# Manual pages and shell completion, made from the tools' own parsers (apps/manuals.py).
+man: $(STAMP)
+	$(PY) -m apps.manuals man build/man
+
+completions: $(STAMP)
+	$(PY) -m apps.manuals completions build/completions
+
 bench: $(STAMP)
 	$(PY) -m bench
 
@@ -37,4 +44,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) bench/results.json .pytest_cache .mypy_cache
+	rm -rf $(VENV) build bench/results.json .pytest_cache .mypy_cache

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import sys
+import tomllib
 from typing import Any
 
 from irmd.secfiles import IRM_WORDS
@@ -225,7 +227,7 @@ def dump_config(args: list[str]) -> Message:
 
 
 def dump_graph(args: list[str]) -> Message:
-    fmt = match(args.pop(0), ["text", "dot"], "a graph format") if args else "text"
+    fmt = match(args.pop(0), ["text", "dot", "json"], "a graph format") if args else "text"
     parse_words(args, [])
     return m.Dump(fmt)
 
@@ -284,6 +286,32 @@ def render_info(info: m.IpcpInfo) -> str:
                       strict=False)) for row in section.rows])) for section in info.sections)
 
 
+JSON_FLAGS = ("-j", "--json")  # as iproute2's -j: the same answers as JSON, for scripts
+
+
+def as_json(msg: Message, reply: Message) -> str:
+    """A reply as JSON: a list's rows as objects, a show's sections as lists of objects, a dump as data."""
+    data: Any
+    if isinstance(reply, m.Table):
+        data = reply.rows
+    elif isinstance(reply, m.IpcpInfo):
+        data = {s.name: [dict(zip(s.columns, row, strict=False)) for row in s.rows] for s in reply.sections}
+    elif isinstance(reply, m.Text) and isinstance(msg, m.Dump) and msg.what == "config":
+        data = tomllib.loads(reply.text)
+    elif isinstance(reply, m.Text) and isinstance(msg, m.Dump) and msg.what == "json":
+        return reply.text
+    else:
+        data = {"ok": True}
+    return json.dumps(data, indent=2) + "\n"
+
+
+def split_json(args: list[str]) -> tuple[list[str], bool]:
+    """The command line without -j/--json (before any `--`: a bound program's own arguments stay)."""
+    end = args.index("--") if "--" in args else len(args)
+    words = [a for a in args[:end] if a not in JSON_FLAGS]
+    return words + args[end:], len(words) < end
+
+
 def render(table: m.Table, empty: str = "(none)") -> str:
     if not table.rows:
         return empty
@@ -298,7 +326,7 @@ def render(table: m.Table, empty: str = "(none)") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args, want_json = split_json(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE[()], end="")
         sys.exit(0 if args else 2)
@@ -307,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     try:
         msg = parse(args)
+        if want_json and isinstance(msg, m.Dump) and msg.what != "config":
+            msg = m.Dump("json")  # the graph as data
     except HelpAsked as e:
         print(USAGE[e.path], end="")
         sys.exit(0)
@@ -324,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"irm: {e}", file=sys.stderr)
         sys.exit(1)
     try:
-        if isinstance(reply, m.Table):
+        if want_json:
+            print(as_json(msg, reply), end="")
+        elif isinstance(reply, m.Table):
             print(render(reply, EMPTY.get(type(msg), "(none)")))
         elif isinstance(reply, m.Text):
             print(reply.text, end="")

@@ -164,10 +164,10 @@ class Names:
 
             if msg.what == "config":
                 c.dump = state.as_config(ipcps, self.reg, shown)
-            elif msg.what in ("text", "dot"):
+            elif msg.what in ("text", "dot", "json"):
                 c.dump = state.layer_graph(ipcps, self.reg, msg.what, shown)
             else:
-                raise InvalidArgument(f"cannot dump {msg.what!r}: expected config, text or dot")
+                raise InvalidArgument(f"cannot dump {msg.what!r}: expected config, text, dot or json")
         part = views.text_part(c.dump, msg.offset)
         if not part.next:
             c.dump = ""

@@ -123,6 +123,11 @@ def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
     for i in ipcps:
         if i.layer:
             of_layer.setdefault(i.layer, []).append(i)
+    if fmt == "json":  # irm --json dump graph
+        graph = [{"layer": layer, "type": members[0].type, "ipcps": [i.name for i in members],
+                   "over": sorted(over.get(layer, ()))} for layer, members in sorted(of_layer.items())]
+        apps = [{"name": n, "layers": sorted(layers)} for n, layers in sorted(names.items())]
+        return json.dumps({"layers": graph, "names": apps}, indent=2) + "\n"
     if fmt == "dot":
         dot = ["digraph layers {", "  rankdir=TB;", "  node [fontname=Helvetica];"]
         for layer, members in sorted(of_layer.items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, accepted_pair, children_of, irmd_env, parse_table, pid_alive, wait_for
+from helpers import (
+    BIN,
+    IrmdProc,
+    accepted_pair,
+    children_of,
+    free_port,
+    irmd_env,
+    parse_table,
+    pid_alive,
+    wait_for,
+)
 
 from flowlib import qos
 from flowlib.irm import IrmClient
@@ -318,3 +329,38 @@ def test_a_failed_bootstrap_or_enroll_leaves_no_ipcp_behind(irmd: IrmdProc, loca
     assert r.returncode == 1 and "stopped" not in r.stderr
     assert "kept" in {row["name"] for row in irmd.table("ipcp", "list")}
     assert " WARNING: " not in irmd.log_text()  # asked to stop, an IPCP's exit is no news
+
+
+def test_flows_show_their_counters_and_every_list_show_and_dump_speaks_json(irmd: IrmdProc) -> None:
+    port = free_port(["127.0.0.1"])
+    irmd.irm_ok("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "127.0.0.1", "port", str(port))
+    irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "autobind")
+    irmd.irm_ok("bind", "program", "oping", "name", "counted", "auto", "--", "-l")
+    irmd.irm_ok("name", "register", "counted", "layer", "net")
+    ping = subprocess.Popen([str(BIN / "oping"), "-n", "counted", "-c", "400", "-i", "20"], env=irmd.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def counted() -> dict[str, dict[str, str]]:
+            return {r["role"]: r for r in json.loads(irmd.irm_ok("--json", "flow", "list").stdout)}
+
+        wait_for(lambda: len(rows := counted()) == 2 and int(rows["dst"]["received"]) >= 3, 30,
+                 "pings counted on both ends")
+        irmd.note_children()
+        rows = counted()
+        assert int(rows["src"]["sent"]) >= 3 and int(rows["src"]["received"]) >= 1 and rows["dst"]["dropped"] == "0"
+        table = {r["role"]: r for r in irmd.table("flow", "list")}
+        assert set(table["src"]) == set(rows["src"]) and table["src"]["id"] == rows["src"]["id"]  # the same, as JSON
+    finally:
+        ping.kill()
+        ping.wait()
+    show = json.loads(irmd.irm_ok("ipcp", "show", "n1", "-j").stdout)
+    assert {"ipcp", "neighbours", "forwarding", "counters", "flows"} <= set(show)
+    assert {r["field"]: r["value"] for r in show["ipcp"]}["layer"] == "net"
+    assert {r["name"] for r in json.loads(irmd.irm_ok("-j", "ipcp", "list").stdout)} == {"u", "n1"}
+    assert "counted" in {r["name"] for r in json.loads(irmd.irm_ok("-j", "name", "list").stdout)}
+    assert json.loads(irmd.irm_ok("-j", "dump", "config").stdout)["unicast"]["n1"]["bootstrap"] == "net"
+    graph = json.loads(irmd.irm_ok("--json", "dump", "graph").stdout)
+    assert {"layer": "net", "type": "unicast", "ipcps": ["n1"], "over": ["lan"]} in graph["layers"]
+    assert {"name": "counted", "layers": ["net"]} in graph["names"]
+    irmd.irm_ok("bind", "program", "oecho", "name", "x", "--", "--json")  # a program's own arguments stay
+    assert json.loads(irmd.irm_ok("-j", "dump", "config").stdout)["name"]["x"]["args"] == ["--json"]

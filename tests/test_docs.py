@@ -41,6 +41,10 @@ def test_every_block_says_what_it_holds(doc: Path) -> None:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("doc", RUNNABLE, ids=ids)
 def test_document_runs_as_written(doc: Path, tmp_path: Path) -> None:
+    stamp = ROOT / ".venv" / ".installed"
+    if not stamp.exists() or stamp.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
+        # The pages' `make` would reinstall it, with no network in their namespaces, several at once.
+        pytest.fail(".venv is older than pyproject.toml: run `make venv` before the documents")
     run_document(doc, ROOT, tmp_path)
 
 

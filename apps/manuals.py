@@ -14,7 +14,6 @@ import importlib
 import importlib.metadata
 import re
 import shlex
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -41,7 +40,7 @@ def _capturing() -> Iterator[None]:
     def capture(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
         raise _Captured(self)
 
-    argparse.ArgumentParser.parse_args = capture  # type: ignore[assignment,method-assign]
+    argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -230,4 +229,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

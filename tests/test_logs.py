@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, irmd_env, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, wait_for
 
 from proto import logs
 
@@ -118,3 +118,32 @@ def test_levels_step_with_v_and_q_from_the_inherited_level(monkeypatch: pytest.M
     assert logs.level_of(argparse.Namespace(), logging.INFO) == logging.WARNING
     assert logs.level_of(argparse.Namespace(log_level="debug"), logging.INFO) == logging.DEBUG
     assert os.environ[logs.LEVEL_ENV] == "warning"
+
+
+@pytest.mark.timeout(180)
+def test_the_two_irmd_quickstart_logs_no_warning(tmp_path: Path) -> None:
+    """Two irmds over udp, a unicast layer enrolled and connected, pings plain and encrypted: what a
+    newcomer does in docs/quickstart.md section 3, without a line a user must act on."""
+    port = str(free_port(["127.0.0.1", "127.0.0.2"]))
+    a = start_irmd(tmp_path, "a")
+    b = start_irmd(tmp_path, "b")
+    try:
+        a.irm_ok("ipcp", "bootstrap", "name", "udp-a", "type", "udp4", "layer", "udp", "ip", "127.0.0.1", "port", port,
+                 "peer", "127.0.0.2")
+        a.irm_ok("ipcp", "bootstrap", "name", "net-a", "type", "unicast", "layer", "net", "autobind")
+        a.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
+        a.irm_ok("name", "register", "pong", "layer", "net")
+        b.irm_ok("ipcp", "bootstrap", "name", "udp-b", "type", "udp4", "layer", "udp", "ip", "127.0.0.2", "port", port,
+                 "peer", "127.0.0.1")
+        b.irm_ok("ipcp", "enroll", "name", "net-b", "type", "unicast", "layer", "net", "autobind")
+        b.irm_ok("ipcp", "connect", "name", "net-b", "dst", "net-a")
+        a.note_children()
+        b.note_children()
+        for extra in ([], ["-q", "data", "--encrypt"]):
+            r = b.run("oping", "-n", "pong", "-c", "2", "-i", "100", *extra, timeout=60)
+            assert "2 received" in r.stdout, r.stdout + r.stderr
+    finally:
+        stop_irmd(b)
+        stop_irmd(a)
+    for irmd in (a, b):
+        assert [m.string for m in lines(irmd) if m.group(4) != "INFO"] == [], irmd.log_text()

@@ -3,13 +3,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean sysdeps
+.PHONY: venv demo test bench lint clean sysdeps man completions
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,lint,mount]"
 	touch $(STAMP)
+
+venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m apps.demo configs/demo.toml
@@ -27,6 +29,13 @@ sysdeps:
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
 
+# Manual pages and shell completion, made from the tools' own parsers (apps/manuals.py).
+man: $(STAMP)
+	$(PY) -m apps.manuals man build/man
+
+completions: $(STAMP)
+	$(PY) -m apps.manuals completions build/completions
+
 bench: $(STAMP)
 	$(PY) -m bench
 
@@ -35,4 +44,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) bench/results.json .pytest_cache .mypy_cache
+	rm -rf $(VENV) build bench/results.json .pytest_cache .mypy_cache

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import re
 import signal
 import sys
@@ -18,6 +17,7 @@ from typing import NoReturn
 
 from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
 from flowlib.qos import QosSpec
+from proto.service import notify_ready
 
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -106,7 +106,6 @@ def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout
     `on_end` hears of each flow as it goes, before it is closed; `on_tick` of the time, every
     0.1 s at least; with `max_flows`, no more flows are taken while that many are open.
     """
-    logging.basicConfig(level=logging.WARNING)
     Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows).run(poll, banner)
 
 
@@ -139,6 +138,7 @@ class Server:
         except FlowError as e:
             fail(self.tool, e)
         print(f"Ouroboros {self.tool} server started.{banner}", flush=True)
+        notify_ready()
         wait = 0.0 if poll else 0.1
         while not self.stop:
             try:

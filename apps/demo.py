@@ -1,6 +1,7 @@
 """`make demo`: boot an IRMd from configs/demo.toml and use every part of the stack once.
 
-Each step is a shell command a user could type; its output is shown as is, and the IRMd is stopped after.
+Each step is a shell command a user could type; its output is shown as is. The daemons' logs go to a
+file, named at the end, and the IRMd is stopped after.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-BOOT_TIMEOUT = 30.0
+from proto.service import ReadyListener
+
+BOOT_TIMEOUT = 60.0  # seconds for the IRMd to apply the config and say it is ready
 
 SETUP = """
 mkdir -p "$DEMO_DIR/files" "$DEMO_DIR/depot1" "$HOME"
@@ -51,15 +53,12 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _booted(env: dict[str, str]) -> bool:
-    """The config is applied once its last registrations show."""
-    out = subprocess.run(["irm", "name", "list"], env=env, capture_output=True, text=True).stdout
-    return any("host1" in line and "net" in line for line in out.splitlines())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = Path(args[0] if args else "configs/demo.toml").resolve()
+    fd, log_name = tempfile.mkstemp(prefix="ouroboros-demo-", suffix=".log")  # kept: the story's backstage
+    os.close(fd)
+    log = Path(log_name)
     with tempfile.TemporaryDirectory(prefix="ouroboros-demo-") as tmp:
         sock = Path(tmp) / "irmd.sock"
         bindir = str(Path(sys.executable).parent)  # the venv's console scripts, for us and the IRMd
@@ -68,26 +67,30 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run(["sh", "-ec", SETUP], env=env).returncode != 0:
             print("demo: setting up the scratch directory failed", file=sys.stderr)
             return 1
-        print(f"$ irmd --config {config}", flush=True)
+        print(f"$ irmd --config {config} --log {log}", flush=True)
+        ready = ReadyListener(Path(tmp) / "notify.sock")
         irmd = subprocess.Popen([shutil.which("irmd", path=env["PATH"]) or "irmd", "--sock", str(sock),
-                                 "--config", str(config)], env=env)
+                                 "--config", str(config), "--log", str(log)], env=env | ready.env,
+                                stdin=subprocess.DEVNULL)
         failed = False
         try:
-            deadline = time.monotonic() + BOOT_TIMEOUT
-            while irmd.poll() is None and time.monotonic() < deadline and not (sock.exists() and _booted(env)):
-                time.sleep(0.2)
-            failed = irmd.poll() is not None or not _booted(env)
+            failed = not ready.wait(lambda: irmd.poll() is None, BOOT_TIMEOUT)
+            if failed:
+                print(f"demo: the irmd did not boot; the end of {log}:", flush=True)
+                print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-10:]), flush=True)
             for step in [] if failed else STEPS:
                 print(f"\n$ {step}", flush=True)
                 if subprocess.run(["sh", "-c", step], env=env, timeout=60).returncode != 0:
                     failed = True
                     print(f"demo: step failed: {step}", flush=True)
         finally:
+            ready.close()
             print("\n$ kill -TERM irmd", flush=True)
             irmd.send_signal(signal.SIGTERM)
             code = irmd.wait(timeout=20)
         clean = code == 0 and not sock.exists()
         print(f"\nirmd stopped ({'cleanly' if clean else f'status {code}'}); demo {'FAILED' if failed else 'done'}.")
+        print(f"The daemons' logs (irmd, IPCPs, the servers it started): {log}")
         return 1 if failed or not clean else 0
 
 

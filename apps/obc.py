@@ -13,6 +13,7 @@ import threading
 import time
 
 from flowlib import FLOWGTXQLEN, Flow, FlowError, flow_join
+from proto.version import add_version
 
 DEFAULT_MESSAGE = "Ouroboros multicast rocks!"
 BUF_SIZE = 256  # what a reader takes of a message, as C's
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-m", "--message", default=DEFAULT_MESSAGE, help="a message to send")
     p.add_argument("-l", "--listen", action="store_true", help="listen mode")
     p.add_argument("-c", "--chat", action="store_true", help="chat: print the others, send each line typed (ours)")
+    add_version(p)
     args = p.parse_args(argv)
     if args.name is None:
         print("Please specify a name.\n")

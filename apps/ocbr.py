@@ -14,6 +14,8 @@ import time
 
 from apps.common import Pacer, alloc, on_signals, qos_arg, rate, serve
 from flowlib import Flow, FlowError, qos
+from proto import logs
+from proto.version import add_version
 
 SEQ = struct.Struct("=q")
 BUF_SIZE = 524288  # the largest SDU, as C's
@@ -107,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alloc-timeout", type=float, default=None,
                    help="allocation timeout in seconds (ours)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
+    logs.add_arguments(p, quiet=False)
+    add_version(p)
     args = p.parse_args(argv)
+    logs.setup("ocbr", args, daemon=args.listen)
     if args.listen:
         server(args.interval, args.timeout)
         return

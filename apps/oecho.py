@@ -10,6 +10,8 @@ import sys
 
 from apps.common import fail, serve
 from flowlib import Flow, FlowError, flow_alloc
+from proto import logs
+from proto.version import add_version
 
 GREETING = b"Client says hi!"
 
@@ -24,7 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-l", "--listen", action="store_true", help="run as the server")
     p.add_argument("-n", "--name", default="oecho", help="name of the server (default: oecho)")
     p.add_argument("-m", "--message", default=GREETING.decode(), help="what to send")
+    logs.add_arguments(p)
+    add_version(p)
     args = p.parse_args(argv)
+    logs.setup("oecho", args, daemon=args.listen)
     if args.listen:
         serve("echo", reply, idle_timeout=10.0)
         return

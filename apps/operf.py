@@ -17,6 +17,8 @@ import time
 
 from apps.common import Pacer, alloc, duration, fail, on_signals, qos_arg, rate, serve
 from flowlib import Flow, FlowError, FlowTimeout, qos
+from proto import logs
+from proto.version import add_version
 
 CONF = struct.Struct("=I")  # the test type, as C's struct conf (packed, host order)
 MSG = struct.Struct("=I")  # every data SDU's id, as C's struct msg
@@ -233,7 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
+    logs.add_arguments(p, quiet=False)
+    add_version(p)
     args = p.parse_args(argv)
+    logs.setup("operf", args, daemon=args.listen)
     if args.listen:
         server()
         return

@@ -26,6 +26,8 @@ from flowlib import (
     flow_accept,
     qos,
 )
+from proto import logs
+from proto.version import add_version
 
 # The 24-byte header. C's: type and id big-endian, then the send time as two host-order words (opaque to
 # the server, which only flips the type). Ours: the send time in ns of the monotonic clock, then padding.
@@ -235,7 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-D", "--timeofday", action="store_true", help="print time of day before each line")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
+    logs.add_arguments(p, quiet=False)
+    add_version(p)
     args = p.parse_args(argv)
+    logs.setup("oping", args, daemon=args.listen)
     if args.listen:
         if args.busy:
             busy_server(args.quiet)

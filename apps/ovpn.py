@@ -19,6 +19,8 @@ import threading
 
 from apps.common import qos_arg
 from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
+from proto import logs
+from proto.version import add_version
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -105,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dev", default="tun%d", help="name of the TUN device (ours; default: the kernel picks)")
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
+    logs.add_arguments(p, quiet=False)
+    add_version(p)
     args = p.parse_args(argv)
+    logs.setup("ovpn", args)
     if os.geteuid() != 0:
         print("ovpn must be run as root.")
         sys.exit(1)

@@ -393,7 +393,7 @@ class Engine:
             self._end(s)
 
     def _fail(self, s: Session, why: str) -> None:
-        log.warning("flow reset: %s", why)
+        log.info("flow reset: %s", why)
         s.error = why
         self._end(s)
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from proto import logs
 from proto import messages as m
 from proto.qos import UINT64_MAX, QosSpec
 from transports.channel import AsyncChannel, HandlerError
@@ -211,7 +212,7 @@ class Ipcp:
 
 
 def run_ipcp(cls: type[Ipcp], name: str, irmd_sock: str, **kw: Any) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s ipcp[{name}] %(levelname)s %(message)s")
+    logs.setup(f"ipcp/{cls.type}/{name}", base=logging.INFO)  # at its IRMd's level, into its IRMd's log
     ipcp = cls(name, Path(irmd_sock), **kw)
     asyncio.run(ipcp.run())
     if ipcp.failed:

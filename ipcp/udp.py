@@ -59,7 +59,7 @@ class UdpIpcp(ShimIpcp):
         if ipaddress.ip_address(ip).version != self.version:
             raise HandlerError(m.EINVAL, f"{ip} is not an IPv{self.version} address")
         if "dns" in conf:
-            log.warning("%s: no dynamic DNS here (as a 0.23 build without nsupdate): names resolve through"
+            log.info("%s: no dynamic DNS here (as a 0.23 build without nsupdate): names resolve through"
                         " /etc/hosts and the system's resolver", self.name)
         try:
             self.sock = udp.open_udp(ip, port)
@@ -74,7 +74,8 @@ class UdpIpcp(ShimIpcp):
                 self.bcast_sock = udp.open_udp(bcast_ip, port, reuse=True)
                 asyncio.get_running_loop().add_reader(self.bcast_sock.fileno(), self._on_broadcast)
             except OSError as e:
-                log.warning("no broadcast listener on %s: %s", bcast_ip, e)
+                (log.info if peers else log.warning)("no broadcast listener on %s: %s%s", bcast_ip, e,
+                                                     "" if peers else "; add peer ADDR to find members")
         self.ip = ip
         self.fast = "impair" not in conf
         own = (ip, port)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import sys
+import tomllib
 from typing import Any
 
 from irmd.reg.ipcp import is_pattern, wildcard_match
@@ -20,7 +22,8 @@ from proto import messages as m
 from proto.control import open_channel, request_all
 from proto.errors import FlowError
 from proto.names import IPCP_TYPES, LB_POLICIES
-from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, text
+from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, did_you_mean, text
+from proto.version import text as version_text
 from transports.wire import Message
 
 UsageError = OptionError  # a command line that does not follow the grammar
@@ -35,7 +38,7 @@ def match(word: str, choices: list[str], what: str) -> str:
         if word and candidate.startswith(word):
             return candidate
     raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}'
-                     + _renamed(word, choices))
+                     + (_renamed(word, choices) or did_you_mean(word, choices)))
 
 
 # Words of an irm older than 0.23 that ouroboros-tutorial(7) still shows: (the keyword that
@@ -263,7 +266,7 @@ def dump_config(args: list[str]) -> Message:
 
 
 def dump_graph(args: list[str]) -> Message:
-    fmt = match(args.pop(0), ["text", "dot"], "a graph format") if args else "text"
+    fmt = match(args.pop(0), ["text", "dot", "json"], "a graph format") if args else "text"
     parse_words(args, [])
     return m.Dump(fmt)
 
@@ -322,6 +325,32 @@ def render_info(info: m.IpcpInfo) -> str:
                       strict=False)) for row in section.rows])) for section in info.sections)
 
 
+JSON_FLAGS = ("-j", "--json")  # as iproute2's -j: the same answers as JSON, for scripts
+
+
+def as_json(msg: Message, reply: Message) -> str:
+    """A reply as JSON: a list's rows as objects, a show's sections as lists of objects, a dump as data."""
+    data: Any
+    if isinstance(reply, m.Table):
+        data = reply.rows
+    elif isinstance(reply, m.IpcpInfo):
+        data = {s.name: [dict(zip(s.columns, row, strict=False)) for row in s.rows] for s in reply.sections}
+    elif isinstance(reply, m.Text) and isinstance(msg, m.Dump) and msg.what == "config":
+        data = tomllib.loads(reply.text)
+    elif isinstance(reply, m.Text) and isinstance(msg, m.Dump) and msg.what == "json":
+        return reply.text
+    else:
+        data = {"ok": True}
+    return json.dumps(data, indent=2) + "\n"
+
+
+def split_json(args: list[str]) -> tuple[list[str], bool]:
+    """The command line without -j/--json (before any `--`: a bound program's own arguments stay)."""
+    end = args.index("--") if "--" in args else len(args)
+    words = [a for a in args[:end] if a not in JSON_FLAGS]
+    return words + args[end:], len(words) < end
+
+
 def render(table: m.Table, empty: str = "(none)") -> str:
     if not table.rows:
         return empty
@@ -336,12 +365,17 @@ def render(table: m.Table, empty: str = "(none)") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args, want_json = split_json(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE[()], end="")
         sys.exit(0 if args else 2)
+    if args[0] == "--version":
+        print(version_text("irm"))
+        sys.exit(0)
     try:
         msg = parse(args)
+        if want_json and isinstance(msg, m.Dump) and msg.what != "config":
+            msg = m.Dump("json")  # the graph as data
     except HelpAsked as e:
         print(USAGE[e.path], end="")
         sys.exit(0)
@@ -359,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"irm: {e}", file=sys.stderr)
         sys.exit(1)
     try:
-        if isinstance(reply, m.Table):
+        if want_json:
+            print(as_json(msg, reply), end="")
+        elif isinstance(reply, m.Table):
             print(render(reply, EMPTY.get(type(msg), "(none)")))
         elif isinstance(reply, m.Text):
             print(reply.text, end="")

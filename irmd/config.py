@@ -25,7 +25,7 @@ from irmd.secfiles import SEC_KEYS
 from proto import messages as m
 from proto.errors import AlreadyExists, FlowError, NotFound
 from proto.names import LB_POLICIES
-from proto.options import bootstrap_conf
+from proto.options import bootstrap_conf, did_you_mean
 from transports.unix import TrustError, read_trusted
 from transports.wire import Message
 
@@ -50,7 +50,7 @@ JOIN_TRIES = 4  # ... and at least this many tries: a loaded host's slow answers
 ORDER = ("local", "eth-dix", "eth-llc", "udp4", "udp6", "udp", "broadcast", "unicast")
 
 
-VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")  # ${NAME}, ${NAME:-default}
 
 
 class ConfigError(Exception):
@@ -64,10 +64,21 @@ class Plan:
     steps: list[Step]
     limits: Limits = dataclasses.field(default_factory=Limits)
 
+    @property
+    def ipcps(self) -> set[str]:
+        """The IPCPs the file makes."""
+        return {(msg.enroll if isinstance(msg, _Join) else msg).name for _, msg in self.steps
+                if isinstance(msg, m.IpcpCreate | m.IpcpBootstrap | m.IpcpEnroll | _Join)}
+
+    @property
+    def names(self) -> set[str]:
+        """The names it makes ([name.N] tables)."""
+        return {msg.name for _, msg in self.steps if isinstance(msg, m.NameCreate)}
+
 
 def _expand(value: Any, path: Path, key: str = "") -> Any:
     """${VAR} in keys and strings, from the environment (HOSTNAME: this host's name), so one
-    file serves every member of a LAN."""
+    file serves every member of a LAN; ${VAR:-default} when VAR is unset or empty, as in a shell."""
     if isinstance(value, dict):
         return {_expand(k, path, key): _expand(v, path, f"{key}.{k}" if key else k) for k, v in value.items()}
     if isinstance(value, list):
@@ -76,8 +87,8 @@ def _expand(value: Any, path: Path, key: str = "") -> Any:
         return value
 
     def var(match: re.Match[str]) -> str:
-        name = match.group(1)
-        found = os.environ.get(name) or (socket.gethostname() if name == "HOSTNAME" else None)
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name) or (socket.gethostname() if name == "HOSTNAME" else default)
         if found is None:
             raise ConfigError(f"{path}: {key or 'a table name'}: ${{{name}}} is not set in the environment")
         return found
@@ -90,6 +101,13 @@ def _words(value: Any, where: str) -> list[str]:
     if not all(isinstance(v, str | int | bool) and not isinstance(v, bool) for v in values):
         raise ConfigError(f"{where}: expected a string, a number or a list of them")
     return [str(v) for v in values]
+
+
+def _arg_lists(value: Any, where: str) -> list[list[str]]:
+    """Each program's arguments: a string split at spaces (irmd.conf's form), or a list of words, kept
+    as they are (what `irm dump config` writes for words with spaces)."""
+    values = value if isinstance(value, list) else [value]
+    return [_words(v, where) if isinstance(v, list) else _words(v, where)[0].split() for v in values]
 
 
 Step = tuple[str, Message]  # where in the file, what to ask the IRMd
@@ -115,7 +133,8 @@ def plan(path: Path) -> Plan:
     for top, table in doc.items():
         if top not in ("name", "limits") and top not in ORDER:
             raise ConfigError(f"{path}: unknown table [{top}]: expected [name.N], [limits] or one of "
-                              f"{', '.join(f'[{t}.X]' for t in ORDER if t != 'udp')}")
+                              f"{', '.join(f'[{t}.X]' for t in ORDER if t != 'udp')}"
+                              + did_you_mean(top, ["name", "limits", *ORDER]))
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: {top} = ...: expected a table [{top}]")
     try:
@@ -137,7 +156,8 @@ def _name_steps(path: Path, name: str, table: Any) -> list[Step]:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
     if unknown := set(table) - NAME_KEYS:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}: expected {sorted(NAME_KEYS)}")
+        hints = "".join(did_you_mean(k, NAME_KEYS) for k in sorted(unknown))
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}: expected {sorted(NAME_KEYS)}{hints}")
     lb = table.get("lb", "spill")  # irmd.conf's default: spill
     lb = {"spill": "spillover"}.get(lb, lb)
     if lb not in LB_POLICIES:
@@ -151,13 +171,13 @@ def _name_steps(path: Path, name: str, table: Any) -> list[Step]:
             sec[key] = os.path.abspath(os.path.join(path.parent, os.path.expanduser(value)))
     steps: list[Step] = [(where, m.NameCreate(name, lb, sec))]
     progs = _words(table.get("prog", []), f"{where} prog")
-    args = _words(table.get("args", []), f"{where} args")
+    args = _arg_lists(table.get("args", []), f"{where} args")
     for i, prog in enumerate(progs):
         found = shutil.which(prog)
         if found is None:  # irmd.conf binds by path: a program not installed here runs nowhere
             log.warning("%s prog: program %r not found (not executable or not in PATH): not bound", where, prog)
             continue
-        prog_args = args[i].split() if i < len(args) else []
+        prog_args = args[i] if i < len(args) else []
         auto = bool(table.get("auto", i < len(args)))  # as in irmd.conf, args imply auto
         steps.append((where, m.Bind("program", os.path.abspath(found), name, auto, prog_args)))
     return steps
@@ -181,7 +201,7 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if sum(k in table for k in ("bootstrap", "join")) + (enrol is not None) > 1:
         raise ConfigError(f"{where}: give one of bootstrap=, enrol= and join=")
     try:
-        conf = bootstrap_conf(kind, {k: _words(v, f"{where} {k}") for k, v in options.items()})
+        conf = bootstrap_conf(kind, {k: _words(v, f"{where} {k}") for k, v in options.items()}, IPCP_KEYS)
     except UsageError as e:
         raise ConfigError(f"{where}: {e}") from None
     steps: list[Step] = []
@@ -224,7 +244,10 @@ async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_P
     if isinstance(msg, _Join):
         await _join(irmd, msg, where)
         return
+    if isinstance(msg, m.IpcpEnroll) and msg.name not in irmd.reg.ipcps:  # one IPCP for all the tries
+        await irmd.admin(m.IpcpCreate(msg.name, msg.type or "unicast"))
     deadline = time.monotonic() + patience
+    waited = False
     while True:
         tries -= 1
         try:
@@ -233,7 +256,10 @@ async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_P
         except NotFound as e:  # no member answers yet: LAN hosts boot in any order
             if not isinstance(msg, m.IpcpEnroll) or (time.monotonic() > deadline and tries <= 0):
                 raise
-            log.warning("%s: %s; trying again in %.0f s", where, e, ENROL_RETRY)
+            # Expected while the hosts of a LAN boot: said once, then only when debugging.
+            log.log(logging.DEBUG if waited else logging.INFO, "%s: %s; trying again every %.0f s for up to %.0f s",
+                    where, e, ENROL_RETRY, patience)
+            waited = True
         await asyncio.sleep(ENROL_RETRY)
 
 

@@ -19,6 +19,7 @@ from irmd.oap import Oap
 from irmd.programs import Programs
 from irmd.reg import Registry
 from irmd.server import Client, Server
+from irmd.spawn import Output
 from proto import messages as m
 from transports.wire import Message
 
@@ -28,10 +29,10 @@ Handler = Callable[[Client, Any, list[int]], Awaitable[Any]]
 
 
 class Irmd:
-    def __init__(self, sock_path: Path, limits: Limits | None = None, log_stdout: bool = False) -> None:
+    def __init__(self, sock_path: Path, limits: Limits | None = None, output: Output | None = None) -> None:
         self.sock_path = Path(os.path.abspath(sock_path))  # what it starts runs in /: no relative path
         self.limits = limits or Limits()
-        self.log_stdout = log_stdout  # irmd --stdout: IPCPs log there too
+        self.output = output or Output()  # where the IPCPs and programs it starts write: its log
         self.uid = os.geteuid()
         self.reg = Registry(self.uid)
         self.oap = Oap(self.reg)  # flow allocation authentication: headers out, headers in

@@ -18,7 +18,10 @@ from typing import NoReturn
 from irmd.config import DEFAULT_PATH, ConfigError, Plan, apply_config, plan
 from irmd.core import Irmd
 from irmd.limits import LimitError, Limits, option_values
-from transports.unix import irmd_sock_path
+from irmd.spawn import Output
+from proto import logs
+from proto.service import notify_ready
+from transports.unix import TrustError, irmd_sock_path, make_sock_dir
 
 log = logging.getLogger("irmd")
 
@@ -31,7 +34,7 @@ def _raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, output: Output) -> int:
     boot = Plan([])
     if args.config:
         try:  # what the file says is checked before anything starts
@@ -42,7 +45,7 @@ async def _serve(args: argparse.Namespace) -> int:
     steps = boot.steps
     limits = boot.limits.with_values(args.limits)  # the command line's --limit over the file's [limits]
     limits = limits.fit_descriptors(args.nofile)
-    irmd = Irmd(irmd_sock_path(args.sock), limits, args.stdout)
+    irmd = Irmd(irmd_sock_path(args.sock), limits, output)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, irmd.stop)
@@ -56,6 +59,8 @@ async def _serve(args: argparse.Namespace) -> int:
                 log.error("%s", e)
                 status = 1
                 irmd.stop()
+        if not status:
+            notify_ready(f"serving on {irmd.sock_path}")
         await irmd.wait_stopped()
     finally:
         await irmd.shutdown()
@@ -65,11 +70,15 @@ async def _serve(args: argparse.Namespace) -> int:
 VERSION = "0.23.0"  # the Ouroboros version whose interfaces this irmd speaks
 USAGE = f"""Usage: irmd
          [--config <path> (Path to configuration file, default: {DEFAULT_PATH} if it exists)]
-         [--stdout  (Log to stdout instead of stderr)]
+         [--stdout  (Log to stdout instead of stderr or the log file)]
          [--version (Print version number and exit)]
+         [--check-config <path> (Check a configuration file without starting, exit status 0 if it boots)]
          [--sock <path> (Control socket, default: $OUROBOROS_SOCK or {irmd_sock_path()})]
          [--limit <key>=<n> (A limit: {", ".join(Limits.keys())})]
-         [-v, --verbose (Log debug messages)]
+         [--log <path> (Log to this file; default: stderr, or <socket>.log when stderr is a terminal)]
+         [-v, --verbose (Log more: debug messages, for the IPCPs too)]
+         [-q, --quiet (Log less: warnings and errors only; -qq: errors only)]
+         [--log-level <level> (debug, info, warning, error or critical)]
 """
 
 
@@ -83,13 +92,17 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="irmd", usage=USAGE, add_help=False)
-    parser.add_argument("--sock", help=argparse.SUPPRESS)
-    parser.add_argument("--config", help=argparse.SUPPRESS)
-    parser.add_argument("--stdout", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--version", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--limit", action="append", default=[], help=argparse.SUPPRESS)
-    parser.add_argument("-h", "--help", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sock", metavar="PATH", help="the control socket (default: $OUROBOROS_SOCK, else "
+                        f"{irmd_sock_path()})")
+    parser.add_argument("--config", metavar="PATH", help=f"boot from this config file (default: {DEFAULT_PATH} "
+                        'if it exists; "" for none)')
+    parser.add_argument("--check-config", metavar="PATH", help="check a config file as --config would, without "
+                        "starting; exit 0 if it would boot")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--limit", action="append", default=[], metavar="KEY=N",
+                        help=f"a limit: {', '.join(Limits.keys())}")
+    parser.add_argument("-h", "--help", action="store_true", help="print the usage and exit")
+    logs.add_arguments(parser, destination=True)
     args = parser.parse_args(argv)
     if args.help:
         print(USAGE, end="")
@@ -97,21 +110,44 @@ def main(argv: list[str] | None = None) -> None:
     if args.version:
         print(f"Ouroboros version {VERSION} (ouroboros-py {_our_version()})")
         sys.exit(0)
+    if args.check_config is not None:
+        sys.exit(check_config(Path(args.check_config)))
     try:
         args.limits = option_values(args.limit)
     except LimitError as e:
         parser.error(str(e))
     if args.config is None and DEFAULT_PATH.exists():
         args.config = str(DEFAULT_PATH)  # --config "" boots from no file
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stdout if args.stdout else sys.stderr,
-    )
+    sock = irmd_sock_path(args.sock)
+    try:  # made as the server makes it, so the log file beside the socket has a place to go
+        make_sock_dir(sock.parent, 0o755 if os.geteuid() == 0 else 0o700)
+    except TrustError as e:
+        sys.exit(f"irmd: will not serve from {sock.parent}: {e.strerror}")
+    try:
+        target = logs.setup("irmd", args, base=logging.INFO, default_file=logs.default_log_file(sock), sock=sock)
+    except logs.LogFileError as e:
+        sys.exit(f"irmd: {e.strerror}")
+    if target.path is not None and not args.log:
+        print(f"irmd: logging to {target.path}", file=sys.stderr, flush=True)
     args.nofile = _raise_nofile()
     if args.sock:
         os.environ["OUROBOROS_SOCK"] = args.sock  # spawned programs find this irmd
-    sys.exit(asyncio.run(_serve(args)))
+    # What the IRMd starts logs where it logs: a file given or chosen (their stdout and stderr), or its stdout.
+    output = Output(target.fd if target.path is not None or args.stdout else None, target.child_env())
+    sys.exit(asyncio.run(_serve(args, output)))
+
+
+def check_config(path: Path) -> int:
+    """What --config would find wrong with the file before starting anything (what only running it
+    shows, an enrollment no member answers, cannot be checked here)."""
+    try:
+        boot = plan(path)
+    except ConfigError as e:
+        print(f"irmd: {e}", file=sys.stderr)
+        return 1
+    ipcps, names = boot.ipcps, boot.names
+    print(f"{path}: fine ({len(ipcps)} IPCP{'s' * (len(ipcps) != 1)}, {len(names)} name{'s' * (len(names) != 1)})")
+    return 0
 
 
 def _our_version() -> str:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from irmd.core import Irmd
     from irmd.server import Client
 
+COUNTED = list(m.FLOW_COUNTERS[2:])  # the counters `irm flow list` shows, where the IPCP keeps them
 log = logging.getLogger("irmd")
 
 QUERY_TIMEOUT = 3.0
@@ -276,14 +277,38 @@ class Flows:
         return m.FlowInfo(msg.flow_id, flow.state.value)
 
     async def flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
+        flows = [f for f in list(self.reg.flows.values()) if policy.visible(c.caller, f.uid)]
+        counted = await self._counters({f.ipcp for f in flows})
         rows = (
             (f.flow_id, {"id": str(f.flow_id), "pid": str(f.pid), "name": f.name, "role": f.role,
                          "layer": f.layer, "ipcp": f.ipcp, "state": f.state.value, "mtu": str(f.mtu),
-                         "qos": "reliable" if f.qos.reliable else "best-effort"})
-            for f in list(self.reg.flows.values())
-            if policy.visible(c.caller, f.uid)
+                         "qos": "reliable" if f.qos.reliable else "best-effort",
+                         **dict(zip(COUNTED, counted.get((f.ipcp, f.flow_id), ["-"] * len(COUNTED)), strict=True))})
+            for f in flows
         )  # fmt: skip
-        return views.page(["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos"], rows, msg.start)
+        return views.page(["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos", *COUNTED], rows,
+                          msg.start)
+
+    async def _counters(self, names: set[str]) -> dict[tuple[str, int], list[str]]:
+        """The per-flow counters of the IPCPs that keep them: (ipcp, flow id) -> COUNTED values."""
+        counted: dict[tuple[str, int], list[str]] = {}
+        for name in sorted(names):
+            ipcp = self.reg.ipcps.get(name)
+            if ipcp is None or ipcp.channel is None or ipcp.channel.closed:
+                continue
+            try:
+                reply, fds = await ipcp.channel.request(m.IpcpInfoReq(), timeout=QUERY_TIMEOUT)
+            except (RemoteError, TimeoutError, ChannelClosed) as e:
+                log.debug("counters of %s: %s", name, e)
+                continue
+            close_fds(fds)
+            sections = reply.sections if isinstance(reply, m.IpcpInfo) else []
+            for section in sections:
+                if section.name == "flows" and tuple(section.columns) == m.FLOW_COUNTERS:
+                    for row in section.rows:
+                        if len(row) == len(m.FLOW_COUNTERS) and row[0].isdigit():
+                            counted[(name, int(row[0]))] = row[2:]
+        return counted
 
     # -- ends of flows --------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from irmd import spawn, views
@@ -17,6 +18,7 @@ from irmd.reg.ipcp import is_pattern
 from proto import messages as m
 from proto.errors import (
     AlreadyExists,
+    FlowError,
     FlowTimeout,
     InvalidArgument,
     IpcpFailed,
@@ -47,6 +49,7 @@ class Ipcps:
         self.irmd = irmd
         self.reg = irmd.reg
         self._seq = 0
+        self._stopping: set[int] = set()  # pids of IPCPs told to stop
 
     # -- processes ---------------------------------------------------------
 
@@ -75,7 +78,7 @@ class Ipcps:
             raise InvalidArgument(f"unknown ipcp type {kind!r}: expected one of {'|'.join(IPCP_TYPES)}")
         if name in self.reg.ipcps:
             raise AlreadyExists(f"ipcp {name!r} already exists")
-        proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.log_stdout)
+        proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.output)
         self._seq += 1
         ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq)
         self.reg.ipcps[name] = ipcp
@@ -97,7 +100,8 @@ class Ipcps:
         if self.reg.ipcps.get(ipcp.name) is not ipcp:
             return
         del self.reg.ipcps[ipcp.name]
-        report = log.info if self.irmd.stopping else log.warning
+        report = log.info if self.irmd.stopping or ipcp.pid in self._stopping else log.warning
+        self._stopping.discard(ipcp.pid)
         report("ipcp %s (pid %d) exited with status %s", ipcp.name, ipcp.pid, code)
         self.irmd.flows.ipcp_gone(ipcp)
         self.reg.drop_ipcp(ipcp.name)
@@ -106,11 +110,18 @@ class Ipcps:
 
     def lost(self, ipcp: Ipcp) -> None:
         """Its control channel closed: an IPCP the IRMd cannot reach is stopped."""
+        if ipcp.pid in self._stopping:
+            return  # going as told
         log.warning("ipcp %s closed its control channel; stopping it", ipcp.name)
         kill(ipcp.proc, signal.SIGKILL)
 
     async def destroy(self, c: Client, msg: m.IpcpDestroy, _: list[int]) -> m.Ok:
-        ipcp = self.reg.get_ipcp(msg.name)
+        await self._stop(self.reg.get_ipcp(msg.name))
+        return m.Ok(f"destroyed ipcp {msg.name}")
+
+    async def _stop(self, ipcp: Ipcp) -> None:
+        """SIGTERM, SIGKILL after STOP_GRACE; returns once it is gone from the registry."""
+        self._stopping.add(ipcp.pid)  # asked to go: its exit is no news
         kill(ipcp.proc, signal.SIGTERM)
         try:
             await asyncio.wait_for(ipcp.proc.wait(), STOP_GRACE)
@@ -118,7 +129,6 @@ class Ipcps:
             kill(ipcp.proc, signal.SIGKILL)
             await ipcp.proc.wait()
         await asyncio.sleep(0)  # let the watcher clean up
-        return m.Ok(f"destroyed ipcp {msg.name}")
 
     async def request(self, ipcp: Ipcp, msg: Message) -> Message:
         """One request to an IPCP; its failures as the IRMd's errors, naming the IPCP."""
@@ -202,10 +212,21 @@ class Ipcps:
             if ipcp.layer:
                 raise AlreadyExists(f"ipcp {ipcp.name!r} is already in layer {ipcp.layer!r}")
         if create:
-            ipcps = [await self.start(msg.name, create)]
+            ipcp = await self.start(msg.name, create)
+            return await self._or_stop(ipcp, self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(msg.conf)),
+                                                             msg.autobind))
         done = [await self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(msg.conf)), msg.autobind)
                 for ipcp in ipcps]
         return m.Ok("\n".join(ok.text for ok in done))
+
+    async def _or_stop(self, ipcp: Ipcp, joining: Coroutine[Any, Any, m.Ok]) -> m.Ok:
+        """Join a layer with an IPCP made for the purpose: if that fails, the IPCP goes too (nothing is
+        left half made), and the error says so."""
+        try:
+            return await joining
+        except FlowError as e:
+            await self._stop(ipcp)
+            raise type(e)(f"{e}; ipcp {ipcp.name} stopped") from None
 
     async def enroll(self, c: Client, msg: m.IpcpEnroll, _: list[int]) -> m.Ok:
         """Enroll the IPCPs `msg.name` names (a unicast one made if none is there and no type is given)."""
@@ -214,7 +235,9 @@ class Ipcps:
             raise InvalidArgument("enroll needs a layer or a dst")
         ipcps, create = self._targets(msg.name, msg.type, msg.type or "unicast")
         if create:
-            ipcps = [await self.start(msg.name, create)]
+            ipcp = await self.start(msg.name, create)
+            return await self._or_stop(ipcp, self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind,
+                                                             msg.layer))
         done = [await self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind, msg.layer)
                 for ipcp in ipcps]
         return m.Ok("\n".join(ok.text for ok in done))

@@ -4,6 +4,7 @@ act checked against who owns the name and who asks.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -14,8 +15,10 @@ from irmd.reg import Ipcp, Name, ProcBinding
 from irmd.reg.ipcp import is_pattern
 from irmd.secfiles import check_sec
 from proto import messages as m
-from proto.errors import AlreadyExists, InvalidArgument, NotFound
+from proto.errors import AlreadyExists, FlowError, InvalidArgument, NotFound
 from proto.names import check_name
+
+log = logging.getLogger("irmd")
 
 if TYPE_CHECKING:
     from irmd.core import Irmd
@@ -108,8 +111,36 @@ class Names:
             where = ", ".join([*msg.layers, *msg.ipcps])
             raise NotFound(f"name {msg.name!r} is not registered in {where!r}")
         for ipcp in targets:
+            new = msg.register and ipcp.name not in entry.regs
             await self.irmd.ipcps.register(ipcp, entry, msg.register)
+            if new and c.pid in entry.procs and not entry.programs:
+                entry.reg_owner[ipcp.name] = c.pid  # a server registering its own name: for its lifetime
+            elif not new:
+                entry.reg_owner.pop(ipcp.name, None)  # unregistered, or asked for again: nobody's own
         return m.Ok()
+
+    async def process_gone(self, pid: int) -> None:
+        """The registrations a process made of a name it served go with it (else flows to the name
+        would reach a layer where nobody takes them), unless another process or a program still
+        serves the name."""
+        for entry in list(self.reg.names.values()):
+            owned = [i for i, owner in entry.reg_owner.items() if owner == pid]
+            if not owned:
+                continue
+            for ipcp_name in owned:
+                entry.reg_owner.pop(ipcp_name, None)
+            if entry.procs or entry.programs:
+                continue
+            for ipcp_name in owned:
+                ipcp = self.reg.ipcps.get(ipcp_name)
+                if ipcp is None:
+                    continue
+                try:
+                    await self.irmd.ipcps.register(ipcp, entry, False)
+                    log.info("name %r unregistered from %s: process %d that registered it is gone", entry.name,
+                             ipcp_name, pid)
+                except FlowError as e:  # the IPCP is going too
+                    log.info("name %r: unregistering from %s: %s", entry.name, ipcp_name, e)
 
     async def list_names(self, c: Client, msg: m.NameList, _: list[int]) -> m.Table:
         def row(e: Name) -> dict[str, str]:
@@ -133,10 +164,10 @@ class Names:
 
             if msg.what == "config":
                 c.dump = state.as_config(ipcps, self.reg, shown)
-            elif msg.what in ("text", "dot"):
+            elif msg.what in ("text", "dot", "json"):
                 c.dump = state.layer_graph(ipcps, self.reg, msg.what, shown)
             else:
-                raise InvalidArgument(f"cannot dump {msg.what!r}: expected config, text or dot")
+                raise InvalidArgument(f"cannot dump {msg.what!r}: expected config, text, dot or json")
         part = views.text_part(c.dump, msg.offset)
         if not part.next:
             c.dump = ""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("irmd")
 
+LINE_MAX = 4096  # a program's output line longer than this is logged in pieces
 START_GRACE = 10.0  # a program started for a name has this long to accept before another is started
 STOP_GRACE = 2.0  # SIGTERM, then SIGKILL after this long
 
@@ -46,6 +47,22 @@ async def stop(procs: list[asyncio.subprocess.Process]) -> None:
         await asyncio.wait(pending, timeout=STOP_GRACE)
 
 
+async def relay_output(stream: asyncio.StreamReader, tag: str) -> None:
+    """Log what a started program prints, line by line, as its own (tagged with its name and pid)."""
+    out = logging.getLogger("irmd.program")
+    while line := await _line(stream):
+        out.info("%s", line.decode(errors="replace").rstrip("\n"), extra={"tag": tag})
+
+
+async def _line(stream: asyncio.StreamReader) -> bytes:
+    try:
+        return await stream.readuntil(b"\n")
+    except asyncio.IncompleteReadError as e:  # the last line, without its newline
+        return e.partial
+    except asyncio.LimitOverrunError as e:  # a line longer than the reader holds: in pieces
+        return await stream.read(max(1, min(e.consumed, LINE_MAX)))
+
+
 class Programs:
     def __init__(self, irmd: Irmd) -> None:
         self.irmd = irmd
@@ -62,7 +79,8 @@ class Programs:
 
     async def _run(self, name: str, prog: ProgBinding) -> None:
         try:
-            proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.irmd.sock_path)
+            proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.irmd.sock_path,
+                                              self.irmd.output)
         except (OSError, subprocess.SubprocessError) as e:
             log.error("cannot start %s for %r: %s", prog.path, name, e)
             self._starting.pop(name, None)
@@ -71,12 +89,16 @@ class Programs:
         log.info("started %s %s (pid %d) for %r as %s", prog.path, " ".join(prog.args), proc.pid, name, who.user)
         self.running[proc.pid] = proc
         self.irmd.reg.started[proc.pid] = (name, proc_start(proc.pid))  # this process, not a later one with its pid
+        if proc.stdout is not None:  # read to its end, which a child of the program may hold past its exit
+            self.irmd.spawn_task(relay_output(proc.stdout, f"{os.path.basename(prog.path)}[{proc.pid}]"))
         code = await proc.wait()
         self.running.pop(proc.pid, None)
         self.irmd.reg.started.pop(proc.pid, None)
         if code:
             self._starting.pop(name, None)  # it failed; the next flow may try again
-        log.info("program %s (pid %d) exited with %s", prog.path, proc.pid, code)
+        failed = code and not self.irmd.stopping and code != -signal.SIGTERM
+        (log.warning if failed else log.info)("program %s (pid %d) for %r exited with status %s", prog.path,
+                                              proc.pid, name, code)
 
     async def stop_all(self, ipcps: list[Ipcp]) -> None:
         await stop([i.proc for i in ipcps] + list(self.running.values()))

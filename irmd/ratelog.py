@@ -18,7 +18,7 @@ class RateLog:
         self.logger = logger or logging.getLogger("irmd")
         self.tokens, self.at, self.suppressed = float(burst), clock(), 0
 
-    def log(self, fmt: str, *args: object, level: int = logging.WARNING) -> None:
+    def log(self, fmt: str, *args: object, level: int = logging.INFO) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now

@@ -278,5 +278,7 @@ class Server:
         await self.irmd.flows.release_all(c)
         if not any(other.pid == c.pid for other in self.irmd.clients.values()):
             self.irmd.reg.forget_pid(c.pid)  # its process bindings end with its last connection
+            if not self.irmd.stopping:
+                await self.irmd.names.process_gone(c.pid)  # and the registrations it made of its names
         if c.ipcp is not None and c.ipcp.channel is c.channel and not self.irmd.stopping:
             self.irmd.ipcps.lost(c.ipcp)

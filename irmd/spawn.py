@@ -27,6 +27,15 @@ IPCP_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
 
 
 @dataclasses.dataclass(frozen=True)
+class Output:
+    """Where what the IRMd starts writes: the IRMd's log (fd None: its own stdout and stderr), and the
+    environment that makes it log as the IRMd does (its level, the journal)."""
+
+    fd: int | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunAs:
     """The user a started program runs as; uid None: as the IRMd itself (no change)."""
 
@@ -50,27 +59,28 @@ def run_as(owner: int, irmd_uid: int) -> RunAs:
     return RunAs(target, gid, home, user)
 
 
-def clean_env(sock: Path, who: RunAs) -> dict[str, str]:
+def clean_env(sock: Path, who: RunAs, out: Output) -> dict[str, str]:
     env = {"PATH": SAFE_PATH, "HOME": who.home, "USER": who.user, "LOGNAME": who.user, SOCK_ENV: str(sock)}
     env.update({k: v for k in KEPT if (v := os.environ.get(k))})
-    return env
+    return env | out.env
 
 
 def ipcp_command(kind: str, name: str, sock: Path) -> list[str]:
     return [sys.executable, "-I", "-c", IPCP_BOOT, PROJECT_ROOT, kind, name, str(sock)]
 
 
-async def start_ipcp(kind: str, name: str, sock: Path, log_stdout: bool = False) -> asyncio.subprocess.Process:
-    """An IPCP process; with log_stdout it logs to the IRMd's stdout, as the IRMd itself then does."""
+async def start_ipcp(kind: str, name: str, sock: Path, out: Output) -> asyncio.subprocess.Process:
+    """An IPCP process, logging where the IRMd logs (its stderr is the IRMd's log)."""
     who = run_as(os.geteuid(), os.geteuid())
     return await asyncio.create_subprocess_exec(
         *ipcp_command(kind, name, sock), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-        cwd="/", env=clean_env(sock, who), stderr=asyncio.subprocess.STDOUT if log_stdout else None,
+        cwd="/", env=clean_env(sock, who, out), stdout=out.fd, stderr=out.fd,
     )  # fmt: skip
 
 
-async def start_program(path: str, args: list[str], owner: int, sock: Path) -> asyncio.subprocess.Process:
-    """Start a bound program as its owner: in its own session, stdin /dev/null, cwd /, a clean environment."""
+async def start_program(path: str, args: list[str], owner: int, sock: Path, out: Output) -> asyncio.subprocess.Process:
+    """Start a bound program as its owner: in its own session, stdin /dev/null, cwd /, a clean environment;
+    its stdout a pipe for the IRMd to log, its stderr the IRMd's log."""
     who = run_as(owner, os.geteuid())
     creds: dict[str, object] = {}
     if who.uid is not None:
@@ -78,5 +88,5 @@ async def start_program(path: str, args: list[str], owner: int, sock: Path) -> a
                  if who.user != str(who.uid) else []}  # fmt: skip
     return await asyncio.create_subprocess_exec(
         path, *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, cwd="/",
-        env=clean_env(sock, who), **creds,  # type: ignore[arg-type]
+        env=clean_env(sock, who, out), stdout=asyncio.subprocess.PIPE, stderr=out.fd, **creds,  # type: ignore[arg-type]
     )  # fmt: skip

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import tomli_w
 
 from irmd.reg import Ipcp, Name, Registry
 from irmd.views import REDACTED, redact
@@ -27,49 +30,60 @@ def _everything(entry: Name) -> bool:
     return True
 
 
+def _args(args: list[str]) -> str | list[str]:
+    """A program's arguments as irmd.conf writes them (one string, split at spaces), or as a list of
+    words when one holds a space or is empty, so that they come back exactly."""
+    return " ".join(args) if all(a and not any(c.isspace() for c in a) for a in args) else list(args)
+
+
 def as_config(ipcps: Sequence[Ipcp], reg: Registry, shown: Callable[[Name], bool] = _everything) -> str:
-    """A TOML config file (docs/config.md) that recreates this state when an irmd boots from it.
+    """A TOML config file (docs/config.md) that recreates this state when an irmd boots from it, and
+    that an irmd booted from it dumps again the same.
 
     Only the names `shown` are in it (a user sees their own); secrets (layer keys) never are.
     """
-    out = ["# The running state of this IRMd, as `irmd --config` takes it (written by `irm dump config`).", ""]
+    notes = ["# The running state of this IRMd, as `irmd --config` takes it (written by `irm dump config`)."]
+    doc: dict[str, Any] = {}
     ipcp_pids = _ipcp_pids(ipcps)
     for entry in sorted(reg.names.values(), key=lambda e: e.name):
         if entry.pids & ipcp_pids or not shown(entry):
             continue  # an IPCP's own names: autobind makes them again
-        out.append(f"[name.{_q(entry.name)}]")
+        table: dict[str, Any] = {}
         if entry.programs:
             progs = list(entry.programs.values())
-            out.append(f"prog = [{', '.join(_q(p.path) for p in progs)}]")
+            table["prog"] = [p.path for p in progs]
             if any(p.args for p in progs):
-                out.append(f"args = [{', '.join(_q(' '.join(p.args)) for p in progs)}]")
-            out.append(f"auto = {'true' if any(p.auto for p in progs) else 'false'}")
-        if entry.lb != "round-robin":
-            out.append(f"lb = {_q(entry.lb)}")
-        out += [f"{key} = {_q(value)}" for key, value in sorted(entry.sec.items())]
+                table["args"] = [_args(p.args) for p in progs]
+            table["auto"] = any(p.auto for p in progs)
+        table["lb"] = entry.lb
+        table.update(sorted(entry.sec.items()))
         if entry.pids:
-            out.append(f"# bound to processes {', '.join(map(str, sorted(entry.pids)))}: not kept in a config file")
-        out.append("")
+            notes.append(f"# name {entry.name}: bound to processes {', '.join(map(str, sorted(entry.pids)))}, "
+                         "which a config file does not keep")
+        doc.setdefault("name", {})[entry.name] = table
     for ipcp in sorted(ipcps, key=lambda i: (TYPE_ORDER.index(i.type) if i.type in TYPE_ORDER else 99, i.name)):
-        out.append(f"[{ipcp.type}.{_q(ipcp.name)}]")
+        table = {}
         joined = ipcp.joined
         if "bootstrap" in joined:
-            out.append(f"bootstrap = {_q(joined['bootstrap'])}")
-            out += [f"# {key} = ... (a secret, never dumped: write it here to boot from this file)"
-                    if value == REDACTED else f"{key} = {_q(value)}"
-                    for key, value in sorted(redact(joined["conf"]).items())]
+            table["bootstrap"] = joined["bootstrap"]
+            for key, value in sorted(redact(joined["conf"]).items()):
+                if value == REDACTED:
+                    notes.append(f"# [{ipcp.type}.{ipcp.name}] {key}: a secret, never dumped (write it there to "
+                                 "boot from this file)")
+                else:
+                    table[key] = value
         elif "enrol" in joined:
-            out.append(f"enrol = {_q(joined['enrol'])}")
+            table["enrol"] = joined["enrol"]
         if joined.get("autobind"):
-            out.append("autobind = true")
+            table["autobind"] = True
         if ipcp.conns:
-            out.append(f"conn = [{', '.join(map(_q, ipcp.conns))}]")
+            table["conn"] = list(ipcp.conns)
         names = sorted(e.name for e in reg.names.values()
                        if ipcp.name in e.regs and not e.pids & ipcp_pids and shown(e))  # fmt: skip
         if names:
-            out.append(f"reg = [{', '.join(map(_q, names))}]")
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+            table["reg"] = names
+        doc.setdefault(ipcp.type, {})[ipcp.name] = table
+    return "\n".join(notes) + "\n\n" + tomli_w.dumps(doc, multiline_strings=False)
 
 
 def _edges(ipcps: Sequence[Ipcp], reg: Registry) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -109,8 +123,13 @@ def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
     for i in ipcps:
         if i.layer:
             of_layer.setdefault(i.layer, []).append(i)
+    if fmt == "json":  # irm --json dump graph
+        graph = [{"layer": layer, "type": members[0].type, "ipcps": [i.name for i in members],
+                   "over": sorted(over.get(layer, ()))} for layer, members in sorted(of_layer.items())]
+        apps = [{"name": n, "layers": sorted(layers)} for n, layers in sorted(names.items())]
+        return json.dumps({"layers": graph, "names": apps}, indent=2) + "\n"
     if fmt == "dot":
-        dot = ["digraph layers {", "  rankdir=BT;", "  node [fontname=Helvetica];"]
+        dot = ["digraph layers {", "  rankdir=TB;", "  node [fontname=Helvetica];"]
         for layer, members in sorted(of_layer.items()):
             label = _q(f"{layer}\n{_members(members)}")
             dot.append(f"  {_q('layer ' + layer)} [shape=box, label={label}];")

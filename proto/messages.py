@@ -259,7 +259,7 @@ class FlowList(Message):
 @reg
 @dataclass
 class Dump(Message):
-    """The running state as text: a config file ("config"), or the layer graph ("text", "dot")."""
+    """The running state as text: a config file ("config"), or the layer graph ("text", "dot", "json")."""
 
     TYPE: ClassVar[int] = 42
     what: str = "config"
@@ -456,3 +456,6 @@ class IpcpInfo(Message):
 
 
 INFO_ROWS = 512
+# An IPCP's "flows" section with these columns gives each of its N+1 flows' counters (by IRMd flow id),
+# which `irm flow list` shows beside the flow.
+FLOW_COUNTERS = ("flow", "dst", "sent", "received", "dropped")

@@ -3,8 +3,9 @@ IPCPs check them against this schema (keyword -> value check)."""
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from proto.names import HASHES
 
@@ -13,10 +14,17 @@ class OptionError(ValueError):
     """A command line, option or value that does not follow the grammar."""
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`; did you mean "X"?` for the choice closest to a mistyped word, or nothing when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f'; did you mean "{close[0]}"?' if close else ""
+
+
 def choice(*options: str) -> Callable[[str, str], str]:
     def check(key: str, value: str) -> str:
         if value not in options:
-            raise OptionError(f'bad {key} "{value}": expected one of {{{" ".join(options)}}}')
+            raise OptionError(f'bad {key} "{value}": expected one of {{{" ".join(options)}}}'
+                              + did_you_mean(value, options))
         return value
 
     return check
@@ -107,13 +115,17 @@ DEFAULTS: dict[str, dict[str, str]] = {
 MULTI = {"peer"}  # options that may repeat
 
 
-def bootstrap_conf(kind: str, options: dict[str, list[str]]) -> dict[str, str]:
-    """Check type options (as words or config values) and flatten them for the IPCP."""
+def bootstrap_conf(kind: str, options: dict[str, list[str]], also: Iterable[str] = ()) -> dict[str, str]:
+    """Check type options (as words or config values) and flatten them for the IPCP; `also` are the
+    other keys the caller takes (a near miss of one of them is suggested too)."""
     conf: dict[str, str] = {}
     for key, vals in options.items():
         if kind and key not in TYPE_OPTIONS[kind]:
+            known = [*TYPE_OPTIONS[kind], *also]
+            if key not in (o for opts in TYPE_OPTIONS.values() for o in opts) and (hint := did_you_mean(key, known)):
+                raise OptionError(f'unknown key "{key}"{hint}')
             raise OptionError(f'"{key}" does not apply to type {kind}: expected one of '
-                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}')
+                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}' + did_you_mean(key, known))
         check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
         if len(vals) > 1 and key not in MULTI:
             raise OptionError(f'"{key}" given {len(vals)} times: expected once')

@@ -207,7 +207,9 @@ def test_irm_dump_config_boots_an_irmd_into_the_same_state(tmp_path: Path) -> No
                        "routing", "ecmp"],
                       ["ipcp", "connect", "name", "n1", "dst", "auto"],
                       ["bind", "program", "oping", "name", "pong", "auto", "--", "-l"],
+                      ["bind", "program", "oecho", "name", "spaced", "auto", "--", "-m", "two words", "-l"],
                       ["name", "create", "spare", "lb", "spillover"],
+                      ["name", "create", "plain"],  # round-robin, which a file without lb = would not give
                       ["name", "register", "pong", "layer", "net", "layer", "local"]):  # fmt: skip
             a.irm_ok(*words)
         dumped = a.irm_ok("dump", "config").stdout
@@ -215,15 +217,19 @@ def test_irm_dump_config_boots_an_irmd_into_the_same_state(tmp_path: Path) -> No
                   "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in a.table("name", "list"))}
     finally:
         stop_irmd(a)
-    assert 'conn = ["auto"]' in dumped and 'routing = "ecmp"' in dumped and 'reg = ["pong"]' in dumped
+    assert 'conn = [\n    "auto",\n]' in dumped and 'routing = "ecmp"' in dumped and '"two words"' in dumped
     conf = tmp_path / "dumped.toml"
     conf.write_text(dumped)
+    check = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stderr
     b = start_irmd(tmp_path, "b", ["--config", str(conf)])
     try:
-        wait_for(lambda: len(b.table("name", "list")) == len(before["names"]), 20, "the dumped config applied")
+        wait_for(lambda: "applied" in b.log_text(), 30, "the dumped config applied")
         after = {"ipcps": sorted((r["name"], r["type"], r["layer"]) for r in b.table("ipcp", "list")),
                  "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in b.table("name", "list"))}
         assert after == before
+        assert b.irm_ok("dump", "config").stdout == dumped  # dump, boot from the dump, dump again: the same
         out = b.run("oping", "-n", "pong", "-c", "2", "-i", "10", timeout=20)
         assert out.returncode == 0 and "2 received" in out.stdout, out.stdout + out.stderr
     finally:
@@ -247,6 +253,7 @@ def test_irm_dump_graph_shows_what_runs_over_what_as_text_and_dot(tmp_path: Path
         assert text[0] == "net (unicast ipcp n1)  names: pong" and text[1].strip() == "└── lan (udp4 ipcp u)"
         dot = irmd.irm_ok("dump", "graph", "dot").stdout
         assert dot.startswith("digraph layers {") and '"layer net" -> "layer lan";' in dot
+        assert "rankdir=BT" not in dot  # edges point down: the upper layer is drawn above the lower
         assert '"pong" -> "layer net";' in dot
         bad = irmd.irm("dump", "graph", "svg")
         assert bad.returncode == 2 and "svg" in bad.stderr
@@ -366,3 +373,19 @@ def test_the_ouroboros_example_config_boots_whole(tmp_path: Path) -> None:
         for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
             os.kill(int(pid), 9)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_a_mistyped_key_or_table_gets_a_suggestion_and_check_config_says_so_before_starting(tmp_path: Path) -> None:
+    for text, hint in [('[unicast.n1]\nbootstrp = "net"\n', 'unknown key "bootstrp"; did you mean "bootstrap"?'),
+                       ('[unicst.n1]\nbootstrap = "net"\n', 'did you mean "unicast"?'),
+                       ('[name.pong]\nprgo = ["oping"]\n', 'did you mean "prog"?'),
+                       ('[udp4.u]\nbootstrap = "lan"\nip = "127.0.0.1"\npeers = "127.0.0.2"\n',
+                        'did you mean "peer"?')]:
+        conf = tmp_path / "typo.toml"
+        conf.write_text(text)
+        r = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 1 and hint in r.stderr, (text, r.stderr)
+    conf.write_text('[local.lo]\nbootstrap = "local"\n[name.pong]\nprog = ["oping"]\nargs = ["-l"]\n')
+    r = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == f"{conf}: fine (1 IPCP, 1 name)\n", r.stderr

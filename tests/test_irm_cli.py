@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, accepted_pair, irmd_env, parse_table, pid_alive, wait_for
+from helpers import (
+    BIN,
+    IrmdProc,
+    accepted_pair,
+    children_of,
+    free_port,
+    irmd_env,
+    parse_table,
+    pid_alive,
+    wait_for,
+)
 
 from flowlib import qos
 from flowlib.irm import IrmClient
@@ -24,7 +36,17 @@ def test_a_successful_command_exits_zero_and_says_nothing_as_ouroboros_does(irm:
 def test_unknown_word_exits_nonzero_naming_the_word(irm: IrmFn) -> None:
     r = irm("ipcp", "frobnicate", "name", "x")
     assert r.returncode != 0
-    assert '"frobnicate" is unknown' in r.stderr
+    assert '"frobnicate" is unknown' in r.stderr and "did you mean" not in r.stderr  # nothing is close
+
+
+def test_a_near_miss_gets_a_suggestion(irm: IrmFn) -> None:
+    r = irm("ipcp", "bootstrp", "name", "x", "type", "local", "layer", "l")
+    assert r.returncode == 2 and r.stderr.startswith('irm: "bootstrp" is unknown')
+    assert 'did you mean "bootstrap"?' in r.stderr
+    r = irm("ipcp", "bootstrap", "name", "x", "type", "locl", "layer", "l")
+    assert r.returncode == 2 and 'did you mean "local"?' in r.stderr
+    r = irm("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "l", "ip", "127.0.0.1", "prot", "9")
+    assert r.returncode == 2 and 'did you mean "port"?' in r.stderr
 
 
 def test_bad_value_exits_nonzero_naming_the_expected_form(irm: IrmFn) -> None:
@@ -253,9 +275,9 @@ def test_ipcp_names_in_bootstrap_and_layers_in_register_take_patterns(irmd: Irmd
 def test_enroll_without_a_type_makes_a_unicast_ipcp(irmd: IrmdProc, local_layer: str) -> None:
     r = irmd.irm("ipcp", "enroll", "name", "n2", "dst", "nobody-here")
     irmd.note_children()
-    assert r.returncode == 1 and "nobody-here" in r.stderr
-    assert [(i["name"], i["type"], i["state"]) for i in irmd.table("ipcp", "list", "name", "n2")] == [
-        ("n2", "unicast", "init")]
+    assert r.returncode == 1 and "nobody-here" in r.stderr and "ipcp n2 stopped" in r.stderr
+    assert "created ipcp n2 (unicast, pid" in irmd.log_text()
+    assert irmd.table("ipcp", "list", "name", "n2") == []  # made for the enrollment, gone with it
 
 
 def test_ipcp_show_prints_what_the_ipcp_tells_of_itself(irmd: IrmdProc) -> None:
@@ -265,3 +287,88 @@ def test_ipcp_show_prints_what_the_ipcp_tells_of_itself(irmd: IrmdProc) -> None:
     assert out.startswith("ipcp:\n+") and "| n1 " in out and "net" in out
     r = irmd.irm("ipcp", "show", "name", "nosuch")
     assert r.returncode == 1 and "ipcp 'nosuch' not found" in r.stderr
+
+
+SELF_REGISTERING = """
+import sys
+from flowlib.irm import IrmClient
+irm = IrmClient()
+irm.bind(sys.argv[1])
+irm.register(sys.argv[1], ["local"])
+print("registered", flush=True)
+sys.stdin.read()  # serves until told to go
+"""
+
+
+def test_a_name_a_server_registered_for_itself_goes_with_it(irmd: IrmdProc, local_layer: str) -> None:
+    """As a server started by hand with --layer: its registration is its own; an admin's is not."""
+    irmd.irm_ok("name", "create", "kept")
+    irmd.irm_ok("name", "register", "kept", "layer", local_layer)
+    servers = []
+    for name in ("gone", "kept"):
+        proc = subprocess.Popen([sys.executable, "-c", SELF_REGISTERING, name], env=irmd.env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                cwd=Path(__file__).resolve().parent.parent)
+        assert proc.stdout is not None and proc.stdout.readline() == "registered\n"
+        servers.append(proc)
+
+    def layers() -> dict[str, str]:
+        return {r["name"]: r["layers"] for r in irmd.table("name", "list")}
+
+    assert layers() == {"gone": local_layer, "kept": local_layer}
+    for proc in servers:
+        proc.communicate("", timeout=30)
+    wait_for(lambda: layers()["gone"] == "-", 10, "the server's own registration to go")
+    assert layers()["kept"] == local_layer  # registered by the admin: stays
+    r = irmd.run("oping", "-n", "gone", "-c", "1", "--timeout", "5")
+    assert r.returncode != 0 and "gone" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_failed_bootstrap_or_enroll_leaves_no_ipcp_behind(irmd: IrmdProc, local_layer: str) -> None:
+    before = children_of(irmd.pid)
+    r = irmd.irm("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "192.0.2.1")
+    assert r.returncode == 1 and "cannot bind 192.0.2.1" in r.stderr and "ipcp u stopped" in r.stderr, r.stderr
+    r = irmd.irm("ipcp", "enroll", "name", "n2", "layer", "nosuch")
+    assert r.returncode == 1 and "ipcp n2 stopped" in r.stderr, r.stderr
+    assert [row["name"] for row in irmd.table("ipcp", "list")] == ["lo"]
+    wait_for(lambda: children_of(irmd.pid) <= before, 10, "the IPCPs made for them to exit")
+    irmd.irm_ok("ipcp", "create", "name", "kept", "type", "udp4")  # one made beforehand is the admin's: it stays
+    r = irmd.irm("ipcp", "bootstrap", "name", "kept", "layer", "lan", "ip", "192.0.2.1")
+    assert r.returncode == 1 and "stopped" not in r.stderr
+    assert "kept" in {row["name"] for row in irmd.table("ipcp", "list")}
+    assert " WARNING: " not in irmd.log_text()  # asked to stop, an IPCP's exit is no news
+
+
+def test_flows_show_their_counters_and_every_list_show_and_dump_speaks_json(irmd: IrmdProc) -> None:
+    port = free_port(["127.0.0.1"])
+    irmd.irm_ok("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "127.0.0.1", "port", str(port))
+    irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "autobind")
+    irmd.irm_ok("bind", "program", "oping", "name", "counted", "auto", "--", "-l")
+    irmd.irm_ok("name", "register", "counted", "layer", "net")
+    ping = subprocess.Popen([str(BIN / "oping"), "-n", "counted", "-c", "400", "-i", "20"], env=irmd.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def counted() -> dict[str, dict[str, str]]:
+            return {r["role"]: r for r in json.loads(irmd.irm_ok("--json", "flow", "list").stdout)}
+
+        wait_for(lambda: len(rows := counted()) == 2 and int(rows["dst"]["received"]) >= 3, 30,
+                 "pings counted on both ends")
+        irmd.note_children()
+        rows = counted()
+        assert int(rows["src"]["sent"]) >= 3 and int(rows["src"]["received"]) >= 1 and rows["dst"]["dropped"] == "0"
+        table = {r["role"]: r for r in irmd.table("flow", "list")}
+        assert set(table["src"]) == set(rows["src"]) and table["src"]["id"] == rows["src"]["id"]  # the same, as JSON
+    finally:
+        ping.kill()
+        ping.wait()
+    show = json.loads(irmd.irm_ok("ipcp", "show", "n1", "-j").stdout)
+    assert {"ipcp", "neighbours", "forwarding", "counters", "flows"} <= set(show)
+    assert {r["field"]: r["value"] for r in show["ipcp"]}["layer"] == "net"
+    assert {r["name"] for r in json.loads(irmd.irm_ok("-j", "ipcp", "list").stdout)} == {"u", "n1"}
+    assert "counted" in {r["name"] for r in json.loads(irmd.irm_ok("-j", "name", "list").stdout)}
+    assert json.loads(irmd.irm_ok("-j", "dump", "config").stdout)["unicast"]["n1"]["bootstrap"] == "net"
+    graph = json.loads(irmd.irm_ok("--json", "dump", "graph").stdout)
+    assert {"layer": "net", "type": "unicast", "ipcps": ["n1"], "over": ["lan"]} in graph["layers"]
+    assert {"name": "counted", "layers": ["net"]} in graph["names"]
+    irmd.irm_ok("bind", "program", "oecho", "name", "x", "--", "--json")  # a program's own arguments stay
+    assert json.loads(irmd.irm_ok("-j", "dump", "config").stdout)["name"]["x"]["args"] == ["--json"]

@@ -486,7 +486,7 @@ def test_irmd_stdout_sends_its_log_and_its_ipcps_to_stdout(tmp_path: Path) -> No
         wait_for(lambda: sock.exists(), 15, "the irmd socket")
         irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
         irmd.note_children()
-        wait_for(lambda: "ipcp[lo]" in out.read_text(), 10, "the IPCP's log on stdout")
+        wait_for(lambda: "ipcp/local/lo[" in out.read_text(), 10, "the IPCP's log on stdout")
         assert "irmd listening" in out.read_text()
     finally:
         stop_irmd(irmd)

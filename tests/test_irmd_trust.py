@@ -268,12 +268,12 @@ def test_users_see_their_own_flows_and_names_and_nobody_sees_a_layer_key(host: I
     host.note_children()
     echo_service(host, "echo")
     dump = host.irm_ok("dump", "config").stdout
-    assert "s3cret-k3y" not in dump and "# key = ... (a secret" in dump and '[name."echo"]' in dump
+    assert "s3cret-k3y" not in dump and "[unicast.n1] key: a secret, never dumped" in dump and "[name.echo]" in dump
     holder = subprocess.Popen([*AS_NOBODY, "sleep", "60"])
     try:
         host.irm_ok("bind", "process", str(holder.pid), "name", "nobodys")
         theirs = nobody_irm(host, "dump", "config").stdout
-        assert "s3cret-k3y" not in theirs and '[name."nobodys"]' in theirs and "echo" not in theirs
+        assert "s3cret-k3y" not in theirs and '[name.nobodys]' in theirs and "echo" not in theirs
     finally:
         holder.kill()
         holder.wait()

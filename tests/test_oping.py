@@ -31,7 +31,7 @@ def test_oping_reuses_the_running_server_for_a_second_ping(irmd: IrmdProc, pong:
     assert "2 packets transmitted, 2 received" in r.stdout
     assert "seq=" not in r.stdout  # quiet
     log = irmd.log_text()
-    assert len(re.findall(r"INFO started \S*oping -l \(pid \d+\) for 'pong'", log)) == 1
+    assert len(re.findall(r"INFO: started \S*oping -l \(pid \d+\) for 'pong'", log)) == 1
     assert log.count("New flow") == 2  # the server's output: both flows went to the one server
 
 

@@ -283,9 +283,11 @@ def irmfs(irmd: IrmdProc, local_layer: str, tmp_path: Path, styx: Styx) -> Itera
 
 def test_irmd_tree_lists_and_prints(irmfs: str, styx: Styx) -> None:
     assert styx("ls", "irm:/").stdout.split() == ["ctl", "flow/", "ipcp/", "layer/", "name/", "net/"]
-    assert styx("cat", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "status"]
+    assert styx("cat", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "show", "status"]
     assert styx("ls", "irm:/ipcp").stdout.split() == ["ctl", "lo/"]
-    assert styx("ls", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "status"]
+    assert styx("ls", "irm:/ipcp/lo").stdout.split() == ["ctl", "layer", "show", "status"]
+    show = styx("cat", "irm:/ipcp/lo/show").stdout
+    assert show.startswith("ipcp:\n+") and "| layer | local |" in show.replace("  ", " ").replace("  ", " ")
     status = styx("cat", "irm:/ipcp/lo/status").stdout
     assert "type local" in status and "state operational" in status
     assert styx("cat", "irm:/ipcp/lo/layer").stdout == "local\n"

@@ -173,7 +173,7 @@ class AsyncChannel:
                 self._loop.call_soon(self.close)
                 return
         if self._max_queued is not None and self._queued > 2 * self._max_queued:
-            log.warning("%s: the peer has left %d bytes unread; dropping the connection", self.name, self._queued)
+            log.info("%s: the peer has left %d bytes unread; dropping the connection", self.name, self._queued)
             self._loop.call_soon(self.close)
             return
         # Queued frames keep their own copies of the fds: the caller may close its own.
@@ -210,7 +210,7 @@ class AsyncChannel:
             except (BlockingIOError, InterruptedError):
                 return
             except WireError as e:
-                log.warning("%s: dropping connection: %s", self.name, e)
+                log.info("%s: dropping connection: %s", self.name, e)
                 self.close()
                 return
             except OSError as e:
@@ -224,7 +224,7 @@ class AsyncChannel:
                 frame = self._codec.decode(data)
             except WireError as e:
                 close_fds(fds)
-                log.warning("%s: malformed message: %s", self.name, e)
+                log.info("%s: malformed message: %s", self.name, e)
                 self._reply_error(data, "EPROTO", f"malformed message: {e}")
                 continue
             if frame.req_id & REPLY:

@@ -35,6 +35,9 @@ from apps.ibp.server import (
 from apps.ibp.storage import DiskStore
 from flowlib import FlowError
 from flowlib.irm import IrmClient
+from proto import logs
+from proto.service import notify_ready
+from proto.version import add_version
 
 log = logging.getLogger("ibp")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -61,10 +64,11 @@ def seconds(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a depot")
-    common.add_argument("-v", "--verbose", action="store_true")
+    logs.add_arguments(common)
     common.add_argument("--encrypt", action="store_true",
                         help="encrypt flows end to end (capabilities and data); a depot: for its copies")
     p = argparse.ArgumentParser(prog="ibp", description="IBP depots and clients over flows")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     add = functools.partial(sub.add_parser, parents=[common])
 
@@ -124,8 +128,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s ibp %(levelname)s %(message)s")
+    depot = args.cmd == "depot"  # a depot tells what it does; a client only what went wrong
+    logs.setup("ibp", args, base=logging.INFO if depot else logging.WARNING, daemon=depot)
     try:
         sys.exit(run(args))
     except w.IbpError as e:
@@ -259,7 +263,6 @@ def depot_client(name: str) -> IrmClient:
 
 
 def run_depot(args: argparse.Namespace) -> int:
-    logging.getLogger().setLevel(logging.INFO)
     install_stop_signals()
     try:
         limits = from_args(args)
@@ -294,6 +297,7 @@ def run_depot(args: argparse.Namespace) -> int:
         log.info("depot %s listening on tcp %s", args.name, addr)
     log.info("depot %s serving %s (capacity %d, max duration %d s)", args.name, args.dir, args.capacity,
              args.max_duration)
+    notify_ready()
     try:
         flow_loop(server)  # returns only when the IRMd is gone
     finally:

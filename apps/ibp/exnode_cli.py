@@ -24,6 +24,7 @@ from apps.ibp.cli import seconds, size
 from apps.ibp.exnode import BadExnode, ExNode, from_xml, to_xml
 from apps.ibp.lors import Settings
 from flowlib import FlowError
+from proto.version import add_version
 
 log = logging.getLogger("exnode")
 TOOLS = ("upload", "download", "ls", "refresh", "augment", "trim")
@@ -337,6 +338,7 @@ def add_tool(add: Callable[..., argparse.ArgumentParser], tool: str) -> argparse
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exnode", description="files spread over IBP depots (LoRS tools)")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     add = functools.partial(sub.add_parser, parents=[_common()])
     for tool in TOOLS:
@@ -349,6 +351,7 @@ def lors_parser(tool: str) -> argparse.ArgumentParser:
         return argparse.ArgumentParser(prog=f"lors_{name}", description=help, parents=[_common()])
 
     p = add_tool(add, tool)
+    add_version(p)
     p.set_defaults(cmd=tool)
     return p
 

@@ -228,7 +228,7 @@ class Sink(threading.Thread):
         try:
             fd = self.fd = self.opener()
         except OSError as e:
-            log.warning("channel %d: %s", self.ch, e)
+            log.info("channel %d: %s", self.ch, e)
             broken = True
         while True:
             data = self._q.get()

@@ -25,6 +25,7 @@ from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.session import ServerKey, SessionError
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
 from flowlib import FlowDown, FlowError, flow_alloc, qos
+from proto.version import text as version_text
 
 log = logging.getLogger("plumb")
 
@@ -32,7 +33,7 @@ FAILED = 255  # our own failures, as ssh does: the remote command's statuses sta
 ALLOC_TIMEOUT = 10.0
 ANSWER_TIMEOUT = 30.0  # for the handshake and START's answer (the server may take 15 s to start a recipe)
 USAGE = """\
-usage: plumb [-qv] [-i KEY] [-l USER] [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]]
+usage: plumb [-qvV] [-i KEY] [-l USER] [-recipe=FILE] [-user=NAME] [-infifo=LOCAL[:REMOTE]]
              [-outfifo=LOCAL[:REMOTE]] [-socket=LOCAL[:REMOTE]] [-export=NAME,...] [-key=KEY]
              [USER@]HOST [OPTIONS] [--] [COMMAND [ARG...]]"""
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -349,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
+        sys.exit(0)
+    if args and args[0] in ("-V", "--version"):  # ssh -V
+        print(version_text("plumb"))
         sys.exit(0)
     try:
         req = parse_args(args)

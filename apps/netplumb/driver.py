@@ -112,7 +112,7 @@ class Driver:
             except LimitReached as e:
                 why = str(e)
         if why is not None:
-            log.warning("%s: refused key %s: %s", self.who, fingerprint(key), why)
+            log.info("%s: refused key %s: %s", self.who, fingerprint(key), why)
             return why
         self.entries = [e for e in entries if not (e.one_time and spent)]  # a spent line admits no more
         self.key = key
@@ -129,7 +129,7 @@ class Driver:
             if self.runner is not None and not self.exited.is_set():
                 log.info("%s: the client went away: stopping its command", self.who)
         except FlowError as e:
-            log.warning("%s: %s", self.who, e)
+            log.info("%s: %s", self.who, e)
         except Exception:  # a bug must not take the daemon down with it
             log.exception("%s: unexpected error", self.who)
         finally:
@@ -169,7 +169,7 @@ class Driver:
                 if sig is not None and self.runner is not None:
                     self.runner.deliver(sig)
             case Closed(reason):
-                log.warning("%s: %s", self.who, reason)
+                log.info("%s: %s", self.who, reason)
 
     # -- START -----------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ class Driver:
             plan = self._plan(fields)
             stdin, stdout, stderr, *lfds = self._run(plan)
         except Refused as e:
-            log.warning("%s: refused: %s", self.who, e)
+            log.info("%s: refused: %s", self.who, e)
             message, status = str(e), e.status
             self.link.send(lambda: self.core.refuse_start(message, status))
             return
@@ -253,7 +253,7 @@ class Driver:
                 full = self.open_connections >= self.cfg.limits.max_connections
                 self.open_connections += not full
             if full:
-                log.warning("%s: socket connection refused: %d open (--max-connections)", self.who,
+                log.info("%s: socket connection refused: %d open (--max-connections)", self.who,
                             self.cfg.limits.max_connections)
                 conn.close()
                 continue

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from apps.netplumb.keys import Identity, config_dir, fingerprint, public_line
+from proto.version import add_version
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-C", "--comment", default=None, help="comment in the public key line")
     ap.add_argument("--one-time", metavar="CMD", nargs=argparse.REMAINDER,
                     help="a key the server accepts once, for exactly this command")
+    add_version(ap)
     args = ap.parse_args(argv)
     ident = Identity.generate()
     comment = args.comment if args.comment is not None else f"{getpass.getuser()}@{socket.gethostname()}"

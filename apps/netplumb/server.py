@@ -25,7 +25,10 @@ from apps.netplumb.session import ServerSession
 from flowlib import FlowError, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
+from proto import logs
 from proto import messages as m
+from proto.service import notify_ready
+from proto.version import add_version
 
 log = logging.getLogger("netplumbd")
 
@@ -58,7 +61,7 @@ class Daemon:
             try:
                 ticket = self.cfg.admission.arrive(peer)
             except LimitReached as e:
-                log.warning("flow %d%s: %s", reply.flow_id, f" (uid {peer})" if peer is not None else "", e)
+                log.info("flow %d%s: %s", reply.flow_id, f" (uid {peer})" if peer is not None else "", e)
                 self._refuse(reply, fd, str(e))
                 continue
             threading.Thread(target=self._connection, args=(reply, fd, ticket), daemon=True,
@@ -68,13 +71,13 @@ class Daemon:
         try:
             flow = establish(reply, fd, self.irm, client=False)  # closes fd if it fails
         except Exception as e:  # whatever a peer did to the flow before the session began
-            log.warning("flow %d: %s: %s", reply.flow_id, type(e).__name__, e)
+            log.info("flow %d: %s: %s", reply.flow_id, type(e).__name__, e)
             self.cfg.admission.leave(ticket)
             return
         try:
             conn = Driver(flow, self.cfg, ticket)
         except Exception as e:  # out of descriptors, say: this client only
-            log.warning("flow %d: %s: %s", reply.flow_id, type(e).__name__, e)
+            log.info("flow %d: %s: %s", reply.flow_id, type(e).__name__, e)
             with contextlib.suppress(FlowError):
                 flow.close()
             self.cfg.admission.leave(ticket)
@@ -169,15 +172,15 @@ def _parser() -> argparse.ArgumentParser:
             ("--max-connections", "max_connections", int, "open connections on a session's sockets")):
         limits.add_argument(opt, dest=attr, type=kind, default=getattr(d, attr), metavar="N",
                             help=f"{what} (default {getattr(d, attr):g})")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    logs.add_arguments(ap)
+    add_version(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = _parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="netplumbd[%(process)d]: %(message)s")
+    logs.setup("netplumbd", args)
     if args.layer and not args.name:
         ap.error("--layer needs --name")
     limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
@@ -217,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.name:
             _bind(irm, args.name, args.layer)
         log.info("serving with key %s", fingerprint(identity.public))
+        notify_ready()
         daemon.serve()
     except FlowError as e:
         print(f"netplumbd: {e}", file=sys.stderr)

@@ -148,7 +148,7 @@ class Decoder:
 
     def _reject(self, why: str) -> None:
         self._buf.clear()
-        log.warning("rejected a packet: %s", why)
+        log.info("rejected a packet: %s", why)
         raise WireError(why)
 
 

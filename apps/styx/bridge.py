@@ -150,13 +150,13 @@ class Bridge:
             return
         why = self.admission.enter(user)
         if why and not self.admission.may_answer():
-            log.warning("bridge: client %s refused: %s", user.name, why)
+            log.info("bridge: client %s refused: %s", user.name, why)
             conn.close()
             return
         try:
             threading.Thread(target=self._client, args=(conn, user, why), daemon=True).start()
         except RuntimeError as e:
-            log.warning("bridge: client %s dropped: %s", user.name, e)
+            log.info("bridge: client %s dropped: %s", user.name, e)
             conn.close()
             self.admission.done(user, why)
 

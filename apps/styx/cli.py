@@ -25,6 +25,9 @@ from apps.styx.transport import TransportError, dial
 from apps.styx.tree import StyxError, Tree
 from flowlib import FlowError
 from flowlib.irm import default_client
+from proto import logs
+from proto.service import notify_ready
+from proto.version import add_version
 
 log = logging.getLogger("styx")
 
@@ -170,6 +173,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if a.name:
         announce(a.name, a.layer)
     print(f"styx: serving {'the IRMd' if a.irm else a.root}" + (f" as {a.name}" if a.name else ""), flush=True)
+    notify_ready()
     server.serve_forever()
 
 
@@ -222,7 +226,8 @@ def add_limits(p: argparse.ArgumentParser, which: Iterable[str]) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="styx", description="9P2000 file service over Ouroboros flows")
     p.add_argument("-u", "--user", help="the user name to attach as (default: yours)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    logs.add_arguments(p)
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="serve a directory (--root) or the IRMd and net/ (--irm)")
     s.add_argument("--name", help="bind this process to NAME (flows to NAME reach it)")
@@ -259,8 +264,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
-                        format="styx: %(levelname)s %(message)s")
+    logs.setup("styx", a, daemon=a.cmd in ("serve", "bridge"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         a.func(a)

@@ -127,7 +127,13 @@ class IrmFs:
                         "connect dst D ... | disconnect dst D\n", lambda c: self._ipcp_ctl(name, c), self.ctl_perm))
         d.add(text_file("status", d, lambda: _kv(self._ipcp_row(name))))
         d.add(text_file("layer", d, lambda: self._ipcp_row(name).get("layer", "") + "\n"))
+        d.add(text_file("show", d, lambda: self._ipcp_show(name)))
         return d
+
+    def _ipcp_show(self, name: str) -> str:
+        """What `irm ipcp show` prints: the IPCP's address, neighbours, forwarding table, counters, flows."""
+        reply = self.admin.request(m.IpcpInfoReq(name))
+        return cli.render_info(reply) + "\n" if isinstance(reply, m.IpcpInfo) else ""
 
     def _ipcp_ctl(self, name: str, command: str) -> str:
         op, *rest = _words(command)

@@ -215,7 +215,7 @@ class NetFs:
                 conv = self.announced.get(reply.name)
                 room = self._flows() < self.limits.flows
             if conv is None or not room:
-                log.warning("net: refusing flow %d for %s: %s", reply.flow_id, reply.name,
+                log.info("net: refusing flow %d for %s: %s", reply.flow_id, reply.name,
                             "not announced" if conv is None else "too many flows")
                 close_fds([fd])
                 irm.dealloc(reply.flow_id)

@@ -107,7 +107,7 @@ def fit_fds(limits: Limits) -> Limits:
     if need <= soft:
         return limits
     conns = max(1, (soft - RESERVE_FDS) // limits.fds_per_conn())
-    log.warning("%d descriptors allow %d connections of %d fids each, not %d", soft, conns, limits.fids,
+    log.info("%d descriptors allow %d connections of %d fids each, not %d", soft, conns, limits.fids,
                 limits.conns)
     return replace(limits, conns=conns, conns_per_user=min(limits.conns_per_user, conns))
 
@@ -196,7 +196,7 @@ class Server:
             user = identify(reply.peer_uid)
             why = self.admission.enter(user)
             if why and not self.admission.may_answer():
-                log.warning("flow %d of %s refused: %s", reply.flow_id, user.name, why)
+                log.info("flow %d of %s refused: %s", reply.flow_id, user.name, why)
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.irm.dealloc(reply.flow_id)
@@ -205,7 +205,7 @@ class Server:
                 threading.Thread(target=self._connection, args=(reply, fd, user, why), daemon=True,
                                  name=f"styx-flow-{reply.flow_id}").start()
             except RuntimeError as e:  # no thread to be had: this flow goes, the loop stays
-                log.warning("flow %d of %s dropped: %s", reply.flow_id, user.name, e)
+                log.info("flow %d of %s dropped: %s", reply.flow_id, user.name, e)
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.irm.dealloc(reply.flow_id)
@@ -220,7 +220,7 @@ class Server:
                 return
             try:
                 if why:
-                    log.warning("flow %s of %s refused: %s", flow.flow_id, user.name, why)
+                    log.info("flow %s of %s refused: %s", flow.flow_id, user.name, why)
                     refuse(FlowTransport(flow), why)
                 else:
                     log.info("flow %s from %s via layer %s", flow.flow_id, user.name, flow.layer)

@@ -62,6 +62,9 @@ class UniFlow:
     tx: ca.Sender | None = None
     inbox: list[memoryview] = dataclasses.field(default_factory=list)  # SDUs of this burst, to deliver
     queue: int = 0  # bytes of QUEUE_BUDGET its socket was given (0: the system's default queue)
+    sent: int = 0  # its SDUs sent into the layer (irm flow list)
+    delivered: int = 0  # ... and delivered to it
+    dropped: int = 0  # ... arrived for it but dropped: the application did not keep up
 
 
 @dataclasses.dataclass(eq=False)
@@ -417,14 +420,19 @@ class Dt(PollThread):
             except BlockingIOError:
                 if not flow.queue and self._queued + FLOW_QUEUE <= QUEUE_BUDGET and self._grow(flow):
                     flow.inbox = sdus[i:]  # a longer queue now: try the rest again
+                    flow.delivered += i
                     self._deliver(flow)
                     return
                 c.overflow += len(sdus) - i  # the application is not keeping up: the rest waits no better
+                flow.dropped += len(sdus) - i
+                flow.delivered += i
                 return
             except OSError:
                 c.no_flow += len(sdus) - i
+                flow.delivered += i
                 return
             c.delivered += 1
+        flow.delivered += len(sdus)
 
     def _grow(self, flow: UniFlow) -> bool:
         """Give a flow that overflowed FLOW_QUEUE bytes of queue, from QUEUE_BUDGET."""
@@ -458,10 +466,12 @@ class Dt(PollThread):
                         sent += 1
                 except QueueFull:
                     self.counters.sent += sent
+                    flow.sent += sent
                     self.counters.held += 1
                     self._hold(flow, RETRY, sdus[i:])
                     return False
         self.counters.sent += sent
+        flow.sent += sent
         if tx is not None and tx.paced and (wait := tx.admit(sum(map(len, sdus)), time.monotonic())) > 0:
             self.counters.paced += 1
             self._hold(flow, wait, [])

@@ -308,7 +308,7 @@ class UnicastIpcp(Ipcp):
         if peer is None:
             self.stats["handshake_auth" if adj.error and adj.error.code == m.EPERM else "handshake_failed"] += 1
             if adj.error is not None:
-                log.warning("%s: refused an N-1 flow: %s", self.name, adj.error.text)
+                log.info("%s: refused an N-1 flow: %s", self.name, adj.error.text)
             af.close()
         elif peer.component == um.ENROLL:
             await self._enroll_peer(af, peer)
@@ -671,10 +671,13 @@ class UnicastIpcp(Ipcp):
                     "lsu_forged": self.lsdb.forged, "lsu_refused": self.lsdb.refused,
                     "dht_forged": self.dir.forged, "dht_refused": self.dir.refused, "fa_refused": self.fa.refused,
                     "fa_replayed": self.fa.replayed}
+        flows = [[str(f.flow_id), str(f.dst), str(f.sent), str(f.delivered), str(f.dropped)]
+                 for f in sorted(self.flows.values(), key=lambda f: f.flow_id)][:m.INFO_ROWS]
         return [*sections,
                 m.InfoSection("neighbours", ["address", "name", "components"], nbs),
                 m.InfoSection("forwarding", ["destination", "next hops"], table),
-                m.InfoSection("counters", ["counter", "value"], [[k, str(v)] for k, v in sorted(counters.items())])]
+                m.InfoSection("counters", ["counter", "value"], [[k, str(v)] for k, v in sorted(counters.items())]),
+                m.InfoSection("flows", list(m.FLOW_COUNTERS), flows)]
 
     async def stop(self) -> None:
         if self._timer is not None:

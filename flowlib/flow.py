@@ -79,8 +79,9 @@ class Flow:
         self.peer_uid: int | None = reply.peer_uid if reply.peer_uid >= 0 else None
         self.peer_pid: int | None = reply.peer_pid or None
         self._irm = irm
-        # A flow is always an AF_UNIX SOCK_SEQPACKET socket: said, so the kernel is not asked (3 calls a flow).
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
+        # The kernel says what the socket is: an AF_UNIX pair on most layers, but a udp layer hands the
+        # application a connected UDP socket of its own.
+        self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(True)
         self._recv: Callable[[int], bytes] = self._sock.recv
         self._send: Callable[[bytes | bytearray | memoryview], int] = self._sock.send

@@ -76,4 +76,4 @@ def only_raises(parse: Callable[[bytes], Any], data: bytes, errors: type[BaseExc
     except errors:
         return None
     except Exception as e:
-        raise AssertionError(f"{type(e).__name__}: {e} on input {data!r}") from e
+        raise AssertionError(f"{type(e).__name__}: {str(e)[:200]} on input {repr(data)[:1000]}") from e

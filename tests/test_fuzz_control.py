@@ -123,3 +123,35 @@ def test_lying_headers_are_wire_errors() -> None:
     for req_id, length in ((0, 2**32 - 1), (2**32 - 1, len(body) + 1), (1, 0)):
         data = struct.pack("!2sBHII", MAGIC, VERSION, m.Ok.TYPE, req_id, length) + body
         only_raises(m.CODEC.decode, data, WireError)
+
+
+def test_fds_of_requests_still_queued_when_the_connection_drops_are_closed() -> None:
+    """Requests carrying fds, then the peer hangs up, all read in one go: their tasks are cancelled
+    before they start, and the fds must be closed all the same (they were kept, one per request)."""
+    import asyncio
+    import os
+
+    from transports.channel import AsyncChannel
+    from transports.unix import seqpacket_pair, send_frame
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def never(msg: object, fds: list[int]) -> tuple[m.Message, list[int]]:
+        raise AssertionError("no request is served after its connection closed")
+
+    async def run() -> None:
+        ours, theirs = seqpacket_pair()
+        before = open_fds()
+        closed = asyncio.Event()
+        AsyncChannel(ours, m.CODEC, never, on_close=lambda _: closed.set())
+        with open(os.devnull, "rb") as f:
+            for i in range(1, 6):
+                send_frame(theirs, m.CODEC.encode(m.FlowDealloc(i), i), [f.fileno()] * 3)
+        theirs.close()
+        await asyncio.wait_for(closed.wait(), 10)
+        await asyncio.sleep(0)  # the cancelled tasks' callbacks
+        await asyncio.sleep(0)
+        assert open_fds() <= before - 2, "fds passed with requests leaked"  # ours and theirs closed too
+
+    asyncio.run(run())

@@ -59,7 +59,7 @@ def load_der(der: bytes) -> x509.Certificate:
     extensions only when asked, so a certificate that loads may still hold a key that does not."""
     try:
         crt = x509.load_der_x509_certificate(der)
-        crt.public_key(), crt.subject, crt.issuer, crt.extensions, crt.signature_hash_algorithm  # noqa: B018
+        crt.public_key(), crt.subject, crt.issuer, crt.extensions, crt.signature_hash_algorithm
     except (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
             UnsupportedAlgorithm) as e:
         raise OapError(EAUTH, f"peer's certificate does not parse: {e}") from None

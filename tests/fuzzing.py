@@ -68,11 +68,11 @@ def cases(seed: int, corpus: Sequence[bytes], n: int) -> Iterator[bytes]:
             yield mutate(rng, rng.choice(corpus), corpus)
 
 
-def only_raises(parse: Callable[[bytes], Any], data: bytes, errors: type[BaseException] | tuple[type[BaseException], ...]
-                ) -> Any:
-    """parse(data), or None if it raised one of `errors`; anything else fails the test with the input."""
+def only_raises(parse: Callable[..., Any], data: Any, errors: type[BaseException] | tuple[type[BaseException], ...],
+                *args: Any) -> Any:
+    """parse(data, *args), or None if it raised one of `errors`; anything else fails the test with the input."""
     try:
-        return parse(data)
+        return parse(data, *args)
     except errors:
         return None
     except Exception as e:

@@ -132,7 +132,7 @@ def test_fds_of_requests_still_queued_when_the_connection_drops_are_closed() -> 
     import os
 
     from transports.channel import AsyncChannel
-    from transports.unix import seqpacket_pair, send_frame
+    from transports.unix import send_frame, seqpacket_pair
 
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))

@@ -55,13 +55,13 @@ def _lines(keys: list[str]) -> list[bytes]:
 
 def test_bent_lines_parse_or_raise_bad_request() -> None:
     keys = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
-    corpus = _lines(keys) + [b"1 21\n", b"-3 no such allocation\n", b"1000 1000 60\n",
+    corpus = [*_lines(keys), b"1 21\n", b"-3 no such allocation\n", b"1000 1000 60\n",
                              b"VS:1.4:1.0 DT:1 RID:0 CT:100 RE x:1 \n"]
     status = w.Status("0", w.IBP_ST_CHANGE, "pw", 30, follows=True)
     for data in cases(81, corpus, 4000):
         only_raises(w.parse_request, data, w.BadRequest)
         only_raises(w.parse_reply, data, w.BadRequest)
-        only_raises(lambda d: w.parse_change(d, status), data, w.BadRequest)
+        only_raises(w.parse_change, data, w.BadRequest, status)
         only_raises(w.parse_inq, data, ())
 
 
@@ -111,7 +111,7 @@ def test_bent_exnodes_parse_or_raise_bad_exnode() -> None:
         got = only_raises(from_xml, data, BadExnode)
         if got is not None:  # what a download plans from it: a gap is a BadExnode too
             got.gaps()
-            only_raises(lambda _: got.pieces(), data, BadExnode)
+            only_raises(ExNode.pieces, got, BadExnode)
 
 
 @pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-32"])

@@ -39,7 +39,7 @@ def test_bent_headers_decode_or_raise_oap_error() -> None:
     corpus = [oap.plain_request(bytes(16), T0), request.raw, oap.plain_response(request, T0)]
     for data in cases(61, corpus, 3000):
         for md in (None, 0, 672, 674, 1057):
-            only_raises(lambda d, md=md: oap.decode(d, md), data, oap.OapError)
+            only_raises(oap.decode, data, oap.OapError, md)
         only_raises(lambda d: oap.check_response(request, d), data, oap.OapError)
 
 

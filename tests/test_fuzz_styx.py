@@ -18,7 +18,7 @@ from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
 from apps.styx.identity import server_policy, user_for_uid
 from apps.styx.server import Limits, Session
-from tests.fuzzing import ROUNDS, cases, mutate, only_raises
+from tests.fuzzing import ROUNDS, cases, only_raises
 
 ME = user_for_uid(os.geteuid())
 REQUESTS = [cls for cls in w.MESSAGES.values() if cls.__name__.startswith("T")]
@@ -71,7 +71,7 @@ def _fixed(data: bytes) -> bytes:
 
 
 def test_bent_messages_decode_or_raise_decode_error() -> None:
-    corpus = requests(71, 300) + [w.encode(w.Rstat(1, w.Stat(name="x"))), w.encode(w.Rwalk(1, [w.Qid()] * 3))]
+    corpus = [*requests(71, 300), w.encode(w.Rstat(1, w.Stat(name="x"))), w.encode(w.Rwalk(1, [w.Qid()] * 3))]
     for data in cases(72, corpus, 4000):
         for msg in (data, _fixed(data)):
             only_raises(w.decode, msg, w.DecodeError)

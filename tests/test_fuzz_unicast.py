@@ -57,14 +57,14 @@ def test_components_take_hostile_messages_or_refuse_them() -> None:
         msg = _signed(rng, msg)
         match msg:
             case um.DhtStore() | um.DhtFind() | um.DhtFound():
-                only_raises(lambda m: d.receive(m, now), msg, auth.Forged)
+                only_raises(d.receive, msg, auth.Forged, now)
                 d.handle_timer(now)
             case um.FaReq() | um.FaReply() | um.FaDealloc():
                 fa.receive(msg, now)
                 fa.handle_timer(now)
                 fa.events.clear()
             case um.Lsu():
-                only_raises(lambda m: lsdb.receive(m, now), msg, auth.Forged)
+                only_raises(lsdb.receive, msg, auth.Forged, now)
                 lsdb.handle_timer(now)
             case um.FlowUpdate():
                 sender.on_update(ca.Update(msg.ece, msg.rate), now)
@@ -79,6 +79,6 @@ def test_bent_handshake_sdus_are_taken_or_refused() -> None:
     corpus += [um.CODEC.encode(msg) for msg in messages(103, 300) if isinstance(msg, um.Hello | um.Proof)]
     for sdu in cases(104, corpus, 2000):
         responder = Adjacency(False, "", "n2", "net", 9, PSK, 0.0)
-        only_raises(lambda s: responder.receive(s, 0.0), sdu, Refused)
+        only_raises(responder.receive, sdu, Refused, 0.0)
         if not responder.done:  # it answered our hello: a second bent SDU meets the next state
-            only_raises(lambda s: responder.receive(s, 0.0), sdu[::-1], Refused)
+            only_raises(responder.receive, sdu[::-1], Refused, 0.0)

@@ -7,6 +7,7 @@ unless a handler awaits); `SyncChannel` serves applications (a reader thread).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -51,6 +52,12 @@ class HandlerError(Exception):
         super().__init__(text)
         self.code = code
         self.text = text
+
+
+def _close_unstarted(box: list[list[int]], _task: object) -> None:
+    """The fds of a request whose task ended before it began (cancelled): nobody else closes them."""
+    if box:
+        close_fds(box.pop())
 
 
 def _unwrap(frame_msg: Message, fds: list[int]) -> Reply:
@@ -245,7 +252,7 @@ class AsyncChannel:
                 task = self._loop.create_task(self._serve(frame.req_id, frame.msg, box))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-                task.add_done_callback(lambda _, box=box: close_fds(box.pop()) if box else None)
+                task.add_done_callback(functools.partial(_close_unstarted, box))
 
     def _reply_error(self, data: bytes, code: str, text: str) -> None:
         # Answer with the request id if the header was readable, so the peer is not left waiting.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, start_irmd, stop_irmd, terminate, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -136,12 +135,7 @@ def lab() -> Iterator[Lab]:
         yield lab
     finally:
         if styx is not None and styx.poll() is None:
-            styx.send_signal(signal.SIGTERM)
-            try:
-                styx.wait(10)
-            except subprocess.TimeoutExpired:
-                styx.kill()
-                styx.wait()
+            terminate(styx)
         stop_irmd(irmd, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -13,11 +13,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
 from apps.styx.identity import server_policy, user_for_uid
 from apps.styx.server import Limits, Session
+from apps.styx.tree import Node, SynthDir, Tree, text_file
 from tests.fuzzing import ROUNDS, cases, only_raises
 
 ME = user_for_uid(os.geteuid())
@@ -78,23 +81,37 @@ def test_bent_messages_decode_or_raise_decode_error() -> None:
         only_raises(w.stats_decode, data, w.DecodeError)
 
 
-def _session(root: Path) -> Session:
-    s = Session(FsTree(root), Peer(ME, server_policy()), Limits())  # type: ignore[arg-type]
+class Synthetic(Tree):
+    """A tree of synthetic files, as the IRMd's and netfs's: a text file, a ctl file, a directory."""
+
+    def __init__(self) -> None:
+        self.root = SynthDir("")
+        self.root.add(text_file("hello.txt", self.root, lambda: "hello world\n", lambda cmd: f"did {cmd[:20]}"))
+        self.root.add(SynthDir("sub", self.root, lambda d: [text_file("deep.txt", d, lambda: "deep")]))
+
+    def attach(self, peer: Peer, aname: str) -> Node:
+        return self.root
+
+
+def _session(tree: Tree) -> Session:
+    s = Session(tree, Peer(ME, server_policy()), Limits())
     for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, ME.name, "")):
         assert not isinstance(w.decode(s.receive(w.encode(msg))[0]), w.Rerror)
     return s
 
 
-def test_a_session_answers_hostile_requests_with_one_reply_each(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["fs", "synthetic"])
+def test_a_session_answers_hostile_requests_with_one_reply_each(tmp_path: Path, kind: str) -> None:
     root = tmp_path / "export"
     (root / "sub").mkdir(parents=True)
     (root / "hello.txt").write_text("hello world")
     (root / "sub" / "deep.txt").write_text("deep")
     (tmp_path / "secret.txt").write_text("outside")
+    tree: Tree = FsTree(root) if kind == "fs" else Synthetic()
     typed = requests(73, 2500)
     rng = random.Random(74)
     bent = cases(75, typed[:300], 2500)
-    s = _session(root)
+    s = _session(tree)
     for i, pristine in enumerate(typed):
         data = pristine if rng.random() < 0.5 else next(bent)
         if rng.random() < 0.7:
@@ -106,6 +123,6 @@ def test_a_session_answers_hostile_requests_with_one_reply_each(tmp_path: Path) 
             assert not (isinstance(msg, w.Rerror) and "internal error" in msg.ename), (msg.ename, data)
         if not s.msize or 0 not in s.fids:  # versioned anew, or its root fid clunked: reconnect
             s.close()
-            s = _session(root)
+            s = _session(tree)
     s.close()
     assert (tmp_path / "secret.txt").read_text() == "outside"

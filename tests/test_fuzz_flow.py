@@ -6,6 +6,7 @@ raise anything but its declared error, nor let a peer make a receiver hold unbou
 from __future__ import annotations
 
 import random
+from collections.abc import Hashable
 
 import pytest
 
@@ -13,6 +14,7 @@ from flowlib import crc
 from flowlib.crypto import CIPHERS, KEY_SIZE, PacketCrypto
 from flowlib.frct import PCI, RQ_SIZE, Frct, FrctError, Pci
 from ipcp import shim_wire
+from ipcp.shim import ShimCore
 from ipcp.unicast import auth
 from ipcp.unicast.pci import frame, unframe
 from tests.fuzzing import ROUNDS, cases, mutate, only_raises
@@ -112,3 +114,36 @@ def test_shim_management_headers_decode_or_raise(layout: shim_wire.Layout) -> No
             kind, msg = out
             msg.qos() if kind is shim_wire.Kind.FLOW_REQ else None  # a request's QoS is always a valid spec
             shim_wire.offer_of(msg, kind is shim_wire.Kind.FLOW_REPLY)
+
+
+@pytest.mark.parametrize("layout", [shim_wire.UDP, shim_wire.ETH_DIX, shim_wire.ETH_LLC], ids=lambda x: x.name)
+def test_bent_shim_traffic_never_crashes_a_busy_core(layout: shim_wire.Layout) -> None:
+    """What two shim cores said to each other (hellos, members, queries, a flow), bent, from a
+    member and from a stranger, into a core with a member, a name, a query, an allocation and a flow."""
+    from tests.test_shim_core import MAC_A, MAC_B, MAC_C, T0, A, B, C, _busy_core
+
+    corpus: list[bytes] = []
+    own, peer = (A, B) if layout is shim_wire.UDP else (MAC_A, MAC_B)
+    original = ShimCore.receive
+
+    def record(self: ShimCore, data: bytes, src: Hashable, now: float) -> None:
+        corpus.append(bytes(data))
+        original(self, data, src, now)
+
+    with pytest.MonkeyPatch.context() as mp:  # every datagram the two cores exchange, recorded
+        mp.setattr(ShimCore, "receive", record)
+        busy = _busy_core(layout)
+        busy.handle_timer(T0 + 30)
+    corpus += [out for _, out in busy.datagrams_to_send()]  # its hellos and keepalives
+    assert len(corpus) >= 2
+    c = _busy_core(layout)
+    rng = random.Random(61)
+    now = T0 + 1
+    for data in cases(62, corpus, 1500):
+        now += rng.choice((0.0, 0.1, 5.0))
+        c.receive(data, rng.choice((peer, C if layout is shim_wire.UDP else MAC_C, own)), now)
+        if rng.random() < 0.1:
+            c.handle_timer(now)
+        for _, out in c.datagrams_to_send():
+            layout.decode(out)  # everything it answers parses
+    assert c.stats["dropped unencodable"] == 0

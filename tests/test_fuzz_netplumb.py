@@ -76,3 +76,15 @@ def test_a_running_server_turns_hostile_messages_into_events_or_a_reason() -> No
             if s.closed:
                 assert events and isinstance(events[-1], Closed), events
                 break
+
+
+def test_a_running_client_turns_a_hostile_servers_messages_into_events_or_a_reason() -> None:
+    rng = random.Random(95)
+    types = sorted(wire.TYPE_NAMES) + [wire.DATA, wire.EOF, wire.WINDOW, wire.OPEN, wire.EXIT] * 4
+    for round_ in range(1000 * ROUNDS):
+        c, s = running(float(round_))
+        for step in range(rng.randint(1, 30)):
+            events = c.receive(s.session.send(rng.choice(types), _fields(rng)), float(round_) + step)
+            if c.closed:
+                assert events and isinstance(events[-1], Closed), events
+                break

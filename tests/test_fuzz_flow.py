@@ -147,3 +147,21 @@ def test_bent_shim_traffic_never_crashes_a_busy_core(layout: shim_wire.Layout) -
         for _, out in c.datagrams_to_send():
             layout.decode(out)  # everything it answers parses
     assert c.stats["dropped unencodable"] == 0
+
+
+def test_bent_data_frames_and_member_lists_parse_or_are_dropped() -> None:
+    from transports import eth, udp
+
+    own, peer = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+    dix, llc = eth.EthFraming(own), eth.LlcFraming(own)
+    llc_hdr = llc.header(own, 5, 6)  # the length goes between the addresses and the SAPs
+    members = b"".join(udp.encode_addr(a) for a in (("10.0.0.1", 3435), ("::1", 1), ("224.0.0.1", 5)))
+    corpus = [dix.header(own, 7) + eth.LEN.pack(3) + b"abc",
+              llc_hdr[:12] + eth.LEN.pack(63) + llc_hdr[12:] + b"xyz" * 20, udp.EID.pack(9) + b"sdu", members]
+    assert dix.parse(corpus[0], peer) and llc.parse(corpus[1], peer) and len(udp.decode_addrs(members)) == 2
+    for data in cases(71, corpus, 3000):
+        for framing in (dix, llc):
+            parsed = only_raises(framing.parse, data, (), peer)
+            assert parsed is None or len(parsed[1]) <= len(data)
+        only_raises(udp.UdpFraming.parse, data, (), ("10.0.0.1", 3435))
+        only_raises(udp.decode_addrs, data, ())

@@ -152,3 +152,23 @@ def test_what_the_fuzz_found_is_answered_with_9p_errors(tmp_path: Path) -> None:
         reply = w.decode(s.receive(w.encode(msg))[0])
         assert isinstance(reply, w.Rerror) and "internal error" not in reply.ename, (msg, reply)
     assert (tmp_path / "hello.txt").read_text() == "hello"
+
+
+def test_reassembly_of_bent_pieces_is_bounded_by_the_limit() -> None:
+    """A reliable flow's SDUs put back into messages: a size field may lie, but never makes the
+    receiver wait for (or hold) more than its limit; a piece running past its message ends it."""
+    from apps.styx.transport import Reassembly, TransportError
+
+    msg = w.encode(w.Twrite(1, 1, 0, bytes(300)))
+    corpus = [msg[:100], msg[100:250], msg[250:], msg, struct.pack("<I", 2**32 - 1) + msg[4:40]]
+    limit = 1000
+    r = Reassembly()
+    for sdu in cases(76, corpus, 4000):
+        try:
+            whole = r.feed(sdu, limit)
+        except TransportError:
+            r = Reassembly()  # the framing is lost: the connection ends
+            continue
+        assert r._have <= limit
+        if whole is not None:
+            only_raises(w.decode, whole, w.DecodeError, limit)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 import zlib
 
+import pytest
+
 from apps.netplumb import wire
 from apps.netplumb.connection import MESSAGES, Closed
 from apps.netplumb.wire import Decoder, Fields, Packet, WireError
@@ -60,31 +62,23 @@ def test_every_message_from_hostile_fields_is_built_or_a_wire_error() -> None:
                 assert type(msg).from_fields(msg.to_fields()) == msg  # what was taken means what it says
 
 
-def test_a_running_server_turns_hostile_messages_into_events_or_a_reason() -> None:
-    rng = random.Random(94)
+@pytest.mark.parametrize("end", ["server", "client"])
+def test_a_running_session_turns_hostile_messages_into_events_or_a_reason(end: str) -> None:
+    """The server facing a hostile (authorized) client, or the client a hostile server."""
+    rng = random.Random(94 if end == "server" else 95)
     # Every type, and the running phase's own more often: most others close the session at once.
-    types = sorted(wire.TYPE_NAMES) + [wire.DATA, wire.EOF, wire.WINDOW, wire.OPEN, wire.SIGNAL] * 4
+    own = wire.SIGNAL if end == "server" else wire.EXIT
+    types = sorted(wire.TYPE_NAMES) + [wire.DATA, wire.EOF, wire.WINDOW, wire.OPEN, own] * 4
     for round_ in range(1000 * ROUNDS):
         c, s = running(float(round_))
+        sender, receiver = (c, s) if end == "server" else (s, c)
         for step in range(rng.randint(1, 30)):
             if rng.random() < 0.9:
-                packet = c.session.send(rng.choice(types), _fields(rng))
+                packet = sender.session.send(rng.choice(types), _fields(rng))
             else:  # a packet bent after sealing: the session refuses it
-                packet = bytearray(c.session.send(wire.DATA, Fields.of(ch=0, data="x")))
+                packet = bytearray(sender.session.send(wire.DATA, Fields.of(ch=0, data="x")))
                 packet[rng.randrange(len(packet))] ^= 0xFF
-            events = s.receive(bytes(packet), float(round_) + step)
-            if s.closed:
-                assert events and isinstance(events[-1], Closed), events
-                break
-
-
-def test_a_running_client_turns_a_hostile_servers_messages_into_events_or_a_reason() -> None:
-    rng = random.Random(95)
-    types = sorted(wire.TYPE_NAMES) + [wire.DATA, wire.EOF, wire.WINDOW, wire.OPEN, wire.EXIT] * 4
-    for round_ in range(1000 * ROUNDS):
-        c, s = running(float(round_))
-        for step in range(rng.randint(1, 30)):
-            events = c.receive(s.session.send(rng.choice(types), _fields(rng)), float(round_) + step)
-            if c.closed:
+            events = receiver.receive(bytes(packet), float(round_) + step)
+            if receiver.closed:
                 assert events and isinstance(events[-1], Closed), events
                 break

@@ -90,7 +90,9 @@ class PacketCrypto:
         self.cipher = cipher
         self.ivsz, self.tagsz, _ = CIPHERS[cipher]
         self.overhead = self.ivsz + self.tagsz
-        self.seq_iv = seq_iv
+        # A cipher without a tag cannot vouch for a packet's number: a forged one would move the
+        # replay window past the real peer's and lock it out, so only AEAD ciphers keep one.
+        self.seq_iv = seq_iv and self.tagsz > 0
         self.rejected = 0
         self._salt = hashlib.sha256(key).digest()  # the rotation salt, from the initial key
         self._key = key

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
@@ -55,10 +55,15 @@ def spki(crt: x509.Certificate) -> bytes:
 
 
 def load_der(der: bytes) -> x509.Certificate:
+    """A peer's certificate, every part OAP reads parsed now: the library parses the key, names and
+    extensions only when asked, so a certificate that loads may still hold a key that does not."""
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as e:
+        crt = x509.load_der_x509_certificate(der)
+        crt.public_key(), crt.subject, crt.issuer, crt.extensions, crt.signature_hash_algorithm
+    except (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
+            UnsupportedAlgorithm) as e:
         raise OapError(EAUTH, f"peer's certificate does not parse: {e}") from None
+    return crt
 
 
 def _stamp(path: Path | str) -> tuple[int, int, int, int]:

@@ -7,6 +7,7 @@ unless a handler awaits); `SyncChannel` serves applications (a reader thread).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -51,6 +52,12 @@ class HandlerError(Exception):
         super().__init__(text)
         self.code = code
         self.text = text
+
+
+def _close_unstarted(box: list[list[int]], _task: object) -> None:
+    """The fds of a request whose task ended before it began (cancelled): nobody else closes them."""
+    if box:
+        close_fds(box.pop())
 
 
 def _unwrap(frame_msg: Message, fds: list[int]) -> Reply:
@@ -238,9 +245,14 @@ class AsyncChannel:
                 self._reply_error(data, "EBUSY", f"{self._max_requests} requests are being served on this "
                                                  "connection already; wait for their replies")
             else:
-                task = self._loop.create_task(self._serve(frame.req_id, frame.msg, fds))
+                # The fds go in a box the task empties when it starts: a task cancelled before its
+                # first step (the connection closed behind it) never runs, and its done callback
+                # closes them instead.
+                box = [fds]
+                task = self._loop.create_task(self._serve(frame.req_id, frame.msg, box))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(functools.partial(_close_unstarted, box))
 
     def _reply_error(self, data: bytes, code: str, text: str) -> None:
         # Answer with the request id if the header was readable, so the peer is not left waiting.
@@ -249,9 +261,10 @@ class AsyncChannel:
             if req_id and not req_id & REPLY:
                 self._send(self._codec.encode(Error(code, text[:500]), req_id | REPLY), ())
 
-    async def _serve(self, req_id: int, msg: Message, fds: list[int]) -> None:
+    async def _serve(self, req_id: int, msg: Message, box: list[list[int]]) -> None:
         import asyncio
 
+        fds = box.pop()  # ours now: the handler owns and closes them
         try:
             reply, out_fds = await self._handler(msg, fds)
         except (HandlerError, RemoteError) as e:

@@ -148,11 +148,17 @@ def from_xml(data: bytes) -> ExNode:
     """Parse an exNode strictly: no DTDs or entities, bounded size, every mapping checked."""
     if len(data) > MAX_XML:
         raise BadExnode(f"exNode larger than {MAX_XML} bytes")
-    lowered = data[:MAX_XML].lower()
-    if b"<!doctype" in lowered or b"<!entity" in lowered:
+    # Decoded here, as UTF-8 (what to_xml and LoRS write), so that the DTD check sees the text the
+    # parser does: an exNode declaring UTF-16 would hide its DTD from a check on the bytes.
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadExnode("exNode is not UTF-8") from None
+    lowered = text.lower()
+    if "<!doctype" in lowered or "<!entity" in lowered:
         raise BadExnode("exNode with a DTD or entities refused")
     try:
-        root = ET.fromstring(data)
+        root = ET.fromstring(text)  # text: its encoding declaration is not followed
     except ET.ParseError as e:
         raise BadExnode(f"not XML: {e}") from None
     if root.tag not in ("exnode", _q("exnode")):

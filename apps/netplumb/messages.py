@@ -73,7 +73,7 @@ class Start:
         for kind, table in tables.items():
             for item in fields.getall(kind):
                 ch_text, _, path = item.partition(" ")
-                if not ch_text.isascii() or not ch_text.isdigit() \
+                if not ch_text.isascii() or not ch_text.isdigit() or len(ch_text) > 4 \
                         or not wire.FIRST_CLIENT_CHANNEL <= int(ch_text) < wire.FIRST_SERVER_CHANNEL \
                         or not path.startswith("/"):
                     raise BadStart(f"bad {kind} entry {item[:60]!r} (expected CHANNEL /absolute/path)")

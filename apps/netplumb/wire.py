@@ -238,7 +238,9 @@ class Fields:
 
     def int(self, name: str, lo: int = 0, hi: int = 2**63) -> int:
         text = self.need(name)
-        if not text.isascii() or not text.lstrip("-").isdigit():
+        digits = text[1:] if text.startswith("-") else text
+        # One sign at most, and few enough digits that int() takes them (it refuses over 4300).
+        if not text.isascii() or not digits.isdigit() or len(digits) > 20:
             raise WireError(f"field {name!r}: {text[:40]!r} is not a number")
         value = int(text)
         if not lo <= value <= hi:

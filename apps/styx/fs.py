@@ -229,7 +229,7 @@ class FsNode(Node):
         if st.gid and st.gid != group_name(self._os_stat().st_gid):
             try:
                 gid = grp.getgrnam(st.gid).gr_gid
-            except KeyError:
+            except (KeyError, ValueError):  # ValueError: a NUL in the name, which no group has
                 raise StyxError(f"unknown group '{st.gid}'") from None
             os.chown(self.proc, -1, gid)
         if st.name and self.rel and st.name != self.rel[-1]:

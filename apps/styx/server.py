@@ -22,6 +22,7 @@ from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock, allowed
 log = logging.getLogger(__name__)
 
 ENOTVERSION = "version not negotiated: send Tversion first"
+MAX_OFFSET = 2**63 - 1
 ENAME_MAX = 200  # error texts quote names; cut so an Rerror always fits the smallest msize
 
 
@@ -86,6 +87,20 @@ def readable(mode: int) -> bool:
 
 def writable(mode: int) -> bool:
     return mode & 3 in (w.OWRITE, w.ORDWR)
+
+
+def _check_name(name: str) -> None:
+    """A path element a client may name: not empty, "." or "..", without "/" or NUL (which no file
+    name holds, and which the system calls refuse with ValueError, not an error to answer)."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise StyxError(f"bad file name {name!r}")
+
+
+def _check_offset(offset: int) -> None:
+    """Offsets and lengths are vlongs (Plan 9's are signed): beyond 2^63 - 1 no file reaches, and
+    the system calls refuse them with OverflowError, not an error to answer."""
+    if offset > MAX_OFFSET:
+        raise StyxError(f"offset {offset} out of range")
 
 
 def auth_answer(user: User) -> str:
@@ -312,8 +327,7 @@ class Session:
             raise StyxError(f"permission denied: cannot search '{st.name}'")
         if name == "..":
             return node.parent()
-        if not name or name == "." or "/" in name:
-            raise StyxError(f"bad file name '{name}'")
+        _check_name(name)
         return node.walk(name)
 
     def _open(self, msg: w.Topen) -> w.Msg:
@@ -338,8 +352,7 @@ class Session:
         st = f.node.stat()
         if not st.mode & w.DMDIR:
             raise StyxError(f"create in non-directory '{st.name}'")
-        if msg.name in ("", ".", "..") or "/" in msg.name:
-            raise StyxError(f"bad file name '{msg.name}'")
+        _check_name(msg.name)
         self._check(st, f.user, w.DMWRITE, "create in")
         isdir = bool(msg.perm & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
@@ -360,6 +373,7 @@ class Session:
         if f.mode is None or f.handle is None or not readable(f.mode):
             raise StyxError("fid not open for reading")
         count = min(msg.count, self._iounit())
+        _check_offset(msg.offset)
         if f.isdir:
             return w.Rread(msg.tag, self._dirread(f, msg.offset, count))
         return w.Rread(msg.tag, f.handle.read(msg.offset, count)[:count])
@@ -396,6 +410,7 @@ class Session:
             raise StyxError("fid not open for writing")
         if len(msg.data) > self._iounit():
             raise StyxError(f"write of {len(msg.data)} bytes exceeds iounit {self._iounit()}")
+        _check_offset(msg.offset)
         return w.Rwrite(msg.tag, f.handle.write(msg.offset, msg.data))
 
     def _clunk_msg(self, msg: w.Tclunk) -> w.Msg:
@@ -455,14 +470,14 @@ class Session:
             raise StyxError("wstat can change only name, length, mode, mtime and gid")
         owner = self._kernel_judges or f.user.name == st.uid
         if new.name and new.name != st.name:
-            if new.name in (".", "..") or "/" in new.name:
-                raise StyxError(f"bad file name '{new.name}'")
+            _check_name(new.name)
             if f.node.is_root():
                 raise StyxError("permission denied: rename the root")
             self._check(f.node.parent_stat(), f.user, w.DMWRITE, "rename in")
         if new.length != keep.length:
             if st.mode & w.DMDIR:
                 raise StyxError("cannot set the length of a directory")
+            _check_offset(new.length)
             self._check(st, f.user, w.DMWRITE, "truncate")
         if new.mode != keep.mode:
             if not owner:

@@ -23,7 +23,7 @@ from proto.errors import AuthenticationFailed, EncryptionFailed
 from tests.pki import Pki, certificate, new_key
 
 pytest.importorskip("test_interop", reason="needs the C interop harness (tests/net/test_interop.py)")
-from test_interop import LAYER, CNode, Pair, c_ouroboros, needs_frct, pair, received  # noqa: F401 (fixtures)
+from test_interop import LAYER, CNode, Pair, c_ouroboros, pair, received  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(180)]
 
@@ -235,7 +235,6 @@ def test_a_c_client_certificate_names_the_client_to_our_server(secure: tuple[Pai
         server.close()
 
 
-@needs_frct
 def test_encrypted_reliable_flows_both_ways(secure: tuple[Pair, Pki, Pki]) -> None:
     p, ours, theirs = secure
     identity(theirs, "c-pong", enc="")

@@ -9,7 +9,7 @@ import pytest
 from irmd import policy, views
 from irmd.limits import ADMIN_RESERVE, LimitError, Limits, parse_options
 from irmd.policy import Caller
-from irmd.spawn import RunAs, clean_env, ipcp_command, run_as
+from irmd.spawn import Output, RunAs, clean_env, ipcp_command, run_as
 from proto import messages as m
 from proto.errors import PermissionDenied
 from transports.wire import MAX_BODY
@@ -168,9 +168,10 @@ def test_started_processes_get_a_clean_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PYTHONPATH", "/evil")
     monkeypatch.setenv("LD_PRELOAD", "/evil.so")
     monkeypatch.setenv("LANG", "C.UTF-8")
-    env = clean_env(Path("/run/ouroboros/irmd.sock"), RunAs(None, None, "/root", "root"))
+    env = clean_env(Path("/run/ouroboros/irmd.sock"), RunAs(None, None, "/root", "root"),
+                    Output(env={"OUROBOROS_LOG_LEVEL": "INFO"}))
     assert env == {"PATH": env["PATH"], "HOME": "/root", "USER": "root", "LOGNAME": "root", "LANG": "C.UTF-8",
-                   "OUROBOROS_SOCK": "/run/ouroboros/irmd.sock"}
+                   "OUROBOROS_SOCK": "/run/ouroboros/irmd.sock", "OUROBOROS_LOG_LEVEL": "INFO"}  # only the log's own
 
 
 def test_ipcps_run_isolated_from_the_callers_python_settings() -> None:

@@ -7,6 +7,7 @@ import os
 import random
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -657,3 +658,64 @@ def test_acceptor_learns_who_allocated_a_local_flow(pair: Pair) -> None:
     cli, srv = pair
     assert (srv.peer_uid, srv.peer_pid) == (os.getuid(), os.getpid())
     assert (cli.peer_uid, cli.peer_pid) == (None, None)  # the allocator learns nothing of the acceptor here
+
+
+# -- who accepts --------------------------------------------------------------------
+
+SERVER_OF_ITS_OWN = """
+import sys
+from flowlib.irm import IrmClient
+irm = IrmClient()
+irm.bind(sys.argv[1])
+irm.register(sys.argv[1], ["local"])
+print("ready", flush=True)
+while True:
+    reply, fd = irm.accept(None)
+    print("flow", reply.name, flush=True)
+"""
+
+BOUND_PARENT = """
+parent() {
+  "$PY" -c "$SERVER" other &  # a server of a name of its own, started by the bound process
+  read -r go < "$GO"          # until the test has tried the parent's name
+  oping --listen              # a plain child: serves the parent's name
+}
+parent & irm bind process $! name probe && echo bound
+wait
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_bound_parents_child_server_of_another_name_takes_none_of_its_flows_a_plain_child_does(
+    irmd: IrmdProc, local_layer: str, client_factory: Callable[[], IrmClient], tmp_path: Path
+) -> None:
+    """`parent & irm bind process $! name probe`: the parent's children take probe's flows, except one
+    that serves a name of its own (it bound itself to "other"): a server keeps to its own names."""
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    env = dict(irmd.env, PY=sys.executable, SERVER=SERVER_OF_ITS_OWN, GO=str(go),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    lines: list[str] = []
+    shell = subprocess.Popen(["bash", "-c", BOUND_PARENT], env=env, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    threading.Thread(target=lambda: lines.extend(shell.stdout or ()), daemon=True).start()
+    try:
+        wait_for(lambda: {"bound\n", "ready\n"} <= set(lines) or shell.poll() is not None, 30, "the bound parent")
+        assert {"bound\n", "ready\n"} <= set(lines), lines
+        irmd.irm_ok("name", "register", "probe", "layer", local_layer)
+        client = client_factory()
+        _, fd = client.alloc("other", None, 10)  # the child serves its own name
+        os.close(fd)
+        wait_for(lambda: "flow other\n" in lines, 10, "the child's flow")
+        with pytest.raises(FlowError):
+            client.alloc("probe", None, 3)  # but not its parent's
+        assert not any(line.startswith("flow probe") for line in lines)
+        with open(go, "w") as f:
+            f.write("go\n")
+        wait_for(lambda: any("server started" in line for line in lines), 30, "oping --listen")
+        pinged = irmd.run("oping", "-n", "probe", "-c", "2", "-i", "100", timeout=60)
+        assert "2 packets transmitted, 2 received" in pinged.stdout, pinged.stdout + pinged.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(10)

@@ -34,6 +34,7 @@ from flowlib.events import EventQueue, EventType, FlowSet, fevent
 from flowlib.fccntl import FLOWFRNONBLOCK, Fccntl
 from flowlib.flow import Flow, flow_accept, flow_alloc
 from flowlib.irm import IrmClient
+from flowlib.stats import FlowStats, FrctStats, IpcpStats
 
 
 @pytest.fixture
@@ -433,6 +434,33 @@ def test_frct_flags_are_the_qos_s_and_only_frct_flows_have_them(
     finally:
         uo.close()
         us.close()
+
+
+def test_a_local_flow_says_it_is_direct_and_a_reliable_one_reports_frct_s_counts(
+        irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair) -> None:
+    """The local layer's SDUs go from one application's socket to the other's: no IPCP counts them,
+    and the flow, `irm flow list` and the IRMd say so. FRCT counts its own at each end."""
+    raw_cli, _ = pair
+    assert raw_cli.stats() == FlowStats(None, IpcpStats("lo", "direct"))
+    rows = irmd.table("flow", "list")
+    assert len(rows) == 2 and {(r["sent"], r["received"], r["dropped"]) for r in rows} == {("direct",) * 3}
+    cli, srv = established_pair(client_factory, bound_name, qos.data)
+    try:
+        srv.set_timeout(5)
+        cli.set_timeout(5)
+        for i in range(5):
+            cli.write(b"ping %d" % i)
+            assert srv.read() == b"ping %d" % i
+            srv.write(b"pong")
+            assert cli.read() == b"pong"
+        got = wait_for(lambda: (f := cli.stats(ask_ipcp=False).frct) is not None and f.rtt is not None and f,
+                       10, "an acknowledgement to measure the RTT")
+        assert isinstance(got, FrctStats) and got.sent >= 5 and got.received >= 5 and got.retransmitted == 0
+        assert got.rtt is not None and 0 < got.rtt < 5 and got.dropped == 0
+        assert cli.stats().ipcp == IpcpStats("lo", "direct")
+    finally:
+        cli.close()
+        srv.close()
 
 
 @pytest.mark.timeout(60)

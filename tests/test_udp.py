@@ -282,6 +282,23 @@ def test_a_relayed_flow_counts_its_sdus_and_says_where_and_why_it_dropped_some(l
 
 
 @pytest.mark.timeout(60)
+def test_oping_and_operf_say_packets_were_lost_beyond_this_hosts_ipcp(lan: Callable[..., Host]) -> None:
+    """B's link loses a third of what B sends (impair): B's IPCP sent every packet it was given, so the
+    tools say none was dropped here."""
+    a = lan(A_IP, extra=("impair", "loss=0"))
+    b = lan(B_IP, peer=A_IP, extra=("impair", "loss=33"))
+    a.serve("pong")
+    code, out, err = b.run("oping", "-n", "pong", "-c", "30", "-i", "10", "--timeout", "10")
+    lost = re.search(r"^30 packets transmitted, (\d+) received", out, re.M)
+    assert code == 0 and lost is not None and int(lost[1]) < 30, err + out
+    assert f"{30 - int(lost[1])} lost; none dropped at ipcp u here: lost on the way or at the peer" in out, out
+    a.serve("perf", "operf")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "1s", "-s", "500", "-r", "2M", "-t", "bi")
+    _, _, lost_, _ = operf_counts(out)
+    assert lost_ > 0 and f"{lost_} lost; none dropped at ipcp u here" in out, err + out
+
+
+@pytest.mark.timeout(60)
 def test_the_ipcp_tells_its_address_flows_members_and_counters(pair: tuple[Host, Host]) -> None:
     a, b = pair
     flow = b.alloc("pong")

@@ -60,15 +60,16 @@ def runs_bound_program(entry: Name, peer: Peer, irmd_uid: int) -> bool:
 
 def descends_from_binding(entry: Name, peer: Peer, serves: Serves) -> bool:
     """Did a process bound to `entry` start `peer`, running as its user, with no server of its own
-    (`peer` itself or a process between them) in the way?"""
-    if serves(peer.pid, peer.start):
-        return False
+    (`peer` itself or a process between them) in the way? The bound ancestor is looked for first:
+    asking what a process serves costs more, and most acceptors descend from no binding."""
+    between: list[tuple[int, int]] = []
     for pid, start in peer.ancestors:  # nearest first
         proc = entry.procs.get(pid)
         if proc is not None and proc.start == start:
             if proc.uid == peer.uid:
-                return True
+                break
             continue  # a setuid program's child: the binding is its user's, not this one's
-        if serves(pid, start):
-            return False
-    return False
+        between.append((pid, start))
+    else:
+        return False
+    return not serves(peer.pid, peer.start) and not any(serves(pid, start) for pid, start in between)

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
 from flowlib.qos import QosSpec
+from proto.messages import DIRECT
 from proto.service import notify_ready
 
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -197,3 +198,26 @@ class Server:
         if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
             self.on_end(flow)
         flow.close()
+
+
+def stack_report(flow: Flow, lost: int) -> list[str]:
+    """What the stack here knows of a flow's repairs and losses, for a tool's summary: FRCT's
+    retransmissions and RTT (where the flow runs FRCT) and, when packets were lost, whether this
+    host's IPCP dropped them, and why (where it sees the flow's packets)."""
+    try:
+        stats = flow.stats(ask_ipcp=lost > 0)
+    except (FlowError, OSError) as e:
+        return [f"(no counters from the IRMd: {e})"]
+    lines = []
+    if (f := stats.frct) is not None:
+        rtt = f"{f.rtt * 1000:.3f} ms" if f.rtt is not None else "not measured"
+        lines.append(f"frct: {f.sent} sent, {f.received} received, {f.retransmitted} retransmitted, "
+                     f"{f.dropped} dropped, srtt {rtt}")
+    if (ipcp := stats.ipcp) is not None and lost > 0:
+        if ipcp.where():
+            lines.append(f"{lost} lost; {ipcp.where()}")
+        elif ipcp.data == "ipcp":
+            lines.append(f"{lost} lost; none dropped at ipcp {ipcp.ipcp} here: lost on the way or at the peer")
+        elif ipcp.data == DIRECT:
+            lines.append(f"{lost} lost; no IPCP here sees this flow's packets (direct), so none can say where")
+    return lines

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from apps.common import Pacer, alloc, duration, fail, on_signals, qos_arg, rate, serve
+from apps.common import Pacer, alloc, duration, fail, on_signals, qos_arg, rate, serve, stack_report
 from flowlib import Flow, FlowError, FlowTimeout, qos
 from proto import logs
 from proto.version import add_version
@@ -200,6 +200,7 @@ def client(args: argparse.Namespace) -> int:
                           f"{c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s.")
                     return 0 if c.sent else 1
                 counts = asked
+            report = stack_report(flow, c.sent - counts[0])  # before the flow goes
         except FlowError as e:
             fail("operf", e)
     rcvd, nbytes, missing, reordered, corrupt = counts
@@ -208,6 +209,8 @@ def client(args: argparse.Namespace) -> int:
           f"{reordered} out-of-order, {corrupt} corrupt, time: {elapsed * 1000:.3f} ms")
     print(f"sender: {c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s ({c.sent / elapsed:.0f} SDUs/s), "
           f"receiver: {nbytes * 8 / elapsed / 1e6:.3f} Mb/s ({rcvd / elapsed:.0f} SDUs/s)", flush=True)
+    for line in report:
+        print(line, flush=True)
     return 0 if rcvd and not corrupt else 1
 
 

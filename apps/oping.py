@@ -13,7 +13,7 @@ import struct
 import sys
 import time
 
-from apps.common import alloc, duration, fail, on_signals, qos_arg, serve
+from apps.common import alloc, duration, fail, on_signals, qos_arg, serve, stack_report
 from flowlib import (
     FLOWFRDWR,
     FLOWFRNOBLOCK,
@@ -215,6 +215,8 @@ def client(args: argparse.Namespace) -> int:
         except FlowError as e:
             print(f"oping: {e}", file=sys.stderr)
         c.statistics((time.monotonic() - start) * 1000)
+        for line in stack_report(flow, c.sent - c.stats.n):
+            print(line, flush=True)
     return 0 if c.stats.n else 1
 
 

@@ -44,6 +44,7 @@ from flowlib.frct import APP_MTU, Frct
 from flowlib.identity import Peer, client_identity, server_identity
 from flowlib.irm import IrmClient, default_client
 from flowlib.liveness import Liveness
+from flowlib.stats import FlowStats, FrctStats, IpcpStats
 from proto import messages as m
 from proto.errors import (
     FlowDown,
@@ -385,6 +386,14 @@ class Flow:
         if self._session is None or self._session.frct is None:
             raise PermissionDenied(f"flow {self.flow_id} runs no FRCT (qos in_order 0 and loss not 0)")
         return self._session.frct
+
+    def stats(self, ask_ipcp: bool = True) -> FlowStats:
+        """What is known of the flow's traffic: FRCT's counters at this end (when it runs FRCT) and,
+        with `ask_ipcp`, what its IPCP counted of its SDUs (one request to the IRMd)."""
+        s = self._session
+        frct = FrctStats.of(s.frct) if s is not None and s.frct is not None else None
+        ipcp = IpcpStats.of(self._irm.flow_counters(self.flow_id)) if ask_ipcp else None
+        return FlowStats(frct, ipcp)
 
     def _rx_queued(self) -> int:
         """SDUs waiting to be read: what flowlib holds, and one if the socket holds any (the kernel

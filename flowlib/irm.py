@@ -94,6 +94,13 @@ class IrmClient:
             return "down"
         return reply.state if isinstance(reply, m.FlowInfo) else "down"
 
+    def flow_counters(self, flow_id: int) -> m.FlowInfo:
+        """What the flow's IPCP counted of its SDUs, as the IRMd tells it (m.FlowInfo with counters)."""
+        reply, _ = call(self.channel, m.FlowInfo(flow_id, counters=True), REPLY_MARGIN + 3.0)
+        if not isinstance(reply, m.FlowInfo):
+            raise FlowError(f"the IRMd answered {type(reply).__name__} to FlowInfo")
+        return reply
+
     def listen(self, enabled: bool, cypher_s: int = 0) -> None:
         call(self.channel, m.FlowListen(enabled, cypher_s), REPLY_MARGIN)
 

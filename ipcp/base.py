@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 
 EXIT_FAILED = 70  # the exit status of an IPCP that met an error it did not handle
 
+# Why an IPCP drops a flow's SDUs (the `drops` column of m.FLOW_COUNTERS)
+DROP_APP = "queue full: the application did not read"
+DROP_NET = "queue full: the network did not take them"
+
+
+def flow_counters(flow_id: int, dst: str, sent: int, received: int, drops: dict[str, int]) -> list[str]:
+    """A flow's row of m.FLOW_COUNTERS: its SDUs as the IPCP counted them; `drops`: reason -> count."""
+    why = ", ".join(f"{n} {reason}" for reason, n in drops.items() if n)
+    return [str(flow_id) if flow_id else "-", dst, str(sent), str(received), str(sum(drops.values())), why]
+
+
+def direct_counters(flow_id: int, dst: str) -> list[str]:
+    """The row of a flow whose SDUs go between the applications' sockets: nothing here to count."""
+    return [str(flow_id) if flow_id else "-", dst, m.DIRECT, m.DIRECT, m.DIRECT, ""]
+
 
 class Ipcp:
     """Base of all IPCP kinds; subclasses override the layer operations."""

@@ -117,6 +117,10 @@ class ShimFlow:
     rx_at: float = 0.0
     tx_at: float = 0.0
     io: Any = None  # the I/O loop's handle (the IPCP's end of the application socket)
+    sent: int = 0  # relayed SDUs (transports.relay counts them): sent to the peer,
+    received: int = 0  # ... handed to the application,
+    dropped_app: int = 0  # ... dropped as the application's queue was full,
+    dropped_net: int = 0  # ... dropped as the network's was
     hdr: bytes = b""  # the transport's per-flow header, set by the I/O loop once the peer is known
 
 

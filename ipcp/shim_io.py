@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 
-from ipcp.base import Ipcp
+from ipcp.base import DROP_APP, DROP_NET, Ipcp, direct_counters, flow_counters
 from ipcp.shim import (
     AllocDone,
     FlowEnded,
@@ -315,15 +315,15 @@ class ShimIpcp(Ipcp):
         if core is None:
             return sections
         now = time.monotonic()
-        flows = [[str(f.eid), self.show_addr(f.addr), str(f.remote_eid) if f.remote_eid else "-",
+        flows = [[*self.flow_counters(f), str(f.eid), str(f.remote_eid) if f.remote_eid else "-",
                   "ours" if f.ours else "0.23", "relay" if f.relayed else "own socket"]
-                 for f in sorted(core.flows.values(), key=lambda f: f.eid)]
+                 for f in sorted(core.flows.values(), key=lambda f: f.eid)][:m.INFO_ROWS]
         sections += [
             m.InfoSection("shim", ["field", "value"], [["address", self.show_addr(core.own)],
                                                        ["mtu", str(self.mtu)], ["hash", self.hash_algo]]),
             m.InfoSection("counters", ["counter", "value"],
                           [[k, str(v)] for k, v in sorted(self.counters().items())]),
-            m.InfoSection("flows", ["eid", "peer", "peer eid", "peer speaks", "data"], flows),
+            m.InfoSection("flows", [*m.FLOW_COUNTERS, "eid", "peer eid", "peer speaks", "data"], flows),
         ]
         if core.discovery:
             members = [[self.show_addr(a), "configured" if a in core.static_peers else "proven",
@@ -333,6 +333,14 @@ class ShimIpcp(Ipcp):
 
     def show_addr(self, addr: Hashable) -> str:
         return str(addr)
+
+    def flow_counters(self, flow: ShimFlow) -> list[str]:
+        """A flow's m.FLOW_COUNTERS: the relay counts its SDUs; on a socket of its own none pass here."""
+        peer = self.show_addr(flow.addr)
+        if not flow.relayed:
+            return direct_counters(flow.flow_id, peer)
+        return flow_counters(flow.flow_id, peer, flow.sent, flow.received,
+                             {DROP_APP: flow.dropped_app, DROP_NET: flow.dropped_net})
 
     def counters(self) -> dict[str, int]:
         """The shim's counters: what it sent and received, what it dropped and why, its tables."""

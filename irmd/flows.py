@@ -38,12 +38,17 @@ if TYPE_CHECKING:
     from irmd.core import Irmd
     from irmd.server import Client
 
-COUNTED = list(m.FLOW_COUNTERS[2:])  # the counters `irm flow list` shows, where the IPCP keeps them
+COUNTED = ["sent", "received", "dropped"]  # of m.FLOW_COUNTERS, those `irm flow list` shows
 log = logging.getLogger("irmd")
 
 QUERY_TIMEOUT = 3.0
 ALLOC_TIMEOUT = 15.0
 ACCEPT_TIMEOUT = 10.0  # how long an arriving flow waits for a process to accept it
+
+
+def count(cell: str) -> int:
+    """An IPCP's counter cell as a number; -1 if it is none (an IPCP's word is not trusted to be one)."""
+    return int(cell) if cell.isdigit() and len(cell) <= 19 else -1
 
 
 def teardown_fd(fd: int) -> None:
@@ -271,27 +276,56 @@ class Flows:
         return m.Ok()
 
     async def flow_info(self, c: Client, msg: m.FlowInfo, _: list[int]) -> m.FlowInfo:
+        """How the flow stands; asked with `counters`, also what its IPCP counted of its SDUs."""
         flow = self.reg.flows.get(msg.flow_id)
         if flow is None or flow.owner != c.conn_id:
             return m.FlowInfo(msg.flow_id, FlowState.DEALLOC.value)
-        return m.FlowInfo(msg.flow_id, flow.state.value)
+        if not msg.counters:
+            return m.FlowInfo(msg.flow_id, flow.state.value)
+        row = (await self.counts([flow])).get(flow.flow_id)
+        if row is None:
+            return m.FlowInfo(msg.flow_id, flow.state.value, ipcp=flow.ipcp)
+        sent, received, dropped, drops = row
+        if sent == m.DIRECT:
+            return m.FlowInfo(msg.flow_id, flow.state.value, ipcp=flow.ipcp, data=m.DIRECT)
+        return m.FlowInfo(msg.flow_id, flow.state.value, ipcp=flow.ipcp, data="ipcp", sent=count(sent),
+                          received=count(received), dropped=count(dropped), drops=drops)
 
     async def flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
         flows = [f for f in list(self.reg.flows.values()) if policy.visible(c.caller, f.uid)]
-        counted = await self._counters({f.ipcp for f in flows})
+        counted = await self.counts(flows)
         rows = (
             (f.flow_id, {"id": str(f.flow_id), "pid": str(f.pid), "name": f.name, "role": f.role,
                          "layer": f.layer, "ipcp": f.ipcp, "state": f.state.value, "mtu": str(f.mtu),
                          "qos": "reliable" if f.qos.reliable else "best-effort",
-                         **dict(zip(COUNTED, counted.get((f.ipcp, f.flow_id), ["-"] * len(COUNTED)), strict=True))})
+                         **dict(zip(COUNTED, counted.get(f.flow_id, ["-"] * len(COUNTED)), strict=False))})
             for f in flows
         )  # fmt: skip
         return views.page(["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos", *COUNTED], rows,
                           msg.start)
 
+    async def counts(self, flows: list[Flow]) -> dict[int, list[str]]:
+        """Flow id -> its m.FLOW_COUNTERS after flow and dst (sent, received, dropped, drops) where its
+        IPCP said them: DIRECT for the local layer's flows, whose SDUs go from one application's
+        socket to the other's without a process between them."""
+        out: dict[int, list[str]] = {}
+        asked: list[Flow] = []
+        for f in flows:
+            ipcp = self.reg.ipcps.get(f.ipcp)
+            if ipcp is not None and ipcp.type == "local":
+                out[f.flow_id] = [m.DIRECT] * 3 + [""]
+            else:
+                asked.append(f)
+        counted = await self._counters({f.ipcp for f in asked})
+        for f in asked:
+            if (row := counted.get((f.ipcp, f.flow_id))) is not None:
+                out[f.flow_id] = row
+        return out
+
     async def _counters(self, names: set[str]) -> dict[tuple[str, int], list[str]]:
-        """The per-flow counters of the IPCPs that keep them: (ipcp, flow id) -> COUNTED values."""
+        """The per-flow counters of the IPCPs that keep them: (ipcp, flow id) -> FLOW_COUNTERS[2:]."""
         counted: dict[tuple[str, int], list[str]] = {}
+        width = len(m.FLOW_COUNTERS)
         for name in sorted(names):
             ipcp = self.reg.ipcps.get(name)
             if ipcp is None or ipcp.channel is None or ipcp.channel.closed:
@@ -304,10 +338,10 @@ class Flows:
             close_fds(fds)
             sections = reply.sections if isinstance(reply, m.IpcpInfo) else []
             for section in sections:
-                if section.name == "flows" and tuple(section.columns) == m.FLOW_COUNTERS:
+                if section.name == "flows" and tuple(section.columns[:width]) == m.FLOW_COUNTERS:
                     for row in section.rows:
-                        if len(row) == len(m.FLOW_COUNTERS) and row[0].isdigit():
-                            counted[(name, int(row[0]))] = row[2:]
+                        if len(row) >= width and row[0].isdigit():
+                            counted[(name, int(row[0]))] = row[2:width]
         return counted
 
     # -- ends of flows --------------------------------------------------------

@@ -80,7 +80,8 @@ class Ipcps:
             raise AlreadyExists(f"ipcp {name!r} already exists")
         proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.output)
         self._seq += 1
-        ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq)
+        ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq,
+                    start=proc_start(proc.pid))
         self.reg.ipcps[name] = ipcp
         self.irmd.spawn_task(self._watch(ipcp))
         waiter: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())

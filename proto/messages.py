@@ -119,11 +119,21 @@ class FlowDealloc(Message):
 @reg
 @dataclass
 class FlowInfo(Message):
-    """Asks (and answers) how a flow ended: state is 'allocated', 'dealloc' or 'down'."""
+    """Asks (and answers) how a flow ended: state is 'allocated', 'dealloc' or 'down'. Asked with
+    `counters`, it also tells what the flow's IPCP counted of its SDUs (irmd.flows.Flows.counts)."""
 
     TYPE: ClassVar[int] = 15
     flow_id: int
     state: str = ""
+    counters: bool = False
+    ipcp: str = ""
+    # How the flow's SDUs move: "ipcp" (its IPCP relays and counts them), "direct" (between the
+    # applications' sockets: no IPCP sees them), "" (not known: the IPCP did not say)
+    data: str = ""
+    sent: int = -1  # -1: not counted
+    received: int = -1
+    dropped: int = -1
+    drops: str = ""  # why the IPCP dropped them, as it says ("3 queue full: the application did not read")
 
 
 @reg
@@ -456,6 +466,8 @@ class IpcpInfo(Message):
 
 
 INFO_ROWS = 512
-# An IPCP's "flows" section with these columns gives each of its N+1 flows' counters (by IRMd flow id),
-# which `irm flow list` shows beside the flow.
-FLOW_COUNTERS = ("flow", "dst", "sent", "received", "dropped")
+# An IPCP's "flows" section whose columns start with these gives each of its N+1 flows' counters (by
+# IRMd flow id), which `irm flow list` shows beside the flow: SDUs sent, received and dropped, or
+# DIRECT in all three for a flow whose SDUs the IPCP never sees; `drops` says why it dropped them.
+FLOW_COUNTERS = ("flow", "dst", "sent", "received", "dropped", "drops")
+DIRECT = "direct"

@@ -7,6 +7,7 @@ import os
 import random
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from flowlib.events import EventQueue, EventType, FlowSet, fevent
 from flowlib.fccntl import FLOWFRNONBLOCK, Fccntl
 from flowlib.flow import Flow, flow_accept, flow_alloc
 from flowlib.irm import IrmClient
+from flowlib.stats import FlowStats, FrctStats, IpcpStats
 
 
 @pytest.fixture
@@ -434,6 +436,33 @@ def test_frct_flags_are_the_qos_s_and_only_frct_flows_have_them(
         us.close()
 
 
+def test_a_local_flow_says_it_is_direct_and_a_reliable_one_reports_frct_s_counts(
+        irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair) -> None:
+    """The local layer's SDUs go from one application's socket to the other's: no IPCP counts them,
+    and the flow, `irm flow list` and the IRMd say so. FRCT counts its own at each end."""
+    raw_cli, _ = pair
+    assert raw_cli.stats() == FlowStats(None, IpcpStats("lo", "direct"))
+    rows = irmd.table("flow", "list")
+    assert len(rows) == 2 and {(r["sent"], r["received"], r["dropped"]) for r in rows} == {("direct",) * 3}
+    cli, srv = established_pair(client_factory, bound_name, qos.data)
+    try:
+        srv.set_timeout(5)
+        cli.set_timeout(5)
+        for i in range(5):
+            cli.write(b"ping %d" % i)
+            assert srv.read() == b"ping %d" % i
+            srv.write(b"pong")
+            assert cli.read() == b"pong"
+        got = wait_for(lambda: (f := cli.stats(ask_ipcp=False).frct) is not None and f.rtt is not None and f,
+                       10, "an acknowledgement to measure the RTT")
+        assert isinstance(got, FrctStats) and got.sent >= 5 and got.received >= 5 and got.retransmitted == 0
+        assert got.rtt is not None and 0 < got.rtt < 5 and got.dropped == 0
+        assert cli.stats().ipcp == IpcpStats("lo", "direct")
+    finally:
+        cli.close()
+        srv.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_writer_that_closes_at_once_delivers_everything_despite_sdus_it_never_read(
         client_factory: Callable[[], IrmClient], bound_name: str) -> None:
@@ -657,3 +686,64 @@ def test_acceptor_learns_who_allocated_a_local_flow(pair: Pair) -> None:
     cli, srv = pair
     assert (srv.peer_uid, srv.peer_pid) == (os.getuid(), os.getpid())
     assert (cli.peer_uid, cli.peer_pid) == (None, None)  # the allocator learns nothing of the acceptor here
+
+
+# -- who accepts --------------------------------------------------------------------
+
+SERVER_OF_ITS_OWN = """
+import sys
+from flowlib.irm import IrmClient
+irm = IrmClient()
+irm.bind(sys.argv[1])
+irm.register(sys.argv[1], ["local"])
+print("ready", flush=True)
+while True:
+    reply, fd = irm.accept(None)
+    print("flow", reply.name, flush=True)
+"""
+
+BOUND_PARENT = """
+parent() {
+  "$PY" -c "$SERVER" other &  # a server of a name of its own, started by the bound process
+  read -r go < "$GO"          # until the test has tried the parent's name
+  oping --listen              # a plain child: serves the parent's name
+}
+parent & irm bind process $! name probe && echo bound
+wait
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_bound_parents_child_server_of_another_name_takes_none_of_its_flows_a_plain_child_does(
+    irmd: IrmdProc, local_layer: str, client_factory: Callable[[], IrmClient], tmp_path: Path
+) -> None:
+    """`parent & irm bind process $! name probe`: the parent's children take probe's flows, except one
+    that serves a name of its own (it bound itself to "other"): a server keeps to its own names."""
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    env = dict(irmd.env, PY=sys.executable, SERVER=SERVER_OF_ITS_OWN, GO=str(go),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    lines: list[str] = []
+    shell = subprocess.Popen(["bash", "-c", BOUND_PARENT], env=env, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    threading.Thread(target=lambda: lines.extend(shell.stdout or ()), daemon=True).start()
+    try:
+        wait_for(lambda: {"bound\n", "ready\n"} <= set(lines) or shell.poll() is not None, 30, "the bound parent")
+        assert {"bound\n", "ready\n"} <= set(lines), lines
+        irmd.irm_ok("name", "register", "probe", "layer", local_layer)
+        client = client_factory()
+        _, fd = client.alloc("other", None, 10)  # the child serves its own name
+        os.close(fd)
+        wait_for(lambda: "flow other\n" in lines, 10, "the child's flow")
+        with pytest.raises(FlowError):
+            client.alloc("probe", None, 3)  # but not its parent's
+        assert not any(line.startswith("flow probe") for line in lines)
+        with open(go, "w") as f:
+            f.write("go\n")
+        wait_for(lambda: any("server started" in line for line in lines), 30, "oping --listen")
+        pinged = irmd.run("oping", "-n", "probe", "-c", "2", "-i", "100", timeout=60)
+        assert "2 packets transmitted, 2 received" in pinged.stdout, pinged.stdout + pinged.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(10)

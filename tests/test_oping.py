@@ -8,6 +8,9 @@ import time
 import pytest
 from helpers import IrmdProc
 
+from apps.common import stack_report
+from flowlib.stats import FlowStats, FrctStats, IpcpStats
+
 
 @pytest.fixture
 def pong(irmd: IrmdProc, local_layer: str) -> str:
@@ -80,6 +83,50 @@ def test_oping_works_over_a_local_layer_with_another_hash(irmd: IrmdProc) -> Non
 def test_oping_with_a_reliable_qos_gets_every_reply(irmd: IrmdProc, pong: str) -> None:
     r = irmd.run("oping", "-n", pong, "-c", "3", "-i", "10", "-q", "data")
     assert "3 packets transmitted, 3 received" in r.stdout, r.stderr
+    # FRCT's own counts close the summary: what it sent, resent and measured
+    assert re.search(r"^frct: [3-9] sent, [3-9] received, 0 retransmitted, 0 dropped, srtt [\d.]+ ms$",
+                     r.stdout, re.M), r.stdout
+
+
+def test_oping_without_frct_and_without_loss_prints_c_s_summary_alone(irmd: IrmdProc, pong: str) -> None:
+    r = irmd.run("oping", "-n", pong, "-c", "2", "-i", "10")
+    assert r.stdout.rstrip().splitlines()[-1].startswith("rtt min/avg/max/mdev"), r.stdout
+
+
+class Counted:
+    """A flow as stack_report sees it: stats() answers as given."""
+
+    def __init__(self, stats: FlowStats) -> None:
+        self._stats = stats
+        self.asked: list[bool] = []
+
+    def stats(self, ask_ipcp: bool = True) -> FlowStats:
+        self.asked.append(ask_ipcp)
+        return FlowStats(self._stats.frct, self._stats.ipcp if ask_ipcp else None)
+
+
+FRCT = FrctStats(sent=10, received=9, retransmitted=2, dropped=0, rtt=0.0015)
+REPORTS = [
+    # (frct, ipcp, lost, the lines)
+    (None, IpcpStats("u", "ipcp", 10, 7, 0), 0, []),  # nothing lost: the IPCP is not asked
+    (FRCT, None, 0, ["frct: 10 sent, 9 received, 2 retransmitted, 0 dropped, srtt 1.500 ms"]),
+    (FrctStats(1, 0, 0, 0, None), None, 0, ["frct: 1 sent, 0 received, 0 retransmitted, 0 dropped, srtt not measured"]),
+    (None, IpcpStats("u", "ipcp", 10, 7, 3, "3 queue full: the application did not read"), 3,
+     ["3 lost; dropped at ipcp u: 3 queue full: the application did not read"]),
+    (None, IpcpStats("u", "ipcp", 10, 7, 0), 3,
+     ["3 lost; none dropped at ipcp u here: lost on the way or at the peer"]),
+    (None, IpcpStats("lo", "direct"), 1,
+     ["1 lost; no IPCP here sees this flow's packets (direct), so none can say where"]),
+    (None, IpcpStats("x", ""), 1, []),  # the IPCP did not say: nothing is made up
+]
+
+
+@pytest.mark.parametrize(("frct", "ipcp", "lost", "lines"), REPORTS)
+def test_the_summary_says_what_the_stack_knows_of_losses_and_nothing_it_does_not(
+        frct: FrctStats | None, ipcp: IpcpStats | None, lost: int, lines: list[str]) -> None:
+    flow = Counted(FlowStats(frct, ipcp))
+    assert stack_report(flow, lost) == lines  # type: ignore[arg-type]
+    assert flow.asked == [lost > 0]
 
 
 # -- C's options and output --------------------------------------------------------------------------

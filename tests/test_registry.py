@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,6 +12,7 @@ from irmd.identity import Peer, Program
 from irmd.reg import Acceptor, FlowEvent, FlowState, IllegalFlowTransition, Ipcp, ProcBinding, Registry, prog_key
 from irmd.reg.flow import TRANSITIONS, next_state, try_next_layer, worse
 from irmd.reg.ipcp import by_preference, settled, wildcard_match
+from irmd.reg.name import Name
 from proto.errors import Busy, InvalidArgument, NotFound
 from proto.names import check_name, name_hash
 
@@ -372,3 +374,63 @@ def test_a_pid_binding_takes_in_the_processes_the_bound_one_started_as_its_user(
     assert not reg.bound(entry, Acceptor(1, setuid))  # another user's, though the bound one started it
     orphan = Peer(45, USER, USER, 1003, "/bin/oping", ("oping",), "/", ancestors=((42, 999),))
     assert not reg.bound(entry, Acceptor(1, orphan))  # a child of a later process with that pid
+
+
+# A bound shell (pid 42, started at 1000) and what runs under it; (pid, start) -> what it serves.
+SHELL = (42, 1000)
+DESCENDANTS = [
+    # (what, ancestors nearest first, the processes that serve something, takes the shell's flows)
+    ("its child", (SHELL,), {}, True),
+    ("its grandchild", ((43, 1001), SHELL), {}, True),
+    ("a child that serves a name of its own", (SHELL,), {(50, 7): "bound to irm"}, False),
+    ("the child of such a server", ((43, 1001), SHELL), {(43, 1001): "bound to irm"}, False),
+    ("an IPCP of an IRMd the shell started", ((43, 1001), SHELL), {(50, 7): "ipcp lo"}, False),
+    ("a process under the IRMd the shell started", ((43, 1001), SHELL), {(43, 1001): "the IRMd"}, False),
+    ("a process started for another name", (SHELL,), {(50, 7): "started for b"}, False),
+    ("a server above the shell is no matter", (SHELL, (30, 900)), {(30, 900): "bound to irm"}, True),
+]
+
+
+@pytest.mark.parametrize(("what", "ancestors", "servers", "takes"), DESCENDANTS, ids=[d[0] for d in DESCENDANTS])
+def test_a_descendant_of_a_bound_process_takes_its_flows_unless_it_or_one_between_serves_of_its_own(
+        what: str, ancestors: tuple[tuple[int, int], ...], servers: dict[tuple[int, int], str], takes: bool) -> None:
+    from irmd.reg.proc import may_accept
+
+    entry = Name("a", procs={SHELL[0]: ProcBinding(*SHELL, USER)})
+    child = Peer(50, USER, USER, 7, "/usr/bin/other", ("other",), "/", ancestors=ancestors)
+    assert may_accept(entry, child, None, IRMD_UID, lambda pid, start: servers.get((pid, start), "")) is takes
+
+
+def test_a_server_keeps_to_its_own_names_though_a_bound_process_started_it(reg: Registry) -> None:
+    """The registry knows its servers: by pid, started for a name, running a bound program, its IPCPs,
+    the IRMd itself. None of them, nor what they start, takes the flows of the process that started them."""
+    probe = reg.create_name("probe")
+    reg.bind_proc("probe", ProcBinding(*SHELL, USER))
+    under = (SHELL,)
+
+    styx = Peer(50, USER, USER, 7, "/usr/bin/other", ("styx",), "/", ancestors=under)
+    reg.bind_proc("irm", ProcBinding(50, 7, USER))  # the server the shell started binds its own name
+    assert reg.serves(50, 7) == "bound to irm"
+    assert not reg.bound(probe, Acceptor(1, styx)) and reg.bound(reg.names["irm"], Acceptor(1, styx))
+    worker = Peer(51, USER, USER, 8, "/usr/bin/other", ("styx",), "/", ancestors=((50, 7), SHELL))
+    assert not reg.bound(probe, Acceptor(1, worker))  # the server's child is the server's
+
+    reg.bind_program("pong", "/bin/oping", [], False, owner=USER, program=Program("/bin/oping", "/bin/oping"))
+    oping = Peer(52, USER, USER, 9, "/bin/oping", ("oping", "-l"), "/", ancestors=under)
+    assert reg.serves(52, 9, oping) == "runs a program bound to pong"
+    assert not reg.bound(probe, Acceptor(1, oping))
+
+    reg.started[53] = ("depot", 10)
+    assert not reg.bound(probe, Acceptor(1, Peer(53, USER, USER, 10, "/bin/depot", ("depot",), "/", ancestors=under)))
+
+    lo = Ipcp("lo", "local", SimpleNamespace(pid=54), None, layer="local", start=11)  # type: ignore[arg-type]
+    reg.ipcps["lo"] = lo
+    assert reg.serves(54, 11) == "ipcp lo" and reg.serves(54, 12) == ""  # a later process with its pid is not it
+    assert not reg.bound(probe, Acceptor(1, Peer(54, USER, USER, 11, "/usr/bin/python3", ("python3",), "/",
+                                                 ancestors=((60, 12), SHELL))))
+    reg.irmd_proc = (60, 12)  # an IRMd the shell started: what it starts is its own
+    assert not reg.bound(probe, Acceptor(1, Peer(55, USER, USER, 13, "/usr/bin/other", ("x",), "/",
+                                                 ancestors=((60, 12), SHELL))))
+
+    plain = Peer(56, USER, USER, 14, "/usr/bin/other", ("oping",), "/", ancestors=under)
+    assert reg.serves(56, 14, plain) == "" and reg.bound(probe, Acceptor(1, plain))  # `cmd & irm bind process $!`

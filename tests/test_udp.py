@@ -38,7 +38,9 @@ from flowlib import (
 )
 from flowlib.flow import establish
 from flowlib.irm import IrmClient
+from flowlib.stats import FlowStats, IpcpStats
 from ipcp import shim
+from ipcp.base import DROP_APP
 from ipcp.shim_wire import COOKIE, WANT_MEMBERS, Kind
 from transports import udp
 
@@ -235,6 +237,67 @@ def test_the_relay_data_path_carries_oping_and_operf(lan: Callable[..., Host]) -
     assert sent > 500 and rcvd == sent and corrupt == 0, out
 
 
+@pytest.mark.timeout(90)
+def test_a_relayed_flow_counts_its_sdus_and_says_where_and_why_it_dropped_some(lan: Callable[..., Host]) -> None:
+    """Through the relay (impair at 0 %), each end's IPCP counts the flow's SDUs: the sender's sent
+    (or dropped, its socket full), the receiver's received, or dropped while its application did not
+    read; the end's application, `irm flow list` and `irm ipcp show` hear the same numbers."""
+    a = lan(A_IP, extra=("impair", "loss=0"))
+    b = lan(B_IP, peer=A_IP, extra=("impair", "loss=0"))
+    server = a.client()
+    server.bind("sink")
+    a.irm_ok("name", "register", "sink", "layer", LAYER)
+    server.listen(True)
+    cli = b.alloc("sink")
+    arrived = wait_for(server.take_arrived, 10, "the flow at the sink")
+    assert isinstance(arrived, list) and len(arrived) == 1
+    srv = Flow(*arrived[0], server)  # never read: its queue fills, the rest is dropped at A's IPCP
+    written = 2000
+    for _ in range(written):
+        cli.write(bytes(1000))
+
+    def counted(flow: Flow) -> IpcpStats:
+        stats = flow.stats().ipcp
+        assert stats is not None and stats.data == "ipcp", stats
+        return stats
+
+    wait_for(lambda: (s := counted(cli)).sent is not None and s.sent + (s.dropped or 0) == written, 30,
+             "B's IPCP to send or drop every SDU")
+    last: list[IpcpStats] = []
+
+    def settled() -> IpcpStats | None:  # A's IPCP has taken every datagram that came: two reads agree
+        last[:] = [*last[-1:], counted(srv)]
+        return last[-1] if len(last) == 2 and last[0] == last[1] else None
+
+    rx = wait_for(settled, 30, "A's IPCP to take all that came")
+    assert isinstance(rx, IpcpStats) and rx.received is not None and rx.dropped is not None
+    assert 0 < rx.received < written and rx.received + rx.dropped <= written  # (UDP may lose some on the way)
+    assert rx.drops == f"{rx.dropped} {DROP_APP}"
+    assert rx.where() == f"dropped at ipcp u: {rx.dropped} {DROP_APP}"
+    rows = {r["role"]: r for r in a.irmd.table("flow", "list")}
+    assert int(rows["dst"]["received"]) == rx.received and int(rows["dst"]["dropped"]) == rx.dropped
+    ((_, peer, sent, received, dropped, drops, *_),) = a.info()["flows"].values()
+    assert (peer, received, dropped, drops) == (f"{B_IP}:{b.port}", str(rx.received), str(rx.dropped), rx.drops)
+    assert sent.isdigit()  # (keepalives, if any: the application writes nothing)
+
+
+@pytest.mark.timeout(60)
+def test_oping_and_operf_say_packets_were_lost_beyond_this_hosts_ipcp(lan: Callable[..., Host]) -> None:
+    """B's link loses a third of what B sends (impair): B's IPCP sent every packet it was given, so the
+    tools say none was dropped here."""
+    a = lan(A_IP, extra=("impair", "loss=0"))
+    b = lan(B_IP, peer=A_IP, extra=("impair", "loss=33"))
+    a.serve("pong")
+    code, out, err = b.run("oping", "-n", "pong", "-c", "30", "-i", "10", "--timeout", "10")
+    lost = re.search(r"^30 packets transmitted, (\d+) received", out, re.M)
+    assert code == 0 and lost is not None and int(lost[1]) < 30, err + out
+    assert f"{30 - int(lost[1])} lost; none dropped at ipcp u here: lost on the way or at the peer" in out, out
+    a.serve("perf", "operf")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "1s", "-s", "500", "-r", "2M", "-t", "bi")
+    _, _, lost_, _ = operf_counts(out)
+    assert lost_ > 0 and f"{lost_} lost; none dropped at ipcp u here" in out, err + out
+
+
 @pytest.mark.timeout(60)
 def test_the_ipcp_tells_its_address_flows_members_and_counters(pair: tuple[Host, Host]) -> None:
     a, b = pair
@@ -245,9 +308,14 @@ def test_the_ipcp_tells_its_address_flows_members_and_counters(pair: tuple[Host,
     assert info["shim"]["address"][1] == f"{A_IP}:{a.port}" and info["shim"]["mtu"][1] == "8976"
     assert info["shim"]["hash"][1] == "MD5"
     assert info["members"][f"{B_IP}:{b.port}"][1] == "proven"
-    ((eid, peer, peer_eid, speaks, data),) = info["flows"].values()
+    ((_, peer, *counted, eid, peer_eid, speaks, data),) = info["flows"].values()
     assert peer == f"{B_IP}:{b.port}" and speaks == "ours" and data == "own socket"
-    assert b.info()["flows"][peer_eid][2] == eid  # each end names the other's eid
+    assert counted == ["direct", "direct", "direct", ""]  # its packets pass no IPCP: nothing counted here
+    assert flow.stats() == FlowStats(None, IpcpStats("u", "direct"))  # the same, as the flow's end hears it
+    (row,) = b.irmd.table("flow", "list")
+    assert (row["sent"], row["received"], row["dropped"]) == ("direct", "direct", "direct")
+    ((*_, b_eid, b_peer_eid, _, _),) = b.info()["flows"].values()
+    assert (b_eid, b_peer_eid) == (peer_eid, eid)  # each end names the other's eid
     assert b.info()["members"][f"{A_IP}:{a.port}"][1] == "configured"
     before = a.counter("dropped malformed")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

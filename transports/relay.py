@@ -35,6 +35,10 @@ class RelayFlow(Protocol):
     io: socket.socket
     rx_at: float  # when the peer was last heard on the flow (data or keepalive)
     tx_at: float  # when we last sent on it
+    sent: int  # its SDUs sent to the peer
+    received: int  # ... handed to the application
+    dropped_app: int  # ... dropped: the application's queue was full
+    dropped_net: int  # ... dropped: the network socket's queue was full
 
 
 class Relay(PollThread):
@@ -101,8 +105,10 @@ class Relay(PollThread):
                 self.keepalives += 1
             try:
                 flow.io.send(sdu)
+                flow.received += 1
             except BlockingIOError:
                 self.overflow += 1
+                flow.dropped_app += 1
             except OSError:
                 self.remove(flow)
 
@@ -119,7 +125,9 @@ class Relay(PollThread):
         try:
             self.framing.send(self.net, flow, sdu)
             flow.tx_at = time.monotonic()
+            flow.sent += 1
         except BlockingIOError:
             self.overflow += 1
+            flow.dropped_net += 1
         except OSError as e:
             log.debug("send to %s failed: %s", flow.addr, e)

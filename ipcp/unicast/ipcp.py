@@ -22,7 +22,7 @@ from typing import Any
 from flowlib.aio import AsyncFlow
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
-from ipcp.base import Ipcp
+from ipcp.base import DROP_APP, Ipcp, flow_counters
 from ipcp.unicast import auth, ca, pff
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import MAX_NEIGHBOURS, Adjacency, AutoConnect, Neighbours
@@ -671,7 +671,7 @@ class UnicastIpcp(Ipcp):
                     "lsu_forged": self.lsdb.forged, "lsu_refused": self.lsdb.refused,
                     "dht_forged": self.dir.forged, "dht_refused": self.dir.refused, "fa_refused": self.fa.refused,
                     "fa_replayed": self.fa.replayed}
-        flows = [[str(f.flow_id), str(f.dst), str(f.sent), str(f.delivered), str(f.dropped)]
+        flows = [flow_counters(f.flow_id, str(f.dst), f.sent, f.delivered, {DROP_APP: f.dropped})
                  for f in sorted(self.flows.values(), key=lambda f: f.flow_id)][:m.INFO_ROWS]
         return [*sections,
                 m.InfoSection("neighbours", ["address", "name", "components"], nbs),

@@ -30,6 +30,7 @@ class Ipcp:
     joined: dict[str, Any] = dataclasses.field(default_factory=dict)  # how: bootstrap (conf) or enrol (dst)
     conns: list[str] = dataclasses.field(default_factory=list)  # connected to, as asked
     seq: int = 0  # creation order: lists page by it
+    start: int = 0  # its process's start time (/proc/PID/stat): it, not a later one with its pid
 
     @property
     def pid(self) -> int:

@@ -11,11 +11,11 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
-from irmd.identity import Program
+from irmd.identity import Peer, Program, proc_start
 from irmd.reg.flow import Flow
 from irmd.reg.ipcp import Ipcp, by_preference, wildcard_match
 from irmd.reg.name import LB_IMPLICIT, Name, ProcBinding, ProgBinding, lb_pick, prog_key
-from irmd.reg.proc import Acceptor, may_accept
+from irmd.reg.proc import Acceptor, may_accept, runs_bound_program
 from proto.errors import Busy, InvalidArgument, NotFound
 from proto.names import LB_POLICIES, check_name, name_hash
 
@@ -30,6 +30,7 @@ class Registry:
         self._flows_by_uid: Counter[int] = Counter()
         self._name_seq = itertools.count(1)
         self.started: dict[int, tuple[str, int]] = {}  # pid -> (name it was started for, its start time)
+        self.irmd_proc = (os.getpid(), proc_start(os.getpid()))  # the IRMd itself: what it starts is its own
 
     # -- IPCPs ---------------------------------------------------------
 
@@ -127,7 +128,31 @@ class Registry:
 
     def bound(self, entry: Name, acceptor: Acceptor) -> bool:
         """May `acceptor` take flows for `entry`? (irmd.reg.proc.may_accept)"""
-        return may_accept(entry, acceptor.peer, self.started.get(acceptor.pid), self.irmd_uid)
+        peer = acceptor.peer
+        return may_accept(entry, peer, self.started.get(peer.pid), self.irmd_uid,
+                          lambda pid, start: self.serves(pid, start, peer if pid == peer.pid else None))
+
+    def serves(self, pid: int, start: int, peer: Peer | None = None) -> str:
+        """What process (pid, start) serves of its own, "" if nothing: the IRMd itself, an IPCP it
+        started, a process started for a name or bound to one by pid, or (`peer`, as the kernel
+        describes the process) one running a bound program."""
+        if (pid, start) == self.irmd_proc:
+            return "the IRMd"
+        ipcp = next((i for i in self.ipcps.values() if i.pid == pid and i.start == start), None)
+        if ipcp is not None:
+            return f"ipcp {ipcp.name}"
+        started = self.started.get(pid)
+        if started is not None and started[1] == start:
+            return f"started for {started[0]}"
+        for entry in self.names.values():
+            proc = entry.procs.get(pid)
+            if proc is not None and proc.start == start:
+                return f"bound to {entry.name}"
+        if peer is not None:
+            for entry in self.names.values():
+                if runs_bound_program(entry, peer, self.irmd_uid):
+                    return f"runs a program bound to {entry.name}"
+        return ""
 
     def pick(self, entry: Name, acceptors: list[Acceptor]) -> Acceptor | None:
         """The acceptor that gets the next flow for `entry`, by its lb policy."""

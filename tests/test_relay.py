@@ -1,0 +1,67 @@
+"""The shims' relay (transports.relay) counts each flow's SDUs: sent to the peer, handed to the
+application, and dropped, with the queue that was full. The eth and udp IPCPs share it."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from helpers import wait_for
+
+from ipcp.shim import ShimFlow
+from transports import udp
+from transports.relay import Relay
+from transports.unix import seqpacket_pair
+
+EID = 7
+
+
+@pytest.fixture
+def relayed() -> Iterator[tuple[Relay, ShimFlow, socket.socket, socket.socket]]:
+    """(relay, its flow, the application's end, the peer's UDP socket)."""
+    net = udp.open_udp("127.0.0.1", 0)
+    net.setblocking(False)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+    app, io = seqpacket_pair()
+    flow = ShimFlow(EID, peer.getsockname(), remote_eid=9, relayed=True, io=io, hdr=udp.EID.pack(9))
+    relay = Relay(net, udp.UdpFraming(), 65536, lambda frame, src: None, max_sdu=1400)
+    relay.add(flow)
+    relay.start()
+    try:
+        yield relay, flow, app, peer
+    finally:
+        relay.stop()
+        for s in (net, peer, app, io):
+            s.close()
+
+
+def test_the_relay_counts_a_flows_sdus_each_way(relayed: tuple[Relay, ShimFlow, socket.socket, socket.socket]) -> None:
+    relay, flow, app, peer = relayed
+    for i in range(3):
+        app.send(b"out %d" % i)
+    assert [peer.recv(100)[udp.EID.size:] for _ in range(3)] == [b"out 0", b"out 1", b"out 2"]
+    wait_for(lambda: flow.sent == 3, 5, "the relay to count what it sent")  # (counted once the send returned)
+    for i in range(2):
+        peer.sendto(udp.EID.pack(EID) + b"in %d" % i, relay.net.getsockname())
+    app.settimeout(5)
+    assert [app.recv(100) for _ in range(2)] == [b"in 0", b"in 1"]
+    wait_for(lambda: flow.received == 2, 5, "the relay to count what it handed over")
+    assert (flow.sent, flow.dropped_app, flow.dropped_net) == (3, 0, 0)
+    peer.sendto(udp.EID.pack(EID + 1) + b"for no flow", relay.net.getsockname())
+    wait_for(lambda: relay.dropped == 1, 5, "the stray frame")
+    assert flow.received == 2  # another flow's frame is not this one's
+
+
+def test_sdus_the_application_leaves_unread_are_dropped_and_counted(
+        relayed: tuple[Relay, ShimFlow, socket.socket, socket.socket]) -> None:
+    relay, flow, _app, peer = relayed
+    flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the application's queue: a few SDUs
+    for step in range(1, 11):  # in steps the network's queue holds whole: each SDU reaches the relay
+        for _ in range(20):
+            peer.sendto(udp.EID.pack(EID) + bytes(1000), relay.net.getsockname())
+        wait_for(lambda n=20 * step: flow.received + flow.dropped_app == n, 10, "the relay to take them")
+    sent = 200
+    assert 0 < flow.received < 20 and flow.dropped_app == sent - flow.received == relay.overflow

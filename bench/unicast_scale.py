@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -111,12 +112,10 @@ def _close_all(flows: list[Flow]) -> None:
 
 
 def _ipcp_pid(stack: Stack, name: str) -> int:
-    """The pid of unicast IPCP `name` under `stack`'s IRMd (its command line names both)."""
-    want = f"ipcp\0unicast\0{name}\0{stack.sock}".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if want in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
+    """The pid of IPCP `name` under `stack`'s IRMd, as its `irm ipcp list` says."""
+    for row in json.loads(stack.irm("ipcp", "list", "--json")):
+        if row["name"] == name:
+            return int(row["pid"])
     raise BenchError(f"no IPCP {name} under {stack.sock}")
 
 

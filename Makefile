@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 

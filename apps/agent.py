@@ -87,8 +87,11 @@ class Agent:
         """The agent runs as the client, who could make it pass anything: take only a
         connection to our own IRMd."""
         try:
-            ok = (conn.family == socket.AF_UNIX and conn.type == socket.SOCK_SEQPACKET
-                  and (self.irmd_pid is None or peer_pid(conn) == self.irmd_pid))
+            ok = (
+                conn.family == socket.AF_UNIX
+                and conn.type == socket.SOCK_SEQPACKET
+                and (self.irmd_pid is None or peer_pid(conn) == self.irmd_pid)
+            )
         except OSError:
             ok = False
         if not ok:

@@ -98,9 +98,16 @@ def on_signals(stop: Callable[[], None]) -> None:
         signal.signal(sig, lambda *_: stop())
 
 
-def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout: float,
-          poll: bool = False, banner: str = "", on_end: Callable[[Flow], None] | None = None,
-          on_tick: Callable[[float], None] | None = None, max_flows: int = 0) -> None:
+def serve(
+    tool: str,
+    on_sdu: Callable[[Flow, bytes], bytes | None],
+    idle_timeout: float,
+    poll: bool = False,
+    banner: str = "",
+    on_end: Callable[[Flow], None] | None = None,
+    on_tick: Callable[[float], None] | None = None,
+    max_flows: int = 0,
+) -> None:
     """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM.
 
     `poll` spins on fevent without sleeping (C's `--poll`: lower latency, a core busy);
@@ -113,9 +120,15 @@ def serve(tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout
 class Server:
     """One thread, one FlowSet that listens for new flows; idle flows reaped."""
 
-    def __init__(self, tool: str, on_sdu: Callable[[Flow, bytes], bytes | None], idle_timeout: float,
-                 on_end: Callable[[Flow], None] | None = None, on_tick: Callable[[float], None] | None = None,
-                 max_flows: int = 0) -> None:
+    def __init__(
+        self,
+        tool: str,
+        on_sdu: Callable[[Flow, bytes], bytes | None],
+        idle_timeout: float,
+        on_end: Callable[[Flow], None] | None = None,
+        on_tick: Callable[[float], None] | None = None,
+        max_flows: int = 0,
+    ) -> None:
         self.tool = tool
         self.on_sdu = on_sdu
         self.on_end = on_end
@@ -211,8 +224,10 @@ def stack_report(flow: Flow, lost: int) -> list[str]:
     lines = []
     if (f := stats.frct) is not None:
         rtt = f"{f.rtt * 1000:.3f} ms" if f.rtt is not None else "not measured"
-        lines.append(f"frct: {f.sent} sent, {f.received} received, {f.retransmitted} retransmitted, "
-                     f"{f.dropped} dropped, srtt {rtt}")
+        lines.append(
+            f"frct: {f.sent} sent, {f.received} received, {f.retransmitted} retransmitted, "
+            f"{f.dropped} dropped, srtt {rtt}"
+        )
     if (ipcp := stats.ipcp) is not None and lost > 0:
         if ipcp.where():
             lines.append(f"{lost} lost; {ipcp.where()}")

@@ -62,16 +62,32 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ouroboros-demo-") as tmp:
         sock = Path(tmp) / "irmd.sock"
         bindir = str(Path(sys.executable).parent)  # the venv's console scripts, for us and the IRMd
-        env = dict(os.environ, OUROBOROS_SOCK=str(sock), PATH=f"{bindir}:{os.environ.get('PATH', '')}",
-                   DEMO_DIR=tmp, DEMO_PORT=str(_free_udp_port()), HOME=str(Path(tmp) / "home"))
+        env = dict(
+            os.environ,
+            OUROBOROS_SOCK=str(sock),
+            PATH=f"{bindir}:{os.environ.get('PATH', '')}",
+            DEMO_DIR=tmp,
+            DEMO_PORT=str(_free_udp_port()),
+            HOME=str(Path(tmp) / "home"),
+        )
         if subprocess.run(["sh", "-ec", SETUP], env=env).returncode != 0:
             print("demo: setting up the scratch directory failed", file=sys.stderr)
             return 1
         print(f"$ irmd --config {config} --log {log}", flush=True)
         ready = ReadyListener(Path(tmp) / "notify.sock")
-        irmd = subprocess.Popen([shutil.which("irmd", path=env["PATH"]) or "irmd", "--sock", str(sock),
-                                 "--config", str(config), "--log", str(log)], env=env | ready.env,
-                                stdin=subprocess.DEVNULL)
+        irmd = subprocess.Popen(
+            [
+                shutil.which("irmd", path=env["PATH"]) or "irmd",
+                "--sock",
+                str(sock),
+                "--config",
+                str(config),
+                "--log",
+                str(log),
+            ],
+            env=env | ready.env,
+            stdin=subprocess.DEVNULL,
+        )
         failed = False
         try:
             failed = not ready.wait(lambda: irmd.poll() is None, BOOT_TIMEOUT)

@@ -49,8 +49,11 @@ def _capturing() -> Iterator[None]:
 
 def tools() -> dict[str, str]:
     """The console scripts of this package: name -> module:function."""
-    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
-            if ep.dist is not None and ep.dist.name == PACKAGE}
+    return {
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group="console_scripts")
+        if ep.dist is not None and ep.dist.name == PACKAGE
+    }
 
 
 def parser_of(entry: str) -> argparse.ArgumentParser:
@@ -66,8 +69,9 @@ def parser_of(entry: str) -> argparse.ArgumentParser:
 
 
 def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    return {name: sub for a in p._actions if isinstance(a, argparse._SubParsersAction)
-            for name, sub in a.choices.items()}
+    return {
+        name: sub for a in p._actions if isinstance(a, argparse._SubParsersAction) for name, sub in a.choices.items()
+    }
 
 
 def _options(p: argparse.ArgumentParser) -> list[str]:
@@ -96,8 +100,10 @@ def _case(prog: str, table: dict[str, list[str]]) -> str:
     (`irm ipcp bootstrap`, `styx serve`) among the words typed so far, options and values aside."""
     fn = "_ouroboros_" + re.sub(r"\W", "_", prog)
     table = {"": [], **table}  # the top level ends the search
-    arms = "\n".join(f"            {shlex.quote(path) if path else _EMPTY}) words={shlex.quote(' '.join(words))}; "
-                     "break ;;" for path, words in table.items())
+    arms = "\n".join(
+        f"            {shlex.quote(path) if path else _EMPTY}) words={shlex.quote(' '.join(words))}; break ;;"
+        for path, words in table.items()
+    )
     return f"""{fn}() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} path="" w words=""
     for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
@@ -146,14 +152,35 @@ def bash_completion() -> str:
         if prog == "irm":
             out.append(_case(prog, _irm_table()))
         elif prog == "plumb":
-            out.append(_case(prog, {"": ["-q", "-v", "-V", "-i", "-l", "-recipe=", "-user=", "-infifo=", "-outfifo=",
-                                         "-socket=", "-export=", "-key=", "--help", "--version"]}))
+            out.append(
+                _case(
+                    prog,
+                    {
+                        "": [
+                            "-q",
+                            "-v",
+                            "-V",
+                            "-i",
+                            "-l",
+                            "-recipe=",
+                            "-user=",
+                            "-infifo=",
+                            "-outfifo=",
+                            "-socket=",
+                            "-export=",
+                            "-key=",
+                            "--help",
+                            "--version",
+                        ]
+                    },
+                )
+            )
         else:
             out.append(_case(prog, _table(parser_of(entry))))
     return "\n".join(out)
 
 
-ZSH = f"""#compdef {' '.join(['irm', 'irmd'])}
+ZSH = f"""#compdef {" ".join(["irm", "irmd"])}
 # zsh completion for the {PACKAGE} tools: the bash completion, through zsh's bashcompinit.
 autoload -U +X bashcompinit && bashcompinit
 source "${{0:A:h}}/../bash/{PACKAGE}"
@@ -183,14 +210,26 @@ def man_page(prog: str, p: argparse.ArgumentParser | None, usage: str = "") -> s
     today = datetime.date.today().isoformat()
     version = version_text(prog)
     synopsis = usage or (p.format_usage().removeprefix("usage: ") if p else prog)
-    lines = [f'.TH {prog.upper()} 1 "{today}" "{_roff(version)}" "{PACKAGE} manual"', ".SH NAME",
-             f"{_roff(prog)} \\- {_roff((p.description if p else '') or 'a tool of ' + PACKAGE)}",
-             ".SH SYNOPSIS", ".nf", _roff(synopsis.rstrip()), ".fi"]
+    lines = [
+        f'.TH {prog.upper()} 1 "{today}" "{_roff(version)}" "{PACKAGE} manual"',
+        ".SH NAME",
+        f"{_roff(prog)} \\- {_roff((p.description if p else '') or 'a tool of ' + PACKAGE)}",
+        ".SH SYNOPSIS",
+        ".nf",
+        _roff(synopsis.rstrip()),
+        ".fi",
+    ]
     if p is not None:
         lines += [".SH OPTIONS", *_option_lines(p)]
         for name, sub in _subparsers(p).items():
-            lines += [f'.SH "{_roff(prog)} {_roff(name)}"', ".nf", _roff(sub.format_usage().removeprefix("usage: ")),
-                      ".fi", _roff(sub.description or ""), *_option_lines(sub)]
+            lines += [
+                f'.SH "{_roff(prog)} {_roff(name)}"',
+                ".nf",
+                _roff(sub.format_usage().removeprefix("usage: ")),
+                ".fi",
+                _roff(sub.description or ""),
+                *_option_lines(sub),
+            ]
     lines += [".SH SEE ALSO", "irm(1), irmd(1); the documents under docs/ in the source tree"]
     return "\n".join(lines) + "\n"
 

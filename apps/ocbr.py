@@ -37,8 +37,10 @@ class Tally:
         us = max((now - self.iv_start) * 1e6, 1.0)
         packets, nbytes = self.packets - self.iv_packets, self.nbytes - self.iv_bytes
         self.iv_start, self.iv_packets, self.iv_bytes = now, self.packets, self.nbytes
-        return (f"Flow {flow_id:4d}: {packets:9d} packets ({nbytes:12d} bytes) in {us / 1000:9.0f} ms => "
-                f"{packets / us * 1e6:9.4f} pps, {8 * nbytes / us:9.4f} Mbps")
+        return (
+            f"Flow {flow_id:4d}: {packets:9d} packets ({nbytes:12d} bytes) in {us / 1000:9.0f} ms => "
+            f"{packets / us * 1e6:9.4f} pps, {8 * nbytes / us:9.4f} Mbps"
+        )
 
 
 def server(interval: float, timeout: float) -> None:
@@ -61,8 +63,15 @@ def server(interval: float, timeout: float) -> None:
             print(f"Test on flow {flow.flow_id} timed out", flush=True)
             print(t.line(flow.flow_id, time.monotonic()), flush=True)
 
-    serve("cbr", on_sdu, idle_timeout=timeout, on_end=on_end, on_tick=on_tick, max_flows=MAX_FLOWS,
-          banner=f" Interval is {interval:g} s, timeout is {timeout:g} s.")
+    serve(
+        "cbr",
+        on_sdu,
+        idle_timeout=timeout,
+        on_end=on_end,
+        on_tick=on_tick,
+        max_flows=MAX_FLOWS,
+        banner=f" Interval is {interval:g} s, timeout is {timeout:g} s.",
+    )
 
 
 def client(args: argparse.Namespace) -> int:
@@ -85,14 +94,16 @@ def client(args: argparse.Namespace) -> int:
         except FlowError as e:
             print(f"ocbr: {e}", file=sys.stderr)
     ms = max((time.monotonic() - start) * 1000, 1e-3)
-    print(f"sent statistics: {sent:9d} packets, {sent * args.size:12d} bytes in {ms:9.0f} ms, "
-          f"{sent / (ms * 1000) * args.size * 8:4.4f} Mb/s", flush=True)
+    print(
+        f"sent statistics: {sent:9d} packets, {sent * args.size:12d} bytes in {ms:9.0f} ms, "
+        f"{sent / (ms * 1000) * args.size * 8:4.4f} Mb/s",
+        flush=True,
+    )
     return 0 if sent else 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ocbr", description="Sends packets from client to server at a constant "
-                                "bit rate.")
+    p = argparse.ArgumentParser(prog="ocbr", description="Sends packets from client to server at a constant bit rate.")
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("-i", "--interval", type=float, default=1.0, help="server report interval (s)")
     p.add_argument("-t", "--timeout", type=float, default=1.0, help="server timeout interval (s)")
@@ -102,12 +113,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-s", "--size", type=int, default=1000, help=f"packet size (B, max {BUF_SIZE} B)")
     p.add_argument("-r", "--rate", type=rate, default=1e6, help="rate (b/s, or with k|M|G)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--sleep", dest="sleep", action="store_true", default=True,
-                     help="sleep in between sending packets (the default)")
+    how.add_argument(
+        "--sleep",
+        dest="sleep",
+        action="store_true",
+        default=True,
+        help="sleep in between sending packets (the default)",
+    )
     how.add_argument("--spin", dest="sleep", action="store_false", help="spin the CPU between sending packets")
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
-    p.add_argument("--alloc-timeout", type=float, default=None,
-                   help="allocation timeout in seconds (ours)")
+    p.add_argument("--alloc-timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
     logs.add_arguments(p, quiet=False)
     add_version(p)

@@ -88,9 +88,12 @@ def server() -> None:
         if rx is None or not rx.sdus:
             return
         secs = max(rx.last - rx.first, 1e-9)
-        print(f"Flow {flow.flow_id}: {rx.sdus} packets ({rx.nbytes} bytes) in {secs * 1000:.0f} ms => "
-              f"{rx.sdus / secs:.4f} pps, {rx.nbytes * 8 / secs / 1e6:.4f} Mbps; {rx.missing} lost, "
-              f"{rx.reordered} out-of-order, {rx.corrupt} corrupt", flush=True)
+        print(
+            f"Flow {flow.flow_id}: {rx.sdus} packets ({rx.nbytes} bytes) in {secs * 1000:.0f} ms => "
+            f"{rx.sdus / secs:.4f} pps, {rx.nbytes * 8 / secs / 1e6:.4f} Mbps; {rx.missing} lost, "
+            f"{rx.reordered} out-of-order, {rx.corrupt} corrupt",
+            flush=True,
+        )
 
     serve("perf", on_sdu, idle_timeout=SERVER_TIMEOUT, on_end=on_end)
 
@@ -162,8 +165,10 @@ def statistics(name: str, sent: int, rcvd: int, size: int, elapsed: float) -> No
     us = max(elapsed * 1e6, 1.0)
     loss = 100 - 100 * rcvd // sent if sent else 0
     print(f"\n--- {name} perf statistics ---")
-    print(f"{sent} packets transmitted, {rcvd} received, {loss}% packet loss, time: {us / 1000:.3f} ms, "
-          f"bandwidth: {rcvd * size * 8 / us:.3f} Mb/s.")
+    print(
+        f"{sent} packets transmitted, {rcvd} received, {loss}% packet loss, time: {us / 1000:.3f} ms, "
+        f"bandwidth: {rcvd * size * 8 / us:.3f} Mb/s."
+    )
 
 
 def client(args: argparse.Namespace) -> int:
@@ -177,11 +182,15 @@ def client(args: argparse.Namespace) -> int:
             flow.write(CONF.pack(args.test))
             time.sleep(1.0)  # as C: the server sets up
             if args.flood:
-                print(f"Flooding {args.name} with {args.size} byte packets for {args.duration:g} seconds.\n",
-                      flush=True)
+                print(
+                    f"Flooding {args.name} with {args.size} byte packets for {args.duration:g} seconds.\n", flush=True
+                )
             else:
-                print(f"Sending {args.size} byte packets for {args.duration:g} s to {args.name} "
-                      f"at {args.rate / 1e6:.3f} Mb/s.\n", flush=True)
+                print(
+                    f"Sending {args.size} byte packets for {args.duration:g} s to {args.name} "
+                    f"at {args.rate / 1e6:.3f} Mb/s.\n",
+                    flush=True,
+                )
             done = threading.Event()
             reader = threading.Thread(target=c.read_echoes, args=(done,), daemon=True) if bi else None
             if reader is not None:
@@ -196,8 +205,10 @@ def client(args: argparse.Namespace) -> int:
                 asked = c.ask()
                 if asked is None:
                     print("The server sent no report (C's operf server keeps none): sender figures only.")
-                    print(f"{c.sent} SDUs sent in {elapsed * 1000:.3f} ms, "
-                          f"{c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s.")
+                    print(
+                        f"{c.sent} SDUs sent in {elapsed * 1000:.3f} ms, "
+                        f"{c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s."
+                    )
                     return 0 if c.sent else 1
                 counts = asked
             report = stack_report(flow, c.sent - counts[0])  # before the flow goes
@@ -205,10 +216,15 @@ def client(args: argparse.Namespace) -> int:
             fail("operf", e)
     rcvd, nbytes, missing, reordered, corrupt = counts
     statistics(args.name, c.sent, rcvd, args.size, elapsed)
-    print(f"{c.sent} SDUs sent, {rcvd} received, {c.sent - rcvd} lost ({missing} gaps in sequence), "
-          f"{reordered} out-of-order, {corrupt} corrupt, time: {elapsed * 1000:.3f} ms")
-    print(f"sender: {c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s ({c.sent / elapsed:.0f} SDUs/s), "
-          f"receiver: {nbytes * 8 / elapsed / 1e6:.3f} Mb/s ({rcvd / elapsed:.0f} SDUs/s)", flush=True)
+    print(
+        f"{c.sent} SDUs sent, {rcvd} received, {c.sent - rcvd} lost ({missing} gaps in sequence), "
+        f"{reordered} out-of-order, {corrupt} corrupt, time: {elapsed * 1000:.3f} ms"
+    )
+    print(
+        f"sender: {c.sent * args.size * 8 / elapsed / 1e6:.3f} Mb/s ({c.sent / elapsed:.0f} SDUs/s), "
+        f"receiver: {nbytes * 8 / elapsed / 1e6:.3f} Mb/s ({rcvd / elapsed:.0f} SDUs/s)",
+        flush=True,
+    )
     for line in report:
         print(line, flush=True)
     return 0 if rcvd and not corrupt else 1
@@ -230,8 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-t", "--test", type=test_type, default=UNI, help="the type of test: uni, bi (default uni)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the operf server")
     p.add_argument("-d", "--duration", type=duration, default=60.0, help="test duration (ms, or 10s; default 60s)")
-    p.add_argument("-r", "--rate", type=lambda t: rate(t, "k"), default=1e6,
-                   help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)")
+    p.add_argument(
+        "-r",
+        "--rate",
+        type=lambda t: rate(t, "k"),
+        default=1e6,
+        help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)",
+    )
     p.add_argument("-s", "--size", type=int, default=1500, help="payload size (B, default 1500)")
     p.add_argument("-f", "--flood", action="store_true", help="send packets as fast as possible")
     p.add_argument("--sleep", action="store_true", help="sleep in between sending packets (rather than spin)")

@@ -133,8 +133,11 @@ class Client:
             if self.args.timeofday:
                 t = time.time()
                 stamp_text = f"[{int(t)}.{int(t % 1 * 1e6):06d}] "
-            print(f"{stamp_text}{len(sdu)} bytes from {self.name}: seq={seq} time={rtt_text(rtt)}"
-                  f"{' [out-of-order]' if late else ''}", flush=True)
+            print(
+                f"{stamp_text}{len(sdu)} bytes from {self.name}: seq={seq} time={rtt_text(rtt)}"
+                f"{' [out-of-order]' if late else ''}",
+                flush=True,
+            )
 
     def paced(self) -> None:
         """C's threaded ping: a request every interval (the first after one), replies until all came
@@ -154,8 +157,11 @@ class Client:
             if now - last_heard > interval + REPLY_WAIT:
                 print("Server timed out.", flush=True)
                 break
-            wake = min(next_send, last_heard + interval + REPLY_WAIT) if self.sent < count \
+            wake = (
+                min(next_send, last_heard + interval + REPLY_WAIT)
+                if self.sent < count
                 else last_heard + interval + REPLY_WAIT
+            )
             if not poller.poll(max(wake - now, 0) * 1000):
                 continue
             try:
@@ -187,13 +193,14 @@ class Client:
         s = self.stats
         loss = math.ceil(100 - 100 * s.n / self.sent) if self.sent else 0
         print(f"\n--- {self.name} ping statistics ---")
-        print(f"{self.sent} packets transmitted, {s.n} received, {self.out_of_order} out-of-order, "
-              f"{loss}% packet loss, time: {elapsed_ms:.3f} ms")
+        print(
+            f"{self.sent} packets transmitted, {s.n} received, {self.out_of_order} out-of-order, "
+            f"{loss}% packet loss, time: {elapsed_ms:.3f} ms"
+        )
         if s.n:
             f, unit = (1000, "µs") if s.mean < 0.1 else (1, "ms")
             mdev = "NaN" if s.n < 2 else f"{s.mdev * f:.3f}"
-            print(f"rtt min/avg/max/mdev = {s.min * f:.3f}/{s.mean * f:.3f}/{s.max * f:.3f}/{mdev} {unit}",
-                  flush=True)
+            print(f"rtt min/avg/max/mdev = {s.min * f:.3f}/{s.mean * f:.3f}/{s.max * f:.3f}/{mdev} {unit}", flush=True)
 
 
 def client(args: argparse.Namespace) -> int:
@@ -221,8 +228,9 @@ def client(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="oping", description="Checks liveness between a client and a server "
-                                "and reports the Round Trip Time (RTT).")
+    p = argparse.ArgumentParser(
+        prog="oping", description="Checks liveness between a client and a server and reports the Round Trip Time (RTT)."
+    )
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("--poll", action="store_true", help="server polls without sleeping (lower latency)")
     p.add_argument("--busy", action="store_true", help="server busy-polls one flow")
@@ -232,8 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-F", "--flood-busy", action="store_true", help="flood, busy-polling for replies")
     p.add_argument("-i", "--interval", type=duration, default=1.0, help="interval (default 1000 ms)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the oping server")
-    p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="raw, best, video, voice, data (and the "
-                   "other presets)")
+    p.add_argument(
+        "-q", "--qos", type=qos_arg, default=qos.raw, help="raw, best, video, voice, data (and the other presets)"
+    )
     p.add_argument("-s", "--size", type=int, default=MIN_SIZE, help="payload size (B, default 64)")
     p.add_argument("-Q", "--quiet", action="store_true", help="only print final statistics")
     p.add_argument("-D", "--timeofday", action="store_true", help="print time of day before each line")

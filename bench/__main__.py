@@ -21,9 +21,20 @@ log = logging.getLogger("bench")
 
 SUITES: dict[str, Suite] = {
     s.name: s
-    for s in (local.SUITE, udp.SUITE, eth.SUITE, unicast.SUITE, unicast_scale.FLOWS_SUITE,
-              unicast_scale.CONVERGE_SUITE, unicast_scale.SIM_SUITE, frct.SUITE, styx.SUITE,
-              ibp.SUITE, netplumb.SUITE, c.SUITE)
+    for s in (
+        local.SUITE,
+        udp.SUITE,
+        eth.SUITE,
+        unicast.SUITE,
+        unicast_scale.FLOWS_SUITE,
+        unicast_scale.CONVERGE_SUITE,
+        unicast_scale.SIM_SUITE,
+        frct.SUITE,
+        styx.SUITE,
+        ibp.SUITE,
+        netplumb.SUITE,
+        c.SUITE,
+    )
 }
 
 

@@ -20,8 +20,18 @@ from typing import Self
 from bench.goals import GOALS, Goal
 
 __all__ = [  # Goal too: suites take it from here
-    "RESULTS", "BenchError", "Goal", "Resource", "Row", "Suite", "SuiteFailed",
-    "median_row", "ops_per_second", "pinned", "table", "write_json",
+    "RESULTS",
+    "BenchError",
+    "Goal",
+    "Resource",
+    "Row",
+    "Suite",
+    "SuiteFailed",
+    "median_row",
+    "ops_per_second",
+    "pinned",
+    "table",
+    "write_json",
 ]
 
 log = logging.getLogger(__name__)

@@ -39,6 +39,7 @@ END_RETRY = 0.05
 END_WAIT = 30.0  # seconds the sender keeps repeating END (it may be lost; a reliable flow may lag)
 RAW = "raw UDP sockets"
 
+
 def free_port(ips: tuple[str, ...]) -> int:
     """A UDP port free on each of `ips` (checked by binding, then released)."""
     rng = random.Random()
@@ -249,8 +250,6 @@ def tput(send: session.Send, recv: session.Recv, timeout: Callable[[float | None
     return one_way(send, recv, timeout, TPUT_SECONDS, TPUT_SIZE)
 
 
-
-
 class RawPeer(Protocol):
     """A baseline: runs a measurement on a fresh pair of raw sockets."""
 
@@ -273,8 +272,14 @@ def _fmt(value: object) -> str:
     return f"{value:.1f} us"
 
 
-def rows(prefix: str, rtts: list[tuple[float, float]], tputs: list[tuple[tuple[float, float], tuple[float, float]]],
-         rtt_goal: Goal | None, tput_goal: Goal | None, raw: str = RAW) -> list[Row]:
+def rows(
+    prefix: str,
+    rtts: list[tuple[float, float]],
+    tputs: list[tuple[tuple[float, float], tuple[float, float]]],
+    rtt_goal: Goal | None,
+    tput_goal: Goal | None,
+    raw: str = RAW,
+) -> list[Row]:
     """The rtt and throughput (SDU/s and MB/s) rows of a flow against its raw baseline."""
     return [
         median_row(f"{prefix}.rtt_{RTT_SIZE}B", "us", [f for f, _ in rtts], [r for _, r in rtts], raw, rtt_goal),

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 NAME = "bench-sink"
 DEPOTS = ("bench-depot1", "bench-depot2")
 PAYLOAD = 32 * 1024 * 1024
-RAW_SIZE = 65_000       # the SDU size IBP's streams use on flows
+RAW_SIZE = 65_000  # the SDU size IBP's streams use on flows
 RAW_SECONDS = 1.0
 TIMEOUT = 60.0
 RAW = "raw qos.data flow"
@@ -33,8 +33,21 @@ def run(runs: int) -> list[Row]:
         stack.spawn([sys.executable, "-m", "bench.peer", "flow", NAME], "flow-server", ready=True)
         stack.irm("name", "register", NAME, "layer", "local")
         for d in DEPOTS:
-            stack.spawn([tool("ibp"), "depot", "--name", d, "--dir", str(stack.dir / d), "--layer", "local",
-                         "--capacity", "8G"], d)
+            stack.spawn(
+                [
+                    tool("ibp"),
+                    "depot",
+                    "--name",
+                    d,
+                    "--dir",
+                    str(stack.dir / d),
+                    "--layer",
+                    "local",
+                    "--capacity",
+                    "8G",
+                ],
+                d,
+            )
         for d in DEPOTS:
             _wait_depot(d)
         data = os.urandom(PAYLOAD)
@@ -42,8 +55,7 @@ def run(runs: int) -> list[Row]:
         for i in range(runs):
             raws.append(_raw())
             s, ld, c = _ibp(data)
-            log.info("ibp run %d/%d: store %.0f, load %.0f, copy %.0f, raw %.0f MB/s", i + 1, runs, s, ld, c,
-                     raws[-1])
+            log.info("ibp run %d/%d: store %.0f, load %.0f, copy %.0f, raw %.0f MB/s", i + 1, runs, s, ld, c, raws[-1])
             stores.append(s)
             loads.append(ld)
             copies.append(c)

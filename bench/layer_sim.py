@@ -274,8 +274,11 @@ def _verify_once() -> Iterator[None]:
             hit = encoded[id(msg)] = (msg, real(msg))
         return hit[1]
 
-    patches = [(auth.__dict__, "verify", functools.lru_cache(maxsize=1 << 16)(auth.verify)),
-               (routing.__dict__, "signed_part", signed_part), (directory.__dict__, "signed_part", signed_part)]
+    patches = [
+        (auth.__dict__, "verify", functools.lru_cache(maxsize=1 << 16)(auth.verify)),
+        (routing.__dict__, "signed_part", signed_part),
+        (directory.__dict__, "signed_part", signed_part),
+    ]
     saved = [(space, name, space[name]) for space, name, _ in patches]
     for space, name, value in patches:
         space[name] = value

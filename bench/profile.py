@@ -344,8 +344,10 @@ def pass_pyspy(load: Load, procs: dict[int, str], seconds: float, out: Path, nam
     }  # fmt: skip
     time.sleep(0.5)
     load.run(seconds)
-    lines = ["  py-spy: each process's CPU samples (waits in epoll/futex/poll left out) by leaf frame,"
-             " then by the innermost Python frame (with what it calls)"]
+    lines = [
+        "  py-spy: each process's CPU samples (waits in epoll/futex/poll left out) by leaf frame,"
+        " then by the innermost Python frame (with what it calls)"
+    ]
     for pid, rec in recorders.items():
         with contextlib.suppress(subprocess.TimeoutExpired):
             rec.wait(seconds + 10)
@@ -374,8 +376,11 @@ def _idle(stack: str) -> bool:
     if "take_gil" in stack:
         return False
     leaf = stack.rsplit(";", 1)[-1]
-    return leaf.startswith(IDLE) or re.match(r"0x[0-9a-f]+ \(libc", leaf) is not None or (
-        leaf.startswith("recvmsg (") and "recv_frame (" in stack)
+    return (
+        leaf.startswith(IDLE)
+        or re.match(r"0x[0-9a-f]+ \(libc", leaf) is not None
+        or (leaf.startswith("recvmsg (") and "recv_frame (" in stack)
+    )
 
 
 def _collapsed(path: Path) -> collections.Counter[str]:

@@ -62,8 +62,15 @@ def run(runs: int) -> list[Row]:
                 client.put("copy.bin", data)
                 writes.append(FILE_SIZE / (time.perf_counter() - t) / 1e6)
                 direct_writes.append(_direct_write(export / "direct.bin", data, chunk))
-                log.info("styx run %d/%d: read %.1f MB/s (direct %.0f), write %.1f MB/s (direct %.0f)",
-                         i + 1, runs, reads[-1], direct_reads[-1], writes[-1], direct_writes[-1])
+                log.info(
+                    "styx run %d/%d: read %.1f MB/s (direct %.0f), write %.1f MB/s (direct %.0f)",
+                    i + 1,
+                    runs,
+                    reads[-1],
+                    direct_reads[-1],
+                    writes[-1],
+                    direct_writes[-1],
+                )
     mb = FILE_SIZE // (1024 * 1024)
     goal = Goal(">=", 0.5)
     return [

@@ -43,10 +43,13 @@ KEY = ("key", "bench-layer-key")  # the .key rows: every N-1 PDU sealed (sequenc
 
 def run(runs: int) -> list[Row]:
     n = min(runs, MAX_RUNS)
-    return [*_line(2, n, "unicast.1hop", Goal(">=", 0.5), Goal("<=", 2.0)),
-            *_line(4, n, "unicast.3hop", Goal(">=", 0.3)),
-            *_line(2, n, "unicast.1hop.key", None, key=KEY), *_line(4, n, "unicast.3hop.key", None, key=KEY),
-            *(_forward_cost(size, runs) for size in (64, 1400))]
+    return [
+        *_line(2, n, "unicast.1hop", Goal(">=", 0.5), Goal("<=", 2.0)),
+        *_line(4, n, "unicast.3hop", Goal(">=", 0.3)),
+        *_line(2, n, "unicast.1hop.key", None, key=KEY),
+        *_line(4, n, "unicast.3hop.key", None, key=KEY),
+        *(_forward_cost(size, runs) for size in (64, 1400)),
+    ]
 
 
 @contextlib.contextmanager
@@ -83,8 +86,16 @@ def _forward_us(size: int, burst: int, sealed: bool) -> float:
     drain.setblocking(False)
     keys = (b"\x01" * 32, b"\x02" * 32)
     room = N1_MTU - (auth.SEAL if sealed else 0)
-    links = [Link(hop, out if hop == 3 else socket.socket(), auth.Sealer(k) if sealed else None,
-                  auth.Opener(k) if sealed else None, room=room) for hop, k in zip((2, 3), keys, strict=True)]
+    links = [
+        Link(
+            hop,
+            out if hop == 3 else socket.socket(),
+            auth.Sealer(k) if sealed else None,
+            auth.Opener(k) if sealed else None,
+            room=room,
+        )
+        for hop, k in zip((2, 3), keys, strict=True)
+    ]
     dt.n1[3], dt.pff = links[1], {9: [3]}
     pdu = fmt.pack(Pci(9, 0, 60, 0, 5)) + b"x" * size
     per_frame = min(MAX_FRAME_PDUS, room // (len(pdu) + FRAMING))
@@ -126,8 +137,9 @@ def line_layer(ex: contextlib.ExitStack, count: int, key: tuple[str, ...]) -> li
     return stacks
 
 
-def _line(count: int, runs: int, prefix: str, tput_goal: Goal | None, rtt_goal: Goal | None = None,
-          key: tuple[str, ...] = ()) -> list[Row]:
+def _line(
+    count: int, runs: int, prefix: str, tput_goal: Goal | None, rtt_goal: Goal | None = None, key: tuple[str, ...] = ()
+) -> list[Row]:
     with contextlib.ExitStack() as ex:
         stacks = line_layer(ex, count, key)
         server, client = stacks[-1], stacks[0]

@@ -46,8 +46,6 @@ CONVERGE_GOAL = 5.0  # seconds
 SIM_MEMBERS = 1000
 
 
-
-
 # -- 10,000 flows ---------------------------------------------------------------------------------
 
 
@@ -85,9 +83,12 @@ def _flows() -> list[Row]:
         per_flow = (_rss_kb(n1) - rss_ipcp) / FLOWS
         app_per_flow = (_rss_kb(os.getpid()) - rss_app) / FLOWS
         log.info("IPCP n1: %.2f kB per flow; this application: %.2f kB per flow", per_flow, app_per_flow)
-    return [median_row("unicast.flows_10k.alloc", "flows/s", [rest], [first], f"the first {FIRST} flows"),
-            median_row("unicast.flows_10k.ipcp_kB_per_flow", "kB", [per_flow], [app_per_flow],
-                       "the application's memory per flow")]
+    return [
+        median_row("unicast.flows_10k.alloc", "flows/s", [rest], [first], f"the first {FIRST} flows"),
+        median_row(
+            "unicast.flows_10k.ipcp_kB_per_flow", "kB", [per_flow], [app_per_flow], "the application's memory per flow"
+        ),
+    ]
 
 
 def _wait_holder(irm: IrmClient) -> None:
@@ -169,12 +170,47 @@ def _converge() -> Row:
         ex.enter_context(member_keys())
         stacks = [ex.enter_context(Stack()) for _ in ips]
         irm = Stack.irm
-        list(pool.map(lambda i: irm(stacks[i], "ipcp", "bootstrap", "name", "u", "type", "udp4", "layer",
-                                    hosts.UDP_LAYER, "ip", ips[i], "port", str(port),
-                                    *(("peer", ips[0]) if i else ())), range(MEMBERS)))
+        list(
+            pool.map(
+                lambda i: irm(
+                    stacks[i],
+                    "ipcp",
+                    "bootstrap",
+                    "name",
+                    "u",
+                    "type",
+                    "udp4",
+                    "layer",
+                    hosts.UDP_LAYER,
+                    "ip",
+                    ips[i],
+                    "port",
+                    str(port),
+                    *(("peer", ips[0]) if i else ()),
+                ),
+                range(MEMBERS),
+            )
+        )
         irm(stacks[0], "ipcp", "bootstrap", "type", "unicast", "name", "n0", "layer", LAYER, "autobind")
-        list(pool.map(lambda i: irm(stacks[i], "ipcp", "enroll", "type", "unicast", "name", f"n{i}", "layer",
-                                    LAYER, "dst", "n0", "autobind"), range(1, MEMBERS)))
+        list(
+            pool.map(
+                lambda i: irm(
+                    stacks[i],
+                    "ipcp",
+                    "enroll",
+                    "type",
+                    "unicast",
+                    "name",
+                    f"n{i}",
+                    "layer",
+                    LAYER,
+                    "dst",
+                    "n0",
+                    "autobind",
+                ),
+                range(1, MEMBERS),
+            )
+        )
         formed = time.monotonic()
         list(pool.map(lambda e: irm(stacks[e[0]], "ipcp", "connect", "name", f"n{e[0]}", "dst", f"n{e[1]}"), edges))
         up = time.monotonic()
@@ -190,8 +226,7 @@ def _converge() -> Row:
             if time.monotonic() - up > 120:
                 raise BenchError(f"{MEMBERS} LSDBs still differ after 120 s: {digests.most_common(3)}")
     log.info("%d LSDBs identical %.2f s after the last adjacency came up", MEMBERS, took)
-    return median_row(f"unicast.converge_{MEMBERS}", "s", [took], [CONVERGE_GOAL], "the goal",
-                      Goal("<=", 1.0))
+    return median_row(f"unicast.converge_{MEMBERS}", "s", [took], [CONVERGE_GOAL], "the goal", Goal("<=", 1.0))
 
 
 def _lsdb(irm: IrmClient, name: str) -> tuple[str, int]:
@@ -218,21 +253,39 @@ def _simulated() -> list[Row]:
     links = sum(len(nbs) for nbs in graph.values()) // 2
     flood = 2 * links - SIM_MEMBERS + 1  # each member passes each LSU to each neighbour but its sender
     floor = layer_sim.diameter(graph) * layer_sim.LATENCY
-    log.info("simulated %d members: converged at %.1f ms; per member %s", SIM_MEMBERS, sim.converged_at * 1e3,
-             {k: round(v / SIM_MEMBERS, 1) for k, v in sent.items()})
-    return [median_row(f"unicast.sim_{SIM_MEMBERS}.converge", "ms", [sim.converged_at * 1e3], [floor * 1e3],
-                       "diameter x per-hop latency"),
-            median_row(f"unicast.sim_{SIM_MEMBERS}.msgs_per_member", "msgs", [per_member], [flood],
-                       "the flood's LSUs alone")]
+    log.info(
+        "simulated %d members: converged at %.1f ms; per member %s",
+        SIM_MEMBERS,
+        sim.converged_at * 1e3,
+        {k: round(v / SIM_MEMBERS, 1) for k, v in sent.items()},
+    )
+    return [
+        median_row(
+            f"unicast.sim_{SIM_MEMBERS}.converge",
+            "ms",
+            [sim.converged_at * 1e3],
+            [floor * 1e3],
+            "diameter x per-hop latency",
+        ),
+        median_row(
+            f"unicast.sim_{SIM_MEMBERS}.msgs_per_member", "msgs", [per_member], [flood], "the flood's LSUs alone"
+        ),
+    ]
 
 
 # Three suites, each under bench's time limit of its own.
 FLOWS_SUITE = Suite("unicast_flows", "10,000 flows held open through one unicast IPCP", lambda runs: _flows())
 # 150 Python processes on loopback take minutes to start on 2 CPUs: only when named.
-CONVERGE_SUITE = Suite("unicast_converge", "a unicast layer of 50 members converges (opt-in: several minutes)",
-                       lambda runs: [_converge()], time_limit=600, default=False)
-SIM_SUITE = Suite("unicast_sim", "a unicast layer of 1,000 simulated members", lambda runs: _simulated(),
-                  time_limit=300)
+CONVERGE_SUITE = Suite(
+    "unicast_converge",
+    "a unicast layer of 50 members converges (opt-in: several minutes)",
+    lambda runs: [_converge()],
+    time_limit=600,
+    default=False,
+)
+SIM_SUITE = Suite(
+    "unicast_sim", "a unicast layer of 1,000 simulated members", lambda runs: _simulated(), time_limit=300
+)
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "hold":

@@ -1,8 +1,8 @@
 """The application library: allocate flows to names, read and write them, wait on many.
 
-    from flowlib import flow_alloc, qos
-    with flow_alloc("pong", qos=qos.raw) as f:
-        f.write(b"hi"); print(f.read())
+from flowlib import flow_alloc, qos
+with flow_alloc("pong", qos=qos.raw) as f:
+    f.write(b"hi"); print(f.read())
 """
 
 from flowlib import qos

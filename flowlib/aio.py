@@ -51,6 +51,7 @@ async def _ready(fd: int, write: bool) -> None:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+
     def wake() -> None:
         if not fut.done():
             fut.set_result(None)
@@ -62,8 +63,9 @@ async def _ready(fd: int, write: bool) -> None:
         remove(fd)
 
 
-async def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None,
-                     encrypt: bool = False) -> AsyncFlow:
+async def flow_alloc(
+    name: str, qos: QosSpec | None = None, timeout: float | None = None, encrypt: bool = False
+) -> AsyncFlow:
     alloc = functools.partial(_alloc, name, qos, timeout, encrypt=encrypt)
     return AsyncFlow(await asyncio.get_running_loop().run_in_executor(None, alloc))
 

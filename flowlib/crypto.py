@@ -81,8 +81,9 @@ class PacketCrypto:
     the replay window only; rotating takes it too, so two threads never rotate one key twice.
     """
 
-    def __init__(self, cipher: int, key: bytes, server: bool, seq_iv: bool = False,
-                 rotation_bit: int = ROTATION_BIT) -> None:
+    def __init__(
+        self, cipher: int, key: bytes, server: bool, seq_iv: bool = False, rotation_bit: int = ROTATION_BIT
+    ) -> None:
         if cipher not in CIPHERS:
             raise ValueError(f"cipher NID {cipher} is not one flows use")
         if len(key) != KEY_SIZE:

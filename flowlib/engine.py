@@ -80,8 +80,16 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="flow-engine", daemon=True)
         self._thread.start()
 
-    def wrap(self, fd: int, mtu: int, frct: Frct | None, crypto: PacketCrypto | None, *, with_crc: bool = False,
-             live: Liveness | None = None) -> tuple[int, Session]:
+    def wrap(
+        self,
+        fd: int,
+        mtu: int,
+        frct: Frct | None,
+        crypto: PacketCrypto | None,
+        *,
+        with_crc: bool = False,
+        live: Liveness | None = None,
+    ) -> tuple[int, Session]:
         """Take over the IPCP's socket; returns the fd the application uses instead."""
         if sys.getswitchinterval() == DEFAULT_SWITCH:
             # Every SDU crosses from the application's thread to this one: with the default 5 ms
@@ -427,4 +435,3 @@ def running() -> Engine | None:
     """The process's engine if it was started, without starting it."""
     e = _engine
     return e if e is not None and e.pid == os.getpid() else None
-

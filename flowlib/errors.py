@@ -16,5 +16,18 @@ from proto.errors import (
     from_remote,
 )
 
-__all__ = ["FlowDown", "FlowError", "FlowPeer", "FlowReset", "FlowTimeout", "FlowWouldBlock", "InvalidArgument",
-           "IrmdUnreachable", "LayerDown", "NameNotFound", "PermissionDenied", "QosNotSupported", "from_remote"]
+__all__ = [
+    "FlowDown",
+    "FlowError",
+    "FlowPeer",
+    "FlowReset",
+    "FlowTimeout",
+    "FlowWouldBlock",
+    "InvalidArgument",
+    "IrmdUnreachable",
+    "LayerDown",
+    "NameNotFound",
+    "PermissionDenied",
+    "QosNotSupported",
+    "from_remote",
+]

@@ -69,8 +69,9 @@ class Flow:
     written in the caller's thread; the engine still keeps it alive (keepalives, FLOW_PEER).
     """
 
-    def __init__(self, reply: m.FlowReply, fd: int, irm: IrmClient, *, with_crc: bool = False,
-                 session: Session | None = None) -> None:
+    def __init__(
+        self, reply: m.FlowReply, fd: int, irm: IrmClient, *, with_crc: bool = False, session: Session | None = None
+    ) -> None:
         self.flow_id = reply.flow_id
         self.layer = reply.layer
         self.name = reply.name
@@ -172,8 +173,9 @@ class Flow:
             self._part_done = partial and n == count
             return sdu
         if not partial:
-            raise InvalidArgument(f"flow {self.flow_id}: an SDU of {n} bytes does not fit in {count} "
-                                  f"(FLOWFRNOPART): dropped")
+            raise InvalidArgument(
+                f"flow {self.flow_id}: an SDU of {n} bytes does not fit in {count} (FLOWFRNOPART): dropped"
+            )
         self._pending = sdu[count:]
         return sdu[:count]
 
@@ -266,8 +268,10 @@ class Flow:
 
     def _down(self) -> FlowDown:
         if self._live.peer:
-            return FlowPeer(f"flow {self.flow_id} to {self.name or 'its peer'}: the peer was silent for "
-                            f"{self._live.timeout:g} s (FLOW_PEER)")
+            return FlowPeer(
+                f"flow {self.flow_id} to {self.name or 'its peer'}: the peer was silent for "
+                f"{self._live.timeout:g} s (FLOW_PEER)"
+            )
         if self._live.down:
             return FlowDown(f"flow {self.flow_id} to {self.name or 'its peer'} is down (FLOWFDOWN)")
         if self._session is not None and self._session.error is not None:
@@ -502,8 +506,15 @@ def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto) -
     return flow
 
 
-def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = None,
-               *, encrypt: bool = False, accept_new: bool | None = None, irm: IrmClient | None = None) -> Flow:
+def flow_alloc(
+    name: str,
+    qos: QosSpec | None = None,
+    timeout: float | None = None,
+    *,
+    encrypt: bool = False,
+    accept_new: bool | None = None,
+    irm: IrmClient | None = None,
+) -> Flow:
     """Allocate a flow to `name` through whichever layer reaches it.
 
     qos.data (loss 0) makes it reliable and in order; encrypt=True (or qos.cypher_s) makes it
@@ -528,8 +539,9 @@ def flow_alloc(name: str, qos: QosSpec | None = None, timeout: float | None = No
     return flow
 
 
-def flow_join(layer: str, qos: QosSpec | None = None, timeout: float | None = None,
-              *, irm: IrmClient | None = None) -> Flow:
+def flow_join(
+    layer: str, qos: QosSpec | None = None, timeout: float | None = None, *, irm: IrmClient | None = None
+) -> Flow:
     """Join a broadcast layer: what this flow writes reaches every other joined flow.
 
     No keepalives (qos timeout 0, as C's joins): a broadcast flow has many peers, not one.
@@ -539,8 +551,7 @@ def flow_join(layer: str, qos: QosSpec | None = None, timeout: float | None = No
     return Flow(reply, fd, irm)
 
 
-def flow_accept(qos: QosSpec | None = None, timeout: float | None = None,
-                *, irm: IrmClient | None = None) -> Flow:
+def flow_accept(qos: QosSpec | None = None, timeout: float | None = None, *, irm: IrmClient | None = None) -> Flow:
     """Wait for a flow to one of the names this process is bound to.
 
     `qos`, if given, is the minimum the caller takes; weaker flows are refused. With qos.cypher_s

@@ -24,8 +24,7 @@ from flowlib.recovery import SEQ_MOD, Recovery, Sent, before, distance
 PCI = struct.Struct("!III")
 DATA, DRF, ACK, FC, RDVS, FFGM, MFGM = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
 SACK = 0x80  # ours: a pure ack followed by blocks [start, end) of PDUs held out of order (RFC 2018's idea)
-FLAG_NAMES = {DATA: "DATA", DRF: "DRF", ACK: "ACK", FC: "FC", RDVS: "RDVS", FFGM: "FFGM", MFGM: "MFGM",
-              SACK: "SACK"}
+FLAG_NAMES = {DATA: "DATA", DRF: "DRF", ACK: "ACK", FC: "FC", RDVS: "RDVS", FFGM: "FFGM", MFGM: "MFGM", SACK: "SACK"}
 RWE_MASK = 0xFFFFFF
 SACK_BLOCK = struct.Struct("!II")
 MAX_SACK_BLOCKS = 8
@@ -106,8 +105,16 @@ def _pack(flags: int, rwe: int, seqno: int, ackno: int) -> bytes:
 class Frct:
     """One end of a flow with FRCT; `reliable` (qos loss 0) adds acks and retransmission to ordering."""
 
-    def __init__(self, mtu: int, reliable: bool, *, rcv_buf: int = RCV_BUF, app_mtu: int = APP_MTU,
-                 r_timeout: float = DELT_R, isn: Callable[[], int] = _random_seq) -> None:
+    def __init__(
+        self,
+        mtu: int,
+        reliable: bool,
+        *,
+        rcv_buf: int = RCV_BUF,
+        app_mtu: int = APP_MTU,
+        r_timeout: float = DELT_R,
+        isn: Callable[[], int] = _random_seq,
+    ) -> None:
         if mtu <= PCI.size:
             raise ValueError(f"an MTU of {mtu} leaves no room for the {PCI.size}-byte FRCT PCI")
         self.reliable = reliable

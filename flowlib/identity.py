@@ -104,8 +104,9 @@ class KnownNames:
             os.close(fd)
 
 
-def server_identity(name: str, reply: m.FlowReply, accept_new: bool | None = None,
-                    known: KnownNames | None = None) -> Peer | None:
+def server_identity(
+    name: str, reply: m.FlowReply, accept_new: bool | None = None, known: KnownNames | None = None
+) -> Peer | None:
     """The allocating side's check of who answered for `name`: a certificate the IRMd verified
     against its CA store; else the user's pin for the name (an unknown key only with accept-new,
     a changed one never); no certificate at all passes only for names with no pin."""
@@ -127,12 +128,14 @@ def server_identity(name: str, reply: m.FlowReply, accept_new: bool | None = Non
         raise AuthenticationFailed(
             f"the key of {name!r} has CHANGED: {known.path} has {', '.join(pins)}, the peer presented "
             f"{peer.fingerprint} ({peer.subject}); someone may be impersonating {name!r}. Refused; if the "
-            f"change is expected, remove the old line from {known.path}")
+            f"change is expected, remove the old line from {known.path}"
+        )
     if not accept_new:
         raise AuthenticationFailed(
             f"{name!r} presented key {peer.fingerprint} ({peer.subject}), which neither this IRMd's CA store "
             f"nor {known.path} vouches for; refused. Pin it with {STRICT_ENV}=accept-new (or accept_new=True), "
-            f"or add `{name} {peer.fingerprint}` to {known.path}")
+            f"or add `{name} {peer.fingerprint}` to {known.path}"
+        )
     known.add(name, peer)
     return dataclasses.replace(peer, verified="new")
 

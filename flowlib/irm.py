@@ -33,8 +33,7 @@ MAX_ENDED = 4096  # flows whose end the IRMd told us of, kept until asked or clo
 class IrmClient:
     """This process as the IRMd knows it."""
 
-    def __init__(self, path: Path | None = None, *, sock: socket.socket | None = None,
-                 prog: str | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, sock: socket.socket | None = None, prog: str | None = None) -> None:
         """sock: a connection to the IRMd made by another process, whose credentials it carries
         (a server's agent for a client); prog: the program name to announce instead of ours."""
         self.pid = os.getpid()
@@ -59,8 +58,9 @@ class IrmClient:
         os.close(self.wakeup_fd)
         self.wakeup_fd = -1
 
-    def alloc(self, name: str, qos: QosSpec | None, timeout: float | None,
-              join: bool = False) -> tuple[m.FlowReply, int]:
+    def alloc(
+        self, name: str, qos: QosSpec | None, timeout: float | None, join: bool = False
+    ) -> tuple[m.FlowReply, int]:
         reply, fds = call(
             self.channel, m.FlowAlloc(name, qos or raw, timeout, join),
             None if timeout is None else timeout + REPLY_MARGIN,

@@ -15,5 +15,17 @@ from proto.qos import (
     voice,
 )
 
-__all__ = ["DEFAULT_PEER_TIMEOUT", "PRESETS", "UINT32_MAX", "UINT64_MAX", "QosSpec", "best_effort", "by_name",
-           "data", "raw", "raw_no_errors", "video", "voice"]
+__all__ = [
+    "DEFAULT_PEER_TIMEOUT",
+    "PRESETS",
+    "UINT32_MAX",
+    "UINT64_MAX",
+    "QosSpec",
+    "best_effort",
+    "by_name",
+    "data",
+    "raw",
+    "raw_no_errors",
+    "video",
+    "voice",
+]

@@ -138,8 +138,11 @@ class Recovery:
         budget = limit  # PDUs all blocks together may name: a forged ack costs at most one window's work
         for start, end in blocks:
             # Only blocks inside what is in flight and no longer than the sender keeps: never trust more.
-            if not (before(self.una, start) and before(start, end)) or before(nxt, end) \
-                    or distance(start, end) > budget:
+            if (
+                not (before(self.una, start) and before(start, end))
+                or before(nxt, end)
+                or distance(start, end) > budget
+            ):
                 continue
             span = distance(start, end)
             budget -= span

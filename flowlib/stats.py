@@ -46,8 +46,7 @@ class IpcpStats:
     def of(cls, info: m.FlowInfo) -> IpcpStats:
         if info.data != "ipcp":
             return cls(info.ipcp, info.data if info.data == m.DIRECT else "")
-        return cls(info.ipcp, "ipcp", _counted(info.sent), _counted(info.received), _counted(info.dropped),
-                   info.drops)
+        return cls(info.ipcp, "ipcp", _counted(info.sent), _counted(info.received), _counted(info.dropped), info.drops)
 
     def where(self) -> str:
         """Where the stack dropped the flow's SDUs at this end, in words ("" if nowhere it knows of)."""

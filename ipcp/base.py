@@ -76,8 +76,9 @@ class Ipcp:
     async def query(self, digest: bytes) -> bool:
         raise NotImplementedError
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
-                         data: bytes) -> tuple[int, int, bytes]:
+    async def flow_alloc(
+        self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float, data: bytes
+    ) -> tuple[int, int, bytes]:
         """Allocate, carrying `data` (opaque) to the peer; return (mtu, fd of the application's end,
         the data the peer's answer carried)."""
         raise NotImplementedError
@@ -107,8 +108,11 @@ class Ipcp:
 
     def info(self) -> list[m.InfoSection]:
         """What `irm ipcp show` tells of this IPCP; subclasses add sections (and rows to "ipcp")."""
-        return [m.InfoSection("ipcp", ["field", "value"],
-                              [["name", self.name], ["type", self.type], ["layer", self.layer or "-"]])]
+        return [
+            m.InfoSection(
+                "ipcp", ["field", "value"], [["name", self.name], ["type", self.type], ["layer", self.layer or "-"]]
+            )
+        ]
 
     # -- services for subclasses ---------------------------------------------
 
@@ -134,8 +138,9 @@ class Ipcp:
         self.failed = True
         self._done.set()
 
-    async def flow_arrived(self, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes = b"",
-                           src_flow: int = 0, peer: str = "") -> tuple[int, bytes]:
+    async def flow_arrived(
+        self, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes = b"", src_flow: int = 0, peer: str = ""
+    ) -> tuple[int, bytes]:
         """Hand a flow requested by a peer, with the data its request carried, to the IRMd;
         returns the new flow id and the data to carry back in the answer. `peer`: who asks, as
         the layer knows it (the IRMd limits the allocations in flight per peer).
@@ -212,8 +217,9 @@ class Ipcp:
             loop.add_signal_handler(sig, self._done.set)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.connect(str(self.irmd_sock))
-        self.channel = AsyncChannel(sock, m.CODEC, self._handle, name=f"ipcp {self.name}",
-                                    on_close=lambda _: self._done.set())
+        self.channel = AsyncChannel(
+            sock, m.CODEC, self._handle, name=f"ipcp {self.name}", on_close=lambda _: self._done.set()
+        )
         await self.channel.request(m.IpcpAnnounce(self.name, self.type), timeout=10)
         await self._done.wait()
         for task in list(self._tasks):

@@ -92,8 +92,9 @@ class BroadcastIpcp(UnicastIpcp):
     async def reg(self, digest: bytes, register: bool) -> None:
         raise HandlerError("EINVAL", "names are not registered in a broadcast layer; applications join it")
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
-                         data: bytes) -> tuple[int, int, bytes]:
+    async def flow_alloc(
+        self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float, data: bytes
+    ) -> tuple[int, int, bytes]:
         """flow_join: the application's flow is one more tap on the layer."""
         if not await self.query(digest):
             raise HandlerError("ENOENT", "a broadcast layer is joined by its own name")

@@ -45,15 +45,15 @@ class EthDixIpcp(ShimIpcp):
     def _parse_conf(self, conf: dict[str, str]) -> tuple[str, int]:
         """(dev, protocol to bind) from the bootstrap options."""
         if unknown := set(conf) - self.options:
-            raise HandlerError(m.EINVAL, f"unknown {self.type} options {sorted(unknown)}: "
-                                         f"expected {sorted(self.options)}")
+            raise HandlerError(
+                m.EINVAL, f"unknown {self.type} options {sorted(unknown)}: expected {sorted(self.options)}"
+            )
         dev = conf.get("dev", "")
         if not dev:
             raise HandlerError(m.EINVAL, f'{self.type} needs "dev <interface>"')
         self.hash_algo = conf.get("hash", DEFAULT_HASH)
         if self.hash_algo not in HASHES:
-            raise HandlerError(m.EINVAL, f"bad hash {self.hash_algo!r}: "
-                                         f"expected one of {', '.join(HASHES)}")
+            raise HandlerError(m.EINVAL, f"bad hash {self.hash_algo!r}: expected one of {', '.join(HASHES)}")
         text = conf.get("ethertype", hex(eth.DEFAULT_ETHERTYPE))
         try:
             ethertype = int(text, 16)
@@ -88,8 +88,16 @@ class EthDixIpcp(ShimIpcp):
         self.capacity = eth.link_speed(dev)
         hash_len = HASHES[self.hash_algo]().digest_size
         core = ShimCore(self.layout.limited(self.mtu), hash_len=hash_len, own=mac, discovery=False)
-        log.info("%s: %s layer %s on %s (%s), proto 0x%04x, mtu %d", self.name, self.type, layer,
-                 dev, eth.mac_str(mac), proto, self.mtu)
+        log.info(
+            "%s: %s layer %s on %s (%s), proto 0x%04x, mtu %d",
+            self.name,
+            self.type,
+            layer,
+            dev,
+            eth.mac_str(mac),
+            proto,
+            self.mtu,
+        )
         framing = impaired(self.framing, conf.get("impair"))
         return core, Relay(self.sock, framing, BUFSIZE, self.on_mgmt, max_sdu=self.mtu)
 
@@ -119,8 +127,7 @@ class EthLlcIpcp(EthDixIpcp):
 
     def _parse_conf(self, conf: dict[str, str]) -> tuple[str, int]:
         if "ethertype" in conf:
-            raise HandlerError(m.EINVAL, "eth-llc frames carry a length, not an ethertype: "
-                                         "drop the ethertype option")
+            raise HandlerError(m.EINVAL, "eth-llc frames carry a length, not an ethertype: drop the ethertype option")
         dev, _ = super()._parse_conf(conf)
         return dev, eth.ETH_P_802_2
 

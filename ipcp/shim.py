@@ -160,10 +160,19 @@ Event = QueryDone | FlowRequested | AllocDone | FlowEnded
 class ShimCore:
     """Name resolution, flow handshakes, members and peer liveness for one shim IPCP."""
 
-    def __init__(self, layout: Layout, *, hash_len: int, own: Addr, discovery: bool,
-                 encode_addr: Callable[[Addr], bytes] | None = None,
-                 decode_addrs: Callable[[bytes], list[Addr]] | None = None,
-                 peers: Iterable[Addr] = (), limits: Limits = Limits(), cookies: Cookies | None = None) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        hash_len: int,
+        own: Addr,
+        discovery: bool,
+        encode_addr: Callable[[Addr], bytes] | None = None,
+        decode_addrs: Callable[[bytes], list[Addr]] | None = None,
+        peers: Iterable[Addr] = (),
+        limits: Limits = Limits(),
+        cookies: Cookies | None = None,
+    ) -> None:
         self.layout = layout
         self.hash_len = hash_len
         self.own = own
@@ -180,8 +189,9 @@ class ShimCore:
         self._echo: dict[Addr, int] = {}  # a member's latest cookie for us, to prove ourselves without a round trip
         self._page: dict[Addr, int] = {}  # the page of its members to ask a member for next
         self.cookies = cookies or Cookies()
-        self.rates = RateLimits(limits.rate, 2 * limits.rate, limits.strangers_rate, 2 * limits.strangers_rate,
-                                limits.sources)
+        self.rates = RateLimits(
+            limits.rate, 2 * limits.rate, limits.strangers_rate, 2 * limits.strangers_rate, limits.sources
+        )
         self.registered: set[bytes] = set()
         self.cache: dict[bytes, tuple[Addr, float]] = {}
         self.flows: dict[int, ShimFlow] = {}
@@ -223,8 +233,7 @@ class ShimCore:
 
     def get_timer(self) -> float:
         """When handle_timer wants to run next (math.inf: nothing to do until something arrives)."""
-        when = min(self._next_hello if self.members or self.candidates else math.inf, self._next_greet,
-                   self._next_live)
+        when = min(self._next_hello if self.members or self.candidates else math.inf, self._next_greet, self._next_live)
         for p in (*self._queries.values(), *self._allocs.values()):
             when = min(when, p.deadline, p.next_try if p.retry else math.inf)
         return when
@@ -329,11 +338,16 @@ class ShimCore:
     def _known(self, addr: Addr, resolved: bool = False) -> bool:
         """Whether `addr` is more than a claim: a member or configured peer, a peer of flows of ours,
         or (with `resolved`, a linear search) an address we resolved a name to."""
-        return (addr in self.members or addr in self.heard or addr in self._peers
-                or (resolved and any(hit[0] == addr for hit in self.cache.values())))
+        return (
+            addr in self.members
+            or addr in self.heard
+            or addr in self._peers
+            or (resolved and any(hit[0] == addr for hit in self.cache.values()))
+        )
 
-    def alloc(self, digest: bytes, qos: QosSpec, addr: Addr, now: float, timeout: float, data: bytes = b"",
-              port: int = 0) -> ShimFlow:
+    def alloc(
+        self, digest: bytes, qos: QosSpec, addr: Addr, now: float, timeout: float, data: bytes = b"", port: int = 0
+    ) -> ShimFlow:
         """Ask `addr` for a flow, carrying `data`; an AllocDone event follows."""
         flow = ShimFlow(self.new_eid(), addr)
         fields = {"s_eid": flow.eid, **qos_fields(qos), **offer_fields(Offer(qos.cypher_s, port), reply=False)}
@@ -355,8 +369,11 @@ class ShimCore:
         fields = self.layout.reply_fields(req.remote_eid, req.flow.eid)
         frame = self._encode(Kind.FLOW_REPLY, data, **fields, **ext)
         if frame is None or (len(frame) > req.budget and not self._known(req.addr, resolved=True)):
-            self._drop("amplification", f"a flow reply of {len(frame or b'')} bytes to {req.addr}, which sent"
-                                        f" {req.budget // AMPLIFICATION}: configure it as a peer")
+            self._drop(
+                "amplification",
+                f"a flow reply of {len(frame or b'')} bytes to {req.addr}, which sent"
+                f" {req.budget // AMPLIFICATION}: configure it as a peer",
+            )
             return None
         flow = req.flow
         flow.ours, flow.rx_at, flow.tx_at = req.offer is not None, now, now
@@ -685,6 +702,12 @@ class ShimCore:
 
     def counters(self) -> dict[str, int]:
         """Counters and table sizes, for the logs (and `irm ipcp show`)."""
-        return {**self.stats, "flows": len(self.flows), "members": len(self.members),
-                "candidates": len(self.candidates), "rate-tracked sources": len(self.rates),
-                "undecided requests": len(self._deciding), "cached names": len(self.cache)}
+        return {
+            **self.stats,
+            "flows": len(self.flows),
+            "members": len(self.members),
+            "candidates": len(self.candidates),
+            "rate-tracked sources": len(self.rates),
+            "undecided requests": len(self._deciding),
+            "cached names": len(self.cache),
+        }

@@ -53,8 +53,9 @@ class RateLimits:
     """A token bucket per source (the least recently heard forgotten beyond `max_sources`), and one
     bucket shared by every source not known to us, so that changing addresses earns no extra tokens."""
 
-    def __init__(self, rate: float, burst: float, strangers_rate: float, strangers_burst: float,
-                 max_sources: int) -> None:
+    def __init__(
+        self, rate: float, burst: float, strangers_rate: float, strangers_burst: float, max_sources: int
+    ) -> None:
         self.rate, self.burst = rate, burst
         self.max_sources = max_sources
         self._buckets: OrderedDict[Hashable, Bucket] = OrderedDict()

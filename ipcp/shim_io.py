@@ -151,8 +151,9 @@ class ShimIpcp(Ipcp):
             self.core.learn(digest, addr, time.monotonic())
             self._flush()
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
-                         data: bytes) -> tuple[int, int, bytes]:
+    async def flow_alloc(
+        self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float, data: bytes
+    ) -> tuple[int, int, bytes]:
         core = self._core()
         addr = await self._resolve(digest)
         if addr is None:
@@ -305,8 +306,12 @@ class ShimIpcp(Ipcp):
             drops = {k: v for k, v in self.counters().items() if k.startswith("dropped") and v}
             if drops != seen:
                 seen = drops
-                log.info("%s: dropped %d bad frames so far (%s)", self.name, sum(drops.values()),
-                         ", ".join(f"{k.removeprefix('dropped ')} {v}" for k, v in sorted(drops.items())))
+                log.info(
+                    "%s: dropped %d bad frames so far (%s)",
+                    self.name,
+                    sum(drops.values()),
+                    ", ".join(f"{k.removeprefix('dropped ')} {v}" for k, v in sorted(drops.items())),
+                )
 
     def info(self) -> list[m.InfoSection]:
         """`irm ipcp show`: the layer's address and MTU, the counters, the flows and (udp) the members."""
@@ -315,19 +320,34 @@ class ShimIpcp(Ipcp):
         if core is None:
             return sections
         now = time.monotonic()
-        flows = [[*self.flow_counters(f), str(f.eid), str(f.remote_eid) if f.remote_eid else "-",
-                  "ours" if f.ours else "0.23", "relay" if f.relayed else "own socket"]
-                 for f in sorted(core.flows.values(), key=lambda f: f.eid)][:m.INFO_ROWS]
+        flows = [
+            [
+                *self.flow_counters(f),
+                str(f.eid),
+                str(f.remote_eid) if f.remote_eid else "-",
+                "ours" if f.ours else "0.23",
+                "relay" if f.relayed else "own socket",
+            ]
+            for f in sorted(core.flows.values(), key=lambda f: f.eid)
+        ][: m.INFO_ROWS]
         sections += [
-            m.InfoSection("shim", ["field", "value"], [["address", self.show_addr(core.own)],
-                                                       ["mtu", str(self.mtu)], ["hash", self.hash_algo]]),
-            m.InfoSection("counters", ["counter", "value"],
-                          [[k, str(v)] for k, v in sorted(self.counters().items())]),
+            m.InfoSection(
+                "shim",
+                ["field", "value"],
+                [["address", self.show_addr(core.own)], ["mtu", str(self.mtu)], ["hash", self.hash_algo]],
+            ),
+            m.InfoSection("counters", ["counter", "value"], [[k, str(v)] for k, v in sorted(self.counters().items())]),
             m.InfoSection("flows", [*m.FLOW_COUNTERS, "eid", "peer eid", "peer speaks", "data"], flows),
         ]
         if core.discovery:
-            members = [[self.show_addr(a), "configured" if a in core.static_peers else "proven",
-                        f"{now - seen:.0f} s ago" if seen else "never"] for a, seen in core.members.items()]
+            members = [
+                [
+                    self.show_addr(a),
+                    "configured" if a in core.static_peers else "proven",
+                    f"{now - seen:.0f} s ago" if seen else "never",
+                ]
+                for a, seen in core.members.items()
+            ]
             sections.append(m.InfoSection("members", ["member", "how", "last heard"], members))
         return sections
 
@@ -339,16 +359,19 @@ class ShimIpcp(Ipcp):
         peer = self.show_addr(flow.addr)
         if not flow.relayed:
             return direct_counters(flow.flow_id, peer)
-        return flow_counters(flow.flow_id, peer, flow.sent, flow.received,
-                             {DROP_APP: flow.dropped_app, DROP_NET: flow.dropped_net})
+        return flow_counters(
+            flow.flow_id, peer, flow.sent, flow.received, {DROP_APP: flow.dropped_app, DROP_NET: flow.dropped_net}
+        )
 
     def counters(self) -> dict[str, int]:
         """The shim's counters: what it sent and received, what it dropped and why, its tables."""
         out = self.core.counters() if self.core is not None else {}
         if self.relay is not None:
-            out |= {"dropped data (malformed, no flow, wrong peer)": self.relay.dropped,
-                    "dropped data (application slow)": self.relay.overflow,
-                    "keepalives received": self.relay.keepalives}
+            out |= {
+                "dropped data (malformed, no flow, wrong peer)": self.relay.dropped,
+                "dropped data (application slow)": self.relay.overflow,
+                "keepalives received": self.relay.keepalives,
+            }
         out["dropped management (queue full)"] = self.inbox_dropped
         return out
 

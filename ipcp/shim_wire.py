@@ -37,8 +37,7 @@ class Kind(enum.Enum):
 
 
 # Ours: codes Ouroboros 0.23 has no use for; a 0.23 IPCP logs and drops them.
-EXTENSIONS = {Kind.HELLO: 0xB1, Kind.MEMBERS: 0xB2, Kind.NAME_GONE: 0xB5, Kind.DEALLOC: 0xB6,
-              Kind.KEEPALIVE: 0xB7}
+EXTENSIONS = {Kind.HELLO: 0xB1, Kind.MEMBERS: 0xB2, Kind.NAME_GONE: 0xB5, Kind.DEALLOC: 0xB6, Kind.KEEPALIVE: 0xB7}
 KEEPALIVE_ASK = 1
 WANT_MEMBERS = 1  # HELLO response flag: send me a page of members from offset d_eid
 
@@ -51,8 +50,16 @@ COOKIE = struct.Struct("!Q")
 NO_COOKIE = 0
 
 # Ouroboros errnos in FLOW_REPLY `response` (include/ouroboros/errno.h, Linux errno.h), ours by name.
-ERRNO = {m.ENOENT: -1007, m.EPERM: -1, m.ETIMEDOUT: -110, m.EPROTO: -71, m.ENOTSUP: -95, "EAUTH": -1009,
-         "ECRYPT": -1008, "EBUSY": -16}
+ERRNO = {
+    m.ENOENT: -1007,
+    m.EPERM: -1,
+    m.ETIMEDOUT: -110,
+    m.EPROTO: -71,
+    m.ENOTSUP: -95,
+    "EAUTH": -1009,
+    "ECRYPT": -1008,
+    "EBUSY": -16,
+}
 ERRNAME = {v: k for k, v in ERRNO.items()} | {-2: m.ENOENT, -111: m.EPERM}
 
 
@@ -81,15 +88,30 @@ class Mgmt:
 
     def qos(self) -> QosSpec:
         """The QoS a FLOW_REQ asks for (cypher_s rides in our offer, see `offer_of`)."""
-        return QosSpec(self.delay, self.bandwidth, self.availability, self.loss, self.ber, self.in_order,
-                       self.max_gap, self.timeout)
+        return QosSpec(
+            self.delay,
+            self.bandwidth,
+            self.availability,
+            self.loss,
+            self.ber,
+            self.in_order,
+            self.max_gap,
+            self.timeout,
+        )
 
 
 def qos_fields(qos: QosSpec) -> dict[str, int]:
     """The QoS fields of a FLOW_REQ; values beyond a field's width are capped, as 'as much as can be'."""
-    return {"delay": min(qos.delay, 0xFFFFFFFF), "bandwidth": qos.bandwidth, "availability": min(qos.availability, 255),
-            "loss": min(qos.loss, 0xFFFFFFFF), "ber": min(qos.ber, 0xFFFFFFFF), "in_order": min(qos.in_order, 255),
-            "max_gap": min(qos.max_gap, 0xFFFFFFFF), "timeout": min(qos.timeout, 0xFFFFFFFF)}
+    return {
+        "delay": min(qos.delay, 0xFFFFFFFF),
+        "bandwidth": qos.bandwidth,
+        "availability": min(qos.availability, 255),
+        "loss": min(qos.loss, 0xFFFFFFFF),
+        "ber": min(qos.ber, 0xFFFFFFFF),
+        "in_order": min(qos.in_order, 255),
+        "max_gap": min(qos.max_gap, 0xFFFFFFFF),
+        "timeout": min(qos.timeout, 0xFFFFFFFF),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +140,15 @@ def offer_of(msg: Mgmt, reply: bool) -> Offer | None:
 class Layout:
     """One layer's management header, declared once as (field, struct code) in wire order."""
 
-    def __init__(self, name: str, fields: tuple[tuple[str, str], ...], codes: Mapping[Kind, int],
-                 reply_swapped: bool, eids: tuple[int, int], max_size: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        fields: tuple[tuple[str, str], ...],
+        codes: Mapping[Kind, int],
+        reply_swapped: bool,
+        eids: tuple[int, int],
+        max_size: int,
+    ) -> None:
         self.name = name
         self.fields = tuple(f for f, _ in fields)
         self.struct = struct.Struct("!" + "".join(c for _, c in fields))
@@ -141,8 +170,10 @@ class Layout:
         if unknown := set(values) - set(self.fields):
             raise ShimWireError(f"{self.name} management headers have no {sorted(unknown)}")
         if self.size + len(body) > self.max_size:
-            raise ShimWireError(f"{kind.value} of {self.size + len(body)} bytes: {self.name} management"
-                                f" messages take at most {self.max_size}")
+            raise ShimWireError(
+                f"{kind.value} of {self.size + len(body)} bytes: {self.name} management"
+                f" messages take at most {self.max_size}"
+            )
         try:
             return self.struct.pack(*(values.get(f, 0) for f in self.fields)) + body
         except struct.error as e:
@@ -172,16 +203,54 @@ _QOS_ETH = (("loss", "I"), ("bandwidth", "Q"), ("ber", "I"), ("max_gap", "I"), (
 
 # udp4/udp6 (src/ipcpd/udp/udp.c): 47 bytes with the eid, which the data path takes off first.
 # 0.23 resolves udp names through DNS or /etc/hosts; the name query and reply are ours.
-UDP = Layout("udp", (("s_eid", "I"), ("d_eid", "I"), ("response", "i"), *_QOS_UDP,
-                     ("code", "B"), ("availability", "B"), ("in_order", "B")),
-             {Kind.FLOW_REQ: 1, Kind.FLOW_REPLY: 2, Kind.NAME_QUERY: 0xB3, Kind.NAME_REPLY: 0xB4},
-             reply_swapped=False, eids=(1, 0xFFFFFFFF), max_size=2048 - 4)  # MGMT_FRAME_BUF_SIZE, eid included
+UDP = Layout(
+    "udp",
+    (
+        ("s_eid", "I"),
+        ("d_eid", "I"),
+        ("response", "i"),
+        *_QOS_UDP,
+        ("code", "B"),
+        ("availability", "B"),
+        ("in_order", "B"),
+    ),
+    {Kind.FLOW_REQ: 1, Kind.FLOW_REPLY: 2, Kind.NAME_QUERY: 0xB3, Kind.NAME_REPLY: 0xB4},
+    reply_swapped=False,
+    eids=(1, 0xFFFFFFFF),
+    max_size=2048 - 4,
+)  # MGMT_FRAME_BUF_SIZE, eid included
 ETH_CODES = {Kind.FLOW_REQ: 0, Kind.FLOW_REPLY: 1, Kind.NAME_QUERY: 2, Kind.NAME_REPLY: 3}
 # eth-dix (src/ipcpd/eth/eth.c, BUILD_ETH_DIX): 39 bytes.
-ETH_DIX = Layout("eth-dix", (("s_eid", "H"), ("d_eid", "H"), *_QOS_ETH, ("response", "i"),
-                             ("in_order", "B"), ("code", "B"), ("availability", "B")),
-                 ETH_CODES, reply_swapped=True, eids=(1, 0xFFFF), max_size=9000)  # IPCP_ETH_MGMT_FRAME_SIZE
+ETH_DIX = Layout(
+    "eth-dix",
+    (
+        ("s_eid", "H"),
+        ("d_eid", "H"),
+        *_QOS_ETH,
+        ("response", "i"),
+        ("in_order", "B"),
+        ("code", "B"),
+        ("availability", "B"),
+    ),
+    ETH_CODES,
+    reply_swapped=True,
+    eids=(1, 0xFFFF),
+    max_size=9000,
+)  # IPCP_ETH_MGMT_FRAME_SIZE
 # eth-llc (BUILD_ETH_LLC): 37 bytes; the eids are the LLC SAPs, 2 to 63 (SAP 1 is management).
-ETH_LLC = Layout("eth-llc", (("s_eid", "B"), ("d_eid", "B"), ("code", "B"), ("availability", "B"), *_QOS_ETH,
-                             ("response", "i"), ("in_order", "B")),
-                 ETH_CODES, reply_swapped=True, eids=(2, 63), max_size=9000)
+ETH_LLC = Layout(
+    "eth-llc",
+    (
+        ("s_eid", "B"),
+        ("d_eid", "B"),
+        ("code", "B"),
+        ("availability", "B"),
+        *_QOS_ETH,
+        ("response", "i"),
+        ("in_order", "B"),
+    ),
+    ETH_CODES,
+    reply_swapped=True,
+    eids=(2, 63),
+    max_size=9000,
+)

@@ -51,16 +51,20 @@ class UdpIpcp(ShimIpcp):
         try:
             ip = str(ipaddress.ip_address(conf["ip"]))
             port = int(conf.get("port", DEFAULT_PORT))
-            peers: list[tuple[str, int]] = [(str(ipaddress.ip_address(p)), port)
-                                            for p in conf.get("peer", "").split(",") if p]
+            peers: list[tuple[str, int]] = [
+                (str(ipaddress.ip_address(p)), port) for p in conf.get("peer", "").split(",") if p
+            ]
             limits = Limits(members=int(conf.get("members", Limits.members)))
         except (KeyError, ValueError) as e:
             raise HandlerError(m.EINVAL, f"bad {self.type} options: {e}") from None
         if ipaddress.ip_address(ip).version != self.version:
             raise HandlerError(m.EINVAL, f"{ip} is not an IPv{self.version} address")
         if "dns" in conf:
-            log.info("%s: no dynamic DNS here (as a 0.23 build without nsupdate): names resolve through"
-                        " /etc/hosts and the system's resolver", self.name)
+            log.info(
+                "%s: no dynamic DNS here (as a 0.23 build without nsupdate): names resolve through"
+                " /etc/hosts and the system's resolver",
+                self.name,
+            )
         try:
             self.sock = udp.open_udp(ip, port)
         except OSError as e:
@@ -74,15 +78,31 @@ class UdpIpcp(ShimIpcp):
                 self.bcast_sock = udp.open_udp(bcast_ip, port, reuse=True)
                 asyncio.get_running_loop().add_reader(self.bcast_sock.fileno(), self._on_broadcast)
             except OSError as e:
-                (log.info if peers else log.warning)("no broadcast listener on %s: %s%s", bcast_ip, e,
-                                                     "" if peers else "; add peer ADDR to find members")
+                (log.info if peers else log.warning)(
+                    "no broadcast listener on %s: %s%s", bcast_ip, e, "" if peers else "; add peer ADDR to find members"
+                )
         self.ip = ip
         self.fast = "impair" not in conf
         own = (ip, port)
-        core = ShimCore(UDP, hash_len=16, own=own, discovery=True, encode_addr=udp.encode_addr,
-                        decode_addrs=udp.decode_addrs, peers=peers, limits=limits)
-        log.info("%s: udp layer %s on %s:%d, broadcast %s, peers %s", self.name, layer, ip, port,
-                 bcast_ip or "none", [p[0] for p in peers] or "none")
+        core = ShimCore(
+            UDP,
+            hash_len=16,
+            own=own,
+            discovery=True,
+            encode_addr=udp.encode_addr,
+            decode_addrs=udp.decode_addrs,
+            peers=peers,
+            limits=limits,
+        )
+        log.info(
+            "%s: udp layer %s on %s:%d, broadcast %s, peers %s",
+            self.name,
+            layer,
+            ip,
+            port,
+            bcast_ip or "none",
+            [p[0] for p in peers] or "none",
+        )
         framing = impaired(udp.UdpFraming(), conf.get("impair"))
         return core, Relay(self.sock, framing, udp.MAX_DATAGRAM + 1, self.on_mgmt, max_sdu=self.mtu)
 

@@ -37,8 +37,10 @@ def match(word: str, choices: list[str], what: str) -> str:
     for candidate in choices:
         if word and candidate.startswith(word):
             return candidate
-    raise UsageError(f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}'
-                     + (_renamed(word, choices) or did_you_mean(word, choices)))
+    raise UsageError(
+        f'"{word}" is unknown: expected {what} as one of {{{" ".join(choices)}}}'
+        + (_renamed(word, choices) or did_you_mean(word, choices))
+    )
 
 
 # Words of an irm older than 0.23 that ouroboros-tutorial(7) still shows: (the keyword that
@@ -186,7 +188,7 @@ def ipcp_list(args: list[str]) -> Message:
 def _bind(kind: str, bind: bool, args: list[str]) -> Message:
     """`irm bind KIND TARGET name N ...` (and unbind): KIND is program, process or ipcp."""
     if not args:
-        raise UsageError(f'missing the {kind} to {"bind" if bind else "unbind"}')
+        raise UsageError(f"missing the {kind} to {'bind' if bind else 'unbind'}")
     target = args[0]
     w = parse_words(args[1:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
     if kind == "program":  # one in $PATH, else a file here as 0.23's realpath() finds it (that
@@ -287,6 +289,7 @@ COMMANDS: dict[str, Any] = {
     "dump": {"config": dump_config, "graph": dump_graph},
 }  # fmt: skip
 
+
 class HelpAsked(Exception):
     """`irm [LEVEL...] help`: print the usage of that level."""
 
@@ -321,8 +324,11 @@ EMPTY = {m.IpcpList: "No IPCPs in system.", m.NameList: "No names in system.", m
 
 def render_info(info: m.IpcpInfo) -> str:
     """What an IPCP tells of itself: each section a titled table."""
-    return "\n".join(f"{section.name}:\n" + render(m.Table(section.columns, [dict(zip(section.columns, row,
-                      strict=False)) for row in section.rows])) for section in info.sections)
+    return "\n".join(
+        f"{section.name}:\n"
+        + render(m.Table(section.columns, [dict(zip(section.columns, row, strict=False)) for row in section.rows]))
+        for section in info.sections
+    )
 
 
 JSON_FLAGS = ("-j", "--json")  # as iproute2's -j: the same answers as JSON, for scripts
@@ -360,8 +366,15 @@ def render(table: m.Table, empty: str = "(none)") -> str:
     def line(cells: dict[str, str]) -> str:
         return "| " + " | ".join(cells[c].ljust(widths[c]) for c in table.columns) + " |"
 
-    return "\n".join([rule, line({c: c for c in table.columns}), rule,
-                      *(line({c: r.get(c, "") for c in table.columns}) for r in table.rows), rule])
+    return "\n".join(
+        [
+            rule,
+            line({c: c for c in table.columns}),
+            rule,
+            *(line({c: r.get(c, "") for c in table.columns}) for r in table.rows),
+            rule,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,8 +37,14 @@ log = logging.getLogger("irmd.config")
 DEFAULT_PATH = Path("/etc/ouroboros/irmd.conf")  # read at start when there, as Ouroboros's irmd service does
 # irmd.conf spells some options differently from the irm command line (dht_t_expiry: its example's
 # spelling of what its parser reads as dht_t_expire).
-ALIASES = {"addr_size": "addr", "eid_size": "eid", "max_ttl": "ttl", "device": "dev", "addr-auth": "addr_auth",
-           "dht_t_expiry": "dht_t_expire"}
+ALIASES = {
+    "addr_size": "addr",
+    "eid_size": "eid",
+    "max_ttl": "ttl",
+    "device": "dev",
+    "addr-auth": "addr_auth",
+    "dht_t_expiry": "dht_t_expire",
+}
 VALUES = {"routing": {"link-state": "link_state"}, "directory": {"dht": "DHT"}}  # irmd.conf's spellings of values
 IPCP_KEYS = {"bootstrap", "enrol", "enroll", "join", "autobind", "reg", "conn"}
 NAME_KEYS = {"prog", "args", "lb", "auto", *SEC_KEYS}
@@ -67,8 +73,11 @@ class Plan:
     @property
     def ipcps(self) -> set[str]:
         """The IPCPs the file makes."""
-        return {(msg.enroll if isinstance(msg, _Join) else msg).name for _, msg in self.steps
-                if isinstance(msg, m.IpcpCreate | m.IpcpBootstrap | m.IpcpEnroll | _Join)}
+        return {
+            (msg.enroll if isinstance(msg, _Join) else msg).name
+            for _, msg in self.steps
+            if isinstance(msg, m.IpcpCreate | m.IpcpBootstrap | m.IpcpEnroll | _Join)
+        }
 
     @property
     def names(self) -> set[str]:
@@ -132,9 +141,10 @@ def plan(path: Path) -> Plan:
     regs: list[Step] = []
     for top, table in doc.items():
         if top not in ("name", "limits") and top not in ORDER:
-            raise ConfigError(f"{path}: unknown table [{top}]: expected [name.N], [limits] or one of "
-                              f"{', '.join(f'[{t}.X]' for t in ORDER if t != 'udp')}"
-                              + did_you_mean(top, ["name", "limits", *ORDER]))
+            raise ConfigError(
+                f"{path}: unknown table [{top}]: expected [name.N], [limits] or one of "
+                f"{', '.join(f'[{t}.X]' for t in ORDER if t != 'udp')}" + did_you_mean(top, ["name", "limits", *ORDER])
+            )
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: {top} = ...: expected a table [{top}]")
     try:
@@ -208,8 +218,15 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if enrol is not None:
         steps.append((where, m.IpcpEnroll(name, "", str(enrol), kind, autobind, conf.get("key", ""))))
     elif join is not None:
-        steps.append((where, _Join(m.IpcpEnroll(name, "", str(join), kind, autobind, conf.get("key", "")),
-                                   m.IpcpBootstrap(name, str(join), kind, autobind, conf))))
+        steps.append(
+            (
+                where,
+                _Join(
+                    m.IpcpEnroll(name, "", str(join), kind, autobind, conf.get("key", "")),
+                    m.IpcpBootstrap(name, str(join), kind, autobind, conf),
+                ),
+            )
+        )
     elif "bootstrap" in table:
         steps.append((where, m.IpcpBootstrap(name, str(table["bootstrap"]), kind, autobind, conf)))
     else:
@@ -217,8 +234,9 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if "conn" in table and enrol is None and join is None and "bootstrap" not in table:
         raise ConfigError(f"{where} conn: an IPCP connects once it is in a layer: add bootstrap=, enrol= or join=")
     steps += [(where, m.IpcpConnect(name, dst)) for dst in _words(table.get("conn", []), f"{where} conn")]
-    regs: list[Step] = [(where, m.NameRegister(n, [], True, [name])) for n in _words(table.get("reg", []),
-                                                                                 f"{where} reg")]
+    regs: list[Step] = [
+        (where, m.NameRegister(n, [], True, [name])) for n in _words(table.get("reg", []), f"{where} reg")
+    ]
     return steps, regs
 
 
@@ -257,8 +275,14 @@ async def _admin(irmd: Irmd, msg: Message, where: str, patience: float = ENROL_P
             if not isinstance(msg, m.IpcpEnroll) or (time.monotonic() > deadline and tries <= 0):
                 raise
             # Expected while the hosts of a LAN boot: said once, then only when debugging.
-            log.log(logging.DEBUG if waited else logging.INFO, "%s: %s; trying again every %.0f s for up to %.0f s",
-                    where, e, ENROL_RETRY, patience)
+            log.log(
+                logging.DEBUG if waited else logging.INFO,
+                "%s: %s; trying again every %.0f s for up to %.0f s",
+                where,
+                e,
+                ENROL_RETRY,
+                patience,
+            )
             waited = True
         await asyncio.sleep(ENROL_RETRY)
 

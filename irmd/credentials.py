@@ -60,8 +60,14 @@ def load_der(der: bytes) -> x509.Certificate:
     try:
         crt = x509.load_der_x509_certificate(der)
         crt.public_key(), crt.subject, crt.issuer, crt.extensions, crt.signature_hash_algorithm
-    except (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
-            UnsupportedAlgorithm) as e:
+    except (
+        ValueError,
+        TypeError,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+        UnsupportedAlgorithm,
+    ) as e:
         raise OapError(EAUTH, f"peer's certificate does not parse: {e}") from None
     return crt
 

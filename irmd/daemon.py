@@ -92,15 +92,23 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="irmd", usage=USAGE, add_help=False)
-    parser.add_argument("--sock", metavar="PATH", help="the control socket (default: $OUROBOROS_SOCK, else "
-                        f"{irmd_sock_path()})")
-    parser.add_argument("--config", metavar="PATH", help=f"boot from this config file (default: {DEFAULT_PATH} "
-                        'if it exists; "" for none)')
-    parser.add_argument("--check-config", metavar="PATH", help="check a config file as --config would, without "
-                        "starting; exit 0 if it would boot")
+    parser.add_argument(
+        "--sock", metavar="PATH", help=f"the control socket (default: $OUROBOROS_SOCK, else {irmd_sock_path()})"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f'boot from this config file (default: {DEFAULT_PATH} if it exists; "" for none)',
+    )
+    parser.add_argument(
+        "--check-config",
+        metavar="PATH",
+        help="check a config file as --config would, without starting; exit 0 if it would boot",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("--limit", action="append", default=[], metavar="KEY=N",
-                        help=f"a limit: {', '.join(Limits.keys())}")
+    parser.add_argument(
+        "--limit", action="append", default=[], metavar="KEY=N", help=f"a limit: {', '.join(Limits.keys())}"
+    )
     parser.add_argument("-h", "--help", action="store_true", help="print the usage and exit")
     logs.add_arguments(parser, destination=True)
     args = parser.parse_args(argv)

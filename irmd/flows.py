@@ -117,8 +117,13 @@ class Flows:
                     break
         raise error
 
-    async def alloc_via(self, c: Client, msg: m.FlowAlloc, ipcp: Ipcp, deadline: float,
-                        ) -> tuple[m.FlowReply, list[int]]:
+    async def alloc_via(
+        self,
+        c: Client,
+        msg: m.FlowAlloc,
+        ipcp: Ipcp,
+        deadline: float,
+    ) -> tuple[m.FlowReply, list[int]]:
         """Allocate through one IPCP: it reaches the name's hash in its layer. A flow that stays on this
         host (the local layer's: made by its IPCP, or by us as direct IPC) comes with both ends: the
         accepting one arrives here at once."""
@@ -187,8 +192,9 @@ class Flows:
         ready = [a for a in self.irmd.clients.values() if a.accepting and self.reg.bound(entry, a.acceptor)]
         return bool(ready) and all(a.uid == c.uid for a in ready)
 
-    async def arrive_here(self, ipcp: Ipcp, src: Flow, digest: bytes, mtu: int, fd: int, data: bytes,
-                          deadline: float) -> bytes:
+    async def arrive_here(
+        self, ipcp: Ipcp, src: Flow, digest: bytes, mtu: int, fd: int, data: bytes, deadline: float
+    ) -> bytes:
         """The accepting end of a flow that stays on this host, served as an arrival from `ipcp` would be;
         the two ends know each other here (see release_pair). Returns the OAP answer; fails as the arrival
         does."""
@@ -241,8 +247,9 @@ class Flows:
     async def flow_accept(self, c: Client, msg: m.FlowAccept, _: list[int]) -> tuple[m.FlowReply, list[int]]:
         waiting, limit = sum(1 for f in c.accepts if not f.done()), self.irmd.limits.accepts_per_conn
         if waiting >= limit:
-            raise LimitReached(f"{waiting} accepts are waiting on this connection already "
-                               f"(limit accepts_per_conn={limit})")
+            raise LimitReached(
+                f"{waiting} accepts are waiting on this connection already (limit accepts_per_conn={limit})"
+            )
         fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
         c.accepts.append(fut)
         c.serves, c.cypher_s = True, msg.cypher_s
@@ -288,8 +295,16 @@ class Flows:
         sent, received, dropped, drops = row
         if sent == m.DIRECT:
             return m.FlowInfo(msg.flow_id, flow.state.value, ipcp=flow.ipcp, data=m.DIRECT)
-        return m.FlowInfo(msg.flow_id, flow.state.value, ipcp=flow.ipcp, data="ipcp", sent=count(sent),
-                          received=count(received), dropped=count(dropped), drops=drops)
+        return m.FlowInfo(
+            msg.flow_id,
+            flow.state.value,
+            ipcp=flow.ipcp,
+            data="ipcp",
+            sent=count(sent),
+            received=count(received),
+            dropped=count(dropped),
+            drops=drops,
+        )
 
     async def flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
         flows = [f for f in list(self.reg.flows.values()) if policy.visible(c.caller, f.uid)]
@@ -301,8 +316,9 @@ class Flows:
                          **dict(zip(COUNTED, counted.get(f.flow_id, ["-"] * len(COUNTED)), strict=False))})
             for f in flows
         )  # fmt: skip
-        return views.page(["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos", *COUNTED], rows,
-                          msg.start)
+        return views.page(
+            ["id", "pid", "name", "role", "layer", "ipcp", "state", "mtu", "qos", *COUNTED], rows, msg.start
+        )
 
     async def counts(self, flows: list[Flow]) -> dict[int, list[str]]:
         """Flow id -> its m.FLOW_COUNTERS after flow and dst (sent, received, dropped, drops) where its
@@ -355,8 +371,12 @@ class Flows:
             return
         self.reg.drop_flow(flow)
         ipcp = self.reg.ipcps.get(flow.ipcp)
-        if (flow.state is not FlowState.PENDING and ipcp is not None and ipcp.channel is not None
-                and not self.irmd.stopping):
+        if (
+            flow.state is not FlowState.PENDING
+            and ipcp is not None
+            and ipcp.channel is not None
+            and not self.irmd.stopping
+        ):
             if flow.state is not FlowState.ALLOCATED:
                 ipcp.channel.notify(m.IpcpFlowDealloc(flow.flow_id))
             else:
@@ -421,16 +441,27 @@ class Flows:
         flow_id, answer = await self.arrive(ipcp, msg.hash, msg.qos, msg.mtu, fds[0], msg.data, src, msg.peer)
         return m.IpcpFlowAccepted(flow_id, answer)
 
-    async def arrive(self, ipcp: Ipcp, digest: bytes, qos: QosSpec, mtu: int, fd: int, data: bytes,
-                     src: Flow | None, peer: str = "", deadline: float | None = None) -> tuple[int, bytes]:
+    async def arrive(
+        self,
+        ipcp: Ipcp,
+        digest: bytes,
+        qos: QosSpec,
+        mtu: int,
+        fd: int,
+        data: bytes,
+        src: Flow | None,
+        peer: str = "",
+        deadline: float | None = None,
+    ) -> tuple[int, bytes]:
         """Hand an arriving flow (`fd`, the application's end; the caller keeps its copy) to a process that
         accepts its name, once OAP checked the request `data`; the new flow's id and the OAP answer.
         `src`: the allocating end, when it is on this host; `deadline`: its allocation's."""
         entry = self.reg.name_for_hash(ipcp.name, ipcp.hash, digest)
         if entry is None:
             raise NotFound("no name with that hash is registered here")
-        in_flight = self.irmd.oap.startup(ipcp.layer, peer, src.uid if src else None,
-                                          src is not None and policy.is_admin(src.uid, self.irmd.uid))
+        in_flight = self.irmd.oap.startup(
+            ipcp.layer, peer, src.uid if src else None, src is not None and policy.is_admin(src.uid, self.irmd.uid)
+        )
         with in_flight:  # OAP: in flight, bounded
             acceptor = await self.wait_acceptor(entry.name, deadline)
             self.limit_flows(acceptor.uid)
@@ -441,8 +472,11 @@ class Flows:
         )  # fmt: skip
         flow.advance(FlowEvent.ALLOCATED)
         flow.fd = os.dup(fd)
-        reply = outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name,
-                                          src.uid if src else -1, src.pid if src else 0))
+        reply = outcome.reply(
+            m.FlowReply(
+                flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name, src.uid if src else -1, src.pid if src else 0
+            )
+        )
         waiting = next((f for f in acceptor.accepts if not f.done()), None)
         if waiting is not None:
             waiting.set_result((reply, os.dup(fd)))
@@ -469,8 +503,9 @@ class Flows:
         if (found := ready()) is not None:
             return found
         # A server of the name is alive: one that accepted before, or a process bound by pid.
-        bound_alive = any((c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor)
-                          for c in self.irmd.clients.values())
+        bound_alive = any(
+            (c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor) for c in self.irmd.clients.values()
+        )
         prog = entry.auto_program()
         if not bound_alive:
             if prog is None:

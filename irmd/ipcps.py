@@ -80,14 +80,14 @@ class Ipcps:
             raise AlreadyExists(f"ipcp {name!r} already exists")
         proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.output)
         self._seq += 1
-        ipcp = Ipcp(name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq,
-                    start=proc_start(proc.pid))
+        ipcp = Ipcp(
+            name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq, start=proc_start(proc.pid)
+        )
         self.reg.ipcps[name] = ipcp
         self.irmd.spawn_task(self._watch(ipcp))
         waiter: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
         announced: asyncio.Future[Any] = ipcp.announced
-        done, _ = await asyncio.wait([announced, waiter], timeout=ANNOUNCE_TIMEOUT,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([announced, waiter], timeout=ANNOUNCE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if ipcp.announced not in done:
             kill(proc, signal.SIGKILL)
@@ -214,10 +214,12 @@ class Ipcps:
                 raise AlreadyExists(f"ipcp {ipcp.name!r} is already in layer {ipcp.layer!r}")
         if create:
             ipcp = await self.start(msg.name, create)
-            return await self._or_stop(ipcp, self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(msg.conf)),
-                                                             msg.autobind))
-        done = [await self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(msg.conf)), msg.autobind)
-                for ipcp in ipcps]
+            return await self._or_stop(
+                ipcp, self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(msg.conf)), msg.autobind)
+            )
+        done = [
+            await self.join_layer(ipcp, m.IpcpBootstrapReq(msg.layer, dict(msg.conf)), msg.autobind) for ipcp in ipcps
+        ]
         return m.Ok("\n".join(ok.text for ok in done))
 
     async def _or_stop(self, ipcp: Ipcp, joining: Coroutine[Any, Any, m.Ok]) -> m.Ok:
@@ -237,10 +239,10 @@ class Ipcps:
         ipcps, create = self._targets(msg.name, msg.type, msg.type or "unicast")
         if create:
             ipcp = await self.start(msg.name, create)
-            return await self._or_stop(ipcp, self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind,
-                                                             msg.layer))
-        done = [await self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind, msg.layer)
-                for ipcp in ipcps]
+            return await self._or_stop(
+                ipcp, self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind, msg.layer)
+            )
+        done = [await self.join_layer(ipcp, m.IpcpEnrollReq(dst, msg.key), msg.autobind, msg.layer) for ipcp in ipcps]
         return m.Ok("\n".join(ok.text for ok in done))
 
     async def connect(self, c: Client, msg: m.IpcpConnect, _: list[int]) -> m.Ok:

@@ -60,8 +60,14 @@ class Limits:
             return self
         conns = max(1, min(self.conns_total, room // 8))
         flows = max(1, min(self.flows_total, room - conns))
-        log.warning("%d descriptors (RLIMIT_NOFILE) leave room for %d of users' connections and flows: "
-                    "conns_total=%d flows_total=%d (raise the limit to serve more)", nofile, room, conns, flows)
+        log.warning(
+            "%d descriptors (RLIMIT_NOFILE) leave room for %d of users' connections and flows: "
+            "conns_total=%d flows_total=%d (raise the limit to serve more)",
+            nofile,
+            room,
+            conns,
+            flows,
+        )
         return dataclasses.replace(self, conns_total=conns, flows_total=flows)
 
 

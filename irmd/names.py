@@ -93,8 +93,15 @@ class Names:
         for pattern, by_layer in [*((p, True) for p in msg.layers), *((p, False) for p in msg.ipcps)]:
             hits = [i for i in self.reg.matching(pattern, layer=by_layer) if i.operational]
             if not hits:
-                what = f"layer {pattern!r} not found: no IPCP here is in it" if by_layer else (
-                    f"ipcp {pattern!r} not found" if not is_pattern(pattern) else f"no ipcp here matches {pattern!r}")
+                what = (
+                    f"layer {pattern!r} not found: no IPCP here is in it"
+                    if by_layer
+                    else (
+                        f"ipcp {pattern!r} not found"
+                        if not is_pattern(pattern)
+                        else f"no ipcp here matches {pattern!r}"
+                    )
+                )
                 raise NotFound(what)
             targets.update((i.name, i) for i in hits)
         return list(targets.values())
@@ -137,8 +144,12 @@ class Names:
                     continue
                 try:
                     await self.irmd.ipcps.register(ipcp, entry, False)
-                    log.info("name %r unregistered from %s: process %d that registered it is gone", entry.name,
-                             ipcp_name, pid)
+                    log.info(
+                        "name %r unregistered from %s: process %d that registered it is gone",
+                        entry.name,
+                        ipcp_name,
+                        pid,
+                    )
                 except FlowError as e:  # the IPCP is going too
                     log.info("name %r: unregistering from %s: %s", entry.name, ipcp_name, e)
 
@@ -146,9 +157,13 @@ class Names:
         def row(e: Name) -> dict[str, str]:
             pids = sorted(pid for pid, b in e.procs.items() if policy.visible(c.caller, b.uid))
             programs = e.programs.values() if c.caller.admin else ()  # a user sees their own processes
-            return {"name": e.name, "lb": e.lb, "layers": ",".join(self.reg.layers_of(e)) or "-",
-                    "programs": ",".join(f"{p.path}{' (auto)' if p.auto else ''}" for p in programs) or "-",
-                    "pids": ",".join(map(str, pids)) or "-"}
+            return {
+                "name": e.name,
+                "lb": e.lb,
+                "layers": ",".join(self.reg.layers_of(e)) or "-",
+                "programs": ",".join(f"{p.path}{' (auto)' if p.auto else ''}" for p in programs) or "-",
+                "pids": ",".join(map(str, pids)) or "-",
+            }
 
         entries = (e for e in self.seen_by(c) if e.name.startswith(msg.prefix))
         return views.page(["name", "lb", "layers", "programs", "pids"], ((e.seq, row(e)) for e in entries), msg.start)

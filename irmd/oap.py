@@ -91,8 +91,14 @@ class Startups:
     """Allocations in flight at the accepting side (waiting for a process, being checked), bounded
     as sshd's MaxStartups start:rate:full per layer, and to `per_peer` from any one known peer."""
 
-    def __init__(self, start: int = 10, rate: int = 30, full: int = 100, per_peer: int = PER_PEER,
-                 rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        start: int = 10,
+        rate: int = 30,
+        full: int = 100,
+        per_peer: int = PER_PEER,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         if not 0 < start <= full or not 0 <= rate <= 100 or per_peer < 1:
             raise ValueError(f"max startups {start}:{rate}:{full} per peer {per_peer}: expected 0 < start <= full, "
                              f"0 <= rate <= 100, per peer >= 1")  # fmt: skip
@@ -154,8 +160,13 @@ def _leave(counter: Counter[Any], key: Any) -> None:
 
 
 class Oap:
-    def __init__(self, reg: Registry | None = None, base: Path | None = None,
-                 clock: Callable[[], int] = time.time_ns, startups: Startups | None = None) -> None:
+    def __init__(
+        self,
+        reg: Registry | None = None,
+        base: Path | None = None,
+        clock: Callable[[], int] = time.time_ns,
+        startups: Startups | None = None,
+    ) -> None:
         self.reg = reg or Registry()
         self.base = str(base or security_dir())
         self.clock = clock  # CLOCK_REALTIME in ns, as the timestamps on the wire
@@ -269,8 +280,9 @@ class Oap:
 
     # -- the accepting side ----------------------------------------------------------------------
 
-    def startup(self, layer: str, peer: str = "", uid: int | None = None,
-                admin: bool = False) -> contextlib.AbstractContextManager[None]:
+    def startup(
+        self, layer: str, peer: str = "", uid: int | None = None, admin: bool = False
+    ) -> contextlib.AbstractContextManager[None]:
         """Hold a place among the allocations in flight, or refuse with EBUSY. `uid`: the allocating
         user when it is on this host (held to its own share); an `admin` of this host is never refused."""
         if admin:
@@ -339,4 +351,3 @@ def _signer(creds: Credentials | None, md_nid: int) -> Callable[[bytes], bytes] 
     if creds is None:
         return None
     return lambda signed: kex.sign(creds.key, md_nid, signed)
-

@@ -49,8 +49,9 @@ def check_request(caller: Caller, kind: type[Message]) -> None:
     if caller.admin or kind in FOR_USERS:
         return
     what = ADMIN_ONLY.get(kind, f"{kind.__name__} requests")
-    raise PermissionDenied(f"permission denied: {what} needs root or the IRMd's user (uid {caller.uid} "
-                           "may allocate and accept flows)")
+    raise PermissionDenied(
+        f"permission denied: {what} needs root or the IRMd's user (uid {caller.uid} may allocate and accept flows)"
+    )
 
 
 def visible(caller: Caller, uid: int) -> bool:

@@ -79,8 +79,7 @@ class Programs:
 
     async def _run(self, name: str, prog: ProgBinding) -> None:
         try:
-            proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.irmd.sock_path,
-                                              self.irmd.output)
+            proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.irmd.sock_path, self.irmd.output)
         except (OSError, subprocess.SubprocessError) as e:
             log.error("cannot start %s for %r: %s", prog.path, name, e)
             self._starting.pop(name, None)
@@ -97,8 +96,9 @@ class Programs:
         if code:
             self._starting.pop(name, None)  # it failed; the next flow may try again
         failed = code and not self.irmd.stopping and code != -signal.SIGTERM
-        (log.warning if failed else log.info)("program %s (pid %d) for %r exited with status %s", prog.path,
-                                              proc.pid, name, code)
+        (log.warning if failed else log.info)(
+            "program %s (pid %d) for %r exited with status %s", prog.path, proc.pid, name, code
+        )
 
     async def stop_all(self, ipcps: list[Ipcp]) -> None:
         await stop([i.proc for i in ipcps] + list(self.running.values()))

@@ -22,8 +22,9 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KEPT = ("LANG", "LC_ALL", "TZ")  # locale and time zone: how to speak, never what to run
 # `python -I` ignores PYTHON* variables, the user's site directory and the working directory; the
 # project comes from where this IRMd's own code is, so an IPCP runs the code its IRMd runs.
-IPCP_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-             "from ipcp.__main__ import main; sys.exit(main(sys.argv[1:]))")
+IPCP_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from ipcp.__main__ import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,8 +58,10 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry, shown: Callable[[Name], bool
         table["lb"] = entry.lb
         table.update(sorted(entry.sec.items()))
         if entry.pids:
-            notes.append(f"# name {entry.name}: bound to processes {', '.join(map(str, sorted(entry.pids)))}, "
-                         "which a config file does not keep")
+            notes.append(
+                f"# name {entry.name}: bound to processes {', '.join(map(str, sorted(entry.pids)))}, "
+                "which a config file does not keep"
+            )
         doc.setdefault("name", {})[entry.name] = table
     for ipcp in sorted(ipcps, key=lambda i: (TYPE_ORDER.index(i.type) if i.type in TYPE_ORDER else 99, i.name)):
         table = {}
@@ -68,8 +70,10 @@ def as_config(ipcps: Sequence[Ipcp], reg: Registry, shown: Callable[[Name], bool
             table["bootstrap"] = joined["bootstrap"]
             for key, value in sorted(redact(joined["conf"]).items()):
                 if value == REDACTED:
-                    notes.append(f"# [{ipcp.type}.{ipcp.name}] {key}: a secret, never dumped (write it there to "
-                                 "boot from this file)")
+                    notes.append(
+                        f"# [{ipcp.type}.{ipcp.name}] {key}: a secret, never dumped (write it there to "
+                        "boot from this file)"
+                    )
                 else:
                     table[key] = value
         elif "enrol" in joined:
@@ -114,8 +118,9 @@ def _members(members: Sequence[Ipcp]) -> str:
     return f"{members[0].type} ({_names(members)})"
 
 
-def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
-                shown: Callable[[Name], bool] = _everything) -> str:
+def layer_graph(
+    ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text", shown: Callable[[Name], bool] = _everything
+) -> str:
     """What runs over what on this host: layers over layers, applications' names (those `shown`) over layers."""
     over, names = _edges(ipcps, reg)
     names = {n: layers for n, layers in names.items() if shown(reg.names[n])}
@@ -124,8 +129,15 @@ def layer_graph(ipcps: Sequence[Ipcp], reg: Registry, fmt: str = "text",
         if i.layer:
             of_layer.setdefault(i.layer, []).append(i)
     if fmt == "json":  # irm --json dump graph
-        graph = [{"layer": layer, "type": members[0].type, "ipcps": [i.name for i in members],
-                   "over": sorted(over.get(layer, ()))} for layer, members in sorted(of_layer.items())]
+        graph = [
+            {
+                "layer": layer,
+                "type": members[0].type,
+                "ipcps": [i.name for i in members],
+                "over": sorted(over.get(layer, ())),
+            }
+            for layer, members in sorted(of_layer.items())
+        ]
         apps = [{"name": n, "layers": sorted(layers)} for n, layers in sorted(names.items())]
         return json.dumps({"layers": graph, "names": apps}, indent=2) + "\n"
     if fmt == "dot":

@@ -10,8 +10,11 @@ HASHES = "{SHA3_224 SHA3_256 SHA3_384 SHA3_512}"
 TYPES = "{unicast broadcast local udp4 udp6 eth-llc eth-dix}"
 IMPAIR = "        [impair <loss=PCT,dup=PCT,reorder=PCT,rate=MBITS> (tests only, default: none)]\n"
 U, D4, D6 = DEFAULTS["unicast"], DEFAULTS["udp4"], DEFAULTS["udp6"]
-SECURITY_PATHS = [(f"{side[0]}{kind}path", side, file) for side in ("server", "client")
-                  for kind, file in (("enc", "enc.conf"), ("crt", "crt.pem"), ("key", "key.pem"))]
+SECURITY_PATHS = [
+    (f"{side[0]}{kind}path", side, file)
+    for side in ("server", "client")
+    for kind, file in (("enc", "enc.conf"), ("crt", "crt.pem"), ("key", "key.pem"))
+]
 
 
 def _operations(path: str, ops: list[str]) -> str:
@@ -25,11 +28,11 @@ BOOTSTRAP = f"""Usage: irm ipcp bootstrap
 where TYPE in {TYPES},
 
 if TYPE == unicast
-        [addr_auth <ADDRESS_POLICY> (default: {U['addr_auth']})]
-        [directory <DIRECTORY_POLICY> (default: {U['directory']})]
-        [hash [ALGORITHM] (default: {U['hash']})]
-        [routing <ROUTING_POLICY> (default: {U['routing']})]
-        [congestion <CONG_POLICY> (default: {U['congestion']})]
+        [addr_auth <ADDRESS_POLICY> (default: {U["addr_auth"]})]
+        [directory <DIRECTORY_POLICY> (default: {U["directory"]})]
+        [hash [ALGORITHM] (default: {U["hash"]})]
+        [routing <ROUTING_POLICY> (default: {U["routing"]})]
+        [congestion <CONG_POLICY> (default: {U["congestion"]})]
         [key <layer key> (default: none)]
         [autobind]
 
@@ -39,53 +42,53 @@ where ADDRESS_POLICY in {{flat}}
     ROUTING_POLICY in {{link_state lfa ecmp}}
     CONG_POLICY in {{none mb-ecn}}
     [Data Transfer Constants]
-        [addr <address size> (default: {U['addr']})]
-        [eid <eid size> (default: {U['eid']})]
-        [ttl <max time-to-live>, default: {U['ttl']})]
+        [addr <address size> (default: {U["addr"]})]
+        [eid <eid size> (default: {U["eid"]})]
+        [ttl <max time-to-live>, default: {U["ttl"]})]
 
 if DIRECTORY_POLICY == DHT
-        [dht_alpha <search factor> (default: {U['dht_alpha']})]
-        [dht_k <replication factor> (default: {U['dht_k']})]
-        [dht_t_expire <expiration (s)> (default: {U['dht_t_expire']})]
-        [dht_t_refresh <contact refresh (s)> (default: {U['dht_t_refresh']})]
-        [dht_t_replicate <replication (s)> (default: {U['dht_t_replicate']})]
+        [dht_alpha <search factor> (default: {U["dht_alpha"]})]
+        [dht_k <replication factor> (default: {U["dht_k"]})]
+        [dht_t_expire <expiration (s)> (default: {U["dht_t_expire"]})]
+        [dht_t_refresh <contact refresh (s)> (default: {U["dht_t_refresh"]})]
+        [dht_t_replicate <replication (s)> (default: {U["dht_t_replicate"]})]
 
 if ROUTING_POLICY == link_state
-        [ls_t_recalc <pff recalc interval (s)> (default: {U['ls_t_recalc']})]
-        [ls_t_update <LSA update interval (s)> (default: {U['ls_t_update']})]
-        [ls_t_timeo  <link timeout (s)> (default: {U['ls_t_timeo']})]
+        [ls_t_recalc <pff recalc interval (s)> (default: {U["ls_t_recalc"]})]
+        [ls_t_update <LSA update interval (s)> (default: {U["ls_t_update"]})]
+        [ls_t_timeo  <link timeout (s)> (default: {U["ls_t_timeo"]})]
 
 if TYPE == udp4
         ip <IP address in dotted notation>
-        [port <UDP port> (default: {D4['port']})]
+        [port <UDP port> (default: {D4["port"]})]
         [dns <DDNS IPv4 address in dotted notation> (default: none)]
         [peer <IPv4 address of a member> (repeatable, default: none)]
-        [members <most members to keep> (default: {D4['members']})]
+        [members <most members to keep> (default: {D4["members"]})]
 {IMPAIR}
 if TYPE == udp6
         ip <IPv6 address>
-        [port <UDP port> (default: {D6['port']})]
+        [port <UDP port> (default: {D6["port"]})]
         [dns <DDNS IPv6 address> (default: none)]
         [peer <IPv6 address of a member> (repeatable, default: none)]
-        [members <most members to keep> (default: {D6['members']})]
+        [members <most members to keep> (default: {D6["members"]})]
 {IMPAIR}
 if TYPE == eth-llc
         dev <interface name>
-        [hash [ALGORITHM] (default: {DEFAULTS['eth-llc']['hash']})]
+        [hash [ALGORITHM] (default: {DEFAULTS["eth-llc"]["hash"]})]
 {IMPAIR}where ALGORITHM in {HASHES}
 
 if TYPE == eth-dix
         dev <interface name>
-        [ethertype <ethertype> (default: 0x{int(DEFAULTS['eth-dix']['ethertype'], 16):4X})]
-        [hash [ALGORITHM] (default: {DEFAULTS['eth-dix']['hash']})]
+        [ethertype <ethertype> (default: 0x{int(DEFAULTS["eth-dix"]["ethertype"], 16):4X})]
+        [hash [ALGORITHM] (default: {DEFAULTS["eth-dix"]["hash"]})]
 {IMPAIR}where ALGORITHM in {HASHES}
 
 if TYPE == local
-        [hash [ALGORITHM] (default: {DEFAULTS['local']['hash']})]
+        [hash [ALGORITHM] (default: {DEFAULTS["local"]["hash"]})]
 where ALGORITHM in {HASHES}
 
 if TYPE == broadcast
-        [hash [ALGORITHM] (default: {DEFAULTS['local']['hash']})]
+        [hash [ALGORITHM] (default: {DEFAULTS["local"]["hash"]})]
         [autobind]
 where ALGORITHM in {HASHES}
 

@@ -30,8 +30,7 @@ def _size(row: Row) -> int:
     return len(json.dumps(row)) + 1
 
 
-def page(columns: list[str], rows: Iterable[tuple[int, Row]], start: int = 0,
-         budget: int = PAGE_BYTES) -> m.Table:
+def page(columns: list[str], rows: Iterable[tuple[int, Row]], start: int = 0, budget: int = PAGE_BYTES) -> m.Table:
     """The rows with key >= start (rows come in key order) that fit `budget` bytes, and the key to
     ask for next (0: that was all)."""
     out: list[Row] = []

@@ -35,8 +35,9 @@ def open_channel(path: Path | None = None, on_notice: object = None, on_close: o
     return SyncChannel(sock, m.CODEC, on_notice, on_close)  # type: ignore[arg-type]
 
 
-def call(channel: SyncChannel, msg: Message, timeout: float | None = None,
-         fds: Sequence[int] = ()) -> tuple[Message, list[int]]:
+def call(
+    channel: SyncChannel, msg: Message, timeout: float | None = None, fds: Sequence[int] = ()
+) -> tuple[Message, list[int]]:
     """One request to the IRMd, with its failures as flow API exceptions."""
     try:
         return channel.request(msg, fds, timeout)
@@ -70,8 +71,9 @@ def request_all(channel: SyncChannel, msg: Message, timeout: float | None = None
     raise ProtocolError(f"the IRMd's answer has more than {MAX_PARTS} parts")
 
 
-def bind_and_register(channel: SyncChannel, pid: int, name: str, layers: Sequence[str],
-                      timeout: float | None = 10.0) -> None:
+def bind_and_register(
+    channel: SyncChannel, pid: int, name: str, layers: Sequence[str], timeout: float | None = 10.0
+) -> None:
     """What a server does at start: bind its process `pid` to `name` (creating the name) and register
     `name` in each of `layers`. A registration already there (made by an admin, or by an earlier run)
     is no failure, and does not keep the name from the layers after it; anything else raises."""

@@ -145,9 +145,22 @@ class FlowReset(FlowDown):
 
 BY_CODE: dict[str, type[FlowError]] = {
     cls.code: cls
-    for cls in (NotFound, AlreadyExists, InvalidArgument, PermissionDenied, FlowTimeout, LayerDown, IpcpFailed,
-                ProtocolError, QosNotSupported, Busy, LimitReached, InternalError, AuthenticationFailed,
-                EncryptionFailed)
+    for cls in (
+        NotFound,
+        AlreadyExists,
+        InvalidArgument,
+        PermissionDenied,
+        FlowTimeout,
+        LayerDown,
+        IpcpFailed,
+        ProtocolError,
+        QosNotSupported,
+        Busy,
+        LimitReached,
+        InternalError,
+        AuthenticationFailed,
+        EncryptionFailed,
+    )
     if cls.code is not None
 }
 assert set(BY_CODE) == set(Code), "every code has its exception class"

@@ -19,8 +19,13 @@ from transports.unix import irmd_sock_path
 
 LEVEL_ENV = "OUROBOROS_LOG_LEVEL"  # an IRMd's level, for the IPCPs and programs it starts
 LADDER = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
-          "critical": logging.CRITICAL}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 LOG_MODE = 0o640
 
@@ -89,7 +94,7 @@ class FdHandler(logging.Handler):
         try:
             data = (self.format(record) + "\n").encode(errors="replace")
             while data:
-                data = data[os.write(self.fd, data):]
+                data = data[os.write(self.fd, data) :]
         except Exception:
             self.handleError(record)
 
@@ -125,13 +130,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, quiet: bool = True, destin
     """The logging options every daemon takes: -v (more), -q (less; not where -q means something else),
     --log-level; with `destination`, --log FILE and --stdout too."""
     group = parser.add_argument_group("logging")
-    group.add_argument("-v", "--verbose", action="count", default=0,
-                       help="log more: each -v one level down (info, then debug)")
+    group.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more: each -v one level down (info, then debug)"
+    )
     if quiet:
-        group.add_argument("-q", "--quiet", action="count", default=0,
-                           help="log less: each -q one level up (warning, then error)")
-    group.add_argument("--log-level", choices=list(LEVELS), type=str.lower, metavar="LEVEL",
-                       help=f"log from this level up: {', '.join(LEVELS)} (default: ${LEVEL_ENV} if set)")
+        group.add_argument(
+            "-q", "--quiet", action="count", default=0, help="log less: each -q one level up (warning, then error)"
+        )
+    group.add_argument(
+        "--log-level",
+        choices=list(LEVELS),
+        type=str.lower,
+        metavar="LEVEL",
+        help=f"log from this level up: {', '.join(LEVELS)} (default: ${LEVEL_ENV} if set)",
+    )
     if destination:
         group.add_argument("--log", metavar="FILE", help="log to FILE (appended to)")
         group.add_argument("--stdout", action="store_true", help="log to stdout")
@@ -168,8 +180,15 @@ class LogTarget:
         return env
 
 
-def setup(component: str, args: argparse.Namespace | None = None, *, base: int = logging.WARNING,
-          default_file: Path | None = None, sock: Path | None = None, daemon: bool = True) -> LogTarget:
+def setup(
+    component: str,
+    args: argparse.Namespace | None = None,
+    *,
+    base: int = logging.WARNING,
+    default_file: Path | None = None,
+    sock: Path | None = None,
+    daemon: bool = True,
+) -> LogTarget:
     """Send this process's log records to one place, formatted as every daemon's are (a tool that is no
     daemon, such as a client, says `TOOL: level: message` on stderr, unless told --log).
 

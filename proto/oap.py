@@ -154,9 +154,21 @@ def decode(buf: bytes, req_md_nid: int | None = None) -> Header:
                   bool(kex_word & KEX_CLIENT_ENCAP), data, req_hash, bytes(buf[at:]), bytes(buf))  # fmt: skip
 
 
-def encode(oid: bytes, timestamp: int, *, cipher_nid: int = 0, kdf_nid: int = 0, md_nid: int = 0,
-           crt: bytes = b"", kex: bytes = b"", kex_raw: bool = False, kex_client_encap: bool = False,
-           data: bytes = b"", req_hash: bytes = b"", sign: Callable[[bytes], bytes] | None = None) -> bytes:
+def encode(
+    oid: bytes,
+    timestamp: int,
+    *,
+    cipher_nid: int = 0,
+    kdf_nid: int = 0,
+    md_nid: int = 0,
+    crt: bytes = b"",
+    kex: bytes = b"",
+    kex_raw: bool = False,
+    kex_client_encap: bool = False,
+    data: bytes = b"",
+    req_hash: bytes = b"",
+    sign: Callable[[bytes], bytes] | None = None,
+) -> bytes:
     """An OAP header; with `sign`, its signature over all of it is appended (needs a certificate)."""
     if len(oid) != ID_SIZE:
         raise ValueError(f"OAP id of {len(oid)} bytes: {ID_SIZE} expected")

@@ -23,8 +23,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def choice(*options: str) -> Callable[[str, str], str]:
     def check(key: str, value: str) -> str:
         if value not in options:
-            raise OptionError(f'bad {key} "{value}": expected one of {{{" ".join(options)}}}'
-                              + did_you_mean(value, options))
+            raise OptionError(
+                f'bad {key} "{value}": expected one of {{{" ".join(options)}}}' + did_you_mean(value, options)
+            )
         return value
 
     return check
@@ -124,8 +125,10 @@ def bootstrap_conf(kind: str, options: dict[str, list[str]], also: Iterable[str]
             known = [*TYPE_OPTIONS[kind], *also]
             if key not in (o for opts in TYPE_OPTIONS.values() for o in opts) and (hint := did_you_mean(key, known)):
                 raise OptionError(f'unknown key "{key}"{hint}')
-            raise OptionError(f'"{key}" does not apply to type {kind}: expected one of '
-                             f'{{{" ".join(TYPE_OPTIONS[kind]) or "no options"}}}' + did_you_mean(key, known))
+            raise OptionError(
+                f'"{key}" does not apply to type {kind}: expected one of '
+                f"{{{' '.join(TYPE_OPTIONS[kind]) or 'no options'}}}" + did_you_mean(key, known)
+            )
         check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
         if len(vals) > 1 and key not in MULTI:
             raise OptionError(f'"{key}" given {len(vals)} times: expected once')

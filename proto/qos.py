@@ -68,6 +68,4 @@ def by_name(name: str) -> QosSpec:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown qos {name!r}: expected one of {', '.join(sorted(PRESETS))}"
-        ) from None
+        raise ValueError(f"unknown qos {name!r}: expected one of {', '.join(sorted(PRESETS))}") from None

@@ -87,8 +87,12 @@ class Command:
     def daemon(self) -> bool:
         """A program that says READY=1 once it serves (proto.service): the irmd, servers, depots."""
         prog, args = self.program, self.words[1:]
-        return (prog in ("irmd", "netplumbd") or (prog in SERVERS and bool({"-l", "--listen"} & set(args)))
-                or (prog == "styx" and bool({"serve", "bridge"} & set(args))) or (prog == "ibp" and "depot" in args))
+        return (
+            prog in ("irmd", "netplumbd")
+            or (prog in SERVERS and bool({"-l", "--listen"} & set(args)))
+            or (prog == "styx" and bool({"serve", "bridge"} & set(args)))
+            or (prog == "ibp" and "depot" in args)
+        )
 
     @property
     def must_fail(self) -> bool:
@@ -117,7 +121,7 @@ def blocks(path: Path) -> list[Block]:
         line = lines[i]
         if line.strip() == HIDDEN_START:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == HIDDEN_END)
-            out.append(Block(f"{path.name}:{i + 1}", "sh", lines[i + 1:end], hidden=True))
+            out.append(Block(f"{path.name}:{i + 1}", "sh", lines[i + 1 : end], hidden=True))
             i = end + 1
             continue
         fence = FENCE.match(line)
@@ -125,15 +129,17 @@ def blocks(path: Path) -> list[Block]:
             i += 1
             continue
         ticks, tag = fence.groups()
-        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith(ticks) and not lines[j].strip(
-            "`").strip())
+        end = next(
+            j for j in range(i + 1, len(lines)) if lines[j].startswith(ticks) and not lines[j].strip("`").strip()
+        )
         where = f"{path.name}:{i + 1}"
         if tag not in KNOWN_TAGS:
-            raise DocError(f"{where}: a fenced block must say what it holds ({', '.join(KNOWN_TAGS)}), "
-                           f"not {tag or 'nothing'}")
+            raise DocError(
+                f"{where}: a fenced block must say what it holds ({', '.join(KNOWN_TAGS)}), not {tag or 'nothing'}"
+            )
         before = lines[i - 1].strip() if i else ""
         skip = SKIP.match(before)
-        out.append(Block(where, tag, lines[i + 1:end], skip.group(1) if skip else "", before == RUN))
+        out.append(Block(where, tag, lines[i + 1 : end], skip.group(1) if skip else "", before == RUN))
         i = end + 1
     return out
 
@@ -169,7 +175,7 @@ def commands(block: Block) -> list[Command]:
                     out[-1].expected.append(line)
                 i += 1
                 continue
-            text, j = _joined([line[2:], *block.lines[i + 1:]], 0)
+            text, j = _joined([line[2:], *block.lines[i + 1 :]], 0)
             out.append(Command(f"{file}:{line_no + i}", text))
             i += j
             continue
@@ -204,8 +210,7 @@ def check_output(cmd: Command, output: str, root: str) -> None:
         pattern = re.compile(".*".join(map(re.escape, want.split("…"))))
         hit = next((k for k in range(at, len(got)) if pattern.search(got[k])), None)
         if hit is None:
-            raise DocError(f"{cmd.where}: `{cmd.text}` did not print, in this order:\n  {want}\n"
-                           f"it printed:\n{output}")
+            raise DocError(f"{cmd.where}: `{cmd.text}` did not print, in this order:\n  {want}\nit printed:\n{output}")
         at = hit + 1
 
 
@@ -220,20 +225,34 @@ class Session:
         master, slave = pty.openpty()
         self.master = master
         script_r, self.script = os.pipe()
-        setup = " && ".join([
-            "mount --make-rprivate /",
-            *(f"{{ [ -e {d} ] || mkdir -p {d}; }} && mount -t tmpfs doctest {d}" for d in PRIVATE[1:]),
-            f"mkdir -p /run/doctest && mount --bind {scratch} /run/doctest",
-            f"mount -t tmpfs doctest {PRIVATE[0]}",
-            "ip link set lo up",
-            f"exec bash --norc --noprofile /dev/fd/{script_r}",
-        ])
-        env = {"PATH": SAFE_PATH, "HOME": "/run/doctest/home", "TERM": "dumb", "LANG": "C.UTF-8",
-               "USER": "root", "LOGNAME": "root"}
+        setup = " && ".join(
+            [
+                "mount --make-rprivate /",
+                *(f"{{ [ -e {d} ] || mkdir -p {d}; }} && mount -t tmpfs doctest {d}" for d in PRIVATE[1:]),
+                f"mkdir -p /run/doctest && mount --bind {scratch} /run/doctest",
+                f"mount -t tmpfs doctest {PRIVATE[0]}",
+                "ip link set lo up",
+                f"exec bash --norc --noprofile /dev/fd/{script_r}",
+            ]
+        )
+        env = {
+            "PATH": SAFE_PATH,
+            "HOME": "/run/doctest/home",
+            "TERM": "dumb",
+            "LANG": "C.UTF-8",
+            "USER": "root",
+            "LOGNAME": "root",
+        }
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", setup],
-            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=root, env=env, pass_fds=(script_r,),
-            start_new_session=True)
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            cwd=root,
+            env=env,
+            pass_fds=(script_r,),
+            start_new_session=True,
+        )
         os.close(slave)
         os.close(script_r)
         self.buf = b""
@@ -261,7 +280,7 @@ class Session:
     def _send(self, text: str) -> None:
         data = text.encode()
         while data:
-            data = data[os.write(self.script, data):]
+            data = data[os.write(self.script, data) :]
 
     def _until(self, marker: bytes, timeout: float, what: str) -> bytes:
         deadline = time.monotonic() + timeout
@@ -290,8 +309,10 @@ class Session:
             text = f"python /run/doctest/{program.name}"
         elif cmd.background and cmd.daemon:
             listener = ReadyListener(self.scratch / f"ready{self.seq}")
-            text = (f"export NOTIFY_SOCKET=/run/doctest/ready{self.seq}\n{text}\nunset NOTIFY_SOCKET\n"
-                    f"printf '\\035%s\\n' \"$!\"")  # its pid: on a line of its own, after a \x1d
+            text = (
+                f"export NOTIFY_SOCKET=/run/doctest/ready{self.seq}\n{text}\nunset NOTIFY_SOCKET\n"
+                f"printf '\\035%s\\n' \"$!\""
+            )  # its pid: on a line of its own, after a \x1d
         self.transcript.append(f"$ {cmd.text}")
         # The status goes out on a line of its own: \x1e never appears in what a program prints. Then, as
         # an interactive shell does before its prompt, finished jobs leave the table (%1 is the next one).
@@ -307,8 +328,10 @@ class Session:
             self.transcript[-1] = output
             try:
                 if not listener.wait(lambda: self._alive(int(pid)), READY_TIMEOUT):
-                    raise DocError(f"{cmd.where}: `{cmd.text}` never said it was ready (READY=1) within "
-                                   f"{READY_TIMEOUT:.0f} s:\n{output}\n{self.drain()}")
+                    raise DocError(
+                        f"{cmd.where}: `{cmd.text}` never said it was ready (READY=1) within "
+                        f"{READY_TIMEOUT:.0f} s:\n{output}\n{self.drain()}"
+                    )
             finally:
                 listener.close()
             return
@@ -364,8 +387,12 @@ class Session:
 
 def run_document(path: Path, root: Path, scratch: Path) -> list[str]:
     """Run every runnable block of the document at `path`, in order; returns the transcript."""
-    todo = [c for b in blocks(path) if not b.skip and (b.tag in SHELL_TAGS or (b.tag == "python" and b.run))
-            for c in commands(b)]
+    todo = [
+        c
+        for b in blocks(path)
+        if not b.skip and (b.tag in SHELL_TAGS or (b.tag == "python" and b.run))
+        for c in commands(b)
+    ]
     session = Session(root, scratch)
     try:
         for cmd in todo:

@@ -16,8 +16,23 @@ from typing import Any
 ROUNDS = int(os.environ.get("FUZZ_ROUNDS", "1"))
 
 # Integers that break length and count fields: zero, signs, widths' edges.
-_EDGES = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000,
-          0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
+_EDGES = (
+    0,
+    1,
+    2,
+    0x7F,
+    0x80,
+    0xFF,
+    0x100,
+    0x7FFF,
+    0x8000,
+    0xFFFF,
+    0x10000,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    0xFFFFFFFFFFFFFFFF,
+)
 _FORMATS = ("<B", "<H", "<I", "<Q", ">H", ">I", ">Q")
 
 
@@ -68,8 +83,9 @@ def cases(seed: int, corpus: Sequence[bytes], n: int) -> Iterator[bytes]:
             yield mutate(rng, rng.choice(corpus), corpus)
 
 
-def only_raises(parse: Callable[..., Any], data: Any, errors: type[BaseException] | tuple[type[BaseException], ...],
-                *args: Any) -> Any:
+def only_raises(
+    parse: Callable[..., Any], data: Any, errors: type[BaseException] | tuple[type[BaseException], ...], *args: Any
+) -> Any:
     """parse(data, *args), or None if it raised one of `errors`; anything else fails the test with the input."""
     try:
         return parse(data, *args)

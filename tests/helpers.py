@@ -90,9 +90,7 @@ class IrmdProc:
 
     def irm(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run the irm CLI against this irmd."""
-        return subprocess.run(
-            [str(BIN / "irm"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        return subprocess.run([str(BIN / "irm"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def request(self, msg: Message) -> Message:
         """Send one control request straight to the irmd (what irm does, without a process)."""
@@ -123,9 +121,7 @@ class IrmdProc:
 
     def run(self, tool: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run one of the console scripts (oping, ...) against this irmd."""
-        return subprocess.run(
-            [str(BIN / tool), *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        return subprocess.run([str(BIN / tool), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -170,7 +166,10 @@ def start_irmd(tmp: Path, name: str = "irmd", args: Sequence[str] = (), env: dic
     env = {**irmd_env(sock), **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "irmd"), "--sock", str(sock), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+            [str(BIN / "irmd"), "--sock", str(sock), *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
     irmd = IrmdProc(sock, log, proc, env)
@@ -207,8 +206,6 @@ def stop_irmd(irmd: IrmdProc, check: bool = True) -> None:
     assert proc.returncode == 0, f"irmd exited with {proc.returncode}:\n{irmd.log_text()}"
     assert not irmd.sock.exists(), "irmd left its socket behind"
     assert not leftovers, f"irmd left children running: {sorted(leftovers)}"
-
-
 
 
 Pair = tuple[Flow, Flow]

@@ -24,7 +24,8 @@ SETPRIV = shutil.which("setpriv") or "setpriv"  # by its path: a test may give t
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="the attacker is played as uid 65534 through setpriv, which needs root (CI runs as root)")
+    reason="the attacker is played as uid 65534 through setpriv, which needs root (CI runs as root)",
+)
 
 
 def as_uid(uid: int) -> list[str]:
@@ -67,8 +68,13 @@ class Lab:
         home.mkdir(parents=True)
         os.chown(home, uid, uid)
         key = home / "netplumb" / "id"
-        subprocess.run([*as_uid(uid), str(BIN / "plumb-keygen"), "-f", str(key)], env=self.env(),
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [*as_uid(uid), str(BIN / "plumb-keygen"), "-f", str(key)],
+            env=self.env(),
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         c = Client(name, uid, home, key)
         if authorize:
             self.authorize(c, options)
@@ -81,9 +87,26 @@ class Lab:
     def start(self, *args: str) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [str(BIN / "netplumbd"), "--name", "host2", "--layer", "local", "--authorized-keys", str(self.auth),
-                 "--host-key", str(self.root / "server" / "host_key"), "--recipe-dir", str(self.recipes), "-v",
-                 *args], env=self.env(), stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
+                [
+                    str(BIN / "netplumbd"),
+                    "--name",
+                    "host2",
+                    "--layer",
+                    "local",
+                    "--authorized-keys",
+                    str(self.auth),
+                    "--host-key",
+                    str(self.root / "server" / "host_key"),
+                    "--recipe-dir",
+                    str(self.recipes),
+                    "-v",
+                    *args,
+                ],
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
         wait_for(lambda: "serving with key" in self.log_text() or self.proc.poll() is not None, 15, "netplumbd")
         assert self.proc.poll() is None, self.log_text()
 
@@ -99,26 +122,48 @@ class Lab:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def plumb(self, c: Client, *args: str, input: bytes = b"", env: dict[str, str] | None = None,
-              timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*as_uid(c.uid), str(BIN / "plumb"), "host2", f"-key={c.key}", *args], input=input,
-                              capture_output=True, timeout=timeout, cwd=c.config,
-                              env=self.env(XDG_CONFIG_HOME=str(c.config), **(env or {})))
+    def plumb(
+        self, c: Client, *args: str, input: bytes = b"", env: dict[str, str] | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*as_uid(c.uid), str(BIN / "plumb"), "host2", f"-key={c.key}", *args],
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            cwd=c.config,
+            env=self.env(XDG_CONFIG_HOME=str(c.config), **(env or {})),
+        )
 
     def popen_plumb(self, c: Client, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([*as_uid(c.uid), str(BIN / "plumb"), "host2", f"-key={c.key}", *args],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=c.config, env=self.env(XDG_CONFIG_HOME=str(c.config), **(env or {})))
+        return subprocess.Popen(
+            [*as_uid(c.uid), str(BIN / "plumb"), "host2", f"-key={c.key}", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=c.config,
+            env=self.env(XDG_CONFIG_HOME=str(c.config), **(env or {})),
+        )
 
     def py(self, uid: int, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Python as `uid`, with the checkout importable (an attacker's script)."""
-        return subprocess.run([*as_uid(uid), PY, "-c", code, *args], capture_output=True, text=True,
-                              timeout=timeout, cwd=self.root, env=self.env(PYTHONPATH=str(Path.cwd())))
+        return subprocess.run(
+            [*as_uid(uid), PY, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            env=self.env(PYTHONPATH=str(Path.cwd())),
+        )
 
     def popen_py(self, uid: int, code: str, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([*as_uid(uid), PY, "-c", code, *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=self.root,
-                                env=self.env(PYTHONPATH=str(Path.cwd())))
+        return subprocess.Popen(
+            [*as_uid(uid), PY, "-c", code, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.root,
+            env=self.env(PYTHONPATH=str(Path.cwd())),
+        )
 
 
 @contextlib.contextmanager

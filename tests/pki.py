@@ -24,8 +24,15 @@ def new_key(kind: str = "p256") -> Key:
     return ec.generate_private_key(ec.SECP384R1() if kind == "p384" else ec.SECP256R1())
 
 
-def certificate(cn: str, key: Key, issuer: tuple[x509.Certificate, Key] | None = None, *, ca: bool = False,
-                days: int = 30, start: datetime.datetime | None = None) -> x509.Certificate:
+def certificate(
+    cn: str,
+    key: Key,
+    issuer: tuple[x509.Certificate, Key] | None = None,
+    *,
+    ca: bool = False,
+    days: int = 30,
+    start: datetime.datetime | None = None,
+) -> x509.Certificate:
     """A certificate for `cn`: self-signed without an issuer; a CA (basicConstraints CA:TRUE) if asked."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     start = start or NOW - DAY

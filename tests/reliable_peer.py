@@ -66,8 +66,14 @@ def receive_all(flow: Flow, nbytes: int, timeout: float = 30.0) -> dict[str, Any
         end = "down"
     except FlowError as e:
         end = f"{type(e).__name__}: {e}"
-    return {"bytes": got, "sdus": sdus, "max_sdu": biggest, "sha256": digest.hexdigest(),
-            "seconds": (last or time.monotonic()) - first if sdus else 0.0, "end": end}
+    return {
+        "bytes": got,
+        "sdus": sdus,
+        "max_sdu": biggest,
+        "sha256": digest.hexdigest(),
+        "seconds": (last or time.monotonic()) - first if sdus else 0.0,
+        "end": end,
+    }
 
 
 @dataclasses.dataclass
@@ -98,15 +104,31 @@ class Sink:
             self.proc.stdout.close()
 
 
-def start_sink(irmd: Any, layer: str, name: str, nbytes: int, tmp: Path, delay_read: float = 0.0,
-               read_timeout: float = 30.0) -> Sink:
+def start_sink(
+    irmd: Any, layer: str, name: str, nbytes: int, tmp: Path, delay_read: float = 0.0, read_timeout: float = 30.0
+) -> Sink:
     """Run a sink for `name` against `irmd` (a tests/helpers.IrmdProc): registered in `layer`, bound by pid."""
     result = tmp / f"{name}.json"
     irmd.irm_ok("name", "register", name, "layer", layer)
     proc = subprocess.Popen(
-        [sys.executable, __file__, "sink", "--bytes", str(nbytes), "--result", str(result),
-         "--delay-read", str(delay_read), "--timeout", str(read_timeout)],
-        env=irmd.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            __file__,
+            "sink",
+            "--bytes",
+            str(nbytes),
+            "--result",
+            str(result),
+            "--delay-read",
+            str(delay_read),
+            "--timeout",
+            str(read_timeout),
+        ],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     sink = Sink(proc, name, result)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
@@ -144,8 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.monotonic()
         send_all(flow, data, args.chunk)
         flow.close()
-        result = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                  "seconds": time.monotonic() - t0}
+        result = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "seconds": time.monotonic() - t0}
     text = json.dumps(result)
     if args.result:
         args.result.write_text(text)

@@ -88,20 +88,42 @@ def nobody() -> list[str]:
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
-def attack(target: tuple[str, int], sources: Sequence[str], frames: Sequence[bytes], repeat: int = 1,
-           pause: float = 0.0, linger: float = 0.2, echo: bytes = b"", cookie_at: int = 0,
-           timeout: float = 300.0) -> Attack:
+def attack(
+    target: tuple[str, int],
+    sources: Sequence[str],
+    frames: Sequence[bytes],
+    repeat: int = 1,
+    pause: float = 0.0,
+    linger: float = 0.2,
+    echo: bytes = b"",
+    cookie_at: int = 0,
+    timeout: float = 300.0,
+) -> Attack:
     """Each source sends every frame `repeat` times; what came back is counted per source.
 
     With `echo`, every answer of at least `cookie_at` + 8 bytes is answered with `echo` followed by
     the 8 bytes at `cookie_at`: a source that proves it receives at its address (as a real host would).
     """
-    job = {"target": list(target), "sources": list(sources), "frames": [f.hex() for f in frames],
-           "repeat": repeat, "pause": pause, "linger": linger, "echo": echo.hex(), "cookie_at": cookie_at}
+    job = {
+        "target": list(target),
+        "sources": list(sources),
+        "frames": [f.hex() for f in frames],
+        "repeat": repeat,
+        "pause": pause,
+        "linger": linger,
+        "echo": echo.hex(),
+        "cookie_at": cookie_at,
+    }
     # The system's python: nobody may not read the one the tests run with (a venv under /root, say).
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-    r = subprocess.run([*nobody(), python, "-c", ATTACKER], input=json.dumps(job), capture_output=True,
-                       text=True, timeout=timeout, cwd="/")
+    r = subprocess.run(
+        [*nobody(), python, "-c", ATTACKER],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
     assert r.returncode == 0, f"the attacker failed: {r.stderr}"
     return Attack(**json.loads(r.stdout))
 

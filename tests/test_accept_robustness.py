@@ -57,8 +57,9 @@ class Lab:
     servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     legit: dict[str, Callable[[], tuple[bool, str]]] = field(default_factory=dict)
 
-    def run(self, argv: list[str], timeout: float = 30, nobody: bool = False,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: list[str], timeout: float = 30, nobody: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*(AS_NOBODY if nobody else []), *argv], env=env or self.irmd.env, capture_output=True,
                               text=True, timeout=timeout, cwd=self.tmp)  # fmt: skip
 
@@ -111,6 +112,7 @@ def lab() -> Iterator[Lab]:
             def go() -> tuple[bool, str]:
                 r = lab.run(argv, env=env)
                 return r.returncode == 0 and expect in r.stdout, (r.stderr or r.stdout).strip()[-160:]
+
             return go
 
         lab.legit = {

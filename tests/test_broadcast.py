@@ -33,8 +33,14 @@ flow.close()
 
 
 def member(host: Host, *words: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", MEMBER, "bc", *words], env=host.irmd.env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MEMBER, "bc", *words],
+        env=host.irmd.env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     host.procs.append(proc)  # type: ignore[arg-type]
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "joined"
@@ -68,8 +74,13 @@ def test_a_write_on_one_joined_flow_reaches_every_other_member_once(cluster: Clu
 def test_joining_a_layer_that_is_not_here_fails_clearly(cluster: Cluster) -> None:
     (a,) = cluster.start(["a"])
     cluster.udp([a])
-    r = subprocess.run([sys.executable, "-c", "from flowlib import flow_join; flow_join('nosuch', timeout=5)"],
-                       env=a.irmd.env, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-c", "from flowlib import flow_join; flow_join('nosuch', timeout=5)"],
+        env=a.irmd.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode != 0
     assert "no broadcast layer 'nosuch' here to join" in r.stderr
 
@@ -79,9 +90,11 @@ def test_joining_with_a_qos_only_one_peer_can_serve_is_refused_clearly(cluster: 
     (a,) = cluster.start(["a"])
     cluster.udp([a])
     a.irm_ok("ipcp", "bootstrap", "type", "broadcast", "name", "b1", "layer", "bc")
-    code = ("from flowlib import QosNotSupported, flow_join, qos\n"
-            "try:\n    flow_join('bc', qos=qos.data, timeout=5)\nexcept QosNotSupported as e:\n    print(e)\n"
-            "flow_join('bc', qos=qos.raw, timeout=5).close()\nprint('raw joined')\n")
+    code = (
+        "from flowlib import QosNotSupported, flow_join, qos\n"
+        "try:\n    flow_join('bc', qos=qos.data, timeout=5)\nexcept QosNotSupported as e:\n    print(e)\n"
+        "flow_join('bc', qos=qos.raw, timeout=5).close()\nprint('raw joined')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], env=a.irmd.env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "cannot serve the QoS asked" in r.stdout and "raw flows only" in r.stdout and "raw joined" in r.stdout

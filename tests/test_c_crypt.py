@@ -179,8 +179,9 @@ def identity(tmp_path: Path) -> tuple[ec.EllipticCurvePrivateKey, Path, Path]:
 
 
 @pytest.mark.parametrize("md", [0, 672, 674])
-def test_signatures_verify_across(c: ctypes.CDLL, identity: tuple[ec.EllipticCurvePrivateKey, Path, Path],
-                                  md: int) -> None:
+def test_signatures_verify_across(
+    c: ctypes.CDLL, identity: tuple[ec.EllipticCurvePrivateKey, Path, Path], md: int
+) -> None:
     key, key_path, crt_path = identity
     pkp, crt, pub = c_void_p(), c_void_p(), c_void_p()
     assert c.crypt_load_privkey_file(str(key_path).encode(), byref(pkp)) == 0
@@ -197,10 +198,18 @@ def test_signatures_verify_across(c: ctypes.CDLL, identity: tuple[ec.EllipticCur
 # -- enc.conf ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", [
-    "", "none\n", "kex=X25519\n", "kex = secp384r1\ncipher = chacha20-poly1305\nkdf=sha512\ndigest=sha3-256\n",
-    "# comment\n\ncipher=aes-128-gcm\nnonsense line\nkem_mode=client\n", "kex=prime256v1\nnone\n",
-], ids=["empty", "none", "x25519", "all", "comments", "none-late"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "none\n",
+        "kex=X25519\n",
+        "kex = secp384r1\ncipher = chacha20-poly1305\nkdf=sha512\ndigest=sha3-256\n",
+        "# comment\n\ncipher=aes-128-gcm\nnonsense line\nkem_mode=client\n",
+        "kex=prime256v1\nnone\n",
+    ],
+    ids=["empty", "none", "x25519", "all", "comments", "none-late"],
+)
 def test_enc_conf_reads_as_c_reads_it(c: ctypes.CDLL, tmp_path: Path, text: str) -> None:
     path = tmp_path / "enc.conf"
     path.write_text(text)
@@ -208,4 +217,9 @@ def test_enc_conf_reads_as_c_reads_it(c: ctypes.CDLL, tmp_path: Path, text: str)
     assert c.load_sec_config_file(byref(cfg), str(path).encode()) == 0
     ours = parse_enc_conf(text)
     assert (ours.kex, ours.kdf, ours.cipher, ours.md, int(ours.client_encap)) == (
-        cfg.x.nid, cfg.k.nid, cfg.c.nid, cfg.d.nid, cfg.x.mode)
+        cfg.x.nid,
+        cfg.k.nid,
+        cfg.c.nid,
+        cfg.d.nid,
+        cfg.x.mode,
+    )

@@ -21,13 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(180)
 def test_make_demo_boots_the_demo_config_and_every_step_works() -> None:
     """`make demo`'s runner: local, udp and unicast layers, oping, Styx, IBP and netplumb, a clean stop."""
-    r = subprocess.run([sys.executable, "-m", "apps.demo", str(ROOT / "configs" / "demo.toml")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=150)
+    r = subprocess.run(
+        [sys.executable, "-m", "apps.demo", str(ROOT / "configs" / "demo.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     out = r.stdout
     assert r.returncode == 0 and "demo done." in out and "irmd stopped (cleanly)" in out, out[-3000:] + r.stderr[-3000:]
-    for seen in ("3 packets transmitted, 3 received", "Hello from a Styx service over a flow.", "written over 9P",
-                 "300000 bytes stored in depot1 and loaded back intact", "PIPED THROUGH NETPLUMB",
-                 "net (unicast ipcp n1)  names: depot1, files, host1"):
+    for seen in (
+        "3 packets transmitted, 3 received",
+        "Hello from a Styx service over a flow.",
+        "written over 9P",
+        "300000 bytes stored in depot1 and loaded back intact",
+        "PIPED THROUGH NETPLUMB",
+        "net (unicast ipcp n1)  names: depot1, files, host1",
+    ):
         assert seen in out, f"missing {seen!r} in:\n{out[-3000:]}"
 
 
@@ -141,22 +151,30 @@ reg = ["pong{i}"]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("text", "words"), [
-    ("[frobnicate.x]\nbootstrap = 'l'\n", ["unknown table [frobnicate]"]),
-    ("[local.lo]\nbootstrap = 'l'\ncolour = 'red'\n", ["[local.lo]", "colour"]),
-    ("[name.x]\nlb = 'random'\n", ["[name.x]", "lb = 'random'"]),
-    ("[unicast.n]\nbootstrap = 'net'\ndht_k = 21\n", ["[unicast.n]", "dht_k", "from 1 to 20"]),
-    ("[limits]\nflows_per_uid = 0\n", ["[limits]", "flows_per_uid"]),
-    ("limits = 3\n", ["expected a table [limits]"]),
-    ("[local.lo\n", ["bad.toml"]),
-    ("[udp4.u]\nbootstrap = 'l'\nip = 'not an ip'\n", ["[udp4.u]", "IPv4"]),
-])
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[frobnicate.x]\nbootstrap = 'l'\n", ["unknown table [frobnicate]"]),
+        ("[local.lo]\nbootstrap = 'l'\ncolour = 'red'\n", ["[local.lo]", "colour"]),
+        ("[name.x]\nlb = 'random'\n", ["[name.x]", "lb = 'random'"]),
+        ("[unicast.n]\nbootstrap = 'net'\ndht_k = 21\n", ["[unicast.n]", "dht_k", "from 1 to 20"]),
+        ("[limits]\nflows_per_uid = 0\n", ["[limits]", "flows_per_uid"]),
+        ("limits = 3\n", ["expected a table [limits]"]),
+        ("[local.lo\n", ["bad.toml"]),
+        ("[udp4.u]\nbootstrap = 'l'\nip = 'not an ip'\n", ["[udp4.u]", "IPv4"]),
+    ],
+)
 def test_a_bad_config_stops_the_boot_naming_file_and_table(tmp_path: Path, text: str, words: list[str]) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
     sock = tmp_path / "irmd.sock"
-    r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(bad)], env=irmd_env(sock),
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "irmd"), "--sock", str(sock), "--config", str(bad)],
+        env=irmd_env(sock),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1
     for word in words:
         assert word in r.stderr, r.stderr
@@ -169,8 +187,13 @@ def test_a_config_that_fails_when_applied_stops_the_irmd_and_its_ipcps(tmp_path:
     # Only running it shows that this host has no such address to bind.
     bad.write_text("[local.lo]\nbootstrap = 'l'\n\n[udp4.u]\nbootstrap = 'u'\nip = '192.0.2.1'\n")
     sock = tmp_path / "irmd.sock"
-    r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(bad)], env=irmd_env(sock),
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "irmd"), "--sock", str(sock), "--config", str(bad)],
+        env=irmd_env(sock),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1
     assert "[udp4.u]" in r.stderr and "cannot bind 192.0.2.1" in r.stderr, r.stderr
     assert not sock.exists()
@@ -183,14 +206,22 @@ def test_config_variables_come_from_the_environment_and_a_missing_one_is_named(t
     sock = tmp_path / "irmd.sock"
     env = {**irmd_env(sock), "HOST_TAG": "x1"}
     env.pop("NOT_SET_ANYWHERE", None)
-    r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)], env=env,
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1 and "local.lo-${HOST_TAG}.reg" in r.stderr and "${NOT_SET_ANYWHERE} is not set" in r.stderr
     conf.write_text('[local."lo-${HOST_TAG}"]\nbootstrap = "local-${HOST_TAG}"\n')
     irmd = start_irmd(tmp_path, "v", ["--config", str(conf)], env={"HOST_TAG": "x1"})
     try:
-        wait_for(lambda: [(r["name"], r["layer"]) for r in irmd.table("ipcp", "list")] == [("lo-x1", "local-x1")],
-                 15, "the IPCP named from the environment")
+        wait_for(
+            lambda: [(r["name"], r["layer"]) for r in irmd.table("ipcp", "list")] == [("lo-x1", "local-x1")],
+            15,
+            "the IPCP named from the environment",
+        )
     finally:
         stop_irmd(irmd)
 
@@ -213,21 +244,24 @@ def test_irm_dump_config_boots_an_irmd_into_the_same_state(tmp_path: Path) -> No
                       ["name", "register", "pong", "layer", "net", "layer", "local"]):  # fmt: skip
             a.irm_ok(*words)
         dumped = a.irm_ok("dump", "config").stdout
-        before = {"ipcps": sorted((r["name"], r["type"], r["layer"]) for r in a.table("ipcp", "list")),
-                  "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in a.table("name", "list"))}
+        before = {
+            "ipcps": sorted((r["name"], r["type"], r["layer"]) for r in a.table("ipcp", "list")),
+            "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in a.table("name", "list")),
+        }
     finally:
         stop_irmd(a)
     assert 'conn = [\n    "auto",\n]' in dumped and 'routing = "ecmp"' in dumped and '"two words"' in dumped
     conf = tmp_path / "dumped.toml"
     conf.write_text(dumped)
-    check = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True,
-                           timeout=30)
+    check = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
     b = start_irmd(tmp_path, "b", ["--config", str(conf)])
     try:
         wait_for(lambda: "applied" in b.log_text(), 30, "the dumped config applied")
-        after = {"ipcps": sorted((r["name"], r["type"], r["layer"]) for r in b.table("ipcp", "list")),
-                 "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in b.table("name", "list"))}
+        after = {
+            "ipcps": sorted((r["name"], r["type"], r["layer"]) for r in b.table("ipcp", "list")),
+            "names": sorted((r["name"], r["lb"], r["layers"], r["programs"]) for r in b.table("name", "list")),
+        }
         assert after == before
         assert b.irm_ok("dump", "config").stdout == dumped  # dump, boot from the dump, dump again: the same
         out = b.run("oping", "-n", "pong", "-c", "2", "-i", "10", timeout=20)
@@ -241,8 +275,9 @@ def test_irm_dump_graph_shows_what_runs_over_what_as_text_and_dot(tmp_path: Path
     port = free_port(["127.0.0.1"])
     irmd = start_irmd(tmp_path)
     try:
-        irmd.irm_ok("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "127.0.0.1",
-                    "port", str(port))
+        irmd.irm_ok(
+            "ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "127.0.0.1", "port", str(port)
+        )
         irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "autobind")
         irmd.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
         irmd.irm_ok("name", "register", "pong", "layer", "net")
@@ -316,25 +351,55 @@ flows_per_uid = 99
     by_ipcp = {msg.name: msg for _, msg in boot.steps if isinstance(msg, m.IpcpBootstrap)}
     assert by_ipcp["u"].conf == {"ip": "127.0.0.1", "port": "3435", "dns": "127.0.0.1"}
     assert by_ipcp["n"].conf == {
-        "addr": "4", "eid": "8", "ttl": "60", "addr_auth": "flat", "routing": "link_state", "ls_t_recalc": "4",
-        "ls_t_update": "15", "ls_t_timeo": "60", "congestion": "none", "directory": "DHT", "hash": "SHA3_256",
-        "dht_alpha": "3", "dht_k": "8", "dht_t_expire": "86400", "dht_t_refresh": "900", "dht_t_replicate": "900"}
+        "addr": "4",
+        "eid": "8",
+        "ttl": "60",
+        "addr_auth": "flat",
+        "routing": "link_state",
+        "ls_t_recalc": "4",
+        "ls_t_update": "15",
+        "ls_t_timeo": "60",
+        "congestion": "none",
+        "directory": "DHT",
+        "hash": "SHA3_256",
+        "dht_alpha": "3",
+        "dht_k": "8",
+        "dht_t_expire": "86400",
+        "dht_t_refresh": "900",
+        "dht_t_replicate": "900",
+    }
     assert boot.limits.flows_per_uid == 99
 
 
 @pytest.mark.timeout(60)
 def test_dns_is_accepted_with_a_warning_as_there_is_no_ddns(irmd: IrmdProc) -> None:
     port = free_port(["127.0.0.1"])
-    irmd.irm_ok("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "udp", "ip", "127.0.0.1",
-                "port", str(port), "dns", "127.0.0.1")
+    irmd.irm_ok(
+        "ipcp",
+        "bootstrap",
+        "name",
+        "u",
+        "type",
+        "udp4",
+        "layer",
+        "udp",
+        "ip",
+        "127.0.0.1",
+        "port",
+        str(port),
+        "dns",
+        "127.0.0.1",
+    )
     irmd.note_children()
     assert "no dynamic DNS here" in irmd.log_text()  # the udp IPCP says so
     assert irmd.table("ipcp", "list")[0]["state"] == "operational"
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                    reason="the example's Ethernet IPCPs and its fixed UDP port need root and a network namespace")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="the example's Ethernet IPCPs and its fixed UDP port need root and a network namespace",
+)
 def test_the_ouroboros_example_config_boots_whole(tmp_path: Path) -> None:
     ns = f"irmdconf{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -346,25 +411,39 @@ def test_the_ouroboros_example_config_boots_whole(tmp_path: Path) -> None:
         sock = tmp_path / "irmd.sock"
         log = tmp_path / "irmd.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, str(BIN / "irmd"), "--sock", str(sock),
-                                     "--config", str(conf)], env=irmd_env(sock), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)],
+                env=irmd_env(sock),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(lambda: proc.poll() is not None or "applied" in log.read_text(), 150, "the example to boot")
         assert proc.poll() is None, log.read_text()[-3000:]
         irm = IrmdProc(sock, log, proc, irmd_env(sock))
         ipcps = {r["name"]: r for r in irm.table("ipcp", "list")}
         assert {n: (r["type"], r["layer"], r["state"]) for n, r in ipcps.items()} == {
-            "local1": ("local", "local1", "operational"), "lan1": ("unicast", "LAN", "operational"),
-            "lan2": ("unicast", "LAN", "operational"), "bc1": ("broadcast", "broadcast", "operational"),
-            "bc2": ("broadcast", "broadcast", "operational"), "ethl": ("eth-llc", "ethl1", "operational"),
-            "eth1": ("eth-dix", "eth1", "operational"), "udp1": ("udp4", "udp", "operational"),
-            "udp2": ("udp6", "udp2", "operational")}
+            "local1": ("local", "local1", "operational"),
+            "lan1": ("unicast", "LAN", "operational"),
+            "lan2": ("unicast", "LAN", "operational"),
+            "bc1": ("broadcast", "broadcast", "operational"),
+            "bc2": ("broadcast", "broadcast", "operational"),
+            "ethl": ("eth-llc", "ethl1", "operational"),
+            "eth1": ("eth-dix", "eth1", "operational"),
+            "udp1": ("udp4", "udp", "operational"),
+            "udp2": ("udp6", "udp2", "operational"),
+        }
         names = {r["name"]: r for r in irm.table("name", "list")}
         assert {"oping", "oecho", "ocbr", "ovpn", "oping.secure", "bc1", "LAN", "lan1", "lan2"} <= set(names)
         assert "LAN" in names["oping"]["layers"] and "local1" in names["bc1"]["layers"]
         assert "eth1" in names["lan1"]["layers"] and names["ocbr"]["programs"].endswith("/ocbr")
         assert names["ovpn"]["programs"].endswith("/ovpn")  # both programs are installed beside oping
-        r = subprocess.run(["ip", "netns", "exec", ns, str(BIN / "oping"), "-n", "oping", "-c", "2", "-i", "100"],
-                           env=irmd_env(sock), capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, str(BIN / "oping"), "-n", "oping", "-c", "2", "-i", "100"],
+            env=irmd_env(sock),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr  # started on demand
     finally:
         if proc is not None and proc.poll() is None:
@@ -376,15 +455,15 @@ def test_the_ouroboros_example_config_boots_whole(tmp_path: Path) -> None:
 
 
 def test_a_mistyped_key_or_table_gets_a_suggestion_and_check_config_says_so_before_starting(tmp_path: Path) -> None:
-    for text, hint in [('[unicast.n1]\nbootstrp = "net"\n', 'unknown key "bootstrp"; did you mean "bootstrap"?'),
-                       ('[unicst.n1]\nbootstrap = "net"\n', 'did you mean "unicast"?'),
-                       ('[name.pong]\nprgo = ["oping"]\n', 'did you mean "prog"?'),
-                       ('[udp4.u]\nbootstrap = "lan"\nip = "127.0.0.1"\npeers = "127.0.0.2"\n',
-                        'did you mean "peer"?')]:
+    for text, hint in [
+        ('[unicast.n1]\nbootstrp = "net"\n', 'unknown key "bootstrp"; did you mean "bootstrap"?'),
+        ('[unicst.n1]\nbootstrap = "net"\n', 'did you mean "unicast"?'),
+        ('[name.pong]\nprgo = ["oping"]\n', 'did you mean "prog"?'),
+        ('[udp4.u]\nbootstrap = "lan"\nip = "127.0.0.1"\npeers = "127.0.0.2"\n', 'did you mean "peer"?'),
+    ]:
         conf = tmp_path / "typo.toml"
         conf.write_text(text)
-        r = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True,
-                           timeout=30)
+        r = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and hint in r.stderr, (text, r.stderr)
     conf.write_text('[local.lo]\nbootstrap = "local"\n[name.pong]\nprog = ["oping"]\nargs = ["-l"]\n')
     r = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True, timeout=30)

@@ -49,8 +49,9 @@ def line(cluster: Cluster, congestion: str, hops: int) -> tuple[Host, Host]:
     # the slow one: the shim that sends into it waits, and its queue builds at the forwarder before it.
     cluster.udp(hosts[:-2], impair=FAST)
     cluster.udp(hosts[-2:], impair=LINK)
-    hosts[0].irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n0", "layer", "net",
-                    "congestion", congestion, "autobind")
+    hosts[0].irm_ok(
+        "ipcp", "bootstrap", "type", "unicast", "name", "n0", "layer", "net", "congestion", congestion, "autobind"
+    )
     for i, h in enumerate(hosts[1:], start=1):
         h.irm_ok("ipcp", "enroll", "type", "unicast", "name", f"n{i}", "layer", "net", "dst", f"n{i - 1}", "autobind")
         h.irm_ok("ipcp", "connect", "name", f"n{i}", "dst", f"n{i - 1}")

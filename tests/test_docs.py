@@ -64,11 +64,12 @@ def test_an_untagged_block_is_refused(tmp_path: Path) -> None:
 def test_a_page_that_lies_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A command that fails, output that differs, an error that is not one: each is caught."""
     monkeypatch.setattr(docrun, "READY_TIMEOUT", 3.0)
-    for text, why in [("```sh\nfalse\n```\n", "failed with status 1"),
-                      ("```console\n$ echo hello\nworld\n```\n", "did not print"),
-                      ("```console\n$ printf 'printf: oops'\nprintf: oops\n```\n",
-                       "succeeded; the page shows it failing"),
-                      ("```sh\n.venv/bin/irmd --log /proc/none &\n```\n", "never said it was ready")]:
+    for text, why in [
+        ("```sh\nfalse\n```\n", "failed with status 1"),
+        ("```console\n$ echo hello\nworld\n```\n", "did not print"),
+        ("```console\n$ printf 'printf: oops'\nprintf: oops\n```\n", "succeeded; the page shows it failing"),
+        ("```sh\n.venv/bin/irmd --log /proc/none &\n```\n", "never said it was ready"),
+    ]:
         scratch = tmp_path / str(abs(hash(text)))
         scratch.mkdir()
         with pytest.raises(DocError, match=why):

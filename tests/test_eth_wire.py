@@ -114,9 +114,7 @@ def test_dix_frames_sent_parse_back_even_with_ethernet_padding(eid: int, sdu: by
 
 @given(st.integers(2, eth.MAX_SAPS - 1), st.integers(2, eth.MAX_SAPS - 1),
        st.binary(max_size=1497), st.binary(max_size=46))  # fmt: skip
-def test_llc_frames_sent_parse_back_even_with_ethernet_padding(
-    local: int, remote: int, sdu: bytes, pad: bytes
-) -> None:
+def test_llc_frames_sent_parse_back_even_with_ethernet_padding(local: int, remote: int, sdu: bytes, pad: bytes) -> None:
     frame = sent(LLC, eth.LlcFraming(PEER).header(OWN, local, remote), sdu)
     got = LLC.parse(frame + pad, None)
     assert got is not None
@@ -152,8 +150,7 @@ def test_header_sizes_are_ouroboros_s() -> None:
 
 @settings(max_examples=300)
 @given(macs, macs, st.integers(0x0600, 0xFFFE), st.integers(0, 0xFFFF), payloads)
-def test_the_scapy_layer_builds_what_struct_packs(dst: bytes, src: bytes, etype: int, eid: int,
-                                                  sdu: bytes) -> None:
+def test_the_scapy_layer_builds_what_struct_packs(dst: bytes, src: bytes, etype: int, eid: int, sdu: bytes) -> None:
     layer = eth.dix_layer()
     built = bytes(layer(dst=eth.mac_str(dst), src=eth.mac_str(src), type=etype, eid=eid) / sdu)
     assert built == sent(DIX, eth.EthFraming(src, etype).header(dst, eid), sdu)
@@ -190,8 +187,10 @@ def test_management_frames_built_with_scapy_parse_on_endpoint_0(dst: bytes, body
 
 
 def test_importing_the_eth_ipcp_or_the_tools_does_not_import_scapy() -> None:
-    code = ("import sys, ipcp.eth, transports.eth, irmd.daemon, irmd.cli, flowlib; "
-            "print(sorted(m for m in sys.modules if m.startswith('scapy')))")
+    code = (
+        "import sys, ipcp.eth, transports.eth, irmd.daemon, irmd.cli, flowlib; "
+        "print(sorted(m for m in sys.modules if m.startswith('scapy')))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

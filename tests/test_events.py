@@ -296,8 +296,13 @@ def test_a_flow_closed_without_removal_does_not_hide_a_new_flow_reusing_its_fd(
     clients: list[subprocess.Popen[str]] = []
 
     def connect(word: str) -> Flow:
-        proc = subprocess.Popen([str(BIN / "python"), "-c", ONE_SHOT_CLIENT, bound_name, word], env=irmd.env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [str(BIN / "python"), "-c", ONE_SHOT_CLIENT, bound_name, word],
+            env=irmd.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         clients.append(proc)
         events = poll_events(fset, 1, 10)
         assert [t for _, t in events] == [EventType.ALLOC]

@@ -288,7 +288,8 @@ while True:
 
 @pytest.mark.timeout(120)
 def test_an_impostor_without_a_certificate_gets_no_encrypted_flow_for_a_name_a_ca_can_verify(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Host A trusts the CA that certifies `files`; hostile host B serves `files` without a
     certificate (its admin bound a uid 65534 process to it). A's client, with no pin, is refused
     rather than encrypting to B; once B holds the name's certificate, the same flow works."""
@@ -352,7 +353,8 @@ def _host(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, name: str, pki: Pki
 
 @pytest.mark.timeout(180)
 def test_across_a_unicast_layer_the_named_server_is_reached_and_an_impostor_is_not(
-        cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     real, client_side, impostor = Pki(tmp_path / "b"), Pki(tmp_path / "a"), Pki(tmp_path / "c", "Impostor CA")
     client_side.ca, client_side.ca_key = real.ca, real.ca_key
     client_side.trust()

@@ -47,6 +47,7 @@ def pair(client_factory: Callable[[], IrmClient], bound_name: str) -> Iterator[P
 
 def echo_in_thread(flow: Flow) -> threading.Thread:
     """Echo every SDU on `flow` until it goes down."""
+
     def run() -> None:
         try:
             while True:
@@ -227,12 +228,33 @@ def test_empty_write_raises_invalid_argument(pair: Pair) -> None:
 
 
 # C Ouroboros 0.23's include/ouroboros/fccntl.h, name for name, value for value.
-C_FCCNTL = {"FLOWFRDONLY": 0, "FLOWFWRONLY": 0o1, "FLOWFRDWR": 0o2, "FLOWFACCMODE": 0o3, "FLOWFDOWN": 0o4,
-            "FLOWFRNOBLOCK": 0o1000, "FLOWFWNOBLOCK": 0o2000, "FLOWFNONBLOCK": 0o3000, "FLOWFRNOPART": 0o10000,
-            "FLOWFWNOPART": 0o20000, "FLOWFDEFAULT": 0o20002, "FRCTFRTX": 0o1, "FRCTFRESCNTL": 0o2,
-            "FRCTFLINGER": 0o4, "FLOWSRCVTIMEO": 0o1, "FLOWGRCVTIMEO": 0o2, "FLOWSSNDTIMEO": 0o3,
-            "FLOWGSNDTIMEO": 0o4, "FLOWGQOSSPEC": 0o5, "FLOWSFLAGS": 0o6, "FLOWGFLAGS": 0o7, "FLOWGRXQLEN": 0o10,
-            "FLOWGTXQLEN": 0o11, "FRCTSFLAGS": 0o1000, "FRCTGFLAGS": 0o2000}
+C_FCCNTL = {
+    "FLOWFRDONLY": 0,
+    "FLOWFWRONLY": 0o1,
+    "FLOWFRDWR": 0o2,
+    "FLOWFACCMODE": 0o3,
+    "FLOWFDOWN": 0o4,
+    "FLOWFRNOBLOCK": 0o1000,
+    "FLOWFWNOBLOCK": 0o2000,
+    "FLOWFNONBLOCK": 0o3000,
+    "FLOWFRNOPART": 0o10000,
+    "FLOWFWNOPART": 0o20000,
+    "FLOWFDEFAULT": 0o20002,
+    "FRCTFRTX": 0o1,
+    "FRCTFRESCNTL": 0o2,
+    "FRCTFLINGER": 0o4,
+    "FLOWSRCVTIMEO": 0o1,
+    "FLOWGRCVTIMEO": 0o2,
+    "FLOWSSNDTIMEO": 0o3,
+    "FLOWGSNDTIMEO": 0o4,
+    "FLOWGQOSSPEC": 0o5,
+    "FLOWSFLAGS": 0o6,
+    "FLOWGFLAGS": 0o7,
+    "FLOWGRXQLEN": 0o10,
+    "FLOWGTXQLEN": 0o11,
+    "FRCTSFLAGS": 0o1000,
+    "FRCTGFLAGS": 0o2000,
+}
 
 
 @pytest.mark.parametrize(("name", "value"), sorted(C_FCCNTL.items()))
@@ -414,7 +436,8 @@ def established_pair(client_factory: Callable[[], IrmClient], name: str, spec: q
 
 
 def test_frct_flags_are_the_qos_s_and_only_frct_flows_have_them(
-        client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair) -> None:
+    client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair
+) -> None:
     with pytest.raises(PermissionDenied, match="runs no FRCT"):
         pair[0].fccntl(fc.FRCTGFLAGS)
     cli, srv = established_pair(client_factory, bound_name, qos.data)
@@ -437,7 +460,8 @@ def test_frct_flags_are_the_qos_s_and_only_frct_flows_have_them(
 
 
 def test_a_local_flow_says_it_is_direct_and_a_reliable_one_reports_frct_s_counts(
-        irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair) -> None:
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair
+) -> None:
     """The local layer's SDUs go from one application's socket to the other's: no IPCP counts them,
     and the flow, `irm flow list` and the IRMd say so. FRCT counts its own at each end."""
     raw_cli, _ = pair
@@ -453,8 +477,11 @@ def test_a_local_flow_says_it_is_direct_and_a_reliable_one_reports_frct_s_counts
             assert srv.read() == b"ping %d" % i
             srv.write(b"pong")
             assert cli.read() == b"pong"
-        got = wait_for(lambda: (f := cli.stats(ask_ipcp=False).frct) is not None and f.rtt is not None and f,
-                       10, "an acknowledgement to measure the RTT")
+        got = wait_for(
+            lambda: (f := cli.stats(ask_ipcp=False).frct) is not None and f.rtt is not None and f,
+            10,
+            "an acknowledgement to measure the RTT",
+        )
         assert isinstance(got, FrctStats) and got.sent >= 5 and got.received >= 5 and got.retransmitted == 0
         assert got.rtt is not None and 0 < got.rtt < 5 and got.dropped == 0
         assert cli.stats().ipcp == IpcpStats("lo", "direct")
@@ -465,7 +492,8 @@ def test_a_local_flow_says_it_is_direct_and_a_reliable_one_reports_frct_s_counts
 
 @pytest.mark.timeout(60)
 def test_a_writer_that_closes_at_once_delivers_everything_despite_sdus_it_never_read(
-        client_factory: Callable[[], IrmClient], bound_name: str) -> None:
+    client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
     # An SDU the writer never reads sits in its socket when it closes: the engine's end of the socket
     # then says ECONNRESET once, ahead of the SDUs still queued there, which must go out all the same.
     cli, srv = established_pair(client_factory, bound_name, qos.data)
@@ -617,7 +645,8 @@ def test_killing_the_ipcp_takes_its_flows_down_and_the_irmd_carries_on(
 
     events = poll_events(fset, 2, 5)
     assert sorted((f.flow_id, t) for f, t in events) == sorted(
-        [(cli.flow_id, EventType.DOWN), (srv.flow_id, EventType.DOWN)])
+        [(cli.flow_id, EventType.DOWN), (srv.flow_id, EventType.DOWN)]
+    )
     with pytest.raises(FlowDown, match="is down"):
         srv.read()
     with pytest.raises(FlowDown):
@@ -721,11 +750,17 @@ def test_a_bound_parents_child_server_of_another_name_takes_none_of_its_flows_a_
     that serves a name of its own (it bound itself to "other"): a server keeps to its own names."""
     go = tmp_path / "go"
     os.mkfifo(go)
-    env = dict(irmd.env, PY=sys.executable, SERVER=SERVER_OF_ITS_OWN, GO=str(go),
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(
+        irmd.env,
+        PY=sys.executable,
+        SERVER=SERVER_OF_ITS_OWN,
+        GO=str(go),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     lines: list[str] = []
-    shell = subprocess.Popen(["bash", "-c", BOUND_PARENT], env=env, stdout=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    shell = subprocess.Popen(
+        ["bash", "-c", BOUND_PARENT], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     threading.Thread(target=lambda: lines.extend(shell.stdout or ()), daemon=True).start()
     try:
         wait_for(lambda: {"bound\n", "ready\n"} <= set(lines) or shell.poll() is not None, 30, "the bound parent")

@@ -131,8 +131,9 @@ class Sim:
         self._transmit()
         return True
 
-    def stream(self, sdus_ab: Iterable[bytes], sdus_ba: Iterable[bytes] = (), limit: float = 600.0,
-               pace: float = 0.0) -> None:
+    def stream(
+        self, sdus_ab: Iterable[bytes], sdus_ba: Iterable[bytes] = (), limit: float = 600.0, pace: float = 0.0
+    ) -> None:
         """Both applications write their SDUs as fast as FRCT lets them (or one per `pace` seconds);
         run until everything is written and acknowledged and the network is empty."""
         out_a, out_b = list(sdus_ab)[::-1], list(sdus_ba)[::-1]
@@ -147,14 +148,21 @@ class Sim:
                 self.max_in_flight = max(self.max_in_flight, len(end.unacked))
                 if out and pace and next_write > self.now:
                     wake = next_write
-            if not (out_a or out_b) and self.a.idle and self.b.idle and not self._queue and not (
-                    self.a.pdus or self.b.pdus):
+            if (
+                not (out_a or out_b)
+                and self.a.idle
+                and self.b.idle
+                and not self._queue
+                and not (self.a.pdus or self.b.pdus)
+            ):
                 self._collect()
                 return
             busy = self.step(wake)
             assert self.a.error is None and self.b.error is None, f"a flow gave up at t={self.now:.3f}"
-            assert busy, (f"stalled at t={self.now:.3f}: nothing in flight, no timer armed, "
-                          f"{len(out_a)}+{len(out_b)} SDUs not yet accepted (peer window {self.a.snd_rwe})")
+            assert busy, (
+                f"stalled at t={self.now:.3f}: nothing in flight, no timer armed, "
+                f"{len(out_a)}+{len(out_b)} SDUs not yet accepted (peer window {self.a.snd_rwe})"
+            )
             assert self.now < limit, f"not done after {limit} simulated seconds"
 
 
@@ -714,7 +722,8 @@ def test_garbage_never_crashes_the_receiver(garbage: list[bytes], reliable: bool
 # -- property: random schedules -----------------------------------------------------------------------
 
 fate = st.tuples(st.booleans(), st.integers(0, 9), st.integers(0, 50)).map(
-    lambda t: (t[0], t[1] == 0, t[2] / 1000))  # (drop, duplicate 1 in 10, extra delay 0..50 ms)
+    lambda t: (t[0], t[1] == 0, t[2] / 1000)
+)  # (drop, duplicate 1 in 10, extra delay 0..50 ms)
 MAX_RUN = 3  # drops in a row a schedule may hold
 
 
@@ -730,17 +739,23 @@ def bounded(schedule: list[tuple[bool, bool, float]]) -> list[tuple[bool, bool, 
 schedules = st.lists(fate, max_size=300).map(bounded)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(sched_ab=schedules, sched_ba=schedules,
-       sizes=st.lists(st.integers(1, 3 * PAYLOAD), min_size=1, max_size=80),
-       seed=st.integers(0, 2**16))
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    sched_ab=schedules,
+    sched_ba=schedules,
+    sizes=st.lists(st.integers(1, 3 * PAYLOAD), min_size=1, max_size=80),
+    seed=st.integers(0, 2**16),
+)
 def test_any_loss_and_reorder_schedule_still_delivers_everything_in_order(
-        sched_ab: list[tuple[bool, bool, float]], sched_ba: list[tuple[bool, bool, float]],
-        sizes: list[int], seed: int) -> None:
+    sched_ab: list[tuple[bool, bool, float]], sched_ba: list[tuple[bool, bool, float]], sizes: list[int], seed: int
+) -> None:
     rng = random.Random(seed)
     sim = Sim(Frct(MTU, True), Frct(MTU, True), Link(rng, schedule=sched_ab), Link(rng, schedule=sched_ba))
     sdus = [rng.randbytes(n) for n in sizes]
     sim.stream(sdus)
     assert sim.got_b == sdus
-

@@ -63,8 +63,7 @@ def receiver(**kw: int) -> Frct:
 
 def held(b: Frct) -> int:
     """What the receiver really keeps, counted from its queues (not from its own bookkeeping)."""
-    return (sum(len(p) for _, p in b.ooo.values()) + sum(len(f) for f in b.fragments)
-            + sum(len(s) for s in b.sdus))
+    return sum(len(p) for _, p in b.ooo.values()) + sum(len(f) for f in b.fragments) + sum(len(s) for s in b.sdus)
 
 
 def cpu_per_packet(feed: Callable[[int], None], n: int) -> float:
@@ -174,9 +173,15 @@ def test_drf_in_the_middle_of_a_run_does_not_restart_it() -> None:
 @pytest.mark.parametrize("reliable", [True, False])
 def test_malformed_pcis_are_counted_and_change_nothing(reliable: bool) -> None:
     b = Frct(MTU, reliable)
-    for bad in [b"", b"\x01", bytes(PCI.size - 1), pdu(DATA | DRF, 5, b""),  # data without payload
-                pdu(DATA | DRF, 5, bytes(PAYLOAD + 1)),  # larger than any PDU of this layer
-                pdu(DATA | DRF | RDVS, 5), pdu(DATA | DRF | SACK, 5)]:
+    for bad in [
+        b"",
+        b"\x01",
+        bytes(PCI.size - 1),
+        pdu(DATA | DRF, 5, b""),  # data without payload
+        pdu(DATA | DRF, 5, bytes(PAYLOAD + 1)),  # larger than any PDU of this layer
+        pdu(DATA | DRF | RDVS, 5),
+        pdu(DATA | DRF | SACK, 5),
+    ]:
         b.receive(bad, 0.0)
     assert b.counters.malformed == 7
     assert not b.sdus and not b.ooo and b.rcv_nxt == 0
@@ -206,8 +211,9 @@ def test_forged_sack_storms_cost_bounded_work() -> None:
 
     def feed(_: int) -> None:
         starts = [rng.randrange(1, SPAN) for _ in range(MAX_SACK_BLOCKS)]
-        blocks = b"".join(SACK_BLOCK.pack((BASE + s) % SEQ_MOD, (BASE + s + rng.randrange(1, SPAN)) % SEQ_MOD)
-                          for s in starts)
+        blocks = b"".join(
+            SACK_BLOCK.pack((BASE + s) % SEQ_MOD, (BASE + s + rng.randrange(1, SPAN)) % SEQ_MOD) for s in starts
+        )
         a.receive(pdu(ACK | SACK, 0, blocks, ackno=BASE), 0.1)
         a.pdus.clear()
 
@@ -241,11 +247,22 @@ def test_a_huge_advertised_window_does_not_let_the_sender_past_its_own_bounds() 
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, 255), st.integers(-40, 400), st.integers(-5, 5),
-                          st.binary(max_size=PAYLOAD + 2), st.integers(0, 0xFFFFFF)), max_size=200),
-       st.booleans())
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 255),
+            st.integers(-40, 400),
+            st.integers(-5, 5),
+            st.binary(max_size=PAYLOAD + 2),
+            st.integers(0, 0xFFFFFF),
+        ),
+        max_size=200,
+    ),
+    st.booleans(),
+)
 def test_any_sequence_of_pcis_keeps_the_receiver_within_its_bounds(
-        packets: list[tuple[int, int, int, bytes, int]], reliable: bool) -> None:
+    packets: list[tuple[int, int, int, bytes, int]], reliable: bool
+) -> None:
     b = Frct(MTU, reliable, rcv_buf=APP_MTU + 20 * PAYLOAD)
     b.receive(pdu(DATA | DRF, BASE), 0.0)
     for i, (flags, seq_off, ack_off, payload, rwe) in enumerate(packets):
@@ -299,9 +316,14 @@ class Victim:
         ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         root = Path(__file__).resolve().parent.parent
-        self.proc = subprocess.Popen([sys.executable, "-c", VICTIM, str(ours.fileno()), str(mtu)],
-                                     pass_fds=[ours.fileno()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONPATH": str(root)})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", VICTIM, str(ours.fileno()), str(mtu)],
+            pass_fds=[ours.fileno()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
         ours.close()
         self.baseline = self.ask("")["rss"]
 
@@ -371,8 +393,10 @@ def test_a_peer_sending_fragments_forever_leaves_the_receivers_memory_flat(victi
 
     victim.send(fragments(), 200 << 20)
     reply = victim.ask("read")
-    assert reply["error"] == (f"FlowReset: flow 1 to peer was reset: peer broke FRCT: a fragmented SDU grew "
-                              f"past the application MTU of {APP_MTU} bytes")
+    assert reply["error"] == (
+        f"FlowReset: flow 1 to peer was reset: peer broke FRCT: a fragmented SDU grew "
+        f"past the application MTU of {APP_MTU} bytes"
+    )
     assert int(reply["rss"]) - victim.baseline < SLACK  # type: ignore[call-overload]
 
 

@@ -31,8 +31,9 @@ def test_every_captured_pci_parses_as_the_decode_annotates_it(capture: str) -> N
     assert len(packets) == len(pcis) >= 5
     for p in packets:
         got = Pci.parse(p.sdu)
-        assert (got.flags, got.rwe, got.seqno, got.ackno) == tuple(pcis[p.no][k] for k in
-                                                                   ("flags", "rwe", "seqno", "ackno")), p.no
+        assert (got.flags, got.rwe, got.seqno, got.ackno) == tuple(
+            pcis[p.no][k] for k in ("flags", "rwe", "seqno", "ackno")
+        ), p.no
         assert got.pack() == p.sdu[: PCI.size]
 
 
@@ -58,8 +59,7 @@ def replay(packets: list[DataPacket]) -> tuple[Frct, list[bytes]]:
 
 
 @pytest.mark.parametrize(("src", "kind", "dups"), [("10.99.0.1", 0, 0), ("10.99.0.2", 1, 2)])
-def test_our_receiver_takes_c_traffic_and_drops_its_spurious_retransmissions(src: str, kind: int,
-                                                                               dups: int) -> None:
+def test_our_receiver_takes_c_traffic_and_drops_its_spurious_retransmissions(src: str, kind: int, dups: int) -> None:
     """udp4-oping #13-#23: requests A->B; replies B->A, two of them resent identically by C (#18, #19)."""
     packets = [p for p in frct_packets("udp4-oping") if p.src == src and Pci.parse(p.sdu).flags & DATA]
     f, got = replay(packets)

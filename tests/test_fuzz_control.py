@@ -57,8 +57,9 @@ def _typed(rng: random.Random, hint: Any, depth: int = 0) -> Any:
     if origin is dict:
         return {rng.choice(("", "a", "k" * 50)): _typed(rng, args[1], depth + 1) for _ in range(rng.randint(0, 3))}
     if dataclasses.is_dataclass(hint):
-        return {name: _typed(rng, h, depth + 1) for name, h in typing.get_type_hints(hint).items()
-                if rng.random() < 0.9}
+        return {
+            name: _typed(rng, h, depth + 1) for name, h in typing.get_type_hints(hint).items() if rng.random() < 0.9
+        }
     if hint is int:
         return rng.choice((0, -1, 1, 2**16, 2**31 - 1, 2**32, 2**63, 2**64, -(2**64), rng.randint(-5, 70000)))
     if hint is float:
@@ -112,9 +113,16 @@ def test_bent_frames_decode_or_raise_wire_error(name: str) -> None:
 
 def test_deep_and_wide_json_is_a_wire_error() -> None:
     code = m.Table.TYPE
-    for body in (b"[" * 50_000 + b"]" * 50_000, b'{"rows":' + b"[" * 10_000 + b"]" * 10_000 + b"}",
-                 b'{"columns":["' + b"a" * 60_000 + b'"]}', b'{"next":' + b"9" * 5000 + b"}",
-                 b'{"next":1e999}', b'{"next":NaN}', b"\xff\xfe", b'{"text":"\\ud800"}'):
+    for body in (
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"rows":' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        b'{"columns":["' + b"a" * 60_000 + b'"]}',
+        b'{"next":' + b"9" * 5000 + b"}",
+        b'{"next":1e999}',
+        b'{"next":NaN}',
+        b"\xff\xfe",
+        b'{"text":"\\ud800"}',
+    ):
         only_raises(m.CODEC.decode, _frame(code, body[: 60 * 1024]), WireError)
 
 

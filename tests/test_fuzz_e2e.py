@@ -21,9 +21,12 @@ from helpers import BIN, IrmdProc, start_irmd, stop_irmd, terminate, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
-pytestmark = [pytest.mark.timeout(180),
-              pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
-                                 reason="needs root and setpriv to attack as uid 65534")]
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to attack as uid 65534"
+    ),
+]
 
 CONTROL_ATTACK = r"""
 import os, random, socket, sys
@@ -128,8 +131,12 @@ def lab() -> Iterator[Lab]:
         (tmp / "root").mkdir()
         (tmp / "root" / "hello.txt").write_text("hello\n")
         with open(tmp / "styx.log", "wb") as out:
-            styx = subprocess.Popen([str(BIN / "styx"), "serve", "--name", "files", "--root", str(tmp / "root"),
-                                     "--layer", "local"], env=irmd.env, stdout=out, stderr=subprocess.STDOUT)
+            styx = subprocess.Popen(
+                [str(BIN / "styx"), "serve", "--name", "files", "--root", str(tmp / "root"), "--layer", "local"],
+                env=irmd.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         lab = Lab(tmp, irmd, styx)
         wait_for(lambda: styx.poll() is not None or lab.cat().returncode == 0, 60, "styx to serve")
         assert styx.poll() is None, (tmp / "styx.log").read_text()[-500:]

@@ -106,8 +106,11 @@ def test_sealed_unicast_pdus_open_only_untouched() -> None:
 
 @pytest.mark.parametrize("layout", [shim_wire.UDP, shim_wire.ETH_DIX, shim_wire.ETH_LLC], ids=lambda x: x.name)
 def test_shim_management_headers_decode_or_raise(layout: shim_wire.Layout) -> None:
-    corpus = [layout.encode(kind, b"name", s_eid=1, d_eid=0) for kind in layout.codes
-              if kind in shim_wire.Kind.__members__.values()]
+    corpus = [
+        layout.encode(kind, b"name", s_eid=1, d_eid=0)
+        for kind in layout.codes
+        if kind in shim_wire.Kind.__members__.values()
+    ]
     for data in cases(51, corpus, 2000):
         out = only_raises(layout.decode, data, shim_wire.ShimWireError)
         if out is not None:
@@ -156,8 +159,12 @@ def test_bent_data_frames_and_member_lists_parse_or_are_dropped() -> None:
     dix, llc = eth.EthFraming(own), eth.LlcFraming(own)
     llc_hdr = llc.header(own, 5, 6)  # the length goes between the addresses and the SAPs
     members = b"".join(udp.encode_addr(a) for a in (("10.0.0.1", 3435), ("::1", 1), ("224.0.0.1", 5)))
-    corpus = [dix.header(own, 7) + eth.LEN.pack(3) + b"abc",
-              llc_hdr[:12] + eth.LEN.pack(63) + llc_hdr[12:] + b"xyz" * 20, udp.EID.pack(9) + b"sdu", members]
+    corpus = [
+        dix.header(own, 7) + eth.LEN.pack(3) + b"abc",
+        llc_hdr[:12] + eth.LEN.pack(63) + llc_hdr[12:] + b"xyz" * 20,
+        udp.EID.pack(9) + b"sdu",
+        members,
+    ]
     assert dix.parse(corpus[0], peer) and llc.parse(corpus[1], peer) and len(udp.decode_addrs(members)) == 2
     for data in cases(71, corpus, 3000):
         for framing in (dix, llc):

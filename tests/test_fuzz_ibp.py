@@ -44,19 +44,32 @@ class Feed(ByteStream):
 
 def _lines(keys: list[str]) -> list[bytes]:
     k, r, wr, m = keys
-    return [w.format_request(req) for req in (
-        w.Allocate("0", w.IBP_SOFT, w.IBP_BYTEARRAY, 3600, 1000, 30), w.Store(k, wr, 10, 30),
-        w.Write(k, wr, 0, 10, 30), w.Load(k, r, 0, 10, 30), w.Manage(k, m, w.IBP_PROBE, 0, 30),
-        w.Manage(k, m, w.IBP_CHNG, 0, 30, 500, 60, w.IBP_SOFT), w.Manage(k, m, w.IBP_DECR, 0, 30),
-        w.Send(k, r, f"ibp://d:6714/0#{k}/{wr}/WRITE", 0, 10, 30, 30, 30),
-        w.Status("0", w.IBP_ST_INQ, "pw", 30), w.Status("0", w.IBP_ST_CHANGE, "pw", 30, 1000, 60),
-    )] + [b"1 4 0 9 30\n", b"2 2 0 30\n"]
+    return [
+        w.format_request(req)
+        for req in (
+            w.Allocate("0", w.IBP_SOFT, w.IBP_BYTEARRAY, 3600, 1000, 30),
+            w.Store(k, wr, 10, 30),
+            w.Write(k, wr, 0, 10, 30),
+            w.Load(k, r, 0, 10, 30),
+            w.Manage(k, m, w.IBP_PROBE, 0, 30),
+            w.Manage(k, m, w.IBP_CHNG, 0, 30, 500, 60, w.IBP_SOFT),
+            w.Manage(k, m, w.IBP_DECR, 0, 30),
+            w.Send(k, r, f"ibp://d:6714/0#{k}/{wr}/WRITE", 0, 10, 30, 30, 30),
+            w.Status("0", w.IBP_ST_INQ, "pw", 30),
+            w.Status("0", w.IBP_ST_CHANGE, "pw", 30, 1000, 60),
+        )
+    ] + [b"1 4 0 9 30\n", b"2 2 0 30\n"]
 
 
 def test_bent_lines_parse_or_raise_bad_request() -> None:
     keys = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
-    corpus = [*_lines(keys), b"1 21\n", b"-3 no such allocation\n", b"1000 1000 60\n",
-                             b"VS:1.4:1.0 DT:1 RID:0 CT:100 RE x:1 \n"]
+    corpus = [
+        *_lines(keys),
+        b"1 21\n",
+        b"-3 no such allocation\n",
+        b"1000 1000 60\n",
+        b"VS:1.4:1.0 DT:1 RID:0 CT:100 RE x:1 \n",
+    ]
     status = w.Status("0", w.IBP_ST_CHANGE, "pw", 30, follows=True)
     for data in cases(81, corpus, 4000):
         only_raises(w.parse_request, data, w.BadRequest)
@@ -66,8 +79,11 @@ def test_bent_lines_parse_or_raise_bad_request() -> None:
 
 
 def test_bent_capabilities_parse_or_raise_bad_capability() -> None:
-    corpus = [str(Capability("depot.example:6714", "0", "k" * 32, "r" * 32, "READ")).encode(),
-              b"ibp://[::1]:6714/0#k/r/WRITE", b"ibp://flow-name/0#k/r/MANAGE"]
+    corpus = [
+        str(Capability("depot.example:6714", "0", "k" * 32, "r" * 32, "READ")).encode(),
+        b"ibp://[::1]:6714/0#k/r/WRITE",
+        b"ibp://flow-name/0#k/r/MANAGE",
+    ]
     for data in cases(82, corpus, 4000):
         text = data.decode("utf-8", "surrogateescape")
         only_raises(Capability.parse, text, BadCapability)
@@ -80,7 +96,8 @@ def depot(tmp_path: Path) -> DepotServer:
 
 
 def test_connections_of_bent_requests_are_answered_and_the_books_balance(
-        depot: DepotServer, caplog: pytest.LogCaptureFixture) -> None:
+    depot: DepotServer, caplog: pytest.LogCaptureFixture
+) -> None:
     grant = depot.core.allocate(w.Allocate("0", w.IBP_SOFT, w.IBP_BYTEARRAY, 3600, 1000, 30), NOW)
     keys = [grant.key, grant.read_key, grant.write_key, grant.manage_key]
     corpus = _lines(keys)
@@ -103,9 +120,15 @@ def test_connections_of_bent_requests_are_answered_and_the_books_balance(
 
 def test_bent_exnodes_parse_or_raise_bad_exnode() -> None:
     cap = "ibp://d:6714/0#" + "k" * 32 + "/" + "r" * 32 + "/{}"
-    ex = ExNode("f.bin", 200, "ab" * 32, [Mapping(0, 100, 0, 100, cap.format("READ"), cap.format("WRITE"),
-                                                  cap.format("MANAGE"), "cd" * 32, 5),
-                                          Mapping(100, 100, 0, 100, cap.format("READ"))])
+    ex = ExNode(
+        "f.bin",
+        200,
+        "ab" * 32,
+        [
+            Mapping(0, 100, 0, 100, cap.format("READ"), cap.format("WRITE"), cap.format("MANAGE"), "cd" * 32, 5),
+            Mapping(100, 100, 0, 100, cap.format("READ")),
+        ],
+    )
     corpus = [to_xml(ex), b'<?xml version="1.0" encoding="utf-32"?><exnode/>']
     for data in cases(85, corpus, 2000):
         got = only_raises(from_xml, data, BadExnode)
@@ -116,7 +139,9 @@ def test_bent_exnodes_parse_or_raise_bad_exnode() -> None:
 
 @pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-32"])
 def test_an_exnode_cannot_hide_its_dtd_in_another_encoding(codec: str) -> None:
-    doc = (f'<?xml version="1.0" encoding="{codec}"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa">]>'
-           '<exnode><metadata name="filename">&a;</metadata></exnode>')
+    doc = (
+        f'<?xml version="1.0" encoding="{codec}"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa">]>'
+        '<exnode><metadata name="filename">&a;</metadata></exnode>'
+    )
     with pytest.raises(BadExnode):
         from_xml(doc.encode(codec))

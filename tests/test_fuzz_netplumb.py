@@ -17,11 +17,55 @@ from apps.netplumb.wire import Decoder, Fields, Packet, WireError
 from tests.fuzzing import ROUNDS, cases, only_raises
 from tests.test_netplumb_connection import running
 
-NAMES = ("ch", "n", "data", "base64", "arg", "recipe", "user", "env", "infifo", "outfifo", "socket", "ok",
-         "message", "status", "signal", "sig", "parent", "x")
-VALUES = ("", "0", "1", "3", "-1", "--5", "-", "+1", " 1", "1e3", "9" * 25, "9" * 5000, "2147483648", "٣",
-          "\x00", "3 /tmp/x", "3 rel", "99999 /a", "A=b", "=b", "1a=b", "INT", "TERM" * 10, "AAAA", "!!!!",
-          "ls", "/bin/true")
+NAMES = (
+    "ch",
+    "n",
+    "data",
+    "base64",
+    "arg",
+    "recipe",
+    "user",
+    "env",
+    "infifo",
+    "outfifo",
+    "socket",
+    "ok",
+    "message",
+    "status",
+    "signal",
+    "sig",
+    "parent",
+    "x",
+)
+VALUES = (
+    "",
+    "0",
+    "1",
+    "3",
+    "-1",
+    "--5",
+    "-",
+    "+1",
+    " 1",
+    "1e3",
+    "9" * 25,
+    "9" * 5000,
+    "2147483648",
+    "٣",
+    "\x00",
+    "3 /tmp/x",
+    "3 rel",
+    "99999 /a",
+    "A=b",
+    "=b",
+    "1a=b",
+    "INT",
+    "TERM" * 10,
+    "AAAA",
+    "!!!!",
+    "ls",
+    "/bin/true",
+)
 
 
 def _fields(rng: random.Random) -> Fields:
@@ -34,14 +78,16 @@ def _fields(rng: random.Random) -> Fields:
 
 
 def test_bent_packets_decode_or_raise_wire_error() -> None:
-    corpus = [wire.encode(Packet(i, t, wire.encode_pairs([("ch", "1"), ("data", "x" * i)])))
-              for i, t in enumerate((wire.HELLO, wire.DATA, wire.WINDOW, wire.ERROR))]
+    corpus = [
+        wire.encode(Packet(i, t, wire.encode_pairs([("ch", "1"), ("data", "x" * i)])))
+        for i, t in enumerate((wire.HELLO, wire.DATA, wire.WINDOW, wire.ERROR))
+    ]
     for data in cases(91, corpus, 3000):
         only_raises(wire.decode, data, WireError)
         only_raises(wire.describe, data, ())
         for whole in (False, True):
             only_raises(Decoder(whole).feed, data, WireError)
-        body = data[wire.HEADER.size:]  # with a CRC that holds, the body's damage is what is tested
+        body = data[wire.HEADER.size :]  # with a CRC that holds, the body's damage is what is tested
         fixed = wire.HEADER.pack(wire.MAGIC, len(data), zlib.crc32(body)) + body
         only_raises(wire.decode, fixed, WireError)
 

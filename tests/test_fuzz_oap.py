@@ -34,8 +34,9 @@ def irmds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Oap, Oap]:
 
 
 def test_bent_headers_decode_or_raise_oap_error() -> None:
-    request = oap.decode(oap.encode(bytes(16), T0, cipher_nid=901, kdf_nid=672, md_nid=673, kex=b"k" * 91,
-                                    data=oap.SEQ_IV))
+    request = oap.decode(
+        oap.encode(bytes(16), T0, cipher_nid=901, kdf_nid=672, md_nid=673, kex=b"k" * 91, data=oap.SEQ_IV)
+    )
     corpus = [oap.plain_request(bytes(16), T0), request.raw, oap.plain_response(request, T0)]
     for data in cases(61, corpus, 3000):
         for md in (None, 0, 672, 674, 1057):

@@ -26,9 +26,12 @@ from tests.fuzzing import ROUNDS, cases, only_raises
 
 ME = user_for_uid(os.geteuid())
 REQUESTS = [cls for cls in w.MESSAGES.values() if cls.__name__.startswith("T")]
-_INTS = {"1": (0, 1, 0x10, 0x40, 0x80, 0xFF), "2": (0, 1, 0xFFFF, 0x8000),
-         "4": (0, 1, 2, 3, 8192, 0x7FFFFFFF, 0xFFFFFFFF, 0x80000000, 0o777, 0x80000000 | 0o777),
-         "8": (0, 1, 2**31, 2**63, 2**64 - 1, 11)}
+_INTS = {
+    "1": (0, 1, 0x10, 0x40, 0x80, 0xFF),
+    "2": (0, 1, 0xFFFF, 0x8000),
+    "4": (0, 1, 2, 3, 8192, 0x7FFFFFFF, 0xFFFFFFFF, 0x80000000, 0o777, 0x80000000 | 0o777),
+    "8": (0, 1, 2**31, 2**63, 2**64 - 1, 11),
+}
 _NAMES = ("", ".", "..", "a/b", "/", "hello.txt", "sub", "new", "x\0y", "n" * 255, "é", "../secret.txt", "deep.txt")
 _HOSTILE = ("x\0y", "\0", "..", "a/b", "/", "n" * 255, "\udc80")  # what a system call refuses or misreads
 
@@ -48,9 +51,13 @@ def _value(rng: random.Random, kind: str) -> Any:
         return w.Qid(rng.choice((0, 0x80)), 0, rng.choice((0, 2**64 - 1)))
     if kind == "stat":  # a Twstat that changes one thing, as clients send them (or now and then all)
         st = w.Stat.dont_touch()
-        changes = {"name": lambda: _name(rng), "mode": lambda: rng.choice(_INTS["4"]),
-                   "length": lambda: rng.choice(_INTS["8"]), "mtime": lambda: rng.choice(_INTS["4"]),
-                   "gid": lambda: rng.choice((_name(rng), "root", "nogroup", ME.name))}
+        changes = {
+            "name": lambda: _name(rng),
+            "mode": lambda: rng.choice(_INTS["4"]),
+            "length": lambda: rng.choice(_INTS["8"]),
+            "mtime": lambda: rng.choice(_INTS["4"]),
+            "gid": lambda: rng.choice((_name(rng), "root", "nogroup", ME.name)),
+        }
         for name in rng.sample(sorted(changes), 1 if rng.random() < 0.8 else len(changes)):
             setattr(st, name, changes[name]())
         return st
@@ -145,10 +152,16 @@ def test_what_the_fuzz_found_is_answered_with_9p_errors(tmp_path: Path) -> None:
         assert not isinstance(w.decode(s.receive(w.encode(msg))[0]), w.Rerror)
     big, nul_gid = w.Stat.dont_touch(), w.Stat.dont_touch()
     big.length, nul_gid.gid = 2**64 - 2, "wheel\0"
-    for msg in (w.Tcreate(1, 0, "x\0y", 0o644, w.OWRITE), w.Twalk(1, 0, 2, ["hello.txt\0"]),
-                w.Twstat(1, 0, dataclasses.replace(w.Stat.dont_touch(), name="a\0")), w.Twstat(1, 1, nul_gid),
-                w.Tread(1, 1, 2**64 - 1, 10), w.Tread(1, 1, 2**63, 10), w.Twrite(1, 1, 2**64 - 1, b"x"),
-                w.Twstat(1, 1, big)):
+    for msg in (
+        w.Tcreate(1, 0, "x\0y", 0o644, w.OWRITE),
+        w.Twalk(1, 0, 2, ["hello.txt\0"]),
+        w.Twstat(1, 0, dataclasses.replace(w.Stat.dont_touch(), name="a\0")),
+        w.Twstat(1, 1, nul_gid),
+        w.Tread(1, 1, 2**64 - 1, 10),
+        w.Tread(1, 1, 2**63, 10),
+        w.Twrite(1, 1, 2**64 - 1, b"x"),
+        w.Twstat(1, 1, big),
+    ):
         reply = w.decode(s.receive(w.encode(msg))[0])
         assert isinstance(reply, w.Rerror) and "internal error" not in reply.ename, (msg, reply)
     assert (tmp_path / "hello.txt").read_text() == "hello"

@@ -22,8 +22,9 @@ MB = 1 << 20
 ALL = Limits(client_share=1.0)  # one client may take the whole depot: these tests are about the policy
 
 
-def core(tmp_path: Path, capacity: int = 100 * MB, max_duration: int = 86400, now: float = NOW,
-         limits: Limits = ALL) -> DepotCore:
+def core(
+    tmp_path: Path, capacity: int = 100 * MB, max_duration: int = 86400, now: float = NOW, limits: Limits = ALL
+) -> DepotCore:
     return DepotCore(DiskStore(tmp_path), capacity, max_duration, now, limits)
 
 
@@ -40,8 +41,9 @@ def store(c: DepotCore, g: Grant, data: bytes) -> None:
     c.commit(a, start + len(data))
 
 
-def manage(g: Grant, sub: int, captype: int = w.IBP_READCAP, size: int = 0, duration: int = w.KEEP,
-           reliability: int = w.KEEP) -> w.Manage:
+def manage(
+    g: Grant, sub: int, captype: int = w.IBP_READCAP, size: int = 0, duration: int = w.KEEP, reliability: int = w.KEEP
+) -> w.Manage:
     return w.Manage(g.key, g.manage_key, sub, captype, 5, size, duration, reliability)
 
 
@@ -122,8 +124,8 @@ def test_policy_favours_small_or_short_asks_as_the_depot_fills() -> None:
     free, cap, maxd = 20 * MB, 100 * MB, 86400
     big_long = admit(10 * MB, 86400, free, cap, maxd)
     assert big_long[0] == w.IBP_E_WOULD_EXCEED_POLICY and "budget" in big_long[1]
-    assert admit(10 * MB, 3600, free, cap, maxd)[0] == w.IBP_OK     # same size, shorter
-    assert admit(MB, 86400, free, cap, maxd)[0] == w.IBP_OK         # same time, smaller
+    assert admit(10 * MB, 3600, free, cap, maxd)[0] == w.IBP_OK  # same size, shorter
+    assert admit(MB, 86400, free, cap, maxd)[0] == w.IBP_OK  # same time, smaller
 
 
 def test_allocate_refusals_use_l_store_numbers(tmp_path: Path) -> None:
@@ -343,8 +345,10 @@ def test_per_client_quotas(tmp_path: Path) -> None:
 
 def test_running_totals_match_a_recount_after_every_kind_of_change(tmp_path: Path) -> None:
     c = core(tmp_path, capacity=100 * MB)
-    grants = [c.allocate(alloc(MB * (i + 1), 60 * (i + 1), w.IBP_HARD if i % 2 else w.IBP_SOFT), NOW, f"c{i % 3}")
-              for i in range(6)]
+    grants = [
+        c.allocate(alloc(MB * (i + 1), 60 * (i + 1), w.IBP_HARD if i % 2 else w.IBP_SOFT), NOW, f"c{i % 3}")
+        for i in range(6)
+    ]
     store(c, grants[0], b"x" * 100)
     c.manage(manage(grants[1], w.IBP_CHNG, w.IBP_MANAGECAP, size=3 * MB, reliability=w.IBP_SOFT), NOW)
     c.manage(manage(grants[2], w.IBP_DECR), NOW)
@@ -355,8 +359,12 @@ def test_running_totals_match_a_recount_after_every_kind_of_change(tmp_path: Pat
         owners: dict[str, int] = {}
         for a in live:
             owners[a.owner] = owners.get(a.owner, 0) + a.max_size
-        return (sum(a.max_size for a in live), sum(a.max_size for a in live if a.reliability == w.IBP_HARD),
-                sum(a.size for a in live), owners)
+        return (
+            sum(a.max_size for a in live),
+            sum(a.max_size for a in live if a.reliability == w.IBP_HARD),
+            sum(a.size for a in live),
+            owners,
+        )
 
     assert (c.reserved, c.hard_reserved, c.stored, dict(c.owned_bytes)) == recount()
 
@@ -426,12 +434,32 @@ def test_fuzzed_request_lines_never_break_the_depot(tmp_path: Path) -> None:
 
     server = DepotServer(core(tmp_path), "d", clock=lambda: NOW)
     g = server.core.allocate(alloc(1000, 60), NOW)
-    toks = st.sampled_from(["1", "0", "2", "4", "5", "8", "9", "13", "40", "43", "-1", "99999999999", g.key,
-                            "0#" + g.key, g.read_key, g.write_key, g.manage_key, "ibp://d/0#k/k/WRITE", "x"])
+    toks = st.sampled_from(
+        [
+            "1",
+            "0",
+            "2",
+            "4",
+            "5",
+            "8",
+            "9",
+            "13",
+            "40",
+            "43",
+            "-1",
+            "99999999999",
+            g.key,
+            "0#" + g.key,
+            g.read_key,
+            g.write_key,
+            g.manage_key,
+            "ibp://d/0#k/k/WRITE",
+            "x",
+        ]
+    )
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(st.one_of(st.lists(toks, max_size=11).map(lambda t: (" ".join(t) + "\n").encode()),
-                     st.binary(max_size=200)))
+    @given(st.one_of(st.lists(toks, max_size=11).map(lambda t: (" ".join(t) + "\n").encode()), st.binary(max_size=200)))
     def one(line: bytes) -> None:
         cap = _Captured()
         try:
@@ -520,12 +548,20 @@ def test_a_shared_identity_gives_the_slot_idle_longest_to_a_new_connection() -> 
     assert slots.count() == 0 and not slots.held
 
 
-@pytest.mark.parametrize(("dest", "patterns", "allowed"), [
-    ("depot2", (), True), ("10.0.0.5:6714", (), False), ("127.0.0.1:22", (), False),
-    ("depot2", ("depot*",), True), ("other", ("depot*",), False), ("10.0.0.5:6714", ("depot*",), False),
-    ("10.0.0.5:6714", ("10.0.0.*:6714",), True), ("10.0.0.5:22", ("10.0.0.*:6714",), False),
-    ("depot2", ("10.0.0.*:6714",), False),  # a list of addresses only: names too must be listed
-])
+@pytest.mark.parametrize(
+    ("dest", "patterns", "allowed"),
+    [
+        ("depot2", (), True),
+        ("10.0.0.5:6714", (), False),
+        ("127.0.0.1:22", (), False),
+        ("depot2", ("depot*",), True),
+        ("other", ("depot*",), False),
+        ("10.0.0.5:6714", ("depot*",), False),
+        ("10.0.0.5:6714", ("10.0.0.*:6714",), True),
+        ("10.0.0.5:22", ("10.0.0.*:6714",), False),
+        ("depot2", ("10.0.0.*:6714",), False),  # a list of addresses only: names too must be listed
+    ],
+)
 def test_copy_targets(dest: str, patterns: tuple[str, ...], allowed: bool) -> None:
     from apps.ibp.limits import copy_allowed
 
@@ -536,8 +572,23 @@ def test_limits_from_the_command_line() -> None:
     from apps.ibp.cli import parser
     from apps.ibp.limits import from_args
 
-    args = parser().parse_args(["depot", "--name", "d", "--dir", "x", "--client-connections", "3",
-                                "--copy-to", "depot*", "--copy-to", "10.0.0.1:6714", "--max-timeout", "9"])
+    args = parser().parse_args(
+        [
+            "depot",
+            "--name",
+            "d",
+            "--dir",
+            "x",
+            "--client-connections",
+            "3",
+            "--copy-to",
+            "depot*",
+            "--copy-to",
+            "10.0.0.1:6714",
+            "--max-timeout",
+            "9",
+        ]
+    )
     lim = from_args(args)
     assert (lim.client_connections, lim.max_timeout, lim.copy_to) == (3, 9, ("depot*", "10.0.0.1:6714"))
     assert lim.max_connections == Limits().max_connections

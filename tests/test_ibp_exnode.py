@@ -41,10 +41,15 @@ def test_plan_stripes_round_robin_with_distinct_replicas() -> None:
 
 
 def test_xml_round_trip_in_the_lors_namespace() -> None:
-    ex = ExNode("f.bin", 10, "ab" * 32, [
-        Mapping(0, 6, 0, 6, cap("a", "READ"), cap("a", "WRITE"), cap("a", "MANAGE"), "cd" * 32, 1_900_000_000),
-        Mapping(6, 4, 0, 4, cap("b:6714", "READ")),
-    ])
+    ex = ExNode(
+        "f.bin",
+        10,
+        "ab" * 32,
+        [
+            Mapping(0, 6, 0, 6, cap("a", "READ"), cap("a", "WRITE"), cap("a", "MANAGE"), "cd" * 32, 1_900_000_000),
+            Mapping(6, 4, 0, 4, cap("b:6714", "READ")),
+        ],
+    )
     data = to_xml(ex)
     assert NS.encode() in data and b"exnode_offset" in data and b"logical_length" in data
     assert b'name="e2e_blocksize" type="integer">0<' in data  # LoRS reads it
@@ -62,24 +67,29 @@ def test_pieces_cover_a_range_once_from_overlapping_blocks() -> None:
         ExNode("f", 12, mappings=ex.mappings).pieces(8)
 
 
-@pytest.mark.parametrize("bad", [
-    b"not xml",
-    b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><exnode/>',
-    b"<other/>",
-    b"<exnode/>",  # no size
-    b'<exnode xmlns:exnode="%s"><exnode:metadata name="original_filesize" type="integer">5</exnode:metadata>'
-    b'<exnode:mapping><exnode:metadata name="exnode_offset">0</exnode:metadata>'
-    b'<exnode:metadata name="logical_length">9</exnode:metadata><exnode:metadata name="alloc_offset">0'
-    b'</exnode:metadata><exnode:metadata name="alloc_length">9</exnode:metadata>'
-    b"<exnode:read>ibp://a/0#k/k/READ</exnode:read></exnode:mapping></exnode>" % NS.encode(),  # past the end
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"not xml",
+        b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><exnode/>',
+        b"<other/>",
+        b"<exnode/>",  # no size
+        b'<exnode xmlns:exnode="%s"><exnode:metadata name="original_filesize" type="integer">5</exnode:metadata>'
+        b'<exnode:mapping><exnode:metadata name="exnode_offset">0</exnode:metadata>'
+        b'<exnode:metadata name="logical_length">9</exnode:metadata><exnode:metadata name="alloc_offset">0'
+        b'</exnode:metadata><exnode:metadata name="alloc_length">9</exnode:metadata>'
+        b"<exnode:read>ibp://a/0#k/k/READ</exnode:read></exnode:mapping></exnode>" % NS.encode(),  # past the end
+    ],
+)
 def test_bad_exnodes_are_refused(bad: bytes) -> None:
     with pytest.raises(BadExnode):
         from_xml(bad)
 
 
-@pytest.mark.parametrize(("name", "safe"), [("big.iso", "big.iso"), ("../../etc/passwd", "passwd"),
-                                            ("/abs/x.bin", "x.bin"), ("a\\b\\c.txt", "c.txt")])
+@pytest.mark.parametrize(
+    ("name", "safe"),
+    [("big.iso", "big.iso"), ("../../etc/passwd", "passwd"), ("/abs/x.bin", "x.bin"), ("a\\b\\c.txt", "c.txt")],
+)
 def test_file_names_from_an_exnode_stay_in_the_current_directory(name: str, safe: str) -> None:
     assert exnode_cli.safe_name(name) == safe
     for bad in ("", "..", "/", "dir/.."):
@@ -87,8 +97,9 @@ def test_file_names_from_an_exnode_stay_in_the_current_directory(name: str, safe
             exnode_cli.safe_name(bad)
 
 
-def test_exnode_files_are_fsynced_before_the_rename_and_private(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exnode_files_are_fsynced_before_the_rename_and_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
@@ -112,10 +123,13 @@ def test_defaults_are_what_the_docs_say() -> None:
 
 # -- the tools over depots --
 
-def run(irmd: IrmdProc, tool: str, *args: str, cwd: Path, timeout: float = 60,
-        stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(BIN / tool), *args], env=irmd.env, capture_output=True, timeout=timeout, cwd=cwd,
-                          input=stdin)
+
+def run(
+    irmd: IrmdProc, tool: str, *args: str, cwd: Path, timeout: float = 60, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(BIN / tool), *args], env=irmd.env, capture_output=True, timeout=timeout, cwd=cwd, input=stdin
+    )
 
 
 def status(irmd: IrmdProc, depot: str, cwd: Path) -> dict[str, str]:
@@ -124,7 +138,10 @@ def status(irmd: IrmdProc, depot: str, cwd: Path) -> dict[str, str]:
 
 
 def test_upload_ls_download_with_a_depot_down_trim_augment_refresh(
-        irmd: IrmdProc, depots: Start, tmp_path: Path) -> None:  # noqa: F811
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     procs = {d: depots(d) for d in ("x1", "x2", "x3")}
     data = os.urandom(700_000)
     (tmp_path / "big.bin").write_bytes(data)
@@ -180,8 +197,10 @@ def test_upload_ls_download_with_a_depot_down_trim_augment_refresh(
     assert expiry_after("--add", "1h") == {10800}
     assert expiry_after("-m") == {86400}  # the depots' longest
     listing = run(irmd, "exnode", "ls", str(trimmed), cwd=tmp_path).stdout.decode()
-    shown = [time.mktime(time.strptime(d, "%Y-%m-%d %H:%M:%S"))
-             for d in re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", listing)]
+    shown = [
+        time.mktime(time.strptime(d, "%Y-%m-%d %H:%M:%S"))
+        for d in re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", listing)
+    ]
     assert len(shown) == 14 and all(abs(t - time.time() - 86400) < 120 for t in shown)  # as the depots say
     r = run(irmd, "exnode", "download", str(trimmed), "-o", "out.bin", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -189,7 +208,10 @@ def test_upload_ls_download_with_a_depot_down_trim_augment_refresh(
 
 
 def test_fewer_replicas_than_asked_is_an_error_with_a_partial_exnode(
-        irmd: IrmdProc, depots: Start, tmp_path: Path) -> None:  # noqa: F811
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     depots("p1")
     depots("p2", "--capacity", "200k", "--client-share", "1")  # takes one block, then refuses
     (tmp_path / "f.bin").write_bytes(os.urandom(500_000))
@@ -240,13 +262,28 @@ def test_a_hostile_depot_costs_replicas_not_allocations(irmd: IrmdProc, depots: 
 
     depots("h1")
     port = free_port(["127.0.0.1"])
-    evil = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                             HOSTILE_DEPOT, str(port)], stdout=subprocess.PIPE)
+    evil = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", HOSTILE_DEPOT, str(port)],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert evil.stdout is not None and evil.stdout.readline() == b"ready\n"
         (tmp_path / "f.bin").write_bytes(os.urandom(300_000))
-        r = run(irmd, "exnode", "upload", "f.bin", "--depots", f"127.0.0.1:{port},h1", "-b", "100k", "-c", "2",
-                "-T", "3", cwd=tmp_path)
+        r = run(
+            irmd,
+            "exnode",
+            "upload",
+            "f.bin",
+            "--depots",
+            f"127.0.0.1:{port},h1",
+            "-b",
+            "100k",
+            "-c",
+            "2",
+            "-T",
+            "3",
+            cwd=tmp_path,
+        )
         assert r.returncode == 1 and b"f.bin.xnd.partial" in r.stderr, r.stderr
         partial = from_xml((tmp_path / "f.bin.xnd.partial").read_bytes())
         assert {m.depot for m in partial.mappings} == {"h1"}
@@ -262,8 +299,11 @@ def on_a_terminal(irmd: IrmdProc, argv: list[str], cwd: Path, which: str) -> tup
     """Run with stdout or stderr (`which`) on a pseudo-terminal; its exit status and what the terminal got."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
-    streams = {"stdout": slave, "stderr": subprocess.PIPE} if which == "stdout" else {"stdout": subprocess.PIPE,
-                                                                                        "stderr": slave}
+    streams = (
+        {"stdout": slave, "stderr": subprocess.PIPE}
+        if which == "stdout"
+        else {"stdout": subprocess.PIPE, "stderr": slave}
+    )
     p = subprocess.Popen(argv, env=irmd.env, cwd=cwd, stdin=subprocess.DEVNULL, **streams)  # type: ignore[arg-type]
     os.close(slave)
     seen = b""
@@ -286,13 +326,15 @@ def on_a_terminal(irmd: IrmdProc, argv: list[str], cwd: Path, which: str) -> tup
 def test_progress_only_on_a_terminal_and_never_data_to_one(irmd: IrmdProc, depots: Start, tmp_path: Path) -> None:  # noqa: F811
     depots("t1")
     (tmp_path / "f.bin").write_bytes(os.urandom(400_000))
-    code, seen = on_a_terminal(irmd, [str(BIN / "exnode"), "upload", "f.bin", "--depots", "t1", "-b", "64k"],
-                               tmp_path, "stderr")
+    code, seen = on_a_terminal(
+        irmd, [str(BIN / "exnode"), "upload", "f.bin", "--depots", "t1", "-b", "64k"], tmp_path, "stderr"
+    )
     assert code == 0 and re.search(rb"upload f\.bin.*\|", seen), seen  # a tqdm bar on the terminal
     code, seen = on_a_terminal(irmd, [str(BIN / "exnode"), "download", "f.bin.xnd", "-o", "-"], tmp_path, "stdout")
     assert code == 1 and b"terminal" not in seen  # refused; the message went to stderr, not the terminal
-    code, seen = on_a_terminal(irmd, [str(BIN / "exnode"), "upload", "f.bin", "--depots", "t1", "-o", "-"],
-                               tmp_path, "stdout")
+    code, seen = on_a_terminal(
+        irmd, [str(BIN / "exnode"), "upload", "f.bin", "--depots", "t1", "-o", "-"], tmp_path, "stdout"
+    )
     assert code == 1 and b"<exnode" not in seen
     assert status(irmd, "t1", tmp_path)["allocations"] == "7"  # the refused upload took nothing
 

@@ -31,8 +31,12 @@ def depots(irmd: IrmdProc, local_layer: str, tmp_path: Path, default_client: Non
     def start(name: str, *extra: str) -> subprocess.Popen[bytes]:
         log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [str(BIN / "ibp"), "depot", "--name", name, "--dir", str(tmp_path / name), "--layer", local_layer,
-             *extra], env=irmd.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [str(BIN / "ibp"), "depot", "--name", name, "--dir", str(tmp_path / name), "--layer", local_layer, *extra],
+            env=irmd.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         procs.append(proc)
 
@@ -60,8 +64,7 @@ def depots(irmd: IrmdProc, local_layer: str, tmp_path: Path, default_client: Non
 
 
 def ibp(irmd: IrmdProc, *args: str, stdin: bytes = b"", timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(BIN / "ibp"), *args], env=irmd.env, input=stdin, capture_output=True,
-                          timeout=timeout)
+    return subprocess.run([str(BIN / "ibp"), *args], env=irmd.env, input=stdin, capture_output=True, timeout=timeout)
 
 
 def caps(out: bytes) -> dict[str, str]:
@@ -87,8 +90,11 @@ def test_cli_store_load_copy_mcopy_and_forged_cap(irmd: IrmdProc, depots: Start)
     forged = c1["READ"].replace("#", "#X", 1)
     r = ibp(irmd, "load", forged)
     assert r.returncode != 0 and b"capability not found" in r.stderr and not r.stdout
-    wrong_right = c1["READ"].rsplit("/", 2)[0] + "/" + caps(ibp(irmd, "allocate", "d1", "--size", "1k",
-                                                                 "--duration", "60").stdout)["READ"].split("/")[-2]
+    wrong_right = (
+        c1["READ"].rsplit("/", 2)[0]
+        + "/"
+        + caps(ibp(irmd, "allocate", "d1", "--size", "1k", "--duration", "60").stdout)["READ"].split("/")[-2]
+    )
     assert ibp(irmd, "load", wrong_right + "/READ").returncode != 0
     status = ibp(irmd, "status", "d1").stdout.decode()
     assert "refused 2" in status and "allocations 2" in status
@@ -120,8 +126,11 @@ def test_cli_manage_probe_extend_decr_and_admin_status(irmd: IrmdProc, depots: S
     probe = ibp(irmd, "manage", c["MANAGE"], "probe").stdout.decode()
     assert "size 3" in probe and "max_size 1024" in probe and "read_refs 1" in probe
     assert ibp(irmd, "manage", c["MANAGE"], "extend", "--duration", "2h").returncode == 0
-    left = int(dict(ln.split() for ln in ibp(irmd, "manage", c["MANAGE"], "probe").stdout.decode().splitlines())
-               ["seconds_left"])
+    left = int(
+        dict(ln.split() for ln in ibp(irmd, "manage", c["MANAGE"], "probe").stdout.decode().splitlines())[
+            "seconds_left"
+        ]
+    )
     assert 7000 < left <= 7200
     assert ibp(irmd, "manage", c["READ"], "probe").returncode != 0  # a read cap cannot manage
     assert ibp(irmd, "manage", c["MANAGE"], "decr").returncode == 0

@@ -28,8 +28,22 @@ from proto import messages as m
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attacker runs as uid 65534 through setpriv: needs root")
 
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-LIMITS = ["--client-connections", "4", "--max-connections", "64", "--request-timeout", "2", "--idle-timeout", "6",
-          "--max-timeout", "3", "--client-allocations", "20", "--min-rate", "100000"]
+LIMITS = [
+    "--client-connections",
+    "4",
+    "--max-connections",
+    "64",
+    "--request-timeout",
+    "2",
+    "--idle-timeout",
+    "6",
+    "--max-timeout",
+    "3",
+    "--client-allocations",
+    "20",
+    "--min-rate",
+    "100000",
+]
 LEGIT_WAIT = 3.0  # a legitimate request is answered within this while an attack goes on
 
 
@@ -66,13 +80,22 @@ class Depot:
 
     def attack(self, script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run `script` as uid 65534, with the depot's irmd, TCP port and name as argv[1:4]."""
-        return subprocess.run([*AS_NOBODY, sys.executable, "-c", script, str(self.irmd.sock), self.addr, self.name,
-                               *args], env=self.env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [*AS_NOBODY, sys.executable, "-c", script, str(self.irmd.sock), self.addr, self.name, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def attack_bg(self, script: str, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([*AS_NOBODY, sys.executable, "-c", script, str(self.irmd.sock), self.addr,
-                                 self.name, *args], env=self.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [*AS_NOBODY, sys.executable, "-c", script, str(self.irmd.sock), self.addr, self.name, *args],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def env(self) -> dict[str, str]:
         return {**self.irmd.env, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -109,18 +132,46 @@ def run_depot(d: Path, mp: pytest.MonkeyPatch, *extra: str, shared_layer: bool =
     mp.setattr(flowlib.irm, "_default", None)
     try:
         if shared_layer:
-            irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", "127.0.0.1",
-                        "port", str(free_port(["127.0.0.1"])))
+            irmd.irm_ok(
+                "ipcp",
+                "bootstrap",
+                "type",
+                "udp4",
+                "name",
+                "u",
+                "layer",
+                "lan",
+                "ip",
+                "127.0.0.1",
+                "port",
+                str(free_port(["127.0.0.1"])),
+            )
         else:
             irmd.request(m.IpcpBootstrap("lo", "local", "local"))
         irmd.note_children()
         port = free_port(["127.0.0.1"])
         log = d / "depot.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([str(BIN / "ibp"), "depot", "--name", "depot1", "--dir", str(d / "depot1"),
-                                     "--layer", "lan" if shared_layer else "local",
-                                     "--listen", f"tcp:127.0.0.1:{port}", *LIMITS, *extra],
-                                    env=irmd.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [
+                    str(BIN / "ibp"),
+                    "depot",
+                    "--name",
+                    "depot1",
+                    "--dir",
+                    str(d / "depot1"),
+                    "--layer",
+                    "lan" if shared_layer else "local",
+                    "--listen",
+                    f"tcp:127.0.0.1:{port}",
+                    *LIMITS,
+                    *extra,
+                ],
+                env=irmd.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         depot = Depot(irmd, proc, "depot1", port, d / "depot1", log)
 
         def up() -> bool:
@@ -175,7 +226,9 @@ def first_line(s, limit=4096):
     return data.split(b'\n')[0].decode('ascii', 'replace')
 """
 
-MALFORMED = PRELUDE + r"""
+MALFORMED = (
+    PRELUDE
+    + r"""
 payloads = [
     os.urandom(3000), b'\x00' * 100 + b'\n', b'\xff\xfe\xfd garbage \x01\x02\n', b'1 1 ' + b'9' * 5000,
     b'1 1 0 1 1 3600 10\n', b'1 9 0#k t 43\n', b'1 4 0 2 pw 5\n' + os.urandom(200) + b'\n',
@@ -190,6 +243,7 @@ for p in payloads:
     print(repr(p[:20]), '->', first_line(s))
     s.close()
 """
+)
 
 
 def test_malformed_and_oversized_commands_get_ibp_errors(depot: Depot) -> None:
@@ -199,15 +253,17 @@ def test_malformed_and_oversized_commands_get_ibp_errors(depot: Depot) -> None:
     assert len(replies) == 14
     for line in replies:  # an IBP status line (negative), or nothing at all (the depot just closed)
         assert not line or line.startswith("error") or int(line.split()[0]) < 0 or line.startswith("1"), line
-    assert replies[3].startswith("-21")   # an over-long line
-    assert replies[7].startswith("-4")    # STORE of a huge length to no allocation: refused, closed
-    assert replies[8].startswith("-30")   # MCOPY to 17 targets
-    assert replies[12].startswith("-4")   # SEND from no allocation (and to an address nobody allowed)
+    assert replies[3].startswith("-21")  # an over-long line
+    assert replies[7].startswith("-4")  # STORE of a huge length to no allocation: refused, closed
+    assert replies[8].startswith("-30")  # MCOPY to 17 targets
+    assert replies[12].startswith("-4")  # SEND from no allocation (and to an address nobody allowed)
     assert depot.alive()
     assert depot.served() < LEGIT_WAIT
 
 
-SLOWLORIS = PRELUDE + r"""
+SLOWLORIS = (
+    PRELUDE
+    + r"""
 count, dribble = int(sys.argv[4]), float(sys.argv[5])
 socks = [conn() for _ in range(count)]
 t0 = time.monotonic()
@@ -230,6 +286,7 @@ for i in range(40):
     time.sleep(dribble)
 print('closed', len(closed_at), 'max', max(closed_at.values(), default=-1))
 """
+)
 
 
 def test_slowloris_connections_are_cut_and_others_served(depot: Depot) -> None:
@@ -251,7 +308,9 @@ def test_slowloris_connections_are_cut_and_others_served(depot: Depot) -> None:
     assert depot.alive()
 
 
-FLOOD = PRELUDE + r"""
+FLOOD = (
+    PRELUDE
+    + r"""
 count = int(sys.argv[4])
 socks, answers = [], []
 for _ in range(count):
@@ -263,6 +322,7 @@ for s in socks:
 print(' '.join(answers))
 time.sleep(float(sys.argv[5]))
 """
+)
 
 
 def test_connection_flood_is_capped_per_client_and_others_served(depot: Depot) -> None:
@@ -282,7 +342,9 @@ def test_connection_flood_is_capped_per_client_and_others_served(depot: Depot) -
     assert depot.alive()
 
 
-HANGUP = PRELUDE + r"""
+HANGUP = (
+    PRELUDE
+    + r"""
 s = conn()
 s.sendall(b'1 1 0 1 1 60 4000000 5\n')
 caps = first_line(s).split()[1:]
@@ -306,6 +368,7 @@ s4.close()
 s.sendall(('1 8 %s %s 0 0 5\n' % (key, rkey)).encode())
 print('size', first_line(s).split()[1])
 """
+)
 
 
 def test_hang_ups_mid_request_cost_nothing(depot: Depot) -> None:
@@ -318,7 +381,9 @@ def test_hang_ups_mid_request_cost_nothing(depot: Depot) -> None:
     assert depot.served() < LEGIT_WAIT
 
 
-FLOWS = PRELUDE + r"""
+FLOWS = (
+    PRELUDE
+    + r"""
 from flowlib.irm import IrmClient
 from flowlib.qos import QosSpec
 from flowlib import crypto, qos
@@ -334,6 +399,7 @@ print('flow', reply.flow_id, flush=True)
 time.sleep(hold)
 os.close(fd)
 """
+)
 
 
 @pytest.mark.parametrize("mode", ["garbage", "forged", "silent-crypt", "silent-plain"])
@@ -352,7 +418,9 @@ def test_broken_and_silent_flows_neither_end_nor_stall_the_depot(depot: Depot, m
     assert depot.served() < LEGIT_WAIT
 
 
-ALLOCS = PRELUDE + r"""
+ALLOCS = (
+    PRELUDE
+    + r"""
 s = conn()
 n = 0
 while True:
@@ -365,6 +433,7 @@ while True:
         break
 print(n, status)
 """
+)
 
 
 def test_allocation_flood_stops_at_the_client_quota(depot: Depot) -> None:

@@ -17,14 +17,17 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def ibp(host: Host, tool: str, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(BIN / tool), *args], env=host.irmd.env, input=stdin, capture_output=True,
-                          timeout=60)
+    return subprocess.run([str(BIN / tool), *args], env=host.irmd.env, input=stdin, capture_output=True, timeout=60)
 
 
 def start_depot(host: Host, name: str, tmp: Path) -> None:
     proc = subprocess.Popen(
         [str(BIN / "ibp"), "depot", "--name", name, "--dir", str(tmp / name), "--layer", UDP_LAYER],
-        env=host.irmd.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=host.irmd.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     host.procs.append(proc)  # killed by Cluster.stop_all
 
 
@@ -58,8 +61,20 @@ def test_three_hosts_store_copy_and_exnode(cluster: Cluster, tmp_path: Path) -> 
     src = tmp_path / "f.bin"
     src.write_bytes(data)
     xnd = tmp_path / "f.xnd"
-    r = ibp(client, "exnode", "upload", str(src), "--depots", "depot-h1,depot-h2,depot-h3", "--stripe", "200k",
-            "--replicas", "2", "-o", str(xnd))
+    r = ibp(
+        client,
+        "exnode",
+        "upload",
+        str(src),
+        "--depots",
+        "depot-h1,depot-h2,depot-h3",
+        "--stripe",
+        "200k",
+        "--replicas",
+        "2",
+        "-o",
+        str(xnd),
+    )
     assert r.returncode == 0, r.stderr
     r = ibp(hosts[2], "exnode", "download", str(xnd), "-o", "-")  # from another host
     assert r.returncode == 0, r.stderr

@@ -68,8 +68,9 @@ class LStore:
 
     # allocate_command / allocate_recv
     def allocate(self, rid: str, reliability: int, type_: int, duration: int, size: int) -> tuple[int, list[str]]:
-        self.send_command("%d %d %s %d %d %d %d %d\n" % (IBPv040, IBP_ALLOCATE, rid, reliability, type_, duration,
-                                                         size, TIMEOUT))
+        self.send_command(
+            "%d %d %s %d %d %d %d %d\n" % (IBPv040, IBP_ALLOCATE, rid, reliability, type_, duration, size, TIMEOUT)
+        )
         toks = self.readline().split(" ")
         status = atoi(toks[0])
         if status != IBP_OK:
@@ -112,8 +113,10 @@ class LStore:
     # copyappend_command (path "" for TCP: two spaces) / copy_recv
     def copy(self, srccap: str, destcap: str, offset: int, size: int) -> int:
         _, _, key, typekey = parse_cap(srccap)
-        self.send_command("%d %d %s %s %s %s %d %d %d %d %d\n" % (IBPv040, IBP_SEND, "", key, destcap, typekey,
-                                                                   offset, size, TIMEOUT, TIMEOUT, TIMEOUT))
+        self.send_command(
+            "%d %d %s %s %s %s %d %d %d %d %d\n"
+            % (IBPv040, IBP_SEND, "", key, destcap, typekey, offset, size, TIMEOUT, TIMEOUT, TIMEOUT)
+        )
         toks = self.readline().split(" ")
         status, nbytes = atoi(toks[0]), int(atof(toks[1] if len(toks) > 1 else ""))
         return status if status != IBP_OK or nbytes == size else -1
@@ -127,8 +130,9 @@ class LStore:
     # probe_command / probe_recv
     def probe(self, mcap: str) -> tuple[int, dict[str, int]]:
         _, _, key, typekey = parse_cap(mcap)
-        self.send_command("%d %d %s %s %d %d 0 0 0 %d \n" % (IBPv040, IBP_MANAGE, key, typekey, IBP_PROBE,
-                                                            IBP_MANAGECAP, TIMEOUT))
+        self.send_command(
+            "%d %d %s %s %d %d 0 0 0 %d \n" % (IBPv040, IBP_MANAGE, key, typekey, IBP_PROBE, IBP_MANAGECAP, TIMEOUT)
+        )
         toks = [t for t in self.readline().split(" ") if t]
         status = atoi(toks[0])
         if status != IBP_OK:
@@ -144,8 +148,10 @@ class LStore:
         atime = duration - int(time.time())
         if atime < 0:
             atime = duration
-        self.send_command("%d %d %s %s %d %d %d %d %d %d\n" % (IBPv040, IBP_MANAGE, key, typekey, IBP_CHNG,
-                                                                IBP_MANAGECAP, size, atime, reliability, TIMEOUT))
+        self.send_command(
+            "%d %d %s %s %d %d %d %d %d %d\n"
+            % (IBPv040, IBP_MANAGE, key, typekey, IBP_CHNG, IBP_MANAGECAP, size, atime, reliability, TIMEOUT)
+        )
         return atoi(self.readline().split(" ")[0])
 
     # depot_inq_command / depot_inq_recv / process_inq

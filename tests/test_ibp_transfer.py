@@ -45,8 +45,9 @@ class Scripted(ByteStream):
 
 @pytest.fixture
 def server(tmp_path: Path) -> srv.DepotServer:
-    return srv.DepotServer(DepotCore(DiskStore(tmp_path), 100 * MB, 86400, NOW, Limits(client_share=1.0)), "d",
-                           clock=lambda: NOW)
+    return srv.DepotServer(
+        DepotCore(DiskStore(tmp_path), 100 * MB, 86400, NOW, Limits(client_share=1.0)), "d", clock=lambda: NOW
+    )
 
 
 def allocate(server: srv.DepotServer, size: int) -> tuple[Capability, Capability]:
@@ -60,7 +61,8 @@ def request(req: w.Request) -> bytes:
 
 
 def test_a_store_hands_its_bytes_to_the_disk_as_they_come_and_acks_after_fsync(
-        server: srv.DepotServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: srv.DepotServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = os.urandom(5 * srv.WRITEBACK + 12345)
     r, wc = allocate(server, len(data))
     events: list[str] = []
@@ -76,8 +78,7 @@ def test_a_store_hands_its_bytes_to_the_disk_as_they_come_and_acks_after_fsync(
     assert 0 < len(data) - sum(n for _, n in handed) < srv.WRITEBACK + 65000  # the rest is left to fsync
     ack = events.index(f"send {b'1 ' + str(len(data)).encode()[:6]!r}")
     assert events.index("fsync") < ack  # acknowledged only once the bytes are on disk
-    assert server.core.store.path(server.core.authorize(r.key, r.typekey, "READ", NOW, r.rid).fid) \
-        .read_bytes() == data
+    assert server.core.store.path(server.core.authorize(r.key, r.typekey, "READ", NOW, r.rid).fid).read_bytes() == data
 
 
 def test_a_load_sends_its_status_with_the_first_bytes(server: srv.DepotServer) -> None:
@@ -115,8 +116,10 @@ def test_load_bytes_gathers_a_load_as_it_arrives() -> None:
     data = os.urandom(300_000)
     conn = Connection.__new__(Connection)
     conn.depot, conn.timeout, conn.answered = "d", 5.0, 0
-    conn.stream = Scripted([w.format_reply(w.IBP_OK, len(data)) + data[:1000]]
-                           + [data[i : i + 65000] for i in range(1000, len(data), 65000)])
+    conn.stream = Scripted(
+        [w.format_reply(w.IBP_OK, len(data)) + data[:1000]]
+        + [data[i : i + 65000] for i in range(1000, len(data), 65000)]
+    )
     cap = Capability("d", "0", "k" * 64, "r" * 64, "READ")
     assert conn.load_bytes(cap) == data
 

@@ -26,8 +26,9 @@ from apps.ibp.limits import IDLE_GRACE
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(__import__("os").geteuid() != 0,
-                                reason="the attacker runs as uid 65534 through setpriv: needs root")
+pytestmark = pytest.mark.skipif(
+    __import__("os").geteuid() != 0, reason="the attacker runs as uid 65534 through setpriv: needs root"
+)
 
 
 @pytest.fixture
@@ -63,7 +64,9 @@ def test_depot_files_are_the_depots_alone(depot: Depot) -> None:
         assert c.load_bytes(r) == b"private"
 
 
-LEAKED = PRELUDE + r"""
+LEAKED = (
+    PRELUDE
+    + r"""
 hashes = sys.argv[4].split(',')
 s = conn()
 answers = set()
@@ -73,6 +76,7 @@ for key in hashes:
         answers.add(first_line(s).split(' ')[0])
 print(' '.join(sorted(answers)))
 """
+)
 
 
 def test_a_leaked_journal_yields_no_capability(depot: Depot) -> None:
@@ -131,7 +135,9 @@ class FakeTarget:
             c.close()
 
 
-STORED = PRELUDE + r"""
+STORED = (
+    PRELUDE
+    + r"""
 s = conn()
 s.sendall(b'1 1 0 1 1 60 100 5\n')
 caps = first_line(s).split()[1:]
@@ -140,17 +146,23 @@ s.sendall(('1 2 %s %s 5 5\n' % (key, wkey)).encode() + b'hello')
 first_line(s); first_line(s)
 def send_line(target):
     return ('1 5 %s ibp://%s/0#%s/%s/WRITE %s 0 5 3 3 3\n' % (key, target, 'k' * 64, 'k' * 64, rkey)).encode()
-"""  # uid 65534's allocation with b'hello' in it, and send_line(target): a SEND of it
+"""
+)  # uid 65534's allocation with b'hello' in it, and send_line(target): a SEND of it
 
-COPY = STORED + r"""
+COPY = (
+    STORED
+    + r"""
 for t in sys.argv[4].split(','):
     s.sendall(send_line(t))
     print(t, '->', first_line(s))
 """
+)
 
 
-def test_copies_reach_only_allowed_depots_and_never_echo_a_target(open_dir: Path,  # noqa: F811
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copies_reach_only_allowed_depots_and_never_echo_a_target(
+    open_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     secret = FakeTarget(b"SSH-2.0-OpenSSH SECRET-BANNER\r\n")  # a service no copy may reach
     refusing = FakeTarget(b"-19 SECRET-WORDS from the target\n")  # a listed depot that refuses
     garbage = FakeTarget(b"HTTP/1.1 200 OK SECRET-PAGE\r\n\r\n")  # a listed address that is no depot
@@ -176,7 +188,9 @@ def test_copies_reach_only_allowed_depots_and_never_echo_a_target(open_dir: Path
             t.close()
 
 
-COPIES = STORED + r"""
+COPIES = (
+    STORED
+    + r"""
 import threading
 out = []
 def copy():
@@ -190,17 +204,21 @@ for t in threads:
     t.join()
 print(' '.join(sorted(out)))
 """
+)
 
 
-def test_copies_are_few_per_client_and_only_to_what_answers_as_a_depot(open_dir: Path,  # noqa: F811
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copies_are_few_per_client_and_only_to_what_answers_as_a_depot(
+    open_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The flows a copy opens are the depot's own: a client has at most --client-copies of them at
     once (more are refused with -66), and a target that does not answer ST_VERSION as a depot is left
     before any byte of the copy is sent. Root's copies, another client's, go on meanwhile."""
     silent = FakeTarget(None)
     try:
-        for depot in run_depot(open_dir, monkeypatch, f"--copy-to=127.0.0.1:{silent.port}", "--copy-to=depot*",
-                               "--client-copies", "2"):
+        for depot in run_depot(
+            open_dir, monkeypatch, f"--copy-to=127.0.0.1:{silent.port}", "--copy-to=depot*", "--client-copies", "2"
+        ):
             p = depot.attack_bg(COPIES, f"127.0.0.1:{silent.port}", "3")
             try:
                 wait_for(lambda: len(silent.received) >= 2, 15, "the copies to reach the target")
@@ -214,8 +232,9 @@ def test_copies_are_few_per_client_and_only_to_what_answers_as_a_depot(open_dir:
                 p.kill()
                 p.wait()
             statuses = out.split()
-            assert sorted(statuses) == sorted([str(w.IBP_E_OUT_OF_SOCKETS), str(w.IBP_E_CLIENT_TIMEOUT),
-                                               str(w.IBP_E_CLIENT_TIMEOUT)]), out + err
+            assert sorted(statuses) == sorted(
+                [str(w.IBP_E_OUT_OF_SOCKETS), str(w.IBP_E_CLIENT_TIMEOUT), str(w.IBP_E_CLIENT_TIMEOUT)]
+            ), out + err
             assert len(silent.received) == 2, silent.received
             for got in silent.received:  # a version question, never the copy itself
                 assert got.split()[:2] == [b"1", str(w.IBP_STATUS).encode()] and b"hello" not in got, got
@@ -261,7 +280,9 @@ def test_copies_are_made_with_the_clients_identity(depot: Depot) -> None:
         probe.wait()
 
 
-HOLD = PRELUDE + r"""
+HOLD = (
+    PRELUDE
+    + r"""
 from flowlib.irm import IrmClient
 from flowlib import flow_alloc, qos
 socks = [conn() for _ in range(4)]
@@ -274,6 +295,7 @@ flow.fccntl(__import__('flowlib').Fccntl.SRCVTIMEO, 5)
 print('flow', flow.read().split(b' ')[0].decode(), flush=True)
 time.sleep(float(sys.argv[4]))
 """
+)
 
 
 def test_connection_slots_count_a_clients_flows_and_tcp_together(depot: Depot) -> None:
@@ -289,7 +311,9 @@ def test_connection_slots_count_a_clients_flows_and_tcp_together(depot: Depot) -
         p.wait()
 
 
-HOLD_FLOWS = PRELUDE + r"""
+HOLD_FLOWS = (
+    PRELUDE
+    + r"""
 from apps.ibp.client import Connection
 held = []
 for i in range(int(sys.argv[4])):
@@ -299,10 +323,13 @@ for i in range(int(sys.argv[4])):
 print('holding', len(held), flush=True)
 time.sleep(60)
 """
+)
 
 
-def test_one_user_cannot_hold_a_shared_layers_slots(open_dir: Path,  # noqa: F811
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_user_cannot_hold_a_shared_layers_slots(
+    open_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Through a layer that names no local peer, every client is one identity: uid 65534 fills its
     slots with idle connections, and root's new connection still gets in (an idle one gives way)."""
     for depot in run_depot(open_dir, monkeypatch, shared_layer=True):
@@ -319,7 +346,9 @@ def test_one_user_cannot_hold_a_shared_layers_slots(open_dir: Path,  # noqa: F81
             p.wait()
 
 
-STALL = PRELUDE + r"""
+STALL = (
+    PRELUDE
+    + r"""
 s = conn()
 s.sendall(b'1 1 0 1 1 -1 1000 999999\n')
 caps = first_line(s).split()[1:]
@@ -334,6 +363,7 @@ t0 = time.monotonic()
 s.settimeout(60)
 print('closed after', s.recv(100), round(time.monotonic() - t0, 1))
 """
+)
 
 
 def test_client_timeouts_and_durations_are_clamped(depot: Depot) -> None:

@@ -43,8 +43,17 @@ def first_line(req: w.Request) -> bytes:
 
 
 def test_command_codes_are_ibp_v1_4() -> None:
-    assert (w.IBP_ALLOCATE, w.IBP_STORE, w.IBP_DELIVER, w.IBP_STATUS, w.IBP_SEND, w.IBP_MCOPY, w.IBP_LOAD,
-            w.IBP_MANAGE, w.IBP_WRITE) == (1, 2, 3, 4, 5, 6, 8, 9, 13)
+    assert (
+        w.IBP_ALLOCATE,
+        w.IBP_STORE,
+        w.IBP_DELIVER,
+        w.IBP_STATUS,
+        w.IBP_SEND,
+        w.IBP_MCOPY,
+        w.IBP_LOAD,
+        w.IBP_MANAGE,
+        w.IBP_WRITE,
+    ) == (1, 2, 3, 4, 5, 6, 8, 9, 13)
     assert (w.IBP_PROBE, w.IBP_INCR, w.IBP_DECR, w.IBP_CHNG) == (40, 41, 42, 43)
     assert w.format_request(REQUESTS[0]) == b"1 1 0 2 1 3600 4194304 30\n"
     assert w.format_request(w.Load(KEY, "k", 5, 7, 3)) == f"1 8 {KEY} k 5 7 3\n".encode()
@@ -100,22 +109,25 @@ def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
     assert parsed["capacity"] == "4" and parsed["allocations"] == "7" and "RE" not in parsed
 
 
-@pytest.mark.parametrize(("line", "status"), [
-    (b"0 1 0 1 1 10 10 5\n", w.IBP_E_PROT_VERS),
-    (b"1 99 x\n", w.IBP_E_INVALID_CMD),
-    (b"1 3 a b\n", w.IBP_E_INVALID_CMD),                 # DELIVER is not served
-    (b"1 1 0 1 1 10 10\n", w.IBP_E_BAD_FORMAT),          # a field short
-    (b"1 1 0 1 1 10 10 5 6\n", w.IBP_E_BAD_FORMAT),      # a field too many
-    (b"1 1 0 1 1 ten 10 5\n", w.IBP_E_BAD_FORMAT),
-    (b"1 1 0 1 1 -5 10 5\n", w.IBP_E_INVALID_PARAMETER),  # negative duration
-    (b"1 2 k/ey t 10 5\n", w.IBP_E_WRONG_CAP_FORMAT),
-    (b"1 8 k t 0 99999999999999999999999 5\n", w.IBP_E_BAD_FORMAT),
-    (b"1 9 k t 77 1 5\n", w.IBP_E_INVALID_CMD),
-    (b"1 6 k t 0 10 0 9\n", w.IBP_E_INVALID_PARAMETER),  # MCOPY to no target
-    (b"\xff\xfe 1\n", w.IBP_E_BAD_FORMAT),
-    (b"\n", w.IBP_E_BAD_FORMAT),
-    (b"1 " + b"9" * 5000 + b"\n", w.IBP_E_BAD_FORMAT),
-])
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"0 1 0 1 1 10 10 5\n", w.IBP_E_PROT_VERS),
+        (b"1 99 x\n", w.IBP_E_INVALID_CMD),
+        (b"1 3 a b\n", w.IBP_E_INVALID_CMD),  # DELIVER is not served
+        (b"1 1 0 1 1 10 10\n", w.IBP_E_BAD_FORMAT),  # a field short
+        (b"1 1 0 1 1 10 10 5 6\n", w.IBP_E_BAD_FORMAT),  # a field too many
+        (b"1 1 0 1 1 ten 10 5\n", w.IBP_E_BAD_FORMAT),
+        (b"1 1 0 1 1 -5 10 5\n", w.IBP_E_INVALID_PARAMETER),  # negative duration
+        (b"1 2 k/ey t 10 5\n", w.IBP_E_WRONG_CAP_FORMAT),
+        (b"1 8 k t 0 99999999999999999999999 5\n", w.IBP_E_BAD_FORMAT),
+        (b"1 9 k t 77 1 5\n", w.IBP_E_INVALID_CMD),
+        (b"1 6 k t 0 10 0 9\n", w.IBP_E_INVALID_PARAMETER),  # MCOPY to no target
+        (b"\xff\xfe 1\n", w.IBP_E_BAD_FORMAT),
+        (b"\n", w.IBP_E_BAD_FORMAT),
+        (b"1 " + b"9" * 5000 + b"\n", w.IBP_E_BAD_FORMAT),
+    ],
+)
 def test_bad_lines_get_the_right_status(line: bytes, status: int) -> None:
     with pytest.raises(w.BadRequest) as e:
         w.parse_request(line)
@@ -133,8 +145,11 @@ def test_fuzzed_bytes_parse_or_raise_bad_request(data: bytes) -> None:
         assert w.parse_request(first_line(req)) == req
 
 
-_tok = st.one_of(st.integers(-3, 2**64).map(str), st.sampled_from(["0", "1", KEY, "x", "-", "READ"]),
-                 st.text(alphabet="0123456789abc#/:-", max_size=12))
+_tok = st.one_of(
+    st.integers(-3, 2**64).map(str),
+    st.sampled_from(["0", "1", KEY, "x", "-", "READ"]),
+    st.text(alphabet="0123456789abc#/:-", max_size=12),
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -166,10 +181,18 @@ def test_capability_round_trip_and_forms() -> None:
     assert Capability.parse(f"ibp://127.0.0.1:6714/0#{KEY}/{KEY}/WRITE").depot == "127.0.0.1:6714"
 
 
-@pytest.mark.parametrize("text", [
-    "", "ibp://d/0#k/t/DELETE", "http://d/0#k/t/READ", "ibp://d/0#k/READ", "ibp://d/0#k/t/READ/x",
-    "ibp://d/0#" + "k" * 200 + "/t/READ", "ibp://d d/0#k/t/READ",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ibp://d/0#k/t/DELETE",
+        "http://d/0#k/t/READ",
+        "ibp://d/0#k/READ",
+        "ibp://d/0#k/t/READ/x",
+        "ibp://d/0#" + "k" * 200 + "/t/READ",
+        "ibp://d d/0#k/t/READ",
+    ],
+)
 def test_malformed_capabilities_are_refused(text: str) -> None:
     with pytest.raises(BadCapability):
         Capability.parse(text)

@@ -62,8 +62,13 @@ def test_request_the_irmd_refuses_exits_nonzero_with_its_reason(irm: IrmFn) -> N
 
 
 def test_irm_without_an_irmd_exits_nonzero_saying_it_cannot_reach_it(tmp_path: Path) -> None:
-    r = subprocess.run([str(BIN / "irm"), "ipcp", "list"], env=irmd_env(tmp_path / "none.sock"),
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "irm"), "ipcp", "list"],
+        env=irmd_env(tmp_path / "none.sock"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode != 0
     assert "cannot reach the IRMd" in r.stderr
 
@@ -88,8 +93,11 @@ def test_a_command_missing_what_it_needs_prints_its_usage(irmd: IrmdProc) -> Non
 
 
 def test_empty_tables_say_so_as_ouroboros_does(irmd: IrmdProc) -> None:
-    for args, says in ((("ipcp", "list"), "No IPCPs in system."), (("name", "list"), "No names in system."),
-                       (("flow", "list"), "No flows in system.")):
+    for args, says in (
+        (("ipcp", "list"), "No IPCPs in system."),
+        (("name", "list"), "No names in system."),
+        (("flow", "list"), "No flows in system."),
+    ):
         assert irmd.irm_ok(*args).stdout.strip() == says
 
 
@@ -241,11 +249,17 @@ def test_flow_list_shows_both_ends_of_an_allocated_flow(
     cli, srv = accepted_pair(client_factory(), client_factory(), bound_name, qos.data)
     with cli, srv:
         rows = irmd.table("flow", "list")
-    assert sorted((r["id"], r["role"]) for r in rows) == sorted(
-        [(str(cli.flow_id), "src"), (str(srv.flow_id), "dst")])
+    assert sorted((r["id"], r["role"]) for r in rows) == sorted([(str(cli.flow_id), "src"), (str(srv.flow_id), "dst")])
     for row in rows:
         assert (row["pid"], row["name"], row["layer"], row["ipcp"], row["state"], row["mtu"], row["qos"]) == (
-            str(os.getpid()), bound_name, local_layer, "lo", "allocated", "65535", "reliable")
+            str(os.getpid()),
+            bound_name,
+            local_layer,
+            "lo",
+            "allocated",
+            "65535",
+            "reliable",
+        )
 
 
 def test_tables_have_a_header_and_ruled_borders(irmd: IrmdProc, local_layer: str) -> None:
@@ -306,9 +320,14 @@ def test_a_name_a_server_registered_for_itself_goes_with_it(irmd: IrmdProc, loca
     irmd.irm_ok("name", "register", "kept", "layer", local_layer)
     servers = []
     for name in ("gone", "kept"):
-        proc = subprocess.Popen([sys.executable, "-c", SELF_REGISTERING, name], env=irmd.env, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SELF_REGISTERING, name],
+            env=irmd.env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         assert proc.stdout is not None and proc.stdout.readline() == "registered\n"
         servers.append(proc)
 
@@ -345,14 +364,20 @@ def test_flows_show_their_counters_and_every_list_show_and_dump_speaks_json(irmd
     irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "autobind")
     irmd.irm_ok("bind", "program", "oping", "name", "counted", "auto", "--", "-l")
     irmd.irm_ok("name", "register", "counted", "layer", "net")
-    ping = subprocess.Popen([str(BIN / "oping"), "-n", "counted", "-c", "400", "-i", "20"], env=irmd.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ping = subprocess.Popen(
+        [str(BIN / "oping"), "-n", "counted", "-c", "400", "-i", "20"],
+        env=irmd.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def counted() -> dict[str, dict[str, str]]:
             return {r["role"]: r for r in json.loads(irmd.irm_ok("--json", "flow", "list").stdout)}
 
-        wait_for(lambda: len(rows := counted()) == 2 and int(rows["dst"]["received"]) >= 3, 30,
-                 "pings counted on both ends")
+        wait_for(
+            lambda: len(rows := counted()) == 2 and int(rows["dst"]["received"]) >= 3, 30, "pings counted on both ends"
+        )
         irmd.note_children()
         rows = counted()
         assert int(rows["src"]["sent"]) >= 3 and int(rows["src"]["received"]) >= 1 and rows["dst"]["dropped"] == "0"

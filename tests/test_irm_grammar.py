@@ -53,7 +53,8 @@ def test_name_list_takes_a_prefix_as_ouroboros_8_and_0_23s_irm_spell_it() -> Non
 
 def test_a_broadcast_layer_takes_the_hash_of_its_name_as_ouroboros_8_says() -> None:
     assert parse(["ipcp", "bootstrap", "type", "broadcast", "name", "b", "layer", "bc", "hash", "SHA3_512"]) == (
-        m.IpcpBootstrap("b", "bc", "broadcast", False, {"hash": "SHA3_512"}))
+        m.IpcpBootstrap("b", "bc", "broadcast", False, {"hash": "SHA3_512"})
+    )
 
 
 def test_bind_process_parses_pid_and_name() -> None:
@@ -96,15 +97,34 @@ def test_unbind_process_name_is_optional() -> None:
 
 
 def test_udp4_bootstrap_options_are_checked_and_normalised() -> None:
-    msg = parse(["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "127.0.0.1",
-                 "port", "0x1000", "peer", "10.0.0.1", "peer", "10.0.0.2"])
+    msg = parse(
+        [
+            "ipcp",
+            "bootstrap",
+            "name",
+            "u",
+            "layer",
+            "l",
+            "type",
+            "udp4",
+            "ip",
+            "127.0.0.1",
+            "port",
+            "0x1000",
+            "peer",
+            "10.0.0.1",
+            "peer",
+            "10.0.0.2",
+        ]
+    )
     assert isinstance(msg, m.IpcpBootstrap)
     assert msg.conf == {"ip": "127.0.0.1", "port": "4096", "peer": "10.0.0.1,10.0.0.2"}
 
 
 def test_eth_dix_ethertype_is_normalised_to_hex() -> None:
-    msg = parse(["ipcp", "bootstrap", "name", "e", "layer", "l", "type", "eth-dix", "dev", "eth0",
-                 "ethertype", "0xA000"])
+    msg = parse(
+        ["ipcp", "bootstrap", "name", "e", "layer", "l", "type", "eth-dix", "dev", "eth0", "ethertype", "0xA000"]
+    )
     assert isinstance(msg, m.IpcpBootstrap)
     assert msg.conf == {"dev": "eth0", "ethertype": "0xa000"}
 
@@ -129,20 +149,30 @@ def test_connect_defaults_to_both_components_and_raw_qos() -> None:
         (["ipcp", "di", "name", "a", "dst", "b"], m.IpcpConnect("a", "b", "", "raw", False)),
         # irm_ipcp_bootstrap.c: type, layer, name, hash, ip, dns, device, ethertype, addr, eid, ttl,
         # port, autobind, addr_auth, ..., dht_t_expire, ..., ls_t_timeo, ls_t_update, ls_t_recalc
-        (["ipcp", "bootstrap", "n", "x", "l", "y", "t", "unicast", "a", "2", "au", "ls_t_", "90", "dht_t", "99"],
-         m.IpcpBootstrap("x", "y", "unicast", True, {"addr": "2", "ls_t_timeo": "90", "dht_t_expire": "99"})),
-        (["ipcp", "bootstrap", "n", "x", "l", "y", "t", "eth-dix", "de", "lo", "e", "0xA001"],
-         m.IpcpBootstrap("x", "y", "eth-dix", False, {"dev": "lo", "ethertype": "0xa001"})),
+        (
+            ["ipcp", "bootstrap", "n", "x", "l", "y", "t", "unicast", "a", "2", "au", "ls_t_", "90", "dht_t", "99"],
+            m.IpcpBootstrap("x", "y", "unicast", True, {"addr": "2", "ls_t_timeo": "90", "dht_t_expire": "99"}),
+        ),
+        (
+            ["ipcp", "bootstrap", "n", "x", "l", "y", "t", "eth-dix", "de", "lo", "e", "0xA001"],
+            m.IpcpBootstrap("x", "y", "eth-dix", False, {"dev": "lo", "ethertype": "0xa001"}),
+        ),
         # the type's value too: unicast, broadcast, udp4, udp6, eth-dix, eth-llc, local
         (["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "u"], m.IpcpBootstrap("x", "y", "unicast")),
-        (["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "udp", "ip", "127.0.0.1", "p", "99"],
-         m.IpcpBootstrap("x", "y", "udp4", False, {"ip": "127.0.0.1", "port": "99"})),
-        (["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "eth", "dev", "lo"],
-         m.IpcpBootstrap("x", "y", "eth-dix", False, {"dev": "lo"})),
+        (
+            ["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "udp", "ip", "127.0.0.1", "p", "99"],
+            m.IpcpBootstrap("x", "y", "udp4", False, {"ip": "127.0.0.1", "port": "99"}),
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "eth", "dev", "lo"],
+            m.IpcpBootstrap("x", "y", "eth-dix", False, {"dev": "lo"}),
+        ),
         (["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "l"], m.IpcpBootstrap("x", "y", "local")),
         # ours come after 0.23's: "p" is port, "pe" peer; "i" is ip, "im" impair
-        (["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "udp4", "i", "127.0.0.1", "pe", "127.0.0.2"],
-         m.IpcpBootstrap("x", "y", "udp4", False, {"ip": "127.0.0.1", "peer": "127.0.0.2"})),
+        (
+            ["ipcp", "bootstrap", "name", "x", "layer", "y", "type", "udp4", "i", "127.0.0.1", "pe", "127.0.0.2"],
+            m.IpcpBootstrap("x", "y", "udp4", False, {"ip": "127.0.0.1", "peer": "127.0.0.2"}),
+        ),
         # irm_ipcp_enroll.c: name, type, layer, dst, autobind
         (["ipcp", "enroll", "n", "x", "a", "d", "y"], m.IpcpEnroll("x", "", "y", "", True)),
         # irm_name_create.c: lb, sencpath, scrtpath, skeypath, cencpath, ccrtpath, ckeypath
@@ -172,8 +202,15 @@ def test_the_component_is_a_pattern_as_in_0_23_or_a_prefix() -> None:
         assert isinstance(msg, m.IpcpConnect)
         return msg.component
 
-    assert [component(w) for w in ("*", "m*", "d*", "dt", "mgmt", "d", "m")] == ["", "mgmt", "dt", "dt", "mgmt",
-                                                                                  "dt", "mgmt"]
+    assert [component(w) for w in ("*", "m*", "d*", "dt", "mgmt", "d", "m")] == [
+        "",
+        "mgmt",
+        "dt",
+        "dt",
+        "mgmt",
+        "dt",
+        "mgmt",
+    ]
     with pytest.raises(UsageError, match=re.escape('bad component "x*": the pattern matches none of {dt mgmt}')):
         component("x*")
 
@@ -188,10 +225,16 @@ def test_an_empty_word_abbreviates_nothing() -> None:
     ("argv", "word", "hint"),
     [
         # ouroboros-tutorial(7) spells both as an irm older than 0.23 did; 0.23 refuses them too
-        (["reg", "name", "my.oping.server", "layer", "llc"], "reg",
-         '0.23 says "irm name register <name> layer <layer>"'),
-        (["ipcp", "bootstrap", "type", "eth-llc", "name", "llc", "layer", "llc", "if", "lo"], "if",
-         '0.23 says "dev <interface name>"'),
+        (
+            ["reg", "name", "my.oping.server", "layer", "llc"],
+            "reg",
+            '0.23 says "irm name register <name> layer <layer>"',
+        ),
+        (
+            ["ipcp", "bootstrap", "type", "eth-llc", "name", "llc", "layer", "llc", "if", "lo"],
+            "if",
+            '0.23 says "dev <interface name>"',
+        ),
     ],
 )
 def test_the_old_tutorial_spellings_are_refused_saying_the_new_ones(argv: list[str], word: str, hint: str) -> None:
@@ -246,32 +289,55 @@ def test_option_given_twice_is_an_error() -> None:
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "127.0.0.1", "port", "70000"],
-         'bad port "70000": expected a number from 1 to 65535'),
-        (["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "127.0.0.1", "port", "http"],
-         'bad port "http": expected a number from 1 to 65535'),
-        (["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "300.1.2.3"],
-         'bad ip "300.1.2.3": expected an IPv4 address'),
-        (["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "::1"],
-         'bad ip "::1": expected an IPv4 address'),
-        (["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp6", "ip", "10.0.0.1"],
-         'bad ip "10.0.0.1": expected an IPv6 address'),
-        (["ipcp", "bootstrap", "name", "e", "layer", "l", "type", "eth-dix", "dev", "eth0", "ethertype", "0x10"],
-         'bad ethertype "0x10": expected hex 0x0600-0xFFFE'),
-        (["ipcp", "bootstrap", "name", "e", "layer", "l", "type", "eth-dix", "dev", "eth0", "ethertype", "beef!"],
-         'bad ethertype "beef!": expected hex'),
-        (["ipcp", "bootstrap", "name", "n", "layer", "l", "type", "unicast", "routing", "ospf"],
-         'bad routing "ospf": expected one of {link_state lfa ecmp}'),
-        (["ipcp", "bootstrap", "name", "n", "layer", "l", "type", "unicast", "hash", "MD5"],
-         'bad hash "MD5": expected one of {SHA3_224'),
-        (["ipcp", "bootstrap", "name", "n", "layer", "l", "type", "unicast", "ttl", "0"],
-         'bad ttl "0": expected a number from 1 to 255'),
-        (["ipcp", "create", "name", "n", "type", "tcp"],
-         'bad type "tcp": expected one of {local unicast broadcast udp4 udp6 eth-dix eth-llc}'),
-        (["name", "create", "x", "lb", "random"],
-         'bad lb "random": expected one of {round-robin spillover}'),
-        (["ipcp", "connect", "name", "a", "dst", "b", "qos", "fast"],
-         'bad qos "fast": expected one of {raw best voice video data}'),
+        (
+            ["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "127.0.0.1", "port", "70000"],
+            'bad port "70000": expected a number from 1 to 65535',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "127.0.0.1", "port", "http"],
+            'bad port "http": expected a number from 1 to 65535',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "300.1.2.3"],
+            'bad ip "300.1.2.3": expected an IPv4 address',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "::1"],
+            'bad ip "::1": expected an IPv4 address',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp6", "ip", "10.0.0.1"],
+            'bad ip "10.0.0.1": expected an IPv6 address',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "e", "layer", "l", "type", "eth-dix", "dev", "eth0", "ethertype", "0x10"],
+            'bad ethertype "0x10": expected hex 0x0600-0xFFFE',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "e", "layer", "l", "type", "eth-dix", "dev", "eth0", "ethertype", "beef!"],
+            'bad ethertype "beef!": expected hex',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "n", "layer", "l", "type", "unicast", "routing", "ospf"],
+            'bad routing "ospf": expected one of {link_state lfa ecmp}',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "n", "layer", "l", "type", "unicast", "hash", "MD5"],
+            'bad hash "MD5": expected one of {SHA3_224',
+        ),
+        (
+            ["ipcp", "bootstrap", "name", "n", "layer", "l", "type", "unicast", "ttl", "0"],
+            'bad ttl "0": expected a number from 1 to 255',
+        ),
+        (
+            ["ipcp", "create", "name", "n", "type", "tcp"],
+            'bad type "tcp": expected one of {local unicast broadcast udp4 udp6 eth-dix eth-llc}',
+        ),
+        (["name", "create", "x", "lb", "random"], 'bad lb "random": expected one of {round-robin spillover}'),
+        (
+            ["ipcp", "connect", "name", "a", "dst", "b", "qos", "fast"],
+            'bad qos "fast": expected one of {raw best voice video data}',
+        ),
     ],
 )
 def test_bad_value_is_an_error_naming_the_value_and_the_expected_form(argv: list[str], expected: str) -> None:

@@ -55,20 +55,23 @@ def test_tutorial_02_runs_as_written(irmd: IrmdProc, tmp_path: Path) -> None:
         irmd.note_children()
     ipcps = irmd.table("ipcp", "list")
     assert [(i["name"], i["type"], i["layer"]) for i in ipcps] == [
-        ("local-ipcp", "local", "local-layer"), ("uni-1", "unicast", "unicast-layer"),
-        ("uni-2", "unicast", "unicast-layer")]
+        ("local-ipcp", "local", "local-layer"),
+        ("uni-1", "unicast", "unicast-layer"),
+        ("uni-2", "unicast", "unicast-layer"),
+    ]
     names = {n["name"]: n for n in irmd.table("name", "list")}
     assert names["unicast-layer"]["pids"] == ",".join(sorted((i["pid"] for i in ipcps[1:]), key=int))
 
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([str(BIN / "oping"), "--listen"], env=irmd.env, stdout=out,
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen([str(BIN / "oping"), "--listen"], env=irmd.env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: "started" in log.read_text(), 15, "the oping server")
-        for line in (f"irm bind process {server.pid} name oping-server",
-                     "irm name register oping-server layer local-layer",  # as Tutorial 01 left it
-                     "irm name register oping-server layer unicast-layer"):
+        for line in (
+            f"irm bind process {server.pid} name oping-server",
+            "irm name register oping-server layer local-layer",  # as Tutorial 01 left it
+            "irm name register oping-server layer unicast-layer",
+        ):
             r = run(irmd, line)
             assert r.returncode == 0, f"{line}: {r.stderr}"
         rows = parse_table(irmd.irm_ok("name", "list").stdout)
@@ -77,8 +80,12 @@ def test_tutorial_02_runs_as_written(irmd: IrmdProc, tmp_path: Path) -> None:
         ping(irmd, 3)  # the irmd prefers the local layer
         assert "Flow" in log.read_text()
         run(irmd, "irm name unregister oping-server layer local-layer")
-        with subprocess.Popen([str(BIN / "oping"), "--server-name", "oping-server", "--count", "30",
-                               "--interval", "100"], env=irmd.env, stdout=subprocess.PIPE, text=True) as client:
+        with subprocess.Popen(
+            [str(BIN / "oping"), "--server-name", "oping-server", "--count", "30", "--interval", "100"],
+            env=irmd.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as client:
             wait_for(lambda: via(irmd), 30, "the oping flow")
             assert via(irmd) == {"unicast-layer"}  # once unregistered from the local layer
             out, _ = client.communicate(timeout=60)

@@ -195,9 +195,7 @@ def test_an_error_frame_sent_as_a_request_is_refused(irmd: IrmdProc, raw: Callab
     still_serving(irmd)
 
 
-def test_fds_attached_to_a_non_flow_message_are_closed_by_the_irmd(
-    irmd: IrmdProc, raw: Callable[[], RawConn]
-) -> None:
+def test_fds_attached_to_a_non_flow_message_are_closed_by_the_irmd(irmd: IrmdProc, raw: Callable[[], RawConn]) -> None:
     r, w = os.pipe()
     try:
         conn = raw()
@@ -236,8 +234,10 @@ def test_an_application_cannot_announce_itself_as_an_ipcp(irmd: IrmdProc, raw: C
 
 @pytest.mark.parametrize(
     ("cls", "body"),
-    [(m.FlowDealloc, '{"flow_id":' + "9" * 5000 + "}"),  # beyond Python's int-from-text limit
-     (m.FlowAccept, '{"timeout":1' + "0" * 400 + "}")],  # beyond float range
+    [
+        (m.FlowDealloc, '{"flow_id":' + "9" * 5000 + "}"),  # beyond Python's int-from-text limit
+        (m.FlowAccept, '{"timeout":1' + "0" * 400 + "}"),
+    ],  # beyond float range
     ids=["5000-digit-int", "int-beyond-float"],
 )
 def test_huge_integer_gets_an_eproto_reply(
@@ -279,8 +279,9 @@ def test_client_that_allocates_and_disconnects_at_once_leaves_no_flow_behind(
     server = FlowSet(client_factory())
     server.listen()
     # A separate client process that vanishes right after asking.
-    subprocess.run([str(BIN / "python"), "-c", HIT_AND_RUN, str(irmd.sock), bound_name, "20"],
-                   env=irmd.env, check=True, timeout=30)
+    subprocess.run(
+        [str(BIN / "python"), "-c", HIT_AND_RUN, str(irmd.sock), bound_name, "20"], env=irmd.env, check=True, timeout=30
+    )
     # Whether or not a flow got to the server before its client vanished, each that did must end.
     q, arrived, ended = EventQueue(), 0, 0
     deadline = time.monotonic() + 1.5
@@ -317,8 +318,13 @@ s.close()
 def test_flows_are_not_handed_to_a_client_that_accepted_and_disconnected(
     irmd: IrmdProc, client_factory: Callable[[], IrmClient], local_layer: str
 ) -> None:
-    proc = subprocess.Popen([str(BIN / "python"), "-c", ACCEPT_AND_RUN, str(irmd.sock)], env=irmd.env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-c", ACCEPT_AND_RUN, str(irmd.sock)],
+        env=irmd.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     pid = proc.stdout.readline().strip()
     irmd.irm_ok("bind", "process", pid, "name", "ghost")
@@ -337,8 +343,9 @@ def test_flows_are_not_handed_to_a_client_that_accepted_and_disconnected(
 
 
 def test_irmd_refuses_to_start_on_a_socket_another_irmd_serves(irmd: IrmdProc) -> None:
-    second = subprocess.run([str(BIN / "irmd"), "--sock", str(irmd.sock)], env=irmd.env,
-                            capture_output=True, text=True, timeout=20)
+    second = subprocess.run(
+        [str(BIN / "irmd"), "--sock", str(irmd.sock)], env=irmd.env, capture_output=True, text=True, timeout=20
+    )
     assert second.returncode != 0
     assert "another irmd is running" in second.stderr
     assert irmd.sock.exists()
@@ -358,8 +365,9 @@ def test_irmd_replaces_a_stale_socket_of_a_dead_irmd(tmp_path: Path) -> None:
 
 def test_irmd_honours_ouroboros_sock_without_sock_option(tmp_path: Path) -> None:
     sock = tmp_path / "env.sock"
-    proc = subprocess.Popen([str(BIN / "irmd")], env=irmd_env(sock), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "irmd")], env=irmd_env(sock), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for(sock.exists, 10, "the socket named by OUROBOROS_SOCK")
     finally:
@@ -441,8 +449,11 @@ def test_irmd_logs_an_ipcp_that_dies(irmd: IrmdProc) -> None:
     os.kill(irmd.ipcp_pid("lo"), signal.SIGKILL)
     # The status itself is not checked: the IRMd sometimes reaps the IPCP in proc.kill() (Popen.poll)
     # before asyncio's child watcher, which then reports 255 instead of -9.
-    wait_for(lambda: re.search(r"ipcp lo \(pid \d+\) exited with status", irmd.log_text()), 5,
-             "the irmd to report the dead IPCP")
+    wait_for(
+        lambda: re.search(r"ipcp lo \(pid \d+\) exited with status", irmd.log_text()),
+        5,
+        "the irmd to report the dead IPCP",
+    )
     assert irmd.table("ipcp", "list") == []
     still_serving(irmd)
 
@@ -451,7 +462,7 @@ def test_frames_are_versioned_messagepack_as_documented() -> None:
     data = m.CODEC.encode(m.FlowDealloc(5), 9)
     magic, version, code, req_id, length = HEADER.unpack_from(data)
     assert (magic, version, code, req_id, length) == (b"OU", 2, m.FlowDealloc.TYPE, 9, len(data) - HEADER.size)
-    assert msgspec.msgpack.decode(data[HEADER.size:]) == {"flow_id": 5}
+    assert msgspec.msgpack.decode(data[HEADER.size :]) == {"flow_id": 5}
 
 
 def test_a_server_binds_and_registers_in_one_call_tolerating_a_registration_already_there(
@@ -479,8 +490,9 @@ def test_irmd_stdout_sends_its_log_and_its_ipcps_to_stdout(tmp_path: Path) -> No
     sock = tmp_path / "irmd.sock"
     out, err = tmp_path / "out", tmp_path / "err"
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([str(BIN / "irmd"), "--sock", str(sock), "--stdout"], env=irmd_env(sock),
-                                stdout=o, stderr=e)
+        proc = subprocess.Popen(
+            [str(BIN / "irmd"), "--sock", str(sock), "--stdout"], env=irmd_env(sock), stdout=o, stderr=e
+        )
     irmd = IrmdProc(sock, out, proc, irmd_env(sock))
     try:
         wait_for(lambda: sock.exists(), 15, "the irmd socket")

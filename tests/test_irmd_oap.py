@@ -54,8 +54,9 @@ def irmds(clock: Clock, client: Pki, server: Pki) -> tuple[Oap, Oap]:
     return Oap(base=client.base, clock=clock), Oap(base=server.base, clock=clock)
 
 
-def allocate(client: Oap, server: Oap, name: str = "pong", qos: QosSpec = raw,
-             cypher_s: int = 0) -> tuple[Outcome, Outcome]:
+def allocate(
+    client: Oap, server: Oap, name: str = "pong", qos: QosSpec = raw, cypher_s: int = 0
+) -> tuple[Outcome, Outcome]:
     attempt = client.request(name, qos)
     answer, served = server.serve(name, attempt.data, cypher_s)
     return client.complete(attempt, answer), served
@@ -64,8 +65,9 @@ def allocate(client: Oap, server: Oap, name: str = "pong", qos: QosSpec = raw,
 # -- the plain exchange ------------------------------------------------------------------------------
 
 
-def test_a_plain_allocation_is_36_bytes_out_84_back_and_establishes_nothing(clock: Clock, pki: Pki,
-                                                                              client_pki: Pki) -> None:
+def test_a_plain_allocation_is_36_bytes_out_84_back_and_establishes_nothing(
+    clock: Clock, pki: Pki, client_pki: Pki
+) -> None:
     client, server = irmds(clock, client_pki, pki)
     attempt = client.request("pong", raw)
     answer, served = server.serve("pong", attempt.data)
@@ -122,8 +124,9 @@ def test_a_response_to_another_request_fails_the_allocation(clock: Clock) -> Non
 # -- encryption ----------------------------------------------------------------------------------------
 
 
-def test_an_application_asking_for_encryption_gets_the_same_key_at_both_ends(clock: Clock, pki: Pki,
-                                                                             client_pki: Pki) -> None:
+def test_an_application_asking_for_encryption_gets_the_same_key_at_both_ends(
+    clock: Clock, pki: Pki, client_pki: Pki
+) -> None:
     client, server = irmds(clock, client_pki, pki)
     got, served = allocate(client, server, qos=ENCRYPT)
     assert got.key == served.key and len(got.key) == 32
@@ -138,21 +141,26 @@ def test_each_allocation_gets_its_own_key(clock: Clock, pki: Pki, client_pki: Pk
     assert allocate(client, server, qos=ENCRYPT)[0].key != allocate(client, server, qos=ENCRYPT)[0].key
 
 
-@pytest.mark.parametrize(("kex", "cipher", "kdf"), [
-    ("prime256v1", "aes-256-gcm", "sha256"), ("secp384r1", "chacha20-poly1305", "sha384"),
-    ("secp521r1", "aes-128-gcm", "sha512"), ("X448", "aes-192-gcm", "sha3-256"),
-    ("X25519", "aes-256-ctr", "blake2b512"),
-])
-def test_a_client_enc_conf_chooses_the_exchange(clock: Clock, pki: Pki, client_pki: Pki, kex: str, cipher: str,
-                                                kdf: str) -> None:
+@pytest.mark.parametrize(
+    ("kex", "cipher", "kdf"),
+    [
+        ("prime256v1", "aes-256-gcm", "sha256"),
+        ("secp384r1", "chacha20-poly1305", "sha384"),
+        ("secp521r1", "aes-128-gcm", "sha512"),
+        ("X448", "aes-192-gcm", "sha3-256"),
+        ("X25519", "aes-256-ctr", "blake2b512"),
+    ],
+)
+def test_a_client_enc_conf_chooses_the_exchange(
+    clock: Clock, pki: Pki, client_pki: Pki, kex: str, cipher: str, kdf: str
+) -> None:
     client_pki.enc_conf("pong", f"kex={kex}\ncipher={cipher}\nkdf={kdf}\n", role="client")
     client, server = irmds(clock, client_pki, pki)
     got, served = allocate(client, server)  # no cypher_s: the name's enc.conf asks for it
     assert got.key == served.key and oap.CIPHERS[got.cipher] == cipher
 
 
-def test_the_server_picks_the_stronger_cipher_and_the_client_takes_it(clock: Clock, pki: Pki,
-                                                                      client_pki: Pki) -> None:
+def test_the_server_picks_the_stronger_cipher_and_the_client_takes_it(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     pki.enc_conf("pong", "cipher=chacha20-poly1305\n")
     client_pki.enc_conf("pong", "cipher=aes-128-gcm\n", role="client")
     client, server = irmds(clock, client_pki, pki)
@@ -205,12 +213,19 @@ def test_a_response_that_drops_the_key_exchange_is_refused(clock: Clock) -> None
         client.complete(attempt, b"")  # no OAP at all: never a plain flow when encryption was asked
 
 
-@pytest.mark.parametrize("kex", [
-    bytes(44), b"\x30\x03\x02\x01\x00",
-    x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)[:-32]
-    + bytes(32),  # the all-zero (low-order) X25519 key
-    new_key("ed25519").public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-], ids=["zeros", "truncated-der", "low-order-x25519", "ed25519-not-kex"])
+@pytest.mark.parametrize(
+    "kex",
+    [
+        bytes(44),
+        b"\x30\x03\x02\x01\x00",
+        x25519.X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)[:-32]
+        + bytes(32),  # the all-zero (low-order) X25519 key
+        new_key("ed25519").public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+    ],
+    ids=["zeros", "truncated-der", "low-order-x25519", "ed25519-not-kex"],
+)
 def test_a_hostile_public_key_is_refused_with_ecrypt(clock: Clock, kex: bytes) -> None:
     req = oap.encode(b"i" * 16, clock(), cipher_nid=901, kdf_nid=672, md_nid=672, kex=kex)
     with pytest.raises(FlowError) as e:
@@ -233,8 +248,7 @@ def test_an_unsupported_kex_in_enc_conf_fails_with_the_reason(clock: Clock, clie
 # -- server identities ------------------------------------------------------------------------------
 
 
-def test_a_server_signs_its_response_and_the_client_verifies_the_chain(clock: Clock, pki: Pki,
-                                                                       client_pki: Pki) -> None:
+def test_a_server_signs_its_response_and_the_client_verifies_the_chain(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     crt, key = pki.issue("pong")
     pki.serve_as("pong", crt, key)
     client_pki.ca, client_pki.ca_key = pki.ca, pki.ca_key
@@ -244,8 +258,7 @@ def test_a_server_signs_its_response_and_the_client_verifies_the_chain(clock: Cl
     assert got.peer_crt and got.peer_ca
 
 
-def test_a_certificate_from_an_unknown_ca_reaches_the_client_unvouched(clock: Clock, pki: Pki,
-                                                                      client_pki: Pki) -> None:
+def test_a_certificate_from_an_unknown_ca_reaches_the_client_unvouched(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     crt, key = pki.issue("pong")
     pki.serve_as("pong", crt, key)
     client_pki.trust()  # its own root, not the server's
@@ -265,13 +278,17 @@ def _anonymous_server(pki: Pki, client_pki: Pki) -> None:
 
 @pytest.mark.parametrize("how", ["application", "client enc.conf"])
 def test_an_anonymous_answer_to_an_encrypted_flow_the_ca_store_could_verify_is_refused(
-        clock: Clock, pki: Pki, client_pki: Pki, how: str) -> None:
+    clock: Clock, pki: Pki, client_pki: Pki, how: str
+) -> None:
     _anonymous_server(pki, client_pki)
     if how == "client enc.conf":
         client_pki.enc_conf("pong", "", role="client")
     client, server = irmds(clock, client_pki, pki)
-    with pytest.raises(FlowError, match=r"'pong' must prove itself \(the flow is encrypted and this IRMd's CA "
-                                        r"store .* can verify it\), but its peer presented no certificate") as e:
+    with pytest.raises(
+        FlowError,
+        match=r"'pong' must prove itself \(the flow is encrypted and this IRMd's CA "
+        r"store .* can verify it\), but its peer presented no certificate",
+    ) as e:
         allocate(client, server, qos=ENCRYPT if how == "application" else raw)
     assert e.value.code == oap.EAUTH
     crt, key = pki.issue("pong")  # the real server, beside: certified, it is taken
@@ -280,8 +297,7 @@ def test_an_anonymous_answer_to_an_encrypted_flow_the_ca_store_could_verify_is_r
     assert got.peer_ca and got.key == served.key
 
 
-def test_an_anonymous_answer_to_a_client_that_proves_itself_is_refused(clock: Clock, pki: Pki,
-                                                                      client_pki: Pki) -> None:
+def test_an_anonymous_answer_to_a_client_that_proves_itself_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     _anonymous_server(pki, client_pki)
     pki.trust()  # the server would verify alice
     crt, key = pki.issue("alice")
@@ -342,8 +358,9 @@ def test_an_impostor_replaying_the_servers_certificate_cannot_sign(clock: Clock,
 
 
 @pytest.mark.parametrize("case", ["expired", "not-yet", "intermediate-not-ca", "self-signed-untrusted"])
-def test_chains_that_do_not_verify_leave_the_certificate_unvouched(clock: Clock, pki: Pki, client_pki: Pki,
-                                                                   case: str) -> None:
+def test_chains_that_do_not_verify_leave_the_certificate_unvouched(
+    clock: Clock, pki: Pki, client_pki: Pki, case: str
+) -> None:
     client_pki.ca, client_pki.ca_key = pki.ca, pki.ca_key
     client_pki.trust()
     if case == "expired":
@@ -414,8 +431,9 @@ def test_per_name_paths_override_the_defaults(clock: Clock, pki: Pki, client_pki
 # -- client certificates (mutual authentication) ---------------------------------------------------------
 
 
-def test_a_client_certificate_from_the_servers_ca_identifies_the_client(clock: Clock, pki: Pki,
-                                                                       client_pki: Pki) -> None:
+def test_a_client_certificate_from_the_servers_ca_identifies_the_client(
+    clock: Clock, pki: Pki, client_pki: Pki
+) -> None:
     pki.trust()
     crt, key = pki.issue("alice")
     client_pki.serve_as("pong", crt, key, role="client")
@@ -498,4 +516,10 @@ def test_outcome_fills_the_flow_reply() -> None:
     out = Outcome(cipher=1018, key=b"k" * 32, peer_crt=b"c", peer_ca=True, seq_iv=True)
     reply = out.reply(m.FlowReply(7, "l", 1500, dataclasses.replace(raw, cypher_s=0)))
     assert (reply.cipher, reply.key, reply.peer_crt, reply.peer_ca, reply.seq_iv, reply.qos.cypher_s) == (
-        1018, b"k" * 32, b"c", True, True, 256)
+        1018,
+        b"k" * 32,
+        b"c",
+        True,
+        True,
+        256,
+    )

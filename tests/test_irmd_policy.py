@@ -32,8 +32,19 @@ def test_only_admins_manage_ipcps_names_and_bindings(kind: type[m.Message]) -> N
             policy.check_request(caller, kind)
 
 
-USERS_MAY = {m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo, m.IpcpList,
-             m.NameList, m.FlowList, m.Dump, m.ActAs}
+USERS_MAY = {
+    m.ProcAnnounce,
+    m.FlowAlloc,
+    m.FlowAccept,
+    m.FlowListen,
+    m.FlowDealloc,
+    m.FlowInfo,
+    m.IpcpList,
+    m.NameList,
+    m.FlowList,
+    m.Dump,
+    m.ActAs,
+}
 
 
 @pytest.mark.parametrize("kind", sorted(USERS_MAY, key=lambda k: k.__name__))
@@ -44,8 +55,16 @@ def test_users_use_flows_and_list_their_own(kind: type[m.Message]) -> None:
 def test_every_request_is_either_for_admins_or_for_users_by_design() -> None:
     asked = {cls for cls in m.CODEC.types.values() if cls.__module__ == m.__name__}
     replies = {m.Ok, m.Table, m.FlowReply, m.Text, m.LayerInfo, m.IpcpFlow, m.IpcpFlowAccepted, m.IpcpInfo}
-    ipcp_side = {m.IpcpBootstrapReq, m.IpcpEnrollReq, m.IpcpConnectReq, m.IpcpReg, m.IpcpQuery, m.IpcpFlowAlloc,
-                m.IpcpFlowDealloc, m.IpcpAnnounce}
+    ipcp_side = {
+        m.IpcpBootstrapReq,
+        m.IpcpEnrollReq,
+        m.IpcpConnectReq,
+        m.IpcpReg,
+        m.IpcpQuery,
+        m.IpcpFlowAlloc,
+        m.IpcpFlowDealloc,
+        m.IpcpAnnounce,
+    }
     assert asked - replies - ipcp_side - policy.FROM_IPCP == USERS_MAY | set(policy.ADMIN_ONLY)
     assert policy.FOR_USERS == USERS_MAY  # widening what users may ask is a decision, made here too
 
@@ -88,10 +107,15 @@ def test_totals_leave_admins_a_reserve_of_descriptors(caplog: pytest.LogCaptureF
     assert Limits().fit_descriptors(10).conns_total == 1  # never zero: users still get something
 
 
-@pytest.mark.parametrize(("words", "says"), [
-    (["nope=1"], "unknown limit 'nope'"), (["flows_per_uid"], "expected KEY=N"),
-    (["flows_per_uid=x"], "expected a whole number"), (["flows_per_uid=0"], "from 1 to"),
-])
+@pytest.mark.parametrize(
+    ("words", "says"),
+    [
+        (["nope=1"], "unknown limit 'nope'"),
+        (["flows_per_uid"], "expected KEY=N"),
+        (["flows_per_uid=x"], "expected a whole number"),
+        (["flows_per_uid=0"], "from 1 to"),
+    ],
+)
 def test_bad_limits_are_refused_naming_them(words: list[str], says: str) -> None:
     with pytest.raises(LimitError, match=says):
         parse_options(words)
@@ -168,10 +192,20 @@ def test_started_processes_get_a_clean_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PYTHONPATH", "/evil")
     monkeypatch.setenv("LD_PRELOAD", "/evil.so")
     monkeypatch.setenv("LANG", "C.UTF-8")
-    env = clean_env(Path("/run/ouroboros/irmd.sock"), RunAs(None, None, "/root", "root"),
-                    Output(env={"OUROBOROS_LOG_LEVEL": "INFO"}))
-    assert env == {"PATH": env["PATH"], "HOME": "/root", "USER": "root", "LOGNAME": "root", "LANG": "C.UTF-8",
-                   "OUROBOROS_SOCK": "/run/ouroboros/irmd.sock", "OUROBOROS_LOG_LEVEL": "INFO"}  # only the log's own
+    env = clean_env(
+        Path("/run/ouroboros/irmd.sock"),
+        RunAs(None, None, "/root", "root"),
+        Output(env={"OUROBOROS_LOG_LEVEL": "INFO"}),
+    )
+    assert env == {
+        "PATH": env["PATH"],
+        "HOME": "/root",
+        "USER": "root",
+        "LOGNAME": "root",
+        "LANG": "C.UTF-8",
+        "OUROBOROS_SOCK": "/run/ouroboros/irmd.sock",
+        "OUROBOROS_LOG_LEVEL": "INFO",
+    }  # only the log's own
 
 
 def test_ipcps_run_isolated_from_the_callers_python_settings() -> None:

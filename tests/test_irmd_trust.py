@@ -76,8 +76,9 @@ def as_nobody_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def nobody(irmd: IrmdProc, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AS_NOBODY, *argv], env=as_nobody_env(irmd.env), capture_output=True, text=True,
-                          timeout=timeout, cwd="/")
+    return subprocess.run(
+        [*AS_NOBODY, *argv], env=as_nobody_env(irmd.env), capture_output=True, text=True, timeout=timeout, cwd="/"
+    )
 
 
 def nobody_irm(irmd: IrmdProc, *args: str) -> subprocess.CompletedProcess[str]:
@@ -122,23 +123,26 @@ def test_a_user_uses_flows_but_cannot_bind_a_program_to_run_as_root(host: IrmdPr
         assert not any(row["name"] == "pwn" for row in host.table("name", "list"))
 
 
-@pytest.mark.parametrize("attack", [
-    ["bind", "process", "{pid}", "name", "echo"],  # take the host's name over with its own process
-    ["bind", "process", "{pid}", "name", "mine"],  # or serve a name of its own
-    ["name", "create", "mine"],
-    ["name", "register", "mine", "layer", "local"],
-    ["name", "unregister", "echo", "layer", "local"],
-    ["name", "register", "echo", "layer", "local"],
-    ["name", "destroy", "echo"],
-    ["unbind", "program", "oping"],
-    ["unbind", "program", "oping", "name", "echo"],
-    ["bind", "ipcp", "lo", "name", "mine"],
-    ["bind", "process", "1", "name", "mine"],  # someone else's process (init) under its name
-    ["ipcp", "create", "name", "x", "type", "local"],
-    ["ipcp", "bootstrap", "name", "x", "type", "local", "layer", "l2"],
-    ["ipcp", "destroy", "name", "lo"],
-    ["ipcp", "connect", "name", "lo", "dst", "x"],
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        ["bind", "process", "{pid}", "name", "echo"],  # take the host's name over with its own process
+        ["bind", "process", "{pid}", "name", "mine"],  # or serve a name of its own
+        ["name", "create", "mine"],
+        ["name", "register", "mine", "layer", "local"],
+        ["name", "unregister", "echo", "layer", "local"],
+        ["name", "register", "echo", "layer", "local"],
+        ["name", "destroy", "echo"],
+        ["unbind", "program", "oping"],
+        ["unbind", "program", "oping", "name", "echo"],
+        ["bind", "ipcp", "lo", "name", "mine"],
+        ["bind", "process", "1", "name", "mine"],  # someone else's process (init) under its name
+        ["ipcp", "create", "name", "x", "type", "local"],
+        ["ipcp", "bootstrap", "name", "x", "type", "local", "layer", "l2"],
+        ["ipcp", "destroy", "name", "lo"],
+        ["ipcp", "connect", "name", "lo", "dst", "x"],
+    ],
+)
 def test_a_user_cannot_touch_the_hosts_names_ipcps_or_others_processes(host: IrmdProc, attack: list[str]) -> None:
     echo_service(host, "echo")
     with server([str(BIN / "oping"), "-l"], host.env, host.log.parent / "srv.log", "started"):
@@ -210,8 +214,12 @@ def nobody_allocates_to_root(host: IrmdProc, name: str) -> Iterator[tuple[subpro
         call(client.channel, m.NameRegister(name, ["local"]), timeout=10)
         with ThreadPoolExecutor(1) as pool:
             accepted = pool.submit(client.accept, 20)
-            with server([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, name], host.env,
-                        host.log.parent / "alloc.log", "\n") as p:
+            with server(
+                [*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, name],
+                host.env,
+                host.log.parent / "alloc.log",
+                "\n",
+            ) as p:
                 reply, fd = accepted.result(20)
                 with Flow(reply, fd, client) as flow:
                     yield p, flow
@@ -273,7 +281,7 @@ def test_users_see_their_own_flows_and_names_and_nobody_sees_a_layer_key(host: I
     try:
         host.irm_ok("bind", "process", str(holder.pid), "name", "nobodys")
         theirs = nobody_irm(host, "dump", "config").stdout
-        assert "s3cret-k3y" not in theirs and '[name.nobodys]' in theirs and "echo" not in theirs
+        assert "s3cret-k3y" not in theirs and "[name.nobodys]" in theirs and "echo" not in theirs
     finally:
         holder.kill()
         holder.wait()
@@ -361,8 +369,9 @@ def test_users_flows_in_all_are_limited_and_root_still_allocates(public_dir: Pat
                   server(["setpriv", f"--reuid={NOBODY - 1}", f"--regid={NOBODY - 1}", "--clear-groups",
                           str(BIN / "python"), "-c", HOLD_FLOWS, "60"], irmd.env, b_log, "then")):  # fmt: skip
                 assert a_log.read_text().startswith("2 then uid 65534 holds 2 flows"), a_log.read_text()
-                assert b_log.read_text().startswith("1 then users hold 3 flows (limit flows_total=3)"), \
+                assert b_log.read_text().startswith("1 then users hold 3 flows (limit flows_total=3)"), (
                     b_log.read_text()
+                )
                 mine = [Flow(*IrmClient.alloc(srv, "sink", None, 10), srv) for _ in range(3)]  # root's are not
                 for flow in mine:
                     flow.close()
@@ -423,8 +432,13 @@ def test_a_client_that_never_reads_its_replies_holds_little_and_others_are_serve
             t0 = time.monotonic()
             assert len(irmd.table("name", "list")) == 50
             assert time.monotonic() - t0 < 10
-            rss = int(next(line for line in Path(f"/proc/{irmd.pid}/status").read_text().splitlines()
-                           if line.startswith("VmRSS")).split()[1])
+            rss = int(
+                next(
+                    line
+                    for line in Path(f"/proc/{irmd.pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS")
+                ).split()[1]
+            )
             assert rss < 200_000, f"the irmd holds {rss} kB"  # 20,000 unread lists would be ~100 MB
         assert sent > 0
         irmd.irm_ok("name", "list")
@@ -433,17 +447,20 @@ def test_a_client_that_never_reads_its_replies_holds_little_and_others_are_serve
 # -- sockets and directories ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("mode", "owner", "says"), [
-    (0o777, 0, "writable by others"), (0o775, 0, "writable by others"), (0o755, NOBODY, "belongs to uid 65534"),
-])
-def test_the_irmd_refuses_a_socket_directory_others_control(public_dir: Path, mode: int, owner: int,
-                                                            says: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "owner", "says"),
+    [
+        (0o777, 0, "writable by others"),
+        (0o775, 0, "writable by others"),
+        (0o755, NOBODY, "belongs to uid 65534"),
+    ],
+)
+def test_the_irmd_refuses_a_socket_directory_others_control(public_dir: Path, mode: int, owner: int, says: str) -> None:
     d = public_dir / "run"
     d.mkdir()
     d.chmod(mode)
     os.chown(d, owner, owner)
-    r = subprocess.run([str(BIN / "irmd"), "--sock", str(d / "irmd.sock")], capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run([str(BIN / "irmd"), "--sock", str(d / "irmd.sock")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "will not serve from" in r.stderr and says in r.stderr
     assert not (d / "irmd.sock").exists()
 
@@ -452,8 +469,9 @@ def test_the_irmd_makes_its_socket_directory_open_to_reach_closed_to_write(publi
     d = public_dir / "made" / "ouroboros"
     sock = d / "irmd.sock"
     env = dict(os.environ, OUROBOROS_SOCK=str(sock))
-    p = subprocess.Popen([str(BIN / "irmd"), "--sock", str(sock)], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [str(BIN / "irmd"), "--sock", str(sock)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for(lambda: sock.exists() or p.poll() is not None, 15, "the irmd's socket")
         for made in (d, d.parent):
@@ -508,18 +526,32 @@ def test_ipcps_and_programs_started_ignore_the_irmds_working_directory_and_envir
     prog.write_text(REPORT.format(python=sys.executable))
     prog.chmod(0o755)
     out = public_dir / "report.json"
-    env = {"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "sitecustomize.py"), "LD_PRELOAD": "",
-           "SECRET_OF_THE_ADMIN": "x"}
+    env = {
+        "PYTHONPATH": str(evil),
+        "PYTHONSTARTUP": str(evil / "sitecustomize.py"),
+        "LD_PRELOAD": "",
+        "SECRET_OF_THE_ADMIN": "x",
+    }
     irmd = start_irmd(public_dir, env=env)
     irmd.env = {k: v for k, v in irmd.env.items() if k not in env}  # our own irm commands run without it
     try:
         irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
         irmd.irm_ok("bind", "program", str(prog), "name", "report", "auto", "--", str(out))
         irmd.irm_ok("name", "register", "report", "layer", "local")
-        r = subprocess.run([sys.executable, "-I", "-c", "from flowlib import flow_alloc\n"
-                            "f = flow_alloc('report', timeout=20); f.set_timeout(10); print(f.read().decode())"],
-                           env={"OUROBOROS_SOCK": str(irmd.sock)}, capture_output=True, text=True, timeout=60,
-                           cwd=str(Path(__file__).resolve().parent.parent))
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-I",
+                "-c",
+                "from flowlib import flow_alloc\n"
+                "f = flow_alloc('report', timeout=20); f.set_timeout(10); print(f.read().decode())",
+            ],
+            env={"OUROBOROS_SOCK": str(irmd.sock)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
         assert r.stdout.strip() == "hi", r.stderr
         got = json.loads(out.read_text())
         assert got["cwd"] == "/" and got["uid"] == 0
@@ -564,18 +596,24 @@ def test_a_limit_reached_is_its_own_error_class() -> None:
     assert isinstance(from_remote("EDQUOT", "x"), LimitReached)
 
 
-@pytest.mark.parametrize(("mode", "owner", "says"), [
-    (0o666, 0, "writable by others"), (0o644, NOBODY, "belongs to uid 65534"),
-])
-def test_the_irmd_boots_from_no_config_another_user_could_have_written(public_dir: Path, mode: int, owner: int,
-                                                                        says: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "owner", "says"),
+    [
+        (0o666, 0, "writable by others"),
+        (0o644, NOBODY, "belongs to uid 65534"),
+    ],
+)
+def test_the_irmd_boots_from_no_config_another_user_could_have_written(
+    public_dir: Path, mode: int, owner: int, says: str
+) -> None:
     conf = public_dir / "irmd.conf"
     conf.write_text('[name.pwn]\nprog = ["/bin/sh"]\nargs = ["-c id"]\n')  # root would run it on demand
     conf.chmod(mode)
     os.chown(conf, owner, owner)
     sock = public_dir / "irmd.sock"
-    r = subprocess.run([str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 1 and "will not boot from it" in r.stderr and says in r.stderr
     conf.chmod(0o644)
     os.chown(conf, 0, 0)  # the same file as root's own: it boots
@@ -601,8 +639,9 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
     finally:
         client.close()
     assert "for-nobody" not in {r["name"] for r in host.table("name", "list")}
-    r = nobody_py(host, "from flowlib.irm import IrmClient\nfrom proto.control import act_as\n"
-                        "act_as(IrmClient().channel, 0)")
+    r = nobody_py(
+        host, "from flowlib.irm import IrmClient\nfrom proto.control import act_as\nact_as(IrmClient().channel, 0)"
+    )
     assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr
 
 
@@ -666,8 +705,11 @@ def test_every_request_a_user_may_not_make_is_refused_to_uid_65534(host: IrmdPro
         r = nobody_py(host, PROBE_EVERY_KIND, *kinds, "ActAs", timeout=120)
         answers = json.loads(r.stdout.splitlines()[-1]) if r.stdout else {}
         assert set(answers) == {*kinds, "ActAs"}, r.stdout + r.stderr
-        let_through = {k: v for k, v in answers.items() if k != "ActAs"
-                       and (v[0] != "PermissionDenied" or "needs root or the IRMd's user" not in v[1])}
+        let_through = {
+            k: v
+            for k, v in answers.items()
+            if k != "ActAs" and (v[0] != "PermissionDenied" or "needs root or the IRMd's user" not in v[1])
+        }
         assert not let_through, let_through
         assert answers["ActAs"] == ["PermissionDenied", "permission denied: uid 65534 cannot act as uid 0"]
         assert [i["name"] for i in host.table("ipcp", "list")] == ["lo"]
@@ -708,8 +750,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("secured", [False, True], ids=["plain", "ca-certified-encrypted"])
-def test_uid_65534_announcing_a_bound_programs_name_takes_none_of_its_flows(public_dir: Path,
-                                                                            secured: bool) -> None:
+def test_uid_65534_announcing_a_bound_programs_name_takes_none_of_its_flows(public_dir: Path, secured: bool) -> None:
     """Root's `oping -l` serves `pong` (a program binding); uid 65534 announces itself as that oping
     and accepts beside it. Every ping root sends reaches root's oping, none the claimant; with a
     CA-certified name that takes only encrypted flows, the client sees the CA's identity for it."""
@@ -791,10 +832,20 @@ time.sleep(60)
 """
 
 
-def hold(irmd: IrmdProc, uid: int, n: int, hammer: float, log: Path) -> contextlib.AbstractContextManager[
-        subprocess.Popen[bytes]]:
-    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", str(BIN / "python"), "-c",
-            HOLD_AND_HAMMER, str(n), str(hammer)]
+def hold(
+    irmd: IrmdProc, uid: int, n: int, hammer: float, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    argv = [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        str(BIN / "python"),
+        "-c",
+        HOLD_AND_HAMMER,
+        str(n),
+        str(hammer),
+    ]
     return server(argv, irmd.env, log, '"held"')
 
 
@@ -803,8 +854,11 @@ def held(log: Path) -> dict[str, object]:
 
 
 def test_users_connections_in_all_are_limited_and_admins_still_connect(public_dir: Path) -> None:
-    with (irmd_in(public_dir, "--limit", "conns_per_uid=3", "--limit", "conns_total=4") as irmd,
-          hold(irmd, NOBODY, 10, 0, public_dir / "a.log"), hold(irmd, NOBODY - 1, 10, 0, public_dir / "b.log")):
+    with (
+        irmd_in(public_dir, "--limit", "conns_per_uid=3", "--limit", "conns_total=4") as irmd,
+        hold(irmd, NOBODY, 10, 0, public_dir / "a.log"),
+        hold(irmd, NOBODY - 1, 10, 0, public_dir / "b.log"),
+    ):
         a, b = held(public_dir / "a.log"), held(public_dir / "b.log")
         assert (a["held"], b["held"]) == (3, 1), (a, b)  # uid 65534 first, to its own limit; 65533 then
         assert "uid 65534 has 3 connections" in str(a["why"]) and "(limit conns_total=4)" in str(b["why"]), (a, b)
@@ -825,7 +879,8 @@ def cpu_seconds(pid: int) -> float:
 
 @pytest.mark.timeout(180)
 def test_an_irmd_out_of_descriptors_serves_root_refuses_users_and_neither_spins_nor_floods_its_log(
-        public_dir: Path) -> None:
+    public_dir: Path,
+) -> None:
     with irmd_in(public_dir, "--limit", "conns_per_uid=5000", "--limit", "conns_total=5000") as irmd:
         irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
         irmd.note_children()

@@ -146,8 +146,13 @@ def start_peer(irmd: IrmdProc, layer: str, mode: str) -> Peer:
     name = f"peer{next(_names)}"
     irmd.irm_ok("name", "register", name, "layer", layer)
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-c", PEER, mode], env={**irmd.env, "PYTHONPATH": str(root)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PEER, mode],
+        env={**irmd.env, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     peer = Peer(proc, name)
     try:
         assert peer.line() == "accepting"
@@ -206,14 +211,19 @@ def with_timeout(spec: QosSpec, ms: int = T) -> QosSpec:
     return dataclasses.replace(spec, timeout=ms)
 
 
-KINDS = [pytest.param(qos.raw, False, id="raw"), pytest.param(qos.data, False, id="frct"),
-         pytest.param(qos.raw, True, id="encrypted"), pytest.param(qos.raw_no_errors, False, id="crc")]
+KINDS = [
+    pytest.param(qos.raw, False, id="raw"),
+    pytest.param(qos.data, False, id="frct"),
+    pytest.param(qos.raw, True, id="encrypted"),
+    pytest.param(qos.raw_no_errors, False, id="crc"),
+]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("spec", "encrypt"), KINDS)
 def test_a_stopped_peer_raises_flow_peer_then_reads_and_writes_fail(
-        peers: Callable[[str], Peer], alloc: Callable[..., Flow], spec: QosSpec, encrypt: bool) -> None:
+    peers: Callable[[str], Peer], alloc: Callable[..., Flow], spec: QosSpec, encrypt: bool
+) -> None:
     peer = peers("sleep")
     flow = alloc(peer, with_timeout(spec), encrypt)
     peer.stop()
@@ -231,7 +241,8 @@ def test_a_stopped_peer_raises_flow_peer_then_reads_and_writes_fail(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("spec", "encrypt"), KINDS)
 def test_a_live_peer_asleep_without_reading_never_raises_flow_peer(
-        peers: Callable[[str], Peer], alloc: Callable[..., Flow], spec: QosSpec, encrypt: bool) -> None:
+    peers: Callable[[str], Peer], alloc: Callable[..., Flow], spec: QosSpec, encrypt: bool
+) -> None:
     peer = peers("sleep")
     flow = alloc(peer, with_timeout(spec), encrypt)
     seen = events_for([flow], 4 * T / 1000)
@@ -241,7 +252,8 @@ def test_a_live_peer_asleep_without_reading_never_raises_flow_peer(
 
 @pytest.mark.timeout(60)
 def test_a_busy_peer_never_raises_flow_peer_on_either_side(
-        peers: Callable[[str], Peer], alloc: Callable[..., Flow]) -> None:
+    peers: Callable[[str], Peer], alloc: Callable[..., Flow]
+) -> None:
     peer = peers("echo")
     flow = alloc(peer, with_timeout(qos.raw))
     flow.set_timeout(5.0)
@@ -257,7 +269,8 @@ def test_a_busy_peer_never_raises_flow_peer_on_either_side(
 
 @pytest.mark.timeout(60)
 def test_keepalives_are_empty_records_every_quarter_timeout(
-        peers: Callable[[str], Peer], alloc: Callable[..., Flow]) -> None:
+    peers: Callable[[str], Peer], alloc: Callable[..., Flow]
+) -> None:
     peer = peers("sleep")
     flow = alloc(peer, with_timeout(qos.raw))
     sock = flow._sock  # the records themselves, under the Flow
@@ -273,7 +286,8 @@ def test_keepalives_are_empty_records_every_quarter_timeout(
 
 @pytest.mark.timeout(60)
 def test_a_timeout_of_zero_sends_no_keepalives_and_never_raises_flow_peer(
-        peers: Callable[[str], Peer], alloc: Callable[..., Flow]) -> None:
+    peers: Callable[[str], Peer], alloc: Callable[..., Flow]
+) -> None:
     peer = peers("sleep")
     flow = alloc(peer, with_timeout(qos.raw, 0))
     assert not select.select([flow.fd], [], [], 1.0)[0], "a keepalive arrived on a flow without a timeout"
@@ -292,7 +306,8 @@ def test_a_read_is_not_woken_by_keepalives(peers: Callable[[str], Peer], alloc: 
 
 @pytest.mark.timeout(60)
 def test_flowfdown_set_and_cleared_gives_flow_down_then_flow_up(
-        peers: Callable[[str], Peer], alloc: Callable[..., Flow]) -> None:
+    peers: Callable[[str], Peer], alloc: Callable[..., Flow]
+) -> None:
     peer = peers("echo")
     flow = alloc(peer, with_timeout(qos.raw))
     fset, q = FlowSet(), EventQueue()
@@ -329,8 +344,7 @@ def udp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(("spec", "encrypt"), KINDS[:3])
-def test_keepalives_cross_a_udp_layer_and_a_stopped_peer_is_still_found(udp: Net, spec: QosSpec,
-                                                                        encrypt: bool) -> None:
+def test_keepalives_cross_a_udp_layer_and_a_stopped_peer_is_still_found(udp: Net, spec: QosSpec, encrypt: bool) -> None:
     peer = start_peer(udp.a, udp.layer, "watch")
     try:
         flow = udp.alloc(peer.name, with_timeout(spec), encrypt)

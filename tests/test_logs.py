@@ -76,8 +76,13 @@ def test_log_and_stdout_choose_where_the_lines_go(tmp_path: Path) -> None:
     sock, file = tmp_path / "f.sock", tmp_path / "chosen.log"
     out = tmp_path / "out"
     with open(out, "wb") as o:
-        proc = subprocess.Popen([str(BIN / "irmd"), "--sock", str(sock), "--log", str(file)], env=irmd_env(sock),
-                                stdout=o, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(BIN / "irmd"), "--sock", str(sock), "--log", str(file)],
+            env=irmd_env(sock),
+            stdout=o,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     irmd = IrmdProc(sock, file, proc, irmd_env(sock))
     try:
         wait_for(lambda: "irmd listening" in (file.read_text() if file.exists() else ""), 15, "the log file")
@@ -101,8 +106,13 @@ def test_a_log_file_is_never_opened_through_a_link_or_someone_elses(tmp_path: Pa
     shared.chmod(0o666)
     with pytest.raises(logs.LogFileError, match="only we can write"):
         logs.open_log(shared)
-    r = subprocess.run([str(BIN / "irmd"), "--sock", str(tmp_path / "l.sock"), "--log", str(link)],
-                       env=irmd_env(tmp_path / "l.sock"), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "irmd"), "--sock", str(tmp_path / "l.sock"), "--log", str(link)],
+        env=irmd_env(tmp_path / "l.sock"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1 and "cannot open the log file" in r.stderr and target.read_text() == ""
 
 
@@ -128,13 +138,41 @@ def test_the_two_irmd_quickstart_logs_no_warning(tmp_path: Path) -> None:
     a = start_irmd(tmp_path, "a")
     b = start_irmd(tmp_path, "b")
     try:
-        a.irm_ok("ipcp", "bootstrap", "name", "udp-a", "type", "udp4", "layer", "udp", "ip", "127.0.0.1", "port", port,
-                 "peer", "127.0.0.2")
+        a.irm_ok(
+            "ipcp",
+            "bootstrap",
+            "name",
+            "udp-a",
+            "type",
+            "udp4",
+            "layer",
+            "udp",
+            "ip",
+            "127.0.0.1",
+            "port",
+            port,
+            "peer",
+            "127.0.0.2",
+        )
         a.irm_ok("ipcp", "bootstrap", "name", "net-a", "type", "unicast", "layer", "net", "autobind")
         a.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
         a.irm_ok("name", "register", "pong", "layer", "net")
-        b.irm_ok("ipcp", "bootstrap", "name", "udp-b", "type", "udp4", "layer", "udp", "ip", "127.0.0.2", "port", port,
-                 "peer", "127.0.0.1")
+        b.irm_ok(
+            "ipcp",
+            "bootstrap",
+            "name",
+            "udp-b",
+            "type",
+            "udp4",
+            "layer",
+            "udp",
+            "ip",
+            "127.0.0.2",
+            "port",
+            port,
+            "peer",
+            "127.0.0.1",
+        )
         b.irm_ok("ipcp", "enroll", "name", "net-b", "type", "unicast", "layer", "net", "autobind")
         b.irm_ok("ipcp", "connect", "name", "net-b", "dst", "net-a")
         a.note_children()

@@ -41,8 +41,17 @@ def complete(script: Path, *words: str) -> list[str]:
     """What bash's completion offers after `words` (the last one being typed)."""
     fn = "_ouroboros_" + words[0].replace("-", "_")
     line = " ".join(f"'{w}'" for w in words)
-    r = subprocess.run(["bash", "--norc", "-c", f'. {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; '
-                        f'{fn}; printf "%s\\n" "${{COMPREPLY[@]}}"'], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            "bash",
+            "--norc",
+            "-c",
+            f'. {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; {fn}; printf "%s\\n" "${{COMPREPLY[@]}}"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
 

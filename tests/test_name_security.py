@@ -50,9 +50,14 @@ def test_irm_name_create_takes_0_23s_six_paths(tmp_path: Path) -> None:
     args = ["name", "create", "pong", "lb", "spillover"] + [x for w, f in files.items() for x in (w, str(f))]
     msg = cli.parse(args)
     assert isinstance(msg, m.NameCreate) and msg.lb == "spillover"
-    assert msg.sec == {"server_enc_file": str(files["sencpath"]), "server_crt_file": str(files["scrtpath"]),
-                       "server_key_file": str(files["skeypath"]), "client_enc_file": str(files["cencpath"]),
-                       "client_crt_file": str(files["ccrtpath"]), "client_key_file": str(files["ckeypath"])}
+    assert msg.sec == {
+        "server_enc_file": str(files["sencpath"]),
+        "server_crt_file": str(files["scrtpath"]),
+        "server_key_file": str(files["skeypath"]),
+        "client_enc_file": str(files["cencpath"]),
+        "client_crt_file": str(files["ccrtpath"]),
+        "client_key_file": str(files["ckeypath"]),
+    }
 
 
 def test_irm_name_create_resolves_paths_and_refuses_missing_files(tmp_path: Path) -> None:
@@ -77,8 +82,11 @@ def test_a_config_file_sets_them_relative_to_itself(tmp_path: Path) -> None:
     conf.write_text('[name.pong]\nserver_crt_file = "sec/crt.pem"\nserver_key_file = "/abs/key.pem"\n'
                     'client_enc_file = "enc.conf"\n')  # fmt: skip
     (step,) = [msg for _, msg in plan(conf).steps if isinstance(msg, m.NameCreate)]
-    assert step.sec == {"server_crt_file": str(tmp_path / "sec/crt.pem"), "server_key_file": "/abs/key.pem",
-                        "client_enc_file": str(tmp_path / "enc.conf")}
+    assert step.sec == {
+        "server_crt_file": str(tmp_path / "sec/crt.pem"),
+        "server_key_file": "/abs/key.pem",
+        "client_enc_file": str(tmp_path / "enc.conf"),
+    }
     conf.write_text("[name.pong]\nserver_key_file = 3\n")
     with pytest.raises(ConfigError, match="server_key_file: expected a path"):
         plan(conf)
@@ -101,8 +109,15 @@ def test_enc_conf_defaults_none_and_keys() -> None:
     assert APP_DEFAULT.kex == 1034 and APP_DEFAULT.cipher == 901
 
 
-@pytest.mark.parametrize(("text", "why"), [("kex=P-256\n", "unknown kex"), ("cipher=rot13\n", "unknown cipher"),
-                                           ("kdf=md5\n", "unknown kdf"), ("kem_mode=both\n", "kem_mode")])
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("kex=P-256\n", "unknown kex"),
+        ("cipher=rot13\n", "unknown cipher"),
+        ("kdf=md5\n", "unknown kdf"),
+        ("kem_mode=both\n", "kem_mode"),
+    ],
+)
 def test_enc_conf_refuses_unknown_values_with_the_line(text: str, why: str) -> None:
     with pytest.raises(EncConfError, match=f"line 1: {why}"):
         parse_enc_conf(text)

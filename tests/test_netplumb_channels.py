@@ -63,6 +63,7 @@ def test_pump_stops_at_the_window_and_resumes_on_grant() -> None:
     link = FakeLink()
     pump = Pump(link, 1, lambda: r, lambda ch: None)  # type: ignore[arg-type]
     pump.start()
+
     def write_all() -> None:
         os.write(w, bytes(3 * WINDOW))
         os.close(w)

@@ -107,9 +107,16 @@ def test_an_unauthorized_client_is_told_why() -> None:
 STEPS = sorted({step for _, step in [*SERVER_TRANSITIONS, *CLIENT_TRANSITIONS]})
 
 
-@pytest.mark.parametrize("end, phase, step", [
-    (end, p, st) for end, table in (("server", SERVER_TRANSITIONS), ("client", CLIENT_TRANSITIONS))
-    for p in Phase for st in STEPS if (p, st) not in table])
+@pytest.mark.parametrize(
+    "end, phase, step",
+    [
+        (end, p, st)
+        for end, table in (("server", SERVER_TRANSITIONS), ("client", CLIENT_TRANSITIONS))
+        for p in Phase
+        for st in STEPS
+        if (p, st) not in table
+    ],
+)
 def test_a_step_outside_the_table_is_a_named_error(end: str, phase: Phase, step: str) -> None:
     c, s = pair()
     conn: Connection = s if end == "server" else c
@@ -152,9 +159,15 @@ SEALED = [wire.START, wire.DATA, wire.EOF, wire.WINDOW, wire.EXIT, wire.OPEN, wi
 
 def _fields(ptype: int, ch: int) -> Fields:
     """A well-formed message of the type, on a channel the receiver takes data on."""
-    return {wire.START: START.to_fields(), wire.DATA: Data(ch, b"x").to_fields(), wire.EOF: Eof(ch).to_fields(),
-            wire.WINDOW: Window(1, 5).to_fields(), wire.EXIT: Exit("status", 0).to_fields(),
-            wire.OPEN: Open(1000, 3).to_fields(), wire.SIGNAL: Signal("INT").to_fields()}.get(ptype, Fields())
+    return {
+        wire.START: START.to_fields(),
+        wire.DATA: Data(ch, b"x").to_fields(),
+        wire.EOF: Eof(ch).to_fields(),
+        wire.WINDOW: Window(1, 5).to_fields(),
+        wire.EXIT: Exit("status", 0).to_fields(),
+        wire.OPEN: Open(1000, 3).to_fields(),
+        wire.SIGNAL: Signal("INT").to_fields(),
+    }.get(ptype, Fields())
 
 
 @pytest.mark.parametrize("phase", [Phase.AUTHENTICATED, Phase.RUNNING, Phase.EXITED])
@@ -168,8 +181,9 @@ def test_the_server_takes_only_what_its_table_lists(phase: Phase, ptype: int) ->
     else:
         name = wire.TYPE_NAMES.get(ptype, ptype)
         assert events == [Closed(f"protocol error: unexpected {name} packet {phase.value}")]
-        assert deliver(s, c)[-1] == Closed(f"the server ended the session: protocol error: unexpected {name} "
-                                           f"packet {phase.value}")
+        assert deliver(s, c)[-1] == Closed(
+            f"the server ended the session: protocol error: unexpected {name} packet {phase.value}"
+        )
 
 
 @pytest.mark.parametrize("phase", [Phase.STARTING, Phase.RUNNING, Phase.EXITED])
@@ -242,16 +256,20 @@ def test_the_peer_cannot_overrun_a_window_and_grants_restore_it() -> None:
     s.grant(0, 1)
     assert s.receive(c.session.send(wire.DATA, Data(0, b"x").to_fields()), 0.0) == [Data(0, b"x")]
     assert s.receive(c.session.send(wire.DATA, Data(0, b"y").to_fields()), 0.0) == [
-        Closed("protocol error: the peer overran the window of channel 0")]
+        Closed("protocol error: the peer overran the window of channel 0")
+    ]
 
 
-@pytest.mark.parametrize("msgs, why", [
-    ([Data(1, b"x")], "data for channel 1, which does not take data"),  # stdout: ours to send
-    ([Data(7, b"x")], "data for channel 7, which does not take data"),
-    ([Eof(0), Data(0, b"x")], "data on channel 0 after its EOF"),
-    ([Eof(0), Eof(0)], "data on channel 0 after its EOF"),
-    ([Window(1, MAX_CREDIT)], f"window of channel 1 granted past {MAX_CREDIT} bytes"),
-])
+@pytest.mark.parametrize(
+    "msgs, why",
+    [
+        ([Data(1, b"x")], "data for channel 1, which does not take data"),  # stdout: ours to send
+        ([Data(7, b"x")], "data for channel 7, which does not take data"),
+        ([Eof(0), Data(0, b"x")], "data on channel 0 after its EOF"),
+        ([Eof(0), Eof(0)], "data on channel 0 after its EOF"),
+        ([Window(1, MAX_CREDIT)], f"window of channel 1 granted past {MAX_CREDIT} bytes"),
+    ],
+)
 def test_channel_nonsense_is_a_protocol_error(msgs: list[SessionMessage], why: str) -> None:
     c, s = running()
     events: list[object] = []
@@ -301,25 +319,44 @@ def test_open_on_a_socket_not_asked_for_is_a_protocol_error(ch: int, parent: int
 # -- messages ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("msg", [
-    Start(("tar", "x"), None, "nobody", (("A", "1"),), ((3, "/a"),), ((4, "/b"),), ((5, "/c"),)),
-    Start(recipe="cat\n"), Data(7, bytes(range(256))), Eof(0), Window(1, 1 << 20), Exit("status", 0),
-    Exit("signal", 9), Open(1000, 3), Signal("INT"), Started(True), Started(False, "no", 127),
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Start(("tar", "x"), None, "nobody", (("A", "1"),), ((3, "/a"),), ((4, "/b"),), ((5, "/c"),)),
+        Start(recipe="cat\n"),
+        Data(7, bytes(range(256))),
+        Eof(0),
+        Window(1, 1 << 20),
+        Exit("status", 0),
+        Exit("signal", 9),
+        Open(1000, 3),
+        Signal("INT"),
+        Started(True),
+        Started(False, "no", 127),
+    ],
+)
 def test_messages_round_trip_through_their_fields(msg: SessionMessage) -> None:
     assert type(msg).from_fields(wire.decode_pairs(wire.encode_pairs(msg.to_fields()))) == msg
 
 
-@pytest.mark.parametrize("data, form", [
-    (b"", "data"), (b"plain text, no NUL\n" * 100, "data"), (bytes(range(256)) * 200, "data"),
-    (b"\0" + b"x" * 15, "data"), (b"\0" + b"x" * 14, "base64"), (bytes(5000), "base64"), (b"\0\0x" * 100, "base64"),
-])
+@pytest.mark.parametrize(
+    "data, form",
+    [
+        (b"", "data"),
+        (b"plain text, no NUL\n" * 100, "data"),
+        (bytes(range(256)) * 200, "data"),
+        (b"\0" + b"x" * 15, "data"),
+        (b"\0" + b"x" * 14, "base64"),
+        (bytes(5000), "base64"),
+        (b"\0\0x" * 100, "base64"),
+    ],
+)
 def test_data_goes_as_it_is_cut_at_nuls_or_as_base64_when_nuls_are_dense(data: bytes, form: str) -> None:
     fields = Data(3, data).to_fields()
     assert {k for k, _ in fields.pairs} == {b"ch", form.encode()}
     encoded = wire.encode_pairs(fields)
     if form == "data":  # the bytes themselves, each NUL costing one `data` name
-        assert len(encoded) == len(b"ch\0" b"3\0") + len(data) + 5 * data.count(0) + len(b"data\0" b"\0" b"\0")
+        assert len(encoded) == len(b"ch\03\0") + len(data) + 5 * data.count(0) + len(b"data\0\0\0")
     assert Data.from_fields(wire.decode_pairs(encoded)) == Data(3, data)
 
 
@@ -329,11 +366,14 @@ def test_data_round_trips_whatever_the_bytes(data: bytes) -> None:
     assert Data.from_fields(wire.decode_pairs(wire.encode_pairs(Data(0, data).to_fields()))) == Data(0, data)
 
 
-@pytest.mark.parametrize("data, mtu", [
-    (bytes(range(256)) * 256, wire.MAX_PACKET),  # 64 KiB, NULs sparse: two packets
-    (bytes(60 * 1024), wire.MAX_PACKET),  # NULs only: base64, a third larger
-    (bytes(range(256)) * 40, 1400),  # a flow of a small MTU
-])
+@pytest.mark.parametrize(
+    "data, mtu",
+    [
+        (bytes(range(256)) * 256, wire.MAX_PACKET),  # 64 KiB, NULs sparse: two packets
+        (bytes(60 * 1024), wire.MAX_PACKET),  # NULs only: base64, a third larger
+        (bytes(range(256)) * 40, 1400),  # a flow of a small MTU
+    ],
+)
 def test_data_too_large_for_one_packet_goes_in_several_in_order(data: bytes, mtu: int) -> None:
     c, s = running()
     c.session.max_packet = mtu
@@ -345,30 +385,41 @@ def test_data_too_large_for_one_packet_goes_in_several_in_order(data: bytes, mtu
     assert b"".join(ev.data for ev in got if isinstance(ev, Data)) == data
 
 
-@pytest.mark.parametrize("cls, pairs", [
-    (Window, [("ch", "1"), ("n", "0")]), (Window, [("ch", "1"), ("n", str(1 << 41))]),
-    (Data, [("ch", "-1"), ("data", "")]), (Data, [("ch", "1")]), (Data, [("ch", "1"), ("base64", "!")]),
-    (Data, [("ch", "1"), ("data", "x"), ("base64", "eA==")]),
-    (Data, [("ch", "1"), ("base64", "eA=="), ("base64", "eA==")]), (Exit, [("status", "256")]),
-    (Signal, [("sig", "X" * 17)]), (Open, [("ch", "x"), ("parent", "3")]),
-])
+@pytest.mark.parametrize(
+    "cls, pairs",
+    [
+        (Window, [("ch", "1"), ("n", "0")]),
+        (Window, [("ch", "1"), ("n", str(1 << 41))]),
+        (Data, [("ch", "-1"), ("data", "")]),
+        (Data, [("ch", "1")]),
+        (Data, [("ch", "1"), ("base64", "!")]),
+        (Data, [("ch", "1"), ("data", "x"), ("base64", "eA==")]),
+        (Data, [("ch", "1"), ("base64", "eA=="), ("base64", "eA==")]),
+        (Exit, [("status", "256")]),
+        (Signal, [("sig", "X" * 17)]),
+        (Open, [("ch", "x"), ("parent", "3")]),
+    ],
+)
 def test_malformed_messages_are_wire_errors(cls: type[SessionMessage], pairs: list[tuple[str, str]]) -> None:
     with pytest.raises(WireError):
         cls.from_fields(Fields.of(*pairs))
 
 
-@pytest.mark.parametrize("pairs, why", [
-    ([], "no command given"),
-    ([("arg", "x"), ("recipe", "y")], "a command and a recipe at once"),
-    ([("recipe", "x" * 70000)], "recipe longer than"),
-    ([("arg", "x"), ("env", "NOEQUALS")], "bad environment entry"),
-    ([("arg", "x"), ("env", "1X=y")], "bad environment entry"),
-    ([("arg", "x"), ("infifo", "3 relative")], "expected CHANNEL /absolute/path"),
-    ([("arg", "x"), ("infifo", "2 /a")], "expected CHANNEL"),  # stdio's channels
-    ([("arg", "x"), ("socket", "1000 /a")], "expected CHANNEL"),  # the server's
-    ([("arg", "x"), ("outfifo", "٣ /a")], "expected CHANNEL"),  # a digit, but not ASCII
-    ([("arg", "x"), ("infifo", "3 /a"), ("outfifo", "3 /b")], "channel 3 is used twice"),
-])
+@pytest.mark.parametrize(
+    "pairs, why",
+    [
+        ([], "no command given"),
+        ([("arg", "x"), ("recipe", "y")], "a command and a recipe at once"),
+        ([("recipe", "x" * 70000)], "recipe longer than"),
+        ([("arg", "x"), ("env", "NOEQUALS")], "bad environment entry"),
+        ([("arg", "x"), ("env", "1X=y")], "bad environment entry"),
+        ([("arg", "x"), ("infifo", "3 relative")], "expected CHANNEL /absolute/path"),
+        ([("arg", "x"), ("infifo", "2 /a")], "expected CHANNEL"),  # stdio's channels
+        ([("arg", "x"), ("socket", "1000 /a")], "expected CHANNEL"),  # the server's
+        ([("arg", "x"), ("outfifo", "٣ /a")], "expected CHANNEL"),  # a digit, but not ASCII
+        ([("arg", "x"), ("infifo", "3 /a"), ("outfifo", "3 /b")], "channel 3 is used twice"),
+    ],
+)
 def test_bad_start_fields_are_refused_with_a_reason(pairs: list[tuple[str, str]], why: str) -> None:
     with pytest.raises(BadStart, match=why):
         Start.from_fields(Fields.of(*pairs))
@@ -377,16 +428,19 @@ def test_bad_start_fields_are_refused_with_a_reason(pairs: list[tuple[str, str]]
 # -- anything at all, after the handshake -------------------------------------------------------
 
 ANY_MESSAGE = st.one_of(
-    st.builds(Data, st.integers(0, 1100), st.binary(max_size=64)), st.builds(Eof, st.integers(0, 1100)),
-    st.builds(Window, st.integers(0, 1100), st.integers(1, 1 << 40)), st.builds(Signal, st.sampled_from(["INT", "x"])),
-    st.builds(Exit, st.just("status"), st.integers(0, 255)), st.builds(Open, st.integers(0, 1100), st.integers(0, 9)),
-    st.just(START))
+    st.builds(Data, st.integers(0, 1100), st.binary(max_size=64)),
+    st.builds(Eof, st.integers(0, 1100)),
+    st.builds(Window, st.integers(0, 1100), st.integers(1, 1 << 40)),
+    st.builds(Signal, st.sampled_from(["INT", "x"])),
+    st.builds(Exit, st.just("status"), st.integers(0, 255)),
+    st.builds(Open, st.integers(0, 1100), st.integers(0, 9)),
+    st.just(START),
+)
 
 
 @settings(max_examples=300)
 @given(st.lists(ANY_MESSAGE, max_size=12), st.sampled_from([Phase.AUTHENTICATED, Phase.RUNNING, Phase.EXITED]))
-def test_any_sequence_ends_in_events_or_a_reason_never_an_exception(msgs: list[SessionMessage],
-                                                                   phase: Phase) -> None:
+def test_any_sequence_ends_in_events_or_a_reason_never_an_exception(msgs: list[SessionMessage], phase: Phase) -> None:
     c, s = running()
     s.phase = phase
     for m, now in zip(msgs, itertools.count(), strict=False):

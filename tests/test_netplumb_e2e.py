@@ -37,16 +37,27 @@ class Host:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    def plumb(self, *args: str, input: bytes = b"", timeout: float = 30, env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([str(BIN / "plumb"), *args], input=input, capture_output=True, timeout=timeout,
-                              env={**self.env, **(env or {})})
+    def plumb(
+        self, *args: str, input: bytes = b"", timeout: float = 30, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [str(BIN / "plumb"), *args],
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+        )
 
     @contextlib.contextmanager
     def remote(self, script: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         """`plumb host2 sh -c SCRIPT` running, where SCRIPT first echoes its pid; the client is killed after."""
-        p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c", script], env=self.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE)
+        p = subprocess.Popen(
+            [str(BIN / "plumb"), "host2", "sh", "-c", script],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+        )
         try:
             assert p.stdout is not None
             yield p, int(p.stdout.readline())
@@ -76,9 +87,25 @@ def host(irmd: IrmdProc, local_layer: str, tmp_path: Path, request: pytest.Fixtu
     log = tmp_path / "netplumbd.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "netplumbd"), "--name", "host2", "--layer", local_layer, "--authorized-keys", str(auth),
-             "--host-key", str(tmp_path / "host_key"), "--recipe-dir", str(tmp_path / "recipes"), "-v", *extra],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
+            [
+                str(BIN / "netplumbd"),
+                "--name",
+                "host2",
+                "--layer",
+                local_layer,
+                "--authorized-keys",
+                str(auth),
+                "--host-key",
+                str(tmp_path / "host_key"),
+                "--recipe-dir",
+                str(tmp_path / "recipes"),
+                "-v",
+                *extra,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     h = Host(tmp_path, env, auth, proc, log)
     try:
         wait_for(lambda: "serving with key" in log.read_text() or proc.poll() is not None, 15, "netplumbd")
@@ -182,8 +209,14 @@ def test_allowlist_limits_the_programs(host: Host) -> None:
 def test_one_time_key_works_once_for_its_command_only(host: Host) -> None:
     marker = host.tmp / "ran"
     key = host.tmp / "otk"
-    made = subprocess.run([str(BIN / "plumb-keygen"), "-f", str(key), "--one-time", f"touch {marker}"],
-                          env=host.env, capture_output=True, text=True, check=True, timeout=30)
+    made = subprocess.run(
+        [str(BIN / "plumb-keygen"), "-f", str(key), "--one-time", f"touch {marker}"],
+        env=host.env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     host.authorize(made.stdout.strip())
     other = host.plumb("host2", f"-key={key}", "echo", "hi")
     assert other.returncode != 0 and b"may only run" in other.stderr
@@ -209,8 +242,14 @@ def test_user_switch_when_allowed(host: Host) -> None:
 
 @pytest.mark.parametrize("host", [["--accept-env", "NP_A", "--accept-env", "NP_B"]], indirect=True)
 def test_export_sends_named_environment(authorized: Host) -> None:
-    r = authorized.plumb("host2", "-export=NP_A,NP_B", "sh", "-c", 'echo "$NP_A/$NP_B/$NP_C"',
-                         env={"NP_A": "1", "NP_B": "two words", "NP_C": "not sent"})
+    r = authorized.plumb(
+        "host2",
+        "-export=NP_A,NP_B",
+        "sh",
+        "-c",
+        'echo "$NP_A/$NP_B/$NP_C"',
+        env={"NP_A": "1", "NP_B": "two words", "NP_C": "not sent"},
+    )
     assert r.stdout == b"1/two words/\n"
 
 
@@ -219,8 +258,9 @@ def test_named_pipes_are_replicated(authorized: Host) -> None:
     src.write_bytes(b"through the in fifo\n" * 1000)
     dst = authorized.tmp / "local-out.txt"
     rin, rout = authorized.tmp / "remote-in.fifo", authorized.tmp / "remote-out.fifo"
-    r = authorized.plumb("host2", f"-infifo={src}:{rin}", f"-outfifo={dst}:{rout}",
-                         "sh", "-c", f"tr a-z A-Z <{rin} >{rout}")
+    r = authorized.plumb(
+        "host2", f"-infifo={src}:{rin}", f"-outfifo={dst}:{rout}", "sh", "-c", f"tr a-z A-Z <{rin} >{rout}"
+    )
     assert r.returncode == 0, r.stderr
     assert dst.read_bytes() == b"THROUGH THE IN FIFO\n" * 1000
     assert not rin.exists() and not rout.exists()  # the fifos netplumbd made are gone
@@ -250,13 +290,15 @@ def test_unix_socket_is_replicated_for_several_connections(authorized: Host) -> 
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    client = ("import socket,sys\n"
-              "for word in ('first', 'second'):\n"
-              "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-              "    s.sendall(word.encode() * 10000); s.shutdown(socket.SHUT_WR)\n"
-              "    got = b''\n"
-              "    while c := s.recv(65536): got += c\n"
-              "    print(got[:12].decode(), len(got))\n")
+    client = (
+        "import socket,sys\n"
+        "for word in ('first', 'second'):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "    s.sendall(word.encode() * 10000); s.shutdown(socket.SHUT_WR)\n"
+        "    got = b''\n"
+        "    while c := s.recv(65536): got += c\n"
+        "    print(got[:12].decode(), len(got))\n"
+    )
     try:
         r = authorized.plumb("host2", f"-socket={local}:{remote}", sys.executable, "-c", client, str(remote))
     finally:
@@ -267,9 +309,9 @@ def test_unix_socket_is_replicated_for_several_connections(authorized: Host) -> 
 
 def test_recipe_runs_remotely(authorized: Host) -> None:
     recipe = authorized.tmp / "r.recipe"
-    recipe.write_text("gen: sh -c 'echo b; echo a; echo oops >&2' >%sorter 2>%errs &\n"
-                      "errs: cat >errs.txt &\n"
-                      "sorter: sort\n")
+    recipe.write_text(
+        "gen: sh -c 'echo b; echo a; echo oops >&2' >%sorter 2>%errs &\nerrs: cat >errs.txt &\nsorter: sort\n"
+    )
     r = authorized.plumb("host2", f"-recipe={recipe}")
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"a\nb\n"
@@ -325,9 +367,19 @@ def test_garbage_from_a_peer_does_not_crash_netplumbd(authorized: Host, irmd: Ir
 
 
 def test_interrupt_is_forwarded_to_the_remote_command(authorized: Host) -> None:
-    p = subprocess.Popen([str(BIN / "plumb"), "host2", "sh", "-c",
-                          "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done"],
-                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            str(BIN / "plumb"),
+            "host2",
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done",
+        ],
+        env=authorized.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+    )
     try:
         assert p.stdout is not None
         assert p.stdout.readline() == b"ready\n"
@@ -348,8 +400,13 @@ def _rss_kib(pid: int) -> int:
 
 def test_slow_reader_does_not_make_the_server_buffer(authorized: Host) -> None:
     size = 20_000_000
-    p = subprocess.Popen([str(BIN / "plumb"), "host2", "head", "-c", str(size), "/dev/zero"],
-                         env=authorized.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [str(BIN / "plumb"), "host2", "head", "-c", str(size), "/dev/zero"],
+        env=authorized.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         assert p.stdout is not None
         first = p.stdout.read(1)  # the command runs; from here on nobody reads for a while
@@ -390,7 +447,6 @@ def _session(host: Host, irmd: IrmdProc, client: IrmClient) -> tuple[Flow, Clien
     return flow, session
 
 
-
 def _until_peer_error(flow: Flow, session: ClientSession) -> list[object]:
     """What the server answers until it names a protocol error (or the flow ends)."""
     events: list[object] = []
@@ -399,14 +455,19 @@ def _until_peer_error(flow: Flow, session: ClientSession) -> list[object]:
             events = list(session.receive(flow.read()))
     return events
 
-@pytest.mark.parametrize("bogus", [
-    [Fields.of(ch=77, data="AAAA")],  # no such channel
-    [Fields.of(ch=0, base64="not base64!")],
-    [Fields.of(ch=0, data="AA", base64="AAAA")],  # both forms at once
-    [Fields.of(ch=0)],  # no data
-])
-def test_authenticated_nonsense_ends_the_session_with_a_reason(authorized: Host, irmd: IrmdProc,
-                                                               bogus: list[Fields]) -> None:
+
+@pytest.mark.parametrize(
+    "bogus",
+    [
+        [Fields.of(ch=77, data="AAAA")],  # no such channel
+        [Fields.of(ch=0, base64="not base64!")],
+        [Fields.of(ch=0, data="AA", base64="AAAA")],  # both forms at once
+        [Fields.of(ch=0)],  # no data
+    ],
+)
+def test_authenticated_nonsense_ends_the_session_with_a_reason(
+    authorized: Host, irmd: IrmdProc, bogus: list[Fields]
+) -> None:
     client = IrmClient(irmd.sock)
     try:
         flow, session = _session(authorized, irmd, client)
@@ -450,8 +511,12 @@ def test_a_command_ignoring_sigterm_is_killed_when_netplumbd_stops(authorized: H
 def test_options_before_the_host_as_with_ssh(authorized: Host) -> None:
     key = str(authorized.tmp / "home/.config/netplumb/id")
     me = pwd.getpwuid(os.geteuid()).pw_name
-    for args in (["-i", key, "-l", me, "host2", "id", "-un"], [f"{me}@host2", "id", "-un"],
-                 ["host2", f"-user={me}", "id", "-un"], ["-q", "-user=" + me, "host2", "--", "id", "-un"]):
+    for args in (
+        ["-i", key, "-l", me, "host2", "id", "-un"],
+        [f"{me}@host2", "id", "-un"],
+        ["host2", f"-user={me}", "id", "-un"],
+        ["-q", "-user=" + me, "host2", "--", "id", "-un"],
+    ):
         r = authorized.plumb(*args)
         assert (r.returncode, r.stdout) == (0, f"{me}\n".encode()), (args, r.stderr)
 
@@ -465,16 +530,31 @@ def test_verbosity_levels_show_the_handshake_then_channels_then_packets(authoriz
     for r in levels:
         assert r.returncode == 0 and r.stdout == b"hi\n", r.stderr
     one, two, three = (r.stderr.decode() for r in levels)
-    for line in ("debug1: allocating a flow to host2", "debug1: sent HELLO",
-                 "debug1: the server proved it holds SHA256:", "debug1: server key SHA256:",
-                 "and START: echo hi", "debug1: authenticated", "debug1: started", "debug1: exit status 0"):
+    for line in (
+        "debug1: allocating a flow to host2",
+        "debug1: sent HELLO",
+        "debug1: the server proved it holds SHA256:",
+        "debug1: server key SHA256:",
+        "and START: echo hi",
+        "debug1: authenticated",
+        "debug1: started",
+        "debug1: exit status 0",
+    ):
         assert line in one and line in two and line in three, line
     assert "debug2" not in one and "debug3" not in two
-    for line in ("debug2: channel 0: stdin -> server", "debug2: channel 1: server -> stdout",
-                 "debug2: channel 1: 3 bytes received, then EOF"):
+    for line in (
+        "debug2: channel 0: stdin -> server",
+        "debug2: channel 1: server -> stdout",
+        "debug2: channel 1: 3 bytes received, then EOF",
+    ):
         assert line in two and line in three, line
-    for line in ("debug3: -> HELLO seq 0", "debug3: <- HELLO seq 0", "debug3: -> AUTH seq 1",
-                 "debug3: -> START seq 2", "debug3: <- EXIT seq"):
+    for line in (
+        "debug3: -> HELLO seq 0",
+        "debug3: <- HELLO seq 0",
+        "debug3: -> AUTH seq 1",
+        "debug3: -> START seq 2",
+        "debug3: <- EXIT seq",
+    ):
         assert line in three, line
 
 
@@ -495,8 +575,7 @@ def test_a_recipe_reads_and_writes_the_sessions_pipes_without_deadlock(authorize
     recipe = authorized.tmp / "pipes.recipe"
     recipe.write_text(f"tr a-z A-Z <{rin} >{rout}\n")
     t0 = time.monotonic()
-    r = authorized.plumb("host2", f"-recipe={recipe}", f"-infifo={src}:{rin}", f"-outfifo={dst}:{rout}",
-                         timeout=30)
+    r = authorized.plumb("host2", f"-recipe={recipe}", f"-infifo={src}:{rin}", f"-outfifo={dst}:{rout}", timeout=30)
     assert r.returncode == 0, r.stderr
     assert dst.read_bytes() == b"THROUGH THE PIPES\n" * 5000
     assert time.monotonic() - t0 < 20  # no deadlock, and no wait for a timeout either

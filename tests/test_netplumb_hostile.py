@@ -30,8 +30,7 @@ SERVER, CLIENT = Identity.generate(), Identity.generate()
 
 
 def _server() -> ServerConnection:
-    return ServerConnection(SERVER, lambda key: None if key == CLIENT.public else "not authorized", 0.0, 15.0,
-                            30.0)
+    return ServerConnection(SERVER, lambda key: None if key == CLIENT.public else "not authorized", 0.0, 15.0, 30.0)
 
 
 def _legit_flight() -> list[bytes]:
@@ -73,7 +72,7 @@ def hostile_flights(draw: st.DrawFn) -> list[bytes]:
         elif how == "junk":
             packets.insert(i, draw(st.binary(max_size=300)))
         elif how == "concat" and i + 1 < len(packets):
-            packets[i:i + 2] = [packets[i] + packets[i + 1]]
+            packets[i : i + 2] = [packets[i] + packets[i + 1]]
         elif how == "oversize":
             packets.insert(i, wire.HEADER.pack(wire.MAGIC, draw(st.sampled_from([0, 16, 65536, 2**32 - 1])), 0))
         elif how == "cut":
@@ -108,7 +107,8 @@ def test_garbage_sdus_are_bounded(sdus: list[bytes]) -> None:
 def test_many_pairs_and_the_largest_packet_are_bounded() -> None:
     pairs = wire.encode_pairs([("x", "")] * (wire.MAX_PAIRS + 1))
     assert _server().receive(wire.encode(Packet(0, wire.HELLO, pairs)), 0.0) == [
-        Closed("more than 4096 name/value pairs")]
+        Closed("more than 4096 name/value pairs")
+    ]
     (closed,) = _server().receive(wire.HEADER.pack(wire.MAGIC, wire.MAX_PACKET + 1, 0) + bytes(wire.MAX_PACKET), 0.0)
     assert isinstance(closed, Closed) and f"or size {wire.MAX_PACKET + 1}" in closed.reason
 
@@ -332,16 +332,23 @@ def test_netplumbd_survives_hostile_peers_and_serves_meanwhile() -> None:
             time.sleep(0.2)
         _, rss1, threads1 = _proc_stat(pid)
         log = lab.log_text()
-        report = (f"{len(served)} legit sessions served during the attacks; netplumbd CPU {cpu1 - cpu0:.1f} s, "
-                  f"RSS {rss0 // 1024} -> peak {max(peak) // 1024} -> {rss1 // 1024} MiB, threads {threads0} -> "
-                  f"{threads1}\n{attack.stdout}")
+        report = (
+            f"{len(served)} legit sessions served during the attacks; netplumbd CPU {cpu1 - cpu0:.1f} s, "
+            f"RSS {rss0 // 1024} -> peak {max(peak) // 1024} -> {rss1 // 1024} MiB, threads {threads0} -> "
+            f"{threads1}\n{attack.stdout}"
+        )
         print(report)
         assert threads1 <= threads0 + 2, report
         assert max(peak) - rss0 < 48 * 1024, report
         assert cpu1 - cpu0 < 30, report
         assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
-        for needle in ("rejected a packet", "too many", f"no command asked for within {GRACE:g} s",
-                       "not authorized", "could not prove"):
+        for needle in (
+            "rejected a packet",
+            "too many",
+            f"no command asked for within {GRACE:g} s",
+            "not authorized",
+            "could not prove",
+        ):
             assert needle in log, needle
 
 
@@ -350,9 +357,12 @@ def test_a_silent_peer_does_not_hold_up_accept() -> None:
     """The handshake runs off the accept path: a peer saying nothing costs a slot, not the service."""
     with running_lab(["--login-grace-time", "30"]) as lab:
         alice = lab.client("alice")
-        hold = lab.popen_py(NOBODY, "import time\nfrom flowlib import flow_alloc, qos\n"
-                                    "f = [flow_alloc('host2', qos=qos.data, timeout=10) for _ in range(3)]\n"
-                                    "print('holding', flush=True); time.sleep(60)\n")
+        hold = lab.popen_py(
+            NOBODY,
+            "import time\nfrom flowlib import flow_alloc, qos\n"
+            "f = [flow_alloc('host2', qos=qos.data, timeout=10) for _ in range(3)]\n"
+            "print('holding', flush=True); time.sleep(60)\n",
+        )
         try:
             assert hold.stdout is not None and hold.stdout.readline() == "holding\n"
             t0 = time.monotonic()

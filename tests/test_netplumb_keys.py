@@ -59,15 +59,19 @@ def test_command_option_is_split_like_a_shell() -> None:
     assert k.command == ("tar", "x", "-C", "/tmp/a b")  # what policy.plan compares argv with
 
 
-@pytest.mark.parametrize("line, why", [
-    ("rsa AAAA", "unknown option .rsa."),
-    ("ed25519 !!!", "base64"),
-    ("ed25519 AAAA", "32 bytes"),
-    (f"bogus {LINE}", "unknown option"),
-    (f"one-time {LINE}", "bound to a command"),
-    (f'allow {LINE}', "needs a value"),
-    (f'allow="x"{LINE}', "expected ','"),
-], ids=["rsa", "bad-base64", "short-key", "bogus-option", "one-time-alone", "allow-alone", "no-comma"])
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ("rsa AAAA", "unknown option .rsa."),
+        ("ed25519 !!!", "base64"),
+        ("ed25519 AAAA", "32 bytes"),
+        (f"bogus {LINE}", "unknown option"),
+        (f"one-time {LINE}", "bound to a command"),
+        (f"allow {LINE}", "needs a value"),
+        (f'allow="x"{LINE}', "expected ','"),
+    ],
+    ids=["rsa", "bad-base64", "short-key", "bogus-option", "one-time-alone", "allow-alone", "no-comma"],
+)
 def test_bad_authorized_lines_are_named(line: str, why: str) -> None:
     with pytest.raises(KeyFileError, match=why):
         parse_authorized_line(line, "file:3")
@@ -162,10 +166,13 @@ def test_spent_keys_file_is_private(tmp_path: Path) -> None:
 def test_one_time_key_is_spent_by_exactly_one_of_many_racing(tmp_path: Path) -> None:
     """Threads, and processes (separate locks), all spending one key at once: one wins."""
     path = tmp_path / "spent"
-    code = ("import sys; from pathlib import Path; from apps.netplumb.keys import SpentKeys; "
-            f"print(SpentKeys(Path(sys.argv[1])).spend(bytes.fromhex('{KEY.public.hex()}')))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(6)]
+    code = (
+        "import sys; from pathlib import Path; from apps.netplumb.keys import SpentKeys; "
+        f"print(SpentKeys(Path(sys.argv[1])).spend(bytes.fromhex('{KEY.public.hex()}')))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True) for _ in range(6)
+    ]
     barrier = threading.Barrier(6)
     wins: list[bool] = []
 

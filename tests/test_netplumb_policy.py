@@ -87,27 +87,33 @@ def test_login_refuses_a_spent_one_time_key_unless_another_line_admits_it() -> N
 ARGV = Start(argv=("id",))
 
 
-@pytest.mark.parametrize("options, user, me, runs_as", [
-    ("", None, ROOT, "root"),  # no users=: netplumbd's own account
-    ("", "root", ROOT, "root"),
-    ('users="nobody"', None, ROOT, "nobody"),  # the first listed is the default
-    ('users="nobody alice"', "alice", ROOT, "alice"),
-    ('users="alice,nobody"', None, ROOT, "alice"),
-    ('users="root nobody"', "root", ROOT, "root"),
-    ("", None, ALICE, "alice"),
-    ('users="alice"', None, ALICE, "alice"),
-])
+@pytest.mark.parametrize(
+    "options, user, me, runs_as",
+    [
+        ("", None, ROOT, "root"),  # no users=: netplumbd's own account
+        ("", "root", ROOT, "root"),
+        ('users="nobody"', None, ROOT, "nobody"),  # the first listed is the default
+        ('users="nobody alice"', "alice", ROOT, "alice"),
+        ('users="alice,nobody"', None, ROOT, "alice"),
+        ('users="root nobody"', "root", ROOT, "root"),
+        ("", None, ALICE, "alice"),
+        ('users="alice"', None, ALICE, "alice"),
+    ],
+)
 def test_runs_as(options: str, user: str | None, me: Account, runs_as: str) -> None:
     assert run(options, Start(argv=("id",), user=user), me).account == ACCOUNTS[runs_as]
 
 
-@pytest.mark.parametrize("options, user, me, why", [
-    ("", "nobody", ROOT, "may not run commands as 'nobody'"),  # no users=: nobody else
-    ('users="nobody"', "root", ROOT, "may not run commands as 'root'"),  # users= restricts the default too
-    ('users="nobody"', "alice", ROOT, "may not run commands as 'alice'"),
-    ('users="ghost"', None, ROOT, "no user 'ghost' here"),
-    ('users="nobody"', None, ALICE, "does not run as root and cannot switch to user 'nobody'"),
-])
+@pytest.mark.parametrize(
+    "options, user, me, why",
+    [
+        ("", "nobody", ROOT, "may not run commands as 'nobody'"),  # no users=: nobody else
+        ('users="nobody"', "root", ROOT, "may not run commands as 'root'"),  # users= restricts the default too
+        ('users="nobody"', "alice", ROOT, "may not run commands as 'alice'"),
+        ('users="ghost"', None, ROOT, "no user 'ghost' here"),
+        ('users="nobody"', None, ALICE, "does not run as root and cannot switch to user 'nobody'"),
+    ],
+)
 def test_user_refusals(options: str, user: str | None, me: Account, why: str) -> None:
     assert why in str(refused(options, Start(argv=("id",), user=user), me))
 
@@ -115,29 +121,37 @@ def test_user_refusals(options: str, user: str | None, me: Account, why: str) ->
 # -- what it runs ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options, user, argv, step", [
-    ("", None, ("cat", "x"), (("bash", "-c", "cat x"), "/bin/bash")),
-    ("", None, ("sh", "-c", "exit 7"), (("bash", "-c", "sh -c 'exit 7'"), "/bin/bash")),  # several: quoted
-    ("", None, ("echo $HOME | wc -c",), (("bash", "-c", "echo $HOME | wc -c"), "/bin/bash")),  # one: a line
-    ("", None, ("/tmp/x/cat",), (("bash", "-c", "/tmp/x/cat"), "/bin/bash")),  # anything goes, unrestricted
-    ('users="nobody"', None, ("id",), (("sh", "-c", "id"), "/bin/sh")),  # nologin is no login shell
-    ('users="alice"', None, ("id",), (("bash", "-c", "id"), "/bin/bash")),
-])
+@pytest.mark.parametrize(
+    "options, user, argv, step",
+    [
+        ("", None, ("cat", "x"), (("bash", "-c", "cat x"), "/bin/bash")),
+        ("", None, ("sh", "-c", "exit 7"), (("bash", "-c", "sh -c 'exit 7'"), "/bin/bash")),  # several: quoted
+        ("", None, ("echo $HOME | wc -c",), (("bash", "-c", "echo $HOME | wc -c"), "/bin/bash")),  # one: a line
+        ("", None, ("/tmp/x/cat",), (("bash", "-c", "/tmp/x/cat"), "/bin/bash")),  # anything goes, unrestricted
+        ('users="nobody"', None, ("id",), (("sh", "-c", "id"), "/bin/sh")),  # nologin is no login shell
+        ('users="alice"', None, ("id",), (("bash", "-c", "id"), "/bin/bash")),
+    ],
+)
 def test_an_unrestricted_key_runs_the_command_line_through_the_accounts_shell(
-        options: str, user: str | None, argv: tuple[str, ...], step: tuple[tuple[str, ...], str]) -> None:
+    options: str, user: str | None, argv: tuple[str, ...], step: tuple[tuple[str, ...], str]
+) -> None:
     p = run(options, Start(argv=argv, user=user))
     assert [(s.argv, s.exe) for s in p.steps] == [step]
 
 
-@pytest.mark.parametrize("options, argv, exe", [
-    ('allow="cat"', ("cat",), "/usr/bin/cat"),
-    ('allow="cat"', ("/bin/cat",), "/bin/cat"),  # the same file by another path
-    ('allow="/usr/bin/cat"', ("cat",), "/usr/bin/cat"),
-    ('allow="tar cat"', ("tar", "c", "/etc"), "/usr/bin/tar"),
-    ('command="tar x -C /srv"', ("tar", "x", "-C", "/srv"), "/usr/bin/tar"),
-])
-def test_a_restricted_key_runs_its_program_found_with_the_servers_path(options: str, argv: tuple[str, ...],
-                                                                       exe: str) -> None:
+@pytest.mark.parametrize(
+    "options, argv, exe",
+    [
+        ('allow="cat"', ("cat",), "/usr/bin/cat"),
+        ('allow="cat"', ("/bin/cat",), "/bin/cat"),  # the same file by another path
+        ('allow="/usr/bin/cat"', ("cat",), "/usr/bin/cat"),
+        ('allow="tar cat"', ("tar", "c", "/etc"), "/usr/bin/tar"),
+        ('command="tar x -C /srv"', ("tar", "x", "-C", "/srv"), "/usr/bin/tar"),
+    ],
+)
+def test_a_restricted_key_runs_its_program_found_with_the_servers_path(
+    options: str, argv: tuple[str, ...], exe: str
+) -> None:
     p = run(options, Start(argv=argv))
     assert [(s.argv, s.exe) for s in p.steps] == [(argv, exe)]
 
@@ -150,16 +164,19 @@ def test_a_restricted_keys_single_line_is_split_not_given_to_a_shell() -> None:
     assert "command: No closing quotation" in str(refused('allow="cat"', Start(argv=("cat 'x",))))
 
 
-@pytest.mark.parametrize("options, argv, why, status", [
-    ('allow="cat"', ("/tmp/x/cat",), "'/tmp/x/cat' (/tmp/x/cat) is not in this key's allowlist", REFUSED),
-    ('allow="cat"', ("tar",), "is not in this key's allowlist (cat)", REFUSED),
-    ('allow="nosuch"', ("cat",), "allowlist (nosuch)", REFUSED),
-    ('allow=""', ("cat",), "allowlist (empty)", REFUSED),
-    ('allow="cat"', ("./cat",), "give a program found in PATH or an absolute path", REFUSED),
-    ('allow="cat"', ("x/cat",), "give a program found in PATH", REFUSED),
-    ('allow="nosuch"', ("nosuch",), "nosuch: command not found", NOT_FOUND),
-    ('command="tar x -C /srv"', ("tar", "x", "-C", "/"), "may only run: tar x -C /srv", REFUSED),
-])
+@pytest.mark.parametrize(
+    "options, argv, why, status",
+    [
+        ('allow="cat"', ("/tmp/x/cat",), "'/tmp/x/cat' (/tmp/x/cat) is not in this key's allowlist", REFUSED),
+        ('allow="cat"', ("tar",), "is not in this key's allowlist (cat)", REFUSED),
+        ('allow="nosuch"', ("cat",), "allowlist (nosuch)", REFUSED),
+        ('allow=""', ("cat",), "allowlist (empty)", REFUSED),
+        ('allow="cat"', ("./cat",), "give a program found in PATH or an absolute path", REFUSED),
+        ('allow="cat"', ("x/cat",), "give a program found in PATH", REFUSED),
+        ('allow="nosuch"', ("nosuch",), "nosuch: command not found", NOT_FOUND),
+        ('command="tar x -C /srv"', ("tar", "x", "-C", "/"), "may only run: tar x -C /srv", REFUSED),
+    ],
+)
 def test_program_refusals(options: str, argv: tuple[str, ...], why: str, status: int) -> None:
     e = refused(options, Start(argv=argv))
     assert why in str(e) and e.status == status
@@ -169,7 +186,8 @@ def test_recipe_commands_are_each_checked() -> None:
     p = run('allow="cat tar"', Start(recipe="a: tar c /etc >%b &\nb: cat >out\n"))
     assert [s.exe for s in p.steps] == ["/usr/bin/tar", "/usr/bin/cat"] and p.cwd is None
     assert "'sh' (/usr/bin/dash) is not in this key's allowlist" in str(
-        refused('allow="cat"', Start(recipe="cat x\nsh -c 'cat /etc/shadow'\n")))
+        refused('allow="cat"', Start(recipe="cat x\nsh -c 'cat /etc/shadow'\n"))
+    )
 
 
 def test_recipe_refusals() -> None:
@@ -202,8 +220,14 @@ CLIENT_ENV = (("NP_OK", "1"), ("LD_PRELOAD", "/tmp/evil.so"), ("PATH", "/tmp/x")
 
 def test_client_variables_are_dropped_unless_accepted() -> None:
     p = run('users="nobody"', Start(argv=("id",), env=CLIENT_ENV))
-    assert dict(p.env) == {"PATH": PATH, "HOME": "/nonexistent", "USER": "nobody", "LOGNAME": "nobody",
-                           "SHELL": "/usr/sbin/nologin", "LANG": "C.UTF-8"}
+    assert dict(p.env) == {
+        "PATH": PATH,
+        "HOME": "/nonexistent",
+        "USER": "nobody",
+        "LOGNAME": "nobody",
+        "SHELL": "/usr/sbin/nologin",
+        "LANG": "C.UTF-8",
+    }
     assert p.ignored_env == ("NP_OK", "LD_PRELOAD", "PATH", "HOME")
 
 
@@ -238,15 +262,15 @@ def requests(draw: st.DrawFn) -> Start:
         recipe = None
     else:
         argv, recipe = (), "\n".join(f"{n} x" for n in draw(st.lists(NAMES, min_size=1, max_size=3)))
-    env = tuple(draw(st.lists(st.tuples(st.sampled_from(["NP_OK", "LD_PRELOAD", "PATH"]), st.just("v")),
-                              max_size=3)))
+    env = tuple(draw(st.lists(st.tuples(st.sampled_from(["NP_OK", "LD_PRELOAD", "PATH"]), st.just("v")), max_size=3)))
     return Start(argv, recipe, draw(st.none() | USERS), env)
 
 
 @settings(max_examples=500)
 @given(entries(), requests(), st.sampled_from([ROOT, ALICE]), st.sampled_from([(), ("NP_*",), ("*",)]))
-def test_every_plan_keeps_every_rule(entry: AuthorizedKey, req: Start, me: Account,
-                                     accept_env: tuple[str, ...]) -> None:
+def test_every_plan_keeps_every_rule(
+    entry: AuthorizedKey, req: Start, me: Account, accept_env: tuple[str, ...]
+) -> None:
     try:
         p = plan([entry], req, config(me, accept_env))
     except Refused as e:

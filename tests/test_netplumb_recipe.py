@@ -38,7 +38,7 @@ def test_seed_style_recipe_parses() -> None:
 def test_redirections() -> None:
     (c,) = parse_recipe("sort <in.txt >>out.txt 2>&1")
     assert c.stdin == File("in.txt") and c.stdout == File("out.txt", append=True) and c.stderr == ToStdout()
-    (c,) = parse_recipe("x 2>>err 'a b' \"c\\\"d\" e\\ f # comment")
+    (c,) = parse_recipe('x 2>>err \'a b\' "c\\"d" e\\ f # comment')
     assert c.stderr == File("err", append=True) and c.argv == ["x", "a b", 'c"d', "e f"]
 
 
@@ -47,20 +47,23 @@ def test_pipe_at_end_of_line_feeds_the_next_line() -> None:
     assert a.stdout == ToNext() and b.fed
 
 
-@pytest.mark.parametrize("text, why", [
-    ("", "no commands"),
-    ("echo |", "pipes into nothing"),
-    ("| cat", "without a command"),
-    ("a: echo >%nowhere", "no command is labelled"),
-    ("a: echo\na: cat", "used twice"),
-    ("a: cat >%a", "own stdin"),
-    ("echo > ", "needs a file name"),
-    ("echo >a >b", "redirected twice"),
-    ("echo 'x", "unterminated"),
-    ("echo >>%a\na: cat", "a label takes"),
-    ("echo hi | cat <f", "both a pipe and"),
-    ("lonely:", "without a command"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "no commands"),
+        ("echo |", "pipes into nothing"),
+        ("| cat", "without a command"),
+        ("a: echo >%nowhere", "no command is labelled"),
+        ("a: echo\na: cat", "used twice"),
+        ("a: cat >%a", "own stdin"),
+        ("echo > ", "needs a file name"),
+        ("echo >a >b", "redirected twice"),
+        ("echo 'x", "unterminated"),
+        ("echo >>%a\na: cat", "a label takes"),
+        ("echo hi | cat <f", "both a pipe and"),
+        ("lonely:", "without a command"),
+    ],
+)
 def test_bad_recipes_name_the_problem(text: str, why: str) -> None:
     with pytest.raises(RecipeError, match=why):
         parse_recipe(text)
@@ -113,11 +116,13 @@ def _run(text: str, tmp_path: Path, stdin: bytes = b"") -> tuple[int, bytes, byt
 
 
 def test_run_labels_and_pipes(tmp_path: Path) -> None:
-    text = ("src: sh -c 'echo out; echo err >&2' >%up 2>%low &\n"
-            "up: tr a-z A-Z >upper.txt &\n"
-            "low: cat >lower.txt\n"
-            "sleep 0.2\n"
-            "cat upper.txt lower.txt | sort\n")
+    text = (
+        "src: sh -c 'echo out; echo err >&2' >%up 2>%low &\n"
+        "up: tr a-z A-Z >upper.txt &\n"
+        "low: cat >lower.txt\n"
+        "sleep 0.2\n"
+        "cat upper.txt lower.txt | sort\n"
+    )
     code, out, _ = _run(text, tmp_path)
     assert code == 0 and out == b"OUT\nerr\n"
     assert (tmp_path / "upper.txt").read_text() == "OUT\n"

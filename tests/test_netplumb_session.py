@@ -32,9 +32,14 @@ CLIENT, SERVER = Identity.generate(), Identity.generate()
 CHARS = st.characters(blacklist_characters="\0", blacklist_categories=["Cs"])
 
 
-def pair(client: Identity = CLIENT, server: Identity = SERVER, allowed: bytes | None = None,
-         check: Callable[[bytes], object] = lambda key: None, offer: tuple[Aead, ...] | None = None,
-         take: tuple[Aead, ...] | None = None) -> tuple[ClientSession, ServerSession]:
+def pair(
+    client: Identity = CLIENT,
+    server: Identity = SERVER,
+    allowed: bytes | None = None,
+    check: Callable[[bytes], object] = lambda key: None,
+    offer: tuple[Aead, ...] | None = None,
+    take: tuple[Aead, ...] | None = None,
+) -> tuple[ClientSession, ServerSession]:
     allowed = client.public if allowed is None else allowed
     c = ClientSession(client, check, offer)
     s = ServerSession(server, lambda key: None if key == allowed else "not authorized", take)
@@ -116,8 +121,7 @@ def test_client_without_the_private_key_is_refused() -> None:
     assert c._tx is not None
     c._tx.counter -= 1
     c._enc.seq -= 1
-    forged = c._packet(wire.AUTH, Fields.of(key=wire.b64(CLIENT.public),
-                                            sig=wire.b64(impostor.sign(b"whatever"))))
+    forged = c._packet(wire.AUTH, Fields.of(key=wire.b64(CLIENT.public), sig=wire.b64(impostor.sign(b"whatever"))))
     assert forged != auth
     with pytest.raises(SessionError, match="prove"):
         s.receive(forged)
@@ -141,14 +145,18 @@ needs_aegis = pytest.mark.skipif(AEGIS256 is None, reason="this libsodium has no
 BOTH = tuple(a for a in (AEGIS256, CHACHA20_POLY1305) if a is not None)
 
 
-@pytest.mark.parametrize("offer, take, agreed", [
-    (BOTH, BOTH, BOTH[0]),  # the client's preference
-    (BOTH, (CHACHA20_POLY1305,), CHACHA20_POLY1305),  # a server without AES instructions
-    ((CHACHA20_POLY1305,), BOTH, CHACHA20_POLY1305),
-    (BOTH[::-1], BOTH, CHACHA20_POLY1305),
-])
-def test_the_cipher_is_the_clients_first_choice_the_server_takes(offer: tuple[Aead, ...], take: tuple[Aead, ...],
-                                                                 agreed: Aead) -> None:
+@pytest.mark.parametrize(
+    "offer, take, agreed",
+    [
+        (BOTH, BOTH, BOTH[0]),  # the client's preference
+        (BOTH, (CHACHA20_POLY1305,), CHACHA20_POLY1305),  # a server without AES instructions
+        ((CHACHA20_POLY1305,), BOTH, CHACHA20_POLY1305),
+        (BOTH[::-1], BOTH, CHACHA20_POLY1305),
+    ],
+)
+def test_the_cipher_is_the_clients_first_choice_the_server_takes(
+    offer: tuple[Aead, ...], take: tuple[Aead, ...], agreed: Aead
+) -> None:
     c, s = pair(offer=offer, take=take)
     handshake(c, s)
     assert c._tx is not None and s._tx is not None and c._tx.aead is s._tx.aead is agreed
@@ -165,8 +173,9 @@ def test_no_cipher_in_common_is_refused_in_clear_with_the_reason() -> None:
         shuttle(c, s)
     (refusal,) = s.data_to_send()
     assert wire.decode(refusal).type == wire.REFUSE
-    assert c.receive(refusal) == [PeerError("no cipher in common: the client offers 'aegis256'; "
-                                            "this server takes chacha20-poly1305")]
+    assert c.receive(refusal) == [
+        PeerError("no cipher in common: the client offers 'aegis256'; this server takes chacha20-poly1305")
+    ]
 
 
 def test_a_cipher_the_client_did_not_offer_is_refused() -> None:
@@ -296,8 +305,10 @@ def test_fuzz_server_garbage_only_raises_session_error(data: bytes) -> None:
 
 
 @settings(max_examples=200)
-@given(st.lists(st.tuples(st.text(CHARS, min_size=1, max_size=8), st.text(CHARS, max_size=40)), max_size=6),
-       st.integers(0, 255))
+@given(
+    st.lists(st.tuples(st.text(CHARS, min_size=1, max_size=8), st.text(CHARS, max_size=40)), max_size=6),
+    st.integers(0, 255),
+)
 def test_fuzz_well_framed_garbage_only_raises_session_error(pairs: list[tuple[str, str]], ptype: int) -> None:
     _, s = pair()
     with contextlib.suppress(SessionError, wire.WireError):

@@ -57,8 +57,12 @@ def test_recipe_redirections_are_opened_as_the_target_user(lab: Lab) -> None:
     r = lab.plumb(mallory, _recipe(lab, "legit", f"cat <{public} >{shared}/copy\ncat {shared}/copy\n"))
     assert r.returncode == 0 and r.stdout == b"public words\n", r.stderr
     assert os.stat(shared / "copy").st_uid == NOBODY  # made by nobody, not by netplumbd
-    for name, text in (("read", f"cat <{secret}\n"), ("write", f"cat >{rootonly}/planted\n"),
-                       ("append", f"cat >>{secret}\n"), ("stderr", f"cat 2>{rootonly}/err\n")):
+    for name, text in (
+        ("read", f"cat <{secret}\n"),
+        ("write", f"cat >{rootonly}/planted\n"),
+        ("append", f"cat >>{secret}\n"),
+        ("stderr", f"cat 2>{rootonly}/err\n"),
+    ):
         r = lab.plumb(mallory, _recipe(lab, name, text), input=b"planted\n")
         assert r.returncode != 0 and b"Permission denied" in r.stderr, (name, r.stderr)
         assert SECRET.encode() not in r.stdout
@@ -71,11 +75,15 @@ def test_pipes_and_sockets_are_made_as_the_target_user(lab: Lab) -> None:
     src = mallory.config / "in.txt"
     src.write_bytes(b"via the pipe\n")
     os.chown(src, NOBODY, NOBODY)
-    r = lab.plumb(mallory, f"-infifo={src}:{shared}/in.fifo", "sh", "-c",
-                  f"stat -c %U {shared}/in.fifo; cat {shared}/in.fifo")
+    r = lab.plumb(
+        mallory, f"-infifo={src}:{shared}/in.fifo", "sh", "-c", f"stat -c %U {shared}/in.fifo; cat {shared}/in.fifo"
+    )
     assert r.returncode == 0 and r.stdout == b"nobody\nvia the pipe\n", r.stderr
-    for opt in (f"-infifo={src}:{rootonly}/in.fifo", f"-outfifo={src}.out:{rootonly}/out.fifo",
-                f"-socket={mallory.config}/s:{rootonly}/s.sock"):
+    for opt in (
+        f"-infifo={src}:{rootonly}/in.fifo",
+        f"-outfifo={src}.out:{rootonly}/out.fifo",
+        f"-socket={mallory.config}/s:{rootonly}/s.sock",
+    ):
         r = lab.plumb(mallory, opt, "true")
         assert r.returncode == 126 and b"Permission denied" in r.stderr, (opt, r.stderr)
     assert os.listdir(rootonly) == []
@@ -109,9 +117,21 @@ def test_netplumbd_refuses_a_recipe_directory_others_control() -> None:
         loose = lab.root / "loose"
         loose.mkdir(mode=0o755)
         for d, why in ((theirs, f"owner uid {NOBODY}"), (loose, "mode 0755")):
-            r = subprocess.run([str(BIN / "netplumbd"), "--authorized-keys", str(lab.auth), "--host-key",
-                                str(lab.root / "server" / "host_key"), "--recipe-dir", str(d)],
-                               env=lab.env(), capture_output=True, text=True, timeout=30)
+            r = subprocess.run(
+                [
+                    str(BIN / "netplumbd"),
+                    "--authorized-keys",
+                    str(lab.auth),
+                    "--host-key",
+                    str(lab.root / "server" / "host_key"),
+                    "--recipe-dir",
+                    str(d),
+                ],
+                env=lab.env(),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert r.returncode == 1 and f"recipe directory {d}" in r.stderr and why in r.stderr, r.stderr
         lab.start()  # its own, made private: fine
         alice = lab.client("alice")
@@ -148,11 +168,13 @@ SWAP = "import os, sys; os.symlink(sys.argv[2], sys.argv[1] + '.new'); os.replac
 def _open_gate(gate: Path, meanwhile: Callable[[], object] = lambda: None) -> None:
     """Wait for the recipe's first command to read `gate` (the recipe was checked and runs), do
     `meanwhile`, then let that command end."""
+
     def writer() -> int | None:
         try:
             return os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:  # ENXIO: no reader yet
             return None
+
     fd = wait_for(writer, 30, "the recipe reading its gate")
     try:
         meanwhile()
@@ -212,8 +234,9 @@ def test_one_time_key_runs_once_of_many_racing(lab: Lab) -> None:
     assert ran.read_text() == "x\n", results
     assert [code for code, _ in results].count(0) == 1, results
     # The others are refused: the key is used, or (four at once) uid 65534 is past its unauthenticated share.
-    assert all(b"already used" in err or b"too many unauthenticated connections" in err
-               for code, err in results if code), results
+    assert all(
+        b"already used" in err or b"too many unauthenticated connections" in err for code, err in results if code
+    ), results
     again = lab.client("again", NOBODY, f'one-time,command="sh -c \\"echo y >>{ran}\\""')
     assert lab.plumb(again, "sh", "-c", f"echo y >>{ran}").returncode == 0
     assert ran.read_text() == "x\ny\n"
@@ -237,8 +260,9 @@ def test_an_authorized_keys_others_may_write_is_refused(lab: Lab) -> None:
     mallory = lab.client("mallory", NOBODY, authorize=False)
     os.chmod(lab.auth.parent, 0o755)
     os.chmod(lab.auth, 0o666)
-    r = lab.py(NOBODY, "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')", str(lab.auth),
-               mallory.public_line)
+    r = lab.py(
+        NOBODY, "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')", str(lab.auth), mallory.public_line
+    )
     assert r.returncode == 0, r.stderr  # nobody planted its key...
     r = lab.plumb(mallory, "id", "-un")
     assert r.returncode == 255 and b"cannot read its authorized keys" in r.stderr and r.stdout == b""
@@ -252,9 +276,21 @@ def test_an_authorized_keys_others_may_write_is_refused(lab: Lab) -> None:
 def test_netplumbd_refuses_to_start_with_loose_authorized_keys() -> None:
     with running_lab(args=None) as lab:
         os.chmod(lab.auth, 0o646)
-        r = subprocess.run([str(BIN / "netplumbd"), "--authorized-keys", str(lab.auth), "--host-key",
-                            str(lab.root / "server" / "host_key"), "--recipe-dir", str(lab.recipes)],
-                           env=lab.env(), capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [
+                str(BIN / "netplumbd"),
+                "--authorized-keys",
+                str(lab.auth),
+                "--host-key",
+                str(lab.root / "server" / "host_key"),
+                "--recipe-dir",
+                str(lab.recipes),
+            ],
+            env=lab.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 1 and f"{lab.auth}: mode 0646 is writable by group or others" in r.stderr
 
 
@@ -263,9 +299,15 @@ def test_files_the_tools_make_are_private(lab: Lab) -> None:
     assert lab.plumb(alice, _recipe(lab, "r", "echo x >made\n")).returncode == 0
     ticket = lab.client("ticket", 0, 'one-time,command="true"')
     assert lab.plumb(ticket, "true").returncode == 0
-    files = [alice.key, alice.key.with_name("id.pub"), alice.config / "netplumb" / "known_hosts",
-             lab.root / "server" / "host_key", lab.root / "server" / "host_key.pub",
-             lab.root / "server" / "authorized_keys.spent", lab.recipes / "root" / "made"]
+    files = [
+        alice.key,
+        alice.key.with_name("id.pub"),
+        alice.config / "netplumb" / "known_hosts",
+        lab.root / "server" / "host_key",
+        lab.root / "server" / "host_key.pub",
+        lab.root / "server" / "authorized_keys.spent",
+        lab.recipes / "root" / "made",
+    ]
     for f in files:
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
     for d in (alice.config / "netplumb", lab.recipes, lab.recipes / "root"):
@@ -297,8 +339,11 @@ def test_unauthenticated_connections_are_capped_per_peer_and_timed_out() -> None
         hold = _hold(lab, NOBODY, 2, 60)
         try:
             r = lab.plumb(mallory, "true")
-            assert r.returncode == 255 and b"too many unauthenticated connections from uid 65534" in r.stderr \
-                and b"--per-peer-startups" in r.stderr, r.stderr
+            assert (
+                r.returncode == 255
+                and b"too many unauthenticated connections from uid 65534" in r.stderr
+                and b"--per-peer-startups" in r.stderr
+            ), r.stderr
             assert lab.plumb(alice, "echo", "served").stdout == b"served\n"  # another peer meanwhile
             # The grace time ends the silent ones, and the attacker's own slots free up.
             wait_for(lambda: lab.log_text().count("no command asked for within 3 s") >= 2, 15, "the grace time")
@@ -331,8 +376,11 @@ def test_sessions_are_capped_per_key_and_per_peer() -> None:
             for p in running:
                 assert p.stdout is not None and p.stdout.readline() == b"up\n"
             r = lab.plumb(mallory, "true")
-            assert r.returncode == 255 and b"too many sessions with key" in r.stderr \
-                and b"(at most 2: --per-key-sessions)" in r.stderr, r.stderr
+            assert (
+                r.returncode == 255
+                and b"too many sessions with key" in r.stderr
+                and b"(at most 2: --per-key-sessions)" in r.stderr
+            ), r.stderr
             third = lab.popen_plumb(mallory2, "sh", "-c", "echo up; exec sleep 60")
             running.append(third)
             assert third.stdout is not None and third.stdout.readline() == b"up\n"
@@ -351,22 +399,29 @@ def test_connections_to_a_replicated_socket_are_capped() -> None:
         alice = lab.client("alice")
         local = alice.config / "local.sock"
         remote = lab.root / "remote.sock"
-        code = ("import socket, sys\n"
-                "conns = [socket.socket(socket.AF_UNIX) for _ in range(4)]\n"
-                "for s in conns:\n"
-                "    s.connect(sys.argv[1])\n"
-                "closed = 0\n"
-                "for s in conns:  # a refused one ends at once; the others stay open, quiet\n"
-                "    s.settimeout(3)\n"
-                "    try:\n"
-                "        closed += s.recv(1) == b''\n"
-                "    except TimeoutError:\n"
-                "        pass\n"
-                "print(closed)\n")
-        server = subprocess.Popen([str(BIN / "python"), "-c",
-                                   "import socket,sys\ns=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); "
-                                   "s.listen(); c=[s.accept() for _ in range(2)]; import time; time.sleep(30)",
-                                   str(local)])
+        code = (
+            "import socket, sys\n"
+            "conns = [socket.socket(socket.AF_UNIX) for _ in range(4)]\n"
+            "for s in conns:\n"
+            "    s.connect(sys.argv[1])\n"
+            "closed = 0\n"
+            "for s in conns:  # a refused one ends at once; the others stay open, quiet\n"
+            "    s.settimeout(3)\n"
+            "    try:\n"
+            "        closed += s.recv(1) == b''\n"
+            "    except TimeoutError:\n"
+            "        pass\n"
+            "print(closed)\n"
+        )
+        server = subprocess.Popen(
+            [
+                str(BIN / "python"),
+                "-c",
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); "
+                "s.listen(); c=[s.accept() for _ in range(2)]; import time; time.sleep(30)",
+                str(local),
+            ]
+        )
         try:
             wait_for(lambda: local.exists(), 10, "the local socket")
             r = lab.plumb(alice, f"-socket={local}:{remote}", str(BIN / "python"), "-c", code, str(remote))
@@ -380,6 +435,11 @@ def test_connections_to_a_replicated_socket_are_capped() -> None:
 
 def test_limit_options_must_be_positive() -> None:
     with lab_dir() as d:
-        r = subprocess.run([str(BIN / "netplumbd"), "--max-startups", "0"], capture_output=True, text=True,
-                           timeout=30, env={**os.environ, "HOME": str(d)})
+        r = subprocess.run(
+            [str(BIN / "netplumbd"), "--max-startups", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "HOME": str(d)},
+        )
         assert r.returncode == 2 and "every limit must be positive" in r.stderr

@@ -79,7 +79,7 @@ def test_stream_decoder_reassembles_split_packets() -> None:
     dec = Decoder()
     out = []
     for i in range(len(data)):
-        out += dec.feed(data[i:i + 1])
+        out += dec.feed(data[i : i + 1])
     assert [p.payload for p in out] == [b"hello", b"world"]
 
 

@@ -79,8 +79,19 @@ def test_unknown_nids_are_refused(offset: int, nid: int) -> None:
 
 
 def test_every_field_round_trips_with_flags_and_signature() -> None:
-    raw = oap.encode(b"i" * 16, NOW, cipher_nid=901, kdf_nid=672, md_nid=674, crt=b"C" * 300, kex=b"K" * 91,
-                     kex_raw=True, kex_client_encap=True, data=b"D" * 7, sign=lambda signed: b"S" * 72)
+    raw = oap.encode(
+        b"i" * 16,
+        NOW,
+        cipher_nid=901,
+        kdf_nid=672,
+        md_nid=674,
+        crt=b"C" * 300,
+        kex=b"K" * 91,
+        kex_raw=True,
+        kex_client_encap=True,
+        data=b"D" * 7,
+        sign=lambda signed: b"S" * 72,
+    )
     hdr = oap.decode(raw)
     assert (hdr.cipher_nid, hdr.kdf_nid, hdr.md_nid) == (901, 672, 674)
     assert (hdr.crt, hdr.kex, hdr.data, hdr.sig) == (b"C" * 300, b"K" * 91, b"D" * 7, b"S" * 72)
@@ -149,8 +160,9 @@ def test_requests_within_the_window_pass_once() -> None:
     assert len(cache) == 3
 
 
-@pytest.mark.parametrize(("skew_ms", "why"), [(-101, "future"), (-1000, "future"), (20_001, "too old"),
-                                               (30_000, "too old")])
+@pytest.mark.parametrize(
+    ("skew_ms", "why"), [(-101, "future"), (-1000, "future"), (20_001, "too old"), (30_000, "too old")]
+)
 def test_requests_outside_the_window_are_refused(skew_ms: int, why: str) -> None:
     with pytest.raises(oap.OapError, match=why):
         oap.ReplayCache().check(_req(NOW - skew_ms * MS), NOW)

@@ -29,8 +29,10 @@ from tests.pki import Pki, new_key
 
 pytestmark = [
     pytest.mark.timeout(240),
-    pytest.mark.skipif(importlib.util.find_spec("ipcp.shim_wire") is None,
-                       reason="our udp4 IPCP does not speak Ouroboros 0.23's wire yet (ipcp.shim_wire)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("ipcp.shim_wire") is None,
+        reason="our udp4 IPCP does not speak Ouroboros 0.23's wire yet (ipcp.shim_wire)",
+    ),
 ]
 
 NAME = "pong"
@@ -79,7 +81,7 @@ class Peer:
             if len(data) >= MGMT.size:
                 fields = MGMT.unpack_from(data)
                 if fields[0] == 0 and fields[10] == FLOW_REPLY and fields[1] == eid:
-                    return fields[3], data[MGMT.size:]
+                    return fields[3], data[MGMT.size :]
 
     def send(self, oap_bytes: bytes) -> None:
         self.eids += 1
@@ -173,19 +175,43 @@ def hostile_requests(pki: Pki) -> dict[str, tuple[bytes, int]]:
         "stale": (plain(ts - 30 * oap.NS), EAUTH),
         "future": (plain(ts + 2 * oap.NS), EAUTH),
         "forged-signature": (oap.encode(os.urandom(16), ts, crt=crt_der, sign=lambda b: b"\x30" * 70), EAUTH),
-        "unknown-client-ca": (oap.encode(os.urandom(16), ts, md_nid=672, crt=crt_der,
-                                         sign=lambda b: kex.sign(stranger_key, 672, b)), EAUTH),
+        "unknown-client-ca": (
+            oap.encode(os.urandom(16), ts, md_nid=672, crt=crt_der, sign=lambda b: kex.sign(stranger_key, 672, b)),
+            EAUTH,
+        ),
         "low-order-key": (oap.encode(os.urandom(16), ts, kex=low_order_x25519(), **enc), ECRYPT),
         "garbage-key": (oap.encode(os.urandom(16), ts, kex=os.urandom(91), **enc), ECRYPT),
         "kem": (oap.encode(os.urandom(16), ts, kex=os.urandom(1216), kex_raw=True, **enc), ECRYPT),
-        "ed25519-as-kex": (oap.encode(os.urandom(16), ts, kex=new_key("ed25519").public_key().public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo), **enc), ECRYPT),
+        "ed25519-as-kex": (
+            oap.encode(
+                os.urandom(16),
+                ts,
+                kex=new_key("ed25519").public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+                **enc,
+            ),
+            ECRYPT,
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["short", "trailing", "beyond", "unknown-nid", "garbage", "stale", "future",
-                                  "forged-signature", "unknown-client-ca", "low-order-key", "garbage-key", "kem",
-                                  "ed25519-as-kex"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "short",
+        "trailing",
+        "beyond",
+        "unknown-nid",
+        "garbage",
+        "stale",
+        "future",
+        "forged-signature",
+        "unknown-client-ca",
+        "low-order-key",
+        "garbage-key",
+        "kem",
+        "ed25519-as-kex",
+    ],
+)
 def test_a_hostile_request_is_refused_and_a_legitimate_one_served_next(target: Target, case: str) -> None:
     request, errno = hostile_requests(target.pki)[case]
     response, body = target.attacker.ask(request)

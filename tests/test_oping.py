@@ -84,8 +84,9 @@ def test_oping_with_a_reliable_qos_gets_every_reply(irmd: IrmdProc, pong: str) -
     r = irmd.run("oping", "-n", pong, "-c", "3", "-i", "10", "-q", "data")
     assert "3 packets transmitted, 3 received" in r.stdout, r.stderr
     # FRCT's own counts close the summary: what it sent, resent and measured
-    assert re.search(r"^frct: [3-9] sent, [3-9] received, 0 retransmitted, 0 dropped, srtt [\d.]+ ms$",
-                     r.stdout, re.M), r.stdout
+    assert re.search(
+        r"^frct: [3-9] sent, [3-9] received, 0 retransmitted, 0 dropped, srtt [\d.]+ ms$", r.stdout, re.M
+    ), r.stdout
 
 
 def test_oping_without_frct_and_without_loss_prints_c_s_summary_alone(irmd: IrmdProc, pong: str) -> None:
@@ -111,19 +112,32 @@ REPORTS = [
     (None, IpcpStats("u", "ipcp", 10, 7, 0), 0, []),  # nothing lost: the IPCP is not asked
     (FRCT, None, 0, ["frct: 10 sent, 9 received, 2 retransmitted, 0 dropped, srtt 1.500 ms"]),
     (FrctStats(1, 0, 0, 0, None), None, 0, ["frct: 1 sent, 0 received, 0 retransmitted, 0 dropped, srtt not measured"]),
-    (None, IpcpStats("u", "ipcp", 10, 7, 3, "3 queue full: the application did not read"), 3,
-     ["3 lost; dropped at ipcp u: 3 queue full: the application did not read"]),
-    (None, IpcpStats("u", "ipcp", 10, 7, 0), 3,
-     ["3 lost; none dropped at ipcp u here: lost on the way or at the peer"]),
-    (None, IpcpStats("lo", "direct"), 1,
-     ["1 lost; no IPCP here sees this flow's packets (direct), so none can say where"]),
+    (
+        None,
+        IpcpStats("u", "ipcp", 10, 7, 3, "3 queue full: the application did not read"),
+        3,
+        ["3 lost; dropped at ipcp u: 3 queue full: the application did not read"],
+    ),
+    (
+        None,
+        IpcpStats("u", "ipcp", 10, 7, 0),
+        3,
+        ["3 lost; none dropped at ipcp u here: lost on the way or at the peer"],
+    ),
+    (
+        None,
+        IpcpStats("lo", "direct"),
+        1,
+        ["1 lost; no IPCP here sees this flow's packets (direct), so none can say where"],
+    ),
     (None, IpcpStats("x", ""), 1, []),  # the IPCP did not say: nothing is made up
 ]
 
 
 @pytest.mark.parametrize(("frct", "ipcp", "lost", "lines"), REPORTS)
 def test_the_summary_says_what_the_stack_knows_of_losses_and_nothing_it_does_not(
-        frct: FrctStats | None, ipcp: IpcpStats | None, lost: int, lines: list[str]) -> None:
+    frct: FrctStats | None, ipcp: IpcpStats | None, lost: int, lines: list[str]
+) -> None:
     flow = Counted(FlowStats(frct, ipcp))
     assert stack_report(flow, lost) == lines  # type: ignore[arg-type]
     assert flow.asked == [lost > 0]

@@ -39,7 +39,13 @@ def test_presets_are_c_ouroboros_0_23s_field_for_field(name: str) -> None:
 def test_every_preset_has_the_default_peer_timeout_and_ber_0_asks_for_a_crc() -> None:
     assert {p.timeout for p in qos.PRESETS.values()} == {qos.DEFAULT_PEER_TIMEOUT} == {120_000}
     assert [n for n, p in sorted(qos.PRESETS.items()) if p.crc] == [
-        "best", "best_effort", "data", "raw_no_errors", "video", "voice"]
+        "best",
+        "best_effort",
+        "data",
+        "raw_no_errors",
+        "video",
+        "voice",
+    ]
 
 
 def test_best_effort_asks_for_integrity_and_order_but_not_retransmission() -> None:
@@ -55,7 +61,11 @@ def test_data_preset_is_reliable_and_in_order() -> None:
 def test_voice_and_video_are_latency_bounded_and_unreliable() -> None:
     assert (qos.voice.delay, qos.voice.bandwidth, qos.voice.availability, qos.voice.max_gap) == (50, 100_000, 5, 50)
     assert (qos.video.delay, qos.video.bandwidth, qos.video.availability, qos.video.max_gap) == (
-        100, UINT64_MAX, 3, 100)
+        100,
+        UINT64_MAX,
+        3,
+        100,
+    )
     assert not qos.voice.reliable and not qos.video.reliable
 
 
@@ -69,8 +79,10 @@ def test_presets_are_found_by_name(name: str) -> None:
 
 
 def test_unknown_preset_name_error_lists_the_presets() -> None:
-    with pytest.raises(ValueError, match="unknown qos 'gold': expected one of best, best_effort, data, raw, "
-                                         "raw_no_errors, video, voice"):
+    with pytest.raises(
+        ValueError,
+        match="unknown qos 'gold': expected one of best, best_effort, data, raw, raw_no_errors, video, voice",
+    ):
         qos.by_name("gold")
 
 

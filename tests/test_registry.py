@@ -294,16 +294,18 @@ def test_new_flows_get_distinct_ids_and_can_be_listed_by_owner_and_ipcp(reg: Reg
 # -- decisions: flow states, layer preference, which failure is told --------------------------
 
 
-
-@pytest.mark.parametrize(("state", "event", "after"), [
-    (FlowState.PENDING, FlowEvent.ALLOCATED, FlowState.ALLOCATED),
-    (FlowState.ALLOCATED, FlowEvent.PEER_DEALLOC, FlowState.DEALLOC),
-    (FlowState.ALLOCATED, FlowEvent.DOWN, FlowState.DOWN),
-    (FlowState.PENDING, FlowEvent.DOWN, FlowState.DOWN),
-    (FlowState.DEALLOC, FlowEvent.DOWN, FlowState.DEALLOC),  # how it ended stays how it ended
-    (FlowState.DOWN, FlowEvent.PEER_DEALLOC, FlowState.DOWN),
-    (FlowState.DEALLOC, FlowEvent.ALLOCATED, FlowState.DEALLOC),  # its answer came after its end
-])
+@pytest.mark.parametrize(
+    ("state", "event", "after"),
+    [
+        (FlowState.PENDING, FlowEvent.ALLOCATED, FlowState.ALLOCATED),
+        (FlowState.ALLOCATED, FlowEvent.PEER_DEALLOC, FlowState.DEALLOC),
+        (FlowState.ALLOCATED, FlowEvent.DOWN, FlowState.DOWN),
+        (FlowState.PENDING, FlowEvent.DOWN, FlowState.DOWN),
+        (FlowState.DEALLOC, FlowEvent.DOWN, FlowState.DEALLOC),  # how it ended stays how it ended
+        (FlowState.DOWN, FlowEvent.PEER_DEALLOC, FlowState.DOWN),
+        (FlowState.DEALLOC, FlowEvent.ALLOCATED, FlowState.DEALLOC),  # its answer came after its end
+    ],
+)
 def test_flow_states_change_as_the_table_says(state: FlowState, event: FlowEvent, after: FlowState) -> None:
     assert next_state(state, event) is after
 
@@ -342,8 +344,10 @@ def test_resolution_waits_only_for_layers_that_would_come_first() -> None:
     assert not settled([], [udp])
 
 
-@pytest.mark.parametrize(("code", "next_layer"), [("ENOENT", True), ("ENOTSUP", True), ("ETIMEDOUT", False),
-                                                  ("EPERM", False), ("EIPCP", False)])
+@pytest.mark.parametrize(
+    ("code", "next_layer"),
+    [("ENOENT", True), ("ENOTSUP", True), ("ETIMEDOUT", False), ("EPERM", False), ("EIPCP", False)],
+)
 def test_a_stale_directory_or_a_qos_refusal_leaves_the_flow_to_the_next_layer(code: str, next_layer: bool) -> None:
     assert try_next_layer(code) is next_layer
 
@@ -393,7 +397,8 @@ DESCENDANTS = [
 
 @pytest.mark.parametrize(("what", "ancestors", "servers", "takes"), DESCENDANTS, ids=[d[0] for d in DESCENDANTS])
 def test_a_descendant_of_a_bound_process_takes_its_flows_unless_it_or_one_between_serves_of_its_own(
-        what: str, ancestors: tuple[tuple[int, int], ...], servers: dict[tuple[int, int], str], takes: bool) -> None:
+    what: str, ancestors: tuple[tuple[int, int], ...], servers: dict[tuple[int, int], str], takes: bool
+) -> None:
     from irmd.reg.proc import may_accept
 
     entry = Name("a", procs={SHELL[0]: ProcBinding(*SHELL, USER)})
@@ -426,11 +431,13 @@ def test_a_server_keeps_to_its_own_names_though_a_bound_process_started_it(reg: 
     lo = Ipcp("lo", "local", SimpleNamespace(pid=54), None, layer="local", start=11)  # type: ignore[arg-type]
     reg.ipcps["lo"] = lo
     assert reg.serves(54, 11) == "ipcp lo" and reg.serves(54, 12) == ""  # a later process with its pid is not it
-    assert not reg.bound(probe, Acceptor(1, Peer(54, USER, USER, 11, "/usr/bin/python3", ("python3",), "/",
-                                                 ancestors=((60, 12), SHELL))))
+    assert not reg.bound(
+        probe, Acceptor(1, Peer(54, USER, USER, 11, "/usr/bin/python3", ("python3",), "/", ancestors=((60, 12), SHELL)))
+    )
     reg.irmd_proc = (60, 12)  # an IRMd the shell started: what it starts is its own
-    assert not reg.bound(probe, Acceptor(1, Peer(55, USER, USER, 13, "/usr/bin/other", ("x",), "/",
-                                                 ancestors=((60, 12), SHELL))))
+    assert not reg.bound(
+        probe, Acceptor(1, Peer(55, USER, USER, 13, "/usr/bin/other", ("x",), "/", ancestors=((60, 12), SHELL)))
+    )
 
     plain = Peer(56, USER, USER, 14, "/usr/bin/other", ("oping",), "/", ancestors=under)
     assert reg.serves(56, 14, plain) == "" and reg.bound(probe, Acceptor(1, plain))  # `cmd & irm bind process $!`

@@ -42,7 +42,7 @@ def test_the_relay_counts_a_flows_sdus_each_way(relayed: tuple[Relay, ShimFlow, 
     relay, flow, app, peer = relayed
     for i in range(3):
         app.send(b"out %d" % i)
-    assert [peer.recv(100)[udp.EID.size:] for _ in range(3)] == [b"out 0", b"out 1", b"out 2"]
+    assert [peer.recv(100)[udp.EID.size :] for _ in range(3)] == [b"out 0", b"out 1", b"out 2"]
     wait_for(lambda: flow.sent == 3, 5, "the relay to count what it sent")  # (counted once the send returned)
     for i in range(2):
         peer.sendto(udp.EID.pack(EID) + b"in %d" % i, relay.net.getsockname())
@@ -56,7 +56,8 @@ def test_the_relay_counts_a_flows_sdus_each_way(relayed: tuple[Relay, ShimFlow, 
 
 
 def test_sdus_the_application_leaves_unread_are_dropped_and_counted(
-        relayed: tuple[Relay, ShimFlow, socket.socket, socket.socket]) -> None:
+    relayed: tuple[Relay, ShimFlow, socket.socket, socket.socket],
+) -> None:
     relay, flow, _app, peer = relayed
     flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the application's queue: a few SDUs
     for step in range(1, 11):  # in steps the network's queue holds whole: each SDU reaches the relay

@@ -94,8 +94,23 @@ def make_net(tmp: Path, impair: str | None = None) -> Net:
     net = Net(tmp, a, b, port)
     extra = ["impair", impair] if impair else []
     a.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", A_IP, "port", str(port), *extra)
-    b.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", B_IP, "port", str(port),
-             "peer", A_IP, *extra)
+    b.irm_ok(
+        "ipcp",
+        "bootstrap",
+        "type",
+        "udp4",
+        "name",
+        "u",
+        "layer",
+        LAYER,
+        "ip",
+        B_IP,
+        "port",
+        str(port),
+        "peer",
+        A_IP,
+        *extra,
+    )
     a.note_children()
     b.note_children()
     return net
@@ -165,8 +180,16 @@ def figure(record_property: Callable[[str, object], None], key: str, value: floa
     record_property(key, round(value, 3))
 
 
-def transfer(net: Net, nbytes: int, *, encrypt: bool = False, chunk: int = CHUNK, spec: qos.QosSpec = qos.data,
-             delay_read: float = 0.0, seed: int = 1) -> tuple[dict[str, Any], str, float]:
+def transfer(
+    net: Net,
+    nbytes: int,
+    *,
+    encrypt: bool = False,
+    chunk: int = CHUNK,
+    spec: qos.QosSpec = qos.data,
+    delay_read: float = 0.0,
+    seed: int = 1,
+) -> tuple[dict[str, Any], str, float]:
     """Send nbytes from this process to a fresh sink on A; (sink result, sent sha256, seconds)."""
     data = payload(nbytes, seed)
     sink = net.sink(nbytes, delay_read=delay_read)
@@ -213,27 +236,42 @@ def test_oping_encrypted_gets_every_reply(udp: Net, spec: str) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypted"])
-def test_operf_over_qos_data_loses_and_corrupts_nothing(udp: Net, encrypt: bool,
-                                                        record_property: Callable[[str, object], None]) -> None:
+def test_operf_over_qos_data_loses_and_corrupts_nothing(
+    udp: Net, encrypt: bool, record_property: Callable[[str, object], None]
+) -> None:
     udp.serve("perf", "operf")
-    r = udp.b.run("operf", "-n", "perf", "-q", "data", "-d", "3s", "-f", "-s", "1400", "--timeout", "10",
-                  *(["--encrypt"] if encrypt else []), timeout=90)
+    r = udp.b.run(
+        "operf",
+        "-n",
+        "perf",
+        "-q",
+        "data",
+        "-d",
+        "3s",
+        "-f",
+        "-s",
+        "1400",
+        "--timeout",
+        "10",
+        *(["--encrypt"] if encrypt else []),
+        timeout=90,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"operf failed ({r.returncode}):\n{out}"
     sent, rcvd, lost, reordered, corrupt = operf_counts(out)
     assert sent > 100 and rcvd == sent and lost == 0 and reordered == 0 and corrupt == 0, out
     m = re.search(r"receiver: ([\d.]+) Mb/s", out)
     assert m
-    figure(record_property, f"operf_qos_data_{'encrypted' if encrypt else 'plain'}_udp_mbps", float(m.group(1)),
-           "Mb/s")
+    figure(record_property, f"operf_qos_data_{'encrypted' if encrypt else 'plain'}_udp_mbps", float(m.group(1)), "Mb/s")
 
 
 # -- bulk transfers --------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
-def test_ten_megabytes_over_qos_data_arrive_byte_identical(udp: Net,
-                                                           record_property: Callable[[str, object], None]) -> None:
+def test_ten_megabytes_over_qos_data_arrive_byte_identical(
+    udp: Net, record_property: Callable[[str, object], None]
+) -> None:
     result, sha, seconds = transfer(udp, 10 * MB)
     assert result["end"] == "complete", result
     assert result["bytes"] == 10 * MB and result["sdus"] == -(-10 * MB // CHUNK)
@@ -266,7 +304,7 @@ def test_an_encrypted_raw_flow_exchanges_data_with_an_echo_server(udp: Net) -> N
             flow.write(HDR.pack(ECHO_REQUEST, seq, 0) + body)
             reply = flow.read()
             assert HDR.unpack_from(reply)[:2] == (ECHO_REPLY, seq)
-            assert reply[HDR.size:] == body
+            assert reply[HDR.size :] == body
     finally:
         flow.close()
 
@@ -316,7 +354,8 @@ def test_a_raw_flow_refuses_sdus_over_its_mtu(udp: Net, encrypt: bool) -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("loss", [5, 20])
 def test_reliable_transfer_over_a_lossy_duplicating_reordering_layer(
-        impaired: Callable[[str], Net], loss: int, record_property: Callable[[str, object], None]) -> None:
+    impaired: Callable[[str], Net], loss: int, record_property: Callable[[str, object], None]
+) -> None:
     net = impaired(f"loss={loss},dup=2,reorder=3")  # both shims impair: data and acks suffer
     nbytes = 3 * MB if loss <= 5 else 1 * MB
     result, sha, seconds = transfer(net, nbytes)

@@ -53,12 +53,25 @@ OAP_REQ = b"\x9a" * 16 + bytes(8) + bytes(12)  # opaque to the shim: carried as 
 OAP_RESP = b"\x9a" * 16 + bytes(20) + b"\xe6" * 48
 
 
-def core(own: Hashable, peers: Iterable[Hashable] = (), layout: Layout = UDP, limits: Limits | None = None,
-         hash_len: int = 16) -> ShimCore:
+def core(
+    own: Hashable,
+    peers: Iterable[Hashable] = (),
+    layout: Layout = UDP,
+    limits: Limits | None = None,
+    hash_len: int = 16,
+) -> ShimCore:
     limits = limits or Limits()
     if layout is UDP:
-        return ShimCore(UDP, hash_len=hash_len, own=own, discovery=True, encode_addr=udp.encode_addr,
-                        decode_addrs=udp.decode_addrs, peers=list(peers), limits=limits)
+        return ShimCore(
+            UDP,
+            hash_len=hash_len,
+            own=own,
+            discovery=True,
+            encode_addr=udp.encode_addr,
+            decode_addrs=udp.decode_addrs,
+            peers=list(peers),
+            limits=limits,
+        )
     return ShimCore(layout, hash_len=hash_len, own=own, discovery=False, limits=limits)
 
 
@@ -140,12 +153,14 @@ class Net:
         return mine
 
     def count(self, kind: Kind, src: Hashable | None = None, dst: Hashable | None = None) -> int:
-        return sum(1 for s in self.sent
-                   if s.kind is kind and (src is None or s.src == src) and (dst is None or s.dst == dst))
+        return sum(
+            1 for s in self.sent if s.kind is kind and (src is None or s.src == src) and (dst is None or s.dst == dst)
+        )
 
 
-def connect(net: Net, src: Hashable, dst: Hashable, digest: bytes = PONG, spec: QosSpec = qos.raw,
-            port: int = 0) -> tuple[int, int]:
+def connect(
+    net: Net, src: Hashable, dst: Hashable, digest: bytes = PONG, spec: QosSpec = qos.raw, port: int = 0
+) -> tuple[int, int]:
     """A flow from src to dst, accepted; (src's eid, dst's eid)."""
     flow = net[src].alloc(digest, spec, dst, net.now, 5.0, OAP_REQ, port)
     net.pump()
@@ -350,8 +365,9 @@ def test_name_gone_from_another_host_does_not_purge_the_cache() -> None:
 # -- flow allocation ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [qos.raw, qos.best_effort, qos.video, qos.voice, qos.data],
-                         ids=["raw", "best", "video", "voice", "data"])
+@pytest.mark.parametrize(
+    "spec", [qos.raw, qos.best_effort, qos.video, qos.voice, qos.data], ids=["raw", "best", "video", "voice", "data"]
+)
 @pytest.mark.parametrize("layout", [UDP, ETH_DIX, ETH_LLC], ids=lambda lay: lay.name)
 def test_a_flow_request_is_accepted_and_both_ends_know_each_others_eid(spec: QosSpec, layout: Layout) -> None:
     net = Net(core(A, layout=layout), core(B, layout=layout))
@@ -742,9 +758,11 @@ def test_a_spoofed_flood_adopts_nobody_and_never_amplifies() -> None:
     received = sent = 0
     for i in range(5000):
         src = (f"127.{i // 65536}.{i // 256 % 256}.{i % 256}", 40000)
-        for frame in (UDP.encode(Kind.HELLO, COOKIE.pack(i + 1) + COOKIE.pack(i * 7919)),
-                      UDP.encode(Kind.NAME_QUERY, PONG + COOKIE.pack(i)),
-                      UDP.encode(Kind.FLOW_REPLY, s_eid=i + 1, d_eid=5)):
+        for frame in (
+            UDP.encode(Kind.HELLO, COOKIE.pack(i + 1) + COOKIE.pack(i * 7919)),
+            UDP.encode(Kind.NAME_QUERY, PONG + COOKIE.pack(i)),
+            UDP.encode(Kind.FLOW_REPLY, s_eid=i + 1, d_eid=5),
+        ):
             a.receive(frame, src, T0 + i / 1000)
             received += len(frame)
             answers = a.datagrams_to_send()
@@ -798,8 +816,10 @@ def test_a_reply_larger_than_three_times_the_request_goes_only_to_known_addresse
 def _busy_core(layout: Layout) -> ShimCore:
     """A core with a member, a registered name, a pending query and allocation, and a flow."""
     own, peer = (A, B) if layout is UDP else (MAC_A, MAC_B)
-    net = Net(core(own, peers=[peer] if layout is UDP else [], layout=layout),
-              core(peer, peers=[own] if layout is UDP else [], layout=layout))
+    net = Net(
+        core(own, peers=[peer] if layout is UDP else [], layout=layout),
+        core(peer, peers=[own] if layout is UDP else [], layout=layout),
+    )
     net.boot()
     net[own].register(PONG, True)
     net[peer].register(PONG, True)
@@ -850,10 +870,20 @@ def test_fuzz_decode_raises_only_shim_wire_error(data: bytes) -> None:
             layout.decode(data)
 
 
-@given(st.builds(QosSpec, delay=st.integers(0, 2**32 - 1), bandwidth=st.integers(0, 2**64 - 1),
-                 availability=st.integers(0, 255), loss=st.integers(0, 2**32 - 1), ber=st.integers(0, 2**32 - 1),
-                 in_order=st.integers(0, 255), max_gap=st.integers(0, 2**32 - 1), timeout=st.integers(0, 2**32 - 1),
-                 cypher_s=st.integers(0, 0xFFFF)))
+@given(
+    st.builds(
+        QosSpec,
+        delay=st.integers(0, 2**32 - 1),
+        bandwidth=st.integers(0, 2**64 - 1),
+        availability=st.integers(0, 255),
+        loss=st.integers(0, 2**32 - 1),
+        ber=st.integers(0, 2**32 - 1),
+        in_order=st.integers(0, 255),
+        max_gap=st.integers(0, 2**32 - 1),
+        timeout=st.integers(0, 2**32 - 1),
+        cypher_s=st.integers(0, 0xFFFF),
+    )
+)
 def test_qos_survives_the_wire_of_every_layer(spec: QosSpec) -> None:
     for layout in (UDP, ETH_DIX, ETH_LLC):
         a = core(A, layout=layout)

@@ -66,10 +66,19 @@ def reencoded(layout: Layout, kind: Kind, msg: Mgmt) -> bytes:
     return layout.encode(kind, msg.body, **fields)
 
 
-ALL_UDP = ["udp4-oping.pcap", "udp4-keepalive-dealloc.pcap", "udp4-python-probe.pcap", "udp4-crc-probe.pcap",
-           "udp4-inst2-client.pcap"]
-ALL_ETH = ["ethdix-oping.pcap", "ethdix-keepalive-dealloc.pcap", "ethdix-python-client.pcap",
-           "ethdix-python-responder.pcap"]
+ALL_UDP = [
+    "udp4-oping.pcap",
+    "udp4-keepalive-dealloc.pcap",
+    "udp4-python-probe.pcap",
+    "udp4-crc-probe.pcap",
+    "udp4-inst2-client.pcap",
+]
+ALL_ETH = [
+    "ethdix-oping.pcap",
+    "ethdix-keepalive-dealloc.pcap",
+    "ethdix-python-client.pcap",
+    "ethdix-python-responder.pcap",
+]
 
 
 @pytest.mark.parametrize("name", ALL_UDP)
@@ -140,8 +149,9 @@ def test_captured_keepalives_and_frct_data_are_empty_and_non_empty_sdus_on_the_f
 
 def _core(layout: Layout, own: object, hash_len: int) -> ShimCore:
     if layout is UDP:
-        return ShimCore(UDP, hash_len=hash_len, own=own, discovery=True, encode_addr=udp.encode_addr,
-                        decode_addrs=udp.decode_addrs)
+        return ShimCore(
+            UDP, hash_len=hash_len, own=own, discovery=True, encode_addr=udp.encode_addr, decode_addrs=udp.decode_addrs
+        )
     return ShimCore(layout, hash_len=hash_len, own=own, discovery=False)
 
 
@@ -149,8 +159,9 @@ def _core(layout: Layout, own: object, hash_len: int) -> ShimCore:
     ("udp4-oping.pcap", UDP, 16, 3, 4), ("udp4-oping.pcap", UDP, 16, 11, 12),
     ("ethdix-oping.pcap", ETH_DIX, 32, 3, 4), ("ethdix-keepalive-dealloc.pcap", ETH_DIX, 32, 3, 4),
 ])  # fmt: skip
-def test_a_core_takes_c_s_requests_and_replies(name: str, layout: Layout, hash_len: int, req_n: int,
-                                               reply_n: int) -> None:
+def test_a_core_takes_c_s_requests_and_replies(
+    name: str, layout: Layout, hash_len: int, req_n: int, reply_n: int
+) -> None:
     packets = mgmt((udp_packets if layout is UDP else eth_packets)(name), layout)
     p, _, req = packets[req_n]
     digest, oap = req.body[:hash_len], req.body[hash_len:]

@@ -33,8 +33,9 @@ Styx = Callable[..., subprocess.CompletedProcess[str]]
 
 def start(irmd: IrmdProc, *args: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen([str(BIN / "styx"), *args], env=irmd.env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [str(BIN / "styx"), *args], env=irmd.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -49,8 +50,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def styx(irmd: IrmdProc) -> Styx:
     def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "styx"), *args], env=irmd.env, input=stdin, capture_output=True,
-                              text=True, timeout=30)
+        return subprocess.run(
+            [str(BIN / "styx"), *args], env=irmd.env, input=stdin, capture_output=True, text=True, timeout=30
+        )
 
     return run
 
@@ -66,8 +68,9 @@ def export(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def files(irmd: IrmdProc, local_layer: str, export: Path, tmp_path: Path, styx: Styx) -> Iterator[str]:
-    proc = start(irmd, "serve", "--name", "files", "--root", str(export), "--layer", local_layer,
-                 log=tmp_path / "serve.log")
+    proc = start(
+        irmd, "serve", "--name", "files", "--root", str(export), "--layer", local_layer, log=tmp_path / "serve.log"
+    )
     try:
         wait_for(lambda: proc.poll() is not None or styx("ls", "files:/").returncode == 0, 15, "styx serve")
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()
@@ -216,8 +219,12 @@ print(json.dumps(out))
 
 def test_p9fs_client_through_the_tcp_bridge(bridge_port: int, export: Path) -> None:
     python = p9fs_python()
-    r = subprocess.run([python, "-c", P9FS_CLIENT, str(bridge_port), pwd.getpwuid(export.stat().st_uid).pw_name],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [python, "-c", P9FS_CLIENT, str(bridge_port), pwd.getpwuid(export.stat().st_uid).pw_name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["ls"] == ["/hello.txt"] and out["cat"] == "hello styx\n" and out["info"] == 11
@@ -229,8 +236,13 @@ def test_our_cli_against_py9p_server(export: Path, tmp_path: Path, styx: Styx) -
     python = p9fs_python()
     port = free_port()
     with open(tmp_path / "py9p.log", "wb") as log:
-        server = subprocess.Popen([python, "-m", "py9p", "-w", "-p", str(port), "-a", "127.0.0.1", "-r", str(export)],
-                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
+        server = subprocess.Popen(
+            [python, "-m", "py9p", "-w", "-p", str(port), "-a", "127.0.0.1", "-r", str(export)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
     try:
         at = f"tcp!127.0.0.1!{port}:"
         wait_for(lambda: server.poll() is not None or styx("ls", at + "/").returncode == 0, 15, "py9p server")
@@ -312,6 +324,7 @@ def test_irmd_driven_through_ctl_files(irmd: IrmdProc, irmfs: str, styx: Styx) -
 
 def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, default_client: None) -> None:
     with Client(dial("irm")) as c:
+
         def ctl_open(path: str) -> tuple[int, str]:
             fid = c.walk(path)
             c.open(fid, w.ORDWR)
@@ -359,7 +372,8 @@ def fuse_usable() -> str:
 
 @pytest.mark.skipif(bool(fuse_usable()), reason=fuse_usable() or "fuse")
 def test_mount_makes_ordinary_tools_work_and_unmounts_on_sigterm(
-        irmd: IrmdProc, files: str, export: Path, tmp_path: Path) -> None:
+    irmd: IrmdProc, files: str, export: Path, tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = start(irmd, "mount", files, str(mnt), log=tmp_path / "mount.log")
@@ -414,8 +428,20 @@ def test_mounted_irmd_files_read_and_take_commands(irmd: IrmdProc, irmfs: str, t
 
 
 def test_started_by_the_irmd_on_demand(irmd: IrmdProc, local_layer: str, export: Path, styx: Styx) -> None:
-    irmd.irm_ok("bind", "program", str(BIN / "styx"), "name", "ondemand", "auto", "--",
-                "serve", "--name", "ondemand", "--root", str(export))
+    irmd.irm_ok(
+        "bind",
+        "program",
+        str(BIN / "styx"),
+        "name",
+        "ondemand",
+        "auto",
+        "--",
+        "serve",
+        "--name",
+        "ondemand",
+        "--root",
+        str(export),
+    )
     irmd.irm_ok("name", "register", "ondemand", "layer", local_layer)
     r = styx("cat", "ondemand:/hello.txt")
     irmd.note_children()
@@ -436,7 +462,8 @@ def test_many_clients_at_once(files: str, export: Path, default_client: None) ->
 
 
 def test_reliable_flows_carry_large_messages_and_others_one_sdu_each(
-        files: str, export: Path, default_client: None) -> None:
+    files: str, export: Path, default_client: None
+) -> None:
     data = os.urandom(3 * w.MSIZE_DEFAULT + 12345)
     with Client(dial(files)) as c:  # a reliable flow: messages of several SDUs each
         assert c.msize == w.MSIZE_DEFAULT
@@ -456,10 +483,12 @@ def test_server_and_bridge_end_with_their_irmd(tmp_path: Path, export: Path) -> 
     try:
         own.request(m.IpcpBootstrap("lo", "local", "local"))
         own.note_children()
-        procs.append(start(own, "serve", "--name", "f", "--root", str(export), "--layer", "local",
-                           log=tmp_path / "s.log"))
-        procs.append(start(own, "bridge", "--name", "f", "--listen", f"tcp!127.0.0.1!{free_port()}",
-                           log=tmp_path / "b.log"))
+        procs.append(
+            start(own, "serve", "--name", "f", "--root", str(export), "--layer", "local", log=tmp_path / "s.log")
+        )
+        procs.append(
+            start(own, "bridge", "--name", "f", "--listen", f"tcp!127.0.0.1!{free_port()}", log=tmp_path / "b.log")
+        )
         wait_for(lambda: all("styx:" in (tmp_path / f).read_text() for f in ("s.log", "b.log")), 10, "start")
     finally:
         stop_irmd(own)
@@ -473,7 +502,8 @@ def test_server_and_bridge_end_with_their_irmd(tmp_path: Path, export: Path) -> 
 
 @pytest.mark.parametrize("answer", ["nothing", "echo"])
 def test_a_name_that_does_not_speak_9p_fails_fast_and_says_so(
-        irmd: IrmdProc, local_layer: str, styx: Styx, client_factory: Callable[[], IrmClient], answer: str) -> None:
+    irmd: IrmdProc, local_layer: str, styx: Styx, client_factory: Callable[[], IrmClient], answer: str
+) -> None:
     irm = client_factory()
     call(irm.channel, m.Bind("process", str(os.getpid()), "notnine"), timeout=10)
     call(irm.channel, m.NameRegister("notnine", [local_layer]), timeout=10)
@@ -498,8 +528,17 @@ def test_a_name_that_does_not_speak_9p_fails_fast_and_says_so(
 
 def test_bridge_limits_connections_per_user_with_an_rerror(irmd: IrmdProc, files: str, tmp_path: Path) -> None:
     port = free_port()
-    proc = start(irmd, "bridge", "--name", files, "--listen", f"tcp!127.0.0.1!{port}", "--max-conns-per-user", "2",
-                 log=tmp_path / "bridge.log")
+    proc = start(
+        irmd,
+        "bridge",
+        "--name",
+        files,
+        "--listen",
+        f"tcp!127.0.0.1!{port}",
+        "--max-conns-per-user",
+        "2",
+        log=tmp_path / "bridge.log",
+    )
     socks: list[socket.socket] = []
     try:
         wait_for(lambda: "bridging" in (tmp_path / "bridge.log").read_text(), 10, "the bridge")

@@ -35,9 +35,21 @@ def files(open_irmd: IrmdProc, lab: Path) -> Iterator[subprocess.Popen[bytes]]:
     export = lab / "export"
     export.mkdir()
     (export / "hello.txt").write_text("hello\n")
-    proc = serve(open_irmd, lab, "files", "--root", str(export), "--attach-timeout", str(ATTACH_TIMEOUT),
-                 "--send-timeout", str(SEND_TIMEOUT), "--max-fids", str(MAX_FIDS),
-                 "--max-conns-per-user", str(PER_USER))
+    proc = serve(
+        open_irmd,
+        lab,
+        "files",
+        "--root",
+        str(export),
+        "--attach-timeout",
+        str(ATTACH_TIMEOUT),
+        "--send-timeout",
+        str(SEND_TIMEOUT),
+        "--max-fids",
+        str(MAX_FIDS),
+        "--max-conns-per-user",
+        str(PER_USER),
+    )
     try:
         yield proc
     finally:
@@ -95,7 +107,8 @@ def raw(tag: int, mtype: int, body: bytes = b"", size: int | None = None) -> str
 
 
 def test_malformed_and_out_of_order_messages_are_answered_and_the_server_goes_on(
-        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    open_irmd: IrmdProc, files: subprocess.Popen[bytes]
+) -> None:
     version = t(w.Tversion(w.NOTAG, 8192, "9P2000"))
     bad_utf8 = struct.pack("<IIH", 0, w.NOFID, 2) + b"\xff\xfe" + struct.pack("<H", 0)
     # Each message, and what its reply must be: an Rerror with these words, or this reply type.
@@ -168,11 +181,18 @@ time.sleep(hold)
 
 
 def test_fid_and_connection_exhaustion_stop_at_the_limits_and_others_are_served(
-        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    open_irmd: IrmdProc, files: subprocess.Popen[bytes]
+) -> None:
     rss0 = rss_mb(files.pid)
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    hog = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", EXHAUST, "files", str(PER_USER + 3), "8"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    hog = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", EXHAUST, "files", str(PER_USER + 3), "8"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     try:
         assert hog.stdout is not None
         line = hog.stdout.readline()
@@ -203,11 +223,16 @@ print(json.dumps({"after": time.monotonic() - t0, "how": how}))
 """
 
 
-def test_a_silent_flow_is_hung_up_after_the_attach_timeout(open_irmd: IrmdProc,
-                                                           files: subprocess.Popen[bytes]) -> None:
+def test_a_silent_flow_is_hung_up_after_the_attach_timeout(open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    silent = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", SILENT, "files", "20"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    silent = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", SILENT, "files", "20"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     try:
         legit_ok(open_irmd)  # meanwhile
         out_text, err = silent.communicate(timeout=30)
@@ -238,10 +263,16 @@ irm.dealloc(reply.flow_id)
 
 
 def test_hang_ups_garbage_and_forged_packets_on_new_encrypted_flows_harm_only_their_own_flow(
-        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    open_irmd: IrmdProc, files: subprocess.Popen[bytes]
+) -> None:
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    stall = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HANDSHAKE, "silent", "files", "6"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+    stall = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", HANDSHAKE, "silent", "files", "6"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd="/",
+    )
     try:
         time.sleep(0.5)
         legit_ok(open_irmd, within=3.0)  # not stalled behind the silent flow
@@ -275,12 +306,19 @@ print(json.dumps({"answered": got}))
 
 
 def test_a_flood_of_garbage_costs_bounded_memory_and_cpu_and_others_are_served(
-        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    open_irmd: IrmdProc, files: subprocess.Popen[bytes]
+) -> None:
     n = 4000
     rss0, cpu0 = rss_mb(files.pid), cpu_s(files.pid)
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    flood = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", FLOOD, "files", str(n)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    flood = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", FLOOD, "files", str(n)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     try:
         took = [legit_ok(open_irmd, within=10.0) for _ in range(3)]  # during the flood
         out_text, err = flood.communicate(timeout=60)
@@ -290,8 +328,10 @@ def test_a_flood_of_garbage_costs_bounded_memory_and_cpu_and_others_are_served(
     assert json.loads(out_text or "{}").get("answered") == n, err  # every message got its Rerror
     assert files.poll() is None
     grew, spent = rss_mb(files.pid) - rss0, cpu_s(files.pid) - cpu0
-    print(f"flood of {n}: server +{grew:.1f} MB, {1000 * spent / n:.2f} ms CPU per message, "
-          f"legitimate client {max(took):.2f} s at worst")
+    print(
+        f"flood of {n}: server +{grew:.1f} MB, {1000 * spent / n:.2f} ms CPU per message, "
+        f"legitimate client {max(took):.2f} s at worst"
+    )
     assert grew < 30, f"the server grew {grew:.0f} MB"
     assert spent / n < 0.005, f"{spent:.1f} s of CPU for {n} messages"  # milliseconds per message, no more
     assert max(took) < 10.0
@@ -309,7 +349,9 @@ for msg in (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(1, 0, w.NOFID, "x", "
     f.read()
 """
 
-DEAF = ATTACHED + r"""
+DEAF = (
+    ATTACHED
+    + r"""
 f.set_timeout(1)
 sent = 0
 try:
@@ -329,13 +371,21 @@ except FlowError as e:
     how = type(e).__name__
 print(json.dumps({"sent": sent, "read": read, "how": how}))
 """
+)
 
 
 def test_a_client_that_takes_no_replies_is_dropped_after_the_send_timeout(
-        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    open_irmd: IrmdProc, files: subprocess.Popen[bytes]
+) -> None:
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    deaf = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", DEAF, "files", str(SEND_TIMEOUT)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    deaf = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", DEAF, "files", str(SEND_TIMEOUT)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     try:
         time.sleep(1)
         legit_ok(open_irmd)  # while the deaf client's session is blocked on its replies
@@ -350,7 +400,9 @@ def test_a_client_that_takes_no_replies_is_dropped_after_the_send_timeout(
     legit_ok(open_irmd)
 
 
-PIECES = ATTACHED + r"""
+PIECES = (
+    ATTACHED
+    + r"""
 big = w.encode(w.Twrite(2, 0, 0, bytes(6000)))
 f.write(big[:5000])  # a message in pieces: the rest must follow, and nothing else
 f.write(big[5000:] + bytes(2000))  # runs past the end of its message
@@ -361,10 +413,12 @@ except FlowError as e:
     how = type(e).__name__
 print(json.dumps({"how": how}))
 """
+)
 
 
 def test_a_piece_running_past_its_message_ends_that_connection_only(
-        open_irmd: IrmdProc, files: subprocess.Popen[bytes]) -> None:
+    open_irmd: IrmdProc, files: subprocess.Popen[bytes]
+) -> None:
     out = result(as_nobody(open_irmd, PIECES, "files"))
     assert out["how"] == "FlowDown"
     assert files.poll() is None

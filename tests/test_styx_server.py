@@ -393,24 +393,49 @@ def test_synthetic_text_file_reads_with_offsets() -> None:
 fids = st.sampled_from([0, 1, 2, 3, w.NOFID])
 fnames = st.sampled_from(["a", "b", "..", ".", "", "/", "sub", "../x", "/etc", "hello.txt"])
 requests = st.one_of(
-    st.builds(w.Tversion, st.integers(0, 9), st.sampled_from([0, 100, 8192, 2**32 - 1]),
-              st.sampled_from(["9P2000", "9P2000.u", "9P", "x"])),
+    st.builds(
+        w.Tversion,
+        st.integers(0, 9),
+        st.sampled_from([0, 100, 8192, 2**32 - 1]),
+        st.sampled_from(["9P2000", "9P2000.u", "9P", "x"]),
+    ),
     st.builds(w.Tattach, st.integers(0, 9), fids, fids, st.sampled_from([USER, "", "other"]), fnames),
     st.builds(w.Tauth, st.integers(0, 9), fids, st.just(USER), fnames),
     st.builds(w.Tflush, st.integers(0, 9), st.integers(0, 9)),
     st.builds(w.Twalk, st.integers(0, 9), fids, fids, st.lists(fnames, max_size=4)),
     st.builds(w.Topen, st.integers(0, 9), fids, st.integers(0, 255)),
-    st.builds(w.Tcreate, st.integers(0, 9), fids, fnames, st.sampled_from([0o644, w.DMDIR | 0o755, 0xFFFFFFFF]),
-              st.integers(0, 255)),
+    st.builds(
+        w.Tcreate,
+        st.integers(0, 9),
+        fids,
+        fnames,
+        st.sampled_from([0o644, w.DMDIR | 0o755, 0xFFFFFFFF]),
+        st.integers(0, 255),
+    ),
     st.builds(w.Tread, st.integers(0, 9), fids, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
     st.builds(w.Twrite, st.integers(0, 9), fids, st.integers(0, 2**20), st.binary(max_size=64)),
     st.builds(w.Tclunk, st.integers(0, 9), fids),
     st.builds(w.Tremove, st.integers(0, 9), fids),
     st.builds(w.Tstat, st.integers(0, 9), fids),
-    st.builds(w.Twstat, st.integers(0, 9), fids, st.builds(
-        w.Stat, st.just(0xFFFF), st.just(0xFFFFFFFF), st.just(w.Qid(0xFF, 0xFFFFFFFF, 2**64 - 1)),
-        st.sampled_from([0xFFFFFFFF, 0o600, w.DMDIR | 0o700]), st.just(0xFFFFFFFF), st.just(0xFFFFFFFF),
-        st.sampled_from([2**64 - 1, 0, 3]), fnames, st.just(""), st.just(""), st.just(""))),
+    st.builds(
+        w.Twstat,
+        st.integers(0, 9),
+        fids,
+        st.builds(
+            w.Stat,
+            st.just(0xFFFF),
+            st.just(0xFFFFFFFF),
+            st.just(w.Qid(0xFF, 0xFFFFFFFF, 2**64 - 1)),
+            st.sampled_from([0xFFFFFFFF, 0o600, w.DMDIR | 0o700]),
+            st.just(0xFFFFFFFF),
+            st.just(0xFFFFFFFF),
+            st.sampled_from([2**64 - 1, 0, 3]),
+            fnames,
+            st.just(""),
+            st.just(""),
+            st.just(""),
+        ),
+    ),
     # replies sent as requests, and raw junk
     st.builds(w.Rread, st.integers(0, 9), st.binary(max_size=8)),
 )
@@ -622,8 +647,14 @@ def test_descriptor_budget_lowers_connections_when_the_limit_cannot_be_raised() 
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", FIT_FDS], capture_output=True, text=True, timeout=30,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, cwd="/")
+    r = subprocess.run(
+        [sys.executable, "-c", FIT_FDS],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     conns, per_user, per_conn = json.loads(r.stdout)
     assert per_conn == 2 * 50 + 3 * 10 + 8

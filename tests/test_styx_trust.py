@@ -34,7 +34,8 @@ AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-group
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="playing the attacker as uid 65534 needs root and setpriv (CI runs as root)")
+    reason="playing the attacker as uid 65534 needs root and setpriv (CI runs as root)",
+)
 pytestmark = needs_root
 
 
@@ -64,8 +65,14 @@ def open_irmd(lab: Path) -> Iterator[IrmdProc]:
 def as_nobody(irmd: IrmdProc, code: str, *args: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:
     """Run Python code as uid 65534 against `irmd`."""
     env = dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([*AS_NOBODY, sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd="/")
+    return subprocess.run(
+        [*AS_NOBODY, sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
 
 
 def result(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
@@ -123,8 +130,7 @@ class Probe:
 
     def __init__(self, irmd: IrmdProc, name: str = "probe") -> None:
         env = dict(irmd.env, PYTHONPATH=str(CHECKOUT))
-        self.proc = subprocess.Popen([sys.executable, "-c", PROBE, name], env=env, stdout=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", PROBE, name], env=env, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self._lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -223,8 +229,7 @@ print(json.dumps(out))
 """
 
 
-def test_net_flows_are_allocated_and_announced_as_the_peer(open_irmd: IrmdProc, irm_server: str,
-                                                           probe: Probe) -> None:
+def test_net_flows_are_allocated_and_announced_as_the_peer(open_irmd: IrmdProc, irm_server: str, probe: Probe) -> None:
     out = result(as_nobody(open_irmd, NET_ATTACK, irm_server))
     assert "permission denied" in str(out["announce"]), out
     assert "stolen" not in names(open_irmd)
@@ -235,8 +240,9 @@ def test_net_flows_are_allocated_and_announced_as_the_peer(open_irmd: IrmdProc, 
 
 def test_anonymous_clients_see_read_only_irmd_files(open_irmd: IrmdProc, irm_server: str, lab: Path) -> None:
     port = free_port()
-    bridge = start(open_irmd, "bridge", "--name", irm_server, "--listen", f"tcp!127.0.0.1!{port}",
-                   log=lab / "bridge.log")
+    bridge = start(
+        open_irmd, "bridge", "--name", irm_server, "--listen", f"tcp!127.0.0.1!{port}", log=lab / "bridge.log"
+    )
     try:
         wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
         with Client(dial(f"tcp!127.0.0.1!{port}"), user="root") as c:  # over TCP nobody is anybody
@@ -280,14 +286,18 @@ def test_tcp_clients_of_a_root_bridge_hold_no_slots_of_the_bridges_user(open_irm
     (export / "hello.txt").write_text("hello\n")
     proc = serve(open_irmd, lab, "files", "--root", str(export))
     port = free_port()
-    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}",
-                   log=lab / "bridge.log")
+    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}", log=lab / "bridge.log")
     holder = None
     try:
         wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
         env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
-        holder = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", TCP_HOLDER, str(port), "16"], env=env,
-                                  stdout=subprocess.PIPE, text=True, cwd="/")
+        holder = subprocess.Popen(
+            [*AS_NOBODY, sys.executable, "-c", TCP_HOLDER, str(port), "16"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
         assert holder.stdout is not None
         assert holder.stdout.readline().startswith("attached 16 Rattach")
         log = (lab / "files.log").read_text()
@@ -302,11 +312,14 @@ def test_tcp_clients_of_a_root_bridge_hold_no_slots_of_the_bridges_user(open_irm
         stop(proc)
 
 
-IDLE_ANON = TCP_HOLDER.replace("time.sleep(120)", """
+IDLE_ANON = TCP_HOLDER.replace(
+    "time.sleep(120)",
+    """
 t0 = time.monotonic()
 held[0].settimeout(30)
 print("closed", held[0].recv(100) == b"", round(time.monotonic() - t0, 1), flush=True)
-""")
+""",
+)
 
 
 def test_anonymous_clients_keep_no_slot_for_nothing(open_irmd: IrmdProc, lab: Path) -> None:
@@ -317,8 +330,7 @@ def test_anonymous_clients_keep_no_slot_for_nothing(open_irmd: IrmdProc, lab: Pa
     (export / "hello.txt").write_text("hello\n")
     proc = serve(open_irmd, lab, "files", "--root", str(export), "--anon-idle-timeout", "2")
     port = free_port()
-    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}",
-                   log=lab / "bridge.log")
+    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"tcp!127.0.0.1!{port}", log=lab / "bridge.log")
     try:
         wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
         with root_client(open_irmd, "files") as c:
@@ -352,8 +364,9 @@ print(json.dumps(out))
 """
 
 
-def test_unix_bridge_relays_each_client_as_itself(open_irmd: IrmdProc, irm_server: str, lab: Path,
-                                                  probe: Probe) -> None:
+def test_unix_bridge_relays_each_client_as_itself(
+    open_irmd: IrmdProc, irm_server: str, lab: Path, probe: Probe
+) -> None:
     path = lab / "irm.9p"
     bridge = start(open_irmd, "bridge", "--name", irm_server, "--listen", f"unix!{path}", log=lab / "ubridge.log")
     try:
@@ -446,8 +459,14 @@ print(json.dumps(out))
 
 def as_uid(uid: int, irmd: IrmdProc, code: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c",
-                           code, *args], env=env, capture_output=True, text=True, timeout=40, cwd="/")
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=40,
+        cwd="/",
+    )
 
 
 def test_a_users_server_follows_no_symlink_for_others(open_irmd: IrmdProc, lab: Path) -> None:
@@ -466,9 +485,22 @@ def test_a_users_server_follows_no_symlink_for_others(open_irmd: IrmdProc, lab: 
             os.lchown(n, S, S)
     os.chmod(export / "private" / "draft.txt", 0o644)
     with open(lab / "s.log", "wb") as log:
-        proc = subprocess.Popen(["setpriv", f"--reuid={S}", f"--regid={S}", "--clear-groups", str(BIN / "styx"),
-                                 "serve", "--root", str(export)], env=open_irmd.env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                "setpriv",
+                f"--reuid={S}",
+                f"--regid={S}",
+                "--clear-groups",
+                str(BIN / "styx"),
+                "serve",
+                "--root",
+                str(export),
+            ],
+            env=open_irmd.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         wait_for(lambda: b"serving" in (lab / "s.log").read_bytes() or proc.poll() is not None, 30, "styx serve")
         assert proc.poll() is None, (lab / "s.log").read_text()
@@ -519,8 +551,12 @@ def test_symlink_swaps_never_lead_a_client_outside_the_root(open_irmd: IrmdProc,
     outside_etc = Path("/etc/hostname").read_text()
     proc = serve(open_irmd, lab, "files", "--root", str(export))
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    swapper = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", SWAPPER, str(d), str(shared / "real"), "/", "8"],
-                               env=env, stdout=subprocess.PIPE, text=True)
+    swapper = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", SWAPPER, str(d), str(shared / "real"), "/", "8"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     reads = writes = refused = 0
     try:
         with root_client(open_irmd, "files") as c:  # root: only the server's confinement stands in the way
@@ -584,8 +620,13 @@ def test_a_client_at_its_limits_gets_errors_and_others_are_served(open_irmd: Irm
     (export / "hello.txt").write_text("hello\n")
     proc = serve(open_irmd, lab, "files", "--root", str(export), "--max-fids", "20", "--max-conns-per-user", "3")
     env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    hog = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HOG, "files", "5", "6"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hog = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", HOG, "files", "5", "6"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert hog.stdout is not None
         out = json.loads(hog.stdout.readline() or "{}")
@@ -597,7 +638,6 @@ def test_a_client_at_its_limits_gets_errors_and_others_are_served(open_irmd: Irm
         hog.kill()
         hog.wait()
         stop(proc)
-
 
 
 def children(pid: int) -> list[int]:

@@ -35,8 +35,9 @@ def venv_python(venv: Path, package: str) -> str:
             try:
                 if not python.exists():
                     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-                subprocess.run([str(python), "-m", "pip", "install", "-q", package], check=True,
-                               timeout=300, capture_output=True)
+                subprocess.run(
+                    [str(python), "-m", "pip", "install", "-q", package], check=True, timeout=300, capture_output=True
+                )
             except (subprocess.SubprocessError, OSError) as e:
                 pytest.skip(f"{package} is not installable here: {e}")
             installed.touch()
@@ -55,7 +56,7 @@ def p9fs_python() -> str:
 
 def test_tversion_bytes_are_exactly_the_spec() -> None:
     # size[4]=19 type[1]=100 tag[2]=NOTAG msize[4]=8192 version[s]="9P2000"
-    expected = bytes.fromhex("13000000" "64" "ffff" "00200000" "0600") + b"9P2000"
+    expected = bytes.fromhex("1300000064ffff002000000600") + b"9P2000"
     assert w.encode(w.Tversion(w.NOTAG, 8192, "9P2000")) == expected
     assert w.decode(expected) == w.Tversion(w.NOTAG, 8192, "9P2000")
 
@@ -65,7 +66,7 @@ def test_twalk_and_rwalk_bytes() -> None:
     assert got == struct.pack("<IBHIIH", len(got), 110, 1, 0, 5, 2) + b"\x01\x00a\x02\x00bc"
     qid = w.Qid(w.QTDIR, 7, 0x0102030405060708)
     got = w.encode(w.Rwalk(1, [qid]))
-    assert got == struct.pack("<IBHH", 22, 111, 1, 1) + bytes.fromhex("80" "07000000" "0807060504030201")
+    assert got == struct.pack("<IBHH", 22, 111, 1, 1) + bytes.fromhex("80070000000807060504030201")
 
 
 def test_rread_twrite_carry_count_then_data() -> None:
@@ -116,10 +117,21 @@ u8, u16, u32, u64 = (st.integers(0, 2**b - 1) for b in (8, 16, 32, 64))
 text = st.text(max_size=20)
 qids = st.builds(w.Qid, u8, u32, u64)
 stats = st.builds(w.Stat, u16, u32, qids, u32, u32, u32, u64, text, text, text, text)
-FIELD = {"1": u8, "2": u16, "4": u32, "8": u64, "s": text, "qid": qids, "data": st.binary(max_size=200),
-         "stat": stats, "wname": st.lists(text, max_size=16), "wqid": st.lists(qids, max_size=16)}
+FIELD = {
+    "1": u8,
+    "2": u16,
+    "4": u32,
+    "8": u64,
+    "s": text,
+    "qid": qids,
+    "data": st.binary(max_size=200),
+    "stat": stats,
+    "wname": st.lists(text, max_size=16),
+    "wqid": st.lists(qids, max_size=16),
+}
 messages = st.sampled_from(sorted(w.MESSAGES.values(), key=lambda c: c.TYPE)).flatmap(
-    lambda cls: st.builds(cls, u16, **{n: FIELD[k] for n, k in cls.FIELDS}))
+    lambda cls: st.builds(cls, u16, **{n: FIELD[k] for n, k in cls.FIELDS})
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -183,8 +195,19 @@ def sample_messages(n: int, seed: int) -> list[w.Msg]:
         if kind == "data":
             return rnd.randbytes(rnd.randint(0, 40))
         if kind == "stat":
-            return w.Stat(rnd.getrandbits(16), rnd.getrandbits(32), q(), rnd.getrandbits(32), rnd.getrandbits(32),
-                          rnd.getrandbits(32), rnd.getrandbits(63), s(), s(), s(), s())
+            return w.Stat(
+                rnd.getrandbits(16),
+                rnd.getrandbits(32),
+                q(),
+                rnd.getrandbits(32),
+                rnd.getrandbits(32),
+                rnd.getrandbits(32),
+                rnd.getrandbits(63),
+                s(),
+                s(),
+                s(),
+                s(),
+            )
         if kind == "wname":
             return [s() or "x" for _ in range(rnd.randint(0, 16))]
         return [q() for _ in range(rnd.randint(0, 16))]
@@ -203,8 +226,9 @@ def test_plan9port_codec_reencodes_our_bytes_identically() -> None:
     python = py9p_python()
     msgs = sample_messages(300, seed=6)
     encoded = [w.encode(m).hex() for m in msgs]
-    proc = subprocess.run([python, "-c", ROUND_TRIP], input=json.dumps(encoded), capture_output=True,
-                          text=True, timeout=60, check=True)
+    proc = subprocess.run(
+        [python, "-c", ROUND_TRIP], input=json.dumps(encoded), capture_output=True, text=True, timeout=60, check=True
+    )
     back = json.loads(proc.stdout)
     mismatches = [(type(m).__name__, b) for m, a, b in zip(msgs, encoded, back, strict=True) if a != b]
     assert not mismatches, mismatches[:5]

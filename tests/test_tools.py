@@ -20,10 +20,14 @@ from apps import operf
 from flowlib import flow_alloc
 from flowlib.irm import IrmClient
 
-C_STATS = re.compile(r"--- perf perf statistics ---\n(\d+) packets transmitted, (\d+) received, (\d+)% packet loss, "
-                     r"time: [\d.]+ ms, bandwidth: ([\d.]+) Mb/s\.")
-OUR_COUNTS = re.compile(r"(\d+) SDUs sent, (\d+) received, (-?\d+) lost \((-?\d+) gaps in sequence\), "
-                        r"(\d+) out-of-order, (\d+) corrupt")
+C_STATS = re.compile(
+    r"--- perf perf statistics ---\n(\d+) packets transmitted, (\d+) received, (\d+)% packet loss, "
+    r"time: [\d.]+ ms, bandwidth: ([\d.]+) Mb/s\."
+)
+OUR_COUNTS = re.compile(
+    r"(\d+) SDUs sent, (\d+) received, (-?\d+) lost \((-?\d+) gaps in sequence\), "
+    r"(\d+) out-of-order, (\d+) corrupt"
+)
 
 
 @pytest.fixture
@@ -46,7 +50,8 @@ def run(irmd: IrmdProc, *argv: str, timeout: float = 60.0) -> str:
 
 
 def test_operf_unidirectional_paced_reports_cs_statistics_and_loses_nothing(
-        irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    irmd: IrmdProc, serving: Callable[..., None]
+) -> None:
     serving("perf", "operf")
     out = run(irmd, "operf", "-n", "perf", "-d", "1s", "-r", "8M", "-s", "1000")
     assert "Doing a unidirectional test." in out
@@ -57,8 +62,10 @@ def test_operf_unidirectional_paced_reports_cs_statistics_and_loses_nothing(
     assert 900 <= sent <= 1100 and rcvd == sent and loss == 0, out  # 1000 SDUs/s for a second
     assert 6.0 < mbps < 10.0
     assert OUR_COUNTS.search(out).groups()[2:] == ("0", "0", "0", "0")  # type: ignore[union-attr]
-    summary = re.compile(rf"Flow \d+: {sent} packets \({sent * 1000} bytes\) in \d+ ms => .* 0 lost, "
-                         r"0 out-of-order, 0 corrupt")
+    summary = re.compile(
+        rf"Flow \d+: {sent} packets \({sent * 1000} bytes\) in \d+ ms => .* 0 lost, "
+        r"0 out-of-order, 0 corrupt"
+    )
     deadline = time.monotonic() + 10  # the server writes it once it sees the flow go
     while not summary.search(irmd.log_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -108,7 +115,8 @@ def test_operfs_wire_is_cs_a_test_type_then_ids(irmd: IrmdProc, serving: Callabl
 
 
 def test_ocbr_sends_at_its_rate_and_the_server_reports_each_interval(
-        irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    irmd: IrmdProc, serving: Callable[..., None]
+) -> None:
     serving("cbr", "ocbr", "-i", "1", "-t", "2")
     out = run(irmd, "ocbr", "-n", "cbr", "-d", "2", "-r", "800k", "-s", "1000")
     assert "Client started, duration 2, rate 800000 b/s, size 1000 B." in out
@@ -145,8 +153,13 @@ def broadcast(cluster: Cluster) -> Iterator[IrmdProc]:
 
 
 def test_obc_writers_reach_a_listening_reader(broadcast: IrmdProc) -> None:
-    reader = subprocess.Popen([str(BIN / "obc"), "-l", "-n", "bc"], env=broadcast.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reader = subprocess.Popen(
+        [str(BIN / "obc"), "-l", "-n", "bc"],
+        env=broadcast.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert reader.stdout is not None
         assert reader.stdout.readline().strip() == "Starting a reader."
@@ -161,10 +174,18 @@ def test_obc_writers_reach_a_listening_reader(broadcast: IrmdProc) -> None:
 
 
 def test_obc_sends_cs_message_with_its_nul(broadcast: IrmdProc) -> None:
-    joined = subprocess.Popen([sys.executable, "-c", "from flowlib import flow_join\n"
-                               "f = flow_join('bc', timeout=10); print('joined', flush=True)\n"
-                               "f.set_timeout(10); print(f.read().hex(), flush=True)"],
-                              env=broadcast.env, stdout=subprocess.PIPE, text=True)
+    joined = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from flowlib import flow_join\n"
+            "f = flow_join('bc', timeout=10); print('joined', flush=True)\n"
+            "f.set_timeout(10); print(f.read().hex(), flush=True)",
+        ],
+        env=broadcast.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert joined.stdout is not None and joined.stdout.readline().strip() == "joined"
         run(broadcast, "obc", "-n", "bc", "-m", "hi")

@@ -55,6 +55,7 @@ def lan(tmp_path: Path) -> Iterator[Callable[..., Host]]:
 def pair(lan: Callable[..., Host]) -> tuple[Host, Host]:
     return udp_lan.pair(lan)
 
+
 def operf_counts(out: str) -> tuple[int, int, int, int]:
     """(sent, received, lost, corrupt) from operf's statistics line."""
     m = re.search(r"(\d+) SDUs sent, (\d+) received, (-?\d+) lost\b.*?(\d+) corrupt", out)
@@ -162,8 +163,7 @@ def test_flows_in_both_directions_and_many_at_once(pair: tuple[Host, Host]) -> N
 
 
 @pytest.mark.timeout(60)
-def test_a_name_registered_on_the_host_itself_is_reached_through_the_udp_layer(
-        lan: Callable[..., Host]) -> None:
+def test_a_name_registered_on_the_host_itself_is_reached_through_the_udp_layer(lan: Callable[..., Host]) -> None:
     a = lan(A_IP)
     a.serve("pong")
     oping_ok(a, count=3)
@@ -261,8 +261,11 @@ def test_a_relayed_flow_counts_its_sdus_and_says_where_and_why_it_dropped_some(l
         assert stats is not None and stats.data == "ipcp", stats
         return stats
 
-    wait_for(lambda: (s := counted(cli)).sent is not None and s.sent + (s.dropped or 0) == written, 30,
-             "B's IPCP to send or drop every SDU")
+    wait_for(
+        lambda: (s := counted(cli)).sent is not None and s.sent + (s.dropped or 0) == written,
+        30,
+        "B's IPCP to send or drop every SDU",
+    )
     last: list[IpcpStats] = []
 
     def settled() -> IpcpStats | None:  # A's IPCP has taken every datagram that came: two reads agree
@@ -365,12 +368,11 @@ def test_configuring_one_member_is_enough_c_finds_a_name_at_a_through_b(lan: Cal
 
 
 @pytest.mark.timeout(60)
-def test_a_server_that_takes_a_second_to_start_still_gets_the_flow(
-        pair: tuple[Host, Host], tmp_path: Path) -> None:
+def test_a_server_that_takes_a_second_to_start_still_gets_the_flow(pair: tuple[Host, Host], tmp_path: Path) -> None:
     a, b = pair
     slow = tmp_path / "slow" / "oping"  # matched by base name, as the real oping is
     slow.parent.mkdir()
-    slow.write_text(f"#!/bin/sh\nsleep 1.2\nexec {BIN / 'oping'} \"$@\"\n")
+    slow.write_text(f'#!/bin/sh\nsleep 1.2\nexec {BIN / "oping"} "$@"\n')
     slow.chmod(slow.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     a.serve("slow", str(slow))
     code, out, err = b.run("oping", "-n", "slow", "-c", "2", "-i", "10", "--timeout", "10")
@@ -482,7 +484,8 @@ def test_a_vanished_peer_takes_flows_down_within_the_peer_timeout(pair: tuple[Ho
     silent = time.monotonic() - last_heard
     assert events == [EventType.DOWN], f"{events} after {took:.1f} s"
     assert silent >= shim.PEER_TIMEOUT - 0.5 and took < shim.PEER_TIMEOUT + 3, (
-        f"down {took:.1f} s after the kill, {silent:.1f} s after A was last heard")
+        f"down {took:.1f} s after the kill, {silent:.1f} s after A was last heard"
+    )
     with bounded(10, "a blocking read of the flow that went down"), pytest.raises(FlowDown, match="down"):
         reader.read()
     rows = [r for r in b.irmd.table("flow", "list") if r["id"] == str(watched.flow_id)]
@@ -530,7 +533,8 @@ def test_a_reliable_flow_ends_when_the_peer_goes_away(pair: tuple[Host, Host]) -
     cpu = time.process_time() - cpu
     # No busy waiting: the wait may take seconds (keepalive) or end at once (the peer's IRMd told us).
     assert events and events[0] in (EventType.DOWN, EventType.DEALLOC) and cpu < max(0.5 * took, 0.1), (
-        f"events {events} after {took:.1f} s, this process used {cpu:.1f} s of CPU meanwhile")
+        f"events {events} after {took:.1f} s, this process used {cpu:.1f} s of CPU meanwhile"
+    )
 
 
 @pytest.mark.timeout(60)

@@ -54,16 +54,20 @@ def figure(record_property: Callable[[str, object], None], name: str, value: flo
 
 
 def test_a_flood_from_ten_thousand_addresses_adopts_nobody_and_amplifies_nothing(
-        pair: tuple[Host, Host], record_property: Callable[[str, object], None]) -> None:
+    pair: tuple[Host, Host], record_property: Callable[[str, object], None]
+) -> None:
     a, b = pair
     watched = Watched(b.client())
     pid = a.ipcp_pid()
     before = usage(pid)
     hello = UDP.encode(Kind.HELLO, COOKIE.pack(1) + COOKIE.pack(2), response=WANT_MEMBERS)
-    frames = [udp.EID.pack(0) + hello,  # each a different would-be member
-              framed(Kind.NAME_QUERY, PONG + COOKIE.pack(9)),  # for a name that is registered
-              framed(Kind.KEEPALIVE, response=1), framed(Kind.FLOW_REPLY, s_eid=5, d_eid=6),
-              framed(Kind.MEMBERS, udp.encode_addr(("127.77.0.1", 1)) * 50)]
+    frames = [
+        udp.EID.pack(0) + hello,  # each a different would-be member
+        framed(Kind.NAME_QUERY, PONG + COOKIE.pack(9)),  # for a name that is registered
+        framed(Kind.KEEPALIVE, response=1),
+        framed(Kind.FLOW_REPLY, s_eid=5, d_eid=6),
+        framed(Kind.MEMBERS, udp.encode_addr(("127.77.0.1", 1)) * 50),
+    ]
     start = time.monotonic()
     # Paced to last longer than the peer timeout: B's flow must keep its keepalives meanwhile.
     result = attack(a.addr, loopback_sources(10_000), frames, repeat=2, pause=0.02, linger=0.1)
@@ -89,15 +93,17 @@ def test_a_flood_from_ten_thousand_addresses_adopts_nobody_and_amplifies_nothing
 
 
 def test_sources_that_prove_their_address_are_adopted_only_up_to_the_member_limit(
-        lan: Callable[..., Host], record_property: Callable[[str, object], None]) -> None:
+    lan: Callable[..., Host], record_property: Callable[[str, object], None]
+) -> None:
     """3,000 sources that do echo their cookies (as hosts would): members up to `members`, no more."""
     a = lan(udp_lan.A_IP, extra=("members", "100"))
     pid = a.ipcp_pid()
     before = usage(pid)
     hello = framed(Kind.HELLO, COOKIE.pack(1) + COOKIE.pack(0))
     echo = udp.EID.pack(0) + UDP.encode(Kind.HELLO, response=WANT_MEMBERS) + bytes(8)
-    result = attack(a.addr, loopback_sources(3000, block=78), [hello], echo=echo,
-                    cookie_at=udp.EID.size + UDP.size, linger=0.3)
+    result = attack(
+        a.addr, loopback_sources(3000, block=78), [hello], echo=echo, cookie_at=udp.EID.size + UDP.size, linger=0.3
+    )
     after = usage(pid)
     assert result.worst <= AMPLIFICATION, result
     wait_for(lambda: a.counter("dropped members full") > 0, 5, "the IPCP to refuse members over the limit")

@@ -110,7 +110,9 @@ def test_a_second_ipcp_of_the_same_layer_on_one_host_is_a_member_of_its_own(clus
     b.irmd.note_children()
     rows = {row["name"]: row for row in parse_table(b.irm_ok("ipcp", "list", "layer", "net"))}
     assert {n: (r["layer"], r["state"]) for n, r in rows.items()} == {
-        "n2": ("net", "operational"), "n2b": ("net", "operational")}
+        "n2": ("net", "operational"),
+        "n2b": ("net", "operational"),
+    }
 
 
 @pytest.mark.timeout(90)
@@ -231,12 +233,8 @@ def test_ring_of_four_reroutes_around_a_killed_member(cluster: Cluster, whole_ho
     c.oping_until_ok(pong_name, within=20)
 
 
-
-
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize(
-    "whole_host", [True, False], ids=["host-crash", "irmd-sigkill"]
-)
+@pytest.mark.parametrize("whole_host", [True, False], ids=["host-crash", "irmd-sigkill"])
 def test_flow_whose_destination_dies_goes_down_in_bounded_time(cluster: Cluster, whole_host: bool) -> None:
     a, b, c = line(cluster)
     c.start_echo("echo")
@@ -311,7 +309,8 @@ def test_unicast_over_unicast_over_udp(cluster: Cluster) -> None:
     assert names["t3"]["layers"] == "lan,net"  # autobind: the layers below that were up
     flows = [row for row in parse_table(c.irm_ok("flow", "list")) if row["name"] == "t1"]
     assert len(flows) == 2 and all(row["layer"] == "net" and row["ipcp"] == "n3" for row in flows), [
-        (r["layer"], r["ipcp"]) for r in flows]
+        (r["layer"], r["ipcp"]) for r in flows
+    ]
     layers_of = {row["name"]: row["layer"] for row in parse_table(c.irm_ok("ipcp", "list"))}
     assert layers_of == {"u": "lan", "n3": "net", "t3": "top"}
     r = a.oping("pong", count=5)

@@ -273,9 +273,11 @@ def test_dir_an_answer_counts_only_members_that_signed_their_own_store() -> None
     assert {dst for dst, _ in out} == {2, 3}
     assert d.receive(um.DhtFound(2, KEY, cookie, [store(77, KEY, 9.0)]), 0.0) == []  # 77 is no member: ask on
     assert d.resolved == []
-    lies = [dataclasses.replace(store(3, KEY, 9.0), sig=b"\x00" * 64),  # a holder's invention
-            store(3, KEY, 9.0, ident=ident_of(99)),  # signed, by a key not 3's
-            store(3, b"other", 9.0)]  # 3's, but for another name
+    lies = [
+        dataclasses.replace(store(3, KEY, 9.0), sig=b"\x00" * 64),  # a holder's invention
+        store(3, KEY, 9.0, ident=ident_of(99)),  # signed, by a key not 3's
+        store(3, b"other", 9.0),
+    ]  # 3's, but for another name
     d.receive(um.DhtFound(3, KEY, cookie, [*lies, store(2, KEY, 9.0)]), 0.0)
     assert d.resolved == [(KEY, [2])] and d.forged == 2
 
@@ -326,8 +328,10 @@ DHT_MSGS = st.one_of(
         st.integers(0, 20),
         st.binary(max_size=4),
         st.integers(-5, 2**64),
-        st.lists(st.builds(store, st.integers(0, 12), st.just(KEY), st.floats(allow_nan=False),
-                           st.integers(-5, 8)), max_size=5),
+        st.lists(
+            st.builds(store, st.integers(0, 12), st.just(KEY), st.floats(allow_nan=False), st.integers(-5, 8)),
+            max_size=5,
+        ),
     ),
     st.builds(um.Lsu, st.integers(0, 5), st.integers(0, 5), st.lists(st.integers(0, 5), max_size=3)),
 )

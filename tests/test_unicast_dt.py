@@ -55,7 +55,8 @@ def drain(sock: socket.socket) -> list[bytes]:
 
 @pytest.mark.parametrize("keyed", [False, True])
 def test_a_burst_goes_out_in_frames_that_fit_the_mtu_and_a_lone_pdu_at_once(
-        wire: tuple[Dt, socket.socket, socket.socket], keyed: bool) -> None:
+    wire: tuple[Dt, socket.socket, socket.socket], keyed: bool
+) -> None:
     dt, ours, theirs = wire
     key = b"\x07" * 32
     mtu = 8980
@@ -99,7 +100,8 @@ def test_a_frame_holds_at_most_max_frame_pdus(wire: tuple[Dt, socket.socket, soc
 
 
 def test_forged_replayed_and_malformed_frames_are_dropped_whole_and_counted(
-        wire: tuple[Dt, socket.socket, socket.socket]) -> None:
+    wire: tuple[Dt, socket.socket, socket.socket],
+) -> None:
     dt, ours, theirs = wire
     key = b"\x09" * 32
     dt.n1[HOP] = Link(HOP, ours)
@@ -120,7 +122,8 @@ def test_forged_replayed_and_malformed_frames_are_dropped_whole_and_counted(
 
 
 def test_a_flow_that_falls_behind_gets_a_longer_queue_within_the_budget(
-        wire: tuple[Dt, socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    wire: tuple[Dt, socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ipcp.unicast import dt as dt_module
     from ipcp.unicast.dt import UniFlow
 

@@ -156,8 +156,9 @@ def test_garbage_in_a_handshake_fails_it_without_raising() -> None:
     resp.receive(b"\x00" * 40, 0.0)
     assert resp.error is not None and resp.error.code == "EPROTO" and resp.state is AdjState.FAILED
     resp2 = acceptor()
-    resp2.receive(um.CODEC.encode(dataclasses.replace(um.Hello(um.DT, "x", "net", 9), nonce=b"\x01" * 3,
-                                                      eph=b"\x02" * 32)), 0.0)
+    resp2.receive(
+        um.CODEC.encode(dataclasses.replace(um.Hello(um.DT, "x", "net", 9), nonce=b"\x01" * 3, eph=b"\x02" * 32)), 0.0
+    )
     assert resp2.error is not None and resp2.error.code == "EPROTO"
 
 

@@ -87,8 +87,13 @@ def legit_pings(host: Host) -> Iterator[list[str]]:
 
 
 def rss_kb(pid: int) -> int:
-    return int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                    if line.startswith("VmRSS:")))
+    return int(
+        next(
+            line.split()[1]
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,8 +137,9 @@ def peer(layer: Layer) -> Iterator[Peer]:
     p.close()
 
 
-def signed_lsu(ident: auth.Identity, src: int, name: str, seqno: int = 1, neighbours: list[int] | None = None,
-               since: float = 0.0) -> um.Lsu:
+def signed_lsu(
+    ident: auth.Identity, src: int, name: str, seqno: int = 1, neighbours: list[int] | None = None, since: float = 0.0
+) -> um.Lsu:
     lsu = um.Lsu(src, seqno, neighbours or [], name, since, ident.pub)
     return dataclasses.replace(lsu, sig=ident.sign(signed_part(lsu)))
 
@@ -168,8 +174,11 @@ def test_non_members_garbage_bad_hellos_and_guessed_keys_are_refused_and_counted
         for key in ("guess1", "s3cret", ""):  # a wrong key fails the handshake both ways
             with pytest.raises(AssertionError):
                 peer.member(um.DT, key=key)
-        wait_for(lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= 10, 30,
-                 "n1 to count every refused handshake")
+        wait_for(
+            lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= 10,
+            30,
+            "n1 to count every refused handshake",
+        )
     assert not failures, failures
     assert a.neighbours("n1") == {"n2"} and a.counter("n1", "enrollments") == 1  # n2's own
     assert rss_kb(n1) - mem < 20_000
@@ -215,8 +224,11 @@ def test_a_members_link_drops_unsealed_altered_and_replayed_pdus(layer: Layer, p
         for _ in range(200):
             dt.write(bytes(altered))
             dt.write(probe)  # not sealed at all
-        wait_for(lambda: a.counter("n1", "replayed") >= 200 and a.counter("n1", "forged") >= 400, 30,
-                 "n1 to count the replays and forgeries")
+        wait_for(
+            lambda: a.counter("n1", "replayed") >= 200 and a.counter("n1", "forged") >= 400,
+            30,
+            "n1 to count the replays and forgeries",
+        )
     assert not failures, failures
     assert a.counter("n1", "no_route") == before + 1  # the replays and forgeries were never taken
 
@@ -254,9 +266,15 @@ def test_a_member_cannot_speak_for_another_in_lsus_or_the_directory(layer: Layer
             dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, msg)))
             forged = dataclasses.replace(msg, sig=rogue.sign(signed_part(msg)))
             dt.write(dsealer.seal_bytes(mgmt_pdu(layer.n1, forged)))
-        wait_for(lambda: a.counter("n1", "dht_forged") >= 2 and a.counter("n1", "mgmt_malformed") >= 50
-                 and a.counter("n1", "fa_forged") >= 4, 20,
-                 "n1 to count the forged stores, allocator messages and malformed PDUs")
+        wait_for(
+            lambda: (
+                a.counter("n1", "dht_forged") >= 2
+                and a.counter("n1", "mgmt_malformed") >= 50
+                and a.counter("n1", "fa_forged") >= 4
+            ),
+            20,
+            "n1 to count the forged stores, allocator messages and malformed PDUs",
+        )
     assert not failures, failures
     routes = {row[0] for row in a.info("n1")["forwarding"]}
     assert str(n2) in routes  # n2's routes were not emptied
@@ -326,12 +344,20 @@ def test_an_unprivileged_non_member_is_refused_like_any_other(layer: Layer, clus
     os.chmod(cluster.tmp, 0o755)  # the test hosts' sockets, reachable by any local user (as /run/ouroboros is)
     before = a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed")
     with legit_pings(b) as failures:
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            sys.executable, "-c", ATTACKER, "20"],
-                           env=b.irmd.env, capture_output=True, text=True, timeout=180, cwd="/")
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", ATTACKER, "20"],
+            env=b.irmd.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd="/",
+        )
         assert r.returncode == 0 and "sent 20" in r.stdout, r.stdout + r.stderr
-        wait_for(lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= before + 20,
-                 30, "n1 to count the nobody's 20 refused handshakes")
+        wait_for(
+            lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= before + 20,
+            30,
+            "n1 to count the nobody's 20 refused handshakes",
+        )
     assert not failures, failures
     assert a.neighbours("n1") == {"n2"} and a.irmd.alive()
 
@@ -349,8 +375,11 @@ def test_a_member_flooding_management_pdus_is_bounded(layer: Layer, peer: Peer) 
             with contextlib.suppress(FlowError):
                 dt.write(sealer.seal_bytes(pci.frame(head + b"\x00" * (i % 100))))
                 mgmt.write(msealer.seal_bytes(b"\x01" * (i % 100)))
-        wait_for(lambda: a.counter("n1", "mgmt_malformed") + a.counter("n1", "mgmt_dropped") >= 20000, 60,
-                 "n1 to drop the flood")
+        wait_for(
+            lambda: a.counter("n1", "mgmt_malformed") + a.counter("n1", "mgmt_dropped") >= 20000,
+            60,
+            "n1 to drop the flood",
+        )
     assert not failures, failures
     assert rss_kb(n1) - mem < 30_000
     before = cpu_seconds(n1)

@@ -69,8 +69,12 @@ async def _piggyback(tmp: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_reader(server.fileno(), stub.accept, server)
     env = os.environ | {"OUROBOROS_STATE_DIR": str(tmp / "state"), "OUROBOROS_SOCK": str(path)}
-    proc = subprocess.Popen([sys.executable, "-m", "ipcp", "unicast", "u1", str(path)], env=env,
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipcp", "unicast", "u1", str(path)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         ipcp = await asyncio.wait_for(stub.ipcp, 20)
         info, _ = await ipcp.request(m.IpcpBootstrapReq("net", {"key": "k3y"}), timeout=20)
@@ -81,7 +85,7 @@ async def _piggyback(tmp: Path) -> None:
         stub.answer = b"the responder's OAP answer"
         reply, fds = await ipcp.request(m.IpcpFlowAlloc(5, digest, raw, 10.0, b"the requester's OAP data"), timeout=20)
         assert isinstance(reply, m.IpcpFlow) and reply.data == stub.answer and len(fds) == 1
-        (req, acceptor_fd), = stub.arrived
+        ((req, acceptor_fd),) = stub.arrived
         assert req.data == b"the requester's OAP data" and req.hash == digest
         with socket.socket(fileno=fds[0]) as mine, socket.socket(fileno=acceptor_fd) as theirs:
             mine.send(b"ping")

@@ -33,8 +33,9 @@ def ident_of(n: int) -> auth.Identity:
     return auth.Identity.generate()
 
 
-def lsu(src: int, seqno: int, neighbours: list[int], name: str = "", since: float = 0.0,
-        ident: auth.Identity | None = None) -> um.Lsu:
+def lsu(
+    src: int, seqno: int, neighbours: list[int], name: str = "", since: float = 0.0, ident: auth.Identity | None = None
+) -> um.Lsu:
     """An LSU as member `src` (or the holder of `ident`) signs it."""
     ident = ident or ident_of(src)
     unsigned = um.Lsu(src, seqno, neighbours, name, since, ident.pub)
@@ -132,6 +133,8 @@ def test_lsdb_our_own_lsu_is_never_news_and_an_older_incarnation_is_outnumbered(
     with pytest.raises(auth.Forged):  # another key cannot speak for us
         a.receive(lsu(1, 50, [9]), 3.0)
     assert a.forged == 1 and a.set_neighbours({2}, 4.0).seqno < 50
+
+
 def test_lsdb_entries_expire_unless_renewed() -> None:
     a = Lsdb(1)
     a.set_neighbours({2}, 0.0)
@@ -148,6 +151,8 @@ def test_lsdb_entries_expire_unless_renewed() -> None:
     a.handle_timer(TIMEO * 3)
     assert a.members == {1}  # we never expire ourselves
     assert a.table() == {}
+
+
 def test_lsdb_lsus_carry_member_names_for_automatic_connects() -> None:
     a = Lsdb(1, name="n1")
     assert a.set_neighbours({2}, 0.0).name == "n1" and a.own().name == "n1"
@@ -178,6 +183,8 @@ def test_lsdb_a_takeover_of_a_name_or_address_needs_its_members_key() -> None:
     assert a.members == {1, 3} and a.db[3].seqno == 1 and a.forged == 3
     a.handle_timer(TIMEO + 1)  # once n3 is gone for good, its name is free again
     assert a.receive(lsu(9, 1, [2], "n3", since=99.0), TIMEO + 2)
+
+
 def test_lsdb_an_old_incarnations_lsu_still_going_round_does_not_undo_the_new_one() -> None:
     n3 = ident_of(3)
     a = Lsdb(1, name="n1")
@@ -191,6 +198,8 @@ def test_lsdb_an_old_incarnations_lsu_still_going_round_does_not_undo_the_new_on
     assert b.names() == {5: "n5", 9: "n3"}
     with pytest.raises(auth.Forged):  # nor anyone else under its own name
         b.receive(lsu(4, 1, [2], "n5", since=-1.0), 1.0)
+
+
 def test_lsdb_renewal_is_due_every_ls_t_update_and_recalc_waits_ls_t_recalc() -> None:
     timers = LsTimers(recalc=2.0, update=5.0, timeo=12.0)
     a = Lsdb(1, timers=timers)
@@ -208,6 +217,8 @@ def test_lsdb_renewal_is_due_every_ls_t_update_and_recalc_waits_ls_t_recalc() ->
     a.receive(lsu(3, 2, []), 6.5)  # a lost one: at the next ls_t_recalc
     assert a.take_table(6.5) is None and a.get_timer() == 8.0
     assert a.take_table(8.0) == {2: [2]}
+
+
 def test_routing_line_single_next_hop_everywhere() -> None:
     g = Graph(range(1, 6))
     g.connect(line(5))
@@ -307,9 +318,15 @@ def test_routing_renewal_outnumbers_an_older_incarnation() -> None:
 @FUZZ
 @given(
     st.lists(
-        st.builds(lsu, st.integers(-3, 12), st.integers(-(2**64), 2**64), st.lists(st.integers(-3, 12), max_size=6),
-                  st.sampled_from(["", "a", "b"]), st.floats(allow_nan=True),
-                  st.sampled_from([ident_of(i) for i in range(3)])),
+        st.builds(
+            lsu,
+            st.integers(-3, 12),
+            st.integers(-(2**64), 2**64),
+            st.lists(st.integers(-3, 12), max_size=6),
+            st.sampled_from(["", "a", "b"]),
+            st.floats(allow_nan=True),
+            st.sampled_from([ident_of(i) for i in range(3)]),
+        ),
         max_size=30,
     ),
     st.sampled_from(["link_state", "lfa", "ecmp"]),
@@ -326,11 +343,11 @@ def test_fuzz_lsdb_takes_any_lsus_and_routes_only_over_known_two_way_links(lsus:
             assert x in graph[y]
     for dst, hops in a.table().items():
         assert dst != 1 and hops and set(hops) <= graph[1] and dst in a.members
+
+
 def test_pff_rejects_an_unknown_policy() -> None:
     with pytest.raises(ValueError, match="unknown routing policy 'ospf'"):
         pff.by_name("ospf")
-
-
 
 
 def test_lsdb_tables_come_at_most_every_holdoff_in_a_join_storm() -> None:

@@ -161,8 +161,11 @@ def test_ring_with_chords_converges_and_survives_two_crashes(cluster: Cluster, n
     assert all(h.irmd.alive() for h in alive.values())
 
     # once the dead members' LSUs have expired everywhere (and the layer has renewed itself since)
-    wait_for(lambda: all(h.field(f"n{i}", "members") == str(len(alive)) for i, h in alive.items()), 60,
-             "every survivor to forget the dead members")
+    wait_for(
+        lambda: all(h.field(f"n{i}", "members") == str(len(alive)) for i, h in alive.items()),
+        60,
+        "every survivor to forget the dead members",
+    )
     expired = time.monotonic() - killed_at
     later = reach_all(alive, 90, f"n={n} {expired:.0f} s after the crash, the dead forgotten")
     print(

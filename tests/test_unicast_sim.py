@@ -37,9 +37,11 @@ def test_a_layer_of_1000_members_converges_routes_every_pair_and_finds_every_nam
     sent = collections.Counter[str]()
     for m in members:
         sent.update(m.sent)
-    print(f"{MEMBERS} members: LSDBs identical at {sim.converged_at * 1e3:.0f} ms simulated "
-          f"(diameter {layer_sim.diameter(graph)} hops); per member: "
-          f"{ {k: round(v / MEMBERS, 1) for k, v in sent.items()} }; dropped on the way: {sim.dropped}")
+    print(
+        f"{MEMBERS} members: LSDBs identical at {sim.converged_at * 1e3:.0f} ms simulated "
+        f"(diameter {layer_sim.diameter(graph)} hops); per member: "
+        f"{ {k: round(v / MEMBERS, 1) for k, v in sent.items()} }; dropped on the way: {sim.dropped}"
+    )
     # the directory's traffic is small next to the flood: a few stores and lookups per member
     assert sent["DhtStore"] / MEMBERS < 4 * 8
 

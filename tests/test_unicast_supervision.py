@@ -32,8 +32,9 @@ def test_a_failing_command_on_the_data_transfer_thread_ends_the_process_with_a_l
         time.sleep(10)
         print("still running")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                       cwd=Path(__file__).parent.parent)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent
+    )
     assert r.returncode == EXIT_CODE == 70, (r.returncode, r.stderr)
     assert "data transfer failed; the IPCP ends" in r.stderr and "ZeroDivisionError" in r.stderr
     assert "still running" not in r.stdout

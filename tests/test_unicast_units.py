@@ -235,5 +235,3 @@ def test_fuzz_codec_decode_mutated_messages_raises_only_wire_error(msg: Message,
         decode_only_wire_error(
             bytes(raw[: HEADER.size - 4]) + (len(raw) - HEADER.size).to_bytes(4, "big") + bytes(raw[HEADER.size :])
         )
-
-

@@ -28,8 +28,15 @@ for _cls in MESSAGE_TYPES:
         JSON_CODEC.register(_cls)
 
 
-def frame(code: int, body: bytes | str, req_id: int = 7, *, magic: bytes = MAGIC, version: int = PACKED_VERSION,
-          length: int | None = None) -> bytes:
+def frame(
+    code: int,
+    body: bytes | str,
+    req_id: int = 7,
+    *,
+    magic: bytes = MAGIC,
+    version: int = PACKED_VERSION,
+    length: int | None = None,
+) -> bytes:
     if isinstance(body, str):
         body = body.encode()
     return HEADER.pack(magic, version, code, req_id, len(body) if length is None else length) + body
@@ -44,6 +51,7 @@ def json_frame(cls: type[m.Message], body: Any, req_id: int = 7) -> bytes:
 
 
 # -- sample values for every field type -----------------------------------------
+
 
 def _is_optional(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -61,8 +69,7 @@ def sample(hint: Any) -> Any:
         return {"key": sample(typing.get_args(hint)[1])}
     if dataclasses.is_dataclass(hint) and hint is not QosSpec:  # a nested record (IpcpInfo's sections)
         return sample_message(hint)  # type: ignore[arg-type]
-    return {str: "wörd-1", int: 4242, bool: True, float: 2.5, bytes: b"\x00\x01\xfe\xff",
-            QosSpec: qos.video}[hint]
+    return {str: "wörd-1", int: 4242, bool: True, float: 2.5, bytes: b"\x00\x01\xfe\xff", QosSpec: qos.video}[hint]
 
 
 def sample_message(cls: type[m.Message]) -> m.Message:
@@ -83,8 +90,17 @@ def strategy(hint: Any) -> st.SearchStrategy[Any]:
         return message_strategy(hint)  # type: ignore[arg-type]
     if hint is QosSpec:
         u64 = st.integers(0, UINT64_MAX)
-        return st.builds(QosSpec, delay=u64, bandwidth=u64, availability=u64, loss=u64, ber=u64,
-                         in_order=u64, max_gap=u64, timeout=u64)
+        return st.builds(
+            QosSpec,
+            delay=u64,
+            bandwidth=u64,
+            availability=u64,
+            loss=u64,
+            ber=u64,
+            in_order=u64,
+            max_gap=u64,
+            timeout=u64,
+        )
     return {
         str: st.text(max_size=40),
         int: st.integers(-(2**63), 2**64 - 1),
@@ -101,6 +117,7 @@ def message_strategy(cls: type[m.Message]) -> st.SearchStrategy[m.Message]:
 
 # -- round trips ----------------------------------------------------------------
 
+
 def test_codec_knows_error_and_every_message_of_the_protocol() -> None:
     assert CODEC.types[Error.TYPE] is Error
     assert {m.FlowAlloc, m.FlowReply, m.IpcpBootstrap, m.FlowReqArrived, m.FlowPeerDealloc} <= set(MESSAGE_TYPES)
@@ -113,9 +130,18 @@ def test_every_message_type_round_trips_with_all_fields_set(cls: type[m.Message]
     assert CODEC.decode(CODEC.encode(msg, 0xDEADBEEF)) == Frame(0xDEADBEEF, msg)
 
 
-@pytest.mark.parametrize("cls", [c for c in MESSAGE_TYPES if all(
-    f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-    for f in dataclasses.fields(c))], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [
+        c
+        for c in MESSAGE_TYPES
+        if all(
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            for f in dataclasses.fields(c)
+        )
+    ],
+    ids=lambda c: c.__name__,
+)
 def test_message_with_only_defaults_round_trips(cls: type[m.Message]) -> None:
     msg = cls()
     assert CODEC.decode(CODEC.encode(msg)) == Frame(0, msg)
@@ -186,8 +212,9 @@ def test_unknown_message_type_is_rejected(code: int) -> None:
         CODEC.decode(frame(code, b"\x80"))
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"", b"\xc1", b"\x81\xa7flow_id", b"\x91" * 100_000 + b"\x01",
-                                  b"\x81\xa7flow_id\x01\x00"])
+@pytest.mark.parametrize(
+    "body", [b"{not json", b"", b"\xc1", b"\x81\xa7flow_id", b"\x91" * 100_000 + b"\x01", b"\x81\xa7flow_id\x01\x00"]
+)
 def test_body_that_is_not_messagepack_is_rejected(body: bytes) -> None:
     with pytest.raises(WireError, match="not MessagePack"):
         CODEC.decode(frame(m.FlowDealloc.TYPE, body))
@@ -246,8 +273,9 @@ def test_field_of_the_wrong_type_is_rejected_naming_the_field(cls: type[m.Messag
         (m.IpcpInfo, {"sections": [{"columns": []}]}, "sections"),
     ],
 )
-def test_packed_field_of_the_wrong_kind_is_rejected_naming_the_field(cls: type[m.Message], body: Any,
-                                                                     field: str) -> None:
+def test_packed_field_of_the_wrong_kind_is_rejected_naming_the_field(
+    cls: type[m.Message], body: Any, field: str
+) -> None:
     with pytest.raises(WireError, match=f"{cls.__name__}.{field}"):
         CODEC.decode(packed_frame(cls, body))
 
@@ -346,6 +374,7 @@ def test_integer_beyond_64_bits_is_no_message(value: int) -> None:
 
 
 # -- fuzzing: decode raises WireError and nothing else ---------------------------
+
 
 def decode_or_wire_error(data: bytes) -> None:
     with contextlib.suppress(WireError):

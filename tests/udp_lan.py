@@ -47,8 +47,22 @@ class Host:
 
     def bootstrap(self, peer: str | None = None, extra: tuple[str, ...] = ()) -> None:
         opts = ["peer", peer] if peer else []
-        self.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER,
-                    "ip", self.ip, "port", str(self.port), *opts, *extra)
+        self.irm_ok(
+            "ipcp",
+            "bootstrap",
+            "type",
+            "udp4",
+            "name",
+            "u",
+            "layer",
+            LAYER,
+            "ip",
+            self.ip,
+            "port",
+            str(self.port),
+            *opts,
+            *extra,
+        )
         self.irmd.note_children()
 
     def serve(self, name: str, prog: str = "oping", *args: str) -> None:

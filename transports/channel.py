@@ -123,9 +123,7 @@ class AsyncChannel:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    async def request(
-        self, msg: Message, fds: Sequence[int] = (), timeout: float | None = None
-    ) -> Reply:
+    async def request(self, msg: Message, fds: Sequence[int] = (), timeout: float | None = None) -> Reply:
         """Send a request and wait for its reply; fds sent are not closed here."""
         if self.closed:
             raise ChannelClosed(f"{self.name}: channel closed")
@@ -242,8 +240,12 @@ class AsyncChannel:
                     close_fds(fds)  # a late reply to a request that timed out or was dropped
             elif self._max_requests is not None and len(self._tasks) >= self._max_requests:
                 close_fds(fds)
-                self._reply_error(data, "EBUSY", f"{self._max_requests} requests are being served on this "
-                                                 "connection already; wait for their replies")
+                self._reply_error(
+                    data,
+                    "EBUSY",
+                    f"{self._max_requests} requests are being served on this "
+                    "connection already; wait for their replies",
+                )
             else:
                 # The fds go in a box the task empties when it starts: a task cancelled before its
                 # first step (the connection closed behind it) never runs, and its done callback
@@ -309,9 +311,7 @@ class SyncChannel:
     def closed(self) -> bool:
         return self._closed
 
-    def request(
-        self, msg: Message, fds: Sequence[int] = (), timeout: float | None = None
-    ) -> Reply:
+    def request(self, msg: Message, fds: Sequence[int] = (), timeout: float | None = None) -> Reply:
         with self._lock:
             if self._closed:
                 self._raise_farewell()

@@ -197,8 +197,7 @@ class EthFraming:
         if len(frame) < DIX.size:
             return None
         dst, peer, etype, eid, length = DIX.unpack_from(frame)
-        if (etype != self.ethertype or length > len(frame) - DIX.size
-                or (dst != self.own and dst != BROADCAST)):
+        if etype != self.ethertype or length > len(frame) - DIX.size or (dst != self.own and dst != BROADCAST):
             return None  # bytes beyond the length are Ethernet padding
         return eid, memoryview(frame)[DIX.size : DIX.size + length], peer
 
@@ -224,8 +223,7 @@ class LlcFraming:
         if len(frame) < LLC.size:
             return None
         dst, peer, length, dsap, ssap, ctrl = LLC.unpack_from(frame)
-        if (ctrl != LLC_UI or not LLC_EXTRA <= length <= len(frame) - ETH_HLEN
-                or (dst != self.own and dst != BROADCAST)):
+        if ctrl != LLC_UI or not LLC_EXTRA <= length <= len(frame) - ETH_HLEN or (dst != self.own and dst != BROADCAST):
             return None
         dsap, ssap = WIRE_SAP[dsap], WIRE_SAP[ssap]
         if dsap == MGMT_SAP:

@@ -44,8 +44,14 @@ class RelayFlow(Protocol):
 class Relay(PollThread):
     """The data path of one shim IPCP; `on_mgmt` gets endpoint-0 frames (from this thread)."""
 
-    def __init__(self, net: socket.socket, framing: Framing, bufsize: int,
-                 on_mgmt: Callable[[bytes, Hashable], None], max_sdu: int) -> None:
+    def __init__(
+        self,
+        net: socket.socket,
+        framing: Framing,
+        bufsize: int,
+        on_mgmt: Callable[[bytes, Hashable], None],
+        max_sdu: int,
+    ) -> None:
         super().__init__("relay")
         self.net = net
         self.framing = framing

@@ -60,11 +60,9 @@ def check_dirs(path: Path, uid: int, *, strict_leaf: bool) -> None:
                 if not stat.S_ISDIR(st.st_mode):
                     raise TrustError(0, f"{here} is not a directory")
                 if not _owner_ok(st, uid):
-                    raise TrustError(0, f"directory {here} belongs to uid {st.st_uid}, "
-                                              f"not to root or uid {uid}")
+                    raise TrustError(0, f"directory {here} belongs to uid {st.st_uid}, not to root or uid {uid}")
                 if st.st_mode & 0o022 and ((strict_leaf and leaf) or not st.st_mode & stat.S_ISVTX):
-                    raise TrustError(0, f"directory {here} is writable by others "
-                                              f"(mode {stat.S_IMODE(st.st_mode):04o})")
+                    raise TrustError(0, f"directory {here} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
             if here.parent == here:
                 break
             here, leaf = here.parent, False

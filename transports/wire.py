@@ -149,8 +149,9 @@ class _Shape:
     def of(cls, dc: Any) -> _Shape:
         hints = _hints_of(dc)
         fields = dataclasses.fields(dc)
-        required = {f.name for f in fields
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         floats, nested = set(), []
         for f in fields:
             inner = _dataclass_in(hints[f.name])
@@ -158,8 +159,7 @@ class _Shape:
                 nested.append((f.name, cls.of(inner)))
             elif float in (hints[f.name], *get_args(hints[f.name])):
                 floats.add(f.name)
-        return cls(frozenset(f.name for f in fields), frozenset(required), frozenset(floats),
-                   tuple(nested))
+        return cls(frozenset(f.name for f in fields), frozenset(required), frozenset(floats), tuple(nested))
 
     def check(self, raw: dict[Any, Any], where: str) -> None:
         """Refuse unknown and missing fields and non-finite floats, here and in nested records; the

@@ -65,8 +65,11 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a depot")
     logs.add_arguments(common)
-    common.add_argument("--encrypt", action="store_true",
-                        help="encrypt flows end to end (capabilities and data); a depot: for its copies")
+    common.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt flows end to end (capabilities and data); a depot: for its copies",
+    )
     p = argparse.ArgumentParser(prog="ibp", description="IBP depots and clients over flows")
     add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -78,8 +81,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--capacity", type=size, default=size("1G"))
     d.add_argument("--max-duration", type=seconds, default=seconds("1d"))
     d.add_argument("--layer", action="append", default=[], help="register the name in this layer (repeatable)")
-    d.add_argument("--listen", nargs="?", const=f"tcp:{DEFAULT_PORT}", default=None,
-                   help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})")
+    d.add_argument(
+        "--listen",
+        nargs="?",
+        const=f"tcp:{DEFAULT_PORT}",
+        default=None,
+        help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})",
+    )
     add_flags(d)
 
     a = add("allocate", help="reserve space; prints read, write and manage capabilities")
@@ -295,8 +303,9 @@ def run_depot(args: argparse.Namespace) -> int:
             raise w.IbpError(w.IBP_E_CONNECTION, f"--listen: {e}") from None
         threading.Thread(target=tcp_loop, args=(server, sock, addr), daemon=True).start()
         log.info("depot %s listening on tcp %s", args.name, addr)
-    log.info("depot %s serving %s (capacity %d, max duration %d s)", args.name, args.dir, args.capacity,
-             args.max_duration)
+    log.info(
+        "depot %s serving %s (capacity %d, max duration %d s)", args.name, args.dir, args.capacity, args.max_duration
+    )
     notify_ready()
     try:
         flow_loop(server)  # returns only when the IRMd is gone

@@ -56,8 +56,14 @@ def parse_cap(text: str, right: str | None = None) -> Capability:
 class Connection:
     """Requests to one depot over one stream; use as a context manager."""
 
-    def __init__(self, depot: str, timeout: float = DEFAULT_TIMEOUT, irm: IrmClient | None = None,
-                 encrypt: bool = False, own_irm: bool = False) -> None:
+    def __init__(
+        self,
+        depot: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        irm: IrmClient | None = None,
+        encrypt: bool = False,
+        own_irm: bool = False,
+    ) -> None:
         """own_irm: `irm` was made for this connection alone, and is closed with it."""
         self.depot = depot
         self.timeout = timeout
@@ -97,8 +103,7 @@ class Connection:
             self.answered += 1
             return w.parse_reply(line)
         except StreamTimeout:
-            raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} did not answer in {wait:g} s") \
-                from None
+            raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} did not answer in {wait:g} s") from None
         except StreamClosed:
             raise w.IbpError(w.IBP_E_CONNECTION, f"depot {self.depot!r} closed the connection") from None
         except (ValueError, w.BadRequest) as e:
@@ -121,8 +126,9 @@ class Connection:
         if reply.status == w.IBP_E_OUT_OF_SOCKETS:  # `-66 WAIT reason`: turned away for now
             wait = reply.fields[0] if reply.fields else "?"
             why = w.reason_fields(" ".join(reply.fields[1:]))
-            raise w.IbpError(reply.status, f"depot {self.depot!r} is busy ({why}): retry in "
-                             f"{w.reason_fields(wait)[:12]} s")
+            raise w.IbpError(
+                reply.status, f"depot {self.depot!r} is busy ({why}): retry in {w.reason_fields(wait)[:12]} s"
+            )
         if not reply.ok:
             why = w.reason_fields(" ".join(reply.fields)) or "no reason"
             raise w.IbpError(reply.status, f"depot {self.depot!r} refused: {why}")
@@ -130,20 +136,25 @@ class Connection:
 
     # -- operations --
 
-    def allocate(self, size: int, duration: int, reliability: int = w.IBP_SOFT,
-                 type_: int = w.IBP_BYTEARRAY) -> tuple[Capability, Capability, Capability]:
+    def allocate(
+        self, size: int, duration: int, reliability: int = w.IBP_SOFT, type_: int = w.IBP_BYTEARRAY
+    ) -> tuple[Capability, Capability, Capability]:
         reply = self.call(w.Allocate("0", reliability, type_, duration, size, self._server_timeout))
         if len(reply.fields) < 3:
             raise w.IbpError(w.IBP_E_BAD_FORMAT, "ALLOCATE reply lacks capabilities")
         caps = tuple(parse_cap(f) for f in reply.fields[:3])
         return caps[0], caps[1], caps[2]
 
-    def store(self, cap: Capability, chunks: Iterable[bytes | memoryview], length: int,
-              offset: int | None = None) -> int:
+    def store(
+        self, cap: Capability, chunks: Iterable[bytes | memoryview], length: int, offset: int | None = None
+    ) -> int:
         """Append (offset None: STORE) or write at `offset` (WRITE) exactly `length` bytes."""
         t = self._server_timeout
-        req: w.Request = (w.Store(cap.key, cap.typekey, length, t, cap.rid) if offset is None
-                          else w.Write(cap.key, cap.typekey, offset, length, t, cap.rid))
+        req: w.Request = (
+            w.Store(cap.key, cap.typekey, length, t, cap.rid)
+            if offset is None
+            else w.Write(cap.key, cap.typekey, offset, length, t, cap.rid)
+        )
         self.call(req)
         sent = 0
         for chunk in chunks:
@@ -194,15 +205,25 @@ class Connection:
 
     def mcopy(self, src: Capability, dsts: list[Capability], offset: int = 0, length: int = 0) -> list[int]:
         """Statuses per target (IBP_OK or an error), after the copied length."""
-        reply = self.call(w.Mcopy(src.key, src.typekey, offset, length, tuple(str(d) for d in dsts),
-                                  self._server_timeout, src.rid), self._copy_wait(len(dsts)))
+        reply = self.call(
+            w.Mcopy(src.key, src.typekey, offset, length, tuple(str(d) for d in dsts), self._server_timeout, src.rid),
+            self._copy_wait(len(dsts)),
+        )
         return [w.reply_status(reply, i) for i in range(1, len(reply.fields))]
 
-    def manage(self, cap: Capability, subcmd: int, captype: int = w.IBP_READCAP, size: int = 0,
-               duration: int = w.KEEP, reliability: int = w.KEEP) -> tuple[str, ...]:
+    def manage(
+        self,
+        cap: Capability,
+        subcmd: int,
+        captype: int = w.IBP_READCAP,
+        size: int = 0,
+        duration: int = w.KEEP,
+        reliability: int = w.KEEP,
+    ) -> tuple[str, ...]:
         """PROBE's fields (read_refs write_refs size max_size seconds_left reliability type), or ()."""
-        return self.call(w.Manage(cap.key, cap.typekey, subcmd, captype, self._server_timeout, size, duration,
-                                  reliability, cap.rid)).fields
+        return self.call(
+            w.Manage(cap.key, cap.typekey, subcmd, captype, self._server_timeout, size, duration, reliability, cap.rid)
+        ).fields
 
     def probe(self, cap: Capability) -> dict[str, int]:
         fields = self.manage(cap, w.IBP_PROBE, w.IBP_MANAGECAP)
@@ -239,5 +260,4 @@ class Connection:
 
     def change(self, password: str, capacity: int, max_duration: int) -> None:
         """ST_CHANGE as IBP sends it: the new limits on a second line."""
-        self.call(w.Status("0", w.IBP_ST_CHANGE, password, self._server_timeout, capacity, max_duration,
-                           follows=True))
+        self.call(w.Status("0", w.IBP_ST_CHANGE, password, self._server_timeout, capacity, max_duration, follows=True))

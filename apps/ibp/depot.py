@@ -29,8 +29,8 @@ MAX_REFS = 1_000_000
 class Allocation:
     """What the depot keeps of an allocation: hashes of its keys, never the keys themselves."""
 
-    fid: str          # the SHA-256 of the allocation's key: its name on disk and in memory
-    read_hash: str    # the SHA-256 of each right's key
+    fid: str  # the SHA-256 of the allocation's key: its name on disk and in memory
+    read_hash: str  # the SHA-256 of each right's key
     write_hash: str
     manage_hash: str
     reliability: int
@@ -40,7 +40,7 @@ class Allocation:
     size: int = 0
     read_refs: int = 1
     write_refs: int = 1
-    owner: str = ""   # the client that made it, for its quotas
+    owner: str = ""  # the client that made it, for its quotas
 
     def right_hash(self, right: str) -> str:
         return {READ: self.read_hash, WRITE: self.write_hash, MANAGE: self.manage_hash}[right]
@@ -57,9 +57,11 @@ class Grant:
     manage_key: str
 
     def caps(self, depot: str) -> tuple[Capability, Capability, Capability]:
-        return (Capability(depot, RID, self.key, self.read_key, READ),
-                Capability(depot, RID, self.key, self.write_key, WRITE),
-                Capability(depot, RID, self.key, self.manage_key, MANAGE))
+        return (
+            Capability(depot, RID, self.key, self.read_key, READ),
+            Capability(depot, RID, self.key, self.write_key, WRITE),
+            Capability(depot, RID, self.key, self.manage_key, MANAGE),
+        )
 
 
 def admit(size: int, duration: int, free: int, capacity: int, max_duration: int) -> tuple[int, str]:
@@ -75,14 +77,17 @@ def admit(size: int, duration: int, free: int, capacity: int, max_duration: int)
         return w.IBP_E_WOULD_EXCEED_LIMIT, f"size {size} exceeds the free space of {free} bytes"
     if capacity <= 0 or size * duration * capacity > free * free * max_duration:
         budget = free * free * max_duration // capacity if capacity > 0 else 0
-        return (w.IBP_E_WOULD_EXCEED_POLICY,
-                f"size x duration {size * duration} exceeds the policy budget of {budget} byte-seconds now")
+        return (
+            w.IBP_E_WOULD_EXCEED_POLICY,
+            f"size x duration {size * duration} exceeds the policy budget of {budget} byte-seconds now",
+        )
     return w.IBP_OK, ""
 
 
 class DepotCore:
-    def __init__(self, store: DiskStore, capacity: int, max_duration: int, now: float,
-                 limits: Limits | None = None) -> None:
+    def __init__(
+        self, store: DiskStore, capacity: int, max_duration: int, now: float, limits: Limits | None = None
+    ) -> None:
         self.store = store
         self.limits = limits or Limits()
         self.capacity = capacity
@@ -101,7 +106,7 @@ class DepotCore:
         self.revoked = 0  # SOFT allocations given up for HARD ones
         # Running totals, kept as allocations change, so admission never sums over them all.
         self.reserved = self.hard_reserved = self.stored = 0
-        self.owned: Counter[str] = Counter()        # allocations per client
+        self.owned: Counter[str] = Counter()  # allocations per client
         self.owned_bytes: Counter[str] = Counter()  # bytes reserved per client
         self._recover(now)
 
@@ -157,12 +162,14 @@ class DepotCore:
         if more_allocs and len(self.allocs) >= lim.max_allocations:
             raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"the depot holds {lim.max_allocations} allocations")
         if more_allocs and self.owned[owner] >= lim.client_allocations:
-            raise self.refuse(w.IBP_E_WOULD_EXCEED_POLICY,
-                              f"this client holds {lim.client_allocations} allocations already")
+            raise self.refuse(
+                w.IBP_E_WOULD_EXCEED_POLICY, f"this client holds {lim.client_allocations} allocations already"
+            )
         share = int(self.capacity * lim.client_share)  # a share of 1 leaves it to the admission policy
         if lim.client_share < 1 and more_bytes > 0 and self.owned_bytes[owner] + more_bytes > share:
-            raise self.refuse(w.IBP_E_WOULD_EXCEED_POLICY,
-                              f"this client would hold more than its share of {share} bytes")
+            raise self.refuse(
+                w.IBP_E_WOULD_EXCEED_POLICY, f"this client would hold more than its share of {share} bytes"
+            )
 
     # -- operations --
 
@@ -187,8 +194,17 @@ class DepotCore:
         if status != w.IBP_OK:
             raise self.refuse(status, reason)
         key, rkey, wkey, mkey = new_key(), new_key(), new_key(), new_key()
-        a = Allocation(key_hash(key), key_hash(rkey), key_hash(wkey), key_hash(mkey), req.reliability, req.type,
-                       req.size, now + duration, owner=owner)
+        a = Allocation(
+            key_hash(key),
+            key_hash(rkey),
+            key_hash(wkey),
+            key_hash(mkey),
+            req.reliability,
+            req.type,
+            req.size,
+            now + duration,
+            owner=owner,
+        )
         self.store.create(a.fid)
         self.store.append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
         self.allocs[a.fid] = a
@@ -235,8 +251,9 @@ class DepotCore:
         if length <= 0:
             raise self.refuse(w.IBP_E_INV_PAR_SIZE, "nothing to write")
         if start + length > a.max_size:
-            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT,
-                              f"{length} bytes at {start} exceed the allocation's {a.max_size} bytes")
+            raise self.refuse(
+                w.IBP_E_WOULD_EXCEED_LIMIT, f"{length} bytes at {start} exceed the allocation's {a.max_size} bytes"
+            )
         return start
 
     def commit(self, a: Allocation, end: int) -> None:
@@ -253,8 +270,9 @@ class DepotCore:
         if length == 0:
             return a.size - offset
         if offset + length > a.size:
-            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT,
-                              f"{length} bytes at {offset} go past the end of the data ({a.size} bytes)")
+            raise self.refuse(
+                w.IBP_E_WOULD_EXCEED_LIMIT, f"{length} bytes at {offset} go past the end of the data ({a.size} bytes)"
+            )
         return length
 
     def open_data(self, a: Allocation) -> BinaryIO:
@@ -332,13 +350,26 @@ class DepotCore:
         """ST_INQ's standard figures (by our names) and our own, for wire.format_inq."""
         hard_free = self.free
         values: dict[str, object] = {
-            "version": w.INQ_VERSION, "data_mover": w.DM_TCP, "rid": RID, "resource_type": w.RS_DISK,
-            "capacity": self.capacity, "served": self.capacity, "reserved": self.reserved,
-            "hard_reserved": self.hard_reserved, "hard_served": self.capacity, "hard_capacity": self.capacity,
-            "free": self.free, "hard_free": hard_free, "max_duration": self.max_duration,
+            "version": w.INQ_VERSION,
+            "data_mover": w.DM_TCP,
+            "rid": RID,
+            "resource_type": w.RS_DISK,
+            "capacity": self.capacity,
+            "served": self.capacity,
+            "reserved": self.reserved,
+            "hard_reserved": self.hard_reserved,
+            "hard_served": self.capacity,
+            "hard_capacity": self.capacity,
+            "free": self.free,
+            "hard_free": hard_free,
+            "max_duration": self.max_duration,
         }
-        extras = {"used": self.stored, "allocations": len(self.allocs), "refused": self.refused.total(),
-                  "revoked_soft": self.revoked}
+        extras = {
+            "used": self.stored,
+            "allocations": len(self.allocs),
+            "refused": self.refused.total(),
+            "revoked_soft": self.revoked,
+        }
         return values, extras
 
     def status(self) -> dict[str, object]:

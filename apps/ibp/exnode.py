@@ -130,7 +130,7 @@ def to_xml(ex: ExNode) -> bytes:
                 ET.SubElement(e, _q(tag)).text = getattr(m, tag)
     ET.indent(root)
     body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
-    return b"<?xml version=\"1.0\"?>\n" + body + b"\n"
+    return b'<?xml version="1.0"?>\n' + body + b"\n"
 
 
 def _metas(e: ET.Element) -> dict[str, str]:
@@ -182,8 +182,7 @@ def from_xml(data: bytes) -> ExNode:
         if not caps["read"]:
             raise BadExnode(f"{where}: no read capability")
         expires = _nonneg(mm, "expires", where) if "expires" in mm else 0
-        m = Mapping(off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""),
-                    expires)
+        m = Mapping(off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""), expires)
         if m.end > ex.size:
             raise BadExnode(f"{where}: bytes {m.exnode_offset}..{m.end} fall outside the file of {ex.size}")
         if m.alloc_offset + m.logical_length > m.alloc_length:

@@ -47,6 +47,7 @@ class _TqdmHandler(logging.Handler):
 
 # -- outputs --
 
+
 def stdout_for(what: str) -> BinaryIO:
     """stdout for `what`, refused when it is a terminal."""
     if sys.stdout.isatty():
@@ -130,6 +131,7 @@ def depot_list(text: str) -> list[str]:
 
 # -- the tools --
 
+
 def upload(args: argparse.Namespace) -> int:
     src: Path = args.file
     if not src.is_file():
@@ -147,17 +149,32 @@ def upload(args: argparse.Namespace) -> int:
     except lors.UploadFailed as e:
         if e.leftover.mappings:
             where = write_exnode(e.leftover, partial_name(out))
-            raise w.IbpError(w.IBP_E_RSRC_UNAVAIL, f"{e}; {len(e.leftover.mappings)} allocations could not be freed:"
-                             f" they are in the partial exNode {where}") from None
+            raise w.IbpError(
+                w.IBP_E_RSRC_UNAVAIL,
+                f"{e}; {len(e.leftover.mappings)} allocations could not be freed:"
+                f" they are in the partial exNode {where}",
+            ) from None
         raise w.IbpError(w.IBP_E_RSRC_UNAVAIL, f"{e}; the allocations it made are freed") from None
     if done.short:
         where = write_exnode(done.ex, partial_name(out))
-        log.error("%d of %d blocks have fewer than %d replicas (the first at byte %d has %d); the partial exNode "
-                  "is %s", len(done.short), len(done.ex.blocks()), args.copies, *done.short[0], where)
+        log.error(
+            "%d of %d blocks have fewer than %d replicas (the first at byte %d has %d); the partial exNode is %s",
+            len(done.short),
+            len(done.ex.blocks()),
+            args.copies,
+            *done.short[0],
+            where,
+        )
         return 1
     where = write_exnode(done.ex, out)
-    log.info("%s: %d bytes in %d blocks, %d replicas each: %s", src.name, done.ex.size, len(done.ex.blocks()),
-             args.copies, where)
+    log.info(
+        "%s: %d bytes in %d blocks, %d replicas each: %s",
+        src.name,
+        done.ex.size,
+        len(done.ex.blocks()),
+        args.copies,
+        where,
+    )
     return 0
 
 
@@ -190,14 +207,19 @@ def print_listing(path: Path, ex: ExNode, lives: list[lors.Liveness] | None) -> 
     blocks = ex.blocks()
     print(f"EXNODEFILE {path}")
     print(f"TITLE Filename {ex.filename}")
-    print(f"SIZE {ex.size} bytes in {len(blocks)} blocks, {len(ex.mappings)} mappings"
-          f"{'  INCOMPLETE' if ex.gaps() else ''}")
+    print(
+        f"SIZE {ex.size} bytes in {len(blocks)} blocks, {len(ex.mappings)} mappings"
+        f"{'  INCOMPLETE' if ex.gaps() else ''}"
+    )
     print(f"{'#':>3} {'attr':5} {'depot':24} {'offset':>12} {'length':>10}  {'expires':19}  state")
     for i, m in enumerate(ex.mappings):
         live = lives[i] if lives is not None else None
         rel = "-" if live is None or live.reliability is None else "H" if live.reliability == w.IBP_HARD else "S"
-        attrs = rel + "".join(c if getattr(m, n) else "-" for c, n in (("r", "read"), ("w", "write"),
-                                                                          ("m", "manage"))) + "a"
+        attrs = (
+            rel
+            + "".join(c if getattr(m, n) else "-" for c, n in (("r", "read"), ("w", "write"), ("m", "manage")))
+            + "a"
+        )
         expires = now + live.seconds_left if live is not None and live.seconds_left is not None else m.expires
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires)) if expires else "unknown"
         state = "-" if live is None else live.state + (f" ({live.why})" if live.why else "")
@@ -206,8 +228,9 @@ def print_listing(path: Path, ex: ExNode, lives: list[lors.Liveness] | None) -> 
         print(f"{i:>3} {attrs:5} {m.depot[:24]:24} {m.exnode_offset:>12} {m.logical_length:>10}  {when:19}  {state}")
     if lives is None:
         return 1 if ex.gaps() else 0
-    alive = ExNode(ex.filename, ex.size, mappings=[m for m, live in zip(ex.mappings, lives, strict=True)
-                                                   if live.state == "alive"])
+    alive = ExNode(
+        ex.filename, ex.size, mappings=[m for m, live in zip(ex.mappings, lives, strict=True) if live.state == "alive"]
+    )
     if alive.gaps():
         print(f"NOT READABLE: bytes {alive.gaps()[0][0]}.. have no live replica")
         return 1
@@ -216,8 +239,15 @@ def print_listing(path: Path, ex: ExNode, lives: list[lors.Liveness] | None) -> 
 
 def refresh(args: argparse.Namespace) -> int:
     ex = read_exnode(args.xnd)
-    how, secs = (lors.MAXIMUM, 0) if args.maximum else (lors.SET, args.set) if args.set else (lors.ADD, args.add) \
-        if args.add else (lors.SET, seconds(DURATION))
+    how, secs = (
+        (lors.MAXIMUM, 0)
+        if args.maximum
+        else (lors.SET, args.set)
+        if args.set
+        else (lors.ADD, args.add)
+        if args.add
+        else (lors.SET, seconds(DURATION))
+    )
     new, failed = lors.refresh(ex, how, secs, settings(args))
     where = write_exnode(new, args.outputfile or args.xnd)
     for f in failed:
@@ -253,16 +283,24 @@ def trim(args: argparse.Namespace) -> int:
 
 
 RUN: dict[str, Callable[[argparse.Namespace], int]] = {
-    "upload": upload, "download": download, "ls": ls, "refresh": refresh, "augment": augment, "trim": trim}
+    "upload": upload,
+    "download": download,
+    "ls": ls,
+    "refresh": refresh,
+    "augment": augment,
+    "trim": trim,
+}
 
 
 # -- command lines --
 
+
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("-T", "--timeout", type=seconds, default=30, help="seconds to wait for a depot at each step")
-    p.add_argument("-t", "--threads", "--parallel", dest="threads", type=int, default=4,
-                   help="blocks moved at once (default 4)")
+    p.add_argument(
+        "-t", "--threads", "--parallel", dest="threads", type=int, default=4, help="blocks moved at once (default 4)"
+    )
     p.add_argument("--encrypt", action="store_true", help="encrypt the flows to depots end to end")
     p.add_argument("-V", "--verbose", action="store_true")
     return p
@@ -287,11 +325,19 @@ def add_tool(add: Callable[..., argparse.ArgumentParser], tool: str) -> argparse
         p.add_argument("file", type=Path)
         p.add_argument("--depots", required=True, type=depot_list, help="comma-separated depot names or host:port")
         size_ = p.add_mutually_exclusive_group()
-        size_.add_argument("-b", "--bs", "--stripe", dest="bs", type=size, default=size(BLOCK),
-                           help=f"block size (default {BLOCK})")
+        size_.add_argument(
+            "-b", "--bs", "--stripe", dest="bs", type=size, default=size(BLOCK), help=f"block size (default {BLOCK})"
+        )
         size_.add_argument("-F", "--fragments", type=int, default=0, help="this many blocks instead")
-        p.add_argument("-c", "--copies", "--replicas", dest="copies", type=int, default=COPIES,
-                       help=f"replicas of each block on distinct depots (default {COPIES})")
+        p.add_argument(
+            "-c",
+            "--copies",
+            "--replicas",
+            dest="copies",
+            type=int,
+            default=COPIES,
+            help=f"replicas of each block on distinct depots (default {COPIES})",
+        )
         _storage(p)
         _output(p, "FILE.xnd in the current directory")
     elif tool == "download":
@@ -325,11 +371,18 @@ def add_tool(add: Callable[..., argparse.ArgumentParser], tool: str) -> argparse
         p.add_argument("xnd", type=Path)
         p.add_argument("--depots", type=depot_list, help="those on these depots")
         p.add_argument("-m", "--mappings", help="those numbered so in `ls`, comma-separated")
-        p.add_argument("-u", "--unavailable", "--dead", dest="unavailable", action="store_true",
-                       help="those no depot answers for")
+        p.add_argument(
+            "-u", "--unavailable", "--dead", dest="unavailable", action="store_true", help="those no depot answers for"
+        )
         free = p.add_mutually_exclusive_group()
-        free.add_argument("-d", "--decrement", "--free", dest="decrement", action="store_true",
-                          help="also release the dropped allocations")
+        free.add_argument(
+            "-d",
+            "--decrement",
+            "--free",
+            dest="decrement",
+            action="store_true",
+            help="also release the dropped allocations",
+        )
         free.add_argument("-n", "--non-decrement", dest="decrement", action="store_false")
         p.add_argument("--force", action="store_true", help="even if some bytes are left with no replica")
         _output(p, "XND itself")
@@ -359,8 +412,7 @@ def lors_parser(tool: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter(f"exnode {args.cmd}: %(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose or args.cmd != "ls" else logging.WARNING,
-                        handlers=[handler])
+    logging.basicConfig(level=logging.INFO if args.verbose or args.cmd != "ls" else logging.WARNING, handlers=[handler])
     try:
         sys.exit(RUN[args.cmd](args))
     except (w.IbpError, BadExnode, FlowError, Refused, ValueError) as e:

@@ -16,17 +16,17 @@ from typing import Any
 class Limits:
     """Every bound a depot puts on its clients; each is a flag of `ibp depot` (see docs/ibp.md)."""
 
-    max_connections: int = 256        # flows and TCP connections at once, all clients together
-    client_connections: int = 16      # ... from one client (a uid on this host, an address, a layer)
-    idle_timeout: float = 300.0       # a connection silent between requests is closed
-    request_timeout: float = 30.0     # a request line, once begun, must end within this
-    max_timeout: int = 300            # the longest timeout a client may ask for (longer ones are clamped)
-    min_rate: int = 65_536            # bytes/s a STORE or LOAD must at least move, beyond its timeout
-    max_allocations: int = 100_000    # live allocations, all clients together
+    max_connections: int = 256  # flows and TCP connections at once, all clients together
+    client_connections: int = 16  # ... from one client (a uid on this host, an address, a layer)
+    idle_timeout: float = 300.0  # a connection silent between requests is closed
+    request_timeout: float = 30.0  # a request line, once begun, must end within this
+    max_timeout: int = 300  # the longest timeout a client may ask for (longer ones are clamped)
+    min_rate: int = 65_536  # bytes/s a STORE or LOAD must at least move, beyond its timeout
+    max_allocations: int = 100_000  # live allocations, all clients together
     client_allocations: int = 10_000  # ... made by one client
-    client_share: float = 0.5         # the fraction of the capacity one client may hold
-    copy_to: tuple[str, ...] = ()     # depots SEND/MCOPY may write to (patterns); () is every flow name
-    client_copies: int = 2            # SEND/MCOPY requests of one client in progress at once
+    client_share: float = 0.5  # the fraction of the capacity one client may hold
+    copy_to: tuple[str, ...] = ()  # depots SEND/MCOPY may write to (patterns); () is every flow name
+    client_copies: int = 2  # SEND/MCOPY requests of one client in progress at once
 
     def timeout(self, asked: int) -> float:
         """A client's timeout as the depot applies it: 0 is 2 s (as L-Store, for LoRS), at most max_timeout."""
@@ -56,11 +56,17 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     defaults = Limits()
     for name, flag, metavar, text in FLAGS:
         value = getattr(defaults, name)
-        p.add_argument(flag, dest=name, type=type(value), default=value, metavar=metavar,
-                       help=f"{text} (default {value})")
-    p.add_argument("--copy-to", action="append", default=[], metavar="PATTERN",
-                   help="a depot SEND/MCOPY may copy to: a name or host:port, * and ? as in a shell (repeatable);"
-                        " default: any registered name, no host:port")
+        p.add_argument(
+            flag, dest=name, type=type(value), default=value, metavar=metavar, help=f"{text} (default {value})"
+        )
+    p.add_argument(
+        "--copy-to",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a depot SEND/MCOPY may copy to: a name or host:port, * and ? as in a shell (repeatable);"
+        " default: any registered name, no host:port",
+    )
 
 
 def from_args(args: argparse.Namespace) -> Limits:

@@ -42,8 +42,17 @@ class Settings:
 
 def progress(total: int, label: str) -> tqdm:  # type: ignore[type-arg]
     """A progress bar on stderr, drawn only when stderr is a terminal."""
-    return tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=label,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 class Pool:
@@ -142,6 +151,7 @@ def release(mappings: list[Mapping], s: Settings) -> list[Mapping]:
 
 # -- upload --
 
+
 @dataclass
 class Uploaded:
     ex: ExNode
@@ -157,8 +167,9 @@ class UploadFailed(Exception):
         self.leftover = leftover
 
 
-def upload(path: Path, depots: list[str], stripe: int, replicas: int, duration: int, reliability: int,
-           s: Settings) -> Uploaded:
+def upload(
+    path: Path, depots: list[str], stripe: int, replicas: int, duration: int, reliability: int, s: Settings
+) -> Uploaded:
     size = path.stat().st_size
     blocks = plan(size, stripe, depots, replicas)
     ex = ExNode(path.name, size)
@@ -195,8 +206,16 @@ def upload(path: Path, depots: list[str], stripe: int, replicas: int, duration: 
     return Uploaded(ex, short)
 
 
-def _place(pool: Pool, ledger: Ledger, data: bytes, offset: int, candidates: list[str], replicas: int,
-           duration: int, reliability: int) -> list[Mapping]:
+def _place(
+    pool: Pool,
+    ledger: Ledger,
+    data: bytes,
+    offset: int,
+    candidates: list[str],
+    replicas: int,
+    duration: int,
+    reliability: int,
+) -> list[Mapping]:
     """`replicas` copies of one block: stored once, then copied depot to depot."""
     digest = hashlib.sha256(data).hexdigest()
     placed: list[Mapping] = []
@@ -210,8 +229,9 @@ def _place(pool: Pool, ledger: Ledger, data: bytes, offset: int, candidates: lis
             log.warning("depot %s: %s; trying the next one", depot, e)
             pool.drop(depot)
             continue
-        mapping = Mapping(offset, len(data), 0, len(data), str(r), str(wcap), str(m), digest,
-                          int(time.time()) + duration)
+        mapping = Mapping(
+            offset, len(data), 0, len(data), str(r), str(wcap), str(m), digest, int(time.time()) + duration
+        )
         ledger.add(mapping)
         try:
             if placed:  # the first replica's depot pushes the bytes itself
@@ -228,6 +248,7 @@ def _place(pool: Pool, ledger: Ledger, data: bytes, offset: int, candidates: lis
 
 
 # -- download --
+
 
 def download(ex: ExNode, out: BinaryIO, s: Settings, offset: int = 0, length: int | None = None) -> int:
     """Write the file's bytes [offset, offset + length) to `out`; checks each block's checksum and,
@@ -257,8 +278,9 @@ def _fetch(pool: Pool, block: list[Mapping], start: int, n: int) -> bytearray:
         cap = parse_cap(m.read)
         whole = bool(m.sha256)
         try:
-            data = pool.get(cap.depot).load_bytes(cap, m.alloc_offset + (0 if whole else start),
-                                                   m.logical_length if whole else n)
+            data = pool.get(cap.depot).load_bytes(
+                cap, m.alloc_offset + (0 if whole else start), m.logical_length if whole else n
+            )
         except Failure as e:
             pool.drop(cap.depot)
             errors.append(f"{cap.depot}: {e}")
@@ -266,18 +288,20 @@ def _fetch(pool: Pool, block: list[Mapping], start: int, n: int) -> bytearray:
         if whole and hashlib.sha256(data).hexdigest() != m.sha256:
             errors.append(f"{cap.depot}: checksum mismatch")
             continue
-        return data[start:start + n] if whole else data
-    raise w.IbpError(w.IBP_E_RSRC_UNAVAIL, f"no replica of bytes {block[0].exnode_offset}.. is readable: "
-                     + "; ".join(errors))
+        return data[start : start + n] if whole else data
+    raise w.IbpError(
+        w.IBP_E_RSRC_UNAVAIL, f"no replica of bytes {block[0].exnode_offset}.. is readable: " + "; ".join(errors)
+    )
 
 
 # -- liveness --
+
 
 @dataclass(frozen=True)
 class Liveness:
     """What a depot says of one mapping now."""
 
-    state: str                  # "alive", "gone" (the depot no longer has it), "unreachable"
+    state: str  # "alive", "gone" (the depot no longer has it), "unreachable"
     seconds_left: int | None = None
     reliability: int | None = None
     why: str = ""
@@ -302,8 +326,12 @@ def _probe(pool: Pool, m: Mapping) -> Liveness:
             conn.load_bytes(cap, m.alloc_offset, 1)
         return Liveness("alive")
     except w.IbpError as e:
-        if e.status in (w.IBP_E_CAP_NOT_FOUND, w.IBP_E_INVALID_READ_CAP, w.IBP_E_INVALID_MANAGE_CAP,
-                        w.IBP_E_WOULD_EXCEED_LIMIT):
+        if e.status in (
+            w.IBP_E_CAP_NOT_FOUND,
+            w.IBP_E_INVALID_READ_CAP,
+            w.IBP_E_INVALID_MANAGE_CAP,
+            w.IBP_E_WOULD_EXCEED_LIMIT,
+        ):
             return Liveness("gone", why=w.status_text(e.status))
         pool.drop(cap.depot)
         return Liveness("unreachable", why=w.status_text(e.status))
@@ -320,6 +348,7 @@ ADD, SET, MAXIMUM = "add", "set", "max"
 def refresh(ex: ExNode, how: str, seconds: int, s: Settings) -> tuple[ExNode, list[str]]:
     """Extend every mapping: by `seconds` (ADD), to `seconds` from now (SET) or to the depot's longest
     (MAXIMUM). The exNode with the new expiry times, and what could not be refreshed."""
+
     def one(pool: Pool, m: Mapping) -> Mapping | str:
         if not m.manage:
             return f"{m.depot} (bytes {m.exnode_offset}..{m.end}): no manage capability"
@@ -352,8 +381,10 @@ def refresh(ex: ExNode, how: str, seconds: int, s: Settings) -> tuple[ExNode, li
 
 # -- augment and trim --
 
-def augment(ex: ExNode, depots: list[str], copies: int, duration: int, reliability: int,
-            s: Settings) -> tuple[ExNode, int, int]:
+
+def augment(
+    ex: ExNode, depots: list[str], copies: int, duration: int, reliability: int, s: Settings
+) -> tuple[ExNode, int, int]:
     """Add up to `copies` replicas of every block on `depots` that do not hold it yet, each copied
     depot to depot. The new exNode, the replicas added and those asked for."""
     ledger = Ledger()
@@ -366,7 +397,7 @@ def augment(ex: ExNode, depots: list[str], copies: int, duration: int, reliabili
             for i, (offset, length, block) in enumerate(blocks):
                 have = {m.depot for m in block}
                 free = [d for d in depots if d not in have]
-                free = free[i % len(free):] + free[:i % len(free)] if free else []
+                free = free[i % len(free) :] + free[: i % len(free)] if free else []
                 wanted += copies
                 made = 0
                 for depot in free:
@@ -383,8 +414,16 @@ def augment(ex: ExNode, depots: list[str], copies: int, duration: int, reliabili
     return dataclasses.replace(ex, mappings=ex.mappings + added), len(added), wanted
 
 
-def _replicate(pool: Pool, ledger: Ledger, block: list[Mapping], depot: str, offset: int, length: int,
-               duration: int, reliability: int) -> Mapping | None:
+def _replicate(
+    pool: Pool,
+    ledger: Ledger,
+    block: list[Mapping],
+    depot: str,
+    offset: int,
+    length: int,
+    duration: int,
+    reliability: int,
+) -> Mapping | None:
     try:
         r, wcap, m = pool.get(depot).allocate(length, duration, reliability)
     except Failure as e:

@@ -57,5 +57,5 @@ def _proc_addr(family: int, host: str, port: int) -> str:
     """An address as /proc/net/tcp writes it: the raw bytes in host-order words, then the port."""
     packed = socket.inet_pton(family, host.split("%")[0])
     order = -1 if sys.byteorder == "little" else 1
-    words = "".join(packed[i:i + 4][::order].hex().upper() for i in range(0, len(packed), 4))
+    words = "".join(packed[i : i + 4][::order].hex().upper() for i in range(0, len(packed), 4))
     return f"{words}:{port:04X}"

@@ -40,19 +40,28 @@ from transports.unix import irmd_sock_path
 
 log = logging.getLogger(__name__)
 
-EXPIRY_TICK = 1.0       # seconds between expiry sweeps
+EXPIRY_TICK = 1.0  # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
 WRITEBACK = 2 * 1024 * 1024  # a store's bytes are handed to the disk this many at a time as they come
 DEFAULT_PORT = 6714
-REJECT_QUEUE = 32       # turned-away connections waiting for their -66; beyond, they are just closed
-REJECT_TIME = 2.0       # seconds a turned-away client gets to take its -66
-ACCEPT_BACKOFF = 0.1    # after a failed accept (out of fds, a flow that failed to arrive)
-VERIFY_TIMEOUT = 5.0    # seconds a copy target has to answer ST_VERSION as a depot
-EVICT_POLL = 1.0        # seconds between an idle connection's looks at whether it gave its slot away
+REJECT_QUEUE = 32  # turned-away connections waiting for their -66; beyond, they are just closed
+REJECT_TIME = 2.0  # seconds a turned-away client gets to take its -66
+ACCEPT_BACKOFF = 0.1  # after a failed accept (out of fds, a flow that failed to arrive)
+VERIFY_TIMEOUT = 5.0  # seconds a copy target has to answer ST_VERSION as a depot
+EVICT_POLL = 1.0  # seconds between an idle connection's looks at whether it gave its slot away
 VERSION_TEXT = "ouroboros-py IBP depot, protocol 1.4"
 # Accept errors that concern one connection or a passing shortage, not the listening socket.
-_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO,
-              errno.EPERM, errno.EINTR, errno.EAGAIN}
+_TRANSIENT = {
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOBUFS,
+    errno.ENOMEM,
+    errno.ECONNABORTED,
+    errno.EPROTO,
+    errno.EPERM,
+    errno.EINTR,
+    errno.EAGAIN,
+}
 
 Opener = Callable[[], ByteStream]
 
@@ -112,8 +121,9 @@ class DepotServer:
         irm = self.irm
         if who is not None and tcp_address(depot) is None:
             irm = self._irm_as(who)
-        conn = Connection(depot, timeout=min(timeout, VERIFY_TIMEOUT), irm=irm, encrypt=self.encrypt,
-                          own_irm=irm is not self.irm)
+        conn = Connection(
+            depot, timeout=min(timeout, VERIFY_TIMEOUT), irm=irm, encrypt=self.encrypt, own_irm=irm is not self.irm
+        )
         try:
             conn.version()
         except BaseException:
@@ -340,8 +350,9 @@ class DepotServer:
         finally:
             lock.release()
 
-    def _receive(self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: float,
-                 deadline: float) -> None:
+    def _receive(
+        self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: float, deadline: float
+    ) -> None:
         try:
             with self.core.open_data(a) as f:
                 f.seek(start)
@@ -407,8 +418,9 @@ class DepotServer:
         opens are the depot's, so no client may hold many of them at other services."""
         with self.lock:
             if self._copies[client] >= self.limits.client_copies:
-                raise w.IbpError(w.IBP_E_OUT_OF_SOCKETS,
-                                 f"{self.limits.client_copies} copies of this client in progress already")
+                raise w.IbpError(
+                    w.IBP_E_OUT_OF_SOCKETS, f"{self.limits.client_copies} copies of this client in progress already"
+                )
             self._copies[client] += 1
         try:
             yield
@@ -418,8 +430,9 @@ class DepotServer:
                 if self._copies[client] <= 0:
                     del self._copies[client]
 
-    def _copy(self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int,
-              client: str = "") -> list[tuple[int, int]]:
+    def _copy(
+        self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int, client: str = ""
+    ) -> list[tuple[int, int]]:
         """Push the bytes to each destination over our own flows: [(length, status)] per target.
 
         Only to depots the operator allows (limits.copy_to), and a target's reply is reduced to its
@@ -444,8 +457,9 @@ class DepotServer:
             results.append((n, status))
         return results
 
-    def _copy_one(self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float,
-                  who: Creds | None) -> tuple[int, str]:
+    def _copy_one(
+        self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float, who: Creds | None
+    ) -> tuple[int, str]:
         try:
             self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n), who)
         except w.IbpError as e:
@@ -523,8 +537,12 @@ def flow_loop(server: DepotServer) -> None:
             log.warning("flow accept: %s", e)
             time.sleep(ACCEPT_BACKOFF)
             continue
-        server.admit(flow_identity(reply), functools.partial(_open_flow, irm, reply, fd), server.name,
-                     functools.partial(_drop_flow, irm, reply, fd))
+        server.admit(
+            flow_identity(reply),
+            functools.partial(_open_flow, irm, reply, fd),
+            server.name,
+            functools.partial(_drop_flow, irm, reply, fd),
+        )
 
 
 def _open_flow(irm: IrmClient, reply: m.FlowReply, fd: int) -> ByteStream:

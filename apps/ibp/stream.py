@@ -152,7 +152,7 @@ class FlowStream(ByteStream):
             for i in range(0, len(view), CHUNK):
                 if i and time.monotonic() > end:  # each SDU waits at most `timeout`; all of them too
                     raise StreamTimeout("the peer takes data too slowly")
-                self.flow.write(view[i: i + CHUNK])
+                self.flow.write(view[i : i + CHUNK])
         except FlowTimeout:
             raise StreamTimeout("the peer takes no data") from None
         except FlowDown:

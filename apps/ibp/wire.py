@@ -189,14 +189,14 @@ STATUS_NAMES = {
 }
 
 # Limits on what we accept.
-MAX_LINE = 4096          # one request or reply line, newline included
-MAX_TOKEN = 1024         # a capability string
-MAX_KEY = 128            # an allocation or right key
-MAX_RID = 64             # a resource id
-MAX_TARGETS = 16         # MCOPY destinations
-MAX_INT = 2**63 - 1      # sizes, offsets, timeouts
-FOREVER = -1             # ALLOCATE's duration -1: as long as the depot allows (L-Store)
-KEEP = -1                # CHNG's duration or reliability -1: leave it as it is (L-Store)
+MAX_LINE = 4096  # one request or reply line, newline included
+MAX_TOKEN = 1024  # a capability string
+MAX_KEY = 128  # an allocation or right key
+MAX_RID = 64  # a resource id
+MAX_TARGETS = 16  # MCOPY destinations
+MAX_INT = 2**63 - 1  # sizes, offsets, timeouts
+FOREVER = -1  # ALLOCATE's duration -1: as long as the depot allows (L-Store)
+KEEP = -1  # CHNG's duration or reliability -1: leave it as it is (L-Store)
 
 _KEY_RE = re.compile(rf"(?:(?P<rid>[A-Za-z0-9_.\-]{{1,{MAX_RID}}})#)?(?P<key>[A-Za-z0-9_.\-]{{1,{MAX_KEY}}})")
 _WORD_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_KEY}}}")
@@ -305,7 +305,7 @@ class Manage:
     subcmd: int
     captype: int
     timeout: int
-    size: int = 0         # CHNG only: new maximum size, 0 keeps it
+    size: int = 0  # CHNG only: new maximum size, 0 keeps it
     duration: int = KEEP  # CHNG only: new duration from now, KEEP keeps it
     reliability: int = KEEP  # CHNG only
     rid: str = ""
@@ -317,7 +317,7 @@ class Status:
     subcmd: int
     password: str
     timeout: int
-    capacity: int = 0      # ST_CHANGE in one line (ours)
+    capacity: int = 0  # ST_CHANGE in one line (ours)
     max_duration: int = 0  # ST_CHANGE in one line (ours)
     follows: bool = False  # ST_CHANGE as IBP sends it: `max_hard max_soft max_duration` on the next line
 
@@ -382,9 +382,14 @@ def parse_request(line: bytes) -> Request:
     a = toks[2:]
     if cmd == IBP_ALLOCATE:
         _want(a, 6, "ALLOCATE rid reliability type duration size timeout")
-        return Allocate(_word(a[0], "rid"), _int(a[1], "reliability", -MAX_INT, MAX_INT),
-                        _int(a[2], "type", -MAX_INT, MAX_INT), _int(a[3], "duration", FOREVER),
-                        _int(a[4], "size"), _timeout(a[5]))
+        return Allocate(
+            _word(a[0], "rid"),
+            _int(a[1], "reliability", -MAX_INT, MAX_INT),
+            _int(a[2], "type", -MAX_INT, MAX_INT),
+            _int(a[3], "duration", FOREVER),
+            _int(a[4], "size"),
+            _timeout(a[5]),
+        )
     if cmd in (IBP_STORE, IBP_WRITE, IBP_LOAD):
         return _parse_rw(cmd, a)
     if cmd == IBP_SEND:
@@ -392,16 +397,32 @@ def parse_request(line: bytes) -> Request:
         # L-Store sends `key destcap typekey`; older clients `key typekey destcap`: the cap tells which.
         dest, typekey = (a[2], a[1]) if a[2].startswith("ibp://") else (a[1], a[2])
         rid, key = _key(a[0], "key")
-        return Send(key, _word(typekey, "typekey"), _cap(dest), _int(a[3], "offset"), _int(a[4], "length"),
-                    _timeout(a[5]), _timeout(a[6]), _timeout(a[7]), rid)
+        return Send(
+            key,
+            _word(typekey, "typekey"),
+            _cap(dest),
+            _int(a[3], "offset"),
+            _int(a[4], "length"),
+            _timeout(a[5]),
+            _timeout(a[6]),
+            _timeout(a[7]),
+            rid,
+        )
     if cmd == IBP_MCOPY:
         if len(a) < 5:
             raise BadRequest(IBP_E_BAD_FORMAT, "expected MCOPY key typekey offset length n cap... timeout")
         n = _int(a[4], "target count", 1, MAX_TARGETS)
         _want(a, 6 + n, "MCOPY key typekey offset length n cap... timeout")
         rid, key = _key(a[0], "key")
-        return Mcopy(key, _word(a[1], "typekey"), _int(a[2], "offset"), _int(a[3], "length"),
-                     tuple(_cap(c) for c in a[5:5 + n]), _timeout(a[5 + n]), rid)
+        return Mcopy(
+            key,
+            _word(a[1], "typekey"),
+            _int(a[2], "offset"),
+            _int(a[3], "length"),
+            tuple(_cap(c) for c in a[5 : 5 + n]),
+            _timeout(a[5 + n]),
+            rid,
+        )
     if cmd == IBP_MANAGE:
         return _parse_manage(a)
     if cmd == IBP_STATUS:
@@ -436,8 +457,17 @@ def _parse_manage(a: list[str]) -> Manage:
         _want(a, 8, f"MANAGE key typekey {sub} captype size duration reliability timeout")
         if sub == IBP_PROBE:
             return Manage(key, typekey, sub, _int(a[3], "captype", 0, 99), _timeout(a[7]), rid=rid)
-        return Manage(key, typekey, sub, _int(a[3], "captype", 0, 99), _timeout(a[7]), _int(a[4], "size"),
-                      _keep(_int(a[5], "duration", -MAX_INT)), _keep(_int(a[6], "reliability", -MAX_INT)), rid)
+        return Manage(
+            key,
+            typekey,
+            sub,
+            _int(a[3], "captype", 0, 99),
+            _timeout(a[7]),
+            _int(a[4], "size"),
+            _keep(_int(a[5], "duration", -MAX_INT)),
+            _keep(_int(a[6], "reliability", -MAX_INT)),
+            rid,
+        )
     raise BadRequest(IBP_E_INVALID_CMD, f"unknown MANAGE sub-command {sub}")
 
 
@@ -465,8 +495,7 @@ def _parse_status(a: list[str]) -> Status:
         if len(a) == 4:  # the new limits follow on a line of their own
             return Status(rid, sub, password, _timeout(a[3]), follows=True)
         _want(a, 6, "STATUS rid 2 password capacity max_duration timeout")
-        return Status(rid, sub, password, _timeout(a[5]), _int(a[3], "capacity"),
-                      _int(a[4], "max_duration", 1))
+        return Status(rid, sub, password, _timeout(a[5]), _int(a[3], "capacity"), _int(a[4], "max_duration", 1))
     raise BadRequest(IBP_E_INVALID_CMD, f"unknown STATUS sub-command {sub}")
 
 
@@ -479,8 +508,9 @@ def parse_change(line: bytes, req: Status) -> Status:
     if len(toks) != 3:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected max_hard max_soft max_duration")
     hard, soft = _int(toks[0], "max_hard"), _int(toks[1], "max_soft")
-    return Status(req.rid, req.subcmd, req.password, req.timeout, min(MAX_INT, hard + soft),
-                  _int(toks[2], "max_duration", 1))
+    return Status(
+        req.rid, req.subcmd, req.password, req.timeout, min(MAX_INT, hard + soft), _int(toks[2], "max_duration", 1)
+    )
 
 
 def _k(rid: str, key: str) -> str:
@@ -500,11 +530,30 @@ def format_request(req: Request) -> bytes:
     elif isinstance(req, Load):
         f = [v, IBP_LOAD, _k(req.rid, req.key), req.typekey, req.offset, req.length, req.timeout]
     elif isinstance(req, Send):
-        f = [v, IBP_SEND, _k(req.rid, req.key), req.dest_cap, req.typekey, req.offset, req.length, req.timeout,
-             req.dest_timeout, req.dest_client_timeout]
+        f = [
+            v,
+            IBP_SEND,
+            _k(req.rid, req.key),
+            req.dest_cap,
+            req.typekey,
+            req.offset,
+            req.length,
+            req.timeout,
+            req.dest_timeout,
+            req.dest_client_timeout,
+        ]
     elif isinstance(req, Mcopy):
-        f = [v, IBP_MCOPY, _k(req.rid, req.key), req.typekey, req.offset, req.length, len(req.dest_caps),
-             *req.dest_caps, req.timeout]
+        f = [
+            v,
+            IBP_MCOPY,
+            _k(req.rid, req.key),
+            req.typekey,
+            req.offset,
+            req.length,
+            len(req.dest_caps),
+            *req.dest_caps,
+            req.timeout,
+        ]
     elif isinstance(req, Manage):
         f = [v, IBP_MANAGE, _k(req.rid, req.key), req.typekey, req.subcmd, req.captype]
         if req.subcmd == IBP_CHNG:
@@ -513,8 +562,10 @@ def format_request(req: Request) -> bytes:
     elif req.subcmd in (IBP_ST_RES, IBP_ST_VERSION):
         f = [v, IBP_STATUS, req.subcmd, req.timeout]
     elif req.subcmd == IBP_ST_CHANGE and req.follows:
-        return (f"{v} {IBP_STATUS} {req.rid} {req.subcmd} {req.password} {req.timeout}\n"
-                f"{req.capacity} 0 {req.max_duration}\n").encode("ascii")
+        return (
+            f"{v} {IBP_STATUS} {req.rid} {req.subcmd} {req.password} {req.timeout}\n"
+            f"{req.capacity} 0 {req.max_duration}\n"
+        ).encode("ascii")
     elif req.subcmd == IBP_ST_CHANGE:
         f = [v, IBP_STATUS, req.rid, req.subcmd, req.password, req.capacity, req.max_duration, req.timeout]
     else:
@@ -592,9 +643,18 @@ def known_error(status: int) -> int:
 # and its process_inq reads (it stops at RE; our own figures follow RE, where it does not look).
 
 INQ_TAGS = (  # (tag, our name); the order L-Store's depot writes them in
-    ("VS", "version"), ("DT", "data_mover"), ("RID", "rid"), ("RT", "resource_type"),
-    ("CT", "capacity"), ("ST", "served"), ("UT", "reserved"), ("UH", "hard_reserved"),
-    ("SH", "hard_served"), ("CH", "hard_capacity"), ("AT", "free"), ("AH", "hard_free"),
+    ("VS", "version"),
+    ("DT", "data_mover"),
+    ("RID", "rid"),
+    ("RT", "resource_type"),
+    ("CT", "capacity"),
+    ("ST", "served"),
+    ("UT", "reserved"),
+    ("UH", "hard_reserved"),
+    ("SH", "hard_served"),
+    ("CH", "hard_capacity"),
+    ("AT", "free"),
+    ("AH", "hard_free"),
     ("DR", "max_duration"),
 )
 INQ_END = "RE"

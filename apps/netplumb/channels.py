@@ -161,8 +161,14 @@ def _nothing(_ch: int) -> None:
 class Pump(threading.Thread):
     """Read a local fd (opened lazily by `opener`) and send it as DATA on channel ch, then EOF."""
 
-    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None] = _nothing,
-                 close_fd: bool = True) -> None:
+    def __init__(
+        self,
+        link: Link,
+        ch: int,
+        opener: Callable[[], int],
+        on_done: Callable[[int], None] = _nothing,
+        close_fd: bool = True,
+    ) -> None:
         super().__init__(daemon=True, name=f"pump-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.window = Window()
@@ -201,8 +207,15 @@ class Sink(threading.Thread):
     """Write DATA of channel ch to a local fd (opened lazily), granting window as it goes. The core
     has checked the data against the window, so what waits here is at most one window."""
 
-    def __init__(self, link: Link, ch: int, opener: Callable[[], int], on_done: Callable[[int], None] = _nothing,
-                 close_fd: bool = True, on_eof: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        link: Link,
+        ch: int,
+        opener: Callable[[], int],
+        on_done: Callable[[int], None] = _nothing,
+        close_fd: bool = True,
+        on_eof: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__(daemon=True, name=f"sink-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.close_fd = close_fd
@@ -242,7 +255,7 @@ class Sink(threading.Thread):
                 try:
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
@@ -295,8 +308,12 @@ class Ends:
             sink.finish()
 
 
-def duplex(link: Link, ch: int, sock: socket.socket, on_close: Callable[[], None] = lambda: None,
-           ) -> tuple[Sink, Pump]:
+def duplex(
+    link: Link,
+    ch: int,
+    sock: socket.socket,
+    on_close: Callable[[], None] = lambda: None,
+) -> tuple[Sink, Pump]:
     """A socket connection as one channel both ways: the peer's EOF half-closes it, and the socket
     closes (then on_close) when both directions are done."""
     fd = sock.detach()
@@ -316,5 +333,7 @@ def duplex(link: Link, ch: int, sock: socket.socket, on_close: Callable[[], None
         with socket.socket(fileno=os.dup(f)) as s:
             s.shutdown(socket.SHUT_WR)
 
-    return (Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close),
-            Pump(link, ch, lambda: fd, release, close_fd=False))
+    return (
+        Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close),
+        Pump(link, ch, lambda: fd, release, close_fd=False),
+    )

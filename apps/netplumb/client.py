@@ -138,11 +138,11 @@ def _option(req: Request, args: list[str], i: int) -> int:
         elif flag == "q":
             req.quiet = True
         elif flag in VALUED:
-            value = arg[k + 1:] or (args[i + 1] if i + 1 < len(args) else "")
+            value = arg[k + 1 :] or (args[i + 1] if i + 1 < len(args) else "")
             if not value:
                 raise UsageError(f"-{flag} needs a value")
             _long(req, VALUED[flag], value)
-            return i + (1 if arg[k + 1:] else 2)
+            return i + (1 if arg[k + 1 :] else 2)
         else:
             raise UsageError(f"unknown option {arg!r}")
     return i + 1
@@ -243,9 +243,13 @@ class Client:
         match ev:
             case ServerKey(key):
                 what = "the recipe" if self.core.start.recipe is not None else shlex.join(self.core.start.argv)
-                log.log(DEBUG1, "the server proved it holds %s; sent AUTH (sealed): our key and proof, "
-                        "and START: %s%s", fingerprint(key), what,
-                        f" as {self.core.start.user}" if self.core.start.user else "")
+                log.log(
+                    DEBUG1,
+                    "the server proved it holds %s; sent AUTH (sealed): our key and proof, and START: %s%s",
+                    fingerprint(key),
+                    what,
+                    f" as {self.core.start.user}" if self.core.start.user else "",
+                )
             case Authenticated():
                 log.log(DEBUG1, "authenticated")
             case Started(ok, message, status):
@@ -292,8 +296,15 @@ class Client:
         self.locals = {ch: local for ch, (local, _) in numbered}
         channels = [(ch, remote) for ch, (_, remote) in numbered]
         n_in, n_out = len(req.infifos), len(req.outfifos)
-        return Start(tuple(req.argv), req.recipe, req.user, env, tuple(channels[:n_in]),
-                     tuple(channels[n_in:n_in + n_out]), tuple(channels[n_in + n_out:]))
+        return Start(
+            tuple(req.argv),
+            req.recipe,
+            req.user,
+            env,
+            tuple(channels[:n_in]),
+            tuple(channels[n_in : n_in + n_out]),
+            tuple(channels[n_in + n_out :]),
+        )
 
     def _start_channels(self) -> None:
         start = self.core.start

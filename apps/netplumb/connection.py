@@ -136,8 +136,11 @@ SERVER_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
 CLIENT_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.HANDSHAKE, "START"): Phase.STARTING,  # START goes right behind AUTH, a round trip less
     (Phase.STARTING, "authenticated"): Phase.STARTING,  # the welcome; START's answer comes next
-    **{(p, step): nxt for (p, step), nxt in SERVER_TRANSITIONS.items()
-       if step == "close" or p not in (Phase.HANDSHAKE, Phase.AUTHENTICATED)},
+    **{
+        (p, step): nxt
+        for (p, step), nxt in SERVER_TRANSITIONS.items()
+        if step == "close" or p not in (Phase.HANDSHAKE, Phase.AUTHENTICATED)
+    },
 }
 
 _CHANNEL = frozenset({wire.DATA, wire.EOF, wire.WINDOW})
@@ -153,7 +156,13 @@ CLIENT_ACCEPTS: dict[Phase, frozenset[int]] = {
     Phase.EXITED: _CHANNEL | {wire.OPEN},  # socket connections may outlive the command
 }
 MESSAGES: dict[int, type[SessionMessage]] = {
-    wire.DATA: Data, wire.EOF: Eof, wire.WINDOW: Window, wire.SIGNAL: Signal, wire.OPEN: Open, wire.EXIT: Exit}
+    wire.DATA: Data,
+    wire.EOF: Eof,
+    wire.WINDOW: Window,
+    wire.SIGNAL: Signal,
+    wire.OPEN: Open,
+    wire.EXIT: Exit,
+}
 
 
 @dataclass(frozen=True)
@@ -340,8 +349,15 @@ class ServerConnection(Connection):
     TRANSITIONS = SERVER_TRANSITIONS
     peer = "client"
 
-    def __init__(self, identity: Identity, authorize: Callable[[bytes], str | None], now: float,
-                 login_grace: float, linger: float, mtu: int = wire.MAX_PACKET) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        authorize: Callable[[bytes], str | None],
+        now: float,
+        login_grace: float,
+        linger: float,
+        mtu: int = wire.MAX_PACKET,
+    ) -> None:
         super().__init__(ServerSession(identity, authorize), now + login_grace, mtu)
         self.login_grace = login_grace
         self.linger = linger
@@ -389,8 +405,15 @@ class ClientConnection(Connection):
     TRANSITIONS = CLIENT_TRANSITIONS
     peer = "server"
 
-    def __init__(self, identity: Identity, check_host: Callable[[bytes], object], start: Start, now: float,
-                 timeout: float, mtu: int = wire.MAX_PACKET) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        check_host: Callable[[bytes], object],
+        start: Start,
+        now: float,
+        timeout: float,
+        mtu: int = wire.MAX_PACKET,
+    ) -> None:
         super().__init__(ClientSession(identity, check_host), now + timeout, mtu)
         self.start = start
         self.timeout = timeout

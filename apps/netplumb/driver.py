@@ -83,8 +83,9 @@ class Driver:
         self.ticket = ticket
         self.entries: list[AuthorizedKey] = []
         self.key = b""
-        self.core = ServerConnection(cfg.identity, self._authorize, time.monotonic(), cfg.limits.login_grace,
-                                     LINGER, flow.mtu)
+        self.core = ServerConnection(
+            cfg.identity, self._authorize, time.monotonic(), cfg.limits.login_grace, LINGER, flow.mtu
+        )
         self.link = Link(flow, self.core)
         self.runner: Runner | None = None
         self.ends = Ends()
@@ -196,8 +197,9 @@ class Driver:
             lsock = socket.socket(fileno=lfd)
             self.listeners.append(lsock)
             # Started after START's answer: an OPEN must not overtake it.
-            acceptors.append(threading.Thread(target=self._accept_loop, args=(ch, lsock), daemon=True,
-                                              name=f"listen-{ch}"))
+            acceptors.append(
+                threading.Thread(target=self._accept_loop, args=(ch, lsock), daemon=True, name=f"listen-{ch}")
+            )
         self.link.send(self.core.started)
         self.ends.start()
         for t in acceptors:
@@ -212,8 +214,14 @@ class Driver:
         if plan.one_time and not self.cfg.spent.spend(self.key):
             raise Refused("this one-time key was already used")
         what = "a recipe" if plan.recipe is not None else shlex.join(plan.steps[0].argv)
-        log.info("%s: running %s as %s (key line %d)%s", self.who, what, plan.account.name, plan.line,
-                 f"; client variables not accepted: {', '.join(plan.ignored_env)}" if plan.ignored_env else "")
+        log.info(
+            "%s: running %s as %s (key line %d)%s",
+            self.who,
+            what,
+            plan.account.name,
+            plan.line,
+            f"; client variables not accepted: {', '.join(plan.ignored_env)}" if plan.ignored_env else "",
+        )
         return plan
 
     def _run(self, plan: Plan) -> list[int]:
@@ -253,8 +261,11 @@ class Driver:
                 full = self.open_connections >= self.cfg.limits.max_connections
                 self.open_connections += not full
             if full:
-                log.info("%s: socket connection refused: %d open (--max-connections)", self.who,
-                            self.cfg.limits.max_connections)
+                log.info(
+                    "%s: socket connection refused: %d open (--max-connections)",
+                    self.who,
+                    self.cfg.limits.max_connections,
+                )
                 conn.close()
                 continue
             ch = next(self.ids)
@@ -321,8 +332,10 @@ def open_recipe_dir(path: Path) -> int:
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid != os.geteuid() or mode & 0o077:
         os.close(fd)
-        raise ConfigError(f"recipe directory {path}: mode {mode:04o}, owner uid {st.st_uid}: it must be "
-                          f"private to netplumbd (mode 0700, owner uid {os.geteuid()})")
+        raise ConfigError(
+            f"recipe directory {path}: mode {mode:04o}, owner uid {st.st_uid}: it must be "
+            f"private to netplumbd (mode 0700, owner uid {os.geteuid()})"
+        )
     return fd
 
 

@@ -17,12 +17,21 @@ from proto.version import add_version
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="plumb-keygen", description="make a netplumb key pair")
-    ap.add_argument("-f", "--file", type=Path, default=None,
-                    help="private key file (default ~/.config/netplumb/id, or onetime-<fp> for --one-time)")
+    ap.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        default=None,
+        help="private key file (default ~/.config/netplumb/id, or onetime-<fp> for --one-time)",
+    )
     ap.add_argument("--force", action="store_true", help="overwrite an existing key")
     ap.add_argument("-C", "--comment", default=None, help="comment in the public key line")
-    ap.add_argument("--one-time", metavar="CMD", nargs=argparse.REMAINDER,
-                    help="a key the server accepts once, for exactly this command")
+    ap.add_argument(
+        "--one-time",
+        metavar="CMD",
+        nargs=argparse.REMAINDER,
+        help="a key the server accepts once, for exactly this command",
+    )
     add_version(ap)
     args = ap.parse_args(argv)
     ident = Identity.generate()
@@ -35,8 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         _save(ident, path, comment + " one-time", args.force)
         quoted = shlex.join(words).replace("\\", "\\\\").replace('"', '\\"')
         print(f'one-time,command="{quoted}" {public_line(ident.public, comment + " one-time")}')
-        print(f"plumb-keygen: one-time key in {path}; add the line above to the server's authorized_keys "
-              f"and run: plumb HOST -key={path} {shlex.join(words)}", file=sys.stderr)
+        print(
+            f"plumb-keygen: one-time key in {path}; add the line above to the server's authorized_keys "
+            f"and run: plumb HOST -key={path} {shlex.join(words)}",
+            file=sys.stderr,
+        )
         return
     path = args.file or config_dir() / "id"
     pub = _save(ident, path, comment, args.force)

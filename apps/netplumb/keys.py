@@ -75,8 +75,9 @@ def check_private_key_mode(path: Path, st: os.stat_result) -> None:
     """StrictModes for a private key: no one but its owner may read it."""
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
-        raise KeyFileError(f"{path}: mode {mode:04o} is too open: a private key must be readable by its owner "
-                           f"only (chmod 600 {path})")
+        raise KeyFileError(
+            f"{path}: mode {mode:04o} is too open: a private key must be readable by its owner only (chmod 600 {path})"
+        )
 
 
 def check_trusted_file(path: Path, st: os.stat_result) -> None:
@@ -88,14 +89,14 @@ def check_trusted_file(path: Path, st: os.stat_result) -> None:
     if st.st_uid not in (0, me):
         raise KeyFileError(f"{path}: owned by uid {st.st_uid}, not by uid {me} or root: refusing it")
     if mode & 0o022:
-        raise KeyFileError(f"{path}: mode {mode:04o} is writable by group or others: refusing it "
-                           f"(chmod go-w {path})")
+        raise KeyFileError(f"{path}: mode {mode:04o} is writable by group or others: refusing it (chmod go-w {path})")
     for d in Path(os.path.realpath(path)).parents:
         dst = os.stat(d)
         dmode = stat.S_IMODE(dst.st_mode)
         if dst.st_uid not in (0, me) or (dmode & 0o022 and not dmode & stat.S_ISVTX):
-            raise KeyFileError(f"{path}: its directory {d} (mode {dmode:04o}, uid {dst.st_uid}) lets others "
-                               f"replace it: refusing it")
+            raise KeyFileError(
+                f"{path}: its directory {d} (mode {dmode:04o}, uid {dst.st_uid}) lets others replace it: refusing it"
+            )
 
 
 def fingerprint(public: bytes) -> str:
@@ -221,17 +222,17 @@ def parse_authorized_line(text: str, where: str) -> AuthorizedKey | None:
         while True:
             m = _OPTION.match(line, pos)
             if m is None:
-                raise KeyFileError(f"{where}: bad options (expected name or name=\"value\", comma-separated)")
+                raise KeyFileError(f'{where}: bad options (expected name or name="value", comma-separated)')
             name = m.group(1)
             if name not in OPTION_NAMES:
                 raise KeyFileError(f"{where}: unknown option {name!r} (known: {', '.join(sorted(OPTION_NAMES))})")
             value = m.group(2)
             opts[name] = None if value is None else re.sub(r"\\(.)", r"\1", value)
             pos = m.end()
-            if line[pos:pos + 1] == ",":
+            if line[pos : pos + 1] == ",":
                 pos += 1
                 continue
-            if line[pos:pos + 1] != " ":
+            if line[pos : pos + 1] != " ":
                 raise KeyFileError(f"{where}: expected ',' or a space after option {name!r}")
             line = line[pos:].strip()
             break
@@ -241,7 +242,7 @@ def parse_authorized_line(text: str, where: str) -> AuthorizedKey | None:
     public = parse_public(words[1], where)
     for name in ("allow", "users", "command"):
         if name in opts and opts[name] is None:
-            raise KeyFileError(f"{where}: option {name!r} needs a value: {name}=\"...\"")
+            raise KeyFileError(f'{where}: option {name!r} needs a value: {name}="..."')
     if "one-time" in opts and opts["one-time"] is not None:
         raise KeyFileError(f"{where}: option 'one-time' takes no value")
     command = None
@@ -253,12 +254,11 @@ def parse_authorized_line(text: str, where: str) -> AuthorizedKey | None:
         if not command:
             raise KeyFileError(f"{where}: command is empty")
     if "one-time" in opts and command is None:
-        raise KeyFileError(f"{where}: a one-time key must be bound to a command=\"...\"")
+        raise KeyFileError(f'{where}: a one-time key must be bound to a command="..."')
     allow_text = opts.get("allow")
     allow = None if allow_text is None else frozenset(re.split(r"[\s,]+", allow_text.strip())) - {""}
     users = tuple(dict.fromkeys(u for u in re.split(r"[\s,]+", (opts.get("users") or "").strip()) if u))
-    return AuthorizedKey(public, words[2] if len(words) > 2 else "", allow, users, command,
-                         "one-time" in opts, 0)
+    return AuthorizedKey(public, words[2] if len(words) > 2 else "", allow, users, command, "one-time" in opts, 0)
 
 
 @dataclass
@@ -278,8 +278,7 @@ class AuthorizedKeys:
         for n, line in enumerate(text.splitlines(), 1):
             key = parse_authorized_line(line, f"{path}:{n}")
             if key is not None:
-                keys.append(AuthorizedKey(key.public, key.comment, key.allow, key.users, key.command,
-                                          key.one_time, n))
+                keys.append(AuthorizedKey(key.public, key.comment, key.allow, key.users, key.command, key.one_time, n))
         return cls(path, keys)
 
     def find(self, public: bytes) -> list[AuthorizedKey]:
@@ -347,7 +346,8 @@ class KnownHosts:
             raise HostKeyChanged(
                 f"WARNING: the key of {host!r} has CHANGED (now {fingerprint(public)}, pinned "
                 f"{fingerprint(pinned)} in {self.path}). Someone may be impersonating it, or its key "
-                f"was replaced; if you trust the new key, remove the line for {host!r} from {self.path}.")
+                f"was replaced; if you trust the new key, remove the line for {host!r} from {self.path}."
+            )
         with os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "w") as f:
             f.write(f"{host} {public_line(public)}\n")
         return True

@@ -51,21 +51,21 @@ def refuse_arrival(counts: Counts, limits: Limits, peer: int | None) -> str | No
     if counts.sessions >= limits.max_sessions:
         return f"too many connections (at most {limits.max_sessions}: --max-sessions); try again later"
     if counts.startups >= limits.max_startups:
-        return (f"too many unauthenticated connections (at most {limits.max_startups}: --max-startups); "
-                f"try again later")
+        return f"too many unauthenticated connections (at most {limits.max_startups}: --max-startups); try again later"
     if peer is not None and counts.peer_sessions[peer] >= limits.peer_sessions:
         return f"too many connections from uid {peer} (at most {limits.peer_sessions}: --per-peer-sessions)"
     if peer is not None and counts.peer_startups[peer] >= limits.peer_startups:
-        return (f"too many unauthenticated connections from uid {peer} (at most {limits.peer_startups}: "
-                f"--per-peer-startups)")
+        return (
+            f"too many unauthenticated connections from uid {peer} (at most {limits.peer_startups}: "
+            f"--per-peer-startups)"
+        )
     return None
 
 
 def refuse_login(counts: Counts, limits: Limits, key: bytes) -> str | None:
     """Why an authenticated key may not have one more session, or None."""
     if counts.key_sessions[key] >= limits.key_sessions:
-        return (f"too many sessions with key {fingerprint(key)} (at most {limits.key_sessions}: "
-                f"--per-key-sessions)")
+        return f"too many sessions with key {fingerprint(key)} (at most {limits.key_sessions}: --per-key-sessions)"
     return None
 
 

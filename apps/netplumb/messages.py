@@ -73,16 +73,27 @@ class Start:
         for kind, table in tables.items():
             for item in fields.getall(kind):
                 ch_text, _, path = item.partition(" ")
-                if not ch_text.isascii() or not ch_text.isdigit() or len(ch_text) > 4 \
-                        or not wire.FIRST_CLIENT_CHANNEL <= int(ch_text) < wire.FIRST_SERVER_CHANNEL \
-                        or not path.startswith("/"):
+                if (
+                    not ch_text.isascii()
+                    or not ch_text.isdigit()
+                    or len(ch_text) > 4
+                    or not wire.FIRST_CLIENT_CHANNEL <= int(ch_text) < wire.FIRST_SERVER_CHANNEL
+                    or not path.startswith("/")
+                ):
                     raise BadStart(f"bad {kind} entry {item[:60]!r} (expected CHANNEL /absolute/path)")
                 if int(ch_text) in seen:
                     raise BadStart(f"channel {ch_text} is used twice")
                 seen.add(int(ch_text))
                 table.append((int(ch_text), path))
-        return cls(argv, recipe, fields.get("user") or None, tuple(env), tuple(tables["infifo"]),
-                   tuple(tables["outfifo"]), tuple(tables["socket"]))
+        return cls(
+            argv,
+            recipe,
+            fields.get("user") or None,
+            tuple(env),
+            tuple(tables["infifo"]),
+            tuple(tables["outfifo"]),
+            tuple(tables["socket"]),
+        )
 
 
 @dataclass(frozen=True)

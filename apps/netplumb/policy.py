@@ -134,8 +134,19 @@ def _plan_one(entry: AuthorizedKey, req: Start, s: Settings) -> Plan:
     if channels > s.max_channels:
         raise Refused(f"{channels} named pipes and sockets: at most {s.max_channels}")
     env, ignored = _environment(entry, req, account, s)
-    return Plan(account, steps, env, req.recipe, account.home if req.recipe is None else None, req.infifos,
-                req.outfifos, req.sockets, entry.line, entry.one_time, ignored)
+    return Plan(
+        account,
+        steps,
+        env,
+        req.recipe,
+        account.home if req.recipe is None else None,
+        req.infifos,
+        req.outfifos,
+        req.sockets,
+        entry.line,
+        entry.one_time,
+        ignored,
+    )
 
 
 def _recipe_steps(entry: AuthorizedKey, recipe: str, s: Settings) -> tuple[Step, ...]:
@@ -205,17 +216,28 @@ def _program(name: str, entry: AuthorizedKey, s: Settings) -> Program:
     if entry.allow is not None:
         allowed = {p.real for a in entry.allow if (p := s.which(a, s.path)) is not None}
         if program.real not in allowed:
-            raise Refused(f"{name!r} ({program.real}) is not in this key's allowlist "
-                          f"({', '.join(sorted(entry.allow)) or 'empty'})")
+            raise Refused(
+                f"{name!r} ({program.real}) is not in this key's allowlist "
+                f"({', '.join(sorted(entry.allow)) or 'empty'})"
+            )
     return program
 
 
-def _environment(entry: AuthorizedKey, req: Start, account: Account, s: Settings,
-                 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+def _environment(
+    entry: AuthorizedKey,
+    req: Start,
+    account: Account,
+    s: Settings,
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     """A fresh environment, plus the client's variables that match accept_env (AcceptEnv); a key bound
     to one command gets none of them."""
-    env = {"PATH": s.path, "HOME": account.home, "USER": account.name, "LOGNAME": account.name,
-           "SHELL": account.shell or "/bin/sh"}
+    env = {
+        "PATH": s.path,
+        "HOME": account.home,
+        "USER": account.name,
+        "LOGNAME": account.name,
+        "SHELL": account.shell or "/bin/sh",
+    }
     if s.lang:
         env["LANG"] = s.lang
     ignored = []
@@ -242,8 +264,16 @@ def real_which(name: str, path: str) -> Program | None:
     if name.startswith("/"):
         found: str | None = name if os.path.isfile(name) and os.access(name, os.X_OK) else None
     else:
-        found = next((c for d in path.split(os.pathsep) if d.startswith("/")
-                      for c in [os.path.join(d, name)] if os.path.isfile(c) and os.access(c, os.X_OK)), None)
+        found = next(
+            (
+                c
+                for d in path.split(os.pathsep)
+                if d.startswith("/")
+                for c in [os.path.join(d, name)]
+                if os.path.isfile(c) and os.access(c, os.X_OK)
+            ),
+            None,
+        )
     return None if found is None else Program(found, os.path.realpath(found))
 
 

@@ -185,12 +185,23 @@ def receive(sock: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
 
 def plan_to_json(plan: Plan, workdir: bool, open_timeout: float, kill_grace: float) -> bytes:
     a = plan.account
-    return json.dumps({
-        "uid": a.uid, "gid": a.gid, "groups": a.groups,
-        "steps": [[list(s.argv), s.exe, s.real] for s in plan.steps], "recipe": plan.recipe, "env": dict(plan.env),
-        "cwd": plan.cwd, "workdir": workdir, "infifos": plan.infifos, "outfifos": plan.outfifos,
-        "sockets": plan.sockets, "open_timeout": open_timeout, "kill_grace": kill_grace,
-    }).encode()
+    return json.dumps(
+        {
+            "uid": a.uid,
+            "gid": a.gid,
+            "groups": a.groups,
+            "steps": [[list(s.argv), s.exe, s.real] for s in plan.steps],
+            "recipe": plan.recipe,
+            "env": dict(plan.env),
+            "cwd": plan.cwd,
+            "workdir": workdir,
+            "infifos": plan.infifos,
+            "outfifos": plan.outfifos,
+            "sockets": plan.sockets,
+            "open_timeout": open_timeout,
+            "kill_grace": kill_grace,
+        }
+    ).encode()
 
 
 # -- netplumbd's side -------------------------------------------------------------------------
@@ -204,9 +215,15 @@ def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
     cache += ["-X", f"pycache_prefix={sys.pycache_prefix}"] if sys.pycache_prefix else []
     try:  # as us: the interpreter may be where the user cannot reach; it drops to the user first
         proc = subprocess.Popen(
-            [sys.executable, "-I", *cache, "-c", BOOT, CODE_ROOT, str(theirs.fileno())], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=[theirs.fileno()], cwd="/",
-            env={"PATH": os.defpath}, start_new_session=True)
+            [sys.executable, "-I", *cache, "-c", BOOT, CODE_ROOT, str(theirs.fileno())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=[theirs.fileno()],
+            cwd="/",
+            env={"PATH": os.defpath},
+            start_new_session=True,
+        )
     except BaseException:
         ours.close()
         raise

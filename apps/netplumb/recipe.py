@@ -90,7 +90,7 @@ def tokenize(line: str, n: int) -> list[_Token]:
             j = line.find("'", i + 1)
             if j < 0:
                 raise RecipeError(f"line {n}: unterminated ' quote")
-            word.append(line[i + 1:j])
+            word.append(line[i + 1 : j])
             in_word = quoted = True
             i = j + 1
         elif c == '"':
@@ -101,7 +101,7 @@ def tokenize(line: str, n: int) -> list[_Token]:
                 word.append(line[i])
                 i += 1
             if i >= len(line):
-                raise RecipeError(f"line {n}: unterminated \" quote")
+                raise RecipeError(f'line {n}: unterminated " quote')
             in_word = quoted = True
             i += 1
         elif c == "\\":
@@ -233,8 +233,9 @@ class RecipeJob:
     working directory), then commands in order, waiting for each unless it ended in `|` or `&`.
     The status is the first non-zero one, else 0. exes: each command's program, as resolved."""
 
-    def __init__(self, commands: list[Command], exes: list[Exe], launch: Launch,
-                 open_timeout: float = OPEN_TIMEOUT) -> None:
+    def __init__(
+        self, commands: list[Command], exes: list[Exe], launch: Launch, open_timeout: float = OPEN_TIMEOUT
+    ) -> None:
         if len(exes) != len(commands):
             raise RecipeError(f"{len(exes)} programs for {len(commands)} commands")
         (ci, self.stdin), (co, self.stdout), (ce, self.stderr) = pipes()
@@ -257,15 +258,15 @@ class RecipeJob:
         self._thread.start()
 
     @staticmethod
-    def _plan(commands: list[Command], open_timeout: float, ci: int, co: int, ce: int,
-              opened: list[int]) -> _Plan:
+    def _plan(commands: list[Command], open_timeout: float, ci: int, co: int, ce: int, opened: list[int]) -> _Plan:
         def open_file(f: File, write: bool) -> int:
             flags = (os.O_WRONLY | os.O_CREAT | (os.O_APPEND if f.append else os.O_TRUNC)) if write else os.O_RDONLY
             try:
                 fd = open_within(f.path, flags, open_timeout)
             except TimeoutError:
-                raise RecipeError(f"cannot open {f.path}: nothing opened the other end of this named pipe "
-                                  f"within {open_timeout:g} s") from None
+                raise RecipeError(
+                    f"cannot open {f.path}: nothing opened the other end of this named pipe within {open_timeout:g} s"
+                ) from None
             except OSError as e:
                 raise RecipeError(f"cannot open {f.path}: {e.strerror}") from None
             opened.append(fd)

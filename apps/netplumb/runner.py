@@ -51,8 +51,10 @@ class Session:
             self._finish()
             return
         self.job = job
-        self.send(privsep.Started(tuple(ch for ch, _ in self.plan["sockets"])),
-                  [job.stdin, job.stdout, job.stderr, *(s.fileno() for s in listeners)])
+        self.send(
+            privsep.Started(tuple(ch for ch, _ in self.plan["sockets"])),
+            [job.stdin, job.stdout, job.stderr, *(s.fileno() for s in listeners)],
+        )
         for fd in (job.stdin, job.stdout, job.stderr):
             os.close(fd)
         for lsock in listeners:
@@ -89,9 +91,10 @@ class Session:
         steps = plan["steps"]
         if plan["recipe"] is not None:
             commands = parse_recipe(plan["recipe"])
-            return RecipeJob(commands, [Exe(exe, real) for _, exe, real in steps], launch,
-                             plan["open_timeout"]), listeners
-        (argv, exe, real), = steps
+            return RecipeJob(
+                commands, [Exe(exe, real) for _, exe, real in steps], launch, plan["open_timeout"]
+            ), listeners
+        ((argv, exe, real),) = steps
         try:
             return CommandJob(argv, Exe(exe, real), launch), listeners
         except OSError as e:

@@ -64,8 +64,9 @@ class Daemon:
                 log.info("flow %d%s: %s", reply.flow_id, f" (uid {peer})" if peer is not None else "", e)
                 self._refuse(reply, fd, str(e))
                 continue
-            threading.Thread(target=self._connection, args=(reply, fd, ticket), daemon=True,
-                             name=f"conn-{reply.flow_id}").start()
+            threading.Thread(
+                target=self._connection, args=(reply, fd, ticket), daemon=True, name=f"conn-{reply.flow_id}"
+            ).start()
 
     def _connection(self, reply: m.FlowReply, fd: int, ticket: Ticket) -> None:
         try:
@@ -147,31 +148,59 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="netplumbd", description="netplumb remote execution service")
     ap.add_argument("--name", help="bind this process to NAME (an IRMd starting us with auto has done so)")
     ap.add_argument("--layer", action="append", default=[], help="register NAME in LAYER (repeatable)")
-    ap.add_argument("--authorized-keys", type=Path, default=None,
-                    help="client keys allowed in (default ~/.config/netplumb/authorized_keys)")
-    ap.add_argument("--host-key", type=Path, default=None,
-                    help="this server's key, made if missing (default ~/.config/netplumb/host_key)")
-    ap.add_argument("--spent-keys", type=Path, default=None,
-                    help="where used one-time keys are recorded (default AUTHORIZED_KEYS.spent)")
-    ap.add_argument("--recipe-dir", type=Path, default=None,
-                    help="private directory of recipes' working directories, one per user "
-                         "(default ~/.config/netplumb/recipes)")
-    ap.add_argument("--path", default=None,
-                    help="the PATH programs are found in and commands get (default: netplumbd's own)")
-    ap.add_argument("--accept-env", action="append", default=[], metavar="PATTERN",
-                    help="client variables a command may get, as sshd's AcceptEnv (repeatable; none by default)")
+    ap.add_argument(
+        "--authorized-keys",
+        type=Path,
+        default=None,
+        help="client keys allowed in (default ~/.config/netplumb/authorized_keys)",
+    )
+    ap.add_argument(
+        "--host-key",
+        type=Path,
+        default=None,
+        help="this server's key, made if missing (default ~/.config/netplumb/host_key)",
+    )
+    ap.add_argument(
+        "--spent-keys",
+        type=Path,
+        default=None,
+        help="where used one-time keys are recorded (default AUTHORIZED_KEYS.spent)",
+    )
+    ap.add_argument(
+        "--recipe-dir",
+        type=Path,
+        default=None,
+        help="private directory of recipes' working directories, one per user (default ~/.config/netplumb/recipes)",
+    )
+    ap.add_argument(
+        "--path", default=None, help="the PATH programs are found in and commands get (default: netplumbd's own)"
+    )
+    ap.add_argument(
+        "--accept-env",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="client variables a command may get, as sshd's AcceptEnv (repeatable; none by default)",
+    )
     limits = ap.add_argument_group("limits")
     for opt, attr, kind, what in (
-            ("--max-startups", "max_startups", int, "unauthenticated connections in all"),
-            ("--per-peer-startups", "peer_startups", int, "unauthenticated connections from one local uid"),
-            ("--max-sessions", "max_sessions", int, "connections in all"),
-            ("--per-peer-sessions", "peer_sessions", int, "connections from one local uid"),
-            ("--per-key-sessions", "key_sessions", int, "sessions of one key"),
-            ("--login-grace-time", "login_grace", float, "seconds to authenticate and ask for a command"),
-            ("--max-channels", "max_channels", int, "named pipes and sockets of one START"),
-            ("--max-connections", "max_connections", int, "open connections on a session's sockets")):
-        limits.add_argument(opt, dest=attr, type=kind, default=getattr(d, attr), metavar="N",
-                            help=f"{what} (default {getattr(d, attr):g})")
+        ("--max-startups", "max_startups", int, "unauthenticated connections in all"),
+        ("--per-peer-startups", "peer_startups", int, "unauthenticated connections from one local uid"),
+        ("--max-sessions", "max_sessions", int, "connections in all"),
+        ("--per-peer-sessions", "peer_sessions", int, "connections from one local uid"),
+        ("--per-key-sessions", "key_sessions", int, "sessions of one key"),
+        ("--login-grace-time", "login_grace", float, "seconds to authenticate and ask for a command"),
+        ("--max-channels", "max_channels", int, "named pipes and sockets of one START"),
+        ("--max-connections", "max_connections", int, "open connections on a session's sockets"),
+    ):
+        limits.add_argument(
+            opt,
+            dest=attr,
+            type=kind,
+            default=getattr(d, attr),
+            metavar="N",
+            help=f"{what} (default {getattr(d, attr):g})",
+        )
     logs.add_arguments(ap)
     add_version(ap)
     return ap
@@ -197,11 +226,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"netplumbd: {e}", file=sys.stderr)
         sys.exit(1)
     me = policy.account_of(pwd.getpwuid(os.geteuid()))
-    settings = Settings(me, args.path or os.environ.get("PATH") or os.defpath, policy.real_account,
-                        policy.real_which, tuple(args.accept_env), policy.login_shells(), os.environ.get("LANG"),
-                        limits.max_channels)
-    cfg = Config(identity, auth, SpentKeys(args.spent_keys or auth.with_name(auth.name + ".spent")), recipe_dir,
-                 recipe_fd, settings, limits)
+    settings = Settings(
+        me,
+        args.path or os.environ.get("PATH") or os.defpath,
+        policy.real_account,
+        policy.real_which,
+        tuple(args.accept_env),
+        policy.login_shells(),
+        os.environ.get("LANG"),
+        limits.max_channels,
+    )
+    cfg = Config(
+        identity,
+        auth,
+        SpentKeys(args.spent_keys or auth.with_name(auth.name + ".spent")),
+        recipe_dir,
+        recipe_fd,
+        settings,
+        limits,
+    )
     irm = default_client()
     daemon = Daemon(cfg, irm)
 

@@ -106,12 +106,20 @@ class Aead:
     decrypt: Callable[..., int]
 
 
-CHACHA20_POLY1305 = Aead("chacha20-poly1305", 12, 16, lib.crypto_aead_chacha20poly1305_ietf_encrypt,
-                         lib.crypto_aead_chacha20poly1305_ietf_decrypt)
+CHACHA20_POLY1305 = Aead(
+    "chacha20-poly1305",
+    12,
+    16,
+    lib.crypto_aead_chacha20poly1305_ietf_encrypt,
+    lib.crypto_aead_chacha20poly1305_ietf_decrypt,
+)
 # AEGIS-256 (libsodium 1.0.19 on): about fifteen times ChaCha20-Poly1305's speed on a CPU with AES
 # instructions, and far slower without them; 256-bit key, nonce and tag.
-AEGIS256 = (Aead("aegis256", 32, 32, lib.crypto_aead_aegis256_encrypt, lib.crypto_aead_aegis256_decrypt)
-            if hasattr(lib, "crypto_aead_aegis256_encrypt") else None)
+AEGIS256 = (
+    Aead("aegis256", 32, 32, lib.crypto_aead_aegis256_encrypt, lib.crypto_aead_aegis256_decrypt)
+    if hasattr(lib, "crypto_aead_aegis256_encrypt")
+    else None
+)
 AEADS = {a.name: a for a in (AEGIS256, CHACHA20_POLY1305) if a is not None}
 
 
@@ -156,8 +164,7 @@ class _Cipher:
         nonce = self._nonce()
         if not self.aead.tag_bytes <= len(sealed) <= wire.MAX_PACKET:
             return None
-        if self.aead.decrypt(self._out, self._len, ffi.NULL, sealed, len(sealed), aad, len(aad), nonce,
-                             self.key) != 0:
+        if self.aead.decrypt(self._out, self._len, ffi.NULL, sealed, len(sealed), aad, len(aad), nonce, self.key) != 0:
             return None
         return ffi.buffer(self._out, self._len[0])[:]  # type: ignore[no-any-return]
 
@@ -281,24 +288,30 @@ class Session:
             self.state = State.CLOSED
             return [PeerError(fields.get("message", "(no message)") or "")]
         if self.state is not State.ESTABLISHED or packet.type < wire.FIRST_SESSION_TYPE:
-            raise UnexpectedPacket(f"unexpected {wire.TYPE_NAMES.get(packet.type, packet.type)} packet "
-                                   f"in state {self.state.value}")
+            raise UnexpectedPacket(
+                f"unexpected {wire.TYPE_NAMES.get(packet.type, packet.type)} packet in state {self.state.value}"
+            )
         return [Message(packet.type, fields)]
 
 
 class ClientSession(Session):
     """The allocating side. check_host(server_key) raises to refuse the server's key."""
 
-    def __init__(self, identity: Identity, check_host: Callable[[bytes], object],
-                 aeads: Sequence[Aead] | None = None) -> None:
+    def __init__(
+        self, identity: Identity, check_host: Callable[[bytes], object], aeads: Sequence[Aead] | None = None
+    ) -> None:
         super().__init__(identity, aeads)
         self.check_host = check_host
 
     def start(self) -> None:
         if self.state is not State.IDLE:
             raise UnexpectedPacket("the handshake was already started")
-        self._queue(wire.HELLO, Fields.of(("version", VERSION), ("eph", wire.b64(self.eph_public)),
-                                          *(("cipher", a.name) for a in self.aeads)))
+        self._queue(
+            wire.HELLO,
+            Fields.of(
+                ("version", VERSION), ("eph", wire.b64(self.eph_public)), *(("cipher", a.name) for a in self.aeads)
+            ),
+        )
         self.state = State.HELLO_SENT
 
     def _on_refuse(self, fields: Fields) -> list[Event]:
@@ -348,8 +361,9 @@ class ClientSession(Session):
 class ServerSession(Session):
     """The accepting side. authorize(client_key) says whether the key may log in at all."""
 
-    def __init__(self, identity: Identity, authorize: Callable[[bytes], str | None],
-                 aeads: Sequence[Aead] | None = None) -> None:
+    def __init__(
+        self, identity: Identity, authorize: Callable[[bytes], str | None], aeads: Sequence[Aead] | None = None
+    ) -> None:
         super().__init__(identity, aeads)
         self.authorize = authorize
         self.state = State.WAIT_HELLO
@@ -363,21 +377,33 @@ class ServerSession(Session):
         aead = next((a for name in offer for a in self.aeads if a.name.encode() == name), None)
         if aead is None:
             names = ", ".join(repr(o.decode("ascii", "replace")[:30]) for o in offer[:8]) or "none"
-            self._refuse(HandshakeFailed(f"no cipher in common: the client offers {names}; this server "
-                                         f"takes {', '.join(a.name for a in self.aeads)}"))
+            self._refuse(
+                HandshakeFailed(
+                    f"no cipher in common: the client offers {names}; this server "
+                    f"takes {', '.join(a.name for a in self.aeads)}"
+                )
+            )
         self._transcript = client_eph + self.eph_public + self.identity.public + _agreement(offer, aead.name)
         self._keys(client_eph, aead, client=False)
         proof = self.identity.sign(SERVER_PROOF + self._transcript)
-        self._queue(wire.HELLO, Fields.of(version=VERSION, eph=wire.b64(self.eph_public),
-                                          key=wire.b64(self.identity.public), sig=wire.b64(proof),
-                                          cipher=aead.name))
+        self._queue(
+            wire.HELLO,
+            Fields.of(
+                version=VERSION,
+                eph=wire.b64(self.eph_public),
+                key=wire.b64(self.identity.public),
+                sig=wire.b64(proof),
+                cipher=aead.name,
+            ),
+        )
         self.state = State.WAIT_AUTH
         return []
 
     def _on_auth(self, fields: Fields) -> list[Event]:
         client_key = fields.bin("key")
         if len(client_key) != KEY_BYTES or not verify(
-                client_key, CLIENT_PROOF + self._transcript + client_key, fields.bin("sig")):
+            client_key, CLIENT_PROOF + self._transcript + client_key, fields.bin("sig")
+        ):
             self._refuse(HandshakeFailed("the client could not prove it holds its key (bad signature)"))
         why = self.authorize(client_key)
         if why is not None:

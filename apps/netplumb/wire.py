@@ -39,8 +39,19 @@ ERROR = 99  # message: the sender ends the session
 ENCRYPTED_FROM = 10
 FIRST_SESSION_TYPE = 20  # START and up: the established session's messages
 
-TYPE_NAMES = {HELLO: "HELLO", REFUSE: "REFUSE", AUTH: "AUTH", START: "START", DATA: "DATA", EOF: "EOF",
-              WINDOW: "WINDOW", EXIT: "EXIT", OPEN: "OPEN", SIGNAL: "SIGNAL", ERROR: "ERROR"}
+TYPE_NAMES = {
+    HELLO: "HELLO",
+    REFUSE: "REFUSE",
+    AUTH: "AUTH",
+    START: "START",
+    DATA: "DATA",
+    EOF: "EOF",
+    WINDOW: "WINDOW",
+    EXIT: "EXIT",
+    OPEN: "OPEN",
+    SIGNAL: "SIGNAL",
+    ERROR: "ERROR",
+}
 
 
 # Channels, as SSH's: 0-2 stdio, the client numbers its pipes and sockets from 3, the server its
@@ -92,7 +103,7 @@ def decode(data: bytes | memoryview) -> Packet:
     if size != len(data) or size > MAX_PACKET:
         raise WireError(f"bad size {size}: got {len(data)} bytes (at most {MAX_PACKET})")
     view = memoryview(data)
-    if zlib.crc32(view[HEADER.size:]) != crc:
+    if zlib.crc32(view[HEADER.size :]) != crc:
         raise WireError("bad CRC32: the packet was damaged")
     seq, ptype = BODY.unpack_from(data, HEADER.size)
     if seq >= SEQ_MODULO:
@@ -132,7 +143,7 @@ class Decoder:
             if len(data) - pos < size:
                 break
             try:
-                packet = decode(view[pos:pos + size])
+                packet = decode(view[pos : pos + size])
             except WireError as e:
                 self._reject(str(e))
             if packet.seq != self.expect:

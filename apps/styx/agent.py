@@ -22,8 +22,7 @@ class Peer:
     """One connection's client: its user, the server's rights for it, and, made on first use,
     its agent and an IRMd client working through the agent."""
 
-    def __init__(self, user: User, policy: Policy, irmd_sock: Path | None = None,
-                 irmd_pid: int | None = None) -> None:
+    def __init__(self, user: User, policy: Policy, irmd_sock: Path | None = None, irmd_pid: int | None = None) -> None:
         self.user = user
         self.policy = policy
         self.rights: Rights = policy.rights(user)
@@ -43,10 +42,13 @@ class Peer:
         if self.acts:
             return
         if self.user.anonymous:
-            raise StyxError(f"permission denied: {what} needs an identity from the stack; "
-                            "this connection has none (user none)")
-        raise StyxError(f"permission denied: {what}: this server runs as uid {self.policy.euid} "
-                        f"and cannot act as user {self.user.name}")
+            raise StyxError(
+                f"permission denied: {what} needs an identity from the stack; this connection has none (user none)"
+            )
+        raise StyxError(
+            f"permission denied: {what}: this server runs as uid {self.policy.euid} "
+            f"and cannot act as user {self.user.name}"
+        )
 
     def as_none(self) -> Peer:
         """The same connection as the anonymous user (anyone may become none)."""

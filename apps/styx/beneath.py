@@ -33,8 +33,11 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int, follow: bool = True) 
     resolve = RESOLVE_BENEATH | (RESOLVE_NO_MAGICLINKS if follow else RESOLVE_NO_SYMLINKS)
     how = ctypes.create_string_buffer(OPEN_HOW.pack(flags, mode, resolve))
     for _ in range(RETRIES):
-        fd = int(libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path),
-                              how, ctypes.c_size_t(OPEN_HOW.size)))
+        fd = int(
+            libc.syscall(
+                ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path), how, ctypes.c_size_t(OPEN_HOW.size)
+            )
+        )
         if fd >= 0:
             return fd
         err = ctypes.get_errno()
@@ -80,8 +83,7 @@ def _walk_nofollow(dirfd: int, parts: list[str], flags: int, mode: int) -> int:
     return last
 
 
-def open_beneath(dirfd: int, names: tuple[str, ...] | list[str], flags: int, mode: int = 0,
-                 follow: bool = True) -> int:
+def open_beneath(dirfd: int, names: tuple[str, ...] | list[str], flags: int, mode: int = 0, follow: bool = True) -> int:
     """open(2) of `names` (single components, none '.', '..' or with '/') beneath `dirfd`.
 
     No component may be a symbolic link leading out of dirfd's tree, nor any symbolic link at all

@@ -172,6 +172,7 @@ class Bridge:
         finally:
             conn.close()
             self.admission.done(user, why)
+
     def _relay_as(self, conn: socket.socket, user: User) -> None:
         rights = self.policy.rights(user)
         agent: Agent | None = None
@@ -202,8 +203,7 @@ class Bridge:
                 agent.close()
 
 
-def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float,
-          msize: int = w.MSIZE_DEFAULT) -> None:
+def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float, msize: int = w.MSIZE_DEFAULT) -> None:
     """One bridged client's 9P byte stream to and from its flow, in messages of at most `msize`
     bytes (Tversion asks no more); anonymous: attaches become none."""
     limit = flow_msize(flow, msize)

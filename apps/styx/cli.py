@@ -113,10 +113,12 @@ def cmd_stat(a: argparse.Namespace) -> None:
     client, path = connect(a.target, a.user)
     with client:
         st = client.stat(path)
-    print(f"name   {st.name}\nqid    type {st.qid.type:#04x} vers {st.qid.vers} path {st.qid.path:#x}\n"
-          f"mode   {mode_string(st.mode)} ({st.mode:#o})\nlength {st.length}\n"
-          f"uid    {st.uid}\ngid    {st.gid}\nmuid   {st.muid}\n"
-          f"atime  {time.ctime(st.atime)}\nmtime  {time.ctime(st.mtime)}")
+    print(
+        f"name   {st.name}\nqid    type {st.qid.type:#04x} vers {st.qid.vers} path {st.qid.path:#x}\n"
+        f"mode   {mode_string(st.mode)} ({st.mode:#o})\nlength {st.length}\n"
+        f"uid    {st.uid}\ngid    {st.gid}\nmuid   {st.muid}\n"
+        f"atime  {time.ctime(st.atime)}\nmtime  {time.ctime(st.mtime)}"
+    )
 
 
 def cmd_rm(a: argparse.Namespace) -> None:
@@ -149,8 +151,11 @@ def announce(name: str, layers: list[str]) -> None:
 
 def limits(a: argparse.Namespace) -> Limits:
     lim = Limits(**{k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k, None) is not None})
-    if lim.msize < w.MSIZE_MIN or min(lim.fids, lim.pending, lim.flows, lim.conns, lim.conns_per_user) < 1 \
-            or min(lim.attach_timeout, lim.send_timeout, lim.anon_idle_timeout) <= 0:
+    if (
+        lim.msize < w.MSIZE_MIN
+        or min(lim.fids, lim.pending, lim.flows, lim.conns, lim.conns_per_user) < 1
+        or min(lim.attach_timeout, lim.send_timeout, lim.anon_idle_timeout) <= 0
+    ):
         raise CliError(f"limits must be positive (and --msize at least {w.MSIZE_MIN})")
     return replace(lim, msize=min(lim.msize, w.MSIZE_MAX))
 
@@ -186,8 +191,13 @@ def cmd_mount(a: argparse.Namespace) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
-            mount(c, path or "/", a.mountpoint,
-                  lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True), a.service)
+            mount(
+                c,
+                path or "/",
+                a.mountpoint,
+                lambda: print(f"styx: {a.service} mounted on {a.mountpoint}", flush=True),
+                a.service,
+            )
         except RuntimeError as e:
             raise CliError(str(e)) from None
 
@@ -212,8 +222,11 @@ LIMIT_FLAGS = {
     "conns_per_user": ("--max-conns-per-user", int, "connections at once per user (anonymous: all are none)"),
     "attach_timeout": ("--attach-timeout", float, "seconds a connection may take to attach"),
     "send_timeout": ("--send-timeout", float, "seconds a client may leave replies untaken before it is dropped"),
-    "anon_idle_timeout": ("--anon-idle-timeout", float,
-                          "seconds an anonymous client may stay attached without a request (none share slots)"),
+    "anon_idle_timeout": (
+        "--anon-idle-timeout",
+        float,
+        "seconds an anonymous client may stay attached without a request (none share slots)",
+    ),
 }
 
 
@@ -234,10 +247,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", action="append", default=[], help="also register NAME in layer L (repeatable)")
     s.add_argument("--root", help="the directory to serve")
     s.add_argument("--irm", action="store_true", help="serve the IRMd as files, and net/")
-    s.add_argument("--users", help="comma-separated users allowed to attach, none for anonymous clients "
-                   "(default: any)")
-    s.add_argument("--anon-user", default=ANON_ACCOUNT, help="as root, work for anonymous clients (user none) "
-                   f"with this account's rights (default: {ANON_ACCOUNT})")
+    s.add_argument("--users", help="comma-separated users allowed to attach, none for anonymous clients (default: any)")
+    s.add_argument(
+        "--anon-user",
+        default=ANON_ACCOUNT,
+        help=f"as root, work for anonymous clients (user none) with this account's rights (default: {ANON_ACCOUNT})",
+    )
     add_limits(s, LIMIT_FLAGS)
     s.set_defaults(func=cmd_serve)
     for name, func, helptext in [

@@ -36,8 +36,14 @@ def _expect(reply: w.Msg, expect: type[M]) -> M:
 
 
 class Client:
-    def __init__(self, transport: Transport, user: str | None = None, aname: str = "",
-                 msize: int = w.MSIZE_DEFAULT, pipeline: int = PIPELINE) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        user: str | None = None,
+        aname: str = "",
+        msize: int = w.MSIZE_DEFAULT,
+        pipeline: int = PIPELINE,
+    ) -> None:
         self.transport = transport
         self.msize = msize
         self.pipeline = max(1, pipeline)
@@ -67,8 +73,7 @@ class Client:
         try:
             reply = self.rpc(w.Tversion(w.NOTAG, self.msize, w.VERSION9P), w.Rversion, VERSION_TIMEOUT)
         except TransportTimeout:
-            raise StyxClientError(f"not a 9P service: no answer to Tversion within {VERSION_TIMEOUT:g} s") \
-                from None
+            raise StyxClientError(f"not a 9P service: no answer to Tversion within {VERSION_TIMEOUT:g} s") from None
         except StyxClientError as e:
             if "bad reply" in str(e) or "expected Rversion" in str(e):
                 raise StyxClientError(f"not a 9P service: {e}") from None
@@ -243,8 +248,9 @@ class Client:
                 continue
             self._drain(inflight)  # what those wrote past the short one is written again, in order
             if not 0 < count < n:
-                raise StyxClientError("the server accepted no bytes" if count <= 0 else
-                                      f"the server says it wrote {count} bytes of {n}")
+                raise StyxClientError(
+                    "the server accepted no bytes" if count <= 0 else f"the server says it wrote {count} bytes of {n}"
+                )
             window, pos = 1, at + count
 
     # -- by path -----------------------------------------------------------------

@@ -36,8 +36,19 @@ def _stat(s: os.stat_result, name: str) -> w.Stat:
     mode = (w.DMDIR if is_dir else 0) | (s.st_mode & 0o777)
     qid = w.Qid(w.QTDIR if is_dir else w.QTFILE, (s.st_mtime_ns ^ s.st_size) & 0xFFFFFFFF, s.st_ino)
     owner = user_name(s.st_uid)
-    return w.Stat(0, 0, qid, mode, int(s.st_atime) & 0xFFFFFFFF, int(s.st_mtime) & 0xFFFFFFFF,
-                  0 if is_dir else s.st_size, name, owner, group_name(s.st_gid), owner)
+    return w.Stat(
+        0,
+        0,
+        qid,
+        mode,
+        int(s.st_atime) & 0xFFFFFFFF,
+        int(s.st_mtime) & 0xFFFFFFFF,
+        0 if is_dir else s.st_size,
+        name,
+        owner,
+        group_name(s.st_gid),
+        owner,
+    )
 
 
 def _rename_noreplace(dirfd: int, old: str, new: str) -> None:
@@ -83,8 +94,9 @@ class FsTree(Tree):
                 node = step
         return node
 
-    def resolve(self, rel: tuple[str, ...], flags: int = os.O_PATH, mode: int = 0, follow: bool = True,
-                at: int | None = None) -> int:
+    def resolve(
+        self, rel: tuple[str, ...], flags: int = os.O_PATH, mode: int = 0, follow: bool = True, at: int | None = None
+    ) -> int:
         """A descriptor for `rel` beneath the root (or beneath the directory `at`); what leads outside,
         or through a symlink with follow=False, is not there."""
         try:

@@ -15,8 +15,14 @@ from apps.accounts import Creds
 
 # (setgroups, setfsgid, setfsuid) system call numbers, from the kernel's syscall tables.
 _GENERIC = (159, 152, 151)  # asm-generic: aarch64, riscv64, loongarch64
-_SYSCALLS = {"x86_64": (116, 123, 122), "aarch64": _GENERIC, "riscv64": _GENERIC, "loongarch64": _GENERIC,
-             "ppc64le": (81, 139, 138), "s390x": (206, 216, 215)}
+_SYSCALLS = {
+    "x86_64": (116, 123, 122),
+    "aarch64": _GENERIC,
+    "riscv64": _GENERIC,
+    "loongarch64": _GENERIC,
+    "ppc64le": (81, 139, 138),
+    "s390x": (206, 216, 215),
+}
 NGROUPS_MAX = 65536
 
 

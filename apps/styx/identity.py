@@ -11,8 +11,22 @@ from dataclasses import dataclass
 
 from apps.accounts import ANON_ACCOUNT, ANON_ID, Creds, User, anon_creds, group_name, user_for_uid, user_name
 
-__all__ = ["ANON_ACCOUNT", "ANON_ID", "NONE", "NONE_NAME", "Creds", "Policy", "Rights", "User", "anon_creds",
-           "group_name", "identify", "server_policy", "user_for_uid", "user_name"]
+__all__ = [
+    "ANON_ACCOUNT",
+    "ANON_ID",
+    "NONE",
+    "NONE_NAME",
+    "Creds",
+    "Policy",
+    "Rights",
+    "User",
+    "anon_creds",
+    "group_name",
+    "identify",
+    "server_policy",
+    "user_for_uid",
+    "user_name",
+]
 
 NONE_NAME = "none"  # Plan 9's anonymous user: anyone may be none, nobody needs to prove it
 NONE = User(NONE_NAME)

@@ -98,13 +98,27 @@ class IrmFs:
         root.add(text_file("ctl", root, lambda: HELP, lambda c: self.admin.run(_words(c)), perm))
         ipcp = root.add(SynthDir("ipcp", root, self._ipcps))
         assert isinstance(ipcp, SynthDir)
-        ipcp.add(text_file("ctl", ipcp, lambda: "ipcp create|bootstrap|enroll ... without the word ipcp\n",
-                           lambda c: self.admin.run(["ipcp", *_words(c)]), perm))
+        ipcp.add(
+            text_file(
+                "ctl",
+                ipcp,
+                lambda: "ipcp create|bootstrap|enroll ... without the word ipcp\n",
+                lambda c: self.admin.run(["ipcp", *_words(c)]),
+                perm,
+            )
+        )
         root.add(SynthDir("layer", root, self._layers))
         name = root.add(SynthDir("name", root, self._names))
         assert isinstance(name, SynthDir)
-        name.add(text_file("ctl", name, lambda: "create NAME [lb POLICY] | destroy NAME\n",
-                           lambda c: self.admin.run(["name", *_words(c)]), perm))
+        name.add(
+            text_file(
+                "ctl",
+                name,
+                lambda: "create NAME [lb POLICY] | destroy NAME\n",
+                lambda c: self.admin.run(["name", *_words(c)]),
+                perm,
+            )
+        )
         root.add(SynthDir("flow", root, self._flows))
         if net is not None:
             root.add(net.mount(root))
@@ -123,8 +137,17 @@ class IrmFs:
     def _ipcp_dir(self, parent: SynthDir, row: dict[str, str]) -> Synth:
         name = row["name"]
         d = SynthDir(name, parent)
-        d.add(text_file("ctl", d, lambda: "destroy | bootstrap layer L [type T ...] | enroll ... | "
-                        "connect dst D ... | disconnect dst D\n", lambda c: self._ipcp_ctl(name, c), self.ctl_perm))
+        d.add(
+            text_file(
+                "ctl",
+                d,
+                lambda: (
+                    "destroy | bootstrap layer L [type T ...] | enroll ... | connect dst D ... | disconnect dst D\n"
+                ),
+                lambda c: self._ipcp_ctl(name, c),
+                self.ctl_perm,
+            )
+        )
         d.add(text_file("status", d, lambda: _kv(self._ipcp_row(name))))
         d.add(text_file("layer", d, lambda: self._ipcp_row(name).get("layer", "") + "\n"))
         d.add(text_file("show", d, lambda: self._ipcp_show(name)))
@@ -146,11 +169,30 @@ class IrmFs:
         out: list[Synth] = []
         for layer in filter(_safe, layers):
             d = SynthDir(layer, parent)
-            d.add(text_file("ipcps", d, self._lister(lambda lay=layer: [  # type: ignore[misc]
-                r["name"] for r in self.admin.rows(m.IpcpList(layer=lay))])))
-            d.add(text_file("names", d, self._lister(lambda lay=layer: [  # type: ignore[misc]
-                r["name"] for r in self.admin.rows(m.NameList())
-                if lay in re.split(r"[,\s]+", r.get("layers", ""))])))
+            d.add(
+                text_file(
+                    "ipcps",
+                    d,
+                    self._lister(
+                        lambda lay=layer: [  # type: ignore[misc]
+                            r["name"] for r in self.admin.rows(m.IpcpList(layer=lay))
+                        ]
+                    ),
+                )
+            )
+            d.add(
+                text_file(
+                    "names",
+                    d,
+                    self._lister(
+                        lambda lay=layer: [  # type: ignore[misc]
+                            r["name"]
+                            for r in self.admin.rows(m.NameList())
+                            if lay in re.split(r"[,\s]+", r.get("layers", ""))
+                        ]
+                    ),
+                )
+            )
             out.append(d)
         return out
 
@@ -167,9 +209,18 @@ class IrmFs:
             if not _safe(name):
                 continue
             d = SynthDir(name, parent)
-            d.add(text_file("ctl", d, lambda: "register layer L | unregister layer L | destroy | "
-                            "bind program PATH [auto] [-- ARGS] | unbind program PATH\n",
-                            lambda c, n=name: self._name_ctl(n, c), self.ctl_perm))  # type: ignore[misc]
+            d.add(
+                text_file(
+                    "ctl",
+                    d,
+                    lambda: (
+                        "register layer L | unregister layer L | destroy | "
+                        "bind program PATH [auto] [-- ARGS] | unbind program PATH\n"
+                    ),
+                    lambda c, n=name: self._name_ctl(n, c),  # type: ignore[misc]
+                    self.ctl_perm,
+                )
+            )
             d.add(text_file("status", d, lambda n=name: _kv(self._name_row(n))))  # type: ignore[misc]
             out.append(d)
         return out
@@ -202,4 +253,3 @@ class IrmFs:
             if _safe(fid):
                 out.append(text_file(fid, parent, lambda r=row: _kv(r)))  # type: ignore[misc]
         return out
-

@@ -35,9 +35,16 @@ else:
 READAHEAD = 1 << 20  # what we ask the kernel to read ahead of a sequential reader (it may cap it)
 SECTOR = 512  # st_blocks counts these
 
-_ERRNOS = [("does not exist", errno.ENOENT), ("not found", errno.ENOENT), ("permission", errno.EACCES),
-           ("exists", errno.EEXIST), ("not empty", errno.ENOTEMPTY), ("non-directory", errno.ENOTDIR),
-           ("is a directory", errno.EISDIR), ("directory", errno.EISDIR)]
+_ERRNOS = [
+    ("does not exist", errno.ENOENT),
+    ("not found", errno.ENOENT),
+    ("permission", errno.EACCES),
+    ("exists", errno.EEXIST),
+    ("not empty", errno.ENOTEMPTY),
+    ("non-directory", errno.ENOTDIR),
+    ("is a directory", errno.EISDIR),
+    ("directory", errno.EISDIR),
+]
 
 
 def to_errno(e: StyxClientError) -> int:
@@ -57,8 +64,9 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
 
     use_ns = True  # utimens gets nanoseconds
 
-    def __init__(self, client: Client, base: str = "/", on_ready: Callable[[], None] | None = None,
-                 mountpoint: str = "") -> None:
+    def __init__(
+        self, client: Client, base: str = "/", on_ready: Callable[[], None] | None = None, mountpoint: str = ""
+    ) -> None:
         self.client = client
         self.mountpoint = mountpoint
         self.base = split_path(base)
@@ -119,10 +127,19 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
         s = self._stat(path)
         kind = st_.S_IFDIR if s.mode & w.DMDIR else st_.S_IFREG
         mtime = s.mtime * 1_000_000_000
-        return {"st_mode": kind | (s.mode & 0o777), "st_size": s.length, "st_nlink": 2 if kind == st_.S_IFDIR else 1,
-                "st_mtime": mtime, "st_atime": s.atime * 1_000_000_000, "st_ctime": mtime, "st_uid": self.uid,
-                "st_gid": self.gid, "st_ino": s.qid.path & 0x7FFFFFFFFFFFFFFF,
-                "st_blocks": (s.length + SECTOR - 1) // SECTOR, "st_blksize": self.client.iounit}
+        return {
+            "st_mode": kind | (s.mode & 0o777),
+            "st_size": s.length,
+            "st_nlink": 2 if kind == st_.S_IFDIR else 1,
+            "st_mtime": mtime,
+            "st_atime": s.atime * 1_000_000_000,
+            "st_ctime": mtime,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_ino": s.qid.path & 0x7FFFFFFFFFFFFFFF,
+            "st_blocks": (s.length + SECTOR - 1) // SECTOR,
+            "st_blksize": self.client.iounit,
+        }
 
     def readdir(self, path: str, fh: Any) -> list[str]:
         stats = self._call(self.client.ls, "/".join(self._names(path)) or "/")
@@ -230,8 +247,14 @@ class StyxOps(fuse.Operations if fuse else object):  # type: ignore[misc]
 
     def statfs(self, path: str) -> dict[str, int]:
         # 9P2000 carries no file system sizes: the counts are unknown (0), the I/O size is the iounit.
-        return {"f_bsize": self.client.iounit, "f_frsize": SECTOR, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0,
-                "f_namemax": 255}
+        return {
+            "f_bsize": self.client.iounit,
+            "f_frsize": SECTOR,
+            "f_blocks": 0,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_namemax": 255,
+        }
 
 
 def raise_readahead(mountpoint: str) -> None:
@@ -251,8 +274,9 @@ def raise_readahead(mountpoint: str) -> None:
         log.info("read-ahead stays the kernel's: %s", e)
 
 
-def mount(client: Client, base: str, mountpoint: str, on_ready: Callable[[], None] | None = None,
-          name: str = "") -> None:
+def mount(
+    client: Client, base: str, mountpoint: str, on_ready: Callable[[], None] | None = None, name: str = ""
+) -> None:
     """Serve `client`'s tree at `mountpoint` until unmounted (blocks); `mount` shows it as styx#NAME."""
     if fuse is None:
         raise RuntimeError(FUSE_MISSING)

@@ -149,8 +149,9 @@ class NetFs:
         if verb == "hangup":
             self.hangup(conv)
             return None
-        raise StyxError(f"unknown ctl command '{verb}': expected connect NAME [QOS] | announce NAME [LAYER...] | "
-                        "hangup")
+        raise StyxError(
+            f"unknown ctl command '{verb}': expected connect NAME [QOS] | announce NAME [LAYER...] | hangup"
+        )
 
     def _connect(self, conv: Conv, args: list[str]) -> str | None:
         if len(args) not in (1, 2):
@@ -215,8 +216,12 @@ class NetFs:
                 conv = self.announced.get(reply.name)
                 room = self._flows() < self.limits.flows
             if conv is None or not room:
-                log.info("net: refusing flow %d for %s: %s", reply.flow_id, reply.name,
-                            "not announced" if conv is None else "too many flows")
+                log.info(
+                    "net: refusing flow %d for %s: %s",
+                    reply.flow_id,
+                    reply.name,
+                    "not announced" if conv is None else "too many flows",
+                )
                 close_fds([fd])
                 irm.dealloc(reply.flow_id)
                 continue

@@ -107,13 +107,17 @@ def fit_fds(limits: Limits) -> Limits:
     if need <= soft:
         return limits
     conns = max(1, (soft - RESERVE_FDS) // limits.fds_per_conn())
-    log.info("%d descriptors allow %d connections of %d fids each, not %d", soft, conns, limits.fids,
-                limits.conns)
+    log.info("%d descriptors allow %d connections of %d fids each, not %d", soft, conns, limits.fids, limits.conns)
     return replace(limits, conns=conns, conns_per_user=min(limits.conns_per_user, conns))
 
 
-def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None,
-               send_timeout: float | None = None, anon_idle: float | None = None) -> None:
+def serve_flow(
+    flow: Flow,
+    session: Session,
+    attach_timeout: float | None = None,
+    send_timeout: float | None = None,
+    anon_idle: float | None = None,
+) -> None:
     """One client's loop: messages in, replies out, parked requests retried; until the flow ends,
     or, if it has not attached within attach_timeout seconds, until then, or, attached as the
     anonymous user, once it has asked nothing for anon_idle seconds (anonymous clients share their
@@ -133,8 +137,7 @@ def serve_flow(flow: Flow, session: Session, attach_timeout: float | None = None
                 deadline = None if attach_timeout is None else start + attach_timeout
             else:
                 limit, why = anon_idle, "asked nothing, anonymous, for"
-                deadline = None if anon_idle is None or not peer.user.anonymous or session.pending \
-                    else last + anon_idle
+                deadline = None if anon_idle is None or not peer.user.anonymous or session.pending else last + anon_idle
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -168,8 +171,14 @@ class Server:
     """Accepts flows for this process; admits each within the limits; serves each on a thread
     of its own as its peer's user. Nothing a flow delivers ends or stalls the accepting."""
 
-    def __init__(self, tree: Tree, limits: Limits = DEFAULT_LIMITS, users: frozenset[str] | None = None,
-                 policy: Policy | None = None, irm: IrmClient | None = None) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        limits: Limits = DEFAULT_LIMITS,
+        users: frozenset[str] | None = None,
+        policy: Policy | None = None,
+        irm: IrmClient | None = None,
+    ) -> None:
         self.tree = tree
         self.limits = fit_fds(limits)
         self.users = users
@@ -202,8 +211,9 @@ class Server:
                 self.irm.dealloc(reply.flow_id)
                 continue
             try:
-                threading.Thread(target=self._connection, args=(reply, fd, user, why), daemon=True,
-                                 name=f"styx-flow-{reply.flow_id}").start()
+                threading.Thread(
+                    target=self._connection, args=(reply, fd, user, why), daemon=True, name=f"styx-flow-{reply.flow_id}"
+                ).start()
             except RuntimeError as e:  # no thread to be had: this flow goes, the loop stays
                 log.info("flow %d of %s dropped: %s", reply.flow_id, user.name, e)
                 with contextlib.suppress(OSError):
@@ -231,14 +241,15 @@ class Server:
             log.exception("connection of %s failed", user.name)
         finally:
             self.admission.done(user, why)
+
     def _serve(self, flow: Flow, user: User) -> None:
         peer = Peer(user, self.policy, self.irmd_sock, self.irmd_pid)
         limits = replace(self.limits, msize=flow_msize(flow, self.limits.msize))
-        session = Session(self.tree, peer, limits, self.users,
-                          on_attach=self._become if self.thread_creds else None)
+        session = Session(self.tree, peer, limits, self.users, on_attach=self._become if self.thread_creds else None)
         try:
-            serve_flow(flow, session, self.limits.attach_timeout, self.limits.send_timeout,
-                       self.limits.anon_idle_timeout)
+            serve_flow(
+                flow, session, self.limits.attach_timeout, self.limits.send_timeout, self.limits.anon_idle_timeout
+            )
         finally:
             peer.close()  # its agent, if it had one, and that agent's IRMd connection
 

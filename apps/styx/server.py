@@ -465,8 +465,11 @@ class Session:
         f = self._fid(msg.fid)
         st, new = f.node.stat(), msg.stat
         keep = w.Stat.dont_touch()
-        if (new.type, new.dev, new.qid, new.atime) != (keep.type, keep.dev, keep.qid, keep.atime) \
-                or new.muid or (new.uid and new.uid != st.uid):
+        if (
+            (new.type, new.dev, new.qid, new.atime) != (keep.type, keep.dev, keep.qid, keep.atime)
+            or new.muid
+            or (new.uid and new.uid != st.uid)
+        ):
             raise StyxError("wstat can change only name, length, mode, mtime and gid")
         owner = self._kernel_judges or f.user.name == st.uid
         if new.name and new.name != st.name:

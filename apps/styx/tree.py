@@ -155,17 +155,30 @@ class Synth(Node):
 
     def stat(self) -> Stat:
         qtype = QTDIR if self.mode & DMDIR else QTFILE
-        return Stat(qid=Qid(qtype, 0, qid_path(self.path or "/")), mode=self.mode, atime=self.mtime,
-                    mtime=self.mtime, length=self.length(), name=self.name or "/",
-                    uid=self.owner, gid=self.owner, muid=self.owner)
+        return Stat(
+            qid=Qid(qtype, 0, qid_path(self.path or "/")),
+            mode=self.mode,
+            atime=self.mtime,
+            mtime=self.mtime,
+            length=self.length(),
+            name=self.name or "/",
+            uid=self.owner,
+            gid=self.owner,
+            muid=self.owner,
+        )
 
 
 class SynthDir(Synth):
     """A directory whose entries come from a function, so they follow live state."""
 
-    def __init__(self, name: str, parent: SynthDir | None = None,
-                 entries: Callable[[SynthDir], list[Synth]] | None = None,
-                 perm: int = 0o555, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        parent: SynthDir | None = None,
+        entries: Callable[[SynthDir], list[Synth]] | None = None,
+        perm: int = 0o555,
+        owner: str | None = None,
+    ) -> None:
         super().__init__(name, DMDIR | perm, parent, owner)
         self._entries = entries
         self.fixed: list[Synth] = []
@@ -198,8 +211,14 @@ class SynthDirHandle(Handle):
 class SynthFile(Synth):
     """A file whose opens are made by a function (text, ctl, or anything live)."""
 
-    def __init__(self, name: str, parent: SynthDir, opener: Callable[[int, str], Handle],
-                 perm: int = 0o444, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        parent: SynthDir,
+        opener: Callable[[int, str], Handle],
+        perm: int = 0o444,
+        owner: str | None = None,
+    ) -> None:
         super().__init__(name, perm, parent, owner)
         self._opener = opener
 
@@ -214,8 +233,7 @@ class TextHandle(Handle):
     as Plan 9 ctl files do.
     """
 
-    def __init__(self, text: Callable[[], str] | str = "",
-                 on_write: Callable[[str], str | None] | None = None) -> None:
+    def __init__(self, text: Callable[[], str] | str = "", on_write: Callable[[str], str | None] | None = None) -> None:
         self._text = text
         self._on_write = on_write
         self._snapshot: bytes | None = None
@@ -239,8 +257,13 @@ class TextHandle(Handle):
         return len(data)
 
 
-def text_file(name: str, parent: SynthDir, text: Callable[[], str],
-              on_write: Callable[[str], str | None] | None = None, perm: int | None = None) -> SynthFile:
+def text_file(
+    name: str,
+    parent: SynthDir,
+    text: Callable[[], str],
+    on_write: Callable[[str], str | None] | None = None,
+    perm: int | None = None,
+) -> SynthFile:
     """A file that prints `text()`, and runs written commands through `on_write`."""
     mode = perm if perm is not None else (0o644 if on_write else 0o444)
     return SynthFile(name, parent, lambda _mode, _user: TextHandle(text, on_write), mode)

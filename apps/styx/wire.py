@@ -87,8 +87,15 @@ class Stat:
     @staticmethod
     def dont_touch() -> Stat:
         """The Twstat record that changes nothing."""
-        return Stat(0xFFFF, 0xFFFFFFFF, Qid(0xFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF), 0xFFFFFFFF,
-                    0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
+        return Stat(
+            0xFFFF,
+            0xFFFFFFFF,
+            Qid(0xFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF),
+            0xFFFFFFFF,
+            0xFFFFFFFF,
+            0xFFFFFFFF,
+            0xFFFFFFFFFFFFFFFF,
+        )
 
     def encode(self) -> bytes:
         body = b"".join([

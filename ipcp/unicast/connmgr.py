@@ -50,8 +50,9 @@ class Adjacency:
     enrollment is handed on to enroll.Enroller once proved.
     """
 
-    def __init__(self, initiator: bool, component: str, name: str, layer: str, addr: int,
-                 psk: bytes | None, now: float) -> None:
+    def __init__(
+        self, initiator: bool, component: str, name: str, layer: str, addr: int, psk: bytes | None, now: float
+    ) -> None:
         self.machine: Machine[AdjState, AdjEvent] = Machine("adjacency", ADJACENCY, AdjState.CONNECTING)
         self._hs = Handshake(initiator, component, name, layer, addr, psk, now)
         if initiator:
@@ -161,8 +162,7 @@ class AutoConnect:
     def get_timer(self) -> float | None:
         return self._next if self.enabled and not self.busy else None
 
-    def handle_timer(self, now: float, me: int, via: str, neighbours: Neighbours,
-                     names: dict[int, str]) -> str | None:
+    def handle_timer(self, now: float, me: int, via: str, neighbours: Neighbours, names: dict[int, str]) -> str | None:
         """The member to connect now (then busy until done()), if any is due."""
         if not self.enabled or self.busy or now < self._next:
             return None

@@ -51,7 +51,6 @@ def node_id(addr: int) -> int:
     return int.from_bytes(hashlib.sha3_256(addr.to_bytes(8, "big")).digest(), "big")
 
 
-
 @dataclasses.dataclass
 class _Held:
     store: DhtStore  # as its member signed it
@@ -67,8 +66,14 @@ class _Lookup:
 
 
 class Directory:
-    def __init__(self, me: int, params: DhtParams = DhtParams(), identity: auth.Identity | None = None,
-                 bindings: auth.Bindings | None = None, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        me: int,
+        params: DhtParams = DhtParams(),
+        identity: auth.Identity | None = None,
+        bindings: auth.Bindings | None = None,
+        now: float = 0.0,
+    ) -> None:
         self.me = me
         self.params = params
         self.identity = identity or auth.Identity.generate()
@@ -142,8 +147,11 @@ class Directory:
         """The live stores for `key` we believe: of members, under the keys bound to them (a store
         taken before its member's LSU counts once the keys agree)."""
         keys = self.bindings.by_addr
-        return [h.store for a, h in self.store.get(key, {}).items()
-                if h.expiry > now and a in self.members and keys.get(a) == h.store.pub]
+        return [
+            h.store
+            for a, h in self.store.get(key, {}).items()
+            if h.expiry > now and a in self.members and keys.get(a) == h.store.pub
+        ]
 
     def local(self, key: bytes, now: float) -> list[int] | None:
         """What we know without asking: our own names, entries we hold, the cache."""
@@ -215,9 +223,14 @@ class Directory:
             except auth.Forged:
                 self.forged += 1
                 continue
-            if (store.key == found.key and store.ttl > 0 and store.addr in self.members
-                    and self.bindings.by_addr.get(store.addr) == store.pub
-                    and store.seq >= self.seqs.get((store.key, store.addr), 0) and store.addr not in live):
+            if (
+                store.key == found.key
+                and store.ttl > 0
+                and store.addr in self.members
+                and self.bindings.by_addr.get(store.addr) == store.pub
+                and store.seq >= self.seqs.get((store.key, store.addr), 0)
+                and store.addr not in live
+            ):
                 live.append(store.addr)
         return live
 

@@ -114,10 +114,18 @@ def _queued(sock: socket.socket) -> Callable[[], int]:
 class Dt(PollThread):
     """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its link."""
 
-    def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int,
-                 on_mgmt: Callable[[bytes], None], on_n1_down: Callable[[int, object], None],
-                 on_congestion: Callable[[UniFlow, ca.Update], None],
-                 congestion: ca.Congestion | None = None, spread: bool = False) -> None:
+    def __init__(
+        self,
+        fmt: PciFormat,
+        me: int,
+        max_ttl: int,
+        bufsize: int,
+        on_mgmt: Callable[[bytes], None],
+        on_n1_down: Callable[[int, object], None],
+        on_congestion: Callable[[UniFlow, ca.Update], None],
+        congestion: ca.Congestion | None = None,
+        spread: bool = False,
+    ) -> None:
         self.fmt = fmt
         super().__init__("dt")
         self.me = me
@@ -177,8 +185,15 @@ class Dt(PollThread):
     def set_pff(self, table: Table) -> None:
         self.pff = table
 
-    def add_n1(self, addr: int, fd: int, sealer: auth.Sealer | None = None,
-               opener: auth.Opener | None = None, token: object = None, mtu: int = 65535) -> None:
+    def add_n1(
+        self,
+        addr: int,
+        fd: int,
+        sealer: auth.Sealer | None = None,
+        opener: auth.Opener | None = None,
+        token: object = None,
+        mtu: int = 65535,
+    ) -> None:
         """A data flow to neighbour `addr` that carries up to `mtu` bytes an SDU; this thread owns
         `fd` from now on."""
         self.remove_n1(addr)

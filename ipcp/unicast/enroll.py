@@ -39,8 +39,10 @@ ENROLLEE = {
     (EnrolleeState.IDLE, EnrolleeEvent.START): EnrolleeState.HANDSHAKE,
     (EnrolleeState.HANDSHAKE, EnrolleeEvent.PROVED): EnrolleeState.AWAIT_INFO,
     (EnrolleeState.AWAIT_INFO, EnrolleeEvent.INFO): EnrolleeState.ENROLLED,
-    **{(s, EnrolleeEvent.FAIL): EnrolleeState.FAILED
-       for s in (EnrolleeState.IDLE, EnrolleeState.HANDSHAKE, EnrolleeState.AWAIT_INFO)},
+    **{
+        (s, EnrolleeEvent.FAIL): EnrolleeState.FAILED
+        for s in (EnrolleeState.IDLE, EnrolleeState.HANDSHAKE, EnrolleeState.AWAIT_INFO)
+    },
 }
 
 

@@ -153,16 +153,21 @@ class FlowAllocator:
 
     def _timers(self) -> list[Alloc]:
         """The allocations with a deadline now (others leave the set: states only move on)."""
-        live = [a for a in self._timed if a.state in (State.REQUESTED, State.ARRIVED)
-                or (a.state is State.ALLOCATED and a.unreachable_since is not None and a.eid in self.by_eid)]
+        live = [
+            a
+            for a in self._timed
+            if a.state in (State.REQUESTED, State.ARRIVED)
+            or (a.state is State.ALLOCATED and a.unreachable_since is not None and a.eid in self.by_eid)
+        ]
         if len(live) < len(self._timed):
             self._timed = set(live)
         return live
 
     # -- ours ------------------------------------------------------------------------
 
-    def alloc(self, flow_id: int, digest: bytes, qos: QosSpec, data: bytes, addrs: list[int],
-              timeout: float, now: float) -> Alloc:
+    def alloc(
+        self, flow_id: int, digest: bytes, qos: QosSpec, data: bytes, addrs: list[int], timeout: float, now: float
+    ) -> Alloc:
         """Ask the members at `addrs` for a flow to `digest`; Allocated or AllocFailed follows."""
         if len(data) > MAX_DATA:
             raise FaError(m.EINVAL, f"allocation data of {len(data)} bytes exceeds {MAX_DATA}")
@@ -251,8 +256,12 @@ class FlowAllocator:
                     self.events.append(Allocated(alloc))
             case um.FaDealloc():
                 alloc = self.by_eid.get(msg.d_eid)
-                if (alloc is not None and alloc.state is State.ALLOCATED and alloc.dst == msg.src
-                        and alloc.remote_eid == msg.s_eid):
+                if (
+                    alloc is not None
+                    and alloc.state is State.ALLOCATED
+                    and alloc.dst == msg.src
+                    and alloc.remote_eid == msg.s_eid
+                ):
                     alloc.machine.fire(Event.PEER_DEALLOC)
                     self._forget(alloc)
                     self.events.append(Ended(alloc, down=False))
@@ -289,8 +298,14 @@ class FlowAllocator:
     # -- timers (sans-IO) ------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        due = [a.asked_until if a.state is State.REQUESTED else a.deadline if a.state is State.ARRIVED
-               else a.unreachable_since + PATH_GRACE for a in self._timers()]  # type: ignore[operator]
+        due = [
+            a.asked_until
+            if a.state is State.REQUESTED
+            else a.deadline
+            if a.state is State.ARRIVED
+            else a.unreachable_since + PATH_GRACE  # type: ignore[operator]
+            for a in self._timers()
+        ]
         return min(due, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -300,13 +315,17 @@ class FlowAllocator:
                 self._ask_next(alloc, now, f"address {alloc.dst} did not answer the flow request")
             elif alloc.state is State.ARRIVED and now >= alloc.deadline:
                 self.refuse(alloc, um.E_REFUSED)
-            elif (alloc.state is State.ALLOCATED and alloc.unreachable_since is not None
-                  and now >= alloc.unreachable_since + PATH_GRACE):
+            elif (
+                alloc.state is State.ALLOCATED
+                and alloc.unreachable_since is not None
+                and now >= alloc.unreachable_since + PATH_GRACE
+            ):
                 alloc.machine.fire(Event.PATH_LOST)
                 self._forget(alloc)
                 self.events.append(Ended(alloc, down=True))
 
 
 def table_rows(fa: FlowAllocator) -> list[list[Any]]:
-    return [[str(a.flow_id), str(a.eid), str(a.dst), str(a.remote_eid), a.state.name.lower()]
-            for a in fa.by_eid.values()]
+    return [
+        [str(a.flow_id), str(a.eid), str(a.dst), str(a.remote_eid), a.state.name.lower()] for a in fa.by_eid.values()
+    ]

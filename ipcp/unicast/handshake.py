@@ -77,8 +77,9 @@ def decode(sdu: bytes, opener: auth.Opener | None = None) -> Message:
 class Handshake(TimedCore):
     """One end of a handshake. Feed it SDUs with receive(); send what pop_out() returns."""
 
-    def __init__(self, initiator: bool, component: str, name: str, layer: str, addr: int,
-                 psk: bytes | None, now: float) -> None:
+    def __init__(
+        self, initiator: bool, component: str, name: str, layer: str, addr: int, psk: bytes | None, now: float
+    ) -> None:
         super().__init__(now + TIMEOUT)
         self.initiator = initiator
         self.component, self.name, self.layer, self.addr = component, name, layer, addr
@@ -100,8 +101,9 @@ class Handshake(TimedCore):
     def start(self) -> None:
         self.machine.fire(Event.START)
         kex = self._kex
-        self._hello = um.Hello(self.component, self.name, self.layer, self.addr,
-                               kex.nonce if kex else b"", kex.eph if kex else b"")
+        self._hello = um.Hello(
+            self.component, self.name, self.layer, self.addr, kex.nonce if kex else b"", kex.eph if kex else b""
+        )
         self._out.append(um.CODEC.encode(self._hello))
 
     def receive(self, sdu: bytes, now: float) -> None:
@@ -110,8 +112,9 @@ class Handshake(TimedCore):
         try:
             msg = decode(sdu)
             if isinstance(msg, um.Refuse):
-                self._fail(Refused(m.EPERM if msg.result == um.E_AUTH else m.EIPCP,
-                                   f"refused: {msg.error[:200]}"), tell=False)
+                self._fail(
+                    Refused(m.EPERM if msg.result == um.E_AUTH else m.EIPCP, f"refused: {msg.error[:200]}"), tell=False
+                )
             elif isinstance(msg, um.Hello) and self.machine.can(Event.HELLO):
                 self._on_hello(msg)
             elif isinstance(msg, um.Proof) and self.machine.can(Event.PROOF):
@@ -156,15 +159,17 @@ class Handshake(TimedCore):
                     raise Refused(m.EPERM, f"refused: the layer key does not match the peer's ({e})") from None
             elif hello.mac:
                 raise Refused(m.EPROTO, "a confirmation in an open layer")
-            self._out.append(um.CODEC.encode(um.Proof(self._session.confirmation(b"initiator")
-                                                      if self._session else b"")))
+            self._out.append(
+                um.CODEC.encode(um.Proof(self._session.confirmation(b"initiator") if self._session else b""))
+            )
             self.machine.fire(Event.HELLO)
             self._up(hello)
             return
         kex = self._kex
         self.component = self.component or hello.component
-        reply = um.Hello(self.component, self.name, self.layer, self.addr,
-                         kex.nonce if kex else b"", kex.eph if kex else b"")
+        reply = um.Hello(
+            self.component, self.name, self.layer, self.addr, kex.nonce if kex else b"", kex.eph if kex else b""
+        )
         self._complete(hello, reply)
         if self._session is not None:
             reply = dataclasses.replace(reply, mac=self._session.confirmation(b"responder"))
@@ -193,5 +198,11 @@ class Handshake(TimedCore):
 
     def _up(self, hello: um.Hello) -> None:
         s = self._session
-        self.peer = Peer(self.component, hello.name, hello.layer, hello.addr,
-                         auth.Sealer(s.tx) if s else None, auth.Opener(s.rx) if s else None)
+        self.peer = Peer(
+            self.component,
+            hello.name,
+            hello.layer,
+            hello.addr,
+            auth.Sealer(s.tx) if s else None,
+            auth.Opener(s.rx) if s else None,
+        )

@@ -50,14 +50,36 @@ AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
 MAX_HANDSHAKES = 32  # N-1 flows being greeted at once; more are closed unanswered
 MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop; more are dropped
 MGMT_SLICE = 256  # ... taken by the loop at once
-DEFAULTS = {"addr": "4", "eid": "8", "ttl": "60", "routing": "link_state", "congestion": "none",
-            "hash": "SHA3_256", "directory": "DHT", "addr_auth": "flat", "mtu": "1500",
-            "ls_t_recalc": "4", "ls_t_update": "15", "ls_t_timeo": "60",
-            "dht_alpha": "3", "dht_k": "8", "dht_t_expire": "86400", "dht_t_refresh": "900",
-            "dht_t_replicate": "900"}
+DEFAULTS = {
+    "addr": "4",
+    "eid": "8",
+    "ttl": "60",
+    "routing": "link_state",
+    "congestion": "none",
+    "hash": "SHA3_256",
+    "directory": "DHT",
+    "addr_auth": "flat",
+    "mtu": "1500",
+    "ls_t_recalc": "4",
+    "ls_t_update": "15",
+    "ls_t_timeo": "60",
+    "dht_alpha": "3",
+    "dht_k": "8",
+    "dht_t_expire": "86400",
+    "dht_t_refresh": "900",
+    "dht_t_replicate": "900",
+}
 SIGNED = (um.FaReq, um.FaReply, um.FaDealloc, um.FlowUpdate)  # each member's own word, checked end to end
-BOUNDS = {"ls_t_recalc": (1, 3600), "ls_t_update": (1, 3600), "ls_t_timeo": (2, 86400), "dht_alpha": (1, 20),
-          "dht_k": (1, 20), "dht_t_expire": (10, 86400), "dht_t_refresh": (1, 3600), "dht_t_replicate": (1, 3600)}
+BOUNDS = {
+    "ls_t_recalc": (1, 3600),
+    "ls_t_update": (1, 3600),
+    "ls_t_timeo": (2, 86400),
+    "dht_alpha": (1, 20),
+    "dht_k": (1, 20),
+    "dht_t_expire": (10, 86400),
+    "dht_t_refresh": (1, 3600),
+    "dht_t_replicate": (1, 3600),
+}
 
 
 def qos_cube(qos: QosSpec) -> int:
@@ -167,8 +189,13 @@ class UnicastIpcp(Ipcp):
         timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
         policy = pff.by_name(conf["routing"])
         self.lsdb = Lsdb(self.addr, policy, self.name, time.time(), identity, bindings, timers, now)
-        params = DhtParams(int(conf["dht_alpha"]), int(conf["dht_k"]), float(conf["dht_t_expire"]),
-                           float(conf["dht_t_refresh"]), float(conf["dht_t_replicate"]))
+        params = DhtParams(
+            int(conf["dht_alpha"]),
+            int(conf["dht_k"]),
+            float(conf["dht_t_expire"]),
+            float(conf["dht_t_refresh"]),
+            float(conf["dht_t_replicate"]),
+        )
         self.dir = Directory(self.addr, params, identity, bindings, now)
         self.dir.reachable = self._reachable
         self.fa = FlowAllocator(self.addr, fmt.max_eid, self._reachable)
@@ -192,8 +219,17 @@ class UnicastIpcp(Ipcp):
             msg = self._sign(um.FlowUpdate(self.addr, flow.remote_eid, update.ece, update.rate))
             self.dt.send_mgmt(flow.dst, um.CODEC.encode(msg))
 
-        self.dt = self.dt_class(fmt, self.addr, int(conf["ttl"]), 65536, on_mgmt, on_n1_down, on_congestion,
-                                ca.by_name(conf["congestion"]), policy.spread)
+        self.dt = self.dt_class(
+            fmt,
+            self.addr,
+            int(conf["ttl"]),
+            65536,
+            on_mgmt,
+            on_n1_down,
+            on_congestion,
+            ca.by_name(conf["congestion"]),
+            policy.spread,
+        )
         self.dt.start()
         irm = self._client()
         loop.add_reader(irm.wakeup_fd, self._on_arrivals)
@@ -319,8 +355,9 @@ class UnicastIpcp(Ipcp):
     async def _enroll_peer(self, af: AsyncFlow, peer: Peer) -> None:
         assert self.lsdb is not None
         conf = {k: v for k, v in self.conf.items() if k != "key"}  # the key never travels
-        core = Enroller(peer, um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name),
-                        time.monotonic())
+        core = Enroller(
+            peer, um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name), time.monotonic()
+        )
         try:
             for sdu in core.pop_out():
                 await af.write(sdu)
@@ -343,8 +380,7 @@ class UnicastIpcp(Ipcp):
         if old is not None:
             old[0].close()
         if comp == um.DT:
-            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link,
-                            af.flow.mtu)
+            self.dt.command(self.dt.add_n1, peer.addr, os.dup(af.flow.fd), peer.sealer, peer.opener, link, af.flow.mtu)
             self._adjacency_changed()
         else:
             self.spawn(self._serve_mgmt(link))
@@ -444,8 +480,11 @@ class UnicastIpcp(Ipcp):
     def _rearm(self) -> None:
         if self.lsdb is None or self.dir is None or self.fa is None:
             return
-        due = [t for t in (self.lsdb.get_timer(), self.dir.get_timer(), self.fa.get_timer(), self.auto.get_timer())
-               if t is not None]
+        due = [
+            t
+            for t in (self.lsdb.get_timer(), self.dir.get_timer(), self.fa.get_timer(), self.auto.get_timer())
+            if t is not None
+        ]
         at = min(due)
         if self._timer is not None and self._timer_at == at:
             return
@@ -568,8 +607,9 @@ class UnicastIpcp(Ipcp):
     async def query(self, digest: bytes) -> bool:
         return bool(await self._lookup(digest))
 
-    async def flow_alloc(self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float,
-                         data: bytes) -> tuple[int, int, bytes]:
+    async def flow_alloc(
+        self, flow_id: int, digest: bytes, qos: QosSpec, timeout: float, data: bytes
+    ) -> tuple[int, int, bytes]:
         assert self.dt is not None and self.fa is not None and self.dir is not None
         if len(data) > MAX_DATA:
             raise HandlerError(m.EINVAL, f"allocation data of {len(data)} bytes exceeds {MAX_DATA}")
@@ -622,8 +662,9 @@ class UnicastIpcp(Ipcp):
         assert self.fa is not None
         app_end, mine = seqpacket_pair()
         try:
-            flow_id, data = await self.flow_arrived(alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data,
-                                                    peer=f"address {alloc.dst}")
+            flow_id, data = await self.flow_arrived(
+                alloc.digest, alloc.qos, self.mtu, app_end.fileno(), alloc.data, peer=f"address {alloc.dst}"
+            )
         except (RemoteError, HandlerError) as e:
             mine.close()
             self.fa.refuse(alloc, um.RESULTS.get(e.code, um.E_REFUSED))
@@ -660,24 +701,40 @@ class UnicastIpcp(Ipcp):
         sections = super().info()
         if self.lsdb is None or self.dir is None or self.fa is None or self.dt is None:
             return sections
-        sections[0].rows += [["address", str(self.addr)], ["key", "yes" if self.psk else "no (open layer)"],
-                             ["routing", self.conf["routing"]], ["congestion", self.conf["congestion"]],
-                             ["members", str(len(self.lsdb.db))], ["lsdb", self.lsdb.digest()],
-                             ["directory entries", str(self.dir.size)],
-                             ["registered", str(len(self.dir.mine))], ["flows", str(len(self.flows))]]
+        sections[0].rows += [
+            ["address", str(self.addr)],
+            ["key", "yes" if self.psk else "no (open layer)"],
+            ["routing", self.conf["routing"]],
+            ["congestion", self.conf["congestion"]],
+            ["members", str(len(self.lsdb.db))],
+            ["lsdb", self.lsdb.digest()],
+            ["directory entries", str(self.dir.size)],
+            ["registered", str(len(self.dir.mine))],
+            ["flows", str(len(self.flows))],
+        ]
         nbs = [[str(nb.addr), nb.name, " ".join(sorted(nb.links))] for nb in self.neighbours]
         table = [[str(d), " ".join(map(str, hops))] for d, hops in sorted(self.routes.items())]
-        counters = {**dataclasses.asdict(self.dt.counters), **self.stats,
-                    "lsu_forged": self.lsdb.forged, "lsu_refused": self.lsdb.refused,
-                    "dht_forged": self.dir.forged, "dht_refused": self.dir.refused, "fa_refused": self.fa.refused,
-                    "fa_replayed": self.fa.replayed}
-        flows = [flow_counters(f.flow_id, str(f.dst), f.sent, f.delivered, {DROP_APP: f.dropped})
-                 for f in sorted(self.flows.values(), key=lambda f: f.flow_id)][:m.INFO_ROWS]
-        return [*sections,
-                m.InfoSection("neighbours", ["address", "name", "components"], nbs),
-                m.InfoSection("forwarding", ["destination", "next hops"], table),
-                m.InfoSection("counters", ["counter", "value"], [[k, str(v)] for k, v in sorted(counters.items())]),
-                m.InfoSection("flows", list(m.FLOW_COUNTERS), flows)]
+        counters = {
+            **dataclasses.asdict(self.dt.counters),
+            **self.stats,
+            "lsu_forged": self.lsdb.forged,
+            "lsu_refused": self.lsdb.refused,
+            "dht_forged": self.dir.forged,
+            "dht_refused": self.dir.refused,
+            "fa_refused": self.fa.refused,
+            "fa_replayed": self.fa.replayed,
+        }
+        flows = [
+            flow_counters(f.flow_id, str(f.dst), f.sent, f.delivered, {DROP_APP: f.dropped})
+            for f in sorted(self.flows.values(), key=lambda f: f.flow_id)
+        ][: m.INFO_ROWS]
+        return [
+            *sections,
+            m.InfoSection("neighbours", ["address", "name", "components"], nbs),
+            m.InfoSection("forwarding", ["destination", "next hops"], table),
+            m.InfoSection("counters", ["counter", "value"], [[k, str(v)] for k, v in sorted(counters.items())]),
+            m.InfoSection("flows", list(m.FLOW_COUNTERS), flows),
+        ]
 
     async def stop(self) -> None:
         if self._timer is not None:

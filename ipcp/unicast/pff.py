@@ -55,8 +55,11 @@ class Lfa:
             if dst == me or not hops:
                 continue
             primary = min(hops)
-            alternates = [n for n, dn in from_nb.items()
-                          if n != primary and dst in dn and dn[dst] < dn.get(me, 1 << 30) + dist[dst]]
+            alternates = [
+                n
+                for n, dn in from_nb.items()
+                if n != primary and dst in dn and dn[dst] < dn.get(me, 1 << 30) + dist[dst]
+            ]
             table[dst] = [primary, *alternates]
         return table
 

@@ -41,13 +41,20 @@ class _Entry:
     lsu: Lsu | None = None  # as signed, to pass on to new neighbours
 
 
-
 class Lsdb:
     """What this member knows of the layer's graph, and the next hops it implies."""
 
-    def __init__(self, me: int, pff: Pff | None = None, name: str = "", since: float = 0.0,
-                 identity: auth.Identity | None = None, bindings: auth.Bindings | None = None,
-                 timers: LsTimers = LsTimers(), now: float = 0.0) -> None:
+    def __init__(
+        self,
+        me: int,
+        pff: Pff | None = None,
+        name: str = "",
+        since: float = 0.0,
+        identity: auth.Identity | None = None,
+        bindings: auth.Bindings | None = None,
+        timers: LsTimers = LsTimers(),
+        now: float = 0.0,
+    ) -> None:
         self.me = me
         self.pff = pff or Simple()
         self.identity = identity or auth.Identity.generate()
@@ -120,8 +127,12 @@ class Lsdb:
         entry = self.db.get(lsu.src)
         if entry is not None and lsu.seqno <= entry.seqno:
             return False  # no news (a replay, or a copy by another path; most LSUs): it renews nothing
-        if (len(lsu.neighbours) > MAX_LINKS or len(lsu.name) > MAX_NAME or not math.isfinite(lsu.since)
-                or not 0 <= lsu.seqno < 1 << 63):
+        if (
+            len(lsu.neighbours) > MAX_LINKS
+            or len(lsu.name) > MAX_NAME
+            or not math.isfinite(lsu.since)
+            or not 0 <= lsu.seqno < 1 << 63
+        ):
             self.refused += 1
             return False
         if entry is None and len(self.db) >= MAX_MEMBERS:

@@ -8,5 +8,16 @@ from irmd.reg.name import Name, ProcBinding, ProgBinding, prog_key
 from irmd.reg.proc import Acceptor
 from irmd.reg.registry import Registry
 
-__all__ = ["Acceptor", "Flow", "FlowEvent", "FlowState", "IllegalFlowTransition", "Ipcp", "Name", "ProcBinding",
-           "ProgBinding", "Registry", "prog_key"]
+__all__ = [
+    "Acceptor",
+    "Flow",
+    "FlowEvent",
+    "FlowState",
+    "IllegalFlowTransition",
+    "Ipcp",
+    "Name",
+    "ProcBinding",
+    "ProgBinding",
+    "Registry",
+    "prog_key",
+]

@@ -27,8 +27,9 @@ class Acceptor:
         return self.peer.pid
 
 
-def may_accept(entry: Name, peer: Peer, started: tuple[str, int] | None, irmd_uid: int,
-               serves: Serves = lambda pid, start: "") -> bool:
+def may_accept(
+    entry: Name, peer: Peer, started: tuple[str, int] | None, irmd_uid: int, serves: Serves = lambda pid, start: ""
+) -> bool:
     """May `peer` take flows for `entry`?
 
     - a process bound by pid: the same process (its start time matches), or one it started (a
@@ -54,8 +55,10 @@ def may_accept(entry: Name, peer: Peer, started: tuple[str, int] | None, irmd_ui
 
 def runs_bound_program(entry: Name, peer: Peer, irmd_uid: int) -> bool:
     """Does `peer` run a program bound to `entry`, as the binding's owner, root or the IRMd's user?"""
-    return any(peer.uid in (p.owner, 0, irmd_uid) and p.program is not None and runs(p.program, peer)
-               for p in entry.programs.values())
+    return any(
+        peer.uid in (p.owner, 0, irmd_uid) and p.program is not None and runs(p.program, peer)
+        for p in entry.programs.values()
+    )
 
 
 def descends_from_binding(entry: Name, peer: Peer, serves: Serves) -> bool:

@@ -97,8 +97,15 @@ class Registry:
     def _name(self, name: str) -> Name:
         return self.names[name] if name in self.names else self.create_name(name)
 
-    def bind_program(self, name: str, path: str, args: list[str], auto: bool, owner: int | None = None,
-                     program: Program | None = None) -> None:
+    def bind_program(
+        self,
+        name: str,
+        path: str,
+        args: list[str],
+        auto: bool,
+        owner: int | None = None,
+        program: Program | None = None,
+    ) -> None:
         owner = self.irmd_uid if owner is None else owner
         self._name(name).programs[prog_key(path)] = ProgBinding(path, list(args), auto, owner, program)
 
@@ -129,8 +136,13 @@ class Registry:
     def bound(self, entry: Name, acceptor: Acceptor) -> bool:
         """May `acceptor` take flows for `entry`? (irmd.reg.proc.may_accept)"""
         peer = acceptor.peer
-        return may_accept(entry, peer, self.started.get(peer.pid), self.irmd_uid,
-                          lambda pid, start: self.serves(pid, start, peer if pid == peer.pid else None))
+        return may_accept(
+            entry,
+            peer,
+            self.started.get(peer.pid),
+            self.irmd_uid,
+            lambda pid, start: self.serves(pid, start, peer if pid == peer.pid else None),
+        )
 
     def serves(self, pid: int, start: int, peer: Peer | None = None) -> str:
         """What process (pid, start) serves of its own, "" if nothing: the IRMd itself, an IPCP it

@@ -66,11 +66,16 @@ class Host:
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run("ip", "-n", self.ns, *args, check=check)
 
-    def exec(self, *argv: str, input: str | None = None,
-             timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def exec(self, *argv: str, input: str | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespace (with the host's irmd in its environment)."""
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], env=self.irmd.env, input=input,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns, *argv],
+            env=self.irmd.env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     @property
     def mac(self) -> str:
@@ -121,8 +126,7 @@ class Lab:
             )  # fmt: skip
         irmd = IrmdProc(sock, log, proc, env)
         self.irmds.append(irmd)
-        wait_for(lambda: proc.poll() is not None or socket_answers(sock), START_TIMEOUT,
-                 f"the irmd socket in {ns}")
+        wait_for(lambda: proc.poll() is not None or socket_answers(sock), START_TIMEOUT, f"the irmd socket in {ns}")
         assert proc.poll() is None, f"irmd in {ns} exited with {proc.returncode}:\n{irmd.log_text()}"
         return irmd
 

@@ -33,8 +33,7 @@ PEER_DOWN_WITHIN = 12.0  # keepalive after 1 s of silence, peer declared dead af
 
 
 def bootstrap(host: Host, kind: str, name: str = "e", layer: str = LAYER, *opts: str) -> None:
-    host.irmd.irm_ok("ipcp", "bootstrap", "type", kind, "name", name, "layer", layer,
-                     "dev", host.dev, *opts)
+    host.irmd.irm_ok("ipcp", "bootstrap", "type", kind, "name", name, "layer", layer, "dev", host.dev, *opts)
 
 
 def serve_oping(host: Host, layer: str = LAYER) -> None:
@@ -119,8 +118,16 @@ def test_unicast_over_unicast_over_ethernet_carries_oping(two_hosts: tuple[Host,
     b.irmd.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "dst", "n1", "autobind")
     b.irmd.irm_ok("ipcp", "connect", "name", "n2", "dst", "n1")
     a.irmd.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "m1", "layer", "net2", "autobind")
-    wait_for(lambda: b.irmd.irm("ipcp", "enroll", "type", "unicast", "name", "m2", "layer", "net2",
-                                "dst", "m1", "autobind").returncode == 0, 30, "m2 to enroll in net2 over net")
+    wait_for(
+        lambda: (
+            b.irmd.irm(
+                "ipcp", "enroll", "type", "unicast", "name", "m2", "layer", "net2", "dst", "m1", "autobind"
+            ).returncode
+            == 0
+        ),
+        30,
+        "m2 to enroll in net2 over net",
+    )
     b.irmd.irm_ok("ipcp", "connect", "name", "m2", "dst", "m1")
     serve_oping(a, "net2")
     r = oping(b, 5)
@@ -269,9 +276,7 @@ def llc_garbage(dst: bytes, src: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_bad_frames_are_dropped_counted_and_the_ipcp_keeps_working(
-    two_hosts: tuple[Host, Host], kind: str
-) -> None:
+def test_bad_frames_are_dropped_counted_and_the_ipcp_keeps_working(two_hosts: tuple[Host, Host], kind: str) -> None:
     a, b = two_hosts
     bootstrap(a, kind)
     bootstrap(b, kind)
@@ -317,11 +322,18 @@ def test_a_layer_on_lo_reaches_its_own_names_as_in_the_ouroboros_tutorial(lab: L
     host = Host(ns, "lo", lab.start_irmd(ns, "t"))
     host.irmd.irm_ok("ipcp", "bootstrap", "type", kind, "name", "llc", "layer", "llc", "dev", "lo")
     host.irmd.irm_ok("name", "reg", "my.oping.server", "layer", "llc")
-    server = subprocess.Popen(["ip", "netns", "exec", ns, "oping", "-l"], env=host.irmd.env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "oping", "-l"],
+        env=host.irmd.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: host.irmd.irm("bind", "process", str(server.pid), "name", "my.oping.server").returncode == 0,
-                 10, "oping -l to be bound")
+        wait_for(
+            lambda: host.irmd.irm("bind", "process", str(server.pid), "name", "my.oping.server").returncode == 0,
+            10,
+            "oping -l to be bound",
+        )
         r = host.exec("oping", "-n", "my.oping.server", "-c", "3", "-i", "10", "-s", str(mtu))
         assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr + host.irmd.log_text()
         r = host.exec("oping", "-n", "my.oping.server", "-c", "1", "-s", str(mtu + 1))

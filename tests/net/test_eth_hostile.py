@@ -117,8 +117,7 @@ def lan(two_hosts: tuple[Host, Host], request: pytest.FixtureRequest) -> Iterato
 
 
 def attack(b: Host, target: bytes, frames: list[bytes], pause: float = 0.005, linger: float = 1.0) -> dict[str, float]:
-    job = {"dev": b.dev, "target": target.hex(), "frames": [f.hex() for f in frames], "pause": pause,
-           "linger": linger}
+    job = {"dev": b.dev, "target": target.hex(), "frames": [f.hex() for f in frames], "pause": pause, "linger": linger}
     r = b.exec("python3", "-c", ATTACKER, input=json.dumps(job), timeout=200)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)  # type: ignore[no-any-return]
@@ -130,7 +129,8 @@ def oping_ok(host: Host, count: int = 3) -> None:
 
 
 def test_frames_from_thousands_of_forged_macs_amplify_nothing_and_leave_the_flow_up(
-        lan: tuple[Host, Host, Framer], record_property: Callable[[str, object], None]) -> None:
+    lan: tuple[Host, Host, Framer], record_property: Callable[[str, object], None]
+) -> None:
     a, b, framer = lan
     client = IrmClient(b.irmd.sock)
     watched = Watched(client)
@@ -158,8 +158,10 @@ def test_frames_from_thousands_of_forged_macs_amplify_nothing_and_leave_the_flow
         oping_ok(b)
         cpu = after.cpu - before.cpu
         ratio, grown = result["received"] / result["sent"], (after.rss - before.rss) / 1e6
-        print(f"\n{framer.kind} flood of {len(frames)} frames: IPCP CPU {cpu:.2f} s, "
-              f"answers {ratio:.3f} bytes per byte, rss +{grown:.1f} MB")
+        print(
+            f"\n{framer.kind} flood of {len(frames)} frames: IPCP CPU {cpu:.2f} s, "
+            f"answers {ratio:.3f} bytes per byte, rss +{grown:.1f} MB"
+        )
         record_property(f"{framer.kind}_flood_ipcp_cpu_s", cpu)
         assert cpu < 20 and after.rss - before.rss < 40e6
     finally:
@@ -175,8 +177,10 @@ def test_flow_requests_from_forged_macs_are_held_to_the_limits(lan: tuple[Host, 
     try:
         pid = a.irmd.ipcp_pid("e")
         rng = random.Random(9)
-        frames = [framer.mgmt(forged_mac(rng), Kind.FLOW_REQ, PONG + bytes(36), s_eid=rng.randrange(2, 63))
-                  for _ in range(400)]
+        frames = [
+            framer.mgmt(forged_mac(rng), Kind.FLOW_REQ, PONG + bytes(36), s_eid=rng.randrange(2, 63))
+            for _ in range(400)
+        ]
         frames += [framer.mgmt(eth.mac_bytes(b.mac), Kind.FLOW_REQ, PONG, s_eid=2)] * 200  # one source, replayed
         result = attack(b, eth.mac_bytes(a.mac), frames, pause=0.01)
         assert result["worst"] <= AMPLIFICATION, result
@@ -196,10 +200,26 @@ def test_malformed_management_of_every_length_and_field_crashes_nothing(lan: tup
         whole = framer.layout.encode(kind, PONG + COOKIE.pack(1))
         for size in (0, 1, framer.layout.size - 1, framer.layout.size, framer.layout.size + 7, len(whole)):
             frames.append(framer.frame(src, whole[:size] + rng.randbytes(rng.randrange(0, 20))))
-    frames += [framer.mgmt(src, Kind.FLOW_REQ, rng.randbytes(rng.randrange(0, 120)),
-                           s_eid=rng.randrange(0, 256), response=rng.randrange(-2**31, 2**31)) for _ in range(200)]
-    frames += [framer.mgmt(src, rng.choice(list(framer.layout.codes)), rng.randbytes(rng.randrange(0, 300)),
-                           s_eid=rng.randrange(0, 256), d_eid=rng.randrange(0, 256)) for _ in range(300)]
+    frames += [
+        framer.mgmt(
+            src,
+            Kind.FLOW_REQ,
+            rng.randbytes(rng.randrange(0, 120)),
+            s_eid=rng.randrange(0, 256),
+            response=rng.randrange(-(2**31), 2**31),
+        )
+        for _ in range(200)
+    ]
+    frames += [
+        framer.mgmt(
+            src,
+            rng.choice(list(framer.layout.codes)),
+            rng.randbytes(rng.randrange(0, 300)),
+            s_eid=rng.randrange(0, 256),
+            d_eid=rng.randrange(0, 256),
+        )
+        for _ in range(300)
+    ]
     attack(b, eth.mac_bytes(a.mac), frames, linger=0.5)
     assert pid_alive(pid) and a.irmd.ipcp_pid("e") == pid
     oping_ok(b)

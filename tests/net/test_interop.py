@@ -70,8 +70,22 @@ def c_peer(c_ouroboros: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/net/c/o7s_peer.c, built against the C library."""
     out = tmp_path_factory.mktemp("cpeer") / "o7s_peer"
     src = Path(__file__).parent / "c" / "o7s_peer.c"
-    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src), f"-I{c_ouroboros}/include",
-                        f"-L{c_ouroboros}/lib", "-louroboros-dev"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            "gcc",
+            "-O2",
+            "-Wall",
+            "-o",
+            str(out),
+            str(src),
+            f"-I{c_ouroboros}/include",
+            f"-L{c_ouroboros}/lib",
+            "-louroboros-dev",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if r.returncode != 0:
         pytest.fail(f"cannot build {src.name}: {r.stderr[-2000:]}")
     return out
@@ -130,9 +144,14 @@ class Pair:
         self.procs.append(proc)
         if bind:  # the irmd knows a process once its library said hello: until then, binding fails
             self.c.ok("irm", "name", "create", bind)
-            wait_for(lambda: proc.poll() is not None or self.c.run("irm", "bind", "process", str(proc.pid),
-                                                                   "name", bind).returncode == 0,
-                     10, f"{args[0]} to bind to {bind}")
+            wait_for(
+                lambda: (
+                    proc.poll() is not None
+                    or self.c.run("irm", "bind", "process", str(proc.pid), "name", bind).returncode == 0
+                ),
+                10,
+                f"{args[0]} to bind to {bind}",
+            )
             assert proc.poll() is None, out.read_text()
         return out
 
@@ -168,13 +187,30 @@ def pair(lab: Lab, c_ouroboros: Path) -> Iterator[Pair]:
             d.mkdir(parents=True, exist_ok=True)
             (d / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{ip} {md5(n)}\n" for n in NAMES))
         log = lab.tmp / "c-irmd.log"
-        mounts = ("mount -t tmpfs tmpfs /dev/shm && mkdir -p /var/run/ouroboros && "
-                  "mount -t tmpfs tmpfs /var/run/ouroboros && exec env {} irmd --stdout")
+        mounts = (
+            "mount -t tmpfs tmpfs /dev/shm && mkdir -p /var/run/ouroboros && "
+            "mount -t tmpfs tmpfs /var/run/ouroboros && exec env {} irmd --stdout"
+        )
         c_env = " ".join(CNode(ns_c, c_ouroboros, log, None).env)  # type: ignore[arg-type]
         with open(log, "wb") as f:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns_c, "unshare", "-m", "--propagation", "private",
-                                     "sh", "-c", mounts.format(c_env)], stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns_c,
+                    "unshare",
+                    "-m",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    mounts.format(c_env),
+                ],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         c = CNode(ns_c, c_ouroboros, log, proc)
         wait_for(lambda: proc.poll() is not None or c.run("irm", "ipcp", "list").returncode == 0, 10, "the C irmd")
         assert proc.poll() is None, f"the C irmd exited:\n{c.log_text()}"
@@ -241,8 +277,11 @@ def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
     out = pair.c_spawn("c-operf", "operf", "--listen", bind="c-perf")
     pair.c.ok("irm", "name", "reg", "c-perf", "layer", LAYER)
     r = pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60)
-    wait_for(lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text())) >= 500, 10,
-             "the C server to count our packets" + r.stdout + r.stderr + pair.logs())
+    wait_for(
+        lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text())) >= 500,
+        10,
+        "the C server to count our packets" + r.stdout + r.stderr + pair.logs(),
+    )
     assert "Doing a unidirectional test." in out.read_text()
 
 

@@ -66,8 +66,12 @@ def restart_c(p: Pair, security_dir: Path) -> subprocess.Popen[bytes]:
               f"{' '.join(p.c.env)} irmd --stdout")  # fmt: skip
     log = p.lab.tmp / "c-irmd-secure.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(["ip", "netns", "exec", p.c.ns, "unshare", "-m", "--propagation", "private",
-                                 "sh", "-c", script], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", p.c.ns, "unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     p.c = CNode(p.c.ns, p.c.prefix, log, proc)
     wait_for(lambda: proc.poll() is not None or p.c.run("irm", "ipcp", "list").returncode == 0, 10, "the C irmd")
     assert proc.poll() is None, f"the C irmd exited:\n{p.c.log_text()}"
@@ -121,10 +125,14 @@ def echo_with_c(p: Pair, name: str, **kw: object) -> tuple[object, int]:
 # -- ours to C ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("enc", ["", "cipher=chacha20-poly1305\nkex=X25519\n", "kex=secp384r1\ncipher=aes-128-gcm\n"],
-                         ids=["defaults", "chacha-x25519", "p384-aes128"])
-def test_we_reach_a_c_server_that_requires_encryption_and_proves_its_name(secure: tuple[Pair, Pki, Pki],
-                                                                          enc: str) -> None:
+@pytest.mark.parametrize(
+    "enc",
+    ["", "cipher=chacha20-poly1305\nkex=X25519\n", "kex=secp384r1\ncipher=aes-128-gcm\n"],
+    ids=["defaults", "chacha-x25519", "p384-aes128"],
+)
+def test_we_reach_a_c_server_that_requires_encryption_and_proves_its_name(
+    secure: tuple[Pair, Pki, Pki], enc: str
+) -> None:
     p, ours, theirs = secure
     identity(theirs, "c-pong", enc=enc)
     p.c_serve("c-pong", "oecho", "--listen")

@@ -58,8 +58,13 @@ def eth0(ns: str, dev: str) -> None:
 def ping(irmd: IrmdProc, name: str) -> str | None:
     """None if `name` answered one ping through `irmd`, else why not."""
     try:
-        done = subprocess.run(["oping", "-n", name, "-c", "1", "--timeout", "5", "-Q"], env=irmd.env,
-                              capture_output=True, text=True, timeout=20)
+        done = subprocess.run(
+            ["oping", "-n", name, "-c", "1", "--timeout", "5", "-Q"],
+            env=irmd.env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except subprocess.TimeoutExpired:
         return "oping hung"
     if done.returncode == 0 and " 0% packet loss" in done.stdout:
@@ -83,7 +88,8 @@ def reach_all(irmds: dict[str, IrmdProc], within: float, what: str) -> float:
             assert time.monotonic() - start < within, (
                 f"{what}: {len(pending)} pairs still failing after {within} s: "
                 f"{ {p: why[p] for p in sorted(pending)[:4]} }\n"
-                + "\n".join(f"--- h{t} log tail:\n{irmds[t].log_text()[-1500:]}" for t in sorted(irmds)))
+                + "\n".join(f"--- h{t} log tail:\n{irmds[t].log_text()[-1500:]}" for t in sorted(irmds))
+            )
             time.sleep(1.0)
     return time.monotonic() - start
 
@@ -99,8 +105,9 @@ def use_services(irmds: dict[str, IrmdProc], env: dict[str, str], lan_dir: Path)
     for tag, irmd in irmds.items():
         for service, (argv, expect) in checks.items():
             try:
-                done = subprocess.run(argv, env={**irmd.env, "HOME": env["HOME"]}, capture_output=True,
-                                      text=True, timeout=60)
+                done = subprocess.run(
+                    argv, env={**irmd.env, "HOME": env["HOME"]}, capture_output=True, text=True, timeout=60
+                )
             except subprocess.TimeoutExpired:
                 failures.append(f"h{tag} {service}: hung")
                 continue
@@ -111,8 +118,13 @@ def use_services(irmds: dict[str, IrmdProc], env: dict[str, str], lan_dir: Path)
 
 def store_and_load(irmd: IrmdProc, lan_dir: Path) -> None:
     data = os.urandom(1_000_000)
-    caps = subprocess.run(["ibp", "allocate", "depot2", "--size", "2M", "--duration", "10m"], env=irmd.env,
-                          capture_output=True, text=True, timeout=60)
+    caps = subprocess.run(
+        ["ibp", "allocate", "depot2", "--size", "2M", "--duration", "10m"],
+        env=irmd.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert caps.returncode == 0, caps.stderr
     read, write = (next(w for w in caps.stdout.split() if w.endswith(right)) for right in ("/READ", "/WRITE"))
     stored = subprocess.run(["ibp", "store", write], env=irmd.env, input=data, capture_output=True, timeout=60)
@@ -137,8 +149,7 @@ def test_four_hosts_boot_a_lan_overlay_from_config_files_and_a_killed_host_rejoi
         (lan_dir / sub).mkdir(parents=True)
     (lan_dir / "files" / "hello.txt").write_text("hello over the LAN\n")
     env = {"LAN_DIR": str(lan_dir), "HOME": str(lan_dir / "home")}
-    subprocess.run([str(BIN / "plumb-keygen")], env={**os.environ, **env}, check=True, capture_output=True,
-                   timeout=30)
+    subprocess.run([str(BIN / "plumb-keygen")], env={**os.environ, **env}, check=True, capture_output=True, timeout=30)
     (lan_dir / "authorized_keys").write_text((lan_dir / "home" / ".config" / "netplumb" / "id.pub").read_text())
     ends = dict(zip(TAGS, lab.bridge(TAGS), strict=True))
     for ns, dev in ends.values():

@@ -57,17 +57,33 @@ def nft(host: Host, *args: str) -> str:
 def drop_on_ingress(host: Host, percent: int) -> None:
     """Count every frame arriving on the host's veth, and drop `percent` % of them at random."""
     nft(host, "add", "table", "netdev", "loss")
-    nft(host, "add", "chain", "netdev", "loss", "in",
-        f"{{ type filter hook ingress device {host.dev} priority 0; }}")
+    nft(host, "add", "chain", "netdev", "loss", "in", f"{{ type filter hook ingress device {host.dev} priority 0; }}")
     nft(host, "add", "rule", "netdev", "loss", "in", "counter")
-    nft(host, "add", "rule", "netdev", "loss", "in", "numgen", "random", "mod", "100", "lt", str(percent),
-        "counter", "drop")
+    nft(
+        host,
+        "add",
+        "rule",
+        "netdev",
+        "loss",
+        "in",
+        "numgen",
+        "random",
+        "mod",
+        "100",
+        "lt",
+        str(percent),
+        "counter",
+        "drop",
+    )
 
 
 def ingress_counts(host: Host) -> tuple[int, int]:
     """(frames seen, frames dropped) by the rules of drop_on_ingress."""
-    rules = [item["rule"] for item in json.loads(nft(host, "-j", "list", "table", "netdev", "loss"))["nftables"]
-             if "rule" in item]
+    rules = [
+        item["rule"]
+        for item in json.loads(nft(host, "-j", "list", "table", "netdev", "loss"))["nftables"]
+        if "rule" in item
+    ]
     counters = [e["counter"]["packets"] for r in rules for e in r["expr"] if "counter" in e]
     return counters[0], counters[1]
 
@@ -85,10 +101,23 @@ def lossy(lab: Lab, two_hosts: tuple[Host, Host]) -> Callable[..., tuple[Host, H
         ip_a, ip_b = f"{net}.1", f"{net}.2"
         a.ip("addr", "add", f"{ip_a}/24", "dev", a.dev)
         b.ip("addr", "add", f"{ip_b}/24", "dev", b.dev)
-        a.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", ip_a,
-                      "port", str(PORT))
-        b.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", ip_b,
-                      "port", str(PORT), "peer", ip_a)
+        a.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", ip_a, "port", str(PORT))
+        b.irmd.irm_ok(
+            "ipcp",
+            "bootstrap",
+            "type",
+            "udp4",
+            "name",
+            "u",
+            "layer",
+            LAYER,
+            "ip",
+            ip_b,
+            "port",
+            str(PORT),
+            "peer",
+            ip_a,
+        )
         a.irmd.note_children()
         b.irmd.note_children()
         return a, b
@@ -105,11 +134,16 @@ def start_loss(a: Host, b: Host, percent: int, both_ways: bool) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("percent", "both_ways"), [(0, False), (5, False), (20, False), (5, True)],
-                         ids=["0%", "5%", "20%", "5%-both-ways"])
+@pytest.mark.parametrize(
+    ("percent", "both_ways"), [(0, False), (5, False), (20, False), (5, True)], ids=["0%", "5%", "20%", "5%-both-ways"]
+)
 def test_ten_megabytes_over_qos_data_arrive_intact_despite_loss(
-        lossy: Callable[..., tuple[Host, Host]], tmp_path: Path, percent: int, both_ways: bool,
-        record_property: Callable[[str, object], None]) -> None:
+    lossy: Callable[..., tuple[Host, Host]],
+    tmp_path: Path,
+    percent: int,
+    both_ways: bool,
+    record_property: Callable[[str, object], None],
+) -> None:
     a, b = lossy()
     nbytes = 10 * MB
     data = payload(nbytes, seed=percent)
@@ -134,9 +168,11 @@ def test_ten_megabytes_over_qos_data_arrive_intact_despite_loss(
     assert result["max_sdu"] == CHUNK
     goodput = nbytes * 8 / seconds / 1e6
     where = "both veths" if both_ways else "the receiving veth"
-    print(f"\n[figure] goodput at {percent}% loss (nft on {where}): {goodput:.2f} Mb/s, "
-          f"{seconds:.1f} s for 10 MB" + (f"; {dropped} of {frames} frames dropped "
-                                          f"({100 * dropped / frames:.1f}%)" if frames else ""))
+    print(
+        f"\n[figure] goodput at {percent}% loss (nft on {where}): {goodput:.2f} Mb/s, "
+        f"{seconds:.1f} s for 10 MB"
+        + (f"; {dropped} of {frames} frames dropped ({100 * dropped / frames:.1f}%)" if frames else "")
+    )
     record_property(f"goodput_loss{percent}{'_both_ways' if both_ways else ''}_mbps", round(goodput, 3))
     if percent:
         assert frames > nbytes // 9000, "the transfer never crossed the lossy veth"
@@ -146,8 +182,8 @@ def test_ten_megabytes_over_qos_data_arrive_intact_despite_loss(
 
 @pytest.mark.timeout(180)
 def test_a_peer_cut_off_mid_transfer_gives_flow_down_not_a_hang(
-        lossy: Callable[..., tuple[Host, Host]], tmp_path: Path,
-        record_property: Callable[[str, object], None]) -> None:
+    lossy: Callable[..., tuple[Host, Host]], tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     a, b = lossy()
     sink = start_sink(a.irmd, LAYER, "sink", 10**12, tmp_path, read_timeout=120)
     client = IrmClient(b.irmd.sock)
@@ -158,8 +194,15 @@ def test_a_peer_cut_off_mid_transfer_gives_flow_down_not_a_hang(
         for _ in range(500):
             flow.write(chunk)
         nft(a, "add", "table", "netdev", "cut")  # the path goes silent: no ICMP, no EOF, nothing
-        nft(a, "add", "chain", "netdev", "cut", "in", f"{{ type filter hook ingress device {a.dev} priority 0; "
-                                                      f"policy drop; }}")
+        nft(
+            a,
+            "add",
+            "chain",
+            "netdev",
+            "cut",
+            "in",
+            f"{{ type filter hook ingress device {a.dev} priority 0; policy drop; }}",
+        )
         t0 = time.monotonic()
         with pytest.raises(FlowDown):
             while time.monotonic() - t0 < 90:

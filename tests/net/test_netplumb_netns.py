@@ -29,13 +29,31 @@ def test_plumb_across_namespaces(two_hosts: tuple[Host, Host], tmp_path: Path) -
     subprocess.run([str(BIN / "plumb-keygen")], env=env, check=True, capture_output=True, timeout=30)
     auth = tmp_path / "authorized_keys"
     auth.write_text((home / ".config/netplumb/id.pub").read_text())
-    b.irmd.irm_ok("bind", "program", str(BIN / "netplumbd"), "name", "host2", "auto", "--", "--name", "host2",
-                  "--authorized-keys", str(auth), "--host-key", str(tmp_path / "host_key"))
+    b.irmd.irm_ok(
+        "bind",
+        "program",
+        str(BIN / "netplumbd"),
+        "name",
+        "host2",
+        "auto",
+        "--",
+        "--name",
+        "host2",
+        "--authorized-keys",
+        str(auth),
+        "--host-key",
+        str(tmp_path / "host_key"),
+    )
     b.irmd.irm_ok("name", "register", "host2", "layer", "lan")
 
     def plumb(*args: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(["ip", "netns", "exec", a.ns, str(BIN / "plumb"), "host2", *args], env=env,
-                              input=data, capture_output=True, timeout=60)
+        return subprocess.run(
+            ["ip", "netns", "exec", a.ns, str(BIN / "plumb"), "host2", *args],
+            env=env,
+            input=data,
+            capture_output=True,
+            timeout=60,
+        )
 
     r = plumb("sh", "-c", "echo hello-from-b; exit 5")
     assert (r.returncode, r.stdout) == (5, b"hello-from-b\n"), r.stderr

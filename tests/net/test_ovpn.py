@@ -27,8 +27,13 @@ class Proc:
     """A command in a namespace, its output read line by line by a thread."""
 
     def __init__(self, host: Host, *argv: str) -> None:
-        self.popen = subprocess.Popen(["ip", "netns", "exec", host.ns, *argv], env=host.irmd.env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(
+            ["ip", "netns", "exec", host.ns, *argv],
+            env=host.irmd.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -71,8 +76,7 @@ def unicast_pair(two_hosts: tuple[Host, Host]) -> tuple[Host, Host]:
     net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 200 + 1}"
     for host, ip in ((a, f"{net}.1"), (b, f"{net}.2")):
         host.ip("addr", "add", f"{ip}/24", "brd", "+", "dev", host.dev)
-        host.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", ip,
-                         "port", str(PORT))
+        host.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "lan", "ip", ip, "port", str(PORT))
     a.irmd.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", "net", "autobind")
     b.irmd.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "dst", "n1", "autobind")
     b.irmd.irm_ok("ipcp", "connect", "name", "n2", "dst", "n1")
@@ -89,8 +93,7 @@ def procs() -> Iterator[list[Proc]]:
         p.end()
 
 
-def test_a_ping_crosses_an_ovpn_tunnel_over_a_unicast_layer(unicast_pair: tuple[Host, Host],
-                                                            procs: list[Proc]) -> None:
+def test_a_ping_crosses_an_ovpn_tunnel_over_a_unicast_layer(unicast_pair: tuple[Host, Host], procs: list[Proc]) -> None:
     if shutil.which("ping") is None:
         pytest.skip("needs ping (Debian's iputils-ping: `make sysdeps` as root installs it)")
     a, b = unicast_pair
@@ -101,8 +104,20 @@ def test_a_ping_crosses_an_ovpn_tunnel_over_a_unicast_layer(unicast_pair: tuple[
     a.irmd.irm_ok("name", "register", "vpn", "layer", "net")
     deadline = time.monotonic() + 60
     while True:  # until the layer's directory has the name
-        client = Proc(b, str(BIN / "ovpn"), "-n", "vpn", "-i", f"{TUN_NET}.2", "-m", "255.255.255.0",
-                      "--dev", "ovpnB", "--timeout", "10")
+        client = Proc(
+            b,
+            str(BIN / "ovpn"),
+            "-n",
+            "vpn",
+            "-i",
+            f"{TUN_NET}.2",
+            "-m",
+            "255.255.255.0",
+            "--dev",
+            "ovpnB",
+            "--timeout",
+            "10",
+        )
         procs.append(client)
         try:
             client.wait_line("Starting read/write threads.", 30)
@@ -128,6 +143,15 @@ def test_ovpn_refuses_bad_addresses_and_non_root_users(two_hosts: tuple[Host, Ho
     assert r.returncode == 2 and "Invalid subnet mask: 255.0.255.0." in r.stderr
     r = a.exec(str(BIN / "ovpn"), "-i", "300.0.0.1", "-m", "255.255.255.0")
     assert r.returncode == 2 and "Invalid IP address: 300.0.0.1." in r.stderr
-    r = a.exec("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(BIN / "ovpn"), "-i", "10.0.0.1",
-               "-m", "255.255.255.0")
+    r = a.exec(
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        str(BIN / "ovpn"),
+        "-i",
+        "10.0.0.1",
+        "-m",
+        "255.255.255.0",
+    )
     assert r.returncode == 1 and "ovpn must be run as root." in r.stdout

@@ -42,8 +42,9 @@ def address(host: Host, ip: str, brd: bool = True) -> None:
 
 
 def bootstrap(host: Host, ip: str, *opts: str) -> None:
-    host.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER,
-                     "ip", ip, "port", str(PORT), *opts)
+    host.irmd.irm_ok(
+        "ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", ip, "port", str(PORT), *opts
+    )
     host.irmd.note_children()
 
 
@@ -99,8 +100,7 @@ def test_operf_paced_across_a_veth_pair_loses_nothing(two_hosts: tuple[Host, Hos
     assert sent > 1000 and rcvd == sent and corrupt == 0, r.stdout
 
 
-def test_broadcast_resolution_works_when_the_address_was_added_without_brd(
-        two_hosts: tuple[Host, Host]) -> None:
+def test_broadcast_resolution_works_when_the_address_was_added_without_brd(two_hosts: tuple[Host, Host]) -> None:
     a, b, ip_a, ip_b = veth_pair(two_hosts, brd=False)
     bootstrap(a, ip_a)
     bootstrap(b, ip_b)
@@ -108,8 +108,7 @@ def test_broadcast_resolution_works_when_the_address_was_added_without_brd(
     assert_oping(b, count=3)
 
 
-def test_an_unreachable_configured_peer_does_not_stop_broadcast_resolution(
-        two_hosts: tuple[Host, Host]) -> None:
+def test_an_unreachable_configured_peer_does_not_stop_broadcast_resolution(two_hosts: tuple[Host, Host]) -> None:
     a, b, ip_a, ip_b = veth_pair(two_hosts)
     bootstrap(a, ip_a)
     unroutable = f"10.{200 + os.getpid() % 50}.251.1"  # no route to it from b: sendto fails at once
@@ -180,8 +179,22 @@ def test_names_resolve_through_etc_hosts_as_ouroboros_0_23_does(lab: Lab) -> Non
         (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.0.1 {md5['pong']}\n127.0.0.3 {md5['ghost']}\n")
         a, b = (Host(ns, "lo", lab.start_irmd(ns, name)) for name in "ab")
         for host, ip in ((a, "127.0.0.1"), (b, "127.0.0.2")):
-            host.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", ip,
-                             "hash", "SHA3_512", "dns", "127.0.0.53")
+            host.irmd.irm_ok(
+                "ipcp",
+                "bootstrap",
+                "type",
+                "udp4",
+                "name",
+                "u",
+                "layer",
+                LAYER,
+                "ip",
+                ip,
+                "hash",
+                "SHA3_512",
+                "dns",
+                "127.0.0.53",
+            )
         serve(a)
         assert_oping(b, count=3, logs=(a, b))
         assert "no dynamic DNS here" in b.irmd.log_text()

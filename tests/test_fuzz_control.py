@@ -163,3 +163,21 @@ def test_fds_of_requests_still_queued_when_the_connection_drops_are_closed() -> 
         assert open_fds() <= before - 2, "fds passed with requests leaked"  # ours and theirs closed too
 
     asyncio.run(run())
+
+
+def test_an_empty_packet_carrying_fds_leaves_none_open() -> None:
+    """A zero-length packet reads as the peer's end of the connection; the fds riding on it are closed."""
+    import os
+
+    from transports.unix import recv_frame, send_frame, seqpacket_pair
+
+    ours, theirs = seqpacket_pair()
+    try:
+        with open(os.devnull, "rb") as f:
+            send_frame(theirs, b"", [f.fileno()] * 4)
+        before = len(os.listdir("/proc/self/fd"))
+        assert recv_frame(ours) == (b"", [])
+        assert len(os.listdir("/proc/self/fd")) == before  # nothing was left open by the read
+    finally:
+        ours.close()
+        theirs.close()

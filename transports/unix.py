@@ -141,6 +141,9 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_FRAME:
         close_fds(fds)
         raise WireError("frame or fd list truncated")
+    if not data:  # read as the peer's end: an empty packet's fds would otherwise be nobody's to close
+        close_fds(fds)
+        fds = []
     return data, fds
 
 

@@ -160,6 +160,11 @@ def socket_answers(path: Path) -> bool:
     return True
 
 
+def udp4_bootstrap(layer: str, ip: str, *opts: str, name: str = "u") -> list[str]:
+    """The `irm` words that bootstrap a udp4 IPCP, as Ouroboros's documentation writes them."""
+    return ["ipcp", "bootstrap", "type", "udp4", "name", name, "layer", layer, "ip", ip, *opts]
+
+
 def start_irmd(tmp: Path, name: str = "irmd", args: Sequence[str] = (), env: dict[str, str] | None = None) -> IrmdProc:
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"

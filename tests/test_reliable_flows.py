@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd
+from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, udp4_bootstrap
 from reliable_peer import Sink, payload, send_all, start_sink
 
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout, InvalidArgument, flow_alloc, qos
@@ -93,24 +93,8 @@ def make_net(tmp: Path, impair: str | None = None) -> Net:
         raise
     net = Net(tmp, a, b, port)
     extra = ["impair", impair] if impair else []
-    a.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", A_IP, "port", str(port), *extra)
-    b.irm_ok(
-        "ipcp",
-        "bootstrap",
-        "type",
-        "udp4",
-        "name",
-        "u",
-        "layer",
-        LAYER,
-        "ip",
-        B_IP,
-        "port",
-        str(port),
-        "peer",
-        A_IP,
-        *extra,
-    )
+    a.irm_ok(*udp4_bootstrap(LAYER, A_IP, "port", str(port), *extra))
+    b.irm_ok(*udp4_bootstrap(LAYER, B_IP, "port", str(port), "peer", A_IP, *extra))
     a.note_children()
     b.note_children()
     return net

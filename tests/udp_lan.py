@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd
+from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, udp4_bootstrap
 
 from apps.oping import ECHO_REPLY, ECHO_REQUEST, HDR
 from flowlib import Flow
@@ -47,22 +47,7 @@ class Host:
 
     def bootstrap(self, peer: str | None = None, extra: tuple[str, ...] = ()) -> None:
         opts = ["peer", peer] if peer else []
-        self.irm_ok(
-            "ipcp",
-            "bootstrap",
-            "type",
-            "udp4",
-            "name",
-            "u",
-            "layer",
-            LAYER,
-            "ip",
-            self.ip,
-            "port",
-            str(self.port),
-            *opts,
-            *extra,
-        )
+        self.irm_ok(*udp4_bootstrap(LAYER, self.ip, "port", str(self.port), *opts, *extra))
         self.irmd.note_children()
 
     def serve(self, name: str, prog: str = "oping", *args: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Host, Lab
+from helpers import udp4_bootstrap
 from reliable_peer import payload, send_all, start_sink
 
 from flowlib import FlowDown, FlowTimeout, flow_alloc, qos
@@ -101,23 +102,8 @@ def lossy(lab: Lab, two_hosts: tuple[Host, Host]) -> Callable[..., tuple[Host, H
         ip_a, ip_b = f"{net}.1", f"{net}.2"
         a.ip("addr", "add", f"{ip_a}/24", "dev", a.dev)
         b.ip("addr", "add", f"{ip_b}/24", "dev", b.dev)
-        a.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", ip_a, "port", str(PORT))
-        b.irmd.irm_ok(
-            "ipcp",
-            "bootstrap",
-            "type",
-            "udp4",
-            "name",
-            "u",
-            "layer",
-            LAYER,
-            "ip",
-            ip_b,
-            "port",
-            str(PORT),
-            "peer",
-            ip_a,
-        )
+        a.irmd.irm_ok(*udp4_bootstrap(LAYER, ip_a, "port", str(PORT)))
+        b.irmd.irm_ok(*udp4_bootstrap(LAYER, ip_b, "port", str(PORT), "peer", ip_a))
         a.irmd.note_children()
         b.irmd.note_children()
         return a, b

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Host, Lab
+from helpers import udp4_bootstrap
 
 from flowlib import EventQueue, EventType, FlowSet, fevent
 from flowlib.flow import Flow
@@ -179,22 +180,7 @@ def test_names_resolve_through_etc_hosts_as_ouroboros_0_23_does(lab: Lab) -> Non
         (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.0.1 {md5['pong']}\n127.0.0.3 {md5['ghost']}\n")
         a, b = (Host(ns, "lo", lab.start_irmd(ns, name)) for name in "ab")
         for host, ip in ((a, "127.0.0.1"), (b, "127.0.0.2")):
-            host.irmd.irm_ok(
-                "ipcp",
-                "bootstrap",
-                "type",
-                "udp4",
-                "name",
-                "u",
-                "layer",
-                LAYER,
-                "ip",
-                ip,
-                "hash",
-                "SHA3_512",
-                "dns",
-                "127.0.0.53",
-            )
+            host.irmd.irm_ok(*udp4_bootstrap(LAYER, ip, "hash", "SHA3_512", "dns", "127.0.0.53"))
         serve(a)
         assert_oping(b, count=3, logs=(a, b))
         assert "no dynamic DNS here" in b.irmd.log_text()

@@ -1,12 +1,14 @@
-"""A daemon's word to whoever supervises it (systemd's Type=notify, a test, a script): READY=1 once it
-serves, sent to $NOTIFY_SOCKET as sd_notify(3) does; nothing without one."""
+"""A daemon and whoever supervises it (systemd, a test, a script): READY=1 once it serves, sent to
+$NOTIFY_SOCKET as sd_notify(3) does; and a stop on SIGTERM or SIGINT, whichever thread takes it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import select
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,53 @@ def notify_ready(status: str = "") -> bool:
         s.sendto(message.encode(), address)
         return True
     return False
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def serve_until_stopped(serve: Callable[[], object], name: str = "serve") -> None:
+    """Run `serve` on a thread of its own while this, the main thread, waits for a stop signal
+    (SystemExit(0) is raised here) or for `serve` to end (its exception is raised here).
+
+    Python runs signal handlers on the main thread only, and the kernel may give a process's signal to
+    any thread: a main thread blocked in a lock or a read would then never see it. So the main thread
+    waits on nothing but the wakeup fd, which the C-level handler writes whichever thread it runs on.
+    """
+    wake_r, wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    outcome: list[BaseException | None] = []
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    def run() -> None:
+        try:
+            serve()
+            outcome.append(None)
+        except BaseException as e:  # carried to the main thread, which owns this one
+            outcome.append(e)
+        finally:
+            with contextlib.suppress(OSError):
+                wake_w.send(b"\0")
+
+    old_handlers = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    try:
+        threading.Thread(target=run, daemon=True, name=name).start()
+        while not outcome:
+            select.select([wake_r], [], [])  # a handler due runs right after, here
+            with contextlib.suppress(BlockingIOError):
+                wake_r.recv(4096)
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        wake_r.close()
+        wake_w.close()
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 class ReadyListener:

@@ -36,7 +36,7 @@ from apps.ibp.storage import DiskStore
 from flowlib import FlowError
 from flowlib.irm import IrmClient
 from proto import logs
-from proto.service import notify_ready
+from proto.service import notify_ready, serve_until_stopped
 from proto.version import add_version
 
 log = logging.getLogger("ibp")
@@ -308,7 +308,7 @@ def run_depot(args: argparse.Namespace) -> int:
     )
     notify_ready()
     try:
-        flow_loop(server)  # returns only when the IRMd is gone
+        serve_until_stopped(lambda: flow_loop(server))  # the loop returns only when the IRMd is gone
     finally:
         stop.set()
         store.release()

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import pwd
-import signal
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import logs
 from proto import messages as m
-from proto.service import notify_ready
+from proto.service import notify_ready, serve_until_stopped
 from proto.version import add_version
 
 log = logging.getLogger("netplumbd")
@@ -248,27 +247,21 @@ def main(argv: list[str] | None = None) -> None:
     irm = default_client()
     daemon = Daemon(cfg, irm)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        daemon.stop_jobs()
-        # Whatever the main thread waits in, we are gone shortly, and so are the commands.
-        timer = threading.Timer(KILL_GRACE + 1.0, _give_up, args=(daemon,))
-        timer.daemon = True
-        timer.start()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     Spare.refill_soon()
     try:
         if args.name:
             _bind(irm, args.name, args.layer)
         log.info("serving with key %s", fingerprint(identity.public))
         notify_ready()
-        daemon.serve()
+        serve_until_stopped(daemon.serve)
     except FlowError as e:
         print(f"netplumbd: {e}", file=sys.stderr)
         sys.exit(1)
     finally:  # the commands of sessions still running do not outlive us
+        # Armed first: whatever below waits too long, we are gone shortly, and so are the commands.
+        timer = threading.Timer(KILL_GRACE + 1.0, _give_up, args=(daemon,))
+        timer.daemon = True
+        timer.start()
         daemon.stop_jobs()
         Spare.discard()
         deadline = time.monotonic() + KILL_GRACE + 1.0

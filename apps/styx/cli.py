@@ -26,7 +26,7 @@ from apps.styx.tree import StyxError, Tree
 from flowlib import FlowError
 from flowlib.irm import default_client
 from proto import logs
-from proto.service import notify_ready
+from proto.service import notify_ready, serve_until_stopped
 from proto.version import add_version
 
 log = logging.getLogger("styx")
@@ -179,7 +179,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         announce(a.name, a.layer)
     print(f"styx: serving {'the IRMd' if a.irm else a.root}" + (f" as {a.name}" if a.name else ""), flush=True)
     notify_ready()
-    server.serve_forever()
+    serve_until_stopped(server.serve_forever)
 
 
 def cmd_mount(a: argparse.Namespace) -> None:
@@ -207,7 +207,7 @@ def cmd_bridge(a: argparse.Namespace) -> None:
         print(f"styx: bridging {a.listen} to {a.name}", flush=True)
 
     try:
-        bridge(a.name, a.listen, ready, limits(a))
+        serve_until_stopped(lambda: bridge(a.name, a.listen, ready, limits(a)))
     except ValueError as e:
         raise CliError(str(e)) from None
 

@@ -1,0 +1,94 @@
+"""A daemon's stop: SIGTERM ends it whichever of its threads the kernel hands the signal to, and
+what its serving thread raises reaches the main thread."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A daemon whose main thread would, without serve_until_stopped, sit in a lock: its server thread
+# waits forever, and another thread takes SIGTERM (pthread_kill), as the kernel may choose to.
+DAEMON = textwrap.dedent(
+    """
+    import signal, sys, threading
+    sys.path.insert(0, {root!r})
+    from proto.service import serve_until_stopped
+
+    def serve():
+        how = sys.argv[1]
+        if how == "raise":
+            raise RuntimeError("the IRMd went away")
+        if how == "return":
+            return
+        ready = threading.Event()
+
+        def other():
+            ready.wait()
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            threading.Event().wait()
+
+        threading.Thread(target=other, daemon=True).start()
+        print("serving", flush=True)
+        if how == "other-thread":
+            ready.set()
+        threading.Event().wait()
+
+    try:
+        serve_until_stopped(serve)
+        print("returned", flush=True)
+    finally:
+        print("cleaned up", flush=True)
+    """
+)
+
+
+def _daemon(how: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", DAEMON.format(root=str(ROOT)), how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_taken_by_another_thread_stops_the_daemon_and_runs_its_cleanup() -> None:
+    p = _daemon("other-thread")
+    out, err = p.communicate(timeout=20)
+    assert (p.returncode, out) == (0, "serving\ncleaned up\n"), err
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_stops_it(sig: signal.Signals) -> None:
+    p = _daemon("wait")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "serving\n"
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+        p.wait()
+    assert (p.returncode, out) == (0, "cleaned up\n"), err
+
+
+@pytest.mark.timeout(30)
+def test_what_the_server_thread_raises_reaches_the_main_thread() -> None:
+    p = _daemon("raise")
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 1 and out == "cleaned up\n"
+    assert "RuntimeError: the IRMd went away" in err
+
+
+@pytest.mark.timeout(30)
+def test_a_server_that_returns_returns() -> None:
+    p = _daemon("return")
+    out, _ = p.communicate(timeout=20)
+    assert (p.returncode, out) == (0, "returned\ncleaned up\n")

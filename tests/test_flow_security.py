@@ -25,7 +25,7 @@ from flowlib.crypto import OVERHEAD
 from flowlib.irm import IrmClient, call
 from proto import messages as m
 from proto.errors import AuthenticationFailed, EncryptionFailed
-from tests.pki import Pki, certificate, new_key
+from pki import Pki, certificate, new_key
 
 ENCRYPTED = qos.QosSpec(cypher_s=256)
 

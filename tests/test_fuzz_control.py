@@ -17,7 +17,7 @@ import pytest
 
 from ipcp.unicast import messages as um
 from proto import messages as m
-from tests.fuzzing import ROUNDS, cases, only_raises
+from fuzzing import ROUNDS, cases, only_raises
 from transports.wire import HEADER, MAGIC, VERSION, Codec, WireError
 
 CODECS = {"irmd": m.CODEC, "unicast": um.CODEC}

@@ -32,8 +32,8 @@ pytestmark = [
 CONTROL_ATTACK = r"""
 import os, random, socket, sys
 from proto import messages as m
-from tests.fuzzing import cases
-from tests.test_fuzz_control import _frames
+from fuzzing import cases
+from test_fuzz_control import _frames
 from transports.unix import send_frame
 
 def connect():
@@ -87,8 +87,8 @@ hostile.append(w.Twstat(1, 1, st))
 for msg in hostile:
     reply = rpc(msg)
     assert isinstance(reply, w.Rerror) and "internal error" not in reply.ename, (msg, reply)
-from tests.test_fuzz_styx import requests, _fixed
-from tests.fuzzing import cases
+from test_fuzz_styx import requests, _fixed
+from fuzzing import cases
 answered = 0
 for data in cases(5, requests(4, 200), 400):
     if len(data) < w.HEADER:

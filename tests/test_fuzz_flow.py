@@ -17,7 +17,7 @@ from ipcp import shim_wire
 from ipcp.shim import ShimCore
 from ipcp.unicast import auth
 from ipcp.unicast.pci import frame, unframe
-from tests.fuzzing import ROUNDS, cases, mutate, only_raises
+from fuzzing import ROUNDS, cases, mutate, only_raises
 
 
 def _pair(reliable: bool, seed: int) -> tuple[Frct, Frct]:

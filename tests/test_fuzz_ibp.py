@@ -19,7 +19,7 @@ from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, to_xml
 from apps.ibp.server import DepotServer
 from apps.ibp.storage import DiskStore
 from apps.ibp.stream import ByteStream
-from tests.fuzzing import ROUNDS, cases, only_raises
+from fuzzing import ROUNDS, cases, only_raises
 
 NOW = 1_000_000.0
 

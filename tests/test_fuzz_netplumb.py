@@ -14,8 +14,8 @@ import pytest
 from apps.netplumb import wire
 from apps.netplumb.connection import MESSAGES, Closed
 from apps.netplumb.wire import Decoder, Fields, Packet, WireError
-from tests.fuzzing import ROUNDS, cases, only_raises
-from tests.test_netplumb_connection import running
+from fuzzing import ROUNDS, cases, only_raises
+from test_netplumb_connection import running
 
 NAMES = (
     "ch",

@@ -14,8 +14,8 @@ from irmd.oap import Oap
 from proto import oap
 from proto.errors import FlowError
 from proto.qos import QosSpec, raw
-from tests.fuzzing import cases, only_raises
-from tests.pki import Pki
+from fuzzing import cases, only_raises
+from pki import Pki
 
 T0 = 1_800_000_000_000_000_000
 ENCRYPT = QosSpec(cypher_s=256)

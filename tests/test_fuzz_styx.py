@@ -22,7 +22,7 @@ from apps.styx.fs import FsTree
 from apps.styx.identity import server_policy, user_for_uid
 from apps.styx.server import Limits, Session
 from apps.styx.tree import Node, SynthDir, Tree, text_file
-from tests.fuzzing import ROUNDS, cases, only_raises
+from fuzzing import ROUNDS, cases, only_raises
 
 ME = user_for_uid(os.geteuid())
 REQUESTS = [cls for cls in w.MESSAGES.values() if cls.__name__.startswith("T")]

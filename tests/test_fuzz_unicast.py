@@ -17,8 +17,8 @@ from ipcp.unicast.dir import MAX_ENTRIES, Directory
 from ipcp.unicast.fa import FlowAllocator
 from ipcp.unicast.handshake import Refused
 from ipcp.unicast.routing import MAX_MEMBERS, Lsdb
-from tests.fuzzing import cases, only_raises
-from tests.test_fuzz_control import _frames
+from fuzzing import cases, only_raises
+from test_fuzz_control import _frames
 from transports.wire import WireError
 
 PSK = auth.layer_psk("fuzz")

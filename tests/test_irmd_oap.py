@@ -20,7 +20,7 @@ from proto import messages as m
 from proto import oap
 from proto.errors import FlowError
 from proto.qos import QosSpec, raw
-from tests.pki import Pki, certificate, new_key
+from pki import Pki, certificate, new_key
 
 T0 = 1_800_000_000_000_000_000
 MS = 1_000_000

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto import oap
-from tests.oap_captures import PAIRS, TRAILING
+from oap_captures import PAIRS, TRAILING
 
 NOW = 1_796_518_203_095_625_633  # a timestamp from the captures, ns
 MS = 1_000_000

@@ -25,7 +25,7 @@ from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, wait_for
 
 from irmd import kex
 from proto import oap
-from tests.pki import Pki, new_key
+from pki import Pki, new_key
 
 pytestmark = [
     pytest.mark.timeout(240),

@@ -20,7 +20,7 @@ from helpers import BIN, wait_for
 from flowlib import flow_accept, flow_alloc, qos
 from flowlib.irm import IrmClient
 from proto.errors import AuthenticationFailed, EncryptionFailed
-from tests.pki import Pki, certificate, new_key
+from pki import Pki, certificate, new_key
 
 pytest.importorskip("test_interop", reason="needs the C interop harness (tests/net/test_interop.py)")
 from test_interop import LAYER, CNode, Pair, c_ouroboros, pair, received  # noqa: F401 (fixtures)

@@ -353,8 +353,9 @@ class ShimCore:
         fields = {"s_eid": flow.eid, **qos_fields(qos), **offer_fields(Offer(qos.cypher_s, port), reply=False)}
         frame = self.layout.encode(Kind.FLOW_REQ, digest + data, **fields)
         self._add(flow)
-        # A 0.23 peer takes a repeated request as a replay of its OAP: repeat only to peers of ours.
-        ours = addr in self.members or addr in self.heard
+        # A 0.23 peer takes a repeated request as a replay of its OAP: repeat only to peers proven ours
+        # (a configured peer is not, until it answers a HELLO; nor is one that merely answered).
+        ours = self.members.get(addr, 0.0) > 0.0 or addr in self.heard
         self._allocs[flow.eid] = _Pending(now + timeout, now + ALLOC_RETRY, frame, addr, retry=ours)
         self._send(addr, frame)
         return flow
@@ -434,8 +435,7 @@ class ShimCore:
         self._budget = AMPLIFICATION * len(data)
         try:
             kind, msg = self.layout.decode(data)
-            if src in self.members or src in self.heard:
-                self._touch(src, now)
+            self._touch(src, now)
             self._handlers[kind](msg, src, now)
         except ShimWireError as e:
             self._drop("malformed", f"from {src}: {e}")
@@ -624,9 +624,13 @@ class ShimCore:
     # -- liveness --------------------------------------------------------------------
 
     def _touch(self, src: Addr, now: float) -> None:
-        if src in self.members:
+        # A configured peer stays at 0.0 until its first proven HELLO: it may be a 0.23 node, whose
+        # answers say nothing of whether it speaks our protocol.
+        if self.members.get(src, 0.0) > 0.0:
             self.members[src] = now
-        self.heard[src] = now
+            self.heard[src] = now
+        elif src in self.heard:
+            self.heard[src] = now
 
     def _schedule_live(self, now: float) -> None:
         self._next_live = min(self._next_live, now)

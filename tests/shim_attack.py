@@ -33,6 +33,7 @@ frames = [bytes.fromhex(f) for f in job["frames"]]
 echo = bytes.fromhex(job["echo"])  # if set: answer each challenge with this, then the cookie it carried
 sent = received = answered = 0
 worst = 0.0
+over = {}
 for start in range(0, len(job["sources"]), 200):
     socks = {}
     for ip in job["sources"][start : start + 200]:
@@ -68,8 +69,10 @@ for start in range(0, len(job["sources"]), 200):
         received += back
         answered += back > 0
         worst = max(worst, back / out if out else 0.0)
+        if out and back / out > job["bound"]:
+            over[s.getsockname()[0]] = back / out
         s.close()
-print(json.dumps({"sent": sent, "received": received, "answered": answered, "worst": worst}))
+print(json.dumps({"sent": sent, "received": received, "answered": answered, "worst": worst, "over": over}))
 """
 
 
@@ -79,6 +82,7 @@ class Attack:
     received: int  # bytes the target sent back to the attacker's addresses
     answered: int  # sources that got anything back
     worst: float  # the largest bytes-back / bytes-sent of one source
+    over: dict[str, float]  # the sources whose bytes-back / bytes-sent exceeded `bound`, and by how much
 
 
 def nobody() -> list[str]:
@@ -98,6 +102,7 @@ def attack(
     echo: bytes = b"",
     cookie_at: int = 0,
     timeout: float = 300.0,
+    bound: float = 3.0,
 ) -> Attack:
     """Each source sends every frame `repeat` times; what came back is counted per source.
 
@@ -113,6 +118,7 @@ def attack(
         "linger": linger,
         "echo": echo.hex(),
         "cookie_at": cookie_at,
+        "bound": bound,
     }
     # The system's python: nobody may not read the one the tests run with (a venv under /root, say).
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable

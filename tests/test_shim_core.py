@@ -453,6 +453,8 @@ def test_a_flow_request_for_a_name_not_registered_there_gets_enoent_and_purges_t
 
 def test_an_allocation_to_a_silent_member_retransmits_then_times_out() -> None:
     net = Net(core(A), core(B, peers=[A]))
+    net.boot()  # A answers B's HELLO: a member of ours; then it goes silent
+    assert net[B].members[A] > 0
     net.cut.add(A)
     flow = net[B].alloc(PONG, qos.raw, A, net.now, 2.0)
     net.pump()
@@ -474,6 +476,26 @@ def test_an_allocation_to_an_address_not_known_to_be_ours_is_sent_once() -> None
     net.run(2.1)
     assert net.count(Kind.FLOW_REQ, src=B) == 1
     assert [e.response for e in net.take(B, AllocDone)] == [None]
+
+
+def test_a_configured_peer_that_answers_but_never_proves_it_is_ours_gets_each_request_once() -> None:
+    """A 0.23 node given as a peer: it answers flow requests, never a HELLO; a repeat would fail its
+    OAP replay check, and refuse the flow it had just accepted."""
+    net = pong_at(A, core(B, peers=[A]))
+    net.drop = lambda s: s.kind is Kind.HELLO
+    net.boot()
+    net[B].alloc(PONG, qos.raw, A, net.now, 5.0, OAP_REQ)
+    net.pump()
+    (req,) = net.take(A, FlowRequested)
+    net[A].refuse(req, "EAUTH")  # an answer, but no word of ours
+    net.pump()
+    assert [e.response for e in net.take(B, AllocDone)] == [-1009]
+    net.cut.add(A)
+    net[B].alloc(PONG, qos.raw, A, net.now, 2.0, OAP_REQ)
+    net.pump()
+    net.run(2.1)
+    assert net.count(Kind.FLOW_REQ, src=B) == 2, "a request was repeated to a peer not known to be ours"
+    assert net[B].members[A] == 0.0 and A not in net[B].heard
 
 
 def test_a_retransmitted_request_after_the_accept_is_answered_again_with_the_same_eid() -> None:

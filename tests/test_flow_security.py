@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers import IrmdProc, free_port, start_irmd, stop_irmd, wait_for
+from pki import Pki, certificate, new_key
 from unicast_net import Cluster
 from unicast_net import Host as UnicastHost
 
@@ -25,7 +26,6 @@ from flowlib.crypto import OVERHEAD
 from flowlib.irm import IrmClient, call
 from proto import messages as m
 from proto.errors import AuthenticationFailed, EncryptionFailed
-from pki import Pki, certificate, new_key
 
 ENCRYPTED = qos.QosSpec(cypher_s=256)
 

@@ -14,10 +14,10 @@ import typing
 from typing import Any
 
 import pytest
+from fuzzing import ROUNDS, cases, only_raises
 
 from ipcp.unicast import messages as um
 from proto import messages as m
-from fuzzing import ROUNDS, cases, only_raises
 from transports.wire import HEADER, MAGIC, VERSION, Codec, WireError
 
 CODECS = {"irmd": m.CODEC, "unicast": um.CODEC}

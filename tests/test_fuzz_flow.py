@@ -9,6 +9,7 @@ import random
 from collections.abc import Hashable
 
 import pytest
+from fuzzing import ROUNDS, cases, mutate, only_raises
 
 from flowlib import crc
 from flowlib.crypto import CIPHERS, KEY_SIZE, PacketCrypto
@@ -17,7 +18,6 @@ from ipcp import shim_wire
 from ipcp.shim import ShimCore
 from ipcp.unicast import auth
 from ipcp.unicast.pci import frame, unframe
-from fuzzing import ROUNDS, cases, mutate, only_raises
 
 
 def _pair(reliable: bool, seed: int) -> tuple[Frct, Frct]:

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+from fuzzing import ROUNDS, cases, only_raises
 
 from apps.ibp import wire as w
 from apps.ibp.capability import BadCapability, Capability
@@ -19,7 +20,6 @@ from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, to_xml
 from apps.ibp.server import DepotServer
 from apps.ibp.storage import DiskStore
 from apps.ibp.stream import ByteStream
-from fuzzing import ROUNDS, cases, only_raises
 
 NOW = 1_000_000.0
 

@@ -10,12 +10,12 @@ import random
 import zlib
 
 import pytest
+from fuzzing import ROUNDS, cases, only_raises
+from test_netplumb_connection import running
 
 from apps.netplumb import wire
 from apps.netplumb.connection import MESSAGES, Closed
 from apps.netplumb.wire import Decoder, Fields, Packet, WireError
-from fuzzing import ROUNDS, cases, only_raises
-from test_netplumb_connection import running
 
 NAMES = (
     "ch",

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fuzzing import cases, only_raises
+from pki import Pki
 
 from irmd.oap import Oap
 from proto import oap
 from proto.errors import FlowError
 from proto.qos import QosSpec, raw
-from fuzzing import cases, only_raises
-from pki import Pki
 
 T0 = 1_800_000_000_000_000_000
 ENCRYPT = QosSpec(cypher_s=256)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fuzzing import ROUNDS, cases, only_raises
 
 from apps.styx import wire as w
 from apps.styx.agent import Peer
@@ -22,7 +23,6 @@ from apps.styx.fs import FsTree
 from apps.styx.identity import server_policy, user_for_uid
 from apps.styx.server import Limits, Session
 from apps.styx.tree import Node, SynthDir, Tree, text_file
-from fuzzing import ROUNDS, cases, only_raises
 
 ME = user_for_uid(os.geteuid())
 REQUESTS = [cls for cls in w.MESSAGES.values() if cls.__name__.startswith("T")]

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from fuzzing import cases, only_raises
+from test_fuzz_control import _frames
+
 from ipcp.unicast import auth, ca
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
@@ -17,8 +20,6 @@ from ipcp.unicast.dir import MAX_ENTRIES, Directory
 from ipcp.unicast.fa import FlowAllocator
 from ipcp.unicast.handshake import Refused
 from ipcp.unicast.routing import MAX_MEMBERS, Lsdb
-from fuzzing import cases, only_raises
-from test_fuzz_control import _frames
 from transports.wire import WireError
 
 PSK = auth.layer_psk("fuzz")

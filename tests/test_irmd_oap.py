@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pki import Pki, certificate, new_key
 
 from irmd.oap import Oap, Outcome, Startups
 from irmd.ratelog import RateLog
@@ -20,7 +21,6 @@ from proto import messages as m
 from proto import oap
 from proto.errors import FlowError
 from proto.qos import QosSpec, raw
-from pki import Pki, certificate, new_key
 
 T0 = 1_800_000_000_000_000_000
 MS = 1_000_000

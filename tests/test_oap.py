@@ -9,9 +9,9 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oap_captures import PAIRS, TRAILING
 
 from proto import oap
-from oap_captures import PAIRS, TRAILING
 
 NOW = 1_796_518_203_095_625_633  # a timestamp from the captures, ns
 MS = 1_000_000

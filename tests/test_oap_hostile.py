@@ -22,10 +22,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, wait_for
+from pki import Pki, new_key
 
 from irmd import kex
 from proto import oap
-from pki import Pki, new_key
 
 pytestmark = [
     pytest.mark.timeout(240),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 from helpers import BIN, wait_for
+from pki import Pki, certificate, new_key
 
 from flowlib import flow_accept, flow_alloc, qos
 from flowlib.irm import IrmClient
 from proto.errors import AuthenticationFailed, EncryptionFailed
-from pki import Pki, certificate, new_key
 
 pytest.importorskip("test_interop", reason="needs the C interop harness (tests/net/test_interop.py)")
 from test_interop import LAYER, CNode, Pair, c_ouroboros, pair, received  # noqa: F401 (fixtures)

@@ -23,7 +23,7 @@ from flowlib.irm import IrmClient
 from proto.errors import AuthenticationFailed, EncryptionFailed
 
 pytest.importorskip("test_interop", reason="needs the C interop harness (tests/net/test_interop.py)")
-from test_interop import LAYER, CNode, Pair, c_ouroboros, pair, received  # noqa: F401 (fixtures)
+from test_interop import LAYER, CNode, Pair, c_alloc, c_ouroboros, pair, received  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(180)]
 
@@ -86,7 +86,7 @@ def secure(security: tuple[Pki, Pki], pair: Pair) -> Iterator[tuple[Pair, Pki, P
     IPCP answers an address nothing vouches for (anti-amplification)."""
     proc = restart_c(pair, security[1].base)
     try:
-        pair.c.ok("irm", "ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", pair.c_ip)
+        pair.c.bootstrap("type", "udp4", "name", "u", "layer", LAYER, "ip", pair.c_ip)
         pair.ours.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER,
                               "ip", pair.our_ip, "peer", pair.c_ip)  # fmt: skip
         yield pair, *security
@@ -113,7 +113,7 @@ def echo_with_c(p: Pair, name: str, **kw: object) -> tuple[object, int]:
     """Our flow to C's `oecho --listen` for `name`: (flow.peer, flow.qos.cypher_s) once the echo came back."""
     irm = IrmClient(p.ours.irmd.sock)
     try:
-        with flow_alloc(name, qos.raw, 20, irm=irm, **kw) as flow:  # type: ignore[arg-type]
+        with c_alloc(lambda: flow_alloc(name, qos.raw, 20, irm=irm, **kw)) as flow:  # type: ignore[arg-type]
             flow.set_timeout(10)
             flow.write(b"Client says hi!\0")
             assert flow.read() == b"Client says hi!\0"

@@ -345,9 +345,13 @@ def test_nonblocking_reads_leave_writes_blocking(pair: Pair) -> None:
     cli.fccntl(fc.FLOWSFLAGS, fc.FLOWFRDWR | fc.FLOWFRNOBLOCK)
     with pytest.raises(FlowWouldBlock):
         cli.read()
-    threading.Timer(0.3, lambda: [srv.read() for _ in range(2000)]).start()
+    got: list[bytes] = []
+    reader = threading.Timer(0.3, lambda: got.extend(srv.read() for _ in range(2000)))
+    reader.start()
     for _ in range(2000):  # fills the flow: a non-blocking write would raise, this one waits
         cli.write(bytes(1000))
+    reader.join(30)
+    assert len(got) == 2000 and not reader.is_alive()  # every write arrived; the reader is done
 
 
 def test_older_flowfrnonblock_makes_reads_and_writes_nonblocking(pair: Pair) -> None:

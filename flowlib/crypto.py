@@ -170,11 +170,12 @@ class PacketCrypto:
         if not self.tagsz and (iv[0] >> 7) != self._phase and self._age >= self._mask - (self._mask >> 2):
             with self._lock:  # AES-CTR has no tag to tell keys apart: the phase bit decides, as in 0.23
                 self._rotate()
+        aead = self._aead
         try:
-            plain: bytes = self._aead.decrypt(iv, body, None)  # the current key: nearly always
+            plain: bytes = aead.decrypt(iv, body, None)  # the current key: nearly always
         except InvalidTag:
             with self._lock:
-                found = self._other_keys(iv, body)
+                found = self._other_keys(iv, body, aead)
             if found is None:
                 self.rejected += 1
                 return None
@@ -183,10 +184,15 @@ class PacketCrypto:
         self._age += 1
         return plain
 
-    def _other_keys(self, iv: bytes, body: bytes) -> bytes | None:
+    def _other_keys(self, iv: bytes, body: bytes, tried: Aead) -> bytes | None:
         """The previous key (late packets), or the next one: a peer's key may be a rotation ahead of
         ours (0.23 rotates each end on its own count); a packet that opens with it moves us on, so
-        no forgery can."""
+        no forgery can. First the current key, if a sealing thread rotated since `tried`."""
+        if self._aead is not tried:
+            try:
+                return self._aead.decrypt(iv, body, None)
+            except InvalidTag:
+                pass
         previous = self._previous  # one read: a sealing thread may end its grace meanwhile
         if previous is not None:
             try:

@@ -133,33 +133,44 @@ def test_lying_headers_are_wire_errors() -> None:
         only_raises(m.CODEC.decode, data, WireError)
 
 
-def test_fds_of_requests_still_queued_when_the_connection_drops_are_closed() -> None:
-    """Requests carrying fds, then the peer hangs up, all read in one go: their tasks are cancelled
-    before they start, and the fds must be closed all the same (they were kept, one per request)."""
+def test_fds_of_requests_still_waiting_when_the_connection_drops_are_closed() -> None:
+    """Requests carrying fds whose handlers wait, then the peer hangs up: their handlers are cancelled
+    where they wait (begun outside any task, each went on as one), and close the fds they own."""
     import asyncio
     import os
 
     from transports.channel import AsyncChannel
-    from transports.unix import send_frame, seqpacket_pair
+    from transports.unix import close_fds, send_frame, seqpacket_pair
 
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
-    async def never(msg: object, fds: list[int]) -> tuple[m.Message, list[int]]:
-        raise AssertionError("no request is served after its connection closed")
+    cancelled: list[int] = []
+
+    async def hold(msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            assert isinstance(msg, m.FlowDealloc)
+            cancelled.append(msg.flow_id)
+            raise
+        finally:
+            close_fds(fds)
+        raise AssertionError("never set")
 
     async def run() -> None:
         ours, theirs = seqpacket_pair()
         before = open_fds()
         closed = asyncio.Event()
-        AsyncChannel(ours, m.CODEC, never, on_close=lambda _: closed.set())
+        AsyncChannel(ours, m.CODEC, hold, on_close=lambda _: closed.set())
         with open(os.devnull, "rb") as f:
             for i in range(1, 6):
                 send_frame(theirs, m.CODEC.encode(m.FlowDealloc(i), i), [f.fileno()] * 3)
         theirs.close()
         await asyncio.wait_for(closed.wait(), 10)
-        await asyncio.sleep(0)  # the cancelled tasks' callbacks
-        await asyncio.sleep(0)
+        for _ in range(5):  # the cancelled handlers' turns
+            await asyncio.sleep(0)
+        assert sorted(cancelled) == [1, 2, 3, 4, 5]
         assert open_fds() <= before - 2, "fds passed with requests leaked"  # ours and theirs closed too
 
     asyncio.run(run())

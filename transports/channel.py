@@ -14,8 +14,8 @@ import os
 import socket
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from transports.unix import close_fds, recv_frame, send_frame
 from transports.wire import HEADER, ID_MASK, NOTICE, REPLY, Codec, Error, Message, WireError
@@ -54,10 +54,45 @@ class HandlerError(Exception):
         self.text = text
 
 
-def _close_unstarted(box: list[list[int]], _task: object) -> None:
-    """The fds of a request whose task ended before it began (cancelled): nobody else closes them."""
-    if box:
-        close_fds(box.pop())
+def _abandon(coro: Coroutine[Any, Any, None], _task: object) -> None:
+    """A request's coroutine whose task was cancelled before its first step (the connection closed
+    behind it) still waits where it began: it is cancelled there, so that it lets go of its fds."""
+    import asyncio
+
+    if getattr(coro, "cr_frame", None) is None:  # it ended
+        return
+    try:
+        coro.throw(asyncio.CancelledError())
+    except (StopIteration, asyncio.CancelledError):
+        return
+    coro.close()  # it waits again: it may not
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waits_on: Any) -> None:
+    """The rest of a coroutine begun outside any task (AsyncChannel._start), which yielded
+    `waits_on`: a future it awaits (None: a bare yield). Cancelling this task cancels that future,
+    so the coroutine sees CancelledError where it waits, as in a task of its own."""
+    import asyncio
+
+    while True:
+        try:
+            if waits_on is None:
+                await asyncio.sleep(0)
+            elif not waits_on.done():
+                waits_on._asyncio_future_blocking = False
+                await asyncio.wait((waits_on,))
+        except asyncio.CancelledError:
+            if waits_on is None:
+                try:
+                    waits_on = coro.throw(asyncio.CancelledError())
+                except StopIteration:
+                    return
+                continue
+            waits_on.cancel()
+        try:
+            waits_on = coro.send(None)
+        except StopIteration:
+            return
 
 
 def _unwrap(frame_msg: Message, fds: list[int]) -> Reply:
@@ -247,14 +282,20 @@ class AsyncChannel:
                     "connection already; wait for their replies",
                 )
             else:
-                # The fds go in a box the task empties when it starts: a task cancelled before its
-                # first step (the connection closed behind it) never runs, and its done callback
-                # closes them instead.
-                box = [fds]
-                task = self._loop.create_task(self._serve(frame.req_id, frame.msg, box))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                task.add_done_callback(functools.partial(_close_unstarted, box))
+                self._start(self._serve(frame.req_id, frame.msg, fds))
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Serve a request at once, up to its first wait: most handlers never wait (a notice, a
+        lookup) and need no task, nor a turn of the loop before their reply leaves. One that waits
+        goes on as a task, which the channel's close cancels."""
+        try:
+            waits_on = coro.send(None)
+        except StopIteration:
+            return
+        task = self._loop.create_task(_resume(coro, waits_on))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(_abandon, coro))
 
     def _reply_error(self, data: bytes, code: str, text: str) -> None:
         # Answer with the request id if the header was readable, so the peer is not left waiting.
@@ -263,10 +304,10 @@ class AsyncChannel:
             if req_id and not req_id & REPLY:
                 self._send(self._codec.encode(Error(code, text[:500]), req_id | REPLY), ())
 
-    async def _serve(self, req_id: int, msg: Message, box: list[list[int]]) -> None:
+    async def _serve(self, req_id: int, msg: Message, fds: list[int]) -> None:
+        """Answer one request; its fds are the handler's, which closes them."""
         import asyncio
 
-        fds = box.pop()  # ours now: the handler owns and closes them
         try:
             reply, out_fds = await self._handler(msg, fds)
         except (HandlerError, RemoteError) as e:

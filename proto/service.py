@@ -31,12 +31,20 @@ def notify_ready(status: str = "") -> bool:
     return False
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT end a daemon as an exit does (SystemExit(0), raised in the main thread),
+    so that its cleanup runs."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def serve_until_stopped(serve: Callable[[], object], name: str = "serve") -> None:
-    """Run `serve` on a thread of its own while this, the main thread, waits for a stop signal
-    (SystemExit(0) is raised here) or for `serve` to end (its exception is raised here).
+    """Run `serve` on a thread of its own while this, the main thread, waits for a signal handler
+    to raise (a stop: see stop_on_signals) or for `serve` to end (its exception is raised here).
 
     Python runs signal handlers on the main thread only, and the kernel may give a process's signal to
     any thread: a main thread blocked in a lock or a read would then never see it. So the main thread
@@ -46,9 +54,6 @@ def serve_until_stopped(serve: Callable[[], object], name: str = "serve") -> Non
     wake_r.setblocking(False)
     wake_w.setblocking(False)
     outcome: list[BaseException | None] = []
-
-    def stop(_signum: int, _frame: object) -> None:
-        raise SystemExit(0)
 
     def run() -> None:
         try:
@@ -60,7 +65,6 @@ def serve_until_stopped(serve: Callable[[], object], name: str = "serve") -> Non
             with contextlib.suppress(OSError):
                 wake_w.send(b"\0")
 
-    old_handlers = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     try:
         threading.Thread(target=run, daemon=True, name=name).start()
@@ -70,8 +74,6 @@ def serve_until_stopped(serve: Callable[[], object], name: str = "serve") -> Non
                 wake_r.recv(4096)
     finally:
         signal.set_wakeup_fd(old_wakeup)
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         wake_r.close()
         wake_w.close()
     if outcome[0] is not None:

@@ -19,7 +19,7 @@ DAEMON = textwrap.dedent(
     """
     import signal, sys, threading
     sys.path.insert(0, {root!r})
-    from proto.service import serve_until_stopped
+    from proto.service import serve_until_stopped, stop_on_signals
 
     def serve():
         how = sys.argv[1]
@@ -40,9 +40,14 @@ DAEMON = textwrap.dedent(
             ready.set()
         threading.Event().wait()
 
+    if sys.argv[1] != "own-handlers":
+        stop_on_signals()
     try:
         serve_until_stopped(serve)
         print("returned", flush=True)
+    except KeyboardInterrupt:  # Python's own SIGINT handler: the caller's, left in place
+        print("interrupted", flush=True)
+        sys.exit(130)
     finally:
         print("cleaned up", flush=True)
     """
@@ -92,3 +97,18 @@ def test_a_server_that_returns_returns() -> None:
     p = _daemon("return")
     out, _ = p.communicate(timeout=20)
     assert (p.returncode, out) == (0, "returned\ncleaned up\n")
+
+
+@pytest.mark.timeout(30)
+def test_the_callers_signal_handlers_are_left_in_place() -> None:
+    """A program that keeps Python's SIGINT handler (a foreground `styx serve`) still gets
+    KeyboardInterrupt, in its main thread, and exits 130."""
+    p = _daemon("own-handlers")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "serving\n"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+        p.wait()
+    assert (p.returncode, out) == (130, "interrupted\ncleaned up\n"), err

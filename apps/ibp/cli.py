@@ -27,7 +27,6 @@ from apps.ibp.server import (
     DEFAULT_PORT,
     DepotServer,
     flow_loop,
-    install_stop_signals,
     parse_listen,
     tcp_listener,
     tcp_loop,
@@ -36,7 +35,7 @@ from apps.ibp.storage import DiskStore
 from flowlib import FlowError
 from flowlib.irm import IrmClient
 from proto import logs
-from proto.service import notify_ready, serve_until_stopped
+from proto.service import notify_ready, serve_until_stopped, stop_on_signals
 from proto.version import add_version
 
 log = logging.getLogger("ibp")
@@ -271,7 +270,7 @@ def depot_client(name: str) -> IrmClient:
 
 
 def run_depot(args: argparse.Namespace) -> int:
-    install_stop_signals()
+    stop_on_signals()
     try:
         limits = from_args(args)
     except ValueError as e:

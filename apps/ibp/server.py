@@ -11,7 +11,6 @@ import logging
 import os
 import queue
 import re
-import signal
 import socket
 import threading
 import time
@@ -552,11 +551,3 @@ def _open_flow(irm: IrmClient, reply: m.FlowReply, fd: int) -> ByteStream:
 def _drop_flow(irm: IrmClient, reply: m.FlowReply, fd: int) -> None:
     os.close(fd)
     irm.dealloc(reply.flow_id)
-
-
-def install_stop_signals() -> None:
-    def stop(*_: object) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)

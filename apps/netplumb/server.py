@@ -26,7 +26,7 @@ from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import logs
 from proto import messages as m
-from proto.service import notify_ready, serve_until_stopped
+from proto.service import notify_ready, serve_until_stopped, stop_on_signals
 from proto.version import add_version
 
 log = logging.getLogger("netplumbd")
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     irm = default_client()
     daemon = Daemon(cfg, irm)
 
+    stop_on_signals()
     Spare.refill_soon()
     try:
         if args.name:

@@ -8,6 +8,7 @@ its CA store; what it cannot vouch for, the user's own pins decide, here in the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pwd
 import stat
@@ -63,9 +64,17 @@ def _home() -> Path:
 
 
 def known_names_path() -> Path:
-    if env := os.environ.get(KNOWN_NAMES_ENV):
-        return Path(env)
-    return Path(os.environ.get("XDG_CONFIG_HOME") or _home() / ".config") / "ouroboros" / "known_names"
+    env = os.environ
+    return _known_names_path(env.get(KNOWN_NAMES_ENV), env.get("XDG_CONFIG_HOME"), env.get("HOME"), os.geteuid())
+
+
+@functools.lru_cache(maxsize=16)
+def _known_names_path(file: str | None, xdg: str | None, _home_env: str | None, _euid: int) -> Path:
+    """Looked up once per environment and user: every allocation asks (the home's owner is
+    taken to stay who it was for the life of the process)."""
+    if file:
+        return Path(file)
+    return Path(xdg or _home() / ".config") / "ouroboros" / "known_names"
 
 
 class KnownNames:
@@ -76,7 +85,7 @@ class KnownNames:
 
     def pins(self, name: str) -> list[str]:
         try:
-            st = self.path.stat()
+            st = os.stat(self.path)
         except FileNotFoundError:
             return []
         except OSError as e:

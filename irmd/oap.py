@@ -183,7 +183,11 @@ class Oap:
 
     def _files(self, name: str, role: str) -> tuple[SecConfig, Credentials | None]:
         entry = self.reg.names.get(name)
-        enc, crt, key = role_files(name, entry.sec if entry is not None else {}, role, self.base)
+        overrides = entry.sec if entry is not None else {}
+        # Most names have no directory of files here: one access() (no exception raised) says so.
+        if not overrides and not os.access(os.path.join(self.base, role, name), os.F_OK):
+            return NONE, None
+        enc, crt, key = role_files(name, overrides, role, self.base)
         try:
             config = load_enc_conf(enc)
             creds = self.credentials.load(crt, key)

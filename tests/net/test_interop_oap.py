@@ -113,7 +113,7 @@ def echo_with_c(p: Pair, name: str, **kw: object) -> tuple[object, int]:
     """Our flow to C's `oecho --listen` for `name`: (flow.peer, flow.qos.cypher_s) once the echo came back."""
     irm = IrmClient(p.ours.irmd.sock)
     try:
-        with c_alloc(lambda: flow_alloc(name, qos.raw, 20, irm=irm, **kw)) as flow:  # type: ignore[arg-type]
+        with c_alloc(lambda: flow_alloc(name, qos.raw, 10, irm=irm, **kw)) as flow:  # type: ignore[arg-type]
             flow.set_timeout(10)
             flow.write(b"Client says hi!\0")
             assert flow.read() == b"Client says hi!\0"

@@ -353,9 +353,8 @@ class ShimCore:
         fields = {"s_eid": flow.eid, **qos_fields(qos), **offer_fields(Offer(qos.cypher_s, port), reply=False)}
         frame = self.layout.encode(Kind.FLOW_REQ, digest + data, **fields)
         self._add(flow)
-        # A 0.23 peer takes a repeated request as a replay of its OAP: repeat only to peers proven ours
-        # (a configured peer is not, until it answers a HELLO; nor is one that merely answered).
-        ours = self.members.get(addr, 0.0) > 0.0 or addr in self.heard
+        # A 0.23 peer takes a repeated request as a replay of its OAP: repeat only to peers proven ours.
+        ours = self._adopted(addr) or addr in self.heard
         self._allocs[flow.eid] = _Pending(now + timeout, now + ALLOC_RETRY, frame, addr, retry=ours)
         self._send(addr, frame)
         return flow
@@ -623,10 +622,13 @@ class ShimCore:
 
     # -- liveness --------------------------------------------------------------------
 
+    def _adopted(self, addr: Addr) -> bool:
+        """A member that proved itself ours: a configured peer stays at 0.0 until its first proven
+        HELLO, as it may be a 0.23 node, whose answers say nothing of whether it speaks our protocol."""
+        return self.members.get(addr, 0.0) > 0.0
+
     def _touch(self, src: Addr, now: float) -> None:
-        # A configured peer stays at 0.0 until its first proven HELLO: it may be a 0.23 node, whose
-        # answers say nothing of whether it speaks our protocol.
-        if self.members.get(src, 0.0) > 0.0:
+        if self._adopted(src):
             self.members[src] = now
             self.heard[src] = now
         elif src in self.heard:

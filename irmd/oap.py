@@ -22,7 +22,17 @@ from irmd import kex
 from irmd.credentials import CaStore, CredentialError, Credentials, CredentialStore, common_name, load_der, spki
 from irmd.ratelog import RateLog
 from irmd.reg import Registry
-from irmd.secfiles import APP_DEFAULT, CA_DIR, NONE, EncConfError, SecConfig, load_enc_conf, role_files, security_dir
+from irmd.secfiles import (
+    APP_DEFAULT,
+    CA_DIR,
+    NONE,
+    EncConfError,
+    SecConfig,
+    load_enc_conf,
+    role_dir,
+    role_files,
+    security_dir,
+)
 from proto import messages as m
 from proto import oap
 from proto.errors import Busy, error_class
@@ -185,7 +195,7 @@ class Oap:
         entry = self.reg.names.get(name)
         overrides = entry.sec if entry is not None else {}
         # Most names have no directory of files here: one access() (no exception raised) says so.
-        if not overrides and not os.access(os.path.join(self.base, role, name), os.F_OK):
+        if not overrides and not os.access(role_dir(name, role, self.base), os.F_OK):
             return NONE, None
         enc, crt, key = role_files(name, overrides, role, self.base)
         try:

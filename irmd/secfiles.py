@@ -56,9 +56,15 @@ def sec_paths(name: str, overrides: dict[str, str], base: Path | str | None = No
     return {key: overrides.get(key) or os.path.join(root, role, name, file) for key, _, role, file in SEC_FILES}
 
 
+def role_dir(name: str, role: str, base: str) -> str:
+    """Where `name`'s files as a server or a client are, unless irmd.conf names them one by one."""
+    return os.path.join(base, role, name)
+
+
 def role_files(name: str, overrides: dict[str, str], role: str, base: str) -> tuple[str, str, str]:
     """(enc.conf, crt.pem, key.pem) of `name` as a server or a client: what every allocation reads."""
-    enc, crt, key = (overrides.get(f"{role}_{f}_file") or os.path.join(base, role, name, f"{f}.{ext}")
+    where = role_dir(name, role, base)
+    enc, crt, key = (overrides.get(f"{role}_{f}_file") or os.path.join(where, f"{f}.{ext}")
                      for f, ext in (("enc", "conf"), ("crt", "pem"), ("key", "pem")))  # fmt: skip
     return enc, crt, key
 

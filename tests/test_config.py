@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 
 from proto import messages as m
 
@@ -374,22 +374,7 @@ flows_per_uid = 99
 @pytest.mark.timeout(60)
 def test_dns_is_accepted_with_a_warning_as_there_is_no_ddns(irmd: IrmdProc) -> None:
     port = free_port(["127.0.0.1"])
-    irmd.irm_ok(
-        "ipcp",
-        "bootstrap",
-        "name",
-        "u",
-        "type",
-        "udp4",
-        "layer",
-        "udp",
-        "ip",
-        "127.0.0.1",
-        "port",
-        str(port),
-        "dns",
-        "127.0.0.1",
-    )
+    irmd.irm_ok(*udp4_bootstrap("udp", "127.0.0.1", "port", str(port), "dns", "127.0.0.1"))
     irmd.note_children()
     assert "no dynamic DNS here" in irmd.log_text()  # the udp IPCP says so
     assert irmd.table("ipcp", "list")[0]["state"] == "operational"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 
 import flowlib.irm
 from apps.ibp import wire as w
@@ -132,20 +132,7 @@ def run_depot(d: Path, mp: pytest.MonkeyPatch, *extra: str, shared_layer: bool =
     mp.setattr(flowlib.irm, "_default", None)
     try:
         if shared_layer:
-            irmd.irm_ok(
-                "ipcp",
-                "bootstrap",
-                "type",
-                "udp4",
-                "name",
-                "u",
-                "layer",
-                "lan",
-                "ip",
-                "127.0.0.1",
-                "port",
-                str(free_port(["127.0.0.1"])),
-            )
+            irmd.irm_ok(*udp4_bootstrap("lan", "127.0.0.1", "port", str(free_port(["127.0.0.1"]))))
         else:
             irmd.request(m.IpcpBootstrap("lo", "local", "local"))
         irmd.note_children()

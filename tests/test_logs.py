@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 
 from proto import logs
 
@@ -138,41 +138,11 @@ def test_the_two_irmd_quickstart_logs_no_warning(tmp_path: Path) -> None:
     a = start_irmd(tmp_path, "a")
     b = start_irmd(tmp_path, "b")
     try:
-        a.irm_ok(
-            "ipcp",
-            "bootstrap",
-            "name",
-            "udp-a",
-            "type",
-            "udp4",
-            "layer",
-            "udp",
-            "ip",
-            "127.0.0.1",
-            "port",
-            port,
-            "peer",
-            "127.0.0.2",
-        )
+        a.irm_ok(*udp4_bootstrap("udp", "127.0.0.1", "port", port, "peer", "127.0.0.2", name="udp-a"))
         a.irm_ok("ipcp", "bootstrap", "name", "net-a", "type", "unicast", "layer", "net", "autobind")
         a.irm_ok("bind", "program", "oping", "name", "pong", "auto", "--", "-l")
         a.irm_ok("name", "register", "pong", "layer", "net")
-        b.irm_ok(
-            "ipcp",
-            "bootstrap",
-            "name",
-            "udp-b",
-            "type",
-            "udp4",
-            "layer",
-            "udp",
-            "ip",
-            "127.0.0.2",
-            "port",
-            port,
-            "peer",
-            "127.0.0.1",
-        )
+        b.irm_ok(*udp4_bootstrap("udp", "127.0.0.2", "port", port, "peer", "127.0.0.1", name="udp-b"))
         b.irm_ok("ipcp", "enroll", "name", "net-b", "type", "unicast", "layer", "net", "autobind")
         b.irm_ok("ipcp", "connect", "name", "net-b", "dst", "net-a")
         a.note_children()

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import IrmdProc, children_of, free_port, pid_alive, start_irmd, stop_irmd, wait_for
+from helpers import IrmdProc, children_of, free_port, pid_alive, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 
 from flowlib.errors import FlowError
 from flowlib.flow import flow_alloc
@@ -186,21 +186,7 @@ class Cluster:
         for h in hosts:
             extra = ([] if h.ip == first else ["peer", first]) + (["impair", impair] if impair else [])
             if cli:
-                h.irm_ok(
-                    "ipcp",
-                    "bootstrap",
-                    "type",
-                    "udp4",
-                    "name",
-                    "u",
-                    "layer",
-                    UDP_LAYER,
-                    "ip",
-                    h.ip,
-                    "port",
-                    str(self.port),
-                    *extra,
-                )
+                h.irm_ok(*udp4_bootstrap(UDP_LAYER, h.ip, "port", str(self.port), *extra))
             else:
                 conf = {"ip": h.ip, "port": str(self.port)} | ({"peer": first} if h.ip != first else {})
                 conf |= {"impair": impair} if impair else {}

@@ -84,24 +84,26 @@ class Lab:
         with open(self.auth, "a") as f:
             f.write(f"{options + ' ' if options else ''}{c.public_line}\n")
 
+    def daemon_argv(self, recipes: Path | None = None) -> list[str]:
+        """netplumbd with the lab's keys and recipes (or `recipes`)."""
+        return [
+            str(BIN / "netplumbd"),
+            "--authorized-keys",
+            str(self.auth),
+            "--host-key",
+            str(self.root / "server" / "host_key"),
+            "--recipe-dir",
+            str(recipes or self.recipes),
+        ]
+
+    def start_refused(self, recipes: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """netplumbd started as `daemon_argv` and run to its end, which a bad file makes quick."""
+        return subprocess.run(self.daemon_argv(recipes), env=self.env(), capture_output=True, text=True, timeout=30)
+
     def start(self, *args: str) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [
-                    str(BIN / "netplumbd"),
-                    "--name",
-                    "host2",
-                    "--layer",
-                    "local",
-                    "--authorized-keys",
-                    str(self.auth),
-                    "--host-key",
-                    str(self.root / "server" / "host_key"),
-                    "--recipe-dir",
-                    str(self.recipes),
-                    "-v",
-                    *args,
-                ],
+                [*self.daemon_argv(), "--name", "host2", "--layer", "local", "-v", *args],
                 env=self.env(),
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -150,6 +150,22 @@ reg = ["pong{i}"]
         stop_irmd(a)
 
 
+def _boot(tmp_path: Path, file: str, config: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """An irmd started on `config` (a TOML text, in `file`), run to its end: how it ended, and its
+    socket's path."""
+    conf = tmp_path / file
+    conf.write_text(config)
+    sock = tmp_path / "irmd.sock"
+    r = subprocess.run(
+        [str(BIN / "irmd"), "--sock", str(sock), "--config", str(conf)],
+        env=irmd_env(sock),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return r, sock
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("text", "words"),
@@ -165,16 +181,7 @@ reg = ["pong{i}"]
     ],
 )
 def test_a_bad_config_stops_the_boot_naming_file_and_table(tmp_path: Path, text: str, words: list[str]) -> None:
-    bad = tmp_path / "bad.toml"
-    bad.write_text(text)
-    sock = tmp_path / "irmd.sock"
-    r = subprocess.run(
-        [str(BIN / "irmd"), "--sock", str(sock), "--config", str(bad)],
-        env=irmd_env(sock),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r, sock = _boot(tmp_path, "bad.toml", text)
     assert r.returncode == 1
     for word in words:
         assert word in r.stderr, r.stderr
@@ -183,16 +190,9 @@ def test_a_bad_config_stops_the_boot_naming_file_and_table(tmp_path: Path, text:
 
 @pytest.mark.timeout(60)
 def test_a_config_that_fails_when_applied_stops_the_irmd_and_its_ipcps(tmp_path: Path) -> None:
-    bad = tmp_path / "late.toml"
     # Only running it shows that this host has no such address to bind.
-    bad.write_text("[local.lo]\nbootstrap = 'l'\n\n[udp4.u]\nbootstrap = 'u'\nip = '192.0.2.1'\n")
-    sock = tmp_path / "irmd.sock"
-    r = subprocess.run(
-        [str(BIN / "irmd"), "--sock", str(sock), "--config", str(bad)],
-        env=irmd_env(sock),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    r, sock = _boot(
+        tmp_path, "late.toml", "[local.lo]\nbootstrap = 'l'\n\n[udp4.u]\nbootstrap = 'u'\nip = '192.0.2.1'\n"
     )
     assert r.returncode == 1
     assert "[udp4.u]" in r.stderr and "cannot bind 192.0.2.1" in r.stderr, r.stderr

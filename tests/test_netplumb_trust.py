@@ -117,21 +117,7 @@ def test_netplumbd_refuses_a_recipe_directory_others_control() -> None:
         loose = lab.root / "loose"
         loose.mkdir(mode=0o755)
         for d, why in ((theirs, f"owner uid {NOBODY}"), (loose, "mode 0755")):
-            r = subprocess.run(
-                [
-                    str(BIN / "netplumbd"),
-                    "--authorized-keys",
-                    str(lab.auth),
-                    "--host-key",
-                    str(lab.root / "server" / "host_key"),
-                    "--recipe-dir",
-                    str(d),
-                ],
-                env=lab.env(),
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            r = lab.start_refused(d)
             assert r.returncode == 1 and f"recipe directory {d}" in r.stderr and why in r.stderr, r.stderr
         lab.start()  # its own, made private: fine
         alice = lab.client("alice")
@@ -276,21 +262,7 @@ def test_an_authorized_keys_others_may_write_is_refused(lab: Lab) -> None:
 def test_netplumbd_refuses_to_start_with_loose_authorized_keys() -> None:
     with running_lab(args=None) as lab:
         os.chmod(lab.auth, 0o646)
-        r = subprocess.run(
-            [
-                str(BIN / "netplumbd"),
-                "--authorized-keys",
-                str(lab.auth),
-                "--host-key",
-                str(lab.root / "server" / "host_key"),
-                "--recipe-dir",
-                str(lab.recipes),
-            ],
-            env=lab.env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        r = lab.start_refused()
         assert r.returncode == 1 and f"{lab.auth}: mode 0646 is writable by group or others" in r.stderr
 
 

@@ -107,6 +107,19 @@ def c_alloc(alloc: Callable[[], T]) -> T:
     return alloc()
 
 
+C_ALLOC_FAILED = ("did not answer", "Failed to allocate flow")  # a tool's words for it, ours and C's
+
+
+def c_tries(run: Callable[[], subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
+    """A tool's run to or from a C node, three times in all while its flow was not allocated: the
+    same C 0.23 timeouts and races under load as for c_alloc, seen in the tool's output."""
+    for _ in range(2):
+        r = run()
+        if not any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED):
+            return r
+    return run()
+
+
 @dataclasses.dataclass
 class CNode:
     """A C irmd in a network namespace, in a mount namespace of its own."""
@@ -273,7 +286,7 @@ def received(out: str, count: int) -> bool:
 def test_our_oping_reaches_a_c_oping_server(pair: Pair, q: str) -> None:
     udp_layer(pair)
     pair.c_serve("c-pong", "oping", "--listen")
-    r = pair.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", "-q", q, timeout=60)
+    r = c_tries(lambda: pair.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", "-q", q, timeout=60))
     assert received(r.stdout, 3), r.stdout + r.stderr + pair.logs()
 
 
@@ -281,21 +294,21 @@ def test_our_oping_reaches_a_c_oping_server(pair: Pair, q: str) -> None:
 def test_a_c_oping_reaches_ours(pair: Pair, q: str) -> None:
     udp_layer(pair)
     pair.serve("py-pong", "oping", "--listen")
-    r = pair.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", "-q", q, timeout=60)
+    r = c_tries(lambda: pair.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", "-q", q, timeout=60))
     assert received(r.stdout, 3), r.stdout + r.stderr + pair.logs()
 
 
 def test_our_oecho_reaches_a_c_oecho_server(pair: Pair) -> None:
     udp_layer(pair)
     pair.c_serve("oecho", "oecho", "--listen")
-    r = pair.ours.irmd.run("oecho", timeout=60)
+    r = c_tries(lambda: pair.ours.irmd.run("oecho", timeout=60))
     assert r.returncode == 0 and "Server replied with Client says hi!" in r.stdout, r.stdout + r.stderr + pair.logs()
 
 
 def test_a_c_oecho_reaches_ours(pair: Pair) -> None:
     udp_layer(pair)
     pair.serve("oecho", "oecho", "--listen")
-    r = pair.c.run("oecho", timeout=60)
+    r = c_tries(lambda: pair.c.run("oecho", timeout=60))
     assert "Server replied with Client says hi!" in r.stdout, r.stdout + r.stderr + pair.logs()
 
 
@@ -303,7 +316,7 @@ def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
     udp_layer(pair)
     out = pair.c_spawn("c-operf", "operf", "--listen", bind="c-perf")
     pair.c.ok("irm", "name", "reg", "c-perf", "layer", LAYER)
-    r = pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60)
+    r = c_tries(lambda: pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60))
     wait_for(
         lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text())) >= 500,
         10,
@@ -315,7 +328,7 @@ def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
 def test_a_c_operf_reaches_ours(pair: Pair) -> None:
     udp_layer(pair)
     pair.serve("py-perf", "operf", "--listen")
-    r = pair.c.run("operf", "-n", "py-perf", "-t", "bi", "-d", "1s", "-s", "500", timeout=60)
+    r = c_tries(lambda: pair.c.run("operf", "-n", "py-perf", "-t", "bi", "-d", "1s", "-s", "500", timeout=60))
     # 0.23's operf client allocates, sends its test configuration and (a bug of 0.23) no packets.
     assert "Doing a bidirectional test." in r.stdout and "Test finished." in r.stdout, r.stdout + r.stderr
     assert "Failed" not in r.stdout + r.stderr, r.stdout + r.stderr + pair.logs()
@@ -393,7 +406,7 @@ def test_oping_both_ways_over_ethernet(pair: Pair, kind: str) -> None:
     pair.ours.irmd.irm_ok("ipcp", "bootstrap", "type", kind, "name", "e", "layer", "eth", "dev", pair.ours.dev)
     pair.c_serve("c-pong", "oping", "--listen", layer="eth")
     pair.serve("py-pong", "oping", "--listen", layer="eth")
-    r = pair.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", timeout=60)
+    r = c_tries(lambda: pair.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", timeout=60))
     assert received(r.stdout, 3), "ours -> C: " + r.stdout + r.stderr + pair.logs()
-    r = pair.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", timeout=60)
+    r = c_tries(lambda: pair.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", timeout=60))
     assert received(r.stdout, 3), "C -> ours: " + r.stdout + r.stderr + pair.logs()

@@ -281,8 +281,9 @@ while True:
     except Exception as e:
         print(json.dumps({"event": type(e).__name__}), flush=True)
         continue
-    f.write(b"got " + data)
+    # Said before the answer: the test stops this process once the answer came.
     print(json.dumps({"read": data.decode(), "cypher_s": f.qos.cypher_s}), flush=True)
+    f.write(b"got " + data)
 """
 
 

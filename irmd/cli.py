@@ -12,16 +12,14 @@ import json
 import os
 import shutil
 import sys
-import tomllib
 from typing import Any
 
-from irmd.reg.ipcp import is_pattern, wildcard_match
 from irmd.secfiles import IRM_WORDS
 from irmd.usage import USAGE
 from proto import messages as m
 from proto.control import open_channel, request_all
 from proto.errors import FlowError
-from proto.names import IPCP_TYPES, LB_POLICIES
+from proto.names import IPCP_TYPES, LB_POLICIES, is_pattern, wildcard_match
 from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, did_you_mean, text
 from proto.version import text as version_text
 from transports.wire import Message
@@ -342,6 +340,8 @@ def as_json(msg: Message, reply: Message) -> str:
     elif isinstance(reply, m.IpcpInfo):
         data = {s.name: [dict(zip(s.columns, row, strict=False)) for row in s.rows] for s in reply.sections}
     elif isinstance(reply, m.Text) and isinstance(msg, m.Dump) and msg.what == "config":
+        import tomllib  # only `irm dump` reads TOML: not loaded at every start
+
         data = tomllib.loads(reply.text)
     elif isinstance(reply, m.Text) and isinstance(msg, m.Dump) and msg.what == "json":
         return reply.text

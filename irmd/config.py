@@ -19,13 +19,12 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from irmd.cli import UsageError
 from irmd.limits import LimitError, Limits
 from irmd.secfiles import SEC_KEYS
 from proto import messages as m
 from proto.errors import AlreadyExists, FlowError, NotFound
 from proto.names import LB_POLICIES
-from proto.options import bootstrap_conf, did_you_mean
+from proto.options import OptionError, bootstrap_conf, did_you_mean
 from transports.unix import TrustError, read_trusted
 from transports.wire import Message
 
@@ -212,7 +211,7 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
         raise ConfigError(f"{where}: give one of bootstrap=, enrol= and join=")
     try:
         conf = bootstrap_conf(kind, {k: _words(v, f"{where} {k}") for k, v in options.items()}, IPCP_KEYS)
-    except UsageError as e:
+    except OptionError as e:
         raise ConfigError(f"{where}: {e}") from None
     steps: list[Step] = []
     if enrol is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import logging
 import os
 import resource
@@ -21,6 +20,7 @@ from irmd.limits import LimitError, Limits, option_values
 from irmd.spawn import Output
 from proto import logs
 from proto.service import notify_ready
+from proto.version import ours
 from transports.unix import TrustError, irmd_sock_path, make_sock_dir
 
 log = logging.getLogger("irmd")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         sys.exit(0)
     if args.version:
-        print(f"Ouroboros version {VERSION} (ouroboros-py {_our_version()})")
+        print(f"Ouroboros version {VERSION} (ouroboros-py {ours()})")
         sys.exit(0)
     if args.check_config is not None:
         sys.exit(check_config(Path(args.check_config)))
@@ -156,10 +156,3 @@ def check_config(path: Path) -> int:
     ipcps, names = boot.ipcps, boot.names
     print(f"{path}: fine ({len(ipcps)} IPCP{'s' * (len(ipcps) != 1)}, {len(names)} name{'s' * (len(names) != 1)})")
     return 0
-
-
-def _our_version() -> str:
-    try:
-        return importlib.metadata.version("ouroboros-py")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

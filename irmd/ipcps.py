@@ -14,7 +14,6 @@ from irmd import spawn, views
 from irmd.identity import proc_start
 from irmd.programs import STOP_GRACE, kill
 from irmd.reg import Ipcp, Name, ProcBinding
-from irmd.reg.ipcp import is_pattern
 from proto import messages as m
 from proto.errors import (
     AlreadyExists,
@@ -28,7 +27,7 @@ from proto.errors import (
     ProtocolError,
     error_class,
 )
-from proto.names import DIGESTS, IPCP_TYPES, check_name, name_hash
+from proto.names import DIGESTS, IPCP_TYPES, check_name, is_pattern, name_hash
 from transports.channel import ChannelClosed, RemoteError
 from transports.unix import close_fds
 from transports.wire import Message

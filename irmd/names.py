@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 from irmd import policy, state, views
 from irmd.identity import proc_start, proc_uids, program_of
 from irmd.reg import Ipcp, Name, ProcBinding
-from irmd.reg.ipcp import is_pattern
 from irmd.secfiles import check_sec
 from proto import messages as m
 from proto.errors import AlreadyExists, FlowError, InvalidArgument, NotFound
-from proto.names import check_name
+from proto.names import check_name, is_pattern
 
 log = logging.getLogger("irmd")
 

@@ -4,12 +4,15 @@ Ouroboros whose interfaces (wire formats, irm grammar, tool options) it follows.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import sys
+from typing import Any
 
 OUROBOROS = "0.23.0"
 
 
 def ours() -> str:
+    import importlib.metadata  # ~9 ms to import: only when a version is printed, not at every tool's start
+
     try:
         return importlib.metadata.version("ouroboros-py")
     except importlib.metadata.PackageNotFoundError:
@@ -20,6 +23,14 @@ def text(prog: str) -> str:
     return f"{prog} (ouroboros-py {ours()}, Ouroboros {OUROBOROS})"
 
 
+class _Version(argparse.Action):
+    """argparse's "version" action, the text worked out when --version is given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None) -> None:
+        sys.stdout.write(text(parser.prog) + "\n")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 def add_version(parser: argparse.ArgumentParser) -> None:
     """--version: print the version and exit 0."""
-    parser.add_argument("--version", action="version", version=text(parser.prog), help="print the version and exit")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")

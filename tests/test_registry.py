@@ -11,10 +11,10 @@ import pytest
 from irmd.identity import Peer, Program
 from irmd.reg import Acceptor, FlowEvent, FlowState, IllegalFlowTransition, Ipcp, ProcBinding, Registry, prog_key
 from irmd.reg.flow import TRANSITIONS, next_state, try_next_layer, worse
-from irmd.reg.ipcp import by_preference, settled, wildcard_match
+from irmd.reg.ipcp import by_preference, settled
 from irmd.reg.name import Name
 from proto.errors import Busy, InvalidArgument, NotFound
-from proto.names import check_name, name_hash
+from proto.names import check_name, name_hash, wildcard_match
 
 IRMD_UID = 4242  # the IRMd's own user in these tests: not root, not the users below
 USER, OTHER = 1000, 1001

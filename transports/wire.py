@@ -67,15 +67,13 @@ class Codec:
 
     def __init__(self) -> None:
         self._types: dict[int, type[Message]] = {}
-        self._hints: dict[type[Message], dict[str, Any]] = {}
         self.register(Error)
 
     def register(self, cls: M) -> M:
         code = cls.TYPE
         if not 0 < code < 0x10000 or code in self._types:
             raise ValueError(f"{cls.__name__}: bad or duplicate TYPE {code}")
-        self._types[code] = cls
-        self._hints[cls] = typing.get_type_hints(cls)
+        self._types[code] = cls  # its field types are resolved at its first decoding: a tool decodes a few
         return cls
 
     @property
@@ -121,7 +119,7 @@ class Codec:
             raise WireError(f"{cls.__name__}: {e}") from None
 
     def _build(self, cls: type[Message], raw: dict[str, Any]) -> Message:
-        hints = self._hints[cls]
+        hints = _hints_of(cls)
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if f.name not in raw:
@@ -203,11 +201,6 @@ class PackedCodec(Codec):
         self._decoder = msgspec.msgpack.Decoder()  # untyped: the shape check comes between
         super().__init__()
 
-    def register(self, cls: M) -> M:
-        super().register(cls)
-        self._shapes[cls] = _Shape.of(cls)
-        return cls
-
     def _body(self, msg: Message) -> bytes:
         try:
             return self._encoder.encode(msg)
@@ -222,7 +215,9 @@ class PackedCodec(Codec):
             raise WireError(f"{name}: body is not MessagePack: {e}") from None
         if not isinstance(raw, dict):
             raise WireError(f"{name}: body is not an object")
-        self._shapes[cls].check(raw, name)
+        if (shape := self._shapes.get(cls)) is None:
+            shape = self._shapes[cls] = _Shape.of(cls)
+        shape.check(raw, name)
         try:
             # bytes are MessagePack's own: no base64 text taken for them
             msg: Message = msgspec.convert(raw, cls, builtin_types=(bytes,))

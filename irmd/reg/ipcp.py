@@ -56,27 +56,6 @@ def by_preference(ipcps: Iterable[Ipcp]) -> list[Ipcp]:
     return sorted(ipcps, key=lambda i: (i.rank, i.seq))
 
 
-def wildcard_match(pattern: str, text: str) -> bool:
-    """Does `text` match `pattern`, where * stands for any run of characters (nothing else is special,
-    as in the irm tool's patterns for IPCP and layer names)?"""
-    parts = pattern.split("*")
-    if len(parts) == 1:
-        return pattern == text
-    if not text.startswith(parts[0]) or not text.endswith(parts[-1]) or len(text) < len(parts[0]) + len(parts[-1]):
-        return False
-    at, end = len(parts[0]), len(text) - len(parts[-1])
-    for part in parts[1:-1]:
-        found = text.find(part, at, end)
-        if found < 0:
-            return False
-        at = found + len(part)
-    return True
-
-
-def is_pattern(name: str) -> bool:
-    return "*" in name
-
-
 def settled(hits: Iterable[Ipcp], pending: Iterable[Ipcp]) -> bool:
     """Need we wait for the IPCPs still `pending` to answer a query? Not once one that answered
     yes ranks before every one of them: none of them would be tried first."""

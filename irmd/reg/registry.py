@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 from irmd.identity import Peer, Program, proc_start
 from irmd.reg.flow import Flow
-from irmd.reg.ipcp import Ipcp, by_preference, wildcard_match
+from irmd.reg.ipcp import Ipcp, by_preference
 from irmd.reg.name import LB_IMPLICIT, Name, ProcBinding, ProgBinding, lb_pick, prog_key
 from irmd.reg.proc import Acceptor, may_accept, runs_bound_program
 from proto.errors import Busy, InvalidArgument, NotFound
-from proto.names import LB_POLICIES, check_name, name_hash
+from proto.names import LB_POLICIES, check_name, name_hash, wildcard_match
 
 
 class Registry:

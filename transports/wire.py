@@ -67,13 +67,14 @@ class Codec:
 
     def __init__(self) -> None:
         self._types: dict[int, type[Message]] = {}
+        self._hints: dict[type[Message], dict[str, Any]] = {}  # filled at each type's first decoding
         self.register(Error)
 
     def register(self, cls: M) -> M:
         code = cls.TYPE
         if not 0 < code < 0x10000 or code in self._types:
             raise ValueError(f"{cls.__name__}: bad or duplicate TYPE {code}")
-        self._types[code] = cls  # its field types are resolved at its first decoding: a tool decodes a few
+        self._types[code] = cls  # field types are resolved when first decoded: a process decodes few types
         return cls
 
     @property
@@ -119,7 +120,8 @@ class Codec:
             raise WireError(f"{cls.__name__}: {e}") from None
 
     def _build(self, cls: type[Message], raw: dict[str, Any]) -> Message:
-        hints = _hints_of(cls)
+        if (hints := self._hints.get(cls)) is None:
+            hints = self._hints[cls] = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if f.name not in raw:

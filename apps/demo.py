@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-10:]), flush=True)
             for step in [] if failed else STEPS:
                 print(f"\n$ {step}", flush=True)
-                if subprocess.run(["sh", "-c", step], env=env, timeout=60).returncode != 0:
+                # stdin /dev/null: the demo takes no input, and a step that forwards stdin (plumb)
+                # would take what the user types next
+                if subprocess.run(["sh", "-c", step], env=env, stdin=subprocess.DEVNULL, timeout=60).returncode:
                     failed = True
                     print(f"demo: step failed: {step}", flush=True)
         finally:

@@ -6,13 +6,15 @@ begins; every command is one small function that turns parsed words into one con
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import json
 import os
 import shutil
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from irmd.secfiles import IRM_WORDS
 from irmd.usage import USAGE
@@ -183,6 +185,10 @@ def ipcp_list(args: list[str]) -> Message:
     return m.IpcpList(w.one("name"), w.one("layer"), w.one("type"))
 
 
+# Where `bind program` looks for a program: $PATH, or the PATH of the command run() was given
+SEARCH_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("SEARCH_PATH", default=None)
+
+
 def _bind(kind: str, bind: bool, args: list[str]) -> Message:
     """`irm bind KIND TARGET name N ...` (and unbind): KIND is program, process or ipcp."""
     if not args:
@@ -192,7 +198,7 @@ def _bind(kind: str, bind: bool, args: list[str]) -> Message:
     if kind == "program":  # one in $PATH, else a file here as 0.23's realpath() finds it (that
         # one first there: here a file in the current directory never shadows a program in $PATH)
         here = os.path.isfile(target) and os.access(target, os.X_OK)
-        found = shutil.which(target) or (target if here else None)
+        found = shutil.which(target, path=SEARCH_PATH.get()) or (target if here else None)
         if found is None and bind:
             raise UsageError(f'program "{target}" not found (not executable or not in PATH)')
         target = os.path.abspath(found or target)
@@ -377,43 +383,63 @@ def render(table: m.Table, empty: str = "(none)") -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, want_json = split_json(sys.argv[1:] if argv is None else argv)
+def run(
+    argv: list[str],
+    sock: Path | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    timeout: float = 60,
+    path: str | None = None,
+) -> int:
+    """One irm command: its output written to `out` and `err` (stdout, stderr), its exit status
+    returned; the IRMd at `sock` (default: where OUROBOROS_SOCK or the system's says), given `timeout`
+    s to answer; programs to bind looked for in `path` (default: $PATH)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    SEARCH_PATH.set(path)
+    args, want_json = split_json(argv)
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE[()], end="")
-        sys.exit(0 if args else 2)
+        out.write(USAGE[()])
+        return 0 if args else 2
     if args[0] == "--version":
-        print(version_text("irm"))
-        sys.exit(0)
+        out.write(version_text("irm") + "\n")
+        return 0
     try:
         msg = parse(args)
         if want_json and isinstance(msg, m.Dump) and msg.what != "config":
             msg = m.Dump("json")  # the graph as data
     except HelpAsked as e:
-        print(USAGE[e.path], end="")
-        sys.exit(0)
+        out.write(USAGE[e.path])
+        return 0
     except UsageError as e:
-        print(f"irm: {e}", file=sys.stderr)
-        print(USAGE[getattr(e, "path", ())], end="")
-        sys.exit(2)
+        err.write(f"irm: {e}\n")
+        out.write(USAGE[getattr(e, "path", ())])
+        return 2
     try:
-        channel = open_channel()
+        channel = open_channel(sock)
         try:
-            reply = request_all(channel, msg, timeout=60)
+            reply = request_all(channel, msg, timeout=timeout)
         finally:
             channel.close()
     except FlowError as e:
-        print(f"irm: {e}", file=sys.stderr)
-        sys.exit(1)
+        err.write(f"irm: {e}\n")
+        return 1
+    if want_json:
+        out.write(as_json(msg, reply))
+    elif isinstance(reply, m.Table):
+        out.write(render(reply, EMPTY.get(type(msg), "(none)")) + "\n")
+    elif isinstance(reply, m.Text):
+        out.write(reply.text)
+    elif isinstance(reply, m.IpcpInfo):
+        out.write(render_info(reply) + "\n")
+    # Done is said by the exit status alone, as Ouroboros's irm does.
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        if want_json:
-            print(as_json(msg, reply), end="")
-        elif isinstance(reply, m.Table):
-            print(render(reply, EMPTY.get(type(msg), "(none)")))
-        elif isinstance(reply, m.Text):
-            print(reply.text, end="")
-        elif isinstance(reply, m.IpcpInfo):
-            print(render_info(reply))
-        # Done is said by the exit status alone, as Ouroboros's irm does.
+        code = run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
     except BrokenPipeError:  # irm ... | head
         sys.stderr.close()
+        code = 0
+    sys.exit(code)

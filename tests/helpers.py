@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from irm_runner import RUNNER
+
 from flowlib.errors import NameNotFound
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient, call, open_channel
@@ -89,8 +91,10 @@ class IrmdProc:
         return self.proc.pid
 
     def irm(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """Run the irm CLI against this irmd."""
-        return subprocess.run([str(BIN / "irm"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        """Run an irm command against this irmd: the irm tool's own code, in the worker's irm runner
+        (tests/irm_runner.py); the tool as a program is run by the tests of its process (test_tools,
+        the documents, the tutorials)."""
+        return RUNNER.run(list(args), self.sock, self.env.get("PATH"), timeout)
 
     def request(self, msg: Message) -> Message:
         """Send one control request straight to the irmd (what irm does, without a process)."""

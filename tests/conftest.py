@@ -7,6 +7,7 @@ exited cleanly, removed its socket and left none of its children behind.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -36,6 +37,29 @@ _raise_nofile()
 # tests (xdist workers, IRMds) a slow example is load, not a bug. Every test has a timeout.
 settings.register_profile("shared-cpus", deadline=None)
 settings.load_profile("shared-cpus")
+
+# The tests' order, for the workers to finish together: longest first (seconds from a full run, in
+# durations.json; a test not listed is short). Tests sharing a module-scoped fixture (a lab of daemons)
+# form one xdist_group, run on one worker as one unit; with --dist loadgroup --no-loadscope-reorder a
+# free worker takes the next unit in this order.
+DURATIONS = json.loads((Path(__file__).parent / "durations.json").read_text())
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist appends the group to the node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def unit(item: pytest.Item) -> str:
+        group = item.get_closest_marker("xdist_group")
+        return f"@{group.args[0] if group.args else group.kwargs['name']}" if group else item.nodeid
+
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = defs is not None and any(d[-1].scope == "module" for d in defs.name2fixturedefs.values())
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    seconds: dict[str, float] = {}
+    for item in items:
+        seconds[unit(item)] = seconds.get(unit(item), 0.0) + DURATIONS.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -seconds[unit(item)])  # stable: a unit's tests stay in their order
 
 
 @pytest.fixture

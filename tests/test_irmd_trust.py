@@ -278,7 +278,8 @@ def test_users_see_their_own_flows_and_names_and_nobody_sees_a_layer_key(host: I
     dump = host.irm_ok("dump", "config").stdout
     assert "s3cret-k3y" not in dump and "[unicast.n1] key: a secret, never dumped" in dump and "[name.echo]" in dump
     holder = subprocess.Popen([*AS_NOBODY, "sleep", "60"])
-    try:
+    try:  # the binding is the user's the process runs as: once setpriv has become nobody
+        wait_for(lambda: os.stat(f"/proc/{holder.pid}").st_uid == 65534, 10, "the holder to run as nobody")
         host.irm_ok("bind", "process", str(holder.pid), "name", "nobodys")
         theirs = nobody_irm(host, "dump", "config").stdout
         assert "s3cret-k3y" not in theirs and "[name.nobodys]" in theirs and "echo" not in theirs

@@ -12,12 +12,26 @@ import itertools
 import os
 import struct
 import threading
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+if TYPE_CHECKING:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+
+def _load_cryptography() -> None:
+    """cryptography's primitives, imported by the first encrypted flow: ~10 ms that every process
+    starting without one (most IPCPs and tools) does not spend."""
+    global InvalidTag, hashes, Cipher, algorithms, modes, AESGCM, ChaCha20Poly1305, HKDF
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 
 CYPHER_S = 256  # the qos cypher_s that asks for an encrypted flow
 KEY_SIZE = 32
@@ -58,7 +72,8 @@ class _Ctr:
     decrypt = encrypt
 
 
-Aead = AESGCM | ChaCha20Poly1305 | _Ctr
+if TYPE_CHECKING:
+    Aead = AESGCM | ChaCha20Poly1305 | _Ctr
 
 
 def _aead(cipher: int, key: bytes) -> Aead:
@@ -88,6 +103,7 @@ class PacketCrypto:
             raise ValueError(f"cipher NID {cipher} is not one flows use")
         if len(key) != KEY_SIZE:
             raise ValueError(f"flow key of {len(key)} bytes: {KEY_SIZE} expected")
+        _load_cryptography()
         self.cipher = cipher
         self.ivsz, self.tagsz, _ = CIPHERS[cipher]
         self.overhead = self.ivsz + self.tagsz

@@ -16,10 +16,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from irmd import kex
-from irmd.credentials import CaStore, CredentialError, Credentials, CredentialStore, common_name, load_der, spki
 from irmd.ratelog import RateLog
 from irmd.reg import Registry
 from irmd.secfiles import (
@@ -38,6 +36,12 @@ from proto import oap
 from proto.errors import Busy, error_class
 from proto.oap import EAUTH, ECRYPT, OapError
 from proto.qos import QosSpec
+
+# Key exchange and certificates (cryptography, ~25 ms to import) load with the first name that has
+# security files or the first encrypted flow, not at every IRMd's start.
+if TYPE_CHECKING:
+    from irmd import kex
+    from irmd.credentials import CaStore, Credentials, CredentialStore
 
 log = logging.getLogger("irmd.oap")
 
@@ -181,12 +185,22 @@ class Oap:
         self.base = str(base or security_dir())
         self.clock = clock  # CLOCK_REALTIME in ns, as the timestamps on the wire
         self.replay = oap.ReplayCache()
-        self.credentials = CredentialStore()
+        self._credentials: CredentialStore | None = None
         self._ca: CaStore | None = None
         self.startups = startups or Startups.from_env()
 
     @property
+    def credentials(self) -> CredentialStore:
+        from irmd.credentials import CredentialStore
+
+        if self._credentials is None:
+            self._credentials = CredentialStore()
+        return self._credentials
+
+    @property
     def ca(self) -> CaStore:
+        from irmd.credentials import CaStore
+
         if self._ca is None:
             self._ca = CaStore(Path(self.base) / CA_DIR)
         return self._ca
@@ -197,6 +211,9 @@ class Oap:
         # Most names have no directory of files here: one access() (no exception raised) says so.
         if not overrides and not os.access(role_dir(name, role, self.base), os.F_OK):
             return NONE, None
+        from irmd import kex
+        from irmd.credentials import CredentialError
+
         enc, crt, key = role_files(name, overrides, role, self.base)
         try:
             config = load_enc_conf(enc)
@@ -212,6 +229,9 @@ class Oap:
         it chains to our CA store: (b"", False) for an anonymous peer."""
         if not hdr.crt:
             return b"", False
+        from irmd import kex
+        from irmd.credentials import common_name, load_der, spki
+
         crt = load_der(hdr.crt)
         kex.verify(crt.public_key(), hdr.md_nid, hdr.signed, hdr.sig)
         try:
@@ -235,10 +255,10 @@ class Oap:
             if qos.cypher_s and not config.encrypt:
                 config = APP_DEFAULT  # the application asks for encryption; its enc.conf does not
             config = _at_least(config, qos.cypher_s)
-            key = kex.keypair(config.kex) if config.encrypt else None
+            key, public = _ephemeral(config)
             raw = oap.encode(os.urandom(oap.ID_SIZE), self.clock(), cipher_nid=config.cipher, kdf_nid=config.kdf,
                              md_nid=config.md, crt=creds.der if creds else b"",
-                             kex=kex.public_der(key) if key else b"", data=oap.SEQ_IV if key else b"",
+                             kex=public, data=oap.SEQ_IV if key else b"",
                              sign=_signer(creds, config.md))  # fmt: skip
         except OapError as e:
             log.error("flow to %s: %s", name, e.reason)
@@ -265,7 +285,7 @@ class Oap:
             if not peer_crt and attempt.expect:
                 raise OapError(EAUTH, f"{attempt.name!r} must prove itself ({attempt.expect}), but its peer "
                                       f"presented no certificate")  # fmt: skip
-            if peer_crt and (cn := common_name(load_der(peer_crt))) != attempt.name:
+            if peer_crt and (cn := _common_name(peer_crt)) != attempt.name:
                 raise OapError(EAUTH, f"the peer's certificate is for {cn!r}, not {attempt.name!r}")
             outcome = Outcome(peer_crt=peer_crt, peer_ca=peer_ca)
             if attempt.key is not None:
@@ -289,6 +309,8 @@ class Oap:
             if oap.rank(oap.DIGEST_RANK, rsp.kdf_nid) < oap.rank(oap.DIGEST_RANK, kdf):
                 raise OapError(ECRYPT, f"the peer's KDF {oap.DIGESTS[rsp.kdf_nid][0]} is weaker than ours")
             kdf = rsp.kdf_nid
+        from irmd import kex
+
         key = kex.derive(attempt.key, rsp.kex, kdf)
         return dataclasses.replace(outcome, cipher=rsp.cipher_nid, key=key, seq_iv=rsp.data == oap.SEQ_IV)
 
@@ -342,6 +364,8 @@ class Oap:
         else:
             raise OapError(ECRYPT, "encryption requested without a cipher")
         kdf = max(hdr.kdf_nid, config.kdf, key=lambda nid: oap.rank(oap.DIGEST_RANK, nid))
+        from irmd import kex
+
         algo = kex.peer_kex(hdr.kex)
         if oap.rank(oap.KEX_RANK, algo) < oap.rank(oap.KEX_RANK, config.kex):
             raise OapError(ECRYPT, f"the client's key exchange {oap.KEXES[algo]} is weaker than "
@@ -351,6 +375,22 @@ class Oap:
         seq_iv = hdr.data == oap.SEQ_IV
         answer = Answer(cipher, kdf, kex.public_der(ours), oap.SEQ_IV if seq_iv else b"")
         return dataclasses.replace(outcome, cipher=cipher, key=key, seq_iv=seq_iv), answer
+
+
+def _ephemeral(config: SecConfig) -> tuple[kex.KexKey | None, bytes]:
+    """Our ephemeral key-exchange key and its public part, when the flow encrypts."""
+    if not config.encrypt:
+        return None, b""
+    from irmd import kex
+
+    key = kex.keypair(config.kex)
+    return key, kex.public_der(key)
+
+
+def _common_name(der: bytes) -> str:
+    from irmd.credentials import common_name, load_der
+
+    return common_name(load_der(der))
 
 
 def _at_least(config: SecConfig, cypher_s: int) -> SecConfig:
@@ -364,4 +404,6 @@ def _at_least(config: SecConfig, cypher_s: int) -> SecConfig:
 def _signer(creds: Credentials | None, md_nid: int) -> Callable[[bytes], bytes] | None:
     if creds is None:
         return None
+    from irmd import kex
+
     return lambda signed: kex.sign(creds.key, md_nid, signed)

@@ -885,7 +885,10 @@ def test_an_irmd_out_of_descriptors_serves_root_refuses_users_and_neither_spins_
     with irmd_in(public_dir, "--limit", "conns_per_uid=5000", "--limit", "conns_total=5000") as irmd:
         irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
         irmd.note_children()
-        nofile = fds(irmd.pid) + 40  # so that 40 descriptors are all one user needs to take them all
+        # so that 40 descriptors are all one user needs to take them all (counted once the bootstrap's
+        # own have closed: the same count twice, a moment apart)
+        wait_for(lambda: fds(irmd.pid) == (time.sleep(0.2), fds(irmd.pid))[1], 10, "the IRMd's descriptors to settle")
+        nofile = fds(irmd.pid) + 40
         subprocess.run(["prlimit", "--pid", str(irmd.pid), f"--nofile={nofile}:{nofile}"], check=True)
         log = public_dir / "attacker.log"
         with hold(irmd, NOBODY, 200, 8, log):

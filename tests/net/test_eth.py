@@ -333,7 +333,9 @@ def test_a_layer_on_lo_reaches_its_own_names_as_in_the_ouroboros_tutorial(lab: L
             lambda: host.irmd.irm("bind", "process", str(server.pid), "name", "my.oping.server").returncode == 0,
             10,
             "oping -l to be bound",
-        )
+        )  # and to accept: bound as it starts, it may not yet have asked for flows
+        wait_for(lambda: " 0% packet loss" in host.exec("oping", "-n", "my.oping.server", "-c", "1").stdout, 20,
+                 "oping -l to answer")  # fmt: skip
         r = host.exec("oping", "-n", "my.oping.server", "-c", "3", "-i", "10", "-s", str(mtu))
         assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr + host.irmd.log_text()
         r = host.exec("oping", "-n", "my.oping.server", "-c", "1", "-s", str(mtu + 1))

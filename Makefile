@@ -28,9 +28,11 @@ sysdeps:
 		(apt-get update -qq && apt-get install -y -qq nftables iproute2 fuse3 iputils-ping) >/dev/null 2>&1 \
 		|| echo "warning: could not install nftables/iproute2/fuse3/iputils-ping; the tests needing them will skip"; fi
 
-# compileall: every process of the suite starts from cached bytecode, even where PYTHONDONTWRITEBYTECODE is set
+# Bytecode is cached first, whether or not PYTHONDONTWRITEBYTECODE is set: the project's for every process
+# of the suite, and the test modules as pytest rewrites them (by one collection, not one per worker).
 test: $(STAMP) sysdeps
 	$(PY) -m compileall -q -j 0 proto irmd ipcp flowlib transports apps tests >/dev/null
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q --collect-only -n 0 -p no:cacheprovider >/dev/null || true
 	$(PY) -m pytest -q
 
 # Manual pages and shell completion, made from the tools' own parsers (apps/manuals.py).

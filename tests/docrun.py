@@ -20,6 +20,7 @@ import dataclasses
 import os
 import pty
 import re
+import select
 import shlex
 import subprocess
 import threading
@@ -257,6 +258,7 @@ class Session:
         os.close(script_r)
         self.buf = b""
         self.cond = threading.Condition()
+        self.stopping = threading.Event()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self.seq = 0
@@ -264,7 +266,11 @@ class Session:
         self.pid_ns = ""
 
     def _read(self) -> None:
-        while True:
+        # Polls, so that close() can stop it before closing the pty: a reader left blocked on a
+        # closed fd would read the next session's pty, which reuses the number, and steal its output.
+        while not self.stopping.is_set():
+            if not select.select([self.master], [], [], 0.1)[0]:
+                continue
             try:
                 data = os.read(self.master, 65536)
             except OSError:
@@ -382,6 +388,8 @@ class Session:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.stopping.set()
+        self.reader.join()
         os.close(self.master)
 
 

@@ -95,15 +95,16 @@ def c_peer(c_ouroboros: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def c_alloc(alloc: Callable[[], T]) -> T:
-    """`alloc` of a flow to a C node, three times in all if the C end never answers: a 0.23 irmd
+    """`alloc` of a flow to a C node, up to five times if the C end never answers: a 0.23 irmd
     drops a request silently when no process accepts the name within 1 s (IRMD_REQ_ARR_TIMEOUT),
     which a loaded machine can make a newly started server miss, and its udp4 IPCP may fail to send
-    the reply it was given ("Failed to respond to flow request"). A new request has a new OAP header."""
-    for _ in range(2):
+    the reply it was given ("Failed to respond to flow request"). A new request has a new OAP header.
+    Five tries in all, a moment apart: under a full suite's load three in a row have timed out."""
+    for _ in range(4):
         try:
             return alloc()
         except FlowTimeout:
-            pass
+            time.sleep(0.5)
     return alloc()
 
 

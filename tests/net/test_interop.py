@@ -112,12 +112,15 @@ C_ALLOC_FAILED = ("did not answer", "Failed to allocate flow")  # a tool's words
 
 
 def c_tries(run: Callable[[], subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
-    """A tool's run to or from a C node, three times in all while its flow was not allocated: the
-    same C 0.23 timeouts and races under load as for c_alloc, seen in the tool's output."""
-    for _ in range(2):
+    """A tool's run to or from a C node, five times in all while its flow was not allocated (the
+    same C 0.23 timeouts and races under load as for c_alloc, seen in the tool's output) or a C tool
+    died of a signal before printing anything (0.23's oping, once, of SIGSEGV in that race)."""
+    for _ in range(4):
         r = run()
-        if not any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED):
+        lost = any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED)
+        if not lost and not (r.returncode < 0 and not r.stdout):
             return r
+        time.sleep(0.5)
     return run()
 
 

@@ -23,7 +23,7 @@ from flowlib.irm import IrmClient
 from proto.errors import AuthenticationFailed, EncryptionFailed
 
 pytest.importorskip("test_interop", reason="needs the C interop harness (tests/net/test_interop.py)")
-from test_interop import LAYER, CNode, Pair, c_alloc, c_ouroboros, pair, received  # noqa: F401 (fixtures)
+from test_interop import LAYER, CNode, Pair, c_alloc, c_ouroboros, c_tries, pair, received  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(180)]
 
@@ -147,7 +147,7 @@ def test_our_oping_reaches_a_c_oping_server_encrypted(secure: tuple[Pair, Pki, P
     p, _, theirs = secure
     identity(theirs, "c-pong", enc="")
     p.c_serve("c-pong", "oping", "--listen")
-    r = p.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", "--encrypt", timeout=60)
+    r = c_tries(lambda: p.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", "--encrypt", timeout=60))
     assert received(r.stdout, 3), r.stdout + r.stderr + p.logs()
 
 
@@ -166,7 +166,9 @@ def test_a_c_server_we_cannot_vouch_for_is_refused_until_pinned(secure: tuple[Pa
 
     def oping(**env: str) -> subprocess.CompletedProcess[str]:
         argv = [str(BIN / "oping"), "-n", "c-pong", "-c", "3", "-i", "100", "--encrypt"]
-        return subprocess.run(argv, env={**p.ours.irmd.env, **env}, capture_output=True, text=True, timeout=60)
+        return c_tries(
+            lambda: subprocess.run(argv, env={**p.ours.irmd.env, **env}, capture_output=True, text=True, timeout=60)
+        )
 
     r = oping()
     assert not received(r.stdout, 3) and "neither this IRMd's CA store nor" in r.stderr, r.stdout + r.stderr
@@ -199,7 +201,7 @@ def test_a_c_client_reaches_our_server_that_requires_encryption(secure: tuple[Pa
     identity(ours, "py-pong", enc=enc)
     theirs.enc_conf("py-pong", "", role="client")  # C encrypts only where its client enc.conf says so
     p.serve("py-pong", "oping", "--listen")
-    r = p.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", timeout=60)
+    r = c_tries(lambda: p.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", timeout=60))
     assert received(r.stdout, 3), r.stdout + r.stderr + p.logs()
 
 
@@ -250,7 +252,9 @@ def test_encrypted_reliable_flows_both_ways(secure: tuple[Pair, Pki, Pki]) -> No
     theirs.enc_conf("py-pong", "", role="client")
     p.c_serve("c-pong", "oping", "--listen")
     p.serve("py-pong", "oping", "--listen")
-    r = p.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", "-q", "data", "--encrypt", timeout=60)
+    r = c_tries(
+        lambda: p.ours.irmd.run("oping", "-n", "c-pong", "-c", "3", "-i", "100", "-q", "data", "--encrypt", timeout=60)
+    )
     assert received(r.stdout, 3), "ours -> C: " + r.stdout + r.stderr + p.logs()
-    r = p.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", "-q", "data", timeout=60)
+    r = c_tries(lambda: p.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", "-q", "data", timeout=60))
     assert received(r.stdout, 3), "C -> ours: " + r.stdout + r.stderr + p.logs()

@@ -20,14 +20,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.timeout(180)
 def test_make_demo_boots_the_demo_config_and_every_step_works() -> None:
-    """`make demo`'s runner: local, udp and unicast layers, oping, Styx, IBP and netplumb, a clean stop."""
-    r = subprocess.run(
-        [sys.executable, "-m", "apps.demo", str(ROOT / "configs" / "demo.toml")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
+    """`make demo`'s runner: local, udp and unicast layers, oping, Styx, IBP and netplumb, a clean stop;
+    and it reads no input (what a user types ahead is the shell's next command, not a step's)."""
+    typed, ahead = os.pipe()
+    os.write(ahead, b"echo typed ahead\n")
+    os.close(ahead)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "apps.demo", str(ROOT / "configs" / "demo.toml")],
+            cwd=ROOT,
+            stdin=typed,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        left = os.read(typed, 100)
+    finally:
+        os.close(typed)
     out = r.stdout
     assert r.returncode == 0 and "demo done." in out and "irmd stopped (cleanly)" in out, out[-3000:] + r.stderr[-3000:]
     for seen in (
@@ -39,6 +48,7 @@ def test_make_demo_boots_the_demo_config_and_every_step_works() -> None:
         "net (unicast ipcp n1)  names: depot1, files, host1",
     ):
         assert seen in out, f"missing {seen!r} in:\n{out[-3000:]}"
+    assert left == b"echo typed ahead\n", "a step of the demo read its input"
 
 
 @pytest.mark.timeout(120)

@@ -395,7 +395,14 @@ def run(
     returned; the IRMd at `sock` (default: where OUROBOROS_SOCK or the system's says), given `timeout`
     s to answer; programs to bind looked for in `path` (default: $PATH)."""
     out, err = out or sys.stdout, err or sys.stderr
-    SEARCH_PATH.set(path)
+    searching = SEARCH_PATH.set(path)
+    try:
+        return _run(argv, out, err, sock, timeout)
+    finally:
+        SEARCH_PATH.reset(searching)  # the caller's context keeps its own
+
+
+def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: float) -> int:
     args, want_json = split_json(argv)
     if not args or args[0] in ("-h", "--help"):
         out.write(USAGE[()])

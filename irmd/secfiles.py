@@ -53,7 +53,9 @@ def check_sec(sec: dict[str, str]) -> dict[str, str]:
 def sec_paths(name: str, overrides: dict[str, str], base: Path | str | None = None) -> dict[str, str]:
     """The six files of `name`: the overrides given at `irm name create`, else the defaults."""
     root = str(base or security_dir())
-    return {key: overrides.get(key) or os.path.join(root, role, name, file) for key, _, role, file in SEC_FILES}
+    return {
+        key: overrides.get(key) or os.path.join(role_dir(name, role, root), file) for key, _, role, file in SEC_FILES
+    }
 
 
 def role_dir(name: str, role: str, base: str) -> str:

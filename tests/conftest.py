@@ -56,10 +56,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         shared = defs is not None and any(d[-1].scope == "module" for d in defs.name2fixturedefs.values())
         if shared and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    units = {item: unit(item) for item in items}
     seconds: dict[str, float] = {}
-    for item in items:
-        seconds[unit(item)] = seconds.get(unit(item), 0.0) + DURATIONS.get(item.nodeid, 0.0)
-    items.sort(key=lambda item: -seconds[unit(item)])  # stable: a unit's tests stay in their order
+    for item, name in units.items():
+        seconds[name] = seconds.get(name, 0.0) + DURATIONS.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -seconds[units[item]])  # stable: a unit's tests stay in their order
 
 
 @pytest.fixture

@@ -873,6 +873,19 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(pid: int) -> int:
+    """The process's descriptors once those of its last request have closed: the same count twice,
+    a moment apart."""
+    counts = [fds(pid)]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        counts.append(fds(pid))
+        if counts[-1] == counts[-2]:
+            return counts[-1]
+    raise AssertionError(f"pid {pid}'s descriptors did not settle in 10 s: {counts}")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -885,10 +898,7 @@ def test_an_irmd_out_of_descriptors_serves_root_refuses_users_and_neither_spins_
     with irmd_in(public_dir, "--limit", "conns_per_uid=5000", "--limit", "conns_total=5000") as irmd:
         irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
         irmd.note_children()
-        # so that 40 descriptors are all one user needs to take them all (counted once the bootstrap's
-        # own have closed: the same count twice, a moment apart)
-        wait_for(lambda: fds(irmd.pid) == (time.sleep(0.2), fds(irmd.pid))[1], 10, "the IRMd's descriptors to settle")
-        nofile = fds(irmd.pid) + 40
+        nofile = settled_fds(irmd.pid) + 40  # so that 40 descriptors are all one user needs to take them all
         subprocess.run(["prlimit", "--pid", str(irmd.pid), f"--nofile={nofile}:{nofile}"], check=True)
         log = public_dir / "attacker.log"
         with hold(irmd, NOBODY, 200, 8, log):

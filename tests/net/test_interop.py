@@ -94,34 +94,44 @@ def c_peer(c_ouroboros: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def c_alloc(alloc: Callable[[], T]) -> T:
-    """`alloc` of a flow to a C node, up to five times if the C end never answers: a 0.23 irmd
-    drops a request silently when no process accepts the name within 1 s (IRMD_REQ_ARR_TIMEOUT),
-    which a loaded machine can make a newly started server miss, and its udp4 IPCP may fail to send
-    the reply it was given ("Failed to respond to flow request"). A new request has a new OAP header.
-    Five tries in all, a moment apart: under a full suite's load three in a row have timed out."""
-    for _ in range(4):
+C_TRIES, C_PAUSE = 5, 0.5  # under a full suite's load three tries in a row have failed
+
+
+def _c_retried(run: Callable[[], T], lost: Callable[[T], bool]) -> T:
+    """`run` up to C_TRIES times, C_PAUSE apart, while its flow to or from a C node was lost: it
+    raised FlowTimeout, or `lost` says so of what it returned."""
+    for _ in range(C_TRIES - 1):
         try:
-            return alloc()
+            result = run()
         except FlowTimeout:
-            time.sleep(0.5)
-    return alloc()
+            pass
+        else:
+            if not lost(result):
+                return result
+        time.sleep(C_PAUSE)
+    return run()
+
+
+def c_alloc(alloc: Callable[[], T]) -> T:
+    """`alloc` of a flow to a C node, tried again if the C end never answers: a 0.23 irmd drops a
+    request silently when no process accepts the name within 1 s (IRMD_REQ_ARR_TIMEOUT), which a
+    loaded machine can make a newly started server miss, and its udp4 IPCP may fail to send the
+    reply it was given ("Failed to respond to flow request"). A new request has a new OAP header."""
+    return _c_retried(alloc, lambda _: False)
 
 
 C_ALLOC_FAILED = ("did not answer", "Failed to allocate flow")  # a tool's words for it, ours and C's
 
 
 def c_tries(run: Callable[[], subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
-    """A tool's run to or from a C node, five times in all while its flow was not allocated (the
-    same C 0.23 timeouts and races under load as for c_alloc, seen in the tool's output) or a C tool
-    died of a signal before printing anything (0.23's oping, once, of SIGSEGV in that race)."""
-    for _ in range(4):
-        r = run()
-        lost = any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED)
-        if not lost and not (r.returncode < 0 and not r.stdout):
-            return r
-        time.sleep(0.5)
-    return run()
+    """A tool's run to or from a C node, run again while its flow was not allocated (the same C 0.23
+    timeouts and races under load as for c_alloc, seen in the tool's output) or a C tool died of a
+    signal before printing anything (0.23's oping, once, of SIGSEGV in that race)."""
+
+    def lost(r: subprocess.CompletedProcess[str]) -> bool:
+        return any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED) or (r.returncode < 0 and not r.stdout)
+
+    return _c_retried(run, lost)
 
 
 @dataclasses.dataclass

@@ -28,7 +28,9 @@ from transports.unix import recv_record, seqpacket_pair
 
 log = logging.getLogger(__name__)
 
-LINGER = 10.0  # how long a closed flow keeps retransmitting what its peer has not acknowledged
+# A closed flow retransmits what its peer has not acknowledged until it has (as C's flow_dealloc),
+# FRCT gives up (DELT_R), the peer goes silent or the flow goes down; this only bounds the rest.
+LINGER = 150.0
 BURST = 64
 MAX_PDU = 65536 + 64  # the largest PDU read from the IPCP: a layer MTU plus encryption and CRC
 BACKLOG = 1 << 20  # bytes held for an application that does not read a flow without FRCT; then dropped
@@ -317,7 +319,7 @@ class Engine:
                 sdu = b""
             if not sdu:  # the application let go: a final ack, then linger until acknowledged
                 s.closing = now
-                s.linger = f is not None and f.close()
+                s.linger = f is not None and f.close(now)
                 self._unwatch(s.inner)
                 break
             s.live.sent(now)
@@ -397,7 +399,8 @@ class Engine:
                 self._fail(s, f.error)
                 return
             self._interest(s, now)
-        if s.closing and (((not s.linger or f is None or f.idle) and not s.outq) or now - s.closing > LINGER):
+        settled = (not s.linger or f is None or f.idle) and not s.outq
+        if s.closing and (settled or s.gone or now - s.closing > LINGER):
             self._end(s)
 
     def _fail(self, s: Session, why: str) -> None:

@@ -132,7 +132,7 @@ class Frct:
         self.recovery = Recovery(Window(RQ_SIZE * 4)) if reliable else None
         self.snd_nxt = 0
         self.snd_rwe = START_WINDOW
-        self.snd_act = -float("inf")  # when we last sent data: a run ends after SND_INACT without
+        self.snd_act = -float("inf")  # when we last sent a packet: a run ends after SND_INACT without
         self._rdvs_due: float | None = None  # while the peer's window is closed to data we hold
         # receiver
         self.rcv_nxt = 0  # C's rcv lwe: the next PDU we expect
@@ -179,8 +179,7 @@ class Frct:
         if n > self.app_mtu:
             raise ValueError(f"SDU of {n} bytes exceeds the {self.app_mtu} this flow carries")
         rec = self.recovery
-        if now - self.snd_act > SND_INACT and self.snd_una == self.snd_nxt:
-            self._new_run(self._isn() % SEQ_MOD)  # as C: a fresh run after inactivity, from a random seqno
+        self._open_run(now)
         mp = self.max_payload
         chunks = [sdu[i : i + mp] for i in range(0, n, mp)] if n > mp else [sdu]
         last = len(chunks) - 1
@@ -208,6 +207,19 @@ class Frct:
             self.counters.sent += 1
         self.snd_act = now
 
+    def _open_run(self, now: float) -> None:
+        """As C: a fresh run, from a random seqno, once the peer has heard nothing from us for SND_INACT."""
+        if now - self.snd_act > SND_INACT and self.snd_una == self.snd_nxt:
+            self._new_run(self._isn() % SEQ_MOD)
+
+    def _control(self, flags: int, rwe: int, ackno: int, now: float) -> bytes:
+        """The PCI of a packet without data. A C receiver takes any packet as activity of the sender's
+        run but opens a run only on DRF: one that heard an ack before our first data would drop that
+        data for good. So ours carry DRF and the seqno a run opens at (the oldest unacknowledged)."""
+        self._open_run(now)
+        self.snd_act = now
+        return _pack(flags | DRF, rwe, self.snd_una, ackno)
+
     def _new_run(self, seq: int) -> None:
         self.snd_nxt = seq
         self.snd_rwe = (seq + START_WINDOW) % SEQ_MOD
@@ -227,13 +239,13 @@ class Frct:
         elif distance(self._fc_edge, edge) >= RQ_SIZE // 2:
             # Unreliable flows have no acks to carry the window: update it unasked, not only on RDVS as C.
             self._fc_edge = edge
-            self.pdus.append(_pack(FC, edge, 0, 0))
+            self.pdus.append(self._control(FC, edge, 0, now))
 
-    def close(self) -> bool:
+    def close(self, now: float) -> bool:
         """The application let go: a final ack if one is owed (as C's dealloc); whether to linger and
         retransmit what the peer has not acknowledged (FRCTFLINGER)."""
         if self.reliable and self.rcv_nxt != self.rcv_acked:
-            self.pdus.append(_pack(ACK, 0, 0, self.rcv_nxt))
+            self.pdus.append(self._control(ACK, 0, self.rcv_nxt, now))
             self.rcv_acked = self.rcv_nxt
         return bool(self.cflags & FRCTFLINGER) and not self.idle
 
@@ -401,12 +413,13 @@ class Frct:
         self.ack_due = now
 
     def _ack(self, now: float) -> None:
-        """A pure ack (as C: ACK|FC, seqno 0), with SACK blocks while PDUs wait behind a hole."""
+        """A pure ack (ACK|FC as C's; DRF as every packet without data), with SACK blocks while PDUs wait
+        behind a hole."""
         rwe = self._advertise()
         if self.ooo:
-            self.pdus.append(_pack(ACK | FC | SACK, rwe, 0, self.rcv_nxt) + self._sack_blocks())
+            self.pdus.append(self._control(ACK | FC | SACK, rwe, self.rcv_nxt, now) + self._sack_blocks())
         else:
-            self.pdus.append(_pack(ACK | FC, rwe, 0, self.rcv_nxt))
+            self.pdus.append(self._control(ACK | FC, rwe, self.rcv_nxt, now))
         self.rcv_acked = self.rcv_nxt
         self.ack_due = None
 
@@ -460,13 +473,13 @@ class Frct:
             self._fc_due = None
         if self._fc_due is not None and now >= self._fc_due:
             self._fc_due = None
-            self.pdus.append(_pack(FC, self._advertise(), 0, 0))
+            self.pdus.append(self._control(FC, self._advertise(), 0, now))
         if self._rdvs_due is not None and now >= self._rdvs_due:
             if before(self.snd_nxt, self.snd_rwe):
                 self._rdvs_due = None
             else:  # the peer's window update may be lost: ask again (as C, every 100 ms)
                 self._rdvs_due = now + RDV_EVERY
-                self.pdus.append(_pack(RDVS, 0, 0, 0))
+                self.pdus.append(self._control(RDVS, 0, 0, now))
                 self.counters.rdvs += 1
         rec = self.recovery
         if rec is None:

@@ -299,7 +299,7 @@ def test_duplicates_of_delivered_pdus_are_suppressed_and_counted() -> None:
     assert b.counters.received == 5
     # Every duplicate is acked at once (the first ack may have been lost), all acking seqno 1.
     assert len(acks) == 4
-    assert {Pci.parse(p).flags for p in acks} == {ACK | FC}
+    assert {Pci.parse(p).flags for p in acks} == {DRF | ACK | FC}
     assert {Pci.parse(p).ackno for p in acks} == {1}
 
 
@@ -543,7 +543,7 @@ def test_sack_blocks_name_the_runs_held_out_of_order_nearest_first() -> None:
         b.receive(flight[i], 0.01)
     b.handle_timer(0.01)
     ack = b.pdus[-1]
-    assert flags_of(ack) == ACK | FC | SACK
+    assert flags_of(ack) == DRF | ACK | FC | SACK
     blocks = list(SACK_BLOCK.iter_unpack(ack[PCI.size :]))
     assert blocks == [(3, 6), (10, 13), (21, 22)]
 

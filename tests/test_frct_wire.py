@@ -14,6 +14,7 @@ from captures import DataPacket, annotated_pcis, data_packets
 
 from flowlib import crc
 from flowlib.frct import ACK, DATA, DRF, FC, PCI, RCV_INACT, RDVS, RQ_SIZE, START_WINDOW, Frct, FrctError, Pci
+from flowlib.recovery import SEQ_MOD, before
 
 FRCT_CAPTURES = ["udp4-oping", "udp4-keepalive-dealloc", "ethdix-oping", "ethdix-keepalive-dealloc"]
 OPING = struct.Struct("!II")  # oping's type and id, big-endian on C's wire
@@ -68,21 +69,22 @@ def test_our_receiver_takes_c_traffic_and_drops_its_spurious_retransmissions(src
     last = Pci.parse(packets[-1].sdu)
     assert f.rcv_nxt == last.seqno + 1
     acks = [Pci.parse(p) for p in f.pdus]
-    assert acks and all(a.flags == ACK | FC and a.seqno == 0 for a in acks)
+    assert acks and all(a.flags == DRF | ACK | FC and a.seqno == f.snd_una for a in acks)
     assert acks[-1].ackno == last.seqno + 1
 
 
 def test_our_receiver_acks_captured_c_data_as_c_does() -> None:
-    """The ack for C's first request (#13) is what C's own receiver sent: ackno seq+1, rwe seq+1+256."""
+    """The ack for C's first request (#13) is what C's own receiver sent: ackno seq+1, rwe seq+1+256;
+    ours adds DRF and where our run opens (test_an_ack_before_our_first_data_...)."""
     first = frct_packets("udp4-oping")[0]
     pci = Pci.parse(first.sdu)
     assert pci.flags == DATA | DRF
-    f = Frct(1500, reliable=True)
+    f = Frct(1500, reliable=True, isn=lambda: 0x567238BC)
     f.receive(first.sdu, 0.0)
     f.taken(len(f.sdus.popleft()), 0.0)
     f.handle_timer(1.0)
     ack = Pci.parse(f.pdus[-1])
-    assert ack == Pci(ACK | FC, (pci.seqno + 1 + RQ_SIZE) & 0xFFFFFF, 0, pci.seqno + 1)
+    assert ack == Pci(DRF | ACK | FC, (pci.seqno + 1 + RQ_SIZE) & 0xFFFFFF, 0x567238BC, pci.seqno + 1)
 
 
 # -- what we send ---------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def _ack_for(f: Frct, now: float) -> bytes:
     return f.pdus.popleft()
 
 
-def test_pure_acks_are_ack_fc_with_seqno_zero_and_duplicates_are_dropped_and_acked() -> None:
+def test_pure_acks_are_ack_fc_drf_at_our_next_seqno_and_duplicates_are_dropped_and_acked() -> None:
     a, b = Frct(1500, True), Frct(1500, True)
     a.send(b"once", 0.0)
     pdu = a.pdus.popleft()
@@ -175,8 +177,8 @@ def test_pure_acks_are_ack_fc_with_seqno_zero_and_duplicates_are_dropped_and_ack
     b.handle_timer(2.0)
     again = sent(b)
     assert list(b.sdus) == [b"once"] and b.counters.duplicates == 1
-    assert [p.flags for p in first + again] == [ACK | FC, ACK | FC]
-    assert first[0].seqno == 0 and again[0].ackno == first[0].ackno
+    assert [p.flags for p in first + again] == [DRF | ACK | FC, DRF | ACK | FC]
+    assert first[0].seqno == again[0].seqno == b.snd_nxt and again[0].ackno == first[0].ackno
 
 
 def test_rendezvous_is_answered_with_a_window_update_only() -> None:
@@ -184,7 +186,7 @@ def test_rendezvous_is_answered_with_a_window_update_only() -> None:
     b.receive(Pci(RDVS, 0, 0, 0).pack(), 0.0)
     b.receive(Pci(RDVS, 0, 0, 0).pack(), 0.0)
     b.handle_timer(0.0)
-    assert [p.flags for p in sent(b)] == [FC]  # one answer however many came in one go
+    assert [p.flags for p in sent(b)] == [DRF | FC]  # one answer however many came in one go
 
 
 def test_a_closed_window_sends_rendezvous_every_100_ms_until_reopened() -> None:
@@ -198,7 +200,7 @@ def test_a_closed_window_sends_rendezvous_every_100_ms_until_reopened() -> None:
     assert len(a.unacked) == START_WINDOW and not a.can_send(now)  # the peer said nothing yet
     for step in range(1, 4):
         a.handle_timer(now + 0.1 * step + 1e-9)
-    assert [p.flags for p in sent(a)].count(RDVS) == 3
+    assert [p.flags for p in sent(a)].count(DRF | RDVS) == 3  # at the oldest unacknowledged seqno
     edge = (a.snd_nxt + 100) & 0xFFFFFF
     a.receive(Pci(FC, edge, 0, 0).pack(), 0.5)
     assert a.snd_rwe == (a.snd_nxt + 100) % 2**32
@@ -215,14 +217,84 @@ def test_close_sends_a_final_ack_flags_ack_only() -> None:
     a, b = Frct(1500, True), Frct(1500, True)
     a.send(b"last", 0.0)
     b.receive(a.pdus.popleft(), 0.0)
-    assert not b.close()  # nothing of b's own to linger for
-    assert sent(b) == [Pci(ACK, 0, 0, b.rcv_nxt)]
+    assert not b.close(0.0)  # nothing of b's own to linger for
+    assert sent(b) == [Pci(DRF | ACK, 0, b.snd_nxt, b.rcv_nxt)]
+
+
+class CReceiver:
+    """What decides whether C 0.23's receiver takes a PDU (frct.c, __frcti_rcv): any packet counts as
+    the sender's activity, a run opens only on DRF after RCV_INACT of none, its edges start at 0, and
+    data before the left edge or past the right one is dropped. In order only: enough here."""
+
+    def __init__(self) -> None:
+        self.act = -float("inf")
+        self.lwe = self.rwe = 0
+        self.taken: list[bytes] = []
+
+    def receive(self, pdu: bytes, now: float) -> None:
+        pci = Pci.parse(pdu)
+        if now - self.act > RCV_INACT:
+            if pci.flags & DRF:
+                self.lwe, self.rwe = pci.seqno, (pci.seqno + RQ_SIZE) % SEQ_MOD
+            elif pci.flags & DATA:
+                return
+        self.act = now
+        if pci.flags & DATA and pci.seqno == self.lwe and before(pci.seqno, self.rwe):
+            self.lwe = (self.lwe + 1) % SEQ_MOD
+            self.taken.append(pdu[PCI.size :])
+
+
+@pytest.mark.parametrize("lose_first_reply", [False, True])
+def test_an_ack_before_our_first_data_leaves_a_c_receiver_able_to_take_it(lose_first_reply: bool) -> None:
+    """A C client's request, our server slower than the delayed ack: the ack reaches C first. Were it
+    C's own shape (seqno 0, no DRF), C would count it as our run's activity, never open the run, and
+    drop the reply and every copy of it: the flow is dead (seen as C oping's "Server timed out")."""
+    client, server, c = Frct(1500, True), Frct(1500, True), CReceiver()
+    client.send(b"ping", 0.0)
+    server.receive(client.pdus.popleft(), 0.0)
+    server.taken(len(server.sdus.popleft()), 0.0)
+    server.handle_timer(0.01)
+    acks = sent(server)
+    assert [p.flags & DATA for p in acks] == [0]  # a pure ack went first
+    for pci in acks:
+        c.receive(pci.pack(), 0.01)
+    server.send(b"pong", 0.05)
+    reply = server.pdus.popleft()
+    if lose_first_reply:  # more pure acks while the reply is lost: C must still take the copy
+        client.send(b"ping again", 0.06)
+        server.receive(client.pdus.popleft(), 0.06)
+        server.handle_timer(0.1)
+        for p in list(server.pdus):
+            c.receive(p, 0.1)
+        server.pdus.clear()
+        server.handle_timer(0.05 + 2.0)  # RTO: the reply again
+    else:
+        server.pdus.appendleft(reply)
+    for p in server.pdus:
+        c.receive(p, 2.1)
+    assert c.taken == [b"pong"]
+
+
+def test_a_run_our_acks_kept_open_is_not_reopened_on_a_new_seqno() -> None:
+    """Acks alone kept C's receiver from going idle: our next data continues the run they announced."""
+    client, server, c = Frct(1500, True), Frct(1500, True), CReceiver()
+    for t in range(0, 400, 50):  # a one-way flow for longer than a run's inactivity
+        client.send(b"up", float(t))
+        server.receive(client.pdus.popleft(), float(t))
+        server.taken(len(server.sdus.popleft()), float(t))
+        server.handle_timer(t + 0.01)
+        for p in server.pdus:
+            c.receive(p, t + 0.01)
+        server.pdus.clear()
+    server.send(b"down", 400.0)
+    c.receive(server.pdus.popleft(), 400.0)
+    assert c.taken == [b"down"]
 
 
 def test_close_lingers_while_data_is_unacknowledged() -> None:
     a = Frct(1500, True)
     a.send(b"unacked", 0.0)
-    assert a.close()
+    assert a.close(0.0)
 
 
 def test_pci_parse_rejects_short_pdus() -> None:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,8 @@ import pytest
 from conftest import Host, Lab
 from helpers import wait_for
 
-from flowlib import EventQueue, EventType, FlowSet, fevent, qos
+from apps import oping
+from flowlib import EventQueue, EventType, FlowError, FlowSet, fevent, flow_accept, qos
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient
 from proto.errors import FlowTimeout
@@ -310,6 +312,41 @@ def test_a_c_oping_reaches_ours(pair: Pair, q: str) -> None:
     pair.serve("py-pong", "oping", "--listen")
     r = c_tries(lambda: pair.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", "-q", q, timeout=60))
     assert received(r.stdout, 3), r.stdout + r.stderr + pair.logs()
+
+
+def test_a_c_oping_gets_every_reply_of_a_server_that_acks_before_it_answers(pair: Pair) -> None:
+    """Our server answers each request 50 ms late, so FRCT's delayed ack reaches C before the reply.
+    C 0.23's receiver counts any packet as activity of our run but opens a run only on DRF: unless
+    our acks carry DRF, C drops every reply and each copy of it (test_frct_wire's CReceiver)."""
+    udp_layer(pair)
+    pair.ours.irmd.irm_ok("bind", "process", str(os.getpid()), "name", "py-pong")
+    pair.ours.irmd.irm_ok("name", "register", "py-pong", "layer", LAYER)
+    pair.c.ok("irm", "name", "create", "py-pong")  # 0.23 allocates only to names it knows
+    server, stop = IrmClient(pair.ours.irmd.sock), threading.Event()
+
+    def serve() -> None:  # flow after flow: c_tries may allocate again
+        while not stop.is_set():
+            try:
+                flow = flow_accept(None, 0.5, irm=server)
+            except FlowTimeout:
+                continue
+            with flow, contextlib.suppress(FlowError):  # the client's end, or its silence
+                flow.set_timeout(10)
+                while True:
+                    sdu = flow.read()
+                    time.sleep(0.05)
+                    if (reply := oping.echo(flow, sdu, quiet=True)) is not None:
+                        flow.write(reply)
+
+    serving = threading.Thread(target=serve, daemon=True)  # a daemon: a failed run lingers in close
+    serving.start()
+    try:
+        r = c_tries(lambda: pair.c.run("oping", "-n", "py-pong", "-c", "3", "-i", "100", "-q", "data", timeout=60))
+        assert received(r.stdout, 3), r.stdout + r.stderr + pair.logs()
+    finally:
+        stop.set()
+    serving.join(30)
+    server.close()
 
 
 def test_our_oecho_reaches_a_c_oecho_server(pair: Pair) -> None:

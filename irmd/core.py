@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from irmd.flows import Flows
+from irmd.forkserver import ForkServer
 from irmd.ipcps import Ipcps
 from irmd.limits import Limits
 from irmd.names import Names
@@ -29,10 +30,17 @@ Handler = Callable[[Client, Any, list[int]], Awaitable[Any]]
 
 
 class Irmd:
-    def __init__(self, sock_path: Path, limits: Limits | None = None, output: Output | None = None) -> None:
+    def __init__(
+        self,
+        sock_path: Path,
+        limits: Limits | None = None,
+        output: Output | None = None,
+        forks: ForkServer | None = None,
+    ) -> None:
         self.sock_path = Path(os.path.abspath(sock_path))  # what it starts runs in /: no relative path
         self.limits = limits or Limits()
         self.output = output or Output()  # where the IPCPs and programs it starts write: its log
+        self.forks = forks  # what forks its IPCPs; without one they are executed
         self.uid = os.geteuid()
         self.reg = Registry(self.uid)
         self.oap = Oap(self.reg)  # flow allocation authentication: headers out, headers in
@@ -95,6 +103,8 @@ class Irmd:
         self.server.close_clients()
         for task in list(self._tasks):
             task.cancel()
+        if self.forks is not None:
+            self.forks.close()
         log.info("irmd stopped")
 
     async def admin(self, msg: Message) -> Message:

@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from irmd.config import DEFAULT_PATH, ConfigError, Plan, apply_config, plan
 from irmd.core import Irmd
+from irmd.forkserver import ForkServer
 from irmd.limits import LimitError, Limits, option_values
 from irmd.spawn import Output
 from proto import logs
@@ -34,7 +35,15 @@ def _raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def _serve(args: argparse.Namespace, output: Output) -> int:
+def _fork_server() -> ForkServer | None:
+    try:
+        return ForkServer.start()
+    except OSError as e:
+        print(f"irmd: no IPCP fork server ({e.strerror}): IPCPs will be executed", file=sys.stderr)
+        return None
+
+
+async def _serve(args: argparse.Namespace, output: Output, forks: ForkServer | None) -> int:
     boot = Plan([])
     if args.config:
         try:  # what the file says is checked before anything starts
@@ -45,7 +54,7 @@ async def _serve(args: argparse.Namespace, output: Output) -> int:
     steps = boot.steps
     limits = boot.limits.with_values(args.limits)  # the command line's --limit over the file's [limits]
     limits = limits.fit_descriptors(args.nofile)
-    irmd = Irmd(irmd_sock_path(args.sock), limits, output)
+    irmd = Irmd(irmd_sock_path(args.sock), limits, output, forks)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, irmd.stop)
@@ -131,18 +140,21 @@ def main(argv: list[str] | None = None) -> None:
         make_sock_dir(sock.parent, 0o755 if os.geteuid() == 0 else 0o700)
     except TrustError as e:
         sys.exit(f"irmd: will not serve from {sock.parent}: {e.strerror}")
+    args.nofile = _raise_nofile()  # before the fork server: the IPCPs it forks inherit the limit
+    forks = _fork_server()  # while nothing is open, no thread runs and no handler logs
     try:
         target = logs.setup("irmd", args, base=logging.INFO, default_file=logs.default_log_file(sock), sock=sock)
     except logs.LogFileError as e:
         sys.exit(f"irmd: {e.strerror}")
     if target.path is not None and not args.log:
         print(f"irmd: logging to {target.path}", file=sys.stderr, flush=True)
-    args.nofile = _raise_nofile()
+    if forks is None:
+        log.info("IPCPs are executed: no fork server (code from outside the project is loaded, or no fork)")
     if args.sock:
         os.environ["OUROBOROS_SOCK"] = args.sock  # spawned programs find this irmd
     # What the IRMd starts logs where it logs: a file given or chosen (their stdout and stderr), or its stdout.
     output = Output(target.fd if target.path is not None or args.stdout else None, target.child_env())
-    sys.exit(asyncio.run(_serve(args, output)))
+    sys.exit(asyncio.run(_serve(args, output, forks)))
 
 
 def check_config(path: Path) -> int:

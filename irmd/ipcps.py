@@ -49,13 +49,22 @@ class Ipcps:
         self.reg = irmd.reg
         self._seq = 0
         self._stopping: set[int] = set()  # pids of IPCPs told to stop
+        self._spawning: dict[str, asyncio.Future[None]] = {}  # names whose process is being started
 
     # -- processes ---------------------------------------------------------
 
     async def announce(self, c: Client, msg: m.IpcpAnnounce, _: list[int]) -> m.Ok:
+        if (spawning := self._spawning.get(msg.name)) is not None:
+            await asyncio.shield(spawning)  # a forked IPCP may call before its pid reached us
         ipcp = self.reg.ipcps.get(msg.name)
-        # The kernel's pid of the process we started (our child: its pid cannot be another's meanwhile).
-        if ipcp is None or ipcp.pid != c.pid or c.uid != self.irmd.uid or ipcp.announced.done():
+        # The kernel's pid and start time of the process we started (forked by the fork server, it is
+        # not our child: its start time tells it from a later process given its pid).
+        if (
+            ipcp is None
+            or (ipcp.pid, ipcp.start) != (c.pid, c.peer.start)
+            or c.uid != self.irmd.uid
+            or ipcp.announced.done()
+        ):
             raise PermissionDenied(f"no IPCP {msg.name!r} is expected from pid {c.pid}")
         assert c.channel is not None
         c.ipcp = ipcp
@@ -75,15 +84,19 @@ class Ipcps:
             raise InvalidArgument(f"bad ipcp name {name!r}: * matches IPCP names in irm commands, so no name has one")
         if kind not in IPCP_TYPES:
             raise InvalidArgument(f"unknown ipcp type {kind!r}: expected one of {'|'.join(IPCP_TYPES)}")
-        if name in self.reg.ipcps:
+        if name in self.reg.ipcps or name in self._spawning:
             raise AlreadyExists(f"ipcp {name!r} already exists")
-        proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.output)
-        self._seq += 1
-        ipcp = Ipcp(
-            name, kind, proc, asyncio.get_running_loop().create_future(), seq=self._seq, start=proc_start(proc.pid)
-        )
-        self.reg.ipcps[name] = ipcp
-        self.irmd.spawn_task(self._watch(ipcp))
+        loop = asyncio.get_running_loop()
+        self._spawning[name] = spawning = loop.create_future()
+        try:
+            proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.output, self.irmd.forks)
+            self._seq += 1
+            ipcp = Ipcp(name, kind, proc, loop.create_future(), seq=self._seq, start=proc_start(proc.pid))
+            self.reg.ipcps[name] = ipcp
+            self.irmd.spawn_task(self._watch(ipcp))
+        finally:
+            del self._spawning[name]
+            spawning.set_result(None)
         waiter: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
         announced: asyncio.Future[Any] = ipcp.announced
         done, _ = await asyncio.wait([announced, waiter], timeout=ANNOUNCE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)

@@ -27,13 +27,15 @@ START_GRACE = 10.0  # a program started for a name has this long to accept befor
 STOP_GRACE = 2.0  # SIGTERM, then SIGKILL after this long
 
 
-def kill(proc: asyncio.subprocess.Process, sig: int) -> None:
-    """Signal a child by pid: Process.kill() may reap it behind asyncio's child watcher."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, sig)
+def kill(proc: spawn.Child, sig: int) -> None:
+    """Signal a child by pid, unless it is known to have exited (its pid may be another's by now):
+    Process.kill() may reap it behind asyncio's child watcher."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
 
 
-async def stop(procs: list[asyncio.subprocess.Process]) -> None:
+async def stop(procs: list[spawn.Child]) -> None:
     """SIGTERM, and SIGKILL to those still running after STOP_GRACE."""
     for proc in procs:
         kill(proc, signal.SIGTERM)

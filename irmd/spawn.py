@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import pwd
 import sys
 from pathlib import Path
+from typing import Protocol
 
+from irmd.forkserver import PROJECT_ROOT, ForkServer, ForkServerLost
 from transports.unix import SOCK_ENV
 
-# The directory that holds the irmd package: ipcp is its sibling in the same distribution.
-PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+log = logging.getLogger("irmd")
+
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KEPT = ("LANG", "LC_ALL", "TZ")  # locale and time zone: how to speak, never what to run
 # `python -I` ignores PYTHON* variables, the user's site directory and the working directory; the
@@ -25,6 +28,18 @@ KEPT = ("LANG", "LC_ALL", "TZ")  # locale and time zone: how to speak, never wha
 IPCP_BOOT = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); from ipcp.__main__ import main; sys.exit(main(sys.argv[1:]))"
 )
+
+
+class Child(Protocol):
+    """A process the IRMd started and watches: executed (asyncio's Process) or forked (Forked)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +85,18 @@ def ipcp_command(kind: str, name: str, sock: Path) -> list[str]:
     return [sys.executable, "-I", "-c", IPCP_BOOT, PROJECT_ROOT, kind, name, str(sock)]
 
 
-async def start_ipcp(kind: str, name: str, sock: Path, out: Output) -> asyncio.subprocess.Process:
-    """An IPCP process, logging where the IRMd logs (its stderr is the IRMd's log)."""
-    who = run_as(os.geteuid(), os.geteuid())
+async def start_ipcp(kind: str, name: str, sock: Path, out: Output, forks: ForkServer | None = None) -> Child:
+    """An IPCP process, logging where the IRMd logs (its stderr is the IRMd's log): forked by the
+    IRMd's fork server if it has one, else executed."""
+    env = clean_env(sock, run_as(os.geteuid(), os.geteuid()), out)
+    if forks is not None and not forks.lost:
+        try:
+            return await forks.spawn(kind, name, str(sock), env, out.fd)
+        except ForkServerLost as e:
+            log.warning("ipcp %s: the fork server failed (%s); executing it", name, e)
     return await asyncio.create_subprocess_exec(
         *ipcp_command(kind, name, sock), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-        cwd="/", env=clean_env(sock, who, out), stdout=out.fd, stderr=out.fd,
+        cwd="/", env=env, stdout=out.fd, stderr=out.fd,
     )  # fmt: skip
 
 

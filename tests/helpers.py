@@ -30,9 +30,9 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
 
-def children_of(pid: int) -> set[int]:
-    """Pids whose parent is `pid` (IPCPs and programs the IRMd spawned)."""
-    kids = set()
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process."""
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -41,10 +41,24 @@ def children_of(pid: int) -> set[int]:
         except OSError:
             continue
         # pid (comm) state ppid ...; comm may contain spaces or parentheses
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            kids.add(int(entry))
-    return kids
+        out[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def children_of(pid: int) -> set[int]:
+    """Pids whose parent is `pid`."""
+    return {kid for kid, parent in _parents().items() if parent == pid}
+
+
+def descendants_of(pid: int) -> set[int]:
+    """Pids below `pid`: for an IRMd, its IPCP fork server, the IPCPs forked there, its programs."""
+    parents, found, todo = _parents(), set(), [pid]
+    while todo:
+        top = todo.pop()
+        below = {kid for kid, parent in parents.items() if parent == top} - found
+        found |= below
+        todo.extend(below)
+    return found
 
 
 def pid_alive(pid: int) -> bool:
@@ -120,7 +134,7 @@ class IrmdProc:
         return int(rows[0]["pid"])
 
     def note_children(self) -> set[int]:
-        self.spawned |= children_of(self.pid)
+        self.spawned |= descendants_of(self.pid)
         return self.spawned
 
     def run(self, tool: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from helpers import (
     BIN,
     IrmdProc,
     accepted_pair,
-    children_of,
+    descendants_of,
     free_port,
     irmd_env,
     parse_table,
@@ -344,13 +344,13 @@ def test_a_name_a_server_registered_for_itself_goes_with_it(irmd: IrmdProc, loca
 
 
 def test_a_failed_bootstrap_or_enroll_leaves_no_ipcp_behind(irmd: IrmdProc, local_layer: str) -> None:
-    before = children_of(irmd.pid)
+    before = descendants_of(irmd.pid)
     r = irmd.irm("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "lan", "ip", "192.0.2.1")
     assert r.returncode == 1 and "cannot bind 192.0.2.1" in r.stderr and "ipcp u stopped" in r.stderr, r.stderr
     r = irmd.irm("ipcp", "enroll", "name", "n2", "layer", "nosuch")
     assert r.returncode == 1 and "ipcp n2 stopped" in r.stderr, r.stderr
     assert [row["name"] for row in irmd.table("ipcp", "list")] == ["lo"]
-    wait_for(lambda: children_of(irmd.pid) <= before, 10, "the IPCPs made for them to exit")
+    wait_for(lambda: descendants_of(irmd.pid) <= before, 10, "the IPCPs made for them to exit")
     irmd.irm_ok("ipcp", "create", "name", "kept", "type", "udp4")  # one made beforehand is the admin's: it stays
     r = irmd.irm("ipcp", "bootstrap", "name", "kept", "layer", "lan", "ip", "192.0.2.1")
     assert r.returncode == 1 and "stopped" not in r.stderr

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import BIN, IrmdProc, accepted_pair, irmd_env, pid_alive, start_irmd, stop_irmd, wait_for
+from helpers import (
+    BIN,
+    IrmdProc,
+    accepted_pair,
+    children_of,
+    irmd_env,
+    pid_alive,
+    start_irmd,
+    stop_irmd,
+    wait_for,
+)
 
 from flowlib.errors import FlowDown, FlowError, IrmdUnreachable, NameNotFound
 from flowlib.events import EventQueue, EventType, FlowSet, fevent
@@ -384,7 +394,8 @@ def test_sigterm_stops_the_ipcps_and_programs_and_removes_the_socket(irmd: IrmdP
     assert "1 received" in irmd.run("oping", "-n", "pong", "-c", "1").stdout
     children = irmd.note_children()
     ipcps = {irmd.ipcp_pid("lo"), irmd.ipcp_pid("spare")}
-    assert ipcps < children and len(children) == 3  # two IPCPs and the oping server
+    # two IPCPs, the fork server they were forked by (not the IRMd's children) and the oping server
+    assert ipcps < children and len(children) == 4 and ipcps.isdisjoint(children_of(irmd.pid))
 
     irmd.proc.send_signal(signal.SIGTERM)
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import IrmdProc, children_of, free_port, pid_alive, start_irmd, stop_irmd, udp4_bootstrap, wait_for
+from helpers import IrmdProc, descendants_of, free_port, pid_alive, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 
 from flowlib.errors import FlowError
 from flowlib.flow import flow_alloc
@@ -196,7 +196,7 @@ class Cluster:
     def kill(self, host: Host, whole_host: bool = True) -> None:
         """SIGKILL the host's IRMd; with whole_host, its IPCPs and programs too (a crash)."""
         host.irmd.note_children()
-        kids = children_of(host.irmd.pid) | host.irmd.spawned
+        kids = descendants_of(host.irmd.pid) | host.irmd.spawned
         host.killed = True
         if whole_host:  # freeze everything first: nobody gets to say goodbye
             pids = [host.irmd.pid, *kids, *(p.pid for p in host.procs)]

@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transports.channel import AsyncChannel
+
+if TYPE_CHECKING:
+    from irmd.spawn import Child
 
 # Preference when a name is reachable through several layers: the most local first (Ouroboros's
 # order of IPCP types); IPCPs of one type in the order they were made.
@@ -21,7 +24,7 @@ TYPE_RANK = {t: i for i, t in enumerate(PREFERENCE)}
 class Ipcp:
     name: str
     type: str
-    proc: asyncio.subprocess.Process
+    proc: Child
     announced: asyncio.Future[AsyncChannel]
     channel: AsyncChannel | None = None
     layer: str = ""

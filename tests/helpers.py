@@ -45,6 +45,17 @@ def _parents() -> dict[int, int]:
     return out
 
 
+def fds_on(path: str | Path) -> int:
+    """This process's descriptors open on `path` or below it. Not all of them: other threads of a test
+    worker (flows lingering, daemons' pipes) open and close their own meanwhile."""
+    prefix, n = str(path), 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            n += target == prefix or target.startswith(prefix.rstrip("/") + "/")
+    return n
+
+
 def children_of(pid: int) -> set[int]:
     """Pids whose parent is `pid`."""
     return {kid for kid, parent in _parents().items() if parent == pid}

@@ -11,10 +11,12 @@ import random
 import struct
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fuzzing import ROUNDS, cases, only_raises
+from helpers import fds_on
 
 from ipcp.unicast import messages as um
 from proto import messages as m
@@ -133,18 +135,16 @@ def test_lying_headers_are_wire_errors() -> None:
         only_raises(m.CODEC.decode, data, WireError)
 
 
-def test_fds_of_requests_still_waiting_when_the_connection_drops_are_closed() -> None:
+def test_fds_of_requests_still_waiting_when_the_connection_drops_are_closed(tmp_path: Path) -> None:
     """Requests carrying fds whose handlers wait, then the peer hangs up: their handlers are cancelled
     where they wait (begun outside any task, each went on as one), and close the fds they own."""
     import asyncio
-    import os
 
     from transports.channel import AsyncChannel
     from transports.unix import close_fds, send_frame, seqpacket_pair
 
-    def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
+    passed = tmp_path / "passed"  # the file whose descriptors ride on the requests
+    passed.touch()
     cancelled: list[int] = []
 
     async def hold(msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
@@ -160,10 +160,9 @@ def test_fds_of_requests_still_waiting_when_the_connection_drops_are_closed() ->
 
     async def run() -> None:
         ours, theirs = seqpacket_pair()
-        before = open_fds()
         closed = asyncio.Event()
         AsyncChannel(ours, m.CODEC, hold, on_close=lambda _: closed.set())
-        with open(os.devnull, "rb") as f:
+        with open(passed, "rb") as f:
             for i in range(1, 6):
                 send_frame(theirs, m.CODEC.encode(m.FlowDealloc(i), i), [f.fileno()] * 3)
         theirs.close()
@@ -171,24 +170,26 @@ def test_fds_of_requests_still_waiting_when_the_connection_drops_are_closed() ->
         for _ in range(5):  # the cancelled handlers' turns
             await asyncio.sleep(0)
         assert sorted(cancelled) == [1, 2, 3, 4, 5]
-        assert open_fds() <= before - 2, "fds passed with requests leaked"  # ours and theirs closed too
+        assert fds_on(passed) == 0, "fds passed with requests leaked"
+        assert ours.fileno() == -1 and theirs.fileno() == -1
 
     asyncio.run(run())
 
 
-def test_an_empty_packet_carrying_fds_leaves_none_open() -> None:
+def test_an_empty_packet_carrying_fds_leaves_none_open(tmp_path: Path) -> None:
     """A zero-length packet reads as the peer's end of the connection; the fds riding on it are closed."""
-    import os
 
     from transports.unix import recv_frame, send_frame, seqpacket_pair
 
+    passed = tmp_path / "passed"
+    passed.touch()
     ours, theirs = seqpacket_pair()
     try:
-        with open(os.devnull, "rb") as f:
+        with open(passed, "rb") as f:
             send_frame(theirs, b"", [f.fileno()] * 4)
-        before = len(os.listdir("/proc/self/fd"))
+        assert fds_on(passed) == 0  # in flight: the kernel holds them
         assert recv_frame(ours) == (b"", [])
-        assert len(os.listdir("/proc/self/fd")) == before  # nothing was left open by the read
+        assert fds_on(passed) == 0  # nothing was left open by the read
     finally:
         ours.close()
         theirs.close()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import fds_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -612,7 +613,7 @@ def test_msize_is_capped_by_the_limit(root: Path) -> None:
 
 
 def test_clunked_and_failed_walks_leave_no_descriptors(root: Path) -> None:
-    before = len(os.listdir("/proc/self/fd"))
+    before = fds_on(root)
     tree = FsTree(root)
     s = session(tree)
     ok(s, w.Twalk(1, 0, 5, []))
@@ -627,7 +628,7 @@ def test_clunked_and_failed_walks_leave_no_descriptors(root: Path) -> None:
         ok(s, w.Tread(1, 5, 0, 80))  # a directory read left half done, then started over
     s.close()
     tree.close()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert fds_on(root) == before
 
 
 FIT_FDS = """

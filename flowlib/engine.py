@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # A closed flow retransmits what its peer has not acknowledged until it has (as C's flow_dealloc),
 # FRCT gives up (DELT_R), the peer goes silent or the flow goes down; this only bounds the rest.
 LINGER = 150.0
+HUP_GIVE_UP = 10.0  # an application gone with SDUs the peer's window holds back: how long without room
 BURST = 64
 MAX_PDU = 65536 + 64  # the largest PDU read from the IPCP: a layer MTU plus encryption and CRC
 BACKLOG = 1 << 20  # bytes held for an application that does not read a flow without FRCT; then dropped
@@ -53,6 +54,7 @@ class Session:
     closing: float = 0.0  # when the application let go; 0 while it holds the flow
     linger: bool = False  # closing, and FRCT still has data the peer must acknowledge
     gone: bool = False  # the flow ended below us: hand the application what arrived, then EOF
+    hup: float = 0.0  # the application closed while the window held SDUs of it back: when last taken
     error: str | None = None  # why the engine ended the flow, for the application's error
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     mask: int = select.EPOLLIN  # what we wait for on `inner`
@@ -170,8 +172,10 @@ class Engine:
                     elif mask & select.EPOLLOUT:
                         self._deliver(session, now)
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
-                        self._from_app(session, now)
+                        self._from_app(session, now, hup=bool(mask & select.EPOLLHUP))
                 for session in {id(s): s for s in self._sessions.values()}.values():
+                    if session.hup and not session.closing:
+                        self._held_back(session, now)
                     due = session.frct.get_timer() if session.frct is not None else None
                     if session.closing or (due is not None and due <= now):
                         self._timers(session, now)
@@ -217,7 +221,7 @@ class Engine:
             for s in self._sessions.values():
                 if s.frct is not None and (d := s.frct.get_timer()) is not None:
                     deadlines.append(d - now)
-                if s.closing:
+                if s.closing or s.hup:
                     deadlines.append(0.2)
         return max(min(deadlines), 0.0)
 
@@ -288,7 +292,8 @@ class Engine:
                 s.inner.send(queue[0])
             except BlockingIOError:
                 break
-            except OSError:
+            except OSError:  # the application is gone: what it will never read still frees the window
+                taken += sum(map(len, queue))
                 queue.clear()
                 break
             taken += len(queue.popleft())
@@ -302,8 +307,15 @@ class Engine:
             return
         self._interest(s, now)
 
-    def _from_app(self, s: Session, now: float) -> None:
+    def _from_app(self, s: Session, now: float, hup: bool = False) -> None:
         f = s.frct
+        if hup and f is not None and not s.hup and not f.can_send(now):
+            # Gone, with SDUs the window holds back: a hung-up socket is readable to epoll for good,
+            # so it leaves epoll, and what it holds is taken as the window opens (_held_back).
+            s.hup = now
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(s.inner.fileno())
+            return
         for _ in range(BURST):
             if f is not None and not f.can_send(now):
                 break
@@ -333,9 +345,18 @@ class Engine:
         self._flush(s)
         self._interest(s, now)
 
+    def _held_back(self, s: Session, now: float) -> None:
+        """The application is gone with SDUs the window held back: take them as it opens; give up after
+        HUP_GIVE_UP without room (as a C writer gives up on a window that stays shut)."""
+        if s.frct is not None and s.frct.can_send(now):
+            s.hup = now
+            self._from_app(s, now)
+        elif now - s.hup > HUP_GIVE_UP:
+            self._fail(s, f"the peer's window took nothing written before the close for {HUP_GIVE_UP:g} s")
+
     def _interest(self, s: Session, now: float) -> None:
         """Read the app only while the window is open; wait for room when it cannot take SDUs."""
-        if s.closing or s.inner.fileno() < 0:
+        if s.closing or s.hup or s.inner.fileno() < 0:
             return
         mask = 0
         if not s.gone and not s.outq and (s.frct is None or s.frct.can_send(now)):

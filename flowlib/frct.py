@@ -453,6 +453,7 @@ class Frct:
             ackno = self.rcv_acked = self.rcv_nxt
         self.pdus.append(_pack(flags, rwe, seq, ackno) + sent.pdu[PCI.size :])
         self.counters.retransmitted += 1
+        self.snd_act = now  # a C receiver counts the copy as our run's activity: so do we
 
     # -- time -----------------------------------------------------------------------------------------
 

@@ -29,8 +29,18 @@ def main(argv: list[str]) -> int:
         return 2
     module, cls_name = KINDS[kind]
     cls: type[Ipcp] = getattr(importlib.import_module(module), cls_name)
+    name_process(f"ipcpd-{kind}", f"ipcpd-{kind} {name}")
     run_ipcp(cls, name, sock)
     return 0
+
+
+def name_process(comm: str, title: str) -> None:
+    """As C's IPCPs are named: `comm` in ps, top and pgrep, `title` as the command line (ps -f, pgrep -f)."""
+    import setproctitle  # here: only what runs an IPCP or the fork server pays for it
+
+    setproctitle.setproctitle(title)
+    with open("/proc/self/comm", "w") as f:
+        f.write(comm[:15])
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """IPCPs forked, not executed: a process forked from the IRMd before it serves holds the interpreter
 and the code IPCPs share with it, and forks each IPCP from there (start-up ~10 ms instead of ~80).
 
-The server is forked while the IRMd is one thread with no loop, no log handlers and no descriptors
-but 0-2 open, so a child inherits nothing of the IRMd's state. A child gets what an executed IPCP
-(`python -I`) got: a session of its own, cwd /, stdin /dev/null, the IRMd's log as stdout and
-stderr, the environment the IRMd gives it, no other descriptor, and code only from the project and
-the interpreter's own directories: an IRMd that loaded anything from elsewhere (an admin's
-PYTHONPATH) gets no server. The server reaps its children and reports their exits; if it is lost,
-the IRMd kills what it started and executes IPCPs from then on.
+The server is forked while the IRMd is one thread with no loop and no log handlers, so a child
+inherits nothing of the IRMd's state. A child gets what an executed IPCP (`python -I`) got: a
+session of its own, cwd /, stdin /dev/null, the IRMd's log as stdout and stderr, the environment
+the IRMd gives it, no other descriptor, and code only from the project and the interpreter's own
+directories. An IRMd that loaded code from elsewhere (an admin's PYTHONPATH) or runs with settings
+`python -I` would not pass on (a fixed hash seed, -O, dev mode, warning options) gets no server.
+The server reaps its children, reports their start and exit, and signals them only while they
+are its unreaped children (no pid reuse); a fork that fails fails that IPCP alone. If the server
+is lost or stops answering, the IRMd stops what it forked and executes IPCPs from then on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -24,21 +27,34 @@ import signal
 import socket
 import sys
 import sysconfig
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from irmd.identity import proc_start
 from transports.unix import close_fds, recv_frame, send_frame, seqpacket_pair
 
 log = logging.getLogger("irmd")
 STOPS = (signal.SIGINT, signal.SIGTERM)
+REPLY_TIMEOUT = 10.0  # a fork and a module import: a server slower than this is hung
+CLOSE_GRACE = 1.0  # after the IRMd closes its end, the server's time to exit before SIGKILL
 # The directory that holds the irmd package: ipcp is its sibling in the same distribution.
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+class ForkError(Exception):
+    """The fork server could not start the IPCP (it is lost, hung, or the fork failed): execute it."""
+
+
 def isolated_path() -> list[str] | None:
-    """sys.path as `python -I` has it, the project first; None if the IRMd already runs code from
-    elsewhere (a module outside the project and the interpreter's directories), which a fork would pass on."""
+    """sys.path as `python -I` has it, the project first; None if a fork would hand an IPCP what
+    `python -I` would not: a module loaded from outside the project and the interpreter's
+    directories, or interpreter settings from the environment or the command line."""
+    fixed_hash = not sys.flags.ignore_environment and os.environ.get("PYTHONHASHSEED", "random") != "random"
+    flags = sys.flags
+    if fixed_hash or flags.optimize or flags.dev_mode or flags.verbose or flags.inspect or sys.warnoptions:
+        return None
     roots = {os.path.realpath(p) for p in sysconfig.get_paths().values()} | {os.path.realpath(PROJECT_ROOT)}
     user_site = os.path.realpath(sysconfig.get_path("purelib", f"{os.name}_user"))
 
@@ -54,16 +70,14 @@ def isolated_path() -> list[str] | None:
     return [PROJECT_ROOT, *(p for p in sys.path if p and p != PROJECT_ROOT and trusted(p))]
 
 
-class ForkServerLost(Exception):
-    """The fork server is gone or answered nonsense: start the IPCP another way."""
-
-
 @dataclasses.dataclass(eq=False)
 class Forked:
-    """An IPCP the server forked, as the IRMd uses a child process: its pid, its exit status."""
+    """An IPCP the server forked, as the IRMd uses a child process: pid, start time, exit status."""
 
     pid: int
+    start: int  # /proc/PID/stat's start time, read by its parent before it could be reaped
     exited: asyncio.Future[int]
+    server: ForkServer
 
     @property
     def returncode(self) -> int | None:
@@ -72,6 +86,11 @@ class Forked:
     async def wait(self) -> int:
         return await asyncio.shield(self.exited)
 
+    def send_signal(self, sig: int) -> None:
+        """Through its parent, which signals it only while it has not reaped it."""
+        if self.returncode is None:
+            self.server.signal(self, sig)
+
 
 class ForkServer:
     """The IRMd's end: start() forks the server; spawn() asks it for an IPCP."""
@@ -79,22 +98,23 @@ class ForkServer:
     def __init__(self, pid: int, ctl: socket.socket) -> None:
         self.pid = pid
         self._ctl = ctl
-        self._lock: asyncio.Lock | None = None
-        self._reply: asyncio.Future[dict[str, Any]] | None = None
+        self._seq = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Forked]] = {}
         self._children: dict[int, Forked] = {}
         self._reading = False
         self.lost = False
 
     @classmethod
     def start(cls) -> ForkServer | None:
-        """Fork the server; call it before the IRMd opens anything or starts a thread or a loop. None
-        if the IRMd runs code from outside the project and the interpreter (isolated_path)."""
+        """Fork the server; call it before the IRMd starts a thread or a loop or sets up logging. None
+        if a fork would pass on what an executed IPCP would not have (isolated_path)."""
         path = isolated_path()
         if path is None:
             return None
         ours, theirs = seqpacket_pair()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the IRMd was started with that descriptor closed
+                stream.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the server; coverage cannot follow it
             ours.close()
@@ -102,6 +122,8 @@ class ForkServer:
             code = 1
             try:
                 code = _serve(theirs)
+            except BaseException:
+                traceback.print_exc()
             finally:
                 os._exit(code)
         theirs.close()
@@ -112,27 +134,37 @@ class ForkServer:
         """An IPCP of type `kind` named `name` for the IRMd at `sock`, with environment `env`, writing to
         `out_fd` (None: where the IRMd's stdout and stderr went when it started)."""
         if self.lost:
-            raise ForkServerLost("the fork server is gone")
+            raise ForkError("the fork server is gone")
         loop = asyncio.get_running_loop()
         if not self._reading:
             loop.add_reader(self._ctl.fileno(), self._readable)
             self._reading = True
-        self._lock = self._lock or asyncio.Lock()
-        async with self._lock:
-            self._reply = loop.create_future()
-            try:
-                request = json.dumps({"kind": kind, "name": name, "sock": sock, "env": env}).encode()
-                send_frame(self._ctl, request, [out_fd] if out_fd is not None else [])
-            except OSError as e:
-                self._lose(f"cannot reach it: {e}")
-            reply = await self._reply
-        if not isinstance(pid := reply.get("pid"), int) or pid <= 0:
-            raise ForkServerLost(f"it could not start the ipcp: {reply.get('error', reply)}")
-        child = Forked(pid, loop.create_future())
-        self._children[pid] = child
-        return child
+        seq = next(self._seq)
+        self._pending[seq] = reply = loop.create_future()
+        try:
+            request = {"seq": seq, "kind": kind, "name": name, "sock": sock, "env": env}
+            send_frame(self._ctl, json.dumps(request).encode(), [out_fd] if out_fd is not None else [])
+            # A caller gone meanwhile (its client hung up) leaves the reply to _readable, which stops the child.
+            return await asyncio.wait_for(asyncio.shield(reply), REPLY_TIMEOUT)
+        except TimeoutError:  # (an OSError too: first)
+            self._lose(f"no answer in {REPLY_TIMEOUT:g} s")
+            raise ForkError("the fork server did not answer") from None
+        except OSError as e:
+            self._lose(f"cannot reach it: {e}")
+            raise ForkError(f"the fork server is gone: {e}") from e
+        finally:
+            self._pending.pop(seq, None)
+
+    def signal(self, child: Forked, sig: int) -> None:
+        if self.lost:
+            return
+        try:
+            send_frame(self._ctl, json.dumps({"signal": child.pid, "sig": int(sig)}).encode())
+        except OSError as e:
+            self._lose(f"cannot reach it: {e}")
 
     def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self.lost:
             try:
                 frame, fds = recv_frame(self._ctl)
@@ -145,48 +177,79 @@ class ForkServer:
                 return self._lose("it exited")
             try:
                 msg = json.loads(frame)
-            except ValueError:
-                return self._lose("it sent what is not JSON")
-            if "exit" in msg:
-                child = self._children.pop(msg["exit"], None)
-                if child is not None and not child.exited.done():
-                    child.exited.set_result(int(msg.get("code", -1)))
-            elif self._reply is not None and not self._reply.done():
-                self._reply.set_result(msg)
+                if "exit" in msg:
+                    child = self._children.pop(int(msg["exit"]), None)
+                    if child is not None and not child.exited.done():
+                        child.exited.set_result(int(msg["code"]))
+                    continue
+                reply = self._pending.pop(int(msg["seq"]), None)
+                if "pid" not in msg:
+                    if reply is not None and not reply.done():
+                        reply.set_exception(ForkError(f"the fork server could not start it: {msg.get('error')}"))
+                    continue
+                child = Forked(int(msg["pid"]), int(msg["start"]), loop.create_future(), self)
+            except (ValueError, TypeError, KeyError):
+                return self._lose("it sent what is not its protocol")
+            self._children[child.pid] = child  # before its exit report can be read
+            if reply is None or reply.done():
+                child.send_signal(signal.SIGKILL)  # its request's caller is gone: nobody would watch it
+            else:
+                reply.set_result(child)
         return None
 
     def _lose(self, why: str) -> None:
-        """Without its reaper, what it started cannot be watched: stop it, and say so."""
+        """Without its reaper, what it forked cannot be watched or safely signalled: stop it, and say so."""
         if self.lost:
             return
         self.lost = True
         log.error("the IPCP fork server was lost (%s): stopping the IPCPs it started, executing new ones", why)
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self._ctl.fileno())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)  # hung or not, it is done: its children go to init
         for pid, child in self._children.items():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if proc_start(pid) == child.start:  # still that process, not a later one with its pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             if not child.exited.done():
                 child.exited.set_result(-signal.SIGKILL)
         self._children.clear()
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_exception(ForkServerLost(why))
+        for reply in self._pending.values():
+            if not reply.done():
+                reply.set_exception(ForkError(why))
+                reply.exception()  # whoever still waits gets it; nobody else need hear of it
         self.close()
 
     def close(self) -> None:
-        """The server ends with its socket; reap it (it is the IRMd's child)."""
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self._ctl.fileno())
+        """The server ends with its socket; reap it (it is the IRMd's child), killing it if it lingers."""
+        if self._reading:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._ctl.fileno())
+            self._reading = False
         self._ctl.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        deadline = time.monotonic() + CLOSE_GRACE
+        while True:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+                return
+            time.sleep(0.01)
 
 
 # -- the server ------------------------------------------------------------------------------------
 
 
 def _serve(ctl: socket.socket) -> int:  # pragma: no cover - runs in the forked server
-    """Fork an IPCP per request, report every child's exit; end when the IRMd closes its end."""
+    """Fork an IPCP per request, signal and reap its children, report their exits; end when the
+    IRMd closes its end. Only a failing socket ends it early: a bad request or fork fails alone."""
+    from ipcp.__main__ import name_process
+
+    name_process("irmd-forkserver", "irmd-forkserver (forks the IRMd's IPCPs)")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -195,12 +258,13 @@ def _serve(ctl: socket.socket) -> int:  # pragma: no cover - runs in the forked 
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd hears of exits
     for sig in STOPS:  # a terminal's ^C, a service manager's SIGTERM: the IRMd's to act on; we end with it
         signal.signal(sig, signal.SIG_IGN)
+    live: set[int] = set()  # forked, not yet reaped: the only pids we signal
     while True:
         ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
         if wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 512)
-        _reap(ctl)
+        _reap(ctl, live)
         if ctl.fileno() not in ready:
             continue
         try:
@@ -210,51 +274,56 @@ def _serve(ctl: socket.socket) -> int:  # pragma: no cover - runs in the forked 
         if not frame:
             return 0  # the IRMd is gone: its IPCPs notice by themselves
         try:
-            send_frame(ctl, json.dumps(_fork(frame, fds, ctl)).encode())
-        except OSError:
-            return 1
+            reply = _handle(frame, fds, ctl, live)
+        except Exception as e:  # a request we could not serve fails alone
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"}
         finally:
             close_fds(fds)
+        if reply is not None:
+            try:
+                send_frame(ctl, json.dumps(reply).encode())
+            except OSError:
+                return 1
 
 
-def _close_all_but_std() -> None:  # pragma: no cover - runs in a forked child
-    """Every descriptor but 0-2 (few here: listed, not swept up to a limit the IRMd raised)."""
-    for entry in os.listdir("/proc/self/fd"):
-        if (fd := int(entry)) > 2:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def _reap(ctl: socket.socket) -> None:  # pragma: no cover - runs in the forked server
-    while True:
+def _reap(ctl: socket.socket, live: set[int]) -> None:  # pragma: no cover - runs in the forked server
+    while live:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        live.discard(pid)
         with contextlib.suppress(OSError):  # the IRMd gone: the loop ends at its EOF
             send_frame(ctl, json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
 
 
-def _fork(frame: bytes, fds: list[int], ctl: socket.socket) -> dict[str, Any]:  # pragma: no cover
-    try:
-        from ipcp.__main__ import KINDS
+def _handle(
+    frame: bytes, fds: list[int], ctl: socket.socket, live: set[int]
+) -> dict[str, Any] | None:  # pragma: no cover
+    from ipcp.__main__ import KINDS
 
-        req = json.loads(frame)
-        kind, name, sock, env = req["kind"], req["name"], req["sock"], req["env"]
-        if kind not in KINDS or not isinstance(name, str) or not isinstance(sock, str) or len(fds) > 1:
-            return {"error": "a malformed request"}
-        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-            return {"error": "a malformed environment"}
-        importlib.import_module(KINDS[kind][0])  # once here, not in every child
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    pid = os.fork()
-    if pid:
-        return {"pid": pid}
-    _child([kind, name, sock], env, fds[0] if fds else None, ctl)
-    return {}  # not reached
+    req = json.loads(frame)
+    if "signal" in req:
+        if req["signal"] in live:  # ours and not reaped: its pid is still its own
+            os.kill(int(req["signal"]), int(req["sig"]))
+        return None
+    seq, kind, name, sock, env = req["seq"], req["kind"], req["name"], req["sock"], req["env"]
+    if kind not in KINDS or not isinstance(name, str) or not isinstance(sock, str) or len(fds) > 1:
+        return {"seq": seq, "error": "a malformed request"}
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        return {"seq": seq, "error": "a malformed environment"}
+    importlib.import_module(KINDS[kind][0])  # once here, not in every child
+    try:
+        pid = os.fork()
+    except OSError as e:
+        return {"seq": seq, "error": f"fork: {e.strerror}"}
+    if pid == 0:
+        _child([kind, name, sock], env, fds[0] if fds else None, ctl)
+    live.add(pid)
+    return {"seq": seq, "pid": pid, "start": proc_start(pid)}  # unreaped: its stat is still its own
 
 
 def _child(argv: list[str], env: dict[str, str], out: int | None, ctl: socket.socket) -> None:  # pragma: no cover
@@ -266,8 +335,6 @@ def _child(argv: list[str], env: dict[str, str], out: int | None, ctl: socket.so
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         os.chdir("/")
-        with open("/proc/self/comm", "w") as comm:  # as C's IPCPs are named in ps, top and pgrep
-            comm.write(f"ipcpd-{argv[0]}"[:15])
         if out is not None:
             os.dup2(out, 1)
             os.dup2(out, 2)
@@ -279,13 +346,25 @@ def _child(argv: list[str], env: dict[str, str], out: int | None, ctl: socket.so
         from ipcp.__main__ import main
 
         code = main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # as the interpreter exits on it
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
-                stream.flush()
+                if stream is not None:
+                    stream.flush()
         os._exit(code)
+
+
+def _close_all_but_std() -> None:  # pragma: no cover - runs in a forked child
+    """Every descriptor but 0-2 (few here: listed, not swept up to a limit the IRMd raised)."""
+    for entry in os.listdir("/proc/self/fd"):
+        if (fd := int(entry)) > 2:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from irmd import spawn, views
+from irmd.forkserver import Forked
 from irmd.identity import proc_start
 from irmd.programs import STOP_GRACE, kill
 from irmd.reg import Ipcp, Name, ProcBinding
@@ -91,7 +92,8 @@ class Ipcps:
         try:
             proc = await spawn.start_ipcp(kind, name, self.irmd.sock_path, self.irmd.output, self.irmd.forks)
             self._seq += 1
-            ipcp = Ipcp(name, kind, proc, loop.create_future(), seq=self._seq, start=proc_start(proc.pid))
+            start = proc.start if isinstance(proc, Forked) else proc_start(proc.pid)  # read before it could go
+            ipcp = Ipcp(name, kind, proc, loop.create_future(), seq=self._seq, start=start)
             self.reg.ipcps[name] = ipcp
             self.irmd.spawn_task(self._watch(ipcp))
         finally:

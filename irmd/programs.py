@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from irmd import spawn
+from irmd.forkserver import Forked
 from irmd.identity import proc_start
 from irmd.reg import Ipcp, ProgBinding
 
@@ -30,7 +31,9 @@ STOP_GRACE = 2.0  # SIGTERM, then SIGKILL after this long
 def kill(proc: spawn.Child, sig: int) -> None:
     """Signal a child by pid, unless it is known to have exited (its pid may be another's by now):
     Process.kill() may reap it behind asyncio's child watcher."""
-    if proc.returncode is None:
+    if isinstance(proc, Forked):
+        proc.send_signal(sig)  # through the fork server, which knows whether the pid is still its child's
+    elif proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from irmd.forkserver import PROJECT_ROOT, ForkServer, ForkServerLost
+from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
 from transports.unix import SOCK_ENV
 
 log = logging.getLogger("irmd")
@@ -92,7 +92,7 @@ async def start_ipcp(kind: str, name: str, sock: Path, out: Output, forks: ForkS
     if forks is not None and not forks.lost:
         try:
             return await forks.spawn(kind, name, str(sock), env, out.fd)
-        except ForkServerLost as e:
+        except ForkError as e:
             log.warning("ipcp %s: the fork server failed (%s); executing it", name, e)
     return await asyncio.create_subprocess_exec(
         *ipcp_command(kind, name, sock), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,

@@ -35,7 +35,7 @@ from reliable_peer import Sink, payload, send_all, start_sink
 
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout, InvalidArgument, flow_alloc, qos
 from flowlib.crypto import OVERHEAD
-from flowlib.engine import APP_MTU
+from flowlib.engine import APP_MTU, HUP_GIVE_UP
 from flowlib.irm import IrmClient
 
 LAYER = "lan"
@@ -431,6 +431,37 @@ def test_a_receiver_that_does_not_read_holds_the_sender_back(udp: Net) -> None:
             flow.close()
     # What may be in transit: the window (1024 PDUs) plus socket buffers, a few MB at most.
     assert written < 8 * MB, f"{written / MB:.1f} MB written while the receiver read nothing"
+
+
+@pytest.mark.timeout(120)
+def test_closing_on_data_a_shut_window_holds_back_neither_spins_nor_waits_for_ever(udp: Net) -> None:
+    """Its application gone, the engine takes what is left as the window opens: the receiver that
+    starts reading late gets every byte; while the window stays shut the engine sleeps (a hung-up
+    socket is readable to epoll for good); a window that never opens fails the flow, not the close."""
+    late = udp.sink(30 * MB, delay_read=4.0)
+    flow = udp.alloc(late.name, qos.data)
+    flow.set_timeout(1.0)
+    data, written = payload(30 * MB, 3), 0
+    with contextlib.suppress(FlowTimeout):  # until the shut window fills the flow's socket too
+        while True:
+            flow.write(data[written : written + CHUNK])
+            written += CHUNK
+    cpu = time.process_time()
+    flow.close()  # with SDUs in its socket the window holds back, until the late reader took them
+    assert time.process_time() - cpu < 2.0, "the engine spun while the window was shut"
+    result = late.result()
+    assert result["bytes"] == written and result["sha256"] == hashlib.sha256(data[:written]).hexdigest()
+
+    never = udp.sink(30 * MB, delay_read=60.0)
+    flow = udp.alloc(never.name, qos.data)
+    flow.set_timeout(2.0)
+    with contextlib.suppress(FlowTimeout):
+        send_all(flow, bytes(30 * MB), CHUNK)
+    t0, cpu = time.monotonic(), time.process_time()
+    flow.close()
+    assert time.monotonic() - t0 < HUP_GIVE_UP + 10, "the close waited past the give-up"
+    assert time.process_time() - cpu < 3.0, "the engine spun while the window was shut"
+    never.kill()
 
 
 # -- ciphertext on the wire ------------------------------------------------------------------------

@@ -200,8 +200,9 @@ name = sys.argv[3]
 def conn():
     s = socket.create_connection((host, port), timeout=10)
     return s
+_rest = {}  # per socket: what a read brought past the line it was for (two replies in one segment)
 def first_line(s, limit=4096):
-    data = b''
+    data = _rest.pop(s, b'')
     try:
         while b'\n' not in data and len(data) < limit:
             piece = s.recv(limit)
@@ -210,7 +211,10 @@ def first_line(s, limit=4096):
             data += piece
     except OSError as e:
         return 'error ' + type(e).__name__
-    return data.split(b'\n')[0].decode('ascii', 'replace')
+    line, _, rest = data.partition(b'\n')
+    if rest:
+        _rest[s] = rest
+    return line.decode('ascii', 'replace')
 """
 
 MALFORMED = (

@@ -266,7 +266,7 @@ def test_copies_are_made_with_the_clients_identity(depot: Depot) -> None:
     try:
         assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
         out = depot.attack(COPY, "probe")
-        assert out.stdout.split("->")[-1].split()[0].startswith("-"), out.stdout + out.stderr  # no depot: failed
+        assert out.stdout.split("->")[-1].strip().startswith("-"), out.stdout + out.stderr  # no depot: failed
         assert probe.stdout.readline().strip() == str(NOBODY)
         target = Capability.parse(f"ibp://probe/0#{'k' * 64}/{'k' * 64}/WRITE")
         with Connection(depot.name, timeout=LEGIT_WAIT) as c:

@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from flowlib import Flow, FlowDown, FlowError, flow_accept, flow_alloc, qos  # noqa: E402
+from flowlib.irm import IrmClient  # noqa: E402
 
 
 def payload(n: int, seed: int = 1) -> bytes:
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
     if args.role == "sink":
+        irm = IrmClient()  # connected before the test binds us: the IRMd waits for a bound process it knows
         print("accepting", flush=True)
-        flow = flow_accept(timeout=60)
+        flow = flow_accept(timeout=60, irm=irm)
         print(f"accepted {flow.flow_id} qos {flow.qos}", flush=True)
         time.sleep(args.delay_read)
         result = receive_all(flow, args.bytes, args.timeout)

@@ -20,7 +20,7 @@ from pki import Pki, certificate, new_key
 
 from flowlib import flow_accept, flow_alloc, qos
 from flowlib.irm import IrmClient
-from proto.errors import AuthenticationFailed, EncryptionFailed, FlowError
+from proto.errors import AuthenticationFailed, EncryptionFailed, FlowError, FlowTimeout
 
 pytest.importorskip("test_interop", reason="needs the C interop harness (tests/net/test_interop.py)")
 from test_interop import LAYER, CNode, Pair, c_alloc, c_ouroboros, c_tries, pair, received  # noqa: F401 (fixtures)
@@ -161,8 +161,14 @@ def test_a_c_server_refuses_our_plain_flow_when_it_requires_encryption(secure: t
         echo_with_c(p, "c-pong")
     except EncryptionFailed as e:
         assert "refused" in str(e)
-    except FlowError as e:  # not the refusal: what the two irmds saw
-        pytest.fail(f"{type(e).__name__}: {e}{p.logs()}")
+    except FlowError as e:
+        # C refused, and its udp4 IPCP lost the refusal: a refusal is decided at once, and under load
+        # 0.23's IPCP may answer before it has recorded where the request came from ("Failed to
+        # respond to flow request": sendto an address not yet set). The refusal is C's to make.
+        c_log = p.c.log_text()
+        refused = "KEX requested without info" in c_log and "OAP processing failed for c-pong" in c_log
+        if not (isinstance(e, FlowTimeout) and refused):
+            pytest.fail(f"{type(e).__name__}: {e}{p.logs()}")
     else:
         pytest.fail("a plain flow to a C server that requires encryption was allocated")
 

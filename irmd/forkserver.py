@@ -51,8 +51,8 @@ def isolated_path() -> list[str] | None:
     """sys.path as `python -I` has it, the project first; None if a fork would hand an IPCP what
     `python -I` would not: a module loaded from outside the project and the interpreter's
     directories, or interpreter settings from the environment or the command line."""
-    fixed_hash = not sys.flags.ignore_environment and os.environ.get("PYTHONHASHSEED", "random") != "random"
     flags = sys.flags
+    fixed_hash = not flags.ignore_environment and os.environ.get("PYTHONHASHSEED", "random") != "random"
     if fixed_hash or flags.optimize or flags.dev_mode or flags.verbose or flags.inspect or sys.warnoptions:
         return None
     roots = {os.path.realpath(p) for p in sysconfig.get_paths().values()} | {os.path.realpath(PROJECT_ROOT)}

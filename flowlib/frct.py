@@ -425,21 +425,16 @@ class Frct:
 
     def _sack_blocks(self) -> bytes:
         """The first MAX_SACK_BLOCKS runs of PDUs held out of order, nearest the hole first."""
-        out = bytearray()
-        start: int | None = None
-        nxt, ooo = self.rcv_nxt, self.ooo
-        span = max(distance(nxt, s) for s in ooo)
-        for off in range(1, span + 2):
-            seq = (nxt + off) % SEQ_MOD
-            if seq in ooo:
-                if start is None:
-                    start = seq
-            elif start is not None:
-                out += SACK_BLOCK.pack(start, seq)
-                start = None
-                if len(out) == MAX_SACK_BLOCKS * SACK_BLOCK.size:
-                    break
-        return bytes(out)
+        nxt = self.rcv_nxt
+        blocks: list[int] = []  # start, end offsets from nxt, alternating
+        for off in sorted(distance(nxt, s) for s in self.ooo):
+            if blocks and blocks[-1] == off:
+                blocks[-1] = off + 1
+            elif len(blocks) == 2 * MAX_SACK_BLOCKS:
+                break
+            else:
+                blocks += (off, off + 1)
+        return struct.pack(f"!{len(blocks)}I", *((nxt + off) % SEQ_MOD for off in blocks))
 
     def _resend(self, seq: int, sent: Sent, now: float) -> None:
         """A copy with the same flags and seqno; the ack and window refreshed (C refreshes the ack)."""
@@ -462,7 +457,7 @@ class Frct:
         due = [d for d in (self.ack_due, self._fc_due, self._rdvs_due) if d is not None]
         rec = self.recovery
         if rec is not None and (oldest := rec.oldest()) is not None:
-            due.append(oldest.sent + rec.rtt.rto)
+            due.append(rec.deadline() or oldest.sent)
             due.append(oldest.first + self.r_timeout)
         return min(due, default=None)
 

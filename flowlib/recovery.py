@@ -1,6 +1,6 @@
 """Loss recovery of FRCT senders, sans-IO: the PDUs in flight, the RTT estimate and its backed-off
 retransmission timeout (RFC 6298), and loss found from duplicate and selective acks (NewReno, RFC 6675;
-a repair still missing an RTO later while later PDUs arrive is resent, as RACK would).
+a repair is taken as lost again once a PDU first sent after it has arrived, as RACK, RFC 8985).
 
 It says which PDUs to send again; the connection (flowlib.frct) builds the copies and sends them.
 """
@@ -15,6 +15,7 @@ SEQ_MOD = 1 << 32
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
 RTO_G = 0.005  # the least margin over the smoothed RTT (RFC 6298's clock granularity G)
 DUP_THRESH = 3  # a PDU this many places below an acked one is taken as lost (RFC 6675's DupThresh)
+PTO_MIN = 0.001  # the least wait before a probe in recovery (RFC 8985's tail loss probe, 2 RTTs)
 
 
 def before(a: int, b: int) -> bool:
@@ -77,6 +78,11 @@ class Recovery:
         self.episode = 0  # counts loss recoveries: a hole is resent once in each
         self.high_sacked: int | None = None  # one past the highest PDU the peer holds out of order
         self.timeouts = 0  # retransmission timeouts since the last ack that moved
+        # RACK: when the latest-sent PDU known to have arrived was sent (first transmissions only, as
+        # an ack of a copy cannot say which copy arrived). A repair sent well before it is lost again.
+        self.delivered_sent = -float("inf")
+        self.probed: int | None = None  # `una` when its last probe went: one probe per oldest PDU
+        self.probes = 0
 
     def start(self, seq: int) -> None:
         """A new data run begins at `seq` (nothing is in flight)."""
@@ -110,11 +116,14 @@ class Recovery:
         # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one.
         if oldest is not None and oldest.tries == 0:
             self.rtt.sample(now - oldest.sent)
-        acked, seq, unacked = 0, self.una, self.unacked
+        acked, seq, unacked, latest = 0, self.una, self.unacked, self.delivered_sent
         while seq != ackno:
-            if unacked.pop(seq, None) is not None:
+            if (sent := unacked.pop(seq, None)) is not None:
                 acked += 1
+                if sent.tries == 0 and sent.sent > latest:
+                    latest = sent.sent
             seq = (seq + 1) % SEQ_MOD
+        self.delivered_sent = latest
         # Past PDUs the peer held out of order and acked selectively before: the oldest still in flight.
         while seq not in unacked and before(seq, nxt):
             seq = (seq + 1) % SEQ_MOD
@@ -151,23 +160,25 @@ class Recovery:
             else:
                 held = [s for i in range(span) if (s := (start + i) % SEQ_MOD) in self.unacked]
             for seq in held:
-                del self.unacked[seq]
+                sent = self.unacked.pop(seq)
+                if sent.tries == 0 and sent.sent > self.delivered_sent:
+                    self.delivered_sent = sent.sent
                 news = True
             if self.high_sacked is None or before(self.high_sacked, end):
                 self.high_sacked = end
         if not news or self.high_sacked is None or not before(self.una, self.high_sacked):
             return []
         lost_below = (self.high_sacked - DUP_THRESH) % SEQ_MOD
-        # A hole resent in this recovery is lost again if later PDUs still arrive an RTO after: resend
-        # it now, without the timeout's backoff, since acks show the path works.
-        stale = now - self.rtt.rto
+        # A hole resent in this recovery is lost again if a PDU first sent after the repair (by more
+        # than a reordering allowance) has arrived, or an RTO passed while later PDUs still arrive:
+        # resend it now, without the timeout's backoff, since acks show the path works.
+        stale = max(now - self.rtt.rto, self.delivered_sent - self._reordering())
         holes: Resend = []
-        seq = self.una
-        while before(seq, lost_below):
-            sent = self.unacked.get(seq)
-            if sent is not None and (sent.episode != self.episode or sent.sent < stale):
+        for seq, sent in self.unacked.items():  # in seqno order: PDUs enter it as they are first sent
+            if not before(seq, lost_below):
+                break
+            if sent.episode != self.episode or sent.sent < stale:
                 holes.append((seq, sent))
-            seq = (seq + 1) % SEQ_MOD
         if not holes:
             return []
         if self.recover is None:  # a new loss: tell congestion control once, then repair every hole found
@@ -175,6 +186,11 @@ class Recovery:
             self.recover = nxt
             self.cc.on_loss()
         return holes
+
+    def _reordering(self) -> float:
+        """How much later than a repair a PDU may be sent and still arrive first, without a loss (RACK's
+        reordering window: a quarter of the RTT)."""
+        return (self.rtt.srtt if self.rtt.srtt is not None else RTO_INIT) / 4
 
     def _lost(self, seq: int, nxt: int) -> Resend:
         sent = self.unacked.get(seq)
@@ -186,15 +202,33 @@ class Recovery:
         return [(seq, sent)]
 
     def deadline(self) -> float | None:
-        """When the oldest PDU in flight is due for retransmission."""
+        """When the oldest PDU in flight is due for a probe or a retransmission."""
         oldest = self.unacked.get(self.una)
-        return oldest.sent + self.rtt.rto if oldest is not None else None
+        if oldest is None:
+            return None
+        due = oldest.sent + self.rtt.rto
+        probe = self._probe_at(oldest)
+        return due if probe is None else min(due, probe)
+
+    def _probe_at(self, oldest: Sent) -> float | None:
+        """In recovery, the oldest PDU is sent again once after two RTTs without an ack that moves: when
+        its repair was lost with the window full, no later PDU can arrive to show it (RACK), and the RTO
+        would stall the flow several RTTs and back off. Not a timeout: no backoff, no window cost."""
+        if self.recover is None or self.probed == self.una or self.rtt.srtt is None:
+            return None
+        return oldest.sent + max(2 * self.rtt.srtt, PTO_MIN)
 
     def on_timer(self, now: float, nxt: int) -> Resend:
-        """If the oldest PDU timed out: back off, tell congestion control, resend it."""
+        """If the oldest PDU timed out: back off, tell congestion control, resend it; or probe (above)."""
         oldest = self.unacked.get(self.una)
-        if oldest is None or now < oldest.sent + self.rtt.rto:
+        if oldest is None:
             return []
+        if now < oldest.sent + self.rtt.rto:
+            if (probe := self._probe_at(oldest)) is None or now < probe:
+                return []
+            self.probed = self.una
+            self.probes += 1
+            return [(self.una, oldest)]
         self.rtt.backoff()
         self.cc.on_timeout(repeated=self.timeouts > 0)
         self.timeouts += 1

@@ -472,16 +472,65 @@ def test_a_random_loss_costs_no_window_and_a_repeated_timeout_collapses_it() -> 
     assert seq_of(sim.a.pdus[0]) == seq_of(lost)
     assert cwnd(sim.a) == grown, "acks still flow: the path works, the loss was repaired at no cost"
     assert sim.a.recovery is not None and sim.a.recovery.cc.losses == 1
+    rec = sim.a.recovery
+    for _ in range(3):  # two timeouts, and at most one probe (not a timeout) between
+        sim.a.pdus.clear()  # the repair is lost, and every copy after it
+        deadline = sim.a.get_timer()
+        assert deadline is not None
+        sim.a.handle_timer(deadline)
+        assert [seq_of(p) for p in sim.a.pdus] == [seq_of(lost)]
+        if rec.timeouts == 1:
+            assert cwnd(sim.a) == grown, "one timeout may be bad luck"
+        if rec.timeouts == 2:
+            break
+    assert cwnd(sim.a) == 2.0, "again without an ack between: the path may be gone"
+    assert rec.timeouts == 2 and rec.probes <= 1
+
+
+def test_a_lost_repair_is_resent_as_soon_as_a_pdu_sent_after_it_arrives() -> None:
+    """RACK: no RTO's wait when later-sent PDUs show the repair should have arrived already."""
+    sim = pair(delay=0.001, jitter=0.0)
+    sim.stream(tagged(400, seed=1, max_size=50))
+    rec = sim.a.recovery
+    assert rec is not None and rec.rtt.srtt is not None
+    rto = rec.rtt.rto
+    lost = lose_the_first_of_a_flight(sim)
+    repaired = sim.now + 0.02  # when the acks reached the sender (lose_the_first_of_a_flight)
+    assert seq_of(sim.a.pdus.popleft()) == seq_of(lost)  # the repair is lost as well
+    t = repaired + rec.rtt.srtt / 2  # later PDUs, sent after it by more than the reordering allowance
+    for i in range(4):
+        sim.a.send(TAG.pack(100 + i), t)
+    for pdu in list(sim.a.pdus):
+        sim.b.receive(pdu, t + 0.001)
+        sim.b.handle_timer(t + 0.001)
     sim.a.pdus.clear()
-    deadline = sim.a.get_timer()
-    assert deadline is not None
-    sim.a.handle_timer(deadline)  # the retransmission is lost too: one timeout may be bad luck
-    assert cwnd(sim.a) == grown
+    for ack in list(sim.b.pdus):
+        sim.a.receive(ack, t + 0.002)
+    assert t + 0.002 < repaired + rto, "the test must finish inside one RTO"
+    assert [seq_of(p) for p in sim.a.pdus] == [seq_of(lost)]
+    assert rec.rtt.rto == rto and rec.timeouts == 0 and rec.probes == 0
+
+
+def test_with_the_window_full_a_lost_repair_is_probed_after_two_round_trips() -> None:
+    """Nothing later can be sent to show the loss: one probe after 2 RTTs, without backoff, before the
+    RTO (whose floor is far above a fast path's RTT); then the RTO as before."""
+    sim = pair(delay=0.001, jitter=0.0)
+    sim.stream(tagged(400, seed=1, max_size=50))
+    rec = sim.a.recovery
+    assert rec is not None and rec.rtt.srtt is not None
+    rto = rec.rtt.rto
+    lost = lose_the_first_of_a_flight(sim)
+    repaired = sim.now + 0.02
     sim.a.pdus.clear()
-    deadline = sim.a.get_timer()
-    assert deadline is not None
-    sim.a.handle_timer(deadline)  # again without an ack between: the path may be gone
-    assert cwnd(sim.a) == 2.0
+    probe = sim.a.get_timer()
+    assert probe == pytest.approx(repaired + 2 * rec.rtt.srtt) and probe < repaired + rto
+    sim.a.handle_timer(probe - 1e-6)
+    assert not sim.a.pdus
+    sim.a.handle_timer(probe)
+    assert [seq_of(p) for p in sim.a.pdus] == [seq_of(lost)] and rec.probes == 1 and rec.timeouts == 0
+    assert rec.rtt.rto == rto, "a probe is no timeout: no backoff"
+    sim.a.pdus.clear()
+    assert sim.a.get_timer() == pytest.approx(probe + rto), "one probe per hole: then the RTO"
 
 
 def test_a_lost_retransmission_is_resent_while_acks_flow_without_a_timeout() -> None:

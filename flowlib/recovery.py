@@ -15,6 +15,8 @@ SEQ_MOD = 1 << 32
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
 RTO_G = 0.005  # the least margin over the smoothed RTT (RFC 6298's clock granularity G)
 DUP_THRESH = 3  # a PDU this many places below an acked one is taken as lost (RFC 6675's DupThresh)
+PROBES = 3  # probes of one oldest PDU before the RTO takes over: at 20% loss each way, repair and probe
+# or their acks are lost a third of the time; three probes leave the RTO (and its backoff) 1 in 60 holes
 PTO_MIN = 0.001  # the least wait before a probe in recovery (RFC 8985's tail loss probe, 2 RTTs)
 
 
@@ -54,8 +56,11 @@ class Rtt:
         self.settle()
 
     def settle(self) -> None:
-        """Progress: drop any backoff."""
-        if self.srtt is not None:
+        """Progress: drop any backoff (to the initial RTO while no sample could be taken: when every ack
+        so far covered a resent PDU, as after a lost first PDU, Karn's rule leaves none)."""
+        if self.srtt is None:
+            self.rto = RTO_INIT
+        else:
             self.rto = min(max(self.srtt + max(RTO_G, 4 * self.rttvar), RTO_MIN), RTO_MAX)
 
     def backoff(self) -> None:
@@ -81,13 +86,16 @@ class Recovery:
         # RACK: when the latest-sent PDU known to have arrived was sent (first transmissions only, as
         # an ack of a copy cannot say which copy arrived). A repair sent well before it is lost again.
         self.delivered_sent = -float("inf")
-        self.probed: int | None = None  # `una` when its last probe went: one probe per oldest PDU
+        self.probed: int | None = None  # `una` when its last probe went
+        self.probed_times = 0  # ... and how many probes it had: PROBES at most per oldest PDU
         self.probes = 0
+        self.timed_out = False  # this recovery began with a timeout
 
     def start(self, seq: int) -> None:
         """A new data run begins at `seq` (nothing is in flight)."""
         self.una = seq
         self.recover = self.high_sacked = None
+        self.timed_out = False
         self.dupacks = 0
 
     def on_sent(self, seq: int, pdu: bytes, now: float) -> None:
@@ -113,8 +121,11 @@ class Recovery:
         self.dupacks = 0
         self.timeouts = 0
         oldest = self.unacked.get(self.una)
-        # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one.
-        if oldest is not None and oldest.tries == 0:
+        # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one,
+        # unless no sample was ever taken (its first copy lost, as every one after it may be): its last
+        # copy's time errs short at worst, and valid samples soon correct it; an RTO stuck at its
+        # backed-off initial value would cost seconds per loss.
+        if oldest is not None and (oldest.tries == 0 or self.rtt.srtt is None):
             self.rtt.sample(now - oldest.sent)
         acked, seq, unacked, latest = 0, self.una, self.unacked, self.delivered_sent
         while seq != ackno:
@@ -135,15 +146,30 @@ class Recovery:
         self.rtt.settle()
         if self.recover is not None:
             if before(seq, self.recover) and (sent := unacked.get(seq)) is not None:
+                if self.timed_out:
+                    # After a timeout everything sent before it is taken as lost, as TCP does: the
+                    # first ack that moves sends the window's worth again, not one PDU per round trip.
+                    return self._stale_below(self.recover, self.cc.window())
                 if sent.episode != self.episode:  # NewReno: a partial ack shows the next hole
                     return [(seq, sent)]
             else:
                 self.recover = None
+                self.timed_out = False
         return []
+
+    def _stale_below(self, end: int, most: int) -> Resend:
+        """Up to `most` PDUs below `end` not yet resent in this recovery, oldest first."""
+        out: Resend = []
+        for seq, sent in self.unacked.items():  # in seqno order: PDUs enter it as they are first sent
+            if not before(seq, end) or len(out) >= most:
+                break
+            if sent.episode != self.episode:
+                out.append((seq, sent))
+        return out
 
     def on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int, now: float) -> Resend:
         """SACK blocks [start, end): held by the peer, so not resent; what lies well below them was lost."""
-        news = False
+        news = fresh = False  # fresh: a PDU never resent arrived, later sent than any known to have
         budget = limit  # PDUs all blocks together may name: a forged ack costs at most one window's work
         for start, end in blocks:
             # Only blocks inside what is in flight and no longer than the sender keeps: never trust more.
@@ -163,9 +189,12 @@ class Recovery:
                 sent = self.unacked.pop(seq)
                 if sent.tries == 0 and sent.sent > self.delivered_sent:
                     self.delivered_sent = sent.sent
+                    fresh = True
                 news = True
             if self.high_sacked is None or before(self.high_sacked, end):
                 self.high_sacked = end
+        if fresh:  # a PDU never resent arrived: the path works, so the next timeout is not a repeat
+            self.timeouts = 0
         if not news or self.high_sacked is None or not before(self.una, self.high_sacked):
             return []
         lost_below = (self.high_sacked - DUP_THRESH) % SEQ_MOD
@@ -214,7 +243,7 @@ class Recovery:
         """In recovery, the oldest PDU is sent again once after two RTTs without an ack that moves: when
         its repair was lost with the window full, no later PDU can arrive to show it (RACK), and the RTO
         would stall the flow several RTTs and back off. Not a timeout: no backoff, no window cost."""
-        if self.recover is None or self.probed == self.una or self.rtt.srtt is None:
+        if self.recover is None or self.rtt.srtt is None or (self.probed == self.una and self.probed_times >= PROBES):
             return None
         return oldest.sent + max(2 * self.rtt.srtt, PTO_MIN)
 
@@ -226,6 +255,7 @@ class Recovery:
         if now < oldest.sent + self.rtt.rto:
             if (probe := self._probe_at(oldest)) is None or now < probe:
                 return []
+            self.probed_times = self.probed_times + 1 if self.probed == self.una else 1
             self.probed = self.una
             self.probes += 1
             return [(self.una, oldest)]
@@ -234,4 +264,5 @@ class Recovery:
         self.timeouts += 1
         self.episode += 1  # after a timeout every hole may be resent again
         self.recover = nxt
+        self.timed_out = True
         return [(self.una, oldest)]

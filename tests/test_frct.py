@@ -35,7 +35,7 @@ from flowlib.frct import (
     Frct,
     Pci,
 )
-from flowlib.recovery import RTO_G, RTO_INIT, RTO_MAX, RTO_MIN, SEQ_MOD, before
+from flowlib.recovery import PROBES, RTO_G, RTO_INIT, RTO_MAX, RTO_MIN, SEQ_MOD, before
 
 MTU = 1000
 PAYLOAD = MTU - PCI.size
@@ -366,10 +366,12 @@ def test_the_backoff_ends_when_acks_resume() -> None:
     sim.a.send(b"lost", sim.now)
     lost = sim.a.pdus.popleft()
     t = sim.now
-    for _ in range(4):
+    rec = sim.a.recovery
+    for _ in range(4 + PROBES):  # four timeouts; the probes between them do not back off
         t = sim.a.get_timer() or t
         sim.a.handle_timer(t)
         sim.a.pdus.clear()
+    assert rec.timeouts == 4 and rec.probes == PROBES
     assert rtt.rto >= 8 * settled or rtt.rto == RTO_MAX
     sim.now = t
     sim.a.pdus.append(lost)  # the path works again: this copy gets through
@@ -473,7 +475,7 @@ def test_a_random_loss_costs_no_window_and_a_repeated_timeout_collapses_it() -> 
     assert cwnd(sim.a) == grown, "acks still flow: the path works, the loss was repaired at no cost"
     assert sim.a.recovery is not None and sim.a.recovery.cc.losses == 1
     rec = sim.a.recovery
-    for _ in range(3):  # two timeouts, and at most one probe (not a timeout) between
+    for _ in range(2 + PROBES):  # two timeouts, and the probes (not timeouts) between
         sim.a.pdus.clear()  # the repair is lost, and every copy after it
         deadline = sim.a.get_timer()
         assert deadline is not None
@@ -484,7 +486,7 @@ def test_a_random_loss_costs_no_window_and_a_repeated_timeout_collapses_it() -> 
         if rec.timeouts == 2:
             break
     assert cwnd(sim.a) == 2.0, "again without an ack between: the path may be gone"
-    assert rec.timeouts == 2 and rec.probes <= 1
+    assert rec.timeouts == 2 and rec.probes <= PROBES
 
 
 def test_a_lost_repair_is_resent_as_soon_as_a_pdu_sent_after_it_arrives() -> None:
@@ -493,8 +495,8 @@ def test_a_lost_repair_is_resent_as_soon_as_a_pdu_sent_after_it_arrives() -> Non
     sim.stream(tagged(400, seed=1, max_size=50))
     rec = sim.a.recovery
     assert rec is not None and rec.rtt.srtt is not None
-    rto = rec.rtt.rto
     lost = lose_the_first_of_a_flight(sim)
+    rto = rec.rtt.rto
     repaired = sim.now + 0.02  # when the acks reached the sender (lose_the_first_of_a_flight)
     assert seq_of(sim.a.pdus.popleft()) == seq_of(lost)  # the repair is lost as well
     t = repaired + rec.rtt.srtt / 2  # later PDUs, sent after it by more than the reordering allowance
@@ -508,18 +510,18 @@ def test_a_lost_repair_is_resent_as_soon_as_a_pdu_sent_after_it_arrives() -> Non
         sim.a.receive(ack, t + 0.002)
     assert t + 0.002 < repaired + rto, "the test must finish inside one RTO"
     assert [seq_of(p) for p in sim.a.pdus] == [seq_of(lost)]
-    assert rec.rtt.rto == rto and rec.timeouts == 0 and rec.probes == 0
+    assert rec.timeouts == 0 and rec.probes == 0 and rec.rtt.rto < 2 * rto  # no timeout, no backoff
 
 
 def test_with_the_window_full_a_lost_repair_is_probed_after_two_round_trips() -> None:
-    """Nothing later can be sent to show the loss: one probe after 2 RTTs, without backoff, before the
-    RTO (whose floor is far above a fast path's RTT); then the RTO as before."""
+    """Nothing later can be sent to show the loss: a probe after 2 RTTs, without backoff, before the
+    RTO (whose floor is far above a fast path's RTT), PROBES times; then the RTO as before."""
     sim = pair(delay=0.001, jitter=0.0)
     sim.stream(tagged(400, seed=1, max_size=50))
     rec = sim.a.recovery
     assert rec is not None and rec.rtt.srtt is not None
-    rto = rec.rtt.rto
     lost = lose_the_first_of_a_flight(sim)
+    rto = rec.rtt.rto
     repaired = sim.now + 0.02
     sim.a.pdus.clear()
     probe = sim.a.get_timer()
@@ -529,8 +531,14 @@ def test_with_the_window_full_a_lost_repair_is_probed_after_two_round_trips() ->
     sim.a.handle_timer(probe)
     assert [seq_of(p) for p in sim.a.pdus] == [seq_of(lost)] and rec.probes == 1 and rec.timeouts == 0
     assert rec.rtt.rto == rto, "a probe is no timeout: no backoff"
+    for n in range(2, PROBES + 1):  # the probe is lost too: again, two RTTs later, PROBES times in all
+        sim.a.pdus.clear()
+        probe = sim.a.get_timer()
+        assert probe == pytest.approx(rec.unacked[rec.una].sent + 2 * rec.rtt.srtt)
+        sim.a.handle_timer(probe)
+        assert [seq_of(p) for p in sim.a.pdus] == [seq_of(lost)] and rec.probes == n and rec.timeouts == 0
     sim.a.pdus.clear()
-    assert sim.a.get_timer() == pytest.approx(probe + rto), "one probe per hole: then the RTO"
+    assert sim.a.get_timer() == pytest.approx(probe + rto), "then the RTO, with its backoff"
 
 
 def test_a_lost_retransmission_is_resent_while_acks_flow_without_a_timeout() -> None:
@@ -538,8 +546,8 @@ def test_a_lost_retransmission_is_resent_while_acks_flow_without_a_timeout() -> 
     sim.stream(tagged(400, seed=1, max_size=50))
     rec = sim.a.recovery
     assert rec is not None
-    rto = rec.rtt.rto
     lost = lose_the_first_of_a_flight(sim)
+    rto = rec.rtt.rto
     assert seq_of(sim.a.pdus.popleft()) == seq_of(lost)  # the repair is lost as well
     # Later PDUs keep arriving past the hole: once its repair is an RTO old, the next SACK repairs it again.
     t = sim.now + 0.02 + rto + 0.001
@@ -553,7 +561,49 @@ def test_a_lost_retransmission_is_resent_while_acks_flow_without_a_timeout() -> 
         sim.a.receive(ack, t + 0.01)
     assert [seq_of(p) for p in sim.a.pdus] == [seq_of(lost)]
     assert sim.a.counters.retransmitted == 2
-    assert rec.rtt.rto == rto, "no timeout: the RTO did not back off"
+    assert rec.timeouts == 0 and rec.rtt.rto < 2 * rto, "no timeout: the RTO did not back off"
+
+
+@pytest.mark.parametrize("both_ways", [False, True], ids=["data-lost", "data-and-acks-lost"])
+def test_heavy_random_loss_costs_round_trips_never_seconds(both_ways: bool) -> None:
+    """20% loss: a lost first PDU (the receiver drops what follows until a run opens), lost repairs
+    and lost acks cost round trips, not backed-off RTOs (these seeds took 5 to 31 simulated seconds
+    for what takes 0.07 s when the RTO stayed at its backed-off initial value)."""
+    worst = 0.0
+    for seed in (10, 18, 19, 29):
+        rng = random.Random(seed)
+        a, b = (Frct(MTU, True, isn=lambda r=rng: r.getrandbits(32)) for _ in range(2))
+        ab = Link(rng, loss=0.2, delay=0.0003, jitter=0.0002, reorder=0.05)
+        ba = Link(rng, loss=0.2 if both_ways else 0.0, delay=0.0003, jitter=0.0002)
+        sim = Sim(a, b, ab, ba)
+        sdus = tagged(2000, seed=seed, max_size=PAYLOAD)
+        sim.stream(sdus, pace=1 / 30000, limit=300)
+        assert sim.got_b == sdus
+        worst = max(worst, sim.now)
+    assert worst < 2.0, f"a transfer of 0.07 s took {worst:.1f} s"
+
+
+def test_after_a_timeout_the_first_ack_that_moves_resends_the_rest_of_the_flight_at_once() -> None:
+    """Everything sent before a timeout is taken as lost (as TCP's loss state): when a whole flight
+    is lost, its repair takes a round trip, not one round trip per PDU."""
+    sim = pair(delay=0.01, jitter=0.0)
+    sim.stream(tagged(400, seed=1, max_size=50))
+    rec = sim.a.recovery
+    assert rec is not None
+    for i in range(10):
+        sim.a.send(TAG.pack(i), sim.now)
+    flight = [seq_of(p) for p in sim.a.pdus]
+    sim.a.pdus.clear()  # the whole flight is lost
+    deadline = sim.a.get_timer()
+    assert deadline is not None
+    sim.a.handle_timer(deadline)
+    assert rec.timeouts == 1 and [seq_of(p) for p in sim.a.pdus] == flight[:1]
+    sim.b.receive(sim.a.pdus.popleft(), deadline + 0.01)
+    sim.b.handle_timer(deadline + 0.015)  # its ack, delayed as for any lone PDU in order
+    assert sim.b.pdus
+    for ack in list(sim.b.pdus):
+        sim.a.receive(ack, deadline + 0.02)
+    assert sorted(seq_of(p) for p in sim.a.pdus) == sorted(flight[1:])
 
 
 def test_selective_acks_repair_every_hole_of_a_window_in_one_round_trip() -> None:

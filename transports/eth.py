@@ -188,6 +188,8 @@ def llc_frame(dst: bytes, src: bytes, payload: bytes, sap: int = MGMT_WIRE_SAP) 
 class EthFraming:
     """The relay's Framing for eth-dix: the DIX header, struct-packed."""
 
+    needs_src = False  # the frame names its sender
+
     def __init__(self, own: bytes, ethertype: int = DEFAULT_ETHERTYPE) -> None:
         self.own = own
         self.ethertype = ethertype
@@ -215,6 +217,8 @@ class EthFraming:
 
 class LlcFraming:
     """The relay's Framing for eth-llc: 802.3 length, LLC SAPs as endpoint ids (management: eid 0)."""
+
+    needs_src = False
 
     def __init__(self, own: bytes) -> None:
         self.own = own

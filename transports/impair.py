@@ -51,6 +51,7 @@ class ImpairedFraming:
         self._held: tuple[Any, bytes] | None = None
         self._free_at = 0.0  # when the slow link has sent what it was given
         self.parse = inner.parse
+        self.needs_src = inner.needs_src
 
     def send(self, sock: socket.socket, flow: Any, sdu: bytes) -> None:
         imp, rng = self.impairment, self._rng

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 class Framing(Protocol):
     """How a transport carries (eid, SDU) in its datagrams."""
 
+    # Whether parse needs the sender's address from the socket; else frames are read with recv (on a
+    # packet socket recvfrom costs an ioctl per frame: CPython looks up the interface's name).
+    needs_src: bool
+
     def parse(self, frame: bytes, src: Any) -> tuple[int, memoryview, Hashable] | None:
         """(eid, SDU, peer address) of a received frame, or None to drop it."""
 
@@ -84,10 +88,11 @@ class Relay(PollThread):
             self._from_app(flow, bool(mask & self.HUP))
 
     def _from_net(self) -> None:
-        recv, parse, flows = self.net.recvfrom, self.framing.parse, self.flows
+        parse, flows, bufsize = self.framing.parse, self.flows, self.bufsize
+        recvfrom = self.net.recvfrom if self.framing.needs_src else lambda n: (self.net.recv(n), None)
         for _ in range(BURST):
             try:
-                frame, src = recv(self.bufsize)
+                frame, src = recvfrom(bufsize)
             except BlockingIOError:
                 return
             except OSError as e:

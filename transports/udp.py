@@ -99,6 +99,8 @@ def decode_addrs(data: bytes) -> list[Hashable]:
 class UdpFraming:
     """eid (u32) then the SDU; a peer is its (ip, port)."""
 
+    needs_src = True
+
     @staticmethod
     def parse(frame: bytes, src: tuple[str, int]) -> tuple[int, memoryview, Hashable] | None:
         if len(frame) < EID.size:

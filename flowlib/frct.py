@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from flowlib.congestion import Window
 from flowlib.fccntl import FRCTFLINGER, FRCTFRESCNTL, FRCTFRTX
-from flowlib.recovery import SEQ_MOD, Recovery, Sent, before, distance
+from flowlib.recovery import SEQ_MOD, Recovery, Resend, Sent, before, distance
 
 # The PCI, as C's struct frct_pci: flags (8 bits) and the right window edge (24) in one word, seqno, ackno.
 PCI = struct.Struct("!III")
@@ -276,9 +276,13 @@ class Frct:
             self._fc_due = now
             return
         if flags & ACK and self.recovery is not None:
-            self._on_ack(ackno, now, pure=not flags & DATA)
+            resend = self._on_ack(ackno, now, pure=not flags & DATA)
             if flags & SACK:
                 self._on_sack(pdu, now)
+            unacked = self.recovery.unacked
+            for seq, sent in resend:  # after the SACK blocks: none the same packet says the peer holds
+                if seq in unacked:
+                    self._resend(seq, sent, now)
         if flags & FC:
             self._on_window(word & RWE_MASK)
         if flags & DATA:
@@ -292,14 +296,13 @@ class Frct:
         self.rcv_nxt = self.rcv_acked = self.rcv_rwe = self._fc_edge = seq
         self._advertise()
 
-    def _on_ack(self, ackno: int, now: float, pure: bool) -> None:
+    def _on_ack(self, ackno: int, now: float, pure: bool) -> Resend:
         rec = self.recovery
         assert rec is not None
         if before(self.snd_nxt, ackno):
             self.counters.malformed += 1  # acknowledges what was never sent: not from our peer
-            return
-        for seq, sent in rec.on_ack(ackno, self.snd_nxt, now, pure):
-            self._resend(seq, sent, now)
+            return []
+        return rec.on_ack(ackno, self.snd_nxt, now, pure)
 
     def _on_sack(self, pdu: bytes, now: float) -> None:
         rec = self.recovery
@@ -308,7 +311,8 @@ class Frct:
         if len(body) % SACK_BLOCK.size or len(body) > MAX_SACK_BLOCKS * SACK_BLOCK.size:
             self.counters.malformed += 1
             return
-        for seq, sent in rec.on_sack(list(SACK_BLOCK.iter_unpack(body)), self.snd_nxt, SPAN, now):
+        blocks = list(SACK_BLOCK.iter_unpack(body))
+        for seq, sent in rec.on_sack(blocks, self.snd_nxt, SPAN, now, complete=len(blocks) < MAX_SACK_BLOCKS):
             self._resend(seq, sent, now)
 
     def _on_window(self, rwe24: int) -> None:
@@ -438,9 +442,6 @@ class Frct:
 
     def _resend(self, seq: int, sent: Sent, now: float) -> None:
         """A copy with the same flags and seqno; the ack and window refreshed (C refreshes the ack)."""
-        rec = self.recovery
-        assert rec is not None
-        rec.resent(sent, now)
         word, _, ackno = PCI.unpack_from(sent.pdu)
         flags = word >> 24
         rwe = self._advertise() if flags & FC else 0

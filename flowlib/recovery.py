@@ -14,10 +14,13 @@ from flowlib.congestion import Window
 SEQ_MOD = 1 << 32
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
 RTO_G = 0.005  # the least margin over the smoothed RTT (RFC 6298's clock granularity G)
+GUESSES = 3  # RTT guesses from resent PDUs per flow while it has no valid sample
 DUP_THRESH = 3  # a PDU this many places below an acked one is taken as lost (RFC 6675's DupThresh)
 PROBES = 3  # probes of one oldest PDU before the RTO takes over: at 20% loss each way, repair and probe
 # or their acks are lost a third of the time; three probes leave the RTO (and its backoff) 1 in 60 holes
 PTO_MIN = 0.001  # the least wait before a probe in recovery (RFC 8985's tail loss probe, 2 RTTs)
+GO_BACK = 16  # PDUs the first ack that moves after a timeout may resend, beyond two per PDU it acks
+CREDIT_MAX = 4 * GO_BACK  # second repairs (and go-back resends) banked by arrivals, two each
 
 
 def before(a: int, b: int) -> bool:
@@ -46,6 +49,7 @@ class Rtt:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = RTO_INIT
+        self.guesses = 0  # samples taken from a copy's time while no valid one existed (see Recovery.on_ack)
 
     def sample(self, rtt: float) -> None:
         if self.srtt is None:
@@ -56,10 +60,11 @@ class Rtt:
         self.settle()
 
     def settle(self) -> None:
-        """Progress: drop any backoff (to the initial RTO while no sample could be taken: when every ack
-        so far covered a resent PDU, as after a lost first PDU, Karn's rule leaves none)."""
+        """Progress: drop any backoff. Without a sample, to RTO_INIT while guesses remain; then kept (RFC
+        6298 5.7): on a path slower than RTO_INIT every ack would cover a copy sent on a timeout."""
         if self.srtt is None:
-            self.rto = RTO_INIT
+            if self.guesses < GUESSES:
+                self.rto = RTO_INIT
         else:
             self.rto = min(max(self.srtt + max(RTO_G, 4 * self.rttvar), RTO_MIN), RTO_MAX)
 
@@ -90,6 +95,10 @@ class Recovery:
         self.probed_times = 0  # ... and how many probes it had: PROBES at most per oldest PDU
         self.probes = 0
         self.timed_out = False  # this recovery began with a timeout
+        self.guessed = False  # srtt rests on a guess (on_ack): a timeout withdraws it
+        # Resends beyond a hole's first repair: two per PDU the peer newly acknowledges, so that forged
+        # acks buy little (after a timeout, GO_BACK to start with).
+        self.credit = 0
 
     def start(self, seq: int) -> None:
         """A new data run begins at `seq` (nothing is in flight)."""
@@ -101,15 +110,29 @@ class Recovery:
     def on_sent(self, seq: int, pdu: bytes, now: float) -> None:
         self.unacked[seq] = Sent(pdu, now, now)
 
-    def resent(self, sent: Sent, now: float) -> None:
-        sent.tries += 1
-        sent.sent = now
-        sent.episode = self.episode
+    def _resending(self, resend: Resend, now: float) -> Resend:
+        """What the caller is to send again, marked as resent now (so the SACK blocks of the same
+        packet, looked at after its ack, do not name them a second time)."""
+        for _, sent in resend:
+            sent.tries += 1
+            sent.sent = now
+            sent.episode = self.episode
+        return resend
 
     def oldest(self) -> Sent | None:
         return self.unacked.get(self.una)
 
     def on_ack(self, ackno: int, nxt: int, now: float, pure: bool) -> Resend:
+        return self._resending(self._on_ack(ackno, nxt, now, pure), now)
+
+    def on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int, now: float, complete: bool) -> Resend:
+        """`complete`: the blocks name every run the peer holds (it had room for them all)."""
+        return self._resending(self._on_sack(blocks, nxt, limit, now, complete), now)
+
+    def on_timer(self, now: float, nxt: int) -> Resend:
+        return self._resending(self._on_timer(now, nxt), now)
+
+    def _on_ack(self, ackno: int, nxt: int, now: float, pure: bool) -> Resend:
         """A cumulative ack (`ackno`: the next PDU the peer expects; the caller checked it is not past `nxt`)."""
         if not before(self.una, ackno):
             # Only a pure ack that moves nothing hints at a hole; data and window updates do not.
@@ -122,11 +145,17 @@ class Recovery:
         self.timeouts = 0
         oldest = self.unacked.get(self.una)
         # Sample only the oldest PDU: later ones may have waited behind a hole. Karn: never a resent one,
-        # unless no sample was ever taken (its first copy lost, as every one after it may be): its last
-        # copy's time errs short at worst, and valid samples soon correct it; an RTO stuck at its
-        # backed-off initial value would cost seconds per loss.
-        if oldest is not None and (oldest.tries == 0 or self.rtt.srtt is None):
+        # but while no sample exists (the first PDUs lost, a receiver that drops what follows until a
+        # run opens, every ack covering a repair), a few guesses from the last copy's time: it errs
+        # short at worst, and a timeout before a valid sample withdraws it. Without them the RTO stays
+        # backed off at seconds per loss.
+        if oldest is not None and oldest.tries == 0:
             self.rtt.sample(now - oldest.sent)
+            self.guessed = False
+        elif oldest is not None and self.rtt.srtt is None and self.rtt.guesses < GUESSES:
+            self.rtt.sample(now - oldest.sent)
+            self.rtt.guesses += 1
+            self.guessed = True
         acked, seq, unacked, latest = 0, self.una, self.unacked, self.delivered_sent
         while seq != ackno:
             if (sent := unacked.pop(seq, None)) is not None:
@@ -147,9 +176,12 @@ class Recovery:
         if self.recover is not None:
             if before(seq, self.recover) and (sent := unacked.get(seq)) is not None:
                 if self.timed_out:
-                    # After a timeout everything sent before it is taken as lost, as TCP does: the
-                    # first ack that moves sends the window's worth again, not one PDU per round trip.
-                    return self._stale_below(self.recover, self.cc.window())
+                    # After a timeout everything sent before it is taken as lost, as TCP does: each
+                    # ack that moves resends two PDUs for each it acknowledged, not one per round trip.
+                    self.credit = min(self.credit + 2 * acked, CREDIT_MAX)
+                    out = self._stale_below(self.recover, min(self.cc.window(), self.credit))
+                    self.credit -= len(out)
+                    return out
                 if sent.episode != self.episode:  # NewReno: a partial ack shows the next hole
                     return [(seq, sent)]
             else:
@@ -167,9 +199,13 @@ class Recovery:
                 out.append((seq, sent))
         return out
 
-    def on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int, now: float) -> Resend:
+    def _on_sack(self, blocks: list[tuple[int, int]], nxt: int, limit: int, now: float, complete: bool) -> Resend:
         """SACK blocks [start, end): held by the peer, so not resent; what lies well below them was lost."""
         news = fresh = False  # fresh: a PDU never resent arrived, later sent than any known to have
+        # The highest PDU the blocks name, if they newly do and it was never resent: with every run the
+        # peer holds named, it is the latest arrival, which the SACK answers at once: a valid RTT sample
+        # (Karn) where the oldest PDU, always a repair under heavy loss, never gives one.
+        top: tuple[int, Sent] | None = None
         budget = limit  # PDUs all blocks together may name: a forged ack costs at most one window's work
         for start, end in blocks:
             # Only blocks inside what is in flight and no longer than the sender keeps: never trust more.
@@ -185,14 +221,21 @@ class Recovery:
                 held = [s for s in self.unacked if not before(s, start) and before(s, end)]
             else:
                 held = [s for i in range(span) if (s := (start + i) % SEQ_MOD) in self.unacked]
+            last = (end - 1) % SEQ_MOD
             for seq in held:
                 sent = self.unacked.pop(seq)
+                if seq == last and sent.tries == 0 and (top is None or before(top[0], end)):
+                    top = end, sent
                 if sent.tries == 0 and sent.sent > self.delivered_sent:
                     self.delivered_sent = sent.sent
                     fresh = True
                 news = True
+                self.credit = min(self.credit + 2, CREDIT_MAX)
             if self.high_sacked is None or before(self.high_sacked, end):
                 self.high_sacked = end
+        if complete and top is not None and top[0] == self.high_sacked:
+            self.rtt.sample(now - top[1].sent)
+            self.guessed = False
         if fresh:  # a PDU never resent arrived: the path works, so the next timeout is not a repeat
             self.timeouts = 0
         if not news or self.high_sacked is None or not before(self.una, self.high_sacked):
@@ -202,11 +245,17 @@ class Recovery:
         # than a reordering allowance) has arrived, or an RTO passed while later PDUs still arrive:
         # resend it now, without the timeout's backoff, since acks show the path works.
         stale = max(now - self.rtt.rto, self.delivered_sent - self._reordering())
+        # ... but never before the copy had a round trip to arrive (RFC 8985): a peer that acks fast
+        # and SACKs each new PDU would otherwise draw every hole again on every packet.
+        stale = min(stale, now - max(self.rtt.srtt or RTO_INIT, PTO_MIN))
         holes: Resend = []
         for seq, sent in self.unacked.items():  # in seqno order: PDUs enter it as they are first sent
             if not before(seq, lost_below):
                 break
-            if sent.episode != self.episode or sent.sent < stale:
+            if sent.episode != self.episode:
+                holes.append((seq, sent))
+            elif sent.sent < stale and self.credit > 0:  # a repair lost: paid for by PDUs that arrived
+                self.credit -= 1
                 holes.append((seq, sent))
         if not holes:
             return []
@@ -247,7 +296,7 @@ class Recovery:
             return None
         return oldest.sent + max(2 * self.rtt.srtt, PTO_MIN)
 
-    def on_timer(self, now: float, nxt: int) -> Resend:
+    def _on_timer(self, now: float, nxt: int) -> Resend:
         """If the oldest PDU timed out: back off, tell congestion control, resend it; or probe (above)."""
         oldest = self.unacked.get(self.una)
         if oldest is None:
@@ -259,10 +308,13 @@ class Recovery:
             self.probed = self.una
             self.probes += 1
             return [(self.una, oldest)]
+        if self.guessed:
+            self.rtt.srtt, self.guessed = None, False
         self.rtt.backoff()
         self.cc.on_timeout(repeated=self.timeouts > 0)
         self.timeouts += 1
         self.episode += 1  # after a timeout every hole may be resent again
         self.recover = nxt
         self.timed_out = True
+        self.credit = GO_BACK
         return [(self.una, oldest)]

@@ -42,7 +42,7 @@ from flowlib.frct import (
     Frct,
     Pci,
 )
-from flowlib.recovery import SEQ_MOD
+from flowlib.recovery import GO_BACK, PROBES, SEQ_MOD
 
 MTU = 1000
 PAYLOAD = MTU - PCI.size
@@ -508,3 +508,81 @@ def test_uid_65534_sending_endless_fragments_to_a_root_server_leaves_its_memory_
             srv.wait()
         stop_irmd(irmd)
         shutil.rmtree(d, ignore_errors=True)
+
+
+# -- forged acks against loss recovery ----------------------------------------------------------------
+
+
+class ForgingPeer:
+    """Drives a sender with acks and SACKs of its own making, counting the copies each buys."""
+
+    def __init__(self) -> None:
+        self.a = Frct(MTU, True, isn=lambda: SEQ_MOD - 600)  # near the 32-bit wrap for good measure
+        self.now = 0.0
+        self.packets = 0
+        for _ in range(40):  # an honest start: instant acks, so srtt is tiny and the window full-grown
+            self.fill()
+            self.now += 0.0001
+            self.ack(self.a.snd_nxt)
+        self.fill()
+
+    def ack(self, ackno: int, blocks: list[tuple[int, int]] | None = None) -> None:
+        self.packets += 1
+        flags = ACK | FC | DRF | (SACK if blocks else 0)
+        body = b"".join(SACK_BLOCK.pack(s % SEQ_MOD, e % SEQ_MOD) for s, e in blocks or [])
+        self.a.receive(Pci(flags, (ackno + RQ_SIZE * 4) % SEQ_MOD, 0, ackno % SEQ_MOD).pack() + body, self.now)
+        self.a.pdus.clear()
+
+    def fill(self) -> None:
+        while self.a.can_send(self.now):
+            self.a.send(bytes(PAYLOAD), self.now)
+        self.a.pdus.clear()
+
+    def copies_per_packet(self, attack: Callable[[], None], seconds: float = 1.0) -> float:
+        self.packets, before, end = 0, self.a.counters.retransmitted, self.now + seconds
+        while self.now < end and self.a.error is None:
+            attack()
+        return (self.a.counters.retransmitted - before) / max(self.packets, 1)
+
+
+def test_an_ack_forged_after_each_timeout_buys_a_few_copies_not_a_window() -> None:
+    """Everything sent before a timeout is taken as lost, but resent only as acks pay for it."""
+    peer = ForgingPeer()
+    a = peer.a
+    assert a.recovery is not None and len(a.unacked) > 500
+
+    def attack() -> None:
+        peer.now = a.get_timer() or peer.now
+        a.handle_timer(peer.now)
+        a.pdus.clear()
+        if a.recovery is not None and a.recovery.timeouts:  # after a timeout (not a probe): ack one PDU
+            peer.ack(a.recovery.una + 1)
+            peer.fill()
+
+    # The go-back, two for the PDU acked, the timeout's copy and the probes: not the window (was ~1,000).
+    assert peer.copies_per_packet(attack) <= GO_BACK + 2 + 1 + PROBES
+
+
+def test_sacks_forged_for_each_new_pdu_buy_a_few_copies_not_every_hole() -> None:
+    """A fast-acking peer that holds every other PDU and SACKs each new one cannot make every hole
+    look lost again on every packet (RACK waits a round trip, and second repairs are paid for)."""
+    peer = ForgingPeer()
+    a = peer.a
+    assert a.recovery is not None
+    una = a.recovery.una
+    for i in range(1, SPAN, 16):  # holes at every other PDU
+        peer.ack(una, [(una + j, una + j + 1) for j in range(i, min(i + 16, SPAN), 2)][:MAX_SACK_BLOCKS])
+
+    def attack() -> None:
+        assert a.recovery is not None
+        peer.now += 0.0005
+        peer.ack(a.recovery.una + 2)
+        peer.fill()
+        newest = (a.snd_nxt - 1) % SEQ_MOD
+        peer.now += 0.0005
+        peer.ack(a.recovery.una, [(newest, newest + 1)])
+        if (due := a.get_timer()) is not None and due <= peer.now:
+            a.handle_timer(peer.now)
+            a.pdus.clear()
+
+    assert peer.copies_per_packet(attack) < 5  # (was about 250)

@@ -1,6 +1,6 @@
 """Loss recovery of FRCT senders, sans-IO: the PDUs in flight, the RTT estimate and its backed-off
-retransmission timeout (RFC 6298), and loss found from duplicate and selective acks (NewReno, RFC 6675;
-a repair is taken as lost again once a PDU first sent after it has arrived, as RACK, RFC 8985).
+retransmission timeout (RFC 6298), loss found from duplicate and selective acks (NewReno, RFC 6675),
+lost repairs found by time and probes (RACK and TLP, RFC 8985).
 
 It says which PDUs to send again; the connection (flowlib.frct) builds the copies and sends them.
 """

@@ -21,6 +21,7 @@ PROBES = 3  # probes of one oldest PDU before the RTO takes over: at 20% loss ea
 PTO_MIN = 0.001  # the least wait before a probe in recovery (RFC 8985's tail loss probe, 2 RTTs)
 GO_BACK = 16  # PDUs the first ack that moves after a timeout may resend, beyond two per PDU it acks
 CREDIT_MAX = 4 * GO_BACK  # second repairs (and go-back resends) banked by arrivals, two each
+FREE_REPAIRS = 8  # repairs a flow may make before any arrival has paid for them
 
 
 def before(a: int, b: int) -> bool:
@@ -96,9 +97,11 @@ class Recovery:
         self.probes = 0
         self.timed_out = False  # this recovery began with a timeout
         self.guessed = False  # srtt rests on a guess (on_ack): a timeout withdraws it
+        self._unguessed_rto = RTO_INIT
         # Resends beyond a hole's first repair: two per PDU the peer newly acknowledges, so that forged
         # acks buy little (after a timeout, GO_BACK to start with).
-        self.credit = 0
+        self.credit = FREE_REPAIRS
+        self.last_resend = -float("inf")  # when anything was last sent again
 
     def start(self, seq: int) -> None:
         """A new data run begins at `seq` (nothing is in flight)."""
@@ -113,6 +116,8 @@ class Recovery:
     def _resending(self, resend: Resend, now: float) -> Resend:
         """What the caller is to send again, marked as resent now (so the SACK blocks of the same
         packet, looked at after its ack, do not name them a second time)."""
+        if resend:
+            self.last_resend = now
         for _, sent in resend:
             sent.tries += 1
             sent.sent = now
@@ -153,6 +158,7 @@ class Recovery:
             self.rtt.sample(now - oldest.sent)
             self.guessed = False
         elif oldest is not None and self.rtt.srtt is None and self.rtt.guesses < GUESSES:
+            self._unguessed_rto = self.rtt.rto
             self.rtt.sample(now - oldest.sent)
             self.rtt.guesses += 1
             self.guessed = True
@@ -179,7 +185,7 @@ class Recovery:
                     # After a timeout everything sent before it is taken as lost, as TCP does: each
                     # ack that moves resends two PDUs for each it acknowledged, not one per round trip.
                     self.credit = min(self.credit + 2 * acked, CREDIT_MAX)
-                    out = self._stale_below(self.recover, min(self.cc.window(), self.credit))
+                    out = self._stale_below(self.recover, min(self.cc.window(), self.credit), now)
                     self.credit -= len(out)
                     return out
                 if sent.episode != self.episode:  # NewReno: a partial ack shows the next hole
@@ -189,13 +195,15 @@ class Recovery:
                 self.timed_out = False
         return []
 
-    def _stale_below(self, end: int, most: int) -> Resend:
-        """Up to `most` PDUs below `end` not yet resent in this recovery, oldest first."""
+    def _stale_below(self, end: int, most: int, now: float) -> Resend:
+        """Up to `most` PDUs below `end` not yet resent in this recovery, oldest first, of those sent
+        more than an RTT ago (younger ones may still arrive: a timeout on a paced or jittery path)."""
+        young = now - (self.rtt.srtt + self._reordering() if self.rtt.srtt is not None else 0.0)
         out: Resend = []
         for seq, sent in self.unacked.items():  # in seqno order: PDUs enter it as they are first sent
             if not before(seq, end) or len(out) >= most:
                 break
-            if sent.episode != self.episode:
+            if sent.episode != self.episode and sent.sent <= young:
                 out.append((seq, sent))
         return out
 
@@ -233,14 +241,16 @@ class Recovery:
                 self.credit = min(self.credit + 2, CREDIT_MAX)
             if self.high_sacked is None or before(self.high_sacked, end):
                 self.high_sacked = end
-        if complete and top is not None and top[0] == self.high_sacked:
+        # ... sent after the last resend: else a SACK set off by a repair may name a PDU that arrived
+        # long before (its own SACK lost), and count the whole wait.
+        if complete and top is not None and top[0] == self.high_sacked and top[1].sent >= self.last_resend:
             self.rtt.sample(now - top[1].sent)
             self.guessed = False
         if fresh:  # a PDU never resent arrived: the path works, so the next timeout is not a repeat
             self.timeouts = 0
         if not news or self.high_sacked is None or not before(self.una, self.high_sacked):
             return []
-        lost_below = (self.high_sacked - DUP_THRESH) % SEQ_MOD
+        edge = self.high_sacked
         # A hole resent in this recovery is lost again if a PDU first sent after the repair (by more
         # than a reordering allowance) has arrived, or an RTO passed while later PDUs still arrive:
         # resend it now, without the timeout's backoff, since acks show the path works.
@@ -248,13 +258,19 @@ class Recovery:
         # ... but never before the copy had a round trip to arrive (RFC 8985): a peer that acks fast
         # and SACKs each new PDU would otherwise draw every hole again on every packet.
         stale = min(stale, now - max(self.rtt.srtt or RTO_INIT, PTO_MIN))
-        holes: Resend = []
-        for seq, sent in self.unacked.items():  # in seqno order: PDUs enter it as they are first sent
-            if not before(seq, lost_below):
+        below = []  # in flight below the highest PDU the peer holds, in seqno order (as PDUs enter unacked)
+        for seq, sent in self.unacked.items():
+            if not before(seq, edge):
                 break
-            if sent.episode != self.episode:
-                holes.append((seq, sent))
-            elif sent.sent < stale and self.credit > 0:  # a repair lost: paid for by PDUs that arrived
+            below.append((seq, sent))
+        holes: Resend = []
+        for i, (seq, sent) in enumerate(below):
+            # Lost once DUP_THRESH PDUs above it are held (RFC 6675's IsLost): the places above it,
+            # less those still in flight. Every repair is paid for by PDUs that arrived, so a forged
+            # SACK buys a few copies, not the flight.
+            if distance(seq, edge) - (len(below) - i) < DUP_THRESH or self.credit <= 0:
+                break
+            if sent.episode != self.episode or sent.sent < stale:
                 self.credit -= 1
                 holes.append((seq, sent))
         if not holes:
@@ -308,8 +324,9 @@ class Recovery:
             self.probed = self.una
             self.probes += 1
             return [(self.una, oldest)]
-        if self.guessed:
+        if self.guessed:  # the guess goes, and its short RTO with it
             self.rtt.srtt, self.guessed = None, False
+            self.rtt.rto = max(self.rtt.rto, self._unguessed_rto)
         self.rtt.backoff()
         self.cc.on_timeout(repeated=self.timeouts > 0)
         self.timeouts += 1

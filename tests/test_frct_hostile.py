@@ -586,3 +586,24 @@ def test_sacks_forged_for_each_new_pdu_buy_a_few_copies_not_every_hole() -> None
             a.pdus.clear()
 
     assert peer.copies_per_packet(attack) < 5  # (was about 250)
+
+
+def test_one_forged_sack_of_the_newest_pdus_buys_a_few_copies_not_the_flight() -> None:
+    """A PDU is lost once DUP_THRESH PDUs above it are held (not DUP_THRESH places), and each repair is
+    paid for by arrivals: SACKing the newest PDUs of a full flight, then or right after a timeout,
+    makes the sender resend a few PDUs, not the 1,000 below them."""
+    peer = ForgingPeer()
+    a = peer.a
+    assert a.recovery is not None and len(a.unacked) > 500
+    una, newest = a.recovery.una, (a.snd_nxt - 1) % SEQ_MOD
+    before = a.counters.retransmitted
+    peer.ack(una, [(newest, newest + 1)])
+    assert a.counters.retransmitted - before == 0, "one PDU held above proves no loss below it"
+    peer.ack(una, [(newest - 3, newest + 1)])
+    assert a.counters.retransmitted - before <= 2 * 4 + 16
+    peer.now = a.get_timer() or peer.now  # a timeout, then the same forgery again
+    a.handle_timer(peer.now)
+    a.pdus.clear()
+    before = a.counters.retransmitted
+    peer.ack(una, [(newest - 7, newest + 1)])
+    assert a.counters.retransmitted - before <= 2 * 8 + 16 + GO_BACK

@@ -467,12 +467,18 @@ def test_closing_on_data_a_shut_window_holds_back_neither_spins_nor_waits_for_ev
 # -- ciphertext on the wire ------------------------------------------------------------------------
 
 
+SO_RCVBUFFORCE = 33  # Linux's (asm-generic/socket.h); Python does not name it
+
+
 class Sniffer:
     """Captures the UDP/IPv4 payloads on `lo` (AF_PACKET, needs root); `payloads(ports)` filters them."""
 
     def __init__(self) -> None:
         self.frames: list[tuple[int, int, bytes]] = []  # (source port, destination port, UDP payload)
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        # Room for a whole burst while this thread waits for a CPU (a loaded runner): the default
+        # buffer held a few packets, and a capture of none failed the test (root may force it).
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
         self.sock.bind(("lo", 0))
         self.sock.settimeout(0.1)
         self._stop = threading.Event()

@@ -305,9 +305,9 @@ class Recovery:
         return due if probe is None else min(due, probe)
 
     def _probe_at(self, oldest: Sent) -> float | None:
-        """In recovery, the oldest PDU is sent again once after two RTTs without an ack that moves: when
-        its repair was lost with the window full, no later PDU can arrive to show it (RACK), and the RTO
-        would stall the flow several RTTs and back off. Not a timeout: no backoff, no window cost."""
+        """In recovery, the oldest PDU is sent again two RTTs after its last copy, PROBES times at most:
+        when its repair was lost with the window full, no later PDU can arrive to show it (RACK), and
+        the RTO would stall the flow several RTTs and back off. Not a timeout: no backoff, no window cost."""
         if self.recover is None or self.rtt.srtt is None or (self.probed == self.una and self.probed_times >= PROBES):
             return None
         return oldest.sent + max(2 * self.rtt.srtt, PTO_MIN)

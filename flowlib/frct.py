@@ -458,8 +458,9 @@ class Frct:
         due = [d for d in (self.ack_due, self._fc_due, self._rdvs_due) if d is not None]
         rec = self.recovery
         if rec is not None and (oldest := rec.oldest()) is not None:
-            due.append(rec.deadline() or oldest.sent)
             due.append(oldest.first + self.r_timeout)
+            if (resend := rec.deadline()) is not None:
+                due.append(resend)
         return min(due, default=None)
 
     def handle_timer(self, now: float) -> None:

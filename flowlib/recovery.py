@@ -8,6 +8,7 @@ It says which PDUs to send again; the connection (flowlib.frct) builds the copie
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 from flowlib.congestion import Window
 
@@ -51,8 +52,29 @@ class Rtt:
         self.rttvar = 0.0
         self.rto = RTO_INIT
         self.guesses = 0  # samples taken from a copy's time while no valid one existed (see Recovery.on_ack)
+        self.guessed = False  # srtt rests on such a guess: a timeout withdraws it
+        self._unguessed_rto = RTO_INIT
 
     def sample(self, rtt: float) -> None:
+        """A valid sample (Karn's rule: of a PDU never resent)."""
+        self.guessed = False
+        self._update(rtt)
+
+    def guess(self, rtt: float) -> None:
+        """A sample from a resent PDU's last copy, taken only while no valid one exists, GUESSES times."""
+        if self.srtt is None and self.guesses < GUESSES:
+            self._unguessed_rto = self.rto
+            self._update(rtt)
+            self.guesses += 1
+            self.guessed = True
+
+    def withdraw(self) -> None:
+        """A timeout before any valid sample: the guess goes, and its short RTO with it."""
+        if self.guessed:
+            self.srtt, self.guessed = None, False
+            self.rto = max(self.rto, self._unguessed_rto)
+
+    def _update(self, rtt: float) -> None:
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
         else:
@@ -96,8 +118,6 @@ class Recovery:
         self.probed_times = 0  # ... and how many probes it had: PROBES at most per oldest PDU
         self.probes = 0
         self.timed_out = False  # this recovery began with a timeout
-        self.guessed = False  # srtt rests on a guess (on_ack): a timeout withdraws it
-        self._unguessed_rto = RTO_INIT
         # Resends beyond a hole's first repair: two per PDU the peer newly acknowledges, so that forged
         # acks buy little (after a timeout, GO_BACK to start with).
         self.credit = FREE_REPAIRS
@@ -156,12 +176,8 @@ class Recovery:
         # backed off at seconds per loss.
         if oldest is not None and oldest.tries == 0:
             self.rtt.sample(now - oldest.sent)
-            self.guessed = False
-        elif oldest is not None and self.rtt.srtt is None and self.rtt.guesses < GUESSES:
-            self._unguessed_rto = self.rtt.rto
-            self.rtt.sample(now - oldest.sent)
-            self.rtt.guesses += 1
-            self.guessed = True
+        elif oldest is not None:
+            self.rtt.guess(now - oldest.sent)
         acked, seq, unacked, latest = 0, self.una, self.unacked, self.delivered_sent
         while seq != ackno:
             if (sent := unacked.pop(seq, None)) is not None:
@@ -195,13 +211,20 @@ class Recovery:
                 self.timed_out = False
         return []
 
+    def _below(self, end: int) -> Iterator[tuple[int, Sent]]:
+        """What is in flight below `end`, in seqno order (PDUs enter `unacked` as they are first sent)."""
+        for seq, sent in self.unacked.items():
+            if not before(seq, end):
+                return
+            yield seq, sent
+
     def _stale_below(self, end: int, most: int, now: float) -> Resend:
         """Up to `most` PDUs below `end` not yet resent in this recovery, oldest first, of those sent
         more than an RTT ago (younger ones may still arrive: a timeout on a paced or jittery path)."""
         young = now - (self.rtt.srtt + self._reordering() if self.rtt.srtt is not None else 0.0)
         out: Resend = []
-        for seq, sent in self.unacked.items():  # in seqno order: PDUs enter it as they are first sent
-            if not before(seq, end) or len(out) >= most:
+        for seq, sent in self._below(end):
+            if len(out) >= most:
                 break
             if sent.episode != self.episode and sent.sent <= young:
                 out.append((seq, sent))
@@ -245,7 +268,6 @@ class Recovery:
         # long before (its own SACK lost), and count the whole wait.
         if complete and top is not None and top[0] == self.high_sacked and top[1].sent >= self.last_resend:
             self.rtt.sample(now - top[1].sent)
-            self.guessed = False
         if fresh:  # a PDU never resent arrived: the path works, so the next timeout is not a repeat
             self.timeouts = 0
         if not news or self.high_sacked is None or not before(self.una, self.high_sacked):
@@ -258,11 +280,7 @@ class Recovery:
         # ... but never before the copy had a round trip to arrive (RFC 8985): a peer that acks fast
         # and SACKs each new PDU would otherwise draw every hole again on every packet.
         stale = min(stale, now - max(self.rtt.srtt or RTO_INIT, PTO_MIN))
-        below = []  # in flight below the highest PDU the peer holds, in seqno order (as PDUs enter unacked)
-        for seq, sent in self.unacked.items():
-            if not before(seq, edge):
-                break
-            below.append((seq, sent))
+        below = list(self._below(edge))  # in flight below the highest PDU the peer holds
         holes: Resend = []
         for i, (seq, sent) in enumerate(below):
             # Lost once DUP_THRESH PDUs above it are held (RFC 6675's IsLost): the places above it,
@@ -324,9 +342,7 @@ class Recovery:
             self.probed = self.una
             self.probes += 1
             return [(self.una, oldest)]
-        if self.guessed:  # the guess goes, and its short RTO with it
-            self.rtt.srtt, self.guessed = None, False
-            self.rtt.rto = max(self.rtt.rto, self._unguessed_rto)
+        self.rtt.withdraw()
         self.rtt.backoff()
         self.cc.on_timeout(repeated=self.timeouts > 0)
         self.timeouts += 1

@@ -14,6 +14,7 @@ import itertools
 import random
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -166,10 +167,31 @@ class Sim:
             assert self.now < limit, f"not done after {limit} simulated seconds"
 
 
-def pair(reliable: bool = True, mtu: int = MTU, seed: int = 1, start: int | None = None, **link: float) -> Sim:
+def pair(
+    reliable: bool = True,
+    mtu: int = MTU,
+    seed: int = 1,
+    start: int | None = None,
+    back: dict[str, float] | None = None,
+    **link: float,
+) -> Sim:
+    """Two ends over links made as `link` says (b to a as `back` says, if given)."""
     rng = random.Random(seed)
     a, b = (Frct(mtu, reliable, isn=lambda: rng.getrandbits(32) if start is None else start) for _ in range(2))
-    return Sim(a, b, Link(rng, **link), Link(rng, **link))
+    return Sim(a, b, Link(rng, **link), Link(rng, **(link if back is None else back)))
+
+
+def slowest_transfer(seeds: Iterable[int], pace: float = 0.0, limit: float = 600.0, **links: Any) -> float:
+    """The longest simulated time 2,000 full-sized SDUs took from a to b over `pair(seed, **links)`,
+    each run checked to deliver them all in order."""
+    worst = 0.0
+    for seed in seeds:
+        sim = pair(seed=seed, **links)
+        sdus = tagged(2000, seed=seed, max_size=PAYLOAD)
+        sim.stream(sdus, pace=pace, limit=limit)
+        assert sim.got_b == sdus
+        worst = max(worst, sim.now)
+    return worst
 
 
 def new(reliable: bool = True, mtu: int = MTU) -> Frct:
@@ -570,17 +592,10 @@ def test_heavy_random_loss_costs_round_trips_never_seconds(both_ways: bool) -> N
     """20% loss: a lost first PDU (the receiver drops what follows until a run opens), lost repairs
     and lost acks cost round trips, not backed-off RTOs (these seeds took 5 to 31 simulated seconds
     for what takes 0.07 s when the RTO stayed at its backed-off initial value)."""
-    worst = 0.0
-    for seed in (10, 18, 19, 29):
-        rng = random.Random(seed)
-        a, b = (Frct(MTU, True, isn=lambda r=rng: r.getrandbits(32)) for _ in range(2))
-        ab = Link(rng, loss=0.2, delay=0.0003, jitter=0.0002, reorder=0.05)
-        ba = Link(rng, loss=0.2 if both_ways else 0.0, delay=0.0003, jitter=0.0002)
-        sim = Sim(a, b, ab, ba)
-        sdus = tagged(2000, seed=seed, max_size=PAYLOAD)
-        sim.stream(sdus, pace=1 / 30000, limit=300)
-        assert sim.got_b == sdus
-        worst = max(worst, sim.now)
+    back = {"loss": 0.2 if both_ways else 0.0, "delay": 0.0003, "jitter": 0.0002}
+    worst = slowest_transfer(
+        (10, 18, 19, 29), pace=1 / 30000, limit=300, loss=0.2, delay=0.0003, jitter=0.0002, reorder=0.05, back=back
+    )
     assert worst < 2.0, f"a transfer of 0.07 s took {worst:.1f} s"
 
 
@@ -878,15 +893,5 @@ def test_very_heavy_loss_both_ways_still_costs_seconds_not_minutes() -> None:
     """30% loss each way: a SACK set off by a repair may name a PDU that arrived long before (its own
     SACK lost); sampled, it inflated the RTT by seconds and each timeout then made it worse (these
     seeds took 41 to 338 simulated seconds for 0.01 s of data)."""
-    worst = 0.0
-    for seed in (6, 50):
-        rng = random.Random(seed)
-        a, b = (Frct(MTU, True, isn=lambda r=rng: r.getrandbits(32)) for _ in range(2))
-        sim = Sim(
-            a, b, Link(rng, loss=0.3, delay=0.0003, jitter=0.0003), Link(rng, loss=0.3, delay=0.0003, jitter=0.0003)
-        )
-        sdus = tagged(2000, seed=seed, max_size=PAYLOAD)
-        sim.stream(sdus, limit=600)
-        assert sim.got_b == sdus
-        worst = max(worst, sim.now)
+    worst = slowest_transfer((6, 50), loss=0.3, delay=0.0003, jitter=0.0003)
     assert worst < 15.0, f"{worst:.0f} simulated seconds"

@@ -1,10 +1,14 @@
-"""The process's flow engine: one thread running FRCT, encryption and CRCs for the flows that need them,
-between the IPCP's socket (PDUs) and the application's socket (SDUs), and keepalives for every flow.
+"""The process's flow engine: one thread running FRCT, encryption and CRCs for the flows that need them
+on the IPCP's socket (PDUs), and keepalives for every flow.
 
-The application keeps reading and writing a plain socket, so blocking, timeouts, the event API and
-asyncio work unchanged on these flows. Packets are built in C's order: FRCT PCI, then encryption,
-then the CRC32 trailer. Flows it does not carry (raw ones) it only watches: arrivals are noticed by an
-edge-triggered epoll looked at on its timer, never read, so watching costs their data path nothing.
+The application's end is a socket, so blocking, timeouts, the event API and asyncio work unchanged.
+On a flow without FRCT (CRCs, encryption) SDUs cross it. On an FRCT flow the application's thread
+sends on the IPCP's socket itself while nothing waits ahead and the window is open (else its SDU
+crosses the socket for the engine to send when it opens), and takes in-order SDUs straight from FRCT;
+the socket then carries only a doorbell, one byte while FRCT holds SDUs, so it polls readable
+exactly when a read would return one, and the end. Packets are built in C's order: FRCT PCI, then
+encryption, then the CRC32 trailer. Flows it does not carry (raw ones) it only watches: arrivals are
+noticed by an edge-triggered epoll looked at on its timer, never read, so watching costs nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class Session:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     mask: int = select.EPOLLIN  # what we wait for on `inner`
     rejected: int = 0  # packets whose CRC did not match or that would not open
+    queued: int = 0  # FRCT: SDUs the application wrote into the socket that the engine has not taken
+    rung: bool = False  # FRCT: the doorbell byte is in the application's socket
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,6 +84,7 @@ class Engine:
         self._watches: dict[int, Watch] = {}  # by fd
         self._arrivals = select.epoll()  # edge-triggered on watched flows; polled, never waited on
         self._live_due = float("inf")  # when the next keepalive or peer check is due
+        self._sleep_until = float("inf")  # when the thread, waiting, looks at its timers next
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
@@ -130,6 +137,61 @@ class Engine:
             if self._watches.pop(sock.fileno(), None) is not None:
                 with contextlib.suppress(OSError):
                     self._arrivals.unregister(sock.fileno())
+
+    # -- an FRCT flow's application thread ------------------------------------
+
+    def send(self, s: Session, sdu: bytes) -> bool:
+        """Send an SDU from the application's thread if it may go now; False: the caller writes it into
+        its socket for the engine, behind the others waiting there (counted before it is written)."""
+        f = s.frct
+        assert f is not None
+        now = time.monotonic()
+        with self._lock:
+            if s.queued or s.closing or s.gone or s.outq or f.error is not None or not f.can_send(now):
+                s.queued += 1
+                return False
+            s.live.sent(now)
+            f.send(sdu, now)
+            self._flush(s)
+            self._kick(s)
+        return True
+
+    def unqueue(self, s: Session) -> None:
+        """The SDU counted by send() did not go into the socket after all."""
+        with self._lock:
+            s.queued -= 1
+
+    def take(self, s: Session, app: socket.socket) -> bytes | None:
+        """The next in-order SDU FRCT holds for the application, or None; the last one taken silences
+        the doorbell, so that the application's socket polls readable only while there are more."""
+        f = s.frct
+        assert f is not None
+        with self._lock:
+            if not f.sdus:
+                return None
+            sdu = f.sdus.popleft()
+            if not f.sdus and s.rung:
+                with contextlib.suppress(OSError):
+                    app.recv(16, socket.MSG_DONTWAIT)
+                s.rung = False
+            if not s.gone:
+                now = time.monotonic()
+                f.taken(len(sdu), now)
+                self._flush(s)
+                self._kick(s)
+            return sdu
+
+    def heard(self, s: Session) -> None:
+        """The application read the doorbell: the next SDUs ring it again."""
+        with self._lock:
+            s.rung = False
+
+    def _kick(self, s: Session) -> None:
+        """Wake the thread if what the application just did set FRCT a timer before it means to look."""
+        due = s.frct.get_timer() if s.frct is not None else None
+        if due is not None and due < self._sleep_until:
+            self._sleep_until = due
+            self._wake()
 
     def _due(self, live: Liveness) -> bool:
         """Whether `live` is due before the thread planned to look: then it must be woken."""
@@ -223,7 +285,9 @@ class Engine:
                     deadlines.append(d - now)
                 if s.closing or s.hup:
                     deadlines.append(0.2)
-        return max(min(deadlines), 0.0)
+            timeout = max(min(deadlines), 0.0)
+            self._sleep_until = now + timeout
+        return timeout
 
     def _from_outer(self, s: Session, now: float, hup: bool) -> None:
         for _ in range(BURST):
@@ -284,27 +348,43 @@ class Engine:
         self._deliver(s, time.monotonic())
 
     def _deliver(self, s: Session, now: float) -> None:
-        # FRCT's own queue counts against its window, so a slow reader slows the sender down.
-        queue = s.backlog if s.frct is None else s.frct.sdus
+        if s.frct is not None:
+            self._ring(s, now)
+            return
         taken = 0
-        while queue:
+        while s.backlog:
             try:
-                s.inner.send(queue[0])
+                s.inner.send(s.backlog[0])
             except BlockingIOError:
                 break
-            except OSError:  # the application is gone: what it will never read still frees the window
-                taken += sum(map(len, queue))
-                queue.clear()
+            except OSError:  # the application is gone
+                taken += sum(map(len, s.backlog))
+                s.backlog.clear()
                 break
-            taken += len(queue.popleft())
-        if s.frct is None:
-            s.backlog_bytes -= taken
-        elif not s.gone:
-            s.frct.taken(taken, now)
-            self._flush(s)
-        if s.gone and not queue:
+            taken += len(s.backlog.popleft())
+        s.backlog_bytes -= taken
+        if s.gone and not s.backlog:
             self._end(s)
             return
+        self._interest(s, now)
+
+    def _ring(self, s: Session, now: float) -> None:
+        """FRCT holds SDUs: the doorbell says so. FRCT's queue counts against its window, so a slow
+        reader slows the sender down; what a gone application will never read frees it."""
+        f = s.frct
+        assert f is not None
+        if f.sdus and not s.rung and not s.inner.fileno() < 0:
+            try:
+                s.inner.send(b"\1")
+                s.rung = True
+            except OSError:
+                if not s.gone:
+                    f.taken(sum(map(len, f.sdus)), now)
+                f.sdus.clear()
+        if s.gone:
+            self._end(s)  # what FRCT holds the application still takes, then the end
+            return
+        self._flush(s)
         self._interest(s, now)
 
     def _from_app(self, s: Session, now: float, hup: bool = False) -> None:
@@ -338,6 +418,7 @@ class Engine:
             if f is None:
                 self._send(s, sdu)
             else:
+                s.queued -= 1
                 try:
                     f.send(sdu, now)
                 except ValueError as e:
@@ -361,7 +442,7 @@ class Engine:
         mask = 0
         if not s.gone and not s.outq and (s.frct is None or s.frct.can_send(now)):
             mask |= select.EPOLLIN
-        if s.backlog or (s.frct is not None and s.frct.sdus):
+        if s.backlog:
             mask |= select.EPOLLOUT
         if mask != s.mask:
             s.mask = mask

@@ -103,6 +103,8 @@ class Flow:
         self._sets: weakref.WeakSet[Any] = weakref.WeakSet()  # the FlowSets holding it: told of FLOW_DOWN/UP
         if session is not None:
             self._live = session.live
+            if session.frct is not None:
+                self._send, self._recv = _through_frct(self._sock, session)
         else:
             self._live = Liveness(reply.qos.timeout, time.monotonic())
             if self._live.timeout:  # (the engine thread starts with the first flow it keeps alive)
@@ -283,6 +285,8 @@ class Flow:
         """Whether an SDU waits to be read, without reading it."""
         if self._pending is not None:
             return True
+        if (s := self._session) is not None and s.frct is not None:
+            return bool(s.frct.sdus)
         try:
             return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:
@@ -404,7 +408,9 @@ class Flow:
         counts bytes, not datagrams)."""
         n = int(self._pending is not None)
         if (s := self._session) is not None:
-            n += len(s.frct.sdus) if s.frct is not None else len(s.backlog)
+            if s.frct is not None:
+                return n + len(s.frct.sdus)  # its socket holds only the doorbell
+            n += len(s.backlog)
         with contextlib.suppress(OSError):
             n += len(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) > 0
         return n
@@ -484,6 +490,31 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
         raise
     flow.peer = peer
     return flow
+
+
+def _through_frct(sock: socket.socket, s: Session) -> tuple[Callable[[Any], int], Callable[[int], bytes]]:
+    """An FRCT flow's send and recv in the application's thread: through the engine's FRCT, with the
+    socket for SDUs that must wait for the window and for the doorbell (see flowlib.engine)."""
+    eng = engine()
+
+    def send(sdu: bytes | bytearray | memoryview) -> int:
+        data = sdu if isinstance(sdu, bytes) else bytes(sdu)
+        if eng.send(s, data):
+            return len(data)
+        try:
+            return sock.send(data)
+        except BaseException:
+            eng.unqueue(s)
+            raise
+
+    def recv(size: int) -> bytes:
+        while (sdu := eng.take(s, sock)) is None:
+            if not sock.recv(16):  # EAGAIN goes up to Flow._wait, which polls for the doorbell
+                return b""  # the end, once FRCT holds nothing more
+            eng.heard(s)
+        return sdu
+
+    return send, recv
 
 
 def _sealed(reply: m.FlowReply, fd: int, irm: IrmClient, crypto: PacketCrypto) -> Flow:

@@ -233,10 +233,11 @@ class Frct:
         edge = self._advertise()
         if now - self.rcv_act > RCV_INACT:
             return
+        half = min(RQ_SIZE, self.rcv_buf // self.max_payload) // 2  # of the most the window opens to
         if self.reliable:
-            if distance(self.rcv_nxt, before_edge) < RQ_SIZE // 2 <= distance(self.rcv_nxt, edge):
+            if distance(self.rcv_nxt, before_edge) < half <= distance(self.rcv_nxt, edge):
                 self._ack(now)
-        elif distance(self._fc_edge, edge) >= RQ_SIZE // 2:
+        elif distance(self._fc_edge, edge) >= half:
             # Unreliable flows have no acks to carry the window: update it unasked, not only on RDVS as C.
             self._fc_edge = edge
             self.pdus.append(self._control(FC, edge, 0, now))

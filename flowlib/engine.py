@@ -65,6 +65,8 @@ class Session:
     rejected: int = 0  # packets whose CRC did not match or that would not open
     queued: int = 0  # FRCT: SDUs the application wrote into the socket that the engine has not taken
     rung: bool = False  # FRCT: the doorbell byte is in the application's socket
+    waiting: int = 0  # FRCT: application threads blocked on the IPCP's socket themselves (Engine.wait)
+    poller: select.poll | None = None  # theirs: the IPCP's socket and the doorbell
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,22 +166,61 @@ class Engine:
     def take(self, s: Session, app: socket.socket) -> bytes | None:
         """The next in-order SDU FRCT holds for the application, or None; the last one taken silences
         the doorbell, so that the application's socket polls readable only while there are more."""
+        with self._lock:
+            return self._take(s, app, time.monotonic())
+
+    def _take(self, s: Session, app: socket.socket, now: float) -> bytes | None:
         f = s.frct
         assert f is not None
+        if not f.sdus:
+            return None
+        sdu = f.sdus.popleft()
+        if not f.sdus and s.rung:
+            with contextlib.suppress(OSError):
+                app.recv(16, socket.MSG_DONTWAIT)
+            s.rung = False
+        if not s.gone:
+            f.taken(len(sdu), now)
+            self._flush(s)
+            self._kick(s)
+        return sdu
+
+    def wait(self, s: Session, app: socket.socket) -> bytes | None:
+        """A blocking read that found nothing: wait on the IPCP's socket in the application's thread (the
+        engine's leaves it alone meanwhile), so that an arrival wakes this thread and not the engine's,
+        and read it here. An SDU, or None: the doorbell rang or the flow ended, look again."""
         with self._lock:
-            if not f.sdus:
+            if s.frct is None or s.frct.sdus or s.gone or s.closing or (fd := s.outer.fileno()) < 0:
                 return None
-            sdu = f.sdus.popleft()
-            if not f.sdus and s.rung:
-                with contextlib.suppress(OSError):
-                    app.recv(16, socket.MSG_DONTWAIT)
-                s.rung = False
-            if not s.gone:
+            if s.poller is None:
+                s.poller = select.poll()
+                s.poller.register(fd, select.POLLIN)
+                s.poller.register(app, select.POLLIN)
+            poller = s.poller
+            s.waiting += 1
+            self._outer_mask(s)
+        try:
+            ready = dict(poller.poll())
+        finally:
+            with self._lock:
+                s.waiting -= 1
                 now = time.monotonic()
-                f.taken(len(sdu), now)
-                self._flush(s)
-                self._kick(s)
+                if not s.gone and s.outer.fileno() == fd:
+                    self._outer_mask(s)
+                    if fd in ready:
+                        self._from_outer(s, now, bool(ready[fd] & (select.POLLHUP | select.POLLERR)), deliver=False)
+                    if not s.gone and (due := s.frct.get_timer()) is not None and due <= now:
+                        self._timers(s, now)
+        with self._lock:
+            sdu = self._take(s, app, now)
+            self._ring(s, now)  # for any more: the application may poll before it reads again
             return sdu
+
+    def _outer_mask(self, s: Session) -> None:
+        """What the thread waits for on the IPCP's socket: arrivals unless an application thread does."""
+        mask = (0 if s.waiting else select.EPOLLIN) | (select.EPOLLOUT if s.outq else 0)
+        with contextlib.suppress(OSError):
+            self._epoll.modify(s.outer.fileno(), mask)
 
     def heard(self, s: Session) -> None:
         """The application read the doorbell: the next SDUs ring it again."""
@@ -289,7 +330,7 @@ class Engine:
             self._sleep_until = now + timeout
         return timeout
 
-    def _from_outer(self, s: Session, now: float, hup: bool) -> None:
+    def _from_outer(self, s: Session, now: float, hup: bool, deliver: bool = True) -> None:
         for _ in range(BURST):
             try:
                 pdu = recv_record(s.outer, MAX_PDU)
@@ -322,7 +363,8 @@ class Engine:
             self._fail(s, s.frct.error)
             return
         self._flush(s)
-        self._deliver(s, now)
+        if deliver:
+            self._deliver(s, now)
 
     def _open(self, s: Session, pdu: bytes) -> bytes | None:
         """A packet from the peer, CRC checked and stripped, then decrypted; None if it is not good.
@@ -468,8 +510,7 @@ class Engine:
         except BlockingIOError:
             # The layer is full: hold the PDU and stop reading the application until it drains.
             s.outq.append(pdu)
-            with contextlib.suppress(OSError):
-                self._epoll.modify(s.outer.fileno(), select.EPOLLIN | select.EPOLLOUT)
+            self._outer_mask(s)
         except OSError:
             self._end(s)
 
@@ -483,8 +524,7 @@ class Engine:
                 self._end(s)
                 return
             s.outq.popleft()
-        with contextlib.suppress(OSError):
-            self._epoll.modify(s.outer.fileno(), select.EPOLLIN)
+        self._outer_mask(s)
         self._interest(s, time.monotonic())
 
     def _flush(self, s: Session) -> None:

@@ -509,8 +509,15 @@ def _through_frct(sock: socket.socket, s: Session) -> tuple[Callable[[Any], int]
 
     def recv(size: int) -> bytes:
         while (sdu := eng.take(s, sock)) is None:
-            if not sock.recv(16):  # EAGAIN goes up to Flow._wait, which polls for the doorbell
-                return b""  # the end, once FRCT holds nothing more
+            if sock.getblocking() and (sdu := eng.wait(s, sock)) is not None:
+                return sdu
+            try:
+                if not sock.recv(16, socket.MSG_DONTWAIT if sock.getblocking() else 0):
+                    return b""  # the end, once FRCT holds nothing more
+            except BlockingIOError:
+                if not sock.getblocking():
+                    raise  # up to Flow._wait, which polls for the doorbell
+                continue
             eng.heard(s)
         return sdu
 

@@ -471,16 +471,17 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
     try:
         crypto = PacketCrypto(reply.cipher, reply.key, server=not client, seq_iv=reply.seq_iv) if reply.cipher else None
         peer = None if client else client_identity(reply)
+        with_crc = qos.crc and not reply.no_wire
         if not qos.frct and crypto is None:
-            flow = Flow(reply, fd, irm, with_crc=qos.crc)
-        elif not qos.frct and not qos.crc and crypto is not None:
+            flow = Flow(reply, fd, irm, with_crc=with_crc)
+        elif not qos.frct and not with_crc and crypto is not None:
             flow = _sealed(reply, fd, irm, crypto)
         else:
             # C's order on the wire: FRCT PCI, then encryption, then the CRC.
-            mtu = reply.mtu - (crypto.overhead if crypto else 0) - (crc.CRCLEN if qos.crc else 0)
+            mtu = reply.mtu - (crypto.overhead if crypto else 0) - (crc.CRCLEN if with_crc else 0)
             frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
             live = Liveness(qos.timeout, time.monotonic())
-            app_fd, session = engine().wrap(fd, mtu, frct, crypto, with_crc=qos.crc, live=live)
+            app_fd, session = engine().wrap(fd, mtu, frct, crypto, with_crc=with_crc, live=live)
             # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.
             app_mtu = APP_MTU if frct and frct.reliable else frct.max_payload if frct else mtu
             flow = Flow(dataclasses.replace(reply, mtu=app_mtu), app_fd, irm, session=session)

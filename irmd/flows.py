@@ -177,7 +177,8 @@ class Flows:
             close_fds(fds)
             await self.release(flow)
             raise
-        return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name)), fds
+        local = ipcp.type == "local"
+        return outcome.reply(m.FlowReply(flow.flow_id, flow.layer, flow.mtu, flow.qos, msg.name, no_wire=local)), fds
 
     def direct(self, c: Client, ipcp: Ipcp, digest: bytes) -> bool:
         """Direct IPC, as 0.23's (on unless built without): a flow of the local layer between processes of
@@ -474,7 +475,8 @@ class Flows:
         flow.fd = os.dup(fd)
         reply = outcome.reply(
             m.FlowReply(
-                flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name, src.uid if src else -1, src.pid if src else 0
+                flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name, src.uid if src else -1, src.pid if src else 0,
+                no_wire=ipcp.type == "local",
             )
         )
         waiting = next((f for f in acceptor.accepts if not f.done()), None)

@@ -107,6 +107,9 @@ class FlowReply(Message):
     peer_crt: bytes = b""
     peer_ca: bool = False
     seq_iv: bool = False
+    # The flow never leaves this host's kernel (a local layer): no bit errors for a CRC to find, so
+    # ber 0 adds none (as Linux skips checksums on loopback); the application's QoS still says ber 0.
+    no_wire: bool = False
 
 
 @reg

@@ -37,9 +37,9 @@ class NoIrmd:
         return "dealloc"
 
 
-def open_flow(spec: QosSpec) -> tuple[Flow, socket.socket]:
+def open_flow(spec: QosSpec, no_wire: bool = False) -> tuple[Flow, socket.socket]:
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    reply = m.FlowReply(1, "test", MTU, spec, "peer")
+    reply = m.FlowReply(1, "test", MTU, spec, "peer", no_wire=no_wire)
     flow = establish(reply, ours.detach(), cast(IrmClient, NoIrmd()), client=True)
     peer.settimeout(5.0)
     return flow, peer
@@ -121,6 +121,21 @@ def test_a_raw_flow_asking_for_no_errors_checks_crcs_in_the_callers_thread(opene
     flow.set_timeout(0.2)
     with pytest.raises(FlowTimeout):
         flow.read()
+
+
+@pytest.mark.parametrize("spec", [qos.data, qos.raw_no_errors], ids=["reliable", "raw"])
+def test_a_flow_that_never_leaves_the_host_adds_no_crc(opened: list[Any], spec: QosSpec) -> None:
+    """A local layer's flow is a kernel socket end to end: ber 0 still holds, without a trailer."""
+    flow, peer = open_flow(spec, no_wire=True)
+    opened.append((flow, peer))
+    assert flow.qos.ber == 0 and flow.mtu == (MTU if spec is qos.raw_no_errors else flow.mtu)
+    flow.write(b"local")
+    packet = peer.recv(MTU)
+    assert packet.endswith(b"local")  # no trailer after the payload
+    body = (Pci(DATA | DRF, 0, 7, 0).pack() if spec is qos.data else b"") + b"back"
+    peer.send(body)
+    flow.set_timeout(5.0)
+    assert flow.read() == b"back"
 
 
 def test_a_plain_raw_flow_adds_nothing(opened: list[Any]) -> None:

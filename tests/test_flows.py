@@ -81,6 +81,28 @@ def test_accepted_flow_reports_name_layer_and_mtu(pair: Pair, bound_name: str, l
     assert cli.flow_id != srv.flow_id
 
 
+@pytest.mark.parametrize("spec", [qos.raw_no_errors, qos.data], ids=["crc", "frct"])
+def test_a_local_flow_asking_for_no_errors_needs_no_crc(
+    client_factory: Callable[[], IrmClient], bound_name: str, spec: qos.QosSpec
+) -> None:
+    """A local layer's flow is a kernel socket end to end: both ends are told so and add no trailer
+    (as Linux skips checksums on loopback); the QoS both see still says ber 0."""
+    server, client = client_factory(), client_factory()
+    with ThreadPoolExecutor(1) as pool:
+        accepted = pool.submit(flow_accept, timeout=10, irm=server)
+        cli = flow_alloc(bound_name, spec, 10, irm=client)
+        srv = accepted.result(timeout=15)
+    with cli, srv:
+        assert cli.qos.ber == srv.qos.ber == 0
+        if spec is qos.raw_no_errors:
+            assert cli.mtu == srv.mtu == 65535  # no 4 bytes kept for a trailer
+        else:
+            assert cli._session is not None and srv._session is not None
+            assert not cli._session.crc and not srv._session.crc
+        cli.write(b"x" * 1000)
+        assert srv.read() == b"x" * 1000
+
+
 def test_flow_is_a_selectable_file_descriptor(pair: Pair) -> None:
     cli, srv = pair
     assert select.select([srv], [], [], 0)[0] == []

@@ -95,6 +95,18 @@ def test_the_layer_mtu_is_enforced_with_a_clear_error(pair: tuple[Host, Host]) -
     flow.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_udp_flow_asking_for_no_errors_keeps_its_crc(pair: tuple[Host, Host]) -> None:
+    """Only a local layer's flows go without the CRC trailer: this one crosses a network."""
+    _a, b = pair
+    reply, fd = b.client().alloc("pong", qos.raw_no_errors, 10)
+    assert not reply.no_wire
+    flow = establish(reply, fd, b.clients[-1], client=True)
+    assert flow.mtu == 8976 - 4
+    ping(flow)
+    flow.close()
+
+
 @pytest.mark.timeout(90)
 def test_operf_paced_delivers_every_sdu_intact(pair: tuple[Host, Host]) -> None:
     a, b = pair

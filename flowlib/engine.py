@@ -164,33 +164,34 @@ class Engine:
             s.queued -= 1
 
     def take(self, s: Session, app: socket.socket) -> bytes | None:
-        """The next in-order SDU FRCT holds for the application, or None; the last one taken silences
-        the doorbell, so that the application's socket polls readable only while there are more."""
-        with self._lock:
-            return self._take(s, app, time.monotonic())
-
-    def _take(self, s: Session, app: socket.socket, now: float) -> bytes | None:
+        """The next in-order SDU FRCT holds for the application, or None. The doorbell rings while more
+        are held and falls silent with the last, so the application's socket polls readable exactly
+        when a read would return one."""
         f = s.frct
         assert f is not None
-        if not f.sdus:
-            return None
-        sdu = f.sdus.popleft()
-        if not f.sdus and s.rung:
-            with contextlib.suppress(OSError):
-                app.recv(16, socket.MSG_DONTWAIT)
-            s.rung = False
-        if not s.gone:
-            f.taken(len(sdu), now)
-            self._flush(s)
-            self._kick(s)
-        return sdu
-
-    def wait(self, s: Session, app: socket.socket) -> bytes | None:
-        """A blocking read that found nothing: wait on the IPCP's socket in the application's thread (the
-        engine's leaves it alone meanwhile), so that an arrival wakes this thread and not the engine's,
-        and read it here. An SDU, or None: the doorbell rang or the flow ended, look again."""
         with self._lock:
-            if s.frct is None or s.frct.sdus or s.gone or s.closing or (fd := s.outer.fileno()) < 0:
+            if not f.sdus:
+                return None
+            sdu = f.sdus.popleft()
+            if not f.sdus and s.rung:
+                with contextlib.suppress(OSError):
+                    app.recv(16, socket.MSG_DONTWAIT)
+                s.rung = False
+            now = time.monotonic()
+            if not s.gone:
+                f.taken(len(sdu), now)
+            self._ring(s, now)
+            self._kick(s)
+            return sdu
+
+    def wait(self, s: Session, app: socket.socket, timeout: float | None) -> list[tuple[int, int]] | None:
+        """A read that found nothing waits here: on the IPCP's socket in the application's thread (the
+        engine's leaves it alone meanwhile), so that an arrival wakes this thread and not the engine's,
+        and is read here; and on the doorbell, which the engine's thread may ring. Returns the
+        doorbell's poll events ([]: arrivals or the timeout woke it), or None without waiting when the
+        engine alone carries the flow now (it ended, or is ending): then poll the doorbell instead."""
+        with self._lock:
+            if s.gone or s.closing or (fd := s.outer.fileno()) < 0:
                 return None
             if s.poller is None:
                 s.poller = select.poll()
@@ -199,22 +200,21 @@ class Engine:
             poller = s.poller
             s.waiting += 1
             self._outer_mask(s)
+        ready: list[tuple[int, int]] = []
         try:
-            ready = dict(poller.poll())
+            ready = poller.poll(None if timeout is None else timeout * 1000)
         finally:
             with self._lock:
                 s.waiting -= 1
-                now = time.monotonic()
                 if not s.gone and s.outer.fileno() == fd:
                     self._outer_mask(s)
-                    if fd in ready:
-                        self._from_outer(s, now, bool(ready[fd] & (select.POLLHUP | select.POLLERR)), deliver=False)
-                    if not s.gone and (due := s.frct.get_timer()) is not None and due <= now:
+                    now = time.monotonic()
+                    if arrived := next((ev for got, ev in ready if got == fd), 0):
+                        self._from_outer(s, now, bool(arrived & (select.POLLHUP | select.POLLERR)), deliver=False)
+                    if not s.gone and s.frct is not None and (due := s.frct.get_timer()) is not None and due <= now:
                         self._timers(s, now)
-        with self._lock:
-            sdu = self._take(s, app, now)
-            self._ring(s, now)  # for any more: the application may poll before it reads again
-            return sdu
+                    self._interest(s, now)
+        return [(got, ev) for got, ev in ready if got != fd]
 
     def _outer_mask(self, s: Session) -> None:
         """What the thread waits for on the IPCP's socket: arrivals unless an application thread does."""

@@ -245,9 +245,13 @@ class Flow:
         """
         poller = select.poll()
         poller.register(self._sock, event)
+        s = self._session if event == select.POLLIN and self._session and self._session.frct else None
         while True:
             left = 0.0 if nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            ready = poller.poll(None if left is None else left * 1000)
+            # An FRCT flow's reader waits on the IPCP's socket itself (see Engine.wait).
+            ready = engine().wait(s, self._sock, left) if s is not None and not nonblock else None
+            if ready is None:
+                ready = poller.poll(None if left is None else left * 1000)
             try:
                 return op(*args)
             except BlockingIOError:
@@ -510,15 +514,12 @@ def _through_frct(sock: socket.socket, s: Session) -> tuple[Callable[[Any], int]
 
     def recv(size: int) -> bytes:
         while (sdu := eng.take(s, sock)) is None:
-            if sock.getblocking() and (sdu := eng.wait(s, sock)) is not None:
-                return sdu
-            try:
-                if not sock.recv(16, socket.MSG_DONTWAIT if sock.getblocking() else 0):
-                    return b""  # the end, once FRCT holds nothing more
-            except BlockingIOError:
-                if not sock.getblocking():
-                    raise  # up to Flow._wait, which polls for the doorbell
-                continue
+            blocking = sock.getblocking()
+            if blocking and eng.wait(s, sock, None) is not None:
+                continue  # it waited and read what came; Flow._wait does this for timed reads
+            # The doorbell, or the end once FRCT holds nothing more; EAGAIN goes up to Flow._wait.
+            if not sock.recv(16, 0 if blocking else socket.MSG_DONTWAIT):
+                return b""
             eng.heard(s)
         return sdu
 

@@ -41,6 +41,9 @@ MAX_PDU = 65536 + 64  # the largest PDU read from the IPCP: a layer MTU plus enc
 BACKLOG = 1 << 20  # bytes held for an application that does not read a flow without FRCT; then dropped
 OUTQ = 1024  # PDUs held while the layer has no room; past it (only FRCT's own packets) dropped
 DEFAULT_SWITCH, SWITCH = 0.005, 0.0002
+# An FRCT reader that read the IPCP's socket itself keeps it while it keeps taking what that brought
+# (the doorbell rings meanwhile); unless it takes an SDU this often, the thread reads the socket again.
+LEASE = 0.01
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,6 +69,7 @@ class Session:
     queued: int = 0  # FRCT: SDUs the application wrote into the socket that the engine has not taken
     rung: bool = False  # FRCT: the doorbell byte is in the application's socket
     waiting: int = 0  # FRCT: application threads blocked on the IPCP's socket themselves (Engine.wait)
+    owned: float = 0.0  # FRCT: when the application last took an SDU while it keeps the IPCP's socket
     poller: select.poll | None = None  # theirs: the IPCP's socket and the doorbell
 
 
@@ -151,11 +155,14 @@ class Engine:
         with self._lock:
             if s.queued or s.closing or s.gone or s.outq or f.error is not None or not f.can_send(now):
                 s.queued += 1
+                self._kick(s)  # a closed window may have set a rendez-vous
                 return False
+            idle = f.idle
             s.live.sent(now)
             f.send(sdu, now)
             self._flush(s)
-            self._kick(s)
+            if idle:  # the first in flight sets the retransmission timer; later ones move it no earlier
+                self._kick(s)
         return True
 
     def unqueue(self, s: Session) -> None:
@@ -173,15 +180,19 @@ class Engine:
             if not f.sdus:
                 return None
             sdu = f.sdus.popleft()
+            now = time.monotonic()
+            if not s.gone:
+                f.taken(len(sdu), now)
+                if s.owned:  # the reader keeps the IPCP's socket while it brings more
+                    if f.sdus:
+                        s.owned = now
+                    else:
+                        self._pump(s, now)
             if not f.sdus and s.rung:
                 with contextlib.suppress(OSError):
                     app.recv(16, socket.MSG_DONTWAIT)
                 s.rung = False
-            now = time.monotonic()
-            if not s.gone:
-                f.taken(len(sdu), now)
             self._ring(s, now)
-            self._kick(s)
             return sdu
 
     def wait(self, s: Session, app: socket.socket, timeout: float | None) -> list[tuple[int, int]] | None:
@@ -207,18 +218,28 @@ class Engine:
             with self._lock:
                 s.waiting -= 1
                 if not s.gone and s.outer.fileno() == fd:
-                    self._outer_mask(s)
-                    now = time.monotonic()
-                    if arrived := next((ev for got, ev in ready if got == fd), 0):
-                        self._from_outer(s, now, bool(arrived & (select.POLLHUP | select.POLLERR)), deliver=False)
-                    if not s.gone and s.frct is not None and (due := s.frct.get_timer()) is not None and due <= now:
-                        self._timers(s, now)
-                    self._interest(s, now)
+                    arrived = next((ev for got, ev in ready if got == fd), 0)
+                    self._pump(s, time.monotonic(), bool(arrived & (select.POLLHUP | select.POLLERR)))
         return [(got, ev) for got, ev in ready if got != fd]
+
+    def _pump(self, s: Session, now: float, hup: bool = False) -> None:
+        """An application thread reads the IPCP's socket (what FRCT makes of it waits to be taken), runs
+        FRCT's timers that are due, and keeps the socket while that brought SDUs (see LEASE)."""
+        f = s.frct
+        assert f is not None
+        self._from_outer(s, now, hup, deliver=False)
+        if s.gone:
+            return
+        if (due := f.get_timer()) is not None and due <= now:
+            self._timers(s, now)
+        s.owned = now if f.sdus else 0.0
+        self._outer_mask(s)
+        self._interest(s, now)
+        self._kick(s)  # acks may have set a probe or a retransmission
 
     def _outer_mask(self, s: Session) -> None:
         """What the thread waits for on the IPCP's socket: arrivals unless an application thread does."""
-        mask = (0 if s.waiting else select.EPOLLIN) | (select.EPOLLOUT if s.outq else 0)
+        mask = (0 if s.waiting or s.owned else select.EPOLLIN) | (select.EPOLLOUT if s.outq else 0)
         with contextlib.suppress(OSError):
             self._epoll.modify(s.outer.fileno(), mask)
 
@@ -277,6 +298,9 @@ class Engine:
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
                         self._from_app(session, now, hup=bool(mask & select.EPOLLHUP))
                 for session in {id(s): s for s in self._sessions.values()}.values():
+                    if session.owned and now >= session.owned + LEASE:
+                        session.owned = 0.0  # the reader stopped taking: the socket is the thread's again
+                        self._outer_mask(session)
                     if session.hup and not session.closing:
                         self._held_back(session, now)
                     due = session.frct.get_timer() if session.frct is not None else None
@@ -326,6 +350,8 @@ class Engine:
                     deadlines.append(d - now)
                 if s.closing or s.hup:
                     deadlines.append(0.2)
+                if s.owned:
+                    deadlines.append(s.owned + LEASE - now)
             timeout = max(min(deadlines), 0.0)
             self._sleep_until = now + timeout
         return timeout

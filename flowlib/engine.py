@@ -40,6 +40,9 @@ BURST = 64
 MAX_PDU = 65536 + 64  # the largest PDU read from the IPCP: a layer MTU plus encryption and CRC
 BACKLOG = 1 << 20  # bytes held for an application that does not read a flow without FRCT; then dropped
 OUTQ = 1024  # PDUs held while the layer has no room; past it (only FRCT's own packets) dropped
+# What the IPCP's socket may hold that its peer has not read (the kernel caps it at wmem_max): on a local
+# flow, a socket pair, the default 208 KiB is three 64 KiB SDUs, and the writer then waits on each read.
+SNDBUF = 1 << 20
 DEFAULT_SWITCH, SWITCH = 0.005, 0.0002
 # An FRCT reader that read the IPCP's socket itself keeps it while it keeps taking what that brought
 # (the doorbell rings meanwhile); unless it takes an SDU this often, the thread reads the socket again.
@@ -113,6 +116,9 @@ class Engine:
             # GIL switch interval a busy thread can hold a ready one back that long.
             sys.setswitchinterval(SWITCH)
         outer = socket.socket(fileno=fd)
+        with contextlib.suppress(OSError):
+            if outer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SNDBUF:
+                outer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         app, inner = seqpacket_pair()
         for s in (outer, inner):
             s.setblocking(False)

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from apps.agent import peer_pid
 from apps.styx import fscreds
@@ -144,13 +145,9 @@ def serve_flow(
                     log.info("flow %s %s %.0f s: closed", flow.flow_id, why, limit)
                     return
                 timeout = left if timeout is None else min(timeout, left)
-            try:
-                ready, _, _ = select.select([flow, *waitables], [], [], timeout)
-            except (OSError, ValueError):  # what a parked request waited on was closed: retry it now
-                ready = []
+            sdu = _next_sdu(flow, waitables, timeout)
             replies: list[bytes] = []
-            if flow in ready:
-                sdu = flow.read()
+            if sdu is not None:
                 message = sdu if pieces is None else pieces.feed(sdu, session.msize or session.limits.msize)
                 if message is not None:
                     last = time.monotonic()
@@ -165,6 +162,24 @@ def serve_flow(
         log.info("flow %s ended: %s", flow.flow_id, e)
     finally:
         session.close()
+
+
+def _next_sdu(flow: Flow, waitables: list[Any], timeout: float | None) -> bytes | None:
+    """The flow's next SDU, or None once `timeout` passed or a parked request's file is ready. Without
+    parked requests a read with a timeout waits: on a reliable flow that wait is the reader's own, so
+    an arrival wakes this thread directly rather than flowlib's engine first."""
+    if waitables:
+        try:
+            ready, _, _ = select.select([flow, *waitables], [], [], timeout)
+        except (OSError, ValueError):  # what a parked request waited on was closed: retry it now
+            return None
+        return flow.read() if flow in ready else None
+    if flow.fccntl(Fccntl.GRCVTIMEO) != timeout:
+        flow.fccntl(Fccntl.SRCVTIMEO, timeout)
+    try:
+        return flow.read()
+    except FlowTimeout:
+        return None
 
 
 class Server:

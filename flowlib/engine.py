@@ -25,6 +25,7 @@ import time
 from collections import deque
 
 from flowlib import crc
+from flowlib.alarm import alarm
 from flowlib.crypto import PacketCrypto
 from flowlib.frct import APP_MTU, DATA, PCI, Frct
 from flowlib.liveness import Action, Liveness
@@ -97,6 +98,9 @@ class Engine:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._alarm = alarm()  # what an application's thread sets, to wake this one later, not now
+        if self._alarm is not None:
+            self._epoll.register(self._alarm.fd, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="flow-engine", daemon=True)
         self._thread.start()
 
@@ -255,11 +259,15 @@ class Engine:
             s.rung = False
 
     def _kick(self, s: Session) -> None:
-        """Wake the thread if what the application just did set FRCT a timer before it means to look."""
+        """What the application just did set FRCT a timer before the thread means to look: have it look
+        then (the alarm: one system call, the thread sleeps on till then), or wake it now."""
         due = s.frct.get_timer() if s.frct is not None else None
         if due is not None and due < self._sleep_until:
             self._sleep_until = due
-            self._wake()
+            if self._alarm is not None:
+                self._alarm.set(due)
+            else:
+                self._wake()
 
     def _due(self, live: Liveness) -> bool:
         """Whether `live` is due before the thread planned to look: then it must be woken."""
@@ -284,6 +292,9 @@ class Engine:
             now = time.monotonic()
             with self._lock:
                 for fd, mask in events:
+                    if self._alarm is not None and fd == self._alarm.fd:
+                        self._alarm.take()
+                        continue
                     if fd == self._wake_r.fileno():
                         while True:
                             try:

@@ -48,6 +48,9 @@ DEFAULT_SWITCH, SWITCH = 0.005, 0.0002
 # An FRCT reader that read the IPCP's socket itself keeps it while it keeps taking what that brought
 # (the doorbell rings meanwhile); unless it takes an SDU this often, the thread reads the socket again.
 LEASE = 0.01
+# A writer waiting for room looks again this often: another of the application's threads may read the
+# ack that opens the window just before it waits, and time alone reopens one the peer left idle.
+WRITE_RECHECK = 0.005
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,7 +77,8 @@ class Session:
     rung: bool = False  # FRCT: the doorbell byte is in the application's socket
     waiting: int = 0  # FRCT: application threads blocked on the IPCP's socket themselves (Engine.wait)
     owned: float = 0.0  # FRCT: when the application last took an SDU while it keeps the IPCP's socket
-    poller: select.poll | None = None  # theirs: the IPCP's socket and the doorbell
+    poller: select.poll | None = None  # a reader's: the IPCP's socket and the doorbell
+    wpoller: select.poll | None = None  # a writer's: the IPCP's socket, and the end of the flow
 
 
 @dataclasses.dataclass(eq=False)
@@ -156,16 +160,23 @@ class Engine:
 
     # -- an FRCT flow's application thread ------------------------------------
 
-    def send(self, s: Session, sdu: bytes) -> bool:
-        """Send an SDU from the application's thread if it may go now; False: the caller writes it into
-        its socket for the engine, behind the others waiting there (counted before it is written)."""
+    def send(self, s: Session, sdu: bytes, may_wait: bool) -> bool | None:
+        """Send an SDU from the application's thread if it may go now. None: the window (or the layer) has
+        no room, and a caller that `may_wait` waits for it (Engine.wait) and tries again. False: the
+        caller writes the SDU into its socket for the engine's thread, behind any others there (counted
+        before it is written); so does a non-blocking writer, whose socket's room is then the flow's."""
         f = s.frct
         assert f is not None
         now = time.monotonic()
         with self._lock:
-            if s.queued or s.closing or s.gone or s.outq or f.error is not None or not f.can_send(now):
+            if s.queued or s.closing or s.gone or f.error is not None:
                 s.queued += 1
+                return False
+            if s.outq or not f.can_send(now):
                 self._kick(s)  # a closed window may have set a rendez-vous
+                if may_wait:
+                    return None
+                s.queued += 1
                 return False
             idle = f.idle
             s.live.sent(now)
@@ -205,20 +216,36 @@ class Engine:
             self._ring(s, now)
             return sdu
 
-    def wait(self, s: Session, app: socket.socket, timeout: float | None) -> list[tuple[int, int]] | None:
-        """A read that found nothing waits here: on the IPCP's socket in the application's thread (the
-        engine's leaves it alone meanwhile), so that an arrival wakes this thread and not the engine's,
-        and is read here; and on the doorbell, which the engine's thread may ring. Returns the
-        doorbell's poll events ([]: arrivals or the timeout woke it), or None without waiting when the
-        engine alone carries the flow now (it ended, or is ending): then poll the doorbell instead."""
+    def wait(
+        self, s: Session, app: socket.socket, timeout: float | None, write: bool = False
+    ) -> list[tuple[int, int]] | None:
+        """A reader that found nothing, or a writer that found no room, waits here: on the IPCP's socket
+        in the application's thread (the engine's leaves it alone meanwhile), so that an arrival (an SDU,
+        an ack that opens the window) wakes this thread and not the engine's, and is read here; and on
+        the application's socket, whose doorbell the engine's thread may ring (a reader's), or whose
+        end it may see. Returns the application's socket's poll events ([]: arrivals or the timeout
+        woke it), or None without waiting when the engine alone carries the flow now (it ended, or is
+        ending): then the caller polls its socket instead."""
         with self._lock:
             if s.gone or s.closing or (fd := s.outer.fileno()) < 0:
                 return None
-            if s.poller is None:
-                s.poller = select.poll()
-                s.poller.register(fd, select.POLLIN)
-                s.poller.register(app, select.POLLIN)
-            poller = s.poller
+            f = s.frct
+            assert f is not None
+            if f.sdus if not write else not s.outq and f.can_send(time.monotonic()):
+                return []  # it came meanwhile: no need to wait
+            if write:
+                timeout = WRITE_RECHECK if timeout is None else min(timeout, WRITE_RECHECK)
+                if s.wpoller is None:
+                    s.wpoller = select.poll()
+                    s.wpoller.register(app, 0)  # its end only: a doorbell is not room
+                s.wpoller.register(fd, select.POLLIN | (select.POLLOUT if s.outq else 0))
+                poller = s.wpoller
+            else:
+                if s.poller is None:
+                    s.poller = select.poll()
+                    s.poller.register(fd, select.POLLIN)
+                    s.poller.register(app, select.POLLIN)
+                poller = s.poller
             s.waiting += 1
             self._outer_mask(s)
         ready: list[tuple[int, int]] = []
@@ -228,8 +255,12 @@ class Engine:
             with self._lock:
                 s.waiting -= 1
                 if not s.gone and s.outer.fileno() == fd:
-                    arrived = next((ev for got, ev in ready if got == fd), 0)
-                    self._pump(s, time.monotonic(), bool(arrived & (select.POLLHUP | select.POLLERR)))
+                    events = next((ev for got, ev in ready if got == fd), 0)
+                    if events & select.POLLOUT:
+                        self._drain(s)
+                    self._pump(s, time.monotonic(), bool(events & (select.POLLHUP | select.POLLERR)))
+                    if write:
+                        self._ring(s, time.monotonic())  # what came is for the reader
         return [(got, ev) for got, ev in ready if got != fd]
 
     def _pump(self, s: Session, now: float, hup: bool = False) -> None:
@@ -308,8 +339,13 @@ class Engine:
                     if fd == session.outer.fileno():
                         if mask & select.EPOLLOUT:
                             self._drain(session)
-                        if mask & ~select.EPOLLOUT:
-                            self._from_outer(session, now, hup=bool(mask & (select.EPOLLHUP | select.EPOLLERR)))
+                        hup = bool(mask & (select.EPOLLHUP | select.EPOLLERR))
+                        # An application thread waiting on the socket reads it: this event came before it.
+                        if mask & ~select.EPOLLOUT and (hup or not session.waiting):
+                            if session.owned:  # the reader's lease ends: the socket is this thread's
+                                session.owned = 0.0
+                                self._outer_mask(session)
+                            self._from_outer(session, now, hup=hup)
                     elif mask & select.EPOLLOUT:
                         self._deliver(session, now)
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):

@@ -104,7 +104,7 @@ class Flow:
         if session is not None:
             self._live = session.live
             if session.frct is not None:
-                self._send, self._recv = _through_frct(self._sock, session)
+                self._send, self._recv = _through_frct(self, session)
         else:
             self._live = Liveness(reply.qos.timeout, time.monotonic())
             if self._live.timeout:  # (the engine thread starts with the first flow it keeps alive)
@@ -245,11 +245,14 @@ class Flow:
         """
         poller = select.poll()
         poller.register(self._sock, event)
-        s = self._session if event == select.POLLIN and self._session and self._session.frct else None
+        s = self._session if self._session and self._session.frct else None
         while True:
             left = 0.0 if nonblock else None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            # An FRCT flow's reader waits on the IPCP's socket itself (see Engine.wait).
-            ready = engine().wait(s, self._sock, left) if s is not None and not nonblock else None
+            # An FRCT flow's reader or writer waits on the IPCP's socket itself (see Engine.wait).
+            if s is not None and not nonblock:
+                ready = engine().wait(s, self._sock, left, write=event == select.POLLOUT)
+            else:
+                ready = None
             if ready is None:
                 ready = poller.poll(None if left is None else left * 1000)
             try:
@@ -497,14 +500,19 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
     return flow
 
 
-def _through_frct(sock: socket.socket, s: Session) -> tuple[Callable[[Any], int], Callable[[int], bytes]]:
+def _through_frct(flow: Flow, s: Session) -> tuple[Callable[[Any], int], Callable[[int], bytes]]:
     """An FRCT flow's send and recv in the application's thread: through the engine's FRCT, with the
-    socket for SDUs that must wait for the window and for the doorbell (see flowlib.engine)."""
-    eng = engine()
+    socket for the doorbell, the flow's end, and SDUs a non-blocking writer leaves for the engine's
+    thread to send when the window opens (see flowlib.engine)."""
+    eng, sock = engine(), flow._sock
 
     def send(sdu: bytes | bytearray | memoryview) -> int:
         data = sdu if isinstance(sdu, bytes) else bytes(sdu)
-        if eng.send(s, data):
+        while (sent := eng.send(s, data, not flow._oflags & FLOWFWNOBLOCK)) is None:
+            if not sock.getblocking():
+                raise BlockingIOError  # a timed write: Flow._wait waits for room
+            eng.wait(s, sock, None, write=True)  # None: the flow is ending, which the next try finds
+        if sent:
             return len(data)
         try:
             return sock.send(data)

@@ -69,6 +69,18 @@ def test_line_of_three_oping_across_two_hops(cluster: Cluster) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_connect_answers_once_the_neighbour_is_routed(cluster: Cluster) -> None:
+    """`irm ipcp connect` returning means the layer is usable from here: a name lookup right after it
+    can ask the neighbour (one that failed at once while routing caught up was a newcomer's first sight)."""
+    a, b = line(cluster, 2)
+    routes = {row[0] for row in b.info("n2")["forwarding"]}
+    assert str(a.address("n1")) in routes
+    pong_at(a)
+    r = b.oping("pong", count=2)
+    assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(120)
 def test_line_of_three_still_reaches_two_hops_after_the_lsu_timeout(cluster: Cluster) -> None:
     a, _, c = line(cluster, options=("ls_t_update", "1", "ls_t_timeo", "3"))  # C's 15 s and 60 s, scaled
     pong_at(c)

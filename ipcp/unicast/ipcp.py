@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
 MAX_HANDSHAKES = 32  # N-1 flows being greeted at once; more are closed unanswered
+# `connect` answers once the new neighbour is routed, so a name lookup right after it can ask it;
+# past this it answers anyway (the layer's routing settles on its own).
+ROUTED_WAIT = 2.0
 MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop; more are dropped
 MGMT_SLICE = 256  # ... taken by the loop at once
 DEFAULTS = {
@@ -292,6 +295,7 @@ class UnicastIpcp(Ipcp):
             self._rearm()
             return
         comps = [component] if component else [um.MGMT, um.DT]
+        routed = self.addr
         if not connect:
             for nb in self.neighbours.named(dst):
                 for comp in comps:
@@ -316,6 +320,10 @@ class UnicastIpcp(Ipcp):
                 raise HandlerError(error.code, f"cannot connect {comp} to {dst!r}: {error.text}")
             self._add_link(adj.peer, af)
             log.info("%s: connected %s to %s (address %d)", self.name, comp, dst, adj.peer.addr)
+            routed = adj.peer.addr
+        deadline = time.monotonic() + ROUTED_WAIT
+        while routed not in self.routes and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def _on_arrivals(self) -> None:
         irm = self._client()

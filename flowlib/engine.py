@@ -77,8 +77,6 @@ class Session:
     rung: bool = False  # FRCT: the doorbell byte is in the application's socket
     waiting: int = 0  # FRCT: application threads blocked on the IPCP's socket themselves (Engine.wait)
     owned: float = 0.0  # FRCT: when the application last took an SDU while it keeps the IPCP's socket
-    poller: select.poll | None = None  # a reader's: the IPCP's socket and the doorbell
-    wpoller: select.poll | None = None  # a writer's: the IPCP's socket, and the end of the flow
 
 
 @dataclasses.dataclass(eq=False)
@@ -169,8 +167,8 @@ class Engine:
         assert f is not None
         now = time.monotonic()
         with self._lock:
-            if s.queued or s.closing or s.gone or f.error is not None:
-                s.queued += 1
+            if s.queued or self._engine_only(s):
+                s.queued += 1  # behind those; or the socket's error says how the flow ended
                 return False
             if s.outq or not f.can_send(now):
                 self._kick(s)  # a closed window may have set a rendez-vous
@@ -185,6 +183,12 @@ class Engine:
             if idle:  # the first in flight sets the retransmission timer; later ones move it no earlier
                 self._kick(s)
         return True
+
+    @staticmethod
+    def _engine_only(s: Session) -> bool:
+        """The application's thread no longer sends or reads the IPCP's socket: the flow ended, failed
+        or is being closed, and the application's socket says so."""
+        return bool(s.gone or s.closing or s.hup or s.error or s.done.is_set() or (s.frct and s.frct.error))
 
     def unqueue(self, s: Session) -> None:
         """The SDU counted by send() did not go into the socket after all."""
@@ -204,11 +208,10 @@ class Engine:
             now = time.monotonic()
             if not s.gone:
                 f.taken(len(sdu), now)
-                if s.owned:  # the reader keeps the IPCP's socket while it brings more
-                    if f.sdus:
-                        s.owned = now
-                    else:
-                        self._pump(s, now)
+                # The reader keeps the IPCP's socket while reading it brings more, and reads it
+                # again when it runs dry, or is LEASE/2 from losing it (else the peer waits for acks).
+                if s.owned and (not f.sdus or now >= s.owned + LEASE / 2):
+                    self._pump(s, now)
             if not f.sdus and s.rung:
                 with contextlib.suppress(OSError):
                     app.recv(16, socket.MSG_DONTWAIT)
@@ -227,25 +230,20 @@ class Engine:
         woke it), or None without waiting when the engine alone carries the flow now (it ended, or is
         ending): then the caller polls its socket instead."""
         with self._lock:
-            if s.gone or s.closing or (fd := s.outer.fileno()) < 0:
+            if self._engine_only(s) or (fd := s.outer.fileno()) < 0 or app.fileno() < 0:
                 return None
             f = s.frct
             assert f is not None
             if f.sdus if not write else not s.outq and f.can_send(time.monotonic()):
                 return []  # it came meanwhile: no need to wait
+            poller = select.poll()  # one per wait: threads may wait at once
             if write:
                 timeout = WRITE_RECHECK if timeout is None else min(timeout, WRITE_RECHECK)
-                if s.wpoller is None:
-                    s.wpoller = select.poll()
-                    s.wpoller.register(app, 0)  # its end only: a doorbell is not room
-                s.wpoller.register(fd, select.POLLIN | (select.POLLOUT if s.outq else 0))
-                poller = s.wpoller
+                poller.register(app, 0)  # its end only: a doorbell is not room
+                poller.register(fd, select.POLLIN | (select.POLLOUT if s.outq else 0))
             else:
-                if s.poller is None:
-                    s.poller = select.poll()
-                    s.poller.register(fd, select.POLLIN)
-                    s.poller.register(app, select.POLLIN)
-                poller = s.poller
+                poller.register(fd, select.POLLIN)
+                poller.register(app, select.POLLIN)
             s.waiting += 1
             self._outer_mask(s)
         ready: list[tuple[int, int]] = []
@@ -277,6 +275,8 @@ class Engine:
         self._outer_mask(s)
         self._interest(s, now)
         self._kick(s)  # acks may have set a probe or a retransmission
+        if s.owned:
+            self._wake_by(s.owned + LEASE)  # to take the socket back if the reader stops
 
     def _outer_mask(self, s: Session) -> None:
         """What the thread waits for on the IPCP's socket: arrivals unless an application thread does."""
@@ -292,8 +292,11 @@ class Engine:
     def _kick(self, s: Session) -> None:
         """What the application just did set FRCT a timer before the thread means to look: have it look
         then (the alarm: one system call, the thread sleeps on till then), or wake it now."""
-        due = s.frct.get_timer() if s.frct is not None else None
-        if due is not None and due < self._sleep_until:
+        if (due := s.frct.get_timer() if s.frct is not None else None) is not None:
+            self._wake_by(due)
+
+    def _wake_by(self, due: float) -> None:
+        if due < self._sleep_until:
             self._sleep_until = due
             if self._alarm is not None:
                 self._alarm.set(due)
@@ -354,6 +357,7 @@ class Engine:
                     if session.owned and now >= session.owned + LEASE:
                         session.owned = 0.0  # the reader stopped taking: the socket is the thread's again
                         self._outer_mask(session)
+                        self._ring(session, now)
                     if session.hup and not session.closing:
                         self._held_back(session, now)
                     due = session.frct.get_timer() if session.frct is not None else None
@@ -510,7 +514,7 @@ class Engine:
 
     def _from_app(self, s: Session, now: float, hup: bool = False) -> None:
         f = s.frct
-        if hup and f is not None and not s.hup and not f.can_send(now):
+        if hup and f is not None and s.queued and not s.hup and not f.can_send(now):
             # Gone, with SDUs the window holds back: a hung-up socket is readable to epoll for good,
             # so it leaves epoll, and what it holds is taken as the window opens (_held_back).
             s.hup = now
@@ -518,8 +522,8 @@ class Engine:
                 self._epoll.unregister(s.inner.fileno())
             return
         for _ in range(BURST):
-            if f is not None and not f.can_send(now):
-                break
+            if f is not None and s.queued and not f.can_send(now):
+                break  # (with nothing queued only the application's end can come)
             try:
                 sdu = s.inner.recv(APP_MTU + 1)
             except BlockingIOError:

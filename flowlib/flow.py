@@ -509,9 +509,13 @@ def _through_frct(flow: Flow, s: Session) -> tuple[Callable[[Any], int], Callabl
     def send(sdu: bytes | bytearray | memoryview) -> int:
         data = sdu if isinstance(sdu, bytes) else bytes(sdu)
         while (sent := eng.send(s, data, not flow._oflags & FLOWFWNOBLOCK)) is None:
+            if sock.fileno() < 0:  # another thread closed the flow
+                raise OSError(errno.EBADF, "closed")
             if not sock.getblocking():
                 raise BlockingIOError  # a timed write: Flow._wait waits for room
-            eng.wait(s, sock, None, write=True)  # None: the flow is ending, which the next try finds
+            if eng.wait(s, sock, None, write=True) is None:  # closed under us, or the flow is ending
+                sent = eng.send(s, data, False)  # into the socket, whose error says which
+                break
         if sent:
             return len(data)
         try:

@@ -158,7 +158,7 @@ class Engine:
 
     # -- an FRCT flow's application thread ------------------------------------
 
-    def send(self, s: Session, sdu: bytes, may_wait: bool) -> bool | None:
+    def send(self, s: Session, sdu: bytes | bytearray | memoryview, may_wait: bool) -> bool | None:
         """Send an SDU from the application's thread if it may go now. None: the window (or the layer) has
         no room, and a caller that `may_wait` waits for it (Engine.wait) and tries again. False: the
         caller writes the SDU into its socket for the engine's thread, behind any others there (counted

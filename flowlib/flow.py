@@ -506,8 +506,11 @@ def _through_frct(flow: Flow, s: Session) -> tuple[Callable[[Any], int], Callabl
     thread to send when the window opens (see flowlib.engine)."""
     eng, sock = engine(), flow._sock
 
-    def send(sdu: bytes | bytearray | memoryview) -> int:
-        data = sdu if isinstance(sdu, bytes) else bytes(sdu)
+    def send(data: bytes | bytearray | memoryview) -> int:
+        # FRCT copies what it sends (header and payload joined): a caller's buffer needs no copy first,
+        # unless its items are not bytes (FRCT cuts SDUs by length).
+        if isinstance(data, memoryview) and (data.itemsize != 1 or data.ndim != 1):
+            data = data.tobytes()
         while (sent := eng.send(s, data, not flow._oflags & FLOWFWNOBLOCK)) is None:
             if sock.fileno() < 0:  # another thread closed the flow
                 raise OSError(errno.EBADF, "closed")

@@ -173,8 +173,9 @@ class Frct:
             return False
         return True
 
-    def send(self, sdu: bytes, now: float) -> None:
-        """Queue an SDU's PDUs: fragments if it exceeds the MTU (reliable flows only)."""
+    def send(self, sdu: bytes | bytearray | memoryview, now: float) -> None:
+        """Queue an SDU's PDUs: fragments if it exceeds the MTU (reliable flows only). Each PDU is a
+        copy (header and payload joined), so the caller's buffer is free again once this returns."""
         n = len(sdu)
         if n > self.app_mtu:
             raise ValueError(f"SDU of {n} bytes exceeds the {self.app_mtu} this flow carries")

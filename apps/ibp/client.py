@@ -187,10 +187,12 @@ class Connection:
     def load_bytes(self, cap: Capability, offset: int = 0, length: int = 0) -> bytearray:
         """The bytes of a load, gathered as they arrive into the buffer returned (no copy at the end:
         a join would copy them all once the last came)."""
-        _, chunks = self.load(cap, offset, length)
-        out = bytearray()
+        n, chunks = self.load(cap, offset, length)
+        out = bytearray(n)  # the depot announced n: no growing (each growth a realloc and a copy)
+        view, at = memoryview(out), 0
         for chunk in chunks:
-            out += chunk
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
         return out
 
     def copy(self, src: Capability, dst: Capability, offset: int = 0, length: int = 0) -> int:

@@ -475,7 +475,13 @@ class Flows:
         flow.fd = os.dup(fd)
         reply = outcome.reply(
             m.FlowReply(
-                flow.flow_id, flow.layer, flow.mtu, flow.qos, entry.name, src.uid if src else -1, src.pid if src else 0,
+                flow.flow_id,
+                flow.layer,
+                flow.mtu,
+                flow.qos,
+                entry.name,
+                src.uid if src else -1,
+                src.pid if src else 0,
                 no_wire=ipcp.type == "local",
             )
         )

@@ -97,6 +97,7 @@ class Engine:
         self._arrivals = select.epoll()  # edge-triggered on watched flows; polled, never waited on
         self._live_due = float("inf")  # when the next keepalive or peer check is due
         self._sleep_until = float("inf")  # when the thread, waiting, looks at its timers next
+        self._retired: list[socket.socket] = []  # ended sessions' sockets, for this thread to close
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
@@ -318,6 +319,10 @@ class Engine:
 
     def _run(self) -> None:
         while True:
+            with self._lock:
+                for sock in self._retired:
+                    sock.close()
+                self._retired.clear()
             timeout = self._next_timeout()
             try:
                 events = self._epoll.poll(timeout)
@@ -469,7 +474,7 @@ class Engine:
         """Nothing more will arrive; what did still reaches the application before its EOF."""
         s.gone = True
         self._unwatch(s.outer)
-        s.outer.close()
+        self._retire(s.outer)
         self._deliver(s, time.monotonic())
 
     def _deliver(self, s: Session, now: float) -> None:
@@ -498,7 +503,7 @@ class Engine:
         reader slows the sender down; what a gone application will never read frees it."""
         f = s.frct
         assert f is not None
-        if f.sdus and not s.rung and not s.inner.fileno() < 0:
+        if f.sdus and not s.rung and not s.done.is_set():
             try:
                 s.inner.send(b"\1")
                 s.rung = True
@@ -562,7 +567,7 @@ class Engine:
 
     def _interest(self, s: Session, now: float) -> None:
         """Read the app only while the window is open; wait for room when it cannot take SDUs."""
-        if s.closing or s.hup or s.inner.fileno() < 0:
+        if s.closing or s.hup or s.done.is_set():
             return
         mask = 0
         if not s.gone and not s.outq and (s.frct is None or s.frct.can_send(now)):
@@ -642,8 +647,17 @@ class Engine:
     def _end(self, s: Session) -> None:
         for sock in (s.outer, s.inner):
             self._unwatch(sock)
-            sock.close()
+            self._retire(sock)
         s.done.set()
+
+    def _retire(self, sock: socket.socket) -> None:
+        """Close a socket of a session that ended, from this thread only: it may hold events polled
+        before the end, and a number closed elsewhere could come back as another flow's meanwhile."""
+        if threading.get_ident() == self._thread.ident:
+            sock.close()
+        else:
+            self._retired.append(sock)
+            self._wake_by(0.0)
 
 
 _engine: Engine | None = None

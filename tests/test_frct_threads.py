@@ -17,6 +17,7 @@ from typing import cast
 import pytest
 
 from flowlib import FlowError, FlowPeer, FlowWouldBlock, qos
+from flowlib.engine import engine
 from flowlib.flow import Flow, establish
 from flowlib.irm import IrmClient
 from proto import messages as m
@@ -156,3 +157,26 @@ def test_closing_a_flow_releases_a_writer_waiting_for_the_window(pair: tuple[Flo
     closer.join(5)
     assert out and isinstance(out[0], FlowError) and "closed" in str(out[0]), out
     assert cpu() - before < 1.0
+
+
+@pytest.mark.timeout(30)
+def test_a_session_ended_in_another_thread_keeps_its_sockets_until_the_engine_thread_closes_them(
+    pair: tuple[Flow, Flow],
+) -> None:
+    """An application thread that finds the flow's end ends its session, but only the engine's thread
+    closes its sockets: that thread may hold events polled before the end, and a number closed
+    elsewhere could come back as another flow's meanwhile, which those events would then end (a
+    styx server lost a client that way, one flow in a few hundred)."""
+    _fa, fb = pair
+    s = fb._session
+    assert s is not None
+    eng = engine()
+    with eng._lock:  # as an application thread ends it (Engine.wait, Engine.take)
+        eng._end(s)
+        assert s.outer.fileno() >= 0 and s.inner.fileno() >= 0
+    deadline = time.monotonic() + 5
+    while (s.outer.fileno() >= 0 or s.inner.fileno() >= 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.outer.fileno() < 0 and s.inner.fileno() < 0
+    with pytest.raises(FlowError):
+        fb.read()

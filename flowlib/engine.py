@@ -1,14 +1,16 @@
-"""The process's flow engine: one thread running FRCT, encryption and CRCs for the flows that need them
-on the IPCP's socket (PDUs), and keepalives for every flow.
+"""The process's flow engine: FRCT, encryption and CRCs for the flows that need them, on the IPCP's
+socket (PDUs), run in the application's threads where they can and in one thread of its own else.
 
 The application's end is a socket, so blocking, timeouts, the event API and asyncio work unchanged.
-On a flow without FRCT (CRCs, encryption) SDUs cross it. On an FRCT flow the application's thread
-sends on the IPCP's socket itself while nothing waits ahead and the window is open (else its SDU
-crosses the socket for the engine to send when it opens), and takes in-order SDUs straight from FRCT;
-the socket then carries only a doorbell, one byte while FRCT holds SDUs, so it polls readable
-exactly when a read would return one, and the end. Packets are built in C's order: FRCT PCI, then
-encryption, then the CRC32 trailer. Flows it does not carry (raw ones) it only watches: arrivals are
-noticed by an edge-triggered epoll looked at on its timer, never read, so watching costs nothing.
+On a flow without FRCT (CRCs, encryption) SDUs cross it to and from the engine's thread. On an FRCT
+flow the application's thread sends on the IPCP's socket itself while the window is open (a
+blocking writer waits there for room; a non-blocking one leaves its SDU in its socket for the
+engine's thread), takes in-order SDUs straight from FRCT, and when it finds none waits on the IPCP's
+socket and reads it; its socket carries a doorbell, one byte while FRCT holds SDUs, so it polls
+readable exactly when a read would return one, and the end. The engine's thread runs the timers and
+keepalives, and reads the IPCP's socket whenever no application thread does. Packets are built in
+C's order: FRCT PCI, then encryption, then the CRC32 trailer. Flows it does not carry (raw ones) it
+only watches: arrivals are noticed by an edge-triggered epoll looked at on its timer, never read.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ OUTQ = 1024  # PDUs held while the layer has no room; past it (only FRCT's own p
 SNDBUF = 1 << 20
 DEFAULT_SWITCH, SWITCH = 0.005, 0.0002
 # An FRCT reader that read the IPCP's socket itself keeps it while it keeps taking what that brought
-# (the doorbell rings meanwhile); unless it takes an SDU this often, the thread reads the socket again.
+# (the doorbell rings meanwhile), reading it again at least every LEASE/2 as it takes; unless it reads
+# it again within LEASE, the thread takes the socket back.
 LEASE = 0.01
 # A writer waiting for room looks again this often: another of the application's threads may read the
 # ack that opens the window just before it waits, and time alone reopens one the peer left idle.
@@ -78,7 +79,7 @@ class Session:
     queued: int = 0  # FRCT: SDUs the application wrote into the socket that the engine has not taken
     rung: bool = False  # FRCT: the doorbell byte is in the application's socket
     waiting: int = 0  # FRCT: application threads blocked on the IPCP's socket themselves (Engine.wait)
-    owned: float = 0.0  # FRCT: when the application last took an SDU while it keeps the IPCP's socket
+    owned: float = 0.0  # FRCT: when the application, keeping the IPCP's socket, last read it (0: it does not)
 
 
 @dataclasses.dataclass(eq=False)
@@ -256,12 +257,12 @@ class Engine:
             with self._lock:
                 s.waiting -= 1
                 if not s.gone and s.outer.fileno() == fd:
-                    events = next((ev for got, ev in ready if got == fd), 0)
+                    now, events = time.monotonic(), next((ev for got, ev in ready if got == fd), 0)
                     if events & select.POLLOUT:
                         self._drain(s)
-                    self._pump(s, time.monotonic(), bool(events & (select.POLLHUP | select.POLLERR)))
+                    self._pump(s, now, bool(events & (select.POLLHUP | select.POLLERR)))
                     if write:
-                        self._ring(s, time.monotonic())  # what came is for the reader
+                        self._ring(s, now)  # what came is for the reader
         return [(got, ev) for got, ev in ready if got != fd]
 
     def _pump(self, s: Session, now: float, hup: bool = False) -> None:
@@ -280,6 +281,11 @@ class Engine:
         self._kick(s)  # acks may have set a probe or a retransmission
         if s.owned:
             self._wake_by(s.owned + LEASE)  # to take the socket back if the reader stops
+
+    def _reclaim(self, s: Session) -> None:
+        """The reader's lease ends: the IPCP's socket is this thread's to read again."""
+        s.owned = 0.0
+        self._outer_mask(s)
 
     def _outer_mask(self, s: Session) -> None:
         """What the thread waits for on the IPCP's socket: arrivals unless an application thread does."""
@@ -352,18 +358,16 @@ class Engine:
                         hup = bool(mask & (select.EPOLLHUP | select.EPOLLERR))
                         # An application thread waiting on the socket reads it: this event came before it.
                         if mask & ~select.EPOLLOUT and (hup or not session.waiting):
-                            if session.owned:  # the reader's lease ends: the socket is this thread's
-                                session.owned = 0.0
-                                self._outer_mask(session)
+                            if session.owned:
+                                self._reclaim(session)
                             self._from_outer(session, now, hup=hup)
                     elif mask & select.EPOLLOUT:
                         self._deliver(session, now)
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
                         self._from_app(session, now, hup=bool(mask & select.EPOLLHUP))
                 for session in {id(s): s for s in self._sessions.values()}.values():
-                    if session.owned and now >= session.owned + LEASE:
-                        session.owned = 0.0  # the reader stopped taking: the socket is the thread's again
-                        self._outer_mask(session)
+                    if session.owned and now >= session.owned + LEASE:  # the reader stopped
+                        self._reclaim(session)
                         self._ring(session, now)
                     if session.hup and not session.closing:
                         self._held_back(session, now)

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from apps.ibp import server as srv
+from apps.ibp import storage
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
+from apps.ibp.client import Connection
 from apps.ibp.depot import DepotCore
 from apps.ibp.limits import Limits
 from apps.ibp.storage import DiskStore
@@ -110,18 +112,52 @@ def test_a_load_of_a_vanished_file_is_refused_with_a_status(server: srv.DepotSer
     assert int(stream.sent[0].split()[0]) == w.IBP_E_CAP_NOT_FOUND
 
 
-def test_load_bytes_gathers_a_load_as_it_arrives() -> None:
-    from apps.ibp.client import Connection
-
-    data = os.urandom(300_000)
+def loading(*loads: bytes) -> Connection:
+    """A client whose depot answers each LOAD with the next of `loads`, as SDUs of up to 65,000 bytes."""
     conn = Connection.__new__(Connection)
     conn.depot, conn.timeout, conn.answered = "d", 5.0, 0
-    conn.stream = Scripted(
-        [w.format_reply(w.IBP_OK, len(data)) + data[:1000]]
-        + [data[i : i + 65000] for i in range(1000, len(data), 65000)]
-    )
-    cap = Capability("d", "0", "k" * 64, "r" * 64, "READ")
-    assert conn.load_bytes(cap) == data
+    sdus: list[bytes] = []
+    for data in loads:
+        sdus.append(w.format_reply(w.IBP_OK, len(data)) + data[:1000])
+        sdus += [data[i : i + 65000] for i in range(1000, len(data), 65000)]
+    conn.stream = Scripted(sdus)
+    return conn
+
+
+READ_CAP = Capability("d", "0", "k" * 64, "r" * 64, "READ")
+
+
+def test_load_bytes_gathers_a_load_as_it_arrives() -> None:
+    data = os.urandom(300_000)
+    assert loading(data).load_bytes(READ_CAP) == data
+
+
+def test_load_into_fills_the_callers_buffer_and_says_how_much() -> None:
+    first, second = os.urandom(300_000), os.urandom(70_000)
+    conn = loading(first, second)
+    buf = bytearray(b"\xff" * 400_000)
+    assert conn.load_into(READ_CAP, buf) == len(first)
+    assert buf[: len(first)] == first and buf[len(first) :] == b"\xff" * 100_000  # nothing past the load
+    assert conn.load_into(READ_CAP, memoryview(buf)) == len(second)  # the same buffer again
+    assert buf[: len(second)] == second
+
+
+def test_a_load_longer_than_the_buffer_fails_and_the_connection_carries_on() -> None:
+    big, small = os.urandom(200_000), b"after"
+    conn = loading(big, small)
+    buf = bytearray(100_000)
+    with pytest.raises(ValueError, match="200000 bytes, the buffer 100000"):
+        conn.load_into(READ_CAP, buf)
+    assert conn.load_into(READ_CAP, buf) == len(small) and buf[:5] == small  # the long load was read past
+
+
+def test_an_allocation_reserves_its_blocks_without_growing_its_file(server: srv.DepotServer) -> None:
+    r, _ = allocate(server, 4 * 1024 * 1024)
+    st = os.stat(server.core.store.path(server.core.authorize(r.key, r.typekey, "READ", NOW, r.rid).fid))
+    assert st.st_size == 0  # a load still sees nothing stored
+    if storage._FALLOCATE is None:
+        pytest.skip("no fallocate in this libc")
+    assert st.st_blocks * 512 >= 4 * 1024 * 1024  # the disk holds the allocation's room already
 
 
 # -- connections kept to copy targets ---------------------------------------------------------------

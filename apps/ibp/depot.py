@@ -205,7 +205,7 @@ class DepotCore:
             now + duration,
             owner=owner,
         )
-        self.store.create(a.fid)
+        self.store.create(a.fid, a.max_size)
         self.store.append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
         self.allocs[a.fid] = a
         self._account(a, 1)

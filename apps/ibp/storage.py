@@ -30,17 +30,22 @@ FILE_MODE = 0o600
 SYNC_FILE_RANGE_WRITE = 2  # start writing the range back, without waiting for it (linux/fs.h)
 
 
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+FALLOC_FL_KEEP_SIZE = 1  # reserve blocks past the end without changing the file's size (linux/falloc.h)
+
+
+def _libc(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A Linux call from libc, or None where there is none (the callers then go without the hint)."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux: fsync alone does the work
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
         return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-    return fn
+    return fn  # type: ignore[no-any-return]
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -49,6 +54,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     durability still rests on that fsync (the call waits for nothing and its failure is ignored)."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Reserve `size` bytes of disk blocks for `fd` without changing its length, as the allocation's
+    size promises: a store then finds its blocks in place and cannot meet a full disk. Where the
+    filesystem cannot (EOPNOTSUPP) or the disk is short, the file grows block by block as before."""
+    if _FALLOCATE is not None and size > 0 and _FALLOCATE(fd, FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        log.debug("no blocks reserved for an allocation of %d bytes: %s", size, os.strerror(ctypes.get_errno()))
 
 
 class DirInUse(OSError):
@@ -159,9 +172,10 @@ class DiskStore:
     def path(self, fid: str) -> Path:
         return self.data / fid
 
-    def create(self, fid: str) -> None:
+    def create(self, fid: str, size: int = 0) -> None:
         fd = private_open(self.path(fid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
+            reserve(fd, size)
             os.fsync(fd)
         finally:
             os.close(fd)

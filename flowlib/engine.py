@@ -48,12 +48,16 @@ OUTQ = 1024  # PDUs held while the layer has no room; past it (only FRCT's own p
 SNDBUF = 1 << 20
 DEFAULT_SWITCH, SWITCH = 0.005, 0.0002
 # An FRCT reader that read the IPCP's socket itself keeps it while it keeps taking what that brought
-# (the doorbell rings meanwhile), reading it again at least every LEASE/2 as it takes; unless it reads
-# it again within LEASE, the thread takes the socket back.
+# (the doorbell rings meanwhile), reading it again at least every LEASE/2 as it takes, and a writer while
+# it writes (ACK_READ_EVERY); unless one reads it again within LEASE, the thread takes the socket back.
 LEASE = 0.01
 # A writer waiting for room looks again this often: another of the application's threads may read the
 # ack that opens the window just before it waits, and time alone reopens one the peer left idle.
 WRITE_RECHECK = 0.005
+# A writer sending while the window is open reads the IPCP's socket itself every ACK_READ_EVERY SDUs
+# (the acks that move the window, what FRCT's timers are due for), and keeps it as a reader does:
+# an ack that woke the engine's thread instead would take the lock and the interpreter from it.
+ACK_READ_EVERY = 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,6 +84,8 @@ class Session:
     rung: bool = False  # FRCT: the doorbell byte is in the application's socket
     waiting: int = 0  # FRCT: application threads blocked on the IPCP's socket themselves (Engine.wait)
     owned: float = 0.0  # FRCT: when the application, keeping the IPCP's socket, last read it (0: it does not)
+    unread: int = 0  # FRCT: SDUs the application's thread sent since it last read the IPCP's socket
+    outer_mask: int = select.EPOLLIN  # what the engine's epoll waits for on `outer`
 
 
 @dataclasses.dataclass(eq=False)
@@ -186,6 +192,10 @@ class Engine:
             self._flush(s)
             if idle:  # the first in flight sets the retransmission timer; later ones move it no earlier
                 self._kick(s)
+            s.unread += 1
+            if s.unread >= ACK_READ_EVERY and not s.waiting:
+                self._pump(s, now, keep=True)
+                self._ring(s, now)  # what came besides acks is for the reader
         return True
 
     @staticmethod
@@ -265,17 +275,19 @@ class Engine:
                         self._ring(s, now)  # what came is for the reader
         return [(got, ev) for got, ev in ready if got != fd]
 
-    def _pump(self, s: Session, now: float, hup: bool = False) -> None:
+    def _pump(self, s: Session, now: float, hup: bool = False, keep: bool = False) -> None:
         """An application thread reads the IPCP's socket (what FRCT makes of it waits to be taken), runs
-        FRCT's timers that are due, and keeps the socket while that brought SDUs (see LEASE)."""
+        FRCT's timers that are due, and keeps the socket while that brought SDUs, or while it writes
+        (`keep`; see LEASE and ACK_READ_EVERY)."""
         f = s.frct
         assert f is not None
+        s.unread = 0
         self._from_outer(s, now, hup, deliver=False)
         if s.gone:
             return
         if (due := f.get_timer()) is not None and due <= now:
             self._timers(s, now)
-        s.owned = now if f.sdus else 0.0
+        s.owned = now if f.sdus or keep else 0.0
         self._outer_mask(s)
         self._interest(s, now)
         self._kick(s)  # acks may have set a probe or a retransmission
@@ -290,8 +302,10 @@ class Engine:
     def _outer_mask(self, s: Session) -> None:
         """What the thread waits for on the IPCP's socket: arrivals unless an application thread does."""
         mask = (0 if s.waiting or s.owned else select.EPOLLIN) | (select.EPOLLOUT if s.outq else 0)
-        with contextlib.suppress(OSError):
-            self._epoll.modify(s.outer.fileno(), mask)
+        if mask != s.outer_mask:
+            s.outer_mask = mask
+            with contextlib.suppress(OSError):
+                self._epoll.modify(s.outer.fileno(), mask)
 
     def heard(self, s: Session) -> None:
         """The application read the doorbell: the next SDUs ring it again."""
@@ -366,13 +380,20 @@ class Engine:
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
                         self._from_app(session, now, hup=bool(mask & select.EPOLLHUP))
                 for session in {id(s): s for s in self._sessions.values()}.values():
-                    if session.owned and now >= session.owned + LEASE:  # the reader stopped
+                    if session.owned and now >= session.owned + LEASE:  # the reader or writer stopped
                         self._reclaim(session)
-                        self._ring(session, now)
+                        if session.waiting or session.gone:
+                            self._ring(session, now)
+                        else:  # what waits there now (an ack) comes before the timers below
+                            self._from_outer(session, now, hup=False)
                     if session.hup and not session.closing:
                         self._held_back(session, now)
                     due = session.frct.get_timer() if session.frct is not None else None
                     if session.closing or (due is not None and due <= now):
+                        if session.owned and not session.waiting and not session.gone:
+                            # An application's thread keeps the socket: what waits in it (an ack) may
+                            # settle the timer, which would else retransmit what arrived.
+                            self._from_outer(session, now, hup=False)
                         self._timers(session, now)
                 if now >= self._live_due:
                     self._liveness(now)
@@ -549,6 +570,8 @@ class Engine:
                 s.closing = now
                 s.linger = f is not None and f.close(now)
                 self._unwatch(s.inner)
+                if s.owned:  # no application thread reads the socket any more
+                    self._reclaim(s)
                 break
             s.live.sent(now)
             if f is None:

@@ -11,13 +11,14 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import cast
 
 import pytest
 
 from flowlib import FlowError, FlowPeer, FlowWouldBlock, qos
-from flowlib.engine import engine
+from flowlib.engine import ACK_READ_EVERY, Engine, Session, engine
 from flowlib.flow import Flow, establish
 from flowlib.irm import IrmClient
 from proto import messages as m
@@ -180,3 +181,59 @@ def test_a_session_ended_in_another_thread_keeps_its_sockets_until_the_engine_th
     assert s.outer.fileno() < 0 and s.inner.fileno() < 0
     with pytest.raises(FlowError):
         fb.read()
+
+
+@pytest.mark.timeout(30)
+def test_a_writer_reads_its_acks_itself(pair: tuple[Flow, Flow], monkeypatch: pytest.MonkeyPatch) -> None:
+    """While it writes, the writing thread reads the acks (every ACK_READ_EVERY SDUs): an ack that woke
+    the engine's thread instead would take the flow's lock and the interpreter from the writer."""
+    fa, fb = pair
+    eng = engine()
+    readers: Counter[str] = Counter()
+    real = Engine._from_outer
+
+    def counted(self: Engine, s: Session, now: float, hup: bool, deliver: bool = True) -> None:
+        if s is fa._session:
+            readers[threading.current_thread().name] += 1
+        real(self, s, now, hup, deliver)
+
+    monkeypatch.setattr(Engine, "_from_outer", counted)
+    n = 4000
+    t, out = run(lambda: sum(len(fb.read()) for _ in range(n)))
+    for _ in range(n):
+        fa.write(bytes(1000))
+    t.join(20)
+    assert out == [1000 * n]
+    assert fa._session is not None and fa._session.frct is not None
+    writer, engine_thread = readers[threading.current_thread().name], readers[eng._thread.name]
+    assert writer >= n // ACK_READ_EVERY // 2, readers
+    assert engine_thread * 5 <= writer, readers  # only when the writer's hold lapsed (descheduled)
+
+
+@pytest.mark.timeout(30)
+def test_a_writer_that_stops_hands_the_socket_back(pair: tuple[Flow, Flow]) -> None:
+    """What arrives after the writer's last write is read by the engine's thread once the writer's hold
+    lapses (LEASE): a flow polled only on its socket still hears its peer."""
+    fa, fb = pair
+    for _ in range(200):
+        fa.write(bytes(100))
+    for _ in range(200):
+        fb.read()
+    fb.write(b"reply")
+    ready, _, _ = select.select([fa], [], [], 2.0)
+    assert ready and fa.read() == b"reply"
+
+
+@pytest.mark.timeout(30)
+def test_acks_a_stopped_writer_left_unread_settle_its_timers(pair: tuple[Flow, Flow]) -> None:
+    """A writer that stops keeps the socket a while (LEASE): a timer falling due meanwhile reads what
+    waits there first, so the acks already come stop a resend of what arrived."""
+    fa, fb = pair
+    for _ in range(20):
+        for _ in range(50):
+            fa.write(bytes(1000))
+        for _ in range(50):
+            fb.read()
+        time.sleep(0.05)  # a writer gone quiet, its last acks waiting in its socket
+    assert fa._session is not None and fa._session.frct is not None
+    assert fa._session.frct.counters.retransmitted == 0

@@ -58,6 +58,9 @@ WRITE_RECHECK = 0.005
 # (the acks that move the window, what FRCT's timers are due for), and keeps it as a reader does:
 # an ack that woke the engine's thread instead would take the lock and the interpreter from it.
 ACK_READ_EVERY = 16
+# A writer's hold that holds no SDUs lapses this soon after its last read (renewed every ACK_READ_EVERY
+# SDUs while it writes): meanwhile a reply only the doorbell would announce (select, asyncio) waits.
+WRITER_LEASE = 0.002
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,6 +88,7 @@ class Session:
     waiting: int = 0  # FRCT: application threads blocked on the IPCP's socket themselves (Engine.wait)
     owned: float = 0.0  # FRCT: when the application, keeping the IPCP's socket, last read it (0: it does not)
     unread: int = 0  # FRCT: SDUs the application's thread sent since it last read the IPCP's socket
+    writing: bool = False  # FRCT: the hold (owned) is a writer's, which brought no SDUs (WRITER_LEASE)
     outer_mask: int = select.EPOLLIN  # what the engine's epoll waits for on `outer`
 
 
@@ -180,6 +184,10 @@ class Engine:
             if s.queued or self._engine_only(s):
                 s.queued += 1  # behind those; or the socket's error says how the flow ended
                 return False
+            if s.owned and not may_wait and not s.waiting and not f.can_send(now):
+                # A writer that will not wait leaves the window to the engine's thread: the acks that
+                # reopen it are for that thread to read, and what already came may reopen it now.
+                self._pump(s, now)
             if s.outq or not f.can_send(now):
                 self._kick(s)  # a closed window may have set a rendez-vous
                 if may_wait:
@@ -216,6 +224,8 @@ class Engine:
         f = s.frct
         assert f is not None
         with self._lock:
+            if not f.sdus and s.owned and s.writing and not s.waiting and not self._engine_only(s):
+                self._pump(s, time.monotonic())  # a read that finds nothing hands a writer's hold back
             if not f.sdus:
                 return None
             sdu = f.sdus.popleft()
@@ -287,7 +297,9 @@ class Engine:
             return
         if (due := f.get_timer()) is not None and due <= now:
             self._timers(s, now)
-        s.owned = now if f.sdus or keep else 0.0
+        # A writer's hold (keep) alone counts as a read LEASE - WRITER_LEASE ago: it lapses WRITER_LEASE on.
+        s.owned = now if f.sdus else now - LEASE + WRITER_LEASE if keep else 0.0
+        s.writing = keep and not f.sdus
         self._outer_mask(s)
         self._interest(s, now)
         self._kick(s)  # acks may have set a probe or a retransmission
@@ -552,6 +564,8 @@ class Engine:
             s.hup = now
             with contextlib.suppress(OSError):
                 self._epoll.unregister(s.inner.fileno())
+            if s.owned:  # no application thread reads the socket any more
+                self._reclaim(s)
             return
         for _ in range(BURST):
             if f is not None and s.queued and not f.can_send(now):

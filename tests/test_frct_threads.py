@@ -18,7 +18,8 @@ from typing import cast
 import pytest
 
 from flowlib import FlowError, FlowPeer, FlowWouldBlock, qos
-from flowlib.engine import ACK_READ_EVERY, Engine, Session, engine
+from flowlib.engine import ACK_READ_EVERY, LEASE, WRITER_LEASE, Engine, Session, engine
+from flowlib.fccntl import FLOWFWNOBLOCK, Fccntl
 from flowlib.flow import Flow, establish
 from flowlib.irm import IrmClient
 from proto import messages as m
@@ -237,3 +238,57 @@ def test_acks_a_stopped_writer_left_unread_settle_its_timers(pair: tuple[Flow, F
         time.sleep(0.05)  # a writer gone quiet, its last acks waiting in its socket
     assert fa._session is not None and fa._session.frct is not None
     assert fa._session.frct.counters.retransmitted == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_read_that_finds_nothing_hands_a_writers_hold_back(pair: tuple[Flow, Flow]) -> None:
+    """After a burst the writer keeps the layer's socket; a non-blocking read (asyncio's first try)
+    that finds nothing gives it back, so a reply rings the doorbell as it comes, not when the hold
+    lapses."""
+    fa, fb = pair
+    s = fa._session
+    assert s is not None
+    fa.set_blocking(False)
+    for _ in range(ACK_READ_EVERY):
+        fa.write(bytes(100))
+    with pytest.raises(FlowWouldBlock):
+        fa.read()
+    with engine()._lock:
+        assert not s.owned and s.outer_mask & select.EPOLLIN  # the engine's thread watches again
+    for _ in range(ACK_READ_EVERY):
+        fb.read()
+    fb.write(b"reply")
+    ready, _, _ = select.select([fa], [], [], 5.0)
+    assert ready and fa.read() == b"reply"
+
+
+@pytest.mark.timeout(30)
+def test_a_writers_hold_lapses_within_writer_lease(pair: tuple[Flow, Flow]) -> None:
+    """An application that selects before it reads waits at most WRITER_LEASE past its last write
+    burst for the engine's thread to watch the socket again (a reader's hold is LEASE)."""
+    fa, _fb = pair
+    s = fa._session
+    assert s is not None
+    for _ in range(ACK_READ_EVERY):
+        fa.write(bytes(100))
+    with engine()._lock:
+        assert not s.owned or s.owned + LEASE <= time.monotonic() + WRITER_LEASE
+
+
+@pytest.mark.timeout(30)
+def test_a_non_blocking_writer_facing_a_shut_window_hands_the_socket_to_the_engine(pair: tuple[Flow, Flow]) -> None:
+    """A writer that will not wait leaves its SDUs for the engine's thread once the window shuts: the
+    acks that reopen it must then reach that thread at once, not after the writer's hold lapses."""
+    fa, fb = pair
+    s = fa._session
+    assert s is not None
+    fa.fccntl(Fccntl.SFLAGS, fa._oflags | FLOWFWNOBLOCK)
+    sent = 0
+    while not s.queued:  # the window shuts: from here SDUs wait in the flow's socket
+        fa.write(b"%d " % sent + bytes(1000))
+        sent += 1
+        assert sent < 100_000
+    with engine()._lock:
+        assert not s.owned and s.outer_mask & select.EPOLLIN
+    got = [fb.read()[:8].split(b" ")[0] for _ in range(sent)]
+    assert got == [b"%d" % i for i in range(sent)]  # the queued one too, as the window reopened

@@ -184,6 +184,15 @@ def test_a_session_ended_in_another_thread_keeps_its_sockets_until_the_engine_th
         fb.read()
 
 
+def reply_after(fa: Flow, fb: Flow, n: int) -> None:
+    """fb takes the `n` SDUs fa wrote and answers; fa, polled on its socket alone, hears the answer."""
+    for _ in range(n):
+        fb.read()
+    fb.write(b"reply")
+    ready, _, _ = select.select([fa], [], [], 5.0)
+    assert ready and fa.read() == b"reply"
+
+
 @pytest.mark.timeout(30)
 def test_a_writer_reads_its_acks_itself(pair: tuple[Flow, Flow], monkeypatch: pytest.MonkeyPatch) -> None:
     """While it writes, the writing thread reads the acks (every ACK_READ_EVERY SDUs): an ack that woke
@@ -214,15 +223,11 @@ def test_a_writer_reads_its_acks_itself(pair: tuple[Flow, Flow], monkeypatch: py
 @pytest.mark.timeout(30)
 def test_a_writer_that_stops_hands_the_socket_back(pair: tuple[Flow, Flow]) -> None:
     """What arrives after the writer's last write is read by the engine's thread once the writer's hold
-    lapses (LEASE): a flow polled only on its socket still hears its peer."""
+    lapses (WRITER_LEASE): a flow polled only on its socket still hears its peer."""
     fa, fb = pair
     for _ in range(200):
         fa.write(bytes(100))
-    for _ in range(200):
-        fb.read()
-    fb.write(b"reply")
-    ready, _, _ = select.select([fa], [], [], 2.0)
-    assert ready and fa.read() == b"reply"
+    reply_after(fa, fb, 200)
 
 
 @pytest.mark.timeout(30)
@@ -255,11 +260,7 @@ def test_a_read_that_finds_nothing_hands_a_writers_hold_back(pair: tuple[Flow, F
         fa.read()
     with engine()._lock:
         assert not s.owned and s.outer_mask & select.EPOLLIN  # the engine's thread watches again
-    for _ in range(ACK_READ_EVERY):
-        fb.read()
-    fb.write(b"reply")
-    ready, _, _ = select.select([fa], [], [], 5.0)
-    assert ready and fa.read() == b"reply"
+    reply_after(fa, fb, ACK_READ_EVERY)
 
 
 @pytest.mark.timeout(30)

@@ -297,18 +297,24 @@ class Engine:
             return
         if (due := f.get_timer()) is not None and due <= now:
             self._timers(s, now)
-        # A writer's hold (keep) alone counts as a read LEASE - WRITER_LEASE ago: it lapses WRITER_LEASE on.
-        s.owned = now if f.sdus else now - LEASE + WRITER_LEASE if keep else 0.0
+        s.owned = now if f.sdus or keep else 0.0
         s.writing = keep and not f.sdus
         self._outer_mask(s)
         self._interest(s, now)
         self._kick(s)  # acks may have set a probe or a retransmission
         if s.owned:
-            self._wake_by(s.owned + LEASE)  # to take the socket back if the reader stops
+            self._wake_by(self._hold_end(s))  # to take the socket back if the reader or writer stops
+
+    @staticmethod
+    def _hold_end(s: Session) -> float:
+        """When an application thread's hold on the IPCP's socket lapses: LEASE after its last read, or
+        WRITER_LEASE for a writer's that brought no SDUs."""
+        return s.owned + (WRITER_LEASE if s.writing else LEASE)
 
     def _reclaim(self, s: Session) -> None:
-        """The reader's lease ends: the IPCP's socket is this thread's to read again."""
+        """The reader's or writer's hold ends: the IPCP's socket is this thread's to read again."""
         s.owned = 0.0
+        s.writing = False
         self._outer_mask(s)
 
     def _outer_mask(self, s: Session) -> None:
@@ -392,7 +398,7 @@ class Engine:
                     if fd == session.inner.fileno() and mask & (select.EPOLLIN | select.EPOLLHUP):
                         self._from_app(session, now, hup=bool(mask & select.EPOLLHUP))
                 for session in {id(s): s for s in self._sessions.values()}.values():
-                    if session.owned and now >= session.owned + LEASE:  # the reader or writer stopped
+                    if session.owned and now >= self._hold_end(session):  # the reader or writer stopped
                         self._reclaim(session)
                         if session.waiting or session.gone:
                             self._ring(session, now)
@@ -452,7 +458,7 @@ class Engine:
                 if s.closing or s.hup:
                     deadlines.append(0.2)
                 if s.owned:
-                    deadlines.append(s.owned + LEASE - now)
+                    deadlines.append(self._hold_end(s) - now)
             timeout = max(min(deadlines), 0.0)
             self._sleep_until = now + timeout
         return timeout

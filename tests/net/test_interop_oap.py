@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,23 +110,21 @@ def identity(pki: Pki, name: str, role: str = "server", enc: str | None = None, 
         pki.enc_conf(name, enc, role)
 
 
-def c_echo_server(p: Pair, name: str) -> None:
-    """C's `oecho --listen`, started, bound to `name` and registered. Not started by the irmd on a
-    request (`bind program ... auto`): 0.23's oecho exits when an accept fails, and one started on a
-    request under load misses the irmd's 1 s for it to accept, so every try would start a new one
-    that loses the same race."""
-    p.c_spawn("c-echo", "oecho", "--listen", bind=name)
-    p.c.ok("irm", "name", "reg", name, "layer", LAYER)
+ECHO_REQUEST, ECHO_REPLY = 0, 1  # 0.23 oping's message types (a 32-bit type in network order first)
 
 
-def echo_with_c(p: Pair, name: str, **kw: object) -> tuple[object, int]:
-    """Our flow to C's `oecho --listen` for `name`: (flow.peer, flow.qos.cypher_s) once the echo came back."""
+def ping_c(p: Pair, name: str, **kw: object) -> tuple[object, int]:
+    """Our flow to C's `oping --listen` for `name`, one ping answered on it: (flow.peer,
+    flow.qos.cypher_s). oping, not oecho, serves: 0.23's oecho exits when an accept fails, as one does
+    under load when C's udp4 IPCP answers before it noted where the request came from, and each try
+    after that raced the C irmd's 1 s for a newly started oecho to accept; oping accepts on."""
     irm = IrmClient(p.ours.irmd.sock)
+    body = struct.pack("!IIQQ", ECHO_REQUEST, 7, 0, 0) + b"Client says hi!"
     try:
         with c_alloc(lambda: flow_alloc(name, qos.raw, 10, irm=irm, **kw)) as flow:  # type: ignore[arg-type]
             flow.set_timeout(10)
-            flow.write(b"Client says hi!\0")
-            assert flow.read() == b"Client says hi!\0"
+            flow.write(body)
+            assert flow.read() == struct.pack("!I", ECHO_REPLY) + body[4:]
             return flow.peer, flow.qos.cypher_s
     except FlowError as e:
         e.add_note(p.logs())  # what each irmd saw, in the report of a test that did not expect this
@@ -147,10 +146,10 @@ def test_we_reach_a_c_server_that_requires_encryption_and_proves_its_name(
 ) -> None:
     p, ours, theirs = secure
     identity(theirs, "c-pong", enc=enc)
-    c_echo_server(p, "c-pong")
+    p.c_serve("c-pong", "oping", "--listen")
     if "secp384r1" in enc:
         ours.enc_conf("c-pong", "kex=secp384r1\n", role="client")  # X25519 ranks below what C asks
-    peer, bits = echo_with_c(p, "c-pong", encrypt=True)
+    peer, bits = ping_c(p, "c-pong", encrypt=True)
     assert peer is not None and (peer.name, peer.verified) == ("c-pong", "ca")  # type: ignore[attr-defined]
     assert bits == 256  # the stronger of the two sides' ciphers: ours (AES-256-GCM) over C's AES-128-GCM
 
@@ -166,11 +165,9 @@ def test_our_oping_reaches_a_c_oping_server_encrypted(secure: tuple[Pair, Pki, P
 def test_a_c_server_refuses_our_plain_flow_when_it_requires_encryption(secure: tuple[Pair, Pki, Pki]) -> None:
     p, _, theirs = secure
     identity(theirs, "c-pong", enc="")
-    # oping, not oecho: 0.23's oecho exits on a failed accept, so each try would race 0.23's 2 s for
-    # a started program to accept; oping accepts on, and a try after a lost one finds it waiting.
     p.c_serve("c-pong", "oping", "--listen")
     try:
-        echo_with_c(p, "c-pong")
+        ping_c(p, "c-pong")
     except EncryptionFailed as e:
         assert "refused" in str(e)
     except FlowError as e:
@@ -210,11 +207,11 @@ def test_our_client_certificate_is_verified_by_the_c_server(secure: tuple[Pair, 
     p, ours, theirs = secure
     identity(theirs, "c-pong", enc="")
     identity(ours, "c-pong", role="client")  # a client certificate from the CA C trusts
-    c_echo_server(p, "c-pong")
-    echo_with_c(p, "c-pong", encrypt=True)
+    p.c_serve("c-pong", "oping", "--listen")
+    ping_c(p, "c-pong", encrypt=True)
     identity(ours, "c-pong", role="client", trusted=False)  # one C cannot verify: refused there
     with pytest.raises(AuthenticationFailed, match="refused"):
-        echo_with_c(p, "c-pong", encrypt=True)
+        ping_c(p, "c-pong", encrypt=True)
     assert "Failed to authenticate client" in p.c.log_text()
 
 

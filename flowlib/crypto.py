@@ -65,7 +65,7 @@ class _Ctr:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def encrypt(self, iv: bytes, data: bytes, _aad: None) -> bytes:
+    def encrypt(self, iv: bytes, data: bytes | bytearray | memoryview, _aad: None) -> bytes:
         ctx = Cipher(algorithms.AES(self._key), modes.CTR(iv)).encryptor()
         return ctx.update(data) + ctx.finalize()
 
@@ -117,6 +117,7 @@ class PacketCrypto:
         self._previous: Aead | None = None  # the key before the last rotation, during its grace
         self._next: tuple[bytes, Aead] | None = None  # derived when a packet first needs it
         self._mask = 1 << rotation_bit
+        self._bit, self._low, self._grace = rotation_bit, self._mask - 1, self._mask >> 1
         self._cntr = 0  # packets sealed and opened
         self._age = 0  # ... since the last rotation
         self._phase = 0
@@ -145,18 +146,20 @@ class PacketCrypto:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def seal(self, plain: bytes) -> bytes:
+    def seal(self, plain: bytes | bytearray | memoryview) -> bytes:
+        """IV | ciphertext | tag. The common case is a few operations around the cipher: it runs once
+        per packet in the writing thread, where it decides an encrypted flow's rate."""
         cntr = self._cntr
         aead = self._aead
-        iv = IV.pack(self._heads[1 if cntr & self._mask else 0], next(self._numbers)) + self._tail
+        iv = IV.pack(self._heads[cntr >> self._bit & 1], next(self._numbers)) + self._tail
         packet: bytes = iv + aead.encrypt(iv, plain, None)
         self._cntr = cntr + 1
         self._age += 1
-        if (cntr + 1) & self._mask != cntr & self._mask:
+        if not (cntr + 1) & self._low:  # a multiple of 2^rotation_bit: the key's turn is over
             with self._lock:
                 if self._aead is aead:  # not rotated meanwhile by the other direction
                     self._rotate()
-        if self._previous is not None and self._age >= self._mask >> 1:
+        if self._previous is not None and self._age >= self._grace:
             self._previous = None  # the previous key's grace is over
         return packet
 

@@ -41,6 +41,14 @@ def test_seal_open_round_trip_both_ways(cipher: int, size: int) -> None:
     assert c.rejected == s.rejected == 0
 
 
+@pytest.mark.parametrize("cipher", sorted(CIPHERS))
+def test_any_buffer_is_sealed_as_its_bytes(cipher: int) -> None:
+    c, s = pair(cipher)
+    plain = os.urandom(300)
+    for sdu in (bytearray(plain), memoryview(plain), memoryview(b"xx" + plain)[2:]):
+        assert s.open(c.seal(sdu)) == plain
+
+
 def test_the_aead_packet_is_iv_ciphertext_tag_as_0_23_lays_it_out() -> None:
     key = os.urandom(32)
     c = PacketCrypto(GCM, key, server=False)

@@ -245,6 +245,7 @@ def _label(pid: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class Usage:
     cpu_s: float
+    sys_s: float  # of cpu_s, in the kernel: on loopback a sender's system call also does the receiver's side
     children_s: float  # of its children that have exited (a plumb client, a remote cat)
     voluntary: int
     involuntary: int
@@ -261,7 +262,7 @@ def usage(pid: int) -> Usage:
             status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
             vol += int(status["voluntary_ctxt_switches"])
             invol += int(status["nonvoluntary_ctxt_switches"])
-    return Usage(cpu, children, vol, invol)
+    return Usage(cpu, int(fields[12]) / CLK_TCK, children, vol, invol)
 
 
 # -- the three passes --------------------------------------------------------------------------
@@ -281,8 +282,9 @@ def pass_usage(load: Load, procs: dict[int, str], seconds: float) -> tuple[float
             continue
         vol = after[pid].voluntary - before[pid].voluntary
         invol = after[pid].involuntary - before[pid].involuntary
+        kernel = (after[pid].sys_s - before[pid].sys_s) / d_cpu if d_cpu > 0 else 0.0
         lines.append(f"    {label:40} {d_cpu / units * 1e6:9.1f} µs  {vol / units:7.3f} + {invol / units:.3f}"
-                     f"   ({d_cpu / wall:.0%} of a CPU)")  # fmt: skip
+                     f"   ({d_cpu / wall:.0%} of a CPU, {kernel:.0%} in the kernel)")  # fmt: skip
         if d_children > 0:
             lines.append(f"    {'  its children, exited':40} {d_children / units * 1e6:9.1f} µs")
     return units, lines

@@ -121,6 +121,7 @@ class Frct:
         self.max_payload = mtu - PCI.size
         self.app_mtu = app_mtu if reliable else min(app_mtu, self.max_payload)
         self.rcv_buf = max(rcv_buf, self.app_mtu + self.max_payload)  # room for one whole SDU at least
+        self._half_window = min(RQ_SIZE, self.rcv_buf // self.max_payload) // 2  # of the most it opens to
         self.r_timeout = r_timeout
         self._isn = isn
         self.cflags = FRCTFRESCNTL | (FRCTFRTX | FRCTFLINGER if reliable else 0)
@@ -234,7 +235,7 @@ class Frct:
         edge = self._advertise()
         if now - self.rcv_act > RCV_INACT:
             return
-        half = min(RQ_SIZE, self.rcv_buf // self.max_payload) // 2  # of the most the window opens to
+        half = self._half_window
         if self.reliable:
             if distance(self.rcv_nxt, before_edge) < half <= distance(self.rcv_nxt, edge):
                 self._ack(now)
@@ -408,8 +409,10 @@ class Frct:
 
     def _advertise(self) -> int:
         """Our receive window's right edge, never pulled back: PDUs and bytes we can still hold."""
-        room = min(RQ_SIZE - len(self.sdus) - len(self.fragments), (self.rcv_buf - self._held) // self.max_payload)
-        edge = (self.rcv_nxt + max(room, 0)) % SEQ_MOD
+        room = RQ_SIZE - len(self.sdus) - len(self.fragments)
+        if (by_bytes := (self.rcv_buf - self._held) // self.max_payload) < room:
+            room = by_bytes
+        edge = (self.rcv_nxt + room) % SEQ_MOD if room > 0 else self.rcv_nxt
         if before(self.rcv_rwe, edge):
             self.rcv_rwe = edge
         return self.rcv_rwe
@@ -457,13 +460,14 @@ class Frct:
 
     def get_timer(self) -> float | None:
         """When handle_timer next has work: a delayed ack, a rendez-vous, a retransmission or the R timer."""
-        due = [d for d in (self.ack_due, self._fc_due, self._rdvs_due) if d is not None]
+        due = self.ack_due  # (no list and min(): the engine asks after nearly every SDU)
+        for d in (self._fc_due, self._rdvs_due):
+            if d is not None and (due is None or d < due):
+                due = d
         rec = self.recovery
-        if rec is not None and (oldest := rec.oldest()) is not None:
-            due.append(oldest.first + self.r_timeout)
-            if (resend := rec.deadline()) is not None:
-                due.append(resend)
-        return min(due, default=None)
+        if rec is not None and (d := rec.deadline(self.r_timeout)) is not None and (due is None or d < due):
+            due = d
+        return due
 
     def handle_timer(self, now: float) -> None:
         if self.error is not None:

@@ -313,14 +313,18 @@ class Recovery:
         self.cc.on_loss()
         return [(seq, sent)]
 
-    def deadline(self) -> float | None:
-        """When the oldest PDU in flight is due for a probe or a retransmission."""
+    def deadline(self, r_timeout: float) -> float | None:
+        """When the oldest PDU in flight is due for a probe or a retransmission, or the flow fails
+        for want of any ack (`r_timeout` after its first copy), whichever comes first."""
         oldest = self.unacked.get(self.una)
         if oldest is None:
             return None
         due = oldest.sent + self.rtt.rto
-        probe = self._probe_at(oldest)
-        return due if probe is None else min(due, probe)
+        if (fail := oldest.first + r_timeout) < due:
+            due = fail
+        if self.recover is not None and (probe := self._probe_at(oldest)) is not None and probe < due:
+            due = probe  # (only in recovery: the call is spared the flood's every look)
+        return due
 
     def _probe_at(self, oldest: Sent) -> float | None:
         """In recovery, the oldest PDU is sent again two RTTs after its last copy, PROBES times at most:

@@ -320,7 +320,7 @@ def test_dir_a_nan_ttl_does_not_stop_other_entries_from_expiring() -> None:
 
 
 DHT_MSGS = st.one_of(
-    st.builds(um.DhtStore, st.integers(0, 20), st.binary(max_size=4), st.integers(-5, 20), st.floats(allow_nan=False)),
+    st.builds(um.DhtStore, st.integers(0, 20), st.binary(max_size=4), st.integers(0, 20), st.floats(allow_nan=False)),
     st.builds(store, st.integers(0, 4), st.binary(max_size=4), st.floats(allow_nan=False), st.integers(-5, 8)),
     st.builds(um.DhtFind, st.integers(0, 20), st.binary(max_size=4), st.integers(-5, 2**64)),
     st.builds(

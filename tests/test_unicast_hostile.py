@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_for
+from test_unicast_addresses import signed
 from unicast_net import Cluster, Host
 
 from flowlib.errors import FlowError
@@ -41,6 +42,7 @@ from proto.qos import raw
 KEY = "s3cret-layer-key"
 FMT = pci.PciFormat()
 ROGUE = 0xFEED  # the address the rogue member claims
+rogue_ident = auth.Identity.generate()  # its member key, for LSUs in its own name
 
 
 @dataclasses.dataclass
@@ -282,6 +284,35 @@ def test_a_member_cannot_speak_for_another_in_lsus_or_the_directory(layer: Layer
     assert a.counter("n1", "lsu_forged") >= len(forged_lsus)
 
 
+@pytest.mark.timeout(240)
+def test_a_member_naming_addresses_outside_the_layer_is_refused(layer: Layer, peer: Peer) -> None:
+    """Validly signed LSUs naming a neighbour no layer has (negative, wider than 8 bytes) or wider than
+    this layer's addresses, and a hello from such an address: n1 refuses each, routes on, lives."""
+    a, b = layer.a, layer.b
+    n1 = a.irmd.ipcp_pid("n1")
+    _dt, _, _ = peer.member(um.DT)  # (held open: the rogue stays n1's neighbour)
+    wait_for(lambda: "rogue" in a.neighbours("n1"), 10, "n1 to take the rogue's data flow")
+    mgmt, sealer, _ = peer.member(um.MGMT)
+    refused, failed = a.counter("n1", "lsu_refused"), a.counter("n1", "handshake_failed")
+    with legit_pings(b) as failures:
+        for x in (1 << 64, -7, FMT.max_addr + 1):
+            other = auth.Identity.generate()
+            for frame in (
+                signed(rogue_ident, um.Lsu, src=ROGUE, seqno=int(time.time() * 1e6), neighbours=[layer.n1, x],
+                       name="rogue", key=rogue_ident.pub),
+                signed(other, um.Lsu, src=x, seqno=1, neighbours=[ROGUE], name="x", key=other.pub),
+            ):  # fmt: skip
+                mgmt.write(sealer.seal_bytes(frame))
+        wait_for(lambda: a.counter("n1", "lsu_refused") >= refused + 2, 20, "n1 to refuse the LSUs it can decode")
+        with pytest.raises(AssertionError):
+            peer.member(um.DT, addr=FMT.max_addr + 1)
+        wait_for(lambda: a.counter("n1", "handshake_failed") > failed, 20, "n1 to refuse the hello")
+        time.sleep(5)  # past ls_t_recalc: a route to such an address would have been computed
+    assert not failures, failures
+    assert a.irmd.ipcp_pid("n1") == n1 and os.path.exists(f"/proc/{n1}")
+    assert all(1 <= int(row[0]) <= FMT.max_addr for row in a.info("n1")["forwarding"])
+
+
 @pytest.mark.timeout(300)
 def test_a_member_flooding_its_own_stores_is_bounded(layer: Layer, peer: Peer) -> None:
     a, b = layer.a, layer.b
@@ -310,6 +341,7 @@ from ipcp.unicast import auth
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
 from proto.qos import raw
+from test_unicast_addresses import signed
 sent = 0
 for i in range(int(sys.argv[1])):
     try:

@@ -320,9 +320,9 @@ def test_routing_renewal_outnumbers_an_older_incarnation() -> None:
     st.lists(
         st.builds(
             lsu,
-            st.integers(-3, 12),
+            st.integers(0, 12),  # (negative addresses never decode: test_unicast_addresses)
             st.integers(-(2**64), 2**64),
-            st.lists(st.integers(-3, 12), max_size=6),
+            st.lists(st.integers(0, 12), max_size=6),
             st.sampled_from(["", "a", "b"]),
             st.floats(allow_nan=True),
             st.sampled_from([ident_of(i) for i in range(3)]),

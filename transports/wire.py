@@ -26,6 +26,8 @@ MAX_BODY = 60 * 1024
 MAX_FRAME = HEADER.size + MAX_BODY
 MAX_FDS = 4
 MAX_DEPTH = 4
+MAX_QUOTED = 40  # characters of a peer's text an error repeats
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what the wire carries of an integer: 64 bits, as MessagePack
 NOTICE = 0  # request id of one-way notices, which get no reply
 REPLY = 0x80000000  # set in the request id of a reply; requests number below it
 ID_MASK = REPLY - 1
@@ -129,8 +131,17 @@ class Codec:
             kwargs[f.name] = _check(raw[f.name], hints[f.name], f"{cls.__name__}.{f.name}", 0)
         unknown = set(raw) - set(kwargs) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         if unknown:
-            raise WireError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-        return cls(**kwargs)
+            raise WireError(f"{cls.__name__}: unknown fields {_names(unknown)}")
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # what the message's __post_init__ refuses
+            raise WireError(f"{cls.__name__}: {e}") from None
+
+
+def _names(names: set[str]) -> str:
+    """Names a peer sent, as an error quotes them: a few, each cut short (errors are logged)."""
+    shown = [repr(n[:MAX_QUOTED]) + ("..." if len(n) > MAX_QUOTED else "") for n in sorted(names)[:4]]
+    return "[" + ", ".join(shown) + (", ..." if len(names) > 4 else "") + "]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +174,7 @@ class _Shape:
         """Refuse unknown and missing fields and non-finite floats, here and in nested records; the
         types of the values are msgspec's to check."""
         if unknown := raw.keys() - self.names:
-            raise WireError(f"{where}: unknown fields {sorted(map(repr, unknown))}")
+            raise WireError(f"{where}: unknown fields {_names({str(u) for u in unknown})}")
         if missing := self.required - raw.keys():
             raise WireError(f"{where}: missing field {min(missing)!r}")
         for name in self.floats:
@@ -254,7 +265,7 @@ def _to_json(value: Any) -> Any:
 _SCALARS: dict[Any, Callable[[Any], bool]] = {
     str: lambda v: isinstance(v, str),
     bool: lambda v: isinstance(v, bool),
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool) and INT_MIN <= v <= INT_MAX,
     float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     Any: lambda v: isinstance(v, str | int | float | bool) or v is None,
 }
@@ -287,14 +298,14 @@ def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
         if not isinstance(value, dict):
             raise WireError(f"{where}: expected an object")
         _, item = get_args(hint)
-        return {k: _check(v, item, f"{where}.{k}", depth + 1) for k, v in value.items()}
+        return {k: _check(v, item, f"{where}.{str(k)[:MAX_QUOTED]}", depth + 1) for k, v in value.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise WireError(f"{where}: expected an object")
         hints = _hints_of(hint)
         names = {f.name for f in dataclasses.fields(hint)}
         if set(value) - names:
-            raise WireError(f"{where}: unknown fields {sorted(set(value) - names)}")
+            raise WireError(f"{where}: unknown fields {_names(set(value) - names)}")
         cls: Any = hint
         try:
             return cls(**{k: _check(v, hints[k], f"{where}.{k}", depth + 1) for k, v in value.items()})

@@ -51,10 +51,18 @@ class Adjacency:
     """
 
     def __init__(
-        self, initiator: bool, component: str, name: str, layer: str, addr: int, psk: bytes | None, now: float
+        self,
+        initiator: bool,
+        component: str,
+        name: str,
+        layer: str,
+        addr: int,
+        psk: bytes | None,
+        now: float,
+        max_addr: int = um.ADDR_SPACE - 1,
     ) -> None:
         self.machine: Machine[AdjState, AdjEvent] = Machine("adjacency", ADJACENCY, AdjState.CONNECTING)
-        self._hs = Handshake(initiator, component, name, layer, addr, psk, now)
+        self._hs = Handshake(initiator, component, name, layer, addr, psk, now, max_addr)
         if initiator:
             self._hs.start()
 

@@ -269,12 +269,16 @@ class Directory:
             self.cache.pop(store.key, None)
             return
         expiry = now + min(store.ttl, self.params.t_expire)
-        self.store.setdefault(store.key, {})[store.addr] = _Held(store, expiry)
+        entries = self.store.setdefault(store.key, {})
+        if (old := entries.get(store.addr)) is not None:
+            self._schedule.discard((old.expiry, store.key, store.addr))  # one expiry per entry, renewed or not
+        entries[store.addr] = _Held(store, expiry)
         self._schedule.add((expiry, store.key, store.addr))
 
     def _drop(self, key: bytes, addr: int) -> None:
         entries = self.store.get(key)
-        if entries is not None and entries.pop(addr, None) is not None:
+        if entries is not None and (held := entries.pop(addr, None)) is not None:
+            self._schedule.discard((held.expiry, key, addr))
             self._per_member[addr] -= 1
             if not self._per_member[addr]:
                 del self._per_member[addr]

@@ -78,11 +78,20 @@ class Handshake(TimedCore):
     """One end of a handshake. Feed it SDUs with receive(); send what pop_out() returns."""
 
     def __init__(
-        self, initiator: bool, component: str, name: str, layer: str, addr: int, psk: bytes | None, now: float
+        self,
+        initiator: bool,
+        component: str,
+        name: str,
+        layer: str,
+        addr: int,
+        psk: bytes | None,
+        now: float,
+        max_addr: int = um.ADDR_SPACE - 1,
     ) -> None:
         super().__init__(now + TIMEOUT)
         self.initiator = initiator
         self.component, self.name, self.layer, self.addr = component, name, layer, addr
+        self.max_addr = max_addr  # the layer's widest address: a peer claiming a wider one is refused
         self.psk = psk
         self.machine: Machine[State, Event] = Machine("handshake", TRANSITIONS, State.IDLE)
         self.peer: Peer | None = None
@@ -138,6 +147,8 @@ class Handshake(TimedCore):
             raise Refused(m.EINVAL, f"unknown component {hello.component[:40]!r}")
         if hello.addr and hello.addr == self.addr:
             raise Refused(m.EINVAL, "a connection from this IPCP to itself")
+        if hello.addr > self.max_addr or (hello.component in (um.DT, um.MGMT) and not hello.addr):
+            raise Refused(m.EINVAL, f"no address of this layer (1 to {self.max_addr})")
         if self.layer and hello.layer and hello.layer != self.layer:
             raise Refused(m.EINVAL, f"the peer is in layer {hello.layer[:80]!r}, not {self.layer!r}")
         keyed = bool(hello.eph or hello.nonce)

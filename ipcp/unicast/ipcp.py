@@ -114,6 +114,20 @@ def check_conf(conf: dict[str, str]) -> dict[str, str]:
     return out
 
 
+ADDRESS_DRAWS = 64  # random draws before a walk: only a nearly full address space needs one
+
+
+def _free_address(members: set[int], max_addr: int) -> int:
+    """A random address of 1..max_addr that no member has; HandlerError when every one is taken
+    (as an enroller may claim: its member list is what it says)."""
+    if sum(1 for a in members if 0 < a <= max_addr) >= max_addr:
+        raise HandlerError(m.EIPCP, f"the layer has no free address (all {max_addr} taken)")
+    for _ in range(ADDRESS_DRAWS):
+        if (addr := random.randint(1, max_addr)) not in members:
+            return addr
+    return next(a for a in range(1, max_addr + 1) if a not in members)
+
+
 class UnicastIpcp(Ipcp):
     type = "unicast"
     dt_class = Dt
@@ -122,6 +136,7 @@ class UnicastIpcp(Ipcp):
         super().__init__(*args, **kw)
         self.conf: dict[str, str] = {}
         self.addr = 0
+        self.max_addr = um.ADDR_SPACE - 1  # the layer's, once known (enrolled or bootstrapped)
         self.psk: bytes | None = None  # from the layer key; None: an open layer
         self.identity = auth.Identity.generate()  # until the layer is joined: then the IPCP's own, kept
         self.irm: IrmClient | None = None
@@ -181,17 +196,15 @@ class UnicastIpcp(Ipcp):
         self.conf = conf
         self.psk = auth.layer_psk(conf["key"]) if conf.get("key") else None
         fmt = PciFormat(int(conf["addr"]), int(conf["eid"]))
-        while True:
-            self.addr = random.randint(1, fmt.max_addr)
-            if self.addr not in members:
-                break
+        self.max_addr = fmt.max_addr
+        self.addr = _free_address(members, fmt.max_addr)
         self.layer = layer
         self.mtu = int(conf["mtu"]) - fmt.size - FRAMING - (auth.SEAL if self.psk else 0)
         now = time.monotonic()
         bindings = auth.Bindings()
         timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
         policy = pff.by_name(conf["routing"])
-        self.lsdb = Lsdb(self.addr, policy, self.name, time.time(), identity, bindings, timers, now)
+        self.lsdb = Lsdb(self.addr, policy, self.name, time.time(), identity, bindings, timers, now, fmt.max_addr)
         params = DhtParams(
             int(conf["dht_alpha"]),
             int(conf["dht_k"]),
@@ -307,7 +320,7 @@ class UnicastIpcp(Ipcp):
                 # DT reads a raw flow's socket itself, past flowlib: its peer's liveness cannot be seen.
                 spec = dataclasses.replace(spec, timeout=0)
             af = await self._alloc_n1(dst, spec, "connect")
-            adj = Adjacency(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic())
+            adj = Adjacency(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
             try:
                 await self._drive(af, adj)
             except BaseException:
@@ -343,7 +356,7 @@ class UnicastIpcp(Ipcp):
     async def _greet(self, af: AsyncFlow) -> None:
         """A member below reached us: it enrolls, or connects a component."""
         self._handshakes += 1
-        adj = Adjacency(False, "", self.name, self.layer, self.addr, self.psk, time.monotonic())
+        adj = Adjacency(False, "", self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
         try:
             await self._drive(af, adj)
         finally:

@@ -22,6 +22,23 @@ RESULTS = {m.ENOENT: E_NOENT, m.EAUTH: E_AUTH, m.ECRYPT: E_CRYPT}
 ERRORS = {result: code for code, result in RESULTS.items()}
 
 
+ADDR_SPACE = 1 << 64  # the widest a layer's addresses are (8 bytes)
+
+
+class Addressed(Message):
+    """A message naming members by address (the fields in ADDRESSES): one that names a negative
+    address or one wider than any layer's is refused at decoding, before any component hashes or
+    packs it. The layer's own width is checked where its addresses are taken (Lsdb, Handshake)."""
+
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("src",)
+
+    def __post_init__(self) -> None:
+        for name in self.ADDRESSES:
+            value = getattr(self, name)
+            if not all(0 <= a < ADDR_SPACE for a in (value if isinstance(value, list) else (value,))):
+                raise ValueError(f"{name}: not an address")
+
+
 def signed_part(msg: Message) -> bytes:
     """What a member signs of a message it speaks for itself in: its encoding without the signature."""
     return CODEC.encode(dataclasses.replace(msg, sig=b""))  # type: ignore[type-var]
@@ -29,10 +46,11 @@ def signed_part(msg: Message) -> bytes:
 
 @reg
 @dataclass
-class Hello(Message):
+class Hello(Addressed):
     """First SDU on every N-1 flow: who is calling and for which component."""
 
     TYPE: ClassVar[int] = 100
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
     component: str
     name: str
     layer: str = ""
@@ -63,10 +81,11 @@ class Refuse(Message):
 
 @reg
 @dataclass
-class EnrollInfo(Message):
+class EnrollInfo(Addressed):
     """The enroller's answer: the layer's configuration (never its key) and who is in it."""
 
     TYPE: ClassVar[int] = 102
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("members",)
     layer: str
     conf: dict[str, str]
     members: list[int] = field(default_factory=list)
@@ -77,10 +96,11 @@ class EnrollInfo(Message):
 
 @reg
 @dataclass
-class Lsu(Message):
+class Lsu(Addressed):
     """A link-state update: `src` (IPCP `name`) has these neighbours (flooded over management flows)."""
 
     TYPE: ClassVar[int] = 103
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("src", "neighbours")
     src: int
     seqno: int
     neighbours: list[int]
@@ -92,7 +112,7 @@ class Lsu(Message):
 
 @reg
 @dataclass
-class FaReq(Message):
+class FaReq(Addressed):
     TYPE: ClassVar[int] = 110
     src: int
     s_eid: int
@@ -104,7 +124,7 @@ class FaReq(Message):
 
 @reg
 @dataclass
-class FaReply(Message):
+class FaReply(Addressed):
     TYPE: ClassVar[int] = 111
     src: int
     s_eid: int  # the replier's eid
@@ -116,7 +136,7 @@ class FaReply(Message):
 
 @reg
 @dataclass
-class FaDealloc(Message):
+class FaDealloc(Addressed):
     TYPE: ClassVar[int] = 112
     src: int
     s_eid: int
@@ -126,7 +146,7 @@ class FaDealloc(Message):
 
 @reg
 @dataclass
-class FlowUpdate(Message):
+class FlowUpdate(Addressed):
     """Congestion feedback from a flow's receiving end to its sender (`congestion mb-ecn`)."""
 
     TYPE: ClassVar[int] = 113
@@ -139,11 +159,12 @@ class FlowUpdate(Message):
 
 @reg
 @dataclass
-class DhtStore(Message):
+class DhtStore(Addressed):
     """Keep (key -> addr) for ttl seconds; ttl 0 removes it. Signed by the member at `addr`, which
     must be `src`: a member speaks only for itself; holders replicate the signed store as it is."""
 
     TYPE: ClassVar[int] = 120
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("src", "addr")
     src: int
     key: bytes
     addr: int
@@ -155,7 +176,7 @@ class DhtStore(Message):
 
 @reg
 @dataclass
-class DhtFind(Message):
+class DhtFind(Addressed):
     TYPE: ClassVar[int] = 121
     src: int
     key: bytes
@@ -164,7 +185,7 @@ class DhtFind(Message):
 
 @reg
 @dataclass
-class DhtFound(Message):
+class DhtFound(Addressed):
     """The answer to a DhtFind: the stores held for the key, each as its registrant signed it, so
     that the asker believes no holder, only the registrants (MAX_FOUND at most)."""
 
@@ -177,7 +198,7 @@ class DhtFound(Message):
 
 @reg
 @dataclass
-class Echo(Message):
+class Echo(Addressed):
     """Keeps a management adjacency alive."""
 
     TYPE: ClassVar[int] = 123

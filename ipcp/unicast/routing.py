@@ -13,7 +13,7 @@ import hashlib
 import math
 
 from ipcp.unicast import auth
-from ipcp.unicast.messages import Lsu, signed_part
+from ipcp.unicast.messages import ADDR_SPACE, Lsu, signed_part
 from ipcp.unicast.pff import Graph, Pff, Simple, Table
 
 MAX_MEMBERS = 4096  # LSDB entries: past this, LSUs of members not yet known are refused
@@ -54,8 +54,10 @@ class Lsdb:
         bindings: auth.Bindings | None = None,
         timers: LsTimers = LsTimers(),
         now: float = 0.0,
+        max_addr: int = ADDR_SPACE - 1,
     ) -> None:
         self.me = me
+        self.max_addr = max_addr  # the layer's widest address: an LSU naming a wider one is refused
         self.pff = pff or Simple()
         self.identity = identity or auth.Identity.generate()
         self.bindings = bindings or auth.Bindings()
@@ -132,6 +134,7 @@ class Lsdb:
             or len(lsu.name) > MAX_NAME
             or not math.isfinite(lsu.since)
             or not 0 <= lsu.seqno < 1 << 63
+            or not all(0 < a <= self.max_addr for a in (lsu.src, *lsu.neighbours))
         ):
             self.refused += 1
             return False

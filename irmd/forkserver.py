@@ -111,7 +111,7 @@ class ForkServer:
         path = isolated_path()
         if path is None:
             return None
-        ours, theirs = seqpacket_pair()
+        ours, theirs = seqpacket_pair(rights=True)  # it hands the IRMd its IPCPs' descriptors
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:  # None: the IRMd was started with that descriptor closed
                 stream.flush()

@@ -31,7 +31,7 @@ class Limits:
     flows_total: int = 8192  # flows of all users together (the IRMd holds a descriptor for each)
     accepts_per_conn: int = 64  # flow_accept calls waiting at once
     requests_per_conn: int = 256  # requests being served at once
-    queued_bytes_per_conn: int = 4 << 20  # replies and notices not yet read; above it, no more requests are read
+    queued_bytes_per_conn: int = 1 << 20  # replies and notices not yet read; above it, no more requests are read
 
     @classmethod
     def keys(cls) -> list[str]:

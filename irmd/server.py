@@ -23,7 +23,7 @@ from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
 from proto.errors import Code, FlowError, InvalidArgument, PermissionDenied, ProtocolError
 from transports.channel import AsyncChannel, HandlerError
-from transports.unix import TrustError, close_fds, make_sock_dir
+from transports.unix import TrustError, close_fds, make_sock_dir, refuse_rights
 from transports.wire import Error, Message
 
 if TYPE_CHECKING:
@@ -187,6 +187,8 @@ class Server:
             REFUSED.log("refusing a connection of uid %d (pid %d): %s", uid, pid, why)
             farewell(conn, Code.EDQUOT, why)
             return
+        if not policy.is_admin(uid, self.irmd.uid):
+            refuse_rights(conn)  # users pass no descriptors: only IPCPs' arriving flows carry them
         peer = read_peer(pid, uid, gid)  # /proc read only for connections served
         self._conn_ids += 1
         client = Client(self._conn_ids, peer, Caller.of(uid, self.irmd.uid))

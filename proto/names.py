@@ -21,9 +21,13 @@ IPCP_TYPES = ("local", "unicast", "broadcast", "udp4", "udp6", "eth-dix", "eth-l
 MAX_NAME = 255
 
 
+QUOTED = 64  # characters of a refused name its error repeats
+
+
 def check_name(name: str, what: str = "name") -> str:
     if not name or len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
-        raise InvalidArgument(f"bad {what} {name!r}: 1-{MAX_NAME} printable characters, no spaces")
+        shown = repr(name[:QUOTED]) + ("..." if len(name) > QUOTED else "")  # a refusal never repeats much of it
+        raise InvalidArgument(f"bad {what} {shown}: 1-{MAX_NAME} printable characters, no spaces")
     return name
 
 

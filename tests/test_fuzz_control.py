@@ -5,10 +5,13 @@ encode/decode API. Each frame decodes to a message that encodes again, or raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
+import socket
 import struct
+import time
 import types
 import typing
 from pathlib import Path
@@ -159,7 +162,7 @@ def test_fds_of_requests_still_waiting_when_the_connection_drops_are_closed(tmp_
         raise AssertionError("never set")
 
     async def run() -> None:
-        ours, theirs = seqpacket_pair()
+        ours, theirs = seqpacket_pair(rights=True)
         closed = asyncio.Event()
         AsyncChannel(ours, m.CODEC, hold, on_close=lambda _: closed.set())
         with open(passed, "rb") as f:
@@ -183,7 +186,7 @@ def test_an_empty_packet_carrying_fds_leaves_none_open(tmp_path: Path) -> None:
 
     passed = tmp_path / "passed"
     passed.touch()
-    ours, theirs = seqpacket_pair()
+    ours, theirs = seqpacket_pair(rights=True)
     try:
         with open(passed, "rb") as f:
             send_frame(theirs, b"", [f.fileno()] * 4)
@@ -193,3 +196,31 @@ def test_an_empty_packet_carrying_fds_leaves_none_open(tmp_path: Path) -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_passed_socket_lingering_on_unsent_data_is_reset_not_waited_on() -> None:
+    """close_fds closes what peers passed: a TCP socket with SO_LINGER 20 s and data its peer never
+    reads would block a plain close() for 20 s (the reader's thread, or the IRMd's loop)."""
+    from transports.unix import close_fds
+
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its window shuts on the first few KB
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c.connect(lst.getsockname())
+    srv, _ = lst.accept()
+    try:
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                c.send(b"x" * 65536)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 20))
+        started = time.monotonic()
+        close_fds([c.detach()])
+        assert time.monotonic() - started < 2
+    finally:
+        srv.close()
+        lst.close()

@@ -7,6 +7,7 @@ legitimate use beside it still works. They need root.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
@@ -24,15 +25,16 @@ from pathlib import Path
 import pytest
 from helpers import BIN, IrmdProc, parse_table, start_irmd, stop_irmd, wait_for
 
-from flowlib.flow import Flow
+from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
 from proto import messages as m
 from proto.control import call
 from proto.errors import LimitReached
-from transports.unix import recv_frame, send_frame
+from transports.unix import kernel_refuses_rights, recv_frame, send_frame
 from transports.wire import REPLY, Error
 
 NOBODY = 65534
+SO_PASSRIGHTS_WORKS = kernel_refuses_rights()
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 pytestmark = pytest.mark.skipif(
@@ -928,3 +930,115 @@ def test_an_irmd_out_of_descriptors_serves_root_refuses_users_and_neither_spins_
             wait_for(lambda: irmd.irm("ipcp", "list").returncode == 0, 20, "root's irm to be served again")
         wait_for(lambda: nobody_irm(irmd, "ipcp", "list").returncode == 0, 20, "users to be served again")
         assert "accept failed" in irmd.log_text() or "out of descriptors" in irmd.log_text()
+
+
+LINGERING = """
+import socket, struct, sys, time
+from transports.unix import send_frame, irmd_sock_path
+from proto import messages as m
+
+def lingering():  # a TCP socket holding unsent data its peer never reads, with SO_LINGER 60 s
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c.connect(lst.getsockname())
+    srv, _ = lst.accept()
+    c.setblocking(False)
+    try:
+        while True:
+            c.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
+    return c, (lst, srv)
+
+keep, refused = [], 0
+for i in range(5):
+    c, peer = lingering()
+    keep.append(peer)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(str(irmd_sock_path()))
+    keep.append(s)
+    time.sleep(0.05)  # accepted by now: the irmd has had its say on what this connection may pass
+    try:
+        send_frame(s, m.CODEC.encode(m.FlowInfo(flow_id=1), 7), [c.fileno()])
+    except PermissionError:
+        refused += 1
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # ours to close, at once
+    c.close()  # else the irmd would hold the last reference
+print("refused", refused, flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_a_users_passed_socket_cannot_stall_the_irmd_and_root_is_served(host: IrmdProc, public_dir: Path) -> None:
+    """uid 65534 passes the irmd sockets whose close would wait 60 s for a peer that never reads:
+    its connections refuse descriptors (the kernel says EPERM), and one that arrives anyway is
+    reset, not waited on. Root's requests are answered at once all along."""
+    log = public_dir / "lingering.log"
+    with server([*AS_NOBODY, str(BIN / "python"), "-c", LINGERING, "20"], host.env, log, "refused"):
+        if SO_PASSRIGHTS_WORKS:
+            assert "refused 5" in log.read_text()
+        for _ in range(3):
+            started = time.monotonic()
+            host.irm_ok("ipcp", "list")
+            assert time.monotonic() - started < 5
+            time.sleep(0.5)
+
+
+@pytest.mark.skipif(
+    not SO_PASSRIGHTS_WORKS, reason="this kernel has no SO_PASSRIGHTS (Linux 6.16): sockets cannot refuse descriptors"
+)
+def test_a_flows_peer_cannot_pass_descriptors_over_the_flow(host: IrmdProc) -> None:
+    """A flow's socket refuses SCM_RIGHTS at both ends: what a peer passes would be closed by the
+    reader's recv, and a lingering socket's close would stall a server's one thread."""
+    echo_service(host, "fd-echo")
+    irm = IrmClient(host.sock)
+    try:
+        with (
+            server([str(BIN / "oping"), "-l"], host.env, host.log.parent / "srv.log", "started"),
+            flow_alloc("fd-echo", timeout=10, irm=irm) as flow,
+            open(os.devnull, "rb") as passed,
+        ):
+            sock = socket.socket(fileno=os.dup(flow.fd))
+            with sock, pytest.raises(PermissionError):
+                sock.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [passed.fileno()]))])
+            flow.write(b"still a flow")
+    finally:
+        irm.close()
+
+
+FLOODER = """
+import json, socket, struct, sys
+from transports.unix import irmd_sock_path, recv_frame
+from transports.wire import HEADER, MAGIC
+from proto import messages as m
+
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(str(irmd_sock_path()))
+answers = []
+for i in range(1, 101):  # a known type, with an unknown field named by 30,000 characters
+    body = json.dumps({"flow_id": 1, "x" * 30000: 1}).encode()
+    s.send(HEADER.pack(MAGIC, m.CODEC.version, m.FlowInfo.TYPE, i, len(body)) + body)
+    answers.append(len(recv_frame(s)[0]))
+big = m.CODEC.encode(m.FlowAlloc("\\x01" * 16000, None, 1.0), 99)  # a name its refusal would quote whole
+s.send(big)
+reply = m.CODEC.decode(recv_frame(s)[0]).msg
+print("answers", len(answers), max(answers), type(reply).__name__, len(reply.text), flush=True)
+"""
+
+
+def test_a_user_cannot_flood_the_irmds_log_or_make_it_answer_more_than_it_was_sent(host: IrmdProc) -> None:
+    """Malformed messages are answered each time and logged for the first few of a connection;
+    errors quote what a client sent only in part, so an answer is never bigger than a few hundred
+    bytes and a refusal of a 16,000-character name still comes."""
+    before = host.log.stat().st_size
+    r = nobody_py(host, FLOODER, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, count, longest, kind, text = r.stdout.split()
+    assert (count, kind) == ("100", "Error") and int(longest) < 1000 and int(text) <= 500
+    assert host.log.stat().st_size - before < 4_000  # 3 lines of 100 malformed messages, not 100
+    host.irm_ok("ipcp", "list")

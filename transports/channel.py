@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Reply = tuple[Message, list[int]]
+ERROR_TEXT = 500  # characters of an error's text sent or logged: errors may quote what a peer sent
+MALFORMED_LOGGED = 3  # malformed messages logged per connection; the rest are only answered
 FAREWELL_WAIT = 1.0  # seconds a failed send waits for the reader to see why the peer closed
 # A handler takes a request and its fds (which it then owns) and returns the
 # reply and fds to pass; the channel closes those fds once sent.
@@ -134,6 +136,7 @@ class AsyncChannel:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._outq: deque[tuple[bytes, list[int]]] = deque()
         self._queued = 0  # bytes in _outq
+        self._malformed = 0  # messages that did not decode
         self._reading = True
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
@@ -264,7 +267,9 @@ class AsyncChannel:
                 frame = self._codec.decode(data)
             except WireError as e:
                 close_fds(fds)
-                log.info("%s: malformed message: %s", self.name, e)
+                self._malformed += 1
+                if self._malformed <= MALFORMED_LOGGED:  # then counted only: a peer cannot fill the log
+                    log.info("%s: malformed message: %s", self.name, str(e)[:ERROR_TEXT])
                 self._reply_error(data, "EPROTO", f"malformed message: {e}")
                 continue
             if frame.req_id & REPLY:
@@ -302,7 +307,7 @@ class AsyncChannel:
         if len(data) >= HEADER.size:
             req_id = HEADER.unpack_from(data)[3]
             if req_id and not req_id & REPLY:
-                self._send(self._codec.encode(Error(code, text[:500]), req_id | REPLY), ())
+                self._send(self._codec.encode(Error(code, text[:ERROR_TEXT]), req_id | REPLY), ())
 
     async def _serve(self, req_id: int, msg: Message, fds: list[int]) -> None:
         """Answer one request; its fds are the handler's, which closes them."""
@@ -317,9 +322,16 @@ class AsyncChannel:
         except Exception as e:
             log.exception("%s: handler for %s failed", self.name, type(msg).__name__)
             reply, out_fds = Error("EIO", f"internal error: {e}"), ()
+        if isinstance(reply, Error):
+            reply = Error(reply.code, reply.text[:ERROR_TEXT])  # an error quoting a request stays short
         try:
             if req_id != NOTICE and not self.closed:
-                self._send(self._codec.encode(reply, req_id | REPLY), out_fds)
+                try:
+                    frame, sent = self._codec.encode(reply, req_id | REPLY), out_fds
+                except WireError as e:  # a reply past what a frame carries: say so, not the stack
+                    log.warning("%s: reply to %s not sent: %s", self.name, type(msg).__name__, str(e)[:ERROR_TEXT])
+                    frame, sent = self._codec.encode(Error("EIO", "the reply is too large"), req_id | REPLY), ()
+                self._send(frame, sent)
         finally:
             close_fds(out_fds)
 

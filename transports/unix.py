@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import stat
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -113,8 +114,37 @@ def check_socket(path: Path, uid: int | None = None) -> None:
         raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
 
 
-def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS sent to a socket
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets at once, never waits
+
+
+def seqpacket_pair(rights: bool = False) -> tuple[socket.socket, socket.socket]:
+    """A connected pair, for a flow unless `rights`: then neither end takes descriptors, so a peer
+    cannot hand the reader one whose close blocks it (see refuse_rights)."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if not rights:
+        for end in pair:
+            refuse_rights(end)
+    return pair
+
+
+def kernel_refuses_rights() -> bool:
+    """Whether this kernel lets a socket refuse descriptors (SO_PASSRIGHTS, Linux 6.16)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        try:
+            b.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+        except OSError:
+            return False
+        return b.getsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS) == 0
+
+
+def refuse_rights(sock: socket.socket) -> None:
+    """Make `sock` refuse descriptors sent to it (the sender's sendmsg fails with EPERM), where the
+    kernel can (6.16 on). A descriptor a peer passed is closed by whoever drops the last reference:
+    with one whose close blocks (a TCP socket lingering on unsent data), that reader would stall."""
+    with contextlib.suppress(OSError):  # an older kernel: close_fds still defuses sockets
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
 
 
 def send_frame(sock: socket.socket, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -148,7 +178,16 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 
 def close_fds(fds: Sequence[int]) -> None:
+    """Close descriptors, as received from a peer: a socket's close is made a reset first (linger
+    0), so that a passed socket lingering on unsent data cannot block the closing thread."""
     for fd in fds:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                sock = socket.socket(fileno=fd)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                finally:
+                    sock.detach()
         with contextlib.suppress(OSError):
             os.close(fd)
 

@@ -31,12 +31,14 @@ from ipcp.shim_guard import Bucket
 from ipcp.shim_wire import ShimWireError, response_code
 from proto import messages as m
 from proto.qos import QosSpec
+from proto.ratelog import RateLog
 from transports.channel import HandlerError, RemoteError
 from transports.impair import ImpairedFraming, Impairment
 from transports.relay import Framing, Relay
 from transports.unix import seqpacket_pair
 
 log = logging.getLogger(__name__)
+REFUSALS = RateLog(logger=log)  # flow requests refused: any peer can send them
 
 MGMT_QUEUE = 1024  # management frames from strangers waiting for the loop; beyond this the relay drops them
 KNOWN_QUEUE = 4096  # ... from members and flows' peers, which go first
@@ -428,7 +430,7 @@ class ShimIpcp(Ipcp):
                 if own:
                     own[0].close()  # the application holds it now, or nobody does
         except (RemoteError, HandlerError, OSError) as e:
-            log.info("%s: flow request from %s refused: %s", self.name, req.addr, e)
+            REFUSALS.log("%s: flow request from %s refused: %s", self.name, req.addr, e)  # peers cause these
             self._drop(flow)
             core.refuse(req, getattr(e, "code", m.EIPCP))
             self._flush()

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from irmd.ratelog import RateLog
 from irmd.reg import Registry
 from irmd.secfiles import (
     APP_DEFAULT,
@@ -36,6 +35,7 @@ from proto import oap
 from proto.errors import Busy, error_class
 from proto.oap import EAUTH, ECRYPT, OapError
 from proto.qos import QosSpec
+from proto.ratelog import RateLog
 
 # Key exchange and certificates (cryptography, ~25 ms to import) load with the first name that has
 # security files or the first encrypted flow, not at every IRMd's start.

@@ -17,12 +17,15 @@ from irmd import spawn
 from irmd.forkserver import Forked
 from irmd.identity import proc_start
 from irmd.reg import Ipcp, ProgBinding
+from proto.ratelog import RateLog
 
 if TYPE_CHECKING:
     from irmd.core import Irmd
 
 log = logging.getLogger("irmd")
 
+LINES_PER_S, LINES_BURST = 5.0, 50  # a started program's output lines logged (the rest counted)
+LINE_LOGGED = 512  # characters of one such line logged
 LINE_MAX = 4096  # a program's output line longer than this is logged in pieces
 START_GRACE = 10.0  # a program started for a name has this long to accept before another is started
 STOP_GRACE = 2.0  # SIGTERM, then SIGKILL after this long
@@ -53,10 +56,14 @@ async def stop(procs: list[spawn.Child]) -> None:
 
 
 async def relay_output(stream: asyncio.StreamReader, tag: str) -> None:
-    """Log what a started program prints, line by line, as its own (tagged with its name and pid)."""
-    out = logging.getLogger("irmd.program")
+    """Log what a started program prints, line by line, as its own (tagged with its name and pid):
+    at most LINES_PER_S a second and LINE_LOGGED characters a line, since a server may print what
+    its clients send (oecho, oping), and the IRMd's log is everyone's."""
+    out = RateLog(LINES_PER_S, LINES_BURST, logger=logging.getLogger("irmd.program"))
     while line := await _line(stream):
-        out.info("%s", line.decode(errors="replace").rstrip("\n"), extra={"tag": tag})
+        text = line.decode(errors="replace").rstrip("\n")
+        cut = f"{text[:LINE_LOGGED]}... ({len(text)} characters)" if len(text) > LINE_LOGGED else text
+        out.log("%s", cut, extra={"tag": tag})
 
 
 async def _line(stream: asyncio.StreamReader) -> bytes:

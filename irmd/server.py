@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 from irmd import policy
 from irmd.identity import Peer, peer_cred, read_peer
 from irmd.policy import Caller
-from irmd.ratelog import RateLog
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
 from proto.errors import Code, FlowError, InvalidArgument, PermissionDenied, ProtocolError
+from proto.ratelog import RateLog
 from transports.channel import AsyncChannel, HandlerError
 from transports.unix import TrustError, close_fds, make_sock_dir, refuse_rights
 from transports.wire import Error, Message

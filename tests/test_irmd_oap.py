@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pki import Pki, certificate, new_key
 
 from irmd.oap import Oap, Outcome, Startups
-from irmd.ratelog import RateLog
+from proto.ratelog import RateLog
 from irmd.reg import Registry
 from proto import messages as m
 from proto import oap

@@ -934,7 +934,7 @@ def test_an_irmd_out_of_descriptors_serves_root_refuses_users_and_neither_spins_
 
 LINGERING = """
 import socket, struct, sys, time
-from transports.unix import send_frame, irmd_sock_path
+from transports.unix import send_frame, recv_frame, irmd_sock_path
 from proto import messages as m
 
 def lingering():  # a TCP socket holding unsent data its peer never reads, with SO_LINGER 60 s
@@ -962,7 +962,8 @@ for i in range(5):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(str(irmd_sock_path()))
     keep.append(s)
-    time.sleep(0.05)  # accepted by now: the irmd has had its say on what this connection may pass
+    send_frame(s, m.CODEC.encode(m.FlowInfo(flow_id=1), 6))
+    recv_frame(s)  # answered: accepted, so the irmd has had its say on what this connection may pass
     try:
         send_frame(s, m.CODEC.encode(m.FlowInfo(flow_id=1), 7), [c.fileno()])
     except PermissionError:
@@ -1012,7 +1013,7 @@ def test_a_flows_peer_cannot_pass_descriptors_over_the_flow(host: IrmdProc) -> N
 
 
 FLOODER = """
-import json, socket, struct, sys
+import msgspec, socket, struct, sys
 from transports.unix import irmd_sock_path, recv_frame
 from transports.wire import HEADER, MAGIC
 from proto import messages as m
@@ -1021,7 +1022,7 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(str(irmd_sock_path()))
 answers = []
 for i in range(1, 101):  # a known type, with an unknown field named by 30,000 characters
-    body = json.dumps({"flow_id": 1, "x" * 30000: 1}).encode()
+    body = msgspec.msgpack.encode({"flow_id": 1, "x" * 30000: 1})
     s.send(HEADER.pack(MAGIC, m.CODEC.version, m.FlowInfo.TYPE, i, len(body)) + body)
     answers.append(len(recv_frame(s)[0]))
 big = m.CODEC.encode(m.FlowAlloc("\\x01" * 16000, None, 1.0), 99)  # a name its refusal would quote whole

@@ -155,3 +155,29 @@ def test_the_two_irmd_quickstart_logs_no_warning(tmp_path: Path) -> None:
         stop_irmd(a)
     for irmd in (a, b):
         assert [m.string for m in lines(irmd) if m.group(4) != "INFO"] == [], irmd.log_text()
+
+
+def test_what_a_started_server_prints_for_its_clients_reaches_the_log_bounded(tmp_path: Path) -> None:
+    """oecho prints each message it echoes; a client sending lines by the thousand would have the
+    IRMd log them all (one line per byte of newlines). Programs' lines are logged at a bounded rate,
+    each cut short, and the echo goes on."""
+    from flowlib import flow_alloc
+    from flowlib.irm import IrmClient
+
+    irmd = start_irmd(tmp_path)
+    irm = IrmClient(irmd.sock)
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.irm_ok("bind", "program", "oecho", "name", "echo", "auto", "--", "-l")
+        irmd.irm_ok("name", "register", "echo", "layer", "local")
+        before = irmd.log.stat().st_size
+        for _ in range(20):
+            with flow_alloc("echo", timeout=10, irm=irm) as flow:
+                flow.set_timeout(10)
+                flow.write(b"\n" * 30000 + b"x" * 30000)
+                assert len(flow.read()) == 60000
+        grown = irmd.log.stat().st_size - before
+    finally:
+        irm.close()
+        stop_irmd(irmd)
+    assert grown < 100_000, f"{grown} bytes of log for 1.2 MB echoed"

@@ -4,8 +4,10 @@ directory reads, writes, remove, wstat, flush, and escapes from the served root.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -660,3 +662,13 @@ def test_descriptor_budget_lowers_connections_when_the_limit_cannot_be_raised() 
     conns, per_user, per_conn = json.loads(r.stdout)
     assert per_conn == 2 * 50 + 3 * 10 + 8
     assert conns == (600 - 64) // per_conn and per_user == conns  # every admitted connection has its share
+
+
+def test_bad_messages_are_answered_each_and_logged_for_the_first_few(
+    fs: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="apps.styx.server")
+    for _ in range(100):
+        (reply,) = fs.receive(struct.pack("<IBH", 7, 250, 1))  # a type no 9P message has
+        assert isinstance(w.decode(reply, 8192), w.Rerror)
+    assert sum("bad message" in r.getMessage() for r in caplog.records) == 3

@@ -341,7 +341,6 @@ from ipcp.unicast import auth
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
 from proto.qos import raw
-from test_unicast_addresses import signed
 sent = 0
 for i in range(int(sys.argv[1])):
     try:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 ENOTVERSION = "version not negotiated: send Tversion first"
 MAX_OFFSET = 2**63 - 1
+MALFORMED_LOGGED = 3  # bad messages logged per connection
 ENAME_MAX = 200  # error texts quote names; cut so an Rerror always fits the smallest msize
 
 
@@ -131,6 +132,7 @@ class Session:
     attached: Peer | None = None  # whose connection this is, fixed by the first attach
     fids: dict[int, Fid] = field(default_factory=dict)
     pending: dict[int, Pending] = field(default_factory=dict)
+    malformed: int = 0  # messages that did not decode (answered; the first MALFORMED_LOGGED logged)
     _none: Peer | None = None  # this connection as user none, made on the first attach as none
 
     # -- the I/O loop's entry points ----------------------------------------
@@ -141,7 +143,9 @@ class Session:
             msg = w.decode(data, self.msize or self.limits.msize)
         except w.DecodeError as e:
             tag = w.peek_tag(data)
-            log.info("bad message: %s", e)
+            self.malformed += 1
+            if self.malformed <= MALFORMED_LOGGED:  # then answered only: a client cannot fill the log
+                log.info("bad message: %s", str(e)[:ENAME_MAX])
             return [w.encode(w.Rerror(tag if tag is not None else w.NOTAG, f"bad message: {e}"[:ENAME_MAX]))]
         if msg.tag in self.pending and not isinstance(msg, w.Tversion):
             return [w.encode(w.Rerror(msg.tag, f"tag {msg.tag} is in use"))]

@@ -142,7 +142,7 @@ class Handshake(TimedCore):
 
     def _check(self, hello: um.Hello) -> None:
         if hello.component != self.component and not (not self.initiator and self.component == ""):
-            raise Refused(m.EINVAL, f"a hello for {hello.component!r}, expected {self.component!r}")
+            raise Refused(m.EINVAL, f"a hello for {hello.component[:40]!r}, expected {self.component!r}")
         if hello.component not in COMPONENTS:
             raise Refused(m.EINVAL, f"unknown component {hello.component[:40]!r}")
         if hello.addr and hello.addr == self.addr:

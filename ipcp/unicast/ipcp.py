@@ -39,11 +39,13 @@ from proto.names import HASHES
 from proto.qos import QosSpec
 from proto.qos import by_name as qos_by_name
 from proto.qos import raw as qos_raw
+from proto.ratelog import RateLog
 from transports.channel import HandlerError, RemoteError
 from transports.unix import seqpacket_pair
 from transports.wire import Message, WireError
 
 log = logging.getLogger(__name__)
+DROPPED = RateLog(logger=log)  # forged LSUs: a neighbour can send them by the thousand
 
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
@@ -450,7 +452,7 @@ class UnicastIpcp(Ipcp):
             try:
                 news = self.lsdb.receive(msg, now)
             except auth.Forged as e:
-                log.info("%s: dropped an LSU via %s: %s", self.name, peer.name, e)
+                DROPPED.log("%s: dropped an LSU via %s: %s", self.name, peer.name, e)  # counted in lsu_forged
                 continue
             if news:
                 self._flood(msg, exclude=peer.addr)

@@ -1,5 +1,5 @@
-"""Log lines that others can cause (refused flows, refused connections, accept failures), at a
-bounded rate: the rest are counted and reported with the next line that passes.
+"""Log lines that others can cause (refused connections and flows, peers' bad messages, what a
+started program prints), at a bounded rate: the rest are counted and reported with the next line.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ class RateLog:
     def __init__(self, rate: float = 10.0, burst: int = 20, clock: Callable[[], float] = time.monotonic,
                  logger: logging.Logger | None = None) -> None:  # fmt: skip
         self.rate, self.burst, self.clock = rate, burst, clock
-        self.logger = logger or logging.getLogger("irmd")
+        self.logger = logger or logging.getLogger("ouroboros")
         self.tokens, self.at, self.suppressed = float(burst), clock(), 0
 
-    def log(self, fmt: str, *args: object, level: int = logging.INFO) -> None:
+    def log(self, fmt: str, *args: object, level: int = logging.INFO, extra: dict[str, object] | None = None) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
@@ -29,4 +29,4 @@ class RateLog:
         if self.suppressed:
             self.logger.warning("(%d more lines not logged)", self.suppressed)
             self.suppressed = 0
-        self.logger.log(level, fmt, *args)
+        self.logger.log(level, fmt, *args, extra=extra)

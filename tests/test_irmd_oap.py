@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pki import Pki, certificate, new_key
 
 from irmd.oap import Oap, Outcome, Startups
-from proto.ratelog import RateLog
 from irmd.reg import Registry
 from proto import messages as m
 from proto import oap
 from proto.errors import FlowError
 from proto.qos import QosSpec, raw
+from proto.ratelog import RateLog
 
 T0 = 1_800_000_000_000_000_000
 MS = 1_000_000

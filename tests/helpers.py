@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -291,3 +292,22 @@ def free_port(ips: Iterable[str]) -> int:
                 s.close()
         return port
     raise RuntimeError("no free port")
+
+
+def lingering_socket(linger: int) -> tuple[socket.socket, tuple[socket.socket, socket.socket]]:
+    """A TCP socket on loopback holding data its peer never reads, with SO_LINGER `linger` s: its
+    last close() waits that long. Also the listener and the peer, to keep open meanwhile."""
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the peer's window shuts on a few KB
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c.connect(lst.getsockname())
+    peer, _ = lst.accept()
+    c.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            c.send(b"x" * 65536)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, linger))
+    return c, (lst, peer)

@@ -5,11 +5,9 @@ encode/decode API. Each frame decodes to a message that encodes again, or raises
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import random
-import socket
 import struct
 import time
 import types
@@ -19,7 +17,7 @@ from typing import Any
 
 import pytest
 from fuzzing import ROUNDS, cases, only_raises
-from helpers import fds_on
+from helpers import fds_on, lingering_socket
 
 from ipcp.unicast import messages as um
 from proto import messages as m
@@ -204,23 +202,11 @@ def test_a_passed_socket_lingering_on_unsent_data_is_reset_not_waited_on() -> No
     reads would block a plain close() for 20 s (the reader's thread, or the IRMd's loop)."""
     from transports.unix import close_fds
 
-    lst = socket.socket()
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its window shuts on the first few KB
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    c = socket.socket()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    c.connect(lst.getsockname())
-    srv, _ = lst.accept()
+    c, held = lingering_socket(20)
     try:
-        c.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                c.send(b"x" * 65536)
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 20))
         started = time.monotonic()
         close_fds([c.detach()])
         assert time.monotonic() - started < 2
     finally:
-        srv.close()
-        lst.close()
+        for sock in held:
+            sock.close()

@@ -18,7 +18,7 @@ from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
 from ipcp.unicast.dir import MAX_ENTRIES, Directory
 from ipcp.unicast.fa import FlowAllocator
-from ipcp.unicast.handshake import Refused
+from ipcp.unicast.handshake import Handshake, Refused
 from ipcp.unicast.routing import MAX_MEMBERS, Lsdb
 from transports.wire import WireError
 
@@ -74,12 +74,12 @@ def test_components_take_hostile_messages_or_refuse_them() -> None:
 
 
 def test_bent_handshake_sdus_are_taken_or_refused() -> None:
-    initiator = Adjacency(True, um.ENROLL, "n1", "net", 4, PSK, 0.0)
+    initiator = Adjacency(Handshake(True, um.ENROLL, "n1", "net", 4, PSK, 0.0))
     hello = initiator.pop_out()[0]
     corpus = [hello, um.CODEC.encode(um.Proof(b"\0" * 32)), um.CODEC.encode(um.Refuse(um.E_AUTH, "no"))]
     corpus += [um.CODEC.encode(msg) for msg in messages(103, 300) if isinstance(msg, um.Hello | um.Proof)]
     for sdu in cases(104, corpus, 2000):
-        responder = Adjacency(False, "", "n2", "net", 9, PSK, 0.0)
+        responder = Adjacency(Handshake(False, "", "n2", "net", 9, PSK, 0.0))
         only_raises(responder.receive, sdu, Refused, 0.0)
         if not responder.done:  # it answered our hello: a second bent SDU meets the next state
             only_raises(responder.receive, sdu[::-1], Refused, 0.0)

@@ -934,30 +934,14 @@ def test_an_irmd_out_of_descriptors_serves_root_refuses_users_and_neither_spins_
 
 LINGERING = """
 import socket, struct, sys, time
+sys.path.insert(0, sys.argv[2])
+from helpers import lingering_socket
 from transports.unix import send_frame, recv_frame, irmd_sock_path
 from proto import messages as m
 
-def lingering():  # a TCP socket holding unsent data its peer never reads, with SO_LINGER 60 s
-    lst = socket.socket()
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    c = socket.socket()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    c.connect(lst.getsockname())
-    srv, _ = lst.accept()
-    c.setblocking(False)
-    try:
-        while True:
-            c.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
-    return c, (lst, srv)
-
 keep, refused = [], 0
 for i in range(5):
-    c, peer = lingering()
+    c, peer = lingering_socket(60)
     keep.append(peer)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(str(irmd_sock_path()))
@@ -980,7 +964,8 @@ def test_a_users_passed_socket_cannot_stall_the_irmd_and_root_is_served(host: Ir
     its connections refuse descriptors (the kernel says EPERM), and one that arrives anyway is
     reset, not waited on. Root's requests are answered at once all along."""
     log = public_dir / "lingering.log"
-    with server([*AS_NOBODY, str(BIN / "python"), "-c", LINGERING, "20"], host.env, log, "refused"):
+    tests = str(Path(__file__).parent)
+    with server([*AS_NOBODY, str(BIN / "python"), "-c", LINGERING, "20", tests], host.env, log, "refused"):
         if SO_PASSRIGHTS_WORKS:
             assert "refused 5" in log.read_text()
         for _ in range(3):

@@ -16,7 +16,7 @@ from ipcp.unicast.auth import layer_psk
 from ipcp.unicast.connmgr import Adjacency, AdjState, AutoConnect, Neighbours
 from ipcp.unicast.enroll import Enrollee, EnrolleeState, Enroller, EnrollerEvent, EnrollerState
 from ipcp.unicast.fsm import IllegalTransition
-from ipcp.unicast.handshake import TIMEOUT, Peer
+from ipcp.unicast.handshake import TIMEOUT, Handshake, Peer
 
 KEY = "s3cret"
 INFO = um.EnrollInfo("net", {"addr": "4", "routing": "lfa"}, [5, 9], name="n1")
@@ -38,7 +38,7 @@ def pump(a: Adjacency | Enrollee, b: Adjacency, wire: list[bytes] | None = None)
 
 
 def acceptor(key: str | None = KEY, layer: str = "net", addr: int = 5) -> Adjacency:
-    return Adjacency(False, "", "n1", layer, addr, layer_psk(key) if key else None, 0.0)
+    return Adjacency(Handshake(False, "", "n1", layer, addr, layer_psk(key) if key else None, 0.0))
 
 
 def enroll(key: str, responder: Adjacency) -> tuple[Enrollee, list[bytes]]:
@@ -117,7 +117,7 @@ def test_the_enroller_table_ends_once() -> None:
 
 @pytest.mark.parametrize("component", [um.MGMT, um.DT])
 def test_an_adjacency_with_the_key_is_up_at_both_ends_with_matching_seals(component: str) -> None:
-    init = Adjacency(True, component, "n2", "net", 9, layer_psk(KEY), 0.0)
+    init = Adjacency(Handshake(True, component, "n2", "net", 9, layer_psk(KEY), 0.0))
     resp = acceptor()
     pump(init, resp)
     assert init.state is AdjState.UP and resp.state is AdjState.UP
@@ -131,7 +131,7 @@ def test_an_adjacency_with_the_key_is_up_at_both_ends_with_matching_seals(compon
 
 
 def test_an_adjacency_hello_replayed_to_another_acceptor_proves_nothing() -> None:
-    init = Adjacency(True, um.DT, "n2", "net", 9, layer_psk(KEY), 0.0)
+    init = Adjacency(Handshake(True, um.DT, "n2", "net", 9, layer_psk(KEY), 0.0))
     first = acceptor()
     wire: list[bytes] = []
     pump(init, first, wire)
@@ -144,7 +144,7 @@ def test_an_adjacency_hello_replayed_to_another_acceptor_proves_nothing() -> Non
 
 @pytest.mark.parametrize(("layer", "addr", "why"), [("other", 9, "not 'net'"), ("net", 5, "itself")])
 def test_an_adjacency_from_another_layer_or_from_itself_is_refused(layer: str, addr: int, why: str) -> None:
-    init = Adjacency(True, um.MGMT, "n2", layer, addr, layer_psk(KEY), 0.0)
+    init = Adjacency(Handshake(True, um.MGMT, "n2", layer, addr, layer_psk(KEY), 0.0))
     resp = acceptor()
     pump(init, resp)
     assert resp.error is not None and why in resp.error.text

@@ -36,6 +36,7 @@ from flowlib.irm import IrmClient
 from ipcp.unicast import auth, pci
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
+from ipcp.unicast.handshake import Handshake
 from ipcp.unicast.messages import signed_part
 from proto.qos import raw
 
@@ -117,7 +118,7 @@ class Peer:
     def member(self, component: str, key: str = KEY, addr: int = ROGUE) -> tuple[Flow, auth.Sealer, auth.Opener]:
         """A completed handshake as a member would do it: the flow and its seals."""
         f = self.flow()
-        adj = Adjacency(True, component, "rogue", "net", addr, auth.layer_psk(key), time.monotonic())
+        adj = Adjacency(Handshake(True, component, "rogue", "net", addr, auth.layer_psk(key), time.monotonic()))
         while not adj.done:
             for sdu in adj.pop_out():
                 f.write(sdu)
@@ -340,6 +341,7 @@ from flowlib.flow import flow_alloc
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
+from ipcp.unicast.handshake import Handshake
 from proto.qos import raw
 sent = 0
 for i in range(int(sys.argv[1])):
@@ -353,7 +355,8 @@ for i in range(int(sys.argv[1])):
         if i % 2:
             f.write(os.urandom(64 + i))
         else:  # a handshake under a guessed key
-            adj = Adjacency(True, um.DT, "guess", "net", 4000 + i, auth.layer_psk(f"guess{i}"), time.monotonic())
+            hs = Handshake(True, um.DT, "guess", "net", 4000 + i, auth.layer_psk(f"guess{i}"), time.monotonic())
+            adj = Adjacency(hs)
             f.write(adj.pop_out()[0])
             adj.receive(f.read(), time.monotonic())
             assert adj.peer is None, "a guessed key was taken"

@@ -50,21 +50,11 @@ class Adjacency:
     enrollment is handed on to enroll.Enroller once proved.
     """
 
-    def __init__(
-        self,
-        initiator: bool,
-        component: str,
-        name: str,
-        layer: str,
-        addr: int,
-        psk: bytes | None,
-        now: float,
-        max_addr: int = um.ADDR_SPACE - 1,
-    ) -> None:
+    def __init__(self, hs: Handshake) -> None:
         self.machine: Machine[AdjState, AdjEvent] = Machine("adjacency", ADJACENCY, AdjState.CONNECTING)
-        self._hs = Handshake(initiator, component, name, layer, addr, psk, now, max_addr)
-        if initiator:
-            self._hs.start()
+        self._hs = hs
+        if hs.initiator:
+            hs.start()
 
     @property
     def peer(self) -> Peer | None:

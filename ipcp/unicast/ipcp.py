@@ -30,7 +30,7 @@ from ipcp.unicast.dir import DhtParams, Directory
 from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.enroll import Enrollee, Enroller
 from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, Ended, FaError, FlowAllocator, State
-from ipcp.unicast.handshake import Peer, Refused
+from ipcp.unicast.handshake import Handshake, Peer, Refused
 from ipcp.unicast.pci import FRAMING, PciFormat
 from ipcp.unicast.routing import Lsdb, LsTimers
 from proto import messages as m
@@ -322,7 +322,9 @@ class UnicastIpcp(Ipcp):
                 # DT reads a raw flow's socket itself, past flowlib: its peer's liveness cannot be seen.
                 spec = dataclasses.replace(spec, timeout=0)
             af = await self._alloc_n1(dst, spec, "connect")
-            adj = Adjacency(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
+            adj = Adjacency(
+                Handshake(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
+            )
             try:
                 await self._drive(af, adj)
             except BaseException:
@@ -358,7 +360,9 @@ class UnicastIpcp(Ipcp):
     async def _greet(self, af: AsyncFlow) -> None:
         """A member below reached us: it enrolls, or connects a component."""
         self._handshakes += 1
-        adj = Adjacency(False, "", self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
+        adj = Adjacency(
+            Handshake(False, "", self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
+        )
         try:
             await self._drive(af, adj)
         finally:

@@ -74,7 +74,9 @@ DEFAULTS = {
     "dht_t_refresh": "900",
     "dht_t_replicate": "900",
 }
-SIGNED = (um.FaReq, um.FaReply, um.FaDealloc, um.FlowUpdate)  # each member's own word, checked end to end
+# Each member's own word, checked end to end: a lookup too, since its answer (up to MAX_FOUND signed
+# stores) goes to the address it names, which would otherwise make others' answers a flood on a third.
+SIGNED = (um.FaReq, um.FaReply, um.FaDealloc, um.FlowUpdate, um.DhtFind)
 BOUNDS = {
     "ls_t_recalc": (1, 3600),
     "ls_t_update": (1, 3600),
@@ -549,7 +551,7 @@ class UnicastIpcp(Ipcp):
     def _sign(self, msg: Message) -> Message:
         return dataclasses.replace(msg, sig=self.identity.sign(um.signed_part(msg)))  # type: ignore[type-var]
 
-    def _signed_by_src(self, msg: um.FaReq | um.FaReply | um.FaDealloc | um.FlowUpdate) -> bool:
+    def _signed_by_src(self, msg: um.FaReq | um.FaReply | um.FaDealloc | um.FlowUpdate | um.DhtFind) -> bool:
         """Whether the member at msg.src signed it, under the key bound to that address."""
         assert self.lsdb is not None
         pub = self.lsdb.bindings.by_addr.get(msg.src)
@@ -599,7 +601,7 @@ class UnicastIpcp(Ipcp):
                 try:
                     self._send_all(self.dir.receive(msg, now))
                 except auth.Forged as e:
-                    log.info("%s: dropped a directory store: %s", self.name, e)
+                    DROPPED.log("%s: dropped a directory store: %s", self.name, e)  # counted in dht_forged
             case um.FaReq() | um.FaReply() | um.FaDealloc():
                 self.fa.receive(msg, now)
             case um.FlowUpdate():

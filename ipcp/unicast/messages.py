@@ -181,6 +181,7 @@ class DhtFind(Addressed):
     src: int
     key: bytes
     cookie: int
+    sig: bytes = b""  # the asker's: the answer goes to src, so no member may ask in another's name
 
 
 @reg

@@ -173,7 +173,7 @@ class Flows:
             if c.conn_id not in self.irmd.clients:  # the application left while we waited
                 raise ChannelClosed("client gone")
             outcome = self.irmd.oap.complete(attempt, answer)  # OAP: the peer's answer checked
-        except (ChannelClosed, FlowError):
+        except BaseException:  # whatever failed (a peer's answer included), the flow and its fds go
             close_fds(fds)
             await self.release(flow)
             raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, x448, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -59,7 +59,7 @@ def public_der(key: KexKey) -> bytes:
 def _load_peer(der: bytes) -> ec.EllipticCurvePublicKey | x25519.X25519PublicKey | x448.X448PublicKey:
     try:
         pub = serialization.load_der_public_key(der)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # a peer may name any algorithm
         raise OapError(ECRYPT, f"peer's public key does not parse: {e}") from None
     if isinstance(pub, ec.EllipticCurvePublicKey | x25519.X25519PublicKey | x448.X448PublicKey):
         return pub
@@ -137,5 +137,5 @@ def verify(pub: object, md_nid: int, data: bytes, sig: bytes) -> None:
             raise OapError(EAUTH, f"certificate key type {type(pub).__name__} cannot sign OAP headers")
     except InvalidSignature:
         raise OapError(EAUTH, "signature does not verify") from None
-    except ValueError as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # e.g. a digest the key type cannot use
         raise OapError(EAUTH, f"signature does not verify: {e}") from None

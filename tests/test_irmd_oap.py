@@ -223,8 +223,12 @@ def test_a_response_that_drops_the_key_exchange_is_refused(clock: Clock) -> None
         .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)[:-32]
         + bytes(32),  # the all-zero (low-order) X25519 key
         new_key("ed25519").public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+        x25519.X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        .replace(bytes.fromhex("06032b656e"), bytes.fromhex("06032b657f")),  # an algorithm OID nobody has
     ],
-    ids=["zeros", "truncated-der", "low-order-x25519", "ed25519-not-kex"],
+    ids=["zeros", "truncated-der", "low-order-x25519", "ed25519-not-kex", "unknown-algorithm"],
 )
 def test_a_hostile_public_key_is_refused_with_ecrypt(clock: Clock, kex: bytes) -> None:
     req = oap.encode(b"i" * 16, clock(), cipher_nid=901, kdf_nid=672, md_nid=672, kex=kex)
@@ -523,3 +527,14 @@ def test_outcome_fills_the_flow_reply() -> None:
         True,
         256,
     )
+
+
+def test_a_signature_under_a_digest_the_key_type_cannot_use_is_refused_with_eauth() -> None:
+    """An RSA certificate with a BLAKE2b digest (md_nid 1056): cryptography cannot verify that
+    pair at all, which must still be a refusal (an allocating IRMd leaked the flow's descriptors
+    on the exception before)."""
+    from irmd import kex
+
+    with pytest.raises(oap.OapError) as e:
+        kex.verify(new_key("rsa").public_key(), 1056, b"signed", bytes(256))
+    assert e.value.code == oap.EAUTH

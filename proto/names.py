@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 from proto.errors import InvalidArgument
+from transports.wire import quoted
 
 HASHES = {  # what a layer may be configured with
     "SHA3_224": hashlib.sha3_224,
@@ -26,8 +27,7 @@ QUOTED = 64  # characters of a refused name its error repeats
 
 def check_name(name: str, what: str = "name") -> str:
     if not name or len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
-        shown = repr(name[:QUOTED]) + ("..." if len(name) > QUOTED else "")  # a refusal never repeats much of it
-        raise InvalidArgument(f"bad {what} {shown}: 1-{MAX_NAME} printable characters, no spaces")
+        raise InvalidArgument(f"bad {what} {quoted(name, QUOTED)}: 1-{MAX_NAME} printable characters, no spaces")
     return name
 
 

@@ -23,7 +23,7 @@ from flowlib.errors import NameNotFound
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient, call, open_channel
 from flowlib.qos import QosSpec
-from transports.unix import close_fds
+from transports.unix import SO_PASSRIGHTS, close_fds, refuse_rights, seqpacket_pair
 from transports.wire import Message
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: irmd, irm, oping
@@ -311,3 +311,14 @@ def lingering_socket(linger: int) -> tuple[socket.socket, tuple[socket.socket, s
             c.send(b"x" * 65536)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, linger))
     return c, (lst, peer)
+
+
+def kernel_refuses_rights() -> bool:
+    """Whether this kernel lets a socket refuse descriptors (SO_PASSRIGHTS, Linux 6.16)."""
+    a, b = seqpacket_pair(rights=True)
+    with a, b:
+        refuse_rights(b)
+        try:
+            return b.getsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS) == 0
+        except OSError:  # a kernel without the option
+            return False

@@ -23,14 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, parse_table, start_irmd, stop_irmd, wait_for
+from helpers import BIN, IrmdProc, kernel_refuses_rights, parse_table, start_irmd, stop_irmd, wait_for
 
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
 from proto import messages as m
 from proto.control import call
 from proto.errors import LimitReached
-from transports.unix import kernel_refuses_rights, recv_frame, send_frame
+from transports.unix import recv_frame, send_frame
 from transports.wire import REPLY, Error
 
 NOBODY = 65534

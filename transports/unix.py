@@ -128,17 +128,6 @@ def seqpacket_pair(rights: bool = False) -> tuple[socket.socket, socket.socket]:
     return pair
 
 
-def kernel_refuses_rights() -> bool:
-    """Whether this kernel lets a socket refuse descriptors (SO_PASSRIGHTS, Linux 6.16)."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with a, b:
-        try:
-            b.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
-        except OSError:
-            return False
-        return b.getsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS) == 0
-
-
 def refuse_rights(sock: socket.socket) -> None:
     """Make `sock` refuse descriptors sent to it (the sender's sendmsg fails with EPERM), where the
     kernel can (6.16 on). A descriptor a peer passed is closed by whoever drops the last reference:

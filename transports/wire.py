@@ -138,9 +138,14 @@ class Codec:
             raise WireError(f"{cls.__name__}: {e}") from None
 
 
+def quoted(text: str, limit: int = MAX_QUOTED) -> str:
+    """A peer's text as an error repeats it: its repr, cut to `limit` characters (errors are logged)."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def _names(names: set[str]) -> str:
-    """Names a peer sent, as an error quotes them: a few, each cut short (errors are logged)."""
-    shown = [repr(n[:MAX_QUOTED]) + ("..." if len(n) > MAX_QUOTED else "") for n in sorted(names)[:4]]
+    """Names a peer sent, as an error quotes them: a few, each cut short."""
+    shown = [quoted(n) for n in sorted(names)[:4]]
     return "[" + ", ".join(shown) + (", ..." if len(names) > 4 else "") + "]"
 
 

@@ -180,34 +180,37 @@ class Frct:
         n = len(sdu)
         if n > self.app_mtu:
             raise ValueError(f"SDU of {n} bytes exceeds the {self.app_mtu} this flow carries")
-        rec = self.recovery
-        self._open_run(now)
+        if now - self.snd_act > SND_INACT:
+            self._open_run(now)
         mp = self.max_payload
-        chunks = [sdu[i : i + mp] for i in range(0, n, mp)] if n > mp else [sdu]
-        last = len(chunks) - 1
-        rcv_on = now - self.rcv_act <= RCV_INACT
-        for i, chunk in enumerate(chunks):
-            seq = self.snd_nxt
-            flags = DATA
-            if seq == self.snd_una:
-                flags |= DRF  # nothing unacknowledged: a receiver without a run may start one here
-            if last:
-                flags |= (FFGM if i == 0 else 0) | (MFGM if i < last else 0)
-            rwe = ackno = 0
-            if rcv_on:
-                flags |= FC
-                rwe = self._advertise()
-                if rec is not None and now - self.rcv_act <= DELT_A:
-                    flags |= ACK
-                    ackno = self.rcv_acked = self.rcv_nxt
-                    self.ack_due = None  # the ack rides along
-            pdu = _pack(flags, rwe, seq, ackno) + chunk
-            self.snd_nxt = (seq + 1) % SEQ_MOD
-            if rec is not None:
-                rec.on_sent(seq, pdu, now)
-            self.pdus.append(pdu)
-            self.counters.sent += 1
+        if n <= mp:  # the usual SDU: one PDU, no fragment flags
+            self._send_pdu(DATA, sdu, now)
+        else:
+            last = (n - 1) // mp
+            for i in range(last + 1):
+                flags = DATA | (FFGM if i == 0 else 0) | (MFGM if i < last else 0)
+                self._send_pdu(flags, sdu[i * mp : (i + 1) * mp], now)
         self.snd_act = now
+
+    def _send_pdu(self, flags: int, chunk: bytes | bytearray | memoryview, now: float) -> None:
+        seq = self.snd_nxt
+        rec = self.recovery
+        if seq == (rec.una if rec is not None else seq):
+            flags |= DRF  # nothing unacknowledged: a receiver without a run may start one here
+        rwe = ackno = 0
+        if now - self.rcv_act <= RCV_INACT:
+            flags |= FC
+            rwe = self._advertise()
+            if rec is not None and now - self.rcv_act <= DELT_A:
+                flags |= ACK
+                ackno = self.rcv_acked = self.rcv_nxt
+                self.ack_due = None  # the ack rides along
+        pdu = _pack(flags, rwe, seq, ackno) + chunk
+        self.snd_nxt = (seq + 1) % SEQ_MOD
+        if rec is not None:
+            rec.on_sent(seq, pdu, now)
+        self.pdus.append(pdu)
+        self.counters.sent += 1
 
     def _open_run(self, now: float) -> None:
         """As C: a fresh run, from a random seqno, once the peer has heard nothing from us for SND_INACT."""
@@ -278,14 +281,15 @@ class Frct:
             # once per timer check however many rendez-vous came.
             self._fc_due = now
             return
-        if flags & ACK and self.recovery is not None:
+        # (Data whose ack moves nothing, as in a one-way flood, has nothing for the recovery to do.)
+        if flags & ACK and (rec := self.recovery) is not None and not (flags & DATA and ackno == rec.una):
             resend = self._on_ack(ackno, now, pure=not flags & DATA)
             if flags & SACK:
                 self._on_sack(pdu, now)
-            unacked = self.recovery.unacked
-            for seq, sent in resend:  # after the SACK blocks: none the same packet says the peer holds
-                if seq in unacked:
-                    self._resend(seq, sent, now)
+            unacked = rec.unacked
+            for lost, sent in resend:  # after the SACK blocks: none the same packet says the peer holds
+                if lost in unacked:
+                    self._resend(lost, sent, now)
         if flags & FC:
             self._on_window(word & RWE_MASK)
         if flags & DATA:

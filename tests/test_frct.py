@@ -622,6 +622,28 @@ def test_after_a_timeout_the_first_ack_that_moves_resends_the_rest_of_the_flight
     assert sorted(seq_of(p) for p in sim.a.pdus) == sorted(flight[1:])
 
 
+def test_data_whose_ack_sets_off_resends_is_still_taken_at_its_own_seqno() -> None:
+    """The peer's data carrying the ack that, after a timeout, resends our flight: the resends must
+    not take the place of the data's own seqno (the data would be dropped as out of window)."""
+    a, b = Frct(MTU, True, isn=lambda: 0), Frct(MTU, True, isn=lambda: 5000)  # apart, as random ISNs
+    now = 1.0
+    for i in range(10):
+        a.send(TAG.pack(i), now)
+    flight = [seq_of(p) for p in a.pdus]
+    a.pdus.clear()  # the whole flight is lost
+    deadline = a.get_timer()
+    assert deadline is not None
+    a.handle_timer(deadline)
+    b.receive(a.pdus.popleft(), deadline + 0.01)
+    assert b.sdus.popleft() == TAG.pack(0)
+    b.send(b"reply", deadline + 0.011)  # data with the ack that moves a's una
+    data = b.pdus.popleft()
+    assert flags_of(data) & ACK and flags_of(data) & DRF
+    a.receive(data, deadline + 0.02)
+    assert list(a.sdus) == [b"reply"] and a.counters.out_of_window == 0
+    assert sorted(seq_of(p) for p in a.pdus) == sorted(flight[1:])  # and the flight went again
+
+
 def test_selective_acks_repair_every_hole_of_a_window_in_one_round_trip() -> None:
     sim = pair(delay=0.01, jitter=0.0)
     sim.stream(tagged(400, seed=1, max_size=50))

@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from irmd.identity import proc_start
-from transports.unix import close_fds, recv_frame, send_frame, seqpacket_pair
+from transports.unix import close_fds, readable, recv_frame, send_frame, seqpacket_pair
 
 log = logging.getLogger("irmd")
 STOPS = (signal.SIGINT, signal.SIGTERM)
@@ -260,7 +259,7 @@ def _serve(ctl: socket.socket) -> int:  # pragma: no cover - runs in the forked 
         signal.signal(sig, signal.SIG_IGN)
     live: set[int] = set()  # forked, not yet reaped: the only pids we signal
     while True:
-        ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
+        ready = readable([ctl.fileno(), wake_r], None)
         if wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 512)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from transports.unix import readable
 
 NOTIFY_ENV = "NOTIFY_SOCKET"
 POLL = 0.1  # seconds between looks at whether the daemon is still alive
@@ -69,7 +70,7 @@ def serve_until_stopped(serve: Callable[[], object], name: str = "serve") -> Non
     try:
         threading.Thread(target=run, daemon=True, name=name).start()
         while not outcome:
-            select.select([wake_r], [], [])  # a handler due runs right after, here
+            readable([wake_r], None)  # a handler due runs right after, here
             with contextlib.suppress(BlockingIOError):
                 wake_r.recv(4096)
     finally:
@@ -97,7 +98,7 @@ class ReadyListener:
         """True once READY=1 came; False if `alive` says the daemon died, or after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.sock], [], [], min(left, POLL))
+            ready = readable([self.sock], min(left, POLL))
             if ready and b"READY=1" in self.sock.recv(4096).split(b"\n"):
                 return True
             if not ready and not alive():

@@ -182,6 +182,6 @@ def test_reassembly_of_bent_pieces_is_bounded_by_the_limit() -> None:
         except TransportError:
             r = Reassembly()  # the framing is lost: the connection ends
             continue
-        assert r._have <= limit
+        assert r.held <= limit
         if whole is not None:
             only_raises(w.decode, whole, w.DecodeError, limit)

@@ -31,11 +31,23 @@ from proto import messages as m
 Styx = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def start(irmd: IrmdProc, *args: str, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [str(BIN / "styx"), *args], env=irmd.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+def start(irmd: IrmdProc, *args: str, log: Path, hold_fds: int = 0) -> subprocess.Popen[bytes]:
+    """The styx command; `hold_fds` descriptors passed to it open, so that those it makes are numbered
+    past them (past 1023: where select() fails)."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(hold_fds)]
+    try:
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                [str(BIN / "styx"), *args],
+                env=irmd.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                pass_fds=held,
+            )
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -282,8 +294,13 @@ def test_unix_socket_bridge_with_our_client(bridge_unix: Path, export: Path, sty
 
 
 @pytest.fixture
-def irmfs(irmd: IrmdProc, local_layer: str, tmp_path: Path, styx: Styx) -> Iterator[str]:
-    proc = start(irmd, "serve", "--name", "irm", "--irm", "--layer", local_layer, log=tmp_path / "irm.log")
+def irmfs(
+    request: pytest.FixtureRequest, irmd: IrmdProc, local_layer: str, tmp_path: Path, styx: Styx
+) -> Iterator[str]:
+    hold = getattr(request, "param", 0)  # descriptors the server is started with
+    proc = start(
+        irmd, "serve", "--name", "irm", "--irm", "--layer", local_layer, log=tmp_path / "irm.log", hold_fds=hold
+    )
     try:
         wait_for(lambda: proc.poll() is not None or styx("ls", "irm:/").returncode == 0, 15, "styx serve --irm")
         assert proc.poll() is None, (tmp_path / "irm.log").read_text()
@@ -322,6 +339,8 @@ def test_irmd_driven_through_ctl_files(irmd: IrmdProc, irmfs: str, styx: Styx) -
     assert not any(r["name"] == "lo2" for r in irmd.table("ipcp", "list"))
 
 
+# A server with many clients hands out descriptors past 1023, where select() fails: its flows work there too.
+@pytest.mark.parametrize("irmfs", [0, 1100], indirect=True, ids=["few-fds", "fds-past-1023"])
 def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, default_client: None) -> None:
     with Client(dial("irm")) as c:
 

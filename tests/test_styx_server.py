@@ -672,3 +672,22 @@ def test_bad_messages_are_answered_each_and_logged_for_the_first_few(
         (reply,) = fs.receive(struct.pack("<IBH", 7, 250, 1))  # a type no 9P message has
         assert isinstance(w.decode(reply, 8192), w.Rerror)
     assert sum("bad message" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_backend_failures_are_answered_each_and_logged_for_the_first_few(
+    fs: Session, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that trips a backend bug is answered; a client repeating it cannot fill the log."""
+    node = fs.fids[0].node
+
+    def broken() -> w.Stat:
+        raise RuntimeError("backend bug")
+
+    monkeypatch.setattr(node, "stat", broken)
+    caplog.set_level(logging.INFO, logger="apps.styx.server")
+    for _ in range(100):
+        reply = rpc(fs, w.Tstat(9, 0))
+        assert isinstance(reply, w.Rerror) and "internal error: backend bug" in reply.ename
+    assert sum("Tstat failed" in r.getMessage() for r in caplog.records) == 3
+    monkeypatch.undo()
+    assert isinstance(rpc(fs, w.Tstat(9, 0)), w.Rstat)  # the session serves on

@@ -74,6 +74,25 @@ def test_an_sdu_past_the_end_of_its_message_loses_the_framing() -> None:
         pieces.feed(msg[600:] + b"extra", 4096)
 
 
+def test_a_message_in_tiny_pieces_costs_its_size_not_a_multiple() -> None:
+    """A peer may cut a message into 1-byte SDUs: what it makes the server hold is the message's size."""
+    import tracemalloc
+
+    msg = big_write(260_000)
+    pieces = Reassembly()
+    tracemalloc.start()
+    try:
+        assert pieces.feed(msg[:4], len(msg)) is None
+        cuts = range(4, len(msg), 2)
+        for i in cuts[:-1]:
+            assert pieces.feed(msg[i : i + 2], len(msg)) is None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(msg), f"{held} bytes held for a {len(msg)}-byte message"
+    assert pieces.feed(msg[cuts[-1] :], len(msg)) == msg
+
+
 def test_the_bridge_caps_the_msize_a_client_asks_for() -> None:
     ask = w.encode(w.Tversion(w.NOTAG, 1 << 20, "9P2000"))
     assert w.decode(capped(ask, 8192)) == w.Tversion(w.NOTAG, 8192, "9P2000")

@@ -15,6 +15,7 @@ import stat
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from transports.wire import MAX_FDS, MAX_FRAME, WireError
 
@@ -204,6 +205,20 @@ def recv_record(sock: socket.socket, bufsize: int, recv: Callable[[int], bytes] 
         if data:
             return data
     return None
+
+
+def readable(objs: Sequence[Any], timeout: float | None) -> list[Any]:
+    """Those of `objs` (descriptors, or objects with fileno(): sockets, flows) that have something to
+    read or came to an end, waiting up to `timeout` s (None: for ever). poll, not select: select fails
+    on a descriptor past 1023, which a server with many clients soon hands out. ValueError for an
+    object already closed (fileno() -1)."""
+    poller = select.poll()
+    by_fd: dict[int, Any] = {}
+    for obj in objs:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        poller.register(fd, select.POLLIN)
+        by_fd[fd] = obj
+    return [by_fd[fd] for fd, _ in poller.poll(None if timeout is None else max(timeout, 0.0) * 1000)]
 
 
 def hung_up(sock: socket.socket) -> bool:

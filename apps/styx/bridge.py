@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import stat
 import struct
@@ -34,7 +33,7 @@ from apps.styx.transport import (
 )
 from flowlib import Flow, FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient, default_client
-from transports.unix import irmd_sock_path
+from transports.unix import irmd_sock_path, readable
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +128,10 @@ class Bridge:
             ready()
         with lsock:
             while True:
-                readable, _, _ = select.select([lsock.fileno(), self.irm.wakeup_fd], [], [])
-                if self.irm.wakeup_fd in readable:
+                ready = readable([lsock.fileno(), self.irm.wakeup_fd], None)
+                if self.irm.wakeup_fd in ready:
                     self.irm.take_arrived()  # raises once the IRMd is gone
-                if lsock.fileno() in readable:
+                if lsock.fileno() in ready:
                     self._accept(lsock)
 
     def _accept(self, lsock: socket.socket) -> None:
@@ -233,7 +232,7 @@ def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float,
     t.start()
     try:
         while not done.is_set():  # service -> client; polls so a client hang-up is noticed
-            ready, _, _ = select.select([flow], [], [], 0.2)
+            ready = readable([flow], 0.2)
             if ready:
                 data = flow.read()
                 with send_lock:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import select
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from flowlib import Flow, FlowError, flow_alloc, qos
 from flowlib.flow import establish
 from flowlib.irm import call
 from proto import messages as m
-from transports.unix import close_fds
+from transports.unix import close_fds, readable
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +320,7 @@ class DataHandle(Handle):
             if conv.state is ConvState.CLOSED:
                 return b""
             flow = self._flow()
-            ready, _, _ = select.select([flow], [], [], 0)  # an SDU, or the end of the flow
+            ready = readable([flow], 0)  # an SDU, or the end of the flow
             if not ready:
                 raise WouldBlock(flow)
             try:

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import resource
-import select
 import threading
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from flowlib import Fccntl, Flow, FlowError, FlowTimeout, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
-from transports.unix import irmd_sock_path
+from transports.unix import irmd_sock_path, readable
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def _next_sdu(flow: Flow, waitables: list[Any], timeout: float | None) -> bytes 
     an arrival wakes this thread directly rather than flowlib's engine first."""
     if waitables:
         try:
-            ready, _, _ = select.select([flow, *waitables], [], [], timeout)
+            ready = readable([flow, *waitables], timeout)
         except (OSError, ValueError):  # what a parked request waited on was closed: retry it now
             return None
         return flow.read() if flow in ready else None

@@ -133,6 +133,7 @@ class Session:
     fids: dict[int, Fid] = field(default_factory=dict)
     pending: dict[int, Pending] = field(default_factory=dict)
     malformed: int = 0  # messages that did not decode (answered; the first MALFORMED_LOGGED logged)
+    failed: int = 0  # requests a backend bug failed (answered; the first MALFORMED_LOGGED logged)
     _none: Peer | None = None  # this connection as user none, made on the first attach as none
 
     # -- the I/O loop's entry points ----------------------------------------
@@ -201,8 +202,10 @@ class Session:
             return w.Rerror(msg.tag, str(e)[:ENAME_MAX])
         except OSError as e:
             return w.Rerror(msg.tag, os_error_text(e)[:ENAME_MAX])
-        except Exception as e:  # a backend bug must not end the service
-            log.exception("%s failed", type(msg).__name__)
+        except Exception as e:  # a backend bug must not end the service, nor let a client fill the log
+            self.failed += 1
+            if self.failed <= MALFORMED_LOGGED:
+                log.exception("%s failed", type(msg).__name__)
             return w.Rerror(msg.tag, f"internal error: {e}"[:ENAME_MAX])
 
     def _dispatch(self, msg: w.Msg) -> w.Msg | None:

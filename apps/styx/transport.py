@@ -4,11 +4,11 @@ and byte streams (size[4] framing), and dialing a service by flow name or tcp!/u
 
 from __future__ import annotations
 
-import select
 import socket
 
 from apps.styx import wire as w
 from flowlib import Flow, FlowError, flow_alloc, qos
+from transports.unix import readable
 
 ALLOC_TIMEOUT = 10.0
 
@@ -22,7 +22,7 @@ class TransportTimeout(TransportError):
 
 
 def wait_readable(obj: Flow | socket.socket, timeout: float | None) -> None:
-    if timeout is not None and not select.select([obj], [], [], timeout)[0]:
+    if timeout is not None and not readable([obj], timeout):
         raise TransportTimeout(f"nothing came in {timeout:g} s")
 
 
@@ -63,28 +63,37 @@ class Reassembly:
     size; a longer one continues in the SDUs that follow, which carry nothing else."""
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
+        # One buffer, not a list of the SDUs: a peer sending a message in 1-byte SDUs would make each
+        # byte cost a bytes object's 33 and a list slot's 8.
+        self._buf = bytearray()
         self._need = 0
-        self._have = 0
 
     def feed(self, sdu: bytes, limit: int) -> bytes | None:
         """The message `sdu` completes (or is); None while more of it is due. A message said to be
         longer than `limit` is not waited for: it is passed on whole, for the decoder to refuse.
         TransportError if an SDU runs past the end of its message (the framing is lost)."""
-        if not self._parts:
+        if not self._need:
             if len(sdu) < 4 or not len(sdu) < w.message_size(sdu) <= limit:
                 return sdu
-            self._parts, self._need, self._have = [sdu], w.message_size(sdu), len(sdu)
+            self._need = w.message_size(sdu)
+            self._buf += sdu
             return None
-        self._have += len(sdu)
-        if self._have > self._need:
-            raise TransportError(f"an SDU runs {self._have - self._need} bytes past the end of its message")
-        self._parts.append(sdu)
-        if self._have < self._need:
+        if len(self._buf) + len(sdu) > self._need:
+            raise TransportError(
+                f"an SDU runs {len(self._buf) + len(sdu) - self._need} bytes past the end of its message"
+            )
+        self._buf += sdu
+        if len(self._buf) < self._need:
             return None
-        whole = b"".join(self._parts)
-        self._parts = []
+        whole = bytes(self._buf)
+        self._buf = bytearray()
+        self._need = 0
         return whole
+
+    @property
+    def held(self) -> int:
+        """Bytes of a message begun and not yet whole."""
+        return len(self._buf)
 
 
 class FlowTransport(Transport):

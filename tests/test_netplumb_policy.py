@@ -36,6 +36,8 @@ PROGRAMS = {
     "sh": Program("/usr/bin/sh", "/usr/bin/dash"),
     "id": Program("/usr/bin/id", "/usr/bin/id"),
     "/tmp/x/cat": Program("/tmp/x/cat", "/tmp/x/cat"),  # someone's own "cat"
+    "rbash": Program("/usr/bin/rbash", "/usr/bin/bash"),  # a link: bash, restricted by its argv[0]
+    "bash": Program("/usr/bin/bash", "/usr/bin/bash"),
 }
 
 
@@ -147,6 +149,7 @@ def test_an_unrestricted_key_runs_the_command_line_through_the_accounts_shell(
         ('allow="/usr/bin/cat"', ("cat",), "/usr/bin/cat"),
         ('allow="tar cat"', ("tar", "c", "/etc"), "/usr/bin/tar"),
         ('command="tar x -C /srv"', ("tar", "x", "-C", "/srv"), "/usr/bin/tar"),
+        ('allow="rbash"', ("rbash", "-c", "id"), "/usr/bin/rbash"),
     ],
 )
 def test_a_restricted_key_runs_its_program_found_with_the_servers_path(
@@ -169,6 +172,7 @@ def test_a_restricted_keys_single_line_is_split_not_given_to_a_shell() -> None:
     [
         ('allow="cat"', ("/tmp/x/cat",), "'/tmp/x/cat' (/tmp/x/cat) is not in this key's allowlist", REFUSED),
         ('allow="cat"', ("tar",), "is not in this key's allowlist (cat)", REFUSED),
+        ('allow="rbash"', ("bash", "-c", "id"), "'bash' (/usr/bin/bash) is not in this key's allowlist", REFUSED),
         ('allow="nosuch"', ("cat",), "allowlist (nosuch)", REFUSED),
         ('allow=""', ("cat",), "allowlist (empty)", REFUSED),
         ('allow="cat"', ("./cat",), "give a program found in PATH or an absolute path", REFUSED),

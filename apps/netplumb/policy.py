@@ -214,8 +214,10 @@ def _program(name: str, entry: AuthorizedKey, s: Settings) -> Program:
     if program is None:
         raise Refused(f"{name}: command not found (PATH={s.path})", NOT_FOUND)
     if entry.allow is not None:
-        allowed = {p.real for a in entry.allow if (p := s.which(a, s.path)) is not None}
-        if program.real not in allowed:
+        # The file and the name it runs under: a program may act on its argv[0] (rbash is bash, busybox
+        # is every tool), so allowing rbash must not allow bash.
+        allowed = {(os.path.basename(p.path), p.real) for a in entry.allow if (p := s.which(a, s.path)) is not None}
+        if (os.path.basename(program.path), program.real) not in allowed:
             raise Refused(
                 f"{name!r} ({program.real}) is not in this key's allowlist "
                 f"({', '.join(sorted(entry.allow)) or 'empty'})"

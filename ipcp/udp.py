@@ -11,7 +11,6 @@ only) data goes through the relay.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections.abc import Hashable
@@ -21,6 +20,7 @@ from ipcp.shim import Limits, ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp, impaired
 from ipcp.shim_wire import UDP
 from proto import messages as m
+from proto.options import TYPE_OPTIONS
 from transports import udp
 from transports.channel import HandlerError
 from transports.poller import BURST
@@ -48,17 +48,16 @@ class UdpIpcp(ShimIpcp):
     async def open_transport(self, layer: str, conf: dict[str, str]) -> tuple[ShimCore, Relay]:
         if unknown := set(conf) - OPTIONS:
             raise HandlerError(m.EINVAL, f"unknown {self.type} options {sorted(unknown)}: expected {sorted(OPTIONS)}")
+        schema = TYPE_OPTIONS[self.type]  # checked again here: not every client is irm
         try:
-            ip = str(ipaddress.ip_address(conf["ip"]))
+            ip = schema["ip"]("ip", conf["ip"])
             port = int(conf.get("port", DEFAULT_PORT))
             peers: list[tuple[str, int]] = [
-                (str(ipaddress.ip_address(p)), port) for p in conf.get("peer", "").split(",") if p
+                (schema["peer"]("peer", p), port) for p in conf.get("peer", "").split(",") if p
             ]
             limits = Limits(members=int(conf.get("members", Limits.members)))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError) as e:  # (an OptionError is a ValueError)
             raise HandlerError(m.EINVAL, f"bad {self.type} options: {e}") from None
-        if ipaddress.ip_address(ip).version != self.version:
-            raise HandlerError(m.EINVAL, f"{ip} is not an IPv{self.version} address")
         if "dns" in conf:
             log.info(
                 "%s: no dynamic DNS here (as a 0.23 build without nsupdate): names resolve through"

@@ -54,7 +54,10 @@ def _ethertype(key: str, value: str) -> str:
     return hex(n)
 
 
-def _ip(version: int) -> Callable[[str, str], str]:
+def _ip(version: int, any_ok: bool = True) -> Callable[[str, str], str]:
+    """An IPv4/6 address; unless `any_ok`, not the unspecified one (0.0.0.0, ::), which names no host:
+    0.23's irm refuses it for a udp IPCP's own address in these words."""
+
     def check(key: str, value: str) -> str:
         try:
             addr = ipaddress.ip_address(value)
@@ -62,6 +65,8 @@ def _ip(version: int) -> Callable[[str, str], str]:
             addr = None
         if addr is None or addr.version != version:
             raise OptionError(f'bad {key} "{value}": expected an IPv{version} address')
+        if addr.is_unspecified and not any_ok:
+            raise OptionError(f'Cannot use IPv{version} address: "{value}".')
         return str(addr)
 
     return check
@@ -80,9 +85,9 @@ TYPE_OPTIONS: dict[str, dict[str, Callable[[str, str], str]]] = {
     "broadcast": {"hash": choice(*HASHES)},  # the hash of the layer name that flow_join looks for
     # udp: `hash` and `dns` as Ouroboros takes them (a udp layer hashes with MD5 all the same, and
     # resolves without DDNS); `peer`, `members` and `impair` are ours.
-    "udp4": {"ip": _ip(4), "port": _int(1, 65535), "dns": _ip(4), "hash": choice(*HASHES), "peer": _ip(4),
+    "udp4": {"ip": _ip(4, False), "port": _int(1, 65535), "dns": _ip(4), "hash": choice(*HASHES), "peer": _ip(4, False),
              "members": _int(1, 65536), "impair": text},
-    "udp6": {"ip": _ip(6), "port": _int(1, 65535), "dns": _ip(6), "hash": choice(*HASHES), "peer": _ip(6),
+    "udp6": {"ip": _ip(6, False), "port": _int(1, 65535), "dns": _ip(6), "hash": choice(*HASHES), "peer": _ip(6, False),
              "members": _int(1, 65536), "impair": text},
     "eth-dix": {"dev": text, "ethertype": _ethertype, "hash": choice(*HASHES), "impair": text},
     "eth-llc": {"dev": text, "hash": choice(*HASHES), "impair": text},

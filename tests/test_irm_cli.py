@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from helpers import (
 
 from flowlib import qos
 from flowlib.irm import IrmClient
+from proto import messages as m
+from proto.errors import InvalidArgument
 
 IrmFn = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -53,6 +56,22 @@ def test_bad_value_exits_nonzero_naming_the_expected_form(irm: IrmFn) -> None:
     r = irm("ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "1.2.3.4", "port", "70000")
     assert r.returncode != 0
     assert 'bad port "70000": expected a number from 1 to 65535' in r.stderr
+
+
+def test_a_udp_ipcp_is_refused_the_unspecified_address_as_by_0_23(irm: IrmFn) -> None:
+    for kind, addr in (("udp4", "0.0.0.0"), ("udp6", "::")):
+        r = irm("ipcp", "bootstrap", "name", "u", "type", kind, "layer", "l", "ip", addr)
+        assert r.returncode != 0 and f'Cannot use IPv{kind[-1]} address: "{addr}".' in r.stderr
+    r = irm("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "l", "ip", "127.0.0.1", "peer", "0.0.0.0")
+    assert r.returncode != 0 and 'Cannot use IPv4 address: "0.0.0.0".' in r.stderr
+
+
+def test_a_udp_ipcp_checks_its_address_itself_whoever_asks(irmd: IrmdProc) -> None:
+    """Not every client is irm: the IPCP refuses the unspecified address sent straight to the IRMd."""
+    with pytest.raises(InvalidArgument, match=re.escape('Cannot use IPv4 address: "0.0.0.0"')):
+        irmd.request(m.IpcpBootstrap("u", "l", "udp4", False, {"ip": "0.0.0.0"}))
+    irmd.note_children()
+    assert all(row["layer"] != "l" for row in irmd.table("ipcp", "list"))
 
 
 def test_request_the_irmd_refuses_exits_nonzero_with_its_reason(irm: IrmFn) -> None:
@@ -306,6 +325,8 @@ def test_ipcp_show_prints_what_the_ipcp_tells_of_itself(irmd: IrmdProc) -> None:
 SELF_REGISTERING = """
 import sys
 from flowlib.irm import IrmClient
+from proto import messages as m
+from proto.errors import InvalidArgument
 irm = IrmClient()
 irm.bind(sys.argv[1])
 irm.register(sys.argv[1], ["local"])

@@ -363,10 +363,11 @@ def split_json(args: list[str]) -> tuple[list[str], bool]:
     return words + args[end:], len(words) < end
 
 
-def render(table: m.Table, empty: str = "(none)") -> str:
-    if not table.rows:
+def render(table: m.Table, empty: str | None = "(none)") -> str:
+    """The table boxed as 0.23's irm draws it; without rows `empty`, or the bare header if None."""
+    if not table.rows and empty is not None:
         return empty
-    widths = {c: max(len(c), *(len(r.get(c, "")) for r in table.rows)) for c in table.columns}
+    widths = {c: max([len(c), *(len(r.get(c, "")) for r in table.rows)]) for c in table.columns}
     rule = "+" + "+".join("-" * (widths[c] + 2) for c in table.columns) + "+"
 
     def line(cells: dict[str, str]) -> str:
@@ -433,7 +434,9 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
     if want_json:
         out.write(as_json(msg, reply))
     elif isinstance(reply, m.Table):
-        out.write(render(reply, EMPTY.get(type(msg), "(none)")) + "\n")
+        # A name list's prefix that matches nothing is an empty table, not "no names" (as 0.23's irm).
+        matched_none = isinstance(msg, m.NameList) and bool(msg.prefix)
+        out.write(render(reply, None if matched_none else EMPTY.get(type(msg), "(none)")) + "\n")
     elif isinstance(reply, m.Text):
         out.write(reply.text)
     elif isinstance(reply, m.IpcpInfo):

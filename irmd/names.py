@@ -110,9 +110,9 @@ class Names:
         registration that is there already is no error (a config's reg and an autobind may both)."""
         if not msg.layers and not msg.ipcps:
             raise InvalidArgument("register needs at least one layer or ipcp")
+        targets = self._reg_targets(msg)  # first: a refused registration leaves no name behind
         entry = self.reg.create_name(msg.name) if msg.register and msg.name not in self.reg.names else (
             self.reg.get_name(msg.name))  # fmt: skip
-        targets = self._reg_targets(msg)
         if not msg.register and not any(i.name in entry.regs for i in targets):
             where = ", ".join([*msg.layers, *msg.ipcps])
             raise NotFound(f"name {msg.name!r} is not registered in {where!r}")

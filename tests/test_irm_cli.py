@@ -120,6 +120,19 @@ def test_empty_tables_say_so_as_ouroboros_does(irmd: IrmdProc) -> None:
         assert irmd.irm_ok(*args).stdout.strip() == says
 
 
+def test_a_name_list_prefix_that_matches_nothing_is_an_empty_table(irmd: IrmdProc) -> None:
+    irmd.irm_ok("name", "create", "present")
+    out = irmd.irm_ok("name", "list", "absent").stdout
+    assert "No names" not in out and out.splitlines()[1].split("|")[1].strip() == "name"
+    assert parse_table(out) == []
+
+
+def test_a_registration_refused_for_a_missing_layer_leaves_no_name_behind(irmd: IrmdProc) -> None:
+    r = irmd.irm("name", "register", "orphan", "layer", "nolayer")
+    assert r.returncode == 1 and "layer 'nolayer' not found" in r.stderr
+    assert irmd.table("name", "list") == []
+
+
 def test_ipcp_list_shows_the_bootstrapped_ipcp(irmd: IrmdProc, local_layer: str) -> None:
     rows = irmd.table("ipcp", "list")
     assert len(rows) == 1
@@ -194,7 +207,7 @@ def test_name_list_takes_a_prefix_to_show_only_the_names_that_begin_with_it(irmd
         irmd.irm_ok("name", "create", name)
     assert [r["name"] for r in irmd.table("name", "list", "oping.")] == ["oping.a", "oping.b"]  # ouroboros(8)
     assert [r["name"] for r in irmd.table("name", "list", "list", "ec")] == ["echo"]  # 0.23's irm
-    assert irmd.irm_ok("name", "list", "nothing").stdout == "No names in system.\n"
+    assert irmd.table("name", "list", "nothing") == []  # an empty table, as 0.23's irm
 
 
 def test_name_register_creates_the_name_and_lists_its_layer(irmd: IrmdProc, local_layer: str) -> None:

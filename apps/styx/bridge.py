@@ -128,10 +128,10 @@ class Bridge:
             ready()
         with lsock:
             while True:
-                ready = readable([lsock.fileno(), self.irm.wakeup_fd], None)
-                if self.irm.wakeup_fd in ready:
+                woke = readable([lsock.fileno(), self.irm.wakeup_fd], None)
+                if self.irm.wakeup_fd in woke:
                     self.irm.take_arrived()  # raises once the IRMd is gone
-                if lsock.fileno() in ready:
+                if lsock.fileno() in woke:
                     self._accept(lsock)
 
     def _accept(self, lsock: socket.socket) -> None:

@@ -7,26 +7,31 @@ Each SDU starts with its sequence number (8 bytes, host order, as C's `long`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import re
 import struct
 import sys
 import time
+from typing import NoReturn
 
-from apps.common import Pacer, alloc, on_signals, qos_arg, rate, serve
-from flowlib import Flow, FlowError, qos
+from apps.common import Pacer, alloc, fail, on_signals, qos_arg
+from flowlib import EventQueue, EventType, Flow, FlowError, FlowSet, fevent, qos
 from proto import logs
+from proto.service import notify_ready
 from proto.version import add_version
 
 SEQ = struct.Struct("=q")
 BUF_SIZE = 524288  # the largest SDU, as C's
 MAX_FLOWS = 10  # flows a server takes at once, as C's thread pool
+UNITS = {"k": 1e3, "M": 1e6, "G": 1e9}
 
 
 @dataclasses.dataclass
 class Tally:
     """One flow's counts: all of them, and at the start of the current interval."""
 
-    start: float
+    alive: float  # when it last brought an SDU
     packets: int = 0
     nbytes: int = 0
     iv_start: float = 0.0
@@ -38,40 +43,88 @@ class Tally:
         packets, nbytes = self.packets - self.iv_packets, self.nbytes - self.iv_bytes
         self.iv_start, self.iv_packets, self.iv_bytes = now, self.packets, self.nbytes
         return (
-            f"Flow {flow_id:4d}: {packets:9d} packets ({nbytes:12d} bytes) in {us / 1000:9.0f} ms => "
+            f"Flow {flow_id:4d}: {packets:9d} packets ({nbytes:12d} bytes) in {int(us) // 1000:9d} ms => "
             f"{packets / us * 1e6:9.4f} pps, {8 * nbytes / us:9.4f} Mbps"
         )
 
 
-def server(interval: float, timeout: float) -> None:
-    tallies: dict[Flow, Tally] = {}
+class Server:
+    """C's ocbr server: up to MAX_FLOWS flows at once, each reported every interval and ended once
+    silent for the timeout, in C's words. As C's, a flow its peer ended is kept (and reported) until
+    that timeout: C's reader only sees its reads fail."""
 
-    def on_sdu(flow: Flow, sdu: bytes) -> None:
-        now = time.monotonic()
-        t = tallies.get(flow) or tallies.setdefault(flow, Tally(now, iv_start=now))
-        t.packets += 1
-        t.nbytes += len(sdu)
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.tallies: dict[Flow, Tally] = {}
+        self.fset = FlowSet()
+        self.listening = False
+        self.stop = False
 
-    def on_tick(now: float) -> None:
-        for flow, t in tallies.items():
-            if now - t.iv_start >= interval:
+    def run(self) -> None:
+        on_signals(lambda: setattr(self, "stop", True))
+        fq = EventQueue()
+        try:
+            self._listen(True)
+        except FlowError as e:
+            fail("ocbr", e)
+        print(f"Server started, interval is {self.interval:g} s, timeout is {self.timeout:g} s.", flush=True)
+        notify_ready()
+        while not self.stop:
+            try:
+                fevent(self.fset, fq, 0.1)
+            except InterruptedError:
+                continue
+            except FlowError as e:  # the IRMd went away
+                print(f"ocbr: {e}", file=sys.stderr)
+                break
+            now = time.monotonic()
+            for ev in fq:
+                self._handle(ev.flow, ev.type, now)
+            self._tick(now)
+            with contextlib.suppress(FlowError):
+                self._listen(len(self.tallies) < MAX_FLOWS)
+        for flow in list(self.tallies):
+            self._drop(flow)
+        with contextlib.suppress(FlowError):
+            self.fset.close()
+
+    def _listen(self, enabled: bool) -> None:
+        if enabled != self.listening:
+            if not enabled:
+                print("Can't accept any more flows, waiting.", flush=True)
+            self.fset.listen(enabled)
+            self.listening = enabled
+
+    def _handle(self, flow: Flow, kind: EventType, now: float) -> None:
+        if kind is EventType.ALLOC:
+            print("New flow.", flush=True)
+            self.tallies[flow] = Tally(now, iv_start=now)
+        elif kind is EventType.PKT and flow in self.tallies:
+            try:
+                sdu = flow.read()
+            except FlowError:
+                self.fset.remove(flow)  # no more to read: silent from now on
+                return
+            t = self.tallies[flow]
+            t.alive = now
+            t.packets += 1
+            t.nbytes += len(sdu)
+        # the end of a flow (its events leave the set) or its layer going down or up: said nothing of, as C
+
+    def _tick(self, now: float) -> None:
+        for flow, t in list(self.tallies.items()):
+            if now - t.alive > self.timeout:
+                print(f"Test on flow {flow.flow_id} timed out", flush=True)
+                print(t.line(flow.flow_id, now), flush=True)
+                self._drop(flow)
+            elif now - t.iv_start >= self.interval:
                 print(t.line(flow.flow_id, now), flush=True)
 
-    def on_end(flow: Flow) -> None:
-        t = tallies.pop(flow, None)
-        if t is not None:
-            print(f"Test on flow {flow.flow_id} timed out", flush=True)
-            print(t.line(flow.flow_id, time.monotonic()), flush=True)
-
-    serve(
-        "cbr",
-        on_sdu,
-        idle_timeout=timeout,
-        on_end=on_end,
-        on_tick=on_tick,
-        max_flows=MAX_FLOWS,
-        banner=f" Interval is {interval:g} s, timeout is {timeout:g} s.",
-    )
+    def _drop(self, flow: Flow) -> None:
+        self.tallies.pop(flow, None)
+        self.fset.remove(flow)
+        flow.close()
 
 
 def client(args: argparse.Namespace) -> int:
@@ -93,17 +146,38 @@ def client(args: argparse.Namespace) -> int:
                     pacer.wait(sent)
         except FlowError as e:
             print(f"ocbr: {e}", file=sys.stderr)
-    ms = max((time.monotonic() - start) * 1000, 1e-3)
+    ms = int((time.monotonic() - start) * 1000)  # whole ms, as C's
     print(
-        f"sent statistics: {sent:9d} packets, {sent * args.size:12d} bytes in {ms:9.0f} ms, "
-        f"{sent / (ms * 1000) * args.size * 8:4.4f} Mb/s",
+        f"sent statistics: {sent:9d} packets, {sent * args.size:12d} bytes in {ms:9d} ms, "
+        f"{sent / (max(ms, 1) * 1000) * args.size * 8:4.4f} Mb/s",
         flush=True,
     )
     return 0 if sent else 1
 
 
+def c_rate(text: str) -> float:
+    """-r as C's ocbr reads it: b/s, a k, M or G after the number multiplies; anything else after it is
+    ignored, and no number is 0 (an invalid rate)."""
+    match = re.match(r"\s*(-?\d+(?:\.\d+)?)(.?)", text)
+    if match is None:
+        return 0.0
+    return float(match.group(1)) * UNITS.get(match.group(2), 1.0)
+
+
+class Parser(argparse.ArgumentParser):
+    """C's ocbr on a command line it does not take: its usage on stdout, and (as C's) status 0; what was
+    wrong goes to stderr (ours)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        print(self.format_help(), end="", flush=True)
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ocbr", description="Sends packets from client to server at a constant bit rate.")
+    p = Parser(
+        prog="ocbr", description="Sends packets from client to server at a constant bit rate.", allow_abbrev=False
+    )
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("-i", "--interval", type=float, default=1.0, help="server report interval (s)")
     p.add_argument("-t", "--timeout", type=float, default=1.0, help="server timeout interval (s)")
@@ -111,16 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-d", "--duration", type=float, default=60.0, help="duration for sending (s)")
     p.add_argument("-f", "--flood", action="store_true", help="send packets as fast as possible")
     p.add_argument("-s", "--size", type=int, default=1000, help=f"packet size (B, max {BUF_SIZE} B)")
-    p.add_argument("-r", "--rate", type=rate, default=1e6, help="rate (b/s, or with k|M|G)")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument(
-        "--sleep",
-        dest="sleep",
-        action="store_true",
-        default=True,
-        help="sleep in between sending packets (the default)",
-    )
-    how.add_argument("--spin", dest="sleep", action="store_false", help="spin the CPU between sending packets")
+    p.add_argument("-r", "--rate", type=c_rate, default=1e6, help="rate (b/s, or with k|M|G)")
+    # as C's: both may be given, the last one counts
+    p.add_argument("--sleep", dest="sleep", action="store_true", default=True, help="sleep in between sending packets")
+    p.add_argument("--spin", dest="sleep", action="store_false", help="spin the CPU between sending packets")
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
     p.add_argument("--alloc-timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
@@ -129,10 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logs.setup("ocbr", args, daemon=args.listen)
     if args.listen:
-        server(args.interval, args.timeout)
+        Server(args.interval, args.timeout).run()
         return
     if not args.name:
-        p.error("No server specified.")
-    if not 0 < args.size <= BUF_SIZE:
-        p.error(f"Maximum size: {BUF_SIZE}." if args.size > 0 else "Size overflow.")
+        print("No server specified.")
+        print(p.format_help(), end="")
+        sys.exit(1)
+    if args.size > BUF_SIZE:
+        print(f"Maximum size: {BUF_SIZE}.")
+        sys.exit(1)
+    if args.size < 0:
+        print("Size overflow.")
+        sys.exit(1)
+    if args.rate <= 0:
+        print("Invalid rate.")
+        sys.exit(1)
     sys.exit(client(args))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import struct
 import sys
 import threading
 import time
+from typing import NoReturn
 
 from apps.common import Pacer, alloc, duration, fail, on_signals, qos_arg, rate, serve, stack_report
+from apps.oping import c_duration, ms
 from flowlib import Flow, FlowError, FlowTimeout, qos
 from proto import logs
 from proto.version import add_version
@@ -161,7 +164,7 @@ class Client:
 
 
 def statistics(name: str, sent: int, rcvd: int, size: int, elapsed: float) -> None:
-    """C's block, for both tests."""
+    """C's block, which C prints for the bidirectional test only."""
     us = max(elapsed * 1e6, 1.0)
     loss = 100 - 100 * rcvd // sent if sent else 0
     print(f"\n--- {name} perf statistics ---")
@@ -181,14 +184,12 @@ def client(args: argparse.Namespace) -> int:
         try:
             flow.write(CONF.pack(args.test))
             time.sleep(1.0)  # as C: the server sets up
+            seconds = ms(args.duration) // 1000  # as C says it: whole seconds, rounded down
             if args.flood:
-                print(
-                    f"Flooding {args.name} with {args.size} byte packets for {args.duration:g} seconds.\n", flush=True
-                )
+                print(f"Flooding {args.name} with {args.size} byte packets for {seconds} seconds.\n", flush=True)
             else:
                 print(
-                    f"Sending {args.size} byte packets for {args.duration:g} s to {args.name} "
-                    f"at {args.rate / 1e6:.3f} Mb/s.\n",
+                    f"Sending {args.size} byte packets for {seconds} s to {args.name} at {args.rate / 1e6:.3f} Mb/s.\n",
                     flush=True,
                 )
             done = threading.Event()
@@ -201,6 +202,11 @@ def client(args: argparse.Namespace) -> int:
             if reader is not None:
                 reader.join()
                 counts = (c.echoed, c.echoed * args.size, c.sent - c.echoed, 0, c.echo_corrupt)
+                if not args.report:
+                    statistics(args.name, c.sent, c.echoed, args.size, elapsed)
+                    return 0 if c.echoed and not c.echo_corrupt else 1
+            elif not args.report:  # as C: nothing more (and nothing asked of the server, so C's sees no more)
+                return 0 if c.sent else 1
             else:
                 asked = c.ask()
                 if asked is None:
@@ -215,7 +221,8 @@ def client(args: argparse.Namespace) -> int:
         except FlowError as e:
             fail("operf", e)
     rcvd, nbytes, missing, reordered, corrupt = counts
-    statistics(args.name, c.sent, rcvd, args.size, elapsed)
+    if bi:
+        statistics(args.name, c.sent, rcvd, args.size, elapsed)
     print(
         f"{c.sent} SDUs sent, {rcvd} received, {c.sent - rcvd} lost ({missing} gaps in sequence), "
         f"{reordered} out-of-order, {corrupt} corrupt, time: {elapsed * 1000:.3f} ms"
@@ -230,32 +237,54 @@ def client(args: argparse.Namespace) -> int:
     return 0 if rcvd and not corrupt else 1
 
 
-def test_type(text: str) -> int | float:
-    """uni|bi; a number is the older `-t SECONDS` (a duration), kept."""
+def test_type(text: str) -> int | float | None:
+    """uni|bi; a number is the older `-t SECONDS` (a duration), kept; None: neither."""
     if text in TESTS:
         return TESTS[text]
     try:
         return duration(text, "s")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid test type {text!r}: expected uni or bi") from None
+        return None
+
+
+def c_rate(text: str) -> float:
+    """-r: kb/s, or with k|M|G; as C, a unit it does not know ends the program with status 1."""
+    try:
+        return rate(text, "k")
+    except ValueError:
+        number = re.match(r"\d*(?:\.\d+)?", text.strip())
+        print(f"Unknown rate unit: {text.strip()[number.end() if number else 0 :]}.")
+        sys.exit(1)
+
+
+class Parser(argparse.ArgumentParser):
+    """C's operf on a command line it does not take: its usage on stdout, and (as C's) status 0; what
+    was wrong goes to stderr (ours)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        print(self.format_help(), end="", flush=True)
+        sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="operf", description="Measures bandwidth between a client and a server.")
+    p = Parser(prog="operf", description="Measures bandwidth between a client and a server.", allow_abbrev=False)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
-    p.add_argument("-t", "--test", type=test_type, default=UNI, help="the type of test: uni, bi (default uni)")
+    p.add_argument("-t", "--test", default="uni", help="the type of test: uni, bi (default uni)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the operf server")
-    p.add_argument("-d", "--duration", type=duration, default=60.0, help="test duration (ms, or 10s; default 60s)")
+    p.add_argument("-d", "--duration", type=c_duration, default=60.0, help="test duration (ms, or 10s; default 60s)")
     p.add_argument(
-        "-r",
-        "--rate",
-        type=lambda t: rate(t, "k"),
-        default=1e6,
-        help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)",
+        "-r", "--rate", type=c_rate, default=1e6, help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)"
     )
     p.add_argument("-s", "--size", type=int, default=1500, help="payload size (B, default 1500)")
     p.add_argument("-f", "--flood", action="store_true", help="send packets as fast as possible")
     p.add_argument("--sleep", action="store_true", help="sleep in between sending packets (rather than spin)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="after the test, our counts: the server's (asked of it: C's answers nothing), the rates at "
+        "either end, FRCT's counts, where lost SDUs went (ours)",
+    )
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
@@ -267,9 +296,15 @@ def main(argv: list[str] | None = None) -> None:
         server()
         return
     if not args.name:
-        p.error("No server specified.")
-    if isinstance(args.test, float):  # the older -t SECONDS
-        args.duration, args.test = args.test, UNI
+        print("No server specified.")
+        sys.exit(1)
+    test = test_type(args.test)
+    if test is None:
+        print("Invalid test type.")
+        sys.exit(1)
+    if isinstance(test, float):  # the older -t SECONDS
+        args.duration, test = test, UNI
+    args.test = test
     if args.size > MAX_SIZE:
         print(f"Packet size truncated to {MAX_SIZE} bytes.")
         args.size = MAX_SIZE

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import select
 import struct
 import sys
 import time
+from typing import NoReturn
 
-from apps.common import alloc, duration, fail, on_signals, qos_arg, serve, stack_report
+from apps.common import alloc, duration, fail, on_signals, serve, stack_report
 from flowlib import (
     FLOWFRDWR,
     FLOWFRNOBLOCK,
@@ -35,7 +37,8 @@ HDR = struct.Struct("!IIQ8x")
 ECHO_REQUEST = 0
 ECHO_REPLY = 1
 MIN_SIZE = 64
-MAX_INTERVAL = 10.0
+MAX_SIZE = 1500  # C's OPING_BUF_SIZE: its reader's buffer
+MAX_INTERVAL_MS = 10_000
 REPLY_WAIT = 2.0  # seconds past the interval the reader waits for a reply, as C's "Server timed out."
 
 
@@ -67,16 +70,24 @@ def rtt_text(ms: float) -> str:
     return f"{ms * 1000:.3f} µs" if ms < 0.1 else f"{ms:.3f} ms"
 
 
-def echo(flow: Flow, sdu: bytes, quiet: bool) -> bytes | None:
-    if not quiet:
-        print(f"Received {len(sdu)} bytes on flow {flow.flow_id}.", flush=True)
+def reply_to(sdu: bytes) -> bytes | None:
+    """The echo reply to a request, None to anything else."""
     if len(sdu) < HDR.size or HDR.unpack_from(sdu)[0] != ECHO_REQUEST:
-        print(f"Invalid message on flow {flow.flow_id}.", flush=True)
         return None
     return struct.pack("!I", ECHO_REPLY) + sdu[4:]
 
 
-def busy_server(quiet: bool) -> None:
+def echo(flow: Flow, sdu: bytes, quiet: bool) -> bytes | None:
+    """The server's answer, said as C's server says it (C numbers flows by fd: ours by flow id)."""
+    if not quiet:
+        print(f"Received {len(sdu)} bytes on fd {flow.flow_id}.", flush=True)
+    reply = reply_to(sdu)
+    if reply is None:
+        print(f"Invalid message on fd {flow.flow_id}.", flush=True)
+    return reply
+
+
+def busy_server() -> None:
     """C's --busy: one flow, served spinning on non-blocking reads."""
     print("Ouroboros ping server started. [busy-poll]", flush=True)
     try:
@@ -93,7 +104,7 @@ def busy_server(quiet: bool) -> None:
                 continue
             except FlowError:
                 break
-            reply = echo(flow, sdu, quiet)
+            reply = reply_to(sdu)  # as C's busy server: nothing said per SDU
             if reply is not None:
                 flow.write(reply)
 
@@ -117,7 +128,7 @@ class Client:
         """A reply: counted and printed as C's reader does."""
         now = time.monotonic_ns()
         if len(sdu) < HDR.size or HDR.unpack_from(sdu)[0] != ECHO_REPLY:
-            print(f"Invalid message on flow {self.flow.flow_id}.", flush=True)
+            print(f"Invalid message on fd {self.flow.flow_id}.", flush=True)
             return
         _, seq, stamp = HDR.unpack_from(sdu)
         if seq >= self.args.count:
@@ -222,53 +233,101 @@ def client(args: argparse.Namespace) -> int:
         except FlowError as e:
             print(f"oping: {e}", file=sys.stderr)
         c.statistics((time.monotonic() - start) * 1000)
-        for line in stack_report(flow, c.sent - c.stats.n):
-            print(line, flush=True)
-    return 0 if c.stats.n else 1
+        if args.report:  # ours, after C's summary: its last line stays C's for scripts that read it
+            for line in stack_report(flow, c.sent - c.stats.n):
+                print(line, flush=True)
+    # C's exits 0 whatever came back; ours 1 when pings went and no reply came, for scripts that check
+    return 0 if c.stats.n or not c.sent else 1
+
+
+class Parser(argparse.ArgumentParser):
+    """C's oping on a command line it does not take (an unknown option, a missing value): its usage
+    on stdout, status 1; what was wrong goes to stderr (ours)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        usage(self)
+
+
+def usage(p: argparse.ArgumentParser) -> NoReturn:
+    print(p.format_help(), end="", flush=True)
+    sys.exit(1)
+
+
+def c_duration(text: str) -> float:
+    """-i and -d: ms, or with a unit (ours: with a fraction too); as C, a unit it does not know ends the
+    program with status 1."""
+    try:
+        return duration(text)
+    except ValueError:
+        number = re.match(r"\d*(?:\.\d+)?", text.strip())
+        print(f"Unknown time unit: {text.strip()[number.end() if number else 0 :]}.")
+        sys.exit(1)
+
+
+def ms(seconds: float) -> int:
+    """A duration in whole ms, as C keeps its -i and -d (a fraction of ours is rounded)."""
+    return round(seconds * 1000)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="oping", description="Checks liveness between a client and a server and reports the Round Trip Time (RTT)."
+    p = Parser(
+        prog="oping",
+        description="Checks liveness between a client and a server and reports the Round Trip Time (RTT).",
+        allow_abbrev=False,  # C matches options whole
     )
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("--poll", action="store_true", help="server polls without sleeping (lower latency)")
     p.add_argument("--busy", action="store_true", help="server busy-polls one flow")
     p.add_argument("-c", "--count", type=int, default=2**31 - 1, help="number of packets")
-    p.add_argument("-d", "--duration", type=duration, help="duration of the test (ms, or with a unit: 10s)")
+    p.add_argument("-d", "--duration", type=c_duration, help="duration of the test (ms, or with a unit: 10s)")
     p.add_argument("-f", "--flood", action="store_true", help="send back-to-back, each after the last reply")
     p.add_argument("-F", "--flood-busy", action="store_true", help="flood, busy-polling for replies")
-    p.add_argument("-i", "--interval", type=duration, default=1.0, help="interval (default 1000 ms)")
+    p.add_argument("-i", "--interval", type=c_duration, default=1.0, help="interval (default 1000 ms)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the oping server")
-    p.add_argument(
-        "-q", "--qos", type=qos_arg, default=qos.raw, help="raw, best, video, voice, data (and the other presets)"
-    )
-    p.add_argument("-s", "--size", type=int, default=MIN_SIZE, help="payload size (B, default 64)")
+    p.add_argument("-q", "--qos", help="raw, best, video, voice, data (and the other presets); others: raw")
+    p.add_argument("-s", "--size", type=int, default=MIN_SIZE, help=f"payload size (B, default 64, max {MAX_SIZE})")
     p.add_argument("-Q", "--quiet", action="store_true", help="only print final statistics")
     p.add_argument("-D", "--timeofday", action="store_true", help="print time of day before each line")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="after the statistics, what the stack knows: FRCT's counts, where lost packets went (ours)",
+    )
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
     p.add_argument("--encrypt", action="store_true", help="encrypt the flow end to end (ours)")
     logs.add_arguments(p, quiet=False)
     add_version(p)
     args = p.parse_args(argv)
     logs.setup("oping", args, daemon=args.listen)
+    interval_ms = ms(args.interval)
+    args.count %= 2**32  # C's count is unsigned: -1 is 4294967295
+    if args.duration is not None and ms(args.duration) > 0:
+        # As C: a packet per interval, or 10 per ms of the duration with no interval; whole ms, so that
+        # 300 ms at 100 ms is 3, and with the interval as given, before it is cut to 10 s.
+        args.count = ms(args.duration) // interval_ms if interval_ms else ms(args.duration) * 10
+    try:
+        args.qos = qos.by_name(args.qos) if args.qos is not None else qos.raw
+    except ValueError:
+        print("Unknown QoS cube, defaulting to raw.")
+        args.qos = qos.raw
     if args.listen:
         if args.busy:
-            busy_server(args.quiet)
+            busy_server()
         else:
             serve("ping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll)
         return
     if not args.name:
-        p.error("No server specified.")
-    if args.count < 1:
-        p.error("count must be at least 1")
-    if args.interval > MAX_INTERVAL:
+        print("No server specified.")
+        usage(p)
+    if interval_ms > MAX_INTERVAL_MS:
         print("Ping interval truncated to 10s.")
-        args.interval = MAX_INTERVAL
+        interval_ms = MAX_INTERVAL_MS
+    args.interval = interval_ms / 1000
+    if args.size > MAX_SIZE:
+        print(f"Packet size truncated to {MAX_SIZE} bytes.")
+        args.size = MAX_SIZE
     if args.size < MIN_SIZE:
         print(f"Packet size set to {MIN_SIZE} bytes.")
         args.size = MIN_SIZE
-    if args.duration is not None:
-        # As C: a packet per interval, or 10 per ms of the duration with no interval.
-        args.count = max(int(args.duration / args.interval) if args.interval else int(args.duration * 1e4), 1)
     sys.exit(client(args))

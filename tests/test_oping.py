@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import time
 
 import pytest
 from helpers import IrmdProc
 
+from apps import oping
 from apps.common import stack_report
+from flowlib import qos
 from flowlib.stats import FlowStats, FrctStats, IpcpStats
+from proto import logs
 
 
 @pytest.fixture
@@ -67,9 +71,9 @@ def test_oping_after_unregister_fails_saying_not_found(irmd: IrmdProc, pong: str
     assert r.returncode != 0 and "not found" in r.stderr
 
 
-def test_oping_without_a_server_name_is_a_usage_error(irmd: IrmdProc) -> None:
+def test_oping_without_a_server_name_prints_its_usage_on_stdout_and_exits_1_as_c(irmd: IrmdProc) -> None:
     r = irmd.run("oping", "-c", "1")
-    assert r.returncode == 2 and "No server specified" in r.stderr
+    assert r.returncode == 1 and r.stdout.startswith("No server specified.\nusage: oping"), r.stdout + r.stderr
 
 
 def test_oping_works_over_a_local_layer_with_another_hash(irmd: IrmdProc) -> None:
@@ -80,17 +84,20 @@ def test_oping_works_over_a_local_layer_with_another_hash(irmd: IrmdProc) -> Non
     assert "2 packets transmitted, 2 received" in r.stdout, r.stderr
 
 
-def test_oping_with_a_reliable_qos_gets_every_reply(irmd: IrmdProc, pong: str) -> None:
+def test_oping_with_a_reliable_qos_ends_with_cs_summary_and_reports_frct_when_asked(irmd: IrmdProc, pong: str) -> None:
     r = irmd.run("oping", "-n", pong, "-c", "3", "-i", "10", "-q", "data")
     assert "3 packets transmitted, 3 received" in r.stdout, r.stderr
-    # FRCT's own counts close the summary: what it sent, resent and measured
-    assert re.search(
-        r"^frct: [3-9] sent, [3-9] received, 0 retransmitted, 0 dropped, srtt [\d.]+ ms$", r.stdout, re.M
-    ), r.stdout
+    assert STATS.match(r.stdout.rstrip().splitlines()[-1]), r.stdout  # C's last line stays the last
+    assert "frct:" not in r.stdout + r.stderr
+    r = irmd.run("oping", "-n", pong, "-c", "3", "-i", "10", "-q", "data", "--report")
+    # ours, after C's summary: FRCT's own counts, what it sent, resent and measured
+    last = r.stdout.rstrip().splitlines()[-2:]
+    assert STATS.match(last[0]), r.stdout
+    assert re.match(r"frct: [3-9] sent, [3-9] received, 0 retransmitted, 0 dropped, srtt [\d.]+ ms$", last[1]), r.stdout
 
 
 def test_oping_without_frct_and_without_loss_prints_c_s_summary_alone(irmd: IrmdProc, pong: str) -> None:
-    r = irmd.run("oping", "-n", pong, "-c", "2", "-i", "10")
+    r = irmd.run("oping", "-n", pong, "-c", "2", "-i", "10", "--report")
     assert r.stdout.rstrip().splitlines()[-1].startswith("rtt min/avg/max/mdev"), r.stdout
 
 
@@ -174,6 +181,109 @@ def test_duration_over_interval_gives_the_count_and_times_are_ms_unless_tiny(irm
     r = irmd.run("oping", "-n", pong, "-d", "100", "-i", "10")  # as C: ms without a unit
     assert "10 packets transmitted, 10 received" in r.stdout, r.stdout + r.stderr
     assert len(reply_lines(r.stdout)) == 10
+    r = irmd.run("oping", "-n", pong, "-d", "300ms", "-i", "100")  # 0.3 s / 0.1 s is 2.999... in floats
+    assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr
+
+
+def counted(*argv: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    """The options oping's main hands its client (which is not run)."""
+    seen: list[argparse.Namespace] = []
+
+    def client(args: argparse.Namespace) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(oping, "client", client)
+    monkeypatch.setattr(logs, "setup", lambda *_, **__: None)  # the test process's logging is left alone
+    with pytest.raises(SystemExit) as done:
+        oping.main(["-n", "pong", *argv])
+    assert done.value.code == 0
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "count"),
+    [
+        (("-d", "300ms", "-i", "100"), 3),
+        (("-d", "700", "-i", "100"), 7),
+        (("-d", "1s", "-i", "100ms"), 10),
+        (("-d", "50", "-i", "100"), 0),  # as C: none
+        (("-d", "60s", "-i", "20s"), 3),  # counted before the interval is cut to 10 s
+        (("-d", "5", "-i", "0"), 50),  # no interval: 10 a ms
+        (("-c", "4", "-d", "0"), 4),  # a duration of 0 counts for nothing
+        (("-c", "-1"), 2**32 - 1),  # C's count is unsigned
+    ],
+)
+def test_the_count_is_cs_whole_ms_duration_over_interval(
+    argv: tuple[str, ...], count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert counted(*argv, monkeypatch=monkeypatch).count == count
+
+
+def test_the_interval_is_cut_to_10_s_after_the_count_as_cs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = counted("-d", "60s", "-i", "20s", monkeypatch=monkeypatch)
+    assert (args.count, args.interval) == (3, 10.0)
+    assert capsys.readouterr().out == "Ping interval truncated to 10s.\n"
+
+
+def test_sizes_are_cs_64_to_1500(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert counted("-s", "1501", monkeypatch=monkeypatch).size == 1500
+    assert capsys.readouterr().out == "Packet size truncated to 1500 bytes.\n"
+    assert counted("-s", "1500", monkeypatch=monkeypatch).size == 1500
+    assert capsys.readouterr().out == ""
+
+
+def test_an_unknown_qos_cube_is_raw_as_cs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert counted("-q", "fast", monkeypatch=monkeypatch).qos == qos.raw
+    assert capsys.readouterr().out == "Unknown QoS cube, defaulting to raw.\n"
+    assert counted("-q", "data", monkeypatch=monkeypatch).qos == qos.data
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-n", "pong", "--bogus"],
+        ["-n", "pong", "--lis"],  # C takes options whole: no abbreviations
+        ["-n"],  # a value missing
+        ["-x", "-l"],
+    ],
+)
+def test_a_command_line_c_does_not_take_prints_the_usage_on_stdout_and_exits_1(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        oping.main(argv)
+    assert done.value.code == 1
+    assert capsys.readouterr().out.startswith("usage: oping")
+
+
+@pytest.mark.parametrize(("value", "unit"), [("10x", "x"), ("2w", "w"), ("abc", "abc")])
+def test_a_time_unit_c_does_not_know_exits_1_saying_so(
+    value: str, unit: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        oping.main(["-n", "pong", "-i", value])
+    assert done.value.code == 1
+    assert capsys.readouterr().out == f"Unknown time unit: {unit}.\n"
+
+
+def test_zero_packets_and_an_unknown_qos_run_as_cs(irmd: IrmdProc, pong: str) -> None:
+    r = irmd.run("oping", "-n", pong, "-c", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("Pinging pong with 64 bytes of data (0 packets):\n\n"), r.stdout
+    assert "0 packets transmitted, 0 received, 0 out-of-order, 0% packet loss" in r.stdout
+    assert "rtt" not in r.stdout  # nothing came back: no RTTs, as C
+    r = irmd.run("oping", "-n", pong, "-c", "2", "-i", "10", "-q", "fast")
+    assert r.returncode == 0 and r.stdout.startswith("Unknown QoS cube, defaulting to raw.\n"), r.stdout + r.stderr
+    assert "2 packets transmitted, 2 received" in r.stdout
+
+
+def test_a_size_over_cs_buffer_is_cut_to_1500(irmd: IrmdProc, pong: str) -> None:
+    r = irmd.run("oping", "-n", pong, "-c", "2", "-i", "10", "-s", "4000")
+    assert r.stdout.startswith("Packet size truncated to 1500 bytes.\n"), r.stdout + r.stderr
+    assert r.stdout.count("1500 bytes from pong: seq=") == 2
 
 
 def test_out_of_range_options_are_set_as_c_says(irmd: IrmdProc, pong: str) -> None:
@@ -188,5 +298,9 @@ def test_the_polling_and_busy_servers_answer(irmd: IrmdProc, local_layer: str, m
     irmd.irm_ok("name", "register", "pong", "layer", local_layer)
     r = irmd.run("oping", "-n", "pong", "-c", "20", "-i", "5")
     assert "20 packets transmitted, 20 received" in r.stdout, r.stdout + r.stderr
+    log = irmd.log_text()
     if mode == "--busy":
-        assert "[busy-poll]" in irmd.log_text()
+        assert "[busy-poll]" in log and "(busy-poll)." in log
+        assert "Received" not in log  # C's busy server says nothing per SDU
+    else:
+        assert re.search(r"Received 64 bytes on fd \d+\.", log), log[-2000:]  # C's words

@@ -237,6 +237,7 @@ def test_operf_over_qos_data_loses_and_corrupts_nothing(
         "1400",
         "--timeout",
         "10",
+        "--report",
         *(["--encrypt"] if encrypt else []),
         timeout=90,
     )

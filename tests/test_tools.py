@@ -11,14 +11,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import pytest
 from helpers import BIN, IrmdProc
 from unicast_net import Cluster
 
-from apps import operf
+from apps import ocbr, operf
 from flowlib import flow_alloc
 from flowlib.irm import IrmClient
+from proto import logs
 
 C_STATS = re.compile(
     r"--- perf perf statistics ---\n(\d+) packets transmitted, (\d+) received, (\d+)% packet loss, "
@@ -28,6 +30,13 @@ OUR_COUNTS = re.compile(
     r"(\d+) SDUs sent, (\d+) received, (-?\d+) lost \((-?\d+) gaps in sequence\), "
     r"(\d+) out-of-order, (\d+) corrupt"
 )
+
+
+@pytest.fixture
+def parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool's main run in this process to see what it makes of a command line: its logging set up
+    nowhere (it would take over this process's)."""
+    monkeypatch.setattr(logs, "setup", lambda *_, **__: None)
 
 
 @pytest.fixture
@@ -49,19 +58,31 @@ def run(irmd: IrmdProc, *argv: str, timeout: float = 60.0) -> str:
 # -- operf ------------------------------------------------------------------------------------------
 
 
-def test_operf_unidirectional_paced_reports_cs_statistics_and_loses_nothing(
+def test_operf_unidirectional_prints_cs_lines_and_no_statistics(irmd: IrmdProc, serving: Callable[..., None]) -> None:
+    serving("perf", "operf")
+    r = irmd.run("operf", "-n", "perf", "-d", "300", "-r", "1M")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # as C's: no statistics for a unidirectional test (and nothing asked of the server)
+    assert r.stdout == (
+        "Doing a unidirectional test.\nSending 1500 byte packets for 0 s to perf at 1.000 Mb/s.\n\nTest finished.\n"
+    ), r.stdout
+
+
+def test_operf_unidirectional_paced_reports_our_counts_when_asked_and_loses_nothing(
     irmd: IrmdProc, serving: Callable[..., None]
 ) -> None:
     serving("perf", "operf")
-    out = run(irmd, "operf", "-n", "perf", "-d", "1s", "-r", "8M", "-s", "1000")
+    out = run(irmd, "operf", "-n", "perf", "-d", "1s", "-r", "8M", "-s", "1000", "--report")
     assert "Doing a unidirectional test." in out
     assert "Sending 1000 byte packets for 1 s to perf at 8.000 Mb/s." in out and "Test finished." in out
-    m = C_STATS.search(out)
+    assert not C_STATS.search(out), out  # C's block is the bidirectional test's
+    m = OUR_COUNTS.search(out)
     assert m, out
-    sent, rcvd, loss, mbps = int(m[1]), int(m[2]), int(m[3]), float(m[4])
-    assert 900 <= sent <= 1100 and rcvd == sent and loss == 0, out  # 1000 SDUs/s for a second
-    assert 6.0 < mbps < 10.0
-    assert OUR_COUNTS.search(out).groups()[2:] == ("0", "0", "0", "0")  # type: ignore[union-attr]
+    sent, rcvd = int(m[1]), int(m[2])
+    assert 900 <= sent <= 1100 and rcvd == sent, out  # 1000 SDUs/s for a second
+    assert m.groups()[2:] == ("0", "0", "0", "0")
+    mbps = re.search(r"sender: ([\d.]+) Mb/s", out)
+    assert mbps and 6.0 < float(mbps[1]) < 10.0, out
     summary = re.compile(
         rf"Flow \d+: {sent} packets \({sent * 1000} bytes\) in \d+ ms => .* 0 lost, "
         r"0 out-of-order, 0 corrupt"
@@ -75,12 +96,17 @@ def test_operf_unidirectional_paced_reports_cs_statistics_and_loses_nothing(
 
 def test_operf_bidirectional_flood_gets_every_sdu_back(irmd: IrmdProc, serving: Callable[..., None]) -> None:
     serving("perf", "operf")
-    out = run(irmd, "operf", "-n", "perf", "-t", "bi", "-d", "500", "-f", "-s", "200")
-    assert "Doing a bidirectional test." in out and "Flooding perf with 200 byte packets for 0.5 seconds." in out
+    r = irmd.run("operf", "-n", "perf", "-t", "bi", "-d", "1500", "-f", "-s", "200")
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    # C's seconds are whole: 1500 ms is "1"
+    assert "Doing a bidirectional test." in out and "Flooding perf with 200 byte packets for 1 seconds." in out
     m = C_STATS.search(out)
     assert m, out
     assert int(m[1]) > 100 and int(m[2]) == int(m[1]) and m[3] == "0", out
-    assert OUR_COUNTS.search(out).group(6) == "0"  # type: ignore[union-attr]
+    assert out.endswith(m[0] + "\n"), out  # C's statistics end it
+    out = run(irmd, "operf", "-n", "perf", "-t", "bi", "-d", "500", "-f", "-s", "200", "--report")
+    assert C_STATS.search(out) and OUR_COUNTS.search(out).group(6) == "0", out  # type: ignore[union-attr]
 
 
 def test_operf_rates_take_cs_units_and_sizes_its_bounds(irmd: IrmdProc, serving: Callable[..., None]) -> None:
@@ -88,8 +114,34 @@ def test_operf_rates_take_cs_units_and_sizes_its_bounds(irmd: IrmdProc, serving:
     out = run(irmd, "operf", "-n", "perf", "-d", "300", "-r", "500", "-s", "10", "--sleep")
     assert "Packet size set to 64 bytes." in out
     assert "at 0.500 Mb/s" in out  # 500 with no unit is kb/s, as C's
-    r = irmd.run("operf", "-n", "perf", "-t", "sideways")
-    assert r.returncode == 2 and "invalid test type 'sideways': expected uni or bi" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "out"),
+    [
+        (["-n", "perf", "-t", "sideways"], 1, "Invalid test type.\n"),
+        (["-t", "bi"], 1, "No server specified.\n"),
+        (["-n", "perf", "-r", "5x"], 1, "Unknown rate unit: x.\n"),
+        (["-n", "perf", "-d", "5y"], 1, "Unknown time unit: y.\n"),
+    ],
+)
+@pytest.mark.usefixtures("parsing")
+def test_operf_refuses_as_c_does(argv: list[str], code: int, out: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        operf.main(argv)
+    assert (done.value.code, capsys.readouterr().out) == (code, out)
+
+
+@pytest.mark.parametrize("tool", [operf, ocbr])
+@pytest.mark.parametrize("argv", [["--bogus"], ["-l", "--bogus"], ["--sle"]])
+@pytest.mark.usefixtures("parsing")
+def test_an_option_c_does_not_know_prints_the_usage_and_exits_0_as_cs_operf_and_ocbr(
+    tool: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        tool.main(argv)
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {tool.__name__.split('.')[-1]}")
 
 
 def test_operfs_wire_is_cs_a_test_type_then_ids(irmd: IrmdProc, serving: Callable[..., None]) -> None:
@@ -128,10 +180,40 @@ def test_ocbr_sends_at_its_rate_and_the_server_reports_each_interval(
     while "timed out" not in irmd.log_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     log = irmd.log_text()
-    assert "Interval is 1 s, timeout is 2 s." in log
+    # C's lines: its start line, "New flow." and, once the flow is silent, "Test on flow N timed out"
+    assert re.search(r"\bServer started, interval is 1 s, timeout is 2 s\.$", log, re.M), log[-2000:]
+    assert len(re.findall(r"\bNew flow\.$", log, re.M)) == 1
     reports = [int(n) for n in re.findall(r"Flow +\d+: +(\d+) packets \( *\d+ bytes\) in +\d+ ms => ", log)]
     assert len(reports) >= 2 and sum(reports) == int(m[1]), log[-2000:]
-    assert "Test on flow" in log and "timed out" in log
+    assert len(re.findall(r"\bTest on flow \d+ timed out$", log, re.M)) == 1
+    assert "Ouroboros cbr server" not in log and not re.search(r"Flow \d+ (timed out|deallocated)\.", log)
+
+
+@pytest.mark.parametrize(
+    ("argv", "out"),
+    [
+        (["-n", "cbr", "-s", "524289"], "Maximum size: 524288.\n"),
+        (["-n", "cbr", "-s", "-1"], "Size overflow.\n"),
+        (["-n", "cbr", "-r", "0"], "Invalid rate.\n"),
+        (["-n", "cbr", "-r", "fast"], "Invalid rate.\n"),
+    ],
+)
+@pytest.mark.usefixtures("parsing")
+def test_ocbr_refuses_as_c_does(argv: list[str], out: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        ocbr.main(argv)
+    assert (done.value.code, capsys.readouterr().out) == (1, out)
+
+
+@pytest.mark.usefixtures("parsing")
+def test_ocbr_without_a_server_prints_the_usage_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        ocbr.main(["-d", "1"])
+    assert done.value.code == 1 and capsys.readouterr().out.startswith("No server specified.\nusage: ocbr")
+
+
+def test_ocbr_reads_rates_as_c() -> None:
+    assert [ocbr.c_rate(t) for t in ("800k", "2M", "1G", "100", "5x", "x")] == [8e5, 2e6, 1e9, 100.0, 5.0, 0.0]
 
 
 def test_ocbr_flood_sends_back_to_back(irmd: IrmdProc, serving: Callable[..., None]) -> None:

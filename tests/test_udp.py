@@ -111,7 +111,7 @@ def test_a_udp_flow_asking_for_no_errors_keeps_its_crc(pair: tuple[Host, Host]) 
 def test_operf_paced_delivers_every_sdu_intact(pair: tuple[Host, Host]) -> None:
     a, b = pair
     a.serve("perf", "operf")
-    code, out, err = b.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-r", "40M")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-r", "40M", "--report")
     assert code == 0, f"operf failed: {err}{out}"
     sent, rcvd, lost, corrupt = operf_counts(out)
     assert sent > 1000 and rcvd == sent and lost == 0 and corrupt == 0, out
@@ -155,7 +155,7 @@ def test_flooding_an_operf_server_corrupts_nothing(pair: tuple[Host, Host]) -> N
 def test_operf_cli_flooding_reports_its_statistics(pair: tuple[Host, Host]) -> None:
     a, b = pair
     a.serve("perf", "operf")
-    code, out, err = b.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-f")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-f", "--report")
     assert code == 0, f"operf failed: {err}{out}"
     _sent, rcvd, _lost, corrupt = operf_counts(out)
     assert rcvd > 0 and corrupt == 0, out
@@ -243,7 +243,7 @@ def test_the_relay_data_path_carries_oping_and_operf(lan: Callable[..., Host]) -
     a.serve("pong")
     oping_ok(b)
     a.serve("perf", "operf")
-    code, out, err = b.run("operf", "-n", "perf", "-d", "1s", "-s", "1400", "-r", "20M")
+    code, out, err = b.run("operf", "-n", "perf", "-d", "1s", "-s", "1400", "-r", "20M", "--report")
     assert code == 0, f"operf failed: {err}{out}"
     sent, rcvd, _lost, corrupt = operf_counts(out)
     assert sent > 500 and rcvd == sent and corrupt == 0, out
@@ -303,13 +303,13 @@ def test_oping_and_operf_say_packets_were_lost_beyond_this_hosts_ipcp(lan: Calla
     a = lan(A_IP, extra=("impair", "loss=0"))
     b = lan(B_IP, peer=A_IP, extra=("impair", "loss=33"))
     a.serve("pong")
-    code, out, err = b.run("oping", "-n", "pong", "-c", "30", "-i", "10", "--timeout", "10")
+    code, out, err = b.run("oping", "-n", "pong", "-c", "30", "-i", "10", "--timeout", "10", "--report")
     lost = re.search(r"^30 packets transmitted, (\d+) received", out, re.M)
     assert code == 0 and lost is not None and int(lost[1]) < 30, err + out
     assert f"{30 - int(lost[1])} lost; none dropped at ipcp u here: lost on the way or at the peer" in out, out
     a.serve("perf", "operf")
     for _ in range(10):  # operf's one test-type SDU, lost (a third are), ends the run, as in C's
-        code, out, err = b.run("operf", "-n", "perf", "-d", "1s", "-s", "500", "-r", "2M", "-t", "bi")
+        code, out, err = b.run("operf", "-n", "perf", "-d", "1s", "-s", "500", "-r", "2M", "-t", "bi", "--report")
         if "deallocated by the peer" not in err:
             break
     _, _, lost_, _ = operf_counts(out + err)

@@ -93,7 +93,7 @@ def test_operf_paced_across_a_veth_pair_loses_nothing(two_hosts: tuple[Host, Hos
     bootstrap(a, ip_a)
     bootstrap(b, ip_b)
     serve(a, "perf", "operf")
-    r = b.irmd.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-r", "40M")
+    r = b.irmd.run("operf", "-n", "perf", "-d", "2s", "-s", "1400", "-r", "40M", "--report")
     assert r.returncode == 0, r.stdout + r.stderr
     m = re.search(r"(\d+) SDUs sent, (\d+) received, (-?\d+) lost\b.*?(\d+) corrupt", r.stdout)
     assert m, r.stdout

@@ -187,6 +187,7 @@ def test_server_side_timeout_drops_a_stalled_store(depots: Start) -> None:
         r, wcap, _ = c.allocate(1000, 600)
         c.call(w.Store(wcap.key, wcap.typekey, 100, 1))  # a 1 s server timeout
         c.stream.send(b"x" * 10)
+        assert c._reply().status == w.IBP_E_SERVER_TIMEOUT  # said, then closed
         with pytest.raises(w.IbpError, match="closed the connection"):
             c._reply()
     with Connection("d1", timeout=10) as c:

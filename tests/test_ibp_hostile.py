@@ -123,9 +123,12 @@ def open_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run_depot(d: Path, mp: pytest.MonkeyPatch, *extra: str, shared_layer: bool = False) -> Iterator[Depot]:
+def run_depot(
+    d: Path, mp: pytest.MonkeyPatch, *extra: str, shared_layer: bool = False, listen: str = "127.0.0.1"
+) -> Iterator[Depot]:
     """A depot with LIMITS and `extra` flags; this process's flows go to its irmd. shared_layer: the
-    depot is registered in a udp4 layer only, where the stack names no local peer."""
+    depot is registered in a udp4 layer only, where the stack names no local peer. listen: the TCP
+    address it listens on (`::`: dual stack, still reached as 127.0.0.1)."""
     irmd = start_irmd(d)
     proc = None
     mp.setenv("OUROBOROS_SOCK", str(irmd.sock))
@@ -150,7 +153,7 @@ def run_depot(d: Path, mp: pytest.MonkeyPatch, *extra: str, shared_layer: bool =
                     "--layer",
                     "lan" if shared_layer else "local",
                     "--listen",
-                    f"tcp:127.0.0.1:{port}",
+                    f"tcp:[{listen}]:{port}" if ":" in listen else f"tcp:{listen}:{port}",
                     *LIMITS,
                     *extra,
                 ],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
@@ -251,13 +252,15 @@ class Connection:
         return w.parse_inq(b"".join(self._chunks(n)))
 
     def version(self) -> str:
-        """ST_VERSION: the depot's description in words, up to its END line."""
+        """ST_VERSION: the depot's description in words, up to its END line, all within the timeout
+        (a peer dripping one line at a time gets no longer)."""
+        end = time.monotonic() + self.timeout
         self.call(w.Status("", w.IBP_ST_VERSION, "", self._server_timeout))
         lines: list[str] = []
         size = 0
         while True:
             try:
-                line = self.stream.readline(w.MAX_LINE, self.timeout)
+                line = self.stream.readline(w.MAX_LINE, max(0.0, end - time.monotonic()))
             except StreamTimeout:
                 raise w.IbpError(w.IBP_E_CLIENT_TIMEOUT, f"depot {self.depot!r} stopped sending") from None
             except (StreamClosed, ValueError) as e:

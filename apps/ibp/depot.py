@@ -17,8 +17,10 @@ from apps.ibp.capability import MANAGE, READ, WRITE, Capability, key_hash, keys_
 from apps.ibp.limits import Limits
 from apps.ibp.storage import DiskStore
 from apps.ibp.wire import IbpError
+from proto.ratelog import RateLog
 
 log = logging.getLogger(__name__)
+_disk_log = RateLog(rate=0.1, burst=3, logger=log)  # a full disk would otherwise log on every change
 
 RID = "0"  # our depots have one resource
 INVALID_CAP = {READ: w.IBP_E_INVALID_READ_CAP, WRITE: w.IBP_E_INVALID_WRITE_CAP, MANAGE: w.IBP_E_INVALID_MANAGE_CAP}
@@ -102,10 +104,11 @@ class DepotCore:
         self.admin_key = store.admin_key()
         self.allocs: dict[str, Allocation] = {}
         self.expiry: SortedList = SortedList()  # (expires, fid)
+        self.softs: SortedList = SortedList()  # (expires, fid) of SOFT ones: what a HARD request may revoke
         self.refused: Counter[int] = Counter()
         self.revoked = 0  # SOFT allocations given up for HARD ones
         # Running totals, kept as allocations change, so admission never sums over them all.
-        self.reserved = self.hard_reserved = self.stored = 0
+        self.reserved = self.hard_reserved = self.soft_reserved = self.stored = 0
         self.owned: Counter[str] = Counter()  # allocations per client
         self.owned_bytes: Counter[str] = Counter()  # bytes reserved per client
         self._recover(now)
@@ -120,29 +123,54 @@ class DepotCore:
                 continue
             self.allocs[fid] = a
             self._account(a, 1)
-            self.expiry.add((a.expires, fid))
-            self.store.truncate(fid, a.size)
+            self.store.fit(fid, a.size, a.max_size)  # nothing unacknowledged, no blocks past its end
         for orphan in self.store.orphans(set(self.allocs)):
             self.store.remove(orphan)
-        self.store.compact({fid: dataclasses.asdict(a) for fid, a in self.allocs.items()})
+        self.store.compact(self._records())
         self.expire(now)
         if self.allocs:
             log.info("recovered %d allocations, %d bytes", len(self.allocs), self.stored)
 
+    def _records(self) -> dict[str, dict[str, Any]]:
+        return {fid: dataclasses.asdict(a) for fid, a in self.allocs.items()}
+
     def _journal_set(self, a: Allocation, **changes: Any) -> None:
+        """Change `a`, journal first: a failed append (a full disk) leaves memory as the journal has it."""
+        self.store.append({"op": "set", "id": a.fid, "a": changes})
         self._account(a, -1)
         for k, v in changes.items():
             setattr(a, k, v)
         self._account(a, 1)
-        self.store.append({"op": "set", "id": a.fid, "a": changes})
+        self._tidy_journal()
+
+    def _tidy_journal(self) -> None:
+        """Rewrite the journal once superseded lines outnumber live ones (storage.needs_compaction), so
+        it does not grow with every change a client makes; called once memory matches the journal."""
+        if not self.store.needs_compaction(len(self.allocs)):
+            return
+        try:
+            self.store.compact(self._records())
+        except OSError as e:  # the old journal stays, complete; tried again on a later change
+            _disk_log.log("journal compaction failed: %s", e, level=logging.WARNING)
 
     # -- accounting --
 
     def _account(self, a: Allocation, sign: int) -> None:
+        """Add (1) or take away (-1) `a` in the running totals and the indexes by expiry."""
         self.reserved += sign * a.max_size
         self.stored += sign * a.size
         if a.reliability == w.IBP_HARD:
             self.hard_reserved += sign * a.max_size
+        else:
+            self.soft_reserved += sign * a.max_size
+        entry = (a.expires, a.fid)
+        if sign > 0:
+            self.expiry.add(entry)
+            if a.reliability != w.IBP_HARD:
+                self.softs.add(entry)
+        else:
+            self.expiry.discard(entry)
+            self.softs.discard(entry)
         self.owned[a.owner] += sign
         self.owned_bytes[a.owner] += sign * a.max_size
         if self.owned[a.owner] <= 0:
@@ -209,21 +237,22 @@ class DepotCore:
         self.store.append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
         self.allocs[a.fid] = a
         self._account(a, 1)
-        self.expiry.add((a.expires, a.fid))
+        self._tidy_journal()
         return Grant(a, key, rkey, wkey, mkey)
 
     def _revoke_soft_for(self, size: int, duration: int, status: int) -> int:
         """Make room for a HARD request by revoking SOFT allocations, those expiring first first;
-        nothing is revoked unless enough would be freed."""
-        softs = sorted((a for a in self.allocs.values() if a.reliability == w.IBP_SOFT), key=lambda a: a.expires)
+        nothing is revoked unless enough would be freed. From the running total of SOFT space and the
+        SOFT index: only the allocations revoked are looked at, never all of them."""
+        if admit(size, duration, self.free + self.soft_reserved, self.capacity, self.max_duration)[0] != w.IBP_OK:
+            return status
         free, victims = self.free, []
-        for a in softs:
+        for _, fid in self.softs:  # admission grows with free space: this ends before the index does
             if admit(size, duration, free, self.capacity, self.max_duration)[0] == w.IBP_OK:
                 break
+            a = self.allocs[fid]
             free += a.max_size
             victims.append(a)
-        if admit(size, duration, free, self.capacity, self.max_duration)[0] != w.IBP_OK:
-            return status
         for a in victims:
             log.info("revoked soft allocation %s (%d bytes) for a hard one", a.fid[:12], a.max_size)
             self.free_alloc(a)
@@ -314,17 +343,18 @@ class DepotCore:
         status, reason = admit(size, duration, self.free + a.max_size, self.capacity, self.max_duration)
         if status != w.IBP_OK:
             raise self.refuse(status, reason)
-        self.expiry.discard((a.expires, a.fid))
+        shrinks = size < a.max_size
         self._journal_set(a, max_size=size, expires=now + duration, reliability=reliability)
-        self.expiry.add((a.expires, a.fid))
+        if shrinks:  # the disk gets back what the allocation no longer promises (no store runs: server)
+            self.store.fit(a.fid, a.size, size)
         return ()
 
     def free_alloc(self, a: Allocation) -> None:
+        self.store.append({"op": "free", "id": a.fid})
         if self.allocs.pop(a.fid, None) is not None:
             self._account(a, -1)
-        self.expiry.discard((a.expires, a.fid))
-        self.store.append({"op": "free", "id": a.fid})
         self.store.remove(a.fid)
+        self._tidy_journal()
 
     def expire(self, now: float) -> list[str]:
         """Reclaim every allocation whose time is up; returns their file ids."""

@@ -23,13 +23,23 @@ def flow_identity(reply: m.FlowReply) -> str:
 
 
 def tcp_identity(sock: socket.socket) -> str:
-    """A TCP client by the uid owning its socket when it is on this host, else by its address."""
+    """A TCP client by the uid owning its socket when it is on this host, else by its address (an
+    IPv4 one as such, whether it reached an IPv4 or a dual-stack IPv6 listener)."""
     try:
-        host = sock.getpeername()[0]
-    except OSError:
+        host = str(unmapped(sock.getpeername()[0]))
+    except (OSError, ValueError):
         return "tcp:?"
     uid = local_tcp_uid(sock)
     return f"uid:{uid}" if uid is not None else f"tcp:{host}"
+
+
+def unmapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address, an IPv4-mapped IPv6 one (`::ffff:127.0.0.1`, how a dual-stack listener sees an
+    IPv4 peer) as the IPv4 address it is, so that it is classified (loopback or not) as that."""
+    address = ipaddress.ip_address(text.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def local_tcp_uid(sock: socket.socket) -> int | None:
@@ -39,16 +49,32 @@ def local_tcp_uid(sock: socket.socket) -> int | None:
     """
     try:
         local, remote = sock.getsockname(), sock.getpeername()
-        if not ipaddress.ip_address(remote[0].split("%")[0]).is_loopback:
+        if not unmapped(remote[0]).is_loopback:
             return None
-        table = _PROC_TCP[sock.family].read_text()
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
-    # The peer's socket is the row whose local end is our remote end and whose remote end is ours.
-    want = (_proc_addr(sock.family, remote[0], remote[1]), _proc_addr(sock.family, local[0], local[1]))
+    # The peer's socket is the row whose local end is our remote end and whose remote end is ours:
+    # in our own family's table, or, for an IPv4 peer of a dual-stack listener (an AF_INET socket),
+    # in /proc/net/tcp under the unmapped addresses.
+    ends = [(sock.family, remote[0], local[0])]
+    if sock.family == socket.AF_INET6 and unmapped(remote[0]).version == 4:
+        ends.append((socket.AF_INET, str(unmapped(remote[0])), str(unmapped(local[0]))))
+    for family, peer, ours in ends:
+        uid = _owner(family, _proc_addr(family, peer, remote[1]), _proc_addr(family, ours, local[1]))
+        if uid is not None:
+            return uid
+    return None
+
+
+def _owner(family: socket.AddressFamily, peer: str, ours: str) -> int | None:
+    """The uid of the row of `family`'s socket table from `peer` to `ours`."""
+    try:
+        table = _PROC_TCP[family].read_text()
+    except OSError:
+        return None
     for row in table.splitlines()[1:]:
         cols = row.split()
-        if len(cols) > 7 and (cols[1], cols[2]) == want and cols[7].isdigit():
+        if len(cols) > 7 and (cols[1], cols[2]) == (peer, ours) and cols[7].isdigit():
             return int(cols[7])
     return None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -22,10 +23,10 @@ from pathlib import Path
 from apps.accounts import Creds, anon_creds, user_for_uid
 from apps.agent import AGENT_PROG, Agent, peer_pid
 from apps.ibp import wire as w
-from apps.ibp.capability import READ, WRITE, Capability
+from apps.ibp.capability import MANAGE, READ, WRITE, Capability
 from apps.ibp.client import Connection, parse_cap, tcp_address
 from apps.ibp.depot import RID, Allocation, DepotCore
-from apps.ibp.limits import Busy, Limits, Slots, Ticket, copy_allowed
+from apps.ibp.limits import Busy, Limits, Pace, Slots, Ticket, copy_target
 from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
@@ -35,9 +36,13 @@ from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
 from proto.errors import IrmdUnreachable
+from proto.ratelog import RateLog
 from transports.unix import irmd_sock_path
 
 log = logging.getLogger(__name__)
+# What clients cause, one line per connection or request (a cut transfer, a failed copy, a slot given
+# way): bounded, so no client can fill the disk with the depot's log.
+peer_log = RateLog(logger=log)
 
 EXPIRY_TICK = 1.0  # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
@@ -186,13 +191,14 @@ class DepotServer:
         try:
             stream = opener()  # a flow's setup runs here, off the accept loop
         except Exception as e:  # a flow that never became one costs its slot only
-            log.info("connection from %s failed to open: %s", ticket.client, e)
+            peer_log.log("connection from %s failed to open: %s", ticket.client, e)
             self.slots.give(ticket)
             return
+        ticket.wake = stream.abort  # a slot given way ends this connection's wait at once
         try:
             self.serve(stream, depot_addr, ticket.client, ticket)
         finally:
-            self.slots.give(ticket)
+            self.slots.give(ticket)  # only now: the slot counts until the thread and its socket are gone
 
     def serve(self, stream: ByteStream, depot_addr: str, client: str = "", ticket: Ticket | None = None) -> None:
         """Answer requests on `stream` until it closes, idles out, gives its slot `ticket` way to a
@@ -210,14 +216,11 @@ class DepotServer:
                     with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
                         stream.send(w.format_refusal(w.IBP_E_BAD_FORMAT, "request line too long"))
                     return
-                if ticket is not None and self.slots is not None and not self.slots.busy(ticket):
-                    log.info("connection of %s gave way to a newer one", ticket.client)
-                    return
                 try:
                     if not self.handle(stream, line, depot_addr, client):
                         return
                 except (StreamClosed, StreamTimeout, FlowError, OSError) as e:
-                    log.info("connection ended mid-request: %s", e)
+                    peer_log.log("connection ended mid-request: %s", e)
                     return
                 except Exception:  # a bug must cost one connection, never the depot
                     log.exception("internal error serving %r", line[:80])
@@ -226,8 +229,9 @@ class DepotServer:
                     return
 
     def _await_request(self, stream: ByteStream, ticket: Ticket | None) -> bool:
-        """Wait, idle, for the next request to begin: True when it does, False after the idle timeout
-        or once the connection gave its slot away (looked at every EVICT_POLL seconds)."""
+        """Wait, idle, for the next request to begin: True when it does (its first byte makes the
+        connection busy: no longer one to give way), False after the idle timeout or once the
+        connection gave its slot away (woken at once, or looked at every EVICT_POLL seconds)."""
         if ticket is None or self.slots is None:
             return True
         self.slots.idle(ticket)
@@ -236,9 +240,9 @@ class DepotServer:
             left = end - time.monotonic()
             if left <= 0:
                 return False
-            if stream.wait(min(EVICT_POLL, left)):
+            if stream.wait(min(EVICT_POLL, left)) and self.slots.busy(ticket):
                 return True
-        log.info("idle connection of %s gave way to a newer one", ticket.client)
+        peer_log.log("idle connection of %s gave way to a newer one", ticket.client)
         return False
 
     def handle(self, stream: ByteStream, line: bytes, depot_addr: str, client: str = "") -> bool:
@@ -283,9 +287,7 @@ class DepotServer:
                 results = self._copy(req, list(req.dest_caps), req.timeout, client)
             stream.send(w.format_reply(w.IBP_OK, results[0][0], *(s for _, s in results)))
         elif isinstance(req, w.Manage):
-            with self.lock:
-                fields = core.manage(req, now)
-            stream.send(w.format_reply(w.IBP_OK, *fields))
+            stream.send(w.format_reply(w.IBP_OK, *self._manage(req, now, timeout)))
         else:
             return self._status(stream, req, depot_addr, timeout)
         return True
@@ -308,7 +310,11 @@ class DepotServer:
             stream.send(w.format_inq(values, extras))
             return True
         if req.follows:
-            req = w.parse_change(stream.readline(w.MAX_LINE, timeout, timeout), req)
+            try:
+                second = stream.readline(w.MAX_LINE, timeout, timeout)
+            except ValueError:  # as any over-long line: -21, and the connection closed
+                raise w.BadRequest(w.IBP_E_BAD_FORMAT, "request line too long") from None
+            req = w.parse_change(second, req)
         with self.lock:
             core.change(req.password, req.capacity, req.max_duration)
         stream.send(w.format_reply(w.IBP_OK))
@@ -322,23 +328,45 @@ class DepotServer:
         lines.append("copy_to " + (" ".join(lim.copy_to) if lim.copy_to else "(registered names)"))
         return "".join(w.reason_fields(ln) + "\n" for ln in lines).encode("ascii")
 
-    def _store(self, stream: ByteStream, req: w.Store | w.Write, now: float, timeout: float) -> bool:
-        with self.lock:
-            a = self.core.authorize(req.key, req.typekey, WRITE, now, req.rid)
+    @contextlib.contextmanager
+    def _writing(self, a: Allocation, timeout: float) -> Iterator[None]:
+        """The allocation's data to ourselves: two writers (or a writer and a CHNG that shrinks it)
+        take turns; one that waits too long gives up (the seed's server-side timeout), rather than hang."""
         lock = self.alloc_lock(a)
-        # Two writers of one allocation take turns; a writer that waits too long gives up (the seed's
-        # server-side timeout), rather than hang.
         if not lock.acquire(timeout=timeout):
             raise w.IbpError(w.IBP_E_SERVER_TIMEOUT, "another store to this allocation is still running")
         try:
+            yield
+        finally:
+            lock.release()
+
+    def _manage(self, req: w.Manage, now: float, timeout: float) -> tuple[object, ...]:
+        if req.subcmd != w.IBP_CHNG:
+            with self.lock:
+                return self.core.manage(req, now)
+        # A CHNG may shrink the allocation and give its blocks past the new end back to the disk:
+        # not while a store writes there, which could leave bytes past the new end.
+        with self.lock:
+            a = self.core.authorize(req.key, req.typekey, MANAGE, now, req.rid)
+        with self._writing(a, timeout), self.lock:
+            return self.core.manage(req, now)
+
+    def _store(self, stream: ByteStream, req: w.Store | w.Write, now: float, timeout: float) -> bool:
+        with self.lock:
+            a = self.core.authorize(req.key, req.typekey, WRITE, now, req.rid)
+        with self._writing(a, timeout):
             with self.lock:
                 start = self.core.check_write(a, req.offset if isinstance(req, w.Write) else None, req.length)
             stream.send(w.format_reply(w.IBP_OK))
-            deadline = time.monotonic() + self.limits.transfer_time(req.timeout, req.length)
+            pace = self.limits.pace(req.timeout)
             try:
-                self._receive(stream, a, start, req.length, timeout, deadline)
-            except (StreamTimeout, StreamClosed):
-                log.info("store of %d bytes cut short; nothing acknowledged", req.length)
+                self._receive(stream, a, start, req.length, timeout, pace)
+            except (StreamTimeout, StreamClosed) as e:
+                peer_log.log("store of %d bytes cut short (%s); nothing acknowledged", req.length, e)
+                if isinstance(e, StreamTimeout):  # too slow: the client hears why, if it listens
+                    why = f"the data stalled, or came slower than {pace.rate} bytes/s after {pace.grace:g} s"
+                    with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
+                        stream.send(w.format_refusal(w.IBP_E_SERVER_TIMEOUT, why), time.monotonic() + 1)
                 return False
             with self.lock:
                 if self.core.allocs.get(a.fid) is not a:
@@ -346,17 +374,13 @@ class DepotServer:
                 self.core.commit(a, start + req.length)
             stream.send(w.format_reply(w.IBP_OK, req.length))
             return True
-        finally:
-            lock.release()
 
-    def _receive(
-        self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: float, deadline: float
-    ) -> None:
+    def _receive(self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: float, pace: Pace) -> None:
         try:
             with self.core.open_data(a) as f:
                 f.seek(start)
                 end = handed = start  # the end of what came, of what is handed to the disk already
-                for chunk in stream.read_chunks(length, timeout, deadline):
+                for chunk in stream.read_chunks(length, timeout, pace.deadline):
                     f.write(chunk)
                     end += len(chunk)
                     if end - handed >= WRITEBACK:
@@ -377,16 +401,16 @@ class DepotServer:
             n = self.core.check_read(a, req.offset, req.length)
         blocks = self._read(a, req.offset, n, head=w.format_reply(w.IBP_OK, n))
         first = next(blocks)  # the file opens (or fails) while a status can still say so
-        deadline = time.monotonic() + self.limits.transfer_time(req.timeout, n)
+        pace, sent = self.limits.pace(req.timeout), 0
         try:
-            stream.send(first, deadline)  # the status line and the first bytes, in one SDU
-            for block in blocks:
-                stream.send(block, deadline)
+            for block in itertools.chain([first], blocks):  # the status line and the first bytes in one SDU
+                stream.send(block, pace.deadline(sent + len(block)))
+                sent += len(block)
         except w.IbpError as e:  # after the status no other can follow: end the stream
             log.error("load failed mid-stream: %s", e)
             return False
         except StreamTimeout:
-            log.info("load of %d bytes too slow for its client; connection closed", n)
+            peer_log.log("load of %d bytes too slow for its client; connection closed", n)
             return False
         return True
 
@@ -445,25 +469,28 @@ class DepotServer:
         timeout = self.limits.timeout(dest_timeout)
         results = []
         for cap in caps:
-            if not copy_allowed(cap.depot, self.limits.copy_to):
+            target = copy_target(cap.depot, self.limits.copy_to)  # resolved once: what is checked is what is reached
+            if target is None:
                 status, why = w.IBP_E_INVALID_HOST, f"this depot does not copy to {cap.depot}"
                 with self.lock:
                     self.core.refused[status] += 1
             else:
-                status, why = self._copy_one(a, cap, req.offset, n, timeout, self.copier(client))
+                status, why = self._copy_one(a, cap, target, req.offset, n, timeout, self.copier(client))
             if status != w.IBP_OK and len(caps) == 1:
                 raise w.IbpError(status, why)
             results.append((n, status))
         return results
 
     def _copy_one(
-        self, a: Allocation, cap: Capability, offset: int, n: int, timeout: float, who: Creds | None
+        self, a: Allocation, cap: Capability, target: str, offset: int, n: int, timeout: float, who: Creds | None
     ) -> tuple[int, str]:
+        """Append `n` bytes of `a` at `offset` to `cap`, over a connection to `target` (its depot, or
+        the address copy_target resolved it to)."""
         try:
-            self.targets.use(cap.depot, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n), who)
+            self.targets.use(target, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n), who)
         except w.IbpError as e:
             status = w.known_error(e.status)
-            log.info("copy to %s failed: %s", cap.depot, w.status_text(status))
+            peer_log.log("copy to %s failed: %s", cap.depot, w.status_text(status))
             return status, f"copy to {cap.depot}: {w.status_text(status)}"
         return w.IBP_OK, ""
 

@@ -25,6 +25,11 @@ ADMIN_KEY = "admin.key"
 SETTINGS = "settings.json"
 LOCK = "lock"
 MAX_RECORD = 16_384  # a journal line longer than this is corrupt
+# The journal is rewritten once it holds more lines than this many per live allocation, plus the
+# floor: its size stays proportional to what it describes, and the rewrite's cost (one line per
+# allocation) is spread over at least as many appends.
+COMPACT_FACTOR = 4
+COMPACT_FLOOR = 1024
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 SYNC_FILE_RANGE_WRITE = 2  # start writing the range back, without waiting for it (linux/fs.h)
@@ -99,6 +104,7 @@ class DiskStore:
         private_dir(self.data)
         self.journal_path = root / JOURNAL
         self._journal: BinaryIO | None = None
+        self.journal_lines = 0  # lines in the journal, live or superseded
         # One depot per directory: a second one would interleave journals and data.
         self._lock = private_open(root / LOCK, os.O_RDWR | os.O_CREAT)
         try:
@@ -116,6 +122,7 @@ class DiskStore:
             return records
         with os.fdopen(private_open(self.journal_path, os.O_RDONLY), "rb") as f:
             for n, line in enumerate(f, 1):
+                self.journal_lines = n
                 if len(line) > MAX_RECORD or not line.endswith(b"\n"):
                     log.warning("journal line %d is torn or too long; ignored", n)
                     continue
@@ -136,16 +143,27 @@ class DiskStore:
         return records
 
     def compact(self, records: dict[str, dict[str, Any]]) -> None:
-        """Rewrite the journal as one record per live allocation (atomically, by rename)."""
-        self.close()
+        """Rewrite the journal as one record per live allocation, atomically: a new file, fsync'd,
+        renamed over the old, the directory fsync'd. On failure (a full disk) the old one stays."""
         tmp = self.journal_path.with_suffix(".tmp")
-        with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
-            for fid, a in records.items():
-                f.write(_line({"op": "alloc", "id": fid, "a": a}))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+                for fid, a in records.items():
+                    f.write(_line({"op": "alloc", "id": fid, "a": a}))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self.close()
         os.replace(tmp, self.journal_path)
         self._fsync_dir()
+        self.journal_lines = len(records)
+
+    def needs_compaction(self, live: int) -> bool:
+        """Whether the journal holds too many superseded lines for its `live` allocations."""
+        return self.journal_lines > COMPACT_FACTOR * live + COMPACT_FLOOR
 
     def append(self, record: dict[str, Any]) -> None:
         if self._journal is None:
@@ -154,6 +172,7 @@ class DiskStore:
         self._journal.write(_line(record))
         self._journal.flush()
         os.fsync(self._journal.fileno())
+        self.journal_lines += 1
 
     def close(self) -> None:
         if self._journal is not None:
@@ -184,16 +203,21 @@ class DiskStore:
     def open(self, fid: str) -> BinaryIO:
         return os.fdopen(private_open(self.path(fid), os.O_RDWR), "r+b")
 
-    def truncate(self, fid: str, size: int) -> None:
-        """Cut off bytes no journal record acknowledged (a store cut short by a crash); 0600 again."""
+    def fit(self, fid: str, size: int, room: int) -> None:
+        """Leave `fid`'s file `size` bytes long with disk blocks for `room` bytes, none beyond: bytes
+        no journal record acknowledged (a store cut short) are cut off, and blocks reserved past the
+        allocation's end (it shrank) go back to the disk. The file is 0600 again."""
         p = self.path(fid)
         if not p.exists():
-            self.create(fid)
+            self.create(fid, room)
             return
         fd = private_open(p, os.O_WRONLY)
         try:
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
+            # A truncate that shrinks a file frees every block past its new end, those reserved past
+            # the end too, on every filesystem; one to the file's own length does not everywhere.
+            os.ftruncate(fd, size + 1)
+            os.ftruncate(fd, size)
+            reserve(fd, room)
         finally:
             os.close(fd)
 

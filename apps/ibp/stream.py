@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flowlib import Fccntl, Flow, FlowDown, FlowError, FlowTimeout
 
@@ -53,6 +53,10 @@ class ByteStream:
     def close(self) -> None:
         raise NotImplementedError
 
+    def abort(self) -> None:
+        """End, from another thread, a wait for bytes on this stream, if the transport can (TCP);
+        a flow's reader notices what it is waiting for at its next poll instead."""
+
     def send(self, data: bytes | memoryview, deadline: float | None = None) -> None:
         """All of `data`, within SEND_TIMEOUT and before `deadline` (monotonic) if given."""
         wait = _left(deadline, SEND_TIMEOUT)
@@ -89,15 +93,18 @@ class ByteStream:
                 deadline = end if deadline is None else min(deadline, end)
             self._fill(deadline)
 
-    def read_chunks(self, n: int, timeout: float | None, deadline: float | None = None) -> Iterator[bytes]:
-        """Exactly `n` bytes, as they arrive; `timeout` applies to each wait, `deadline` to all."""
+    def read_chunks(
+        self, n: int, timeout: float | None, deadline: Callable[[int], float] | None = None
+    ) -> Iterator[bytes]:
+        """Exactly `n` bytes, as they arrive; `timeout` applies to each wait, and `deadline(k)`, given
+        the k bytes read so far, says by when (monotonic) more must have come (a minimum rate)."""
         left = n
         while left > 0:
             if self._buf:
                 piece = bytes(self._buf[:left])
                 del self._buf[: len(piece)]
             else:  # straight from the transport, without a pass through the buffer
-                wait = _left(deadline, timeout)
+                wait = _left(None if deadline is None else deadline(n - left), timeout)
                 piece = self._recv(None if wait is None else max(0.001, wait))
                 if not piece:
                     raise StreamClosed("the peer closed the connection")
@@ -185,6 +192,10 @@ class TcpStream(ByteStream):
             raise StreamTimeout("the peer takes no data") from None
         except (BrokenPipeError, ConnectionResetError):
             raise StreamClosed("the peer closed the connection") from None
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -207,6 +207,9 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
         raise ConfigError(f"{where} autobind: expected true or false")
     enrol = table.get("enrol", table.get("enroll"))
     join = table.get("join")
+    if "bootstrap" in table and enrol is not None and join is None:
+        log.warning("%s: ignoring bootstrap= beside enrol=, as 0.23 does", where)
+        table = {k: v for k, v in table.items() if k != "bootstrap"}
     if sum(k in table for k in ("bootstrap", "join")) + (enrol is not None) > 1:
         raise ConfigError(f"{where}: give one of bootstrap=, enrol= and join=")
     try:

@@ -4,6 +4,7 @@ and a bad file stops the boot with a message naming the file and the table.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -380,6 +381,24 @@ flows_per_uid = 99
         "dht_t_replicate": "900",
     }
     assert boot.limits.flows_per_uid == 99
+
+
+@pytest.mark.timeout(60)
+def test_bootstrap_beside_enrol_is_ignored_with_a_warning_as_0_23_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from irmd.config import ConfigError, plan
+
+    conf = tmp_path / "both.toml"
+    conf.write_text('[unicast.n]\nbootstrap = "net"\nenrol = "n1"\n')
+    with caplog.at_level(logging.WARNING, logger="irmd.config"):
+        steps = [msg for _, msg in plan(conf).steps]
+    assert any(isinstance(s, m.IpcpEnroll) and s.dst == "n1" for s in steps)
+    assert not any(isinstance(s, m.IpcpBootstrap) for s in steps)
+    assert "ignoring bootstrap= beside enrol=" in caplog.text
+    conf.write_text('[unicast.n]\nbootstrap = "net"\njoin = "net"\n')  # join is ours: no guessing
+    with pytest.raises(ConfigError, match="give one of bootstrap=, enrol= and join="):
+        plan(conf)
 
 
 @pytest.mark.timeout(60)

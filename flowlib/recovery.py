@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from flowlib.congestion import Window
 
 SEQ_MOD = 1 << 32
+SEQ_HALF = SEQ_MOD // 2
 RTO_MIN, RTO_MAX, RTO_INIT = 0.01, 2.0, 0.2
 RTO_G = 0.005  # the least margin over the smoothed RTT (RFC 6298's clock granularity G)
 GUESSES = 3  # RTT guesses from resent PDUs per flow while it has no valid sample
@@ -27,7 +28,7 @@ FREE_REPAIRS = 8  # repairs a flow may make before any arrival has paid for them
 
 def before(a: int, b: int) -> bool:
     """a < b in 32-bit sequence space (wrapping), as C's before()."""
-    return 0 < (b - a) % SEQ_MOD < SEQ_MOD // 2
+    return 0 < (b - a) % SEQ_MOD < SEQ_HALF
 
 
 def distance(a: int, b: int) -> int:

@@ -644,6 +644,48 @@ def test_data_whose_ack_sets_off_resends_is_still_taken_at_its_own_seqno() -> No
     assert sorted(seq_of(p) for p in a.pdus) == sorted(flight[1:])  # and the flight went again
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_header_prediction_leaves_the_receiver_as_the_general_path_does(seed: int) -> None:
+    """The same PDUs (in order, lost, duplicated, reordered, fragmented, with acks of the peer's data)
+    given to a receiver that predicts and one that never does: the same SDUs, acks and state."""
+    rng = random.Random(seed)
+    a = new()
+    b = new()
+    b.send(b"hello", 1.0)  # so that a's data carries acks (and moving ones) of b's
+    a.receive(b.pdus.popleft(), 1.0)
+    stream: list[bytes] = []
+    for i, sdu in enumerate(tagged(300, seed, max_size=2500)):
+        a.send(sdu, 1.0 + i * 1e-3)
+        stream += a.pdus
+        a.pdus.clear()
+    arrivals = [p for p in stream if rng.random() > 0.05] + [p for p in stream if rng.random() < 0.05]
+    for i in range(len(arrivals) - 1):
+        if rng.random() < 0.1:
+            arrivals[i], arrivals[i + 1] = arrivals[i + 1], arrivals[i]
+    predicting, general = new(), new()
+    general._max_pdu = 0  # no PDU fits the prediction: every one takes the general path
+    for f in (predicting, general):
+        f.send(b"hello", 1.0)
+        f.pdus.clear()
+    for i, pdu in enumerate(arrivals):
+        now = 1.0 + i * 1e-3
+        for f in (predicting, general):
+            f.receive(pdu, now)
+            while f.sdus:
+                f.taken(len(f.sdus.popleft()), now)
+            if (due := f.get_timer()) is not None and due <= now:
+                f.handle_timer(now)
+        assert predicting.pdus == general.pdus
+        predicting.pdus.clear()
+        general.pdus.clear()
+    skip = {"_max_pdu", "_isn", "recovery", "counters", "ooo", "sdus", "pdus", "fragments"}
+    assert {k: v for k, v in vars(predicting).items() if k not in skip} == {
+        k: v for k, v in vars(general).items() if k not in skip
+    }
+    assert vars(predicting.counters) == vars(general.counters) and predicting.counters.received > 250
+    assert predicting.ooo == general.ooo and predicting.fragments == general.fragments
+
+
 def test_selective_acks_repair_every_hole_of_a_window_in_one_round_trip() -> None:
     sim = pair(delay=0.01, jitter=0.0)
     sim.stream(tagged(400, seed=1, max_size=50))

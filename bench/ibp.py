@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from apps.ibp import wire as w
 from apps.ibp.client import Connection
@@ -28,6 +29,7 @@ RAW_SIZE = 65_000  # the SDU size IBP's streams use on flows
 RAW_SECONDS = 1.0
 TIMEOUT = 60.0
 RAW = "raw qos.data flow"
+DISK = "write + fsync of the same bytes on the depot's disk"
 
 
 def run(runs: int) -> list[Row]:
@@ -55,9 +57,10 @@ def run(runs: int) -> list[Row]:
             _wait_depot(d)
         data = os.urandom(PAYLOAD)
         buf = bytearray(PAYLOAD)
-        stores, loads, copies, raws = [], [], [], []
+        stores, loads, copies, raws, disks = [], [], [], [], []
         for i in range(runs):
             raws.append(_raw())
+            disks.append(_disk(stack.dir / DEPOTS[0], data))
             s, ld, c = _ibp(data, buf)
             log.info("ibp run %d/%d: store %.0f, load %.0f, copy %.0f, raw %.0f MB/s", i + 1, runs, s, ld, c, raws[-1])
             stores.append(s)
@@ -68,6 +71,8 @@ def run(runs: int) -> list[Row]:
         median_row(f"ibp.store_{PAYLOAD >> 20}MiB", "MB/s", stores, raws, RAW, goal),
         median_row(f"ibp.load_{PAYLOAD >> 20}MiB", "MB/s", loads, raws, RAW, goal),
         median_row(f"ibp.copy_{PAYLOAD >> 20}MiB", "MB/s", copies, raws, RAW, goal),
+        # A store is acknowledged once on disk (fsync): how near it comes to what the disk takes then.
+        median_row(f"ibp.store_vs_disk_{PAYLOAD >> 20}MiB", "MB/s", stores, disks, DISK),
     ]
 
 
@@ -82,6 +87,19 @@ def _wait_depot(name: str) -> None:
             if time.monotonic() > deadline:
                 raise BenchError(f"depot {name} did not start: {e}") from None
             time.sleep(0.2)
+
+
+def _disk(where: Path, data: bytes) -> float:
+    """MB/s of writing `data` to a new file in `where` and fsyncing it, as a depot's store does."""
+    path = where / "bench-disk.tmp"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return len(data) / elapsed / 1e6
 
 
 def _raw() -> float:

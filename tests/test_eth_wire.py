@@ -80,7 +80,7 @@ def test_dix_parse_of_frames_with_our_header_and_any_length_never_raises(
 ) -> None:
     frame = eth.DIX.pack(dst, src, eth.DEFAULT_ETHERTYPE, eid, length) + rest
     got = DIX.parse(frame, None)
-    if length <= len(rest):
+    if length <= len(rest) and eth.unicast_peer(src, OWN):
         assert got is not None and got[0] == eid and bytes(got[1]) == rest[:length]
     else:
         assert got is None  # truncated: never read past the end
@@ -128,6 +128,14 @@ def test_frames_for_other_hosts_other_ethertypes_or_multicast_are_dropped() -> N
     multicast = bytes.fromhex("01005e000001")
     assert DIX.parse(sent(DIX, eth.EthFraming(PEER).header(multicast, 5), b"x"), None) is None
     assert LLC.parse(sent(LLC, eth.LlcFraming(PEER).header(other, 2, 3), b"x"), None) is None
+
+
+def test_frames_from_a_group_zero_or_our_own_source_address_are_dropped() -> None:
+    """A flow to a broadcast or multicast source would answer every host on the link."""
+    for src in (eth.BROADCAST, bytes.fromhex("01005e000001"), bytes(6), OWN):
+        assert DIX.parse(sent(DIX, eth.EthFraming(src).header(OWN, 0), b"x"), None) is None
+        assert LLC.parse(sent(LLC, eth.LlcFraming(src).header(OWN, 2, 3), b"x"), None) is None
+    assert DIX.parse(sent(DIX, eth.EthFraming(PEER).header(OWN, 0), b"x"), None) is not None
 
 
 def test_the_llc_saps_are_ouroboros_s_individual_and_bit_reversed_on_the_wire() -> None:

@@ -20,6 +20,7 @@ ETH_P_802_2 = 0x0004  # the kernel's protocol for 802.3 frames carrying LLC
 DEFAULT_ETHERTYPE = 0xA000
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772  # `lo`: Ethernet frames, an all-zero MAC, and every frame comes back to its sender
+ZERO_MAC = bytes(6)
 BROADCAST = b"\xff" * 6
 RCVBUF = 8 * 1024 * 1024
 PACKET_IGNORE_OUTGOING = getattr(socket, "PACKET_IGNORE_OUTGOING", 23)
@@ -185,6 +186,12 @@ def llc_frame(dst: bytes, src: bytes, payload: bytes, sap: int = MGMT_WIRE_SAP) 
 # -- framings for the relay ---------------------------------------------------
 
 
+def unicast_peer(src: bytes, own: bytes) -> bool:
+    """Whether a frame's source can be a peer: not a group address (a flow to it would answer every
+    host on the link), not all zeros, not ourselves."""
+    return not src[0] & 1 and src != ZERO_MAC and src != own
+
+
 class EthFraming:
     """The relay's Framing for eth-dix: the DIX header, struct-packed."""
 
@@ -201,6 +208,8 @@ class EthFraming:
         dst, peer, etype, eid, length = DIX.unpack_from(frame)
         if etype != self.ethertype or length > len(frame) - DIX.size or (dst != self.own and dst != BROADCAST):
             return None  # bytes beyond the length are Ethernet padding
+        if not unicast_peer(peer, self.own):
+            return None
         return eid, memoryview(frame)[DIX.size : DIX.size + length], peer
 
     def header(self, dst: bytes, eid: int) -> bytes:
@@ -228,6 +237,8 @@ class LlcFraming:
             return None
         dst, peer, length, dsap, ssap, ctrl = LLC.unpack_from(frame)
         if ctrl != LLC_UI or not LLC_EXTRA <= length <= len(frame) - ETH_HLEN or (dst != self.own and dst != BROADCAST):
+            return None
+        if not unicast_peer(peer, self.own):
             return None
         dsap, ssap = WIRE_SAP[dsap], WIRE_SAP[ssap]
         if dsap == MGMT_SAP:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from irmd.kex import SigningKey
+from irmd.secfiles import read_file
 from proto.oap import EAUTH, OapError
 
 log = logging.getLogger("irmd.credentials")
@@ -78,18 +78,10 @@ def _stamp(path: Path | str) -> tuple[int, int, int, int]:
 
 
 def _read(path: Path | str, private: bool) -> bytes:
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise CredentialError(f"{path} is not a regular file")
-    if st.st_size > MAX_FILE:
-        raise CredentialError(f"{path} is {st.st_size} bytes: not a key or certificate")
-    if private and st.st_mode & 0o077:
-        raise CredentialError(f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                              f"a private key must be mode 0600 or stricter")  # fmt: skip
-    if private and st.st_uid not in (0, os.geteuid()):
-        raise CredentialError(f"{path} belongs to uid {st.st_uid}, not to this IRMd's user or root")
-    with open(path, "rb") as f:
-        return f.read(MAX_FILE)
+    try:
+        return read_file(str(path), MAX_FILE, private)
+    except PermissionError as e:
+        raise CredentialError(str(e)) from None
 
 
 class CredentialStore:

@@ -209,7 +209,7 @@ class Oap:
         entry = self.reg.names.get(name)
         overrides = entry.sec if entry is not None else {}
         # Most names have no directory of files here: one access() (no exception raised) says so.
-        if not overrides and not os.access(role_dir(name, role, self.base), os.F_OK):
+        if not overrides and ((where := role_dir(name, role, self.base)) is None or not os.access(where, os.F_OK)):
             return NONE, None
         from irmd import kex
         from irmd.credentials import CredentialError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 
 from proto import oap
@@ -51,24 +52,58 @@ def check_sec(sec: dict[str, str]) -> dict[str, str]:
 
 
 def sec_paths(name: str, overrides: dict[str, str], base: Path | str | None = None) -> dict[str, str]:
-    """The six files of `name`: the overrides given at `irm name create`, else the defaults."""
+    """The six files of `name`: the overrides given at `irm name create`, else the defaults ("" where
+    the name has no directory: see role_dir)."""
     root = str(base or security_dir())
-    return {
-        key: overrides.get(key) or os.path.join(role_dir(name, role, root), file) for key, _, role, file in SEC_FILES
-    }
+    return {key: overrides.get(key) or _in(role_dir(name, role, root), file) for key, _, role, file in SEC_FILES}
 
 
-def role_dir(name: str, role: str, base: str) -> str:
-    """Where `name`'s files as a server or a client are, unless irmd.conf names them one by one."""
+def role_dir(name: str, role: str, base: str) -> str | None:
+    """Where `name`'s files as a server or a client are, unless irmd.conf names them one by one; None
+    for a name that is no single directory name ("/" in it, "." or ".."): any user may allocate to any
+    name, so a name must never lead the IRMd to files of the user's choosing."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        return None
     return os.path.join(base, role, name)
+
+
+def _in(where: str | None, file: str) -> str:
+    return "" if where is None else os.path.join(where, file)  # "": a file that is not there
 
 
 def role_files(name: str, overrides: dict[str, str], role: str, base: str) -> tuple[str, str, str]:
     """(enc.conf, crt.pem, key.pem) of `name` as a server or a client: what every allocation reads."""
     where = role_dir(name, role, base)
-    enc, crt, key = (overrides.get(f"{role}_{f}_file") or os.path.join(where, f"{f}.{ext}")
+    enc, crt, key = (overrides.get(f"{role}_{f}_file") or _in(where, f"{f}.{ext}")
                      for f, ext in (("enc", "conf"), ("crt", "pem"), ("key", "pem")))  # fmt: skip
     return enc, crt, key
+
+
+def read_file(path: str, limit: int, private: bool = False) -> bytes:
+    """A security file's first `limit` bytes, as the IRMd may trust it: it must be a regular file, and
+    one that holds a key (`private`) root's or ours and not open to others, checked on the descriptor
+    read (no swap between check and read). Opened without blocking: a FIFO put in its place must not
+    hold the IRMd's loop. FileNotFoundError if it is missing; PermissionError (an OSError) if it is
+    not fit to read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermissionError(f"{path} is not a regular file")
+        if private and st.st_mode & 0o077:
+            raise PermissionError(f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                                  f"a private key must be mode 0600 or stricter")  # fmt: skip
+        if private and st.st_uid not in (0, os.geteuid()):
+            raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this IRMd's user or root")
+        if st.st_size > limit:
+            raise PermissionError(f"{path} is {st.st_size} bytes: more than the {limit} such a file may have")
+        chunks, left = [], limit
+        while left and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # -- enc.conf (src/lib/crypt.c parse_sec_config) ---------------------------------------------------
@@ -142,8 +177,7 @@ def parse_enc_conf(text: str) -> SecConfig:
 def load_enc_conf(path: Path | str) -> SecConfig:
     """A missing file means plain, as 0.23; an unreadable or bad one raises EncConfError."""
     try:
-        with open(path) as f:
-            text = f.read(MAX_ENC_CONF)
+        text = read_file(str(path), MAX_ENC_CONF).decode()
     except FileNotFoundError:
         return NONE
     except (OSError, UnicodeDecodeError) as e:

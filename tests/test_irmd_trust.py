@@ -292,6 +292,34 @@ def test_users_see_their_own_flows_and_names_and_nobody_sees_a_layer_key(host: I
     assert "s3cret-k3y" not in host.log_text()
 
 
+ALLOC_TO_A_PATH = """
+import sys, time
+from flowlib import flow_alloc
+from proto.errors import FlowError
+start = time.monotonic()
+try:
+    flow_alloc(sys.argv[1], timeout=3).close()
+    print("allocated")
+except FlowError as e:
+    print(type(e).__name__, round(time.monotonic() - start, 1))
+"""
+
+
+def test_a_name_cannot_point_the_irmd_at_a_users_files(host: IrmdProc, public_dir: Path) -> None:
+    """A name is a path under the security directory: one of a user's making (absolute, or with ..)
+    once made the root IRMd open the user's FIFO as enc.conf, and stall until someone wrote to it."""
+    trap = public_dir / "trap"
+    trap.mkdir()
+    os.chown(trap, NOBODY, NOBODY)
+    assert nobody(host, "mkfifo", str(trap / "enc.conf")).returncode == 0
+    for name in (str(trap), "../../" + str(trap).lstrip("/")):
+        r = nobody_py(host, ALLOC_TO_A_PATH, name, timeout=20)
+        assert r.returncode == 0 and r.stdout.split()[0] in ("NotFound", "FlowTimeout"), r.stdout + r.stderr
+        assert float(r.stdout.split()[1]) < 5
+        assert host.irm_ok("ipcp", "list").returncode == 0  # the IRMd still answers
+    assert "enc.conf" not in host.log_text()
+
+
 # -- limits -------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,8 @@ from irmd.secfiles import (
     check_sec,
     load_enc_conf,
     parse_enc_conf,
+    read_file,
+    role_files,
     sec_paths,
     security_dir,
 )
@@ -34,6 +36,34 @@ def test_the_default_files_are_0_23s_layout(tmp_path: Path) -> None:
     assert paths["server_crt_file"] == str(tmp_path / "server/pong/crt.pem")
     assert paths["client_key_file"] == str(tmp_path / "client/pong/key.pem")
     assert set(paths) == set(SEC_KEYS)
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "../server/files", "a/b", "..", "."])
+def test_a_name_that_is_no_single_directory_name_has_no_files(tmp_path: Path, name: str) -> None:
+    """Any user may allocate to any name: a name must never point the IRMd at files of its choosing."""
+    assert set(role_files(name, {}, "client", str(tmp_path))) == {""}
+    assert set(sec_paths(name, {}, tmp_path).values()) == {""}
+    assert load_enc_conf("") == NONE  # what "" comes to: no files, a plain flow
+
+
+def test_security_files_are_read_only_as_regular_files_and_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "enc.conf"
+    os.mkfifo(fifo)  # nobody writes to it: an open that waited would never return
+    with pytest.raises(PermissionError, match="not a regular file"):
+        read_file(str(fifo), 100)
+    with pytest.raises(EncConfError, match="not a regular file"):
+        load_enc_conf(fifo)
+    key = tmp_path / "key.pem"
+    key.write_bytes(b"x" * 10)
+    key.chmod(0o644)
+    with pytest.raises(PermissionError, match="accessible by others"):
+        read_file(str(key), 100, private=True)
+    key.chmod(0o600)
+    assert read_file(str(key), 100, private=True) == b"x" * 10
+    with pytest.raises(PermissionError, match="more than the 5"):
+        read_file(str(key), 5)
 
 
 def test_the_security_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

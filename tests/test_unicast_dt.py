@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipcp.unicast import auth, pci
-from ipcp.unicast.dt import Dt, Link
+from ipcp.unicast import auth, ca, pci
+from ipcp.unicast.dt import Dt, Link, UniFlow
 from ipcp.unicast.pci import FRAMING, MAX_FRAME_PDUS, Pci, PciFormat
 
 FMT = PciFormat()
@@ -150,3 +150,17 @@ def test_a_flow_that_falls_behind_gets_a_longer_queue_within_the_budget(
         for a, b in flows:
             a.close()
             b.close()
+
+
+def test_congestion_feedback_is_taken_only_from_the_flows_peer() -> None:
+    """A member that knows an eid (a forwarder sees it in the PCI) cannot slow another's flow down."""
+    dt = Dt(FMT, ME, 60, 65536, lambda p: None, lambda a, t: None, lambda f, u: None)
+    flow = UniFlow(5, None, dst=7)  # type: ignore[arg-type]
+    ca.by_name("mb-ecn").flow_added(flow, 0.0)
+    assert flow.tx is not None
+    before = flow.tx.rate
+    dt.flows[5] = flow
+    dt.on_update(5, 9, ca.Update(255, 10.0))  # from a member that is not the flow's peer
+    assert flow.tx.rate == before
+    dt.on_update(5, 7, ca.Update(255, 10.0))  # from the peer: taken
+    assert flow.tx.rate < before

@@ -242,10 +242,11 @@ class Dt(PollThread):
         else:
             self._route(dst, (self.fmt.pack(Pci(dst, 0, self.max_ttl, 0, MGMT_EID)), payload), 0)
 
-    def on_update(self, eid: int, update: ca.Update) -> None:
-        """Congestion feedback for our flow `eid` from its receiver."""
+    def on_update(self, eid: int, src: int, update: ca.Update) -> None:
+        """Congestion feedback for our flow `eid` from its receiver, the member at `src`: another member,
+        which may know the eid (a forwarder sees it), must not slow the flow down."""
         flow = self.flows.get(eid)
-        if flow is not None and flow.tx is not None:
+        if flow is not None and flow.tx is not None and flow.dst == src:
             flow.tx.on_update(update, time.monotonic())
 
     # -- the data path ------------------------------------------------------------------

@@ -605,7 +605,7 @@ class UnicastIpcp(Ipcp):
             case um.FaReq() | um.FaReply() | um.FaDealloc():
                 self.fa.receive(msg, now)
             case um.FlowUpdate():
-                self.dt.command(self.dt.on_update, msg.eid, ca.Update(msg.ece, msg.rate))
+                self.dt.command(self.dt.on_update, msg.eid, msg.src, ca.Update(msg.ece, msg.rate))
             case _:
                 self.stats["mgmt_malformed"] += 1
         self._after(now)

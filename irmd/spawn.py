@@ -102,7 +102,8 @@ async def start_ipcp(kind: str, name: str, sock: Path, out: Output, forks: ForkS
 
 async def start_program(path: str, args: list[str], owner: int, sock: Path, out: Output) -> asyncio.subprocess.Process:
     """Start a bound program as its owner: in its own session, stdin /dev/null, cwd /, a clean environment;
-    its stdout a pipe for the IRMd to log, its stderr the IRMd's log."""
+    its stdout and stderr one pipe for the IRMd to log, at a bounded rate (a program may print what its
+    clients send: straight into the IRMd's log, its stderr grew it without bound)."""
     who = run_as(owner, os.geteuid())
     creds: dict[str, object] = {}
     if who.uid is not None:
@@ -110,5 +111,5 @@ async def start_program(path: str, args: list[str], owner: int, sock: Path, out:
                  if who.user != str(who.uid) else []}  # fmt: skip
     return await asyncio.create_subprocess_exec(
         path, *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, cwd="/",
-        env=clean_env(sock, who, out), stdout=asyncio.subprocess.PIPE, stderr=out.fd, **creds,  # type: ignore[arg-type]
+        env=clean_env(sock, who, out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **creds,  # type: ignore[arg-type]
     )  # fmt: skip

@@ -18,7 +18,14 @@ class RateLog:
         self.logger = logger or logging.getLogger("ouroboros")
         self.tokens, self.at, self.suppressed = float(burst), clock(), 0
 
-    def log(self, fmt: str, *args: object, level: int = logging.INFO, extra: dict[str, object] | None = None) -> None:
+    def log(
+        self,
+        fmt: str,
+        *args: object,
+        level: int = logging.INFO,
+        extra: dict[str, object] | None = None,
+        exc_info: bool = False,
+    ) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
@@ -29,4 +36,4 @@ class RateLog:
         if self.suppressed:
             self.logger.warning("(%d more lines not logged)", self.suppressed)
             self.suppressed = 0
-        self.logger.log(level, fmt, *args, extra=extra)
+        self.logger.log(level, fmt, *args, extra=extra, exc_info=exc_info)

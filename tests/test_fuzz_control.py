@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import struct
 import time
@@ -21,7 +22,7 @@ from helpers import fds_on, lingering_socket
 
 from ipcp.unicast import messages as um
 from proto import messages as m
-from transports.wire import HEADER, MAGIC, VERSION, Codec, WireError
+from transports.wire import HEADER, MAGIC, VERSION, Codec, Error, WireError
 
 CODECS = {"irmd": m.CODEC, "unicast": um.CODEC}
 
@@ -210,3 +211,36 @@ def test_a_passed_socket_lingering_on_unsent_data_is_reset_not_waited_on() -> No
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_handler_a_peer_makes_fail_at_will_logs_its_traceback_at_a_bounded_rate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every request is answered "internal error"; the log takes the first tracebacks, not all."""
+    import asyncio
+
+    from transports.channel import FAILURES, AsyncChannel
+    from transports.unix import recv_frame, send_frame, seqpacket_pair
+
+    async def broken(msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
+        raise RuntimeError("a handler's bug")
+
+    async def run() -> list[m.Message]:
+        ours, theirs = seqpacket_pair()
+        channel = AsyncChannel(ours, m.CODEC, broken)
+        loop = asyncio.get_running_loop()
+        replies = []
+        for i in range(1, 201):
+            send_frame(theirs, m.CODEC.encode(m.FlowDealloc(i), i))
+            frame, _ = await loop.run_in_executor(None, recv_frame, theirs)
+            replies.append(m.CODEC.decode(frame).msg)
+        channel.close()
+        theirs.close()
+        return replies
+
+    FAILURES.tokens = FAILURES.burst  # (a module-wide budget: other tests may have spent some)
+    with caplog.at_level(logging.ERROR, logger="transports.channel"):
+        replies = asyncio.run(run())
+    assert all(isinstance(r, Error) and "a handler's bug" in r.text for r in replies)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert 1 <= len(tracebacks) <= FAILURES.burst + 5

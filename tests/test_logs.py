@@ -4,14 +4,17 @@ session logs no warning (a warning is for what a user must act on)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from helpers import BIN, IrmdProc, free_port, irmd_env, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 
+from flowlib.irm import IrmClient
 from proto import logs
 
 pytestmark = pytest.mark.timeout(120)
@@ -181,3 +184,27 @@ def test_what_a_started_server_prints_for_its_clients_reaches_the_log_bounded(tm
         irm.close()
         stop_irmd(irmd)
     assert grown < 100_000, f"{grown} bytes of log for 1.2 MB echoed"
+
+
+def test_what_a_started_program_writes_to_stderr_reaches_the_log_bounded(tmp_path: Path) -> None:
+    """A started program's stderr goes through the same bounded relay as its stdout."""
+    from flowlib import flow_alloc
+    from proto.errors import FlowError
+
+    loud = tmp_path / "loud"
+    loud.write_text("#!/bin/sh\nhead -c 2000000 /dev/zero | tr '\\0' x | fold -w 100 >&2\nexec sleep 30\n")
+    loud.chmod(0o755)
+    irmd = start_irmd(tmp_path)
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.irm_ok("bind", "program", str(loud), "name", "loud", "auto")
+        irmd.irm_ok("name", "register", "loud", "layer", "local")
+        before = irmd.log.stat().st_size
+        with contextlib.suppress(FlowError):
+            flow_alloc("loud", timeout=3, irm=IrmClient(irmd.sock)).close()  # it starts, and never accepts
+        time.sleep(2)
+        grown = irmd.log.stat().st_size - before
+        assert "loud" in irmd.log_text()
+    finally:
+        stop_irmd(irmd)
+    assert grown < 100_000, f"{grown} bytes of log for 2 MB written to stderr"

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from proto.ratelog import RateLog
 from transports.unix import close_fds, recv_frame, send_frame
 from transports.wire import HEADER, ID_MASK, NOTICE, REPLY, Codec, Error, Message, WireError
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     import asyncio  # imported when an AsyncChannel is made: applications (SyncChannel) start 35 ms sooner
 
 log = logging.getLogger(__name__)
+FAILURES = RateLog(rate=1.0, burst=10, logger=log)  # handlers' unexpected exceptions, with their tracebacks
 
 Reply = tuple[Message, list[int]]
 ERROR_TEXT = 500  # characters of an error's text sent or logged: errors may quote what a peer sent
@@ -320,7 +322,8 @@ class AsyncChannel:
         except (ChannelClosed, asyncio.CancelledError):
             return
         except Exception as e:
-            log.exception("%s: handler for %s failed", self.name, type(msg).__name__)
+            # (A bug a client can trigger at will must not let it fill the log with tracebacks.)
+            FAILURES.log("%s: handler for %s failed", self.name, type(msg).__name__, level=logging.ERROR, exc_info=True)
             reply, out_fds = Error("EIO", f"internal error: {e}"), ()
         if isinstance(reply, Error):
             reply = Error(reply.code, reply.text[:ERROR_TEXT])  # an error quoting a request stays short

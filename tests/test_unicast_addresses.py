@@ -92,7 +92,8 @@ def test_a_hello_from_no_address_of_the_layer_is_refused(component: str, addr: i
     responder.receive(um.CODEC.encode(um.Hello(component, "rogue", "net", addr)), 0.0)
     assert responder.peer is None and responder.error is not None and "no address of this layer" in responder.error.text
     ok = Handshake(False, "", "n1", "net", ME, None, 0.0, max_addr=0xFFFF)
-    ok.receive(um.CODEC.encode(um.Hello(component, "rogue", "net", 0xFFFF)), 0.0)
+    whole = um.Hello(component, "rogue", "net", 0xFFFF, b"\x01" * auth.NONCE, pub=auth.Identity.generate().pub)
+    ok.receive(um.CODEC.encode(whole), 0.0)
     assert ok.error is None
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from ipcp.unicast import messages as um
-from ipcp.unicast.auth import layer_psk
+from ipcp.unicast.auth import Identity, layer_psk
 from ipcp.unicast.connmgr import Adjacency, AdjState, AutoConnect, Neighbours
 from ipcp.unicast.enroll import Enrollee, EnrolleeState, Enroller, EnrollerEvent, EnrollerState
 from ipcp.unicast.fsm import IllegalTransition
@@ -140,6 +140,33 @@ def test_an_adjacency_hello_replayed_to_another_acceptor_proves_nothing() -> Non
     second.pop_out()
     second.receive(wire[2], 0.0)  # and the recorded proof: bound to the first acceptor's nonce
     assert second.state is AdjState.FAILED and second.error is not None and second.error.code == "EPERM"
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["keyed", "open"])
+def test_an_address_bound_to_a_member_key_is_taken_only_with_that_key(key: str | None) -> None:
+    """Whoever connects must sign the handshake with its member key, and an address bound to a key
+    (by its LSUs) goes only to that key: in an open layer too, no one takes a live member's address."""
+    owner, rogue = Identity.generate(), Identity.generate()
+    psk = layer_psk(key) if key else None
+
+    def responder() -> Adjacency:
+        return Adjacency(Handshake(False, "", "n1", "net", 5, psk, 0.0, owner_of={9: owner.pub}.get))
+
+    for ident, up in ((rogue, False), (owner, True)):
+        init, resp = Adjacency(Handshake(True, um.DT, "n2", "net", 9, psk, 0.0, identity=ident)), responder()
+        pump(init, resp)
+        assert (resp.state is AdjState.UP) == up, resp.error
+        if not up:
+            assert resp.error is not None and "address 9 belongs to another member key" in resp.error.text
+    init, resp = Adjacency(Handshake(True, um.DT, "n2", "net", 9, psk, 0.0, identity=owner)), responder()
+    wire: list[bytes] = []
+    pump(init, resp, wire)
+    forged = um.CODEC.encode(dataclasses.replace(um.CODEC.decode(wire[2]).msg, sig=rogue.sign(b"initiator")))
+    again = responder()
+    again.receive(wire[0], 0.0)
+    again.pop_out()  # a new nonce: the recorded proof is for another handshake anyway
+    again.receive(forged, 0.0)
+    assert again.state is AdjState.FAILED and again.error is not None and again.error.code == "EPERM"
 
 
 @pytest.mark.parametrize(("layer", "addr", "why"), [("other", 9, "not 'net'"), ("net", 5, "itself")])

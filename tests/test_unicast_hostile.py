@@ -188,6 +188,28 @@ def test_non_members_garbage_bad_hellos_and_guessed_keys_are_refused_and_counted
 
 
 @pytest.mark.timeout(240)
+def test_a_member_cannot_take_a_live_neighbours_address(layer: Layer, peer: Peer) -> None:
+    """A rogue knowing the layer key claims n2's address on a data link to n1: its member key is not
+    the one n2's address is bound to, so n1 refuses it and keeps n2's link. A new address of its own
+    it may take."""
+    a, b = layer.a, layer.b
+    n2 = b.address("n2")
+    refused = a.counter("n1", "handshake_auth")
+    with legit_pings(b) as failures:
+        for component in (um.DT, um.MGMT):
+            f, _, _ = peer.member(component, addr=n2)  # done on its side; n1 checks its proof
+            refusal = um.CODEC.decode(f.read()).msg  # then refuses it, and closes the flow
+            assert isinstance(refusal, um.Refuse) and "belongs to another member key" in refusal.error
+            f.close()
+        wait_for(lambda: a.counter("n1", "handshake_auth") >= refused + 2, 30, "n1 to count the refusals")
+        f, _, _ = peer.member(um.MGMT, addr=ROGUE)  # a member at an address of its own
+        f.close()
+    assert not failures, failures
+    rows = {row[1]: row[2] for row in a.info("n1")["neighbours"]}
+    assert rows["n2"] == "dt mgmt", rows
+
+
+@pytest.mark.timeout(240)
 def test_silent_handshakes_by_the_hundred_are_bounded_and_time_out(layer: Layer, peer: Peer) -> None:
     a, b = layer.a, layer.b
     n1 = a.irmd.ipcp_pid("n1")

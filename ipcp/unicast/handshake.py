@@ -1,16 +1,20 @@
 """The handshake that opens every N-1 flow of a unicast layer (enrollment, management, data
 transfer), sans-IO: hello, hello back, proof; with a layer key, an authenticated key exchange.
 
-Initiator: Hello(nonce, ephemeral) ->; <- Hello(nonce, ephemeral, confirmation); Proof ->.
-Each side's confirmation covers both hellos, so names, addresses, layer and component are bound
-to the session; a non-member can neither confirm nor forge. Without a key the same three
-messages carry no secrets: the layer is open. After it, SDUs are sealed (auth.Sealer/Opener).
+Initiator: Hello(nonce, ephemeral, key) ->; <- Hello(nonce, ephemeral, key, confirmation,
+signature); Proof(confirmation, signature) ->. Each side's confirmation covers both hellos, so
+names, addresses, layer and component are bound to the session; a non-member can neither confirm
+nor forge. Each side also signs both hellos with its member key, the one its address is bound to
+(auth.Bindings): a member, or anyone in an open layer, cannot take a live member's address. Without
+a layer key the messages carry no secrets: the layer is open. After it, SDUs are sealed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import os
+from collections.abc import Callable
 
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
@@ -56,6 +60,7 @@ class Peer:
     addr: int
     sealer: auth.Sealer | None
     opener: auth.Opener | None
+    pub: bytes = b""  # its member key, proved by its signature
 
 
 class Refused(Exception):
@@ -87,7 +92,12 @@ class Handshake(TimedCore):
         psk: bytes | None,
         now: float,
         max_addr: int = um.ADDR_SPACE - 1,
+        identity: auth.Identity | None = None,
+        owner_of: Callable[[int], bytes | None] | None = None,
     ) -> None:
+        """`identity`: the member key this end signs with (a fresh one for a would-be member);
+        `owner_of(addr)`: the member key an address is bound to, if any (a peer claiming it with
+        another key is refused)."""
         super().__init__(now + TIMEOUT)
         self.initiator = initiator
         self.component, self.name, self.layer, self.addr = component, name, layer, addr
@@ -97,7 +107,11 @@ class Handshake(TimedCore):
         self.peer: Peer | None = None
         self.error: Refused | None = None
         self._kex = auth.KeyExchange(psk) if psk is not None else None
-        self._hello: um.Hello | None = None  # ours, as sent
+        self.identity = identity or auth.Identity.generate()
+        self._owner_of = owner_of or (lambda addr: None)
+        self._nonce = self._kex.nonce if self._kex else os.urandom(auth.NONCE)
+        self._hello: um.Hello | None = None  # ours, as sent (the initiator's, at the responder)
+        self._transcript = b""
         self._session: auth.Session | None = None
 
     @property
@@ -107,12 +121,21 @@ class Handshake(TimedCore):
     def expire(self) -> None:
         self._fail(Refused(m.ETIMEDOUT, "the peer did not finish the handshake in time"), tell=False)
 
+    def _own_hello(self) -> um.Hello:
+        kex = self._kex
+        return um.Hello(
+            self.component,
+            self.name,
+            self.layer,
+            self.addr,
+            self._nonce,
+            kex.eph if kex else b"",
+            pub=self.identity.pub,
+        )
+
     def start(self) -> None:
         self.machine.fire(Event.START)
-        kex = self._kex
-        self._hello = um.Hello(
-            self.component, self.name, self.layer, self.addr, kex.nonce if kex else b"", kex.eph if kex else b""
-        )
+        self._hello = self._own_hello()
         self._out.append(um.CODEC.encode(self._hello))
 
     def receive(self, sdu: bytes, now: float) -> None:
@@ -151,15 +174,17 @@ class Handshake(TimedCore):
             raise Refused(m.EINVAL, f"no address of this layer (1 to {self.max_addr})")
         if self.layer and hello.layer and hello.layer != self.layer:
             raise Refused(m.EINVAL, f"the peer is in layer {hello.layer[:80]!r}, not {self.layer!r}")
-        keyed = bool(hello.eph or hello.nonce)
+        keyed = bool(hello.eph)
         if keyed != (self.psk is not None):
             why = "the layer needs a key" if self.psk is not None else "the layer is open: it has no key"
             raise Refused(m.EPERM, why)
-        if keyed and (len(hello.nonce) != auth.NONCE or len(hello.eph) != auth.EPH):
+        if len(hello.nonce) != auth.NONCE or (keyed and len(hello.eph) != auth.EPH):
             raise Refused(m.EPROTO, "malformed key exchange")
+        if len(hello.pub) != auth.PUB:
+            raise Refused(m.EPERM, "no member key")
 
     def _on_hello(self, hello: um.Hello) -> None:
-        self._check(dataclasses.replace(hello, mac=b""))
+        self._check(hello)
         if self.initiator:
             assert self._hello is not None
             self._complete(self._hello, hello)
@@ -170,32 +195,49 @@ class Handshake(TimedCore):
                     raise Refused(m.EPERM, f"refused: the layer key does not match the peer's ({e})") from None
             elif hello.mac:
                 raise Refused(m.EPROTO, "a confirmation in an open layer")
-            self._out.append(
-                um.CODEC.encode(um.Proof(self._session.confirmation(b"initiator") if self._session else b""))
-            )
+            self._prove_member(hello, b"responder", hello.sig)
+            confirmation = self._session.confirmation(b"initiator") if self._session else b""
+            sig = self.identity.sign(b"initiator" + self._transcript)
+            self._out.append(um.CODEC.encode(um.Proof(confirmation, sig)))
             self.machine.fire(Event.HELLO)
             self._up(hello)
             return
-        kex = self._kex
         self.component = self.component or hello.component
-        reply = um.Hello(
-            self.component, self.name, self.layer, self.addr, kex.nonce if kex else b"", kex.eph if kex else b""
-        )
+        reply = self._own_hello()
         self._complete(hello, reply)
-        if self._session is not None:
-            reply = dataclasses.replace(reply, mac=self._session.confirmation(b"responder"))
+        reply = dataclasses.replace(
+            reply,
+            mac=self._session.confirmation(b"responder") if self._session else b"",
+            sig=self.identity.sign(b"responder" + self._transcript),
+        )
         self._hello = hello  # the initiator's: whom we are talking to
         self._out.append(um.CODEC.encode(reply))
         self.machine.fire(Event.HELLO)
 
     def _complete(self, init: um.Hello, resp: um.Hello) -> None:
+        """Both hellos known: the transcript both ends confirm and sign, and with a layer key the session."""
+        self._transcript = um.CODEC.encode(dataclasses.replace(init, mac=b"", sig=b"")) + um.CODEC.encode(
+            dataclasses.replace(resp, mac=b"", sig=b"")
+        )
         if self._kex is None:
             return
-        transcript = um.CODEC.encode(init) + um.CODEC.encode(dataclasses.replace(resp, mac=b""))
         try:
-            self._session = self._kex.complete(resp.eph if self.initiator else init.eph, transcript, self.initiator)
+            self._session = self._kex.complete(
+                resp.eph if self.initiator else init.eph, self._transcript, self.initiator
+            )
         except auth.Forged as e:
             raise Refused(m.EPERM, str(e)) from None
+
+    def _prove_member(self, hello: um.Hello, role: bytes, sig: bytes) -> None:
+        """The peer signed this handshake with the key in its hello, and that key may speak for the
+        address it claims (the one bound to it, if any)."""
+        try:
+            auth.verify(hello.pub, role + self._transcript, sig)
+        except auth.Forged as e:
+            raise Refused(m.EPERM, f"the peer does not prove its member key ({e})") from None
+        held = self._owner_of(hello.addr) if hello.addr else None
+        if held is not None and held != hello.pub:
+            raise Refused(m.EPERM, f"address {hello.addr} belongs to another member key")
 
     def _on_proof(self, proof: um.Proof) -> None:
         if self._session is not None:
@@ -203,8 +245,9 @@ class Handshake(TimedCore):
                 self._session.check(b"initiator", proof.mac)
             except auth.Forged as e:
                 raise Refused(m.EPERM, f"the peer does not prove the layer key ({e})") from None
-        self.machine.fire(Event.PROOF)
         assert self._hello is not None
+        self._prove_member(self._hello, b"initiator", proof.sig)
+        self.machine.fire(Event.PROOF)
         self._up(self._hello)
 
     def _up(self, hello: um.Hello) -> None:
@@ -216,4 +259,5 @@ class Handshake(TimedCore):
             hello.addr,
             auth.Sealer(s.tx) if s else None,
             auth.Opener(s.rx) if s else None,
+            hello.pub,
         )

@@ -325,7 +325,18 @@ class UnicastIpcp(Ipcp):
                 spec = dataclasses.replace(spec, timeout=0)
             af = await self._alloc_n1(dst, spec, "connect")
             adj = Adjacency(
-                Handshake(True, comp, self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
+                Handshake(
+                    True,
+                    comp,
+                    self.name,
+                    self.layer,
+                    self.addr,
+                    self.psk,
+                    time.monotonic(),
+                    self.max_addr,
+                    self.identity,
+                    self._key_of,
+                )
             )
             try:
                 await self._drive(af, adj)
@@ -363,7 +374,18 @@ class UnicastIpcp(Ipcp):
         """A member below reached us: it enrolls, or connects a component."""
         self._handshakes += 1
         adj = Adjacency(
-            Handshake(False, "", self.name, self.layer, self.addr, self.psk, time.monotonic(), self.max_addr)
+            Handshake(
+                False,
+                "",
+                self.name,
+                self.layer,
+                self.addr,
+                self.psk,
+                time.monotonic(),
+                self.max_addr,
+                self.identity,
+                self._key_of,
+            )
         )
         try:
             await self._drive(af, adj)
@@ -401,9 +423,21 @@ class UnicastIpcp(Ipcp):
             core.closed() if not core.done else None
             af.close()
 
+    def _key_of(self, addr: int) -> bytes | None:
+        """The member key `addr` is bound to (by its LSUs), if any."""
+        return self.lsdb.bindings.by_addr.get(addr) if self.lsdb is not None else None
+
     def _add_link(self, peer: Peer, af: AsyncFlow) -> None:
         assert self.dt is not None and self.lsdb is not None
         comp = peer.component
+        nb = self.neighbours.get(peer.addr)
+        live = nb.links.get(comp) if nb is not None else None
+        if live is not None and live[1].pub != peer.pub:
+            # Before its LSUs bind its key, a live neighbour's link is still its own: not another key's.
+            self.stats["handshake_auth"] += 1
+            log.info("%s: refused %s for address %d: another member key holds that link", self.name, comp, peer.addr)
+            af.close()
+            return
         link = (af, peer)
         old = self.neighbours.add(peer.addr, peer.name, comp, link)
         if old is not None:

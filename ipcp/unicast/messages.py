@@ -55,18 +55,21 @@ class Hello(Addressed):
     name: str
     layer: str = ""
     addr: int = 0
-    nonce: bytes = b""  # with a layer key: this end's fresh nonce ...
-    eph: bytes = b""  # ... and X25519 ephemeral for the key exchange (ipcp.unicast.auth)
+    nonce: bytes = b""  # this end's fresh nonce: what the other signs is of this handshake only
+    eph: bytes = b""  # with a layer key: X25519 ephemeral for the key exchange (ipcp.unicast.auth)
     mac: bytes = b""  # the responder's confirmation of the exchange (its reply only)
+    pub: bytes = b""  # the member key this end speaks with (the one its address is bound to)
+    sig: bytes = b""  # the responder's signature of both hellos with it (its reply only)
 
 
 @reg
 @dataclass
 class Proof(Message):
-    """The initiator's confirmation of the key exchange: it knows the layer key."""
+    """The initiator's confirmation of the key exchange (it knows the layer key) and of its member key."""
 
     TYPE: ClassVar[int] = 101
     mac: bytes
+    sig: bytes = b""  # the initiator's signature of both hellos with its member key
 
 
 @reg

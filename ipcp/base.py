@@ -116,12 +116,13 @@ class Ipcp:
 
     # -- services for subclasses ---------------------------------------------
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a coroutine in the background, held until done, cancelled at stop; an error it
         does not handle ends the process (supervised: nothing fails unseen)."""
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
+        return task
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

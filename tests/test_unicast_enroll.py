@@ -16,7 +16,7 @@ from ipcp.unicast.auth import Identity, layer_psk
 from ipcp.unicast.connmgr import Adjacency, AdjState, AutoConnect, Neighbours
 from ipcp.unicast.enroll import Enrollee, EnrolleeState, Enroller, EnrollerEvent, EnrollerState
 from ipcp.unicast.fsm import IllegalTransition
-from ipcp.unicast.handshake import TIMEOUT, Handshake, Peer
+from ipcp.unicast.handshake import FIRST_HELLO, TIMEOUT, Handshake, Peer
 
 KEY = "s3cret"
 INFO = um.EnrollInfo("net", {"addr": "4", "routing": "lfa"}, [5, 9], name="n1")
@@ -167,6 +167,17 @@ def test_an_address_bound_to_a_member_key_is_taken_only_with_that_key(key: str |
     again.pop_out()  # a new nonce: the recorded proof is for another handshake anyway
     again.receive(forged, 0.0)
     assert again.state is AdjState.FAILED and again.error is not None and again.error.code == "EPERM"
+
+
+def test_an_acceptor_waits_briefly_for_the_first_hello_then_the_whole_handshake() -> None:
+    """A flow opened and left silent holds a greeting FIRST_HELLO s; one that speaks has TIMEOUT."""
+    silent = acceptor()
+    assert silent.silent and silent.get_timer() == FIRST_HELLO
+    silent.handle_timer(FIRST_HELLO)
+    assert silent.state is AdjState.FAILED and silent.error is not None and silent.error.code == "ETIMEDOUT"
+    init, resp = Adjacency(Handshake(True, um.DT, "n2", "net", 9, layer_psk(KEY), 0.0)), acceptor()
+    resp.receive(init.pop_out()[0], 1.0)
+    assert not resp.silent and resp.get_timer() == TIMEOUT
 
 
 @pytest.mark.parametrize(("layer", "addr", "why"), [("other", 9, "not 'net'"), ("net", 5, "itself")])

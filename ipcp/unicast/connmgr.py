@@ -69,6 +69,11 @@ class Adjacency:
         return self.machine.state
 
     @property
+    def silent(self) -> bool:
+        """An acceptor whose peer has said nothing yet."""
+        return self._hs.silent
+
+    @property
     def done(self) -> bool:
         """The handshake is over, one way or the other."""
         return self.machine.state is not AdjState.CONNECTING

@@ -23,6 +23,7 @@ from proto import messages as m
 from transports.wire import Message, WireError
 
 TIMEOUT = 10.0  # seconds a handshake may take
+FIRST_HELLO = 2.0  # seconds a responder waits for the first hello: a silent flow holds a slot no longer
 COMPONENTS = (um.ENROLL, um.MGMT, um.DT)
 
 
@@ -98,7 +99,8 @@ class Handshake(TimedCore):
         """`identity`: the member key this end signs with (a fresh one for a would-be member);
         `owner_of(addr)`: the member key an address is bound to, if any (a peer claiming it with
         another key is refused)."""
-        super().__init__(now + TIMEOUT)
+        super().__init__(now + (TIMEOUT if initiator else min(FIRST_HELLO, TIMEOUT)))
+        self._began = now
         self.initiator = initiator
         self.component, self.name, self.layer, self.addr = component, name, layer, addr
         self.max_addr = max_addr  # the layer's widest address: a peer claiming a wider one is refused
@@ -117,6 +119,11 @@ class Handshake(TimedCore):
     @property
     def done(self) -> bool:
         return self.machine.state in (State.UP, State.FAILED)
+
+    @property
+    def silent(self) -> bool:
+        """A responder that has heard nothing yet."""
+        return not self.initiator and self.machine.state is State.IDLE
 
     def expire(self) -> None:
         self._fail(Refused(m.ETIMEDOUT, "the peer did not finish the handshake in time"), tell=False)
@@ -202,6 +209,7 @@ class Handshake(TimedCore):
             self.machine.fire(Event.HELLO)
             self._up(hello)
             return
+        self.deadline = self._began + TIMEOUT  # it spoke: the whole handshake's time
         self.component = self.component or hello.component
         reply = self._own_hello()
         self._complete(hello, reply)

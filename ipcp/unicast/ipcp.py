@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -49,7 +50,7 @@ DROPPED = RateLog(logger=log)  # forged LSUs: a neighbour can send them by the t
 
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
-MAX_HANDSHAKES = 32  # N-1 flows being greeted at once; more are closed unanswered
+MAX_HANDSHAKES = 32  # N-1 flows being greeted at once; past it the oldest silent one gives way
 # `connect` answers once the new neighbour is routed, so a name lookup right after it can ask it;
 # past this it answers anyway (the layer's routing settles on its own).
 ROUTED_WAIT = 2.0
@@ -132,6 +133,10 @@ def _free_address(members: set[int], max_addr: int) -> int:
     return next(a for a in range(1, max_addr + 1) if a not in members)
 
 
+def _close_after(af: AsyncFlow, _: object) -> None:
+    af.close()
+
+
 class UnicastIpcp(Ipcp):
     type = "unicast"
     dt_class = Dt
@@ -157,7 +162,8 @@ class UnicastIpcp(Ipcp):
         self.stats: collections.Counter[str] = collections.Counter()  # enrollment, handshakes, drops
         self._allocs: dict[int, asyncio.Future[Alloc]] = {}
         self._lookups: dict[bytes, list[asyncio.Future[list[int]]]] = {}
-        self._handshakes = 0
+        # N-1 flows being greeted, oldest first: their handshakes and the tasks that drive them
+        self._greeting: dict[AsyncFlow, tuple[Adjacency, asyncio.Task[Any]]] = {}
         self._mgmt_in: collections.deque[bytes] = collections.deque()  # from the DT thread
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -364,33 +370,48 @@ class UnicastIpcp(Ipcp):
             return
         for reply, fd in arrived:
             af = AsyncFlow(Flow(reply, fd, irm))
-            if self._handshakes >= MAX_HANDSHAKES or len(self.neighbours) >= MAX_NEIGHBOURS:
+            if len(self.neighbours) >= MAX_NEIGHBOURS or (
+                len(self._greeting) >= MAX_HANDSHAKES and not self._evict_silent()
+            ):
                 self.stats["greet_refused"] += 1
                 af.close()
                 continue
-            self.spawn(self._greet(af))
-
-    async def _greet(self, af: AsyncFlow) -> None:
-        """A member below reached us: it enrolls, or connects a component."""
-        self._handshakes += 1
-        adj = Adjacency(
-            Handshake(
-                False,
-                "",
-                self.name,
-                self.layer,
-                self.addr,
-                self.psk,
-                time.monotonic(),
-                self.max_addr,
-                self.identity,
-                self._key_of,
+            adj = Adjacency(
+                Handshake(
+                    False,
+                    "",
+                    self.name,
+                    self.layer,
+                    self.addr,
+                    self.psk,
+                    time.monotonic(),
+                    self.max_addr,
+                    self.identity,
+                    self._key_of,
+                )
             )
-        )
+            self._greeting[af] = (adj, self.spawn(self._greet(af, adj)))
+
+    def _evict_silent(self) -> bool:
+        """Close the oldest greeting whose peer has said nothing: flows opened and left silent must
+        not keep members from enrolling or connecting. False if every one is under way."""
+        for af, (adj, task) in self._greeting.items():
+            if adj.silent:
+                del self._greeting[af]
+                # The flow is closed once its task has let go of it: closed under a pending read, its
+                # descriptor's number would come back as the next flow's with the old reader on it.
+                task.cancel()
+                task.add_done_callback(functools.partial(_close_after, af))
+                self.stats["greet_evicted"] += 1
+                return True
+        return False
+
+    async def _greet(self, af: AsyncFlow, adj: Adjacency) -> None:
+        """A member below reached us: it enrolls, or connects a component."""
         try:
             await self._drive(af, adj)
         finally:
-            self._handshakes -= 1
+            self._greeting.pop(af, None)
         peer = adj.peer
         if peer is None:
             self.stats["handshake_auth" if adj.error and adj.error.code == m.EPERM else "handshake_failed"] += 1

@@ -390,6 +390,27 @@ def test_dir_a_replayed_store_never_undoes_a_newer_one() -> None:
     assert d.local(KEY, 3.0) == [2]
 
 
+def test_dir_a_members_removals_by_the_thousand_never_make_room_for_anothers_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Removals cost a member no entry, only a seqno kept: past its share it forgets its own oldest,
+    never another's withdrawal (whose old store would then be taken again)."""
+    monkeypatch.setattr(dir_mod, "SEQS_PER_MEMBER", 8, raising=False)
+    monkeypatch.setattr(dir_mod, "MAX_ENTRIES", 4)  # (a small layer-wide bound: the seqnos' once followed it)
+    d = Directory(1)
+    for a in (2, 3):
+        d.bindings.admit(a, "", ident_of(a).pub)
+    d.set_members([1, 2, 3], 0.0)
+    registered = store(2, KEY, 100.0, seq=5)
+    d.receive(registered, 0.0)
+    d.receive(store(2, KEY, 0.0, seq=6), 1.0)  # the victim withdraws
+    for i in range(50):  # the bad member's signed removals of keys it never held
+        d.receive(store(3, hashlib.sha256(b"%d" % i).digest(), 0.0, seq=1), 2.0)
+    assert len([slot for slot in d.seqs if slot[1] == 3]) == 8
+    d.receive(registered, 3.0)  # the victim's old store, replayed
+    assert d.local(KEY, 3.0) is None
+
+
 def test_dir_holders_replicate_the_signed_store_to_new_homes() -> None:
     dht = Dht(ADDRS[:4], t_replicate=60.0, t_refresh=1e9)
     dht.register(3, KEY)

@@ -25,6 +25,8 @@ LOOKUP_TIMEOUT = 2.0
 CACHE_TTL = 10.0
 MAX_ENTRIES = 16384  # (key, address) entries a member holds for the layer
 MAX_PER_MEMBER = 1024  # ... of which one member's
+SEQS_PER_MEMBER = 2 * MAX_PER_MEMBER  # a member's store seqnos kept (its removals too), of its own slots
+MAX_SEQS = 4 * MAX_ENTRIES  # all members' together: past it the oldest goes
 MAX_LOOKUPS = 1024  # lookups under way at once
 MAX_KEY = 64  # bytes of a name hash (SHA3-512)
 MAX_FOUND = 16  # signed stores in one lookup answer
@@ -83,6 +85,7 @@ class Directory:
         self._homes: dict[bytes, list[int]] = {}  # ... and the members it was last sent to
         self.store: dict[bytes, dict[int, _Held]] = {}  # key -> {addr: entry} held for the layer
         self.seqs: dict[tuple[bytes, int], int] = {}  # newest store seen per (key, addr), removals too
+        self._seq_keys: dict[int, dict[bytes, None]] = {}  # the keys of each member's seqs, oldest first
         self.cache: dict[bytes, tuple[list[int], float]] = {}
         self.forged = 0  # stores refused: unsigned, signed by another key, or for another's address
         self.refused = 0  # stores refused for bounds
@@ -261,8 +264,8 @@ class Directory:
                 self.refused += 1
                 return
             self._per_member[store.addr] = self._per_member.get(store.addr, 0) + 1
-        if slot not in self.seqs and len(self.seqs) >= 2 * MAX_ENTRIES:
-            self.seqs.pop(next(iter(self.seqs)))  # forget the oldest removal rather than grow
+        if slot not in self.seqs:
+            self._new_seq_slot(store.key, store.addr)
         self.seqs[slot] = store.seq
         if store.ttl <= 0:
             self._drop(store.key, store.addr)
@@ -274,6 +277,21 @@ class Directory:
             self._schedule.discard((old.expiry, store.key, store.addr))  # one expiry per entry, renewed or not
         entries[store.addr] = _Held(store, expiry)
         self._schedule.add((expiry, store.key, store.addr))
+
+    def _new_seq_slot(self, key: bytes, addr: int) -> None:
+        """Room for one more seqno of `addr`'s: a member past its share forgets the oldest of its own
+        removals (never another member's: a withdrawal forgotten would let its old store be replayed)."""
+        keys = self._seq_keys.setdefault(addr, {})
+        if len(keys) >= SEQS_PER_MEMBER:
+            held = self.store
+            old = next((k for k in keys if addr not in held.get(k, {})), next(iter(keys)))
+            del keys[old]
+            self.seqs.pop((old, addr), None)
+        if len(self.seqs) >= MAX_SEQS:  # many members at once (their addresses bound to keys): the oldest
+            old_key, old_addr = next(iter(self.seqs))
+            del self.seqs[(old_key, old_addr)]
+            self._seq_keys.get(old_addr, {}).pop(old_key, None)
+        keys[key] = None
 
     def _drop(self, key: bytes, addr: int) -> None:
         entries = self.store.get(key)

@@ -136,6 +136,9 @@ def test_frames_from_a_group_zero_or_our_own_source_address_are_dropped() -> Non
         assert DIX.parse(sent(DIX, eth.EthFraming(src).header(OWN, 0), b"x"), None) is None
         assert LLC.parse(sent(LLC, eth.LlcFraming(src).header(OWN, 2, 3), b"x"), None) is None
     assert DIX.parse(sent(DIX, eth.EthFraming(PEER).header(OWN, 0), b"x"), None) is not None
+    on_lo = eth.EthFraming(eth.ZERO_MAC)  # a loopback interface: every end is all zeros
+    assert on_lo.parse(sent(on_lo, eth.EthFraming(eth.ZERO_MAC).header(eth.ZERO_MAC, 0), b"x"), None) is not None
+    assert on_lo.parse(sent(on_lo, eth.EthFraming(eth.BROADCAST).header(eth.ZERO_MAC, 0), b"x"), None) is None
 
 
 def test_the_llc_saps_are_ouroboros_s_individual_and_bit_reversed_on_the_wire() -> None:

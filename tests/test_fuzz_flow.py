@@ -157,10 +157,10 @@ def test_bent_data_frames_and_member_lists_parse_or_are_dropped() -> None:
 
     own, peer = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
     dix, llc = eth.EthFraming(own), eth.LlcFraming(own)
-    llc_hdr = llc.header(own, 5, 6)  # the length goes between the addresses and the SAPs
+    llc_hdr = eth.LlcFraming(peer).header(own, 5, 6)  # the length goes between the addresses and the SAPs
     members = b"".join(udp.encode_addr(a) for a in (("10.0.0.1", 3435), ("::1", 1), ("224.0.0.1", 5)))
     corpus = [
-        dix.header(own, 7) + eth.LEN.pack(3) + b"abc",
+        eth.EthFraming(peer).header(own, 7) + eth.LEN.pack(3) + b"abc",
         llc_hdr[:12] + eth.LEN.pack(63) + llc_hdr[12:] + b"xyz" * 20,
         udp.EID.pack(9) + b"sdu",
         members,

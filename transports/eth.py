@@ -188,8 +188,9 @@ def llc_frame(dst: bytes, src: bytes, payload: bytes, sap: int = MGMT_WIRE_SAP) 
 
 def unicast_peer(src: bytes, own: bytes) -> bool:
     """Whether a frame's source can be a peer: not a group address (a flow to it would answer every
-    host on the link), not all zeros, not ourselves."""
-    return not src[0] & 1 and src != ZERO_MAC and src != own
+    host on the link); not all zeros, nor ourselves, unless we are all zeros: on a loopback interface
+    (the tutorials' `lo`) every end has that address."""
+    return not src[0] & 1 and (own == ZERO_MAC or (src != ZERO_MAC and src != own))
 
 
 class EthFraming:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import stat
 import struct
 
 SHEBANG_MAX = 256  # bytes of a script's first line we read (Linux reads at most 256 too)
@@ -126,9 +127,12 @@ def read_peer(pid: int, uid: int, gid: int) -> Peer:
 def program_of(path: str) -> Program:
     """What the kernel runs for `path`: the file itself, or the interpreter its #! line names."""
     real = os.path.realpath(path)
-    try:
-        with open(real, "rb") as f:
-            head = f.read(SHEBANG_MAX)
+    try:  # without blocking, and only a regular file: a FIFO there would hold the IRMd's loop
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            head = os.read(fd, SHEBANG_MAX) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
     except OSError:
         head = b""
     if head.startswith(b"\x7fELF"):

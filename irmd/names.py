@@ -48,8 +48,12 @@ class Names:
             check_name(msg.name)
         if msg.kind == "program":
             if msg.bind:
-                if not os.path.isabs(msg.target) or not os.access(msg.target, os.X_OK):
-                    raise InvalidArgument(f"program {msg.target!r} is not an executable absolute path")
+                if (
+                    not os.path.isabs(msg.target)
+                    or not os.path.isfile(msg.target)
+                    or not os.access(msg.target, os.X_OK)
+                ):
+                    raise InvalidArgument(f"program {msg.target!r} is not an executable file's absolute path")
                 self.reg.bind_program(msg.name, msg.target, msg.args, msg.auto, c.uid, program_of(msg.target))
             else:
                 self.reg.unbind_program(msg.target, msg.name)

@@ -74,6 +74,14 @@ def test_a_udp_ipcp_checks_its_address_itself_whoever_asks(irmd: IrmdProc) -> No
     assert all(row["layer"] != "l" for row in irmd.table("ipcp", "list"))
 
 
+def test_binding_a_fifo_as_a_program_is_refused_without_blocking(irmd: IrmdProc, tmp_path: Path) -> None:
+    fifo = tmp_path / "prog"
+    os.mkfifo(fifo, 0o755)  # executable to root, and an open that waits for a writer
+    r = irmd.irm("bind", "program", str(fifo), "name", "x")
+    assert r.returncode == 1 and "is not an executable file" in r.stderr
+    assert irmd.irm_ok("ipcp", "list").returncode == 0
+
+
 def test_request_the_irmd_refuses_exits_nonzero_with_its_reason(irm: IrmFn) -> None:
     r = irm("ipcp", "destroy", "name", "ghost")
     assert r.returncode != 0

@@ -411,6 +411,25 @@ def test_dir_a_members_removals_by_the_thousand_never_make_room_for_anothers_rep
     assert d.local(KEY, 3.0) is None
 
 
+def test_dir_many_members_removals_take_seqnos_from_the_one_holding_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members joining forces past the layer-wide bound: the member holding the most seqnos gives up
+    its oldest, never the victim with its one withdrawal."""
+    monkeypatch.setattr(dir_mod, "SEQS_PER_MEMBER", 8)
+    monkeypatch.setattr(dir_mod, "MAX_SEQS", 16)
+    d = Directory(1)
+    for a in range(2, 6):
+        d.bindings.admit(a, "", ident_of(a).pub)
+    d.set_members(list(range(1, 6)), 0.0)
+    registered = store(2, KEY, 100.0, seq=5)
+    d.receive(registered, 0.0)
+    d.receive(store(2, KEY, 0.0, seq=6), 1.0)
+    for i in range(40):
+        d.receive(store(3 + i % 3, hashlib.sha256(b"%d" % i).digest(), 0.0, seq=1), 2.0)
+    assert len(d.seqs) <= 16 and (KEY, 2) in d.seqs
+    d.receive(registered, 3.0)
+    assert d.local(KEY, 3.0) is None
+
+
 def test_dir_holders_replicate_the_signed_store_to_new_homes() -> None:
     dht = Dht(ADDRS[:4], t_replicate=60.0, t_refresh=1e9)
     dht.register(3, KEY)

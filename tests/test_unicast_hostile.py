@@ -118,7 +118,11 @@ class Peer:
     def member(self, component: str, key: str = KEY, addr: int = ROGUE) -> tuple[Flow, auth.Sealer, auth.Opener]:
         """A completed handshake as a member would do it: the flow and its seals."""
         f = self.flow()
-        adj = Adjacency(Handshake(True, component, "rogue", "net", addr, auth.layer_psk(key), time.monotonic()))
+        adj = Adjacency(
+            Handshake(
+                True, component, "rogue", "net", addr, auth.layer_psk(key), time.monotonic(), identity=rogue_ident
+            )
+        )  # its member key: the one its LSUs are signed with
         while not adj.done:
             for sdu in adj.pop_out():
                 f.write(sdu)
@@ -210,16 +214,34 @@ def test_a_member_cannot_take_a_live_neighbours_address(layer: Layer, peer: Peer
 
 
 @pytest.mark.timeout(240)
+def test_links_made_to_an_address_before_its_key_was_bound_go_once_it_is(layer: Layer, peer: Peer) -> None:
+    """A rogue links first at an address nobody has bound yet; the address's own member then floods
+    its signed LSU: the rogue's links to that address, made with another key, are dropped."""
+    a = layer.a
+    x = 0xBEEF
+    mgmt, msealer, _ = peer.member(um.MGMT, addr=x)  # with the rogue's key
+    wait_for(lambda: "rogue" in a.neighbours("n1"), 10, "n1 to take the rogue's link")
+    owner = auth.Identity.generate()  # the key x belongs to: its LSU reaches n1 (through any member)
+    mgmt.write(msealer.seal_bytes(um.CODEC.encode(signed_lsu(owner, x, "owner", neighbours=[layer.n1]))))
+    wait_for(lambda: "rogue" not in a.neighbours("n1"), 10, "n1 to drop the rogue's link to x")
+    mgmt.close()
+
+
+@pytest.mark.timeout(240)
 def test_silent_handshakes_by_the_hundred_are_bounded_and_time_out(layer: Layer, peer: Peer) -> None:
-    """Flows opened to n1 and left silent hold a greeting 2 s at most, and give way to one that speaks."""
+    """Flows opened to n1 and left silent hold a greeting 2 s at most; those and flows that sent a hello
+    and stopped give way to a newcomer, oldest first."""
     a, b = layer.a, layer.b
     n1 = a.irmd.ipcp_pid("n1")
     mem = rss_kb(n1)
+    hello = um.CODEC.encode(um.Hello(um.DT, "x", "net", 5, os.urandom(32), os.urandom(32), pub=os.urandom(32)))
     with legit_pings(b) as failures:
         flows = []
-        for _ in range(100):
+        for i in range(100):
             with contextlib.suppress(FlowError):
-                flows.append(peer.flow())  # and then say nothing
+                flows.append(peer.flow())  # and then say nothing,
+                if i >= 60:
+                    flows[-1].write(hello)  # or, the last 40, one hello never proved
         wait_for(lambda: a.counter("n1", "greet_evicted") > 0, 30, "n1 to close silent greetings past its bound")
         # A member reaching n1 meanwhile is greeted: a silent one gives way to it (once, only refused).
         f, _, _ = peer.member(um.MGMT, addr=ROGUE)

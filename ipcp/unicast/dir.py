@@ -283,15 +283,17 @@ class Directory:
         removals (never another member's: a withdrawal forgotten would let its old store be replayed)."""
         keys = self._seq_keys.setdefault(addr, {})
         if len(keys) >= SEQS_PER_MEMBER:
-            held = self.store
-            old = next((k for k in keys if addr not in held.get(k, {})), next(iter(keys)))
-            del keys[old]
-            self.seqs.pop((old, addr), None)
-        if len(self.seqs) >= MAX_SEQS:  # many members at once (their addresses bound to keys): the oldest
-            old_key, old_addr = next(iter(self.seqs))
-            del self.seqs[(old_key, old_addr)]
-            self._seq_keys.get(old_addr, {}).pop(old_key, None)
+            self._forget_oldest_seq(addr)
+        if len(self.seqs) >= MAX_SEQS:  # many members at once: the one holding the most gives one up
+            self._forget_oldest_seq(max(self._seq_keys, key=lambda a: len(self._seq_keys[a])))
         keys[key] = None
+
+    def _forget_oldest_seq(self, addr: int) -> None:
+        """Forget `addr`'s oldest seqno of a removal (of an entry held only if it has nothing else)."""
+        keys, held = self._seq_keys[addr], self.store
+        old = next((k for k in keys if addr not in held.get(k, {})), next(iter(keys)))
+        del keys[old]
+        self.seqs.pop((old, addr), None)
 
     def _drop(self, key: bytes, addr: int) -> None:
         entries = self.store.get(key)

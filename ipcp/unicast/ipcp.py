@@ -371,7 +371,7 @@ class UnicastIpcp(Ipcp):
         for reply, fd in arrived:
             af = AsyncFlow(Flow(reply, fd, irm))
             if len(self.neighbours) >= MAX_NEIGHBOURS or (
-                len(self._greeting) >= MAX_HANDSHAKES and not self._evict_silent()
+                len(self._greeting) >= MAX_HANDSHAKES and not self._evict_unproven()
             ):
                 self.stats["greet_refused"] += 1
                 af.close()
@@ -392,19 +392,22 @@ class UnicastIpcp(Ipcp):
             )
             self._greeting[af] = (adj, self.spawn(self._greet(af, adj)))
 
-    def _evict_silent(self) -> bool:
-        """Close the oldest greeting whose peer has said nothing: flows opened and left silent must
-        not keep members from enrolling or connecting. False if every one is under way."""
-        for af, (adj, task) in self._greeting.items():
-            if adj.silent:
-                del self._greeting[af]
-                # The flow is closed once its task has let go of it: closed under a pending read, its
-                # descriptor's number would come back as the next flow's with the old reader on it.
-                task.cancel()
-                task.add_done_callback(functools.partial(_close_after, af))
-                self.stats["greet_evicted"] += 1
-                return True
-        return False
+    def _evict_unproven(self) -> bool:
+        """Close the oldest greeting whose peer has said nothing, else the oldest not yet proved (one
+        hello costs nothing to send): flows opened and left there must not keep members from enrolling
+        or connecting, and a real handshake is done within a round trip. False if all are done."""
+        pending = [(af, adj, task) for af, (adj, task) in self._greeting.items() if not adj.done]
+        victim = next((p for p in pending if p[1].silent), pending[0] if pending else None)
+        if victim is None:
+            return False
+        af, _, task = victim
+        del self._greeting[af]
+        # The flow is closed once its task has let go of it: closed under a pending read, its
+        # descriptor's number would come back as the next flow's with the old reader on it.
+        task.cancel()
+        task.add_done_callback(functools.partial(_close_after, af))
+        self.stats["greet_evicted"] += 1
+        return True
 
     async def _greet(self, af: AsyncFlow, adj: Adjacency) -> None:
         """A member below reached us: it enrolls, or connects a component."""
@@ -452,13 +455,16 @@ class UnicastIpcp(Ipcp):
         assert self.dt is not None and self.lsdb is not None
         comp = peer.component
         nb = self.neighbours.get(peer.addr)
-        live = nb.links.get(comp) if nb is not None else None
-        if live is not None and live[1].pub != peer.pub:
-            # Before its LSUs bind its key, a live neighbour's link is still its own: not another key's.
-            self.stats["handshake_auth"] += 1
-            log.info("%s: refused %s for address %d: another member key holds that link", self.name, comp, peer.addr)
-            af.close()
-            return
+        others = [c for c, (_, p) in (nb.links.items() if nb is not None else ()) if p.pub != peer.pub]
+        if others:
+            if self._key_of(peer.addr) != peer.pub:
+                # Before its LSUs bind its key, a live neighbour's links are still its own: not another key's.
+                self.stats["handshake_auth"] += 1
+                log.info("%s: refused %s for address %d: another member key holds it", self.name, comp, peer.addr)
+                af.close()
+                return
+            for c in others:  # the key the address is bound to takes it back from whoever linked first
+                self._drop_link(peer.addr, c)
         link = (af, peer)
         old = self.neighbours.add(peer.addr, peer.name, comp, link)
         if old is not None:
@@ -517,7 +523,16 @@ class UnicastIpcp(Ipcp):
                 continue
             if news:
                 self._flood(msg, exclude=peer.addr)
+                self._drop_links_of_other_keys(msg.src)
                 self._after(now)
+
+    def _drop_links_of_other_keys(self, addr: int) -> None:
+        """`addr` is now bound to a key (its LSU): links to it made with another key before that go."""
+        nb, bound = self.neighbours.get(addr), self._key_of(addr)
+        for comp, (_, p) in list(nb.links.items()) if nb is not None and bound is not None else ():
+            if p.pub != bound:
+                self.stats["handshake_auth"] += 1
+                self._drop_link(addr, comp)
 
     @staticmethod
     def _write_mgmt(af: AsyncFlow, peer: Peer, msg: Message) -> None:

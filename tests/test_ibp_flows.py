@@ -45,8 +45,8 @@ def depots(irmd: IrmdProc, local_layer: str, tmp_path: Path, default_client: Non
             try:
                 with Connection(name, timeout=2) as c:
                     return bool(c.status())
-            except w.IbpError:
-                return False
+            except w.IbpError as e:
+                return e.status == w.IBP_E_WRONG_PASSWD  # it answers: started with its own --password
 
         wait_for(up, 15, f"depot {name}", interval=0.1)
         return proc
@@ -222,7 +222,8 @@ def test_plain_tcp_client_speaks_the_text_protocol(tcp_depot: int) -> None:
         assert ask(f, b"1 42 nonsense\n")[0] == b"-25"
         assert ask(f, f"1 8 {r.key} {r.typekey} 0 99 10\n".encode())[0] == b"-19"  # past the end
         assert ask(f, b"0 8 a b 0 1 10\n")[0] == b"-27"
-        n = int(ask(f, b"1 4 0 1 - 10\n")[1])
+        assert ask(f, b"1 4 0 1 - 10\n")[0] == b"-29"  # L-Store's depot wants its password
+        n = int(ask(f, b"1 4 0 1 IBPch@ngem3 10\n")[1])
         assert b" CT:1073741824 " in f.read(n)
     # The capability handed out over TCP works with the library too.
     with Connection(f"127.0.0.1:{tcp_depot}", timeout=10) as c:

@@ -309,7 +309,7 @@ count = int(sys.argv[4])
 socks, answers = [], []
 for _ in range(count):
     s = conn()
-    s.sendall(b'1 4 0 1 x 5\n')
+    s.sendall(b'1 4 0 1 IBPch@ngem3 5\n')
     socks.append(s)
 for s in socks:
     answers.append(first_line(s).split(' ')[0])
@@ -362,8 +362,8 @@ s4.close()
 # Asked on a new connection: `s` has been idle through all that, and a loaded depot that has not yet
 # seen the others go may make it give way to them (four per client) or time it out (6 s).
 s5 = conn()
-s5.sendall(('1 8 %s %s 0 0 5\n' % (key, rkey)).encode())
-print('size', first_line(s5).split()[1])
+s5.sendall(('1 8 %s %s 3000000 1 5\n' % (key, rkey)).encode())
+print('past the end', first_line(s5).split()[0])
 """
 )
 
@@ -373,7 +373,7 @@ def test_hang_ups_mid_request_cost_nothing(depot: Depot) -> None:
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("store 1 |") and lines[0].endswith("1 3000000")
-    assert lines[1] == "size 3000000"  # the half store left nothing; the whole one is all there
+    assert lines[1] == "past the end -19"  # the half store left nothing; the whole one is all there
     assert depot.alive()
     assert depot.served() < LEGIT_WAIT
 

@@ -15,7 +15,8 @@ from helpers import free_port
 from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
 
 IBPv040, IBP_ALLOCATE, IBP_STORE, IBP_STATUS, IBP_SEND, IBP_LOAD, IBP_MANAGE, IBP_WRITE = 1, 1, 2, 4, 5, 8, 9, 13
-IBP_PROBE, IBP_INCR, IBP_DECR, IBP_CHNG = 40, 41, 42, 43
+IBP_PROBE, IBP_INCR, IBP_DECR, IBP_CHNG, IBP_TRUNCATE = 40, 41, 42, 43, 45
+IBP_PUSH, IBP_PULL, IBP_TCP = 20, 21, 1
 IBP_ST_INQ, IBP_ST_RES, IBP_ST_VERSION = 1, 3, 5
 IBP_READCAP, IBP_WRITECAP, IBP_MANAGECAP = 1, 2, 3
 IBP_SOFT, IBP_HARD, IBP_BYTEARRAY = 1, 2, 1
@@ -120,6 +121,37 @@ class LStore:
         toks = self.readline().split(" ")
         status, nbytes = atoi(toks[0]), int(atof(toks[1] if len(toks) > 1 else ""))
         return status if status != IBP_OK or nbytes == size else -1
+
+    # pushpull_command (path "" for TCP: two spaces) / copy_recv
+    def pushpull(self, cmd: int, srccap: str, destcap: str, src_offset: int, dest_offset: int, size: int) -> int:
+        _, _, key, typekey = parse_cap(srccap)
+        self.send_command(
+            "%d %d %d %s %s %s %s %d %d %d %d %d %d\n"
+            % (
+                IBPv040,
+                cmd,
+                IBP_TCP,
+                "",
+                key,
+                destcap,
+                typekey,
+                src_offset,
+                dest_offset,
+                size,
+                TIMEOUT,
+                TIMEOUT,
+                TIMEOUT,
+            )
+        )
+        toks = self.readline().split(" ")
+        status, nbytes = atoi(toks[0]), int(atof(toks[1] if len(toks) > 1 else ""))
+        return status if status != IBP_OK or nbytes == size else -1
+
+    # truncate_command / status_get_recv
+    def truncate(self, mcap: str, size: int) -> int:
+        _, _, key, typekey = parse_cap(mcap)
+        self.send_command("%d %d %s %s %d %d %d\n" % (IBPv040, IBP_MANAGE, key, typekey, IBP_TRUNCATE, size, TIMEOUT))
+        return atoi(self.readline().split(" ")[0])
 
     # modify_count_command / status_get_recv
     def count(self, mcap: str, mode: int, captype: int) -> int:
@@ -233,10 +265,11 @@ def test_manage_probe_incr_decr_change(lstore: LStore) -> None:
     lstore.store(wcap, b"abc")
     status, p = lstore.probe(mcap)
     assert status == IBP_OK
-    assert (p["readRefCount"], p["writeRefCount"], p["currentSize"], p["maxSize"]) == (1, 1, 3, 100)
+    assert (p["readRefCount"], p["writeRefCount"], p["currentSize"], p["maxSize"]) == (1, 0, 3, 100)
     assert (p["reliability"], p["type"]) == (IBP_SOFT, IBP_BYTEARRAY)
     assert 590 <= p["duration"] - time.time() <= 601
     assert lstore.count(mcap, IBP_INCR, IBP_READCAP) == IBP_OK
+    assert lstore.count(mcap, IBP_INCR, IBP_WRITECAP) == IBP_OK
     assert lstore.count(mcap, IBP_DECR, IBP_WRITECAP) == IBP_OK
     assert lstore.probe(mcap)[1]["readRefCount"] == 2 and lstore.probe(mcap)[1]["writeRefCount"] == 0
     # ibp_modify_alloc: an absolute expiry an hour away, a new size, HARD.
@@ -253,7 +286,7 @@ def test_manage_probe_incr_decr_change(lstore: LStore) -> None:
 
 def test_status_inq_version_and_resources(lstore: LStore) -> None:
     lstore.allocate("0", IBP_HARD, IBP_BYTEARRAY, 600, 4096)
-    status, di = lstore.inq("0", "ibp")
+    status, di = lstore.inq("0", "IBPch@ngem3")  # L-Store's default password (ibp_server.h)
     assert status == IBP_OK
     assert di["VS"] == "1.4" and di["RID"] == "0" and di["DT"] == "1" and di["RT"] == "1"
     assert int(di["CT"]) == 1 << 30 and int(di["UT"]) == 4096 and int(di["UH"]) == 4096
@@ -262,7 +295,7 @@ def test_status_inq_version_and_resources(lstore: LStore) -> None:
     assert status == IBP_OK and lines[0].startswith("ouroboros-py IBP depot")
     assert any(ln.startswith("client_connections ") for ln in lines)
     assert lstore.resources() == (IBP_OK, ["0"])
-    assert lstore.inq("9", "ibp")[0] == -50  # no such resource
+    assert lstore.inq("9", "IBPch@ngem3")[0] == -50  # no such resource
 
 
 def test_bare_keys_still_work(lstore: LStore) -> None:

@@ -88,18 +88,19 @@ def test_a_load_sends_its_status_with_the_first_bytes(server: srv.DepotServer) -
     r, wc = allocate(server, len(data))
     server.handle(Scripted([data]), request(w.Store(wc.key, wc.typekey, len(data), 30, wc.rid)), "d")
     stream = Scripted([])
-    assert server.handle(stream, request(w.Load(r.key, r.typekey, 0, 0, 30, r.rid)), "d")
+    assert server.handle(stream, request(w.Load(r.key, r.typekey, 0, len(data), 30, r.rid)), "d")
     head = w.format_reply(w.IBP_OK, len(data))
     assert stream.sent[0].startswith(head) and len(stream.sent[0]) == len(head) + srv.READ_BLOCK
     assert b"".join(stream.sent) == head + data  # each block copied out before the buffer was reused
     assert len(stream.sent) == 3
 
 
-def test_an_empty_load_is_its_status_alone(server: srv.DepotServer) -> None:
+def test_a_load_of_nothing_is_refused_as_lstore_does(server: srv.DepotServer) -> None:
+    """A length of 0 is -36 (L-Store's read_read), no longer "to the end"; the connection goes on."""
     r, _ = allocate(server, 10)
     stream = Scripted([])
-    assert server.handle(stream, request(w.Load(r.key, r.typekey, 0, 0, 30, r.rid)), "d")
-    assert stream.sent == [w.format_reply(w.IBP_OK, 0)]
+    assert server.handle(stream, f"1 8 {r.rid}#{r.key} {r.typekey} 0 0 30\n".encode(), "d")
+    assert int(stream.sent[0].split()[0]) == w.IBP_E_INV_PAR_SIZE
 
 
 def test_a_load_of_a_vanished_file_is_refused_with_a_status(server: srv.DepotServer) -> None:
@@ -108,7 +109,7 @@ def test_a_load_of_a_vanished_file_is_refused_with_a_status(server: srv.DepotSer
     a = server.core.authorize(r.key, r.typekey, "READ", NOW, r.rid)
     server.core.store.path(a.fid).unlink()
     stream = Scripted([])
-    assert server.handle(stream, request(w.Load(r.key, r.typekey, 0, 0, 30, r.rid)), "d")
+    assert server.handle(stream, request(w.Load(r.key, r.typekey, 0, 10, 30, r.rid)), "d")
     assert int(stream.sent[0].split()[0]) == w.IBP_E_CAP_NOT_FOUND
 
 
@@ -129,16 +130,16 @@ READ_CAP = Capability("d", "0", "k" * 64, "r" * 64, "READ")
 
 def test_load_bytes_gathers_a_load_as_it_arrives() -> None:
     data = os.urandom(300_000)
-    assert loading(data).load_bytes(READ_CAP) == data
+    assert loading(data).load_bytes(READ_CAP, 0, len(data)) == data
 
 
 def test_load_into_fills_the_callers_buffer_and_says_how_much() -> None:
     first, second = os.urandom(300_000), os.urandom(70_000)
     conn = loading(first, second)
     buf = bytearray(b"\xff" * 400_000)
-    assert conn.load_into(READ_CAP, buf) == len(first)
+    assert conn.load_into(READ_CAP, buf, 0, len(first)) == len(first)
     assert buf[: len(first)] == first and buf[len(first) :] == b"\xff" * 100_000  # nothing past the load
-    assert conn.load_into(READ_CAP, memoryview(buf)) == len(second)  # the same buffer again
+    assert conn.load_into(READ_CAP, memoryview(buf), 0, len(second)) == len(second)  # the same buffer again
     assert buf[: len(second)] == second
 
 
@@ -147,8 +148,10 @@ def test_a_load_longer_than_the_buffer_fails_and_the_connection_carries_on() -> 
     conn = loading(big, small)
     buf = bytearray(100_000)
     with pytest.raises(ValueError, match="200000 bytes, the buffer 100000"):
-        conn.load_into(READ_CAP, buf)
-    assert conn.load_into(READ_CAP, buf) == len(small) and buf[:5] == small  # the long load was read past
+        conn.load_into(READ_CAP, buf, 0, len(big))
+    assert (
+        conn.load_into(READ_CAP, buf, 0, len(small)) == len(small) and buf[:5] == small
+    )  # the long load was read past
 
 
 def test_an_allocation_reserves_its_blocks_without_growing_its_file(server: srv.DepotServer) -> None:

@@ -287,10 +287,10 @@ from flowlib.irm import IrmClient
 from flowlib import flow_alloc, qos
 socks = [conn() for _ in range(4)]
 for s in socks:
-    s.sendall(b'1 4 0 1 x 5\n')
+    s.sendall(b'1 4 0 1 IBPch@ngem3 5\n')
     first_line(s)
 flow = flow_alloc(name, qos=qos.data, timeout=5)
-flow.write(b'1 4 0 1 x 5\n')
+flow.write(b'1 4 0 1 IBPch@ngem3 5\n')
 flow.fccntl(__import__('flowlib').Fccntl.SRCVTIMEO, 5)
 print('flow', flow.read().split(b' ')[0].decode(), flush=True)
 time.sleep(float(sys.argv[4]))

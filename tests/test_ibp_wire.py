@@ -15,7 +15,7 @@ REQUESTS: list[w.Request] = [
     w.Allocate("0", w.IBP_HARD, w.IBP_BYTEARRAY, 3600, 4 << 20, 30),
     w.Store(KEY, KEY, 3_000_000, 30),
     w.Write(KEY, KEY, 10, 20, 30),
-    w.Load(KEY, KEY, 0, 0, 30),
+    w.Load(KEY, KEY, 0, 1, 30),
     w.Send(KEY, KEY, f"ibp://depot2/0#{KEY}/{KEY}/WRITE", 0, 100, 5, 6, 7),
     w.Mcopy(KEY, KEY, 0, 100, (f"ibp://d2/0#{KEY}/{KEY}/WRITE", f"ibp://127.0.0.1:6714/0#{KEY}/{KEY}/WRITE"), 9),
     w.Manage(KEY, KEY, w.IBP_PROBE, w.IBP_MANAGECAP, 30),
@@ -27,7 +27,10 @@ REQUESTS: list[w.Request] = [
     w.Status("", w.IBP_ST_RES, "", 30),
     w.Store(KEY, KEY, 10, 30, "0"),
     w.Load(KEY, KEY, 0, 5, 30, "17"),
-    w.Manage(KEY, KEY, w.IBP_CHNG, w.IBP_MANAGECAP, 30, 0, w.KEEP, w.KEEP, "0"),
+    w.Manage(KEY, KEY, w.IBP_CHNG, w.IBP_MANAGECAP, 30, w.KEEP, w.KEEP, w.KEEP, "0"),
+    w.Manage(KEY, KEY, w.IBP_TRUNCATE, 0, 30, 50, rid="0"),
+    w.Transfer(False, KEY, KEY, f"ibp://d2/0#{KEY}/{KEY}/WRITE", 0, None, 5, 30, 6, 7, "0"),
+    w.Transfer(True, KEY, KEY, f"ibp://d2/0#{KEY}/{KEY}/READ", None, 3, 5, 30, 6, 7, "0"),
 ]
 
 
@@ -83,6 +86,10 @@ def test_manage_forms_of_l_store() -> None:
     assert probe == w.Manage(KEY, "mk", w.IBP_PROBE, w.IBP_MANAGECAP, 30, rid="0")
     chng = w.parse_request(f"1 9 0#{KEY} mk 43 3 4096 -1 -1 30\n".encode())
     assert (chng.size, chng.duration, chng.reliability) == (4096, w.KEEP, w.KEEP)  # type: ignore[union-attr]
+    warm = w.parse_request(f"1 9 0#{KEY} mk 43 3 -1 86400 -1 10\n".encode())  # lio_warm: size -1 kept
+    assert (warm.size, warm.duration) == (w.KEEP, 86400)  # type: ignore[union-attr]
+    push = w.parse_request(f"1 20 1  0#{KEY} ibp://d/0#{KEY}/t/WRITE rk 0 -1 5 10 10 10\n".encode())
+    assert push == w.Transfer(False, KEY, "rk", f"ibp://d/0#{KEY}/t/WRITE", 0, None, 5, 10, 10, 10, "0")
 
 
 def test_status_forms_by_field_count() -> None:
@@ -121,7 +128,12 @@ def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
         (b"1 1 0 1 1 -5 10 5\n", w.IBP_E_INVALID_PARAMETER),  # negative duration
         (b"1 2 k/ey t 10 5\n", w.IBP_E_WRONG_CAP_FORMAT),
         (b"1 8 k t 0 99999999999999999999999 5\n", w.IBP_E_BAD_FORMAT),
-        (b"1 9 k t 77 1 5\n", w.IBP_E_INVALID_CMD),
+        (b"1 9 k t 77 1 5\n", w.IBP_E_BAD_FORMAT),  # L-Store's read_manage
+        (b"1 4 0 9 pw 5\n", w.IBP_E_BAD_FORMAT),  # L-Store's read_status
+        (b"1 8 k t 0 0 5\n", w.IBP_E_INV_PAR_SIZE),  # L-Store's read_read: no length 0
+        (b"1 5 k ibp://d/0#k/t/WRITE t 0 1 5 0 5\n", w.IBP_E_INVALID_PARAMETER),  # a destination timeout of 0
+        (b"1 9 k t 43 3 0 -1 -1 5\n", w.IBP_E_WOULD_DAMAGE_DATA),  # CHNG size 0 (-1 keeps it)
+        (b"1 20 2 auto k ibp://d/0#k/t/WRITE t 0 -1 5 5 5 5\n", w.IBP_E_TYPE_NOT_SUPPORTED),  # Phoebus
         (b"1 6 k t 0 10 0 9\n", w.IBP_E_INVALID_PARAMETER),  # MCOPY to no target
         (b"\xff\xfe 1\n", w.IBP_E_BAD_FORMAT),
         (b"\n", w.IBP_E_BAD_FORMAT),

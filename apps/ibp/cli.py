@@ -87,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})",
     )
+    d.add_argument("--password", default=w.DEFAULT_PASSWORD, help="the password ST_INQ asks for (L-Store's default)")
     add_flags(d)
 
     a = add("allocate", help="reserve space; prints read, write and manage capabilities")
@@ -103,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     ld = add("load", help="write an allocation's bytes to stdout")
     ld.add_argument("cap")
     ld.add_argument("--offset", type=int, default=0)
-    ld.add_argument("--length", type=int, default=0, help="bytes (0: up to the end)")
+    ld.add_argument("--length", type=int, default=0, help="bytes (0: up to the end, found with one-byte loads)")
 
     c = add("copy", help="the source depot pushes the bytes to the target itself")
     c.add_argument("src")
@@ -121,12 +122,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("cap")
     m.add_argument("op", choices=["probe", "incr", "decr", "extend", "change"])
     m.add_argument("--duration", type=seconds, default=0, help="extend/change: new duration from now")
-    m.add_argument("--size", type=size, default=0, help="change: new maximum size")
+    m.add_argument("--size", type=size, default=None, help="change: new maximum size (default: kept)")
     m.add_argument("--count", choices=["read", "write"], default="read", help="incr/decr: which reference count")
 
     st = add("status", help="a depot's capacity, use and policy; admin changes")
     st.add_argument("depot")
     st.add_argument("--version", action="store_true", help="the depot's description, policy and limits")
+    st.add_argument("--password", default=w.DEFAULT_PASSWORD, help="the depot's ST_INQ password (L-Store's default)")
     st.add_argument("--admin-key", help="the depot's admin key (DIR/admin.key) for changes")
     st.add_argument("--capacity", type=size)
     st.add_argument("--max-duration", type=seconds)
@@ -232,7 +234,8 @@ def run_manage(args: argparse.Namespace) -> int:
         else:
             if args.op == "extend" and not args.duration:
                 raise w.IbpError(w.IBP_E_INVALID_PARAMETER, "extend needs --duration")
-            conn.manage(cap, w.IBP_CHNG, w.IBP_MANAGECAP, args.size, args.duration or w.KEEP)
+            size = w.KEEP if args.size is None else args.size  # L-Store refuses a size of 0 (-20)
+            conn.manage(cap, w.IBP_CHNG, w.IBP_MANAGECAP, size, args.duration or w.KEEP)
     return 0
 
 
@@ -244,12 +247,12 @@ def run_status(args: argparse.Namespace) -> int:
         if args.capacity is not None or args.max_duration is not None:
             if not args.admin_key:
                 raise w.IbpError(w.IBP_E_WRONG_PASSWD, "changes need --admin-key")
-            info = conn.status()
+            info = conn.status(password=args.password)
             capacity = args.capacity if args.capacity is not None else int(info.get("capacity", "0"))
             maxdur = args.max_duration if args.max_duration is not None else int(info.get("max_duration", "1"))
             conn.change(args.admin_key, capacity, maxdur)
         print(f"name {args.depot}")
-        for k, v in conn.status().items():
+        for k, v in conn.status(password=args.password).items():
             print(f"{k} {v}")
     return 0
 
@@ -291,7 +294,7 @@ def run_depot(args: argparse.Namespace) -> int:
         except FlowError as e:
             if "already" not in str(e).lower() and "exist" not in str(e).lower():
                 raise
-    server = DepotServer(core, args.name, limits, irm=irm, encrypt=args.encrypt)
+    server = DepotServer(core, args.name, limits, irm=irm, encrypt=args.encrypt, password=args.password)
     stop = threading.Event()
     threading.Thread(target=server.expiry_loop, args=(stop,), daemon=True).start()
     if args.listen:

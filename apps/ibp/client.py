@@ -21,6 +21,7 @@ DEFAULT_TIMEOUT = 30.0
 COPY_WAIT_FACTOR = 10  # a copy's reply is awaited up to this many timeouts per target
 STORE_BLOCK = 8 * 1024 * 1024  # bytes per STORE when the length is not known up front
 MAX_STATUS_TEXT = 65_536  # bytes of STATUS text we take from a depot
+PAST_END = (w.IBP_E_WOULD_EXCEED_LIMIT, w.IBP_E_INVALID_PARAMETER)  # a load past the data: L-Store's, our old one
 PROBE_FIELDS = ("read_refs", "write_refs", "size", "max_size", "seconds_left", "reliability", "type")
 _HOSTPORT = re.compile(r"(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 
@@ -170,12 +171,40 @@ class Connection:
         return w.reply_int(reply, 0, "stored length")
 
     def load(self, cap: Capability, offset: int = 0, length: int = 0) -> tuple[int, Iterator[bytes]]:
-        """(n, chunks): n bytes at `offset` (length 0: to the end); consume the chunks before the next call."""
+        """(n, chunks): n bytes at `offset` (length 0: to the end, found by `readable`: IBP depots
+        refuse a length of 0); consume the chunks before the next call."""
+        length = length or self.readable(cap, offset)
+        if not length:
+            return 0, iter(())
         reply = self.call(w.Load(cap.key, cap.typekey, offset, length, self._server_timeout, cap.rid))
         n = w.reply_int(reply, 0, "length")
         if length and n != length:
             raise w.IbpError(w.IBP_E_BAD_FORMAT, f"asked for {length} bytes, the depot announced {n}")
         return n, self._chunks(n)
+
+    def readable(self, cap: Capability, offset: int = 0) -> int:
+        """How many bytes `cap`'s allocation holds from `offset`. A read capability gives no other way
+        to learn its size on an IBP depot (a load's length must be at least 1, PROBE wants the manage
+        key), so the end is found with one-byte loads: doubling, then halving (2 log2 n requests)."""
+
+        def has(count: int) -> bool:
+            try:
+                self.load_bytes(cap, offset + count - 1, 1)
+            except w.IbpError as e:
+                if e.status in PAST_END:
+                    return False
+                raise
+            return True
+
+        have, beyond = 0, 1  # `have` bytes are there, `beyond` are not (once known)
+        while has(beyond):
+            have, beyond = beyond, min(2 * beyond, w.MAX_INT - offset)
+            if have == beyond:
+                return have
+        while beyond - have > 1:
+            mid = (have + beyond) // 2
+            have, beyond = (mid, beyond) if has(mid) else (have, mid)
+        return have
 
     def _chunks(self, n: int) -> Iterator[bytes]:
         try:
@@ -207,6 +236,10 @@ class Connection:
         return n
 
     def copy(self, src: Capability, dst: Capability, offset: int = 0, length: int = 0) -> int:
+        """The source depot appends `length` bytes at `offset` (0: to the end) to `dst`: the count."""
+        length = length or self.readable(src, offset)
+        if not length:
+            return 0
         t = self._server_timeout
         reply = self.call(w.Send(src.key, src.typekey, str(dst), offset, length, t, t, t, src.rid), self._copy_wait(1))
         return w.reply_int(reply, 0, "copied length")
@@ -217,7 +250,8 @@ class Connection:
         return self.timeout * COPY_WAIT_FACTOR * targets
 
     def mcopy(self, src: Capability, dsts: list[Capability], offset: int = 0, length: int = 0) -> list[int]:
-        """Statuses per target (IBP_OK or an error), after the copied length."""
+        """Statuses per target (IBP_OK or an error), after the copied length (0: to the end)."""
+        length = length or self.readable(src, offset)
         reply = self.call(
             w.Mcopy(src.key, src.typekey, offset, length, tuple(str(d) for d in dsts), self._server_timeout, src.rid),
             self._copy_wait(len(dsts)),
@@ -229,7 +263,7 @@ class Connection:
         cap: Capability,
         subcmd: int,
         captype: int = w.IBP_READCAP,
-        size: int = 0,
+        size: int = w.KEEP,
         duration: int = w.KEEP,
         reliability: int = w.KEEP,
     ) -> tuple[str, ...]:
@@ -243,7 +277,7 @@ class Connection:
         reply = w.Reply(w.IBP_OK, fields)
         return {name: w.reply_int(reply, i, name) for i, name in enumerate(PROBE_FIELDS)}
 
-    def status(self, rid: str = "0", password: str = "ibp") -> dict[str, str]:
+    def status(self, rid: str = "0", password: str = w.DEFAULT_PASSWORD) -> dict[str, str]:
         """ST_INQ: the depot's figures by name (capacity, reserved, free, max_duration, ...)."""
         reply = self.call(w.Status(rid, w.IBP_ST_INQ, password, self._server_timeout))
         n = w.reply_int(reply, 0, "length")

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 _disk_log = RateLog(rate=0.1, burst=3, logger=log)  # a full disk would otherwise log on every change
 
 RID = "0"  # our depots have one resource
-INVALID_CAP = {READ: w.IBP_E_INVALID_READ_CAP, WRITE: w.IBP_E_INVALID_WRITE_CAP, MANAGE: w.IBP_E_INVALID_MANAGE_CAP}
 MAX_REFS = 1_000_000
 
 
@@ -40,9 +39,11 @@ class Allocation:
     max_size: int
     expires: float
     size: int = 0
+    # L-Store's counts (resource.c): one reader, no writer; freed once both are 0 (see manage)
     read_refs: int = 1
-    write_refs: int = 1
+    write_refs: int = 0
     owner: str = ""  # the client that made it, for its quotas
+    refs: int = 2  # the rules its counts follow: 2 L-Store's; records without it had a write count from 1
 
     def right_hash(self, right: str) -> str:
         return {READ: self.read_hash, WRITE: self.write_hash, MANAGE: self.manage_hash}[right]
@@ -260,23 +261,25 @@ class DepotCore:
         return w.IBP_OK
 
     def authorize(self, key: str, typekey: str, right: str, now: float, rid: str = "") -> Allocation:
-        """The allocation `key` names if `typekey` is its `right` key; refusals are counted."""
+        """The allocation `key` names if `typekey` is its `right` key; refusals are counted. A key of
+        another right is -4 as any unknown capability, as L-Store's depot answers (it finds an
+        allocation by the right's own key): nothing tells a holder of one right the others exist."""
         if rid not in ("", RID):
             raise self.refuse(w.IBP_E_INVALID_RID, f"no resource {rid!r} (this depot has {RID!r})")
         a = self.allocs.get(key_hash(key))
         if a is None or a.expires <= now:
             raise self.refuse(w.IBP_E_CAP_NOT_FOUND, "no such allocation (wrong, expired or freed capability)")
         if not keys_equal(key_hash(typekey), a.right_hash(right)):
-            raise self.refuse(INVALID_CAP[right], f"the key is not this allocation's {right} key")
+            raise self.refuse(w.IBP_E_CAP_NOT_FOUND, f"no such {right} capability")
         return a
 
     def check_write(self, a: Allocation, offset: int | None, length: int) -> int:
-        """Where a store (offset None: append) or write of `length` bytes goes; refuses overflows."""
-        if a.write_refs <= 0:
-            raise self.refuse(w.IBP_E_CAP_ACCESS_DENIED, "the allocation's write reference count is zero")
+        """Where a store (offset None: append) or write of `length` bytes goes; refuses overflows.
+
+        As L-Store's handle_write: only the allocation's maximum size bounds a write (the write
+        count is not looked at), and one past the end leaves a hole that reads as zeros. The hole
+        is inside the blocks reserved for the allocation, so it takes no space it did not promise."""
         start = a.size if offset is None else offset
-        if start > a.size:
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"offset {start} is past the end ({a.size}); no holes")
         if length <= 0:
             raise self.refuse(w.IBP_E_INV_PAR_SIZE, "nothing to write")
         if start + length > a.max_size:
@@ -287,15 +290,16 @@ class DepotCore:
 
     def commit(self, a: Allocation, end: int) -> None:
         """Acknowledge bytes up to `end` (already written and fsync'd by the caller)."""
-        if end > a.max_size:  # the allocation shrank (CHNG) while the bytes were arriving
+        if end > a.max_size:  # the allocation shrank (CHNG, TRUNCATE) while the bytes were arriving
             raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"the allocation now ends at {a.max_size}")
         if end > a.size:
             self._journal_set(a, size=end)
 
     def check_read(self, a: Allocation, offset: int, length: int) -> int:
-        """How many bytes a load of `length` at `offset` returns (length 0: up to the end)."""
+        """How many bytes a read of `length` at `offset` returns (length 0, MCOPY's: up to the end);
+        a range past the data is -19, as L-Store's handle_read answers."""
         if offset > a.size:
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"offset {offset} is past the end ({a.size})")
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"offset {offset} is past the end of the data ({a.size})")
         if length == 0:
             return a.size - offset
         if offset + length > a.size:
@@ -307,47 +311,88 @@ class DepotCore:
     def open_data(self, a: Allocation) -> BinaryIO:
         return self.store.open(a.fid)
 
+    def discard(self, a: Allocation) -> None:
+        """Cut off what a failed store or write left past the acknowledged end, so that a later write
+        further on leaves zeros there, never those bytes."""
+        if self.allocs.get(a.fid) is a:
+            self.store.fit(a.fid, a.size, a.max_size)
+
     def manage(self, req: w.Manage, now: float) -> tuple[object, ...]:
         """MANAGE with the manage key: PROBE's fields, or () after INCR, DECR, CHNG."""
         a = self.authorize(req.key, req.typekey, MANAGE, now, req.rid)
         if req.subcmd == w.IBP_PROBE:
             return (a.read_refs, a.write_refs, a.size, a.max_size, max(0, int(a.expires - now)), a.reliability, a.type)
         if req.subcmd in (w.IBP_INCR, w.IBP_DECR):
-            if req.captype not in (w.IBP_READCAP, w.IBP_WRITECAP):
-                raise self.refuse(w.IBP_E_BAD_FORMAT, f"captype {req.captype} (want 1 read or 2 write)")
-            field = "read_refs" if req.captype == w.IBP_READCAP else "write_refs"
-            value = getattr(a, field) + (1 if req.subcmd == w.IBP_INCR else -1)
-            if value < 0 or value > MAX_REFS:
-                raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"{field} would become {value}")
-            if field == "read_refs" and value == 0:
-                self.free_alloc(a)  # the last reader let go: the allocation is gone
-            else:
-                self._journal_set(a, **{field: value})
-            return ()
+            return self._count(a, req)
         if req.subcmd == w.IBP_CHNG:
             return self._change(a, req, now)
-        raise self.refuse(w.IBP_E_INVALID_CMD, f"MANAGE sub-command {req.subcmd}")
+        if req.subcmd == w.IBP_TRUNCATE:
+            return self._truncate(a, req.size, now)
+        raise self.refuse(w.IBP_E_BAD_FORMAT, f"MANAGE sub-command {req.subcmd}")
+
+    def _count(self, a: Allocation, req: w.Manage) -> tuple[object, ...]:
+        """INCR/DECR as L-Store's handle_manage: a count stops at 0, and the allocation is freed once
+        both are 0. (IBP's spec frees on the read count alone and has a write count of 0 refuse
+        writes; L-Store's clients, the ones in use, expect its depot's rules, so ours are those.)"""
+        if req.captype not in (w.IBP_READCAP, w.IBP_WRITECAP):
+            raise self.refuse(w.IBP_E_WRONG_CAP_FORMAT, f"captype {req.captype} (want 1 read or 2 write)")
+        field = "read_refs" if req.captype == w.IBP_READCAP else "write_refs"
+        value = max(0, getattr(a, field) + (1 if req.subcmd == w.IBP_INCR else -1))
+        if value > MAX_REFS:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"{field} would become {value}")
+        counts = {"read_refs": a.read_refs, "write_refs": a.write_refs, field: value}
+        if not any(counts.values()):
+            self.free_alloc(a)  # nobody holds it any more
+        else:
+            self._journal_set(a, **{field: value})
+        return ()
 
     def _change(self, a: Allocation, req: w.Manage, now: float) -> tuple[object, ...]:
-        """CHNG: a new maximum size (0 keeps it), duration from now and reliability (KEEP keeps them)."""
-        size = req.size or a.max_size
-        if req.duration == 0:
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration 0 (-1 keeps the current one)")
-        duration = max(1, int(a.expires - now)) if req.duration == w.KEEP else req.duration
+        """CHNG: a new maximum size, duration from now and reliability (KEEP keeps each).
+
+        As L-Store's handle_manage, a size below the data (-20) or a duration past the maximum
+        (-45) is answered so but the rest of the change is made: the size is kept, and the duration
+        is the maximum (L-Store sets the one asked; ours never goes past its maximum)."""
+        status, why = w.IBP_OK, ""
+        size = a.max_size if req.size == w.KEEP else req.size
+        if size < a.size:
+            status, why, size = w.IBP_E_WOULD_DAMAGE_DATA, f"size {size} is below the {a.size} bytes stored", a.max_size
+        changes: dict[str, Any] = {}
+        duration = self._left(a, now)
+        if req.duration != w.KEEP:
+            if req.duration > self.max_duration:
+                status, why = w.IBP_E_WOULD_EXCEED_POLICY, f"duration {req.duration} s is past the maximum: set to that"
+            duration = min(req.duration, self.max_duration)
+            changes["expires"] = now + duration
         reliability = a.reliability if req.reliability == w.KEEP else req.reliability
         if reliability not in (w.IBP_SOFT, w.IBP_HARD):
             raise self.refuse(w.IBP_E_BAD_FORMAT, f"reliability {reliability}")
-        if size < a.size:
-            raise self.refuse(w.IBP_E_WOULD_DAMAGE_DATA, f"size {size} is below the {a.size} bytes stored")
-        self._check_quota(a.owner, 0, size - a.max_size)
-        status, reason = admit(size, duration, self.free + a.max_size, self.capacity, self.max_duration)
+        self._resize(a, size, duration, reliability=reliability, **changes)
+        if status != w.IBP_OK:
+            raise self.refuse(status, why)
+        return ()
+
+    def _truncate(self, a: Allocation, size: int, now: float) -> tuple[object, ...]:
+        """TRUNCATE (L-Store's IBP_TRUNCATE): the maximum size becomes `size` and data past it is cut."""
+        self._resize(a, size, self._left(a, now), size=min(a.size, size))
+        return ()
+
+    def _left(self, a: Allocation, now: float) -> int:
+        """The seconds `a` has left, as the admission policy weighs a change that keeps its expiry."""
+        return max(1, min(self.max_duration, int(a.expires - now)))
+
+    def _resize(self, a: Allocation, max_size: int, duration: int, **changes: Any) -> None:
+        """Give `a` a maximum size of `max_size` for `duration` more seconds, under the quotas and
+        the admission policy, with `changes`; the disk gets back the blocks past a smaller size at
+        once (no store runs meanwhile: the server holds the allocation's writer lock)."""
+        self._check_quota(a.owner, 0, max_size - a.max_size)
+        status, reason = admit(max_size, duration, self.free + a.max_size, self.capacity, self.max_duration)
         if status != w.IBP_OK:
             raise self.refuse(status, reason)
-        shrinks = size < a.max_size
-        self._journal_set(a, max_size=size, expires=now + duration, reliability=reliability)
-        if shrinks:  # the disk gets back what the allocation no longer promises (no store runs: server)
-            self.store.fit(a.fid, a.size, size)
-        return ()
+        shrinks = max_size < a.max_size or changes.get("size", a.size) < a.size
+        self._journal_set(a, max_size=max_size, **changes)
+        if shrinks:
+            self.store.fit(a.fid, a.size, max_size)
 
     def free_alloc(self, a: Allocation) -> None:
         self.store.append({"op": "free", "id": a.fid})
@@ -430,6 +475,9 @@ def _record(fid: str, rec: dict[str, Any]) -> Allocation | None:
         if key_hash(str(rec.pop("key", ""))) != fid:
             return None
     rec["fid"] = fid
+    if "refs" not in rec:  # made when the write count started at 1: the holds beyond that one stay
+        count = rec.get("write_refs", 1)
+        rec["write_refs"] = max(0, count - 1) if isinstance(count, int) else count
     try:
         a = Allocation(**{k: v for k, v in rec.items() if k in _FIELDS})
     except TypeError:

@@ -361,7 +361,7 @@ def refresh(ex: ExNode, how: str, seconds: int, s: Settings) -> tuple[ExNode, li
                 duration = conn.probe(cap)["seconds_left"] + seconds
             else:
                 duration = seconds
-            conn.manage(cap, w.IBP_CHNG, w.IBP_MANAGECAP, 0, max(1, duration))
+            conn.manage(cap, w.IBP_CHNG, w.IBP_MANAGECAP, w.KEEP, max(1, duration))  # size -1: kept
             left = conn.probe(cap)["seconds_left"]
         except (*Failure, KeyError, ValueError) as e:
             pool.drop(cap.depot)

@@ -16,17 +16,17 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.accounts import Creds, anon_creds, user_for_uid
 from apps.agent import AGENT_PROG, Agent, peer_pid
 from apps.ibp import wire as w
-from apps.ibp.capability import MANAGE, READ, WRITE, Capability
+from apps.ibp.capability import MANAGE, READ, WRITE, Capability, keys_equal
 from apps.ibp.client import Connection, parse_cap, tcp_address
 from apps.ibp.depot import RID, Allocation, DepotCore
-from apps.ibp.limits import Busy, Limits, Pace, Slots, Ticket, copy_target
+from apps.ibp.limits import Busy, Limits, Slots, Ticket, copy_target
 from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
@@ -103,6 +103,7 @@ class DepotServer:
     clock: Callable[[], float] = time.time
     irm: IrmClient | None = None
     encrypt: bool = False  # copies to other depots over encrypted flows
+    password: str = w.DEFAULT_PASSWORD  # ST_INQ's, as L-Store's depot asks for one
     lock: threading.Lock = field(default_factory=threading.Lock)
     slots: Slots | None = None
     rejecter: Rejecter = field(default_factory=Rejecter)
@@ -282,6 +283,14 @@ class DepotServer:
             with self._copying(client):
                 n = self._copy(req, [req.dest_cap], req.dest_timeout, client)[0][0]
             stream.send(w.format_reply(w.IBP_OK, n))
+        elif isinstance(req, w.Transfer) and not req.pull:
+            with self._copying(client):
+                n = self._copy(req, [req.remote_cap], req.dest_timeout, client, req.remote_offset)[0][0]
+            stream.send(w.format_reply(w.IBP_OK, n))
+        elif isinstance(req, w.Transfer):
+            with self._copying(client):
+                n = self._pull(req, client)
+            stream.send(w.format_reply(w.IBP_OK, n))
         elif isinstance(req, w.Mcopy):
             with self._copying(client):
                 results = self._copy(req, list(req.dest_caps), req.timeout, client)
@@ -300,9 +309,11 @@ class DepotServer:
         if req.subcmd == w.IBP_ST_RES:
             stream.send(w.format_reply(w.IBP_OK, RID))
             return True
+        if req.subcmd == w.IBP_ST_INQ and not keys_equal(req.password, self.password):
+            raise core.refuse(w.IBP_E_WRONG_PASSWD, "wrong password")  # before the RID, as L-Store's handle_status
         if req.rid != RID:
             raise core.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
-        if req.subcmd == w.IBP_ST_INQ:  # public, whatever the password
+        if req.subcmd == w.IBP_ST_INQ:
             assert self.slots is not None
             with self.lock:
                 values, extras = core.inq()
@@ -341,11 +352,11 @@ class DepotServer:
             lock.release()
 
     def _manage(self, req: w.Manage, now: float, timeout: float) -> tuple[object, ...]:
-        if req.subcmd != w.IBP_CHNG:
+        if req.subcmd not in (w.IBP_CHNG, w.IBP_TRUNCATE):
             with self.lock:
                 return self.core.manage(req, now)
-        # A CHNG may shrink the allocation and give its blocks past the new end back to the disk:
-        # not while a store writes there, which could leave bytes past the new end.
+        # A CHNG or TRUNCATE may shrink the allocation and give its blocks past the new end back to
+        # the disk: not while a store writes there, which could leave bytes past the new end.
         with self.lock:
             a = self.core.authorize(req.key, req.typekey, MANAGE, now, req.rid)
         with self._writing(a, timeout), self.lock:
@@ -360,7 +371,7 @@ class DepotServer:
             stream.send(w.format_reply(w.IBP_OK))
             pace = self.limits.pace(req.timeout)
             try:
-                self._receive(stream, a, start, req.length, timeout, pace)
+                self._write_data(a, start, stream.read_chunks(req.length, timeout, pace.deadline))
             except (StreamTimeout, StreamClosed) as e:
                 peer_log.log("store of %d bytes cut short (%s); nothing acknowledged", req.length, e)
                 if isinstance(e, StreamTimeout):  # too slow: the client hears why, if it listens
@@ -375,12 +386,22 @@ class DepotServer:
             stream.send(w.format_reply(w.IBP_OK, req.length))
             return True
 
-    def _receive(self, stream: ByteStream, a: Allocation, start: int, length: int, timeout: float, pace: Pace) -> None:
+    def _write_data(self, a: Allocation, start: int, chunks: Iterable[bytes]) -> None:
+        """Write `chunks` into `a` from `start` and fsync them (the caller holds its writer lock). On
+        any failure, what they left past the acknowledged end is cut off again."""
+        try:
+            self._write_chunks(a, start, chunks)
+        except BaseException:
+            with self.lock:
+                self.core.discard(a)
+            raise
+
+    def _write_chunks(self, a: Allocation, start: int, chunks: Iterable[bytes]) -> None:
         try:
             with self.core.open_data(a) as f:
-                f.seek(start)
+                f.seek(start)  # past the end: a hole, read as zeros
                 end = handed = start  # the end of what came, of what is handed to the disk already
-                for chunk in stream.read_chunks(length, timeout, pace.deadline):
+                for chunk in chunks:
                     f.write(chunk)
                     end += len(chunk)
                     if end - handed >= WRITEBACK:
@@ -454,44 +475,83 @@ class DepotServer:
                     del self._copies[client]
 
     def _copy(
-        self, req: w.Send | w.Mcopy, dests: list[str], dest_timeout: int, client: str = ""
+        self,
+        req: w.Send | w.Transfer | w.Mcopy,
+        dests: list[str],
+        dest_timeout: int,
+        client: str = "",
+        dest_offset: int | None = None,
     ) -> list[tuple[int, int]]:
-        """Push the bytes to each destination over our own flows: [(length, status)] per target.
+        """Push the bytes to each destination over our own flows: [(length, status)] per target,
+        appended (dest_offset None: SEND, MCOPY, PUSH with -1) or written at dest_offset (PUSH).
 
         Only to depots the operator allows (limits.copy_to), and a target's reply is reduced to its
         status number: nothing a target sends reaches our client, nor is a refusal's text repeated.
         """
         now = self.clock()
+        offset = req.offset or 0  # a PUSH's own offset is never None (wire)
         with self.lock:
             a = self.core.authorize(req.key, req.typekey, READ, now, req.rid)
-            n = self.core.check_read(a, req.offset, req.length)
+            n = self.core.check_read(a, offset, req.length)
         caps = [parse_cap(d, WRITE) for d in dests]
         timeout = self.limits.timeout(dest_timeout)
         results = []
         for cap in caps:
-            target = copy_target(cap.depot, self.limits.copy_to)  # resolved once: what is checked is what is reached
-            if target is None:
-                status, why = w.IBP_E_INVALID_HOST, f"this depot does not copy to {cap.depot}"
-                with self.lock:
-                    self.core.refused[status] += 1
-            else:
-                status, why = self._copy_one(a, cap, target, req.offset, n, timeout, self.copier(client))
+            status, why = self._with_target(cap, timeout, client, self._sender(a, offset, n, cap, dest_offset), "to")
             if status != w.IBP_OK and len(caps) == 1:
                 raise w.IbpError(status, why)
             results.append((n, status))
         return results
 
-    def _copy_one(
-        self, a: Allocation, cap: Capability, target: str, offset: int, n: int, timeout: float, who: Creds | None
+    def _sender(
+        self, a: Allocation, offset: int, n: int, cap: Capability, dest_offset: int | None
+    ) -> Callable[[Connection], object]:
+        """What copies `n` bytes of `a` at `offset` to `cap` over a connection to its depot."""
+        return lambda conn: conn.store(cap, self._read(a, offset, n), n, dest_offset)
+
+    def _pull(self, req: w.Transfer, client: str) -> int:
+        """L-Store's PULL: the bytes of the remote read capability, fetched over our own connection to
+        its depot (under the same copy-target policy as copies), appended (offset None) or written
+        at `req.offset` into our allocation, which the write key names."""
+        now = self.clock()
+        timeout = self.limits.timeout(req.timeout)
+        with self.lock:
+            a = self.core.authorize(req.key, req.typekey, WRITE, now, req.rid)
+        cap = parse_cap(req.remote_cap, READ)
+        with self._writing(a, timeout):
+            with self.lock:
+                start = self.core.check_write(a, req.offset, req.length)
+
+            def fetch(conn: Connection) -> None:
+                _, chunks = conn.load(cap, req.remote_offset or 0, req.length)
+                self._write_data(a, start, chunks)
+
+            status, why = self._with_target(cap, self.limits.timeout(req.dest_timeout), client, fetch, "from")
+            if status != w.IBP_OK:
+                raise w.IbpError(status, why)
+            with self.lock:
+                if self.core.allocs.get(a.fid) is not a:
+                    raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, "the allocation went away during the pull")
+                self.core.commit(a, start + req.length)
+        return req.length
+
+    def _with_target(
+        self, cap: Capability, timeout: float, client: str, work: Callable[[Connection], object], way: str
     ) -> tuple[int, str]:
-        """Append `n` bytes of `a` at `offset` to `cap`, over a connection to `target` (its depot, or
-        the address copy_target resolved it to)."""
+        """`work` on a connection to `cap`'s depot, if limits.copy_to allows it: (status, why); `way`
+        is "to" or "from" it. The target is resolved once (copy_target): what is checked is what is
+        reached."""
+        target = copy_target(cap.depot, self.limits.copy_to)
+        if target is None:
+            with self.lock:
+                self.core.refused[w.IBP_E_INVALID_HOST] += 1
+            return w.IBP_E_INVALID_HOST, f"this depot does not copy {way} {cap.depot}"
         try:
-            self.targets.use(target, timeout, lambda conn: conn.store(cap, self._read(a, offset, n), n), who)
+            self.targets.use(target, timeout, work, self.copier(client))
         except w.IbpError as e:
             status = w.known_error(e.status)
-            peer_log.log("copy to %s failed: %s", cap.depot, w.status_text(status))
-            return status, f"copy to {cap.depot}: {w.status_text(status)}"
+            peer_log.log("copy %s %s failed: %s", way, cap.depot, w.status_text(status))
+            return status, f"copy {way} {cap.depot}: {w.status_text(status)}"
         return w.IBP_OK, ""
 
     # -- expiry --

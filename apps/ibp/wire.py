@@ -22,12 +22,19 @@ IBP_MCOPY = 6
 IBP_LOAD = 8
 IBP_MANAGE = 9
 IBP_WRITE = 13
+IBP_PUSH = 20  # L-Store's depot-to-depot copies: PUSH sends local bytes, PULL fetches remote ones
+IBP_PULL = 21
+
+# PUSH/PULL connection types (L-Store): plain TCP, or through Phoebus gateways (not served).
+IBP_TCP = 1
+IBP_PHOEBUS = 2
 
 # MANAGE sub-commands.
 IBP_PROBE = 40
 IBP_INCR = 41
 IBP_DECR = 42
 IBP_CHNG = 43
+IBP_TRUNCATE = 45  # L-Store: a new maximum size, cutting the data back to it
 
 # STATUS sub-commands (ST_VERSION is L-Store's).
 IBP_ST_INQ = 1
@@ -196,11 +203,13 @@ MAX_RID = 64  # a resource id
 MAX_TARGETS = 16  # MCOPY destinations
 MAX_INT = 2**63 - 1  # sizes, offsets, timeouts
 FOREVER = -1  # ALLOCATE's duration -1: as long as the depot allows (L-Store)
-KEEP = -1  # CHNG's duration or reliability -1: leave it as it is (L-Store)
+KEEP = -1  # CHNG's size, duration or reliability -1: leave it as it is (L-Store)
+DEFAULT_PASSWORD = "IBPch@ngem3"  # ST_INQ's password, L-Store's default (ibp_server.h)
 
 _KEY_RE = re.compile(rf"(?:(?P<rid>[A-Za-z0-9_.\-]{{1,{MAX_RID}}})#)?(?P<key>[A-Za-z0-9_.\-]{{1,{MAX_KEY}}})")
 _WORD_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_KEY}}}")
 _TOKEN_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_TOKEN}}}")
+_PASSWORD_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_KEY}}}")  # any printable word: L-Store's default has an @
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
 
 
@@ -248,7 +257,7 @@ class Store:
 
 @dataclass(frozen=True)
 class Write:
-    """Write `length` bytes at `offset` (no holes), sent after the request."""
+    """Write `length` bytes at `offset`, sent after the request; past the end leaves a hole of zeros."""
 
     key: str
     typekey: str
@@ -260,7 +269,7 @@ class Write:
 
 @dataclass(frozen=True)
 class Load:
-    """Read `length` bytes at `offset`; length 0 means up to the current end (our extension)."""
+    """Read `length` (at least 1, as L-Store) bytes at `offset`."""
 
     key: str
     typekey: str
@@ -278,6 +287,24 @@ class Send:
     typekey: str
     dest_cap: str
     offset: int
+    length: int
+    timeout: int
+    dest_timeout: int
+    dest_client_timeout: int
+    rid: str = ""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """L-Store's PUSH (our bytes to the remote write capability `remote_cap`) or PULL (the remote
+    read capability's bytes into ours). An offset None appends: PUSH's remote one, PULL's local one."""
+
+    pull: bool
+    key: str
+    typekey: str
+    remote_cap: str
+    offset: int | None
+    remote_offset: int | None
     length: int
     timeout: int
     dest_timeout: int
@@ -305,7 +332,7 @@ class Manage:
     subcmd: int
     captype: int
     timeout: int
-    size: int = 0  # CHNG only: new maximum size, 0 keeps it
+    size: int = KEEP  # CHNG: new maximum size, KEEP keeps it; TRUNCATE: the new maximum size
     duration: int = KEEP  # CHNG only: new duration from now, KEEP keeps it
     reliability: int = KEEP  # CHNG only
     rid: str = ""
@@ -322,8 +349,8 @@ class Status:
     follows: bool = False  # ST_CHANGE as IBP sends it: `max_hard max_soft max_duration` on the next line
 
 
-Request = Allocate | Store | Write | Load | Send | Mcopy | Manage | Status
-KeyedRequest = Store | Write | Load | Send | Mcopy | Manage
+Request = Allocate | Store | Write | Load | Send | Transfer | Mcopy | Manage | Status
+KeyedRequest = Store | Write | Load | Send | Transfer | Mcopy | Manage
 
 
 def _int(tok: str, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
@@ -364,6 +391,28 @@ def _timeout(tok: str) -> int:
     return _int(tok, "timeout")
 
 
+def _length(tok: str) -> int:
+    """A transfer's length: at least 1, as L-Store's depot has it (read_read, read_write: -36)."""
+    n = _int(tok, "length")
+    if n < 1:
+        raise BadRequest(IBP_E_INV_PAR_SIZE, "length must be at least 1")
+    return n
+
+
+def _remote_timeout(tok: str, what: str) -> int:
+    """A copy's timeout towards the target depot: 0 is refused, as L-Store's read_read does."""
+    n = _int(tok, what)
+    if n == 0:
+        raise BadRequest(IBP_E_INVALID_PARAMETER, f"{what} must be positive")
+    return n
+
+
+def _append_or(tok: str, what: str) -> int | None:
+    """An offset where a negative one (L-Store sends -1) means append: None."""
+    n = _int(tok, what, -MAX_INT)
+    return None if n < 0 else n
+
+
 def parse_request(line: bytes) -> Request:
     """One request line (with or without its newline) -> a Request, or BadRequest."""
     if len(line) > MAX_LINE:
@@ -402,12 +451,14 @@ def parse_request(line: bytes) -> Request:
             _word(typekey, "typekey"),
             _cap(dest),
             _int(a[3], "offset"),
-            _int(a[4], "length"),
+            _length(a[4]),
             _timeout(a[5]),
-            _timeout(a[6]),
-            _timeout(a[7]),
+            _remote_timeout(a[6], "destination timeout"),
+            _remote_timeout(a[7], "destination client timeout"),
             rid,
         )
+    if cmd in (IBP_PUSH, IBP_PULL):
+        return _parse_transfer(cmd == IBP_PULL, a)
     if cmd == IBP_MCOPY:
         if len(a) < 5:
             raise BadRequest(IBP_E_BAD_FORMAT, "expected MCOPY key typekey offset length n cap... timeout")
@@ -432,16 +483,47 @@ def parse_request(line: bytes) -> Request:
     raise BadRequest(IBP_E_INVALID_CMD, f"unknown command {cmd}")
 
 
+def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
+    """PUSH/PULL as L-Store's pushpull_command sends them (its TCP form: an empty path field)."""
+    form = "PUSH|PULL ctype key remote_cap typekey offset remote_offset length timeout dest_timeout client_timeout"
+    if not a:
+        raise BadRequest(IBP_E_BAD_FORMAT, f"expected {form}")
+    ctype = _int(a[0], "connection type", -MAX_INT, MAX_INT)
+    if ctype != IBP_TCP:  # Phoebus gateways are not served, as an L-Store depot built without them
+        raise BadRequest(IBP_E_TYPE_NOT_SUPPORTED, f"connection type {ctype} (only 1, TCP, is served)")
+    _want(a, 10, form)
+    rid, key = _key(a[1], "key")
+    offset: int | None
+    remote: int | None
+    if pull:  # our bytes may be appended; the remote ones are read from an offset (-1: 0)
+        offset, remote = _append_or(a[4], "offset"), max(0, _int(a[5], "remote offset", -MAX_INT))
+    else:
+        offset, remote = _int(a[4], "offset"), _append_or(a[5], "remote offset")
+    return Transfer(
+        pull,
+        key,
+        _word(a[3], "typekey"),
+        _cap(a[2]),
+        offset,
+        remote,
+        _length(a[6]),
+        _timeout(a[7]),
+        _remote_timeout(a[8], "destination timeout"),
+        _remote_timeout(a[9], "destination client timeout"),
+        rid,
+    )
+
+
 def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
     if cmd == IBP_STORE:
         _want(a, 4, "STORE key typekey length timeout")
         rid, key = _key(a[0], "key")
-        return Store(key, _word(a[1], "typekey"), _int(a[2], "length"), _timeout(a[3]), rid)
+        return Store(key, _word(a[1], "typekey"), _length(a[2]), _timeout(a[3]), rid)
     name = "WRITE" if cmd == IBP_WRITE else "LOAD"
     _want(a, 5, f"{name} key typekey offset length timeout")
     rid, key = _key(a[0], "key")
     kind = Write if cmd == IBP_WRITE else Load
-    return kind(key, _word(a[1], "typekey"), _int(a[2], "offset"), _int(a[3], "length"), _timeout(a[4]), rid)
+    return kind(key, _word(a[1], "typekey"), _int(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
 
 
 def _parse_manage(a: list[str]) -> Manage:
@@ -452,27 +534,40 @@ def _parse_manage(a: list[str]) -> Manage:
     sub = _int(a[2], "manage sub-command", -MAX_INT, MAX_INT)
     if sub in (IBP_INCR, IBP_DECR) or (sub == IBP_PROBE and len(a) == 5):
         _want(a, 5, "MANAGE key typekey subcmd captype timeout")
-        return Manage(key, typekey, sub, _int(a[3], "captype", 0, 99), _timeout(a[4]), rid=rid)
+        captype = _int(a[3], "captype", -MAX_INT, MAX_INT)
+        if sub != IBP_PROBE and captype not in (IBP_READCAP, IBP_WRITECAP, IBP_MANAGECAP):
+            raise BadRequest(IBP_E_BAD_FORMAT, f"captype {captype} (want 1 read or 2 write)")
+        return Manage(key, typekey, sub, captype, _timeout(a[4]), rid=rid)
+    if sub == IBP_TRUNCATE:
+        _want(a, 5, "MANAGE key typekey 45 size timeout")
+        return Manage(key, typekey, sub, 0, _timeout(a[4]), _int(a[3], "size"), rid=rid)
     if sub in (IBP_CHNG, IBP_PROBE):  # PROBE as L-Store sends it: with three unused fields
         _want(a, 8, f"MANAGE key typekey {sub} captype size duration reliability timeout")
+        captype = _int(a[3], "captype", -MAX_INT, MAX_INT)  # unused, as in L-Store
         if sub == IBP_PROBE:
-            return Manage(key, typekey, sub, _int(a[3], "captype", 0, 99), _timeout(a[7]), rid=rid)
-        return Manage(
-            key,
-            typekey,
-            sub,
-            _int(a[3], "captype", 0, 99),
-            _timeout(a[7]),
-            _int(a[4], "size"),
-            _keep(_int(a[5], "duration", -MAX_INT)),
-            _keep(_int(a[6], "reliability", -MAX_INT)),
-            rid,
-        )
-    raise BadRequest(IBP_E_INVALID_CMD, f"unknown MANAGE sub-command {sub}")
+            return Manage(key, typekey, sub, captype, _timeout(a[7]), rid=rid)
+        size, duration, reliability = _change_fields(a[4], a[5], a[6])
+        return Manage(key, typekey, sub, captype, _timeout(a[7]), size, duration, reliability, rid)
+    raise BadRequest(IBP_E_BAD_FORMAT, f"unknown MANAGE sub-command {sub}")  # L-Store's read_manage: -21
+
+
+def _change_fields(size_tok: str, duration_tok: str, reliability_tok: str) -> tuple[int, int, int]:
+    """CHNG's size, duration and reliability, checked in the order and with the answers of L-Store's
+    read_manage: a negative value keeps the field, a size of 0 is -20, a duration of 0 is -30."""
+    size = _int(size_tok, "size", -MAX_INT)
+    if size == 0:
+        raise BadRequest(IBP_E_WOULD_DAMAGE_DATA, "size 0 (-1 keeps the size)")
+    duration = _int(duration_tok, "duration", -MAX_INT)
+    if duration == 0:
+        raise BadRequest(IBP_E_INVALID_PARAMETER, "duration 0 (-1 keeps the duration)")
+    reliability = _int(reliability_tok, "reliability", -MAX_INT)
+    if reliability >= 0 and reliability not in (IBP_SOFT, IBP_HARD):
+        raise BadRequest(IBP_E_BAD_FORMAT, f"reliability {reliability} (want 1 soft or 2 hard)")
+    return _keep(size), _keep(duration), _keep(reliability)
 
 
 def _keep(value: int) -> int:
-    """CHNG's negative duration or reliability: no change (L-Store sends -1)."""
+    """CHNG's negative size, duration or reliability: no change (L-Store sends -1)."""
     return KEEP if value < 0 else value
 
 
@@ -481,13 +576,15 @@ def _parse_status(a: list[str]) -> Status:
     if len(a) == 2:  # STATUS subcmd timeout: ST_RES or ST_VERSION, without a RID
         sub = _int(a[0], "status sub-command", -MAX_INT, MAX_INT)
         if sub not in (IBP_ST_RES, IBP_ST_VERSION):
-            raise BadRequest(IBP_E_INVALID_CMD, f"unknown STATUS sub-command {sub}")
+            raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")
         return Status("", sub, "", _timeout(a[1]))
     if len(a) < 4:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected STATUS rid subcmd password ... timeout")
     rid = _word(a[0], "rid")
     sub = _int(a[1], "status sub-command", -MAX_INT, MAX_INT)
-    password = _word(a[2], "password")
+    password = a[2]
+    if not _PASSWORD_RE.fullmatch(password):
+        raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed password")
     if sub == IBP_ST_INQ:
         _want(a, 4, "STATUS rid 1 password timeout")
         return Status(rid, sub, password, _timeout(a[3]))
@@ -496,7 +593,7 @@ def _parse_status(a: list[str]) -> Status:
             return Status(rid, sub, password, _timeout(a[3]), follows=True)
         _want(a, 6, "STATUS rid 2 password capacity max_duration timeout")
         return Status(rid, sub, password, _timeout(a[5]), _int(a[3], "capacity"), _int(a[4], "max_duration", 1))
-    raise BadRequest(IBP_E_INVALID_CMD, f"unknown STATUS sub-command {sub}")
+    raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")  # L-Store's read_status: -21
 
 
 def parse_change(line: bytes, req: Status) -> Status:
@@ -542,6 +639,21 @@ def format_request(req: Request) -> bytes:
             req.dest_timeout,
             req.dest_client_timeout,
         ]
+    elif isinstance(req, Transfer):
+        f = [
+            v,
+            IBP_PULL if req.pull else IBP_PUSH,
+            IBP_TCP,
+            _k(req.rid, req.key),
+            req.remote_cap,
+            req.typekey,
+            -1 if req.offset is None else req.offset,
+            -1 if req.remote_offset is None else req.remote_offset,
+            req.length,
+            req.timeout,
+            req.dest_timeout,
+            req.dest_client_timeout,
+        ]
     elif isinstance(req, Mcopy):
         f = [
             v,
@@ -555,7 +667,11 @@ def format_request(req: Request) -> bytes:
             req.timeout,
         ]
     elif isinstance(req, Manage):
-        f = [v, IBP_MANAGE, _k(req.rid, req.key), req.typekey, req.subcmd, req.captype]
+        f = [v, IBP_MANAGE, _k(req.rid, req.key), req.typekey, req.subcmd]
+        if req.subcmd == IBP_TRUNCATE:
+            f.append(req.size)
+        else:
+            f.append(req.captype)
         if req.subcmd == IBP_CHNG:
             f += [req.size, req.duration, req.reliability]
         f.append(req.timeout)

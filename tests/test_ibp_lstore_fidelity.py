@@ -1,0 +1,275 @@
+"""What L-Store's depot answers, ours answers: the byte-exact requests of L-Store's client (src/ibp/
+op_cmd.c), with the replies its depot (src/ibp-server/parse_commands.c, handle_commands.c) gives;
+and the requests our own client sends, as an L-Store depot takes them.
+"""
+
+# ruff: noqa: UP031 - the request lines are built with the C code's own printf formats, on purpose
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import free_port
+from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
+from test_ibp_lstore import (
+    IBP_CHNG,
+    IBP_DECR,
+    IBP_HARD,
+    IBP_INCR,
+    IBP_MANAGE,
+    IBP_OK,
+    IBP_PULL,
+    IBP_PUSH,
+    IBP_READCAP,
+    IBP_SOFT,
+    IBP_WRITECAP,
+    IBPv040,
+    LStore,
+    atoi,
+    parse_cap,
+)
+
+from apps.ibp import cli, lors
+from apps.ibp import wire as w
+from apps.ibp.client import Connection
+from apps.ibp.client import parse_cap as ibp_cap
+from apps.ibp.exnode import ExNode, Mapping
+
+IBP_BYTEARRAY = 1
+PASSWORD = "IBPch@ngem3"  # ibp_server.h DEFAULT_PASSWORD
+
+
+@pytest.fixture
+def lstore(depots: Start) -> Iterator[LStore]:  # noqa: F811
+    port = free_port(["127.0.0.1"])
+    depots("fid1", "--listen", f"tcp:127.0.0.1:{port}", "--copy-to", f"127.0.0.1:{port}")
+    c = LStore(port)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def ask(c: LStore, line: str) -> int:
+    """One request line; the status its reply starts with (atoi, as op_cmd.c's *_recv)."""
+    c.send_command(line)
+    return atoi(c.readline().split(" ")[0])
+
+
+def keys(cap: str) -> str:
+    """`KEY TYPEKEY` of a capability, as op_cmd.c puts them on a line."""
+    return "%s %s" % parse_cap(cap)[2:]
+
+
+def new(c: LStore, size: int = 100, data: bytes = b"") -> tuple[str, str, str]:
+    status, caps = c.allocate("0", IBP_SOFT, IBP_BYTEARRAY, 3600, size)
+    assert status == IBP_OK
+    if data:
+        assert c.store(caps[1], data) == (IBP_OK, len(data))
+    return caps[0], caps[1], caps[2]
+
+
+# 1. CHNG with size -1, as lio_warm sends it (ibp_modify_alloc_gop(mcap, -1, dt, -1)).
+
+
+def test_chng_with_size_minus_one_keeps_the_size_and_applies_the_duration(lstore: LStore) -> None:
+    _, _, mcap = new(lstore, 100, b"0123456789")
+    line = "%d %d %s %d 3 -1 86400 -1 10\n" % (IBPv040, IBP_MANAGE, keys(mcap), IBP_CHNG)
+    assert ask(lstore, line) == IBP_OK
+    p = lstore.probe(mcap)[1]
+    assert (p["maxSize"], p["currentSize"]) == (100, 10) and p["duration"] - time.time() > 86000
+    assert lstore.change(mcap, -1, 3600, -1) == IBP_OK  # modify_alloc_command's own line
+    # parse_commands.c read_manage: a size of 0 is -20, nothing changed.
+    assert ask(lstore, "1 9 %s 43 3 0 -1 -1 10\n" % keys(mcap)) == w.IBP_E_WOULD_DAMAGE_DATA
+    assert lstore.probe(mcap)[1]["maxSize"] == 100
+
+
+# 2. Our client's "keep the size" is -1, which an L-Store depot takes (it refuses 0 with -20).
+
+
+class Recorder:
+    """A depot that answers as L-Store's would: CHNG with size 0 is -20, other requests succeed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as f:
+                for line in f:
+                    self.lines.append(line)
+                    toks = line.split()
+                    if toks[1:2] == [b"9"] and toks[4:5] == [b"40"]:
+                        conn.sendall(b"1 1 0 10 100 3600 2 1 \n")
+                    elif toks[1:2] == [b"9"] and toks[4:5] == [b"43"] and toks[6:7] == [b"0"]:
+                        conn.sendall(b"-20 \n")
+                    else:
+                        conn.sendall(b"1 \n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_our_refresh_and_extend_keep_the_size_with_minus_one() -> None:
+    rec = Recorder()
+    try:
+        mcap = f"ibp://127.0.0.1:{rec.port}/0#{'k' * 32}/{'m' * 8}/MANAGE"
+        rcap = mcap.replace("MANAGE", "READ")
+        ex = ExNode("f", 10, mappings=[Mapping(0, 10, 0, 100, rcap, manage=mcap)])
+        _, failed = lors.refresh(ex, lors.SET, 3600, lors.Settings(timeout=5))
+        assert failed == []
+        cli.run(cli.parser().parse_args(["manage", mcap, "extend", "--duration", "1h", "--timeout", "5"]))
+        chng = [ln for ln in rec.lines if ln.split()[4:5] == [b"43"]]
+        assert [ln.split()[5:9] for ln in chng] == [[b"3", b"-1", b"3600", b"-1"]] * 2
+    finally:
+        rec.close()
+
+
+# 3. WRITE past the end: handle_write checks only offset + length <= max_size; the gap reads as zeros.
+
+
+def test_a_write_past_the_end_leaves_zeros_within_the_maximum_size(lstore: LStore) -> None:
+    rcap, wcap, _ = new(lstore, 100, b"abc")
+    assert lstore.write(wcap, 20, b"HOLE") == (IBP_OK, 4)
+    assert lstore.load(rcap, 0, 24) == (IBP_OK, b"abc" + bytes(17) + b"HOLE")
+    other = LStore(lstore.sock.getpeername()[1])  # a refused WRITE closes its connection
+    try:
+        assert other.write(wcap, 98, b"xyz") == (w.IBP_E_WOULD_EXCEED_LIMIT, -1)
+    finally:
+        other.close()
+
+
+# 4. PUSH and PULL (pushpull_command; read_read and handle_copy/handle_transfer).
+
+
+def test_push_and_pull_copy_between_depots_as_lstore_does(lstore: LStore) -> None:
+    src_r, _, _ = new(lstore, 100, b"0123456789")
+    dst_r, dst_w, _ = new(lstore, 100)
+    assert lstore.pushpull(IBP_PUSH, src_r, dst_w, 0, -1, 5) == IBP_OK  # -1: append (a STORE)
+    assert lstore.pushpull(IBP_PUSH, src_r, dst_w, 5, 8, 5) == IBP_OK  # at 8 (a WRITE): a hole at 5..8
+    assert lstore.load(dst_r, 0, 13) == (IBP_OK, b"01234" + bytes(3) + b"56789")
+    # PULL: the local capability is a write capability, the remote one is read from remote_offset.
+    pull_r, pull_w, _ = new(lstore, 100, b"ab")
+    assert lstore.pushpull(IBP_PULL, pull_w, src_r, -1, 2, 3) == IBP_OK  # -1: append
+    assert lstore.pushpull(IBP_PULL, pull_w, src_r, 10, 0, 2) == IBP_OK  # at 10: a hole at 5..10
+    assert lstore.load(pull_r, 0, 12) == (IBP_OK, b"ab234" + bytes(5) + b"01")
+    # handle_copy: past the local data (PUSH) or the local maximum (PULL) is -19; a PULL needs the
+    # write key (a read one is no such capability, -4); Phoebus is not served (-22).
+    assert lstore.pushpull(IBP_PUSH, src_r, dst_w, 8, -1, 5) == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert lstore.pushpull(IBP_PULL, pull_w, src_r, 98, 0, 5) == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert lstore.pushpull(IBP_PULL, src_r, src_r, -1, 0, 5) == w.IBP_E_CAP_NOT_FOUND
+    line = "1 20 2 auto %s %s %s 0 -1 5 10 10 10\n" % (parse_cap(src_r)[2], dst_w, parse_cap(src_r)[3])
+    assert ask(lstore, line) == w.IBP_E_TYPE_NOT_SUPPORTED
+    # The copy-target policy of SEND holds for both: a target --copy-to does not allow is -61.
+    elsewhere = dst_w.replace(f":{lstore.sock.getpeername()[1]}/", ":1/")
+    assert lstore.pushpull(IBP_PUSH, src_r, elsewhere, 0, -1, 5) == w.IBP_E_INVALID_HOST
+    assert lstore.pushpull(IBP_PULL, pull_w, elsewhere.replace("/WRITE", "/READ"), -1, 0, 5) == w.IBP_E_INVALID_HOST
+
+
+# 5. TRUNCATE (truncate_command; handle_manage IBP_TRUNCATE): a new maximum size, the data cut to it.
+
+
+def test_truncate_sets_the_maximum_and_cuts_the_data(lstore: LStore) -> None:
+    rcap, wcap, mcap = new(lstore, 100, b"0123456789")
+    assert lstore.truncate(mcap, 5) == IBP_OK
+    p = lstore.probe(mcap)[1]
+    assert (p["currentSize"], p["maxSize"]) == (5, 5)
+    assert lstore.load(rcap, 0, 5) == (IBP_OK, b"01234")
+    assert lstore.load(rcap, 0, 6)[0] == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert lstore.truncate(mcap, 50) == IBP_OK  # growing: the size stays, the room is back
+    assert lstore.write(wcap, 20, b"x") == (IBP_OK, 1)
+    assert lstore.load(rcap, 0, 21) == (IBP_OK, b"01234" + bytes(15) + b"x")  # what was cut stays gone
+    assert lstore.probe(mcap)[1]["maxSize"] == 50
+
+
+# 6. Reference counts: read 1, write 0 at first (resource.c); freed once both are 0 (handle_manage);
+#    a write never looks at the write count.
+
+
+def test_reference_counts_are_lstores(lstore: LStore) -> None:
+    rcap, wcap, mcap = new(lstore, 100)
+    p = lstore.probe(mcap)[1]
+    assert (p["readRefCount"], p["writeRefCount"]) == (1, 0)
+    assert lstore.count(mcap, IBP_DECR, IBP_WRITECAP) == IBP_OK  # stays 0
+    assert lstore.store(wcap, b"abc") == (IBP_OK, 3)  # the write count does not matter
+    assert lstore.count(mcap, IBP_INCR, IBP_WRITECAP) == IBP_OK
+    assert lstore.count(mcap, IBP_DECR, IBP_READCAP) == IBP_OK
+    p = lstore.probe(mcap)[1]
+    assert (p["readRefCount"], p["writeRefCount"]) == (0, 1)  # not freed: a writer holds it
+    assert lstore.load(rcap, 0, 3) == (IBP_OK, b"abc")
+    assert lstore.count(mcap, IBP_DECR, IBP_WRITECAP) == IBP_OK  # both 0: freed
+    assert lstore.probe(mcap)[0] == w.IBP_E_CAP_NOT_FOUND
+
+
+# 7. ST_INQ's password: the depot's (L-Store's default unless --password), -29 otherwise.
+
+
+def test_status_inq_wants_the_depots_password(depots: Start) -> None:  # noqa: F811
+    port = free_port(["127.0.0.1"])
+    depots("fid2", "--listen", f"tcp:127.0.0.1:{port}")
+    c = LStore(port)
+    try:
+        assert c.inq("0", PASSWORD)[0] == IBP_OK
+        assert c.inq("0", "ibp")[0] == w.IBP_E_WRONG_PASSWD
+        assert c.inq("9", "ibp")[0] == w.IBP_E_WRONG_PASSWD  # the password first, as handle_status
+    finally:
+        c.close()
+    with Connection(f"127.0.0.1:{port}", timeout=10) as conn:
+        assert int(conn.status()["capacity"]) > 0  # our client sends L-Store's default
+    port2 = free_port(["127.0.0.1"])
+    depots("fid3", "--listen", f"tcp:127.0.0.1:{port2}", "--password", "s3cret")
+    with Connection(f"127.0.0.1:{port2}", timeout=10) as conn:
+        with pytest.raises(w.IbpError) as e:
+            conn.status()
+        assert e.value.status == w.IBP_E_WRONG_PASSWD
+        assert int(conn.status(password="s3cret")["capacity"]) > 0
+
+
+# 8. LOAD and SEND of length 0: -36 (read_read); our client finds the real length and sends it.
+
+
+def test_a_length_of_zero_is_refused_and_our_client_sends_the_real_one(lstore: LStore) -> None:
+    rcap, _, _ = new(lstore, 100, b"0123456789")
+    dst_r, dst_w, _ = new(lstore, 100)
+    r_keys = parse_cap(rcap)[2:]
+    assert ask(lstore, "1 8 %s %s 0 0 10\n" % r_keys) == w.IBP_E_INV_PAR_SIZE
+    assert ask(lstore, "1 5  %s %s %s 0 0 10 10 10\n" % (r_keys[0], dst_w, r_keys[1])) == w.IBP_E_INV_PAR_SIZE
+    with Connection(f"127.0.0.1:{lstore.sock.getpeername()[1]}", timeout=10) as conn:
+        r = ibp_cap(rcap)
+        assert conn.readable(r) == 10 and conn.readable(r, 10) == 0
+        assert conn.load_bytes(r, 3) == b"3456789"  # `ibp load` without --length
+        assert conn.copy(r, ibp_cap(dst_w)) == 10  # `ibp copy` without --length
+    assert lstore.load(dst_r, 0, 10) == (IBP_OK, b"0123456789")
+
+
+# 9. Error codes, each as L-Store's depot answers.
+
+
+def test_error_codes_are_lstores(lstore: LStore) -> None:
+    rcap, _, mcap = new(lstore, 100, b"0123456789")
+    r_keys = parse_cap(rcap)[2:]
+    _, dst_w, _ = new(lstore, 100)
+    # handle_read: a range past the data is -19, the offset past it too.
+    assert ask(lstore, "1 8 %s %s 20 1 10\n" % r_keys) == w.IBP_E_WOULD_EXCEED_LIMIT
+    # handle_manage: a duration past the maximum is -45, and the expiry is still changed (to our maximum).
+    assert lstore.change(mcap, 200, int(time.time()) + 200_000, IBP_HARD) == w.IBP_E_WOULD_EXCEED_POLICY
+    p = lstore.probe(mcap)[1]
+    assert (p["maxSize"], p["reliability"]) == (200, IBP_HARD) and 86300 < p["duration"] - time.time() <= 86401
+    # read_manage, read_status: an unknown sub-command is -21.
+    assert ask(lstore, "1 9 %s 44 3 10\n" % keys(mcap)) == w.IBP_E_BAD_FORMAT
+    assert ask(lstore, "1 4 0 9 %s 10\n" % PASSWORD) == w.IBP_E_BAD_FORMAT
+    # handle_manage finds the allocation by its manage key: a read key is no such capability.
+    assert ask(lstore, "1 9 %s 40 3 0 0 0 10 \n" % keys(rcap)) == w.IBP_E_CAP_NOT_FOUND
+    # read_read: a SEND's destination timeouts must not be 0.
+    assert ask(lstore, "1 5  %s %s %s 0 1 10 0 10\n" % (r_keys[0], dst_w, r_keys[1])) == w.IBP_E_INVALID_PARAMETER
+    assert lstore.load(rcap, 0, 10) == (IBP_OK, b"0123456789")

@@ -58,15 +58,17 @@ def send_message(flow: Flow, data: bytes) -> None:
         flow.write(view[i : i + w.PIECE])
 
 
+SMALL_SDU = 1024  # bytes: SDUs shorter than this are gathered, not kept one by one
+
+
 class Reassembly:
     """Whole messages out of a reliable flow's SDUs, sans-IO: a message begins an SDU and says its
     size; a longer one continues in the SDUs that follow, which carry nothing else."""
 
     def __init__(self) -> None:
-        # One buffer, not a list of the SDUs: a peer sending a message in 1-byte SDUs would make each
-        # byte cost a bytes object's 33 and a list slot's 8.
-        self._buf = bytearray()
+        self._parts: list[bytes | bytearray] = []
         self._need = 0
+        self._have = 0
 
     def feed(self, sdu: bytes, limit: int) -> bytes | None:
         """The message `sdu` completes (or is); None while more of it is due. A message said to be
@@ -75,25 +77,30 @@ class Reassembly:
         if not self._need:
             if len(sdu) < 4 or not len(sdu) < w.message_size(sdu) <= limit:
                 return sdu
-            self._need = w.message_size(sdu)
-            self._buf += sdu
+            self._parts, self._need, self._have = [sdu], w.message_size(sdu), len(sdu)
             return None
-        if len(self._buf) + len(sdu) > self._need:
-            raise TransportError(
-                f"an SDU runs {len(self._buf) + len(sdu) - self._need} bytes past the end of its message"
-            )
-        self._buf += sdu
-        if len(self._buf) < self._need:
+        self._have += len(sdu)
+        if self._have > self._need:
+            raise TransportError(f"an SDU runs {self._have - self._need} bytes past the end of its message")
+        # Small SDUs are gathered in one buffer: a peer sending a message a byte at a time would make
+        # each byte cost a bytes object (33) and a list slot (8). Large ones are kept as they came, for
+        # one copy in all when the message is whole.
+        if len(sdu) >= SMALL_SDU:
+            self._parts.append(sdu)
+        elif isinstance(tail := self._parts[-1], bytearray):
+            tail += sdu
+        else:
+            self._parts.append(bytearray(sdu))
+        if self._have < self._need:
             return None
-        whole = bytes(self._buf)
-        self._buf = bytearray()
-        self._need = 0
+        whole = b"".join(self._parts)
+        self._parts, self._need = [], 0
         return whole
 
     @property
     def held(self) -> int:
         """Bytes of a message begun and not yet whole."""
-        return len(self._buf)
+        return self._have if self._need else 0
 
 
 class FlowTransport(Transport):

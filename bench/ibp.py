@@ -122,7 +122,7 @@ def _ibp(data: bytes, buf: bytearray) -> tuple[float, float, float]:
             raise BenchError("IBP load returned other bytes than were stored")
         _, w2, m2 = c2.allocate(len(data), 600)
         t2 = time.perf_counter()
-        c1.copy(r, w2)
+        c1.copy(r, w2, length=len(data))
         t3 = time.perf_counter()
         for conn, cap in ((c1, m), (c2, m2)):
             conn.manage(cap, w.IBP_DECR, w.IBP_READCAP)  # free the space for the next run

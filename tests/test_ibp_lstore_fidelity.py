@@ -34,6 +34,7 @@ from test_ibp_lstore import (
 
 from apps.ibp import cli, lors
 from apps.ibp import wire as w
+from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
 from apps.ibp.client import parse_cap as ibp_cap
 from apps.ibp.exnode import ExNode, Mapping
@@ -249,6 +250,20 @@ def test_a_length_of_zero_is_refused_and_our_client_sends_the_real_one(lstore: L
         assert conn.readable(r) == 10 and conn.readable(r, 10) == 0
         assert conn.load_bytes(r, 3) == b"3456789"  # `ibp load` without --length
         assert conn.copy(r, ibp_cap(dst_w)) == 10  # `ibp copy` without --length
+        asked: list[tuple[int, int]] = []
+        real = conn.load_bytes
+
+        def counted(cap: Capability, offset: int = 0, length: int = 0) -> bytearray:
+            asked.append((offset, length))
+            return real(cap, offset, length)
+
+        conn.load_bytes = counted  # type: ignore[method-assign]
+        assert [conn.readable(r, hint=h) for h in (10, 4, 40)] == [10, 10, 10]
+        assert len(asked) <= 2 + 2 * 4 + 8  # a right hint costs two one-byte loads
+        asked.clear()
+        assert conn.readable(r, hint=10) == 10 and len(asked) == 2
+        buf = bytearray(10)
+        assert conn.load_into(r, buf) == 10 and buf == b"0123456789"  # its buffer is the hint
     assert lstore.load(dst_r, 0, 10) == (IBP_OK, b"0123456789")
 
 

@@ -170,10 +170,10 @@ class Connection:
         reply = self._checked(self._reply())
         return w.reply_int(reply, 0, "stored length")
 
-    def load(self, cap: Capability, offset: int = 0, length: int = 0) -> tuple[int, Iterator[bytes]]:
-        """(n, chunks): n bytes at `offset` (length 0: to the end, found by `readable`: IBP depots
-        refuse a length of 0); consume the chunks before the next call."""
-        length = length or self.readable(cap, offset)
+    def load(self, cap: Capability, offset: int = 0, length: int = 0, hint: int = 0) -> tuple[int, Iterator[bytes]]:
+        """(n, chunks): n bytes at `offset` (length 0: to the end, found by `readable`, from `hint` if
+        given: IBP depots refuse a length of 0); consume the chunks before the next call."""
+        length = length or self.readable(cap, offset, hint)
         if not length:
             return 0, iter(())
         reply = self.call(w.Load(cap.key, cap.typekey, offset, length, self._server_timeout, cap.rid))
@@ -182,10 +182,11 @@ class Connection:
             raise w.IbpError(w.IBP_E_BAD_FORMAT, f"asked for {length} bytes, the depot announced {n}")
         return n, self._chunks(n)
 
-    def readable(self, cap: Capability, offset: int = 0) -> int:
+    def readable(self, cap: Capability, offset: int = 0, hint: int = 0) -> int:
         """How many bytes `cap`'s allocation holds from `offset`. A read capability gives no other way
         to learn its size on an IBP depot (a load's length must be at least 1, PROBE wants the manage
-        key), so the end is found with one-byte loads: doubling, then halving (2 log2 n requests)."""
+        key), so the end is found with one-byte loads: doubling, then halving (2 log2 n requests); two
+        when `hint` (say, the size of the buffer to fill) is right, as it usually is."""
 
         def has(count: int) -> bool:
             try:
@@ -196,8 +197,15 @@ class Connection:
                 raise
             return True
 
-        have, beyond = 0, 1  # `have` bytes are there, `beyond` are not (once known)
-        while has(beyond):
+        have, beyond, bounded = 0, 1, False  # `have` bytes are there, `beyond` are not (once bounded)
+        if hint > 0:
+            if not has(hint):
+                beyond, bounded = hint, True
+            elif not has(hint + 1):
+                return hint
+            else:
+                have, beyond = hint + 1, min(2 * (hint + 1), w.MAX_INT - offset)
+        while not bounded and has(beyond):
             have, beyond = beyond, min(2 * beyond, w.MAX_INT - offset)
             if have == beyond:
                 return have
@@ -226,8 +234,8 @@ class Connection:
         """A load into `buf` from its start, as recv_into does: the count of bytes. A buffer used again
         spares the fresh memory load_bytes takes (page faults: about 0.3 ms per MB on a small VM). A
         load longer than `buf` fails after its bytes were read past, so the connection stays usable."""
-        n, chunks = self.load(cap, offset, length)
         view = memoryview(buf).cast("B")
+        n, chunks = self.load(cap, offset, length, hint=len(view))
         if n > len(view):
             for _ in chunks:
                 pass

@@ -31,9 +31,9 @@ from ipcp.shim_guard import Bucket
 from ipcp.shim_wire import ShimWireError, response_code
 from proto import messages as m
 from proto.qos import QosSpec
-from proto.ratelog import RateLog
 from transports.channel import HandlerError, RemoteError
 from transports.impair import ImpairedFraming, Impairment
+from transports.ratelog import RateLog
 from transports.relay import Framing, Relay
 from transports.unix import seqpacket_pair
 

@@ -35,7 +35,7 @@ from proto import oap
 from proto.errors import Busy, error_class
 from proto.oap import EAUTH, ECRYPT, OapError
 from proto.qos import QosSpec
-from proto.ratelog import RateLog
+from transports.ratelog import RateLog
 
 # Key exchange and certificates (cryptography, ~25 ms to import) load with the first name that has
 # security files or the first encrypted flow, not at every IRMd's start.

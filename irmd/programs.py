@@ -17,7 +17,7 @@ from irmd import spawn
 from irmd.forkserver import Forked
 from irmd.identity import proc_start
 from irmd.reg import Ipcp, ProgBinding
-from proto.ratelog import RateLog
+from transports.ratelog import RateLog
 
 if TYPE_CHECKING:
     from irmd.core import Irmd

@@ -21,8 +21,8 @@ from irmd.policy import Caller
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
 from proto.errors import Code, FlowError, InvalidArgument, PermissionDenied, ProtocolError
-from proto.ratelog import RateLog
 from transports.channel import AsyncChannel, HandlerError
+from transports.ratelog import RateLog
 from transports.unix import TrustError, close_fds, make_sock_dir, refuse_rights
 from transports.wire import Error, Message
 

@@ -20,7 +20,7 @@ from proto import messages as m
 from proto import oap
 from proto.errors import FlowError
 from proto.qos import QosSpec, raw
-from proto.ratelog import RateLog
+from transports.ratelog import RateLog
 
 T0 = 1_800_000_000_000_000_000
 MS = 1_000_000

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from proto.ratelog import RateLog
+from transports.ratelog import RateLog
 from transports.unix import close_fds, recv_frame, send_frame
 from transports.wire import HEADER, ID_MASK, NOTICE, REPLY, Codec, Error, Message, WireError
 

@@ -17,7 +17,7 @@ from apps.ibp.capability import MANAGE, READ, WRITE, Capability, key_hash, keys_
 from apps.ibp.limits import Limits
 from apps.ibp.storage import DiskStore
 from apps.ibp.wire import IbpError
-from proto.ratelog import RateLog
+from transports.ratelog import RateLog
 
 log = logging.getLogger(__name__)
 _disk_log = RateLog(rate=0.1, burst=3, logger=log)  # a full disk would otherwise log on every change

@@ -36,7 +36,7 @@ from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
 from proto.errors import IrmdUnreachable
-from proto.ratelog import RateLog
+from transports.ratelog import RateLog
 from transports.unix import irmd_sock_path
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ from proto.names import HASHES
 from proto.qos import QosSpec
 from proto.qos import by_name as qos_by_name
 from proto.qos import raw as qos_raw
-from proto.ratelog import RateLog
 from transports.channel import HandlerError, RemoteError
+from transports.ratelog import RateLog
 from transports.unix import seqpacket_pair
 from transports.wire import Message, WireError
 

@@ -180,11 +180,7 @@ class Server:
             self.fset.close()
 
     def _listen(self, enabled: bool) -> None:
-        if enabled != self.listening:
-            if not enabled:
-                print("Can't accept any more flows, waiting.", flush=True)
-            self.fset.listen(enabled)
-            self.listening = enabled
+        self.listening = switch_listening(self.fset, self.listening, enabled)
 
     def _handle(self, ev: Event, now: float) -> None:
         flow = ev.flow
@@ -211,6 +207,16 @@ class Server:
         if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
             self.on_end(flow)
         flow.close()
+
+
+def switch_listening(fset: FlowSet, listening: bool, enabled: bool) -> bool:
+    """Listen on `fset`, or stop (at a server's flow limit, saying so as C's servers do), when that
+    changes; the new state."""
+    if enabled != listening:
+        if not enabled:
+            print("Can't accept any more flows, waiting.", flush=True)
+        fset.listen(enabled)
+    return enabled
 
 
 def stack_report(flow: Flow, lost: int) -> list[str]:

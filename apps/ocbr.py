@@ -15,7 +15,7 @@ import sys
 import time
 from typing import NoReturn
 
-from apps.common import Pacer, alloc, fail, on_signals, qos_arg
+from apps.common import Pacer, alloc, fail, on_signals, qos_arg, switch_listening
 from flowlib import EventQueue, EventType, Flow, FlowError, FlowSet, fevent, qos
 from proto import logs
 from proto.service import notify_ready
@@ -90,11 +90,7 @@ class Server:
             self.fset.close()
 
     def _listen(self, enabled: bool) -> None:
-        if enabled != self.listening:
-            if not enabled:
-                print("Can't accept any more flows, waiting.", flush=True)
-            self.fset.listen(enabled)
-            self.listening = enabled
+        self.listening = switch_listening(self.fset, self.listening, enabled)
 
     def _handle(self, flow: Flow, kind: EventType, now: float) -> None:
         if kind is EventType.ALLOC:

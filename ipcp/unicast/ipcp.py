@@ -330,20 +330,7 @@ class UnicastIpcp(Ipcp):
                 # DT reads a raw flow's socket itself, past flowlib: its peer's liveness cannot be seen.
                 spec = dataclasses.replace(spec, timeout=0)
             af = await self._alloc_n1(dst, spec, "connect")
-            adj = Adjacency(
-                Handshake(
-                    True,
-                    comp,
-                    self.name,
-                    self.layer,
-                    self.addr,
-                    self.psk,
-                    time.monotonic(),
-                    self.max_addr,
-                    self.identity,
-                    self._key_of,
-                )
-            )
+            adj = self._adjacency(True, comp)
             try:
                 await self._drive(af, adj)
             except BaseException:
@@ -376,20 +363,7 @@ class UnicastIpcp(Ipcp):
                 self.stats["greet_refused"] += 1
                 af.close()
                 continue
-            adj = Adjacency(
-                Handshake(
-                    False,
-                    "",
-                    self.name,
-                    self.layer,
-                    self.addr,
-                    self.psk,
-                    time.monotonic(),
-                    self.max_addr,
-                    self.identity,
-                    self._key_of,
-                )
-            )
+            adj = self._adjacency(False, "")
             self._greeting[af] = (adj, self.spawn(self._greet(af, adj)))
 
     def _evict_unproven(self) -> bool:
@@ -446,6 +420,12 @@ class UnicastIpcp(Ipcp):
         finally:
             core.closed() if not core.done else None
             af.close()
+
+    def _adjacency(self, initiator: bool, component: str) -> Adjacency:
+        """An N-1 flow's handshake, as this member: its name, address, layer key and member key."""
+        hs = Handshake(initiator, component, self.name, self.layer, self.addr, self.psk, time.monotonic(),
+                       self.max_addr, self.identity, self._key_of)  # fmt: skip
+        return Adjacency(hs)
 
     def _key_of(self, addr: int) -> bytes | None:
         """The member key `addr` is bound to (by its LSUs), if any."""

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_ibp_depot import _NoScan
+from test_ibp_depot import _NoScan, alloc, store
 from test_ibp_hostile import ALLOCS, LEGIT_WAIT, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import limits, storage
@@ -43,19 +43,6 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the attacker runs as uid
 
 def core(path: Path, capacity: int = 100 * MB, lim: Limits = ALL) -> DepotCore:
     return DepotCore(DiskStore(path), capacity, 86400, NOW, lim)
-
-
-def alloc(size: int, duration: int = 3600, reliability: int = w.IBP_SOFT) -> w.Allocate:
-    return w.Allocate("0", reliability, w.IBP_BYTEARRAY, duration, size, 30)
-
-
-def store(c: DepotCore, g: Grant, data: bytes) -> None:
-    a = g.allocation
-    start = c.check_write(a, None, len(data))
-    with c.open_data(a) as f:
-        f.seek(start)
-        f.write(data)
-    c.commit(a, start + len(data))
 
 
 def manage(g: Grant, sub: int, captype: int = w.IBP_READCAP, size: int = 0, duration: int = w.KEEP) -> w.Manage:

@@ -54,6 +54,7 @@ MEMBER_TTL = 60.0
 GREET_EVERY = 0.5  # candidates are greeted a few at a time, not all at once
 QUARANTINE = 30.0  # a freed eid waits this long before reuse, if others are free: its peer may still send
 MAX_QUARANTINE = 65536  # freed eids remembered at most
+EID_DRAWS = 64  # random draws for a free eid in a wide space before looking in order
 
 # -- limits ---------------------------------------------------------------------------
 
@@ -326,8 +327,14 @@ class ShimCore:
             eid = random.choice(fresh) if fresh else next(e for e in self._freed if e not in held)
         else:  # at most 4,096 of 65,535 or more taken: a few draws
             held = set(self._deciding.values())
-            while (eid := random.randint(lo, hi)) in self.flows or eid in held or eid in self._freed:
-                pass
+            for _ in range(EID_DRAWS):
+                eid = random.randint(lo, hi)
+                if eid not in self.flows and eid not in held and eid not in self._freed:
+                    break
+            else:  # nearly every free eid was freed lately (by the ten thousand): the one freed longest ago
+                taken = self.flows.keys() | held
+                found = next((e for e in self._freed if e not in taken), None)
+                eid = found if found is not None else next(e for e in range(lo, hi + 1) if e not in taken)
         self._freed.pop(eid, None)
         return eid
 

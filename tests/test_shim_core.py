@@ -568,6 +568,17 @@ def test_a_freed_eid_is_handed_out_again_only_when_no_other_is_free() -> None:
         b.alloc(PONG, qos.raw, MAC_A, T0, 5.0)
 
 
+@pytest.mark.timeout(10)
+def test_an_eid_is_found_even_when_nearly_every_free_one_was_freed_lately() -> None:
+    """Draws that keep hitting quarantined eids end: the one freed longest ago is taken."""
+    b = core(MAC_B, layout=ETH_DIX)  # 65,535 eids
+    lo, hi = b.layout.eids
+    for eid in range(lo, hi + 1):
+        b._freed[eid] = T0  # (tens of thousands of flows freed within the quarantine)
+    eid = b.alloc(PONG, qos.raw, MAC_A, T0, 5.0).eid
+    assert eid == lo and eid not in b._freed
+
+
 def test_the_flow_limit_holds_requests_and_allocations() -> None:
     a = core(A, limits=Limits(flows=3))
     a.register(PONG, True)

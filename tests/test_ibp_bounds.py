@@ -121,6 +121,28 @@ def test_allocations_shrunk_by_chng_give_their_blocks_back(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(60)
+def test_an_allocation_grown_by_chng_has_its_blocks_and_a_shrink_is_never_refused(tmp_path: Path) -> None:
+    """Growing reserves the blocks a store will need, as ALLOCATE does; shrinking needs no admission
+    (a policy that would refuse the allocation now must still let it give space back)."""
+    needs_fallocate()
+    c = core(tmp_path, capacity=64 * MB)
+    g = c.allocate(alloc(MB), NOW)
+    c.manage(manage(g, w.IBP_CHNG, w.IBP_MANAGECAP, size=40 * MB), NOW)
+    assert os.stat(c.store.path(g.allocation.fid)).st_blocks * 512 >= 40 * MB
+    c.capacity = 41 * MB  # (now a grow to 40 MB of so full a disk would not be admitted)
+    c.manage(manage(g, w.IBP_CHNG, w.IBP_MANAGECAP, size=30 * MB), NOW)
+    assert g.allocation.max_size == 30 * MB
+
+
+def test_a_pull_from_a_source_slower_than_the_minimum_rate_is_cut() -> None:
+    fast, slow = limits.Pace(time.monotonic(), 10.0, 1), limits.Pace(time.monotonic() - 10, 1.0, 1)
+    assert list(srv._paced(iter([b"a", b"b"]), fast)) == [b"a", b"b"]
+    with pytest.raises(w.IbpError) as e:
+        list(srv._paced(iter([b"a", b"b"]), slow))
+    assert e.value.status == w.IBP_E_SERVER_TIMEOUT
+
+
+@pytest.mark.timeout(60)
 def test_a_restart_trims_files_and_reserved_blocks_to_the_recorded_maximum(tmp_path: Path) -> None:
     """A data directory left with blocks reserved past an allocation's maximum (by a depot before
     this fix) or bytes past its acknowledged size (a crash mid-store) is trimmed at start."""

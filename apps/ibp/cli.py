@@ -88,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
         help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})",
     )
     d.add_argument("--password", default=w.DEFAULT_PASSWORD, help="the password ST_INQ asks for (L-Store's default)")
+    d.add_argument("--password-file", type=Path, help="read it from this file instead (a command line is public)")
     add_flags(d)
 
     a = add("allocate", help="reserve space; prints read, write and manage capabilities")
@@ -129,10 +130,22 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("depot")
     st.add_argument("--version", action="store_true", help="the depot's description, policy and limits")
     st.add_argument("--password", default=w.DEFAULT_PASSWORD, help="the depot's ST_INQ password (L-Store's default)")
+    st.add_argument("--password-file", type=Path, help="read it from this file instead (a command line is public)")
     st.add_argument("--admin-key", help="the depot's admin key (DIR/admin.key) for changes")
     st.add_argument("--capacity", type=size)
     st.add_argument("--max-duration", type=seconds)
     return p
+
+
+def password(args: argparse.Namespace) -> str:
+    """The ST_INQ password: --password-file's first line, else --password."""
+    if args.password_file is None:
+        return str(args.password)
+    path: Path = args.password_file
+    try:
+        return path.read_text().split("\n", 1)[0].strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"ibp: cannot read the password file: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,12 +260,12 @@ def run_status(args: argparse.Namespace) -> int:
         if args.capacity is not None or args.max_duration is not None:
             if not args.admin_key:
                 raise w.IbpError(w.IBP_E_WRONG_PASSWD, "changes need --admin-key")
-            info = conn.status(password=args.password)
+            info = conn.status(password=password(args))
             capacity = args.capacity if args.capacity is not None else int(info.get("capacity", "0"))
             maxdur = args.max_duration if args.max_duration is not None else int(info.get("max_duration", "1"))
             conn.change(args.admin_key, capacity, maxdur)
         print(f"name {args.depot}")
-        for k, v in conn.status(password=args.password).items():
+        for k, v in conn.status(password=password(args)).items():
             print(f"{k} {v}")
     return 0
 
@@ -294,7 +307,7 @@ def run_depot(args: argparse.Namespace) -> int:
         except FlowError as e:
             if "already" not in str(e).lower() and "exist" not in str(e).lower():
                 raise
-    server = DepotServer(core, args.name, limits, irm=irm, encrypt=args.encrypt, password=args.password)
+    server = DepotServer(core, args.name, limits, irm=irm, encrypt=args.encrypt, password=password(args))
     stop = threading.Event()
     threading.Thread(target=server.expiry_loop, args=(stop,), daemon=True).start()
     if args.listen:

@@ -367,31 +367,33 @@ class DepotCore:
         reliability = a.reliability if req.reliability == w.KEEP else req.reliability
         if reliability not in (w.IBP_SOFT, w.IBP_HARD):
             raise self.refuse(w.IBP_E_BAD_FORMAT, f"reliability {reliability}")
-        self._resize(a, size, duration, reliability=reliability, **changes)
+        self._resize(a, size, duration, now, reliability=reliability, **changes)
         if status != w.IBP_OK:
             raise self.refuse(status, why)
         return ()
 
     def _truncate(self, a: Allocation, size: int, now: float) -> tuple[object, ...]:
         """TRUNCATE (L-Store's IBP_TRUNCATE): the maximum size becomes `size` and data past it is cut."""
-        self._resize(a, size, self._left(a, now), size=min(a.size, size))
+        self._resize(a, size, self._left(a, now), now, size=min(a.size, size))
         return ()
 
     def _left(self, a: Allocation, now: float) -> int:
         """The seconds `a` has left, as the admission policy weighs a change that keeps its expiry."""
         return max(1, min(self.max_duration, int(a.expires - now)))
 
-    def _resize(self, a: Allocation, max_size: int, duration: int, **changes: Any) -> None:
+    def _resize(self, a: Allocation, max_size: int, duration: int, now: float, **changes: Any) -> None:
         """Give `a` a maximum size of `max_size` for `duration` more seconds, under the quotas and
-        the admission policy, with `changes`; the disk gets back the blocks past a smaller size at
-        once (no store runs meanwhile: the server holds the allocation's writer lock)."""
+        the admission policy if it grows in size or time (a shrink is always welcome), with
+        `changes`; the disk gets back the blocks past a smaller size at once, and reserves those
+        of a larger one (no store runs meanwhile: the server holds the allocation's writer lock)."""
         self._check_quota(a.owner, 0, max_size - a.max_size)
-        status, reason = admit(max_size, duration, self.free + a.max_size, self.capacity, self.max_duration)
-        if status != w.IBP_OK:
-            raise self.refuse(status, reason)
-        shrinks = max_size < a.max_size or changes.get("size", a.size) < a.size
+        if max_size > a.max_size or duration > self._left(a, now):
+            status, reason = admit(max_size, duration, self.free + a.max_size, self.capacity, self.max_duration)
+            if status != w.IBP_OK:
+                raise self.refuse(status, reason)
+        resized = max_size != a.max_size or changes.get("size", a.size) < a.size
         self._journal_set(a, max_size=max_size, **changes)
-        if shrinks:
+        if resized:  # smaller: blocks back to the disk; larger: reserved, as at ALLOCATE
             self.store.fit(a.fid, a.size, max_size)
 
     def free_alloc(self, a: Allocation) -> None:

@@ -31,8 +31,8 @@ class Limits:
     max_allocations: int = 100_000  # live allocations, all clients together
     client_allocations: int = 10_000  # ... made by one client
     client_share: float = 0.5  # the fraction of the capacity one client may hold
-    copy_to: tuple[str, ...] = ()  # depots SEND/MCOPY may write to (patterns); () is every flow name
-    client_copies: int = 2  # SEND/MCOPY requests of one client in progress at once
+    copy_to: tuple[str, ...] = ()  # depots SEND/MCOPY/PUSH/PULL may reach (patterns); () is every flow name
+    client_copies: int = 2  # SEND/MCOPY/PUSH/PULL requests of one client in progress at once
 
     def timeout(self, asked: int) -> float:
         """A client's timeout as the depot applies it: 0 is 2 s (as L-Store, for LoRS), at most max_timeout."""
@@ -69,7 +69,7 @@ FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("max_allocations", "--max-allocations", "N", "live allocations, all clients together"),
     ("client_allocations", "--client-allocations", "N", "live allocations of one client"),
     ("client_share", "--client-share", "F", "the fraction of the capacity one client may hold (0-1]"),
-    ("client_copies", "--client-copies", "N", "SEND/MCOPY requests of one client in progress at once"),
+    ("client_copies", "--client-copies", "N", "SEND/MCOPY/PUSH/PULL requests of one client in progress at once"),
 )
 
 
@@ -85,7 +85,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="a depot SEND/MCOPY may copy to: a name or host:port, * and ? as in a shell, matched against"
+        help="a depot SEND/MCOPY/PUSH/PULL may reach: a name or host:port, * and ? as in a shell, matched against"
         " the addresses a host resolves to (repeatable); default: any registered name, no host:port",
     )
 

@@ -26,7 +26,7 @@ from apps.ibp import wire as w
 from apps.ibp.capability import MANAGE, READ, WRITE, Capability, keys_equal
 from apps.ibp.client import Connection, parse_cap, tcp_address
 from apps.ibp.depot import RID, Allocation, DepotCore
-from apps.ibp.limits import Busy, Limits, Slots, Ticket, copy_target
+from apps.ibp.limits import Busy, Limits, Pace, Slots, Ticket, copy_target
 from apps.ibp.peer import flow_identity, tcp_identity
 from apps.ibp.storage import start_writeback
 from apps.ibp.stream import ByteStream, FlowStream, StreamClosed, StreamTimeout, TcpStream
@@ -68,6 +68,9 @@ _TRANSIENT = {
 }
 
 Opener = Callable[[], ByteStream]
+
+
+WRONG_PASSWORD_PAUSE = 0.5  # s before a wrong ST_INQ password is answered (the connection's thread waits)
 
 
 class Rejecter:
@@ -310,7 +313,11 @@ class DepotServer:
             stream.send(w.format_reply(w.IBP_OK, RID))
             return True
         if req.subcmd == w.IBP_ST_INQ and not keys_equal(req.password, self.password):
-            raise core.refuse(w.IBP_E_WRONG_PASSWD, "wrong password")  # before the RID, as L-Store's handle_status
+            # Before the RID, as L-Store's handle_status; answered after a pause, so that guesses
+            # come a few a second per connection (tens of thousands, else).
+            peer_log.log("ST_INQ with a wrong password")
+            time.sleep(WRONG_PASSWORD_PAUSE)
+            raise core.refuse(w.IBP_E_WRONG_PASSWD, "wrong password")
         if req.rid != RID:
             raise core.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
         if req.subcmd == w.IBP_ST_INQ:
@@ -410,6 +417,8 @@ class DepotServer:
                         handed = end
                 f.flush()
                 os.fsync(f.fileno())
+        except FileNotFoundError:  # freed (DECR, expiry) while the data came: the client's doing
+            raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, "the allocation went away during the store") from None
         except OSError as e:  # e.g. the disk is full: nothing of this store is acknowledged
             if isinstance(e, (StreamClosed, StreamTimeout)):
                 raise
@@ -428,7 +437,8 @@ class DepotServer:
                 stream.send(block, pace.deadline(sent + len(block)))
                 sent += len(block)
         except w.IbpError as e:  # after the status no other can follow: end the stream
-            log.error("load failed mid-stream: %s", e)
+            # (a TRUNCATE of the same allocation, say: a client can do it at will, so rate-limited)
+            peer_log.log("load failed mid-stream: %s", e)
             return False
         except StreamTimeout:
             peer_log.log("load of %d bytes too slow for its client; connection closed", n)
@@ -450,8 +460,8 @@ class DepotServer:
                 yield view
             while left > 0:
                 got = os.preadv(f.fileno(), [view[at : at + min(READ_BLOCK, left)]], offset + n - left)
-                if got <= 0:
-                    raise w.IbpError(w.IBP_E_INTERNAL, "data file shorter than its record")
+                if got <= 0:  # cut by a TRUNCATE or CHNG since the load began
+                    raise w.IbpError(w.IBP_E_INV_PAR_SIZE, "the data was cut short during the load")
                 left -= got
                 yield view[: at + got]
                 at = 0
@@ -522,9 +532,11 @@ class DepotServer:
             with self.lock:
                 start = self.core.check_write(a, req.offset, req.length)
 
+            pace = self.limits.pace(req.timeout)
+
             def fetch(conn: Connection) -> None:
                 _, chunks = conn.load(cap, req.remote_offset or 0, req.length)
-                self._write_data(a, start, chunks)
+                self._write_data(a, start, _paced(chunks, pace))
 
             status, why = self._with_target(cap, self.limits.timeout(req.dest_timeout), client, fetch, "from")
             if status != w.IBP_OK:
@@ -567,6 +579,17 @@ class DepotServer:
                             del self._alloc_locks[fid]
             except Exception:  # e.g. a disk error: expiry tries again on the next tick
                 log.exception("expiry sweep failed")
+
+
+def _paced(chunks: Iterable[bytes], pace: Pace) -> Iterator[bytes]:
+    """`chunks` as long as they keep `pace` (a PULL's source depot is no better trusted than a client:
+    one dribbling its bytes would hold the allocation's writer lock for as long as it liked)."""
+    moved = 0
+    for chunk in chunks:
+        if time.monotonic() > pace.deadline(moved):
+            raise w.IbpError(w.IBP_E_SERVER_TIMEOUT, f"the source sent slower than {pace.rate} bytes/s")
+        moved += len(chunk)
+        yield chunk
 
 
 def parse_listen(text: str) -> tuple[str, int]:

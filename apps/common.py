@@ -12,8 +12,8 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
 from flowlib.qos import QosSpec
@@ -21,7 +21,7 @@ from proto.messages import DIRECT
 from proto.service import notify_ready
 
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_RATES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
+RATES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
 
 
 def duration(text: str, default_unit: str = "ms") -> float:
@@ -32,12 +32,50 @@ def duration(text: str, default_unit: str = "ms") -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or default_unit]
 
 
+def ms(seconds: float) -> int:
+    """A duration in whole ms, as C's tools keep theirs (a fraction of ours is rounded)."""
+    return round(seconds * 1000)
+
+
+def c_units(parse: Callable[[str], float], what: str) -> Callable[[str], float]:
+    """`parse` for an option of C's tools: a unit it does not know ends the program with status 1,
+    in C's words ("Unknown time unit: x.")."""
+
+    def check(text: str) -> float:
+        try:
+            return parse(text)
+        except ValueError:
+            number = re.match(r"\d*(?:\.\d+)?", text.strip())
+            print(f"Unknown {what} unit: {text.strip()[number.end() if number else 0 :]}.")
+            sys.exit(1)
+
+    return check
+
+
+class CParser(argparse.ArgumentParser):
+    """A tool's command line, as C's: options matched whole; on one it does not take, its usage on
+    stdout and `usage_status` (oping's 1, operf's and ocbr's 0); what was wrong goes to stderr (ours)."""
+
+    def __init__(self, *args: Any, usage_status: int, **kw: Any) -> None:
+        kw["allow_abbrev"] = False  # C matches options whole
+        super().__init__(*args, **kw)
+        self.usage_status = usage_status
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        self.exit_with_usage(self.usage_status)
+
+    def exit_with_usage(self, status: int) -> NoReturn:
+        print(self.format_help(), end="", flush=True)
+        sys.exit(status)
+
+
 def rate(text: str, default_unit: str = "") -> float:
     """'100' (in default_unit), '10k', '2M', '1G' -> bits/s, as C's operf and ocbr read -r."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([kMG]?)", text.strip())
     if match is None:
         raise ValueError(f"bad rate {text!r}: expected a number of bits/s with an optional unit k|M|G")
-    value = float(match.group(1)) * _RATES[match.group(2) or default_unit]
+    value = float(match.group(1)) * RATES[match.group(2) or default_unit]
     if value <= 0:
         raise ValueError(f"bad rate {text!r}: expected more than 0 bits/s")
     return value
@@ -153,16 +191,7 @@ class Server:
             fail(self.tool, e)
         print(f"Ouroboros {self.tool} server started.{banner}", flush=True)
         notify_ready()
-        wait = 0.0 if poll else 0.1
-        while not self.stop:
-            try:
-                fevent(self.fset, fq, wait)
-            except InterruptedError:
-                continue
-            except FlowError as e:  # the IRMd went away
-                print(f"{self.tool}: {e}", file=sys.stderr)
-                break
-            now = time.monotonic()
+        for now in rounds(self.tool, self.fset, fq, 0.0 if poll else 0.1, lambda: self.stop):
             for ev in fq:
                 self._handle(ev, now)
             for flow, seen in list(self.last_seen.items()):
@@ -207,6 +236,20 @@ class Server:
         if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
             self.on_end(flow)
         flow.close()
+
+
+def rounds(tool: str, fset: FlowSet, fq: EventQueue, wait: float, stopped: Callable[[], bool]) -> Iterator[float]:
+    """A server's event loop: the time of each round once `fset`'s events are in `fq` (or `wait` s
+    passed), until `stopped()` or the IRMd goes."""
+    while not stopped():
+        try:
+            fevent(fset, fq, wait)
+        except InterruptedError:
+            continue
+        except FlowError as e:  # the IRMd went away
+            print(f"{tool}: {e}", file=sys.stderr)
+            return
+        yield time.monotonic()
 
 
 def switch_listening(fset: FlowSet, listening: bool, enabled: bool) -> bool:

@@ -13,10 +13,9 @@ import re
 import struct
 import sys
 import time
-from typing import NoReturn
 
-from apps.common import Pacer, alloc, fail, on_signals, qos_arg, switch_listening
-from flowlib import EventQueue, EventType, Flow, FlowError, FlowSet, fevent, qos
+from apps.common import RATES, CParser, Pacer, alloc, fail, on_signals, qos_arg, rounds, switch_listening
+from flowlib import EventQueue, EventType, Flow, FlowError, FlowSet, qos
 from proto import logs
 from proto.service import notify_ready
 from proto.version import add_version
@@ -24,7 +23,6 @@ from proto.version import add_version
 SEQ = struct.Struct("=q")
 BUF_SIZE = 524288  # the largest SDU, as C's
 MAX_FLOWS = 10  # flows a server takes at once, as C's thread pool
-UNITS = {"k": 1e3, "M": 1e6, "G": 1e9}
 
 
 @dataclasses.dataclass
@@ -70,15 +68,7 @@ class Server:
             fail("ocbr", e)
         print(f"Server started, interval is {self.interval:g} s, timeout is {self.timeout:g} s.", flush=True)
         notify_ready()
-        while not self.stop:
-            try:
-                fevent(self.fset, fq, 0.1)
-            except InterruptedError:
-                continue
-            except FlowError as e:  # the IRMd went away
-                print(f"ocbr: {e}", file=sys.stderr)
-                break
-            now = time.monotonic()
+        for now in rounds("ocbr", self.fset, fq, 0.1, lambda: self.stop):
             for ev in fq:
                 self._handle(ev.flow, ev.type, now)
             self._tick(now)
@@ -157,23 +147,11 @@ def c_rate(text: str) -> float:
     match = re.match(r"\s*(-?\d+(?:\.\d+)?)(.?)", text)
     if match is None:
         return 0.0
-    return float(match.group(1)) * UNITS.get(match.group(2), 1.0)
-
-
-class Parser(argparse.ArgumentParser):
-    """C's ocbr on a command line it does not take: its usage on stdout, and (as C's) status 0; what was
-    wrong goes to stderr (ours)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        print(self.format_help(), end="", flush=True)
-        sys.exit(0)
+    return float(match.group(1)) * RATES.get(match.group(2), 1.0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = Parser(
-        prog="ocbr", description="Sends packets from client to server at a constant bit rate.", allow_abbrev=False
-    )
+    p = CParser(prog="ocbr", description="Sends packets from client to server at a constant bit rate.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("-i", "--interval", type=float, default=1.0, help="server report interval (s)")
     p.add_argument("-t", "--timeout", type=float, default=1.0, help="server timeout interval (s)")
@@ -197,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.name:
         print("No server specified.")
-        print(p.format_help(), end="")
-        sys.exit(1)
+        p.exit_with_usage(1)
     if args.size > BUF_SIZE:
         print(f"Maximum size: {BUF_SIZE}.")
         sys.exit(1)

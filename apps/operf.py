@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import struct
 import sys
 import threading
 import time
-from typing import NoReturn
 
-from apps.common import Pacer, alloc, duration, fail, on_signals, qos_arg, rate, serve, stack_report
-from apps.oping import c_duration, ms
+from apps.common import (
+    CParser,
+    Pacer,
+    alloc,
+    c_units,
+    duration,
+    fail,
+    ms,
+    on_signals,
+    qos_arg,
+    rate,
+    serve,
+    stack_report,
+)
 from flowlib import Flow, FlowError, FlowTimeout, qos
 from proto import logs
 from proto.version import add_version
@@ -247,34 +257,20 @@ def test_type(text: str) -> int | float | None:
         return None
 
 
-def c_rate(text: str) -> float:
-    """-r: kb/s, or with k|M|G; as C, a unit it does not know ends the program with status 1."""
-    try:
-        return rate(text, "k")
-    except ValueError:
-        number = re.match(r"\d*(?:\.\d+)?", text.strip())
-        print(f"Unknown rate unit: {text.strip()[number.end() if number else 0 :]}.")
-        sys.exit(1)
-
-
-class Parser(argparse.ArgumentParser):
-    """C's operf on a command line it does not take: its usage on stdout, and (as C's) status 0; what
-    was wrong goes to stderr (ours)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        print(self.format_help(), end="", flush=True)
-        sys.exit(0)
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = Parser(prog="operf", description="Measures bandwidth between a client and a server.", allow_abbrev=False)
+    p = CParser(prog="operf", description="Measures bandwidth between a client and a server.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("-t", "--test", default="uni", help="the type of test: uni, bi (default uni)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the operf server")
-    p.add_argument("-d", "--duration", type=c_duration, default=60.0, help="test duration (ms, or 10s; default 60s)")
     p.add_argument(
-        "-r", "--rate", type=c_rate, default=1e6, help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)"
+        "-d", "--duration", type=c_units(duration, "time"), default=60.0, help="test duration (ms, or 10s; default 60s)"
+    )
+    p.add_argument(
+        "-r",
+        "--rate",
+        type=c_units(lambda t: rate(t, "k"), "rate"),
+        default=1e6,
+        help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)",
     )
     p.add_argument("-s", "--size", type=int, default=1500, help="payload size (B, default 1500)")
     p.add_argument("-f", "--flood", action="store_true", help="send packets as fast as possible")

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import select
 import struct
 import sys
 import time
-from typing import NoReturn
 
-from apps.common import alloc, duration, fail, on_signals, serve, stack_report
+from apps.common import CParser, alloc, c_units, duration, fail, ms, on_signals, serve, stack_report
 from flowlib import (
     FLOWFRDWR,
     FLOWFRNOBLOCK,
@@ -240,50 +238,22 @@ def client(args: argparse.Namespace) -> int:
     return 0 if c.stats.n or not c.sent else 1
 
 
-class Parser(argparse.ArgumentParser):
-    """C's oping on a command line it does not take (an unknown option, a missing value): its usage
-    on stdout, status 1; what was wrong goes to stderr (ours)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        usage(self)
-
-
-def usage(p: argparse.ArgumentParser) -> NoReturn:
-    print(p.format_help(), end="", flush=True)
-    sys.exit(1)
-
-
-def c_duration(text: str) -> float:
-    """-i and -d: ms, or with a unit (ours: with a fraction too); as C, a unit it does not know ends the
-    program with status 1."""
-    try:
-        return duration(text)
-    except ValueError:
-        number = re.match(r"\d*(?:\.\d+)?", text.strip())
-        print(f"Unknown time unit: {text.strip()[number.end() if number else 0 :]}.")
-        sys.exit(1)
-
-
-def ms(seconds: float) -> int:
-    """A duration in whole ms, as C keeps its -i and -d (a fraction of ours is rounded)."""
-    return round(seconds * 1000)
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = Parser(
+    p = CParser(
         prog="oping",
         description="Checks liveness between a client and a server and reports the Round Trip Time (RTT).",
-        allow_abbrev=False,  # C matches options whole
+        usage_status=1,
     )
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("--poll", action="store_true", help="server polls without sleeping (lower latency)")
     p.add_argument("--busy", action="store_true", help="server busy-polls one flow")
     p.add_argument("-c", "--count", type=int, default=2**31 - 1, help="number of packets")
-    p.add_argument("-d", "--duration", type=c_duration, help="duration of the test (ms, or with a unit: 10s)")
+    p.add_argument(
+        "-d", "--duration", type=c_units(duration, "time"), help="duration of the test (ms, or with a unit: 10s)"
+    )
     p.add_argument("-f", "--flood", action="store_true", help="send back-to-back, each after the last reply")
     p.add_argument("-F", "--flood-busy", action="store_true", help="flood, busy-polling for replies")
-    p.add_argument("-i", "--interval", type=c_duration, default=1.0, help="interval (default 1000 ms)")
+    p.add_argument("-i", "--interval", type=c_units(duration, "time"), default=1.0, help="interval (default 1000 ms)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the oping server")
     p.add_argument("-q", "--qos", help="raw, best, video, voice, data (and the other presets); others: raw")
     p.add_argument("-s", "--size", type=int, default=MIN_SIZE, help=f"payload size (B, default 64, max {MAX_SIZE})")
@@ -319,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.name:
         print("No server specified.")
-        usage(p)
+        p.exit_with_usage(1)
     if interval_ms > MAX_INTERVAL_MS:
         print("Ping interval truncated to 10s.")
         interval_ms = MAX_INTERVAL_MS

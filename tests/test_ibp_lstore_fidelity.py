@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from helpers import free_port
@@ -29,6 +28,7 @@ from test_ibp_lstore import (
     IBPv040,
     LStore,
     atoi,
+    lstore,  # noqa: F401 - the fixture: a depot spoken to as L-Store's client library does
     parse_cap,
 )
 
@@ -41,17 +41,6 @@ from apps.ibp.exnode import ExNode, Mapping
 
 IBP_BYTEARRAY = 1
 PASSWORD = "IBPch@ngem3"  # ibp_server.h DEFAULT_PASSWORD
-
-
-@pytest.fixture
-def lstore(depots: Start) -> Iterator[LStore]:  # noqa: F811
-    port = free_port(["127.0.0.1"])
-    depots("fid1", "--listen", f"tcp:127.0.0.1:{port}", "--copy-to", f"127.0.0.1:{port}")
-    c = LStore(port)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def ask(c: LStore, line: str) -> int:
@@ -76,7 +65,7 @@ def new(c: LStore, size: int = 100, data: bytes = b"") -> tuple[str, str, str]:
 # 1. CHNG with size -1, as lio_warm sends it (ibp_modify_alloc_gop(mcap, -1, dt, -1)).
 
 
-def test_chng_with_size_minus_one_keeps_the_size_and_applies_the_duration(lstore: LStore) -> None:
+def test_chng_with_size_minus_one_keeps_the_size_and_applies_the_duration(lstore: LStore) -> None:  # noqa: F811
     _, _, mcap = new(lstore, 100, b"0123456789")
     line = "%d %d %s %d 3 -1 86400 -1 10\n" % (IBPv040, IBP_MANAGE, keys(mcap), IBP_CHNG)
     assert ask(lstore, line) == IBP_OK
@@ -139,7 +128,7 @@ def test_our_refresh_and_extend_keep_the_size_with_minus_one() -> None:
 # 3. WRITE past the end: handle_write checks only offset + length <= max_size; the gap reads as zeros.
 
 
-def test_a_write_past_the_end_leaves_zeros_within_the_maximum_size(lstore: LStore) -> None:
+def test_a_write_past_the_end_leaves_zeros_within_the_maximum_size(lstore: LStore) -> None:  # noqa: F811
     rcap, wcap, _ = new(lstore, 100, b"abc")
     assert lstore.write(wcap, 20, b"HOLE") == (IBP_OK, 4)
     assert lstore.load(rcap, 0, 24) == (IBP_OK, b"abc" + bytes(17) + b"HOLE")
@@ -153,7 +142,7 @@ def test_a_write_past_the_end_leaves_zeros_within_the_maximum_size(lstore: LStor
 # 4. PUSH and PULL (pushpull_command; read_read and handle_copy/handle_transfer).
 
 
-def test_push_and_pull_copy_between_depots_as_lstore_does(lstore: LStore) -> None:
+def test_push_and_pull_copy_between_depots_as_lstore_does(lstore: LStore) -> None:  # noqa: F811
     src_r, _, _ = new(lstore, 100, b"0123456789")
     dst_r, dst_w, _ = new(lstore, 100)
     assert lstore.pushpull(IBP_PUSH, src_r, dst_w, 0, -1, 5) == IBP_OK  # -1: append (a STORE)
@@ -180,7 +169,7 @@ def test_push_and_pull_copy_between_depots_as_lstore_does(lstore: LStore) -> Non
 # 5. TRUNCATE (truncate_command; handle_manage IBP_TRUNCATE): a new maximum size, the data cut to it.
 
 
-def test_truncate_sets_the_maximum_and_cuts_the_data(lstore: LStore) -> None:
+def test_truncate_sets_the_maximum_and_cuts_the_data(lstore: LStore) -> None:  # noqa: F811
     rcap, wcap, mcap = new(lstore, 100, b"0123456789")
     assert lstore.truncate(mcap, 5) == IBP_OK
     p = lstore.probe(mcap)[1]
@@ -197,7 +186,7 @@ def test_truncate_sets_the_maximum_and_cuts_the_data(lstore: LStore) -> None:
 #    a write never looks at the write count.
 
 
-def test_reference_counts_are_lstores(lstore: LStore) -> None:
+def test_reference_counts_are_lstores(lstore: LStore) -> None:  # noqa: F811
     rcap, wcap, mcap = new(lstore, 100)
     p = lstore.probe(mcap)[1]
     assert (p["readRefCount"], p["writeRefCount"]) == (1, 0)
@@ -239,7 +228,7 @@ def test_status_inq_wants_the_depots_password(depots: Start) -> None:  # noqa: F
 # 8. LOAD and SEND of length 0: -36 (read_read); our client finds the real length and sends it.
 
 
-def test_a_length_of_zero_is_refused_and_our_client_sends_the_real_one(lstore: LStore) -> None:
+def test_a_length_of_zero_is_refused_and_our_client_sends_the_real_one(lstore: LStore) -> None:  # noqa: F811
     rcap, _, _ = new(lstore, 100, b"0123456789")
     dst_r, dst_w, _ = new(lstore, 100)
     r_keys = parse_cap(rcap)[2:]
@@ -270,7 +259,7 @@ def test_a_length_of_zero_is_refused_and_our_client_sends_the_real_one(lstore: L
 # 9. Error codes, each as L-Store's depot answers.
 
 
-def test_error_codes_are_lstores(lstore: LStore) -> None:
+def test_error_codes_are_lstores(lstore: LStore) -> None:  # noqa: F811
     rcap, _, mcap = new(lstore, 100, b"0123456789")
     r_keys = parse_cap(rcap)[2:]
     _, dst_w, _ = new(lstore, 100)

@@ -178,7 +178,7 @@ class Connection:
             return 0, iter(())
         reply = self.call(w.Load(cap.key, cap.typekey, offset, length, self._server_timeout, cap.rid))
         n = w.reply_int(reply, 0, "length")
-        if length and n != length:
+        if n != length:
             raise w.IbpError(w.IBP_E_BAD_FORMAT, f"asked for {length} bytes, the depot announced {n}")
         return n, self._chunks(n)
 

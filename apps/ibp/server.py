@@ -386,12 +386,16 @@ class DepotServer:
                     with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
                         stream.send(w.format_refusal(w.IBP_E_SERVER_TIMEOUT, why), time.monotonic() + 1)
                 return False
-            with self.lock:
-                if self.core.allocs.get(a.fid) is not a:
-                    raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, "the allocation went away during the store")
-                self.core.commit(a, start + req.length)
+            self._commit(a, start + req.length, "store")
             stream.send(w.format_reply(w.IBP_OK, req.length))
             return True
+
+    def _commit(self, a: Allocation, end: int, what: str) -> None:
+        """What a store or pull wrote, up to `end`, acknowledged: unless `a` was freed meanwhile."""
+        with self.lock:
+            if self.core.allocs.get(a.fid) is not a:
+                raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, f"the allocation went away during the {what}")
+            self.core.commit(a, end)
 
     def _write_data(self, a: Allocation, start: int, chunks: Iterable[bytes]) -> None:
         """Write `chunks` into `a` from `start` and fsync them (the caller holds its writer lock). On
@@ -541,10 +545,7 @@ class DepotServer:
             status, why = self._with_target(cap, self.limits.timeout(req.dest_timeout), client, fetch, "from")
             if status != w.IBP_OK:
                 raise w.IbpError(status, why)
-            with self.lock:
-                if self.core.allocs.get(a.fid) is not a:
-                    raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, "the allocation went away during the pull")
-                self.core.commit(a, start + req.length)
+            self._commit(a, start + req.length, "pull")
         return req.length
 
     def _with_target(

@@ -181,8 +181,7 @@ class Frct:
         n = len(sdu)
         if n > self.app_mtu:
             raise ValueError(f"SDU of {n} bytes exceeds the {self.app_mtu} this flow carries")
-        if now - self.snd_act > SND_INACT:
-            self._open_run(now)
+        self._open_run(now)
         mp = self.max_payload
         if n <= mp:  # the usual SDU: one PDU, no fragment flags
             self._send_pdu(DATA, sdu, now)

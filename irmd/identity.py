@@ -124,16 +124,30 @@ def read_peer(pid: int, uid: int, gid: int) -> Peer:
     return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors)
 
 
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """A descriptor of `path` for reading, and its stat, if it is a regular file (PermissionError
+    if not); opened without blocking, so that a FIFO in its place cannot hold the IRMd's loop."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermissionError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def program_of(path: str) -> Program:
     """What the kernel runs for `path`: the file itself, or the interpreter its #! line names."""
     real = os.path.realpath(path)
-    try:  # without blocking, and only a regular file: a FIFO there would hold the IRMd's loop
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        fd, _ = open_regular(real)
         try:
-            head = os.read(fd, SHEBANG_MAX) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+            head = os.read(fd, SHEBANG_MAX)
         finally:
             os.close(fd)
-    except OSError:
+    except OSError:  # not there, not readable, or not a regular file (a FIFO would block)
         head = b""
     if head.startswith(b"\x7fELF"):
         return Program(path, real)

@@ -11,6 +11,7 @@ import os
 import stat
 from pathlib import Path
 
+from irmd.identity import open_regular
 from proto import oap
 from proto.errors import InvalidArgument
 
@@ -85,11 +86,8 @@ def read_file(path: str, limit: int, private: bool = False) -> bytes:
     read (no swap between check and read). Opened without blocking: a FIFO put in its place must not
     hold the IRMd's loop. FileNotFoundError if it is missing; PermissionError (an OSError) if it is
     not fit to read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    fd, st = open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PermissionError(f"{path} is not a regular file")
         if private and st.st_mode & 0o077:
             raise PermissionError(f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                                   f"a private key must be mode 0600 or stricter")  # fmt: skip

@@ -434,8 +434,7 @@ class UnicastIpcp(Ipcp):
     def _add_link(self, peer: Peer, af: AsyncFlow) -> None:
         assert self.dt is not None and self.lsdb is not None
         comp = peer.component
-        nb = self.neighbours.get(peer.addr)
-        others = [c for c, (_, p) in (nb.links.items() if nb is not None else ()) if p.pub != peer.pub]
+        others = self._links_of_other_keys(peer.addr, peer.pub)
         if others:
             if self._key_of(peer.addr) != peer.pub:
                 # Before its LSUs bind its key, a live neighbour's links are still its own: not another key's.
@@ -508,11 +507,16 @@ class UnicastIpcp(Ipcp):
 
     def _drop_links_of_other_keys(self, addr: int) -> None:
         """`addr` is now bound to a key (its LSU): links to it made with another key before that go."""
-        nb, bound = self.neighbours.get(addr), self._key_of(addr)
-        for comp, (_, p) in list(nb.links.items()) if nb is not None and bound is not None else ():
-            if p.pub != bound:
-                self.stats["handshake_auth"] += 1
-                self._drop_link(addr, comp)
+        if (bound := self._key_of(addr)) is None:
+            return
+        for comp in self._links_of_other_keys(addr, bound):
+            self.stats["handshake_auth"] += 1
+            self._drop_link(addr, comp)
+
+    def _links_of_other_keys(self, addr: int, pub: bytes) -> list[str]:
+        """The components of our links to `addr` whose peer proved a key other than `pub`."""
+        nb = self.neighbours.get(addr)
+        return [c for c, (_, p) in nb.links.items() if p.pub != pub] if nb is not None else []
 
     @staticmethod
     def _write_mgmt(af: AsyncFlow, peer: Peer, msg: Message) -> None:

@@ -122,6 +122,7 @@ class ShimFlow:
     received: int = 0  # ... handed to the application,
     dropped_app: int = 0  # ... dropped as the application's queue was full,
     dropped_net: int = 0  # ... dropped as the network's was
+    queue: int = 0  # bytes of queue the relay gave its application socket
     hdr: bytes = b""  # the transport's per-flow header, set by the I/O loop once the peer is known
 
 

@@ -45,6 +45,31 @@ def test_a_slow_starting_sender_goes_no_faster_than_twice_what_arrives() -> None
     assert tx.rate > 2e6
 
 
+def test_a_slow_starting_sender_does_not_run_ahead_of_slow_echoes() -> None:
+    """On a loaded host the first echo may take tens of ms: until it comes the sender keeps its initial
+    rate, and an echo of less than half its rate brings it back to twice that (before, it had grown
+    tenfold and flooded the queue it could not yet hear of)."""
+    tx = ca.Sender(0.0)
+    t = 0.0
+    for _ in range(10):
+        t += ca.RATE_WINDOW
+        tx.admit(1000, t)
+    assert tx.rate == ca.INITIAL_RATE
+    for _ in range(5):
+        tx.on_update(ca.Update(0, tx.rate), t)
+        t += ca.RATE_WINDOW
+        tx.admit(1000, t)
+    fast = tx.rate
+    assert fast > 5 * ca.INITIAL_RATE
+    tx.on_update(ca.Update(0, fast / 8), t)  # what arrives lags far behind
+    t += ca.RATE_WINDOW
+    tx.admit(1000, t)
+    assert tx.rate == pytest.approx(fast / 4)
+    t += ca.STALE + ca.RATE_WINDOW  # no echo for long: the receiver is idle or gone, the path is free
+    tx.admit(1000, t)
+    assert tx.rate > fast / 4
+
+
 def test_receiver_measures_its_delivery_rate_over_busy_windows() -> None:
     rx = ca.Receiver(0.0)
     t = 0.0
@@ -71,6 +96,7 @@ def test_sender_slow_starts_then_lands_below_the_delivery_rate_on_congestion() -
     assert tx.paced and tx.rate == ca.INITIAL_RATE
     t = 0.0
     for _ in range(10):
+        tx.on_update(ca.Update(0, tx.rate), t)  # all of it arrives
         t += ca.RATE_WINDOW
         tx.admit(1000, t)
     assert tx.rate > 10 * ca.INITIAL_RATE  # grew by half each window

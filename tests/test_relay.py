@@ -11,6 +11,7 @@ from helpers import wait_for
 
 from ipcp.shim import ShimFlow
 from transports import udp
+from transports.queues import FLOW_QUEUE
 from transports.relay import Relay
 from transports.unix import seqpacket_pair
 
@@ -59,6 +60,7 @@ def test_sdus_the_application_leaves_unread_are_dropped_and_counted(
     relayed: tuple[Relay, ShimFlow, socket.socket, socket.socket],
 ) -> None:
     relay, flow, _app, peer = relayed
+    relay.queues.total = 0  # no longer queue to give
     flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the application's queue: a few SDUs
     for step in range(1, 11):  # in steps the network's queue holds whole: each SDU reaches the relay
         for _ in range(20):
@@ -66,3 +68,36 @@ def test_sdus_the_application_leaves_unread_are_dropped_and_counted(
         wait_for(lambda n=20 * step: flow.received + flow.dropped_app == n, 10, "the relay to take them")
     sent = 200
     assert 0 < flow.received < 20 and flow.dropped_app == sent - flow.received == relay.overflow
+
+
+def test_an_application_that_falls_behind_gets_a_longer_queue_within_the_budget(
+    relayed: tuple[Relay, ShimFlow, socket.socket, socket.socket],
+) -> None:
+    """An IPCP above that waits for a CPU loses nothing the network's queue held: the relay grows its
+    queue once, and all its flows share one bounded budget."""
+    relay, flow, app, peer = relayed
+    relay.queues.total = FLOW_QUEUE  # room for one flow
+    flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    other_app, other_io = seqpacket_pair()
+    other_peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other_peer.bind(("127.0.0.1", 0))
+    other = ShimFlow(EID + 1, other_peer.getsockname(), remote_eid=10, relayed=True, io=other_io)
+    other_io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    relay.add(other)
+    try:
+        for step in range(1, 11):
+            for _ in range(20):
+                peer.sendto(udp.EID.pack(EID) + bytes(1000), relay.net.getsockname())
+            wait_for(lambda n=20 * step: flow.received + flow.dropped_app == n, 10, "the relay to take them")
+        assert (flow.received, flow.dropped_app, flow.queue) == (200, 0, FLOW_QUEUE)
+        app.settimeout(5)
+        assert all(len(app.recv(2000)) == 1000 for _ in range(200))
+        for _ in range(20):
+            other_peer.sendto(udp.EID.pack(EID + 1) + bytes(1000), relay.net.getsockname())
+        wait_for(lambda: other.received + other.dropped_app == 20, 10, "the relay to take the other's")
+        assert other.queue == 0 and other.dropped_app > 0  # the budget is spent: dropped, and counted
+        relay.remove(flow)
+        assert relay.queues.given == 0 and flow.queue == 0  # its share is back
+    finally:
+        for s in (other_app, other_io, other_peer):
+            s.close()

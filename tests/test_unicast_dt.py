@@ -122,10 +122,10 @@ def test_forged_replayed_and_malformed_frames_are_dropped_whole_and_counted(
 
 
 def test_a_flow_that_falls_behind_gets_a_longer_queue_within_the_budget(
-    wire: tuple[Dt, socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+    wire: tuple[Dt, socket.socket, socket.socket],
 ) -> None:
-    from ipcp.unicast import dt as dt_module
     from ipcp.unicast.dt import UniFlow
+    from transports.queues import FLOW_QUEUE
 
     dt, _, _ = wire
     flows = []
@@ -136,15 +136,15 @@ def test_a_flow_that_falls_behind_gets_a_longer_queue_within_the_budget(
             mine.setblocking(False)
             flows.append((app, mine))
             dt.flows[eid] = UniFlow(eid, mine)
-        monkeypatch.setattr(dt_module, "QUEUE_BUDGET", dt_module.FLOW_QUEUE)  # room for one flow
+        dt.queues.total = FLOW_QUEUE  # room for one flow
         came = Link(2, socket.socket())
         dt.from_n1(came, [pci.frame(*[pdu(1400, dst=ME, eid=5)] * 6)])
         assert dt.counters.delivered == 6 and dt.counters.overflow == 0  # grown, then delivered
-        assert dt.flows[5].queue == dt_module.FLOW_QUEUE
+        assert dt.flows[5].queue == FLOW_QUEUE
         dt.from_n1(came, [pci.frame(*[pdu(1400, dst=ME, eid=6)] * 6)])
         assert dt.flows[6].queue == 0 and dt.counters.overflow > 0  # the budget is spent: dropped
         dt.remove_flow(5)
-        assert dt._queued == 0  # its share is back
+        assert dt.queues.given == 0  # its share is back
         came.sock.close()
     finally:
         for a, b in flows:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from transports.poller import BURST, PollThread, read_burst
+from transports.queues import QueueBudget
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class RelayFlow(Protocol):
     received: int  # ... handed to the application
     dropped_app: int  # ... dropped: the application's queue was full
     dropped_net: int  # ... dropped: the network socket's queue was full
+    queue: int  # bytes of queue its application socket was given from the relay's budget (0: none)
 
 
 class Relay(PollThread):
@@ -68,6 +70,9 @@ class Relay(PollThread):
         self.dropped = 0  # frames that were malformed, for no flow, or from the wrong peer
         self.overflow = 0  # SDUs dropped because the application did not keep up
         self.keepalives = 0  # empty SDUs received: keepalives, carried to the application like data
+        # An IPCP above that waits for a CPU is given a longer queue before its SDUs drop (the network
+        # socket's queue is long; the application's, the system's default, holds some 100 SDUs).
+        self.queues = QueueBudget()
 
     def add(self, flow: RelayFlow) -> None:
         flow.io.setblocking(False)
@@ -76,7 +81,9 @@ class Relay(PollThread):
         self.watch(flow.io.fileno())
 
     def remove(self, flow: RelayFlow) -> None:
-        self.flows.pop(flow.eid, None)
+        if self.flows.pop(flow.eid, None) is not None:
+            self.queues.give_back(flow.queue)
+            flow.queue = 0
         fd = flow.io.fileno()
         if self._by_fd.pop(fd, None) is not None:
             self.unwatch(fd)
@@ -118,10 +125,22 @@ class Relay(PollThread):
                 flow.io.send(sdu)
                 flow.received += 1
             except BlockingIOError:
-                self.overflow += 1
-                flow.dropped_app += 1
+                self._overflowed(flow, sdu)
             except OSError:
                 self.remove(flow)
+
+    def _overflowed(self, flow: RelayFlow, sdu: memoryview) -> None:
+        """The application's queue is full: grow it once, from the budget, and try again; else drop."""
+        if not flow.queue and (granted := self.queues.grow(flow.io)):
+            flow.queue = granted
+            try:
+                flow.io.send(sdu)
+                flow.received += 1
+                return
+            except OSError:
+                pass
+        self.overflow += 1
+        flow.dropped_app += 1
 
     def _from_app(self, flow: RelayFlow, hup: bool) -> None:
         sdus, ended = read_burst(flow.io, self.bufsize, hup)

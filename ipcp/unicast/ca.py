@@ -89,9 +89,11 @@ class Sender:
         self.rate = INITIAL_RATE
         self.slow_start = True
         self.ece = 0
-        self._heard = 0.0
         self._congested = -QUIET  # when congestion was last heard of
-        self._delivered = 0.0  # the last delivery rate heard, while slow-starting
+        # The last delivery rate heard, while slow-starting; until the first echo, as if half the
+        # initial rate arrived: a sender whose echoes are slow (a loaded host) cannot run ahead of them.
+        self._delivered = INITIAL_RATE / 2
+        self._heard = now
         self._decreased = -HOLD
         self._grown = now
         self._tokens = BURST
@@ -127,10 +129,10 @@ class Sender:
             self.slow_start, self._delivered = True, 0.0
         if not self.ece and now - self._grown >= RATE_WINDOW:
             windows = min(now - self._grown, 2 * RATE_WINDOW) / RATE_WINDOW  # grown while sending, not idle
-            if self.slow_start:  # at most twice what arrives, once the receiver says: ack-clocked, as TCP's
+            if self.slow_start:  # never beyond twice what arrives: ack-clocked, as TCP's
                 grown = self.rate * (1 + SLOW_START * windows)
                 fresh = self._delivered and now - self._heard < STALE
-                self.rate = min(grown, max(self.rate, 2 * self._delivered)) if fresh else grown
+                self.rate = min(grown, 2 * self._delivered) if fresh else grown
             else:
                 self.rate += INCREASE * windows
             self._grown = now

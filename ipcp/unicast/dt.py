@@ -28,15 +28,13 @@ from ipcp.unicast import auth, ca
 from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat, unframe
 from ipcp.unicast.pff import Table
 from transports.poller import BURST, PollThread, read_burst
+from transports.queues import QueueBudget
 
 log = logging.getLogger(__name__)
 
 RETRY = 0.001  # seconds a flow held back by its full first hop waits before trying again
 PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
 EXIT_CODE = 70  # the process's exit status when this thread fails
-FLOW_QUEUE = 1 << 20  # bytes a flow that overflowed may queue to its application (SO_SNDBUF, within
-# net.core.wmem_max): room for the bursts this thread delivers while the application waits for a CPU
-QUEUE_BUDGET = 64 << 20  # ... over all flows at once: kernel memory that idle readers can pin stays bounded
 _QUEUED = struct.Struct("i")
 
 
@@ -61,7 +59,7 @@ class UniFlow:
     rx: ca.Receiver | None = None  # congestion avoidance, when the layer has it
     tx: ca.Sender | None = None
     inbox: list[memoryview] = dataclasses.field(default_factory=list)  # SDUs of this burst, to deliver
-    queue: int = 0  # bytes of QUEUE_BUDGET its socket was given (0: the system's default queue)
+    queue: int = 0  # bytes of queue its socket was given from the budget (0: the system's default)
     sent: int = 0  # its SDUs sent into the layer (irm flow list)
     delivered: int = 0  # ... and delivered to it
     dropped: int = 0  # ... arrived for it but dropped: the application did not keep up
@@ -148,7 +146,7 @@ class Dt(PollThread):
         self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._packed: list[Link] = []  # links with a frame being packed
         self._delivering: list[UniFlow] = []  # flows with SDUs to deliver
-        self._queued = 0  # bytes of QUEUE_BUDGET given to flows
+        self.queues = QueueBudget()  # longer queues for flows whose applications fall behind
 
     # -- commands, from the IPCP's loop ----------------------------------------------
 
@@ -228,7 +226,7 @@ class Dt(PollThread):
     def remove_flow(self, eid: int) -> UniFlow | None:
         flow = self.flows.pop(eid, None)
         if flow is not None:
-            self._queued -= flow.queue
+            self.queues.give_back(flow.queue)
             flow.queue = 0
             if self._flow_at.pop(flow.io.fileno(), None) is not None:
                 self.unwatch(flow.io.fileno())
@@ -434,7 +432,8 @@ class Dt(PollThread):
             try:
                 send(sdu)
             except BlockingIOError:
-                if not flow.queue and self._queued + FLOW_QUEUE <= QUEUE_BUDGET and self._grow(flow):
+                if not flow.queue and (granted := self.queues.grow(flow.io)):
+                    flow.queue = granted
                     flow.inbox = sdus[i:]  # a longer queue now: try the rest again
                     flow.delivered += i
                     self._deliver(flow)
@@ -449,16 +448,6 @@ class Dt(PollThread):
                 return
             c.delivered += 1
         flow.delivered += len(sdus)
-
-    def _grow(self, flow: UniFlow) -> bool:
-        """Give a flow that overflowed FLOW_QUEUE bytes of queue, from QUEUE_BUDGET."""
-        try:
-            flow.io.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FLOW_QUEUE)
-        except OSError:
-            return False
-        flow.queue = FLOW_QUEUE
-        self._queued += FLOW_QUEUE
-        return True
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         self._send_from(flow, sdus)

@@ -33,6 +33,7 @@ sysdeps:
 test: $(STAMP) sysdeps
 	$(PY) -m compileall -q -j 0 proto irmd ipcp flowlib transports apps tests >/dev/null
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q --collect-only -n 0 -p no:cacheprovider >/dev/null || true
+	$(PY) tests/third_party.py  # the 9P clients' venvs, made once, outside any test's timeout
 	$(PY) -m pytest -q
 
 # Manual pages and shell completion, made from the tools' own parsers (apps/manuals.py).

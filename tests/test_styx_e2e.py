@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers import BIN, IrmdProc, start_irmd, stop_irmd, wait_for
-from test_styx_wire import p9fs_python, py9p_python
+from third_party import p9fs_python, py9p_python
 
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError

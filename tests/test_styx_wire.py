@@ -1,57 +1,20 @@
 """The 9P2000 codec: exact bytes of known messages, round trips, a fuzzed decoder,
-and agreement with plan9port's C codec (python-9p) in its own venv."""
+and agreement with plan9port's C codec (python-9p) in its own venv (tests/third_party.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import random
 import struct
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from third_party import py9p_python
 
 from apps.styx import wire as w
-
-PY9P_VENV = Path("/tmp/checks-venv-python9p")  # where ../shared/checks/6-styx keeps python-9p
-P9FS_VENV = Path("/tmp/styx-p9fs-venv")
-
-
-def venv_python(venv: Path, package: str) -> str:
-    """A python with `package` in a venv of its own (python-9p and p9fs both install a module
-    named py9p, so each gets one). Made on first use, under a lock (tests run in parallel
-    workers); the test is skipped if pip cannot."""
-    python = venv / "bin" / "python"
-    installed = venv / f".{package}-installed"
-    with open(f"{venv}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not installed.exists():
-            try:
-                if not python.exists():
-                    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-                subprocess.run(
-                    [str(python), "-m", "pip", "install", "-q", package], check=True, timeout=300, capture_output=True
-                )
-            except (subprocess.SubprocessError, OSError) as e:
-                pytest.skip(f"{package} is not installable here: {e}")
-            installed.touch()
-    return str(python)
-
-
-def py9p_python() -> str:
-    """python-9p: a client on plan9port's C codec."""
-    return venv_python(Path(os.environ.get("STYX_PY9P_VENV", PY9P_VENV)), "python-9p")
-
-
-def p9fs_python() -> str:
-    """p9fs: an fsspec 9P client, and py9p's server."""
-    return venv_python(Path(os.environ.get("STYX_P9FS_VENV", P9FS_VENV)), "p9fs")
 
 
 def test_tversion_bytes_are_exactly_the_spec() -> None:

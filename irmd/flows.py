@@ -31,7 +31,7 @@ from proto.errors import (
 from proto.names import check_name, name_hash
 from proto.qos import QosSpec
 from transports.channel import ChannelClosed, RemoteError
-from transports.unix import close_fds, seqpacket_pair
+from transports.unix import close_own, seqpacket_pair
 from transports.wire import Message
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class Flows:
             raise FlowTimeout(f"{where}: {str(e) or 'timed out'}") from None
         # Both ends only from the local layer: its pairs alone may arrive here with the allocator as peer.
         if not isinstance(reply, m.IpcpFlow) or len(fds) != (2 if ipcp.type == "local" else 1):
-            close_fds(fds)
+            close_own(fds)
             self.reg.drop_flow(flow)
             raise IpcpFailed(f"ipcp {ipcp.name} answered the allocation wrongly")
         answer = reply.data
@@ -161,10 +161,10 @@ class Flows:
             try:
                 answer = await self.arrive_here(ipcp, flow, digest, reply.mtu, fds.pop(), attempt.data, deadline)
             except FlowError as e:
-                close_fds(fds)
+                close_own(fds)
                 raise error_class(e.code or "EIO")(f"{where}: {e}") from None
             except BaseException:
-                close_fds(fds)
+                close_own(fds)
                 raise
         flow.fd, flow.mtu = os.dup(fds[0]), reply.mtu
         if flow.advance(FlowEvent.ALLOCATED) is not FlowState.ALLOCATED:
@@ -174,7 +174,7 @@ class Flows:
                 raise ChannelClosed("client gone")
             outcome = self.irmd.oap.complete(attempt, answer)  # OAP: the peer's answer checked
         except BaseException:  # whatever failed (a peer's answer included), the flow and its fds go
-            close_fds(fds)
+            close_own(fds)
             await self.release(flow)
             raise
         local = ipcp.type == "local"
@@ -206,7 +206,7 @@ class Flows:
             self.reg.drop_flow(src)
             raise
         finally:
-            close_fds([fd])
+            close_own([fd])
         src.peer, self.reg.flows[peer_id].peer = peer_id, src.flow_id
         return answer
 
@@ -352,7 +352,7 @@ class Flows:
             except (RemoteError, TimeoutError, ChannelClosed) as e:
                 log.debug("counters of %s: %s", name, e)
                 continue
-            close_fds(fds)
+            close_own(fds)
             sections = reply.sections if isinstance(reply, m.IpcpInfo) else []
             for section in sections:
                 if section.name == "flows" and tuple(section.columns[:width]) == m.FLOW_COUNTERS:
@@ -397,7 +397,7 @@ class Flows:
         peer = self.reg.flows.get(flow.peer)
         if peer is not None and peer.state is FlowState.ALLOCATED:
             self.end_flow(peer, FlowEvent.PEER_DEALLOC)
-            close_fds([flow.fd])
+            close_own([flow.fd])
         else:
             teardown_fd(flow.fd)
         flow.fd = -1

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from transports.ratelog import RateLog
-from transports.unix import close_fds, recv_frame, send_frame
+from transports.unix import close_fds, close_own, recv_frame, send_frame
 from transports.wire import HEADER, ID_MASK, NOTICE, REPLY, Codec, Error, Message, WireError
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ class AsyncChannel:
                     frame, sent = self._codec.encode(Error("EIO", "the reply is too large"), req_id | REPLY), ()
                 self._send(frame, sent)
         finally:
-            close_fds(out_fds)
+            close_own(out_fds)  # a handler's reply carries only the daemon's own descriptors
 
 
 class SyncChannel:

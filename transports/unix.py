@@ -182,6 +182,14 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
+def close_own(fds: Sequence[int]) -> None:
+    """Close descriptors this process made, or an IPCP it started handed it: no application's socket is
+    among them, so there is no linger to defuse (close_fds costs five system calls a descriptor more)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 SDU_LOOKAHEAD = 16  # records read past an empty one once the peer hung up, looking for data behind it
 
 

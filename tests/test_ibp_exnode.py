@@ -25,6 +25,7 @@ from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
 
 from apps.ibp import exnode_cli
 from apps.ibp.exnode import NS, BadExnode, ExNode, Mapping, from_xml, plan, to_xml
+from apps.ibp.xndrc import Rc
 
 K = "k" * 64
 
@@ -114,10 +115,13 @@ def test_exnode_files_are_fsynced_before_the_rename_and_private(
 
 def test_defaults_are_what_the_docs_say() -> None:
     args = exnode_cli.parser().parse_args(["upload", "f", "--depots", "a"])
-    assert (args.copies, args.bs, args.duration, args.soft) == (1, 5 << 20, 86400, False)  # LoRS's: 1, 5M, 1d, HARD
+    exnode_cli.resolve(args, Rc())  # no .xndrc
+    assert (args.copies, args.bs, args.duration, args.soft) == (1, 5 << 20, 86400, False)  # 1, LoRS's 5M, 1d, HARD
+    assert (args.threads, args.timeout) == (4, 30)
     doc = (Path(__file__).parent.parent / "docs" / "ibp.md").read_text()
     assert "--copies 1" in doc and "-b 5M" in doc and "-d 1d" in doc
     lors = exnode_cli.lors_parser("upload").parse_args(["f", "--depots", "a", "-c", "2", "-b", "1M", "-s"])
+    exnode_cli.resolve(lors, Rc())
     assert (lors.cmd, lors.copies, lors.bs, lors.soft) == ("upload", 2, 1 << 20, True)
 
 
@@ -343,7 +347,7 @@ def test_download_skips_a_replica_with_wrong_bytes(irmd: IrmdProc, depots: Start
     for d in ("y1", "y2"):
         depots(d)
     (tmp_path / "f.bin").write_bytes(b"A" * 5000)
-    r = run(irmd, "lors_upload", "f.bin", "--depots", "y1,y2", "-c", "2", cwd=tmp_path)
+    r = run(irmd, "lors_upload", "f.bin", "--depots", "y1,y2", "-c", "2", "-f", cwd=tmp_path)  # -f: to f.bin.xnd
     assert r.returncode == 0, r.stderr
     ex = from_xml((tmp_path / "f.bin.xnd").read_bytes())
     # Point the first replica at other bytes of the right length: its checksum no longer matches.

@@ -305,6 +305,7 @@ class Liveness:
     seconds_left: int | None = None
     reliability: int | None = None
     why: str = ""
+    read_refs: int | None = None
 
 
 def stat(ex: ExNode, s: Settings) -> list[Liveness]:
@@ -320,8 +321,8 @@ def _probe(pool: Pool, m: Mapping) -> Liveness:
         if m.manage:
             p = conn.probe(cap)
             if p["size"] < m.alloc_offset + m.logical_length:
-                return Liveness("gone", p["seconds_left"], p["reliability"], "shorter than mapped")
-            return Liveness("alive", p["seconds_left"], p["reliability"])
+                return Liveness("gone", p["seconds_left"], p["reliability"], "shorter than mapped", p["read_refs"])
+            return Liveness("alive", p["seconds_left"], p["reliability"], read_refs=p["read_refs"])
         if m.logical_length:
             conn.load_bytes(cap, m.alloc_offset, 1)
         return Liveness("alive")

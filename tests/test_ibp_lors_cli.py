@@ -1,0 +1,244 @@
+"""The LoRS tools as a LoRS user runs them: .xndrc files ($HOME's, then the current directory's, the
+command line over both), LoRS's option letters and where its tools write, and no L-Bone pretended.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import BIN, IrmdProc, free_port
+from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
+
+from apps.ibp import xndrc
+from apps.ibp.exnode import from_xml
+
+pytestmark = pytest.mark.timeout(120)
+
+# Written as LoRS's lors_setup.sh writes ~/.xndrc: keywords this implementation has no use for among them.
+SETUP_STYLE = """\
+######################################################################
+#  This file contains defaults for the LoRS command line tools.
+######################################################################
+LBONE_SERVER     lbone.example.org 6767
+RESOLUTION_FILE /nonexistent/.resolution.txt
+LOCATION                    zip= 37996
+DURATION 2h
+STORAGE_TYPE                SOFT
+VERBOSE                1
+MAX_INTERNAL_BUFFER    64M
+DEMO 0
+DATA_BLOCKSIZE       64K
+E2E_BLOCKSIZE        512K
+E2E_ORDER            none
+COPIES               2
+TIMEOUT     20
+THREADS  3
+MAXDEPOTS 6
+"""
+
+
+def tool(
+    name: str, *args: str, cwd: Path, home: Path, env: dict[str, str] | None = None, stdout: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool with HOME=home in cwd; its stdout to the file `stdout` if given (as `> FILE`)."""
+    env = dict(env or os.environ, HOME=str(home))
+    if stdout is None:
+        return subprocess.run([str(BIN / name), *args], env=env, cwd=cwd, capture_output=True, timeout=90)
+    with open(stdout, "wb") as out:
+        return subprocess.run(
+            [str(BIN / name), *args], env=env, cwd=cwd, stdout=out, stderr=subprocess.PIPE, timeout=90
+        )
+
+
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    return home, work
+
+
+# -- the .xndrc reader --
+
+
+def test_home_then_current_directory_each_keyword_and_depot_list_replaced(tmp_path: Path) -> None:
+    home, work = dirs(tmp_path)
+    (home / ".xndrc").write_text(SETUP_STYLE + "DEPOT a.example.org 6714\nDEPOT b.example.org 7000\n")
+    rc = xndrc.load(str(home), work)
+    assert rc.depots == ["a.example.org:6714", "b.example.org:7000"] and rc.lbone == ["lbone.example.org:6767"]
+    assert (rc.duration, rc.soft, rc.bs, rc.copies, rc.timeout, rc.threads) == (7200, True, 65536, 2, 20, 3)
+    assert (rc.location, rc.e2e, rc.verbose, rc.maxdepots) == ("zip= 37996", [], 1, 6)
+    (work / ".xndrc").write_text("COPIES 1\nDEPOT ::1 6714\nDEPOT local-depot\nDURATION_DAYS 0.5\n")
+    rc = xndrc.load(str(home), work)
+    assert rc.depots == ["[::1]:6714", "local-depot"]  # ./.xndrc's DEPOT lines replace $HOME's list
+    assert (rc.copies, rc.duration, rc.soft, rc.bs) == (1, 43200, True, 65536)  # what it does not say stays
+    assert rc.files == [home / ".xndrc", work / ".xndrc"]
+    assert xndrc.load(str(work), work).files == [work / ".xndrc"]  # HOME is the current directory: read once
+    assert xndrc.load(str(tmp_path / "none"), tmp_path).files == []  # none at all: LoRS goes on without
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("COPIES three", "COPIES: 'three' is not a whole number"),
+        ("COPIES 3   # three copies", "COPIES: takes one value"),  # LoRS would silently skip the line
+        ("DEPOT depot.example.org 99999", "65535"),
+        ("DEPOT depot.example.org 6714 extra", "DEPOT: takes a host and a port"),
+        ("STORAGE_TYPE FIRM", "HARD nor SOFT"),
+        ("DURATION 1w", "time"),
+        ("DATA_BLOCKSIZE lots", "size"),
+        ("E2E_ORDER checksum rot13", "rot13"),
+        ("LBONE_SERVER lbone.example.org", "LBONE_SERVER: takes a host and a port"),
+    ],
+)
+def test_a_bad_value_is_named_with_its_file_and_line(tmp_path: Path, line: str, says: str) -> None:
+    (tmp_path / ".xndrc").write_text(f"# defaults\nDEPOT d.example.org 6714\n{line}\nSOME_KEYWORD_OF_LODN x y z\n")
+    with pytest.raises(xndrc.BadRc, match=rf"^{re.escape(str(tmp_path / '.xndrc'))}:3: .*{re.escape(says)}"):
+        xndrc.load(str(tmp_path / "none"), tmp_path)
+
+
+def test_an_oversized_binary_or_world_writable_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".xndrc").write_bytes(b"# x\n" * (xndrc.MAX_BYTES // 4 + 1))
+    with pytest.raises(xndrc.BadRc, match="KiB"):
+        xndrc.load(str(tmp_path / "none"), tmp_path)
+    (tmp_path / ".xndrc").write_bytes(b"DEPOT a 1\0\n")
+    with pytest.raises(xndrc.BadRc, match="binary"):
+        xndrc.load(str(tmp_path / "none"), tmp_path)
+    (tmp_path / ".xndrc").write_text("DEPOT depot.example.org 6714\n")
+    (tmp_path / ".xndrc").chmod(0o666)  # anyone could have said where the files go
+    with pytest.raises(xndrc.BadRc, match="writable by anyone"):
+        xndrc.load(str(tmp_path / "none"), tmp_path)
+
+
+# -- the tools --
+
+
+def test_a_malformed_xndrc_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    home, work = dirs(tmp_path)
+    (work / "f.bin").write_bytes(b"x" * 1000)
+    (home / ".xndrc").write_text("DEPOT 127.0.0.1 6714\nCOPIES 3 # three\n")
+    said = f"{home}/.xndrc:2: COPIES: takes one value, not 3 (a comment must be on a line of its own)\n"
+    for name, *argv in (["lors_upload", "f.bin"], ["lors_ls", "f.bin.xnd"], ["exnode upload", "f.bin"]):
+        r = tool(*name.split(), *argv, cwd=work, home=home)  # every tool reads it, as LoRS's do
+        assert r.returncode == 1 and r.stderr.decode() == f"{name}: {said}", r.stderr
+    assert not list(work.glob("*.xnd*"))
+
+
+def test_an_l_bone_command_line_with_no_depots_fails_saying_where_to_list_them(tmp_path: Path) -> None:
+    home, work = dirs(tmp_path)
+    (work / "f.bin").write_bytes(b"x" * 1000)
+    # LoRS's README: lors_upload filename -f -F 8 -c 2 -l "st= TN", with an L-Bone server named
+    r = tool("lors_upload", "f.bin", "-f", "-F", "8", "-c", "2", "-l", "st= TN", "-H", "lbone.example.org",
+             "-P", "6767", "-m", "6", "-V", "1", cwd=work, home=home)  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "no depots" in err and "DEPOT host port" in err and "--depots" in err and "no L-Bone" in err
+    assert "-H" in err and "-l" in err
+    (home / ".xndrc").write_text(SETUP_STYLE)  # lors_setup.sh's file: L-Bone servers and a location, no DEPOT
+    r = tool("lors_upload", "f.bin", "-f", cwd=work, home=home)
+    assert r.returncode == 1 and b"LBONE_SERVER" in r.stderr and b"DEPOT host port" in r.stderr, r.stderr
+    assert not list(work.glob("*.xnd*"))
+
+
+def test_lors_options_not_carried_out_are_refused_by_name(tmp_path: Path) -> None:
+    home, work = dirs(tmp_path)
+    (work / "f.bin").write_bytes(b"x")
+    for argv, what in (
+        (["lors_upload", "f.bin", "-x"], b"-x: end-to-end conditioning is not implemented here"),
+        (["lors_upload", "-i", "f.bin"], b"-i: reading the file from stdin"),
+        (["lors_augment", "f.xnd", "-B"], b"-B: adding copies only where too few"),
+        (["lors_download", "f.xnd", "-R"], b"-R: resuming"),
+    ):
+        r = tool(argv[0], *argv[1:], cwd=work, home=home)
+        assert r.returncode == 2 and what in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    for name in ("lors_upload", "lors_augment", "lors_ls", "lors_trim"):  # popt's help: -? and --help
+        for flag in ("-?", "--help"):
+            r = tool(name, flag, cwd=work, home=home)
+            assert r.returncode == 0 and r.stdout.startswith(f"usage: {name}".encode()), r.stderr
+    r = tool("lors_upload", "-?", cwd=work, home=home)
+    assert b"-h, --hard" in r.stdout  # LoRS's HARD, not help
+    r = tool("exnode", "upload", "-h", cwd=work, home=home)
+    assert r.returncode == 0 and b"usage: exnode upload" in r.stdout  # ours stays help
+
+
+def test_xndrc_depots_upload_then_ls_download_trim_refresh_as_lors_does(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    ports = [free_port(["127.0.0.1"]) for _ in range(2)]
+    for i, port in enumerate(ports):
+        depots(f"l{i}", "--listen", f"tcp:127.0.0.1:{port}", "--copy-to", "127.0.0.1:*")  # replicas over TCP
+    tcp = [f"127.0.0.1:{p}" for p in ports]
+    # $HOME's: lors_setup.sh's keywords; ./.xndrc's: the depots (as LoRS's DEPOT lines: host and port).
+    (home / ".xndrc").write_text(SETUP_STYLE + "DEPOT 127.0.0.1 1\n")
+    (work / ".xndrc").write_text("".join(f"DEPOT 127.0.0.1 {p}\n" for p in ports))
+    data = os.urandom(300_000)
+    (work / "big.bin").write_bytes(data)
+
+    r = tool("lors_upload", "big.bin", cwd=work, home=home, env=irmd.env, stdout=work / "big.bin.xnd")
+    assert r.returncode == 0, r.stderr  # `lors_upload big.bin > big.bin.xnd`: the exNode on stdout
+    ex = from_xml((work / "big.bin.xnd").read_bytes())
+    assert len(ex.blocks()) == 5 and all(n == 65536 for _, n, _ in ex.blocks()[:4])  # DATA_BLOCKSIZE 64K
+    assert all({m.depot for m in ms} == set(tcp) for _, _, ms in ex.blocks())  # COPIES 2, on the DEPOT lines
+    assert all(abs(m.expires - time.time() - 7200) < 120 for m in ex.mappings)  # DURATION 2h
+
+    r = tool("lors_ls", "big.bin.xnd", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.decode().splitlines()
+    assert len(rows) == 10, rows
+    stamp = r"\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}"  # ctime's
+    for i, row in enumerate(rows):  # STORAGE_TYPE SOFT, all three capabilities, one reader each
+        assert re.fullmatch(rf" ?{i} Srwma  1 +\d+ +\d+ 127\.0\.0\.1:\d+ {stamp} alive", row), row
+    assert b"TITLE Filename big.bin" in r.stderr and b"EXNODEFILE big.bin.xnd" in r.stderr
+
+    r = tool("lors_download", "big.bin.xnd", "-o", "back.bin", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0 and (work / "back.bin").read_bytes() == data, r.stderr
+
+    # lors_trim -m XND N: the new exNode on stdout, as LoRS's.
+    r = tool("lors_trim", "-m", "big.bin.xnd", "0", cwd=work, home=home, env=irmd.env, stdout=work / "t.xnd")
+    assert r.returncode == 0, r.stderr
+    assert from_xml((work / "t.xnd").read_bytes()).mappings == ex.mappings[1:]
+    until = int(time.time()) + 3 * 3600
+    r = tool("lors_refresh", "-a", str(until), "t.xnd", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    assert all(abs(m.expires - until) < 60 for m in from_xml((work / "t.xnd").read_bytes()).mappings)
+
+
+def test_the_command_line_wins_over_both_xndrc_files(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    port = free_port(["127.0.0.1"])
+    depots("c0", "--listen", f"tcp:127.0.0.1:{port}")
+    depots("c1")
+    (home / ".xndrc").write_text("COPIES 3\nSTORAGE_TYPE SOFT\nDATA_BLOCKSIZE 64K\nDEPOT 127.0.0.1 1\n")
+    (work / ".xndrc").write_text(f"COPIES 1\nDEPOT 127.0.0.1 {port}\n")
+    (work / "f.bin").write_bytes(os.urandom(100_000))
+
+    r = tool("lors_upload", "f.bin", "-f", cwd=work, home=home, env=irmd.env)  # -f: to f.bin.xnd
+    assert r.returncode == 0 and r.stdout == b"", r.stderr
+    ex = from_xml((work / "f.bin.xnd").read_bytes())  # ./.xndrc's depots and COPIES, $HOME's block size
+    assert len(ex.blocks()) == 2 and {m.depot for m in ex.mappings} == {f"127.0.0.1:{port}"}
+
+    r = tool("lors_upload", "f.bin", "--depots", "c1", "-c", "1", "-b", "32k", "-h", "-d", "1h", "-o", "cl.xnd",
+             cwd=work, home=home, env=irmd.env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ex = from_xml((work / "cl.xnd").read_bytes())
+    assert len(ex.blocks()) == 4 and {m.depot for m in ex.mappings} == {"c1"}
+    assert all(abs(m.expires - time.time() - 3600) < 120 for m in ex.mappings)
+    listing = tool("lors_ls", "cl.xnd", cwd=work, home=home, env=irmd.env).stdout.decode()
+    assert listing.count(" Hrwma ") == 4, listing  # -h: HARD over the .xndrc's SOFT
+
+    (home / "other.xndrc").write_text("DEPOT c1\n")  # -X FILE: its depots over ./.xndrc's
+    r = tool("lors_upload", "f.bin", "-X", str(home / "other.xndrc"), "-o", "x.xnd", cwd=work, home=home,
+             env=irmd.env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert {m.depot for m in from_xml((work / "x.xnd").read_bytes()).mappings} == {"c1"}

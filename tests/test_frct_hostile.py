@@ -453,6 +453,56 @@ def test_a_peer_ignoring_the_window_of_a_reader_that_never_reads_leaves_its_memo
     assert grown < SLACK, f"{grown >> 20} MB more after {sent >> 20} MB from the peer"
 
 
+@pytest.mark.timeout(60)
+def test_an_encrypted_flow_without_frct_holds_no_empty_sdus_and_few_tiny_ones() -> None:
+    """The engine's backlog for an application that does not read counted bytes only: sealed empty SDUs
+    (the peer has the key) grew it without end, 2-byte ones to half a million Python objects."""
+    from typing import cast
+
+    from flowlib import crc as c
+    from flowlib import qos
+    from flowlib.crypto import AES_256_GCM, PacketCrypto
+    from flowlib.engine import BACKLOG_SDUS
+    from flowlib.flow import establish
+    from flowlib.irm import IrmClient
+    from proto import messages as m
+
+    class NoIrmd:
+        def dealloc(self, flow_id: int) -> None:
+            pass
+
+    key = os.urandom(32)
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reply = m.FlowReply(1, "test", 1400, qos.raw_no_errors, "peer", cipher=AES_256_GCM, key=key)
+    flow = establish(reply, ours.detach(), cast(IrmClient, NoIrmd()), client=False)
+    sealer = PacketCrypto(AES_256_GCM, key, server=False)
+    s = flow._session
+    assert s is not None and s.frct is None and s.crypto is not None
+    peer.settimeout(10)
+
+    def flood(sdu: bytes, n: int, dropped: int) -> None:
+        rejected = s.rejected
+        for _ in range(n):
+            peer.send(c.add(sealer.seal(sdu)))
+        deadline = time.monotonic() + 20  # until the engine has dropped what it will
+        while s.rejected - rejected < dropped and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        flood(b"", 3 * BACKLOG_SDUS, 3 * BACKLOG_SDUS)
+        assert s.rejected == 3 * BACKLOG_SDUS and not s.backlog
+        # The legitimate use beside it: an SDU after them is read at once, the empty ones never.
+        flow.set_timeout(5)
+        peer.send(c.add(sealer.seal(b"hello")))
+        assert flow.read() == b"hello"
+        flood(b"ab", 3 * BACKLOG_SDUS, BACKLOG_SDUS)  # (the application's socket takes some)
+        assert len(s.backlog) <= BACKLOG_SDUS
+        assert flow.read() == b"ab"  # what was kept is read in order
+    finally:
+        flow.close()
+        peer.close()
+
+
 # -- through a real IRMd, the attacker uid 65534 ---------------------------------------------------------
 
 ROOT_SERVER = r"""

@@ -343,6 +343,12 @@ class Oap:
                 outcome, ours = self._server_kex(hdr, config, outcome)
             elif config.encrypt or cypher_s:
                 raise OapError(ECRYPT, f"{name!r} requires encryption; the request offers no key exchange")
+            else:
+                # A plain flow: nothing binds the client's signed request to it, so whoever got hold of
+                # the request (a server the client reached, a hijacked name) could send it on as its own
+                # and hold the flow in the client's name. Only a key exchange under the signature (only
+                # the client can complete it) makes the certificate the flow's peer.
+                outcome = PLAIN
             response = oap.encode(hdr.id, self.clock(), cipher_nid=ours.cipher, kdf_nid=ours.kdf, md_nid=config.md,
                                   crt=creds.der if creds else b"", kex=ours.kex, data=ours.data,
                                   req_hash=oap.request_hash(hdr), sign=_signer(creds, config.md))  # fmt: skip

@@ -454,6 +454,38 @@ def test_a_client_certificate_the_server_cannot_verify_is_refused(clock: Clock, 
     assert e.value.code == oap.EAUTH
 
 
+@pytest.mark.timeout(30)
+def test_a_client_request_sent_on_by_whoever_got_it_names_nobody_on_a_plain_flow(
+    clock: Clock, pki: Pki, client_pki: Pki
+) -> None:
+    """alice presents her certificate to `games` (or to a host that hijacked `bank`'s entry), whose IRMd
+    sends her signed request on, unchanged, as its own allocation to `bank`: bank's server was told the
+    flow was alice's, while the relay held it. Only a key exchange under her signature binds her to the
+    flow (only she can complete it); a plain flow now names no peer."""
+    from irmd import kex
+
+    pki.trust()
+    crt, key = pki.issue("alice")
+    client_pki.serve_as("games", crt, key, role="client")
+    client_pki.serve_as("bank", crt, key, role="client")
+    alice, bank = irmds(clock, client_pki, pki)
+    relayed = alice.request("games", raw)
+    _, served = bank.serve("bank", relayed.data)
+    assert served == Outcome()  # the flow is the relay's: it names nobody
+    # Encrypted, bank names alice, and the key is hers alone: the relay cannot derive it.
+    relayed = alice.request("games", ENCRYPT)
+    answer, served = bank.serve("bank", relayed.data)
+    assert served.peer_crt and served.peer_ca
+    assert relayed.key is not None and relayed.request is not None
+    rsp = oap.decode(answer, relayed.request.md_nid)
+    assert kex.derive(relayed.key, rsp.kex, rsp.kdf_nid) == served.key  # alice's ephemeral key, never sent
+    # The legitimate use beside it: alice's own plain flow to bank is served, anonymously; encrypted, as alice.
+    got, served = allocate(alice, bank, "bank")
+    assert got == served == Outcome()
+    got, served = allocate(alice, bank, "bank", ENCRYPT)
+    assert served.peer_ca and got.key == served.key
+
+
 def test_a_signed_request_altered_on_the_way_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:
     pki.trust()
     crt, key = pki.issue("alice")

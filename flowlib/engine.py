@@ -42,6 +42,7 @@ HUP_GIVE_UP = 10.0  # an application gone with SDUs the peer's window holds back
 BURST = 64
 MAX_PDU = 65536 + 64  # the largest PDU read from the IPCP: a layer MTU plus encryption and CRC
 BACKLOG = 1 << 20  # bytes held for an application that does not read a flow without FRCT; then dropped
+BACKLOG_SDUS = 4096  # ... and SDUs: a tiny one costs far more than its bytes
 OUTQ = 1024  # PDUs held while the layer has no room; past it (only FRCT's own packets) dropped
 # What the IPCP's socket may hold that its peer has not read (the kernel caps it at wmem_max): on a local
 # flow, a socket pair, the default 208 KiB is three 64 KiB SDUs, and the writer then waits on each read.
@@ -490,8 +491,10 @@ class Engine:
                 s.rejected += 1  # corrupt, tampered, replayed or stale
                 continue
             if s.frct is None:
-                if s.backlog_bytes + len(opened) > BACKLOG:
-                    s.rejected += 1  # the application does not read: a flow without FRCT may drop
+                # An empty SDU is none a flow carries (keepalives come bare, above). Past the backlog the
+                # application does not read: a flow without FRCT may drop.
+                if not opened or s.backlog_bytes + len(opened) > BACKLOG or len(s.backlog) >= BACKLOG_SDUS:
+                    s.rejected += 1
                     continue
                 s.backlog.append(opened)
                 s.backlog_bytes += len(opened)

@@ -368,8 +368,10 @@ class Frct:
                 return
             c.dropped += distance(self.rcv_nxt, seq)  # a gap never fills: skip it
             self.rcv_nxt = seq
-            if self._held + len(payload) > self.rcv_buf:
-                c.dropped += 1  # the application does not keep up: unreliable flows may drop
+            # The application does not keep up: unreliable flows may drop. Bounded in SDUs as well as in
+            # bytes (a tiny SDU costs far more than its bytes), at the count our window never lets past.
+            if self._held + len(payload) > self.rcv_buf or len(self.sdus) >= RQ_SIZE:
+                c.dropped += 1
                 self.rcv_nxt = (seq + 1) % SEQ_MOD
                 return
             self._accept(flags & ~(FFGM | MFGM), payload)  # unreliable senders never fragment

@@ -97,7 +97,9 @@ class KnownNames:
         with open(self.path, "rb") as f:
             text = f.read(MAX_KNOWN_NAMES).decode(errors="replace")
         out = []
-        for line in text.splitlines():
+        # Lines end at "\n" only, as written: str.splitlines would also end one at the other breaks
+        # (\r, \x85, \u2028...) a certificate's subject may hold.
+        for line in text.split("\n"):
             words = line.split()
             if len(words) >= 2 and not words[0].startswith("#") and words[0] == name:
                 out.append(words[1])
@@ -105,7 +107,10 @@ class KnownNames:
 
     def add(self, name: str, peer: Peer) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = f"{name} {peer.fingerprint} {peer.subject.replace(chr(10), ' ')}\n".encode()
+        # The subject is the peer's choice: written printable only, so no break in it starts a line of
+        # its own (a pin the peer chose for another name).
+        comment = "".join(c if c.isprintable() else "?" for c in peer.subject)
+        line = f"{name} {peer.fingerprint} {comment}\n".encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, line)  # one write with O_APPEND: concurrent pins do not interleave

@@ -220,6 +220,57 @@ def test_a_uid_without_an_account_has_no_pins_rather_than_no_flows(monkeypatch: 
     assert KnownNames().pins("pong") == []
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("brk", ["\r", "\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", "\u2029"])
+def test_a_subject_holding_a_line_break_pins_nothing_for_another_name(tmp_path: Path, brk: str) -> None:
+    """A server reached once with accept-new wrote its certificate's subject into known_names: one
+    holding a line break (other than \\n) started a line of its own, `bank <its own key>`, which the
+    reader took as a pin: the impostor was then taken for bank, whose real pin it had outvoted."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from pki import DAY, NOW
+
+    from flowlib.identity import KnownNames, Peer, server_identity
+
+    def new_key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def der(cn: str, key: ec.EllipticCurvePrivateKey, org: str = "Org") -> bytes:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)])  # fmt: skip
+        crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(NOW - DAY).not_valid_after(NOW + DAY)
+               .sign(key, hashes.SHA256()))  # fmt: skip
+        return crt.public_bytes(serialization.Encoding.DER)
+
+    known = KnownNames(tmp_path / "known_names")
+
+    def verified(name: str, crt: bytes, accept_new: bool = False) -> str:
+        reply = m.FlowReply(1, "local", 1400, qos.raw, name, peer_crt=crt)
+        peer = server_identity(name, reply, accept_new=accept_new, known=known)
+        assert peer is not None
+        return peer.verified
+
+    bank = der("bank", new_key())
+    assert verified("bank", bank, accept_new=True) == "new"
+    while "+" in (fp := Peer.of(der("x", evil := new_key()), "new").fingerprint):  # RFC 4514 escapes a "+"
+        pass
+    games = der("games", evil, f"Games{brk}bank {fp} x")
+    assert brk in Peer.of(games, "new").subject  # the library does not escape it
+    assert verified("games", games, accept_new=True) == "new"
+    assert known.pins("games") == [fp] and known.pins("bank") == [Peer.of(bank, "new").fingerprint]
+    with pytest.raises(AuthenticationFailed, match="has CHANGED"):
+        verified("bank", der("bank", evil))
+    # The legitimate use beside it: both keys pinned stay pinned, each for its own name.
+    assert verified("bank", bank) == "pinned"
+    assert verified("games", games) == "pinned"
+    # A file a poisoned writer left behind reads as one line per "\n" too.
+    known.path.write_text(f"games {fp} O=Games{brk}bank {fp} x,CN=games\n")
+    assert known.pins("bank") == [] and known.pins("games") == [fp]
+
+
 # -- client certificates ---------------------------------------------------------------------------------
 
 

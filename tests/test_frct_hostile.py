@@ -141,6 +141,41 @@ def test_an_unreliable_flow_drops_what_its_application_does_not_take() -> None:
     assert b.counters.dropped >= 20_000 - b.rcv_buf // PAYLOAD - 1
 
 
+@pytest.mark.timeout(60)
+def test_an_unreliable_flow_holds_few_tiny_sdus_however_many_fit_its_bytes() -> None:
+    """2-byte SDUs never read: 4 MiB of them were 2 million Python objects, 112 MiB of memory. Now at
+    most RQ_SIZE SDUs wait, as the window lets a sender that honours it send."""
+    b = Frct(MTU, False)
+    for seq in range(BASE, BASE + 20 * RQ_SIZE):
+        b.receive(pdu(DATA | DRF, seq, b"ab"), 0.1)
+    assert len(b.sdus) == RQ_SIZE and b.counters.dropped == 19 * RQ_SIZE
+    # The legitimate use beside it: a sender that honours the window loses nothing to a slow reader.
+    a, b = Frct(MTU, False, isn=lambda: BASE), Frct(MTU, False)
+    now, sent, most = 0.0, 0, 0
+    got: list[bytes] = []
+    for step in range(100 * RQ_SIZE):
+        if len(got) == 10 * RQ_SIZE:
+            break
+        now += 0.001
+        while sent < 10 * RQ_SIZE and a.can_send(now):
+            a.send(sent.to_bytes(2, "big"), now)
+            sent += 1
+        for p in a.pdus:
+            b.receive(p, now)
+        a.pdus.clear()
+        most = max(most, len(b.sdus))
+        if step % 3 == 0 and b.sdus:  # a reader three times slower than the writer
+            got.append(b.sdus.popleft())
+            b.taken(len(got[-1]), now)
+        for p in b.pdus:
+            a.receive(p, now)
+        b.pdus.clear()
+        b.handle_timer(now)
+        a.handle_timer(now)
+    assert most > RQ_SIZE // 2  # the reader fell behind: the window held the writer back
+    assert b.counters.dropped == 0 and [int.from_bytes(x, "big") for x in got] == list(range(10 * RQ_SIZE))
+
+
 def test_replays_are_dropped_and_acked_once_per_timer_check() -> None:
     b = receiver()
     first = pdu(DATA, BASE + 1, b"once")
@@ -416,6 +451,56 @@ def test_a_peer_ignoring_the_window_of_a_reader_that_never_reads_leaves_its_memo
     grown = victim.rss() - victim.baseline
     assert sent > 8 * RQ_SIZE * len(payload), "the victim stopped reading its socket: the test tested nothing"
     assert grown < SLACK, f"{grown >> 20} MB more after {sent >> 20} MB from the peer"
+
+
+@pytest.mark.timeout(60)
+def test_an_encrypted_flow_without_frct_holds_no_empty_sdus_and_few_tiny_ones() -> None:
+    """The engine's backlog for an application that does not read counted bytes only: sealed empty SDUs
+    (the peer has the key) grew it without end, 2-byte ones to half a million Python objects."""
+    from typing import cast
+
+    from flowlib import crc as c
+    from flowlib import qos
+    from flowlib.crypto import AES_256_GCM, PacketCrypto
+    from flowlib.engine import BACKLOG_SDUS
+    from flowlib.flow import establish
+    from flowlib.irm import IrmClient
+    from proto import messages as m
+
+    class NoIrmd:
+        def dealloc(self, flow_id: int) -> None:
+            pass
+
+    key = os.urandom(32)
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reply = m.FlowReply(1, "test", 1400, qos.raw_no_errors, "peer", cipher=AES_256_GCM, key=key)
+    flow = establish(reply, ours.detach(), cast(IrmClient, NoIrmd()), client=False)
+    sealer = PacketCrypto(AES_256_GCM, key, server=False)
+    s = flow._session
+    assert s is not None and s.frct is None and s.crypto is not None
+    peer.settimeout(10)
+
+    def flood(sdu: bytes, n: int, dropped: int) -> None:
+        rejected = s.rejected
+        for _ in range(n):
+            peer.send(c.add(sealer.seal(sdu)))
+        deadline = time.monotonic() + 20  # until the engine has dropped what it will
+        while s.rejected - rejected < dropped and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        flood(b"", 3 * BACKLOG_SDUS, 3 * BACKLOG_SDUS)
+        assert s.rejected == 3 * BACKLOG_SDUS and not s.backlog
+        # The legitimate use beside it: an SDU after them is read at once, the empty ones never.
+        flow.set_timeout(5)
+        peer.send(c.add(sealer.seal(b"hello")))
+        assert flow.read() == b"hello"
+        flood(b"ab", 3 * BACKLOG_SDUS, BACKLOG_SDUS)  # (the application's socket takes some)
+        assert len(s.backlog) <= BACKLOG_SDUS
+        assert flow.read() == b"ab"  # what was kept is read in order
+    finally:
+        flow.close()
+        peer.close()
 
 
 # -- through a real IRMd, the attacker uid 65534 ---------------------------------------------------------

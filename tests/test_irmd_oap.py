@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -452,6 +453,81 @@ def test_a_client_certificate_the_server_cannot_verify_is_refused(clock: Clock, 
     with pytest.raises(FlowError, match="CA store") as e:
         allocate(*irmds(clock, client_pki, pki))
     assert e.value.code == oap.EAUTH
+
+
+@pytest.mark.timeout(30)
+def test_a_client_request_sent_on_by_whoever_got_it_names_nobody_on_a_plain_flow(
+    clock: Clock, pki: Pki, client_pki: Pki
+) -> None:
+    """alice presents her certificate to `games` (or to a host that hijacked `bank`'s entry), whose IRMd
+    sends her signed request on, unchanged, as its own allocation to `bank`: bank's server was told the
+    flow was alice's, while the relay held it. Only a key exchange under her signature binds her to the
+    flow (only she can complete it); a plain flow now names no peer."""
+    from irmd import kex
+
+    pki.trust()
+    crt, key = pki.issue("alice")
+    client_pki.serve_as("games", crt, key, role="client")
+    client_pki.serve_as("bank", crt, key, role="client")
+    alice, bank = irmds(clock, client_pki, pki)
+    relayed = alice.request("games", raw)
+    _, served = bank.serve("bank", relayed.data)
+    assert served == Outcome()  # the flow is the relay's: it names nobody
+    # Encrypted, bank names alice, and the key is hers alone: the relay cannot derive it.
+    relayed = alice.request("games", ENCRYPT)
+    answer, served = bank.serve("bank", relayed.data)
+    assert served.peer_crt and served.peer_ca
+    assert relayed.key is not None and relayed.request is not None
+    rsp = oap.decode(answer, relayed.request.md_nid)
+    assert kex.derive(relayed.key, rsp.kex, rsp.kdf_nid) == served.key  # alice's ephemeral key, never sent
+    # The legitimate use beside it: alice's own plain flow to bank is served, anonymously; encrypted, as alice.
+    got, served = allocate(alice, bank, "bank")
+    assert got == served == Outcome()
+    got, served = allocate(alice, bank, "bank", ENCRYPT)
+    assert served.peer_ca and got.key == served.key
+
+
+@pytest.mark.timeout(60)
+def test_a_client_certificate_no_ca_vouches_for_is_refused_before_its_costly_signature(
+    clock: Clock, pki: Pki, client_pki: Pki
+) -> None:
+    """The accepting IRMd checked a client certificate's signature before its chain: an RSA key of the
+    peer's own making (3072 bits, as long an exponent) made each request cost ~9 ms in the IRMd's loop,
+    20 times a plain allocation. Only a certificate that chains has its signature checked now."""
+    import secrets
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    pki.trust()
+    n = secrets.randbits(3072) | 1 << 3071 | 1
+    heavy = rsa.RSAPublicNumbers(secrets.randbits(3071) | 1 << 3070 | 1, n).public_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory")])
+    signer = new_key()
+    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(heavy)
+           .serial_number(1).not_valid_before(datetime.datetime(2020, 1, 1))
+           .not_valid_after(datetime.datetime(2100, 1, 1)).sign(signer, hashes.SHA256()))  # fmt: skip
+    der = crt.public_bytes(Encoding.DER)
+    server = Oap(base=pki.base, clock=clock)
+    start, tries = time.thread_time(), 20
+    for _ in range(tries):
+        clock.now += MS
+        request = oap.encode(os.urandom(16), clock.now, md_nid=672, crt=der,
+                             sign=lambda _: secrets.randbits(3000).to_bytes(384, "big"))  # fmt: skip
+        with pytest.raises(FlowError) as e:
+            server.serve("pong", request)
+        assert e.value.code == oap.EAUTH
+    took = (time.thread_time() - start) / tries
+    assert took < 0.003
+    assert "does not chain" in str(e.value)
+    # The legitimate use beside it: a client certificate from the server's CA still names the client.
+    alice, key = pki.issue("alice")
+    client_pki.serve_as("pong", alice, key, role="client")
+    _, served = allocate(Oap(base=client_pki.base, clock=clock), server, qos=ENCRYPT)
+    assert served.peer_ca
 
 
 def test_a_signed_request_altered_on_the_way_is_refused(clock: Clock, pki: Pki, client_pki: Pki) -> None:

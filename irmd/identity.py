@@ -7,13 +7,21 @@ A pid alone is no identity (pids are reused): with its start time it names one p
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import stat
 import struct
+import threading
+
+log = logging.getLogger(__name__)
 
 SHEBANG_MAX = 256  # bytes of a script's first line we read (Linux reads at most 256 too)
 ANCESTORS = 8  # generations of parents a peer's identity records
+ARGV_MAX = 64 * 1024  # bytes of a process's argv read
+ARGV_WAIT = 0.2  # seconds the caller waits for them
+ARGV_STUCK = 4  # reads of argv that may be stuck at once: past them argv is not read (the script rule fails)
+_argv_readers = threading.BoundedSemaphore(ARGV_STUCK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +116,8 @@ def read_peer(pid: int, uid: int, gid: int) -> Peer:
         exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
     except OSError:
         exe = ""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read(64 * 1024)
-        argv = tuple(a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
-    except OSError:
-        argv = ()
+    raw = proc_argv(pid)
+    argv = tuple(a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
     try:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
@@ -122,6 +126,34 @@ def read_peer(pid: int, uid: int, gid: int) -> Peer:
     if proc_start(pid) != start:  # it exec'd or went while we read: trust none of it
         return Peer(pid, uid, gid)
     return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors)
+
+
+def proc_argv(pid: int) -> bytes:
+    """/proc/PID/cmdline, or b"" if it is gone or not read within ARGV_WAIT. The kernel reads another
+    process's argv under that process's memory lock, which the process can keep taken (a page fault
+    on a FUSE file whose server never answers, an mmap queued behind it): the read then waits as
+    long, so it runs on a thread of its own, and at most ARGV_STUCK such threads wait at once."""
+    if not _argv_readers.acquire(blocking=False):
+        log.warning("argv of pid %d not read: %d reads of argv are stuck already", pid, ARGV_STUCK)
+        return b""
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                got.append(f.read(ARGV_MAX))
+        except OSError:
+            pass
+        finally:
+            _argv_readers.release()
+            done.set()
+
+    threading.Thread(target=read, name=f"argv-{pid}", daemon=True).start()
+    if not done.wait(ARGV_WAIT):
+        log.warning("argv of pid %d not read in %.1f s: its memory lock is held", pid, ARGV_WAIT)
+        return b""
+    return got[0] if got else b""
 
 
 def open_regular(path: str) -> tuple[int, os.stat_result]:

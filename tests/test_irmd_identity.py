@@ -134,3 +134,38 @@ def test_a_peer_knows_its_ancestors_by_pid_and_start_time() -> None:
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.mark.timeout(30)
+def test_a_process_whose_argv_cannot_be_read_holds_up_nobody(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reads argv under the process's memory lock, which the process can keep taken: the
+    IRMd then learns who it is without its argv (no script rule), within ARGV_WAIT, and only
+    ARGV_STUCK threads ever wait on such reads."""
+    import threading
+
+    from irmd import identity
+
+    stuck = threading.Event()
+    real_open = open
+
+    def held_open(path: str, *args: object, **kwargs: object) -> object:
+        if path.endswith("/cmdline"):
+            stuck.wait(20)  # as a read of a process whose memory lock is held
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(identity, "open", held_open, raising=False)
+    before = threading.active_count()
+    try:
+        start = time.monotonic()
+        peers = [read_peer(os.getpid(), os.geteuid(), os.getegid()) for _ in range(identity.ARGV_STUCK + 3)]
+        took = time.monotonic() - start
+        assert all(p.argv == () and p.exe == PYTHON and p.start > 0 for p in peers)
+        assert took < (identity.ARGV_STUCK + 1) * identity.ARGV_WAIT + 1  # past the stuck ones: at once
+        assert threading.active_count() - before == identity.ARGV_STUCK
+    finally:
+        stuck.set()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    me = read_peer(os.getpid(), os.geteuid(), os.getegid())  # its readers released, argv is read again
+    assert me.argv == tuple(sys.orig_argv)

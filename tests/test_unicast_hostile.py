@@ -38,6 +38,7 @@ from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
 from ipcp.unicast.handshake import Handshake
 from ipcp.unicast.messages import signed_part
+from proto.errors import FlowTimeout
 from proto.qos import raw
 
 KEY = "s3cret-layer-key"
@@ -254,6 +255,49 @@ def test_silent_handshakes_by_the_hundred_are_bounded_and_time_out(layer: Layer,
     before = cpu_seconds(n1)
     time.sleep(3)
     assert cpu_seconds(n1) - before < 1.0, "n1 keeps busy after the attack"
+
+
+@pytest.mark.timeout(240)
+def test_enrollees_that_never_close_hold_a_bounded_number_of_flows(layer: Layer, peer: Peer) -> None:
+    """Each enrollee that knows the key gets its answer, then n1 waits for it to close first (up to the
+    handshake's 10 s): enrollees that never do hold MAX_ENROLLING such waits at most, oldest let go."""
+    from ipcp.unicast import ipcp as uipcp
+    from ipcp.unicast.enroll import Enrollee
+
+    a, b = layer.a, layer.b
+    flows, enrolled = [], 0
+    with legit_pings(b) as failures:
+        for _ in range(uipcp.MAX_ENROLLING + 20):
+            f = peer.flow()
+            flows.append(f)
+            core = Enrollee("rogue", KEY, time.monotonic())
+            core.start()
+            while not core.done:
+                for sdu in core.pop_out():
+                    f.write(sdu)
+                if not core.done:
+                    core.receive(f.read(), time.monotonic())
+            for sdu in core.pop_out():
+                f.write(sdu)
+            enrolled += core.info is not None  # and then never close
+        assert enrolled == len(flows)
+        wait_for(lambda: a.counter("n1", "enroll_let_go") >= 20, 10, "n1 to let the oldest enrollees go")
+
+        def ended(f: Flow) -> bool:
+            f.set_timeout(1)
+            try:
+                f.read()
+            except FlowTimeout:
+                return False
+            except FlowError:
+                return True
+            return False
+
+        assert all(ended(f) for f in flows[:20])  # the oldest: n1 let them go
+        assert not ended(flows[-1])  # the newest: still waited for
+    for f in flows:
+        f.close()
+    assert not failures, failures
 
 
 @pytest.mark.timeout(240)

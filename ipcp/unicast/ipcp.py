@@ -51,6 +51,7 @@ DROPPED = RateLog(logger=log)  # forged LSUs: a neighbour can send them by the t
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
 MAX_HANDSHAKES = 32  # N-1 flows being greeted at once; past it the oldest silent one gives way
+MAX_ENROLLING = 32  # enrollees answered and waited for (to close first) at once; past it the oldest is let go
 # `connect` answers once the new neighbour is routed, so a name lookup right after it can ask it;
 # past this it answers anyway (the layer's routing settles on its own).
 ROUTED_WAIT = 2.0
@@ -164,6 +165,7 @@ class UnicastIpcp(Ipcp):
         self._lookups: dict[bytes, list[asyncio.Future[list[int]]]] = {}
         # N-1 flows being greeted, oldest first: their handshakes and the tasks that drive them
         self._greeting: dict[AsyncFlow, tuple[Adjacency, asyncio.Task[Any]]] = {}
+        self._enrolling: dict[AsyncFlow, asyncio.Task[Any]] = {}  # enrollees answered, oldest first
         self._mgmt_in: collections.deque[bytes] = collections.deque()  # from the DT thread
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -414,10 +416,18 @@ class UnicastIpcp(Ipcp):
             log.info("%s: enrolled %s", self.name, peer.name)
             deadline = core.get_timer()
             assert deadline is not None
+            # The enrollee has its answer: waiting for it to close first is a courtesy, which enrollees
+            # that never close must not turn into a flow and a task each for TIMEOUT.
+            if len(self._enrolling) >= MAX_ENROLLING:
+                self._enrolling.pop(next(iter(self._enrolling))).cancel()
+                self.stats["enroll_let_go"] += 1
+            if (task := asyncio.current_task()) is not None:
+                self._enrolling[af] = task
             await asyncio.wait_for(af.read(), max(0.0, deadline - time.monotonic()))  # until the enrollee closes
         except (TimeoutError, FlowError):
             pass  # closed, or done waiting for it: either way the enrollment is over
         finally:
+            self._enrolling.pop(af, None)
             core.closed() if not core.done else None
             af.close()
 

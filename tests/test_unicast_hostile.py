@@ -36,6 +36,7 @@ from flowlib.irm import IrmClient
 from ipcp.unicast import auth, pci
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
+from ipcp.unicast.enroll import Enrollee
 from ipcp.unicast.handshake import Handshake
 from ipcp.unicast.messages import signed_part
 from proto.errors import FlowTimeout
@@ -105,6 +106,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def drive(core: Adjacency | Enrollee, f: Flow) -> None:
+    """Run a started sans-IO handshake core over the flow until it is done, its last words sent."""
+    while not core.done:
+        for sdu in core.pop_out():
+            f.write(sdu)
+        if not core.done:
+            core.receive(f.read(), time.monotonic())
+    for sdu in core.pop_out():
+        f.write(sdu)
+
+
 class Peer:
     """This test process as a peer of n1 in the layer below: a flow to n1 through b's IRMd."""
 
@@ -124,13 +136,7 @@ class Peer:
                 True, component, "rogue", "net", addr, auth.layer_psk(key), time.monotonic(), identity=rogue_ident
             )
         )  # its member key: the one its LSUs are signed with
-        while not adj.done:
-            for sdu in adj.pop_out():
-                f.write(sdu)
-            if not adj.done:
-                adj.receive(f.read(), time.monotonic())
-        for sdu in adj.pop_out():
-            f.write(sdu)
+        drive(adj, f)
         assert adj.peer is not None and adj.peer.sealer and adj.peer.opener, adj.error
         return f, adj.peer.sealer, adj.peer.opener
 
@@ -262,7 +268,6 @@ def test_enrollees_that_never_close_hold_a_bounded_number_of_flows(layer: Layer,
     """Each enrollee that knows the key gets its answer, then n1 waits for it to close first (up to the
     handshake's 10 s): enrollees that never do hold MAX_ENROLLING such waits at most, oldest let go."""
     from ipcp.unicast import ipcp as uipcp
-    from ipcp.unicast.enroll import Enrollee
 
     a, b = layer.a, layer.b
     flows, enrolled = [], 0
@@ -272,13 +277,7 @@ def test_enrollees_that_never_close_hold_a_bounded_number_of_flows(layer: Layer,
             flows.append(f)
             core = Enrollee("rogue", KEY, time.monotonic())
             core.start()
-            while not core.done:
-                for sdu in core.pop_out():
-                    f.write(sdu)
-                if not core.done:
-                    core.receive(f.read(), time.monotonic())
-            for sdu in core.pop_out():
-                f.write(sdu)
+            drive(core, f)
             enrolled += core.info is not None  # and then never close
         assert enrolled == len(flows)
         wait_for(lambda: a.counter("n1", "enroll_let_go") >= 20, 10, "n1 to let the oldest enrollees go")
@@ -433,6 +432,7 @@ from flowlib.flow import flow_alloc
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
+from ipcp.unicast.enroll import Enrollee
 from ipcp.unicast.handshake import Handshake
 from proto.qos import raw
 sent = 0

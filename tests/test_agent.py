@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
 
+from apps import accounts
 from apps.accounts import Creds
 from apps.agent import Agent, AgentError
 
@@ -42,3 +44,20 @@ def test_the_client_cannot_read_its_agents_memory_even_where_suid_processes_may_
         SUID_DUMPABLE.write_text(old)
         if agent is not None:
             agent.close()
+
+
+@pytest.mark.timeout(10)
+def test_a_users_groups_are_read_again_so_one_taken_away_is_not_lent_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The groups an agent gets are the user's as the accounts database has them now, not as it had
+    them when the server first saw the user (until it restarted)."""
+    uid = os.geteuid()
+    groups = [os.getegid(), 4242]
+    monkeypatch.setattr(accounts.os, "getgrouplist", lambda name, gid: list(groups))
+    now = [1e6 + 0.5]
+    monkeypatch.setattr(accounts, "time", types.SimpleNamespace(monotonic=lambda: now[0]), raising=False)
+    assert 4242 in accounts.user_for_uid(uid).groups
+    groups.remove(4242)  # the administrator takes the user out of the group
+    assert 4242 in accounts.user_for_uid(uid).groups  # read at most ACCOUNT_TTL ago
+    now[0] += 60.0  # ACCOUNT_TTL
+    user = accounts.user_for_uid(uid)
+    assert 4242 not in user.groups and user.creds is not None and user.creds.uid == uid

@@ -8,10 +8,12 @@ import functools
 import grp
 import os
 import pwd
+import time
 from dataclasses import dataclass
 
 ANON_ACCOUNT = "nobody"  # whose credentials a root server uses for anonymous work
 ANON_ID = 65534  # nobody/nogroup where the accounts database lacks them
+ACCOUNT_TTL = 60.0  # seconds a uid's account and groups are used before they are read again
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,17 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
-@functools.lru_cache(maxsize=256)
 def user_for_uid(uid: int) -> User:
-    """The account of `uid` with its groups, as login and sshd make them (initgroups).
+    """The account of `uid` with its groups, as login and sshd make them (initgroups), read
+    again after at most ACCOUNT_TTL: a group the user was taken out of is not lent on for long.
 
     A uid without an account gets the anonymous group and no others.
     """
+    return _user_for_uid(uid, int(time.monotonic() // ACCOUNT_TTL))
+
+
+@functools.lru_cache(maxsize=256)  # an earlier period's entries are the least recently used
+def _user_for_uid(uid: int, period: int) -> User:
     try:
         pw = pwd.getpwuid(uid)
     except KeyError:

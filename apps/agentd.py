@@ -19,6 +19,7 @@ import sys
 from apps.accounts import Creds
 
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 REQUEST = b"c"
 
@@ -38,12 +39,17 @@ def _shed(control: int) -> None:
 
 
 def _become(creds: Creds) -> None:
-    """All of the process's ids become the client's; fails closed."""
+    """All of the process's ids become the client's; fails closed. The change of ids resets
+    the dumpable flag to fs.suid_dumpable: where that is 1, the client could trace us and read
+    the server's memory we inherited, so it is cleared again, after the switch."""
     os.setgroups(list(creds.groups))
     os.setresgid(creds.gid, creds.gid, creds.gid)
     os.setresuid(creds.uid, creds.uid, creds.uid)
     if os.getresuid() != (creds.uid,) * 3 or os.getresgid() != (creds.gid,) * 3:
         raise OSError("credentials did not change")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot make the agent undumpable")
 
 
 def serve(control: socket.socket, irmd_sock: str, via: str | None = None) -> None:

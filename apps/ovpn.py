@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import os
@@ -77,11 +78,18 @@ class Tunnel:
         self.tun = tun
         self.ended = threading.Event()
         self.dropped = 0  # packets larger than the flow carries
+        self.refused = 0  # SDUs from the peer the device refused: not IP packets
 
     def from_flow(self) -> None:
         try:
             while True:
-                os.write(self.tun, self.flow.read())
+                sdu = self.flow.read()
+                try:
+                    os.write(self.tun, sdu)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.refused += 1  # the peer's to send anything: one bad SDU must not end the tunnel
         except (FlowError, OSError) as e:
             print(f"The flow ended: {e}", flush=True)
         self.ended.set()

@@ -8,10 +8,11 @@ the data path floods with duplicate suppression instead of routing.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
-from ipcp.unicast.dt import Dt, Parts, UniFlow
+from ipcp.unicast.dt import Dt, Link, Parts, UniFlow
 from ipcp.unicast.ipcp import UnicastIpcp
 from ipcp.unicast.pci import Pci, PciFormat
 from proto.names import name_hash
@@ -21,7 +22,11 @@ from transports.unix import seqpacket_pair
 
 log = logging.getLogger(__name__)
 
-SEEN = 4096  # (origin, seqno) pairs remembered to drop flooded duplicates
+SEEN = 1 << 16  # (origin, seqno) pairs remembered to drop flooded duplicates
+# ... each for at least this long, the time its copies may take to come back around the layer's
+# loops: one forgotten sooner would be flooded again, each copy of it, without end. When SEEN pairs
+# younger than that fill the table, new PDUs are dropped instead (at most SEEN / HOLD a second).
+HOLD = 1.0
 
 
 class FloodDt(Dt):
@@ -30,7 +35,8 @@ class FloodDt(Dt):
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int, *args: Any, **kw: Any) -> None:
         super().__init__(fmt, me, max_ttl, bufsize, *args)  # floods have no one receiver to echo: no congestion
         self.seqno = 0
-        self.seen: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.seen: OrderedDict[tuple[int, int], float] = OrderedDict()  # -> when first seen
+        self.now = time.monotonic()  # of the burst being handled
 
     def _tap(self, sdu: bytes | memoryview, skip: UniFlow | None) -> None:
         """Every joined flow but `skip` gets the SDU (delivered when the burst is done)."""
@@ -47,20 +53,31 @@ class FloodDt(Dt):
                 self.counters.forwarded += 1
 
     def _fresh(self, origin: int, seqno: int) -> bool:
-        key = (origin, seqno)
-        if key in self.seen:
+        """Not seen before, and now remembered; False for a duplicate, and for any PDU while the
+        table is full of pairs that may still come back (dropped: the layer is flooded)."""
+        key, seen = (origin, seqno), self.seen
+        if key in seen:
             return False
-        self.seen[key] = None
-        if len(self.seen) > SEEN:
-            self.seen.popitem(last=False)
+        if len(seen) >= SEEN:
+            if self.now - seen[next(iter(seen))] < HOLD:
+                self.counters.overflow += 1
+                return False
+            seen.popitem(last=False)
+        seen[key] = self.now
         return True
 
+    def from_n1(self, link: Link, frames: list[bytes]) -> None:
+        self.now = time.monotonic()
+        super().from_n1(link, frames)
+
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
+        self.now = time.monotonic()
         for sdu in sdus:
             if not sdu:
                 continue  # a keepalive has one peer to reach; a broadcast has none
             self.seqno += 1
-            self._fresh(self.me, self.seqno)
+            if not self._fresh(self.me, self.seqno):
+                continue
             self._tap(sdu, skip=flow)
             self._flood((self.fmt.pack(Pci(self.me, 0, self.max_ttl, 0, self.seqno)), sdu), skip=0)
         self.flush()

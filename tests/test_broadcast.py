@@ -4,11 +4,18 @@ SDU written on one joined flow reaches every other joined flow, across hops, onc
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from unicast_net import Cluster, Host
+
+from ipcp import broadcast
+from ipcp.broadcast import FloodDt
+from ipcp.unicast.pci import Pci, PciFormat, frame
 
 # Joins the layer, says "joined", then either writes argv[2] or prints every SDU it reads.
 MEMBER = r"""
@@ -108,3 +115,69 @@ def test_names_cannot_be_registered_in_a_broadcast_layer(cluster: Cluster) -> No
     r = a.irm("name", "register", "pong", "layer", "bc")
     assert r.returncode != 0
     assert "applications join it" in r.stderr
+
+
+def _mesh(n: int) -> tuple[list[FloodDt], socket.socket]:
+    """n members' data transfer, every two joined by a data flow, and a hostile neighbour's
+    socket to the first; not started: pumped by _pump."""
+    fmt = PciFormat()
+    dts = [FloodDt(fmt, i + 1, 60, 1 << 16, lambda _: None, lambda *_: None, lambda *_: None) for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for s in (a, b):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+            dts[i].add_n1(j + 1, a.detach())
+            dts[j].add_n1(i + 1, b.detach())
+    hostile, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hostile.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    dts[0].add_n1(99, ours.detach())
+    return dts, hostile
+
+
+def _pump(dts: list[FloodDt], seconds: float) -> bool:
+    """Carry frames between the members until none is left (True) or `seconds` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        busy = False
+        for dt in dts:
+            for link in list(dt.n1.values()):
+                frames = []
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        frames.append(link.sock.recv(1 << 16))
+                if frames:
+                    busy = True
+                    dt.from_n1(link, frames)
+        if not busy:
+            return True
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_distinct_pdus_does_not_start_an_endless_storm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More distinct PDUs at once than the duplicate table holds: forgetting the first before their
+    copies came back around the mesh flooded every copy again, without end. The table drops what it
+    cannot remember instead, so each PDU crosses each link at most once; once the pairs are old
+    enough, new PDUs flow again."""
+    monkeypatch.setattr(broadcast, "SEEN", 512)
+    monkeypatch.setattr(broadcast, "HOLD", 0.5, raising=False)
+    dts, hostile = _mesh(4)
+    fmt = dts[0].fmt
+    try:
+        for base in range(0, 1000, 50):
+            pdus = [fmt.pack(Pci(99, 0, 255, 0, s)) + b"x" for s in range(base, base + 50)]
+            hostile.send(frame(*pdus))
+        assert _pump(dts, 10), "the members were still flooding each other"
+        forwarded = sum(dt.counters.forwarded for dt in dts)
+        assert forwarded <= 9 * 512, forwarded  # in a mesh of 4, a PDU is sent 3 + 3 * 2 times
+        time.sleep(0.6)
+        before = [dt.counters.forwarded for dt in dts]
+        hostile.send(frame(fmt.pack(Pci(98, 0, 60, 0, 1)) + b"later"))
+        assert _pump(dts, 10)
+        assert [dt.counters.forwarded - b for dt, b in zip(dts, before, strict=True)] == [3, 2, 2, 2]
+    finally:
+        hostile.close()
+        for dt in dts:
+            for link in dt.n1.values():
+                link.sock.close()

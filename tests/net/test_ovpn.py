@@ -9,6 +9,7 @@ import os
 import queue
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -155,3 +156,42 @@ def test_ovpn_refuses_bad_addresses_and_non_root_users(two_hosts: tuple[Host, Ho
         "255.255.255.0",
     )
     assert r.returncode == 1 and "ovpn must be run as root." in r.stdout
+
+
+TUNNEL_PROBE = """
+import ipaddress, sys
+from apps.ovpn import Tunnel, tun_open
+from flowlib import FlowError
+
+ip = ipaddress.IPv4Address(sys.argv[1])
+ping = bytes.fromhex("4500001c00000000400100000a000001") + ip.packed + bytes.fromhex("0800f7ff00000000")
+
+
+class Flow:
+    def __init__(self) -> None:
+        self.sdus = [b"", b"\\x00", b"\\xff" * 40, ping]
+        self.reads = 0
+
+    def read(self) -> bytes:
+        self.reads += 1
+        if not self.sdus:
+            raise FlowError("over")
+        return self.sdus.pop(0)
+
+
+fd, _ = tun_open("ovpnP", ip, ipaddress.IPv4Address("255.255.255.0"), 1400)
+flow = Flow()
+tunnel = Tunnel(flow, fd)
+tunnel.from_flow()
+print(flow.reads, tunnel.refused)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_peers_sdus_that_are_not_ip_packets_are_dropped_not_the_tunnel(two_hosts: tuple[Host, Host]) -> None:
+    """The peer may send anything: empty or non-IP SDUs, which the device refuses (EINVAL), cost
+    only themselves; the IP packet after them still goes to the device."""
+    a, _ = two_hosts
+    r = a.exec(sys.executable, "-c", TUNNEL_PROBE, f"{TUN_NET}.1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1].split() == ["5", "3"], r.stdout + r.stderr

@@ -6,6 +6,7 @@ and the requests our own client sends, as an L-Store depot takes them.
 # ruff: noqa: UP031 - the request lines are built with the C code's own printf formats, on purpose
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -277,3 +278,55 @@ def test_error_codes_are_lstores(lstore: LStore) -> None:  # noqa: F811
     # read_read: a SEND's destination timeouts must not be 0.
     assert ask(lstore, "1 5  %s %s %s 0 1 10 0 10\n" % (r_keys[0], dst_w, r_keys[1])) == w.IBP_E_INVALID_PARAMETER
     assert lstore.load(rcap, 0, 10) == (IBP_OK, b"0123456789")
+
+
+class Busy:
+    """A depot that turns the first `busy` requests away for now (`-66 WAIT reason`, as L-Store's
+    depot answers a client over its limits), then allocates."""
+
+    def __init__(self, busy: int, wait: str = "0.1") -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.busy, self.wait, self.asked = busy, wait, 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            with conn, conn.makefile("rb") as f:
+                for _ in f:
+                    self.asked += 1
+                    if self.asked <= self.busy:
+                        conn.sendall(f"-66 {self.wait} copies of this client in progress already\n".encode())
+                    else:
+                        cap = f"ibp://127.0.0.1:{self.port}/0#{'k' * 32}/{'m' * 8}"
+                        conn.sendall(f"1 {cap}/READ {cap}/WRITE {cap}/MANAGE\n".encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("wait", ["0.1", "nan", "-5", "x"])
+def test_a_busy_depot_is_asked_again_after_the_wait_it_gives(wait: str) -> None:
+    """-66 says when to come back (L-Store's clients parse it): our client waits that long, within
+    bounds whatever the depot says, and asks again while its timeout allows."""
+    depot = Busy(3, wait)
+    try:
+        with Connection(f"127.0.0.1:{depot.port}", timeout=10) as c:
+            r, _, _ = c.allocate(10, 60)
+        assert r.depot == f"127.0.0.1:{depot.port}" and depot.asked == 4
+    finally:
+        depot.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_depot_busy_past_the_timeout_is_an_error_that_says_so() -> None:
+    depot = Busy(1000, "0.2")
+    try:
+        start = time.monotonic()
+        with Connection(f"127.0.0.1:{depot.port}", timeout=1) as c, pytest.raises(w.IbpError, match="is busy"):
+            c.allocate(10, 60)
+        assert time.monotonic() - start < 3 and 2 <= depot.asked <= 6
+    finally:
+        depot.close()

@@ -5,6 +5,7 @@ Every wait has a timeout, so a silent depot returns control with IbpError(IBP_E_
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import time
@@ -18,6 +19,7 @@ from flowlib import FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient
 
 DEFAULT_TIMEOUT = 30.0
+BUSY_WAIT = (0.05, 5.0)  # bounds on the wait a busy depot asks for before we ask again
 COPY_WAIT_FACTOR = 10  # a copy's reply is awaited up to this many timeouts per target
 STORE_BLOCK = 8 * 1024 * 1024  # bytes per STORE when the length is not known up front
 MAX_STATUS_TEXT = 65_536  # bytes of STATUS text we take from a depot
@@ -43,6 +45,15 @@ def open_stream(depot: str, timeout: float, irm: IrmClient | None = None, encryp
         return FlowStream(flow_alloc(depot, qos=qos.data, timeout=timeout, irm=irm, encrypt=encrypt))
     except (OSError, FlowError) as e:
         raise w.IbpError(w.IBP_E_CONNECTION, f"cannot reach depot {depot!r}: {e}") from None
+
+
+def _busy_wait(reply: w.Reply) -> float:
+    """The seconds a -66 reply asks to wait, within BUSY_WAIT (1 s when it says none we can read)."""
+    try:
+        advised = float(reply.fields[0])
+    except (IndexError, ValueError):
+        return 1.0
+    return min(max(advised, BUSY_WAIT[0]), BUSY_WAIT[1]) if math.isfinite(advised) else 1.0
 
 
 def parse_cap(text: str, right: str | None = None) -> Capability:
@@ -120,9 +131,16 @@ class Connection:
             raise w.IbpError(w.IBP_E_CONNECTION, f"lost depot {self.depot!r}: {e}") from None
 
     def call(self, req: w.Request, wait: float | None = None) -> w.Reply:
-        """Send `req`; its reply line, waited for `wait` seconds (default: the timeout)."""
-        self._send(w.format_request(req))
-        return self._checked(self._reply(wait))
+        """Send `req`; its reply line, waited for `wait` seconds (default: the timeout). A depot that
+        turns the request away for now (-66, with the seconds to wait: e.g. this client's copies in
+        progress are many) is asked again after that wait, as L-Store's clients do, within the timeout."""
+        frame, deadline = w.format_request(req), time.monotonic() + self.timeout
+        while True:
+            self._send(frame)
+            reply = self._reply(wait)
+            if reply.status != w.IBP_E_OUT_OF_SOCKETS or time.monotonic() + (pause := _busy_wait(reply)) > deadline:
+                return self._checked(reply)
+            time.sleep(pause)
 
     def _checked(self, reply: w.Reply) -> w.Reply:
         if reply.status == w.IBP_E_OUT_OF_SOCKETS:  # `-66 WAIT reason`: turned away for now

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -322,3 +323,18 @@ def kernel_refuses_rights() -> bool:
             return b.getsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS) == 0
         except OSError:  # a kernel without the option
             return False
+
+
+def serve_tcp(sock: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Accept on a listening `sock`, one connection after another, each handed to `handle`, until the
+    socket is closed; on a daemon thread of its own (a test's fake service)."""
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            handle(conn)
+
+    threading.Thread(target=accept, daemon=True).start()

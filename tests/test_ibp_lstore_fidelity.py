@@ -6,13 +6,12 @@ and the requests our own client sends, as an L-Store depot takes them.
 # ruff: noqa: UP031 - the request lines are built with the C code's own printf formats, on purpose
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
+from collections.abc import Callable
 
 import pytest
-from helpers import free_port
+from helpers import free_port, serve_tcp
 from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
 from test_ibp_lstore import (
     IBP_CHNG,
@@ -81,38 +80,38 @@ def test_chng_with_size_minus_one_keeps_the_size_and_applies_the_duration(lstore
 # 2. Our client's "keep the size" is -1, which an L-Store depot takes (it refuses 0 with -20).
 
 
-class Recorder:
-    """A depot that answers as L-Store's would: CHNG with size 0 is -20, other requests succeed."""
+class LineDepot:
+    """A depot on 127.0.0.1 that records each request line and sends what `answer` makes of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[bytes], bytes]) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
+        self.answer = answer
         self.lines: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_tcp(self.sock, self._serve)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn, conn.makefile("rb") as f:
-                for line in f:
-                    self.lines.append(line)
-                    toks = line.split()
-                    if toks[1:2] == [b"9"] and toks[4:5] == [b"40"]:
-                        conn.sendall(b"1 1 0 10 100 3600 2 1 \n")
-                    elif toks[1:2] == [b"9"] and toks[4:5] == [b"43"] and toks[6:7] == [b"0"]:
-                        conn.sendall(b"-20 \n")
-                    else:
-                        conn.sendall(b"1 \n")
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            for line in f:
+                self.lines.append(line)
+                conn.sendall(self.answer(line))
 
     def close(self) -> None:
         self.sock.close()
 
 
+def lstore_answer(line: bytes) -> bytes:
+    """As L-Store's depot: CHNG with size 0 is -20, other requests succeed."""
+    toks = line.split()
+    if toks[1:2] == [b"9"] and toks[4:5] == [b"40"]:
+        return b"1 1 0 10 100 3600 2 1 \n"
+    if toks[1:2] == [b"9"] and toks[4:5] == [b"43"] and toks[6:7] == [b"0"]:
+        return b"-20 \n"
+    return b"1 \n"
+
+
 def test_our_refresh_and_extend_keep_the_size_with_minus_one() -> None:
-    rec = Recorder()
+    rec = LineDepot(lstore_answer)
     try:
         mcap = f"ibp://127.0.0.1:{rec.port}/0#{'k' * 32}/{'m' * 8}/MANAGE"
         rcap = mcap.replace("MANAGE", "READ")
@@ -280,30 +279,18 @@ def test_error_codes_are_lstores(lstore: LStore) -> None:  # noqa: F811
     assert lstore.load(rcap, 0, 10) == (IBP_OK, b"0123456789")
 
 
-class Busy:
+def busy_depot(busy: int, wait: str = "0.1") -> LineDepot:
     """A depot that turns the first `busy` requests away for now (`-66 WAIT reason`, as L-Store's
     depot answers a client over its limits), then allocates."""
 
-    def __init__(self, busy: int, wait: str = "0.1") -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.busy, self.wait, self.asked = busy, wait, 0
-        threading.Thread(target=self._serve, daemon=True).start()
+    def answer(line: bytes) -> bytes:
+        if len(depot.lines) <= busy:
+            return f"-66 {wait} copies of this client in progress already\n".encode()
+        cap = f"ibp://127.0.0.1:{depot.port}/0#{'k' * 32}/{'m' * 8}"
+        return f"1 {cap}/READ {cap}/WRITE {cap}/MANAGE\n".encode()
 
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = self.sock.accept()
-            with conn, conn.makefile("rb") as f:
-                for _ in f:
-                    self.asked += 1
-                    if self.asked <= self.busy:
-                        conn.sendall(f"-66 {self.wait} copies of this client in progress already\n".encode())
-                    else:
-                        cap = f"ibp://127.0.0.1:{self.port}/0#{'k' * 32}/{'m' * 8}"
-                        conn.sendall(f"1 {cap}/READ {cap}/WRITE {cap}/MANAGE\n".encode())
-
-    def close(self) -> None:
-        self.sock.close()
+    depot = LineDepot(answer)
+    return depot
 
 
 @pytest.mark.timeout(30)
@@ -311,22 +298,22 @@ class Busy:
 def test_a_busy_depot_is_asked_again_after_the_wait_it_gives(wait: str) -> None:
     """-66 says when to come back (L-Store's clients parse it): our client waits that long, within
     bounds whatever the depot says, and asks again while its timeout allows."""
-    depot = Busy(3, wait)
+    depot = busy_depot(3, wait)
     try:
         with Connection(f"127.0.0.1:{depot.port}", timeout=10) as c:
             r, _, _ = c.allocate(10, 60)
-        assert r.depot == f"127.0.0.1:{depot.port}" and depot.asked == 4
+        assert r.depot == f"127.0.0.1:{depot.port}" and len(depot.lines) == 4
     finally:
         depot.close()
 
 
 @pytest.mark.timeout(30)
 def test_a_depot_busy_past_the_timeout_is_an_error_that_says_so() -> None:
-    depot = Busy(1000, "0.2")
+    depot = busy_depot(1000, "0.2")
     try:
         start = time.monotonic()
         with Connection(f"127.0.0.1:{depot.port}", timeout=1) as c, pytest.raises(w.IbpError, match="is busy"):
             c.allocate(10, 60)
-        assert time.monotonic() - start < 3 and 2 <= depot.asked <= 6
+        assert time.monotonic() - start < 3 and 2 <= len(depot.lines) <= 6
     finally:
         depot.close()

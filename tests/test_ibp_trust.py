@@ -10,13 +10,12 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_for
+from helpers import free_port, serve_tcp, wait_for
 from test_ibp_hostile import LEGIT_WAIT, LIMITS, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import wire as w
@@ -107,27 +106,22 @@ class FakeTarget:
         self.connections = 0
         self.received: list[bytes] = []
         self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_tcp(self.sock, self._serve)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.settimeout(2 if self.reply is not None else 10)
-            try:
-                self.received.append(conn.recv(4096))
-                if self.reply is not None:
-                    conn.sendall(self.reply)
-                    time.sleep(0.2)
-            except OSError:
-                pass
-            if self.reply is None:
-                self.held.append(conn)
-            else:
-                conn.close()
+    def _serve(self, conn: socket.socket) -> None:
+        self.connections += 1
+        conn.settimeout(2 if self.reply is not None else 10)
+        try:
+            self.received.append(conn.recv(4096))
+            if self.reply is not None:
+                conn.sendall(self.reply)
+                time.sleep(0.2)
+        except OSError:
+            pass
+        if self.reply is None:
+            self.held.append(conn)
+        else:
+            conn.close()
 
     def close(self) -> None:
         self.sock.close()

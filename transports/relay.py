@@ -82,8 +82,7 @@ class Relay(PollThread):
 
     def remove(self, flow: RelayFlow) -> None:
         if self.flows.pop(flow.eid, None) is not None:
-            self.queues.give_back(flow.queue)
-            flow.queue = 0
+            self.queues.give_back(flow)
         fd = flow.io.fileno()
         if self._by_fd.pop(fd, None) is not None:
             self.unwatch(fd)
@@ -131,8 +130,7 @@ class Relay(PollThread):
 
     def _overflowed(self, flow: RelayFlow, sdu: memoryview) -> None:
         """The application's queue is full: grow it once, from the budget, and try again; else drop."""
-        if not flow.queue and (granted := self.queues.grow(flow.io)):
-            flow.queue = granted
+        if self.queues.grow(flow):
             try:
                 flow.io.send(sdu)
                 flow.received += 1

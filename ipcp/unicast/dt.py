@@ -226,8 +226,7 @@ class Dt(PollThread):
     def remove_flow(self, eid: int) -> UniFlow | None:
         flow = self.flows.pop(eid, None)
         if flow is not None:
-            self.queues.give_back(flow.queue)
-            flow.queue = 0
+            self.queues.give_back(flow)
             if self._flow_at.pop(flow.io.fileno(), None) is not None:
                 self.unwatch(flow.io.fileno())
         return flow
@@ -432,8 +431,7 @@ class Dt(PollThread):
             try:
                 send(sdu)
             except BlockingIOError:
-                if not flow.queue and (granted := self.queues.grow(flow.io)):
-                    flow.queue = granted
+                if self.queues.grow(flow):
                     flow.inbox = sdus[i:]  # a longer queue now: try the rest again
                     flow.delivered += i
                     self._deliver(flow)

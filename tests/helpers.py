@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from irm_runner import RUNNER
 
@@ -30,6 +30,7 @@ from transports.wire import Message
 BIN = Path(sys.executable).parent  # the venv's console scripts: irmd, irm, oping
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+T = TypeVar("T")
 
 
 def _parents() -> dict[int, int]:
@@ -83,7 +84,7 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()

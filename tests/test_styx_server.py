@@ -839,3 +839,29 @@ def test_a_directorys_length_may_be_set_to_zero_only(root: Path, fs: Session) ->
     change.length = 5
     err(fs, w.Twstat(1, 2, change), "directory")
     assert (root / "sub" / "deep.txt").read_text() == "deep"
+
+
+def test_a_directory_swapped_for_a_link_as_it_is_made_is_neither_opened_nor_chmod_ded(
+    root: Path, fs: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may write a shared directory can swap a directory another user just made for a link
+    to that user's file: the create must not give that file the new directory's permissions, nor
+    make it the creator's fid."""
+    (root / "private.txt").write_text("mine")
+    os.chmod(root / "private.txt", 0o600)
+    os.chmod(root, 0o777)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(name: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(name, mode, dir_fd=dir_fd)
+        os.rename(root / name, root / "moved")  # the racing user's moves, between mkdir and open
+        os.symlink("private.txt", root / name)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    ok(fs, w.Twalk(1, 0, 2, []))
+    err(fs, w.Tcreate(1, 2, "d", w.DMDIR | 0o777, w.OREAD), "moved or replaced")
+    monkeypatch.undo()
+    assert (root / "private.txt").stat().st_mode & 0o777 == 0o600
+    ok(fs, w.Twalk(1, 0, 3, []))
+    ok(fs, w.Tcreate(1, 3, "e", w.DMDIR | 0o777, w.OREAD))  # unraced, the same create works
+    assert (root / "e").stat().st_mode & 0o777 == 0o777

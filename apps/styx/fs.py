@@ -202,8 +202,10 @@ class FsNode(Node):
         try:
             if perm & w.DMDIR:
                 os.mkdir(name, perm & 0o777, dir_fd=pfd)
-                child = self._node(rel, self._resolve(rel))
-                _exact_perm(child.proc, perm)
+                fd, empty = self._made_dir(pfd, name)
+                child = self._node(rel, fd)
+                if empty:  # else it was made unreadable to its maker: it keeps what mkdir gave it
+                    _exact_perm(child.proc, perm)
                 return child, FsDirHandle(child)
             flags = _OPEN_FLAGS[mode & 3] | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, perm & 0o777, dir_fd=pfd)
@@ -218,6 +220,30 @@ class FsNode(Node):
             os.close(fd)
             raise
         return node, FileHandle(fd)
+
+    def _made_dir(self, pfd: int, name: str) -> tuple[int, bool]:
+        """The directory just made as `name` in `pfd` (an O_PATH descriptor), and whether it was
+        seen empty. mkdir gives no descriptor, and whoever may write that directory can swap ours
+        for a link or another directory before we open it: no link is followed, and a directory
+        with entries is not ours (what the create then sets and serves is ours, or nothing is)."""
+        moved = f"'{name}' was moved or replaced as it was made"
+        try:
+            fd = self.tree.resolve((name,), follow=False, at=pfd)
+        except StyxError:
+            raise StyxError(moved) from None
+        try:
+            if not st_.S_ISDIR(os.fstat(fd).st_mode):
+                raise StyxError(moved)
+            try:
+                entries = os.listdir(f"{PROC_FD}/{fd}")
+            except PermissionError:  # made without read permission for its maker
+                return fd, False
+            if entries:
+                raise StyxError(moved)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, True
 
     def remove(self) -> None:
         if not self.rel:

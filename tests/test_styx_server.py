@@ -839,6 +839,9 @@ def test_a_directorys_length_may_be_set_to_zero_only(root: Path, fs: Session) ->
     change.length = 5
     err(fs, w.Twstat(1, 2, change), "directory")
     assert (root / "sub" / "deep.txt").read_text() == "deep"
+    synthetic = session(GateTree())
+    change.length = 0
+    ok(synthetic, w.Twstat(1, 0, change))  # any directory's, a synthetic one's too
 
 
 def test_a_directory_swapped_for_a_link_as_it_is_made_is_neither_opened_nor_chmod_ded(

@@ -507,10 +507,10 @@ class Session:
         f = self._fid(msg.fid)
         st, new = f.node.stat(), msg.stat
         keep = w.Stat.dont_touch()
-        if new == keep:  # a wstat that changes nothing asks for a sync (v9fs's fsync): any file may
-            return w.Rwstat(msg.tag)
         if st.mode & w.DMDIR and new.length == 0:  # a directory's length is 0: setting it so is no change
             new = replace(new, length=keep.length)
+        if new == keep:  # a wstat that changes nothing asks for a sync (v9fs's fsync): any file may
+            return w.Rwstat(msg.tag)
         if (
             (new.type, new.dev, new.qid, new.atime) != (keep.type, keep.dev, keep.qid, keep.atime)
             or new.muid

@@ -215,3 +215,32 @@ def test_a_reply_to_no_request_is_an_error() -> None:
     link.replies.append(w.encode(w.Rclunk(999)))
     with pytest.raises(StyxClientError, match="tag 999"):
         c.stat("f")
+
+
+def test_errors_by_path_name_the_path_before_the_servers_words(root: Path) -> None:
+    """The server sends Plan 9's words alone; the client puts the path first, as Plan 9's kernel does."""
+    (root / "sub").mkdir()
+    c, _ = connect(FsTree(root))
+    with pytest.raises(StyxClientError) as e:
+        c.cat("sub/nope")
+    assert str(e.value) == "'sub/nope' file does not exist"
+    with pytest.raises(StyxClientError) as e:
+        c.mkdir("sub")
+    assert str(e.value) == "'sub' file already exists"
+
+
+@pytest.mark.parametrize(("ename", "code"), [
+    ("file does not exist", "ENOENT"),
+    ("'a/b' file does not exist", "ENOENT"),
+    ("permission denied", "EACCES"),
+    ("file already exists", "EEXIST"),
+    ("directory is not empty", "ENOTEMPTY"),
+    ("not a directory", "ENOTDIR"),
+    ("file is a directory", "EISDIR"),
+])  # fmt: skip
+def test_a_mount_turns_plan9s_error_strings_into_their_errnos(ename: str, code: str) -> None:
+    import errno
+
+    from apps.styx.mount import to_errno
+
+    assert to_errno(StyxClientError(ename)) == getattr(errno, code)

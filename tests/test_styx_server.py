@@ -11,6 +11,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,7 +167,7 @@ def test_walk_full_partial_and_failed(fs: Session) -> None:
     err(fs, w.Tstat(1, 3), "unknown fid")  # a partial walk makes no newfid
     err(fs, w.Twalk(1, 0, 4, ["nope"]), "does not exist")
     err(fs, w.Twalk(1, 0, 2, []), "in use")  # newfid 2 exists
-    err(fs, w.Twalk(1, 2, 6, ["x"]), "non-directory")
+    err(fs, w.Twalk(1, 2, 6, ["x"]), "not a directory")
     err(fs, w.Twalk(1, 99, 6, []), "unknown fid")
 
 
@@ -253,7 +254,7 @@ def test_permissions_follow_owner_group_other(root: Path) -> None:
     os.chmod(root / "sub", 0o700)
     assert len(walk(s, ["sub", "deep.txt"], newfid=5).wqid) == 1  # type: ignore[attr-defined]
     ok(s, w.Twalk(1, 0, 5, ["sub"]))
-    err(s, w.Twalk(1, 5, 6, ["deep.txt"]), "cannot search")
+    err(s, w.Twalk(1, 5, 6, ["deep.txt"]), "permission denied")
 
 
 def test_directories_open_for_reading_only(fs: Session) -> None:
@@ -292,7 +293,7 @@ def test_create_file_and_directory(root: Path, fs: Session) -> None:
 
 def test_remove_clunks_even_on_failure(root: Path, fs: Session) -> None:
     walk(fs, ["sub"])
-    err(fs, w.Tremove(1, 2), "remove")  # not empty
+    err(fs, w.Tremove(1, 2), "not empty")
     err(fs, w.Tstat(1, 2), "unknown fid")
     walk(fs, ["hello.txt"], newfid=3)
     ok(fs, w.Tremove(1, 3))
@@ -386,7 +387,7 @@ def test_synthetic_text_file_reads_with_offsets() -> None:
     assert ok(s, w.Tread(1, 2, 2, 2)) == w.Rread(1, b"ll")
     err(s, w.Twalk(1, 2, 3, ["x"]), "open fid")
     ok(s, w.Twalk(1, 0, 3, ["gate"]))
-    err(s, w.Twalk(1, 3, 4, ["x"]), "non-directory")
+    err(s, w.Twalk(1, 3, 4, ["x"]), "not a directory")
     err(s, w.Tcreate(1, 0, "x", 0o644, w.OWRITE), "permission denied")  # 0555 directory
 
 
@@ -691,3 +692,179 @@ def test_backend_failures_are_answered_each_and_logged_for_the_first_few(
     assert sum("Tstat failed" in r.getMessage() for r in caplog.records) == 3
     monkeypatch.undo()
     assert isinstance(rpc(fs, w.Tstat(9, 0)), w.Rstat)  # the session serves on
+
+
+# -- what Plan 9, plan9port and v9fs clients depend on ----------------------------------------------
+
+# Linux's v9fs turns an Rerror into an errno by its whole text (net/9p/error.c): any other text is
+# ESERVERFAULT ("Unknown error 526") and a kernel log line. These are Plan 9's strings it knows.
+V9FS_ERRNOS = {
+    "file does not exist": "ENOENT",
+    "permission denied": "EACCES",
+    "file already exists": "EEXIST",
+    "directory is not empty": "ENOTEMPTY",
+    "not a directory": "ENOTDIR",
+}
+
+
+def _missing(root: Path, s: Session) -> str:
+    return err(s, w.Twalk(1, 0, 2, ["nope"]))
+
+
+def _outside(root: Path, s: Session) -> str:
+    (root / "out").symlink_to(root.parent / "secret.txt")
+    return err(s, w.Twalk(1, 0, 2, ["out"]))
+
+
+def _in_a_file(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    return err(s, w.Twalk(1, 2, 3, ["x"]))
+
+
+def _create_existing(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, []))
+    return err(s, w.Tcreate(1, 2, "hello.txt", 0o644, w.OWRITE))
+
+
+def _rename_onto_existing(root: Path, s: Session) -> str:
+    (root / "other.txt").write_text("other")
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    change = w.Stat.dont_touch()
+    change.name = "other.txt"
+    return err(s, w.Twstat(1, 2, change))
+
+
+def _remove_full_directory(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, ["sub"]))
+    return err(s, w.Tremove(1, 2))
+
+
+def _open_denied(root: Path, s: Session) -> str:
+    (root / "private").write_text("p")
+    os.chmod(root / "private", 0o600)
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)  # the server's own Plan 9 check
+    ok(other, w.Twalk(1, 0, 2, ["private"]))
+    return err(other, w.Topen(1, 2, w.OREAD))
+
+
+def _search_denied(root: Path, s: Session) -> str:
+    os.chmod(root / "sub", 0o700)
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(other, w.Twalk(1, 0, 2, ["sub"]))
+    return err(other, w.Twalk(1, 2, 3, ["deep.txt"]))
+
+
+def _synthetic_missing(root: Path, s: Session) -> str:
+    return err(session(GateTree()), w.Twalk(1, 0, 2, ["nope"]))
+
+
+@pytest.mark.parametrize(("case", "ename"), [
+    (_missing, "file does not exist"),
+    (_outside, "file does not exist"),
+    (_synthetic_missing, "file does not exist"),
+    (_in_a_file, "not a directory"),
+    (_create_existing, "file already exists"),
+    (_rename_onto_existing, "file already exists"),
+    (_remove_full_directory, "directory is not empty"),
+    (_open_denied, "permission denied"),
+    (_search_denied, "permission denied"),
+], ids=lambda v: getattr(v, "__name__", "").lstrip("_") or None)  # fmt: skip
+def test_errors_are_plan9s_own_strings_which_v9fs_maps_to_errnos(
+    root: Path, fs: Session, case: Callable[[Path, Session], str], ename: str
+) -> None:
+    assert case(root, fs) == ename and ename in V9FS_ERRNOS
+
+
+@pytest.mark.parametrize(("asked", "answer"), [
+    ("9P2000", "9P2000"),
+    ("9P2000.L", "9P2000"),  # a period-separated suffix is stripped
+    ("9P2001", "9P2000"),  # a later version: an earlier one may be answered
+    ("9P2001.x", "9P2000"),
+    ("9P1999", "unknown"),  # an earlier one cannot
+    ("9P", "unknown"),
+    ("9Pabcd", "unknown"),
+    ("XP2000", "unknown"),
+])  # fmt: skip
+def test_version_answers_9p2000_to_any_version_at_or_after_it(root: Path, asked: str, answer: str) -> None:
+    s = new_session(FsTree(root))
+    assert rpc(s, w.Tversion(w.NOTAG, 8192, asked)) == w.Rversion(w.NOTAG, 8192, answer)
+
+
+def test_create_gives_the_permissions_asked_within_the_directorys_whatever_the_servers_umask(
+    root: Path, fs: Session
+) -> None:
+    os.chmod(root, 0o775)
+    old = os.umask(0o077)  # a daemon's umask is not the client's: Plan 9 has none
+    try:
+        ok(fs, w.Twalk(1, 0, 2, []))
+        ok(fs, w.Tcreate(1, 2, "shared.txt", 0o666, w.OWRITE))
+        ok(fs, w.Twalk(1, 0, 3, []))
+        ok(fs, w.Tcreate(1, 3, "shared", w.DMDIR | 0o777, w.OREAD))
+        ok(fs, w.Twalk(1, 0, 4, []))
+        ok(fs, w.Tcreate(1, 4, "tool", 0o751, w.OWRITE))
+    finally:
+        os.umask(old)
+    assert (root / "shared.txt").stat().st_mode & 0o777 == 0o664  # 0666 & (~0666 | 0775)
+    assert (root / "shared").stat().st_mode & 0o777 == 0o775  # 0777 & 0775
+    assert (root / "tool").stat().st_mode & 0o777 == 0o751  # a file's x bits are the client's
+
+
+def test_a_failed_wstat_changes_nothing(root: Path, fs: Session) -> None:
+    (root / "other.txt").write_text("other")
+    walk(fs, ["hello.txt"])
+    change = w.Stat.dont_touch()
+    change.name, change.length, change.mode = "other.txt", 0, 0o600
+    err(fs, w.Twstat(1, 2, change), "file already exists")
+    assert (root / "hello.txt").read_text() == "hello world"  # not truncated
+    assert (root / "hello.txt").stat().st_mode & 0o777 == 0o644
+    change.name = "renamed.txt"
+    ok(fs, w.Twstat(1, 2, change))  # the same changes where they can all be made
+    assert (root / "renamed.txt").read_text() == "" and (root / "renamed.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_wstat_that_changes_nothing_is_a_sync_on_any_file() -> None:
+    s = session(GateTree())
+    ok(s, w.Twalk(1, 0, 2, ["motd"]))
+    assert ok(s, w.Twstat(1, 2, w.Stat.dont_touch())) == w.Rwstat(1)
+    change = w.Stat.dont_touch()
+    change.mode = 0o666
+    err(s, w.Twstat(1, 2, change))  # a synthetic file's attributes are still its own
+
+
+def test_a_directorys_length_may_be_set_to_zero_only(root: Path, fs: Session) -> None:
+    walk(fs, ["sub"])
+    change = w.Stat.dont_touch()
+    change.length = 0
+    ok(fs, w.Twstat(1, 2, change))
+    change.length = 5
+    err(fs, w.Twstat(1, 2, change), "directory")
+    assert (root / "sub" / "deep.txt").read_text() == "deep"
+    synthetic = session(GateTree())
+    change.length = 0
+    ok(synthetic, w.Twstat(1, 0, change))  # any directory's, a synthetic one's too
+
+
+def test_a_directory_swapped_for_a_link_as_it_is_made_is_neither_opened_nor_chmod_ded(
+    root: Path, fs: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may write a shared directory can swap a directory another user just made for a link
+    to that user's file: the create must not give that file the new directory's permissions, nor
+    make it the creator's fid."""
+    (root / "private.txt").write_text("mine")
+    os.chmod(root / "private.txt", 0o600)
+    os.chmod(root, 0o777)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(name: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(name, mode, dir_fd=dir_fd)
+        os.rename(root / name, root / "moved")  # the racing user's moves, between mkdir and open
+        os.symlink("private.txt", root / name)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    ok(fs, w.Twalk(1, 0, 2, []))
+    err(fs, w.Tcreate(1, 2, "d", w.DMDIR | 0o777, w.OREAD), "moved or replaced")
+    monkeypatch.undo()
+    assert (root / "private.txt").stat().st_mode & 0o777 == 0o600
+    ok(fs, w.Twalk(1, 0, 3, []))
+    ok(fs, w.Tcreate(1, 3, "e", w.DMDIR | 0o777, w.OREAD))  # unraced, the same create works
+    assert (root / "e").stat().st_mode & 0o777 == 0o777

@@ -6,11 +6,14 @@ up to `pipeline` of them in flight, so a file costs a round trip per window, not
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+from collections.abc import Iterator
 from typing import TypeVar
 
 from apps.styx import wire as w
 from apps.styx.transport import Transport, TransportError, TransportTimeout
+from apps.styx.tree import ENONEXIST
 
 M = TypeVar("M", bound=w.Msg)
 _T = TypeVar("_T")
@@ -22,6 +25,19 @@ class StyxClientError(Exception):
     """The server answered Rerror, or the connection failed."""
 
 
+class ServerError(StyxClientError):
+    """The server's Rerror: its text as sent (Plan 9's words, without the name: see `naming`)."""
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Put the path before a server's error, as Plan 9's kernel does: "'/a/b' file does not exist"."""
+    try:
+        yield
+    except ServerError as e:
+        raise ServerError(f"'{path}' {e}") from None
+
+
 def split_path(path: str) -> list[str]:
     """'/a/b//c/' -> ['a', 'b', 'c']; '..' is kept (the server decides what it means)."""
     return [p for p in path.split("/") if p and p != "."]
@@ -29,7 +45,7 @@ def split_path(path: str) -> list[str]:
 
 def _expect(reply: w.Msg, expect: type[M]) -> M:
     if isinstance(reply, w.Rerror):
-        raise StyxClientError(reply.ename)
+        raise ServerError(reply.ename)
     if not isinstance(reply, expect):
         raise StyxClientError(f"expected {expect.__name__}, got {type(reply).__name__}")
     return reply
@@ -142,7 +158,7 @@ class Client:
                 raise
             if len(reply.wqid) != len(part):
                 self.clunk(new)
-                raise StyxClientError(f"'{part[len(reply.wqid)]}' file does not exist")
+                raise ServerError(ENONEXIST)  # the server says no more of a walk that stops early
         return new
 
     def clunk(self, fid: int) -> None:
@@ -258,84 +274,91 @@ class Client:
     def read_file(self, path: str) -> tuple[w.Qid, bytearray]:
         """The qid and whole contents of `path` (a directory's are stat records), in the buffer
         they were gathered in as they came."""
-        fid = self.walk(path)
-        try:
-            qid = self.open(fid, w.OREAD).qid
-            return qid, self.read_fid_all(fid)
-        finally:
-            self.clunk(fid)
+        with naming(path):
+            fid = self.walk(path)
+            try:
+                qid = self.open(fid, w.OREAD).qid
+                return qid, self.read_fid_all(fid)
+            finally:
+                self.clunk(fid)
 
     def cat(self, path: str) -> bytearray:
         return self.read_file(path)[1]
 
     def put(self, path: str, data: bytes | bytearray | memoryview, perm: int = 0o644) -> None:
         """Write `data` as the whole file at `path`, creating it if needed."""
-        names = split_path(path)
-        if not names:
-            raise StyxClientError("cannot write to the root directory")
-        fid = self.walk(names[:-1])
-        try:
-            existing = self.walk(names[-1:], fid)
-        except StyxClientError:  # not there (whatever words the server uses for it): create
+        with naming(path):
+            names = split_path(path)
+            if not names:
+                raise StyxClientError("cannot write to the root directory")
+            fid = self.walk(names[:-1])
             try:
-                self.create(fid, names[-1], perm, w.OWRITE)
-            except StyxClientError:
+                existing = self.walk(names[-1:], fid)
+            except StyxClientError:  # not there (whatever words the server uses for it): create
+                try:
+                    self.create(fid, names[-1], perm, w.OWRITE)
+                except StyxClientError:
+                    self.clunk(fid)
+                    raise
+            else:
                 self.clunk(fid)
-                raise
-        else:
-            self.clunk(fid)
-            fid = existing
+                fid = existing
+                try:
+                    self.open(fid, w.OWRITE | w.OTRUNC)
+                except StyxClientError:
+                    self.clunk(fid)
+                    raise
             try:
-                self.open(fid, w.OWRITE | w.OTRUNC)
-            except StyxClientError:
+                self.write_fid_all(fid, data)
+            finally:
                 self.clunk(fid)
-                raise
-        try:
-            self.write_fid_all(fid, data)
-        finally:
-            self.clunk(fid)
 
     def command(self, path: str, text: str) -> str:
         """Write one command to a ctl file and read back its answer (one open, as Plan 9 does)."""
-        fid = self.walk(path)
-        try:
-            self.open(fid, w.ORDWR)
-            self.write(fid, 0, text.encode())
-            return self.read_fid_all(fid).decode(errors="replace")
-        finally:
-            self.clunk(fid)
+        with naming(path):
+            fid = self.walk(path)
+            try:
+                self.open(fid, w.ORDWR)
+                self.write(fid, 0, text.encode())
+                return self.read_fid_all(fid).decode(errors="replace")
+            finally:
+                self.clunk(fid)
 
     def stat(self, path: str) -> w.Stat:
-        fid = self.walk(path)
-        try:
-            return self.stat_fid(fid)
-        finally:
-            self.clunk(fid)
+        with naming(path):
+            fid = self.walk(path)
+            try:
+                return self.stat_fid(fid)
+            finally:
+                self.clunk(fid)
 
     def ls(self, path: str) -> list[w.Stat]:
-        fid = self.walk(path)
-        try:
-            st = self.stat_fid(fid)
-            if not st.mode & w.DMDIR:
-                return [st]
-            self.open(fid, w.OREAD)
+        with naming(path):
+            fid = self.walk(path)
             try:
-                return w.stats_decode(self.read_fid_all(fid))
-            except w.DecodeError as e:
-                raise StyxClientError(f"bad directory data: {e}") from None
-        finally:
-            self.clunk(fid)
+                st = self.stat_fid(fid)
+                if not st.mode & w.DMDIR:
+                    return [st]
+                self.open(fid, w.OREAD)
+                try:
+                    return w.stats_decode(self.read_fid_all(fid))
+                except w.DecodeError as e:
+                    raise StyxClientError(f"bad directory data: {e}") from None
+            finally:
+                self.clunk(fid)
 
     def remove(self, path: str) -> None:
-        fid = self.walk(path)
-        self.rpc(w.Tremove(0, fid), w.Rremove)  # remove clunks the fid, even on error
+        with naming(path):
+            fid = self.walk(path)
+            self.rpc(w.Tremove(0, fid), w.Rremove)  # remove clunks the fid, even on error
 
     def mkdir(self, path: str, perm: int = 0o755) -> None:
-        names = split_path(path)
-        if not names:
-            raise StyxClientError("the root already exists")
-        fid = self.walk(names[:-1])
-        try:
-            self.create(fid, names[-1], w.DMDIR | perm, w.OREAD)
-        finally:
-            self.clunk(fid)
+        with naming(path):
+            names = split_path(path)
+            if not names:
+                raise StyxClientError("the root already exists")
+            fid = self.walk(names[:-1])
+            try:
+                self.create(fid, names[-1], w.DMDIR | perm, w.OREAD)
+            finally:
+                self.clunk(fid)

@@ -12,19 +12,22 @@ import contextlib
 import ctypes
 import errno
 import grp
+import logging
 import os
 import stat as st_
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apps.styx import wire as w
 from apps.styx.beneath import Escape, open_beneath
 from apps.styx.identity import group_name, user_name
-from apps.styx.tree import Handle, Node, StyxError, Tree, allowed
+from apps.styx.tree import EEXIST, ENONEXIST, ENOTEMPTY, EPERM, Handle, Node, StyxError, Tree, allowed
 
 if TYPE_CHECKING:
     from apps.styx.agent import Peer
+
+log = logging.getLogger(__name__)
 
 PROC_FD = "/proc/self/fd"  # an O_PATH descriptor is reopened, chmod-ed, truncated through here
 RENAME_NOREPLACE = 1
@@ -49,6 +52,14 @@ def _stat(s: os.stat_result, name: str) -> w.Stat:
         group_name(s.st_gid),
         owner,
     )
+
+
+def _exact_perm(path: str, perm: int) -> None:
+    """Give a file just created the permission bits asked (already limited by its directory's, as
+    open(5) says), not those the server's umask leaves: Plan 9 has no umask, clients apply their own."""
+    mode = os.stat(path).st_mode
+    if st_.S_IMODE(mode) & 0o777 != perm & 0o777:
+        os.chmod(path, (st_.S_IMODE(mode) & ~0o777) | (perm & 0o777))  # a set-group-ID bit it inherited stays
 
 
 def _rename_noreplace(dirfd: int, old: str, new: str) -> None:
@@ -86,9 +97,9 @@ class FsTree(Tree):
         node: Node = FsNode(self, (), self.resolve(()), follow=rights.as_user or rights.creds is not None)
         for part in aname.split("/"):
             if part and part != ".":
-                if not rights.as_user and not allowed(st := node.stat(), peer.user, w.DMEXEC):
+                if not rights.as_user and not allowed(node.stat(), peer.user, w.DMEXEC):
                     node.close()
-                    raise StyxError(f"permission denied: cannot search '{st.name}'")
+                    raise StyxError(EPERM)
                 step = node.parent() if part == ".." else node.walk(part)
                 node.close()
                 node = step
@@ -102,7 +113,7 @@ class FsTree(Tree):
         try:
             return open_beneath(self.rootfd if at is None else at, rel, flags, mode, follow)
         except (Escape, FileNotFoundError):
-            raise StyxError(f"'{'/'.join(rel)}' file does not exist") from None
+            raise StyxError(ENONEXIST) from None
 
     def close(self) -> None:
         os.close(self.rootfd)
@@ -191,20 +202,48 @@ class FsNode(Node):
         try:
             if perm & w.DMDIR:
                 os.mkdir(name, perm & 0o777, dir_fd=pfd)
-                child = self._node(rel, self._resolve(rel))
+                fd, empty = self._made_dir(pfd, name)
+                child = self._node(rel, fd)
+                if empty:  # else it was made unreadable to its maker: it keeps what mkdir gave it
+                    _exact_perm(child.proc, perm)
                 return child, FsDirHandle(child)
             flags = _OPEN_FLAGS[mode & 3] | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, perm & 0o777, dir_fd=pfd)
         except FileExistsError:
-            raise StyxError(f"'{name}' file already exists") from None
+            raise StyxError(EEXIST) from None
         finally:
             os.close(pfd)
         try:
+            _exact_perm(f"{PROC_FD}/{fd}", perm)
             node = self._node(rel, os.open(f"{PROC_FD}/{fd}", os.O_PATH | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
             raise
         return node, FileHandle(fd)
+
+    def _made_dir(self, pfd: int, name: str) -> tuple[int, bool]:
+        """The directory just made as `name` in `pfd` (an O_PATH descriptor), and whether it was
+        seen empty. mkdir gives no descriptor, and whoever may write that directory can swap ours
+        for a link or another directory before we open it: no link is followed, and a directory
+        with entries is not ours (what the create then sets and serves is ours, or nothing is)."""
+        moved = f"'{name}' was moved or replaced as it was made"
+        try:
+            fd = self.tree.resolve((name,), follow=False, at=pfd)
+        except StyxError:
+            raise StyxError(moved) from None
+        try:
+            if not st_.S_ISDIR(os.fstat(fd).st_mode):
+                raise StyxError(moved)
+            try:
+                entries = os.listdir(f"{PROC_FD}/{fd}")
+            except PermissionError:  # made without read permission for its maker
+                return fd, False
+            if entries:
+                raise StyxError(moved)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, True
 
     def remove(self) -> None:
         if not self.rel:
@@ -219,40 +258,64 @@ class FsNode(Node):
                 os.unlink(name, dir_fd=pfd)
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise StyxError(f"remove '{name}': directory not empty") from None
+                raise StyxError(ENOTEMPTY) from None
             raise
         finally:
             os.close(pfd)
 
     def wstat(self, st: w.Stat, user: str) -> None:
+        """All the changes or none (stat(5)): what can fail without changing anything is checked
+        first, each change made is undone if a later one fails, and the length, which cannot be
+        undone, is set last."""
         keep = w.Stat.dont_touch()
-        if st.length != keep.length:
-            if not st_.S_ISREG(self._os_stat().st_mode):
-                raise StyxError(f"'{self.name}' is not a regular file")
-            fd = os.open(self.proc, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, st.length)
-            finally:
-                os.close(fd)
-        if st.mode != keep.mode:
-            os.chmod(self.proc, st.mode & 0o777)
-        if st.mtime != keep.mtime:
-            os.utime(self.proc, (self._os_stat().st_atime, st.mtime))
-        if st.gid and st.gid != group_name(self._os_stat().st_gid):
+        before = self._os_stat()
+        gid = None
+        if st.gid and st.gid != group_name(before.st_gid):
             try:
                 gid = grp.getgrnam(st.gid).gr_gid
             except (KeyError, ValueError):  # ValueError: a NUL in the name, which no group has
                 raise StyxError(f"unknown group '{st.gid}'") from None
-            os.chown(self.proc, -1, gid)
-        if st.name and self.rel and st.name != self.rel[-1]:
-            pfd = self._parent_fd()
-            try:
-                _rename_noreplace(pfd, self.rel[-1], st.name)
-            except FileExistsError:
-                raise StyxError(f"'{st.name}' file already exists") from None
-            finally:
-                os.close(pfd)
-            self.rel = (*self.rel[:-1], st.name)
+        if st.length != keep.length and not st_.S_ISREG(before.st_mode):
+            raise StyxError(f"'{self.name}' is not a regular file")
+        undo: list[Callable[[], None]] = []
+        try:
+            if st.name and self.rel and st.name != self.rel[-1]:
+                old = self.rel[-1]
+                self._rename(st.name)
+                undo.append(lambda: self._rename(old))
+            if gid is not None:
+                os.chown(self.proc, -1, gid)
+                undo.append(lambda: os.chown(self.proc, -1, before.st_gid))
+            if st.mode != keep.mode:
+                os.chmod(self.proc, st.mode & 0o777)
+                undo.append(lambda: os.chmod(self.proc, st_.S_IMODE(before.st_mode)))
+            if st.mtime != keep.mtime:
+                os.utime(self.proc, ns=(before.st_atime_ns, st.mtime * 10**9))
+                undo.append(lambda: os.utime(self.proc, ns=(before.st_atime_ns, before.st_mtime_ns)))
+            if st.length != keep.length:
+                fd = os.open(self.proc, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, st.length)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except (OSError, StyxError) as e:  # what was there is gone or taken: nothing to restore
+                    log.warning("undoing part of a failed wstat of '%s': %s", self.name, e)
+            raise
+
+    def _rename(self, new: str) -> None:
+        """Rename our entry within its directory, never over another file."""
+        pfd = self._parent_fd()
+        try:
+            _rename_noreplace(pfd, self.rel[-1], new)
+        except FileExistsError:
+            raise StyxError(EEXIST) from None
+        finally:
+            os.close(pfd)
+        self.rel = (*self.rel[:-1], new)
 
 
 class FileHandle(Handle):

@@ -41,6 +41,7 @@ _ERRNOS = [
     ("permission", errno.EACCES),
     ("exists", errno.EEXIST),
     ("not empty", errno.ENOTEMPTY),
+    ("not a directory", errno.ENOTDIR),
     ("non-directory", errno.ENOTDIR),
     ("is a directory", errno.EISDIR),
     ("directory", errno.EISDIR),

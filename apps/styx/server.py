@@ -11,13 +11,26 @@ import errno
 import logging
 import struct
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.identity import NONE_NAME, User
-from apps.styx.tree import Handle, Node, StyxError, Tree, WouldBlock, allowed
+from apps.styx.tree import (
+    EEXIST,
+    EISDIR,
+    ENONEXIST,
+    ENOTDIR,
+    ENOTEMPTY,
+    EPERM,
+    Handle,
+    Node,
+    StyxError,
+    Tree,
+    WouldBlock,
+    allowed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +124,33 @@ def auth_answer(user: User) -> str:
     return f"authentication not required: the flow's peer is user {user.name}"
 
 
+# A system call's failure as Plan 9 says it, where clients act on the words; other errors in the
+# system's own words (strerror), which v9fs knows too.
+PLAN9_ERRORS = {
+    errno.ENOENT: ENONEXIST,
+    errno.EACCES: EPERM,
+    errno.EPERM: EPERM,
+    errno.EEXIST: EEXIST,
+    errno.ENOTEMPTY: ENOTEMPTY,
+    errno.ENOTDIR: ENOTDIR,
+    errno.EISDIR: EISDIR,
+}
+
+
 def os_error_text(e: OSError) -> str:
     if e.errno in (errno.EMFILE, errno.ENFILE):
         return "the server is out of file descriptors: try again later"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    return e.strerror or str(e)
+    return PLAN9_ERRORS.get(e.errno or 0) or e.strerror or str(e)
+
+
+def answered_version(asked: str) -> str | None:
+    """The version to answer (version(5)): 9P2000 to a client asking for it or for a later 9Pnnnn,
+    with any period-separated suffix stripped; None where the server speaks no version asked."""
+    base = asked.split(".", 1)[0]
+    digits = base[2:]
+    if base.startswith("9P") and digits.isascii() and digits.isdigit() and int(digits) >= 2000:
+        return w.VERSION9P
+    return None
 
 
 @dataclass
@@ -230,7 +264,7 @@ class Session:
 
     def _new_fid(self, fid: int) -> None:
         if fid in self.fids:
-            raise StyxError(f"fid {fid} in use")
+            raise StyxError("fid already in use")
         if len(self.fids) >= self.limits.fids:
             raise StyxError(f"too many fids: this connection may hold {self.limits.fids}")
 
@@ -239,10 +273,10 @@ class Session:
         """The files are real and the server works with the client's own credentials."""
         return self.tree.kernel_checked and self.attached is not None and self.attached.rights.as_user
 
-    def _check(self, st: w.Stat, user: User, want: int, what: str) -> None:
+    def _check(self, st: w.Stat, user: User, want: int) -> None:
         """Plan 9's permission check, unless the kernel checks the client's own credentials."""
         if not self._kernel_judges and not allowed(st, user, want):
-            raise StyxError(f"permission denied: {what} '{st.name}'"[:ENAME_MAX])
+            raise StyxError(EPERM)  # Plan 9's words exactly: what was refused, the client knows
 
     # -- requests -------------------------------------------------------------
 
@@ -252,9 +286,10 @@ class Session:
         if msg.msize < w.MSIZE_MIN:
             self.msize = 0
             raise StyxError(f"msize {msg.msize} too small: at least {w.MSIZE_MIN}")
-        if msg.version == w.VERSION9P or msg.version.startswith(w.VERSION9P + "."):
+        version = answered_version(msg.version)
+        if version is not None:
             self.msize = min(msg.msize, self.limits.msize)
-            return w.Rversion(msg.tag, self.msize, w.VERSION9P)
+            return w.Rversion(msg.tag, self.msize, version)
         self.msize = 0
         return w.Rversion(msg.tag, min(msg.msize, self.limits.msize), "unknown")
 
@@ -329,9 +364,9 @@ class Session:
     def _step(self, node: Node, name: str, user: User) -> Node:
         st = node.stat()
         if not st.mode & w.DMDIR:
-            raise StyxError(f"walk in non-directory '{st.name}'")
+            raise StyxError(ENOTDIR)
         if not self._kernel_judges and not allowed(st, user, w.DMEXEC):
-            raise StyxError(f"permission denied: cannot search '{st.name}'")
+            raise StyxError(EPERM)
         if name == "..":
             return node.parent()
         _check_name(name)
@@ -344,8 +379,8 @@ class Session:
         st = f.node.stat()
         isdir = bool(st.mode & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):
-            raise StyxError(f"'{st.name}' is a directory: open it for reading only")
-        self._check(st, f.user, open_wants(msg.mode), "open")
+            raise StyxError(EISDIR)  # directories are opened for reading only
+        self._check(st, f.user, open_wants(msg.mode))
         if msg.mode & w.ORCLOSE:
             self._may_remove(f)
         f.handle = f.node.open(msg.mode, f.user.name)
@@ -358,9 +393,9 @@ class Session:
             raise StyxError("fid already open")
         st = f.node.stat()
         if not st.mode & w.DMDIR:
-            raise StyxError(f"create in non-directory '{st.name}'")
+            raise StyxError(ENOTDIR)
         _check_name(msg.name)
-        self._check(st, f.user, w.DMWRITE, "create in")
+        self._check(st, f.user, w.DMWRITE)
         isdir = bool(msg.perm & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
             raise StyxError("a new directory can only be opened for reading")
@@ -447,7 +482,7 @@ class Session:
         if f.node.is_root():
             raise StyxError("cannot remove the root")
         parent = f.node.parent_stat()
-        self._check(parent, f.user, w.DMWRITE, "remove from")
+        self._check(parent, f.user, w.DMWRITE)
 
     def _remove(self, msg: w.Tremove) -> w.Msg:
         f = self._fid(msg.fid)
@@ -472,6 +507,10 @@ class Session:
         f = self._fid(msg.fid)
         st, new = f.node.stat(), msg.stat
         keep = w.Stat.dont_touch()
+        if st.mode & w.DMDIR and new.length == 0:  # a directory's length is 0: setting it so is no change
+            new = replace(new, length=keep.length)
+        if new == keep:  # a wstat that changes nothing asks for a sync (v9fs's fsync): any file may
+            return w.Rwstat(msg.tag)
         if (
             (new.type, new.dev, new.qid, new.atime) != (keep.type, keep.dev, keep.qid, keep.atime)
             or new.muid
@@ -482,19 +521,19 @@ class Session:
         if new.name and new.name != st.name:
             _check_name(new.name)
             if f.node.is_root():
-                raise StyxError("permission denied: rename the root")
-            self._check(f.node.parent_stat(), f.user, w.DMWRITE, "rename in")
+                raise StyxError(EPERM)  # the root has no name to change
+            self._check(f.node.parent_stat(), f.user, w.DMWRITE)
         if new.length != keep.length:
             if st.mode & w.DMDIR:
-                raise StyxError("cannot set the length of a directory")
+                raise StyxError("a directory's length can be set to 0 only")
             _check_offset(new.length)
-            self._check(st, f.user, w.DMWRITE, "truncate")
+            self._check(st, f.user, w.DMWRITE)
         if new.mode != keep.mode:
             if not owner:
-                raise StyxError("permission denied: only the owner changes the mode")
+                raise StyxError(EPERM)  # only the owner changes the mode
             if (new.mode ^ st.mode) & w.DMDIR:
                 raise StyxError("cannot change the directory bit")
         if (new.mtime != keep.mtime or (new.gid and new.gid != st.gid)) and not owner:
-            raise StyxError("permission denied: only the owner changes mtime or gid")
+            raise StyxError(EPERM)  # only the owner changes mtime or gid
         f.node.wstat(new, f.user.name)
         return w.Rwstat(msg.tag)

@@ -23,6 +23,17 @@ class StyxError(Exception):
     """A failed file operation; its text becomes the Rerror ename."""
 
 
+# Plan 9's error strings for the conditions clients act on. They are sent exactly, never with a
+# name added (the client knows the name; Plan 9's kernel adds it): Linux's v9fs maps an Rerror to
+# an errno by its whole text, and any other text becomes ESERVERFAULT, "Unknown error 526".
+ENONEXIST = "file does not exist"
+EPERM = "permission denied"
+EEXIST = "file already exists"
+ENOTEMPTY = "directory is not empty"
+ENOTDIR = "not a directory"
+EISDIR = "file is a directory"
+
+
 class WouldBlock(Exception):
     """The operation must wait (a flow with no data yet); the server retries it later.
 
@@ -67,7 +78,7 @@ class Node:
 
     def walk(self, name: str) -> Node:
         """The child called `name` (never '..': the server walks up with parent())."""
-        raise StyxError("not a directory")
+        raise StyxError(ENOTDIR)
 
     def parent(self) -> Node:
         raise NotImplementedError
@@ -194,7 +205,7 @@ class SynthDir(Synth):
         for child in self.children():
             if isinstance(child, Synth) and child.name == name:
                 return child
-        raise StyxError(f"'{name}' file does not exist")
+        raise StyxError(ENONEXIST)
 
     def open(self, mode: int, user: str) -> Handle:
         return SynthDirHandle(self)
@@ -245,7 +256,7 @@ class TextHandle(Handle):
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         if self._on_write is None:
-            raise StyxError("permission denied: read-only file")
+            raise StyxError(EPERM)
         try:
             command = str(data, "utf-8").strip()
         except UnicodeDecodeError:

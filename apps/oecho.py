@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from apps.common import fail, serve
+from apps.common import CParser, fail, quiet_when_stdout_closes, serve
 from flowlib import Flow, FlowError, flow_alloc
 from proto import logs
 from proto.version import add_version
@@ -21,8 +20,9 @@ def reply(_: Flow, sdu: bytes) -> bytes:
     return sdu
 
 
+@quiet_when_stdout_closes
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="oecho", description="Send an echo between a server and a client.")
+    p = CParser(prog="oecho", description="Send an echo between a server and a client.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run as the server")
     p.add_argument("-n", "--name", default="oecho", help="name of the server (default: oecho)")
     p.add_argument("-m", "--message", default=GREETING.decode(), help="what to send")

@@ -15,8 +15,13 @@ from proto.version import add_version
 GREETING = b"Client says hi!"
 
 
+def text(sdu: bytes) -> str:
+    """A message as C's oecho prints it (%.*s): up to the NUL its client ends the string with."""
+    return sdu.split(b"\0", 1)[0].decode(errors="replace")
+
+
 def reply(_: Flow, sdu: bytes) -> bytes:
-    print(f"Message from client is {sdu.decode(errors='replace')}.", flush=True)
+    print(f"Message from client is {text(sdu)}.", flush=True)
     return sdu
 
 
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         with flow_alloc(args.name, timeout=10.0) as flow:
             flow.write(args.message.encode())
             flow.set_timeout(5.0)
-            print(f"Server replied with {flow.read().decode(errors='replace')}")
+            print(f"Server replied with {text(flow.read())}")
     except FlowError as e:
         fail("oecho", e)
     sys.exit(0)

@@ -48,3 +48,10 @@ def test_a_tool_whose_stdout_reader_has_gone_exits_1_without_a_traceback(argv: l
         os.close(write_end)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+
+
+def test_oecho_prints_a_c_clients_message_up_to_its_nul_as_cs_server_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """C's oecho client sends its string with the NUL that ends it; C's server prints it with %.*s."""
+    sdu = b"Client says hi!\0"
+    assert oecho.reply(None, sdu) == sdu  # the flow is not used
+    assert capsys.readouterr().out == "Message from client is Client says hi!.\n"

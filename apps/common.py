@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import os
 import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, ParamSpec
 
 from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
 from flowlib.qos import QosSpec
@@ -53,11 +55,12 @@ def c_units(parse: Callable[[str], float], what: str) -> Callable[[str], float]:
 
 
 class CParser(argparse.ArgumentParser):
-    """A tool's command line, as C's: options matched whole; on one it does not take, its usage on
-    stdout and `usage_status` (oping's 1, operf's and ocbr's 0); what was wrong goes to stderr (ours)."""
+    """A tool's command line, as C's: options matched whole (unless `allow_abbrev`: getopt_long's tools
+    take a prefix of a long option); on one it does not take, its usage on stdout and `usage_status`
+    (oping's and ovpn's 1, operf's, ocbr's, oecho's and obc's 0); what was wrong goes to stderr (ours)."""
 
     def __init__(self, *args: Any, usage_status: int, **kw: Any) -> None:
-        kw["allow_abbrev"] = False  # C matches options whole
+        kw.setdefault("allow_abbrev", False)  # C's strcmp: options whole
         super().__init__(*args, **kw)
         self.usage_status = usage_status
 
@@ -68,6 +71,27 @@ class CParser(argparse.ArgumentParser):
     def exit_with_usage(self, status: int) -> NoReturn:
         print(self.format_help(), end="", flush=True)
         sys.exit(status)
+
+
+P = ParamSpec("P")
+
+
+def quiet_when_stdout_closes(main: Callable[P, None]) -> Callable[P, None]:
+    """A tool's main that, when the reader of its stdout goes away (`oping -n x | head -3`), exits 1
+    saying nothing, as C's tools die of SIGPIPE, instead of a traceback."""
+
+    @functools.wraps(main)
+    def run(*args: P.args, **kw: P.kwargs) -> None:
+        try:
+            try:
+                main(*args, **kw)
+            finally:
+                sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush is quiet too
+            sys.exit(1)
+
+    return run
 
 
 def rate(text: str, default_unit: str = "") -> float:

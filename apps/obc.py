@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import threading
 import time
 
+from apps.common import CParser, quiet_when_stdout_closes
 from flowlib import FLOWGTXQLEN, Flow, FlowError, flow_join
 from proto.version import add_version
 
@@ -70,8 +70,9 @@ def chat(flow: Flow) -> int:
     return 0
 
 
+@quiet_when_stdout_closes
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="obc", description="Sends a message to a broadcast network.")
+    p = CParser(prog="obc", description="Sends a message to a broadcast network.", usage_status=0)
     p.add_argument("-n", "--name", help="name of the broadcast layer")
     p.add_argument("-m", "--message", default=DEFAULT_MESSAGE, help="a message to send")
     p.add_argument("-l", "--listen", action="store_true", help="listen mode")
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.name is None:
         print("Please specify a name.\n")
-        p.print_usage()
-        sys.exit(1)
+        p.exit_with_usage(1)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     if args.listen:
         print("Starting a reader.", flush=True)

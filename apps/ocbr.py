@@ -14,7 +14,18 @@ import struct
 import sys
 import time
 
-from apps.common import RATES, CParser, Pacer, alloc, fail, on_signals, qos_arg, rounds, switch_listening
+from apps.common import (
+    RATES,
+    CParser,
+    Pacer,
+    alloc,
+    fail,
+    on_signals,
+    qos_arg,
+    quiet_when_stdout_closes,
+    rounds,
+    switch_listening,
+)
 from flowlib import EventQueue, EventType, Flow, FlowError, FlowSet, qos
 from proto import logs
 from proto.service import notify_ready
@@ -150,6 +161,7 @@ def c_rate(text: str) -> float:
     return float(match.group(1)) * RATES.get(match.group(2), 1.0)
 
 
+@quiet_when_stdout_closes
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="ocbr", description="Sends packets from client to server at a constant bit rate.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")

@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from apps.common import fail, serve
+from apps.common import CParser, fail, quiet_when_stdout_closes, serve
 from flowlib import Flow, FlowError, flow_alloc
 from proto import logs
 from proto.version import add_version
@@ -16,13 +15,19 @@ from proto.version import add_version
 GREETING = b"Client says hi!"
 
 
+def text(sdu: bytes) -> str:
+    """A message as C's oecho prints it (%.*s): up to the NUL its client ends the string with."""
+    return sdu.split(b"\0", 1)[0].decode(errors="replace")
+
+
 def reply(_: Flow, sdu: bytes) -> bytes:
-    print(f"Message from client is {sdu.decode(errors='replace')}.", flush=True)
+    print(f"Message from client is {text(sdu)}.", flush=True)
     return sdu
 
 
+@quiet_when_stdout_closes
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="oecho", description="Send an echo between a server and a client.")
+    p = CParser(prog="oecho", description="Send an echo between a server and a client.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run as the server")
     p.add_argument("-n", "--name", default="oecho", help="name of the server (default: oecho)")
     p.add_argument("-m", "--message", default=GREETING.decode(), help="what to send")
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         with flow_alloc(args.name, timeout=10.0) as flow:
             flow.write(args.message.encode())
             flow.set_timeout(5.0)
-            print(f"Server replied with {flow.read().decode(errors='replace')}")
+            print(f"Server replied with {text(flow.read())}")
     except FlowError as e:
         fail("oecho", e)
     sys.exit(0)

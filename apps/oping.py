@@ -13,7 +13,18 @@ import struct
 import sys
 import time
 
-from apps.common import CParser, alloc, c_units, duration, fail, ms, on_signals, serve, stack_report
+from apps.common import (
+    CParser,
+    alloc,
+    c_units,
+    duration,
+    fail,
+    ms,
+    on_signals,
+    quiet_when_stdout_closes,
+    serve,
+    stack_report,
+)
 from flowlib import (
     FLOWFRDWR,
     FLOWFRNOBLOCK,
@@ -238,6 +249,7 @@ def client(args: argparse.Namespace) -> int:
     return 0 if c.stats.n or not c.sent else 1
 
 
+@quiet_when_stdout_closes
 def main(argv: list[str] | None = None) -> None:
     p = CParser(
         prog="oping",

@@ -18,7 +18,7 @@ import struct
 import sys
 import threading
 
-from apps.common import qos_arg
+from apps.common import CParser, qos_arg, quiet_when_stdout_closes
 from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
 from proto import logs
 from proto.version import add_version
@@ -107,8 +107,10 @@ class Tunnel:
         self.ended.set()
 
 
+@quiet_when_stdout_closes
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ovpn", description="Sends TCP/IP traffic over Ouroboros.")
+    # getopt_long's: a prefix of a long option will do; what it does not take exits 1
+    p = CParser(prog="ovpn", description="Sends TCP/IP traffic over Ouroboros.", usage_status=1, allow_abbrev=True)
     p.add_argument("-n", "--name", help="run as client, name of ovpn server to connect to")
     p.add_argument("-i", "--ip", type=ip_arg, help="IP address to give to TUN device")
     p.add_argument("-m", "--mask", type=mask_arg, help="subnet mask to give to TUN device")

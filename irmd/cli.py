@@ -182,7 +182,8 @@ def ipcp_show(args: list[str]) -> Message:
 
 def ipcp_list(args: list[str]) -> Message:
     w = parse_words(args, ["type", "name", "layer"])
-    return m.IpcpList(w.one("name"), w.one("layer"), w.one("type"))
+    kind = w.one("type")  # a type 0.23 does not know is refused there too, not an empty list
+    return m.IpcpList(w.one("name"), w.one("layer"), choice(*IPCP_TYPES)("type", kind) if kind else "")
 
 
 # Where `bind program` looks for a program: $PATH, or the PATH of the command run() was given

@@ -44,7 +44,9 @@ ALIASES = {
     "addr-auth": "addr_auth",
     "dht_t_expiry": "dht_t_expire",
 }
-VALUES = {"routing": {"link-state": "link_state"}, "directory": {"dht": "DHT"}}  # irmd.conf's spellings of values
+# irmd.conf's spellings of values; 0.23's parser reads congestion "lfa" as mb-ecn (and refuses "mb-ecn"),
+# so a file that boots there says "lfa" for it
+VALUES = {"routing": {"link-state": "link_state"}, "directory": {"dht": "DHT"}, "congestion": {"lfa": "mb-ecn"}}
 IPCP_KEYS = {"bootstrap", "enrol", "enroll", "join", "autobind", "reg", "conn"}
 NAME_KEYS = {"prog", "args", "lb", "auto", *SEC_KEYS}
 # Shims first, so the layers above find the layers they run over.
@@ -197,6 +199,7 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
     options = {ALIASES.get(str(k), str(k)): v for k, v in table.items() if k not in IPCP_KEYS}
+    spelled = {ALIASES[str(k)]: str(k) for k in table if str(k) in ALIASES}  # errors name the file's key
     for key, spellings in VALUES.items():
         if isinstance(options.get(key), str):
             options[key] = spellings.get(options[key], options[key])
@@ -213,7 +216,8 @@ def _ipcp_steps(path: Path, kind: str, name: str, table: Any) -> tuple[list[Step
     if sum(k in table for k in ("bootstrap", "join")) + (enrol is not None) > 1:
         raise ConfigError(f"{where}: give one of bootstrap=, enrol= and join=")
     try:
-        conf = bootstrap_conf(kind, {k: _words(v, f"{where} {k}") for k, v in options.items()}, IPCP_KEYS)
+        words = {k: _words(v, f"{where} {spelled.get(k, k)}") for k, v in options.items()}
+        conf = bootstrap_conf(kind, words, IPCP_KEYS, spelled)
     except OptionError as e:
         raise ConfigError(f"{where}: {e}") from None
     steps: list[Step] = []

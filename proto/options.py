@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from proto.names import HASHES
 
@@ -121,23 +121,27 @@ DEFAULTS: dict[str, dict[str, str]] = {
 MULTI = {"peer"}  # options that may repeat
 
 
-def bootstrap_conf(kind: str, options: dict[str, list[str]], also: Iterable[str] = ()) -> dict[str, str]:
+def bootstrap_conf(
+    kind: str, options: dict[str, list[str]], also: Iterable[str] = (), spelled: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Check type options (as words or config values) and flatten them for the IPCP; `also` are the
-    other keys the caller takes (a near miss of one of them is suggested too)."""
+    other keys the caller takes (a near miss of one of them is suggested too); `spelled` how the caller
+    wrote a key (an irmd.conf's addr_size for addr), so that an error names what the user wrote."""
     conf: dict[str, str] = {}
     for key, vals in options.items():
+        said = (spelled or {}).get(key, key)
         if kind and key not in TYPE_OPTIONS[kind]:
             known = [*TYPE_OPTIONS[kind], *also]
             if key not in (o for opts in TYPE_OPTIONS.values() for o in opts) and (hint := did_you_mean(key, known)):
-                raise OptionError(f'unknown key "{key}"{hint}')
+                raise OptionError(f'unknown key "{said}"{hint}')
             raise OptionError(
-                f'"{key}" does not apply to type {kind}: expected one of '
+                f'"{said}" does not apply to type {kind}: expected one of '
                 f"{{{' '.join(TYPE_OPTIONS[kind]) or 'no options'}}}" + did_you_mean(key, known)
             )
         check = next(opts[key] for t, opts in TYPE_OPTIONS.items() if key in opts and t in (kind or t))
         if len(vals) > 1 and key not in MULTI:
-            raise OptionError(f'"{key}" given {len(vals)} times: expected once')
-        conf[key] = ",".join(check(key, v) for v in vals)
+            raise OptionError(f'"{said}" given {len(vals)} times: expected once')
+        conf[key] = ",".join(check(said, v) for v in vals)
     if kind in ("udp4", "udp6") and "ip" not in conf:
         raise OptionError(f'missing "ip <address>" for type {kind}')
     if kind in ("eth-dix", "eth-llc") and "dev" not in conf:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -381,6 +382,36 @@ flows_per_uid = 99
         "dht_t_replicate": "900",
     }
     assert boot.limits.flows_per_uid == 99
+
+
+def test_congestion_lfa_is_0_23s_config_word_for_mb_ecn(tmp_path: Path) -> None:
+    """0.23's irmd.conf parser reads congestion = "lfa" as multi-bit ECN (and refuses "mb-ecn"): a
+    file that boots there asks for mb-ecn here."""
+    from irmd.config import plan
+
+    conf = tmp_path / "ca.toml"
+    conf.write_text('[unicast.n]\nbootstrap = "net"\ncongestion = "lfa"\n')
+    (boot,) = [msg for _, msg in plan(conf).steps if isinstance(msg, m.IpcpBootstrap)]
+    assert boot.conf == {"congestion": "mb-ecn"}
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("addr_size = 3", 'bad addr_size "3"'),
+        ("max_ttl = 0", 'bad max_ttl "0"'),
+        ("eid_size = 4", 'bad eid_size "4"'),
+        ('addr-auth = "random"', 'bad addr-auth "random"'),
+        ("dht_t_expiry = 5", 'bad dht_t_expiry "5"'),
+    ],
+)
+def test_a_bad_value_is_named_by_the_key_the_file_spells(tmp_path: Path, line: str, said: str) -> None:
+    from irmd.config import ConfigError, plan
+
+    conf = tmp_path / "bad.toml"
+    conf.write_text(f'[unicast.n]\nbootstrap = "net"\n{line}\n')
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        plan(conf)
 
 
 @pytest.mark.timeout(60)

@@ -333,6 +333,10 @@ def test_option_given_twice_is_an_error() -> None:
             ["ipcp", "create", "name", "n", "type", "tcp"],
             'bad type "tcp": expected one of {local unicast broadcast udp4 udp6 eth-dix eth-llc}',
         ),
+        (
+            ["ipcp", "list", "type", "tcp"],
+            'bad type "tcp": expected one of {local unicast broadcast udp4 udp6 eth-dix eth-llc}',
+        ),
         (["name", "create", "x", "lb", "random"], 'bad lb "random": expected one of {round-robin spillover}'),
         (
             ["ipcp", "connect", "name", "a", "dst", "b", "qos", "fast"],

@@ -1,0 +1,57 @@
+"""The command lines of the tools Ouroboros 0.23 ships (oping, operf, ocbr, oecho, obc, ovpn): what
+each does with an option it does not take, and with a stdout whose reader has gone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from types import ModuleType
+
+import pytest
+from helpers import BIN
+
+from apps import obc, oecho, ovpn
+from proto import logs
+
+
+@pytest.fixture
+def parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool's main run in this process: its logging set up nowhere (it would take over this process's)."""
+    monkeypatch.setattr(logs, "setup", lambda *_, **__: None)
+
+
+# C's oecho and obc print their usage and return 0 on an option they do not take; C's ovpn (getopt)
+# exits with EXIT_FAILURE.
+@pytest.mark.parametrize(("tool", "code"), [(oecho, 0), (obc, 0), (ovpn, 1)])
+@pytest.mark.parametrize("argv", [["--bogus"], ["-l", "--bogus"]])
+@pytest.mark.usefixtures("parsing")
+def test_an_option_c_does_not_know_prints_the_usage_and_exits_with_cs_status(
+    tool: ModuleType, code: int, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        tool.main(argv)
+    assert done.value.code == code
+    assert capsys.readouterr().out.startswith(f"usage: {tool.__name__.split('.')[-1]}")
+
+
+# What each prints on stdout before it needs an IRMd: that no server (or name) was given, or its usage.
+@pytest.mark.parametrize("argv", [["oping"], ["operf"], ["ocbr"], ["obc"], ["oecho", "--bogus"], ["ovpn", "--bogus"]])
+def test_a_tool_whose_stdout_reader_has_gone_exits_1_without_a_traceback(argv: list[str]) -> None:
+    """`oping ... | head`: C's tools die of SIGPIPE, silently; ours exit 1 with no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the tool writes its first line
+    try:
+        r = subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30
+        )
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+
+
+def test_oecho_prints_a_c_clients_message_up_to_its_nul_as_cs_server_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """C's oecho client sends its string with the NUL that ends it; C's server prints it with %.*s."""
+    sdu = b"Client says hi!\0"
+    assert oecho.reply(None, sdu) == sdu  # the flow is not used
+    assert capsys.readouterr().out == "Message from client is Client says hi!.\n"

@@ -37,7 +37,7 @@ from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
 from apps.ibp.client import parse_cap as ibp_cap
-from apps.ibp.exnode import ExNode, Mapping
+from apps.ibp.exnode import ExNode, Mapping, from_xml, to_xml
 
 IBP_BYTEARRAY = 1
 PASSWORD = "IBPch@ngem3"  # ibp_server.h DEFAULT_PASSWORD
@@ -317,3 +317,32 @@ def test_a_depot_busy_past_the_timeout_is_an_error_that_says_so() -> None:
         assert time.monotonic() - start < 3 and 2 <= len(depot.lines) <= 6
     finally:
         depot.close()
+
+
+# 10. L-Store's keys are base64 with '-' for '/' (db_resource.c create_alloc_db): '+' is one of their
+#     characters, so about two capabilities in five an L-Store depot hands out have one.
+
+LSTORE_KEY = "q+Zr3-Xy9aBcDeFgHiJkLmNoPqRsT0+w"  # 32 characters, as CAP_SIZE
+
+
+def test_lstore_capabilities_with_a_plus_in_their_keys_are_used_as_they_are() -> None:
+    def answer(line: bytes) -> bytes:
+        return b"1 3 \nabc" if line.split()[1:2] == [b"8"] else b"-25 \n"
+
+    depot = LineDepot(answer)
+    try:
+        rcap = f"ibp://127.0.0.1:{depot.port}/0#{LSTORE_KEY}/3862277/READ"  # handle_allocate's form
+        ex = ExNode("f", 3, mappings=[Mapping(0, 3, 0, 3, rcap)])
+        assert from_xml(to_xml(ex)).mappings[0].read == rcap
+        with Connection(f"127.0.0.1:{depot.port}", timeout=10) as c:
+            assert c.load_bytes(ibp_cap(rcap), 0, 3) == b"abc"
+        assert depot.lines == [f"1 8 0#{LSTORE_KEY} 3862277 0 3 10\n".encode()]
+    finally:
+        depot.close()
+
+
+def test_a_key_of_lstores_form_unknown_here_is_cap_not_found(lstore: LStore) -> None:  # noqa: F811
+    # handle_read: any key it does not hold is -4, whatever characters it is made of.
+    assert ask(lstore, "1 8 0#%s 3862277 0 1 10\n" % LSTORE_KEY) == w.IBP_E_CAP_NOT_FOUND
+    rcap, _, _ = new(lstore, 100, b"still here")
+    assert lstore.load(rcap, 0, 10) == (IBP_OK, b"still here")

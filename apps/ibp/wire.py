@@ -206,8 +206,12 @@ FOREVER = -1  # ALLOCATE's duration -1: as long as the depot allows (L-Store)
 KEEP = -1  # CHNG's size, duration or reliability -1: leave it as it is (L-Store)
 DEFAULT_PASSWORD = "IBPch@ngem3"  # ST_INQ's password, L-Store's default (ibp_server.h)
 
-_KEY_RE = re.compile(rf"(?:(?P<rid>[A-Za-z0-9_.\-]{{1,{MAX_RID}}})#)?(?P<key>[A-Za-z0-9_.\-]{{1,{MAX_KEY}}})")
+# A key's characters: ours are hex; L-Store's are base64 with '-' for '/' (db_resource.c), so '+'
+# (and base64's '=') too. None of them is a separator of a capability or a request line.
+KEY_CHARS = r"A-Za-z0-9_.+=\-"
+_KEY_RE = re.compile(rf"(?:(?P<rid>[A-Za-z0-9_.\-]{{1,{MAX_RID}}})#)?(?P<key>[{KEY_CHARS}]{{1,{MAX_KEY}}})")
 _WORD_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_KEY}}}")
+_TYPEKEY_RE = re.compile(rf"[{KEY_CHARS}]{{1,{MAX_KEY}}}")
 _TOKEN_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_TOKEN}}}")
 _PASSWORD_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_KEY}}}")  # any printable word: L-Store's default has an @
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
@@ -376,6 +380,12 @@ def _word(tok: str, what: str) -> str:
     return tok
 
 
+def _typekey(tok: str) -> str:
+    if not _TYPEKEY_RE.fullmatch(tok):
+        raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed typekey")
+    return tok
+
+
 def _cap(tok: str) -> str:
     if not (tok.startswith("ibp://") and _TOKEN_RE.fullmatch(tok)):
         raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed capability")
@@ -448,7 +458,7 @@ def parse_request(line: bytes) -> Request:
         rid, key = _key(a[0], "key")
         return Send(
             key,
-            _word(typekey, "typekey"),
+            _typekey(typekey),
             _cap(dest),
             _int(a[3], "offset"),
             _length(a[4]),
@@ -467,7 +477,7 @@ def parse_request(line: bytes) -> Request:
         rid, key = _key(a[0], "key")
         return Mcopy(
             key,
-            _word(a[1], "typekey"),
+            _typekey(a[1]),
             _int(a[2], "offset"),
             _int(a[3], "length"),
             tuple(_cap(c) for c in a[5 : 5 + n]),
@@ -502,7 +512,7 @@ def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
     return Transfer(
         pull,
         key,
-        _word(a[3], "typekey"),
+        _typekey(a[3]),
         _cap(a[2]),
         offset,
         remote,
@@ -518,19 +528,19 @@ def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
     if cmd == IBP_STORE:
         _want(a, 4, "STORE key typekey length timeout")
         rid, key = _key(a[0], "key")
-        return Store(key, _word(a[1], "typekey"), _length(a[2]), _timeout(a[3]), rid)
+        return Store(key, _typekey(a[1]), _length(a[2]), _timeout(a[3]), rid)
     name = "WRITE" if cmd == IBP_WRITE else "LOAD"
     _want(a, 5, f"{name} key typekey offset length timeout")
     rid, key = _key(a[0], "key")
     kind = Write if cmd == IBP_WRITE else Load
-    return kind(key, _word(a[1], "typekey"), _int(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
+    return kind(key, _typekey(a[1]), _int(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
 
 
 def _parse_manage(a: list[str]) -> Manage:
     if len(a) < 3:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected MANAGE key typekey subcmd captype ... timeout")
     rid, key = _key(a[0], "key")
-    typekey = _word(a[1], "typekey")
+    typekey = _typekey(a[1])
     sub = _int(a[2], "manage sub-command", -MAX_INT, MAX_INT)
     if sub in (IBP_INCR, IBP_DECR) or (sub == IBP_PROBE and len(a) == 5):
         _want(a, 5, "MANAGE key typekey subcmd captype timeout")

@@ -346,3 +346,15 @@ def test_a_key_of_lstores_form_unknown_here_is_cap_not_found(lstore: LStore) -> 
     assert ask(lstore, "1 8 0#%s 3862277 0 1 10\n" % LSTORE_KEY) == w.IBP_E_CAP_NOT_FOUND
     rcap, _, _ = new(lstore, 100, b"still here")
     assert lstore.load(rcap, 0, 10) == (IBP_OK, b"still here")
+
+
+# 11. A command number L-Store's depot has no handler for is -43 (server_lib.c read_command: out of
+#     its table, or a slot no add_command filled); one it has and we do not serve stays -25.
+
+
+@pytest.mark.parametrize("cmd", [-5, 0, 3, 7, 10, 12, 37, 90, 101, 2**40])
+def test_a_command_lstore_does_not_know_is_an_unknown_function(lstore: LStore, cmd: int) -> None:  # noqa: F811
+    assert ask(lstore, "1 %d 0 1 2 3 10\n" % cmd) == w.IBP_E_UNKNOWN_FUNCTION
+    assert ask(lstore, "1 16 0#k t 10\n") == w.IBP_E_INVALID_CMD  # IBP_RENAME: L-Store's, not served
+    rcap, _, _ = new(lstore, 100, b"served")
+    assert lstore.load(rcap, 0, 6) == (IBP_OK, b"served")

@@ -22,8 +22,19 @@ IBP_MCOPY = 6
 IBP_LOAD = 8
 IBP_MANAGE = 9
 IBP_WRITE = 13
+IBP_ALIAS_ALLOCATE = 14  # 14-19 and 22-36: L-Store's, not served here (-25)
+IBP_ALIAS_MANAGE = 15
+IBP_RENAME = 16
+IBP_PHOEBUS_SEND = 17
+IBP_SPLIT_ALLOCATE = 18
+IBP_MERGE_ALLOCATE = 19
 IBP_PUSH = 20  # L-Store's depot-to-depot copies: PUSH sends local bytes, PULL fetches remote ones
 IBP_PULL = 21
+IBP_PUSH_CHKSUM = 22
+IBP_VEC_READ_CHKSUM = 36
+# Commands L-Store's depot has and ours does not serve: -25. Any other number is -43, as L-Store's
+# read_command answers a command without a handler.
+UNSERVED = frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) | frozenset(range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1))
 
 # PUSH/PULL connection types (L-Store): plain TCP, or through Phoebus gateways (not served).
 IBP_TCP = 1
@@ -488,9 +499,9 @@ def parse_request(line: bytes) -> Request:
         return _parse_manage(a)
     if cmd == IBP_STATUS:
         return _parse_status(a)
-    if cmd == IBP_DELIVER:
-        raise BadRequest(IBP_E_INVALID_CMD, "DELIVER is not implemented")
-    raise BadRequest(IBP_E_INVALID_CMD, f"unknown command {cmd}")
+    if cmd in UNSERVED:
+        raise BadRequest(IBP_E_INVALID_CMD, f"command {cmd} is not served here")
+    raise BadRequest(IBP_E_UNKNOWN_FUNCTION, f"unknown command {cmd}")
 
 
 def _parse_transfer(pull: bool, a: list[str]) -> Transfer:

@@ -358,3 +358,13 @@ def test_a_command_lstore_does_not_know_is_an_unknown_function(lstore: LStore, c
     assert ask(lstore, "1 16 0#k t 10\n") == w.IBP_E_INVALID_CMD  # IBP_RENAME: L-Store's, not served
     rcap, _, _ = new(lstore, 100, b"served")
     assert lstore.load(rcap, 0, 6) == (IBP_OK, b"served")
+
+
+# 12. read_write: a WRITE's negative offset is -18 (IBP_E_FILE_SEEK_ERROR), before anything is looked up.
+
+
+def test_a_write_at_a_negative_offset_is_a_seek_error(lstore: LStore) -> None:  # noqa: F811
+    rcap, wcap, _ = new(lstore, 100, b"kept")
+    assert ask(lstore, "1 13 %s -1 4 10\n" % keys(wcap)) == w.IBP_E_FILE_SEEK_ERROR
+    assert lstore.write(wcap, 4, b"more") == (IBP_OK, 4)
+    assert lstore.load(rcap, 0, 8) == (IBP_OK, b"keptmore")

@@ -543,6 +543,8 @@ def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
     name = "WRITE" if cmd == IBP_WRITE else "LOAD"
     _want(a, 5, f"{name} key typekey offset length timeout")
     rid, key = _key(a[0], "key")
+    if cmd == IBP_WRITE and _int(a[2], "offset", -MAX_INT) < 0:  # L-Store's read_write: -18
+        raise BadRequest(IBP_E_FILE_SEEK_ERROR, "a WRITE's offset must not be negative")
     kind = Write if cmd == IBP_WRITE else Load
     return kind(key, _typekey(a[1]), _int(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
 

@@ -368,3 +368,20 @@ def test_a_write_at_a_negative_offset_is_a_seek_error(lstore: LStore) -> None:  
     assert ask(lstore, "1 13 %s -1 4 10\n" % keys(wcap)) == w.IBP_E_FILE_SEEK_ERROR
     assert lstore.write(wcap, 4, b"more") == (IBP_OK, 4)
     assert lstore.load(rcap, 0, 8) == (IBP_OK, b"keptmore")
+
+
+def test_the_data_behind_a_refused_write_line_is_never_read_as_a_request(lstore: LStore) -> None:  # noqa: F811
+    """L-Store's clients send a STORE's or WRITE's data right behind its line: a line refused as it
+    is parsed ends the connection too, as a refusal after the look-up does, so none of those bytes
+    is taken for a request (here a data block that reads as ST_VERSION)."""
+    _, wcap, _ = new(lstore, 100)
+    data = "%d %d %d %d\n" % (IBPv040, 4, 5, 10)
+    for line in ("1 13 %s -1 %d 10\n", "1 2 %s 0 10\n", "1 13 %s 0 %d 10 extra\n"):
+        c = LStore(lstore.sock.getpeername()[1])
+        try:
+            c.send_command((line % (keys(wcap), len(data)) if "%d" in line else line % keys(wcap)) + data)
+            assert atoi(c.readline().split(" ")[0]) < 0
+            assert c.f.read(1) == b""  # closed: nothing more is answered
+        finally:
+            c.close()
+    assert lstore.store(wcap, data.encode()) == (IBP_OK, len(data))

@@ -504,6 +504,13 @@ def parse_request(line: bytes) -> Request:
     raise BadRequest(IBP_E_UNKNOWN_FUNCTION, f"unknown command {cmd}")
 
 
+def carries_data(line: bytes) -> bool:
+    """Whether `line` is a STORE or WRITE request, parsed or not: bytes may follow it unasked (L-Store's
+    clients send the data right behind the line), so after refusing it nothing more can be read."""
+    toks = line.split(maxsplit=2)
+    return len(toks) >= 2 and toks[1] in (str(IBP_STORE).encode(), str(IBP_WRITE).encode())
+
+
 def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
     """PUSH/PULL as L-Store's pushpull_command sends them (its TCP form: an empty path field)."""
     form = "PUSH|PULL ctype key remote_cap typekey offset remote_offset length timeout dest_timeout client_timeout"

@@ -385,3 +385,18 @@ def test_the_data_behind_a_refused_write_line_is_never_read_as_a_request(lstore:
         finally:
             c.close()
     assert lstore.store(wcap, data.encode()) == (IBP_OK, len(data))
+
+
+# 13. probe_command's line has three unused fields before the timeout, and read_manage skips three
+#     fields after a PROBE's captype whatever they are: without them, our timeout would be skipped.
+
+
+def test_our_probe_is_sent_as_lstores_probe_command() -> None:
+    rec = LineDepot(lstore_answer)
+    try:
+        mcap = f"ibp://127.0.0.1:{rec.port}/0#{'k' * 32}/{'m' * 8}/MANAGE"
+        with Connection(f"127.0.0.1:{rec.port}", timeout=10) as c:
+            assert c.probe(ibp_cap(mcap))["max_size"] == 100
+        assert rec.lines == [b"1 9 0#%s %s 40 3 0 0 0 10\n" % (b"k" * 32, b"m" * 8)]
+    finally:
+        rec.close()

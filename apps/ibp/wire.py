@@ -704,6 +704,8 @@ def format_request(req: Request) -> bytes:
             f.append(req.captype)
         if req.subcmd == IBP_CHNG:
             f += [req.size, req.duration, req.reliability]
+        elif req.subcmd == IBP_PROBE:  # L-Store's probe_command: its depot skips three fields here
+            f += [0, 0, 0]
         f.append(req.timeout)
     elif req.subcmd in (IBP_ST_RES, IBP_ST_VERSION):
         f = [v, IBP_STATUS, req.subcmd, req.timeout]

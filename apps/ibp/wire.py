@@ -508,7 +508,7 @@ def carries_data(line: bytes) -> bool:
     """Whether `line` is a STORE or WRITE request, parsed or not: bytes may follow it unasked (L-Store's
     clients send the data right behind the line), so after refusing it nothing more can be read."""
     toks = line.split(maxsplit=2)
-    return len(toks) >= 2 and toks[1] in (str(IBP_STORE).encode(), str(IBP_WRITE).encode())
+    return len(toks) >= 2 and toks[1].isdigit() and len(toks[1]) <= 20 and int(toks[1]) in (IBP_STORE, IBP_WRITE)
 
 
 def _parse_transfer(pull: bool, a: list[str]) -> Transfer:

@@ -30,7 +30,7 @@ from apps.ibp import wire as w
 from apps.ibp.client import Connection
 from apps.ibp.depot import DepotCore, Grant
 from apps.ibp.limits import Limits, copy_target
-from apps.ibp.peer import tcp_identity
+from apps.ibp.peer import tcp_identity, unmapped
 from apps.ibp.storage import DiskStore
 from apps.ibp.stream import ByteStream, StreamTimeout
 
@@ -468,6 +468,46 @@ def test_local_users_keep_their_own_quotas_over_a_dual_stack_listener(
         assert depot.served() < LEGIT_WAIT  # root's is untouched
 
 
+def own_address(family: socket.AddressFamily) -> str:
+    """One of this host's addresses that is not a loopback one (the source of its default route)."""
+    probe = ("192.0.2.254", 9) if family == socket.AF_INET else ("2001:db8::fe", 9)
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(probe)  # UDP: picks the route and its source address, sends nothing
+        except OSError:
+            pytest.skip("no route, so no non-loopback address, here")
+        host = str(s.getsockname()[0])
+    if unmapped(host).is_loopback or unmapped(host).is_link_local:
+        pytest.skip("no non-loopback address here")
+    return host
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_a_local_client_over_the_hosts_own_address_is_known_by_its_uid(family: socket.AddressFamily) -> None:
+    host = own_address(family)
+    with socket.create_server((host, 0), family=family) as srv_sock:
+        client = socket.create_connection((host, srv_sock.getsockname()[1]))
+        conn, _ = srv_sock.accept()
+        with client, conn:
+            assert tcp_identity(conn) == f"uid:{os.geteuid()}"
+
+
+@as_root
+@pytest.mark.timeout(90)
+def test_local_users_keep_their_own_quotas_over_the_hosts_own_address(
+    open_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uid 65534 and root both reach a depot listening on every address through the host's own
+    (non-loopback) address: each is still counted as its uid, so one's quota is not the other's."""
+    host = own_address(socket.AF_INET)
+    for depot in run_depot(open_dir, monkeypatch, listen="0.0.0.0"):
+        depot.host = host
+        r = depot.attack(ALLOCS)
+        assert r.stdout.split() == ["20", "-45"], r.stdout + r.stderr  # uid 65534's quota, whole and its own
+        assert depot.served() < LEGIT_WAIT  # root's is untouched
+
+
 # -- 7. --min-rate is a rate -----------------------------------------------------------------------
 
 DRIBBLE = (
@@ -575,3 +615,32 @@ def test_a_version_answer_gets_one_timeout_in_all() -> None:
         assert time.monotonic() - t0 < 1.5
     with version_server(0) as port, Connection(f"127.0.0.1:{port}", timeout=1) as c:
         assert c.version().splitlines()[-1] == "line 39"
+
+
+# -- 9. a remote IPv6 client is its /64 ------------------------------------------------------------
+
+
+class RemotePeer:
+    """What tcp_identity asks of an accepted socket, for a peer at `host` (no such host here)."""
+
+    family = socket.AF_INET6
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def getpeername(self) -> tuple[str, int, int, int]:
+        return (self.host, 40000, 0, 0)
+
+    def getsockname(self) -> tuple[str, int, int, int]:
+        return ("2001:db8:ffff::1", 6714, 0, 0)
+
+
+def test_a_remote_ipv6_client_has_one_identity_for_all_the_addresses_of_its_64() -> None:
+    """A remote host may take any address of its /64 for each connection (privacy addresses): were
+    each its own client, one host would have as many connection slots, allocations and shares of
+    the capacity as it liked. Another /64 is another client; IPv4 clients stay one per address."""
+    ident = {h: tcp_identity(RemotePeer(h)) for h in ("2001:db8:1:2::5", "2001:db8:1:2:a:b:c:d", "2001:db8:1:3::5")}
+    assert ident["2001:db8:1:2::5"] == ident["2001:db8:1:2:a:b:c:d"] == "tcp:2001:db8:1:2::/64"
+    assert ident["2001:db8:1:3::5"] == "tcp:2001:db8:1:3::/64"
+    assert tcp_identity(RemotePeer("::ffff:198.51.100.7")) == "tcp:198.51.100.7"
+    assert limits.shared_identity(ident["2001:db8:1:2::5"])  # idle slots give way to a new connection

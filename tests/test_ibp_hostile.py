@@ -57,10 +57,11 @@ class Depot:
     port: int
     dir: Path
     log: Path
+    host: str = "127.0.0.1"  # where clients reach its TCP port
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -198,7 +199,7 @@ PRELUDE = r"""
 import os, socket, sys, time
 os.environ['OUROBOROS_SOCK'] = sys.argv[1]
 host, port = sys.argv[2].rsplit(':', 1)
-port = int(port)
+host, port = host.strip('[]'), int(port)
 name = sys.argv[3]
 def conn():
     s = socket.create_connection((host, port), timeout=10)

@@ -37,7 +37,7 @@ from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
 from apps.ibp.client import parse_cap as ibp_cap
-from apps.ibp.exnode import ExNode, Mapping
+from apps.ibp.exnode import ExNode, Mapping, from_xml, to_xml
 
 IBP_BYTEARRAY = 1
 PASSWORD = "IBPch@ngem3"  # ibp_server.h DEFAULT_PASSWORD
@@ -317,3 +317,90 @@ def test_a_depot_busy_past_the_timeout_is_an_error_that_says_so() -> None:
         assert time.monotonic() - start < 3 and 2 <= len(depot.lines) <= 6
     finally:
         depot.close()
+
+
+# 10. L-Store's keys are base64 with '-' for '/' (db_resource.c create_alloc_db): '+' is one of their
+#     characters, so about two capabilities in five an L-Store depot hands out have one.
+
+LSTORE_KEY = "q+Zr3-Xy9aBcDeFgHiJkLmNoPqRsT0+w"  # 32 characters, as CAP_SIZE
+
+
+def test_lstore_capabilities_with_a_plus_in_their_keys_are_used_as_they_are() -> None:
+    def answer(line: bytes) -> bytes:
+        return b"1 3 \nabc" if line.split()[1:2] == [b"8"] else b"-25 \n"
+
+    depot = LineDepot(answer)
+    try:
+        rcap = f"ibp://127.0.0.1:{depot.port}/0#{LSTORE_KEY}/3862277/READ"  # handle_allocate's form
+        ex = ExNode("f", 3, mappings=[Mapping(0, 3, 0, 3, rcap)])
+        assert from_xml(to_xml(ex)).mappings[0].read == rcap
+        with Connection(f"127.0.0.1:{depot.port}", timeout=10) as c:
+            assert c.load_bytes(ibp_cap(rcap), 0, 3) == b"abc"
+        assert depot.lines == [f"1 8 0#{LSTORE_KEY} 3862277 0 3 10\n".encode()]
+    finally:
+        depot.close()
+
+
+def test_a_key_of_lstores_form_unknown_here_is_cap_not_found(lstore: LStore) -> None:  # noqa: F811
+    # handle_read: any key it does not hold is -4, whatever characters it is made of.
+    assert ask(lstore, "1 8 0#%s 3862277 0 1 10\n" % LSTORE_KEY) == w.IBP_E_CAP_NOT_FOUND
+    rcap, _, _ = new(lstore, 100, b"still here")
+    assert lstore.load(rcap, 0, 10) == (IBP_OK, b"still here")
+
+
+# 11. A command number L-Store's depot has no handler for is -43 (server_lib.c read_command: out of
+#     its table, or a slot no add_command filled); one it has and we do not serve stays -25.
+
+
+@pytest.mark.parametrize("cmd", [-5, 0, 3, 7, 10, 12, 37, 90, 101, 2**40])
+def test_a_command_lstore_does_not_know_is_an_unknown_function(lstore: LStore, cmd: int) -> None:  # noqa: F811
+    assert ask(lstore, "1 %d 0 1 2 3 10\n" % cmd) == w.IBP_E_UNKNOWN_FUNCTION
+    assert ask(lstore, "1 16 0#k t 10\n") == w.IBP_E_INVALID_CMD  # IBP_RENAME: L-Store's, not served
+    rcap, _, _ = new(lstore, 100, b"served")
+    assert lstore.load(rcap, 0, 6) == (IBP_OK, b"served")
+
+
+# 12. read_write: a WRITE's negative offset is -18 (IBP_E_FILE_SEEK_ERROR), before anything is looked up.
+
+
+def test_a_write_at_a_negative_offset_is_a_seek_error(lstore: LStore) -> None:  # noqa: F811
+    rcap, wcap, _ = new(lstore, 100, b"kept")
+    assert ask(lstore, "1 13 %s -1 4 10\n" % keys(wcap)) == w.IBP_E_FILE_SEEK_ERROR
+    other = LStore(lstore.sock.getpeername()[1])  # a refused WRITE closes its connection
+    try:
+        assert other.write(wcap, 4, b"more") == (IBP_OK, 4)
+        assert other.load(rcap, 0, 8) == (IBP_OK, b"keptmore")
+    finally:
+        other.close()
+
+
+def test_the_data_behind_a_refused_write_line_is_never_read_as_a_request(lstore: LStore) -> None:  # noqa: F811
+    """L-Store's clients send a STORE's or WRITE's data right behind its line: a line refused as it
+    is parsed ends the connection too, as a refusal after the look-up does, so none of those bytes
+    is taken for a request (here a data block that reads as ST_VERSION)."""
+    _, wcap, _ = new(lstore, 100)
+    data = "%d %d %d %d\n" % (IBPv040, 4, 5, 10)
+    for line in ("1 13 %s -1 %d 10\n", "1 2 %s 0 10\n", "1 13 %s 0 %d 10 extra\n"):
+        c = LStore(lstore.sock.getpeername()[1])
+        try:
+            c.send_command((line % (keys(wcap), len(data)) if "%d" in line else line % keys(wcap)) + data)
+            assert atoi(c.readline().split(" ")[0]) < 0
+            assert c.f.read(1) == b""  # closed: nothing more is answered
+        finally:
+            c.close()
+    assert lstore.store(wcap, data.encode()) == (IBP_OK, len(data))
+
+
+# 13. probe_command's line has three unused fields before the timeout, and read_manage skips three
+#     fields after a PROBE's captype whatever they are: without them, our timeout would be skipped.
+
+
+def test_our_probe_is_sent_as_lstores_probe_command() -> None:
+    rec = LineDepot(lstore_answer)
+    try:
+        mcap = f"ibp://127.0.0.1:{rec.port}/0#{'k' * 32}/{'m' * 8}/MANAGE"
+        with Connection(f"127.0.0.1:{rec.port}", timeout=10) as c:
+            assert c.probe(ibp_cap(mcap))["max_size"] == 100
+        assert rec.lines == [b"1 9 0#%s %s 40 3 0 0 0 10\n" % (b"k" * 32, b"m" * 8)]
+    finally:
+        rec.close()

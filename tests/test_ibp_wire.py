@@ -120,8 +120,9 @@ def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
     ("line", "status"),
     [
         (b"0 1 0 1 1 10 10 5\n", w.IBP_E_PROT_VERS),
-        (b"1 99 x\n", w.IBP_E_INVALID_CMD),
-        (b"1 3 a b\n", w.IBP_E_INVALID_CMD),  # DELIVER is not served
+        (b"1 99 x\n", w.IBP_E_UNKNOWN_FUNCTION),  # no such command: -43, as L-Store
+        (b"1 3 a b\n", w.IBP_E_UNKNOWN_FUNCTION),  # DELIVER: L-Store has no handler either
+        (b"1 17 a b\n", w.IBP_E_INVALID_CMD),  # PHOEBUS_SEND: L-Store's, not served
         (b"1 1 0 1 1 10 10\n", w.IBP_E_BAD_FORMAT),  # a field short
         (b"1 1 0 1 1 10 10 5 6\n", w.IBP_E_BAD_FORMAT),  # a field too many
         (b"1 1 0 1 1 ten 10 5\n", w.IBP_E_BAD_FORMAT),

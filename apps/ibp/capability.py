@@ -11,14 +11,14 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from apps.ibp.wire import IBP_MANAGECAP, IBP_READCAP, IBP_WRITECAP, MAX_KEY, MAX_TOKEN
+from apps.ibp.wire import IBP_MANAGECAP, IBP_READCAP, IBP_WRITECAP, KEY_CHARS, MAX_KEY, MAX_TOKEN
 
 KEY_BYTES = 32  # 256 bits
 READ, WRITE, MANAGE = "READ", "WRITE", "MANAGE"
 RIGHTS = (READ, WRITE, MANAGE)
 CAPTYPE = {READ: IBP_READCAP, WRITE: IBP_WRITECAP, MANAGE: IBP_MANAGECAP}
 
-_K = rf"[A-Za-z0-9_.\-]{{1,{MAX_KEY}}}"
+_K = rf"[{KEY_CHARS}]{{1,{MAX_KEY}}}"  # a key or right key: ours hex, L-Store's base64
 _CAP_RE = re.compile(
     r"ibp://(?P<depot>[A-Za-z0-9_.:\-\[\]]{1,256})/(?P<rid>[A-Za-z0-9_.\-]{1,64})"
     rf"#(?P<key>{_K})/(?P<typekey>{_K})/(?P<right>READ|WRITE|MANAGE)"

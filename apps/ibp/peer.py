@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from proto import messages as m
 
@@ -22,15 +23,24 @@ def flow_identity(reply: m.FlowReply) -> str:
     return f"layer:{reply.layer}"
 
 
+IPV6_CLIENT_PREFIX = 64  # the bits of an IPv6 address that name one remote client
+
+
 def tcp_identity(sock: socket.socket) -> str:
-    """A TCP client by the uid owning its socket when it is on this host, else by its address (an
-    IPv4 one as such, whether it reached an IPv4 or a dual-stack IPv6 listener)."""
+    """A TCP client by the uid owning its socket when it is on this host, else by its address: an
+    IPv4 one as such (whether it reached an IPv4 or a dual-stack IPv6 listener), an IPv6 one by its
+    /64. A host or site is handed a /64 at least and may use any address in it (privacy addresses
+    change by design), so per address one remote client would have 2**64 sets of quotas."""
     try:
-        host = str(unmapped(sock.getpeername()[0]))
+        address = unmapped(sock.getpeername()[0])
     except (OSError, ValueError):
         return "tcp:?"
     uid = local_tcp_uid(sock)
-    return f"uid:{uid}" if uid is not None else f"tcp:{host}"
+    if uid is not None:
+        return f"uid:{uid}"
+    if address.version == 6:
+        return f"tcp:{ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False)}"
+    return f"tcp:{address}"
 
 
 def unmapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -43,13 +53,15 @@ def unmapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def local_tcp_uid(sock: socket.socket) -> int | None:
-    """The owner of a loopback connection's other end, from the kernel's socket table (as identd).
+    """The owner of a local connection's other end, from the kernel's socket table (as identd): one
+    from a loopback address or from any other address of this host (a user who reaches the depot
+    by the host's own name is that user, not an address every local user shares).
 
     None for remote peers, or when the peer is gone before we look.
     """
     try:
         local, remote = sock.getsockname(), sock.getpeername()
-        if not unmapped(remote[0]).is_loopback:
+        if not own_address(sock.family, remote):
             return None
     except (OSError, ValueError):
         return None
@@ -64,6 +76,26 @@ def local_tcp_uid(sock: socket.socket) -> int | None:
         if uid is not None:
             return uid
     return None
+
+
+def own_address(family: socket.AddressFamily, peer: tuple[Any, ...]) -> bool:
+    """Whether `peer` (a socket address of `family`) is one of this host's: a loopback one, or one
+    a socket can be bound to (the kernel answers EADDRNOTAVAIL for any other). A cheap test, so a
+    remote peer costs no read of the socket table."""
+    address = unmapped(peer[0])
+    if address.is_loopback:
+        return True
+    where: tuple[Any, ...] = (str(address), 0)
+    if address.version == 4:
+        family = socket.AF_INET
+    else:
+        where = (str(address), 0, 0, peer[3] if len(peer) > 3 else 0)  # a link-local one needs its scope
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind(where)
+    except OSError:
+        return False
+    return True
 
 
 def _owner(family: socket.AddressFamily, peer: str, ours: str) -> int | None:

@@ -257,7 +257,7 @@ class DepotServer:
             with self.lock:
                 self.core.refused[e.status] += 1
             stream.send(w.format_refusal(e.status, e.reason))
-            return True
+            return not w.carries_data(line)  # its data, if sent behind it, must not be read as requests
         try:
             return self._dispatch(stream, req, depot_addr, client)
         except w.IbpError as e:

@@ -22,8 +22,19 @@ IBP_MCOPY = 6
 IBP_LOAD = 8
 IBP_MANAGE = 9
 IBP_WRITE = 13
+IBP_ALIAS_ALLOCATE = 14  # 14-19 and 22-36: L-Store's, not served here (-25)
+IBP_ALIAS_MANAGE = 15
+IBP_RENAME = 16
+IBP_PHOEBUS_SEND = 17
+IBP_SPLIT_ALLOCATE = 18
+IBP_MERGE_ALLOCATE = 19
 IBP_PUSH = 20  # L-Store's depot-to-depot copies: PUSH sends local bytes, PULL fetches remote ones
 IBP_PULL = 21
+IBP_PUSH_CHKSUM = 22
+IBP_VEC_READ_CHKSUM = 36
+# Commands L-Store's depot has and ours does not serve: -25. Any other number is -43, as L-Store's
+# read_command answers a command without a handler.
+UNSERVED = frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) | frozenset(range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1))
 
 # PUSH/PULL connection types (L-Store): plain TCP, or through Phoebus gateways (not served).
 IBP_TCP = 1
@@ -206,8 +217,12 @@ FOREVER = -1  # ALLOCATE's duration -1: as long as the depot allows (L-Store)
 KEEP = -1  # CHNG's size, duration or reliability -1: leave it as it is (L-Store)
 DEFAULT_PASSWORD = "IBPch@ngem3"  # ST_INQ's password, L-Store's default (ibp_server.h)
 
-_KEY_RE = re.compile(rf"(?:(?P<rid>[A-Za-z0-9_.\-]{{1,{MAX_RID}}})#)?(?P<key>[A-Za-z0-9_.\-]{{1,{MAX_KEY}}})")
+# A key's characters: ours are hex; L-Store's are base64 with '-' for '/' (db_resource.c), so '+'
+# (and base64's '=') too. None of them is a separator of a capability or a request line.
+KEY_CHARS = r"A-Za-z0-9_.+=\-"
+_KEY_RE = re.compile(rf"(?:(?P<rid>[A-Za-z0-9_.\-]{{1,{MAX_RID}}})#)?(?P<key>[{KEY_CHARS}]{{1,{MAX_KEY}}})")
 _WORD_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_KEY}}}")
+_TYPEKEY_RE = re.compile(rf"[{KEY_CHARS}]{{1,{MAX_KEY}}}")
 _TOKEN_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_TOKEN}}}")
 _PASSWORD_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_KEY}}}")  # any printable word: L-Store's default has an @
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
@@ -376,6 +391,12 @@ def _word(tok: str, what: str) -> str:
     return tok
 
 
+def _typekey(tok: str) -> str:
+    if not _TYPEKEY_RE.fullmatch(tok):
+        raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed typekey")
+    return tok
+
+
 def _cap(tok: str) -> str:
     if not (tok.startswith("ibp://") and _TOKEN_RE.fullmatch(tok)):
         raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed capability")
@@ -448,7 +469,7 @@ def parse_request(line: bytes) -> Request:
         rid, key = _key(a[0], "key")
         return Send(
             key,
-            _word(typekey, "typekey"),
+            _typekey(typekey),
             _cap(dest),
             _int(a[3], "offset"),
             _length(a[4]),
@@ -467,7 +488,7 @@ def parse_request(line: bytes) -> Request:
         rid, key = _key(a[0], "key")
         return Mcopy(
             key,
-            _word(a[1], "typekey"),
+            _typekey(a[1]),
             _int(a[2], "offset"),
             _int(a[3], "length"),
             tuple(_cap(c) for c in a[5 : 5 + n]),
@@ -478,9 +499,16 @@ def parse_request(line: bytes) -> Request:
         return _parse_manage(a)
     if cmd == IBP_STATUS:
         return _parse_status(a)
-    if cmd == IBP_DELIVER:
-        raise BadRequest(IBP_E_INVALID_CMD, "DELIVER is not implemented")
-    raise BadRequest(IBP_E_INVALID_CMD, f"unknown command {cmd}")
+    if cmd in UNSERVED:
+        raise BadRequest(IBP_E_INVALID_CMD, f"command {cmd} is not served here")
+    raise BadRequest(IBP_E_UNKNOWN_FUNCTION, f"unknown command {cmd}")
+
+
+def carries_data(line: bytes) -> bool:
+    """Whether `line` is a STORE or WRITE request, parsed or not: bytes may follow it unasked (L-Store's
+    clients send the data right behind the line), so after refusing it nothing more can be read."""
+    toks = line.split(maxsplit=2)
+    return len(toks) >= 2 and toks[1].isdigit() and len(toks[1]) <= 20 and int(toks[1]) in (IBP_STORE, IBP_WRITE)
 
 
 def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
@@ -502,7 +530,7 @@ def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
     return Transfer(
         pull,
         key,
-        _word(a[3], "typekey"),
+        _typekey(a[3]),
         _cap(a[2]),
         offset,
         remote,
@@ -518,19 +546,21 @@ def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
     if cmd == IBP_STORE:
         _want(a, 4, "STORE key typekey length timeout")
         rid, key = _key(a[0], "key")
-        return Store(key, _word(a[1], "typekey"), _length(a[2]), _timeout(a[3]), rid)
+        return Store(key, _typekey(a[1]), _length(a[2]), _timeout(a[3]), rid)
     name = "WRITE" if cmd == IBP_WRITE else "LOAD"
     _want(a, 5, f"{name} key typekey offset length timeout")
     rid, key = _key(a[0], "key")
+    if cmd == IBP_WRITE and _int(a[2], "offset", -MAX_INT) < 0:  # L-Store's read_write: -18
+        raise BadRequest(IBP_E_FILE_SEEK_ERROR, "a WRITE's offset must not be negative")
     kind = Write if cmd == IBP_WRITE else Load
-    return kind(key, _word(a[1], "typekey"), _int(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
+    return kind(key, _typekey(a[1]), _int(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
 
 
 def _parse_manage(a: list[str]) -> Manage:
     if len(a) < 3:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected MANAGE key typekey subcmd captype ... timeout")
     rid, key = _key(a[0], "key")
-    typekey = _word(a[1], "typekey")
+    typekey = _typekey(a[1])
     sub = _int(a[2], "manage sub-command", -MAX_INT, MAX_INT)
     if sub in (IBP_INCR, IBP_DECR) or (sub == IBP_PROBE and len(a) == 5):
         _want(a, 5, "MANAGE key typekey subcmd captype timeout")
@@ -674,6 +704,8 @@ def format_request(req: Request) -> bytes:
             f.append(req.captype)
         if req.subcmd == IBP_CHNG:
             f += [req.size, req.duration, req.reliability]
+        elif req.subcmd == IBP_PROBE:  # L-Store's probe_command: its depot skips three fields here
+            f += [0, 0, 0]
         f.append(req.timeout)
     elif req.subcmd in (IBP_ST_RES, IBP_ST_VERSION):
         f = [v, IBP_STATUS, req.subcmd, req.timeout]

@@ -29,10 +29,11 @@ if len(sys.argv) > 2:
         flow.write(word.encode())
     sys.stdin.readline()  # done
 else:
-    flow.set_timeout(3.0)
+    flow.set_timeout(30.0)  # the sender starts once every listener has joined: on a loaded host, seconds later
     try:
         while True:
             print(flow.read().decode(), flush=True)
+            flow.set_timeout(3.0)  # then the rest come soon, and so would a duplicate
     except FlowTimeout:
         pass
 flow.close()

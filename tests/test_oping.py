@@ -94,7 +94,9 @@ def test_oping_with_a_reliable_qos_ends_with_cs_summary_and_reports_frct_when_as
     last = r.stdout.rstrip().splitlines()[-2:]
     assert STATS.match(last[0]), r.stdout
     # (a loaded host delays a pong past the timer: resends, and the duplicates they make dropped, are due)
-    assert re.match(r"frct: [3-9] sent, [3-9] received, \d+ retransmitted, \d+ dropped, srtt [\d.]+ ms$", last[1]), r.stdout
+    assert re.match(r"frct: [3-9] sent, [3-9] received, \d+ retransmitted, \d+ dropped, srtt [\d.]+ ms$", last[1]), (
+        r.stdout
+    )
 
 
 def test_oping_without_frct_and_without_loss_prints_c_s_summary_alone(irmd: IrmdProc, pong: str) -> None:

@@ -268,14 +268,25 @@ def usage(pid: int) -> Usage:
 # -- the three passes --------------------------------------------------------------------------
 
 
+def _usages(procs: dict[int, str]) -> dict[int, Usage]:
+    """usage() of each process that is still there (a job's short-lived helpers come and go)."""
+    out = {}
+    for pid in procs:
+        with contextlib.suppress(OSError):
+            out[pid] = usage(pid)
+    return out
+
+
 def pass_usage(load: Load, procs: dict[int, str], seconds: float) -> tuple[float, list[str]]:
-    before = {pid: usage(pid) for pid in procs}
+    before = _usages(procs)
     start = time.monotonic()
     units = load.run(seconds)
     wall = time.monotonic() - start
-    after = {pid: usage(pid) for pid in procs}
+    after = _usages(procs)
     lines = [f"  {units / wall:,.1f} {load.unit}/s; per {load.unit}: CPU µs, voluntary + involuntary switches"]
     for pid, label in procs.items():
+        if pid not in before or pid not in after:
+            continue
         d_cpu = after[pid].cpu_s - before[pid].cpu_s
         d_children = after[pid].children_s - before[pid].children_s
         if d_cpu <= 0 and d_children <= 0:
@@ -316,7 +327,11 @@ def _wait_traced(pids: list[int], within: float = 20.0) -> None:
     while time.monotonic() < deadline:
         tracers = []
         for pid in pids:
-            for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue  # it has exited since (a job's short-lived helper): nothing to wait for
+            for task in tasks:
                 with contextlib.suppress(OSError):
                     tracers.append(re.search(r"^TracerPid:\s+(\d+)", (task / "status").read_text(), re.M))
         if all(m is not None and m[1] != "0" for m in tracers):

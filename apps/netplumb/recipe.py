@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from apps.netplumb.endpoints import open_within
-from apps.netplumb.jobs import Exe, Launch, pipes
+from apps.netplumb.jobs import Exe, Launch, pipes, wait_unreaped
 
 MAX_COMMANDS = 256
 OPEN_TIMEOUT = 10.0  # seconds a redirection waits for the other end of a named pipe
@@ -246,6 +246,7 @@ class RecipeJob:
         self._status = 0
         self._lock = threading.Lock()
         self._cancelled = False
+        self._reaped = False
         opened: list[int] = [ci, co, ce]
         try:
             plan = self._plan(commands, open_timeout, ci, co, ce, opened)
@@ -337,7 +338,7 @@ class RecipeJob:
                 self._procs.append(proc)
             close_after(i)
             if cmd.wait:
-                self._note(proc.wait())
+                self._note(wait_unreaped(proc))
         close_after(len(self._commands))
 
     def _note(self, code: int) -> None:
@@ -346,9 +347,10 @@ class RecipeJob:
                 self._status = code
 
     def wait(self) -> int:
+        """Until every command has ended; they stay unreaped (see reap)."""
         self._thread.join()
         for proc in list(self._procs):
-            self._note(proc.wait())
+            self._note(wait_unreaped(proc))
         return self._status
 
     def cancel(self) -> None:
@@ -356,8 +358,17 @@ class RecipeJob:
             self._cancelled = True
 
     def signal(self, sig: int) -> None:
+        """To every command's process group, those that ended included: their pids are still the
+        job's (wait_unreaped), so the signal reaches what is left of each group and nothing else."""
         with self._lock:
-            procs = list(self._procs)
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
+            if self._reaped:
+                return
+            for proc in self._procs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+
+    def reap(self) -> None:
+        with self._lock:
+            self._reaped = True
+            for proc in self._procs:
+                proc.wait()

@@ -43,10 +43,17 @@ class ToNext:
 
 @dataclass(frozen=True)
 class ToStdout:
-    """`2>&1`."""
+    """`2>&1`: where stdout goes. first: it came before stdout was redirected (see _check)."""
+
+    first: bool = False
 
 
-Target = File | ToLabel | ToNext | ToStdout
+@dataclass(frozen=True)
+class SessionStdout:
+    """`2>&1 >file`: stderr goes where stdout was before the `>`, the session's stdout, as in sh."""
+
+
+Target = File | ToLabel | ToNext | ToStdout | SessionStdout
 
 
 @dataclass
@@ -154,7 +161,7 @@ def parse_recipe(text: str) -> list[Command]:
                 current = None
                 continue
             if tok.text == "2>&1":
-                current.stderr = _set(current.stderr, ToStdout(), "stderr", n)
+                current.stderr = _set(current.stderr, ToStdout(first=current.stdout is None), "stderr", n)
                 continue
             if k >= len(tokens) or tokens[k].op:
                 raise RecipeError(f"line {n}: {tok.text!r} needs a file name or %label after it")
@@ -203,6 +210,11 @@ def _check(commands: list[Command]) -> None:
             if cmd.label in labels:
                 raise RecipeError(f"line {cmd.line}: label {cmd.label!r} is used twice")
             labels[cmd.label] = i
+    for cmd in commands:
+        # sh applies redirections left to right, after the pipe: `2>&1` copies stdout as it stands
+        # then, so a later `>file` or `>%label` moves stdout only; a `|`, made first, takes both.
+        if isinstance(cmd.stderr, ToStdout) and cmd.stderr.first and isinstance(cmd.stdout, File | ToLabel):
+            cmd.stderr = SessionStdout()
     for i, cmd in enumerate(commands):
         for target in (cmd.stdout, cmd.stderr):
             if isinstance(target, ToLabel):
@@ -306,7 +318,12 @@ class RecipeJob:
             else:
                 fin = devnull
             fout = dest(cmd.stdout, i, co)
-            ferr = fout if isinstance(cmd.stderr, ToStdout) else dest(cmd.stderr, i, ce)
+            if isinstance(cmd.stderr, ToStdout):
+                ferr = fout
+            elif isinstance(cmd.stderr, SessionStdout):
+                ferr = co
+            else:
+                ferr = dest(cmd.stderr, i, ce)
             plan.fds.append((fin, fout, ferr))
         for fd in opened:
             plan.last_use[fd] = -1

@@ -110,6 +110,7 @@ def _run(text: str, tmp_path: Path, stdin: bytes = b"") -> tuple[int, bytes, byt
     os.write(job.stdin, stdin)
     os.close(job.stdin)
     code = job.wait()
+    job.reap()  # as the runner does once the end is reported
     for t in threads:
         t.join(10)
     return code, out[job.stdout], out[job.stderr]

@@ -110,6 +110,7 @@ def _run(text: str, tmp_path: Path, stdin: bytes = b"") -> tuple[int, bytes, byt
     os.write(job.stdin, stdin)
     os.close(job.stdin)
     code = job.wait()
+    job.reap()  # as the runner does once the end is reported
     for t in threads:
         t.join(10)
     return code, out[job.stdout], out[job.stderr]
@@ -173,3 +174,16 @@ def test_redirection_meets_a_writer_that_comes_meanwhile(tmp_path: Path) -> None
     code, out, _ = _run("cat <pipe\n", tmp_path)
     t.join(10)
     assert code == 0 and out == b"through the pipe\n"
+
+
+@pytest.mark.parametrize("to", [">only-out.txt", ">%sink"])
+def test_stderr_to_stdout_takes_stdout_where_it_stands_as_sh_does(to: str, tmp_path: Path) -> None:
+    """`2>&1 >file`: stderr goes where stdout went before `>file` (the session's stdout), and only
+    stdout into the file; `>file 2>&1` sends both into it."""
+    text = f"sh -c 'echo out; echo err >&2' 2>&1 {to}\nsink: cat >only-out.txt\n"
+    code, out, err = _run(text if "%" in to else text.splitlines()[0], tmp_path)
+    assert (code, out, err) == (0, b"err\n", b"")
+    assert (tmp_path / "only-out.txt").read_text() == "out\n"
+    code, out, err = _run("sh -c 'echo out; echo err >&2' >both.txt 2>&1", tmp_path)
+    assert (code, out, err) == (0, b"", b"")
+    assert sorted((tmp_path / "both.txt").read_text().splitlines()) == ["err", "out"]

@@ -7,8 +7,11 @@ server's PATH, one-time keys spent once, StrictModes, and every limit reached wi
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -415,3 +418,118 @@ def test_limit_options_must_be_positive() -> None:
             env={**os.environ, "HOME": str(d)},
         )
         assert r.returncode == 2 and "every limit must be positive" in r.stderr
+
+
+# -- the runner and the job: what the client's session reaches, and what it holds ------------------
+
+# An authenticated client whose own command stops the session's runner (same uid: it may), then sends
+# SIGNALs until netplumbd's control socket to that runner is full, and goes away.
+STOPS_ITS_RUNNER = r"""
+import sys, time
+from flowlib import FlowTimeout, flow_alloc, qos
+from apps.netplumb.channels import Link, Reader
+from apps.netplumb.connection import ClientConnection
+from apps.netplumb.keys import Identity
+from apps.netplumb.messages import Data, Start, Started
+command = "sleep 1; kill -STOP $PPID; echo up; exec sleep 40"
+flow = flow_alloc("host2", qos=qos.data, timeout=10)
+key = Identity.load(sys.argv[1])
+core = ClientConnection(key, lambda _key: None, Start((command,)), time.monotonic(), 30, flow.mtu)
+link, reader = Link(flow, core), Reader(flow, core)
+link.send(core.connect)
+up = False
+while not up:
+    events = reader.events()
+    link.flush()
+    for ev in events:
+        if isinstance(ev, Started):
+            core.add_channel(0, receives=False, sends=True)
+            for ch in (1, 2):
+                core.add_channel(ch, receives=True, sends=False)
+        up = up or (isinstance(ev, Data) and b"up" in ev.data)
+flow.set_timeout(5)
+sent = 0
+try:  # until netplumbd stops reading (then the flow's window closes), or all are sent
+    for _ in range(int(sys.argv[2])):
+        link.send(lambda: core.signal("WINCH"))
+        sent += 1
+except FlowTimeout:
+    pass
+print("sent", sent, flush=True)
+"""
+
+
+def test_a_runner_its_command_stopped_holds_no_slot_once_the_client_left() -> None:
+    """netplumbd never blocks on a runner (which runs as the user, who may stop it): a SIGNAL the runner
+    does not take is dropped, and the end of a session reaches a stopped runner all the same, so a
+    client that wedged its runner and left frees its key's slot."""
+    with running_lab(["--per-key-sessions", "1"]) as lab:
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        r = lab.py(NOBODY, STOPS_ITS_RUNNER, str(mallory.key), "3000", timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("sent"), r.stderr
+        # Its session ends (the flow is gone), and the key's one slot is free again.
+        wait_for(lambda: lab.plumb(mallory, "echo", "again").stdout == b"again\n", 30, "the slot to free up")
+        log = lab.log_text()
+        assert "takes no signals: dropping them" in log and "the client went away: stopping its command" in log
+
+
+def test_a_signal_reaches_no_process_that_took_the_pid_of_a_finished_command(lab: Lab) -> None:
+    """A recipe's first command ended; a process of another session (here root's, as the recipe's
+    account is) is started with that pid as its own process group. The client's Ctrl-C reaches the
+    recipe's running command, not that process: the pids of a job's commands stay the job's until
+    the job has ended."""
+    alice = lab.client("alice")  # runs as root, netplumbd's own account
+    p = lab.popen_plumb(alice, _recipe(lab, "sig", "sh -c 'echo $$'\nsleep 30\n"))
+    victims: list[subprocess.Popen[bytes]] = []
+    try:
+        assert p.stdout is not None
+        pid = int(p.stdout.readline())
+        for _ in range(50):  # others on the machine may take the pid first: try again
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+            victims.append(subprocess.Popen(["sleep", "60"], start_new_session=True))
+            if victims[-1].pid == pid:
+                break
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)  # plumb forwards it to the recipe
+        assert p.wait(30) == 130  # the recipe's sleep got it
+        assert [v.pid for v in victims if v.poll() is not None] == []  # and nothing else did
+    finally:
+        p.kill()
+        p.wait()
+        for v in victims:
+            v.kill()
+            v.wait()
+
+
+def test_a_replicated_socket_admits_its_owner_only_whatever_the_umask() -> None:
+    """The socket netplumbd listens on for the client is made 0600 (as sshd's StreamLocalBindMask): a
+    daemon started with a loose umask lets no other local user through to the client's socket."""
+    with running_lab(args=None) as lab:
+        old = os.umask(0)
+        try:
+            lab.start()
+        finally:
+            os.umask(old)
+        _, _, _, shared = _files(lab)
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        local, remote = mallory.config / "local.sock", shared / "remote.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(local))
+        os.chmod(local, 0o777)
+        listener.listen()
+        listener.settimeout(20)
+        connect = "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('in')"
+        p = lab.popen_plumb(mallory, f"-socket={local}:{remote}", "sh", "-c", "echo up; exec sleep 20")
+        try:
+            assert p.stdout is not None and p.stdout.readline() == b"up\n"
+            assert stat.S_IMODE(os.stat(remote).st_mode) == 0o600
+            r = lab.py(NOBODY - 1, connect, str(remote))  # another local user
+            assert r.returncode != 0 and "Permission denied" in r.stderr, (r.stdout, r.stderr)
+            r = lab.py(NOBODY, connect, str(remote))  # the session's account gets through
+            assert r.stdout == "in\n", r.stderr
+            conn, _ = listener.accept()
+            conn.close()
+        finally:
+            p.kill()
+            p.wait()
+            listener.close()

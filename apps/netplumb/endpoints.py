@@ -11,6 +11,7 @@ import stat
 import threading
 
 LISTEN_BACKLOG = 16
+SOCKET_UMASK = 0o177  # a replicated socket is its owner's only: mode 0600
 
 
 class EndpointError(OSError):
@@ -49,12 +50,18 @@ class Endpoints:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Made 0600 as it is bound (a chmod after would leave a moment for others to connect), whatever
+        # the umask: whoever connects reaches the client's socket (sshd's StreamLocalBindMask 0177).
+        # The runner binds before it starts any thread, so the process-wide umask is ours alone.
+        old = os.umask(SOCKET_UMASK)
         try:
             lsock.bind(path)
             lsock.listen(LISTEN_BACKLOG)
         except OSError as e:
             lsock.close()
             raise EndpointError(f"cannot listen on {path}: {e.strerror}") from None
+        finally:
+            os.umask(old)
         self.made.append(path)
         return lsock
 

@@ -10,6 +10,7 @@ import fcntl
 import os
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +28,21 @@ class Job(Protocol):
 
     def cancel(self) -> None:
         """Start nothing more (the job is being stopped)."""
+
+    def reap(self) -> None:
+        """The job has ended and been reported: reap its processes, and signal nothing from now on."""
+
+
+def wait_unreaped(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for `proc` to end, and leave it unreaped (a zombie) until the job's reap(): until then its
+    pid, which is also its process group's id, stays the job's, so a signal for the job cannot reach
+    a process that took the number since. Returns the status as Popen does (-N: killed by signal N)."""
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped already
+        return int(proc.wait())
+    assert info is not None  # without WNOHANG, waitid returns the child
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,8 @@ class CommandJob:
     """A single program: argv as given, executed from `exe` (the file the policy resolved)."""
 
     def __init__(self, argv: list[str], exe: Exe, launch: Launch) -> None:
+        self._lock = threading.Lock()  # signal() and reap(): no signal once the pid is given back
+        self._reaped = False
         (ci, self.stdin), (co, self.stdout), (ce, self.stderr) = pipes()
         try:
             self.proc = exe.popen(argv, stdin=ci, stdout=co, stderr=ce, **launch.popen_kwargs())
@@ -94,14 +112,21 @@ class CommandJob:
                 os.close(fd)
 
     def wait(self) -> int:
-        return int(self.proc.wait())
+        return wait_unreaped(self.proc)
 
     def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
+        with self._lock:
+            if not self._reaped:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, sig)
 
     def cancel(self) -> None:
         pass
+
+    def reap(self) -> None:
+        with self._lock:
+            self._reaped = True
+            self.proc.wait()
 
 
 def describe_status(code: int) -> tuple[str, int]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -285,6 +286,7 @@ class Runner:
         self.started: Future[tuple[Started, list[int]]] = Future()
         self.fifos: dict[int, Future[int]] = {ch: Future() for ch, _ in (*plan.infifos, *plan.outfifos)}
         self.ended: Future[Ended] = Future()
+        self._dropping = False  # signals are being dropped (logged once)
         self.proc, self.sock = Spare.take()
         assert self.proc.stdin is not None
         try:
@@ -358,13 +360,29 @@ class Runner:
             code = self.proc.wait()
             self.ended.set_result(Ended("signal", -code) if code < 0 else Ended("status", code or 255))
 
+    # Never blocking on the runner: it runs as the user, who may stop it (SIGSTOP) or keep it busy, and
+    # the thread that asks is the session's reader, or its teardown, which frees the session's slots.
+
     def deliver(self, sig: int) -> None:
-        with contextlib.suppress(OSError):
-            send(self.sock, Deliver(sig))
+        """Pass the client's signal on, or drop it if the runner is not taking messages."""
+        try:
+            self.sock.send(encode(Deliver(sig)), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if not self._dropping:
+                log.info("session runner %d takes no signals: dropping them", self.proc.pid)
+            self._dropping = True
+        except OSError:
+            pass
 
     def stop(self) -> None:
+        """End the job: Stop, or at least the end of our messages (which the runner reads as Stop), and
+        SIGCONT in case its user stopped it; reap() kills a runner that does not end."""
         with contextlib.suppress(OSError):
-            send(self.sock, Stop())
+            self.sock.send(encode(Stop()), socket.MSG_DONTWAIT)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            self.proc.send_signal(signal.SIGCONT)  # not once reaped: no other process gets it
 
     def reap(self, timeout: float) -> None:
         """Wait for the runner to exit; kill it if it does not (it runs as the user: it may be stuck)."""

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from apps.netplumb.endpoints import open_within
-from apps.netplumb.jobs import Exe, Launch, pipes
+from apps.netplumb.jobs import Exe, Launch, pipes, wait_unreaped
 
 MAX_COMMANDS = 256
 OPEN_TIMEOUT = 10.0  # seconds a redirection waits for the other end of a named pipe
@@ -43,10 +43,17 @@ class ToNext:
 
 @dataclass(frozen=True)
 class ToStdout:
-    """`2>&1`."""
+    """`2>&1`: where stdout goes. first: it came before stdout was redirected (see _check)."""
+
+    first: bool = False
 
 
-Target = File | ToLabel | ToNext | ToStdout
+@dataclass(frozen=True)
+class SessionStdout:
+    """`2>&1 >file`: stderr goes where stdout was before the `>`, the session's stdout, as in sh."""
+
+
+Target = File | ToLabel | ToNext | ToStdout | SessionStdout
 
 
 @dataclass
@@ -154,7 +161,7 @@ def parse_recipe(text: str) -> list[Command]:
                 current = None
                 continue
             if tok.text == "2>&1":
-                current.stderr = _set(current.stderr, ToStdout(), "stderr", n)
+                current.stderr = _set(current.stderr, ToStdout(first=current.stdout is None), "stderr", n)
                 continue
             if k >= len(tokens) or tokens[k].op:
                 raise RecipeError(f"line {n}: {tok.text!r} needs a file name or %label after it")
@@ -203,6 +210,11 @@ def _check(commands: list[Command]) -> None:
             if cmd.label in labels:
                 raise RecipeError(f"line {cmd.line}: label {cmd.label!r} is used twice")
             labels[cmd.label] = i
+    for cmd in commands:
+        # sh applies redirections left to right, after the pipe: `2>&1` copies stdout as it stands
+        # then, so a later `>file` or `>%label` moves stdout only; a `|`, made first, takes both.
+        if isinstance(cmd.stderr, ToStdout) and cmd.stderr.first and isinstance(cmd.stdout, File | ToLabel):
+            cmd.stderr = SessionStdout()
     for i, cmd in enumerate(commands):
         for target in (cmd.stdout, cmd.stderr):
             if isinstance(target, ToLabel):
@@ -246,6 +258,7 @@ class RecipeJob:
         self._status = 0
         self._lock = threading.Lock()
         self._cancelled = False
+        self._reaped = False
         opened: list[int] = [ci, co, ce]
         try:
             plan = self._plan(commands, open_timeout, ci, co, ce, opened)
@@ -305,7 +318,12 @@ class RecipeJob:
             else:
                 fin = devnull
             fout = dest(cmd.stdout, i, co)
-            ferr = fout if isinstance(cmd.stderr, ToStdout) else dest(cmd.stderr, i, ce)
+            if isinstance(cmd.stderr, ToStdout):
+                ferr = fout
+            elif isinstance(cmd.stderr, SessionStdout):
+                ferr = co
+            else:
+                ferr = dest(cmd.stderr, i, ce)
             plan.fds.append((fin, fout, ferr))
         for fd in opened:
             plan.last_use[fd] = -1
@@ -337,7 +355,7 @@ class RecipeJob:
                 self._procs.append(proc)
             close_after(i)
             if cmd.wait:
-                self._note(proc.wait())
+                self._note(wait_unreaped(proc))
         close_after(len(self._commands))
 
     def _note(self, code: int) -> None:
@@ -346,9 +364,10 @@ class RecipeJob:
                 self._status = code
 
     def wait(self) -> int:
+        """Until every command has ended; they stay unreaped (see reap)."""
         self._thread.join()
         for proc in list(self._procs):
-            self._note(proc.wait())
+            self._note(wait_unreaped(proc))
         return self._status
 
     def cancel(self) -> None:
@@ -356,8 +375,17 @@ class RecipeJob:
             self._cancelled = True
 
     def signal(self, sig: int) -> None:
+        """To every command's process group, those that ended included: their pids are still the
+        job's (wait_unreaped), so the signal reaches what is left of each group and nothing else."""
         with self._lock:
-            procs = list(self._procs)
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
+            if self._reaped:
+                return
+            for proc in self._procs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+
+    def reap(self) -> None:
+        with self._lock:
+            self._reaped = True
+            for proc in self._procs:
+                proc.wait()

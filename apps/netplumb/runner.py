@@ -63,6 +63,7 @@ class Session:
         code = job.wait()
         self._finish()
         self.send(privsep.Ended(*describe_status(code)))
+        job.reap()  # only now: until here a signal may still come for the job's pids
 
     def _start(self) -> tuple[Job, list[socket.socket]]:
         plan = self.plan

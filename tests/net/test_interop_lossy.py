@@ -36,11 +36,13 @@ from proto.errors import FlowTimeout
 pytest.importorskip("test_interop", reason="needs the C interop harness (tests/net/test_interop.py)")
 from test_interop import LAYER, Pair, c_alloc, c_ouroboros, c_peer, pair, udp_layer  # noqa: F401 (fixtures)
 
-# Not yet passing: C -> ours stalls, at times after a few SDUs, with the C sender blocked (once in its
-# packet pool, see SDU below); ours -> C loses the C sink process mid-stream. Kept as the specification.
+# Not yet passing, and not run by the suite (each stalls for minutes): C -> ours stalls, at times after a
+# few SDUs, with the C sender blocked (once in its packet pool, see SDU below); ours -> C loses the C
+# sink process mid-stream; the linger tests pass in some runs only. Kept as the specification of what
+# is to work: `pytest --runxfail tests/net/test_interop_lossy.py` runs them.
 pytestmark = [
     pytest.mark.net,
-    pytest.mark.xfail(reason="reliable flows between C 0.23 and ours still stall under loss", strict=False),
+    pytest.mark.xfail(reason="reliable flows between C 0.23 and ours still stall under loss (not run)", run=False),
 ]
 
 log = logging.getLogger(__name__)

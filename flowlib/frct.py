@@ -47,6 +47,11 @@ APP_MTU = 65535  # the largest SDU a reliable flow carries: longer ones are frag
 RCV_BUF = 4 << 20  # bytes a receiver holds for its application (in order, out of order, half reassembled)
 SPAN = 4 * RQ_SIZE  # the most PDUs a sender has outstanding from its oldest unacknowledged one
 ACK_DELAY = 0.002  # s: a lone in-order PDU waits this long for data to carry its ack
+# A window update that reopens our window is sent again, RDV_EVERY and then twice as long each time up
+# to UPDATE_MAX, until data arrives or DELT_A passed: a C 0.23 writer blocked at our edge sends no
+# rendez-vous (frct.c:559-575 waits without a timeout) and, all acknowledged, resends nothing, so a
+# lost update would leave it waiting for good.
+UPDATE_MAX = 1.0
 
 
 class FrctError(ValueError):
@@ -148,6 +153,10 @@ class Frct:
         self.ack_due: float | None = None
         self._fc_due: float | None = None  # a window update owed to a rendez-vous
         self._fc_edge = 0  # the edge of our last window update, for unreliable flows (no acks)
+        self._update_due: float | None = None  # when to repeat a window update that reopened the window
+        self._update_gap = RDV_EVERY
+        self._update_nxt = 0  # rcv_nxt when it was sent: once data moved it, the peer heard
+        self._update_until = 0.0
 
     # -- the application's side ---------------------------------------------------------------------
 
@@ -242,6 +251,8 @@ class Frct:
         if self.reliable:
             if distance(self.rcv_nxt, before_edge) < half <= distance(self.rcv_nxt, edge):
                 self._ack(now)
+                self._update_due, self._update_gap = now + RDV_EVERY, RDV_EVERY
+                self._update_nxt, self._update_until = self.rcv_nxt, now + DELT_A
         elif distance(self._fc_edge, edge) >= half:
             # Unreliable flows have no acks to carry the window: update it unasked, not only on RDVS as C.
             self._fc_edge = edge
@@ -494,7 +505,7 @@ class Frct:
     def get_timer(self) -> float | None:
         """When handle_timer next has work: a delayed ack, a rendez-vous, a retransmission or the R timer."""
         due = self.ack_due  # (no list and min(): the engine asks after nearly every SDU)
-        for d in (self._fc_due, self._rdvs_due):
+        for d in (self._fc_due, self._rdvs_due, self._update_due):
             if d is not None and (due is None or d < due):
                 due = d
         rec = self.recovery
@@ -511,6 +522,13 @@ class Frct:
         if self._fc_due is not None and now >= self._fc_due:
             self._fc_due = None
             self.pdus.append(self._control(FC, self._advertise(), 0, now))
+        if self._update_due is not None and now >= self._update_due:
+            if self.rcv_nxt != self._update_nxt or now >= self._update_until:
+                self._update_due = None  # data came: the peer heard; or it has nothing more to send
+            else:
+                self._ack(now)
+                self._update_gap = min(2 * self._update_gap, UPDATE_MAX)
+                self._update_due = now + self._update_gap
         if self._rdvs_due is not None and now >= self._rdvs_due:
             if before(self.snd_nxt, self.snd_rwe):
                 self._rdvs_due = None

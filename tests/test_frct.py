@@ -470,6 +470,45 @@ def test_the_window_reopens_when_the_receiver_reads_again() -> None:
     assert sim.got_b == sdus
 
 
+def test_a_window_update_that_reopens_the_window_is_repeated_until_data_arrives() -> None:
+    """A C 0.23 writer blocked at our closed window sends no rendez-vous and, all acknowledged, resends
+    nothing (frct.c:559-575): if the update that reopens the window is lost, only a repeat wakes it."""
+    a, b = Frct(MTU, reliable=True, isn=lambda: 7), Frct(MTU, reliable=True)
+    now = 0.0
+    while a.can_send(now):  # fill b's window; b's application reads nothing
+        a.send(b"x", now)
+        for pdu in a.pdus:
+            b.receive(pdu, now)
+        a.pdus.clear()
+        b.handle_timer(now)
+        for ack in b.pdus:
+            a.receive(ack, now)
+        b.pdus.clear()
+        now += 0.001
+    assert a.snd_nxt == a.snd_rwe and a.idle, "the sender stopped at the edge, everything acknowledged"
+    edge = b.rcv_rwe
+    held = sum(len(s) for s in b.sdus)
+    b.sdus.clear()  # the application reads it all
+    b.taken(held, now)
+    first = [Pci.parse(p) for p in b.pdus]
+    b.pdus.clear()  # the update is lost
+    assert first and first[0].flags & FC and before(edge, b.rcv_rwe)
+    repeats = []
+    for _ in range(4):
+        now = b.get_timer() or now + 1.0
+        b.handle_timer(now)
+        repeats += [Pci.parse(p) for p in b.pdus]
+        b.pdus.clear()
+    assert len(repeats) == 4 and all(p.flags & FC and p.rwe == b.rcv_rwe & 0xFFFFFF for p in repeats), repeats
+    a.receive(Pci(ACK | FC, b.rcv_rwe & 0xFFFFFF, 0, b.rcv_nxt).pack(), now)  # one got through
+    a.send(b"y", now)
+    b.receive(a.pdus.popleft(), now)  # data again: the sender heard
+    b.handle_timer(now + 0.1)  # its ack
+    b.pdus.clear()
+    b.handle_timer(now + 10.0)
+    assert not b.pdus, "the repeats stopped once data came"
+
+
 def lose_the_first_of_a_flight(sim: Sim, n: int = 10) -> bytes:
     """Send n PDUs, lose the first, deliver the rest: three duplicate acks trigger fast retransmit.
     Returns the lost PDU."""

@@ -7,6 +7,16 @@
  *   o7s_peer server
  *       accepts one flow, echoes what arrives, and says how the flow ended ("ended -1006" when
  *       the peer went silent: FLOWPEER) and how long after the last packet it noticed.
+ *   o7s_peer sink BYTES DELAY_US HOLD_MS
+ *       accepts one flow, reads BYTES bytes (sleeping DELAY_US before each read: a slow reader)
+ *       and checks each against the pattern below; then reads on for HOLD_MS (anything more is
+ *       a duplicate) and deallocates.
+ *   o7s_peer source NAME BYTES SDU
+ *       allocates a qos_data flow to NAME, writes BYTES bytes of the pattern in SDUs of SDU
+ *       bytes and deallocates at once (0.23 lingers until its data is acknowledged).
+ *
+ * The pattern: byte i of the stream is byte i % 4 of the big-endian 32-bit number i / 4, so a
+ * lost, repeated or misplaced SDU shows at its first byte.
  */
 
 #include <ouroboros/dev.h>
@@ -15,6 +25,7 @@
 #include <ouroboros/qos.h>
 
 #include <errno.h>
+#include <stdint.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,6 +140,95 @@ static int server(void)
         }
 }
 
+static uint8_t pattern(long off)
+{
+        return (uint8_t) ((uint32_t) (off / 4) >> (8 * (3 - off % 4)));
+}
+
+static int sink(long bytes, long delay_us, long hold_ms)
+{
+        qosspec_t qs;
+        uint8_t   buf[16384];
+        long      off  = 0;
+        long      sdus = 0;
+        long      t0;
+        ssize_t   n;
+        ssize_t   i;
+        int       fd;
+        int       tries;
+
+        for (tries = 0; (fd = flow_accept(&qs, NULL)) < 0; ++tries) {
+                printf("accept failed %d\n", fd);
+                if (tries == 4)
+                        return 1;
+        }
+        printf("accepted in_order %u loss %u\n", qs.in_order, qs.loss);
+        t0 = now_ms();
+        while (off < bytes) {
+                if (delay_us > 0)
+                        usleep(delay_us);
+                n = read_some(fd, (char *) buf, sizeof(buf), 30000);
+                if (n < 0) {
+                        printf("sink ended %zd at %ld\n", n, off);
+                        return 1;
+                }
+                for (i = 0; i < n; ++i) {
+                        if (off + i >= bytes || buf[i] != pattern(off + i)) {
+                                printf("sink bad at %ld (sdu %ld of %zd bytes)\n", off + i, sdus, n);
+                                return 1;
+                        }
+                }
+                off += n;
+                ++sdus;
+        }
+        printf("sink ok %ld bytes %ld sdus %ld ms\n", off, sdus, now_ms() - t0);
+        /* Our final ack may be lost: reading on, the library acks the sender's copies. */
+        n = read_some(fd, (char *) buf, sizeof(buf), hold_ms);
+        if (n != -ETIMEDOUT)
+                printf("sink extra %zd\n", n);
+        flow_dealloc(fd);
+        printf("sink deallocated\n");
+        return 0;
+}
+
+static int source(const char * name, long bytes, long sdu)
+{
+        qosspec_t qs = qos_data;
+        uint8_t   buf[16384];
+        long      off = 0;
+        long      t0;
+        long      len;
+        long      i;
+        ssize_t   n;
+        int       fd;
+        int       tries;
+
+        if (sdu <= 0 || sdu > (long) sizeof(buf))
+                return 2;
+        for (tries = 0; (fd = flow_alloc(name, &qs, NULL)) < 0; ++tries) {
+                printf("alloc failed %d\n", fd);
+                if (tries == 2)
+                        return 1;
+        }
+        t0 = now_ms();
+        while (off < bytes) {
+                len = bytes - off < sdu ? bytes - off : sdu;
+                for (i = 0; i < len; ++i)
+                        buf[i] = pattern(off + i);
+                n = flow_write(fd, buf, len);
+                if (n != len) {
+                        printf("source write failed %zd at %ld\n", n, off);
+                        return 1;
+                }
+                off += len;
+        }
+        printf("source written %ld bytes %ld ms\n", off, now_ms() - t0);
+        t0 = now_ms();
+        flow_dealloc(fd);
+        printf("source deallocated after %ld ms\n", now_ms() - t0);
+        return 0;
+}
+
 int main(int argc, char ** argv)
 {
         setvbuf(stdout, NULL, _IOLBF, 0);
@@ -136,6 +236,11 @@ int main(int argc, char ** argv)
                 return client(argv[2], atoi(argv[3]), atoi(argv[4]));
         if (argc == 2 && strcmp(argv[1], "server") == 0)
                 return server();
-        fprintf(stderr, "usage: o7s_peer client NAME TIMEOUT_MS IDLE_MS | o7s_peer server\n");
+        if (argc == 5 && strcmp(argv[1], "sink") == 0)
+                return sink(atol(argv[2]), atol(argv[3]), atol(argv[4]));
+        if (argc == 5 && strcmp(argv[1], "source") == 0)
+                return source(argv[2], atol(argv[3]), atol(argv[4]));
+        fprintf(stderr, "usage: o7s_peer client NAME TIMEOUT_MS IDLE_MS | o7s_peer server\n"
+                "       o7s_peer sink BYTES DELAY_US HOLD_MS | o7s_peer source NAME BYTES SDU\n");
         return 2;
 }

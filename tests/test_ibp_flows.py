@@ -221,7 +221,7 @@ def test_plain_tcp_client_speaks_the_text_protocol(tcp_depot: int) -> None:
         assert f.read(5) == b"world"
         assert ask(f, b"1 42 nonsense\n")[0] == b"-43"  # no such command, as L-Store
         assert ask(f, f"1 8 {r.key} {r.typekey} 0 99 10\n".encode())[0] == b"-19"  # past the end
-        assert ask(f, b"0 8 a b 0 1 10\n")[0] == b"-27"
+        assert ask(f, b"2 8 a b 0 1 10\n")[0] == b"-27"
         assert ask(f, b"1 4 0 1 - 10\n")[0] == b"-29"  # L-Store's depot wants its password
         n = int(ask(f, b"1 4 0 1 IBPch@ngem3 10\n")[1])
         assert b" CT:1073741824 " in f.read(n)

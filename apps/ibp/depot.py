@@ -203,7 +203,7 @@ class DepotCore:
     # -- operations --
 
     def allocate(self, req: w.Allocate, now: float, owner: str = "") -> Grant:
-        if req.rid != RID:
+        if req.rid not in ("", RID):  # "": IBPv031 names none
             raise self.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
         if req.reliability not in (w.IBP_SOFT, w.IBP_HARD):
             raise self.refuse(w.IBP_E_BAD_FORMAT, f"reliability {req.reliability} (want 1 soft or 2 hard)")
@@ -448,6 +448,11 @@ class DepotCore:
             "revoked_soft": self.revoked,
         }
         return values, extras
+
+    def inq_v031(self) -> tuple[int, int, int, int, int]:
+        """IBPv031's ST_INQ figures: hard capacity and reserved, soft capacity and reserved (bytes),
+        and the maximum duration; one capacity serves both kinds here, as in the IBPv040 reply."""
+        return self.capacity, self.hard_reserved, self.capacity, self.soft_reserved, self.max_duration
 
     def status(self) -> dict[str, object]:
         """Everything ST_INQ reports, by our names."""

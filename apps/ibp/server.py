@@ -257,7 +257,7 @@ class DepotServer:
             with self.lock:
                 self.core.refused[e.status] += 1
             stream.send(w.format_refusal(e.status, e.reason))
-            return not w.carries_data(line)  # its data, if sent behind it, must not be read as requests
+            return not (e.closes or w.carries_data(line))  # what was sent behind it is no request
         try:
             return self._dispatch(stream, req, depot_addr, client)
         except w.IbpError as e:
@@ -318,8 +318,13 @@ class DepotServer:
             peer_log.log("ST_INQ with a wrong password")
             time.sleep(WRONG_PASSWORD_PAUSE)
             raise core.refuse(w.IBP_E_WRONG_PASSWD, "wrong password")
-        if req.rid != RID:
+        if req.rid not in ("", RID):  # "": IBPv031 names none
             raise core.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
+        if req.subcmd == w.IBP_ST_INQ and req.version == w.IBPv031:
+            with self.lock:
+                figures = core.inq_v031()
+            stream.send(w.format_inq_v031(*figures))
+            return True
         if req.subcmd == w.IBP_ST_INQ:
             assert self.slots is not None
             with self.lock:

@@ -5,12 +5,15 @@ Each request is one line `version command args... timeout\\n`; each reply starts
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-# Versions (IBPv031 is the older protocol; we speak IBPv040 only).
+# Versions. IBPv031, the older protocol (IBP 1.x clients, LoRS of that era), differs only in ALLOCATE and
+# STATUS, which name no resource, and in ST_INQ's reply; any other version is -27, as the LoCI depot has it.
 IBPv031 = 0
 IBPv040 = 1
+VERSIONS = (IBPv031, IBPv040)
 
 # Commands.
 IBP_ALLOCATE = 1
@@ -229,12 +232,14 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
 
 
 class BadRequest(ValueError):
-    """A request line we cannot accept; `status` is the IBP error to reply with."""
+    """A request line we cannot accept; `status` is the IBP error to reply with. `closes`: the
+    connection ends with the refusal, as what the client sends behind the line cannot be read."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, closes: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.closes = closes
 
 
 class IbpError(Exception):
@@ -251,6 +256,8 @@ class IbpError(Exception):
 
 @dataclass(frozen=True)
 class Allocate:
+    """`rid` "": none named (IBPv031's form): the depot's own, as L-Store's depot picks one."""
+
     rid: str
     reliability: int
     type: int
@@ -362,6 +369,7 @@ class Status:
     capacity: int = 0  # ST_CHANGE in one line (ours)
     max_duration: int = 0  # ST_CHANGE in one line (ours)
     follows: bool = False  # ST_CHANGE as IBP sends it: `max_hard max_soft max_duration` on the next line
+    version: int = IBPv040  # IBPv031's has no RID, and its ST_INQ another reply
 
 
 Request = Allocate | Store | Write | Load | Send | Transfer | Mcopy | Manage | Status
@@ -446,14 +454,18 @@ def parse_request(line: bytes) -> Request:
     if len(toks) < 2:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected 'version command args... timeout'")
     version = _int(toks[0], "version", -MAX_INT, MAX_INT)
-    if version != IBPv040:
-        raise BadRequest(IBP_E_PROT_VERS, f"protocol version {version} not supported (want {IBPv040})")
+    if version not in VERSIONS:
+        raise BadRequest(IBP_E_PROT_VERS, f"protocol version {version} not supported (want {IBPv031} or {IBPv040})")
     cmd = _int(toks[1], "command", -MAX_INT, MAX_INT)
     a = toks[2:]
     if cmd == IBP_ALLOCATE:
-        _want(a, 6, "ALLOCATE rid reliability type duration size timeout")
+        if version == IBPv031:  # no RID: L-Store's read_allocate takes the first field as the reliability
+            _want(a, 5, "ALLOCATE reliability type duration size timeout (IBPv031)")
+            a = ["", *a]
+        else:
+            _want(a, 6, "ALLOCATE rid reliability type duration size timeout")
         return Allocate(
-            _word(a[0], "rid"),
+            "" if version == IBPv031 else _word(a[0], "rid"),
             _int(a[1], "reliability", -MAX_INT, MAX_INT),
             _int(a[2], "type", -MAX_INT, MAX_INT),
             _int(a[3], "duration", FOREVER),
@@ -498,7 +510,7 @@ def parse_request(line: bytes) -> Request:
     if cmd == IBP_MANAGE:
         return _parse_manage(a)
     if cmd == IBP_STATUS:
-        return _parse_status(a)
+        return _parse_status(a) if version == IBPv040 else _parse_status_v031(a)
     if cmd in UNSERVED:
         raise BadRequest(IBP_E_INVALID_CMD, f"command {cmd} is not served here")
     raise BadRequest(IBP_E_UNKNOWN_FUNCTION, f"unknown command {cmd}")
@@ -626,6 +638,25 @@ def _parse_status(a: list[str]) -> Status:
     raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")  # L-Store's read_status: -21
 
 
+def _parse_status_v031(a: list[str]) -> Status:
+    """IBPv031's STATUS, as L-Store's read_status takes it: the sub-command first, no RID. Its
+    ST_CHANGE is refused and the connection closed there, as L-Store refuses every ST_CHANGE."""
+    if not a:
+        raise BadRequest(IBP_E_BAD_FORMAT, "expected STATUS subcmd ... timeout")
+    sub = _int(a[0], "status sub-command", -MAX_INT, MAX_INT)
+    if sub in (IBP_ST_RES, IBP_ST_VERSION):
+        _want(a, 2, "STATUS subcmd timeout")
+        return Status("", sub, "", _timeout(a[1]), version=IBPv031)
+    if sub == IBP_ST_CHANGE:  # its limits follow: not to be read as requests
+        raise BadRequest(IBP_E_INVALID_CMD, "IBPv031's ST_CHANGE is not served", closes=True)
+    if sub != IBP_ST_INQ:
+        raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")
+    _want(a, 3, "STATUS 1 password timeout")
+    if not _PASSWORD_RE.fullmatch(a[1]):
+        raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed password")
+    return Status("", sub, a[1], _timeout(a[2]), version=IBPv031)
+
+
 def parse_change(line: bytes, req: Status) -> Status:
     """ST_CHANGE's second line `max_hard max_soft max_duration`: one capacity (hard + soft) here."""
     try:
@@ -635,8 +666,8 @@ def parse_change(line: bytes, req: Status) -> Status:
     if len(toks) != 3:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected max_hard max_soft max_duration")
     hard, soft = _int(toks[0], "max_hard"), _int(toks[1], "max_soft")
-    return Status(
-        req.rid, req.subcmd, req.password, req.timeout, min(MAX_INT, hard + soft), _int(toks[2], "max_duration", 1)
+    return dataclasses.replace(
+        req, capacity=min(MAX_INT, hard + soft), max_duration=_int(toks[2], "max_duration", 1), follows=False
     )
 
 
@@ -648,7 +679,9 @@ def format_request(req: Request) -> bytes:
     """The request line for `req`, newline included (ST_CHANGE's limits on a second line)."""
     v = IBPv040
     f: list[object]
-    if isinstance(req, Allocate):
+    if isinstance(req, Allocate) and not req.rid:
+        f = [IBPv031, IBP_ALLOCATE, req.reliability, req.type, req.duration, req.size, req.timeout]
+    elif isinstance(req, Allocate):
         f = [v, IBP_ALLOCATE, req.rid, req.reliability, req.type, req.duration, req.size, req.timeout]
     elif isinstance(req, Store):
         f = [v, IBP_STORE, _k(req.rid, req.key), req.typekey, req.length, req.timeout]
@@ -707,6 +740,8 @@ def format_request(req: Request) -> bytes:
         elif req.subcmd == IBP_PROBE:  # L-Store's probe_command: its depot skips three fields here
             f += [0, 0, 0]
         f.append(req.timeout)
+    elif req.version == IBPv031:
+        f = [IBPv031, IBP_STATUS, req.subcmd, *([req.password] if req.subcmd == IBP_ST_INQ else []), req.timeout]
     elif req.subcmd in (IBP_ST_RES, IBP_ST_VERSION):
         f = [v, IBP_STATUS, req.subcmd, req.timeout]
     elif req.subcmd == IBP_ST_CHANGE and req.follows:
@@ -818,6 +853,14 @@ def format_inq(values: dict[str, object], extras: dict[str, int]) -> bytes:
     more = "".join(f" {name}:{value}" for name, value in extras.items())
     body = f"{tags} {INQ_END}{more} \n".encode("ascii")
     return format_reply(IBP_OK, len(body)) + body
+
+
+def format_inq_v031(hard: int, hard_used: int, soft: int, soft_used: int, max_duration: int) -> bytes:
+    """IBPv031's ST_INQ reply, as L-Store's and the LoCI depot's handle_status send it: no status
+    line, only the hard and soft capacities and what is reserved of each, in MiB, and the maximum
+    duration (the LoCI client library reads these five numbers first)."""
+    mib = (hard >> 20, hard_used >> 20, soft >> 20, soft_used >> 20)
+    return (" ".join(str(x) for x in (*mib, max_duration)) + " \n").encode("ascii")
 
 
 def parse_inq(line: bytes) -> dict[str, str]:

@@ -122,6 +122,8 @@ class DepotCore:
             if a is None:
                 log.warning("allocation record %s is incomplete; dropped", fid[:12])
                 continue
+            if not self._settle(a):
+                continue
             self.allocs[fid] = a
             self._account(a, 1)
             self.store.fit(fid, a.size, a.max_size)  # nothing unacknowledged, no blocks past its end
@@ -132,12 +134,37 @@ class DepotCore:
         if self.allocs:
             log.info("recovered %d allocations, %d bytes", len(self.allocs), self.stored)
 
+    def _settle(self, a: Allocation) -> bool:
+        """Whether `a`, as recorded, is still live, given its data file. A change is on disk only once
+        a later fsync covers its record (group commit), while a free removes the file and a TRUNCATE
+        cuts it at once: a file gone though `a` holds bytes was being freed, and a file shorter than
+        `a` was cut, by a request the crash left unanswered. Its file is taken as the truth, so no
+        allocation comes back with zeros for data."""
+        try:
+            length = self.store.path(a.fid).stat().st_size
+        except FileNotFoundError:
+            if a.size > 0:
+                log.info("allocation %s was being freed; dropped", a.fid[:12])
+                return False
+            return True  # nothing to lose: it gets a new, empty file
+        if length < a.size:
+            log.info("allocation %s was being cut to %d bytes; kept so", a.fid[:12], length)
+            a.size = length
+        return True
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Journal `record`; after a failed fsync, the journal is first rewritten from memory, on
+        disk, so that nothing is acknowledged on top of records that may be lost."""
+        if self.store.failed:
+            self.store.compact(self._records())
+        self.store.append(record)
+
     def _records(self) -> dict[str, dict[str, Any]]:
         return {fid: dataclasses.asdict(a) for fid, a in self.allocs.items()}
 
     def _journal_set(self, a: Allocation, **changes: Any) -> None:
         """Change `a`, journal first: a failed append (a full disk) leaves memory as the journal has it."""
-        self.store.append({"op": "set", "id": a.fid, "a": changes})
+        self._append({"op": "set", "id": a.fid, "a": changes})
         self._account(a, -1)
         for k, v in changes.items():
             setattr(a, k, v)
@@ -235,7 +262,7 @@ class DepotCore:
             owner=owner,
         )
         self.store.create(a.fid, a.max_size)
-        self.store.append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
+        self._append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
         self.allocs[a.fid] = a
         self._account(a, 1)
         self._tidy_journal()
@@ -397,7 +424,7 @@ class DepotCore:
             self.store.fit(a.fid, a.size, max_size)
 
     def free_alloc(self, a: Allocation) -> None:
-        self.store.append({"op": "free", "id": a.fid})
+        self._append({"op": "free", "id": a.fid})
         if self.allocs.pop(a.fid, None) is not None:
             self._account(a, -1)
         self.store.remove(a.fid)
@@ -446,6 +473,7 @@ class DepotCore:
             "allocations": len(self.allocs),
             "refused": self.refused.total(),
             "revoked_soft": self.revoked,
+            "syncs": self.store.syncs,
         }
         return values, extras
 

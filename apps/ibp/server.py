@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # What clients cause, one line per connection or request (a cut transfer, a failed copy, a slot given
 # way): bounded, so no client can fill the disk with the depot's log.
 peer_log = RateLog(logger=log)
+_sync_log = RateLog(rate=0.1, burst=3, logger=log)  # a failing disk would otherwise log on every request
 
 EXPIRY_TICK = 1.0  # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
@@ -164,6 +165,31 @@ class DepotServer:
         finally:
             agent.close()
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """The depot's lock, for a request that may change what the journal records. Its records are
+        written under the lock and made durable after the lock is let go, by group commit (one fsync
+        for every request waiting meanwhile: storage.DiskStore.durable), so no client's changes hold
+        the others for a sync each. The caller answers only after this, a refusal too: one may follow
+        a change (a CHNG past the maximum duration is made, then answered -45)."""
+        store = self.core.store
+        self.lock.acquire()
+        before = store.written
+        try:
+            yield
+        finally:
+            after = store.written
+            self.lock.release()
+            if after > before:
+                self._durable(after)
+
+    def _durable(self, seq: int) -> None:
+        try:
+            self.core.store.durable(seq)
+        except OSError as e:  # the disk failed: the change may stand, unacknowledged
+            _sync_log.log("journal sync failed: %s", e, level=logging.ERROR)
+            raise w.IbpError(w.IBP_E_FILE_WRITE, "the depot could not put the change on disk") from None
+
     def alloc_lock(self, a: Allocation) -> threading.Lock:
         with self.lock:
             return self._alloc_locks.setdefault(a.fid, threading.Lock())
@@ -275,7 +301,7 @@ class DepotServer:
         core = self.core
         timeout = self.limits.timeout(req.timeout)
         if isinstance(req, w.Allocate):
-            with self.lock:
+            with self._changing():
                 grant = core.allocate(req, now, client)
             stream.send(w.format_reply(w.IBP_OK, *grant.caps(depot_addr)))
         elif isinstance(req, (w.Store, w.Write)):
@@ -365,13 +391,13 @@ class DepotServer:
 
     def _manage(self, req: w.Manage, now: float, timeout: float) -> tuple[object, ...]:
         if req.subcmd not in (w.IBP_CHNG, w.IBP_TRUNCATE):
-            with self.lock:
+            with self._changing():
                 return self.core.manage(req, now)
         # A CHNG or TRUNCATE may shrink the allocation and give its blocks past the new end back to
         # the disk: not while a store writes there, which could leave bytes past the new end.
         with self.lock:
             a = self.core.authorize(req.key, req.typekey, MANAGE, now, req.rid)
-        with self._writing(a, timeout), self.lock:
+        with self._writing(a, timeout), self._changing():
             return self.core.manage(req, now)
 
     def _store(self, stream: ByteStream, req: w.Store | w.Write, now: float, timeout: float) -> bool:
@@ -397,7 +423,7 @@ class DepotServer:
 
     def _commit(self, a: Allocation, end: int, what: str) -> None:
         """What a store or pull wrote, up to `end`, acknowledged: unless `a` was freed meanwhile."""
-        with self.lock:
+        with self._changing():
             if self.core.allocs.get(a.fid) is not a:
                 raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, f"the allocation went away during the {what}")
             self.core.commit(a, end)
@@ -578,7 +604,7 @@ class DepotServer:
         while not stop.wait(EXPIRY_TICK):
             self.targets.expire()
             try:
-                with self.lock:
+                with self._changing():
                     self.core.expire(self.clock())
                     for fid, lock in list(self._alloc_locks.items()):  # forget locks of freed allocations
                         if fid not in self.core.allocs and not lock.locked():

@@ -400,7 +400,7 @@ n = int(sys.argv[4])
 answers = {}
 for i in range(n):
     s = conn()
-    s.sendall(b'1 4 0 2 x 5\n' + b'9' * 5000)  # ST_CHANGE, its second line over-long
+    s.sendall(b'1 4 0 2 x 5\n' + b'9' * 5000)  # ST_CHANGE without the admin key, its second line over-long
     a = first_line(s).split(' ')[0]
     answers['change ' + a] = answers.get('change ' + a, 0) + 1
     s.close()
@@ -418,8 +418,9 @@ print(sorted(answers.items()))
 @as_root
 @pytest.mark.timeout(180)
 def test_a_client_cannot_grow_the_log_without_bound(open_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    """1,000 over-long ST_CHANGE lines get -21 and log nothing; 1,000 copies to names nobody
-    registered fail and log a bounded number of lines; root is served meanwhile."""
+    """1,000 ST_CHANGE lines without the admin key (their limits line over-long) get -29, their limits
+    never read, and log nothing; 1,000 copies to names nobody registered fail and log a bounded
+    number of lines; root is served meanwhile."""
     for depot in run_depot(open_dir, monkeypatch):
         before = depot.log.read_text().splitlines()
         t0 = time.monotonic()
@@ -427,7 +428,7 @@ def test_a_client_cannot_grow_the_log_without_bound(open_dir: Path, monkeypatch:
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stderr[-2000:]
         answers = dict(eval(r.stdout))  # our own script's repr of (name, count) pairs
-        assert answers.get(f"change {w.IBP_E_BAD_FORMAT}") == 1000, answers
+        assert answers.get(f"change {w.IBP_E_WRONG_PASSWD}") == 1000, answers
         assert sum(v for k, v in answers.items() if k.startswith("send -")) == 1000, answers
         added = depot.log.read_text().splitlines()[len(before) :]
         assert not any("Traceback" in line for line in added), "\n".join(added[-20:])

@@ -487,9 +487,13 @@ class DepotCore:
         values, extras = self.inq()
         return {**values, **extras}
 
-    def change(self, password: str, capacity: int, max_duration: int) -> None:
+    def check_admin(self, password: str) -> None:
+        """-29 unless `password` is the admin key (compared in constant time)."""
         if not keys_equal(password, self.admin_key):
             raise self.refuse(w.IBP_E_WRONG_PASSWD, "wrong admin key")
+
+    def change(self, password: str, capacity: int, max_duration: int) -> None:
+        self.check_admin(password)
         if capacity < self.reserved:
             raise self.refuse(w.IBP_E_WOULD_DAMAGE_DATA, f"capacity {capacity} is below the {self.reserved} reserved")
         self.capacity = capacity

@@ -289,9 +289,9 @@ class DepotServer:
         except w.IbpError as e:
             log.debug("refused %s: %s", type(req).__name__, e)
             stream.send(w.format_refusal(e.status, e.reason))
-            # Some IBP clients send a STORE's data without waiting for our first line: after a
-            # refusal those bytes would be read as requests, so the connection ends here.
-            return not isinstance(req, (w.Store, w.Write))
+            # Some IBP clients send a STORE's data (or ST_CHANGE's limits) without waiting for our
+            # answer: after a refusal those bytes would be read as requests, so the connection ends.
+            return not w.more_follows(req)
         except w.BadRequest as e:  # a second line (ST_CHANGE's limits) that does not parse
             stream.send(w.format_refusal(e.status, e.reason))
             return False
@@ -327,10 +327,10 @@ class DepotServer:
         elif isinstance(req, w.Manage):
             stream.send(w.format_reply(w.IBP_OK, *self._manage(req, now, timeout)))
         else:
-            return self._status(stream, req, depot_addr, timeout)
+            return self._status(stream, req, depot_addr)
         return True
 
-    def _status(self, stream: ByteStream, req: w.Status, depot_addr: str, timeout: float) -> bool:
+    def _status(self, stream: ByteStream, req: w.Status, depot_addr: str) -> bool:
         core = self.core
         if req.subcmd == w.IBP_ST_VERSION:
             stream.send(w.format_reply(w.IBP_OK) + self.version_text(depot_addr) + b"END\n")
@@ -359,8 +359,13 @@ class DepotServer:
             stream.send(w.format_inq(values, extras))
             return True
         if req.follows:
+            # The admin key before the limits line, and that line a request line like any other, so
+            # a line without the key (or without its second line) holds the connection no longer.
+            with self.lock:
+                core.check_admin(req.password)
+            lim = self.limits
             try:
-                second = stream.readline(w.MAX_LINE, timeout, timeout)
+                second = stream.readline(w.MAX_LINE, lim.request_timeout, lim.request_timeout)
             except ValueError:  # as any over-long line: -21, and the connection closed
                 raise w.BadRequest(w.IBP_E_BAD_FORMAT, "request line too long") from None
             req = w.parse_change(second, req)

@@ -516,6 +516,12 @@ def parse_request(line: bytes) -> Request:
     raise BadRequest(IBP_E_UNKNOWN_FUNCTION, f"unknown command {cmd}")
 
 
+def more_follows(req: Request) -> bool:
+    """Whether a client may send more than requests right behind `req`, unasked: a STORE's or
+    WRITE's data (L-Store's clients do), ST_CHANGE's limits line (IBP's clients do)."""
+    return isinstance(req, (Store, Write)) or (isinstance(req, Status) and req.follows)
+
+
 def carries_data(line: bytes) -> bool:
     """Whether `line` is a STORE or WRITE request, parsed or not: bytes may follow it unasked (L-Store's
     clients send the data right behind the line), so after refusing it nothing more can be read."""

@@ -467,3 +467,42 @@ def test_version_0_st_change_is_refused_and_its_limits_never_read(depots: Start,
         c.close()
     with Connection(f"127.0.0.1:{port}", timeout=10) as conn:
         assert conn.status()["capacity"] == str(64 << 20)
+
+
+# 15. Phoebus (PHOEBUS_SEND 17, PUSH/PULL of connection type 2) on a depot built without it:
+#     read_read takes the line as a copy's, and handle_copy answers -22 only after the RID, the
+#     capability and the range are checked (a client learns the allocation is gone before anything).
+
+
+def test_phoebus_copies_are_refused_after_the_capability_and_range_checks(lstore: LStore) -> None:  # noqa: F811
+    rcap, wcap, _ = new(lstore, 100, b"0123456789")
+    _, dst_w, _ = new(lstore, 100)
+    (rkey, rtype), (wkey, wtype) = parse_cap(rcap)[2:], parse_cap(wcap)[2:]
+    send = "1 17 auto %s %s %s %d %d 10 10 10\n"
+    assert ask(lstore, send % ("0#nosuchkey", dst_w, rtype, 0, 5)) == w.IBP_E_CAP_NOT_FOUND
+    assert ask(lstore, send % (rkey, dst_w, rtype, 8, 5)) == w.IBP_E_WOULD_EXCEED_LIMIT  # past the data
+    assert ask(lstore, send % (rkey, dst_w, rtype, 0, 5)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    push = "1 %d 2 gw1/5006,gw2/5006 %s %s %s %d -1 5 10 10 10\n"
+    assert ask(lstore, push % (IBP_PUSH, "0#nosuchkey", dst_w, rtype, 0)) == w.IBP_E_CAP_NOT_FOUND
+    assert ask(lstore, push % (IBP_PUSH, rkey, dst_w, rtype, 0)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    assert ask(lstore, push % (IBP_PULL, rkey, rcap, rtype, -1)) == w.IBP_E_CAP_NOT_FOUND  # PULL writes: a read key
+    assert ask(lstore, push % (IBP_PULL, wkey, rcap, wtype, 98)) == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert ask(lstore, push % (IBP_PULL, wkey, rcap, wtype, -1)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    assert ask(lstore, "1 20 3 %s %s %s 0 -1 5 10 10 10\n" % (rkey, dst_w, rtype)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    assert lstore.load(rcap, 0, 10) == (IBP_OK, b"0123456789")  # nothing copied, the connection goes on
+
+
+# 16. read_allocate reads the size unsigned (%llu into a uint64_t): a negative one is more than any
+#     depot holds, -19, after the reliability, type and duration are checked (-21, -30, -30).
+
+
+def test_a_negative_size_is_more_than_any_depot_holds(lstore: LStore) -> None:  # noqa: F811
+    line = "1 1 0 %d 1 %d %d 10\n"
+    assert ask(lstore, line % (IBP_SOFT, 3600, -5)) == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert ask(lstore, line % (7, 3600, -5)) == w.IBP_E_BAD_FORMAT  # the reliability first
+    assert ask(lstore, line % (IBP_SOFT, 0, -5)) == w.IBP_E_INVALID_PARAMETER  # then the duration
+    assert ask(lstore, line % (IBP_SOFT, 3600, 0)) == w.IBP_E_INVALID_PARAMETER  # a size of 0
+    _, _, mcap = new(lstore, 100, b"kept")
+    assert ask(lstore, "1 9 %s 45 -5 10\n" % keys(mcap)) == w.IBP_E_WOULD_EXCEED_LIMIT  # TRUNCATE, as a huge size
+    p = lstore.probe(mcap)[1]
+    assert (p["currentSize"], p["maxSize"]) == (4, 100)

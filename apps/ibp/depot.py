@@ -238,10 +238,14 @@ class DepotCore:
             raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"allocation type {req.type}")
         if req.type != w.IBP_BYTEARRAY:
             raise self.refuse(w.IBP_E_TYPE_NOT_SUPPORTED, f"allocation type {req.type} (only BYTEARRAY is served)")
-        if req.size <= 0:
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "size must be positive")
+        # As L-Store's read_allocate: the duration, then the size, which it reads unsigned (a
+        # negative one is more than any depot holds).
         if req.duration == 0:
             raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration must be positive (or -1: the longest allowed)")
+        if req.size == 0:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "size must be positive")
+        if req.size < 0:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {req.size}, read unsigned, exceeds any depot")
         duration = self.max_duration if req.duration == w.FOREVER else req.duration
         self._check_quota(owner, 1, req.size)
         status, reason = admit(req.size, duration, self.free, self.capacity, self.max_duration)
@@ -400,7 +404,10 @@ class DepotCore:
         return ()
 
     def _truncate(self, a: Allocation, size: int, now: float) -> tuple[object, ...]:
-        """TRUNCATE (L-Store's IBP_TRUNCATE): the maximum size becomes `size` and data past it is cut."""
+        """TRUNCATE (L-Store's IBP_TRUNCATE): the maximum size becomes `size` and data past it is cut;
+        a negative size, read unsigned as L-Store does, is past any depot's room (-19 as a huge one)."""
+        if size < 0:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {size}, read unsigned, exceeds any depot")
         self._resize(a, size, self._left(a, now), now, size=min(a.size, size))
         return ()
 

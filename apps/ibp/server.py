@@ -543,6 +543,7 @@ class DepotServer:
         with self.lock:
             a = self.core.authorize(req.key, req.typekey, READ, now, req.rid)
             n = self.core.check_read(a, offset, req.length)
+            self._no_phoebus(req)
         caps = [parse_cap(d, WRITE) for d in dests]
         timeout = self.limits.timeout(dest_timeout)
         results = []
@@ -552,6 +553,12 @@ class DepotServer:
                 raise w.IbpError(status, why)
             results.append((n, status))
         return results
+
+    def _no_phoebus(self, req: w.Send | w.Transfer | w.Mcopy) -> None:
+        """A copy through Phoebus gateways is -22, once its capability and range passed, as L-Store's
+        handle_copy answers on a depot built without Phoebus (the caller holds the lock)."""
+        if isinstance(req, (w.Send, w.Transfer)) and req.path is not None:
+            raise self.core.refuse(w.IBP_E_TYPE_NOT_SUPPORTED, "copies through Phoebus gateways are not served")
 
     def _sender(
         self, a: Allocation, offset: int, n: int, cap: Capability, dest_offset: int | None
@@ -571,6 +578,7 @@ class DepotServer:
         with self._writing(a, timeout):
             with self.lock:
                 start = self.core.check_write(a, req.offset, req.length)
+                self._no_phoebus(req)
 
             pace = self.limits.pace(req.timeout)
 

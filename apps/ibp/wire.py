@@ -25,10 +25,10 @@ IBP_MCOPY = 6
 IBP_LOAD = 8
 IBP_MANAGE = 9
 IBP_WRITE = 13
-IBP_ALIAS_ALLOCATE = 14  # 14-19 and 22-36: L-Store's, not served here (-25)
+IBP_ALIAS_ALLOCATE = 14  # 14-19 (but 17) and 22-36: L-Store's, not served here (-25)
 IBP_ALIAS_MANAGE = 15
 IBP_RENAME = 16
-IBP_PHOEBUS_SEND = 17
+IBP_PHOEBUS_SEND = 17  # a SEND through Phoebus gateways: refused after its checks (-22), as without Phoebus
 IBP_SPLIT_ALLOCATE = 18
 IBP_MERGE_ALLOCATE = 19
 IBP_PUSH = 20  # L-Store's depot-to-depot copies: PUSH sends local bytes, PULL fetches remote ones
@@ -37,7 +37,9 @@ IBP_PUSH_CHKSUM = 22
 IBP_VEC_READ_CHKSUM = 36
 # Commands L-Store's depot has and ours does not serve: -25. Any other number is -43, as L-Store's
 # read_command answers a command without a handler.
-UNSERVED = frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) | frozenset(range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1))
+UNSERVED = (frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) - {IBP_PHOEBUS_SEND}) | frozenset(
+    range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1)
+)
 
 # PUSH/PULL connection types (L-Store): plain TCP, or through Phoebus gateways (not served).
 IBP_TCP = 1
@@ -303,7 +305,8 @@ class Load:
 
 @dataclass(frozen=True)
 class Send:
-    """Depot-to-depot copy: the depot appends the bytes to `dest_cap` itself."""
+    """Depot-to-depot copy: the depot appends the bytes to `dest_cap` itself. `path`: through these
+    Phoebus gateways (L-Store's PHOEBUS_SEND; "auto" its default path), None: directly."""
 
     key: str
     typekey: str
@@ -314,6 +317,7 @@ class Send:
     dest_timeout: int
     dest_client_timeout: int
     rid: str = ""
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +336,7 @@ class Transfer:
     dest_timeout: int
     dest_client_timeout: int
     rid: str = ""
+    path: str | None = None  # Phoebus gateways (connection type 2), as Send's
 
 
 @dataclass(frozen=True)
@@ -469,12 +474,17 @@ def parse_request(line: bytes) -> Request:
             _int(a[1], "reliability", -MAX_INT, MAX_INT),
             _int(a[2], "type", -MAX_INT, MAX_INT),
             _int(a[3], "duration", FOREVER),
-            _int(a[4], "size"),
+            _int(a[4], "size", -MAX_INT),  # a negative one: L-Store reads it unsigned (the depot: -19)
             _timeout(a[5]),
         )
     if cmd in (IBP_STORE, IBP_WRITE, IBP_LOAD):
         return _parse_rw(cmd, a)
-    if cmd == IBP_SEND:
+    if cmd in (IBP_SEND, IBP_PHOEBUS_SEND):
+        path = None
+        if cmd == IBP_PHOEBUS_SEND:  # L-Store's read_read: the gateways' path first, then SEND's fields
+            if not a:
+                raise BadRequest(IBP_E_BAD_FORMAT, "expected PHOEBUS_SEND path key destcap typekey ...")
+            path, a = _path(a[0]), a[1:]
         _want(a, 8, "SEND key destcap typekey offset length timeout dest_timeout dest_client_timeout")
         # L-Store sends `key destcap typekey`; older clients `key typekey destcap`: the cap tells which.
         dest, typekey = (a[2], a[1]) if a[2].startswith("ibp://") else (a[1], a[2])
@@ -489,6 +499,7 @@ def parse_request(line: bytes) -> Request:
             _remote_timeout(a[6], "destination timeout"),
             _remote_timeout(a[7], "destination client timeout"),
             rid,
+            path,
         )
     if cmd in (IBP_PUSH, IBP_PULL):
         return _parse_transfer(cmd == IBP_PULL, a)
@@ -535,8 +546,13 @@ def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
     if not a:
         raise BadRequest(IBP_E_BAD_FORMAT, f"expected {form}")
     ctype = _int(a[0], "connection type", -MAX_INT, MAX_INT)
-    if ctype != IBP_TCP:  # Phoebus gateways are not served, as an L-Store depot built without them
-        raise BadRequest(IBP_E_TYPE_NOT_SUPPORTED, f"connection type {ctype} (only 1, TCP, is served)")
+    if ctype not in (IBP_TCP, IBP_PHOEBUS):  # L-Store's read_read
+        raise BadRequest(IBP_E_TYPE_NOT_SUPPORTED, f"connection type {ctype} (1 TCP, 2 Phoebus)")
+    path = None
+    if ctype == IBP_PHOEBUS:  # the gateways' path follows; refused after the checks (the depot's)
+        if len(a) < 2:
+            raise BadRequest(IBP_E_BAD_FORMAT, f"expected {form}, a Phoebus path after the type")
+        path, a = _path(a[1]), [a[0], *a[2:]]
     _want(a, 10, form)
     rid, key = _key(a[1], "key")
     offset: int | None
@@ -557,7 +573,15 @@ def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
         _remote_timeout(a[8], "destination timeout"),
         _remote_timeout(a[9], "destination client timeout"),
         rid,
+        path,
     )
+
+
+def _path(tok: str) -> str:
+    """A Phoebus gateways' path (`auto`, or `host/port,...`): only kept, never used here."""
+    if not _TOKEN_RE.fullmatch(tok):
+        raise BadRequest(IBP_E_BAD_FORMAT, "malformed Phoebus path")
+    return tok
 
 
 def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
@@ -588,7 +612,7 @@ def _parse_manage(a: list[str]) -> Manage:
         return Manage(key, typekey, sub, captype, _timeout(a[4]), rid=rid)
     if sub == IBP_TRUNCATE:
         _want(a, 5, "MANAGE key typekey 45 size timeout")
-        return Manage(key, typekey, sub, 0, _timeout(a[4]), _int(a[3], "size"), rid=rid)
+        return Manage(key, typekey, sub, 0, _timeout(a[4]), _int(a[3], "size", -MAX_INT), rid=rid)
     if sub in (IBP_CHNG, IBP_PROBE):  # PROBE as L-Store sends it: with three unused fields
         _want(a, 8, f"MANAGE key typekey {sub} captype size duration reliability timeout")
         captype = _int(a[3], "captype", -MAX_INT, MAX_INT)  # unused, as in L-Store
@@ -698,7 +722,7 @@ def format_request(req: Request) -> bytes:
     elif isinstance(req, Send):
         f = [
             v,
-            IBP_SEND,
+            *([IBP_SEND] if req.path is None else [IBP_PHOEBUS_SEND, req.path]),
             _k(req.rid, req.key),
             req.dest_cap,
             req.typekey,
@@ -712,7 +736,7 @@ def format_request(req: Request) -> bytes:
         f = [
             v,
             IBP_PULL if req.pull else IBP_PUSH,
-            IBP_TCP,
+            *([IBP_TCP] if req.path is None else [IBP_PHOEBUS, req.path]),
             _k(req.rid, req.key),
             req.remote_cap,
             req.typekey,

@@ -19,14 +19,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
+from helpers import wait_for
 from test_ibp_depot import _NoScan, alloc, store
 from test_ibp_hostile import ALLOCS, LEGIT_WAIT, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import limits, storage
 from apps.ibp import server as srv
 from apps.ibp import wire as w
+from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
 from apps.ibp.depot import DepotCore, Grant
 from apps.ibp.limits import Limits, copy_target
@@ -388,6 +391,7 @@ def test_a_failed_journal_append_leaves_memory_as_the_journal_has_it(
 LOG_FLOOD = (
     PRELUDE
     + r"""
+from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
 with Connection(sys.argv[2], timeout=10) as c:
     r, wc, mc = c.allocate(16, 3600)
@@ -396,7 +400,7 @@ n = int(sys.argv[4])
 answers = {}
 for i in range(n):
     s = conn()
-    s.sendall(b'1 4 0 2 x 5\n' + b'9' * 5000)  # ST_CHANGE, its second line over-long
+    s.sendall(b'1 4 0 2 x 5\n' + b'9' * 5000)  # ST_CHANGE without the admin key, its second line over-long
     a = first_line(s).split(' ')[0]
     answers['change ' + a] = answers.get('change ' + a, 0) + 1
     s.close()
@@ -414,8 +418,9 @@ print(sorted(answers.items()))
 @as_root
 @pytest.mark.timeout(180)
 def test_a_client_cannot_grow_the_log_without_bound(open_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    """1,000 over-long ST_CHANGE lines get -21 and log nothing; 1,000 copies to names nobody
-    registered fail and log a bounded number of lines; root is served meanwhile."""
+    """1,000 ST_CHANGE lines without the admin key (their limits line over-long) get -29, their limits
+    never read, and log nothing; 1,000 copies to names nobody registered fail and log a bounded
+    number of lines; root is served meanwhile."""
     for depot in run_depot(open_dir, monkeypatch):
         before = depot.log.read_text().splitlines()
         t0 = time.monotonic()
@@ -423,7 +428,7 @@ def test_a_client_cannot_grow_the_log_without_bound(open_dir: Path, monkeypatch:
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stderr[-2000:]
         answers = dict(eval(r.stdout))  # our own script's repr of (name, count) pairs
-        assert answers.get(f"change {w.IBP_E_BAD_FORMAT}") == 1000, answers
+        assert answers.get(f"change {w.IBP_E_WRONG_PASSWD}") == 1000, answers
         assert sum(v for k, v in answers.items() if k.startswith("send -")) == 1000, answers
         added = depot.log.read_text().splitlines()[len(before) :]
         assert not any("Traceback" in line for line in added), "\n".join(added[-20:])
@@ -644,3 +649,136 @@ def test_a_remote_ipv6_client_has_one_identity_for_all_the_addresses_of_its_64()
     assert ident["2001:db8:1:3::5"] == "tcp:2001:db8:1:3::/64"
     assert tcp_identity(RemotePeer("::ffff:198.51.100.7")) == "tcp:198.51.100.7"
     assert limits.shared_identity(ident["2001:db8:1:2::5"])  # idle slots give way to a new connection
+
+
+# -- 10. durability's cost is shared: one client's changes do not hold the others' -----------------
+
+SLOW_SYNC = 0.02  # seconds a journal fsync takes here, as on a loaded disk: syncs are counted, not timed
+
+
+def slow_journal_syncs(monkeypatch: pytest.MonkeyPatch, journal: Path) -> list[float]:
+    """Make every fsync of `journal` take SLOW_SYNC; the list gets the time each one ended."""
+    real, ended = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(journal):
+                time.sleep(SLOW_SYNC)
+                real(fd)
+                ended.append(time.monotonic())
+                return
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return ended
+
+
+def allocate_keys(f: BinaryIO, s: socket.socket) -> bytes:
+    """`RID#KEY MANAGEKEY` of a new allocation, as a MANAGE line takes them."""
+    reply = ask_line(f, s, b"1 1 0 1 1 3600 100 10\n")
+    assert reply[0] == b"1", reply
+    _, _, _, key, manage_key, _ = reply[3].split(b"/")
+    return key + b" " + manage_key
+
+
+def ask_line(f: BinaryIO, s: socket.socket, line: bytes) -> list[bytes]:
+    s.sendall(line)
+    return f.readline().split()
+
+
+@pytest.mark.timeout(60)
+def test_one_client_looping_incr_decr_holds_another_clients_change_for_two_syncs_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight connections of one client loop INCR/DECR, each a journal record to put on disk; another
+    client's INCR is answered within two journal syncs (the one running when its record was written,
+    and the next, which covers it), where each of the eight once held the depot's lock for a sync."""
+    server = srv.DepotServer(core(tmp_path / "d"), "d", Limits(client_share=1.0, client_connections=16))
+    ended = slow_journal_syncs(monkeypatch, tmp_path / "d" / storage.JOURNAL)
+    stop = threading.Event()
+    with serving(server) as port:
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(9)]
+        files = [c.makefile("rb") for c in conns]
+        looped, mine = allocate_keys(files[0], conns[0]), allocate_keys(files[0], conns[0])
+
+        def loop(s: socket.socket, f: BinaryIO) -> None:
+            for _ in range(2000):  # bounded; stopped once the measurement is done
+                for sub in (w.IBP_INCR, w.IBP_DECR):
+                    if stop.is_set() or ask_line(f, s, b"1 9 %s %d 1 10\n" % (looped, sub))[0] != b"1":
+                        return
+
+        loopers = [threading.Thread(target=loop, args=cf, daemon=True) for cf in zip(conns[1:], files[1:], strict=True)]
+        try:
+            for t in loopers:
+                t.start()
+            wait_for(lambda: len(ended) >= 20, 20, "the loop to be under way")
+            held = []
+            for _ in range(10):
+                start = time.monotonic()
+                assert ask_line(files[0], conns[0], b"1 9 %s 41 2 10\n" % mine)[0] == b"1"
+                held.append(sum(start < t for t in ended))
+            assert all(t.is_alive() for t in loopers)  # the loop went on all along
+            assert max(held) <= 2, held
+        finally:
+            stop.set()
+            for t in loopers:
+                t.join(10)
+            for c in conns:
+                c.close()
+    server.core.store.release()
+
+
+class Acked(Piped):
+    """A Piped stream that notes, at each reply, whether the journal was all on disk by then."""
+
+    def __init__(self, journal: Path, synced: list[int]) -> None:
+        super().__init__()
+        self.journal, self.synced = journal, synced
+        self.on_disk: list[bool] = []
+
+    def _send(self, data: bytes | memoryview, timeout: float) -> None:
+        self.on_disk.append(self.journal.stat().st_size <= max(self.synced, default=0))
+        super()._send(data, timeout)
+
+
+@pytest.mark.timeout(30)
+def test_a_change_is_answered_only_once_its_journal_record_is_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ALLOCATE, STORE, INCR, DECR, CHNG and a CHNG made but answered -45: no reply goes out before a
+    journal fsync covering the request's record has ended (the promise a crash must not break)."""
+    server = srv.DepotServer(core(tmp_path / "d"), "d", clock=lambda: NOW)
+    journal = tmp_path / "d" / storage.JOURNAL
+    real, synced = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        covered = os.fstat(fd).st_size
+        real(fd)
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(journal):
+                synced.append(covered)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    allocate = Acked(journal, synced)
+    server.handle(allocate, w.format_request(alloc(MB)), "d")
+    _, wcap, m = (Capability.parse(c.decode()) for c in allocate.sent.get(timeout=5).split()[1:])
+    stored = Acked(journal, synced)
+    stored.incoming.put(b"data")
+    assert server.handle(stored, w.format_request(w.Store(wcap.key, wcap.typekey, 4, 5)), "d")
+    assert [stored.sent.get(timeout=5).split()[0] for _ in range(2)] == [b"1", b"1"]
+    changes = [
+        w.Manage(m.key, m.typekey, w.IBP_INCR, w.IBP_READCAP, 5),
+        w.Manage(m.key, m.typekey, w.IBP_DECR, w.IBP_READCAP, 5),
+        w.Manage(m.key, m.typekey, w.IBP_CHNG, w.IBP_MANAGECAP, 5, 2 * MB, 60, w.KEEP),
+        w.Manage(m.key, m.typekey, w.IBP_CHNG, w.IBP_MANAGECAP, 5, w.KEEP, 10**6, w.KEEP),  # made, then -45
+    ]
+    answers = []
+    for req in changes:
+        acked = Acked(journal, synced)
+        server.handle(acked, w.format_request(req), "d")
+        answers.append(int(acked.sent.get(timeout=5).split()[0]))
+        assert acked.on_disk == [True], req
+    assert answers == [1, 1, 1, w.IBP_E_WOULD_EXCEED_POLICY]
+    assert allocate.on_disk == [True] and stored.on_disk == [True, True]
+    assert len(synced) < 12  # one journal fsync a change, not more
+    server.core.store.release()

@@ -283,6 +283,74 @@ def test_restart_keeps_acknowledged_bytes_and_allocations(tmp_path: Path) -> Non
     assert (again.reserved, again.stored) == (100, 12)
 
 
+def lose_last_record(c: DepotCore, path: Path) -> None:
+    """A crash before the last journal record reached the disk: the depot gone, the record too."""
+    c.store.release()
+    journal = path / "journal.log"
+    journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[:-1]))
+
+
+def test_a_restart_drops_an_allocation_whose_free_had_begun(tmp_path: Path) -> None:
+    """A free removes the data file at once, its record reaching the disk with the next sync: an
+    allocation recorded live whose bytes are gone was being freed, and stays freed (never back with
+    zeros for its data). One with no bytes is kept, with a new empty file, as nothing is lost."""
+    c = core(tmp_path)
+    freed, empty, kept = (c.allocate(alloc(100, 600), NOW) for _ in range(3))
+    store(c, freed, b"some bytes")
+    store(c, kept, b"kept")
+    c.store.remove(empty.allocation.fid)
+    c.free_alloc(freed.allocation)
+    lose_last_record(c, tmp_path)
+    again = core(tmp_path, now=NOW + 1)
+    assert freed.allocation.fid not in again.allocs and empty.allocation.fid in again.allocs
+    with refused(w.IBP_E_CAP_NOT_FOUND):
+        again.authorize(freed.key, freed.read_key, "READ", NOW + 1)
+    with again.open_data(again.allocs[kept.allocation.fid]) as f:
+        assert f.read() == b"kept"
+    assert (again.reserved, again.stored) == (200, 4)
+
+
+def test_a_restart_keeps_a_file_cut_by_a_truncate_as_cut(tmp_path: Path) -> None:
+    """A TRUNCATE cuts the data at once, its record reaching the disk with the next sync: a file
+    shorter than its record was cut, and the allocation keeps the bytes it has (never zeros after)."""
+    c = core(tmp_path)
+    g = c.allocate(alloc(100, 600), NOW)
+    store(c, g, b"0123456789")
+    c.manage(w.Manage(g.key, g.manage_key, w.IBP_TRUNCATE, 0, 5, 4), NOW)
+    lose_last_record(c, tmp_path)
+    again = core(tmp_path, now=NOW + 1)
+    a = again.authorize(g.key, g.read_key, "READ", NOW + 1)
+    assert (a.size, again.stored) == (4, 4)
+    with again.open_data(a) as f:
+        assert f.read() == b"0123"
+
+
+def test_after_a_failed_journal_sync_the_journal_is_rewritten_before_the_next_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync may have lost records a later one would not report (fsyncgate): no later change
+    is durable until the journal is rewritten from memory, which the next change does first."""
+    c = core(tmp_path)
+    g = c.allocate(alloc(100, 600), NOW)
+    c.store.durable(c.store.written)
+    c.manage(manage(g, w.IBP_INCR), NOW)
+
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", eio)
+        with pytest.raises(OSError):
+            c.store.durable(c.store.written)
+    with pytest.raises(OSError, match="rewritten"):  # nothing is durable now, not even by a later fsync
+        c.store.durable(c.store.written)
+    c.manage(manage(g, w.IBP_INCR), NOW)
+    c.store.durable(c.store.written)
+    assert len((tmp_path / "journal.log").read_bytes().splitlines()) == 2  # rewritten, then the INCR
+    c.store.release()
+    assert core(tmp_path, now=NOW + 1).allocs[g.allocation.fid].read_refs == 3
+
+
 def test_restart_survives_a_torn_journal_line_and_drops_expired(tmp_path: Path) -> None:
     c = core(tmp_path)
     g = c.allocate(alloc(100, 600), NOW)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from helpers import free_port, serve_tcp
@@ -404,3 +405,104 @@ def test_our_probe_is_sent_as_lstores_probe_command() -> None:
         assert rec.lines == [b"1 9 0#%s %s 40 3 0 0 0 10\n" % (b"k" * 32, b"m" * 8)]
     finally:
         rec.close()
+
+
+# 14. IBPv031 (version 0), as older clients send it (the LoCI IBP 1.x client library, LoRS of that
+#     era, the LoCI depot's own copies): every command as in version 1 but ALLOCATE and STATUS, which
+#     name no resource (parse_commands.c read_allocate and read_status, `cmd->version > IBPv031`).
+
+
+def test_version_0_requests_are_served_as_version_1_ones_but_allocate_names_no_resource(
+    lstore: LStore,  # noqa: F811
+) -> None:
+    lstore.send_command("0 1 %d %d 3600 100 10\n" % (IBP_SOFT, IBP_BYTEARRAY))  # no RID
+    status, rcap, wcap, mcap = lstore.readline().split(" ")[:4]
+    assert atoi(status) == IBP_OK
+    lstore.send_command("0 2 %s 5 10\n" % keys(wcap) + "hello")  # the LoCI client's STORE
+    assert atoi(lstore.readline().split(" ")[0]) == IBP_OK
+    assert [atoi(t) for t in lstore.readline().split(" ")[:2]] == [IBP_OK, 5]
+    lstore.send_command("0 8 %s 1 4 10\n" % keys(rcap))
+    assert [atoi(t) for t in lstore.readline().split(" ")[:2]] == [IBP_OK, 4]
+    assert lstore.f.read(4) == b"ello"
+    assert ask(lstore, "0 9 %s 41 1 10\n" % keys(mcap)) == IBP_OK  # INCR
+    lstore.send_command("0 9 %s 40 3 0 0 0 10\n" % keys(mcap))  # PROBE, as the LoCI client sends it
+    assert [atoi(t) for t in lstore.readline().split(" ")[:5]] == [IBP_OK, 2, 0, 5, 100]
+    assert ask(lstore, "0 1 0 %d %d 3600 100 10\n" % (IBP_SOFT, IBP_BYTEARRAY)) == w.IBP_E_BAD_FORMAT  # a RID
+
+
+def test_version_0_status_inq_is_the_sizes_in_mib_without_a_status_line(depots: Start) -> None:  # noqa: F811
+    port = free_port(["127.0.0.1"])
+    depots("v0", "--listen", f"tcp:127.0.0.1:{port}", "--capacity", "64M", "--max-duration", "2h")
+    c = LStore(port)
+    try:
+        assert c.allocate("0", IBP_HARD, IBP_BYTEARRAY, 60, 3 << 20)[0] == IBP_OK
+        assert c.allocate("0", IBP_SOFT, IBP_BYTEARRAY, 60, 2 << 20)[0] == IBP_OK
+        # handle_status for IBPv031: hard, hard used, soft, soft used (MiB), the maximum duration.
+        c.send_command("0 4 1 %s 10\n" % PASSWORD)
+        assert c.readline().split() == ["64", "3", "64", "2", "7200"]
+        assert ask(c, "0 4 1 ibp 10\n") == w.IBP_E_WRONG_PASSWD
+        c.send_command("0 4 3 10\n")  # ST_RES and ST_VERSION: as in version 1
+        assert c.readline().split() == ["1", "0"]
+        c.send_command("0 4 5 10\n")
+        assert atoi(c.readline().split(" ")[0]) == IBP_OK
+        while c.readline() != "END":
+            pass
+        assert ask(c, "2 4 5 10\n") == w.IBP_E_PROT_VERS  # neither 0 nor 1: as the LoCI depot
+    finally:
+        c.close()
+
+
+def test_version_0_st_change_is_refused_and_its_limits_never_read(depots: Start, tmp_path: Path) -> None:  # noqa: F811
+    """read_status refuses ST_CHANGE (-25) and closes the connection, so the limits line a client
+    sends behind it is not taken for a request; the depot's limits stay as they were."""
+    port = free_port(["127.0.0.1"])
+    depots("v0c", "--listen", f"tcp:127.0.0.1:{port}", "--capacity", "64M")
+    key = (tmp_path / "v0c" / "admin.key").read_text().strip()
+    c = LStore(port)
+    try:
+        c.send_command("0 4 2 %s 10\n1 4 5 10\n" % key)  # its "limits" read as a request: ST_VERSION
+        assert atoi(c.readline().split(" ")[0]) == w.IBP_E_INVALID_CMD
+        assert c.f.read(1) == b""
+    finally:
+        c.close()
+    with Connection(f"127.0.0.1:{port}", timeout=10) as conn:
+        assert conn.status()["capacity"] == str(64 << 20)
+
+
+# 15. Phoebus (PHOEBUS_SEND 17, PUSH/PULL of connection type 2) on a depot built without it:
+#     read_read takes the line as a copy's, and handle_copy answers -22 only after the RID, the
+#     capability and the range are checked (a client learns the allocation is gone before anything).
+
+
+def test_phoebus_copies_are_refused_after_the_capability_and_range_checks(lstore: LStore) -> None:  # noqa: F811
+    rcap, wcap, _ = new(lstore, 100, b"0123456789")
+    _, dst_w, _ = new(lstore, 100)
+    (rkey, rtype), (wkey, wtype) = parse_cap(rcap)[2:], parse_cap(wcap)[2:]
+    send = "1 17 auto %s %s %s %d %d 10 10 10\n"
+    assert ask(lstore, send % ("0#nosuchkey", dst_w, rtype, 0, 5)) == w.IBP_E_CAP_NOT_FOUND
+    assert ask(lstore, send % (rkey, dst_w, rtype, 8, 5)) == w.IBP_E_WOULD_EXCEED_LIMIT  # past the data
+    assert ask(lstore, send % (rkey, dst_w, rtype, 0, 5)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    push = "1 %d 2 gw1/5006,gw2/5006 %s %s %s %d -1 5 10 10 10\n"
+    assert ask(lstore, push % (IBP_PUSH, "0#nosuchkey", dst_w, rtype, 0)) == w.IBP_E_CAP_NOT_FOUND
+    assert ask(lstore, push % (IBP_PUSH, rkey, dst_w, rtype, 0)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    assert ask(lstore, push % (IBP_PULL, rkey, rcap, rtype, -1)) == w.IBP_E_CAP_NOT_FOUND  # PULL writes: a read key
+    assert ask(lstore, push % (IBP_PULL, wkey, rcap, wtype, 98)) == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert ask(lstore, push % (IBP_PULL, wkey, rcap, wtype, -1)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    assert ask(lstore, "1 20 3 %s %s %s 0 -1 5 10 10 10\n" % (rkey, dst_w, rtype)) == w.IBP_E_TYPE_NOT_SUPPORTED
+    assert lstore.load(rcap, 0, 10) == (IBP_OK, b"0123456789")  # nothing copied, the connection goes on
+
+
+# 16. read_allocate reads the size unsigned (%llu into a uint64_t): a negative one is more than any
+#     depot holds, -19, after the reliability, type and duration are checked (-21, -30, -30).
+
+
+def test_a_negative_size_is_more_than_any_depot_holds(lstore: LStore) -> None:  # noqa: F811
+    line = "1 1 0 %d 1 %d %d 10\n"
+    assert ask(lstore, line % (IBP_SOFT, 3600, -5)) == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert ask(lstore, line % (7, 3600, -5)) == w.IBP_E_BAD_FORMAT  # the reliability first
+    assert ask(lstore, line % (IBP_SOFT, 0, -5)) == w.IBP_E_INVALID_PARAMETER  # then the duration
+    assert ask(lstore, line % (IBP_SOFT, 3600, 0)) == w.IBP_E_INVALID_PARAMETER  # a size of 0
+    _, _, mcap = new(lstore, 100, b"kept")
+    assert ask(lstore, "1 9 %s 45 -5 10\n" % keys(mcap)) == w.IBP_E_WOULD_EXCEED_LIMIT  # TRUNCATE, as a huge size
+    p = lstore.probe(mcap)[1]
+    assert (p["currentSize"], p["maxSize"]) == (4, 100)

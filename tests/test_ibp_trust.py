@@ -372,3 +372,53 @@ def test_client_timeouts_and_durations_are_clamped(depot: Depot) -> None:
     closed, took = lines[2].rsplit(" ", 1)
     assert closed.startswith(f"closed after b'{w.IBP_E_SERVER_TIMEOUT} ") and float(took) < 3 + 2
     assert depot.served() < LEGIT_WAIT
+
+
+# ST_CHANGE's limits line (IBP sends them on a second line) was awaited for the request's own timeout,
+# clamped to --max-timeout (300 s), before the admin key was looked at: anyone held a connection that
+# long with one line. The key is checked first now, and the limits line is a request line like any.
+
+HALF_CHANGE = (
+    PRELUDE
+    + r"""
+socks, answers = [], []
+for i in range(4):
+    s = conn()
+    s.sendall(b'1 4 0 2 %s 300\n' % sys.argv[4].encode())  # no limits line follows
+    socks.append(s)
+start = time.monotonic()
+for s in socks:
+    answers.append(first_line(s).split(' ')[0])
+    answers.append(repr(s.recv(1)))  # closed: nothing more is read or answered
+print(' '.join(answers), round(time.monotonic() - start, 1))
+"""
+)
+
+
+@pytest.fixture
+def patient_depot(open_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:  # noqa: F811
+    """A depot that lets a client's timeout field be as long as 300 s (--request-timeout stays 2)."""
+    yield from run_depot(open_dir, monkeypatch, "--max-timeout", "300")
+
+
+@pytest.mark.timeout(60)
+def test_an_st_change_without_the_admin_key_is_refused_before_its_limits_line(patient_depot: Depot) -> None:
+    out = patient_depot.attack(HALF_CHANGE, "not-the-admin-key")
+    answers, took = out.stdout.split()[:-1], float(out.stdout.split()[-1])
+    assert answers == [str(w.IBP_E_WRONG_PASSWD), "b''"] * 4 and took < 5, out.stdout + out.stderr
+    key = (patient_depot.dir / "admin.key").read_text().strip()
+    with Connection(patient_depot.addr, timeout=5) as c:  # the admin's change is served
+        c.change(key, 900 << 20, 7200)
+        assert c.status()["capacity"] == str(900 << 20)
+    assert patient_depot.served() < LEGIT_WAIT
+
+
+@pytest.mark.timeout(60)
+def test_st_changes_limits_line_is_awaited_no_longer_than_the_request_timeout(patient_depot: Depot) -> None:
+    key = (patient_depot.dir / "admin.key").read_text().strip()
+    with socket.create_connection(("127.0.0.1", patient_depot.port), timeout=30) as s:
+        start = time.monotonic()
+        s.sendall(f"1 4 0 2 {key} 300\n".encode())  # the key holder, its limits line late
+        assert s.recv(100) == b""  # closed: --request-timeout (2 s), not the 300 s asked
+        assert time.monotonic() - start < 15
+    assert patient_depot.served() < LEGIT_WAIT

@@ -104,6 +104,31 @@ def test_status_forms_by_field_count() -> None:
         w.parse_change(b"1 2\n", head)
 
 
+def test_phoebus_copies_parse_with_their_gateways_path_for_the_depot_to_refuse() -> None:
+    cap = f"ibp://d/0#{KEY}/t/WRITE"
+    send = w.parse_request(f"1 17 auto 0#{KEY} {cap} rk 0 5 10 10 10\n".encode())
+    assert send == w.Send(KEY, "rk", cap, 0, 5, 10, 10, 10, "0", path="auto")
+    push = w.parse_request(f"1 20 2 gw/5006 0#{KEY} {cap} rk 0 -1 5 10 10 10\n".encode())
+    assert push == w.Transfer(False, KEY, "rk", cap, 0, None, 5, 10, 10, 10, "0", path="gw/5006")
+    for req in (send, push):
+        assert w.parse_request(w.format_request(req)) == req
+
+
+def test_version_0_allocate_and_status_name_no_resource_and_read_back_as_sent() -> None:
+    alloc = w.parse_request(b"0 1 2 1 3600 100 10\n")
+    assert alloc == w.Allocate("", w.IBP_HARD, w.IBP_BYTEARRAY, 3600, 100, 10)
+    assert w.format_request(alloc) == b"0 1 2 1 3600 100 10\n"
+    inq = w.parse_request(b"0 4 1 pw 10\n")
+    assert inq == w.Status("", w.IBP_ST_INQ, "pw", 10, version=w.IBPv031)
+    assert w.format_request(inq) == b"0 4 1 pw 10\n"
+    assert w.parse_request(b"0 4 5 10\n") == w.Status("", w.IBP_ST_VERSION, "", 10, version=w.IBPv031)
+    assert w.parse_request(b"0 8 0#k t 0 1 10\n") == w.parse_request(b"1 8 0#k t 0 1 10\n")  # the rest: as v1
+    with pytest.raises(w.BadRequest) as e:
+        w.parse_request(b"0 4 2 adminkey 10\n")
+    assert (e.value.status, e.value.closes) == (w.IBP_E_INVALID_CMD, True)
+    assert w.format_inq_v031(64 << 20, 3 << 20, 64 << 20, (2 << 20) + 5, 7200) == b"64 3 64 2 7200 \n"
+
+
 def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
     values = {name: i for i, (_, name) in enumerate(w.INQ_TAGS)}
     reply = w.format_inq(values, {"allocations": 7})
@@ -119,10 +144,11 @@ def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
 @pytest.mark.parametrize(
     ("line", "status"),
     [
-        (b"0 1 0 1 1 10 10 5\n", w.IBP_E_PROT_VERS),
+        (b"2 1 0 1 1 10 10 5\n", w.IBP_E_PROT_VERS),  # neither IBPv031 nor IBPv040
+        (b"0 1 0 1 1 10 10 5\n", w.IBP_E_BAD_FORMAT),  # IBPv031's ALLOCATE names no resource
         (b"1 99 x\n", w.IBP_E_UNKNOWN_FUNCTION),  # no such command: -43, as L-Store
         (b"1 3 a b\n", w.IBP_E_UNKNOWN_FUNCTION),  # DELIVER: L-Store has no handler either
-        (b"1 17 a b\n", w.IBP_E_INVALID_CMD),  # PHOEBUS_SEND: L-Store's, not served
+        (b"1 16 a b\n", w.IBP_E_INVALID_CMD),  # RENAME: L-Store's, not served
         (b"1 1 0 1 1 10 10\n", w.IBP_E_BAD_FORMAT),  # a field short
         (b"1 1 0 1 1 10 10 5 6\n", w.IBP_E_BAD_FORMAT),  # a field too many
         (b"1 1 0 1 1 ten 10 5\n", w.IBP_E_BAD_FORMAT),
@@ -134,7 +160,7 @@ def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
         (b"1 8 k t 0 0 5\n", w.IBP_E_INV_PAR_SIZE),  # L-Store's read_read: no length 0
         (b"1 5 k ibp://d/0#k/t/WRITE t 0 1 5 0 5\n", w.IBP_E_INVALID_PARAMETER),  # a destination timeout of 0
         (b"1 9 k t 43 3 0 -1 -1 5\n", w.IBP_E_WOULD_DAMAGE_DATA),  # CHNG size 0 (-1 keeps it)
-        (b"1 20 2 auto k ibp://d/0#k/t/WRITE t 0 -1 5 5 5 5\n", w.IBP_E_TYPE_NOT_SUPPORTED),  # Phoebus
+        (b"1 20 3 k ibp://d/0#k/t/WRITE t 0 -1 5 5 5 5\n", w.IBP_E_TYPE_NOT_SUPPORTED),  # neither TCP nor Phoebus
         (b"1 6 k t 0 10 0 9\n", w.IBP_E_INVALID_PARAMETER),  # MCOPY to no target
         (b"\xff\xfe 1\n", w.IBP_E_BAD_FORMAT),
         (b"\n", w.IBP_E_BAD_FORMAT),

@@ -122,6 +122,8 @@ class DepotCore:
             if a is None:
                 log.warning("allocation record %s is incomplete; dropped", fid[:12])
                 continue
+            if not self._settle(a):
+                continue
             self.allocs[fid] = a
             self._account(a, 1)
             self.store.fit(fid, a.size, a.max_size)  # nothing unacknowledged, no blocks past its end
@@ -132,12 +134,37 @@ class DepotCore:
         if self.allocs:
             log.info("recovered %d allocations, %d bytes", len(self.allocs), self.stored)
 
+    def _settle(self, a: Allocation) -> bool:
+        """Whether `a`, as recorded, is still live, given its data file. A change is on disk only once
+        a later fsync covers its record (group commit), while a free removes the file and a TRUNCATE
+        cuts it at once: a file gone though `a` holds bytes was being freed, and a file shorter than
+        `a` was cut, by a request the crash left unanswered. Its file is taken as the truth, so no
+        allocation comes back with zeros for data."""
+        try:
+            length = self.store.path(a.fid).stat().st_size
+        except FileNotFoundError:
+            if a.size > 0:
+                log.info("allocation %s was being freed; dropped", a.fid[:12])
+                return False
+            return True  # nothing to lose: it gets a new, empty file
+        if length < a.size:
+            log.info("allocation %s was being cut to %d bytes; kept so", a.fid[:12], length)
+            a.size = length
+        return True
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Journal `record`; after a failed fsync, the journal is first rewritten from memory, on
+        disk, so that nothing is acknowledged on top of records that may be lost."""
+        if self.store.failed:
+            self.store.compact(self._records())
+        self.store.append(record)
+
     def _records(self) -> dict[str, dict[str, Any]]:
         return {fid: dataclasses.asdict(a) for fid, a in self.allocs.items()}
 
     def _journal_set(self, a: Allocation, **changes: Any) -> None:
         """Change `a`, journal first: a failed append (a full disk) leaves memory as the journal has it."""
-        self.store.append({"op": "set", "id": a.fid, "a": changes})
+        self._append({"op": "set", "id": a.fid, "a": changes})
         self._account(a, -1)
         for k, v in changes.items():
             setattr(a, k, v)
@@ -203,7 +230,7 @@ class DepotCore:
     # -- operations --
 
     def allocate(self, req: w.Allocate, now: float, owner: str = "") -> Grant:
-        if req.rid != RID:
+        if req.rid not in ("", RID):  # "": IBPv031 names none
             raise self.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
         if req.reliability not in (w.IBP_SOFT, w.IBP_HARD):
             raise self.refuse(w.IBP_E_BAD_FORMAT, f"reliability {req.reliability} (want 1 soft or 2 hard)")
@@ -211,10 +238,14 @@ class DepotCore:
             raise self.refuse(w.IBP_E_INVALID_PARAMETER, f"allocation type {req.type}")
         if req.type != w.IBP_BYTEARRAY:
             raise self.refuse(w.IBP_E_TYPE_NOT_SUPPORTED, f"allocation type {req.type} (only BYTEARRAY is served)")
-        if req.size <= 0:
-            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "size must be positive")
+        # As L-Store's read_allocate: the duration, then the size, which it reads unsigned (a
+        # negative one is more than any depot holds).
         if req.duration == 0:
             raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration must be positive (or -1: the longest allowed)")
+        if req.size == 0:
+            raise self.refuse(w.IBP_E_INVALID_PARAMETER, "size must be positive")
+        if req.size < 0:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {req.size}, read unsigned, exceeds any depot")
         duration = self.max_duration if req.duration == w.FOREVER else req.duration
         self._check_quota(owner, 1, req.size)
         status, reason = admit(req.size, duration, self.free, self.capacity, self.max_duration)
@@ -235,7 +266,7 @@ class DepotCore:
             owner=owner,
         )
         self.store.create(a.fid, a.max_size)
-        self.store.append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
+        self._append({"op": "alloc", "id": a.fid, "a": dataclasses.asdict(a)})
         self.allocs[a.fid] = a
         self._account(a, 1)
         self._tidy_journal()
@@ -373,7 +404,10 @@ class DepotCore:
         return ()
 
     def _truncate(self, a: Allocation, size: int, now: float) -> tuple[object, ...]:
-        """TRUNCATE (L-Store's IBP_TRUNCATE): the maximum size becomes `size` and data past it is cut."""
+        """TRUNCATE (L-Store's IBP_TRUNCATE): the maximum size becomes `size` and data past it is cut;
+        a negative size, read unsigned as L-Store does, is past any depot's room (-19 as a huge one)."""
+        if size < 0:
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {size}, read unsigned, exceeds any depot")
         self._resize(a, size, self._left(a, now), now, size=min(a.size, size))
         return ()
 
@@ -397,7 +431,7 @@ class DepotCore:
             self.store.fit(a.fid, a.size, max_size)
 
     def free_alloc(self, a: Allocation) -> None:
-        self.store.append({"op": "free", "id": a.fid})
+        self._append({"op": "free", "id": a.fid})
         if self.allocs.pop(a.fid, None) is not None:
             self._account(a, -1)
         self.store.remove(a.fid)
@@ -446,17 +480,27 @@ class DepotCore:
             "allocations": len(self.allocs),
             "refused": self.refused.total(),
             "revoked_soft": self.revoked,
+            "syncs": self.store.syncs,
         }
         return values, extras
+
+    def inq_v031(self) -> tuple[int, int, int, int, int]:
+        """IBPv031's ST_INQ figures: hard capacity and reserved, soft capacity and reserved (bytes),
+        and the maximum duration; one capacity serves both kinds here, as in the IBPv040 reply."""
+        return self.capacity, self.hard_reserved, self.capacity, self.soft_reserved, self.max_duration
 
     def status(self) -> dict[str, object]:
         """Everything ST_INQ reports, by our names."""
         values, extras = self.inq()
         return {**values, **extras}
 
-    def change(self, password: str, capacity: int, max_duration: int) -> None:
+    def check_admin(self, password: str) -> None:
+        """-29 unless `password` is the admin key (compared in constant time)."""
         if not keys_equal(password, self.admin_key):
             raise self.refuse(w.IBP_E_WRONG_PASSWD, "wrong admin key")
+
+    def change(self, password: str, capacity: int, max_duration: int) -> None:
+        self.check_admin(password)
         if capacity < self.reserved:
             raise self.refuse(w.IBP_E_WOULD_DAMAGE_DATA, f"capacity {capacity} is below the {self.reserved} reserved")
         self.capacity = capacity

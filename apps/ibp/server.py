@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # What clients cause, one line per connection or request (a cut transfer, a failed copy, a slot given
 # way): bounded, so no client can fill the disk with the depot's log.
 peer_log = RateLog(logger=log)
+_sync_log = RateLog(rate=0.1, burst=3, logger=log)  # a failing disk would otherwise log on every request
 
 EXPIRY_TICK = 1.0  # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
@@ -164,6 +165,31 @@ class DepotServer:
         finally:
             agent.close()
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """The depot's lock, for a request that may change what the journal records. Its records are
+        written under the lock and made durable after the lock is let go, by group commit (one fsync
+        for every request waiting meanwhile: storage.DiskStore.durable), so no client's changes hold
+        the others for a sync each. The caller answers only after this, a refusal too: one may follow
+        a change (a CHNG past the maximum duration is made, then answered -45)."""
+        store = self.core.store
+        self.lock.acquire()
+        before = store.written
+        try:
+            yield
+        finally:
+            after = store.written
+            self.lock.release()
+            if after > before:
+                self._durable(after)
+
+    def _durable(self, seq: int) -> None:
+        try:
+            self.core.store.durable(seq)
+        except OSError as e:  # the disk failed: the change may stand, unacknowledged
+            _sync_log.log("journal sync failed: %s", e, level=logging.ERROR)
+            raise w.IbpError(w.IBP_E_FILE_WRITE, "the depot could not put the change on disk") from None
+
     def alloc_lock(self, a: Allocation) -> threading.Lock:
         with self.lock:
             return self._alloc_locks.setdefault(a.fid, threading.Lock())
@@ -257,15 +283,15 @@ class DepotServer:
             with self.lock:
                 self.core.refused[e.status] += 1
             stream.send(w.format_refusal(e.status, e.reason))
-            return not w.carries_data(line)  # its data, if sent behind it, must not be read as requests
+            return not (e.closes or w.carries_data(line))  # what was sent behind it is no request
         try:
             return self._dispatch(stream, req, depot_addr, client)
         except w.IbpError as e:
             log.debug("refused %s: %s", type(req).__name__, e)
             stream.send(w.format_refusal(e.status, e.reason))
-            # Some IBP clients send a STORE's data without waiting for our first line: after a
-            # refusal those bytes would be read as requests, so the connection ends here.
-            return not isinstance(req, (w.Store, w.Write))
+            # Some IBP clients send a STORE's data (or ST_CHANGE's limits) without waiting for our
+            # answer: after a refusal those bytes would be read as requests, so the connection ends.
+            return not w.more_follows(req)
         except w.BadRequest as e:  # a second line (ST_CHANGE's limits) that does not parse
             stream.send(w.format_refusal(e.status, e.reason))
             return False
@@ -275,7 +301,7 @@ class DepotServer:
         core = self.core
         timeout = self.limits.timeout(req.timeout)
         if isinstance(req, w.Allocate):
-            with self.lock:
+            with self._changing():
                 grant = core.allocate(req, now, client)
             stream.send(w.format_reply(w.IBP_OK, *grant.caps(depot_addr)))
         elif isinstance(req, (w.Store, w.Write)):
@@ -301,10 +327,10 @@ class DepotServer:
         elif isinstance(req, w.Manage):
             stream.send(w.format_reply(w.IBP_OK, *self._manage(req, now, timeout)))
         else:
-            return self._status(stream, req, depot_addr, timeout)
+            return self._status(stream, req, depot_addr)
         return True
 
-    def _status(self, stream: ByteStream, req: w.Status, depot_addr: str, timeout: float) -> bool:
+    def _status(self, stream: ByteStream, req: w.Status, depot_addr: str) -> bool:
         core = self.core
         if req.subcmd == w.IBP_ST_VERSION:
             stream.send(w.format_reply(w.IBP_OK) + self.version_text(depot_addr) + b"END\n")
@@ -318,8 +344,13 @@ class DepotServer:
             peer_log.log("ST_INQ with a wrong password")
             time.sleep(WRONG_PASSWORD_PAUSE)
             raise core.refuse(w.IBP_E_WRONG_PASSWD, "wrong password")
-        if req.rid != RID:
+        if req.rid not in ("", RID):  # "": IBPv031 names none
             raise core.refuse(w.IBP_E_INVALID_RID, f"no resource {req.rid!r} (this depot has {RID!r})")
+        if req.subcmd == w.IBP_ST_INQ and req.version == w.IBPv031:
+            with self.lock:
+                figures = core.inq_v031()
+            stream.send(w.format_inq_v031(*figures))
+            return True
         if req.subcmd == w.IBP_ST_INQ:
             assert self.slots is not None
             with self.lock:
@@ -328,8 +359,13 @@ class DepotServer:
             stream.send(w.format_inq(values, extras))
             return True
         if req.follows:
+            # The admin key before the limits line, and that line a request line like any other, so
+            # a line without the key (or without its second line) holds the connection no longer.
+            with self.lock:
+                core.check_admin(req.password)
+            lim = self.limits
             try:
-                second = stream.readline(w.MAX_LINE, timeout, timeout)
+                second = stream.readline(w.MAX_LINE, lim.request_timeout, lim.request_timeout)
             except ValueError:  # as any over-long line: -21, and the connection closed
                 raise w.BadRequest(w.IBP_E_BAD_FORMAT, "request line too long") from None
             req = w.parse_change(second, req)
@@ -360,13 +396,13 @@ class DepotServer:
 
     def _manage(self, req: w.Manage, now: float, timeout: float) -> tuple[object, ...]:
         if req.subcmd not in (w.IBP_CHNG, w.IBP_TRUNCATE):
-            with self.lock:
+            with self._changing():
                 return self.core.manage(req, now)
         # A CHNG or TRUNCATE may shrink the allocation and give its blocks past the new end back to
         # the disk: not while a store writes there, which could leave bytes past the new end.
         with self.lock:
             a = self.core.authorize(req.key, req.typekey, MANAGE, now, req.rid)
-        with self._writing(a, timeout), self.lock:
+        with self._writing(a, timeout), self._changing():
             return self.core.manage(req, now)
 
     def _store(self, stream: ByteStream, req: w.Store | w.Write, now: float, timeout: float) -> bool:
@@ -392,7 +428,7 @@ class DepotServer:
 
     def _commit(self, a: Allocation, end: int, what: str) -> None:
         """What a store or pull wrote, up to `end`, acknowledged: unless `a` was freed meanwhile."""
-        with self.lock:
+        with self._changing():
             if self.core.allocs.get(a.fid) is not a:
                 raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, f"the allocation went away during the {what}")
             self.core.commit(a, end)
@@ -507,6 +543,7 @@ class DepotServer:
         with self.lock:
             a = self.core.authorize(req.key, req.typekey, READ, now, req.rid)
             n = self.core.check_read(a, offset, req.length)
+            self._no_phoebus(req)
         caps = [parse_cap(d, WRITE) for d in dests]
         timeout = self.limits.timeout(dest_timeout)
         results = []
@@ -516,6 +553,12 @@ class DepotServer:
                 raise w.IbpError(status, why)
             results.append((n, status))
         return results
+
+    def _no_phoebus(self, req: w.Send | w.Transfer | w.Mcopy) -> None:
+        """A copy through Phoebus gateways is -22, once its capability and range passed, as L-Store's
+        handle_copy answers on a depot built without Phoebus (the caller holds the lock)."""
+        if isinstance(req, (w.Send, w.Transfer)) and req.path is not None:
+            raise self.core.refuse(w.IBP_E_TYPE_NOT_SUPPORTED, "copies through Phoebus gateways are not served")
 
     def _sender(
         self, a: Allocation, offset: int, n: int, cap: Capability, dest_offset: int | None
@@ -535,6 +578,7 @@ class DepotServer:
         with self._writing(a, timeout):
             with self.lock:
                 start = self.core.check_write(a, req.offset, req.length)
+                self._no_phoebus(req)
 
             pace = self.limits.pace(req.timeout)
 
@@ -573,7 +617,7 @@ class DepotServer:
         while not stop.wait(EXPIRY_TICK):
             self.targets.expire()
             try:
-                with self.lock:
+                with self._changing():
                     self.core.expire(self.clock())
                     for fid, lock in list(self._alloc_locks.items()):  # forget locks of freed allocations
                         if fid not in self.core.allocs and not lock.locked():

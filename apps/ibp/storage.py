@@ -1,6 +1,8 @@
 """A depot's disk: one data file per allocation and an fsync'd journal of allocation metadata.
 
 A store is acknowledged only after its bytes and the journal record of the new length are on disk.
+Records are written under the depot's lock and made durable after it by group commit (`durable`):
+one fsync serves every record written before it began, so requests share the cost of durability.
 The directory is 0700 and every file 0600, set explicitly, whatever the umask.
 """
 
@@ -8,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import logging
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -105,6 +109,14 @@ class DiskStore:
         self.journal_path = root / JOURNAL
         self._journal: BinaryIO | None = None
         self.journal_lines = 0  # lines in the journal, live or superseded
+        # Group commit. Records are numbered as written; `_synced` of them are on disk. One thread at a
+        # time fsyncs (`_syncing`) for all written so far; the others wait for it, then one leads the next.
+        self._written = 0
+        self._synced = 0
+        self._syncing = False
+        self._failed = False  # an fsync failed: nothing is durable again until the journal is rewritten
+        self._sync = threading.Condition()
+        self.syncs = 0  # fsyncs of the journal since the start (ST_INQ reports them)
         # One depot per directory: a second one would interleave journals and data.
         self._lock = private_open(root / LOCK, os.O_RDWR | os.O_CREAT)
         try:
@@ -156,23 +168,74 @@ class DiskStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        self.close()
-        os.replace(tmp, self.journal_path)
-        self._fsync_dir()
-        self.journal_lines = len(records)
+        with self._sync:  # not while an fsync of the old journal runs: it would see its file closed
+            while self._syncing:
+                self._sync.wait()
+            self.close()
+            os.replace(tmp, self.journal_path)
+            self._fsync_dir()
+            self.journal_lines = len(records)
+            self._synced, self._failed = self._written, False  # the new journal holds them all, on disk
+            self._sync.notify_all()
 
     def needs_compaction(self, live: int) -> bool:
         """Whether the journal holds too many superseded lines for its `live` allocations."""
         return self.journal_lines > COMPACT_FACTOR * live + COMPACT_FLOOR
 
-    def append(self, record: dict[str, Any]) -> None:
+    @property
+    def written(self) -> int:
+        """The number of the last record written: `durable(written)` waits for all so far."""
+        return self._written
+
+    @property
+    def failed(self) -> bool:
+        """Whether an fsync failed: the journal must be rewritten (`compact`) before more is durable."""
+        return self._failed
+
+    def append(self, record: dict[str, Any]) -> int:
+        """Write `record` to the journal (to the OS, not yet to the disk: see `durable`); its number.
+        A write that fails (a full disk) raises here, before the caller changes anything."""
         if self._journal is None:
             fd = private_open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             self._journal = os.fdopen(fd, "ab")  # held open for the depot's life
         self._journal.write(_line(record))
         self._journal.flush()
-        os.fsync(self._journal.fileno())
         self.journal_lines += 1
+        self._written += 1  # only now: a sync that reads this number covers the record
+        return self._written
+
+    def durable(self, seq: int) -> None:
+        """Return once record `seq` (and every one before it) is on disk. Group commit: if an fsync
+        is running, wait for it; then, unless it covered `seq`, one waiter fsyncs for all records
+        written by then, so a burst of requests costs one or two fsyncs, not one each. OSError if
+        an fsync failed (then every later record fails too, until `compact` rewrites the journal)."""
+        with self._sync:
+            while self._synced < seq:
+                if self._failed:
+                    raise OSError(errno.EIO, "the journal could not be synced (it is rewritten at the next change)")
+                if not self._syncing:
+                    break
+                self._sync.wait()
+            else:
+                return
+            self._syncing = True
+            target = self._written  # read before the file: a record counted here was written to it
+            journal = self._journal
+        ok = False
+        try:
+            if journal is not None:
+                os.fsync(journal.fileno())
+            ok = True
+        finally:
+            with self._sync:
+                self._syncing = False
+                self.syncs += 1
+                if ok:
+                    self._synced = max(self._synced, target)
+                else:  # after a failed fsync a later one may succeed without the lost pages (fsyncgate)
+                    self._failed = True
+                    log.error("journal fsync failed: records are not durable until it is rewritten")
+                self._sync.notify_all()
 
     def close(self) -> None:
         if self._journal is not None:
@@ -180,7 +243,9 @@ class DiskStore:
             self._journal = None
 
     def release(self) -> None:
-        """Close the journal and let another depot use the directory."""
+        """Put the journal on disk, close it and let another depot use the directory."""
+        with contextlib.suppress(OSError):
+            self.durable(self._written)
         self.close()
         if self._lock >= 0:
             os.close(self._lock)

@@ -5,12 +5,15 @@ Each request is one line `version command args... timeout\\n`; each reply starts
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-# Versions (IBPv031 is the older protocol; we speak IBPv040 only).
+# Versions. IBPv031, the older protocol (IBP 1.x clients, LoRS of that era), differs only in ALLOCATE and
+# STATUS, which name no resource, and in ST_INQ's reply; any other version is -27, as the LoCI depot has it.
 IBPv031 = 0
 IBPv040 = 1
+VERSIONS = (IBPv031, IBPv040)
 
 # Commands.
 IBP_ALLOCATE = 1
@@ -22,10 +25,10 @@ IBP_MCOPY = 6
 IBP_LOAD = 8
 IBP_MANAGE = 9
 IBP_WRITE = 13
-IBP_ALIAS_ALLOCATE = 14  # 14-19 and 22-36: L-Store's, not served here (-25)
+IBP_ALIAS_ALLOCATE = 14  # 14-19 (but 17) and 22-36: L-Store's, not served here (-25)
 IBP_ALIAS_MANAGE = 15
 IBP_RENAME = 16
-IBP_PHOEBUS_SEND = 17
+IBP_PHOEBUS_SEND = 17  # a SEND through Phoebus gateways: refused after its checks (-22), as without Phoebus
 IBP_SPLIT_ALLOCATE = 18
 IBP_MERGE_ALLOCATE = 19
 IBP_PUSH = 20  # L-Store's depot-to-depot copies: PUSH sends local bytes, PULL fetches remote ones
@@ -34,7 +37,9 @@ IBP_PUSH_CHKSUM = 22
 IBP_VEC_READ_CHKSUM = 36
 # Commands L-Store's depot has and ours does not serve: -25. Any other number is -43, as L-Store's
 # read_command answers a command without a handler.
-UNSERVED = frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) | frozenset(range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1))
+UNSERVED = (frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) - {IBP_PHOEBUS_SEND}) | frozenset(
+    range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1)
+)
 
 # PUSH/PULL connection types (L-Store): plain TCP, or through Phoebus gateways (not served).
 IBP_TCP = 1
@@ -229,12 +234,14 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]+")
 
 
 class BadRequest(ValueError):
-    """A request line we cannot accept; `status` is the IBP error to reply with."""
+    """A request line we cannot accept; `status` is the IBP error to reply with. `closes`: the
+    connection ends with the refusal, as what the client sends behind the line cannot be read."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, closes: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.closes = closes
 
 
 class IbpError(Exception):
@@ -251,6 +258,8 @@ class IbpError(Exception):
 
 @dataclass(frozen=True)
 class Allocate:
+    """`rid` "": none named (IBPv031's form): the depot's own, as L-Store's depot picks one."""
+
     rid: str
     reliability: int
     type: int
@@ -296,7 +305,8 @@ class Load:
 
 @dataclass(frozen=True)
 class Send:
-    """Depot-to-depot copy: the depot appends the bytes to `dest_cap` itself."""
+    """Depot-to-depot copy: the depot appends the bytes to `dest_cap` itself. `path`: through these
+    Phoebus gateways (L-Store's PHOEBUS_SEND; "auto" its default path), None: directly."""
 
     key: str
     typekey: str
@@ -307,6 +317,7 @@ class Send:
     dest_timeout: int
     dest_client_timeout: int
     rid: str = ""
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +336,7 @@ class Transfer:
     dest_timeout: int
     dest_client_timeout: int
     rid: str = ""
+    path: str | None = None  # Phoebus gateways (connection type 2), as Send's
 
 
 @dataclass(frozen=True)
@@ -362,6 +374,7 @@ class Status:
     capacity: int = 0  # ST_CHANGE in one line (ours)
     max_duration: int = 0  # ST_CHANGE in one line (ours)
     follows: bool = False  # ST_CHANGE as IBP sends it: `max_hard max_soft max_duration` on the next line
+    version: int = IBPv040  # IBPv031's has no RID, and its ST_INQ another reply
 
 
 Request = Allocate | Store | Write | Load | Send | Transfer | Mcopy | Manage | Status
@@ -446,23 +459,32 @@ def parse_request(line: bytes) -> Request:
     if len(toks) < 2:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected 'version command args... timeout'")
     version = _int(toks[0], "version", -MAX_INT, MAX_INT)
-    if version != IBPv040:
-        raise BadRequest(IBP_E_PROT_VERS, f"protocol version {version} not supported (want {IBPv040})")
+    if version not in VERSIONS:
+        raise BadRequest(IBP_E_PROT_VERS, f"protocol version {version} not supported (want {IBPv031} or {IBPv040})")
     cmd = _int(toks[1], "command", -MAX_INT, MAX_INT)
     a = toks[2:]
     if cmd == IBP_ALLOCATE:
-        _want(a, 6, "ALLOCATE rid reliability type duration size timeout")
+        if version == IBPv031:  # no RID: L-Store's read_allocate takes the first field as the reliability
+            _want(a, 5, "ALLOCATE reliability type duration size timeout (IBPv031)")
+            a = ["", *a]
+        else:
+            _want(a, 6, "ALLOCATE rid reliability type duration size timeout")
         return Allocate(
-            _word(a[0], "rid"),
+            "" if version == IBPv031 else _word(a[0], "rid"),
             _int(a[1], "reliability", -MAX_INT, MAX_INT),
             _int(a[2], "type", -MAX_INT, MAX_INT),
             _int(a[3], "duration", FOREVER),
-            _int(a[4], "size"),
+            _int(a[4], "size", -MAX_INT),  # a negative one: L-Store reads it unsigned (the depot: -19)
             _timeout(a[5]),
         )
     if cmd in (IBP_STORE, IBP_WRITE, IBP_LOAD):
         return _parse_rw(cmd, a)
-    if cmd == IBP_SEND:
+    if cmd in (IBP_SEND, IBP_PHOEBUS_SEND):
+        path = None
+        if cmd == IBP_PHOEBUS_SEND:  # L-Store's read_read: the gateways' path first, then SEND's fields
+            if not a:
+                raise BadRequest(IBP_E_BAD_FORMAT, "expected PHOEBUS_SEND path key destcap typekey ...")
+            path, a = _path(a[0]), a[1:]
         _want(a, 8, "SEND key destcap typekey offset length timeout dest_timeout dest_client_timeout")
         # L-Store sends `key destcap typekey`; older clients `key typekey destcap`: the cap tells which.
         dest, typekey = (a[2], a[1]) if a[2].startswith("ibp://") else (a[1], a[2])
@@ -477,6 +499,7 @@ def parse_request(line: bytes) -> Request:
             _remote_timeout(a[6], "destination timeout"),
             _remote_timeout(a[7], "destination client timeout"),
             rid,
+            path,
         )
     if cmd in (IBP_PUSH, IBP_PULL):
         return _parse_transfer(cmd == IBP_PULL, a)
@@ -498,10 +521,16 @@ def parse_request(line: bytes) -> Request:
     if cmd == IBP_MANAGE:
         return _parse_manage(a)
     if cmd == IBP_STATUS:
-        return _parse_status(a)
+        return _parse_status(a) if version == IBPv040 else _parse_status_v031(a)
     if cmd in UNSERVED:
         raise BadRequest(IBP_E_INVALID_CMD, f"command {cmd} is not served here")
     raise BadRequest(IBP_E_UNKNOWN_FUNCTION, f"unknown command {cmd}")
+
+
+def more_follows(req: Request) -> bool:
+    """Whether a client may send more than requests right behind `req`, unasked: a STORE's or
+    WRITE's data (L-Store's clients do), ST_CHANGE's limits line (IBP's clients do)."""
+    return isinstance(req, (Store, Write)) or (isinstance(req, Status) and req.follows)
 
 
 def carries_data(line: bytes) -> bool:
@@ -517,8 +546,13 @@ def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
     if not a:
         raise BadRequest(IBP_E_BAD_FORMAT, f"expected {form}")
     ctype = _int(a[0], "connection type", -MAX_INT, MAX_INT)
-    if ctype != IBP_TCP:  # Phoebus gateways are not served, as an L-Store depot built without them
-        raise BadRequest(IBP_E_TYPE_NOT_SUPPORTED, f"connection type {ctype} (only 1, TCP, is served)")
+    if ctype not in (IBP_TCP, IBP_PHOEBUS):  # L-Store's read_read
+        raise BadRequest(IBP_E_TYPE_NOT_SUPPORTED, f"connection type {ctype} (1 TCP, 2 Phoebus)")
+    path = None
+    if ctype == IBP_PHOEBUS:  # the gateways' path follows; refused after the checks (the depot's)
+        if len(a) < 2:
+            raise BadRequest(IBP_E_BAD_FORMAT, f"expected {form}, a Phoebus path after the type")
+        path, a = _path(a[1]), [a[0], *a[2:]]
     _want(a, 10, form)
     rid, key = _key(a[1], "key")
     offset: int | None
@@ -539,7 +573,15 @@ def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
         _remote_timeout(a[8], "destination timeout"),
         _remote_timeout(a[9], "destination client timeout"),
         rid,
+        path,
     )
+
+
+def _path(tok: str) -> str:
+    """A Phoebus gateways' path (`auto`, or `host/port,...`): only kept, never used here."""
+    if not _TOKEN_RE.fullmatch(tok):
+        raise BadRequest(IBP_E_BAD_FORMAT, "malformed Phoebus path")
+    return tok
 
 
 def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
@@ -570,7 +612,7 @@ def _parse_manage(a: list[str]) -> Manage:
         return Manage(key, typekey, sub, captype, _timeout(a[4]), rid=rid)
     if sub == IBP_TRUNCATE:
         _want(a, 5, "MANAGE key typekey 45 size timeout")
-        return Manage(key, typekey, sub, 0, _timeout(a[4]), _int(a[3], "size"), rid=rid)
+        return Manage(key, typekey, sub, 0, _timeout(a[4]), _int(a[3], "size", -MAX_INT), rid=rid)
     if sub in (IBP_CHNG, IBP_PROBE):  # PROBE as L-Store sends it: with three unused fields
         _want(a, 8, f"MANAGE key typekey {sub} captype size duration reliability timeout")
         captype = _int(a[3], "captype", -MAX_INT, MAX_INT)  # unused, as in L-Store
@@ -626,6 +668,25 @@ def _parse_status(a: list[str]) -> Status:
     raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")  # L-Store's read_status: -21
 
 
+def _parse_status_v031(a: list[str]) -> Status:
+    """IBPv031's STATUS, as L-Store's read_status takes it: the sub-command first, no RID. Its
+    ST_CHANGE is refused and the connection closed there, as L-Store refuses every ST_CHANGE."""
+    if not a:
+        raise BadRequest(IBP_E_BAD_FORMAT, "expected STATUS subcmd ... timeout")
+    sub = _int(a[0], "status sub-command", -MAX_INT, MAX_INT)
+    if sub in (IBP_ST_RES, IBP_ST_VERSION):
+        _want(a, 2, "STATUS subcmd timeout")
+        return Status("", sub, "", _timeout(a[1]), version=IBPv031)
+    if sub == IBP_ST_CHANGE:  # its limits follow: not to be read as requests
+        raise BadRequest(IBP_E_INVALID_CMD, "IBPv031's ST_CHANGE is not served", closes=True)
+    if sub != IBP_ST_INQ:
+        raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")
+    _want(a, 3, "STATUS 1 password timeout")
+    if not _PASSWORD_RE.fullmatch(a[1]):
+        raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed password")
+    return Status("", sub, a[1], _timeout(a[2]), version=IBPv031)
+
+
 def parse_change(line: bytes, req: Status) -> Status:
     """ST_CHANGE's second line `max_hard max_soft max_duration`: one capacity (hard + soft) here."""
     try:
@@ -635,8 +696,8 @@ def parse_change(line: bytes, req: Status) -> Status:
     if len(toks) != 3:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected max_hard max_soft max_duration")
     hard, soft = _int(toks[0], "max_hard"), _int(toks[1], "max_soft")
-    return Status(
-        req.rid, req.subcmd, req.password, req.timeout, min(MAX_INT, hard + soft), _int(toks[2], "max_duration", 1)
+    return dataclasses.replace(
+        req, capacity=min(MAX_INT, hard + soft), max_duration=_int(toks[2], "max_duration", 1), follows=False
     )
 
 
@@ -648,7 +709,9 @@ def format_request(req: Request) -> bytes:
     """The request line for `req`, newline included (ST_CHANGE's limits on a second line)."""
     v = IBPv040
     f: list[object]
-    if isinstance(req, Allocate):
+    if isinstance(req, Allocate) and not req.rid:
+        f = [IBPv031, IBP_ALLOCATE, req.reliability, req.type, req.duration, req.size, req.timeout]
+    elif isinstance(req, Allocate):
         f = [v, IBP_ALLOCATE, req.rid, req.reliability, req.type, req.duration, req.size, req.timeout]
     elif isinstance(req, Store):
         f = [v, IBP_STORE, _k(req.rid, req.key), req.typekey, req.length, req.timeout]
@@ -659,7 +722,7 @@ def format_request(req: Request) -> bytes:
     elif isinstance(req, Send):
         f = [
             v,
-            IBP_SEND,
+            *([IBP_SEND] if req.path is None else [IBP_PHOEBUS_SEND, req.path]),
             _k(req.rid, req.key),
             req.dest_cap,
             req.typekey,
@@ -673,7 +736,7 @@ def format_request(req: Request) -> bytes:
         f = [
             v,
             IBP_PULL if req.pull else IBP_PUSH,
-            IBP_TCP,
+            *([IBP_TCP] if req.path is None else [IBP_PHOEBUS, req.path]),
             _k(req.rid, req.key),
             req.remote_cap,
             req.typekey,
@@ -707,6 +770,8 @@ def format_request(req: Request) -> bytes:
         elif req.subcmd == IBP_PROBE:  # L-Store's probe_command: its depot skips three fields here
             f += [0, 0, 0]
         f.append(req.timeout)
+    elif req.version == IBPv031:
+        f = [IBPv031, IBP_STATUS, req.subcmd, *([req.password] if req.subcmd == IBP_ST_INQ else []), req.timeout]
     elif req.subcmd in (IBP_ST_RES, IBP_ST_VERSION):
         f = [v, IBP_STATUS, req.subcmd, req.timeout]
     elif req.subcmd == IBP_ST_CHANGE and req.follows:
@@ -818,6 +883,14 @@ def format_inq(values: dict[str, object], extras: dict[str, int]) -> bytes:
     more = "".join(f" {name}:{value}" for name, value in extras.items())
     body = f"{tags} {INQ_END}{more} \n".encode("ascii")
     return format_reply(IBP_OK, len(body)) + body
+
+
+def format_inq_v031(hard: int, hard_used: int, soft: int, soft_used: int, max_duration: int) -> bytes:
+    """IBPv031's ST_INQ reply, as L-Store's and the LoCI depot's handle_status send it: no status
+    line, only the hard and soft capacities and what is reserved of each, in MiB, and the maximum
+    duration (the LoCI client library reads these five numbers first)."""
+    mib = (hard >> 20, hard_used >> 20, soft >> 20, soft_used >> 20)
+    return (" ".join(str(x) for x in (*mib, max_duration)) + " \n").encode("ascii")
 
 
 def parse_inq(line: bytes) -> dict[str, str]:

@@ -501,6 +501,35 @@ def test_a_signal_reaches_no_process_that_took_the_pid_of_a_finished_command(lab
             v.wait()
 
 
+def test_a_sessions_files_get_a_logins_umask_not_the_daemons() -> None:
+    """netplumbd started with umask 0 (as some service managers start daemons): the files a
+    session's command makes are not world-writable; they get the umask a login gets (022)."""
+    with running_lab(args=None) as lab:
+        old = os.umask(0)
+        try:
+            lab.start()
+        finally:
+            os.umask(old)
+        _, _, _, shared = _files(lab)
+        alice = lab.client("alice", NOBODY, 'users="nobody"')
+        made = shared / "made.txt"
+        r = lab.plumb(alice, "sh", "-c", f"umask; echo words > {made}")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().strip() == "0022"
+        assert stat.S_IMODE(os.stat(made).st_mode) == 0o644 and os.stat(made).st_uid == NOBODY
+
+
+def test_the_login_umask_is_login_defs_umask_else_022(tmp_path: Path) -> None:
+    from apps.netplumb.runner import login_umask
+
+    defs = tmp_path / "login.defs"
+    defs.write_text("# UMASK 002 in a comment\nUMASK\t\t027\n")
+    assert login_umask(defs) == 0o027
+    defs.write_text("UMASK 9x\n")  # not octal: the default, not a guess
+    assert login_umask(defs) == 0o022
+    assert login_umask(tmp_path / "missing") == 0o022
+
+
 def test_a_replicated_socket_admits_its_owner_only_whatever_the_umask() -> None:
     """The socket netplumbd listens on for the client is made 0600 (as sshd's StreamLocalBindMask): a
     daemon started with a loose umask lets no other local user through to the client's socket."""

@@ -12,10 +12,12 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from apps.netplumb import privsep
@@ -24,6 +26,8 @@ from apps.netplumb.jobs import CommandJob, Exe, Job, Launch, describe_status
 from apps.netplumb.recipe import RecipeError, RecipeJob, parse_recipe
 
 MAX_PLAN = 4 << 20
+LOGIN_DEFS = Path("/etc/login.defs")
+DEFAULT_UMASK = 0o022  # login's own default, where login.defs names none
 PR_SET_DUMPABLE = 4
 
 
@@ -182,12 +186,28 @@ def become(uid: int, gid: int, groups: list[int]) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+def login_umask(defs: Path = LOGIN_DEFS) -> int:
+    """The umask a login gets here: login.defs' UMASK (as login and pam_umask read it), else 022.
+    A session's files are the user's, not made with whatever umask netplumbd was started under
+    (0 under some service managers: every file the command makes would be world-writable)."""
+    try:
+        text = defs.read_text(errors="replace")
+    except OSError:
+        return DEFAULT_UMASK
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "UMASK" and re.fullmatch(r"0?[0-7]{1,3}", words[1]):
+            return int(words[1], 8)
+    return DEFAULT_UMASK
+
+
 def main() -> None:
     ctl = socket.socket(fileno=int(sys.argv[2]))
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         plan = json.loads(sys.stdin.buffer.read(MAX_PLAN))
         become(plan["uid"], plan["gid"], plan["groups"])
+        os.umask(login_umask())
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)

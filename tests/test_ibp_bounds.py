@@ -728,6 +728,62 @@ def test_one_client_looping_incr_decr_holds_another_clients_change_for_two_syncs
     server.core.store.release()
 
 
+def recorded_fsyncs(monkeypatch: pytest.MonkeyPatch, server: srv.DepotServer) -> list[tuple[str, bool]]:
+    """Every fsync from now on: (what it synced, whether the depot's lock was held meanwhile)."""
+    real, done = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        held = server.lock.locked()
+        real(fd)
+        with contextlib.suppress(OSError):
+            done.append((os.readlink(f"/proc/self/fd/{fd}"), held))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return done
+
+
+@pytest.mark.timeout(30)
+def test_an_allocate_syncs_nothing_under_the_depots_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new allocation's empty data file is made without an fsync of it or its directories (a crash
+    loses nothing a client was told of: the next start makes it again), and its journal record is
+    synced after the lock is let go: a client looping ALLOCATE holds no one else's request for a sync."""
+    server = srv.DepotServer(core(tmp_path / "d"), "d", Limits(client_share=1.0))
+    synced = recorded_fsyncs(monkeypatch, server)
+    with serving(server) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        f = s.makefile("rb")
+        for _ in range(3):
+            allocate_keys(f, s)
+    assert synced and all(path.endswith(storage.JOURNAL) for path, _ in synced), synced
+    assert not any(held for _, held in synced), synced
+    server.core.store.release()
+
+
+@pytest.mark.timeout(30)
+def test_a_store_puts_its_files_name_on_disk_before_it_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first store into a new allocation is acknowledged only once the data file's directory
+    entry is on disk: acknowledged bytes must not vanish with their file in a crash."""
+    server = srv.DepotServer(core(tmp_path / "d"), "d", clock=lambda: NOW)
+    data_dir = str(server.core.store.data)
+    synced = recorded_fsyncs(monkeypatch, server)
+    allocate = Piped()
+    server.handle(allocate, w.format_request(alloc(MB)), "d")
+    _, wcap, _ = (Capability.parse(c.decode()) for c in allocate.sent.get(timeout=5).split()[1:])
+    assert not any(path == data_dir for path, _ in synced), synced
+    stored = Piped()
+    stored.incoming.put(b"data")
+    assert server.handle(stored, w.format_request(w.Store(wcap.key, wcap.typekey, 4, 5)), "d")
+    assert [stored.sent.get(timeout=5).split()[0] for _ in range(2)] == [b"1", b"1"]
+    assert [path for path, _ in synced].count(data_dir) == 1, synced
+    stored = Piped()  # the name is on disk now: a second store syncs no directory
+    stored.incoming.put(b"more")
+    assert server.handle(stored, w.format_request(w.Store(wcap.key, wcap.typekey, 4, 5)), "d")
+    assert [stored.sent.get(timeout=5).split()[0] for _ in range(2)] == [b"1", b"1"]
+    assert [path for path, _ in synced].count(data_dir) == 1, synced
+    server.core.store.release()
+
+
 class Acked(Piped):
     """A Piped stream that notes, at each reply, whether the journal was all on disk by then."""
 

@@ -457,6 +457,7 @@ class DepotServer:
                         handed = end
                 f.flush()
                 os.fsync(f.fileno())
+            self.core.store.entries_durable()  # the file's name too, if ALLOCATE left it to us
         except FileNotFoundError:  # freed (DECR, expiry) while the data came: the client's doing
             raise w.IbpError(w.IBP_E_CAP_NOT_FOUND, "the allocation went away during the store") from None
         except OSError as e:  # e.g. the disk is full: nothing of this store is acknowledged

@@ -116,6 +116,8 @@ class DiskStore:
         self._syncing = False
         self._failed = False  # an fsync failed: nothing is durable again until the journal is rewritten
         self._sync = threading.Condition()
+        self._entries_dirty = False  # data files made whose names may not be on disk yet
+        self._entries_lock = threading.Lock()
         self.syncs = 0  # fsyncs of the journal since the start (ST_INQ reports them)
         # One depot per directory: a second one would interleave journals and data.
         self._lock = private_open(root / LOCK, os.O_RDWR | os.O_CREAT)
@@ -257,13 +259,31 @@ class DiskStore:
         return self.data / fid
 
     def create(self, fid: str, size: int = 0) -> None:
+        """An empty data file for a new allocation, its blocks reserved. Nothing is fsync'd here (the
+        caller holds the depot's lock): an empty file lost to a crash is made again at the next start
+        (`fit`), and the first store that puts bytes in it makes its name durable first
+        (`entries_durable`)."""
         fd = private_open(self.path(fid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             reserve(fd, size)
-            os.fsync(fd)
         finally:
             os.close(fd)
-        self._fsync_dir()
+        self._entries_dirty = True
+
+    def entries_durable(self) -> None:
+        """Put the directory entries of the files made since the last call on disk (one fsync of the
+        directories for all of them), before a store into one of them is acknowledged: a data file
+        whose bytes were acknowledged must not vanish with a crash. A caller that finds another
+        thread's fsync under way waits for it, as that fsync covers its file too."""
+        with self._entries_lock:
+            if not self._entries_dirty:
+                return
+            self._entries_dirty = False  # before the fsync: a file made meanwhile sets it again
+            try:
+                self._fsync_dir()
+            except BaseException:
+                self._entries_dirty = True
+                raise
 
     def open(self, fid: str) -> BinaryIO:
         return os.fdopen(private_open(self.path(fid), os.O_RDWR), "r+b")

@@ -123,7 +123,7 @@ def test_malformed_and_out_of_order_messages_are_answered_and_the_server_goes_on
         (raw(6, w.TATTACH, bad_utf8), "not valid UTF-8"),
         (raw(7, w.TWALK, struct.pack("<IIH", 0, 1, 17) + b"\x01\x00a" * 17), "17 walk elements"),
         (t(w.Rread(8, b"reply as a request")), "Rread is not a request"),
-        (t(w.Tread(9, 42, 0, 10)), "unknown fid 42"),
+        (t(w.Tread(9, 42, 0, 10)), "fid unknown or out of range"),
         (t(w.Tflush(10, 999)), w.Rflush),
         (t(w.Twrite(11, 0, 0, bytes(9000))), "exceeds msize 8192"),
         (t(w.Tattach(12, 0, w.NOFID, "root", "")), w.Rattach),  # claims root: is nobody

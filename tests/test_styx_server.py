@@ -105,7 +105,7 @@ def test_requests_before_version_are_refused(root: Path) -> None:
 
 def test_version_clunks_all_fids(fs: Session) -> None:
     ok(fs, w.Tversion(w.NOTAG, 8192, "9P2000"))
-    err(fs, w.Tstat(1, 0), "unknown fid")
+    err(fs, w.Tstat(1, 0), "fid unknown or out of range")
 
 
 def test_message_over_msize_gets_rerror(fs: Session) -> None:
@@ -164,11 +164,11 @@ def test_walk_full_partial_and_failed(fs: Session) -> None:
     assert isinstance(reply, w.Rwalk) and len(reply.wqid) == 2 and reply.wqid[0].type == w.QTDIR
     partial = walk(fs, ["sub", "nope", "x"], newfid=3)
     assert isinstance(partial, w.Rwalk) and len(partial.wqid) == 1
-    err(fs, w.Tstat(1, 3), "unknown fid")  # a partial walk makes no newfid
+    err(fs, w.Tstat(1, 3), "fid unknown or out of range")  # a partial walk makes no newfid
     err(fs, w.Twalk(1, 0, 4, ["nope"]), "does not exist")
     err(fs, w.Twalk(1, 0, 2, []), "in use")  # newfid 2 exists
     err(fs, w.Twalk(1, 2, 6, ["x"]), "not a directory")
-    err(fs, w.Twalk(1, 99, 6, []), "unknown fid")
+    err(fs, w.Twalk(1, 99, 6, []), "fid unknown or out of range")
 
 
 def test_walk_zero_names_clones_and_same_fid_moves(fs: Session) -> None:
@@ -183,7 +183,7 @@ def test_dotdot_cannot_leave_the_root(fs: Session) -> None:
     assert isinstance(reply, w.Rerror) or len(reply.wqid) < 5  # type: ignore[attr-defined]
     root_qid = ok(fs, w.Tstat(1, 0)).stat.qid  # type: ignore[attr-defined]
     assert walk(fs, ["..", "secret.txt"], newfid=3) == w.Rwalk(5, [root_qid])  # partial: stopped at the root
-    err(fs, w.Tstat(1, 3), "unknown fid")
+    err(fs, w.Tstat(1, 3), "fid unknown or out of range")
     ok(fs, w.Twalk(1, 0, 3, ["sub", "..", "hello.txt"]))
 
 
@@ -210,10 +210,10 @@ def test_long_names_in_errors_still_fit_the_smallest_msize(root: Path) -> None:
 
 
 def test_names_with_slashes_or_dots_are_refused(fs: Session) -> None:
-    err(fs, w.Twalk(1, 0, 2, ["sub/deep.txt"]), "bad file name")
-    err(fs, w.Twalk(1, 0, 2, ["."]), "bad file name")
-    err(fs, w.Twalk(1, 0, 2, ["/etc"]), "bad file name")
-    err(fs, w.Tcreate(1, 0, "../x", 0o644, w.OWRITE), "bad file name")
+    err(fs, w.Twalk(1, 0, 2, ["sub/deep.txt"]), "illegal name")
+    err(fs, w.Twalk(1, 0, 2, ["."]), "illegal name")
+    err(fs, w.Twalk(1, 0, 2, ["/etc"]), "illegal name")
+    err(fs, w.Tcreate(1, 0, "../x", 0o644, w.OWRITE), "illegal name")
 
 
 # -- open, read, write ---------------------------------------------------------------------
@@ -221,13 +221,13 @@ def test_names_with_slashes_or_dots_are_refused(fs: Session) -> None:
 
 def test_read_with_offsets_and_count_capped_by_msize(fs: Session) -> None:
     walk(fs, ["hello.txt"])
-    err(fs, w.Tread(1, 2, 0, 5), "not open")
+    err(fs, w.Tread(1, 2, 0, 5), "bad use of fid")
     ok(fs, w.Topen(1, 2, w.OREAD))
-    err(fs, w.Topen(1, 2, w.OREAD), "already open")
+    err(fs, w.Topen(1, 2, w.OREAD), "bad use of fid")
     assert ok(fs, w.Tread(1, 2, 6, 100)) == w.Rread(1, b"world")
     assert ok(fs, w.Tread(1, 2, 11, 100)) == w.Rread(1, b"")
-    err(fs, w.Twrite(1, 2, 0, b"x"), "not open for writing")
-    err(fs, w.Twalk(1, 2, 3, []), "open fid")
+    err(fs, w.Twrite(1, 2, 0, b"x"), "bad use of fid")
+    err(fs, w.Twalk(1, 2, 3, []), "bad use of fid")
 
 
 def test_write_and_truncate(root: Path, fs: Session) -> None:
@@ -294,7 +294,7 @@ def test_create_file_and_directory(root: Path, fs: Session) -> None:
 def test_remove_clunks_even_on_failure(root: Path, fs: Session) -> None:
     walk(fs, ["sub"])
     err(fs, w.Tremove(1, 2), "not empty")
-    err(fs, w.Tstat(1, 2), "unknown fid")
+    err(fs, w.Tstat(1, 2), "fid unknown or out of range")
     walk(fs, ["hello.txt"], newfid=3)
     ok(fs, w.Tremove(1, 3))
     assert not (root / "hello.txt").exists()
@@ -307,7 +307,59 @@ def test_orclose_removes_on_clunk(root: Path, fs: Session) -> None:
     assert (root / "hello.txt").exists()
     ok(fs, w.Tclunk(1, 2))
     assert not (root / "hello.txt").exists()
-    err(fs, w.Tclunk(1, 2), "unknown fid")
+    err(fs, w.Tclunk(1, 2), "fid unknown or out of range")
+
+
+def test_touch_sets_atime_and_mtime_of_an_existing_file(root: Path, fs: Session) -> None:
+    """v9fs's setattr sends the atime with the mtime (utimensat with both): touch must work."""
+    walk(fs, ["hello.txt"])
+    change = w.Stat.dont_touch()
+    change.atime, change.mtime = 1_000_000_000, 1_100_000_000
+    ok(fs, w.Twstat(1, 2, change))
+    st = (root / "hello.txt").stat()
+    assert (int(st.st_atime), int(st.st_mtime)) == (1_000_000_000, 1_100_000_000)
+
+
+def test_an_atime_change_needs_what_an_mtime_change_needs(root: Path) -> None:
+    """Only the owner changes times, the atime as the mtime: a writer who is not the owner may not."""
+    os.chmod(root / "hello.txt", 0o666)
+    before = (root / "hello.txt").stat()
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(other, w.Twalk(1, 0, 2, ["hello.txt"]))
+    change = w.Stat.dont_touch()
+    change.atime = 1_000_000_000
+    err(other, w.Twstat(1, 2, change), "permission denied")
+    assert (root / "hello.txt").stat().st_atime_ns == before.st_atime_ns
+
+
+def test_an_oexec_open_needs_execute_permission_where_the_kernel_judges(root: Path, fs: Session) -> None:
+    """open(5): mode 3 is execute access; read permission alone does not give it (not even to root,
+    which the kernel lets execute only what some execute bit allows)."""
+    os.chmod(root / "hello.txt", 0o644)
+    walk(fs, ["hello.txt"])
+    err(fs, w.Topen(1, 2, w.OEXEC), "permission denied")
+    os.chmod(root / "hello.txt", 0o755)
+    ok(fs, w.Topen(1, 2, w.OEXEC))
+    assert ok(fs, w.Tread(1, 2, 0, 5)).data == b"hello"  # type: ignore[attr-defined]
+
+
+def test_an_oexec_open_needs_execute_permission_in_the_servers_own_check(root: Path) -> None:
+    os.chmod(root / "hello.txt", 0o644)
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(other, w.Twalk(1, 0, 2, ["hello.txt"]))
+    err(other, w.Topen(1, 2, w.OEXEC), "permission denied")
+    ok(other, w.Topen(1, 2, w.OREAD))
+
+
+def test_orclose_is_refused_at_the_open_where_the_client_may_not_remove(root: Path) -> None:
+    """open(5): ORCLOSE needs permission to remove the file (write permission in its directory)."""
+    os.chmod(root / "sub" / "deep.txt", 0o666)
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(other, w.Twalk(1, 0, 2, ["sub", "deep.txt"]))
+    err(other, w.Topen(1, 2, w.ORDWR | w.ORCLOSE), "permission denied")
+    ok(other, w.Topen(1, 2, w.ORDWR))  # the same open without ORCLOSE
+    ok(other, w.Tclunk(1, 2))
+    assert (root / "sub" / "deep.txt").exists()
 
 
 def test_wstat_rename_truncate_and_refusals(root: Path, fs: Session) -> None:
@@ -319,10 +371,10 @@ def test_wstat_rename_truncate_and_refusals(root: Path, fs: Session) -> None:
     assert ok(fs, w.Tstat(1, 2)).stat.name == "renamed.txt"  # type: ignore[attr-defined]
     bad = w.Stat.dont_touch()
     bad.uid = "someone"
-    err(fs, w.Twstat(1, 2, bad), "only name")
+    err(fs, w.Twstat(1, 2, bad), "wstat prohibited")
     escape = w.Stat.dont_touch()
     escape.name = "../x"
-    err(fs, w.Twstat(1, 2, escape), "bad file name")
+    err(fs, w.Twstat(1, 2, escape), "illegal name")
     ok(fs, w.Twstat(1, 2, w.Stat.dont_touch()))  # a no-op "sync"
 
 
@@ -362,7 +414,7 @@ def test_blocked_read_is_parked_then_answered() -> None:
     assert s.waitables() == ([], True)  # nothing to wait on: the loop retries on a timer
     # other tags go on meanwhile
     ok(s, w.Twalk(11, 0, 3, ["motd"]))
-    err(s, w.Tread(10, 2, 0, 1), "tag 10 is in use")
+    err(s, w.Tread(10, 2, 0, 1), "duplicate tag")
     tree.gate.data = b"open"
     assert [w.decode(r) for r in s.retry()] == [w.Rread(10, b"open")]
     assert not s.pending
@@ -385,7 +437,7 @@ def test_synthetic_text_file_reads_with_offsets() -> None:
     ok(s, w.Twalk(1, 0, 2, ["motd"]))
     ok(s, w.Topen(1, 2, w.OREAD))
     assert ok(s, w.Tread(1, 2, 2, 2)) == w.Rread(1, b"ll")
-    err(s, w.Twalk(1, 2, 3, ["x"]), "open fid")
+    err(s, w.Twalk(1, 2, 3, ["x"]), "bad use of fid")
     ok(s, w.Twalk(1, 0, 3, ["gate"]))
     err(s, w.Twalk(1, 3, 4, ["x"]), "not a directory")
     err(s, w.Tcreate(1, 0, "x", 0o644, w.OWRITE), "permission denied")  # 0555 directory
@@ -704,6 +756,13 @@ V9FS_ERRNOS = {
     "file already exists": "EEXIST",
     "directory is not empty": "ENOTEMPTY",
     "not a directory": "ENOTDIR",
+    "fid unknown or out of range": "EBADF",  # u9fs's and fossil's; lib9p's "unknown fid" is not mapped
+    "bad use of fid": "EBADF",
+    "illegal name": "ENAMETOOLONG",  # ramfs's
+    "bad offset in directory read": "ESPIPE",
+    "cannot remove root": "EPERM",
+    "wstat prohibited": "EPERM",  # lib9p's
+    "wstat can't convert between files and directories": "EPERM",
 }
 
 
@@ -758,6 +817,58 @@ def _synthetic_missing(root: Path, s: Session) -> str:
     return err(session(GateTree()), w.Twalk(1, 0, 2, ["nope"]))
 
 
+def _unknown_fid(root: Path, s: Session) -> str:
+    return err(s, w.Tstat(1, 42))
+
+
+def _read_unopened(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    return err(s, w.Tread(1, 2, 0, 10))
+
+
+def _open_twice(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    ok(s, w.Topen(1, 2, w.OREAD))
+    return err(s, w.Topen(1, 2, w.OREAD))
+
+
+def _walk_bad_name(root: Path, s: Session) -> str:
+    return err(s, w.Twalk(1, 0, 2, ["sub/deep.txt"]))
+
+
+def _directory_read_elsewhere(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, []))
+    ok(s, w.Topen(1, 2, w.OREAD))
+    return err(s, w.Tread(1, 2, 7, 100))
+
+
+def _remove_root(root: Path, s: Session) -> str:
+    return err(s, w.Tremove(1, 0))
+
+
+def _wstat_owner(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    change = w.Stat.dont_touch()
+    change.uid = "someone"
+    return err(s, w.Twstat(1, 2, change))
+
+
+def _wstat_directory_bit(root: Path, s: Session) -> str:
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    change = w.Stat.dont_touch()
+    change.mode = w.DMDIR | 0o755
+    return err(s, w.Twstat(1, 2, change))
+
+
+def _touch_not_owner(root: Path, s: Session) -> str:
+    os.chmod(root / "hello.txt", 0o666)
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)  # the server's own Plan 9 check
+    ok(other, w.Twalk(1, 0, 2, ["hello.txt"]))
+    change = w.Stat.dont_touch()
+    change.atime = change.mtime = 1_000_000_000
+    return err(other, w.Twstat(1, 2, change))
+
+
 @pytest.mark.parametrize(("case", "ename"), [
     (_missing, "file does not exist"),
     (_outside, "file does not exist"),
@@ -768,6 +879,15 @@ def _synthetic_missing(root: Path, s: Session) -> str:
     (_remove_full_directory, "directory is not empty"),
     (_open_denied, "permission denied"),
     (_search_denied, "permission denied"),
+    (_unknown_fid, "fid unknown or out of range"),
+    (_read_unopened, "bad use of fid"),
+    (_open_twice, "bad use of fid"),
+    (_walk_bad_name, "illegal name"),
+    (_directory_read_elsewhere, "bad offset in directory read"),
+    (_remove_root, "cannot remove root"),
+    (_wstat_owner, "wstat prohibited"),
+    (_wstat_directory_bit, "wstat can't convert between files and directories"),
+    (_touch_not_owner, "permission denied"),
 ], ids=lambda v: getattr(v, "__name__", "").lstrip("_") or None)  # fmt: skip
 def test_errors_are_plan9s_own_strings_which_v9fs_maps_to_errnos(
     root: Path, fs: Session, case: Callable[[Path, Session], str], ename: str

@@ -437,6 +437,91 @@ def test_root_file_server_does_each_clients_file_access_as_that_client(open_irmd
         stop(proc)
 
 
+OPEN_AS_CLIENT = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user="root") as c:
+    for key, path, mode in json.loads(sys.argv[2]):
+        try:
+            fid = c.walk(path)
+            if key.startswith("touch"):
+                st = w.Stat.dont_touch()
+                st.atime = st.mtime = 1_000_000_000
+                c.wstat_fid(fid, st)
+            else:
+                c.open(fid, mode)
+            c.clunk(fid)
+            out[key] = "ok"
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def files_as_nobody(irmd: IrmdProc, lab: Path, export: Path, attempts: list[tuple[str, str, int]]) -> dict[str, object]:
+    """Each attempt (key, path, open mode; a key "touch..." sets both times) made by uid 65534
+    against a root file server of `export`, which the kernel judges with the client's credentials."""
+    proc = serve(irmd, lab, "files", "--root", str(export))
+    try:
+        return result(as_nobody(irmd, OPEN_AS_CLIENT, "files", json.dumps(attempts)))
+    finally:
+        stop(proc)
+
+
+def test_touch_by_a_local_user_sets_its_own_files_times_and_no_one_elses(open_irmd: IrmdProc, lab: Path) -> None:
+    export = lab / "export"
+    export.mkdir()
+    (export / "roots.txt").write_text("r")
+    os.chmod(export / "roots.txt", 0o666)  # writable by anyone, but not anyone's to set times of
+    (export / "mine.txt").write_text("m")
+    os.chown(export / "mine.txt", NOBODY, NOBODY)
+    out = files_as_nobody(open_irmd, lab, export, [("touch-roots", "roots.txt", 0), ("touch-mine", "mine.txt", 0)])
+    assert out["touch-roots"] == "error: permission denied", out
+    assert int((export / "roots.txt").stat().st_mtime) != 1_000_000_000
+    assert out["touch-mine"] == "ok"
+    assert int((export / "mine.txt").stat().st_atime) == int((export / "mine.txt").stat().st_mtime) == 1_000_000_000
+
+
+def test_an_oexec_open_by_a_local_user_needs_execute_permission(open_irmd: IrmdProc, lab: Path) -> None:
+    export = lab / "export"
+    export.mkdir()
+    (export / "data.txt").write_text("readable, not executable")
+    os.chmod(export / "data.txt", 0o644)
+    (export / "tool").write_text("#!/bin/sh\n")
+    os.chmod(export / "tool", 0o755)
+    out = files_as_nobody(
+        open_irmd, lab, export, [("exec-data", "data.txt", w.OEXEC), ("read-data", "data.txt", w.OREAD),
+                                 ("exec-tool", "tool", w.OEXEC)]
+    )  # fmt: skip
+    assert out == {"exec-data": "error: permission denied", "read-data": "ok", "exec-tool": "ok"}, out
+
+
+def test_orclose_by_a_local_user_is_refused_at_the_open_where_it_may_not_remove(open_irmd: IrmdProc, lab: Path) -> None:
+    export = lab / "export"
+    export.mkdir()
+    (export / "shared.txt").write_text("everyone writes, root's directory")
+    os.chmod(export / "shared.txt", 0o666)
+    (export / "drop").mkdir()
+    os.chown(export / "drop", NOBODY, NOBODY)
+    (export / "drop" / "scratch.txt").write_text("the client's to remove")
+    (export / "tmp").mkdir()
+    os.chmod(export / "tmp", 0o1777)  # sticky: only a file's owner removes it
+    (export / "tmp" / "roots.txt").write_text("root's")
+    os.chmod(export / "tmp" / "roots.txt", 0o666)
+    out = files_as_nobody(
+        open_irmd, lab, export, [("rclose-shared", "shared.txt", w.ORDWR | w.ORCLOSE),
+                                 ("rclose-sticky", "tmp/roots.txt", w.ORDWR | w.ORCLOSE),
+                                 ("rclose-scratch", "drop/scratch.txt", w.OREAD | w.ORCLOSE)]
+    )  # fmt: skip
+    assert out["rclose-shared"] == "error: permission denied", out
+    assert out["rclose-sticky"] == "error: permission denied", out
+    assert (export / "shared.txt").exists() and (export / "tmp" / "roots.txt").exists()
+    assert out["rclose-scratch"] == "ok" and not (export / "drop" / "scratch.txt").exists()
+
+
 # -- a server of an ordinary user: its symlinks lead others past nothing it does not check ------------
 
 S = 1  # the serving user (daemon)

@@ -21,8 +21,22 @@ from typing import TYPE_CHECKING
 
 from apps.styx import wire as w
 from apps.styx.beneath import Escape, open_beneath
+from apps.styx.fscreds import fs_ids
 from apps.styx.identity import group_name, user_name
-from apps.styx.tree import EEXIST, ENONEXIST, ENOTEMPTY, EPERM, Handle, Node, StyxError, Tree, allowed
+from apps.styx.tree import (
+    EEXIST,
+    ENONEXIST,
+    ENOTEMPTY,
+    EPERM,
+    EREMOVEROOT,
+    ESPECIAL,
+    EUNKNOWNGROUP,
+    Handle,
+    Node,
+    StyxError,
+    Tree,
+    allowed,
+)
 
 if TYPE_CHECKING:
     from apps.styx.agent import Peer
@@ -31,6 +45,9 @@ log = logging.getLogger(__name__)
 
 PROC_FD = "/proc/self/fd"  # an O_PATH descriptor is reopened, chmod-ed, truncated through here
 RENAME_NOREPLACE = 1
+SYS_FACCESSAT2 = 439  # the same number on every architecture (new system calls share one table)
+AT_EACCESS = 0x200
+AT_EMPTY_PATH = 0x1000
 _OPEN_FLAGS = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}
 
 
@@ -60,6 +77,28 @@ def _exact_perm(path: str, perm: int) -> None:
     mode = os.stat(path).st_mode
     if st_.S_IMODE(mode) & 0o777 != perm & 0o777:
         os.chmod(path, (st_.S_IMODE(mode) & ~0o777) | (perm & 0o777))  # a set-group-ID bit it inherited stays
+
+
+def _may(fd: int, mode: int) -> bool:
+    """Whether this thread's file credentials (the client's, where the server works as it) give `mode`
+    (os.X_OK, os.W_OK, ...) on fd's file, as the kernel judges it, ACLs included. faccessat2 with
+    AT_EACCESS takes the fsuid, fsgid and groups as they are; access(2) would judge the real uid (root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    flags = ctypes.c_int(AT_EACCESS | AT_EMPTY_PATH)
+    if libc.syscall(ctypes.c_long(SYS_FACCESSAT2), ctypes.c_int(fd), b"", ctypes.c_int(mode), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+        return False
+    if err not in (errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, os.strerror(err))
+    # A kernel before 5.8: the mode bits against the thread's own ids (no ACLs).
+    uid, gid, groups = fs_ids()
+    s = os.fstat(fd)
+    if uid == 0:  # DAC override, except that something must be executable to execute it
+        return not mode & os.X_OK or st_.S_ISDIR(s.st_mode) or bool(s.st_mode & 0o111)
+    shift = 6 if s.st_uid == uid else 3 if s.st_gid == gid or s.st_gid in groups else 0
+    return (s.st_mode >> shift) & mode == mode
 
 
 def _rename_noreplace(dirfd: int, old: str, new: str) -> None:
@@ -192,7 +231,14 @@ class FsNode(Node):
         if st_.S_ISDIR(s.st_mode):
             return FsDirHandle(self)
         if not st_.S_ISREG(s.st_mode):  # a fifo would block the session, a device is not ours to serve
-            raise StyxError(f"'{self.name}' is not a regular file")
+            raise StyxError(ESPECIAL)
+        # What open(2) does not judge, the kernel is asked, so that no client gets more than the
+        # server's own Plan 9 check gives: OEXEC needs execute permission (open(5)), ORCLOSE the
+        # right to remove the file, refused at the open rather than failing at the clunk.
+        if mode & 3 == w.OEXEC and not _may(self.fd, os.X_OK):
+            raise StyxError(EPERM)
+        if mode & w.ORCLOSE:
+            self.may_remove()
         flags = _OPEN_FLAGS[mode & 3] | (os.O_TRUNC if mode & w.OTRUNC else 0)
         return FileHandle(os.open(self.proc, flags | os.O_CLOEXEC))  # this very file, by its descriptor
 
@@ -245,9 +291,24 @@ class FsNode(Node):
             raise
         return fd, True
 
+    def may_remove(self) -> None:
+        """StyxError unless the kernel would let this thread remove our entry: write and search
+        permission in its directory and, where that is sticky, owning the file or the directory."""
+        if not self.rel:
+            raise StyxError(EREMOVEROOT)
+        pfd = self._parent_fd()
+        try:
+            if not _may(pfd, os.W_OK | os.X_OK):
+                raise StyxError(EPERM)
+            d = os.fstat(pfd)
+            if d.st_mode & st_.S_ISVTX and fs_ids()[0] not in (0, d.st_uid, self._os_stat().st_uid):
+                raise StyxError(EPERM)
+        finally:
+            os.close(pfd)
+
     def remove(self) -> None:
         if not self.rel:
-            raise StyxError("cannot remove the root")
+            raise StyxError(EREMOVEROOT)
         pfd = self._parent_fd()
         name = self.rel[-1]
         try:
@@ -274,9 +335,9 @@ class FsNode(Node):
             try:
                 gid = grp.getgrnam(st.gid).gr_gid
             except (KeyError, ValueError):  # ValueError: a NUL in the name, which no group has
-                raise StyxError(f"unknown group '{st.gid}'") from None
+                raise StyxError(EUNKNOWNGROUP) from None
         if st.length != keep.length and not st_.S_ISREG(before.st_mode):
-            raise StyxError(f"'{self.name}' is not a regular file")
+            raise StyxError(ESPECIAL)
         undo: list[Callable[[], None]] = []
         try:
             if st.name and self.rel and st.name != self.rel[-1]:
@@ -289,8 +350,10 @@ class FsNode(Node):
             if st.mode != keep.mode:
                 os.chmod(self.proc, st.mode & 0o777)
                 undo.append(lambda: os.chmod(self.proc, st_.S_IMODE(before.st_mode)))
-            if st.mtime != keep.mtime:
-                os.utime(self.proc, ns=(before.st_atime_ns, st.mtime * 10**9))
+            if st.mtime != keep.mtime or st.atime != keep.atime:
+                atime = before.st_atime_ns if st.atime == keep.atime else st.atime * 10**9
+                mtime = before.st_mtime_ns if st.mtime == keep.mtime else st.mtime * 10**9
+                os.utime(self.proc, ns=(atime, mtime))  # explicit times: the kernel asks for the owner
                 undo.append(lambda: os.utime(self.proc, ns=(before.st_atime_ns, before.st_mtime_ns)))
             if st.length != keep.length:
                 fd = os.open(self.proc, os.O_WRONLY | os.O_CLOEXEC)

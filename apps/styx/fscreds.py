@@ -41,7 +41,7 @@ def supported() -> str:
     return ""
 
 
-def _fs_ids() -> tuple[int, int, tuple[int, ...]]:
+def fs_ids() -> tuple[int, int, tuple[int, ...]]:
     """This thread's fsuid, fsgid and groups, as the kernel reports them."""
     fsuid = fsgid = -1
     groups: tuple[int, ...] = ()
@@ -72,6 +72,6 @@ def become(creds: Creds) -> None:
     # setfsgid/setfsuid return the previous id whether or not they succeeded: check what took.
     libc.syscall(setfsgid, ctypes.c_long(creds.gid))
     libc.syscall(setfsuid, ctypes.c_long(creds.uid))
-    got = _fs_ids()
+    got = fs_ids()
     if got != (creds.uid, creds.gid, tuple(sorted(set(creds.groups)))):
         raise CredsError(0, f"thread credentials are {got}, not {creds}")

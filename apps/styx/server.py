@@ -18,12 +18,21 @@ from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.identity import NONE_NAME, User
 from apps.styx.tree import (
+    EBADFID,
+    EBADNAME,
+    EBADUSEFID,
+    EDIRCHANGE,
+    EDIROFFSET,
     EEXIST,
     EISDIR,
     ENONEXIST,
     ENOTDIR,
     ENOTEMPTY,
+    ENOWSTAT,
+    EOFFSET,
     EPERM,
+    EREMOVEROOT,
+    ETOOLARGE,
     Handle,
     Node,
     StyxError,
@@ -107,14 +116,14 @@ def _check_name(name: str) -> None:
     """A path element a client may name: not empty, "." or "..", without "/" or NUL (which no file
     name holds, and which the system calls refuse with ValueError, not an error to answer)."""
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise StyxError(f"bad file name {name!r}")
+        raise StyxError(EBADNAME)
 
 
 def _check_offset(offset: int) -> None:
     """Offsets and lengths are vlongs (Plan 9's are signed): beyond 2^63 - 1 no file reaches, and
     the system calls refuse them with OverflowError, not an error to answer."""
     if offset > MAX_OFFSET:
-        raise StyxError(f"offset {offset} out of range")
+        raise StyxError(EOFFSET)
 
 
 def auth_answer(user: User) -> str:
@@ -183,7 +192,7 @@ class Session:
                 log.info("bad message: %s", str(e)[:ENAME_MAX])
             return [w.encode(w.Rerror(tag if tag is not None else w.NOTAG, f"bad message: {e}"[:ENAME_MAX]))]
         if msg.tag in self.pending and not isinstance(msg, w.Tversion):
-            return [w.encode(w.Rerror(msg.tag, f"tag {msg.tag} is in use"))]
+            return [w.encode(w.Rerror(msg.tag, "duplicate tag"))]  # lib9p's words
         reply = self._run(msg)
         return [self._encode(reply)] if reply is not None else []
 
@@ -259,7 +268,7 @@ class Session:
     def _fid(self, fid: int) -> Fid:
         f = self.fids.get(fid)
         if f is None:
-            raise StyxError(f"unknown fid {fid}")
+            raise StyxError(EBADFID)
         return f
 
     def _new_fid(self, fid: int) -> None:
@@ -331,7 +340,7 @@ class Session:
     def _walk(self, msg: w.Twalk) -> w.Msg:
         f = self._fid(msg.fid)
         if f.is_open:
-            raise StyxError("cannot walk an open fid")
+            raise StyxError(EBADUSEFID)  # an open fid is not walked
         if msg.newfid != msg.fid:
             self._new_fid(msg.newfid)
         node = f.node
@@ -375,7 +384,7 @@ class Session:
     def _open(self, msg: w.Topen) -> w.Msg:
         f = self._fid(msg.fid)
         if f.is_open:
-            raise StyxError("fid already open")
+            raise StyxError(EBADUSEFID)  # already open
         st = f.node.stat()
         isdir = bool(st.mode & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):
@@ -390,7 +399,7 @@ class Session:
     def _create(self, msg: w.Tcreate) -> w.Msg:
         f = self._fid(msg.fid)
         if f.is_open:
-            raise StyxError("fid already open")
+            raise StyxError(EBADUSEFID)  # already open
         st = f.node.stat()
         if not st.mode & w.DMDIR:
             raise StyxError(ENOTDIR)
@@ -413,7 +422,7 @@ class Session:
     def _read(self, msg: w.Tread) -> w.Msg:
         f = self._fid(msg.fid)
         if f.mode is None or f.handle is None or not readable(f.mode):
-            raise StyxError("fid not open for reading")
+            raise StyxError(EBADUSEFID)  # not open for reading
         count = min(msg.count, self._iounit())
         _check_offset(msg.offset)
         if f.isdir:
@@ -428,7 +437,7 @@ class Session:
                 f.dirents.close()
             f.dirents, f.dircarry, f.diroff = f.handle.dirents(), b"", 0
         elif offset != f.diroff or f.dirents is None:
-            raise StyxError(f"bad directory read offset {offset}: expected 0 or {f.diroff}")
+            raise StyxError(EDIROFFSET)  # neither 0 nor where the last read ended
         out: list[bytes] = []
         used = 0
         while True:
@@ -449,9 +458,9 @@ class Session:
     def _write(self, msg: w.Twrite) -> w.Msg:
         f = self._fid(msg.fid)
         if f.mode is None or f.handle is None or not writable(f.mode):
-            raise StyxError("fid not open for writing")
+            raise StyxError(EBADUSEFID)  # not open for writing
         if len(msg.data) > self._iounit():
-            raise StyxError(f"write of {len(msg.data)} bytes exceeds iounit {self._iounit()}")
+            raise StyxError(ETOOLARGE)  # more than the iounit
         _check_offset(msg.offset)
         return w.Rwrite(msg.tag, f.handle.write(msg.offset, msg.data))
 
@@ -480,7 +489,7 @@ class Session:
 
     def _may_remove(self, f: Fid) -> None:
         if f.node.is_root():
-            raise StyxError("cannot remove the root")
+            raise StyxError(EREMOVEROOT)
         parent = f.node.parent_stat()
         self._check(parent, f.user, w.DMWRITE)
 
@@ -512,11 +521,11 @@ class Session:
         if new == keep:  # a wstat that changes nothing asks for a sync (v9fs's fsync): any file may
             return w.Rwstat(msg.tag)
         if (
-            (new.type, new.dev, new.qid, new.atime) != (keep.type, keep.dev, keep.qid, keep.atime)
+            (new.type, new.dev, new.qid) != (keep.type, keep.dev, keep.qid)
             or new.muid
             or (new.uid and new.uid != st.uid)
         ):
-            raise StyxError("wstat can change only name, length, mode, mtime and gid")
+            raise StyxError(ENOWSTAT)
         owner = self._kernel_judges or f.user.name == st.uid
         if new.name and new.name != st.name:
             _check_name(new.name)
@@ -525,15 +534,18 @@ class Session:
             self._check(f.node.parent_stat(), f.user, w.DMWRITE)
         if new.length != keep.length:
             if st.mode & w.DMDIR:
-                raise StyxError("a directory's length can be set to 0 only")
+                raise StyxError(EISDIR)  # a directory's length can be set to 0 only
             _check_offset(new.length)
             self._check(st, f.user, w.DMWRITE)
         if new.mode != keep.mode:
             if not owner:
                 raise StyxError(EPERM)  # only the owner changes the mode
             if (new.mode ^ st.mode) & w.DMDIR:
-                raise StyxError("cannot change the directory bit")
-        if (new.mtime != keep.mtime or (new.gid and new.gid != st.gid)) and not owner:
-            raise StyxError(EPERM)  # only the owner changes mtime or gid
+                raise StyxError(EDIRCHANGE)
+        # The atime comes with the mtime from v9fs (touch sets both); it is the owner's to set as the
+        # mtime is (u9fs and lib9p servers take it too), and never more than that.
+        times = new.mtime != keep.mtime or new.atime != keep.atime
+        if (times or (new.gid and new.gid != st.gid)) and not owner:
+            raise StyxError(EPERM)  # only the owner changes the times or the group
         f.node.wstat(new, f.user.name)
         return w.Rwstat(msg.tag)

@@ -32,6 +32,19 @@ EEXIST = "file already exists"
 ENOTEMPTY = "directory is not empty"
 ENOTDIR = "not a directory"
 EISDIR = "file is a directory"
+# Where Plan 9's own servers have a string for the condition (u9fs, ramfs, fossil, lib9p), that one,
+# as v9fs maps it (net/9p/error.c).
+EBADFID = "fid unknown or out of range"  # u9fs, fossil: EBADF
+EBADUSEFID = "bad use of fid"  # u9fs: walk, open or create of an open fid, I/O against the open mode
+EBADNAME = "illegal name"  # ramfs: ".", "..", "/" or NUL in a name
+EDIROFFSET = "bad offset in directory read"  # u9fs: ESPIPE
+EOFFSET = "illegal offset"  # fossil: EINVAL
+ETOOLARGE = "i/o count too large"  # u9fs: EIO
+ENOWSTAT = "wstat prohibited"  # lib9p: EPERM; the owner, qid, type, dev and muid are not changed
+EDIRCHANGE = "wstat can't convert between files and directories"  # u9fs: EPERM
+EREMOVEROOT = "cannot remove root"  # fossil: EPERM
+EUNKNOWNGROUP = "unknown group"  # u9fs: EINVAL
+ESPECIAL = "no access to special file"  # u9fs: EPERM; fifos and devices are not served
 
 
 class WouldBlock(Exception):

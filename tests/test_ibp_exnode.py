@@ -141,6 +141,7 @@ def status(irmd: IrmdProc, depot: str, cwd: Path) -> dict[str, str]:
     return dict(ln.split(" ", 1) for ln in out.splitlines())
 
 
+@pytest.mark.timeout(120)  # some twenty tool runs, each a Python start: on a loaded host, over a minute
 def test_upload_ls_download_with_a_depot_down_trim_augment_refresh(
     irmd: IrmdProc,
     depots: Start,  # noqa: F811

@@ -501,16 +501,21 @@ def test_a_signal_reaches_no_process_that_took_the_pid_of_a_finished_command(lab
             v.wait()
 
 
+def _started_under_umask_0(lab: Lab) -> Path:
+    """netplumbd started with umask 0, as some service managers start daemons; the shared directory."""
+    old = os.umask(0)
+    try:
+        lab.start()
+    finally:
+        os.umask(old)
+    return _files(lab)[3]
+
+
 def test_a_sessions_files_get_a_logins_umask_not_the_daemons() -> None:
     """netplumbd started with umask 0 (as some service managers start daemons): the files a
     session's command makes are not world-writable; they get the umask a login gets (022)."""
     with running_lab(args=None) as lab:
-        old = os.umask(0)
-        try:
-            lab.start()
-        finally:
-            os.umask(old)
-        _, _, _, shared = _files(lab)
+        shared = _started_under_umask_0(lab)
         alice = lab.client("alice", NOBODY, 'users="nobody"')
         made = shared / "made.txt"
         r = lab.plumb(alice, "sh", "-c", f"umask; echo words > {made}")
@@ -534,12 +539,7 @@ def test_a_replicated_socket_admits_its_owner_only_whatever_the_umask() -> None:
     """The socket netplumbd listens on for the client is made 0600 (as sshd's StreamLocalBindMask): a
     daemon started with a loose umask lets no other local user through to the client's socket."""
     with running_lab(args=None) as lab:
-        old = os.umask(0)
-        try:
-            lab.start()
-        finally:
-            os.umask(old)
-        _, _, _, shared = _files(lab)
+        shared = _started_under_umask_0(lab)
         mallory = lab.client("mallory", NOBODY, 'users="nobody"')
         local, remote = mallory.config / "local.sock", shared / "remote.sock"
         listener = socket.socket(socket.AF_UNIX)

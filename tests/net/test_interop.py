@@ -199,7 +199,8 @@ class Pair:
         proc = self.c.spawn(out, "stdbuf", "-oL", *args)
         self.procs.append(proc)
         if bind:  # the irmd knows a process once its library said hello: until then, binding fails
-            self.c.ok("irm", "name", "create", bind)
+            if bind not in self.c.run("irm", "name", "list").stdout:
+                self.c.ok("irm", "name", "create", bind)
             wait_for(
                 lambda: (
                     proc.poll() is not None
@@ -365,9 +366,18 @@ def test_a_c_oecho_reaches_ours(pair: Pair) -> None:
 
 def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
     udp_layer(pair)
-    out = pair.c_spawn("c-operf", "operf", "--listen", bind="c-perf")
-    pair.c.ok("irm", "name", "reg", "c-perf", "layer", LAYER)
-    r = c_tries(lambda: pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60))
+    for attempt in range(C_TRIES):
+        out = pair.c_spawn(f"c-operf{attempt}", "operf", "--listen", bind="c-perf")
+        if not attempt:
+            pair.c.ok("irm", "name", "reg", "c-perf", "layer", LAYER)
+        r = pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60)
+        if not any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED):
+            break
+        # 0.23's udp4 IPCP failed to send its answer ("Failed to respond to flow request"), and the
+        # C operf server serves the flow it accepted for it, accepting no other: a new server.
+        pair.procs[-1].kill()
+        pair.procs[-1].wait()
+        time.sleep(C_PAUSE)
     wait_for(
         lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text())) >= 500,
         10,

@@ -283,7 +283,7 @@ class DepotServer:
             with self.lock:
                 self.core.refused[e.status] += 1
             stream.send(w.format_refusal(e.status, e.reason))
-            return not (e.closes or w.carries_data(line))  # what was sent behind it is no request
+            return not e.closes  # what was sent behind it is no request
         try:
             return self._dispatch(stream, req, depot_addr, client)
         except w.IbpError as e:

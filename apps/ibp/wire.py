@@ -448,7 +448,17 @@ def _append_or(tok: str, what: str) -> int | None:
 
 
 def parse_request(line: bytes) -> Request:
-    """One request line (with or without its newline) -> a Request, or BadRequest."""
+    """One request line (with or without its newline) -> a Request, or BadRequest; one that `closes`
+    the connection where the client may have sent more than requests behind the line."""
+    try:
+        return _parse(line)
+    except BadRequest as e:
+        if _carries_data(line):
+            e.closes = True
+        raise
+
+
+def _parse(line: bytes) -> Request:
     if len(line) > MAX_LINE:
         raise BadRequest(IBP_E_BAD_FORMAT, "request line too long")
     try:
@@ -533,7 +543,7 @@ def more_follows(req: Request) -> bool:
     return isinstance(req, (Store, Write)) or (isinstance(req, Status) and req.follows)
 
 
-def carries_data(line: bytes) -> bool:
+def _carries_data(line: bytes) -> bool:
     """Whether `line` is a STORE or WRITE request, parsed or not: bytes may follow it unasked (L-Store's
     clients send the data right behind the line), so after refusing it nothing more can be read."""
     toks = line.split(maxsplit=2)

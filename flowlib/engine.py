@@ -725,12 +725,21 @@ def engine() -> Engine:
     """The process's engine, started on its first flow (again in a forked child)."""
     global _engine
     with _engine_lock:
-        if _engine is None or _engine.pid != os.getpid():
+        if _engine is None:
             _engine = Engine()
         return _engine
 
 
 def running() -> Engine | None:
     """The process's engine if it was started, without starting it."""
-    e = _engine
-    return e if e is not None and e.pid == os.getpid() else None
+    return _engine
+
+
+def _forked() -> None:
+    """A forked child has none of its parent's threads: its first flow starts an engine of its own.
+    (Told at the fork, not checked with getpid on every call: a system call per flow operation.)"""
+    global _engine, _engine_lock
+    _engine, _engine_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)

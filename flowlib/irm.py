@@ -26,6 +26,7 @@ from transports.wire import Message
 __all__ = ["IrmClient", "call", "default_client", "open_channel"]
 
 REPLY_MARGIN = 5.0  # extra seconds to wait for the IRMd beyond the timeout it enforces
+SETTLE_WAIT = 0.2  # how long flow_state waits for the reader to handle what the IRMd sent, before it asks
 MAX_ENDED = 4096  # flows whose end the IRMd told us of, kept until asked or closed; past it the oldest
 # is dropped (its state is then asked for, as before the notice)
 
@@ -84,8 +85,12 @@ class IrmClient:
     def flow_state(self, flow_id: int) -> str:
         """How the flow stands at the IRMd: told already when it ended (a notice sent before its end
         closed), else asked."""
-        with self._arrived_lock:
-            told = self._ended.pop(flow_id, None)
+        told = self._told(flow_id)
+        if told is None:
+            # The IRMd sends the notice before it ends the flow's socket, so it is often on its way to
+            # the reader thread when the end is seen: waiting for it spares a round trip.
+            self.channel.settle(SETTLE_WAIT)
+            told = self._told(flow_id)
         if told is not None:
             return told
         try:
@@ -93,6 +98,10 @@ class IrmClient:
         except FlowError:
             return "down"
         return reply.state if isinstance(reply, m.FlowInfo) else "down"
+
+    def _told(self, flow_id: int) -> str | None:
+        with self._arrived_lock:
+            return self._ended.pop(flow_id, None)
 
     def flow_counters(self, flow_id: int) -> m.FlowInfo:
         """What the flow's IPCP counted of its SDUs, as the IRMd tells it (m.FlowInfo with counters)."""
@@ -156,6 +165,16 @@ def default_client() -> IrmClient:
     """The process's connection, made on first use (and again in a forked child)."""
     global _default
     with _default_lock:
-        if _default is None or _default.pid != os.getpid() or _default.channel.closed:
+        if _default is None or _default.channel.closed:
             _default = IrmClient()
         return _default
+
+
+def _forked() -> None:
+    """A forked child makes a connection of its own on first use: the parent's is the parent's (its
+    reader thread is not in the child), and the IRMd knows the child by its own credentials."""
+    global _default, _default_lock
+    _default, _default_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)

@@ -194,6 +194,39 @@ def test_direct_ipc_a_flow_between_one_users_processes_needs_no_ipcp(
         os.kill(lo, signal.SIGCONT)
 
 
+@pytest.mark.timeout(60)
+def test_a_forked_child_allocates_through_a_connection_and_engine_of_its_own(
+    default_client: None, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """The parent's IRMd connection and flow engine are told of the fork: the child's first flow makes
+    its own (the parent's threads are not in the child, so using theirs would hang)."""
+    server = client_factory()
+
+    def serve() -> None:
+        for _ in range(2):
+            echo_in_thread(flow_accept(timeout=20, irm=server))
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    with flow_alloc(bound_name, qos.data, timeout=10) as first:  # the default client, and the engine (FRCT)
+        first.set_timeout(10)
+        first.write(b"parent")
+        assert first.read() == b"parent"
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only if its own flow echoes
+            status = 1
+            with contextlib.suppress(BaseException), flow_alloc(bound_name, qos.data, timeout=10) as own:
+                own.set_timeout(10)
+                own.write(b"child")
+                status = 0 if own.read() == b"child" else 2
+            os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        first.write(b"still")  # the parent's flow goes on
+        assert first.read() == b"still"
+    acceptor.join(10)
+
+
 # -- data -------------------------------------------------------------------------
 
 SIZES = sorted(

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -360,6 +361,8 @@ class SyncChannel:
         self._cond = threading.Condition(self._lock)
         self._closed = False
         self._farewell: Error | None = None  # an Error notice the peer sent before it closed: why
+        self._busy = False  # the reader holds a frame it has not handled yet
+        self._settling = 0  # threads in settle(), which the reader then wakes after each frame
         self._reader = threading.Thread(target=self._read_loop, name="irm-channel", daemon=True)
         self._reader.start()
 
@@ -401,6 +404,22 @@ class SyncChannel:
         with self._lock:
             send_frame(self.sock, self._codec.encode(msg, NOTICE))
 
+    def settle(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until the reader has handled what the peer sent so far, so that a
+        notice the peer sent before some other sign (a flow's end) is known before that sign is acted on.
+        Best effort: a frame just taken from the socket but not yet marked busy is missed."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._settling += 1
+            try:
+                while not self._closed and (self._busy or _unread(self.sock)):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._cond.wait(left)  # the reader wakes us when it has handled a frame
+            finally:
+                self._settling -= 1
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -426,16 +445,19 @@ class SyncChannel:
                     continue
                 if not data:
                     return
+                self._busy = True
                 try:
                     frame = self._codec.decode(data)
                 except WireError as e:
                     close_fds(fds)
                     log.warning("IRMd sent a malformed message: %s", e)
+                    self._done()
                     continue
                 with self._lock:
                     slot = self._pending.get(frame.req_id & ID_MASK) if frame.req_id & REPLY else None
                     if slot is not None:
                         slot[0] = (frame.msg, fds)
+                        self._busy = False
                         self._cond.notify_all()
                         continue
                 if frame.req_id == NOTICE and isinstance(frame.msg, Error):
@@ -446,6 +468,7 @@ class SyncChannel:
                     self._on_notice(frame.msg, fds)
                 else:
                     close_fds(fds)
+                self._done()
         except OSError:
             return
         finally:
@@ -454,3 +477,18 @@ class SyncChannel:
                 self._cond.notify_all()
             if self._on_close:
                 self._on_close()
+
+    def _done(self) -> None:
+        """The reader handled a frame: wake the threads settling, if any."""
+        self._busy = False
+        if self._settling:
+            with self._lock:
+                self._cond.notify_all()
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Whether a frame waits in the socket, unread (its end counts as nothing more to read)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False

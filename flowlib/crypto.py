@@ -90,7 +90,10 @@ class PacketCrypto:
     (sent and opened) crosses a multiple of 2^rotation_bit while sealing; IVs carry the phase.
     Our IVs are numbered (the counter follows four bytes of phase, role and randomness), so they
     never repeat under a key; when the peer numbers its IVs too (`seq_iv`, agreed in OAP),
-    replayed and too old packets are refused. A packet that fails to open changes no state.
+    replayed and too old packets are refused, and so are our own packets sent back to us (the peer's
+    IVs carry the other role; one key serves both directions, so they would open, and one numbered
+    past the peer's count would move the window past every packet the peer sends). A packet that
+    fails to open changes no state.
 
     Sealing takes no lock (the packet number comes from an atomic counter); opening takes one for
     the replay window only; rotating takes it too, so two threads never rotate one key twice.
@@ -123,6 +126,7 @@ class PacketCrypto:
         self._phase = 0
         prefix = os.urandom(4)
         first = (prefix[0] & 0x3F) | (SERVER if server else 0)
+        self._theirs = 0 if server else SERVER  # the role bit of the peer's numbered IVs
         self._heads = (bytes((first,)) + prefix[1:], bytes((first | PHASE,)) + prefix[1:])
         self._tail = b"\0\0\0\0" if self.ivsz == 16 else b""  # CTR: the low 32 bits count the packet's blocks
         self._numbers = itertools.count()
@@ -173,6 +177,9 @@ class PacketCrypto:
             return None
         iv, body = packet[:ivsz], packet[ivsz:]
         if self.seq_iv:
+            if iv[0] & SERVER != self._theirs:  # ours, reflected: never the peer's
+                self.rejected += 1
+                return None
             with self._lock:  # the window's check and update, atomic against another reader
                 (number,) = COUNTER.unpack_from(iv, 4)
                 if number <= self._highest and (self._highest - number >= REPLAY_WINDOW

@@ -78,6 +78,9 @@ class FlowSet:
         self._listening = False
         self._changes: dict[Flow, None] = {}  # flows whose FLOWFDOWN changed since the last fevent, in order
         self._changes_lock = threading.Lock()
+        # Flows whose SDU fevent read (to check it: CRCs, encryption) and nobody has yet: their sockets
+        # may be empty, yet each fevent reports them, as it does a socket holding an SDU.
+        self._taken: set[Flow] = set()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake, select.EPOLLIN)
 
@@ -104,6 +107,7 @@ class FlowSet:
     def remove(self, flow: Flow) -> None:
         fd = self._fd_of.pop(flow, None)  # by the number it had: a closed flow has no fd
         flow._sets.discard(self)
+        self._taken.discard(flow)
         if fd is not None:
             del self._flows[fd]
             with contextlib.suppress(OSError, ValueError):  # closed already
@@ -135,6 +139,7 @@ class FlowSet:
             os.close(self._wake)
             self._flows.clear()
             self._fd_of.clear()
+            self._taken.clear()
 
     def _changed(self, flow: Flow) -> None:
         """A flow of this set went down or came up (from any thread)."""
@@ -149,6 +154,15 @@ class FlowSet:
 
     def _poll(self, timeout: float | None, queue: EventQueue) -> None:
         wakeup = self._irm.wakeup_fd if self._listening and self._irm else -1
+        taken = self._taken
+        if taken:
+            for flow in list(taken):
+                if flow._pending is None:
+                    taken.discard(flow)  # read since
+                else:
+                    queue.push(flow, EventType.PKT)
+            if taken:
+                timeout = 0.0
         for fd, mask in self._epoll.poll(-1 if timeout is None else timeout):
             if fd == self._wake:
                 with contextlib.suppress(BlockingIOError):
@@ -170,14 +184,16 @@ class FlowSet:
                     queue.push(flow, EventType.ALLOC)
                 continue
             found = self._flows.get(fd)
-            if found is None:
-                continue
+            if found is None or found in taken:
+                continue  # (reported above)
             flow = found
             if mask & _HUP and not flow.has_data():
                 self.remove(flow)  # report the end once
                 queue.push(flow, self._end_of(flow))
             elif flow._session is not None or flow._skip_keepalives():
                 queue.push(flow, EventType.PKT)
+                if flow._pending is not None:
+                    taken.add(flow)
 
     @staticmethod
     def _end_of(flow: Flow) -> EventType:

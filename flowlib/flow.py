@@ -301,10 +301,16 @@ class Flow:
 
     def _skip_keepalives(self) -> bool:
         """Take the empty records (keepalives) at the head of the queue; whether anything else is there
-        (an SDU, or the end) for read to take. For fevent, so that a keepalive is no FLOW_PKT."""
+        (an SDU, or the end) for read to take. For fevent, so that a keepalive is no FLOW_PKT; nor is a
+        packet a decoding recv (CRCs, encryption) drops: the blocking read after it would wait for the
+        peer's next good one. Such a recv takes the packet now, and read returns what it decoded."""
+        raw = self._recv == self._sock.recv
         while self._pending is None:
             try:
-                if self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) or hung_up(self._sock):
+                if self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    if raw:
+                        return True
+                elif hung_up(self._sock):
                     return True
             except BlockingIOError:
                 return False

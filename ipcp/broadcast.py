@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections import OrderedDict
 from typing import Any
 
@@ -22,20 +23,26 @@ from transports.unix import seqpacket_pair
 
 log = logging.getLogger(__name__)
 
-SEEN = 1 << 16  # (origin, seqno) pairs remembered to drop flooded duplicates
+SEEN = 1 << 16  # PDUs (origin, seqno and their SDU's CRC) remembered to drop flooded duplicates
 # ... each for at least this long, the time its copies may take to come back around the layer's
-# loops: one forgotten sooner would be flooded again, each copy of it, without end. When SEEN pairs
+# loops: one forgotten sooner would be flooded again, each copy of it, without end. When SEEN PDUs
 # younger than that fill the table, new PDUs are dropped instead (at most SEEN / HOLD a second).
 HOLD = 1.0
 
 
 class FloodDt(Dt):
-    """A PDU's PCI names its origin (dst field) and its sequence number (eid field)."""
+    """A PDU's PCI names its origin (dst field) and its sequence number (eid field).
+
+    Neither is proof of anything: a member relays others' PDUs, so any neighbour may claim any origin
+    (as in 0.23, whose broadcast layer names none, every member is trusted with what it sends). A copy
+    is known by its SDU as well: else PDUs forged with another member's next seqnos (which count up,
+    and every member sees them) would have every member drop that member's real ones as duplicates.
+    """
 
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int, *args: Any, **kw: Any) -> None:
         super().__init__(fmt, me, max_ttl, bufsize, *args)  # floods have no one receiver to echo: no congestion
         self.seqno = 0
-        self.seen: OrderedDict[tuple[int, int], float] = OrderedDict()  # -> when first seen
+        self.seen: OrderedDict[tuple[int, int, int], float] = OrderedDict()  # -> when first seen
         self.now = time.monotonic()  # of the burst being handled
 
     def _tap(self, sdu: bytes | memoryview, skip: UniFlow | None) -> None:
@@ -52,10 +59,10 @@ class FloodDt(Dt):
                 self._pack(link, parts)
                 self.counters.forwarded += 1
 
-    def _fresh(self, origin: int, seqno: int) -> bool:
-        """Not seen before, and now remembered; False for a duplicate, and for any PDU while the
-        table is full of pairs that may still come back (dropped: the layer is flooded)."""
-        key, seen = (origin, seqno), self.seen
+    def _fresh(self, origin: int, seqno: int, sdu: bytes | memoryview) -> bool:
+        """Not seen before, and now remembered; False for a copy, and for any PDU while the table is
+        full of PDUs that may still come back (dropped: the layer is flooded)."""
+        key, seen = (origin, seqno, zlib.crc32(sdu)), self.seen
         if key in seen:
             return False
         if len(seen) >= SEEN:
@@ -76,7 +83,7 @@ class FloodDt(Dt):
             if not sdu:
                 continue  # a keepalive has one peer to reach; a broadcast has none
             self.seqno += 1
-            if not self._fresh(self.me, self.seqno):
+            if not self._fresh(self.me, self.seqno, sdu):
                 continue
             self._tap(sdu, skip=flow)
             self._flood((self.fmt.pack(Pci(self.me, 0, self.max_ttl, 0, self.seqno)), sdu), skip=0)
@@ -88,9 +95,10 @@ class FloodDt(Dt):
             self.counters.malformed += 1
             return
         origin, _, ttl, _, seqno = fmt.struct.unpack_from(pdu)
-        if not self._fresh(origin, seqno) or len(pdu) == fmt.size:
+        sdu = memoryview(pdu)[fmt.size :]
+        if not sdu or not self._fresh(origin, seqno, sdu):
             return
-        self._tap(memoryview(pdu)[fmt.size :], skip=None)
+        self._tap(sdu, skip=None)
         if ttl > 1:
             buf = bytearray(pdu)
             buf[fmt.ttl_offset] = ttl - 1

@@ -15,6 +15,7 @@ from unicast_net import Cluster, Host
 
 from ipcp import broadcast
 from ipcp.broadcast import FloodDt
+from ipcp.unicast.dt import UniFlow
 from ipcp.unicast.pci import Pci, PciFormat, frame
 
 # Joins the layer, says "joined", then either writes argv[2] or prints every SDU it reads.
@@ -179,6 +180,54 @@ def test_a_flood_of_distinct_pdus_does_not_start_an_endless_storm(monkeypatch: p
         assert [dt.counters.forwarded - b for dt, b in zip(dts, before, strict=True)] == [3, 2, 2, 2]
     finally:
         hostile.close()
+        for dt in dts:
+            for link in dt.n1.values():
+                link.sock.close()
+
+
+def _joined(dt: FloodDt) -> tuple[UniFlow, socket.socket]:
+    """An application's flow joined at `dt`: the member's end, and the application's socket."""
+    app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    app.setblocking(False)
+    flow = UniFlow(1, mine)
+    dt.add_flow(flow)
+    return flow, app
+
+
+def _read_all(app: socket.socket) -> list[bytes]:
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(app.recv(1 << 16))
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_pdus_forged_with_another_members_origin_and_next_seqnos_suppress_none_of_its_own() -> None:
+    """A member's seqnos count up, and every member sees them: a neighbour that sent PDUs in its name
+    with the next ones had every member, the origin too, drop the real PDUs as duplicates. A PDU is
+    one of its copies only with the same SDU, so forgeries suppress nothing the origin writes."""
+    dts, hostile = _mesh(3)
+    fmt = dts[0].fmt
+    joined = [_joined(dt) for dt in dts]
+    try:
+        hostile.send(frame(*(fmt.pack(Pci(2, 0, 60, 0, s)) + b"forged" for s in range(1, 101))))
+        assert _pump(dts, 10)
+        for _, app in joined:
+            assert len(_read_all(app)) == 100  # (a member may say anything: the layer carries it)
+        dts[1].from_app(joined[1][0], [b"real %d" % i for i in range(100)])
+        assert _pump(dts, 10)
+        for i, (_, app) in enumerate(joined):
+            assert _read_all(app) == ([] if i == 1 else [b"real %d" % i for i in range(100)])
+        # A copy coming back around the mesh is still dropped: each member delivered each SDU once.
+        hostile.send(frame(fmt.pack(Pci(2, 0, 60, 0, 1)) + b"real 0"))
+        assert _pump(dts, 10)
+        assert all(_read_all(app) == [] for _, app in joined)
+    finally:
+        hostile.close()
+        for flow, app in joined:
+            app.close()
+            flow.io.close()
         for dt in dts:
             for link in dt.n1.values():
                 link.sock.close()

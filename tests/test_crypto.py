@@ -165,6 +165,20 @@ def test_a_packet_older_than_the_window_is_rejected_even_if_never_seen() -> None
     assert s.rejected == 2
 
 
+def test_our_own_packets_sent_back_to_us_are_rejected_and_move_nothing() -> None:
+    """One key serves both directions, so a packet of ours opens for us too: the network sent back one
+    numbered past the peer's count and every packet the peer sent after that was refused as too old."""
+    c, s = pair()
+    for _ in range(5 * REPLAY_WINDOW):
+        ours = c.seal(b"mine")
+    assert c.open(ours) is None and c.open(c.seal(b"mine")) is None
+    assert c.rejected == 2
+    # The legitimate use beside it: the peer's packets, fewer than ours, open in any order.
+    theirs = [s.seal(bytes([i])) for i in range(5)]
+    assert [c.open(p) for p in reversed(theirs)] == [bytes([i]) for i in reversed(range(5))]
+    assert s.open(c.seal(b"to the peer")) == b"to the peer"
+
+
 def test_a_tampered_copy_does_not_burn_the_genuine_packets_number() -> None:
     c, s = pair()
     packet = c.seal(b"genuine")

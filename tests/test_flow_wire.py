@@ -6,6 +6,7 @@ packets come without a CRC.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import zlib
@@ -15,6 +16,8 @@ from typing import Any, cast
 import pytest
 
 from flowlib import FlowTimeout, qos
+from flowlib.crypto import AES_256_GCM, PacketCrypto
+from flowlib.events import Event, EventQueue, EventType, FlowSet, fevent
 from flowlib.flow import Flow, establish
 from flowlib.frct import ACK, DATA, DRF, FC, PCI, Pci
 from flowlib.irm import IrmClient
@@ -143,3 +146,42 @@ def test_a_plain_raw_flow_adds_nothing(opened: list[Any]) -> None:
     opened.append((flow, peer))
     flow.write(b"as is")
     assert peer.recv(MTU) == b"as is"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["crc", "sealed"])
+def test_fevent_reports_no_packet_that_does_not_check_out_and_a_read_after_it_never_waits(
+    opened: list[Any], kind: str
+) -> None:
+    """A raw flow with CRCs, or sealed without FRCT, checks its packets in the reader's thread: a
+    corrupt or forged one was a FLOW_PKT, and the blocking read that followed it (an event loop
+    serving many flows) waited there for the next good packet from that peer, the loop with it."""
+    if kind == "crc":
+        flow, peer = open_flow(qos.raw_no_errors)
+        good, bad = (lambda sdu: with_crc(sdu)), b"forged" + bytes(4)
+    else:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        key = os.urandom(32)
+        reply = m.FlowReply(1, "test", MTU, qos.raw, "peer", cipher=AES_256_GCM, key=key, seq_iv=True)
+        flow = establish(reply, ours.detach(), cast(IrmClient, NoIrmd()), client=True)
+        sealer = PacketCrypto(AES_256_GCM, key, server=True, seq_iv=True)
+        good, bad = sealer.seal, os.urandom(60)
+    opened.append((flow, peer))
+    fset, fq = FlowSet(), EventQueue()
+    fset.add(flow)
+    try:
+        peer.send(bad)
+        assert fevent(fset, fq, 0.3) == 0  # nothing to read: no event
+        peer.send(bad)
+        peer.send(b"")  # a keepalive among them
+        peer.send(good(b"hello"))
+        assert fevent(fset, fq, 5.0) == 1 and fq.next() == Event(flow, EventType.PKT)
+        # Not read yet: reported again, as a socket holding an SDU is (fevent checked it, so holds it).
+        assert fevent(fset, fq, 0.3) == 1 and fq.next() == Event(flow, EventType.PKT)
+        started = time.monotonic()
+        assert flow.read() == b"hello"  # blocking, as an event loop reads
+        assert time.monotonic() - started < 1.0
+        peer.send(bad)
+        assert fevent(fset, fq, 0.3) == 0
+    finally:
+        fset.close()

@@ -410,6 +410,45 @@ def test_users_flows_in_all_are_limited_and_root_still_allocates(public_dir: Pat
             srv.close()
 
 
+ALLOC_AT_ONCE = """
+import socket, sys, time
+from proto import messages as m
+from proto.qos import QosSpec
+from transports.unix import recv_frame, send_frame
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.settimeout(10)
+for req in range(1, 9):  # sent at once: the IRMd resolves them all together
+    send_frame(s, m.CODEC.encode(m.FlowAlloc("sink", QosSpec(), 10), req))
+got = [m.CODEC.decode(recv_frame(s)[0]).msg for _ in range(8)]
+print(sum(isinstance(g, m.FlowReply) for g in got), sorted({g.code for g in got if not isinstance(g, m.FlowReply)}),
+      flush=True)
+time.sleep(30)  # holding what it got
+"""
+
+
+def test_allocations_sent_at_once_through_several_layers_keep_to_flows_per_uid(public_dir: Path) -> None:
+    with irmd_in(public_dir, "--limit", "flows_per_uid=2") as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo2", "type", "local", "layer", "local2")
+        irmd.note_children()
+        srv = IrmClient(irmd.sock)
+        try:
+            call(srv.channel, m.Bind("process", str(os.getpid()), "sink"), timeout=10)
+            call(srv.channel, m.NameRegister("sink", ["local", "local2"]), timeout=10)  # two layers to ask
+            srv.listen(True)
+            argv = [*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AT_ONCE, str(irmd.sock)]
+            with server(argv, irmd.env, public_dir / "at-once.log", "]"):
+                assert (public_dir / "at-once.log").read_text().startswith("2 ['EDQUOT']")
+                users = [f for f in irmd.table("flow", "list") if f["role"] == "src" and f["pid"] != str(os.getpid())]
+                assert len(users) == 2, users
+                mine = [Flow(*IrmClient.alloc(srv, "sink", None, 10), srv) for _ in range(3)]  # root's are not
+                for flow in mine:
+                    flow.close()
+        finally:
+            srv.close()
+
+
 def raw_conn(irmd: IrmdProc) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(str(irmd.sock))

@@ -229,6 +229,79 @@ def nobody_allocates_to_root(host: IrmdProc, name: str) -> Iterator[tuple[subpro
         client.close()
 
 
+LEAVE_A_CONNECTION = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])  # the IRMd knows it by this process's pid, which is given up below
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    time.sleep(60)  # the connection lives on here
+    os._exit(0)
+time.sleep(0.5)
+print(os.getpid(), flush=True)
+"""
+REGISTER_MY_NAME = """
+import sys
+from flowlib.irm import IrmClient
+from proto import messages as m
+from proto.control import call
+client = IrmClient()
+print("bind me", flush=True)
+sys.stdin.readline()
+call(client.channel, m.NameRegister("svc", ["local"]), timeout=10)  # its own name, for its lifetime
+print("registered", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("left_behind", [False, True])
+def test_a_connection_left_by_a_process_gone_does_not_speak_for_the_next_process_with_its_pid(
+    host: IrmdProc, left_behind: bool
+) -> None:
+    """uid 65534 connects and exits, a child keeping the connection. Root's server started later gets
+    that pid, is bound to a name and registers it; when it ends, its registration goes with it, as
+    for any server (uid 65534's old connection is another process's, though its pid is the same)."""
+    holder, pid = 0, 0
+    if left_behind:
+        left = nobody(host, str(BIN / "python"), "-c", LEAVE_A_CONNECTION, str(host.sock), timeout=20)
+        holder, pid = (int(line) for line in left.stdout.split())
+    srv = None
+    try:
+        for _ in range(50):  # others on the machine may take the pid first: try again
+            if pid:
+                Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+            srv = subprocess.Popen([str(BIN / "python"), "-c", REGISTER_MY_NAME], env=host.env, cwd="/",
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+            if srv.pid == pid or not pid:
+                pid = srv.pid
+                break
+            srv.kill()
+            srv.wait()
+        assert srv is not None and srv.pid == pid, "no process got the pid again"
+        assert srv.stdin is not None and srv.stdout is not None
+        assert srv.stdout.readline() == "bind me\n"
+        host.irm_ok("bind", "process", str(pid), "name", "svc")
+        srv.stdin.write("\n")
+        srv.stdin.flush()
+        assert srv.stdout.readline() == "registered\n"
+        assert [r["layers"] for r in host.table("name", "list") if r["name"] == "svc"] == ["local"]
+        srv.stdin.write("\n")
+        srv.stdin.flush()
+        assert srv.wait(10) == 0
+        wait_for(lambda: [r["layers"] for r in host.table("name", "list") if r["name"] == "svc"] == ["-"], 10,
+                 "the server's registration to go with it")  # fmt: skip
+    finally:
+        if srv is not None and srv.poll() is None:
+            srv.kill()
+            srv.wait()
+        if holder:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder, 9)
+
+
 def test_the_acceptor_learns_the_kernels_uid_and_pid_of_a_user_that_allocated(host: IrmdProc) -> None:
     with nobody_allocates_to_root(host, "hostsrv") as (p, flow):
         assert (flow.peer_uid, flow.peer_pid) == (NOBODY, p.pid)

@@ -168,7 +168,8 @@ class CaStore:
         self._refresh()
         now = now or datetime.datetime.now(datetime.UTC)
         cert = crt
-        for _ in range(MAX_CHAIN):
+        below = 0  # CA certificates between `cert`'s issuer and the peer's (self-issued ones not counted)
+        for depth in range(MAX_CHAIN):
             _check_validity(cert, now)
             if cert.issuer == cert.subject and cert.fingerprint(_SHA256) in self._anchors:
                 try:
@@ -176,10 +177,14 @@ class CaStore:
                 except (InvalidSignature, ValueError, TypeError):
                     raise OapError(EAUTH, "a CA certificate's own signature does not verify") from None
                 return
-            cert = self._issuer(cert, now)
+            if depth and cert.issuer != cert.subject:
+                below += 1  # `cert` is a CA certificate between the peer's and the next issuer
+            cert = self._issuer(cert, below)
         raise OapError(EAUTH, f"certificate chain longer than {MAX_CHAIN}")
 
-    def _issuer(self, cert: x509.Certificate, now: datetime.datetime) -> x509.Certificate:
+    def _issuer(self, cert: x509.Certificate, below: int) -> x509.Certificate:
+        """The CA in the store that signed `cert`, with `below` CA certificates under `cert` in the
+        chain (its path length constraint must allow them)."""
         for issuer in self._by_subject.get(cert.issuer, []):
             if issuer == cert:
                 continue
@@ -187,7 +192,7 @@ class CaStore:
                 cert.verify_directly_issued_by(issuer)
             except (InvalidSignature, ValueError, TypeError):
                 continue
-            _check_ca(issuer)
+            _check_ca(issuer, below)
             return issuer
         who = cert.issuer.rfc4514_string() or "(empty)"
         raise OapError(EAUTH, f"certificate of {cert.subject.rfc4514_string()!r} is not signed by a CA "
@@ -200,14 +205,19 @@ def _check_validity(cert: x509.Certificate, now: datetime.datetime) -> None:
         raise OapError(EAUTH, f"certificate of {cert.subject.rfc4514_string()!r} is not valid now ({span})")
 
 
-def _check_ca(cert: x509.Certificate) -> None:
-    """An issuer must be a CA: basicConstraints CA:TRUE, and keyCertSign if it limits its key usage."""
+def _check_ca(cert: x509.Certificate, below: int = 0) -> None:
+    """An issuer must be a CA: basicConstraints CA:TRUE, a path length constraint (if it has one) of
+    at least the `below` CA certificates under it in the chain (as OpenSSL's X509_verify_cert, which
+    0.23 uses), and keyCertSign if it limits its key usage."""
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         bc = None
     if bc is None or not bc.ca:
         raise OapError(EAUTH, f"{cert.subject.rfc4514_string()!r} signed a certificate but is not a CA")
+    if bc.path_length is not None and below > bc.path_length:
+        raise OapError(EAUTH, f"{cert.subject.rfc4514_string()!r} may have {bc.path_length} CA certificate"
+                              f"{'s' * (bc.path_length != 1)} under it (path length), not {below}")  # fmt: skip
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:

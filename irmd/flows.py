@@ -129,6 +129,9 @@ class Flows:
         accepting one arrives here at once."""
         assert ipcp.channel is not None
         digest = name_hash(ipcp.hash, msg.name)
+        # Checked again where the flow is counted: the allocations a user sent at once all passed the
+        # first check while their names were being resolved (several layers asked), none counted yet.
+        self.limit_flows(c.uid)
         flow = self.reg.new_flow(
             owner=c.conn_id, pid=c.pid, uid=c.uid, name=msg.name, layer=ipcp.layer, ipcp=ipcp.name,
             qos=msg.qos, role="src",

@@ -120,21 +120,23 @@ class Names:
         if not msg.register and not any(i.name in entry.regs for i in targets):
             where = ", ".join([*msg.layers, *msg.ipcps])
             raise NotFound(f"name {msg.name!r} is not registered in {where!r}")
+        bound = entry.procs.get(c.pid)
+        own = bound is not None and bound.start == c.peer.start and not entry.programs
         for ipcp in targets:
             new = msg.register and ipcp.name not in entry.regs
             await self.irmd.ipcps.register(ipcp, entry, msg.register)
-            if new and c.pid in entry.procs and not entry.programs:
-                entry.reg_owner[ipcp.name] = c.pid  # a server registering its own name: for its lifetime
+            if new and own:  # a server registering its own name: for its lifetime
+                entry.reg_owner[ipcp.name] = (c.pid, c.peer.start)
             elif not new:
                 entry.reg_owner.pop(ipcp.name, None)  # unregistered, or asked for again: nobody's own
         return m.Ok()
 
-    async def process_gone(self, pid: int) -> None:
-        """The registrations a process made of a name it served go with it (else flows to the name
-        would reach a layer where nobody takes them), unless another process or a program still
-        serves the name."""
+    async def process_gone(self, pid: int, start: int) -> None:
+        """The registrations process (pid, start) made of a name it served go with it (else flows to
+        the name would reach a layer where nobody takes them), unless another process or a program
+        still serves the name."""
         for entry in list(self.reg.names.values()):
-            owned = [i for i, owner in entry.reg_owner.items() if owner == pid]
+            owned = [i for i, owner in entry.reg_owner.items() if owner == (pid, start)]
             if not owned:
                 continue
             for ipcp_name in owned:

@@ -278,9 +278,12 @@ class Server:
         for fut in c.accepts:
             fut.cancel()
         await self.irmd.flows.release_all(c)
-        if not any(other.pid == c.pid for other in self.irmd.clients.values()):
-            self.irmd.reg.forget_pid(c.pid)  # its process bindings end with its last connection
+        # The process is its pid and start time: a connection kept by a child of a process gone (its
+        # SO_PEERCRED pid may be a later process's now) neither ends nor prolongs that process's.
+        proc = (c.pid, c.peer.start)
+        if not any((other.pid, other.peer.start) == proc for other in self.irmd.clients.values()):
+            self.irmd.reg.forget_proc(*proc)  # its process bindings end with its last connection
             if not self.irmd.stopping:
-                await self.irmd.names.process_gone(c.pid)  # and the registrations it made of its names
+                await self.irmd.names.process_gone(*proc)  # and the registrations it made of its names
         if c.ipcp is not None and c.ipcp.channel is c.channel and not self.irmd.stopping:
             self.irmd.ipcps.lost(c.ipcp)

@@ -30,17 +30,19 @@ def certificate(
     issuer: tuple[x509.Certificate, Key] | None = None,
     *,
     ca: bool = False,
+    path_length: int | None = None,
     days: int = 30,
     start: datetime.datetime | None = None,
 ) -> x509.Certificate:
-    """A certificate for `cn`: self-signed without an issuer; a CA (basicConstraints CA:TRUE) if asked."""
+    """A certificate for `cn`: self-signed without an issuer; a CA (basicConstraints CA:TRUE, with
+    `path_length` if given) if asked."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     start = start or NOW - DAY
     builder = (x509.CertificateBuilder().subject_name(name).public_key(key.public_key())
                .serial_number(x509.random_serial_number()).not_valid_before(start)
                .not_valid_after(start + DAY + datetime.timedelta(days=days)))  # fmt: skip
     if ca:
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
     signer_crt, signer_key = issuer if issuer else (None, key)
     builder = builder.issuer_name(signer_crt.subject if signer_crt else name)
     algo = None if isinstance(signer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()

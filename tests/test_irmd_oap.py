@@ -362,7 +362,7 @@ def test_an_impostor_replaying_the_servers_certificate_cannot_sign(clock: Clock,
         client.complete(attempt, impostor)
 
 
-@pytest.mark.parametrize("case", ["expired", "not-yet", "intermediate-not-ca", "self-signed-untrusted"])
+@pytest.mark.parametrize("case", ["expired", "not-yet", "intermediate-not-ca", "self-signed-untrusted", "path-length"])
 def test_chains_that_do_not_verify_leave_the_certificate_unvouched(
     clock: Clock, pki: Pki, client_pki: Pki, case: str
 ) -> None:
@@ -378,12 +378,28 @@ def test_chains_that_do_not_verify_leave_the_certificate_unvouched(
         key = new_key()
         crt = certificate("pong", key, (mid, mid_key))
         client_pki.trust(mid, "mid.pem")
+    elif case == "path-length":  # a CA that may sign no CA signed one, which signed the name's
+        mid_key, sub_key, key = new_key(), new_key(), new_key()
+        mid = certificate("Leaf-only CA", mid_key, (pki.ca, pki.ca_key), ca=True, path_length=0)
+        sub = certificate("Sub CA", sub_key, (mid, mid_key), ca=True)
+        crt = certificate("pong", key, (sub, sub_key))
+        client_pki.trust(mid, "mid.pem")
+        client_pki.trust(sub, "sub.pem")
     else:
         key = new_key()
         crt = certificate("pong", key)
     pki.serve_as("pong", crt, key)
     got, _ = allocate(*irmds(clock, client_pki, pki))
     assert got.peer_crt and not got.peer_ca
+
+
+def test_a_ca_signs_names_within_its_path_length(clock: Clock, pki: Pki, client_pki: Pki) -> None:
+    mid_key, key = new_key(), new_key()
+    mid = certificate("Leaf-only CA", mid_key, (pki.ca, pki.ca_key), ca=True, path_length=0)
+    pki.serve_as("pong", certificate("pong", key, (mid, mid_key)), key)
+    client_pki.trust(pki.ca)
+    client_pki.trust(mid, "mid.pem")
+    assert allocate(*irmds(clock, client_pki, pki))[0].peer_ca
 
 
 def test_an_intermediate_ca_in_the_store_completes_the_chain(clock: Clock, pki: Pki, client_pki: Pki) -> None:

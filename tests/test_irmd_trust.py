@@ -229,6 +229,79 @@ def nobody_allocates_to_root(host: IrmdProc, name: str) -> Iterator[tuple[subpro
         client.close()
 
 
+LEAVE_A_CONNECTION = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])  # the IRMd knows it by this process's pid, which is given up below
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    time.sleep(60)  # the connection lives on here
+    os._exit(0)
+time.sleep(0.5)
+print(os.getpid(), flush=True)
+"""
+REGISTER_MY_NAME = """
+import sys
+from flowlib.irm import IrmClient
+from proto import messages as m
+from proto.control import call
+client = IrmClient()
+print("bind me", flush=True)
+sys.stdin.readline()
+call(client.channel, m.NameRegister("svc", ["local"]), timeout=10)  # its own name, for its lifetime
+print("registered", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("left_behind", [False, True])
+def test_a_connection_left_by_a_process_gone_does_not_speak_for_the_next_process_with_its_pid(
+    host: IrmdProc, left_behind: bool
+) -> None:
+    """uid 65534 connects and exits, a child keeping the connection. Root's server started later gets
+    that pid, is bound to a name and registers it; when it ends, its registration goes with it, as
+    for any server (uid 65534's old connection is another process's, though its pid is the same)."""
+    holder, pid = 0, 0
+    if left_behind:
+        left = nobody(host, str(BIN / "python"), "-c", LEAVE_A_CONNECTION, str(host.sock), timeout=20)
+        holder, pid = (int(line) for line in left.stdout.split())
+    srv = None
+    try:
+        for _ in range(50):  # others on the machine may take the pid first: try again
+            if pid:
+                Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+            srv = subprocess.Popen([str(BIN / "python"), "-c", REGISTER_MY_NAME], env=host.env, cwd="/",
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+            if srv.pid == pid or not pid:
+                pid = srv.pid
+                break
+            srv.kill()
+            srv.wait()
+        assert srv is not None and srv.pid == pid, "no process got the pid again"
+        assert srv.stdin is not None and srv.stdout is not None
+        assert srv.stdout.readline() == "bind me\n"
+        host.irm_ok("bind", "process", str(pid), "name", "svc")
+        srv.stdin.write("\n")
+        srv.stdin.flush()
+        assert srv.stdout.readline() == "registered\n"
+        assert [r["layers"] for r in host.table("name", "list") if r["name"] == "svc"] == ["local"]
+        srv.stdin.write("\n")
+        srv.stdin.flush()
+        assert srv.wait(10) == 0
+        wait_for(lambda: [r["layers"] for r in host.table("name", "list") if r["name"] == "svc"] == ["-"], 10,
+                 "the server's registration to go with it")  # fmt: skip
+    finally:
+        if srv is not None and srv.poll() is None:
+            srv.kill()
+            srv.wait()
+        if holder:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder, 9)
+
+
 def test_the_acceptor_learns_the_kernels_uid_and_pid_of_a_user_that_allocated(host: IrmdProc) -> None:
     with nobody_allocates_to_root(host, "hostsrv") as (p, flow):
         assert (flow.peer_uid, flow.peer_pid) == (NOBODY, p.pid)
@@ -403,6 +476,45 @@ def test_users_flows_in_all_are_limited_and_root_still_allocates(public_dir: Pat
                 assert b_log.read_text().startswith("1 then users hold 3 flows (limit flows_total=3)"), (
                     b_log.read_text()
                 )
+                mine = [Flow(*IrmClient.alloc(srv, "sink", None, 10), srv) for _ in range(3)]  # root's are not
+                for flow in mine:
+                    flow.close()
+        finally:
+            srv.close()
+
+
+ALLOC_AT_ONCE = """
+import socket, sys, time
+from proto import messages as m
+from proto.qos import QosSpec
+from transports.unix import recv_frame, send_frame
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.settimeout(10)
+for req in range(1, 9):  # sent at once: the IRMd resolves them all together
+    send_frame(s, m.CODEC.encode(m.FlowAlloc("sink", QosSpec(), 10), req))
+got = [m.CODEC.decode(recv_frame(s)[0]).msg for _ in range(8)]
+print(sum(isinstance(g, m.FlowReply) for g in got), sorted({g.code for g in got if not isinstance(g, m.FlowReply)}),
+      flush=True)
+time.sleep(30)  # holding what it got
+"""
+
+
+def test_allocations_sent_at_once_through_several_layers_keep_to_flows_per_uid(public_dir: Path) -> None:
+    with irmd_in(public_dir, "--limit", "flows_per_uid=2") as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo2", "type", "local", "layer", "local2")
+        irmd.note_children()
+        srv = IrmClient(irmd.sock)
+        try:
+            call(srv.channel, m.Bind("process", str(os.getpid()), "sink"), timeout=10)
+            call(srv.channel, m.NameRegister("sink", ["local", "local2"]), timeout=10)  # two layers to ask
+            srv.listen(True)
+            argv = [*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AT_ONCE, str(irmd.sock)]
+            with server(argv, irmd.env, public_dir / "at-once.log", "]"):
+                assert (public_dir / "at-once.log").read_text().startswith("2 ['EDQUOT']")
+                users = [f for f in irmd.table("flow", "list") if f["role"] == "src" and f["pid"] != str(os.getpid())]
+                assert len(users) == 2, users
                 mine = [Flow(*IrmClient.alloc(srv, "sink", None, 10), srv) for _ in range(3)]  # root's are not
                 for flow in mine:
                     flow.close()

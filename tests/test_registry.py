@@ -143,11 +143,19 @@ def test_unbind_pid_without_a_name_stays_within_the_scope_given(reg: Registry) -
     assert 42 not in reg.names["a"].pids and 42 in reg.names["b"].pids
 
 
-def test_forget_pid_drops_it_from_all_names(reg: Registry) -> None:
-    bind_pid(reg, "a", 42)
-    bind_pid(reg, "b", 42)
-    reg.forget_pid(42)
+def test_forget_proc_drops_it_from_all_names(reg: Registry) -> None:
+    bind_pid(reg, "a", 42, start=1000)
+    bind_pid(reg, "b", 42, start=1000)
+    reg.forget_proc(42, 1000)
     assert not reg.names["a"].pids and not reg.names["b"].pids
+
+
+def test_forget_proc_leaves_a_later_process_with_its_pid_bound(reg: Registry) -> None:
+    bind_pid(reg, "a", 42, start=2000)
+    reg.started[42] = ("a", 2000)
+    reg.forget_proc(42, 1000)  # an earlier process with pid 42 (or one unknown: 0) is gone
+    reg.forget_proc(42, 0)
+    assert reg.names["a"].pids == {42} and reg.started[42] == ("a", 2000)
 
 
 # -- who may accept -------------------------------------------------------------

@@ -46,9 +46,9 @@ class Name:
     programs: dict[str, ProgBinding] = dataclasses.field(default_factory=dict)  # real path -> binding
     procs: dict[int, ProcBinding] = dataclasses.field(default_factory=dict)  # pid -> binding
     regs: set[str] = dataclasses.field(default_factory=set)  # the IPCPs it is registered with
-    # ipcp -> the pid of the bound process that registered the name there (a server's --layer): the
-    # registration is that process's, and goes with it
-    reg_owner: dict[str, int] = dataclasses.field(default_factory=dict)
+    # ipcp -> the bound process (pid, start time) that registered the name there (a server's --layer):
+    # the registration is that process's, and goes with it
+    reg_owner: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     next_rr: int = 0
     sec: dict[str, str] = dataclasses.field(default_factory=dict)  # security files set at creation (irmd.secfiles)
 

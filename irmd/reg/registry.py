@@ -125,10 +125,16 @@ class Registry:
         for e in hits:
             del e.procs[pid]
 
-    def forget_pid(self, pid: int) -> None:
+    def forget_proc(self, pid: int, start: int) -> None:
+        """Process (pid, start) is gone: its bindings and its record as started for a name go, not
+        those of another process with its pid (one started after it, or one whose connection it kept)."""
         for e in self.names.values():
-            e.procs.pop(pid, None)
-        self.started.pop(pid, None)
+            proc = e.procs.get(pid)
+            if proc is not None and proc.start == start:
+                del e.procs[pid]
+        started = self.started.get(pid)
+        if started is not None and started[1] == start:
+            del self.started[pid]
 
     def _scope(self, name: str) -> Iterable[Name]:
         return [self.get_name(name)] if name else list(self.names.values())

@@ -11,6 +11,7 @@ from ipcp.unicast import messages as um
 from ipcp.unicast.fa import (
     ARRIVED_TIMEOUT,
     MAX_ARRIVED,
+    MAX_ARRIVED_PER_MEMBER,
     MAX_DATA,
     PATH_GRACE,
     Allocated,
@@ -145,8 +146,8 @@ def test_a_flow_whose_path_stays_lost_goes_down_after_the_grace() -> None:
 
 def test_requests_awaiting_the_irmd_are_bounded_and_time_out() -> None:
     fa = FlowAllocator(2, 2**64 - 1, lambda a: True)
-    for i in range(MAX_ARRIVED + 5):
-        fa.receive(um.FaReq(1, i + 1, NAME, QOS), 0.0)
+    for i in range(MAX_ARRIVED + 5):  # from members enough that none reaches its own share
+        fa.receive(um.FaReq(10 + i % 8, i + 1, NAME, QOS), 0.0)
     out, events = fa.pop()
     assert len(events) == MAX_ARRIVED and fa.refused == 5
     assert sum(1 for _, msg in out if isinstance(msg, um.FaReply) and msg.result == um.E_REFUSED) == 5
@@ -165,3 +166,22 @@ def test_a_replayed_request_is_not_served_twice() -> None:
     net.fa[2].receive(req, 1.0)
     out, events = net.fa[2].pop()
     assert out == [] and [e for e in events if isinstance(e, Arrived)] == [] and net.fa[2].replayed == 1
+
+
+def test_one_member_holds_only_its_share_of_the_requests_awaiting_the_irmd() -> None:
+    """A member that asks for flows by the hundred and never sees them answered (the IRMd waits for an
+    application's accept) once held all MAX_ARRIVED slots: every other member's request was refused."""
+    fa = FlowAllocator(2, 2**64 - 1, lambda a: True)
+    for i in range(MAX_ARRIVED):
+        fa.receive(um.FaReq(9, i + 1, NAME, QOS), 0.0)
+    out, events = fa.pop()
+    assert len(events) == MAX_ARRIVED_PER_MEMBER < MAX_ARRIVED
+    assert fa.refused == MAX_ARRIVED - MAX_ARRIVED_PER_MEMBER
+    assert all(dst == 9 and isinstance(msg, um.FaReply) and msg.result == um.E_REFUSED for dst, msg in out)
+    fa.receive(um.FaReq(1, 1, NAME, QOS), 0.0)  # another member's request still arrives
+    out, events = fa.pop()
+    assert out == [] and [type(e) for e in events] == [Arrived] and events[0].alloc.dst == 1
+    fa.handle_timer(ARRIVED_TIMEOUT)  # once its requests are refused in turn, the member may ask again
+    fa.pop()
+    fa.receive(um.FaReq(9, MAX_ARRIVED + 1, NAME, QOS), ARRIVED_TIMEOUT)
+    assert [type(e) for e in fa.pop()[1]] == [Arrived]

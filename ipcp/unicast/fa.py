@@ -22,7 +22,8 @@ from proto.qos import QosSpec
 from transports.wire import Message
 
 MAX_DATA = 4096  # bytes of piggyback a request or reply may carry
-MAX_ARRIVED = 256  # requests from peers awaiting the IRMd's answer at once
+MAX_ARRIVED = 256  # requests from peers awaiting the IRMd's answer at once ...
+MAX_ARRIVED_PER_MEMBER = 64  # ... of which one member's: it cannot keep the others' requests out
 SEEN = 4096  # requests remembered (requester, its eid), so that one replayed is not served twice
 ARRIVED_TIMEOUT = 10.0  # seconds the IRMd may take to answer one
 PATH_GRACE = 10.0  # a flow whose destination stays unreachable this long goes down
@@ -275,8 +276,9 @@ class FlowAllocator:
         self._seen[req.src, req.s_eid] = None
         if len(self._seen) > SEEN:
             self._seen.popitem(last=False)
-        arrived = sum(1 for a in self._timers() if a.state is State.ARRIVED)
-        if arrived >= MAX_ARRIVED or len(req.data) > MAX_DATA:
+        arrived = [a for a in self._timers() if a.state is State.ARRIVED]
+        theirs = sum(1 for a in arrived if a.dst == req.src)
+        if len(arrived) >= MAX_ARRIVED or theirs >= MAX_ARRIVED_PER_MEMBER or len(req.data) > MAX_DATA:
             self.refused += 1
             self.out.append((req.src, um.FaReply(self.me, 0, req.s_eid, um.E_REFUSED)))
             return

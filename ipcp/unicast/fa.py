@@ -131,7 +131,7 @@ class FlowAllocator:
         self.events: list[FaEvent] = []
         self.out: Out = []
         self.refused = 0  # requests refused: too many awaiting the IRMd, or too much piggyback
-        self.replayed = 0  # requests seen before
+        self.replayed = 0  # requests seen before, or that name another member (a copy of one sent there)
         self._seen: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
         # Allocations that may have a deadline (pending, or with their path lost): the timers look
         # at these alone, not at every flow (an IPCP may carry tens of thousands); pruned as they settle.
@@ -190,7 +190,7 @@ class FlowAllocator:
             alloc.dst = dst
             left = alloc.deadline - now  # the last one may take what is left; the others share it
             alloc.asked_until = now + (left if not alloc.addrs else left / 2)
-            self.out.append((dst, um.FaReq(self.me, alloc.eid, alloc.digest, alloc.qos, alloc.data)))
+            self.out.append((dst, um.FaReq(self.me, alloc.eid, alloc.digest, alloc.qos, alloc.data, dst)))
             return
         code = m.ETIMEDOUT if "answer" in why else m.ENOTCONN
         self._fail(alloc, Event.TIMEOUT, FaError(code, why or "no member to ask"))
@@ -270,7 +270,7 @@ class FlowAllocator:
     def _on_request(self, req: um.FaReq, now: float) -> None:
         if not 0 < req.s_eid < 1 << 64:
             return
-        if (req.src, req.s_eid) in self._seen:
+        if req.dst != self.me or (req.src, req.s_eid) in self._seen:
             self.replayed += 1
             return
         self._seen[req.src, req.s_eid] = None

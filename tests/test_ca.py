@@ -160,3 +160,23 @@ def test_policies_by_name_and_what_the_data_path_asks_of_them() -> None:
     assert nop.level(7) == 0 and ecn.level(8) == 0  # no queue known: no mark
     ecn.n1_removed(7)
     assert ecn.level(7) == 0
+
+
+@pytest.mark.parametrize("ece", [0, 1, 255, -1, 1 << 40])
+@pytest.mark.parametrize("rate", [5e-324, 1e-300, 1e-3, 0.0, -1.0, -1e308, float("nan"), float("inf"), float("-inf")])
+def test_a_hostile_update_leaves_every_wait_finite_and_short(ece: int, rate: float) -> None:
+    """A FlowUpdate is a remote member's numbers: a rate of 1e-300 once made the next wait 1e303 s, a
+    timer the data transfer thread's poll could not take (OverflowError: the IPCP ended); a negative
+    one made the pace NaN. The pace stays at MIN_RATE or above, and a real update is heard after."""
+    tx = ca.Sender(0.0)
+    t = 0.0
+    tx.on_update(ca.Update(ece, rate), t)
+    waits = []
+    for _ in range(50):  # as the data path sends: a burst, then it waits as long as it was told
+        waits.append(tx.admit(8 * 1500, t))
+        t += waits[-1] + 0.001
+    most = 2 * 8 * 1500 / ca.MIN_RATE  # a burst's debt made at the old pace, paid at the new
+    assert all(0.0 <= w <= most for w in waits), max(waits)
+    assert tx.rate >= ca.MIN_RATE and 0 <= tx.ece <= 255
+    tx.on_update(ca.Update(128, 2e6), t + 1.0)  # the peer's real word still counts
+    assert tx.rate == pytest.approx(1e6)

@@ -480,3 +480,18 @@ def test_dir_a_registration_goes_to_new_homes_as_signed_and_to_all_once_membersh
         if d.get_timer() <= 1.0 + (n - 60) * 0.1:
             break
     assert d.get_timer() <= 1.0 + dir_mod.MAX_SETTLE
+
+
+def test_dir_a_lookup_is_answered_only_by_the_member_it_asks() -> None:
+    """A lookup names the member asked, under the asker's signature: a forwarder that copied one and
+    sent it to every member had each answer the asker with up to MAX_FOUND signed stores, a flood on
+    it (the signature was there to stop lookups in another's name doing just that)."""
+    dht = Dht(ADDRS)
+    dht.register(3, KEY)
+    asker = next(a for a in ADDRS if a not in dht.holders(KEY))
+    assert dht.lookup(asker, KEY) == [3]
+    find = next(msg for frm, _, msg in dht.log if frm == asker and isinstance(msg, um.DhtFind))
+    answered = [a for a in ADDRS if a not in (asker, find.dst) and dht.d[a].receive(find, dht.now)]
+    assert answered == []
+    assert sum(dht.d[a].misdirected for a in ADDRS) == len(ADDRS) - 2
+    assert dht.d[find.dst].receive(find, dht.now)  # the member asked still answers

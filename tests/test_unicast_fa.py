@@ -11,6 +11,7 @@ from ipcp.unicast import messages as um
 from ipcp.unicast.fa import (
     ARRIVED_TIMEOUT,
     MAX_ARRIVED,
+    MAX_ARRIVED_PER_MEMBER,
     MAX_DATA,
     PATH_GRACE,
     Allocated,
@@ -74,7 +75,7 @@ def test_piggyback_is_bounded_at_both_ends() -> None:
     net = Net(1, 2)
     with pytest.raises(FaError, match="exceeds"):
         net.fa[1].alloc(7, NAME, QOS, b"x" * (MAX_DATA + 1), [2], 10.0, 0.0)
-    net.fa[2].receive(um.FaReq(1, 99, NAME, QOS, b"x" * (MAX_DATA + 1)), 0.0)  # from a peer that did not check
+    net.fa[2].receive(um.FaReq(1, 99, NAME, QOS, b"x" * (MAX_DATA + 1), 2), 0.0)  # from a peer that did not check
     out, events = net.fa[2].pop()
     assert events == [] and out == [(1, um.FaReply(2, 0, 99, um.E_REFUSED))] and net.fa[2].refused == 1
 
@@ -145,8 +146,8 @@ def test_a_flow_whose_path_stays_lost_goes_down_after_the_grace() -> None:
 
 def test_requests_awaiting_the_irmd_are_bounded_and_time_out() -> None:
     fa = FlowAllocator(2, 2**64 - 1, lambda a: True)
-    for i in range(MAX_ARRIVED + 5):
-        fa.receive(um.FaReq(1, i + 1, NAME, QOS), 0.0)
+    for i in range(MAX_ARRIVED + 5):  # from members enough that none reaches its own share
+        fa.receive(um.FaReq(10 + i % 8, i + 1, NAME, QOS, dst=2), 0.0)
     out, events = fa.pop()
     assert len(events) == MAX_ARRIVED and fa.refused == 5
     assert sum(1 for _, msg in out if isinstance(msg, um.FaReply) and msg.result == um.E_REFUSED) == 5
@@ -165,3 +166,36 @@ def test_a_replayed_request_is_not_served_twice() -> None:
     net.fa[2].receive(req, 1.0)
     out, events = net.fa[2].pop()
     assert out == [] and [e for e in events if isinstance(e, Arrived)] == [] and net.fa[2].replayed == 1
+
+
+def test_one_member_holds_only_its_share_of_the_requests_awaiting_the_irmd() -> None:
+    """A member that asks for flows by the hundred and never sees them answered (the IRMd waits for an
+    application's accept) once held all MAX_ARRIVED slots: every other member's request was refused."""
+    fa = FlowAllocator(2, 2**64 - 1, lambda a: True)
+    for i in range(MAX_ARRIVED):
+        fa.receive(um.FaReq(9, i + 1, NAME, QOS, dst=2), 0.0)
+    out, events = fa.pop()
+    assert len(events) == MAX_ARRIVED_PER_MEMBER < MAX_ARRIVED
+    assert fa.refused == MAX_ARRIVED - MAX_ARRIVED_PER_MEMBER
+    assert all(dst == 9 and isinstance(msg, um.FaReply) and msg.result == um.E_REFUSED for dst, msg in out)
+    fa.receive(um.FaReq(1, 1, NAME, QOS, dst=2), 0.0)  # another member's request still arrives
+    out, events = fa.pop()
+    assert out == [] and [type(e) for e in events] == [Arrived] and events[0].alloc.dst == 1
+    fa.handle_timer(ARRIVED_TIMEOUT)  # once its requests are refused in turn, the member may ask again
+    fa.pop()
+    fa.receive(um.FaReq(9, MAX_ARRIVED + 1, NAME, QOS, dst=2), ARRIVED_TIMEOUT)
+    assert [type(e) for e in fa.pop()[1]] == [Arrived]
+
+
+def test_a_request_taken_to_another_member_is_not_served_there() -> None:
+    """A request names the member asked, under the requester's signature: a forwarder that copied one
+    sent to 2 and took it to 3 (which serves the same name) once had 3 hand its IRMd an allocation,
+    piggyback and all, that 1 never asked of it."""
+    net = Net(1, 2, 3)
+    net.fa[1].alloc(7, NAME, QOS, b"oap request", [2], 10.0, 0.0)
+    net.run()
+    req = next(msg for _, msg in net.sent if isinstance(msg, um.FaReq))
+    assert req.dst == 2 and net.arrived(2).alloc.data == b"oap request"  # 2, asked, has it
+    net.fa[3].receive(req, 1.0)
+    out, events = net.fa[3].pop()
+    assert out == [] and events == [] and net.fa[3].replayed == 1

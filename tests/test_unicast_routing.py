@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ipcp.unicast import auth, pff
 from ipcp.unicast import messages as um
 from ipcp.unicast.messages import signed_part
-from ipcp.unicast.routing import Lsdb, LsTimers
+from ipcp.unicast.routing import MAX_ALL_LINKS, MAX_LINKS, Lsdb, LsTimers
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TIMERS = LsTimers()
@@ -366,3 +366,22 @@ def test_lsdb_tables_come_at_most_every_holdoff_in_a_join_storm() -> None:
     assert a.get_timer() == HOLDOFF
     table = a.take_table(HOLDOFF)
     assert table is not None and set(table) == set(range(2, 30))
+
+
+def test_lsdb_holds_a_bounded_number_of_links_in_all_so_every_table_stays_cheap() -> None:
+    """A member may make up keys and addresses (up to 4,096 members) and give each an LSU of 1,024
+    neighbours, all two-way: 4 million links took 260 MB at every member of the layer and seconds of
+    its loop for every table (ls_t_recalc). All LSUs together claim at most MAX_ALL_LINKS; an LSU past
+    that is refused and counted, one that claims fewer is always taken, and real members route on."""
+    db = Lsdb(1)
+    assert db.receive(lsu(2, 1, [1, 3]), 0.0) and db.receive(lsu(3, 1, [2]), 0.0)
+    made_up = range(100, 100 + MAX_ALL_LINKS // MAX_LINKS + 8)
+    for src in made_up:  # each claims the others, and addresses beyond up to MAX_LINKS
+        others = [a for a in made_up if a != src]
+        db.receive(lsu(src, 1, [*others, *range(src << 12, (src << 12) + MAX_LINKS - len(others))]), 0.0)
+    held = sum(len(e.neighbours) for e in db.db.values())
+    assert held <= MAX_ALL_LINKS and db.refused >= 8
+    assert db.receive(lsu(2, 2, [1, 3]), 1.0)  # a real member's renewal is news as ever
+    assert db.receive(lsu(100, 2, [101]), 1.0)  # and fewer links are taken whatever the total
+    db.set_neighbours({2}, 1.0)
+    assert db.table()[3] == [2]

@@ -9,6 +9,7 @@ Sans-IO: fed queue depths, marks, byte counts and times; answers marks, updates 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -104,15 +105,20 @@ class Sender:
         return self.rate < UNLIMITED
 
     def on_update(self, update: Update, now: float) -> None:
-        self.ece, self._heard = update.ece, now
-        if not update.ece:
-            self._delivered = update.rate
+        """An update from the flow's receiver: a remote member's numbers, so a level is taken as the
+        byte it is and a rate only when it is one (a NaN, an infinite or a negative one says nothing);
+        the pace never drops below MIN_RATE, so every wait it asks for is finite and short."""
+        ece = min(max(update.ece, 0), 255)
+        rate = update.rate if math.isfinite(update.rate) and update.rate > 0 else 0.0
+        self.ece, self._heard = ece, now
+        if not ece:
+            self._delivered = rate
             return
         self._congested = now
         if now - self._decreased < HOLD:
             return
         # Below what arrives, the more so the fuller the queue (down to half): the queue drains, then we grow.
-        target = update.rate * (1 - min(update.ece, 128) / 256) if update.rate else self.rate / 2
+        target = rate * (1 - min(ece, 128) / 256) if rate else self.rate / 2
         if not self.paced:
             self._tokens, self._last = BURST, now
         self.rate = max(MIN_RATE, min(self.rate, target))
@@ -132,7 +138,7 @@ class Sender:
             if self.slow_start:  # never beyond twice what arrives: ack-clocked, as TCP's
                 grown = self.rate * (1 + SLOW_START * windows)
                 fresh = self._delivered and now - self._heard < STALE
-                self.rate = min(grown, 2 * self._delivered) if fresh else grown
+                self.rate = max(MIN_RATE, min(grown, 2 * self._delivered)) if fresh else grown
             else:
                 self.rate += INCREASE * windows
             self._grown = now

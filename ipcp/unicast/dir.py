@@ -89,6 +89,7 @@ class Directory:
         self.cache: dict[bytes, tuple[list[int], float]] = {}
         self.forged = 0  # stores refused: unsigned, signed by another key, or for another's address
         self.refused = 0  # stores refused for bounds
+        self.misdirected = 0  # lookups naming another member: copies of ones sent there, not answered
         self._per_member: dict[int, int] = {}
         self._schedule: SortedList = SortedList()  # (expiry, key, addr)
         self._lookups: dict[int, _Lookup] = {}
@@ -183,7 +184,7 @@ class Directory:
         while lk.targets and lk.waiting < self.params.alpha:
             target = lk.targets.pop(0)
             if self.reachable(target):  # no route yet (or any more): asking would only time out
-                out.append((target, DhtFind(self.me, lk.key, cookie)))
+                out.append((target, DhtFind(self.me, lk.key, cookie, target)))
                 lk.waiting += 1
         if not out and lk.waiting == 0:
             del self._lookups[cookie]
@@ -196,6 +197,9 @@ class Directory:
             self._take(msg, now)
             return []
         if isinstance(msg, DhtFind):
+            if msg.dst != self.me:
+                self.misdirected += 1
+                return []
             if len(msg.key) > MAX_KEY:
                 return []
             stores = self._held(msg.key, now)

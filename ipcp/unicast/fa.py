@@ -22,7 +22,8 @@ from proto.qos import QosSpec
 from transports.wire import Message
 
 MAX_DATA = 4096  # bytes of piggyback a request or reply may carry
-MAX_ARRIVED = 256  # requests from peers awaiting the IRMd's answer at once
+MAX_ARRIVED = 256  # requests from peers awaiting the IRMd's answer at once ...
+MAX_ARRIVED_PER_MEMBER = 64  # ... of which one member's: it cannot keep the others' requests out
 SEEN = 4096  # requests remembered (requester, its eid), so that one replayed is not served twice
 ARRIVED_TIMEOUT = 10.0  # seconds the IRMd may take to answer one
 PATH_GRACE = 10.0  # a flow whose destination stays unreachable this long goes down
@@ -130,7 +131,7 @@ class FlowAllocator:
         self.events: list[FaEvent] = []
         self.out: Out = []
         self.refused = 0  # requests refused: too many awaiting the IRMd, or too much piggyback
-        self.replayed = 0  # requests seen before
+        self.replayed = 0  # requests seen before, or that name another member (a copy of one sent there)
         self._seen: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
         # Allocations that may have a deadline (pending, or with their path lost): the timers look
         # at these alone, not at every flow (an IPCP may carry tens of thousands); pruned as they settle.
@@ -189,7 +190,7 @@ class FlowAllocator:
             alloc.dst = dst
             left = alloc.deadline - now  # the last one may take what is left; the others share it
             alloc.asked_until = now + (left if not alloc.addrs else left / 2)
-            self.out.append((dst, um.FaReq(self.me, alloc.eid, alloc.digest, alloc.qos, alloc.data)))
+            self.out.append((dst, um.FaReq(self.me, alloc.eid, alloc.digest, alloc.qos, alloc.data, dst)))
             return
         code = m.ETIMEDOUT if "answer" in why else m.ENOTCONN
         self._fail(alloc, Event.TIMEOUT, FaError(code, why or "no member to ask"))
@@ -269,14 +270,15 @@ class FlowAllocator:
     def _on_request(self, req: um.FaReq, now: float) -> None:
         if not 0 < req.s_eid < 1 << 64:
             return
-        if (req.src, req.s_eid) in self._seen:
+        if req.dst != self.me or (req.src, req.s_eid) in self._seen:
             self.replayed += 1
             return
         self._seen[req.src, req.s_eid] = None
         if len(self._seen) > SEEN:
             self._seen.popitem(last=False)
-        arrived = sum(1 for a in self._timers() if a.state is State.ARRIVED)
-        if arrived >= MAX_ARRIVED or len(req.data) > MAX_DATA:
+        arrived = [a for a in self._timers() if a.state is State.ARRIVED]
+        theirs = sum(1 for a in arrived if a.dst == req.src)
+        if len(arrived) >= MAX_ARRIVED or theirs >= MAX_ARRIVED_PER_MEMBER or len(req.data) > MAX_DATA:
             self.refused += 1
             self.out.append((req.src, um.FaReply(self.me, 0, req.s_eid, um.E_REFUSED)))
             return

@@ -814,6 +814,7 @@ class UnicastIpcp(Ipcp):
             "lsu_refused": self.lsdb.refused,
             "dht_forged": self.dir.forged,
             "dht_refused": self.dir.refused,
+            "dht_misdirected": self.dir.misdirected,
             "fa_refused": self.fa.refused,
             "fa_replayed": self.fa.replayed,
         }

@@ -117,11 +117,13 @@ class Lsu(Addressed):
 @dataclass
 class FaReq(Addressed):
     TYPE: ClassVar[int] = 110
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("src", "dst")
     src: int
     s_eid: int
     hash: bytes
     qos: QosSpec
     data: bytes = b""  # the allocation's piggyback (the IRMd's OAP request), opaque
+    dst: int = 0  # the member asked, signed with the rest: a copy taken to another member is refused there
     sig: bytes = b""  # the requester's (src's) signature: flow allocator messages are each member's own
 
 
@@ -181,9 +183,11 @@ class DhtStore(Addressed):
 @dataclass
 class DhtFind(Addressed):
     TYPE: ClassVar[int] = 121
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("src", "dst")
     src: int
     key: bytes
     cookie: int
+    dst: int = 0  # the member asked: a copy sent to others would have each answer src
     sig: bytes = b""  # the asker's: the answer goes to src, so no member may ask in another's name
 
 

@@ -17,7 +17,8 @@ from ipcp.unicast.messages import ADDR_SPACE, Lsu, signed_part
 from ipcp.unicast.pff import Graph, Pff, Simple, Table
 
 MAX_MEMBERS = 4096  # LSDB entries: past this, LSUs of members not yet known are refused
-MAX_LINKS = 1024  # neighbours one LSU may claim
+MAX_LINKS = 1024  # neighbours one LSU may claim ...
+MAX_ALL_LINKS = 16 * MAX_MEMBERS  # ... and all LSUs held together: each table walks every one of them
 MAX_NAME = 255
 HOLDOFF = 0.05  # seconds between two tables at least: a join storm of N members costs a few tables, not N
 
@@ -68,6 +69,7 @@ class Lsdb:
         self._named: dict[str, set[int]] = {name: {me}}  # addresses by member name
         self.forged = 0  # LSUs refused: bad signature, or a key speaking for another's address or name
         self.refused = 0  # LSUs refused for bounds: too many members, links or too long a name
+        self.links = 0  # neighbours the LSUs of other members claim, all together
         self._last_flood = now
         self._dirty = True
         self._next_recalc = now
@@ -138,7 +140,11 @@ class Lsdb:
         ):
             self.refused += 1
             return False
-        if entry is None and len(self.db) >= MAX_MEMBERS:
+        claimed = frozenset(lsu.neighbours)
+        links = self.links + len(claimed) - (len(entry.neighbours) if entry is not None else 0)
+        if (entry is None and len(self.db) >= MAX_MEMBERS) or (
+            lsu.src != self.me and links > MAX_ALL_LINKS and links > self.links  # (fewer links are always taken)
+        ):
             self.refused += 1
             return False
         try:
@@ -161,18 +167,20 @@ class Lsdb:
                 return False  # an old incarnation's LSU still going round: it must not undo the new one
             for addr in rivals:
                 self._drop(addr)
-        self._changed(now, added=entry is None or bool(frozenset(lsu.neighbours) - entry.neighbours))
+        self._changed(now, added=entry is None or bool(claimed - entry.neighbours))
         if entry is None or entry.seen == self._oldest:
             self._oldest = None if entry is not None or self._oldest is None else min(self._oldest, now)
         if entry is not None and entry.name != lsu.name:
             self._named[entry.name].discard(lsu.src)
         self._named.setdefault(lsu.name, set()).add(lsu.src)
-        self.db[lsu.src] = _Entry(lsu.seqno, frozenset(lsu.neighbours), now, lsu.name, lsu.since, lsu)
+        self.links += len(claimed) - (len(entry.neighbours) if entry is not None else 0)  # (rivals dropped since)
+        self.db[lsu.src] = _Entry(lsu.seqno, claimed, now, lsu.name, lsu.since, lsu)
         return True
 
     def _drop(self, addr: int) -> None:
         """Forget another member's entry, and release its address and name."""
         entry = self.db.pop(addr)
+        self.links -= len(entry.neighbours)
         self._oldest = None
         named = self._named[entry.name]
         named.discard(addr)

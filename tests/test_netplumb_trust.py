@@ -215,6 +215,31 @@ def test_client_environment_only_through_accept_env() -> None:
         assert "client variables not accepted: LD_PRELOAD, BASH_ENV, PATH" in lab.log_text()
 
 
+def test_a_restricted_key_cannot_escape_through_accepted_variables() -> None:
+    """With --accept-env "*", a key allowed one bash script sends BASH_ENV (bash runs that file first)
+    and PATH (the script's `date` becomes the client's): neither reaches the script, which runs as
+    it should. The same variables still reach an unrestricted key's command."""
+    with running_lab(["--accept-env", "*"]) as lab:
+        _, _, _, shared = _files(lab)
+        tool = lab.root / "report"
+        tool.write_text("#!/bin/bash\necho report at $(date +%Y)\n")
+        os.chmod(tool, 0o755)
+        evil, fake = shared / "evil.sh", shared / "bin"
+        evil.write_text(f"touch {shared}/escaped-bash-env\n")
+        fake.mkdir()
+        (fake / "date").write_text(f"#!/bin/sh\ntouch {shared}/escaped-path\n")
+        os.chmod(fake / "date", 0o755)
+        sent = {"BASH_ENV": str(evil), "PATH": f"{fake}:/usr/bin:/bin", "NP_OK": "yes"}
+        mallory = lab.client("mallory", NOBODY, f'allow="{tool}",users="nobody"')
+        r = lab.plumb(mallory, "-export=" + ",".join(sent), str(tool), env=sent)
+        assert r.returncode == 0 and r.stdout.startswith(b"report at 2"), r.stderr
+        assert not (shared / "escaped-bash-env").exists() and not (shared / "escaped-path").exists()
+        assert "client variables not accepted: BASH_ENV, PATH, NP_OK" in lab.log_text()
+        free = lab.client("free", NOBODY, 'users="nobody"')  # may run anything: AcceptEnv as configured
+        r = lab.plumb(free, "-export=NP_OK", "echo $NP_OK", env=sent)
+        assert (r.returncode, r.stdout) == (0, b"yes\n"), r.stderr
+
+
 def test_one_time_key_runs_once_of_many_racing(lab: Lab) -> None:
     ran = lab.root / "ran"
     ticket = lab.client("ticket", NOBODY, f'one-time,command="sh -c \\"echo x >>{ran}\\""')

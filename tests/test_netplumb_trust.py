@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, wait_for
+from helpers import BIN, children_of, pid_alive, wait_for
 from netplumb_lab import NOBODY, Lab, lab_dir, needs_root, running_lab
 
 pytestmark = [needs_root, pytest.mark.timeout(120)]
@@ -496,6 +496,51 @@ def test_a_runner_its_command_stopped_holds_no_slot_once_the_client_left() -> No
         wait_for(lambda: lab.plumb(mallory, "echo", "again").stdout == b"again\n", 30, "the slot to free up")
         log = lab.log_text()
         assert "takes no signals: dropping them" in log and "the client went away: stopping its command" in log
+
+
+def _pids_running(argv: list[str]) -> list[int]:
+    """The live processes whose command line is exactly `argv`."""
+    want, found = "\0".join(argv) + "\0", []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/cmdline").read_text() == want and pid_alive(int(entry)):
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def _runner_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("how", ["command", "recipe", "background"])
+def test_a_job_does_not_outlive_its_runner_killed(lab: Lab, how: str) -> None:
+    """The runner of a session is killed outright (SIGKILL: by its user, the OOM killer, or netplumbd
+    giving up on it): nothing of the job it started goes on running, a process it left in the
+    background included; the client learns its session is over."""
+    mallory = lab.client("mallory", NOBODY, 'allow="sleep,sh",users="nobody"')
+    marker = ["sleep", "313"]
+    if how == "command":
+        p = lab.popen_plumb(mallory, *marker)
+    elif how == "recipe":
+        p = lab.popen_plumb(mallory, _recipe(lab, "long", "sleep 313 &\nsleep 314\n"))
+    else:
+        p = lab.popen_plumb(mallory, "sh", "-c", "sleep 313 & exec sleep 314")
+    try:
+        (job,) = wait_for(lambda: _pids_running(marker), 30, "the job to start")
+        runner = _runner_of(job) if how != "background" else _runner_of(_runner_of(job))
+        assert runner in children_of(lab.proc.pid if lab.proc else 0)
+        os.kill(runner, signal.SIGKILL)
+        wait_for(lambda: not _pids_running(marker) and not _pids_running(["sleep", "314"]), 10, "the job to end")
+        assert p.wait(30) != 0
+    finally:
+        p.kill()
+        p.wait()
+        for pid in _pids_running(marker) + _pids_running(["sleep", "314"]):
+            os.kill(pid, signal.SIGKILL)
+    r = lab.plumb(mallory, "sleep", "0")  # and the next session runs as ever
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_signal_reaches_no_process_that_took_the_pid_of_a_finished_command(lab: Lab) -> None:

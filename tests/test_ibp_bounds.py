@@ -571,8 +571,8 @@ def test_hard_admission_never_walks_every_allocation(tmp_path: Path) -> None:
     c = core(tmp_path, capacity=100_000)
     softs = [c.allocate(alloc(1000, 600 - i), NOW) for i in range(90)]  # the last made expires first
     c.allocs = _NoScan(c.allocs)
-    with pytest.raises(w.IbpError, match="exceeds the free space"):
-        c.allocate(alloc(200_000, 60, w.IBP_HARD), NOW)  # more than every SOFT byte: refused, nothing walked
+    with pytest.raises(w.IbpError, match="exceeds the depot's 100000 bytes"):
+        c.allocate(alloc(200_000, 60, w.IBP_HARD), NOW)  # more than the depot: refused, nothing walked
     assert c.revoked == 0 and c.soft_reserved == 90_000
     c.allocate(alloc(12_000, 60, w.IBP_HARD), NOW)  # 10,000 free: two SOFT ones go, the soonest expiring
     assert c.revoked == 2

@@ -506,3 +506,48 @@ def test_a_negative_size_is_more_than_any_depot_holds(lstore: LStore) -> None:  
     assert ask(lstore, "1 9 %s 45 -5 10\n" % keys(mcap)) == w.IBP_E_WOULD_EXCEED_LIMIT  # TRUNCATE, as a huge size
     p = lstore.probe(mcap)[1]
     assert (p["currentSize"], p["maxSize"]) == (4, 100)
+
+
+# 17. read_allocate, read_write, read_read and read_manage read sizes and lengths with %llu and
+#     offsets signed 64-bit, through glibc's scanf: a number too large saturates, a negative size or
+#     length is read modulo 2**64. Either way it is more than any allocation holds: -19 (after the
+#     capability), never a malformed request, 2**63 and up answered as 2**63 - 1 is. No number at all
+#     reads as 0: -30 for a size or duration, -36 for a length.
+
+HUGE = ["9223372036854775807", "9223372036854775808", "18446744073709551615", "18446744073709551616", "9" * 40]
+
+
+@pytest.mark.parametrize("n", HUGE)
+def test_a_size_offset_or_length_past_64_bits_is_past_any_allocation(lstore: LStore, n: str) -> None:  # noqa: F811
+    rcap, wcap, mcap = new(lstore, 100, b"0123456789")
+    r_keys, w_keys = parse_cap(rcap)[2:], parse_cap(wcap)[2:]
+    past = w.IBP_E_WOULD_EXCEED_LIMIT
+    assert ask(lstore, "1 1 0 %d 1 3600 %s 10\n" % (IBP_SOFT, n)) == past  # ALLOCATE
+    assert ask(lstore, "1 8 %s %s 0 %s 10\n" % (*r_keys, n)) == past  # LOAD: the length
+    assert ask(lstore, "1 8 %s %s %s 1 10\n" % (*r_keys, n)) == past  # LOAD: the offset
+    assert ask(lstore, "1 8 0#nosuchkey %s 0 %s 10\n" % (r_keys[1], n)) == w.IBP_E_CAP_NOT_FOUND  # the cap first
+    assert ask(lstore, "1 9 %s 45 %s 10\n" % (keys(mcap), n)) == past  # TRUNCATE
+    port = lstore.sock.getpeername()[1]
+    for line in ("1 13 %s %s %s 1 10\n", "1 13 %s %s 0 %s 10\n", "1 2 %s %s %s 10\n"):  # WRITE, STORE
+        c = LStore(port)  # a refused WRITE or STORE closes its connection (its data may follow)
+        try:
+            assert ask(c, line % (*w_keys, n)) == past, line
+        finally:
+            c.close()
+    c = LStore(port)
+    try:  # and the allocation is as it was, for the requests that are right
+        assert c.load(rcap, 0, 10) == (IBP_OK, b"0123456789")
+        assert c.probe(mcap)[1]["maxSize"] == 100
+    finally:
+        c.close()
+
+
+def test_a_negative_length_is_read_unsigned_and_no_number_reads_as_zero(lstore: LStore) -> None:  # noqa: F811
+    rcap, _, _ = new(lstore, 100, b"0123456789")
+    r_keys = parse_cap(rcap)[2:]
+    assert ask(lstore, "1 8 %s %s 0 -5 10\n" % r_keys) == w.IBP_E_WOULD_EXCEED_LIMIT
+    assert ask(lstore, "1 8 %s %s 0 ten 10\n" % r_keys) == w.IBP_E_INV_PAR_SIZE  # a length of 0
+    assert ask(lstore, "1 1 0 %d 1 3600 ten 10\n" % IBP_SOFT) == w.IBP_E_INVALID_PARAMETER  # a size of 0
+    assert ask(lstore, "1 1 0 %d 1 ten 100 10\n" % IBP_SOFT) == w.IBP_E_INVALID_PARAMETER  # a duration of 0
+    assert ask(lstore, "1 1 0 %d 1 %s 100 10\n" % (IBP_SOFT, "9" * 40)) == w.IBP_E_LONG_DURATION
+    assert lstore.load(rcap, 2, 3) == (IBP_OK, b"234")

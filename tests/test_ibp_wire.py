@@ -151,10 +151,12 @@ def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
         (b"1 16 a b\n", w.IBP_E_INVALID_CMD),  # RENAME: L-Store's, not served
         (b"1 1 0 1 1 10 10\n", w.IBP_E_BAD_FORMAT),  # a field short
         (b"1 1 0 1 1 10 10 5 6\n", w.IBP_E_BAD_FORMAT),  # a field too many
-        (b"1 1 0 1 1 ten 10 5\n", w.IBP_E_BAD_FORMAT),
+        (b"1 1 0 1 1 ten 10 5\n", w.IBP_E_INVALID_PARAMETER),  # no duration reads as 0 (L-Store's sscanf)
+        (b"1 1 0 1 1 10 ten 5\n", w.IBP_E_INVALID_PARAMETER),  # nor a size
+        (b"1 8 k t 0 ten 5\n", w.IBP_E_INV_PAR_SIZE),  # nor a length
+        (b"1 8 k t ten 1 5\n", w.IBP_E_BAD_FORMAT),  # an offset L-Store would take as 0: malformed
         (b"1 1 0 1 1 -5 10 5\n", w.IBP_E_INVALID_PARAMETER),  # negative duration
         (b"1 2 k/ey t 10 5\n", w.IBP_E_WRONG_CAP_FORMAT),
-        (b"1 8 k t 0 99999999999999999999999 5\n", w.IBP_E_BAD_FORMAT),
         (b"1 9 k t 77 1 5\n", w.IBP_E_BAD_FORMAT),  # L-Store's read_manage
         (b"1 4 0 9 pw 5\n", w.IBP_E_BAD_FORMAT),  # L-Store's read_status
         (b"1 8 k t 0 0 5\n", w.IBP_E_INV_PAR_SIZE),  # L-Store's read_read: no length 0
@@ -171,6 +173,27 @@ def test_bad_lines_get_the_right_status(line: bytes, status: int) -> None:
     with pytest.raises(w.BadRequest) as e:
         w.parse_request(line)
     assert e.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "value"),
+    [
+        (b"1 1 0 1 1 10 18446744073709551615 5\n", "size", 2**64 - 1),
+        (b"1 1 0 1 1 10 18446744073709551616 5\n", "size", 2**64 - 1),  # saturated, as glibc's scanf
+        (b"1 1 0 1 1 10 -5 5\n", "size", 2**64 - 5),  # %llu: modulo 2**64
+        (b"1 1 0 1 1 99999999999999999999 10 5\n", "duration", 2**63 - 1),
+        (b"1 8 k t 0 99999999999999999999999 5\n", "length", 2**64 - 1),
+        (b"1 8 k t 0 -1 5\n", "length", 2**64 - 1),
+        (b"1 8 k t 9223372036854775808 1 5\n", "offset", 2**63 - 1),
+        (b"1 13 k t 000000000000000000000000000000000000007 1 5\n", "offset", 7),
+        (b"1 9 k t 45 -5 5\n", "size", 2**64 - 5),  # TRUNCATE
+        (b"1 9 k t 43 3 99999999999999999999 -1 -1 5\n", "size", 2**63 - 1),  # CHNG (negative: keep)
+    ],
+)
+def test_numbers_past_64_bits_are_read_as_l_stores_scanf_reads_them(line: bytes, field: str, value: int) -> None:
+    """Not malformed: L-Store's depot reads them and answers for the value read (-19, past any
+    allocation, for a size, length or offset); ours does the same at the depot."""
+    assert getattr(w.parse_request(line), field) == value
 
 
 @settings(max_examples=200, deadline=None)

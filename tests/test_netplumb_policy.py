@@ -245,6 +245,29 @@ def test_a_command_key_gets_no_client_variables_even_accepted_ones() -> None:
     assert "NP_OK" not in dict(p.env) and dict(p.env)["PATH"] == PATH
 
 
+@pytest.mark.parametrize("options", ['allow="cat"', 'allow="cat",users="nobody"', 'allow=""', 'command="id"'])
+def test_a_restricted_key_gets_no_client_variables_even_accepted_ones(options: str) -> None:
+    """LD_PRELOAD, BASH_ENV, PATH... would run code of the client's in an allowed program: a key
+    restricted by allow= gets none of the client's variables, as one bound to a command."""
+    argv = ("id",) if "command" in options else ("cat",)
+    danger = (("LD_PRELOAD", "/tmp/evil.so"), ("BASH_ENV", "/tmp/evil.sh"), ("PYTHONPATH", "/tmp"), ("IFS", "/"))
+    env = CLIENT_ENV + danger
+    if options == 'allow=""':
+        refused(options, Start(argv=argv, env=env), accept_env=("*",))
+        return
+    p = run(options, Start(argv=argv, env=env), accept_env=("*",))
+    got = dict(p.env)
+    assert not {name for name, _ in env} - {"PATH", "HOME"} & got.keys(), got
+    assert got["PATH"] == PATH and got["HOME"] in ("/root", "/nonexistent")
+    assert set(p.ignored_env) == {name for name, _ in env}
+
+
+def test_an_unrestricted_key_keeps_accept_env() -> None:
+    p = run('users="nobody"', Start(argv=("cat",), env=CLIENT_ENV), accept_env=("*",))
+    assert dict(p.env)["LD_PRELOAD"] == "/tmp/evil.so" and dict(p.env)["PATH"] == "/tmp/x"
+    assert p.ignored_env == ()
+
+
 # -- invariants over any key and any request -----------------------------------------------------
 
 NAMES = st.sampled_from(["cat", "/bin/cat", "tar", "sh", "id", "/tmp/x/cat", "nosuch", "./cat"])
@@ -300,10 +323,10 @@ def test_every_plan_keeps_every_rule(
             assert found.real in {f.real for a in entry.allow if (f := which(a, PATH))}
     if entry.command is not None:
         assert req.recipe is None and p.steps[0].argv == entry.command
-    # environment: ours, plus accepted client variables only, none for a command key
-    assert env["PATH"] == PATH or (("PATH" in accept_env or accept_env == ("*",)) and entry.command is None)
+    # environment: ours, plus accepted client variables only, none for a restricted key
+    assert env["PATH"] == PATH or (("PATH" in accept_env or accept_env == ("*",)) and not restricted)
     assert env["USER"] == p.account.name and env["HOME"] == p.account.home
     for name, _ in req.env:
-        accepted = entry.command is None and any(name.startswith(a.rstrip("*")) for a in accept_env)
+        accepted = not restricted and any(name.startswith(a.rstrip("*")) for a in accept_env)
         assert (name in p.ignored_env) != accepted
     assert p.one_time == entry.one_time

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, wait_for
+from helpers import BIN, children_of, pid_alive, wait_for
 from netplumb_lab import NOBODY, Lab, lab_dir, needs_root, running_lab
 
 pytestmark = [needs_root, pytest.mark.timeout(120)]
@@ -213,6 +213,31 @@ def test_client_environment_only_through_accept_env() -> None:
         r = lab.plumb(ticket, export, "env", env=sent)
         assert r.returncode == 0 and b"NP_OK" not in r.stdout and b"LD_PRELOAD" not in r.stdout
         assert "client variables not accepted: LD_PRELOAD, BASH_ENV, PATH" in lab.log_text()
+
+
+def test_a_restricted_key_cannot_escape_through_accepted_variables() -> None:
+    """With --accept-env "*", a key allowed one bash script sends BASH_ENV (bash runs that file first)
+    and PATH (the script's `date` becomes the client's): neither reaches the script, which runs as
+    it should. The same variables still reach an unrestricted key's command."""
+    with running_lab(["--accept-env", "*"]) as lab:
+        _, _, _, shared = _files(lab)
+        tool = lab.root / "report"
+        tool.write_text("#!/bin/bash\necho report at $(date +%Y)\n")
+        os.chmod(tool, 0o755)
+        evil, fake = shared / "evil.sh", shared / "bin"
+        evil.write_text(f"touch {shared}/escaped-bash-env\n")
+        fake.mkdir()
+        (fake / "date").write_text(f"#!/bin/sh\ntouch {shared}/escaped-path\n")
+        os.chmod(fake / "date", 0o755)
+        sent = {"BASH_ENV": str(evil), "PATH": f"{fake}:/usr/bin:/bin", "NP_OK": "yes"}
+        mallory = lab.client("mallory", NOBODY, f'allow="{tool}",users="nobody"')
+        r = lab.plumb(mallory, "-export=" + ",".join(sent), str(tool), env=sent)
+        assert r.returncode == 0 and r.stdout.startswith(b"report at 2"), r.stderr
+        assert not (shared / "escaped-bash-env").exists() and not (shared / "escaped-path").exists()
+        assert "client variables not accepted: BASH_ENV, PATH, NP_OK" in lab.log_text()
+        free = lab.client("free", NOBODY, 'users="nobody"')  # may run anything: AcceptEnv as configured
+        r = lab.plumb(free, "-export=NP_OK", "echo $NP_OK", env=sent)
+        assert (r.returncode, r.stdout) == (0, b"yes\n"), r.stderr
 
 
 def test_one_time_key_runs_once_of_many_racing(lab: Lab) -> None:
@@ -471,6 +496,51 @@ def test_a_runner_its_command_stopped_holds_no_slot_once_the_client_left() -> No
         wait_for(lambda: lab.plumb(mallory, "echo", "again").stdout == b"again\n", 30, "the slot to free up")
         log = lab.log_text()
         assert "takes no signals: dropping them" in log and "the client went away: stopping its command" in log
+
+
+def _pids_running(argv: list[str]) -> list[int]:
+    """The live processes whose command line is exactly `argv`."""
+    want, found = "\0".join(argv) + "\0", []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/cmdline").read_text() == want and pid_alive(int(entry)):
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def _runner_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("how", ["command", "recipe", "background"])
+def test_a_job_does_not_outlive_its_runner_killed(lab: Lab, how: str) -> None:
+    """The runner of a session is killed outright (SIGKILL: by its user, the OOM killer, or netplumbd
+    giving up on it): nothing of the job it started goes on running, a process it left in the
+    background included; the client learns its session is over."""
+    mallory = lab.client("mallory", NOBODY, 'allow="sleep,sh",users="nobody"')
+    marker = ["sleep", "313"]
+    if how == "command":
+        p = lab.popen_plumb(mallory, *marker)
+    elif how == "recipe":
+        p = lab.popen_plumb(mallory, _recipe(lab, "long", "sleep 313 &\nsleep 314\n"))
+    else:
+        p = lab.popen_plumb(mallory, "sh", "-c", "sleep 313 & exec sleep 314")
+    try:
+        (job,) = wait_for(lambda: _pids_running(marker), 30, "the job to start")
+        runner = _runner_of(job) if how != "background" else _runner_of(_runner_of(job))
+        assert runner in children_of(lab.proc.pid if lab.proc else 0)
+        os.kill(runner, signal.SIGKILL)
+        wait_for(lambda: not _pids_running(marker) and not _pids_running(["sleep", "314"]), 10, "the job to end")
+        assert p.wait(30) != 0
+    finally:
+        p.kill()
+        p.wait()
+        for pid in _pids_running(marker) + _pids_running(["sleep", "314"]):
+            os.kill(pid, signal.SIGKILL)
+    r = lab.plumb(mallory, "sleep", "0")  # and the next session runs as ever
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_signal_reaches_no_process_that_took_the_pid_of_a_finished_command(lab: Lab) -> None:

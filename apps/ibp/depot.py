@@ -244,8 +244,10 @@ class DepotCore:
             raise self.refuse(w.IBP_E_INVALID_PARAMETER, "duration must be positive (or -1: the longest allowed)")
         if req.size == 0:
             raise self.refuse(w.IBP_E_INVALID_PARAMETER, "size must be positive")
-        if req.size < 0:
+        if not 0 < req.size <= w.MAX_INT:  # read unsigned (wire._u64): past any depot
             raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {req.size}, read unsigned, exceeds any depot")
+        if req.size > self.capacity:  # never to be had, whatever a client's share: L-Store's "exceeds", -19
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {req.size} exceeds the depot's {self.capacity} bytes")
         duration = self.max_duration if req.duration == w.FOREVER else req.duration
         self._check_quota(owner, 1, req.size)
         status, reason = admit(req.size, duration, self.free, self.capacity, self.max_duration)
@@ -406,7 +408,7 @@ class DepotCore:
     def _truncate(self, a: Allocation, size: int, now: float) -> tuple[object, ...]:
         """TRUNCATE (L-Store's IBP_TRUNCATE): the maximum size becomes `size` and data past it is cut;
         a negative size, read unsigned as L-Store does, is past any depot's room (-19 as a huge one)."""
-        if size < 0:
+        if not 0 <= size <= w.MAX_INT:  # read unsigned (wire._u64): past any depot
             raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {size}, read unsigned, exceeds any depot")
         self._resize(a, size, self._left(a, now), now, size=min(a.size, size))
         return ()
@@ -420,6 +422,8 @@ class DepotCore:
         the admission policy if it grows in size or time (a shrink is always welcome), with
         `changes`; the disk gets back the blocks past a smaller size at once, and reserves those
         of a larger one (no store runs meanwhile: the server holds the allocation's writer lock)."""
+        if max_size > max(a.max_size, self.capacity):  # never to be had, whatever a client's share: -19
+            raise self.refuse(w.IBP_E_WOULD_EXCEED_LIMIT, f"size {max_size} exceeds the depot's {self.capacity} bytes")
         self._check_quota(a.owner, 0, max_size - a.max_size)
         if max_size > a.max_size or duration > self._left(a, now):
             status, reason = admit(max_size, duration, self.free + a.max_size, self.capacity, self.max_duration)

@@ -390,6 +390,45 @@ def _int(tok: str, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
     return value
 
 
+# L-Store's depot reads its numbers with sscanf: %llu for sizes and lengths, a signed 64-bit one for
+# offsets. glibc's scanf saturates a number too large for its type (ERANGE) and %llu reads a negative
+# one modulo 2**64, so a huge or negative size is simply more than any depot holds (-19, once the
+# capability is checked), never a malformed request. A field that is no number at all stays 0 there:
+# where 0 is refused we give that refusal (`zero`); where L-Store would go on with 0 (an offset) we
+# refuse the line as malformed (-21) rather than act on a number the client never sent.
+U64_MAX = 2**64 - 1
+I64_MIN = -(2**63)
+
+
+def _digits(tok: str) -> int | None:
+    """The value of an optionally signed decimal token of any length, or None if it is not one."""
+    body = tok[1:] if tok[:1] == "-" else tok
+    if not body or not (body.isascii() and body.isdigit()):
+        return None
+    body = body.lstrip("0") or "0"
+    value = U64_MAX + 1 if len(body) > 20 else int(body)  # past any 64-bit number: saturates alike
+    return -value if tok[:1] == "-" else value
+
+
+def _u64(tok: str, what: str, zero: int = IBP_E_BAD_FORMAT) -> int:
+    """A size or length as L-Store's %llu reads it: negative ones modulo 2**64, huge ones U64_MAX;
+    not a number: the `zero` refusal (0's)."""
+    value = _digits(tok)
+    if value is None:
+        raise BadRequest(zero, f"{what}: expected an integer, got {reason_fields(tok[:24])!r}")
+    if value < 0:
+        return U64_MAX + 1 + value if -value <= U64_MAX else U64_MAX
+    return min(value, U64_MAX)
+
+
+def _i64(tok: str, what: str, zero: int = IBP_E_BAD_FORMAT) -> int:
+    """An offset or duration as a signed 64-bit scanf reads it: saturated at both ends."""
+    value = _digits(tok)
+    if value is None:
+        raise BadRequest(zero, f"{what}: expected an integer, got {reason_fields(tok[:24])!r}")
+    return max(I64_MIN, min(value, MAX_INT))
+
+
 def _key(tok: str, what: str) -> tuple[str, str]:
     """(rid, key) of `RID#key` or a bare key (rid "")."""
     m = _KEY_RE.fullmatch(tok)
@@ -426,10 +465,20 @@ def _timeout(tok: str) -> int:
 
 
 def _length(tok: str) -> int:
-    """A transfer's length: at least 1, as L-Store's depot has it (read_read, read_write: -36)."""
-    n = _int(tok, "length")
+    """A transfer's length: at least 1, as L-Store's depot has it (read_read, read_write: -36); read
+    unsigned, so a negative or huge one goes past any allocation (-19 at the depot)."""
+    n = _u64(tok, "length", IBP_E_INV_PAR_SIZE)
     if n < 1:
         raise BadRequest(IBP_E_INV_PAR_SIZE, "length must be at least 1")
+    return n
+
+
+def _duration(tok: str) -> int:
+    """An allocation's duration: seconds, or -1 (FOREVER: the longest allowed); 0 or no number is
+    -30 as in L-Store's read_allocate, one past any depot's maximum its -28 at the depot."""
+    n = _i64(tok, "duration", IBP_E_INVALID_PARAMETER)
+    if n < FOREVER:
+        raise BadRequest(IBP_E_INVALID_PARAMETER, f"duration {n} (-1: the longest allowed)")
     return n
 
 
@@ -443,7 +492,7 @@ def _remote_timeout(tok: str, what: str) -> int:
 
 def _append_or(tok: str, what: str) -> int | None:
     """An offset where a negative one (L-Store sends -1) means append: None."""
-    n = _int(tok, what, -MAX_INT)
+    n = _i64(tok, what)
     return None if n < 0 else n
 
 
@@ -483,8 +532,8 @@ def _parse(line: bytes) -> Request:
             "" if version == IBPv031 else _word(a[0], "rid"),
             _int(a[1], "reliability", -MAX_INT, MAX_INT),
             _int(a[2], "type", -MAX_INT, MAX_INT),
-            _int(a[3], "duration", FOREVER),
-            _int(a[4], "size", -MAX_INT),  # a negative one: L-Store reads it unsigned (the depot: -19)
+            _duration(a[3]),
+            _u64(a[4], "size", IBP_E_INVALID_PARAMETER),  # read unsigned: huge or negative, the depot's -19
             _timeout(a[5]),
         )
     if cmd in (IBP_STORE, IBP_WRITE, IBP_LOAD):
@@ -503,7 +552,7 @@ def _parse(line: bytes) -> Request:
             key,
             _typekey(typekey),
             _cap(dest),
-            _int(a[3], "offset"),
+            _offset(a[3], "offset"),
             _length(a[4]),
             _timeout(a[5]),
             _remote_timeout(a[6], "destination timeout"),
@@ -522,8 +571,8 @@ def _parse(line: bytes) -> Request:
         return Mcopy(
             key,
             _typekey(a[1]),
-            _int(a[2], "offset"),
-            _int(a[3], "length"),
+            _offset(a[2], "offset"),
+            _u64(a[3], "length"),  # 0: up to the end of the data
             tuple(_cap(c) for c in a[5 : 5 + n]),
             _timeout(a[5 + n]),
             rid,
@@ -568,9 +617,9 @@ def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
     offset: int | None
     remote: int | None
     if pull:  # our bytes may be appended; the remote ones are read from an offset (-1: 0)
-        offset, remote = _append_or(a[4], "offset"), max(0, _int(a[5], "remote offset", -MAX_INT))
+        offset, remote = _append_or(a[4], "offset"), max(0, _i64(a[5], "remote offset"))
     else:
-        offset, remote = _int(a[4], "offset"), _append_or(a[5], "remote offset")
+        offset, remote = _offset(a[4], "offset"), _append_or(a[5], "remote offset")
     return Transfer(
         pull,
         key,
@@ -602,10 +651,18 @@ def _parse_rw(cmd: int, a: list[str]) -> Store | Write | Load:
     name = "WRITE" if cmd == IBP_WRITE else "LOAD"
     _want(a, 5, f"{name} key typekey offset length timeout")
     rid, key = _key(a[0], "key")
-    if cmd == IBP_WRITE and _int(a[2], "offset", -MAX_INT) < 0:  # L-Store's read_write: -18
+    if cmd == IBP_WRITE and _i64(a[2], "offset") < 0:  # L-Store's read_write: -18
         raise BadRequest(IBP_E_FILE_SEEK_ERROR, "a WRITE's offset must not be negative")
     kind = Write if cmd == IBP_WRITE else Load
-    return kind(key, _typekey(a[1]), _int(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
+    return kind(key, _typekey(a[1]), _offset(a[2], "offset"), _length(a[3]), _timeout(a[4]), rid)
+
+
+def _offset(tok: str, what: str) -> int:
+    """An offset into an allocation: not negative; a huge one is past any data (-19 at the depot)."""
+    n = _i64(tok, what)
+    if n < 0:
+        raise BadRequest(IBP_E_INVALID_PARAMETER, f"{what} {n} must not be negative")
+    return n
 
 
 def _parse_manage(a: list[str]) -> Manage:
@@ -622,7 +679,7 @@ def _parse_manage(a: list[str]) -> Manage:
         return Manage(key, typekey, sub, captype, _timeout(a[4]), rid=rid)
     if sub == IBP_TRUNCATE:
         _want(a, 5, "MANAGE key typekey 45 size timeout")
-        return Manage(key, typekey, sub, 0, _timeout(a[4]), _int(a[3], "size", -MAX_INT), rid=rid)
+        return Manage(key, typekey, sub, 0, _timeout(a[4]), _u64(a[3], "size"), rid=rid)  # read unsigned
     if sub in (IBP_CHNG, IBP_PROBE):  # PROBE as L-Store sends it: with three unused fields
         _want(a, 8, f"MANAGE key typekey {sub} captype size duration reliability timeout")
         captype = _int(a[3], "captype", -MAX_INT, MAX_INT)  # unused, as in L-Store
@@ -636,10 +693,10 @@ def _parse_manage(a: list[str]) -> Manage:
 def _change_fields(size_tok: str, duration_tok: str, reliability_tok: str) -> tuple[int, int, int]:
     """CHNG's size, duration and reliability, checked in the order and with the answers of L-Store's
     read_manage: a negative value keeps the field, a size of 0 is -20, a duration of 0 is -30."""
-    size = _int(size_tok, "size", -MAX_INT)
+    size = _i64(size_tok, "size", IBP_E_WOULD_DAMAGE_DATA)
     if size == 0:
         raise BadRequest(IBP_E_WOULD_DAMAGE_DATA, "size 0 (-1 keeps the size)")
-    duration = _int(duration_tok, "duration", -MAX_INT)
+    duration = _i64(duration_tok, "duration", IBP_E_INVALID_PARAMETER)
     if duration == 0:
         raise BadRequest(IBP_E_INVALID_PARAMETER, "duration 0 (-1 keeps the duration)")
     reliability = _int(reliability_tok, "reliability", -MAX_INT)

@@ -1,5 +1,6 @@
 """What a session runs: one command, with its stdio on pipes this process holds (the runner,
-already the target user). The process gets a session of its own, so a signal reaches all of it.
+already the target user). The process gets a process group of its own, so a signal reaches all of
+it, in the runner's session, by which netplumbd ends what is left of it once the runner is gone.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class Launch:
     cwd: str | None = None
 
     def popen_kwargs(self) -> dict[str, object]:
-        return {"env": self.env, "cwd": self.cwd, "start_new_session": True, "close_fds": True}
+        # A group of its own, but no session: the runner's session is how netplumbd finds the job's
+        # processes after the runner (privsep.end_session), as sshd hangs up a session's processes.
+        return {"env": self.env, "cwd": self.cwd, "process_group": 0, "close_fds": True}
 
 
 @dataclass(frozen=True)

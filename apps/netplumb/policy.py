@@ -59,7 +59,8 @@ class Settings:
     """netplumbd's configuration, and lookups into this machine (so the policy stays pure).
 
     me: the account netplumbd runs as; path: the server's PATH, the only one programs are found in;
-    accept_env: patterns of client variables a command may get (AcceptEnv), none by default;
+    accept_env: patterns of client variables a command may get (AcceptEnv), none by default, and
+    never for a restricted key (allow=, command=);
     shells: the login shells (/etc/shells); account(name) and which(name, path): the lookups.
     """
 
@@ -231,8 +232,13 @@ def _environment(
     account: Account,
     s: Settings,
 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """A fresh environment, plus the client's variables that match accept_env (AcceptEnv); a key bound
-    to one command gets none of them."""
+    """A fresh environment, plus the client's variables that match accept_env (AcceptEnv) for a key
+    that may run anything. A restricted key (allow= or command=) gets none of them: the environment
+    steers what its programs do (LD_PRELOAD, LD_LIBRARY_PATH, BASH_ENV, ENV, PATH, IFS, PYTHONPATH,
+    TAR_OPTIONS, GIT_*...), and no list of names can say which of them an allowed program honours.
+    sshd warns that AcceptEnv can bypass restricted environments and leaves it to its administrator
+    (as PermitUserEnvironment, off by default, for LD_PRELOAD); here a restriction holds whatever
+    --accept-env says."""
     env = {
         "PATH": s.path,
         "HOME": account.home,
@@ -243,8 +249,9 @@ def _environment(
     if s.lang:
         env["LANG"] = s.lang
     ignored = []
+    restricted = entry.allow is not None or entry.command is not None
     for name, value in req.env:
-        if entry.command is None and any(fnmatchcase(name, pattern) for pattern in s.accept_env):
+        if not restricted and any(fnmatchcase(name, pattern) for pattern in s.accept_env):
             env[name] = value
         else:
             ignored.append(name)

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,71 @@ def plan_to_json(plan: Plan, workdir: bool, open_timeout: float, kill_grace: flo
 # -- netplumbd's side -------------------------------------------------------------------------
 
 
+# -- what is left of a session once its runner is gone -------------------------------------------
+
+SESSION_SWEEPS = 50  # rounds of SIGKILL for processes forked while the previous round was sent
+
+
+def _session_of(pid: int) -> int | None:
+    """The session id of the live process `pid`; None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else int(fields[3])
+
+
+def session_members(sid: int) -> list[int]:
+    """The live processes of session `sid` (the runner's: the runner and its job)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and _session_of(int(name)) == sid]
+
+
+def _signal_member(pid: int, sid: int, sig: int) -> None:
+    """Signal `pid` if it is still of session `sid`: the check is made through a pidfd opened first,
+    so a pid given to another process meanwhile is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if _session_of(pid) == sid:
+            signal.pidfd_send_signal(fd, sig)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def end_session(sid: int, grace: float) -> int:
+    """End every process left in session `sid`: SIGHUP (and SIGCONT, for a stopped one), as sshd's
+    session gets its hangup; SIGKILL to what is left after `grace` seconds. How many there were.
+
+    Exact only while the session leader, the runner, is not reaped: until then no process can take
+    its pid, hence that session id; nor can a process join a session it is not in (setpgid stays in
+    the caller's session). A process that made a session of its own (setsid) has left the job, as it
+    leaves an ssh session; a restricted key's programs have no such way out to offer."""
+    members = session_members(sid)
+    if not members:
+        return 0
+    for sig in (signal.SIGHUP, signal.SIGCONT):
+        for pid in members:
+            _signal_member(pid, sid, sig)
+    deadline = time.monotonic() + grace
+    while session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(SESSION_SWEEPS):
+        left = session_members(sid)
+        if not left:
+            break
+        for pid in left:
+            _signal_member(pid, sid, signal.SIGKILL)
+        time.sleep(0.01)
+    else:
+        log.warning("session %d: processes left after %d rounds of SIGKILL: %s", sid, SESSION_SWEEPS, left)
+    return len(members)
+
+
 def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
     """A runner process, started and waiting for its plan, and our end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -286,7 +352,9 @@ class Runner:
         self.started: Future[tuple[Started, list[int]]] = Future()
         self.fifos: dict[int, Future[int]] = {ch: Future() for ch, _ in (*plan.infifos, *plan.outfifos)}
         self.ended: Future[Ended] = Future()
+        self.gone = threading.Event()  # the runner has exited, what it left is ended, and it is reaped
         self._dropping = False  # signals are being dropped (logged once)
+        self._lock = threading.Lock()  # _signal() and the reaping: no signal once its pid is given back
         self.proc, self.sock = Spare.take()
         assert self.proc.stdin is not None
         try:
@@ -297,6 +365,34 @@ class Runner:
         except OSError:
             pass  # it died first: its end of the socket says so
         threading.Thread(target=self._read, daemon=True, name=f"runner-{self.proc.pid}").start()
+        threading.Thread(target=self._watch, daemon=True, name=f"runner-{self.proc.pid}-exit").start()
+
+    def _watch(self) -> None:
+        """The one place the runner is reaped: once it has exited (by its own end, or killed by its
+        user, the OOM killer or us), whatever it left of the job in its session is ended first, while
+        its pid, which is that session's id, is still held (unreaped)."""
+        pid = self.proc.pid
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        left = end_session(pid, self.kill_grace)
+        if left:
+            log.info("session runner %d ended; %d process(es) of its job were left: ended them", pid, left)
+        with self._lock:
+            self.proc.wait()
+        self.gone.set()
+
+    def _signal(self, sig: int) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            if self.proc.returncode is None:
+                os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL to the runner and to every process of its job, at once (the runner's end would see
+        to the job too, after the grace time)."""
+        with self._lock:
+            if self.proc.returncode is None:
+                for pid in session_members(self.proc.pid):
+                    _signal_member(pid, self.proc.pid, signal.SIGKILL)
 
     def _read(self) -> None:
         try:
@@ -344,8 +440,7 @@ class Runner:
     def _broken(self, e: RunnerError) -> None:
         if not self.ended.done():
             log.warning("session runner %d: %s", self.proc.pid, e)
-        with contextlib.suppress(OSError):
-            self.proc.kill()
+        self.kill()
 
     def _settle(self) -> None:
         """Whatever the runner did not deliver, it never will."""
@@ -357,7 +452,8 @@ class Runner:
             self.started.set_exception(JobNotStarted("the session runner failed to start the command", 126))
             Spare.refill_soon()
         if not self.ended.done():
-            code = self.proc.wait()
+            self.gone.wait()
+            code = self.proc.returncode
             self.ended.set_result(Ended("signal", -code) if code < 0 else Ended("status", code or 255))
 
     # Never blocking on the runner: it runs as the user, who may stop it (SIGSTOP) or keep it busy, and
@@ -381,17 +477,14 @@ class Runner:
             self.sock.send(encode(Stop()), socket.MSG_DONTWAIT)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-        with contextlib.suppress(OSError):
-            self.proc.send_signal(signal.SIGCONT)  # not once reaped: no other process gets it
+        self._signal(signal.SIGCONT)  # not once reaped: no other process gets it
 
     def reap(self, timeout: float) -> None:
-        """Wait for the runner to exit; kill it if it does not (it runs as the user: it may be stuck)."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                self.proc.kill()
-            self.proc.wait()
+        """Wait for the runner to exit and what it left to end; kill them if they do not (the runner
+        runs as the user: it may be stuck)."""
+        if not self.gone.wait(timeout):
+            self.kill()
+            self.gone.wait()
         self.sock.close()
 
 

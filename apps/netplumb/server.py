@@ -121,11 +121,10 @@ class Daemon:
     def kill_runners(self) -> None:
         for c in list(self.live):
             if c.runner is not None:
-                with contextlib.suppress(OSError):
-                    c.runner.proc.kill()
+                c.runner.kill()
 
     def busy(self) -> bool:
-        return any(c.runner is not None and c.runner.proc.poll() is None for c in list(self.live))
+        return any(c.runner is not None and not c.runner.gone.is_set() for c in list(self.live))
 
 
 def _bind(irm: IrmClient, name: str, layers: list[str]) -> None:

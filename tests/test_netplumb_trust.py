@@ -7,6 +7,7 @@ server's PATH, one-time keys spent once, StrictModes, and every limit reached wi
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -520,24 +521,26 @@ def test_a_job_does_not_outlive_its_runner_killed(lab: Lab, how: str) -> None:
     giving up on it): nothing of the job it started goes on running, a process it left in the
     background included; the client learns its session is over."""
     mallory = lab.client("mallory", NOBODY, 'allow="sleep,sh",users="nobody"')
-    marker = ["sleep", "313"]
+    # Seconds no other test's job sleeps (the suite runs in parallel): the job's processes are found by them.
+    n = secrets.randbelow(10**6) + 10**6
+    marker, other = ["sleep", str(n)], ["sleep", str(n + 1)]
     if how == "command":
         p = lab.popen_plumb(mallory, *marker)
     elif how == "recipe":
-        p = lab.popen_plumb(mallory, _recipe(lab, "long", "sleep 313 &\nsleep 314\n"))
+        p = lab.popen_plumb(mallory, _recipe(lab, "long", f"sleep {n} &\nsleep {n + 1}\n"))
     else:
-        p = lab.popen_plumb(mallory, "sh", "-c", "sleep 313 & exec sleep 314")
+        p = lab.popen_plumb(mallory, "sh", "-c", f"sleep {n} & exec sleep {n + 1}")
     try:
         (job,) = wait_for(lambda: _pids_running(marker), 30, "the job to start")
         runner = _runner_of(job) if how != "background" else _runner_of(_runner_of(job))
         assert runner in children_of(lab.proc.pid if lab.proc else 0)
         os.kill(runner, signal.SIGKILL)
-        wait_for(lambda: not _pids_running(marker) and not _pids_running(["sleep", "314"]), 10, "the job to end")
+        wait_for(lambda: not _pids_running(marker) and not _pids_running(other), 10, "the job to end")
         assert p.wait(30) != 0
     finally:
         p.kill()
         p.wait()
-        for pid in _pids_running(marker) + _pids_running(["sleep", "314"]):
+        for pid in _pids_running(marker) + _pids_running(other):
             os.kill(pid, signal.SIGKILL)
     r = lab.plumb(mallory, "sleep", "0")  # and the next session runs as ever
     assert r.returncode == 0, r.stderr

@@ -88,6 +88,15 @@ def test_request_the_irmd_refuses_exits_nonzero_with_its_reason(irm: IrmFn) -> N
     assert "ipcp 'ghost' not found" in r.stderr
 
 
+def test_registering_with_an_ipcp_in_no_layer_says_so_not_that_it_is_missing(irm: IrmFn) -> None:
+    assert irm("ipcp", "create", "name", "fresh", "type", "local").returncode == 0
+    for pattern in ("fresh", "fr*"):
+        r = irm("name", "register", "web", "ipcp", pattern)
+        assert r.returncode == 1 and "ipcp 'fresh' is in no layer yet" in r.stderr, r.stderr
+        assert "not found" not in r.stderr and "no ipcp here matches" not in r.stderr
+    assert "web" not in irm("name", "list").stdout  # refused before the name was made
+
+
 def test_irm_without_an_irmd_exits_nonzero_saying_it_cannot_reach_it(tmp_path: Path) -> None:
     r = subprocess.run(
         [str(BIN / "irm"), "ipcp", "list"],

@@ -52,6 +52,13 @@ def test_a_near_miss_gets_a_suggestion(irm: IrmFn) -> None:
     assert r.returncode == 2 and 'did you mean "port"?' in r.stderr
 
 
+@pytest.mark.parametrize("op", ["bind", "unbind"])
+def test_a_pid_that_is_no_number_is_a_grammar_error_with_the_usage(irm: IrmFn, op: str) -> None:
+    r = irm(op, "process", "abc", "name", "x")
+    assert r.returncode == 2 and r.stderr == 'irm: bad pid "abc": expected a number\n', r.stderr
+    assert r.stdout.startswith(f"Usage: irm {op} process <pid>")
+
+
 def test_bad_value_exits_nonzero_naming_the_expected_form(irm: IrmFn) -> None:
     r = irm("ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "1.2.3.4", "port", "70000")
     assert r.returncode != 0

@@ -170,7 +170,8 @@ def serve(
     on_tick: Callable[[float], None] | None = None,
     max_flows: int = 0,
 ) -> None:
-    """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM.
+    """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM. `tool` is the
+    program's name ("oping"): its errors say it, its banner the server's kind, as C's ("ping").
 
     `poll` spins on fevent without sleeping (C's `--poll`: lower latency, a core busy);
     `on_end` hears of each flow as it goes, before it is closed; `on_tick` of the time, every
@@ -213,7 +214,7 @@ class Server:
             self._listen(True)
         except FlowError as e:
             fail(self.tool, e)
-        print(f"Ouroboros {self.tool} server started.{banner}", flush=True)
+        print(f"Ouroboros {self.tool.removeprefix('o')} server started.{banner}", flush=True)
         notify_ready()
         for now in rounds(self.tool, self.fset, fq, 0.0 if poll else 0.1, lambda: self.stop):
             for ev in fq:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logs.setup("oecho", args, daemon=args.listen)
     if args.listen:
-        serve("echo", reply, idle_timeout=10.0)
+        serve("oecho", reply, idle_timeout=10.0)
         return
     try:
         with flow_alloc(args.name, timeout=10.0) as flow:

@@ -109,7 +109,7 @@ def server() -> None:
             flush=True,
         )
 
-    serve("perf", on_sdu, idle_timeout=SERVER_TIMEOUT, on_end=on_end)
+    serve("operf", on_sdu, idle_timeout=SERVER_TIMEOUT, on_end=on_end)
 
 
 class Client:

@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.busy:
             busy_server()
         else:
-            serve("ping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll)
+            serve("oping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll)
         return
     if not args.name:
         print("No server specified.")

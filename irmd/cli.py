@@ -195,6 +195,8 @@ def _bind(kind: str, bind: bool, args: list[str]) -> Message:
     if not args:
         raise UsageError(f"missing the {kind} to {'bind' if bind else 'unbind'}")
     target = args[0]
+    if kind == "process" and not (target.isdigit() and len(target) <= 10):  # as the IRMd checks it
+        raise UsageError(f'bad pid "{target}": expected a number')
     w = parse_words(args[1:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
     if kind == "program":  # one in $PATH, else a file here as 0.23's realpath() finds it (that
         # one first there: here a file in the current directory never shadows a program in $PATH)

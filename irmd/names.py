@@ -94,18 +94,21 @@ class Names:
         """The working IPCPs the request names: those in its layers and those it names itself."""
         targets: dict[str, Ipcp] = {}
         for pattern, by_layer in [*((p, True) for p in msg.layers), *((p, False) for p in msg.ipcps)]:
-            hits = [i for i in self.reg.matching(pattern, layer=by_layer) if i.operational]
+            found = self.reg.matching(pattern, layer=by_layer)
+            hits = [i for i in found if i.operational]
             if not hits:
-                what = (
-                    f"layer {pattern!r} not found: no IPCP here is in it"
-                    if by_layer
-                    else (
-                        f"ipcp {pattern!r} not found"
-                        if not is_pattern(pattern)
-                        else f"no ipcp here matches {pattern!r}"
+                if by_layer:
+                    raise NotFound(f"layer {pattern!r} not found: no IPCP here is in it")
+                if found:  # there, but with no directory to register in
+                    ipcp = found[0]
+                    raise NotFound(
+                        f"ipcp {ipcp.name!r} is not running"
+                        if ipcp.layer
+                        else f"ipcp {ipcp.name!r} is in no layer yet: bootstrap or enroll it first"
                     )
+                raise NotFound(
+                    f"ipcp {pattern!r} not found" if not is_pattern(pattern) else f"no ipcp here matches {pattern!r}"
                 )
-                raise NotFound(what)
             targets.update((i.name, i) for i in hits)
         return list(targets.values())
 

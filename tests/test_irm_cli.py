@@ -52,6 +52,13 @@ def test_a_near_miss_gets_a_suggestion(irm: IrmFn) -> None:
     assert r.returncode == 2 and 'did you mean "port"?' in r.stderr
 
 
+@pytest.mark.parametrize("op", ["bind", "unbind"])
+def test_a_pid_that_is_no_number_is_a_grammar_error_with_the_usage(irm: IrmFn, op: str) -> None:
+    r = irm(op, "process", "abc", "name", "x")
+    assert r.returncode == 2 and r.stderr == 'irm: bad pid "abc": expected a number\n', r.stderr
+    assert r.stdout.startswith(f"Usage: irm {op} process <pid>")
+
+
 def test_bad_value_exits_nonzero_naming_the_expected_form(irm: IrmFn) -> None:
     r = irm("ipcp", "bootstrap", "name", "u", "layer", "l", "type", "udp4", "ip", "1.2.3.4", "port", "70000")
     assert r.returncode != 0
@@ -86,6 +93,15 @@ def test_request_the_irmd_refuses_exits_nonzero_with_its_reason(irm: IrmFn) -> N
     r = irm("ipcp", "destroy", "name", "ghost")
     assert r.returncode != 0
     assert "ipcp 'ghost' not found" in r.stderr
+
+
+def test_registering_with_an_ipcp_in_no_layer_says_so_not_that_it_is_missing(irm: IrmFn) -> None:
+    assert irm("ipcp", "create", "name", "fresh", "type", "local").returncode == 0
+    for pattern in ("fresh", "fr*"):
+        r = irm("name", "register", "web", "ipcp", pattern)
+        assert r.returncode == 1 and "ipcp 'fresh' is in no layer yet" in r.stderr, r.stderr
+        assert "not found" not in r.stderr and "no ipcp here matches" not in r.stderr
+    assert "web" not in irm("name", "list").stdout  # refused before the name was made
 
 
 def test_irm_without_an_irmd_exits_nonzero_saying_it_cannot_reach_it(tmp_path: Path) -> None:

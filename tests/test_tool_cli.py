@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -55,3 +56,12 @@ def test_oecho_prints_a_c_clients_message_up_to_its_nul_as_cs_server_does(capsys
     sdu = b"Client says hi!\0"
     assert oecho.reply(None, sdu) == sdu  # the flow is not used
     assert capsys.readouterr().out == "Message from client is Client says hi!.\n"
+
+
+# Without an IRMd, each server says so under its own name, as every client does.
+@pytest.mark.parametrize("tool", ["oping", "operf", "oecho", "ocbr"])
+def test_a_server_that_finds_no_irmd_says_so_under_its_own_name(tool: str, tmp_path: Path) -> None:
+    env = {**os.environ, "OUROBOROS_SOCK": str(tmp_path / "none.sock")}
+    r = subprocess.run([str(BIN / tool), "-l"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"{tool}: cannot reach the IRMd at "), r.stderr

@@ -169,15 +169,20 @@ def serve(
     on_end: Callable[[Flow], None] | None = None,
     on_tick: Callable[[float], None] | None = None,
     max_flows: int = 0,
+    greeting: str = "",
+    new_flow: str = "New flow {}.",
 ) -> None:
     """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM. `tool` is the
-    program's name ("oping"): its errors say it, its banner the server's kind, as C's ("ping").
+    program's name ("oping"): its errors say it, its banner the server's kind, as C's ("ping"),
+    unless `greeting` gives the whole line (oecho's); `new_flow` is the line for a flow (its id in {}).
 
     `poll` spins on fevent without sleeping (C's `--poll`: lower latency, a core busy);
     `on_end` hears of each flow as it goes, before it is closed; `on_tick` of the time, every
     0.1 s at least; with `max_flows`, no more flows are taken while that many are open.
     """
-    Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows).run(poll, banner)
+    server = Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows)
+    server.new_flow = new_flow
+    server.run(poll, greeting or f"Ouroboros {tool.removeprefix('o')} server started.{banner}")
 
 
 class Server:
@@ -202,6 +207,7 @@ class Server:
         self.fset = FlowSet()
         self.last_seen: dict[Flow, float] = {}
         self.stop = False
+        self.new_flow = "New flow {}."
 
     def run(self, poll: bool, banner: str) -> None:
         def on_signal(*_: object) -> None:
@@ -214,7 +220,7 @@ class Server:
             self._listen(True)
         except FlowError as e:
             fail(self.tool, e)
-        print(f"Ouroboros {self.tool.removeprefix('o')} server started.{banner}", flush=True)
+        print(banner, flush=True)
         notify_ready()
         for now in rounds(self.tool, self.fset, fq, 0.0 if poll else 0.1, lambda: self.stop):
             for ev in fq:
@@ -239,7 +245,7 @@ class Server:
     def _handle(self, ev: Event, now: float) -> None:
         flow = ev.flow
         if ev.type is EventType.ALLOC:
-            print(f"New flow {flow.flow_id}.", flush=True)
+            print(self.new_flow.format(flow.flow_id), flush=True)
             self.last_seen[flow] = now
         elif ev.type is EventType.PKT:
             self.last_seen[flow] = now

@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logs.setup("oecho", args, daemon=args.listen)
     if args.listen:
-        serve("oecho", reply, idle_timeout=10.0)
+        serve("oecho", reply, idle_timeout=10.0, greeting="Starting the server.", new_flow="New flow.")  # C's lines
         return
     try:
         with flow_alloc(args.name, timeout=10.0) as flow:
-            flow.write(args.message.encode())
+            flow.write(args.message.encode() + b"\0")  # a C string, NUL and all, as C's client sends it
             flow.set_timeout(5.0)
             print(f"Server replied with {text(flow.read())}")
     except FlowError as e:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from helpers import BIN
+from helpers import BIN, IrmdProc
 
 from apps import obc, oecho, ovpn
+from flowlib.flow import flow_accept
+from flowlib.irm import IrmClient
 from proto import logs
 
 
@@ -65,3 +68,26 @@ def test_a_server_that_finds_no_irmd_says_so_under_its_own_name(tool: str, tmp_p
     r = subprocess.run([str(BIN / tool), "-l"], capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 1
     assert r.stderr.startswith(f"{tool}: cannot reach the IRMd at "), r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_oechos_client_sends_its_message_as_a_c_string_as_cs_does(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """C's client writes strlen + 1 bytes: a C server (or any reader of the SDU) finds the NUL it expects."""
+    server = client_factory()
+    env = {**os.environ, "OUROBOROS_SOCK": str(irmd.sock)}
+    client = subprocess.Popen(
+        [str(BIN / "oecho"), "-n", bound_name, "-m", "hello"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        with flow_accept(timeout=20, irm=server) as flow:
+            flow.set_timeout(10)
+            sdu = flow.read()
+            assert sdu == b"hello\0"
+            flow.write(sdu)
+            out, _ = client.communicate(timeout=20)
+        assert (client.returncode, out) == (0, "Server replied with hello\n")
+    finally:
+        client.kill()
+        client.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import math
 import os
 
@@ -47,7 +46,11 @@ class Alarm:
 
 def alarm() -> Alarm | None:
     """An Alarm, or None where timerfds are not to be had (then the caller wakes its thread instead)."""
-    try:
-        return Alarm(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
-    except (OSError, AttributeError):
-        return None
+    # The process's own symbols, libc's among them: ctypes.util.find_library would run ldconfig (or a
+    # compiler) in a subprocess, some 15 ms at every process's first flow.
+    for lib in (None, "libc.so.6"):
+        try:
+            return Alarm(ctypes.CDLL(lib, use_errno=True))
+        except (OSError, AttributeError):
+            continue
+    return None

@@ -11,6 +11,7 @@ import hashlib
 import io
 import socket
 import threading
+import tracemalloc
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,6 +121,62 @@ def test_a_download_goes_past_a_replica_whose_depot_answers_nonsense(
         out = io.BytesIO()
         assert lors.download(ExNode("f", len(DATA), digest, mappings), out, lors.Settings(timeout=5)) == len(DATA)
         assert out.getvalue() == DATA
+
+
+def _replicas(depots: dict[str, Callable[[bytes], bytes]], whole: str, size: int = len(DATA)) -> list[Mapping]:
+    cap = "ibp://{}/0#{}/{}/READ"
+    return [Mapping(0, size, 0, size, cap.format(d, "k" * 64, "r" * 64), sha256=whole) for d in depots]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [256 * MB, 1 << 50])
+def test_a_depot_announcing_a_huge_block_costs_the_download_no_memory(
+    size: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An exNode of one huge block, whose depot announces all of it, sends 100 bytes and hangs up: the
+    download fails as a depot's failure, having held no more than it was sent. (It took the
+    announced length as a buffer to fill: 256 MiB of memory for 100 bytes sent, MemoryError past
+    what the host has.)"""
+
+    def announce(line: bytes) -> bytes:
+        return w.format_reply(w.IBP_OK, int(line.split()[5])) + b"x" * 100
+
+    monkeypatch.setattr(lors, "Connection", lambda depot, timeout, encrypt=False: client(announce, depot))
+    for whole in ("ab" * 32, ""):
+        ex = ExNode("f", size, "", _replicas({"huge:1": announce}, whole, size))
+        tracemalloc.start()
+        try:
+            with pytest.raises(w.IbpError, match="closed the connection"):
+                lors.download(ex, io.BytesIO(), lors.Settings(timeout=5, parallel=2), spill=tmp_path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * MB, peak
+    assert list(tmp_path.iterdir()) == []  # the temporary files are gone with the download
+
+
+@pytest.mark.timeout(60)
+def test_blocks_longer_than_memory_holds_are_checked_through_a_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Blocks past HELD wait for their checksum in a temporary file: a replica with wrong bytes is
+    passed over, the right one written, whole or a range of it."""
+    monkeypatch.setattr(lors, "HELD", 100)
+    wrong = DATA[:-1] + b"!"
+
+    def liar(line: bytes) -> bytes:
+        offset, length = int(line.split()[4]), int(line.split()[5])
+        return w.format_reply(w.IBP_OK, length) + wrong[offset : offset + length]
+
+    depots = {"liar:1": liar, "good:1": _depot(None)}
+    monkeypatch.setattr(lors, "Connection", lambda depot, timeout, encrypt=False: client(depots[depot], depot))
+    digest = hashlib.sha256(DATA).hexdigest()
+    ex = ExNode("f", len(DATA), digest, _replicas(depots, digest))
+    for offset, length in ((0, None), (150, 500)):
+        out = io.BytesIO()
+        n = lors.download(ex, out, lors.Settings(timeout=5), offset, length, spill=tmp_path)
+        assert out.getvalue() == DATA[offset : None if length is None else offset + length] and n == len(out.getvalue())
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- a depot's copies to a target that answers nonsense ----------------------------------------------

@@ -305,7 +305,7 @@ def download(args: argparse.Namespace) -> int:
     out = Path(args.outputfile or safe_name(ex.filename))
     if out.exists() and not (args.outputfile or args.force):
         raise Refused(f"{out} exists: give -o {out} or --force to overwrite it")
-    write_file(out, lambda f: lors.download(ex, f, s, args.offset, args.length))
+    write_file(out, lambda f: lors.download(ex, f, s, args.offset, args.length, spill=out.parent))
     log.info("%s: %d bytes", out, out.stat().st_size)
     return 0
 

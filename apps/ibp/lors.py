@@ -24,7 +24,7 @@ from tqdm import tqdm
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, Connection, parse_cap
-from apps.ibp.exnode import BadExnode, ExNode, Mapping, plan
+from apps.ibp.exnode import BadExnode, ExNode, Mapping, plan, shown
 from flowlib import FlowError
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ def download(
     pieces = ex.pieces(offset, length)
     total = sum(n for _, _, n in pieces)
     whole = hashlib.sha256() if offset == 0 and total == ex.size else None
-    with progress(total, f"download {ex.filename}") as bar, Workers(s) as workers:
+    with progress(total, f"download {shown(ex.filename)}") as bar, Workers(s) as workers:
         for got in workers.map(lambda pool, piece: _fetch(pool, *piece, spill=spill), pieces):
             for data in got.chunks() if isinstance(got, _Spilled) else (got,):
                 out.write(data)

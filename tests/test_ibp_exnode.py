@@ -87,6 +87,30 @@ def test_bad_exnodes_are_refused(bad: bytes) -> None:
         from_xml(bad)
 
 
+FORGED = "report.pdf\n  0 -rwma depot9  0  100  2030-01-01 00:00:00  alive\u202efdp.exe"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("lors_names", [False, True])
+def test_an_exnodes_file_name_forges_no_line_and_names_no_file(
+    lors_names: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file name with a line break (a forged listing row) or a right-to-left override is shown
+    escaped on one line, and names no output file; printable names (accents too) do as before."""
+    xnd = tmp_path / "evil.xnd"
+    xnd.write_bytes(to_xml(ExNode(FORGED, 100, mappings=[Mapping(0, 100, 0, 100, cap("h:1", "READ"))])))
+    with pytest.raises(SystemExit):
+        (exnode_cli.lors_ls if lors_names else exnode_cli.main)(["ls", "--offline", str(xnd)][lors_names:])
+    out, err = capsys.readouterr()
+    titles = [ln for ln in (err if lors_names else out).splitlines() if ln.startswith("TITLE")]
+    assert titles == ["TITLE Filename report.pdf\\n  0 -rwma depot9  0  100  2030-01-01 00:00:00  alive\\u202efdp.exe"]
+    assert "alive" not in out.replace(titles[0], ""), out  # no row but the real one's
+    for bad in (FORGED, "a\x85b", "tab\there"):
+        with pytest.raises(exnode_cli.Refused, match="give -o FILE"):
+            exnode_cli.safe_name(bad)
+    assert exnode_cli.safe_name("dir/résumé 2.pdf") == "résumé 2.pdf"
+
+
 @pytest.mark.parametrize(
     ("name", "safe"),
     [("big.iso", "big.iso"), ("../../etc/passwd", "passwd"), ("/abs/x.bin", "x.bin"), ("a\\b\\c.txt", "c.txt")],

@@ -90,6 +90,12 @@ class ExNode:
         return [(o, n, len(ms)) for o, n, ms in self.blocks()]
 
 
+def shown(text: str) -> str:
+    """Text from an exNode as one line of printable characters, the others escaped as repr does: a
+    file name with line breaks or a bidirectional override would otherwise forge lines or turn text."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def plan(size: int, stripe: int, depots: list[str], replicas: int) -> list[tuple[int, int, list[str]]]:
     """Blocks of `stripe` bytes, each on `replicas` distinct depots, round robin: (offset, length, depots)."""
     if stripe <= 0 or not depots or not 1 <= replicas <= len(depots):

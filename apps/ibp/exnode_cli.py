@@ -23,7 +23,7 @@ from tqdm import tqdm
 from apps.ibp import lors, xndrc
 from apps.ibp import wire as w
 from apps.ibp.cli import seconds, size
-from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, to_xml
+from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, shown, to_xml
 from apps.ibp.lors import Settings
 from flowlib import FlowError
 from proto.version import add_version
@@ -114,10 +114,11 @@ def read_exnode(path: Path) -> ExNode:
 
 
 def safe_name(name: str) -> str:
-    """A file name from an exNode, as a name in the current directory: its last component only."""
+    """A file name from an exNode, as a name in the current directory: its last component only, and
+    only if every character of it prints (no line breaks, controls or bidirectional overrides)."""
     base = Path(name.replace("\\", "/")).name
-    if base in ("", ".", "..") or "\0" in base:
-        raise Refused(f"the exNode's file name {name[:80]!r} is no usable name: give -o FILE")
+    if base in ("", ".", "..") or not base.isprintable():
+        raise Refused(f"the exNode's file name {shown(name[:80])} is no usable name: give -o FILE")
     return base
 
 
@@ -305,7 +306,7 @@ def download(args: argparse.Namespace) -> int:
     out = Path(args.outputfile or safe_name(ex.filename))
     if out.exists() and not (args.outputfile or args.force):
         raise Refused(f"{out} exists: give -o {out} or --force to overwrite it")
-    write_file(out, lambda f: lors.download(ex, f, s, args.offset, args.length))
+    write_file(out, lambda f: lors.download(ex, f, s, args.offset, args.length, spill=out.parent))
     log.info("%s: %d bytes", out, out.stat().st_size)
     return 0
 
@@ -355,7 +356,7 @@ def print_listing(path: Path, ex: ExNode, lives: list[lors.Liveness] | None) -> 
     now = time.time()
     blocks = ex.blocks()
     print(f"EXNODEFILE {path}")
-    print(f"TITLE Filename {ex.filename}")
+    print(f"TITLE Filename {shown(ex.filename)}")
     print(
         f"SIZE {ex.size} bytes in {len(blocks)} blocks, {len(ex.mappings)} mappings"
         f"{'  INCOMPLETE' if ex.gaps() else ''}"
@@ -376,7 +377,7 @@ def print_lors_listing(path: Path, ex: ExNode, lives: list[lors.Liveness] | None
     """lors_ls's layout: its header lines on stderr; on stdout a line per mapping (number, H/S and
     the rights held, the read count, offset, length, depot, expiry as ctime), then our state."""
     now = time.time()
-    for line in ("TOOL List", f"SIZE {ex.size}", f"EXNODEFILE {path}", f"TITLE Filename {ex.filename}"):
+    for line in ("TOOL List", f"SIZE {ex.size}", f"EXNODEFILE {path}", f"TITLE Filename {shown(ex.filename)}"):
         print(line, file=sys.stderr)
     print(f"MAXLENGTH {ex.size}", file=sys.stderr)
     for i, m in enumerate(ex.mappings):

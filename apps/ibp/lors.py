@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -16,14 +17,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from tqdm import tqdm
 
 from apps.ibp import wire as w
+from apps.ibp.capability import Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, Connection, parse_cap
-from apps.ibp.exnode import BadExnode, ExNode, Mapping, plan
+from apps.ibp.exnode import BadExnode, ExNode, Mapping, plan, shown
 from flowlib import FlowError
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 log = logging.getLogger("exnode")
 T = TypeVar("T")
@@ -250,48 +255,112 @@ def _place(
 # -- download --
 
 
-def download(ex: ExNode, out: BinaryIO, s: Settings, offset: int = 0, length: int | None = None) -> int:
+HELD = 32 * 1024 * 1024  # bytes of one block a download holds in memory; a longer one waits in a file
+SPILL_CHUNK = 1024 * 1024  # bytes moved at a time between a spilled block and the output
+
+
+@dataclass
+class _Spilled:
+    """A block longer than HELD, in an unnamed temporary file: its bytes [start, start + n) are wanted."""
+
+    file: BinaryIO
+    start: int
+    n: int
+
+    def chunks(self) -> Iterator[bytes]:
+        with self.file:
+            self.file.seek(self.start)
+            left = self.n
+            while left:
+                chunk = self.file.read(min(left, SPILL_CHUNK))
+                if not chunk:
+                    raise w.IbpError(w.IBP_E_FILE_READ, "a block's temporary file came back short")
+                left -= len(chunk)
+                yield chunk
+
+
+def download(
+    ex: ExNode,
+    out: BinaryIO,
+    s: Settings,
+    offset: int = 0,
+    length: int | None = None,
+    spill: Path | None = None,
+) -> int:
     """Write the file's bytes [offset, offset + length) to `out`; checks each block's checksum and,
-    for the whole file, the file's. Returns the bytes written."""
+    for the whole file, the file's. Returns the bytes written. A block longer than HELD waits for
+    its checksum in a temporary file in `spill` (None: the system's), never in memory: the lengths
+    are the exNode's and the depot's word, so memory stays within 2 x parallel x HELD whatever they say."""
     if offset > ex.size:
         raise BadExnode(f"offset {offset} is past the end of the file ({ex.size} bytes)")
     pieces = ex.pieces(offset, length)
     total = sum(n for _, _, n in pieces)
     whole = hashlib.sha256() if offset == 0 and total == ex.size else None
-    with progress(total, f"download {ex.filename}") as bar, Workers(s) as workers:
-        for data in workers.map(lambda pool, piece: _fetch(pool, *piece), pieces):
-            out.write(data)
-            if whole is not None:
-                whole.update(data)
-            bar.update(len(data))
+    with progress(total, f"download {shown(ex.filename)}") as bar, Workers(s) as workers:
+        for got in workers.map(lambda pool, piece: _fetch(pool, *piece, spill=spill), pieces):
+            for data in got.chunks() if isinstance(got, _Spilled) else (got,):
+                out.write(data)
+                if whole is not None:
+                    whole.update(data)
+                bar.update(len(data))
     out.flush()
     if whole is not None and ex.sha256 and whole.hexdigest() != ex.sha256:
         raise w.IbpError(w.IBP_E_GENERIC, "the file's checksum does not match the exNode's")
     return total
 
 
-def _fetch(pool: Pool, block: list[Mapping], start: int, n: int) -> bytearray:
+def _fetch(
+    pool: Pool, block: list[Mapping], start: int, n: int, spill: Path | None = None
+) -> bytearray | memoryview | _Spilled:
     """Bytes [start, start + n) of a block, from the first replica that answers with the right bytes
     (a replica with a checksum is read whole, to check it)."""
     errors = []
     for m in block:
         cap = parse_cap(m.read)
         whole = bool(m.sha256)
+        at, count = (m.alloc_offset, m.logical_length) if whole else (m.alloc_offset + start, n)
+        digest = hashlib.sha256() if whole else None
         try:
-            data = pool.get(cap.depot).load_bytes(
-                cap, m.alloc_offset + (0 if whole else start), m.logical_length if whole else n
-            )
+            data = _load(pool.get(cap.depot), cap, at, count, digest, spill)
         except Failure as e:
             pool.drop(cap.depot)
             errors.append(f"{cap.depot}: {e}")
             continue
-        if whole and hashlib.sha256(data).hexdigest() != m.sha256:
+        if digest is not None and digest.hexdigest() != m.sha256:
+            if isinstance(data, _Spilled):
+                data.file.close()
             errors.append(f"{cap.depot}: checksum mismatch")
             continue
-        return data[start : start + n] if whole else data
+        if isinstance(data, _Spilled):
+            data.start, data.n = (start, n) if whole else (0, n)
+            return data
+        return memoryview(data)[start : start + n] if whole else data
     raise w.IbpError(
         w.IBP_E_RSRC_UNAVAIL, f"no replica of bytes {block[0].exnode_offset}.. is readable: " + "; ".join(errors)
     )
+
+
+def _load(
+    conn: Connection, cap: Capability, offset: int, n: int, digest: Hash | None, spill: Path | None
+) -> bytearray | _Spilled:
+    """`n` bytes of `cap` at `offset`, hashed into `digest` if given: in memory up to HELD bytes, else
+    in an unnamed temporary file in `spill`, written as they arrive."""
+    if n <= HELD:
+        data = conn.load_bytes(cap, offset, n)
+        if digest is not None:
+            digest.update(data)
+        return data
+    f = tempfile.TemporaryFile(dir=spill)  # noqa: SIM115 - handed on open, closed by its reader
+    try:
+        _, chunks = conn.load(cap, offset, n)
+        for chunk in chunks:
+            f.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
+    except BaseException:
+        f.close()
+        raise
+    return _Spilled(f, 0, n)
 
 
 # -- liveness --

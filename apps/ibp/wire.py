@@ -897,17 +897,23 @@ def reason_fields(reason: str) -> str:
 
 
 def reply_int(reply: Reply, index: int, what: str) -> int:
-    """Field `index` of a reply as a non-negative integer, or BadRequest."""
-    if index >= len(reply.fields):
-        raise BadRequest(IBP_E_BAD_FORMAT, f"reply lacks {what}")
-    return _int(reply.fields[index], what)
+    """Field `index` of a reply as a non-negative integer, or IbpError(IBP_E_BAD_FORMAT): a depot's
+    reply that says no number where one belongs is a bad reply, as one that does not parse."""
+    return _reply_field(reply, index, what, 0)
 
 
 def reply_status(reply: Reply, index: int) -> int:
-    """Field `index` of a reply as an IBP status (MCOPY's per-target results)."""
+    """Field `index` of a reply as an IBP status (MCOPY's per-target results), or IbpError."""
+    return _reply_field(reply, index, "status", -MAX_INT)
+
+
+def _reply_field(reply: Reply, index: int, what: str, lo: int) -> int:
     if index >= len(reply.fields):
-        raise BadRequest(IBP_E_BAD_FORMAT, "reply lacks a status")
-    return _int(reply.fields[index], "status", -MAX_INT, MAX_INT)
+        raise IbpError(IBP_E_BAD_FORMAT, f"bad reply: it lacks {what}")
+    try:
+        return _int(reply.fields[index], what, lo, MAX_INT)
+    except BadRequest as e:
+        raise IbpError(IBP_E_BAD_FORMAT, f"bad reply: {e.reason}") from None
 
 
 def status_text(status: int) -> str:

@@ -15,7 +15,7 @@ from helpers import BIN, IrmdProc, free_port
 from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
 
 from apps.ibp import xndrc
-from apps.ibp.exnode import from_xml
+from apps.ibp.exnode import NS, ExNode, from_xml, to_xml
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -242,3 +242,50 @@ def test_the_command_line_wins_over_both_xndrc_files(
              env=irmd.env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert {m.depot for m in from_xml((work / "x.xnd").read_bytes()).mappings} == {"c1"}
+
+
+# -- exNodes as LoRS writes them --
+
+
+def as_lors_writes(ex: ExNode) -> bytes:
+    """`ex` as LoRS 0.82 writes an exNode (libexnode's serialize.c, lors_serialize.c): the root in no
+    namespace and without a version; exNode metadata `filename` and `lorsversion` (a double) only, no
+    file size; each mapping's metadata in name order, then its read, write and manage capabilities."""
+    out = [
+        '<?xml version="1.0"?>',
+        f'<exnode xmlns:exnode="{NS}">',
+        f'  <exnode:metadata name="filename" type="string">{ex.filename}</exnode:metadata>',
+        '  <exnode:metadata name="lorsversion" type="double">0.828000</exnode:metadata>',
+    ]
+    for m in ex.mappings:
+        out.append("  <exnode:mapping>")
+        for name in ("alloc_length", "alloc_offset", "e2e_blocksize", "exnode_offset", "logical_length"):
+            value = 0 if name == "e2e_blocksize" else getattr(m, name)
+            out.append(f'    <exnode:metadata name="{name}" type="integer">{value}</exnode:metadata>')
+        out += [f"    <exnode:{t}>{getattr(m, t)}</exnode:{t}>" for t in ("read", "write", "manage")]
+        out.append("  </exnode:mapping>")
+    return ("\n".join([*out, "</exnode>", ""])).encode()
+
+
+def test_an_exnode_lors_wrote_is_listed_and_downloaded(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    depots("x0")
+    data = os.urandom(150_000)
+    (work / "f.bin").write_bytes(data)
+    r = tool("exnode", "upload", "f.bin", "--depots", "x0", "-b", "64k", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    (work / "lors.xnd").write_bytes(as_lors_writes(from_xml((work / "f.bin.xnd").read_bytes())))
+
+    r = tool("lors_ls", "lors.xnd", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3, r.stderr
+    assert b"SIZE 150000\n" in r.stderr and b"MAXLENGTH 150000\n" in r.stderr  # where the last mapping ends
+    r = tool("lors_download", "lors.xnd", "-o", "back.bin", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0 and (work / "back.bin").read_bytes() == data, r.stderr
+
+    ours = to_xml(from_xml((work / "lors.xnd").read_bytes()))  # what our tools write back, LoRS reads
+    assert b'<exnode:metadata name="lorsversion" type="double">0.820000</exnode:metadata>' in ours
+    assert from_xml(ours).size == 150_000

@@ -11,6 +11,9 @@ from apps.ibp.capability import BadCapability, Capability
 
 NS = "http://loci.cs.utk.edu/exnode"
 VERSION = "3.0"
+# LoRS writes its library version as exNode metadata (a double) and warns when reading a file
+# without it ("Pre-Version exNode file"); 0.82 is LoRS 0.82's, the release whose format this is.
+LORS_VERSION = "0.820000"
 MAX_XML = 16 * 1024 * 1024  # bytes of exNode we agree to parse
 MAX_MAPPINGS = 100_000
 _INT_FIELDS = ("exnode_offset", "logical_length", "alloc_offset", "alloc_length")
@@ -113,6 +116,7 @@ def to_xml(ex: ExNode) -> bytes:
     ET.register_namespace("exnode", NS)
     root = ET.Element("exnode", {"version": VERSION})
     _meta(root, "filename", "string", ex.filename)
+    _meta(root, "lorsversion", "double", LORS_VERSION)
     _meta(root, "original_filesize", "integer", ex.size)
     if ex.sha256:
         _meta(root, "sha256", "string", ex.sha256)
@@ -163,8 +167,14 @@ def from_xml(data: bytes) -> ExNode:
         raise BadExnode(f"not XML: {e}") from None
     if root.tag not in ("exnode", _q("exnode")):
         raise BadExnode(f"root element is {root.tag!r}, not exnode")
+    if NS not in text:  # LoRS's reader too wants its namespace declared (xmlSearchNsByHref)
+        raise BadExnode(f"not an exNode: no namespace {NS}")
     meta = _metas(root)
-    ex = ExNode(meta.get("filename", ""), _nonneg(meta, "original_filesize", "exnode"), meta.get("sha256", ""))
+    # LoRS writes no file size: its size is where the last mapping ends. Ours says it, so that a
+    # file whose tail no mapping holds is seen to be incomplete.
+    sized = "original_filesize" in meta
+    ex = ExNode(meta.get("filename", ""), _nonneg(meta, "original_filesize", "exnode") if sized else 0)
+    ex.sha256 = meta.get("sha256", "")
     maps = root.findall(_q("mapping"))
     if len(maps) > MAX_MAPPINGS:
         raise BadExnode(f"more than {MAX_MAPPINGS} mappings")
@@ -183,9 +193,11 @@ def from_xml(data: bytes) -> ExNode:
             raise BadExnode(f"{where}: no read capability")
         expires = _nonneg(mm, "expires", where) if "expires" in mm else 0
         m = Mapping(off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""), expires)
-        if m.end > ex.size:
+        if sized and m.end > ex.size:
             raise BadExnode(f"{where}: bytes {m.exnode_offset}..{m.end} fall outside the file of {ex.size}")
         if m.alloc_offset + m.logical_length > m.alloc_length:
             raise BadExnode(f"{where}: runs past the end of its allocation")
         ex.mappings.append(m)
+    if not sized:
+        ex.size = max((m.end for m in ex.mappings), default=0)
     return ex

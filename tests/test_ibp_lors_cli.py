@@ -289,3 +289,23 @@ def test_an_exnode_lors_wrote_is_listed_and_downloaded(
     ours = to_xml(from_xml((work / "lors.xnd").read_bytes()))  # what our tools write back, LoRS reads
     assert b'<exnode:metadata name="lorsversion" type="double">0.820000</exnode:metadata>' in ours
     assert from_xml(ours).size == 150_000
+
+
+def test_lors_download_writes_to_stdout_unless_given_o_or_f(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    depots("y0")
+    data = os.urandom(70_000)
+    (work / "f.bin").write_bytes(data)
+    r = tool("exnode", "upload", "f.bin", "--depots", "y0", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    (work / "f.bin").unlink()
+    # LoRS's lors_download: output "-" unless -o FILE, or -f for the exNode's own file name.
+    r = tool("lors_download", "f.bin.xnd", cwd=work, home=home, env=irmd.env, stdout=work / "out.bin")
+    assert r.returncode == 0 and (work / "out.bin").read_bytes() == data, r.stderr
+    assert not (work / "f.bin").exists()
+    r = tool("lors_download", "-f", "f.bin.xnd", cwd=work, home=home, env=irmd.env, stdout=work / "none")
+    assert r.returncode == 0 and (work / "f.bin").read_bytes() == data and (work / "none").read_bytes() == b""

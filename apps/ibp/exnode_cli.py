@@ -299,6 +299,8 @@ def upload(args: argparse.Namespace) -> int:
 def download(args: argparse.Namespace) -> int:
     ex = read_exnode(args.xnd)
     s = settings(args)
+    if args.lors and not args.outputfile and not args.samename and not sys.stdout.isatty():
+        args.outputfile = "-"  # LoRS's lors_download writes to stdout unless given -o or -f
     if args.outputfile == "-":
         lors.download(ex, stdout_for("file bytes"), s, args.offset, args.length)
         return 0
@@ -639,7 +641,7 @@ def add_tool(
     elif tool == "download":
         p = add("download", help="fetch the file an exNode describes (or part of it) to a file")
         p.add_argument("xnd", type=Path)
-        _output(p, "the file's own name in the current directory", False)
+        _output(p, "the file's own name in the current directory", lors_names)
         p.add_argument("-O", "--offset", type=size, default=0, help="from this byte of the file")
         p.add_argument("-L", "--length", type=size, default=None, help="this many bytes (default: to the end)")
         p.add_argument("--force", action="store_true", help="overwrite an existing file")

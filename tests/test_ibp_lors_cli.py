@@ -15,7 +15,7 @@ from helpers import BIN, IrmdProc, free_port
 from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
 
 from apps.ibp import xndrc
-from apps.ibp.exnode import NS, ExNode, from_xml, to_xml
+from apps.ibp.exnode import NS, ExNode, Mapping, from_xml, to_xml
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -309,3 +309,18 @@ def test_lors_download_writes_to_stdout_unless_given_o_or_f(
     assert not (work / "f.bin").exists()
     r = tool("lors_download", "-f", "f.bin.xnd", cwd=work, home=home, env=irmd.env, stdout=work / "none")
     assert r.returncode == 0 and (work / "f.bin").read_bytes() == data and (work / "none").read_bytes() == b""
+
+
+def test_lors_ls_lists_the_other_exnodes_past_one_it_cannot_read(tmp_path: Path) -> None:
+    home, work = dirs(tmp_path)
+    ex = ExNode("f.bin", 10, mappings=[Mapping(0, 10, 0, 10, "ibp://127.0.0.1:1/0#k/k/READ")])
+    for name in ("a.xnd", "c.xnd"):
+        (work / name).write_bytes(to_xml(ex))
+    (work / "b.xnd").write_text("not an exNode")
+    for name in ("lors_ls", "exnode"):
+        argv = ["a.xnd", "b.xnd", "missing.xnd", "c.xnd", "--offline"]
+        r = tool(name, *(["ls"] if name == "exnode" else []), *argv, cwd=work, home=home)
+        listed = r.stdout.decode() + r.stderr.decode()
+        assert r.returncode == 1 and "Traceback" not in listed, listed  # as LoRS's: an error, then the next
+        assert "a.xnd" in listed and "c.xnd" in listed, listed
+        assert "b.xnd: not XML" in listed and "cannot read missing.xnd" in listed, listed

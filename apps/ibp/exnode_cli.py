@@ -110,7 +110,10 @@ def read_exnode(path: Path) -> ExNode:
         data = path.read_bytes() if str(path) != "-" else sys.stdin.buffer.read(1 << 25)
     except OSError as e:
         raise BadExnode(f"cannot read {path}: {e.strerror}") from None
-    return from_xml(data)
+    try:
+        return from_xml(data)
+    except BadExnode as e:  # which of several exNodes it was
+        raise BadExnode(f"{path}: {e}") from None
 
 
 def safe_name(name: str) -> str:
@@ -315,7 +318,12 @@ def download(args: argparse.Namespace) -> int:
 def ls(args: argparse.Namespace) -> int:
     worst = 0
     for path in args.xnd:
-        ex = read_exnode(path)
+        try:
+            ex = read_exnode(path)
+        except BadExnode as e:  # the others are still listed, as LoRS does
+            log.error("%s", e)
+            worst = 1
+            continue
         lives = None if args.offline else lors.stat(ex, settings(args))
         if args.lors:
             worst = max(worst, print_lors_listing(path, ex, lives, args.physical))

@@ -247,10 +247,11 @@ def test_the_command_line_wins_over_both_xndrc_files(
 # -- exNodes as LoRS writes them --
 
 
-def as_lors_writes(ex: ExNode) -> bytes:
+def as_lors_writes(ex: ExNode, function: str = "") -> bytes:
     """`ex` as LoRS 0.82 writes an exNode (libexnode's serialize.c, lors_serialize.c): the root in no
     namespace and without a version; exNode metadata `filename` and `lorsversion` (a double) only, no
-    file size; each mapping's metadata in name order, then its read, write and manage capabilities."""
+    file size; each mapping's metadata in name order, its conditioning `function` if any, then its
+    read, write and manage capabilities."""
     out = [
         '<?xml version="1.0"?>',
         f'<exnode xmlns:exnode="{NS}">',
@@ -260,8 +261,9 @@ def as_lors_writes(ex: ExNode) -> bytes:
     for m in ex.mappings:
         out.append("  <exnode:mapping>")
         for name in ("alloc_length", "alloc_offset", "e2e_blocksize", "exnode_offset", "logical_length"):
-            value = 0 if name == "e2e_blocksize" else getattr(m, name)
+            value = (65536 if function else 0) if name == "e2e_blocksize" else getattr(m, name)
             out.append(f'    <exnode:metadata name="{name}" type="integer">{value}</exnode:metadata>')
+        out += [function] if function else []
         out += [f"    <exnode:{t}>{getattr(m, t)}</exnode:{t}>" for t in ("read", "write", "manage")]
         out.append("  </exnode:mapping>")
     return ("\n".join([*out, "</exnode>", ""])).encode()
@@ -324,3 +326,38 @@ def test_lors_ls_lists_the_other_exnodes_past_one_it_cannot_read(tmp_path: Path)
         assert r.returncode == 1 and "Traceback" not in listed, listed  # as LoRS's: an error, then the next
         assert "a.xnd" in listed and "c.xnd" in listed, listed
         assert "b.xnd: not XML" in listed and "cannot read missing.xnd" in listed, listed
+
+
+# What lors_upload -k (--checksum) records in each mapping (lors_libe2e.c's arguments), its bytes
+# in the allocation being blocks with their checksums, not the file's.
+CHECKSUM = """\
+    <exnode:function name="checksum">
+      <exnode:argument name="blocksize" type="integer">65536</exnode:argument>
+      <exnode:argument name="header_length" type="integer">20</exnode:argument>
+    </exnode:function>"""
+
+
+def test_a_lors_exnode_conditioned_end_to_end_is_refused_not_misread_and_kept_on_rewrite(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    depots("z0")
+    (work / "f.bin").write_bytes(os.urandom(100_000))
+    r = tool("exnode", "upload", "f.bin", "--depots", "z0", "-b", "64k", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    (work / "k.xnd").write_bytes(as_lors_writes(from_xml((work / "f.bin.xnd").read_bytes()), CHECKSUM))
+
+    said = b"are conditioned end to end by LoRS (checksum): not implemented here\n"
+    r = tool("lors_download", "k.xnd", "-o", "back.bin", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 1 and r.stderr.endswith(said) and not (work / "back.bin").exists(), r.stderr
+    r = tool("lors_augment", "k.xnd", "--depots", "z0", "-o", "aug.xnd", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 1 and r.stderr.endswith(said) and not (work / "aug.xnd").exists(), r.stderr
+
+    r = tool("lors_refresh", "k.xnd", cwd=work, home=home, env=irmd.env)  # what does not read the bytes works
+    assert r.returncode == 0, r.stderr
+    again = from_xml((work / "k.xnd").read_bytes())
+    assert len(again.mappings) == 2 and all(m.e2e_blocksize == 65536 for m in again.mappings)
+    assert all(m.conditioning == "checksum" and 'name="header_length"' in m.function for m in again.mappings)
+    assert (work / "k.xnd").read_bytes().count(b'<exnode:function name="checksum">') == 2

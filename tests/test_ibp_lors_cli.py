@@ -14,7 +14,7 @@ import pytest
 from helpers import BIN, IrmdProc, free_port
 from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
 
-from apps.ibp import xndrc
+from apps.ibp import exnode_cli, xndrc
 from apps.ibp.exnode import NS, ExNode, Mapping, from_xml, to_xml
 
 pytestmark = pytest.mark.timeout(120)
@@ -361,3 +361,11 @@ def test_a_lors_exnode_conditioned_end_to_end_is_refused_not_misread_and_kept_on
     assert len(again.mappings) == 2 and all(m.e2e_blocksize == 65536 for m in again.mappings)
     assert all(m.conditioning == "checksum" and 'name="header_length"' in m.function for m in again.mappings)
     assert (work / "k.xnd").read_bytes().count(b'<exnode:function name="checksum">') == 2
+
+
+@pytest.mark.parametrize(("given", "bs"), [("1.5M", 3 << 19), ("512k", 1 << 19), ("2G", 2 << 30), ("0.5m", 1 << 19)])
+def test_lors_upload_takes_block_sizes_as_lors_reads_them(given: str, bs: int) -> None:
+    # lors_util.c's strtobytes: a number, fractions too, then K, M or G in either case.
+    args = exnode_cli.lors_parser("upload").parse_args(["f.bin", "-b", given])
+    assert args.bs == bs
+    assert exnode_cli.lors_parser("upload").parse_args(["f.bin", "-bs", given]).bs == bs

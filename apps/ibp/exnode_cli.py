@@ -150,6 +150,14 @@ def bounded(lo: int, hi: int) -> Callable[[str], int]:
     return check
 
 
+def lors_size(text: str) -> int:
+    """A size as LoRS's tools read one (`strtobytes`): '5M', '512k', '1.5M' (powers of 1024)."""
+    try:
+        return xndrc.size(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def numbers(text: str) -> str:
     """Mapping numbers as `ls` shows them: '0,3,4'."""
     if not re.fullmatch(r"\s*\d{1,9}(\s*,\s*\d{1,9})*\s*,?\s*", text):
@@ -617,7 +625,14 @@ def add_tool(
         p.add_argument("file", type=Path)
         _depots(p, lors_names, tool)
         size_ = p.add_mutually_exclusive_group()
-        size_.add_argument(*bs, "--stripe", dest="bs", type=size, default=None, help=f"block size (default {BLOCK})")
+        size_.add_argument(
+            *bs,
+            "--stripe",
+            dest="bs",
+            type=lors_size if lors_names else size,
+            default=None,
+            help=f"block size (default {BLOCK})",
+        )
         size_.add_argument("-F", "--fragments", type=bounded(1, 1 << 30), default=0, help="this many blocks instead")
         p.add_argument(
             "-c",

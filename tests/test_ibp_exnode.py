@@ -74,7 +74,9 @@ def test_pieces_cover_a_range_once_from_overlapping_blocks() -> None:
         b"not xml",
         b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><exnode/>',
         b"<other/>",
-        b"<exnode/>",  # no size
+        b"<exnode/>",  # not in LoRS's namespace
+        b'<exnode xmlns:exnode="%s"><exnode:metadata name="original_filesize" type="integer">x</exnode:metadata>'
+        b"</exnode>" % NS.encode(),  # a size that is no number
         b'<exnode xmlns:exnode="%s"><exnode:metadata name="original_filesize" type="integer">5</exnode:metadata>'
         b'<exnode:mapping><exnode:metadata name="exnode_offset">0</exnode:metadata>'
         b'<exnode:metadata name="logical_length">9</exnode:metadata><exnode:metadata name="alloc_offset">0'

@@ -14,8 +14,8 @@ import pytest
 from helpers import BIN, IrmdProc, free_port
 from test_ibp_flows import Start, depots  # noqa: F401 - the depots fixture
 
-from apps.ibp import xndrc
-from apps.ibp.exnode import from_xml
+from apps.ibp import exnode_cli, xndrc
+from apps.ibp.exnode import NS, ExNode, Mapping, from_xml, to_xml
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -242,3 +242,130 @@ def test_the_command_line_wins_over_both_xndrc_files(
              env=irmd.env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert {m.depot for m in from_xml((work / "x.xnd").read_bytes()).mappings} == {"c1"}
+
+
+# -- exNodes as LoRS writes them --
+
+
+def as_lors_writes(ex: ExNode, function: str = "") -> bytes:
+    """`ex` as LoRS 0.82 writes an exNode (libexnode's serialize.c, lors_serialize.c): the root in no
+    namespace and without a version; exNode metadata `filename` and `lorsversion` (a double) only, no
+    file size; each mapping's metadata in name order, its conditioning `function` if any, then its
+    read, write and manage capabilities."""
+    out = [
+        '<?xml version="1.0"?>',
+        f'<exnode xmlns:exnode="{NS}">',
+        f'  <exnode:metadata name="filename" type="string">{ex.filename}</exnode:metadata>',
+        '  <exnode:metadata name="lorsversion" type="double">0.828000</exnode:metadata>',
+    ]
+    for m in ex.mappings:
+        out.append("  <exnode:mapping>")
+        for name in ("alloc_length", "alloc_offset", "e2e_blocksize", "exnode_offset", "logical_length"):
+            value = (65536 if function else 0) if name == "e2e_blocksize" else getattr(m, name)
+            out.append(f'    <exnode:metadata name="{name}" type="integer">{value}</exnode:metadata>')
+        out += [function] if function else []
+        out += [f"    <exnode:{t}>{getattr(m, t)}</exnode:{t}>" for t in ("read", "write", "manage")]
+        out.append("  </exnode:mapping>")
+    return ("\n".join([*out, "</exnode>", ""])).encode()
+
+
+def test_an_exnode_lors_wrote_is_listed_and_downloaded(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    depots("x0")
+    data = os.urandom(150_000)
+    (work / "f.bin").write_bytes(data)
+    r = tool("exnode", "upload", "f.bin", "--depots", "x0", "-b", "64k", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    (work / "lors.xnd").write_bytes(as_lors_writes(from_xml((work / "f.bin.xnd").read_bytes())))
+
+    r = tool("lors_ls", "lors.xnd", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3, r.stderr
+    assert b"SIZE 150000\n" in r.stderr and b"MAXLENGTH 150000\n" in r.stderr  # where the last mapping ends
+    r = tool("lors_download", "lors.xnd", "-o", "back.bin", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0 and (work / "back.bin").read_bytes() == data, r.stderr
+
+    ours = to_xml(from_xml((work / "lors.xnd").read_bytes()))  # what our tools write back, LoRS reads
+    assert b'<exnode:metadata name="lorsversion" type="double">0.820000</exnode:metadata>' in ours
+    assert from_xml(ours).size == 150_000
+
+
+def test_lors_download_writes_to_stdout_unless_given_o_or_f(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    depots("y0")
+    data = os.urandom(70_000)
+    (work / "f.bin").write_bytes(data)
+    r = tool("exnode", "upload", "f.bin", "--depots", "y0", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    (work / "f.bin").unlink()
+    # LoRS's lors_download: output "-" unless -o FILE, or -f for the exNode's own file name.
+    r = tool("lors_download", "f.bin.xnd", cwd=work, home=home, env=irmd.env, stdout=work / "out.bin")
+    assert r.returncode == 0 and (work / "out.bin").read_bytes() == data, r.stderr
+    assert not (work / "f.bin").exists()
+    r = tool("lors_download", "-f", "f.bin.xnd", cwd=work, home=home, env=irmd.env, stdout=work / "none")
+    assert r.returncode == 0 and (work / "f.bin").read_bytes() == data and (work / "none").read_bytes() == b""
+
+
+def test_lors_ls_lists_the_other_exnodes_past_one_it_cannot_read(tmp_path: Path) -> None:
+    home, work = dirs(tmp_path)
+    ex = ExNode("f.bin", 10, mappings=[Mapping(0, 10, 0, 10, "ibp://127.0.0.1:1/0#k/k/READ")])
+    for name in ("a.xnd", "c.xnd"):
+        (work / name).write_bytes(to_xml(ex))
+    (work / "b.xnd").write_text("not an exNode")
+    for name in ("lors_ls", "exnode"):
+        argv = ["a.xnd", "b.xnd", "missing.xnd", "c.xnd", "--offline"]
+        r = tool(name, *(["ls"] if name == "exnode" else []), *argv, cwd=work, home=home)
+        listed = r.stdout.decode() + r.stderr.decode()
+        assert r.returncode == 1 and "Traceback" not in listed, listed  # as LoRS's: an error, then the next
+        assert "a.xnd" in listed and "c.xnd" in listed, listed
+        assert "b.xnd: not XML" in listed and "cannot read missing.xnd" in listed, listed
+
+
+# What lors_upload -k (--checksum) records in each mapping (lors_libe2e.c's arguments), its bytes
+# in the allocation being blocks with their checksums, not the file's.
+CHECKSUM = """\
+    <exnode:function name="checksum">
+      <exnode:argument name="blocksize" type="integer">65536</exnode:argument>
+      <exnode:argument name="header_length" type="integer">20</exnode:argument>
+    </exnode:function>"""
+
+
+def test_a_lors_exnode_conditioned_end_to_end_is_refused_not_misread_and_kept_on_rewrite(
+    irmd: IrmdProc,
+    depots: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    home, work = dirs(tmp_path)
+    depots("z0")
+    (work / "f.bin").write_bytes(os.urandom(100_000))
+    r = tool("exnode", "upload", "f.bin", "--depots", "z0", "-b", "64k", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    (work / "k.xnd").write_bytes(as_lors_writes(from_xml((work / "f.bin.xnd").read_bytes()), CHECKSUM))
+
+    said = b"are conditioned end to end by LoRS (checksum): not implemented here\n"
+    r = tool("lors_download", "k.xnd", "-o", "back.bin", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 1 and r.stderr.endswith(said) and not (work / "back.bin").exists(), r.stderr
+    r = tool("lors_augment", "k.xnd", "--depots", "z0", "-o", "aug.xnd", cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 1 and r.stderr.endswith(said) and not (work / "aug.xnd").exists(), r.stderr
+
+    r = tool("lors_refresh", "k.xnd", cwd=work, home=home, env=irmd.env)  # what does not read the bytes works
+    assert r.returncode == 0, r.stderr
+    again = from_xml((work / "k.xnd").read_bytes())
+    assert len(again.mappings) == 2 and all(m.e2e_blocksize == 65536 for m in again.mappings)
+    assert all(m.conditioning == "checksum" and 'name="header_length"' in m.function for m in again.mappings)
+    assert (work / "k.xnd").read_bytes().count(b'<exnode:function name="checksum">') == 2
+
+
+@pytest.mark.parametrize(("given", "bs"), [("1.5M", 3 << 19), ("512k", 1 << 19), ("2G", 2 << 30), ("0.5m", 1 << 19)])
+def test_lors_upload_takes_block_sizes_as_lors_reads_them(given: str, bs: int) -> None:
+    # lors_util.c's strtobytes: a number, fractions too, then K, M or G in either case.
+    args = exnode_cli.lors_parser("upload").parse_args(["f.bin", "-b", given])
+    assert args.bs == bs
+    assert exnode_cli.lors_parser("upload").parse_args(["f.bin", "-bs", given]).bs == bs

@@ -11,6 +11,9 @@ from apps.ibp.capability import BadCapability, Capability
 
 NS = "http://loci.cs.utk.edu/exnode"
 VERSION = "3.0"
+# LoRS writes its library version as exNode metadata (a double) and warns when reading a file
+# without it ("Pre-Version exNode file"); 0.82 is LoRS 0.82's, the release whose format this is.
+LORS_VERSION = "0.820000"
 MAX_XML = 16 * 1024 * 1024  # bytes of exNode we agree to parse
 MAX_MAPPINGS = 100_000
 _INT_FIELDS = ("exnode_offset", "logical_length", "alloc_offset", "alloc_length")
@@ -33,6 +36,11 @@ class Mapping:
     manage: str = ""
     sha256: str = ""  # of the mapped bytes; our metadata, so downloads can verify
     expires: int = 0  # when the allocation ends (epoch s, 0: unknown); ours, kept by upload and refresh
+    # LoRS's end-to-end conditioning (checksums, compression, encryption) of the mapped bytes: its
+    # <exnode:function> element as it came, kept so that a rewritten exNode still says how to read
+    # them, and its e2e_blocksize. The bytes in the allocation are not the file's.
+    function: str = ""
+    e2e_blocksize: int = 0
 
     @property
     def depot(self) -> str:
@@ -41,6 +49,23 @@ class Mapping:
     @property
     def end(self) -> int:
         return self.exnode_offset + self.logical_length
+
+    @property
+    def conditioning(self) -> str:
+        """The names of LoRS's conditioning functions on this mapping ('' when none), outermost first."""
+        if not self.function:
+            return ""
+        return ", ".join(f.get("name", "?") for f in ET.fromstring(self.function).iter(_q("function")))
+
+
+def conditioned(mappings: list[Mapping]) -> None:
+    """BadExnode if one of these mappings holds bytes LoRS conditioned end to end (not done here)."""
+    for m in mappings:
+        if m.function:
+            raise BadExnode(
+                f"bytes {m.exnode_offset}..{m.end} are conditioned end to end by LoRS ({m.conditioning}):"
+                " not implemented here"
+            )
 
 
 @dataclass
@@ -119,6 +144,7 @@ def to_xml(ex: ExNode) -> bytes:
     ET.register_namespace("exnode", NS)
     root = ET.Element("exnode", {"version": VERSION})
     _meta(root, "filename", "string", ex.filename)
+    _meta(root, "lorsversion", "double", LORS_VERSION)
     _meta(root, "original_filesize", "integer", ex.size)
     if ex.sha256:
         _meta(root, "sha256", "string", ex.sha256)
@@ -126,11 +152,13 @@ def to_xml(ex: ExNode) -> bytes:
         e = ET.SubElement(root, _q("mapping"))
         for name in _INT_FIELDS:
             _meta(e, name, "integer", getattr(m, name))
-        _meta(e, "e2e_blocksize", "integer", 0)  # LoRS reads it: no end-to-end conditioning
+        _meta(e, "e2e_blocksize", "integer", m.e2e_blocksize)  # LoRS reads it; 0: no conditioning
         if m.sha256:
             _meta(e, "sha256", "string", m.sha256)
         if m.expires:
             _meta(e, "expires", "integer", m.expires)
+        if m.function:
+            e.append(ET.fromstring(m.function))
         for tag in ("read", "write", "manage"):
             if getattr(m, tag):
                 ET.SubElement(e, _q(tag)).text = getattr(m, tag)
@@ -169,8 +197,14 @@ def from_xml(data: bytes) -> ExNode:
         raise BadExnode(f"not XML: {e}") from None
     if root.tag not in ("exnode", _q("exnode")):
         raise BadExnode(f"root element is {root.tag!r}, not exnode")
+    if NS not in text:  # LoRS's reader too wants its namespace declared (xmlSearchNsByHref)
+        raise BadExnode(f"not an exNode: no namespace {NS}")
     meta = _metas(root)
-    ex = ExNode(meta.get("filename", ""), _nonneg(meta, "original_filesize", "exnode"), meta.get("sha256", ""))
+    # LoRS writes no file size: its size is where the last mapping ends. Ours says it, so that a
+    # file whose tail no mapping holds is seen to be incomplete.
+    sized = "original_filesize" in meta
+    ex = ExNode(meta.get("filename", ""), _nonneg(meta, "original_filesize", "exnode") if sized else 0)
+    ex.sha256 = meta.get("sha256", "")
     maps = root.findall(_q("mapping"))
     if len(maps) > MAX_MAPPINGS:
         raise BadExnode(f"more than {MAX_MAPPINGS} mappings")
@@ -188,10 +222,18 @@ def from_xml(data: bytes) -> ExNode:
         if not caps["read"]:
             raise BadExnode(f"{where}: no read capability")
         expires = _nonneg(mm, "expires", where) if "expires" in mm else 0
-        m = Mapping(off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""), expires)
-        if m.end > ex.size:
+        e2e = _nonneg(mm, "e2e_blocksize", where) if "e2e_blocksize" in mm else 0
+        fn = el.find(_q("function"))
+        function = ET.tostring(fn, encoding="unicode").strip() if fn is not None else ""
+        m = Mapping(
+            off, length, aoff, alen, caps["read"], caps["write"], caps["manage"], mm.get("sha256", ""), expires,
+            function, e2e,
+        )  # fmt: skip
+        if sized and m.end > ex.size:
             raise BadExnode(f"{where}: bytes {m.exnode_offset}..{m.end} fall outside the file of {ex.size}")
-        if m.alloc_offset + m.logical_length > m.alloc_length:
+        if not function and m.alloc_offset + m.logical_length > m.alloc_length:  # compressed ones are shorter
             raise BadExnode(f"{where}: runs past the end of its allocation")
         ex.mappings.append(m)
+    if not sized:
+        ex.size = max((m.end for m in ex.mappings), default=0)
     return ex

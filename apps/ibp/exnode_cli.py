@@ -110,7 +110,10 @@ def read_exnode(path: Path) -> ExNode:
         data = path.read_bytes() if str(path) != "-" else sys.stdin.buffer.read(1 << 25)
     except OSError as e:
         raise BadExnode(f"cannot read {path}: {e.strerror}") from None
-    return from_xml(data)
+    try:
+        return from_xml(data)
+    except BadExnode as e:  # which of several exNodes it was
+        raise BadExnode(f"{path}: {e}") from None
 
 
 def safe_name(name: str) -> str:
@@ -146,6 +149,14 @@ def bounded(lo: int, hi: int) -> Callable[[str], int]:
         return int(text)
 
     return check
+
+
+def lors_size(text: str) -> int:
+    """A size as LoRS's tools read one (`strtobytes`): '5M', '512k', '1.5M' (powers of 1024)."""
+    try:
+        return xndrc.size(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def numbers(text: str) -> str:
@@ -300,6 +311,8 @@ def upload(args: argparse.Namespace) -> int:
 def download(args: argparse.Namespace) -> int:
     ex = read_exnode(args.xnd)
     s = settings(args)
+    if args.lors and not args.outputfile and not args.samename and not sys.stdout.isatty():
+        args.outputfile = "-"  # LoRS's lors_download writes to stdout unless given -o or -f
     if args.outputfile == "-":
         lors.download(ex, stdout_for("file bytes"), s, args.offset, args.length)
         return 0
@@ -314,7 +327,12 @@ def download(args: argparse.Namespace) -> int:
 def ls(args: argparse.Namespace) -> int:
     worst = 0
     for path in args.xnd:
-        ex = read_exnode(path)
+        try:
+            ex = read_exnode(path)
+        except BadExnode as e:  # the others are still listed, as LoRS does
+            log.error("%s", e)
+            worst = 1
+            continue
         lives = None if args.offline else lors.stat(ex, settings(args))
         if args.lors:
             worst = max(worst, print_lors_listing(path, ex, lives, args.physical))
@@ -608,7 +626,14 @@ def add_tool(
         p.add_argument("file", type=Path)
         _depots(p, lors_names, tool)
         size_ = p.add_mutually_exclusive_group()
-        size_.add_argument(*bs, "--stripe", dest="bs", type=size, default=None, help=f"block size (default {BLOCK})")
+        size_.add_argument(
+            *bs,
+            "--stripe",
+            dest="bs",
+            type=lors_size if lors_names else size,
+            default=None,
+            help=f"block size (default {BLOCK})",
+        )
         size_.add_argument("-F", "--fragments", type=bounded(1, 1 << 30), default=0, help="this many blocks instead")
         p.add_argument(
             "-c",
@@ -640,7 +665,7 @@ def add_tool(
     elif tool == "download":
         p = add("download", help="fetch the file an exNode describes (or part of it) to a file")
         p.add_argument("xnd", type=Path)
-        _output(p, "the file's own name in the current directory", False)
+        _output(p, "the file's own name in the current directory", lors_names)
         p.add_argument("-O", "--offset", type=size, default=0, help="from this byte of the file")
         p.add_argument("-L", "--length", type=size, default=None, help="this many bytes (default: to the end)")
         p.add_argument("--force", action="store_true", help="overwrite an existing file")

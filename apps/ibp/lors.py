@@ -24,7 +24,7 @@ from tqdm import tqdm
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, Connection, parse_cap
-from apps.ibp.exnode import BadExnode, ExNode, Mapping, plan, shown
+from apps.ibp.exnode import BadExnode, ExNode, Mapping, conditioned, plan, shown
 from flowlib import FlowError
 
 if TYPE_CHECKING:
@@ -294,6 +294,8 @@ def download(
     if offset > ex.size:
         raise BadExnode(f"offset {offset} is past the end of the file ({ex.size} bytes)")
     pieces = ex.pieces(offset, length)
+    for block, _, _ in pieces:  # before a byte is written: their bytes are not the file's
+        conditioned(block)
     total = sum(n for _, _, n in pieces)
     whole = hashlib.sha256() if offset == 0 and total == ex.size else None
     with progress(total, f"download {shown(ex.filename)}") as bar, Workers(s) as workers:
@@ -457,6 +459,7 @@ def augment(
 ) -> tuple[ExNode, int, int]:
     """Add up to `copies` replicas of every block on `depots` that do not hold it yet, each copied
     depot to depot. The new exNode, the replicas added and those asked for."""
+    conditioned(ex.mappings)  # copies of them would need LoRS's functions too: refused before allocating
     ledger = Ledger()
     added: list[Mapping] = []
     wanted = 0

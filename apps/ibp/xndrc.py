@@ -62,7 +62,7 @@ def _number(text: str, lo: int, hi: int) -> int:
     return int(text)
 
 
-def _size(text: str) -> int:
+def size(text: str) -> int:
     """LoRS's sizes: '5M', '512K', '0.5G' (powers of 1024), bytes without a unit."""
     m = _SIZE.fullmatch(text)
     if m is None:
@@ -126,7 +126,7 @@ def _apply(rc: Rc, keyword: str, values: list[str], depots: list[str], lbone: li
             raise ValueError(f"{values[0]!r} is neither HARD nor SOFT")
         rc.soft = kind == "SOFT"
     elif keyword == "DATA_BLOCKSIZE":
-        rc.bs = _size(_one(keyword, values))
+        rc.bs = size(_one(keyword, values))
     elif keyword == "COPIES":
         rc.copies = _number(_one(keyword, values), 1, 1000)
     elif keyword == "THREADS":  # LoRS took -1 for "as many as needed": the tools' own default here

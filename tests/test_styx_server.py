@@ -19,11 +19,12 @@ from helpers import fds_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apps.styx import beneath
+from apps.styx import beneath, fscreds
 from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
 from apps.styx.identity import NONE, Creds, Policy, User, server_policy, user_for_uid
+from apps.styx.serve import Server
 from apps.styx.server import Limits, Session
 from apps.styx.tree import Handle, SynthDir, SynthFile, Tree, WouldBlock, text_file
 
@@ -988,3 +989,37 @@ def test_a_directory_swapped_for_a_link_as_it_is_made_is_neither_opened_nor_chmo
     ok(fs, w.Twalk(1, 0, 3, []))
     ok(fs, w.Tcreate(1, 3, "e", w.DMDIR | 0o777, w.OREAD))  # unraced, the same create works
     assert (root / "e").stat().st_mode & 0o777 == 0o777
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching a thread's credentials needs root")
+def test_a_root_servers_session_thread_works_as_its_client_with_no_capability(root: Path) -> None:
+    """The thread takes the client's ids and sheds every capability (a file may ask the kernel for
+    one the ids do not give); after a Tversion the same thread switches again, to none."""
+    (root / "hello.txt").chmod(0o644)
+    (root / "private.txt").write_text("root's")
+    (root / "private.txt").chmod(0o600)
+    seen: dict[str, object] = {}
+
+    def run() -> None:
+        s = Session(FsTree(root), Peer(user_for_uid(65534), POLICY), on_attach=Server._become)
+        ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+        ok(s, w.Tattach(1, 0, w.NOFID, "root", ""))
+        seen["caps"], seen["ids"] = fscreds.effective_caps(), fscreds.fs_ids()[:2]
+        ok(s, w.Twalk(1, 0, 1, ["private.txt"]))
+        seen["private"] = err(s, w.Topen(1, 1, w.OREAD))
+        ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+        ok(s, w.Tattach(1, 0, w.NOFID, "none", ""))  # switching again needs what the first switch shed
+        seen["caps-none"] = fscreds.effective_caps()
+        ok(s, w.Twalk(1, 0, 1, ["hello.txt"]))
+        ok(s, w.Topen(1, 1, w.OREAD))
+        seen["hello"] = rpc(s, w.Tread(1, 1, 0, 100))
+        s.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(20)
+    assert seen["caps"] == 0 and seen["ids"] == (65534, 65534), seen
+    assert seen["private"] == "permission denied"
+    assert seen["caps-none"] == 0
+    assert isinstance(seen["hello"], w.Rread) and seen["hello"].data == b"hello world"
+    assert fscreds.effective_caps() != 0  # the test's own thread kept its capabilities

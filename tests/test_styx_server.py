@@ -1023,3 +1023,67 @@ def test_a_root_servers_session_thread_works_as_its_client_with_no_capability(ro
     assert seen["caps-none"] == 0
     assert isinstance(seen["hello"], w.Rread) and seen["hello"].data == b"hello world"
     assert fscreds.effective_caps() != 0  # the test's own thread kept its capabilities
+
+
+@pytest.mark.parametrize("op", ["remove", "rename", "orclose"])
+def test_a_directory_swapped_between_the_check_and_the_change_keeps_its_files(
+    root: Path, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """A server of user S checks Plan 9 permissions itself for other users. Whoever may rename S's
+    directories (the Unix way) can swap the directory an entry is in for another one with an entry
+    of the same name, between the server's check of the first and its change: at whatever moment
+    the swap comes, the change is made in the directory checked, or not at all."""
+    other = User("someone-else", 4343)
+
+    def layout() -> tuple[int, int]:
+        for d in ("pub", "priv", "pub.old"):
+            shutil.rmtree(root / d, ignore_errors=True)
+        (root / "pub").mkdir(mode=0o777)
+        os.chmod(root / "pub", 0o777)  # others may remove and rename here
+        (root / "pub" / "victim.txt").write_text("anyone's")
+        (root / "priv").mkdir(mode=0o755)  # and not here
+        (root / "priv" / "victim.txt").write_text("S's")
+        return (root / "priv").stat().st_ino, (root / "priv" / "victim.txt").stat().st_ino
+
+    def prepare(s: Session) -> None:
+        if op == "orclose":  # the right to remove is checked at the open, the removal made at the clunk
+            ok(s, w.Topen(1, 2, w.OREAD | w.ORCLOSE))
+
+    def request(s: Session) -> w.Msg:
+        if op == "rename":
+            change = w.Stat.dont_touch()
+            change.name = "renamed.txt"
+            reply = rpc(s, w.Twstat(1, 2, change))
+            ok(s, w.Tclunk(1, 2))
+            return reply
+        return rpc(s, w.Tclunk(1, 2) if op == "orclose" else w.Tremove(1, 2))
+
+    s = session(FsTree(root), other, UNPRIVILEGED)  # unraced: pub's file may go, priv's may not
+    layout()
+    ok(s, w.Twalk(1, 0, 2, ["pub", "victim.txt"]))
+    prepare(s)
+    assert not isinstance(request(s), w.Rerror) and not (root / "pub" / "victim.txt").exists()
+    ok(s, w.Twalk(1, 0, 2, ["priv", "victim.txt"]))
+    err(s, w.Tremove(1, 2), "permission denied")
+    assert (root / "priv" / "victim.txt").exists()
+
+    real = FsTree.resolve
+    for k in range(1, 9):  # the swap before the server's first look beneath the root, its second, ...
+        priv_dir, priv_file = layout()
+        ok(s, w.Twalk(1, 0, 2, ["pub", "victim.txt"]))
+        prepare(s)
+        looks = 0
+
+        def resolve(tree: FsTree, *args: object, at_look: int = k, **kw: object) -> int:
+            nonlocal looks
+            looks += 1
+            if looks == at_look:  # the racing user's renames
+                os.rename(root / "pub", root / "pub.old")
+                os.rename(root / "priv", root / "pub")
+            return real(tree, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(FsTree, "resolve", resolve)
+        request(s)
+        monkeypatch.setattr(FsTree, "resolve", real)
+        priv = next(d for d in root.iterdir() if d.stat().st_ino == priv_dir)
+        assert [(f.name, f.stat().st_ino) for f in priv.iterdir()] == [("victim.txt", priv_file)], (k, priv)

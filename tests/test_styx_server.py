@@ -19,11 +19,12 @@ from helpers import fds_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apps.styx import beneath
+from apps.styx import beneath, fscreds
 from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
 from apps.styx.identity import NONE, Creds, Policy, User, server_policy, user_for_uid
+from apps.styx.serve import Server
 from apps.styx.server import Limits, Session
 from apps.styx.tree import Handle, SynthDir, SynthFile, Tree, WouldBlock, text_file
 
@@ -988,3 +989,101 @@ def test_a_directory_swapped_for_a_link_as_it_is_made_is_neither_opened_nor_chmo
     ok(fs, w.Twalk(1, 0, 3, []))
     ok(fs, w.Tcreate(1, 3, "e", w.DMDIR | 0o777, w.OREAD))  # unraced, the same create works
     assert (root / "e").stat().st_mode & 0o777 == 0o777
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching a thread's credentials needs root")
+def test_a_root_servers_session_thread_works_as_its_client_with_no_capability(root: Path) -> None:
+    """The thread takes the client's ids and sheds every capability (a file may ask the kernel for
+    one the ids do not give); after a Tversion the same thread switches again, to none."""
+    (root / "hello.txt").chmod(0o644)
+    (root / "private.txt").write_text("root's")
+    (root / "private.txt").chmod(0o600)
+    seen: dict[str, object] = {}
+
+    def run() -> None:
+        s = Session(FsTree(root), Peer(user_for_uid(65534), POLICY), on_attach=Server._become)
+        ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+        ok(s, w.Tattach(1, 0, w.NOFID, "root", ""))
+        seen["caps"], seen["ids"] = fscreds.effective_caps(), fscreds.fs_ids()[:2]
+        ok(s, w.Twalk(1, 0, 1, ["private.txt"]))
+        seen["private"] = err(s, w.Topen(1, 1, w.OREAD))
+        ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+        ok(s, w.Tattach(1, 0, w.NOFID, "none", ""))  # switching again needs what the first switch shed
+        seen["caps-none"] = fscreds.effective_caps()
+        ok(s, w.Twalk(1, 0, 1, ["hello.txt"]))
+        ok(s, w.Topen(1, 1, w.OREAD))
+        seen["hello"] = rpc(s, w.Tread(1, 1, 0, 100))
+        s.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(20)
+    assert seen["caps"] == 0 and seen["ids"] == (65534, 65534), seen
+    assert seen["private"] == "permission denied"
+    assert seen["caps-none"] == 0
+    assert isinstance(seen["hello"], w.Rread) and seen["hello"].data == b"hello world"
+    assert fscreds.effective_caps() != 0  # the test's own thread kept its capabilities
+
+
+@pytest.mark.parametrize("op", ["remove", "rename", "orclose"])
+def test_a_directory_swapped_between_the_check_and_the_change_keeps_its_files(
+    root: Path, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """A server of user S checks Plan 9 permissions itself for other users. Whoever may rename S's
+    directories (the Unix way) can swap the directory an entry is in for another one with an entry
+    of the same name, between the server's check of the first and its change: at whatever moment
+    the swap comes, the change is made in the directory checked, or not at all."""
+    other = User("someone-else", 4343)
+
+    def layout() -> tuple[int, int]:
+        for d in ("pub", "priv", "pub.old"):
+            shutil.rmtree(root / d, ignore_errors=True)
+        (root / "pub").mkdir(mode=0o777)
+        os.chmod(root / "pub", 0o777)  # others may remove and rename here
+        (root / "pub" / "victim.txt").write_text("anyone's")
+        (root / "priv").mkdir(mode=0o755)  # and not here
+        (root / "priv" / "victim.txt").write_text("S's")
+        return (root / "priv").stat().st_ino, (root / "priv" / "victim.txt").stat().st_ino
+
+    def prepare(s: Session) -> None:
+        if op == "orclose":  # the right to remove is checked at the open, the removal made at the clunk
+            ok(s, w.Topen(1, 2, w.OREAD | w.ORCLOSE))
+
+    def request(s: Session) -> w.Msg:
+        if op == "rename":
+            change = w.Stat.dont_touch()
+            change.name = "renamed.txt"
+            reply = rpc(s, w.Twstat(1, 2, change))
+            ok(s, w.Tclunk(1, 2))
+            return reply
+        return rpc(s, w.Tclunk(1, 2) if op == "orclose" else w.Tremove(1, 2))
+
+    s = session(FsTree(root), other, UNPRIVILEGED)  # unraced: pub's file may go, priv's may not
+    layout()
+    ok(s, w.Twalk(1, 0, 2, ["pub", "victim.txt"]))
+    prepare(s)
+    assert not isinstance(request(s), w.Rerror) and not (root / "pub" / "victim.txt").exists()
+    ok(s, w.Twalk(1, 0, 2, ["priv", "victim.txt"]))
+    err(s, w.Tremove(1, 2), "permission denied")
+    assert (root / "priv" / "victim.txt").exists()
+
+    real = FsTree.resolve
+    for k in range(1, 9):  # the swap before the server's first look beneath the root, its second, ...
+        priv_dir, priv_file = layout()
+        ok(s, w.Twalk(1, 0, 2, ["pub", "victim.txt"]))
+        prepare(s)
+        looks = 0
+
+        def resolve(tree: FsTree, *args: object, at_look: int = k, **kw: object) -> int:
+            nonlocal looks
+            looks += 1
+            if looks == at_look:  # the racing user's renames
+                os.rename(root / "pub", root / "pub.old")
+                os.rename(root / "priv", root / "pub")
+            return real(tree, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(FsTree, "resolve", resolve)
+        request(s)
+        monkeypatch.setattr(FsTree, "resolve", real)
+        priv = next(d for d in root.iterdir() if d.stat().st_ino == priv_dir)
+        assert [(f.name, f.stat().st_ino) for f in priv.iterdir()] == [("victim.txt", priv_file)], (k, priv)

@@ -522,6 +522,44 @@ def test_orclose_by_a_local_user_is_refused_at_the_open_where_it_may_not_remove(
     assert out["rclose-scratch"] == "ok" and not (export / "drop" / "scratch.txt").exists()
 
 
+PROC_ATTACK = r"""
+import json, subprocess, sys
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+roots, own = sys.argv[2], subprocess.Popen(["sleep", "30"])
+out = {}
+try:
+    with Client(dial(sys.argv[1]), user="root") as c:
+        for key, path in [("own-maps", f"{own.pid}/maps"), ("roots-maps", f"{roots}/maps"),
+                          ("roots-status", f"{roots}/status")]:
+            try:
+                out[key] = c.cat(path).decode()
+            except StyxClientError as e:
+                out[key] = "error: " + str(e)
+finally:
+    own.kill()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_root_servers_work_for_a_local_user_has_none_of_roots_capabilities(open_irmd: IrmdProc, lab: Path) -> None:
+    """A file whose mode lets a user in may still ask the kernel for a capability: /proc/PID/maps
+    is readable by anyone with CAP_SYS_PTRACE or PID's own user. A root server working for a
+    local user (here one serving /proc, as one serving / does) must have none of root's."""
+    roots = subprocess.Popen(["sleep", "60"])
+    proc = serve(open_irmd, lab, "files", "--root", "/proc")
+    try:
+        out = result(as_nobody(open_irmd, PROC_ATTACK, "files", str(roots.pid)))
+    finally:
+        stop(proc)
+        roots.kill()
+        roots.wait()
+    assert "r-xp" in str(out["own-maps"]), out  # the client's own process: yes
+    assert "sleep" in str(out["roots-status"]), out  # what /proc shows anyone: yes
+    assert out["roots-maps"] == f"error: '{roots.pid}/maps' permission denied", out
+
+
 # -- a server of an ordinary user: its symlinks lead others past nothing it does not check ------------
 
 S = 1  # the serving user (daemon)

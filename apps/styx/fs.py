@@ -31,6 +31,7 @@ from apps.styx.tree import (
     EREMOVEROOT,
     ESPECIAL,
     EUNKNOWNGROUP,
+    DirCheck,
     Handle,
     Node,
     StyxError,
@@ -221,10 +222,29 @@ class FsNode(Node):
             raise
         return here
 
-    def _parent_fd(self) -> int:
-        """The parent directory's descriptor, after checking our name still leads to our file."""
-        os.close(self._still_here())
-        return self._resolve(self.rel[:-1])
+    def _parent_fd(self, may: DirCheck | None = None) -> int:
+        """The descriptor of the directory our entry is in, judged by `may` (given its stat) and
+        holding our file under our name: the one a removal or rename is then made through, so that
+        a directory swapped in by a rename anywhere above is neither judged nor changed in our
+        stead. For a client whose names follow symlinks (the kernel judges it, as itself or as the
+        anonymous user), our name may be a link to a file elsewhere beneath the root."""
+        pfd = self._resolve(self.rel[:-1])
+        try:
+            if may is not None:
+                may(_stat(os.fstat(pfd), self.rel[-2] if len(self.rel) > 1 else "/"))
+            if self.follow:
+                os.close(self._still_here())
+            else:
+                entry, ours = os.stat(self.rel[-1], dir_fd=pfd, follow_symlinks=False), self._os_stat()
+                if (entry.st_dev, entry.st_ino) != (ours.st_dev, ours.st_ino):
+                    raise StyxError(f"'{self.name}' was moved or replaced since it was walked: walk to it again")
+        except FileNotFoundError:
+            os.close(pfd)
+            raise StyxError(f"'{self.name}' was moved or replaced since it was walked: walk to it again") from None
+        except BaseException:
+            os.close(pfd)
+            raise
+        return pfd
 
     def open(self, mode: int, user: str) -> Handle:
         s = self._os_stat()
@@ -306,10 +326,10 @@ class FsNode(Node):
         finally:
             os.close(pfd)
 
-    def remove(self) -> None:
+    def remove(self, may: DirCheck | None = None) -> None:
         if not self.rel:
             raise StyxError(EREMOVEROOT)
-        pfd = self._parent_fd()
+        pfd = self._parent_fd(may)
         name = self.rel[-1]
         try:
             # The entry itself: a symlink walked through is removed, not what it points to.
@@ -324,7 +344,7 @@ class FsNode(Node):
         finally:
             os.close(pfd)
 
-    def wstat(self, st: w.Stat, user: str) -> None:
+    def wstat(self, st: w.Stat, user: str, may_rename: DirCheck | None = None) -> None:
         """All the changes or none (stat(5)): what can fail without changing anything is checked
         first, each change made is undone if a later one fails, and the length, which cannot be
         undone, is set last."""
@@ -342,7 +362,7 @@ class FsNode(Node):
         try:
             if st.name and self.rel and st.name != self.rel[-1]:
                 old = self.rel[-1]
-                self._rename(st.name)
+                self._rename(st.name, may_rename)
                 undo.append(lambda: self._rename(old))
             if gid is not None:
                 os.chown(self.proc, -1, gid)
@@ -369,9 +389,9 @@ class FsNode(Node):
                     log.warning("undoing part of a failed wstat of '%s': %s", self.name, e)
             raise
 
-    def _rename(self, new: str) -> None:
+    def _rename(self, new: str, may: DirCheck | None = None) -> None:
         """Rename our entry within its directory, never over another file."""
-        pfd = self._parent_fd()
+        pfd = self._parent_fd(may)
         try:
             _rename_noreplace(pfd, self.rel[-1], new)
         except FileExistsError:

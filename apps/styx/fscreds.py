@@ -1,8 +1,13 @@
 """Per-thread file system credentials: a session thread of a root server takes its client's
-fsuid, fsgid and groups, so the kernel checks that thread's file access as the client.
+fsuid, fsgid and groups, and gives up every capability, so the kernel checks that thread's file
+access as the client's.
 
 Raw system calls, as knfsd and Samba use them: glibc's setgroups would change every thread.
-When the file system uid leaves 0 the kernel also drops the thread's DAC override capabilities.
+When the file system uid leaves 0 the kernel drops only the thread's file capabilities (DAC
+override, CHOWN, FOWNER, ...); a file may still ask for others (/proc/PID/maps asks for
+CAP_SYS_PTRACE, quotas and reserved blocks give way to CAP_SYS_RESOURCE), so the thread clears
+its effective set too (capset is per thread), as knfsd drops CAP_SYS_RESOURCE with the file ones.
+The permitted set stays, for the next switch (a Tversion starts over, the next attach may be none).
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ _SYSCALLS = {
     "s390x": (206, 216, 215),
 }
 NGROUPS_MAX = 65536
+_CAP_VERSION_3 = 0x20080522  # capget/capset: two 32-bit words per set
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 class CredsError(OSError):
@@ -41,20 +55,36 @@ def supported() -> str:
     return ""
 
 
+def _status() -> dict[str, str]:
+    with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+        return {key: value.strip() for key, _, value in (line.partition(":") for line in f)}
+
+
 def fs_ids() -> tuple[int, int, tuple[int, ...]]:
     """This thread's fsuid, fsgid and groups, as the kernel reports them."""
-    fsuid = fsgid = -1
-    groups: tuple[int, ...] = ()
-    with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == "Uid":
-                fsuid = int(value.split()[3])
-            elif key == "Gid":
-                fsgid = int(value.split()[3])
-            elif key == "Groups":
-                groups = tuple(sorted(int(g) for g in value.split()))
+    status = _status()
+    fsuid = int(status["Uid"].split()[3])
+    fsgid = int(status["Gid"].split()[3])
+    groups = tuple(sorted(int(g) for g in status.get("Groups", "").split()))
     return fsuid, fsgid, groups
+
+
+def effective_caps() -> int:
+    """This thread's effective capabilities, as the kernel reports them."""
+    return int(_status()["CapEff"], 16)
+
+
+def _capset(libc: ctypes.CDLL, effective_from_permitted: bool) -> None:
+    """Make this thread's effective capabilities its permitted ones, or none; the permitted and
+    inheritable sets stay as they are."""
+    header = _CapHeader(_CAP_VERSION_3, 0)  # pid 0: the calling thread only
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise CredsError(ctypes.get_errno(), "capget failed")
+    for word in data:
+        word.effective = word.permitted if effective_from_permitted else 0
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise CredsError(ctypes.get_errno(), "capset failed")
 
 
 def become(creds: Creds) -> None:
@@ -66,6 +96,7 @@ def become(creds: Creds) -> None:
         raise CredsError(0, f"{len(creds.groups)} groups: at most {NGROUPS_MAX}")
     setgroups, setfsgid, setfsuid = _SYSCALLS[platform.machine()]
     libc = _libc()
+    _capset(libc, effective_from_permitted=True)  # CAP_SETGID and CAP_SETUID, if an earlier switch shed them
     gids = (ctypes.c_uint * max(len(creds.groups), 1))(*creds.groups)
     if libc.syscall(setgroups, ctypes.c_long(len(creds.groups)), gids) != 0:
         raise CredsError(ctypes.get_errno(), "setgroups failed")
@@ -75,3 +106,7 @@ def become(creds: Creds) -> None:
     got = fs_ids()
     if got != (creds.uid, creds.gid, tuple(sorted(set(creds.groups)))):
         raise CredsError(0, f"thread credentials are {got}, not {creds}")
+    if creds.uid != 0:  # root's client is root; anyone else's work asks the kernel with no capability
+        _capset(libc, effective_from_permitted=False)
+        if effective_caps():
+            raise CredsError(0, f"thread keeps capabilities {effective_caps():#x} as {creds}")

@@ -33,6 +33,7 @@ from apps.styx.tree import (
     EPERM,
     EREMOVEROOT,
     ETOOLARGE,
+    DirCheck,
     Handle,
     Node,
     StyxError,
@@ -481,7 +482,7 @@ class Session:
                     log.info("closing fid %d: %s", fid, e)
             if f.mode is not None and f.mode & w.ORCLOSE:
                 try:
-                    f.node.remove()
+                    f.node.remove(self._may_change(f))
                 except (StyxError, OSError) as e:
                     log.info("remove on close of fid %d: %s", fid, e)
         finally:
@@ -493,6 +494,11 @@ class Session:
         parent = f.node.parent_stat()
         self._check(parent, f.user, w.DMWRITE)
 
+    def _may_change(self, f: Fid) -> DirCheck:
+        """The check of the directory a removal or rename is made in, made by the tree on that very
+        directory: a rename above it between a check of our own and the change cannot swap in another."""
+        return lambda parent: self._check(parent, f.user, w.DMWRITE)
+
     def _remove(self, msg: w.Tremove) -> w.Msg:
         f = self._fid(msg.fid)
         try:
@@ -503,7 +509,7 @@ class Session:
                 f.handle.close()
                 f.handle = None
             f.mode = None
-            f.node.remove()
+            f.node.remove(self._may_change(f))
         finally:
             if self.fids.pop(msg.fid, None) is not None:  # remove clunks the fid even when it fails
                 f.node.close()
@@ -547,5 +553,5 @@ class Session:
         times = new.mtime != keep.mtime or new.atime != keep.atime
         if (times or (new.gid and new.gid != st.gid)) and not owner:
             raise StyxError(EPERM)  # only the owner changes the times or the group
-        f.node.wstat(new, f.user.name)
+        f.node.wstat(new, f.user.name, self._may_change(f))
         return w.Rwstat(msg.tag)

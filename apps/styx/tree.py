@@ -47,6 +47,9 @@ EUNKNOWNGROUP = "unknown group"  # u9fs: EINVAL
 ESPECIAL = "no access to special file"  # u9fs: EPERM; fifos and devices are not served
 
 
+DirCheck = Callable[[Stat], None]  # judges a change of a directory's entries by its stat; raises to refuse
+
+
 class WouldBlock(Exception):
     """The operation must wait (a flow with no data yet); the server retries it later.
 
@@ -121,10 +124,13 @@ class Node:
     def create(self, name: str, perm: int, mode: int, user: str) -> tuple[Node, Handle]:
         raise StyxError("cannot create here")
 
-    def remove(self) -> None:
+    def remove(self, may: DirCheck | None = None) -> None:
+        """Remove this file; `may`, given the stat of the directory it is removed from (that very
+        directory, whatever is renamed meanwhile), raises StyxError to refuse."""
         raise StyxError("cannot remove")
 
-    def wstat(self, st: Stat, user: str) -> None:
+    def wstat(self, st: Stat, user: str, may_rename: DirCheck | None = None) -> None:
+        """Change what `st` asks; `may_rename` judges a rename as `may` judges a removal."""
         raise StyxError("cannot change this file's attributes")
 
 

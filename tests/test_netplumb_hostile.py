@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from apps.netplumb import wire
 from apps.netplumb.connection import Closed, ServerConnection
 from apps.netplumb.keys import Identity
 from apps.netplumb.session import ClientSession, ServerSession
+from apps.netplumb.visible import visible
 from apps.netplumb.wire import Fields, Packet
 from flowlib.frct import RCV_BUF
 
@@ -418,3 +420,82 @@ def test_unauthenticated_peers_hold_a_bounded_receive_window() -> None:
             p.kill()
             p.wait()
         assert grown < 3 * (RCV_BUF >> 20) + 16, f"netplumbd grew {grown} MiB"
+
+
+# -- plumb against a hostile server ----------------------------------------------------------------
+
+
+@given(st.text() | st.sampled_from(["\x1b[2J\r\n\t", "bad \udcff byte", "\u202eevil", "caf\u00e9 \u2026"]))
+def test_visible_text_is_one_printable_line_and_printable_text_is_kept(text: str) -> None:
+    shown = visible(text)
+    assert shown.isprintable()
+    assert shown == text or not text.isprintable()
+
+
+HOSTILE_SERVER = r"""
+import sys, time
+from apps.netplumb.connection import ServerConnection, StartRequested
+from apps.netplumb.keys import Identity
+from apps.netplumb.server import _bind
+from flowlib import flow_accept
+from flowlib.irm import default_client
+
+mode, hold = sys.argv[1], float(sys.argv[2])
+irm = default_client()
+_bind(irm, "host2", ["local"])
+print("ready", flush=True)
+f = flow_accept(irm=irm)
+core = ServerConnection(Identity.generate(), lambda k: None, time.monotonic(), 15, 30, f.mtu)
+
+def flush():
+    for p in core.data_to_send():
+        f.write(p)
+
+while not any(isinstance(ev, StartRequested) for ev in core.receive(f.read(), time.monotonic())):
+    flush()
+flush()
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31m\rplumb: fake\n"
+if mode == "refuse":
+    core.refuse_start("refused " + ESCAPES, 1)
+elif mode == "error":
+    core.close("ended " + ESCAPES)
+flush()
+time.sleep(hold)
+f.close()
+"""
+
+
+def _against_hostile_server(mode: str, *args: str, hold: float = 2.0) -> subprocess.CompletedProcess[bytes]:
+    """plumb run against a server (a script that registers host2, as root on its own machine would)
+    that answers START as `mode` says and closes the flow `hold` seconds later."""
+    with running_lab(None) as lab:
+        alice = lab.client("alice", authorize=False)
+        server = lab.popen_py(0, HOSTILE_SERVER, mode, str(hold))
+        try:
+            assert server.stdout is not None
+            assert server.stdout.readline() == "ready\n", server.communicate(timeout=10)
+            return lab.plumb(alice, *args, timeout=30)
+        finally:
+            server.kill()
+            server.communicate(timeout=10)
+
+
+@needs_root
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("mode", "status", "said"),
+    [
+        ("refuse", 1, "plumb: host2: refused "),
+        ("error", 255, "plumb: host2: the server ended the session: ended "),
+    ],
+)
+def test_plumb_shows_a_servers_words_without_their_terminal_escapes(mode: str, status: int, said: str) -> None:
+    """A server's reasons (a refused START, an ERROR) are printed by plumb as its own line: their
+    control characters come out as escapes, so the server can neither drive the terminal (title,
+    clearing, colours) nor print a line that seems plumb's; the words themselves are all there."""
+    r = _against_hostile_server(mode, "true")
+    assert r.returncode == status, r
+    err = r.stderr.decode()
+    assert not any(c in err for c in "\x1b\x07\r"), repr(err)
+    assert said + "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31m\\rplumb: fake\\n\n" in err, repr(err)
+    assert err.count("\n") == 2, repr(err)  # the warning that pinned its key, and the reason

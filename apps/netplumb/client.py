@@ -23,6 +23,7 @@ from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Ev
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.session import ServerKey, SessionError
+from apps.netplumb.visible import show_visible, visible
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
 from flowlib import FlowDown, FlowError, flow_alloc, qos
 from proto.version import text as version_text
@@ -255,7 +256,7 @@ class Client:
             case Started(ok, message, status):
                 if not ok:
                     log.log(DEBUG1, "START refused (status %d)", status)
-                    print(f"plumb: {self.req.host}: {message}", file=sys.stderr)
+                    print(f"plumb: {self.req.host}: {visible(message)}", file=sys.stderr)
                     return status
                 log.log(DEBUG1, "started")
                 self._forward_signals()
@@ -374,13 +375,14 @@ def main(argv: list[str] | None = None) -> None:
         logging.addLevelName(level, name)
     level = logging.ERROR if req.quiet else (logging.WARNING, DEBUG1, DEBUG2, DEBUG3)[min(req.verbose, 3)]
     logging.basicConfig(level=level, format="plumb: %(levelname)s: %(message)s")
+    show_visible()  # what the server says (its reasons, in errors) reaches the terminal as text only
     logging.addLevelName(logging.WARNING, "warning")
     with contextlib.suppress(ValueError):  # a closed reader of our stdout is not our error to report
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = Client(req).run()
-    except Failure as e:
-        print(f"plumb: {e}", file=sys.stderr)
+    except Failure as e:  # its reason may be the server's words
+        print(f"plumb: {visible(str(e))}", file=sys.stderr)
         code = FAILED
     except KeyboardInterrupt:
         code = 130

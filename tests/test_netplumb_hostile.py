@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from netplumb_lab import NOBODY, needs_root, running_lab
@@ -499,3 +500,54 @@ def test_plumb_shows_a_servers_words_without_their_terminal_escapes(mode: str, s
     assert not any(c in err for c in "\x1b\x07\r"), repr(err)
     assert said + "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31m\\rplumb: fake\\n\n" in err, repr(err)
     assert err.count("\n") == 2, repr(err)  # the warning that pinned its key, and the reason
+
+
+FORGED = "x\n2099-01-01 00:00:00.000 host netplumbd[1] INFO: flow 9: running rm -rf / as root (key line 1)\x1b[2J"
+SEALED_ERROR = r"""
+import sys
+from apps.netplumb import wire
+from apps.netplumb.keys import Identity
+from apps.netplumb.session import ClientSession
+from apps.netplumb.wire import Fields
+from flowlib import FlowError, flow_alloc, qos
+f = flow_alloc("host2", qos=qos.data, timeout=10)
+f.set_timeout(3)
+c = ClientSession(Identity.generate(), lambda k: None)
+c.start()
+for d in c.data_to_send():
+    f.write(d)
+c.receive(f.read())
+c.data_to_send()  # no AUTH: an ERROR sealed with the agreed key in its place, same sequence and nonce
+c._tx.counter -= 1
+c._enc.seq -= 1
+f.write(c._packet(wire.ERROR, Fields.of(message=sys.argv[1])))
+try:
+    f.read()
+except FlowError:
+    pass
+f.close()
+print("sent", flush=True)
+"""
+
+
+@needs_root
+@pytest.mark.timeout(90)
+def test_peers_cannot_write_lines_of_their_own_into_netplumbds_log() -> None:
+    """uid 65534, without a key, ends its connection with an ERROR whose reason holds a line break and
+    a line of netplumbd's own form; a restricted key asks for a command line with the same. Both reach
+    the log inside their own record, escaped; the legitimate lines are there as ever."""
+    with running_lab([]) as lab:
+        alice = lab.client("alice", options='allow="echo"')
+        attack = lab.py(NOBODY, SEALED_ERROR, FORGED)
+        assert "sent" in attack.stdout, attack.stdout + attack.stderr
+        r = lab.plumb(alice, "echo", FORGED)
+        assert r.returncode == 0 and r.stdout == FORGED.encode() + b"\n", r
+        wait_for(lambda: lab.log_text().count(": closed") >= 2, 10, "both connections closed")
+        log = lab.log_text()
+        lines = log.splitlines()
+        assert not any(line.startswith("2099-") for line in lines), log
+        assert "\x1b" not in log, log
+        escaped = FORGED.replace("\n", "\\n").replace("\x1b", "\\x1b")
+        assert any(line.endswith(f"the client ended the session: {escaped}") for line in lines), log
+        assert any("running echo 'x\\n2099-01-01" in line for line in lines), log
+        assert "authenticated" in log and "serving with key" in log

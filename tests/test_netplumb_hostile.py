@@ -460,13 +460,22 @@ if mode == "refuse":
     core.refuse_start("refused " + ESCAPES, 1)
 elif mode == "error":
     core.close("ended " + ESCAPES)
+elif mode == "exit-before-eof":  # the command's end, its output still open: never to end
+    core.add_channel(0, receives=True, sends=False)
+    for ch in (1, 2):
+        core.add_channel(ch, receives=False, sends=True)
+    core.started()
+    core.send_data(1, b"out\n")
+    core.exited("status", 3, time.monotonic())
 flush()
 time.sleep(hold)
 f.close()
 """
 
 
-def _against_hostile_server(mode: str, *args: str, hold: float = 2.0) -> subprocess.CompletedProcess[bytes]:
+def _against_hostile_server(
+    mode: str, *args: str, hold: float = 2.0, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
     """plumb run against a server (a script that registers host2, as root on its own machine would)
     that answers START as `mode` says and closes the flow `hold` seconds later."""
     with running_lab(None) as lab:
@@ -475,7 +484,7 @@ def _against_hostile_server(mode: str, *args: str, hold: float = 2.0) -> subproc
         try:
             assert server.stdout is not None
             assert server.stdout.readline() == "ready\n", server.communicate(timeout=10)
-            return lab.plumb(alice, *args, timeout=30)
+            return lab.plumb(alice, *args, timeout=timeout)
         finally:
             server.kill()
             server.communicate(timeout=10)
@@ -500,6 +509,16 @@ def test_plumb_shows_a_servers_words_without_their_terminal_escapes(mode: str, s
     assert not any(c in err for c in "\x1b\x07\r"), repr(err)
     assert said + "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31m\\rplumb: fake\\n\n" in err, repr(err)
     assert err.count("\n") == 2, repr(err)  # the warning that pinned its key, and the reason
+
+
+@needs_root
+@pytest.mark.timeout(90)
+def test_plumb_ends_with_the_commands_status_though_the_server_never_ends_its_output() -> None:
+    """A server reports the command's end (EXIT) without the EOF of stdout and stderr, and keeps the
+    flow open: plumb writes what came, exits with the command's status, and does not wait for the
+    EOF (it reads the flow no more, so it would wait for ever, even after the server closed)."""
+    r = _against_hostile_server("exit-before-eof", "true", hold=20, timeout=15)  # plumb ends before the flow
+    assert (r.returncode, r.stdout) == (3, b"out\n"), r
 
 
 FORGED = "x\n2099-01-01 00:00:00.000 host netplumbd[1] INFO: flow 9: running rm -rf / as root (key line 1)\x1b[2J"

@@ -270,12 +270,21 @@ class Client:
                 name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
                 print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
                 self.status = 128 + sig
+                self._outputs_end()
             case Exit(_, status):
                 log.log(DEBUG1, "exit status %d", status)
                 self.status = status
+                self._outputs_end()
             case Closed(reason):
                 raise Failure(f"{self.req.host}: {reason}")
         return None
+
+    def _outputs_end(self) -> None:
+        """The command ended: so do its outputs. netplumbd sends their EOFs before EXIT; a server that
+        did not would have plumb wait for them for ever, as the flow is read no more (what came is
+        written first)."""
+        for sink in self.waited:
+            sink.finish()
 
     def _forward_signals(self) -> None:
         """Interrupts go to the remote command (as ssh does), which decides whether to end."""

@@ -340,6 +340,11 @@ class Client:
     def _local(self, ch: int) -> str:
         return self.locals[ch] if ch in self.locals else ("stdin", "stdout", "stderr")[ch]
 
+    def _forget(self, ch: int) -> None:
+        """A socket connection is over both ways: nothing of it is kept."""
+        self.core.remove_channel(ch)
+        self.ends.forget(ch)
+
     def _open(self, ch: int, parent: int) -> None:
         """A connection to the remote end of a replicated socket: connect to the local one."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -348,10 +353,10 @@ class Client:
         except OSError as e:
             log.warning("socket %s: %s", self.locals[parent], e.strerror)
             sock.close()
-            self.ends.sinks[ch] = Sink(self.link, ch, _refuse)  # drains what comes, writes nowhere
+            self.ends.sinks[ch] = Sink(self.link, ch, _refuse, self._forget)  # drains what comes, writes nowhere
             self.link.eof(ch)
         else:
-            self.ends.sinks[ch], self.ends.pumps[ch] = duplex(self.link, ch, sock)
+            self.ends.sinks[ch], self.ends.pumps[ch] = duplex(self.link, ch, sock, functools.partial(self._forget, ch))
         self.ends.start()
 
 

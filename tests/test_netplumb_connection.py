@@ -309,6 +309,22 @@ def test_open_makes_a_channel_both_ways_on_a_socket_the_client_asked_for() -> No
     assert deliver(s, c) == [Data(1000, b"to the client")]
 
 
+def test_a_socket_connection_done_both_ways_is_forgotten() -> None:
+    c, s = running()
+    s.open_connection(1000, 3)
+    deliver(s, c)
+    s.send_eof(1000)
+    c.send_eof(1000)
+    deliver(s, c)
+    deliver(c, s)
+    s.remove_channel(1000)
+    c.remove_channel(1000)
+    assert 1000 not in s.channels and 1000 not in c.channels
+    assert s.receive(c.session.send(wire.WINDOW, Window(1000, 10).to_fields()), 0.0) == []  # late: ignored
+    s.open_connection(1001, 3)
+    assert deliver(s, c) == [Open(1001, 3)]
+
+
 @pytest.mark.parametrize("ch, parent", [(1000, 4), (5, 3)])
 def test_open_on_a_socket_not_asked_for_is_a_protocol_error(ch: int, parent: int) -> None:
     c, s = running()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from netplumb_lab import NOBODY, needs_root, running_lab
@@ -21,6 +23,7 @@ from apps.netplumb import wire
 from apps.netplumb.connection import Closed, ServerConnection
 from apps.netplumb.keys import Identity
 from apps.netplumb.session import ClientSession, ServerSession
+from apps.netplumb.visible import visible
 from apps.netplumb.wire import Fields, Packet
 from flowlib.frct import RCV_BUF
 
@@ -418,3 +421,152 @@ def test_unauthenticated_peers_hold_a_bounded_receive_window() -> None:
             p.kill()
             p.wait()
         assert grown < 3 * (RCV_BUF >> 20) + 16, f"netplumbd grew {grown} MiB"
+
+
+# -- plumb against a hostile server ----------------------------------------------------------------
+
+
+@given(st.text() | st.sampled_from(["\x1b[2J\r\n\t", "bad \udcff byte", "\u202eevil", "caf\u00e9 \u2026"]))
+def test_visible_text_is_one_printable_line_and_printable_text_is_kept(text: str) -> None:
+    shown = visible(text)
+    assert shown.isprintable()
+    assert shown == text or not text.isprintable()
+
+
+HOSTILE_SERVER = r"""
+import sys, time
+from apps.netplumb.connection import ServerConnection, StartRequested
+from apps.netplumb.keys import Identity
+from apps.netplumb.server import _bind
+from flowlib import flow_accept
+from flowlib.irm import default_client
+
+mode, hold = sys.argv[1], float(sys.argv[2])
+irm = default_client()
+_bind(irm, "host2", ["local"])
+print("ready", flush=True)
+f = flow_accept(irm=irm)
+core = ServerConnection(Identity.generate(), lambda k: None, time.monotonic(), 15, 30, f.mtu)
+
+def flush():
+    for p in core.data_to_send():
+        f.write(p)
+
+while not any(isinstance(ev, StartRequested) for ev in core.receive(f.read(), time.monotonic())):
+    flush()
+flush()
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31m\rplumb: fake\n"
+if mode == "refuse":
+    core.refuse_start("refused " + ESCAPES, 1)
+elif mode == "error":
+    core.close("ended " + ESCAPES)
+elif mode == "exit-before-eof":  # the command's end, its output still open: never to end
+    core.add_channel(0, receives=True, sends=False)
+    for ch in (1, 2):
+        core.add_channel(ch, receives=False, sends=True)
+    core.started()
+    core.send_data(1, b"out\n")
+    core.exited("status", 3, time.monotonic())
+flush()
+time.sleep(hold)
+f.close()
+"""
+
+
+def _against_hostile_server(
+    mode: str, *args: str, hold: float = 2.0, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    """plumb run against a server (a script that registers host2, as root on its own machine would)
+    that answers START as `mode` says and closes the flow `hold` seconds later."""
+    with running_lab(None) as lab:
+        alice = lab.client("alice", authorize=False)
+        server = lab.popen_py(0, HOSTILE_SERVER, mode, str(hold))
+        try:
+            assert server.stdout is not None
+            assert server.stdout.readline() == "ready\n", server.communicate(timeout=10)
+            return lab.plumb(alice, *args, timeout=timeout)
+        finally:
+            server.kill()
+            server.communicate(timeout=10)
+
+
+@needs_root
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("mode", "status", "said"),
+    [
+        ("refuse", 1, "plumb: host2: refused "),
+        ("error", 255, "plumb: host2: the server ended the session: ended "),
+    ],
+)
+def test_plumb_shows_a_servers_words_without_their_terminal_escapes(mode: str, status: int, said: str) -> None:
+    """A server's reasons (a refused START, an ERROR) are printed by plumb as its own line: their
+    control characters come out as escapes, so the server can neither drive the terminal (title,
+    clearing, colours) nor print a line that seems plumb's; the words themselves are all there."""
+    r = _against_hostile_server(mode, "true")
+    assert r.returncode == status, r
+    err = r.stderr.decode()
+    assert not any(c in err for c in "\x1b\x07\r"), repr(err)
+    assert said + "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31m\\rplumb: fake\\n\n" in err, repr(err)
+    assert err.count("\n") == 2, repr(err)  # the warning that pinned its key, and the reason
+
+
+@needs_root
+@pytest.mark.timeout(90)
+def test_plumb_ends_with_the_commands_status_though_the_server_never_ends_its_output() -> None:
+    """A server reports the command's end (EXIT) without the EOF of stdout and stderr, and keeps the
+    flow open: plumb writes what came, exits with the command's status, and does not wait for the
+    EOF (it reads the flow no more, so it would wait for ever, even after the server closed)."""
+    r = _against_hostile_server("exit-before-eof", "true", hold=20, timeout=15)  # plumb ends before the flow
+    assert (r.returncode, r.stdout) == (3, b"out\n"), r
+
+
+FORGED = "x\n2099-01-01 00:00:00.000 host netplumbd[1] INFO: flow 9: running rm -rf / as root (key line 1)\x1b[2J"
+SEALED_ERROR = r"""
+import sys
+from apps.netplumb import wire
+from apps.netplumb.keys import Identity
+from apps.netplumb.session import ClientSession
+from apps.netplumb.wire import Fields
+from flowlib import FlowError, flow_alloc, qos
+f = flow_alloc("host2", qos=qos.data, timeout=10)
+f.set_timeout(3)
+c = ClientSession(Identity.generate(), lambda k: None)
+c.start()
+for d in c.data_to_send():
+    f.write(d)
+c.receive(f.read())
+c.data_to_send()  # no AUTH: an ERROR sealed with the agreed key in its place, same sequence and nonce
+c._tx.counter -= 1
+c._enc.seq -= 1
+f.write(c._packet(wire.ERROR, Fields.of(message=sys.argv[1])))
+try:
+    f.read()
+except FlowError:
+    pass
+f.close()
+print("sent", flush=True)
+"""
+
+
+@needs_root
+@pytest.mark.timeout(90)
+def test_peers_cannot_write_lines_of_their_own_into_netplumbds_log() -> None:
+    """uid 65534, without a key, ends its connection with an ERROR whose reason holds a line break and
+    a line of netplumbd's own form; a restricted key asks for a command line with the same. Both reach
+    the log inside their own record, escaped; the legitimate lines are there as ever."""
+    with running_lab([]) as lab:
+        alice = lab.client("alice", options='allow="echo"')
+        attack = lab.py(NOBODY, SEALED_ERROR, FORGED)
+        assert "sent" in attack.stdout, attack.stdout + attack.stderr
+        r = lab.plumb(alice, "echo", FORGED)
+        assert r.returncode == 0 and r.stdout == FORGED.encode() + b"\n", r
+        wait_for(lambda: lab.log_text().count(": closed") >= 2, 10, "both connections closed")
+        log = lab.log_text()
+        lines = log.splitlines()
+        assert not any(line.startswith("2099-") for line in lines), log
+        assert "\x1b" not in log, log
+        escaped = FORGED.replace("\n", "\\n").replace("\x1b", "\\x1b")
+        assert any(line.endswith(f"the client ended the session: {escaped}") for line in lines), log
+        assert any("running echo 'x\\n2099-01-01" in line for line in lines), log
+        assert "authenticated" in log and "serving with key" in log

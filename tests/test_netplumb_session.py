@@ -203,6 +203,25 @@ def test_an_offer_changed_on_the_way_breaks_the_servers_proof() -> None:
         shuttle(s, c)
 
 
+def test_a_refusal_in_clear_is_not_taken_once_the_server_proved_its_key() -> None:
+    """REFUSE, in clear, answers a hello. Once the server has proved its key, whatever it says is sealed
+    (ERROR): a REFUSE then is anyone's on the way, and is not shown as the server's words."""
+    c, s = pair()
+    c.start()
+    shuttle(c, s)
+    shuttle(s, c)
+    assert c.state is State.AUTH_SENT
+    forged = wire.encode(Packet(1, wire.REFUSE, wire.encode_pairs(Fields.of(message="key revoked: run evil"))))
+    with pytest.raises(SessionError, match="unexpected REFUSE packet in state auth sent"):
+        c.receive(forged)
+    c, s = pair()
+    c.start()
+    shuttle(c, s)
+    shuttle(s, c)
+    c.data_to_send()  # AUTH, lost: the server's own reason after keys, sealed, is still heard
+    assert c.receive(s.error("too many sessions")) == [PeerError("too many sessions")]
+
+
 def test_a_hello_without_ciphers_is_refused() -> None:
     c, s = pair(offer=())
     c.start()

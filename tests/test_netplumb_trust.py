@@ -6,12 +6,14 @@ server's PATH, one-time keys spent once, StrictModes, and every limit reached wi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -432,6 +434,65 @@ def test_connections_to_a_replicated_socket_are_capped() -> None:
         finally:
             server.kill()
             server.wait()
+
+
+CONNECT_LOOP = """
+import socket, sys
+def connect(n):
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1])
+        s.recv(1)  # the far end closes it
+        s.close()
+for n in (300, 2000):
+    connect(n)
+    print(n, flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_socket_connections_that_ended_hold_nothing_in_netplumbd() -> None:
+    """A session's command connects to its replicated socket over and over, each connection closed at
+    once, under --max-connections: netplumbd forgets each connection's channel and threads when it is
+    over both ways (it kept them until the session's end: about 8 KiB a connection, without bound)."""
+    with running_lab([]) as lab:
+        alice = lab.client("alice")
+        local = alice.config / "local.sock"
+        remote = lab.root / "remote.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(local))
+        listener.listen(64)
+
+        def closing() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    listener.accept()[0].close()
+
+        threading.Thread(target=closing, daemon=True).start()
+        assert lab.proc is not None
+        p = lab.popen_plumb(alice, f"-socket={local}:{remote}", str(BIN / "python"), "-c", CONNECT_LOOP, str(remote))
+        try:
+            assert p.stdin is not None and p.stdout is not None
+            assert p.stdout.readline() == b"300\n"  # warm: threads' stacks and allocators at their size
+            warm = _rss_kib(lab.proc.pid)
+            p.stdin.write(b"\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == b"2000\n"
+            grown = _rss_kib(lab.proc.pid) - warm
+            p.stdin.close()
+            assert p.wait(30) == 0
+        finally:
+            p.kill()
+            p.wait()
+            listener.close()
+        assert grown < 3 * 1024, f"netplumbd grew {grown} KiB over 2000 closed connections"
 
 
 def test_limit_options_must_be_positive() -> None:

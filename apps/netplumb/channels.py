@@ -44,6 +44,8 @@ class Core(Protocol):
 
     def grant(self, ch: int, n: int) -> None: ...
 
+    def remove_channel(self, ch: int) -> None: ...
+
     def data_to_send(self) -> list[bytes]: ...
 
     def has_output(self) -> bool: ...
@@ -300,11 +302,16 @@ class Ends:
             if t.ident is None:
                 t.start()
 
+    def forget(self, ch: int) -> None:
+        """A socket connection is over both ways: its threads are done (see Channels.remove)."""
+        self.sinks.pop(ch, None)
+        self.pumps.pop(ch, None)
+
     def close(self) -> None:
         """Stop every pump waiting for window and every sink waiting for data."""
-        for pump in self.pumps.values():
+        for pump in list(self.pumps.values()):  # copies: connections forget themselves meanwhile
             pump.window.close()
-        for sink in self.sinks.values():
+        for sink in list(self.sinks.values()):
             sink.finish()
 
 
@@ -315,7 +322,7 @@ def duplex(
     on_close: Callable[[], None] = lambda: None,
 ) -> tuple[Sink, Pump]:
     """A socket connection as one channel both ways: the peer's EOF half-closes it, and the socket
-    closes (then on_close) when both directions are done."""
+    closes (then on_close, which forgets the channel) when both directions are done."""
     fd = sock.detach()
     users = [2]
     lock = threading.Lock()

@@ -23,6 +23,7 @@ from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Ev
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.session import ServerKey, SessionError
+from apps.netplumb.visible import show_visible, visible
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
 from flowlib import FlowDown, FlowError, flow_alloc, qos
 from proto.version import text as version_text
@@ -255,7 +256,7 @@ class Client:
             case Started(ok, message, status):
                 if not ok:
                     log.log(DEBUG1, "START refused (status %d)", status)
-                    print(f"plumb: {self.req.host}: {message}", file=sys.stderr)
+                    print(f"plumb: {self.req.host}: {visible(message)}", file=sys.stderr)
                     return status
                 log.log(DEBUG1, "started")
                 self._forward_signals()
@@ -269,12 +270,21 @@ class Client:
                 name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
                 print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
                 self.status = 128 + sig
+                self._outputs_end()
             case Exit(_, status):
                 log.log(DEBUG1, "exit status %d", status)
                 self.status = status
+                self._outputs_end()
             case Closed(reason):
                 raise Failure(f"{self.req.host}: {reason}")
         return None
+
+    def _outputs_end(self) -> None:
+        """The command ended: so do its outputs. netplumbd sends their EOFs before EXIT; a server that
+        did not would have plumb wait for them for ever, as the flow is read no more (what came is
+        written first)."""
+        for sink in self.waited:
+            sink.finish()
 
     def _forward_signals(self) -> None:
         """Interrupts go to the remote command (as ssh does), which decides whether to end."""
@@ -330,6 +340,11 @@ class Client:
     def _local(self, ch: int) -> str:
         return self.locals[ch] if ch in self.locals else ("stdin", "stdout", "stderr")[ch]
 
+    def _forget(self, ch: int) -> None:
+        """A socket connection is over both ways: nothing of it is kept."""
+        self.core.remove_channel(ch)
+        self.ends.forget(ch)
+
     def _open(self, ch: int, parent: int) -> None:
         """A connection to the remote end of a replicated socket: connect to the local one."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -338,10 +353,10 @@ class Client:
         except OSError as e:
             log.warning("socket %s: %s", self.locals[parent], e.strerror)
             sock.close()
-            self.ends.sinks[ch] = Sink(self.link, ch, _refuse)  # drains what comes, writes nowhere
+            self.ends.sinks[ch] = Sink(self.link, ch, _refuse, self._forget)  # drains what comes, writes nowhere
             self.link.eof(ch)
         else:
-            self.ends.sinks[ch], self.ends.pumps[ch] = duplex(self.link, ch, sock)
+            self.ends.sinks[ch], self.ends.pumps[ch] = duplex(self.link, ch, sock, functools.partial(self._forget, ch))
         self.ends.start()
 
 
@@ -374,13 +389,14 @@ def main(argv: list[str] | None = None) -> None:
         logging.addLevelName(level, name)
     level = logging.ERROR if req.quiet else (logging.WARNING, DEBUG1, DEBUG2, DEBUG3)[min(req.verbose, 3)]
     logging.basicConfig(level=level, format="plumb: %(levelname)s: %(message)s")
+    show_visible()  # what the server says (its reasons, in errors) reaches the terminal as text only
     logging.addLevelName(logging.WARNING, "warning")
     with contextlib.suppress(ValueError):  # a closed reader of our stdout is not our error to report
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = Client(req).run()
-    except Failure as e:
-        print(f"plumb: {e}", file=sys.stderr)
+    except Failure as e:  # its reason may be the server's words
+        print(f"plumb: {visible(str(e))}", file=sys.stderr)
         code = FAILED
     except KeyboardInterrupt:
         code = 130

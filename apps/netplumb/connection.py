@@ -69,6 +69,13 @@ class Channels:
     def __contains__(self, ch: int) -> bool:
         return ch in self._by_ch
 
+    def remove(self, ch: int) -> None:
+        """Forget a channel done both ways (the peer's EOF came, ours went): the peer sends nothing
+        more on it but late grants, which are ignored, so a session's socket connections, however
+        many come and go, hold no state once closed."""
+        with self._lock:
+            self._by_ch.pop(ch, None)
+
     def received(self, msg: Data | Eof | Window) -> Data | Eof | Window | None:
         """The peer's message, checked (ProtocolError), or None for a late grant on a channel we
         stopped sending on."""
@@ -289,6 +296,9 @@ class Connection:
 
     def add_channel(self, ch: int, receives: bool, sends: bool) -> None:
         self.channels.add(ch, receives, sends)
+
+    def remove_channel(self, ch: int) -> None:
+        self.channels.remove(ch)
 
     def send_data(self, ch: int, data: bytes) -> None:
         """DATA on a channel: one packet, or as many as the bytes take."""

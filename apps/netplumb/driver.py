@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -269,7 +270,7 @@ class Driver:
                 conn.close()
                 continue
             ch = next(self.ids)
-            sink, pump = duplex(self.link, ch, conn, self._connection_closed)
+            sink, pump = duplex(self.link, ch, conn, functools.partial(self._connection_closed, ch))
             self.ends.sinks[ch], self.ends.pumps[ch] = sink, pump  # before OPEN: the client may answer at once
             try:
                 self.link.send(lambda: self.core.open_connection(ch, parent))  # noqa: B023 - called at once
@@ -279,7 +280,9 @@ class Driver:
                 sink.start()
                 pump.start()
 
-    def _connection_closed(self) -> None:
+    def _connection_closed(self, ch: int) -> None:
+        self.core.remove_channel(ch)
+        self.ends.forget(ch)
         with self.lock:
             self.open_connections -= 1
 
@@ -289,7 +292,7 @@ class Driver:
         assert self.runner is not None
         ended = self.runner.ended.result()
         pumps = self.ends.pumps
-        for ch in (STDOUT, STDERR, *(c for c in pumps if FIRST_CLIENT_CHANNEL <= c < FIRST_SERVER_CHANNEL)):
+        for ch in (STDOUT, STDERR, *(c for c in list(pumps) if FIRST_CLIENT_CHANNEL <= c < FIRST_SERVER_CHANNEL)):
             pumps[ch].join()
         log.info("%s: command ended with %s %d", self.who, ended.kind, ended.value)
         self.exited.set()

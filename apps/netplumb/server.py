@@ -21,6 +21,7 @@ from apps.netplumb.limits import LimitReached, Limits, Ticket
 from apps.netplumb.policy import Settings
 from apps.netplumb.privsep import Spare
 from apps.netplumb.session import ServerSession
+from apps.netplumb.visible import show_visible
 from flowlib import FlowError, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = _parser()
     args = ap.parse_args(argv)
     logs.setup("netplumbd", args)
+    show_visible()  # peers' words (an ERROR's reason, a command line) stay within their own log line
     if args.layer and not args.name:
         ap.error("--layer needs --name")
     limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})

@@ -354,7 +354,8 @@ class ClientSession(Session):
         (State.HELLO_SENT, wire.HELLO): _on_hello,
         (State.HELLO_SENT, wire.REFUSE): _on_refuse,
         (State.AUTH_SENT, wire.AUTH): _on_welcome,
-        (State.AUTH_SENT, wire.REFUSE): _on_refuse,
+        # Not REFUSE in AUTH_SENT: the server has proved its key and seals what it says (ERROR); a
+        # REFUSE in clear then could be anyone's, and would be shown as the server's words.
     }
 
 

@@ -756,3 +756,62 @@ def test_sessions_leave_no_agents_or_descriptors_behind(open_irmd: IrmdProc, lab
         wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) <= fds, 10, "the descriptors to be closed")
     finally:
         stop(proc)
+
+
+MANY_ATTACHES = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {"connected": 0, "refused": []}
+with Client(dial(sys.argv[1])) as c:
+    roots = [c.root]
+    for fid in range(1000, 1000 + int(sys.argv[2]) - 1):  # more attaches on the same connection
+        c.rpc(w.Tattach(0, fid, w.NOFID, "x", ""), w.Rattach)
+        roots.append(fid)
+    for root in roots:
+        for _ in range(int(sys.argv[3])):
+            fid = c.walk("net/clone", fid=root)
+            c.open(fid, w.ORDWR)
+            try:
+                c.write(fid, 0, b"connect probe")
+                out["connected"] += 1
+            except StyxClientError as e:
+                out["refused"].append(str(e))
+    print(json.dumps(out), flush=True)
+    sys.stdin.readline()  # hold them until told
+"""
+
+
+def test_net_flows_are_limited_per_connection_however_many_attaches_it_makes(
+    open_irmd: IrmdProc, lab: Path, probe: Probe
+) -> None:
+    """--max-flows bounds a connection's net/ flows (and so the descriptors the server budgets for
+    it): attaching again on the same connection gives no net/ of its own, with room for more."""
+    proc = serve(open_irmd, lab, "irm3", "--irm", "--max-flows", "2")
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    hog = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", MANY_ATTACHES, "irm3", "4", "2"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert hog.stdout is not None
+        line = hog.stdout.readline()
+        assert line, hog.communicate(timeout=10)[1]
+        out = json.loads(line)
+        assert out["connected"] == 2, out  # the connection's two, in the first attach
+        assert len(out["refused"]) == 6 and all("too many flows (limit 2)" in e for e in out["refused"]), out
+        wait_for(lambda: len(probe.peers) == 2, 10, "the probe's flows")
+        assert probe.peers == [NOBODY, NOBODY]
+        # Another connection of the same user has two of its own.
+        r = as_nobody(open_irmd, MANY_ATTACHES.replace("sys.stdin.readline()", "pass"), "irm3", "1", "2")
+        assert result(r)["connected"] == 2
+    finally:
+        hog.kill()
+        hog.wait()
+        stop(proc)

@@ -84,7 +84,10 @@ class IrmTree(Tree):
         self.limits = limits
 
     def attach(self, peer: Peer, aname: str) -> Node:
-        net = NetFs(peer, self.served_as, self.limits) if peer.acts else None
+        # One net/ per connection (its peer), however many attaches it makes: --max-flows (and the
+        # descriptors budgeted for a connection) bound them all, and the agent's IRMd connection,
+        # whose arrivals and bindings net/ keeps track of, is one.
+        net = peer.kept(NetFs, lambda: NetFs(peer, self.served_as, self.limits)) if peer.acts else None
         return IrmFs(IrmAdmin(peer), net).root
 
 

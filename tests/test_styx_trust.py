@@ -815,3 +815,45 @@ def test_net_flows_are_limited_per_connection_however_many_attaches_it_makes(
         hog.kill()
         hog.wait()
         stop(proc)
+
+
+PATH_PROBE = r"""
+import json, sys
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1])) as c:
+    for key, path, cmd in json.loads(sys.argv[2]):
+        try:
+            out[key] = c.command(path, cmd)
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def test_paths_in_ctl_commands_are_looked_up_as_the_client(open_irmd: IrmdProc, irm_server: str, lab: Path) -> None:
+    """`bind program PATH` and `name create ... skeypath FILE` name files the command line resolves
+    (in $PATH, realpath): the server resolves them as the client, not as root, so no answer tells a
+    user what a directory it cannot search holds; root's own commands find the files."""
+    private = lab / "private"
+    private.mkdir(mode=0o700)
+    (private / "tool").write_text("#!/bin/sh\n")
+    os.chmod(private / "tool", 0o755)
+    (private / "key.pem").write_text("secret\n")
+    os.chmod(private / "key.pem", 0o600)
+    probes = [
+        ("tool", "name/ctl", f"create probed skeypath {private}/tool"),  # a file that is there
+        ("absent", "name/ctl", f"create probed skeypath {private}/absent"),  # one that is not
+        ("bind-tool", "ctl", f"bind program {private}/tool name probed"),
+        ("bind-absent", "ctl", f"bind program {private}/absent name probed"),
+    ]
+    out = result(as_nobody(open_irmd, PATH_PROBE, irm_server, json.dumps(probes)))
+    assert out["tool"] == out["absent"].replace("absent", "tool"), out  # the same answer: nothing learnt
+    assert out["bind-tool"] == out["bind-absent"].replace("absent", "tool"), out
+    assert all(str(v).startswith("error: ") for v in out.values()), out
+    assert "probed" not in names(open_irmd)
+    with root_client(open_irmd, irm_server) as c:  # root's commands, through the same server
+        c.command("name/ctl", f"create legit skeypath {private}/key.pem")
+        c.command("ctl", f"bind program {private}/tool name legit")
+    assert f"{private}/tool" in names(open_irmd)["legit"]["programs"]

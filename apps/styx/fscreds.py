@@ -7,9 +7,11 @@ When the file system uid leaves 0 the kernel also drops the thread's DAC overrid
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import threading
+from collections.abc import Iterator
 
 from apps.accounts import Creds
 
@@ -75,3 +77,17 @@ def become(creds: Creds) -> None:
     got = fs_ids()
     if got != (creds.uid, creds.gid, tuple(sorted(set(creds.groups)))):
         raise CredsError(0, f"thread credentials are {got}, not {creds}")
+
+
+@contextlib.contextmanager
+def working_as(creds: Creds | None) -> Iterator[None]:
+    """The calling thread's file access as `creds` for the block (None: as it is), then as before."""
+    if creds is None:
+        yield
+        return
+    fsuid, fsgid, groups = fs_ids()
+    try:
+        become(creds)
+        yield
+    finally:
+        become(Creds(fsuid, fsgid, groups))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from apps.styx import fscreds
 from apps.styx.agent import Peer
 from apps.styx.netfs import NetFs
 from apps.styx.server import DEFAULT_LIMITS, Limits
@@ -51,10 +52,16 @@ class IrmAdmin:
     def run(self, words: list[str]) -> str:
         """One irm command line; its answer as text."""
         self.peer.require_acts("writing an irm command")
+        # A command line names files (`bind program PATH`, found in $PATH; security files, resolved):
+        # they are looked up as the client, as its own irm would, not as the server, whose answer
+        # (found or not) would tell the client what directories it may not search hold.
         try:
-            msg = cli.parse(words)
+            with fscreds.working_as(self.peer.rights.creds):
+                msg = cli.parse(words)
         except cli.UsageError as e:
             raise StyxError(f"{' '.join(words)}: {e}") from None
+        except fscreds.CredsError as e:
+            raise StyxError(f"cannot work as {self.peer.user.name}: {e.strerror or e}") from None
         reply = self.request(msg)
         if isinstance(reply, m.Table):
             return cli.render(reply)

@@ -857,3 +857,61 @@ def test_paths_in_ctl_commands_are_looked_up_as_the_client(open_irmd: IrmdProc, 
         c.command("name/ctl", f"create legit skeypath {private}/key.pem")
         c.command("ctl", f"bind program {private}/tool name legit")
     assert f"{private}/tool" in names(open_irmd)["legit"]["programs"]
+
+
+HOLDER = r"""
+import os, sys
+from flowlib import flow_alloc, qos
+from flowlib.irm import IrmClient
+irm = IrmClient()
+flow = flow_alloc(sys.argv[1], qos=qos.data, timeout=10, irm=irm)
+print(flow.flow_id, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_clients_that_cannot_act_see_no_one_elses_flows_or_names(
+    open_irmd: IrmdProc, irm_server: str, lab: Path, probe: Probe
+) -> None:
+    """An anonymous client is read the IRMd through an agent as the anonymous account (nobody): what
+    the IRMd shows that account as its own (the flows and names of the host's processes running as
+    nobody) is not the client's. It sees the IRMd's public tables only; a local client running as
+    nobody, which acts as itself, sees its own flows."""
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    service = subprocess.Popen(  # a service of the host running as nobody, with a flow and a name
+        [*AS_NOBODY, sys.executable, "-c", HOLDER, "probe"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    port = free_port()
+    bridge = start(
+        open_irmd, "bridge", "--name", irm_server, "--listen", f"tcp!127.0.0.1!{port}", log=lab / "bridge.log"
+    )
+    try:
+        assert service.stdout is not None
+        flow_id = service.stdout.readline().strip()
+        assert flow_id.isdigit()
+        open_irmd.request(m.Bind("process", str(service.pid), "nobodys-service"))
+        wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
+        with Client(dial(f"tcp!127.0.0.1!{port}")) as c:  # anonymous
+            assert [s.name for s in c.ls("flow")] == []
+            assert [s.name for s in c.ls("name") if s.name != "ctl"] == []
+            assert c.cat("layer/local/names") == b""
+            assert "type local" in c.cat("ipcp/lo/status").decode()  # the public tables are read
+        # nobody itself, on a flow of its own, sees its own
+        r = as_nobody(
+            open_irmd,
+            "import json, sys\nfrom apps.styx.client import Client\nfrom apps.styx.transport import dial\n"
+            "with Client(dial(sys.argv[1])) as c:\n"
+            "    print(json.dumps({'flows': [s.name for s in c.ls('flow')], 'names': [s.name for s in c.ls('name')]}))",
+            irm_server,
+        )
+        out = result(r)
+        assert flow_id in out["flows"] and "nobodys-service" in out["names"], out
+    finally:
+        stop(bridge)
+        service.kill()
+        service.wait()

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from irmd import policy, state, views
+from irmd import policy, spawn, state, views
 from irmd.identity import proc_start, proc_uids, program_of
 from irmd.reg import Ipcp, Name, ProcBinding
 from irmd.secfiles import check_sec
@@ -54,6 +54,12 @@ class Names:
                     or not os.access(msg.target, os.X_OK)
                 ):
                     raise InvalidArgument(f"program {msg.target!r} is not an executable file's absolute path")
+                if msg.auto:  # the IRMd will start it as the binding's owner: only they, or root, may write it
+                    who = spawn.run_as(c.uid, self.irmd.uid)
+                    try:
+                        spawn.check_program(msg.target, self.irmd.uid if who.uid is None else who.uid)
+                    except OSError as e:
+                        raise InvalidArgument(f"will not start {msg.target!r}: {e.strerror or e}") from None
                 self.reg.bind_program(msg.name, msg.target, msg.args, msg.auto, c.uid, program_of(msg.target))
             else:
                 self.reg.unbind_program(msg.target, msg.name)

@@ -90,13 +90,19 @@ class Programs:
         self.irmd.spawn_task(self._run(name, prog))
 
     async def _run(self, name: str, prog: ProgBinding) -> None:
+        who = spawn.run_as(prog.owner, self.irmd.uid)
+        try:  # checked again at each start: the file or a directory above it may have changed since the bind
+            spawn.check_program(prog.path, self.irmd.uid if who.uid is None else who.uid)
+        except OSError as e:
+            log.error("will not start %s for %r: %s", prog.path, name, e.strerror or e)
+            self._starting.pop(name, None)
+            return
         try:
             proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.irmd.sock_path, self.irmd.output)
         except (OSError, subprocess.SubprocessError) as e:
             log.error("cannot start %s for %r: %s", prog.path, name, e)
             self._starting.pop(name, None)
             return
-        who = spawn.run_as(prog.owner, self.irmd.uid)
         log.info("started %s %s (pid %d) for %r as %s", prog.path, " ".join(prog.args), proc.pid, name, who.user)
         self.running[proc.pid] = proc
         self.irmd.reg.started[proc.pid] = (name, proc_start(proc.pid))  # this process, not a later one with its pid

@@ -12,12 +12,13 @@ import dataclasses
 import logging
 import os
 import pwd
+import stat
 import sys
 from pathlib import Path
 from typing import Protocol
 
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
-from transports.unix import SOCK_ENV
+from transports.unix import SOCK_ENV, TrustError, check_dirs
 
 log = logging.getLogger("irmd")
 
@@ -73,6 +74,26 @@ def run_as(owner: int, irmd_uid: int) -> RunAs:
     if target == irmd_uid:
         return RunAs(None, None, home, user)
     return RunAs(target, gid, home, user)
+
+
+def check_program(path: str, uid: int) -> None:
+    """TrustError unless only root or `uid` (whom it runs as) could have written the program at
+    `path`: the file (links followed) and every directory above it, as written and as its links
+    lead, belong to one of them and are not writable by others (sticky directories such as /tmp
+    allowed above the file), as sshd wants of its AuthorizedKeysCommand. Otherwise whoever may
+    write it runs code as `uid` at the next flow to its name."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TrustError(e.errno, f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TrustError(0, f"{path} is not a regular file")
+    if st.st_uid not in (0, uid):
+        raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
+    if st.st_mode & 0o022:
+        raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+    for where in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        check_dirs(Path(where).parent, uid, strict_leaf=False)
 
 
 def clean_env(sock: Path, who: RunAs, out: Output) -> dict[str, str]:

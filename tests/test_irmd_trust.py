@@ -1168,3 +1168,41 @@ def test_a_user_cannot_flood_the_irmds_log_or_make_it_answer_more_than_it_was_se
     assert (count, kind) == ("100", "Error") and int(longest) < 1000 and int(text) <= 500
     assert host.log.stat().st_size - before < 4_000  # 3 lines of 100 malformed messages, not 100
     host.irm_ok("ipcp", "list")
+
+
+ALLOC_SVC = """
+from flowlib import flow_alloc
+try:
+    flow_alloc("svc", timeout=3)
+except Exception:
+    pass
+"""
+
+
+def test_a_program_started_as_root_is_one_no_other_user_could_have_written(host: IrmdProc, public_dir: Path) -> None:
+    """`bind program ... auto` has the IRMd start the program as the binding's owner (root) at a
+    flow: a program file another user may write (theirs, or writable by others, or reached through
+    a directory they may write) would run their code as root. Refused at the bind, and checked
+    again at each start; a program only root could have written starts."""
+    ran = public_dir / "ran"
+    script = f"#!/bin/sh\nid -u >> {ran}\n"
+    theirs = public_dir / "theirs"
+    theirs.write_text(script)
+    theirs.chmod(0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    r = host.irm("bind", "program", str(theirs), "name", "svc", "auto")
+    assert r.returncode != 0 and f"{theirs} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    ours = public_dir / "ours"
+    ours.write_text(script)
+    ours.chmod(0o755)
+    host.irm_ok("bind", "program", str(ours), "name", "svc", "auto")
+    host.irm_ok("name", "register", "svc", "layer", "local")
+    ours.chmod(0o757)  # made writable by others after the bind: the user rewrites it
+    r = nobody_py(host, ALLOC_SVC)  # a user asks for the name
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: "will not start" in host.log.read_text(), 10, "the refusal to start it")
+    assert f"{ours} is writable by others" in host.log.read_text() and not ran.exists()
+    ours.chmod(0o755)  # as root left it: started as root at the next flow
+    nobody_py(host, ALLOC_SVC)
+    wait_for(ran.exists, 10, "the program to run")
+    assert ran.read_text().split() == ["0"]

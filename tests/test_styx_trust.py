@@ -794,3 +794,162 @@ def test_sessions_leave_no_agents_or_descriptors_behind(open_irmd: IrmdProc, lab
         wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) <= fds, 10, "the descriptors to be closed")
     finally:
         stop(proc)
+
+
+MANY_ATTACHES = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {"connected": 0, "refused": []}
+with Client(dial(sys.argv[1])) as c:
+    roots = [c.root]
+    for fid in range(1000, 1000 + int(sys.argv[2]) - 1):  # more attaches on the same connection
+        c.rpc(w.Tattach(0, fid, w.NOFID, "x", ""), w.Rattach)
+        roots.append(fid)
+    for root in roots:
+        for _ in range(int(sys.argv[3])):
+            fid = c.walk("net/clone", fid=root)
+            c.open(fid, w.ORDWR)
+            try:
+                c.write(fid, 0, b"connect probe")
+                out["connected"] += 1
+            except StyxClientError as e:
+                out["refused"].append(str(e))
+    print(json.dumps(out), flush=True)
+    sys.stdin.readline()  # hold them until told
+"""
+
+
+def test_net_flows_are_limited_per_connection_however_many_attaches_it_makes(
+    open_irmd: IrmdProc, lab: Path, probe: Probe
+) -> None:
+    """--max-flows bounds a connection's net/ flows (and so the descriptors the server budgets for
+    it): attaching again on the same connection gives no net/ of its own, with room for more."""
+    proc = serve(open_irmd, lab, "irm3", "--irm", "--max-flows", "2")
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    hog = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", MANY_ATTACHES, "irm3", "4", "2"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert hog.stdout is not None
+        line = hog.stdout.readline()
+        assert line, hog.communicate(timeout=10)[1]
+        out = json.loads(line)
+        assert out["connected"] == 2, out  # the connection's two, in the first attach
+        assert len(out["refused"]) == 6 and all("too many flows (limit 2)" in e for e in out["refused"]), out
+        wait_for(lambda: len(probe.peers) == 2, 10, "the probe's flows")
+        assert probe.peers == [NOBODY, NOBODY]
+        # Another connection of the same user has two of its own.
+        r = as_nobody(open_irmd, MANY_ATTACHES.replace("sys.stdin.readline()", "pass"), "irm3", "1", "2")
+        assert result(r)["connected"] == 2
+    finally:
+        hog.kill()
+        hog.wait()
+        stop(proc)
+
+
+PATH_PROBE = r"""
+import json, sys
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1])) as c:
+    for key, path, cmd in json.loads(sys.argv[2]):
+        try:
+            out[key] = c.command(path, cmd)
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def test_paths_in_ctl_commands_are_looked_up_as_the_client(open_irmd: IrmdProc, irm_server: str, lab: Path) -> None:
+    """`bind program PATH` and `name create ... skeypath FILE` name files the command line resolves
+    (in $PATH, realpath): the server resolves them as the client, not as root, so no answer tells a
+    user what a directory it cannot search holds; root's own commands find the files."""
+    private = lab / "private"
+    private.mkdir(mode=0o700)
+    (private / "tool").write_text("#!/bin/sh\n")
+    os.chmod(private / "tool", 0o755)
+    (private / "key.pem").write_text("secret\n")
+    os.chmod(private / "key.pem", 0o600)
+    probes = [
+        ("tool", "name/ctl", f"create probed skeypath {private}/tool"),  # a file that is there
+        ("absent", "name/ctl", f"create probed skeypath {private}/absent"),  # one that is not
+        ("bind-tool", "ctl", f"bind program {private}/tool name probed"),
+        ("bind-absent", "ctl", f"bind program {private}/absent name probed"),
+    ]
+    out = result(as_nobody(open_irmd, PATH_PROBE, irm_server, json.dumps(probes)))
+    assert out["tool"] == out["absent"].replace("absent", "tool"), out  # the same answer: nothing learnt
+    assert out["bind-tool"] == out["bind-absent"].replace("absent", "tool"), out
+    assert all(str(v).startswith("error: ") for v in out.values()), out
+    assert "probed" not in names(open_irmd)
+    with root_client(open_irmd, irm_server) as c:  # root's commands, through the same server
+        c.command("name/ctl", f"create legit skeypath {private}/key.pem")
+        c.command("ctl", f"bind program {private}/tool name legit")
+    assert f"{private}/tool" in names(open_irmd)["legit"]["programs"]
+
+
+HOLDER = r"""
+import os, sys
+from flowlib import flow_alloc, qos
+from flowlib.irm import IrmClient
+irm = IrmClient()
+flow = flow_alloc(sys.argv[1], qos=qos.data, timeout=10, irm=irm)
+print(flow.flow_id, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_clients_that_cannot_act_see_no_one_elses_flows_or_names(
+    open_irmd: IrmdProc, irm_server: str, lab: Path, probe: Probe
+) -> None:
+    """An anonymous client is read the IRMd through an agent as the anonymous account (nobody): what
+    the IRMd shows that account as its own (the flows and names of the host's processes running as
+    nobody) is not the client's. It sees the IRMd's public tables only; a local client running as
+    nobody, which acts as itself, sees its own flows."""
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    service = subprocess.Popen(  # a service of the host running as nobody, with a flow and a name
+        [*AS_NOBODY, sys.executable, "-c", HOLDER, "probe"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    port = free_port()
+    bridge = start(
+        open_irmd, "bridge", "--name", irm_server, "--listen", f"tcp!127.0.0.1!{port}", log=lab / "bridge.log"
+    )
+    try:
+        assert service.stdout is not None
+        flow_id = service.stdout.readline().strip()
+        assert flow_id.isdigit()
+        open_irmd.request(m.Bind("process", str(service.pid), "nobodys-service"))
+        wait_for(lambda: "bridging" in (lab / "bridge.log").read_text(), 10, "the bridge")
+        with Client(dial(f"tcp!127.0.0.1!{port}")) as c:  # anonymous
+            assert [s.name for s in c.ls("flow")] == []
+            assert [s.name for s in c.ls("name") if s.name != "ctl"] == []
+            assert c.cat("layer/local/names") == b""
+            assert "type local" in c.cat("ipcp/lo/status").decode()  # the public tables are read
+        # nobody itself, on a flow of its own, sees its own
+        r = as_nobody(
+            open_irmd,
+            "import json, sys\nfrom apps.styx.client import Client\nfrom apps.styx.transport import dial\n"
+            "with Client(dial(sys.argv[1])) as c:\n"
+            "    print(json.dumps({'flows': [s.name for s in c.ls('flow')], 'names': [s.name for s in c.ls('name')]}))",
+            irm_server,
+        )
+        out = result(r)
+        assert flow_id in out["flows"] and "nobodys-service" in out["names"], out
+    finally:
+        stop(bridge)
+        service.kill()
+        service.wait()

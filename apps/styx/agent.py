@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from apps.agent import AGENT_PROG, Agent
 from apps.styx.identity import NONE, Policy, Rights, User
@@ -16,6 +18,7 @@ from flowlib.irm import IrmClient
 from transports.unix import irmd_sock_path
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Peer:
@@ -31,6 +34,7 @@ class Peer:
         self._lock = threading.Lock()
         self._agent: Agent | None = None
         self._irm: IrmClient | None = None
+        self._kept: dict[Any, Any] = {}
 
     @property
     def acts(self) -> bool:
@@ -49,6 +53,14 @@ class Peer:
             f"permission denied: {what}: this server runs as uid {self.policy.euid} "
             f"and cannot act as user {self.user.name}"
         )
+
+    def kept(self, key: type[T], make: Callable[[], T]) -> T:
+        """What a tree keeps for this connection (one of type `key`, made by `make` the first time),
+        shared by all its attaches and let go when the connection ends."""
+        with self._lock:
+            if key not in self._kept:
+                self._kept[key] = make()
+            return self._kept[key]  # type: ignore[no-any-return]
 
     def as_none(self) -> Peer:
         """The same connection as the anonymous user (anyone may become none)."""
@@ -74,6 +86,7 @@ class Peer:
     def close(self) -> None:
         with self._lock:
             irm, agent, self._irm, self._agent = self._irm, self._agent, None, None
+            self._kept.clear()
         if irm is not None:
             with contextlib.suppress(OSError):
                 irm.close()

@@ -12,9 +12,11 @@ The permitted set stays, for the next switch (a Tversion starts over, the next a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import threading
+from collections.abc import Iterator
 
 from apps.accounts import Creds
 
@@ -110,3 +112,17 @@ def become(creds: Creds) -> None:
         _capset(libc, effective_from_permitted=False)
         if effective_caps():
             raise CredsError(0, f"thread keeps capabilities {effective_caps():#x} as {creds}")
+
+
+@contextlib.contextmanager
+def working_as(creds: Creds | None) -> Iterator[None]:
+    """The calling thread's file access as `creds` for the block (None: as it is), then as before."""
+    if creds is None:
+        yield
+        return
+    fsuid, fsgid, groups = fs_ids()
+    try:
+        become(creds)
+        yield
+    finally:
+        become(Creds(fsuid, fsgid, groups))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from apps.styx import fscreds
 from apps.styx.agent import Peer
 from apps.styx.netfs import NetFs
 from apps.styx.server import DEFAULT_LIMITS, Limits
@@ -48,13 +49,25 @@ class IrmAdmin:
         reply = self.request(msg)
         return reply.rows if isinstance(reply, m.Table) else []
 
+    def own_rows(self, msg: Message) -> list[dict[str, str]]:
+        """Rows of a list the IRMd makes of the caller's own (flows, names): none for a client the
+        IRMd would not see as itself, whose agent is another user (the anonymous account, or a
+        non-root server's own user): what is that user's is not the client's."""
+        return self.rows(msg) if self.peer.acts else []
+
     def run(self, words: list[str]) -> str:
         """One irm command line; its answer as text."""
         self.peer.require_acts("writing an irm command")
+        # A command line names files (`bind program PATH`, found in $PATH; security files, resolved):
+        # they are looked up as the client, as its own irm would, not as the server, whose answer
+        # (found or not) would tell the client what directories it may not search hold.
         try:
-            msg = cli.parse(words)
+            with fscreds.working_as(self.peer.rights.creds):
+                msg = cli.parse(words)
         except cli.UsageError as e:
             raise StyxError(f"{' '.join(words)}: {e}") from None
+        except fscreds.CredsError as e:
+            raise StyxError(f"cannot work as {self.peer.user.name}: {e.strerror or e}") from None
         reply = self.request(msg)
         if isinstance(reply, m.Table):
             return cli.render(reply)
@@ -84,7 +97,10 @@ class IrmTree(Tree):
         self.limits = limits
 
     def attach(self, peer: Peer, aname: str) -> Node:
-        net = NetFs(peer, self.served_as, self.limits) if peer.acts else None
+        # One net/ per connection (its peer), however many attaches it makes: --max-flows (and the
+        # descriptors budgeted for a connection) bound them all, and the agent's IRMd connection,
+        # whose arrivals and bindings net/ keeps track of, is one.
+        net = peer.kept(NetFs, lambda: NetFs(peer, self.served_as, self.limits)) if peer.acts else None
         return IrmFs(IrmAdmin(peer), net).root
 
 
@@ -155,6 +171,7 @@ class IrmFs:
 
     def _ipcp_show(self, name: str) -> str:
         """What `irm ipcp show` prints: the IPCP's address, neighbours, forwarding table, counters, flows."""
+        self.admin.peer.require_acts("asking an IPCP")
         reply = self.admin.request(m.IpcpInfoReq(name))
         return cli.render_info(reply) + "\n" if isinstance(reply, m.IpcpInfo) else ""
 
@@ -187,7 +204,7 @@ class IrmFs:
                     self._lister(
                         lambda lay=layer: [  # type: ignore[misc]
                             r["name"]
-                            for r in self.admin.rows(m.NameList())
+                            for r in self.admin.own_rows(m.NameList())
                             if lay in re.split(r"[,\s]+", r.get("layers", ""))
                         ]
                     ),
@@ -204,7 +221,7 @@ class IrmFs:
 
     def _names(self, parent: SynthDir) -> list[Synth]:
         out: list[Synth] = []
-        for row in self.admin.rows(m.NameList()):
+        for row in self.admin.own_rows(m.NameList()):
             name = row.get("name", "")
             if not _safe(name):
                 continue
@@ -226,7 +243,7 @@ class IrmFs:
         return out
 
     def _name_row(self, name: str) -> dict[str, str]:
-        for row in self.admin.rows(m.NameList()):
+        for row in self.admin.own_rows(m.NameList()):
             if row.get("name") == name:
                 return row
         raise StyxError(f"name '{name}' is gone")
@@ -248,7 +265,7 @@ class IrmFs:
 
     def _flows(self, parent: SynthDir) -> list[Synth]:
         out: list[Synth] = []
-        for row in self.admin.rows(m.FlowList()):
+        for row in self.admin.own_rows(m.FlowList()):
             fid = row.get("id", "")
             if _safe(fid):
                 out.append(text_file(fid, parent, lambda r=row: _kv(r)))  # type: ignore[misc]

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from proto.visible import VisibleFilter
 from transports.unix import irmd_sock_path
 
 LEVEL_ENV = "OUROBOROS_LOG_LEVEL"  # an IRMd's level, for the IPCPs and programs it starts
@@ -211,6 +212,8 @@ def setup(
         fd = sys.stderr.fileno()
     journal = path is None and on_journal(fd)
     handler = FdHandler(fd)
+    # What a peer or another user put in a message (a name, a reason, a path) stays within its line.
+    handler.addFilter(VisibleFilter())
     if daemon or path is not None:
         handler.setFormatter(LineFormatter(host_tag(sock), component, journal, modules=level <= logging.DEBUG))
     else:
@@ -221,6 +224,7 @@ def setup(
     root.addHandler(handler)
     if path is not None and path == default_file:  # what the user must act on still reaches the terminal
         tty = FdHandler(sys.stderr.fileno())
+        tty.addFilter(VisibleFilter())
         tty.setLevel(logging.WARNING)
         tty.setFormatter(ShortFormatter(component))
         root.addHandler(tty)

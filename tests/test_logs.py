@@ -208,3 +208,25 @@ def test_what_a_started_program_writes_to_stderr_reaches_the_log_bounded(tmp_pat
     finally:
         stop_irmd(irmd)
     assert grown < 100_000, f"{grown} bytes of log for 2 MB written to stderr"
+
+
+def test_a_message_carrying_a_peers_words_stays_on_its_own_line(tmp_path: Path) -> None:
+    """What a peer or another user put in a record (a reason, a name, a path) cannot start a line of its
+    own in a daemon's log, nor reach a terminal as escapes; a traceback keeps its lines."""
+    log = tmp_path / "d.log"
+    program = (
+        "import argparse, logging\n"
+        "from proto import logs\n"
+        f"logs.setup('irmd', argparse.Namespace(log={str(log)!r}))\n"
+        "logging.getLogger('irmd').warning('refused %s', 'x\\n2099-01-01 00:00:00.000 irmd[1] INFO: forged\\x1b[2J')\n"
+        "try:\n"
+        "    raise ValueError('boom')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('irmd').exception('failed')\n"
+    )
+    subprocess.run([str(BIN / "python"), "-c", program], check=True, timeout=60)
+    lines = log.read_text().splitlines()
+    refused = [line for line in lines if "refused" in line]
+    assert len(refused) == 1 and refused[0].endswith("refused x\\n2099-01-01 00:00:00.000 irmd[1] INFO: forged\\x1b[2J")
+    assert not any(line.startswith("2099") for line in lines) and "\x1b" not in log.read_text()
+    assert any(line.startswith("Traceback") for line in lines) and lines[-1] == "ValueError: boom"

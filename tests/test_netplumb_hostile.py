@@ -23,9 +23,9 @@ from apps.netplumb import wire
 from apps.netplumb.connection import Closed, ServerConnection
 from apps.netplumb.keys import Identity
 from apps.netplumb.session import ClientSession, ServerSession
-from apps.netplumb.visible import visible
 from apps.netplumb.wire import Fields, Packet
 from flowlib.frct import RCV_BUF
+from proto.visible import visible
 
 # -- the sans-IO session, fed anything -------------------------------------------------------------
 

@@ -23,10 +23,10 @@ from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Ev
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.session import ServerKey, SessionError
-from apps.netplumb.visible import show_visible, visible
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
 from flowlib import FlowDown, FlowError, flow_alloc, qos
 from proto.version import text as version_text
+from proto.visible import show_visible, visible
 
 log = logging.getLogger("plumb")
 

@@ -21,7 +21,6 @@ from apps.netplumb.limits import LimitReached, Limits, Ticket
 from apps.netplumb.policy import Settings
 from apps.netplumb.privsep import Spare
 from apps.netplumb.session import ServerSession
-from apps.netplumb.visible import show_visible
 from flowlib import FlowError, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
@@ -208,8 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     ap = _parser()
     args = ap.parse_args(argv)
-    logs.setup("netplumbd", args)
-    show_visible()  # peers' words (an ERROR's reason, a command line) stay within their own log line
+    logs.setup("netplumbd", args)  # peers' words (an ERROR's reason, a command line) stay within their log line
     if args.layer and not args.name:
         ap.error("--layer needs --name")
     limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})

@@ -1,5 +1,5 @@
-"""A peer's words made safe to show: control characters (terminal escapes, line breaks) as escapes,
-as OpenSSH shows a server's messages and writes its logs (strnvis)."""
+"""A peer's words made safe to show or log: control characters (terminal escapes, line breaks) as
+escapes, as OpenSSH shows a server's messages and writes its logs (strnvis)."""
 
 from __future__ import annotations
 

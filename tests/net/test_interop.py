@@ -402,14 +402,23 @@ def test_deallocating_here_is_seen_at_the_c_end(pair: Pair, c_peer: Path) -> Non
     """Our flow with a 2 s peer timeout stays up while idle (our keepalives) and, once closed,
     the C end notices within the timeout (FLOWPEER, -1006), as between two C nodes."""
     udp_layer(pair)
-    out = pair.c_spawn("c-peer", str(c_peer), "server", bind="c-peer")
-    pair.c.ok("irm", "name", "reg", "c-peer", "layer", LAYER)
     client = IrmClient(pair.ours.irmd.sock)
     try:
-        try:
-            reply, fd = c_alloc(lambda: client.alloc("c-peer", dataclasses.replace(qos.raw, timeout=2000), 10))
-        except FlowTimeout as e:
-            raise AssertionError(f"{e}\n--- c-peer ---\n{out.read_text()}{pair.logs()}") from None
+        for attempt in range(C_TRIES):
+            out = pair.c_spawn(f"c-peer{attempt}", str(c_peer), "server", bind="c-peer")
+            if not attempt:
+                pair.c.ok("irm", "name", "reg", "c-peer", "layer", LAYER)
+            try:
+                reply, fd = client.alloc("c-peer", dataclasses.replace(qos.raw, timeout=2000), 10)
+                break
+            except FlowTimeout as e:
+                if attempt == C_TRIES - 1:
+                    raise AssertionError(f"{e}\n--- c-peer ---\n{out.read_text()}{pair.logs()}") from None
+            # As for operf: 0.23's udp4 IPCP failed to send its answer ("Failed to respond to flow
+            # request") and the C server's accept failed (-1003); a new server, a new request.
+            pair.procs[-1].kill()
+            pair.procs[-1].wait()
+            time.sleep(C_PAUSE)
         flow = Flow(reply, fd, client)
         flow.set_timeout(5)
         flow.write(b"ping-1")

@@ -40,6 +40,10 @@ DAEMON = textwrap.dedent(
             ready.set()
         threading.Event().wait()
 
+    # What the test's own process may have left (an ignored or blocked SIGINT is inherited) is not the
+    # program's: it starts with Python's SIGINT handler and nothing blocked, as from a shell.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT, signal.SIGTERM}})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.argv[1] != "own-handlers":
         stop_on_signals()
     try:
@@ -106,9 +110,21 @@ def test_the_callers_signal_handlers_are_left_in_place() -> None:
     p = _daemon("own-handlers")
     try:
         assert p.stdout is not None and p.stdout.readline() == "serving\n"
+        signals = _signal_state(p.pid)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=20)
     finally:
         p.kill()
         p.wait()
-    assert (p.returncode, out) == (130, "interrupted\ncleaned up\n"), err
+    assert (p.returncode, out) == (130, "interrupted\ncleaned up\n"), err + signals
+
+
+def _signal_state(pid: int) -> str:
+    """The signal masks of a process's threads (ignored, blocked, caught), for a failure to show."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        status = (task / "status").read_text().splitlines()
+        lines.append(
+            f"{task.name}: " + " ".join(line for line in status if line.startswith(("SigIgn", "SigBlk", "SigCgt")))
+        )
+    return "\n".join(lines)

@@ -74,8 +74,15 @@ class Words:
         return got[0] if got else ""
 
 
-def parse_words(args: list[str], keys: list[str], flags: list[str] = (), rest: bool = False) -> Words:  # type: ignore[assignment]
-    """`keys` in 0.23's order of matching; a flag goes where `keys` lists it, else after them."""
+def parse_words(
+    args: list[str],
+    keys: list[str],
+    flags: list[str] = (),  # type: ignore[assignment]
+    rest: bool = False,
+    whole: frozenset[str] = frozenset(),
+) -> Words:
+    """`keys` in 0.23's order of matching; a flag goes where `keys` lists it, else after them. Words in
+    `whole` are taken only when spelt out, as 0.23's irm compares them (strcmp, not a prefix)."""
     values: dict[str, list[str]] = {}
     seen: set[str] = set()
     choices = [*keys, *(f for f in flags if f not in keys)]
@@ -84,7 +91,7 @@ def parse_words(args: list[str], keys: list[str], flags: list[str] = (), rest: b
         word = args[i]
         if word == "--" and rest:
             return Words(values, seen, args[i + 1 :])
-        key = match(word, choices, "an option")
+        key = match(word, [c for c in choices if c not in whole or c == word], "an option")
         if key in flags:
             seen.add(key)
             i += 1
@@ -197,7 +204,8 @@ def _bind(kind: str, bind: bool, args: list[str]) -> Message:
     target = args[0]
     if kind == "process" and not (target.isdigit() and len(target) <= 10):  # as the IRMd checks it
         raise UsageError(f'bad pid "{target}": expected a number')
-    w = parse_words(args[1:], ["name"], ["auto"] if bind and kind == "program" else [], rest=bind)
+    auto = ["auto"] if bind and kind == "program" else []
+    w = parse_words(args[1:], ["name"], auto, rest=bind, whole=frozenset(auto))  # `auto` whole, as 0.23
     if kind == "program":  # one in $PATH, else a file here as 0.23's realpath() finds it (that
         # one first there: here a file in the current directory never shadows a program in $PATH)
         here = os.path.isfile(target) and os.access(target, os.X_OK)

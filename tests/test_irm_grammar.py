@@ -251,6 +251,7 @@ def test_the_old_tutorial_spellings_are_refused_saying_the_new_ones(argv: list[s
         (["name", "register", "x", "layr", "local"], "layr"),
         (["ipcp", "bootstrap", "name", "x", "layer", "l", "colour", "red"], "colour"),
         (["bind", "prog", "sh", "name", "x", "automatic"], "automatic"),
+        (["bind", "prog", "sh", "name", "x", "au"], "au"),  # 0.23 compares `auto` whole (strcmp)
         (["flow", "list", "extra"], "extra"),
     ],
 )

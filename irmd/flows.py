@@ -469,7 +469,8 @@ class Flows:
         with in_flight:  # OAP: in flight, bounded
             acceptor = await self.wait_acceptor(entry.name, deadline)
             self.limit_flows(acceptor.uid)
-            answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s)  # OAP: checked, answered
+            # OAP: checked, answered; a request from this host's own allocation was never on a wire
+            answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s, replay=src is None)
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
             ipcp=ipcp.name, qos=qos, role="dst", mtu=mtu,

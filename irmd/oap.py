@@ -333,12 +333,16 @@ class Oap:
             return self.startups.admit(layer, f"uid {uid}", local=True)
         return self.startups.admit(layer, peer)
 
-    def serve(self, name: str, data: bytes, cypher_s: int = 0) -> tuple[bytes, Outcome]:
+    def serve(self, name: str, data: bytes, cypher_s: int = 0, replay: bool = True) -> tuple[bytes, Outcome]:
         """Check a request for `name` (window and replay first: they cost nothing) and build the
-        response, or refuse the flow. `cypher_s`: the accepting process requires encryption."""
+        response, or refuse the flow. `cypher_s`: the accepting process requires encryption.
+        `replay`: False for a request this IRMd built itself for a flow on this host, which no one
+        else saw to replay; it then takes no room in the replay memory all peers share, which a local
+        user's allocations would otherwise fill for every remote peer's."""
         try:
             hdr = oap.decode(data)
-            self.replay.check(hdr, self.clock())  # remembered even if a later step fails, as 0.23
+            if replay:
+                self.replay.check(hdr, self.clock())  # remembered even if a later step fails, as 0.23
             config, creds = self._files(name, "server")
             config = _at_least(config, cypher_s)
             peer_crt, peer_ca = self._peer(hdr, chained=True)

@@ -100,6 +100,18 @@ def test_a_replayed_request_is_refused_with_eauth(clock: Clock) -> None:
     assert e.value.code == oap.EAUTH
 
 
+def test_a_request_this_irmd_made_for_a_local_flow_takes_no_room_in_the_replay_memory(clock: Clock) -> None:
+    """A local user's allocations cannot fill the memory every remote peer's requests need."""
+    client, server = Oap(clock=clock), Oap(clock=clock)
+    server.replay.cap = 2
+    for _ in range(5):
+        server.serve("pong", client.request("pong", raw).data, replay=False)
+        clock.now += MS
+    assert len(server.replay) == 0
+    server.serve("pong", client.request("pong", raw).data)  # a peer's request is remembered, and fits
+    assert len(server.replay) == 1
+
+
 def test_a_stale_request_is_refused(clock: Clock) -> None:
     attempt = Oap(clock=clock).request("pong", raw)
     clock.now += 21_000 * MS

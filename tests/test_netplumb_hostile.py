@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -467,6 +468,18 @@ elif mode == "exit-before-eof":  # the command's end, its output still open: nev
     core.started()
     core.send_data(1, b"out\n")
     core.exited("status", 3, time.monotonic())
+elif mode == "open-flood":  # connections asked for on the client's socket (channel 3), again and again
+    core.add_channel(0, receives=True, sends=False)
+    for ch in (1, 2):
+        core.add_channel(ch, receives=False, sends=True)
+    core.started()
+    for ch in range(1000, 1200):
+        core.open_connection(ch, 3)
+    flush()
+    time.sleep(3)
+    for ch in (1, 2):
+        core.send_eof(ch)
+    core.exited("status", 0, time.monotonic())
 flush()
 time.sleep(hold)
 f.close()
@@ -519,6 +532,36 @@ def test_plumb_ends_with_the_commands_status_though_the_server_never_ends_its_ou
     EOF (it reads the flow no more, so it would wait for ever, even after the server closed)."""
     r = _against_hostile_server("exit-before-eof", "true", hold=20, timeout=15)  # plumb ends before the flow
     assert (r.returncode, r.stdout) == (3, b"out\n"), r
+
+
+@needs_root
+@pytest.mark.timeout(90)
+def test_a_server_gets_no_more_connections_on_plumbs_socket_than_netplumbd_would_give(tmp_path: Path) -> None:
+    """A hostile server asks for 200 connections on the socket plumb replicates: plumb makes at most
+    --max-connections' default (64) at once, refuses the rest, and ends with the command's status."""
+    path = tmp_path / "app.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(256)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(path, 0o777)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])  # kept open: each stays a connection at plumb
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        r = _against_hostile_server("open-flood", f"-socket={path}:/remote.sock", "true", hold=5, timeout=30)
+        assert r.returncode == 0, r
+        assert 1 <= len(accepted) <= 64, len(accepted)
+        assert b"64 connections open already" in r.stderr, r.stderr[-500:]
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
 
 
 FORGED = "x\n2099-01-01 00:00:00.000 host netplumbd[1] INFO: flow 9: running rm -rf / as root (key line 1)\x1b[2J"

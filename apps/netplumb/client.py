@@ -5,6 +5,7 @@ sockets replicated over one encrypted session; exits with the remote command's s
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 from apps.netplumb.channels import DEBUG2, DEBUG3, Ends, Link, Pump, Reader, Sink, duplex
 from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
+from apps.netplumb.limits import Limits
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.session import ServerKey, SessionError
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
@@ -29,6 +31,7 @@ from proto.version import text as version_text
 from proto.visible import show_visible, visible
 
 log = logging.getLogger("plumb")
+MAX_CONNECTIONS = Limits.max_connections  # server-made connections on our sockets open at once
 
 FAILED = 255  # our own failures, as ssh does: the remote command's statuses stay distinguishable
 ALLOC_TIMEOUT = 10.0
@@ -180,6 +183,7 @@ class Client:
         self.locals: dict[int, str] = {}  # channel -> its local pipe, file or socket
         self.ends = Ends()
         self.waited: list[Sink] = []
+        self.connections: set[int] = set()  # the open connections the server made on our sockets
         self.status: int | None = None
 
     def _check_host(self, key: bytes) -> None:
@@ -342,13 +346,18 @@ class Client:
 
     def _forget(self, ch: int) -> None:
         """A socket connection is over both ways: nothing of it is kept."""
+        self.connections.discard(ch)
         self.core.remove_channel(ch)
         self.ends.forget(ch)
 
     def _open(self, ch: int, parent: int) -> None:
-        """A connection to the remote end of a replicated socket: connect to the local one."""
+        """A connection to the remote end of a replicated socket: connect to the local one. At most
+        MAX_CONNECTIONS at once (netplumbd's own default for the other direction): each costs a
+        descriptor and two threads here, and a hostile server could ask for them without end."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            if len(self.connections) >= MAX_CONNECTIONS:
+                raise OSError(errno.EMFILE, f"{MAX_CONNECTIONS} connections open already")
             sock.connect(self.locals[parent])
         except OSError as e:
             log.warning("socket %s: %s", self.locals[parent], e.strerror)
@@ -356,6 +365,7 @@ class Client:
             self.ends.sinks[ch] = Sink(self.link, ch, _refuse, self._forget)  # drains what comes, writes nowhere
             self.link.eof(ch)
         else:
+            self.connections.add(ch)
             self.ends.sinks[ch], self.ends.pumps[ch] = duplex(self.link, ch, sock, functools.partial(self._forget, ch))
         self.ends.start()
 

@@ -15,6 +15,7 @@ from apps.ibp.capability import key_hash
 from apps.ibp.depot import DepotCore, Grant, admit
 from apps.ibp.limits import Limits
 from apps.ibp.storage import DiskStore
+from apps.ibp.stream import ByteStream
 from apps.ibp.wire import IbpError
 
 NOW = 1_000_000.0
@@ -492,27 +493,21 @@ def test_loose_modes_are_tightened_and_another_users_directory_refused(tmp_path:
         DiskStore(other)
 
 
-class _Captured:
+class Collect(ByteStream):
     """A stream for DepotServer.handle: no more input, replies collected."""
 
     def __init__(self) -> None:
-        from apps.ibp.stream import ByteStream
+        super().__init__()
+        self.sent: list[bytes] = []
 
-        class S(ByteStream):
-            def __init__(inner) -> None:
-                super().__init__()
-                inner.sent: list[bytes] = []
+    def _recv(self, timeout: float | None) -> bytes:
+        return b""
 
-            def _recv(inner, timeout: float | None) -> bytes:
-                return b""
+    def _send(self, data: bytes | memoryview, timeout: float) -> None:
+        self.sent.append(bytes(data))
 
-            def _send(inner, data: bytes | memoryview, timeout: float) -> None:
-                inner.sent.append(bytes(data))
-
-            def close(inner) -> None:
-                pass
-
-        self.stream = S()
+    def close(self) -> None:
+        pass
 
 
 def test_fuzzed_request_lines_never_break_the_depot(tmp_path: Path) -> None:
@@ -551,13 +546,13 @@ def test_fuzzed_request_lines_never_break_the_depot(tmp_path: Path) -> None:
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.one_of(st.lists(toks, max_size=11).map(lambda t: (" ".join(t) + "\n").encode()), st.binary(max_size=200)))
     def one(line: bytes) -> None:
-        cap = _Captured()
+        cap = Collect()
         try:
-            server.handle(cap.stream, line, "d")
+            server.handle(cap, line, "d")
         except StreamClosed:
             return  # a STORE/WRITE accepted (or ST_CHANGE's second line awaited), and nothing came
-        assert cap.stream.sent, f"no reply to {line!r}"
-        status = int(cap.stream.sent[0].split()[0])
+        assert cap.sent, f"no reply to {line!r}"
+        status = int(cap.sent[0].split()[0])
         assert status == 1 or status < 0
 
     one()

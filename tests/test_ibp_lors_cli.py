@@ -62,6 +62,25 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return home, work
 
 
+def uploaded(
+    tmp_path: Path,
+    start: Start,
+    irmd: IrmdProc,
+    depot: str,
+    size: int,
+    *upload: str,
+) -> tuple[Path, Path, bytes]:
+    """(home, work, the file's bytes): a depot up and a file of `size` random bytes uploaded from work as
+    f.bin (its exNode f.bin.xnd), with the upload's further options."""
+    home, work = dirs(tmp_path)
+    start(depot)
+    data = os.urandom(size)
+    (work / "f.bin").write_bytes(data)
+    r = tool("exnode", "upload", "f.bin", "--depots", depot, *upload, cwd=work, home=home, env=irmd.env)
+    assert r.returncode == 0, r.stderr
+    return home, work, data
+
+
 # -- the .xndrc reader --
 
 
@@ -269,18 +288,21 @@ def as_lors_writes(ex: ExNode, function: str = "") -> bytes:
     return ("\n".join([*out, "</exnode>", ""])).encode()
 
 
+def as_lors_wrote(
+    tmp_path: Path, start: Start, irmd: IrmdProc, depot: str, size: int, name: str, function: str = ""
+) -> tuple[Path, Path, bytes]:
+    """A file uploaded in 64 KiB blocks (see `uploaded`), its exNode rewritten in work as LoRS writes one."""
+    home, work, data = uploaded(tmp_path, start, irmd, depot, size, "-b", "64k")
+    (work / name).write_bytes(as_lors_writes(from_xml((work / "f.bin.xnd").read_bytes()), function))
+    return home, work, data
+
+
 def test_an_exnode_lors_wrote_is_listed_and_downloaded(
     irmd: IrmdProc,
     depots: Start,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    home, work = dirs(tmp_path)
-    depots("x0")
-    data = os.urandom(150_000)
-    (work / "f.bin").write_bytes(data)
-    r = tool("exnode", "upload", "f.bin", "--depots", "x0", "-b", "64k", cwd=work, home=home, env=irmd.env)
-    assert r.returncode == 0, r.stderr
-    (work / "lors.xnd").write_bytes(as_lors_writes(from_xml((work / "f.bin.xnd").read_bytes())))
+    home, work, data = as_lors_wrote(tmp_path, depots, irmd, "x0", 150_000, "lors.xnd")
 
     r = tool("lors_ls", "lors.xnd", cwd=work, home=home, env=irmd.env)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3, r.stderr
@@ -298,12 +320,7 @@ def test_lors_download_writes_to_stdout_unless_given_o_or_f(
     depots: Start,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    home, work = dirs(tmp_path)
-    depots("y0")
-    data = os.urandom(70_000)
-    (work / "f.bin").write_bytes(data)
-    r = tool("exnode", "upload", "f.bin", "--depots", "y0", cwd=work, home=home, env=irmd.env)
-    assert r.returncode == 0, r.stderr
+    home, work, data = uploaded(tmp_path, depots, irmd, "y0", 70_000)
     (work / "f.bin").unlink()
     # LoRS's lors_download: output "-" unless -o FILE, or -f for the exNode's own file name.
     r = tool("lors_download", "f.bin.xnd", cwd=work, home=home, env=irmd.env, stdout=work / "out.bin")
@@ -342,12 +359,7 @@ def test_a_lors_exnode_conditioned_end_to_end_is_refused_not_misread_and_kept_on
     depots: Start,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    home, work = dirs(tmp_path)
-    depots("z0")
-    (work / "f.bin").write_bytes(os.urandom(100_000))
-    r = tool("exnode", "upload", "f.bin", "--depots", "z0", "-b", "64k", cwd=work, home=home, env=irmd.env)
-    assert r.returncode == 0, r.stderr
-    (work / "k.xnd").write_bytes(as_lors_writes(from_xml((work / "f.bin.xnd").read_bytes()), CHECKSUM))
+    home, work, _ = as_lors_wrote(tmp_path, depots, irmd, "z0", 100_000, "k.xnd", CHECKSUM)
 
     said = b"are conditioned end to end by LoRS (checksum): not implemented here\n"
     r = tool("lors_download", "k.xnd", "-o", "back.bin", cwd=work, home=home, env=irmd.env)

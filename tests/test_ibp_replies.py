@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import serve_tcp
+from test_ibp_depot import Collect
 
 from apps.ibp import lors
 from apps.ibp import server as srv
@@ -222,21 +223,6 @@ class LyingTarget:
         for c in self.conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-
-
-class Collect(ByteStream):
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent: list[bytes] = []
-
-    def _recv(self, timeout: float | None) -> bytes:
-        return b""
-
-    def _send(self, data: bytes | memoryview, timeout: float) -> None:
-        self.sent.append(bytes(data))
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture

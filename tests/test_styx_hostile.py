@@ -17,7 +17,18 @@ from pathlib import Path
 import pytest
 from helpers import IrmdProc
 from test_styx_e2e import stop
-from test_styx_trust import AS_NOBODY, CHECKOUT, as_nobody, lab, needs_root, open_irmd, result, root_client, serve
+from test_styx_trust import (
+    AS_NOBODY,
+    CHECKOUT,
+    as_nobody,
+    lab,
+    needs_root,
+    open_irmd,
+    popen_nobody,
+    result,
+    root_client,
+    serve,
+)
 
 from apps.styx import wire as w
 
@@ -184,15 +195,7 @@ def test_fid_and_connection_exhaustion_stop_at_the_limits_and_others_are_served(
     open_irmd: IrmdProc, files: subprocess.Popen[bytes]
 ) -> None:
     rss0 = rss_mb(files.pid)
-    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
-    hog = subprocess.Popen(
-        [*AS_NOBODY, sys.executable, "-c", EXHAUST, "files", str(PER_USER + 3), "8"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
+    hog = popen_nobody(open_irmd, EXHAUST, "files", str(PER_USER + 3), "8")
     try:
         assert hog.stdout is not None
         line = hog.stdout.readline()

@@ -62,6 +62,19 @@ def open_irmd(lab: Path) -> Iterator[IrmdProc]:
         stop_irmd(irmd)
 
 
+def popen_nobody(irmd: IrmdProc, code: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+    """Start Python code as uid 65534 against `irmd`, its output on pipes (and its input, with `stdin`)."""
+    return subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-c", code, *args],
+        env=dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1"),
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+
+
 def as_nobody(irmd: IrmdProc, code: str, *args: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:
     """Run Python code as uid 65534 against `irmd`."""
     env = dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
@@ -827,16 +840,7 @@ def test_net_flows_are_limited_per_connection_however_many_attaches_it_makes(
     """--max-flows bounds a connection's net/ flows (and so the descriptors the server budgets for
     it): attaching again on the same connection gives no net/ of its own, with room for more."""
     proc = serve(open_irmd, lab, "irm3", "--irm", "--max-flows", "2")
-    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
-    hog = subprocess.Popen(
-        [*AS_NOBODY, sys.executable, "-c", MANY_ATTACHES, "irm3", "4", "2"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
+    hog = popen_nobody(open_irmd, MANY_ATTACHES, "irm3", "4", "2", stdin=True)
     try:
         assert hog.stdout is not None
         line = hog.stdout.readline()

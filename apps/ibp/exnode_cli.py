@@ -324,15 +324,23 @@ def download(args: argparse.Namespace) -> int:
     return 0
 
 
-def ls(args: argparse.Namespace) -> int:
+def readable(paths: list[Path]) -> tuple[list[tuple[Path, ExNode]], int]:
+    """The exNodes of `paths` that could be read, with their paths, and 1 if one could not (its error
+    logged), else 0: a tool goes on to the next file, as LoRS's do."""
+    found: list[tuple[Path, ExNode]] = []
     worst = 0
-    for path in args.xnd:
+    for path in paths:
         try:
-            ex = read_exnode(path)
-        except BadExnode as e:  # the others are still listed, as LoRS does
+            found.append((path, read_exnode(path)))
+        except BadExnode as e:
             log.error("%s", e)
             worst = 1
-            continue
+    return found, worst
+
+
+def ls(args: argparse.Namespace) -> int:
+    found, worst = readable(args.xnd)
+    for path, ex in found:
         lives = None if args.offline else lors.stat(ex, settings(args))
         if args.lors:
             worst = max(worst, print_lors_listing(path, ex, lives, args.physical))
@@ -428,14 +436,8 @@ def refresh(args: argparse.Namespace) -> int:
     )
     if secs < 0 or (how == lors.SET and secs < 1):
         raise Refused(f"-a {args.absolute}: that time is not in the future")
-    worst = 0
-    for xnd in args.xnd:
-        try:
-            ex = read_exnode(xnd)
-        except BadExnode as e:  # the others are still refreshed, as LoRS does
-            log.error("%s", e)
-            worst = 1
-            continue
+    found, worst = readable(args.xnd)
+    for xnd, ex in found:
         new, failed = lors.refresh(ex, how, secs, settings(args))
         where = write_exnode(new, args.outputfile or xnd)
         for f in failed:

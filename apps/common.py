@@ -180,8 +180,7 @@ def serve(
     `on_end` hears of each flow as it goes, before it is closed; `on_tick` of the time, every
     0.1 s at least; with `max_flows`, no more flows are taken while that many are open.
     """
-    server = Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows)
-    server.new_flow = new_flow
+    server = Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows, new_flow)
     server.run(poll, greeting or f"Ouroboros {tool.removeprefix('o')} server started.{banner}")
 
 
@@ -196,6 +195,7 @@ class Server:
         on_end: Callable[[Flow], None] | None = None,
         on_tick: Callable[[float], None] | None = None,
         max_flows: int = 0,
+        new_flow: str = "New flow {}.",
     ) -> None:
         self.tool = tool
         self.on_sdu = on_sdu
@@ -207,7 +207,7 @@ class Server:
         self.fset = FlowSet()
         self.last_seen: dict[Flow, float] = {}
         self.stop = False
-        self.new_flow = "New flow {}."
+        self.new_flow = new_flow  # the line for a new flow, its id in {}
 
     def run(self, poll: bool, banner: str) -> None:
         def on_signal(*_: object) -> None:

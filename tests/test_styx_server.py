@@ -788,9 +788,15 @@ def _create_existing(root: Path, s: Session) -> str:
 
 def _rename_onto_existing(root: Path, s: Session) -> str:
     (root / "other.txt").write_text("other")
-    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    return _wstat_refused(s, "hello.txt", name="other.txt")
+
+
+def _wstat_refused(s: Session, file: str, /, **fields: object) -> str:
+    """The error a Twstat of `file` (walked to as fid 2) changing only `fields` gets."""
+    ok(s, w.Twalk(1, 0, 2, [file]))
     change = w.Stat.dont_touch()
-    change.name = "other.txt"
+    for field, value in fields.items():
+        setattr(change, field, value)
     return err(s, w.Twstat(1, 2, change))
 
 
@@ -848,26 +854,17 @@ def _remove_root(root: Path, s: Session) -> str:
 
 
 def _wstat_owner(root: Path, s: Session) -> str:
-    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
-    change = w.Stat.dont_touch()
-    change.uid = "someone"
-    return err(s, w.Twstat(1, 2, change))
+    return _wstat_refused(s, "hello.txt", uid="someone")
 
 
 def _wstat_directory_bit(root: Path, s: Session) -> str:
-    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
-    change = w.Stat.dont_touch()
-    change.mode = w.DMDIR | 0o755
-    return err(s, w.Twstat(1, 2, change))
+    return _wstat_refused(s, "hello.txt", mode=w.DMDIR | 0o755)
 
 
 def _touch_not_owner(root: Path, s: Session) -> str:
     os.chmod(root / "hello.txt", 0o666)
     other = session(FsTree(root), MALLORY, UNPRIVILEGED)  # the server's own Plan 9 check
-    ok(other, w.Twalk(1, 0, 2, ["hello.txt"]))
-    change = w.Stat.dont_touch()
-    change.atime = change.mtime = 1_000_000_000
-    return err(other, w.Twstat(1, 2, change))
+    return _wstat_refused(other, "hello.txt", atime=1_000_000_000, mtime=1_000_000_000)
 
 
 @pytest.mark.parametrize(("case", "ename"), [

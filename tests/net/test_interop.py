@@ -212,6 +212,21 @@ class Pair:
             assert proc.poll() is None, out.read_text()
         return out
 
+    def c_servers(self, name: str, *args: str, bind: str) -> Iterator[Path]:
+        """A C server bound to `bind` and registered in the layer (its output's file), and a new one in
+        its place each time the caller asks for another, C_TRIES at most: 0.23's udp4 IPCP may fail to
+        send the answer to a flow request ("Failed to respond to flow request"), and the C server
+        then serves the flow it accepted for it (operf) or fails its accepts (-1003), taking no other."""
+        for attempt in range(C_TRIES):
+            if attempt:
+                self.procs[-1].kill()
+                self.procs[-1].wait()
+                time.sleep(C_PAUSE)
+            out = self.c_spawn(f"{name}{attempt}", *args, bind=bind)
+            if not attempt:
+                self.c.ok("irm", "name", "reg", bind, "layer", LAYER)
+            yield out
+
     def c_serve(self, name: str, prog: str, *args: str, layer: str = LAYER) -> None:
         """A C program bound to `name` and registered in the layer, as the tutorial does it."""
         self.c.ok("irm", "bind", "program", str(self.c.prefix / "bin" / prog), "name", name, "auto", "--", *args)
@@ -366,18 +381,10 @@ def test_a_c_oecho_reaches_ours(pair: Pair) -> None:
 
 def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
     udp_layer(pair)
-    for attempt in range(C_TRIES):
-        out = pair.c_spawn(f"c-operf{attempt}", "operf", "--listen", bind="c-perf")
-        if not attempt:
-            pair.c.ok("irm", "name", "reg", "c-perf", "layer", LAYER)
+    for out in pair.c_servers("c-operf", "operf", "--listen", bind="c-perf"):  # noqa: B007 - the last, read below
         r = pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60)
         if not any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED):
             break
-        # 0.23's udp4 IPCP failed to send its answer ("Failed to respond to flow request"), and the
-        # C operf server serves the flow it accepted for it, accepting no other: a new server.
-        pair.procs[-1].kill()
-        pair.procs[-1].wait()
-        time.sleep(C_PAUSE)
     wait_for(
         lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text())) >= 500,
         10,
@@ -404,21 +411,13 @@ def test_deallocating_here_is_seen_at_the_c_end(pair: Pair, c_peer: Path) -> Non
     udp_layer(pair)
     client = IrmClient(pair.ours.irmd.sock)
     try:
-        for attempt in range(C_TRIES):
-            out = pair.c_spawn(f"c-peer{attempt}", str(c_peer), "server", bind="c-peer")
-            if not attempt:
-                pair.c.ok("irm", "name", "reg", "c-peer", "layer", LAYER)
+        for attempt, out in enumerate(pair.c_servers("c-peer", str(c_peer), "server", bind="c-peer")):
             try:
                 reply, fd = client.alloc("c-peer", dataclasses.replace(qos.raw, timeout=2000), 10)
                 break
             except FlowTimeout as e:
                 if attempt == C_TRIES - 1:
                     raise AssertionError(f"{e}\n--- c-peer ---\n{out.read_text()}{pair.logs()}") from None
-            # As for operf: 0.23's udp4 IPCP failed to send its answer ("Failed to respond to flow
-            # request") and the C server's accept failed (-1003); a new server, a new request.
-            pair.procs[-1].kill()
-            pair.procs[-1].wait()
-            time.sleep(C_PAUSE)
         flow = Flow(reply, fd, client)
         flow.set_timeout(5)
         flow.write(b"ping-1")

@@ -450,9 +450,15 @@ def test_deallocating_at_the_c_end_is_seen_here(pair: Pair, c_peer: Path) -> Non
     events: list[tuple[float, EventType]] = []
     talked: set[int] = set()
     try:
-        out = pair.c_spawn("c-client", str(c_peer), "client", "py-peer", "2000", "3000")
+        attempts = itertools.count(1)
+        out = pair.c_spawn("c-client0", str(c_peer), "client", "py-peer", "2000", "3000")
         start = time.monotonic()
         while time.monotonic() - start < 20 and EventType.PEER not in [e for _, e in events]:
+            if "alloc failed" in out.read_text() and (attempt := next(attempts)) < C_TRIES:
+                # 0.23's udp4 IPCP records where it sent its request only after sending it: an answer
+                # that comes first is "from wrong source" and dropped, and the C client gives up.
+                out = pair.c_spawn(f"c-client{attempt}", str(c_peer), "client", "py-peer", "2000", "3000")
+                start = time.monotonic()
             fevent(fset, queue, 0.2)
             for ev in queue:
                 if ev.type is EventType.PKT:

@@ -340,19 +340,23 @@ def test_a_c_oping_gets_every_reply_of_a_server_that_acks_before_it_answers(pair
     pair.c.ok("irm", "name", "create", "py-pong")  # 0.23 allocates only to names it knows
     server, stop = IrmClient(pair.ours.irmd.sock), threading.Event()
 
-    def serve() -> None:  # flow after flow: c_tries may allocate again
+    def pong(flow: Flow) -> None:
+        with flow, contextlib.suppress(FlowError):  # the client's end, or its silence
+            flow.set_timeout(10)
+            while True:
+                sdu = flow.read()
+                time.sleep(0.05)
+                if (reply := oping.echo(flow, sdu, quiet=True)) is not None:
+                    flow.write(reply)
+
+    def serve() -> None:  # each flow on a thread of its own: c_tries may allocate again while a
+        # flow whose C client died (0.23's oping, now and then) waits out its read timeout
         while not stop.is_set():
             try:
                 flow = flow_accept(None, 0.5, irm=server)
             except FlowTimeout:
                 continue
-            with flow, contextlib.suppress(FlowError):  # the client's end, or its silence
-                flow.set_timeout(10)
-                while True:
-                    sdu = flow.read()
-                    time.sleep(0.05)
-                    if (reply := oping.echo(flow, sdu, quiet=True)) is not None:
-                        flow.write(reply)
+            threading.Thread(target=pong, args=(flow,), daemon=True).start()
 
     serving = threading.Thread(target=serve, daemon=True)  # a daemon: a failed run lingers in close
     serving.start()

@@ -3,6 +3,8 @@ receiver's echo of marks and delivery rate, and the sender's pace following them
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from ipcp.unicast import ca
@@ -83,12 +85,32 @@ def test_receiver_measures_its_delivery_rate_over_busy_windows() -> None:
 
 def test_receiver_updates_every_few_marks_then_once_when_it_is_over() -> None:
     rx = ca.Receiver(0.0)
-    updates = [rx.on_pdu(100, 1000, 0.0) for _ in range(1 + 3 * ca.UPDATE_EVERY)]
+    step = ca.UPDATE_GAP / 5  # updates 8 PDUs apart are more than UPDATE_GAP apart; all within RATE_WINDOW
+    times = iter(i * step for i in range(1000))
+    updates = [rx.on_pdu(100, 1000, next(times)) for _ in range(1 + 3 * ca.UPDATE_EVERY)]
     assert sum(u is not None for u in updates) == 4
-    after = [rx.on_pdu(0, 1000, 0.0) for _ in range(20)]
+    after = [rx.on_pdu(0, 1000, t := next(times)) for _ in range(20)]
     sent = [u for u in after if u is not None]
     assert [u.ece for u in sent][-1] == 0 and len([u for u in sent if u.ece == 0]) == 1
-    assert all(rx.on_pdu(0, 1000, 0.0) is None for _ in range(10))  # silent again
+    assert all(rx.on_pdu(0, 1000, t) is None for _ in range(10))  # silent again
+
+
+def test_marks_that_come_and_go_with_every_pdu_do_not_make_the_receiver_update_for_each() -> None:
+    """Each update is signed: a sender or forwarder flipping the mark on every PDU gets one update per
+    UPDATE_GAP, and the last state still reaches the sender."""
+    rx = ca.Receiver(0.0)
+    t, updates = 0.0, []
+    for i in range(10_000):  # 0.1 s of PDUs every 10 µs, marked 1, 0, 1, 0...
+        t += 1e-5
+        if (u := rx.on_pdu(i & 1 ^ 1, 100, t)) is not None:
+            updates.append((t, u))
+    assert 10 <= len(updates) <= 0.1 / ca.UPDATE_GAP + 1
+    assert all(b - a >= ca.UPDATE_GAP for (a, _), (b, _) in itertools.pairwise(updates))
+    for _ in range(5):  # unmarked from now on: the end of it is told, once the gap allows
+        t += ca.UPDATE_GAP
+        if (u := rx.on_pdu(0, 100, t)) is not None:
+            updates.append((t, u))
+    assert updates[-1][1].ece == 0
 
 
 def test_sender_slow_starts_then_lands_below_the_delivery_rate_on_congestion() -> None:

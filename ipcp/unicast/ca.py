@@ -15,6 +15,8 @@ from typing import Protocol
 
 MARK_FROM = 32  # average queue fullness (of 255) below which a forwarder does not mark
 UPDATE_EVERY = 8  # marked PDUs between two updates from a receiver
+UPDATE_GAP = 0.001  # seconds between two updates at least: each is signed, and marks that come and
+# go with every PDU (a hostile sender or forwarder) must not make the receiver sign one per PDU
 RATE_WINDOW = 0.01  # seconds over which a receiver measures its delivery rate
 HOLD = 0.02  # seconds between two decreases of a sender's rate: one round trip of a congested path
 CLIMBING = 1.25  # a delivery rate this much above the last one reported is reported unasked
@@ -54,9 +56,22 @@ class Receiver:
         self._marked = 0
         self._window_start = now
         self._window_bytes = 0
+        self._sent = now - UPDATE_GAP  # when the last update went
+        self._held = False  # an update fell due within UPDATE_GAP of the last: the next PDU after sends it
 
     def on_pdu(self, ecn: int, nbytes: int, now: float) -> Update | None:
-        """A PDU of the flow arrived carrying mark `ecn`: an update to send back, if one is due."""
+        """A PDU of the flow arrived carrying mark `ecn`: an update to send back, if one is due
+        (at most one every UPDATE_GAP: one held back goes with the first PDU after, as things are then)."""
+        due = self._due(ecn, nbytes, now)
+        if due is None and not self._held:
+            return None
+        if now - self._sent < UPDATE_GAP:
+            self._held = True
+            return None
+        self._sent, self._held = now, False
+        return due if due is not None else Update(self.ece, self.rate)
+
+    def _due(self, ecn: int, nbytes: int, now: float) -> Update | None:
         report = None
         elapsed = now - self._window_start
         if elapsed >= RATE_WINDOW:

@@ -494,4 +494,21 @@ def test_dir_a_lookup_is_answered_only_by_the_member_it_asks() -> None:
     answered = [a for a in ADDRS if a not in (asker, find.dst) and dht.d[a].receive(find, dht.now)]
     assert answered == []
     assert sum(dht.d[a].misdirected for a in ADDRS) == len(ADDRS) - 2
-    assert dht.d[find.dst].receive(find, dht.now)  # the member asked still answers
+    fresh = dataclasses.replace(find, cookie=find.cookie ^ 1)  # (it answered `find` in the lookup)
+    assert dht.d[find.dst].receive(fresh, dht.now)  # the member asked still answers
+
+
+def test_dir_a_lookup_sent_again_to_the_member_it_asks_is_answered_once() -> None:
+    """A forwarder that kept a lookup and sends it again to the member it names had that member
+    answer the asker with up to MAX_FOUND signed stores each time: a flood on the asker."""
+    dht = Dht(ADDRS)
+    dht.register(3, KEY)
+    asker = next(a for a in ADDRS if a not in dht.holders(KEY))
+    assert dht.lookup(asker, KEY) == [3]
+    find = next(msg for frm, _, msg in dht.log if frm == asker and isinstance(msg, um.DhtFind))
+    asked = dht.d[find.dst]
+    assert all(asked.receive(find, dht.now) == [] for _ in range(100))  # answered already, above
+    assert asked.replayed == 100
+    assert dht.lookup(asker, KEY) == [3]  # a new lookup (a new cookie) is answered
+    again = dataclasses.replace(find, cookie=find.cookie + 1)
+    assert asked.receive(again, dht.now) and asked.receive(again, dht.now) == []

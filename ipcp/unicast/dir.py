@@ -13,6 +13,7 @@ import hashlib
 import heapq
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from sortedcontainers import SortedList
@@ -30,6 +31,7 @@ MAX_SEQS = 4 * MAX_ENTRIES  # all members' together: past it the oldest goes
 MAX_LOOKUPS = 1024  # lookups under way at once
 MAX_KEY = 64  # bytes of a name hash (SHA3-512)
 MAX_FOUND = 16  # signed stores in one lookup answer
+ANSWERED = 4096  # lookups remembered as answered (asker, cookie): a copy sent again is not answered
 SETTLE = 0.5  # seconds without membership change after which our entries are published again ...
 MAX_SETTLE = 5.0  # ... or this long after the first change of a spell: stores sent while routes were
 # still forming may have been dropped on the way, and would otherwise wait for dht_t_refresh
@@ -90,6 +92,8 @@ class Directory:
         self.forged = 0  # stores refused: unsigned, signed by another key, or for another's address
         self.refused = 0  # stores refused for bounds
         self.misdirected = 0  # lookups naming another member: copies of ones sent there, not answered
+        self.replayed = 0  # lookups answered before (the same asker and cookie): a copy sent again
+        self._answered: OrderedDict[tuple[int, int], None] = OrderedDict()  # (asker, cookie), the last ANSWERED
         self._per_member: dict[int, int] = {}
         self._schedule: SortedList = SortedList()  # (expiry, key, addr)
         self._lookups: dict[int, _Lookup] = {}
@@ -202,6 +206,14 @@ class Directory:
                 return []
             if len(msg.key) > MAX_KEY:
                 return []
+            # An asker sends a lookup to each member once: a copy sent again (by a forwarder that kept
+            # it) would have us send the asker up to MAX_FOUND signed stores each time, a flood on it.
+            if (msg.src, msg.cookie) in self._answered:
+                self.replayed += 1
+                return []
+            self._answered[msg.src, msg.cookie] = None
+            if len(self._answered) > ANSWERED:
+                self._answered.popitem(last=False)
             stores = self._held(msg.key, now)
             if msg.key in self.mine:
                 stores.insert(0, self.mine[msg.key])

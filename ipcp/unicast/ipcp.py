@@ -815,6 +815,7 @@ class UnicastIpcp(Ipcp):
             "dht_forged": self.dir.forged,
             "dht_refused": self.dir.refused,
             "dht_misdirected": self.dir.misdirected,
+            "dht_replayed": self.dir.replayed,
             "fa_refused": self.fa.refused,
             "fa_replayed": self.fa.replayed,
         }

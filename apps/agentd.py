@@ -39,17 +39,22 @@ def _shed(control: int) -> None:
 
 
 def _become(creds: Creds) -> None:
-    """All of the process's ids become the client's; fails closed. The change of ids resets
-    the dumpable flag to fs.suid_dumpable: where that is 1, the client could trace us and read
-    the server's memory we inherited, so it is cleared again, after the switch."""
+    """All of the process's ids become the client's; fails closed. A change of the effective id
+    resets the dumpable flag to fs.suid_dumpable: where that is 1, the client could trace us and
+    read the server's memory we inherited. So the saved uid stays root until the flag is cleared
+    again (ptrace and /proc/PID/mem need all three uids to be the tracer's), and only then goes:
+    a change of the saved uid alone leaves the flag as it is."""
     os.setgroups(list(creds.groups))
     os.setresgid(creds.gid, creds.gid, creds.gid)
+    os.setresuid(creds.uid, creds.uid, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot make the agent undumpable")
     os.setresuid(creds.uid, creds.uid, creds.uid)
     if os.getresuid() != (creds.uid,) * 3 or os.getresgid() != (creds.gid,) * 3:
         raise OSError("credentials did not change")
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "cannot make the agent undumpable")
+    if libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "the agent became dumpable again")
 
 
 def serve(control: socket.socket, irmd_sock: str, via: str | None = None) -> None:

@@ -3,6 +3,7 @@ server's memory, so the client it now is must not be able to trace it or read th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,6 +45,51 @@ def test_the_client_cannot_read_its_agents_memory_even_where_suid_processes_may_
         SUID_DUMPABLE.write_text(old)
         if agent is not None:
             agent.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (it switches ids, and sets fs.suid_dumpable)")
+def test_the_agent_is_never_the_clients_to_trace_while_it_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where fs.suid_dumpable is 1, the agent was dumpable with all three uids the client's from its
+    setresuid until the flag was cleared after it: a client looping on ptrace could attach then.
+    Every id change the agent makes is followed here by a look at the flag and the uids."""
+    import ctypes
+
+    from apps import agentd
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    states: list[tuple[tuple[int, int, int], int]] = []
+    real = os.setresuid
+
+    def setresuid(r: int, e: int, s: int) -> None:
+        real(r, e, s)
+        states.append((os.getresuid(), libc.prctl(agentd.PR_GET_DUMPABLE, 0, 0, 0, 0)))
+
+    old = SUID_DUMPABLE.read_text()
+    read, write = os.pipe()
+    try:
+        SUID_DUMPABLE.write_text("1")
+        pid = os.fork()
+        if pid == 0:  # the agent's switch, in a child of its own as in the server
+            code = 1
+            try:
+                os.close(read)
+                monkeypatch.setattr(os, "setresuid", setresuid)
+                agentd._become(Creds(NOBODY, NOBODY, (NOBODY,)))
+                os.write(write, json.dumps(states).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            seen = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+    finally:
+        SUID_DUMPABLE.write_text(old)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    switched = json.loads(seen)
+    assert switched and switched[-1] == [[NOBODY] * 3, 0]  # the client's, undumpable
+    assert all(dumpable == 0 for uids, dumpable in switched if uids == [NOBODY] * 3), switched
 
 
 @pytest.mark.timeout(10)

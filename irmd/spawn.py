@@ -21,7 +21,7 @@ from typing import Protocol
 
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
 from irmd.identity import SHEBANG_MAX, open_regular
-from transports.unix import SOCK_ENV, TrustError, check_dirs
+from transports.unix import SOCK_ENV, TrustError, resolve_trusted
 
 log = logging.getLogger("irmd")
 
@@ -114,8 +114,7 @@ def _check_file(path: str, uid: int) -> None:
         raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
     if st.st_mode & 0o022:
         raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-    for where in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
-        check_dirs(Path(where).parent, uid, strict_leaf=False)
+    resolve_trusted(path, uid)  # every directory and link on the way to it, as the kernel will go
 
 
 def _interpreters(path: str) -> list[str]:

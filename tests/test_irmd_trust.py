@@ -1248,3 +1248,44 @@ def test_a_program_started_as_root_runs_no_interpreter_another_user_could_have_w
     nobody_py(host, ALLOC_SVC)
     wait_for(ran.exists, 10, "the program to run")
     assert ran.read_text().split() == ["0"] and not pwned.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_program_started_as_root_is_reached_through_no_link_another_user_could_turn(
+    host: IrmdProc, public_dir: Path
+) -> None:
+    """The program's path was checked as written and as its links finally lead, not through the links
+    on the way: root's link to uid 65534's link to root's program passed, as did that user's own link
+    in a sticky directory, and the user turned its link to a script of its own between the check at a
+    start and the exec (won within seconds, a flow asked for at a time). Every directory and link the
+    path leads through must now be root's (or, in a sticky directory, the entry root's); a program
+    behind root's own links starts."""
+    ran = public_dir / "ran"
+    real = public_dir / "real"
+    real.mkdir(mode=0o755)
+    (real / "svc").write_text(f"#!/bin/sh\nid -u >> {ran}\n")
+    (real / "svc").chmod(0o755)
+    theirs = public_dir / "theirs"  # uid 65534's directory, holding its link to root's program
+    theirs.mkdir(mode=0o755)
+    os.symlink(real / "svc", theirs / "link")
+    os.lchown(theirs / "link", NOBODY, NOBODY)
+    os.chown(theirs, NOBODY, NOBODY)
+    bindir = public_dir / "bin"
+    bindir.mkdir(mode=0o755)
+    os.symlink(theirs / "link", bindir / "through-theirs")
+    r = host.irm("bind", "program", str(bindir / "through-theirs"), "name", "svc", "auto")
+    assert r.returncode != 0 and f"directory {theirs} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    sticky = public_dir / "sticky"  # as /tmp: the user's own link in it is the user's to turn
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    os.symlink(real / "svc", sticky / "link")
+    os.lchown(sticky / "link", NOBODY, NOBODY)
+    r = host.irm("bind", "program", str(sticky / "link"), "name", "svc", "auto")
+    assert r.returncode != 0 and f"{sticky / 'link'} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    os.symlink("../real/svc", bindir / "svc")  # root's own links, relative and through a sticky directory
+    os.symlink(bindir / "svc", sticky / "roots")
+    host.irm_ok("bind", "program", str(sticky / "roots"), "name", "svc", "auto")
+    host.irm_ok("name", "register", "svc", "layer", "local")
+    nobody_py(host, ALLOC_SVC)
+    wait_for(ran.exists, 10, "the program to run")
+    assert ran.read_text().split() == ["0"]

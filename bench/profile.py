@@ -29,13 +29,14 @@ from bench.harness import BenchError, ops_per_second
 from bench.stack import Stack, tool
 from flowlib import QosSpec, flow_alloc, qos
 from flowlib.irm import IrmClient
+from transports.unix import check_dirs
 
 log = logging.getLogger("bench.profile")
 
 SIZE = 1400
 RATE = 100  # py-spy samples per second
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-OUT = Path(tempfile.gettempdir()) / "ouroboros-bench-profiles"
+OUT_PREFIX = "ouroboros-bench-profiles-"  # a fresh private directory per run, in the temporary directory
 
 T = TypeVar("T")
 
@@ -436,19 +437,40 @@ def profile(name: str, seconds: float, out: Path) -> list[str]:
     return [f"{name}: {TARGETS[name][0]}", *lines]
 
 
+def output_dir(path: Path | None) -> Path:
+    """Where strace and py-spy write (as root, following links): a fresh 0700 directory of ours, or
+    `path` if only we (or root) could have put anything in it: it and every directory above it ours
+    or root's and not writable by others (sticky ones such as /tmp allowed above it). A directory of a
+    fixed name in /tmp that another user made first would have them write through that user's links."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=OUT_PREFIX))
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_dirs(path, os.geteuid(), strict_leaf=True)
+    except OSError as e:
+        raise BenchError(f"will not write profiles in {path}: {e.strerror or e}") from None
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("targets", nargs="*", metavar="TARGET", help=f"of: {', '.join(TARGETS)} (default all)")
     p.add_argument("--seconds", type=float, default=4.0, help="load per pass (default 4)")
-    p.add_argument("--out", type=Path, default=OUT, help=f"py-spy and strace output (default {OUT})")
+    p.add_argument(
+        "--out", type=Path, help="py-spy and strace output: a directory only we may write (default: a new one)"
+    )
     args = p.parse_args(argv)
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown:
         p.error(f"unknown target {', '.join(unknown)}: expected some of {', '.join(TARGETS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out = output_dir(args.out)
+    except BenchError as e:
+        p.error(str(e))
+    log.info("py-spy and strace output in %s", args.out)
     status = 0
     for name in args.targets or list(TARGETS):
         try:

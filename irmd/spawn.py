@@ -12,17 +12,21 @@ import dataclasses
 import logging
 import os
 import pwd
+import re
+import shutil
 import stat
 import sys
 from pathlib import Path
 from typing import Protocol
 
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
-from transports.unix import SOCK_ENV, TrustError, check_dirs
+from irmd.identity import SHEBANG_MAX, open_regular
+from transports.unix import SOCK_ENV, TrustError, resolve_trusted
 
 log = logging.getLogger("irmd")
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INTERPRETERS_MAX = 4  # #! lines the kernel follows one behind the other (BINPRM_MAX_RECURSION)
 KEPT = ("LANG", "LC_ALL", "TZ")  # locale and time zone: how to speak, never what to run
 # `python -I` ignores PYTHON* variables, the user's site directory and the working directory; the
 # project comes from where this IRMd's own code is, so an IPCP runs the code its IRMd runs.
@@ -78,10 +82,28 @@ def run_as(owner: int, irmd_uid: int) -> RunAs:
 
 def check_program(path: str, uid: int) -> None:
     """TrustError unless only root or `uid` (whom it runs as) could have written the program at
-    `path`: the file (links followed) and every directory above it, as written and as its links
-    lead, belong to one of them and are not writable by others (sticky directories such as /tmp
-    allowed above the file), as sshd wants of its AuthorizedKeysCommand. Otherwise whoever may
-    write it runs code as `uid` at the next flow to its name."""
+    `path`, and what the kernel runs for it: the file (links followed) and every directory above it,
+    as written and as its links lead, belong to one of them and are not writable by others (sticky
+    directories such as /tmp allowed above the file), as sshd wants of its AuthorizedKeysCommand;
+    and so does the interpreter a script's `#!` line names, and its own interpreter in turn (what
+    `#!/usr/bin/env NAME` finds in the safe PATH too). Otherwise whoever may write any of them runs
+    code as `uid` at the next flow to its name."""
+    _check_file(path, uid)
+    script = path
+    for _ in range(INTERPRETERS_MAX):
+        run = _interpreters(script)
+        if not run:
+            return
+        for interpreter in run:
+            try:
+                _check_file(interpreter, uid)
+            except TrustError as e:
+                raise TrustError(e.errno, f"{e.strerror} (the interpreter of {script})") from None
+        script = run[-1]
+    raise TrustError(0, f"{path}: more than {INTERPRETERS_MAX} interpreters, one behind the other")
+
+
+def _check_file(path: str, uid: int) -> None:
     try:
         st = os.stat(path)
     except OSError as e:
@@ -92,8 +114,65 @@ def check_program(path: str, uid: int) -> None:
         raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
     if st.st_mode & 0o022:
         raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-    for where in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
-        check_dirs(Path(where).parent, uid, strict_leaf=False)
+    resolve_trusted(path, uid)  # every directory and link on the way to it, as the kernel will go
+
+
+def _interpreters(path: str) -> list[str]:
+    """What the kernel runs for the script at `path` (started in /, with the safe PATH): the program
+    its `#!` line names, and, for `env`, the program env finds too; [] for a file without `#!`."""
+    try:
+        fd, _ = open_regular(path)
+        try:
+            head = os.read(fd, SHEBANG_MAX)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise TrustError(e.errno, f"{path}: {e.strerror}") from None
+    if not head.startswith(b"#!"):
+        return []
+    # As the kernel reads the line: the interpreter up to the first blank, the rest one argument.
+    line = head[2:].split(b"\n", 1)[0].decode(errors="surrogateescape")
+    interpreter, arg = re.fullmatch(r"[ \t]*([^ \t]*)[ \t]*(.*?)[ \t]*", line).groups()  # type: ignore[union-attr]
+    if not interpreter:
+        raise TrustError(0, f"{path}: its #! line names no interpreter")
+    interpreter = os.path.join("/", interpreter)  # a relative one from the working directory, /
+    if os.path.basename(interpreter) != "env":
+        return [interpreter]
+    runs = _env_program(arg.split())
+    if runs is None:
+        raise TrustError(0, f"{path}: cannot tell which program env runs for its #! line")
+    program, search = runs
+    found = program if "/" in program else shutil.which(program, path=search)
+    if found is None:
+        raise TrustError(0, f"{path}: env finds no {program} in {search}")
+    return [interpreter, os.path.join("/", found)]
+
+
+def _env_program(words: list[str]) -> tuple[str, str] | None:
+    """The program `env WORDS` runs (as -S splits them), and the PATH it is looked for in: the first
+    word that is neither an option nor a variable's setting (PATH's changes where it is looked for);
+    None when an option could change it otherwise (-C, or one not known here)."""
+    path = SAFE_PATH
+    while words:
+        word, words = words[0], words[1:]
+        if word == "--":
+            return (words[0], path) if words else None
+        if word in ("-u", "--unset"):
+            path = os.defpath if words[:1] == ["PATH"] else path  # execvp's own, as with no PATH
+            words = words[1:]
+        elif word in ("-i", "--ignore-environment", "-"):
+            path = os.defpath
+        elif word in ("-S", "--split-string", "-0", "--null"):
+            continue
+        elif word.startswith("-S") and len(word) > 2:
+            words = [word[2:], *words]
+        elif word.startswith("-"):
+            return None
+        elif "=" in word:
+            path = word[5:] if word.startswith("PATH=") else path
+        else:
+            return word, path
+    return None
 
 
 def clean_env(sock: Path, who: RunAs, out: Output) -> dict[str, str]:

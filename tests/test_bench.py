@@ -8,6 +8,9 @@ import collections
 import contextlib
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,50 @@ def test_a_c_run_that_fails_is_tried_again_on_a_fresh_layout() -> None:
     with c.C(layout, "fake") as side:
         assert side.rtt() > 0
     assert calls == {"layouts": 2, "runs": 2}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="playing an unprivileged user beside the root profiler needs root and setpriv (util-linux)",
+)
+def test_the_profiler_run_as_root_writes_only_where_no_other_user_could_plant_a_link(tmp_path: Path) -> None:
+    """bench.profile runs strace and py-spy as root, and they write their files as root, links followed.
+    Its output directory had a fixed name in /tmp: uid 65534 made it first with a link per pid to come
+    (strace.PID.txt), and the profile truncated root's 0600 file through it. A directory given must now
+    be one only root could have written; the default is a new private one."""
+    from bench import profile
+
+    victim = tmp_path / "root-only"
+    victim.write_text("root's\n")
+    victim.chmod(0o600)
+    public = Path(tempfile.mkdtemp(prefix="bench-profile-", dir="/tmp"))
+    try:
+        public.chmod(0o1777)  # as /tmp: anyone makes entries, sticky
+        theirs = public / "theirs"
+        made = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+             f"mkdir -m 0755 {theirs} && ln -s {victim} {theirs}/strace.{os.getpid()}.txt"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        with pytest.raises(BenchError, match="belongs to uid 65534"):
+            profile.output_dir(theirs)
+        open_to_all = public / "open"
+        open_to_all.mkdir(mode=0o777)
+        open_to_all.chmod(0o777)  # root's, but anyone may put a link in it
+        with pytest.raises(BenchError, match="writable by others"):
+            profile.output_dir(open_to_all)
+        with pytest.raises(SystemExit):  # the command line refuses it before any target runs
+            profile.main(["--out", str(theirs), "--seconds", "0", "alloc"])
+        assert victim.read_text() == "root's\n"
+        ours = public / "ours"  # the legitimate use: a directory of root's own
+        assert profile.output_dir(ours) == ours and os.stat(ours).st_uid == 0
+        fresh = profile.output_dir(None)  # the default: new each run, root's alone
+        try:
+            st = os.stat(fresh)
+            assert fresh.name.startswith(profile.OUT_PREFIX) and st.st_uid == 0 and st.st_mode & 0o777 == 0o700
+        finally:
+            fresh.rmdir()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)

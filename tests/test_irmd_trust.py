@@ -1206,3 +1206,86 @@ def test_a_program_started_as_root_is_one_no_other_user_could_have_written(host:
     nobody_py(host, ALLOC_SVC)
     wait_for(ran.exists, 10, "the program to run")
     assert ran.read_text().split() == ["0"]
+
+
+@pytest.mark.timeout(60)
+def test_a_program_started_as_root_runs_no_interpreter_another_user_could_have_written(
+    host: IrmdProc, public_dir: Path
+) -> None:
+    """A script's `#!` line names what the kernel runs first: the interpreter (itself maybe a script
+    with an interpreter of its own, or a program `#!/usr/bin/env` finds). Root's own script behind an
+    interpreter another user may write ran that user's code as root at the next flow. Refused at the
+    bind and at each start, as for the program itself; a root-only interpreter, and one env finds in
+    the safe PATH, start."""
+    ran, pwned = public_dir / "ran", public_dir / "pwned"
+    theirs = public_dir / "interp"  # uid 65534's, forwarding to /bin/sh after its own work
+    theirs.write_text(f'#!/bin/sh\nid -u >> {pwned}\nexec /bin/sh "$@"\n')
+    theirs.chmod(0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    ours = public_dir / "ours"  # root's, 0755: only its interpreter is another user's
+    ours.write_text(f"#!{theirs}\nid -u >> {ran}\n")
+    ours.chmod(0o755)
+    r = host.irm("bind", "program", str(ours), "name", "svc", "auto")
+    assert r.returncode != 0 and f"{theirs} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    nested = public_dir / "nested"  # root's script whose interpreter is root's script run by theirs
+    nested.write_text(f"#!{ours}\n")
+    nested.chmod(0o755)
+    r = host.irm("bind", "program", str(nested), "name", "svc", "auto")
+    assert r.returncode != 0 and f"{theirs} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    os.chown(theirs, 0, 0)  # root's now: the bind is taken
+    host.irm_ok("bind", "program", str(ours), "name", "svc", "auto")
+    host.irm_ok("name", "register", "svc", "layer", "local")
+    os.chown(theirs, NOBODY, NOBODY)  # given to the user after the bind: checked again at the start
+    nobody_py(host, ALLOC_SVC)
+    wait_for(lambda: "will not start" in host.log.read_text(), 10, "the refusal to start it")
+    assert f"{theirs} belongs to uid {NOBODY}" in host.log.read_text()
+    assert not ran.exists() and not pwned.exists()
+    host.irm_ok("unbind", "program", str(ours))
+    env_sh = public_dir / "env-sh"  # found by env in the IRMd's safe PATH: root's /bin/sh
+    env_sh.write_text(f"#!/usr/bin/env sh\nid -u >> {ran}\n")
+    env_sh.chmod(0o755)
+    host.irm_ok("bind", "program", str(env_sh), "name", "svc", "auto")
+    nobody_py(host, ALLOC_SVC)
+    wait_for(ran.exists, 10, "the program to run")
+    assert ran.read_text().split() == ["0"] and not pwned.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_program_started_as_root_is_reached_through_no_link_another_user_could_turn(
+    host: IrmdProc, public_dir: Path
+) -> None:
+    """The program's path was checked as written and as its links finally lead, not through the links
+    on the way: root's link to uid 65534's link to root's program passed, as did that user's own link
+    in a sticky directory, and the user turned its link to a script of its own between the check at a
+    start and the exec (won within seconds, a flow asked for at a time). Every directory and link the
+    path leads through must now be root's (or, in a sticky directory, the entry root's); a program
+    behind root's own links starts."""
+    ran = public_dir / "ran"
+    real = public_dir / "real"
+    real.mkdir(mode=0o755)
+    (real / "svc").write_text(f"#!/bin/sh\nid -u >> {ran}\n")
+    (real / "svc").chmod(0o755)
+    theirs = public_dir / "theirs"  # uid 65534's directory, holding its link to root's program
+    theirs.mkdir(mode=0o755)
+    os.symlink(real / "svc", theirs / "link")
+    os.lchown(theirs / "link", NOBODY, NOBODY)
+    os.chown(theirs, NOBODY, NOBODY)
+    bindir = public_dir / "bin"
+    bindir.mkdir(mode=0o755)
+    os.symlink(theirs / "link", bindir / "through-theirs")
+    r = host.irm("bind", "program", str(bindir / "through-theirs"), "name", "svc", "auto")
+    assert r.returncode != 0 and f"directory {theirs} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    sticky = public_dir / "sticky"  # as /tmp: the user's own link in it is the user's to turn
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    os.symlink(real / "svc", sticky / "link")
+    os.lchown(sticky / "link", NOBODY, NOBODY)
+    r = host.irm("bind", "program", str(sticky / "link"), "name", "svc", "auto")
+    assert r.returncode != 0 and f"{sticky / 'link'} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    os.symlink("../real/svc", bindir / "svc")  # root's own links, relative and through a sticky directory
+    os.symlink(bindir / "svc", sticky / "roots")
+    host.irm_ok("bind", "program", str(sticky / "roots"), "name", "svc", "auto")
+    host.irm_ok("name", "register", "svc", "layer", "local")
+    nobody_py(host, ALLOC_SVC)
+    wait_for(ran.exists, 10, "the program to run")
+    assert ran.read_text().split() == ["0"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -696,3 +698,35 @@ def test_a_replicated_socket_admits_its_owner_only_whatever_the_umask() -> None:
             p.kill()
             p.wait()
             listener.close()
+
+
+def test_authorized_keys_reached_through_another_users_link_is_refused(tmp_path: Path) -> None:
+    """authorized_keys was checked in the directories its real path lies in, not in those of the links
+    on the way: a link of uid 65534's (in its own directory, or its own link in a sticky one) leading
+    to root's file passed, and the user could turn it to another file between the check and a later
+    read. Refused now; root's own links to the file are followed."""
+    from apps.netplumb.keys import AuthorizedKeys, Identity, KeyFileError, public_line
+
+    key = Identity.generate().public
+    public = Path(tempfile.mkdtemp(prefix="netplumb-trust-", dir="/tmp"))
+    try:
+        public.chmod(0o1777)  # as /tmp
+        etc = public / "etc"  # root's, holding the file and root's links
+        etc.mkdir(mode=0o755)
+        (etc / "ak").write_text(public_line(key) + "\n")
+        theirs = public / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.symlink(etc / "ak", theirs / "link")
+        os.lchown(theirs / "link", NOBODY, NOBODY)
+        os.chown(theirs, NOBODY, NOBODY)
+        os.symlink(theirs / "link", etc / "through-theirs")
+        with pytest.raises(KeyFileError, match=f"{theirs} belongs to uid {NOBODY}"):
+            AuthorizedKeys.load(etc / "through-theirs")
+        os.symlink(etc / "ak", public / "their-link")
+        os.lchown(public / "their-link", NOBODY, NOBODY)
+        with pytest.raises(KeyFileError, match=f"their-link belongs to uid {NOBODY}"):
+            AuthorizedKeys.load(public / "their-link")
+        os.symlink("ak", etc / "roots")  # the legitimate use: root's own link, in root's directory
+        assert AuthorizedKeys.load(etc / "roots").find(key)
+    finally:
+        shutil.rmtree(public, ignore_errors=True)

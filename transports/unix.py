@@ -43,31 +43,78 @@ def _owner_ok(st: os.stat_result, uid: int) -> bool:
     return st.st_uid in (0, uid)
 
 
-def check_dirs(path: Path, uid: int, *, strict_leaf: bool) -> None:
-    """Every directory from `path` up to / belongs to root or `uid`, and none lets others replace
-    what is in it: not group- or other-writable, unless sticky (like /tmp) above the leaf.
+MAX_LINKS = 40  # symbolic links followed in one path, as the kernel's limit
 
-    The path as written and the path its symlinks lead to are both checked. strict_leaf: `path`
-    itself may not be group- or other-writable even if sticky (the IRMd's own socket directory);
-    clients allow a sticky leaf, as they check the socket's owner as well.
+
+def _guarded(st: os.stat_result, where: str, uid: int, strict: bool) -> bool:
+    """TrustError unless directory `where` belongs to root or `uid` and lets no one else replace
+    what is in it; True when that holds only as it is sticky (like /tmp: each entry's owner keeps it).
+    strict: no sticky directory will do (a directory whose entries others may add to, the leaf's)."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise TrustError(0, f"{where} is not a directory")
+    if not _owner_ok(st, uid):
+        raise TrustError(0, f"directory {where} belongs to uid {st.st_uid}, not to root or uid {uid}")
+    if st.st_mode & 0o022:
+        if strict or not st.st_mode & stat.S_ISVTX:
+            raise TrustError(0, f"directory {where} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+        return True
+    return False
+
+
+def resolve_trusted(path: Path | str, uid: int) -> str:
+    """The real path of `path`, resolved one component at a time as the kernel will resolve it, with
+    TrustError unless no one but root and `uid` can change where it leads: every directory it takes
+    an entry from (each link's own directory and the ones its target leads through, as well as those
+    of the path as written) belongs to one of them and is not writable by group or others, unless it
+    is sticky (like /tmp) and the entry taken from it (a directory, a link, the last one) is theirs.
+
+    Checking only the path as written and the real path missed a link on the way: a link in another
+    user's directory (or that user's own link in /tmp) that leads to root's file passed, and its
+    owner could point it elsewhere between the check and the use."""
+    text = os.fspath(path)
+    here = "/" if text.startswith("/") else os.path.realpath(".")
+    todo = [part for part in reversed(text.split("/")) if part not in ("", ".")]
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == "..":
+            here = os.path.dirname(here)  # `here` is real: its parent is what the kernel's .. reaches
+            continue
+        try:
+            sticky = _guarded(os.lstat(here), here, uid, strict=False)
+            entry = os.path.join(here, name)
+            st = os.lstat(entry)
+        except OSError as e:
+            raise TrustError(e.errno, f"{e.filename or here}: {e.strerror}") from None
+        if sticky and not _owner_ok(st, uid):
+            raise TrustError(0, f"{entry} belongs to uid {st.st_uid}, not to root or uid {uid}, in sticky {here}")
+        if not stat.S_ISLNK(st.st_mode):
+            here = entry
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise TrustError(40, f"{text}: more than {MAX_LINKS} symbolic links")  # ELOOP
+        target = os.readlink(entry)
+        if target.startswith("/"):
+            here = "/"
+        todo.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
+    return here
+
+
+def check_dirs(path: Path, uid: int, *, strict_leaf: bool) -> None:
+    """Every directory `path` leads through, and `path` itself, belongs to root or `uid`, and none
+    lets others replace what is in it: not group- or other-writable, unless sticky (like /tmp) above
+    the leaf and what is taken from it is theirs (resolve_trusted: the links on the way included).
+
+    strict_leaf: `path` itself may not be group- or other-writable even if sticky (the IRMd's own
+    socket directory); clients allow a sticky leaf, as they check the socket's owner as well.
     """
-    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
-        here, leaf = Path(start), True
-        while True:
-            try:
-                st = os.lstat(here)
-            except OSError as e:
-                raise TrustError(e.errno, e.strerror) from None
-            if not stat.S_ISLNK(st.st_mode):  # a link's directory is what guards it, checked next
-                if not stat.S_ISDIR(st.st_mode):
-                    raise TrustError(0, f"{here} is not a directory")
-                if not _owner_ok(st, uid):
-                    raise TrustError(0, f"directory {here} belongs to uid {st.st_uid}, not to root or uid {uid}")
-                if st.st_mode & 0o022 and ((strict_leaf and leaf) or not st.st_mode & stat.S_ISVTX):
-                    raise TrustError(0, f"directory {here} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-            if here.parent == here:
-                break
-            here, leaf = here.parent, False
+    real = resolve_trusted(path, uid)
+    try:
+        st = os.lstat(real)
+    except OSError as e:
+        raise TrustError(e.errno, e.strerror) from None
+    _guarded(st, real, uid, strict=strict_leaf)
 
 
 def read_trusted(path: Path, uid: int) -> str:
@@ -81,7 +128,7 @@ def read_trusted(path: Path, uid: int) -> str:
             raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
         if st.st_mode & 0o022:
             raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-        check_dirs(Path(os.path.abspath(path)).parent, uid, strict_leaf=False)
+        resolve_trusted(path, uid)  # the directories and links on the way to it: none another user's to turn
         return f.read().decode()
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from transports.unix import TrustError, resolve_trusted
+
 KEY_TYPE = "ed25519"
 PRIVATE_TAG = "netplumb-ed25519-private"
 KEY_SIZE = 32
@@ -90,13 +92,12 @@ def check_trusted_file(path: Path, st: os.stat_result) -> None:
         raise KeyFileError(f"{path}: owned by uid {st.st_uid}, not by uid {me} or root: refusing it")
     if mode & 0o022:
         raise KeyFileError(f"{path}: mode {mode:04o} is writable by group or others: refusing it (chmod go-w {path})")
-    for d in Path(os.path.realpath(path)).parents:
-        dst = os.stat(d)
-        dmode = stat.S_IMODE(dst.st_mode)
-        if dst.st_uid not in (0, me) or (dmode & 0o022 and not dmode & stat.S_ISVTX):
-            raise KeyFileError(
-                f"{path}: its directory {d} (mode {dmode:04o}, uid {dst.st_uid}) lets others replace it: refusing it"
-            )
+    # Every directory and link on the way, as the kernel resolves the path: a link of another user's
+    # there (to a file of root's) is that user's to turn to another.
+    try:
+        resolve_trusted(path, me)
+    except TrustError as e:
+        raise KeyFileError(f"{path}: {e.strerror}, which lets others replace it: refusing it") from None
 
 
 def fingerprint(public: bytes) -> str:

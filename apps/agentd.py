@@ -16,10 +16,10 @@ import signal
 import socket
 import sys
 
+from apps import ids
 from apps.accounts import Creds
 
 PR_SET_PDEATHSIG = 1
-PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 REQUEST = b"c"
 
@@ -35,26 +35,15 @@ def _shed(control: int) -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.closerange(3, control)
-    os.closerange(control + 1, 1 << 20)
+    os.closerange(control + 1, 2**31 - 1)  # close_range(2): whatever RLIMIT_NOFILE allowed
 
 
 def _become(creds: Creds) -> None:
-    """All of the process's ids become the client's; fails closed. A change of the effective id
-    resets the dumpable flag to fs.suid_dumpable: where that is 1, the client could trace us and
-    read the server's memory we inherited. So the saved uid stays root until the flag is cleared
-    again (ptrace and /proc/PID/mem need all three uids to be the tracer's), and only then goes:
-    a change of the saved uid alone leaves the flag as it is."""
-    os.setgroups(list(creds.groups))
-    os.setresgid(creds.gid, creds.gid, creds.gid)
-    os.setresuid(creds.uid, creds.uid, 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "cannot make the agent undumpable")
-    os.setresuid(creds.uid, creds.uid, creds.uid)
-    if os.getresuid() != (creds.uid,) * 3 or os.getresgid() != (creds.gid,) * 3:
-        raise OSError("credentials did not change")
-    if libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "the agent became dumpable again")
+    """All of the process's ids become the client's, and it stays untraceable by the client; fails
+    closed (apps.ids). The parent-death signal the switch clears is set again."""
+    ids.become(creds.uid, creds.gid, creds.groups)
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot die with the server")
 
 
 def serve(control: socket.socket, irmd_sock: str, via: str | None = None) -> None:

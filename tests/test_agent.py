@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import types
 from pathlib import Path
@@ -17,6 +18,7 @@ from apps.accounts import Creds
 from apps.agent import Agent, AgentError
 
 SUID_DUMPABLE = Path("/proc/sys/fs/suid_dumpable")
+PR_GET_PDEATHSIG = 2
 NOBODY = 65534
 
 
@@ -55,7 +57,7 @@ def test_the_agent_is_never_the_clients_to_trace_while_it_switches(monkeypatch: 
     Every id change the agent makes is followed here by a look at the flag and the uids."""
     import ctypes
 
-    from apps import agentd
+    from apps import agentd, ids
 
     libc = ctypes.CDLL(None, use_errno=True)
     states: list[tuple[tuple[int, int, int], int]] = []
@@ -63,7 +65,7 @@ def test_the_agent_is_never_the_clients_to_trace_while_it_switches(monkeypatch: 
 
     def setresuid(r: int, e: int, s: int) -> None:
         real(r, e, s)
-        states.append((os.getresuid(), libc.prctl(agentd.PR_GET_DUMPABLE, 0, 0, 0, 0)))
+        states.append((os.getresuid(), libc.prctl(ids.PR_GET_DUMPABLE, 0, 0, 0, 0)))
 
     old = SUID_DUMPABLE.read_text()
     read, write = os.pipe()
@@ -76,7 +78,9 @@ def test_the_agent_is_never_the_clients_to_trace_while_it_switches(monkeypatch: 
                 os.close(read)
                 monkeypatch.setattr(os, "setresuid", setresuid)
                 agentd._become(Creds(NOBODY, NOBODY, (NOBODY,)))
-                os.write(write, json.dumps(states).encode())
+                deathsig = ctypes.c_int()
+                libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(deathsig), 0, 0, 0)  # the switch cleared it
+                os.write(write, json.dumps([states, deathsig.value]).encode())
                 code = 0
             finally:
                 os._exit(code)
@@ -87,7 +91,8 @@ def test_the_agent_is_never_the_clients_to_trace_while_it_switches(monkeypatch: 
     finally:
         SUID_DUMPABLE.write_text(old)
     assert os.waitstatus_to_exitcode(status) == 0, seen
-    switched = json.loads(seen)
+    switched, deathsig = json.loads(seen)
+    assert deathsig == signal.SIGKILL  # it still dies with the server's thread that forked it
     assert switched and switched[-1] == [[NOBODY] * 3, 0]  # the client's, undumpable
     assert all(dumpable == 0 for uids, dumpable in switched if uids == [NOBODY] * 3), switched
 

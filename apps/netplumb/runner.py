@@ -9,7 +9,6 @@ when netplumbd says stop or goes away.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from apps import ids
 from apps.netplumb import privsep
 from apps.netplumb.endpoints import EndpointError, Endpoints, open_fifo
 from apps.netplumb.jobs import CommandJob, Exe, Job, Launch, describe_status
@@ -28,7 +28,6 @@ from apps.netplumb.recipe import RecipeError, RecipeJob, parse_recipe
 MAX_PLAN = 4 << 20
 LOGIN_DEFS = Path("/etc/login.defs")
 DEFAULT_UMASK = 0o022  # login's own default, where login.defs names none
-PR_SET_DUMPABLE = 4
 
 
 class Session:
@@ -165,27 +164,6 @@ def _why(e: Exception) -> str:
     return f"the session runner failed: {type(e).__name__}: {e}"
 
 
-def become(uid: int, gid: int, groups: list[int]) -> None:
-    """Take the user's uid, gid and groups for good (real, effective and saved), and check that
-    there is no way back, as OpenSSH's permanently_set_uid does."""
-    if (uid, gid) != (os.geteuid(), os.getegid()):
-        os.setgroups(groups)
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        if uid != 0:
-            try:
-                os.setuid(0)
-            except PermissionError:
-                pass
-            else:
-                raise RuntimeError("could regain root after dropping it")
-    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-        raise RuntimeError(f"could not become uid {uid}, gid {gid}")
-    # No ptrace and no core dump of this process by the user it now is: it holds netplumbd's socket.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
 def login_umask(defs: Path = LOGIN_DEFS) -> int:
     """The umask a login gets here: login.defs' UMASK (as login and pam_umask read it), else 022.
     A session's files are the user's, not made with whatever umask netplumbd was started under
@@ -206,7 +184,7 @@ def main() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         plan = json.loads(sys.stdin.buffer.read(MAX_PLAN))
-        become(plan["uid"], plan["gid"], plan["groups"])
+        ids.become(plan["uid"], plan["gid"], plan["groups"])
         os.umask(login_umask())
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)

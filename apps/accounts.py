@@ -1,5 +1,5 @@
-"""Local accounts and the kernel credentials work for a client runs with: a uid's account and
-groups as login makes them, and the anonymous account a root server lends to the unnamed.
+"""Local accounts and the kernel credentials work for a client runs with: a process's ids as the
+kernel vouches for them, a uid's account and groups as login makes them, and the anonymous account.
 """
 
 from __future__ import annotations
@@ -60,9 +60,18 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
+def user_for_creds(uid: int, gid: int, groups: tuple[int, ...]) -> User:
+    """A process as the kernel vouches for it (SO_PEERCRED's uid and gid, SO_PEERGROUPS): exactly
+    those ids, whatever the accounts database says its user may hold (a process may have dropped
+    groups, or run with another gid). The database only names them."""
+    gids = tuple(sorted({gid, *groups}))
+    return User(user_name(uid), uid, gid, gids, frozenset(group_name(g) for g in gids))
+
+
 def user_for_uid(uid: int) -> User:
     """The account of `uid` with its groups, as login and sshd make them (initgroups), read
     again after at most ACCOUNT_TTL: a group the user was taken out of is not lent on for long.
+    For a user a server authenticated; a local process is what the kernel says (user_for_creds).
 
     A uid without an account gets the anonymous group and no others.
     """

@@ -79,6 +79,9 @@ class Flow:
         self.qos = reply.qos
         # Who allocated the flow, as the kernel told the IRMd: set only when both ends are on this host.
         self.peer_uid: int | None = reply.peer_uid if reply.peer_uid >= 0 else None
+        self.peer_gid: int | None = reply.peer_gid if reply.peer_gid >= 0 else None
+        # None: not known (the peer is remote or acts as another user, or its groups were not carried)
+        self.peer_groups: tuple[int, ...] | None = None if reply.peer_groups is None else tuple(reply.peer_groups)
         self.peer_pid: int | None = reply.peer_pid or None
         self._irm = irm
         # The kernel says what the socket is: an AF_UNIX pair on most layers, but a udp layer hands the

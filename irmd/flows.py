@@ -74,7 +74,7 @@ class Flows:
     async def proc_announce(self, c: Client, msg: m.ProcAnnounce, _: list[int]) -> m.Ok:
         c.prog = msg.prog  # a label only: who it is, the kernel says (read again: it may have exec'd)
         if c.conn_id:
-            fresh = read_peer(c.pid, c.uid, c.peer.gid)
+            fresh = read_peer(c.pid, c.uid, c.peer.gid, c.peer.groups)  # the ids are the socket's: they stay
             if fresh.start == c.peer.start:
                 c.peer = fresh
         await self.irmd.notify_acceptors()
@@ -133,8 +133,8 @@ class Flows:
         # first check while their names were being resolved (several layers asked), none counted yet.
         self.limit_flows(c.uid)
         flow = self.reg.new_flow(
-            owner=c.conn_id, pid=c.pid, uid=c.uid, name=msg.name, layer=ipcp.layer, ipcp=ipcp.name,
-            qos=msg.qos, role="src",
+            owner=c.conn_id, pid=c.pid, uid=c.uid, gid=c.peer.gid, groups=c.peer.groups, name=msg.name,
+            layer=ipcp.layer, ipcp=ipcp.name, qos=msg.qos, role="src",
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
         where = f"flow to {msg.name!r} via {ipcp.layer!r}"
@@ -472,8 +472,9 @@ class Flows:
             # OAP: checked, answered; a request from this host's own allocation was never on a wire
             answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s, replay=src is None)
         flow = self.reg.new_flow(
-            owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, name=entry.name, layer=ipcp.layer,
-            ipcp=ipcp.name, qos=qos, role="dst", mtu=mtu,
+            owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, gid=acceptor.peer.gid,
+            groups=acceptor.peer.groups, name=entry.name, layer=ipcp.layer, ipcp=ipcp.name, qos=qos, role="dst",
+            mtu=mtu,
         )  # fmt: skip
         flow.advance(FlowEvent.ALLOCATED)
         flow.fd = os.dup(fd)
@@ -487,6 +488,8 @@ class Flows:
                 src.uid if src else -1,
                 src.pid if src else 0,
                 no_wire=ipcp.type == "local",
+                peer_gid=src.gid if src else -1,
+                peer_groups=list(src.groups) if src and src.groups is not None else None,
             )
         )
         waiting = next((f for f in acceptor.accepts if not f.done()), None)

@@ -1,5 +1,5 @@
-"""Who a local process is, as the kernel says: SO_PEERCRED's uid and pid, /proc's exe, argv and start
-time; and whether such a process runs a bound program. Never what the process announces.
+"""Who a local process is, as the kernel says: SO_PEERCRED's ids and SO_PEERGROUPS, /proc's exe, argv
+and start time; and whether such a process runs a bound program. Never what the process announces.
 
 A pid alone is no identity (pids are reused): with its start time it names one process for good.
 """
@@ -14,6 +14,10 @@ import stat
 import struct
 import threading
 
+from proto.messages import MAX_PEER_GROUPS
+from transports.ratelog import RateLog
+from transports.unix import peer_groups
+
 log = logging.getLogger(__name__)
 
 SHEBANG_MAX = 256  # bytes of a script's first line we read (Linux reads at most 256 too)
@@ -22,6 +26,7 @@ ARGV_MAX = 64 * 1024  # bytes of a process's argv read
 ARGV_WAIT = 0.2  # seconds the caller waits for them
 ARGV_STUCK = 4  # reads of argv that may be stuck at once: past them argv is not read (the script rule fails)
 _argv_readers = threading.BoundedSemaphore(ARGV_STUCK)
+_UNKNOWN_GROUPS = RateLog(rate=0.1, burst=2, logger=log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,9 @@ class Peer:
     argv: tuple[str, ...] = ()
     cwd: str = ""
     ancestors: tuple[tuple[int, int], ...] = ()  # (pid, start time) of its parent, grandparent, ...
+    # Its supplementary groups when it connected (SO_PEERGROUPS, at most MAX_PEER_GROUPS); None: not
+    # known, or gid is not the kernel's (-1: the connection acts as another user, ActAs)
+    groups: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,16 +109,32 @@ def proc_uids(pid: int) -> tuple[int, int] | None:
 
 def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process that connected `sock`, from the kernel (SO_PEERCRED)."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))  # struct ucred
     return pid, uid, gid
 
 
+def peer_groups_of(sock: socket.socket, pid: int) -> tuple[int, ...] | None:
+    """The supplementary groups of the process that connected `sock` (pid `pid`), from the kernel
+    (SO_PEERGROUPS), or None (logged) if they cannot be carried: no rights are then granted on them."""
+    groups = peer_groups(sock, MAX_PEER_GROUPS)
+    if groups is None:
+        _UNKNOWN_GROUPS.log(
+            "the supplementary groups of pid %d are not known (a kernel before 4.13, or more than %d): "
+            "its flows carry none",
+            pid,
+            MAX_PEER_GROUPS,
+            level=logging.WARNING,
+        )
+    return groups
+
+
 def peer_of(sock: socket.socket) -> Peer:
-    """The process that connected `sock`, from the kernel: SO_PEERCRED, then /proc."""
-    return read_peer(*peer_cred(sock))
+    """The process that connected `sock`, from the kernel: SO_PEERCRED and SO_PEERGROUPS, then /proc."""
+    pid, uid, gid = peer_cred(sock)
+    return read_peer(pid, uid, gid, peer_groups_of(sock, pid))
 
 
-def read_peer(pid: int, uid: int, gid: int) -> Peer:
+def read_peer(pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = None) -> Peer:
     start = proc_start(pid)
     try:
         exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
@@ -124,8 +148,8 @@ def read_peer(pid: int, uid: int, gid: int) -> Peer:
         cwd = ""
     ancestors = proc_ancestors(pid)
     if proc_start(pid) != start:  # it exec'd or went while we read: trust none of it
-        return Peer(pid, uid, gid)
-    return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors)
+        return Peer(pid, uid, gid, groups=groups)  # the ids are the socket's: they stay
+    return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors, groups)
 
 
 def proc_argv(pid: int) -> bytes:

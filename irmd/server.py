@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from irmd import policy
-from irmd.identity import Peer, peer_cred, read_peer
+from irmd.identity import Peer, peer_cred, peer_groups_of, read_peer
 from irmd.policy import Caller
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
@@ -189,7 +189,7 @@ class Server:
             return
         if not policy.is_admin(uid, self.irmd.uid):
             refuse_rights(conn)  # users pass no descriptors: only IPCPs' arriving flows carry them
-        peer = read_peer(pid, uid, gid)  # /proc read only for connections served
+        peer = read_peer(pid, uid, gid, peer_groups_of(conn, pid))  # /proc read only for connections served
         self._conn_ids += 1
         client = Client(self._conn_ids, peer, Caller.of(uid, self.irmd.uid))
 
@@ -262,14 +262,17 @@ class Server:
             if not 0 <= msg.uid < 1 << 32:
                 raise InvalidArgument(f"bad uid {msg.uid}")
             log.info("conn%d (pid %d, uid %d) acts as uid %d from now on", c.conn_id, c.pid, c.uid, msg.uid)
-            c.peer = dataclasses.replace(c.peer, uid=msg.uid)
+            # The kernel's gid and groups are the server's, not the user's: the user's flows carry none
+            # (its servers take its account's, as login does for a user it authenticated).
+            c.peer = dataclasses.replace(c.peer, uid=msg.uid, gid=-1, groups=None)
             c.caller = Caller.of(msg.uid, self.irmd.uid)
         return m.Ok()
 
     async def serve_locally(self, msg: Message) -> tuple[Message, Sequence[int]]:
         """A request made from within (the config boot): the IRMd's own user asks."""
         if self._local is None:
-            me = read_peer(os.getpid(), self.irmd.uid, os.getegid())
+            own = tuple(os.getgroups())
+            me = read_peer(os.getpid(), self.irmd.uid, os.getegid(), own if len(own) <= m.MAX_PEER_GROUPS else None)
             self._local = Client(0, me, Caller.of(self.irmd.uid, self.irmd.uid))
         return await self.dispatch(self._local, msg, [])
 

@@ -56,6 +56,11 @@ class Table(Message):
 
 # -- application <-> IRMd -------------------------------------------------------
 
+GID_MAX = (1 << 32) - 2  # gid_t; (gid_t)-1 is no group
+# Supplementary groups a FlowReply carries: 5 bytes each at most, 20 KB of MAX_BODY. The kernel
+# allows NGROUPS_MAX (65536), more than a frame holds; a process with more has them not carried.
+MAX_PEER_GROUPS = 4096
+
 
 @reg
 @dataclass
@@ -110,6 +115,20 @@ class FlowReply(Message):
     # The flow never leaves this host's kernel (a local layer): no bit errors for a CRC to find, so
     # ber 0 adds none (as Linux skips checksums on loopback); the application's QoS still says ber 0.
     no_wire: bool = False
+    # The allocator's gid (SO_PEERCRED) and supplementary groups (SO_PEERGROUPS), carried as peer_uid
+    # is; -1: the kernel's gid is not the uid's (a server acting as a user it authenticated: ActAs).
+    # Groups None: not known (kernel before 4.13, more than MAX_PEER_GROUPS): grant none on them.
+    peer_gid: int = -1
+    peer_groups: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.peer_gid <= GID_MAX:
+            raise ValueError(f"peer_gid {self.peer_gid} is no gid")
+        if self.peer_groups is not None:
+            if len(self.peer_groups) > MAX_PEER_GROUPS:
+                raise ValueError(f"peer_groups: {len(self.peer_groups)} groups, at most {MAX_PEER_GROUPS}")
+            if not all(0 <= g <= GID_MAX for g in self.peer_groups):
+                raise ValueError("peer_groups: a gid out of range")
 
 
 @reg

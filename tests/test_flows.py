@@ -770,10 +770,12 @@ def test_one_program_started_for_two_names_serves_each_with_its_own_arguments(
 
 
 def test_acceptor_learns_who_allocated_a_local_flow(pair: Pair) -> None:
-    """The kernel's word (SO_PEERCRED at the IRMd), not anything the allocator said."""
+    """The kernel's word (SO_PEERCRED and SO_PEERGROUPS at the IRMd), not anything the allocator said."""
     cli, srv = pair
     assert (srv.peer_uid, srv.peer_pid) == (os.getuid(), os.getpid())
+    assert (srv.peer_gid, srv.peer_groups) == (os.getegid(), tuple(sorted(os.getgroups())))
     assert (cli.peer_uid, cli.peer_pid) == (None, None)  # the allocator learns nothing of the acceptor here
+    assert (cli.peer_gid, cli.peer_groups) == (None, None)
 
 
 # -- who accepts --------------------------------------------------------------------

@@ -4,6 +4,7 @@ and which processes run a bound program, binary or script."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import irmd.identity
 from irmd.identity import Peer, Program, peer_of, proc_start, proc_uids, program_of, read_peer, runs
+from transports.unix import peer_groups
 
 PYTHON = os.path.realpath(sys.executable)
 
@@ -24,6 +27,40 @@ def test_the_kernel_names_the_peer_of_a_socket() -> None:
     assert (me.pid, me.uid, me.gid) == (os.getpid(), os.geteuid(), os.getegid())
     assert me.exe == PYTHON and me.start == proc_start(os.getpid()) > 0
     assert me.cwd == os.getcwd()
+    assert me.groups == tuple(sorted(os.getgroups()))
+
+
+CONNECTS = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.recv(1)"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="starting a process with other groups needs root"
+)
+@pytest.mark.timeout(30)
+def test_the_kernel_names_the_gid_and_groups_a_peer_connected_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not its account's: a process holds the ids it was given (setgid, setgroups), whatever the
+    accounts database says; a gid past 2**31 is one too. Groups past the bound are not known."""
+    path = str(tmp_path / "sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(20)
+        child = subprocess.Popen(
+            ["setpriv", "--regid=3000000000", "--groups=4243,4244", sys.executable, "-c", CONNECTS, path]
+        )
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                peer = peer_of(conn)
+                assert (peer.pid, peer.uid, peer.gid, peer.groups) == (child.pid, 0, 3000000000, (4243, 4244))
+                assert peer_groups(conn, 2) == (4243, 4244) and peer_groups(conn, 1) is None
+                monkeypatch.setattr(irmd.identity, "MAX_PEER_GROUPS", 1)
+                assert peer_of(conn).groups is None  # more than a flow carries: known to no one
+        finally:
+            child.kill()
+            child.wait()
 
 
 def test_a_process_gone_has_no_start_time_nor_uids() -> None:

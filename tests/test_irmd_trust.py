@@ -788,6 +788,69 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
     assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr
 
 
+# -- who allocated a flow: the kernel's ids, never the account's ------------------------------------------
+
+WHO_ACCEPTS = r"""
+import json, os, sys
+from flowlib import flow_accept
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+irm = IrmClient()
+call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
+call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
+print("ready", flush=True)
+while True:
+    f = flow_accept(irm=irm)
+    groups = None if f.peer_groups is None else list(f.peer_groups)
+    print(json.dumps([f.peer_uid, f.peer_gid, groups]), flush=True)
+    f.close()
+"""
+
+ALLOCATES = r"""
+import sys
+from flowlib import flow_alloc, qos
+from flowlib.irm import IrmClient
+from proto.control import act_as
+irm = IrmClient()
+if len(sys.argv) > 2:
+    act_as(irm.channel, int(sys.argv[2]))
+flow_alloc(sys.argv[1], qos=qos.raw, timeout=10, irm=irm).close()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_flow_carries_the_gid_and_groups_its_allocator_has_not_its_accounts(host: IrmdProc) -> None:
+    """SO_PEERCRED's gid and SO_PEERGROUPS, as the process holds them: one that dropped its groups
+    (or runs with another gid) is carried so; a root server acting as a user carries no kernel ids."""
+    acceptor = subprocess.Popen(
+        [str(BIN / "python"), "-c", WHO_ACCEPTS, "who"], env=host.env, stdout=subprocess.PIPE, text=True, cwd="/"
+    )
+    try:
+        assert acceptor.stdout is not None and acceptor.stdout.readline() == "ready\n"
+        allocators = [  # (setpriv ids, extra arguments) -> what the acceptor learns
+            ([f"--regid={NOBODY}", "--clear-groups"], (), [NOBODY, NOBODY, []]),
+            (["--regid=4242", "--groups=4243,3000000000"], (), [NOBODY, 4242, [4243, 3000000000]]),
+            ([f"--regid={NOBODY}", "--groups=0"], (), [NOBODY, NOBODY, [0]]),
+        ]
+        for ids, extra, want in allocators:
+            r = subprocess.run(
+                ["setpriv", f"--reuid={NOBODY}", *ids, str(BIN / "python"), "-c", ALLOCATES, "who", *extra],
+                env=as_nobody_env(host.env), capture_output=True, text=True, timeout=30, cwd="/",
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert json.loads(acceptor.stdout.readline()) == want, ids
+        # root acting as uid 65534 (a server for a user it authenticated): the kernel's ids are root's
+        r = subprocess.run(
+            [str(BIN / "python"), "-c", ALLOCATES, "who", str(NOBODY)],
+            env=host.env, capture_output=True, text=True, timeout=30, cwd="/",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert json.loads(acceptor.stdout.readline()) == [NOBODY, None, None]
+    finally:
+        acceptor.kill()
+        acceptor.wait()
+
+
 # -- the general rule: whatever a user may not ask is refused, new kinds included -------------------------
 
 

@@ -603,8 +603,15 @@ def test_open_beneath_holds_while_a_directory_is_swapped_for_a_link(tmp_path: Pa
 ANON = Creds(65534, 65534)
 
 
+# alice's process that dropped her group 6000 (setpriv --clear-groups, a service's restricted groups)
+ALICE_DROPPED = User("alice", 5001, 5001, (5001,), frozenset({"alice"}))
+ALICE_IN_6000 = User("alice", 5001, 5001, (5001, 6000), frozenset({"alice", "6000"}))
+ALICE_AS_6000 = User("alice", 5001, 6000, (5001, 6000), frozenset({"alice", "6000"}))  # gid 6000, 5001 a group
+
+
 @pytest.mark.parametrize(("euid", "user", "creds", "as_user"), [
     (0, ALICE, Creds(5001, 5001, (5001,)), True),  # root works as each local user
+    (0, ALICE_AS_6000, Creds(5001, 6000, (5001, 6000)), True),  # with the ids the kernel vouched for
     (0, user_for_uid(0), Creds(0, 0, user_for_uid(0).groups), True),
     (0, NONE, ANON, False),  # and as nobody for anonymous clients, who may not act
     (5001, ALICE, None, True),  # a user's own server works as itself for that user
@@ -612,8 +619,22 @@ ANON = Creds(65534, 65534)
     (5001, NONE, None, False),
 ])  # fmt: skip
 def test_policy_rights(euid: int, user: User, creds: Creds | None, as_user: bool) -> None:
-    rights = Policy(euid, ANON).rights(user)
+    rights = Policy(euid, ANON, egid=5001, groups=frozenset({5001})).rights(user)
     assert (rights.creds, rights.as_user) == (creds, as_user)
+
+
+@pytest.mark.parametrize(("user", "as_user"), [
+    (ALICE_IN_6000, True),  # the server's every id: it lends no more than the client holds
+    (ALICE_DROPPED, False),  # her process without group 6000 is not the server, which holds it
+    (ALICE_AS_6000, True),
+    (User("alice", 5001, 6000, (6000,), frozenset({"6000"})), False),  # nor one without the server's gid
+])  # fmt: skip
+def test_a_users_server_acts_for_its_user_only_with_every_group_it_holds(user: User, as_user: bool) -> None:
+    rights = Policy(5001, ANON, egid=5001, groups=frozenset({5001, 6000})).rights(user)
+    assert (rights.creds, rights.as_user) == (None, as_user)
+    if not as_user:
+        with pytest.raises(Exception, match="this server's groups are not all this connection's"):
+            Peer(user, Policy(5001, ANON, egid=5001, groups=frozenset({5001, 6000}))).require_acts("connect")
 
 
 def test_identity_comes_from_the_peer_uid_only() -> None:
@@ -623,6 +644,30 @@ def test_identity_comes_from_the_peer_uid_only() -> None:
     assert identify(0).name == user_for_uid(0).name and identify(0).uid == 0
     unknown = identify(3_999_999)
     assert unknown.name == "3999999" and unknown.gid == 65534  # no account: the anonymous group
+
+
+def test_a_local_peers_ids_are_the_kernels_not_its_accounts() -> None:
+    """The gid and groups the kernel vouched for: root's account has group 0; a root process
+    that dropped it, or runs with another gid, gets no more than it holds."""
+    from apps.styx.identity import identify
+
+    dropped = identify(0, 4242, ())
+    assert (dropped.name, dropped.uid, dropped.gid, dropped.groups) == (user_for_uid(0).name, 0, 4242, (4242,))
+    assert dropped.creds == Creds(0, 4242, (4242,)) and "root" not in dropped.group_names
+    more = identify(0, 0, [4243, 0])
+    assert (more.gid, more.groups) == (0, (0, 4243)) and more.group_names == {"root", "4243"}  # named where known
+    unknown = identify(3_999_999, 3_999_999, [])
+    assert (unknown.name, unknown.gid, unknown.groups) == ("3999999", 3_999_999, (3_999_999,))
+
+
+def test_a_local_peer_whose_groups_the_kernel_did_not_say_is_none() -> None:
+    """Its account's would lend it groups it may have dropped (a kernel before 4.13; more groups
+    than a flow carries); without a kernel gid (a root server acting as the user, ActAs) the
+    account's are the user's, as login gives them."""
+    from apps.styx.identity import identify
+
+    assert identify(0, 0, None) is NONE
+    assert identify(0, -1, None) == user_for_uid(0)
 
 
 def test_anonymous_peers_may_not_act() -> None:

@@ -1,13 +1,17 @@
 """Styx against an unprivileged local attacker (uid 65534 through setpriv), each attack beside
 the legitimate use it must not disturb: the IRMd's files and net/ judged as the flow's peer,
 the unix bridge carrying the peer, TCP clients as none, a root file server working as each
-client, and a symlink-swap race that must never lead outside the served root."""
+client with the ids the kernel vouches for (not its account's groups), and a symlink-swap race
+that must never lead outside the served root."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import grp
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -86,6 +90,13 @@ def as_nobody(irmd: IrmdProc, code: str, *args: str, timeout: float = 40) -> sub
         timeout=timeout,
         cwd="/",
     )
+
+
+def as_ids(irmd: IrmdProc, ids: list[str], code: str, *args: str, timeout: float = 40) -> dict[str, object]:
+    """The result of Python code run with the ids `ids` (setpriv's options) against `irmd`."""
+    env = dict(irmd.env, PYTHONPATH=str(CHECKOUT), PYTHONDONTWRITEBYTECODE="1")
+    argv = ["setpriv", *ids, sys.executable, "-c", code, *args]
+    return result(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd="/"))
 
 
 def result(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
@@ -446,6 +457,174 @@ def test_root_file_server_does_each_clients_file_access_as_that_client(open_irmd
             assert c.cat("secret.txt") == b"root only\n"
             c.put("drop/roots.txt", b"r")
         assert (export / "drop" / "roots.txt").stat().st_uid == 0
+    finally:
+        stop(proc)
+
+
+# -- a root file server works with the client's ids as the kernel has them, not its account's groups -----
+
+
+@dataclasses.dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int  # its primary group (its own)
+    member_of: int  # a group the accounts database lists it in
+
+
+@pytest.fixture
+def account() -> Iterator[Account]:
+    """A system user made for the test, that /etc/group lists as a member of a group made for it
+    too; both removed after."""
+    if shutil.which("useradd") is None or shutil.which("groupadd") is None:
+        pytest.skip("making a test account needs useradd and groupadd (shadow-utils)")
+    tag = f"{os.getpid()}{threading.get_native_id()}"[-12:]
+    user, group = f"styxu{tag}", f"styxg{tag}"
+
+    def run(*argv: str) -> None:
+        deadline = time.monotonic() + 20
+        while (r := subprocess.run(argv, capture_output=True, text=True, timeout=60)).returncode != 0:
+            # busy: the database locked by another tool, or (userdel) a session's agent not yet gone
+            assert time.monotonic() < deadline, f"{argv}: {r.stderr}"
+            time.sleep(0.2)
+
+    run("groupadd", "--system", group)
+    try:
+        run("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+            "--shell", "/usr/sbin/nologin", "--groups", group, user)  # fmt: skip
+        try:
+            pw = pwd.getpwnam(user)
+            member_of = grp.getgrnam(group).gr_gid
+            assert member_of in os.getgrouplist(user, pw.pw_gid)
+            yield Account(user, pw.pw_uid, pw.pw_gid, member_of)
+        finally:
+            run("userdel", user)  # its own group goes with it
+            with contextlib.suppress(KeyError):
+                grp.getgrnam(user)
+                run("groupdel", user)
+    finally:
+        run("groupdel", group)
+
+
+READS = r"""
+import json, sys
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user="root") as c:
+    for path in sys.argv[2:]:
+        try:
+            if path.startswith("+"):  # a file to make
+                c.put(path[1:], b"made")
+                out[path] = "made"
+            else:
+                out[path] = c.cat(path).decode()
+        except StyxClientError as e:
+            out[path] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def group_export(lab: Path, who: Account) -> Path:
+    """Files only a group may read: one of the group the account is listed in, one of its primary
+    group; and a directory the account may write to."""
+    export = lab / "export"
+    export.mkdir()
+    for name, gid in (("member.txt", who.member_of), ("primary.txt", who.gid)):
+        (export / name).write_text(f"{name} group only\n")
+        os.chown(export / name, 0, gid)
+        os.chmod(export / name, 0o640)
+    (export / "drop").mkdir()
+    os.chown(export / "drop", who.uid, who.gid)
+    return export
+
+
+DENIED = "error: 'member.txt' permission denied"
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_dropped_a_group_gets_none_of_its_files(open_irmd: IrmdProc, lab: Path, account: Account) -> None:
+    """The accounts database lists the user in a group; a process of that user without it (setpriv
+    --clear-groups, a service started with fewer groups) is served without it, as the kernel would
+    judge the process itself; the same user with the group, beside it, reads the group's file."""
+    export = group_export(lab, account)
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    try:
+        user = [f"--reuid={account.uid}", f"--regid={account.gid}"]
+        dropped = as_ids(open_irmd, [*user, "--clear-groups"], READS, "files", "member.txt", "primary.txt")
+        assert dropped == {"member.txt": DENIED, "primary.txt": "primary.txt group only\n"}
+        member = as_ids(open_irmd, [*user, f"--groups={account.member_of}"], READS, "files", "member.txt")
+        assert member == {"member.txt": "member.txt group only\n"}
+    finally:
+        stop(proc)
+
+
+@pytest.mark.timeout(120)
+def test_a_client_is_served_with_the_gid_it_runs_with_not_its_accounts(
+    open_irmd: IrmdProc, lab: Path, account: Account
+) -> None:
+    """A process of the user running with another gid (and no groups) has none of the rights of its
+    account's primary group, and what it makes is its gid's; one running with the gid of a group it
+    is not listed in (a setgid program's) has that group's."""
+    export = group_export(lab, account)
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    try:
+        other = [f"--reuid={account.uid}", f"--regid={NOBODY}", "--clear-groups"]
+        out = as_ids(open_irmd, other, READS, "files", "primary.txt", "+drop/made.txt")
+        assert out == {"primary.txt": "error: 'primary.txt' permission denied", "+drop/made.txt": "made"}
+        made = (export / "drop" / "made.txt").stat()
+        assert (made.st_uid, made.st_gid) == (account.uid, NOBODY)
+        os.chown(export / "member.txt", 0, NOBODY)  # now of the gid it runs with, a group it is not listed in
+        assert as_ids(open_irmd, other, READS, "files", "member.txt") == {"member.txt": "member.txt group only\n"}
+    finally:
+        stop(proc)
+
+
+@pytest.mark.timeout(120)
+def test_the_unix_bridge_carries_the_groups_its_client_has_not_its_accounts(
+    open_irmd: IrmdProc, lab: Path, account: Account
+) -> None:
+    """The bridge's flow for a client is allocated with the client's kernel ids (SO_PEERCRED and
+    SO_PEERGROUPS of its unix socket), not with its account's groups."""
+    export = group_export(lab, account)
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    path = lab / "files.9p"
+    bridge = start(open_irmd, "bridge", "--name", "files", "--listen", f"unix!{path}", log=lab / "gbridge.log")
+    try:
+        wait_for(path.exists, 10, "the unix bridge")
+        user = [f"--reuid={account.uid}", f"--regid={account.gid}"]
+        dropped = as_ids(open_irmd, [*user, "--clear-groups"], READS, f"unix!{path}", "member.txt", "primary.txt")
+        assert dropped == {"member.txt": DENIED, "primary.txt": "primary.txt group only\n"}
+        member = as_ids(open_irmd, [*user, f"--groups={account.member_of}"], READS, f"unix!{path}", "member.txt")
+        assert member == {"member.txt": "member.txt group only\n"}
+    finally:
+        stop(bridge)
+        stop(proc)
+
+
+@pytest.mark.timeout(120)
+def test_a_users_server_lends_its_groups_to_none_of_its_users_processes_that_dropped_them(
+    open_irmd: IrmdProc, lab: Path, account: Account
+) -> None:
+    """A server of the user, not root, cannot switch ids: it works as itself for that user only when
+    the client holds every group the server does; a process of the user without one is judged by
+    Plan 9's rules with its own groups. The user with the group, beside it, is the server's own."""
+    export = group_export(lab, account)
+    user = [f"--reuid={account.uid}", f"--regid={account.gid}"]
+    member = [*user, f"--groups={account.member_of}"]
+    with open(lab / "u.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["setpriv", *member, str(BIN / "styx"), "serve", "--root", str(export)],
+            env=open_irmd.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: b"serving" in (lab / "u.log").read_bytes() or proc.poll() is not None, 30, "styx serve")
+        assert proc.poll() is None, (lab / "u.log").read_text()
+        open_irmd.irm_ok("bind", "process", str(proc.pid), "name", "ufiles")
+        open_irmd.irm_ok("name", "register", "ufiles", "layer", "local")
+        dropped = as_ids(open_irmd, [*user, "--clear-groups"], READS, "ufiles", "member.txt", "primary.txt")
+        assert dropped == {"member.txt": DENIED, "primary.txt": "primary.txt group only\n"}
+        assert as_ids(open_irmd, member, READS, "ufiles", "member.txt") == {"member.txt": "member.txt group only\n"}
     finally:
         stop(proc)
 

@@ -110,9 +110,19 @@ def strategy(hint: Any) -> st.SearchStrategy[Any]:
     }[hint]
 
 
+# Fields a message bounds more narrowly than their type (a gid, a bounded list of them).
+FIELD_STRATEGIES: dict[tuple[type[m.Message], str], st.SearchStrategy[Any]] = {
+    (m.FlowReply, "peer_gid"): st.integers(-1, m.GID_MAX),
+    (m.FlowReply, "peer_groups"): st.none() | st.lists(st.integers(0, m.GID_MAX), max_size=4),
+}
+
+
 def message_strategy(cls: type[m.Message]) -> st.SearchStrategy[m.Message]:
     hints = typing.get_type_hints(cls)
-    return st.builds(cls, **{f.name: strategy(hints[f.name]) for f in dataclasses.fields(cls)})
+    return st.builds(
+        cls,
+        **{f.name: FIELD_STRATEGIES.get((cls, f.name), strategy(hints[f.name])) for f in dataclasses.fields(cls)},
+    )
 
 
 # -- round trips ----------------------------------------------------------------
@@ -335,6 +345,53 @@ def test_qos_value_out_of_range_is_rejected(value: int) -> None:
         CODEC.decode(packed_frame(m.FlowAlloc, {"name": "n", "qos": {"delay": value}}))
     with pytest.raises(WireError, match="qos"):
         JSON_CODEC.decode(json_frame(m.FlowAlloc, {"name": "n", "qos": {"delay": value}}))
+
+
+REPLY_BODY = {"flow_id": 1, "layer": "local", "mtu": 1400, "qos": {}}
+
+
+def test_a_flow_reply_carries_the_peers_gid_and_every_group_up_to_the_bound() -> None:
+    """The most groups a reply carries, each as large as a gid gets, beside a certificate: one frame."""
+    groups = list(range(m.GID_MAX - m.MAX_PEER_GROUPS + 1, m.GID_MAX + 1))
+    msg = m.FlowReply(
+        1, "local", 1400, qos.raw, "n", 5, 6, peer_crt=bytes(4096), peer_gid=m.GID_MAX, peer_groups=groups
+    )
+    assert CODEC.decode(CODEC.encode(msg)).msg == msg
+    dropped_all = m.FlowReply(1, "l", 1, qos.raw, peer_gid=0, peer_groups=[])  # no groups: not the same as None
+    assert JSON_CODEC.decode(JSON_CODEC.encode(dropped_all)).msg == dropped_all
+
+
+def test_a_flow_reply_without_the_peers_gid_and_groups_knows_neither() -> None:
+    """A reply of a remote flow, or of an IRMd before them: no gid, and groups not known (not none)."""
+    got = CODEC.decode(packed_frame(m.FlowReply, REPLY_BODY)).msg
+    assert isinstance(got, m.FlowReply) and (got.peer_gid, got.peer_groups) == (-1, None)
+
+
+OUT_OF_BOUNDS = [
+    ({"peer_groups": list(range(m.MAX_PEER_GROUPS + 1))}, f"{m.MAX_PEER_GROUPS + 1} groups, at most"),
+    ({"peer_groups": [4242, -1]}, "out of range"),
+    ({"peer_groups": [m.GID_MAX + 1]}, "out of range"),
+    ({"peer_gid": -2}, "no gid"),
+    ({"peer_gid": m.GID_MAX + 1}, "no gid"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [*OUT_OF_BOUNDS, ({"peer_groups": [True]}, "peer_groups"), ({"peer_groups": "1"}, "peer_groups")],
+)
+def test_a_flow_reply_with_a_gid_or_groups_out_of_bounds_is_rejected(fields: dict[str, Any], says: str) -> None:
+    with pytest.raises(WireError, match=f"FlowReply.*{says}"):
+        CODEC.decode(packed_frame(m.FlowReply, {**REPLY_BODY, **fields}))
+    with pytest.raises(WireError, match=f"FlowReply.*{says}"):
+        JSON_CODEC.decode(json_frame(m.FlowReply, {**REPLY_BODY, **fields}))
+
+
+@pytest.mark.parametrize(("fields", "says"), OUT_OF_BOUNDS)
+def test_a_flow_reply_out_of_bounds_is_not_made(fields: dict[str, Any], says: str) -> None:
+    """The IRMd cannot send one either: it fails where it is made, not at the application."""
+    with pytest.raises(ValueError, match=says):
+        m.FlowReply(1, "local", 1400, qos.raw, **fields)
 
 
 @pytest.mark.parametrize("text", ["zz", "abc", "0x12"])

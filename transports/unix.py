@@ -1,4 +1,5 @@
-"""Unix-domain socket plumbing: the IRMd socket path and who may own it, frames with passed fds.
+"""Unix-domain socket plumbing: the IRMd socket path and who may own it, frames with passed fds,
+what the kernel says of a peer.
 
 One SOCK_SEQPACKET packet carries one control frame; file descriptors ride
 along as SCM_RIGHTS ancillary data.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
+import errno
+import functools
 import os
 import select
 import socket
@@ -163,6 +167,8 @@ def check_socket(path: Path, uid: int | None = None) -> None:
 
 
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS sent to a socket
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13: the peer's supplementary groups
+NGROUPS_MAX = 65536  # the kernel's bound on a process's supplementary groups
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets at once, never waits
 
 
@@ -174,6 +180,27 @@ def seqpacket_pair(rights: bool = False) -> tuple[socket.socket, socket.socket]:
         for end in pair:
             refuse_rights(end)
     return pair
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def peer_groups(sock: socket.socket, limit: int = NGROUPS_MAX) -> tuple[int, ...] | None:
+    """The supplementary groups of the process that connected `sock`, as they were when it
+    connected (SO_PEERGROUPS; SO_PEERCRED's uid and gid are of the same moment). None when the
+    kernel does not say (before Linux 4.13) or they are more than `limit`: then no one knows them.
+
+    Asked of libc: Python's getsockopt reads at most 1024 bytes (256 groups)."""
+    buf = (ctypes.c_uint32 * max(limit, 1))()
+    size = ctypes.c_uint32(4 * limit)  # socklen_t
+    if _libc().getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(size)) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOPROTOOPT, errno.ERANGE):  # an older kernel; more groups than `limit`
+            return None
+        raise OSError(err, os.strerror(err))
+    return tuple(buf[: size.value // 4])
 
 
 def refuse_rights(sock: socket.socket) -> None:

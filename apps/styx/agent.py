@@ -49,6 +49,11 @@ class Peer:
             raise StyxError(
                 f"permission denied: {what} needs an identity from the stack; this connection has none (user none)"
             )
+        if self.user.uid == self.policy.euid:
+            raise StyxError(
+                f"permission denied: {what}: this server's groups are not all this connection's, "
+                f"and it cannot act as user {self.user.name} with fewer"
+            )
         raise StyxError(
             f"permission denied: {what}: this server runs as uid {self.policy.euid} "
             f"and cannot act as user {self.user.name}"

@@ -1,5 +1,6 @@
 """The bridge: third-party 9P clients on a TCP or unix socket, each relayed to a flow of its own
-to the served name, as who it is (unix: SO_PEERCRED, the flow allocated with its credentials)
+to the served name, as who it is (unix: SO_PEERCRED and SO_PEERGROUPS, the flow allocated with
+those credentials)
 or as the anonymous user none (TCP: the flow allocated as the anonymous account, every Tattach's
 user rewritten).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from apps.agent import AGENT_PROG, Agent, peer_pid
 from apps.styx import wire as w
-from apps.styx.identity import NONE, NONE_NAME, Policy, User, server_policy, user_for_uid
+from apps.styx.identity import NONE, NONE_NAME, Policy, User, identify, server_policy
 from apps.styx.serve import ACCEPT_BACKOFF, REFUSE_WAIT, Admission, refuse
 from apps.styx.server import DEFAULT_LIMITS, Limits
 from apps.styx.transport import (
@@ -33,7 +34,7 @@ from apps.styx.transport import (
 )
 from flowlib import Flow, FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient, default_client
-from transports.unix import irmd_sock_path, readable
+from transports.unix import irmd_sock_path, peer_groups, readable
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,12 @@ def listen(addr: str) -> socket.socket:
 
 
 def stream_user(conn: socket.socket) -> User:
-    """Who a bridged client is: the kernel's word for a unix socket's peer; none over TCP."""
+    """Who a bridged client is: the kernel's word for a unix socket's peer (its uid, gid and groups,
+    not its account's: it may have dropped some); none over TCP."""
     if conn.family != socket.AF_UNIX:
         return NONE
-    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return user_for_uid(uid)
+    _, uid, gid = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))  # struct ucred
+    return identify(uid, gid, peer_groups(conn))
 
 
 def as_none(data: bytes) -> bytes:

@@ -216,7 +216,7 @@ class Server:
                 log.warning("accepting a flow failed: %s", e)
                 time.sleep(ACCEPT_BACKOFF)
                 continue
-            user = identify(reply.peer_uid)
+            user = identify(reply.peer_uid, reply.peer_gid, reply.peer_groups)
             why = self.admission.enter(user)
             if why and not self.admission.may_answer():
                 log.info("flow %d of %s refused: %s", reply.flow_id, user.name, why)

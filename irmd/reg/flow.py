@@ -66,6 +66,8 @@ class Flow:
     state: FlowState = FlowState.PENDING
     mtu: int = 0
     uid: int = -1  # the owner's uid, from SO_PEERCRED
+    gid: int = -1  # and its gid (-1: acting as another user)
+    groups: tuple[int, ...] | None = None  # its supplementary groups, from SO_PEERGROUPS (None: not known)
     fd: int = -1  # the IRMd's copy of the application's end, to tear the flow down
     peer: int = 0  # the other end's flow id, when the local layer handed both ends to this IRMd
 

@@ -192,6 +192,7 @@ class Pair:
     our_ip: str
     c_dev: str
     procs: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list)
+    c_layer: tuple[str, ...] = ()  # how the C node's IPCP was bootstrapped (udp_layer), to make it anew
 
     def c_spawn(self, name: str, *args: str, bind: str = "") -> Path:
         """A C program (its output line by line in the file returned), bound to `bind` once it is up."""
@@ -216,14 +217,20 @@ class Pair:
         """A C server bound to `bind` and registered in the layer (its output's file), and a new one in
         its place each time the caller asks for another, C_TRIES at most: 0.23's udp4 IPCP may fail to
         send the answer to a flow request ("Failed to respond to flow request"), and the C server
-        then serves the flow it accepted for it (operf) or fails its accepts (-1003), taking no other."""
+        then serves the flow it accepted for it (operf) or fails its accepts (-1003), taking no other.
+        After that the IPCP itself may stop passing requests on ("IPCP alloc_resp timed out", then no
+        "Flow request arrived" for any try): from the third try on, the C node's IPCP is made anew."""
         for attempt in range(C_TRIES):
             if attempt:
                 self.procs[-1].kill()
                 self.procs[-1].wait()
                 time.sleep(C_PAUSE)
+            if attempt >= 2 and self.c_layer:
+                name_ = self.c_layer[self.c_layer.index("name") + 1]
+                self.c.ok("irm", "ipcp", "destroy", "name", name_)
+                self.c.bootstrap(*self.c_layer)
             out = self.c_spawn(f"{name}{attempt}", *args, bind=bind)
-            if not attempt:
+            if not attempt or (attempt >= 2 and self.c_layer):
                 self.c.ok("irm", "name", "reg", bind, "layer", LAYER)
             yield out
 
@@ -303,7 +310,8 @@ def pair(lab: Lab, c_ouroboros: Path) -> Iterator[Pair]:
 
 def udp_layer(p: Pair) -> None:
     """Both sides bootstrapped as the Ouroboros documentation does it: `type udp4 name u layer udp ip ADDR`."""
-    p.c.bootstrap("type", "udp4", "name", "u", "layer", LAYER, "ip", p.c_ip)
+    p.c_layer = ("type", "udp4", "name", "u", "layer", LAYER, "ip", p.c_ip)
+    p.c.bootstrap(*p.c_layer)
     p.ours.irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", LAYER, "ip", p.our_ip)
 
 

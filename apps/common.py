@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, ParamSpec
 
-from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
+from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, IrmdUnreachable, fevent, flow_alloc, qos
 from flowlib.qos import QosSpec
+from proto.errors import Code
 from proto.messages import DIRECT
 from proto.service import notify_ready
 
@@ -142,12 +143,36 @@ def fail(tool: str, err: Exception) -> NoReturn:
     sys.exit(1)
 
 
+# What C's clients print on stdout when flow_alloc fails (oping with the negative errno it got), and
+# their exit status: ocbr and oecho return -1 from main.
+ALLOC_FAILED = {
+    "oping": ("Failed to allocate flow: {errno}.", 1),
+    "operf": ("Failed to allocate flow.", 1),
+    "ocbr": ("Failed to allocate flow.", 255),
+    "oecho": ("Failed to allocate flow.", 255),
+}
+# The errno a C client gets from flow_alloc for each of our refusals (0.23's ENAME 1007, EIPCP 1003, ...).
+C_ERRNO = {Code.ENOENT: -1007, Code.ETIMEDOUT: -110, Code.EPERM: -1, Code.ECRYPT: -1008, Code.EAUTH: -1009}
+EIPCP = -1003  # what 0.23's irmd answers for any other failure of the IPCP or the peer
+
+
+def alloc_failed(tool: str, err: FlowError) -> NoReturn:
+    """A client's flow_alloc failed: C's line on stdout, for scripts that look for it, what went
+    wrong on stderr (ours), and C's status. No IRMd is said as every tool says it: C's fail to start."""
+    if isinstance(err, IrmdUnreachable) or tool not in ALLOC_FAILED:
+        fail(tool, err)
+    line, status = ALLOC_FAILED[tool]
+    print(line.format(errno=C_ERRNO.get(err.code, EIPCP) if err.code else EIPCP), flush=True)
+    print(f"{tool}: {err}", file=sys.stderr)
+    sys.exit(status)
+
+
 def alloc(tool: str, args: argparse.Namespace, timeout: float | None) -> Flow:
     """The client's flow to args.name (args.qos, args.encrypt); args.size cut to its MTU, as C's tools say."""
     try:
         flow = flow_alloc(args.name, qos=args.qos, timeout=timeout, encrypt=args.encrypt)
     except FlowError as e:
-        fail(tool, e)
+        alloc_failed(tool, e)
     if args.size > flow.mtu:
         print(f"Packet size truncated to {flow.mtu} bytes.")
         args.size = flow.mtu

@@ -91,3 +91,36 @@ def test_oechos_client_sends_its_message_as_a_c_string_as_cs_does(
     finally:
         client.kill()
         client.wait()
+
+
+# C's clients print one line on stdout when flow_alloc fails (oping with the errno it got: ENAME, 1007,
+# for a name no layer knows), and end with their status: 1, or 255 where main returns -1 (ocbr, oecho).
+# Ours say why on stderr as well.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("argv", "out", "code"),
+    [
+        (["oping", "-n", "nobody", "-c", "1"], "Failed to allocate flow: -1007.\n", 1),
+        (["operf", "-n", "nobody", "-d", "10"], "Failed to allocate flow.\n", 1),
+        (
+            ["ocbr", "-n", "nobody", "-d", "1"],
+            "Client started, duration 1, rate 1000000 b/s, size 1000 B.\nFailed to allocate flow.\n",
+            255,
+        ),
+        (["oecho", "-n", "nobody"], "Failed to allocate flow.\n", 255),
+    ],
+)
+def test_a_client_whose_flow_is_refused_prints_cs_line_and_exits_with_cs_status(
+    irmd: IrmdProc, local_layer: str, argv: list[str], out: str, code: int
+) -> None:
+    r = irmd.run(*argv)
+    assert (r.returncode, r.stdout) == (code, out), r.stdout + r.stderr
+    assert r.stderr.startswith(f"{argv[0]}: ") and "not found" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_or_writer_that_cannot_join_the_layer_exits_255_as_cs_obc(irmd: IrmdProc) -> None:
+    for argv in (["-n", "nolayer"], ["-l", "-n", "nolayer"]):
+        r = irmd.run("obc", *argv)
+        assert r.returncode == 255, r.stdout + r.stderr
+        assert "Failed to join broadcast" in r.stdout, r.stdout

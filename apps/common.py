@@ -55,6 +55,19 @@ def c_units(parse: Callable[[str], float], what: str) -> Callable[[str], float]:
     return check
 
 
+def c_long(text: str) -> int:
+    """A whole number as C's tools read theirs (strtol): its leading digits, what follows ignored
+    (`-d 10s` to ocbr is 10, `-s 100B` is 100), none at all 0."""
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+def c_decimal(text: str) -> float:
+    """As c_long, a fraction allowed (ours: `ocbr -d 1.5` is 1.5 s where C's reads 1)."""
+    match = re.match(r"\s*([+-]?\d+(?:\.\d+)?)", text)
+    return float(match.group(1)) if match else 0.0
+
+
 class CParser(argparse.ArgumentParser):
     """A tool's command line, as C's: options matched whole (unless `allow_abbrev`: getopt_long's tools
     take a prefix of a long option); on one it does not take, its usage on stdout and `usage_status`

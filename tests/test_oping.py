@@ -244,6 +244,16 @@ def test_the_count_is_cs_whole_ms_duration_over_interval(
     assert counted(*argv, monkeypatch=monkeypatch).count == count
 
 
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("argv", "count", "size"), [(("-c", "5x"), 5, 64), (("-c", "abc", "-s", "100B"), 0, 100)])
+def test_numbers_are_read_as_cs_strtol_reads_them(
+    argv: tuple[str, ...], count: int, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leading digits, whatever follows ignored, none 0: `-c 5x` pings 5 times, `-c abc` none."""
+    args = counted(*argv, monkeypatch=monkeypatch)
+    assert (args.count, args.size) == (count, size)
+
+
 def test_the_interval_is_cut_to_10_s_after_the_count_as_cs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,19 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, ParamSpec
 
-from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, IrmdUnreachable, fevent, flow_alloc, qos
+from flowlib import (
+    FLOWGTXQLEN,
+    Event,
+    EventQueue,
+    EventType,
+    Flow,
+    FlowError,
+    FlowSet,
+    IrmdUnreachable,
+    fevent,
+    flow_alloc,
+    qos,
+)
 from flowlib.qos import QosSpec
 from proto.errors import Code
 from proto.messages import DIRECT
@@ -209,6 +221,7 @@ def serve(
     max_flows: int = 0,
     greeting: str = "",
     new_flow: str = "New flow {}.",
+    ends: str = "said",
 ) -> None:
     """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM. `tool` is the
     program's name ("oping"): its errors say it, its banner the server's kind, as C's ("ping"),
@@ -217,8 +230,11 @@ def serve(
     `poll` spins on fevent without sleeping (C's `--poll`: lower latency, a core busy);
     `on_end` hears of each flow as it goes, before it is closed; `on_tick` of the time, every
     0.1 s at least; with `max_flows`, no more flows are taken while that many are open.
+    `ends` says how a flow ends: "said" ("Flow N deallocated." when its peer lets go), "silent"
+    (as C's oping server: nothing then, and "Flow N timed out." once it has been idle for
+    `idle_timeout`), or "after_reply" (as C's oecho server: one SDU answered, then the flow closed).
     """
-    server = Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows, new_flow)
+    server = Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows, new_flow, ends)
     server.run(poll, greeting or f"Ouroboros {tool.removeprefix('o')} server started.{banner}")
 
 
@@ -234,8 +250,10 @@ class Server:
         on_tick: Callable[[float], None] | None = None,
         max_flows: int = 0,
         new_flow: str = "New flow {}.",
+        ends: str = "said",
     ) -> None:
         self.tool = tool
+        self.ends = ends
         self.on_sdu = on_sdu
         self.on_end = on_end
         self.on_tick = on_tick
@@ -293,8 +311,14 @@ class Server:
                     flow.write(reply)
             except FlowError:
                 self._drop(flow)
+                return
+            if self.ends == "after_reply":
+                handed_over(flow)
+                self._drop(flow)
         elif ev.type is EventType.UP or flow in self.fset:  # FLOWFDOWN set or cleared: the flow stays
             print(f"Flow {flow.flow_id} {(ev.type.name or '').lower()}.", flush=True)
+        elif self.ends == "silent":  # its events have left the set: the idle reaper says it timed out
+            pass
         else:
             how = {EventType.DEALLOC: "deallocated", EventType.PEER: "lost its peer (FLOW_PEER)"}.get(ev.type, "down")
             print(f"Flow {flow.flow_id} {how}.", flush=True)
@@ -305,6 +329,14 @@ class Server:
         if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
             self.on_end(flow)
         flow.close()
+
+
+def handed_over(flow: Flow, within: float = 2.0) -> None:
+    """Until the layer has taken what was written to `flow` (at most `within` s): a flow closed at once
+    may take its last SDU with it."""
+    deadline = time.monotonic() + within
+    while flow.fccntl(FLOWGTXQLEN) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def rounds(tool: str, fset: FlowSet, fq: EventQueue, wait: float, stopped: Callable[[], bool]) -> Iterator[float]:

@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logs.setup("oecho", args, daemon=args.listen)
     if args.listen:
-        serve("oecho", reply, idle_timeout=10.0, greeting="Starting the server.", new_flow="New flow.")  # C's lines
+        serve(  # C's lines; as C's, one message a flow, then the flow is closed
+            "oecho", reply, idle_timeout=10.0, greeting="Starting the server.", new_flow="New flow.", ends="after_reply"
+        )
         return
     try:
         flow = flow_alloc(args.name, timeout=10.0)

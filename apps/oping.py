@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.busy:
             busy_server()
         else:
-            serve("oping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll)
+            serve(  # a flow its client let go is said nothing of, and times out, as C's
+                "oping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll, ends="silent"
+            )
         return
     if not args.name:
         print("No server specified.")

@@ -17,8 +17,21 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, ParamSpec
 
-from flowlib import Event, EventQueue, EventType, Flow, FlowError, FlowSet, fevent, flow_alloc, qos
+from flowlib import (
+    FLOWGTXQLEN,
+    Event,
+    EventQueue,
+    EventType,
+    Flow,
+    FlowError,
+    FlowSet,
+    IrmdUnreachable,
+    fevent,
+    flow_alloc,
+    qos,
+)
 from flowlib.qos import QosSpec
+from proto.errors import Code
 from proto.messages import DIRECT
 from proto.service import notify_ready
 
@@ -52,6 +65,19 @@ def c_units(parse: Callable[[str], float], what: str) -> Callable[[str], float]:
             sys.exit(1)
 
     return check
+
+
+def c_long(text: str) -> int:
+    """A whole number as C's tools read theirs (strtol): its leading digits, what follows ignored
+    (`-d 10s` to ocbr is 10, `-s 100B` is 100), none at all 0."""
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+def c_decimal(text: str) -> float:
+    """As c_long, a fraction allowed (ours: `ocbr -d 1.5` is 1.5 s where C's reads 1)."""
+    match = re.match(r"\s*([+-]?\d+(?:\.\d+)?)", text)
+    return float(match.group(1)) if match else 0.0
 
 
 class CParser(argparse.ArgumentParser):
@@ -142,12 +168,36 @@ def fail(tool: str, err: Exception) -> NoReturn:
     sys.exit(1)
 
 
+# What C's clients print on stdout when flow_alloc fails (oping with the negative errno it got), and
+# their exit status: ocbr and oecho return -1 from main.
+ALLOC_FAILED = {
+    "oping": ("Failed to allocate flow: {errno}.", 1),
+    "operf": ("Failed to allocate flow.", 1),
+    "ocbr": ("Failed to allocate flow.", 255),
+    "oecho": ("Failed to allocate flow.", 255),
+}
+# The errno a C client gets from flow_alloc for each of our refusals (0.23's ENAME 1007, EIPCP 1003, ...).
+C_ERRNO = {Code.ENOENT: -1007, Code.ETIMEDOUT: -110, Code.EPERM: -1, Code.ECRYPT: -1008, Code.EAUTH: -1009}
+EIPCP = -1003  # what 0.23's irmd answers for any other failure of the IPCP or the peer
+
+
+def alloc_failed(tool: str, err: FlowError) -> NoReturn:
+    """A client's flow_alloc failed: C's line on stdout, for scripts that look for it, what went
+    wrong on stderr (ours), and C's status. No IRMd is said as every tool says it: C's fail to start."""
+    if isinstance(err, IrmdUnreachable) or tool not in ALLOC_FAILED:
+        fail(tool, err)
+    line, status = ALLOC_FAILED[tool]
+    print(line.format(errno=C_ERRNO.get(err.code, EIPCP) if err.code else EIPCP), flush=True)
+    print(f"{tool}: {err}", file=sys.stderr)
+    sys.exit(status)
+
+
 def alloc(tool: str, args: argparse.Namespace, timeout: float | None) -> Flow:
     """The client's flow to args.name (args.qos, args.encrypt); args.size cut to its MTU, as C's tools say."""
     try:
         flow = flow_alloc(args.name, qos=args.qos, timeout=timeout, encrypt=args.encrypt)
     except FlowError as e:
-        fail(tool, e)
+        alloc_failed(tool, e)
     if args.size > flow.mtu:
         print(f"Packet size truncated to {flow.mtu} bytes.")
         args.size = flow.mtu
@@ -171,6 +221,7 @@ def serve(
     max_flows: int = 0,
     greeting: str = "",
     new_flow: str = "New flow {}.",
+    ends: str = "said",
 ) -> None:
     """Accept flows and answer each SDU with on_sdu's reply, until SIGINT/SIGTERM. `tool` is the
     program's name ("oping"): its errors say it, its banner the server's kind, as C's ("ping"),
@@ -179,8 +230,11 @@ def serve(
     `poll` spins on fevent without sleeping (C's `--poll`: lower latency, a core busy);
     `on_end` hears of each flow as it goes, before it is closed; `on_tick` of the time, every
     0.1 s at least; with `max_flows`, no more flows are taken while that many are open.
+    `ends` says how a flow ends: "said" ("Flow N deallocated." when its peer lets go), "silent"
+    (as C's oping server: nothing then, and "Flow N timed out." once it has been idle for
+    `idle_timeout`), or "after_reply" (as C's oecho server: one SDU answered, then the flow closed).
     """
-    server = Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows, new_flow)
+    server = Server(tool, on_sdu, idle_timeout, on_end, on_tick, max_flows, new_flow, ends)
     server.run(poll, greeting or f"Ouroboros {tool.removeprefix('o')} server started.{banner}")
 
 
@@ -196,8 +250,10 @@ class Server:
         on_tick: Callable[[float], None] | None = None,
         max_flows: int = 0,
         new_flow: str = "New flow {}.",
+        ends: str = "said",
     ) -> None:
         self.tool = tool
+        self.ends = ends
         self.on_sdu = on_sdu
         self.on_end = on_end
         self.on_tick = on_tick
@@ -255,8 +311,14 @@ class Server:
                     flow.write(reply)
             except FlowError:
                 self._drop(flow)
+                return
+            if self.ends == "after_reply":
+                handed_over(flow)
+                self._drop(flow)
         elif ev.type is EventType.UP or flow in self.fset:  # FLOWFDOWN set or cleared: the flow stays
             print(f"Flow {flow.flow_id} {(ev.type.name or '').lower()}.", flush=True)
+        elif self.ends == "silent":  # its events have left the set: the idle reaper says it timed out
+            pass
         else:
             how = {EventType.DEALLOC: "deallocated", EventType.PEER: "lost its peer (FLOW_PEER)"}.get(ev.type, "down")
             print(f"Flow {flow.flow_id} {how}.", flush=True)
@@ -267,6 +329,14 @@ class Server:
         if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
             self.on_end(flow)
         flow.close()
+
+
+def handed_over(flow: Flow, within: float = 2.0) -> None:
+    """Until the layer has taken what was written to `flow` (at most `within` s): a flow closed at once
+    may take its last SDU with it."""
+    deadline = time.monotonic() + within
+    while flow.fccntl(FLOWGTXQLEN) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def rounds(tool: str, fset: FlowSet, fq: EventQueue, wait: float, stopped: Callable[[], bool]) -> Iterator[float]:

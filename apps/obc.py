@@ -18,6 +18,7 @@ from proto.version import add_version
 DEFAULT_MESSAGE = "Ouroboros multicast rocks!"
 BUF_SIZE = 256  # what a reader takes of a message, as C's
 LINGER = 2.0  # seconds a writer waits for the layer to take its message before it leaves
+FAILED = 255  # C's status when it cannot join or write: its main returns -1
 
 
 def join(layer: str) -> Flow:
@@ -25,7 +26,7 @@ def join(layer: str) -> Flow:
         return flow_join(layer, timeout=10)
     except FlowError as e:
         print(f"Failed to join broadcast: {e}", flush=True)
-        sys.exit(1)
+        sys.exit(FAILED)
 
 
 def text_of(sdu: bytes) -> str:
@@ -34,13 +35,14 @@ def text_of(sdu: bytes) -> str:
 
 
 def reader(flow: Flow) -> int:
+    """Every message until the flow fails; then 0, as C's reader ends."""
     while True:
         try:
             sdu = flow.read()
         except FlowError:
             print("Failed to read.", flush=True)
             flow.close()
-            return 1
+            return 0
         print(f"Message is {text_of(sdu)}.", flush=True)
 
 
@@ -94,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
     ok = send(flow, args.message)
     handed_over(flow)
     flow.close()
-    sys.exit(0 if ok else 1)
+    sys.exit(0 if ok else FAILED)

@@ -19,6 +19,8 @@ from apps.common import (
     CParser,
     Pacer,
     alloc,
+    c_decimal,
+    c_long,
     fail,
     on_signals,
     qos_arg,
@@ -165,12 +167,12 @@ def c_rate(text: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="ocbr", description="Sends packets from client to server at a constant bit rate.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
-    p.add_argument("-i", "--interval", type=float, default=1.0, help="server report interval (s)")
-    p.add_argument("-t", "--timeout", type=float, default=1.0, help="server timeout interval (s)")
+    p.add_argument("-i", "--interval", type=c_decimal, default=1.0, help="server report interval (s)")
+    p.add_argument("-t", "--timeout", type=c_decimal, default=1.0, help="server timeout interval (s)")
     p.add_argument("-n", "--server_apn", "--server-name", dest="name", help="name of the server")
-    p.add_argument("-d", "--duration", type=float, default=60.0, help="duration for sending (s)")
+    p.add_argument("-d", "--duration", type=c_decimal, default=60.0, help="duration for sending (s)")
     p.add_argument("-f", "--flood", action="store_true", help="send packets as fast as possible")
-    p.add_argument("-s", "--size", type=int, default=1000, help=f"packet size (B, max {BUF_SIZE} B)")
+    p.add_argument("-s", "--size", type=c_long, default=1000, help=f"packet size (B, max {BUF_SIZE} B)")
     p.add_argument("-r", "--rate", type=c_rate, default=1e6, help="rate (b/s, or with k|M|G)")
     # as C's: both may be given, the last one counts
     p.add_argument("--sleep", dest="sleep", action="store_true", default=True, help="sleep in between sending packets")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from apps.common import CParser, fail, quiet_when_stdout_closes, serve
+from apps.common import CParser, alloc_failed, fail, quiet_when_stdout_closes, serve
 from flowlib import Flow, FlowError, flow_alloc
 from proto import logs
 from proto.version import add_version
@@ -36,10 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logs.setup("oecho", args, daemon=args.listen)
     if args.listen:
-        serve("oecho", reply, idle_timeout=10.0, greeting="Starting the server.", new_flow="New flow.")  # C's lines
+        serve(  # C's lines; as C's, one message a flow, then the flow is closed
+            "oecho", reply, idle_timeout=10.0, greeting="Starting the server.", new_flow="New flow.", ends="after_reply"
+        )
         return
     try:
-        with flow_alloc(args.name, timeout=10.0) as flow:
+        flow = flow_alloc(args.name, timeout=10.0)
+    except FlowError as e:
+        alloc_failed("oecho", e)
+    try:
+        with flow:
             flow.write(args.message.encode() + b"\0")  # a C string, NUL and all, as C's client sends it
             flow.set_timeout(5.0)
             print(f"Server replied with {text(flow.read())}")

@@ -19,6 +19,7 @@ from apps.common import (
     CParser,
     Pacer,
     alloc,
+    c_long,
     c_units,
     duration,
     fail,
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         default=1e6,
         help="rate in b/s: kb/s without a unit, or with k|M|G (default 1M)",
     )
-    p.add_argument("-s", "--size", type=int, default=1500, help="payload size (B, default 1500)")
+    p.add_argument("-s", "--size", type=c_long, default=1500, help="payload size (B, default 1500)")
     p.add_argument("-f", "--flood", action="store_true", help="send packets as fast as possible")
     p.add_argument("--sleep", action="store_true", help="sleep in between sending packets (rather than spin)")
     p.add_argument(

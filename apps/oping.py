@@ -16,6 +16,7 @@ import time
 from apps.common import (
     CParser,
     alloc,
+    c_long,
     c_units,
     duration,
     fail,
@@ -143,7 +144,7 @@ class Client:
         if seq >= self.args.count:
             print("Invalid id.", flush=True)
             return
-        rtt = (now - stamp) / 1e6
+        rtt = (now - stamp) // 1000 / 1000  # ms, in whole µs as C's (ts_diff_us): "87.000 µs"
         late = seq < self.expected
         self.expected = max(self.expected, seq + 1)
         self.out_of_order += late
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")
     p.add_argument("--poll", action="store_true", help="server polls without sleeping (lower latency)")
     p.add_argument("--busy", action="store_true", help="server busy-polls one flow")
-    p.add_argument("-c", "--count", type=int, default=2**31 - 1, help="number of packets")
+    p.add_argument("-c", "--count", type=c_long, default=2**31 - 1, help="number of packets")
     p.add_argument(
         "-d", "--duration", type=c_units(duration, "time"), help="duration of the test (ms, or with a unit: 10s)"
     )
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-i", "--interval", type=c_units(duration, "time"), default=1.0, help="interval (default 1000 ms)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the oping server")
     p.add_argument("-q", "--qos", help="raw, best, video, voice, data (and the other presets); others: raw")
-    p.add_argument("-s", "--size", type=int, default=MIN_SIZE, help=f"payload size (B, default 64, max {MAX_SIZE})")
+    p.add_argument("-s", "--size", type=c_long, default=MIN_SIZE, help=f"payload size (B, default 64, max {MAX_SIZE})")
     p.add_argument("-Q", "--quiet", action="store_true", help="only print final statistics")
     p.add_argument("-D", "--timeofday", action="store_true", help="print time of day before each line")
     p.add_argument(
@@ -297,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.busy:
             busy_server()
         else:
-            serve("oping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll)
+            serve(  # a flow its client let go is said nothing of, and times out, as C's
+                "oping", lambda f, sdu: echo(f, sdu, args.quiet), idle_timeout=10.0, poll=args.poll, ends="silent"
+            )
         return
     if not args.name:
         print("No server specified.")

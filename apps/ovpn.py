@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print("Waiting for a new flow...", flush=True)
             flow = flow_accept(timeout=args.timeout)
-    except FlowError as e:
-        print(f"Failed to allocate flow: {e}", flush=True)
+    except FlowError as e:  # C's line, then what went wrong (ours)
+        print(f"Failed to {'allocate' if args.name is not None else 'accept'} flow: {e}", flush=True)
         sys.exit(1)
     print("Flow allocated.", flush=True)
     try:

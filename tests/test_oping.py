@@ -188,6 +188,27 @@ def test_duration_over_interval_gives_the_count_and_times_are_ms_unless_tiny(irm
     assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr
 
 
+class _FlowId:
+    flow_id = 3
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("rtt_ns", "shown"), [(87_375, "87.000 µs"), (1_234_999, "1.234 ms")])
+def test_a_reply_time_is_in_whole_microseconds_as_cs(
+    rtt_ns: int, shown: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """C's oping measures in µs (ts_diff_us) and prints them with three decimals: "87.000 µs"."""
+    args = argparse.Namespace(name="pong", count=10, quiet=False, timeofday=False)
+    c = oping.Client(args, _FlowId(), 64)  # type: ignore[arg-type]
+    monkeypatch.setattr(oping.time, "monotonic_ns", lambda: 10**12 + rtt_ns)
+    c.take(oping.HDR.pack(oping.ECHO_REPLY, 0, 10**12) + bytes(40))
+    c.statistics(1.0)
+    out = capsys.readouterr().out
+    assert f"64 bytes from pong: seq=0 time={shown}\n" in out, out
+    value, unit = shown.split()
+    assert f"rtt min/avg/max/mdev = {value}/{value}/{value}/NaN {unit}" in out, out
+
+
 def counted(*argv: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
     """The options oping's main hands its client (which is not run)."""
     seen: list[argparse.Namespace] = []
@@ -221,6 +242,16 @@ def test_the_count_is_cs_whole_ms_duration_over_interval(
     argv: tuple[str, ...], count: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert counted(*argv, monkeypatch=monkeypatch).count == count
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("argv", "count", "size"), [(("-c", "5x"), 5, 64), (("-c", "abc", "-s", "100B"), 0, 100)])
+def test_numbers_are_read_as_cs_strtol_reads_them(
+    argv: tuple[str, ...], count: int, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leading digits, whatever follows ignored, none 0: `-c 5x` pings 5 times, `-c abc` none."""
+    args = counted(*argv, monkeypatch=monkeypatch)
+    assert (args.count, args.size) == (count, size)
 
 
 def test_the_interval_is_cut_to_10_s_after_the_count_as_cs(

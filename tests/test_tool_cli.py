@@ -4,7 +4,9 @@ each does with an option it does not take, and with a stdout whose reader has go
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -91,3 +93,84 @@ def test_oechos_client_sends_its_message_as_a_c_string_as_cs_does(
     finally:
         client.kill()
         client.wait()
+
+
+# C's clients print one line on stdout when flow_alloc fails (oping with the errno it got: ENAME, 1007,
+# for a name no layer knows), and end with their status: 1, or 255 where main returns -1 (ocbr, oecho).
+# Ours say why on stderr as well.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("argv", "out", "code"),
+    [
+        (["oping", "-n", "nobody", "-c", "1"], "Failed to allocate flow: -1007.\n", 1),
+        (["operf", "-n", "nobody", "-d", "10"], "Failed to allocate flow.\n", 1),
+        (
+            ["ocbr", "-n", "nobody", "-d", "1"],
+            "Client started, duration 1, rate 1000000 b/s, size 1000 B.\nFailed to allocate flow.\n",
+            255,
+        ),
+        (["oecho", "-n", "nobody"], "Failed to allocate flow.\n", 255),
+    ],
+)
+def test_a_client_whose_flow_is_refused_prints_cs_line_and_exits_with_cs_status(
+    irmd: IrmdProc, local_layer: str, argv: list[str], out: str, code: int
+) -> None:
+    r = irmd.run(*argv)
+    assert (r.returncode, r.stdout) == (code, out), r.stdout + r.stderr
+    assert r.stderr.startswith(f"{argv[0]}: ") and "not found" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_or_writer_that_cannot_join_the_layer_exits_255_as_cs_obc(irmd: IrmdProc) -> None:
+    for argv in (["-n", "nolayer"], ["-l", "-n", "nolayer"]):
+        r = irmd.run("obc", *argv)
+        assert r.returncode == 255, r.stdout + r.stderr
+        assert "Failed to join broadcast" in r.stdout, r.stdout
+
+
+def _server(irmd: IrmdProc, name: str, *argv: str) -> subprocess.Popen[str]:
+    """A tool's server started by hand, its stdout a pipe, bound to `name` (registered in 'local')."""
+    proc = subprocess.Popen(
+        [str(BIN / argv[0]), *argv[1:]], env=irmd.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # its banner: it serves
+    irmd.irm_ok("bind", "process", str(proc.pid), "name", name)
+    irmd.irm_ok("name", "register", name, "layer", "local")
+    return proc
+
+
+def _ended(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=20)
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_oechos_server_answers_one_message_a_flow_and_says_only_cs_lines(irmd: IrmdProc, local_layer: str) -> None:
+    """C's oecho server reads one message, echoes it and deallocates the flow: nothing more is said."""
+    server = _server(irmd, "echo1", "oecho", "-l")
+    try:
+        for text in ("one", "two"):
+            r = irmd.run("oecho", "-n", "echo1", "-m", text)
+            assert (r.returncode, r.stdout) == (0, f"Server replied with {text}\n"), r.stdout + r.stderr
+        time.sleep(0.5)
+    finally:
+        out = _ended(server)
+    assert out == "New flow.\nMessage from client is one.\nNew flow.\nMessage from client is two.\n", out
+
+
+@pytest.mark.timeout(60)
+def test_opings_server_says_nothing_when_a_client_leaves_and_times_its_flow_out_as_cs(
+    irmd: IrmdProc, local_layer: str
+) -> None:
+    """C's oping server does not hear of a client's deallocation: its cleaner says the flow timed out
+    once it has been idle for 10 s."""
+    server = _server(irmd, "pong1", "oping", "-l")
+    try:
+        r = irmd.run("oping", "-n", "pong1", "-c", "1", "-i", "10")
+        assert r.returncode == 0, r.stdout + r.stderr
+        time.sleep(12)
+    finally:
+        out = _ended(server)
+    assert re.fullmatch(r"New flow (\d+)\.\nReceived 64 bytes on fd \1\.\nFlow \1 timed out\.\n", out), out

@@ -216,6 +216,53 @@ def test_ocbr_reads_rates_as_c() -> None:
     assert [ocbr.c_rate(t) for t in ("800k", "2M", "1G", "100", "5x", "x")] == [8e5, 2e6, 1e9, 100.0, 5.0, 0.0]
 
 
+def parsed(tool: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """The options a tool's main hands its client (which is not run)."""
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(tool, "client", lambda args: seen.append(vars(args)) or 0)
+    with pytest.raises(SystemExit) as done:
+        tool.main(argv)
+    assert done.value.code == 0 and seen, done.value.code
+    return seen[0]
+
+
+# C's tools read their numbers with strtol: the leading digits, whatever follows ignored, none 0.
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("tool", "argv", "expected"),
+    [
+        (ocbr, ["-d", "10s"], {"duration": 10.0}),
+        (ocbr, ["-s", "100B", "-d", "2sec"], {"size": 100, "duration": 2.0}),
+        (ocbr, ["-d", "1.5"], {"duration": 1.5}),  # ours: C's reads 1
+        (operf, ["-s", "100B"], {"size": 100}),
+        (operf, ["-s", "big"], {"size": 64}),  # 0, then C's least size
+    ],
+)
+@pytest.mark.usefixtures("parsing")
+def test_numbers_are_read_as_cs_strtol_reads_them(
+    tool: ModuleType, argv: list[str], expected: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = parsed(tool, ["-n", "x", *argv], monkeypatch)
+    assert {k: args[k] for k in expected} == expected
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.usefixtures("parsing")
+def test_ocbrs_server_reads_its_seconds_as_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[float, float]] = []
+
+    class Server:
+        def __init__(self, interval: float, timeout: float) -> None:
+            seen.append((interval, timeout))
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(ocbr, "Server", Server)
+    ocbr.main(["-l", "-i", "2s", "-t", "5s"])
+    assert seen == [(2.0, 5.0)]
+
+
 def test_ocbr_flood_sends_back_to_back(irmd: IrmdProc, serving: Callable[..., None]) -> None:
     serving("cbr", "ocbr")
     out = run(irmd, "ocbr", "-n", "cbr", "-d", "1", "-f", "-s", "500")

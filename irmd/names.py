@@ -14,7 +14,7 @@ from irmd.identity import proc_start, proc_uids, program_of
 from irmd.reg import Ipcp, Name, ProcBinding
 from irmd.secfiles import check_sec
 from proto import messages as m
-from proto.errors import AlreadyExists, FlowError, InvalidArgument, NotFound
+from proto.errors import FlowError, InvalidArgument, NotFound
 from proto.names import check_name, is_pattern
 
 log = logging.getLogger("irmd")
@@ -83,8 +83,11 @@ class Names:
     # -- names -------------------------------------------------------------------
 
     async def create(self, c: Client, msg: m.NameCreate, _: list[int]) -> m.Ok:
+        """A new name; one that exists is left as it is (its lb and paths too) and no failure, as in
+        0.23: a setup script run a second time goes on."""
         if msg.name in self.reg.names:
-            raise AlreadyExists(f"name {msg.name!r} already exists")
+            log.info("name %r already exists: left as it is", msg.name)
+            return m.Ok()
         self.reg.create_name(msg.name, msg.lb).sec = check_sec(msg.sec)
         return m.Ok()
 

@@ -220,10 +220,12 @@ def test_name_create_and_destroy(irmd: IrmdProc) -> None:
     assert irmd.table("name", "list") == []
 
 
-def test_name_create_twice_is_refused(irmd: IrmdProc) -> None:
-    irmd.irm_ok("name", "create", "pong")
-    r = irmd.irm("name", "create", "pong")
-    assert r.returncode != 0 and "already exists" in r.stderr
+def test_name_create_of_an_existing_name_succeeds_and_leaves_it_as_it_was(irmd: IrmdProc) -> None:
+    """As 0.23's irmd (name_create: -EEXIST is 0): a setup script run a second time goes on."""
+    irmd.irm_ok("name", "create", "pong", "lb", "spillover")
+    r = irmd.irm("name", "create", "pong", "lb", "round-robin")
+    assert r.returncode == 0, r.stderr
+    assert [(r["name"], r["lb"]) for r in irmd.table("name", "list")] == [("pong", "spillover")]
 
 
 def test_name_list_takes_a_prefix_to_show_only_the_names_that_begin_with_it(irmd: IrmdProc) -> None:

@@ -132,7 +132,7 @@ class PacketCrypto:
         self._numbers = itertools.count()
         self._highest = -1
         self._seen = bytearray(REPLAY_WINDOW)  # slot n % REPLAY_WINDOW: number n arrived (n within the window)
-        self._lock = threading.RLock()  # opening may rotate while it holds it for the window
+        self._lock = threading.Lock()  # the replay window, and rotation (never taken twice by one thread)
 
     def _next_key(self) -> tuple[bytes, Aead]:
         if self._next is None:
@@ -170,27 +170,41 @@ class PacketCrypto:
     # -- receiving -------------------------------------------------------------------------------
 
     def open(self, packet: bytes) -> bytes | None:
-        """The plaintext, or None for a packet that is short, forged, for another key, or replayed."""
-        ivsz = self.ivsz
+        """The plaintext, or None for a packet that is short, forged, for another key, or replayed.
+        Numbered packets take one pass: window check, cipher, window update, under the lock."""
         if len(packet) < self.overhead:
             self.rejected += 1
             return None
-        iv, body = packet[:ivsz], packet[ivsz:]
-        if self.seq_iv:
-            if iv[0] & SERVER != self._theirs:  # ours, reflected: never the peer's
+        if not self.seq_iv:
+            ivsz = self.ivsz
+            return self._open(packet[:ivsz], packet[ivsz:])
+        if packet[0] & SERVER != self._theirs:  # ours, reflected: never the peer's
+            self.rejected += 1
+            return None
+        (number,) = COUNTER.unpack_from(packet, 4)
+        with self._lock:  # the window's check and update, atomic against another reader
+            highest = self._highest
+            if number <= highest and (highest - number >= REPLAY_WINDOW or self._seen[number % REPLAY_WINDOW]):
                 self.rejected += 1
                 return None
-            with self._lock:  # the window's check and update, atomic against another reader
-                (number,) = COUNTER.unpack_from(iv, 4)
-                if number <= self._highest and (self._highest - number >= REPLAY_WINDOW
-                                                or self._seen[number % REPLAY_WINDOW]):  # fmt: skip
+            iv, body = packet[:12], packet[12:]  # numbered IVs: AEAD ciphers only, 12 bytes
+            aead = self._aead
+            try:
+                plain: bytes = aead.decrypt(iv, body, None)  # the current key: nearly always
+            except InvalidTag:
+                found = self._other_keys(iv, body, aead)
+                if found is None:
                     self.rejected += 1
                     return None
-                plain = self._open(iv, body)
-                if plain is not None:
-                    self._note(number)
-                return plain
-        return self._open(iv, body)
+                plain = found
+            self._cntr += 1
+            self._age += 1
+            if number == highest + 1:  # in order: the slot it takes is the only one the window passes
+                self._highest = number
+                self._seen[number % REPLAY_WINDOW] = 1
+            else:
+                self._note(number)
+            return plain
 
     def _open(self, iv: bytes, body: bytes) -> bytes | None:
         if not self.tagsz and (iv[0] >> 7) != self._phase and self._age >= self._mask - (self._mask >> 2):

@@ -9,6 +9,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+DEFAULT_PORT = 6714  # a depot's TCP port, as the LoCI depot's
+
 # Versions. IBPv031, the older protocol (IBP 1.x clients, LoRS of that era), differs only in ALLOCATE and
 # STATUS, which name no resource, and in ST_INQ's reply; any other version is -27, as the LoCI depot has it.
 IBPv031 = 0

@@ -60,6 +60,7 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 FIRST_CLIENT_CHANNEL = 3
 FIRST_SERVER_CHANNEL = 1000
 INITIAL_WINDOW = 1024 * 1024  # each direction of each channel starts with this much credit
+MAX_CONNECTIONS = 64  # connections open at once on a session's replicated sockets, at each end (each a channel)
 
 
 class WireError(ValueError):

@@ -11,7 +11,6 @@ import enum
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
 from nacl import bindings as nb  # imported first: it initialises libsodium (CPU features included)
@@ -20,6 +19,7 @@ from nacl._sodium import ffi, lib
 from apps.netplumb import wire
 from apps.netplumb.keys import Identity, verify
 from apps.netplumb.wire import Fields, Packet, WireError
+from transports.records import FrozenRecord, frozen_record
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +62,30 @@ class State(enum.Enum):
 # -- events ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ServerKey:
+@frozen_record
+class ServerKey(FrozenRecord):
     """Client: the server proved it holds this long-term key (already accepted by check_host)."""
 
     public: bytes
 
 
-@dataclass(frozen=True)
-class Established:
+@frozen_record
+class Established(FrozenRecord):
     """The handshake is done; peer is the other side's long-term key."""
 
     peer: bytes
 
 
-@dataclass(frozen=True)
-class Message:
+@frozen_record
+class Message(FrozenRecord):
     """An encrypted packet (type >= 20) that arrived and authenticated."""
 
     type: int
     fields: Fields
 
 
-@dataclass(frozen=True)
-class PeerError:
+@frozen_record
+class PeerError(FrozenRecord):
     """The peer sent ERROR: it ends the session."""
 
     message: str
@@ -95,8 +95,8 @@ Event = ServerKey | Established | Message | PeerError
 Handshake = dict[tuple[State, int], Callable[[Any, Fields], list[Event]]]
 
 
-@dataclass(frozen=True)
-class Aead:
+@frozen_record
+class Aead(FrozenRecord):
     """An AEAD of libsodium's, by its name in the hellos: its nonce and tag sizes and its two calls."""
 
     name: str

@@ -18,7 +18,7 @@ import termios
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowlib import crc
 from flowlib.crypto import CYPHER_S, PacketCrypto
@@ -44,7 +44,6 @@ from flowlib.frct import APP_MTU, Frct
 from flowlib.identity import Peer, client_identity, server_identity
 from flowlib.irm import IrmClient, default_client
 from flowlib.liveness import Liveness
-from flowlib.stats import FlowStats, FrctStats, IpcpStats
 from proto import messages as m
 from proto.errors import (
     FlowDown,
@@ -58,6 +57,9 @@ from proto.errors import (
 )
 from proto.qos import QosSpec, raw
 from transports.unix import hung_up, recv_record
+
+if TYPE_CHECKING:
+    from flowlib.stats import FlowStats
 
 _INT = struct.Struct("i")
 
@@ -414,6 +416,8 @@ class Flow:
     def stats(self, ask_ipcp: bool = True) -> FlowStats:
         """What is known of the flow's traffic: FRCT's counters at this end (when it runs FRCT) and,
         with `ask_ipcp`, what its IPCP counted of its SDUs (one request to the IRMd)."""
+        from flowlib.stats import FlowStats, FrctStats, IpcpStats  # here: few processes ever ask
+
         s = self._session
         frct = FrctStats.of(s.frct) if s is not None and s.frct is not None else None
         ipcp = IpcpStats.of(self._irm.flow_counters(self.flow_id)) if ask_ipcp else None

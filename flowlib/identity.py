@@ -16,7 +16,6 @@ from pathlib import Path
 
 from proto import messages as m
 from proto.errors import AuthenticationFailed, FlowError
-from proto.oap import fingerprint
 
 KNOWN_NAMES_ENV = "OUROBOROS_KNOWN_NAMES"  # the file; default ~/.config/ouroboros/known_names
 STRICT_ENV = "OUROBOROS_STRICT_NAMES"  # "yes" (default) or "accept-new", as ssh's StrictHostKeyChecking
@@ -38,6 +37,8 @@ class Peer:
         from cryptography import x509  # only flows with identities pay for X.509
         from cryptography.hazmat.primitives import serialization
         from cryptography.x509.oid import NameOID
+
+        from proto.oap import fingerprint
 
         crt = x509.load_der_x509_certificate(der)
         spki = crt.public_key().public_bytes(serialization.Encoding.DER,

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -208,6 +207,8 @@ def _bind(kind: str, bind: bool, args: list[str]) -> Message:
     w = parse_words(args[1:], ["name"], auto, rest=bind, whole=frozenset(auto))  # `auto` whole, as 0.23
     if kind == "program":  # one in $PATH, else a file here as 0.23's realpath() finds it (that
         # one first there: here a file in the current directory never shadows a program in $PATH)
+        import shutil  # here: its imports (bz2, lzma, fnmatch) cost every other command ~3 ms
+
         here = os.path.isfile(target) and os.access(target, os.X_OK)
         found = shutil.which(target, path=SEARCH_PATH.get()) or (target if here else None)
         if found is None and bind:

@@ -11,8 +11,6 @@ import os
 import stat
 from pathlib import Path
 
-from irmd.identity import open_regular
-from proto import oap
 from proto.errors import InvalidArgument
 
 SECURITY_ENV = "OUROBOROS_SECURITY_DIR"
@@ -86,6 +84,8 @@ def read_file(path: str, limit: int, private: bool = False) -> bytes:
     read (no swap between check and read). Opened without blocking: a FIFO put in its place must not
     hold the IRMd's loop. FileNotFoundError if it is missing; PermissionError (an OSError) if it is
     not fit to read."""
+    from irmd.identity import open_regular  # here: irm, which takes only the words from this module, starts without it
+
     fd, st = open_regular(path)
     try:
         if private and st.st_mode & 0o077:
@@ -143,6 +143,8 @@ def _nid(table: dict[int, str], value: str, what: str) -> int:
 
 def parse_enc_conf(text: str) -> SecConfig:
     """An enc.conf: `none`, or key=value lines over the defaults (kex, cipher, kdf, digest, kem_mode)."""
+    from proto import oap  # here, as open_regular
+
     fields = dataclasses.asdict(DEFAULT)
     digests = {nid: name for nid, (name, _) in oap.DIGESTS.items()}
     for number, line in enumerate(text.splitlines(), 1):

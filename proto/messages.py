@@ -6,11 +6,12 @@ Each message is a dataclass with a unique TYPE code; `CODEC` frames them
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import ClassVar
 
 from proto.errors import Code
 from proto.qos import QosSpec
+from transports.records import Record, record
 from transports.wire import Message, PackedCodec
 
 CODEC = PackedCodec()
@@ -37,14 +38,16 @@ ECRYPT: str = Code.ECRYPT  # the allocation's key exchange failed, or encryption
 
 
 @reg
-@dataclass
+@record
 class Ok(Message):
+    """The reply to a request that succeeded; `text`, what the IRMd or IPCP has to say of it."""
+
     TYPE: ClassVar[int] = 2
     text: str = ""
 
 
 @reg
-@dataclass
+@record
 class Table(Message):
     """Rows for the `irm ... list` commands; every value is text."""
 
@@ -63,7 +66,7 @@ MAX_PEER_GROUPS = 4096
 
 
 @reg
-@dataclass
+@record
 class ProcAnnounce(Message):
     """First message of an application process: who it is."""
 
@@ -72,8 +75,10 @@ class ProcAnnounce(Message):
 
 
 @reg
-@dataclass
+@record
 class FlowAlloc(Message):
+    """Allocate a flow to `name` (or join the broadcast layer `name`); the reply is a FlowReply."""
+
     TYPE: ClassVar[int] = 11
     name: str
     qos: QosSpec
@@ -82,15 +87,17 @@ class FlowAlloc(Message):
 
 
 @reg
-@dataclass
+@record
 class FlowAccept(Message):
+    """Wait for the next flow to one of this process's names; the reply is a FlowReply."""
+
     TYPE: ClassVar[int] = 12
     timeout: float | None = None
     cypher_s: int = 0  # > 0: take only encrypted flows (the IRMd refuses plain ones for this process)
 
 
 @reg
-@dataclass
+@record
 class FlowReply(Message):
     """A flow handed to an application; its fd rides along."""
 
@@ -132,14 +139,16 @@ class FlowReply(Message):
 
 
 @reg
-@dataclass
+@record
 class FlowDealloc(Message):
+    """The application lets go of a flow."""
+
     TYPE: ClassVar[int] = 14
     flow_id: int
 
 
 @reg
-@dataclass
+@record
 class FlowInfo(Message):
     """Asks (and answers) how a flow ended: state is 'allocated', 'dealloc' or 'down'. Asked with
     `counters`, it also tells what the flow's IPCP counted of its SDUs (irmd.flows.Flows.counts)."""
@@ -159,7 +168,7 @@ class FlowInfo(Message):
 
 
 @reg
-@dataclass
+@record
 class FlowListen(Message):
     """Turns on or off the push of arriving flows as FlowReply notices."""
 
@@ -172,23 +181,30 @@ class FlowListen(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpCreate(Message):
+    """irm ipcp create: start an IPCP of `type` named `name`."""
+
     TYPE: ClassVar[int] = 30
     name: str
     type: str
 
 
 @reg
-@dataclass
+@record
 class IpcpDestroy(Message):
+    """irm ipcp destroy: stop the IPCP `name`."""
+
     TYPE: ClassVar[int] = 31
     name: str
 
 
 @reg
-@dataclass
+@record
 class IpcpBootstrap(Message):
+    """irm ipcp bootstrap: make the layer `layer` with the IPCPs `name` names (one of `type`, started
+    if none is there); `conf`, its options as proto.options checks them."""
+
     TYPE: ClassVar[int] = 32
     name: str
     layer: str
@@ -198,8 +214,11 @@ class IpcpBootstrap(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpEnroll(Message):
+    """irm ipcp enroll: join the IPCPs `name` names to a layer through `dst` (else a member of
+    `layer`), with the layer's key if it has one."""
+
     TYPE: ClassVar[int] = 33
     name: str
     layer: str = ""
@@ -210,8 +229,10 @@ class IpcpEnroll(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpConnect(Message):
+    """irm ipcp connect: connect (or disconnect) an IPCP's components to its neighbour `dst`."""
+
     TYPE: ClassVar[int] = 34
     name: str
     dst: str
@@ -221,8 +242,10 @@ class IpcpConnect(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpList(Message):
+    """irm ipcp list, filtered by name, layer and type; the reply is a Table."""
+
     TYPE: ClassVar[int] = 35
     name: str = ""
     layer: str = ""
@@ -231,7 +254,7 @@ class IpcpList(Message):
 
 
 @reg
-@dataclass
+@record
 class Bind(Message):
     """bind program|process|ipcp TARGET name N; unbind when bind is False."""
 
@@ -245,8 +268,10 @@ class Bind(Message):
 
 
 @reg
-@dataclass
+@record
 class NameCreate(Message):
+    """irm name create: a name, its load-balancing policy and its security files."""
+
     TYPE: ClassVar[int] = 37
     name: str
     lb: str = "round-robin"
@@ -254,14 +279,16 @@ class NameCreate(Message):
 
 
 @reg
-@dataclass
+@record
 class NameDestroy(Message):
+    """irm name destroy."""
+
     TYPE: ClassVar[int] = 38
     name: str
 
 
 @reg
-@dataclass
+@record
 class NameRegister(Message):
     """Register (or unregister) a name with every IPCP in the layers, and with the IPCPs, named:
     patterns where * stands for any run of characters."""
@@ -274,22 +301,26 @@ class NameRegister(Message):
 
 
 @reg
-@dataclass
+@record
 class NameList(Message):
+    """irm name list; the reply is a Table."""
+
     TYPE: ClassVar[int] = 40
     start: int = 0
     prefix: str = ""  # only the names that begin with it (ouroboros(8): irm name list NAME)
 
 
 @reg
-@dataclass
+@record
 class FlowList(Message):
+    """irm flow list; the reply is a Table."""
+
     TYPE: ClassVar[int] = 41
     start: int = 0
 
 
 @reg
-@dataclass
+@record
 class Dump(Message):
     """The running state as text: a config file ("config"), or the layer graph ("text", "dot", "json")."""
 
@@ -299,7 +330,7 @@ class Dump(Message):
 
 
 @reg
-@dataclass
+@record
 class ActAs(Message):
     """From now on, treat this connection as user `uid`'s: a server that serves a user it has
     authenticated works with that user's rights (root may name any uid; others only their own;
@@ -310,7 +341,7 @@ class ActAs(Message):
 
 
 @reg
-@dataclass
+@record
 class Text(Message):
     """A part of a long text (a dump): ask again with offset=next while next is not 0."""
 
@@ -323,7 +354,7 @@ class Text(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpAnnounce(Message):
     """First message of a freshly spawned IPCP process."""
 
@@ -333,7 +364,7 @@ class IpcpAnnounce(Message):
 
 
 @reg
-@dataclass
+@record
 class LayerInfo(Message):
     """An IPCP's reply to bootstrap/enroll: what the IRMd needs to know of its layer."""
 
@@ -344,24 +375,30 @@ class LayerInfo(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpBootstrapReq(Message):
+    """IRMd -> IPCP: make the layer `layer` with these options; the reply is a LayerInfo."""
+
     TYPE: ClassVar[int] = 62
     layer: str
     conf: dict[str, str] = field(default_factory=dict)
 
 
 @reg
-@dataclass
+@record
 class IpcpEnrollReq(Message):
+    """IRMd -> IPCP: join the layer through `dst`; the reply is a LayerInfo."""
+
     TYPE: ClassVar[int] = 63
     dst: str
     key: str = ""
 
 
 @reg
-@dataclass
+@record
 class IpcpConnectReq(Message):
+    """IRMd -> IPCP: connect (or disconnect) a component to the neighbour `dst`."""
+
     TYPE: ClassVar[int] = 64
     dst: str
     component: str = ""
@@ -370,7 +407,7 @@ class IpcpConnectReq(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpReg(Message):
     """Register (or unregister) a name hash in the IPCP's layer."""
 
@@ -380,7 +417,7 @@ class IpcpReg(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpQuery(Message):
     """Is this name hash reachable through the IPCP's layer? Ok or ENOENT."""
 
@@ -389,7 +426,7 @@ class IpcpQuery(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpFlowAlloc(Message):
     """Allocate a flow to a name hash; the reply is an IpcpFlow with the app's fd."""
 
@@ -402,7 +439,7 @@ class IpcpFlowAlloc(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpFlow(Message):
     """The allocation's answer, with the allocating application's fd; a flow that stays on this host
     (the local layer) carries the accepting application's fd as a second one, for the IRMd to hand on."""
@@ -413,7 +450,7 @@ class IpcpFlow(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpFlowDealloc(Message):
     """IRMd -> IPCP: the application let go of the flow; a notice."""
 
@@ -422,7 +459,7 @@ class IpcpFlowDealloc(Message):
 
 
 @reg
-@dataclass
+@record
 class FlowReqArrived(Message):
     """IPCP -> IRMd: a peer asks for a flow to a name hash; the app's fd rides along.
 
@@ -439,15 +476,17 @@ class FlowReqArrived(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpFlowAccepted(Message):
+    """IRMd -> IPCP: the answer to a FlowReqArrived, naming the new flow."""
+
     TYPE: ClassVar[int] = 71
     flow_id: int
     data: bytes = b""  # the piggyback to send back to the requester
 
 
 @reg
-@dataclass
+@record
 class FlowPeerDealloc(Message):
     """IPCP -> IRMd: the remote end deallocated (or, if down, lost) the flow; a notice."""
 
@@ -459,8 +498,8 @@ class FlowPeerDealloc(Message):
 # -- state an IPCP can be asked for (irm ipcp show) ------------------------------------------
 
 
-@dataclass
-class InfoSection:
+@record
+class InfoSection(Record):
     """One named table of an IpcpInfo: rows of text columns."""
 
     name: str
@@ -469,7 +508,7 @@ class InfoSection:
 
 
 @reg
-@dataclass
+@record
 class IpcpInfoReq(Message):
     """What an IPCP knows of itself. irm -> IRMd naming the IPCP (admin); IRMd -> IPCP with no name."""
 
@@ -478,7 +517,7 @@ class IpcpInfoReq(Message):
 
 
 @reg
-@dataclass
+@record
 class IpcpInfo(Message):
     """The answer: sections such as "ipcp" (name, type, layer), and per type e.g. "neighbours",
     "forwarding", "counters"; a section holds at most INFO_ROWS rows."""

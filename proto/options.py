@@ -3,7 +3,6 @@ IPCPs check them against this schema (keyword -> value check)."""
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 
@@ -16,6 +15,8 @@ class OptionError(ValueError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`; did you mean "X"?` for the choice closest to a mistyped word, or nothing when none is close."""
+    import difflib  # here: only a mistyped word needs it
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f'; did you mean "{close[0]}"?' if close else ""
 

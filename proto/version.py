@@ -3,9 +3,11 @@ Ouroboros whose interfaces (wire formats, irm grammar, tool options) it follows.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 OUROBOROS = "0.23.0"
 
@@ -23,14 +25,17 @@ def text(prog: str) -> str:
     return f"{prog} (ouroboros-py {ours()}, Ouroboros {OUROBOROS})"
 
 
-class _Version(argparse.Action):
-    """argparse's "version" action, the text worked out when --version is given."""
-
-    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None) -> None:
-        sys.stdout.write(text(parser.prog) + "\n")  # on stdout, as argparse's own version action
-        parser.exit()
-
-
 def add_version(parser: argparse.ArgumentParser) -> None:
     """--version: print the version and exit 0."""
-    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
+    import argparse  # here: irm and plumb, which parse their own words, start without it
+
+    class Version(argparse.Action):
+        """argparse's "version" action, the text worked out when --version is given."""
+
+        def __call__(
+            self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None
+        ) -> None:
+            sys.stdout.write(text(parser.prog) + "\n")  # on stdout, as argparse's own version action
+            parser.exit()
+
+    parser.add_argument("--version", action=Version, nargs=0, help="print the version and exit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from apps.netplumb.keys import (
     KeyFileError,
     KnownHosts,
     SpentKeys,
+    fingerprint,
     parse_authorized_line,
     public_line,
 )
@@ -35,6 +38,11 @@ def test_identity_files_round_trip_and_are_private(tmp_path: Path) -> None:
     text = pub.read_text()
     assert text.count("\n") == 1 and text.startswith("ed25519 ")
     assert parse_authorized_line(text, "x") is not None  # appendable to authorized_keys as is
+
+
+def test_a_fingerprint_is_openssh_s_sha256_form() -> None:
+    digest = base64.b64encode(hashlib.sha256(KEY.public).digest()).decode().rstrip("=")
+    assert fingerprint(KEY.public) == "SHA256:" + digest
 
 
 def test_bad_private_key_file_is_a_clear_error(tmp_path: Path) -> None:

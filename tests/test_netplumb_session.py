@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +26,7 @@ from apps.netplumb.session import (
     Session,
     SessionError,
     State,
+    session_keys,
 )
 from apps.netplumb.wire import Fields, Packet
 
@@ -84,6 +86,12 @@ def test_packets_from_type_10_are_encrypted() -> None:
     assert wire.b64(b"secret-plaintext").encode() not in data
     assert b"ch\0" not in data
     assert wire.decode(data).type == wire.DATA
+
+
+def test_session_keys_are_blake2b_512_of_the_secret_and_transcript_personalised() -> None:
+    shared, transcript = bytes(range(32)), b"hello" * 40
+    okm = hashlib.blake2b(shared + transcript, digest_size=64, person=b"netplumb-v1 keys").digest()
+    assert session_keys(shared, transcript) == (okm[:32], okm[32:])
 
 
 def test_each_connection_gets_a_fresh_session_key() -> None:

@@ -1,5 +1,6 @@
 """What a process of the stack loads as it starts: the tools and daemons leave out what they may never
-use (cryptography without a secured name or an encrypted flow; asyncio and TOML in `irm`)."""
+use (cryptography without a secured name or an encrypted flow; asyncio and TOML in `irm`; the servers'
+modules in the clients of the same tool)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,27 @@ def loaded(code: str, prefixes: tuple[str, ...]) -> list[str]:
 def test_irm_loads_no_event_loop_toml_metadata_or_cryptography() -> None:
     heavy = ("asyncio", "tomllib", "importlib.metadata", "cryptography", "nacl", "irmd.reg")
     assert loaded("import irmd.cli", heavy) == []
+
+
+def test_irm_loads_no_key_files_code_or_openssl() -> None:
+    heavy = ("irmd.identity", "proto.oap", "shutil", "difflib", "argparse")
+    assert loaded("import irmd.cli", heavy) == []
+
+
+def test_plumb_loads_no_event_loop_openssl_argparse_or_server_modules() -> None:
+    heavy = ("asyncio", "hashlib", "_hashlib", "argparse", "apps.netplumb.limits", "apps.netplumb.policy")
+    assert loaded("import apps.netplumb.client", heavy) == []
+
+
+def test_flow_tools_load_no_openssl_flow_stats_or_oap() -> None:
+    heavy = ("asyncio", "hashlib", "_hashlib", "flowlib.stats", "proto.oap")
+    assert loaded("import apps.oping, apps.operf, apps.oecho", heavy) == []
+
+
+def test_the_styx_and_ibp_clients_load_no_server_modules() -> None:
+    servers = {"apps.styx.serve", "apps.styx.bridge", "apps.ibp.depot", "apps.ibp.server", "apps.ibp.storage"}
+    names = loaded("import apps.styx.cli, apps.ibp.cli", ("apps.styx.", "apps.ibp.", "asyncio", "hashlib"))
+    assert [n for n in names if n in servers or not n.startswith("apps.")] == []
 
 
 def test_the_daemons_and_flowlib_load_no_cryptography_at_start() -> None:

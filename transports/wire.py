@@ -18,6 +18,8 @@ from typing import Any, ClassVar, TypeVar, cast, get_args, get_origin
 
 import msgspec
 
+from transports.records import FrozenRecord, Record, frozen_record, record
+
 MAGIC = b"OU"
 VERSION = 1  # JSON bodies (Codec)
 PACKED_VERSION = 2  # MessagePack bodies (PackedCodec)
@@ -37,8 +39,9 @@ class WireError(ValueError):
     """A frame that does not follow the control protocol."""
 
 
-class Message:
-    """Base of all control messages; subclasses are dataclasses with a unique TYPE."""
+class Message(Record):
+    """Base of all control messages; subclasses are dataclasses with a unique TYPE (`record`s, or
+    dataclasses of their own)."""
 
     TYPE: ClassVar[int] = 0
 
@@ -46,7 +49,7 @@ class Message:
 M = TypeVar("M", bound=type[Message])
 
 
-@dataclasses.dataclass
+@record
 class Error(Message):
     """The reply to a request that failed; `code` is an errno-like symbol."""
 
@@ -55,8 +58,10 @@ class Error(Message):
     text: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Frame:
+@frozen_record
+class Frame(FrozenRecord):
+    """A decoded frame: its request id and its message."""
+
     req_id: int
     msg: Message
 
@@ -149,8 +154,8 @@ def _names(names: set[str]) -> str:
     return "[" + ", ".join(shown) + (", ..." if len(names) > 4 else "") + "]"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Shape:
+@frozen_record
+class _Shape(FrozenRecord):
     """What the packed codec checks of a dataclass before msgspec converts it: its field names,
     the required ones, its float fields, and the shapes of the dataclasses nested in it."""
 

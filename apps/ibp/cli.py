@@ -21,17 +21,7 @@ from apps.common import duration as parse_duration
 from apps.ibp import wire as w
 from apps.ibp.capability import MANAGE, READ, WRITE, Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, STORE_BLOCK, Connection, parse_cap
-from apps.ibp.depot import DepotCore
 from apps.ibp.limits import add_flags, from_args
-from apps.ibp.server import (
-    DEFAULT_PORT,
-    DepotServer,
-    flow_loop,
-    parse_listen,
-    tcp_listener,
-    tcp_loop,
-)
-from apps.ibp.storage import DiskStore
 from flowlib import FlowError
 from flowlib.irm import IrmClient
 from proto import logs
@@ -83,9 +73,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--listen",
         nargs="?",
-        const=f"tcp:{DEFAULT_PORT}",
+        const=f"tcp:{w.DEFAULT_PORT}",
         default=None,
-        help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{DEFAULT_PORT})",
+        help=f"also serve plain IBP over TCP (tcp:PORT or tcp:HOST:PORT; default tcp:{w.DEFAULT_PORT})",
     )
     d.add_argument("--password", default=w.DEFAULT_PASSWORD, help="the password ST_INQ asks for (L-Store's default)")
     d.add_argument("--password-file", type=Path, help="read it from this file instead (a command line is public)")
@@ -286,6 +276,11 @@ def depot_client(name: str) -> IrmClient:
 
 
 def run_depot(args: argparse.Namespace) -> int:
+    # here: the depot's modules are no client command's (they cost the client ~30 ms of start-up)
+    from apps.ibp.depot import DepotCore
+    from apps.ibp.server import DepotServer, flow_loop, parse_listen, tcp_listener, tcp_loop
+    from apps.ibp.storage import DiskStore
+
     stop_on_signals()
     try:
         limits = from_args(args)

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from tqdm import tqdm
-
 from apps.ibp import lors, xndrc
 from apps.ibp import wire as w
 from apps.ibp.cli import seconds, size
@@ -49,6 +47,8 @@ class _TqdmHandler(logging.Handler):
     """Log lines on stderr that do not tear a progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm  # as lors.progress: only when there is something to say
+
         tqdm.write(self.format(record), file=sys.stderr)
 
 

@@ -48,7 +48,6 @@ _sync_log = RateLog(rate=0.1, burst=3, logger=log)  # a failing disk would other
 EXPIRY_TICK = 1.0  # seconds between expiry sweeps
 READ_BLOCK = 1024 * 1024
 WRITEBACK = 2 * 1024 * 1024  # a store's bytes are handed to the disk this many at a time as they come
-DEFAULT_PORT = 6714
 REJECT_QUEUE = 32  # turned-away connections waiting for their -66; beyond, they are just closed
 REJECT_TIME = 2.0  # seconds a turned-away client gets to take its -66
 ACCEPT_BACKOFF = 0.1  # after a failed accept (out of fds, a flow that failed to arrive)

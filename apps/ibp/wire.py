@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+
+from transports.records import FrozenRecord, frozen_record
+
+DEFAULT_PORT = 6714  # a depot's TCP port, as the LoCI depot's
 
 # Versions. IBPv031, the older protocol (IBP 1.x clients, LoRS of that era), differs only in ALLOCATE and
 # STATUS, which name no resource, and in ST_INQ's reply; any other version is -27, as the LoCI depot has it.
@@ -256,8 +259,8 @@ class IbpError(Exception):
 # Keys travel as `RID#key` (L-Store's parse_key splits them) or bare; `rid` "" is "this depot's".
 
 
-@dataclass(frozen=True)
-class Allocate:
+@frozen_record
+class Allocate(FrozenRecord):
     """`rid` "": none named (IBPv031's form): the depot's own, as L-Store's depot picks one."""
 
     rid: str
@@ -268,8 +271,8 @@ class Allocate:
     timeout: int
 
 
-@dataclass(frozen=True)
-class Store:
+@frozen_record
+class Store(FrozenRecord):
     """Append `length` bytes, sent after (or, as L-Store clients do, right behind) the request."""
 
     key: str
@@ -279,8 +282,8 @@ class Store:
     rid: str = ""
 
 
-@dataclass(frozen=True)
-class Write:
+@frozen_record
+class Write(FrozenRecord):
     """Write `length` bytes at `offset`, sent after the request; past the end leaves a hole of zeros."""
 
     key: str
@@ -291,8 +294,8 @@ class Write:
     rid: str = ""
 
 
-@dataclass(frozen=True)
-class Load:
+@frozen_record
+class Load(FrozenRecord):
     """Read `length` (at least 1, as L-Store) bytes at `offset`."""
 
     key: str
@@ -303,8 +306,8 @@ class Load:
     rid: str = ""
 
 
-@dataclass(frozen=True)
-class Send:
+@frozen_record
+class Send(FrozenRecord):
     """Depot-to-depot copy: the depot appends the bytes to `dest_cap` itself. `path`: through these
     Phoebus gateways (L-Store's PHOEBUS_SEND; "auto" its default path), None: directly."""
 
@@ -320,8 +323,8 @@ class Send:
     path: str | None = None
 
 
-@dataclass(frozen=True)
-class Transfer:
+@frozen_record
+class Transfer(FrozenRecord):
     """L-Store's PUSH (our bytes to the remote write capability `remote_cap`) or PULL (the remote
     read capability's bytes into ours). An offset None appends: PUSH's remote one, PULL's local one."""
 
@@ -339,8 +342,8 @@ class Transfer:
     path: str | None = None  # Phoebus gateways (connection type 2), as Send's
 
 
-@dataclass(frozen=True)
-class Mcopy:
+@frozen_record
+class Mcopy(FrozenRecord):
     """One source, several destinations (our simplified MCOPY, see docs/ibp.md)."""
 
     key: str
@@ -352,8 +355,11 @@ class Mcopy:
     rid: str = ""
 
 
-@dataclass(frozen=True)
-class Manage:
+@frozen_record
+class Manage(FrozenRecord):
+    """IBP_MANAGE with the manage capability's key: PROBE, INCR or DECR a reference count, or CHNG
+    the allocation's size, duration and reliability."""
+
     key: str
     typekey: str
     subcmd: int
@@ -365,8 +371,11 @@ class Manage:
     rid: str = ""
 
 
-@dataclass(frozen=True)
-class Status:
+@frozen_record
+class Status(FrozenRecord):
+    """IBP_STATUS of the resource `rid`, with the depot's password: ST_INQ asks, ST_CHANGE sets its
+    limits, ST_RES names its resources, ST_VERSION describes the depot."""
+
     rid: str
     subcmd: int
     password: str
@@ -853,8 +862,8 @@ def format_request(req: Request) -> bytes:
     return (" ".join(str(x) for x in f) + "\n").encode("ascii")
 
 
-@dataclass(frozen=True)
-class Reply:
+@frozen_record
+class Reply(FrozenRecord):
     """A reply line: the status, then its fields."""
 
     status: int

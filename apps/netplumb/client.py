@@ -22,16 +22,14 @@ from pathlib import Path
 from apps.netplumb.channels import DEBUG2, DEBUG3, Ends, Link, Pump, Reader, Sink, duplex
 from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
-from apps.netplumb.limits import Limits
 from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
 from apps.netplumb.session import ServerKey, SessionError
-from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, STDERR, STDIN, STDOUT
+from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, MAX_CONNECTIONS, STDERR, STDIN, STDOUT
 from flowlib import FlowDown, FlowError, flow_alloc, qos
 from proto.version import text as version_text
 from proto.visible import show_visible, visible
 
 log = logging.getLogger("plumb")
-MAX_CONNECTIONS = Limits.max_connections  # server-made connections on our sockets open at once
 
 FAILED = 255  # our own failures, as ssh does: the remote command's statuses stay distinguishable
 ALLOC_TIMEOUT = 10.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from apps.netplumb import wire
 from apps.netplumb.keys import Identity
@@ -27,6 +26,7 @@ from apps.netplumb.session import (
     SessionError,
 )
 from apps.netplumb.wire import INITIAL_WINDOW, Fields, WireError
+from transports.records import FrozenRecord, Record, frozen_record, record
 
 MAX_CREDIT = 1 << 40  # a sender's window may not grow past this, however often it is granted
 
@@ -42,8 +42,8 @@ class LocalProtocolError(Exception):
 # -- channels ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Channel:
+@record
+class _Channel(Record):
     receives: bool  # the peer sends data on it to us
     sends: bool  # we send data on it to the peer
     credit: int = INITIAL_WINDOW  # what the peer may still send before we grant more
@@ -172,22 +172,22 @@ MESSAGES: dict[int, type[SessionMessage]] = {
 }
 
 
-@dataclass(frozen=True)
-class Authenticated:
+@frozen_record
+class Authenticated(FrozenRecord):
     """The handshake is done: the peer proved it holds `key` (and was admitted, on the server)."""
 
     key: bytes
 
 
-@dataclass(frozen=True)
-class StartRequested:
+@frozen_record
+class StartRequested(FrozenRecord):
     """What the client asks to run (its fields: their meaning is the policy's)."""
 
     fields: Fields
 
 
-@dataclass(frozen=True)
-class Closed:
+@frozen_record
+class Closed(FrozenRecord):
     """The connection is over: the peer's ERROR, a protocol error, or a timer; `reason` says which."""
 
     reason: str

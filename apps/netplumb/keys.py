@@ -10,7 +10,6 @@ import base64
 import binascii
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shlex
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nacl.bindings import crypto_hash_sha256
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -101,7 +101,9 @@ def check_trusted_file(path: Path, st: os.stat_result) -> None:
 
 
 def fingerprint(public: bytes) -> str:
-    return "SHA256:" + base64.b64encode(hashlib.sha256(public).digest()).decode().rstrip("=")
+    """As OpenSSH prints a key's: SHA256: and the unpadded base64 of its SHA-256 (libsodium's, as the
+    session's BLAKE2b: see session_keys)."""
+    return "SHA256:" + base64.b64encode(crypto_hash_sha256(public)).decode().rstrip("=")
 
 
 def public_line(public: bytes, comment: str = "") -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from apps.netplumb.keys import fingerprint
+from apps.netplumb.wire import MAX_CONNECTIONS
 
 K = TypeVar("K", int, bytes)
 
@@ -30,7 +31,7 @@ class Limits:
     key_sessions: int = 8  # --per-key-sessions: authenticated sessions of one key
     login_grace: float = 15.0  # --login-grace-time: seconds to authenticate and ask for a command
     max_channels: int = 64  # --max-channels: named pipes and sockets one START may ask for
-    max_connections: int = 64  # --max-connections: open connections on a session's replicated sockets
+    max_connections: int = MAX_CONNECTIONS  # --max-connections: open connections on a session's replicated sockets
 
 
 @dataclass

@@ -4,11 +4,11 @@ dataclasses: their name/value fields both ways, with explicit bounds; a malforme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from apps.netplumb import wire
 from apps.netplumb.wire import Fields, WireError
+from transports.records import FrozenRecord, frozen_record
 
 MAX_RECIPE = 1 << 16
 MAX_GRANT = 1 << 40  # one WINDOW adjustment
@@ -23,8 +23,8 @@ class BadStart(WireError):
     """A START whose fields make no sense; refused with this message (status 126), not a protocol error."""
 
 
-@dataclass(frozen=True)
-class Start:
+@frozen_record
+class Start(FrozenRecord):
     """What to run: a command (argv) or a recipe, as whom, with which of the client's variables, and
     the named pipes and sockets to replicate, by channel."""
 
@@ -96,8 +96,8 @@ class Start:
         )
 
 
-@dataclass(frozen=True)
-class Started:
+@frozen_record
+class Started(FrozenRecord):
     """START's answer: it runs (ok), or why not and the status to exit with."""
 
     TYPE: ClassVar[int] = wire.START
@@ -116,8 +116,8 @@ class Started:
         return cls(False, fields.get("message") or "refused", status)
 
 
-@dataclass(frozen=True)
-class Data:
+@frozen_record
+class Data(FrozenRecord):
     """Bytes on a channel. On the wire: the `data` values, joined by NUL, are the bytes (a NUL in them
     ends one value and the next `data` pair goes on), so binary data needs no encoding; bytes with many
     NULs go instead as one `base64` value."""
@@ -144,8 +144,8 @@ class Data:
         raise WireError("DATA carries its bytes as `data` values or as one `base64` value")
 
 
-@dataclass(frozen=True)
-class Eof:
+@frozen_record
+class Eof(FrozenRecord):
     """No more data on this channel in this direction (a half-close)."""
 
     TYPE: ClassVar[int] = wire.EOF
@@ -159,8 +159,8 @@ class Eof:
         return cls(fields.int("ch", 0, MAX_CHANNEL))
 
 
-@dataclass(frozen=True)
-class Window:
+@frozen_record
+class Window(FrozenRecord):
     """The sender of this takes n more bytes on the channel."""
 
     TYPE: ClassVar[int] = wire.WINDOW
@@ -175,8 +175,8 @@ class Window:
         return cls(fields.int("ch", 0, MAX_CHANNEL), fields.int("n", 1, MAX_GRANT))
 
 
-@dataclass(frozen=True)
-class Exit:
+@frozen_record
+class Exit(FrozenRecord):
     """How the command ended: kind "status" (exit code) or "signal" (killed by it)."""
 
     TYPE: ClassVar[int] = wire.EXIT
@@ -193,8 +193,8 @@ class Exit:
         return cls("status", fields.int("status", 0, 255))
 
 
-@dataclass(frozen=True)
-class Open:
+@frozen_record
+class Open(FrozenRecord):
     """A new connection (channel ch) on the replicated socket of channel parent."""
 
     TYPE: ClassVar[int] = wire.OPEN
@@ -209,8 +209,8 @@ class Open:
         return cls(fields.int("ch", 0, MAX_CHANNEL), fields.int("parent", 0, MAX_CHANNEL))
 
 
-@dataclass(frozen=True)
-class Signal:
+@frozen_record
+class Signal(FrozenRecord):
     """A signal for the command's process group, by name (INT, TERM, ...)."""
 
     TYPE: ClassVar[int] = wire.SIGNAL

@@ -12,7 +12,9 @@ import logging
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from transports.records import FrozenRecord, Record, frozen_record, record
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 FIRST_CLIENT_CHANNEL = 3
 FIRST_SERVER_CHANNEL = 1000
 INITIAL_WINDOW = 1024 * 1024  # each direction of each channel starts with this much credit
+MAX_CONNECTIONS = 64  # connections open at once on a session's replicated sockets, at each end (each a channel)
 
 
 class WireError(ValueError):
@@ -70,8 +73,10 @@ def next_seq(seq: int) -> int:
     return (seq + 1) % SEQ_MODULO
 
 
-@dataclass(frozen=True)
-class Packet:
+@frozen_record
+class Packet(FrozenRecord):
+    """One TAP1 packet: its sequence number, type and payload (sealed from type ENCRYPTED_FROM on)."""
+
     seq: int
     type: int
     payload: bytes
@@ -198,8 +203,8 @@ def _pair(name: Value, value: Value) -> tuple[bytes, bytes]:
     return n, v
 
 
-@dataclass
-class Fields:
+@record
+class Fields(Record):
     """An ordered list of name/value pairs as they travel: name, value, name, value, ... (bytes, kept
     flat: a DATA has hundreds). A name may repeat (one 'arg' per argument). get() and friends read a
     value as text, raw() and rawall() as the bytes themselves.

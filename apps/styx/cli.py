@@ -16,10 +16,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from apps.styx import wire as w
-from apps.styx.bridge import bridge
 from apps.styx.client import Client, StyxClientError
 from apps.styx.identity import ANON_ACCOUNT, server_policy
-from apps.styx.serve import Server
 from apps.styx.server import Limits
 from apps.styx.transport import TransportError, dial
 from apps.styx.tree import StyxError, Tree
@@ -161,6 +159,8 @@ def limits(a: argparse.Namespace) -> Limits:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from apps.styx.serve import Server  # here, as bridge: the client commands start without the server's modules
+
     users = frozenset(a.users.split(",")) if a.users else None
     lim = limits(a)
     tree: Tree
@@ -203,6 +203,8 @@ def cmd_mount(a: argparse.Namespace) -> None:
 
 
 def cmd_bridge(a: argparse.Namespace) -> None:
+    from apps.styx.bridge import bridge
+
     def ready() -> None:
         print(f"styx: bridging {a.listen} to {a.name}", flush=True)
 

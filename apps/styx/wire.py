@@ -7,8 +7,10 @@ strings as len[2] + UTF-8, every message size[4] type[1] tag[2] body.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, ClassVar
+
+from transports.records import FrozenRecord, Record, frozen_record, record
 
 VERSION9P = "9P2000"
 NOTAG = 0xFFFF
@@ -61,15 +63,17 @@ class DecodeError(ValueError):
     """Bytes that are not a well-formed 9P2000 message or stat record."""
 
 
-@dataclass(frozen=True)
-class Qid:
+@frozen_record
+class Qid(FrozenRecord):
+    """A file as the server knows it: its type bits, its version, and a path unique in its tree."""
+
     type: int = QTFILE
     vers: int = 0
     path: int = 0
 
 
-@dataclass
-class Stat:
+@record
+class Stat(Record):
     """A directory entry (stat(5)); in Twstat, ~0 and "" mean "don't touch"."""
 
     type: int = 0
@@ -121,31 +125,39 @@ class Stat:
 # s (string), qid, data (count[4] bytes), stat (n[2] stat record), wname, wqid.
 
 
-@dataclass
-class Msg:
+@record
+class Msg(Record):
+    """A 9P message: its tag, and the body fields FIELDS lists in their order on the wire."""
+
     TYPE: ClassVar[int] = 0
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
     tag: int
 
 
-@dataclass
+@record
 class Tversion(Msg):
+    """version(5): the largest message the client takes, and the protocol it speaks; a new session."""
+
     TYPE: ClassVar[int] = TVERSION
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("msize", "4"), ("version", "s"))
     msize: int = 8192
     version: str = VERSION9P
 
 
-@dataclass
+@record
 class Rversion(Msg):
+    """The msize both ends keep to, and the version the server speaks ("unknown" if none)."""
+
     TYPE: ClassVar[int] = RVERSION
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("msize", "4"), ("version", "s"))
     msize: int = 8192
     version: str = VERSION9P
 
 
-@dataclass
+@record
 class Tauth(Msg):
+    """attach(5): afid, a file to run the authentication protocol on, for uname to reach aname."""
+
     TYPE: ClassVar[int] = TAUTH
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("afid", "4"), ("uname", "s"), ("aname", "s"))
     afid: int = NOFID
@@ -153,15 +165,19 @@ class Tauth(Msg):
     aname: str = ""
 
 
-@dataclass
+@record
 class Rauth(Msg):
+    """The authentication file's qid."""
+
     TYPE: ClassVar[int] = RAUTH
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("aqid", "qid"),)
     aqid: Qid = field(default_factory=Qid)
 
 
-@dataclass
+@record
 class Tattach(Msg):
+    """attach(5): fid becomes the root of aname's tree for uname (authenticated on afid, or NOFID)."""
+
     TYPE: ClassVar[int] = TATTACH
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("afid", "4"), ("uname", "s"), ("aname", "s"))
     fid: int = 0
@@ -170,34 +186,44 @@ class Tattach(Msg):
     aname: str = ""
 
 
-@dataclass
+@record
 class Rattach(Msg):
+    """The root's qid."""
+
     TYPE: ClassVar[int] = RATTACH
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("qid", "qid"),)
     qid: Qid = field(default_factory=Qid)
 
 
-@dataclass
+@record
 class Rerror(Msg):
+    """error(5): the request failed; ename says why."""
+
     TYPE: ClassVar[int] = RERROR
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("ename", "s"),)
     ename: str = ""
 
 
-@dataclass
+@record
 class Tflush(Msg):
+    """flush(5): abort the request tagged oldtag."""
+
     TYPE: ClassVar[int] = TFLUSH
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("oldtag", "2"),)
     oldtag: int = 0
 
 
-@dataclass
+@record
 class Rflush(Msg):
+    """oldtag is answered or abandoned: its tag may be used again."""
+
     TYPE: ClassVar[int] = RFLUSH
 
 
-@dataclass
+@record
 class Twalk(Msg):
+    """walk(5): newfid is fid walked through the names wname (at most MAXWELEM of them)."""
+
     TYPE: ClassVar[int] = TWALK
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("newfid", "4"), ("wname", "wname"))
     fid: int = 0
@@ -205,31 +231,39 @@ class Twalk(Msg):
     wname: list[str] = field(default_factory=list)
 
 
-@dataclass
+@record
 class Rwalk(Msg):
+    """The qids of the names walked: fewer than asked when the walk stopped short."""
+
     TYPE: ClassVar[int] = RWALK
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("wqid", "wqid"),)
     wqid: list[Qid] = field(default_factory=list)
 
 
-@dataclass
+@record
 class Topen(Msg):
+    """open(5): open fid's file for mode (OREAD ... ORDWR, OEXEC, with OTRUNC, ORCLOSE)."""
+
     TYPE: ClassVar[int] = TOPEN
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("mode", "1"))
     fid: int = 0
     mode: int = OREAD
 
 
-@dataclass
+@record
 class Ropen(Msg):
+    """The file's qid, and iounit: the most a read or write moves in one message (0: as msize allows)."""
+
     TYPE: ClassVar[int] = ROPEN
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("qid", "qid"), ("iounit", "4"))
     qid: Qid = field(default_factory=Qid)
     iounit: int = 0
 
 
-@dataclass
+@record
 class Tcreate(Msg):
+    """open(5): make name in fid's directory with perm, open it for mode; fid becomes the new file."""
+
     TYPE: ClassVar[int] = TCREATE
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("name", "s"), ("perm", "4"), ("mode", "1"))
     fid: int = 0
@@ -238,16 +272,20 @@ class Tcreate(Msg):
     mode: int = OREAD
 
 
-@dataclass
+@record
 class Rcreate(Msg):
+    """As Ropen, for the file made."""
+
     TYPE: ClassVar[int] = RCREATE
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("qid", "qid"), ("iounit", "4"))
     qid: Qid = field(default_factory=Qid)
     iounit: int = 0
 
 
-@dataclass
+@record
 class Tread(Msg):
+    """read(5): count bytes of fid's file from offset."""
+
     TYPE: ClassVar[int] = TREAD
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("offset", "8"), ("count", "4"))
     fid: int = 0
@@ -255,15 +293,19 @@ class Tread(Msg):
     count: int = 0
 
 
-@dataclass
+@record
 class Rread(Msg):
+    """The bytes read: fewer than asked at the end of the file."""
+
     TYPE: ClassVar[int] = RREAD
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("data", "data"),)
     data: bytes | memoryview = b""  # decoded: a view of the message it came in (no copy)
 
 
-@dataclass
+@record
 class Twrite(Msg):
+    """read(5): write data to fid's file at offset."""
+
     TYPE: ClassVar[int] = TWRITE
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("offset", "8"), ("data", "data"))
     fid: int = 0
@@ -271,61 +313,79 @@ class Twrite(Msg):
     data: bytes | memoryview = b""  # as Rread's
 
 
-@dataclass
+@record
 class Rwrite(Msg):
+    """How many bytes were written."""
+
     TYPE: ClassVar[int] = RWRITE
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("count", "4"),)
     count: int = 0
 
 
-@dataclass
+@record
 class Tclunk(Msg):
+    """clunk(5): fid is no longer needed."""
+
     TYPE: ClassVar[int] = TCLUNK
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"),)
     fid: int = 0
 
 
-@dataclass
+@record
 class Rclunk(Msg):
+    """fid is forgotten."""
+
     TYPE: ClassVar[int] = RCLUNK
 
 
-@dataclass
+@record
 class Tremove(Msg):
+    """remove(5): remove fid's file; fid is forgotten, whether the file could be removed or not."""
+
     TYPE: ClassVar[int] = TREMOVE
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"),)
     fid: int = 0
 
 
-@dataclass
+@record
 class Rremove(Msg):
+    """The file is removed."""
+
     TYPE: ClassVar[int] = RREMOVE
 
 
-@dataclass
+@record
 class Tstat(Msg):
+    """stat(5): the stat record of fid's file."""
+
     TYPE: ClassVar[int] = TSTAT
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"),)
     fid: int = 0
 
 
-@dataclass
+@record
 class Rstat(Msg):
+    """The stat record."""
+
     TYPE: ClassVar[int] = RSTAT
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("stat", "stat"),)
     stat: Stat = field(default_factory=Stat)
 
 
-@dataclass
+@record
 class Twstat(Msg):
+    """stat(5): change fid's file as the record says (~0 and "" leave a field as it is)."""
+
     TYPE: ClassVar[int] = TWSTAT
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "4"), ("stat", "stat"))
     fid: int = 0
     stat: Stat = field(default_factory=Stat)
 
 
-@dataclass
+@record
 class Rwstat(Msg):
+    """The changes are made."""
+
     TYPE: ClassVar[int] = RWSTAT
 
 

@@ -107,6 +107,18 @@ def test_totals_leave_admins_a_reserve_of_descriptors(caplog: pytest.LogCaptureF
     assert Limits().fit_descriptors(10).conns_total == 1  # never zero: users still get something
 
 
+def test_users_allocations_under_way_leave_the_ipcps_shared_pools_to_the_admins() -> None:
+    """Each allocation under way holds a place in a pool its IPCP shares among all users: users
+    together must leave at least half of each to the admins (who are never counted)."""
+    from ipcp.shim import Limits as ShimLimits
+    from ipcp.unicast.dir import MAX_LOOKUPS
+
+    limits = Limits()
+    assert limits.allocs_per_uid <= limits.allocs_total
+    assert limits.allocs_total <= ShimLimits().queries // 2
+    assert limits.allocs_total <= MAX_LOOKUPS // 2
+
+
 @pytest.mark.parametrize(
     ("words", "says"),
     [

@@ -17,19 +17,21 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import udp_lan
 from helpers import BIN, IrmdProc, kernel_refuses_rights, parse_table, start_irmd, stop_irmd, wait_for
 
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
 from proto import messages as m
 from proto.control import call
-from proto.errors import LimitReached
+from proto.errors import FlowError, LimitReached
 from transports.unix import recv_frame, send_frame
 from transports.wire import REPLY, Error
 
@@ -520,6 +522,84 @@ def test_allocations_sent_at_once_through_several_layers_keep_to_flows_per_uid(p
                     flow.close()
         finally:
             srv.close()
+
+
+ALLOC_UNANSWERED = """
+import os, selectors, socket, sys, time
+from proto import messages as m
+from proto.qos import QosSpec
+from transports.unix import recv_frame, send_frame
+sel, codes, req = selectors.DefaultSelector(), {}, 0
+def fire(s):  # an allocation to a name nobody has: the IPCP asks the layer for it until its query times out
+    global req
+    req += 1
+    send_frame(s, m.CODEC.encode(m.FlowAlloc(os.urandom(8).hex(), QosSpec(), 5), req))
+for _ in range(3):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    for _ in range(150):
+        fire(s)
+    sel.register(s, selectors.EVENT_READ)
+print("flooding", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # each answer (ENOENT after the query, or a refusal) sends another
+    for key, _ in sel.select(0.5):
+        data, fds = recv_frame(key.fileobj)
+        for fd in fds:
+            os.close(fd)
+        msg = m.CODEC.decode(data).msg
+        codes[getattr(msg, "code", type(msg).__name__)] = codes.get(getattr(msg, "code", type(msg).__name__), 0) + 1
+        fire(key.fileobj)
+print("done", sorted(codes.items()), flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_users_allocations_to_names_nobody_has_leave_the_layer_resolving_others_names(public_dir: Path) -> None:
+    """uid 65534 keeps 450 allocations to made-up names under way through a udp4 IPCP: each held one of
+    the IPCP's outstanding name queries (256, shared by all users) for its second, and root's
+    allocations to names another host serves came back `name not found in this layer`. A user's
+    allocations under way are limited (allocs_per_uid); past them it gets EDQUOT, and root's names
+    resolve and are reached."""
+    names = [f"served{i}" for i in range(5)]
+    with udp_lan.lan(public_dir) as make:
+        a = make(udp_lan.A_IP)
+        b = make(udp_lan.B_IP, peer=udp_lan.A_IP)
+        srv = a.client()
+        for name in names:
+            call(srv.channel, m.Bind("process", str(os.getpid()), name), timeout=10)
+            call(srv.channel, m.NameRegister(name, [udp_lan.LAYER]), timeout=10)
+        srv.listen(True)
+        stop = threading.Event()
+
+        def accept() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    _, fd = srv.accept(0.5)
+                    os.close(fd)
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        log = public_dir / "flood.log"
+        argv = [*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_UNANSWERED, str(b.irmd.sock), "20"]
+        try:
+            with server(argv, b.irmd.env, log, "flooding") as flood:
+                time.sleep(2)  # the flood under way: the queries of its first allocations have timed out
+                reached, failed = [], []
+                for name in names:  # each a name B has not resolved yet: B's IPCP must ask the layer
+                    try:
+                        b.alloc(name, timeout=10).close()
+                        reached.append(name)
+                    except FlowError as e:
+                        failed.append(f"{name}: {e}")
+                flood.wait(60)
+            assert not failed, f"root's allocations failed beside uid 65534's flood: {failed}"
+            assert reached == names
+            summary = log.read_text().splitlines()[-1]
+            assert summary.startswith("done") and "EDQUOT" in summary, summary
+        finally:
+            stop.set()
+            acceptor.join(5)
 
 
 def raw_conn(irmd: IrmdProc) -> socket.socket:

@@ -547,23 +547,31 @@ class Flows:
             pick = self.reg.pick(entry, [c.acceptor for c in clients.values()])
             return clients[pick.conn_id] if pick else None
 
-        if (found := ready()) is not None:
-            return found
-        # A server of the name is alive: one that accepted before, or a process bound by pid.
-        bound_alive = any(
-            (c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor) for c in self.irmd.clients.values()
-        )
-        prog = entry.auto_program()
-        if not bound_alive:
-            if prog is None:
+        def start() -> float:
+            """Start the bound program if no server of the name is alive (one that accepted before,
+            or a process bound by pid); how long it is held back after failing (0: it is not)."""
+            if any(
+                (c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor)
+                for c in self.irmd.clients.values()
+            ):  # fmt: skip
+                return 0.0
+            if (prog := entry.auto_program()) is None:
                 raise NotFound(f"no process is accepting flows for {name!r}")
             self.irmd.programs.start(name, prog)
-        # Loop: between the wake-up and our turn, another arrival may take the acceptor.
+            return self.irmd.programs.held(name)
+
+        if (found := ready()) is not None:
+            return found
+        held = start()
+        # Loop: between the wake-up and our turn, another arrival may take the acceptor. A program held
+        # back after failing is started by the arrivals waiting for it once its time is up.
         deadline = min(time.monotonic() + ACCEPT_TIMEOUT, deadline or float("inf"))
         while (found := ready()) is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FlowTimeout(f"no process accepted the flow for {name!r}")
             with contextlib.suppress(TimeoutError):
-                await self.irmd.acceptors_changed(left)
+                await self.irmd.acceptors_changed(min(left, held) if held else left)
+            if held:
+                held = self.irmd.programs.held(name) or start()
         return found

@@ -1351,6 +1351,62 @@ def test_a_program_started_as_root_is_one_no_other_user_could_have_written(host:
     assert ran.read_text().split() == ["0"]
 
 
+ALLOC_SVC_AGAIN_AND_AGAIN = """
+import sys, time
+from flowlib import flow_alloc
+from proto.errors import FlowError
+end = time.monotonic() + float(sys.argv[1])
+asked = 0
+while time.monotonic() < end:  # each allocation waits for its server a moment only
+    asked += 1
+    try:
+        flow_alloc("svc", timeout=0.05).close()
+    except FlowError:
+        pass
+print("asked", asked, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_program_that_fails_is_not_started_again_for_every_flow_anyone_asks_for(
+    host: IrmdProc, public_dir: Path
+) -> None:
+    """A program bound `auto` that fails at its start (here it exits 1 until an admin fixes it) was
+    started again at every arrival: uid 65534 asking in a loop had root's program started ~20 times a
+    second, two lines of the IRMd's log each. After a failure the program is held back (1 s, doubling
+    to 60 s); the flows waiting when the time is up start it, and once it works it serves them."""
+    starts, fixed = public_dir / "starts", public_dir / "fixed"
+    prog = public_dir / "svc"
+    prog.write_text(f"#!/bin/sh\necho started >> {starts}\n[ -e {fixed} ] && exec {BIN / 'oping'} -l\nexit 1\n")
+    prog.chmod(0o755)
+    host.irm_ok("bind", "program", str(prog), "name", "svc", "auto")
+    host.irm_ok("name", "register", "svc", "layer", "local")
+    before = host.log.stat().st_size
+    r = nobody_py(host, ALLOC_SVC_AGAIN_AND_AGAIN, "4")
+    assert r.returncode == 0 and r.stdout.startswith("asked"), r.stderr
+    asked = int(r.stdout.split()[1])
+    time.sleep(0.5)
+    started = starts.read_text().count("started") if starts.exists() else 0
+    assert asked >= 20, f"uid 65534 asked only {asked} times"
+    assert 1 <= started <= 5, f"the failing program was started {started} times for {asked} allocations"
+    logged = host.log.read_text(errors="replace")[before:]
+    assert logged.count("exited with status 1") == started and "not started again for" in logged
+    fixed.touch()  # the admin's fix: started at the next flow once its time is up, it serves it
+    client = IrmClient(host.sock)
+    try:
+        flow = wait_for(lambda: _alloc_or_none(client, "svc"), 60, "the fixed program to serve a flow")
+        flow.close()
+    finally:
+        client.close()
+
+
+def _alloc_or_none(client: IrmClient, name: str) -> Flow | None:
+    try:
+        return Flow(*client.alloc(name, None, 10), client)
+    except FlowError:
+        return None
+
+
 @pytest.mark.timeout(60)
 def test_a_program_started_as_root_runs_no_interpreter_another_user_could_have_written(
     host: IrmdProc, public_dir: Path

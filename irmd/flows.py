@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from irmd import policy, views
@@ -35,6 +36,8 @@ from transports.unix import close_own, seqpacket_pair
 from transports.wire import Message
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from irmd.core import Irmd
     from irmd.server import Client
 
@@ -68,6 +71,7 @@ class Flows:
     def __init__(self, irmd: Irmd) -> None:
         self.irmd = irmd
         self.reg = irmd.reg
+        self.under_way: Counter[int] = Counter()  # users' allocations under way, by uid (admins' not counted)
 
     # -- applications ----------------------------------------------------
 
@@ -93,9 +97,37 @@ class Flows:
         if users >= limits.flows_total:
             raise LimitReached(f"users hold {users} flows (limit flows_total={limits.flows_total})")
 
+    @contextlib.contextmanager
+    def allocating(self, uid: int) -> Iterator[None]:
+        """Hold one of the user's places among the allocations under way, or refuse with EDQUOT. An
+        allocation holds places in pools its IPCP shares among all users (a shim's outstanding name
+        queries, a unicast layer's directory lookups): allocations to names nobody answers, kept
+        coming, once held all of them, and everyone's names went unresolved. Admins are not counted."""
+        if policy.is_admin(uid, self.irmd.uid):
+            yield
+            return
+        limits = self.irmd.limits
+        if (mine := self.under_way[uid]) >= limits.allocs_per_uid:
+            raise LimitReached(
+                f"uid {uid} has {mine} allocations under way (limit allocs_per_uid={limits.allocs_per_uid})"
+            )
+        if (users := self.under_way.total()) >= limits.allocs_total:
+            raise LimitReached(f"users have {users} allocations under way (limit allocs_total={limits.allocs_total})")
+        self.under_way[uid] += 1
+        try:
+            yield
+        finally:
+            self.under_way[uid] -= 1
+            if not self.under_way[uid]:
+                del self.under_way[uid]
+
     async def flow_alloc(self, c: Client, msg: m.FlowAlloc, _: list[int]) -> tuple[m.FlowReply, list[int]]:
         check_name(msg.name)
         self.limit_flows(c.uid)
+        with self.allocating(c.uid):
+            return await self._alloc(c, msg)
+
+    async def _alloc(self, c: Client, msg: m.FlowAlloc) -> tuple[m.FlowReply, list[int]]:
         timeout = msg.timeout if msg.timeout and msg.timeout > 0 else ALLOC_TIMEOUT
         deadline = time.monotonic() + timeout
         error: FlowError = NotFound(f"name {msg.name!r} not found in any layer")
@@ -515,23 +547,31 @@ class Flows:
             pick = self.reg.pick(entry, [c.acceptor for c in clients.values()])
             return clients[pick.conn_id] if pick else None
 
-        if (found := ready()) is not None:
-            return found
-        # A server of the name is alive: one that accepted before, or a process bound by pid.
-        bound_alive = any(
-            (c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor) for c in self.irmd.clients.values()
-        )
-        prog = entry.auto_program()
-        if not bound_alive:
-            if prog is None:
+        def start() -> float:
+            """Start the bound program if no server of the name is alive (one that accepted before,
+            or a process bound by pid); how long it is held back after failing (0: it is not)."""
+            if any(
+                (c.serves or c.pid in entry.procs) and self.reg.bound(entry, c.acceptor)
+                for c in self.irmd.clients.values()
+            ):  # fmt: skip
+                return 0.0
+            if (prog := entry.auto_program()) is None:
                 raise NotFound(f"no process is accepting flows for {name!r}")
             self.irmd.programs.start(name, prog)
-        # Loop: between the wake-up and our turn, another arrival may take the acceptor.
+            return self.irmd.programs.held(name)
+
+        if (found := ready()) is not None:
+            return found
+        held = start()
+        # Loop: between the wake-up and our turn, another arrival may take the acceptor. A program held
+        # back after failing is started by the arrivals waiting for it once its time is up.
         deadline = min(time.monotonic() + ACCEPT_TIMEOUT, deadline or float("inf"))
         while (found := ready()) is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FlowTimeout(f"no process accepted the flow for {name!r}")
             with contextlib.suppress(TimeoutError):
-                await self.irmd.acceptors_changed(left)
+                await self.irmd.acceptors_changed(min(left, held) if held else left)
+            if held:
+                held = self.irmd.programs.held(name) or start()
         return found

@@ -29,6 +29,10 @@ class Limits:
     conns_total: int = 1024  # control connections of all users together
     flows_per_uid: int = 4096  # flows held, allocated or accepted
     flows_total: int = 8192  # flows of all users together (the IRMd holds a descriptor for each)
+    # Allocations under way (the name being resolved, the IPCP's answer awaited): each holds a place in
+    # a pool its IPCP shares among all users (a shim's name queries, 256; a unicast layer's lookups).
+    allocs_per_uid: int = 32
+    allocs_total: int = 128  # of all users together: the rest of those pools is the admins'
     accepts_per_conn: int = 64  # flow_accept calls waiting at once
     requests_per_conn: int = 256  # requests being served at once
     queued_bytes_per_conn: int = 1 << 20  # replies and notices not yet read; above it, no more requests are read

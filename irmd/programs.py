@@ -1,5 +1,5 @@
 """Programs started on demand (`bind program ... auto`): one at a time per name, as the binding's
-owner; and stopping what the IRMd started (IPCPs and programs) when it stops.
+owner, held back after failures; and stopping what the IRMd started (IPCPs and programs) when it stops.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ LINES_PER_S, LINES_BURST = 5.0, 50  # a started program's output lines logged (t
 LINE_LOGGED = 512  # characters of one such line logged
 LINE_MAX = 4096  # a program's output line longer than this is logged in pieces
 START_GRACE = 10.0  # a program started for a name has this long to accept before another is started
+# A program that fails (cannot be started, or exits with an error within START_GRACE) is not started
+# again for FAIL_HOLD s, doubling with each failure in a row up to FAIL_HOLD_MAX (as systemd's restart
+# limits): every arrival, which anyone may cause, once started it again, a process and two log lines each.
+FAIL_HOLD, FAIL_HOLD_MAX = 1.0, 60.0
+UNSERVED_MAX = 4  # programs started for a name running at once, none of which serves it (stuck at its start)
 STOP_GRACE = 2.0  # SIGTERM, then SIGKILL after this long
 
 
@@ -80,42 +85,70 @@ class Programs:
         self.irmd = irmd
         self.running: dict[int, asyncio.subprocess.Process] = {}
         self._starting: dict[str, float] = {}  # name -> when its program was started
+        self._failed: dict[str, tuple[int, float]] = {}  # name -> (failures in a row, no start before)
 
     def start(self, name: str, prog: ProgBinding) -> None:
-        """Start `prog` for `name`, unless one started for it is on its way."""
+        """Start `prog` for `name` (called when no process serves it), unless one started for it is on
+        its way, its program failed lately, or UNSERVED_MAX started for it are still running."""
+        now = time.monotonic()
         started = self._starting.get(name)
-        if started is not None and time.monotonic() - started < START_GRACE:
+        if started is not None and now - started < START_GRACE:
             return
-        self._starting[name] = time.monotonic()
+        if (failed := self._failed.get(name)) is not None and now < failed[1]:
+            return
+        if sum(1 for started_for, _ in self.irmd.reg.started.values() if started_for == name) >= UNSERVED_MAX:
+            return
+        self._starting[name] = now
         self.irmd.spawn_task(self._run(name, prog))
+
+    def held(self, name: str) -> float:
+        """How long `name`'s program is held back after failing (0: it is not)."""
+        failed = self._failed.get(name)
+        return max(failed[1] - time.monotonic(), 0.0) if failed is not None else 0.0
+
+    def _failure(self, name: str) -> float:
+        """Count a failure of `name`'s program in a row; how long it is held back."""
+        count = self._failed.get(name, (0, 0.0))[0] + 1
+        hold: float = min(FAIL_HOLD * 2.0 ** min(count - 1, 16), FAIL_HOLD_MAX)
+        self._failed[name] = (count, time.monotonic() + hold)
+        self._starting.pop(name, None)
+        return hold
 
     async def _run(self, name: str, prog: ProgBinding) -> None:
         who = spawn.run_as(prog.owner, self.irmd.uid)
         try:  # checked again at each start: the file or a directory above it may have changed since the bind
             spawn.check_program(prog.path, self.irmd.uid if who.uid is None else who.uid)
         except OSError as e:
-            log.error("will not start %s for %r: %s", prog.path, name, e.strerror or e)
-            self._starting.pop(name, None)
+            hold = self._failure(name)
+            log.error(
+                "will not start %s for %r: %s (not tried again for %.0f s)", prog.path, name, e.strerror or e, hold
+            )
             return
         try:
             proc = await spawn.start_program(prog.path, prog.args, prog.owner, self.irmd.sock_path, self.irmd.output)
         except (OSError, subprocess.SubprocessError) as e:
-            log.error("cannot start %s for %r: %s", prog.path, name, e)
-            self._starting.pop(name, None)
+            hold = self._failure(name)
+            log.error("cannot start %s for %r: %s (not tried again for %.0f s)", prog.path, name, e, hold)
             return
         log.info("started %s %s (pid %d) for %r as %s", prog.path, " ".join(prog.args), proc.pid, name, who.user)
         self.running[proc.pid] = proc
         self.irmd.reg.started[proc.pid] = (name, proc_start(proc.pid))  # this process, not a later one with its pid
         if proc.stdout is not None:  # read to its end, which a child of the program may hold past its exit
             self.irmd.spawn_task(relay_output(proc.stdout, f"{os.path.basename(prog.path)}[{proc.pid}]"))
+        began = time.monotonic()
         code = await proc.wait()
         self.running.pop(proc.pid, None)
         self.irmd.reg.started.pop(proc.pid, None)
-        if code:
-            self._starting.pop(name, None)  # it failed; the next flow may try again
         failed = code and not self.irmd.stopping and code != -signal.SIGTERM
+        held = ""
+        if failed and time.monotonic() - began < START_GRACE:
+            held = f" (not started again for {self._failure(name):.0f} s)"  # the next flow may try again then
+        elif code:
+            self._starting.pop(name, None)  # it ended, having run a while: the next flow may start it
+        if not failed or not held:
+            self._failed.pop(name, None)
         (log.warning if failed else log.info)(
-            "program %s (pid %d) for %r exited with status %s", prog.path, proc.pid, name, code
+            "program %s (pid %d) for %r exited with status %s%s", prog.path, proc.pid, name, code, held
         )
 
     async def stop_all(self, ipcps: list[Ipcp]) -> None:

@@ -107,6 +107,41 @@ def test_totals_leave_admins_a_reserve_of_descriptors(caplog: pytest.LogCaptureF
     assert Limits().fit_descriptors(10).conns_total == 1  # never zero: users still get something
 
 
+def test_users_allocations_under_way_leave_the_ipcps_shared_pools_to_the_admins() -> None:
+    """Each allocation under way holds a place in a pool its IPCP shares among all users: users
+    together must leave at least half of each to the admins (who are never counted)."""
+    from ipcp.shim import Limits as ShimLimits
+    from ipcp.unicast.dir import MAX_LOOKUPS
+
+    limits = Limits()
+    assert limits.allocs_per_uid <= limits.allocs_total
+    assert limits.allocs_total <= ShimLimits().queries // 2
+    assert limits.allocs_total <= MAX_LOOKUPS // 2
+
+
+def test_a_names_program_is_not_started_while_enough_started_for_it_run_without_serving_it() -> None:
+    """A program that never comes to accept (stuck at its start) was started again every START_GRACE
+    for as long as flows came: a process more, as the binding's owner, every 10 s without end."""
+    import types
+
+    from irmd.programs import UNSERVED_MAX, Programs
+    from irmd.reg import ProgBinding
+
+    spawned: list[object] = []
+    irmd = types.SimpleNamespace(reg=types.SimpleNamespace(started={}), spawn_task=spawned.append)
+    programs = Programs(irmd)  # type: ignore[arg-type]
+    prog = ProgBinding("/bin/sleep", ["600"], auto=True)
+    for pid in range(UNSERVED_MAX):
+        irmd.reg.started[1000 + pid] = ("svc", 1)
+    programs.start("svc", prog)
+    assert not spawned, "started beside UNSERVED_MAX that do not serve the name"
+    irmd.reg.started[2000] = ("other", 1)
+    del irmd.reg.started[1000]  # one of them ended
+    programs.start("svc", prog)
+    assert len(spawned) == 1
+    spawned[0].close()  # type: ignore[attr-defined]  # the coroutine, not run here
+
+
 @pytest.mark.parametrize(
     ("words", "says"),
     [

@@ -17,19 +17,21 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import udp_lan
 from helpers import BIN, IrmdProc, kernel_refuses_rights, parse_table, start_irmd, stop_irmd, wait_for
 
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
 from proto import messages as m
 from proto.control import call
-from proto.errors import LimitReached
+from proto.errors import FlowError, LimitReached
 from transports.unix import recv_frame, send_frame
 from transports.wire import REPLY, Error
 
@@ -520,6 +522,84 @@ def test_allocations_sent_at_once_through_several_layers_keep_to_flows_per_uid(p
                     flow.close()
         finally:
             srv.close()
+
+
+ALLOC_UNANSWERED = """
+import os, selectors, socket, sys, time
+from proto import messages as m
+from proto.qos import QosSpec
+from transports.unix import recv_frame, send_frame
+sel, codes, req = selectors.DefaultSelector(), {}, 0
+def fire(s):  # an allocation to a name nobody has: the IPCP asks the layer for it until its query times out
+    global req
+    req += 1
+    send_frame(s, m.CODEC.encode(m.FlowAlloc(os.urandom(8).hex(), QosSpec(), 5), req))
+for _ in range(3):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    for _ in range(150):
+        fire(s)
+    sel.register(s, selectors.EVENT_READ)
+print("flooding", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # each answer (ENOENT after the query, or a refusal) sends another
+    for key, _ in sel.select(0.5):
+        data, fds = recv_frame(key.fileobj)
+        for fd in fds:
+            os.close(fd)
+        msg = m.CODEC.decode(data).msg
+        codes[getattr(msg, "code", type(msg).__name__)] = codes.get(getattr(msg, "code", type(msg).__name__), 0) + 1
+        fire(key.fileobj)
+print("done", sorted(codes.items()), flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_users_allocations_to_names_nobody_has_leave_the_layer_resolving_others_names(public_dir: Path) -> None:
+    """uid 65534 keeps 450 allocations to made-up names under way through a udp4 IPCP: each held one of
+    the IPCP's outstanding name queries (256, shared by all users) for its second, and root's
+    allocations to names another host serves came back `name not found in this layer`. A user's
+    allocations under way are limited (allocs_per_uid); past them it gets EDQUOT, and root's names
+    resolve and are reached."""
+    names = [f"served{i}" for i in range(5)]
+    with udp_lan.lan(public_dir) as make:
+        a = make(udp_lan.A_IP)
+        b = make(udp_lan.B_IP, peer=udp_lan.A_IP)
+        srv = a.client()
+        for name in names:
+            call(srv.channel, m.Bind("process", str(os.getpid()), name), timeout=10)
+            call(srv.channel, m.NameRegister(name, [udp_lan.LAYER]), timeout=10)
+        srv.listen(True)
+        stop = threading.Event()
+
+        def accept() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    _, fd = srv.accept(0.5)
+                    os.close(fd)
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        log = public_dir / "flood.log"
+        argv = [*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_UNANSWERED, str(b.irmd.sock), "20"]
+        try:
+            with server(argv, b.irmd.env, log, "flooding") as flood:
+                time.sleep(2)  # the flood under way: the queries of its first allocations have timed out
+                reached, failed = [], []
+                for name in names:  # each a name B has not resolved yet: B's IPCP must ask the layer
+                    try:
+                        b.alloc(name, timeout=10).close()
+                        reached.append(name)
+                    except FlowError as e:
+                        failed.append(f"{name}: {e}")
+                flood.wait(60)
+            assert not failed, f"root's allocations failed beside uid 65534's flood: {failed}"
+            assert reached == names
+            summary = log.read_text().splitlines()[-1]
+            assert summary.startswith("done") and "EDQUOT" in summary, summary
+        finally:
+            stop.set()
+            acceptor.join(5)
 
 
 def raw_conn(irmd: IrmdProc) -> socket.socket:
@@ -1269,6 +1349,62 @@ def test_a_program_started_as_root_is_one_no_other_user_could_have_written(host:
     nobody_py(host, ALLOC_SVC)
     wait_for(ran.exists, 10, "the program to run")
     assert ran.read_text().split() == ["0"]
+
+
+ALLOC_SVC_AGAIN_AND_AGAIN = """
+import sys, time
+from flowlib import flow_alloc
+from proto.errors import FlowError
+end = time.monotonic() + float(sys.argv[1])
+asked = 0
+while time.monotonic() < end:  # each allocation waits for its server a moment only
+    asked += 1
+    try:
+        flow_alloc("svc", timeout=0.05).close()
+    except FlowError:
+        pass
+print("asked", asked, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_program_that_fails_is_not_started_again_for_every_flow_anyone_asks_for(
+    host: IrmdProc, public_dir: Path
+) -> None:
+    """A program bound `auto` that fails at its start (here it exits 1 until an admin fixes it) was
+    started again at every arrival: uid 65534 asking in a loop had root's program started ~20 times a
+    second, two lines of the IRMd's log each. After a failure the program is held back (1 s, doubling
+    to 60 s); the flows waiting when the time is up start it, and once it works it serves them."""
+    starts, fixed = public_dir / "starts", public_dir / "fixed"
+    prog = public_dir / "svc"
+    prog.write_text(f"#!/bin/sh\necho started >> {starts}\n[ -e {fixed} ] && exec {BIN / 'oping'} -l\nexit 1\n")
+    prog.chmod(0o755)
+    host.irm_ok("bind", "program", str(prog), "name", "svc", "auto")
+    host.irm_ok("name", "register", "svc", "layer", "local")
+    before = host.log.stat().st_size
+    r = nobody_py(host, ALLOC_SVC_AGAIN_AND_AGAIN, "4")
+    assert r.returncode == 0 and r.stdout.startswith("asked"), r.stderr
+    asked = int(r.stdout.split()[1])
+    time.sleep(0.5)
+    started = starts.read_text().count("started") if starts.exists() else 0
+    assert asked >= 20, f"uid 65534 asked only {asked} times"
+    assert 1 <= started <= 5, f"the failing program was started {started} times for {asked} allocations"
+    logged = host.log.read_text(errors="replace")[before:]
+    assert logged.count("exited with status 1") == started and "not started again for" in logged
+    fixed.touch()  # the admin's fix: started at the next flow once its time is up, it serves it
+    client = IrmClient(host.sock)
+    try:
+        flow = wait_for(lambda: _alloc_or_none(client, "svc"), 60, "the fixed program to serve a flow")
+        flow.close()
+    finally:
+        client.close()
+
+
+def _alloc_or_none(client: IrmClient, name: str) -> Flow | None:
+    try:
+        return Flow(*client.alloc(name, None, 10), client)
+    except FlowError:
+        return None
 
 
 @pytest.mark.timeout(60)

@@ -111,7 +111,13 @@ def lan(tmp_path: Path) -> Iterator[Callable[..., Host]]:
         host.bootstrap(peer, extra)
         return host
 
-    yield make
+    try:
+        yield make
+    finally:  # the test's failure too: its irmds are stopped all the same
+        _stop(hosts)
+
+
+def _stop(hosts: list[Host]) -> None:
     errors: list[BaseException] = []
     for host in hosts:
         for c in host.clients:

@@ -194,15 +194,20 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def file_head(path: str) -> bytes:
+    """The first SHEBANG_MAX bytes of the regular file at `path` (OSError if it is none)."""
+    fd, _ = open_regular(path)
+    try:
+        return os.read(fd, SHEBANG_MAX)
+    finally:
+        os.close(fd)
+
+
 def program_of(path: str) -> Program:
     """What the kernel runs for `path`: the file itself, or the interpreter its #! line names."""
     real = os.path.realpath(path)
     try:
-        fd, _ = open_regular(real)
-        try:
-            head = os.read(fd, SHEBANG_MAX)
-        finally:
-            os.close(fd)
+        head = file_head(real)
     except OSError:  # not there, not readable, or not a regular file (a FIFO would block)
         head = b""
     if head.startswith(b"\x7fELF"):

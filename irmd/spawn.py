@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
-from irmd.identity import SHEBANG_MAX, open_regular
+from irmd.identity import file_head
 from transports.unix import SOCK_ENV, TrustError, resolve_trusted
 
 log = logging.getLogger("irmd")
@@ -121,11 +121,7 @@ def _interpreters(path: str) -> list[str]:
     """What the kernel runs for the script at `path` (started in /, with the safe PATH): the program
     its `#!` line names, and, for `env`, the program env finds too; [] for a file without `#!`."""
     try:
-        fd, _ = open_regular(path)
-        try:
-            head = os.read(fd, SHEBANG_MAX)
-        finally:
-            os.close(fd)
+        head = file_head(path)
     except OSError as e:
         raise TrustError(e.errno, f"{path}: {e.strerror}") from None
     if not head.startswith(b"#!"):

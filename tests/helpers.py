@@ -339,3 +339,22 @@ def serve_tcp(sock: socket.socket, handle: Callable[[socket.socket], None]) -> N
             handle(conn)
 
     threading.Thread(target=accept, daemon=True).start()
+
+
+# A process that accepts flows for sys.argv[1] (registered in the layer named "local") and prints, per
+# flow, what the IRMd told it of the allocator: [uid, gid, groups] as JSON; then it hangs up.
+WHO_ACCEPTS = r"""
+import json, os, sys
+from flowlib import flow_accept
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+irm = IrmClient()
+call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
+call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
+print("ready", flush=True)
+while True:
+    f = flow_accept(irm=irm)
+    groups = None if f.peer_groups is None else list(f.peer_groups)
+    print(json.dumps([f.peer_uid, f.peer_gid, groups]), flush=True)
+    f.close()
+"""

@@ -5,6 +5,7 @@ per-client connection slots, clamped timeouts and durations.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import stat
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port, serve_tcp, wait_for
+from helpers import WHO_ACCEPTS, free_port, serve_tcp, wait_for
 from test_ibp_hostile import LEGIT_WAIT, LIMITS, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import wire as w
@@ -236,39 +237,23 @@ def test_copies_are_few_per_client_and_only_to_what_answers_as_a_depot(
         silent.close()
 
 
-PROBE = r"""
-import os, sys
-from flowlib import flow_accept
-from flowlib.irm import IrmClient, call
-from proto import messages as m
-irm = IrmClient()
-call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
-call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
-print("ready", flush=True)
-while True:
-    flow = flow_accept(irm=irm)
-    print(flow.peer_uid, flush=True)  # who the IRMd says allocated it; then hang up: no depot here
-    flow.close()
-"""
-
-
 def test_copies_are_made_with_the_clients_identity(depot: Depot) -> None:
     """A root depot allocates a copy's flow as the client: the target sees uid 65534 for uid 65534's
     copy (and counts it there), root for root's; neither is the depot's identity lent."""
     env = {**depot.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    probe = subprocess.Popen([sys.executable, "-c", PROBE, "probe"], env=env, stdout=subprocess.PIPE, text=True)
+    probe = subprocess.Popen([sys.executable, "-c", WHO_ACCEPTS, "probe"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
         out = depot.attack(COPY, "probe")
         assert out.stdout.split("->")[-1].strip().startswith("-"), out.stdout + out.stderr  # no depot: failed
-        assert probe.stdout.readline().strip() == str(NOBODY)
+        assert json.loads(probe.stdout.readline())[0] == NOBODY  # who the IRMd says allocated it
         target = Capability.parse(f"ibp://probe/0#{'k' * 64}/{'k' * 64}/WRITE")
         with Connection(depot.name, timeout=LEGIT_WAIT) as c:
             r, wcap, _ = c.allocate(10, 60)
             c.store(wcap, [b"0123456789"], 10)
             with pytest.raises(w.IbpError):
                 c.copy(r, target)
-        assert probe.stdout.readline().strip() == "0"
+        assert json.loads(probe.stdout.readline())[0] == 0
     finally:
         probe.kill()
         probe.wait()

@@ -25,7 +25,16 @@ from pathlib import Path
 
 import pytest
 import udp_lan
-from helpers import BIN, IrmdProc, kernel_refuses_rights, parse_table, start_irmd, stop_irmd, wait_for
+from helpers import (
+    BIN,
+    WHO_ACCEPTS,
+    IrmdProc,
+    kernel_refuses_rights,
+    parse_table,
+    start_irmd,
+    stop_irmd,
+    wait_for,
+)
 
 from flowlib.flow import Flow, flow_alloc
 from flowlib.irm import IrmClient
@@ -869,22 +878,6 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
 
 
 # -- who allocated a flow: the kernel's ids, never the account's ------------------------------------------
-
-WHO_ACCEPTS = r"""
-import json, os, sys
-from flowlib import flow_accept
-from flowlib.irm import IrmClient, call
-from proto import messages as m
-irm = IrmClient()
-call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
-call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
-print("ready", flush=True)
-while True:
-    f = flow_accept(irm=irm)
-    groups = None if f.peer_groups is None else list(f.peer_groups)
-    print(json.dumps([f.peer_uid, f.peer_gid, groups]), flush=True)
-    f.close()
-"""
 
 ALLOCATES = r"""
 import sys

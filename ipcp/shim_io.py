@@ -117,7 +117,7 @@ class ShimIpcp(Ipcp):
         self.relay.start()
         self.spawn(self._report_drops())
         self._flush()
-        return m.LayerInfo(layer, self.hash_algo, self.mtu)
+        return m.LayerInfo(layer, self.hash_algo, self.mtu, self.core.flow_capacity)
 
     def _core(self) -> ShimCore:
         if self.core is None:

@@ -312,15 +312,19 @@ class ShimCore:
 
     # -- flows ---------------------------------------------------------------
 
-    def _free_eids(self) -> int:
+    @property
+    def flow_capacity(self) -> int:
+        """The most flows the shim holds at once: its endpoint ids (eth-llc's 62 SAPs), or its flow cap."""
         lo, hi = self.layout.eids
-        return min(hi - lo + 1, self.limits.flows) - len(self.flows) - len(self._deciding)
+        return min(hi - lo + 1, self.limits.flows)
+
+    def _free_eids(self) -> int:
+        return self.flow_capacity - len(self.flows) - len(self._deciding)
 
     def new_eid(self) -> int:
         """A free eid, and not one freed lately while others are free: its peer may still send to it."""
         if self._free_eids() <= 0:
-            lo, hi = self.layout.eids
-            raise ShimFull(f"all {min(hi - lo + 1, self.limits.flows)} endpoint ids are in use")
+            raise ShimFull(f"all {self.flow_capacity} endpoint ids are in use")
         lo, hi = self.layout.eids
         held = self.flows.keys() | set(self._deciding.values())
         if hi - lo < 4096:  # eth-llc's SAPs: pick among the free ones

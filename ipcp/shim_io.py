@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Hashable
 
 from ipcp.base import DROP_APP, DROP_NET, Ipcp, direct_counters, flow_counters
+from ipcp.lookups import LookupsBusy
 from ipcp.shim import (
     AllocDone,
     FlowEnded,
@@ -39,6 +40,8 @@ from transports.unix import seqpacket_pair
 
 log = logging.getLogger(__name__)
 REFUSALS = RateLog(logger=log)  # flow requests refused: any peer can send them
+LOOKUPS_REFUSED = RateLog(rate=1.0, burst=5, logger=log)  # names not looked up: any local user can cause them
+UNASKED_KEPT = 256  # names not looked up, remembered to say so (as many as name queries)
 
 MGMT_QUEUE = 1024  # management frames from strangers waiting for the loop; beyond this the relay drops them
 KNOWN_QUEUE = 4096  # ... from members and flows' peers, which go first
@@ -69,6 +72,8 @@ class ShimIpcp(Ipcp):
         self.core: ShimCore | None = None
         self.relay: Relay | None = None
         self._queries: dict[bytes, list[asyncio.Future[Hashable | None]]] = {}
+        self._look_ups: dict[bytes, asyncio.Task[None]] = {}  # outside lookups of the queries under way
+        self._unasked: dict[bytes, None] = {}  # names lately not looked up (the resolver busy), oldest first
         self._allocs: dict[int, asyncio.Future[AllocDone]] = {}
         self._by_flow_id: dict[int, ShimFlow] = {}
         # Frames from the relay thread: members' and flows' peers' first, strangers' after, and only
@@ -100,8 +105,13 @@ class ShimIpcp(Ipcp):
         """A socket of its own for a flow's data, and its port, if the transport has them (udp)."""
         return None
 
+    def known(self, digest: bytes) -> Hashable | None:
+        """A hash's address known here without asking anyone (udp: /etc/hosts), or None."""
+        return None
+
     async def lookup(self, digest: bytes) -> Hashable | None:
-        """Resolve a hash outside the layer's own protocol (udp: /etc/hosts and DNS), or None."""
+        """Resolve a hash outside the layer's own protocol (udp: DNS), or None; LookupsBusy when the
+        resolver has too many names waiting already."""
         return None
 
     # -- layer operations ----------------------------------------------------
@@ -117,7 +127,7 @@ class ShimIpcp(Ipcp):
         self.relay.start()
         self.spawn(self._report_drops())
         self._flush()
-        return m.LayerInfo(layer, self.hash_algo, self.mtu)
+        return m.LayerInfo(layer, self.hash_algo, self.mtu, self.core.flow_capacity)
 
     def _core(self) -> ShimCore:
         if self.core is None:
@@ -137,18 +147,33 @@ class ShimIpcp(Ipcp):
             return core.own  # a name of this very host: the flow loops through our own socket
         if (addr := core.resolved(digest, time.monotonic())) is not None:
             return addr
+        if (addr := self.known(digest)) is not None:  # /etc/hosts: never behind the resolver's queue
+            core.learn(digest, addr, time.monotonic())
+            self._flush()
+            return addr
         fut: asyncio.Future[Hashable | None] = asyncio.get_running_loop().create_future()
-        first = digest not in self._queries
         self._queries.setdefault(digest, []).append(fut)
         core.query(digest, time.monotonic())
         self._flush()
-        if first:
-            self.spawn(self._look_up(digest))
+        if digest in self._queries and digest not in self._look_ups:  # still asked, and not looked up yet
+            self._unasked.pop(digest, None)
+            self._look_ups[digest] = self.spawn(self._look_up(digest))
         return await fut
 
     async def _look_up(self, digest: bytes) -> None:
-        """The outside resolver runs beside the layer's own query; whichever answers first wins."""
-        addr = await self.lookup(digest)
+        """The outside resolver runs beside the layer's own query; whichever answers first wins. The
+        query's end (QueryDone) cancels it: a lookup nobody waits for leaves the resolver's queue."""
+        try:
+            addr = await self.lookup(digest)
+        except LookupsBusy as e:
+            self._unasked[digest] = None
+            while len(self._unasked) > UNASKED_KEPT:
+                del self._unasked[next(iter(self._unasked))]
+            LOOKUPS_REFUSED.log("%s: a name not looked up: %s", self.name, e)
+            return
+        finally:
+            if self._look_ups.get(digest) is asyncio.current_task():
+                del self._look_ups[digest]
         if addr is not None and self.core is not None:
             self.core.learn(digest, addr, time.monotonic())
             self._flush()
@@ -159,7 +184,9 @@ class ShimIpcp(Ipcp):
         core = self._core()
         addr = await self._resolve(digest)
         if addr is None:
-            raise HandlerError(m.ENOENT, "name not found in this layer")
+            busy = digest in self._unasked
+            why = " (nor looked up: the system's resolver has too many names waiting)" if busy else ""
+            raise HandlerError(m.ENOENT, f"name not found in this layer{why}")
         own = self.data_socket()
         try:
             flow = core.alloc(digest, qos, addr, time.monotonic(), timeout, data, own[1] if own else 0)
@@ -394,6 +421,8 @@ class ShimIpcp(Ipcp):
                     for fut in self._queries.pop(ev.digest, []):
                         if not fut.done():
                             fut.set_result(ev.addr)
+                    if (task := self._look_ups.pop(ev.digest, None)) is not None:
+                        task.cancel()  # nobody waits for its answer any more
                 case AllocDone():
                     done = self._allocs.pop(ev.eid, None)
                     if done is not None and not done.done():

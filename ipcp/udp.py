@@ -14,8 +14,10 @@ import asyncio
 import logging
 import socket
 from collections.abc import Hashable
+from pathlib import Path
 from typing import cast
 
+from ipcp.lookups import HostsFile, Lookups
 from ipcp.shim import Limits, ShimCore, ShimFlow
 from ipcp.shim_io import ShimIpcp, impaired
 from ipcp.shim_wire import UDP
@@ -32,6 +34,8 @@ DEFAULT_PORT = 3435
 UDP_MTU = udp.MAX_DATAGRAM - udp.EID.size  # the largest SDU an Ouroboros 0.23 peer reads whole
 HASH = "MD5"  # as Ouroboros: a udp layer hashes names with MD5, whatever the bootstrap asked for
 LOOKUPS = 4  # getaddrinfo calls at once (each holds a thread while DNS answers)
+LOOKUP_QUEUE = 64  # names waiting for one of them; past it a name is not looked up outside the layer
+HOSTS = Path("/etc/hosts")  # read here, so that its names never wait behind the resolver
 OPTIONS = {"ip", "port", "peer", "impair", "hash", "dns", "members"}
 
 
@@ -43,7 +47,8 @@ class UdpIpcp(ShimIpcp):
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)
         self.hash_algo = HASH
-        self._lookups = asyncio.Semaphore(LOOKUPS)
+        self._lookups = Lookups(lambda name: udp.lookup(name, self.version), LOOKUPS, LOOKUP_QUEUE)
+        self._hosts = HostsFile(HOSTS, self.version)
 
     async def open_transport(self, layer: str, conf: dict[str, str]) -> tuple[ShimCore, Relay]:
         if unknown := set(conf) - OPTIONS:
@@ -82,6 +87,7 @@ class UdpIpcp(ShimIpcp):
                 )
         self.ip = ip
         self.fast = "impair" not in conf
+        self._hosts = HostsFile(HOSTS, self.version)
         own = (ip, port)
         core = ShimCore(
             UDP,
@@ -116,11 +122,23 @@ class UdpIpcp(ShimIpcp):
             if parsed is not None and parsed[0] == 0 and self.core is not None and parsed[2] != self.core.own:
                 self.on_mgmt(bytes(parsed[1]), parsed[2])
 
-    async def lookup(self, digest: bytes) -> Hashable | None:
-        """As Ouroboros 0.23 without DNS updates: getaddrinfo on the lowercase hex of the hash, on our port."""
-        async with self._lookups:
-            ip = await asyncio.to_thread(udp.lookup, digest.hex(), self.version)
+    def known(self, digest: bytes) -> Hashable | None:
+        """The hash's address in /etc/hosts (the lowercase hex of the hash as a host name), on our port."""
+        ip = self._hosts.get(digest.hex())
         return None if ip is None or self.core is None else (ip, self.core.own[1])  # type: ignore[index]
+
+    async def lookup(self, digest: bytes) -> Hashable | None:
+        """As Ouroboros 0.23 without DNS updates: getaddrinfo on the lowercase hex of the hash, on our port;
+        a few at once, a bounded queue behind them (LookupsBusy past it)."""
+        ip = await self._lookups.ask(digest.hex())
+        return None if ip is None or self.core is None else (ip, self.core.own[1])  # type: ignore[index]
+
+    def counters(self) -> dict[str, int]:
+        return super().counters() | {
+            "names not looked up (resolver busy)": self._lookups.refused,
+            "lookups dropped (nobody waiting)": self._lookups.dropped,
+            "lookups waiting": self._lookups.waiting,
+        }
 
     def send_mgmt(self, dst: Hashable | None, frame: bytes) -> None:
         data = udp.EID.pack(0) + frame

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from irmd import policy, views
 from irmd.identity import read_peer
+from irmd.limits import share
 from irmd.reg import Flow, FlowEvent, FlowState, Ipcp
 from irmd.reg.flow import try_next_layer, worse
 from irmd.reg.ipcp import by_preference, settled
@@ -84,18 +85,37 @@ class Flows:
         await self.irmd.notify_acceptors()
         return m.Ok()
 
-    def limit_flows(self, uid: int) -> None:
+    def limit_flows(self, uid: int, ipcp: Ipcp | None = None) -> None:
         """A user other than root and the IRMd's holds at most flows_per_uid flows, either end, and
-        all of them together flows_total."""
+        all of them together flows_total. Of an IPCP with a flow capacity of its own (a shim's
+        endpoints: eth-llc has 62), a user holds at most ipcp_share_per_uid percent and all users
+        together ipcp_share_users: one user's flows, allocated or accepted, once took all of them."""
         if policy.is_admin(uid, self.irmd.uid):
             return
         limits = self.irmd.limits
         held = self.reg.flows_of_uid(uid)
         if held >= limits.flows_per_uid:
             raise LimitReached(f"uid {uid} holds {held} flows (limit flows_per_uid={limits.flows_per_uid})")
-        users = self.reg.flows_of_users(lambda u: policy.is_admin(u, self.irmd.uid))
+
+        def admin(u: int) -> bool:
+            return policy.is_admin(u, self.irmd.uid)
+
+        users = self.reg.flows_of_users(admin)
         if users >= limits.flows_total:
             raise LimitReached(f"users hold {users} flows (limit flows_total={limits.flows_total})")
+        if ipcp is None or ipcp.flows <= 0:
+            return
+        of = f"of ipcp {ipcp.name!r} (layer {ipcp.layer!r}), which holds {ipcp.flows} flows at most"
+        most = share(ipcp.flows, limits.ipcp_share_per_uid)
+        if (held := self.reg.flows_of_uid_at(uid, ipcp.name)) >= most:
+            raise LimitReached(
+                f"uid {uid} holds {held} flows {of} (limit ipcp_share_per_uid={limits.ipcp_share_per_uid}%: {most})"
+            )
+        most = share(ipcp.flows, limits.ipcp_share_users)
+        if (users := self.reg.flows_of_users(admin, ipcp.name)) >= most:
+            raise LimitReached(
+                f"users hold {users} flows {of} (limit ipcp_share_users={limits.ipcp_share_users}%: {most})"
+            )
 
     @contextlib.contextmanager
     def allocating(self, uid: int) -> Iterator[None]:
@@ -162,8 +182,9 @@ class Flows:
         assert ipcp.channel is not None
         digest = name_hash(ipcp.hash, msg.name)
         # Checked again where the flow is counted: the allocations a user sent at once all passed the
-        # first check while their names were being resolved (several layers asked), none counted yet.
-        self.limit_flows(c.uid)
+        # first check while their names were being resolved (several layers asked), none counted yet;
+        # and only here is the IPCP known, whose flows a user may hold a share of.
+        self.limit_flows(c.uid, ipcp)
         flow = self.reg.new_flow(
             owner=c.conn_id, pid=c.pid, uid=c.uid, gid=c.peer.gid, groups=c.peer.groups, name=msg.name,
             layer=ipcp.layer, ipcp=ipcp.name, qos=msg.qos, role="src",
@@ -500,7 +521,7 @@ class Flows:
         )
         with in_flight:  # OAP: in flight, bounded
             acceptor = await self.wait_acceptor(entry.name, deadline)
-            self.limit_flows(acceptor.uid)
+            self.limit_flows(acceptor.uid, ipcp)  # the flows a user's server accepts are its own
             # OAP: checked, answered; a request from this host's own allocation was never on a wire
             answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s, replay=src is None)
         flow = self.reg.new_flow(

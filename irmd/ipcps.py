@@ -176,7 +176,7 @@ class Ipcps:
         if layer and info.layer != layer:
             kill(ipcp.proc, signal.SIGKILL)
             raise InvalidArgument(f"enrolled in layer {info.layer!r}, not {layer!r}; ipcp {ipcp.name} stopped")
-        ipcp.layer, ipcp.hash, ipcp.mtu = info.layer, info.hash, info.mtu
+        ipcp.layer, ipcp.hash, ipcp.mtu, ipcp.flows = info.layer, info.hash, info.mtu, max(info.flows, 0)
         ipcp.joined = (
             {"bootstrap": info.layer, "conf": {k: v for k, v in msg.conf.items() if k != "mtu"}}
             if isinstance(msg, m.IpcpBootstrapReq) else {"enrol": msg.dst if isinstance(msg, m.IpcpEnrollReq) else ""}

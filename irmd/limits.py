@@ -19,6 +19,14 @@ log = logging.getLogger("irmd")
 ADMIN_RESERVE = 256
 
 
+PERCENTS = frozenset({"ipcp_share_per_uid", "ipcp_share_users"})  # limits given in percent
+
+
+def share(capacity: int, percent: int) -> int:
+    """`percent` of `capacity`, rounded down, and at least one."""
+    return max(capacity * percent // 100, 1)
+
+
 class LimitError(ValueError):
     """A limit given with an unknown key or a value out of range."""
 
@@ -33,6 +41,10 @@ class Limits:
     # a pool its IPCP shares among all users (a shim's name queries, 256; a unicast layer's lookups).
     allocs_per_uid: int = 32
     allocs_total: int = 128  # of all users together: the rest of those pools is the admins'
+    # Percent of each IPCP's own flow capacity (a shim's endpoints: eth-llc's 62, udp's 4,096) that one
+    # user, and all users together, may hold: one user's flows once took every endpoint of a shim.
+    ipcp_share_per_uid: int = 50
+    ipcp_share_users: int = 75
     accepts_per_conn: int = 64  # flow_accept calls waiting at once
     requests_per_conn: int = 256  # requests being served at once
     queued_bytes_per_conn: int = 1 << 20  # replies and notices not yet read; above it, no more requests are read
@@ -51,8 +63,9 @@ class Limits:
                 value = raw if isinstance(raw, int) and not isinstance(raw, bool) else int(str(raw), 0)
             except ValueError:
                 raise LimitError(f"{where}: {key} = {raw!r}: expected a whole number") from None
-            if not 1 <= value <= 1 << 40:
-                raise LimitError(f"{where}: {key} = {value}: expected a number from 1 to {1 << 40}")
+            top = 100 if key in PERCENTS else 1 << 40
+            if not 1 <= value <= top:
+                raise LimitError(f"{where}: {key} = {value}: expected a number from 1 to {top}")
             changes[key] = value
         return dataclasses.replace(self, **changes)
 

@@ -372,6 +372,7 @@ class LayerInfo(Message):
     layer: str
     hash: str = "SHA3_256"
     mtu: int = 65535
+    flows: int = 0  # the most flows the IPCP holds at once (a shim's endpoints); 0: no bound of its own
 
 
 @reg

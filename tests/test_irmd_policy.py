@@ -119,6 +119,26 @@ def test_users_allocations_under_way_leave_the_ipcps_shared_pools_to_the_admins(
     assert limits.allocs_total <= MAX_LOOKUPS // 2
 
 
+def test_a_users_share_of_each_ipcps_flows_leaves_room_to_others_and_to_the_admins() -> None:
+    """A shim holds few flows (eth-llc: its 62 SAPs): a user holds at most half of them, and users
+    together leave the admins a quarter; a shim tells the IRMd its capacity as it joins its layer."""
+    from ipcp.shim import ShimCore
+    from ipcp.shim_wire import ETH_DIX, ETH_LLC, UDP
+    from irmd.limits import share
+
+    capacity = {
+        layout.name: ShimCore(layout, hash_len=16, own=b"x", discovery=False).flow_capacity
+        for layout in (UDP, ETH_DIX, ETH_LLC)
+    }
+    assert capacity == {"udp": 4096, "eth-dix": 4096, "eth-llc": 62}
+    limits = Limits()
+    assert (share(62, limits.ipcp_share_per_uid), share(62, limits.ipcp_share_users)) == (31, 46)
+    assert share(1, limits.ipcp_share_per_uid) == 1  # never none
+    assert parse_options(["ipcp_share_per_uid=10"]).ipcp_share_per_uid == 10
+    with pytest.raises(LimitError, match="ipcp_share_users = 101: expected a number from 1 to 100"):
+        parse_options(["ipcp_share_users=101"])
+
+
 def test_a_names_program_is_not_started_while_enough_started_for_it_run_without_serving_it() -> None:
     """A program that never comes to accept (stuck at its start) was started again every START_GRACE
     for as long as flows came: a process more, as the binding's owner, every 10 s without end."""

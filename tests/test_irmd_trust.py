@@ -611,6 +611,46 @@ def test_a_users_allocations_to_names_nobody_has_leave_the_layer_resolving_other
             acceptor.join(5)
 
 
+HOLD_FLOWS_TO = """
+import sys, time
+from flowlib import flow_alloc
+from proto.errors import FlowError
+flows, why = [], "none"
+try:
+    for _ in range(int(sys.argv[2])):
+        flows.append(flow_alloc(sys.argv[1], timeout=10))
+except FlowError as e:
+    why = f"{e.code} {e}"
+print(len(flows), "then", why, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_user_holds_a_share_of_a_udp_ipcps_flows_and_root_allocates_beside_it(public_dir: Path) -> None:
+    """A udp4 IPCP tells the IRMd it holds 4,096 flows; uid 65534 allocating flows that root's server
+    at another host accepts holds ipcp_share_per_uid percent of them (1% here: 40), then gets EDQUOT
+    naming the IPCP; root's allocations through the same IPCP go on. (tests/net/test_shim_share.py plays
+    it on eth-llc's 62 endpoints, with the default shares.)"""
+    limits = ("--limit", "ipcp_share_per_uid=1", "--limit", "ipcp_share_users=2")
+    with udp_lan.lan(public_dir) as make:
+        a = make(udp_lan.A_IP, args=limits)
+        b = make(udp_lan.B_IP, peer=udp_lan.A_IP, args=limits)
+        srv = a.client()
+        call(srv.channel, m.Bind("process", str(os.getpid()), "sink"), timeout=10)
+        call(srv.channel, m.NameRegister("sink", [udp_lan.LAYER]), timeout=10)
+        srv.listen(True)  # every flow taken as it comes
+        log = public_dir / "hold.log"
+        argv = [*AS_NOBODY, str(BIN / "python"), "-c", HOLD_FLOWS_TO, "sink", "45"]
+        with server(argv, b.irmd.env, log, "then"):
+            got = log.read_text()
+            assert got.startswith("40 then EDQUOT uid 65534 holds 40 flows of ipcp 'u' (layer 'lan')"), got
+            assert "which holds 4096 flows at most (limit ipcp_share_per_uid=1%: 40)" in got, got
+            mine = [b.alloc("sink") for _ in range(3)]  # root's: not counted
+            for flow in mine:
+                flow.close()
+
+
 def raw_conn(irmd: IrmdProc) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(str(irmd.sock))

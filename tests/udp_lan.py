@@ -99,13 +99,13 @@ class Host:
 
 @contextlib.contextmanager
 def lan(tmp_path: Path) -> Iterator[Callable[..., Host]]:
-    """`make(ip, peer=None, extra=())`: a host with its irmd and a udp4 IPCP in layer 'lan'.
-    (A test module's `lan` fixture wraps this.)"""
+    """`make(ip, peer=None, extra=(), args=())`: a host with its irmd (`args` for it) and a udp4 IPCP
+    in layer 'lan'. (A test module's `lan` fixture wraps this.)"""
     hosts: list[Host] = []
     port = free_port([A_IP, B_IP, C_IP])
 
-    def make(ip: str, peer: str | None = None, extra: tuple[str, ...] = ()) -> Host:
-        irmd = start_irmd(tmp_path, name=f"irmd-{ip}")
+    def make(ip: str, peer: str | None = None, extra: tuple[str, ...] = (), args: tuple[str, ...] = ()) -> Host:
+        irmd = start_irmd(tmp_path, name=f"irmd-{ip}", args=args)
         host = Host(irmd, ip, port)
         hosts.append(host)
         host.bootstrap(peer, extra)

@@ -30,6 +30,7 @@ class Ipcp:
     layer: str = ""
     hash: str = "SHA3_256"
     mtu: int = 0
+    flows: int = 0  # the most flows it holds at once, as it said (LayerInfo); 0: no bound of its own
     joined: dict[str, Any] = dataclasses.field(default_factory=dict)  # how: bootstrap (conf) or enrol (dst)
     conns: list[str] = dataclasses.field(default_factory=list)  # connected to, as asked
     seq: int = 0  # creation order: lists page by it

@@ -28,6 +28,7 @@ class Registry:
         self.flows: dict[int, Flow] = {}
         self._flow_ids = itertools.count(1)
         self._flows_by_uid: Counter[int] = Counter()
+        self._flows_by_ipcp: dict[str, Counter[int]] = {}  # IPCP name -> uid -> flows of that IPCP
         self._name_seq = itertools.count(1)
         self.started: dict[int, tuple[str, int]] = {}  # pid -> (name it was started for, its start time)
         self.irmd_proc = (os.getpid(), proc_start(os.getpid()))  # the IRMd itself: what it starts is its own
@@ -185,6 +186,7 @@ class Registry:
         flow = Flow(flow_id=next(self._flow_ids), **kw)  # type: ignore[arg-type]
         self.flows[flow.flow_id] = flow
         self._flows_by_uid[flow.uid] += 1
+        self._flows_by_ipcp.setdefault(flow.ipcp, Counter())[flow.uid] += 1
         return flow
 
     def drop_flow(self, flow: Flow) -> None:
@@ -192,6 +194,12 @@ class Registry:
             self._flows_by_uid[flow.uid] -= 1
             if not self._flows_by_uid[flow.uid]:
                 del self._flows_by_uid[flow.uid]
+            at = self._flows_by_ipcp[flow.ipcp]
+            at[flow.uid] -= 1
+            if not at[flow.uid]:
+                del at[flow.uid]
+                if not at:
+                    del self._flows_by_ipcp[flow.ipcp]
 
     def flows_of(self, *, owner: int | None = None, ipcp: str | None = None) -> Iterator[Flow]:
         for flow in list(self.flows.values()):
@@ -201,6 +209,12 @@ class Registry:
     def flows_of_uid(self, uid: int) -> int:
         return self._flows_by_uid[uid]
 
-    def flows_of_users(self, admin: Callable[[int], bool]) -> int:
-        """Flows held by uids that are not admins."""
-        return sum(n for uid, n in self._flows_by_uid.items() if not admin(uid))
+    def flows_of_users(self, admin: Callable[[int], bool], ipcp: str | None = None) -> int:
+        """Flows held by uids that are not admins (of one IPCP, if named)."""
+        counts = self._flows_by_uid if ipcp is None else self._flows_by_ipcp.get(ipcp, Counter())
+        return sum(n for uid, n in counts.items() if not admin(uid))
+
+    def flows_of_uid_at(self, uid: int, ipcp: str) -> int:
+        """Flows `uid` holds of the IPCP `ipcp`, either end."""
+        at = self._flows_by_ipcp.get(ipcp)
+        return at[uid] if at is not None else 0

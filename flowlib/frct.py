@@ -22,6 +22,8 @@ from flowlib.recovery import SEQ_HALF, SEQ_MOD, Recovery, Resend, Sent, before, 
 
 # The PCI, as C's struct frct_pci: flags (8 bits) and the right window edge (24) in one word, seqno, ackno.
 PCI = struct.Struct("!III")
+PCI_SIZE = PCI.size
+_pci_pack = PCI.pack
 DATA, DRF, ACK, FC, RDVS, FFGM, MFGM = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
 SACK = 0x80  # ours: a pure ack followed by blocks [start, end) of PDUs held out of order (RFC 2018's idea)
 FLAG_NAMES = {DATA: "DATA", DRF: "DRF", ACK: "ACK", FC: "FC", RDVS: "RDVS", FFGM: "FFGM", MFGM: "MFGM", SACK: "SACK"}
@@ -185,9 +187,15 @@ class Frct:
     def can_send(self, now: float) -> bool:
         """Whether an SDU may go now; a sender the peer's window holds back asks for an update (RDVS)."""
         rec = self.recovery
-        if rec is not None and (len(rec.unacked) >= rec.cc.window() or distance(rec.una, self.snd_nxt) >= SPAN):
+        nxt = self.snd_nxt
+        # (before() and distance() inline: this runs for every SDU, at times twice)
+        if rec is not None and (len(rec.unacked) >= int(rec.cc.cwnd) or (nxt - rec.una) % SEQ_MOD >= SPAN):
             return False
-        if self.cflags & FRCTFRESCNTL and now - self.snd_act <= SND_INACT and not before(self.snd_nxt, self.snd_rwe):
+        if (
+            self.cflags & FRCTFRESCNTL
+            and now - self.snd_act <= SND_INACT
+            and not 0 < (self.snd_rwe - nxt) % SEQ_MOD < SEQ_HALF
+        ):
             if self._rdvs_due is None:
                 self._rdvs_due = now + RDV_EVERY
             return False
@@ -199,7 +207,8 @@ class Frct:
         n = len(sdu)
         if n > self.app_mtu:
             raise ValueError(f"SDU of {n} bytes exceeds the {self.app_mtu} this flow carries")
-        self._open_run(now)
+        if now - self.snd_act > SND_INACT:
+            self._open_run(now)
         mp = self.max_payload
         if n <= mp:  # the usual SDU: one PDU, no fragment flags
             self._send_pdu(DATA, sdu, now)
@@ -213,20 +222,20 @@ class Frct:
     def _send_pdu(self, flags: int, chunk: bytes | bytearray | memoryview, now: float) -> None:
         seq = self.snd_nxt
         rec = self.recovery
-        if seq == (rec.una if rec is not None else seq):
+        if rec is None or seq == rec.una:
             flags |= DRF  # nothing unacknowledged: a receiver without a run may start one here
         rwe = ackno = 0
-        if now - self.rcv_act <= RCV_INACT:
+        if (quiet := now - self.rcv_act) <= RCV_INACT:
             flags |= FC
-            rwe = self._advertise()
-            if rec is not None and now - self.rcv_act <= DELT_A:
+            rwe = self._advertise() & RWE_MASK
+            if rec is not None and quiet <= DELT_A:
                 flags |= ACK
                 ackno = self.rcv_acked = self.rcv_nxt
                 self.ack_due = None  # the ack rides along
-        pdu = _pack(flags, rwe, seq, ackno) + chunk
+        pdu = _pci_pack(flags << 24 | rwe, seq, ackno) + chunk
         self.snd_nxt = (seq + 1) % SEQ_MOD
         if rec is not None:
-            rec.on_sent(seq, pdu, now)
+            rec.unacked[seq] = Sent(pdu, now, now)  # (Recovery.on_sent, inline)
         self.pdus.append(pdu)
         self.counters.sent += 1
 
@@ -258,7 +267,8 @@ class Frct:
             return
         half = self._half_window
         if self.reliable:
-            if distance(self.rcv_nxt, before_edge) < half <= distance(self.rcv_nxt, edge):
+            nxt = self.rcv_nxt
+            if (before_edge - nxt) % SEQ_MOD < half <= (edge - nxt) % SEQ_MOD:
                 self._ack(now)
                 self._reopened = Reopened(now + RDV_EVERY, RDV_EVERY, self.rcv_nxt, now + DELT_A)
         elif distance(self._fc_edge, edge) >= half:
@@ -280,7 +290,7 @@ class Frct:
         if self.error is not None:
             return
         n = len(pdu)
-        if n < PCI.size:
+        if n < PCI_SIZE:
             self.counters.malformed += 1
             return
         word, seq, ackno = PCI.unpack_from(pdu)
@@ -292,7 +302,7 @@ class Frct:
             flags & ~(DRF | ACK | FC) == DATA
             and seq == self.rcv_nxt
             and self.reliable
-            and PCI.size < n <= self._max_pdu
+            and PCI_SIZE < n <= self._max_pdu
             and 0 < (self.rcv_rwe - seq) % SEQ_MOD < SEQ_HALF
             and not self.ooo
             and not self.fragments
@@ -300,13 +310,13 @@ class Frct:
             and (not flags & ACK or ackno == self.recovery.una)  # type: ignore[union-attr]
         ):
             self.rcv_act = now
-            if flags & FC:
+            # (A one-way flow's data carries the same edge each time: _on_window would change nothing.)
+            if flags & FC and ((word ^ self.snd_rwe) & RWE_MASK or self._rdvs_due is not None):
                 self._on_window(word & RWE_MASK)
-            payload = pdu[PCI.size :]
             self.counters.received += 1
             self.rcv_nxt = nxt = (seq + 1) % SEQ_MOD
-            self._held += n - PCI.size
-            self.sdus.append(payload)
+            self._held += n - PCI_SIZE
+            self.sdus.append(pdu[PCI_SIZE:])
             if (nxt - self.rcv_acked) % SEQ_MOD >= 2:
                 self.ack_due = now  # every second PDU
             elif self.ack_due is None:
@@ -465,9 +475,9 @@ class Frct:
         if (by_bytes := (self.rcv_buf - self._held) // self.max_payload) < room:
             room = by_bytes
         edge = (self.rcv_nxt + room) % SEQ_MOD if room > 0 else self.rcv_nxt
-        if before(self.rcv_rwe, edge):
-            self.rcv_rwe = edge
-        return self.rcv_rwe
+        if 0 < (edge - (rwe := self.rcv_rwe)) % SEQ_MOD < SEQ_HALF:  # before(rwe, edge)
+            self.rcv_rwe = rwe = edge
+        return rwe
 
     def _ack_soon(self, now: float) -> None:
         """An ack at the next timer check: one for a burst of PDUs, not one each."""

@@ -32,6 +32,10 @@ class Captured:
         self.frames.append(b"".join(bytes(b) for b in buffers))
         return len(self.frames[-1])
 
+    def send(self, data: bytes) -> int:
+        self.frames.append(bytes(data))
+        return len(data)
+
 
 class FakeFlow:
     def __init__(self, hdr: bytes) -> None:

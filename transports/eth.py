@@ -35,6 +35,8 @@ DIX_EXTRA = DIX.size - ETH_HLEN  # the 4 bytes of eid and length the layer takes
 # LLC: dst MAC, src MAC, 802.3 length (= 3 + payload), DSAP, SSAP, control (UI); then the payload.
 LLC = struct.Struct("!6s6sHBBB")
 LLC_EXTRA = LLC.size - ETH_HLEN
+_DIX_SIZE, _DIX_UNPACK = DIX.size, DIX.unpack_from  # the data path's, bound once
+_LLC_SIZE, _LLC_UNPACK = LLC.size, LLC.unpack_from
 LLC_UI = 0x03
 LLC_MAX_LEN = 1500  # an 802.3 length field above this would read as an ethertype
 LO_MTU = 9000  # Ouroboros caps a layer on a loopback interface (IPCP_ETH_LO_MTU)
@@ -193,6 +195,12 @@ def unicast_peer(src: bytes, own: bytes) -> bool:
     return not src[0] & 1 and (own == ZERO_MAC or (src != ZERO_MAC and src != own))
 
 
+def not_peers(own: bytes) -> tuple[bytes, ...]:
+    """The unicast sources that cannot be peers (see unicast_peer): ourselves and all zeros, unless
+    we are all zeros."""
+    return () if own == ZERO_MAC else (own, ZERO_MAC)
+
+
 class EthFraming:
     """The relay's Framing for eth-dix: the DIX header, struct-packed."""
 
@@ -201,24 +209,26 @@ class EthFraming:
     def __init__(self, own: bytes, ethertype: int = DEFAULT_ETHERTYPE) -> None:
         self.own = own
         self.ethertype = ethertype
+        self.not_peers = not_peers(own)
 
-    def parse(self, frame: bytes, src: Any) -> tuple[int, memoryview, Hashable] | None:
+    def parse(self, frame: bytes, src: Any) -> tuple[int, bytes, Hashable] | None:
         """(eid, payload, source MAC) of a frame for us, or None to drop it."""
-        if len(frame) < DIX.size:
+        if len(frame) < _DIX_SIZE:
             return None
-        dst, peer, etype, eid, length = DIX.unpack_from(frame)
-        if etype != self.ethertype or length > len(frame) - DIX.size or (dst != self.own and dst != BROADCAST):
+        dst, peer, etype, eid, length = _DIX_UNPACK(frame)
+        own = self.own
+        if etype != self.ethertype or length > len(frame) - _DIX_SIZE or (dst != own and dst != BROADCAST):
             return None  # bytes beyond the length are Ethernet padding
-        if not unicast_peer(peer, self.own):
-            return None
-        return eid, memoryview(frame)[DIX.size : DIX.size + length], peer
+        if peer[0] & 1 or peer in self.not_peers:
+            return None  # not unicast_peer (inlined: once a frame)
+        return eid, frame[_DIX_SIZE : _DIX_SIZE + length], peer  # a copy costs less than a view
 
     def header(self, dst: bytes, eid: int) -> bytes:
         """The per-flow part of the header: everything but the length."""
         return DIX.pack(dst, self.own, self.ethertype, eid, 0)[: DIX.size - LEN.size]
 
     def send(self, sock: socket.socket, flow: Any, sdu: bytes) -> None:
-        sock.sendmsg((flow.hdr, LEN.pack(len(sdu)), sdu))
+        sock.send(flow.hdr + LEN.pack(len(sdu)) + sdu)  # one copy costs less than sendmsg's gathering
 
     def mgmt_frame(self, dst: bytes, payload: bytes) -> bytes:
         hdr = dix_layer()(dst=mac_str(dst), src=mac_str(self.own), type=self.ethertype, eid=0)
@@ -232,15 +242,17 @@ class LlcFraming:
 
     def __init__(self, own: bytes) -> None:
         self.own = own
+        self.not_peers = not_peers(own)
 
-    def parse(self, frame: bytes, src: Any) -> tuple[int, memoryview, Hashable] | None:
-        if len(frame) < LLC.size:
+    def parse(self, frame: bytes, src: Any) -> tuple[int, bytes, Hashable] | None:
+        if len(frame) < _LLC_SIZE:
             return None
-        dst, peer, length, dsap, ssap, ctrl = LLC.unpack_from(frame)
-        if ctrl != LLC_UI or not LLC_EXTRA <= length <= len(frame) - ETH_HLEN or (dst != self.own and dst != BROADCAST):
+        dst, peer, length, dsap, ssap, ctrl = _LLC_UNPACK(frame)
+        own = self.own
+        if ctrl != LLC_UI or not LLC_EXTRA <= length <= len(frame) - ETH_HLEN or (dst != own and dst != BROADCAST):
             return None
-        if not unicast_peer(peer, self.own):
-            return None
+        if peer[0] & 1 or peer in self.not_peers:
+            return None  # not unicast_peer (inlined)
         dsap, ssap = WIRE_SAP[dsap], WIRE_SAP[ssap]
         if dsap == MGMT_SAP:
             eid = 0 if ssap == MGMT_SAP else -1
@@ -248,7 +260,7 @@ class LlcFraming:
             eid = dsap if 2 <= dsap < MAX_SAPS and 2 <= ssap < MAX_SAPS else -1
         if eid < 0:
             return None
-        return eid, memoryview(frame)[LLC.size : ETH_HLEN + length], peer
+        return eid, frame[_LLC_SIZE : ETH_HLEN + length], peer
 
     def header(self, dst: bytes, local_sap: int, remote_sap: int) -> bytes:
         """dst, src, then DSAP, SSAP, control: the length goes between them per SDU."""
@@ -256,7 +268,7 @@ class LlcFraming:
 
     def send(self, sock: socket.socket, flow: Any, sdu: bytes) -> None:
         hdr = flow.hdr
-        sock.sendmsg((hdr[:12], LEN.pack(LLC_EXTRA + len(sdu)), hdr[12:], sdu))
+        sock.send(b"".join((hdr[:12], LEN.pack(LLC_EXTRA + len(sdu)), hdr[12:], sdu)))
 
     def mgmt_frame(self, dst: bytes, payload: bytes) -> bytes:
         return llc_frame(dst, self.own, payload)

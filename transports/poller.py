@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from transports.unix import recv_record
+from transports.unix import after_empty
 
 BURST = 64  # packets taken from one ready socket before looking at the others
 
@@ -26,16 +26,19 @@ def read_burst(sock: socket.socket, bufsize: int, hup: bool, most: int = BURST) 
     a datagram socket shut down under us answers EAGAIN, never EOF.
     """
     packets: list[bytes] = []
+    recv, append = sock.recv, packets.append
     for _ in range(most):
         try:
-            packet = recv_record(sock, bufsize)
+            packet: bytes | None = recv(bufsize)
+            if not packet:  # an empty record, or the end (recv_record, inlined for the SDUs)
+                packet = after_empty(sock, bufsize, recv)
         except BlockingIOError:
             return packets, hup
         except OSError:
             return packets, True
         if packet is None:
             return packets, True
-        packets.append(packet)
+        append(packet)
     return packets, False
 
 

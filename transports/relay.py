@@ -26,7 +26,7 @@ class Framing(Protocol):
     # packet socket recvfrom costs an ioctl per frame: CPython looks up the interface's name).
     needs_src: bool
 
-    def parse(self, frame: bytes, src: Any) -> tuple[int, memoryview, Hashable] | None:
+    def parse(self, frame: bytes, src: Any) -> tuple[int, bytes | memoryview, Hashable] | None:
         """(eid, SDU, peer address) of a received frame, or None to drop it."""
 
     def send(self, sock: socket.socket, flow: Any, sdu: bytes) -> None:
@@ -94,41 +94,52 @@ class Relay(PollThread):
             self._from_app(flow, bool(mask & self.HUP))
 
     def _from_net(self) -> None:
-        parse, flows, bufsize = self.framing.parse, self.flows, self.bufsize
-        recvfrom = self.net.recvfrom if self.framing.needs_src else lambda n: (self.net.recv(n), None)
-        for _ in range(BURST):
-            try:
-                frame, src = recvfrom(bufsize)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in (errno.EBADF, errno.ENOTSOCK):
+        parse, flows, max_sdu, net, bufsize = self.framing.parse, self.flows, self.max_sdu, self.net, self.bufsize
+        recvfrom = net.recvfrom if self.framing.needs_src else None
+        recv = net.recv
+        now = time.monotonic()  # one stamp for the burst: rx_at only says the peer was heard lately
+        src = None
+        dropped = 0
+        try:
+            for _ in range(BURST):
+                try:
+                    if recvfrom is None:
+                        frame = recv(bufsize)
+                    else:
+                        frame, src = recvfrom(bufsize)
+                except BlockingIOError:
                     return
-                continue  # e.g. an ICMP error queued on the socket
-            parsed = parse(frame, src)
-            if parsed is None:
-                self.dropped += 1
-                continue
-            eid, sdu, peer = parsed
-            if eid == 0:
-                self.on_mgmt(bytes(sdu), peer)
-                continue
-            flow = flows.get(eid)
-            if flow is None or flow.addr != peer or len(sdu) > self.max_sdu:
-                self.dropped += 1
-                continue
-            flow.rx_at = time.monotonic()
-            if not sdu:  # a keepalive, as on Ouroboros's wire: the flows' ends send and read them
-                self.keepalives += 1
-            try:
-                flow.io.send(sdu)
-                flow.received += 1
-            except BlockingIOError:
-                self._overflowed(flow, sdu)
-            except OSError:
-                self.remove(flow)
+                except OSError as e:
+                    if e.errno in (errno.EBADF, errno.ENOTSOCK):
+                        return
+                    continue  # e.g. an ICMP error queued on the socket
+                parsed = parse(frame, src)
+                if parsed is None:
+                    dropped += 1
+                    continue
+                eid, sdu, peer = parsed
+                if not eid:
+                    self.on_mgmt(bytes(sdu), peer)
+                    continue
+                flow = flows.get(eid)
+                if flow is None or flow.addr != peer or len(sdu) > max_sdu:
+                    dropped += 1
+                    continue
+                flow.rx_at = now
+                if not sdu:  # a keepalive, as on Ouroboros's wire: the flows' ends send and read them
+                    self.keepalives += 1
+                try:
+                    flow.io.send(sdu)
+                    flow.received += 1
+                except BlockingIOError:
+                    self._overflowed(flow, sdu)
+                except OSError:
+                    self.remove(flow)
+        finally:
+            if dropped:
+                self.dropped += dropped
 
-    def _overflowed(self, flow: RelayFlow, sdu: memoryview) -> None:
+    def _overflowed(self, flow: RelayFlow, sdu: bytes | memoryview) -> None:
         """The application's queue is full: grow it once, from the budget, and try again; else drop."""
         if self.queues.grow(flow):
             try:
@@ -142,20 +153,29 @@ class Relay(PollThread):
 
     def _from_app(self, flow: RelayFlow, hup: bool) -> None:
         sdus, ended = read_burst(flow.io, self.bufsize, hup)
-        if flow.remote_eid:
-            for sdu in sdus:
-                self.send(flow, sdu)
+        if flow.remote_eid and sdus:
+            self._send_burst(flow, sdus)
         if ended:  # the application's end was torn down
             self.remove(flow)
 
+    def _send_burst(self, flow: RelayFlow, sdus: list[bytes]) -> None:
+        """SDUs to the flow's peer (an empty one is a keepalive); its counters move once a burst."""
+        send, net, sent = self.framing.send, self.net, 0
+        for sdu in sdus:
+            try:
+                send(net, flow, sdu)
+            except BlockingIOError:
+                self.overflow += 1
+                flow.dropped_net += 1
+                continue
+            except OSError as e:
+                log.debug("send to %s failed: %s", flow.addr, e)
+                continue
+            sent += 1
+        if sent:
+            flow.tx_at = time.monotonic()
+            flow.sent += sent
+
     def send(self, flow: RelayFlow, sdu: bytes) -> None:
         """One SDU to the flow's peer (an empty one is a keepalive)."""
-        try:
-            self.framing.send(self.net, flow, sdu)
-            flow.tx_at = time.monotonic()
-            flow.sent += 1
-        except BlockingIOError:
-            self.overflow += 1
-            flow.dropped_net += 1
-        except OSError as e:
-            log.debug("send to %s failed: %s", flow.addr, e)
+        self._send_burst(flow, [sdu])

@@ -277,8 +277,14 @@ def recv_record(sock: socket.socket, bufsize: int, recv: Callable[[int], bytes] 
     """
     recv = recv or sock.recv
     data = recv(bufsize)
-    if data or not hung_up(sock):
-        return data
+    return data if data else after_empty(sock, bufsize, recv)
+
+
+def after_empty(sock: socket.socket, bufsize: int, recv: Callable[[int], bytes]) -> bytes | None:
+    """What an empty read of `sock` (through `recv`) stands for: b'' for an empty record, the next
+    record if the peer hung up behind it, None at the end (see recv_record)."""
+    if not hung_up(sock):
+        return b""
     for _ in range(SDU_LOOKAHEAD):
         try:
             data = recv(bufsize)  # the socket never blocks once hung up; a decoder may still say EAGAIN

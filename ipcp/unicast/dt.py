@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipcp.unicast import auth, ca
-from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat, unframe
+from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat
 from ipcp.unicast.pff import Table
 from transports.poller import BURST, PollThread, read_burst
 from transports.queues import QueueBudget
@@ -136,6 +136,7 @@ class Dt(PollThread):
         # With congestion avoidance, one PDU a frame: a full queue then drops a PDU, not a frame
         # of them, and each PDU's mark reads the queue it joins (packing is for open throughput).
         self.frame_pdus = 1 if self.ca.holds else MAX_FRAME_PDUS
+        self._plain = isinstance(self.ca, ca.Nop)  # nothing marked: forwarding needs no _mark
         self.spread = spread  # spread flows over equal next hops (ecmp), else the first that is up
         self.pff: Table = {}
         self.n1: dict[int, Link] = {}  # next-hop address -> its data flow
@@ -297,6 +298,29 @@ class Dt(PollThread):
         if send_full and link.count >= self.frame_pdus:
             self._flush(link)  # with congestion avoidance at once: the next PDU's mark sees this one queued
 
+    def _pack_burst(self, link: Link, hdr: bytes, sdus: list[bytes]) -> None:
+        """`_pack` of (hdr, sdu) for each SDU, the frame's state kept in locals: a flow's burst."""
+        room, most, flush, pack_len = link.room, self.frame_pdus, self._flush, LEN.pack
+        framed = len(hdr) + FRAMING
+        out, size, count = link.out, link.size, link.count
+        for sdu in sdus:
+            n = framed + len(sdu)
+            if count and size + n > room:
+                link.size, link.count = size, count
+                flush(link)
+                out, size, count = link.out, 0, 0
+            if not count:
+                self._packed.append(link)
+            out.append(pack_len(n - FRAMING) + hdr)  # the length and the PCI in one piece
+            out.append(sdu)
+            size += n
+            count += 1
+            if count >= most:
+                link.size, link.count = size, count
+                flush(link)
+                out, size, count = link.out, 0, 0
+        link.size, link.count = size, count
+
     def _flush(self, link: Link, hold: bool = False) -> bool:
         """Send the frame packed for `link`, if any; False if it was dropped (with `hold`: kept)."""
         if not link.count:
@@ -368,7 +392,7 @@ class Dt(PollThread):
     def from_n1(self, link: Link, frames: list[bytes]) -> None:
         """Frames from a neighbour: checked, then PDUs for us delivered, others forwarded one hop
         less to live; what that sends is flushed before this returns."""
-        opener, c, arrived = link.opener, self.counters, self._arrived
+        opener, c, arrived, hop = link.opener, self.counters, self._arrived, link.addr
         c.frames_in += len(frames)
         for frame in frames:
             if not frame:
@@ -384,12 +408,52 @@ class Dt(PollThread):
                     c.received += 1
                     c.forged += 1
                     continue
-            pdus, malformed = unframe(frame)
-            c.received += len(pdus) + malformed
-            c.malformed += malformed
-            for pdu in pdus:
-                arrived(pdu, link.addr)
+            self._unframe(frame, hop, arrived)
         self.flush()
+
+    def _unframe(self, frame: bytes, hop: int, arrived: Callable[[memoryview, int], None]) -> None:
+        """`unframe` and `_arrived` in one loop for the PDUs of one frame, the common cases inline (an SDU
+        for a flow of ours, a PDU forwarded, without congestion avoidance); the rest goes to `arrived`."""
+        c, me, flows, delivering = self.counters, self.me, self.flows, self._delivering
+        pci_size, ttl_offset = self.fmt.size, self.fmt.ttl_offset
+        unpack_pci = self.fmt.struct.unpack_from
+        plain, next_link, pack = self._plain, self._next_link, self._pack
+        unpack_len = LEN.unpack_from
+        view = memoryview(frame)
+        end, at, pdus = len(view), 0, 0
+        malformed = False
+        while at < end:
+            if end - at < FRAMING:
+                malformed = True
+                break
+            (size,) = unpack_len(view, at)
+            at += FRAMING
+            if not size or at + size > end:
+                malformed = True
+                break
+            pdus += 1
+            nxt = at + size
+            if size >= pci_size:
+                dst, _, ttl, _, eid = unpack_pci(view, at)
+                if dst == me:
+                    if eid != MGMT_EID and (flow := flows.get(eid)) is not None and flow.rx is None:
+                        if not flow.inbox:
+                            delivering.append(flow)
+                        flow.inbox.append(view[at + pci_size : nxt])
+                        at = nxt
+                        continue
+                elif plain and ttl > 1 and (link := next_link(dst, eid)) is not None:  # forwarded, unmarked
+                    buf = bytearray(view[at:nxt])
+                    buf[ttl_offset] = ttl - 1
+                    pack(link, (buf,))
+                    c.forwarded += 1
+                    at = nxt
+                    continue
+            arrived(view[at:nxt], hop)
+            at = nxt
+        malformed = malformed or not pdus
+        c.received += pdus + malformed
+        c.malformed += malformed
 
     def _arrived(self, pdu: bytes | memoryview, hop: int) -> None:
         """A PDU from neighbour `hop` (its frame's seal checked), or from ourselves."""
@@ -431,21 +495,22 @@ class Dt(PollThread):
             try:
                 send(sdu)
             except BlockingIOError:
+                flow.delivered += i
+                c.delivered += i
                 if self.queues.grow(flow):
                     flow.inbox = sdus[i:]  # a longer queue now: try the rest again
-                    flow.delivered += i
                     self._deliver(flow)
                     return
                 c.overflow += len(sdus) - i  # the application is not keeping up: the rest waits no better
                 flow.dropped += len(sdus) - i
-                flow.delivered += i
                 return
             except OSError:
                 c.no_flow += len(sdus) - i
                 flow.delivered += i
+                c.delivered += i
                 return
-            c.delivered += 1
         flow.delivered += len(sdus)
+        c.delivered += len(sdus)
 
     def from_app(self, flow: UniFlow, sdus: list[bytes]) -> None:
         self._send_from(flow, sdus)
@@ -457,9 +522,7 @@ class Dt(PollThread):
         tx, hold, route, dst, hdr, eid = flow.tx, self.ca.holds, self._route, flow.dst, flow.hdr, flow.eid
         link = self._next_link(dst, eid) if not hold and dst != self.me else None
         if link is not None:  # the common case: one next hop for the whole burst, looked up once
-            pack = self._pack
-            for sdu in sdus:
-                pack(link, (hdr, sdu))
+            self._pack_burst(link, hdr, sdus)
             sent = len(sdus)
         else:
             sent = 0

@@ -358,3 +358,20 @@ while True:
     print(json.dumps([f.peer_uid, f.peer_gid, groups]), flush=True)
     f.close()
 """
+
+
+# Allocates up to argv[2] flows to argv[1], prints how many it got and why it stopped ("N then CODE
+# message"), and holds them for two minutes (or until killed).
+HOLD_FLOWS_TO = """
+import sys, time
+from flowlib import flow_alloc
+from proto.errors import FlowError
+flows, why = [], "none"
+try:
+    for _ in range(int(sys.argv[2])):
+        flows.append(flow_alloc(sys.argv[1], timeout=10))
+except FlowError as e:
+    why = f"{e.code} {e}"
+print(len(flows), "then", why, flush=True)
+time.sleep(120)
+"""

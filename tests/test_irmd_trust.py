@@ -27,6 +27,7 @@ import pytest
 import udp_lan
 from helpers import (
     BIN,
+    HOLD_FLOWS_TO,
     WHO_ACCEPTS,
     IrmdProc,
     kernel_refuses_rights,
@@ -609,21 +610,6 @@ def test_a_users_allocations_to_names_nobody_has_leave_the_layer_resolving_other
         finally:
             stop.set()
             acceptor.join(5)
-
-
-HOLD_FLOWS_TO = """
-import sys, time
-from flowlib import flow_alloc
-from proto.errors import FlowError
-flows, why = [], "none"
-try:
-    for _ in range(int(sys.argv[2])):
-        flows.append(flow_alloc(sys.argv[1], timeout=10))
-except FlowError as e:
-    why = f"{e.code} {e}"
-print(len(flows), "then", why, flush=True)
-time.sleep(60)
-"""
 
 
 @pytest.mark.timeout(180)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Host
-from helpers import BIN, wait_for
+from helpers import BIN, HOLD_FLOWS_TO, wait_for
 
 from flowlib.flow import Flow
 from flowlib.irm import IrmClient
@@ -41,21 +41,6 @@ NOBODY = 65534
 def as_user(uid: int) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
 
-
-# Allocates up to argv[2] flows to argv[1], prints how many it got and why it stopped, and holds them.
-HOLD = """
-import sys, time
-from flowlib import flow_alloc
-from proto.errors import FlowError
-flows, why = [], "none"
-try:
-    for _ in range(int(sys.argv[2])):
-        flows.append(flow_alloc(sys.argv[1], timeout=10))
-except FlowError as e:
-    why = f"{e.code} {e}"
-print(len(flows), "then", why, flush=True)
-time.sleep(120)
-"""
 
 # Accepts every flow for the name it is bound to and holds it; prints how many it holds as they come.
 SERVE = """
@@ -157,12 +142,12 @@ def test_one_user_allocating_flows_takes_at_most_its_share_of_a_shims_endpoints(
     a, b = llc
     logs = Path(a.irmd.sock).parent
     with root_server(b, "sink"):
-        hog = [*as_user(NOBODY), str(BIN / "python"), "-c", HOLD, "sink", str(SAPS + 2)]
+        hog = [*as_user(NOBODY), str(BIN / "python"), "-c", HOLD_FLOWS_TO, "sink", str(SAPS + 2)]
         with process(hog, a, logs / "hog.log", "then"):
             got = (logs / "hog.log").read_text()
             assert got.startswith(f"{SAPS // 2} then EDQUOT"), got
             assert "ipcp 'e'" in got and f"layer {LAYER!r}" in got and "ipcp_share_per_uid" in got, got
-            other = [*as_user(NOBODY - 1), str(BIN / "python"), "-c", HOLD, "sink", str(SAPS)]
+            other = [*as_user(NOBODY - 1), str(BIN / "python"), "-c", HOLD_FLOWS_TO, "sink", str(SAPS)]
             with process(other, a, logs / "other.log", "then"):
                 got = (logs / "other.log").read_text()
                 users = SAPS * 3 // 4  # ipcp_share_users: 75%

@@ -39,6 +39,8 @@ class FloodDt(Dt):
     and every member sees them) would have every member drop that member's real ones as duplicates.
     """
 
+    INLINE_ARRIVALS = False  # every PDU goes through _arrived: copies are dropped there
+
     def __init__(self, fmt: PciFormat, me: int, max_ttl: int, bufsize: int, *args: Any, **kw: Any) -> None:
         super().__init__(fmt, me, max_ttl, bufsize, *args)  # floods have no one receiver to echo: no congestion
         self.seqno = 0

@@ -22,10 +22,10 @@ import termios
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from ipcp.unicast import auth, ca
-from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat
+from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat, unframe
 from ipcp.unicast.pff import Table
 from transports.poller import BURST, PollThread, read_burst
 from transports.queues import QueueBudget
@@ -111,6 +111,10 @@ def _queued(sock: socket.socket) -> Callable[[], int]:
 
 class Dt(PollThread):
     """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its link."""
+
+    # Whether a frame's common PDUs (an SDU for a flow of ours, one forwarded unmarked) may skip
+    # `_arrived`: not for a subclass whose `_arrived` judges every PDU (the broadcast layer's copies).
+    INLINE_ARRIVALS: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -414,6 +418,13 @@ class Dt(PollThread):
     def _unframe(self, frame: bytes, hop: int, arrived: Callable[[memoryview, int], None]) -> None:
         """`unframe` and `_arrived` in one loop for the PDUs of one frame, the common cases inline (an SDU
         for a flow of ours, a PDU forwarded, without congestion avoidance); the rest goes to `arrived`."""
+        if not self.INLINE_ARRIVALS:
+            pdus_, malformed_ = unframe(frame)
+            self.counters.received += len(pdus_) + malformed_
+            self.counters.malformed += malformed_
+            for pdu in pdus_:
+                arrived(pdu, hop)
+            return
         c, me, flows, delivering = self.counters, self.me, self.flows, self._delivering
         pci_size, ttl_offset = self.fmt.size, self.fmt.ttl_offset
         unpack_pci = self.fmt.struct.unpack_from

@@ -9,10 +9,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 
-from apps.common import CParser, quiet_when_stdout_closes
-from flowlib import FLOWGTXQLEN, Flow, FlowError, flow_join
+from apps.common import CParser, handed_over, quiet_when_stdout_closes
+from flowlib import Flow, FlowError, flow_join
 from proto.version import add_version
 
 DEFAULT_MESSAGE = "Ouroboros multicast rocks!"
@@ -55,19 +54,12 @@ def send(flow: Flow, message: str) -> bool:
     return True
 
 
-def handed_over(flow: Flow, within: float = LINGER) -> None:
-    """Until the layer has taken what was written: a flow closed at once may take its last SDU with it."""
-    deadline = time.monotonic() + within
-    while flow.fccntl(FLOWGTXQLEN) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
-
 def chat(flow: Flow) -> int:
     threading.Thread(target=reader, args=(flow,), daemon=True).start()
     for line in sys.stdin:
         if line.strip() and not send(flow, line.rstrip("\n")):
             return 1
-    handed_over(flow)
+    handed_over(flow, LINGER)
     flow.close()
     return 0
 
@@ -94,6 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.chat:
         sys.exit(chat(flow))
     ok = send(flow, args.message)
-    handed_over(flow)
+    handed_over(flow, LINGER)
     flow.close()
     sys.exit(0 if ok else FAILED)

@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from collections import deque
-from zlib import crc32
 
 from flowlib import crc
 from flowlib.alarm import alarm
@@ -35,7 +34,6 @@ from flowlib.liveness import Action, Liveness
 from transports.unix import recv_record, seqpacket_pair
 
 log = logging.getLogger(__name__)
-_trailer = crc.TRAILER.pack
 
 # A closed flow retransmits what its peer has not acknowledged until it has (as C's flow_dealloc),
 # FRCT gives up (DELT_R), the peer goes silent or the flow goes down; this only bounds the rest.
@@ -184,7 +182,7 @@ class Engine:
         assert f is not None
         now = time.monotonic()
         with self._lock:
-            if s.queued or s.gone or s.closing or s.hup or s.error or f.error or s.done.is_set():  # _engine_only
+            if s.queued or self._engine_only(s):
                 s.queued += 1  # behind those; or the socket's error says how the flow ended
                 return False
             if s.owned and not may_wait and not s.waiting and not f.can_send(now):
@@ -197,9 +195,8 @@ class Engine:
                     return None
                 s.queued += 1
                 return False
-            rec = f.recovery
-            idle = rec is None or not rec.unacked  # (f.idle, without its two properties)
-            s.live.last_snd = now  # (Liveness.sent)
+            idle = f.idle
+            s.live.sent(now)
             f.send(sdu, now)
             self._flush(s)
             if idle:  # the first in flight sets the retransmission timer; later ones move it no earlier
@@ -682,11 +679,11 @@ class Engine:
         if pdus and s.crypto is None and not s.outq and not s.gone:
             # The usual case, _send and _raw_send inline (a writer flushes every SDU): on any error the
             # general path takes the PDU that met it and what follows.
-            send, with_crc = s.outer.send, s.crc
+            send, with_crc, add_crc = s.outer.send, s.crc, crc.add
             while pdus:
                 pdu = pdus.popleft()
                 if with_crc:
-                    pdu += _trailer(crc32(pdu))
+                    pdu = add_crc(pdu)
                 try:
                     send(pdu)
                 except OSError:

@@ -23,7 +23,6 @@ from flowlib.recovery import SEQ_HALF, SEQ_MOD, Recovery, Resend, Sent, before, 
 # The PCI, as C's struct frct_pci: flags (8 bits) and the right window edge (24) in one word, seqno, ackno.
 PCI = struct.Struct("!III")
 PCI_SIZE = PCI.size
-_pci_pack = PCI.pack
 DATA, DRF, ACK, FC, RDVS, FFGM, MFGM = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
 SACK = 0x80  # ours: a pure ack followed by blocks [start, end) of PDUs held out of order (RFC 2018's idea)
 FLAG_NAMES = {DATA: "DATA", DRF: "DRF", ACK: "ACK", FC: "FC", RDVS: "RDVS", FFGM: "FFGM", MFGM: "MFGM", SACK: "SACK"}
@@ -189,7 +188,7 @@ class Frct:
         rec = self.recovery
         nxt = self.snd_nxt
         # (before() and distance() inline: this runs for every SDU, at times twice)
-        if rec is not None and (len(rec.unacked) >= int(rec.cc.cwnd) or (nxt - rec.una) % SEQ_MOD >= SPAN):
+        if rec is not None and (len(rec.unacked) >= rec.cc.window() or (nxt - rec.una) % SEQ_MOD >= SPAN):
             return False
         if (
             self.cflags & FRCTFRESCNTL
@@ -207,8 +206,7 @@ class Frct:
         n = len(sdu)
         if n > self.app_mtu:
             raise ValueError(f"SDU of {n} bytes exceeds the {self.app_mtu} this flow carries")
-        if now - self.snd_act > SND_INACT:
-            self._open_run(now)
+        self._open_run(now)
         mp = self.max_payload
         if n <= mp:  # the usual SDU: one PDU, no fragment flags
             self._send_pdu(DATA, sdu, now)
@@ -227,15 +225,15 @@ class Frct:
         rwe = ackno = 0
         if (quiet := now - self.rcv_act) <= RCV_INACT:
             flags |= FC
-            rwe = self._advertise() & RWE_MASK
+            rwe = self._advertise()
             if rec is not None and quiet <= DELT_A:
                 flags |= ACK
                 ackno = self.rcv_acked = self.rcv_nxt
                 self.ack_due = None  # the ack rides along
-        pdu = _pci_pack(flags << 24 | rwe, seq, ackno) + chunk
+        pdu = _pack(flags, rwe, seq, ackno) + chunk
         self.snd_nxt = (seq + 1) % SEQ_MOD
         if rec is not None:
-            rec.unacked[seq] = Sent(pdu, now, now)  # (Recovery.on_sent, inline)
+            rec.on_sent(seq, pdu, now)
         self.pdus.append(pdu)
         self.counters.sent += 1
 

@@ -87,7 +87,6 @@ class UdpIpcp(ShimIpcp):
                 )
         self.ip = ip
         self.fast = "impair" not in conf
-        self._hosts = HostsFile(HOSTS, self.version)
         own = (ip, port)
         core = ShimCore(
             UDP,

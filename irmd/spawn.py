@@ -14,14 +14,13 @@ import os
 import pwd
 import re
 import shutil
-import stat
 import sys
 from pathlib import Path
 from typing import Protocol
 
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
 from irmd.identity import file_head
-from transports.unix import SOCK_ENV, TrustError, resolve_trusted
+from transports.unix import SOCK_ENV, TrustError, check_trusted_file
 
 log = logging.getLogger("irmd")
 
@@ -108,13 +107,7 @@ def _check_file(path: str, uid: int) -> None:
         st = os.stat(path)
     except OSError as e:
         raise TrustError(e.errno, f"{path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise TrustError(0, f"{path} is not a regular file")
-    if st.st_uid not in (0, uid):
-        raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
-    if st.st_mode & 0o022:
-        raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-    resolve_trusted(path, uid)  # every directory and link on the way to it, as the kernel will go
+    check_trusted_file(path, st, uid)
 
 
 def _interpreters(path: str) -> list[str]:

@@ -125,15 +125,21 @@ def read_trusted(path: Path, uid: int) -> str:
     """The text of a file that only root or `uid` could have written: it and the directories above
     it belong to one of them and are not writable by others (as OpenSSH's StrictModes)."""
     with open(path, "rb") as f:  # checked on the file opened, not on a name that may change meanwhile
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise TrustError(0, f"{path} is not a regular file")
-        if not _owner_ok(st, uid):
-            raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
-        if st.st_mode & 0o022:
-            raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-        resolve_trusted(path, uid)  # the directories and links on the way to it: none another user's to turn
+        check_trusted_file(path, os.fstat(f.fileno()), uid)
         return f.read().decode()
+
+
+def check_trusted_file(path: Path | str, st: os.stat_result, uid: int) -> None:
+    """TrustError unless the file at `path` (whose stat is `st`) is a regular file only root or `uid`
+    could have written: theirs, not writable by others, and no other user's directory or link on the
+    way to it (resolve_trusted)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise TrustError(0, f"{path} is not a regular file")
+    if not _owner_ok(st, uid):
+        raise TrustError(0, f"{path} belongs to uid {st.st_uid}, not to root or uid {uid}")
+    if st.st_mode & 0o022:
+        raise TrustError(0, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+    resolve_trusted(path, uid)  # the directories and links on the way to it: none another user's to turn
 
 
 def make_sock_dir(path: Path, mode: int) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from proto import messages as m
 from transports.channel import SyncChannel
-from transports.unix import send_frame
+from transports.unix import recv_frame, send_frame
 from transports.wire import NOTICE, Message
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,6 +37,32 @@ def test_settle_waits_for_a_notice_the_reader_is_still_handling() -> None:
         chan.settle(5.0)
         assert seen == [m.FlowInfo(7, "dealloc")]
         assert started.is_set()
+    finally:
+        chan.close()
+        peer.close()
+
+
+def test_settle_waits_for_a_frame_the_reader_took_but_has_not_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader loses the CPU right after the frame left the socket: neither the socket nor a
+    handler shows it then, and settle must still wait for it."""
+    import transports.channel as channel
+
+    taken = threading.Event()
+
+    def recv_then_stall(sock: socket.socket) -> tuple[bytes, list[int]]:
+        frame = recv_frame(sock)
+        taken.set()
+        time.sleep(0.3)
+        return frame
+
+    monkeypatch.setattr(channel, "recv_frame", recv_then_stall)
+    seen: list[Message] = []
+    chan, peer = _channel(lambda msg, fds: seen.append(msg))
+    try:
+        send_frame(peer, m.CODEC.encode(m.FlowInfo(7, "dealloc"), NOTICE))
+        assert taken.wait(5)
+        chan.settle(5.0)
+        assert seen == [m.FlowInfo(7, "dealloc")]
     finally:
         chan.close()
         peer.close()

@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -407,12 +408,13 @@ class SyncChannel:
     def settle(self, timeout: float) -> None:
         """Wait (up to `timeout`) until the reader has handled what the peer sent so far, so that a
         notice the peer sent before some other sign (a flow's end) is known before that sign is acted on.
-        Best effort: a frame just taken from the socket but not yet marked busy is missed."""
+        The reader marks itself busy before it takes a frame, so asking the socket first and the reader
+        second misses no frame in between."""
         deadline = time.monotonic() + timeout
         with self._lock:
             self._settling += 1
             try:
-                while not self._closed and (self._busy or _unread(self.sock)):
+                while not self._closed and (_unread(self.sock) or self._busy):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
@@ -430,11 +432,16 @@ class SyncChannel:
     def _read_loop(self) -> None:
         try:
             resets = 0
+            readable = select.poll()
+            readable.register(self.sock, select.POLLIN)
             while True:
+                readable.poll()
+                self._busy = True  # before the frame leaves the socket: settle() asks in that order
                 try:
                     data, fds = recv_frame(self.sock)
                 except WireError as e:
                     log.warning("IRMd sent a bad frame: %s", e)
+                    self._done()
                     continue
                 except ConnectionResetError:
                     # The IRMd closed with our request unread: the kernel reports that first, but what
@@ -442,10 +449,10 @@ class SyncChannel:
                     resets += 1
                     if resets > 1:
                         return
+                    self._done()
                     continue
                 if not data:
                     return
-                self._busy = True
                 try:
                     frame = self._codec.decode(data)
                 except WireError as e:

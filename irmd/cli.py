@@ -419,7 +419,7 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
     args, want_json = split_json(argv)
     if not args or args[0] in ("-h", "--help"):
         out.write(USAGE[()])
-        return 0 if args else 2
+        return 0 if args else 255  # as 0.23's irm alone
     if args[0] == "--version":
         out.write(version_text("irm") + "\n")
         return 0
@@ -433,7 +433,7 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
     except UsageError as e:
         err.write(f"irm: {e}\n")
         out.write(USAGE[getattr(e, "path", ())])
-        return 2
+        return 1  # as 0.23's irm: scripts tell a grammar error from a refusal by the message alone
     try:
         channel = open_channel(sock)
         try:

@@ -42,20 +42,28 @@ def test_unknown_word_exits_nonzero_naming_the_word(irm: IrmFn) -> None:
     assert '"frobnicate" is unknown' in r.stderr and "did you mean" not in r.stderr  # nothing is close
 
 
+def test_exit_status_of_grammar_errors_is_0_23s(irm: IrmFn) -> None:
+    """0.23's irm: 255 alone (the usage printed), 1 for any word it cannot take, as for a refusal."""
+    r = irm()
+    assert r.returncode == 255 and r.stdout.startswith("Usage: irm")
+    for words in (("foo",), ("ipcp",), ("ipcp", "create"), ("ipcp", "create", "name", "x", "type", "bogus")):
+        assert irm(*words).returncode == 1, words
+
+
 def test_a_near_miss_gets_a_suggestion(irm: IrmFn) -> None:
     r = irm("ipcp", "bootstrp", "name", "x", "type", "local", "layer", "l")
-    assert r.returncode == 2 and r.stderr.startswith('irm: "bootstrp" is unknown')
+    assert r.returncode == 1 and r.stderr.startswith('irm: "bootstrp" is unknown')
     assert 'did you mean "bootstrap"?' in r.stderr
     r = irm("ipcp", "bootstrap", "name", "x", "type", "locl", "layer", "l")
-    assert r.returncode == 2 and 'did you mean "local"?' in r.stderr
+    assert r.returncode == 1 and 'did you mean "local"?' in r.stderr
     r = irm("ipcp", "bootstrap", "name", "u", "type", "udp4", "layer", "l", "ip", "127.0.0.1", "prot", "9")
-    assert r.returncode == 2 and 'did you mean "port"?' in r.stderr
+    assert r.returncode == 1 and 'did you mean "port"?' in r.stderr
 
 
 @pytest.mark.parametrize("op", ["bind", "unbind"])
 def test_a_pid_that_is_no_number_is_a_grammar_error_with_the_usage(irm: IrmFn, op: str) -> None:
     r = irm(op, "process", "abc", "name", "x")
-    assert r.returncode == 2 and r.stderr == 'irm: bad pid "abc": expected a number\n', r.stderr
+    assert r.returncode == 1 and r.stderr == 'irm: bad pid "abc": expected a number\n', r.stderr
     assert r.stdout.startswith(f"Usage: irm {op} process <pid>")
 
 
@@ -130,7 +138,7 @@ def test_every_level_has_its_help(irmd: IrmdProc, level: str) -> None:
 
 def test_a_command_missing_what_it_needs_prints_its_usage(irmd: IrmdProc) -> None:
     r = irmd.irm("ipcp", "bootstrap", "name", "x")
-    assert r.returncode == 2 and 'missing "layer <value>"' in r.stderr
+    assert r.returncode == 1 and 'missing "layer <value>"' in r.stderr
     assert r.stdout.startswith("Usage: irm ipcp bootstrap\n")
     assert "[dht_k <replication factor> (default: 8)]" in r.stdout
 

@@ -119,7 +119,7 @@ def test_ouroboros_tutorial_7_pings_over_eth_llc_on_lo(tmp_path: Path) -> None:
             ("irm reg name my.oping.server layer llc", '"irm name register <name> layer <layer>"'),
         ):
             r = typed(irmd, inside, line)
-            assert r.returncode == 2 and hint in r.stderr, r.stderr
+            assert r.returncode == 1 and hint in r.stderr, r.stderr
         assert irmd.irm_ok("ipcp", "list").stdout == "No IPCPs in system.\n"
 
         ok(

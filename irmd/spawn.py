@@ -8,6 +8,7 @@ to find it by: an admin's PYTHONPATH or LD_PRELOAD must not become a started ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -15,12 +16,14 @@ import pwd
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from irmd import elf
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
 from irmd.identity import file_head
-from transports.unix import SOCK_ENV, TrustError, check_trusted_file
+from transports.unix import SOCK_ENV, TrustError, check_dirs, check_trusted_file
 
 log = logging.getLogger("irmd")
 
@@ -32,6 +35,14 @@ KEPT = ("LANG", "LC_ALL", "TZ")  # locale and time zone: how to speak, never wha
 IPCP_BOOT = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); from ipcp.__main__ import main; sys.exit(main(sys.argv[1:]))"
 )
+# The loader's dynamic string tokens, as glibc's is_dst reads them: $NAME not followed by a letter,
+# digit or _, or ${NAME}. What $LIB and $PLATFORM stand for is the loader's build and the CPU's, not
+# known here for sure: each of these values is checked, and the directory the value is chosen in too.
+TOKEN = re.compile(r"\$(?:\{(ORIGIN|LIB|PLATFORM)\}|(ORIGIN|LIB|PLATFORM)(?![A-Za-z0-9_]))")
+MULTIARCH = getattr(sys.implementation, "_multiarch", "")  # Debian's $LIB: lib/x86_64-linux-gnu
+LIBS = tuple(dict.fromkeys(("lib", "lib64", "lib32", "libx32", f"lib/{MULTIARCH}" if MULTIARCH else "lib")))
+PLATFORMS = tuple(dict.fromkeys((os.uname().machine, "haswell", "xeon_phi")))  # glibc's own names on x86
+TOKENS_MAX = 4  # tokens in one entry: each $LIB or $PLATFORM multiplies the paths to check
 
 
 class Child(Protocol):
@@ -85,21 +96,31 @@ def check_program(path: str, uid: int) -> None:
     as written and as its links lead, belong to one of them and are not writable by others (sticky
     directories such as /tmp allowed above the file), as sshd wants of its AuthorizedKeysCommand;
     and so does the interpreter a script's `#!` line names, and its own interpreter in turn (what
-    `#!/usr/bin/env NAME` finds in the safe PATH too). Otherwise whoever may write any of them runs
+    `#!/usr/bin/env NAME` finds in the safe PATH too); and for each of them that is an ELF program,
+    what the dynamic loader takes for it (_check_loaded). Otherwise whoever may write any of them runs
     code as `uid` at the next flow to its name."""
     _check_file(path, uid)
+    _check_loaded(path, uid)
     script = path
     for _ in range(INTERPRETERS_MAX):
         run = _interpreters(script)
         if not run:
             return
         for interpreter in run:
-            try:
+            with _part_of(f"the interpreter of {script}"):
                 _check_file(interpreter, uid)
-            except TrustError as e:
-                raise TrustError(e.errno, f"{e.strerror} (the interpreter of {script})") from None
+                _check_loaded(interpreter, uid)
         script = run[-1]
     raise TrustError(0, f"{path}: more than {INTERPRETERS_MAX} interpreters, one behind the other")
+
+
+@contextlib.contextmanager
+def _part_of(what: str) -> Iterator[None]:
+    """A TrustError within says which part of the program it is about."""
+    try:
+        yield
+    except TrustError as e:
+        raise TrustError(e.errno, f"{e.strerror} ({what})") from None
 
 
 def _check_file(path: str, uid: int) -> None:
@@ -108,6 +129,79 @@ def _check_file(path: str, uid: int) -> None:
     except OSError as e:
         raise TrustError(e.errno, f"{path}: {e.strerror}") from None
     check_trusted_file(path, st, uid)
+
+
+def _check_loaded(path: str, uid: int) -> None:
+    """TrustError unless no one but root and `uid` could have written what the dynamic loader takes
+    for the ELF program at `path` (nothing for any other file): its loader (PT_INTERP) is a file
+    _check_file takes; every directory of its DT_RPATH and DT_RUNPATH (both, though the loaders read
+    RPATH only without RUNPATH) is one check_dirs takes strictly (a sticky leaf would let others add
+    a library), and one that does not exist is missing from such a directory (no one else can make
+    it); a library it names by path (DT_NEEDED or DT_AUDIT with a '/') is such a file.
+    A malformed ELF file is refused: what the loader would make of it is not known.
+    Not followed: the libraries it loads by name, and theirs (found in those directories or the
+    system's), and the hardware-capability subdirectories the loader also searches in each."""
+    try:
+        found = elf.read(path)
+    except OSError as e:
+        raise TrustError(e.errno, f"{path}: {e.strerror}") from None
+    except elf.ElfError as e:
+        raise TrustError(0, f"{path}: a malformed ELF file: {e}") from None
+    if found is None:
+        return
+    origin = os.path.dirname(os.path.realpath(path))  # $ORIGIN: as /proc/self/exe, links resolved
+    if found.interp is not None:
+        with _part_of(f"the ELF interpreter of {path}"):
+            _check_file(os.path.join("/", found.interp), uid)  # a relative one: from the working directory, /
+    for tag, values in (("RPATH", found.rpath), ("RUNPATH", found.runpath)):
+        for value in filter(None, values):  # an empty value is no entry (an empty entry in one is)
+            with _part_of(f"a {tag} directory of {path}"):
+                directories: dict[str, None] = {}  # each checked once
+                for entry in value.split(":"):
+                    paths, choices = _loader_paths(entry, origin)
+                    directories.update(dict.fromkeys(paths + choices))
+                for directory in directories:
+                    check_dirs(Path(directory), uid, strict_leaf=True, missing_ok=True)
+    libraries = found.needed + tuple(name for value in found.audit for name in value.split(":"))
+    for name in (name for name in libraries if "/" in name):  # one without is looked for in the directories
+        with _part_of(f"a library {path} loads by path"):
+            files, choices = _loader_paths(name, origin)
+            for library in files:
+                if os.path.lexists(library):
+                    _check_file(library, uid)
+                else:  # not there: no one else may make it
+                    check_dirs(Path(library), uid, strict_leaf=True, missing_ok=True)
+            for directory in choices:
+                check_dirs(Path(directory), uid, strict_leaf=True, missing_ok=True)
+
+
+def _loader_paths(entry: str, origin: str) -> tuple[list[str], list[str]]:
+    """The paths the loader may make of `entry` (an RPATH or RUNPATH directory, or a library's path)
+    with its tokens replaced, and the directories where $LIB or $PLATFORM choose an entry of theirs;
+    TrustError for an entry judged unsafe whatever it stands for:
+    - an empty or relative one (ld.so's empty entry is the working directory): the working directory
+      is / when the IRMd starts the program, but the program may change it before it loads a library
+      (dlopen searches the RUNPATH too), so any directory another user can write could be it;
+    - a $NAME or ${NAME} other than ORIGIN, LIB and PLATFORM: glibc takes it as it is written, musl
+      drops the whole list (and reads $ORIGINX as $ORIGIN and X); real programs never have one."""
+    tokens = list(TOKEN.finditer(entry))
+    if entry.count("$") != len(tokens):
+        raise TrustError(0, f"{entry!r} holds a $ the loaders do not read alike (only $ORIGIN, $LIB, $PLATFORM)")
+    if len(tokens) > TOKENS_MAX:
+        raise TrustError(0, f"{entry!r} holds more than {TOKENS_MAX} tokens")
+    paths, choices, done = [""], list[str](), 0
+    for token in tokens:
+        name = token.group(1) or token.group(2)
+        paths = [p + entry[done : token.start()] for p in paths]
+        if name != "ORIGIN":  # each value, and the directory it is chosen in (for a value not listed here)
+            choices.extend(os.path.dirname(p) for p in paths)
+        values = (origin,) if name == "ORIGIN" else LIBS if name == "LIB" else PLATFORMS
+        paths, done = [p + value for p in paths for value in values], token.end()
+    paths = [p + entry[done:] for p in paths]
+    if not all(p.startswith("/") for p in paths + choices):
+        what = "an empty entry is" if not entry else f"{entry!r} is"
+        raise TrustError(0, f"{what} relative to the working directory, which the program may change")
+    return paths, choices
 
 
 def _interpreters(path: str) -> list[str]:

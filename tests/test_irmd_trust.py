@@ -1507,3 +1507,53 @@ def test_a_program_started_as_root_is_reached_through_no_link_another_user_could
     nobody_py(host, ALLOC_SVC)
     wait_for(ran.exists, 10, "the program to run")
     assert ran.read_text().split() == ["0"]
+
+
+WRITE_UID_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    FILE *f = argc > 1 ? fopen(argv[1], "a") : NULL;
+    return f && fprintf(f, "%d\n", (int)getuid()) > 0 && fclose(f) == 0 ? 0 : 1;
+}
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_program_started_as_root_loads_no_library_from_where_another_user_could_write(
+    host: IrmdProc, public_dir: Path
+) -> None:
+    """Root's own ELF program whose RUNPATH names a directory another user may write (theirs, or one
+    they may make) has the loader run that user's library as root at the next flow: the program and
+    its interpreters' were checked, not what the loader takes for them. Refused at the bind and at
+    each start; the same program with a RUNPATH only root may write starts."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc or gcc) to build a program with a RUNPATH")
+    ran = public_dir / "ran"
+    source = public_dir / "svc.c"
+    source.write_text(WRITE_UID_C)
+    theirs = public_dir / "theirs"  # uid 65534's: a libc.so.6 of its own there runs as root
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    ours = public_dir / "lib"
+    ours.mkdir(mode=0o755)
+    for name, runpath in (("untrusted", theirs), ("later", theirs / "lib"), ("trusted", ours)):
+        out = public_dir / name
+        subprocess.run([cc, "-o", str(out), str(source), f"-Wl,-rpath,{runpath}", "-Wl,--enable-new-dtags"],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        out.chmod(0o755)
+    for name in ("untrusted", "later"):
+        r = host.irm("bind", "program", str(public_dir / name), "name", "svc", "auto", "--", str(ran))
+        assert r.returncode != 0 and f"directory {theirs} belongs to uid {NOBODY}" in r.stderr, r.stderr
+        assert f"a RUNPATH directory of {public_dir / name}" in r.stderr, r.stderr
+    host.irm_ok("bind", "program", str(public_dir / "trusted"), "name", "svc", "auto", "--", str(ran))
+    host.irm_ok("name", "register", "svc", "layer", "local")
+    ours.chmod(0o777)  # opened to others after the bind: checked again at the start
+    nobody_py(host, ALLOC_SVC)
+    wait_for(lambda: "will not start" in host.log.read_text(), 10, "the refusal to start it")
+    assert f"directory {ours} is writable by others" in host.log.read_text() and not ran.exists()
+    ours.chmod(0o755)  # as root left it: started as root at the next flow
+    nobody_py(host, ALLOC_SVC)
+    wait_for(ran.exists, 10, "the program to run")
+    assert ran.read_text().split() == ["0"]

@@ -65,12 +65,15 @@ def _guarded(st: os.stat_result, where: str, uid: int, strict: bool) -> bool:
     return False
 
 
-def resolve_trusted(path: Path | str, uid: int) -> str:
+def resolve_trusted(path: Path | str, uid: int, *, missing_ok: bool = False) -> str:
     """The real path of `path`, resolved one component at a time as the kernel will resolve it, with
     TrustError unless no one but root and `uid` can change where it leads: every directory it takes
     an entry from (each link's own directory and the ones its target leads through, as well as those
     of the path as written) belongs to one of them and is not writable by group or others, unless it
     is sticky (like /tmp) and the entry taken from it (a directory, a link, the last one) is theirs.
+
+    missing_ok: a path that does not lead to anything (yet) resolves to the directory where it ends,
+    the one whose writers could make the rest; the caller checks that one as a leaf (strictly).
 
     Checking only the path as written and the real path missed a link on the way: a link in another
     user's directory (or that user's own link in /tmp) that leads to root's file passed, and its
@@ -89,6 +92,8 @@ def resolve_trusted(path: Path | str, uid: int) -> str:
             entry = os.path.join(here, name)
             st = os.lstat(entry)
         except OSError as e:
+            if missing_ok and e.errno == errno.ENOENT:
+                return here
             raise TrustError(e.errno, f"{e.filename or here}: {e.strerror}") from None
         if sticky and not _owner_ok(st, uid):
             raise TrustError(0, f"{entry} belongs to uid {st.st_uid}, not to root or uid {uid}, in sticky {here}")
@@ -105,15 +110,17 @@ def resolve_trusted(path: Path | str, uid: int) -> str:
     return here
 
 
-def check_dirs(path: Path, uid: int, *, strict_leaf: bool) -> None:
+def check_dirs(path: Path, uid: int, *, strict_leaf: bool, missing_ok: bool = False) -> None:
     """Every directory `path` leads through, and `path` itself, belongs to root or `uid`, and none
     lets others replace what is in it: not group- or other-writable, unless sticky (like /tmp) above
     the leaf and what is taken from it is theirs (resolve_trusted: the links on the way included).
 
     strict_leaf: `path` itself may not be group- or other-writable even if sticky (the IRMd's own
     socket directory); clients allow a sticky leaf, as they check the socket's owner as well.
+    missing_ok: a `path` not there passes if only root or `uid` could make it: the directory it is
+    missing from, where the kernel's walk ends, is checked as the leaf.
     """
-    real = resolve_trusted(path, uid)
+    real = resolve_trusted(path, uid, missing_ok=missing_ok)
     try:
         st = os.lstat(real)
     except OSError as e:

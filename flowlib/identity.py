@@ -11,11 +11,11 @@ import dataclasses
 import functools
 import os
 import pwd
-import stat
 from pathlib import Path
 
 from proto import messages as m
 from proto.errors import AuthenticationFailed, FlowError
+from transports.unix import TrustError, check_dirs, check_trusted_file
 
 KNOWN_NAMES_ENV = "OUROBOROS_KNOWN_NAMES"  # the file; default ~/.config/ouroboros/known_names
 STRICT_ENV = "OUROBOROS_STRICT_NAMES"  # "yes" (default) or "accept-new", as ssh's StrictHostKeyChecking
@@ -86,16 +86,16 @@ class KnownNames:
 
     def pins(self, name: str) -> list[str]:
         try:
-            st = os.stat(self.path)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return []
         except OSError as e:
             raise FlowError(f"cannot read {self.path}: {e.strerror}") from None
-        if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()):
-            mode = stat.S_IMODE(st.st_mode)
-            raise AuthenticationFailed(f"{self.path} may be written by others (mode {mode:04o}, uid {st.st_uid}): "
-                                       f"not trusting its pins")  # fmt: skip
-        with open(self.path, "rb") as f:
+        with open(fd, "rb") as f:
+            try:  # the file opened, and every directory and link on the way to it, as OpenSSH's StrictModes
+                check_trusted_file(self.path, os.fstat(fd), os.geteuid())
+            except TrustError as e:
+                raise AuthenticationFailed(f"not trusting the pins of {self.path}: {e.strerror}") from None
             text = f.read(MAX_KNOWN_NAMES).decode(errors="replace")
         out = []
         # Lines end at "\n" only, as written: str.splitlines would also end one at the other breaks
@@ -107,7 +107,11 @@ class KnownNames:
         return out
 
     def add(self, name: str, peer: Peer) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:  # root with another user's XDG_CONFIG_HOME or HOME (sudo -E) must not write where they lead
+            check_dirs(self.path.parent, os.geteuid(), strict_leaf=True, missing_ok=True)
+        except TrustError as e:
+            raise AuthenticationFailed(f"not pinning {name!r} in {self.path}: {e.strerror}") from None
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # in a directory no one else can change
         # The subject is the peer's choice: written printable only, so no break in it starts a line of
         # its own (a pin the peer chose for another name).
         comment = "".join(c if c.isprintable() else "?" for c in peer.subject)

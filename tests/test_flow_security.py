@@ -200,8 +200,50 @@ def test_a_known_names_file_others_may_write_is_not_trusted(site: Site) -> None:
     accept()
     site.known.write_text("")
     site.known.chmod(0o666)
-    with pytest.raises(AuthenticationFailed, match="may be written by others"):
+    with pytest.raises(AuthenticationFailed, match="is writable by others"):
         site.alloc("pong", accept_new=True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: another user's directory, and root's pins")
+def test_root_neither_pins_nor_trusts_through_a_directory_another_user_controls() -> None:
+    """root running a tool with another user's environment (sudo -E: XDG_CONFIG_HOME, HOME) reads and
+    writes known_names under that user's directory: the user could lead root's pin to a file of
+    their choosing, or put pins there for root to trust. Neither is done; root's own pins work."""
+    from cryptography.hazmat.primitives import serialization
+
+    from flowlib.identity import KnownNames, server_identity
+
+    crt = certificate("pong", new_key()).public_bytes(serialization.Encoding.DER)
+
+    def verified(known: KnownNames) -> str:
+        reply = m.FlowReply(1, "local", 1400, qos.raw, "pong", peer_crt=crt)
+        peer = server_identity("pong", reply, accept_new=True, known=known)
+        assert peer is not None
+        return peer.verified
+
+    with tempfile.TemporaryDirectory(prefix="pins-") as tmp:  # pytest's own is closed to other users
+        top = Path(tmp)
+        top.chmod(0o755)
+        target = top / "target"  # a directory of root's that eve wants a file in (cron.d, say)
+        target.mkdir()
+        eve = top / "eve"
+        eve.mkdir()
+        os.chown(eve, 65534, 65534)
+        as_eve = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        subprocess.run([*as_eve, "ln", "-s", str(target), str(eve / "ouroboros")], check=True, timeout=10)
+        with pytest.raises(AuthenticationFailed, match="not pinning 'pong'"):
+            verified(KnownNames(eve / "ouroboros" / "known_names"))
+        assert list(target.iterdir()) == []
+        # Pins root wrote once, in a directory eve owns: eve may replace them; not trusted.
+        (eve / "cfg").mkdir()
+        (eve / "cfg" / "known_names").write_text("pong SHA256:x\n")
+        with pytest.raises(AuthenticationFailed, match="not trusting the pins"):
+            verified(KnownNames(eve / "cfg" / "known_names"))
+        # Root's own directory, beside: pinned, then known.
+        mine = KnownNames(top / "root" / "ouroboros" / "known_names")
+        assert verified(mine) == "new"
+        assert verified(mine) == "pinned"
 
 
 def test_a_uid_without_an_account_has_no_pins_rather_than_no_flows(monkeypatch: pytest.MonkeyPatch) -> None:

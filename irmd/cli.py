@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from irmd.secfiles import IRM_WORDS
 from irmd.usage import USAGE
@@ -24,6 +24,9 @@ from proto.names import IPCP_TYPES, LB_POLICIES, is_pattern, wildcard_match
 from proto.options import MULTI, TYPE_OPTIONS, OptionError, bootstrap_conf, choice, did_you_mean, text
 from proto.version import text as version_text
 from transports.wire import Message
+
+if TYPE_CHECKING:
+    from transports.channel import SyncChannel
 
 UsageError = OptionError  # a command line that does not follow the grammar
 
@@ -437,6 +440,8 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
     try:
         channel = open_channel(sock)
         try:
+            if _no_such_ipcp(channel, msg, timeout):
+                return 0
             reply = request_all(channel, msg, timeout=timeout)
         finally:
             channel.close()
@@ -455,6 +460,18 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
         out.write(render_info(reply) + "\n")
     # Done is said by the exit status alone, as Ouroboros's irm does.
     return 0
+
+
+def _no_such_ipcp(channel: SyncChannel, msg: Message, timeout: float) -> bool:
+    """Whether `msg` destroys or unbinds an IPCP that is not there, while others are: 0.23's irm finds
+    the IPCP among those it lists and, finding none of that name, does nothing and exits 0 (a teardown
+    script run twice goes on). With no IPCP at all, the IRMd's refusal stands (0.23 exits 1 too)."""
+    if not (isinstance(msg, m.IpcpDestroy) or (isinstance(msg, m.Bind) and msg.kind == "ipcp" and not msg.bind)):
+        return False
+    name = msg.name if isinstance(msg, m.IpcpDestroy) else msg.target
+    ipcps = request_all(channel, m.IpcpList(), timeout=timeout)
+    rows = ipcps.rows if isinstance(ipcps, m.Table) else []
+    return bool(rows) and all(row.get("name") != name for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:

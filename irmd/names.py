@@ -100,11 +100,14 @@ class Names:
         return m.Ok()
 
     def _reg_targets(self, msg: m.NameRegister) -> list[Ipcp]:
-        """The working IPCPs the request names: those in its layers and those it names itself."""
+        """The working IPCPs the request names: those in its layers and those it names itself. To
+        unregister, a layer or IPCP that is not there is passed over, as 0.23's irm does."""
         targets: dict[str, Ipcp] = {}
         for pattern, by_layer in [*((p, True) for p in msg.layers), *((p, False) for p in msg.ipcps)]:
             found = self.reg.matching(pattern, layer=by_layer)
             hits = [i for i in found if i.operational]
+            if not hits and not msg.register:
+                continue
             if not hits:
                 if by_layer:
                     raise NotFound(f"layer {pattern!r} not found: no IPCP here is in it")
@@ -123,15 +126,16 @@ class Names:
 
     async def register(self, c: Client, msg: m.NameRegister, _: list[int]) -> m.Ok:
         """Register a name with IPCPs (making it if need be), or unregister it. Asking for a
-        registration that is there already is no error (a config's reg and an autobind may both)."""
+        registration that is there already is no error (a config's reg and an autobind may both), nor
+        is removing one that is not (as 0.23: a teardown script run twice goes on); the name must be."""
         if not msg.layers and not msg.ipcps:
             raise InvalidArgument("register needs at least one layer or ipcp")
         targets = self._reg_targets(msg)  # first: a refused registration leaves no name behind
         entry = self.reg.create_name(msg.name) if msg.register and msg.name not in self.reg.names else (
             self.reg.get_name(msg.name))  # fmt: skip
         if not msg.register and not any(i.name in entry.regs for i in targets):
-            where = ", ".join([*msg.layers, *msg.ipcps])
-            raise NotFound(f"name {msg.name!r} is not registered in {where!r}")
+            log.info("name %r is not registered in %s: nothing to unregister", msg.name, [*msg.layers, *msg.ipcps])
+            return m.Ok()
         bound = entry.procs.get(c.pid)
         own = bound is not None and bound.start == c.peer.start and not entry.programs
         for ipcp in targets:

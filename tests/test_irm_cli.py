@@ -188,6 +188,32 @@ def test_created_ipcp_is_in_init_state_until_bootstrapped(irmd: IrmdProc) -> Non
     assert irmd.table("ipcp", "list")[0]["state"] == "operational"
 
 
+def test_removing_what_is_not_there_exits_as_0_23s_irm(irmd: IrmdProc) -> None:
+    """A teardown script run twice goes on: destroying or unbinding an IPCP that is not there (while
+    others are), unregistering a name from where it is not, exit 0 and do nothing, as 0.23's irm.
+    What is refused there stays refused: no IPCP at all, a name that does not exist."""
+    r = irmd.irm("ipcp", "destroy", "name", "ghost")
+    assert r.returncode == 1 and "ipcp 'ghost' not found" in r.stderr  # no IPCP at all
+    irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "layer", "loc", "type", "local")
+    irmd.irm_ok("name", "create", "foo")
+    for words in (
+        ("ipcp", "destroy", "name", "ghost"),
+        ("unbind", "ipcp", "ghost", "name", "foo"),
+        ("name", "unregister", "foo", "layer", "loc"),
+        ("name", "unregister", "foo", "layer", "elsewhere"),
+        ("name", "unregister", "foo", "ipcp", "ghost"),
+    ):
+        r = irmd.irm(*words)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), words
+    r = irmd.irm("name", "unregister", "nobody", "layer", "loc")
+    assert r.returncode == 1 and "name 'nobody' not found" in r.stderr
+    irmd.irm_ok("name", "register", "foo", "layer", "loc")  # and what is there goes
+    irmd.irm_ok("name", "unregister", "foo", "layer", "loc", "layer", "elsewhere")
+    assert irmd.table("name", "list")[0]["layers"] in ("", "-")
+    irmd.irm_ok("ipcp", "destroy", "name", "lo")
+    assert irmd.table("ipcp", "list") == []
+
+
 def test_creating_an_ipcp_twice_is_refused(irmd: IrmdProc) -> None:
     irmd.irm_ok("ipcp", "create", "name", "lo", "type", "local")
     r = irmd.irm("ipcp", "create", "name", "lo", "type", "local")
@@ -270,7 +296,7 @@ def test_destroying_a_registered_name_unregisters_it_first(irmd: IrmdProc, local
 def test_registering_twice_is_no_error(irmd: IrmdProc, local_layer: str) -> None:
     irmd.irm_ok("name", "register", "pong", "layer", local_layer)
     irmd.irm_ok("name", "register", "pong", "layer", local_layer)
-    r = irmd.irm("name", "unregister", "pong", "layer", "nowhere")
+    r = irmd.irm("name", "register", "pong", "layer", "nowhere")
     assert r.returncode == 1 and "layer 'nowhere' not found" in r.stderr
 
 

@@ -1359,15 +1359,7 @@ def test_a_program_started_as_root_is_one_no_other_user_could_have_written(host:
     ours.chmod(0o755)
     host.irm_ok("bind", "program", str(ours), "name", "svc", "auto")
     host.irm_ok("name", "register", "svc", "layer", "local")
-    ours.chmod(0o757)  # made writable by others after the bind: the user rewrites it
-    r = nobody_py(host, ALLOC_SVC)  # a user asks for the name
-    assert r.returncode == 0, r.stderr
-    wait_for(lambda: "will not start" in host.log.read_text(), 10, "the refusal to start it")
-    assert f"{ours} is writable by others" in host.log.read_text() and not ran.exists()
-    ours.chmod(0o755)  # as root left it: started as root at the next flow
-    nobody_py(host, ALLOC_SVC)
-    wait_for(ran.exists, 10, "the program to run")
-    assert ran.read_text().split() == ["0"]
+    _refused_at_start_while_open(host, ours, 0o757, f"{ours} is writable by others", ran)  # the user rewrites it
 
 
 ALLOC_SVC_AGAIN_AND_AGAIN = """
@@ -1549,11 +1541,18 @@ def test_a_program_started_as_root_loads_no_library_from_where_another_user_coul
         assert f"a RUNPATH directory of {public_dir / name}" in r.stderr, r.stderr
     host.irm_ok("bind", "program", str(public_dir / "trusted"), "name", "svc", "auto", "--", str(ran))
     host.irm_ok("name", "register", "svc", "layer", "local")
-    ours.chmod(0o777)  # opened to others after the bind: checked again at the start
-    nobody_py(host, ALLOC_SVC)
+    _refused_at_start_while_open(host, ours, 0o777, f"directory {ours} is writable by others", ran)
+
+
+def _refused_at_start_while_open(host: IrmdProc, path: Path, mode: int, why: str, ran: Path) -> None:
+    """`path` (a bound program's part) opened to others with `mode` after the bind: a user's flow to
+    the name does not start it (`why` logged); back as root left it, the next flow starts it as root."""
+    path.chmod(mode)
+    r = nobody_py(host, ALLOC_SVC)  # a user asks for the name
+    assert r.returncode == 0, r.stderr
     wait_for(lambda: "will not start" in host.log.read_text(), 10, "the refusal to start it")
-    assert f"directory {ours} is writable by others" in host.log.read_text() and not ran.exists()
-    ours.chmod(0o755)  # as root left it: started as root at the next flow
+    assert why in host.log.read_text() and not ran.exists()
+    path.chmod(0o755)
     nobody_py(host, ALLOC_SVC)
     wait_for(ran.exists, 10, "the program to run")
     assert ran.read_text().split() == ["0"]

@@ -8,12 +8,16 @@ not declare, and keep the legitimate use beside it working.
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
+from test_unicast_enroll import KEY, acceptor, pump
 
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
+from ipcp.unicast.enroll import Enrollee, EnrolleeState, Enroller
 from ipcp.unicast.routing import Lsdb
+from transports.wire import MAX_FRAME
 
 
 def signed_lsu(ident: auth.Identity, src: int, seqno: int, name: str, neighbours: list[int]) -> um.Lsu:
@@ -39,3 +43,32 @@ def test_a_member_renaming_itself_in_its_lsus_holds_one_name_at_a_time() -> None
     # ... and the rogue's current name is still its own alone
     with pytest.raises(auth.Forged, match="name 'member3000'"):
         lsdb.receive(signed_lsu(auth.Identity.generate(), 11, 1, "member3000", [1]), 0.0)
+
+
+@pytest.mark.timeout(60)
+def test_an_enrollment_answer_fits_a_frame_however_many_members_the_layer_has() -> None:
+    """4096 members at 8-byte addresses (a member can make them up: each LSU signed by a fresh key)
+    made the answer too large to encode, and the enroller's task raised: the IPCP ended with the
+    next enrollment. The answer now lists what fits, and the enrollee takes it."""
+    rng = random.Random(5)
+    members = sorted(rng.randrange(1 << 63, 1 << 64) for _ in range(4096))
+    responder = acceptor()
+    enrollee = Enrollee("n2", KEY, 0.0)
+    enrollee.start()
+    pump(enrollee, responder)
+    assert responder.peer is not None
+    info = um.EnrollInfo("net", {"addr": "8"}, members, name="n1")
+    (sdu,) = Enroller(responder.peer, info, 0.0).pop_out()
+    assert len(sdu) <= MAX_FRAME
+    enrollee.receive(sdu, 0.0)
+    assert enrollee.machine.state is EnrolleeState.ENROLLED and enrollee.info is not None
+    got = enrollee.info.members
+    assert 1000 < len(got) < len(members) and got == members[: len(got)]
+    # a layer of ordinary size is listed whole
+    responder, enrollee = acceptor(), Enrollee("n3", KEY, 0.0)
+    enrollee.start()
+    pump(enrollee, responder)
+    assert responder.peer is not None
+    for sdu in Enroller(responder.peer, dataclasses.replace(info, members=members[:100]), 0.0).pop_out():
+        enrollee.receive(sdu, 0.0)
+    assert enrollee.info is not None and enrollee.info.members == members[:100]

@@ -8,6 +8,7 @@ enrollees of a keyed layer; an enrollee given a key refuses a layer that has non
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 from ipcp.unicast import auth
@@ -15,6 +16,7 @@ from ipcp.unicast import messages as um
 from ipcp.unicast.fsm import Machine, TimedCore
 from ipcp.unicast.handshake import TIMEOUT, Handshake, Peer, Refused, decode
 from proto import messages as m
+from transports.wire import WireError
 
 MAX_MEMBERS = 65536  # addresses an enrollment answer may list
 MAX_CONF = 64  # options it may carry
@@ -135,6 +137,21 @@ class Enrollee:
         self.machine.fire(EnrolleeEvent.FAIL)
 
 
+def _encoded(info: um.EnrollInfo) -> bytes:
+    """The answer as one frame: its member list cut to what fits (a layer of a few thousand members
+    with 8-byte addresses, real or made up by a member signing LSUs for them, lists more than a frame
+    carries). The list only steers the enrollee's choice of a free address, which a rare collision
+    past it does not break: bindings refuse a taken address's second key."""
+    members = info.members
+    while True:
+        try:
+            return um.CODEC.encode(dataclasses.replace(info, members=members))
+        except WireError:
+            if not members:
+                raise
+            members = members[: len(members) * 7 // 8]
+
+
 class Enroller(TimedCore):
     """Answers an enrollee its handshake proved: the layer's configuration, sealed; then waits
     for the enrollee to close (or TIMEOUT)."""
@@ -143,7 +160,7 @@ class Enroller(TimedCore):
         super().__init__(now + TIMEOUT)
         self.machine: Machine[EnrollerState, EnrollerEvent] = Machine("enroller", ENROLLER, EnrollerState.PROVED)
         self.enrollee = enrollee
-        sdu = um.CODEC.encode(info)
+        sdu = _encoded(info)
         self._out = [enrollee.sealer.seal_bytes(sdu) if enrollee.sealer else sdu]
         self.machine.fire(EnrollerEvent.SEND)
 

@@ -15,8 +15,11 @@ from test_unicast_enroll import KEY, acceptor, pump
 
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
+from ipcp.unicast.connmgr import Adjacency
 from ipcp.unicast.enroll import Enrollee, EnrolleeState, Enroller
+from ipcp.unicast.handshake import Handshake
 from ipcp.unicast.routing import Lsdb
+from proto import messages as m
 from transports.wire import MAX_FRAME
 
 
@@ -72,3 +75,19 @@ def test_an_enrollment_answer_fits_a_frame_however_many_members_the_layer_has() 
     for sdu in Enroller(responder.peer, dataclasses.replace(info, members=members[:100]), 0.0).pop_out():
         enrollee.receive(sdu, 0.0)
     assert enrollee.info is not None and enrollee.info.members == members[:100]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["", "x" * 256, "x" * 50_000, "two words", "line\nbreak", "\x00"])
+def test_a_hello_that_names_no_ipcp_is_refused(name: str) -> None:
+    """The peer's name is logged, shown in the neighbours of IpcpInfo (one of 50,000 characters made
+    every `irm ipcp info` of the IPCP fail, its reply too large) and connected to by name."""
+    init = Adjacency(Handshake(True, um.DT, name, "net", 9, auth.layer_psk(KEY), 0.0))
+    resp = acceptor()
+    pump(init, resp)
+    assert resp.peer is None and resp.error is not None and resp.error.code == m.EINVAL
+    assert "no IPCP name" in resp.error.text and len(resp.error.text) < 100
+    # the same hello from a member with an IPCP's name is taken
+    init, resp = Adjacency(Handshake(True, um.DT, "n2-x.y_z", "net", 9, auth.layer_psk(KEY), 0.0)), acceptor()
+    pump(init, resp)
+    assert resp.peer is not None and resp.peer.name == "n2-x.y_z" and init.peer is not None

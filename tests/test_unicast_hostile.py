@@ -511,3 +511,25 @@ def test_a_member_flooding_management_pdus_is_bounded(layer: Layer, peer: Peer) 
     before = cpu_seconds(n1)
     time.sleep(3)
     assert cpu_seconds(n1) - before < 1.0, "n1 keeps busy after the flood"
+
+
+@pytest.mark.timeout(240)
+def test_a_local_application_writing_past_the_mtu_on_its_flow_ends_nothing(layer: Layer) -> None:
+    """The flow's socket is the application's to write on past flowlib (which refuses SDUs over the
+    MTU): one SDU of 65,536 bytes ended n2's data transfer thread, and with it n2 and every flow of
+    every user on it. It is dropped and counted; the flow and the others go on."""
+    b = layer.b
+    n2 = b.irmd.ipcp_pid("n2")
+    irm = IrmClient(b.irmd.sock)
+    try:
+        f = flow_alloc("pong", raw, timeout=10, irm=irm)
+        try:
+            assert f.mtu < 65535
+            os.write(f.fileno(), bytes(65536))
+            wait_for(lambda: b.counter("n2", "oversized") == 1, 20, "n2 to drop the oversized SDU")
+        finally:
+            f.close()
+    finally:
+        irm.close()
+    b.oping_until_ok("pong", within=30)
+    assert b.irmd.ipcp_pid("n2") == n2 and os.path.exists(f"/proc/{n2}")

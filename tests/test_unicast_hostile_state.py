@@ -15,7 +15,7 @@ from test_unicast_enroll import KEY, acceptor, pump
 
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
-from ipcp.unicast.connmgr import Adjacency
+from ipcp.unicast.connmgr import AUTO_CHECK, Adjacency, AutoConnect, Neighbours
 from ipcp.unicast.enroll import Enrollee, EnrolleeState, Enroller
 from ipcp.unicast.handshake import Handshake
 from ipcp.unicast.routing import Lsdb
@@ -91,3 +91,23 @@ def test_a_hello_that_names_no_ipcp_is_refused(name: str) -> None:
     init, resp = Adjacency(Handshake(True, um.DT, "n2-x.y_z", "net", 9, auth.layer_psk(KEY), 0.0)), acceptor()
     pump(init, resp)
     assert resp.peer is not None and resp.peer.name == "n2-x.y_z" and init.peer is not None
+
+
+@pytest.mark.timeout(60)
+def test_automatic_connects_remember_only_the_names_still_held_back() -> None:
+    """A member under a new name at every LSU is a new target each time: each connect to it that
+    failed left its name remembered for good. Only those within their retry time stay."""
+    auto = AutoConnect(0.0, most=8, retry=10.0)
+    auto.enabled = True
+    nbs = Neighbours()
+    nbs.add(7, "n1", um.DT, "d")
+    now = 0.0
+    for i in range(2000):
+        now += AUTO_CHECK
+        assert auto.handle_timer(now, 5, "n1", nbs, {7: "n1", 9: f"rogue{i}"}) == f"rogue{i}"
+        auto.done(f"rogue{i}", False, now)
+    assert len(auto._retry_at) <= 10.0 / AUTO_CHECK + 1
+    # a real member that failed a moment ago is still held back its whole retry time, then tried again
+    auto.done("n3", False, now)
+    assert auto.handle_timer(now + 1.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) is None
+    assert auto.handle_timer(now + 10.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) == "n3"

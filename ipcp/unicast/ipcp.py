@@ -408,7 +408,10 @@ class UnicastIpcp(Ipcp):
         assert self.lsdb is not None
         conf = {k: v for k, v in self.conf.items() if k != "key"}  # the key never travels
         core = Enroller(
-            peer, um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name), time.monotonic()
+            peer,
+            um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name),
+            time.monotonic(),
+            af.flow.mtu,
         )
         try:
             for sdu in core.pop_out():

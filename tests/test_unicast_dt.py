@@ -3,6 +3,7 @@ to the N-1 flow's MTU, sealed once per frame, sent before the thread waits; bad 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 
@@ -164,3 +165,36 @@ def test_congestion_feedback_is_taken_only_from_the_flows_peer() -> None:
     assert flow.tx.rate == before
     dt.on_update(5, 7, ca.Update(255, 10.0))  # from the peer: taken
     assert flow.tx.rate < before
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("congestion", ["none", "mb-ecn"])
+def test_an_sdu_larger_than_a_pdu_carries_is_dropped_not_the_thread(
+    wire: tuple[Dt, socket.socket, socket.socket], congestion: str
+) -> None:
+    """A flow's socket is its application's to write on past flowlib: one SDU of 65,536 bytes (a
+    PDU's length is 2 bytes) raised in the DT thread, which ends the IPCP and every flow of every
+    user. It is dropped and counted; the SDUs around it, the largest that fits among them, go on."""
+    _, ours, theirs = wire
+    dt = Dt(FMT, ME, 60, 65536, lambda p: None, lambda a, t: None, lambda f, u: None, ca.by_name(congestion))
+    dt.n1[HOP] = Link(HOP, ours)
+    dt.pff = {DST: [HOP]}
+    app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    try:
+        dt.add_flow(UniFlow(5, mine, DST, 7, 1))
+        largest = 0xFFFF - FMT.size
+        sdus = [bytes(65536), b"hello", bytes(largest + 1), bytes(largest), b"again"]
+        for sdu in sdus:
+            app.send(sdu)
+        dt.on_ready(mine.fileno(), 0)
+        frames = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                frames.append(theirs.recv(1 << 17))  # (the largest PDU's frame is 2 bytes more than 65,535)
+        got = [bytes(p)[FMT.size :] for f in frames for p in pci.unframe(f)[0]]
+        assert got == [b"hello", bytes(largest), b"again"]
+        assert dt.counters.oversized == 2 and dt.flows[5].dropped == 2 and dt.counters.sent == 3
+    finally:
+        app.close()
+        mine.close()

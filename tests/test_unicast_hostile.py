@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -511,3 +512,60 @@ def test_a_member_flooding_management_pdus_is_bounded(layer: Layer, peer: Peer) 
     before = cpu_seconds(n1)
     time.sleep(3)
     assert cpu_seconds(n1) - before < 1.0, "n1 keeps busy after the flood"
+
+
+@pytest.mark.timeout(240)
+def test_a_local_application_writing_past_the_mtu_on_its_flow_ends_nothing(layer: Layer) -> None:
+    """The flow's socket is the application's to write on past flowlib (which refuses SDUs over the
+    MTU): one SDU of 65,536 bytes ended n2's data transfer thread, and with it n2 and every flow of
+    every user on it. It is dropped and counted; the flow and the others go on."""
+    b = layer.b
+    n2 = b.irmd.ipcp_pid("n2")
+    irm = IrmClient(b.irmd.sock)
+    try:
+        f = flow_alloc("pong", raw, timeout=10, irm=irm)
+        try:
+            assert f.mtu < 65535
+            os.write(f.fileno(), bytes(65536))
+            wait_for(lambda: b.counter("n2", "oversized") == 1, 20, "n2 to drop the oversized SDU")
+        finally:
+            f.close()
+    finally:
+        irm.close()
+    b.oping_until_ok("pong", within=30)
+    assert b.irmd.ipcp_pid("n2") == n2 and os.path.exists(f"/proc/{n2}")
+
+
+@pytest.mark.timeout(300)
+def test_a_member_making_up_thousands_of_members_leaves_enrollment_working(cluster: Cluster) -> None:
+    """In a layer of 8-byte addresses, a member floods validly signed LSUs for 3000 members it makes
+    up (a fresh key each): n1's enrollment answer, listing every member, grew past a frame, and the
+    next enrollment ended n1 (past the udp flow's MTU already at some 400: none could enroll). n1 now
+    answers with the members that fit the flow, and enrolls on."""
+    a, b = cluster.start(["a", "b"])
+    cluster.udp([a, b])
+    a.irm_ok("ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", "net", "key", KEY, "addr", "8", "autobind")
+    n1 = a.irmd.ipcp_pid("n1")
+    irm = IrmClient(b.irmd.sock)
+    try:
+        peer = Peer(b)
+        mgmt, sealer, _ = peer.member(um.MGMT)
+        rng = random.Random(7)
+        for _ in range(3000):
+            fake = auth.Identity.generate()
+            addr = rng.randrange(1 << 63, 1 << 64)
+            mgmt.write(sealer.seal_bytes(um.CODEC.encode(signed_lsu(fake, addr, f"m{addr}", neighbours=[ROGUE]))))
+        wait_for(lambda: int(a.field("n1", "members")) > 3000, 60, "n1 to take the made-up members")
+        f = peer.flow()
+        core = Enrollee("rogue2", KEY, time.monotonic())
+        core.start()
+        drive(core, f)
+        f.close()
+        assert core.info is not None and 100 < len(core.info.members) < 3000, core.error  # what fits the flow
+        mgmt.close()
+        peer.close()
+    finally:
+        irm.close()
+    b.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "key", KEY, "autobind")
+    assert a.irmd.ipcp_pid("n1") == n1 and os.path.exists(f"/proc/{n1}")
+    assert a.counter("n1", "enrollments") == 2

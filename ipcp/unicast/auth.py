@@ -237,11 +237,21 @@ class Bindings:
         self.by_addr[addr] = pub
         if name:
             self.by_name[name] = pub
+            old = self._name_of.get(addr)
             self._name_of[addr] = name
+            if old is not None and old != name:
+                # A member renaming itself lets go of its old name: else each LSU under a new name would
+                # bind one more, for good, to its key (a table without bound, and names squatted on).
+                self._release_name(old)
 
     def release(self, addr: int) -> None:
         """The member at `addr` is gone: its address is free, and its name once no address holds it."""
         self.by_addr.pop(addr, None)
         name = self._name_of.pop(addr, None)
-        if name is not None and name not in self._name_of.values():
+        if name is not None:
+            self._release_name(name)
+
+    def _release_name(self, name: str) -> None:
+        """`name` is free once no address holds it."""
+        if name not in self._name_of.values():
             self.by_name.pop(name, None)

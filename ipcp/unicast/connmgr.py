@@ -176,6 +176,9 @@ class AutoConnect:
 
     def done(self, name: str, ok: bool, now: float) -> None:
         self.busy = False
+        # Only names still held back are kept: the names come from LSUs, and a member renaming itself
+        # at every LSU would otherwise leave one entry a failed connect, for good.
+        self._retry_at = {n: t for n, t in self._retry_at.items() if t > now}
         if not ok:
             self._retry_at[name] = now + self.retry
 

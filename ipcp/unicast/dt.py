@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ipcp.unicast import auth, ca
-from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MGMT_EID, Pci, PciFormat, unframe
+from ipcp.unicast.pci import FRAMING, LEN, MAX_FRAME_PDUS, MAX_PDU, MGMT_EID, Pci, PciFormat, unframe
 from ipcp.unicast.pff import Table
 from transports.poller import BURST, PollThread, read_burst
 from transports.queues import QueueBudget
@@ -96,6 +96,7 @@ class Counters:
     no_flow: int = 0
     malformed: int = 0
     overflow: int = 0
+    oversized: int = 0  # an SDU of one of our flows larger than a PDU carries (its application wrote past the MTU)
     forged: int = 0  # a link's PDU whose seal does not verify
     replayed: int = 0  # ... or whose sequence number was seen
     marked: int = 0  # PDUs this forwarder marked congested
@@ -129,6 +130,7 @@ class Dt(PollThread):
         spread: bool = False,
     ) -> None:
         self.fmt = fmt
+        self.max_sdu = MAX_PDU - fmt.size  # what one PDU carries of an SDU (its length field is 2 bytes)
         super().__init__("dt")
         self.me = me
         self.max_ttl = max_ttl
@@ -530,6 +532,14 @@ class Dt(PollThread):
     def _send_from(self, flow: UniFlow, sdus: list[bytes]) -> bool:
         """Send a flow's SDUs; False if the flow is now held back. With congestion avoidance it is,
         by its pace or by its first hop's full queue: its writer blocks rather than loses SDUs."""
+        if max(map(len, sdus), default=0) > self.max_sdu:
+            # The IRMd's MTU is below this, but the flow's socket is the application's to write on as it
+            # likes: an SDU no PDU can carry is dropped, not packed (its length would not pack: the
+            # thread, and the IPCP with every flow of every user, would end).
+            fit = [sdu for sdu in sdus if len(sdu) <= self.max_sdu]
+            self.counters.oversized += len(sdus) - len(fit)
+            flow.dropped += len(sdus) - len(fit)
+            sdus = fit
         tx, hold, route, dst, hdr, eid = flow.tx, self.ca.holds, self._route, flow.dst, flow.hdr, flow.eid
         link = self._next_link(dst, eid) if not hold and dst != self.me else None
         if link is not None:  # the common case: one next hop for the whole burst, looked up once

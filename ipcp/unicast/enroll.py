@@ -8,6 +8,7 @@ enrollees of a keyed layer; an enrollee given a key refuses a layer that has non
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 from ipcp.unicast import auth
@@ -15,6 +16,7 @@ from ipcp.unicast import messages as um
 from ipcp.unicast.fsm import Machine, TimedCore
 from ipcp.unicast.handshake import TIMEOUT, Handshake, Peer, Refused, decode
 from proto import messages as m
+from transports.wire import MAX_FRAME, WireError
 
 MAX_MEMBERS = 65536  # addresses an enrollment answer may list
 MAX_CONF = 64  # options it may carry
@@ -135,15 +137,42 @@ class Enrollee:
         self.machine.fire(EnrolleeEvent.FAIL)
 
 
+def _encoded(info: um.EnrollInfo, limit: int) -> bytes:
+    """The answer in one SDU of at most `limit` bytes (and one frame): its member list cut to what
+    fits. A layer of some hundreds of members (real, or made up by a member signing LSUs for them
+    under fresh keys) lists more than an N-1 flow's MTU carries, a few thousand at 8-byte addresses
+    more than a frame; the answer could then not be sent, and no one could enroll. The list only
+    steers the enrollee's choice of a free address, which a rare collision past it does not break:
+    bindings refuse a taken address's second key."""
+    limit = min(limit, MAX_FRAME)
+    base = len(um.CODEC.encode(dataclasses.replace(info, members=[])))
+    size, keep = base - 1, 0  # the JSON list: each address and a comma, but for the last
+    for addr in info.members:
+        size += len(str(addr)) + 1
+        if size > limit:
+            break
+        keep += 1
+    members = info.members[:keep]
+    while True:  # (the count above is exact for the JSON codec; this holds whatever the codec)
+        try:
+            sdu = um.CODEC.encode(dataclasses.replace(info, members=members))
+        except WireError:
+            sdu = b""
+        if (sdu and len(sdu) <= limit) or not members:
+            return sdu or um.CODEC.encode(dataclasses.replace(info, members=[]))
+        members = members[: len(members) * 7 // 8]
+
+
 class Enroller(TimedCore):
     """Answers an enrollee its handshake proved: the layer's configuration, sealed; then waits
     for the enrollee to close (or TIMEOUT)."""
 
-    def __init__(self, enrollee: Peer, info: um.EnrollInfo, now: float) -> None:
+    def __init__(self, enrollee: Peer, info: um.EnrollInfo, now: float, mtu: int = MAX_FRAME) -> None:
+        """`mtu`: the largest SDU the N-1 flow to the enrollee carries."""
         super().__init__(now + TIMEOUT)
         self.machine: Machine[EnrollerState, EnrollerEvent] = Machine("enroller", ENROLLER, EnrollerState.PROVED)
         self.enrollee = enrollee
-        sdu = um.CODEC.encode(info)
+        sdu = _encoded(info, mtu - (auth.SEAL if enrollee.sealer else 0))
         self._out = [enrollee.sealer.seal_bytes(sdu) if enrollee.sealer else sdu]
         self.machine.fire(EnrollerEvent.SEND)
 

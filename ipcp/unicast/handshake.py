@@ -20,6 +20,8 @@ from ipcp.unicast import auth
 from ipcp.unicast import messages as um
 from ipcp.unicast.fsm import Machine, TimedCore
 from proto import messages as m
+from proto.errors import InvalidArgument
+from proto.names import check_name
 from transports.wire import Message, WireError
 
 TIMEOUT = 10.0  # seconds a handshake may take
@@ -70,6 +72,15 @@ class Refused(Exception):
     def __init__(self, code: str, text: str) -> None:
         super().__init__(text)
         self.code, self.text = code, text
+
+
+def valid_name(name: str) -> bool:
+    """Whether a peer's hello names it as any IPCP is named (1-255 printable characters, no spaces)."""
+    try:
+        check_name(name)
+    except InvalidArgument:
+        return False
+    return True
 
 
 def decode(sdu: bytes, opener: auth.Opener | None = None) -> Message:
@@ -175,6 +186,8 @@ class Handshake(TimedCore):
             raise Refused(m.EINVAL, f"a hello for {hello.component[:40]!r}, expected {self.component!r}")
         if hello.component not in COMPONENTS:
             raise Refused(m.EINVAL, f"unknown component {hello.component[:40]!r}")
+        if not valid_name(hello.name):  # it is logged, shown in IpcpInfo and connected to by name
+            raise Refused(m.EINVAL, f"no IPCP name: {hello.name[:40]!r}")
         if hello.addr and hello.addr == self.addr:
             raise Refused(m.EINVAL, "a connection from this IPCP to itself")
         if hello.addr > self.max_addr or (hello.component in (um.DT, um.MGMT) and not hello.addr):

@@ -32,7 +32,7 @@ from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.enroll import Enrollee, Enroller
 from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, Ended, FaError, FlowAllocator, State
 from ipcp.unicast.handshake import Handshake, Peer, Refused
-from ipcp.unicast.pci import FRAMING, PciFormat
+from ipcp.unicast.pci import FRAMING, MAX_PDU, PciFormat
 from ipcp.unicast.routing import Lsdb, LsTimers
 from proto import messages as m
 from proto.errors import FlowError
@@ -211,7 +211,8 @@ class UnicastIpcp(Ipcp):
         self.max_addr = fmt.max_addr
         self.addr = _free_address(members, fmt.max_addr)
         self.layer = layer
-        self.mtu = int(conf["mtu"]) - fmt.size - FRAMING - (auth.SEAL if self.psk else 0)
+        # What one PDU carries (its length is 2 bytes), within what one frame of the flows below does.
+        self.mtu = min(int(conf["mtu"]) - FRAMING - (auth.SEAL if self.psk else 0), MAX_PDU) - fmt.size
         now = time.monotonic()
         bindings = auth.Bindings()
         timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
@@ -407,7 +408,10 @@ class UnicastIpcp(Ipcp):
         assert self.lsdb is not None
         conf = {k: v for k, v in self.conf.items() if k != "key"}  # the key never travels
         core = Enroller(
-            peer, um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name), time.monotonic()
+            peer,
+            um.EnrollInfo(self.layer, conf, sorted(self.lsdb.members), name=self.name),
+            time.monotonic(),
+            af.flow.mtu,
         )
         try:
             for sdu in core.pop_out():

@@ -17,6 +17,7 @@ MGMT_EID = 0  # PDUs for the IPCP's own components (flow allocator, directory)
 _INT = {1: "B", 2: "H", 4: "I", 8: "Q"}
 LEN = struct.Struct("!H")  # each PDU's length in a frame
 FRAMING = LEN.size  # what a frame adds to each PDU
+MAX_PDU = (1 << 8 * LEN.size) - 1  # bytes of a PDU at most, its PCI included
 MAX_FRAME_PDUS = 64  # PDUs packed into one frame at most (each is two or three iovecs of one sendmsg)
 
 

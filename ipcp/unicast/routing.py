@@ -170,8 +170,11 @@ class Lsdb:
         self._changed(now, added=entry is None or bool(claimed - entry.neighbours))
         if entry is None or entry.seen == self._oldest:
             self._oldest = None if entry is not None or self._oldest is None else min(self._oldest, now)
-        if entry is not None and entry.name != lsu.name:
-            self._named[entry.name].discard(lsu.src)
+        if entry is not None and entry.name != lsu.name:  # renamed: the old name's set goes once empty
+            named = self._named[entry.name]
+            named.discard(lsu.src)
+            if not named:
+                del self._named[entry.name]
         self._named.setdefault(lsu.name, set()).add(lsu.src)
         self.links += len(claimed) - (len(entry.neighbours) if entry is not None else 0)  # (rivals dropped since)
         self.db[lsu.src] = _Entry(lsu.seqno, claimed, now, lsu.name, lsu.since, lsu)

@@ -1,0 +1,116 @@
+"""A member gone bad against the unicast layer's cores, with messages that are well formed and
+validly signed but push state where nobody checked it: LSUs renaming their member again and again,
+a layer full of (made-up) members at 8-byte addresses answering an enrollment, hellos whose
+member names are no IPCP names. Each must leave the core's tables bounded, raise nothing it does
+not declare, and keep the legitimate use beside it working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+from test_unicast_enroll import KEY, acceptor, pump
+
+from ipcp.unicast import auth
+from ipcp.unicast import messages as um
+from ipcp.unicast.connmgr import AUTO_CHECK, Adjacency, AutoConnect, Neighbours
+from ipcp.unicast.enroll import Enrollee, EnrolleeState, Enroller
+from ipcp.unicast.handshake import Handshake
+from ipcp.unicast.routing import Lsdb
+from proto import messages as m
+from transports.wire import MAX_FRAME
+
+
+def signed_lsu(ident: auth.Identity, src: int, seqno: int, name: str, neighbours: list[int]) -> um.Lsu:
+    lsu = um.Lsu(src, seqno, neighbours, name, 0.0, ident.pub)
+    return dataclasses.replace(lsu, sig=ident.sign(um.signed_part(lsu)))
+
+
+@pytest.mark.timeout(60)
+def test_a_member_renaming_itself_in_its_lsus_holds_one_name_at_a_time() -> None:
+    """Each LSU of a member under a new name bound that name to its key for good: thousands of LSUs,
+    thousands of names held (memory without bound), each refused to the member really called so."""
+    lsdb = Lsdb(1, name="n1")
+    rogue = auth.Identity.generate()
+    for seqno in range(1, 3001):
+        assert lsdb.receive(signed_lsu(rogue, 7, seqno, f"member{seqno}", [1]), 0.0)
+    assert set(lsdb.bindings.by_name) == {"n1", "member3000"}
+    assert set(lsdb._named) == {"n1", "member3000"}
+    # a member that is called member5 joins: its name is its own, its LSU taken and its links routed
+    real = auth.Identity.generate()
+    assert lsdb.receive(signed_lsu(real, 9, 1, "member5", [1]), 0.0)
+    lsdb.set_neighbours({7, 9}, 0.0)
+    assert lsdb.names()[9] == "member5" and lsdb.table()[9] == [9]
+    # ... and the rogue's current name is still its own alone
+    with pytest.raises(auth.Forged, match="name 'member3000'"):
+        lsdb.receive(signed_lsu(auth.Identity.generate(), 11, 1, "member3000", [1]), 0.0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mtu", [MAX_FRAME, 8976, 1400])
+@pytest.mark.parametrize("width", [4, 8])
+def test_an_enrollment_answer_fits_the_flow_however_many_members_the_layer_has(mtu: int, width: int) -> None:
+    """4096 members (a member can make them up: each LSU signed by a fresh key) made the answer too
+    large for the N-1 flow (from some 800 members at 4-byte addresses over UDP: no one could enroll)
+    or, at 8-byte addresses, for a frame: encoding it raised in the enroller's task, and the IPCP
+    ended at the next enrollment. The answer now lists what fits, and the enrollee takes it."""
+    rng = random.Random(5)
+    members = sorted(rng.randrange(1 << (8 * width - 1), 1 << (8 * width)) for _ in range(4096))
+    responder = acceptor()
+    enrollee = Enrollee("n2", KEY, 0.0)
+    enrollee.start()
+    pump(enrollee, responder)
+    assert responder.peer is not None
+    info = um.EnrollInfo("net", {"addr": str(width)}, members, name="n1")
+    (sdu,) = Enroller(responder.peer, info, 0.0, mtu).pop_out()
+    assert len(sdu) <= mtu
+    enrollee.receive(sdu, 0.0)
+    assert enrollee.machine.state is EnrolleeState.ENROLLED and enrollee.info is not None
+    got = enrollee.info.members
+    assert mtu // 30 < len(got) <= len(members) and got == members[: len(got)]  # (all of them fit one frame)
+    # a layer of ordinary size is listed whole
+    responder, enrollee = acceptor(), Enrollee("n3", KEY, 0.0)
+    enrollee.start()
+    pump(enrollee, responder)
+    assert responder.peer is not None
+    for sdu in Enroller(responder.peer, dataclasses.replace(info, members=members[:20]), 0.0, mtu).pop_out():
+        enrollee.receive(sdu, 0.0)
+    assert enrollee.info is not None and enrollee.info.members == members[:20]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["", "x" * 256, "x" * 50_000, "two words", "line\nbreak", "\x00"])
+def test_a_hello_that_names_no_ipcp_is_refused(name: str) -> None:
+    """The peer's name is logged, shown in the neighbours of IpcpInfo (one of 50,000 characters made
+    every `irm ipcp info` of the IPCP fail, its reply too large) and connected to by name."""
+    init = Adjacency(Handshake(True, um.DT, name, "net", 9, auth.layer_psk(KEY), 0.0))
+    resp = acceptor()
+    pump(init, resp)
+    assert resp.peer is None and resp.error is not None and resp.error.code == m.EINVAL
+    assert "no IPCP name" in resp.error.text and len(resp.error.text) < 100
+    # the same hello from a member with an IPCP's name is taken
+    init, resp = Adjacency(Handshake(True, um.DT, "n2-x.y_z", "net", 9, auth.layer_psk(KEY), 0.0)), acceptor()
+    pump(init, resp)
+    assert resp.peer is not None and resp.peer.name == "n2-x.y_z" and init.peer is not None
+
+
+@pytest.mark.timeout(60)
+def test_automatic_connects_remember_only_the_names_still_held_back() -> None:
+    """A member under a new name at every LSU is a new target each time: each connect to it that
+    failed left its name remembered for good. Only those within their retry time stay."""
+    auto = AutoConnect(0.0, most=8, retry=10.0)
+    auto.enabled = True
+    nbs = Neighbours()
+    nbs.add(7, "n1", um.DT, "d")
+    now = 0.0
+    for i in range(2000):
+        now += AUTO_CHECK
+        assert auto.handle_timer(now, 5, "n1", nbs, {7: "n1", 9: f"rogue{i}"}) == f"rogue{i}"
+        auto.done(f"rogue{i}", False, now)
+    assert len(auto._retry_at) <= 10.0 / AUTO_CHECK + 1
+    # a real member that failed a moment ago is still held back its whole retry time, then tried again
+    auto.done("n3", False, now)
+    assert auto.handle_timer(now + 1.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) is None
+    assert auto.handle_timer(now + 10.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) == "n3"

@@ -15,16 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import IrmdProc
+from helpers import IrmdProc, wait_for
 from test_styx_e2e import stop
 from test_styx_trust import (
     AS_NOBODY,
     CHECKOUT,
+    Probe,
     as_nobody,
     lab,
     needs_root,
     open_irmd,
     popen_nobody,
+    probe,
     result,
     root_client,
     serve,
@@ -33,7 +35,7 @@ from test_styx_trust import (
 from apps.styx import wire as w
 
 pytestmark = needs_root
-__all__ = ["lab", "open_irmd"]  # fixtures shared with the trust tests
+__all__ = ["lab", "open_irmd", "probe"]  # fixtures shared with the trust tests
 
 ATTACH_TIMEOUT = 2.0
 SEND_TIMEOUT = 2.0
@@ -426,3 +428,67 @@ def test_a_piece_running_past_its_message_ends_that_connection_only(
     assert out["how"] == "FlowDown"
     assert files.poll() is None
     legit_ok(open_irmd)
+
+
+# A net/ conversation to a peer that takes nothing (the probe accepts flows and never reads them):
+# Twrites of its data file until one is not answered, then a Tflush of it and a Tstat beside it.
+STUCK_WRITE = r"""
+import json, sys, time
+from apps.styx import wire as w
+from apps.styx.client import Client
+from apps.styx.transport import TransportTimeout, dial
+out = {"sent": 0}
+c = Client(dial(sys.argv[1]))
+fid = c.walk("net/clone")
+c.open(fid, w.ORDWR)
+n = c.read(fid, 0, 32).decode()
+c.write(fid, 0, b"connect probe")
+data = c.walk(f"net/{n}/data")
+c.open(data, w.ORDWR)
+t0 = time.monotonic()
+while time.monotonic() - t0 < 30:
+    tag = c._send(w.Twrite(0, data, 0, bytes(c.iounit)))
+    try:
+        out["sent"] += c._receive(3).count
+    except TransportTimeout:
+        out["stalled"] = True
+        break
+for msg in (w.Tflush(0, tag), w.Tstat(0, c.root)):
+    c._send(msg)
+    try:
+        out[type(msg).__name__] = type(c._receive(3)).__name__
+    except TransportTimeout:
+        out[type(msg).__name__] = "no answer"
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_net_write_its_peer_never_takes_waits_flushable_and_holds_nothing_once_the_client_left(
+    open_irmd: IrmdProc, lab: Path, probe: Probe
+) -> None:
+    """A data write waits for the flow's window as a read waits for data: parked, so the connection
+    goes on answering and a Tflush ends it, not on the connection's thread, where nothing could end
+    it and the connection's slot stayed taken after the client left."""
+    proc = serve(open_irmd, lab, "irm5", "--irm", "--max-conns-per-user", "1")
+    hog = popen_nobody(open_irmd, STUCK_WRITE, "irm5", stdin=True)
+    try:
+        assert hog.stdout is not None
+        line = hog.stdout.readline()
+        assert line, hog.communicate(timeout=10)[1]
+        out = json.loads(line)
+        assert out.get("stalled") and out["sent"] > 0, out
+        assert out["Tflush"] == "Rflush" and out["Tstat"] == "Rstat", out
+        hog.kill()
+        hog.wait()
+        # The hog's one slot is free again: the same user connects and is served.
+        ls = "from apps.styx.client import Client\nfrom apps.styx.transport import dial\n"
+        ls += "import sys\nprint(sorted(s.name for s in Client(dial(sys.argv[1])).ls('net')))"
+        wait_for(lambda: as_nobody(open_irmd, ls, "irm5").returncode == 0, 15, "the hog's slot to be free")
+        with root_client(open_irmd, "irm5") as c:  # and others beside it
+            assert "clone" in [s.name for s in c.ls("net")]
+    finally:
+        hog.kill()
+        hog.wait()
+        stop(proc)

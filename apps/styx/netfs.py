@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from apps.styx.agent import Peer
 from apps.styx.server import DEFAULT_LIMITS, Limits
 from apps.styx.tree import Handle, StyxError, Synth, SynthDir, SynthFile, WouldBlock, text_file
-from flowlib import Flow, FlowError, flow_alloc, qos
+from flowlib import FLOWFWNOBLOCK, Fccntl, Flow, FlowError, FlowWouldBlock, flow_alloc, qos
 from flowlib.flow import establish
 from flowlib.irm import call
 from proto import messages as m
@@ -331,13 +331,23 @@ class DataHandle(Handle):
         return out
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
+        """SDUs of at most the flow's MTU, as many as its window takes now: the count written (a short
+        write), or WouldBlock while it takes none. Never a wait on the connection's thread: a peer
+        that reads nothing would hold it for ever, past a Tflush and past the client's leaving."""
         flow = self._flow()
+        flags = flow.fccntl(Fccntl.GFLAGS)
+        if not flags & FLOWFWNOBLOCK:
+            flow.fccntl(Fccntl.SFLAGS, flags | FLOWFWNOBLOCK)
+        sent = 0
         try:
             for i in range(0, len(data), flow.mtu):
-                flow.write(data[i : i + flow.mtu])
+                sent += flow.write(data[i : i + flow.mtu])
+        except FlowWouldBlock:
+            if not sent:
+                raise WouldBlock() from None  # retried on the server's timer; a Tflush ends the wait
         except FlowError as e:
             raise StyxError(f"write: {e}") from None
-        return len(data)
+        return sent
 
     def close(self) -> None:
         self.net.release(self.conv)

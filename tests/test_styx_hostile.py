@@ -492,3 +492,87 @@ def test_a_net_write_its_peer_never_takes_waits_flushable_and_holds_nothing_once
         hog.kill()
         hog.wait()
         stop(proc)
+
+
+# A name whose flows, once accepted, get one empty record (a keepalive's shape) and then nothing.
+TEASER = r"""
+import os, sys
+from flowlib import flow_accept
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+irm = IrmClient()
+call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
+call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
+print("ready", flush=True)
+flows = []
+while True:
+    flows.append(flow_accept(irm=irm))
+    os.write(flows[-1].fileno(), b"")
+"""
+
+# A raw net/ conversation to the teaser: a Tread of its data file, then a Tflush of it and a Tstat.
+TEASED_READ = r"""
+import json, sys, time
+from apps.styx import wire as w
+from apps.styx.client import Client
+from apps.styx.transport import TransportTimeout, dial
+out = {}
+c = Client(dial(sys.argv[1]))
+fid = c.walk("net/clone")
+c.open(fid, w.ORDWR)
+n = c.read(fid, 0, 32).decode()
+c.write(fid, 0, b"connect teaser raw")
+data = c.walk(f"net/{n}/data")
+c.open(data, w.ORDWR)
+time.sleep(1)  # the empty record is there
+
+
+def ask(msg):
+    tag = c._send(msg)
+    try:
+        out[type(msg).__name__] = type(c._receive(3)).__name__
+    except TransportTimeout:
+        out[type(msg).__name__] = "no answer"
+    return tag
+
+
+read = ask(w.Tread(0, data, 0, 100))
+ask(w.Tflush(0, read))
+ask(w.Tstat(0, c.root))
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_net_read_woken_by_an_empty_record_waits_flushable_and_holds_nothing_once_the_client_left(
+    open_irmd: IrmdProc, lab: Path
+) -> None:
+    """A flow readable for a record that carries no SDU (a keepalive) is no SDU to return: the read
+    waits parked for the next, as it would have before the record came, not on the connection's
+    thread, which the peer would hold for as long as it sent nothing more."""
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    teaser = subprocess.Popen([sys.executable, "-c", TEASER, "teaser"], env=env, stdout=subprocess.PIPE, text=True)
+    proc = hog = None
+    try:
+        assert teaser.stdout is not None and teaser.stdout.readline().strip() == "ready"
+        proc = serve(open_irmd, lab, "irm6", "--irm", "--max-conns-per-user", "1")
+        hog = popen_nobody(open_irmd, TEASED_READ, "irm6", stdin=True)
+        assert hog.stdout is not None
+        line = hog.stdout.readline()
+        assert line, hog.communicate(timeout=10)[1]
+        out = json.loads(line)
+        assert out == {"Tread": "no answer", "Tflush": "Rflush", "Tstat": "Rstat"}, out
+        hog.kill()
+        hog.wait()
+        ls = "from apps.styx.client import Client\nfrom apps.styx.transport import dial\n"
+        ls += "import sys\nprint(sorted(s.name for s in Client(dial(sys.argv[1])).ls('net')))"
+        wait_for(lambda: as_nobody(open_irmd, ls, "irm6").returncode == 0, 15, "the hog's slot to be free")
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        teaser.kill()
+        teaser.wait()
+        if proc is not None:
+            stop(proc)

@@ -496,7 +496,7 @@ def test_a_net_write_its_peer_never_takes_waits_flushable_and_holds_nothing_once
 
 # A name whose flows, once accepted, get one empty record (a keepalive's shape) and then nothing.
 TEASER = r"""
-import os, sys
+import os, sys, time
 from flowlib import flow_accept
 from flowlib.irm import IrmClient, call
 from proto import messages as m
@@ -508,6 +508,9 @@ flows = []
 while True:
     flows.append(flow_accept(irm=irm))
     os.write(flows[-1].fileno(), b"")
+    if len(sys.argv) > 2:  # and later an SDU
+        time.sleep(float(sys.argv[2]))
+        flows[-1].write(b"late")
 """
 
 # A raw net/ conversation to the teaser: a Tread of its data file, then a Tflush of it and a Tstat.
@@ -572,6 +575,60 @@ def test_a_net_read_woken_by_an_empty_record_waits_flushable_and_holds_nothing_o
         if hog is not None:
             hog.kill()
             hog.wait()
+        teaser.kill()
+        teaser.wait()
+        if proc is not None:
+            stop(proc)
+
+
+# 9P over a raw flow: a Tread of a net/ conversation's data parked, then an empty record on the 9P
+# flow itself while it waits; the conversation's peer sends an SDU 2 s later.
+TEASED_SERVER = r"""
+import json, os, sys, time
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos
+f = flow_alloc(sys.argv[1], qos=qos.raw, timeout=10)
+f.set_timeout(6)
+def rpc(msg):
+    f.write(w.encode(msg))
+    return w.decode(f.read())
+rpc(w.Tversion(w.NOTAG, 8192, "9P2000"))
+rpc(w.Tattach(1, 0, w.NOFID, "x", ""))
+rpc(w.Twalk(1, 0, 1, ["net", "clone"]))
+rpc(w.Topen(1, 1, w.ORDWR))
+n = bytes(rpc(w.Tread(1, 1, 0, 32)).data).decode()
+rpc(w.Twrite(1, 1, 0, b"connect teaser raw"))
+rpc(w.Twalk(1, 0, 2, ["net", n, "data"]))
+rpc(w.Topen(1, 2, w.OREAD))
+f.write(w.encode(w.Tread(2, 2, 0, 100)))  # parked: nothing came yet but the empty record
+time.sleep(0.5)
+os.write(f.fileno(), b"")
+t0 = time.monotonic()
+try:
+    reply = w.decode(f.read())
+    data = bytes(getattr(reply, "data", b"")).decode()
+    out = {"reply": type(reply).__name__, "data": data, "after": time.monotonic() - t0}
+except Exception as e:
+    out = {"reply": type(e).__name__}
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_empty_record_on_a_clients_flow_does_not_hold_its_parked_requests(open_irmd: IrmdProc, lab: Path) -> None:
+    """While requests are parked, the client's own flow readable for a record with no message in it
+    (a raw flow's keepalive) is no message to wait for: a parked read is answered when its data
+    comes, not once the client happens to send its next request."""
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    teaser = subprocess.Popen([sys.executable, "-c", TEASER, "teaser", "2"], env=env, stdout=subprocess.PIPE, text=True)
+    proc = None
+    try:
+        assert teaser.stdout is not None and teaser.stdout.readline().strip() == "ready"
+        proc = serve(open_irmd, lab, "irm7", "--irm")
+        out = result(as_nobody(open_irmd, TEASED_SERVER, "irm7"))
+        assert out["reply"] == "Rread" and out["data"] == "late", out
+        assert out["after"] < 4, out
+    finally:
         teaser.kill()
         teaser.wait()
         if proc is not None:

@@ -15,16 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import IrmdProc
+from helpers import IrmdProc, wait_for
 from test_styx_e2e import stop
 from test_styx_trust import (
     AS_NOBODY,
     CHECKOUT,
+    Probe,
     as_nobody,
     lab,
     needs_root,
     open_irmd,
     popen_nobody,
+    probe,
     result,
     root_client,
     serve,
@@ -33,7 +35,7 @@ from test_styx_trust import (
 from apps.styx import wire as w
 
 pytestmark = needs_root
-__all__ = ["lab", "open_irmd"]  # fixtures shared with the trust tests
+__all__ = ["lab", "open_irmd", "probe"]  # fixtures shared with the trust tests
 
 ATTACH_TIMEOUT = 2.0
 SEND_TIMEOUT = 2.0
@@ -426,3 +428,208 @@ def test_a_piece_running_past_its_message_ends_that_connection_only(
     assert out["how"] == "FlowDown"
     assert files.poll() is None
     legit_ok(open_irmd)
+
+
+# A net/ conversation to a peer that takes nothing (the probe accepts flows and never reads them):
+# Twrites of its data file until one is not answered, then a Tflush of it and a Tstat beside it.
+STUCK_WRITE = r"""
+import json, sys, time
+from apps.styx import wire as w
+from apps.styx.client import Client
+from apps.styx.transport import TransportTimeout, dial
+out = {"sent": 0}
+c = Client(dial(sys.argv[1]))
+fid = c.walk("net/clone")
+c.open(fid, w.ORDWR)
+n = c.read(fid, 0, 32).decode()
+c.write(fid, 0, b"connect probe")
+data = c.walk(f"net/{n}/data")
+c.open(data, w.ORDWR)
+t0 = time.monotonic()
+while time.monotonic() - t0 < 30:
+    tag = c._send(w.Twrite(0, data, 0, bytes(c.iounit)))
+    try:
+        out["sent"] += c._receive(3).count
+    except TransportTimeout:
+        out["stalled"] = True
+        break
+for msg in (w.Tflush(0, tag), w.Tstat(0, c.root)):
+    c._send(msg)
+    try:
+        out[type(msg).__name__] = type(c._receive(3)).__name__
+    except TransportTimeout:
+        out[type(msg).__name__] = "no answer"
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_net_write_its_peer_never_takes_waits_flushable_and_holds_nothing_once_the_client_left(
+    open_irmd: IrmdProc, lab: Path, probe: Probe
+) -> None:
+    """A data write waits for the flow's window as a read waits for data: parked, so the connection
+    goes on answering and a Tflush ends it, not on the connection's thread, where nothing could end
+    it and the connection's slot stayed taken after the client left."""
+    proc = serve(open_irmd, lab, "irm5", "--irm", "--max-conns-per-user", "1")
+    hog = popen_nobody(open_irmd, STUCK_WRITE, "irm5", stdin=True)
+    try:
+        assert hog.stdout is not None
+        line = hog.stdout.readline()
+        assert line, hog.communicate(timeout=10)[1]
+        out = json.loads(line)
+        assert out.get("stalled") and out["sent"] > 0, out
+        assert out["Tflush"] == "Rflush" and out["Tstat"] == "Rstat", out
+        hog.kill()
+        hog.wait()
+        # The hog's one slot is free again: the same user connects and is served.
+        ls = "from apps.styx.client import Client\nfrom apps.styx.transport import dial\n"
+        ls += "import sys\nprint(sorted(s.name for s in Client(dial(sys.argv[1])).ls('net')))"
+        wait_for(lambda: as_nobody(open_irmd, ls, "irm5").returncode == 0, 15, "the hog's slot to be free")
+        with root_client(open_irmd, "irm5") as c:  # and others beside it
+            assert "clone" in [s.name for s in c.ls("net")]
+    finally:
+        hog.kill()
+        hog.wait()
+        stop(proc)
+
+
+# A name whose flows, once accepted, get one empty record (a keepalive's shape) and then nothing.
+TEASER = r"""
+import os, sys, time
+from flowlib import flow_accept
+from flowlib.irm import IrmClient, call
+from proto import messages as m
+irm = IrmClient()
+call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
+call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
+print("ready", flush=True)
+flows = []
+while True:
+    flows.append(flow_accept(irm=irm))
+    os.write(flows[-1].fileno(), b"")
+    if len(sys.argv) > 2:  # and later an SDU
+        time.sleep(float(sys.argv[2]))
+        flows[-1].write(b"late")
+"""
+
+# A raw net/ conversation to the teaser: a Tread of its data file, then a Tflush of it and a Tstat.
+TEASED_READ = r"""
+import json, sys, time
+from apps.styx import wire as w
+from apps.styx.client import Client
+from apps.styx.transport import TransportTimeout, dial
+out = {}
+c = Client(dial(sys.argv[1]))
+fid = c.walk("net/clone")
+c.open(fid, w.ORDWR)
+n = c.read(fid, 0, 32).decode()
+c.write(fid, 0, b"connect teaser raw")
+data = c.walk(f"net/{n}/data")
+c.open(data, w.ORDWR)
+time.sleep(1)  # the empty record is there
+
+
+def ask(msg):
+    tag = c._send(msg)
+    try:
+        out[type(msg).__name__] = type(c._receive(3)).__name__
+    except TransportTimeout:
+        out[type(msg).__name__] = "no answer"
+    return tag
+
+
+read = ask(w.Tread(0, data, 0, 100))
+ask(w.Tflush(0, read))
+ask(w.Tstat(0, c.root))
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_net_read_woken_by_an_empty_record_waits_flushable_and_holds_nothing_once_the_client_left(
+    open_irmd: IrmdProc, lab: Path
+) -> None:
+    """A flow readable for a record that carries no SDU (a keepalive) is no SDU to return: the read
+    waits parked for the next, as it would have before the record came, not on the connection's
+    thread, which the peer would hold for as long as it sent nothing more."""
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    teaser = subprocess.Popen([sys.executable, "-c", TEASER, "teaser"], env=env, stdout=subprocess.PIPE, text=True)
+    proc = hog = None
+    try:
+        assert teaser.stdout is not None and teaser.stdout.readline().strip() == "ready"
+        proc = serve(open_irmd, lab, "irm6", "--irm", "--max-conns-per-user", "1")
+        hog = popen_nobody(open_irmd, TEASED_READ, "irm6", stdin=True)
+        assert hog.stdout is not None
+        line = hog.stdout.readline()
+        assert line, hog.communicate(timeout=10)[1]
+        out = json.loads(line)
+        assert out == {"Tread": "no answer", "Tflush": "Rflush", "Tstat": "Rstat"}, out
+        hog.kill()
+        hog.wait()
+        ls = "from apps.styx.client import Client\nfrom apps.styx.transport import dial\n"
+        ls += "import sys\nprint(sorted(s.name for s in Client(dial(sys.argv[1])).ls('net')))"
+        wait_for(lambda: as_nobody(open_irmd, ls, "irm6").returncode == 0, 15, "the hog's slot to be free")
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        teaser.kill()
+        teaser.wait()
+        if proc is not None:
+            stop(proc)
+
+
+# 9P over a raw flow: a Tread of a net/ conversation's data parked, then an empty record on the 9P
+# flow itself while it waits; the conversation's peer sends an SDU 2 s later.
+TEASED_SERVER = r"""
+import json, os, sys, time
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos
+f = flow_alloc(sys.argv[1], qos=qos.raw, timeout=10)
+f.set_timeout(6)
+def rpc(msg):
+    f.write(w.encode(msg))
+    return w.decode(f.read())
+rpc(w.Tversion(w.NOTAG, 8192, "9P2000"))
+rpc(w.Tattach(1, 0, w.NOFID, "x", ""))
+rpc(w.Twalk(1, 0, 1, ["net", "clone"]))
+rpc(w.Topen(1, 1, w.ORDWR))
+n = bytes(rpc(w.Tread(1, 1, 0, 32)).data).decode()
+rpc(w.Twrite(1, 1, 0, b"connect teaser raw"))
+rpc(w.Twalk(1, 0, 2, ["net", n, "data"]))
+rpc(w.Topen(1, 2, w.OREAD))
+f.write(w.encode(w.Tread(2, 2, 0, 100)))  # parked: nothing came yet but the empty record
+time.sleep(0.5)
+os.write(f.fileno(), b"")
+t0 = time.monotonic()
+try:
+    reply = w.decode(f.read())
+    data = bytes(getattr(reply, "data", b"")).decode()
+    out = {"reply": type(reply).__name__, "data": data, "after": time.monotonic() - t0}
+except Exception as e:
+    out = {"reply": type(e).__name__}
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_empty_record_on_a_clients_flow_does_not_hold_its_parked_requests(open_irmd: IrmdProc, lab: Path) -> None:
+    """While requests are parked, the client's own flow readable for a record with no message in it
+    (a raw flow's keepalive) is no message to wait for: a parked read is answered when its data
+    comes, not once the client happens to send its next request."""
+    env = dict(open_irmd.env, PYTHONPATH=str(CHECKOUT))
+    teaser = subprocess.Popen([sys.executable, "-c", TEASER, "teaser", "2"], env=env, stdout=subprocess.PIPE, text=True)
+    proc = None
+    try:
+        assert teaser.stdout is not None and teaser.stdout.readline().strip() == "ready"
+        proc = serve(open_irmd, lab, "irm7", "--irm")
+        out = result(as_nobody(open_irmd, TEASED_SERVER, "irm7"))
+        assert out["reply"] == "Rread" and out["data"] == "late", out
+        assert out["after"] < 4, out
+    finally:
+        teaser.kill()
+        teaser.wait()
+        if proc is not None:
+            stop(proc)

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from apps.styx.agent import Peer
 from apps.styx.server import DEFAULT_LIMITS, Limits
 from apps.styx.tree import Handle, StyxError, Synth, SynthDir, SynthFile, WouldBlock, text_file
-from flowlib import Flow, FlowError, flow_alloc, qos
+from flowlib import FLOWFNONBLOCK, Fccntl, Flow, FlowError, FlowWouldBlock, flow_alloc, qos
 from flowlib.flow import establish
 from flowlib.irm import call
 from proto import messages as m
-from transports.unix import close_fds, readable
+from transports.unix import close_fds
 
 log = logging.getLogger(__name__)
 
@@ -314,30 +314,47 @@ class DataHandle(Handle):
             raise StyxError(f"conversation {self.conv.n} is not connected")
         return flow
 
+    def _nonblocking_flow(self) -> Flow:
+        """The conversation's flow, its reads and writes made non-blocking: the data file never waits
+        on the connection's thread, where a peer that sends or reads nothing would hold it for ever,
+        past a Tflush and past the client's leaving. What must wait is parked (WouldBlock)."""
+        flow = self._flow()
+        flags = flow.fccntl(Fccntl.GFLAGS)
+        if flags & FLOWFNONBLOCK != FLOWFNONBLOCK:
+            flow.fccntl(Fccntl.SFLAGS, flags | FLOWFNONBLOCK)
+        return flow
+
     def read(self, offset: int, count: int) -> bytes:
+        """(Part of) the next SDU, or WouldBlock until one comes: a flow readable for a record that
+        carries none (a keepalive) is no SDU yet."""
         conv = self.conv
         if not conv.rbuf:
             if conv.state is ConvState.CLOSED:
                 return b""
-            flow = self._flow()
-            ready = readable([flow], 0)  # an SDU, or the end of the flow
-            if not ready:
-                raise WouldBlock(flow)
+            flow = self._nonblocking_flow()
             try:
                 conv.rbuf = flow.read()
+            except FlowWouldBlock:
+                raise WouldBlock(flow) from None
             except FlowError:
                 return b""  # the peer hung up: end of file
         out, conv.rbuf = conv.rbuf[:count], conv.rbuf[count:]
         return out
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        flow = self._flow()
+        """SDUs of at most the flow's MTU, as many as its window takes now: the count written (a short
+        write), or WouldBlock while it takes none."""
+        flow = self._nonblocking_flow()
+        sent = 0
         try:
             for i in range(0, len(data), flow.mtu):
-                flow.write(data[i : i + flow.mtu])
+                sent += flow.write(data[i : i + flow.mtu])
+        except FlowWouldBlock:
+            if not sent:
+                raise WouldBlock() from None  # retried on the server's timer; a Tflush ends the wait
         except FlowError as e:
             raise StyxError(f"write: {e}") from None
-        return len(data)
+        return sent
 
     def close(self) -> None:
         self.net.release(self.conv)

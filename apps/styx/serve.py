@@ -23,7 +23,7 @@ from apps.styx.identity import Policy, User, identify, server_policy
 from apps.styx.server import DEFAULT_LIMITS, Limits, Session
 from apps.styx.transport import FlowTransport, Reassembly, Transport, TransportError, flow_msize, send_message
 from apps.styx.tree import StyxError, Tree
-from flowlib import Fccntl, Flow, FlowError, FlowTimeout, IrmdUnreachable
+from flowlib import FLOWFRNOBLOCK, Fccntl, Flow, FlowError, FlowTimeout, FlowWouldBlock, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
@@ -172,13 +172,27 @@ def _next_sdu(flow: Flow, waitables: list[Any], timeout: float | None) -> bytes 
             ready = readable([flow, *waitables], timeout)
         except (OSError, ValueError):  # what a parked request waited on was closed: retry it now
             return None
-        return flow.read() if flow in ready else None
+        return _read_now(flow) if flow in ready else None
     if flow.fccntl(Fccntl.GRCVTIMEO) != timeout:
         flow.fccntl(Fccntl.SRCVTIMEO, timeout)
     try:
         return flow.read()
     except FlowTimeout:
         return None
+
+
+def _read_now(flow: Flow) -> bytes | None:
+    """The SDU that made the flow readable, or None if the record was none (a keepalive, which the
+    read skips): a blocking read would then wait on this thread for the client's next message, and
+    leave the parked requests, ready meanwhile, unanswered and unretried until it came."""
+    flags = flow.fccntl(Fccntl.GFLAGS)
+    flow.fccntl(Fccntl.SFLAGS, flags | FLOWFRNOBLOCK)
+    try:
+        return flow.read()
+    except FlowWouldBlock:
+        return None
+    finally:
+        flow.fccntl(Fccntl.SFLAGS, flags)
 
 
 class Server:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -203,6 +204,17 @@ def file_head(path: str) -> bytes:
         os.close(fd)
 
 
+def shebang(head: bytes) -> tuple[str, str] | None:
+    """The interpreter and the one argument a file's `#!` line gives, split as the kernel splits it
+    (at blanks and tabs only: the interpreter up to the first, the rest one argument); None for a
+    file without `#!`, ("", "") for a line that names no interpreter."""
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n", 1)[0].decode(errors="surrogateescape")
+    interpreter, arg = re.fullmatch(r"[ \t]*([^ \t]*)[ \t]*(.*?)[ \t]*", line, re.S).groups()  # type: ignore[union-attr]
+    return interpreter, arg
+
+
 def program_of(path: str) -> Program:
     """What the kernel runs for `path`: the file itself, or the interpreter its #! line names."""
     real = os.path.realpath(path)
@@ -212,12 +224,9 @@ def program_of(path: str) -> Program:
         head = b""
     if head.startswith(b"\x7fELF"):
         return Program(path, real)
-    if not head.startswith(b"#!"):
+    interpreter, arg = shebang(head) or ("", "")
+    if not interpreter:
         return Program(path, real, script=True)
-    words = head[2:].split(b"\n", 1)[0].decode(errors="replace").strip().split(None, 1)
-    if not words:
-        return Program(path, real, script=True)
-    interpreter, arg = words[0], (words[1].strip() if len(words) > 1 else "")
     if os.path.basename(interpreter) == "env" and arg and not arg.startswith("-"):
         interpreter, arg = arg.split()[0], ""  # #!/usr/bin/env python3: the interpreter is found in PATH
         return Program(path, real, interpreter=interpreter, script=True)

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from irmd import elf
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
-from irmd.identity import file_head
+from irmd.identity import file_head, shebang
 from transports.unix import SOCK_ENV, TrustError, check_dirs, check_trusted_file
 
 log = logging.getLogger("irmd")
@@ -211,11 +211,9 @@ def _interpreters(path: str) -> list[str]:
         head = file_head(path)
     except OSError as e:
         raise TrustError(e.errno, f"{path}: {e.strerror}") from None
-    if not head.startswith(b"#!"):
+    if (line := shebang(head)) is None:
         return []
-    # As the kernel reads the line: the interpreter up to the first blank, the rest one argument.
-    line = head[2:].split(b"\n", 1)[0].decode(errors="surrogateescape")
-    interpreter, arg = re.fullmatch(r"[ \t]*([^ \t]*)[ \t]*(.*?)[ \t]*", line).groups()  # type: ignore[union-attr]
+    interpreter, arg = line
     if not interpreter:
         raise TrustError(0, f"{path}: its #! line names no interpreter")
     interpreter = os.path.join("/", interpreter)  # a relative one from the working directory, /

@@ -15,7 +15,7 @@ import pytest
 
 import irmd.identity
 from irmd.identity import Peer, Program, peer_of, proc_start, proc_uids, program_of, read_peer, runs
-from transports.unix import peer_groups
+from transports.unix import TrustError, peer_groups
 
 PYTHON = os.path.realpath(sys.executable)
 
@@ -127,6 +127,42 @@ def test_a_shebang_argument_may_come_before_the_script(tmp_path: Path) -> None:
     prog = program_of(str(path))
     assert prog.interp_arg == "-u"
     assert runs(prog, Peer(1, 0, 0, 1, PYTHON, (sys.executable, "-u", str(path)), "/"))
+
+
+@pytest.mark.parametrize(
+    ("line", "want"),
+    [
+        (b"#!/bin/sh", ("/bin/sh", "")),
+        (b"#! \t/bin/sh \t-e -x \t", ("/bin/sh", "-e -x")),  # blanks and tabs around; one argument
+        (b"#!/bin/sh\r", ("/bin/sh\r", "")),  # a CR is part of the name, as the kernel reads it
+        (b"#!/bin/sh\x0b-e", ("/bin/sh\x0b-e", "")),  # only blanks and tabs split
+        (b"#!", ("", "")),
+        (b"#!   \n/bin/sh", ("", "")),
+        (b"/bin/sh", None),
+    ],
+)
+def test_one_reading_of_a_shebang_line_for_whom_a_program_is_and_what_it_runs(
+    tmp_path: Path, line: bytes, want: tuple[str, str] | None
+) -> None:
+    """The IRMd tells a script's processes by its interpreter (program_of) and checks that interpreter
+    before it starts the script (spawn): both read the #! line as the kernel does, from one parser."""
+    from irmd.identity import shebang
+    from irmd.spawn import _interpreters
+
+    assert shebang(line + b"\nrest\n") == want
+    path = tmp_path / "prog"
+    path.write_bytes(line + b"\n")
+    prog = program_of(str(path))
+    if want is None:
+        assert _interpreters(str(path)) == [] and not prog.interpreter
+        return
+    if not want[0]:
+        with pytest.raises(TrustError, match="names no interpreter"):
+            _interpreters(str(path))
+        assert not prog.interpreter
+        return
+    assert prog.interp_arg == want[1]
+    assert _interpreters(str(path)) == [want[0]]
 
 
 def test_a_live_script_process_runs_its_program(tmp_path: Path) -> None:

@@ -468,7 +468,9 @@ class ShimCore:
         return body[: self.hash_len], body[self.hash_len :]
 
     def _valid_eid(self, eid: int) -> bool:
-        return eid >= self.layout.eids[0]
+        """An endpoint id the layer hands out: eth-llc's header has a byte for a SAP, which is 2 to 63."""
+        lo, hi = self.layout.eids
+        return lo <= eid <= hi
 
     def _on_flow_req(self, msg: Mgmt, src: Addr, now: float) -> None:
         digest, data = self._digest(msg.body)

@@ -982,3 +982,24 @@ def test_a_0_23_peer_reusing_the_eid_of_a_flow_it_let_go_gets_a_new_flow_not_the
     a.datagrams_to_send()
     a.receive(again, peer, T0 + 2.1)
     assert a.datagrams_to_send() == [(peer, reply)] and a.next_event() is None
+
+
+def test_eth_llc_takes_no_sap_beyond_63_in_a_request_or_a_reply() -> None:
+    """eth-llc's endpoints are the SAPs 2 to 63; its header has a byte for them. A flow on SAP 200 would
+    hold one of 62 endpoints for data the layer drops (no frame to or from SAP 200 is a flow's)."""
+    a = core(MAC_A, layout=ETH_LLC)
+    a.register(PONG, True)
+    for bad in (64, 200, 255):
+        a.receive(_request(ETH_LLC, bad, OAP_REQ), MAC_B, T0)
+        assert a.next_event() is None and not a.flows
+    assert a.stats["dropped malformed"] == 3
+
+    flow = a.alloc(PONG, qos.raw, MAC_B, T0, 5.0)
+    a.datagrams_to_send()
+    a.receive(ETH_LLC.encode(Kind.FLOW_REPLY, **ETH_LLC.reply_fields(flow.eid, 200)), MAC_B, T0)
+    assert a.next_event() == AllocDone(flow.eid, ERRNO["EPROTO"])
+
+    # A request on a SAP of the layer's range still makes a flow.
+    a.receive(_request(ETH_LLC, 63, OAP_REQ), MAC_B, T0)
+    (req,) = [e for e in iter(a.next_event, None) if isinstance(e, FlowRequested)]
+    assert a.accept(req, T0) is not None and req.remote_eid == 63

@@ -455,6 +455,8 @@ class ShimCore:
             return
         self._budget = AMPLIFICATION * len(data)
         try:
+            if len(data) > self.layout.max_size:  # what a frame may hold is the link's, not the layer's
+                raise ShimWireError(f"management message of {len(data)} bytes: at most {self.layout.max_size}")
             kind, msg = self.layout.decode(data)
             self._touch(src, now)
             self._handlers[kind](msg, src, now)

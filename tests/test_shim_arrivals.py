@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import hashlib
 import os
 import socket
@@ -24,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port
 
 from ipcp import eth as eth_ipcp
+from ipcp import udp as udp_ipcp
 from ipcp.shim_io import ShimIpcp
-from ipcp.shim_wire import ETH_DIX, Kind, Layout
+from ipcp.shim_wire import ETH_DIX, EXT_MAGIC, UDP, Kind, Layout
 from proto import messages as m
-from transports import eth
+from transports import eth, udp
 from transports.channel import AsyncChannel
 from transports.unix import close_fds
 
@@ -140,5 +143,72 @@ def test_a_flow_request_longer_than_the_layer_takes_is_dropped_and_the_eth_ipcp_
         finally:
             tx.close()
             rx.close()
+
+    asyncio.run(main())
+
+
+def test_an_arrival_that_fails_for_want_of_descriptors_refuses_that_flow_and_the_udp_ipcp_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request from a node of ours offers a data port: the IPCP opens a socket for the flow before
+    handing it to the IRMd. Out of descriptors (EMFILE), that error escaped the arrival's task and
+    ended the IPCP: every flow of the layer went DOWN for one request."""
+    pong = hashlib.md5(b"pong").digest()
+    ipcp = udp_ipcp.UdpIpcp("u", Path("/nonexistent"))
+    port = free_port([IP])
+    real = ipcp.data_socket
+    calls = [0]
+
+    def data_socket() -> tuple[socket.socket, int] | None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real()
+
+    monkeypatch.setattr(ipcp, "data_socket", data_socket)
+
+    async def main() -> None:
+        peer = udp.open_udp(IP, 0)
+        try:
+            async with running(ipcp, "lan", {"ip": IP, "port": str(port)}) as irmd:
+                await ipcp.reg(pong, True)
+                offer = {"response": EXT_MAGIC, "d_eid": 40000}  # ours: a data port of its own
+
+                def request(eid: int) -> None:
+                    peer.sendto(udp.EID.pack(0) + UDP.encode(Kind.FLOW_REQ, pong + OAP_REQ, s_eid=eid, **offer),
+                                (IP, port))  # fmt: skip
+
+                def answer(eid: int) -> int | None:
+                    while True:
+                        try:
+                            got = peer.recv(udp.MAX_DATAGRAM)
+                        except BlockingIOError:
+                            return None
+                        kind, msg = UDP.decode(got[udp.EID.size :])
+                        if kind is Kind.FLOW_REPLY and msg.s_eid == eid:
+                            return msg.response
+
+                request(11)
+                response: list[int | None] = [None]
+
+                def refused() -> bool:
+                    response[0] = answer(11)
+                    return response[0] is not None
+
+                assert await until(refused), "no answer to the request the IPCP could not take"
+                assert response[0] != 0 and not ipcp.failed, "one arrival's EMFILE ended the IPCP"
+                assert ipcp.core is not None and not ipcp.core._deciding
+
+                request(12)  # descriptors again: served as ever
+                assert await until(lambda: len(irmd.arrivals) == 1)
+
+                def accepted() -> bool:
+                    response[0] = answer(12)
+                    return response[0] is not None
+
+                assert await until(accepted) and response[0] == 0
+                assert not ipcp.failed
+        finally:
+            peer.close()
 
     asyncio.run(main())

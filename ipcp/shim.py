@@ -11,6 +11,7 @@ source is rate-limited, and no answer exceeds AMPLIFICATION times the datagram t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -78,6 +79,12 @@ class Limits:
     rate: float = 50.0  # management messages per second from one source (burst: twice that)
     strangers_rate: float = 2000.0  # ... from all sources not known to us together
     sources: int = 4096  # sources whose rates are tracked
+
+
+def _fingerprint(digest: bytes, data: bytes) -> bytes:
+    """What tells a retransmitted flow request from a new one on the same eid: its hash and piggyback
+    (an OAP request, whose id and timestamp are new for every flow)."""
+    return hashlib.blake2b(digest + data, digest_size=16).digest()
 
 
 class ShimFull(Exception):
@@ -204,9 +211,10 @@ class ShimCore:
         self._queries: dict[bytes, _Pending] = {}
         self._allocs: dict[int, _Pending] = {}
         # Flow requests by (peer, its eid): the eids held while the IRMd decides, then the answers
-        # of accepted ones, repeated if the request comes again (its answer was lost).
+        # of accepted ones (our eid, the request's fingerprint, the answer), repeated if the same
+        # request comes again (its answer was lost).
         self._deciding: dict[tuple[Addr, int], int] = {}
-        self._answered: dict[tuple[Addr, int], bytes] = {}
+        self._answered: dict[tuple[Addr, int], tuple[int, bytes, bytes]] = {}
         self._out: deque[tuple[Addr | None, bytes]] = deque()
         self._events: deque[Event] = deque()
         self._budget = 0  # bytes left to answer the datagram being handled
@@ -390,7 +398,7 @@ class ShimCore:
         flow = req.flow
         flow.ours, flow.rx_at, flow.tx_at = req.offer is not None, now, now
         self._add(flow)
-        self._answered[key] = frame
+        self._answered[key] = (flow.eid, _fingerprint(req.digest, req.data), frame)
         if flow.ours:
             self.heard[req.addr] = now
         self._send(req.addr, frame)
@@ -428,7 +436,9 @@ class ShimCore:
             if self._peers[flow.addr] <= 0:
                 del self._peers[flow.addr]
             self.version += 1
-            self._answered.pop((flow.addr, flow.remote_eid), None)
+            key = (flow.addr, flow.remote_eid)
+            if self._answered.get(key, (None,))[0] == eid:  # not a later flow's, on an eid the peer reused
+                del self._answered[key]
             self._freed[eid] = now
             if len(self._freed) > MAX_QUARANTINE:
                 self._freed.popitem(last=False)
@@ -445,6 +455,8 @@ class ShimCore:
             return
         self._budget = AMPLIFICATION * len(data)
         try:
+            if len(data) > self.layout.max_size:  # what a frame may hold is the link's, not the layer's
+                raise ShimWireError(f"management message of {len(data)} bytes: at most {self.layout.max_size}")
             kind, msg = self.layout.decode(data)
             self._touch(src, now)
             self._handlers[kind](msg, src, now)
@@ -458,7 +470,9 @@ class ShimCore:
         return body[: self.hash_len], body[self.hash_len :]
 
     def _valid_eid(self, eid: int) -> bool:
-        return eid >= self.layout.eids[0]
+        """An endpoint id the layer hands out: eth-llc's header has a byte for a SAP, which is 2 to 63."""
+        lo, hi = self.layout.eids
+        return lo <= eid <= hi
 
     def _on_flow_req(self, msg: Mgmt, src: Addr, now: float) -> None:
         digest, data = self._digest(msg.body)
@@ -467,10 +481,15 @@ class ShimCore:
         key = (src, msg.s_eid)
         if key in self._deciding:  # a retransmission while the IRMd decides
             return
-        if (reply := self._answered.get(key)) is not None:  # a retransmission after a lost answer
+        answered = self._answered.get(key)
+        if answered is not None and answered[1] == _fingerprint(digest, data):  # the answer was lost
+            reply = answered[2]
             if len(reply) <= self._budget or self._known(src, resolved=True):
                 self._send(src, reply)
             return
+        # Another request on the eid of a flow we accepted: a new flow. 0.23 takes its eids from its
+        # lowest free flow descriptors, so its next flow to us often has the eid of one it let go
+        # (which we keep until it times out: nothing in an unauthenticated request may end a flow).
         if digest not in self.registered:
             # udp: refused at once. Ethernet is shared (on `lo` every IPCP has the same address), so
             # as 0.23's eth IPCP we leave a request for a name we do not hold to whoever holds it.

@@ -444,12 +444,16 @@ class ShimIpcp(Ipcp):
         log.info("flow %d %s", flow.flow_id, "down: peer silent" if ev.down else "deallocated by peer")
 
     async def _arrived(self, req: FlowRequested) -> None:
+        """A peer's flow request, handed to the IRMd and answered. Whatever fails on the way (the IRMd's
+        refusal, the process's descriptors, a bug a request can reach) refuses this flow, never ends the
+        IPCP: a task's error nothing handles would, and every flow of the layer with it."""
         core = self._core()
         flow = req.flow
         port = req.offer.port if req.offer is not None else 0
-        own = self.data_socket() if port else None
+        own: tuple[socket.socket, int] | None = None
         try:
             try:
+                own = self.data_socket() if port else None
                 app_fd = self._data_end(flow, own, port)
                 try:
                     flow_id, data = await self.flow_arrived(req.digest, req.qos, self.mtu, app_fd, data=req.data)
@@ -458,10 +462,17 @@ class ShimIpcp(Ipcp):
             finally:
                 if own:
                     own[0].close()  # the application holds it now, or nobody does
-        except (RemoteError, HandlerError, OSError) as e:
-            REFUSALS.log("%s: flow request from %s refused: %s", self.name, req.addr, e)  # peers cause these
+        except Exception as e:
+            code = m.EIPCP
+            if isinstance(e, RemoteError | HandlerError | OSError):  # peers and users cause these
+                REFUSALS.log("%s: flow request from %s refused: %s", self.name, req.addr, e)
+                code = getattr(e, "code", m.EIPCP)
+            else:  # a bug a peer's request can reach: count it, say where
+                core.stats["dropped internal error"] += 1
+                if core.stats["dropped internal error"] <= 3:
+                    log.exception("%s: flow request from %s", self.name, req.addr)
             self._drop(flow)
-            core.refuse(req, getattr(e, "code", m.EIPCP))
+            core.refuse(req, code)
             self._flush()
             return
         if core.accept(req, time.monotonic(), data, own[1] if own else 0) is None:

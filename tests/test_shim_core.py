@@ -940,3 +940,66 @@ def test_get_timer_is_idle_with_nothing_to_do() -> None:
     assert a.get_timer() == float("inf")
     a.query(PONG, T0)
     assert a.get_timer() == pytest.approx(T0 + QUERY_RETRY)
+
+
+# -- wrong-state and out-of-range messages (well formed, but not for this state or layer) ----------
+
+
+def _request(layout: Layout, s_eid: int, oap: bytes, digest: bytes = PONG) -> bytes:
+    return layout.encode(Kind.FLOW_REQ, digest + oap, s_eid=s_eid)
+
+
+@pytest.mark.parametrize("layout", [UDP, ETH_DIX, ETH_LLC], ids=["udp", "eth-dix", "eth-llc"])
+def test_a_0_23_peer_reusing_the_eid_of_a_flow_it_let_go_gets_a_new_flow_not_the_old_answer(layout: Layout) -> None:
+    """0.23 takes its eids from its lowest free flow descriptors: the next flow to the same server often
+    has the eid of the last. Only a request the same byte for byte is a retransmission; another one (a new
+    OAP id and timestamp) is a new flow, however its eid was used before."""
+    a = core(A if layout is UDP else MAC_A, layout=layout)
+    peer = B if layout is UDP else MAC_B
+    a.register(PONG, True)
+    first = _request(layout, 3, OAP_REQ)
+    a.receive(first, peer, T0)
+    (req,) = [e for e in iter(a.next_event, None) if isinstance(e, FlowRequested)]
+    old = a.accept(req, T0, OAP_RESP)
+    assert old is not None
+    ((_, old_reply),) = a.datagrams_to_send()
+
+    a.receive(first, peer, T0 + 0.1)  # a retransmission: the same answer, no new flow
+    assert a.datagrams_to_send() == [(peer, old_reply)] and a.next_event() is None
+
+    again = _request(layout, 3, b"\x77" * 16 + bytes(20))  # the peer's next flow, on the same eid
+    a.receive(again, peer, T0 + 1.0)
+    assert a.datagrams_to_send() == [], "the old flow's answer went back for a new request"
+    (new,) = [e for e in iter(a.next_event, None) if isinstance(e, FlowRequested)]
+    assert new.data == b"\x77" * 16 + bytes(20) and new.flow.eid != old.eid
+    flow = a.accept(new, T0 + 1.0, OAP_RESP)
+    assert flow is not None
+    ((_, reply),) = a.datagrams_to_send()
+    _, msg = layout.decode(reply)
+    assert layout.reply_eids(msg) == (3, flow.eid) and msg.response == 0
+
+    a.dealloc(old.eid, T0 + 2.0)  # the old flow goes: the new one's answer is still repeated
+    a.datagrams_to_send()
+    a.receive(again, peer, T0 + 2.1)
+    assert a.datagrams_to_send() == [(peer, reply)] and a.next_event() is None
+
+
+def test_eth_llc_takes_no_sap_beyond_63_in_a_request_or_a_reply() -> None:
+    """eth-llc's endpoints are the SAPs 2 to 63; its header has a byte for them. A flow on SAP 200 would
+    hold one of 62 endpoints for data the layer drops (no frame to or from SAP 200 is a flow's)."""
+    a = core(MAC_A, layout=ETH_LLC)
+    a.register(PONG, True)
+    for bad in (64, 200, 255):
+        a.receive(_request(ETH_LLC, bad, OAP_REQ), MAC_B, T0)
+        assert a.next_event() is None and not a.flows
+    assert a.stats["dropped malformed"] == 3
+
+    flow = a.alloc(PONG, qos.raw, MAC_B, T0, 5.0)
+    a.datagrams_to_send()
+    a.receive(ETH_LLC.encode(Kind.FLOW_REPLY, **ETH_LLC.reply_fields(flow.eid, 200)), MAC_B, T0)
+    assert a.next_event() == AllocDone(flow.eid, ERRNO["EPROTO"])
+
+    # A request on a SAP of the layer's range still makes a flow.
+    a.receive(_request(ETH_LLC, 63, OAP_REQ), MAC_B, T0)
+    (req,) = [e for e in iter(a.next_event, None) if isinstance(e, FlowRequested)]
+    assert a.accept(req, T0) is not None and req.remote_eid == 63

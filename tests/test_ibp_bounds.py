@@ -9,12 +9,18 @@ Attacks on a running depot are played by uid 65534 (setpriv), as in test_ibp_hos
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
+import functools
+import json
 import os
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +30,9 @@ from typing import BinaryIO
 import pytest
 from helpers import wait_for
 from test_ibp_depot import _NoScan, alloc, store
-from test_ibp_hostile import ALLOCS, LEGIT_WAIT, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
+from test_ibp_hostile import ALLOCS, AS_NOBODY, LEGIT_WAIT, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
-from apps.ibp import limits, storage
+from apps.ibp import limits, peer, storage
 from apps.ibp import server as srv
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
@@ -838,3 +844,136 @@ def test_a_change_is_answered_only_once_its_journal_record_is_on_disk(
     assert allocate.on_disk == [True] and stored.on_disk == [True, True]
     assert len(synced) < 12  # one journal fsync a change, not more
     server.core.store.release()
+
+
+# -- 11. who a local TCP client is: the kernel asked for its socket, a closed one being no one -------
+
+GONE_AT_ONCE = (
+    PRELUDE
+    + r"""
+n = int(sys.argv[4])
+for _ in range(n):
+    s = conn()
+    s.sendall(b'1 1 0 1 1 60 64 5\n')  # ALLOCATE, and gone before the depot has looked at who sent it
+    s.close()
+print('sent', n)
+"""
+)
+
+
+def connect_as_nobody(port: int, linger: bool) -> subprocess.Popen[bytes]:
+    """uid 65534 connected to 127.0.0.1:`port` (a byte sent), then closed at once or (linger) kept
+    open until its stdin closes."""
+    wait = "sys.stdin.read()" if linger else "pass"
+    lines = ["import socket, sys", "s = socket.socket()", f"s.connect(('127.0.0.1', {port}))", "s.sendall(b'x')"]
+    code = "\n".join([*lines, wait, "s.close()"])
+    return subprocess.Popen([*AS_NOBODY, sys.executable, "-c", code], stdin=subprocess.PIPE)
+
+
+def ownerless_rows(port: int) -> int:
+    """Rows of the kernel's socket tables connected to `port` that no open socket owns (inode 0): a
+    closed client's, once its FIN was answered (FIN_WAIT2, TIME_WAIT), listed with uid 0."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            n += cols[2].endswith(f":{port:04X}") and cols[7] == "0" and cols[9] == "0"
+    return n
+
+
+def ownerless_rows_at_least(port: int, n: int) -> bool:
+    return ownerless_rows(port) >= n
+
+
+def no_sock_diag(*_: object) -> tuple[int, int] | None:
+    raise OSError(errno.EPROTONOSUPPORT, "no sock_diag")
+
+
+@as_root
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ask", ["sock_diag", "table"])
+def test_a_local_client_gone_before_it_is_looked_at_is_no_one(ask: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket its process closed stays in the kernel's table as a row with no owner (FIN_WAIT2 or
+    TIME_WAIT), listed with uid 0, while what it sent waits to be read: uid 65534 that connects,
+    sends a request and closes before the depot looks was root. It is its address now, as a client
+    the stack cannot name; one still connected is its uid, whether the kernel is asked for its row
+    or (where it cannot be) the table is read."""
+    if ask == "table":
+        monkeypatch.setattr(peer, "_diag", no_sock_diag)
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        port = lsock.getsockname()[1]
+        assert connect_as_nobody(port, linger=False).wait(30) == 0
+        wait_for(lambda: ownerless_rows(port) >= 1, 10, "the closed socket's row to lose its owner", interval=0.02)
+        gone, _ = lsock.accept()
+        with gone:
+            assert gone.recv(1) == b"x"  # its request is there to be read
+            assert tcp_identity(gone) == "tcp:127.0.0.1"
+        live = connect_as_nobody(port, linger=True)
+        try:
+            conn, _ = lsock.accept()
+            with conn:
+                assert tcp_identity(conn) == "uid:65534"
+        finally:
+            assert live.stdin is not None
+            live.stdin.close()
+            live.wait(30)
+
+
+def test_a_local_client_is_found_without_reading_the_whole_socket_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each accepted connection is looked up on the accept loop: reading /proc/net/tcp costs time with
+    every socket of the host (15 ms each with 8,000 open here), which any local user can open, and
+    the loop then took some 60 connections a second from all clients. The kernel is asked for the
+    one row (sock_diag), in constant time; the table is read only where it cannot be."""
+    with socket.create_server(("127.0.0.1", 0)) as lsock, socket.create_connection(lsock.getsockname()) as c:
+        conn, _ = lsock.accept()
+        with conn:
+            try:
+                peer._diag(socket.AF_INET, c.getsockname(), c.getpeername())
+            except OSError:
+                pytest.skip("the kernel has no sock_diag here")
+            monkeypatch.setattr(peer, "_PROC_TCP", {socket.AF_INET: Path("/nonexistent/tcp")})
+            assert tcp_identity(conn) == f"uid:{os.geteuid()}"
+
+
+def owners(depot: Depot) -> collections.Counter[str]:
+    """The owners of the allocations the depot's journal records, by count."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in (depot.dir / "journal.log").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("op") == "alloc":
+            counts[rec["a"]["owner"]] += 1
+    return counts
+
+
+@as_root
+@pytest.mark.timeout(90)
+def test_requests_of_a_local_client_gone_at_once_are_not_made_as_root(
+    open_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uid 65534 sends ALLOCATEs and closes each connection before the depot takes it (the depot
+    stopped meanwhile, so it always comes to them late): the allocations are made, but none counts
+    against root's quota (nor would a copy carry root's identity); root is served as ever."""
+    for depot in run_depot(open_dir, monkeypatch):
+        before = owners(depot)
+        os.kill(depot.proc.pid, signal.SIGSTOP)
+        try:
+            r = depot.attack(GONE_AT_ONCE, "4")
+            wait_for(
+                functools.partial(ownerless_rows_at_least, depot.port, 4),
+                10,
+                "the closed sockets' rows to lose their owner",
+            )
+        finally:
+            os.kill(depot.proc.pid, signal.SIGCONT)
+        assert r.stdout.split() == ["sent", "4"], r.stdout + r.stderr
+
+        def taken(depot: Depot = depot) -> bool:  # the attacker's connections came first, and are done
+            with Connection(depot.addr, timeout=LEGIT_WAIT) as c:
+                return int(c.status()["connections"]) <= 1
+
+        wait_for(taken, 20, "the depot to take the connections", interval=0.1)
+        after = owners(depot)
+        assert after[f"uid:{os.geteuid()}"] == before[f"uid:{os.geteuid()}"], after
+        assert after["tcp:127.0.0.1"] >= 1, after  # served, as a client the stack cannot name
+        assert depot.served() < LEGIT_WAIT

@@ -4,8 +4,11 @@ per-client limits are counted against.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,11 +56,16 @@ def unmapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def local_tcp_uid(sock: socket.socket) -> int | None:
-    """The owner of a local connection's other end, from the kernel's socket table (as identd): one
-    from a loopback address or from any other address of this host (a user who reaches the depot
+    """The owner of a local connection's other end, as the kernel's socket table has it (as identd):
+    one from a loopback address or from any other address of this host (a user who reaches the depot
     by the host's own name is that user, not an address every local user shares).
 
-    None for remote peers, or when the peer is gone before we look.
+    None for remote peers, and for a peer whose socket is gone before we look: a socket its process
+    closed lingers as a row with no owner (FIN_WAIT2 or TIME_WAIT), which the kernel lists with uid 0,
+    though the data it sent may still wait to be read: any local user who closed right after sending
+    would be root. The row is asked for by its addresses (sock_diag, one look-up in the kernel's hash
+    as `ss` makes); the whole table is read only where the kernel cannot be asked so, as reading it
+    costs time with every socket of the host, and this runs for every connection accepted.
     """
     try:
         local, remote = sock.getsockname(), sock.getpeername()
@@ -67,15 +75,31 @@ def local_tcp_uid(sock: socket.socket) -> int | None:
         return None
     # The peer's socket is the row whose local end is our remote end and whose remote end is ours:
     # in our own family's table, or, for an IPv4 peer of a dual-stack listener (an AF_INET socket),
-    # in /proc/net/tcp under the unmapped addresses.
-    ends = [(sock.family, remote[0], local[0])]
+    # under the unmapped addresses (AF_INET).
+    scope = remote[3] if sock.family == socket.AF_INET6 and len(remote) > 3 else 0
+    ends = [(sock.family, (remote[0], remote[1]), (local[0], local[1]))]
     if sock.family == socket.AF_INET6 and unmapped(remote[0]).version == 4:
-        ends.append((socket.AF_INET, str(unmapped(remote[0])), str(unmapped(local[0]))))
+        ends.append((socket.AF_INET, (str(unmapped(remote[0])), remote[1]), (str(unmapped(local[0])), local[1])))
+    try:
+        for family, peer, ours in ends:
+            row = _diag(family, peer, ours, scope)
+            if row is not None:
+                return _uid(*row)
+        # No such row: the peer is gone, if the kernel finds ours (else it cannot be asked so)
+        if _diag(sock.family, (local[0], local[1]), (remote[0], remote[1]), scope) is not None:
+            return None
+    except OSError:  # no sock_diag here (an old kernel, a sandbox): the table, read whole
+        pass
     for family, peer, ours in ends:
-        uid = _owner(family, _proc_addr(family, peer, remote[1]), _proc_addr(family, ours, local[1]))
-        if uid is not None:
-            return uid
+        row = _owner(family, _proc_addr(family, *peer), _proc_addr(family, *ours))
+        if row is not None:
+            return _uid(*row)
     return None
+
+
+def _uid(uid: int, inode: int) -> int | None:
+    """A row's owner, unless the row is no open socket's (inode 0): then the kernel's uid is no one's."""
+    return uid if inode else None
 
 
 def own_address(family: socket.AddressFamily, peer: tuple[Any, ...]) -> bool:
@@ -98,17 +122,59 @@ def own_address(family: socket.AddressFamily, peer: tuple[Any, ...]) -> bool:
     return True
 
 
-def _owner(family: socket.AddressFamily, peer: str, ours: str) -> int | None:
-    """The uid of the row of `family`'s socket table from `peer` to `ours`."""
+def _owner(family: socket.AddressFamily, peer: str, ours: str) -> tuple[int, int] | None:
+    """(uid, inode) of the row of `family`'s socket table from `peer` to `ours`."""
     try:
         table = _PROC_TCP[family].read_text()
     except OSError:
         return None
     for row in table.splitlines()[1:]:
         cols = row.split()
-        if len(cols) > 7 and (cols[1], cols[2]) == (peer, ours) and cols[7].isdigit():
-            return int(cols[7])
+        if len(cols) > 9 and (cols[1], cols[2]) == (peer, ours) and cols[7].isdigit() and cols[9].isdigit():
+            return int(cols[7]), int(cols[9])
     return None
+
+
+# sock_diag (linux/sock_diag.h, linux/inet_diag.h): one TCP socket asked for by its addresses.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_NO_COOKIE = 0xFFFFFFFF
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port
+_DIAG_MSG = 72  # struct inet_diag_msg: family, state, timer, retrans, the socket's id (48), then 5 u32
+_DIAG_UID = 64  # ... idiag_uid's offset in it; idiag_inode follows
+DIAG_TIMEOUT = 1.0  # s the kernel has to answer (it answers at once)
+
+
+def _diag(
+    family: socket.AddressFamily, local: tuple[str, int], remote: tuple[str, int], scope: int = 0
+) -> tuple[int, int] | None:
+    """(uid, inode) of the TCP socket of `family` from `local` to `remote`, asked of the kernel; None
+    if there is none. OSError if the kernel cannot be asked (no sock_diag)."""
+
+    def addr(host: str) -> bytes:
+        return socket.inet_pton(family, host.split("%")[0]).ljust(16, b"\0")
+
+    sockid = struct.pack("!HH", local[1], remote[1]) + addr(local[0]) + addr(remote[0])
+    sockid += struct.pack("=III", scope, _NO_COOKIE, _NO_COOKIE)
+    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(DIAG_TIMEOUT)
+        nl.send(_NLMSG.pack(_NLMSG.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body)
+        data = nl.recv(8192)
+    if len(data) < _NLMSG.size + 4:
+        raise OSError(errno.EPROTO, "a short sock_diag answer")
+    _, kind, _, seq, _ = _NLMSG.unpack_from(data)
+    if kind == _NLMSG_ERROR:
+        err = -struct.unpack_from("=i", data, _NLMSG.size)[0]
+        if err == errno.ENOENT:
+            return None
+        raise OSError(err, os.strerror(err))
+    if kind != _SOCK_DIAG_BY_FAMILY or seq != 1 or len(data) < _NLMSG.size + _DIAG_MSG:
+        raise OSError(errno.EPROTO, "an unexpected sock_diag answer")
+    uid, inode = struct.unpack_from("=II", data, _NLMSG.size + _DIAG_UID)
+    return uid, inode
 
 
 def _proc_addr(family: int, host: str, port: int) -> str:

@@ -21,6 +21,7 @@ import pytest
 from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 
 import flowlib.irm
+from apps.ibp import server as srv
 from apps.ibp import wire as w
 from apps.ibp.client import Connection
 from proto import messages as m
@@ -328,7 +329,10 @@ def test_connection_flood_is_capped_per_client_and_others_served(depot: Depot) -
         answers = line.split()
         assert len(answers) == 60, (line, p.stderr.read() if p.stderr else "")
         assert answers.count("1") == 4  # the attacker's four connections are served ...
-        assert answers.count("-66") == 56  # ... every other one is told to come back later
+        # ... every other one is told to come back later, as far as the rejecter's queue goes; past it
+        # (a fast accept loop on a loaded machine), closed unanswered: reset, never served
+        refused = answers[4:]
+        assert set(refused) <= {"-66", "error"} and refused.count("-66") >= min(56, srv.REJECT_QUEUE) // 2, line
         assert depot.served() < LEGIT_WAIT  # and root, another client, is served meanwhile
         assert depot.threads() < threads0 + 4 + 8
     finally:

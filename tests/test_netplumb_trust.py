@@ -730,3 +730,74 @@ def test_authorized_keys_reached_through_another_users_link_is_refused(tmp_path:
         assert AuthorizedKeys.load(etc / "roots").find(key)
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+def _fds_of(pid: int) -> set[str]:
+    """What the open files of `pid` are (paths, pipe:[inode]...)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
+HOLD = "import os, sys, time\nfd = os.open(sys.argv[1], os.O_WRONLY)\nprint('open', flush=True)\n{}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("held", ["named pipe", "stdout"])
+def test_a_session_gone_holds_nothing_in_netplumbd_whoever_holds_its_other_ends(lab: Lab, held: str) -> None:
+    """A process the session does not end keeps the other end of a session's pipe open and idle: a
+    process of the user's holding a replicated named pipe, or one of the job's that left its session
+    (setsid) holding its stdout. The command's EXIT waits for that output's end, as ssh's does; but
+    once the client has gone, netplumbd lets go of the pipe: nothing of the session stays in it, its
+    threads blocked on a pipe included. The legitimate use beside: the pipe's writer writes and
+    closes, and the client gets what it wrote and the command's status."""
+    assert lab.proc is not None
+    shared = _files(lab)[3]
+    mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+    fifo = shared / "held.fifo"
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, NOBODY, NOBODY)
+    got = mallory.config / "got"
+    writer = lab.popen_py(NOBODY, HOLD.format("os.write(fd, b'hello\\n')"), str(fifo))
+    try:
+        r = lab.plumb(mallory, f"-outfifo={got}:{fifo}", "true", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert writer.wait(30) == 0 and got.read_bytes() == b"hello\n"
+    finally:
+        writer.kill()
+        writer.wait()
+    n = secrets.randbelow(10**6) + 10**6
+    marker = ["sleep", str(n)]
+    holder: subprocess.Popen[str] | None = None
+    if held == "named pipe":
+        holder = lab.popen_py(NOBODY, HOLD.format("time.sleep(100)"), str(fifo))
+        p = lab.popen_plumb(mallory, f"-outfifo={got}:{fifo}", "true")
+    else:
+        p = lab.popen_plumb(mallory, "sh", "-c", f"setsid sleep {n} &")
+    try:
+        if holder is not None:
+            assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+            end = str(fifo)
+        else:
+            (escaped,) = wait_for(lambda: _pids_running(marker), 30, "the job's escaped process")
+            end = os.readlink(f"/proc/{escaped}/fd/1")
+            assert end.startswith("pipe:")
+        wait_for(lambda: end in _fds_of(lab.proc.pid), 30, "netplumbd to take the pipe")  # type: ignore[union-attr]
+        time.sleep(1)
+        assert p.poll() is None  # EXIT waits for the output's end
+        p.kill()  # the client gives up
+        p.wait()
+        wait_for(lambda: end not in _fds_of(lab.proc.pid), 15, "netplumbd to let go of the pipe")  # type: ignore[union-attr]
+        assert "unexpected error" not in lab.log_text()
+    finally:
+        p.kill()
+        p.wait()
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        for pid in _pids_running(marker):
+            os.kill(pid, signal.SIGKILL)
+    r = lab.plumb(mallory, "echo", "still-served")
+    assert r.returncode == 0 and r.stdout == b"still-served\n", r.stderr

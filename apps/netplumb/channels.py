@@ -160,6 +160,43 @@ def _nothing(_ch: int) -> None:
     pass
 
 
+class Stop:
+    """The end of a session, for the threads moving its data: set, it wakes every pump waiting to read
+    and every sink waiting to write a local fd. Their other end may be held by a process the session
+    does not end (one that left the job's session, or any of its user's, on a named pipe or a socket):
+    blocked in read(2) or write(2) on it, a thread, its fd and the data it holds would stay until that
+    process let go, whatever became of the session and its slot."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._set = False
+
+    def fileno(self) -> int:
+        return self._r
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            os.write(self._w, b"x")
+
+    def wait(self, fd: int, events: int) -> bool:
+        """Until `fd` is ready for `events` (or in error: the call made next says which); False once set."""
+        poller = select.poll()
+        poller.register(fd, events)
+        poller.register(self._r, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._r in ready:
+                return False
+            if fd in ready:
+                return True
+
+    def __del__(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Pump(threading.Thread):
     """Read a local fd (opened lazily by `opener`) and send it as DATA on channel ch, then EOF."""
 
@@ -170,11 +207,13 @@ class Pump(threading.Thread):
         opener: Callable[[], int],
         on_done: Callable[[int], None] = _nothing,
         close_fd: bool = True,
+        stop: Stop | None = None,
     ) -> None:
         super().__init__(daemon=True, name=f"pump-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.window = Window()
         self.close_fd = close_fd
+        self.stop = stop  # None: reads block until the fd has data or its end (the client's own fds)
         self.fd = -1
 
     def run(self) -> None:
@@ -185,7 +224,13 @@ class Pump(threading.Thread):
                 n = self.window.take(CHUNK)
                 if n == 0:
                     break
-                data = os.read(self.fd, n)
+                if self.stop is not None and not self.stop.wait(self.fd, select.POLLIN):
+                    break
+                try:
+                    data = os.read(self.fd, n)
+                except BlockingIOError:  # a socket its sink made non-blocking, read by nothing yet
+                    self.window.grant(n)
+                    continue
                 if not data:
                     break
                 if len(data) < n:  # give back what this read did not use
@@ -217,11 +262,13 @@ class Sink(threading.Thread):
         on_done: Callable[[int], None] = _nothing,
         close_fd: bool = True,
         on_eof: Callable[[int], None] | None = None,
+        stop: Stop | None = None,
     ) -> None:
         super().__init__(daemon=True, name=f"sink-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.close_fd = close_fd
         self.on_eof = on_eof
+        self.stop = stop  # with a Stop, the fd is made non-blocking: it must be this session's own
         self.fd = -1  # -1 while the opener waits (a named pipe without a reader yet)
         self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._finished = False
@@ -242,6 +289,8 @@ class Sink(threading.Thread):
         fd, broken, ungranted, got = -1, False, 0, 0
         try:
             fd = self.fd = self.opener()
+            if self.stop is not None:
+                os.set_blocking(fd, False)
         except OSError as e:
             log.info("channel %d: %s", self.ch, e)
             broken = True
@@ -257,7 +306,12 @@ class Sink(threading.Thread):
                 try:
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(fd, view) :]
+                        try:
+                            view = view[os.write(fd, view) :]
+                        except BlockingIOError:
+                            assert self.stop is not None
+                            if not self.stop.wait(fd, select.POLLOUT):
+                                raise OSError("the session ended with data not yet taken") from None
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
@@ -282,9 +336,10 @@ class Ends:
     """The local ends of a session's channels, by channel: what the peer's DATA, EOF and WINDOW
     (checked by the core) are for."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: Stop | None = None) -> None:
         self.pumps: dict[int, Pump] = {}
         self.sinks: dict[int, Sink] = {}
+        self.stop = stop  # set by close(): what the pumps and sinks made with it wait on
 
     def take(self, msg: Data | Eof | Grant) -> None:
         match msg:
@@ -313,6 +368,8 @@ class Ends:
             pump.window.close()
         for sink in list(self.sinks.values()):
             sink.finish()
+        if self.stop is not None:
+            self.stop.set()
 
 
 def duplex(
@@ -320,6 +377,7 @@ def duplex(
     ch: int,
     sock: socket.socket,
     on_close: Callable[[], None] = lambda: None,
+    stop: Stop | None = None,
 ) -> tuple[Sink, Pump]:
     """A socket connection as one channel both ways: the peer's EOF half-closes it, and the socket
     closes (then on_close, which forgets the channel) when both directions are done."""
@@ -341,6 +399,6 @@ def duplex(
             s.shutdown(socket.SHUT_WR)
 
     return (
-        Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close),
-        Pump(link, ch, lambda: fd, release, close_fd=False),
+        Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close, stop=stop),
+        Pump(link, ch, lambda: fd, release, close_fd=False, stop=stop),
     )

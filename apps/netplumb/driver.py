@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.netplumb import policy
-from apps.netplumb.channels import Ends, Link, Pump, Reader, Sink, duplex
+from apps.netplumb.channels import Ends, Link, Pump, Reader, Sink, Stop, duplex
 from apps.netplumb.connection import (
     Authenticated,
     Closed,
@@ -89,7 +89,7 @@ class Driver:
         )
         self.link = Link(flow, self.core)
         self.runner: Runner | None = None
-        self.ends = Ends()
+        self.ends = Ends(Stop())  # the session's end unblocks its pumps and sinks, whoever holds the other end
         self.exited = threading.Event()
         self.listeners: list[socket.socket] = []
         self.ids = itertools.count(FIRST_SERVER_CHANNEL)
@@ -244,11 +244,11 @@ class Driver:
 
     def _add_sink(self, ch: int, opener: Callable[[], int]) -> None:
         self.core.add_channel(ch, receives=True, sends=False)
-        self.ends.sinks[ch] = Sink(self.link, ch, opener)
+        self.ends.sinks[ch] = Sink(self.link, ch, opener, stop=self.ends.stop)
 
     def _add_pump(self, ch: int, opener: Callable[[], int]) -> None:
         self.core.add_channel(ch, receives=False, sends=True)
-        self.ends.pumps[ch] = Pump(self.link, ch, opener)
+        self.ends.pumps[ch] = Pump(self.link, ch, opener, stop=self.ends.stop)
 
     # -- unix sockets -----------------------------------------------------------------
 
@@ -270,7 +270,7 @@ class Driver:
                 conn.close()
                 continue
             ch = next(self.ids)
-            sink, pump = duplex(self.link, ch, conn, functools.partial(self._connection_closed, ch))
+            sink, pump = duplex(self.link, ch, conn, functools.partial(self._connection_closed, ch), self.ends.stop)
             self.ends.sinks[ch], self.ends.pumps[ch] = sink, pump  # before OPEN: the client may answer at once
             try:
                 self.link.send(lambda: self.core.open_connection(ch, parent))  # noqa: B023 - called at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from apps.netplumb import wire
-from apps.netplumb.channels import CHUNK, Link, Pump, Sink, Window
+from apps.netplumb.channels import CHUNK, Link, Pump, Reader, Sink, Stop, Window
 from apps.netplumb.wire import INITIAL_WINDOW as WINDOW
 
 
@@ -104,3 +105,69 @@ def test_sink_writes_in_order_and_grants_what_it_wrote() -> None:
 def test_fake_link_has_the_real_links_senders() -> None:
     for name in ("data", "eof", "grant"):
         assert hasattr(Link, name) and hasattr(FakeLink, name)
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_ends_a_pump_and_a_sink_whose_other_ends_are_held_idle() -> None:
+    """A pump reading a pipe nobody writes to, and a sink writing a pipe nobody reads, both with
+    their other ends held open (by a process the session does not end): setting the session's Stop
+    ends both, and they let go of their fds. Before it, data moves as ever."""
+    stop = Stop()
+    (pr, pw), (sr, sw) = os.pipe(), os.pipe()
+    link = FakeLink()
+    done: list[int] = []
+    pump = Pump(link, 3, lambda: pr, done.append, stop=stop)  # type: ignore[arg-type]
+    sink = Sink(link, 4, lambda: sw, done.append, stop=stop)  # type: ignore[arg-type]
+    pump.start()
+    sink.start()
+    os.write(pw, b"hello")
+    sink.put(b"x" * 100)
+    deadline = time.monotonic() + 5
+    while link.data_bytes() < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert link.data_bytes() == 5 and os.read(sr, 1000) == b"x" * 100
+    sink.put(bytes(4 * WINDOW))  # more than the pipe holds: the sink waits for a reader
+    time.sleep(0.2)
+    assert pump.is_alive() and sink.is_alive()
+    sink.finish()
+    stop.set()
+    pump.join(5)
+    sink.join(5)
+    assert not pump.is_alive() and not sink.is_alive() and sorted(done) == [3, 4]
+    for fd in (pr, sw):  # closed by them
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    os.close(pw)
+    os.close(sr)
+
+
+class _FakeFlow:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+@pytest.mark.timeout(30)
+def test_a_reader_woken_after_it_closed_writes_into_no_fd_that_took_its_number() -> None:
+    """A session's waiter may wake its reader as the session is torn down: once the reader is
+    closed, the number of its wake pipe may be another session's fd (a flow, a command's stdin)."""
+    r, w = os.pipe()
+    reader = Reader(_FakeFlow(r), None)  # type: ignore[arg-type]
+    reader.wake()
+    number = reader.wake_w
+    reader.close()
+    taken = [os.dup(r) for _ in range(4)]  # the lowest free numbers: the wake pipe's among them
+    other_r, other_w = os.pipe()
+    os.dup2(other_w, number)
+    try:
+        reader.wake()
+        reader.close()  # twice: nothing
+        os.set_blocking(other_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(other_r, 10)
+    finally:
+        for fd in (*taken, other_r, other_w, number, r, w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -60,6 +60,8 @@ class Reader:
         self.flow = flow
         self.core = core
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closing = threading.Lock()  # wake() and close(): never a write to a number closed and reused
+        self._closed = False
         self._poller = select.poll()
         self._poller.register(flow.fileno(), select.POLLIN)
         self._poller.register(self.wake_r, select.POLLIN)
@@ -81,12 +83,19 @@ class Reader:
         return self.core.receive(data, time.monotonic())
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self.wake_w, b"x")
+        """From any thread, at any time: a session's waiter may wake it as the session is torn down,
+        and the number of a pipe closed meanwhile may be another session's fd by then."""
+        with self._closing, contextlib.suppress(OSError):
+            if not self._closed:
+                os.write(self.wake_w, b"x")
 
     def close(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            os.close(fd)
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self.wake_r, self.wake_w):
+                os.close(fd)
 
 
 class Link:

@@ -20,6 +20,7 @@ from test_styx_e2e import stop
 from test_styx_trust import (
     AS_NOBODY,
     CHECKOUT,
+    SERVE_LOCAL_NAME,
     Probe,
     as_nobody,
     lab,
@@ -430,21 +431,28 @@ def test_a_piece_running_past_its_message_ends_that_connection_only(
     legit_ok(open_irmd)
 
 
-# A net/ conversation to a peer that takes nothing (the probe accepts flows and never reads them):
-# Twrites of its data file until one is not answered, then a Tflush of it and a Tstat beside it.
-STUCK_WRITE = r"""
+# The start of a net/ conversation script: 9P to the server at argv[1], a conversation cloned and
+# its ctl written argv[2] (`connect NAME ...`), its data file open as fid `data`.
+NET_DATA = r"""
 import json, sys, time
 from apps.styx import wire as w
 from apps.styx.client import Client
 from apps.styx.transport import TransportTimeout, dial
-out = {"sent": 0}
 c = Client(dial(sys.argv[1]))
 fid = c.walk("net/clone")
 c.open(fid, w.ORDWR)
 n = c.read(fid, 0, 32).decode()
-c.write(fid, 0, b"connect probe")
+c.write(fid, 0, sys.argv[2].encode())
 data = c.walk(f"net/{n}/data")
 c.open(data, w.ORDWR)
+"""
+
+# A net/ conversation to a peer that takes nothing (the probe accepts flows and never reads them):
+# Twrites of its data file until one is not answered, then a Tflush of it and a Tstat beside it.
+STUCK_WRITE = (
+    NET_DATA
+    + r"""
+out = {"sent": 0}
 t0 = time.monotonic()
 while time.monotonic() - t0 < 30:
     tag = c._send(w.Twrite(0, data, 0, bytes(c.iounit)))
@@ -462,6 +470,7 @@ for msg in (w.Tflush(0, tag), w.Tstat(0, c.root)):
 print(json.dumps(out), flush=True)
 sys.stdin.readline()
 """
+)
 
 
 @pytest.mark.timeout(120)
@@ -472,7 +481,7 @@ def test_a_net_write_its_peer_never_takes_waits_flushable_and_holds_nothing_once
     goes on answering and a Tflush ends it, not on the connection's thread, where nothing could end
     it and the connection's slot stayed taken after the client left."""
     proc = serve(open_irmd, lab, "irm5", "--irm", "--max-conns-per-user", "1")
-    hog = popen_nobody(open_irmd, STUCK_WRITE, "irm5", stdin=True)
+    hog = popen_nobody(open_irmd, STUCK_WRITE, "irm5", "connect probe", stdin=True)
     try:
         assert hog.stdout is not None
         line = hog.stdout.readline()
@@ -495,16 +504,9 @@ def test_a_net_write_its_peer_never_takes_waits_flushable_and_holds_nothing_once
 
 
 # A name whose flows, once accepted, get one empty record (a keepalive's shape) and then nothing.
-TEASER = r"""
-import os, sys, time
-from flowlib import flow_accept
-from flowlib.irm import IrmClient, call
-from proto import messages as m
-irm = IrmClient()
-call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
-call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
-print("ready", flush=True)
-flows = []
+TEASER = (
+    SERVE_LOCAL_NAME
+    + r"""
 while True:
     flows.append(flow_accept(irm=irm))
     os.write(flows[-1].fileno(), b"")
@@ -512,21 +514,13 @@ while True:
         time.sleep(float(sys.argv[2]))
         flows[-1].write(b"late")
 """
+)
 
 # A raw net/ conversation to the teaser: a Tread of its data file, then a Tflush of it and a Tstat.
-TEASED_READ = r"""
-import json, sys, time
-from apps.styx import wire as w
-from apps.styx.client import Client
-from apps.styx.transport import TransportTimeout, dial
+TEASED_READ = (
+    NET_DATA
+    + r"""
 out = {}
-c = Client(dial(sys.argv[1]))
-fid = c.walk("net/clone")
-c.open(fid, w.ORDWR)
-n = c.read(fid, 0, 32).decode()
-c.write(fid, 0, b"connect teaser raw")
-data = c.walk(f"net/{n}/data")
-c.open(data, w.ORDWR)
 time.sleep(1)  # the empty record is there
 
 
@@ -545,6 +539,7 @@ ask(w.Tstat(0, c.root))
 print(json.dumps(out), flush=True)
 sys.stdin.readline()
 """
+)
 
 
 @pytest.mark.timeout(120)
@@ -560,7 +555,7 @@ def test_a_net_read_woken_by_an_empty_record_waits_flushable_and_holds_nothing_o
     try:
         assert teaser.stdout is not None and teaser.stdout.readline().strip() == "ready"
         proc = serve(open_irmd, lab, "irm6", "--irm", "--max-conns-per-user", "1")
-        hog = popen_nobody(open_irmd, TEASED_READ, "irm6", stdin=True)
+        hog = popen_nobody(open_irmd, TEASED_READ, "irm6", "connect teaser raw", stdin=True)
         assert hog.stdout is not None
         line = hog.stdout.readline()
         assert line, hog.communicate(timeout=10)[1]

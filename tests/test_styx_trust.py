@@ -132,8 +132,10 @@ def names(irmd: IrmdProc) -> dict[str, dict[str, str]]:
     return {r["name"]: r for r in irmd.table("name", "list")}
 
 
-PROBE = r"""
-import os, sys
+# The start of a script serving the name argv[1] on the local layer: bound and registered through its
+# IrmClient `irm`, "ready" printed; what it does with each flow follows.
+SERVE_LOCAL_NAME = r"""
+import os, sys, time
 from flowlib import flow_accept
 from flowlib.irm import IrmClient, call
 from proto import messages as m
@@ -142,10 +144,16 @@ call(irm.channel, m.Bind("process", str(os.getpid()), sys.argv[1]), 10)
 call(irm.channel, m.NameRegister(sys.argv[1], ["local"]), 10)
 print("ready", flush=True)
 flows = []
+"""
+
+PROBE = (
+    SERVE_LOCAL_NAME
+    + r"""
 while True:
     flows.append(flow_accept(irm=irm))
     print(flows[-1].peer_uid, flush=True)
 """
+)
 
 
 class Probe:

@@ -775,7 +775,11 @@ def test_a_session_gone_holds_nothing_in_netplumbd_whoever_holds_its_other_ends(
         holder = lab.popen_py(NOBODY, HOLD.format("time.sleep(100)"), str(fifo))
         p = lab.popen_plumb(mallory, f"-outfifo={got}:{fifo}", "true")
     else:
-        p = lab.popen_plumb(mallory, "sh", "-c", f"setsid sleep {n} &")
+        # The job ends only once its child has left the job's session (setsid; its sid is then its pid):
+        # the runner ends what is left of the job when the command ends, and one still on its way out
+        # would be ended with it (then nothing holds the stdout).
+        escape = f"setsid sleep {n} & while [ \"$(cut -d' ' -f6 /proc/$!/stat)\" != $! ]; do sleep 0.01; done"
+        p = lab.popen_plumb(mallory, "sh", "-c", escape)
     try:
         if holder is not None:
             assert holder.stdout is not None and holder.stdout.readline() == "open\n"

@@ -307,9 +307,14 @@ class ShimIpcp(Ipcp):
         try:
             core.receive(frame, src, time.monotonic())
         except Exception:  # a bug the network can trigger must not end the IPCP: count it, say where
-            core.stats["dropped internal error"] += 1
-            if core.stats["dropped internal error"] <= 3:
-                log.exception("%s: management frame from %s", self.name, src)
+            self._internal_error(core, f"management frame from {src}")
+
+    def _internal_error(self, core: ShimCore, what: str) -> None:
+        """A bug a peer's packet reached (called where it was caught): counted, the first few logged
+        with where it was."""
+        core.stats["dropped internal error"] += 1
+        if core.stats["dropped internal error"] <= 3:
+            log.exception("%s: %s", self.name, what)
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, math.inf
@@ -468,9 +473,7 @@ class ShimIpcp(Ipcp):
                 REFUSALS.log("%s: flow request from %s refused: %s", self.name, req.addr, e)
                 code = getattr(e, "code", m.EIPCP)
             else:  # a bug a peer's request can reach: count it, say where
-                core.stats["dropped internal error"] += 1
-                if core.stats["dropped internal error"] <= 3:
-                    log.exception("%s: flow request from %s", self.name, req.addr)
+                self._internal_error(core, f"flow request from {req.addr}")
             self._drop(flow)
             core.refuse(req, code)
             self._flush()

@@ -106,9 +106,9 @@ class Names:
         for pattern, by_layer in [*((p, True) for p in msg.layers), *((p, False) for p in msg.ipcps)]:
             found = self.reg.matching(pattern, layer=by_layer)
             hits = [i for i in found if i.operational]
-            if not hits and not msg.register:
-                continue
             if not hits:
+                if not msg.register:
+                    continue
                 if by_layer:
                     raise NotFound(f"layer {pattern!r} not found: no IPCP here is in it")
                 if found:  # there, but with no directory to register in

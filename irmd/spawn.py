@@ -161,7 +161,7 @@ def _check_loaded(path: str, uid: int) -> None:
                     paths, choices = _loader_paths(entry, origin)
                     directories.update(dict.fromkeys(paths + choices))
                 for directory in directories:
-                    check_dirs(Path(directory), uid, strict_leaf=True, missing_ok=True)
+                    _check_dir(directory, uid)
     libraries = found.needed + tuple(name for value in found.audit for name in value.split(":"))
     for name in (name for name in libraries if "/" in name):  # one without is looked for in the directories
         with _part_of(f"a library {path} loads by path"):
@@ -170,9 +170,15 @@ def _check_loaded(path: str, uid: int) -> None:
                 if os.path.lexists(library):
                     _check_file(library, uid)
                 else:  # not there: no one else may make it
-                    check_dirs(Path(library), uid, strict_leaf=True, missing_ok=True)
+                    _check_dir(library, uid)
             for directory in choices:
-                check_dirs(Path(directory), uid, strict_leaf=True, missing_ok=True)
+                _check_dir(directory, uid)
+
+
+def _check_dir(path: str, uid: int) -> None:
+    """A directory the loader looks in (or a library's path) only root or `uid` could change, strictly
+    (a sticky one would let others add a library); one not there, only they could make."""
+    check_dirs(Path(path), uid, strict_leaf=True, missing_ok=True)
 
 
 def _loader_paths(entry: str, origin: str) -> tuple[list[str], list[str]]:

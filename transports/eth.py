@@ -192,12 +192,12 @@ def unicast_peer(src: bytes, own: bytes) -> bool:
     """Whether a frame's source can be a peer: not a group address (a flow to it would answer every
     host on the link); not all zeros, nor ourselves, unless we are all zeros: on a loopback interface
     (the tutorials' `lo`) every end has that address."""
-    return not src[0] & 1 and (own == ZERO_MAC or (src != ZERO_MAC and src != own))
+    return not src[0] & 1 and src not in not_peers(own)
 
 
 def not_peers(own: bytes) -> tuple[bytes, ...]:
-    """The unicast sources that cannot be peers (see unicast_peer): ourselves and all zeros, unless
-    we are all zeros."""
+    """The unicast sources that cannot be peers (unicast_peer; the framings keep it for their own
+    address): ourselves and all zeros, unless we are all zeros."""
     return () if own == ZERO_MAC else (own, ZERO_MAC)
 
 

@@ -188,17 +188,22 @@ class Stop:
             self._set = True
             os.write(self._w, b"x")
 
-    def wait(self, fd: int, events: int) -> bool:
-        """Until `fd` is ready for `events` (or in error: the call made next says which); False once set."""
+    def waiter(self, fd: int, events: int) -> Callable[[], bool]:
+        """A wait until `fd` is ready for `events` (or in error: the call made next says which), False
+        once set; its poll set made once, for every read or write of the fd that follows."""
         poller = select.poll()
         poller.register(fd, events)
         poller.register(self._r, select.POLLIN)
-        while True:
-            ready = dict(poller.poll())
-            if self._r in ready:
-                return False
-            if fd in ready:
-                return True
+
+        def wait() -> bool:
+            while True:
+                ready = dict(poller.poll())
+                if self._r in ready:
+                    return False
+                if fd in ready:
+                    return True
+
+        return wait
 
     def __del__(self) -> None:
         for fd in (self._r, self._w):
@@ -229,11 +234,12 @@ class Pump(threading.Thread):
         sent = 0
         try:
             self.fd = self.opener()
+            readable = self.stop.waiter(self.fd, select.POLLIN) if self.stop is not None else None
             while True:
                 n = self.window.take(CHUNK)
                 if n == 0:
                     break
-                if self.stop is not None and not self.stop.wait(self.fd, select.POLLIN):
+                if readable is not None and not readable():
                     break
                 try:
                     data = os.read(self.fd, n)
@@ -296,10 +302,12 @@ class Sink(threading.Thread):
 
     def run(self) -> None:
         fd, broken, ungranted, got = -1, False, 0, 0
+        writable: Callable[[], bool] | None = None
         try:
             fd = self.fd = self.opener()
             if self.stop is not None:
                 os.set_blocking(fd, False)
+                writable = self.stop.waiter(fd, select.POLLOUT)
         except OSError as e:
             log.info("channel %d: %s", self.ch, e)
             broken = True
@@ -318,8 +326,8 @@ class Sink(threading.Thread):
                         try:
                             view = view[os.write(fd, view) :]
                         except BlockingIOError:
-                            assert self.stop is not None
-                            if not self.stop.wait(fd, select.POLLOUT):
+                            assert writable is not None
+                            if not writable():
                                 raise OSError("the session ended with data not yet taken") from None
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)

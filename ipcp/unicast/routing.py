@@ -170,11 +170,8 @@ class Lsdb:
         self._changed(now, added=entry is None or bool(claimed - entry.neighbours))
         if entry is None or entry.seen == self._oldest:
             self._oldest = None if entry is not None or self._oldest is None else min(self._oldest, now)
-        if entry is not None and entry.name != lsu.name:  # renamed: the old name's set goes once empty
-            named = self._named[entry.name]
-            named.discard(lsu.src)
-            if not named:
-                del self._named[entry.name]
+        if entry is not None and entry.name != lsu.name:  # renamed
+            self._unname(entry.name, lsu.src)
         self._named.setdefault(lsu.name, set()).add(lsu.src)
         self.links += len(claimed) - (len(entry.neighbours) if entry is not None else 0)  # (rivals dropped since)
         self.db[lsu.src] = _Entry(lsu.seqno, claimed, now, lsu.name, lsu.since, lsu)
@@ -185,11 +182,15 @@ class Lsdb:
         entry = self.db.pop(addr)
         self.links -= len(entry.neighbours)
         self._oldest = None
-        named = self._named[entry.name]
+        self._unname(entry.name, addr)
+        self.bindings.release(addr)
+
+    def _unname(self, name: str, addr: int) -> None:
+        """`addr` no longer goes by `name`; the name's set goes once empty."""
+        named = self._named[name]
         named.discard(addr)
         if not named:
-            del self._named[entry.name]
-        self.bindings.release(addr)
+            del self._named[name]
 
     # -- timers (sans-IO) ------------------------------------------------------------
 

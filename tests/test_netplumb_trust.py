@@ -805,3 +805,98 @@ def test_a_session_gone_holds_nothing_in_netplumbd_whoever_holds_its_other_ends(
             os.kill(pid, signal.SIGKILL)
     r = lab.plumb(mallory, "echo", "still-served")
     assert r.returncode == 0 and r.stdout == b"still-served\n", r.stderr
+
+
+# -- what a client makes netplumbd hold ---------------------------------------------------------
+
+# An authenticated client asks for named pipes its command never opens (and a command that reads no
+# stdin), then sends every byte each channel's window allows on each of them, and reports how its
+# session ended.
+SENDS_AHEAD = r"""
+import sys, threading, time
+from flowlib import FlowError, flow_alloc, qos
+from apps.netplumb.channels import Link, Reader
+from apps.netplumb.connection import ClientConnection, Closed, LocalProtocolError
+from apps.netplumb.keys import Identity
+from apps.netplumb.messages import Start, Started
+from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, INITIAL_WINDOW
+pipes = tuple((FIRST_CLIENT_CHANNEL + i, f"{sys.argv[3]}/ahead-{i}") for i in range(int(sys.argv[2])))
+flow = flow_alloc("host2", qos=qos.data, timeout=10)
+start = Start(("sleep 60",), infifos=pipes)
+core = ClientConnection(Identity.load(sys.argv[1]), lambda _key: None, start, time.monotonic(), 30, flow.mtu)
+link, reader = Link(flow, core), Reader(flow, core)
+link.send(core.connect)
+started = False
+while not started:
+    events = reader.events()
+    link.flush()
+    for ev in events:
+        if isinstance(ev, Started):
+            assert ev.ok, ev
+            core.add_channel(0, receives=False, sends=True)
+            for ch in (1, 2):
+                core.add_channel(ch, receives=True, sends=False)
+            for ch, _ in pipes:
+                core.add_channel(ch, receives=False, sends=True)
+            started = True
+closed = []
+def read():
+    try:
+        while not closed:
+            closed.extend(ev.reason for ev in reader.events() if isinstance(ev, Closed))
+    except FlowError as e:
+        closed.append(f"flow: {e}")
+threading.Thread(target=read, daemon=True).start()
+flow.set_timeout(10)
+sent = 0
+try:
+    for ch in (0, *(c for c, _ in pipes)):
+        for _ in range(INITIAL_WINDOW // 65536):
+            link.data(ch, bytes(65536))
+            sent += 65536
+except (FlowError, LocalProtocolError):  # the session is over
+    pass
+deadline = time.monotonic() + 20
+while not closed and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(sent, closed[0] if closed else "still open", flush=True)
+"""
+
+
+def _vm_kib(pid: int, what: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(what + ":"))
+
+
+@pytest.mark.timeout(180)
+def test_data_sent_ahead_of_what_commands_read_is_bounded_per_key() -> None:
+    """A client sends a window's worth (1 MiB) on each of 32 named pipes its command never opens, and
+    on the stdin it never reads: netplumbd held all of it (33 MiB here; 0.5 GiB and more per key with
+    the default limits). Now a key's sessions hold at most --per-key-buffer: past it, the session is
+    ended with an ERROR naming the option. The legitimate use beside: another key's `cat` of 24 MB
+    meanwhile, and the same key's, after, with every byte back (never near the limit: one channel's
+    window is all a command that reads holds)."""
+    budget = 4 * 1024 * 1024
+    with running_lab(["--per-key-buffer", str(budget)]) as lab:
+        assert lab.proc is not None
+        shared = _files(lab)[3]
+        alice = lab.client("alice")
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        big = secrets.token_bytes(24 * 1024 * 1024)
+        assert lab.plumb(alice, "echo", "warm").stdout == b"warm\n"
+        before = _vm_kib(lab.proc.pid, "VmRSS")
+        legit: list[subprocess.CompletedProcess[bytes]] = []
+        meanwhile = threading.Thread(target=lambda: legit.append(lab.plumb(alice, "cat", input=big, timeout=120)))
+        meanwhile.start()
+        r = lab.py(NOBODY, SENDS_AHEAD, str(mallory.key), "32", str(shared), timeout=120)
+        meanwhile.join(120)
+        grown = _vm_kib(lab.proc.pid, "VmHWM") - before
+        assert r.returncode == 0, r.stderr
+        sent, _, how = r.stdout.strip().partition(" ")
+        assert int(sent) > budget
+        assert f"more than {budget} bytes sent ahead" in how and "(--per-key-buffer)" in how, r.stdout
+        assert grown < 16 * 1024, f"netplumbd grew {grown} KiB"
+        assert legit and legit[0].returncode == 0 and legit[0].stdout == big, legit
+        r2 = lab.plumb(mallory, "cat", input=big, timeout=120)
+        assert r2.returncode == 0 and r2.stdout == big, r2.stderr
+        assert "unexpected error" not in lab.log_text()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import select
 import socket
 import threading
@@ -265,9 +264,19 @@ class Pump(threading.Thread):
             self.on_done(self.ch)
 
 
+class Budget(Protocol):
+    """What a sink's buffered bytes count against (limits.Holding: the session's key's budget)."""
+
+    def take(self, n: int) -> None: ...
+
+    def give(self, n: int) -> None: ...
+
+
 class Sink(threading.Thread):
     """Write DATA of channel ch to a local fd (opened lazily), granting window as it goes. The core
-    has checked the data against the window, so what waits here is at most one window."""
+    has checked the data against the window, so what waits here is at most one window; with a
+    budget, the bytes waiting count against it too (put() raises what its take() raises). They wait
+    in one buffer, not one object per DATA: a peer's tiny DATAs cost what they carry."""
 
     def __init__(
         self,
@@ -278,27 +287,48 @@ class Sink(threading.Thread):
         close_fd: bool = True,
         on_eof: Callable[[int], None] | None = None,
         stop: Stop | None = None,
+        budget: Budget | None = None,
     ) -> None:
         super().__init__(daemon=True, name=f"sink-{ch}")
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.close_fd = close_fd
         self.on_eof = on_eof
         self.stop = stop  # with a Stop, the fd is made non-blocking: it must be this session's own
+        self.budget = budget
         self.fd = -1  # -1 while the opener waits (a named pipe without a reader yet)
-        self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._buf = bytearray()
         self._finished = False
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
 
     def put(self, data: bytes) -> None:
         """From the receiving thread: never blocks."""
-        self._q.put(data)
+        if self.budget is not None:
+            self.budget.take(len(data))
+        with self._cond:
+            self._buf += data
+            self._cond.notify()
 
     def finish(self) -> None:
-        with self._lock:
-            if self._finished:
-                return
+        """No more data: what waits is written, then the sink ends."""
+        with self._cond:
             self._finished = True
-        self._q.put(None)
+            self._cond.notify()
+
+    def waiting(self) -> int:
+        """Bytes received and not yet taken to be written."""
+        with self._cond:
+            return len(self._buf)
+
+    def _next(self) -> bytes | None:
+        """Up to CHUNK bytes to write next (taken out: the buffer grows meanwhile), None at the end."""
+        with self._cond:
+            while not self._buf and not self._finished:
+                self._cond.wait()
+            if not self._buf:
+                return None
+            data = bytes(self._buf[:CHUNK])
+            del self._buf[:CHUNK]  # from the front: CPython's bytearray moves its start, copies nothing
+            return data
 
     def run(self) -> None:
         fd, broken, ungranted, got = -1, False, 0, 0
@@ -312,7 +342,7 @@ class Sink(threading.Thread):
             log.info("channel %d: %s", self.ch, e)
             broken = True
         while True:
-            data = self._q.get()
+            data = self._next()
             if data is None:
                 log.log(DEBUG2, "channel %d: %d bytes received, then EOF", self.ch, got)
                 if ungranted:
@@ -332,6 +362,8 @@ class Sink(threading.Thread):
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
+            if self.budget is not None:
+                self.budget.give(len(data))
             ungranted += len(data)
             got += len(data)
             # In batches: the peer still has three quarters of its window, and stalls only when the
@@ -395,6 +427,7 @@ def duplex(
     sock: socket.socket,
     on_close: Callable[[], None] = lambda: None,
     stop: Stop | None = None,
+    budget: Budget | None = None,
 ) -> tuple[Sink, Pump]:
     """A socket connection as one channel both ways: the peer's EOF half-closes it, and the socket
     closes (then on_close, which forgets the channel) when both directions are done."""
@@ -416,6 +449,6 @@ def duplex(
             s.shutdown(socket.SHUT_WR)
 
     return (
-        Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close, stop=stop),
+        Sink(link, ch, lambda: fd, release, close_fd=False, on_eof=half_close, stop=stop, budget=budget),
         Pump(link, ch, lambda: fd, release, close_fd=False, stop=stop),
     )

@@ -40,7 +40,7 @@ from apps.netplumb.keys import (
     fingerprint,
     private_dir,
 )
-from apps.netplumb.limits import Admission, LimitReached, Limits, Ticket
+from apps.netplumb.limits import Admission, BufferFull, Buffers, Holding, LimitReached, Limits, Ticket
 from apps.netplumb.messages import BadStart, Data, Eof, Signal, Start, Window
 from apps.netplumb.policy import Account, Plan, Refused, Settings
 from apps.netplumb.privsep import JobNotStarted, Runner
@@ -59,7 +59,8 @@ USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 @dataclass
 class Config:
-    """What every driver shares: keys, the recipe directory, the policy's settings and the limits."""
+    """What every driver shares: keys, the recipe directory, the policy's settings, the limits and the
+    counts they bound."""
 
     identity: Identity
     authorized_keys: Path
@@ -69,9 +70,11 @@ class Config:
     settings: Settings
     limits: Limits
     admission: Admission = field(init=False)
+    buffers: Buffers = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.limits)
+        self.buffers = Buffers(self.limits.key_buffer)
 
 
 class Driver:
@@ -89,6 +92,7 @@ class Driver:
         )
         self.link = Link(flow, self.core)
         self.runner: Runner | None = None
+        self.holding: Holding | None = None  # what its sinks hold of its key's --per-key-buffer, once logged in
         self.ends = Ends(Stop())  # the session's end unblocks its pumps and sinks, whoever holds the other end
         self.exited = threading.Event()
         self.listeners: list[socket.socket] = []
@@ -118,6 +122,7 @@ class Driver:
             return why
         self.entries = [e for e in entries if not (e.one_time and spent)]  # a spent line admits no more
         self.key = key
+        self.holding = Holding(self.cfg.buffers, key)
         self.who += f" {fingerprint(key)[:20]}…"
         return None
 
@@ -165,7 +170,12 @@ class Driver:
             case StartRequested(fields):
                 self._start(fields)
             case Data() | Eof() | Window():
-                self.ends.take(ev)
+                try:
+                    self.ends.take(ev)
+                except BufferFull as e:  # the client's to hear: it sent what its key may not have waiting
+                    log.info("%s: %s", self.who, e)
+                    reason = str(e)
+                    self.link.send(lambda: self.core.close(reason))
             case Signal(name):
                 sig = signal_number(name)
                 if sig is not None and self.runner is not None:
@@ -244,7 +254,7 @@ class Driver:
 
     def _add_sink(self, ch: int, opener: Callable[[], int]) -> None:
         self.core.add_channel(ch, receives=True, sends=False)
-        self.ends.sinks[ch] = Sink(self.link, ch, opener, stop=self.ends.stop)
+        self.ends.sinks[ch] = Sink(self.link, ch, opener, stop=self.ends.stop, budget=self.holding)
 
     def _add_pump(self, ch: int, opener: Callable[[], int]) -> None:
         self.core.add_channel(ch, receives=False, sends=True)
@@ -270,7 +280,9 @@ class Driver:
                 conn.close()
                 continue
             ch = next(self.ids)
-            sink, pump = duplex(self.link, ch, conn, functools.partial(self._connection_closed, ch), self.ends.stop)
+            sink, pump = duplex(
+                self.link, ch, conn, functools.partial(self._connection_closed, ch), self.ends.stop, self.holding
+            )
             self.ends.sinks[ch], self.ends.pumps[ch] = sink, pump  # before OPEN: the client may answer at once
             try:
                 self.link.send(lambda: self.core.open_connection(ch, parent))  # noqa: B023 - called at once
@@ -312,6 +324,8 @@ class Driver:
         if self.runner is not None:
             self.runner.reap(KILL_GRACE + 2.0)
         self.ends.close()
+        if self.holding is not None:  # whatever its sinks still hold, the key has back
+            self.holding.close()
         self.flow.close()
         self.reader.close()
         log.info("%s: closed", self.who)

@@ -1,6 +1,7 @@
 """netplumbd's admission limits, as OpenSSH's MaxStartups, PerSourceMaxStartups and LoginGraceTime:
 connections in the handshake, sessions per peer and per key. Counts under one lock; the decisions are
-pure functions of the counts, and every refusal names the limit and its option.
+pure functions of the counts, and every refusal names the limit and its option. And the bytes a key's
+sessions hold for their commands (Buffers): what clients sent ahead of what the commands read.
 
 A peer is the allocating uid the IRMd vouches for on a local flow; a flow from another machine has
 none (Ouroboros hands out no addresses), so only the overall and per-key limits apply to it.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from apps.netplumb.keys import fingerprint
-from apps.netplumb.wire import MAX_CONNECTIONS
+from apps.netplumb.wire import INITIAL_WINDOW, MAX_CONNECTIONS
 
 K = TypeVar("K", int, bytes)
 
@@ -32,6 +33,10 @@ class Limits:
     login_grace: float = 15.0  # --login-grace-time: seconds to authenticate and ask for a command
     max_channels: int = 64  # --max-channels: named pipes and sockets one START may ask for
     max_connections: int = MAX_CONNECTIONS  # --max-connections: open connections on a session's replicated sockets
+    # --per-key-buffer: bytes a key's sessions hold that their commands have not read yet (a pipe not
+    # opened yet, a command not reading its stdin or a connection); each channel's window alone allows
+    # 1 MiB, so a key's 8 sessions of 64 pipes and 64 connections each could make netplumbd hold 1 GiB
+    key_buffer: int = 64 * INITIAL_WINDOW
 
 
 @dataclass
@@ -136,3 +141,71 @@ def _drop(counter: Counter[K], key: K) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]
+
+
+class BufferFull(Exception):
+    """A session's client sent more than its key may have waiting for commands; the message goes to it."""
+
+
+class Buffers:
+    """The bytes each key's sessions hold for their commands, received and not yet written out: at most
+    `most` per key, whatever the windows of its channels allow together."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._held: Counter[bytes] = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, key: bytes, n: int) -> None:
+        """Hold n more bytes for `key` (BufferFull if that is past its budget)."""
+        with self._lock:
+            if self._held[key] + n > self.most:
+                raise BufferFull(
+                    f"more than {self.most} bytes sent ahead of what the commands of key {fingerprint(key)} "
+                    f"read (--per-key-buffer)"
+                )
+            self._held[key] += n
+
+    def give(self, key: bytes, n: int) -> None:
+        with self._lock:
+            self._held[key] -= n
+            if self._held[key] <= 0:
+                del self._held[key]
+
+    def held(self, key: bytes) -> int:
+        with self._lock:
+            return self._held[key]
+
+
+class Holding:
+    """What one session holds of its key's budget; close() gives back what is left (sinks may still
+    hold data, or never have started), and nothing is given twice."""
+
+    def __init__(self, buffers: Buffers, key: bytes) -> None:
+        self.buffers = buffers
+        self.key = key
+        self.held = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.buffers.take(self.key, n)
+            self.held += n
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            n = min(n, self.held)
+            self.held -= n
+            self.buffers.give(self.key, n)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.buffers.give(self.key, self.held)
+                self.held = 0

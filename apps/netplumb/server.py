@@ -21,6 +21,7 @@ from apps.netplumb.limits import LimitReached, Limits, Ticket
 from apps.netplumb.policy import Settings
 from apps.netplumb.privsep import Spare
 from apps.netplumb.session import ServerSession
+from apps.netplumb.wire import INITIAL_WINDOW
 from flowlib import FlowError, IrmdUnreachable
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
@@ -190,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
         ("--login-grace-time", "login_grace", float, "seconds to authenticate and ask for a command"),
         ("--max-channels", "max_channels", int, "named pipes and sockets of one START"),
         ("--max-connections", "max_connections", int, "open connections on a session's sockets"),
+        ("--per-key-buffer", "key_buffer", int, "bytes a key's sessions hold that their commands did not read yet"),
     ):
         limits.add_argument(
             opt,
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
     if any(v <= 0 for v in vars(limits).values()):
         ap.error("every limit must be positive")
+    if limits.key_buffer < INITIAL_WINDOW:  # below one channel's window, a `cat` of a large file could fail
+        ap.error(f"--per-key-buffer must be at least one channel's window ({INITIAL_WINDOW})")
     auth = args.authorized_keys or config_dir() / "authorized_keys"
     try:
         identity = Identity.load_or_create(args.host_key or config_dir() / "host_key")

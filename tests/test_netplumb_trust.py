@@ -900,3 +900,99 @@ def test_data_sent_ahead_of_what_commands_read_is_bounded_per_key() -> None:
         r2 = lab.plumb(mallory, "cat", input=big, timeout=120)
         assert r2.returncode == 0 and r2.stdout == big, r2.stderr
         assert "unexpected error" not in lab.log_text()
+
+
+# A job that holds one connection to its replicated socket (and talks on it), then connects again and
+# again past --max-connections: each extra one is closed at once.
+CONNECTS_PAST_THE_LIMIT = """
+import socket, sys
+held = socket.socket(socket.AF_UNIX)
+held.connect(sys.argv[1])
+held.sendall(b"ping")
+assert held.recv(4) == b"pong"
+refused = 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    refused += s.recv(1) == b""
+    s.close()
+held.sendall(b"ping")
+print(refused, held.recv(4).decode(), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_connections_refused_past_the_limit_do_not_fill_netplumbds_log() -> None:
+    """A session's job connects to its replicated socket in a loop past --max-connections: netplumbd
+    wrote a line for each refusal (thousands a second, as fast as the job connects: root's log, or
+    the journal, grew at the client's will). Now one line per session and the count at its end. The
+    legitimate use beside: the connection held within the limit carries its data both ways."""
+    python = "/usr/bin/python3"  # the job runs as nobody, who may not reach the venv's interpreter
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"no {python} for the job")
+    with running_lab(["--max-connections", "1"]) as lab:
+        shared = _files(lab)[3]
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        local, remote = mallory.config / "local.sock", shared / "remote.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(local))
+        os.chmod(local, 0o777)
+        listener.listen(8)
+
+        def pong(conn: socket.socket) -> None:
+            with conn, contextlib.suppress(OSError):
+                while conn.recv(4):
+                    conn.sendall(b"pong")
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    threading.Thread(target=pong, args=(listener.accept()[0],), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        try:
+            r = lab.plumb(
+                mallory,
+                f"-socket={local}:{remote}",
+                python,
+                "-c",
+                CONNECTS_PAST_THE_LIMIT,
+                str(remote),
+                "2000",
+                timeout=90,
+            )
+        finally:
+            listener.close()
+        assert r.returncode == 0 and r.stdout == b"2000 pong\n", r.stderr
+        counted = "2000 socket connections refused (--max-connections)"
+        wait_for(lambda: counted in lab.log_text(), 15, "the session's count of refusals")
+        assert lab.log_text().count("socket connection refused") == 1
+
+
+ALLOCATES_IN_A_LOOP = r"""
+import sys
+from flowlib import flow_alloc, qos
+for _ in range(int(sys.argv[1])):
+    flow_alloc("host2", qos=qos.data, timeout=10).close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_flows_refused_for_a_limit_do_not_fill_netplumbds_log() -> None:
+    """A local user holds its unauthenticated connections and allocates flows in a loop: netplumbd
+    wrote a line for each refusal, as fast as the user allocates. Now at most 10 a second (bursts of
+    20), the rest counted. The legitimate use beside: another user's session meanwhile."""
+    with running_lab(["--per-peer-startups", "1", "--login-grace-time", "60"]) as lab:
+        alice = lab.client("alice")
+        hold = _hold(lab, NOBODY, 1, 60)
+        try:
+            r = lab.py(NOBODY, ALLOCATES_IN_A_LOOP, "400", timeout=100)
+            assert r.returncode == 0 and r.stdout == "done\n", r.stderr
+            assert lab.plumb(alice, "echo", "served").stdout == b"served\n"
+        finally:
+            hold.kill()
+            hold.wait()
+        lines = lab.log_text().count("(at most 1: --per-peer-startups)")
+        assert 0 < lines < 100, f"{lines} lines for 400 refusals"
+        assert "more lines not logged" in lab.log_text()

@@ -98,6 +98,7 @@ class Driver:
         self.listeners: list[socket.socket] = []
         self.ids = itertools.count(FIRST_SERVER_CHANNEL)
         self.open_connections = 0
+        self.refused_connections = 0  # over --max-connections, logged once and counted
         self.lock = threading.Lock()
         self.reader = Reader(flow, self.core)
         self.who = f"flow {flow.flow_id}" + (f" (uid {ticket.peer})" if ticket.peer is not None else "")
@@ -272,12 +273,15 @@ class Driver:
                 full = self.open_connections >= self.cfg.limits.max_connections
                 self.open_connections += not full
             if full:
-                log.info(
-                    "%s: socket connection refused: %d open (--max-connections)",
-                    self.who,
-                    self.cfg.limits.max_connections,
-                )
                 conn.close()
+                # The job may connect in a loop: one line per session, and the count at its end.
+                self.refused_connections += 1
+                if self.refused_connections == 1:
+                    log.info(
+                        "%s: socket connection refused: %d open (--max-connections); more are counted",
+                        self.who,
+                        self.cfg.limits.max_connections,
+                    )
                 continue
             ch = next(self.ids)
             sink, pump = duplex(
@@ -328,6 +332,8 @@ class Driver:
             self.holding.close()
         self.flow.close()
         self.reader.close()
+        if self.refused_connections > 1:
+            log.info("%s: %d socket connections refused (--max-connections)", self.who, self.refused_connections)
         log.info("%s: closed", self.who)
 
 

@@ -29,8 +29,10 @@ from proto import logs
 from proto import messages as m
 from proto.service import notify_ready, serve_until_stopped, stop_on_signals
 from proto.version import add_version
+from transports.ratelog import RateLog
 
 log = logging.getLogger("netplumbd")
+refusal_log = RateLog(logger=log)  # peers cause these as fast as they allocate flows: a bounded rate
 
 ACCEPT_BACKOFF = 0.2  # after the IRMd failed an accept, before the next
 REFUSE_WAIT = 2.0  # a refused client's hello is awaited this long before the refusal goes out
@@ -61,7 +63,7 @@ class Daemon:
             try:
                 ticket = self.cfg.admission.arrive(peer)
             except LimitReached as e:
-                log.info("flow %d%s: %s", reply.flow_id, f" (uid {peer})" if peer is not None else "", e)
+                refusal_log.log("flow %d%s: %s", reply.flow_id, f" (uid {peer})" if peer is not None else "", e)
                 self._refuse(reply, fd, str(e))
                 continue
             threading.Thread(
@@ -109,7 +111,7 @@ class Daemon:
                 finally:
                     flow.close()
             except Exception as e:
-                log.info("flow %d: refusal not delivered: %s", reply.flow_id, e)
+                refusal_log.log("flow %d: refusal not delivered: %s", reply.flow_id, e)
             finally:
                 self.refusing.release()
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -996,3 +998,40 @@ def test_flows_refused_for_a_limit_do_not_fill_netplumbds_log() -> None:
         lines = lab.log_text().count("(at most 1: --per-peer-startups)")
         assert 0 < lines < 100, f"{lines} lines for 400 refusals"
         assert "more lines not logged" in lab.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_one_keys_sessions_leave_netplumbd_descriptors_for_others() -> None:
+    """netplumbd started with a service manager's small soft descriptor limit (systemd gives 1024,
+    less than one key's 8 sessions may take with 64 sockets and 64 connections each; 400 here):
+    a key's sessions asking for 60 replicated sockets each, well within its limits, took them all:
+    the later sessions hung or failed to start (`the session runner failed to start the command`:
+    netplumbd could not take the runner's descriptors), and so did anyone else's until they ended. Now netplumbd raises its soft limit to what --max-sessions
+    sessions at their limits need (or, if the hard limit is lower, serves fewer sessions). The
+    legitimate use beside: another key's session meanwhile; jobs keep the limit netplumbd was given."""
+    prlimit = shutil.which("prlimit")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if prlimit is None or (hard != resource.RLIM_INFINITY and hard < 64 * (16 + 64 + 64) + 64):
+        pytest.skip("no prlimit, or a hard descriptor limit below what netplumbd needs")
+    with running_lab(None) as lab:
+        argv = lab.daemon_argv
+        lab.daemon_argv = lambda recipes=None: [prlimit, f"--nofile=400:{hard}", *argv(recipes)]  # type: ignore[method-assign]
+        lab.start()
+        shared = _files(lab)[3]
+        alice = lab.client("alice")
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        sessions = []
+        try:
+            for i in range(8):
+                socks = [f"-socket={mallory.config}/l{i}-{j}:{shared}/r{i}-{j}" for j in range(60)]
+                p = lab.popen_plumb(mallory, *socks, "sh", "-c", "echo up; exec sleep 60")
+                sessions.append(p)
+                assert p.stdout is not None
+                assert select.select([p.stdout], [], [], 30)[0], f"session {i} did not start within 30 s"
+                assert p.stdout.readline() == b"up\n", p.communicate()[1]
+            r = lab.plumb(alice, "sh", "-c", "ulimit -n")
+            assert r.returncode == 0 and r.stdout == b"400\n", r.stderr
+        finally:
+            for p in sessions:
+                p.kill()
+                p.wait()

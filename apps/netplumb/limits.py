@@ -38,6 +38,14 @@ class Limits:
     # 1 MiB, so a key's 8 sessions of 64 pipes and 64 connections each could make netplumbd hold 1 GiB
     key_buffer: int = 64 * INITIAL_WINDOW
 
+    def fds_per_session(self) -> int:
+        """The descriptors one session can make netplumbd hold at most: its flow, wake and stop pipes,
+        runner and stdio (SESSION_FDS), one per named pipe or listening socket, one per connection."""
+        return SESSION_FDS + self.max_channels + self.max_connections
+
+
+SESSION_FDS = 16  # a session's own descriptors (measured: 9), with room to spare
+
 
 @dataclass
 class Counts:

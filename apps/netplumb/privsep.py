@@ -34,6 +34,8 @@ WORKDIR = b"workdir"  # netplumbd -> runner, before the plan: the recipe directo
 MAX_FDS = 3 + 64  # stdio and one listener per socket
 CODE_ROOT = str(Path(__file__).resolve().parents[2])  # where `apps` is: the runner imports the same code
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from apps.netplumb.runner import main; main()"
+NOFILE_VAR = "NETPLUMB_NOFILE"  # the descriptor limit jobs get: netplumbd's before it raised its own
+job_nofile: int | None = None  # set by netplumbd once it raised its own limit (server.fit_fds)
 
 
 class RunnerError(Exception):
@@ -288,7 +290,7 @@ def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
             stderr=subprocess.DEVNULL,
             pass_fds=[theirs.fileno()],
             cwd="/",
-            env={"PATH": os.defpath},
+            env={"PATH": os.defpath, **({NOFILE_VAR: str(job_nofile)} if job_nofile is not None else {})},
             start_new_session=True,
         )
     except BaseException:

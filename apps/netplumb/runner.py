@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import sys
@@ -184,6 +185,10 @@ def main() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         plan = json.loads(sys.stdin.buffer.read(MAX_PLAN))
+        nofile = os.environ.get(privsep.NOFILE_VAR)
+        if nofile is not None:  # netplumbd raised its own for its sessions, not for the jobs
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(int(nofile), hard), hard))
         ids.become(plan["uid"], plan["gid"], plan["groups"])
         os.umask(login_umask())
         devnull = os.open(os.devnull, os.O_RDONLY)

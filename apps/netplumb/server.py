@@ -9,12 +9,14 @@ import contextlib
 import logging
 import os
 import pwd
+import resource
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from apps.netplumb import policy
+from apps.netplumb import policy, privsep
 from apps.netplumb.driver import KILL_GRACE, Config, ConfigError, Driver, open_recipe_dir
 from apps.netplumb.keys import AuthorizedKeys, Identity, KeyFileError, SpentKeys, config_dir, fingerprint
 from apps.netplumb.limits import LimitReached, Limits, Ticket
@@ -37,6 +39,7 @@ refusal_log = RateLog(logger=log)  # peers cause these as fast as they allocate 
 ACCEPT_BACKOFF = 0.2  # after the IRMd failed an accept, before the next
 REFUSE_WAIT = 2.0  # a refused client's hello is awaited this long before the refusal goes out
 MAX_REFUSING = 8  # refusals in progress; beyond, connections over a limit are closed unanswered
+RESERVE_FDS = 64  # descriptors no session may take: accepting, refusing, logging, the spare runner, the IRMd
 
 
 class Daemon:
@@ -130,6 +133,37 @@ class Daemon:
         return any(c.runner is not None and not c.runner.gone.is_set() for c in list(self.live))
 
 
+def fit_fds(limits: Limits) -> Limits:
+    """Raise the descriptor limit so that every session can hold all its limits allow (a service
+    manager's 1024 was less than one key's 8 sessions could take); if it cannot be raised enough,
+    serve fewer sessions, so that one client at its limits never leaves another without descriptors."""
+    need = limits.max_sessions * limits.fds_per_session() + RESERVE_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need > soft:
+        privsep.job_nofile = soft  # the jobs keep the limit netplumbd was given
+        with contextlib.suppress(ValueError, OSError):
+            new_hard = max(hard, need) if os.geteuid() == 0 else hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, new_hard), new_hard))
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need <= soft:
+        return limits
+    sessions = max(1, (soft - RESERVE_FDS) // limits.fds_per_session())
+    log.warning(
+        "%d descriptors allow %d sessions of %d descriptors each (--max-channels, --max-connections), not %d "
+        "(--max-sessions)",
+        soft,
+        sessions,
+        limits.fds_per_session(),
+        limits.max_sessions,
+    )
+    return replace(
+        limits,
+        max_sessions=sessions,
+        max_startups=min(limits.max_startups, sessions),
+        peer_sessions=min(limits.peer_sessions, sessions),
+    )
+
+
 def _bind(irm: IrmClient, name: str, layers: list[str]) -> None:
     try:
         irm.bind(name)
@@ -219,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("every limit must be positive")
     if limits.key_buffer < INITIAL_WINDOW:  # below one channel's window, a `cat` of a large file could fail
         ap.error(f"--per-key-buffer must be at least one channel's window ({INITIAL_WINDOW})")
+    limits = fit_fds(limits)
     auth = args.authorized_keys or config_dir() / "authorized_keys"
     try:
         identity = Identity.load_or_create(args.host_key or config_dir() / "host_key")

@@ -192,7 +192,7 @@ def test_a_peers_tiny_datas_cost_what_they_carry_while_they_wait() -> None:
     tracemalloc.start()
     try:
         for _ in range(WINDOW // 4):
-            sink.put(b"abcd")
+            sink.put(bytes(bytearray(b"abcd")))  # one object each, as parsed DATAs are
         held = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()

@@ -1006,9 +1006,10 @@ def test_one_keys_sessions_leave_netplumbd_descriptors_for_others() -> None:
     less than one key's 8 sessions may take with 64 sockets and 64 connections each; 400 here):
     a key's sessions asking for 60 replicated sockets each, well within its limits, took them all:
     the later sessions hung or failed to start (`the session runner failed to start the command`:
-    netplumbd could not take the runner's descriptors), and so did anyone else's until they ended. Now netplumbd raises its soft limit to what --max-sessions
-    sessions at their limits need (or, if the hard limit is lower, serves fewer sessions). The
-    legitimate use beside: another key's session meanwhile; jobs keep the limit netplumbd was given."""
+    netplumbd could not take the runner's descriptors), and so did anyone else's until they ended.
+    Now netplumbd raises its soft limit to what --max-sessions sessions at their limits need (or, if
+    the hard limit is lower, serves fewer sessions). The legitimate use beside: another key's
+    session meanwhile; jobs keep the limit netplumbd was given."""
     prlimit = shutil.which("prlimit")
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if prlimit is None or (hard != resource.RLIM_INFINITY and hard < 64 * (16 + 64 + 64) + 64):

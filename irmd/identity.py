@@ -7,9 +7,11 @@ A pid alone is no identity (pids are reused): with its start time it names one p
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import struct
@@ -26,6 +28,8 @@ ANCESTORS = 8  # generations of parents a peer's identity records
 ARGV_MAX = 64 * 1024  # bytes of a process's argv read
 ARGV_WAIT = 0.2  # seconds the caller waits for them
 ARGV_STUCK = 4  # reads of argv that may be stuck at once: past them argv is not read (the script rule fails)
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5: a pidfd of the process that connected
+GONE, NO_PIDFD = -1, -2  # peer_pidfd: the connecting process has exited; the kernel cannot say
 _argv_readers = threading.BoundedSemaphore(ARGV_STUCK)
 _UNKNOWN_GROUPS = RateLog(rate=0.1, burst=2, logger=log)
 
@@ -132,10 +136,51 @@ def peer_groups_of(sock: socket.socket, pid: int) -> tuple[int, ...] | None:
 def peer_of(sock: socket.socket) -> Peer:
     """The process that connected `sock`, from the kernel: SO_PEERCRED and SO_PEERGROUPS, then /proc."""
     pid, uid, gid = peer_cred(sock)
-    return read_peer(pid, uid, gid, peer_groups_of(sock, pid))
+    pidfd = peer_pidfd(sock)
+    try:
+        return read_peer(pid, uid, gid, peer_groups_of(sock, pid), pidfd)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
-def read_peer(pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = None) -> Peer:
+def peer_pidfd(sock: socket.socket) -> int:
+    """A pidfd of the process that connected `sock` (SO_PEERPIDFD), GONE if that process has exited,
+    or NO_PIDFD if the kernel cannot say (before Linux 6.5, or out of descriptors)."""
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ESRCH):
+            return GONE  # before Linux 6.16 a process that has exited has no pidfd
+        return NO_PIDFD
+
+
+def _connected_it(pid: int, uid: int, pidfd: int | None) -> bool:
+    """Is the process at `pid` still the one that connected as `uid`? A pid is not reused while its
+    process lives, so with a pidfd: is that process still there. Without one (an older kernel), the
+    process at `pid` must at least run as the connection's uid. None: the caller knows it otherwise."""
+    if pidfd is None:
+        return True
+    if pidfd == NO_PIDFD:
+        uids = proc_uids(pid)
+        return uids is not None and uid in uids
+    if pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except PermissionError:
+        return True  # there, another user's (an IRMd not run as root)
+    except OSError:
+        return False
+    return True
+
+
+def read_peer(pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = None, pidfd: int | None = None) -> Peer:
+    """What /proc says of the process `pid` that connected as `uid`: its start time, exe, argv, cwd and
+    ancestors, or none of them if another process may have taken its pid (a connection queued while the
+    IRMd was busy outlives the process that made it, and its pid goes to the next one). `pidfd`: what
+    peer_pidfd said of the connecting process; None: the caller knows the process otherwise (itself,
+    or one it will compare by start time with what it read at connect time)."""
     start = proc_start(pid)
     try:
         exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
@@ -148,7 +193,8 @@ def read_peer(pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = Non
     except OSError:
         cwd = ""
     ancestors = proc_ancestors(pid)
-    if proc_start(pid) != start:  # it exec'd or went while we read: trust none of it
+    # Checked after the reads: it exec'd or went while we read, or it was not the connecting process
+    if proc_start(pid) != start or not _connected_it(pid, uid, pidfd):
         return Peer(pid, uid, gid, groups=groups)  # the ids are the socket's: they stay
     return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors, groups)
 

@@ -71,6 +71,27 @@ def test_a_process_gone_has_no_start_time_nor_uids() -> None:
     assert (gone.exe, gone.argv, gone.start) == ("", (), 0)
 
 
+@pytest.mark.timeout(30)
+def test_a_connection_whose_process_left_is_known_by_its_ids_alone(tmp_path: Path) -> None:
+    """The connecting process exited before it was accepted: whatever now has its pid is not it, so
+    nothing of /proc is taken (SO_PEERPIDFD; before Linux 6.5, the uid /proc shows must be the
+    connection's)."""
+    path = str(tmp_path / "sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        child = subprocess.Popen([sys.executable, "-c", CONNECTS.replace("s.recv(1)", ""), path])
+        assert child.wait(20) == 0
+        conn, _ = listener.accept()
+        with conn:
+            peer = peer_of(conn)
+    assert (peer.pid, peer.uid) == (child.pid, os.geteuid())
+    assert (peer.start, peer.exe, peer.argv, peer.ancestors) == (0, "", (), ())
+    me, other = os.geteuid(), os.geteuid() + 1
+    assert read_peer(os.getpid(), me, 0, pidfd=irmd.identity.NO_PIDFD).exe == PYTHON
+    assert read_peer(os.getpid(), other, 0, pidfd=irmd.identity.NO_PIDFD).start == 0  # another uid's process
+
+
 def test_argv_zero_is_what_the_process_says_exe_is_what_runs() -> None:
     p = subprocess.Popen(["/bin/sleep", "30"], executable="/bin/sleep")
     try:

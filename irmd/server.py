@@ -268,8 +268,10 @@ class Server:
                 raise InvalidArgument(f"bad uid {msg.uid}")
             log.info("conn%d (pid %d, uid %d) acts as uid %d from now on", c.conn_id, c.pid, c.uid, msg.uid)
             # The kernel's gid and groups are the server's, not the user's: the user's flows carry none
-            # (its servers take its account's, as login does for a user it authenticated).
-            c.peer = dataclasses.replace(c.peer, uid=msg.uid, gid=-1, groups=None)
+            # (its servers take its account's, as login does for a user it authenticated). Nor is the
+            # connection the server's process any more (start time, exe, ancestors): the user takes none
+            # of the flows the server's bindings give it.
+            c.peer = Peer(c.pid, msg.uid, -1)
             c.caller = Caller.of(msg.uid, self.irmd.uid)
         return m.Ok()
 

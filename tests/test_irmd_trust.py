@@ -904,6 +904,38 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
     assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr
 
 
+@pytest.mark.timeout(60)
+def test_a_root_server_working_for_a_user_takes_none_of_its_own_names_flows_for_it(host: IrmdProc) -> None:
+    """A root server bound by pid to a name acts as uid 65534 on a second connection (to serve that
+    user): what it asks there is the user's, and the user is bound to nothing, so an accept made for
+    the user takes none of the server's flows; the server's own connection takes them all."""
+    from proto.control import act_as
+
+    own, for_user = IrmClient(host.sock), IrmClient(host.sock)
+    try:
+        call(own.channel, m.Bind("process", str(os.getpid()), "svc"), timeout=10)
+        call(own.channel, m.NameRegister("svc", ["local"]), timeout=10)
+        act_as(for_user.channel, NOBODY)
+        with ThreadPoolExecutor(1) as pool:
+            users = pool.submit(for_user.accept, 3)  # alone: it would be given the flow
+            time.sleep(0.3)
+            alloc = subprocess.Popen([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, "svc"],
+                                     env=as_nobody_env(host.env), stdout=subprocess.DEVNULL, cwd="/")  # fmt: skip
+            try:
+                with pytest.raises(FlowError):
+                    reply, fd = users.result(10)
+                    os.close(fd)
+                    pytest.fail(f"the connection acting as uid 65534 took flow {reply.flow_id} of root's server")
+                reply, fd = own.accept(10)  # the server's own connection takes it
+                Flow(reply, fd, own).close()
+            finally:
+                alloc.kill()
+                alloc.wait()
+    finally:
+        own.close()
+        for_user.close()
+
+
 # -- who allocated a flow: the kernel's ids, never the account's ------------------------------------------
 
 ALLOCATES = r"""

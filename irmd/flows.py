@@ -191,7 +191,8 @@ class Flows:
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
         where = f"flow to {msg.name!r} via {ipcp.layer!r}"
-        attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join)  # OAP: a fresh header each attempt
+        # OAP: a fresh header each attempt, signed with the name's client certificate for admins only
+        attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join, host=c.caller.admin)
         reply: Message
         try:
             if self.direct(c, ipcp, digest):

@@ -249,14 +249,18 @@ class Oap:
 
     # -- the allocating side ---------------------------------------------------------------------
 
-    def request(self, name: str, qos: QosSpec, join: bool = False) -> Attempt:
+    def request(self, name: str, qos: QosSpec, join: bool = False, *, host: bool = True) -> Attempt:
         """A new request: a fresh id and timestamp (a retry is never taken for a replay), the
         name's client certificate if it has one, and an ephemeral public key when it encrypts.
-        Joining a broadcast layer has no peer to answer: no OAP, as 0.23's flow_join."""
+        Joining a broadcast layer has no peer to answer: no OAP, as 0.23's flow_join.
+
+        host: the allocation is the host's (an admin's), which the name's client certificate speaks
+        for; a user's goes anonymous: that key is root's, and a server takes whom it names as the host."""
         if join:
             return Attempt(name, None)
         try:
             config, creds = self._files(name, "client")
+            creds = creds if host else None
             expect = self._expectation(config, creds, qos.cypher_s)
             if qos.cypher_s and not config.encrypt:
                 config = APP_DEFAULT  # the application asks for encryption; its enc.conf does not

@@ -359,6 +359,44 @@ def test_nobody_cannot_get_a_plain_flow_to_an_encrypting_server_while_the_owner_
         exchange(cli, srv)
 
 
+ALLOC_ENCRYPTED = r"""
+import sys
+from flowlib import flow_alloc
+with flow_alloc(sys.argv[1], timeout=10, encrypt=True) as f:
+    f.write(b"hello")
+    f.set_timeout(10)
+    f.read()
+print("ALLOCATED")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_hosts_client_certificate_speaks_for_its_admins_not_for_any_user(site: Site) -> None:
+    """A name's client certificate (client/<name>/) is the host's, its key root's: the IRMd signs with it
+    for root's allocations, and uid 65534's go anonymous, or the server would take them for the host's."""
+    site.pki.trust()
+    site.pki.serve_as("pong", *site.pki.issue("pong"))
+    site.pki.serve_as("pong", *site.pki.issue("host-a"), role="client")
+    _, accept = site.serve("pong")
+    pending = accept()
+    env = dict(site.irmd.env, PYTHONPATH=str(Path(__file__).resolve().parent.parent), HOME="/nonexistent")
+    user = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                             ALLOC_ENCRYPTED, "pong"], env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        with pending.result(10) as srv:
+            assert srv.read() == b"hello"
+            srv.write(b"bye")
+            assert srv.peer is None, f"uid 65534's flow came as {srv.peer.name!r} ({srv.peer.verified})"
+        assert user.communicate(timeout=20)[0] == "ALLOCATED\n"  # it still gets its flow, as itself
+    finally:
+        user.kill()
+        user.wait()
+    pending = accept()
+    with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
+        assert srv.peer is not None and (srv.peer.name, srv.peer.verified) == ("host-a", "ca")
+        exchange(cli, srv)
+
+
 # -- an anonymous impostor on another host ------------------------------------------------------------
 
 

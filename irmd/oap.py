@@ -25,6 +25,7 @@ from irmd.secfiles import (
     NONE,
     EncConfError,
     SecConfig,
+    check_absent,
     load_enc_conf,
     role_dir,
     role_files,
@@ -210,6 +211,11 @@ class Oap:
         overrides = entry.sec if entry is not None else {}
         # Most names have no directory of files here: one access() (no exception raised) says so.
         if not overrides and ((where := role_dir(name, role, self.base)) is None or not os.access(where, os.F_OK)):
+            if where is not None:
+                try:  # and no other user could have removed it
+                    check_absent(where)
+                except PermissionError as e:
+                    raise OapError(EAUTH, str(e)) from None
             return NONE, None
         from irmd import kex
         from irmd.credentials import CredentialError

@@ -32,6 +32,7 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5: a pidfd of the 
 GONE, NO_PIDFD = -1, -2  # peer_pidfd: the connecting process has exited; the kernel cannot say
 _argv_readers = threading.BoundedSemaphore(ARGV_STUCK)
 _UNKNOWN_GROUPS = RateLog(rate=0.1, burst=2, logger=log)
+_UNKNOWN_ARGV = RateLog(rate=1.0, burst=10, logger=log)  # a process may connect again and again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +206,8 @@ def proc_argv(pid: int) -> bytes:
     on a FUSE file whose server never answers, an mmap queued behind it): the read then waits as
     long, so it runs on a thread of its own, and at most ARGV_STUCK such threads wait at once."""
     if not _argv_readers.acquire(blocking=False):
-        log.warning("argv of pid %d not read: %d reads of argv are stuck already", pid, ARGV_STUCK)
+        _UNKNOWN_ARGV.log("argv of pid %d not read: %d reads of argv are stuck already", pid, ARGV_STUCK,
+                          level=logging.WARNING)  # fmt: skip
         return b""
     got: list[bytes] = []
     done = threading.Event()
@@ -222,7 +224,8 @@ def proc_argv(pid: int) -> bytes:
 
     threading.Thread(target=read, name=f"argv-{pid}", daemon=True).start()
     if not done.wait(ARGV_WAIT):
-        log.warning("argv of pid %d not read in %.1f s: its memory lock is held", pid, ARGV_WAIT)
+        _UNKNOWN_ARGV.log("argv of pid %d not read in %.1f s: its memory lock is held", pid, ARGV_WAIT,
+                          level=logging.WARNING)  # fmt: skip
         return b""
     return got[0] if got else b""
 

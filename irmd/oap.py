@@ -277,7 +277,7 @@ class Oap:
                              kex=public, data=oap.SEQ_IV if key else b"",
                              sign=_signer(creds, config.md))  # fmt: skip
         except OapError as e:
-            log.error("flow to %s: %s", name, e.reason)
+            REFUSALS.log("flow to %s: %s", name, e.reason, level=logging.ERROR)  # any user may ask again and again
             raise error_class(e.code)(f"flow to {name!r}: {e.reason}") from None
         return Attempt(name, oap.decode(raw), config, key, expect)
 

@@ -176,28 +176,32 @@ def _connected_it(pid: int, uid: int, pidfd: int | None) -> bool:
     return True
 
 
-def read_peer(pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = None, pidfd: int | None = None) -> Peer:
+def read_peer(
+    pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = None, pidfd: int | None = None, *, argv: bool = True
+) -> Peer:
     """What /proc says of the process `pid` that connected as `uid`: its start time, exe, argv, cwd and
     ancestors, or none of them if another process may have taken its pid (a connection queued while the
     IRMd was busy outlives the process that made it, and its pid goes to the next one). `pidfd`: what
     peer_pidfd said of the connecting process; None: the caller knows the process otherwise (itself,
-    or one it will compare by start time with what it read at connect time)."""
+    or one it will compare by start time with what it read at connect time). argv: read its argv and
+    cwd, which only the script rule uses, and only for the uids a program binding names (admins'):
+    a user's process, which may keep its argv from being read, then never waits for it."""
     start = proc_start(pid)
     try:
         exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
     except OSError:
         exe = ""
-    raw = proc_argv(pid)
-    argv = tuple(a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
+    raw = proc_argv(pid) if argv else b""
+    args = tuple(a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
     try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
+        cwd = os.readlink(f"/proc/{pid}/cwd") if argv else ""
     except OSError:
         cwd = ""
     ancestors = proc_ancestors(pid)
     # Checked after the reads: it exec'd or went while we read, or it was not the connecting process
     if proc_start(pid) != start or not _connected_it(pid, uid, pidfd):
         return Peer(pid, uid, gid, groups=groups)  # the ids are the socket's: they stay
-    return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors, groups)
+    return Peer(pid, uid, gid, start, exe, args, cwd, ancestors, groups)
 
 
 def proc_argv(pid: int) -> bytes:

@@ -190,8 +190,9 @@ class Server:
         if not policy.is_admin(uid, self.irmd.uid):
             refuse_rights(conn)  # users pass no descriptors: only IPCPs' arriving flows carry them
         pidfd = peer_pidfd(conn)  # the connecting process itself: its pid may be another's by now
-        try:
-            peer = read_peer(pid, uid, gid, peer_groups_of(conn, pid), pidfd)  # /proc read only for connections served
+        try:  # /proc read only for connections served; argv only for those a program binding may name
+            groups = peer_groups_of(conn, pid)
+            peer = read_peer(pid, uid, gid, groups, pidfd, argv=policy.is_admin(uid, self.irmd.uid))
         finally:
             if pidfd >= 0:
                 os.close(pidfd)

@@ -101,3 +101,33 @@ def test_an_application_that_falls_behind_gets_a_longer_queue_within_the_budget(
     finally:
         for s in (other_app, other_io, other_peer):
             s.close()
+
+
+@pytest.mark.parametrize("kind", ["dix", "llc"])
+@pytest.mark.timeout(30)
+def test_an_sdu_past_what_a_frame_carries_is_dropped_and_the_relay_goes_on(kind: str) -> None:
+    """An application writes on its flow's socket as it likes, past flowlib's MTU check: one SDU of
+    65,536 bytes (what the eth shims read whole) overflowed the frame's 2-byte length, and the
+    exception ended the relay thread, the data path of every flow of the IPCP. It is dropped and
+    counted; the flow's next SDU goes."""
+    from ipcp.eth import BUFSIZE
+    from transports import eth
+
+    net, wire = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    wire.settimeout(5)
+    app, io = seqpacket_pair()
+    framing = eth.EthFraming(b"\x02" * 6) if kind == "dix" else eth.LlcFraming(b"\x02" * 6)
+    hdr = framing.header(b"\x04" * 6, 9) if kind == "dix" else framing.header(b"\x04" * 6, EID, 9)
+    flow = ShimFlow(EID, b"\x04" * 6, remote_eid=9, relayed=True, io=io, hdr=hdr)
+    relay = Relay(net, framing, BUFSIZE, lambda frame, src: None, max_sdu=1500)
+    relay.add(flow)
+    relay.start()
+    try:
+        app.send(bytes(BUFSIZE))
+        app.send(b"after")
+        assert wire.recv(100).endswith(b"after")  # the next SDU went: the relay lives
+        wait_for(lambda: (relay.oversized, flow.sent) == (1, 1), 5, "the relay to count both")
+    finally:
+        relay.stop()
+        for s in (net, wire, app, io):
+            s.close()

@@ -70,6 +70,7 @@ class Relay(PollThread):
         self.dropped = 0  # frames that were malformed, for no flow, or from the wrong peer
         self.overflow = 0  # SDUs dropped because the application did not keep up
         self.keepalives = 0  # empty SDUs received: keepalives, carried to the application like data
+        self.oversized = 0  # SDUs an application wrote past the layer's MTU (past flowlib): dropped
         # An IPCP above that waits for a CPU is given a longer queue before its SDUs drop (the network
         # socket's queue is long; the application's, the system's default, holds some 100 SDUs).
         self.queues = QueueBudget()
@@ -160,8 +161,11 @@ class Relay(PollThread):
 
     def _send_burst(self, flow: RelayFlow, sdus: list[bytes]) -> None:
         """SDUs to the flow's peer (an empty one is a keepalive); its counters move once a burst."""
-        send, net, sent = self.framing.send, self.net, 0
+        send, net, sent, max_sdu = self.framing.send, self.net, 0, self.max_sdu
         for sdu in sdus:
+            if len(sdu) > max_sdu:  # the socket is the application's to write on: a frame's length would not pack
+                self.oversized += 1
+                continue
             try:
                 send(net, flow, sdu)
             except BlockingIOError:

@@ -84,6 +84,9 @@ class FloodDt(Dt):
         for sdu in sdus:
             if not sdu:
                 continue  # a keepalive has one peer to reach; a broadcast has none
+            if len(sdu) > self.max_sdu:  # written past flowlib: its length would not pack, ending the thread
+                self.counters.oversized += 1
+                continue
             self.seqno += 1
             if not self._fresh(self.me, self.seqno, sdu):
                 continue

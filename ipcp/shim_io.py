@@ -404,6 +404,7 @@ class ShimIpcp(Ipcp):
             out |= {
                 "dropped data (malformed, no flow, wrong peer)": self.relay.dropped,
                 "dropped data (application slow)": self.relay.overflow,
+                "dropped data (past the MTU)": self.relay.oversized,
                 "keepalives received": self.relay.keepalives,
             }
         out["dropped management (queue full)"] = self.inbox_dropped

@@ -79,7 +79,8 @@ class Flows:
     async def proc_announce(self, c: Client, msg: m.ProcAnnounce, _: list[int]) -> m.Ok:
         c.prog = msg.prog  # a label only: who it is, the kernel says (read again: it may have exec'd)
         if c.conn_id:
-            fresh = read_peer(c.pid, c.uid, c.peer.gid, c.peer.groups)  # the ids are the socket's: they stay
+            admin = policy.is_admin(c.uid, self.irmd.uid)  # the ids are the socket's: they stay
+            fresh = read_peer(c.pid, c.uid, c.peer.gid, c.peer.groups, argv=admin)
             if fresh.start == c.peer.start:
                 c.peer = fresh
         await self.irmd.notify_acceptors()
@@ -191,7 +192,8 @@ class Flows:
         )  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.1)
         where = f"flow to {msg.name!r} via {ipcp.layer!r}"
-        attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join)  # OAP: a fresh header each attempt
+        # OAP: a fresh header each attempt, signed with the name's client certificate for admins only
+        attempt = self.irmd.oap.request(msg.name, msg.qos, msg.join, host=c.caller.admin)
         reply: Message
         try:
             if self.direct(c, ipcp, digest):

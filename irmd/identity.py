@@ -7,9 +7,11 @@ A pid alone is no identity (pids are reused): with its start time it names one p
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import struct
@@ -26,8 +28,11 @@ ANCESTORS = 8  # generations of parents a peer's identity records
 ARGV_MAX = 64 * 1024  # bytes of a process's argv read
 ARGV_WAIT = 0.2  # seconds the caller waits for them
 ARGV_STUCK = 4  # reads of argv that may be stuck at once: past them argv is not read (the script rule fails)
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5: a pidfd of the process that connected
+GONE, NO_PIDFD = -1, -2  # peer_pidfd: the connecting process has exited; the kernel cannot say
 _argv_readers = threading.BoundedSemaphore(ARGV_STUCK)
 _UNKNOWN_GROUPS = RateLog(rate=0.1, burst=2, logger=log)
+_UNKNOWN_ARGV = RateLog(rate=1.0, burst=10, logger=log)  # a process may connect again and again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,25 +137,71 @@ def peer_groups_of(sock: socket.socket, pid: int) -> tuple[int, ...] | None:
 def peer_of(sock: socket.socket) -> Peer:
     """The process that connected `sock`, from the kernel: SO_PEERCRED and SO_PEERGROUPS, then /proc."""
     pid, uid, gid = peer_cred(sock)
-    return read_peer(pid, uid, gid, peer_groups_of(sock, pid))
+    pidfd = peer_pidfd(sock)
+    try:
+        return read_peer(pid, uid, gid, peer_groups_of(sock, pid), pidfd)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
-def read_peer(pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = None) -> Peer:
+def peer_pidfd(sock: socket.socket) -> int:
+    """A pidfd of the process that connected `sock` (SO_PEERPIDFD), GONE if that process has exited,
+    or NO_PIDFD if the kernel cannot say (before Linux 6.5, or out of descriptors)."""
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ESRCH):
+            return GONE  # before Linux 6.16 a process that has exited has no pidfd
+        return NO_PIDFD
+
+
+def _connected_it(pid: int, uid: int, pidfd: int | None) -> bool:
+    """Is the process at `pid` still the one that connected as `uid`? A pid is not reused while its
+    process lives, so with a pidfd: is that process still there. Without one (an older kernel), the
+    process at `pid` must at least run as the connection's uid. None: the caller knows it otherwise."""
+    if pidfd is None:
+        return True
+    if pidfd == NO_PIDFD:
+        uids = proc_uids(pid)
+        return uids is not None and uid in uids
+    if pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except PermissionError:
+        return True  # there, another user's (an IRMd not run as root)
+    except OSError:
+        return False
+    return True
+
+
+def read_peer(
+    pid: int, uid: int, gid: int, groups: tuple[int, ...] | None = None, pidfd: int | None = None, *, argv: bool = True
+) -> Peer:
+    """What /proc says of the process `pid` that connected as `uid`: its start time, exe, argv, cwd and
+    ancestors, or none of them if another process may have taken its pid (a connection queued while the
+    IRMd was busy outlives the process that made it, and its pid goes to the next one). `pidfd`: what
+    peer_pidfd said of the connecting process; None: the caller knows the process otherwise (itself,
+    or one it will compare by start time with what it read at connect time). argv: read its argv and
+    cwd, which only the script rule uses, and only for the uids a program binding names (admins'):
+    a user's process, which may keep its argv from being read, then never waits for it."""
     start = proc_start(pid)
     try:
         exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
     except OSError:
         exe = ""
-    raw = proc_argv(pid)
-    argv = tuple(a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
+    raw = proc_argv(pid) if argv else b""
+    args = tuple(a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
     try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
+        cwd = os.readlink(f"/proc/{pid}/cwd") if argv else ""
     except OSError:
         cwd = ""
     ancestors = proc_ancestors(pid)
-    if proc_start(pid) != start:  # it exec'd or went while we read: trust none of it
+    # Checked after the reads: it exec'd or went while we read, or it was not the connecting process
+    if proc_start(pid) != start or not _connected_it(pid, uid, pidfd):
         return Peer(pid, uid, gid, groups=groups)  # the ids are the socket's: they stay
-    return Peer(pid, uid, gid, start, exe, argv, cwd, ancestors, groups)
+    return Peer(pid, uid, gid, start, exe, args, cwd, ancestors, groups)
 
 
 def proc_argv(pid: int) -> bytes:
@@ -159,7 +210,8 @@ def proc_argv(pid: int) -> bytes:
     on a FUSE file whose server never answers, an mmap queued behind it): the read then waits as
     long, so it runs on a thread of its own, and at most ARGV_STUCK such threads wait at once."""
     if not _argv_readers.acquire(blocking=False):
-        log.warning("argv of pid %d not read: %d reads of argv are stuck already", pid, ARGV_STUCK)
+        _UNKNOWN_ARGV.log("argv of pid %d not read: %d reads of argv are stuck already", pid, ARGV_STUCK,
+                          level=logging.WARNING)  # fmt: skip
         return b""
     got: list[bytes] = []
     done = threading.Event()
@@ -176,7 +228,8 @@ def proc_argv(pid: int) -> bytes:
 
     threading.Thread(target=read, name=f"argv-{pid}", daemon=True).start()
     if not done.wait(ARGV_WAIT):
-        log.warning("argv of pid %d not read in %.1f s: its memory lock is held", pid, ARGV_WAIT)
+        _UNKNOWN_ARGV.log("argv of pid %d not read in %.1f s: its memory lock is held", pid, ARGV_WAIT,
+                          level=logging.WARNING)  # fmt: skip
         return b""
     return got[0] if got else b""
 

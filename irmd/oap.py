@@ -25,6 +25,7 @@ from irmd.secfiles import (
     NONE,
     EncConfError,
     SecConfig,
+    check_absent,
     load_enc_conf,
     role_dir,
     role_files,
@@ -210,6 +211,11 @@ class Oap:
         overrides = entry.sec if entry is not None else {}
         # Most names have no directory of files here: one access() (no exception raised) says so.
         if not overrides and ((where := role_dir(name, role, self.base)) is None or not os.access(where, os.F_OK)):
+            if where is not None:
+                try:  # and no other user could have removed it
+                    check_absent(where)
+                except PermissionError as e:
+                    raise OapError(EAUTH, str(e)) from None
             return NONE, None
         from irmd import kex
         from irmd.credentials import CredentialError
@@ -249,14 +255,18 @@ class Oap:
 
     # -- the allocating side ---------------------------------------------------------------------
 
-    def request(self, name: str, qos: QosSpec, join: bool = False) -> Attempt:
+    def request(self, name: str, qos: QosSpec, join: bool = False, *, host: bool = True) -> Attempt:
         """A new request: a fresh id and timestamp (a retry is never taken for a replay), the
         name's client certificate if it has one, and an ephemeral public key when it encrypts.
-        Joining a broadcast layer has no peer to answer: no OAP, as 0.23's flow_join."""
+        Joining a broadcast layer has no peer to answer: no OAP, as 0.23's flow_join.
+
+        host: the allocation is the host's (an admin's), which the name's client certificate speaks
+        for; a user's goes anonymous: that key is root's, and a server takes whom it names as the host."""
         if join:
             return Attempt(name, None)
         try:
             config, creds = self._files(name, "client")
+            creds = creds if host else None
             expect = self._expectation(config, creds, qos.cypher_s)
             if qos.cypher_s and not config.encrypt:
                 config = APP_DEFAULT  # the application asks for encryption; its enc.conf does not
@@ -267,7 +277,7 @@ class Oap:
                              kex=public, data=oap.SEQ_IV if key else b"",
                              sign=_signer(creds, config.md))  # fmt: skip
         except OapError as e:
-            log.error("flow to %s: %s", name, e.reason)
+            REFUSALS.log("flow to %s: %s", name, e.reason, level=logging.ERROR)  # any user may ask again and again
             raise error_class(e.code)(f"flow to {name!r}: {e.reason}") from None
         return Attempt(name, oap.decode(raw), config, key, expect)
 

@@ -83,11 +83,17 @@ def read_file(path: str, limit: int, private: bool = False) -> bytes:
     one that holds a key (`private`) root's or ours and not open to others, checked on the descriptor
     read (no swap between check and read). Opened without blocking: a FIFO put in its place must not
     hold the IRMd's loop. FileNotFoundError if it is missing; PermissionError (an OSError) if it is
-    not fit to read."""
+    not fit to read: every security file must be one only root or the IRMd's user could have written
+    (theirs, not writable by others, reached through no directory or link of another user's)."""
     from irmd.identity import open_regular  # here: irm, which takes only the words from this module, starts without it
+    from transports.unix import TrustError, check_trusted_file
 
     fd, st = open_regular(path)
     try:
+        try:  # what a security file says (a CA, a policy, an identity) is only root's or ours to say
+            check_trusted_file(path, st, os.geteuid())
+        except TrustError as e:
+            raise PermissionError(f"{e.strerror}: another user could have written it") from None
         if private and st.st_mode & 0o077:
             raise PermissionError(f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                                   f"a private key must be mode 0600 or stricter")  # fmt: skip
@@ -174,11 +180,27 @@ def parse_enc_conf(text: str) -> SecConfig:
     return SecConfig(**fields)
 
 
+def check_absent(path: Path | str) -> None:
+    """PermissionError unless a security file missing at `path` is one only root or the IRMd's user
+    could have removed (or could make): the directory it is missing from is theirs and not writable
+    by others. A missing enc.conf means plain: another user must not get there by deleting it."""
+    from transports.unix import TrustError, check_dirs
+
+    try:
+        check_dirs(Path(path), os.geteuid(), strict_leaf=True, missing_ok=True)
+    except TrustError as e:
+        raise PermissionError(f"{path} is missing: {e.strerror}: another user could have removed it") from None
+
+
 def load_enc_conf(path: Path | str) -> SecConfig:
     """A missing file means plain, as 0.23; an unreadable or bad one raises EncConfError."""
     try:
         text = read_file(str(path), MAX_ENC_CONF).decode()
     except FileNotFoundError:
+        try:
+            check_absent(path)
+        except PermissionError as e:
+            raise EncConfError(str(e)) from None
         return NONE
     except (OSError, UnicodeDecodeError) as e:
         raise EncConfError(f"{path}: cannot read: {e}") from None

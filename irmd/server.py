@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from irmd import policy
-from irmd.identity import Peer, peer_cred, peer_groups_of, read_peer
+from irmd.identity import Peer, peer_cred, peer_groups_of, peer_pidfd, read_peer
 from irmd.policy import Caller
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
@@ -189,7 +189,13 @@ class Server:
             return
         if not policy.is_admin(uid, self.irmd.uid):
             refuse_rights(conn)  # users pass no descriptors: only IPCPs' arriving flows carry them
-        peer = read_peer(pid, uid, gid, peer_groups_of(conn, pid))  # /proc read only for connections served
+        pidfd = peer_pidfd(conn)  # the connecting process itself: its pid may be another's by now
+        try:  # /proc read only for connections served; argv only for those a program binding may name
+            groups = peer_groups_of(conn, pid)
+            peer = read_peer(pid, uid, gid, groups, pidfd, argv=policy.is_admin(uid, self.irmd.uid))
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
         self._conn_ids += 1
         client = Client(self._conn_ids, peer, Caller.of(uid, self.irmd.uid))
 
@@ -263,8 +269,10 @@ class Server:
                 raise InvalidArgument(f"bad uid {msg.uid}")
             log.info("conn%d (pid %d, uid %d) acts as uid %d from now on", c.conn_id, c.pid, c.uid, msg.uid)
             # The kernel's gid and groups are the server's, not the user's: the user's flows carry none
-            # (its servers take its account's, as login does for a user it authenticated).
-            c.peer = dataclasses.replace(c.peer, uid=msg.uid, gid=-1, groups=None)
+            # (its servers take its account's, as login does for a user it authenticated). Nor is the
+            # connection the server's process any more (start time, exe, ancestors): the user takes none
+            # of the flows the server's bindings give it.
+            c.peer = Peer(c.pid, msg.uid, -1)
             c.caller = Caller.of(msg.uid, self.irmd.uid)
         return m.Ok()
 

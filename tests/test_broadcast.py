@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from helpers import wait_for
 from unicast_net import Cluster, Host
 
 from ipcp import broadcast
@@ -77,6 +78,46 @@ def test_a_write_on_one_joined_flow_reaches_every_other_member_once(cluster: Clu
     sender.stdin.write("done\n")
     sender.stdin.flush()
     sender.wait(timeout=10)
+
+
+JOIN_AND_WRITE_PAST_THE_MTU = r"""
+import os, sys
+from flowlib import flow_join
+flow = flow_join(sys.argv[1], timeout=10)
+os.write(flow.fileno(), bytes(65536))  # past flowlib, which refuses SDUs over the MTU
+print("written", flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_user_writing_past_the_mtu_on_its_joined_flow_ends_nothing(cluster: Cluster) -> None:
+    """Any user may join a broadcast layer, and its flow's socket is its own to write on: one SDU of
+    65,536 bytes ended the member's data transfer thread (a PDU's length would not pack), and with it
+    the member and every joined flow of every user. It is dropped and counted; root's SDUs still go."""
+    a, b = cluster.start(["a", "b"])
+    cluster.udp([a, b])
+    cluster.tmp.chmod(0o755)  # uid 65534 reaches a's socket
+    a.irm_ok("ipcp", "bootstrap", "type", "broadcast", "name", "b1", "layer", "bc", "autobind")
+    b.irm_ok("ipcp", "enroll", "type", "broadcast", "name", "b2", "layer", "bc", "autobind")
+    b.irm_ok("ipcp", "connect", "name", "b2", "dst", "b1")
+    b1 = a.irmd.ipcp_pid("b1")
+    listener = member(b)
+    env = {**a.irmd.env, "HOME": "/nonexistent"}
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run([*nobody, sys.executable, "-c", JOIN_AND_WRITE_PAST_THE_MTU, "bc"],
+                       env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.stdout == "written\n", r.stdout + r.stderr
+    wait_for(lambda: a.counter("b1", "oversized") == 1, 20, "b1 to drop the oversized SDU")
+    sender = member(a, "still")
+    assert sender.stdin is not None
+    sender.stdin.write("go\n")
+    sender.stdin.flush()
+    out, _ = listener.communicate(timeout=40)
+    assert out.split() == ["still"], out
+    sender.stdin.write("done\n")
+    sender.stdin.flush()
+    sender.wait(timeout=10)
+    assert a.irmd.ipcp_pid("b1") == b1
 
 
 @pytest.mark.timeout(60)

@@ -359,6 +359,80 @@ def test_nobody_cannot_get_a_plain_flow_to_an_encrypting_server_while_the_owner_
         exchange(cli, srv)
 
 
+ALLOC_ENCRYPTED = r"""
+import sys
+from flowlib import flow_alloc
+with flow_alloc(sys.argv[1], timeout=10, encrypt=True) as f:
+    f.write(b"hello")
+    f.set_timeout(10)
+    f.read()
+print("ALLOCATED")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_hosts_client_certificate_speaks_for_its_admins_not_for_any_user(site: Site) -> None:
+    """A name's client certificate (client/<name>/) is the host's, its key root's: the IRMd signs with it
+    for root's allocations, and uid 65534's go anonymous, or the server would take them for the host's."""
+    site.pki.trust()
+    site.pki.serve_as("pong", *site.pki.issue("pong"))
+    site.pki.serve_as("pong", *site.pki.issue("host-a"), role="client")
+    _, accept = site.serve("pong")
+    pending = accept()
+    env = dict(site.irmd.env, PYTHONPATH=str(Path(__file__).resolve().parent.parent), HOME="/nonexistent")
+    user = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                             ALLOC_ENCRYPTED, "pong"], env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        with pending.result(10) as srv:
+            assert srv.read() == b"hello"
+            srv.write(b"bye")
+            assert srv.peer is None, f"uid 65534's flow came as {srv.peer.name!r} ({srv.peer.verified})"
+        assert user.communicate(timeout=20)[0] == "ALLOCATED\n"  # it still gets its flow, as itself
+    finally:
+        user.kill()
+        user.wait()
+    pending = accept()
+    with site.alloc("pong", encrypt=True) as cli, pending.result(10) as srv:
+        assert srv.peer is not None and (srv.peer.name, srv.peer.verified) == ("host-a", "ca")
+        exchange(cli, srv)
+
+
+DROP_ENC_CONF_AND_ALLOC = r"""
+import os, sys
+from flowlib import flow_alloc
+os.unlink(sys.argv[1])  # root's file, in a directory uid 65534 may write: gone, and with it the policy
+try:
+    flow_alloc(sys.argv[2], timeout=5).close()
+except Exception as e:
+    print(type(e).__name__, e)
+    sys.exit(0)
+print("ALLOCATED")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_names_files_in_a_directory_another_user_may_write_are_not_trusted(site: Site) -> None:
+    """server/pong/ was given to uid 65534 (chown): it deletes root's enc.conf there, which required
+    encryption, and would get a plain flow. The IRMd trusts a name's files, and their absence, only
+    where no user but root or its own could have changed them: pong is refused, saying why; ping's
+    files, root's alone, still work."""
+    site.pki.enc_conf("pong", "kex=prime256v1\n")
+    site.pki.enc_conf("ping", "kex=prime256v1\n")
+    os.chown(site.pki.base / "server" / "pong", 65534, 65534)
+    _, accept = site.serve("pong")
+    site.serve("ping")  # this process serves both
+    pending = accept()
+    env = dict(site.irmd.env, PYTHONPATH=str(Path(__file__).resolve().parent.parent), HOME="/nonexistent")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                        DROP_ENC_CONF_AND_ALLOC, str(site.pki.base / "server" / "pong" / "enc.conf"), "pong"],
+                       env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert "ALLOCATED" not in r.stdout, "uid 65534 got a plain flow to a server that requires encryption"
+    assert "belongs to uid 65534" in r.stdout, r.stdout + r.stderr
+    assert not pending.done()
+    with site.alloc("ping", encrypt=True) as cli, pending.result(10) as srv:
+        exchange(cli, srv)
+
+
 # -- an anonymous impostor on another host ------------------------------------------------------------
 
 

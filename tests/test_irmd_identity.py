@@ -71,6 +71,58 @@ def test_a_process_gone_has_no_start_time_nor_uids() -> None:
     assert (gone.exe, gone.argv, gone.start) == ("", (), 0)
 
 
+@pytest.mark.timeout(30)
+def test_a_connection_whose_process_left_is_known_by_its_ids_alone(tmp_path: Path) -> None:
+    """The connecting process exited before it was accepted: whatever now has its pid is not it, so
+    nothing of /proc is taken (SO_PEERPIDFD; before Linux 6.5, the uid /proc shows must be the
+    connection's)."""
+    path = str(tmp_path / "sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        child = subprocess.Popen([sys.executable, "-c", CONNECTS.replace("s.recv(1)", ""), path])
+        assert child.wait(20) == 0
+        conn, _ = listener.accept()
+        with conn:
+            peer = peer_of(conn)
+    assert (peer.pid, peer.uid) == (child.pid, os.geteuid())
+    assert (peer.start, peer.exe, peer.argv, peer.ancestors) == (0, "", (), ())
+    me, other = os.geteuid(), os.geteuid() + 1
+    assert read_peer(os.getpid(), me, 0, pidfd=irmd.identity.NO_PIDFD).exe == PYTHON
+    assert read_peer(os.getpid(), other, 0, pidfd=irmd.identity.NO_PIDFD).start == 0  # another uid's process
+
+
+@pytest.mark.timeout(30)
+def test_a_users_process_is_known_without_its_argv_so_it_holds_no_reader_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the script rule reads argv, and only for uids a program binding names (admins'): a user's
+    process that keeps its argv from being read (its memory lock held, simulated here) neither makes
+    the IRMd wait nor takes the readers that root's script servers need."""
+    import threading
+
+    from irmd import identity
+
+    stuck = threading.Event()
+    real_open = open
+    opened: list[str] = []
+
+    def held_open(path: str, *args: object, **kwargs: object) -> object:
+        if path.endswith("/cmdline"):
+            opened.append(path)
+            stuck.wait(20)  # as a read of a process whose memory lock is held
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(identity, "open", held_open, raising=False)
+    before = threading.active_count()
+    try:
+        start = time.monotonic()
+        users = [read_peer(os.getpid(), 65534, 65534, argv=False) for _ in range(identity.ARGV_STUCK + 3)]
+        assert time.monotonic() - start < identity.ARGV_WAIT  # not waited for, not once
+        assert all(p.argv == () and p.cwd == "" and p.exe == PYTHON and p.start > 0 for p in users)
+        assert not opened and threading.active_count() == before
+    finally:
+        stuck.set()
+
+
 def test_argv_zero_is_what_the_process_says_exe_is_what_runs() -> None:
     p = subprocess.Popen(["/bin/sleep", "30"], executable="/bin/sleep")
     try:

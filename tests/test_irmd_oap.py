@@ -425,6 +425,28 @@ def test_an_intermediate_ca_in_the_store_completes_the_chain(clock: Clock, pki: 
     assert got.peer_ca
 
 
+@pytest.mark.parametrize("how", ["writable by others", "another user's"])
+def test_a_ca_another_user_could_have_put_in_the_store_vouches_for_no_one(
+    clock: Clock, pki: Pki, client_pki: Pki, how: str
+) -> None:
+    """A trust anchor is root's or the IRMd's user's to give: a CA file another user owns, or may
+    write, is skipped (logged), and the server it would vouch for is anonymous to the CA store."""
+    if how == "another user's" and os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    pki.serve_as("pong", *pki.issue("pong"))
+    client_pki.trust(pki.ca)
+    ca_file = client_pki.base / "cacert" / "root.pem"
+    if how == "writable by others":
+        ca_file.chmod(0o666)
+    else:
+        os.chown(ca_file, 65534, 65534)
+    assert not allocate(*irmds(clock, client_pki, pki))[0].peer_ca
+    ca_file.chmod(0o644)
+    os.chown(ca_file, os.geteuid(), os.getegid())
+    clock.now += MS
+    assert allocate(*irmds(clock, client_pki, pki))[0].peer_ca  # the same file, root's alone
+
+
 @pytest.mark.parametrize("kind", ["p384", "rsa", "ed25519"])
 def test_every_kind_of_certificate_key_signs(clock: Clock, pki: Pki, client_pki: Pki, kind: str) -> None:
     crt, key = pki.issue("pong", kind)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -903,6 +904,38 @@ def test_a_root_server_working_for_a_user_gets_that_users_rights_for_good(host: 
     assert r.returncode != 0 and "uid 65534 cannot act as uid 0" in r.stderr
 
 
+@pytest.mark.timeout(60)
+def test_a_root_server_working_for_a_user_takes_none_of_its_own_names_flows_for_it(host: IrmdProc) -> None:
+    """A root server bound by pid to a name acts as uid 65534 on a second connection (to serve that
+    user): what it asks there is the user's, and the user is bound to nothing, so an accept made for
+    the user takes none of the server's flows; the server's own connection takes them all."""
+    from proto.control import act_as
+
+    own, for_user = IrmClient(host.sock), IrmClient(host.sock)
+    try:
+        call(own.channel, m.Bind("process", str(os.getpid()), "svc"), timeout=10)
+        call(own.channel, m.NameRegister("svc", ["local"]), timeout=10)
+        act_as(for_user.channel, NOBODY)
+        with ThreadPoolExecutor(1) as pool:
+            users = pool.submit(for_user.accept, 3)  # alone: it would be given the flow
+            time.sleep(0.3)
+            alloc = subprocess.Popen([*AS_NOBODY, str(BIN / "python"), "-c", ALLOC_AND_HOLD, "svc"],
+                                     env=as_nobody_env(host.env), stdout=subprocess.DEVNULL, cwd="/")  # fmt: skip
+            try:
+                with pytest.raises(FlowError):
+                    reply, fd = users.result(10)
+                    os.close(fd)
+                    pytest.fail(f"the connection acting as uid 65534 took flow {reply.flow_id} of root's server")
+                reply, fd = own.accept(10)  # the server's own connection takes it
+                Flow(reply, fd, own).close()
+            finally:
+                alloc.kill()
+                alloc.wait()
+    finally:
+        own.close()
+        for_user.close()
+
+
 # -- who allocated a flow: the kernel's ids, never the account's ------------------------------------------
 
 ALLOCATES = r"""
@@ -1332,6 +1365,39 @@ def test_a_user_cannot_flood_the_irmds_log_or_make_it_answer_more_than_it_was_se
     host.irm_ok("ipcp", "list")
 
 
+RECONNECT_FLOODER = """
+import socket, sys, time
+end, n = time.monotonic() + 2, 0
+while time.monotonic() < end:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(sys.argv[1])
+        for _ in range(3):
+            s.send(bytes(20))  # malformed: logged for the first 3 of a connection
+        s.send(bytes(70000))  # past a frame: the connection is dropped, saying why
+        s.settimeout(1)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+    n += 1
+print(n)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_user_connecting_again_and_again_with_bad_frames_cannot_flood_the_irmds_log(host: IrmdProc) -> None:
+    """What a connection logs of its peer's bad frames is bounded per connection; a peer that connects
+    again for each is bounded by one rate for all: ~1,200 connections in 2 s wrote 470 kB before."""
+    before = host.log.stat().st_size
+    r = nobody_py(host, RECONNECT_FLOODER, str(host.sock), timeout=30)
+    assert r.returncode == 0 and int(r.stdout) > 100, r.stdout + r.stderr
+    time.sleep(0.2)
+    grew = host.log.stat().st_size - before
+    assert grew < 16_000, f"{int(r.stdout)} connections wrote {grew} bytes to the log"
+    host.irm_ok("ipcp", "list")  # root is served
+
+
 ALLOC_SVC = """
 from flowlib import flow_alloc
 try:
@@ -1556,3 +1622,97 @@ def _refused_at_start_while_open(host: IrmdProc, path: Path, mode: int, why: str
     nobody_py(host, ALLOC_SVC)
     wait_for(ran.exists, 10, "the program to run")
     assert ran.read_text().split() == ["0"]
+
+
+CONNECT_THEN_LEAVE = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])  # queued: the IRMd is busy, and reads this pid's /proc only when it accepts
+child = os.fork()
+if child == 0:
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    from flowlib.irm import IrmClient
+    try:
+        reply, fd = IrmClient(sock=s).accept(6)
+        print("took flow", reply.flow_id, flush=True)
+    except Exception as e:
+        print("took none:", e, flush=True)
+    os._exit(0)
+print(os.getpid(), child, flush=True)  # gone: the connection lives on in the child
+"""
+SERVE_SVC = """
+from flowlib.flow import Flow
+from flowlib.irm import IrmClient
+client = IrmClient()
+print("up", flush=True)
+held = []
+while True:
+    reply, fd = client.accept(30)
+    held.append(Flow(reply, fd, client))
+    print("accepted", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_connection_queued_before_its_process_left_takes_no_flows_of_the_process_that_got_its_pid(
+    host: IrmdProc, public_dir: Path
+) -> None:
+    """uid 65534 connects while the IRMd is busy and exits, a child keeping the connection; root's
+    server started next gets its pid and is bound by pid. The IRMd, reading /proc for the queued
+    connection only then, must not take it for root's server: root's flows all reach root's server."""
+    go, srv_log = public_dir / "go", public_dir / "svc.log"
+    attacker = srv = None
+    keeper = 0
+    os.kill(host.pid, signal.SIGSTOP)  # a busy IRMd: connections wait in its backlog
+    try:
+        attacker = subprocess.Popen(
+            [*AS_NOBODY, str(BIN / "python"), "-c", CONNECT_THEN_LEAVE, str(host.sock), str(go)],
+            env=as_nobody_env(host.env), stdout=subprocess.PIPE, text=True, cwd="/",
+        )  # fmt: skip
+        assert attacker.stdout is not None
+        pid, keeper = (int(n) for n in attacker.stdout.readline().split())
+        assert attacker.wait(10) == 0  # reaped: its pid is free
+        for _ in range(50):  # others on the machine may take the pid first: try again
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+            with open(srv_log, "wb") as out:
+                srv = subprocess.Popen([str(BIN / "python"), "-c", SERVE_SVC], env=host.env, cwd="/",
+                                       stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            if srv.pid == pid:
+                break
+            srv.kill()
+            srv.wait()
+        assert srv is not None and srv.pid == pid, "no process got the pid again"
+        wait_for(lambda: "python" in os.readlink(f"/proc/{pid}/exe"), 10, "root's server to run")
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+    try:
+        wait_for(lambda: "up" in srv_log.read_text() or srv.poll() is not None, 15, "root's server to connect")
+        host.irm_ok("bind", "process", str(pid), "name", "svc")
+        host.irm_ok("name", "register", "svc", "layer", "local")
+        go.touch()  # uid 65534's connection asks for flows, before root's server is served any
+        time.sleep(0.5)
+        client = IrmClient(host.sock)
+        try:
+            flows = [flow_alloc("svc", timeout=10, irm=client) for _ in range(2)]
+            with contextlib.suppress(AssertionError):  # root's flows reach root's server
+                wait_for(lambda: srv_log.read_text().count("accepted") == 2, 10, "root's server to accept")
+            for f in flows:
+                f.close()
+        finally:
+            client.close()
+        took = attacker.stdout.readline()
+        assert took.startswith("took none"), f"uid 65534 {took!r} of root's server"
+        assert srv_log.read_text().count("accepted") == 2, srv_log.read_text()
+    finally:
+        if srv is not None:
+            srv.kill()
+            srv.wait()
+        if attacker is not None:
+            attacker.kill()
+            attacker.wait()
+            assert attacker.stdout is not None
+            attacker.stdout.close()
+        if keeper:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(keeper, signal.SIGKILL)

@@ -4,6 +4,8 @@ application, and dropped, with the queue that was full. The eth and udp IPCPs sh
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -101,3 +103,67 @@ def test_an_application_that_falls_behind_gets_a_longer_queue_within_the_budget(
     finally:
         for s in (other_app, other_io, other_peer):
             s.close()
+
+
+@pytest.mark.parametrize("kind", ["dix", "llc"])
+@pytest.mark.timeout(30)
+def test_an_sdu_past_what_a_frame_carries_is_dropped_and_the_relay_goes_on(kind: str) -> None:
+    """An application writes on its flow's socket as it likes, past flowlib's MTU check: one SDU of
+    65,536 bytes (what the eth shims read whole) overflowed the frame's 2-byte length, and the
+    exception ended the relay thread, the data path of every flow of the IPCP. It is dropped and
+    counted; the flow's next SDU goes."""
+    from ipcp.eth import BUFSIZE
+    from transports import eth
+
+    net, wire = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    wire.settimeout(5)
+    app, io = seqpacket_pair()
+    framing = eth.EthFraming(b"\x02" * 6) if kind == "dix" else eth.LlcFraming(b"\x02" * 6)
+    hdr = framing.header(b"\x04" * 6, 9) if kind == "dix" else framing.header(b"\x04" * 6, EID, 9)
+    flow = ShimFlow(EID, b"\x04" * 6, remote_eid=9, relayed=True, io=io, hdr=hdr)
+    relay = Relay(net, framing, BUFSIZE, lambda frame, src: None, max_sdu=1500)
+    relay.add(flow)
+    relay.start()
+    try:
+        app.send(bytes(BUFSIZE))
+        app.send(b"after")
+        assert wire.recv(100).endswith(b"after")  # the next SDU went: the relay lives
+        wait_for(lambda: (relay.oversized, flow.sent) == (1, 1), 5, "the relay to count both")
+    finally:
+        relay.stop()
+        for s in (net, wire, app, io):
+            s.close()
+
+
+FAILING_RELAY = """
+import logging, socket, sys, time
+from ipcp.shim import ShimFlow
+from transports.relay import Relay
+from transports.unix import seqpacket_pair
+logging.basicConfig(level=logging.INFO)
+
+class Broken:
+    needs_src = False
+    def parse(self, frame, src):
+        return None
+    def send(self, sock, flow, sdu):
+        raise RuntimeError("a bug in the data path")
+
+net, wire = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+app, io = seqpacket_pair()
+relay = Relay(net, Broken(), 65536, lambda frame, src: None, max_sdu=1500)
+relay.add(ShimFlow(7, "peer", remote_eid=9, relayed=True, io=io, hdr=b""))
+relay.start()
+app.send(b"x")
+time.sleep(10)
+print("still running")
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_relay_that_fails_ends_its_ipcp_rather_than_serve_no_flow_while_listed() -> None:
+    """Whatever fails in the data path ends the process (the IRMd then takes its flows down), as the
+    unicast IPCP's does: a relay thread that ended on an exception left the IPCP up and every flow dead."""
+    r = subprocess.run([sys.executable, "-c", FAILING_RELAY], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 70 and "still running" not in r.stdout, r.stdout + r.stderr
+    assert "the data path failed; the IPCP ends" in r.stderr and "a bug in the data path" in r.stderr

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FAILURES = RateLog(rate=1.0, burst=10, logger=log)  # handlers' unexpected exceptions, with their tracebacks
+# What peers do wrong (bad frames, messages, unread replies): per connection is no bound, as a peer
+# may connect again and again, so these lines have one rate for all connections together.
+MISCONDUCT = RateLog(logger=log)
 
 Reply = tuple[Message, list[int]]
 ERROR_TEXT = 500  # characters of an error's text sent or logged: errors may quote what a peer sent
@@ -220,7 +223,7 @@ class AsyncChannel:
                 self._loop.call_soon(self.close)
                 return
         if self._max_queued is not None and self._queued > 2 * self._max_queued:
-            log.info("%s: the peer has left %d bytes unread; dropping the connection", self.name, self._queued)
+            MISCONDUCT.log("%s: the peer has left %d bytes unread; dropping the connection", self.name, self._queued)
             self._loop.call_soon(self.close)
             return
         # Queued frames keep their own copies of the fds: the caller may close its own.
@@ -257,7 +260,7 @@ class AsyncChannel:
             except (BlockingIOError, InterruptedError):
                 return
             except WireError as e:
-                log.info("%s: dropping connection: %s", self.name, e)
+                MISCONDUCT.log("%s: dropping connection: %s", self.name, e)
                 self.close()
                 return
             except OSError as e:
@@ -273,7 +276,7 @@ class AsyncChannel:
                 close_fds(fds)
                 self._malformed += 1
                 if self._malformed <= MALFORMED_LOGGED:  # then counted only: a peer cannot fill the log
-                    log.info("%s: malformed message: %s", self.name, str(e)[:ERROR_TEXT])
+                    MISCONDUCT.log("%s: malformed message: %s", self.name, str(e)[:ERROR_TEXT])
                 self._reply_error(data, "EPROTO", f"malformed message: {e}")
                 continue
             if frame.req_id & REPLY:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Hashable
@@ -17,6 +18,8 @@ from transports.poller import BURST, PollThread, read_burst
 from transports.queues import QueueBudget
 
 log = logging.getLogger(__name__)
+
+EXIT_CODE = 70  # the IPCP's exit status when its data path fails (EX_SOFTWARE, as the unicast IPCP's)
 
 
 class Framing(Protocol):
@@ -70,9 +73,18 @@ class Relay(PollThread):
         self.dropped = 0  # frames that were malformed, for no flow, or from the wrong peer
         self.overflow = 0  # SDUs dropped because the application did not keep up
         self.keepalives = 0  # empty SDUs received: keepalives, carried to the application like data
+        self.oversized = 0  # SDUs an application wrote past the layer's MTU (past flowlib): dropped
         # An IPCP above that waits for a CPU is given a longer queue before its SDUs drop (the network
         # socket's queue is long; the application's, the system's default, holds some 100 SDUs).
         self.queues = QueueBudget()
+
+    def _run(self) -> None:
+        try:
+            super()._run()
+        except BaseException:
+            # Fail-stop: a data path that ended silently left the IPCP listed, serving no flow at all
+            log.critical("the data path failed; the IPCP ends", exc_info=True)
+            os._exit(EXIT_CODE)  # the IRMd sees the IPCP die and takes its flows down
 
     def add(self, flow: RelayFlow) -> None:
         flow.io.setblocking(False)
@@ -160,8 +172,11 @@ class Relay(PollThread):
 
     def _send_burst(self, flow: RelayFlow, sdus: list[bytes]) -> None:
         """SDUs to the flow's peer (an empty one is a keepalive); its counters move once a burst."""
-        send, net, sent = self.framing.send, self.net, 0
+        send, net, sent, max_sdu = self.framing.send, self.net, 0, self.max_sdu
         for sdu in sdus:
+            if len(sdu) > max_sdu:  # the socket is the application's to write on: a frame's length would not pack
+                self.oversized += 1
+                continue
             try:
                 send(net, flow, sdu)
             except BlockingIOError:

@@ -114,3 +114,45 @@ def test_automatic_connects_remember_only_the_names_still_held_back() -> None:
     auto.done("n3", False, now)
     assert auto.handle_timer(now + 1.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) is None
     assert auto.handle_timer(now + 10.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) == "n3"
+
+
+@pytest.mark.timeout(60)
+def test_a_member_flapping_a_link_earns_few_routing_tables_and_others_links_are_still_routed() -> None:
+    """Each LSU adding a link asked for a table within HOLDOFF (50 ms) of the last: a member flapping
+    one of its links every 10 ms made its neighbour walk the whole graph 20 times a second (85 ms
+    each at the LSDB's bounds: more than its loop has). The holdoff grows while tables keep coming,
+    up to ls_t_recalc; a link another member adds meanwhile is routed within ls_t_recalc, and once
+    the flapping has stopped a new link is routed at once again."""
+    lsdb = Lsdb(1, name="n1")
+    rogue, honest, newcomer = (auth.Identity.generate() for _ in range(3))
+    recalc = lsdb.timers.recalc
+    lsdb.set_neighbours({2, 3}, 0.0)
+    assert lsdb.receive(signed_lsu(rogue, 2, 1, "rogue", [1]), 0.0)
+    assert lsdb.receive(signed_lsu(honest, 3, 1, "honest", [1]), 0.0)
+    assert lsdb.take_table(0.0) == {2: [2], 3: [3]}
+
+    tables, seqno, now, honest_routed = 0, 1, 0.0, None
+    for step in range(1, 6001):  # 60 s of LSUs from the rogue, 10 ms apart: a link to 9, then none
+        now = step * 0.01
+        seqno += 1
+        assert lsdb.receive(signed_lsu(rogue, 2, seqno, "rogue", [1, 9] if seqno % 2 else [1]), now)
+        if step == 3000:  # the honest member gets a new neighbour, 4, in the middle of it
+            assert lsdb.receive(signed_lsu(honest, 3, 2, "honest", [1, 4]), now)
+            assert lsdb.receive(signed_lsu(newcomer, 4, 1, "newcomer", [3]), now)
+        if (table := lsdb.take_table(now)) is not None:  # as the IPCP does after each input
+            tables += 1
+            if honest_routed is None and 4 in table:
+                honest_routed = now
+    assert tables <= 60 / recalc + 10  # was 1,200
+    assert honest_routed is not None and honest_routed - 30.0 <= recalc + 0.01
+    assert lsdb.table() == {2: [2], 3: [3], 4: [3]}
+
+    # Quiet for twice ls_t_recalc (the last lost link routed around meanwhile), then a new link is at once.
+    now += recalc
+    lsdb.take_table(now)
+    now += 2 * recalc
+    seqno += 2 - seqno % 2  # the next flap would remove 9: make it add a new member's link instead
+    assert lsdb.receive(signed_lsu(honest, 3, 3, "honest", [1, 4, 5]), now)
+    assert lsdb.receive(signed_lsu(auth.Identity.generate(), 5, 1, "late", [3]), now)
+    table = lsdb.take_table(now)
+    assert table is not None and table[5] == [3]

@@ -21,6 +21,9 @@ MAX_LINKS = 1024  # neighbours one LSU may claim ...
 MAX_ALL_LINKS = 16 * MAX_MEMBERS  # ... and all LSUs held together: each table walks every one of them
 MAX_NAME = 255
 HOLDOFF = 0.05  # seconds between two tables at least: a join storm of N members costs a few tables, not N
+# A member flapping a link (or making up new ones) would otherwise earn a table every HOLDOFF, each a
+# walk of the whole graph (85 ms at the bounds below): the holdoff doubles with each table taken
+# soon after the last, up to ls_t_recalc, and is back to HOLDOFF once no table was due for two of those.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Lsdb:
         self._dirty = True
         self._next_recalc = now
         self._last_calc = -math.inf
+        self._holdoff = HOLDOFF  # the least time from one table to the next a new link may ask
         self._oldest: float | None = None  # the oldest `seen` of another member's entry; None: to find
 
     @property
@@ -106,7 +110,7 @@ class Lsdb:
         one at the next ls_t_recalc."""
         self._dirty = True
         if added:
-            self._next_recalc = min(self._next_recalc, max(now, self._last_calc + HOLDOFF))
+            self._next_recalc = min(self._next_recalc, max(now, self._last_calc + self._holdoff))
 
     def _renew(self, now: float) -> Lsu:
         self.seqno += 1
@@ -167,7 +171,8 @@ class Lsdb:
                 return False  # an old incarnation's LSU still going round: it must not undo the new one
             for addr in rivals:
                 self._drop(addr)
-        self._changed(now, added=entry is None or bool(claimed - entry.neighbours))
+        if entry is None or claimed != entry.neighbours:  # a renewal leaves the graph, and the table, as it was
+            self._changed(now, added=entry is None or bool(claimed - entry.neighbours))
         if entry is None or entry.seen == self._oldest:
             self._oldest = None if entry is not None or self._oldest is None else min(self._oldest, now)
         if entry is not None and entry.name != lsu.name:  # renamed
@@ -222,6 +227,8 @@ class Lsdb:
         if not self._dirty or now < self._next_recalc:
             return None
         self._dirty = False
+        quiet = now - self._last_calc >= 2 * self.timers.recalc
+        self._holdoff = HOLDOFF if quiet else min(2 * self._holdoff, self.timers.recalc)
         self._last_calc = now
         self._next_recalc = now + self.timers.recalc
         return self.table()

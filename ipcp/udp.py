@@ -168,6 +168,9 @@ class UdpIpcp(ShimIpcp):
         ip, port = cast(tuple[str, int], addr)
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
+    def peer_of(self, addr: Hashable) -> str:
+        return self._ip_of(addr)  # another source port is no other peer
+
 
 class Udp6Ipcp(UdpIpcp):
     type = "udp6"

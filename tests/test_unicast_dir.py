@@ -512,3 +512,42 @@ def test_dir_a_lookup_sent_again_to_the_member_it_asks_is_answered_once() -> Non
     assert dht.lookup(asker, KEY) == [3]  # a new lookup (a new cookie) is answered
     again = dataclasses.replace(find, cookie=find.cookie + 1)
     assert asked.receive(again, dht.now) and asked.receive(again, dht.now) == []
+
+
+@pytest.mark.timeout(120)
+def test_dir_stores_for_made_up_addresses_fill_no_holder_and_members_still_register() -> None:
+    """A store is held for any address that signs its own (its LSU may come later), and each address
+    had 1,024 entries: one member storing for 16 made-up addresses filled every holder's 16,384 for
+    dht_t_expire (a day), refusing every registration after it. A full directory now gives the place
+    of an address no LSU binds, then of the member holding the most, to a member's store."""
+    d = Directory(1)
+    for member in (2, 3):  # members: their LSUs bound their keys
+        d.bindings.admit(member, f"n{member}", ident_of(member).pub)
+    d.set_members([1, 2, 3], 0.0)
+    assert d.receive(store(3, b"early", 100.0), 0.0) == []
+    made_up = range(1000, 1000 + dir_mod.MAX_ENTRIES // dir_mod.MAX_PER_MEMBER + 1)
+    for addr in made_up:
+        for i in range(dir_mod.MAX_PER_MEMBER):
+            d.receive(store(addr, b"junk%d.%d" % (addr, i), 1e9), 0.0)
+    assert d.size == dir_mod.MAX_ENTRIES and d.refused >= dir_mod.MAX_PER_MEMBER - 1
+    for i in range(3):  # members register beside them, and keep what they had
+        d.receive(store(2, b"name%d" % i, 100.0), 1.0)
+        assert d.local(b"name%d" % i, 1.0) == [2]
+    assert d.local(b"early", 1.0) == [3]
+    assert d.size == dir_mod.MAX_ENTRIES
+
+
+def test_dir_a_full_directory_shares_its_entries_among_members(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Among members whose LSUs bound them, the one holding the most gives way to the one holding
+    fewer, and never to one that would then hold as many."""
+    monkeypatch.setattr(dir_mod, "MAX_ENTRIES", 10)
+    d = Directory(1)
+    for member in (2, 3):
+        d.bindings.admit(member, f"n{member}", ident_of(member).pub)
+    d.set_members([1, 2, 3], 0.0)
+    for i in range(10):
+        d.receive(store(2, b"a%d" % i, 100.0), 0.0)
+    for i in range(6):
+        d.receive(store(3, b"b%d" % i, 100.0), 0.0)
+    assert d._per_member == {2: 5, 3: 5} and d.size == 10 and d.refused == 1
+    assert d.local(b"a0", 0.0) is None and d.local(b"a9", 0.0) == [2]  # 2's oldest went first

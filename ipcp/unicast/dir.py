@@ -95,6 +95,7 @@ class Directory:
         self.replayed = 0  # lookups answered before (the same asker and cookie): a copy sent again
         self._answered: OrderedDict[tuple[int, int], None] = OrderedDict()  # (asker, cookie), the last ANSWERED
         self._per_member: dict[int, int] = {}
+        self._size = 0  # entries held, all members' together
         self._schedule: SortedList = SortedList()  # (expiry, key, addr)
         self._lookups: dict[int, _Lookup] = {}
         self._seq = int(now * 1e6)  # over restarts too: a new incarnation's stores outnumber the old's
@@ -107,7 +108,7 @@ class Directory:
 
     @property
     def size(self) -> int:
-        return sum(len(e) for e in self.store.values())
+        return self._size
 
     def closest(self, key: bytes, n: int | None = None) -> list[int]:
         k = int.from_bytes(hashlib.sha3_256(key).digest(), "big")
@@ -276,10 +277,11 @@ class Directory:
             raise
         entries = self.store.get(store.key, {})
         if store.addr not in entries and store.ttl > 0:
-            if self.size >= MAX_ENTRIES or self._per_member.get(store.addr, 0) >= MAX_PER_MEMBER:
+            if not self._room(store):
                 self.refused += 1
                 return
             self._per_member[store.addr] = self._per_member.get(store.addr, 0) + 1
+            self._size += 1
         if slot not in self.seqs:
             self._new_seq_slot(store.key, store.addr)
         self.seqs[slot] = store.seq
@@ -293,6 +295,31 @@ class Directory:
             self._schedule.discard((old.expiry, store.key, store.addr))  # one expiry per entry, renewed or not
         entries[store.addr] = _Held(store, expiry)
         self._schedule.add((expiry, store.key, store.addr))
+
+    def _bound(self, addr: int) -> bool:
+        """A member whose LSU bound a key to its address: stores of any other address are never believed."""
+        return addr in self.members and addr in self.bindings.by_addr
+
+    def _room(self, store: DhtStore) -> bool:
+        """Room for one more entry of `store.addr`'s. When the directory is full, a member's entry takes
+        the place of one of an address no LSU binds, else of the member holding the most, if it holds
+        more than this one would: stores for made-up addresses (no LSU needed) once filled every holder
+        for dht_t_expire, and no member could register a name after them."""
+        mine = self._per_member.get(store.addr, 0)
+        if mine >= MAX_PER_MEMBER:
+            return False
+        if self._size < MAX_ENTRIES:
+            return True
+        if not self._bound(store.addr):
+            return False
+        held = self._per_member
+        victim = max(held, key=lambda a: (not self._bound(a), held[a]))
+        if self._bound(victim) and held[victim] <= mine + 1:
+            return False
+        # Its oldest entry goes (its keys are kept oldest first; past MAX_SEQS one may be forgotten there).
+        key = next((k for k in self._seq_keys.get(victim, ()) if victim in self.store.get(k, {})), None)
+        self._drop(key if key is not None else next(k for k, e in self.store.items() if victim in e), victim)
+        return True
 
     def _new_seq_slot(self, key: bytes, addr: int) -> None:
         """Room for one more seqno of `addr`'s: a member past its share forgets the oldest of its own
@@ -315,6 +342,7 @@ class Directory:
         entries = self.store.get(key)
         if entries is not None and (held := entries.pop(addr, None)) is not None:
             self._schedule.discard((held.expiry, key, addr))
+            self._size -= 1
             self._per_member[addr] -= 1
             if not self._per_member[addr]:
                 del self._per_member[addr]

@@ -120,9 +120,11 @@ def test_automatic_connects_remember_only_the_names_still_held_back() -> None:
 def test_a_member_flapping_a_link_earns_few_routing_tables_and_others_links_are_still_routed() -> None:
     """Each LSU adding a link asked for a table within HOLDOFF (50 ms) of the last: a member flapping
     one of its links every 10 ms made its neighbour walk the whole graph 20 times a second (85 ms
-    each at the LSDB's bounds: more than its loop has). The holdoff grows while tables keep coming,
-    up to ls_t_recalc; a link another member adds meanwhile is routed within ls_t_recalc, and once
+    each at the LSDB's bounds: more than its loop has). Past a burst of tables the holdoff grows while
+    they keep coming, up to ls_t_recalc; a link another member adds meanwhile is routed within ls_t_recalc, and once
     the flapping has stopped a new link is routed at once again."""
+    from ipcp.unicast.routing import BURST
+
     lsdb = Lsdb(1, name="n1")
     rogue, honest, newcomer = (auth.Identity.generate() for _ in range(3))
     recalc = lsdb.timers.recalc
@@ -143,7 +145,7 @@ def test_a_member_flapping_a_link_earns_few_routing_tables_and_others_links_are_
             tables += 1
             if honest_routed is None and 4 in table:
                 honest_routed = now
-    assert tables <= 60 / recalc + 10  # was 1,200
+    assert tables <= 60 / recalc + 10 + BURST  # was 1,200
     assert honest_routed is not None and honest_routed - 30.0 <= recalc + 0.01
     assert lsdb.table() == {2: [2], 3: [3], 4: [3]}
 
@@ -156,3 +158,4 @@ def test_a_member_flapping_a_link_earns_few_routing_tables_and_others_links_are_
     assert lsdb.receive(signed_lsu(auth.Identity.generate(), 5, 1, "late", [3]), now)
     table = lsdb.take_table(now)
     assert table is not None and table[5] == [3]
+

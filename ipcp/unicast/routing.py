@@ -22,8 +22,9 @@ MAX_ALL_LINKS = 16 * MAX_MEMBERS  # ... and all LSUs held together: each table w
 MAX_NAME = 255
 HOLDOFF = 0.05  # seconds between two tables at least: a join storm of N members costs a few tables, not N
 # A member flapping a link (or making up new ones) would otherwise earn a table every HOLDOFF, each a
-# walk of the whole graph (85 ms at the bounds below): the holdoff doubles with each table taken
-# soon after the last, up to ls_t_recalc, and is back to HOLDOFF once no table was due for two of those.
+# walk of the whole graph (85 ms at the bounds below): past BURST tables with no quiet spell between
+# them (two ls_t_recalc without one), the holdoff doubles with each table, up to ls_t_recalc.
+BURST = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Lsdb:
         self._next_recalc = now
         self._last_calc = -math.inf
         self._holdoff = HOLDOFF  # the least time from one table to the next a new link may ask
+        self._spell = 0  # tables since the last quiet spell
         self._oldest: float | None = None  # the oldest `seen` of another member's entry; None: to find
 
     @property
@@ -227,8 +229,11 @@ class Lsdb:
         if not self._dirty or now < self._next_recalc:
             return None
         self._dirty = False
-        quiet = now - self._last_calc >= 2 * self.timers.recalc
-        self._holdoff = HOLDOFF if quiet else min(2 * self._holdoff, self.timers.recalc)
+        if now - self._last_calc >= 2 * self.timers.recalc:  # quiet since the last: a new spell
+            self._spell, self._holdoff = 0, HOLDOFF
+        self._spell += 1
+        if self._spell > BURST:
+            self._holdoff = min(2 * self._holdoff, self.timers.recalc)
         self._last_calc = now
         self._next_recalc = now + self.timers.recalc
         return self.table()

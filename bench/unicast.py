@@ -80,7 +80,7 @@ def _forward_cost(size: int, runs: int, burst: int = 2000) -> Row:
 def _forward_us(size: int, burst: int, sealed: bool) -> float:
     """CPU per PDU to forward frames packed as a sender packs them for a udp layer's MTU."""
     fmt = PciFormat()
-    dt = Dt(fmt, 1, 60, 65536, lambda pdu: None, lambda addr, link: None, lambda flow, update: None)
+    dt = Dt(fmt, 1, 60, 65536, lambda pdu, hop: None, lambda addr, link: None, lambda flow, update: None)
     drain, out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     drain.setblocking(False)

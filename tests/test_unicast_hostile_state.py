@@ -159,3 +159,22 @@ def test_a_member_flapping_a_link_earns_few_routing_tables_and_others_links_are_
     table = lsdb.take_table(now)
     assert table is not None and table[5] == [3]
 
+
+def test_the_management_queue_serves_neighbours_in_turn_and_a_flooding_one_gives_way() -> None:
+    """One neighbour filling the queue to the loop keeps at most what the others leave; the others'
+    PDUs go in and come out in turn with its own, not behind all of them."""
+    from ipcp.unicast.mgmtq import MgmtQueue
+
+    q = MgmtQueue(8)
+    assert q.put(7, b"f0")  # the first one wakes the loop
+    for i in range(1, 20):
+        assert not q.put(7, b"f%d" % i)
+    assert len(q) == 8 and q.dropped == 12
+    q.put(2, b"n2-lookup")
+    q.put(3, b"n3-request")
+    q.put(2, b"n2-store")
+    assert len(q) == 8 and q.dropped == 15  # the flooder gave up three of its own
+    taken = [q.take() for _ in range(8)]
+    assert taken[:4] == [b"f0", b"n2-lookup", b"n3-request", b"f1"] and b"n2-store" in taken
+    assert q.take() is None and len(q) == 0
+    assert q.put(2, b"again")  # empty again: wakes the loop

@@ -32,6 +32,7 @@ from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.enroll import Enrollee, Enroller
 from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, Ended, FaError, FlowAllocator, State
 from ipcp.unicast.handshake import Handshake, Peer, Refused
+from ipcp.unicast.mgmtq import MgmtQueue
 from ipcp.unicast.pci import FRAMING, MAX_PDU, PciFormat
 from ipcp.unicast.routing import Lsdb, LsTimers
 from proto import messages as m
@@ -55,7 +56,7 @@ MAX_ENROLLING = 32  # enrollees answered and waited for (to close first) at once
 # `connect` answers once the new neighbour is routed, so a name lookup right after it can ask it;
 # past this it answers anyway (the layer's routing settles on its own).
 ROUTED_WAIT = 2.0
-MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop; more are dropped
+MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop (per neighbour in turn)
 MGMT_SLICE = 256  # ... taken by the loop at once
 DEFAULTS = {
     "addr": "4",
@@ -166,7 +167,7 @@ class UnicastIpcp(Ipcp):
         # N-1 flows being greeted, oldest first: their handshakes and the tasks that drive them
         self._greeting: dict[AsyncFlow, tuple[Adjacency, asyncio.Task[Any]]] = {}
         self._enrolling: dict[AsyncFlow, asyncio.Task[Any]] = {}  # enrollees answered, oldest first
-        self._mgmt_in: collections.deque[bytes] = collections.deque()  # from the DT thread
+        self._mgmt_in = MgmtQueue(MAX_MGMT_QUEUE)  # from the DT thread, per neighbour
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -231,14 +232,11 @@ class UnicastIpcp(Ipcp):
         self.loop = loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._fatal)
 
-        def on_mgmt(pdu: bytes) -> None:  # on the DT thread: hand over in batches, bounded
+        def on_mgmt(pdu: bytes, hop: int) -> None:  # on the DT thread: hand over in batches, bounded
             assert self.dt is not None
-            if len(self._mgmt_in) >= MAX_MGMT_QUEUE:
-                self.dt.counters.mgmt_dropped += 1
-                return
-            self._mgmt_in.append(pdu)
-            if len(self._mgmt_in) == 1:  # the loop drains to empty: one wake-up per batch
+            if self._mgmt_in.put(hop, pdu):  # the loop drains to empty: one wake-up per batch
                 loop.call_soon_threadsafe(self._drain_mgmt)
+            self.dt.counters.mgmt_dropped = self._mgmt_in.dropped
 
         def on_n1_down(addr: int, link: object) -> None:
             loop.call_soon_threadsafe(self._drop_link, addr, um.DT, link)
@@ -645,9 +643,7 @@ class UnicastIpcp(Ipcp):
     def _drain_mgmt(self) -> None:
         """Management PDUs the DT thread handed over, MGMT_SLICE at a time so the loop stays responsive."""
         for _ in range(MGMT_SLICE):
-            try:
-                pdu = self._mgmt_in.popleft()
-            except IndexError:
+            if (pdu := self._mgmt_in.take()) is None:
                 return
             self._on_mgmt(pdu)
         self.loop.call_soon(self._drain_mgmt)

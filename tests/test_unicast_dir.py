@@ -551,3 +551,22 @@ def test_dir_a_full_directory_shares_its_entries_among_members(monkeypatch: pyte
         d.receive(store(3, b"b%d" % i, 100.0), 0.0)
     assert d._per_member == {2: 5, 3: 5} and d.size == 10 and d.refused == 1
     assert d.local(b"a0", 0.0) is None and d.local(b"a9", 0.0) == [2]  # 2's oldest went first
+
+
+def test_dir_the_lookup_cache_is_bounded_and_sheds_what_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every answered lookup stayed in the cache for good (its TTL was checked on reading only): names
+    members registered by the thousand, looked up one after the other, grew every asker's memory."""
+    monkeypatch.setattr(dir_mod, "MAX_CACHE", 16, raising=False)
+    dht = Dht(ADDRS)
+    keys = [hashlib.sha3_256(b"name%d" % i).digest() for i in range(40)]
+    for key in keys:
+        dht.register(3, key)
+    dht.register(3, KEY)
+    asker = next(a for a in ADDRS if a != 3 and a not in dht.holders(KEY) | dht.holders(keys[-1]))
+    for i, key in enumerate(keys):
+        dht.now = i * 0.01
+        assert dht.lookup(asker, key) == [3]
+    cache = dht.d[asker].cache
+    assert len(cache) <= 16 and keys[-1] in cache
+    dht.now += CACHE_TTL + 1
+    assert dht.lookup(asker, KEY) == [3] and list(cache) == [KEY]  # the expired all gone

@@ -24,6 +24,7 @@ from transports.wire import Message
 
 LOOKUP_TIMEOUT = 2.0
 CACHE_TTL = 10.0
+MAX_CACHE = 4096  # lookup answers cached: names members registered by the thousand, looked up, grew it for good
 MAX_ENTRIES = 16384  # (key, address) entries a member holds for the layer
 MAX_PER_MEMBER = 1024  # ... of which one member's
 SEQS_PER_MEMBER = 2 * MAX_PER_MEMBER  # a member's store seqnos kept (its removals too), of its own slots
@@ -227,11 +228,20 @@ class Directory:
             live = self._proven(msg, now)
             if live:
                 del self._lookups[msg.cookie]
-                self.cache[msg.key] = (live, now + CACHE_TTL)
+                self._cache(msg.key, live, now)
                 self.resolved.append((msg.key, live))
                 return []
             return self._ask(msg.cookie, lk)
         return []
+
+    def _cache(self, key: bytes, live: list[int], now: float) -> None:
+        """Keep a lookup's answer CACHE_TTL, at most MAX_CACHE of them: in the order they expire (one TTL
+        for all), so the expired and, past the bound, the oldest leave from the front."""
+        cache = self.cache
+        cache.pop(key, None)
+        while cache and (len(cache) >= MAX_CACHE or next(iter(cache.values()))[1] <= now):
+            del cache[next(iter(cache))]
+        cache[key] = (live, now + CACHE_TTL)
 
     def _proven(self, found: DhtFound, now: float) -> list[int]:
         """The members a lookup answer proves registered for its key: each by its own signed store,

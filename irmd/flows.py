@@ -118,17 +118,13 @@ class Flows:
             )
 
     def limit_remote(self, ipcp: Ipcp, peer: str) -> None:
-        """A remote peer holds at most flows_per_peer flows of an IPCP, and of one with a flow capacity
-        ipcp_share_per_peer percent: whoever accepts them, admins too, or one peer allocating to a server
-        that takes every flow held all of a shim's flows (and as many descriptors of the IRMd's)."""
-        limits = self.irmd.limits
-        most = limits.flows_per_peer
-        if ipcp.flows > 0:
-            most = min(most, share(ipcp.flows, limits.ipcp_share_per_peer))
+        """A remote peer holds at most flows_per_peer flows of an IPCP, whoever accepts them, admins too:
+        one peer allocating to a server that takes every flow held all of a udp shim's 4,096 flows (and as
+        many descriptors of the IRMd's), and nobody else got one."""
+        most = self.irmd.limits.flows_per_peer
         if (held := self.reg.flows_of_remote(ipcp.name, peer)) >= most:
             raise LimitReached(
-                f"{peer} holds {held} flows of ipcp {ipcp.name!r} (layer {ipcp.layer!r}) (limit "
-                f"flows_per_peer={limits.flows_per_peer}, ipcp_share_per_peer={limits.ipcp_share_per_peer}%: {most})"
+                f"{peer} holds {held} flows of ipcp {ipcp.name!r} (layer {ipcp.layer!r}) (limit flows_per_peer={most})"
             )
 
     @contextlib.contextmanager

@@ -607,3 +607,48 @@ def test_a_member_flooding_costly_management_pdus_leaves_others_theirs(layer: La
         t.join(30)
     assert ok == 4, f"only {ok} of 4 allocations of n2's went through the flood"
     assert a.irmd.alive() and b.irmd.alive()
+
+
+@pytest.mark.timeout(300)
+def test_a_member_flooding_its_own_lsus_gets_a_few_passed_on_and_its_last_state_taken(layer: Layer, peer: Peer) -> None:
+    """Each LSU a member signs with a seqno past its last is news: n1 checked its signature and flooded
+    it to every neighbour, as fast as the member's link carried them, and so did every member after it.
+    A known member's LSUs are now taken at most every MIN_ARRIVAL, the newest of those that came sooner
+    when its turn comes: a listening neighbour of n1 hears a few of 2,000, the last among them."""
+    from ipcp.unicast.routing import MIN_ARRIVAL
+
+    a, b = layer.a, layer.b
+    mgmt, msealer, _ = peer.member(um.MGMT)
+    listener, _, lopener = peer.member(um.MGMT, addr=ROGUE + 1)
+    heard: list[int] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        listener.set_timeout(0.5)
+        while not stop.is_set():
+            try:
+                msg = um.CODEC.decode(bytes(lopener.open(listener.read()))).msg
+            except (FlowError, auth.Forged, auth.Replayed):
+                continue
+            if isinstance(msg, um.Lsu) and msg.src == ROGUE:
+                heard.append(msg.seqno)
+
+    lsus = [signed_lsu(rogue_ident, ROGUE, "rogue", seqno=i, neighbours=[layer.n1]) for i in range(1, 2001)]
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    try:
+        with legit_pings(b) as failures:
+            start = time.monotonic()
+            for lsu in lsus:
+                with contextlib.suppress(FlowError):
+                    mgmt.write(msealer.seal_bytes(um.CODEC.encode(lsu)))
+            spent = time.monotonic() - start
+            wait_for(lambda: heard and heard[-1] == 2000, 20, "n1 to take the rogue's last LSU")
+            time.sleep(1.0)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not failures, failures
+    assert len(heard) <= spent / MIN_ARRIVAL + 10, f"n1 passed on {len(heard)} LSUs in {spent:.1f} s"
+    assert a.counter("n1", "lsu_held") >= 2000 - len(heard) - 10
+    assert a.irmd.alive() and b.irmd.alive()

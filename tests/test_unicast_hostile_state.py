@@ -178,3 +178,23 @@ def test_the_management_queue_serves_neighbours_in_turn_and_a_flooding_one_gives
     assert taken[:4] == [b"f0", b"n2-lookup", b"n3-request", b"f1"] and b"n2-store" in taken
     assert q.take() is None and len(q) == 0
     assert q.put(2, b"again")  # empty again: wakes the loop
+
+
+def test_the_pacer_holds_back_a_known_members_lsus_to_one_per_min_arrival_and_never_a_newcomers() -> None:
+    """No signature is checked for an LSU held back; the newest held is taken when its turn comes."""
+    from ipcp.unicast.routing import MIN_ARRIVAL, Pacer
+
+    lsdb = Lsdb(1, name="n1")
+    pacer = Pacer(lsdb)
+    rogue, honest = auth.Identity.generate(), auth.Identity.generate()
+    assert not pacer.hold(signed_lsu(rogue, 7, 1, "rogue", [1]), 0.0)  # not known yet: taken at once
+    assert lsdb.receive(signed_lsu(rogue, 7, 1, "rogue", [1]), 0.0)
+    for seqno in range(2, 500):  # then as fast as it can: only held, no signature checked
+        assert pacer.hold(um.Lsu(7, seqno, [1], "rogue", 0.0, rogue.pub, b"unchecked"), 0.001 * seqno)
+    last = signed_lsu(rogue, 7, 500, "rogue", [1, 9])
+    assert pacer.hold(last, 0.2)
+    assert not pacer.hold(signed_lsu(honest, 8, 1, "honest", [1]), 0.2)  # another member: not held
+    assert pacer.get_timer() == MIN_ARRIVAL and pacer.due(0.2) == []
+    assert pacer.due(MIN_ARRIVAL) == [last] and pacer.get_timer() is None
+    assert lsdb.receive(last, MIN_ARRIVAL) and lsdb.db[7].neighbours == {1, 9}
+    assert pacer.held == 499

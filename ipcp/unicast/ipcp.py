@@ -34,7 +34,7 @@ from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, En
 from ipcp.unicast.handshake import Handshake, Peer, Refused
 from ipcp.unicast.mgmtq import MgmtQueue
 from ipcp.unicast.pci import FRAMING, MAX_PDU, PciFormat
-from ipcp.unicast.routing import Lsdb, LsTimers
+from ipcp.unicast.routing import Lsdb, LsTimers, Pacer
 from proto import messages as m
 from proto.errors import FlowError
 from proto.names import HASHES
@@ -219,6 +219,7 @@ class UnicastIpcp(Ipcp):
         timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
         policy = pff.by_name(conf["routing"])
         self.lsdb = Lsdb(self.addr, policy, self.name, time.time(), identity, bindings, timers, now, fmt.max_addr)
+        self.pacer = Pacer(self.lsdb)
         params = DhtParams(
             int(conf["dht_alpha"]),
             int(conf["dht_k"]),
@@ -507,15 +508,24 @@ class UnicastIpcp(Ipcp):
                 self.stats["mgmt_malformed"] += 1
                 continue
             now = time.monotonic()
-            try:
-                news = self.lsdb.receive(msg, now)
-            except auth.Forged as e:
-                DROPPED.log("%s: dropped an LSU via %s: %s", self.name, peer.name, e)  # counted in lsu_forged
+            if self.pacer.hold(msg, now):  # its turn comes at the timer
+                self._rearm()
                 continue
-            if news:
-                self._flood(msg, exclude=peer.addr)
-                self._drop_links_of_other_keys(msg.src)
-                self._after(now)
+            self._take_lsu(msg, now, peer)
+
+    def _take_lsu(self, msg: um.Lsu, now: float, peer: Peer | None) -> None:
+        """An LSU from the neighbour `peer` (None: one the pacer held back): flooded on if news."""
+        assert self.lsdb is not None
+        try:
+            news = self.lsdb.receive(msg, now)
+        except auth.Forged as e:
+            via = peer.name if peer is not None else "a neighbour"
+            DROPPED.log("%s: dropped an LSU via %s: %s", self.name, via, e)  # counted in lsu_forged
+            return
+        if news:
+            self._flood(msg, exclude=peer.addr if peer is not None else 0)
+            self._drop_links_of_other_keys(msg.src)
+            self._after(now)
 
     def _drop_links_of_other_keys(self, addr: int) -> None:
         """`addr` is now bound to a key (its LSU): links to it made with another key before that go."""
@@ -577,7 +587,13 @@ class UnicastIpcp(Ipcp):
             return
         due = [
             t
-            for t in (self.lsdb.get_timer(), self.dir.get_timer(), self.fa.get_timer(), self.auto.get_timer())
+            for t in (
+                self.lsdb.get_timer(),
+                self.pacer.get_timer(),
+                self.dir.get_timer(),
+                self.fa.get_timer(),
+                self.auto.get_timer(),
+            )
             if t is not None
         ]
         at = min(due)
@@ -592,6 +608,8 @@ class UnicastIpcp(Ipcp):
         assert self.lsdb is not None and self.dir is not None and self.fa is not None
         self._timer = None
         now = time.monotonic()
+        for held in self.pacer.due(now):
+            self._take_lsu(held, now, None)
         lsu = self.lsdb.handle_timer(now)
         if lsu is not None:
             self._flood(lsu)
@@ -812,6 +830,7 @@ class UnicastIpcp(Ipcp):
             **self.stats,
             "lsu_forged": self.lsdb.forged,
             "lsu_refused": self.lsdb.refused,
+            "lsu_held": self.pacer.held,
             "dht_forged": self.dir.forged,
             "dht_refused": self.dir.refused,
             "dht_misdirected": self.dir.misdirected,

@@ -71,7 +71,8 @@ def test_one_peer_holds_a_bounded_number_of_flows_and_another_peer_still_gets_it
     layer: tuple[Peer, Peer, Peer],
 ) -> None:
     """Each request of the attacker was accepted and held (by a server that takes every flow), up
-    to all the shim's 4,096 flows and as many descriptors of the IRMd: no peer asked for one after."""
+    to all the shim's 4,096 flows and as many descriptors of the IRMd: no peer asked for one after.
+    Its flows count until they end, and no longer."""
     attacker, attacker_other_port, client = layer
     held = [attacker.ask(plain())[0] for _ in range(PER_PEER)]
     assert held == [0] * PER_PEER  # its fair use is served
@@ -82,3 +83,5 @@ def test_one_peer_holds_a_bounded_number_of_flows_and_another_peer_still_gets_it
         response, body = client.ask(req)
         assert response == 0
         oap.check_response(oap.decode(req), body)
+    # The server lets its silent flows go (oping -l: after 10 s idle), and with them the peer's count.
+    wait_for(lambda: attacker.ask(plain())[0] == 0, 40, "the peer's flows to be let go and counted no more")

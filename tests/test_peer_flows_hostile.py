@@ -85,3 +85,19 @@ def test_one_peer_holds_a_bounded_number_of_flows_and_another_peer_still_gets_it
         oap.check_response(oap.decode(req), body)
     # The server lets its silent flows go (oping -l: after 10 s idle), and with them the peer's count.
     wait_for(lambda: attacker.ask(plain())[0] == 0, 40, "the peer's flows to be let go and counted no more")
+
+
+def test_a_udp_peer_is_one_whatever_its_port_or_its_address_in_its_ipv6_64() -> None:
+    """The limits per peer (flows held, allocations in flight) would count each source port, or each
+    address of an IPv6 host's /64 (2**64 of them, any of which it may send from), as a peer of its own."""
+    from ipcp.udp import Udp6Ipcp, UdpIpcp
+
+    def peer(cls: type[UdpIpcp], addr: tuple[str, int]) -> str:
+        return cls.peer_of(cls.__new__(cls), addr)
+
+    assert peer(UdpIpcp, ("127.0.77.2", 4000)) == peer(UdpIpcp, ("127.0.77.2", 4001)) == "127.0.77.2"
+    assert peer(UdpIpcp, ("127.0.77.3", 4000)) != peer(UdpIpcp, ("127.0.77.2", 4000))
+    ours = {peer(Udp6Ipcp, (f"2001:db8:1:2:{i:x}::1", 4000 + i)) for i in range(100)}
+    assert ours == {"2001:db8:1:2::/64"}
+    assert peer(Udp6Ipcp, ("2001:db8:1:3::1", 4000)) != "2001:db8:1:2::/64"
+    assert peer(Udp6Ipcp, ("::ffff:10.0.0.1", 4000)) == "10.0.0.1"

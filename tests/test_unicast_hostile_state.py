@@ -181,20 +181,32 @@ def test_the_management_queue_serves_neighbours_in_turn_and_a_flooding_one_gives
 
 
 def test_the_pacer_holds_back_a_known_members_lsus_to_one_per_min_arrival_and_never_a_newcomers() -> None:
-    """No signature is checked for an LSU held back; the newest held is taken when its turn comes."""
+    """No signature is checked for an LSU held back; the newest held is taken when its turn comes, and
+    one forged with a higher seqno through another neighbour does not push the member's own out."""
     from ipcp.unicast.routing import MIN_ARRIVAL, Pacer
 
     lsdb = Lsdb(1, name="n1")
     pacer = Pacer(lsdb)
     rogue, honest = auth.Identity.generate(), auth.Identity.generate()
-    assert not pacer.hold(signed_lsu(rogue, 7, 1, "rogue", [1]), 0.0)  # not known yet: taken at once
+    assert not pacer.hold(signed_lsu(rogue, 7, 1, "rogue", [1]), 7, 0.0)  # not known yet: taken at once
     assert lsdb.receive(signed_lsu(rogue, 7, 1, "rogue", [1]), 0.0)
+    assert lsdb.receive(signed_lsu(honest, 8, 1, "honest", [1]), 0.0)
     for seqno in range(2, 500):  # then as fast as it can: only held, no signature checked
-        assert pacer.hold(um.Lsu(7, seqno, [1], "rogue", 0.0, rogue.pub, b"unchecked"), 0.001 * seqno)
+        assert pacer.hold(um.Lsu(7, seqno, [1], "rogue", 0.0, rogue.pub, b"unchecked"), 7, 0.001 * seqno)
     last = signed_lsu(rogue, 7, 500, "rogue", [1, 9])
-    assert pacer.hold(last, 0.2)
-    assert not pacer.hold(signed_lsu(honest, 8, 1, "honest", [1]), 0.2)  # another member: not held
+    assert pacer.hold(last, 7, 0.2)
+    assert not pacer.hold(signed_lsu(honest, 8, 2, "honest", [1]), 8, 0.3)  # its turn: not held
+    assert lsdb.receive(signed_lsu(honest, 8, 2, "honest", [1]), 0.3)
+    # the honest member's next, through itself, and one in its name with a higher seqno, through the rogue
+    real = signed_lsu(honest, 8, 3, "honest", [1, 5])
+    assert pacer.hold(um.Lsu(8, 1 << 40, [], "honest", 0.0, honest.pub, b"forged"), 7, 0.35)
+    assert pacer.hold(real, 8, 0.4)
     assert pacer.get_timer() == MIN_ARRIVAL and pacer.due(0.2) == []
-    assert pacer.due(MIN_ARRIVAL) == [last] and pacer.get_timer() is None
+    assert pacer.due(MIN_ARRIVAL) == [last]
     assert lsdb.receive(last, MIN_ARRIVAL) and lsdb.db[7].neighbours == {1, 9}
-    assert pacer.held == 499
+    held = pacer.due(0.3 + MIN_ARRIVAL)
+    assert held[0].seqno == 1 << 40 and held[1] is real and pacer.get_timer() is None
+    with pytest.raises(auth.Forged):
+        lsdb.receive(held[0], 0.55)
+    assert lsdb.receive(real, 0.55) and lsdb.db[8].neighbours == {1, 5}
+    assert pacer.held == 501

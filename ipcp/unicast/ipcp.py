@@ -508,7 +508,7 @@ class UnicastIpcp(Ipcp):
                 self.stats["mgmt_malformed"] += 1
                 continue
             now = time.monotonic()
-            if self.pacer.hold(msg, now):  # its turn comes at the timer
+            if self.pacer.hold(msg, peer.addr, now):  # its turn comes at the timer
                 self._rearm()
                 continue
             self._take_lsu(msg, now, peer)

@@ -252,6 +252,7 @@ class Lsdb:
 
 
 MIN_ARRIVAL = 0.25  # s: a known member's LSUs are taken at most this often (OSPF's MinLSArrival)
+MAX_HELD = 4 * MAX_MEMBERS  # LSUs held back at once: past it, one is checked and taken as it comes
 
 
 class Pacer:
@@ -259,27 +260,30 @@ class Pacer:
     one taken from it, before any signature check, and hands the newest of them over when its turn
     comes: each news LSU of a member cost every member of the layer a signature check and a flood to
     all its neighbours, as fast as its links carried them. A member not known yet is never held back
-    (what it may be is the LSDB's bounds to decide), so the LSUs held are at most one per member."""
+    (what it may be is the LSDB's bounds to decide). The newest is kept per neighbour it came through:
+    an unchecked LSU with a higher seqno, forged by one neighbour, must not push out the member's own
+    coming through another."""
 
     def __init__(self, lsdb: Lsdb, every: float = MIN_ARRIVAL) -> None:
         self.lsdb = lsdb
         self.every = every
         self.held = 0  # LSUs held back (replaced by a newer one, or taken later)
-        self._waiting: dict[int, tuple[Lsu, float]] = {}  # member -> (its newest LSU held, when due)
+        self._waiting: dict[tuple[int, int], tuple[Lsu, float]] = {}  # (member, via) -> (newest held, due)
         self._due = math.inf  # the earliest of them
 
-    def hold(self, lsu: Lsu, now: float) -> bool:
-        """True if `lsu` is held back (or older than one held): not to be taken now."""
+    def hold(self, lsu: Lsu, via: int, now: float) -> bool:
+        """True if `lsu`, from the neighbour at `via`, is held back (or older than one held from there)."""
         entry = self.lsdb.db.get(lsu.src)
         if entry is None or lsu.src == self.lsdb.me or lsu.seqno <= entry.seqno:
             return False  # new, ours, or no news: Lsdb.receive answers at no cost
-        if now >= entry.seen + self.every and lsu.src not in self._waiting:
+        slot = (lsu.src, via)
+        waiting = self._waiting.get(slot)
+        if waiting is None and (now >= entry.seen + self.every or len(self._waiting) >= MAX_HELD):
             return False
         self.held += 1
-        waiting = self._waiting.get(lsu.src)
         if waiting is None or lsu.seqno > waiting[0].seqno:
             at = max(entry.seen + self.every, now) if waiting is None else waiting[1]
-            self._waiting[lsu.src] = (lsu, at)
+            self._waiting[slot] = (lsu, at)
             self._due = min(self._due, at)
         return True
 
@@ -287,10 +291,11 @@ class Pacer:
         return self._due if self._waiting else None
 
     def due(self, now: float) -> list[Lsu]:
-        """The LSUs whose turn has come, to take now (Lsdb.receive) as if they had just arrived."""
+        """The LSUs whose turn has come, newest first, to take now (Lsdb.receive) as if just arrived:
+        after the first that is genuine, the others of its member are no news and cost nothing."""
         if now < self._due:
             return []
-        ready = [src for src, (_, at) in self._waiting.items() if at <= now]
-        out = [self._waiting.pop(src)[0] for src in ready]
+        ready = [slot for slot, (_, at) in self._waiting.items() if at <= now]
+        out = sorted((self._waiting.pop(slot)[0] for slot in ready), key=lambda lsu: -lsu.seqno)
         self._due = min((at for _, at in self._waiting.values()), default=math.inf)
         return out

@@ -570,3 +570,31 @@ def test_dir_the_lookup_cache_is_bounded_and_sheds_what_expired(monkeypatch: pyt
     assert len(cache) <= 16 and keys[-1] in cache
     dht.now += CACHE_TTL + 1
     assert dht.lookup(asker, KEY) == [3] and list(cache) == [KEY]  # the expired all gone
+
+
+@pytest.mark.timeout(120)
+def test_dir_a_full_directory_ranks_who_gives_way_once_not_for_every_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full directory of 16,384 addresses holding one entry each (made up: no LSU needed) had every
+    member's store walk all of them to find whom to take a place from (5 ms a store, for a member
+    100 times what it costs to check its signature). They are ranked at most once a second."""
+    d = Directory(1)
+    d.bindings.admit(2, "n2", ident_of(2).pub)
+    d.set_members([1, 2], 0.0)
+    junk = auth.Identity.generate()
+    for addr in range(1000, 1000 + dir_mod.MAX_ENTRIES):
+        d.receive(store(addr, b"k%d" % addr, 1e9, ident=junk), 0.0)
+    assert d.size == dir_mod.MAX_ENTRIES
+    looks = 0
+    bound = Directory._bound
+
+    def counted(self: Directory, addr: int) -> bool:
+        nonlocal looks
+        looks += 1
+        return bound(self, addr)
+
+    monkeypatch.setattr(Directory, "_bound", counted)
+    for i in range(300):  # the member registers name after name, each in a made-up address's place
+        d.receive(store(2, b"m%d" % i, 100.0, seq=i + 1), 0.0)
+        assert d.local(b"m%d" % i, 0.0) == [2]
+    assert looks < 2 * dir_mod.MAX_ENTRIES, f"{looks} looks at addresses for 300 stores"
+    assert d.size == dir_mod.MAX_ENTRIES and d._per_member[2] == 300

@@ -51,8 +51,9 @@ class Stack(Resource):
     With `netns`, the IRMd and every process spawned run inside that network namespace.
     """
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, irmd_args: Sequence[str] = ()) -> None:
         self._prefix = ["ip", "netns", "exec", netns] if netns else []
+        self._irmd_args = list(irmd_args)
         self._tmp = tempfile.TemporaryDirectory(prefix="ouroboros-bench-")
         self.dir = Path(self._tmp.name)
         self.sock = self.dir / "irmd.sock"
@@ -61,7 +62,7 @@ class Stack(Resource):
 
     def open(self) -> None:
         os.environ[SOCK_ENV] = str(self.sock)  # for this process's flowlib and every child
-        irmd = self.spawn([tool("irmd"), "--sock", str(self.sock)], "irmd")
+        irmd = self.spawn([tool("irmd"), "--sock", str(self.sock), *self._irmd_args], "irmd")
         self._wait_listening(irmd)
 
     def irm(self, *words: str) -> str:

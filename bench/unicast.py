@@ -80,7 +80,7 @@ def _forward_cost(size: int, runs: int, burst: int = 2000) -> Row:
 def _forward_us(size: int, burst: int, sealed: bool) -> float:
     """CPU per PDU to forward frames packed as a sender packs them for a udp layer's MTU."""
     fmt = PciFormat()
-    dt = Dt(fmt, 1, 60, 65536, lambda pdu: None, lambda addr, link: None, lambda flow, update: None)
+    dt = Dt(fmt, 1, 60, 65536, lambda pdu, hop: None, lambda addr, link: None, lambda flow, update: None)
     drain, out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     drain.setblocking(False)
@@ -120,13 +120,15 @@ def _forward_us(size: int, burst: int, sealed: bool) -> float:
     return best / (sent // 5) * 1e6
 
 
-def line_layer(ex: contextlib.ExitStack, count: int, key: tuple[str, ...]) -> list[Stack]:
+def line_layer(
+    ex: contextlib.ExitStack, count: int, key: tuple[str, ...], irmd_args: tuple[str, ...] = ()
+) -> list[Stack]:
     """`count` hosts in a line (127.0.0.1...), each a udp4 shim and a unicast member of LAYER: n(i)
-    enrolls through and connects to n(i-1). The stacks, first to last."""
+    enrolls through and connects to n(i-1). The stacks, first to last; `irmd_args` for every IRMd."""
     ips = [f"127.0.0.{i + 1}" for i in range(count)]
     port = hosts.free_port(tuple(ips))
     ex.enter_context(member_keys())
-    stacks = [ex.enter_context(Stack()) for _ in ips]
+    stacks = [ex.enter_context(Stack(irmd_args=irmd_args)) for _ in ips]
     for i, (st, ip) in enumerate(zip(stacks, ips, strict=True)):
         hosts.udp_shim(st, ip, port, None if i == 0 else ips[0])
     hosts.irm_at(stacks[0], "ipcp", "bootstrap", "type", "unicast", "name", "n1", "layer", LAYER, *key, "autobind")

@@ -55,7 +55,8 @@ def _flows() -> list[Row]:
         raise BenchError(f"{FLOWS} flows need {FLOWS + 1000} file descriptors; the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.ExitStack() as ex:
-        stacks = line_layer(ex, 2, ())
+        # One peer holding FLOWS flows is the point here: past the IRMd's limit per peer (flows_per_peer).
+        stacks = line_layer(ex, 2, (), ("--limit", f"flows_per_peer={FLOWS + FIRST}"))
         client, server = stacks
         with hosts.pointing(server):
             server.spawn([sys.executable, "-m", "bench.unicast_scale", "hold", HOLDER], "holder", ready=True)

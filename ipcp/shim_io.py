@@ -388,6 +388,10 @@ class ShimIpcp(Ipcp):
     def show_addr(self, addr: Hashable) -> str:
         return str(addr)
 
+    def peer_of(self, addr: Hashable) -> str:
+        """Who a peer at `addr` is to the IRMd's limits per peer (a host, not one of its ports)."""
+        return self.show_addr(addr)
+
     def flow_counters(self, flow: ShimFlow) -> list[str]:
         """A flow's m.FLOW_COUNTERS: the relay counts its SDUs; on a socket of its own none pass here."""
         peer = self.show_addr(flow.addr)
@@ -462,7 +466,9 @@ class ShimIpcp(Ipcp):
                 own = self.data_socket() if port else None
                 app_fd = self._data_end(flow, own, port)
                 try:
-                    flow_id, data = await self.flow_arrived(req.digest, req.qos, self.mtu, app_fd, data=req.data)
+                    flow_id, data = await self.flow_arrived(
+                        req.digest, req.qos, self.mtu, app_fd, data=req.data, peer=self.peer_of(req.addr)
+                    )
                 finally:
                     os.close(app_fd)
             finally:

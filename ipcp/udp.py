@@ -11,6 +11,7 @@ only) data goes through the relay.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Hashable
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 3435
 UDP_MTU = udp.MAX_DATAGRAM - udp.EID.size  # the largest SDU an Ouroboros 0.23 peer reads whole
+IPV6_PEER_PREFIX = 64  # the bits of an IPv6 address that name one peer to the IRMd's limits per peer
 HASH = "MD5"  # as Ouroboros: a udp layer hashes names with MD5, whatever the bootstrap asked for
 LOOKUPS = 4  # getaddrinfo calls at once (each holds a thread while DNS answers)
 LOOKUP_QUEUE = 64  # names waiting for one of them; past it a name is not looked up outside the layer
@@ -167,6 +169,16 @@ class UdpIpcp(ShimIpcp):
     def show_addr(self, addr: Hashable) -> str:
         ip, port = cast(tuple[str, int], addr)
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    def peer_of(self, addr: Hashable) -> str:
+        """A peer by its IP (another source port is no other peer), an IPv6 one by its /64: a host is
+        handed a /64 at least and may send from any address in it."""
+        ip = ipaddress.ip_address(self._ip_of(addr).split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.IPv6Network((ip, IPV6_PEER_PREFIX), strict=False))
+        return str(ip)
 
 
 class Udp6Ipcp(UdpIpcp):

@@ -118,6 +118,16 @@ class Flows:
                 f"users hold {users} flows {of} (limit ipcp_share_users={limits.ipcp_share_users}%: {most})"
             )
 
+    def limit_remote(self, ipcp: Ipcp, peer: str) -> None:
+        """A remote peer holds at most flows_per_peer flows of an IPCP, whoever accepts them, admins too:
+        one peer allocating to a server that takes every flow held all of a udp shim's 4,096 flows (and as
+        many descriptors of the IRMd's), and nobody else got one."""
+        most = self.irmd.limits.flows_per_peer
+        if (held := self.reg.flows_of_remote(ipcp.name, peer)) >= most:
+            raise LimitReached(
+                f"{peer} holds {held} flows of ipcp {ipcp.name!r} (layer {ipcp.layer!r}) (limit flows_per_peer={most})"
+            )
+
     @contextlib.contextmanager
     def allocating(self, uid: int) -> Iterator[None]:
         """Hold one of the user's places among the allocations under way, or refuse with EDQUOT. An
@@ -524,12 +534,15 @@ class Flows:
         with in_flight:  # OAP: in flight, bounded
             acceptor = await self.wait_acceptor(entry.name, deadline)
             self.limit_flows(acceptor.uid, ipcp)  # the flows a user's server accepts are its own
+            remote = peer if src is None else ""  # a peer on a wire (a local allocator is a user: counted)
+            if remote:
+                self.limit_remote(ipcp, remote)
             # OAP: checked, answered; a request from this host's own allocation was never on a wire
             answer, outcome = self.irmd.oap.serve(entry.name, data, acceptor.cypher_s, replay=src is None)
         flow = self.reg.new_flow(
             owner=acceptor.conn_id, pid=acceptor.pid, uid=acceptor.uid, gid=acceptor.peer.gid,
             groups=acceptor.peer.groups, name=entry.name, layer=ipcp.layer, ipcp=ipcp.name, qos=qos, role="dst",
-            mtu=mtu,
+            mtu=mtu, remote=remote,
         )  # fmt: skip
         flow.advance(FlowEvent.ALLOCATED)
         flow.fd = os.dup(fd)

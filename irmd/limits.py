@@ -45,6 +45,11 @@ class Limits:
     # user, and all users together, may hold: one user's flows once took every endpoint of a shim.
     ipcp_share_per_uid: int = 50
     ipcp_share_users: int = 75
+    # Flows one remote peer (as its layer names it: a unicast member's address, a shim's source address)
+    # holds at once, whoever accepted them (admins' servers too): one peer once took every flow of a udp
+    # shim through a server that accepts all. (Not a share of a shim's flows: one host's users together
+    # may hold most of a small shim's, eth-llc's 62, at another host.)
+    flows_per_peer: int = 1024
     accepts_per_conn: int = 64  # flow_accept calls waiting at once
     requests_per_conn: int = 256  # requests being served at once
     queued_bytes_per_conn: int = 1 << 20  # replies and notices not yet read; above it, no more requests are read

@@ -164,7 +164,7 @@ def _mesh(n: int) -> tuple[list[FloodDt], socket.socket]:
     """n members' data transfer, every two joined by a data flow, and a hostile neighbour's
     socket to the first; not started: pumped by _pump."""
     fmt = PciFormat()
-    dts = [FloodDt(fmt, i + 1, 60, 1 << 16, lambda _: None, lambda *_: None, lambda *_: None) for i in range(n)]
+    dts = [FloodDt(fmt, i + 1, 60, 1 << 16, lambda *_: None, lambda *_: None, lambda *_: None) for i in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

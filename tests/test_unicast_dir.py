@@ -512,3 +512,89 @@ def test_dir_a_lookup_sent_again_to_the_member_it_asks_is_answered_once() -> Non
     assert dht.lookup(asker, KEY) == [3]  # a new lookup (a new cookie) is answered
     again = dataclasses.replace(find, cookie=find.cookie + 1)
     assert asked.receive(again, dht.now) and asked.receive(again, dht.now) == []
+
+
+@pytest.mark.timeout(120)
+def test_dir_stores_for_made_up_addresses_fill_no_holder_and_members_still_register() -> None:
+    """A store is held for any address that signs its own (its LSU may come later), and each address
+    had 1,024 entries: one member storing for 16 made-up addresses filled every holder's 16,384 for
+    dht_t_expire (a day), refusing every registration after it. A full directory now gives the place
+    of an address no LSU binds, then of the member holding the most, to a member's store."""
+    d = Directory(1)
+    for member in (2, 3):  # members: their LSUs bound their keys
+        d.bindings.admit(member, f"n{member}", ident_of(member).pub)
+    d.set_members([1, 2, 3], 0.0)
+    assert d.receive(store(3, b"early", 100.0), 0.0) == []
+    made_up = range(1000, 1000 + dir_mod.MAX_ENTRIES // dir_mod.MAX_PER_MEMBER + 1)
+    for addr in made_up:
+        for i in range(dir_mod.MAX_PER_MEMBER):
+            d.receive(store(addr, b"junk%d.%d" % (addr, i), 1e9), 0.0)
+    assert d.size == dir_mod.MAX_ENTRIES and d.refused >= dir_mod.MAX_PER_MEMBER - 1
+    for i in range(3):  # members register beside them, and keep what they had
+        d.receive(store(2, b"name%d" % i, 100.0), 1.0)
+        assert d.local(b"name%d" % i, 1.0) == [2]
+    assert d.local(b"early", 1.0) == [3]
+    assert d.size == dir_mod.MAX_ENTRIES
+
+
+def test_dir_a_full_directory_shares_its_entries_among_members(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Among members whose LSUs bound them, the one holding the most gives way to the one holding
+    fewer, and never to one that would then hold as many."""
+    monkeypatch.setattr(dir_mod, "MAX_ENTRIES", 10)
+    d = Directory(1)
+    for member in (2, 3):
+        d.bindings.admit(member, f"n{member}", ident_of(member).pub)
+    d.set_members([1, 2, 3], 0.0)
+    for i in range(10):
+        d.receive(store(2, b"a%d" % i, 100.0), 0.0)
+    for i in range(6):
+        d.receive(store(3, b"b%d" % i, 100.0), 0.0)
+    assert d._per_member == {2: 5, 3: 5} and d.size == 10 and d.refused == 1
+    assert d.local(b"a0", 0.0) is None and d.local(b"a9", 0.0) == [2]  # 2's oldest went first
+
+
+def test_dir_the_lookup_cache_is_bounded_and_sheds_what_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every answered lookup stayed in the cache for good (its TTL was checked on reading only): names
+    members registered by the thousand, looked up one after the other, grew every asker's memory."""
+    monkeypatch.setattr(dir_mod, "MAX_CACHE", 16, raising=False)
+    dht = Dht(ADDRS)
+    keys = [hashlib.sha3_256(b"name%d" % i).digest() for i in range(40)]
+    for key in keys:
+        dht.register(3, key)
+    dht.register(3, KEY)
+    asker = next(a for a in ADDRS if a != 3 and a not in dht.holders(KEY) | dht.holders(keys[-1]))
+    for i, key in enumerate(keys):
+        dht.now = i * 0.01
+        assert dht.lookup(asker, key) == [3]
+    cache = dht.d[asker].cache
+    assert len(cache) <= 16 and keys[-1] in cache
+    dht.now += CACHE_TTL + 1
+    assert dht.lookup(asker, KEY) == [3] and list(cache) == [KEY]  # the expired all gone
+
+
+@pytest.mark.timeout(120)
+def test_dir_a_full_directory_ranks_who_gives_way_once_not_for_every_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full directory of 16,384 addresses holding one entry each (made up: no LSU needed) had every
+    member's store walk all of them to find whom to take a place from (5 ms a store, for a member
+    100 times what it costs to check its signature). They are ranked at most once a second."""
+    d = Directory(1)
+    d.bindings.admit(2, "n2", ident_of(2).pub)
+    d.set_members([1, 2], 0.0)
+    junk = auth.Identity.generate()
+    for addr in range(1000, 1000 + dir_mod.MAX_ENTRIES):
+        d.receive(store(addr, b"k%d" % addr, 1e9, ident=junk), 0.0)
+    assert d.size == dir_mod.MAX_ENTRIES
+    looks = 0
+    bound = Directory._bound
+
+    def counted(self: Directory, addr: int) -> bool:
+        nonlocal looks
+        looks += 1
+        return bound(self, addr)
+
+    monkeypatch.setattr(Directory, "_bound", counted)
+    for i in range(300):  # the member registers name after name, each in a made-up address's place
+        d.receive(store(2, b"m%d" % i, 100.0, seq=i + 1), 0.0)
+        assert d.local(b"m%d" % i, 0.0) == [2]
+    assert looks < 2 * dir_mod.MAX_ENTRIES, f"{looks} looks at addresses for 300 stores"
+    assert d.size == dir_mod.MAX_ENTRIES and d._per_member[2] == 300

@@ -36,7 +36,7 @@ def test_frames_carry_pdus_and_unframe_refuses_what_does_not_add_up() -> None:
 @pytest.fixture
 def wire() -> Iterator[tuple[Dt, socket.socket, socket.socket]]:
     """A DT thread (not started: driven by calls) with a link to HOP; (dt, its end, HOP's end)."""
-    dt = Dt(FMT, ME, 60, 65536, lambda p: None, lambda a, t: None, lambda f, u: None)
+    dt = Dt(FMT, ME, 60, 65536, lambda p, h: None, lambda a, t: None, lambda f, u: None)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     theirs.setblocking(False)
@@ -155,7 +155,7 @@ def test_a_flow_that_falls_behind_gets_a_longer_queue_within_the_budget(
 
 def test_congestion_feedback_is_taken_only_from_the_flows_peer() -> None:
     """A member that knows an eid (a forwarder sees it in the PCI) cannot slow another's flow down."""
-    dt = Dt(FMT, ME, 60, 65536, lambda p: None, lambda a, t: None, lambda f, u: None)
+    dt = Dt(FMT, ME, 60, 65536, lambda p, h: None, lambda a, t: None, lambda f, u: None)
     flow = UniFlow(5, None, dst=7)  # type: ignore[arg-type]
     ca.by_name("mb-ecn").flow_added(flow, 0.0)
     assert flow.tx is not None
@@ -176,7 +176,7 @@ def test_an_sdu_larger_than_a_pdu_carries_is_dropped_not_the_thread(
     PDU's length is 2 bytes) raised in the DT thread, which ends the IPCP and every flow of every
     user. It is dropped and counted; the SDUs around it, the largest that fits among them, go on."""
     _, ours, theirs = wire
-    dt = Dt(FMT, ME, 60, 65536, lambda p: None, lambda a, t: None, lambda f, u: None, ca.by_name(congestion))
+    dt = Dt(FMT, ME, 60, 65536, lambda p, h: None, lambda a, t: None, lambda f, u: None, ca.by_name(congestion))
     dt.n1[HOP] = Link(HOP, ours)
     dt.pff = {DST: [HOP]}
     app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -569,3 +569,86 @@ def test_a_member_making_up_thousands_of_members_leaves_enrollment_working(clust
     b.irm_ok("ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "key", KEY, "autobind")
     assert a.irmd.ipcp_pid("n1") == n1 and os.path.exists(f"/proc/{n1}")
     assert a.counter("n1", "enrollments") == 2
+
+
+@pytest.mark.timeout(300)
+def test_a_member_flooding_costly_management_pdus_leaves_others_theirs(layer: Layer, peer: Peer) -> None:
+    """Management PDUs from every neighbour went into one queue of 4,096 for the IPCP's loop: a member
+    sending directory stores with bad signatures (a signature check each, nothing to sign on its side)
+    faster than the loop checks them kept it full, and n2's lookups and flow requests, arriving through
+    another neighbour, were dropped: its allocations failed for as long as the flood went on. Each
+    neighbour now has its own share of the queue and the loop takes them in turn."""
+    a, b = layer.a, layer.b
+    dt, sealer, _ = peer.member(um.DT)
+    head = FMT.pack(pci.Pci(layer.n1, 0, 10, 0, pci.MGMT_EID))
+    pdus = [
+        head + um.CODEC.encode(um.DhtStore(ROGUE, os.urandom(32), ROGUE, 60.0, i + 1, rogue_ident.pub, os.urandom(64)))
+        for i in range(4096)
+    ]
+    frames = [pci.frame(*pdus[i : i + 8]) for i in range(0, len(pdus), 8)]
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            for f in frames:
+                with contextlib.suppress(FlowError):
+                    dt.write(sealer.seal_bytes(f))
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: a.counter("n1", "mgmt_dropped") > 0, 60, "n1's queue to overflow")
+        ok = 0
+        for _ in range(4):
+            r = b.oping("pong", count=1, timeout=30)
+            ok += r.returncode == 0 and "1 received" in r.stdout
+    finally:
+        stop.set()
+        t.join(30)
+    assert ok == 4, f"only {ok} of 4 allocations of n2's went through the flood"
+    assert a.irmd.alive() and b.irmd.alive()
+
+
+@pytest.mark.timeout(300)
+def test_a_member_flooding_its_own_lsus_gets_a_few_passed_on_and_its_last_state_taken(layer: Layer, peer: Peer) -> None:
+    """Each LSU a member signs with a seqno past its last is news: n1 checked its signature and flooded
+    it to every neighbour, as fast as the member's link carried them, and so did every member after it.
+    A known member's LSUs are now taken at most every MIN_ARRIVAL, the newest of those that came sooner
+    when its turn comes: a listening neighbour of n1 hears a few of 2,000, the last among them."""
+    from ipcp.unicast.routing import MIN_ARRIVAL
+
+    a, b = layer.a, layer.b
+    mgmt, msealer, _ = peer.member(um.MGMT)
+    listener, _, lopener = peer.member(um.MGMT, addr=ROGUE + 1)
+    heard: list[int] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        listener.set_timeout(0.5)
+        while not stop.is_set():
+            try:
+                msg = um.CODEC.decode(bytes(lopener.open(listener.read()))).msg
+            except (FlowError, auth.Forged, auth.Replayed):
+                continue
+            if isinstance(msg, um.Lsu) and msg.src == ROGUE:
+                heard.append(msg.seqno)
+
+    lsus = [signed_lsu(rogue_ident, ROGUE, "rogue", seqno=i, neighbours=[layer.n1]) for i in range(1, 2001)]
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    try:
+        with legit_pings(b) as failures:
+            start = time.monotonic()
+            for lsu in lsus:
+                with contextlib.suppress(FlowError):
+                    mgmt.write(msealer.seal_bytes(um.CODEC.encode(lsu)))
+            spent = time.monotonic() - start
+            wait_for(lambda: heard and heard[-1] == 2000, 20, "n1 to take the rogue's last LSU")
+            time.sleep(1.0)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not failures, failures
+    assert len(heard) <= spent / MIN_ARRIVAL + 10, f"n1 passed on {len(heard)} LSUs in {spent:.1f} s"
+    assert a.counter("n1", "lsu_held") >= 2000 - len(heard) - 10
+    assert a.irmd.alive() and b.irmd.alive()

@@ -114,3 +114,99 @@ def test_automatic_connects_remember_only_the_names_still_held_back() -> None:
     auto.done("n3", False, now)
     assert auto.handle_timer(now + 1.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) is None
     assert auto.handle_timer(now + 10.0, 5, "n1", nbs, {7: "n1", 30: "n3"}) == "n3"
+
+
+@pytest.mark.timeout(60)
+def test_a_member_flapping_a_link_earns_few_routing_tables_and_others_links_are_still_routed() -> None:
+    """Each LSU adding a link asked for a table within HOLDOFF (50 ms) of the last: a member flapping
+    one of its links every 10 ms made its neighbour walk the whole graph 20 times a second (85 ms
+    each at the LSDB's bounds: more than its loop has). Past a burst of tables the holdoff grows while
+    they keep coming, up to ls_t_recalc; a link another member adds meanwhile is routed within ls_t_recalc, and once
+    the flapping has stopped a new link is routed at once again."""
+    from ipcp.unicast.routing import BURST
+
+    lsdb = Lsdb(1, name="n1")
+    rogue, honest, newcomer = (auth.Identity.generate() for _ in range(3))
+    recalc = lsdb.timers.recalc
+    lsdb.set_neighbours({2, 3}, 0.0)
+    assert lsdb.receive(signed_lsu(rogue, 2, 1, "rogue", [1]), 0.0)
+    assert lsdb.receive(signed_lsu(honest, 3, 1, "honest", [1]), 0.0)
+    assert lsdb.take_table(0.0) == {2: [2], 3: [3]}
+
+    tables, seqno, now, honest_routed = 0, 1, 0.0, None
+    for step in range(1, 6001):  # 60 s of LSUs from the rogue, 10 ms apart: a link to 9, then none
+        now = step * 0.01
+        seqno += 1
+        assert lsdb.receive(signed_lsu(rogue, 2, seqno, "rogue", [1, 9] if seqno % 2 else [1]), now)
+        if step == 3000:  # the honest member gets a new neighbour, 4, in the middle of it
+            assert lsdb.receive(signed_lsu(honest, 3, 2, "honest", [1, 4]), now)
+            assert lsdb.receive(signed_lsu(newcomer, 4, 1, "newcomer", [3]), now)
+        if (table := lsdb.take_table(now)) is not None:  # as the IPCP does after each input
+            tables += 1
+            if honest_routed is None and 4 in table:
+                honest_routed = now
+    assert tables <= 60 / recalc + 10 + BURST  # was 1,200
+    assert honest_routed is not None and honest_routed - 30.0 <= recalc + 0.01
+    assert lsdb.table() == {2: [2], 3: [3], 4: [3]}
+
+    # Quiet for twice ls_t_recalc (the last lost link routed around meanwhile), then a new link is at once.
+    now += recalc
+    lsdb.take_table(now)
+    now += 2 * recalc
+    seqno += 2 - seqno % 2  # the next flap would remove 9: make it add a new member's link instead
+    assert lsdb.receive(signed_lsu(honest, 3, 3, "honest", [1, 4, 5]), now)
+    assert lsdb.receive(signed_lsu(auth.Identity.generate(), 5, 1, "late", [3]), now)
+    table = lsdb.take_table(now)
+    assert table is not None and table[5] == [3]
+
+
+def test_the_management_queue_serves_neighbours_in_turn_and_a_flooding_one_gives_way() -> None:
+    """One neighbour filling the queue to the loop keeps at most what the others leave; the others'
+    PDUs go in and come out in turn with its own, not behind all of them."""
+    from ipcp.unicast.mgmtq import MgmtQueue
+
+    q = MgmtQueue(8)
+    assert q.put(7, b"f0")  # the first one wakes the loop
+    for i in range(1, 20):
+        assert not q.put(7, b"f%d" % i)
+    assert len(q) == 8 and q.dropped == 12
+    q.put(2, b"n2-lookup")
+    q.put(3, b"n3-request")
+    q.put(2, b"n2-store")
+    assert len(q) == 8 and q.dropped == 15  # the flooder gave up three of its own
+    taken = [q.take() for _ in range(8)]
+    assert taken[:4] == [b"f0", b"n2-lookup", b"n3-request", b"f1"] and b"n2-store" in taken
+    assert q.take() is None and len(q) == 0
+    assert q.put(2, b"again")  # empty again: wakes the loop
+
+
+def test_the_pacer_holds_back_a_known_members_lsus_to_one_per_min_arrival_and_never_a_newcomers() -> None:
+    """No signature is checked for an LSU held back; the newest held is taken when its turn comes, and
+    one forged with a higher seqno through another neighbour does not push the member's own out."""
+    from ipcp.unicast.routing import MIN_ARRIVAL, Pacer
+
+    lsdb = Lsdb(1, name="n1")
+    pacer = Pacer(lsdb)
+    rogue, honest = auth.Identity.generate(), auth.Identity.generate()
+    assert not pacer.hold(signed_lsu(rogue, 7, 1, "rogue", [1]), 7, 0.0)  # not known yet: taken at once
+    assert lsdb.receive(signed_lsu(rogue, 7, 1, "rogue", [1]), 0.0)
+    assert lsdb.receive(signed_lsu(honest, 8, 1, "honest", [1]), 0.0)
+    for seqno in range(2, 500):  # then as fast as it can: only held, no signature checked
+        assert pacer.hold(um.Lsu(7, seqno, [1], "rogue", 0.0, rogue.pub, b"unchecked"), 7, 0.001 * seqno)
+    last = signed_lsu(rogue, 7, 500, "rogue", [1, 9])
+    assert pacer.hold(last, 7, 0.2)
+    assert not pacer.hold(signed_lsu(honest, 8, 2, "honest", [1]), 8, 0.3)  # its turn: not held
+    assert lsdb.receive(signed_lsu(honest, 8, 2, "honest", [1]), 0.3)
+    # the honest member's next, through itself, and one in its name with a higher seqno, through the rogue
+    real = signed_lsu(honest, 8, 3, "honest", [1, 5])
+    assert pacer.hold(um.Lsu(8, 1 << 40, [], "honest", 0.0, honest.pub, b"forged"), 7, 0.35)
+    assert pacer.hold(real, 8, 0.4)
+    assert pacer.get_timer() == MIN_ARRIVAL and pacer.due(0.2) == []
+    assert pacer.due(MIN_ARRIVAL) == [last]
+    assert lsdb.receive(last, MIN_ARRIVAL) and lsdb.db[7].neighbours == {1, 9}
+    held = pacer.due(0.3 + MIN_ARRIVAL)
+    assert held[0].seqno == 1 << 40 and held[1] is real and pacer.get_timer() is None
+    with pytest.raises(auth.Forged):
+        lsdb.receive(held[0], 0.55)
+    assert lsdb.receive(real, 0.55) and lsdb.db[8].neighbours == {1, 5}
+    assert pacer.held == 501

@@ -18,7 +18,7 @@ from ipcp.unicast.pci import PciFormat
 
 
 def make_dt() -> Dt:
-    return Dt(PciFormat(), 1, 60, 65536, lambda pdu: None, lambda addr: None, lambda flow, update: None)
+    return Dt(PciFormat(), 1, 60, 65536, lambda pdu, hop: None, lambda addr: None, lambda flow, update: None)
 
 
 def test_a_failing_command_on_the_data_transfer_thread_ends_the_process_with_a_log_line() -> None:

@@ -24,6 +24,7 @@ from transports.wire import Message
 
 LOOKUP_TIMEOUT = 2.0
 CACHE_TTL = 10.0
+MAX_CACHE = 4096  # lookup answers cached: names members registered by the thousand, looked up, grew it for good
 MAX_ENTRIES = 16384  # (key, address) entries a member holds for the layer
 MAX_PER_MEMBER = 1024  # ... of which one member's
 SEQS_PER_MEMBER = 2 * MAX_PER_MEMBER  # a member's store seqnos kept (its removals too), of its own slots
@@ -31,6 +32,7 @@ MAX_SEQS = 4 * MAX_ENTRIES  # all members' together: past it the oldest goes
 MAX_LOOKUPS = 1024  # lookups under way at once
 MAX_KEY = 64  # bytes of a name hash (SHA3-512)
 MAX_FOUND = 16  # signed stores in one lookup answer
+RANK_EVERY = 1.0  # s: a full directory ranks who gives up a place for a newcomer at most this often
 ANSWERED = 4096  # lookups remembered as answered (asker, cookie): a copy sent again is not answered
 SETTLE = 0.5  # seconds without membership change after which our entries are published again ...
 MAX_SETTLE = 5.0  # ... or this long after the first change of a spell: stores sent while routes were
@@ -95,6 +97,9 @@ class Directory:
         self.replayed = 0  # lookups answered before (the same asker and cookie): a copy sent again
         self._answered: OrderedDict[tuple[int, int], None] = OrderedDict()  # (asker, cookie), the last ANSWERED
         self._per_member: dict[int, int] = {}
+        self._size = 0  # entries held, all members' together
+        self._ranked: list[int] = []  # when full: who gives up a place, the first to go last
+        self._ranked_at = -math.inf
         self._schedule: SortedList = SortedList()  # (expiry, key, addr)
         self._lookups: dict[int, _Lookup] = {}
         self._seq = int(now * 1e6)  # over restarts too: a new incarnation's stores outnumber the old's
@@ -107,7 +112,7 @@ class Directory:
 
     @property
     def size(self) -> int:
-        return sum(len(e) for e in self.store.values())
+        return self._size
 
     def closest(self, key: bytes, n: int | None = None) -> list[int]:
         k = int.from_bytes(hashlib.sha3_256(key).digest(), "big")
@@ -226,11 +231,20 @@ class Directory:
             live = self._proven(msg, now)
             if live:
                 del self._lookups[msg.cookie]
-                self.cache[msg.key] = (live, now + CACHE_TTL)
+                self._cache(msg.key, live, now)
                 self.resolved.append((msg.key, live))
                 return []
             return self._ask(msg.cookie, lk)
         return []
+
+    def _cache(self, key: bytes, live: list[int], now: float) -> None:
+        """Keep a lookup's answer CACHE_TTL, at most MAX_CACHE of them: in the order they expire (one TTL
+        for all), so the expired and, past the bound, the oldest leave from the front."""
+        cache = self.cache
+        cache.pop(key, None)
+        while cache and (len(cache) >= MAX_CACHE or next(iter(cache.values()))[1] <= now):
+            del cache[next(iter(cache))]
+        cache[key] = (live, now + CACHE_TTL)
 
     def _proven(self, found: DhtFound, now: float) -> list[int]:
         """The members a lookup answer proves registered for its key: each by its own signed store,
@@ -276,10 +290,11 @@ class Directory:
             raise
         entries = self.store.get(store.key, {})
         if store.addr not in entries and store.ttl > 0:
-            if self.size >= MAX_ENTRIES or self._per_member.get(store.addr, 0) >= MAX_PER_MEMBER:
+            if not self._room(store, now):
                 self.refused += 1
                 return
             self._per_member[store.addr] = self._per_member.get(store.addr, 0) + 1
+            self._size += 1
         if slot not in self.seqs:
             self._new_seq_slot(store.key, store.addr)
         self.seqs[slot] = store.seq
@@ -293,6 +308,44 @@ class Directory:
             self._schedule.discard((old.expiry, store.key, store.addr))  # one expiry per entry, renewed or not
         entries[store.addr] = _Held(store, expiry)
         self._schedule.add((expiry, store.key, store.addr))
+
+    def _bound(self, addr: int) -> bool:
+        """A member whose LSU bound a key to its address: stores of any other address are never believed."""
+        return addr in self.members and addr in self.bindings.by_addr
+
+    def _room(self, store: DhtStore, now: float) -> bool:
+        """Room for one more entry of `store.addr`'s. When the directory is full, a member's entry takes
+        the place of one of an address no LSU binds, else of the member holding the most, if it holds
+        more than this one would: stores for made-up addresses (no LSU needed) once filled every holder
+        for dht_t_expire, and no member could register a name after them."""
+        mine = self._per_member.get(store.addr, 0)
+        if mine >= MAX_PER_MEMBER:
+            return False
+        if self._size < MAX_ENTRIES:
+            return True
+        if not self._bound(store.addr) or (victim := self._victim(mine, now)) is None:
+            return False
+        # Its oldest entry goes (its keys are kept oldest first; past MAX_SEQS one may be forgotten there).
+        key = next((k for k in self._seq_keys.get(victim, ()) if victim in self.store.get(k, {})), None)
+        self._drop(key if key is not None else next(k for k, e in self.store.items() if victim in e), victim)
+        return True
+
+    def _victim(self, mine: int, now: float) -> int | None:
+        """Who gives up a place to a member holding `mine`: the addresses are ranked (no LSU binds them
+        first, then by entries held) at most every RANK_EVERY, and taken from the top while they still
+        qualify. Ranking them for every store cost 5 ms a store when 16,384 addresses held one each."""
+        held = self._per_member
+        if now >= self._ranked_at + RANK_EVERY:
+            self._ranked = sorted(held, key=lambda a: (not self._bound(a), held[a]))
+            self._ranked_at = now
+        while self._ranked:
+            top = self._ranked[-1]
+            if (n := held.get(top, 0)) and (not self._bound(top) or n > mine + 1):
+                return top
+            if n:
+                return None  # a member holding no more than the newcomer would: the rest held no more
+            self._ranked.pop()  # holds nothing now
+        return None
 
     def _new_seq_slot(self, key: bytes, addr: int) -> None:
         """Room for one more seqno of `addr`'s: a member past its share forgets the oldest of its own
@@ -315,6 +368,7 @@ class Directory:
         entries = self.store.get(key)
         if entries is not None and (held := entries.pop(addr, None)) is not None:
             self._schedule.discard((held.expiry, key, addr))
+            self._size -= 1
             self._per_member[addr] -= 1
             if not self._per_member[addr]:
                 del self._per_member[addr]

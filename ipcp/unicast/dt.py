@@ -123,7 +123,7 @@ class Dt(PollThread):
         me: int,
         max_ttl: int,
         bufsize: int,
-        on_mgmt: Callable[[bytes], None],
+        on_mgmt: Callable[[bytes, int], None],  # a management PDU for us, and the neighbour it came from
         on_n1_down: Callable[[int, object], None],
         on_congestion: Callable[[UniFlow, ca.Update], None],
         congestion: ca.Congestion | None = None,
@@ -242,7 +242,7 @@ class Dt(PollThread):
         """A management PDU to the IPCP at `dst`."""
         self.counters.mgmt_out += 1
         if dst == self.me:
-            self.on_mgmt(payload)
+            self.on_mgmt(payload, self.me)
         else:
             self._route(dst, (self.fmt.pack(Pci(dst, 0, self.max_ttl, 0, MGMT_EID)), payload), 0)
 
@@ -487,7 +487,7 @@ class Dt(PollThread):
             return
         if eid == MGMT_EID:
             c.mgmt_in += 1
-            self.on_mgmt(bytes(pdu[size:]))
+            self.on_mgmt(bytes(pdu[size:]), hop)
             return
         flow = self.flows.get(eid)
         if flow is None:  # (a PDU with no SDU carries a keepalive of the flow: delivered empty)

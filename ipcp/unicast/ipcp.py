@@ -32,8 +32,9 @@ from ipcp.unicast.dt import Dt, UniFlow
 from ipcp.unicast.enroll import Enrollee, Enroller
 from ipcp.unicast.fa import MAX_DATA, Alloc, Allocated, AllocFailed, Arrived, Ended, FaError, FlowAllocator, State
 from ipcp.unicast.handshake import Handshake, Peer, Refused
+from ipcp.unicast.mgmtq import MgmtQueue
 from ipcp.unicast.pci import FRAMING, MAX_PDU, PciFormat
-from ipcp.unicast.routing import Lsdb, LsTimers
+from ipcp.unicast.routing import Lsdb, LsTimers, Pacer
 from proto import messages as m
 from proto.errors import FlowError
 from proto.names import HASHES
@@ -55,7 +56,7 @@ MAX_ENROLLING = 32  # enrollees answered and waited for (to close first) at once
 # `connect` answers once the new neighbour is routed, so a name lookup right after it can ask it;
 # past this it answers anyway (the layer's routing settles on its own).
 ROUTED_WAIT = 2.0
-MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop; more are dropped
+MAX_MGMT_QUEUE = 4096  # management PDUs the DT thread may hand over ahead of the loop (per neighbour in turn)
 MGMT_SLICE = 256  # ... taken by the loop at once
 DEFAULTS = {
     "addr": "4",
@@ -166,7 +167,7 @@ class UnicastIpcp(Ipcp):
         # N-1 flows being greeted, oldest first: their handshakes and the tasks that drive them
         self._greeting: dict[AsyncFlow, tuple[Adjacency, asyncio.Task[Any]]] = {}
         self._enrolling: dict[AsyncFlow, asyncio.Task[Any]] = {}  # enrollees answered, oldest first
-        self._mgmt_in: collections.deque[bytes] = collections.deque()  # from the DT thread
+        self._mgmt_in = MgmtQueue(MAX_MGMT_QUEUE)  # from the DT thread, per neighbour
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -218,6 +219,7 @@ class UnicastIpcp(Ipcp):
         timers = LsTimers(float(conf["ls_t_recalc"]), float(conf["ls_t_update"]), float(conf["ls_t_timeo"]))
         policy = pff.by_name(conf["routing"])
         self.lsdb = Lsdb(self.addr, policy, self.name, time.time(), identity, bindings, timers, now, fmt.max_addr)
+        self.pacer = Pacer(self.lsdb)
         params = DhtParams(
             int(conf["dht_alpha"]),
             int(conf["dht_k"]),
@@ -231,14 +233,11 @@ class UnicastIpcp(Ipcp):
         self.loop = loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._fatal)
 
-        def on_mgmt(pdu: bytes) -> None:  # on the DT thread: hand over in batches, bounded
+        def on_mgmt(pdu: bytes, hop: int) -> None:  # on the DT thread: hand over in batches, bounded
             assert self.dt is not None
-            if len(self._mgmt_in) >= MAX_MGMT_QUEUE:
-                self.dt.counters.mgmt_dropped += 1
-                return
-            self._mgmt_in.append(pdu)
-            if len(self._mgmt_in) == 1:  # the loop drains to empty: one wake-up per batch
+            if self._mgmt_in.put(hop, pdu):  # the loop drains to empty: one wake-up per batch
                 loop.call_soon_threadsafe(self._drain_mgmt)
+            self.dt.counters.mgmt_dropped = self._mgmt_in.dropped
 
         def on_n1_down(addr: int, link: object) -> None:
             loop.call_soon_threadsafe(self._drop_link, addr, um.DT, link)
@@ -509,15 +508,24 @@ class UnicastIpcp(Ipcp):
                 self.stats["mgmt_malformed"] += 1
                 continue
             now = time.monotonic()
-            try:
-                news = self.lsdb.receive(msg, now)
-            except auth.Forged as e:
-                DROPPED.log("%s: dropped an LSU via %s: %s", self.name, peer.name, e)  # counted in lsu_forged
+            if self.pacer.hold(msg, peer.addr, now):  # its turn comes at the timer
+                self._rearm()
                 continue
-            if news:
-                self._flood(msg, exclude=peer.addr)
-                self._drop_links_of_other_keys(msg.src)
-                self._after(now)
+            self._take_lsu(msg, now, peer)
+
+    def _take_lsu(self, msg: um.Lsu, now: float, peer: Peer | None) -> None:
+        """An LSU from the neighbour `peer` (None: one the pacer held back): flooded on if news."""
+        assert self.lsdb is not None
+        try:
+            news = self.lsdb.receive(msg, now)
+        except auth.Forged as e:
+            via = peer.name if peer is not None else "a neighbour"
+            DROPPED.log("%s: dropped an LSU via %s: %s", self.name, via, e)  # counted in lsu_forged
+            return
+        if news:
+            self._flood(msg, exclude=peer.addr if peer is not None else 0)
+            self._drop_links_of_other_keys(msg.src)
+            self._after(now)
 
     def _drop_links_of_other_keys(self, addr: int) -> None:
         """`addr` is now bound to a key (its LSU): links to it made with another key before that go."""
@@ -579,7 +587,13 @@ class UnicastIpcp(Ipcp):
             return
         due = [
             t
-            for t in (self.lsdb.get_timer(), self.dir.get_timer(), self.fa.get_timer(), self.auto.get_timer())
+            for t in (
+                self.lsdb.get_timer(),
+                self.pacer.get_timer(),
+                self.dir.get_timer(),
+                self.fa.get_timer(),
+                self.auto.get_timer(),
+            )
             if t is not None
         ]
         at = min(due)
@@ -594,6 +608,8 @@ class UnicastIpcp(Ipcp):
         assert self.lsdb is not None and self.dir is not None and self.fa is not None
         self._timer = None
         now = time.monotonic()
+        for held in self.pacer.due(now):
+            self._take_lsu(held, now, None)
         lsu = self.lsdb.handle_timer(now)
         if lsu is not None:
             self._flood(lsu)
@@ -645,9 +661,7 @@ class UnicastIpcp(Ipcp):
     def _drain_mgmt(self) -> None:
         """Management PDUs the DT thread handed over, MGMT_SLICE at a time so the loop stays responsive."""
         for _ in range(MGMT_SLICE):
-            try:
-                pdu = self._mgmt_in.popleft()
-            except IndexError:
+            if (pdu := self._mgmt_in.take()) is None:
                 return
             self._on_mgmt(pdu)
         self.loop.call_soon(self._drain_mgmt)
@@ -816,6 +830,7 @@ class UnicastIpcp(Ipcp):
             **self.stats,
             "lsu_forged": self.lsdb.forged,
             "lsu_refused": self.lsdb.refused,
+            "lsu_held": self.pacer.held,
             "dht_forged": self.dir.forged,
             "dht_refused": self.dir.refused,
             "dht_misdirected": self.dir.misdirected,

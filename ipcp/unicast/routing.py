@@ -21,6 +21,10 @@ MAX_LINKS = 1024  # neighbours one LSU may claim ...
 MAX_ALL_LINKS = 16 * MAX_MEMBERS  # ... and all LSUs held together: each table walks every one of them
 MAX_NAME = 255
 HOLDOFF = 0.05  # seconds between two tables at least: a join storm of N members costs a few tables, not N
+# A member flapping a link (or making up new ones) would otherwise earn a table every HOLDOFF, each a
+# walk of the whole graph (85 ms at the bounds below): past BURST tables with no quiet spell between
+# them (two ls_t_recalc without one), the holdoff doubles with each table, up to ls_t_recalc.
+BURST = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Lsdb:
         self._dirty = True
         self._next_recalc = now
         self._last_calc = -math.inf
+        self._holdoff = HOLDOFF  # the least time from one table to the next a new link may ask
+        self._spell = 0  # tables since the last quiet spell
         self._oldest: float | None = None  # the oldest `seen` of another member's entry; None: to find
 
     @property
@@ -106,7 +112,7 @@ class Lsdb:
         one at the next ls_t_recalc."""
         self._dirty = True
         if added:
-            self._next_recalc = min(self._next_recalc, max(now, self._last_calc + HOLDOFF))
+            self._next_recalc = min(self._next_recalc, max(now, self._last_calc + self._holdoff))
 
     def _renew(self, now: float) -> Lsu:
         self.seqno += 1
@@ -167,7 +173,8 @@ class Lsdb:
                 return False  # an old incarnation's LSU still going round: it must not undo the new one
             for addr in rivals:
                 self._drop(addr)
-        self._changed(now, added=entry is None or bool(claimed - entry.neighbours))
+        if entry is None or claimed != entry.neighbours:  # a renewal leaves the graph, and the table, as it was
+            self._changed(now, added=entry is None or bool(claimed - entry.neighbours))
         if entry is None or entry.seen == self._oldest:
             self._oldest = None if entry is not None or self._oldest is None else min(self._oldest, now)
         if entry is not None and entry.name != lsu.name:  # renamed
@@ -222,6 +229,11 @@ class Lsdb:
         if not self._dirty or now < self._next_recalc:
             return None
         self._dirty = False
+        if now - self._last_calc >= 2 * self.timers.recalc:  # quiet since the last: a new spell
+            self._spell, self._holdoff = 0, HOLDOFF
+        self._spell += 1
+        if self._spell > BURST:
+            self._holdoff = min(2 * self._holdoff, self.timers.recalc)
         self._last_calc = now
         self._next_recalc = now + self.timers.recalc
         return self.table()
@@ -237,3 +249,53 @@ class Lsdb:
 
     def table(self) -> Table:
         return self.pff.table(self.graph(), self.me)
+
+
+MIN_ARRIVAL = 0.25  # s: a known member's LSUs are taken at most this often (OSPF's MinLSArrival)
+MAX_HELD = 4 * MAX_MEMBERS  # LSUs held back at once: past it, one is checked and taken as it comes
+
+
+class Pacer:
+    """Holds back the LSUs of a member already known that come sooner than MIN_ARRIVAL after the last
+    one taken from it, before any signature check, and hands the newest of them over when its turn
+    comes: each news LSU of a member cost every member of the layer a signature check and a flood to
+    all its neighbours, as fast as its links carried them. A member not known yet is never held back
+    (what it may be is the LSDB's bounds to decide). The newest is kept per neighbour it came through:
+    an unchecked LSU with a higher seqno, forged by one neighbour, must not push out the member's own
+    coming through another."""
+
+    def __init__(self, lsdb: Lsdb, every: float = MIN_ARRIVAL) -> None:
+        self.lsdb = lsdb
+        self.every = every
+        self.held = 0  # LSUs held back (replaced by a newer one, or taken later)
+        self._waiting: dict[tuple[int, int], tuple[Lsu, float]] = {}  # (member, via) -> (newest held, due)
+        self._due = math.inf  # the earliest of them
+
+    def hold(self, lsu: Lsu, via: int, now: float) -> bool:
+        """True if `lsu`, from the neighbour at `via`, is held back (or older than one held from there)."""
+        entry = self.lsdb.db.get(lsu.src)
+        if entry is None or lsu.src == self.lsdb.me or lsu.seqno <= entry.seqno:
+            return False  # new, ours, or no news: Lsdb.receive answers at no cost
+        slot = (lsu.src, via)
+        waiting = self._waiting.get(slot)
+        if waiting is None and (now >= entry.seen + self.every or len(self._waiting) >= MAX_HELD):
+            return False
+        self.held += 1
+        if waiting is None or lsu.seqno > waiting[0].seqno:
+            at = max(entry.seen + self.every, now) if waiting is None else waiting[1]
+            self._waiting[slot] = (lsu, at)
+            self._due = min(self._due, at)
+        return True
+
+    def get_timer(self) -> float | None:
+        return self._due if self._waiting else None
+
+    def due(self, now: float) -> list[Lsu]:
+        """The LSUs whose turn has come, newest first, to take now (Lsdb.receive) as if just arrived:
+        after the first that is genuine, the others of its member are no news and cost nothing."""
+        if now < self._due:
+            return []
+        ready = [slot for slot, (_, at) in self._waiting.items() if at <= now]
+        out = sorted((self._waiting.pop(slot)[0] for slot in ready), key=lambda lsu: -lsu.seqno)
+        self._due = min((at for _, at in self._waiting.values()), default=math.inf)
+        return out

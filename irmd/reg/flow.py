@@ -70,6 +70,7 @@ class Flow:
     groups: tuple[int, ...] | None = None  # its supplementary groups, from SO_PEERGROUPS (None: not known)
     fd: int = -1  # the IRMd's copy of the application's end, to tear the flow down
     peer: int = 0  # the other end's flow id, when the local layer handed both ends to this IRMd
+    remote: str = ""  # who asked for an arriving flow, as its layer names it ("": a local or our own flow)
 
     def advance(self, event: FlowEvent) -> FlowState:
         self.state = next_state(self.state, event)

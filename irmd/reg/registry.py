@@ -29,6 +29,7 @@ class Registry:
         self._flow_ids = itertools.count(1)
         self._flows_by_uid: Counter[int] = Counter()
         self._flows_by_ipcp: dict[str, Counter[int]] = {}  # IPCP name -> uid -> flows of that IPCP
+        self._flows_by_remote: Counter[tuple[str, str]] = Counter()  # (IPCP, remote peer) -> flows it asked for
         self._name_seq = itertools.count(1)
         self.started: dict[int, tuple[str, int]] = {}  # pid -> (name it was started for, its start time)
         self.irmd_proc = (os.getpid(), proc_start(os.getpid()))  # the IRMd itself: what it starts is its own
@@ -187,6 +188,8 @@ class Registry:
         self.flows[flow.flow_id] = flow
         self._flows_by_uid[flow.uid] += 1
         self._flows_by_ipcp.setdefault(flow.ipcp, Counter())[flow.uid] += 1
+        if flow.remote:
+            self._flows_by_remote[flow.ipcp, flow.remote] += 1
         return flow
 
     def drop_flow(self, flow: Flow) -> None:
@@ -200,6 +203,11 @@ class Registry:
                 del at[flow.uid]
                 if not at:
                     del self._flows_by_ipcp[flow.ipcp]
+            if flow.remote:
+                key = (flow.ipcp, flow.remote)
+                self._flows_by_remote[key] -= 1
+                if not self._flows_by_remote[key]:
+                    del self._flows_by_remote[key]
 
     def flows_of(self, *, owner: int | None = None, ipcp: str | None = None) -> Iterator[Flow]:
         for flow in list(self.flows.values()):
@@ -213,6 +221,10 @@ class Registry:
         """Flows held by uids that are not admins (of one IPCP, if named)."""
         counts = self._flows_by_uid if ipcp is None else self._flows_by_ipcp.get(ipcp, Counter())
         return sum(n for uid, n in counts.items() if not admin(uid))
+
+    def flows_of_remote(self, ipcp: str, remote: str) -> int:
+        """Flows of the IPCP `ipcp` that the remote peer `remote` asked for, still held here."""
+        return self._flows_by_remote[ipcp, remote]
 
     def flows_of_uid_at(self, uid: int, ipcp: str) -> int:
         """Flows `uid` holds of the IPCP `ipcp`, either end."""

@@ -447,6 +447,34 @@ def test_a_ca_another_user_could_have_put_in_the_store_vouches_for_no_one(
     assert allocate(*irmds(clock, client_pki, pki))[0].peer_ca  # the same file, root's alone
 
 
+def test_a_name_without_files_is_plain_only_where_no_other_user_could_have_removed_them(
+    clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server/pong/ means plain only if server/ is root's or ours alone: once others may write
+    it, the allocation is refused, saying why. The walk is checked once per role directory while
+    it holds (it costs ~100 µs, twice per local flow), and looked at again when the hold ends."""
+    import irmd.oap as irmd_oap
+
+    base = tmp_path / "sec"
+    (base / "server").mkdir(parents=True)
+    for d in (base, base / "server"):
+        d.chmod(0o755)
+    checks: list[str] = []
+    real = irmd_oap.check_absent
+    monkeypatch.setattr(irmd_oap, "check_absent", lambda where: (checks.append(str(where)), real(where))[1])
+    client, server = Oap(base=tmp_path / "none", clock=clock), Oap(base=base, clock=clock)
+    for _ in range(3):
+        clock.now += MS
+        assert allocate(client, server, "pong") == (Outcome(), Outcome())
+    assert sum(c.startswith(str(base)) for c in checks) == 1
+    (base / "server").chmod(0o777)
+    monkeypatch.setattr(irmd_oap, "ABSENT_OK_FOR", 0.0)
+    server._absent_ok.clear()  # the hold ends, as it does ABSENT_OK_FOR seconds after the look
+    clock.now += MS
+    with pytest.raises(FlowError, match="another user could have removed it"):
+        allocate(client, server, "pong")
+
+
 @pytest.mark.parametrize("kind", ["p384", "rsa", "ed25519"])
 def test_every_kind_of_certificate_key_signs(clock: Clock, pki: Pki, client_pki: Pki, kind: str) -> None:
     crt, key = pki.issue("pong", kind)

@@ -182,12 +182,15 @@ def parse_enc_conf(text: str) -> SecConfig:
 
 def check_absent(path: Path | str) -> None:
     """PermissionError unless a security file missing at `path` is one only root or the IRMd's user
-    could have removed (or could make): the directory it is missing from is theirs and not writable
-    by others. A missing enc.conf means plain: another user must not get there by deleting it."""
+    could have removed: the directory it is missing from is theirs and not writable by others, or
+    sticky (a fresh tmpfs, /etc/ouroboros made 1777), where no one else may remove or rename their
+    entries. A missing enc.conf means plain: another user must not get there by deleting it. One
+    who makes the missing file in a sticky directory gets refusals, not plain flows: a file or
+    directory of theirs is never believed (read_file, role_files)."""
     from transports.unix import TrustError, check_dirs
 
     try:
-        check_dirs(Path(path), os.geteuid(), strict_leaf=True, missing_ok=True)
+        check_dirs(Path(path), os.geteuid(), strict_leaf=False, missing_ok=True)
     except TrustError as e:
         raise PermissionError(f"{path} is missing: {e.strerror}: another user could have removed it") from None
 

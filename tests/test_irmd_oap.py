@@ -450,8 +450,9 @@ def test_a_ca_another_user_could_have_put_in_the_store_vouches_for_no_one(
 def test_a_name_without_files_is_plain_only_where_no_other_user_could_have_removed_them(
     clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No server/pong/ means plain only if server/ is root's or ours alone: once others may write
-    it, the allocation is refused, saying why. The walk is checked once per role directory while
+    """No server/pong/ means plain only if server/ is root's or ours alone, or sticky: once others may
+    write it, the allocation is refused, saying why; a pong/ another user made in a sticky one is not
+    believed. The walk is checked once per role directory while
     it holds (it costs ~100 µs, twice per local flow), and looked at again when the hold ends."""
     import irmd.oap as irmd_oap
 
@@ -473,6 +474,16 @@ def test_a_name_without_files_is_plain_only_where_no_other_user_could_have_remov
     clock.now += MS
     with pytest.raises(FlowError, match="another user could have removed it"):
         allocate(client, server, "pong")
+    # Sticky (as a fresh tmpfs is): no one else can remove or rename root's entries there
+    (base / "server").chmod(0o1777)
+    clock.now += MS
+    assert allocate(client, server, "pong") == (Outcome(), Outcome())
+    if os.geteuid() == 0:  # and what another user makes there is not believed
+        (base / "server" / "pong").mkdir()
+        os.chown(base / "server" / "pong", 65534, 65534)
+        clock.now += MS
+        with pytest.raises(FlowError, match="65534"):
+            allocate(client, server, "pong")
 
 
 @pytest.mark.parametrize("kind", ["p384", "rsa", "ed25519"])

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from ipcp.base import EXIT_FAILED, Ipcp
-from ipcp.unicast.dt import EXIT_CODE, Dt
+from ipcp.unicast.dt import Dt
 from ipcp.unicast.pci import PciFormat
 
 
@@ -35,8 +35,8 @@ def test_a_failing_command_on_the_data_transfer_thread_ends_the_process_with_a_l
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent
     )
-    assert r.returncode == EXIT_CODE == 70, (r.returncode, r.stderr)
-    assert "data transfer failed; the IPCP ends" in r.stderr and "ZeroDivisionError" in r.stderr
+    assert r.returncode == Dt.EXIT_CODE == 70, (r.returncode, r.stderr)
+    assert "the data path failed; the IPCP ends" in r.stderr and "ZeroDivisionError" in r.stderr
     assert "still running" not in r.stdout
 
 

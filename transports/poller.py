@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
+import os
 import select
 import socket
 import threading
@@ -14,6 +16,8 @@ import time
 from collections.abc import Callable
 
 from transports.unix import after_empty
+
+log = logging.getLogger(__name__)
 
 BURST = 64  # packets taken from one ready socket before looking at the others
 
@@ -46,6 +50,10 @@ class PollThread:
     """Subclasses watch sockets and handle their readiness in `on_ready`, on this thread."""
 
     HUP = select.EPOLLHUP | select.EPOLLERR
+    # Fail-stop: an IPCP's data path that ended silently would leave the IPCP listed, serving no flow;
+    # its process ends instead (EX_SOFTWARE), and the IRMd sees it die and takes its flows down.
+    FAIL_STOP = False
+    EXIT_CODE = 70
 
     def __init__(self, name: str) -> None:
         self._epoll = select.epoll()
@@ -54,7 +62,7 @@ class PollThread:
         self._running = True
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()  # ties keep their order and never compare callables
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -97,6 +105,15 @@ class PollThread:
                 return wait
             heapq.heappop(timers)[2]()
         return -1
+
+    def _serve(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            if not self.FAIL_STOP:
+                raise
+            log.critical("the data path failed; the IPCP ends (thread %s)", self._thread.name, exc_info=True)
+            os._exit(self.EXIT_CODE)
 
     def _run(self) -> None:
         wake = self._wake_r.fileno()

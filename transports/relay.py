@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Hashable
@@ -18,8 +17,6 @@ from transports.poller import BURST, PollThread, read_burst
 from transports.queues import QueueBudget
 
 log = logging.getLogger(__name__)
-
-EXIT_CODE = 70  # the IPCP's exit status when its data path fails (EX_SOFTWARE, as the unicast IPCP's)
 
 
 class Framing(Protocol):
@@ -53,6 +50,8 @@ class RelayFlow(Protocol):
 class Relay(PollThread):
     """The data path of one shim IPCP; `on_mgmt` gets endpoint-0 frames (from this thread)."""
 
+    FAIL_STOP = True
+
     def __init__(
         self,
         net: socket.socket,
@@ -77,14 +76,6 @@ class Relay(PollThread):
         # An IPCP above that waits for a CPU is given a longer queue before its SDUs drop (the network
         # socket's queue is long; the application's, the system's default, holds some 100 SDUs).
         self.queues = QueueBudget()
-
-    def _run(self) -> None:
-        try:
-            super()._run()
-        except BaseException:
-            # Fail-stop: a data path that ended silently left the IPCP listed, serving no flow at all
-            log.critical("the data path failed; the IPCP ends", exc_info=True)
-            os._exit(EXIT_CODE)  # the IRMd sees the IPCP die and takes its flows down
 
     def add(self, flow: RelayFlow) -> None:
         flow.io.setblocking(False)

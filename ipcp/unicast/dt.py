@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
-import os
 import socket
 import struct
 import termios
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 RETRY = 0.001  # seconds a flow held back by its full first hop waits before trying again
 PACED_BURST = 8  # SDUs taken from a paced flow at once: its pace is kept in small steps
-EXIT_CODE = 70  # the process's exit status when this thread fails
 _QUEUED = struct.Struct("i")
 
 
@@ -113,6 +111,8 @@ def _queued(sock: socket.socket) -> Callable[[], int]:
 class Dt(PollThread):
     """`pff` maps a destination to next-hop addresses; `n1` maps a next hop to its link."""
 
+    FAIL_STOP = True
+
     # Whether a frame's common PDUs (an SDU for a flow of ours, one forwarded unmarked) may skip
     # `_arrived`: not for a subclass whose `_arrived` judges every PDU (the broadcast layer's copies).
     INLINE_ARRIVALS: ClassVar[bool] = True
@@ -177,13 +177,6 @@ class Dt(PollThread):
         log.info("data transfer: %s", self.counters)
         for link in self.n1.values():
             link.sock.close()
-
-    def _run(self) -> None:
-        try:
-            super()._run()
-        except BaseException:
-            log.critical("data transfer failed; the IPCP ends", exc_info=True)
-            os._exit(EXIT_CODE)  # the IRMd sees the IPCP die and takes its flows DOWN
 
     # -- tables: on this thread only ---------------------------------------------------
 

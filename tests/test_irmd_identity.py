@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,26 +93,31 @@ def test_a_connection_whose_process_left_is_known_by_its_ids_alone(tmp_path: Pat
     assert read_peer(os.getpid(), other, 0, pidfd=irmd.identity.NO_PIDFD).start == 0  # another uid's process
 
 
+def _argv_held(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[str]]:
+    """Reads of /proc/PID/cmdline wait (as when the process's memory lock is held) until the event
+    is set; the paths of the reads tried are listed."""
+    from irmd import identity
+
+    stuck, opened, real_open = threading.Event(), [], open
+
+    def held_open(path: str, *args: object, **kwargs: object) -> object:
+        if path.endswith("/cmdline"):
+            opened.append(path)
+            stuck.wait(20)
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(identity, "open", held_open, raising=False)
+    return stuck, opened
+
+
 @pytest.mark.timeout(30)
 def test_a_users_process_is_known_without_its_argv_so_it_holds_no_reader_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the script rule reads argv, and only for uids a program binding names (admins'): a user's
     process that keeps its argv from being read (its memory lock held, simulated here) neither makes
     the IRMd wait nor takes the readers that root's script servers need."""
-    import threading
-
     from irmd import identity
 
-    stuck = threading.Event()
-    real_open = open
-    opened: list[str] = []
-
-    def held_open(path: str, *args: object, **kwargs: object) -> object:
-        if path.endswith("/cmdline"):
-            opened.append(path)
-            stuck.wait(20)  # as a read of a process whose memory lock is held
-        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
-
-    monkeypatch.setattr(identity, "open", held_open, raising=False)
+    stuck, opened = _argv_held(monkeypatch)
     before = threading.active_count()
     try:
         start = time.monotonic()
@@ -266,19 +272,9 @@ def test_a_process_whose_argv_cannot_be_read_holds_up_nobody(monkeypatch: pytest
     """The kernel reads argv under the process's memory lock, which the process can keep taken: the
     IRMd then learns who it is without its argv (no script rule), within ARGV_WAIT, and only
     ARGV_STUCK threads ever wait on such reads."""
-    import threading
-
     from irmd import identity
 
-    stuck = threading.Event()
-    real_open = open
-
-    def held_open(path: str, *args: object, **kwargs: object) -> object:
-        if path.endswith("/cmdline"):
-            stuck.wait(20)  # as a read of a process whose memory lock is held
-        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
-
-    monkeypatch.setattr(identity, "open", held_open, raising=False)
+    stuck, _ = _argv_held(monkeypatch)
     before = threading.active_count()
     try:
         start = time.monotonic()

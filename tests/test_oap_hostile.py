@@ -6,6 +6,7 @@ between, from another address, are answered with a valid OAP response."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -14,7 +15,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,11 +124,13 @@ def _peer(ip: str, dst: tuple[str, int]) -> Peer:
     return Peer(s, dst)
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    pki = Pki(tmp / "security")
-    irmd = start_irmd(tmp, env={"OUROBOROS_SECURITY_DIR": str(pki.base)})
+@contextlib.contextmanager
+def oping_over_udp4(
+    tmp: Path, env: dict[str, str], args: Sequence[str] = ()
+) -> Iterator[tuple[IrmdProc, subprocess.Popen[bytes], int]]:
+    """An IRMd (`args`, `env`) with a udp4 IPCP on IRMD_IP serving NAME by `oping -l` (started by us,
+    stopped at the end, as the IRMd is): (irmd, the server, the port)."""
+    irmd = start_irmd(tmp, args=args, env=env)
     server = None
     try:
         port = free_port([IRMD_IP, ATTACKER_IP, CLIENT_IP])
@@ -138,14 +141,26 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         with open(tmp / "oping.log", "wb") as out:
             server = subprocess.Popen([str(BIN / "oping"), "-l"], env=irmd.env, stdout=out, stderr=subprocess.STDOUT)
         irmd.note_children()
-        t = Target(irmd, server, _peer(ATTACKER_IP, (IRMD_IP, port)), _peer(CLIENT_IP, (IRMD_IP, port)), pki)
-        wait_for(lambda: _answers(t), 20, "the udp4 IPCP and oping -l to answer a FLOW_REQ")
-        yield t
+        yield irmd, server, port
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)
-            server.wait(10)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
         stop_irmd(irmd)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    pki = Pki(tmp / "security")
+    with oping_over_udp4(tmp, {"OUROBOROS_SECURITY_DIR": str(pki.base)}) as (irmd, server, port):
+        t = Target(irmd, server, _peer(ATTACKER_IP, (IRMD_IP, port)), _peer(CLIENT_IP, (IRMD_IP, port)), pki)
+        wait_for(lambda: _answers(t), 20, "the udp4 IPCP and oping -l to answer a FLOW_REQ")
+        yield t
 
 
 def _answers(t: Target) -> bool:

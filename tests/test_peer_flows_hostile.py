@@ -7,15 +7,12 @@ nothing but the limit per peer stands between one peer and every flow of the lay
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, free_port, start_irmd, stop_irmd, wait_for
-from test_oap_hostile import ATTACKER_IP, CLIENT_IP, IRMD_IP, NAME, Peer, _peer, plain
+from helpers import wait_for
+from test_oap_hostile import ATTACKER_IP, CLIENT_IP, IRMD_IP, Peer, _peer, oping_over_udp4, plain
 
 from proto import oap
 
@@ -30,41 +27,22 @@ def layer(tmp_path: Path) -> Iterator[tuple[Peer, Peer, Peer]]:
     socket of the attacker's host (another port) and a client's."""
     (tmp_path / "security").mkdir()
     env = {"OUROBOROS_SECURITY_DIR": str(tmp_path / "security")}
-    irmd = start_irmd(tmp_path, args=["--limit", f"flows_per_peer={PER_PEER}"], env=env)
-    server = None
-    socks: list[socket.socket] = []
-    try:
-        port = free_port([IRMD_IP, ATTACKER_IP, CLIENT_IP])
-        irmd.irm_ok("ipcp", "bootstrap", "type", "udp4", "name", "u", "layer", "udp", "ip", IRMD_IP,
-                    "port", str(port))  # fmt: skip
-        irmd.irm_ok("bind", "program", str(BIN / "oping"), "name", NAME)
-        irmd.irm_ok("name", "register", NAME, "layer", "udp")
-        with open(tmp_path / "oping.log", "wb") as out:
-            server = subprocess.Popen([str(BIN / "oping"), "-l"], env=irmd.env, stdout=out, stderr=subprocess.STDOUT)
-        irmd.note_children()
+    with oping_over_udp4(tmp_path, env, ["--limit", f"flows_per_peer={PER_PEER}"]) as (_, _, port):
         dst = (IRMD_IP, port)
         peers = (_peer(ATTACKER_IP, dst), _peer(ATTACKER_IP, dst), _peer(CLIENT_IP, dst))
-        socks = [p.sock for p in peers]
+        try:
 
-        def answers() -> bool:
-            try:
-                return peers[2].ask(plain(), timeout=1.0)[0] == 0
-            except TimeoutError:
-                return False
+            def answers() -> bool:
+                try:
+                    return peers[2].ask(plain(), timeout=1.0)[0] == 0
+                except TimeoutError:
+                    return False
 
-        wait_for(answers, 20, "the udp4 IPCP and oping -l to answer a FLOW_REQ")
-        yield peers
-    finally:
-        for s in socks:
-            s.close()
-        if server is not None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
-        stop_irmd(irmd)
+            wait_for(answers, 20, "the udp4 IPCP and oping -l to answer a FLOW_REQ")
+            yield peers
+        finally:
+            for p in peers:
+                p.sock.close()
 
 
 def test_one_peer_holds_a_bounded_number_of_flows_and_another_peer_still_gets_its_own(

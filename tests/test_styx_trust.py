@@ -469,6 +469,69 @@ def test_root_file_server_does_each_clients_file_access_as_that_client(open_irmd
         stop(proc)
 
 
+ANON_WRITES = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user=sys.argv[2]) as c:
+    def attempt(key, fn, *args):
+        try:
+            r = fn(*args)
+            out[key] = r.decode() if isinstance(r, (bytes, bytearray)) else "ok"
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+    def wstat(path, **changes):
+        st = w.Stat.dont_touch()
+        for k, v in changes.items():
+            setattr(st, k, v)
+        fid = c.walk(path)
+        try:
+            c.wstat_fid(fid, st)
+        finally:
+            c.clunk(fid)
+    def rclose(path):
+        fid = c.walk(path)
+        c.open(fid, w.OREAD | w.ORCLOSE)
+        c.clunk(fid)
+    attempt("read", c.cat, "pub/shared.txt")
+    attempt("create", c.put, "pub/" + sys.argv[3], b"x")
+    attempt("overwrite", c.put, "pub/shared.txt", b"defaced")
+    attempt("remove", c.remove, "pub/victim.txt")
+    attempt("rclose", rclose, "pub/victim.txt")
+    attempt("rename", lambda: wstat("pub/victim.txt", name="renamed.txt"))
+    attempt("truncate", lambda: wstat("pub/shared.txt", length=0))
+    attempt("mkdir", c.mkdir, "pub/d-" + sys.argv[3], 0o777)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_anonymous_clients_of_a_root_file_server_change_nothing(open_irmd: IrmdProc, lab: Path) -> None:
+    """None is anyone (a bridge's TCP client, a peer of another host): it reads what the modes give
+    others, and writes, makes, removes and renames nothing, even where the anonymous account could.
+    The same local user attached as itself still writes there."""
+    export = lab / "export"
+    (export / "pub").mkdir(parents=True)
+    os.chmod(export / "pub", 0o777)
+    for n in ("shared.txt", "victim.txt"):
+        (export / "pub" / n).write_text("root's\n")
+        os.chmod(export / "pub" / n, 0o666)
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    try:
+        out = result(as_nobody(open_irmd, ANON_WRITES, "files", "none", "anon.txt"))
+        assert out.pop("read") == "root's\n", out
+        assert all(str(v).startswith("error") and str(v).endswith("permission denied") for v in out.values()), out
+        assert sorted(os.listdir(export / "pub")) == ["shared.txt", "victim.txt"]
+        assert (export / "pub" / "shared.txt").read_text() == "root's\n"
+        mine = result(as_nobody(open_irmd, ANON_WRITES, "files", "anyone", "mine.txt"))  # uid 65534 as itself
+        assert mine["create"] == mine["overwrite"] == mine["remove"] == mine["mkdir"] == "ok", mine
+        assert (export / "pub" / "mine.txt").stat().st_uid == NOBODY
+    finally:
+        stop(proc)
+
+
 # -- a root file server works with the client's ids as the kernel has them, not its account's groups -----
 
 

@@ -288,6 +288,14 @@ class Session:
         if not self._kernel_judges and not allowed(st, user, want):
             raise StyxError(EPERM)  # Plan 9's words exactly: what was refused, the client knows
 
+    @staticmethod
+    def _may_write(f: Fid) -> None:
+        """None reads what the modes give others and changes nothing: it is anyone (a TCP client of
+        a bridge, a peer of another host), so the anonymous account's rights are not lent to it to
+        write, make, remove or change files."""
+        if f.user.anonymous:
+            raise StyxError(EPERM)
+
     # -- requests -------------------------------------------------------------
 
     def _version(self, msg: w.Tversion) -> w.Msg:
@@ -390,6 +398,8 @@ class Session:
         isdir = bool(st.mode & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):
             raise StyxError(EISDIR)  # directories are opened for reading only
+        if writable(msg.mode) or msg.mode & (w.OTRUNC | w.ORCLOSE):
+            self._may_write(f)
         self._check(st, f.user, open_wants(msg.mode))
         if msg.mode & w.ORCLOSE:
             self._may_remove(f)
@@ -405,6 +415,7 @@ class Session:
         if not st.mode & w.DMDIR:
             raise StyxError(ENOTDIR)
         _check_name(msg.name)
+        self._may_write(f)
         self._check(st, f.user, w.DMWRITE)
         isdir = bool(msg.perm & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
@@ -502,6 +513,7 @@ class Session:
     def _remove(self, msg: w.Tremove) -> w.Msg:
         f = self._fid(msg.fid)
         try:
+            self._may_write(f)
             self._may_remove(f)
             if f.dirents is not None:
                 f.dirents.close()
@@ -532,6 +544,7 @@ class Session:
             or (new.uid and new.uid != st.uid)
         ):
             raise StyxError(ENOWSTAT)
+        self._may_write(f)
         owner = self._kernel_judges or f.user.name == st.uid
         if new.name and new.name != st.name:
             _check_name(new.name)

@@ -907,6 +907,91 @@ def test_a_users_server_follows_no_symlink_for_others(open_irmd: IrmdProc, lab: 
         stop(proc)
 
 
+STICKY_ATTACK = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1])) as c:
+    def attempt(key, fn, *args):
+        try:
+            fn(*args)
+            out[key] = "ok"
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+    def rename(path, new):
+        st = w.Stat.dont_touch()
+        st.name = new
+        fid = c.walk(path)
+        try:
+            c.wstat_fid(fid, st)
+        finally:
+            c.clunk(fid)
+    def rclose(path):
+        fid = c.walk(path)
+        c.open(fid, w.OREAD | w.ORCLOSE)
+        c.clunk(fid)
+    for key, fn, *args in json.loads(sys.argv[2]):
+        attempt(key, {"remove": c.remove, "rename": rename, "rclose": rclose, "put": c.put}[fn],
+                *[a.encode() if fn == "put" and i else a for i, a in enumerate(args)])
+print(json.dumps(out))
+"""
+
+
+@contextlib.contextmanager
+def users_server(irmd: IrmdProc, lab: Path, export: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`styx serve --root EXPORT` run by user S, registered as `name`; stopped however the test ends."""
+    with open(lab / "s.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["setpriv", f"--reuid={S}", f"--regid={S}", "--clear-groups", str(BIN / "styx"), "serve", "--root",
+             str(export)],
+            env=irmd.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: b"serving" in (lab / "s.log").read_bytes() or proc.poll() is not None, 30, "styx serve")
+        assert proc.poll() is None, (lab / "s.log").read_text()
+        irmd.irm_ok("bind", "process", str(proc.pid), "name", name)
+        irmd.irm_ok("name", "register", name, "layer", "local")
+        yield proc
+    finally:
+        stop(proc)
+
+
+@pytest.mark.timeout(120)
+def test_a_users_server_keeps_a_sticky_directorys_files_to_their_owners(open_irmd: IrmdProc, lab: Path) -> None:
+    """S's sticky directory (1777, as /tmp): S may remove or rename anything in it, other users only
+    their own. A server of S that checks Plan 9 permissions for them (there is no sticky bit in 9P) let
+    any of them remove and rename the files of every other user there. They still make files in it,
+    and remove them where the directory is not sticky; S itself still removes anything."""
+    export = lab / "export"
+    (export / "tmp").mkdir(parents=True)
+    (export / "drop").mkdir()
+    for n in ("roots.txt", "roots2.txt", "roots3.txt"):
+        (export / "tmp" / n).write_text("root's\n")  # written there by root (another user of the host)
+    (export / "drop" / "scratch.txt").write_text("anyone's to remove")
+    for dirpath, dirnames, _ in os.walk(export):
+        for n in (dirpath, *(os.path.join(dirpath, d) for d in dirnames)):
+            os.chown(n, S, S)
+    os.chmod(export / "tmp", 0o1777)
+    os.chmod(export / "drop", 0o777)
+    kernel = subprocess.run([*AS_NOBODY, "rm", "-f", str(export / "tmp" / "roots.txt")], capture_output=True)
+    assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+    attempts = [["remove", "remove", "tmp/roots.txt"], ["rename", "rename", "tmp/roots2.txt", "gone.txt"],
+                ["rclose", "rclose", "tmp/roots3.txt"], ["create", "put", "tmp/mine.txt", "mine"],
+                ["remove-unsticky", "remove", "drop/scratch.txt"]]  # fmt: skip
+    with users_server(open_irmd, lab, export, "sfiles"):
+        out = result(as_nobody(open_irmd, STICKY_ATTACK, "sfiles", json.dumps(attempts)))
+        for key in ("remove", "rename", "rclose"):  # ... Styx refuses it too
+            assert str(out[key]).endswith("permission denied"), out
+        assert sorted(os.listdir(export / "tmp")) == ["mine.txt", "roots.txt", "roots2.txt", "roots3.txt"]
+        assert out["create"] == out["remove-unsticky"] == "ok", out
+        assert not (export / "drop" / "scratch.txt").exists()
+        mine = result(as_uid(S, open_irmd, STICKY_ATTACK, "sfiles", json.dumps(attempts[:2])))  # S: the kernel judges
+        assert mine == {"remove": "ok", "rename": "ok"}, mine
+        assert sorted(os.listdir(export / "tmp")) == ["gone.txt", "mine.txt", "roots3.txt"]
+
+
 # -- confinement: a symlink swapped in while a client walks ------------------------------------------
 
 SWAPPER = r"""

@@ -231,7 +231,7 @@ class FsNode(Node):
         pfd = self._resolve(self.rel[:-1])
         try:
             if may is not None:
-                may(_stat(os.fstat(pfd), self.rel[-2] if len(self.rel) > 1 else "/"))
+                may(*self._removal_stats(pfd))
             if self.follow:
                 os.close(self._still_here())
             else:
@@ -245,6 +245,18 @@ class FsNode(Node):
             os.close(pfd)
             raise
         return pfd
+
+    def _removal_stats(self, pfd: int) -> tuple[w.Stat, w.Stat | None]:
+        d = os.fstat(pfd)
+        entry = self.stat() if d.st_mode & st_.S_ISVTX else None  # 9P's mode has no sticky bit: say it so
+        return _stat(d, self.rel[-2] if len(self.rel) > 1 else "/"), entry
+
+    def removal_stats(self) -> tuple[w.Stat, w.Stat | None]:
+        pfd = self._resolve(self.rel[:-1])
+        try:
+            return self._removal_stats(pfd)
+        finally:
+            os.close(pfd)
 
     def open(self, mode: int, user: str) -> Handle:
         s = self._os_stat()

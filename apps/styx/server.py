@@ -502,13 +502,21 @@ class Session:
     def _may_remove(self, f: Fid) -> None:
         if f.node.is_root():
             raise StyxError(EREMOVEROOT)
-        parent = f.node.parent_stat()
-        self._check(parent, f.user, w.DMWRITE)
+        self._may_change(f)(*f.node.removal_stats())
 
     def _may_change(self, f: Fid) -> DirCheck:
         """The check of the directory a removal or rename is made in, made by the tree on that very
         directory: a rename above it between a check of our own and the change cannot swap in another."""
-        return lambda parent: self._check(parent, f.user, w.DMWRITE)
+
+        def check(parent: w.Stat, sticky_entry: w.Stat | None) -> None:
+            self._check(parent, f.user, w.DMWRITE)
+            # A sticky directory: only the file's owner or the directory's removes or renames it. Where
+            # the server works with its own rights for others, its own would pass for whatever it owns.
+            owners = () if sticky_entry is None else (sticky_entry.uid, parent.uid)
+            if owners and not self._kernel_judges and f.user.name not in owners:
+                raise StyxError(EPERM)
+
+        return check
 
     def _remove(self, msg: w.Tremove) -> w.Msg:
         f = self._fid(msg.fid)
@@ -550,7 +558,7 @@ class Session:
             _check_name(new.name)
             if f.node.is_root():
                 raise StyxError(EPERM)  # the root has no name to change
-            self._check(f.node.parent_stat(), f.user, w.DMWRITE)
+            self._may_change(f)(*f.node.removal_stats())
         if new.length != keep.length:
             if st.mode & w.DMDIR:
                 raise StyxError(EISDIR)  # a directory's length can be set to 0 only

@@ -6,7 +6,9 @@ per-client connection slots, clamped timeouts and durations.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -26,9 +28,7 @@ from apps.ibp.limits import IDLE_GRACE
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(
-    __import__("os").geteuid() != 0, reason="the attacker runs as uid 65534 through setpriv: needs root"
-)
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attacker runs as uid 65534 through setpriv: needs root")
 
 
 @pytest.fixture
@@ -407,3 +407,56 @@ def test_st_changes_limits_line_is_awaited_no_longer_than_the_request_timeout(pa
         assert s.recv(100) == b""  # closed: --request-timeout (2 s), not the 300 s asked
         assert time.monotonic() - start < 15
     assert patient_depot.served() < LEGIT_WAIT
+
+
+DIR_SWAP = (
+    PRELUDE
+    + r"""
+from apps.ibp.client import Connection
+parent, target = sys.argv[4], sys.argv[5]
+os.rename(parent + '/depot', parent + '/moved')  # root's 0700 directory, in ours
+os.mkdir(parent + '/depot')
+os.symlink(target, parent + '/depot/data')  # where the depot makes its data files now
+with Connection(sys.argv[2], timeout=5) as c:
+    r, wcap, _ = c.allocate(100, 60)
+    c.store(wcap, [b'planted by uid 65534'], 20)
+print('stored')
+"""
+)
+
+
+def test_a_depot_directory_another_user_could_move_is_refused(
+    open_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A root depot whose --dir is in a directory uid 65534 owns: that user moves the depot's 0700
+    directory aside and makes its own in its place, with `data` a link to any directory, and the
+    depot creates its data files there, as root, with the bytes its clients store. It is refused at
+    start, as sshd's StrictModes refuses a path others could change; a directory only root controls
+    serves."""
+    parent = open_dir / "u"
+    parent.mkdir()
+    os.chown(parent, NOBODY, NOBODY)
+    target = open_dir / "roots-only"
+    target.mkdir(mode=0o700)
+    runs = run_depot(open_dir, monkeypatch, depot_dir=parent / "depot")
+    try:
+        depot = next(runs)
+    except AssertionError:  # the depot ended at start
+        log = (open_dir / "depot.log").read_text()
+        assert f"belongs to uid {NOBODY}" in log and str(parent) in log, log
+    else:
+        try:
+            out = depot.attack(DIR_SWAP, str(parent), str(target))
+        finally:
+            runs.close()
+        planted = [p.read_bytes() for p in target.iterdir()]
+        pytest.fail(f"the depot started in {parent}; uid 65534 then planted {planted} in {target}: {out.stdout}")
+    assert not list(target.iterdir())
+    os.chown(parent, 0, 0)  # the same place, once only root controls it
+    shutil.rmtree(parent / "depot", ignore_errors=True)
+    for depot in run_depot(open_dir, monkeypatch, depot_dir=parent / "depot"):
+        with Connection(depot.addr, timeout=5) as c:
+            r, wcap, _ = c.allocate(100, 60)
+            c.store(wcap, [b"root's"], 6)
+            assert c.load_bytes(r) == b"root's"

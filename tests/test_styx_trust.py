@@ -823,6 +823,55 @@ def test_a_root_servers_work_for_a_local_user_has_none_of_roots_capabilities(ope
     assert out["roots-maps"] == f"error: '{roots.pid}/maps' permission denied", out
 
 
+OWN_PROC = r"""
+import json, os, subprocess, sys
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+own = subprocess.Popen(["sleep", "30"])
+link = sys.argv[3]
+os.symlink(os.path.relpath("/proc/self/maps", os.path.dirname(link)), link)  # the client's, where it may write
+out = {}
+try:
+    with Client(dial(sys.argv[1])) as c:
+        for path in [*sys.argv[2].split(","), f"proc/{own.pid}/maps"]:
+            try:
+                out[path] = c.cat(path).decode(errors="replace")
+            except StyxClientError as e:
+                out[path] = "error: " + str(e)
+finally:
+    own.kill()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_root_servers_own_process_is_not_served_from_proc(open_irmd: IrmdProc, lab: Path) -> None:
+    """The kernel lets a process's threads into its own /proc entries whatever their credentials
+    (ptrace's same-thread-group rule): a root server serving / read its own maps and memory figures
+    for uid 65534 (through /proc/self, /proc/thread-self, /proc/PID, or a link the client made to
+    them), which that user may not read of root's processes. They are not served; the client's own
+    process's are, as is the rest of /proc."""
+    proc = serve(open_irmd, lab, "files", "--root", "/")
+    try:
+        pid = proc.pid
+        (lab / "drop").mkdir()
+        os.chown(lab / "drop", NOBODY, NOBODY)
+        link = lab / "drop" / "maps"
+        paths = [f"proc/{pid}/maps", "proc/self/maps", "proc/thread-self/maps", f"proc/{pid}/smaps_rollup",
+                 f"proc/{pid}/task/{pid}/maps", "etc/mtab", str(link).lstrip("/"), "proc/1/status",
+                 "proc/uptime"]  # fmt: skip
+        kernel = subprocess.run([*AS_NOBODY, "cat", f"/proc/{pid}/maps"], capture_output=True)
+        assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+        out = result(as_nobody(open_irmd, OWN_PROC, "files", ",".join(paths), str(link)))
+    finally:
+        stop(proc)
+    for path in paths[:-2]:  # ... and Styx, working as it, too
+        assert str(out[path]).startswith("error") and "r-xp" not in str(out[path]), out
+    own = [v for p, v in out.items() if p not in paths]
+    assert "r-xp" in str(own[0]), out  # the client's own process: yes
+    assert "Name:" in str(out["proc/1/status"]) and not str(out["proc/uptime"]).startswith("error"), out  # the rest
+
+
 # -- a server of an ordinary user: its symlinks lead others past nothing it does not check ------------
 
 S = 1  # the serving user (daemon)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
@@ -18,12 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import WHO_ACCEPTS, free_port, serve_tcp, wait_for
+from helpers import BIN, WHO_ACCEPTS, free_port, serve_tcp, wait_for
 from test_ibp_hostile import LEGIT_WAIT, LIMITS, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
+from apps.ibp.exnode import ExNode, to_xml
 from apps.ibp.limits import IDLE_GRACE
 
 NOBODY = 65534
@@ -294,6 +296,7 @@ HOLD_FLOWS = (
     PRELUDE
     + r"""
 from apps.ibp.client import Connection
+from apps.ibp.exnode import ExNode, to_xml
 held = []
 for i in range(int(sys.argv[4])):
     c = Connection(name, timeout=20)
@@ -413,6 +416,7 @@ DIR_SWAP = (
     PRELUDE
     + r"""
 from apps.ibp.client import Connection
+from apps.ibp.exnode import ExNode, to_xml
 parent, target = sys.argv[4], sys.argv[5]
 os.rename(parent + '/depot', parent + '/moved')  # root's 0700 directory, in ours
 os.mkdir(parent + '/depot')
@@ -460,3 +464,32 @@ def test_a_depot_directory_another_user_could_move_is_refused(
             r, wcap, _ = c.allocate(100, 60)
             c.store(wcap, [b"root's"], 6)
             assert c.load_bytes(r) == b"root's"
+
+
+def _small_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # a tool that reads /dev/zero fails here, not the host
+
+
+@pytest.mark.timeout(60)
+def test_exnodes_another_user_names_cannot_hold_roots_tools(open_dir: Path) -> None:  # noqa: F811
+    """Root runs an exNode tool on exNodes in a directory uid 65534 owns: a FIFO there held the tool for
+    ever, and a link to /dev/zero took all its memory. Each is refused with a message naming it, and
+    the tool goes on to the exNode beside them."""
+    drop = open_dir / "drop"
+    drop.mkdir()
+    os.chown(drop, NOBODY, NOBODY)
+    plant = "import os, sys; os.mkfifo(sys.argv[1] + '/fifo.xnd'); os.symlink('/dev/zero', sys.argv[1] + '/zero.xnd')"
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c",
+                    plant, str(drop)], check=True, timeout=20)  # fmt: skip
+    (open_dir / "real.xnd").write_bytes(to_xml(ExNode("real.bin", 0)))
+    for planted in ("fifo.xnd", "zero.xnd"):
+        try:
+            r = subprocess.run(
+                [str(BIN / "exnode"), "ls", str(drop / planted), str(open_dir / "real.xnd")],
+                capture_output=True, text=True, timeout=15, preexec_fn=_small_memory,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"exnode ls {planted} hung")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{drop / planted} is not a regular file" in r.stderr, r.stderr
+        assert "real.bin" in r.stdout, r.stdout  # the exNode beside it is listed

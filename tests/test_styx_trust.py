@@ -823,6 +823,49 @@ def test_a_root_servers_work_for_a_local_user_has_none_of_roots_capabilities(ope
     assert out["roots-maps"] == f"error: '{roots.pid}/maps' permission denied", out
 
 
+SYSCTL = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1])) as c:
+    path = sys.argv[2]
+    value = c.cat(path)
+    out["read"] = value.decode()
+    try:
+        fid = c.walk(path)
+        c.open(fid, w.OWRITE)
+        out["write"] = c.write(fid, 0, value)  # the value it has: nothing changes if it goes through
+        c.clunk(fid)
+    except StyxClientError as e:
+        out["write"] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_root_servers_client_writes_no_sysctl(open_irmd: IrmdProc, lab: Path) -> None:
+    """Sysctl files are judged by the effective uid, not the file system one: a root server that
+    switched only its thread's fsuid let uid 65534 write root's /proc/sys (kernel.core_pattern runs a
+    program as root). The thread works with the client's effective ids too; the client still reads
+    what /proc/sys shows it, and root, served as root, still writes."""
+    path = "sys/kernel/printk_ratelimit"  # 0644 root; written back with the value it has
+    before = Path("/proc", path).read_text()
+    proc = serve(open_irmd, lab, "files", "--root", "/proc")
+    try:
+        kernel = subprocess.run([*AS_NOBODY, "sh", "-c", f"echo {before.strip()} > /proc/{path}"], capture_output=True)
+        assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+        out = result(as_nobody(open_irmd, SYSCTL, "files", path))
+        assert out["read"] == before, out
+        assert str(out["write"]).startswith("error") and str(out["write"]).endswith("permission denied"), out
+        mine = as_ids(open_irmd, ["--reuid=0"], SYSCTL, "files", path)  # root, as root
+        assert mine["write"] == len(before), mine
+    finally:
+        stop(proc)
+    assert Path("/proc", path).read_text() == before
+
+
 OWN_PROC = r"""
 import json, os, subprocess, sys
 from apps.styx.client import Client, StyxClientError

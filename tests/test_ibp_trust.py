@@ -493,3 +493,38 @@ def test_exnodes_another_user_names_cannot_hold_roots_tools(open_dir: Path) -> N
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert f"{drop / planted} is not a regular file" in r.stderr, r.stderr
         assert "real.bin" in r.stdout, r.stdout  # the exNode beside it is listed
+
+
+@pytest.mark.timeout(60)
+def test_an_xndrc_a_group_may_write_sends_no_upload_elsewhere(open_dir: Path) -> None:  # noqa: F811
+    """Root's .xndrc, writable by a group uid 65534 is in (0664, group nogroup): that user names its
+    own depot in it, and root's next upload went there, where it reads the file. Such a file is
+    refused; one only root may write still names root's depots."""
+    target = FakeTarget(b"")  # uid 65534's "depot": counts who connects
+    home = open_dir / "home"
+    home.mkdir()
+    rc = open_dir / ".xndrc"
+    rc.write_text("# root's depots\n")
+    os.chown(rc, 0, NOBODY)
+    os.chmod(rc, 0o664)
+    edit = f"open({str(rc)!r}, 'a').write('DEPOT 127.0.0.1 {target.port}\\n')"
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c",
+                    edit], check=True, timeout=20)  # fmt: skip
+    (open_dir / "secret.bin").write_bytes(b"root's data")
+    env = dict(os.environ, HOME=str(home))
+
+    def upload() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "exnode"), "upload", "secret.bin", "-o", "secret.xnd", "--timeout", "3"],
+            cwd=open_dir, env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    try:
+        r = upload()
+        assert target.connections == 0, f"root's upload went to uid 65534's depot: {r.stderr}"
+        assert r.returncode != 0 and f"writable by group {NOBODY}" in r.stderr, r.stderr
+        os.chmod(rc, 0o644)  # the same file, root's alone: its depot is used
+        upload()
+        assert target.connections >= 1
+    finally:
+        target.close()

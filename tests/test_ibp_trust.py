@@ -528,3 +528,52 @@ def test_an_xndrc_a_group_may_write_sends_no_upload_elsewhere(open_dir: Path) ->
         assert target.connections >= 1
     finally:
         target.close()
+
+
+FIFO_SWAP = r"""
+import os, sys, time
+d, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
+os.chdir(d)
+while time.monotonic() < until:
+    os.rename("file.bin", "reg")   # the file root checked ...
+    os.rename("fifo", "file.bin")  # ... is a FIFO when it opens it
+    os.rename("file.bin", "fifo")
+    os.rename("reg", "file.bin")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_of_a_file_swapped_for_a_fifo_is_refused_not_waited_on(open_dir: Path) -> None:  # noqa: F811
+    """Root uploads a file in a directory uid 65534 owns, which swaps it for a FIFO between the tool's
+    check and its open: the upload waited for ever on the FIFO. It is opened once, as a regular file
+    only, and the file checked is the file read."""
+    drop = open_dir / "drop"
+    drop.mkdir()
+    (drop / "file.bin").write_bytes(b"x" * 1000)
+    os.mkfifo(drop / "fifo")
+    for p in (drop, drop / "file.bin", drop / "fifo"):
+        os.chown(p, NOBODY, NOBODY)
+    swapper = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                sys.executable, "-c", FIFO_SWAP, str(drop), "60"])  # fmt: skip
+    home = open_dir / "home"
+    home.mkdir()
+    try:
+        for _ in range(30):
+            try:
+                r = subprocess.run(
+                    [str(BIN / "exnode"), "upload", str(drop / "file.bin"), "--depots", "127.0.0.1:1", "-o",
+                     str(open_dir / "out.xnd"), "--timeout", "2"],
+                    env=dict(os.environ, HOME=str(home)), cwd=open_dir, capture_output=True, text=True, timeout=10,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                pytest.fail("the upload waited on the FIFO swapped in")
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    finally:
+        swapper.kill()
+        swapper.wait()
+    r = subprocess.run(
+        [str(BIN / "exnode"), "upload", str(drop / "file.bin"), "--depots", "127.0.0.1:1", "-o",
+         str(open_dir / "out.xnd"), "--timeout", "2"],
+        env=dict(os.environ, HOME=str(home)), cwd=open_dir, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "no depot took the block" in r.stderr, r.stderr  # the file itself, once left alone, is read

@@ -558,7 +558,7 @@ def test_an_upload_of_a_file_swapped_for_a_fifo_is_refused_not_waited_on(open_di
     home = open_dir / "home"
     home.mkdir()
     try:
-        for _ in range(30):
+        for _ in range(20):
             try:
                 r = subprocess.run(
                     [str(BIN / "exnode"), "upload", str(drop / "file.bin"), "--depots", "127.0.0.1:1", "-o",
@@ -571,6 +571,9 @@ def test_an_upload_of_a_file_swapped_for_a_fifo_is_refused_not_waited_on(open_di
     finally:
         swapper.kill()
         swapper.wait()
+    for name in ("file.bin", "reg", "fifo"):  # the swap was stopped anywhere: a plain file again
+        (drop / name).unlink(missing_ok=True)
+    (drop / "file.bin").write_bytes(b"x" * 1000)
     r = subprocess.run(
         [str(BIN / "exnode"), "upload", str(drop / "file.bin"), "--depots", "127.0.0.1:1", "-o",
          str(open_dir / "out.xnd"), "--timeout", "2"],

@@ -126,11 +126,18 @@ def open_dir() -> Iterator[Path]:
 
 
 def run_depot(
-    d: Path, mp: pytest.MonkeyPatch, *extra: str, shared_layer: bool = False, listen: str = "127.0.0.1"
+    d: Path,
+    mp: pytest.MonkeyPatch,
+    *extra: str,
+    shared_layer: bool = False,
+    listen: str = "127.0.0.1",
+    depot_dir: Path | None = None,
 ) -> Iterator[Depot]:
     """A depot with LIMITS and `extra` flags; this process's flows go to its irmd. shared_layer: the
     depot is registered in a udp4 layer only, where the stack names no local peer. listen: the TCP
-    address it listens on (`::`: dual stack, still reached as 127.0.0.1)."""
+    address it listens on (`::`: dual stack, still reached as 127.0.0.1). depot_dir: its --dir
+    (d/depot1)."""
+    depot_dir = depot_dir or d / "depot1"
     irmd = start_irmd(d)
     proc = None
     mp.setenv("OUROBOROS_SOCK", str(irmd.sock))
@@ -151,7 +158,7 @@ def run_depot(
                     "--name",
                     "depot1",
                     "--dir",
-                    str(d / "depot1"),
+                    str(depot_dir),
                     "--layer",
                     "lan" if shared_layer else "local",
                     "--listen",
@@ -164,7 +171,7 @@ def run_depot(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        depot = Depot(irmd, proc, "depot1", port, d / "depot1", log)
+        depot = Depot(irmd, proc, "depot1", port, depot_dir, log)
 
         def up() -> bool:
             assert depot.alive(), log.read_text()

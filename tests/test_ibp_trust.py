@@ -6,7 +6,10 @@ per-client connection slots, clamped timeouts and durations.
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
+import shutil
 import socket
 import stat
 import subprocess
@@ -16,19 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import WHO_ACCEPTS, free_port, serve_tcp, wait_for
+from helpers import BIN, WHO_ACCEPTS, free_port, serve_tcp, wait_for
 from test_ibp_hostile import LEGIT_WAIT, LIMITS, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
+from apps.ibp.exnode import ExNode, to_xml
 from apps.ibp.limits import IDLE_GRACE
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(
-    __import__("os").geteuid() != 0, reason="the attacker runs as uid 65534 through setpriv: needs root"
-)
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attacker runs as uid 65534 through setpriv: needs root")
 
 
 @pytest.fixture
@@ -294,6 +296,7 @@ HOLD_FLOWS = (
     PRELUDE
     + r"""
 from apps.ibp.client import Connection
+from apps.ibp.exnode import ExNode, to_xml
 held = []
 for i in range(int(sys.argv[4])):
     c = Connection(name, timeout=20)
@@ -407,3 +410,173 @@ def test_st_changes_limits_line_is_awaited_no_longer_than_the_request_timeout(pa
         assert s.recv(100) == b""  # closed: --request-timeout (2 s), not the 300 s asked
         assert time.monotonic() - start < 15
     assert patient_depot.served() < LEGIT_WAIT
+
+
+DIR_SWAP = (
+    PRELUDE
+    + r"""
+from apps.ibp.client import Connection
+from apps.ibp.exnode import ExNode, to_xml
+parent, target = sys.argv[4], sys.argv[5]
+os.rename(parent + '/depot', parent + '/moved')  # root's 0700 directory, in ours
+os.mkdir(parent + '/depot')
+os.symlink(target, parent + '/depot/data')  # where the depot makes its data files now
+with Connection(sys.argv[2], timeout=5) as c:
+    r, wcap, _ = c.allocate(100, 60)
+    c.store(wcap, [b'planted by uid 65534'], 20)
+print('stored')
+"""
+)
+
+
+def test_a_depot_directory_another_user_could_move_is_refused(
+    open_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A root depot whose --dir is in a directory uid 65534 owns: that user moves the depot's 0700
+    directory aside and makes its own in its place, with `data` a link to any directory, and the
+    depot creates its data files there, as root, with the bytes its clients store. It is refused at
+    start, as sshd's StrictModes refuses a path others could change; a directory only root controls
+    serves."""
+    parent = open_dir / "u"
+    parent.mkdir()
+    os.chown(parent, NOBODY, NOBODY)
+    target = open_dir / "roots-only"
+    target.mkdir(mode=0o700)
+    runs = run_depot(open_dir, monkeypatch, depot_dir=parent / "depot")
+    try:
+        depot = next(runs)
+    except AssertionError:  # the depot ended at start
+        log = (open_dir / "depot.log").read_text()
+        assert f"belongs to uid {NOBODY}" in log and str(parent) in log, log
+    else:
+        try:
+            out = depot.attack(DIR_SWAP, str(parent), str(target))
+        finally:
+            runs.close()
+        planted = [p.read_bytes() for p in target.iterdir()]
+        pytest.fail(f"the depot started in {parent}; uid 65534 then planted {planted} in {target}: {out.stdout}")
+    assert not list(target.iterdir())
+    os.chown(parent, 0, 0)  # the same place, once only root controls it
+    shutil.rmtree(parent / "depot", ignore_errors=True)
+    for depot in run_depot(open_dir, monkeypatch, depot_dir=parent / "depot"):
+        with Connection(depot.addr, timeout=5) as c:
+            r, wcap, _ = c.allocate(100, 60)
+            c.store(wcap, [b"root's"], 6)
+            assert c.load_bytes(r) == b"root's"
+
+
+def _small_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # a tool that reads /dev/zero fails here, not the host
+
+
+@pytest.mark.timeout(60)
+def test_exnodes_another_user_names_cannot_hold_roots_tools(open_dir: Path) -> None:  # noqa: F811
+    """Root runs an exNode tool on exNodes in a directory uid 65534 owns: a FIFO there held the tool for
+    ever, and a link to /dev/zero took all its memory. Each is refused with a message naming it, and
+    the tool goes on to the exNode beside them."""
+    drop = open_dir / "drop"
+    drop.mkdir()
+    os.chown(drop, NOBODY, NOBODY)
+    plant = "import os, sys; os.mkfifo(sys.argv[1] + '/fifo.xnd'); os.symlink('/dev/zero', sys.argv[1] + '/zero.xnd')"
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c",
+                    plant, str(drop)], check=True, timeout=20)  # fmt: skip
+    (open_dir / "real.xnd").write_bytes(to_xml(ExNode("real.bin", 0)))
+    for planted in ("fifo.xnd", "zero.xnd"):
+        try:
+            r = subprocess.run(
+                [str(BIN / "exnode"), "ls", str(drop / planted), str(open_dir / "real.xnd")],
+                capture_output=True, text=True, timeout=15, preexec_fn=_small_memory,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"exnode ls {planted} hung")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{drop / planted} is not a regular file" in r.stderr, r.stderr
+        assert "real.bin" in r.stdout, r.stdout  # the exNode beside it is listed
+
+
+@pytest.mark.timeout(60)
+def test_an_xndrc_a_group_may_write_sends_no_upload_elsewhere(open_dir: Path) -> None:  # noqa: F811
+    """Root's .xndrc, writable by a group uid 65534 is in (0664, group nogroup): that user names its
+    own depot in it, and root's next upload went there, where it reads the file. Such a file is
+    refused; one only root may write still names root's depots."""
+    target = FakeTarget(b"")  # uid 65534's "depot": counts who connects
+    home = open_dir / "home"
+    home.mkdir()
+    rc = open_dir / ".xndrc"
+    rc.write_text("# root's depots\n")
+    os.chown(rc, 0, NOBODY)
+    os.chmod(rc, 0o664)
+    edit = f"open({str(rc)!r}, 'a').write('DEPOT 127.0.0.1 {target.port}\\n')"
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c",
+                    edit], check=True, timeout=20)  # fmt: skip
+    (open_dir / "secret.bin").write_bytes(b"root's data")
+    env = dict(os.environ, HOME=str(home))
+
+    def upload() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "exnode"), "upload", "secret.bin", "-o", "secret.xnd", "--timeout", "3"],
+            cwd=open_dir, env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    try:
+        r = upload()
+        assert target.connections == 0, f"root's upload went to uid 65534's depot: {r.stderr}"
+        assert r.returncode != 0 and f"writable by group {NOBODY}" in r.stderr, r.stderr
+        os.chmod(rc, 0o644)  # the same file, root's alone: its depot is used
+        upload()
+        assert target.connections >= 1
+    finally:
+        target.close()
+
+
+FIFO_SWAP = r"""
+import os, sys, time
+d, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
+os.chdir(d)
+while time.monotonic() < until:
+    os.rename("file.bin", "reg")   # the file root checked ...
+    os.rename("fifo", "file.bin")  # ... is a FIFO when it opens it
+    os.rename("file.bin", "fifo")
+    os.rename("reg", "file.bin")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_of_a_file_swapped_for_a_fifo_is_refused_not_waited_on(open_dir: Path) -> None:  # noqa: F811
+    """Root uploads a file in a directory uid 65534 owns, which swaps it for a FIFO between the tool's
+    check and its open: the upload waited for ever on the FIFO. It is opened once, as a regular file
+    only, and the file checked is the file read."""
+    drop = open_dir / "drop"
+    drop.mkdir()
+    (drop / "file.bin").write_bytes(b"x" * 1000)
+    os.mkfifo(drop / "fifo")
+    for p in (drop, drop / "file.bin", drop / "fifo"):
+        os.chown(p, NOBODY, NOBODY)
+    swapper = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                sys.executable, "-c", FIFO_SWAP, str(drop), "60"])  # fmt: skip
+    home = open_dir / "home"
+    home.mkdir()
+    try:
+        for _ in range(20):
+            try:
+                r = subprocess.run(
+                    [str(BIN / "exnode"), "upload", str(drop / "file.bin"), "--depots", "127.0.0.1:1", "-o",
+                     str(open_dir / "out.xnd"), "--timeout", "2"],
+                    env=dict(os.environ, HOME=str(home)), cwd=open_dir, capture_output=True, text=True, timeout=10,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                pytest.fail("the upload waited on the FIFO swapped in")
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    finally:
+        swapper.kill()
+        swapper.wait()
+    for name in ("file.bin", "reg", "fifo"):  # the swap was stopped anywhere: a plain file again
+        (drop / name).unlink(missing_ok=True)
+    (drop / "file.bin").write_bytes(b"x" * 1000)
+    r = subprocess.run(
+        [str(BIN / "exnode"), "upload", str(drop / "file.bin"), "--depots", "127.0.0.1:1", "-o",
+         str(open_dir / "out.xnd"), "--timeout", "2"],
+        env=dict(os.environ, HOME=str(home)), cwd=open_dir, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "no depot took the block" in r.stderr, r.stderr  # the file itself, once left alone, is read

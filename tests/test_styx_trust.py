@@ -469,6 +469,69 @@ def test_root_file_server_does_each_clients_file_access_as_that_client(open_irmd
         stop(proc)
 
 
+ANON_WRITES = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1]), user=sys.argv[2]) as c:
+    def attempt(key, fn, *args):
+        try:
+            r = fn(*args)
+            out[key] = r.decode() if isinstance(r, (bytes, bytearray)) else "ok"
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+    def wstat(path, **changes):
+        st = w.Stat.dont_touch()
+        for k, v in changes.items():
+            setattr(st, k, v)
+        fid = c.walk(path)
+        try:
+            c.wstat_fid(fid, st)
+        finally:
+            c.clunk(fid)
+    def rclose(path):
+        fid = c.walk(path)
+        c.open(fid, w.OREAD | w.ORCLOSE)
+        c.clunk(fid)
+    attempt("read", c.cat, "pub/shared.txt")
+    attempt("create", c.put, "pub/" + sys.argv[3], b"x")
+    attempt("overwrite", c.put, "pub/shared.txt", b"defaced")
+    attempt("remove", c.remove, "pub/victim.txt")
+    attempt("rclose", rclose, "pub/victim.txt")
+    attempt("rename", lambda: wstat("pub/victim.txt", name="renamed.txt"))
+    attempt("truncate", lambda: wstat("pub/shared.txt", length=0))
+    attempt("mkdir", c.mkdir, "pub/d-" + sys.argv[3], 0o777)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_anonymous_clients_of_a_root_file_server_change_nothing(open_irmd: IrmdProc, lab: Path) -> None:
+    """None is anyone (a bridge's TCP client, a peer of another host): it reads what the modes give
+    others, and writes, makes, removes and renames nothing, even where the anonymous account could.
+    The same local user attached as itself still writes there."""
+    export = lab / "export"
+    (export / "pub").mkdir(parents=True)
+    os.chmod(export / "pub", 0o777)
+    for n in ("shared.txt", "victim.txt"):
+        (export / "pub" / n).write_text("root's\n")
+        os.chmod(export / "pub" / n, 0o666)
+    proc = serve(open_irmd, lab, "files", "--root", str(export))
+    try:
+        out = result(as_nobody(open_irmd, ANON_WRITES, "files", "none", "anon.txt"))
+        assert out.pop("read") == "root's\n", out
+        assert all(str(v).startswith("error") and str(v).endswith("permission denied") for v in out.values()), out
+        assert sorted(os.listdir(export / "pub")) == ["shared.txt", "victim.txt"]
+        assert (export / "pub" / "shared.txt").read_text() == "root's\n"
+        mine = result(as_nobody(open_irmd, ANON_WRITES, "files", "anyone", "mine.txt"))  # uid 65534 as itself
+        assert mine["create"] == mine["overwrite"] == mine["remove"] == mine["mkdir"] == "ok", mine
+        assert (export / "pub" / "mine.txt").stat().st_uid == NOBODY
+    finally:
+        stop(proc)
+
+
 # -- a root file server works with the client's ids as the kernel has them, not its account's groups -----
 
 
@@ -760,6 +823,98 @@ def test_a_root_servers_work_for_a_local_user_has_none_of_roots_capabilities(ope
     assert out["roots-maps"] == f"error: '{roots.pid}/maps' permission denied", out
 
 
+SYSCTL = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1])) as c:
+    path = sys.argv[2]
+    value = c.cat(path)
+    out["read"] = value.decode()
+    try:
+        fid = c.walk(path)
+        c.open(fid, w.OWRITE)
+        out["write"] = c.write(fid, 0, value)  # the value it has: nothing changes if it goes through
+        c.clunk(fid)
+    except StyxClientError as e:
+        out["write"] = "error: " + str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_root_servers_client_writes_no_sysctl(open_irmd: IrmdProc, lab: Path) -> None:
+    """Sysctl files are judged by the effective uid, not the file system one: a root server that
+    switched only its thread's fsuid let uid 65534 write root's /proc/sys (kernel.core_pattern runs a
+    program as root). The thread works with the client's effective ids too; the client still reads
+    what /proc/sys shows it, and root, served as root, still writes."""
+    path = "sys/kernel/printk_ratelimit"  # 0644 root; written back with the value it has
+    before = Path("/proc", path).read_text()
+    proc = serve(open_irmd, lab, "files", "--root", "/proc")
+    try:
+        kernel = subprocess.run([*AS_NOBODY, "sh", "-c", f"echo {before.strip()} > /proc/{path}"], capture_output=True)
+        assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+        out = result(as_nobody(open_irmd, SYSCTL, "files", path))
+        assert out["read"] == before, out
+        assert str(out["write"]).startswith("error") and str(out["write"]).endswith("permission denied"), out
+        mine = as_ids(open_irmd, ["--reuid=0"], SYSCTL, "files", path)  # root, as root
+        assert mine["write"] == len(before), mine
+    finally:
+        stop(proc)
+    assert Path("/proc", path).read_text() == before
+
+
+OWN_PROC = r"""
+import json, os, subprocess, sys
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+own = subprocess.Popen(["sleep", "30"])
+link = sys.argv[3]
+os.symlink(os.path.relpath("/proc/self/maps", os.path.dirname(link)), link)  # the client's, where it may write
+out = {}
+try:
+    with Client(dial(sys.argv[1])) as c:
+        for path in [*sys.argv[2].split(","), f"proc/{own.pid}/maps"]:
+            try:
+                out[path] = c.cat(path).decode(errors="replace")
+            except StyxClientError as e:
+                out[path] = "error: " + str(e)
+finally:
+    own.kill()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_root_servers_own_process_is_not_served_from_proc(open_irmd: IrmdProc, lab: Path) -> None:
+    """The kernel lets a process's threads into its own /proc entries whatever their credentials
+    (ptrace's same-thread-group rule): a root server serving / read its own maps and memory figures
+    for uid 65534 (through /proc/self, /proc/thread-self, /proc/PID, or a link the client made to
+    them), which that user may not read of root's processes. They are not served; the client's own
+    process's are, as is the rest of /proc."""
+    proc = serve(open_irmd, lab, "files", "--root", "/")
+    try:
+        pid = proc.pid
+        (lab / "drop").mkdir()
+        os.chown(lab / "drop", NOBODY, NOBODY)
+        link = lab / "drop" / "maps"
+        paths = [f"proc/{pid}/maps", "proc/self/maps", "proc/thread-self/maps", f"proc/{pid}/smaps_rollup",
+                 f"proc/{pid}/task/{pid}/maps", "etc/mtab", str(link).lstrip("/"), "proc/1/status",
+                 "proc/uptime"]  # fmt: skip
+        kernel = subprocess.run([*AS_NOBODY, "cat", f"/proc/{pid}/maps"], capture_output=True)
+        assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+        out = result(as_nobody(open_irmd, OWN_PROC, "files", ",".join(paths), str(link)))
+    finally:
+        stop(proc)
+    for path in paths[:-2]:  # ... and Styx, working as it, too
+        assert str(out[path]).startswith("error") and "r-xp" not in str(out[path]), out
+    own = [v for p, v in out.items() if p not in paths]
+    assert "r-xp" in str(own[0]), out  # the client's own process: yes
+    assert "Name:" in str(out["proc/1/status"]) and not str(out["proc/uptime"]).startswith("error"), out  # the rest
+
+
 # -- a server of an ordinary user: its symlinks lead others past nothing it does not check ------------
 
 S = 1  # the serving user (daemon)
@@ -842,6 +997,91 @@ def test_a_users_server_follows_no_symlink_for_others(open_irmd: IrmdProc, lab: 
         assert mine[":pub/also"] == "public\n", mine
     finally:
         stop(proc)
+
+
+STICKY_ATTACK = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {}
+with Client(dial(sys.argv[1])) as c:
+    def attempt(key, fn, *args):
+        try:
+            fn(*args)
+            out[key] = "ok"
+        except StyxClientError as e:
+            out[key] = "error: " + str(e)
+    def rename(path, new):
+        st = w.Stat.dont_touch()
+        st.name = new
+        fid = c.walk(path)
+        try:
+            c.wstat_fid(fid, st)
+        finally:
+            c.clunk(fid)
+    def rclose(path):
+        fid = c.walk(path)
+        c.open(fid, w.OREAD | w.ORCLOSE)
+        c.clunk(fid)
+    for key, fn, *args in json.loads(sys.argv[2]):
+        attempt(key, {"remove": c.remove, "rename": rename, "rclose": rclose, "put": c.put}[fn],
+                *[a.encode() if fn == "put" and i else a for i, a in enumerate(args)])
+print(json.dumps(out))
+"""
+
+
+@contextlib.contextmanager
+def users_server(irmd: IrmdProc, lab: Path, export: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`styx serve --root EXPORT` run by user S, registered as `name`; stopped however the test ends."""
+    with open(lab / "s.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["setpriv", f"--reuid={S}", f"--regid={S}", "--clear-groups", str(BIN / "styx"), "serve", "--root",
+             str(export)],
+            env=irmd.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: b"serving" in (lab / "s.log").read_bytes() or proc.poll() is not None, 30, "styx serve")
+        assert proc.poll() is None, (lab / "s.log").read_text()
+        irmd.irm_ok("bind", "process", str(proc.pid), "name", name)
+        irmd.irm_ok("name", "register", name, "layer", "local")
+        yield proc
+    finally:
+        stop(proc)
+
+
+@pytest.mark.timeout(120)
+def test_a_users_server_keeps_a_sticky_directorys_files_to_their_owners(open_irmd: IrmdProc, lab: Path) -> None:
+    """S's sticky directory (1777, as /tmp): S may remove or rename anything in it, other users only
+    their own. A server of S that checks Plan 9 permissions for them (there is no sticky bit in 9P) let
+    any of them remove and rename the files of every other user there. They still make files in it,
+    and remove them where the directory is not sticky; S itself still removes anything."""
+    export = lab / "export"
+    (export / "tmp").mkdir(parents=True)
+    (export / "drop").mkdir()
+    for n in ("roots.txt", "roots2.txt", "roots3.txt"):
+        (export / "tmp" / n).write_text("root's\n")  # written there by root (another user of the host)
+    (export / "drop" / "scratch.txt").write_text("anyone's to remove")
+    for dirpath, dirnames, _ in os.walk(export):
+        for n in (dirpath, *(os.path.join(dirpath, d) for d in dirnames)):
+            os.chown(n, S, S)
+    os.chmod(export / "tmp", 0o1777)
+    os.chmod(export / "drop", 0o777)
+    kernel = subprocess.run([*AS_NOBODY, "rm", "-f", str(export / "tmp" / "roots.txt")], capture_output=True)
+    assert kernel.returncode != 0  # what the kernel refuses uid 65534 ...
+    attempts = [["remove", "remove", "tmp/roots.txt"], ["rename", "rename", "tmp/roots2.txt", "gone.txt"],
+                ["rclose", "rclose", "tmp/roots3.txt"], ["create", "put", "tmp/mine.txt", "mine"],
+                ["remove-unsticky", "remove", "drop/scratch.txt"]]  # fmt: skip
+    with users_server(open_irmd, lab, export, "sfiles"):
+        out = result(as_nobody(open_irmd, STICKY_ATTACK, "sfiles", json.dumps(attempts)))
+        for key in ("remove", "rename", "rclose"):  # ... Styx refuses it too
+            assert str(out[key]).endswith("permission denied"), out
+        assert sorted(os.listdir(export / "tmp")) == ["mine.txt", "roots.txt", "roots2.txt", "roots3.txt"]
+        assert out["create"] == out["remove-unsticky"] == "ok", out
+        assert not (export / "drop" / "scratch.txt").exists()
+        mine = result(as_uid(S, open_irmd, STICKY_ATTACK, "sfiles", json.dumps(attempts[:2])))  # S: the kernel judges
+        assert mine == {"remove": "ok", "rename": "ok"}, mine
+        assert sorted(os.listdir(export / "tmp")) == ["gone.txt", "mine.txt", "roots3.txt"]
 
 
 # -- confinement: a symlink swapped in while a client walks ------------------------------------------

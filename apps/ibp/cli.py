@@ -280,6 +280,7 @@ def run_depot(args: argparse.Namespace) -> int:
     from apps.ibp.depot import DepotCore
     from apps.ibp.server import DepotServer, flow_loop, parse_listen, tcp_listener, tcp_loop
     from apps.ibp.storage import DiskStore
+    from transports.unix import TrustError
 
     stop_on_signals()
     try:
@@ -288,6 +289,8 @@ def run_depot(args: argparse.Namespace) -> int:
         raise w.IbpError(w.IBP_E_INVALID_PARAMETER, str(e)) from None
     try:
         store = DiskStore(args.dir)
+    except TrustError as e:  # its text says which directory, and why
+        raise w.IbpError(w.IBP_E_FILE_OPEN, f"--dir {args.dir}: {e.strerror}") from None
     except OSError as e:
         raise w.IbpError(w.IBP_E_FILE_OPEN, str(e)) from None
     core = DepotCore(store, args.capacity, args.max_duration, time.time(), limits)

@@ -21,9 +21,10 @@ from typing import BinaryIO, TypeVar
 from apps.ibp import lors, xndrc
 from apps.ibp import wire as w
 from apps.ibp.cli import seconds, size
-from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, shown, to_xml
+from apps.ibp.exnode import MAX_XML, BadExnode, ExNode, Mapping, from_xml, shown, to_xml
 from apps.ibp.lors import Settings
 from flowlib import FlowError
+from irmd.identity import open_regular
 from proto.version import add_version
 from proto.version import text as version_text
 
@@ -106,10 +107,18 @@ def partial_name(dest: str | Path) -> str:
 
 
 def read_exnode(path: Path) -> ExNode:
+    """The exNode in `path` ("-": stdin). Only a regular file is read, and no more of it than an
+    exNode may hold: one named by another user (root's tools read users' exNodes) can be a FIFO
+    that never answers or a link to /dev/zero, which held the tool or took all its memory."""
     try:
-        data = path.read_bytes() if str(path) != "-" else sys.stdin.buffer.read(1 << 25)
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_XML + 1)
+        else:
+            fd, _ = open_regular(str(path))  # without blocking: a FIFO is refused, not waited on
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(MAX_XML + 1)  # from_xml refuses more than MAX_XML
     except OSError as e:
-        raise BadExnode(f"cannot read {path}: {e.strerror}") from None
+        raise BadExnode(f"cannot read {path}: {e.strerror or e}") from None
     try:
         return from_xml(data)
     except BadExnode as e:  # which of several exNodes it was

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from apps.ibp.capability import Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, Connection, parse_cap
 from apps.ibp.exnode import BadExnode, ExNode, Mapping, conditioned, plan, shown
 from flowlib import FlowError
+from irmd.identity import open_regular
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -177,7 +179,14 @@ class UploadFailed(Exception):
 def upload(
     path: Path, depots: list[str], stripe: int, replicas: int, duration: int, reliability: int, s: Settings
 ) -> Uploaded:
-    size = path.stat().st_size
+    # Opened once, without blocking and only as a regular file: the file measured is the file read,
+    # and a FIFO put in its place (by whoever may write its directory) is refused, not waited on.
+    try:
+        fd, st = open_regular(str(path))
+    except OSError as e:
+        raise w.IbpError(w.IBP_E_FILE_OPEN, f"cannot read {path}: {e.strerror or e}") from None
+    source = os.fdopen(fd, "rb")
+    size = st.st_size
     blocks = plan(size, stripe, depots, replicas)
     ex = ExNode(path.name, size)
     ledger = Ledger()
@@ -200,7 +209,7 @@ def upload(
             yield offset, data, where
 
     try:
-        with open(path, "rb") as f, progress(size, f"upload {path.name}") as bar, Workers(s) as workers:
+        with source as f, progress(size, f"upload {path.name}") as bar, Workers(s) as workers:
             for placed in workers.map(place, read(f)):
                 ex.mappings.extend(placed)
                 bar.update(placed[0].logical_length)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from transports.unix import check_dirs
+
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.log"
@@ -77,9 +79,14 @@ class DirInUse(OSError):
     """Another depot holds the directory."""
 
 
-def private_dir(path: Path) -> None:
+def private_dir(path: Path, trusted: bool = False) -> None:
     """Make `path` (and missing parents) and leave it 0700 and ours; refuse one another user owns,
-    as sshd's StrictModes would: whoever owns it could read or swap what the depot keeps there."""
+    as sshd's StrictModes would: whoever owns it could read or swap what the depot keeps there.
+    trusted: the directories above it (and links on the way) must be root's or ours and let no one
+    else replace their entries, else that user could move ours aside and put one of its own, or a
+    link to any directory, where the depot then makes its files by name."""
+    if trusted:
+        check_dirs(path.parent, os.geteuid(), strict_leaf=False, missing_ok=True)  # nothing made in theirs
     path.mkdir(parents=True, exist_ok=True)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode):
@@ -87,6 +94,8 @@ def private_dir(path: Path) -> None:
     if st.st_uid != os.geteuid():
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to the depot's uid {os.geteuid()}")
     os.chmod(path, DIR_MODE)
+    if trusted:
+        check_dirs(path, os.geteuid(), strict_leaf=True)
 
 
 def private_open(path: Path, flags: int) -> int:
@@ -104,7 +113,7 @@ class DiskStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.data = root / "data"
-        private_dir(root)
+        private_dir(root, trusted=True)
         private_dir(self.data)
         self.journal_path = root / JOURNAL
         self._journal: BinaryIO | None = None

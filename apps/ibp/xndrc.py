@@ -4,8 +4,10 @@ read from $HOME/.xndrc, then ./.xndrc (a later file wins), below what the comman
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import pwd
 import re
 import stat
 from dataclasses import dataclass, field
@@ -148,6 +150,19 @@ def _apply(rc: Rc, keyword: str, values: list[str], depots: list[str], lbone: li
     # ROUTE_DEPOT, LoDN's…) is skipped, as LoRS skips what it does not know.
 
 
+def _group_ok(st: os.stat_result) -> bool:
+    """A file its group may write only if that group is its owner's own (a user private group, as
+    umask 002 leaves files in): the owner's primary group, of the owner's name, naming no other member."""
+    if not st.st_mode & stat.S_IWGRP:
+        return True
+    try:
+        owner = pwd.getpwuid(st.st_uid)
+        group = grp.getgrgid(st.st_gid)
+    except KeyError:
+        return False
+    return owner.pw_gid == st.st_gid and group.gr_name == owner.pw_name and set(group.gr_mem) <= {owner.pw_name}
+
+
 def read(path: Path, rc: Rc) -> None:
     """Read one .xndrc into `rc`: its values replace those read before; its DEPOT (LBONE_SERVER)
     lines, if it has any, replace the list read before, as LoRS's reader does."""
@@ -156,9 +171,12 @@ def read(path: Path, rc: Rc) -> None:
     except OSError as e:  # absent, unreadable, or no regular file
         raise BadRc(f"cannot read {path}: {e.strerror}" if e.strerror else str(e)) from None
     with os.fdopen(fd, "rb") as f:
+        # Its DEPOT lines say where files go: one planted in a directory (or edited by a group the
+        # owner shares) must not send them to a depot of another user, who would read them there.
         if st.st_uid not in (os.getuid(), 0) or st.st_mode & stat.S_IWOTH:
-            # Its DEPOT lines say where files go: one planted in a directory must not redirect them.
             raise BadRc(f"{path}: owned by uid {st.st_uid} or writable by anyone: not read (it names depots)")
+        if not _group_ok(st):
+            raise BadRc(f"{path}: writable by group {st.st_gid}, not its owner's own: not read (it names depots)")
         try:
             data = f.read(MAX_BYTES + 1)
         except OSError as e:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from apps.styx import ownproc
 from apps.styx import wire as w
 from apps.styx.beneath import Escape, open_beneath
 from apps.styx.fscreds import fs_ids
@@ -127,6 +128,10 @@ class FsTree(Tree):
         if not os.path.isdir(PROC_FD):
             raise StyxError(f"serving files needs {PROC_FD} (/proc is not mounted)")
         self.rootfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        ownproc.identity()  # known before any session thread works as a client
+        if ownproc.refused(self.rootfd, from_proc=True):
+            os.close(self.rootfd)
+            raise StyxError(f"{root}: the server's own process: its entries are served to no one")
 
     def attach(self, peer: Peer, aname: str) -> Node:
         """The node `aname` names. Symlinks are followed only where the kernel checks every directory
@@ -195,9 +200,20 @@ class FsNode(Node):
 
     def walk(self, name: str) -> Node:
         rel = (*self.rel, name)
-        if self.follow:
-            return self._node(rel, self._resolve(rel))
-        return self._node(rel, self.tree.resolve((name,), follow=False, at=self.fd))
+        # In a procfs, one name and no link (self, thread-self, mounts lead into the server's own
+        # process): each step's directory is then the one checked before it.
+        from_proc = ownproc.on_proc(self.fd)
+        if self.follow and not from_proc:
+            node = self._node(rel, self._resolve(rel))
+        else:
+            node = self._node(rel, self.tree.resolve((name,), follow=False, at=self.fd))
+        try:
+            if ownproc.refused(node.fd, from_proc):
+                raise StyxError(ENONEXIST)
+        except BaseException:
+            node.close()
+            raise
+        return node
 
     def parent(self) -> Node:
         return self._node(self.rel[:-1], self._resolve(self.rel[:-1])) if self.rel else self.clone()
@@ -231,7 +247,7 @@ class FsNode(Node):
         pfd = self._resolve(self.rel[:-1])
         try:
             if may is not None:
-                may(_stat(os.fstat(pfd), self.rel[-2] if len(self.rel) > 1 else "/"))
+                may(*self._removal_stats(pfd))
             if self.follow:
                 os.close(self._still_here())
             else:
@@ -245,6 +261,18 @@ class FsNode(Node):
             os.close(pfd)
             raise
         return pfd
+
+    def _removal_stats(self, pfd: int) -> tuple[w.Stat, w.Stat | None]:
+        d = os.fstat(pfd)
+        entry = self.stat() if d.st_mode & st_.S_ISVTX else None  # 9P's mode has no sticky bit: say it so
+        return _stat(d, self.rel[-2] if len(self.rel) > 1 else "/"), entry
+
+    def removal_stats(self) -> tuple[w.Stat, w.Stat | None]:
+        pfd = self._resolve(self.rel[:-1])
+        try:
+            return self._removal_stats(pfd)
+        finally:
+            os.close(pfd)
 
     def open(self, mode: int, user: str) -> Handle:
         s = self._os_stat()

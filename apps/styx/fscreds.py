@@ -1,6 +1,9 @@
-"""Per-thread file system credentials: a session thread of a root server takes its client's
-fsuid, fsgid and groups, and gives up every capability, so the kernel checks that thread's file
-access as the client's.
+"""Per-thread credentials: a session thread of a root server takes its client's uid and gid as its
+effective and file system ids, and its groups, and gives up every capability, so the kernel checks
+that thread's file access as the client's. The effective ids too: a few checks look at them, not
+at the file system ids (sysctl files: with only the fsuid switched, any client wrote root's
+/proc/sys). The real and saved ids stay root's, for the switch back and so that the client's
+processes may not signal the thread.
 
 Raw system calls, as knfsd and Samba use them: glibc's setgroups would change every thread.
 When the file system uid leaves 0 the kernel drops only the thread's file capabilities (DAC
@@ -20,16 +23,19 @@ from collections.abc import Iterator
 
 from apps.accounts import Creds
 
-# (setgroups, setfsgid, setfsuid) system call numbers, from the kernel's syscall tables.
-_GENERIC = (159, 152, 151)  # asm-generic: aarch64, riscv64, loongarch64
+# (setgroups, setresgid, setresuid) system call numbers, from the kernel's syscall tables (the
+# 32-bit-id ones where there are two).
+_GENERIC = (159, 149, 147)  # asm-generic: aarch64, riscv64, loongarch64
 _SYSCALLS = {
-    "x86_64": (116, 123, 122),
+    "x86_64": (116, 119, 117),
     "aarch64": _GENERIC,
     "riscv64": _GENERIC,
     "loongarch64": _GENERIC,
-    "ppc64le": (81, 139, 138),
-    "s390x": (206, 216, 215),
+    "ppc64le": (81, 169, 164),
+    "s390x": (206, 210, 208),
 }
+_KEEP = ctypes.c_long(-1)  # setres[ug]id: leave this id as it is
+PR_SET_DUMPABLE = 4
 NGROUPS_MAX = 65536
 _CAP_VERSION_3 = 0x20080522  # capget/capset: two 32-bit words per set
 
@@ -71,6 +77,12 @@ def fs_ids() -> tuple[int, int, tuple[int, ...]]:
     return fsuid, fsgid, groups
 
 
+def effective_ids() -> tuple[int, int]:
+    """This thread's effective uid and gid, as the kernel reports them."""
+    status = _status()
+    return int(status["Uid"].split()[1]), int(status["Gid"].split()[1])
+
+
 def effective_caps() -> int:
     """This thread's effective capabilities, as the kernel reports them."""
     return int(_status()["CapEff"], 16)
@@ -96,19 +108,25 @@ def become(creds: Creds) -> None:
         raise CredsError(0, why)
     if len(creds.groups) > NGROUPS_MAX:
         raise CredsError(0, f"{len(creds.groups)} groups: at most {NGROUPS_MAX}")
-    setgroups, setfsgid, setfsuid = _SYSCALLS[platform.machine()]
+    setgroups, setresgid, setresuid = _SYSCALLS[platform.machine()]
     libc = _libc()
     _capset(libc, effective_from_permitted=True)  # CAP_SETGID and CAP_SETUID, if an earlier switch shed them
     gids = (ctypes.c_uint * max(len(creds.groups), 1))(*creds.groups)
     if libc.syscall(setgroups, ctypes.c_long(len(creds.groups)), gids) != 0:
         raise CredsError(ctypes.get_errno(), "setgroups failed")
-    # setfsgid/setfsuid return the previous id whether or not they succeeded: check what took.
-    libc.syscall(setfsgid, ctypes.c_long(creds.gid))
-    libc.syscall(setfsuid, ctypes.c_long(creds.uid))
+    # The effective ids (the file system ones follow them); real and saved stay, so root comes back.
+    if libc.syscall(setresgid, _KEEP, ctypes.c_long(creds.gid), _KEEP) != 0:
+        raise CredsError(ctypes.get_errno(), "setresgid failed")
+    if libc.syscall(setresuid, _KEEP, ctypes.c_long(creds.uid), _KEEP) != 0:
+        raise CredsError(ctypes.get_errno(), "setresuid failed")
     got = fs_ids()
-    if got != (creds.uid, creds.gid, tuple(sorted(set(creds.groups)))):
-        raise CredsError(0, f"thread credentials are {got}, not {creds}")
+    if got != (creds.uid, creds.gid, tuple(sorted(set(creds.groups)))) or effective_ids() != (creds.uid, creds.gid):
+        raise CredsError(0, f"thread credentials are {got} (effective {effective_ids()}), not {creds}")
     if creds.uid != 0:  # root's client is root; anyone else's work asks the kernel with no capability
+        # Leaving euid 0 makes the process as dumpable as fs.suid_dumpable says: never the client's
+        # to trace or read through /proc, whatever that is.
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise CredsError(ctypes.get_errno(), "cannot keep the server undumpable")
         _capset(libc, effective_from_permitted=False)
         if effective_caps():
             raise CredsError(0, f"thread keeps capabilities {effective_caps():#x} as {creds}")

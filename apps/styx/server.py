@@ -288,6 +288,14 @@ class Session:
         if not self._kernel_judges and not allowed(st, user, want):
             raise StyxError(EPERM)  # Plan 9's words exactly: what was refused, the client knows
 
+    @staticmethod
+    def _may_write(f: Fid) -> None:
+        """None reads what the modes give others and changes nothing: it is anyone (a TCP client of
+        a bridge, a peer of another host), so the anonymous account's rights are not lent to it to
+        write, make, remove or change files."""
+        if f.user.anonymous:
+            raise StyxError(EPERM)
+
     # -- requests -------------------------------------------------------------
 
     def _version(self, msg: w.Tversion) -> w.Msg:
@@ -390,6 +398,8 @@ class Session:
         isdir = bool(st.mode & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):
             raise StyxError(EISDIR)  # directories are opened for reading only
+        if writable(msg.mode) or msg.mode & (w.OTRUNC | w.ORCLOSE):
+            self._may_write(f)
         self._check(st, f.user, open_wants(msg.mode))
         if msg.mode & w.ORCLOSE:
             self._may_remove(f)
@@ -405,6 +415,7 @@ class Session:
         if not st.mode & w.DMDIR:
             raise StyxError(ENOTDIR)
         _check_name(msg.name)
+        self._may_write(f)
         self._check(st, f.user, w.DMWRITE)
         isdir = bool(msg.perm & w.DMDIR)
         if isdir and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
@@ -491,17 +502,26 @@ class Session:
     def _may_remove(self, f: Fid) -> None:
         if f.node.is_root():
             raise StyxError(EREMOVEROOT)
-        parent = f.node.parent_stat()
-        self._check(parent, f.user, w.DMWRITE)
+        self._may_change(f)(*f.node.removal_stats())
 
     def _may_change(self, f: Fid) -> DirCheck:
         """The check of the directory a removal or rename is made in, made by the tree on that very
         directory: a rename above it between a check of our own and the change cannot swap in another."""
-        return lambda parent: self._check(parent, f.user, w.DMWRITE)
+
+        def check(parent: w.Stat, sticky_entry: w.Stat | None) -> None:
+            self._check(parent, f.user, w.DMWRITE)
+            # A sticky directory: only the file's owner or the directory's removes or renames it. Where
+            # the server works with its own rights for others, its own would pass for whatever it owns.
+            owners = () if sticky_entry is None else (sticky_entry.uid, parent.uid)
+            if owners and not self._kernel_judges and f.user.name not in owners:
+                raise StyxError(EPERM)
+
+        return check
 
     def _remove(self, msg: w.Tremove) -> w.Msg:
         f = self._fid(msg.fid)
         try:
+            self._may_write(f)
             self._may_remove(f)
             if f.dirents is not None:
                 f.dirents.close()
@@ -532,12 +552,13 @@ class Session:
             or (new.uid and new.uid != st.uid)
         ):
             raise StyxError(ENOWSTAT)
+        self._may_write(f)
         owner = self._kernel_judges or f.user.name == st.uid
         if new.name and new.name != st.name:
             _check_name(new.name)
             if f.node.is_root():
                 raise StyxError(EPERM)  # the root has no name to change
-            self._check(f.node.parent_stat(), f.user, w.DMWRITE)
+            self._may_change(f)(*f.node.removal_stats())
         if new.length != keep.length:
             if st.mode & w.DMDIR:
                 raise StyxError(EISDIR)  # a directory's length can be set to 0 only

@@ -46,7 +46,9 @@ EUNKNOWNGROUP = "unknown group"  # u9fs: EINVAL
 ESPECIAL = "no access to special file"  # u9fs: EPERM; fifos and devices are not served
 
 
-DirCheck = Callable[[Stat], None]  # judges a change of a directory's entries by its stat; raises to refuse
+# Judges a change of a directory's entries (raises to refuse) by the directory's stat and, where the
+# directory lets only a file's owner or its own remove or rename it (sticky), the entry's; else None.
+DirCheck = Callable[[Stat, Stat | None], None]
 
 
 class WouldBlock(Exception):
@@ -114,6 +116,11 @@ class Node:
         finally:
             parent.close()
 
+    def removal_stats(self) -> tuple[Stat, Stat | None]:
+        """What a DirCheck of removing or renaming this file is given: its directory's stat and, if
+        that directory restricts removal to owners (sticky), this file's."""
+        return self.parent_stat(), None
+
     def children(self) -> list[Node]:
         raise StyxError("not a directory")
 
@@ -124,8 +131,8 @@ class Node:
         raise StyxError("cannot create here")
 
     def remove(self, may: DirCheck | None = None) -> None:
-        """Remove this file; `may`, given the stat of the directory it is removed from (that very
-        directory, whatever is renamed meanwhile), raises StyxError to refuse."""
+        """Remove this file; `may`, given the stats of the directory it is removed from (that very
+        directory, whatever is renamed meanwhile) and of the file (DirCheck), raises StyxError to refuse."""
         raise StyxError("cannot remove")
 
     def wstat(self, st: Stat, user: str, may_rename: DirCheck | None = None) -> None:

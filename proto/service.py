@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import threading
@@ -109,3 +110,16 @@ class ReadyListener:
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def raise_nofile(need: int) -> tuple[int, int]:
+    """Raise the soft descriptor limit to `need` (and as root the hard one, if lower) where it is
+    less: (the soft limit before, the soft limit now). A daemon that cannot have enough serves fewer
+    clients rather than let one client at its limits leave others without descriptors."""
+    before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need <= before:
+        return before, before
+    with contextlib.suppress(ValueError, OSError):
+        new_hard = max(hard, need) if os.geteuid() == 0 else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, new_hard), new_hard))
+    return before, resource.getrlimit(resource.RLIMIT_NOFILE)[0]

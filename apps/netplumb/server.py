@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import pwd
-import resource
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import logs
 from proto import messages as m
-from proto.service import notify_ready, serve_until_stopped, stop_on_signals
+from proto.service import notify_ready, raise_nofile, serve_until_stopped, stop_on_signals
 from proto.version import add_version
 from transports.ratelog import RateLog
 
@@ -138,13 +137,9 @@ def fit_fds(limits: Limits) -> Limits:
     manager's 1024 was less than one key's 8 sessions could take); if it cannot be raised enough,
     serve fewer sessions, so that one client at its limits never leaves another without descriptors."""
     need = limits.max_sessions * limits.fds_per_session() + RESERVE_FDS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if need > soft:
-        privsep.job_nofile = soft  # the jobs keep the limit netplumbd was given
-        with contextlib.suppress(ValueError, OSError):
-            new_hard = max(hard, need) if os.geteuid() == 0 else hard
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, new_hard), new_hard))
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before, soft = raise_nofile(need)
+    if before < need:
+        privsep.job_nofile = before  # the jobs keep the limit netplumbd was given
     if need <= soft:
         return limits
     sessions = max(1, (soft - RESERVE_FDS) // limits.fds_per_session())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import threading
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from flowlib import FLOWFRNOBLOCK, Fccntl, Flow, FlowError, FlowTimeout, FlowWou
 from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
+from proto.service import raise_nofile
 from transports.unix import irmd_sock_path, readable
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,7 @@ def fit_fds(limits: Limits) -> Limits:
     """Raise the descriptor limit so every connection can hold its share; if it cannot be raised
     enough, serve fewer connections, so that one client running out never starves another."""
     need = limits.conns * limits.fds_per_conn() + RESERVE_FDS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if need > soft:
-        with contextlib.suppress(ValueError, OSError):
-            new_hard = max(hard, need) if os.geteuid() == 0 else hard
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, new_hard), new_hard))
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, soft = raise_nofile(need)
     if need <= soft:
         return limits
     conns = max(1, (soft - RESERVE_FDS) // limits.fds_per_conn())

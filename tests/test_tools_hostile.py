@@ -1,0 +1,147 @@
+"""The small tools' servers run as root (`oping -l`, `operf -l`, `oecho -l`, `ocbr -l`) against local users.
+
+Each test plays the attacker as uid 65534 beside root's legitimate use of the same server. They need root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import BIN, IrmdProc, wait_for
+from test_irmd_trust import AS_NOBODY, as_nobody_env, irmd_in, public_dir, server  # noqa: F401 (a fixture)
+
+pytestmark = [pytest.mark.timeout(120)]
+PING = ["-n", "echo", "-c", "2", "-i", "50"]
+
+
+@pytest.fixture
+def host(public_dir: Path) -> Iterator[IrmdProc]:  # noqa: F811 (the fixture it takes)
+    """A root IRMd with a local layer, its socket reachable by every user."""
+    with irmd_in(public_dir) as irmd:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.note_children()
+        yield irmd
+
+
+@contextlib.contextmanager
+def nobody_client(irmd: IrmdProc, code: str, ready: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A Python client of uid 65534 running `code` until the end of the block; `ready` in its output says
+    it has done its harm."""
+    argv = [*AS_NOBODY, str(BIN / "python"), "-c", textwrap.dedent(code)]
+    with open(log, "wb") as out:
+        p = subprocess.Popen(argv, env=as_nobody_env(irmd.env), stdout=out, stderr=subprocess.STDOUT, cwd="/")
+    try:
+        wait_for(lambda: ready in log.read_text() or p.poll() is not None, 30, f"the attacker to print {ready!r}")
+        assert p.poll() is None, log.read_text()
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def serving(irmd: IrmdProc, tool: str, name: str) -> None:
+    irmd.irm_ok("bind", "program", tool, "name", name)
+    irmd.irm_ok("name", "register", name, "layer", "local")
+
+
+def test_a_client_that_never_reads_its_replies_holds_up_no_other_client_of_a_root_oping(host: IrmdProc) -> None:
+    serving(host, "oping", "echo")
+    log = host.log.parent
+    with server([str(BIN / "oping"), "-l", "-Q"], host.env, log / "srv.log", "started"):
+        flood = """
+            import struct, time
+            from flowlib import FLOWFDEFAULT, FLOWFWNOBLOCK, FLOWSFLAGS, FlowWouldBlock, flow_alloc
+            f = flow_alloc("echo", timeout=10)
+            f.fccntl(FLOWSFLAGS, FLOWFDEFAULT | FLOWFWNOBLOCK)
+            req = struct.pack("!IIQ8x", 0, 0, 0) + bytes(1400)
+            end = time.monotonic() + 3
+            while time.monotonic() < end:  # requests as fast as the server takes them, no reply read
+                try:
+                    f.write(req)
+                except FlowWouldBlock:
+                    time.sleep(0.001)
+            print("flooded", flush=True)
+            time.sleep(60)
+        """
+        with nobody_client(host, flood, "flooded", log / "atk.log"):
+            wait_for(lambda: "does not read its replies" in (log / "srv.log").read_text(), 15, "the server to notice")
+            r = host.run("oping", "-n", "echo", "-c", "3", "-i", "50", timeout=30)
+            assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_client_that_never_reads_holds_up_no_other_client_of_a_root_oecho(host: IrmdProc) -> None:
+    serving(host, "oecho", "oecho")
+    log = host.log.parent
+    with server([str(BIN / "oecho"), "-l"], host.env, log / "srv.log", "Starting the server."):
+        unread = """
+            from flowlib import flow_alloc
+            flows = [flow_alloc("oecho", timeout=10) for _ in range(8)]
+            for f in flows:
+                f.write(b"x" * 65_000)  # its reply waits on us
+            print("sent", flush=True)
+            import time; time.sleep(60)
+        """
+        with nobody_client(host, unread, "sent", log / "atk.log"):
+            r = host.run("oecho", timeout=30)
+            assert "Server replied with Client says hi!" in r.stdout, r.stdout + r.stderr
+
+
+def test_one_user_holding_flows_leaves_room_at_a_root_oping(host: IrmdProc) -> None:
+    serving(host, "oping", "echo")
+    log = host.log.parent
+    argv = ["prlimit", "--nofile=256:256", str(BIN / "oping"), "-l", "-Q"]  # a root shell's limit, smaller
+    with server(argv, host.env, log / "srv.log", "started"):
+        hold = """
+            from flowlib import flow_alloc
+            flows = []
+            for _ in range(300):
+                flows.append(flow_alloc("echo", timeout=10))
+            print("holding", len(flows), flush=True)
+            import time; time.sleep(60)
+        """
+        with nobody_client(host, hold, "holding", log / "atk.log"):
+            assert "uid 65534 holds 64 flows" in (log / "srv.log").read_text()
+            r = host.run("oping", *PING, timeout=30)
+            assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
+            r = subprocess.run(  # another user too
+                ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", str(BIN / "oping"), *PING],
+                env=as_nobody_env(host.env),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd="/",
+            )
+            assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
+        refused = (log / "srv.log").read_text().count("refused")
+        assert refused == 1, "a refusal is said once, not per flow"
+
+
+def test_one_user_holding_flows_leaves_room_at_a_root_ocbr(host: IrmdProc) -> None:
+    serving(host, "ocbr", "ocbr")
+    log = host.log.parent
+    with server([str(BIN / "ocbr"), "-l"], host.env, log / "srv.log", "Server started"):
+        hold = """
+            import time
+            from flowlib import flow_alloc
+            flows = []
+            for _ in range(10):
+                flows.append(flow_alloc("ocbr", timeout=5))
+            print("holding", len(flows), flush=True)
+            while True:  # alive, within the server's timeout (those it refused are let go)
+                for f in list(flows):
+                    try:
+                        f.write(b"x")
+                    except Exception:
+                        flows.remove(f)
+                time.sleep(0.3)
+        """
+        with nobody_client(host, hold, "holding", log / "atk.log"):
+            r = host.run("ocbr", "-n", "ocbr", "-d", "1", "-r", "10000", timeout=30)
+            assert r.returncode == 0 and "Failed" not in r.stdout, r.stdout + r.stderr
+            text = (log / "srv.log").read_text()
+            assert "uid 65534 holds 5 flows" in text, text

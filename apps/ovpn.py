@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -32,6 +33,17 @@ IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq (40 bytes) with ifr_flags
 IFREQ_ADDR = struct.Struct("16sHH4s16x")  # with ifr_addr: a sockaddr_in (family, port, address, zeros)
 IFREQ_MTU = struct.Struct("16si20x")
 BUF_SIZE = 65536
+log = logging.getLogger("ovpn")
+# What the device takes from the peer, and what it may change on the host: IPv4 packets only, from
+# addresses routed through the tunnel. With IPv6 on, one router advertisement from the peer gave the
+# host an address and a default route through the tunnel; with loose reverse-path checks, packets
+# in the name of the host's LAN reached its services as if from there.
+DEVICE_SYSCTLS = (
+    ("ipv6", "disable_ipv6", "1"),
+    ("ipv4", "rp_filter", "1"),
+    ("ipv4", "accept_redirects", "0"),
+    ("ipv4", "accept_source_route", "0"),
+)
 
 
 def mask_arg(text: str) -> ipaddress.IPv4Address:
@@ -52,12 +64,26 @@ def ip_arg(text: str) -> ipaddress.IPv4Address:
         raise argparse.ArgumentTypeError(f"Invalid IP address: {text}.") from None
 
 
+def confine(dev: str) -> None:
+    """Set DEVICE_SYSCTLS on `dev`, before it is up; a family the kernel lacks (no IPv6) is skipped."""
+    for family, key, value in DEVICE_SYSCTLS:
+        path = f"/proc/sys/net/{family}/conf/{dev}/{key}"
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            if family == "ipv4":
+                raise
+            log.info("%s: no such setting (no %s): skipped", path, family)
+
+
 def tun_open(name: str, ip: ipaddress.IPv4Address, mask: ipaddress.IPv4Address, mtu: int) -> tuple[int, str]:
     """A TUN device (no packet information header), addressed, its MTU set, up; (fd, its name)."""
     fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     try:
         got = fcntl.ioctl(fd, TUNSETIFF, IFREQ_FLAGS.pack(name.encode(), IFF_TUN | IFF_NO_PI))
         dev = got[:16].rstrip(b"\0")
+        confine(dev.decode())
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             fcntl.ioctl(s, SIOCSIFADDR, IFREQ_ADDR.pack(dev, socket.AF_INET, 0, ip.packed))
             fcntl.ioctl(s, SIOCSIFNETMASK, IFREQ_ADDR.pack(dev, socket.AF_INET, 0, mask.packed))
@@ -78,12 +104,15 @@ class Tunnel:
         self.tun = tun
         self.ended = threading.Event()
         self.dropped = 0  # packets larger than the flow carries
-        self.refused = 0  # SDUs from the peer the device refused: not IP packets
+        self.refused = 0  # SDUs from the peer the device refused, or not IPv4 packets
 
     def from_flow(self) -> None:
         try:
             while True:
                 sdu = self.flow.read()
+                if not sdu or sdu[0] >> 4 != 4:  # the tunnel is IPv4's: nothing else from the peer reaches the host
+                    self.refused += 1
+                    continue
                 try:
                     os.write(self.tun, sdu)
                 except OSError as e:
@@ -105,6 +134,20 @@ class Tunnel:
         except (FlowError, OSError) as e:
             print(f"The tunnel ended: {e}", flush=True)
         self.ended.set()
+
+
+def accept_admins(timeout: float | None) -> Flow:
+    """The first flow from a remote peer or from root (or our own uid) on this host. A local user's is
+    refused: the tunnel puts its packets on the host's network as root's, sources of its choosing."""
+    refused: set[int] = set()
+    while True:
+        flow = flow_accept(timeout=timeout)
+        if flow.peer_uid is None or flow.peer_uid in (0, os.geteuid()):
+            return flow
+        if flow.peer_uid not in refused:  # once per user: a loop of allocations writes no more
+            refused.add(flow.peer_uid)
+            print(f"Refused a flow from uid {flow.peer_uid}: only root tunnels from this host.", flush=True)
+        flow.close()
 
 
 @quiet_when_stdout_closes
@@ -134,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout)
         else:
             print("Waiting for a new flow...", flush=True)
-            flow = flow_accept(timeout=args.timeout)
+            flow = accept_admins(args.timeout)
     except FlowError as e:  # C's line, then what went wrong (ours)
         print(f"Failed to {'allocate' if args.name is not None else 'accept'} flow: {e}", flush=True)
         sys.exit(1)

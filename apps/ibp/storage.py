@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from transports.unix import TrustError, check_dirs
+
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.log"
@@ -79,7 +81,10 @@ class DirInUse(OSError):
 
 def private_dir(path: Path) -> None:
     """Make `path` (and missing parents) and leave it 0700 and ours; refuse one another user owns,
-    as sshd's StrictModes would: whoever owns it could read or swap what the depot keeps there."""
+    as sshd's StrictModes would: whoever owns it could read or swap what the depot keeps there. So
+    could whoever may write a directory above it (a sticky one such as /tmp only where the entry is
+    ours or root's): files are opened by path, so the depot's directory swapped for theirs after
+    this check took every later allocation's data into it."""
     path.mkdir(parents=True, exist_ok=True)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode):
@@ -87,6 +92,10 @@ def private_dir(path: Path) -> None:
     if st.st_uid != os.geteuid():
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to the depot's uid {os.geteuid()}")
     os.chmod(path, DIR_MODE)
+    try:
+        check_dirs(path, os.geteuid(), strict_leaf=True)
+    except TrustError as e:
+        raise PermissionError(f"will not keep a depot in {path}: {e.strerror}") from None
 
 
 def private_open(path: Path, flags: int) -> int:

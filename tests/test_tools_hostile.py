@@ -145,3 +145,27 @@ def test_one_user_holding_flows_leaves_room_at_a_root_ocbr(host: IrmdProc) -> No
             assert r.returncode == 0 and "Failed" not in r.stdout, r.stdout + r.stderr
             text = (log / "srv.log").read_text()
             assert "uid 65534 holds 5 flows" in text, text
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\rhi"  # a window title, the screen cleared, the line overwritten
+
+
+def test_a_clients_words_reach_a_root_oechos_terminal_as_text(host: IrmdProc) -> None:
+    serving(host, "oecho", "oecho")
+    log = host.log.parent
+    with server([str(BIN / "oecho"), "-l"], host.env, log / "srv.log", "Starting the server."):
+        r = subprocess.run(
+            [*AS_NOBODY, str(BIN / "oecho"), "-m", ESCAPES],
+            env=as_nobody_env(host.env),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+        )
+        assert "Server replied with \\x1b]0;owned\\x07\\x1b[2J\\rhi" in r.stdout, r.stdout + r.stderr
+        r = host.run("oecho", timeout=30)  # the legitimate use: its words as they are
+        assert r.stdout == "Server replied with Client says hi!\n", r.stdout + r.stderr
+        wait_for(lambda: "Client says hi!" in (log / "srv.log").read_text(), 10, "the server's line")
+        text = (log / "srv.log").read_text()
+        assert "Message from client is \\x1b]0;owned\\x07\\x1b[2J\\rhi." in text and "\x1b" not in text, text
+        assert "Message from client is Client says hi!." in text

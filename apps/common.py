@@ -39,6 +39,7 @@ from flowlib.qos import QosSpec
 from proto.errors import Code
 from proto.messages import DIRECT
 from proto.service import notify_ready
+from proto.visible import visible
 
 PER_CLIENT = 64  # flows one local user (or one verified remote peer) holds at a server at once
 FD_RESERVE = 64  # a server's descriptors users' flows leave to its admins' flows and to itself
@@ -234,7 +235,7 @@ def client_of(flow: Flow) -> str | None:
     if flow.peer_uid is not None:
         return None if flow.peer_uid in (0, os.geteuid()) else f"uid {flow.peer_uid}"
     if flow.peer is not None:
-        return f"peer {flow.peer.name}"
+        return f"peer {visible(flow.peer.name)}"  # a certificate's name: shown as text, whatever it holds
     return "anonymous peers"  # remote and unverified: they share the users' total, one client among them
 
 

@@ -65,7 +65,9 @@ def ip_arg(text: str) -> ipaddress.IPv4Address:
 
 
 def confine(dev: str) -> None:
-    """Set DEVICE_SYSCTLS on `dev`, before it is up; a family the kernel lacks (no IPv6) is skipped."""
+    """Set DEVICE_SYSCTLS on `dev`, before it is up; a family the kernel lacks (no IPv6) is skipped, and
+    a setting a container keeps read-only is said and left (what comes from the peer is still IPv4
+    only: Tunnel.from_flow drops the rest)."""
     for family, key, value in DEVICE_SYSCTLS:
         path = f"/proc/sys/net/{family}/conf/{dev}/{key}"
         try:
@@ -75,6 +77,10 @@ def confine(dev: str) -> None:
             if family == "ipv4":
                 raise
             log.info("%s: no such setting (no %s): skipped", path, family)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            log.warning("cannot set %s to %s (%s): the tunnel goes on without it", path, value, e.strerror)
 
 
 def tun_open(name: str, ip: ipaddress.IPv4Address, mask: ipaddress.IPv4Address, mtu: int) -> tuple[int, str]:

@@ -240,17 +240,27 @@ print("got:", ",".join(got))
 
 
 @pytest.mark.timeout(60)
-def test_a_peer_neither_configures_the_host_nor_speaks_for_its_lan(two_hosts: tuple[Host, Host]) -> None:
+@pytest.mark.parametrize("sysctls", ["writable", "read-only"])
+def test_a_peer_neither_configures_the_host_nor_speaks_for_its_lan(two_hosts: tuple[Host, Host], sysctls: str) -> None:
     """The peer's router advertisement gave the host an IPv6 address and a default route through the
     tunnel; its packets from an address of the host's LAN reached the host's services. Only IPv4
-    packets from addresses routed through the tunnel pass now, and the legitimate one still does."""
+    packets from addresses routed through the tunnel pass now, and the legitimate one still does.
+    Where the device's settings cannot be written (a container's read-only /proc/sys), the tunnel
+    still works and the peer's IPv6 is still dropped."""
     a, _ = two_hosts
     a.ip("addr", "add", "192.0.2.1/24", "dev", a.dev)  # the host's LAN
-    r = a.exec(sys.executable, "-c", CONFINE_PROBE, f"{TUN_NET}.1", f"{TUN_NET}.2", "9555", timeout=50)
+    probe = [sys.executable, "-c", CONFINE_PROBE, f"{TUN_NET}.1", f"{TUN_NET}.2", "9555"]
+    if sysctls == "read-only":
+        probe = ["unshare", "-m", "sh", "-c", 'mount -o bind,ro /proc/sys /proc/sys && exec "$@"', "-", *probe]
+    r = a.exec(*probe, timeout=50)
     assert r.returncode == 0, r.stdout + r.stderr
     out = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
     assert "default" not in out["routes"] and "2001:db8:66" not in out["addrs"], r.stdout
-    assert out["got"] == "legit", r.stdout
+    if sysctls == "writable":
+        assert out["got"] == "legit", r.stdout
+    else:
+        assert "legit" in out["got"].split(","), r.stdout
+        assert "cannot set" in r.stderr, r.stderr
 
 
 LOCAL_INJECTOR = """

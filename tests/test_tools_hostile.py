@@ -5,15 +5,19 @@ Each test plays the attacker as uid 65534 beside root's legitimate use of the sa
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import BIN, IrmdProc, wait_for
 from test_irmd_trust import AS_NOBODY, as_nobody_env, irmd_in, public_dir, server  # noqa: F401 (a fixture)
+
+from apps import operf
 
 pytestmark = [pytest.mark.timeout(120)]
 PING = ["-n", "echo", "-c", "2", "-i", "50"]
@@ -169,3 +173,25 @@ def test_a_clients_words_reach_a_root_oechos_terminal_as_text(host: IrmdProc) ->
         text = (log / "srv.log").read_text()
         assert "Message from client is \\x1b]0;owned\\x07\\x1b[2J\\rhi." in text and "\x1b" not in text, text
         assert "Message from client is Client says hi!." in text
+
+
+@pytest.mark.timeout(20)
+def test_an_operf_server_answering_anything_but_its_report_holds_the_client_2_s_at_most() -> None:
+    """A server that answered the client's report request with a stream of other SDUs held the client
+    for as long as it went on: it gives up after its 2 s, saying it got no report."""
+
+    class Chatty:
+        def set_timeout(self, _: float) -> None:
+            pass
+
+        def write(self, _: bytes) -> int:
+            return 1
+
+        def read(self) -> bytes:
+            time.sleep(0.01)
+            return b"not a report"
+
+    args = argparse.Namespace(size=operf.MIN_SIZE)
+    t0 = time.monotonic()
+    assert operf.Client(args, Chatty()).ask() is None  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 5

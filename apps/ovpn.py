@@ -23,6 +23,7 @@ from apps.common import CParser, qos_arg, quiet_when_stdout_closes
 from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
 from proto import logs
 from proto.version import add_version
+from proto.visible import visible
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -142,17 +143,30 @@ class Tunnel:
         self.ended.set()
 
 
-def accept_admins(timeout: float | None) -> Flow:
-    """The first flow from a remote peer or from root (or our own uid) on this host. A local user's is
-    refused: the tunnel puts its packets on the host's network as root's, sources of its choosing."""
-    refused: set[int] = set()
+def refusal(flow: Flow, peer: str | None) -> str | None:
+    """Why a tunnel is not for this flow's allocator (None: it is). A local user other than root is
+    refused: the tunnel puts its packets on the host's network as root's, sources of its choosing. With
+    `peer` (--peer), only the peer whose certificate a CA of the host vouches for under that name (or
+    one pinned), on an encrypted flow, is taken, from here or afar."""
+    if flow.peer_uid is not None and flow.peer_uid not in (0, os.geteuid()):
+        return f"from uid {flow.peer_uid}: only root tunnels from this host"
+    if peer is not None and (flow.peer is None or flow.peer.name != peer):
+        who = "an anonymous peer" if flow.peer is None else f"peer {visible(flow.peer.name)}"
+        return f"from {who}: only {visible(peer)} may tunnel here (--peer)"
+    return None
+
+
+def accept_tunnel(timeout: float | None, peer: str | None) -> Flow:
+    """The first flow `refusal` finds nothing against; each other one closed, its refusal said once."""
+    said: set[str] = set()
     while True:
         flow = flow_accept(timeout=timeout)
-        if flow.peer_uid is None or flow.peer_uid in (0, os.geteuid()):
+        why = refusal(flow, peer)
+        if why is None:
             return flow
-        if flow.peer_uid not in refused:  # once per user: a loop of allocations writes no more
-            refused.add(flow.peer_uid)
-            print(f"Refused a flow from uid {flow.peer_uid}: only root tunnels from this host.", flush=True)
+        if why not in said:  # once: a loop of allocations writes no more
+            said.add(why)
+            print(f"Refused a flow {why}.", flush=True)
         flow.close()
 
 
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dev", default="tun%d", help="name of the TUN device (ours; default: the kernel picks)")
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
+    p.add_argument("--peer", help="tunnel only with the peer whose certificate proves this name, encrypted (ours)")
     logs.add_arguments(p, quiet=False)
     add_version(p)
     args = p.parse_args(argv)
@@ -180,10 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.name is not None:
             print(f"Allocating a flow to {args.name}.", flush=True)
-            flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout)
+            flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.peer is not None)
+            if (why := refusal(flow, args.peer)) is not None:  # its packets would reach this host as well
+                print(f"Refused the flow {why}.", flush=True)
+                flow.close()
+                sys.exit(1)
         else:
             print("Waiting for a new flow...", flush=True)
-            flow = accept_admins(args.timeout)
+            flow = accept_tunnel(args.timeout, args.peer)
     except FlowError as e:  # C's line, then what went wrong (ours)
         print(f"Failed to {'allocate' if args.name is not None else 'accept'} flow: {e}", flush=True)
         sys.exit(1)

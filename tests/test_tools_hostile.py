@@ -17,7 +17,8 @@ import pytest
 from helpers import BIN, IrmdProc, wait_for
 from test_irmd_trust import AS_NOBODY, as_nobody_env, irmd_in, public_dir, server  # noqa: F401 (a fixture)
 
-from apps import operf
+from apps import operf, ovpn
+from flowlib.identity import Peer
 
 pytestmark = [pytest.mark.timeout(120)]
 PING = ["-n", "echo", "-c", "2", "-i", "50"]
@@ -195,3 +196,34 @@ def test_an_operf_server_answering_anything_but_its_report_holds_the_client_2_s_
     t0 = time.monotonic()
     assert operf.Client(args, Chatty()).ask() is None  # type: ignore[arg-type]
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(20)
+def test_a_waiting_ovpn_with_peer_tunnels_with_that_peer_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A remote peer of the layer got root's tunnel, whoever it was: with --peer NAME, ovpn takes only the
+    flow whose verified peer is NAME (a plain flow has none), and no local user's, whatever it proves."""
+
+    class Arrival:
+        def __init__(self, uid: int | None, name: str | None) -> None:
+            self.peer_uid = uid
+            self.peer = None if name is None else Peer(name, f"CN={name}", "SHA256:x", "ca", b"")
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    arrivals = [Arrival(None, None), Arrival(None, "mallory"), Arrival(65534, "alice"), Arrival(None, "alice")]
+    queue = list(arrivals)
+    monkeypatch.setattr(ovpn, "flow_accept", lambda timeout=None: queue.pop(0))
+    assert ovpn.accept_tunnel(None, "alice") is arrivals[3]
+    assert [a.closed for a in arrivals] == [True, True, True, False]
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "Refused a flow from an anonymous peer: only alice may tunnel here (--peer).",
+        "Refused a flow from peer mallory: only alice may tunnel here (--peer).",
+        "Refused a flow from uid 65534: only root tunnels from this host.",
+    ]
+    queue[:] = [first := Arrival(None, None)]  # without --peer, a remote peer is the layer's to admit, as in 0.23
+    assert ovpn.accept_tunnel(None, None) is first

@@ -43,6 +43,7 @@ from proto.visible import visible
 
 PER_CLIENT = 64  # flows one local user (or one verified remote peer) holds at a server at once
 FD_RESERVE = 64  # a server's descriptors users' flows leave to its admins' flows and to itself
+ANONYMOUS = "anonymous peers"  # the client every remote peer that proves no name is counted as
 HANDOVER = 2.0  # seconds a server waits for a reply to leave before it closes a flow it let go
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 RATES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -236,7 +237,7 @@ def client_of(flow: Flow) -> str | None:
         return None if flow.peer_uid in (0, os.geteuid()) else f"uid {flow.peer_uid}"
     if flow.peer is not None:
         return f"peer {visible(flow.peer.name)}"  # a certificate's name: shown as text, whatever it holds
-    return "anonymous peers"  # remote and unverified: they share the users' total, one client among them
+    return ANONYMOUS  # remote and unverified: one client among them all, with half the clients' total
 
 
 class FlowQuota:
@@ -256,7 +257,9 @@ class FlowQuota:
         if who is None:
             return True
         held = self.counts.get(who, 0)
-        limit = self.total if who == "anonymous peers" else self.per_client
+        # Peers that prove nothing are told apart by nothing: together they hold at most half, so that
+        # one of them taking all it may leaves the host's own users the other half.
+        limit = max(self.total // 2, 1) if who == ANONYMOUS else self.per_client
         if held >= limit or len(self.held) >= self.total:
             if who not in self.said:
                 self.said.add(who)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, IrmdProc, wait_for
+from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, udp4_bootstrap, wait_for
 from test_irmd_trust import AS_NOBODY, as_nobody_env, irmd_in, public_dir, server  # noqa: F401 (a fixture)
 
 from apps import operf, ovpn
@@ -227,3 +227,66 @@ def test_a_waiting_ovpn_with_peer_tunnels_with_that_peer_only(
     ]
     queue[:] = [first := Arrival(None, None)]  # without --peer, a remote peer is the layer's to admit, as in 0.23
     assert ovpn.accept_tunnel(None, None) is first
+
+
+@pytest.mark.timeout(120)
+def test_peers_proving_no_name_leave_a_root_opings_users_half_its_room(
+    host: IrmdProc,
+    public_dir: Path,  # noqa: F811 (the fixture it takes)
+) -> None:
+    """Remote peers that prove no name are one client to the server: one of them holding flows took the
+    whole of what users may hold at root's `oping -l`, and a local user got none. They hold half now."""
+    port = str(free_port(["127.0.0.1", "127.0.0.2"]))
+    host.irm_ok(*udp4_bootstrap("lan", "127.0.0.1", "port", port))
+    host.irm_ok("bind", "program", "oping", "name", "echo")
+    host.irm_ok("name", "register", "echo", "layer", "lan")
+    host.irm_ok("name", "register", "echo", "layer", "local")
+    host.note_children()
+    log = host.log.parent
+    argv = ["prlimit", "--nofile=256:256", str(BIN / "oping"), "-l", "-Q"]  # users' room: 192 flows
+    with server(argv, host.env, log / "srv.log", "started"):
+        remote = start_irmd(public_dir, "remote")
+        hold = None
+        try:
+            remote.irm_ok(*udp4_bootstrap("lan", "127.0.0.2", "port", port, "peer", "127.0.0.1"))
+            remote.note_children()
+            hold = subprocess.Popen(  # another host's process: a root one there is as anonymous here
+                [str(BIN / "python"), "-c", REMOTE_HOLD],
+                env=remote.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            assert hold.stdout is not None
+            line = hold.stdout.readline()
+            assert line.startswith("holding"), line + hold.stdout.read()
+            wait_for(lambda: "anonymous peers holds" in (log / "srv.log").read_text(), 30, "a refusal")
+            r = subprocess.run(
+                [*AS_NOBODY, str(BIN / "oping"), *PING],
+                env=as_nobody_env(host.env),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd="/",
+            )
+            assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
+            assert "anonymous peers holds 96 flows" in (log / "srv.log").read_text()  # half of 192
+        finally:
+            if hold is not None:
+                hold.kill()
+                hold.wait()
+            stop_irmd(remote, check=False)
+
+
+REMOTE_HOLD = """
+import time
+from flowlib import flow_alloc
+flows, errors = [], set()
+for _ in range(250):
+    try:
+        flows.append(flow_alloc("echo", timeout=10))
+    except Exception as e:
+        errors.add(str(e))
+print("holding", len(flows), sorted(errors), flush=True)
+time.sleep(60)
+"""

@@ -29,7 +29,7 @@ from apps.common import (
     rounds,
     switch_listening,
 )
-from flowlib import EventQueue, EventType, Flow, FlowError, FlowSet, qos
+from flowlib import FLOWSSNDTIMEO, EventQueue, EventType, Flow, FlowError, FlowSet, qos
 from proto import logs
 from proto.service import notify_ready
 from proto.version import add_version
@@ -40,6 +40,7 @@ MAX_FLOWS = 10  # flows a server takes at once, as C's thread pool
 # Of them, one client (a local user other than root, a remote peer) holds at most half, and clients
 # together leave two to the server's admins: one user's flows once held every place, root's too.
 PER_CLIENT = MAX_FLOWS // 2
+WRITE_GRACE = 2.0  # seconds past the test's duration a client's write waits for a server to read
 USERS_TOTAL = MAX_FLOWS - 2
 
 
@@ -148,6 +149,8 @@ def client(args: argparse.Namespace) -> int:
     start = time.monotonic()
     with flow:
         try:
+            # A server that stops reading must not hold the client past its test: a write waits so long at most.
+            flow.fccntl(FLOWSSNDTIMEO, args.duration + WRITE_GRACE)
             while not stopped and time.monotonic() - start < args.duration:
                 SEQ.pack_into(buf, 0, sent)
                 flow.write(memoryview(buf)[: args.size])

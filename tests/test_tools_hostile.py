@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import textwrap
 import time
@@ -19,6 +20,9 @@ from test_irmd_trust import AS_NOBODY, as_nobody_env, irmd_in, public_dir, serve
 
 from apps import operf, ovpn
 from flowlib.identity import Peer
+from flowlib.irm import IrmClient
+from proto import messages as m
+from proto.control import call
 
 pytestmark = [pytest.mark.timeout(120)]
 PING = ["-n", "echo", "-c", "2", "-i", "50"]
@@ -290,3 +294,26 @@ for _ in range(250):
 print("holding", len(flows), sorted(errors), flush=True)
 time.sleep(60)
 """
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "argv", [["ocbr", "-n", "deaf", "-d", "1", "-f"], ["operf", "-n", "deaf", "-t", "1", "-f"]], ids=["ocbr", "operf"]
+)
+def test_a_server_that_never_reads_holds_a_client_past_its_test_2_s_at_most(host: IrmdProc, argv: list[str]) -> None:
+    """A server that took the flow and never read from it held `ocbr -n` and `operf -n` in a write for
+    good, the test's duration long past: a write now waits at most that duration and 2 s more."""
+    server = IrmClient(host.sock)
+    try:
+        call(server.channel, m.Bind("process", str(os.getpid()), "deaf"), timeout=10)
+        call(server.channel, m.NameRegister("deaf", ["local"]), timeout=10)
+        server.listen(True)
+        t0 = time.monotonic()
+        r = host.run(*argv, timeout=60)
+        took = time.monotonic() - t0
+        assert took < 15, f"{argv[0]} took {took:.1f} s: {r.stdout}{r.stderr}"
+        assert "timed out" in r.stderr, r.stdout + r.stderr
+    finally:
+        for _, fd in server.take_arrived():
+            os.close(fd)
+        server.close()

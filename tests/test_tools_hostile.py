@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import struct
 import subprocess
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from helpers import BIN, IrmdProc, free_port, start_irmd, stop_irmd, udp4_bootst
 from test_irmd_trust import AS_NOBODY, as_nobody_env, irmd_in, public_dir, server  # noqa: F401 (a fixture)
 
 from apps import operf, ovpn
+from flowlib import FlowError, flow_accept
 from flowlib.identity import Peer
 from flowlib.irm import IrmClient
 from proto import messages as m
@@ -316,4 +319,31 @@ def test_a_server_that_never_reads_holds_a_client_past_its_test_2_s_at_most(host
     finally:
         for _, fd in server.take_arrived():
             os.close(fd)
+        server.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_server_answering_only_with_what_is_no_reply_is_as_silent_to_oping(host: IrmdProc) -> None:
+    """Each SDU that was no echo reply (or one for a seq never sent) counted as the server being heard
+    from: a server sending such SDUs every 50 ms held `oping -n` for good. It times out as from a silent one."""
+    server = IrmClient(host.sock)
+    stop = threading.Event()
+    try:
+        call(server.channel, m.Bind("process", str(os.getpid()), "junk"), timeout=10)
+        call(server.channel, m.NameRegister("junk", ["local"]), timeout=10)
+
+        def chatter() -> None:
+            with flow_accept(timeout=30, irm=server) as flow:
+                while not stop.wait(0.05):
+                    with contextlib.suppress(FlowError):
+                        flow.write(struct.pack("!IIQ8x", 1, 99, 0) + bytes(40))  # a reply, for a seq never sent
+
+        thread = threading.Thread(target=chatter, daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        r = host.run("oping", "-n", "junk", "-c", "2", "-i", "100", timeout=60)
+        took = time.monotonic() - t0
+        assert took < 15 and "Server timed out." in r.stdout, f"{took:.1f} s: {r.stdout[-500:]}{r.stderr}"
+    finally:
+        stop.set()
         server.close()

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -18,13 +19,17 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, ParamSpec
 
 from flowlib import (
+    FLOWFDEFAULT,
+    FLOWFWNOBLOCK,
     FLOWGTXQLEN,
+    FLOWSFLAGS,
     Event,
     EventQueue,
     EventType,
     Flow,
     FlowError,
     FlowSet,
+    FlowWouldBlock,
     IrmdUnreachable,
     fevent,
     flow_alloc,
@@ -34,7 +39,12 @@ from flowlib.qos import QosSpec
 from proto.errors import Code
 from proto.messages import DIRECT
 from proto.service import notify_ready
+from proto.visible import visible
 
+PER_CLIENT = 64  # flows one local user (or one verified remote peer) holds at a server at once
+FD_RESERVE = 64  # a server's descriptors users' flows leave to its admins' flows and to itself
+ANONYMOUS = "anonymous peers"  # the client every remote peer that proves no name is counted as
+HANDOVER = 2.0  # seconds a server waits for a reply to leave before it closes a flow it let go
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 RATES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
 
@@ -210,6 +220,65 @@ def on_signals(stop: Callable[[], None]) -> None:
         signal.signal(sig, lambda *_: stop())
 
 
+def raise_nofile(ceiling: int = 1 << 16) -> int:
+    """The soft descriptor limit raised to the hard one (at most `ceiling`), as far as it goes; the new soft."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard if hard != resource.RLIM_INFINITY else ceiling, ceiling)
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def client_of(flow: Flow) -> str | None:
+    """Whom a flow is counted against: a local user by the uid the kernel told the IRMd, a remote peer by
+    its verified name; None for the server's admins (root, its own uid), never refused."""
+    if flow.peer_uid is not None:
+        return None if flow.peer_uid in (0, os.geteuid()) else f"uid {flow.peer_uid}"
+    if flow.peer is not None:
+        return f"peer {visible(flow.peer.name)}"  # a certificate's name: shown as text, whatever it holds
+    return ANONYMOUS  # remote and unverified: one client among them all, with half the clients' total
+
+
+class FlowQuota:
+    """The flows each client of a server holds (`client_of`): at most `per_client` each, and `total` for
+    all clients but the admins together, so that one user's flows leave room for the others and root's."""
+
+    def __init__(self, per_client: int, total: int) -> None:
+        self.per_client = per_client
+        self.total = max(total, 1)
+        self.held: dict[Flow, str] = {}
+        self.counts: dict[str, int] = {}
+        self.said: set[str] = set()  # clients told of their refusal (once, until they hold fewer again)
+
+    def take(self, flow: Flow) -> bool:
+        """Count a new flow in, or say why it is refused (once per stretch of refusals) and return False."""
+        who = client_of(flow)
+        if who is None:
+            return True
+        held = self.counts.get(who, 0)
+        # Peers that prove nothing are told apart by nothing: together they hold at most half, so that
+        # one of them taking all it may leaves the host's own users the other half.
+        limit = max(self.total // 2, 1) if who == ANONYMOUS else self.per_client
+        if held >= limit or len(self.held) >= self.total:
+            if who not in self.said:
+                self.said.add(who)
+                print(f"Flow {flow.flow_id} refused: {who} holds {held} flows, its limit here.", flush=True)
+            return False
+        self.held[flow] = who
+        self.counts[who] = held + 1
+        return True
+
+    def give(self, flow: Flow) -> None:
+        who = self.held.pop(flow, None)
+        if who is None:
+            return
+        self.counts[who] -= 1
+        self.said.discard(who)
+        if not self.counts[who]:
+            del self.counts[who]
+
+
 def serve(
     tool: str,
     on_sdu: Callable[[Flow, bytes], bytes | None],
@@ -262,8 +331,11 @@ class Server:
         self.idle_timeout = idle_timeout
         self.fset = FlowSet()
         self.last_seen: dict[Flow, float] = {}
+        self.closing: dict[Flow, float] = {}  # flows answered and let go (oecho's): closed when their reply left
+        self.unread: set[Flow] = set()  # flows whose peer left replies unread: said once
         self.stop = False
         self.new_flow = new_flow  # the line for a new flow, its id in {}
+        self.quota = FlowQuota(PER_CLIENT, raise_nofile() - FD_RESERVE)
 
     def run(self, poll: bool, banner: str) -> None:
         def on_signal(*_: object) -> None:
@@ -281,6 +353,11 @@ class Server:
         for now in rounds(self.tool, self.fset, fq, 0.0 if poll else 0.1, lambda: self.stop):
             for ev in fq:
                 self._handle(ev, now)
+            for flow, deadline in list(self.closing.items()):
+                if now > deadline or not self._queued(flow):
+                    del self.closing[flow]
+                    self.quota.give(flow)
+                    flow.close()
             for flow, seen in list(self.last_seen.items()):
                 if now - seen > self.idle_timeout:
                     print(f"Flow {flow.flow_id} timed out.", flush=True)
@@ -292,6 +369,8 @@ class Server:
                     self._listen(len(self.last_seen) < self.max_flows)
         for flow in list(self.last_seen):
             self._drop(flow)
+        for flow in self.closing:
+            flow.close()
         with contextlib.suppress(FlowError):
             self.fset.close()
 
@@ -301,34 +380,62 @@ class Server:
     def _handle(self, ev: Event, now: float) -> None:
         flow = ev.flow
         if ev.type is EventType.ALLOC:
+            if not self.quota.take(flow):
+                self.fset.remove(flow)
+                flow.close()
+                return
             print(self.new_flow.format(flow.flow_id), flush=True)
             self.last_seen[flow] = now
+            # One thread serves every flow: a reply never waits for its peer to read (a client that
+            # sends and never reads would hold the server, and every other client, for good).
+            with contextlib.suppress(FlowError):
+                flow.fccntl(FLOWSFLAGS, FLOWFDEFAULT | FLOWFWNOBLOCK)
         elif ev.type is EventType.PKT:
             self.last_seen[flow] = now
             try:
                 reply = self.on_sdu(flow, flow.read())
                 if reply is not None:
-                    flow.write(reply)
+                    self._reply(flow, reply)
             except FlowError:
                 self._drop(flow)
                 return
-            if self.ends == "after_reply":
-                handed_over(flow)
-                self._drop(flow)
+            if self.ends == "after_reply":  # closed once the reply has left, waited for in the loop
+                self._drop(flow, close=False)
+                self.closing[flow] = now + HANDOVER
         elif ev.type is EventType.UP or flow in self.fset:  # FLOWFDOWN set or cleared: the flow stays
             print(f"Flow {flow.flow_id} {(ev.type.name or '').lower()}.", flush=True)
         elif self.ends == "silent":  # its events have left the set: the idle reaper says it timed out
-            pass
+            self.quota.give(flow)  # ended: its descriptor and its place in the quota go now, its line later
+            flow.close()
         else:
             how = {EventType.DEALLOC: "deallocated", EventType.PEER: "lost its peer (FLOW_PEER)"}.get(ev.type, "down")
             print(f"Flow {flow.flow_id} {how}.", flush=True)
             self._drop(flow)
 
-    def _drop(self, flow: Flow) -> None:
+    def _reply(self, flow: Flow, reply: bytes) -> None:
+        """Send a reply, or drop it when the peer has left the replies before it unread."""
+        try:
+            flow.write(reply)
+        except FlowWouldBlock:
+            if flow not in self.unread:
+                self.unread.add(flow)
+                print(f"Flow {flow.flow_id} does not read its replies: dropping them.", flush=True)
+
+    @staticmethod
+    def _queued(flow: Flow) -> bool:
+        try:
+            return bool(flow.fccntl(FLOWGTXQLEN))
+        except FlowError:
+            return False
+
+    def _drop(self, flow: Flow, close: bool = True) -> None:
         self.fset.remove(flow)
+        self.unread.discard(flow)
         if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
             self.on_end(flow)
-        flow.close()
+        if close:  # else its quota is given back as it is closed, its reply gone
+            self.quota.give(flow)
+            flow.close()
 
 
 def handed_over(flow: Flow, within: float = 2.0) -> None:

@@ -7,6 +7,7 @@ file, named at the end, and the IRMd is stopped after.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,6 +54,13 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def demo_vars(scratch: Path) -> dict[str, str]:
+    """What configs/demo.toml takes from the environment: its scratch directory, a free UDP port on
+    127.0.0.1, and a key of this run's for its unicast layer. Every user of the host reaches
+    127.0.0.1: without a key, any of them joined the layer and served its names (depot1, host1)."""
+    return {"DEMO_DIR": str(scratch), "DEMO_PORT": str(_free_udp_port()), "DEMO_KEY": secrets.token_hex(16)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = Path(args[0] if args else "configs/demo.toml").resolve()
@@ -66,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ,
             OUROBOROS_SOCK=str(sock),
             PATH=f"{bindir}:{os.environ.get('PATH', '')}",
-            DEMO_DIR=tmp,
-            DEMO_PORT=str(_free_udp_port()),
             HOME=str(Path(tmp) / "home"),
+            **demo_vars(Path(tmp)),
         )
         if subprocess.run(["sh", "-ec", SETUP], env=env).returncode != 0:
             print("demo: setting up the scratch directory failed", file=sys.stderr)

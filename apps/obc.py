@@ -13,6 +13,7 @@ import threading
 from apps.common import CParser, handed_over, quiet_when_stdout_closes
 from flowlib import Flow, FlowError, flow_join
 from proto.version import add_version
+from proto.visible import visible
 
 DEFAULT_MESSAGE = "Ouroboros multicast rocks!"
 BUF_SIZE = 256  # what a reader takes of a message, as C's
@@ -29,8 +30,9 @@ def join(layer: str) -> Flow:
 
 
 def text_of(sdu: bytes) -> str:
-    """As C prints it: up to its NUL (C's writer sends one), at most BUF_SIZE bytes."""
-    return sdu[:BUF_SIZE].split(b"\0", 1)[0].decode(errors="replace")
+    """As C prints it: up to its NUL (C's writer sends one), at most BUF_SIZE bytes; its control
+    characters as escapes (ours): any member's words must not drive the terminal showing them."""
+    return visible(sdu[:BUF_SIZE].split(b"\0", 1)[0].decode(errors="surrogateescape"))
 
 
 def reader(flow: Flow) -> int:

@@ -17,6 +17,7 @@ import time
 from apps.common import (
     RATES,
     CParser,
+    FlowQuota,
     Pacer,
     alloc,
     c_decimal,
@@ -28,7 +29,7 @@ from apps.common import (
     rounds,
     switch_listening,
 )
-from flowlib import EventQueue, EventType, Flow, FlowError, FlowSet, qos
+from flowlib import FLOWSSNDTIMEO, EventQueue, EventType, Flow, FlowError, FlowSet, qos
 from proto import logs
 from proto.service import notify_ready
 from proto.version import add_version
@@ -36,6 +37,11 @@ from proto.version import add_version
 SEQ = struct.Struct("=q")
 BUF_SIZE = 524288  # the largest SDU, as C's
 MAX_FLOWS = 10  # flows a server takes at once, as C's thread pool
+# Of them, one client (a local user other than root, a remote peer) holds at most half, and clients
+# together leave two to the server's admins: one user's flows once held every place, root's too.
+PER_CLIENT = MAX_FLOWS // 2
+WRITE_GRACE = 2.0  # seconds past the test's duration a client's write waits for a server to read
+USERS_TOTAL = MAX_FLOWS - 2
 
 
 @dataclasses.dataclass
@@ -68,6 +74,7 @@ class Server:
         self.interval = interval
         self.timeout = timeout
         self.tallies: dict[Flow, Tally] = {}
+        self.quota = FlowQuota(PER_CLIENT, USERS_TOTAL)
         self.fset = FlowSet()
         self.listening = False
         self.stop = False
@@ -97,6 +104,10 @@ class Server:
 
     def _handle(self, flow: Flow, kind: EventType, now: float) -> None:
         if kind is EventType.ALLOC:
+            if not self.quota.take(flow):
+                self.fset.remove(flow)
+                flow.close()
+                return
             print("New flow.", flush=True)
             self.tallies[flow] = Tally(now, iv_start=now)
         elif kind is EventType.PKT and flow in self.tallies:
@@ -122,6 +133,7 @@ class Server:
 
     def _drop(self, flow: Flow) -> None:
         self.tallies.pop(flow, None)
+        self.quota.give(flow)
         self.fset.remove(flow)
         flow.close()
 
@@ -137,6 +149,8 @@ def client(args: argparse.Namespace) -> int:
     start = time.monotonic()
     with flow:
         try:
+            # A server that stops reading must not hold the client past its test: a write waits so long at most.
+            flow.fccntl(FLOWSSNDTIMEO, args.duration + WRITE_GRACE)
             while not stopped and time.monotonic() - start < args.duration:
                 SEQ.pack_into(buf, 0, sent)
                 flow.write(memoryview(buf)[: args.size])

@@ -11,13 +11,15 @@ from apps.common import CParser, alloc_failed, fail, quiet_when_stdout_closes, s
 from flowlib import Flow, FlowError, flow_alloc
 from proto import logs
 from proto.version import add_version
+from proto.visible import visible
 
 GREETING = b"Client says hi!"
 
 
 def text(sdu: bytes) -> str:
-    """A message as C's oecho prints it (%.*s): up to the NUL its client ends the string with."""
-    return sdu.split(b"\0", 1)[0].decode(errors="replace")
+    """A message as C's oecho prints it (%.*s): up to the NUL its client ends the string with; its
+    control characters as escapes (ours): the peer's words must not drive the terminal showing them."""
+    return visible(sdu.split(b"\0", 1)[0].decode(errors="surrogateescape"))
 
 
 def reply(_: Flow, sdu: bytes) -> bytes:

@@ -31,7 +31,7 @@ from apps.common import (
     serve,
     stack_report,
 )
-from flowlib import Flow, FlowError, FlowTimeout, qos
+from flowlib import FLOWSSNDTIMEO, Flow, FlowError, FlowTimeout, qos
 from proto import logs
 from proto.version import add_version
 
@@ -44,6 +44,7 @@ ASK = b"OPRF?STS"  # ours: "what did you get?"; 8 bytes, so never a test type or
 REPORT = struct.Struct("!8sQQQQQ")  # b"OPRF!STS", SDUs, bytes, missing (gaps), out of order, corrupt
 ANSWER = b"OPRF!STS"
 SERVER_TIMEOUT = 10.0  # seconds a server keeps a silent flow (C's: 1 s)
+WRITE_GRACE = 2.0  # seconds past the test's duration a client's write waits for a server to read
 
 
 @dataclasses.dataclass
@@ -129,6 +130,8 @@ class Client:
         pacer = None if self.args.flood else Pacer(self.args.rate, self.size, self.args.sleep)
         start = time.monotonic()
         end = start + seconds
+        # A server that stops reading must not hold the client past its test: a write waits so long at most.
+        self.flow.fccntl(FLOWSSNDTIMEO, seconds + WRITE_GRACE)
         while not self.stop and time.monotonic() < end:
             if pacer is None:
                 for _ in range(64):  # check the clock every 64 SDUs
@@ -166,7 +169,7 @@ class Client:
         while time.monotonic() < deadline:
             self.flow.write(ASK)
             try:
-                while True:
+                while time.monotonic() < deadline:  # a server that answers only with other SDUs: no end else
                     reply = self.flow.read()
                     if len(reply) == REPORT.size and reply.startswith(ANSWER):
                         return REPORT.unpack(reply)[1:]

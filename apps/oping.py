@@ -134,16 +134,16 @@ class Client:
         self.sent += 1
         return sdu
 
-    def take(self, sdu: bytes) -> None:
-        """A reply: counted and printed as C's reader does."""
+    def take(self, sdu: bytes) -> bool:
+        """A reply: counted and printed as C's reader does; whether it was one."""
         now = time.monotonic_ns()
         if len(sdu) < HDR.size or HDR.unpack_from(sdu)[0] != ECHO_REPLY:
             print(f"Invalid message on fd {self.flow.flow_id}.", flush=True)
-            return
+            return False
         _, seq, stamp = HDR.unpack_from(sdu)
         if seq >= self.args.count:
             print("Invalid id.", flush=True)
-            return
+            return False
         rtt = (now - stamp) // 1000 / 1000  # ms, in whole µs as C's (ts_diff_us): "87.000 µs"
         late = seq < self.expected
         self.expected = max(self.expected, seq + 1)
@@ -159,6 +159,7 @@ class Client:
                 f"{' [out-of-order]' if late else ''}",
                 flush=True,
             )
+        return True
 
     def paced(self) -> None:
         """C's threaded ping: a request every interval (the first after one), replies until all came
@@ -186,10 +187,11 @@ class Client:
             if not poller.poll(max(wake - now, 0) * 1000):
                 continue
             try:
-                self.take(self.flow.read())
+                replied = self.take(self.flow.read())
             except FlowWouldBlock:
                 continue  # a keepalive woke us
-            last_heard = time.monotonic()
+            if replied:  # a server sending only what is no reply is as silent as one sending nothing
+                last_heard = time.monotonic()
 
     def flood(self, busy: bool) -> None:
         """C's -f: each request waits for its reply; -F spins on non-blocking reads meanwhile."""

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from apps.common import CParser, qos_arg, quiet_when_stdout_closes
 from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
 from proto import logs
 from proto.version import add_version
+from proto.visible import visible
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -32,6 +34,17 @@ IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq (40 bytes) with ifr_flags
 IFREQ_ADDR = struct.Struct("16sHH4s16x")  # with ifr_addr: a sockaddr_in (family, port, address, zeros)
 IFREQ_MTU = struct.Struct("16si20x")
 BUF_SIZE = 65536
+log = logging.getLogger("ovpn")
+# What the device takes from the peer, and what it may change on the host: IPv4 packets only, from
+# addresses routed through the tunnel. With IPv6 on, one router advertisement from the peer gave the
+# host an address and a default route through the tunnel; with loose reverse-path checks, packets
+# in the name of the host's LAN reached its services as if from there.
+DEVICE_SYSCTLS = (
+    ("ipv6", "disable_ipv6", "1"),
+    ("ipv4", "rp_filter", "1"),
+    ("ipv4", "accept_redirects", "0"),
+    ("ipv4", "accept_source_route", "0"),
+)
 
 
 def mask_arg(text: str) -> ipaddress.IPv4Address:
@@ -52,12 +65,32 @@ def ip_arg(text: str) -> ipaddress.IPv4Address:
         raise argparse.ArgumentTypeError(f"Invalid IP address: {text}.") from None
 
 
+def confine(dev: str) -> None:
+    """Set DEVICE_SYSCTLS on `dev`, before it is up; a family the kernel lacks (no IPv6) is skipped, and
+    a setting a container keeps read-only is said and left (what comes from the peer is still IPv4
+    only: Tunnel.from_flow drops the rest)."""
+    for family, key, value in DEVICE_SYSCTLS:
+        path = f"/proc/sys/net/{family}/conf/{dev}/{key}"
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            if family == "ipv4":
+                raise
+            log.info("%s: no such setting (no %s): skipped", path, family)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            log.warning("cannot set %s to %s (%s): the tunnel goes on without it", path, value, e.strerror)
+
+
 def tun_open(name: str, ip: ipaddress.IPv4Address, mask: ipaddress.IPv4Address, mtu: int) -> tuple[int, str]:
     """A TUN device (no packet information header), addressed, its MTU set, up; (fd, its name)."""
     fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     try:
         got = fcntl.ioctl(fd, TUNSETIFF, IFREQ_FLAGS.pack(name.encode(), IFF_TUN | IFF_NO_PI))
         dev = got[:16].rstrip(b"\0")
+        confine(dev.decode())
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             fcntl.ioctl(s, SIOCSIFADDR, IFREQ_ADDR.pack(dev, socket.AF_INET, 0, ip.packed))
             fcntl.ioctl(s, SIOCSIFNETMASK, IFREQ_ADDR.pack(dev, socket.AF_INET, 0, mask.packed))
@@ -78,12 +111,15 @@ class Tunnel:
         self.tun = tun
         self.ended = threading.Event()
         self.dropped = 0  # packets larger than the flow carries
-        self.refused = 0  # SDUs from the peer the device refused: not IP packets
+        self.refused = 0  # SDUs from the peer the device refused, or not IPv4 packets
 
     def from_flow(self) -> None:
         try:
             while True:
                 sdu = self.flow.read()
+                if not sdu or sdu[0] >> 4 != 4:  # the tunnel is IPv4's: nothing else from the peer reaches the host
+                    self.refused += 1
+                    continue
                 try:
                     os.write(self.tun, sdu)
                 except OSError as e:
@@ -107,6 +143,33 @@ class Tunnel:
         self.ended.set()
 
 
+def refusal(flow: Flow, peer: str | None) -> str | None:
+    """Why a tunnel is not for this flow's allocator (None: it is). A local user other than root is
+    refused: the tunnel puts its packets on the host's network as root's, sources of its choosing. With
+    `peer` (--peer), only the peer whose certificate a CA of the host vouches for under that name (or
+    one pinned), on an encrypted flow, is taken, from here or afar."""
+    if flow.peer_uid is not None and flow.peer_uid not in (0, os.geteuid()):
+        return f"from uid {flow.peer_uid}: only root tunnels from this host"
+    if peer is not None and (flow.peer is None or flow.peer.name != peer):
+        who = "an anonymous peer" if flow.peer is None else f"peer {visible(flow.peer.name)}"
+        return f"from {who}: only {visible(peer)} may tunnel here (--peer)"
+    return None
+
+
+def accept_tunnel(timeout: float | None, peer: str | None) -> Flow:
+    """The first flow `refusal` finds nothing against; each other one closed, its refusal said once."""
+    said: set[str] = set()
+    while True:
+        flow = flow_accept(timeout=timeout)
+        why = refusal(flow, peer)
+        if why is None:
+            return flow
+        if why not in said:  # once: a loop of allocations writes no more
+            said.add(why)
+            print(f"Refused a flow {why}.", flush=True)
+        flow.close()
+
+
 @quiet_when_stdout_closes
 def main(argv: list[str] | None = None) -> None:
     # getopt_long's: a prefix of a long option will do; what it does not take exits 1
@@ -117,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dev", default="tun%d", help="name of the TUN device (ours; default: the kernel picks)")
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
+    p.add_argument("--peer", help="tunnel only with the peer whose certificate proves this name, encrypted (ours)")
     logs.add_arguments(p, quiet=False)
     add_version(p)
     args = p.parse_args(argv)
@@ -131,10 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.name is not None:
             print(f"Allocating a flow to {args.name}.", flush=True)
-            flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout)
+            flow = flow_alloc(args.name, qos=args.qos, timeout=args.timeout, encrypt=args.peer is not None)
+            if (why := refusal(flow, args.peer)) is not None:  # its packets would reach this host as well
+                print(f"Refused the flow {why}.", flush=True)
+                flow.close()
+                sys.exit(1)
         else:
             print("Waiting for a new flow...", flush=True)
-            flow = flow_accept(timeout=args.timeout)
+            flow = accept_tunnel(args.timeout, args.peer)
     except FlowError as e:  # C's line, then what went wrong (ours)
         print(f"Failed to {'allocate' if args.name is not None else 'accept'} flow: {e}", flush=True)
         sys.exit(1)

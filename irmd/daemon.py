@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from irmd import spawn
 from irmd.config import DEFAULT_PATH, ConfigError, Plan, apply_config, plan
 from irmd.core import Irmd
 from irmd.forkserver import ForkServer
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         make_sock_dir(sock.parent, 0o755 if os.geteuid() == 0 else 0o700)
     except TrustError as e:
         sys.exit(f"irmd: will not serve from {sock.parent}: {e.strerror}")
+    spawn.keep_nofile()  # what the programs it starts get back
     args.nofile = _raise_nofile()  # before the fork server: the IPCPs it forks inherit the limit
     forks = _fork_server()  # while nothing is open, no thread runs and no handler logs
     try:

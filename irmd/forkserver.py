@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from irmd.identity import proc_start
+from proto.login import login_umask
 from transports.unix import close_fds, readable, recv_frame, send_frame, seqpacket_pair
 
 log = logging.getLogger("irmd")
@@ -334,6 +335,7 @@ def _child(argv: list[str], env: dict[str, str], out: int | None, ctl: socket.so
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         os.chdir("/")
+        os.umask(login_umask())  # as an executed IPCP's: a login's, not the IRMd's
         if out is not None:
             os.dup2(out, 1)
             os.dup2(out, 2)

@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import shutil
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Protocol
 from irmd import elf
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
 from irmd.identity import file_head, shebang
+from proto.login import login_umask
 from transports.unix import SOCK_ENV, TrustError, check_dirs, check_trusted_file
 
 log = logging.getLogger("irmd")
@@ -43,6 +45,22 @@ MULTIARCH = getattr(sys.implementation, "_multiarch", "")  # Debian's $LIB: lib/
 LIBS = tuple(dict.fromkeys(("lib", "lib64", "lib32", "libx32", f"lib/{MULTIARCH}" if MULTIARCH else "lib")))
 PLATFORMS = tuple(dict.fromkeys((os.uname().machine, "haswell", "xeon_phi")))  # glibc's own names on x86
 TOKENS_MAX = 4  # tokens in one entry: each $LIB or $PLATFORM multiplies the paths to check
+# The soft descriptor limit the IRMd was started with (None: not kept), which the programs it starts get
+# back: it raises its own to the hard limit (a service manager's 524,288), and a program that passes a
+# descriptor past FD_SETSIZE (1,024) to select() writes past its fd_set, as systemd warns.
+_started_nofile: int | None = None
+
+
+def keep_nofile() -> None:
+    """Remember the soft RLIMIT_NOFILE now, before the IRMd raises its own, for the programs it starts."""
+    global _started_nofile
+    _started_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _program_limits() -> None:  # pragma: no cover - runs in the forked child, before exec
+    if _started_nofile is not None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(_started_nofile, hard), hard))
 
 
 class Child(Protocol):
@@ -283,14 +301,16 @@ async def start_ipcp(kind: str, name: str, sock: Path, out: Output, forks: ForkS
             log.warning("ipcp %s: the fork server failed (%s); executing it", name, e)
     return await asyncio.create_subprocess_exec(
         *ipcp_command(kind, name, sock), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-        cwd="/", env=env, stdout=out.fd, stderr=out.fd,
+        cwd="/", env=env, stdout=out.fd, stderr=out.fd, umask=login_umask(),
     )  # fmt: skip
 
 
 async def start_program(path: str, args: list[str], owner: int, sock: Path, out: Output) -> asyncio.subprocess.Process:
     """Start a bound program as its owner: in its own session, stdin /dev/null, cwd /, a clean environment;
     its stdout and stderr one pipe for the IRMd to log, at a bounded rate (a program may print what its
-    clients send: straight into the IRMd's log, its stderr grew it without bound)."""
+    clients send: straight into the IRMd's log, its stderr grew it without bound); with a login's umask,
+    not the IRMd's (under umask 0 every file it made was anyone's to rewrite), and the descriptor limit
+    the IRMd was started with, not the one it raised for itself."""
     who = run_as(owner, os.geteuid())
     creds: dict[str, object] = {}
     if who.uid is not None:
@@ -298,5 +318,6 @@ async def start_program(path: str, args: list[str], owner: int, sock: Path, out:
                  if who.user != str(who.uid) else []}  # fmt: skip
     return await asyncio.create_subprocess_exec(
         path, *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, cwd="/",
-        env=clean_env(sock, who, out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **creds,  # type: ignore[arg-type]
+        env=clean_env(sock, who, out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        umask=login_umask(), preexec_fn=_program_limits, **creds,  # type: ignore[arg-type]
     )  # fmt: skip

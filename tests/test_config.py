@@ -514,3 +514,32 @@ def test_a_mistyped_key_or_table_gets_a_suggestion_and_check_config_says_so_befo
     conf.write_text('[local.lo]\nbootstrap = "local"\n[name.pong]\nprog = ["oping"]\nargs = ["-l"]\n')
     r = subprocess.run([str(BIN / "irmd"), "--check-config", str(conf)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout == f"{conf}: fine (1 IPCP, 1 name)\n", r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_demos_layer_admits_no_other_irmd_of_the_host(tmp_path: Path) -> None:
+    """Every user of the host reaches the demo's udp layer on 127.0.0.1: another IRMd (run by root
+    here: a UDP port above 1023 and an IRMd of one's own need no privilege, but the interpreter is
+    beyond uid 65534's reach on some hosts) enrolled in its open unicast layer and registered depot1
+    there. The demo gives its layer a key of its own: without it the enrollment fails, with it it works."""
+    from apps.demo import demo_vars
+
+    demo = demo_vars(tmp_path / "scratch")
+    demo["DEMO_PORT"] = str(free_port(["127.0.0.1", "127.0.0.2"]))
+    host = start_irmd(tmp_path, "demo", args=["--config", str(ROOT / "configs" / "demo.toml")], env=demo)
+    other = start_irmd(tmp_path, "other")
+    try:
+        wait_for(lambda: "applied" in host.log_text(), 60, "the demo's config to be applied")
+        host.note_children()
+        other.irm_ok(*udp4_bootstrap("lan", "127.0.0.2", "port", demo["DEMO_PORT"], "peer", "127.0.0.1"))
+        r = other.irm("ipcp", "enroll", "type", "unicast", "name", "evil", "layer", "net", "dst", "n1", "autobind")
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert not [row for row in other.table("ipcp", "list") if row["layer"] == "net"]
+        r = other.irm(
+            "ipcp", "enroll", "type", "unicast", "name", "n2", "layer", "net", "dst", "n1", "key", demo["DEMO_KEY"]
+        )
+        assert r.returncode == 0, r.stdout + r.stderr  # who was given the key joins
+        other.note_children()
+    finally:
+        stop_irmd(other, check=False)
+        stop_irmd(host, check=False)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -491,6 +495,47 @@ def test_loose_modes_are_tightened_and_another_users_directory_refused(tmp_path:
     os.chown(other, 65534, 65534)
     with pytest.raises(PermissionError, match="belongs to uid 65534"):
         DiskStore(other)
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_depot_keeps_nothing_under_a_directory_another_user_may_change() -> None:
+    """Root's depot took `--dir /tmp/theirs/depot1` where uid 65534 had made /tmp/theirs (the demo's
+    config, booted by hand, names /tmp/ouroboros-demo/depot1): its own 0700 directory passed, and the
+    user swapped it for one of theirs while the depot ran; every later allocation's data went there.
+    Refused now; a depot's directory in sticky /tmp itself, and a user's depot in its own, still work."""
+    theirs = Path(tempfile.mkdtemp(prefix="ibp-theirs-", dir="/tmp"))
+    ours = Path(tempfile.mkdtemp(prefix="ibp-ours-", dir="/tmp"))
+    try:
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(PermissionError, match="uid 65534"):
+            DiskStore(theirs / "depot1")
+        assert not (theirs / "depot1" / "data").exists()
+        DiskStore(ours / "depot1").release()  # root's, below root's own directory
+        sticky = Path(f"/tmp/ibp-depot-{os.getpid()}")
+        try:
+            DiskStore(sticky).release()  # root's, straight in /tmp
+        finally:
+            shutil.rmtree(sticky, ignore_errors=True)
+        code = (
+            "import sys; from pathlib import Path; from apps.ibp.storage import DiskStore; "
+            "DiskStore(Path(sys.argv[1])).release(); print('ok')"
+        )
+        r = subprocess.run(  # the user's own depot, in its own directory
+            [*AS_NOBODY, sys.executable, "-c", code, str(theirs / "mine")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        assert r.stdout.strip() == "ok", r.stdout + r.stderr
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
+        shutil.rmtree(ours, ignore_errors=True)
 
 
 class Collect(ByteStream):

@@ -11,6 +11,7 @@ import array
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -43,6 +44,7 @@ from flowlib.irm import IrmClient
 from proto import messages as m
 from proto.control import call
 from proto.errors import FlowError, LimitReached
+from proto.login import login_umask
 from transports.unix import recv_frame, send_frame
 from transports.wire import REPLY, Error
 
@@ -821,6 +823,45 @@ def test_ipcps_and_programs_started_ignore_the_irmds_working_directory_and_envir
         stop_irmd(irmd)
     ran = {int(p.name) for p in marker.iterdir()}
     assert ran <= {irmd.pid}, "code from the irmd's PYTHONPATH ran in an IPCP or a started program"
+
+
+UMASK_REPORT = """#!/bin/sh
+echo made > {out}/made.txt
+echo "$(umask) $(ulimit -n)" > {out}/status
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_program_the_irmd_starts_makes_files_as_a_login_would(public_dir: Path) -> None:
+    """An IRMd started under umask 0 (as some service managers start it) passed it on: every file a
+    program it started made was uid 65534's to rewrite. A program gets a login's umask now, and the
+    descriptor limit the IRMd was given (it raises its own to the hard limit; a program using select()
+    past 1,024 descriptors writes past its fd_set)."""
+    out = public_dir / "out"
+    out.mkdir(mode=0o755)
+    prog = public_dir / "made"
+    prog.write_text(UMASK_REPORT.format(out=out))
+    prog.chmod(0o755)
+    old_umask = os.umask(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        irmd = start_irmd(public_dir)
+    finally:
+        os.umask(old_umask)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "type", "local", "layer", "local")
+        irmd.irm_ok("bind", "program", str(prog), "name", "made", "auto")
+        irmd.irm_ok("name", "register", "made", "layer", "local")
+        irmd.note_children()
+        irmd.run("oping", "-n", "made", "-c", "1", "--timeout", "3")  # it serves no flow: it is started
+        wait_for(lambda: (out / "status").exists() and (out / "status").read_text().strip(), 20, "the program")
+        assert (out / "status").read_text().split() == [f"{login_umask():04o}", "1024"]
+        r = nobody(irmd, "sh", "-c", f"echo rewritten > {out}/made.txt")
+        assert r.returncode != 0 and (out / "made.txt").read_text() == "made\n", r.stderr
+    finally:
+        stop_irmd(irmd)
 
 
 def test_ten_thousand_flows_list_in_pages(public_dir: Path) -> None:

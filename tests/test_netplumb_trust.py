@@ -663,7 +663,7 @@ def test_a_sessions_files_get_a_logins_umask_not_the_daemons() -> None:
 
 
 def test_the_login_umask_is_login_defs_umask_else_022(tmp_path: Path) -> None:
-    from apps.netplumb.runner import login_umask
+    from proto.login import login_umask
 
     defs = tmp_path / "login.defs"
     defs.write_text("# UMASK 002 in a comment\nUMASK\t\t027\n")

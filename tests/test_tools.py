@@ -302,6 +302,24 @@ def test_obc_writers_reach_a_listening_reader(broadcast: IrmdProc) -> None:
         reader.wait()
 
 
+def test_obc_shows_a_members_control_characters_as_escapes(broadcast: IrmdProc) -> None:
+    """Any member of the layer writes to the reader's terminal: its words as text, never as escapes."""
+    reader = subprocess.Popen(
+        [str(BIN / "obc"), "-l", "-n", "bc"], env=broadcast.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == b"Starting a reader."
+        assert reader.stdout.readline().strip() == b"New flow."
+        run(broadcast, "obc", "-n", "bc", "-m", "\x1b]0;owned\x07\x1b[2Jhi")
+        run(broadcast, "obc", "-n", "bc", "-m", "plain")
+        assert reader.stdout.readline() == b"Message is \\x1b]0;owned\\x07\\x1b[2Jhi.\n"
+        assert reader.stdout.readline() == b"Message is plain.\n"
+    finally:
+        reader.kill()
+        reader.wait()
+
+
 def test_obc_sends_cs_message_with_its_nul(broadcast: IrmdProc) -> None:
     joined = subprocess.Popen(
         [

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from transports.unix import check_dirs
+from transports.unix import TrustError, check_dirs
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,11 @@ def private_dir(path: Path, trusted: bool = False) -> None:
     """Make `path` (and missing parents) and leave it 0700 and ours; refuse one another user owns,
     as sshd's StrictModes would: whoever owns it could read or swap what the depot keeps there.
     trusted: the directories above it (and links on the way) must be root's or ours and let no one
-    else replace their entries, else that user could move ours aside and put one of its own, or a
-    link to any directory, where the depot then makes its files by name."""
+    else replace their entries (a sticky one such as /tmp only where the entry is ours or root's),
+    else that user could move ours aside and put one of its own, or a link to any directory, where
+    the depot then makes its files by name (they are opened by path)."""
     if trusted:
-        check_dirs(path.parent, os.geteuid(), strict_leaf=False, missing_ok=True)  # nothing made in theirs
+        _check_trusted(path.parent, strict=False)  # before anything is made in theirs
     path.mkdir(parents=True, exist_ok=True)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode):
@@ -95,7 +96,14 @@ def private_dir(path: Path, trusted: bool = False) -> None:
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to the depot's uid {os.geteuid()}")
     os.chmod(path, DIR_MODE)
     if trusted:
-        check_dirs(path, os.geteuid(), strict_leaf=True)
+        _check_trusted(path, strict=True)
+
+
+def _check_trusted(path: Path, strict: bool) -> None:
+    try:
+        check_dirs(path, os.geteuid(), strict_leaf=strict, missing_ok=not strict)
+    except TrustError as e:
+        raise PermissionError(f"will not keep a depot in {path}: {e.strerror}") from None
 
 
 def private_open(path: Path, flags: int) -> int:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import resource
 import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 from apps import ids
@@ -25,10 +23,9 @@ from apps.netplumb import privsep
 from apps.netplumb.endpoints import EndpointError, Endpoints, open_fifo
 from apps.netplumb.jobs import CommandJob, Exe, Job, Launch, describe_status
 from apps.netplumb.recipe import RecipeError, RecipeJob, parse_recipe
+from proto.login import login_umask
 
 MAX_PLAN = 4 << 20
-LOGIN_DEFS = Path("/etc/login.defs")
-DEFAULT_UMASK = 0o022  # login's own default, where login.defs names none
 
 
 class Session:
@@ -163,21 +160,6 @@ def _why(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:  # the working directory, a descriptor
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     return f"the session runner failed: {type(e).__name__}: {e}"
-
-
-def login_umask(defs: Path = LOGIN_DEFS) -> int:
-    """The umask a login gets here: login.defs' UMASK (as login and pam_umask read it), else 022.
-    A session's files are the user's, not made with whatever umask netplumbd was started under
-    (0 under some service managers: every file the command makes would be world-writable)."""
-    try:
-        text = defs.read_text(errors="replace")
-    except OSError:
-        return DEFAULT_UMASK
-    for line in text.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0] == "UMASK" and re.fullmatch(r"0?[0-7]{1,3}", words[1]):
-            return int(words[1], 8)
-    return DEFAULT_UMASK
 
 
 def main() -> None:

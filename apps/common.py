@@ -7,6 +7,7 @@ listens for new flows, idle flows reaped.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import os
@@ -44,6 +45,7 @@ from proto.visible import visible
 PER_CLIENT = 64  # flows one local user (or one verified remote peer) holds at a server at once
 FD_RESERVE = 64  # a server's descriptors users' flows leave to its admins' flows and to itself
 ANONYMOUS = "anonymous peers"  # the client every remote peer that proves no name is counted as
+BACKLOG_RETRY = 0.002  # seconds between tries of replies kept for a slow reader
 HANDOVER = 2.0  # seconds a server waits for a reply to leave before it closes a flow it let go
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 RATES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -332,7 +334,9 @@ class Server:
         self.fset = FlowSet()
         self.last_seen: dict[Flow, float] = {}
         self.closing: dict[Flow, float] = {}  # flows answered and let go (oecho's): closed when their reply left
-        self.unread: set[Flow] = set()  # flows whose peer left replies unread: said once
+        # Flows whose peer reads its replies slower than it sends: their replies wait here, and their
+        # SDUs are not read (the flow is out of the set) until the replies have left
+        self.backlog: dict[Flow, collections.deque[bytes]] = {}
         self.stop = False
         self.new_flow = new_flow  # the line for a new flow, its id in {}
         self.quota = FlowQuota(PER_CLIENT, raise_nofile() - FD_RESERVE)
@@ -350,11 +354,18 @@ class Server:
             fail(self.tool, e)
         print(banner, flush=True)
         notify_ready()
-        for now in rounds(self.tool, self.fset, fq, 0.0 if poll else 0.1, lambda: self.stop):
+        wait = 0.0 if poll else 0.1
+
+        def waited() -> float:  # a backlog is tried again soon: its peer reads, only slower
+            return min(wait, BACKLOG_RETRY) if self.backlog else wait
+
+        for now in rounds(self.tool, self.fset, fq, waited, lambda: self.stop):
             for ev in fq:
                 self._handle(ev, now)
+            self._flush(now)
             for flow, deadline in list(self.closing.items()):
-                if now > deadline or not self._queued(flow):
+                if now > deadline or (flow not in self.backlog and not self._queued(flow)):
+                    self.backlog.pop(flow, None)
                     del self.closing[flow]
                     self.quota.give(flow)
                     flow.close()
@@ -404,22 +415,48 @@ class Server:
                 self.closing[flow] = now + HANDOVER
         elif ev.type is EventType.UP or flow in self.fset:  # FLOWFDOWN set or cleared: the flow stays
             print(f"Flow {flow.flow_id} {(ev.type.name or '').lower()}.", flush=True)
-        elif self.ends == "silent":  # its events have left the set: the idle reaper says it timed out
-            self.quota.give(flow)  # ended: its descriptor and its place in the quota go now, its line later
-            flow.close()
+        elif self.ends == "silent":
+            # Its events have left the set. As 0.23's server, the flow stays (`irm flow list`: dealloc)
+            # until the idle reaper says it timed out and closes it, its place in the quota with it:
+            # held at most idle_timeout, each counted meanwhile, so no client piles them up.
+            pass
         else:
             how = {EventType.DEALLOC: "deallocated", EventType.PEER: "lost its peer (FLOW_PEER)"}.get(ev.type, "down")
             print(f"Flow {flow.flow_id} {how}.", flush=True)
             self._drop(flow)
 
     def _reply(self, flow: Flow, reply: bytes) -> None:
-        """Send a reply, or drop it when the peer has left the replies before it unread."""
+        """Send a reply; if its peer has not read the ones before, keep it and read no more of the
+        flow until it has left. The peer's sends then wait, as with 0.23's server blocking in its
+        write, but no other client waits with them (one thread serves every flow)."""
+        held = self.backlog.get(flow)
+        if held is not None:
+            held.append(reply)
+            return
         try:
             flow.write(reply)
         except FlowWouldBlock:
-            if flow not in self.unread:
-                self.unread.add(flow)
-                print(f"Flow {flow.flow_id} does not read its replies: dropping them.", flush=True)
+            self.backlog[flow] = collections.deque([reply])
+            self.fset.remove(flow)
+
+    def _flush(self, now: float) -> None:
+        """Replies kept for flows whose peers read slowly, sent as far as they go now; a flow whose
+        replies have all left is read again. One that takes none for idle_timeout times out."""
+        for flow, held in list(self.backlog.items()):
+            try:
+                while held:
+                    flow.write(held[0])
+                    held.popleft()
+                    if flow in self.last_seen:
+                        self.last_seen[flow] = now
+            except FlowWouldBlock:
+                continue
+            except FlowError:
+                self._drop(flow)
+                continue
+            del self.backlog[flow]
+            if flow in self.last_seen:
+                self.fset.add(flow)
 
     @staticmethod
     def _queued(flow: Flow) -> bool:
@@ -430,7 +467,8 @@ class Server:
 
     def _drop(self, flow: Flow, close: bool = True) -> None:
         self.fset.remove(flow)
-        self.unread.discard(flow)
+        if close:
+            self.backlog.pop(flow, None)
         if self.last_seen.pop(flow, None) is not None and self.on_end is not None:
             self.on_end(flow)
         if close:  # else its quota is given back as it is closed, its reply gone
@@ -446,12 +484,14 @@ def handed_over(flow: Flow, within: float = 2.0) -> None:
         time.sleep(0.005)
 
 
-def rounds(tool: str, fset: FlowSet, fq: EventQueue, wait: float, stopped: Callable[[], bool]) -> Iterator[float]:
+def rounds(
+    tool: str, fset: FlowSet, fq: EventQueue, wait: float | Callable[[], float], stopped: Callable[[], bool]
+) -> Iterator[float]:
     """A server's event loop: the time of each round once `fset`'s events are in `fq` (or `wait` s
-    passed), until `stopped()` or the IRMd goes."""
+    passed; asked each round if it is a function), until `stopped()` or the IRMd goes."""
     while not stopped():
         try:
-            fevent(fset, fq, wait)
+            fevent(fset, fq, wait() if callable(wait) else wait)
         except InterruptedError:
             continue
         except FlowError as e:  # the IRMd went away

@@ -81,7 +81,6 @@ def test_a_client_that_never_reads_its_replies_holds_up_no_other_client_of_a_roo
             time.sleep(60)
         """
         with nobody_client(host, flood, "flooded", log / "atk.log"):
-            wait_for(lambda: "does not read its replies" in (log / "srv.log").read_text(), 15, "the server to notice")
             r = host.run("oping", "-n", "echo", "-c", "3", "-i", "50", timeout=30)
             assert "3 packets transmitted, 3 received" in r.stdout, r.stdout + r.stderr
 

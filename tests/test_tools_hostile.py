@@ -56,6 +56,11 @@ def nobody_client(irmd: IrmdProc, code: str, ready: str, log: Path) -> Iterator[
         p.wait()
 
 
+def run_as_user(irmd: IrmdProc, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`argv` (it starts with its setpriv) run to its end, as that user runs a tool against `irmd`."""
+    return subprocess.run(argv, env=as_nobody_env(irmd.env), capture_output=True, text=True, timeout=30, cwd="/")
+
+
 def serving(irmd: IrmdProc, tool: str, name: str) -> None:
     irmd.irm_ok("bind", "program", tool, "name", name)
     irmd.irm_ok("name", "register", name, "layer", "local")
@@ -119,14 +124,9 @@ def test_one_user_holding_flows_leaves_room_at_a_root_oping(host: IrmdProc) -> N
             assert "uid 65534 holds 64 flows" in (log / "srv.log").read_text()
             r = host.run("oping", *PING, timeout=30)
             assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
-            r = subprocess.run(  # another user too
-                ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", str(BIN / "oping"), *PING],
-                env=as_nobody_env(host.env),
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd="/",
-            )
+            r = run_as_user(
+                host, ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", str(BIN / "oping"), *PING]
+            )  # another user too
             assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
         refused = (log / "srv.log").read_text().count("refused")
         assert refused == 1, "a refusal is said once, not per flow"
@@ -165,14 +165,7 @@ def test_a_clients_words_reach_a_root_oechos_terminal_as_text(host: IrmdProc) ->
     serving(host, "oecho", "oecho")
     log = host.log.parent
     with server([str(BIN / "oecho"), "-l"], host.env, log / "srv.log", "Starting the server."):
-        r = subprocess.run(
-            [*AS_NOBODY, str(BIN / "oecho"), "-m", ESCAPES],
-            env=as_nobody_env(host.env),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd="/",
-        )
+        r = run_as_user(host, [*AS_NOBODY, str(BIN / "oecho"), "-m", ESCAPES])
         assert "Server replied with \\x1b]0;owned\\x07\\x1b[2J\\rhi" in r.stdout, r.stdout + r.stderr
         r = host.run("oecho", timeout=30)  # the legitimate use: its words as they are
         assert r.stdout == "Server replied with Client says hi!\n", r.stdout + r.stderr
@@ -267,14 +260,7 @@ def test_peers_proving_no_name_leave_a_root_opings_users_half_its_room(
             line = hold.stdout.readline()
             assert line.startswith("holding"), line + hold.stdout.read()
             wait_for(lambda: "anonymous peers holds" in (log / "srv.log").read_text(), 30, "a refusal")
-            r = subprocess.run(
-                [*AS_NOBODY, str(BIN / "oping"), *PING],
-                env=as_nobody_env(host.env),
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd="/",
-            )
+            r = run_as_user(host, [*AS_NOBODY, str(BIN / "oping"), *PING])
             assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
             assert "anonymous peers holds 96 flows" in (log / "srv.log").read_text()  # half of 192
         finally:

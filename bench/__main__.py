@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed or not rows else 0
 
 
+def _why(e: BaseException) -> str:
+    """An error in a few words, for the last line of the run (all a caller that keeps only its tail sees)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 def _run(names: list[str], runs: int) -> tuple[list[Row], list[str]]:
     """Run each suite under the time limit; the rows, and the names of the suites that failed."""
     rows: list[Row] = []
@@ -111,10 +117,10 @@ def _run(names: list[str], runs: int) -> tuple[list[Row], list[str]]:
         except SuiteFailed as e:
             log.error("suite %s failed in part: %s", name, e)
             rows += e.rows
-            failed.append(name)
-        except Exception:
+            failed.append(f"{name} ({_why(e)})")
+        except Exception as e:
             log.exception("suite %s failed", name)
-            failed.append(name)
+            failed.append(f"{name} ({_why(e)})")
         finally:
             signal.alarm(0)
         log.info("suite %s took %.1f s", name, time.monotonic() - start)

@@ -197,3 +197,16 @@ def test_the_profiler_run_as_root_writes_only_where_no_other_user_could_plant_a_
             fresh.rmdir()
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+def test_a_failed_suite_is_named_with_its_reason_on_the_runs_last_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that keeps only the tail of `make bench` (a check, CI) still learns why a suite failed."""
+    import bench.__main__ as main
+    from bench.harness import BenchError, Suite
+
+    def broken(runs: int) -> list[object]:
+        raise BenchError("no flow to the holder:\n  timed out")
+
+    monkeypatch.setattr(main, "SUITES", {"broken": Suite("broken", "fails", broken)})  # type: ignore[arg-type]
+    rows, failed = main._run(["broken"], 1)
+    assert rows == [] and failed == ["broken (BenchError: no flow to the holder: timed out)"]

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import os
 import re
-import resource
 import signal
 import sys
 import time
@@ -39,10 +38,11 @@ from flowlib import (
 from flowlib.qos import QosSpec
 from proto.errors import Code
 from proto.messages import DIRECT
-from proto.service import notify_ready
+from proto.service import nofile_to_hard, notify_ready
 from proto.visible import visible
 
 PER_CLIENT = 64  # flows one local user (or one verified remote peer) holds at a server at once
+NOFILE_CEILING = 1 << 16  # descriptors a tool's server takes at most, whatever the hard limit
 FD_RESERVE = 64  # a server's descriptors users' flows leave to its admins' flows and to itself
 ANONYMOUS = "anonymous peers"  # the client every remote peer that proves no name is counted as
 BACKLOG_RETRY = 0.002  # seconds between tries of replies kept for a slow reader
@@ -222,16 +222,6 @@ def on_signals(stop: Callable[[], None]) -> None:
         signal.signal(sig, lambda *_: stop())
 
 
-def raise_nofile(ceiling: int = 1 << 16) -> int:
-    """The soft descriptor limit raised to the hard one (at most `ceiling`), as far as it goes; the new soft."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard if hard != resource.RLIM_INFINITY else ceiling, ceiling)
-    if want > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def client_of(flow: Flow) -> str | None:
     """Whom a flow is counted against: a local user by the uid the kernel told the IRMd, a remote peer by
     its verified name; None for the server's admins (root, its own uid), never refused."""
@@ -339,7 +329,7 @@ class Server:
         self.backlog: dict[Flow, collections.deque[bytes]] = {}
         self.stop = False
         self.new_flow = new_flow  # the line for a new flow, its id in {}
-        self.quota = FlowQuota(PER_CLIENT, raise_nofile() - FD_RESERVE)
+        self.quota = FlowQuota(PER_CLIENT, nofile_to_hard(NOFILE_CEILING) - FD_RESERVE)
 
     def run(self, poll: bool, banner: str) -> None:
         def on_signal(*_: object) -> None:

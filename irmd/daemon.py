@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import logging
 import os
-import resource
 import signal
 import sys
 from pathlib import Path
@@ -21,19 +20,11 @@ from irmd.forkserver import ForkServer
 from irmd.limits import LimitError, Limits, option_values
 from irmd.spawn import Output
 from proto import logs
-from proto.service import notify_ready
+from proto.service import nofile_to_hard, notify_ready
 from proto.version import ours
 from transports.unix import TrustError, irmd_sock_path, make_sock_dir
 
 log = logging.getLogger("irmd")
-
-
-def _raise_nofile() -> int:
-    """Take every descriptor the hard limit allows; how many that is."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _fork_server() -> ForkServer | None:
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     except TrustError as e:
         sys.exit(f"irmd: will not serve from {sock.parent}: {e.strerror}")
     spawn.keep_nofile()  # what the programs it starts get back
-    args.nofile = _raise_nofile()  # before the fork server: the IPCPs it forks inherit the limit
+    args.nofile = nofile_to_hard()  # before the fork server: the IPCPs it forks inherit the limit
     forks = _fork_server()  # while nothing is open, no thread runs and no handler logs
     try:
         target = logs.setup("irmd", args, base=logging.INFO, default_file=logs.default_log_file(sock), sock=sock)

@@ -136,10 +136,15 @@ def peer_groups_of(sock: socket.socket, pid: int) -> tuple[int, ...] | None:
 
 def peer_of(sock: socket.socket) -> Peer:
     """The process that connected `sock`, from the kernel: SO_PEERCRED and SO_PEERGROUPS, then /proc."""
-    pid, uid, gid = peer_cred(sock)
+    return read_connected(sock, *peer_cred(sock))
+
+
+def read_connected(sock: socket.socket, pid: int, uid: int, gid: int, *, argv: bool = True) -> Peer:
+    """read_peer of the process that connected `sock` as SO_PEERCRED says (pid, uid, gid), checked
+    live through its pidfd: its pid may be another process's by now."""
     pidfd = peer_pidfd(sock)
     try:
-        return read_peer(pid, uid, gid, peer_groups_of(sock, pid), pidfd)
+        return read_peer(pid, uid, gid, peer_groups_of(sock, pid), pidfd, argv=argv)
     finally:
         if pidfd >= 0:
             os.close(pidfd)

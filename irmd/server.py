@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from irmd import policy
-from irmd.identity import Peer, peer_cred, peer_groups_of, peer_pidfd, read_peer
+from irmd.identity import Peer, peer_cred, read_connected, read_peer
 from irmd.policy import Caller
 from irmd.reg import Acceptor, Ipcp
 from proto import messages as m
@@ -189,13 +189,8 @@ class Server:
             return
         if not policy.is_admin(uid, self.irmd.uid):
             refuse_rights(conn)  # users pass no descriptors: only IPCPs' arriving flows carry them
-        pidfd = peer_pidfd(conn)  # the connecting process itself: its pid may be another's by now
-        try:  # /proc read only for connections served; argv only for those a program binding may name
-            groups = peer_groups_of(conn, pid)
-            peer = read_peer(pid, uid, gid, groups, pidfd, argv=policy.is_admin(uid, self.irmd.uid))
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+        # /proc read only for connections served; argv only for those a program binding may name
+        peer = read_connected(conn, pid, uid, gid, argv=policy.is_admin(uid, self.irmd.uid))
         self._conn_ids += 1
         client = Client(self._conn_ids, peer, Caller.of(uid, self.irmd.uid))
 

@@ -25,6 +25,7 @@ from irmd import elf
 from irmd.forkserver import PROJECT_ROOT, ForkError, ForkServer
 from irmd.identity import file_head, shebang
 from proto.login import login_umask
+from proto.service import lower_nofile
 from transports.unix import SOCK_ENV, TrustError, check_dirs, check_trusted_file
 
 log = logging.getLogger("irmd")
@@ -59,8 +60,7 @@ def keep_nofile() -> None:
 
 def _program_limits() -> None:  # pragma: no cover - runs in the forked child, before exec
     if _started_nofile is not None:
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(_started_nofile, hard), hard))
+        lower_nofile(_started_nofile)
 
 
 class Child(Protocol):

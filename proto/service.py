@@ -123,3 +123,19 @@ def raise_nofile(need: int) -> tuple[int, int]:
         new_hard = max(hard, need) if os.geteuid() == 0 else hard
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, new_hard), new_hard))
     return before, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def nofile_to_hard(ceiling: int | None = None) -> int:
+    """The soft descriptor limit raised to the hard one (to `ceiling` at most), as far as it goes,
+    never the hard one: the new soft limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if ceiling is not None and (hard == resource.RLIM_INFINITY or hard > ceiling):
+        hard = ceiling
+    return raise_nofile(hard)[1]
+
+
+def lower_nofile(soft: int) -> None:
+    """Set the soft descriptor limit back to `soft` (a program started by a daemon that raised its
+    own gets what the daemon was given: past FD_SETSIZE, select() writes outside its fd_set)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))

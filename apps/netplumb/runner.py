@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import signal
 import socket
 import sys
@@ -24,6 +23,7 @@ from apps.netplumb.endpoints import EndpointError, Endpoints, open_fifo
 from apps.netplumb.jobs import CommandJob, Exe, Job, Launch, describe_status
 from apps.netplumb.recipe import RecipeError, RecipeJob, parse_recipe
 from proto.login import login_umask
+from proto.service import lower_nofile
 
 MAX_PLAN = 4 << 20
 
@@ -169,8 +169,7 @@ def main() -> None:
         plan = json.loads(sys.stdin.buffer.read(MAX_PLAN))
         nofile = os.environ.get(privsep.NOFILE_VAR)
         if nofile is not None:  # netplumbd raised its own for its sessions, not for the jobs
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(int(nofile), hard), hard))
+            lower_nofile(int(nofile))
         ids.become(plan["uid"], plan["gid"], plan["groups"])
         os.umask(login_umask())
         devnull = os.open(os.devnull, os.O_RDONLY)

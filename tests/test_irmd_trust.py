@@ -107,14 +107,16 @@ def nobody_py(irmd: IrmdProc, code: str, *args: str, timeout: float = 30) -> sub
 
 
 @contextlib.contextmanager
-def server(argv: list[str], env: dict[str, str], log: Path, ready: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A process that serves until the end of the block; `ready` in its log says it is up."""
+def server(
+    argv: list[str], env: dict[str, str], log: Path, ready: str, within: float = 15
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that serves until the end of the block; `ready` in its log (within `within` s) says it is up."""
     if argv[:1] == AS_NOBODY[:1]:
         env = as_nobody_env(env)
     with open(log, "wb") as out:
         p = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd="/")
     try:
-        wait_for(lambda: ready in log.read_text() or p.poll() is not None, 15, f"{argv[-2:]} to start")
+        wait_for(lambda: ready in log.read_text() or p.poll() is not None, within, f"{argv[-2:]} to start")
         assert p.poll() is None, log.read_text()
         yield p
     finally:

@@ -40,20 +40,12 @@ def host(public_dir: Path) -> Iterator[IrmdProc]:  # noqa: F811 (the fixture it 
         yield irmd
 
 
-@contextlib.contextmanager
-def nobody_client(irmd: IrmdProc, code: str, ready: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def nobody_client(
+    irmd: IrmdProc, code: str, ready: str, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """A Python client of uid 65534 running `code` until the end of the block; `ready` in its output says
     it has done its harm."""
-    argv = [*AS_NOBODY, str(BIN / "python"), "-c", textwrap.dedent(code)]
-    with open(log, "wb") as out:
-        p = subprocess.Popen(argv, env=as_nobody_env(irmd.env), stdout=out, stderr=subprocess.STDOUT, cwd="/")
-    try:
-        wait_for(lambda: ready in log.read_text() or p.poll() is not None, 30, f"the attacker to print {ready!r}")
-        assert p.poll() is None, log.read_text()
-        yield p
-    finally:
-        p.kill()
-        p.wait()
+    return server([*AS_NOBODY, str(BIN / "python"), "-c", textwrap.dedent(code)], irmd.env, log, ready, within=30)
 
 
 def run_as_user(irmd: IrmdProc, argv: list[str]) -> subprocess.CompletedProcess[str]:

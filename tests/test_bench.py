@@ -129,6 +129,34 @@ def test_a_c_irmd_runs_in_namespaces_of_its_own_and_answers_c_oping(tmp_path: Pa
     assert {f for f in os.listdir("/dev/shm") if f.startswith("ouroboros")} <= host_shm
 
 
+def test_a_c_ipcp_that_lost_the_start_up_race_is_made_once_more_and_other_failures_carry_the_log(
+    tmp_path: Path,
+) -> None:
+    """0.23's IRMd gives a new IPCP 500 ms to say it is up ("failed to boot" under load): CStack.irm
+    runs an `irm ipcp` command once more then, and nothing else; failures quote the irmd's log."""
+    cs = cstack.CStack(cstack.DIRECT, "none", tmp_path)
+    logfile = tmp_path / f"{cs.label}-irmd.log"
+    logfile.write_text("==01==(II): Started.\n")
+    runs: list[list[str]] = []
+
+    def run(argv: list[str], timeout: float) -> str:
+        runs.append(argv)
+        if len(runs) == 1:
+            with logfile.open("a") as f:
+                f.write("==01==(EE): IPCP 42 failed to boot.\n")
+            raise BenchError("C irm ipcp bootstrap: status 1:")
+        if argv[1] == "name":
+            raise BenchError("C irm name create: status 1:")
+        return "ok"
+
+    cs.run = run  # type: ignore[assignment,method-assign]
+    assert cs.irm("ipcp", "bootstrap", "type", "local", "name", "lo", "layer", "local") == "ok"
+    assert len(runs) == 2
+    with pytest.raises(BenchError, match=r"(?s)name create: status 1.*failed to boot"):
+        cs.irm("name", "create", "x")
+    assert len(runs) == 3  # not tried again: the log's news were not a boot race
+
+
 def test_a_c_run_that_fails_is_tried_again_on_a_fresh_layout() -> None:
     """C.rtt sets the C side up again after a failed run (C 0.23's IPCPs wedge after one failed
     flow response); it gives up after ATTEMPTS."""

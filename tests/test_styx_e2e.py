@@ -120,6 +120,23 @@ def test_cli_cannot_leave_the_root_and_fails_in_one_line(files: str, styx: Styx)
     assert styx("cat", "no-colon").returncode == 1
 
 
+def test_cli_shows_a_servers_names_and_errors_escaped_never_as_terminal_control(
+    files: str, export: Path, styx: Styx
+) -> None:
+    """A server's names and Rerrors are its own words: one with a line break forges a listing row,
+    one with ESC drives the user's terminal. Shown escaped, as OpenSSH shows a server's text."""
+    evil = "x\n-rw-r--r-- root root 0 forged\x1b[2J\u202e"
+    (export / evil).write_text("data")
+    for argv in (["ls", "files:/"], ["ls", "-l", "files:/"], ["cat", "files:/"], ["stat", f"files:/{evil}"]):
+        r = styx(*argv)
+        assert r.returncode == 0 and "\x1b" not in r.stdout and "\u202e" not in r.stdout, (argv, r.stdout)
+        assert not any(line.startswith("-rw-r--r-- root root 0 forged") for line in r.stdout.splitlines())
+        assert "x\\n-rw-r--r-- root root 0 forged\\x1b[2J\\u202e" in r.stdout, (argv, r.stdout)
+    assert styx("ls", "files:/").stdout.count("\n") == 2  # hello.txt and the one escaped name
+    r = styx("cat", "files:/nope\x1b[2J\nstyx: all is well")
+    assert r.returncode == 1 and "\x1b" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 THIRD_PARTY = """
 import sys, json
 from py9p import Client, OREAD, OWRITE

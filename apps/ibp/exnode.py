@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from apps.ibp.capability import BadCapability, Capability
+from proto.visible import visible
 
 NS = "http://loci.cs.utk.edu/exnode"
 VERSION = "3.0"
@@ -115,10 +116,9 @@ class ExNode:
         return [(o, n, len(ms)) for o, n, ms in self.blocks()]
 
 
-def shown(text: str) -> str:
-    """Text from an exNode as one line of printable characters, the others escaped as repr does: a
-    file name with line breaks or a bidirectional override would otherwise forge lines or turn text."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+# Text from an exNode as one line of printable characters: a file name with line breaks or a
+# bidirectional override would otherwise forge lines or turn text.
+shown = visible
 
 
 def plan(size: int, stripe: int, depots: list[str], replicas: int) -> list[tuple[int, int, list[str]]]:

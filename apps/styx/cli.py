@@ -26,6 +26,7 @@ from flowlib.irm import default_client
 from proto import logs
 from proto.service import notify_ready, serve_until_stopped
 from proto.version import add_version
+from proto.visible import visible
 
 log = logging.getLogger("styx")
 
@@ -66,10 +67,15 @@ def mode_string(mode: int) -> str:
     return kind + bits
 
 
+def entry_name(st: w.Stat) -> str:
+    """A listed name as it may be shown: the server's characters that are not printable escaped
+    (a name with a line break or a terminal escape would forge lines or drive the terminal)."""
+    return visible(st.name) + ("/" if st.mode & w.DMDIR else "")
+
+
 def stat_line(st: w.Stat) -> str:
     when = time.strftime("%b %d %H:%M", time.localtime(st.mtime))
-    name = st.name + ("/" if st.mode & w.DMDIR else "")
-    return f"{mode_string(st.mode)} {st.uid:8} {st.gid:8} {st.length:10} {when} {name}"
+    return f"{mode_string(st.mode)} {visible(st.uid):8} {visible(st.gid):8} {st.length:10} {when} {entry_name(st)}"
 
 
 # -- commands ----------------------------------------------------------------------
@@ -77,7 +83,7 @@ def stat_line(st: w.Stat) -> str:
 
 def print_listing(stats: list[w.Stat], long: bool = False) -> None:
     for st in sorted(stats, key=lambda s: s.name):
-        print(stat_line(st) if long else st.name + ("/" if st.mode & w.DMDIR else ""))
+        print(stat_line(st) if long else entry_name(st))
 
 
 def cmd_ls(a: argparse.Namespace) -> None:
@@ -112,9 +118,9 @@ def cmd_stat(a: argparse.Namespace) -> None:
     with client:
         st = client.stat(path)
     print(
-        f"name   {st.name}\nqid    type {st.qid.type:#04x} vers {st.qid.vers} path {st.qid.path:#x}\n"
+        f"name   {visible(st.name)}\nqid    type {st.qid.type:#04x} vers {st.qid.vers} path {st.qid.path:#x}\n"
         f"mode   {mode_string(st.mode)} ({st.mode:#o})\nlength {st.length}\n"
-        f"uid    {st.uid}\ngid    {st.gid}\nmuid   {st.muid}\n"
+        f"uid    {visible(st.uid)}\ngid    {visible(st.gid)}\nmuid   {visible(st.muid)}\n"
         f"atime  {time.ctime(st.atime)}\nmtime  {time.ctime(st.mtime)}"
     )
 
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         a.func(a)
     except (CliError, StyxClientError, StyxError, FlowError, TransportError) as e:
-        print(f"styx: {e}", file=sys.stderr)
+        print(f"styx: {visible(str(e))}", file=sys.stderr)  # an Rerror's words are the server's
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -33,6 +33,9 @@ log = logging.getLogger("irmd")
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INTERPRETERS_MAX = 4  # #! lines the kernel follows one behind the other (BINPRM_MAX_RECURSION)
 KEPT = ("LANG", "LC_ALL", "TZ")  # locale and time zone: how to speak, never what to run
+# The IRMd's own configuration its IPCPs (run as the IRMd's user, never a client's) share: where
+# members keep their keys. Without it an IRMd given a state directory had its IPCPs write to /var/lib.
+IPCP_KEPT = ("OUROBOROS_STATE_DIR",)
 # `python -I` ignores PYTHON* variables, the user's site directory and the working directory; the
 # project comes from where this IRMd's own code is, so an IPCP runs the code its IRMd runs.
 IPCP_BOOT = (
@@ -294,6 +297,7 @@ async def start_ipcp(kind: str, name: str, sock: Path, out: Output, forks: ForkS
     """An IPCP process, logging where the IRMd logs (its stderr is the IRMd's log): forked by the
     IRMd's fork server if it has one, else executed."""
     env = clean_env(sock, run_as(os.geteuid(), os.geteuid()), out)
+    env.update({k: v for k in IPCP_KEPT if (v := os.environ.get(k))})
     if forks is not None and not forks.lost:
         try:
             return await forks.spawn(kind, name, str(sock), env, out.fd)

@@ -81,6 +81,24 @@ def test_a_forked_ipcp_is_what_an_executed_one_was(tmp_path: Path, to_file: bool
         stop_irmd(irmd)
 
 
+def test_ipcps_keep_their_member_keys_in_the_irmds_state_directory(tmp_path: Path) -> None:
+    """An IRMd given OUROBOROS_STATE_DIR has its IPCPs (forked or executed) keep their member keys
+    there, not in /var/lib/ouroboros."""
+    name = f"st{os.getpid()}"
+    for executed in (False, True):
+        state = tmp_path / f"state-{executed}"
+        env = {"OUROBOROS_STATE_DIR": str(state)} | ({"PYTHONDEVMODE": "1"} if executed else {})
+        irmd = start_irmd(tmp_path, name=f"irmd-{executed}", env=env)
+        try:
+            irmd.irm_ok("ipcp", "bootstrap", "name", name, "type", "unicast", "layer", "net")
+            assert (ppid(irmd.ipcp_pid(name)) == irmd.pid) is executed
+            key = state / "ipcp" / f"{name}.key"
+            assert key.is_file() and key.stat().st_mode & 0o077 == 0
+            assert not Path(f"/var/lib/ouroboros/ipcp/{name}.key").exists()
+        finally:
+            stop_irmd(irmd)
+
+
 def test_a_forked_ipcp_runs_the_projects_code_not_the_pythonpaths(tmp_path: Path) -> None:
     """An admin's PYTHONPATH the IRMd loaded nothing from still starts the server: its path is cut."""
     marker = tmp_path / "ran"

@@ -209,6 +209,24 @@ def test_a_peers_tiny_datas_cost_what_they_carry_while_they_wait() -> None:
     assert sum(n for t, _, n in link.sent if t == wire.WINDOW) == WINDOW
 
 
+def test_all_keys_together_hold_at_most_the_total_and_each_gets_it_back_as_commands_read() -> None:
+    """Each key within its own budget, together past --max-buffer: the DATA past it is refused
+    (its session ended) naming the option; what a key's commands read is free again for any key."""
+    buffers = Buffers(2 * WINDOW, total=3 * WINDOW)
+    a, b, c = (Holding(buffers, k) for k in (b"a", b"b", b"c"))
+    a.take(2 * WINDOW)
+    b.take(WINDOW)
+    with pytest.raises(BufferFull, match=r"of at most 3145728 \(--max-buffer\)"):
+        c.take(1)
+    b.give(WINDOW)
+    c.take(WINDOW)
+    with pytest.raises(BufferFull, match=r"--per-key-buffer"):
+        a.take(1)  # its own budget is still the first limit it meets
+    a.close()
+    b.take(2 * WINDOW)
+    assert (buffers.held(b"a"), buffers.held(b"b"), buffers.held(b"c")) == (0, 2 * WINDOW, WINDOW)
+
+
 def test_a_keys_sessions_share_one_budget_and_give_back_what_they_held() -> None:
     """What sinks hold counts against their key's budget, across its sessions: past it, put() raises
     BufferFull (the driver ends that session with it); written bytes are given back, and a session's

@@ -499,16 +499,23 @@ def test_socket_connections_that_ended_hold_nothing_in_netplumbd() -> None:
         assert grown < 3 * 1024, f"netplumbd grew {grown} KiB over 2000 closed connections"
 
 
-def test_limit_options_must_be_positive() -> None:
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--max-startups", "0"], "every limit must be positive"),
+        (["--per-key-buffer", "2097152", "--max-buffer", "1048576"], "--max-buffer must be at least --per-key-buffer"),
+    ],
+)
+def test_limit_options_must_be_positive_and_agree(args: list[str], why: str) -> None:
     with lab_dir() as d:
         r = subprocess.run(
-            [str(BIN / "netplumbd"), "--max-startups", "0"],
+            [str(BIN / "netplumbd"), *args],
             capture_output=True,
             text=True,
             timeout=30,
             env={**os.environ, "HOME": str(d)},
         )
-        assert r.returncode == 2 and "every limit must be positive" in r.stderr
+        assert r.returncode == 2 and why in r.stderr
 
 
 # -- the runner and the job: what the client's session reaches, and what it holds ------------------

@@ -74,7 +74,7 @@ class Config:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.limits)
-        self.buffers = Buffers(self.limits.key_buffer)
+        self.buffers = Buffers(self.limits.key_buffer, self.limits.max_buffer)
 
 
 class Driver:

@@ -10,6 +10,7 @@ none (Ouroboros hands out no addresses), so only the overall and per-key limits 
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class Limits:
     # opened yet, a command not reading its stdin or a connection); each channel's window alone allows
     # 1 MiB, so a key's 8 sessions of 64 pipes and 64 connections each could make netplumbd hold 1 GiB
     key_buffer: int = 64 * INITIAL_WINDOW
+    # --max-buffer: the same bytes for every key together (each key's budget times the keys with
+    # sessions, up to --max-sessions of them, was 4 GiB)
+    max_buffer: int = 256 * INITIAL_WINDOW
 
     def fds_per_session(self) -> int:
         """The descriptors one session can make netplumbd hold at most: its flow, wake and stop pipes,
@@ -157,26 +161,36 @@ class BufferFull(Exception):
 
 class Buffers:
     """The bytes each key's sessions hold for their commands, received and not yet written out: at most
-    `most` per key, whatever the windows of its channels allow together."""
+    `most` per key, whatever the windows of its channels allow together, and `total` for all keys."""
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, total: int | None = None) -> None:
         self.most = most
+        self.total = sys.maxsize if total is None else total  # None: no limit across keys
         self._held: Counter[bytes] = Counter()
+        self._all = 0
         self._lock = threading.Lock()
 
     def take(self, key: bytes, n: int) -> None:
-        """Hold n more bytes for `key` (BufferFull if that is past its budget)."""
+        """Hold n more bytes for `key` (BufferFull if that is past its budget or past all keys')."""
         with self._lock:
             if self._held[key] + n > self.most:
                 raise BufferFull(
                     f"more than {self.most} bytes sent ahead of what the commands of key {fingerprint(key)} "
                     f"read (--per-key-buffer)"
                 )
+            if self._all + n > self.total:
+                raise BufferFull(
+                    f"netplumbd holds {self._all} bytes its sessions' commands have not read, of at most "
+                    f"{self.total} (--max-buffer); try again later"
+                )
             self._held[key] += n
+            self._all += n
 
     def give(self, key: bytes, n: int) -> None:
         with self._lock:
-            self._held[key] -= n
+            given = min(n, self._held[key])
+            self._held[key] -= given
+            self._all -= given
             if self._held[key] <= 0:
                 del self._held[key]
 

@@ -223,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
         ("--max-channels", "max_channels", int, "named pipes and sockets of one START"),
         ("--max-connections", "max_connections", int, "open connections on a session's sockets"),
         ("--per-key-buffer", "key_buffer", int, "bytes a key's sessions hold that their commands did not read yet"),
+        ("--max-buffer", "max_buffer", int, "bytes all sessions hold that their commands did not read yet"),
     ):
         limits.add_argument(
             opt,
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("every limit must be positive")
     if limits.key_buffer < INITIAL_WINDOW:  # below one channel's window, a `cat` of a large file could fail
         ap.error(f"--per-key-buffer must be at least one channel's window ({INITIAL_WINDOW})")
+    if limits.max_buffer < limits.key_buffer:
+        ap.error("--max-buffer must be at least --per-key-buffer")
     limits = fit_fds(limits)
     auth = args.authorized_keys or config_dir() / "authorized_keys"
     try:

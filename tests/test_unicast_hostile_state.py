@@ -202,9 +202,9 @@ def test_the_pacer_holds_back_a_known_members_lsus_to_one_per_min_arrival_and_ne
     assert pacer.hold(um.Lsu(8, 1 << 40, [], "honest", 0.0, honest.pub, b"forged"), 7, 0.35)
     assert pacer.hold(real, 8, 0.4)
     assert pacer.get_timer() == MIN_ARRIVAL and pacer.due(0.2) == []
-    assert pacer.due(MIN_ARRIVAL) == [last]
+    assert pacer.due(MIN_ARRIVAL) == [(last, 7)]  # with the neighbour it came from: not flooded back there
     assert lsdb.receive(last, MIN_ARRIVAL) and lsdb.db[7].neighbours == {1, 9}
-    held = pacer.due(0.3 + MIN_ARRIVAL)
+    held = [lsu for lsu, _ in pacer.due(0.3 + MIN_ARRIVAL)]
     assert held[0].seqno == 1 << 40 and held[1] is real and pacer.get_timer() is None
     with pytest.raises(auth.Forged):
         lsdb.receive(held[0], 0.55)

@@ -513,17 +513,18 @@ class UnicastIpcp(Ipcp):
                 continue
             self._take_lsu(msg, now, peer)
 
-    def _take_lsu(self, msg: um.Lsu, now: float, peer: Peer | None) -> None:
-        """An LSU from the neighbour `peer` (None: one the pacer held back): flooded on if news."""
+    def _take_lsu(self, msg: um.Lsu, now: float, peer: Peer | None, via: int = 0) -> None:
+        """An LSU from the neighbour `peer` (None: one the pacer held back, from the neighbour at
+        `via`): flooded on if news, to every neighbour but the one it came from."""
         assert self.lsdb is not None
         try:
             news = self.lsdb.receive(msg, now)
         except auth.Forged as e:
-            via = peer.name if peer is not None else "a neighbour"
-            DROPPED.log("%s: dropped an LSU via %s: %s", self.name, via, e)  # counted in lsu_forged
+            where = peer.name if peer is not None else f"neighbour {via}"
+            DROPPED.log("%s: dropped an LSU via %s: %s", self.name, where, e)  # counted in lsu_forged
             return
         if news:
-            self._flood(msg, exclude=peer.addr if peer is not None else 0)
+            self._flood(msg, exclude=peer.addr if peer is not None else via)
             self._drop_links_of_other_keys(msg.src)
             self._after(now)
 
@@ -608,8 +609,8 @@ class UnicastIpcp(Ipcp):
         assert self.lsdb is not None and self.dir is not None and self.fa is not None
         self._timer = None
         now = time.monotonic()
-        for held in self.pacer.due(now):
-            self._take_lsu(held, now, None)
+        for held, via in self.pacer.due(now):
+            self._take_lsu(held, now, None, via)
         lsu = self.lsdb.handle_timer(now)
         if lsu is not None:
             self._flood(lsu)

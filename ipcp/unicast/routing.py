@@ -290,12 +290,13 @@ class Pacer:
     def get_timer(self) -> float | None:
         return self._due if self._waiting else None
 
-    def due(self, now: float) -> list[Lsu]:
-        """The LSUs whose turn has come, newest first, to take now (Lsdb.receive) as if just arrived:
-        after the first that is genuine, the others of its member are no news and cost nothing."""
+    def due(self, now: float) -> list[tuple[Lsu, int]]:
+        """The LSUs whose turn has come, newest first, with the neighbour each came through, to take
+        now (Lsdb.receive) as if just arrived (and flood to all but that neighbour): after the first
+        that is genuine, the others of its member are no news and cost nothing."""
         if now < self._due:
             return []
         ready = [slot for slot, (_, at) in self._waiting.items() if at <= now]
-        out = sorted((self._waiting.pop(slot)[0] for slot in ready), key=lambda lsu: -lsu.seqno)
+        out = sorted(((self._waiting.pop(slot)[0], slot[1]) for slot in ready), key=lambda held: -held[0].seqno)
         self._due = min((at for _, at in self._waiting.values()), default=math.inf)
         return out

@@ -51,6 +51,7 @@ DROPPED = RateLog(logger=log)  # forged LSUs: a neighbour can send them by the t
 # Handshakes refused: anyone reaching a member through the layer below fails one per flow it opens (a
 # line each, ~20 a second from one local user); the stats count them all.
 REFUSED = RateLog(rate=1.0, burst=5, logger=log)
+ENDED = RateLog(rate=2.0, burst=10, logger=log)  # flows their peers ended: one per flow a peer opens and closes
 
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
@@ -770,7 +771,7 @@ class UnicastIpcp(Ipcp):
                     assert self.dt is not None
                     self.dt.command(self.dt.remove_flow, flow.eid)
                     why = "its lost path" if down else "its peer"
-                    log.info("%s: flow %d ended by %s", self.name, flow.flow_id, why)
+                    ENDED.log("%s: flow %d ended by %s", self.name, flow.flow_id, why)
                     self.flow_ended(flow.flow_id, down, flow.io)
 
     async def _fa_arrived(self, alloc: Alloc) -> None:

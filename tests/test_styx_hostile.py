@@ -681,3 +681,43 @@ def test_connections_refused_or_come_and_gone_in_a_loop_do_not_fill_the_servers_
             assert any("too many connections from user nobody" in line for line in lines), lines[:3]
         assert any("lines not logged" in line for line in lines), lines[:3]  # what was not logged is counted
     assert files.poll() is None
+
+
+# Sessions one after another for `secs` seconds, each attached and listing ipcp/ (its agent started).
+SESSIONS = r"""
+import json, sys, time
+from apps.styx.client import Client
+from apps.styx.transport import dial
+n, end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    with Client(dial(sys.argv[1])) as c:
+        c.ls("ipcp")
+    n += 1
+print(json.dumps({"sessions": n}))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_sessions_whose_agents_come_and_go_in_a_loop_do_not_fill_the_servers_log(
+    open_irmd: IrmdProc, lab: Path
+) -> None:
+    """Each session of a root `styx serve --irm` that asks the IRMd anything starts an agent as its user,
+    and each agent started wrote a line: a user opening sessions in a loop wrote them as fast as the
+    server forked. Agents are logged at a bounded rate, the rest counted."""
+    proc = serve(open_irmd, lab, "irm7", "--irm")
+    log = lab / "irm7.log"
+    try:
+        before = len(log.read_text())
+        secs = 4.0
+        out = result(as_nobody(open_irmd, SESSIONS, "irm7", str(secs), timeout=90))
+        sessions = out["sessions"]
+        assert isinstance(sessions, int) and sessions > 60, out  # far past what the log takes in that time
+        time.sleep(0.5)
+        lines = log.read_text()[before:].splitlines()
+        agents = [line for line in lines if "agent" in line and "for nobody" in line]
+        # 2 lines a second (bursts of 10) and a second's slack
+        assert 1 <= len(agents) <= 10 + 2 * (secs + 1), f"{len(agents)} agents logged for {sessions} sessions"
+        with root_client(open_irmd, "irm7") as c:  # root is served beside it
+            assert c.cat("ctl").startswith(b"write")
+    finally:
+        stop(proc)

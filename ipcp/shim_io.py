@@ -41,6 +41,9 @@ from transports.unix import seqpacket_pair
 log = logging.getLogger(__name__)
 REFUSALS = RateLog(logger=log)  # flow requests refused: any peer can send them
 LOOKUPS_REFUSED = RateLog(rate=1.0, burst=5, logger=log)  # names not looked up: any local user can cause them
+# Flows a peer ended (or that went down): a peer allocating and deallocating in a loop wrote a line per
+# flow, as fast as it went; the counters keep them all.
+ENDED = RateLog(rate=2.0, burst=10, logger=log)
 UNASKED_KEPT = 256  # names not looked up, remembered to say so (as many as name queries)
 
 MGMT_QUEUE = 1024  # management frames from strangers waiting for the loop; beyond this the relay drops them
@@ -451,7 +454,7 @@ class ShimIpcp(Ipcp):
         if flow.io is not None and self.relay is not None:
             self.relay.remove(flow)
         self.flow_ended(flow.flow_id, ev.down, flow.io)
-        log.info("flow %d %s", flow.flow_id, "down: peer silent" if ev.down else "deallocated by peer")
+        ENDED.log("flow %d %s", flow.flow_id, "down: peer silent" if ev.down else "deallocated by peer")
 
     async def _arrived(self, req: FlowRequested) -> None:
         """A peer's flow request, handed to the IRMd and answered. Whatever fails on the way (the IRMd's

@@ -628,3 +628,96 @@ def test_an_empty_record_on_a_clients_flow_does_not_hold_its_parked_requests(ope
         teaser.wait()
         if proc is not None:
             stop(proc)
+
+
+# Holds `hold` connections attached, then allocates flow after flow to the server for `secs` seconds,
+# each closed at once (past the limit, each is refused; within it, each is a connection come and gone).
+KNOCK = r"""
+import json, sys, time
+from apps.styx import wire as w
+from flowlib import flow_alloc, qos, FlowError
+name, hold, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+held = []
+for _ in range(hold):
+    f = flow_alloc(name, qos=qos.data, timeout=10)
+    f.set_timeout(5)
+    f.write(w.encode(w.Tversion(w.NOTAG, 8192, "9P2000")))
+    assert isinstance(w.decode(f.read()), w.Rversion)
+    f.write(w.encode(w.Tattach(1, 0, w.NOFID, "x", "")))
+    assert isinstance(w.decode(f.read()), w.Rattach)
+    held.append(f)
+knocks, end = 0, time.monotonic() + secs
+while time.monotonic() < end:
+    try:
+        f = flow_alloc(name, qos=qos.data, timeout=10)
+    except FlowError:
+        continue
+    knocks += 1
+    f.close()
+print(json.dumps({"knocks": knocks}), flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_connections_refused_or_come_and_gone_in_a_loop_do_not_fill_the_servers_log(
+    open_irmd: IrmdProc, lab: Path, files: subprocess.Popen[bytes]
+) -> None:
+    """A user allocating flows to a root server in a loop, at its connection limit (each refused) or
+    within it (each a connection come and gone), wrote a line or two of the server's log per flow,
+    ~500 lines a second; now refusals and connections are logged at a bounded rate, the rest counted."""
+    log = lab / "files.log"
+    secs = 4.0
+    for hold in (PER_USER, 0):
+        before = len(log.read_text())
+        out = result(as_nobody(open_irmd, KNOCK, "files", str(hold), str(secs), timeout=90))
+        knocks = out["knocks"]
+        assert isinstance(knocks, int) and knocks > 100, out  # far past what the log takes in that time
+        legit_ok(open_irmd)  # root is served beside it
+        time.sleep(0.5)
+        lines = log.read_text()[before:].splitlines()
+        # refusals 10 lines a second (bursts of 20), connections 10 (bursts of 50), a second's slack each
+        assert len(lines) <= 70 + 20 * (secs + 1), f"{len(lines)} lines for {knocks} flows: {lines[-3:]}"
+        if hold:
+            assert any("too many connections from user nobody" in line for line in lines), lines[:3]
+        assert any("lines not logged" in line for line in lines), lines[:3]  # what was not logged is counted
+    assert files.poll() is None
+
+
+# Sessions one after another for `secs` seconds, each attached and listing ipcp/ (its agent started).
+SESSIONS = r"""
+import json, sys, time
+from apps.styx.client import Client
+from apps.styx.transport import dial
+n, end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    with Client(dial(sys.argv[1])) as c:
+        c.ls("ipcp")
+    n += 1
+print(json.dumps({"sessions": n}))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_sessions_whose_agents_come_and_go_in_a_loop_do_not_fill_the_servers_log(
+    open_irmd: IrmdProc, lab: Path
+) -> None:
+    """Each session of a root `styx serve --irm` that asks the IRMd anything starts an agent as its user,
+    and each agent started wrote a line: a user opening sessions in a loop wrote them as fast as the
+    server forked. Agents are logged at a bounded rate, the rest counted."""
+    proc = serve(open_irmd, lab, "irm7", "--irm")
+    log = lab / "irm7.log"
+    try:
+        before = len(log.read_text())
+        secs = 4.0
+        out = result(as_nobody(open_irmd, SESSIONS, "irm7", str(secs), timeout=90))
+        sessions = out["sessions"]
+        assert isinstance(sessions, int) and sessions > 60, out  # far past what the log takes in that time
+        time.sleep(0.5)
+        lines = log.read_text()[before:].splitlines()
+        agents = [line for line in lines if "agent" in line and "for nobody" in line]
+        # 2 lines a second (bursts of 10) and a second's slack
+        assert 1 <= len(agents) <= 10 + 2 * (secs + 1), f"{len(agents)} agents logged for {sessions} sessions"
+        with root_client(open_irmd, "irm7") as c:  # root is served beside it
+            assert c.cat("ctl").startswith(b"write")
+    finally:
+        stop(proc)

@@ -1286,6 +1286,55 @@ def test_net_flows_are_limited_per_connection_however_many_attaches_it_makes(
         stop(proc)
 
 
+TEXT_HOARD = r"""
+import json, sys
+from apps.styx import wire as w
+from apps.styx.client import Client, StyxClientError
+from apps.styx.transport import dial
+out = {"held": 0, "files": 0}
+with Client(dial(sys.argv[1])) as c:
+    fids = []
+    for _ in range(200):  # open files, each keeping what it read: the connection's text
+        fid = c.walk("ctl")
+        c.open(fid, w.ORDWR)
+        fids.append(fid)
+        try:
+            out["held"] += len(c.read(fid, 0, 8192))
+            out["files"] += 1
+        except StyxClientError as e:
+            out["refused"] = str(e)
+            break
+    try:  # a command's answer would be kept too: refused before the command runs
+        c.write(fids[-1], 0, b"ipcp list")
+    except StyxClientError as e:
+        out["command"] = str(e)
+    c.clunk(fids.pop(0))  # with one let go, the next read is served
+    out["after_clunk"] = len(c.read(fids[-1], 0, 8192))
+    with Client(dial(sys.argv[1])) as other:  # another connection of the same user has room of its own
+        out["other"] = other.cat("ctl").decode()[:5]
+print(json.dumps(out))
+"""
+
+
+def test_the_text_a_connections_open_files_keep_is_limited(open_irmd: IrmdProc, lab: Path) -> None:
+    """Each open file of the IRMd's tree keeps a snapshot of what it read (a page of `flow list`, a
+    command's answer) until it is clunked: 256 fids on each of a user's 16 connections kept as many
+    pages in a root server. --max-text bounds the bytes a connection's open files keep."""
+    limit = 4096
+    proc = serve(open_irmd, lab, "irm4", "--irm", "--max-text", str(limit))
+    try:
+        out = result(as_nobody(open_irmd, TEXT_HOARD, "irm4"))
+        each = out["held"] // out["files"]  # type: ignore[operator]
+        assert limit <= out["held"] < limit + each, out  # the limit, and the snapshot that reached it
+        assert f"limit {limit}" in str(out.get("refused")), out
+        assert f"limit {limit}" in str(out.get("command")), out
+        assert out["after_clunk"] == each and out["other"] == "write", out
+        with root_client(open_irmd, "irm4") as c:  # root is served beside it
+            assert c.cat("ctl").startswith(b"write")
+    finally:
+        stop(proc)
+
+
 PATH_PROBE = r"""
 import json, sys
 from apps.styx.client import Client, StyxClientError

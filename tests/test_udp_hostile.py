@@ -210,3 +210,28 @@ def test_replayed_and_spoofed_messages_change_nothing(pair: tuple[Host, Host]) -
     assert not {m for m in members_of(a) if m[0] in (C_IP, "127.0.0.98")}
     watched.check()
     oping_ok(b, count=3)
+
+
+@pytest.mark.timeout(120)
+def test_flows_a_peer_opens_and_closes_in_a_loop_do_not_fill_the_servers_log(pair: tuple[Host, Host]) -> None:
+    """Each flow a peer ended (or that went down) wrote a line of the shim's log at its server's host:
+    a peer allocating and deallocating in a loop wrote them as fast as it went. Now they are logged at
+    a bounded rate, the rest counted, and the peer's flows still come and go, as others' do."""
+    a, b = pair
+    oping_ok(b)
+    before = len(a.irmd.log_text())
+    flows, secs = 0, 4.0
+    end = time.monotonic() + secs
+    while time.monotonic() < end:
+        f = b.alloc("pong")
+        f.close()
+        b.clients.pop().close()
+        flows += 1
+    assert flows > 60, flows  # far past what the log takes in that time
+    time.sleep(1.0)  # the last ends reach A
+    oping_ok(b)  # served beside it
+    grown = a.irmd.log_text()[before:]
+    ended = grown.count("deallocated by peer") + grown.count("down: peer silent")
+    # 2 lines a second (bursts of 10), and the second after
+    assert ended <= 10 + 2 * (secs + 2), f"{ended} lines for {flows} flows"
+    assert "lines not logged" in grown  # what was not logged is counted

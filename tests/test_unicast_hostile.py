@@ -652,3 +652,49 @@ def test_a_member_flooding_its_own_lsus_gets_a_few_passed_on_and_its_last_state_
     assert len(heard) <= spent / MIN_ARRIVAL + 10, f"n1 passed on {len(heard)} LSUs in {spent:.1f} s"
     assert a.counter("n1", "lsu_held") >= 2000 - len(heard) - 10
     assert a.irmd.alive() and b.irmd.alive()
+
+
+@pytest.mark.timeout(300)
+def test_an_unprivileged_non_members_refused_handshakes_do_not_fill_the_members_log(
+    layer: Layer, cluster: Cluster
+) -> None:
+    """Every handshake a non-member fails at n1 (a guessed key, garbage) is counted, but logged at a
+    bounded rate: anyone who reaches a member through the layer below can fail one per flow it opens,
+    and each wrote a line of the IRMd's log (one nobody on host b made n1 log ~20 lines a second)."""
+    a, b = layer.a, layer.b
+    os.chmod(cluster.tmp, 0o755)  # the test hosts' sockets, reachable by any local user (as /run/ouroboros is)
+    attempts = 200
+    before = a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed")
+    logged = len(a.log())
+    with legit_pings(b) as failures:
+        start = time.monotonic()
+        r = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                ATTACKER,
+                str(attempts),
+            ],
+            env=b.irmd.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd="/",
+        )
+        assert r.returncode == 0 and f"sent {attempts}" in r.stdout, r.stdout + r.stderr
+        wait_for(
+            lambda: a.counter("n1", "handshake_auth") + a.counter("n1", "handshake_failed") >= before + attempts,
+            30,
+            "n1 to count every refused handshake",
+        )
+        spent = time.monotonic() - start
+    assert not failures, failures
+    lines = a.log()[logged:].count("refused an N-1 flow")
+    # a line a second, bursts of 5, and a second's slack for the clocks' offset
+    assert lines <= 5 + (spent + 1), f"{lines} lines for {attempts} refusals in {spent:.1f} s"
+    assert lines >= 1, "the refusals are still logged"
+    assert a.neighbours("n1") == {"n2"} and a.irmd.alive()

@@ -15,9 +15,13 @@ from apps.agent import AGENT_PROG, Agent
 from apps.styx.identity import NONE, Policy, Rights, User
 from apps.styx.tree import StyxError
 from flowlib.irm import IrmClient
+from transports.ratelog import RateLog
 from transports.unix import irmd_sock_path
 
 log = logging.getLogger(__name__)
+# Agents started: one per session that asks the IRMd anything, which a user can open in a loop (a line
+# each, ~50 a second); the rest are counted in the next line that passes.
+AGENTS = RateLog(rate=2.0, burst=10, logger=log)
 T = TypeVar("T")
 
 
@@ -78,7 +82,7 @@ class Peer:
             if self._irm is None or self._irm.channel.closed:
                 if self._agent is None:
                     self._agent = Agent(self.rights.creds, self.irmd_sock or irmd_sock_path(), self.irmd_pid)
-                    log.info("agent %d for %s (%s)", self._agent.pid, self.user.name, self.rights.creds or "as us")
+                    AGENTS.log("agent %d for %s (%s)", self._agent.pid, self.user.name, self.rights.creds or "as us")
                 self._irm = IrmClient(sock=self._agent.connect(), prog=AGENT_PROG)
             return self._irm
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from apps.agent import AGENT_PROG, Agent, peer_pid
 from apps.styx import wire as w
 from apps.styx.identity import NONE, NONE_NAME, Policy, User, identify, server_policy
-from apps.styx.serve import ACCEPT_BACKOFF, REFUSE_WAIT, Admission, refuse
+from apps.styx.serve import ACCEPT_BACKOFF, CONNECTIONS, REFUSALS, REFUSE_WAIT, Admission, refuse
 from apps.styx.server import DEFAULT_LIMITS, Limits
 from apps.styx.transport import (
     ALLOC_TIMEOUT,
@@ -151,13 +151,13 @@ class Bridge:
             return
         why = self.admission.enter(user)
         if why and not self.admission.may_answer():
-            log.info("bridge: client %s refused: %s", user.name, why)
+            REFUSALS.log("bridge: client %s refused: %s", user.name, why)
             conn.close()
             return
         try:
             threading.Thread(target=self._client, args=(conn, user, why), daemon=True).start()
         except RuntimeError as e:
-            log.info("bridge: client %s dropped: %s", user.name, e)
+            REFUSALS.log("bridge: client %s dropped: %s", user.name, e)
             conn.close()
             self.admission.done(user, why)
 
@@ -226,7 +226,7 @@ def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float,
                     continue
                 send_message(flow, data)
         except (TransportError, OSError, FlowError) as e:
-            log.info("bridge: client side ended: %s", e)
+            CONNECTIONS.log("bridge: client side ended: %s", e)
         finally:
             done.set()
 
@@ -240,7 +240,7 @@ def relay(conn: socket.socket, flow: Flow, anonymous: bool, send_timeout: float,
                 with send_lock:
                     conn.sendall(data)
     except (OSError, FlowError) as e:
-        log.info("bridge: service side ended: %s", e)
+        CONNECTIONS.log("bridge: service side ended: %s", e)
     finally:
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_RDWR)

@@ -230,6 +230,7 @@ LIMIT_FLAGS = {
     "conns_per_user": ("--max-conns-per-user", int, "connections at once per user (anonymous: all are none)"),
     "attach_timeout": ("--attach-timeout", float, "seconds a connection may take to attach"),
     "send_timeout": ("--send-timeout", float, "seconds a client may leave replies untaken before it is dropped"),
+    "text": ("--max-text", int, "bytes of text (the IRMd's tables, ctl answers) one connection's open files keep"),
     "anon_idle_timeout": (
         "--anon-idle-timeout",
         float,

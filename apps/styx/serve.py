@@ -27,9 +27,16 @@ from flowlib.flow import establish
 from flowlib.irm import IrmClient, default_client
 from proto import messages as m
 from proto.service import raise_nofile
+from transports.ratelog import RateLog
 from transports.unix import irmd_sock_path, readable
 
 log = logging.getLogger(__name__)
+# Refused and failed connections: a user at its limit can cause one per flow it allocates (a line each of
+# the server's log, ~500 a second); the rest are counted in the next line that passes.
+REFUSALS = RateLog(logger=log)
+# Connections coming and going: a user within its limits can open and close one per flow it allocates (two
+# lines each, ~230 connections a second), so these too are logged at a bounded rate, the rest counted.
+CONNECTIONS = RateLog(rate=10.0, burst=50, logger=log)
 
 RETRY_INTERVAL = 0.02  # how often parked requests with nothing to wait on (listens) are retried
 IDLE_RETRY = 1.0  # parked requests with a waitable are retried at least this often anyway
@@ -91,7 +98,7 @@ def refuse(transport: Transport, why: str) -> None:
         tag = w.peek_tag(data)
         transport.send(w.encode(w.Rerror(tag if tag is not None else w.NOTAG, why)))
     except TransportError as e:
-        log.info("refused connection ended: %s", e)
+        REFUSALS.log("refused connection ended: %s", e)
 
 
 def fit_fds(limits: Limits) -> Limits:
@@ -136,7 +143,7 @@ def serve_flow(
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.info("flow %s %s %.0f s: closed", flow.flow_id, why, limit)
+                    CONNECTIONS.log("flow %s %s %.0f s: closed", flow.flow_id, why, limit)
                     return
                 timeout = left if timeout is None else min(timeout, left)
             sdu = _next_sdu(flow, waitables, timeout)
@@ -151,9 +158,9 @@ def serve_flow(
             for reply in replies:
                 send_message(flow, reply)
     except FlowTimeout:
-        log.info("flow %s took no reply for %.0f s: dropped", flow.flow_id, send_timeout)
+        CONNECTIONS.log("flow %s took no reply for %.0f s: dropped", flow.flow_id, send_timeout)
     except (FlowError, TransportError) as e:
-        log.info("flow %s ended: %s", flow.flow_id, e)
+        CONNECTIONS.log("flow %s ended: %s", flow.flow_id, e)
     finally:
         session.close()
 
@@ -228,7 +235,7 @@ class Server:
             user = identify(reply.peer_uid, reply.peer_gid, reply.peer_groups)
             why = self.admission.enter(user)
             if why and not self.admission.may_answer():
-                log.info("flow %d of %s refused: %s", reply.flow_id, user.name, why)
+                REFUSALS.log("flow %d of %s refused: %s", reply.flow_id, user.name, why)
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.irm.dealloc(reply.flow_id)
@@ -238,7 +245,7 @@ class Server:
                     target=self._connection, args=(reply, fd, user, why), daemon=True, name=f"styx-flow-{reply.flow_id}"
                 ).start()
             except RuntimeError as e:  # no thread to be had: this flow goes, the loop stays
-                log.info("flow %d of %s dropped: %s", reply.flow_id, user.name, e)
+                REFUSALS.log("flow %d of %s dropped: %s", reply.flow_id, user.name, e)
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.irm.dealloc(reply.flow_id)
@@ -249,14 +256,14 @@ class Server:
             try:
                 flow = establish(reply, fd, self.irm, client=False)
             except FlowError as e:  # a flow that could not be set up: this flow only
-                log.info("flow from %s failed: %s", user.name, e)
+                REFUSALS.log("flow from %s failed: %s", user.name, e)
                 return
             try:
                 if why:
-                    log.info("flow %s of %s refused: %s", flow.flow_id, user.name, why)
+                    REFUSALS.log("flow %s of %s refused: %s", flow.flow_id, user.name, why)
                     refuse(FlowTransport(flow), why)
                 else:
-                    log.info("flow %s from %s via layer %s", flow.flow_id, user.name, flow.layer)
+                    CONNECTIONS.log("flow %s from %s via layer %s", flow.flow_id, user.name, flow.layer)
                     self._serve(flow, user)
             finally:
                 flow.close()

@@ -64,6 +64,9 @@ class Limits:
     attach_timeout: float = 30.0  # seconds a connection may take to attach
     send_timeout: float = 30.0  # seconds a client may leave a reply untaken before it is dropped
     anon_idle_timeout: float = 300.0  # seconds an anonymous client may stay attached with nothing asked
+    # Bytes of text a connection's open files keep (the IRMd's tables and ctl answers, snapshot per open
+    # file): past it no open file takes another. Each of 256 fids held up to a page of `flow list`.
+    text: int = 2 << 20
 
     def fds_per_conn(self) -> int:
         """The descriptors one connection can hold at most: two per fid (a file and its open
@@ -439,7 +442,18 @@ class Session:
         _check_offset(msg.offset)
         if f.isdir:
             return w.Rread(msg.tag, self._dirread(f, msg.offset, count))
+        if f.handle.snapshots and (msg.offset == 0 or not f.handle.held):
+            self._text_room(f)
         return w.Rread(msg.tag, f.handle.read(msg.offset, count)[:count])
+
+    def _text_room(self, f: Fid) -> None:
+        """Refuse to let `f` take (or take again) a text snapshot while the connection's other open files
+        keep `limits.text` bytes of them: so it holds that, and one snapshot more, at most."""
+        held = sum(o.handle.held for o in self.fids.values() if o.handle is not None and o is not f)
+        if held >= self.limits.text:
+            raise StyxError(
+                f"too much text held open by this connection ({held} bytes, limit {self.limits.text}): clunk some files"
+            )
 
     def _dirread(self, f: Fid, offset: int, count: int) -> bytes:
         """Whole stat records, made as they are read: memory stays one entry per fid."""
@@ -474,6 +488,8 @@ class Session:
         if len(msg.data) > self._iounit():
             raise StyxError(ETOOLARGE)  # more than the iounit
         _check_offset(msg.offset)
+        if f.handle.snapshots:  # a command's answer is kept: checked before the command runs
+            self._text_room(f)
         return w.Rwrite(msg.tag, f.handle.write(msg.offset, msg.data))
 
     def _clunk_msg(self, msg: w.Tclunk) -> w.Msg:

@@ -66,6 +66,13 @@ class WouldBlock(Exception):
 class Handle:
     """An open file: what Topen/Tcreate return and Tread/Twrite/Tclunk act on."""
 
+    snapshots = False  # whether a read from the start, or a write, makes it keep text (`held` bytes)
+
+    @property
+    def held(self) -> int:
+        """Bytes this open file keeps between requests (a text snapshot, a command's answer)."""
+        return 0
+
     def read(self, offset: int, count: int) -> bytes:
         raise StyxError("file not open for reading")
 
@@ -271,10 +278,16 @@ class TextHandle(Handle):
     as Plan 9 ctl files do.
     """
 
+    snapshots = True
+
     def __init__(self, text: Callable[[], str] | str = "", on_write: Callable[[str], str | None] | None = None) -> None:
         self._text = text
         self._on_write = on_write
         self._snapshot: bytes | None = None
+
+    @property
+    def held(self) -> int:
+        return len(self._snapshot or b"") + (len(self._text) if isinstance(self._text, str) else 0)
 
     def read(self, offset: int, count: int) -> bytes:
         if self._snapshot is None or offset == 0:

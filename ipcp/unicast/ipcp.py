@@ -48,6 +48,10 @@ from transports.wire import Message, WireError
 
 log = logging.getLogger(__name__)
 DROPPED = RateLog(logger=log)  # forged LSUs: a neighbour can send them by the thousand
+# Handshakes refused: anyone reaching a member through the layer below fails one per flow it opens (a
+# line each, ~20 a second from one local user); the stats count them all.
+REFUSED = RateLog(rate=1.0, burst=5, logger=log)
+ENDED = RateLog(rate=2.0, burst=10, logger=log)  # flows their peers ended: one per flow a peer opens and closes
 
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
@@ -395,7 +399,7 @@ class UnicastIpcp(Ipcp):
         if peer is None:
             self.stats["handshake_auth" if adj.error and adj.error.code == m.EPERM else "handshake_failed"] += 1
             if adj.error is not None:
-                log.info("%s: refused an N-1 flow: %s", self.name, adj.error.text)
+                REFUSED.log("%s: refused an N-1 flow: %s", self.name, adj.error.text)
             af.close()
         elif peer.component == um.ENROLL:
             await self._enroll_peer(af, peer)
@@ -452,7 +456,7 @@ class UnicastIpcp(Ipcp):
             if self._key_of(peer.addr) != peer.pub:
                 # Before its LSUs bind its key, a live neighbour's links are still its own: not another key's.
                 self.stats["handshake_auth"] += 1
-                log.info("%s: refused %s for address %d: another member key holds it", self.name, comp, peer.addr)
+                REFUSED.log("%s: refused %s for address %d: another member key holds it", self.name, comp, peer.addr)
                 af.close()
                 return
             for c in others:  # the key the address is bound to takes it back from whoever linked first
@@ -767,7 +771,7 @@ class UnicastIpcp(Ipcp):
                     assert self.dt is not None
                     self.dt.command(self.dt.remove_flow, flow.eid)
                     why = "its lost path" if down else "its peer"
-                    log.info("%s: flow %d ended by %s", self.name, flow.flow_id, why)
+                    ENDED.log("%s: flow %d ended by %s", self.name, flow.flow_id, why)
                     self.flow_ended(flow.flow_id, down, flow.io)
 
     async def _fa_arrived(self, alloc: Alloc) -> None:

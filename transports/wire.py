@@ -326,4 +326,8 @@ def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
         raise TypeError(f"{where}: unsupported field type {hint!r}")
     if not check(value):
         raise WireError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
-    return float(value) if hint is float else value
+    if hint is float:
+        value = float(value)  # an int too wide for a float: OverflowError, a WireError in _message
+        if not math.isfinite(value):  # parse_constant refuses Infinity and NaN, but json reads 1e999 as inf
+            raise WireError(f"{where}: {value} is not a number the protocol carries")
+    return value

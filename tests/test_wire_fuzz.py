@@ -12,6 +12,7 @@ import random
 import pytest
 from fuzzing import cases, only_raises
 
+from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, to_xml
 from apps.netplumb import privsep as ps
 from apps.netplumb.policy import Account, Plan, Step
 from ipcp.unicast import messages as um
@@ -84,3 +85,19 @@ def test_bent_runner_messages_decode_or_raise_runner_error() -> None:
     rng = random.Random(211)
     for data in cases(212, RUNNER_MESSAGES, 4000):
         only_raises(ps.decode_from_runner, data, ps.RunnerError, rng.choice((0, 1, 4, 67)), PLAN)
+
+
+# -- exNodes (files users pass each other) ----------------------------------------------------------
+
+
+def _exnode_with_function(levels: int) -> bytes:
+    text = to_xml(ExNode("f", 50, "", [Mapping(0, 50, 0, 50, "ibp://d:6714/0#k/r/READ")])).decode()
+    fn = f'<exnode:function name="x">{"<a>" * levels}{"</a>" * levels}</exnode:function>'
+    return text.replace("</exnode:read>", "</exnode:read>" + fn).encode()
+
+
+def test_an_exnode_nested_deeper_than_its_bound_is_a_bad_exnode() -> None:
+    """A <function> nested 5000 deep (40 KB) parsed, then raised RecursionError when kept (ET.tostring)."""
+    assert from_xml(_exnode_with_function(8)).mappings[0].conditioning == "x"
+    with pytest.raises(BadExnode, match="nested"):
+        from_xml(_exnode_with_function(5000))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import struct
 
 import pytest
 from fuzzing import cases, only_raises
@@ -15,8 +16,12 @@ from fuzzing import cases, only_raises
 from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, to_xml
 from apps.netplumb import privsep as ps
 from apps.netplumb.policy import Account, Plan, Step
+from ipcp.unicast import auth
 from ipcp.unicast import messages as um
-from transports.wire import HEADER, MAGIC, VERSION, WireError
+from ipcp.unicast.routing import Lsdb
+from proto import messages as m
+from proto.qos import QosSpec
+from transports.wire import HEADER, ID_MASK, MAGIC, MAX_BODY, PACKED_VERSION, VERSION, Codec, WireError
 
 # -- the unicast layer's JSON codec: floats ------------------------------------------------------
 
@@ -101,3 +106,59 @@ def test_an_exnode_nested_deeper_than_its_bound_is_a_bad_exnode() -> None:
     assert from_xml(_exnode_with_function(8)).mappings[0].conditioning == "x"
     with pytest.raises(BadExnode, match="nested"):
         from_xml(_exnode_with_function(5000))
+
+
+# -- what a codec decodes encodes again ---------------------------------------------------------------
+
+
+def _padded(cls: type[um.Message], head: bytes, fill: bytes, tail: bytes, version: int = VERSION) -> bytes:
+    """A frame of `cls` whose body is head, `fill` repeated to MAX_BODY, tail."""
+    body = head + fill * ((MAX_BODY - len(head) - len(tail)) // len(fill)) + tail
+    return HEADER.pack(MAGIC, version, cls.TYPE, 0, len(body)) + body
+
+
+GROWING = {
+    # defaults left out and 1e15 (1000000000000000.0): Lsdb.receive raised WireError from its
+    # signature check (signed_part encodes), a WireError out of the IPCP's management loop
+    "lsu": _padded(um.Lsu, b'{"src":5,"seqno":1,"neighbours":[],"since":1e15,"key":"', b"ab", b'"}'),
+    # "qos":{} comes back as nine fields: the flow allocator's signature check did the same
+    "fa_req": _padded(um.FaReq, b'{"src":5,"s_eid":1,"qos":{},"hash":"', b"ab", b'"}'),
+    # non-ASCII text comes back as \u escapes, three times its UTF-8
+    "enroll": _padded(um.EnrollInfo, b'{"layer":"l","conf":{"k":"', "é".encode(), b'"}}'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROWING))
+def test_a_message_whose_encoding_outgrows_the_limit_is_a_wire_error(name: str) -> None:
+    with pytest.raises(WireError, match="encodes to"):
+        um.CODEC.decode(GROWING[name])
+
+
+def test_the_lsu_that_outgrew_the_limit_no_longer_reaches_the_lsdb() -> None:
+    """What the old decoder returned for GROWING["lsu"] raised WireError in Lsdb.receive, whose
+    contract is auth.Forged; any LSU decoded now is signed-checked without raising anything else."""
+    lsu = um.Lsu(5, 1, [], since=1e15, key=b"\xab" * ((MAX_BODY - 200) // 2))
+    assert len(um.CODEC.encode(lsu)) <= HEADER.size + MAX_BODY
+    with pytest.raises(auth.Forged):
+        Lsdb(1).receive(lsu, 0.0)
+
+
+def test_the_irmd_codec_refuses_a_body_whose_encoding_outgrows_the_limit() -> None:
+    # FlowAlloc at MAX_BODY with its timeout a float32, which comes back as a float64 (4 bytes more)
+    tail = b"\xa3qos\x80\xa7timeout\xca" + struct.pack(">f", 1.5)
+    name = b"n" * (MAX_BODY - 9 - len(tail))
+    body = b"\x83\xa4name\xda" + len(name).to_bytes(2, "big") + name + tail
+    frame = HEADER.pack(MAGIC, PACKED_VERSION, m.FlowAlloc.TYPE, 1, len(body)) + body
+    assert len(body) <= MAX_BODY
+    with pytest.raises(WireError, match="encodes to"):
+        m.CODEC.decode(frame)
+
+
+@pytest.mark.parametrize("codec", [um.CODEC, m.CODEC], ids=["unicast", "irmd"])
+def test_bent_big_frames_decode_to_messages_that_encode_again(codec: Codec) -> None:
+    corpus = [*GROWING.values(), um.CODEC.encode(um.Lsu(5, 1, [2, 3], "n", 1.0, b"k" * 20000))]
+    corpus += [m.CODEC.encode(m.FlowAlloc("é" * 9000, QosSpec()))]
+    for data in cases(221, corpus, 300):
+        frame = only_raises(codec.decode, data, WireError)
+        if frame is not None:
+            codec.encode(frame.msg, frame.req_id & ID_MASK)  # raises nothing, WireError included

@@ -9,13 +9,16 @@ import json
 import math
 import random
 import struct
+import tracemalloc
 
 import pytest
 from fuzzing import cases, only_raises
 
 from apps.ibp.exnode import BadExnode, ExNode, Mapping, from_xml, to_xml
 from apps.netplumb import privsep as ps
+from apps.netplumb.messages import MAX_RECIPE
 from apps.netplumb.policy import Account, Plan, Step
+from apps.netplumb.recipe import RecipeError, parse_recipe
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
 from ipcp.unicast.routing import Lsdb
@@ -162,3 +165,27 @@ def test_bent_big_frames_decode_to_messages_that_encode_again(codec: Codec) -> N
         frame = only_raises(codec.decode, data, WireError)
         if frame is not None:
             codec.encode(frame.msg, frame.req_id & ID_MASK)  # raises nothing, WireError included
+
+
+# -- netplumb recipes (a client's START, parsed by netplumbd as root) -----------------------------
+
+
+@pytest.mark.parametrize("line", ["a|", "a;", "a&", "x: a 2>f |"])
+def test_a_recipe_over_its_command_bound_is_refused_before_it_is_built(line: str) -> None:
+    """The bound was checked once a line, after the whole line was tokenized: one 64 KiB line of
+    'a|' took 16 MB (a token and a command each) before the refusal. Now it stops at command 257."""
+    text = line * (MAX_RECIPE // len(line))
+    tracemalloc.start()
+    try:
+        with pytest.raises(RecipeError, match="more than"):
+            parse_recipe(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_bent_recipes_parse_or_raise_recipe_error() -> None:
+    corpus = [b'x: a \'q w\' "e\\"r" >f 2>&1 | b <in &\ny: c >%x; d 2>>log # c', b"a|b|c\nd >>o 2>%e\ne: f"]
+    for data in cases(231, corpus, 3000):
+        only_raises(parse_recipe, data.decode("utf-8", "replace"), RecipeError)

@@ -71,6 +71,12 @@ class Codec:
     each field checked in Python (the unicast layer's messages between hosts)."""
 
     version: ClassVar[int] = VERSION
+    # A message taken is encoded again (forwarded; signed, as a signature covers its encoding), and
+    # its encoding can outgrow the bytes it came in: defaults filled in, non-ASCII text as \u escapes
+    # (3 times), 1e15 as 1000000000000000.0. A body longer than this is encoded once more as it is
+    # decoded, and refused if that exceeds MAX_BODY: encode never fails on a message decode returned.
+    # JSON grows at most about 3 times, so a quarter of MAX_BODY spares small bodies the ~35 us.
+    reencode_above: ClassVar[int] = MAX_BODY // 4
 
     def __init__(self) -> None:
         self._types: dict[int, type[Message]] = {}
@@ -106,7 +112,10 @@ class Codec:
         cls = self._types.get(code)
         if cls is None:
             raise WireError(f"unknown message type {code}")
-        return Frame(req_id, self._message(cls, memoryview(frame)[HEADER.size :]))
+        msg = self._message(cls, memoryview(frame)[HEADER.size :])
+        if length > self.reencode_above and len(body := self._body(msg)) > MAX_BODY:
+            raise WireError(f"{cls.__name__}: encodes to {len(body)} bytes, over {MAX_BODY}")
+        return Frame(req_id, msg)
 
     # -- the body: JSON ------------------------------------------------------
 
@@ -215,6 +224,7 @@ class PackedCodec(Codec):
     control protocol: a JSON body costs it ~40 us to check in Python, this one a few."""
 
     version: ClassVar[int] = PACKED_VERSION
+    reencode_above: ClassVar[int] = 0  # a list of records sent as [{}, {}, ...] grows without bound; ~1 us
 
     def __init__(self) -> None:
         self._shapes: dict[type[Message], _Shape] = {}
@@ -326,4 +336,8 @@ def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
         raise TypeError(f"{where}: unsupported field type {hint!r}")
     if not check(value):
         raise WireError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
-    return float(value) if hint is float else value
+    if hint is float:
+        value = float(value)  # an int too wide for a float: OverflowError, a WireError in _message
+        if not math.isfinite(value):  # parse_constant refuses Infinity and NaN, but json reads 1e999 as inf
+            raise WireError(f"{where}: {value} is not a number the protocol carries")
+    return value

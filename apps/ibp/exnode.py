@@ -17,6 +17,7 @@ VERSION = "3.0"
 LORS_VERSION = "0.820000"
 MAX_XML = 16 * 1024 * 1024  # bytes of exNode we agree to parse
 MAX_MAPPINGS = 100_000
+MAX_DEPTH = 64  # elements nested in an exNode at most (LoRS nests a few functions): ET.tostring recurses per level
 _INT_FIELDS = ("exnode_offset", "logical_length", "alloc_offset", "alloc_length")
 
 
@@ -178,6 +179,16 @@ def _nonneg(meta: dict[str, str], name: str, where: str) -> int:
     return int(text)
 
 
+def _depth(root: ET.Element) -> int:
+    """How deep elements nest under `root` (itself 1), found without recursion."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        el, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in el)
+    return deepest
+
+
 def from_xml(data: bytes) -> ExNode:
     """Parse an exNode strictly: no DTDs or entities, bounded size, every mapping checked."""
     if len(data) > MAX_XML:
@@ -195,6 +206,8 @@ def from_xml(data: bytes) -> ExNode:
         root = ET.fromstring(text)  # text: its encoding declaration is not followed
     except ET.ParseError as e:
         raise BadExnode(f"not XML: {e}") from None
+    if _depth(root) > MAX_DEPTH:  # deeper, keeping a <function> (ET.tostring) raised RecursionError
+        raise BadExnode(f"exNode elements nested more than {MAX_DEPTH} deep")
     if root.tag not in ("exnode", _q("exnode")):
         raise BadExnode(f"root element is {root.tag!r}, not exnode")
     if NS not in text:  # LoRS's reader too wants its namespace declared (xmlSearchNsByHref)

@@ -129,7 +129,7 @@ def decode_from_runner(data: bytes, nfds: int, plan: Plan) -> FromRunner:
     """One message of the runner, checked against the plan: known shape, bounded values, the right fds."""
     try:
         body = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested ~1000 deep fit in MAX_MESSAGE
         raise RunnerError("a message that is not JSON") from None
     if not isinstance(body, dict):
         raise RunnerError("a message that is not an object")

@@ -980,3 +980,20 @@ def test_requests_of_a_local_client_gone_at_once_are_not_made_as_root(
         assert after[f"uid:{os.geteuid()}"] == before[f"uid:{os.geteuid()}"], after
         assert after["tcp:127.0.0.1"] >= 1, after  # served, as a client the stack cannot name
         assert depot.served() < LEGIT_WAIT
+
+
+@pytest.mark.timeout(30)
+def test_a_request_line_not_ended_in_time_is_answered_before_the_close(tmp_path: Path) -> None:
+    """A line begun and not ended within --request-timeout (a client that left out its newline) is
+    told so, -21, before the connection closes, as L-Store's read_command answers a line its wait
+    ended in (server_lib.c); it was closed without a word. A connection silent from the start is
+    closed without one, as there."""
+    lim = Limits(request_timeout=1, idle_timeout=1, client_share=1.0)
+    server = srv.DepotServer(core(tmp_path, lim=lim), "d", limits=lim)
+    with serving(server) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"1 4 5 10")  # no newline
+            reply = s.makefile("rb").read()  # up to the close
+            assert reply.startswith(b"-21 ") and reply.endswith(b"\n") and reply.count(b"\n") == 1, reply
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert s.recv(100) == b""  # idle: closed, nothing said

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -381,3 +382,57 @@ def test_lors_upload_takes_block_sizes_as_lors_reads_them(given: str, bs: int) -
     args = exnode_cli.lors_parser("upload").parse_args(["f.bin", "-b", given])
     assert args.bs == bs
     assert exnode_cli.lors_parser("upload").parse_args(["f.bin", "-bs", given]).bs == bs
+
+
+def lors_modify(*args: str, cwd: Path, home: Path, stdout: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """lors_modify as its console script runs it (the script is made when the package is installed)."""
+    cmd = [sys.executable, "-c", "from apps.ibp.exnode_cli import lors_modify; lors_modify()", *args]
+    env = dict(os.environ, HOME=str(home))
+    if stdout is None:
+        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, timeout=60)
+    with open(stdout, "wb") as out:
+        return subprocess.run(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.PIPE, timeout=60)
+
+
+def test_lors_modify_hands_on_an_exnode_without_its_manage_or_write_capabilities(tmp_path: Path) -> None:
+    """LoRS's lors_modify (cmdtools/lors_modify.c, lors_file.c lorsModifyFile): the exNode without the
+    manage capabilities (always: its options add to those), -w without the write ones too; to stdout
+    unless -o FILE or -f (in place), as LoRS's other tools. It was no tool here."""
+    home, work = dirs(tmp_path)
+    cap = "ibp://127.0.0.1:6714/0#k{0}/{1}/{2}"
+    ex = ExNode(
+        "f.bin",
+        20,
+        mappings=[
+            Mapping(
+                off,
+                10,
+                0,
+                10,
+                cap.format(off, "r", "READ"),
+                cap.format(off, "w", "WRITE"),
+                cap.format(off, "m", "MANAGE"),
+            )
+            for off in (0, 10)
+        ],
+    )
+    (work / "f.xnd").write_bytes(to_xml(ex))
+
+    r = lors_modify("-w", "f.xnd", cwd=work, home=home, stdout=work / "ro.xnd")
+    assert r.returncode == 0, r.stderr
+    ro = from_xml((work / "ro.xnd").read_bytes())
+    assert [(m.read, m.write, m.manage) for m in ro.mappings] == [(m.read, "", "") for m in ex.mappings]
+    assert from_xml((work / "f.xnd").read_bytes()) == ex  # the owner's exNode is left as it was
+
+    r = lors_modify("f.xnd", "-o", "nm.xnd", cwd=work, home=home)
+    assert r.returncode == 0 and r.stdout == b"", r.stderr
+    assert [(m.write, m.manage) for m in from_xml((work / "nm.xnd").read_bytes()).mappings] == [
+        (m.write, "") for m in ex.mappings
+    ]
+    assert (work / "nm.xnd").stat().st_mode & 0o777 == 0o600  # it still holds capabilities
+
+    r = lors_modify("-m", "-f", "f.xnd", cwd=work, home=home)
+    assert r.returncode == 0 and all(not m.manage for m in from_xml((work / "f.xnd").read_bytes()).mappings)
+
+    r = lors_modify("-r", "nm.xnd", "-o", "none.xnd", cwd=work, home=home)  # no read capability: none is read here
+    assert r.returncode == 2 and b"-r" in r.stderr and not (work / "none.xnd").exists()

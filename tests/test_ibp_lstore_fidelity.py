@@ -350,15 +350,66 @@ def test_a_key_of_lstores_form_unknown_here_is_cap_not_found(lstore: LStore) -> 
 
 
 # 11. A command number L-Store's depot has no handler for is -43 (server_lib.c read_command: out of
-#     its table, or a slot no add_command filled); one it has and we do not serve stays -25.
+#     its table, or a slot no add_command filled); one it has and we do not serve stays -25. Its
+#     private commands 90-99 (install_commands.c, INTERNAL_* of ibp_server.h) have handlers, open to
+#     anyone by its default ACL; 100 (INTERNAL_SEND) has none.
 
 
-@pytest.mark.parametrize("cmd", [-5, 0, 3, 7, 10, 12, 37, 90, 101, 2**40])
+@pytest.mark.parametrize("cmd", [-5, 0, 3, 7, 10, 12, 37, 89, 100, 101, 2**40])
 def test_a_command_lstore_does_not_know_is_an_unknown_function(lstore: LStore, cmd: int) -> None:  # noqa: F811
     assert ask(lstore, "1 %d 0 1 2 3 10\n" % cmd) == w.IBP_E_UNKNOWN_FUNCTION
     assert ask(lstore, "1 16 0#k t 10\n") == w.IBP_E_INVALID_CMD  # IBP_RENAME: L-Store's, not served
     rcap, _, _ = new(lstore, 100, b"served")
     assert lstore.load(rcap, 0, 6) == (IBP_OK, b"served")
+
+
+def test_lstores_admin_tools_and_depot_statistics_are_its_commands_not_served(lstore: LStore) -> None:  # noqa: F811
+    """The lines of L-Store's depot tools (src/ibp-server/bin: get_config, get_corrupt, ibp_rescan,
+    ibp_rid_mode, date_spacefree, expire_list, ibp_undelete) and its ST_STATS sub-command (read_status):
+    commands its depot serves, so -25 here as its other commands we do not serve, not -43 or -21."""
+    for line in (
+        "1 94 10\n",  # get_config
+        "1 93 0 10\n",  # get_corrupt
+        "1 95 0 10\n",  # ibp_rescan
+        "1 90 0 1 10\n",  # ibp_rid_mode
+        "1 98 0 1048576 10\n",  # date_spacefree
+        "1 97 0 1 0 10 10\n",  # expire_list
+        "1 96 0 0 1 3600 10\n",  # ibp_undelete
+        "1 4 0 4 1000 10\n",  # ST_STATS with a RID and a start time
+        "1 4 4 10\n",  # ST_STATS as read_status reads four fields
+        "0 4 4 1000 10\n",  # IBPv031's
+    ):
+        assert ask(lstore, line) == w.IBP_E_INVALID_CMD, line
+    rcap, _, _ = new(lstore, 100, b"served")  # the connection goes on
+    assert lstore.load(rcap, 0, 6) == (IBP_OK, b"served")
+
+
+def test_the_data_behind_lstores_vectored_and_checksummed_writes_is_never_read_as_a_request(
+    lstore: LStore,  # noqa: F811
+) -> None:
+    """L-Store's client coalesces writes to one capability into an IBP_VEC_WRITE (config.c
+    ibp_rw_coalesce, op_cmd.c vec_write_command) and checksums them on request (IBP_WRITE_CHKSUM,
+    IBP_STORE_CHKSUM, IBP_VEC_WRITE_CHKSUM), each with its data right behind the line (write_send).
+    We serve none of them (-25), and the connection ends there: the data is no request (here a block
+    that reads as ST_VERSION, which the depot answered)."""
+    _, wcap, _ = new(lstore, 100)
+    data = "%d %d %d %d\n" % (IBPv040, 4, 5, 10)
+    n = len(data)
+    k = keys(wcap)
+    for line in (
+        "%d %d %s %d %d %d %d %d %d\n" % (IBPv040, 33, k, 2, 0, n - 4, n - 4, 4, 10),  # IBP_VEC_WRITE
+        "%d %d %d %d %s %d %d %d\n" % (IBPv040, 27, 1, 65536, k, 0, n, 10),  # IBP_WRITE_CHKSUM
+        "%d %d %d %d %s %d %d\n" % (IBPv040, 28, 1, 65536, k, n, 10),  # IBP_STORE_CHKSUM (append_command)
+        "%d %d %d %d %s %d %d %d %d\n" % (IBPv040, 34, 1, 65536, k, 1, 0, n, 10),  # IBP_VEC_WRITE_CHKSUM
+    ):
+        c = LStore(lstore.sock.getpeername()[1])
+        try:
+            c.send_command(line + data)
+            assert atoi(c.readline().split(" ")[0]) == w.IBP_E_INVALID_CMD, line
+            assert c.f.read(1) == b"", line  # closed: the data is not answered as ST_VERSION
+        finally:
+            c.close()
+    assert lstore.store(wcap, data.encode()) == (IBP_OK, n)
 
 
 # 12. read_write: a WRITE's negative offset is -18 (IBP_E_FILE_SEEK_ERROR), before anything is looked up.

@@ -146,7 +146,9 @@ def test_inq_line_is_what_l_store_reads_and_ours_after_re() -> None:
     [
         (b"2 1 0 1 1 10 10 5\n", w.IBP_E_PROT_VERS),  # neither IBPv031 nor IBPv040
         (b"0 1 0 1 1 10 10 5\n", w.IBP_E_BAD_FORMAT),  # IBPv031's ALLOCATE names no resource
-        (b"1 99 x\n", w.IBP_E_UNKNOWN_FUNCTION),  # no such command: -43, as L-Store
+        (b"1 100 x\n", w.IBP_E_UNKNOWN_FUNCTION),  # no such command: -43, as L-Store
+        (b"1 99 x\n", w.IBP_E_INVALID_CMD),  # L-Store's INTERNAL_GET_ALLOC: its, not served
+        (b"1 4 0 4 1000 10\n", w.IBP_E_INVALID_CMD),  # L-Store's ST_STATS: not served
         (b"1 3 a b\n", w.IBP_E_UNKNOWN_FUNCTION),  # DELIVER: L-Store has no handler either
         (b"1 16 a b\n", w.IBP_E_INVALID_CMD),  # RENAME: L-Store's, not served
         (b"1 1 0 1 1 10 10\n", w.IBP_E_BAD_FORMAT),  # a field short
@@ -266,3 +268,20 @@ def test_keys_compare_in_constant_time_helper() -> None:
     assert not keys_equal(k, k[:-1])
     assert not keys_equal(k, "X" + k)
     assert not keys_equal(k, "é")
+
+
+@pytest.mark.parametrize(
+    ("line", "closes"),
+    [
+        (b"1 33 0#k t 2 0 5 5 4 10\n", True),  # IBP_VEC_WRITE: L-Store's coalesced writes, data behind
+        (b"1 27 1 65536 0#k t 0 9 10\n", True),  # IBP_WRITE_CHKSUM
+        (b"1 28 1 65536 0#k t 9 10\n", True),  # IBP_STORE_CHKSUM
+        (b"1 34 1 65536 0#k t 1 0 9 10\n", True),  # IBP_VEC_WRITE_CHKSUM
+        (b"1 35 0#k t 1 0 9 10\n", False),  # IBP_VEC_READ: nothing follows its line
+        (b"1 16 0#k t 10\n", False),  # IBP_RENAME
+    ],
+)
+def test_lstores_writes_we_do_not_serve_close_the_connection(line: bytes, closes: bool) -> None:
+    with pytest.raises(w.BadRequest) as e:
+        w.parse_request(line)
+    assert (e.value.status, e.value.closes) == (w.IBP_E_INVALID_CMD, closes)

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -30,7 +30,7 @@ from proto.version import text as version_text
 
 log = logging.getLogger("exnode")
 T = TypeVar("T")
-TOOLS = ("upload", "download", "ls", "refresh", "augment", "trim")
+TOOLS = ("upload", "download", "ls", "refresh", "augment", "trim", "modify")
 # LoRS's defaults (its tutorial and lors_upload): 5 MB blocks, one copy, one day, HARD allocations.
 BLOCK = "5M"
 COPIES = 1
@@ -492,6 +492,19 @@ def trim(args: argparse.Namespace) -> int:
     return 0
 
 
+def modify(args: argparse.Namespace) -> int:
+    """LoRS's lors_modify: each exNode without the capabilities named, the manage ones always (as
+    LoRS's, whose options add to those), so that it can be handed on with fewer rights than its
+    owner's: one without the write capabilities lets its reader read only."""
+    removed = "manage and write" if args.write_cap else "manage"
+    found, worst = readable(args.xnd)
+    for xnd, ex in found:
+        kept = [replace(m, write="" if args.write_cap else m.write, manage="") for m in ex.mappings]
+        where = write_exnode(replace(ex, mappings=kept), destination(args, str(xnd)))
+        log.info("removed the %s capabilities of %d mappings: %s", removed, len(ex.mappings), where)
+    return worst
+
+
 RUN: dict[str, Callable[[argparse.Namespace], int]] = {
     "upload": upload,
     "download": download,
@@ -499,6 +512,7 @@ RUN: dict[str, Callable[[argparse.Namespace], int]] = {
     "refresh": refresh,
     "augment": augment,
     "trim": trim,
+    "modify": modify,
 }
 
 
@@ -731,6 +745,15 @@ def add_tool(
             _not_here(p, "new replicas in other blocks", "-F", "--fragments", value=True)
             _not_here(p, "augmenting part of a file", "-O", "--offset", value=True)
             _not_here(p, "augmenting part of a file", "-L", "--length", value=True)
+    elif tool == "modify":
+        p = add("modify", help="remove capabilities from exNodes: the manage ones, with -w the write ones too")
+        p.add_argument("xnd", type=Path, nargs="+")
+        p.add_argument(
+            "-m", "--manage-cap", action="store_true", help="remove the manage capabilities (always done, as LoRS's)"
+        )
+        p.add_argument("-w", "--write-cap", action="store_true", help="remove the write capabilities too")
+        _not_here(p, "an exNode without read capabilities (none is read here)", "-r", "--read-cap")
+        _output(p, "XND itself", lors_names)
     else:
         p = add("trim", help="drop mappings (on depots, by number, or the unavailable ones)")
         if lors_names:  # LoRS's: lors_trim [-m] XND [N …]
@@ -823,6 +846,7 @@ lors_ls = functools.partial(lors_main, "ls")
 lors_refresh = functools.partial(lors_main, "refresh")
 lors_augment = functools.partial(lors_main, "augment")
 lors_trim = functools.partial(lors_main, "trim")
+lors_modify = functools.partial(lors_main, "modify")
 
 
 if __name__ == "__main__":

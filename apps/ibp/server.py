@@ -239,7 +239,13 @@ class DepotServer:
                     if not self._await_request(stream, ticket):
                         return
                     line = stream.readline(w.MAX_LINE, lim.idle_timeout, lim.request_timeout)
-                except (StreamClosed, StreamTimeout, FlowError, OSError):
+                except StreamTimeout:
+                    if stream.pending:  # a line begun and not ended in time: said, as L-Store's read_command
+                        with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):
+                            why = f"request line not ended within {lim.request_timeout:g} s"
+                            stream.send(w.format_refusal(w.IBP_E_BAD_FORMAT, why))
+                    return
+                except (StreamClosed, FlowError, OSError):
                     return
                 except ValueError:
                     with contextlib.suppress(StreamClosed, StreamTimeout, FlowError, OSError):

@@ -37,11 +37,26 @@ IBP_MERGE_ALLOCATE = 19
 IBP_PUSH = 20  # L-Store's depot-to-depot copies: PUSH sends local bytes, PULL fetches remote ones
 IBP_PULL = 21
 IBP_PUSH_CHKSUM = 22
+IBP_WRITE_CHKSUM = 27  # 27, 28, 33 and 34 carry data behind their line, as STORE and WRITE do
+IBP_STORE_CHKSUM = 28
+IBP_VEC_WRITE = 33  # what L-Store's client sends for writes to one capability it coalesced
+IBP_VEC_WRITE_CHKSUM = 34
 IBP_VEC_READ_CHKSUM = 36
+# L-Store's depot's private commands (ibp_server.h INTERNAL_*, 90-99): its admin tools get_config,
+# get_corrupt, ibp_rescan, ibp_rid_mode ... send them, and its default ACL ("open") lets anyone in.
+INTERNAL_RID_SET_MODE = 90
+INTERNAL_GET_ALLOC = 99
 # Commands L-Store's depot has and ours does not serve: -25. Any other number is -43, as L-Store's
 # read_command answers a command without a handler.
-UNSERVED = (frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) - {IBP_PHOEBUS_SEND}) | frozenset(
-    range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1)
+UNSERVED = (
+    (frozenset(range(IBP_ALIAS_ALLOCATE, IBP_PUSH)) - {IBP_PHOEBUS_SEND})
+    | frozenset(range(IBP_PUSH_CHKSUM, IBP_VEC_READ_CHKSUM + 1))
+    | frozenset(range(INTERNAL_RID_SET_MODE, INTERNAL_GET_ALLOC + 1))
+)
+# Commands whose client sends bytes right behind the line without waiting for a reply (L-Store's
+# write_send): once such a line is refused, nothing more on the connection can be read as requests.
+CARRIES_DATA = frozenset(
+    (IBP_STORE, IBP_WRITE, IBP_WRITE_CHKSUM, IBP_STORE_CHKSUM, IBP_VEC_WRITE, IBP_VEC_WRITE_CHKSUM)
 )
 
 # PUSH/PULL connection types (L-Store): plain TCP, or through Phoebus gateways (not served).
@@ -59,6 +74,7 @@ IBP_TRUNCATE = 45  # L-Store: a new maximum size, cutting the data back to it
 IBP_ST_INQ = 1
 IBP_ST_CHANGE = 2
 IBP_ST_RES = 3
+IBP_ST_STATS = 4  # L-Store's depot statistics since a time ("not standard IBP"): not served, -25
 IBP_ST_VERSION = 5
 
 # Capability types (MANAGE's captype).
@@ -602,10 +618,11 @@ def more_follows(req: Request) -> bool:
 
 
 def _carries_data(line: bytes) -> bool:
-    """Whether `line` is a STORE or WRITE request, parsed or not: bytes may follow it unasked (L-Store's
+    """Whether `line` is a request that carries data (STORE, WRITE, or one of L-Store's vectored or
+    checksummed writes, which we refuse), parsed or not: bytes may follow it unasked (L-Store's
     clients send the data right behind the line), so after refusing it nothing more can be read."""
     toks = line.split(maxsplit=2)
-    return len(toks) >= 2 and toks[1].isdigit() and len(toks[1]) <= 20 and int(toks[1]) in (IBP_STORE, IBP_WRITE)
+    return len(toks) >= 2 and toks[1].isdigit() and len(toks[1]) <= 20 and int(toks[1]) in CARRIES_DATA
 
 
 def _parse_transfer(pull: bool, a: list[str]) -> Transfer:
@@ -723,6 +740,7 @@ def _parse_status(a: list[str]) -> Status:
     # As L-Store's read_status: the number of fields tells the forms apart.
     if len(a) == 2:  # STATUS subcmd timeout: ST_RES or ST_VERSION, without a RID
         sub = _int(a[0], "status sub-command", -MAX_INT, MAX_INT)
+        _not_stats(sub)
         if sub not in (IBP_ST_RES, IBP_ST_VERSION):
             raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")
         return Status("", sub, "", _timeout(a[1]))
@@ -730,6 +748,7 @@ def _parse_status(a: list[str]) -> Status:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected STATUS rid subcmd password ... timeout")
     rid = _word(a[0], "rid")
     sub = _int(a[1], "status sub-command", -MAX_INT, MAX_INT)
+    _not_stats(sub)
     password = a[2]
     if not _PASSWORD_RE.fullmatch(password):
         raise BadRequest(IBP_E_WRONG_CAP_FORMAT, "malformed password")
@@ -744,12 +763,20 @@ def _parse_status(a: list[str]) -> Status:
     raise BadRequest(IBP_E_BAD_FORMAT, f"unknown STATUS sub-command {sub}")  # L-Store's read_status: -21
 
 
+def _not_stats(sub: int) -> None:
+    """ST_STATS is a sub-command L-Store's depot serves (read_status) and ours does not: -25, as its
+    commands we do not serve, not the -21 of one no depot knows."""
+    if sub == IBP_ST_STATS:
+        raise BadRequest(IBP_E_INVALID_CMD, "STATUS ST_STATS (L-Store's depot statistics) is not served here")
+
+
 def _parse_status_v031(a: list[str]) -> Status:
     """IBPv031's STATUS, as L-Store's read_status takes it: the sub-command first, no RID. Its
     ST_CHANGE is refused and the connection closed there, as L-Store refuses every ST_CHANGE."""
     if not a:
         raise BadRequest(IBP_E_BAD_FORMAT, "expected STATUS subcmd ... timeout")
     sub = _int(a[0], "status sub-command", -MAX_INT, MAX_INT)
+    _not_stats(sub)
     if sub in (IBP_ST_RES, IBP_ST_VERSION):
         _want(a, 2, "STATUS subcmd timeout")
         return Status("", sub, "", _timeout(a[1]), version=IBPv031)

@@ -270,9 +270,10 @@ def name_unregister(args: list[str]) -> Message:
 
 
 def name_list(args: list[str]) -> Message:
-    """`irm name list [PREFIX]` as ouroboros(8) has it; 0.23's irm takes `irm name list list PREFIX`."""
+    """`irm name list [PREFIX]` as ouroboros(8) has it; 0.23's irm takes `irm name list list PREFIX`.
+    A lone word that abbreviates `list` is that keyword without its value, so every name, as there."""
     if len(args) == 1:
-        return m.NameList(prefix=args[0])
+        return m.NameList(prefix="" if args[0] and "list".startswith(args[0]) else args[0])
     return m.NameList(prefix=parse_words(args, ["list"]).one("list"))
 
 
@@ -443,6 +444,7 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
             if _no_such_ipcp(channel, msg, timeout):
                 return 0
             reply = request_all(channel, msg, timeout=timeout)
+            names_exist = _names_exist(channel, msg, reply, timeout)
         finally:
             channel.close()
     except FlowError as e:
@@ -451,9 +453,12 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
     if want_json:
         out.write(as_json(msg, reply))
     elif isinstance(reply, m.Table):
-        # A name list's prefix that matches nothing is an empty table, not "no names" (as 0.23's irm).
-        matched_none = isinstance(msg, m.NameList) and bool(msg.prefix)
-        out.write(render(reply, None if matched_none else EMPTY.get(type(msg), "(none)")) + "\n")
+        # A name list's prefix that matches nothing is an empty table, not "no names", unless there
+        # are no names at all (0.23's irm filters what it lists: it says so before any filter).
+        matched_none = isinstance(msg, m.NameList) and bool(msg.prefix) and names_exist
+        said_none = not reply.rows and not matched_none and type(msg) in EMPTY
+        # 0.23's irm follows "No IPCPs in system." (and names) with an empty line
+        out.write(render(reply, None if matched_none else EMPTY.get(type(msg), "(none)")) + "\n" * (1 + said_none))
     elif isinstance(reply, m.Text):
         out.write(reply.text)
     elif isinstance(reply, m.IpcpInfo):
@@ -462,16 +467,28 @@ def _run(argv: list[str], out: TextIO, err: TextIO, sock: Path | None, timeout: 
     return 0
 
 
+def _names_exist(channel: SyncChannel, msg: Message, reply: Message, timeout: float) -> bool:
+    """Whether the IRMd has any name, asked only when a name list's prefix matched none."""
+    if not (isinstance(msg, m.NameList) and msg.prefix and isinstance(reply, m.Table) and not reply.rows):
+        return True
+    every = request_all(channel, m.NameList(), timeout=timeout)
+    return not isinstance(every, m.Table) or bool(every.rows)
+
+
 def _no_such_ipcp(channel: SyncChannel, msg: Message, timeout: float) -> bool:
     """Whether `msg` destroys or unbinds an IPCP that is not there, while others are: 0.23's irm finds
     the IPCP among those it lists and, finding none of that name, does nothing and exits 0 (a teardown
-    script run twice goes on). With no IPCP at all, the IRMd's refusal stands (0.23 exits 1 too)."""
-    if not (isinstance(msg, m.IpcpDestroy) or (isinstance(msg, m.Bind) and msg.kind == "ipcp" and not msg.bind)):
+    script run twice goes on). With no IPCP at all, a destroy's refusal stands (0.23 exits 1 too),
+    while an unbind from a name still exits 0, as there."""
+    if isinstance(msg, m.IpcpDestroy):
+        name, from_a_name = msg.name, False
+    elif isinstance(msg, m.Bind) and msg.kind == "ipcp" and not msg.bind:
+        name, from_a_name = msg.target, bool(msg.name)
+    else:
         return False
-    name = msg.name if isinstance(msg, m.IpcpDestroy) else msg.target
     ipcps = request_all(channel, m.IpcpList(), timeout=timeout)
     rows = ipcps.rows if isinstance(ipcps, m.Table) else []
-    return bool(rows) and all(row.get("name") != name for row in rows)
+    return (bool(rows) or from_a_name) and all(row.get("name") != name for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -144,12 +144,14 @@ def test_a_command_missing_what_it_needs_prints_its_usage(irmd: IrmdProc) -> Non
 
 
 def test_empty_tables_say_so_as_ouroboros_does(irmd: IrmdProc) -> None:
+    """Word for word, with the empty line 0.23's irm prints after it."""
     for args, says in (
-        (("ipcp", "list"), "No IPCPs in system."),
-        (("name", "list"), "No names in system."),
-        (("flow", "list"), "No flows in system."),
+        (("ipcp", "list"), "No IPCPs in system.\n\n"),
+        (("name", "list"), "No names in system.\n\n"),
+        (("name", "list", "list", "absent"), "No names in system.\n\n"),  # no names at all: before any filter
+        (("flow", "list"), "No flows in system.\n\n"),
     ):
-        assert irmd.irm_ok(*args).stdout.strip() == says
+        assert irmd.irm_ok(*args).stdout == says, args
 
 
 def test_a_name_list_prefix_that_matches_nothing_is_an_empty_table(irmd: IrmdProc) -> None:
@@ -157,6 +159,13 @@ def test_a_name_list_prefix_that_matches_nothing_is_an_empty_table(irmd: IrmdPro
     out = irmd.irm_ok("name", "list", "absent").stdout
     assert "No names" not in out and out.splitlines()[1].split("|")[1].strip() == "name"
     assert parse_table(out) == []
+
+
+@pytest.mark.parametrize("word", ["list", "l", "li"])
+def test_name_list_list_without_a_value_lists_every_name_as_0_23(irmd: IrmdProc, word: str) -> None:
+    """0.23's irm takes a lone word that abbreviates `list` for the keyword, with no filter."""
+    irmd.irm_ok("name", "create", "present")
+    assert [r["name"] for r in irmd.table("name", "list", word)] == ["present"]
 
 
 def test_a_registration_refused_for_a_missing_layer_leaves_no_name_behind(irmd: IrmdProc) -> None:
@@ -194,6 +203,8 @@ def test_removing_what_is_not_there_exits_as_0_23s_irm(irmd: IrmdProc) -> None:
     What is refused there stays refused: no IPCP at all, a name that does not exist."""
     r = irmd.irm("ipcp", "destroy", "name", "ghost")
     assert r.returncode == 1 and "ipcp 'ghost' not found" in r.stderr  # no IPCP at all
+    r = irmd.irm("unbind", "ipcp", "ghost", "name", "foo")  # 0.23 looks it up among none: nothing to do
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     irmd.irm_ok("ipcp", "bootstrap", "name", "lo", "layer", "loc", "type", "local")
     irmd.irm_ok("name", "create", "foo")
     for words in (

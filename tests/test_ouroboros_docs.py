@@ -120,7 +120,7 @@ def test_ouroboros_tutorial_7_pings_over_eth_llc_on_lo(tmp_path: Path) -> None:
         ):
             r = typed(irmd, inside, line)
             assert r.returncode == 1 and hint in r.stderr, r.stderr
-        assert irmd.irm_ok("ipcp", "list").stdout == "No IPCPs in system.\n"
+        assert irmd.irm_ok("ipcp", "list").stdout == "No IPCPs in system.\n\n"
 
         ok(
             irmd,

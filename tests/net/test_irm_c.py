@@ -1,0 +1,69 @@
+"""irm beside C Ouroboros 0.23's: the same commands against a C irmd and ours, the same answers.
+
+What is compared is what a script reads: the exit status and stdout (where ours adds a line of its
+own on stderr, 0.23's says nothing or prints the usage alone). The differences docs/irm.md lists
+are left out. Each C irmd runs in a network and mount namespace of its own (bench/cstack.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import IrmdProc
+
+from bench import cstack, netns
+
+# In order: each runs after the ones before it, on both sides.
+CATALOGUE: list[tuple[str, ...]] = [
+    ("ipcp", "list"),
+    ("name", "list"),
+    ("name", "list", "list", "foo"),  # no names at all: said before any filter
+    ("ipcp", "destroy", "name", "ghost"),  # no IPCP at all: refused
+    ("unbind", "ipcp", "ghost", "name", "foo"),  # ... but an unbind from a name is nothing to do
+    ("bind", "help"),
+    ("unbind", "help"),
+    ("name", "help"),
+    ("ipcp", "create"),
+    ("ipcp", "create", "name", "x"),
+    ("ipcp", "destroy"),
+    ("ipcp", "connect", "name", "x"),
+    ("bind", "program"),
+    ("bind", "process", "1"),
+    ("bind", "ipcp", "lo"),
+    ("unbind", "program"),
+    ("unbind", "process"),
+    ("unbind", "ipcp"),
+    ("name", "create"),
+    ("name", "destroy"),
+    ("name", "create", "foo", "lb", "fast"),
+    ("i", "b", "n", "lo", "t", "local", "l", "local"),
+    ("name", "create", "foo"),
+    ("name", "create", "foo"),  # there already: left as it is
+    ("n", "reg", "foo", "layer", "local"),
+    ("name", "unregister", "foo", "layer", "elsewhere"),
+    ("name", "destroy", "foo"),
+    ("ipcp", "destroy", "name", "ghost"),  # not there, while others are
+    ("unbind", "ipcp", "ghost", "name", "foo"),
+    ("ipcp", "destroy", "name", "lo"),
+    ("ipcp", "list"),
+]
+
+
+def _c_unavailable() -> str | None:
+    if (why := cstack.unavailable()) is not None:
+        return why
+    return cstack.DIRECT.missing()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(_c_unavailable() is not None, reason=f"C Ouroboros 0.23: {_c_unavailable()}")
+def test_irm_answers_as_0_23s_irm(irmd: IrmdProc, tmp_path: Path) -> None:
+    with netns.Netns("oirm") as ns, cstack.CStack(cstack.DIRECT, ns.ns, tmp_path) as cs:
+        for words in CATALOGUE:
+            c = subprocess.run(
+                [*cs._enter(), "irm", *words], env=cs.build.env(), capture_output=True, text=True, timeout=60
+            )
+            ours = irmd.irm(*words)
+            assert (ours.returncode, ours.stdout) == (c.returncode, c.stdout), words

@@ -80,14 +80,17 @@ USAGE = f"""Usage: irmd
          [-v, --verbose (Log more: debug messages, for the IPCPs too)]
          [-q, --quiet (Log less: warnings and errors only; -qq: errors only)]
          [--log-level <level> (debug, info, warning, error or critical)]
-"""
+
+"""  # ends with an empty line, as 0.23's
 
 
 class _Parser(argparse.ArgumentParser):
-    """Ouroboros's irmd answers a bad command line with its usage and exit status 1."""
+    """Ouroboros's irmd answers a bad command line with its usage on stdout and exit status 1; what
+    was wrong goes to stderr, as irm's grammar errors."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"irmd: {message}\n{USAGE}")
+        sys.stderr.write(f"irmd: {message}\n")
+        sys.stdout.write(USAGE)
         sys.exit(1)
 
 

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import IrmdProc
+from helpers import BIN, IrmdProc
 
 from bench import cstack, netns
 
@@ -67,3 +67,17 @@ def test_irm_answers_as_0_23s_irm(irmd: IrmdProc, tmp_path: Path) -> None:
             )
             ours = irmd.irm(*words)
             assert (ours.returncode, ours.stdout) == (c.returncode, c.stdout), words
+
+
+@pytest.mark.skipif(_c_unavailable() is not None, reason=f"C Ouroboros 0.23: {_c_unavailable()}")
+@pytest.mark.parametrize("bad", [["--bogus"], ["--stdout", "x"]])
+def test_irmd_answers_a_bad_command_line_as_0_23s(bad: list[str]) -> None:
+    """Its usage on stdout, ending with an empty line, and exit status 1. 0.23's irmd exits while
+    reading its arguments; it runs in namespaces of its own all the same."""
+    c = subprocess.run(
+        ["unshare", "-m", "-n", "irmd", *bad], env=cstack.DIRECT.env(), capture_output=True, text=True, timeout=30
+    )
+    ours = subprocess.run([str(BIN / "irmd"), *bad], capture_output=True, text=True, timeout=30)
+    for r in (c, ours):
+        assert r.returncode == 1 and r.stdout.startswith("Usage: irmd") and r.stdout.endswith(")]\n\n"), r
+    assert "[--stdout  (Log to stdout instead of " in ours.stdout

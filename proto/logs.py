@@ -106,15 +106,18 @@ class LogFileError(OSError):
 
 def open_log(path: Path) -> int:
     """Open `path` to append, creating it 0640: never through a symlink, and only a regular file that
-    belongs to us (in a shared directory such as /tmp another user could have put anything there)."""
+    belongs to us (in a shared directory such as /tmp another user could have put anything there) and
+    has no other name (where fs.protected_hardlinks is 0, anyone may link root's /etc/shadow there)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOG_MODE)
     except OSError as e:
         raise LogFileError(e.errno, f"cannot open the log file {path}: {e.strerror}") from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o002:
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o002 or st.st_nlink != 1:
         os.close(fd)
-        raise LogFileError(0, f"will not log to {path}: not a regular file of ours that only we can write")
+        raise LogFileError(
+            0, f"will not log to {path}: not a regular file of ours that only we can write, under this one name"
+        )
     return fd
 
 

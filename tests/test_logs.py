@@ -109,6 +109,14 @@ def test_a_log_file_is_never_opened_through_a_link_or_someone_elses(tmp_path: Pa
     shared.chmod(0o666)
     with pytest.raises(logs.LogFileError, match="only we can write"):
         logs.open_log(shared)
+    secret = tmp_path / "secret"  # a file of ours with another name: /etc/shadow hard-linked into /tmp
+    secret.write_text("root:x\n")
+    (tmp_path / "linked.log").hardlink_to(secret)
+    with pytest.raises(logs.LogFileError, match="under this one name"):
+        logs.open_log(tmp_path / "linked.log")
+    assert secret.read_text() == "root:x\n"
+    os.close(logs.open_log(tmp_path / "fresh.log"))  # a new file, or one of ours with one name, is taken
+    os.close(logs.open_log(tmp_path / "fresh.log"))
     r = subprocess.run(
         [str(BIN / "irmd"), "--sock", str(tmp_path / "l.sock"), "--log", str(link)],
         env=irmd_env(tmp_path / "l.sock"),

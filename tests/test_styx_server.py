@@ -1129,3 +1129,24 @@ def test_a_directory_swapped_between_the_check_and_the_change_keeps_its_files(
         monkeypatch.setattr(FsTree, "resolve", real)
         priv = next(d for d in root.iterdir() if d.stat().st_ino == priv_dir)
         assert [(f.name, f.stat().st_ino) for f in priv.iterdir()] == [("victim.txt", priv_file)], (k, priv)
+
+
+def test_a_refused_remove_of_an_open_fid_closes_what_it_held(root: Path) -> None:
+    """remove(5) clunks the fid even when the file stays: its open file and listing go with it. A
+    refused Tremove kept them, so an anonymous client could open, remove and leak without end."""
+    before = fds_on(root)
+    tree = FsTree(root)
+    anon = session(tree, NONE)
+    for _ in range(20):
+        ok(anon, w.Twalk(1, 0, 2, ["hello.txt"]))
+        ok(anon, w.Topen(1, 2, w.OREAD))
+        err(anon, w.Tremove(1, 2), "permission denied")
+        ok(anon, w.Twalk(1, 0, 3, ["sub"]))
+        ok(anon, w.Topen(1, 3, w.OREAD))
+        ok(anon, w.Tread(1, 3, 0, 80))  # a listing under way
+        err(anon, w.Tremove(1, 3), "permission denied")
+    err(anon, w.Tstat(1, 2), "fid unknown or out of range")
+    assert fds_on(root) == before + 2  # the tree's root and fid 0
+    anon.close()
+    tree.close()
+    assert fds_on(root) == before

@@ -539,17 +539,24 @@ class Session:
         try:
             self._may_write(f)
             self._may_remove(f)
-            if f.dirents is not None:
-                f.dirents.close()
-            if f.handle is not None:
-                f.handle.close()
-                f.handle = None
-            f.mode = None
+            self._release(f)
             f.node.remove(self._may_change(f))
         finally:
             if self.fids.pop(msg.fid, None) is not None:  # remove clunks the fid even when it fails
+                self._release(f)  # a refused remove too: its open file and listing are let go
                 f.node.close()
         return w.Rremove(msg.tag)
+
+    @staticmethod
+    def _release(f: Fid) -> None:
+        """Close what the fid holds open (once: a second call finds nothing), without an ORCLOSE removal."""
+        if f.dirents is not None:
+            f.dirents.close()
+            f.dirents = None
+        if f.handle is not None:
+            handle, f.handle = f.handle, None
+            handle.close()
+        f.mode = None
 
     def _stat(self, msg: w.Tstat) -> w.Msg:
         return w.Rstat(msg.tag, self._fid(msg.fid).node.stat())

@@ -1150,3 +1150,19 @@ def test_a_refused_remove_of_an_open_fid_closes_what_it_held(root: Path) -> None
     anon.close()
     tree.close()
     assert fds_on(root) == before
+
+
+def test_a_group_change_by_the_servers_own_check_needs_membership_of_the_new_group(root: Path) -> None:
+    """stat(5): the owner changes the gid only to a group it is a member of. Where the server works with
+    its own rights for others, the owner could give its file to any group the server could."""
+    owner = User(USER, 4999, 4999, (4999,), frozenset({"adm"}))  # the files' owner by name, in adm only
+    s = session(FsTree(root), owner, UNPRIVILEGED)
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    before = (root / "hello.txt").stat().st_gid
+    change = w.Stat.dont_touch()
+    change.gid = "daemon"
+    err(s, w.Twstat(1, 2, change), "permission denied")
+    assert (root / "hello.txt").stat().st_gid == before
+    change.gid = "adm"
+    ok(s, w.Twstat(1, 2, change))
+    assert (root / "hello.txt").stat().st_gid == 4  # adm

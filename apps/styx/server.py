@@ -595,7 +595,10 @@ class Session:
         # The atime comes with the mtime from v9fs (touch sets both); it is the owner's to set as the
         # mtime is (u9fs and lib9p servers take it too), and never more than that.
         times = new.mtime != keep.mtime or new.atime != keep.atime
-        if (times or (new.gid and new.gid != st.gid)) and not owner:
+        regroup = bool(new.gid) and new.gid != st.gid
+        if (times or regroup) and not owner:
             raise StyxError(EPERM)  # only the owner changes the times or the group
+        if regroup and not self._kernel_judges and new.gid not in f.user.group_names and new.gid != f.user.name:
+            raise StyxError(EPERM)  # stat(5): and only to a group it is a member of
         f.node.wstat(new, f.user.name, self._may_change(f))
         return w.Rwstat(msg.tag)

@@ -1166,3 +1166,18 @@ def test_a_group_change_by_the_servers_own_check_needs_membership_of_the_new_gro
     change.gid = "adm"
     ok(s, w.Twstat(1, 2, change))
     assert (root / "hello.txt").stat().st_gid == 4  # adm
+
+
+def test_a_directory_is_not_created_to_be_removed_on_close(root: Path, fs: Session) -> None:
+    """open(5): it is illegal to remove a directory on close, for Tcreate's mode as for Topen's (which
+    refused it). A Tcreate of a directory with ORCLOSE made it, then removed it at the clunk."""
+    ok(fs, w.Twalk(1, 0, 2, []))
+    err(fs, w.Tcreate(1, 2, "d", w.DMDIR | 0o755, w.OREAD | w.ORCLOSE), "a new directory can only be opened")
+    assert not (root / "d").exists()  # refused before it was made
+    ok(fs, w.Tcreate(1, 2, "d", w.DMDIR | 0o755, w.OREAD))  # the fid is still the directory it was
+    ok(fs, w.Tclunk(1, 2))
+    assert (root / "d").is_dir()
+    ok(fs, w.Twalk(1, 0, 3, []))
+    ok(fs, w.Tcreate(1, 3, "f", 0o644, w.ORDWR | w.ORCLOSE))  # a file may be
+    ok(fs, w.Tclunk(1, 3))
+    assert not (root / "f").exists()

@@ -421,7 +421,7 @@ class Session:
         self._may_write(f)
         self._check(st, f.user, w.DMWRITE)
         isdir = bool(msg.perm & w.DMDIR)
-        if isdir and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
+        if isdir and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):  # as open(5) has it
             raise StyxError("a new directory can only be opened for reading")
         # Plan 9: the new file's permissions are limited by the directory's.
         mask = 0o777 if isdir else 0o666

@@ -1181,3 +1181,23 @@ def test_a_directory_is_not_created_to_be_removed_on_close(root: Path, fs: Sessi
     ok(fs, w.Tcreate(1, 3, "f", 0o644, w.ORDWR | w.ORCLOSE))  # a file may be
     ok(fs, w.Tclunk(1, 3))
     assert not (root / "f").exists()
+
+
+def test_the_file_aname_names_is_the_attachs_root(root: Path) -> None:
+    """walk(5): ".." in the root directory is a walk of no names; the root is not removed. An attach
+    to aname "sub" walked ".." up to the directory served, and let the client remove its own root."""
+    s = new_session(FsTree(root))
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    top = ok(s, w.Tattach(1, 0, w.NOFID, USER, "sub")).qid  # type: ignore[attr-defined]
+    assert ok(s, w.Tstat(1, 0)).stat.name == "/"  # type: ignore[attr-defined]
+    assert walk(s, [".."]) == w.Rwalk(5, [top])
+    assert walk(s, ["..", "hello.txt"], newfid=3) == w.Rwalk(5, [top])  # partial: stopped at the root
+    ok(s, w.Twalk(1, 0, 4, ["deep.txt"]))
+    ok(s, w.Twalk(1, 4, 4, []))
+    err(s, w.Tremove(1, 0), "cannot remove root")
+    assert (root / "sub" / "deep.txt").exists()
+    ok(s, w.Tattach(1, 6, w.NOFID, USER, "sub/../sub"))  # a path within the tree still reaches it
+    change = w.Stat.dont_touch()
+    change.name = "renamed"
+    err(s, w.Twstat(1, 6, change), "permission denied")
+    assert (root / "sub").is_dir()

@@ -139,7 +139,7 @@ class FsTree(Tree):
         a server working for others with its own rights checks each directory walked itself (the
         server's Plan 9 check), so a link would take them past directories nobody checked."""
         rights = peer.rights
-        node: Node = FsNode(self, (), self.resolve(()), follow=rights.as_user or rights.creds is not None)
+        node = FsNode(self, (), self.resolve(()), follow=rights.as_user or rights.creds is not None)
         for part in aname.split("/"):
             if part and part != ".":
                 if not rights.as_user and not allowed(node.stat(), peer.user, w.DMEXEC):
@@ -147,7 +147,10 @@ class FsTree(Tree):
                     raise StyxError(EPERM)
                 step = node.parent() if part == ".." else node.walk(part)
                 node.close()
+                assert isinstance(step, FsNode)
                 node = step
+        # The file aname names is this attach's root (walk(5)): ".." of it is itself, and it is not removed.
+        node.top = len(node.rel)
         return node
 
     def resolve(
@@ -169,21 +172,22 @@ class FsNode(Node):
     resolved through symlinks (beneath the root) for this client, or each walk step opens one name in
     this very directory, the one the server checked, and no symlink at all."""
 
-    def __init__(self, tree: FsTree, rel: tuple[str, ...], fd: int, follow: bool = True) -> None:
+    def __init__(self, tree: FsTree, rel: tuple[str, ...], fd: int, follow: bool = True, top: int = 0) -> None:
         self.tree = tree
         self.rel = rel
         self.fd = fd
         self.follow = follow
+        self.top = top  # the length of the attach root's rel: no walk goes above it
 
     def _resolve(self, rel: tuple[str, ...], flags: int = os.O_PATH) -> int:
         return self.tree.resolve(rel, flags, follow=self.follow)
 
     def _node(self, rel: tuple[str, ...], fd: int) -> FsNode:
-        return FsNode(self.tree, rel, fd, self.follow)
+        return FsNode(self.tree, rel, fd, self.follow, self.top)
 
     @property
     def name(self) -> str:
-        return self.rel[-1] if self.rel else "/"
+        return "/" if self.is_root() else self.rel[-1]
 
     @property
     def proc(self) -> str:
@@ -196,7 +200,7 @@ class FsNode(Node):
         return _stat(self._os_stat(), self.name)
 
     def is_root(self) -> bool:
-        return not self.rel
+        return len(self.rel) <= self.top
 
     def walk(self, name: str) -> Node:
         rel = (*self.rel, name)
@@ -216,7 +220,7 @@ class FsNode(Node):
         return node
 
     def parent(self) -> Node:
-        return self._node(self.rel[:-1], self._resolve(self.rel[:-1])) if self.rel else self.clone()
+        return self.clone() if self.is_root() else self._node(self.rel[:-1], self._resolve(self.rel[:-1]))
 
     def clone(self) -> Node:
         return self._node(self.rel, os.dup(self.fd))
@@ -265,7 +269,7 @@ class FsNode(Node):
     def _removal_stats(self, pfd: int) -> tuple[w.Stat, w.Stat | None]:
         d = os.fstat(pfd)
         entry = self.stat() if d.st_mode & st_.S_ISVTX else None  # 9P's mode has no sticky bit: say it so
-        return _stat(d, self.rel[-2] if len(self.rel) > 1 else "/"), entry
+        return _stat(d, "/" if len(self.rel) - 1 <= self.top else self.rel[-2]), entry
 
     def removal_stats(self) -> tuple[w.Stat, w.Stat | None]:
         pfd = self._resolve(self.rel[:-1])
@@ -342,7 +346,7 @@ class FsNode(Node):
     def may_remove(self) -> None:
         """StyxError unless the kernel would let this thread remove our entry: write and search
         permission in its directory and, where that is sticky, owning the file or the directory."""
-        if not self.rel:
+        if self.is_root():
             raise StyxError(EREMOVEROOT)
         pfd = self._parent_fd()
         try:
@@ -355,7 +359,7 @@ class FsNode(Node):
             os.close(pfd)
 
     def remove(self, may: DirCheck | None = None) -> None:
-        if not self.rel:
+        if self.is_root():
             raise StyxError(EREMOVEROOT)
         pfd = self._parent_fd(may)
         name = self.rel[-1]
@@ -388,7 +392,7 @@ class FsNode(Node):
             raise StyxError(ESPECIAL)
         undo: list[Callable[[], None]] = []
         try:
-            if st.name and self.rel and st.name != self.rel[-1]:
+            if st.name and not self.is_root() and st.name != self.rel[-1]:
                 old = self.rel[-1]
                 self._rename(st.name, may_rename)
                 undo.append(lambda: self._rename(old))

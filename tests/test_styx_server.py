@@ -1201,3 +1201,22 @@ def test_the_file_aname_names_is_the_attachs_root(root: Path) -> None:
     change.name = "renamed"
     err(s, w.Twstat(1, 6, change), "permission denied")
     assert (root / "sub").is_dir()
+
+
+@pytest.mark.parametrize("bit", [w.DMAPPEND, w.DMEXCL])
+def test_append_only_and_exclusive_use_are_refused_not_dropped(root: Path, fs: Session, bit: int) -> None:
+    """stat(5): a wstat that succeeds made every change; open(5): a file made exclusive-use opens once.
+    The bits were dropped and the create or wstat answered as done: a client's lock file was no lock."""
+    ok(fs, w.Twalk(1, 0, 2, []))
+    err(fs, w.Tcreate(1, 2, "lock", bit | 0o644, w.ORDWR), "not served")
+    assert not (root / "lock").exists()
+    ok(fs, w.Twalk(1, 0, 3, ["hello.txt"]))
+    before = (root / "hello.txt").stat()
+    change = w.Stat.dont_touch()
+    change.mode, change.mtime = bit | 0o600, 1_000_000_000
+    err(fs, w.Twstat(1, 3, change), "not served")
+    after = (root / "hello.txt").stat()
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)  # nothing of it made
+    change.mode = 0o600
+    ok(fs, w.Twstat(1, 3, change))
+    assert (root / "hello.txt").stat().st_mode & 0o777 == 0o600

@@ -50,6 +50,10 @@ RENAME_NOREPLACE = 1
 SYS_FACCESSAT2 = 439  # the same number on every architecture (new system calls share one table)
 AT_EACCESS = 0x200
 AT_EMPTY_PATH = 0x1000
+# open(5) and stat(5) give these bits meaning (one writer at the end, one open at a time) that a Linux
+# file cannot keep: a create or wstat asking for them is refused, not answered as if they held.
+UNSERVED_MODE = w.DMAPPEND | w.DMEXCL
+EUNSERVED_MODE = "append-only and exclusive-use files are not served"
 _OPEN_FLAGS = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}
 
 
@@ -295,6 +299,8 @@ class FsNode(Node):
         return FileHandle(os.open(self.proc, flags | os.O_CLOEXEC))  # this very file, by its descriptor
 
     def create(self, name: str, perm: int, mode: int, user: str) -> tuple[Node, Handle]:
+        if perm & UNSERVED_MODE:
+            raise StyxError(EUNSERVED_MODE)
         pfd = self._still_here(os.O_PATH | os.O_DIRECTORY)  # a directory new files can be made in
         rel = (*self.rel, name)
         try:
@@ -390,6 +396,8 @@ class FsNode(Node):
                 raise StyxError(EUNKNOWNGROUP) from None
         if st.length != keep.length and not st_.S_ISREG(before.st_mode):
             raise StyxError(ESPECIAL)
+        if st.mode != keep.mode and st.mode & UNSERVED_MODE:
+            raise StyxError(EUNSERVED_MODE)
         undo: list[Callable[[], None]] = []
         try:
             if st.name and not self.is_root() and st.name != self.rel[-1]:

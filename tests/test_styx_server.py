@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -1220,3 +1221,20 @@ def test_append_only_and_exclusive_use_are_refused_not_dropped(root: Path, fs: S
     change.mode = 0o600
     ok(fs, w.Twstat(1, 3, change))
     assert (root / "hello.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_wstat_repeating_the_files_present_values_changes_only_what_differs(root: Path, fs: Session) -> None:
+    """stat(5) refuses attempts to change the qid, type, dev, owner or muid: a record that repeats them,
+    as a dirwstat of what dirstat gave with one field changed does, was refused as a whole."""
+    ok(fs, w.Twalk(1, 0, 2, ["hello.txt"]))
+    st = ok(fs, w.Tstat(1, 2)).stat  # type: ignore[attr-defined]
+    ok(fs, w.Twstat(1, 2, replace(st, mode=0o600)))
+    assert (root / "hello.txt").stat().st_mode & 0o777 == 0o600
+    assert (root / "hello.txt").read_text() == "hello world"  # the length it repeated was left alone
+    st = ok(fs, w.Tstat(1, 2)).stat  # type: ignore[attr-defined]
+    err(fs, w.Twstat(1, 2, replace(st, mode=0o644, qid=replace(st.qid, path=st.qid.path + 1))), "wstat prohibited")
+    err(fs, w.Twstat(1, 2, replace(st, mode=0o644, muid="someone")), "wstat prohibited")
+    assert (root / "hello.txt").stat().st_mode & 0o777 == 0o600
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(other, w.Twalk(1, 0, 2, ["hello.txt"]))
+    ok(other, w.Twstat(1, 2, st))  # its own present values: nothing to change, nothing refused

@@ -11,7 +11,7 @@ import errno
 import logging
 import struct
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, fields, replace
 from typing import Any
 
 from apps.styx import wire as w
@@ -164,6 +164,17 @@ def answered_version(asked: str) -> str | None:
     if base.startswith("9P") and digits.isascii() and digits.isdigit() and int(digits) >= 2000:
         return w.VERSION9P
     return None
+
+
+def unchanged_as_dont_touch(new: w.Stat, st: w.Stat) -> w.Stat:
+    """The Twstat record `new` with each field that names the file's present value (`st`) made
+    "don't touch": stat(5) refuses attempts to change the owner, qid, type, dev or muid, not a record
+    that repeats them (a client's dirwstat of what its dirstat gave, one field changed), as fossil takes it."""
+    keep = w.Stat.dont_touch()
+    parts = zip(astuple(new.qid), astuple(st.qid), astuple(keep.qid), strict=True)
+    qid = w.Qid(*(k if n == o else n for n, o, k in parts))
+    same = {f.name: getattr(keep, f.name) for f in fields(w.Stat) if getattr(new, f.name) == getattr(st, f.name)}
+    return replace(new, **{**same, "qid": qid})
 
 
 @dataclass
@@ -563,10 +574,9 @@ class Session:
 
     def _wstat(self, msg: w.Twstat) -> w.Msg:
         f = self._fid(msg.fid)
-        st, new = f.node.stat(), msg.stat
+        st = f.node.stat()
         keep = w.Stat.dont_touch()
-        if st.mode & w.DMDIR and new.length == 0:  # a directory's length is 0: setting it so is no change
-            new = replace(new, length=keep.length)
+        new = unchanged_as_dont_touch(msg.stat, st)
         if new == keep:  # a wstat that changes nothing asks for a sync (v9fs's fsync): any file may
             return w.Rwstat(msg.tag)
         if (

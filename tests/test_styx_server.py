@@ -1238,3 +1238,20 @@ def test_a_wstat_repeating_the_files_present_values_changes_only_what_differs(ro
     other = session(FsTree(root), MALLORY, UNPRIVILEGED)
     ok(other, w.Twalk(1, 0, 2, ["hello.txt"]))
     ok(other, w.Twstat(1, 2, st))  # its own present values: nothing to change, nothing refused
+
+
+def test_a_reply_longer_than_the_msize_becomes_an_rerror(root: Path) -> None:
+    """version(5): both sides honour the msize. An Rstat of a file with a long name outgrew the smallest
+    msize and was sent anyway, a message the client had said it would not take."""
+    (root / ("n" * 220)).write_text("x")
+    s = new_session(FsTree(root))
+    ok(s, w.Tversion(w.NOTAG, w.MSIZE_MIN, "9P2000"))
+    ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
+    ok(s, w.Twalk(1, 0, 2, ["n" * 220]))
+    replies = s.receive(w.encode(w.Tstat(3, 2)))
+    assert len(replies[0]) <= w.MSIZE_MIN
+    reply = w.decode(replies[0])
+    assert isinstance(reply, w.Rerror) and reply.tag == 3
+    assert reply.ename.startswith("reply of 2") and reply.ename.endswith(" bytes exceeds msize 256")
+    ok(s, w.Twalk(1, 0, 3, ["hello.txt"]))
+    ok(s, w.Tstat(1, 3))  # what fits goes

@@ -221,14 +221,17 @@ class Session:
                 out.append(self._encode(reply))
         return out
 
-    @staticmethod
-    def _encode(reply: w.Msg) -> bytes:
-        """The reply's bytes; one that cannot be encoded (a name over 64 KiB) becomes an Rerror."""
+    def _encode(self, reply: w.Msg) -> bytes:
+        """The reply's bytes; one that cannot be encoded (a name over 64 KiB) becomes an Rerror, and so
+        does one longer than the msize (an Rstat of long names): version(5) binds both sides to it."""
         try:
-            return w.encode(reply)
+            data = w.encode(reply)
         except (ValueError, struct.error) as e:
             log.warning("cannot encode %s: %s", type(reply).__name__, e)
-            return w.encode(w.Rerror(reply.tag, f"reply cannot be encoded: {e}"[:1000]))
+            return w.encode(w.Rerror(reply.tag, f"reply cannot be encoded: {e}"[:ENAME_MAX]))
+        if self.msize and len(data) > self.msize:
+            return w.encode(w.Rerror(reply.tag, f"reply of {len(data)} bytes exceeds msize {self.msize}"))
+        return data
 
     def waitables(self) -> tuple[list[Any], bool]:
         """What parked requests wait on, and whether some can only be retried on a timer."""

@@ -1255,3 +1255,12 @@ def test_a_reply_longer_than_the_msize_becomes_an_rerror(root: Path) -> None:
     assert reply.ename.startswith("reply of 2") and reply.ename.endswith(" bytes exceeds msize 256")
     ok(s, w.Twalk(1, 0, 3, ["hello.txt"]))
     ok(s, w.Tstat(1, 3))  # what fits goes
+
+
+def test_a_refused_tversion_leaves_the_session_as_it_was(fs: Session) -> None:
+    """version(5): a successful Tversion starts a new session. One refused (msize too small) clunked
+    every fid and left the connection without a version all the same."""
+    err(fs, w.Tversion(w.NOTAG, 100, "9P2000"), "too small")
+    assert ok(fs, w.Tstat(1, 0)).stat.name == "/"  # type: ignore[attr-defined]
+    ok(fs, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    err(fs, w.Tstat(1, 0), "fid unknown or out of range")

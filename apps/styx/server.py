@@ -316,11 +316,10 @@ class Session:
     # -- requests -------------------------------------------------------------
 
     def _version(self, msg: w.Tversion) -> w.Msg:
+        if msg.msize < w.MSIZE_MIN:  # a failed Tversion: the session, if any, goes on (version(5))
+            raise StyxError(f"msize {msg.msize} too small: at least {w.MSIZE_MIN}")
         self._reset()  # Tversion aborts all outstanding I/O and clunks all fids
         self.attached = None
-        if msg.msize < w.MSIZE_MIN:
-            self.msize = 0
-            raise StyxError(f"msize {msg.msize} too small: at least {w.MSIZE_MIN}")
         version = answered_version(msg.version)
         if version is not None:
             self.msize = min(msg.msize, self.limits.msize)

@@ -4,10 +4,13 @@ directory reads, writes, remove, wstat, flush, and escapes from the served root.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import socket
 import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -1264,3 +1267,61 @@ def test_a_refused_tversion_leaves_the_session_as_it_was(fs: Session) -> None:
     assert ok(fs, w.Tstat(1, 0)).stat.name == "/"  # type: ignore[attr-defined]
     ok(fs, w.Tversion(w.NOTAG, 8192, "9P2000"))
     err(fs, w.Tstat(1, 0), "fid unknown or out of range")
+
+
+PY9P_DIRWSTAT = """
+import dataclasses, json, sys
+from py9p import Client
+from py9p.client import RemoteError
+out = {}
+with Client.connect_unix(sys.argv[1]) as c:
+    c.negotiate()
+    root = c.attach(fid=0, uname='any', aname='sub')
+    out['up'] = [q.path for q in c.walk(fid=0, newfid=1, path=['..'])] == [root.path]
+    c.walk(fid=0, newfid=2, path='deep.txt')
+    d = c.stat(2)  # dirstat, one field changed, dirwstat: the record repeats the rest
+    try:
+        c.wstat(2, dataclasses.replace(d, mode=0o600))
+        out['wstat'] = oct(c.stat(2).mode)
+    except RemoteError as e:
+        out['wstat'] = str(e)
+    try:
+        c.remove(0)
+    except RemoteError as e:
+        out['remove'] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_py9p_sees_an_aname_root_and_a_dirwstat_of_a_changed_dirstat(root: Path, tmp_path: Path) -> None:
+    """A third-party client (python-9p, on plan9port's codec) over a unix socket to one session."""
+    from third_party import py9p_python
+
+    python = py9p_python()
+    path, tree = tmp_path / "9p.sock", FsTree(root)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        s = new_session(tree)
+        with conn, conn.makefile("rb") as f:
+            while (head := f.read(4)) and len(head) == 4:
+                body = f.read(int.from_bytes(head, "little") - 4)
+                for reply in s.receive(head + body):
+                    conn.sendall(reply)
+        s.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        r = subprocess.run([python, "-c", PY9P_DIRWSTAT, str(path)], capture_output=True, text=True, timeout=30)
+    finally:
+        listener.close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == {"up": True, "wstat": "0o600", "remove": "cannot remove root"}, out
+    assert (root / "sub").is_dir() and (root / "sub" / "deep.txt").stat().st_mode & 0o777 == 0o600
+    server.join(10)
+    tree.close()

@@ -1325,3 +1325,28 @@ def test_py9p_sees_an_aname_root_and_a_dirwstat_of_a_changed_dirstat(root: Path,
     assert (root / "sub").is_dir() and (root / "sub" / "deep.txt").stat().st_mode & 0o777 == 0o600
     server.join(10)
     tree.close()
+
+
+def test_qid_paths_stay_unique_across_file_systems_mounted_beneath_the_root() -> None:
+    """intro(5): a qid path is unique among the files served. It was the inode number, which another
+    file system mounted beneath the root repeats (/dev is inode 1 of devtmpfs, /dev/shm inode 1 of a
+    tmpfs): clients that cache by qid took one for the other."""
+    top, shm = os.stat("/dev"), os.stat("/dev/shm")
+    if (top.st_dev, top.st_ino) == (shm.st_dev, shm.st_ino) or top.st_ino != shm.st_ino:
+        pytest.skip("needs /dev/shm mounted on /dev with the same inode number")
+    tree = FsTree("/dev")
+    s = session(tree)
+    root_qid = ok(s, w.Tstat(1, 0)).stat.qid  # type: ignore[attr-defined]
+    assert root_qid.path == top.st_ino  # the root's own file system keeps its inode numbers
+    shm_qid = walk(s, ["shm"]).wqid[0]  # type: ignore[attr-defined]
+    assert shm_qid.path != root_qid.path
+    assert ok(s, w.Tstat(1, 2)).stat.qid == shm_qid  # type: ignore[attr-defined]
+    ok(s, w.Twalk(1, 0, 3, []))
+    ok(s, w.Topen(1, 3, w.OREAD))
+    offset, listed = 0, []
+    while data := ok(s, w.Tread(1, 3, offset, 8000)).data:  # type: ignore[attr-defined]
+        listed += w.stats_decode(data)
+        offset += len(data)
+    assert next(st.qid for st in listed if st.name == "shm") == shm_qid  # the listing says the same
+    s.close()
+    tree.close()

@@ -38,6 +38,7 @@ from apps.styx.tree import (
     StyxError,
     Tree,
     allowed,
+    qid_path,
 )
 
 if TYPE_CHECKING:
@@ -57,10 +58,17 @@ EUNSERVED_MODE = "append-only and exclusive-use files are not served"
 _OPEN_FLAGS = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}
 
 
-def _stat(s: os.stat_result, name: str) -> w.Stat:
+def _qid_path(s: os.stat_result, root_dev: int) -> int:
+    """intro(5): a qid path is unique in the served hierarchy. An inode number is unique only in its
+    file system: a file on another one mounted beneath the root (whose root is inode 1 or 2 as ours
+    may be) gets one made of both."""
+    return s.st_ino if s.st_dev == root_dev else qid_path(f"{s.st_dev}:{s.st_ino}")
+
+
+def _stat(s: os.stat_result, name: str, root_dev: int) -> w.Stat:
     is_dir = st_.S_ISDIR(s.st_mode)
     mode = (w.DMDIR if is_dir else 0) | (s.st_mode & 0o777)
-    qid = w.Qid(w.QTDIR if is_dir else w.QTFILE, (s.st_mtime_ns ^ s.st_size) & 0xFFFFFFFF, s.st_ino)
+    qid = w.Qid(w.QTDIR if is_dir else w.QTFILE, (s.st_mtime_ns ^ s.st_size) & 0xFFFFFFFF, _qid_path(s, root_dev))
     owner = user_name(s.st_uid)
     return w.Stat(
         0,
@@ -132,6 +140,7 @@ class FsTree(Tree):
         if not os.path.isdir(PROC_FD):
             raise StyxError(f"serving files needs {PROC_FD} (/proc is not mounted)")
         self.rootfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.rootfd).st_dev
         ownproc.identity()  # known before any session thread works as a client
         if ownproc.refused(self.rootfd, from_proc=True):
             os.close(self.rootfd)
@@ -201,7 +210,7 @@ class FsNode(Node):
         return os.fstat(self.fd)
 
     def stat(self) -> w.Stat:
-        return _stat(self._os_stat(), self.name)
+        return _stat(self._os_stat(), self.name, self.tree.dev)
 
     def is_root(self) -> bool:
         return len(self.rel) <= self.top
@@ -273,7 +282,7 @@ class FsNode(Node):
     def _removal_stats(self, pfd: int) -> tuple[w.Stat, w.Stat | None]:
         d = os.fstat(pfd)
         entry = self.stat() if d.st_mode & st_.S_ISVTX else None  # 9P's mode has no sticky bit: say it so
-        return _stat(d, "/" if len(self.rel) - 1 <= self.top else self.rel[-2]), entry
+        return _stat(d, "/" if len(self.rel) - 1 <= self.top else self.rel[-2], self.tree.dev), entry
 
     def removal_stats(self) -> tuple[w.Stat, w.Stat | None]:
         pfd = self._resolve(self.rel[:-1])
@@ -482,4 +491,4 @@ class FsDirHandle(Handle):
                         s = os.stat(entry.name, dir_fd=node.fd, follow_symlinks=False)
                 except (StyxError, OSError):
                     continue
-                yield _stat(s, entry.name)
+                yield _stat(s, entry.name, node.tree.dev)

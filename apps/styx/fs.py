@@ -38,7 +38,6 @@ from apps.styx.tree import (
     StyxError,
     Tree,
     allowed,
-    qid_path,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +52,7 @@ AT_EACCESS = 0x200
 AT_EMPTY_PATH = 0x1000
 # open(5) and stat(5) give these bits meaning (one writer at the end, one open at a time) that a Linux
 # file cannot keep: a create or wstat asking for them is refused, not answered as if they held.
+MASK64 = (1 << 64) - 1
 UNSERVED_MODE = w.DMAPPEND | w.DMEXCL
 EUNSERVED_MODE = "append-only and exclusive-use files are not served"
 _OPEN_FLAGS = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}
@@ -62,7 +62,14 @@ def _qid_path(s: os.stat_result, root_dev: int) -> int:
     """intro(5): a qid path is unique in the served hierarchy. An inode number is unique only in its
     file system: a file on another one mounted beneath the root (whose root is inode 1 or 2 as ours
     may be) gets one made of both."""
-    return s.st_ino if s.st_dev == root_dev else qid_path(f"{s.st_dev}:{s.st_ino}")
+    if s.st_dev == root_dev:
+        return s.st_ino
+    # splitmix64's finalizer of both: arithmetic only, as a session thread working as its client may
+    # no longer import a module (a hash library) from where the server's Python lives.
+    x = (s.st_ino ^ (s.st_dev * 0x9E3779B97F4A7C15)) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
 
 
 def _stat(s: os.stat_result, name: str, root_dev: int) -> w.Stat:

@@ -50,9 +50,9 @@ RENAME_NOREPLACE = 1
 SYS_FACCESSAT2 = 439  # the same number on every architecture (new system calls share one table)
 AT_EACCESS = 0x200
 AT_EMPTY_PATH = 0x1000
+MASK64 = (1 << 64) - 1
 # open(5) and stat(5) give these bits meaning (one writer at the end, one open at a time) that a Linux
 # file cannot keep: a create or wstat asking for them is refused, not answered as if they held.
-MASK64 = (1 << 64) - 1
 UNSERVED_MODE = w.DMAPPEND | w.DMEXCL
 EUNSERVED_MODE = "append-only and exclusive-use files are not served"
 _OPEN_FLAGS = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}

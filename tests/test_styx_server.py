@@ -4,14 +4,18 @@ directory reads, writes, remove, wstat, flush, and escapes from the served root.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import socket
 import struct
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -1129,3 +1133,220 @@ def test_a_directory_swapped_between_the_check_and_the_change_keeps_its_files(
         monkeypatch.setattr(FsTree, "resolve", real)
         priv = next(d for d in root.iterdir() if d.stat().st_ino == priv_dir)
         assert [(f.name, f.stat().st_ino) for f in priv.iterdir()] == [("victim.txt", priv_file)], (k, priv)
+
+
+def test_a_refused_remove_of_an_open_fid_closes_what_it_held(root: Path) -> None:
+    """remove(5) clunks the fid even when the file stays: its open file and listing go with it. A
+    refused Tremove kept them, so an anonymous client could open, remove and leak without end."""
+    before = fds_on(root)
+    tree = FsTree(root)
+    anon = session(tree, NONE)
+    for _ in range(20):
+        ok(anon, w.Twalk(1, 0, 2, ["hello.txt"]))
+        ok(anon, w.Topen(1, 2, w.OREAD))
+        err(anon, w.Tremove(1, 2), "permission denied")
+        ok(anon, w.Twalk(1, 0, 3, ["sub"]))
+        ok(anon, w.Topen(1, 3, w.OREAD))
+        ok(anon, w.Tread(1, 3, 0, 80))  # a listing under way
+        err(anon, w.Tremove(1, 3), "permission denied")
+    err(anon, w.Tstat(1, 2), "fid unknown or out of range")
+    assert fds_on(root) == before + 2  # the tree's root and fid 0
+    anon.close()
+    tree.close()
+    assert fds_on(root) == before
+
+
+def test_a_group_change_by_the_servers_own_check_needs_membership_of_the_new_group(root: Path) -> None:
+    """stat(5): the owner changes the gid only to a group it is a member of. Where the server works with
+    its own rights for others, the owner could give its file to any group the server could."""
+    owner = User(USER, 4999, 4999, (4999,), frozenset({"adm"}))  # the files' owner by name, in adm only
+    s = session(FsTree(root), owner, UNPRIVILEGED)
+    ok(s, w.Twalk(1, 0, 2, ["hello.txt"]))
+    before = (root / "hello.txt").stat().st_gid
+    change = w.Stat.dont_touch()
+    change.gid = "daemon"
+    err(s, w.Twstat(1, 2, change), "permission denied")
+    assert (root / "hello.txt").stat().st_gid == before
+    change.gid = "adm"
+    ok(s, w.Twstat(1, 2, change))
+    assert (root / "hello.txt").stat().st_gid == 4  # adm
+
+
+def test_a_directory_is_not_created_to_be_removed_on_close(root: Path, fs: Session) -> None:
+    """open(5): it is illegal to remove a directory on close, for Tcreate's mode as for Topen's (which
+    refused it). A Tcreate of a directory with ORCLOSE made it, then removed it at the clunk."""
+    ok(fs, w.Twalk(1, 0, 2, []))
+    err(fs, w.Tcreate(1, 2, "d", w.DMDIR | 0o755, w.OREAD | w.ORCLOSE), "a new directory can only be opened")
+    assert not (root / "d").exists()  # refused before it was made
+    ok(fs, w.Tcreate(1, 2, "d", w.DMDIR | 0o755, w.OREAD))  # the fid is still the directory it was
+    ok(fs, w.Tclunk(1, 2))
+    assert (root / "d").is_dir()
+    ok(fs, w.Twalk(1, 0, 3, []))
+    ok(fs, w.Tcreate(1, 3, "f", 0o644, w.ORDWR | w.ORCLOSE))  # a file may be
+    ok(fs, w.Tclunk(1, 3))
+    assert not (root / "f").exists()
+
+
+def test_the_file_aname_names_is_the_attachs_root(root: Path) -> None:
+    """walk(5): ".." in the root directory is a walk of no names; the root is not removed. An attach
+    to aname "sub" walked ".." up to the directory served, and let the client remove its own root."""
+    s = new_session(FsTree(root))
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    top = ok(s, w.Tattach(1, 0, w.NOFID, USER, "sub")).qid  # type: ignore[attr-defined]
+    assert ok(s, w.Tstat(1, 0)).stat.name == "/"  # type: ignore[attr-defined]
+    assert walk(s, [".."]) == w.Rwalk(5, [top])
+    assert walk(s, ["..", "hello.txt"], newfid=3) == w.Rwalk(5, [top])  # partial: stopped at the root
+    ok(s, w.Twalk(1, 0, 4, ["deep.txt"]))
+    ok(s, w.Twalk(1, 4, 4, []))
+    err(s, w.Tremove(1, 0), "cannot remove root")
+    assert (root / "sub" / "deep.txt").exists()
+    ok(s, w.Tattach(1, 6, w.NOFID, USER, "sub/../sub"))  # a path within the tree still reaches it
+    change = w.Stat.dont_touch()
+    change.name = "renamed"
+    err(s, w.Twstat(1, 6, change), "permission denied")
+    assert (root / "sub").is_dir()
+
+
+@pytest.mark.parametrize("bit", [w.DMAPPEND, w.DMEXCL])
+def test_append_only_and_exclusive_use_are_refused_not_dropped(root: Path, fs: Session, bit: int) -> None:
+    """stat(5): a wstat that succeeds made every change; open(5): a file made exclusive-use opens once.
+    The bits were dropped and the create or wstat answered as done: a client's lock file was no lock."""
+    ok(fs, w.Twalk(1, 0, 2, []))
+    err(fs, w.Tcreate(1, 2, "lock", bit | 0o644, w.ORDWR), "not served")
+    assert not (root / "lock").exists()
+    ok(fs, w.Twalk(1, 0, 3, ["hello.txt"]))
+    before = (root / "hello.txt").stat()
+    change = w.Stat.dont_touch()
+    change.mode, change.mtime = bit | 0o600, 1_000_000_000
+    err(fs, w.Twstat(1, 3, change), "not served")
+    after = (root / "hello.txt").stat()
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)  # nothing of it made
+    change.mode = 0o600
+    ok(fs, w.Twstat(1, 3, change))
+    assert (root / "hello.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_wstat_repeating_the_files_present_values_changes_only_what_differs(root: Path, fs: Session) -> None:
+    """stat(5) refuses attempts to change the qid, type, dev, owner or muid: a record that repeats them,
+    as a dirwstat of what dirstat gave with one field changed does, was refused as a whole."""
+    ok(fs, w.Twalk(1, 0, 2, ["hello.txt"]))
+    st = ok(fs, w.Tstat(1, 2)).stat  # type: ignore[attr-defined]
+    ok(fs, w.Twstat(1, 2, replace(st, mode=0o600)))
+    assert (root / "hello.txt").stat().st_mode & 0o777 == 0o600
+    assert (root / "hello.txt").read_text() == "hello world"  # the length it repeated was left alone
+    st = ok(fs, w.Tstat(1, 2)).stat  # type: ignore[attr-defined]
+    err(fs, w.Twstat(1, 2, replace(st, mode=0o644, qid=replace(st.qid, path=st.qid.path + 1))), "wstat prohibited")
+    err(fs, w.Twstat(1, 2, replace(st, mode=0o644, muid="someone")), "wstat prohibited")
+    assert (root / "hello.txt").stat().st_mode & 0o777 == 0o600
+    other = session(FsTree(root), MALLORY, UNPRIVILEGED)
+    ok(other, w.Twalk(1, 0, 2, ["hello.txt"]))
+    ok(other, w.Twstat(1, 2, st))  # its own present values: nothing to change, nothing refused
+
+
+def test_a_reply_longer_than_the_msize_becomes_an_rerror(root: Path) -> None:
+    """version(5): both sides honour the msize. An Rstat of a file with a long name outgrew the smallest
+    msize and was sent anyway, a message the client had said it would not take."""
+    (root / ("n" * 220)).write_text("x")
+    s = new_session(FsTree(root))
+    ok(s, w.Tversion(w.NOTAG, w.MSIZE_MIN, "9P2000"))
+    ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
+    ok(s, w.Twalk(1, 0, 2, ["n" * 220]))
+    replies = s.receive(w.encode(w.Tstat(3, 2)))
+    assert len(replies[0]) <= w.MSIZE_MIN
+    reply = w.decode(replies[0])
+    assert isinstance(reply, w.Rerror) and reply.tag == 3
+    assert reply.ename.startswith("reply of 2") and reply.ename.endswith(" bytes exceeds msize 256")
+    ok(s, w.Twalk(1, 0, 3, ["hello.txt"]))
+    ok(s, w.Tstat(1, 3))  # what fits goes
+
+
+def test_a_refused_tversion_leaves_the_session_as_it_was(fs: Session) -> None:
+    """version(5): a successful Tversion starts a new session. One refused (msize too small) clunked
+    every fid and left the connection without a version all the same."""
+    err(fs, w.Tversion(w.NOTAG, 100, "9P2000"), "too small")
+    assert ok(fs, w.Tstat(1, 0)).stat.name == "/"  # type: ignore[attr-defined]
+    ok(fs, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    err(fs, w.Tstat(1, 0), "fid unknown or out of range")
+
+
+PY9P_DIRWSTAT = """
+import dataclasses, json, sys
+from py9p import Client
+from py9p.client import RemoteError
+out = {}
+with Client.connect_unix(sys.argv[1]) as c:
+    c.negotiate()
+    root = c.attach(fid=0, uname='any', aname='sub')
+    out['up'] = [q.path for q in c.walk(fid=0, newfid=1, path=['..'])] == [root.path]
+    c.walk(fid=0, newfid=2, path='deep.txt')
+    d = c.stat(2)  # dirstat, one field changed, dirwstat: the record repeats the rest
+    try:
+        c.wstat(2, dataclasses.replace(d, mode=0o600))
+        out['wstat'] = oct(c.stat(2).mode)
+    except RemoteError as e:
+        out['wstat'] = str(e)
+    try:
+        c.remove(0)
+    except RemoteError as e:
+        out['remove'] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_py9p_sees_an_aname_root_and_a_dirwstat_of_a_changed_dirstat(root: Path, tmp_path: Path) -> None:
+    """A third-party client (python-9p, on plan9port's codec) over a unix socket to one session."""
+    from third_party import py9p_python
+
+    python = py9p_python()
+    path, tree = tmp_path / "9p.sock", FsTree(root)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        s = new_session(tree)
+        with conn, conn.makefile("rb") as f:
+            while (head := f.read(4)) and len(head) == 4:
+                body = f.read(int.from_bytes(head, "little") - 4)
+                for reply in s.receive(head + body):
+                    conn.sendall(reply)
+        s.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        r = subprocess.run([python, "-c", PY9P_DIRWSTAT, str(path)], capture_output=True, text=True, timeout=30)
+    finally:
+        listener.close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == {"up": True, "wstat": "0o600", "remove": "cannot remove root"}, out
+    assert (root / "sub").is_dir() and (root / "sub" / "deep.txt").stat().st_mode & 0o777 == 0o600
+    server.join(10)
+    tree.close()
+
+
+def test_qid_paths_stay_unique_across_file_systems_mounted_beneath_the_root() -> None:
+    """intro(5): a qid path is unique among the files served. It was the inode number, which another
+    file system mounted beneath the root repeats (/dev is inode 1 of devtmpfs, /dev/shm inode 1 of a
+    tmpfs): clients that cache by qid took one for the other."""
+    top, shm = os.stat("/dev"), os.stat("/dev/shm")
+    if (top.st_dev, top.st_ino) == (shm.st_dev, shm.st_ino) or top.st_ino != shm.st_ino:
+        pytest.skip("needs /dev/shm mounted on /dev with the same inode number")
+    tree = FsTree("/dev")
+    s = session(tree)
+    root_qid = ok(s, w.Tstat(1, 0)).stat.qid  # type: ignore[attr-defined]
+    assert root_qid.path == top.st_ino  # the root's own file system keeps its inode numbers
+    shm_qid = walk(s, ["shm"]).wqid[0]  # type: ignore[attr-defined]
+    assert shm_qid.path != root_qid.path
+    assert ok(s, w.Tstat(1, 2)).stat.qid == shm_qid  # type: ignore[attr-defined]
+    ok(s, w.Twalk(1, 0, 3, []))
+    ok(s, w.Topen(1, 3, w.OREAD))
+    offset, listed = 0, []
+    while data := ok(s, w.Tread(1, 3, offset, 8000)).data:  # type: ignore[attr-defined]
+        listed += w.stats_decode(data)
+        offset += len(data)
+    assert next(st.qid for st in listed if st.name == "shm") == shm_qid  # the listing says the same
+    s.close()
+    tree.close()

@@ -50,13 +50,32 @@ RENAME_NOREPLACE = 1
 SYS_FACCESSAT2 = 439  # the same number on every architecture (new system calls share one table)
 AT_EACCESS = 0x200
 AT_EMPTY_PATH = 0x1000
+MASK64 = (1 << 64) - 1
+# open(5) and stat(5) give these bits meaning (one writer at the end, one open at a time) that a Linux
+# file cannot keep: a create or wstat asking for them is refused, not answered as if they held.
+UNSERVED_MODE = w.DMAPPEND | w.DMEXCL
+EUNSERVED_MODE = "append-only and exclusive-use files are not served"
 _OPEN_FLAGS = {w.OREAD: os.O_RDONLY, w.OWRITE: os.O_WRONLY, w.ORDWR: os.O_RDWR, w.OEXEC: os.O_RDONLY}
 
 
-def _stat(s: os.stat_result, name: str) -> w.Stat:
+def _qid_path(s: os.stat_result, root_dev: int) -> int:
+    """intro(5): a qid path is unique in the served hierarchy. An inode number is unique only in its
+    file system: a file on another one mounted beneath the root (whose root is inode 1 or 2 as ours
+    may be) gets one made of both."""
+    if s.st_dev == root_dev:
+        return s.st_ino
+    # splitmix64's finalizer of both: arithmetic only, as a session thread working as its client may
+    # no longer import a module (a hash library) from where the server's Python lives.
+    x = (s.st_ino ^ (s.st_dev * 0x9E3779B97F4A7C15)) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def _stat(s: os.stat_result, name: str, root_dev: int) -> w.Stat:
     is_dir = st_.S_ISDIR(s.st_mode)
     mode = (w.DMDIR if is_dir else 0) | (s.st_mode & 0o777)
-    qid = w.Qid(w.QTDIR if is_dir else w.QTFILE, (s.st_mtime_ns ^ s.st_size) & 0xFFFFFFFF, s.st_ino)
+    qid = w.Qid(w.QTDIR if is_dir else w.QTFILE, (s.st_mtime_ns ^ s.st_size) & 0xFFFFFFFF, _qid_path(s, root_dev))
     owner = user_name(s.st_uid)
     return w.Stat(
         0,
@@ -128,6 +147,7 @@ class FsTree(Tree):
         if not os.path.isdir(PROC_FD):
             raise StyxError(f"serving files needs {PROC_FD} (/proc is not mounted)")
         self.rootfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.rootfd).st_dev
         ownproc.identity()  # known before any session thread works as a client
         if ownproc.refused(self.rootfd, from_proc=True):
             os.close(self.rootfd)
@@ -139,7 +159,7 @@ class FsTree(Tree):
         a server working for others with its own rights checks each directory walked itself (the
         server's Plan 9 check), so a link would take them past directories nobody checked."""
         rights = peer.rights
-        node: Node = FsNode(self, (), self.resolve(()), follow=rights.as_user or rights.creds is not None)
+        node = FsNode(self, (), self.resolve(()), follow=rights.as_user or rights.creds is not None)
         for part in aname.split("/"):
             if part and part != ".":
                 if not rights.as_user and not allowed(node.stat(), peer.user, w.DMEXEC):
@@ -147,7 +167,10 @@ class FsTree(Tree):
                     raise StyxError(EPERM)
                 step = node.parent() if part == ".." else node.walk(part)
                 node.close()
+                assert isinstance(step, FsNode)
                 node = step
+        # The file aname names is this attach's root (walk(5)): ".." of it is itself, and it is not removed.
+        node.top = len(node.rel)
         return node
 
     def resolve(
@@ -169,21 +192,22 @@ class FsNode(Node):
     resolved through symlinks (beneath the root) for this client, or each walk step opens one name in
     this very directory, the one the server checked, and no symlink at all."""
 
-    def __init__(self, tree: FsTree, rel: tuple[str, ...], fd: int, follow: bool = True) -> None:
+    def __init__(self, tree: FsTree, rel: tuple[str, ...], fd: int, follow: bool = True, top: int = 0) -> None:
         self.tree = tree
         self.rel = rel
         self.fd = fd
         self.follow = follow
+        self.top = top  # the length of the attach root's rel: no walk goes above it
 
     def _resolve(self, rel: tuple[str, ...], flags: int = os.O_PATH) -> int:
         return self.tree.resolve(rel, flags, follow=self.follow)
 
     def _node(self, rel: tuple[str, ...], fd: int) -> FsNode:
-        return FsNode(self.tree, rel, fd, self.follow)
+        return FsNode(self.tree, rel, fd, self.follow, self.top)
 
     @property
     def name(self) -> str:
-        return self.rel[-1] if self.rel else "/"
+        return "/" if self.is_root() else self.rel[-1]
 
     @property
     def proc(self) -> str:
@@ -193,10 +217,10 @@ class FsNode(Node):
         return os.fstat(self.fd)
 
     def stat(self) -> w.Stat:
-        return _stat(self._os_stat(), self.name)
+        return _stat(self._os_stat(), self.name, self.tree.dev)
 
     def is_root(self) -> bool:
-        return not self.rel
+        return len(self.rel) <= self.top
 
     def walk(self, name: str) -> Node:
         rel = (*self.rel, name)
@@ -216,7 +240,7 @@ class FsNode(Node):
         return node
 
     def parent(self) -> Node:
-        return self._node(self.rel[:-1], self._resolve(self.rel[:-1])) if self.rel else self.clone()
+        return self.clone() if self.is_root() else self._node(self.rel[:-1], self._resolve(self.rel[:-1]))
 
     def clone(self) -> Node:
         return self._node(self.rel, os.dup(self.fd))
@@ -265,7 +289,7 @@ class FsNode(Node):
     def _removal_stats(self, pfd: int) -> tuple[w.Stat, w.Stat | None]:
         d = os.fstat(pfd)
         entry = self.stat() if d.st_mode & st_.S_ISVTX else None  # 9P's mode has no sticky bit: say it so
-        return _stat(d, self.rel[-2] if len(self.rel) > 1 else "/"), entry
+        return _stat(d, "/" if len(self.rel) - 1 <= self.top else self.rel[-2], self.tree.dev), entry
 
     def removal_stats(self) -> tuple[w.Stat, w.Stat | None]:
         pfd = self._resolve(self.rel[:-1])
@@ -291,6 +315,8 @@ class FsNode(Node):
         return FileHandle(os.open(self.proc, flags | os.O_CLOEXEC))  # this very file, by its descriptor
 
     def create(self, name: str, perm: int, mode: int, user: str) -> tuple[Node, Handle]:
+        if perm & UNSERVED_MODE:
+            raise StyxError(EUNSERVED_MODE)
         pfd = self._still_here(os.O_PATH | os.O_DIRECTORY)  # a directory new files can be made in
         rel = (*self.rel, name)
         try:
@@ -342,7 +368,7 @@ class FsNode(Node):
     def may_remove(self) -> None:
         """StyxError unless the kernel would let this thread remove our entry: write and search
         permission in its directory and, where that is sticky, owning the file or the directory."""
-        if not self.rel:
+        if self.is_root():
             raise StyxError(EREMOVEROOT)
         pfd = self._parent_fd()
         try:
@@ -355,7 +381,7 @@ class FsNode(Node):
             os.close(pfd)
 
     def remove(self, may: DirCheck | None = None) -> None:
-        if not self.rel:
+        if self.is_root():
             raise StyxError(EREMOVEROOT)
         pfd = self._parent_fd(may)
         name = self.rel[-1]
@@ -386,9 +412,11 @@ class FsNode(Node):
                 raise StyxError(EUNKNOWNGROUP) from None
         if st.length != keep.length and not st_.S_ISREG(before.st_mode):
             raise StyxError(ESPECIAL)
+        if st.mode != keep.mode and st.mode & UNSERVED_MODE:
+            raise StyxError(EUNSERVED_MODE)
         undo: list[Callable[[], None]] = []
         try:
-            if st.name and self.rel and st.name != self.rel[-1]:
+            if st.name and not self.is_root() and st.name != self.rel[-1]:
                 old = self.rel[-1]
                 self._rename(st.name, may_rename)
                 undo.append(lambda: self._rename(old))
@@ -470,4 +498,4 @@ class FsDirHandle(Handle):
                         s = os.stat(entry.name, dir_fd=node.fd, follow_symlinks=False)
                 except (StyxError, OSError):
                     continue
-                yield _stat(s, entry.name)
+                yield _stat(s, entry.name, node.tree.dev)

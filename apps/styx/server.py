@@ -11,7 +11,7 @@ import errno
 import logging
 import struct
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, fields, replace
 from typing import Any
 
 from apps.styx import wire as w
@@ -166,6 +166,17 @@ def answered_version(asked: str) -> str | None:
     return None
 
 
+def unchanged_as_dont_touch(new: w.Stat, st: w.Stat) -> w.Stat:
+    """The Twstat record `new` with each field that names the file's present value (`st`) made
+    "don't touch": stat(5) refuses attempts to change the owner, qid, type, dev or muid, not a record
+    that repeats them (a client's dirwstat of what its dirstat gave, one field changed), as fossil takes it."""
+    keep = w.Stat.dont_touch()
+    parts = zip(astuple(new.qid), astuple(st.qid), astuple(keep.qid), strict=True)
+    qid = w.Qid(*(k if n == o else n for n, o, k in parts))
+    same = {f.name: getattr(keep, f.name) for f in fields(w.Stat) if getattr(new, f.name) == getattr(st, f.name)}
+    return replace(new, **{**same, "qid": qid})
+
+
 @dataclass
 class Session:
     """One client's conversation with a tree."""
@@ -210,14 +221,17 @@ class Session:
                 out.append(self._encode(reply))
         return out
 
-    @staticmethod
-    def _encode(reply: w.Msg) -> bytes:
-        """The reply's bytes; one that cannot be encoded (a name over 64 KiB) becomes an Rerror."""
+    def _encode(self, reply: w.Msg) -> bytes:
+        """The reply's bytes; one that cannot be encoded (a name over 64 KiB) becomes an Rerror, and so
+        does one longer than the msize (an Rstat of long names): version(5) binds both sides to it."""
         try:
-            return w.encode(reply)
+            data = w.encode(reply)
         except (ValueError, struct.error) as e:
             log.warning("cannot encode %s: %s", type(reply).__name__, e)
-            return w.encode(w.Rerror(reply.tag, f"reply cannot be encoded: {e}"[:1000]))
+            return w.encode(w.Rerror(reply.tag, f"reply cannot be encoded: {e}"[:ENAME_MAX]))
+        if self.msize and len(data) > self.msize:
+            return w.encode(w.Rerror(reply.tag, f"reply of {len(data)} bytes exceeds msize {self.msize}"))
+        return data
 
     def waitables(self) -> tuple[list[Any], bool]:
         """What parked requests wait on, and whether some can only be retried on a timer."""
@@ -302,11 +316,10 @@ class Session:
     # -- requests -------------------------------------------------------------
 
     def _version(self, msg: w.Tversion) -> w.Msg:
+        if msg.msize < w.MSIZE_MIN:  # a failed Tversion: the session, if any, goes on (version(5))
+            raise StyxError(f"msize {msg.msize} too small: at least {w.MSIZE_MIN}")
         self._reset()  # Tversion aborts all outstanding I/O and clunks all fids
         self.attached = None
-        if msg.msize < w.MSIZE_MIN:
-            self.msize = 0
-            raise StyxError(f"msize {msg.msize} too small: at least {w.MSIZE_MIN}")
         version = answered_version(msg.version)
         if version is not None:
             self.msize = min(msg.msize, self.limits.msize)
@@ -421,7 +434,7 @@ class Session:
         self._may_write(f)
         self._check(st, f.user, w.DMWRITE)
         isdir = bool(msg.perm & w.DMDIR)
-        if isdir and (msg.mode & 3 != w.OREAD or msg.mode & w.OTRUNC):
+        if isdir and (msg.mode & 3 != w.OREAD or msg.mode & (w.OTRUNC | w.ORCLOSE)):  # as open(5) has it
             raise StyxError("a new directory can only be opened for reading")
         # Plan 9: the new file's permissions are limited by the directory's.
         mask = 0o777 if isdir else 0o666
@@ -539,27 +552,33 @@ class Session:
         try:
             self._may_write(f)
             self._may_remove(f)
-            if f.dirents is not None:
-                f.dirents.close()
-            if f.handle is not None:
-                f.handle.close()
-                f.handle = None
-            f.mode = None
+            self._release(f)
             f.node.remove(self._may_change(f))
         finally:
             if self.fids.pop(msg.fid, None) is not None:  # remove clunks the fid even when it fails
+                self._release(f)  # a refused remove too: its open file and listing are let go
                 f.node.close()
         return w.Rremove(msg.tag)
+
+    @staticmethod
+    def _release(f: Fid) -> None:
+        """Close what the fid holds open (once: a second call finds nothing), without an ORCLOSE removal."""
+        if f.dirents is not None:
+            f.dirents.close()
+            f.dirents = None
+        if f.handle is not None:
+            handle, f.handle = f.handle, None
+            handle.close()
+        f.mode = None
 
     def _stat(self, msg: w.Tstat) -> w.Msg:
         return w.Rstat(msg.tag, self._fid(msg.fid).node.stat())
 
     def _wstat(self, msg: w.Twstat) -> w.Msg:
         f = self._fid(msg.fid)
-        st, new = f.node.stat(), msg.stat
+        st = f.node.stat()
         keep = w.Stat.dont_touch()
-        if st.mode & w.DMDIR and new.length == 0:  # a directory's length is 0: setting it so is no change
-            new = replace(new, length=keep.length)
+        new = unchanged_as_dont_touch(msg.stat, st)
         if new == keep:  # a wstat that changes nothing asks for a sync (v9fs's fsync): any file may
             return w.Rwstat(msg.tag)
         if (
@@ -588,7 +607,10 @@ class Session:
         # The atime comes with the mtime from v9fs (touch sets both); it is the owner's to set as the
         # mtime is (u9fs and lib9p servers take it too), and never more than that.
         times = new.mtime != keep.mtime or new.atime != keep.atime
-        if (times or (new.gid and new.gid != st.gid)) and not owner:
+        regroup = bool(new.gid) and new.gid != st.gid
+        if (times or regroup) and not owner:
             raise StyxError(EPERM)  # only the owner changes the times or the group
+        if regroup and not self._kernel_judges and new.gid not in f.user.group_names and new.gid != f.user.name:
+            raise StyxError(EPERM)  # stat(5): and only to a group it is a member of
         f.node.wstat(new, f.user.name, self._may_change(f))
         return w.Rwstat(msg.tag)

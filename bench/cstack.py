@@ -79,6 +79,11 @@ def unavailable() -> str | None:
     return None
 
 
+def why_not(build: CBuild = DIRECT) -> str | None:
+    """Why `build`'s IRMd cannot be run here (no root or tools, or no such build), or None."""
+    return unavailable() or build.missing()
+
+
 def name_hash(name: str) -> str:
     """How a C udp4 IPCP looks a name up without DNS: the lowercase hex MD5 of the name, in /etc/hosts."""
     return hashlib.md5(name.encode()).hexdigest()

@@ -99,14 +99,8 @@ def test_name_hash_is_the_md5_a_c_udp4_ipcp_looks_up() -> None:
     assert cstack.name_hash("abc") == "900150983cd24fb0d6963f7d28e17f72"
 
 
-def _c_unavailable() -> str | None:
-    if (why := cstack.unavailable()) is not None:
-        return why
-    return cstack.DIRECT.missing()
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(_c_unavailable() is not None, reason=f"C Ouroboros: {_c_unavailable()}")
+@pytest.mark.skipif(cstack.why_not() is not None, reason=f"C Ouroboros: {cstack.why_not()}")
 def test_a_c_irmd_runs_in_namespaces_of_its_own_and_answers_c_oping(tmp_path: Path) -> None:
     """Two C IRMds at once (one per namespace), neither touching this host's /dev/shm or
     /var/run/ouroboros; closing one kills everything it started."""

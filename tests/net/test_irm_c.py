@@ -51,14 +51,8 @@ CATALOGUE: list[tuple[str, ...]] = [
 ]
 
 
-def _c_unavailable() -> str | None:
-    if (why := cstack.unavailable()) is not None:
-        return why
-    return cstack.DIRECT.missing()
-
-
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(_c_unavailable() is not None, reason=f"C Ouroboros 0.23: {_c_unavailable()}")
+@pytest.mark.skipif(cstack.why_not() is not None, reason=f"C Ouroboros 0.23: {cstack.why_not()}")
 def test_irm_answers_as_0_23s_irm(irmd: IrmdProc, tmp_path: Path) -> None:
     with netns.Netns("oirm") as ns, cstack.CStack(cstack.DIRECT, ns.ns, tmp_path) as cs:
         for words in CATALOGUE:
@@ -69,7 +63,7 @@ def test_irm_answers_as_0_23s_irm(irmd: IrmdProc, tmp_path: Path) -> None:
             assert (ours.returncode, ours.stdout) == (c.returncode, c.stdout), words
 
 
-@pytest.mark.skipif(_c_unavailable() is not None, reason=f"C Ouroboros 0.23: {_c_unavailable()}")
+@pytest.mark.skipif(cstack.why_not() is not None, reason=f"C Ouroboros 0.23: {cstack.why_not()}")
 @pytest.mark.parametrize("bad", [["--bogus"], ["--stdout", "x"]])
 def test_irmd_answers_a_bad_command_line_as_0_23s(bad: list[str]) -> None:
     """Its usage on stdout, ending with an empty line, and exit status 1. 0.23's irmd exits while

@@ -451,3 +451,41 @@ def test_allocation_flood_stops_at_the_client_quota(depot: Depot) -> None:
     assert r.stdout.split() == ["20", "-45"], r.stdout + r.stderr
     assert depot.served() < LEGIT_WAIT  # root's quota is its own
     assert depot.rss_mb() - rss0 < 20
+
+
+def test_a_depot_that_lies_about_a_loads_end_costs_the_client_no_memory_it_does_not_send() -> None:
+    """A load to the end is as long as the depot says: one that answers every one-byte probe, then
+    announces the gigabytes and sends a kilobyte, had the client take the whole length before a
+    byte came (2 GiB). Now memory follows what arrives, and the load fails as cut short."""
+    import socket
+    import threading
+    import tracemalloc
+
+    from apps.ibp.client import parse_cap
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def lie() -> None:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as f:
+            while line := f.readline(4096):
+                length = int(line.split()[5])  # version LOAD key typekey offset length timeout
+                if length > 1:
+                    conn.sendall(f"{w.IBP_OK} {length}\n".encode() + b"x" * 1000)
+                    return
+                conn.sendall(f"{w.IBP_OK} 1\n".encode() + b"x")
+
+    liar = threading.Thread(target=lie, daemon=True)
+    liar.start()
+    tracemalloc.start()
+    try:
+        with Connection(f"127.0.0.1:{port}", timeout=5) as c:
+            with pytest.raises(w.IbpError, match="closed the connection"):
+                c.load_bytes(parse_cap(f"ibp://127.0.0.1:{port}/0#k/1/READ"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        listener.close()
+    liar.join(5)
+    assert peak < 16 << 20, f"the client took {peak >> 20} MiB for 1,000 bytes"

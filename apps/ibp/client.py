@@ -19,6 +19,10 @@ from flowlib import FlowError, flow_alloc, qos
 from flowlib.irm import IrmClient
 
 DEFAULT_TIMEOUT = 30.0
+# Bytes a load takes at once before any arrive: past them a buffer grows with what comes. A load to
+# the end is as long as the depot says (one-byte probes it answers), and a lying one had the client
+# take 2 GiB for a load it never sent.
+PREALLOC_MAX = 64 << 20
 BUSY_WAIT = (0.05, 5.0)  # bounds on the wait a busy depot asks for before we ask again
 COPY_WAIT_FACTOR = 10  # a copy's reply is awaited up to this many timeouts per target
 STORE_BLOCK = 8 * 1024 * 1024  # bytes per STORE when the length is not known up front
@@ -244,7 +248,12 @@ class Connection:
         """The bytes of a load, gathered as they arrive into the buffer returned (no copy at the end:
         a join would copy them all once the last came)."""
         n, chunks = self.load(cap, offset, length)
-        out = bytearray(n)  # the depot announced n: no growing (each growth a realloc and a copy)
+        if n > PREALLOC_MAX:  # the depot's word (it sized a load to the end): memory as its bytes come
+            out = bytearray()
+            for chunk in chunks:
+                out += chunk
+            return out
+        out = bytearray(n)  # no growing (each growth a realloc and a copy)
         _gather(chunks, memoryview(out))
         return out
 

@@ -480,9 +480,11 @@ def test_a_depot_that_lies_about_a_loads_end_costs_the_client_no_memory_it_does_
     liar.start()
     tracemalloc.start()
     try:
-        with Connection(f"127.0.0.1:{port}", timeout=5) as c:
-            with pytest.raises(w.IbpError, match="closed the connection"):
-                c.load_bytes(parse_cap(f"ibp://127.0.0.1:{port}/0#k/1/READ"))
+        with (
+            Connection(f"127.0.0.1:{port}", timeout=5) as c,
+            pytest.raises(w.IbpError, match="closed the connection"),
+        ):
+            c.load_bytes(parse_cap(f"ibp://127.0.0.1:{port}/0#k/1/READ"))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -57,8 +57,9 @@ class Conv:
     backlog: deque[Flow] = field(default_factory=deque)
 
     def status(self) -> str:
+        # The state is the first word, as netstat(1) on Plan 9 and Inferno takes it; N is the directory.
         extra = f" flow {self.flow.flow_id} layer {self.flow.layer} mtu {self.flow.mtu}" if self.flow else ""
-        return f"{self.n} {self.state.value} local {self.local or '-'} remote {self.remote or '-'}{extra}\n"
+        return f"{self.state.value} local {self.local or '-'} remote {self.remote or '-'}{extra}\n"
 
     def next_state(self, command: str) -> ConvState:
         nxt = TRANSITIONS.get((self.state, command))

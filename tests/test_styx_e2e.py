@@ -394,6 +394,47 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
             c.write(bad, 0, b"announce irm")
 
 
+def test_a_listener_written_as_for_plan_9_accepts_and_rejects_calls(
+    irmd: IrmdProc, irmfs: str, default_client: None
+) -> None:
+    """What announce(2), listen(2), accept(2) and reject(2) write and read: a conversation number
+    without a newline, `accept N` and `reject N CAUSE` on the ctl the listen opened; netstat(1)
+    takes the first word of status as the state."""
+    with Client(dial("irm")) as c:
+
+        def ctl_open(path: str) -> tuple[int, str]:
+            fid = c.walk(path)
+            c.open(fid, w.ORDWR)
+            return fid, c.read(fid, 0, 64).decode()
+
+        def data(n: str) -> int:
+            fid = c.walk(f"net/{n}/data")
+            c.open(fid, w.ORDWR)
+            return fid
+
+        ann, adir = ctl_open("net/clone")
+        c.write(ann, 0, b"announce plan9echo local")
+        assert c.cat(f"net/{adir}/status").split()[0] == b"announced"
+        caller, cdir = ctl_open("net/clone")
+        c.write(caller, 0, b"connect plan9echo")
+        assert c.cat(f"net/{cdir}/status").split()[0] == b"connected"
+        with pytest.raises(StyxClientError, match="no incoming call"):
+            c.write(caller, 0, f"accept {cdir}".encode())  # a call we made is not ours to accept
+        lcfd, ldir = ctl_open(f"net/{adir}/listen")
+        assert ldir.isdigit()
+        c.write(lcfd, 0, f"accept {ldir}".encode())
+        dfd, out = data(ldir), data(cdir)
+        c.write(out, 0, b"ping")
+        assert c.read(dfd, 0, 100) == b"ping"
+
+        caller2, cdir2 = ctl_open("net/clone")
+        c.write(caller2, 0, b"connect plan9echo")
+        lcfd2, ldir2 = ctl_open(f"net/{adir}/listen")
+        c.write(lcfd2, 0, f"reject {ldir2} busy".encode())
+        assert c.cat(f"net/{ldir2}/status").split()[0] == b"closed"
+        assert c.read(data(cdir2), 0, 100) == b""  # the caller sees its call end
+
+
 # -- mount (FUSE) --------------------------------------------------------------------------------
 
 

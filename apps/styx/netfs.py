@@ -54,6 +54,7 @@ class Conv:
     remote: str = ""
     rbuf: bytes = b""  # the rest of an SDU longer than the last read asked for
     refs: int = 0
+    incoming: bool = False  # made by a listen: a call to accept or reject
     backlog: deque[Flow] = field(default_factory=deque)
 
     def status(self) -> str:
@@ -149,9 +150,25 @@ class NetFs:
         if verb == "hangup":
             self.hangup(conv)
             return None
+        if verb in ("accept", "reject"):
+            return self._answer(conv, verb, args)
         raise StyxError(
             f"unknown ctl command '{verb}': expected connect NAME [QOS] | announce NAME [LAYER...] | hangup"
+            " | accept [N] | reject [N] [CAUSE]"
         )
+
+    def _answer(self, conv: Conv, verb: str, args: list[str]) -> str | None:
+        """accept(2) and reject(2) write `accept N` and `reject N CAUSE` to the ctl a listen opened.
+        A flow is already allocated when listen yields it, so accepting does nothing more and rejecting
+        hangs the call up (the cause goes to the log only: the IRMd carries none to the caller)."""
+        if args and args[0] != str(conv.n):
+            raise StyxError(f"{verb} {args[0]}: this is conversation {conv.n}")
+        if not conv.incoming or conv.state is not ConvState.CONNECTED:
+            raise StyxError(f"conversation {conv.n} is {conv.state.value}: no incoming call to {verb}")
+        if verb == "reject":
+            log.info("net: conversation %d rejected: %s", conv.n, " ".join(args[1:]) or "no cause")
+            self.hangup(conv)
+        return None
 
     def _connect(self, conv: Conv, args: list[str]) -> str | None:
         if len(args) not in (1, 2):
@@ -242,7 +259,7 @@ class NetFs:
             if not conv.backlog:
                 raise WouldBlock(self.peer.irm().wakeup_fd)
             flow = conv.backlog.popleft()
-            new = Conv(self._next, ConvState.CONNECTED, flow, conv.local, f"flow {flow.flow_id}", refs=1)
+            new = Conv(self._next, ConvState.CONNECTED, flow, conv.local, f"flow {flow.flow_id}", refs=1, incoming=True)
             self.convs[new.n] = new
             self._next += 1
             return new

@@ -420,6 +420,8 @@ def test_a_listener_written_as_for_plan_9_accepts_and_rejects_calls(
         assert c.cat(f"net/{cdir}/status").split()[0] == b"connected"
         with pytest.raises(StyxClientError, match="no incoming call"):
             c.write(caller, 0, f"accept {cdir}".encode())  # a call we made is not ours to accept
+        with pytest.raises(StyxClientError, match=f"conversation {cdir} is connected: cannot listen"):
+            c.open(c.walk(f"net/{cdir}/listen"), w.ORDWR)
         lcfd, ldir = ctl_open(f"net/{adir}/listen")
         assert ldir.isdigit()
         c.write(lcfd, 0, f"accept {ldir}".encode())
@@ -433,6 +435,12 @@ def test_a_listener_written_as_for_plan_9_accepts_and_rejects_calls(
         c.write(lcfd2, 0, f"reject {ldir2} busy".encode())
         assert c.cat(f"net/{ldir2}/status").split()[0] == b"closed"
         assert c.read(data(cdir2), 0, 100) == b""  # the caller sees its call end
+        waiting = c.walk(f"net/{adir}/listen")
+        tag = c._send(w.Topen(0, waiting, w.ORDWR))  # parked until a call comes
+        c.write(ann, 0, b"hangup")
+        reply = c._receive(10)
+        assert reply.tag == tag and isinstance(reply, w.Rerror)
+        assert reply.ename == f"conversation {adir} is closed: cannot listen"
 
 
 # -- mount (FUSE) --------------------------------------------------------------------------------

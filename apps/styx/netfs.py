@@ -253,7 +253,8 @@ class NetFs:
     def accept(self, conv: Conv) -> Conv:
         """A flow that arrived for the announced name, as a new conversation; WouldBlock if none yet."""
         if conv.state is not ConvState.ANNOUNCED:
-            raise StyxError(f"conversation {conv.n} is not announced")
+            # Its state, as for a refused ctl command: a listen its announcement's hangup ended says closed.
+            raise StyxError(f"conversation {conv.n} is {conv.state.value}: cannot listen")
         self._arrivals()
         with self.lock:
             if not conv.backlog:

@@ -23,7 +23,7 @@ from third_party import p9fs_python, py9p_python
 
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
-from apps.styx.transport import FlowTransport, StreamTransport, dial
+from apps.styx.transport import FlowTransport, StreamTransport, TransportTimeout, dial
 from flowlib import Flow, flow_accept, flow_alloc, qos
 from flowlib.irm import IrmClient, call
 from proto import messages as m
@@ -441,6 +441,58 @@ def test_a_listener_written_as_for_plan_9_accepts_and_rejects_calls(
         reply = c._receive(10)
         assert reply.tag == tag and isinstance(reply, w.Rerror)
         assert reply.ename == f"conversation {adir} is closed: cannot listen"
+
+
+def test_a_net_write_the_window_cannot_take_whole_waits_and_is_never_short(
+    irmd: IrmdProc, irmfs: str, default_client: None
+) -> None:
+    """Plan 9's mount driver hands a short Rwrite to the program, which takes it for a failed write
+    (`write error`): a data write the flow's window takes only part of waits, and is answered whole
+    once the peer has read enough for the rest to go."""
+    with Client(dial("irm")) as c:
+
+        def ctl_open(path: str) -> tuple[int, str]:
+            fid = c.walk(path)
+            c.open(fid, w.ORDWR)
+            return fid, c.read(fid, 0, 64).decode()
+
+        ann, n = ctl_open("net/clone")
+        c.write(ann, 0, b"announce slowreader local")
+        con, m = ctl_open("net/clone")
+        c.write(con, 0, b"connect slowreader")
+        _, k = ctl_open(f"net/{n}/listen")
+        out, inp = c.walk(f"net/{m}/data"), c.walk(f"net/{k}/data")
+        c.open(out, w.ORDWR)
+        c.open(inp, w.ORDWR)
+        # Three SDUs a write: the window (a power of two, of SDUs or bytes) fills within one.
+        mtu = int(c.cat(f"net/{m}/status").split()[-1])
+        chunk = bytes(range(256)) * (2 * mtu // 256) + b"!" * (2 * mtu % 256 + 1)
+        assert len(chunk) <= c.iounit
+        written, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < 60:  # until the peer's window is full: a write left waiting
+            tag = c._send(w.Twrite(0, out, 0, chunk))
+            try:
+                reply = c._receive(2)
+            except TransportTimeout:
+                break
+            assert isinstance(reply, w.Rwrite) and reply.count == len(chunk), reply
+            written += reply.count
+        else:
+            pytest.fail("the flow's window never filled")
+        got = 0
+        answered = None
+        while answered is None or got < written + len(chunk):  # read at the other end: the write goes on
+            rtag = c._send(w.Tread(0, inp, 0, c.iounit))
+            while True:
+                reply = c._receive(10)
+                if reply.tag == tag:
+                    answered = reply
+                    continue
+                assert reply.tag == rtag and isinstance(reply, w.Rread)
+                got += len(reply.data)
+                break
+        assert isinstance(answered, w.Rwrite) and answered.count == len(chunk), answered
+        assert got == written + len(chunk)
 
 
 # -- mount (FUSE) --------------------------------------------------------------------------------

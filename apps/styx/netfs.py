@@ -326,6 +326,9 @@ class DataHandle(Handle):
     def __init__(self, net: NetFs, conv: Conv) -> None:
         self.net = net
         self.conv = conv
+        # Parked writes' progress, by the identity of their data (the parked request holds it, so
+        # the identity is not reused while the entry stands): data -> bytes sent so far.
+        self._sending: dict[int, tuple[bytes | memoryview, int]] = {}
 
     def _flow(self) -> Flow:
         flow = self.conv.flow
@@ -361,19 +364,24 @@ class DataHandle(Handle):
         return out
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        """SDUs of at most the flow's MTU, as many as its window takes now: the count written (a short
-        write), or WouldBlock while it takes none."""
+        """All of `data`, as SDUs of at most the flow's MTU; WouldBlock while the flow's window takes
+        no more, the write resumed where it stopped when retried. Never a short write: Plan 9's
+        mount driver returns one to the program, and its programs take that for a failed write."""
         flow = self._nonblocking_flow()
-        sent = 0
+        kept, sent = self._sending.pop(id(data), (data, 0))
+        sent = sent if kept is data else 0
         try:
-            for i in range(0, len(data), flow.mtu):
+            for i in range(sent, len(data), flow.mtu):
                 sent += flow.write(data[i : i + flow.mtu])
         except FlowWouldBlock:
-            if not sent:
-                raise WouldBlock() from None  # retried on the server's timer; a Tflush ends the wait
+            self._sending[id(data)] = (data, sent)
+            raise WouldBlock() from None  # retried on the server's timer; a Tflush ends the wait
         except FlowError as e:
             raise StyxError(f"write: {e}") from None
         return sent
+
+    def abandoned(self, data: bytes | memoryview) -> None:
+        self._sending.pop(id(data), None)
 
     def close(self) -> None:
         self.net.release(self.conv)

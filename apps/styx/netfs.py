@@ -367,9 +367,9 @@ class DataHandle(Handle):
         """All of `data`, as SDUs of at most the flow's MTU; WouldBlock while the flow's window takes
         no more, the write resumed where it stopped when retried. Never a short write: Plan 9's
         mount driver returns one to the program, and its programs take that for a failed write."""
-        flow = self._nonblocking_flow()
-        kept, sent = self._sending.pop(id(data), (data, 0))
+        kept, sent = self._sending.pop(id(data), (data, 0))  # first: a write that fails keeps nothing
         sent = sent if kept is data else 0
+        flow = self._nonblocking_flow()
         try:
             for i in range(sent, len(data), flow.mtu):
                 sent += flow.write(data[i : i + flow.mtu])

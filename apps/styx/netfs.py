@@ -166,7 +166,8 @@ class NetFs:
         if not conv.incoming or conv.state is not ConvState.CONNECTED:
             raise StyxError(f"conversation {conv.n} is {conv.state.value}: no incoming call to {verb}")
         if verb == "reject":
-            log.info("net: conversation %d rejected: %s", conv.n, " ".join(args[1:]) or "no cause")
+            # The cause is the client's text, up to a message long: the log keeps its start only.
+            log.info("net: conversation %d rejected: %.80s", conv.n, " ".join(args[1:]) or "no cause")
             self.hangup(conv)
         return None
 

@@ -23,7 +23,7 @@ from third_party import p9fs_python, py9p_python
 
 from apps.styx import wire as w
 from apps.styx.client import Client, StyxClientError
-from apps.styx.transport import FlowTransport, StreamTransport, dial
+from apps.styx.transport import FlowTransport, StreamTransport, TransportTimeout, dial
 from flowlib import Flow, flow_accept, flow_alloc, qos
 from flowlib.irm import IrmClient, call
 from proto import messages as m
@@ -368,7 +368,7 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
 
         ann, n = ctl_open("net/clone")
         c.write(ann, 0, b"announce netecho local")
-        assert c.cat(f"net/{n}/status").startswith(f"{n} announced".encode())
+        assert c.cat(f"net/{n}/status").startswith(b"announced local netecho ")
         con, conv_m = ctl_open("net/clone")
         c.write(con, 0, b"connect netecho")
         assert b"connected" in c.cat(f"net/{conv_m}/status")
@@ -392,6 +392,107 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
             c.write(bad, 0, b"dance")
         with pytest.raises(StyxClientError, match="own name"):
             c.write(bad, 0, b"announce irm")
+
+
+def test_a_listener_written_as_for_plan_9_accepts_and_rejects_calls(
+    irmd: IrmdProc, irmfs: str, default_client: None
+) -> None:
+    """What announce(2), listen(2), accept(2) and reject(2) write and read: a conversation number
+    without a newline, `accept N` and `reject N CAUSE` on the ctl the listen opened; netstat(1)
+    takes the first word of status as the state."""
+    with Client(dial("irm")) as c:
+
+        def ctl_open(path: str) -> tuple[int, str]:
+            fid = c.walk(path)
+            c.open(fid, w.ORDWR)
+            return fid, c.read(fid, 0, 64).decode()
+
+        def data(n: str) -> int:
+            fid = c.walk(f"net/{n}/data")
+            c.open(fid, w.ORDWR)
+            return fid
+
+        ann, adir = ctl_open("net/clone")
+        c.write(ann, 0, b"announce plan9echo local")
+        assert c.cat(f"net/{adir}/status").split()[0] == b"announced"
+        caller, cdir = ctl_open("net/clone")
+        c.write(caller, 0, b"connect plan9echo")
+        assert c.cat(f"net/{cdir}/status").split()[0] == b"connected"
+        with pytest.raises(StyxClientError, match="no incoming call"):
+            c.write(caller, 0, f"accept {cdir}".encode())  # a call we made is not ours to accept
+        with pytest.raises(StyxClientError, match=f"conversation {cdir} is connected: cannot listen"):
+            c.open(c.walk(f"net/{cdir}/listen"), w.ORDWR)
+        lcfd, ldir = ctl_open(f"net/{adir}/listen")
+        assert ldir.isdigit()
+        c.write(lcfd, 0, f"accept {ldir}".encode())
+        dfd, out = data(ldir), data(cdir)
+        c.write(out, 0, b"ping")
+        assert c.read(dfd, 0, 100) == b"ping"
+
+        caller2, cdir2 = ctl_open("net/clone")
+        c.write(caller2, 0, b"connect plan9echo")
+        lcfd2, ldir2 = ctl_open(f"net/{adir}/listen")
+        c.write(lcfd2, 0, f"reject {ldir2} busy".encode())
+        assert c.cat(f"net/{ldir2}/status").split()[0] == b"closed"
+        assert c.read(data(cdir2), 0, 100) == b""  # the caller sees its call end
+        waiting = c.walk(f"net/{adir}/listen")
+        tag = c._send(w.Topen(0, waiting, w.ORDWR))  # parked until a call comes
+        c.write(ann, 0, b"hangup")
+        reply = c._receive(10)
+        assert reply.tag == tag and isinstance(reply, w.Rerror)
+        assert reply.ename == f"conversation {adir} is closed: cannot listen"
+
+
+def test_a_net_write_the_window_cannot_take_whole_waits_and_is_never_short(
+    irmd: IrmdProc, irmfs: str, default_client: None
+) -> None:
+    """Plan 9's mount driver hands a short Rwrite to the program, which takes it for a failed write
+    (`write error`): a data write the flow's window takes only part of waits, and is answered whole
+    once the peer has read enough for the rest to go."""
+    with Client(dial("irm")) as c:
+
+        def ctl_open(path: str) -> tuple[int, str]:
+            fid = c.walk(path)
+            c.open(fid, w.ORDWR)
+            return fid, c.read(fid, 0, 64).decode()
+
+        ann, n = ctl_open("net/clone")
+        c.write(ann, 0, b"announce slowreader local")
+        con, m = ctl_open("net/clone")
+        c.write(con, 0, b"connect slowreader")
+        _, k = ctl_open(f"net/{n}/listen")
+        out, inp = c.walk(f"net/{m}/data"), c.walk(f"net/{k}/data")
+        c.open(out, w.ORDWR)
+        c.open(inp, w.ORDWR)
+        # Three SDUs a write: the window (a power of two, of SDUs or bytes) fills within one.
+        mtu = int(c.cat(f"net/{m}/status").split()[-1])
+        chunk = bytes(range(256)) * (2 * mtu // 256) + b"!" * (2 * mtu % 256 + 1)
+        assert len(chunk) <= c.iounit
+        written, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < 60:  # until the peer's window is full: a write left waiting
+            tag = c._send(w.Twrite(0, out, 0, chunk))
+            try:
+                reply = c._receive(2)
+            except TransportTimeout:
+                break
+            assert isinstance(reply, w.Rwrite) and reply.count == len(chunk), reply
+            written += reply.count
+        else:
+            pytest.fail("the flow's window never filled")
+        got = 0
+        answered = None
+        while answered is None or got < written + len(chunk):  # read at the other end: the write goes on
+            rtag = c._send(w.Tread(0, inp, 0, c.iounit))
+            while True:
+                reply = c._receive(10)
+                if reply.tag == tag:
+                    answered = reply
+                    continue
+                assert reply.tag == rtag and isinstance(reply, w.Rread)
+                got += len(reply.data)
+                break
+        assert isinstance(answered, w.Rwrite) and answered.count == len(chunk), answered
+        assert got == written + len(chunk)
 
 
 # -- mount (FUSE) --------------------------------------------------------------------------------

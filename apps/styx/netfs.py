@@ -54,11 +54,13 @@ class Conv:
     remote: str = ""
     rbuf: bytes = b""  # the rest of an SDU longer than the last read asked for
     refs: int = 0
+    incoming: bool = False  # made by a listen: a call to accept or reject
     backlog: deque[Flow] = field(default_factory=deque)
 
     def status(self) -> str:
+        # The state is the first word, as netstat(1) on Plan 9 and Inferno takes it; N is the directory.
         extra = f" flow {self.flow.flow_id} layer {self.flow.layer} mtu {self.flow.mtu}" if self.flow else ""
-        return f"{self.n} {self.state.value} local {self.local or '-'} remote {self.remote or '-'}{extra}\n"
+        return f"{self.state.value} local {self.local or '-'} remote {self.remote or '-'}{extra}\n"
 
     def next_state(self, command: str) -> ConvState:
         nxt = TRANSITIONS.get((self.state, command))
@@ -148,9 +150,26 @@ class NetFs:
         if verb == "hangup":
             self.hangup(conv)
             return None
+        if verb in ("accept", "reject"):
+            return self._answer(conv, verb, args)
         raise StyxError(
             f"unknown ctl command '{verb}': expected connect NAME [QOS] | announce NAME [LAYER...] | hangup"
+            " | accept [N] | reject [N] [CAUSE]"
         )
+
+    def _answer(self, conv: Conv, verb: str, args: list[str]) -> str | None:
+        """accept(2) and reject(2) write `accept N` and `reject N CAUSE` to the ctl a listen opened.
+        A flow is already allocated when listen yields it, so accepting does nothing more and rejecting
+        hangs the call up (the cause goes to the log only: the IRMd carries none to the caller)."""
+        if args and args[0] != str(conv.n):
+            raise StyxError(f"{verb} {args[0]}: this is conversation {conv.n}")
+        if not conv.incoming or conv.state is not ConvState.CONNECTED:
+            raise StyxError(f"conversation {conv.n} is {conv.state.value}: no incoming call to {verb}")
+        if verb == "reject":
+            # The cause is the client's text, up to a message long: the log keeps its start only.
+            log.info("net: conversation %d rejected: %.80s", conv.n, " ".join(args[1:]) or "no cause")
+            self.hangup(conv)
+        return None
 
     def _connect(self, conv: Conv, args: list[str]) -> str | None:
         if len(args) not in (1, 2):
@@ -235,13 +254,14 @@ class NetFs:
     def accept(self, conv: Conv) -> Conv:
         """A flow that arrived for the announced name, as a new conversation; WouldBlock if none yet."""
         if conv.state is not ConvState.ANNOUNCED:
-            raise StyxError(f"conversation {conv.n} is not announced")
+            # Its state, as for a refused ctl command: a listen its announcement's hangup ended says closed.
+            raise StyxError(f"conversation {conv.n} is {conv.state.value}: cannot listen")
         self._arrivals()
         with self.lock:
             if not conv.backlog:
                 raise WouldBlock(self.peer.irm().wakeup_fd)
             flow = conv.backlog.popleft()
-            new = Conv(self._next, ConvState.CONNECTED, flow, conv.local, f"flow {flow.flow_id}", refs=1)
+            new = Conv(self._next, ConvState.CONNECTED, flow, conv.local, f"flow {flow.flow_id}", refs=1, incoming=True)
             self.convs[new.n] = new
             self._next += 1
             return new
@@ -307,6 +327,9 @@ class DataHandle(Handle):
     def __init__(self, net: NetFs, conv: Conv) -> None:
         self.net = net
         self.conv = conv
+        # Parked writes' progress, by the identity of their data (the parked request holds it, so
+        # the identity is not reused while the entry stands): data -> bytes sent so far.
+        self._sending: dict[int, tuple[bytes | memoryview, int]] = {}
 
     def _flow(self) -> Flow:
         flow = self.conv.flow
@@ -342,19 +365,24 @@ class DataHandle(Handle):
         return out
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        """SDUs of at most the flow's MTU, as many as its window takes now: the count written (a short
-        write), or WouldBlock while it takes none."""
+        """All of `data`, as SDUs of at most the flow's MTU; WouldBlock while the flow's window takes
+        no more, the write resumed where it stopped when retried. Never a short write: Plan 9's
+        mount driver returns one to the program, and its programs take that for a failed write."""
+        kept, sent = self._sending.pop(id(data), (data, 0))  # first: a write that fails keeps nothing
+        sent = sent if kept is data else 0
         flow = self._nonblocking_flow()
-        sent = 0
         try:
-            for i in range(0, len(data), flow.mtu):
+            for i in range(sent, len(data), flow.mtu):
                 sent += flow.write(data[i : i + flow.mtu])
         except FlowWouldBlock:
-            if not sent:
-                raise WouldBlock() from None  # retried on the server's timer; a Tflush ends the wait
+            self._sending[id(data)] = (data, sent)
+            raise WouldBlock() from None  # retried on the server's timer; a Tflush ends the wait
         except FlowError as e:
             raise StyxError(f"write: {e}") from None
         return sent
+
+    def abandoned(self, data: bytes | memoryview) -> None:
+        self._sending.pop(id(data), None)
 
     def close(self) -> None:
         self.net.release(self.conv)

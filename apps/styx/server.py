@@ -359,7 +359,11 @@ class Session:
         return w.Rattach(msg.tag, root.stat().qid)
 
     def _flush(self, msg: w.Tflush) -> w.Msg:
-        self.pending.pop(msg.oldtag, None)  # the flushed request is never answered
+        p = self.pending.pop(msg.oldtag, None)  # the flushed request is never answered
+        if p is not None and isinstance(p.msg, w.Twrite):
+            f = self.fids.get(p.msg.fid)
+            if f is not None and f.handle is not None:
+                f.handle.abandoned(p.msg.data)
         return w.Rflush(msg.tag)
 
     def _walk(self, msg: w.Twalk) -> w.Msg:

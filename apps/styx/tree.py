@@ -83,6 +83,9 @@ class Handle:
     def write(self, offset: int, data: bytes | memoryview) -> int:
         raise StyxError("file not open for writing")
 
+    def abandoned(self, data: bytes | memoryview) -> None:
+        """A parked write of `data` (WouldBlock) was flushed: what was kept to resume it goes."""
+
     def close(self) -> None:
         pass
 

@@ -336,6 +336,35 @@ def test_remote_signal_death_is_reported(authorized: Host) -> None:
     assert r.returncode == 128 + signal.SIGTERM and b"SIGTERM" in r.stderr
 
 
+def test_a_closed_stdout_gives_the_remote_command_sigpipe_and_keeps_its_stderr_and_status(
+    authorized: Host,
+) -> None:
+    """`plumb HOST producer | head -1`, as with ssh: the remote producer gets SIGPIPE (not plumb, and
+    not a SIGTERM for a lost client), what it says after on stderr arrives, and its status is plumb's."""
+    p = subprocess.Popen(
+        [str(BIN / "plumb"), "host2", "yes; echo status=$? >&2; exit 5"],
+        env=authorized.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline() == b"y\n"
+    p.stdout.close()
+    err = p.stderr.read()
+    assert (p.wait(30), err.splitlines()[-1:]) == (5, [b"status=141"])
+    # `yes` itself killed by SIGPIPE: 141, as in a local pipeline, and no message about it
+    q = subprocess.run(
+        f'{BIN / "plumb"} host2 yes | head -c 2; echo " ${{PIPESTATUS[0]}}"',
+        shell=True,
+        executable="/bin/bash",
+        env=authorized.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert (q.stdout, b"killed" in q.stderr) == (b"y\n 141\n", False), q.stderr
+
+
 def test_client_going_away_kills_the_remote_command(authorized: Host) -> None:
     with authorized.remote("echo $$; exec sleep 60") as (_, pid):
         assert pid_alive(pid)

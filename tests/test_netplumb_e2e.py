@@ -363,6 +363,16 @@ def test_a_closed_stdout_gives_the_remote_command_sigpipe_and_keeps_its_stderr_a
         timeout=30,
     )
     assert (q.stdout, b"killed" in q.stderr) == (b"y\n 141\n", False), q.stderr
+    # Not a pipe's reader gone (a full disk): the output is dropped, the command not stopped
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            [str(BIN / "plumb"), "host2", "echo a; sleep 0.3; echo b; echo end >&2; exit 3"],
+            env=authorized.env,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
+    assert (r.returncode, r.stderr.splitlines()[-1:]) == (3, [b"end"])
 
 
 def test_client_going_away_kills_the_remote_command(authorized: Host) -> None:

@@ -6,6 +6,7 @@ timer, the Link writing what it queued, pumps (local fd -> DATA, within the peer
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -291,7 +292,7 @@ class Sink(threading.Thread):
         on_broken: Callable[[int], None] = _nothing,
     ) -> None:
         super().__init__(daemon=True, name=f"sink-{ch}")
-        self.on_broken = on_broken  # the local reader went away
+        self.on_broken = on_broken  # the reader of the local pipe went away (EPIPE)
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.close_fd = close_fd
         self.on_eof = on_eof
@@ -364,8 +365,9 @@ class Sink(threading.Thread):
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
-                    with contextlib.suppress(Exception):
-                        self.on_broken(self.ch)
+                    if e.errno == errno.EPIPE:  # a pipe's reader, not a full disk or a closed fd
+                        with contextlib.suppress(Exception):
+                            self.on_broken(self.ch)
             if self.budget is not None:
                 self.budget.give(len(data))
             ungranted += len(data)

@@ -375,6 +375,28 @@ def test_a_closed_stdout_gives_the_remote_command_sigpipe_and_keeps_its_stderr_a
     assert (r.returncode, r.stderr.splitlines()[-1:]) == (3, [b"end"])
 
 
+@pytest.mark.parametrize(
+    "closed, script, out, err, status",
+    [
+        ("<&-", "cat; echo got-eof >&2; exit 3", b"", b"got-eof\n", 3),  # hung: the stdin pump read the flow
+        (">&-", "echo out; echo err >&2; exit 4", b"", b"err\n", 4),  # a traceback and status 1
+        ("2>&-", "echo out; echo err >&2; exit 5", b"out\n", b"", 5),
+    ],
+)
+def test_a_closed_standard_descriptor_is_dev_null_as_with_ssh(
+    authorized: Host, closed: str, script: str, out: bytes, err: bytes, status: int
+) -> None:
+    """plumb started with stdin, stdout or stderr closed: as OpenSSH's sanitise_stdfd(), that one is
+    /dev/null, not the number of the next descriptor plumb opens (its flow)."""
+    r = subprocess.run(
+        ["/bin/bash", "-c", f'"$0" -q host2 "$1" {closed}', str(BIN / "plumb"), script],
+        env=authorized.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (status, out, err)
+
+
 def test_client_going_away_kills_the_remote_command(authorized: Host) -> None:
     with authorized.remote("echo $$; exec sleep 60") as (_, pid):
         assert pid_alive(pid)

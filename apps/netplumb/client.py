@@ -389,7 +389,27 @@ def _open_out(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
+def sanitise_stdfd() -> None:
+    """A closed stdin, stdout or stderr becomes /dev/null, as OpenSSH's sanitise_stdfd(): else the
+    next descriptor opened (the flow's socket, a wakeup pipe) would take its number, and the stdin
+    pump read our own connection or the command's output be written into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # a lower one was closed too and took this open: both get /dev/null
+                os.dup2(null, fd)
+                os.close(null)
+    # Python saw them closed at its start and left these None (print(file=None) goes to stdout)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 -- for the life of the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 -- for the life of the process
+
+
 def main(argv: list[str] | None = None) -> None:
+    sanitise_stdfd()
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(USAGE)

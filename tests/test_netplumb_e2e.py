@@ -397,6 +397,26 @@ def test_a_closed_standard_descriptor_is_dev_null_as_with_ssh(
     assert (r.returncode, r.stdout, r.stderr) == (status, out, err)
 
 
+def test_a_closed_stderr_does_not_change_the_status_plumb_reports(authorized: Host) -> None:
+    """Its messages' reader gone, plumb still exits with the command's status (was 141, or 1 and a
+    traceback once SIGPIPE was ignored), and with its own 255."""
+    for script, status in (("sleep 0.3; kill -TERM $$", 128 + signal.SIGTERM), ("exit 7", 7)):
+        r = subprocess.run(
+            ["/bin/bash", "-c", '"$0" host2 "$1" 2>&1 | true; echo ${PIPESTATUS[0]}', str(BIN / "plumb"), script],
+            env=authorized.env,
+            capture_output=True,
+            timeout=30,
+        )
+        assert r.stdout == f"{status}\n".encode(), r.stderr
+    r = subprocess.run(
+        ["/bin/bash", "-c", '"$0" nohost true 2>&1 | true; echo ${PIPESTATUS[0]}', str(BIN / "plumb")],
+        env=authorized.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert r.stdout == b"255\n"
+
+
 def test_client_going_away_kills_the_remote_command(authorized: Host) -> None:
     with authorized.remote("echo $$; exec sleep 60") as (_, pid):
         assert pid_alive(pid)

@@ -258,7 +258,7 @@ class Client:
             case Started(ok, message, status):
                 if not ok:
                     log.log(DEBUG1, "START refused (status %d)", status)
-                    print(f"plumb: {self.req.host}: {visible(message)}", file=sys.stderr)
+                    say(f"plumb: {self.req.host}: {visible(message)}")
                     return status
                 log.log(DEBUG1, "started")
                 self._forward_signals()
@@ -271,7 +271,7 @@ class Client:
             case Exit("signal", sig):
                 name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
                 if sig != signal.SIGPIPE:  # as a shell: a reader that went away is no news
-                    print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
+                    say(f"plumb: {self.req.host}: the command was killed by {name}")
                 self.status = 128 + sig
                 self._outputs_end()
             case Exit(_, status):
@@ -389,6 +389,13 @@ def _open_out(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
+def say(text: str) -> None:
+    """A message on stderr; its reader gone (SIGPIPE is ignored) costs nothing but the message, not
+    the exit status."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
+
+
 def sanitise_stdfd() -> None:
     """A closed stdin, stdout or stderr becomes /dev/null, as OpenSSH's sanitise_stdfd(): else the
     next descriptor opened (the flow's socket, a wakeup pipe) would take its number, and the stdin
@@ -420,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         req = parse_args(args)
     except UsageError as e:
-        print(f"plumb: {e}\n{USAGE}", file=sys.stderr)
+        say(f"plumb: {e}\n{USAGE}")
         sys.exit(FAILED)
     for level, name in ((DEBUG1, "debug1"), (DEBUG2, "debug2"), (DEBUG3, "debug3")):
         logging.addLevelName(level, name)
@@ -431,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = Client(req).run()
     except Failure as e:  # its reason may be the server's words
-        print(f"plumb: {visible(str(e))}", file=sys.stderr)
+        say(f"plumb: {visible(str(e))}")
         code = FAILED
     except KeyboardInterrupt:
         code = 130

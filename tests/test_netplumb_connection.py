@@ -26,7 +26,19 @@ from apps.netplumb.connection import (
     StartRequested,
 )
 from apps.netplumb.keys import Identity
-from apps.netplumb.messages import BadStart, Data, Eof, Exit, Open, SessionMessage, Signal, Start, Started, Window
+from apps.netplumb.messages import (
+    BadStart,
+    Data,
+    Eof,
+    Exit,
+    Open,
+    SessionMessage,
+    Signal,
+    Start,
+    Started,
+    Unread,
+    Window,
+)
 from apps.netplumb.session import ServerKey
 from apps.netplumb.wire import INITIAL_WINDOW, Fields, WireError
 
@@ -283,6 +295,23 @@ def test_a_late_grant_is_ignored() -> None:
     s.send_eof(1)
     assert s.receive(c.session.send(wire.WINDOW, Window(1, 10).to_fields()), 0.0) == []
     assert s.receive(c.session.send(wire.WINDOW, Window(99, 10).to_fields()), 0.0) == []
+
+
+def test_eof_from_the_receiving_end_says_it_reads_no_more() -> None:
+    """plumb's stdout reader went away (`plumb HOST yes | head -1`): the client says EOF on channel 1,
+    which the server only sends on, and the server learns to stop reading the command's stdout (as
+    OpenSSH's eow@openssh.com), its stderr and EXIT still going."""
+    c, s = running()
+    c.send_eof(1)
+    assert deliver(c, s) == [Unread(1)]
+    for mistake in (lambda: c.send_eof(1), lambda: c.send_data(1, b"x")):  # said once; never data
+        with pytest.raises(LocalProtocolError, match=r"cannot send .* on channel 1"):
+            mistake()
+    assert s.receive(c.session.send(wire.EOF, Eof(1).to_fields()), 0.0) == []  # a repeat is nothing more
+    s.send_data(1, b"in flight")  # what was on its way still arrives
+    s.send_data(2, b"err")
+    s.send_eof(1)
+    assert deliver(s, c) == [Data(1, b"in flight"), Data(2, b"err"), Eof(1)]
 
 
 def test_our_own_mistakes_are_local_errors() -> None:

@@ -336,6 +336,87 @@ def test_remote_signal_death_is_reported(authorized: Host) -> None:
     assert r.returncode == 128 + signal.SIGTERM and b"SIGTERM" in r.stderr
 
 
+def test_a_closed_stdout_gives_the_remote_command_sigpipe_and_keeps_its_stderr_and_status(
+    authorized: Host,
+) -> None:
+    """`plumb HOST producer | head -1`, as with ssh: the remote producer gets SIGPIPE (not plumb, and
+    not a SIGTERM for a lost client), what it says after on stderr arrives, and its status is plumb's."""
+    p = subprocess.Popen(
+        [str(BIN / "plumb"), "host2", "yes; echo status=$? >&2; exit 5"],
+        env=authorized.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline() == b"y\n"
+    p.stdout.close()
+    err = p.stderr.read()
+    assert (p.wait(30), err.splitlines()[-1:]) == (5, [b"status=141"])
+    # `yes` itself killed by SIGPIPE: 141, as in a local pipeline, and no message about it
+    q = subprocess.run(
+        f'{BIN / "plumb"} host2 yes | head -c 2; echo " ${{PIPESTATUS[0]}}"',
+        shell=True,
+        executable="/bin/bash",
+        env=authorized.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert (q.stdout, b"killed" in q.stderr) == (b"y\n 141\n", False), q.stderr
+    # Not a pipe's reader gone (a full disk): the output is dropped, the command not stopped
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            [str(BIN / "plumb"), "host2", "echo a; sleep 0.3; echo b; echo end >&2; exit 3"],
+            env=authorized.env,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
+    assert (r.returncode, r.stderr.splitlines()[-1:]) == (3, [b"end"])
+
+
+@pytest.mark.parametrize(
+    "closed, script, out, err, status",
+    [
+        ("<&-", "cat; echo got-eof >&2; exit 3", b"", b"got-eof\n", 3),  # hung: the stdin pump read the flow
+        (">&-", "echo out; echo err >&2; exit 4", b"", b"err\n", 4),  # a traceback and status 1
+        ("2>&-", "echo out; echo err >&2; exit 5", b"out\n", b"", 5),
+    ],
+)
+def test_a_closed_standard_descriptor_is_dev_null_as_with_ssh(
+    authorized: Host, closed: str, script: str, out: bytes, err: bytes, status: int
+) -> None:
+    """plumb started with stdin, stdout or stderr closed: as OpenSSH's sanitise_stdfd(), that one is
+    /dev/null, not the number of the next descriptor plumb opens (its flow)."""
+    r = subprocess.run(
+        ["/bin/bash", "-c", f'"$0" -q host2 "$1" {closed}', str(BIN / "plumb"), script],
+        env=authorized.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (status, out, err)
+
+
+def test_a_closed_stderr_does_not_change_the_status_plumb_reports(authorized: Host) -> None:
+    """Its messages' reader gone, plumb still exits with the command's status (was 141, or 1 and a
+    traceback once SIGPIPE was ignored), and with its own 255."""
+    for script, status in (("sleep 0.3; kill -TERM $$", 128 + signal.SIGTERM), ("exit 7", 7)):
+        r = subprocess.run(
+            ["/bin/bash", "-c", '"$0" host2 "$1" 2>&1 | true; echo ${PIPESTATUS[0]}', str(BIN / "plumb"), script],
+            env=authorized.env,
+            capture_output=True,
+            timeout=30,
+        )
+        assert r.stdout == f"{status}\n".encode(), r.stderr
+    r = subprocess.run(
+        ["/bin/bash", "-c", '"$0" nohost true 2>&1 | true; echo ${PIPESTATUS[0]}', str(BIN / "plumb")],
+        env=authorized.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert r.stdout == b"255\n"
+
+
 def test_client_going_away_kills_the_remote_command(authorized: Host) -> None:
     with authorized.remote("echo $$; exec sleep 60") as (_, pid):
         assert pid_alive(pid)

@@ -35,6 +35,15 @@ def test_seed_style_recipe_parses() -> None:
     assert cmds[3].argv == ["wc", "-c"] and cmds[3].wait
 
 
+def test_a_label_is_sent_to_as_the_seed_writes_it_colon_and_all() -> None:
+    """The seed: '>%label: will send its output to ... and 2>%label3: will send its stderr'."""
+    a, _, _ = parse_recipe("a: tar c /etc >%label3: 2>%label2: &\nlabel2: cat &\nlabel3: wc -c")
+    assert (a.stdout, a.stderr) == (ToLabel("label3"), ToLabel("label2"))
+    for bad in ("echo >%a::\na: cat", "echo >%:\na: cat"):
+        with pytest.raises(RecipeError, match="bad label"):
+            parse_recipe(bad)
+
+
 def test_redirections() -> None:
     (c,) = parse_recipe("sort <in.txt >>out.txt 2>&1")
     assert c.stdin == File("in.txt") and c.stdout == File("out.txt", append=True) and c.stderr == ToStdout()

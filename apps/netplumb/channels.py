@@ -6,6 +6,7 @@ timer, the Link writing what it queued, pumps (local fd -> DATA, within the peer
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from apps.netplumb import wire
-from apps.netplumb.messages import Data, Eof
+from apps.netplumb.messages import Data, Eof, Unread
 from apps.netplumb.messages import Window as Grant
 from apps.netplumb.wire import INITIAL_WINDOW
 from flowlib import Flow
@@ -288,8 +289,10 @@ class Sink(threading.Thread):
         on_eof: Callable[[int], None] | None = None,
         stop: Stop | None = None,
         budget: Budget | None = None,
+        on_broken: Callable[[int], None] = _nothing,
     ) -> None:
         super().__init__(daemon=True, name=f"sink-{ch}")
+        self.on_broken = on_broken  # the reader of the local pipe went away (EPIPE)
         self.link, self.ch, self.opener, self.on_done = link, ch, opener, on_done
         self.close_fd = close_fd
         self.on_eof = on_eof
@@ -362,6 +365,9 @@ class Sink(threading.Thread):
                 except OSError as e:  # the reader went away: drop the rest, keep the window moving
                     log.debug("channel %d sink: %s", self.ch, e)
                     broken = True
+                    if e.errno == errno.EPIPE:  # a pipe's reader, not a full disk or a closed fd
+                        with contextlib.suppress(Exception):
+                            self.on_broken(self.ch)
             if self.budget is not None:
                 self.budget.give(len(data))
             ungranted += len(data)
@@ -390,8 +396,12 @@ class Ends:
         self.sinks: dict[int, Sink] = {}
         self.stop = stop  # set by close(): what the pumps and sinks made with it wait on
 
-    def take(self, msg: Data | Eof | Grant) -> None:
+    def take(self, msg: Data | Eof | Unread | Grant) -> None:
         match msg:
+            case Unread(ch):  # the peer reads no more: the pump stops, closing what its writer writes to
+                pump = self.pumps.get(ch)
+                if pump is not None:
+                    pump.window.close()
             case Data(ch, data):
                 self.sinks[ch].put(data)
             case Eof(ch):

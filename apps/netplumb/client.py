@@ -22,7 +22,7 @@ from pathlib import Path
 from apps.netplumb.channels import DEBUG2, DEBUG3, Ends, Link, Pump, Reader, Sink, duplex
 from apps.netplumb.connection import Authenticated, ClientConnection, Closed, Event, LocalProtocolError
 from apps.netplumb.keys import HostKeyChanged, Identity, KeyFileError, KnownHosts, config_dir, fingerprint
-from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Window
+from apps.netplumb.messages import Data, Eof, Exit, Open, Start, Started, Unread, Window
 from apps.netplumb.session import ServerKey, SessionError
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, MAX_CONNECTIONS, STDERR, STDIN, STDOUT
 from flowlib import FlowDown, FlowError, flow_alloc, qos
@@ -258,19 +258,20 @@ class Client:
             case Started(ok, message, status):
                 if not ok:
                     log.log(DEBUG1, "START refused (status %d)", status)
-                    print(f"plumb: {self.req.host}: {visible(message)}", file=sys.stderr)
+                    say(f"plumb: {self.req.host}: {visible(message)}")
                     return status
                 log.log(DEBUG1, "started")
                 self._forward_signals()
                 self._start_channels()
-            case Data() | Eof() | Window():
+            case Data() | Eof() | Unread() | Window():
                 self.ends.take(ev)
             case Open(ch, parent):
                 log.log(DEBUG2, "channel %d: a connection on socket %d, to %s", ch, parent, self.locals[parent])
                 self._open(ch, parent)
             case Exit("signal", sig):
                 name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
-                print(f"plumb: {self.req.host}: the command was killed by {name}", file=sys.stderr)
+                if sig != signal.SIGPIPE:  # as a shell: a reader that went away is no news
+                    say(f"plumb: {self.req.host}: the command was killed by {name}")
                 self.status = 128 + sig
                 self._outputs_end()
             case Exit(_, status):
@@ -323,11 +324,11 @@ class Client:
         pumps, sinks = self.ends.pumps, self.ends.sinks
         pumps[STDIN] = Pump(self.link, STDIN, lambda: 0, close_fd=False)
         for ch in (STDOUT, STDERR):
-            sinks[ch] = Sink(self.link, ch, functools.partial(int, ch), close_fd=False)
+            sinks[ch] = Sink(self.link, ch, functools.partial(int, ch), close_fd=False, on_broken=self._unread)
         for ch, _ in start.infifos:
             pumps[ch] = Pump(self.link, ch, functools.partial(os.open, self.locals[ch], os.O_RDONLY))
         for ch, _ in start.outfifos:
-            sinks[ch] = Sink(self.link, ch, functools.partial(_open_out, self.locals[ch]))
+            sinks[ch] = Sink(self.link, ch, functools.partial(_open_out, self.locals[ch]), on_broken=self._unread)
         self.waited = list(sinks.values())
         for ch in pumps:
             self.core.add_channel(ch, receives=False, sends=True)
@@ -338,6 +339,14 @@ class Client:
         for ch, remote in start.sockets:
             log.log(DEBUG2, "channel %d: connections to %s there come to %s", ch, remote, self.locals[ch])
         self.ends.start()
+
+    def _unread(self, ch: int) -> None:
+        """Our reader of ch went away (`plumb HOST yes | head -1`): as ssh's eow@openssh.com, the
+        server closes what the command writes there, so the command gets SIGPIPE and ends as it
+        would locally, its stderr and exit status still coming back."""
+        log.log(DEBUG2, "channel %d: %s is closed: the server is told we read no more", ch, self._local(ch))
+        with contextlib.suppress(FlowError, LocalProtocolError):
+            self.link.eof(ch)
 
     def _local(self, ch: int) -> str:
         return self.locals[ch] if ch in self.locals else ("stdin", "stdout", "stderr")[ch]
@@ -380,7 +389,34 @@ def _open_out(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
+def say(text: str) -> None:
+    """A message on stderr; its reader gone (SIGPIPE is ignored) costs nothing but the message, not
+    the exit status."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
+
+
+def sanitise_stdfd() -> None:
+    """A closed stdin, stdout or stderr becomes /dev/null, as OpenSSH's sanitise_stdfd(): else the
+    next descriptor opened (the flow's socket, a wakeup pipe) would take its number, and the stdin
+    pump read our own connection or the command's output be written into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # a lower one was closed too and took this open: both get /dev/null
+                os.dup2(null, fd)
+                os.close(null)
+    # Python saw them closed at its start and left these None (print(file=None) goes to stdout)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 -- for the life of the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 -- for the life of the process
+
+
 def main(argv: list[str] | None = None) -> None:
+    sanitise_stdfd()
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
@@ -391,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         req = parse_args(args)
     except UsageError as e:
-        print(f"plumb: {e}\n{USAGE}", file=sys.stderr)
+        say(f"plumb: {e}\n{USAGE}")
         sys.exit(FAILED)
     for level, name in ((DEBUG1, "debug1"), (DEBUG2, "debug2"), (DEBUG3, "debug3")):
         logging.addLevelName(level, name)
@@ -399,16 +435,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=level, format="plumb: %(levelname)s: %(message)s")
     show_visible()  # what the server says (its reasons, in errors) reaches the terminal as text only
     logging.addLevelName(logging.WARNING, "warning")
-    with contextlib.suppress(ValueError):  # a closed reader of our stdout is not our error to report
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = Client(req).run()
     except Failure as e:  # its reason may be the server's words
-        print(f"plumb: {visible(str(e))}", file=sys.stderr)
+        say(f"plumb: {visible(str(e))}")
         code = FAILED
     except KeyboardInterrupt:
         code = 130
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # SIGPIPE is ignored (Python's default): a closed stdout is told to the server
+        sys.stdout.flush()
     os._exit(code)  # threads may still wait on our stdin: do not wait for them
 
 

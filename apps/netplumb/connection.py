@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from apps.netplumb import wire
 from apps.netplumb.keys import Identity
-from apps.netplumb.messages import Data, Eof, Exit, Open, SessionMessage, Signal, Start, Started, Window
+from apps.netplumb.messages import Data, Eof, Exit, Open, SessionMessage, Signal, Start, Started, Unread, Window
 from apps.netplumb.session import (
     ClientSession,
     Established,
@@ -47,8 +47,8 @@ class _Channel(Record):
     receives: bool  # the peer sends data on it to us
     sends: bool  # we send data on it to the peer
     credit: int = INITIAL_WINDOW  # what the peer may still send before we grant more
-    peer_eof: bool = False  # the peer said EOF: no more data from it
-    our_eof: bool = False
+    peer_eof: bool = False  # the peer said EOF: no more data from it (or, if it only receives: it reads no more)
+    our_eof: bool = False  # (on a channel we only receive on: we said we read no more)
     window: int = INITIAL_WINDOW  # what we may still send (the peer's grants)
 
 
@@ -76,9 +76,9 @@ class Channels:
         with self._lock:
             self._by_ch.pop(ch, None)
 
-    def received(self, msg: Data | Eof | Window) -> Data | Eof | Window | None:
+    def received(self, msg: Data | Eof | Window) -> Data | Eof | Window | Unread | None:
         """The peer's message, checked (ProtocolError), or None for a late grant on a channel we
-        stopped sending on."""
+        stopped sending on; an EOF on a channel only we send on is Unread (the peer reads no more)."""
         with self._lock:
             c = self._by_ch.get(msg.ch)
             if isinstance(msg, Window):
@@ -88,6 +88,11 @@ class Channels:
                     raise ProtocolError(f"window of channel {msg.ch} granted past {MAX_CREDIT} bytes")
                 c.window += msg.n
                 return msg
+            if isinstance(msg, Eof) and c is not None and c.sends and not c.receives:
+                if c.peer_eof or c.our_eof:  # said twice, or crossed with our own EOF: nothing to stop
+                    return None
+                c.peer_eof = True
+                return Unread(msg.ch)
             if c is None or not c.receives:
                 raise ProtocolError(f"data for channel {msg.ch}, which does not take data")
             if c.peer_eof:
@@ -109,6 +114,9 @@ class Channels:
         within the window the peer granted."""
         with self._lock:
             c = self._by_ch.get(msg.ch)
+            if isinstance(msg, Eof) and c is not None and c.receives and not c.sends and not c.our_eof:
+                c.our_eof = True  # we read no more: the data already on its way is still taken
+                return
             if c is None or not c.sends or c.our_eof:
                 raise LocalProtocolError(f"cannot send {type(msg).__name__} on channel {msg.ch}")
             if isinstance(msg, Eof):
@@ -193,7 +201,9 @@ class Closed(FrozenRecord):
     reason: str
 
 
-Event = Authenticated | ServerKey | StartRequested | Started | Data | Eof | Window | Open | Exit | Signal | Closed
+Event = (
+    Authenticated | ServerKey | StartRequested | Started | Data | Eof | Unread | Window | Open | Exit | Signal | Closed
+)
 
 
 class Connection:

@@ -41,7 +41,7 @@ from apps.netplumb.keys import (
     private_dir,
 )
 from apps.netplumb.limits import Admission, BufferFull, Buffers, Holding, LimitReached, Limits, Ticket
-from apps.netplumb.messages import BadStart, Data, Eof, Signal, Start, Window
+from apps.netplumb.messages import BadStart, Data, Eof, Signal, Start, Unread, Window
 from apps.netplumb.policy import Account, Plan, Refused, Settings
 from apps.netplumb.privsep import JobNotStarted, Runner
 from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, FIRST_SERVER_CHANNEL, STDERR, STDIN, STDOUT, Fields
@@ -170,7 +170,7 @@ class Driver:
                 log.info("%s: authenticated", self.who)
             case StartRequested(fields):
                 self._start(fields)
-            case Data() | Eof() | Window():
+            case Data() | Eof() | Unread() | Window():
                 try:
                     self.ends.take(ev)
                 except BufferFull as e:  # the client's to hear: it sent what its key may not have waiting

@@ -146,7 +146,9 @@ class Data(FrozenRecord):
 
 @frozen_record
 class Eof(FrozenRecord):
-    """No more data on this channel in this direction (a half-close)."""
+    """No more data on this channel in this direction (a half-close). Sent by the end that only
+    receives on the channel, it means that end reads no more (OpenSSH's eow@openssh.com): its local
+    reader went away, so the sender closes what it reads from and its writer gets SIGPIPE."""
 
     TYPE: ClassVar[int] = wire.EOF
     ch: int
@@ -157,6 +159,13 @@ class Eof(FrozenRecord):
     @classmethod
     def from_fields(cls, fields: Fields) -> Eof:
         return cls(fields.int("ch", 0, MAX_CHANNEL))
+
+
+@frozen_record
+class Unread(FrozenRecord):
+    """Not a packet: the peer's EOF on a channel only we send on, i.e. the peer reads no more."""
+
+    ch: int
 
 
 @frozen_record

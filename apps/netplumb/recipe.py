@@ -173,9 +173,11 @@ def parse_recipe(text: str) -> list[Command]:
             if target.startswith("%"):
                 if tok.text not in (">", "2>"):
                     raise RecipeError(f"line {n}: a label takes '>%label' or '2>%label', not {tok.text!r}")
-                if not LABEL.fullmatch(target[1:]):
+                # The seed writes the label as it is defined, colon and all: '>%label3:'.
+                name = target[1:-1] if target.endswith(":") else target[1:]
+                if not LABEL.fullmatch(name):
                     raise RecipeError(f"line {n}: bad label {target!r}")
-                dest = ToLabel(target[1:])
+                dest = ToLabel(name)
             else:
                 dest = File(target, append=tok.text.endswith(">>"))
             if tok.text.startswith("2"):

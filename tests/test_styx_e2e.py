@@ -356,23 +356,24 @@ def test_irmd_driven_through_ctl_files(irmd: IrmdProc, irmfs: str, styx: Styx) -
     assert not any(r["name"] == "lo2" for r in irmd.table("ipcp", "list"))
 
 
+def ctl_open(c: Client, path: str) -> tuple[int, str]:
+    """A net file opened for reading and writing (a clone, a listen), and the conversation it names."""
+    fid = c.walk(path)
+    c.open(fid, w.ORDWR)
+    return fid, c.read(fid, 0, 64).decode()
+
+
 # A server with many clients hands out descriptors past 1023, where select() fails: its flows work there too.
 @pytest.mark.parametrize("irmfs", [0, 1100], indirect=True, ids=["few-fds", "fds-past-1023"])
 def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, default_client: None) -> None:
     with Client(dial("irm")) as c:
-
-        def ctl_open(path: str) -> tuple[int, str]:
-            fid = c.walk(path)
-            c.open(fid, w.ORDWR)
-            return fid, c.read(fid, 0, 64).decode()
-
-        ann, n = ctl_open("net/clone")
+        ann, n = ctl_open(c, "net/clone")
         c.write(ann, 0, b"announce netecho local")
         assert c.cat(f"net/{n}/status").startswith(b"announced local netecho ")
-        con, conv_m = ctl_open("net/clone")
+        con, conv_m = ctl_open(c, "net/clone")
         c.write(con, 0, b"connect netecho")
         assert b"connected" in c.cat(f"net/{conv_m}/status")
-        _, k = ctl_open(f"net/{n}/listen")  # the open waits for the flow to arrive
+        _, k = ctl_open(c, f"net/{n}/listen")  # the open waits for the flow to arrive
         out = c.walk(f"net/{conv_m}/data")
         c.open(out, w.ORDWR)
         inp = c.walk(f"net/{k}/data")
@@ -387,7 +388,7 @@ def test_a_flow_made_and_used_through_net_files(irmd: IrmdProc, irmfs: str, defa
         assert c.read(inp, 0, 100) == b""  # end of file at the other end
         names = [s.name for s in c.ls("net")]
         assert conv_m not in names and k in names and "clone" in names
-        bad, _ = ctl_open("net/clone")
+        bad, _ = ctl_open(c, "net/clone")
         with pytest.raises(StyxClientError, match="unknown ctl command"):
             c.write(bad, 0, b"dance")
         with pytest.raises(StyxClientError, match="own name"):
@@ -402,36 +403,31 @@ def test_a_listener_written_as_for_plan_9_accepts_and_rejects_calls(
     takes the first word of status as the state."""
     with Client(dial("irm")) as c:
 
-        def ctl_open(path: str) -> tuple[int, str]:
-            fid = c.walk(path)
-            c.open(fid, w.ORDWR)
-            return fid, c.read(fid, 0, 64).decode()
-
         def data(n: str) -> int:
             fid = c.walk(f"net/{n}/data")
             c.open(fid, w.ORDWR)
             return fid
 
-        ann, adir = ctl_open("net/clone")
+        ann, adir = ctl_open(c, "net/clone")
         c.write(ann, 0, b"announce plan9echo local")
         assert c.cat(f"net/{adir}/status").split()[0] == b"announced"
-        caller, cdir = ctl_open("net/clone")
+        caller, cdir = ctl_open(c, "net/clone")
         c.write(caller, 0, b"connect plan9echo")
         assert c.cat(f"net/{cdir}/status").split()[0] == b"connected"
         with pytest.raises(StyxClientError, match="no incoming call"):
             c.write(caller, 0, f"accept {cdir}".encode())  # a call we made is not ours to accept
         with pytest.raises(StyxClientError, match=f"conversation {cdir} is connected: cannot listen"):
             c.open(c.walk(f"net/{cdir}/listen"), w.ORDWR)
-        lcfd, ldir = ctl_open(f"net/{adir}/listen")
+        lcfd, ldir = ctl_open(c, f"net/{adir}/listen")
         assert ldir.isdigit()
         c.write(lcfd, 0, f"accept {ldir}".encode())
         dfd, out = data(ldir), data(cdir)
         c.write(out, 0, b"ping")
         assert c.read(dfd, 0, 100) == b"ping"
 
-        caller2, cdir2 = ctl_open("net/clone")
+        caller2, cdir2 = ctl_open(c, "net/clone")
         c.write(caller2, 0, b"connect plan9echo")
-        lcfd2, ldir2 = ctl_open(f"net/{adir}/listen")
+        lcfd2, ldir2 = ctl_open(c, f"net/{adir}/listen")
         c.write(lcfd2, 0, f"reject {ldir2} busy".encode())
         assert c.cat(f"net/{ldir2}/status").split()[0] == b"closed"
         assert c.read(data(cdir2), 0, 100) == b""  # the caller sees its call end
@@ -450,17 +446,11 @@ def test_a_net_write_the_window_cannot_take_whole_waits_and_is_never_short(
     (`write error`): a data write the flow's window takes only part of waits, and is answered whole
     once the peer has read enough for the rest to go."""
     with Client(dial("irm")) as c:
-
-        def ctl_open(path: str) -> tuple[int, str]:
-            fid = c.walk(path)
-            c.open(fid, w.ORDWR)
-            return fid, c.read(fid, 0, 64).decode()
-
-        ann, n = ctl_open("net/clone")
+        ann, n = ctl_open(c, "net/clone")
         c.write(ann, 0, b"announce slowreader local")
-        con, m = ctl_open("net/clone")
+        con, m = ctl_open(c, "net/clone")
         c.write(con, 0, b"connect slowreader")
-        _, k = ctl_open(f"net/{n}/listen")
+        _, k = ctl_open(c, f"net/{n}/listen")
         out, inp = c.walk(f"net/{m}/data"), c.walk(f"net/{k}/data")
         c.open(out, w.ORDWR)
         c.open(inp, w.ORDWR)

@@ -516,15 +516,13 @@ class Session:
 
     def _clunk(self, fid: int) -> None:
         f = self.fids.pop(fid)
+        mode = f.mode
         try:
-            if f.dirents is not None:
-                f.dirents.close()
-            if f.handle is not None:
-                try:
-                    f.handle.close()
-                except (StyxError, OSError) as e:
-                    log.info("closing fid %d: %s", fid, e)
-            if f.mode is not None and f.mode & w.ORCLOSE:
+            try:
+                self._release(f)
+            except (StyxError, OSError) as e:
+                log.info("closing fid %d: %s", fid, e)
+            if mode is not None and mode & w.ORCLOSE:
                 try:
                     f.node.remove(self._may_change(f))
                 except (StyxError, OSError) as e:
@@ -570,10 +568,10 @@ class Session:
         if f.dirents is not None:
             f.dirents.close()
             f.dirents = None
+        f.mode = None
         if f.handle is not None:
             handle, f.handle = f.handle, None
             handle.close()
-        f.mode = None
 
     def _stat(self, msg: w.Tstat) -> w.Msg:
         return w.Rstat(msg.tag, self._fid(msg.fid).node.stat())

@@ -8,7 +8,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from apps.ibp.capability import BadCapability, Capability
-from proto.visible import visible
 
 NS = "http://loci.cs.utk.edu/exnode"
 VERSION = "3.0"
@@ -115,11 +114,6 @@ class ExNode:
     def replicas(self) -> list[tuple[int, int, int]]:
         """(offset, length, replica count) per block."""
         return [(o, n, len(ms)) for o, n, ms in self.blocks()]
-
-
-# Text from an exNode as one line of printable characters: a file name with line breaks or a
-# bidirectional override would otherwise forge lines or turn text.
-shown = visible
 
 
 def plan(size: int, stripe: int, depots: list[str], replicas: int) -> list[tuple[int, int, list[str]]]:

@@ -21,12 +21,13 @@ from typing import BinaryIO, TypeVar
 from apps.ibp import lors, xndrc
 from apps.ibp import wire as w
 from apps.ibp.cli import seconds, size
-from apps.ibp.exnode import MAX_XML, BadExnode, ExNode, Mapping, from_xml, shown, to_xml
+from apps.ibp.exnode import MAX_XML, BadExnode, ExNode, Mapping, from_xml, to_xml
 from apps.ibp.lors import Settings
 from flowlib import FlowError
 from irmd.identity import open_regular
 from proto.version import add_version
 from proto.version import text as version_text
+from proto.visible import visible
 
 log = logging.getLogger("exnode")
 T = TypeVar("T")
@@ -130,7 +131,7 @@ def safe_name(name: str) -> str:
     only if every character of it prints (no line breaks, controls or bidirectional overrides)."""
     base = Path(name.replace("\\", "/")).name
     if base in ("", ".", "..") or not base.isprintable():
-        raise Refused(f"the exNode's file name {shown(name[:80])} is no usable name: give -o FILE")
+        raise Refused(f"the exNode's file name {visible(name[:80])} is no usable name: give -o FILE")
     return base
 
 
@@ -391,7 +392,7 @@ def print_listing(path: Path, ex: ExNode, lives: list[lors.Liveness] | None) -> 
     now = time.time()
     blocks = ex.blocks()
     print(f"EXNODEFILE {path}")
-    print(f"TITLE Filename {shown(ex.filename)}")
+    print(f"TITLE Filename {visible(ex.filename)}")
     print(
         f"SIZE {ex.size} bytes in {len(blocks)} blocks, {len(ex.mappings)} mappings"
         f"{'  INCOMPLETE' if ex.gaps() else ''}"
@@ -412,7 +413,7 @@ def print_lors_listing(path: Path, ex: ExNode, lives: list[lors.Liveness] | None
     """lors_ls's layout: its header lines on stderr; on stdout a line per mapping (number, H/S and
     the rights held, the read count, offset, length, depot, expiry as ctime), then our state."""
     now = time.time()
-    for line in ("TOOL List", f"SIZE {ex.size}", f"EXNODEFILE {path}", f"TITLE Filename {shown(ex.filename)}"):
+    for line in ("TOOL List", f"SIZE {ex.size}", f"EXNODEFILE {path}", f"TITLE Filename {visible(ex.filename)}"):
         print(line, file=sys.stderr)
     print(f"MAXLENGTH {ex.size}", file=sys.stderr)
     for i, m in enumerate(ex.mappings):

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import DEFAULT_TIMEOUT, Connection, parse_cap
-from apps.ibp.exnode import BadExnode, ExNode, Mapping, conditioned, plan, shown
+from apps.ibp.exnode import BadExnode, ExNode, Mapping, conditioned, plan
 from flowlib import FlowError
 from irmd.identity import open_regular
+from proto.visible import visible
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -309,7 +310,7 @@ def download(
         conditioned(block)
     total = sum(n for _, _, n in pieces)
     whole = hashlib.sha256() if offset == 0 and total == ex.size else None
-    with progress(total, f"download {shown(ex.filename)}") as bar, Workers(s) as workers:
+    with progress(total, f"download {visible(ex.filename)}") as bar, Workers(s) as workers:
         for got in workers.map(lambda pool, piece: _fetch(pool, *piece, spill=spill), pieces):
             for data in got.chunks() if isinstance(got, _Spilled) else (got,):
                 out.write(data)

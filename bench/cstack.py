@@ -103,6 +103,9 @@ class CStack(Resource):
         self._etc = Path("/etc/netns") / ns
         self._irmd: subprocess.Popen[bytes] | None = None
         self._mnt = ""  # the irmd's mount namespace, as readlink /proc/PID/ns/mnt shows it
+        # Held open until close: a namespace gone frees its number for the next one made (an `ip -n`'s),
+        # whose processes close would then have killed as the irmd's leftovers.
+        self._mnt_fd = -1
         self._servers: dict[str, subprocess.Popen[bytes]] = {}  # by the first name each is bound to
 
     @property
@@ -130,6 +133,7 @@ class CStack(Resource):
             if time.monotonic() > deadline:
                 raise BenchError(f"C irmd made no socket within {START_TIMEOUT:.0f} s:\n{log_tail(logfile)}")
             time.sleep(0.05)
+        self._mnt_fd = os.open(f"/proc/{self._irmd.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         self._mnt = os.readlink(f"/proc/{self._irmd.pid}/ns/mnt")
         self.know(*self._hosts)
         log.debug("C irmd (%s) pid %d in %s, %s", self.build.label, self._irmd.pid, self.ns, self._mnt)
@@ -205,6 +209,9 @@ class CStack(Resource):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             self._irmd = None
+        if self._mnt_fd >= 0:
+            os.close(self._mnt_fd)
+            self._mnt_fd = -1
         if self._hosts:
             shutil.rmtree(self._etc, ignore_errors=True)
 

@@ -8,18 +8,19 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import fds_on
+from helpers import fds_on, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -437,6 +438,94 @@ def test_flush_cancels_a_parked_request() -> None:
     assert ok(s, w.Tflush(12, 999)) == w.Rflush(12)  # flushing an answered tag is fine
 
 
+def parked_gate_read(s: Session, tag: int, fid: int = 2) -> None:
+    """Open the gate as `fid` and leave a read of it parked under `tag`."""
+    ok(s, w.Twalk(1, 0, fid, ["gate"]))
+    ok(s, w.Topen(1, fid, w.OREAD))
+    assert s.receive(w.encode(w.Tread(tag, fid, 0, 100))) == []
+
+
+def test_a_tflush_is_answered_rflush_whatever_its_tag_and_oldtag() -> None:
+    """flush(5): a Tflush is never answered Rerror. One reusing the tag of the very request it flushes
+    (py9p's client sends those on an interrupt) got `duplicate tag`, and the request stayed parked."""
+    tree = GateTree()
+    s = new_session(tree)
+    assert rpc(s, w.Tflush(3, 1)) == w.Rflush(3)  # before Tversion: nothing waits, the answer is Rflush
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))
+    ok(s, w.Tattach(1, 0, w.NOFID, USER, ""))
+    parked_gate_read(s, 10)
+    assert rpc(s, w.Tflush(10, 10)) == w.Rflush(10)  # its own tag: the read is gone, the tag free
+    assert not s.pending
+    assert s.receive(w.encode(w.Tread(10, 2, 0, 100))) == []  # and used again
+    assert s.receive(w.encode(w.Tread(11, 2, 0, 100))) == []
+    assert rpc(s, w.Tflush(10, 11)) == w.Rflush(10)  # a tag in use flushing another: that one goes
+    assert list(s.pending) == [10]  # the one holding the tag stays
+    assert rpc(s, w.Tflush(12, 10)) == w.Rflush(12)  # several flushes of one request, each answered
+    assert rpc(s, w.Tflush(13, 10)) == w.Rflush(13)
+    assert rpc(s, w.Tflush(14, 13)) == w.Rflush(14)  # a flush of a flush
+    assert rpc(s, w.Tflush(w.NOTAG, 999)) == w.Rflush(w.NOTAG)  # a tag never used
+    tree.gate.data = b"late"
+    assert s.retry() == []  # no flushed request is answered after its Rflush
+    assert ok(s, w.Tread(15, 2, 0, 100)) == w.Rread(15, b"late")  # the connection is in step
+
+
+def test_a_request_reusing_a_waiting_tag_is_refused_and_the_waiting_one_answered_as_asked() -> None:
+    """intro(5): no two outstanding requests share a tag. One that does is answered `duplicate tag`, as
+    lib9p's servers answer it, without being done; the request holding the tag gets its own reply."""
+    tree = GateTree()
+    s = session(tree)
+    parked_gate_read(s, 10)
+    err(s, w.Tclunk(10, 2), "duplicate tag")
+    err(s, w.Twalk(10, 0, 5, ["motd"]), "duplicate tag")
+    err(s, w.Tread(10, 2, 0, 2), "duplicate tag")
+    err(s, w.Tstat(1, 5), "fid unknown")  # the walk was not done
+    tree.gate.data = b"open"
+    assert [w.decode(r) for r in s.retry()] == [w.Rread(10, b"open")]  # fid 2 was not clunked; count 100
+    assert not s.pending
+
+
+def test_notag_on_other_requests_is_an_ordinary_tag() -> None:
+    """intro(5) keeps NOTAG for Tversion; Plan 9's servers (lib9p, exportfs) take it on any request as
+    any other tag, and so does this one: answered under it, parked, refused as a duplicate, flushed."""
+    tree = GateTree()
+    s = session(tree)
+    assert ok(s, w.Tstat(w.NOTAG, 0)).tag == w.NOTAG
+    parked_gate_read(s, w.NOTAG)
+    err(s, w.Tstat(w.NOTAG, 0), "duplicate tag")
+    assert rpc(s, w.Tflush(1, w.NOTAG)) == w.Rflush(1)
+    tree.gate.data = b"x"
+    assert s.retry() == []
+    assert s.receive(w.encode(w.Tread(w.NOTAG, 2, 0, 1))) == [w.encode(w.Rread(w.NOTAG, b"x"))]
+    tree.gate.data = None
+    assert s.receive(w.encode(w.Tread(w.NOTAG, 2, 0, 1))) == []
+    ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))  # a Tversion ends the session: the read is never answered
+    assert not s.pending and s.retry() == []
+
+
+class Stuck(Handle):
+    """A write that waits for ever, and a backend that fails to let it go when it is flushed."""
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        raise WouldBlock()
+
+    def abandoned(self, data: bytes | memoryview) -> None:
+        raise RuntimeError("backend bug")
+
+
+def test_a_flushed_write_is_answered_rflush_though_the_backend_fails_to_let_it_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tree = GateTree()
+    tree.root.add(SynthFile("stuck", tree.root, lambda mode, user: Stuck(), 0o666))
+    s = session(tree)
+    ok(s, w.Twalk(1, 0, 2, ["stuck"]))
+    ok(s, w.Topen(1, 2, w.OWRITE))
+    assert s.receive(w.encode(w.Twrite(10, 2, 0, b"data"))) == []
+    with caplog.at_level(logging.ERROR, logger="apps.styx.server"):
+        assert rpc(s, w.Tflush(11, 10)) == w.Rflush(11)
+    assert "forgetting a flushed Twrite failed" in caplog.text and not s.pending
+
+
 def test_synthetic_text_file_reads_with_offsets() -> None:
     s = session(GateTree())
     ok(s, w.Twalk(1, 0, 2, ["motd"]))
@@ -514,7 +603,10 @@ def test_random_request_sequences_never_crash_or_escape(tmp_path: Path, seq: lis
     start = [w.Tversion(w.NOTAG, 8192, "9P2000"), w.Tattach(0, 0, w.NOFID, USER, "")]
     try:
         for msg in start + seq:
-            for reply in s.receive(w.encode(msg)):
+            replies = s.receive(w.encode(msg))
+            if isinstance(msg, w.Tflush):  # flush(5): whatever came before, never an Rerror
+                assert replies == [w.encode(w.Rflush(msg.tag))]
+            for reply in replies:
                 assert len(reply) <= max(s.msize, w.MSIZE_MIN) or isinstance(w.decode(reply), w.Rversion)
                 w.decode(reply)
         s.close()
@@ -1293,32 +1385,41 @@ print(json.dumps(out))
 """
 
 
-def test_py9p_sees_an_aname_root_and_a_dirwstat_of_a_changed_dirstat(root: Path, tmp_path: Path) -> None:
-    """A third-party client (python-9p, on plan9port's codec) over a unix socket to one session."""
-    from third_party import py9p_python
-
-    python = py9p_python()
-    path, tree = tmp_path / "9p.sock", FsTree(root)
+@contextlib.contextmanager
+def served_on_unix(path: Path, s: Session, waiting: threading.Event | None = None) -> Iterator[threading.Thread]:
+    """`s` served to the first client of a unix socket at `path` until it hangs up (the thread doing it);
+    `waiting`, if given, is set once a request of its is parked."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(1)
 
     def serve() -> None:
         conn, _ = listener.accept()
-        s = new_session(tree)
         with conn, conn.makefile("rb") as f:
             while (head := f.read(4)) and len(head) == 4:
                 body = f.read(int.from_bytes(head, "little") - 4)
                 for reply in s.receive(head + body):
                     conn.sendall(reply)
+                if waiting is not None and s.pending:
+                    waiting.set()
         s.close()
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     try:
-        r = subprocess.run([python, "-c", PY9P_DIRWSTAT, str(path)], capture_output=True, text=True, timeout=30)
+        yield server
     finally:
         listener.close()
+
+
+def test_py9p_sees_an_aname_root_and_a_dirwstat_of_a_changed_dirstat(root: Path, tmp_path: Path) -> None:
+    """A third-party client (python-9p, on plan9port's codec) over a unix socket to one session."""
+    from third_party import py9p_python
+
+    python = py9p_python()
+    path, tree = tmp_path / "9p.sock", FsTree(root)
+    with served_on_unix(path, new_session(tree)) as server:
+        r = subprocess.run([python, "-c", PY9P_DIRWSTAT, str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out == {"up": True, "wstat": "0o600", "remove": "cannot remove root"}, out
@@ -1350,3 +1451,51 @@ def test_qid_paths_stay_unique_across_file_systems_mounted_beneath_the_root() ->
     assert next(st.qid for st in listed if st.name == "shm") == shm_qid  # the listing says the same
     s.close()
     tree.close()
+
+
+P9FS_INTERRUPTED = """
+import json, socket, sys
+from py9p import py9p
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+c = py9p.Client(sock, py9p.Credentials('any'))
+out = {}
+c.open('gate')
+try:
+    c.read(100)  # waits until interrupted: py9p then flushes the read with a Tflush of the read's own tag
+except KeyboardInterrupt:
+    out['interrupted'] = True
+try:
+    c.close()
+    c.open('motd')
+    out['motd'] = c.read(100).decode()
+except Exception as e:
+    out['error'] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_py9p_interrupting_a_read_flushes_it_and_goes_on(tmp_path: Path) -> None:
+    """p9fs's py9p client flushes an interrupted request with a Tflush reusing that request's tag
+    (all its requests have tag 1). That Tflush was answered `duplicate tag`, the read stayed, and
+    every later request of the client was refused as a duplicate of it."""
+    from third_party import p9fs_python
+
+    python = p9fs_python()
+    path, waiting = tmp_path / "9p.sock", threading.Event()
+    with served_on_unix(path, new_session(GateTree()), waiting) as server:
+        proc = subprocess.Popen([python, "-c", P9FS_INTERRUPTED, str(path)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert waiting.wait(30), "the read never came"
+            # Interrupted before it waits for the reply, py9p would send no Tflush: wait until it sleeps.
+            wait_for(
+                lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S", 10, "a wait"
+            )
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert json.loads(out) == {"interrupted": True, "motd": "hello\n"}
+    server.join(10)

@@ -206,7 +206,11 @@ class Session:
             if self.malformed <= MALFORMED_LOGGED:  # then answered only: a client cannot fill the log
                 log.info("bad message: %s", str(e)[:ENAME_MAX])
             return [w.encode(w.Rerror(tag if tag is not None else w.NOTAG, f"bad message: {e}"[:ENAME_MAX]))]
+        if isinstance(msg, w.Tflush):  # flush(5): answered Rflush whatever its tag or oldtag, never Rerror
+            return [w.encode(self._flush(msg))]
         if msg.tag in self.pending and not isinstance(msg, w.Tversion):
+            # A tag still in use (a client's error) is refused as lib9p does, and the request that
+            # holds it stays as it was: it is answered in its time, with its own reply.
             return [w.encode(w.Rerror(msg.tag, "duplicate tag"))]  # lib9p's words
         reply = self._run(msg)
         return [self._encode(reply)] if reply is not None else []
@@ -264,10 +268,14 @@ class Session:
         except OSError as e:
             return w.Rerror(msg.tag, os_error_text(e)[:ENAME_MAX])
         except Exception as e:  # a backend bug must not end the service, nor let a client fill the log
-            self.failed += 1
-            if self.failed <= MALFORMED_LOGGED:
-                log.exception("%s failed", type(msg).__name__)
+            self._backend_failed(type(msg).__name__)
             return w.Rerror(msg.tag, f"internal error: {e}"[:ENAME_MAX])
+
+    def _backend_failed(self, what: str) -> None:
+        """Count a backend's failure (an exception being handled); log the first few only."""
+        self.failed += 1
+        if self.failed <= MALFORMED_LOGGED:
+            log.exception("%s failed", what)
 
     def _dispatch(self, msg: w.Msg) -> w.Msg | None:
         if isinstance(msg, w.Tversion):
@@ -275,7 +283,7 @@ class Session:
         if not self.msize:
             raise StyxError(ENOTVERSION)
         handler = {
-            w.Tauth: self._auth, w.Tattach: self._attach, w.Tflush: self._flush, w.Twalk: self._walk,
+            w.Tauth: self._auth, w.Tattach: self._attach, w.Twalk: self._walk,
             w.Topen: self._open, w.Tcreate: self._create, w.Tread: self._read, w.Twrite: self._write,
             w.Tclunk: self._clunk_msg, w.Tremove: self._remove, w.Tstat: self._stat, w.Twstat: self._wstat,
         }.get(type(msg))  # fmt: skip
@@ -358,12 +366,18 @@ class Session:
         self.fids[msg.fid] = Fid(root, peer.user)
         return w.Rattach(msg.tag, root.stat().qid)
 
-    def _flush(self, msg: w.Tflush) -> w.Msg:
-        p = self.pending.pop(msg.oldtag, None)  # the flushed request is never answered
+    def _flush(self, msg: w.Tflush) -> w.Rflush:
+        """flush(5): the request tagged oldtag, if one waits, is never answered; whatever oldtag is (an
+        answered request, a Tflush, a tag never used, the Tflush's own) and whenever it comes (before
+        Tversion too), the answer is Rflush: a backend's failure to let a write go is logged, not sent."""
+        p = self.pending.pop(msg.oldtag, None)
         if p is not None and isinstance(p.msg, w.Twrite):
             f = self.fids.get(p.msg.fid)
             if f is not None and f.handle is not None:
-                f.handle.abandoned(p.msg.data)
+                try:
+                    f.handle.abandoned(p.msg.data)
+                except Exception:
+                    self._backend_failed("forgetting a flushed Twrite")
         return w.Rflush(msg.tag)
 
     def _walk(self, msg: w.Twalk) -> w.Msg:

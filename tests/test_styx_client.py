@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from apps.styx import wire as w
 from apps.styx.agent import Peer
-from apps.styx.client import Client, StyxClientError
+from apps.styx.client import Client, RequestTimeout, StyxClientError
 from apps.styx.fs import FileHandle, FsTree
 from apps.styx.identity import server_policy, user_for_uid
 from apps.styx.server import Limits, Session
 from apps.styx.transport import Transport, TransportTimeout
-from apps.styx.tree import Handle, StyxError, SynthDir, SynthFile, Tree
+from apps.styx.tree import Handle, StyxError, SynthDir, SynthFile, Tree, WouldBlock
 
 ME = user_for_uid(os.geteuid())
 MSIZE = 1024  # small messages: a few KiB of data make many of them
@@ -244,3 +245,135 @@ def test_a_mount_turns_plan9s_error_strings_into_their_errnos(ename: str, code: 
     from apps.styx.mount import to_errno
 
     assert to_errno(StyxClientError(ename)) == getattr(errno, code)
+
+
+# -- flush(5): calls that time out or are interrupted ---------------------------------------
+
+
+class Gate(Handle):
+    """Reads from `from_offset` on wait (parked by the server) until `data` is set."""
+
+    def __init__(self, from_offset: int = 0) -> None:
+        self.data: bytes | None = None
+        self.from_offset = from_offset
+
+    def read(self, offset: int, count: int) -> bytes:
+        if offset < self.from_offset:
+            return bytes(count)
+        if self.data is None:
+            raise WouldBlock()
+        return self.data
+
+
+class Unanswered(Loopback):
+    """A Loopback on which a wait with nothing queued is interrupted (a Ctrl-C) `interrupts` times before
+    it times out; the Rflushes of the first `lost` Tflushes never come; `on_flush` runs as a Tflush arrives."""
+
+    def __init__(self, session: Session, interrupts: int = 0, lost: int = 0) -> None:
+        super().__init__(session)
+        self.interrupts, self.lost = interrupts, lost
+        self.on_flush: Callable[[], None] = lambda: None
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        if isinstance(w.decode(data), w.Tflush):
+            self.on_flush()
+            if self.lost:
+                self.lost -= 1
+                self.sent.append(w.decode(data))
+                self.session.receive(data)
+                return
+        super().send(data)
+
+    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_SDU) -> bytes:
+        if not self.replies and self.interrupts:
+            self.interrupts -= 1
+            raise KeyboardInterrupt
+        return super().recv(timeout, limit)
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+def gated(handle: Handle, **kw: int) -> tuple[Client, Unanswered, int]:
+    """A client of a file read through `handle`, open as the fid returned."""
+    link = Unanswered(Session(SynthTree(handle, 0), Peer(ME, server_policy()), Limits(msize=MSIZE)), **kw)
+    c = Client(link, msize=MSIZE)
+    fid = c.walk("f")
+    c.open(fid, w.OREAD)
+    return c, link, fid
+
+
+def flushes(link: Loopback) -> list[int]:
+    """The oldtags of the Tflushes sent."""
+    return [m.oldtag for m in link.sent if isinstance(m, w.Tflush)]
+
+
+def test_a_call_that_times_out_is_flushed_and_the_rflush_taken_before_the_next() -> None:
+    """flush(5): a request given up is flushed, and its tag is free once the Rflush came. The client
+    left the read waiting on the server, its reply to come as the answer to whatever was asked next."""
+    gate = Gate()
+    c, link, fid = gated(gate)
+    with pytest.raises(RequestTimeout, match="flushed"):
+        c.rpc(w.Tread(0, fid, 0, 10), w.Rread, timeout=0.01)
+    read = link.sent[-2]
+    assert flushes(link) == [read.tag] and not link.replies
+    assert not link.session.pending  # the server let the read go: it is never answered
+    gate.data = b"now"
+    assert link.session.retry() == []
+    assert c.read(fid, 0, 10) == b"now"  # in step
+
+
+def test_a_reply_that_comes_before_the_rflush_is_the_calls_answer() -> None:
+    """flush(5): a reply ahead of the Rflush is honoured: the request was done."""
+    gate = Gate()
+    c, link, fid = gated(gate)
+
+    def answer_first() -> None:
+        gate.data = b"just in time"
+        link.replies.extend(link.session.retry())
+
+    link.on_flush = answer_first
+    assert c.rpc(w.Tread(0, fid, 0, 100), w.Rread, timeout=0.01).data == b"just in time"
+    assert len(flushes(link)) == 1 and not link.replies
+    assert c.stat_fid(fid).name == "f"
+
+
+def test_an_interrupted_call_is_flushed_and_the_connection_goes_on() -> None:
+    """A Ctrl-C in a call (a read of a flow that sends nothing) left the request waiting: its reply
+    came later as the answer to the next request, which failed as a tag mismatch."""
+    gate = Gate()
+    c, link, fid = gated(gate, interrupts=1)
+    with pytest.raises(KeyboardInterrupt):
+        c.read(fid, 0, 10)
+    assert flushes(link) == [link.sent[-2].tag] and not link.session.pending
+    gate.data = b"after"
+    assert c.read(fid, 0, 10) == b"after"
+
+
+def test_an_interrupt_while_waiting_for_the_rflush_flushes_the_same_request_again() -> None:
+    """As Plan 9's mount driver does: each further Tflush names the request, not the earlier Tflush."""
+    c, link, fid = gated(Gate(), interrupts=2, lost=1)
+    with pytest.raises(KeyboardInterrupt):
+        c.read(fid, 0, 10)
+    read = next(m for m in reversed(link.sent) if isinstance(m, w.Tread))
+    assert flushes(link) == [read.tag, read.tag] and not link.replies
+    assert c.stat_fid(fid).name == "f"
+
+
+def test_an_interrupted_bulk_read_flushes_every_read_in_flight() -> None:
+    c, link, fid = gated(Gate(from_offset=UNIT * 2), interrupts=1)
+    with pytest.raises(KeyboardInterrupt):
+        c.read_at(fid, 0, UNIT * 8)
+    waiting = [m.tag for m in link.sent if isinstance(m, w.Tread) and m.offset >= UNIT * 2]
+    assert len(waiting) > 1 and sorted(flushes(link)) == sorted(waiting)
+    assert not link.session.pending and not link.replies
+    assert c.stat_fid(fid).name == "f"
+
+
+def test_a_server_that_answers_no_tflush_costs_the_connection_not_a_hang() -> None:
+    c, link, fid = gated(Gate(), lost=1)
+    with pytest.raises(StyxClientError, match="no Rflush"):
+        c.rpc(w.Tread(0, fid, 0, 10), w.Rread, timeout=0.01)
+    assert link.closed

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from apps.styx import wire as w
@@ -19,6 +20,7 @@ M = TypeVar("M", bound=w.Msg)
 _T = TypeVar("_T")
 VERSION_TIMEOUT = 3.0  # a 9P server answers Tversion at once; one that does not is no 9P server
 PIPELINE = 8  # Treads or Twrites in flight on a bulk transfer: the round trip is paid once per window
+FLUSH_TIMEOUT = 5.0  # flush(5): a server answers a Tflush at once; one that does not in this long is given up
 
 
 class StyxClientError(Exception):
@@ -27,6 +29,10 @@ class StyxClientError(Exception):
 
 class ServerError(StyxClientError):
     """The server's Rerror: its text as sent (Plan 9's words, without the name: see `naming`)."""
+
+
+class RequestTimeout(StyxClientError):
+    """No reply within the time given: the request was flushed before anything came (flush(5))."""
 
 
 @contextlib.contextmanager
@@ -120,9 +126,48 @@ class Client:
         except w.DecodeError as e:
             raise StyxClientError(f"bad reply from the server: {e}") from None
 
+    def _abandon(self, tags: Iterable[int]) -> dict[int, w.Msg]:
+        """Flush the requests tagged `tags` and take every Rflush, as flush(5) has a client do before it
+        uses those tags again: no reply to them can come after. The replies that came first, by tag (the
+        request was done: flush(5) has them honoured). An interrupt meanwhile sends each Tflush not yet
+        answered again, of the same request, as Plan 9's mount driver does; a server that has answered
+        them not within FLUSH_TIMEOUT is out of step, and the connection is closed."""
+        flushed: dict[int, int] = {}  # every Tflush sent: its tag -> the tag it flushes
+        due: dict[int, int] = {}  # each request flushed -> the tag of its latest Tflush, until answered
+        answers: dict[int, w.Msg] = {}
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        again = list(tags)
+        while again or due:
+            for old in again:
+                due[old] = self._send(w.Tflush(0, old))
+                flushed[due[old]] = old
+            again = []
+            try:
+                reply = self._receive(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                again = list(due)
+                continue
+            except TransportTimeout:
+                self.transport.close()
+                raise StyxClientError(f"no Rflush within {FLUSH_TIMEOUT:g} s: the connection is closed") from None
+            old = flushed.get(reply.tag, reply.tag)
+            if reply.tag in flushed:  # an Rflush (whatever its type: Plan 9's mount driver asks no more)
+                if due.get(old) == reply.tag:  # the latest Tflush's: it answers for the earlier ones too
+                    del due[old]
+            elif old in due and old not in answers:  # the request's own reply, before its Rflush: it was done
+                answers[old] = reply
+            else:
+                raise StyxClientError(f"reply tag {reply.tag} answers no request in flight")
+        return answers
+
     def _answer(self, inflight: dict[int, _T]) -> tuple[_T, w.Msg]:
-        """The next reply to one of the requests in flight (tag -> what the caller keeps for it)."""
-        reply = self._receive()
+        """The next reply to one of the requests in flight (tag -> what the caller keeps for it). An
+        interrupt flushes them all, so the connection is in step for whatever the caller does next."""
+        try:
+            reply = self._receive()
+        except KeyboardInterrupt:
+            self._abandon(inflight)
+            raise
         if reply.tag not in inflight:
             raise StyxClientError(f"reply tag {reply.tag} answers no request in flight")
         return inflight.pop(reply.tag), reply
@@ -133,8 +178,24 @@ class Client:
             self._answer(inflight)
 
     def rpc(self, msg: w.Msg, expect: type[M], timeout: float | None = None) -> M:
+        """`msg` answered as `expect`. One unanswered within `timeout` seconds, or interrupted, is flushed
+        and its Rflush taken (flush(5)): a reply that came first is the answer (a timeout) or taken and
+        dropped (the interrupt goes on); else RequestTimeout. A Tversion is not flushed (version(5): nothing
+        may follow it before its Rversion): its timeout is TransportTimeout."""
         tag = self._send(msg)
-        reply = self._receive(timeout)
+        try:
+            reply = self._receive(timeout)
+        except KeyboardInterrupt:
+            if not isinstance(msg, w.Tversion):
+                self._abandon([tag])
+            raise
+        except TransportTimeout:
+            if isinstance(msg, w.Tversion):
+                raise
+            late = self._abandon([tag]).get(tag)
+            if late is None:
+                raise RequestTimeout(f"no answer within {timeout:g} s: the request was flushed") from None
+            reply = late
         if reply.tag != tag:
             raise StyxClientError(f"reply tag {reply.tag} does not match request tag {tag}")
         return _expect(reply, expect)

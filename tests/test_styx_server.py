@@ -29,8 +29,9 @@ from apps.styx import wire as w
 from apps.styx.agent import Peer
 from apps.styx.fs import FsTree
 from apps.styx.identity import NONE, Creds, Policy, User, server_policy, user_for_uid
-from apps.styx.serve import Server
+from apps.styx.serve import Server, refuse
 from apps.styx.server import Limits, Session
+from apps.styx.transport import Transport
 from apps.styx.tree import Handle, SynthDir, SynthFile, Tree, WouldBlock, text_file
 
 ME = user_for_uid(os.geteuid())
@@ -500,6 +501,32 @@ def test_notag_on_other_requests_is_an_ordinary_tag() -> None:
     assert s.receive(w.encode(w.Tread(w.NOTAG, 2, 0, 1))) == []
     ok(s, w.Tversion(w.NOTAG, 8192, "9P2000"))  # a Tversion ends the session: the read is never answered
     assert not s.pending and s.retry() == []
+
+
+class FirstMessage(Transport):
+    """A connection that sends one message, and keeps what it is answered."""
+
+    def __init__(self, msg: w.Msg) -> None:
+        self.msg, self.answers = w.encode(msg), list[w.Msg]()
+
+    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_SDU) -> bytes:
+        return self.msg
+
+    def send(self, data: bytes) -> None:
+        self.answers.append(w.decode(data))
+
+
+@pytest.mark.parametrize(
+    ("first", "answer"),
+    [
+        (w.Tversion(w.NOTAG, 8192, "9P2000"), w.Rerror(w.NOTAG, "too many connections")),
+        (w.Tflush(5, 1), w.Rflush(5)),  # flush(5): never an Rerror, a refusal's neither
+    ],
+)
+def test_a_refused_connection_is_told_why_except_in_answer_to_a_tflush(first: w.Msg, answer: w.Msg) -> None:
+    link = FirstMessage(first)
+    refuse(link, "too many connections")
+    assert link.answers == [answer]
 
 
 class Stuck(Handle):

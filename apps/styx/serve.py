@@ -92,10 +92,15 @@ class Admission:
 
 
 def refuse(transport: Transport, why: str) -> None:
-    """Answer the first message of a refused connection with an Rerror saying why, then hang up."""
+    """Answer the first message of a refused connection with an Rerror saying why (a Tflush with an
+    Rflush: flush(5) allows it no other answer, and nothing of the connection waits), then hang up."""
     try:
         data = transport.recv(REFUSE_WAIT)
         tag = w.peek_tag(data)
+        with contextlib.suppress(w.DecodeError):
+            if isinstance(flush := w.decode(data), w.Tflush):
+                transport.send(w.encode(w.Rflush(flush.tag)))
+                return
         transport.send(w.encode(w.Rerror(tag if tag is not None else w.NOTAG, why)))
     except TransportError as e:
         REFUSALS.log("refused connection ended: %s", e)

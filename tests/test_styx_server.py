@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import fds_on, wait_for
+from helpers import BIN, fds_on, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1413,9 +1413,11 @@ print(json.dumps(out))
 
 
 @contextlib.contextmanager
-def served_on_unix(path: Path, s: Session, waiting: threading.Event | None = None) -> Iterator[threading.Thread]:
+def served_on_unix(
+    path: Path, s: Session, waiting: threading.Event | None = None, received: list[w.Msg] | None = None
+) -> Iterator[threading.Thread]:
     """`s` served to the first client of a unix socket at `path` until it hangs up (the thread doing it);
-    `waiting`, if given, is set once a request of its is parked."""
+    `waiting`, if given, is set once a request of its is parked; `received` gets each message."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(1)
@@ -1425,6 +1427,8 @@ def served_on_unix(path: Path, s: Session, waiting: threading.Event | None = Non
         with conn, conn.makefile("rb") as f:
             while (head := f.read(4)) and len(head) == 4:
                 body = f.read(int.from_bytes(head, "little") - 4)
+                if received is not None:
+                    received.append(w.decode(head + body))
                 for reply in s.receive(head + body):
                     conn.sendall(reply)
                 if waiting is not None and s.pending:
@@ -1511,18 +1515,34 @@ def test_py9p_interrupting_a_read_flushes_it_and_goes_on(tmp_path: Path) -> None
     python = p9fs_python()
     path, waiting = tmp_path / "9p.sock", threading.Event()
     with served_on_unix(path, new_session(GateTree()), waiting) as server:
-        proc = subprocess.Popen([python, "-c", P9FS_INTERRUPTED, str(path)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert waiting.wait(30), "the read never came"
-            # Interrupted before it waits for the reply, py9p would send no Tflush: wait until it sleeps.
-            wait_for(
-                lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S", 10, "a wait"
-            )
-            proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        out = interrupted_in_a_wait([python, "-c", P9FS_INTERRUPTED, str(path)], waiting)
     assert json.loads(out) == {"interrupted": True, "motd": "hello\n"}
     server.join(10)
+
+
+def interrupted_in_a_wait(argv: list[str], waiting: threading.Event) -> str:
+    """Run `argv`; once the server parked its request and it sleeps waiting for the reply, a SIGINT
+    (before it waits, a client would have sent no Tflush); what it printed. It must exit within 30 s."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert waiting.wait(30), "the request never came"
+        wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S", 10, "a wait")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode in (0, 130), proc.returncode
+        return out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_styx_cat_interrupted_flushes_its_read_before_it_leaves(tmp_path: Path) -> None:
+    """A Ctrl-C of `styx cat` of a file that waits (a flow's data) left the read to the server until
+    it saw the hang-up; the client now flushes it and takes the Rflush first, as Plan 9 does."""
+    path, waiting, received = tmp_path / "9p.sock", threading.Event(), list[w.Msg]()
+    with served_on_unix(path, new_session(GateTree()), waiting, received) as server:
+        interrupted_in_a_wait([str(BIN / "styx"), "cat", f"unix!{path}:/gate"], waiting)
+        server.join(10)
+    read = next(m for m in received if isinstance(m, w.Tread))
+    assert [m.oldtag for m in received if isinstance(m, w.Tflush)] == [read.tag]

@@ -273,9 +273,11 @@ class Unanswered(Loopback):
         super().__init__(session)
         self.interrupts, self.lost = interrupts, lost
         self.on_flush: Callable[[], None] = lambda: None
+        self.on_send: Callable[[], None] = lambda: None
         self.closed = False
 
     def send(self, data: bytes) -> None:
+        self.on_send()
         if isinstance(w.decode(data), w.Tflush):
             self.on_flush()
             if self.lost:
@@ -377,3 +379,17 @@ def test_a_server_that_answers_no_tflush_costs_the_connection_not_a_hang() -> No
     with pytest.raises(StyxClientError, match="no Rflush"):
         c.rpc(w.Tread(0, fid, 0, 10), w.Rread, timeout=0.01)
     assert link.closed
+
+
+def test_an_interrupted_send_closes_the_connection() -> None:
+    """Part of the message may have gone: nothing sent after it would be read as a message of its own."""
+    c, link, fid = gated(Gate())
+
+    def interrupt() -> None:
+        link.on_send = lambda: None
+        raise KeyboardInterrupt
+
+    link.on_send = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        c.read(fid, 0, 10)
+    assert link.closed and not flushes(link)

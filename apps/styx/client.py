@@ -113,6 +113,9 @@ class Client:
             self.transport.send(w.encode(msg))
         except TransportError as e:
             raise StyxClientError(f"connection lost: {e}") from None
+        except KeyboardInterrupt:  # part of the message may have gone: no Tflush can follow it in step
+            self.transport.close()
+            raise
         return msg.tag
 
     def _receive(self, timeout: float | None = None) -> w.Msg:

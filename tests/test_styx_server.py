@@ -104,6 +104,8 @@ def test_version_rules(root: Path) -> None:
     assert rpc(s, w.Tversion(w.NOTAG, 8192, "9P1999")).version == "unknown"  # type: ignore[attr-defined]
     err(s, w.Tattach(1, 0, w.NOFID, USER, ""), "Tversion first")
     err(s, w.Tversion(w.NOTAG, 100, "9P2000"), "too small")
+    # version(5): a version the server does not understand is answered Rversion, never Rerror
+    assert rpc(s, w.Tversion(w.NOTAG, 100, "9P1999")) == w.Rversion(w.NOTAG, 100, "unknown")
 
 
 def test_requests_before_version_are_refused(root: Path) -> None:

@@ -324,11 +324,12 @@ class Session:
     # -- requests -------------------------------------------------------------
 
     def _version(self, msg: w.Tversion) -> w.Msg:
-        if msg.msize < w.MSIZE_MIN:  # a failed Tversion: the session, if any, goes on (version(5))
+        version = answered_version(msg.version)
+        # A version not understood is answered Rversion, never Rerror (version(5)), whatever the msize.
+        if version is not None and msg.msize < w.MSIZE_MIN:  # a failed Tversion: the session goes on
             raise StyxError(f"msize {msg.msize} too small: at least {w.MSIZE_MIN}")
         self._reset()  # Tversion aborts all outstanding I/O and clunks all fids
         self.attached = None
-        version = answered_version(msg.version)
         if version is not None:
             self.msize = min(msg.msize, self.limits.msize)
             return w.Rversion(msg.tag, self.msize, version)

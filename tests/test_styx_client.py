@@ -393,3 +393,26 @@ def test_an_interrupted_send_closes_the_connection() -> None:
     with pytest.raises(KeyboardInterrupt):
         c.read(fid, 0, 10)
     assert link.closed and not flushes(link)
+
+
+class Answering(Transport):
+    """A server that answers every request with the same message."""
+
+    def __init__(self, reply: w.Msg) -> None:
+        self.reply = w.encode(reply)
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def recv(self, timeout: float | None = None, limit: int = w.MSIZE_SDU) -> bytes:
+        return self.reply
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_msize_below_9ps_least_is_a_clear_error_at_the_version() -> None:
+    """Plan 9's mount driver refuses an Rversion msize below 256 as nonsense; ours took any (one below
+    24 leaves no room for a read's header: every read then asked for a negative count)."""
+    with pytest.raises(StyxClientError, match="msize 100 is below"):
+        Client(Answering(w.Rversion(w.NOTAG, 100, "9P2000")))

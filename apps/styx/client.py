@@ -102,6 +102,8 @@ class Client:
             raise
         if reply.version != w.VERSION9P:
             raise StyxClientError(f"the server does not speak 9P2000 (answered '{reply.version}')")
+        if reply.msize < w.MSIZE_MIN:  # no room for a read's header: every later request would fail
+            raise StyxClientError(f"the server's msize {reply.msize} is below 9P's least, {w.MSIZE_MIN}")
         self.msize = min(self.msize, reply.msize)
 
     def _send(self, msg: w.Msg) -> int:

@@ -102,7 +102,7 @@ class Client:
             raise
         if reply.version != w.VERSION9P:
             raise StyxClientError(f"the server does not speak 9P2000 (answered '{reply.version}')")
-        if reply.msize < w.MSIZE_MIN:  # no room for a read's header: every later request would fail
+        if reply.msize < w.MSIZE_MIN:  # nonsense to Plan 9's mount driver (below 24 no read header fits)
             raise StyxClientError(f"the server's msize {reply.msize} is below 9P's least, {w.MSIZE_MIN}")
         self.msize = min(self.msize, reply.msize)
 

@@ -68,6 +68,10 @@ class Limits:
     """Bounds on what the network can make a shim hold or do (docs/security/shims.md)."""
 
     members: int = 1024  # adopted members (configured peers always fit)
+    # ... of which one peer (as the layer names hosts: an IP, an IPv6 /64) holds at most this share:
+    # a host proves as many addresses as it has ports, and once held every place, so that no host
+    # that came after it was adopted (and none of their names found).
+    members_share: float = 0.25
     candidates: int = 1024  # addresses heard of in gossip, waiting to be greeted
     greet: int = 10  # candidates greeted per GREET_EVERY
     learn: int = 64  # addresses taken from one MEMBERS page
@@ -79,6 +83,10 @@ class Limits:
     rate: float = 50.0  # management messages per second from one source (burst: twice that)
     strangers_rate: float = 2000.0  # ... from all sources not known to us together
     sources: int = 4096  # sources whose rates are tracked
+
+    @property
+    def members_per_peer(self) -> int:
+        return max(1, int(self.members * self.members_share))
 
 
 def _fingerprint(digest: bytes, data: bytes) -> bytes:
@@ -181,7 +189,10 @@ class ShimCore:
         peers: Iterable[Addr] = (),
         limits: Limits = Limits(),
         cookies: Cookies | None = None,
+        peer_of: Callable[[Addr], Hashable] = lambda addr: addr,
     ) -> None:
+        """`peer_of`: the host an address is one of (udp: its IP, an IPv6 address its /64), whose
+        adopted members are held to `limits.members_share`."""
         self.layout = layout
         self.hash_len = hash_len
         self.own = own
@@ -193,6 +204,8 @@ class ShimCore:
         self.limits = limits
         self.static_peers = {p for p in peers if p != own}
         self.members: dict[Addr, float] = dict.fromkeys(self.static_peers, 0.0)
+        self.peer_of = peer_of
+        self._adopted_of: Counter[Hashable] = Counter()  # adopted members (configured peers not) per peer
         self.candidates: OrderedDict[Addr, None] = OrderedDict()
         self._greeted: OrderedDict[Addr, float] = OrderedDict()
         self._echo: dict[Addr, int] = {}  # a member's latest cookie for us, to prove ourselves without a round trip
@@ -610,6 +623,12 @@ class ShimCore:
         if new and len(self.members) >= self.limits.members + len(self.static_peers):
             self._drop("members full", src)
             return
+        if new:
+            peer = self.peer_of(src)
+            if self._adopted_of[peer] >= self.limits.members_per_peer:
+                self._drop("members of one peer", src)
+                return
+            self._adopted_of[peer] += 1
         self.members[src] = now
         self.candidates.pop(src, None)
         if new:
@@ -695,6 +714,10 @@ class ShimCore:
             for addr, seen in list(self.members.items()):
                 if addr not in self.static_peers and now - seen > MEMBER_TTL:
                     del self.members[addr]
+                    peer = self.peer_of(addr)
+                    self._adopted_of[peer] -= 1
+                    if self._adopted_of[peer] <= 0:
+                        del self._adopted_of[peer]
                     self._echo.pop(addr, None)
                     self._page.pop(addr, None)
                     self.version += 1

@@ -110,6 +110,14 @@ class IrmClient:
             raise FlowError(f"the IRMd answered {type(reply).__name__} to FlowInfo")
         return reply
 
+    def peer_addr(self, flow_id: int) -> str:
+        """The remote host an accepted flow came from, as its layer vouches for it ("" for a flow from
+        this host, or a layer that names no peer): m.FlowPeer."""
+        reply, _ = call(self.channel, m.FlowPeer(flow_id), REPLY_MARGIN)
+        if not isinstance(reply, m.FlowPeer):
+            raise FlowError(f"the IRMd answered {type(reply).__name__} to FlowPeer")
+        return reply.addr
+
     def listen(self, enabled: bool, cypher_s: int = 0) -> None:
         call(self.channel, m.FlowListen(enabled, cypher_s), REPLY_MARGIN)
 

@@ -69,6 +69,11 @@ class Limits:
 
     members: int = 1024  # adopted members (configured peers always fit)
     candidates: int = 1024  # addresses heard of in gossip, waiting to be greeted
+    # The share of each table one peer (as the layer names hosts: an IP, an IPv6 /64) holds at most, of
+    # members those it proved, of candidates those its gossip named: a host proves as many addresses as
+    # it has ports, and names as many as it likes, and once held every place of either, so that no host
+    # that came after it was adopted, or one its gossip told of greeted (and none of their names found).
+    peer_share: float = 0.25
     greet: int = 10  # candidates greeted per GREET_EVERY
     learn: int = 64  # addresses taken from one MEMBERS page
     flows: int = 4096  # flows, and requests waiting for the IRMd, in all
@@ -79,6 +84,14 @@ class Limits:
     rate: float = 50.0  # management messages per second from one source (burst: twice that)
     strangers_rate: float = 2000.0  # ... from all sources not known to us together
     sources: int = 4096  # sources whose rates are tracked
+
+    @property
+    def members_per_peer(self) -> int:
+        return max(1, int(self.members * self.peer_share))
+
+    @property
+    def candidates_per_peer(self) -> int:
+        return max(1, int(self.candidates * self.peer_share))
 
 
 def _fingerprint(digest: bytes, data: bytes) -> bytes:
@@ -181,7 +194,10 @@ class ShimCore:
         peers: Iterable[Addr] = (),
         limits: Limits = Limits(),
         cookies: Cookies | None = None,
+        peer_of: Callable[[Addr], Hashable] = lambda addr: addr,
     ) -> None:
+        """`peer_of`: the host an address is one of (udp: its IP, an IPv6 address its /64), whose
+        adopted members, and the candidates its gossip named, are held to `limits.peer_share`."""
         self.layout = layout
         self.hash_len = hash_len
         self.own = own
@@ -193,7 +209,10 @@ class ShimCore:
         self.limits = limits
         self.static_peers = {p for p in peers if p != own}
         self.members: dict[Addr, float] = dict.fromkeys(self.static_peers, 0.0)
-        self.candidates: OrderedDict[Addr, None] = OrderedDict()
+        self.peer_of = peer_of
+        self._adopted_of: Counter[Hashable] = Counter()  # adopted members (configured peers not) per peer
+        self.candidates: OrderedDict[Addr, Hashable] = OrderedDict()  # -> the peer whose gossip named it
+        self._named_by: Counter[Hashable] = Counter()  # candidates per peer that named them
         self._greeted: OrderedDict[Addr, float] = OrderedDict()
         self._echo: dict[Addr, int] = {}  # a member's latest cookie for us, to prove ourselves without a round trip
         self._page: dict[Addr, int] = {}  # the page of its members to ask a member for next
@@ -610,8 +629,14 @@ class ShimCore:
         if new and len(self.members) >= self.limits.members + len(self.static_peers):
             self._drop("members full", src)
             return
+        if new:
+            peer = self.peer_of(src)
+            if self._adopted_of[peer] >= self.limits.members_per_peer:
+                self._drop("members of one peer", src)
+                return
+            self._adopted_of[peer] += 1
         self.members[src] = now
-        self.candidates.pop(src, None)
+        self._forget_candidate(src)
         if new:
             self.version += 1
             self.stats["members adopted"] += 1
@@ -641,13 +666,18 @@ class ShimCore:
         # The next HELLO asks for the page after this one, and from the start once all were seen.
         after = msg.s_eid + len(addrs)
         self._page[src] = after if addrs and after < msg.d_eid else 0
+        teller = self.peer_of(src)
         for addr in addrs[: self.limits.learn]:
             if addr == self.own or addr in self.members or addr in self.candidates or addr in self._greeted:
                 continue
             if len(self.candidates) >= self.limits.candidates:
                 self._drop("candidates full", addr)
                 break
-            self.candidates[addr] = None
+            if self._named_by[teller] >= self.limits.candidates_per_peer:
+                self._drop("candidates of one peer", addr)
+                break
+            self.candidates[addr] = teller
+            self._named_by[teller] += 1
         if self.candidates and self._next_greet == math.inf:
             self._next_greet = now
 
@@ -695,15 +725,27 @@ class ShimCore:
             for addr, seen in list(self.members.items()):
                 if addr not in self.static_peers and now - seen > MEMBER_TTL:
                     del self.members[addr]
+                    peer = self.peer_of(addr)
+                    self._adopted_of[peer] -= 1
+                    if self._adopted_of[peer] <= 0:
+                        del self._adopted_of[peer]
                     self._echo.pop(addr, None)
                     self._page.pop(addr, None)
                     self.version += 1
                 else:
                     self._send(addr, self._hello(addr, now, want=True))
 
+    def _forget_candidate(self, addr: Addr) -> None:
+        teller = self.candidates.pop(addr, None)
+        if teller is not None:
+            self._named_by[teller] -= 1
+            if self._named_by[teller] <= 0:
+                del self._named_by[teller]
+
     def _greet(self, now: float) -> None:
         for _ in range(min(self.limits.greet, len(self.candidates))):
-            addr, _ = self.candidates.popitem(last=False)
+            addr = next(iter(self.candidates))
+            self._forget_candidate(addr)
             self._greeted[addr] = now
             self._send(addr, self._hello(addr, now, want=False))
         while self._greeted and now - next(iter(self._greeted.values())) > MEMBER_TTL:

@@ -99,6 +99,7 @@ class UdpIpcp(ShimIpcp):
             decode_addrs=udp.decode_addrs,
             peers=peers,
             limits=limits,
+            peer_of=self.peer_of,
         )
         log.info(
             "%s: udp layer %s on %s:%d, broadcast %s, peers %s",

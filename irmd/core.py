@@ -60,6 +60,7 @@ class Irmd:
             m.FlowListen: self.flows.flow_listen,
             m.FlowDealloc: self.flows.flow_dealloc,
             m.FlowInfo: self.flows.flow_info,
+            m.FlowPeer: self.flows.flow_peer,
             m.FlowList: self.flows.flow_list,
             m.FlowReqArrived: self.flows.flow_req_arrived,
             m.FlowPeerDealloc: self.flows.flow_peer_dealloc,

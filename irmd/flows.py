@@ -375,6 +375,13 @@ class Flows:
             drops=drops,
         )
 
+    async def flow_peer(self, c: Client, msg: m.FlowPeer, _: list[int]) -> m.FlowPeer:
+        """The remote host a flow the caller holds came from, as its layer named it (m.FlowPeer)."""
+        flow = self.reg.flows.get(msg.flow_id)
+        if flow is None or flow.owner != c.conn_id:
+            raise NotFound(f"flow {msg.flow_id} not found")
+        return m.FlowPeer(msg.flow_id, flow.remote)
+
     async def flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
         flows = [f for f in list(self.reg.flows.values()) if policy.visible(c.caller, f.uid)]
         counted = await self.counts(flows)

@@ -24,7 +24,7 @@ ADMIN_ONLY: dict[type[Message], str] = {
 FROM_IPCP: frozenset[type[Message]] = frozenset({m.FlowReqArrived, m.FlowPeerDealloc})
 # All a user may ask: an allow-list, so a request kind added later is the admins' until it is put here.
 FOR_USERS: frozenset[type[Message]] = frozenset({
-    m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo,
+    m.ProcAnnounce, m.FlowAlloc, m.FlowAccept, m.FlowListen, m.FlowDealloc, m.FlowInfo, m.FlowPeer,
     m.IpcpList, m.NameList, m.FlowList, m.Dump, m.ActAs,
 })  # fmt: skip
 

@@ -63,6 +63,7 @@ GID_MAX = (1 << 32) - 2  # gid_t; (gid_t)-1 is no group
 # Supplementary groups a FlowReply carries: 5 bytes each at most, 20 KB of MAX_BODY. The kernel
 # allows NGROUPS_MAX (65536), more than a frame holds; a process with more has them not carried.
 MAX_PEER_GROUPS = 4096
+MAX_PEER_ADDR = 128  # characters of a remote peer's address as a layer names it (an IPv6 /64 takes 43)
 
 
 @reg
@@ -165,6 +166,25 @@ class FlowInfo(Message):
     received: int = -1
     dropped: int = -1
     drops: str = ""  # why the IPCP dropped them, as it says ("3 queue full: the application did not read")
+
+
+@reg
+@record
+class FlowPeer(Message):
+    """Asks (and answers) which remote host asked for a flow the caller accepted: the peer as its layer
+    vouches for it (a unicast member's address, which it signed its request under; a udp peer's IP or
+    IPv6 /64; an Ethernet MAC), the one the IRMd counts `flows_per_peer` against. "" for a flow from
+    this host (its uid is `FlowReply.peer_uid`) or from a layer that names no peer. A server's limits
+    per client can then be a remote host's, not the whole layer's. (Asked, not carried in FlowReply:
+    applications that never ask decode nothing new.)"""
+
+    TYPE: ClassVar[int] = 17
+    flow_id: int
+    addr: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.addr) > MAX_PEER_ADDR:
+            raise ValueError(f"addr of {len(self.addr)} characters, at most {MAX_PEER_ADDR}")
 
 
 @reg
@@ -474,6 +494,10 @@ class FlowReqArrived(Message):
     src_flow: int = 0  # the local IPCP: the allocating end's flow id at this IRMd, so it can name the peer
     data: bytes = b""  # the requester's piggyback, as it arrived
     peer: str = ""  # who asks, as the layer knows it (an address): in-flight allocations are limited per peer
+
+    def __post_init__(self) -> None:
+        if len(self.peer) > MAX_PEER_ADDR:
+            raise ValueError(f"peer of {len(self.peer)} characters, at most {MAX_PEER_ADDR}")
 
 
 @reg

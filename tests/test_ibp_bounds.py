@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import functools
 import json
+import logging
 import os
 import queue
 import signal
@@ -587,6 +588,19 @@ def test_hard_admission_never_walks_every_allocation(tmp_path: Path) -> None:
     assert c.revoked == 2
     assert [g.allocation.fid in c.allocs for g in softs[-3:]] == [True, False, False]
     assert c.soft_reserved == 88_000 and c.hard_reserved == 12_000
+
+
+def test_a_hard_request_revoking_many_soft_allocations_writes_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client makes SOFT allocations at will: one HARD request revoking 500 of them wrote 500 lines."""
+    c = core(tmp_path, capacity=100_000)
+    softs = [c.allocate(alloc(100, 600), NOW) for _ in range(500)]
+    with caplog.at_level(logging.INFO, logger="apps.ibp.depot"):
+        c.allocate(alloc(100_000, 60, w.IBP_HARD), NOW)
+    assert c.revoked == 500 and not any(g.allocation.fid in c.allocs for g in softs)
+    lines = [r.getMessage() for r in caplog.records if "revoked" in r.getMessage()]
+    assert lines == ["revoked 500 soft allocations (50000 bytes) for a hard one of 100000 bytes"], lines
 
 
 # -- a copy target dripping its ST_VERSION answer ----------------------------------------------------

@@ -19,14 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, WHO_ACCEPTS, free_port, serve_tcp, wait_for
-from test_ibp_hostile import LEGIT_WAIT, LIMITS, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
+import udp_lan
+from helpers import BIN, WHO_ACCEPTS, free_port, serve_tcp, terminate, wait_for
+from test_ibp_hostile import AS_NOBODY, LEGIT_WAIT, LIMITS, PRELUDE, Depot, open_dir, run_depot  # noqa: F401 - fixture
 
 from apps.ibp import wire as w
 from apps.ibp.capability import Capability
 from apps.ibp.client import Connection
 from apps.ibp.exnode import ExNode, to_xml
 from apps.ibp.limits import IDLE_GRACE
+from flowlib.irm import IrmClient
+from proto.errors import FlowError
 
 NOBODY = 65534
 
@@ -326,6 +329,65 @@ def test_one_user_cannot_hold_a_shared_layers_slots(
         finally:
             p.kill()
             p.wait()
+
+
+FILL_QUOTA = r"""
+import sys
+from pathlib import Path
+from apps.ibp import wire as w
+from apps.ibp.client import Connection
+from flowlib.irm import IrmClient
+with Connection('depot1', timeout=10, irm=IrmClient(Path(sys.argv[1]))) as c:
+    for _ in range(int(sys.argv[2])):
+        c.allocate(64, 600)
+    try:
+        c.allocate(64, 600)
+        print('one more allocated')
+    except w.IbpError as e:
+        print('refused', e.status)
+"""
+
+
+def test_one_remote_host_fills_its_own_quota_not_every_remote_clients_of_its_layer(open_dir: Path) -> None:  # noqa: F811
+    """Remote flow clients were one client per layer (no remote identity reached the depot): uid 65534
+    on one host of a udp layer took the allocations every remote client of that layer was allowed
+    (3 here), and root on another host got -45. The IRMd now hands the depot the host the layer
+    vouches for (`FlowPeer`), and the quotas are each host's."""
+    with udp_lan.lan(open_dir) as make:
+        a = make(udp_lan.A_IP)
+        b = make(udp_lan.B_IP, peer=udp_lan.A_IP)
+        c = make(udp_lan.C_IP, peer=udp_lan.A_IP)
+        depot_dir, log = open_dir / "depot1", open_dir / "depot.log"
+        argv = [str(BIN / "ibp"), "depot", "--name", "depot1", "--dir", str(depot_dir), "--layer", "lan",
+                "--client-allocations", "3"]  # fmt: skip
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, env=a.irmd.env, stdout=out, stderr=subprocess.STDOUT, cwd="/")
+        try:
+            a.irmd.note_children()
+            root_at_c = c.client()
+            wait_for(lambda: _allocates(root_at_c), 20, "the depot to serve root at C")  # one of C's 3
+            r = subprocess.run(
+                [*AS_NOBODY, sys.executable, "-c", FILL_QUOTA, str(b.irmd.sock), "3"],
+                env={**b.irmd.env, "HOME": "/nonexistent"}, capture_output=True, text=True, timeout=60, cwd="/",
+            )  # fmt: skip
+            assert r.stdout.split() == ["refused", str(w.IBP_E_WOULD_EXCEED_POLICY)], r.stdout + r.stderr
+            with Connection("depot1", timeout=10, irm=root_at_c) as conn:
+                conn.allocate(64, 600)  # root at C: its own host's quota, the two left
+                conn.allocate(64, 600)
+                with pytest.raises(w.IbpError) as refused:
+                    conn.allocate(64, 600)
+                assert refused.value.status == w.IBP_E_WOULD_EXCEED_POLICY
+        finally:
+            terminate(proc)
+
+
+def _allocates(irm: IrmClient) -> bool:
+    try:
+        with Connection("depot1", timeout=5, irm=irm) as conn:
+            conn.allocate(64, 600)
+    except (w.IbpError, FlowError, OSError):
+        return False
+    return True
 
 
 STALL = (

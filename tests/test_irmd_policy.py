@@ -39,6 +39,7 @@ USERS_MAY = {
     m.FlowListen,
     m.FlowDealloc,
     m.FlowInfo,
+    m.FlowPeer,  # of the flows it holds only (test_irmd_trust.py::test_who_a_flow_came_from_is_told_its_holder_alone)
     m.IpcpList,
     m.NameList,
     m.FlowList,

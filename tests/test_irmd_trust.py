@@ -1188,6 +1188,28 @@ def test_flow_and_name_lists_show_uid_65534_its_own_and_nothing_of_roots(host: I
         assert {row["pid"] for row in rows} == {str(os.getpid()), str(mine.pid)}
 
 
+PEER_PROBE = r"""
+import sys
+from flowlib.irm import open_channel
+from proto import messages as m
+from proto.control import call
+from proto.errors import FlowError
+try:
+    print(call(open_channel(None), m.FlowPeer(int(sys.argv[1])), 10)[0])
+except FlowError as e:
+    print(type(e).__name__)
+"""
+
+
+def test_who_a_flow_came_from_is_told_its_holder_alone(host: IrmdProc) -> None:
+    """FlowPeer answers the connection that holds the flow (a local one came from no remote host);
+    uid 65534 asking of root's end learns nothing, not even that it exists."""
+    with nobody_allocates_to_root(host, "payroll-db") as (_, roots):
+        assert roots._irm.peer_addr(roots.flow_id) == ""
+        r = nobody_py(host, PEER_PROBE, str(roots.flow_id))
+        assert r.stdout.strip() == "NotFound", r.stdout + r.stderr
+
+
 # -- descriptors: connections in all, and an IRMd out of them ------------------------------------------------
 
 

@@ -773,6 +773,45 @@ def test_the_member_table_is_capped_but_configured_peers_always_fit() -> None:
     assert a.stats["dropped members full"] == 7
 
 
+def test_one_host_holds_its_share_of_the_member_table_however_many_ports_it_proves() -> None:
+    def prove(a: ShimCore, src: tuple[str, int], now: float) -> None:
+        a.receive(UDP.encode(Kind.HELLO, bytes(8) + COOKIE.pack(a.cookies.make(src, now))), src, now)
+
+    a = ShimCore(UDP, hash_len=16, own=A, discovery=True, encode_addr=udp.encode_addr,
+                 decode_addrs=udp.decode_addrs, peers=[B], limits=Limits(members=8),
+                 peer_of=lambda addr: addr[0])  # fmt: skip
+    assert Limits(members=8).members_per_peer == 2
+    for port in range(40000, 40006):
+        prove(a, ("10.1.0.9", port), T0)
+    prove(a, ("10.1.0.10", 3435), T0)
+    assert sorted(a.members) == sorted([B, ("10.1.0.9", 40000), ("10.1.0.9", 40001), ("10.1.0.10", 3435)])
+    assert a.stats["dropped members of one peer"] == 4
+    # Its members gone silent, the host's places are its again (a configured peer counts for none).
+    a.handle_timer(T0 + MEMBER_TTL + 1)
+    for port in range(40010, 40013):
+        prove(a, ("10.1.0.9", port), T0 + MEMBER_TTL + 2)
+    assert sum(1 for m in a.members if m[0] == "10.1.0.9") == 2 and B in a.members
+
+
+def test_one_members_gossip_names_its_share_of_the_candidates_and_anothers_still_get_in() -> None:
+    a = ShimCore(UDP, hash_len=16, own=A, discovery=True, encode_addr=udp.encode_addr,
+                 decode_addrs=udp.decode_addrs, limits=Limits(candidates=40),
+                 peer_of=lambda addr: addr[0])  # fmt: skip
+    a.members[B] = a.members[C] = T0  # members both (proven, as B's and C's HELLOs would make them)
+    for page in range(5):  # B's pages of made-up addresses, sent unasked as fast as it likes
+        made_up = [udp.encode_addr((f"10.66.{page}.{i + 1}", 3435)) for i in range(Limits().learn)]
+        a.receive(UDP.encode(Kind.MEMBERS, b"".join(made_up), d_eid=10_000), B, T0)
+    assert len(a.candidates) == Limits(candidates=40).candidates_per_peer == 10
+    real = [(f"10.9.1.{i + 1}", 3435) for i in range(5)]
+    a.receive(UDP.encode(Kind.MEMBERS, b"".join(udp.encode_addr(r) for r in real), d_eid=5), C, T0)
+    assert all(r in a.candidates for r in real) and a.stats["dropped candidates of one peer"] == 5
+    a.handle_timer(T0)  # B's, named first, are greeted first: they leave the table ...
+    assert list(a.candidates) == real
+    more = [udp.encode_addr((f"10.67.0.{i + 1}", 3435)) for i in range(20)]
+    a.receive(UDP.encode(Kind.MEMBERS, b"".join(more), d_eid=10_000), B, T0 + 1)
+    assert len(a.candidates) == 5 + 10  # ... and B's gossip may name as many again
+
+
 def test_a_learned_member_that_goes_silent_is_forgotten_but_a_configured_one_is_kept() -> None:
     net = Net(core(A, peers=[C]), core(B, peers=[A]))
     net.boot()

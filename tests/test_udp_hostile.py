@@ -24,7 +24,7 @@ from helpers import pid_alive, wait_for
 from shim_attack import Watched, attack, loopback_sources, usage
 from udp_lan import C_IP, Host, members_of, mgmt, oping_ok
 
-from ipcp.shim import AMPLIFICATION, PEER_TIMEOUT
+from ipcp.shim import AMPLIFICATION, PEER_TIMEOUT, Limits
 from ipcp.shim_wire import COOKIE, UDP, WANT_MEMBERS, Kind
 from transports import udp
 
@@ -115,6 +115,27 @@ def test_sources_that_prove_their_address_are_adopted_only_up_to_the_member_limi
     assert members_of(a) == set(), "a member page for a source beyond the limit"
     figure(record_property, "udp_members_3000_provers_cpu_s", after.cpu - before.cpu, "s")
     assert after.cpu - before.cpu < 30
+
+
+def test_one_host_proving_many_ports_takes_a_share_of_the_members_and_later_hosts_are_adopted(
+    lan: Callable[..., Host],
+) -> None:
+    """Members are (IP, port): an unprivileged process of one host proved a port of its own for every
+    place of the member table (16 here, 1,024 by default), and a host that came after it was not
+    adopted: its names were never asked for, and A reached none of them. One host (an IP, an IPv6 /64)
+    now holds a quarter of the places; a host that comes after it is adopted and its server reached."""
+    a = lan(udp_lan.A_IP, extra=("members", "16"))
+    share = Limits(members=16).members_per_peer
+    hello = framed(Kind.HELLO, COOKIE.pack(1) + COOKIE.pack(0))
+    echo = udp.EID.pack(0) + UDP.encode(Kind.HELLO, response=WANT_MEMBERS) + bytes(8)
+    attacker = "127.0.0.9"
+    attack(a.addr, [attacker] * 16, [hello], echo=echo, cookie_at=udp.EID.size + UDP.size, linger=0.5)
+    wait_for(lambda: a.counter("dropped members of one peer") > 0, 5, "A to refuse the host's ports past its share")
+    assert len([k for k in a.info()["members"] if k.startswith(f"{attacker}:")]) == share == 4
+    c = lan(C_IP, peer=udp_lan.A_IP)
+    c.serve("pong")
+    wait_for(lambda: f"{C_IP}:{c.port}" in a.info()["members"], 10, "A to adopt the host that came after")
+    oping_ok(a)  # A asks its members for the name, C among them
 
 
 def test_flow_requests_from_one_source_or_many_are_held_to_their_limits(pair: tuple[Host, Host]) -> None:

@@ -465,6 +465,76 @@ print("sent", sent, flush=True)
 """
 
 
+COMES_AND_GOES = r"""
+import sys, time
+from flowlib.errors import FlowError
+from flowlib.flow import flow_alloc
+from ipcp.unicast import auth
+from ipcp.unicast import messages as um
+from ipcp.unicast.connmgr import Adjacency
+from ipcp.unicast.enroll import Enrollee
+from ipcp.unicast.handshake import Handshake
+from proto.qos import raw
+key, secs, done, ident = sys.argv[1], float(sys.argv[2]), 0, auth.Identity.generate()
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    try:
+        f = flow_alloc("n1", raw, timeout=10)
+    except FlowError:
+        continue
+    f.set_timeout(5)
+    try:
+        if done % 2:  # enrolled, answered, gone
+            core = Enrollee("rogue", key, time.monotonic())
+        else:  # a management link made and dropped, at an address of its own
+            core = Adjacency(Handshake(True, um.MGMT, "rogue", "net", 0xBEEF, auth.layer_psk(key),
+                                       time.monotonic(), identity=ident))
+        core.start() if isinstance(core, Enrollee) else None
+        while not core.done:
+            for sdu in core.pop_out():
+                f.write(sdu)
+            if not core.done:
+                core.receive(f.read(), time.monotonic())
+        for sdu in core.pop_out():
+            f.write(sdu)
+        done += 1
+    except FlowError:
+        pass
+    finally:
+        f.close()
+print("done", done, flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_member_enrolling_and_connecting_in_a_loop_does_not_fill_the_members_log(
+    layer: Layer, cluster: Cluster
+) -> None:
+    """A member (it knows the key: or anyone, in an open layer) enrolling and making management links
+    over and over through the layer below, as uid 65534 on host b, wrote a line of n1's log for each
+    (enrolled, connected, down). Now they are logged at a bounded rate, the rest counted."""
+    a, b = layer.a, layer.b
+    os.chmod(cluster.tmp, 0o755)  # the test hosts' sockets, reachable by any local user (as /run/ouroboros is)
+    secs = 5.0
+    logged = len(a.log())
+    with legit_pings(b) as failures:
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", COMES_AND_GOES,
+             KEY, str(secs)],
+            env=b.irmd.env, capture_output=True, text=True, timeout=120, cwd="/",
+        )  # fmt: skip
+        assert r.returncode == 0 and r.stdout.startswith("done"), r.stdout + r.stderr
+        done = int(r.stdout.split()[1])
+        time.sleep(1.0)  # the last ends reach n1
+    assert not failures, failures
+    grown = a.log()[logged:]
+    lines = sum(grown.count(what) for what in (": enrolled rogue", "rogue connected", "to rogue (address"))
+    print(f"{done} enrollments and links in {secs} s: {lines} lines")
+    assert done >= 40, done  # far past what the log takes in that time
+    assert lines <= 10 + 2 * (secs + 3), f"{lines} lines for {done} enrollments and links"
+    assert a.counter("n1", "enrollments") >= done // 2 - 1 and a.irmd.alive()
+
+
 @pytest.mark.timeout(240)
 def test_an_unprivileged_non_member_is_refused_like_any_other(layer: Layer, cluster: Cluster) -> None:
     a, b = layer.a, layer.b

@@ -21,6 +21,9 @@ from transports.ratelog import RateLog
 
 log = logging.getLogger(__name__)
 _disk_log = RateLog(rate=0.1, burst=3, logger=log)  # a full disk would otherwise log on every change
+# SOFT allocations revoked for HARD ones: a client makes both kinds at will (a line per revoked one let a
+# client's one HARD request write as many lines as it had made SOFT allocations, 10,000 at its quota).
+_revoked_log = RateLog(rate=1.0, burst=5, logger=log)
 
 RID = "0"  # our depots have one resource
 MAX_REFS = 1_000_000
@@ -288,9 +291,11 @@ class DepotCore:
             free += a.max_size
             victims.append(a)
         for a in victims:
-            log.info("revoked soft allocation %s (%d bytes) for a hard one", a.fid[:12], a.max_size)
             self.free_alloc(a)
         self.revoked += len(victims)
+        if victims:
+            _revoked_log.log("revoked %d soft allocations (%d bytes) for a hard one of %d bytes", len(victims),
+                             sum(a.max_size for a in victims), size)  # fmt: skip
         return w.IBP_OK
 
     def authorize(self, key: str, typekey: str, right: str, now: float, rid: str = "") -> Allocation:

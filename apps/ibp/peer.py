@@ -18,11 +18,14 @@ from proto import messages as m
 _PROC_TCP = {socket.AF_INET: Path("/proc/net/tcp"), socket.AF_INET6: Path("/proc/net/tcp6")}
 
 
-def flow_identity(reply: m.FlowReply) -> str:
-    """A local flow's allocator by uid (the IRMd has it from SO_PEERCRED); a remote one by its layer,
-    as no remote identity reaches the application yet."""
+def flow_identity(reply: m.FlowReply, peer_addr: str = "") -> str:
+    """A local flow's allocator by uid (the IRMd has it from SO_PEERCRED); a remote one by the host its
+    layer vouches for (`peer_addr`, m.FlowPeer: a unicast member's address, a udp peer's IP or IPv6
+    /64), as a TCP client by its address; only a flow whose layer names no peer is its layer's."""
     if reply.peer_uid >= 0:
         return f"uid:{reply.peer_uid}"
+    if peer_addr:
+        return f"peer:{reply.layer}/{peer_addr}"
     return f"layer:{reply.layer}"
 
 

@@ -52,6 +52,9 @@ DROPPED = RateLog(logger=log)  # forged LSUs: a neighbour can send them by the t
 # line each, ~20 a second from one local user); the stats count them all.
 REFUSED = RateLog(rate=1.0, burst=5, logger=log)
 ENDED = RateLog(rate=2.0, burst=10, logger=log)  # flows their peers ended: one per flow a peer opens and closes
+# Neighbours enrolled, connected and gone: a member (anyone, in an open layer) can enroll or link and drop
+# over and over through the layer below, ~40 lines a second from one local user; the stats count them.
+NEIGHBOURS = RateLog(rate=2.0, burst=10, logger=log)
 
 ALLOC_TIMEOUT = 10.0
 AUTO = "auto"  # `connect dst auto`: find and connect neighbours by ourselves
@@ -405,7 +408,7 @@ class UnicastIpcp(Ipcp):
             await self._enroll_peer(af, peer)
         else:
             self._add_link(peer, af)
-            log.info("%s: %s connected %s (address %d)", self.name, peer.name, peer.component, peer.addr)
+            NEIGHBOURS.log("%s: %s connected %s (address %d)", self.name, peer.name, peer.component, peer.addr)
 
     async def _enroll_peer(self, af: AsyncFlow, peer: Peer) -> None:
         assert self.lsdb is not None
@@ -420,7 +423,7 @@ class UnicastIpcp(Ipcp):
             for sdu in core.pop_out():
                 await af.write(sdu)
             self.stats["enrollments"] += 1
-            log.info("%s: enrolled %s", self.name, peer.name)
+            NEIGHBOURS.log("%s: enrolled %s", self.name, peer.name)
             deadline = core.get_timer()
             assert deadline is not None
             # The enrollee has its answer: waiting for it to close first is a courtesy, which enrollees
@@ -479,7 +482,7 @@ class UnicastIpcp(Ipcp):
         gone = self.neighbours.remove(addr, comp, link)
         if gone is None:
             return
-        log.info("%s: %s flow to %s (address %d) is down", self.name, comp, gone[1].name, addr)
+        NEIGHBOURS.log("%s: %s flow to %s (address %d) is down", self.name, comp, gone[1].name, addr)
         gone[0].close()  # a management flow's task ends on it
         if comp == um.DT:
             self.dt.command(self.dt.remove_n1, addr, gone)

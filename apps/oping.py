@@ -172,19 +172,17 @@ class Client:
         count = self.args.count
         while not self.stop and self.stats.n < count:
             now = time.monotonic()
-            if self.sent < count and now >= next_send:
-                self.flow.write(self.request())
-                next_send += interval
-                continue
             if now - last_heard > interval + REPLY_WAIT:
                 print("Server timed out.", flush=True)
                 break
-            wake = (
-                min(next_send, last_heard + interval + REPLY_WAIT)
-                if self.sent < count
-                else last_heard + interval + REPLY_WAIT
-            )
-            if not poller.poll(max(wake - now, 0) * 1000):
+            if self.sent < count and now >= next_send:
+                self.flow.write(self.request())
+                next_send += interval
+            # Replies are read between requests, as C's reader thread reads them meanwhile: a client
+            # that sent all before reading one (`-i 0`) filled its server's queue to it, and was answered no more.
+            due = next_send if self.sent < count else math.inf
+            wake = min(due, last_heard + interval + REPLY_WAIT)
+            if not poller.poll(max(wake - time.monotonic(), 0) * 1000):
                 continue
             try:
                 replied = self.take(self.flow.read())

@@ -338,3 +338,13 @@ def test_the_polling_and_busy_servers_answer(irmd: IrmdProc, local_layer: str, m
         assert "Received" not in log  # C's busy server says nothing per SDU
     else:
         assert re.search(r"Received 64 bytes on fd \d+\.", log), log[-2000:]  # C's words
+
+
+@pytest.mark.timeout(60)
+def test_an_interval_of_0_sends_as_fast_as_it_may_and_gets_every_reply_as_cs(irmd: IrmdProc, pong: str) -> None:
+    """C's writer and reader are threads of their own: with `-i 0` the writer never waits, and replies
+    are read as they come. A client that sent them all before reading one filled the server's queue
+    to it, and the server's reads stopped: no reply came, and the flow ended after 10 s."""
+    r = irmd.run("oping", "-n", pong, "-c", "3000", "-i", "0", "-Q", timeout=50)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3000 packets transmitted, 3000 received" in r.stdout, r.stdout + r.stderr

@@ -270,6 +270,14 @@ def test_ocbr_flood_sends_back_to_back(irmd: IrmdProc, serving: Callable[..., No
     assert m and int(m[1]) > 1000, out
 
 
+@pytest.mark.parametrize("flood", [[], ["-f"]])
+def test_ocbr_sends_one_sdu_at_least_as_cs(irmd: IrmdProc, serving: Callable[..., None], flood: list[str]) -> None:
+    """C's client checks the time after each SDU: `-d 0` sends one, and ends with status 0."""
+    serving("cbr", "ocbr")
+    out = run(irmd, "ocbr", "-n", "cbr", "-d", "0", *flood)
+    assert re.search(r"sent statistics: +1 packets, +1000 bytes in ", out), out
+
+
 # -- obc ----------------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 from helpers import BIN, IrmdProc
 
-from apps import obc, oecho, ovpn
+from apps import obc, ocbr, oecho, operf, oping, ovpn
 from flowlib.flow import flow_accept
 from flowlib.irm import IrmClient
 from proto import logs
@@ -26,9 +26,8 @@ def parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "setup", lambda *_, **__: None)
 
 
-# C's oecho and obc print their usage and return 0 on an option they do not take; C's ovpn (getopt)
-# exits with EXIT_FAILURE.
-@pytest.mark.parametrize(("tool", "code"), [(oecho, 0), (obc, 0), (ovpn, 1)])
+# C's oecho and obc print their usage and return 0 on an option they do not take.
+@pytest.mark.parametrize(("tool", "code"), [(oecho, 0), (obc, 0)])
 @pytest.mark.parametrize("argv", [["--bogus"], ["-l", "--bogus"]])
 @pytest.mark.usefixtures("parsing")
 def test_an_option_c_does_not_know_prints_the_usage_and_exits_with_cs_status(
@@ -37,7 +36,57 @@ def test_an_option_c_does_not_know_prints_the_usage_and_exits_with_cs_status(
     with pytest.raises(SystemExit) as done:
         tool.main(argv)
     assert done.value.code == code
-    assert capsys.readouterr().out.startswith(f"usage: {tool.__name__.split('.')[-1]}")
+    assert capsys.readouterr().out.startswith(f"Usage: {tool.__name__.split('.')[-1]} [OPTION]...\n")
+
+
+# -h and --help: the usage in C's layout, on stdout, and C's status: oping's 1 (it has no --help of its own
+# and prints its usage for any word it does not know), ovpn's (getopt's --help) and the others' 0.
+@pytest.mark.parametrize(
+    ("tool", "code"), [(oping, 1), (operf, 0), (ocbr, 0), (oecho, 0), (obc, 0), (ovpn, 0)], ids=lambda t: str(t)
+)
+@pytest.mark.parametrize("word", ["--help", "-h"])
+@pytest.mark.usefixtures("parsing")
+def test_help_is_cs_usage_on_stdout_with_cs_status(
+    tool: ModuleType, code: int, word: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        tool.main([word])
+    out, err = capsys.readouterr()
+    name = tool.__name__.split(".")[-1]
+    assert (done.value.code, err) == (code, "")
+    lines = out.splitlines()
+    assert lines[0] == f"Usage: {name} [OPTION]...", out
+    assert lines[-1] == f"  -h, --help{' ' * 14}display this help text and exit", out
+    # an option a line, its short and long forms first: what C's usage lists is all there
+    assert re.search(r"^  -l, --listen {12}\S", out, re.M) or name in ("obc", "ovpn"), out
+    assert re.search(r"^  -n, --\S+ +\S", out, re.M), out
+    assert all(len(line) <= 79 for line in lines), out
+
+
+# C's ovpn reads its options with getopt_long: what it does not take is said on stderr, and nothing
+# else; a value it cannot use, or one missing, is said on stdout with its usage. Status 1 for all.
+@pytest.mark.parametrize(
+    ("argv", "out", "err"),
+    [
+        (["--bogus"], "", "ovpn: unrecognized option '--bogus'\n"),
+        (["-i", "x", "-m", "255.0.0.0"], "Invalid IP address: x.\n\nUsage: ovpn", ""),
+        (["-i", "10.0.0.1", "-m", "255.0.255.0"], "Invalid subnet mask: 255.0.255.0.\n\nUsage: ovpn", ""),
+        (["-i", "10.0.0.1"], "Please specify a subnetmask.\n\nUsage: ovpn", ""),
+        (["-m", "255.0.0.0"], "Please specify an IP address.\n\nUsage: ovpn", ""),
+        (["x", "-i", "10.0.0.1", "-m", "255.0.0.0"], "Unknown arguments specified: x \n\nUsage: ovpn", ""),
+    ],
+)
+@pytest.mark.usefixtures("parsing")
+def test_ovpn_says_what_is_wrong_with_its_command_line_as_cs(
+    argv: list[str], out: str, err: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ovpn.os, "geteuid", lambda: 0)  # as root: what comes after is the command line's
+    with pytest.raises(SystemExit) as done:
+        ovpn.main(argv)
+    said = capsys.readouterr()
+    assert done.value.code == 1
+    assert said.out.startswith(out) and (out or not said.out), said.out
+    assert said.err == err
 
 
 # What each prints on stdout before it needs an IRMd: that no server (or name) was given, or its usage.

@@ -24,8 +24,9 @@ FAILED = 255  # C's status when it cannot join or write: its main returns -1
 def join(layer: str) -> Flow:
     try:
         return flow_join(layer, timeout=10)
-    except FlowError as e:
-        print(f"Failed to join broadcast: {e}", flush=True)
+    except FlowError as e:  # C's line on stdout, what went wrong on stderr (ours)
+        print("Failed to join broadcast.", flush=True)
+        print(f"obc: {e}", file=sys.stderr)
         sys.exit(FAILED)
 
 

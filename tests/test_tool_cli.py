@@ -174,7 +174,33 @@ def test_a_reader_or_writer_that_cannot_join_the_layer_exits_255_as_cs_obc(irmd:
     for argv in (["-n", "nolayer"], ["-l", "-n", "nolayer"]):
         r = irmd.run("obc", *argv)
         assert r.returncode == 255, r.stdout + r.stderr
-        assert "Failed to join broadcast" in r.stdout, r.stdout
+        assert r.stdout.endswith("Failed to join broadcast.\n"), r.stdout  # C's line: the reason on stderr
+        assert r.stderr.startswith("obc: "), r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_an_oecho_client_whose_server_never_answers_says_so_as_cs(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """C's client prints "Failed to read packet." and its main returns -1: status 255."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oecho"), "-n", bound_name, "-m", "hello"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OUROBOROS_SOCK": str(irmd.sock)},
+    )
+    try:
+        with flow_accept(timeout=20, irm=server) as flow:
+            flow.set_timeout(10)
+            assert flow.read() == b"hello\0"  # read, and never answered
+            out, err = client.communicate(timeout=30)
+        assert (client.returncode, out) == (255, "Failed to read packet.\n"), out + err
+        assert err.startswith("oecho: "), err
+    finally:
+        client.kill()
+        client.wait()
 
 
 def _server(irmd: IrmdProc, name: str, *argv: str) -> subprocess.Popen[str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
+import subprocess
 import time
 
 import pytest
-from helpers import IrmdProc
+from helpers import BIN, IrmdProc
 
 from apps import oping
 from apps.common import stack_report
@@ -349,3 +351,25 @@ def test_an_interval_of_0_sends_as_fast_as_it_may_and_gets_every_reply_as_cs(irm
     r = irmd.run("oping", "-n", pong, "-c", "3000", "-i", "0", "-Q", timeout=50)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3000 packets transmitted, 3000 received" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_ping_prints_its_statistics_and_ends_0_as_cs(irmd: IrmdProc, pong: str) -> None:
+    """Ctrl-C stops C's client as its count would: the statistics follow, status 0."""
+    client = subprocess.Popen(
+        [str(BIN / "oping"), "-n", pong, "-i", "100"], env=irmd.env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert client.stdout is not None
+        lines = [client.stdout.readline() for _ in range(3)]  # "Pinging ...", "", the first reply
+        assert lines[0] == f"Pinging {pong} with 64 bytes of data (2147483647 packets):\n", lines
+        assert lines[2].startswith(f"64 bytes from {pong}: seq=0 "), lines
+        client.send_signal(signal.SIGINT)
+        out, _ = client.communicate(timeout=20)
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 0, out
+    stats = re.search(r"\n--- pong ping statistics ---\n(\d+) packets transmitted, (\d+) received, ", out)
+    assert stats and int(stats[2]) >= 1, out
+    assert out.splitlines()[-1].startswith("rtt min/avg/max/mdev = "), out

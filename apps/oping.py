@@ -49,7 +49,7 @@ ECHO_REPLY = 1
 MIN_SIZE = 64
 MAX_SIZE = 1500  # C's OPING_BUF_SIZE: its reader's buffer
 MAX_INTERVAL_MS = 10_000
-REPLY_WAIT = 2.0  # seconds past the interval the reader waits for a reply, as C's "Server timed out."
+REPLY_WAIT = 2  # seconds past the interval's whole seconds the reader waits for a reply, as C's ("Server timed out.")
 
 
 class Stats:
@@ -163,16 +163,19 @@ class Client:
 
     def paced(self) -> None:
         """C's threaded ping: a request every interval (the first after one), replies until all came
-        or none for the interval and 2 s more ("Server timed out.")."""
+        or none for the interval's whole seconds and 2 s more ("Server timed out.")."""
         interval = self.args.interval
         self.flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART | FLOWFRNOBLOCK)  # reads: the poll waits
         poller = select.poll()
         poller.register(self.flow.fd, select.POLLIN)
-        next_send = last_heard = time.monotonic() + interval
+        # As C's reader: from the start, it waits the interval's whole seconds and 2 more for each reply.
+        last_heard = time.monotonic()
+        next_send = last_heard + interval
+        patience = int(interval) + REPLY_WAIT
         count = self.args.count
         while not self.stop and self.stats.n < count:
             now = time.monotonic()
-            if now - last_heard > interval + REPLY_WAIT:
+            if now - last_heard > patience:
                 print("Server timed out.", flush=True)
                 break
             if self.sent < count and now >= next_send:
@@ -181,7 +184,7 @@ class Client:
             # Replies are read between requests, as C's reader thread reads them meanwhile: a client
             # that sent all before reading one (`-i 0`) filled its server's queue to it, and was answered no more.
             due = next_send if self.sent < count else math.inf
-            wake = min(due, last_heard + interval + REPLY_WAIT)
+            wake = min(due, last_heard + patience)
             if not poller.poll(max(wake - time.monotonic(), 0) * 1000):
                 continue
             try:
@@ -196,7 +199,7 @@ class Client:
         if busy:
             self.flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART | FLOWFRNOBLOCK)
         else:
-            self.flow.set_timeout(self.args.interval + REPLY_WAIT)
+            self.flow.set_timeout(int(self.args.interval) + REPLY_WAIT)
         while not self.stop and self.sent < self.args.count:
             self.flow.write(self.request())
             while True:

@@ -7,13 +7,15 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 from helpers import BIN, IrmdProc
 
 from apps import oping
 from apps.common import stack_report
-from flowlib import qos
+from flowlib import flow_accept, qos
+from flowlib.irm import IrmClient
 from flowlib.stats import FlowStats, FrctStats, IpcpStats
 from proto import logs
 
@@ -373,3 +375,30 @@ def test_an_interrupted_ping_prints_its_statistics_and_ends_0_as_cs(irmd: IrmdPr
     stats = re.search(r"\n--- pong ping statistics ---\n(\d+) packets transmitted, (\d+) received, ", out)
     assert stats and int(stats[2]) >= 1, out
     assert out.splitlines()[-1].startswith("rtt min/avg/max/mdev = "), out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("interval", "waits_ms"), [("1500", 3000), ("100", 2000)])
+def test_a_silent_server_times_out_when_cs_would(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, interval: str, waits_ms: int
+) -> None:
+    """C's reader waits the interval's whole seconds and 2 more for each reply, from the start of the
+    ping (its writer's first request goes one interval in): `-i 1500` gives up 3 s in, `-i 100` 2 s in."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oping"), "-n", bound_name, "-c", "1", "-i", interval],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with flow_accept(timeout=20, irm=server) as flow:
+            flow.set_timeout(10)
+            flow.read()  # and never answered
+            out, _ = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.wait()
+    assert "Server timed out.\n" in out, out
+    took = re.search(r"1 packets transmitted, 0 received, 0 out-of-order, 100% packet loss, time: ([\d.]+) ms", out)
+    assert took and waits_ms - 50 < float(took[1]) < waits_ms + 500, out

@@ -156,9 +156,10 @@ class _Help(argparse.Action):
 P = ParamSpec("P")
 
 
-def quiet_when_stdout_closes(main: Callable[P, None]) -> Callable[P, None]:
-    """A tool's main that, when the reader of its stdout goes away (`oping -n x | head -3`), exits 1
-    saying nothing, as C's tools die of SIGPIPE, instead of a traceback."""
+def ends_quietly(main: Callable[P, None]) -> Callable[P, None]:
+    """A tool's main that ends as C's do, saying nothing, where it would end in a traceback: when the
+    reader of its stdout goes away (`oping -n x | head -3`) it exits 1, as C's die of SIGPIPE; on a
+    SIGINT it does not take itself (an oecho client waiting), it dies of it, as C's without a handler."""
 
     @functools.wraps(main)
     def run(*args: P.args, **kw: P.kwargs) -> None:
@@ -170,6 +171,9 @@ def quiet_when_stdout_closes(main: Callable[P, None]) -> Callable[P, None]:
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush is quiet too
             sys.exit(1)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
 
     return run
 

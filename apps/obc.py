@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from apps.common import CParser, handed_over, quiet_when_stdout_closes
+from apps.common import CParser, ends_quietly, handed_over
 from flowlib import Flow, FlowError, flow_join
 from proto.version import add_version
 from proto.visible import visible
@@ -67,7 +67,7 @@ def chat(flow: Flow) -> int:
     return 0
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="obc", description="Sends a message to a broadcast network.", usage_status=0)
     p.add_argument("-n", "--name", help="name of the broadcast layer")

@@ -22,10 +22,10 @@ from apps.common import (
     alloc,
     c_decimal,
     c_long,
+    ends_quietly,
     fail,
     on_signals,
     qos_arg,
-    quiet_when_stdout_closes,
     rounds,
     switch_listening,
 )
@@ -179,7 +179,7 @@ def c_rate(text: str) -> float:
     return float(match.group(1)) * RATES.get(match.group(2), 1.0)
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="ocbr", description="Sends packets from client to server at a constant bit rate.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")

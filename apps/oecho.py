@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from apps.common import CParser, alloc_failed, quiet_when_stdout_closes, serve
+from apps.common import CParser, alloc_failed, ends_quietly, serve
 from flowlib import Flow, FlowError, flow_alloc
 from proto import logs
 from proto.version import add_version
@@ -29,7 +29,7 @@ def reply(_: Flow, sdu: bytes) -> bytes:
     return sdu
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="oecho", description="Send an echo between a server and a client.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run as the server")

@@ -22,11 +22,11 @@ from apps.common import (
     c_long,
     c_units,
     duration,
+    ends_quietly,
     fail,
     ms,
     on_signals,
     qos_arg,
-    quiet_when_stdout_closes,
     rate,
     serve,
     stack_report,
@@ -262,7 +262,7 @@ def test_type(text: str) -> int | float | None:
         return None
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="operf", description="Measures bandwidth between a client and a server.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")

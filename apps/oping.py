@@ -19,10 +19,10 @@ from apps.common import (
     c_long,
     c_units,
     duration,
+    ends_quietly,
     fail,
     ms,
     on_signals,
-    quiet_when_stdout_closes,
     serve,
     stack_report,
 )
@@ -253,7 +253,7 @@ def client(args: argparse.Namespace) -> int:
     return 0 if c.stats.n or not c.sent else 1
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(
         prog="oping",

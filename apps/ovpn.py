@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from apps.common import CParser, qos_arg, quiet_when_stdout_closes
+from apps.common import CParser, ends_quietly, qos_arg
 from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
 from proto import logs
 from proto.version import add_version
@@ -176,7 +176,7 @@ def accept_tunnel(timeout: float | None, peer: str | None) -> Flow:
         flow.close()
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     # getopt_long's: a prefix of a long option will do; what it does not take exits 1, --help 0
     p = CParser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -198,6 +199,32 @@ def test_an_oecho_client_whose_server_never_answers_says_so_as_cs(
             out, err = client.communicate(timeout=30)
         assert (client.returncode, out) == (255, "Failed to read packet.\n"), out + err
         assert err.startswith("oecho: "), err
+    finally:
+        client.kill()
+        client.wait()
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_oecho_client_dies_of_sigint_saying_nothing_as_cs(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """C's oecho takes no signal itself: Ctrl-C while it waits for its reply ends it, with no more said.
+    Ours ended in a traceback."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oecho"), "-n", bound_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OUROBOROS_SOCK": str(irmd.sock)},
+    )
+    try:
+        with flow_accept(timeout=20, irm=server) as flow:
+            flow.set_timeout(10)
+            flow.read()  # the client now waits for its reply
+            client.send_signal(signal.SIGINT)
+            out, err = client.communicate(timeout=20)
+        assert (client.returncode, out, err) == (-signal.SIGINT, "", "")
     finally:
         client.kill()
         client.wait()

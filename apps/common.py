@@ -378,11 +378,7 @@ class Server:
         self.quota = FlowQuota(PER_CLIENT, nofile_to_hard(NOFILE_CEILING) - FD_RESERVE)
 
     def run(self, poll: bool, banner: str) -> None:
-        def on_signal(*_: object) -> None:
-            self.stop = True
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        on_signals(lambda: setattr(self, "stop", True))  # as C's servers: SIGHUP too ends it, status 0
         fq = EventQueue()
         try:
             self._listen(True)

@@ -249,6 +249,20 @@ def _ended(proc: subprocess.Popen[str]) -> str:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_opings_server_ends_0_on_cs_signals(irmd: IrmdProc, local_layer: str, sig: signal.Signals) -> None:
+    """C's oping server takes SIGINT, SIGTERM and SIGHUP alike: it stops and exits 0. SIGHUP killed ours."""
+    server = _server(irmd, "pong2", "oping", "-l")
+    try:
+        server.send_signal(sig)
+        out, _ = server.communicate(timeout=20)
+    finally:
+        server.kill()
+        server.wait()
+    assert (server.returncode, out) == (0, "")
+
+
+@pytest.mark.timeout(60)
 def test_oechos_server_answers_one_message_a_flow_and_says_only_cs_lines(irmd: IrmdProc, local_layer: str) -> None:
     """C's oecho server reads one message, echoes it and deallocates the flow: nothing more is said."""
     server = _server(irmd, "echo1", "oecho", "-l")

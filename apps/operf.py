@@ -156,7 +156,7 @@ class Client:
             except FlowError:
                 return
             if len(sdu) != self.size:
-                print(f"Invalid message on flow {self.flow.flow_id}.", flush=True)
+                print(f"Invalid message on fd {self.flow.flow_id}.", flush=True)  # C's words (its fd: our flow id)
                 continue
             self.echoed += 1
             if sdu.count(0, MSG.size) != len(sdu) - MSG.size:

@@ -5,10 +5,12 @@ operf and ocbr over a local layer (servers started on demand by the IRMd), obc o
 
 from __future__ import annotations
 
+import argparse
 import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -18,7 +20,7 @@ from helpers import BIN, IrmdProc
 from unicast_net import Cluster
 
 from apps import ocbr, operf
-from flowlib import flow_alloc
+from flowlib import FlowError, flow_alloc
 from flowlib.irm import IrmClient
 from proto import logs
 
@@ -354,3 +356,34 @@ def test_obc_sends_cs_message_with_its_nul(broadcast: IrmdProc) -> None:
 def test_obc_without_a_name_says_so(irmd: IrmdProc) -> None:
     r = irmd.run("obc", "-m", "x")
     assert r.returncode == 1 and "Please specify a name." in r.stdout
+
+
+class _EchoesOfAnotherSize:
+    """A flow whose server echoes an SDU of another size, then goes silent."""
+
+    flow_id = 7
+
+    def __init__(self) -> None:
+        self.sdus = [bytes(100)]
+
+    def set_timeout(self, _: float) -> None:
+        pass
+
+    def read(self) -> bytes:
+        if self.sdus:
+            return self.sdus.pop()
+        raise FlowError("gone")
+
+
+@pytest.mark.timeout(10)
+def test_operfs_bidirectional_reader_says_an_echo_of_another_size_is_invalid_in_cs_words(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = argparse.Namespace(size=64, flood=True, rate=1e6, sleep=False)
+    c = operf.Client(args, _EchoesOfAnotherSize())  # type: ignore[arg-type]
+    done = threading.Event()
+    done.set()
+    c.sent = 1
+    c.read_echoes(done)
+    assert capsys.readouterr().out == "Invalid message on fd 7.\n"
+    assert c.echoed == 0

@@ -64,6 +64,12 @@ def ip_arg(text: str) -> ipaddress.IPv4Address | None:
         return None
 
 
+def failed(line: str, err: Exception) -> NoReturn:
+    print(line, flush=True)
+    print(f"ovpn: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
 def refuse(p: CParser, line: str) -> NoReturn:
     """C's words for a command line it cannot run: what is wrong and an empty line, then the usage,
     all on stdout; status 1."""
@@ -226,16 +232,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print("Waiting for a new flow...", flush=True)
             flow = accept_tunnel(args.timeout, args.peer)
-    except FlowError as e:  # C's line, then what went wrong (ours)
-        print(f"Failed to {'allocate' if args.name is not None else 'accept'} flow: {e}", flush=True)
-        sys.exit(1)
+    except FlowError as e:  # C's line on stdout, what went wrong on stderr (ours)
+        failed(f"Failed to {'allocate' if args.name is not None else 'accept'} flow.", e)
     print("Flow allocated.", flush=True)
     try:
         tun, dev = tun_open(args.dev, ip, mask, flow.mtu)
     except OSError as e:
-        print(f"Failed to open tunnel device: {e}", flush=True)
         flow.close()
-        sys.exit(1)
+        failed("Failed to open tunnel device.", e)
     print(f"Tunnel device name is {dev}.", flush=True)
     tunnel = Tunnel(flow, tun)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):

@@ -171,6 +171,13 @@ def test_a_client_whose_flow_is_refused_prints_cs_line_and_exits_with_cs_status(
 
 
 @pytest.mark.timeout(60)
+def test_an_ovpn_whose_flow_is_refused_prints_cs_line_alone_on_stdout(irmd: IrmdProc, local_layer: str) -> None:
+    r = irmd.run("ovpn", "-n", "nobody", "-i", "10.0.0.1", "-m", "255.0.0.0")
+    assert (r.returncode, r.stdout) == (1, "Allocating a flow to nobody.\nFailed to allocate flow.\n"), r.stdout
+    assert r.stderr.startswith("ovpn: ") and "not found" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
 def test_a_reader_or_writer_that_cannot_join_the_layer_exits_255_as_cs_obc(irmd: IrmdProc) -> None:
     for argv in (["-n", "nolayer"], ["-l", "-n", "nolayer"]):
         r = irmd.run("obc", *argv)

@@ -7,7 +7,9 @@ pings, paced by -i (or back to back: -f, -F spinning), and prints ping's statist
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import select
 import struct
 import sys
@@ -128,6 +130,13 @@ class Client:
         self.stats = Stats()
         self.sent = self.out_of_order = self.expected = 0
         self.stop = False
+        self.woken, self.waker = os.pipe()  # a signal's byte ends the paced ping's wait at once
+
+    def interrupt(self) -> None:
+        """SIGINT, SIGTERM, SIGHUP: the ping stops, and its statistics follow, as C's."""
+        self.stop = True
+        with contextlib.suppress(OSError):
+            os.write(self.waker, b"!")
 
     def request(self) -> bytes:
         sdu = HDR.pack(ECHO_REQUEST, self.sent, time.monotonic_ns()) + self.padding
@@ -168,6 +177,7 @@ class Client:
         self.flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART | FLOWFRNOBLOCK)  # reads: the poll waits
         poller = select.poll()
         poller.register(self.flow.fd, select.POLLIN)
+        poller.register(self.woken, select.POLLIN)
         # As C's reader: from the start, it waits the interval's whole seconds and 2 more for each reply.
         last_heard = time.monotonic()
         next_send = last_heard + interval
@@ -185,7 +195,8 @@ class Client:
             # that sent all before reading one (`-i 0`) filled its server's queue to it, and was answered no more.
             due = next_send if self.sent < count else math.inf
             wake = min(due, last_heard + patience)
-            if not poller.poll(max(wake - time.monotonic(), 0) * 1000):
+            ready = poller.poll(max(wake - time.monotonic(), 0) * 1000)
+            if all(fd != self.flow.fd for fd, _ in ready):  # the time came, or a signal (seen above)
                 continue
             try:
                 replied = self.take(self.flow.read())
@@ -232,7 +243,7 @@ def client(args: argparse.Namespace) -> int:
     size = args.size
     flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART)
     c = Client(args, flow, size)
-    on_signals(lambda: setattr(c, "stop", True))
+    on_signals(c.interrupt)
     if not args.quiet:
         how = ", busy-poll" if args.flood_busy else ""
         print(f"Pinging {args.name} with {size} bytes of data ({args.count} packets{how}):\n", flush=True)

@@ -191,27 +191,27 @@ def rate(text: str, default_unit: str = "") -> float:
 
 class Pacer:
     """A constant bit rate, as C's operf and ocbr keep it: each SDU is due a gap after the last, the gap
-    slept (`sleep`) or waited out spinning; ours sleeps all but its last SPIN seconds even then."""
+    slept (`sleep`) or waited out spinning; ours sleeps all but its last SPIN seconds even then. A wait
+    ends early once `stopped()` (a Ctrl-C), as C's sleep does: a slow rate's gap may be seconds long."""
 
     SPIN = 0.0002
+    SLICE = 0.1  # seconds slept at most before `stopped` is asked again
 
-    def __init__(self, bits_per_s: float, size: int, sleep: bool) -> None:
+    def __init__(self, bits_per_s: float, size: int, sleep: bool, stopped: Callable[[], bool] = lambda: False) -> None:
         self.gap = size * 8 / bits_per_s
         self.sleep = sleep
+        self.stopped = stopped
         self.start = time.monotonic()
 
     def wait(self, sent: int) -> None:
         """Until the SDU after `sent` of them is due."""
         due = self.start + sent * self.gap
-        left = due - time.monotonic()
-        if self.sleep:
-            if left > 0:
-                time.sleep(left)
-            return
-        if left > self.SPIN:
-            time.sleep(left - self.SPIN)
-        while time.monotonic() < due:
-            pass
+        spun = 0.0 if self.sleep else self.SPIN
+        while not self.stopped() and (left := due - time.monotonic() - spun) > 0:
+            time.sleep(min(left, self.SLICE))
+        if not self.sleep:
+            while time.monotonic() < due and not self.stopped():
+                pass
 
 
 def qos_arg(text: str) -> QosSpec:

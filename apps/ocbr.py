@@ -145,7 +145,7 @@ def client(args: argparse.Namespace) -> int:
     on_signals(lambda: stopped.append(True))
     buf = bytearray(max(args.size, SEQ.size))
     sent = 0
-    pacer = None if args.flood else Pacer(args.rate, args.size, args.sleep)
+    pacer = None if args.flood else Pacer(args.rate, args.size, args.sleep, lambda: bool(stopped))
     start = time.monotonic()
     with flow:
         try:

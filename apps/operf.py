@@ -127,9 +127,14 @@ class Client:
     def write_for(self, seconds: float) -> float:
         """Send until the duration is over (or a signal); returns how long it took."""
         pack, write, zeros = MSG.pack, self.flow.write, self.zeros
-        pacer = None if self.args.flood else Pacer(self.args.rate, self.size, self.args.sleep)
         start = time.monotonic()
         end = start + seconds
+        # a gap ends with the test (a slow rate's may be longer) or at a signal
+        pacer = (
+            None
+            if self.args.flood
+            else Pacer(self.args.rate, self.size, self.args.sleep, lambda: self.stop or time.monotonic() >= end)
+        )
         # A server that stops reading must not hold the client past its test: a write waits so long at most.
         self.flow.fccntl(FLOWSSNDTIMEO, seconds + WRITE_GRACE)
         while not self.stop and time.monotonic() < end:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -387,3 +388,31 @@ def test_operfs_bidirectional_reader_says_an_echo_of_another_size_is_invalid_in_
     c.read_echoes(done)
     assert capsys.readouterr().out == "Invalid message on fd 7.\n"
     assert c.echoed == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("spin", [[], ["--spin"]])
+def test_an_interrupted_ocbr_ends_at_once_with_its_statistics(
+    irmd: IrmdProc, serving: Callable[..., None], spin: list[str]
+) -> None:
+    """C's sleep between SDUs ends at a Ctrl-C; ours slept on to the end of the gap: 8 s at 1 kb/s."""
+    serving("cbr", "ocbr")
+    client = subprocess.Popen(
+        [str(BIN / "ocbr"), "-n", "cbr", "-r", "1k", "-s", "1000", "-d", "60", *spin],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().startswith("Client started, duration 60, rate 1000 b/s")
+        time.sleep(2)  # allocated, one SDU sent, the next 8 s away
+        client.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, _ = client.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 0 and re.match(r"sent statistics: +1 packets, +1000 bytes in ", out), out
+    assert took < 1.5, f"{took:.1f} s"

@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     logs.add_arguments(p, quiet=False)
     add_version(p)
     args, extra = p.parse_known_args(argv)
-    if unknown := [word for word in extra if word.startswith("-") and word != "-"]:
-        p.error(f"unrecognized option '{unknown[0]}'")  # getopt's words, and nothing on stdout
+    if unknown := [word for word in extra if word.startswith("-") and word != "-"]:  # getopt's words, on stderr alone
+        word = unknown[0]
+        p.error(f"unrecognized option '{word}'" if word.startswith("--") else f"invalid option -- '{word[1]}'")
     logs.setup("ovpn", args)
     if os.geteuid() != 0:
         print("ovpn must be run as root.")

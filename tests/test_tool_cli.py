@@ -70,6 +70,7 @@ def test_help_is_cs_usage_on_stdout_with_cs_status(
     ("argv", "out", "err"),
     [
         (["--bogus"], "", "ovpn: unrecognized option '--bogus'\n"),
+        (["-x", "-i", "10.0.0.1"], "", "ovpn: invalid option -- 'x'\n"),
         (["-i", "x", "-m", "255.0.0.0"], "Invalid IP address: x.\n\nUsage: ovpn", ""),
         (["-i", "10.0.0.1", "-m", "255.0.255.0"], "Invalid subnet mask: 255.0.255.0.\n\nUsage: ovpn", ""),
         (["-i", "10.0.0.1"], "Please specify a subnetmask.\n\nUsage: ovpn", ""),

@@ -248,6 +248,7 @@ def client(args: argparse.Namespace) -> int:
         how = ", busy-poll" if args.flood_busy else ""
         print(f"Pinging {args.name} with {size} bytes of data ({args.count} packets{how}):\n", flush=True)
     start = time.monotonic()
+    broke = False
     with flow:
         try:
             if args.flood or args.flood_busy:
@@ -255,13 +256,14 @@ def client(args: argparse.Namespace) -> int:
             else:
                 c.paced()
         except FlowError as e:
+            broke = True
             print(f"oping: {e}", file=sys.stderr)
         c.statistics((time.monotonic() - start) * 1000)
         if args.report:  # ours, after C's summary: its last line stays C's for scripts that read it
             for line in stack_report(flow, c.sent - c.stats.n):
                 print(line, flush=True)
-    # C's exits 0 whatever came back; ours 1 when pings went and no reply came, for scripts that check
-    return 0 if c.stats.n or not c.sent else 1
+    # C's exits 0 whatever came back; ours 1 when pings went, or the flow broke, and no reply came
+    return 0 if c.stats.n or not (c.sent or broke) else 1
 
 
 @ends_quietly

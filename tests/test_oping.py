@@ -411,3 +411,27 @@ def test_a_silent_server_times_out_when_cs_would(
     assert "Server timed out.\n" in out, out
     took = re.search(r"1 packets transmitted, 0 received, 0 out-of-order, 100% packet loss, time: ([\d.]+) ms", out)
     assert took and waits_ms - 50 < float(took[1]) < waits_ms + 500, out
+
+
+@pytest.mark.timeout(60)
+def test_a_ping_whose_flow_ends_before_its_first_request_ends_1(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """A server that lets the flow go at once: no request could go, no reply came. That ended with 0,
+    as a ping asked for none (`-c 0`) does."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oping"), "-n", bound_name, "-c", "1", "-i", "2s"],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        flow_accept(timeout=20, irm=server).close()
+        out, err = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 1, out + err
+    assert "0 received" in out and err.startswith("oping: "), out + err

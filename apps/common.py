@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, ParamSpec
@@ -95,28 +96,70 @@ def c_decimal(text: str) -> float:
 class CParser(argparse.ArgumentParser):
     """A tool's command line, as C's: options matched whole (unless `allow_abbrev`: getopt_long's tools
     take a prefix of a long option); on one it does not take, its usage on stdout and `usage_status`
-    (oping's and ovpn's 1, operf's, ocbr's, oecho's and obc's 0); what was wrong goes to stderr (ours)."""
+    (oping's and ovpn's 1, operf's, ocbr's, oecho's and obc's 0); what was wrong goes to stderr (ours).
+    -h and --help print the usage too, laid out as C's, and end with `help_status` (C's oping takes no
+    --help of its own: it prints its usage for it as for any word it does not know, and exits 1)."""
 
-    def __init__(self, *args: Any, usage_status: int, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, usage_status: int, help_status: int | None = None, usage_on_error: bool = True, **kw: Any
+    ) -> None:
         kw.setdefault("allow_abbrev", False)  # C's strcmp: options whole
+        kw["add_help"] = False  # ours, below: C's layout and status
         super().__init__(*args, **kw)
         self.usage_status = usage_status
+        self.usage_on_error = usage_on_error  # False: getopt's way, only what was wrong, on stderr
+        self.help_status = usage_status if help_status is None else help_status
+        self.add_argument("-h", "--help", action=_Help, help="display this help text and exit")
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message}", file=sys.stderr)
+        if not self.usage_on_error:
+            sys.exit(self.usage_status)
         self.exit_with_usage(self.usage_status)
 
     def exit_with_usage(self, status: int) -> NoReturn:
         print(self.format_help(), end="", flush=True)
         sys.exit(status)
 
+    def format_help(self) -> str:
+        """C's layout: "Usage: TOOL [OPTION]...", what it does, then an option a line, its short and long
+        forms in a column (a long one alone indented as if a short one came first), --help last."""
+        actions = [a for a in self._actions if a.option_strings and a.help != argparse.SUPPRESS]
+        actions.sort(key=lambda a: isinstance(a, _Help))
+        heads = [
+            ", ".join(a.option_strings) if a.option_strings[0][1] != "-" else "    " + ", ".join(a.option_strings)
+            for a in actions
+        ]
+        column = 24  # C's oping's: a head that does not fit leaves its text to the lines below
+        lines = [f"Usage: {self.prog} [OPTION]...", *textwrap.wrap(self.description or "", 79), ""]
+        for head, a in zip(heads, actions, strict=True):
+            text = textwrap.wrap(a.help % {"prog": self.prog} if a.help else "", 79 - 2 - column)
+            if len(head) >= column:
+                lines.append(f"  {head}")
+            else:
+                lines.append(f"  {head:<{column}}{text.pop(0) if text else ''}".rstrip())
+            lines += [" " * (2 + column) + more for more in text]
+        return "\n".join(lines) + "\n"
+
+
+class _Help(argparse.Action):
+    """-h, --help: C's usage, on stdout, and the tool's status for it."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        assert isinstance(parser, CParser)
+        parser.exit_with_usage(parser.help_status)
+
 
 P = ParamSpec("P")
 
 
-def quiet_when_stdout_closes(main: Callable[P, None]) -> Callable[P, None]:
-    """A tool's main that, when the reader of its stdout goes away (`oping -n x | head -3`), exits 1
-    saying nothing, as C's tools die of SIGPIPE, instead of a traceback."""
+def ends_quietly(main: Callable[P, None]) -> Callable[P, None]:
+    """A tool's main that ends as C's do, saying nothing, where it would end in a traceback: when the
+    reader of its stdout goes away (`oping -n x | head -3`) it exits 1, as C's die of SIGPIPE; on a
+    SIGINT it does not take itself (an oecho client waiting), it dies of it, as C's without a handler."""
 
     @functools.wraps(main)
     def run(*args: P.args, **kw: P.kwargs) -> None:
@@ -128,6 +171,9 @@ def quiet_when_stdout_closes(main: Callable[P, None]) -> Callable[P, None]:
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush is quiet too
             sys.exit(1)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
 
     return run
 
@@ -145,27 +191,27 @@ def rate(text: str, default_unit: str = "") -> float:
 
 class Pacer:
     """A constant bit rate, as C's operf and ocbr keep it: each SDU is due a gap after the last, the gap
-    slept (`sleep`) or waited out spinning; ours sleeps all but its last SPIN seconds even then."""
+    slept (`sleep`) or waited out spinning; ours sleeps all but its last SPIN seconds even then. A wait
+    ends early once `stopped()` (a Ctrl-C), as C's sleep does: a slow rate's gap may be seconds long."""
 
     SPIN = 0.0002
+    SLICE = 0.1  # seconds slept at most before `stopped` is asked again
 
-    def __init__(self, bits_per_s: float, size: int, sleep: bool) -> None:
+    def __init__(self, bits_per_s: float, size: int, sleep: bool, stopped: Callable[[], bool] = lambda: False) -> None:
         self.gap = size * 8 / bits_per_s
         self.sleep = sleep
+        self.stopped = stopped
         self.start = time.monotonic()
 
     def wait(self, sent: int) -> None:
         """Until the SDU after `sent` of them is due."""
         due = self.start + sent * self.gap
-        left = due - time.monotonic()
-        if self.sleep:
-            if left > 0:
-                time.sleep(left)
-            return
-        if left > self.SPIN:
-            time.sleep(left - self.SPIN)
-        while time.monotonic() < due:
-            pass
+        spun = 0.0 if self.sleep else self.SPIN
+        while not self.stopped() and (left := due - time.monotonic() - spun) > 0:
+            time.sleep(min(left, self.SLICE))
+        if not self.sleep:
+            while time.monotonic() < due and not self.stopped():
+                pass
 
 
 def qos_arg(text: str) -> QosSpec:
@@ -332,11 +378,7 @@ class Server:
         self.quota = FlowQuota(PER_CLIENT, nofile_to_hard(NOFILE_CEILING) - FD_RESERVE)
 
     def run(self, poll: bool, banner: str) -> None:
-        def on_signal(*_: object) -> None:
-            self.stop = True
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        on_signals(lambda: setattr(self, "stop", True))  # as C's servers: SIGHUP too ends it, status 0
         fq = EventQueue()
         try:
             self._listen(True)

@@ -35,16 +35,18 @@ class _Captured(Exception):
 @contextlib.contextmanager
 def _capturing() -> Iterator[None]:
     """While in effect, parsing a command line raises _Captured with the parser instead."""
-    saved = argparse.ArgumentParser.parse_args
+    saved = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
 
     def capture(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
         raise _Captured(self)
 
+    # parse_known_args too: a tool that takes words it says are unknown in words of its own (ovpn's)
     argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
+    argparse.ArgumentParser.parse_known_args = capture  # type: ignore[method-assign]
     try:
         yield
     finally:
-        argparse.ArgumentParser.parse_args = saved  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = saved  # type: ignore[method-assign]
 
 
 def tools() -> dict[str, str]:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from apps.common import CParser, handed_over, quiet_when_stdout_closes
+from apps.common import CParser, ends_quietly, handed_over
 from flowlib import Flow, FlowError, flow_join
 from proto.version import add_version
 from proto.visible import visible
@@ -24,8 +24,9 @@ FAILED = 255  # C's status when it cannot join or write: its main returns -1
 def join(layer: str) -> Flow:
     try:
         return flow_join(layer, timeout=10)
-    except FlowError as e:
-        print(f"Failed to join broadcast: {e}", flush=True)
+    except FlowError as e:  # C's line on stdout, what went wrong on stderr (ours)
+        print("Failed to join broadcast.", flush=True)
+        print(f"obc: {e}", file=sys.stderr)
         sys.exit(FAILED)
 
 
@@ -66,7 +67,7 @@ def chat(flow: Flow) -> int:
     return 0
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="obc", description="Sends a message to a broadcast network.", usage_status=0)
     p.add_argument("-n", "--name", help="name of the broadcast layer")

@@ -22,10 +22,10 @@ from apps.common import (
     alloc,
     c_decimal,
     c_long,
+    ends_quietly,
     fail,
     on_signals,
     qos_arg,
-    quiet_when_stdout_closes,
     rounds,
     switch_listening,
 )
@@ -145,18 +145,20 @@ def client(args: argparse.Namespace) -> int:
     on_signals(lambda: stopped.append(True))
     buf = bytearray(max(args.size, SEQ.size))
     sent = 0
-    pacer = None if args.flood else Pacer(args.rate, args.size, args.sleep)
+    pacer = None if args.flood else Pacer(args.rate, args.size, args.sleep, lambda: bool(stopped))
     start = time.monotonic()
     with flow:
         try:
             # A server that stops reading must not hold the client past its test: a write waits so long at most.
             flow.fccntl(FLOWSSNDTIMEO, args.duration + WRITE_GRACE)
-            while not stopped and time.monotonic() - start < args.duration:
+            while not stopped:  # the time is checked after each SDU, as C's: `-d 0` sends one
                 SEQ.pack_into(buf, 0, sent)
                 flow.write(memoryview(buf)[: args.size])
                 sent += 1
                 if pacer is not None:
                     pacer.wait(sent)
+                if time.monotonic() - start >= args.duration:
+                    break
         except FlowError as e:
             print(f"ocbr: {e}", file=sys.stderr)
     ms = int((time.monotonic() - start) * 1000)  # whole ms, as C's
@@ -177,7 +179,7 @@ def c_rate(text: str) -> float:
     return float(match.group(1)) * RATES.get(match.group(2), 1.0)
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="ocbr", description="Sends packets from client to server at a constant bit rate.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")

@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
-from apps.common import CParser, alloc_failed, fail, quiet_when_stdout_closes, serve
+from apps.common import CParser, alloc_failed, ends_quietly, serve
 from flowlib import Flow, FlowError, flow_alloc
 from proto import logs
 from proto.version import add_version
 from proto.visible import visible
 
 GREETING = b"Client says hi!"
+FAILED = 255  # C's status when its client fails: main returns -1
 
 
 def text(sdu: bytes) -> str:
@@ -27,7 +29,7 @@ def reply(_: Flow, sdu: bytes) -> bytes:
     return sdu
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="oecho", description="Send an echo between a server and a client.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run as the server")
@@ -46,11 +48,22 @@ def main(argv: list[str] | None = None) -> None:
         flow = flow_alloc(args.name, timeout=10.0)
     except FlowError as e:
         alloc_failed("oecho", e)
-    try:
-        with flow:
+    with flow:
+        try:
             flow.write(args.message.encode() + b"\0")  # a C string, NUL and all, as C's client sends it
+        except FlowError as e:
+            failed("Failed to write packet.", e)
+        try:
             flow.set_timeout(5.0)
-            print(f"Server replied with {text(flow.read())}")
-    except FlowError as e:
-        fail("oecho", e)
+            sdu = flow.read()
+        except FlowError as e:
+            failed("Failed to read packet.", e)
+    print(f"Server replied with {text(sdu)}")
     sys.exit(0)
+
+
+def failed(line: str, err: FlowError) -> NoReturn:
+    """C's line on stdout, what went wrong on stderr (ours), and C's status: its main returns -1."""
+    print(line, flush=True)
+    print(f"oecho: {err}", file=sys.stderr)
+    sys.exit(FAILED)

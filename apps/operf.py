@@ -22,11 +22,11 @@ from apps.common import (
     c_long,
     c_units,
     duration,
+    ends_quietly,
     fail,
     ms,
     on_signals,
     qos_arg,
-    quiet_when_stdout_closes,
     rate,
     serve,
     stack_report,
@@ -127,9 +127,14 @@ class Client:
     def write_for(self, seconds: float) -> float:
         """Send until the duration is over (or a signal); returns how long it took."""
         pack, write, zeros = MSG.pack, self.flow.write, self.zeros
-        pacer = None if self.args.flood else Pacer(self.args.rate, self.size, self.args.sleep)
         start = time.monotonic()
         end = start + seconds
+        # a gap ends with the test (a slow rate's may be longer) or at a signal
+        pacer = (
+            None
+            if self.args.flood
+            else Pacer(self.args.rate, self.size, self.args.sleep, lambda: self.stop or time.monotonic() >= end)
+        )
         # A server that stops reading must not hold the client past its test: a write waits so long at most.
         self.flow.fccntl(FLOWSSNDTIMEO, seconds + WRITE_GRACE)
         while not self.stop and time.monotonic() < end:
@@ -156,7 +161,7 @@ class Client:
             except FlowError:
                 return
             if len(sdu) != self.size:
-                print(f"Invalid message on flow {self.flow.flow_id}.", flush=True)
+                print(f"Invalid message on fd {self.flow.flow_id}.", flush=True)  # C's words (its fd: our flow id)
                 continue
             self.echoed += 1
             if sdu.count(0, MSG.size) != len(sdu) - MSG.size:
@@ -262,7 +267,7 @@ def test_type(text: str) -> int | float | None:
         return None
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(prog="operf", description="Measures bandwidth between a client and a server.", usage_status=0)
     p.add_argument("-l", "--listen", action="store_true", help="run in server mode")

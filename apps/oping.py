@@ -7,7 +7,9 @@ pings, paced by -i (or back to back: -f, -F spinning), and prints ping's statist
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import select
 import struct
 import sys
@@ -19,10 +21,10 @@ from apps.common import (
     c_long,
     c_units,
     duration,
+    ends_quietly,
     fail,
     ms,
     on_signals,
-    quiet_when_stdout_closes,
     serve,
     stack_report,
 )
@@ -49,7 +51,7 @@ ECHO_REPLY = 1
 MIN_SIZE = 64
 MAX_SIZE = 1500  # C's OPING_BUF_SIZE: its reader's buffer
 MAX_INTERVAL_MS = 10_000
-REPLY_WAIT = 2.0  # seconds past the interval the reader waits for a reply, as C's "Server timed out."
+REPLY_WAIT = 2  # seconds past the interval's whole seconds the reader waits for a reply, as C's ("Server timed out.")
 
 
 class Stats:
@@ -128,6 +130,13 @@ class Client:
         self.stats = Stats()
         self.sent = self.out_of_order = self.expected = 0
         self.stop = False
+        self.woken, self.waker = os.pipe()  # a signal's byte ends the paced ping's wait at once
+
+    def interrupt(self) -> None:
+        """SIGINT, SIGTERM, SIGHUP: the ping stops, and its statistics follow, as C's."""
+        self.stop = True
+        with contextlib.suppress(OSError):
+            os.write(self.waker, b"!")
 
     def request(self) -> bytes:
         sdu = HDR.pack(ECHO_REQUEST, self.sent, time.monotonic_ns()) + self.padding
@@ -163,28 +172,31 @@ class Client:
 
     def paced(self) -> None:
         """C's threaded ping: a request every interval (the first after one), replies until all came
-        or none for the interval and 2 s more ("Server timed out.")."""
+        or none for the interval's whole seconds and 2 s more ("Server timed out.")."""
         interval = self.args.interval
         self.flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART | FLOWFRNOBLOCK)  # reads: the poll waits
         poller = select.poll()
         poller.register(self.flow.fd, select.POLLIN)
-        next_send = last_heard = time.monotonic() + interval
+        poller.register(self.woken, select.POLLIN)
+        # As C's reader: from the start, it waits the interval's whole seconds and 2 more for each reply.
+        last_heard = time.monotonic()
+        next_send = last_heard + interval
+        patience = int(interval) + REPLY_WAIT
         count = self.args.count
         while not self.stop and self.stats.n < count:
             now = time.monotonic()
+            if now - last_heard > patience:
+                print("Server timed out.", flush=True)
+                break
             if self.sent < count and now >= next_send:
                 self.flow.write(self.request())
                 next_send += interval
-                continue
-            if now - last_heard > interval + REPLY_WAIT:
-                print("Server timed out.", flush=True)
-                break
-            wake = (
-                min(next_send, last_heard + interval + REPLY_WAIT)
-                if self.sent < count
-                else last_heard + interval + REPLY_WAIT
-            )
-            if not poller.poll(max(wake - now, 0) * 1000):
+            # Replies are read between requests, as C's reader thread reads them meanwhile: a client
+            # that sent all before reading one (`-i 0`) filled its server's queue to it, and was answered no more.
+            due = next_send if self.sent < count else math.inf
+            wake = min(due, last_heard + patience)
+            ready = poller.poll(max(wake - time.monotonic(), 0) * 1000)
+            if all(fd != self.flow.fd for fd, _ in ready):  # the time came, or a signal (seen above)
                 continue
             try:
                 replied = self.take(self.flow.read())
@@ -198,7 +210,7 @@ class Client:
         if busy:
             self.flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART | FLOWFRNOBLOCK)
         else:
-            self.flow.set_timeout(self.args.interval + REPLY_WAIT)
+            self.flow.set_timeout(int(self.args.interval) + REPLY_WAIT)
         while not self.stop and self.sent < self.args.count:
             self.flow.write(self.request())
             while True:
@@ -231,11 +243,12 @@ def client(args: argparse.Namespace) -> int:
     size = args.size
     flow.fccntl(FLOWSFLAGS, FLOWFRDWR | FLOWFRNOPART)
     c = Client(args, flow, size)
-    on_signals(lambda: setattr(c, "stop", True))
+    on_signals(c.interrupt)
     if not args.quiet:
         how = ", busy-poll" if args.flood_busy else ""
         print(f"Pinging {args.name} with {size} bytes of data ({args.count} packets{how}):\n", flush=True)
     start = time.monotonic()
+    broke = False
     with flow:
         try:
             if args.flood or args.flood_busy:
@@ -243,16 +256,17 @@ def client(args: argparse.Namespace) -> int:
             else:
                 c.paced()
         except FlowError as e:
+            broke = True
             print(f"oping: {e}", file=sys.stderr)
         c.statistics((time.monotonic() - start) * 1000)
         if args.report:  # ours, after C's summary: its last line stays C's for scripts that read it
             for line in stack_report(flow, c.sent - c.stats.n):
                 print(line, flush=True)
-    # C's exits 0 whatever came back; ours 1 when pings went and no reply came, for scripts that check
-    return 0 if c.stats.n or not c.sent else 1
+    # C's exits 0 whatever came back; ours 1 when pings went, or the flow broke, and no reply came
+    return 0 if c.stats.n or not (c.sent or broke) else 1
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
     p = CParser(
         prog="oping",

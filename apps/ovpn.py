@@ -6,7 +6,6 @@ end's TUN device (given IP/MASK, up, its MTU the flow's) carries its IP packets 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -18,8 +17,9 @@ import socket
 import struct
 import sys
 import threading
+from typing import NoReturn
 
-from apps.common import CParser, qos_arg, quiet_when_stdout_closes
+from apps.common import CParser, ends_quietly, qos_arg
 from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
 from proto import logs
 from proto.version import add_version
@@ -47,22 +47,34 @@ DEVICE_SYSCTLS = (
 )
 
 
-def mask_arg(text: str) -> ipaddress.IPv4Address:
+def mask_arg(text: str) -> ipaddress.IPv4Address | None:
+    """A subnet mask, its ones first and its zeros after; None if it is none."""
     try:
         mask = ipaddress.IPv4Address(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"Invalid subnet mask: {text}.") from None
+        return None
     inverted = ~int(mask) & 0xFFFFFFFF
-    if inverted & (inverted + 1):  # the ones must come first, the zeros after
-        raise argparse.ArgumentTypeError(f"Invalid subnet mask: {text}.")
-    return mask
+    return None if inverted & (inverted + 1) else mask
 
 
-def ip_arg(text: str) -> ipaddress.IPv4Address:
+def ip_arg(text: str) -> ipaddress.IPv4Address | None:
     try:
         return ipaddress.IPv4Address(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"Invalid IP address: {text}.") from None
+        return None
+
+
+def failed(line: str, err: Exception) -> NoReturn:
+    print(line, flush=True)
+    print(f"ovpn: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
+def refuse(p: CParser, line: str) -> NoReturn:
+    """C's words for a command line it cannot run: what is wrong and an empty line, then the usage,
+    all on stdout; status 1."""
+    print(f"{line}\n")
+    p.exit_with_usage(1)
 
 
 def confine(dev: str) -> None:
@@ -170,28 +182,46 @@ def accept_tunnel(timeout: float | None, peer: str | None) -> Flow:
         flow.close()
 
 
-@quiet_when_stdout_closes
+@ends_quietly
 def main(argv: list[str] | None = None) -> None:
-    # getopt_long's: a prefix of a long option will do; what it does not take exits 1
-    p = CParser(prog="ovpn", description="Sends TCP/IP traffic over Ouroboros.", usage_status=1, allow_abbrev=True)
+    # getopt_long's: a prefix of a long option will do; what it does not take exits 1, --help 0
+    p = CParser(
+        prog="ovpn",
+        description="Sends TCP/IP traffic over Ouroboros.",
+        usage_status=1,
+        help_status=0,
+        usage_on_error=False,
+        allow_abbrev=True,
+    )
     p.add_argument("-n", "--name", help="run as client, name of ovpn server to connect to")
-    p.add_argument("-i", "--ip", type=ip_arg, help="IP address to give to TUN device")
-    p.add_argument("-m", "--mask", type=mask_arg, help="subnet mask to give to TUN device")
+    p.add_argument("-i", "--ip", help="IP address to give to TUN device")
+    p.add_argument("-m", "--mask", help="subnet mask to give to TUN device")
     p.add_argument("--dev", default="tun%d", help="name of the TUN device (ours; default: the kernel picks)")
     p.add_argument("-q", "--qos", type=qos_arg, default=qos.raw, help="the flow's QoS (ours; C's is raw)")
     p.add_argument("--timeout", type=float, default=None, help="allocation timeout in seconds (ours)")
     p.add_argument("--peer", help="tunnel only with the peer whose certificate proves this name, encrypted (ours)")
     logs.add_arguments(p, quiet=False)
     add_version(p)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if unknown := [word for word in extra if word.startswith("-") and word != "-"]:  # getopt's words, on stderr alone
+        word = unknown[0]
+        p.error(f"unrecognized option '{word}'" if word.startswith("--") else f"invalid option -- '{word[1]}'")
     logs.setup("ovpn", args)
     if os.geteuid() != 0:
         print("ovpn must be run as root.")
         sys.exit(1)
-    if args.ip is None or int(args.ip) == 0:
-        p.error("Please specify an IP address.")
-    if args.mask is None:
-        p.error("Please specify a subnetmask.")
+    ip = ip_arg(args.ip) if args.ip is not None else None
+    mask = mask_arg(args.mask) if args.mask is not None else None
+    if args.ip is not None and ip is None:
+        refuse(p, f"Invalid IP address: {args.ip}.")
+    if args.mask is not None and mask is None:
+        refuse(p, f"Invalid subnet mask: {args.mask}.")
+    if extra:
+        refuse(p, f"Unknown arguments specified: {' '.join(extra)} ")
+    if ip is None or int(ip) == 0:
+        refuse(p, "Please specify an IP address.")
+    if mask is None:
+        refuse(p, "Please specify a subnetmask.")
     try:
         if args.name is not None:
             print(f"Allocating a flow to {args.name}.", flush=True)
@@ -203,16 +233,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print("Waiting for a new flow...", flush=True)
             flow = accept_tunnel(args.timeout, args.peer)
-    except FlowError as e:  # C's line, then what went wrong (ours)
-        print(f"Failed to {'allocate' if args.name is not None else 'accept'} flow: {e}", flush=True)
-        sys.exit(1)
+    except FlowError as e:  # C's line on stdout, what went wrong on stderr (ours)
+        failed(f"Failed to {'allocate' if args.name is not None else 'accept'} flow.", e)
     print("Flow allocated.", flush=True)
     try:
-        tun, dev = tun_open(args.dev, args.ip, args.mask, flow.mtu)
+        tun, dev = tun_open(args.dev, ip, mask, flow.mtu)
     except OSError as e:
-        print(f"Failed to open tunnel device: {e}", flush=True)
         flow.close()
-        sys.exit(1)
+        failed("Failed to open tunnel device.", e)
     print(f"Tunnel device name is {dev}.", flush=True)
     tunnel = Tunnel(flow, tun)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):

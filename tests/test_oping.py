@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
+import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
-from helpers import IrmdProc
+from helpers import BIN, IrmdProc
 
 from apps import oping
 from apps.common import stack_report
-from flowlib import qos
+from flowlib import flow_accept, qos
+from flowlib.irm import IrmClient
 from flowlib.stats import FlowStats, FrctStats, IpcpStats
 from proto import logs
 
@@ -73,7 +77,8 @@ def test_oping_after_unregister_fails_saying_not_found(irmd: IrmdProc, pong: str
 
 def test_oping_without_a_server_name_prints_its_usage_on_stdout_and_exits_1_as_c(irmd: IrmdProc) -> None:
     r = irmd.run("oping", "-c", "1")
-    assert r.returncode == 1 and r.stdout.startswith("No server specified.\nusage: oping"), r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.startswith("No server specified.\nUsage: oping [OPTION]...\n"), r.stdout + r.stderr
 
 
 def test_oping_works_over_a_local_layer_with_another_hash(irmd: IrmdProc) -> None:
@@ -290,7 +295,7 @@ def test_a_command_line_c_does_not_take_prints_the_usage_on_stdout_and_exits_1(
     with pytest.raises(SystemExit) as done:
         oping.main(argv)
     assert done.value.code == 1
-    assert capsys.readouterr().out.startswith("usage: oping")
+    assert capsys.readouterr().out.startswith("Usage: oping [OPTION]...\n")
 
 
 @pytest.mark.parametrize(("value", "unit"), [("10x", "x"), ("2w", "w"), ("abc", "abc")])
@@ -338,3 +343,95 @@ def test_the_polling_and_busy_servers_answer(irmd: IrmdProc, local_layer: str, m
         assert "Received" not in log  # C's busy server says nothing per SDU
     else:
         assert re.search(r"Received 64 bytes on fd \d+\.", log), log[-2000:]  # C's words
+
+
+@pytest.mark.timeout(60)
+def test_an_interval_of_0_sends_as_fast_as_it_may_and_gets_every_reply_as_cs(irmd: IrmdProc, pong: str) -> None:
+    """C's writer and reader are threads of their own: with `-i 0` the writer never waits, and replies
+    are read as they come. A client that sent them all before reading one filled the server's queue
+    to it, and the server's reads stopped: no reply came, and the flow ended after 10 s."""
+    r = irmd.run("oping", "-n", pong, "-c", "3000", "-i", "0", "-Q", timeout=50)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3000 packets transmitted, 3000 received" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("interval", ["100", "10s"])
+def test_an_interrupted_ping_prints_its_statistics_and_ends_0_as_cs(irmd: IrmdProc, pong: str, interval: str) -> None:
+    """Ctrl-C stops C's client as its count would: the statistics follow, status 0. Ours stops at once,
+    not at the next request (C's sends one more, up to an interval later)."""
+    client = subprocess.Popen(
+        [str(BIN / "oping"), "-n", pong, "-i", interval],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        lines = [client.stdout.readline() for _ in range(3)]  # "Pinging ...", "", the first reply
+        assert lines[0].startswith(f"Pinging {pong} with 64 bytes of data ("), lines
+        assert lines[2].startswith(f"64 bytes from {pong}: seq=0 "), lines
+        time.sleep(0.5)  # waiting for the next request's time
+        client.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, _ = client.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 0, out
+    stats = re.search(r"\n--- pong ping statistics ---\n(\d+) packets transmitted, (\d+) received, ", out)
+    assert stats and int(stats[2]) >= 1, out
+    assert out.splitlines()[-1].startswith("rtt min/avg/max/mdev = "), out
+    assert took < 3, f"{took:.1f} s"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("interval", "waits_ms"), [("1500", 3000), ("100", 2000)])
+def test_a_silent_server_times_out_when_cs_would(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str, interval: str, waits_ms: int
+) -> None:
+    """C's reader waits the interval's whole seconds and 2 more for each reply, from the start of the
+    ping (its writer's first request goes one interval in): `-i 1500` gives up 3 s in, `-i 100` 2 s in."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oping"), "-n", bound_name, "-c", "1", "-i", interval],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with flow_accept(timeout=20, irm=server) as flow:
+            flow.set_timeout(10)
+            flow.read()  # and never answered
+            out, _ = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.wait()
+    assert "Server timed out.\n" in out, out
+    took = re.search(r"1 packets transmitted, 0 received, 0 out-of-order, 100% packet loss, time: ([\d.]+) ms", out)
+    assert took and waits_ms - 50 < float(took[1]) < waits_ms + 500, out
+
+
+@pytest.mark.timeout(60)
+def test_a_ping_whose_flow_ends_before_its_first_request_ends_1(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """A server that lets the flow go at once: no request could go, no reply came. That ended with 0,
+    as a ping asked for none (`-c 0`) does."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oping"), "-n", bound_name, "-c", "1", "-i", "2s"],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        flow_accept(timeout=20, irm=server).close()
+        out, err = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 1, out + err
+    assert "0 received" in out and err.startswith("oping: "), out + err

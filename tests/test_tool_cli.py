@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from types import ModuleType
 import pytest
 from helpers import BIN, IrmdProc
 
-from apps import obc, oecho, ovpn
+from apps import obc, ocbr, oecho, operf, oping, ovpn
 from flowlib.flow import flow_accept
 from flowlib.irm import IrmClient
 from proto import logs
@@ -26,9 +27,8 @@ def parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "setup", lambda *_, **__: None)
 
 
-# C's oecho and obc print their usage and return 0 on an option they do not take; C's ovpn (getopt)
-# exits with EXIT_FAILURE.
-@pytest.mark.parametrize(("tool", "code"), [(oecho, 0), (obc, 0), (ovpn, 1)])
+# C's oecho and obc print their usage and return 0 on an option they do not take.
+@pytest.mark.parametrize(("tool", "code"), [(oecho, 0), (obc, 0)])
 @pytest.mark.parametrize("argv", [["--bogus"], ["-l", "--bogus"]])
 @pytest.mark.usefixtures("parsing")
 def test_an_option_c_does_not_know_prints_the_usage_and_exits_with_cs_status(
@@ -37,7 +37,58 @@ def test_an_option_c_does_not_know_prints_the_usage_and_exits_with_cs_status(
     with pytest.raises(SystemExit) as done:
         tool.main(argv)
     assert done.value.code == code
-    assert capsys.readouterr().out.startswith(f"usage: {tool.__name__.split('.')[-1]}")
+    assert capsys.readouterr().out.startswith(f"Usage: {tool.__name__.split('.')[-1]} [OPTION]...\n")
+
+
+# -h and --help: the usage in C's layout, on stdout, and C's status: oping's 1 (it has no --help of its own
+# and prints its usage for any word it does not know), ovpn's (getopt's --help) and the others' 0.
+@pytest.mark.parametrize(
+    ("tool", "code"), [(oping, 1), (operf, 0), (ocbr, 0), (oecho, 0), (obc, 0), (ovpn, 0)], ids=lambda t: str(t)
+)
+@pytest.mark.parametrize("word", ["--help", "-h"])
+@pytest.mark.usefixtures("parsing")
+def test_help_is_cs_usage_on_stdout_with_cs_status(
+    tool: ModuleType, code: int, word: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        tool.main([word])
+    out, err = capsys.readouterr()
+    name = tool.__name__.split(".")[-1]
+    assert (done.value.code, err) == (code, "")
+    lines = out.splitlines()
+    assert lines[0] == f"Usage: {name} [OPTION]...", out
+    assert lines[-1] == f"  -h, --help{' ' * 14}display this help text and exit", out
+    # an option a line, its short and long forms first: what C's usage lists is all there
+    assert re.search(r"^  -l, --listen {12}\S", out, re.M) or name in ("obc", "ovpn"), out
+    assert re.search(r"^  -n, --\S+ +\S", out, re.M), out
+    assert all(len(line) <= 79 for line in lines), out
+
+
+# C's ovpn reads its options with getopt_long: what it does not take is said on stderr, and nothing
+# else; a value it cannot use, or one missing, is said on stdout with its usage. Status 1 for all.
+@pytest.mark.parametrize(
+    ("argv", "out", "err"),
+    [
+        (["--bogus"], "", "ovpn: unrecognized option '--bogus'\n"),
+        (["-x", "-i", "10.0.0.1"], "", "ovpn: invalid option -- 'x'\n"),
+        (["-i", "x", "-m", "255.0.0.0"], "Invalid IP address: x.\n\nUsage: ovpn", ""),
+        (["-i", "10.0.0.1", "-m", "255.0.255.0"], "Invalid subnet mask: 255.0.255.0.\n\nUsage: ovpn", ""),
+        (["-i", "10.0.0.1"], "Please specify a subnetmask.\n\nUsage: ovpn", ""),
+        (["-m", "255.0.0.0"], "Please specify an IP address.\n\nUsage: ovpn", ""),
+        (["x", "-i", "10.0.0.1", "-m", "255.0.0.0"], "Unknown arguments specified: x \n\nUsage: ovpn", ""),
+    ],
+)
+@pytest.mark.usefixtures("parsing")
+def test_ovpn_says_what_is_wrong_with_its_command_line_as_cs(
+    argv: list[str], out: str, err: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ovpn.os, "geteuid", lambda: 0)  # as root: what comes after is the command line's
+    with pytest.raises(SystemExit) as done:
+        ovpn.main(argv)
+    said = capsys.readouterr()
+    assert done.value.code == 1
+    assert said.out.startswith(out) and (out or not said.out), said.out
+    assert said.err == err
 
 
 # What each prints on stdout before it needs an IRMd: that no server (or name) was given, or its usage.
@@ -121,11 +172,70 @@ def test_a_client_whose_flow_is_refused_prints_cs_line_and_exits_with_cs_status(
 
 
 @pytest.mark.timeout(60)
+def test_an_ovpn_whose_flow_is_refused_prints_cs_line_alone_on_stdout(irmd: IrmdProc, local_layer: str) -> None:
+    r = irmd.run("ovpn", "-n", "nobody", "-i", "10.0.0.1", "-m", "255.0.0.0")
+    assert (r.returncode, r.stdout) == (1, "Allocating a flow to nobody.\nFailed to allocate flow.\n"), r.stdout
+    assert r.stderr.startswith("ovpn: ") and "not found" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
 def test_a_reader_or_writer_that_cannot_join_the_layer_exits_255_as_cs_obc(irmd: IrmdProc) -> None:
     for argv in (["-n", "nolayer"], ["-l", "-n", "nolayer"]):
         r = irmd.run("obc", *argv)
         assert r.returncode == 255, r.stdout + r.stderr
-        assert "Failed to join broadcast" in r.stdout, r.stdout
+        assert r.stdout.endswith("Failed to join broadcast.\n"), r.stdout  # C's line: the reason on stderr
+        assert r.stderr.startswith("obc: "), r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_an_oecho_client_whose_server_never_answers_says_so_as_cs(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """C's client prints "Failed to read packet." and its main returns -1: status 255."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oecho"), "-n", bound_name, "-m", "hello"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OUROBOROS_SOCK": str(irmd.sock)},
+    )
+    try:
+        with flow_accept(timeout=20, irm=server) as flow:
+            flow.set_timeout(10)
+            assert flow.read() == b"hello\0"  # read, and never answered
+            out, err = client.communicate(timeout=30)
+        assert (client.returncode, out) == (255, "Failed to read packet.\n"), out + err
+        assert err.startswith("oecho: "), err
+    finally:
+        client.kill()
+        client.wait()
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_oecho_client_dies_of_sigint_saying_nothing_as_cs(
+    irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
+) -> None:
+    """C's oecho takes no signal itself: Ctrl-C while it waits for its reply ends it, with no more said.
+    Ours ended in a traceback."""
+    server = client_factory()
+    client = subprocess.Popen(
+        [str(BIN / "oecho"), "-n", bound_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OUROBOROS_SOCK": str(irmd.sock)},
+    )
+    try:
+        with flow_accept(timeout=20, irm=server) as flow:
+            flow.set_timeout(10)
+            flow.read()  # the client now waits for its reply
+            client.send_signal(signal.SIGINT)
+            out, err = client.communicate(timeout=20)
+        assert (client.returncode, out, err) == (-signal.SIGINT, "", "")
+    finally:
+        client.kill()
+        client.wait()
 
 
 def _server(irmd: IrmdProc, name: str, *argv: str) -> subprocess.Popen[str]:
@@ -144,6 +254,20 @@ def _ended(proc: subprocess.Popen[str]) -> str:
     proc.terminate()
     out, _ = proc.communicate(timeout=20)
     return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_opings_server_ends_0_on_cs_signals(irmd: IrmdProc, local_layer: str, sig: signal.Signals) -> None:
+    """C's oping server takes SIGINT, SIGTERM and SIGHUP alike: it stops and exits 0. SIGHUP killed ours."""
+    server = _server(irmd, "pong2", "oping", "-l")
+    try:
+        server.send_signal(sig)
+        out, _ = server.communicate(timeout=20)
+    finally:
+        server.kill()
+        server.wait()
+    assert (server.returncode, out) == (0, "")
 
 
 @pytest.mark.timeout(60)

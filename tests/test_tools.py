@@ -5,10 +5,13 @@ operf and ocbr over a local layer (servers started on demand by the IRMd), obc o
 
 from __future__ import annotations
 
+import argparse
 import re
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -18,7 +21,7 @@ from helpers import BIN, IrmdProc
 from unicast_net import Cluster
 
 from apps import ocbr, operf
-from flowlib import flow_alloc
+from flowlib import FlowError, flow_alloc
 from flowlib.irm import IrmClient
 from proto import logs
 
@@ -141,7 +144,7 @@ def test_an_option_c_does_not_know_prints_the_usage_and_exits_0_as_cs_operf_and_
     with pytest.raises(SystemExit) as done:
         tool.main(argv)
     assert done.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: {tool.__name__.split('.')[-1]}")
+    assert capsys.readouterr().out.startswith(f"Usage: {tool.__name__.split('.')[-1]} [OPTION]...\n")
 
 
 def test_operfs_wire_is_cs_a_test_type_then_ids(irmd: IrmdProc, serving: Callable[..., None]) -> None:
@@ -209,7 +212,8 @@ def test_ocbr_refuses_as_c_does(argv: list[str], out: str, capsys: pytest.Captur
 def test_ocbr_without_a_server_prints_the_usage_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         ocbr.main(["-d", "1"])
-    assert done.value.code == 1 and capsys.readouterr().out.startswith("No server specified.\nusage: ocbr")
+    assert done.value.code == 1
+    assert capsys.readouterr().out.startswith("No server specified.\nUsage: ocbr [OPTION]...\n")
 
 
 def test_ocbr_reads_rates_as_c() -> None:
@@ -268,6 +272,14 @@ def test_ocbr_flood_sends_back_to_back(irmd: IrmdProc, serving: Callable[..., No
     out = run(irmd, "ocbr", "-n", "cbr", "-d", "1", "-f", "-s", "500")
     m = re.search(r"sent statistics: +(\d+) packets", out)
     assert m and int(m[1]) > 1000, out
+
+
+@pytest.mark.parametrize("flood", [[], ["-f"]])
+def test_ocbr_sends_one_sdu_at_least_as_cs(irmd: IrmdProc, serving: Callable[..., None], flood: list[str]) -> None:
+    """C's client checks the time after each SDU: `-d 0` sends one, and ends with status 0."""
+    serving("cbr", "ocbr")
+    out = run(irmd, "ocbr", "-n", "cbr", "-d", "0", *flood)
+    assert re.search(r"sent statistics: +1 packets, +1000 bytes in ", out), out
 
 
 # -- obc ----------------------------------------------------------------------------------------------
@@ -345,3 +357,62 @@ def test_obc_sends_cs_message_with_its_nul(broadcast: IrmdProc) -> None:
 def test_obc_without_a_name_says_so(irmd: IrmdProc) -> None:
     r = irmd.run("obc", "-m", "x")
     assert r.returncode == 1 and "Please specify a name." in r.stdout
+
+
+class _EchoesOfAnotherSize:
+    """A flow whose server echoes an SDU of another size, then goes silent."""
+
+    flow_id = 7
+
+    def __init__(self) -> None:
+        self.sdus = [bytes(100)]
+
+    def set_timeout(self, _: float) -> None:
+        pass
+
+    def read(self) -> bytes:
+        if self.sdus:
+            return self.sdus.pop()
+        raise FlowError("gone")
+
+
+@pytest.mark.timeout(10)
+def test_operfs_bidirectional_reader_says_an_echo_of_another_size_is_invalid_in_cs_words(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = argparse.Namespace(size=64, flood=True, rate=1e6, sleep=False)
+    c = operf.Client(args, _EchoesOfAnotherSize())  # type: ignore[arg-type]
+    done = threading.Event()
+    done.set()
+    c.sent = 1
+    c.read_echoes(done)
+    assert capsys.readouterr().out == "Invalid message on fd 7.\n"
+    assert c.echoed == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("spin", [[], ["--spin"]])
+def test_an_interrupted_ocbr_ends_at_once_with_its_statistics(
+    irmd: IrmdProc, serving: Callable[..., None], spin: list[str]
+) -> None:
+    """C's sleep between SDUs ends at a Ctrl-C; ours slept on to the end of the gap: 8 s at 1 kb/s."""
+    serving("cbr", "ocbr")
+    client = subprocess.Popen(
+        [str(BIN / "ocbr"), "-n", "cbr", "-r", "1k", "-s", "1000", "-d", "60", *spin],
+        env=irmd.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().startswith("Client started, duration 60, rate 1000 b/s")
+        time.sleep(2)  # allocated, one SDU sent, the next 8 s away
+        client.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, _ = client.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 0 and re.match(r"sent statistics: +1 packets, +1000 bytes in ", out), out
+    assert took < 1.5, f"{took:.1f} s"

@@ -248,7 +248,7 @@ class Pair:
         return f"\n--- C irmd ---\n{self.c.log_text()}\n--- our irmd ---\n{self.ours.irmd.log_text()[-4000:]}"
 
 
-NAMES = ("c-pong", "py-pong", "oecho", "c-perf", "py-perf", "c-peer", "py-peer")
+NAMES = ("c-pong", "py-pong", "oecho", "c-perf", "py-perf", "c-cbr", "py-cbr", "c-peer", "py-peer")
 
 
 @pytest.fixture
@@ -412,6 +412,37 @@ def test_a_c_operf_reaches_ours(pair: Pair) -> None:
     # 0.23's operf client allocates, sends its test configuration and (a bug of 0.23) no packets.
     assert "Doing a bidirectional test." in r.stdout and "Test finished." in r.stdout, r.stdout + r.stderr
     assert "Failed" not in r.stdout + r.stderr, r.stdout + r.stderr + pair.logs()
+
+
+CBR_SENT = re.compile(r"sent statistics: +(\d+) packets, +(\d+) bytes in +\d+ ms, [\d.]+ Mb/s")
+CBR_FLOW = re.compile(r"\bFlow +\d+: +(\d+) packets \( *(\d+) bytes\) in +\d+ ms => ")
+
+
+def cbr_counted(server_out: Callable[[], str], sent: re.Match[str], what: str) -> None:
+    """The server reports (in C's lines) what the client says it sent, once it timed the flow out."""
+    wait_for(lambda: "Test on flow" in server_out(), 10, f"the ocbr server to end the test{what}")
+    packets = sum(int(n) for n, _ in CBR_FLOW.findall(server_out()))
+    assert int(sent[1]) - 2 <= packets <= int(sent[1]), f"{packets} counted, {sent[0]}{what}"
+
+
+def test_our_ocbr_reaches_a_c_ocbr_server(pair: Pair) -> None:
+    udp_layer(pair)
+    for out in pair.c_servers("c-ocbr", "ocbr", "--listen", bind="c-cbr"):  # noqa: B007 - the last, read below
+        r = pair.ours.irmd.run("ocbr", "-n", "c-cbr", "-d", "1", "-r", "400k", "-s", "500", timeout=60)
+        if not any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED):
+            break
+    sent = CBR_SENT.search(r.stdout)
+    assert r.returncode == 0 and sent and int(sent[1]) >= 90, r.stdout + r.stderr + pair.logs()
+    cbr_counted(out.read_text, sent, r.stdout + pair.logs())
+
+
+def test_a_c_ocbr_reaches_ours(pair: Pair) -> None:
+    udp_layer(pair)
+    pair.serve("py-cbr", "ocbr", "--listen")
+    r = c_tries(lambda: pair.c.run("ocbr", "-n", "py-cbr", "-d", "1", "-r", "400k", "-s", "500", timeout=60))
+    sent = CBR_SENT.search(r.stdout)
+    assert r.returncode == 0 and sent and int(sent[1]) >= 90, r.stdout + r.stderr + pair.logs()
+    cbr_counted(pair.ours.irmd.log_text, sent, r.stdout + pair.logs())
 
 
 # -- deallocation, seen at the other end ------------------------------------------------------------

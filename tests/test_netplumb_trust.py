@@ -362,7 +362,7 @@ def test_unauthenticated_connections_are_capped_per_peer_and_timed_out() -> None
             hold.wait()
 
 
-SHUT_WINDOW = r"""
+DEAF_PEER = r"""
 import socket, sys, time
 from apps.netplumb.keys import Identity
 from apps.netplumb.session import ClientSession
@@ -377,15 +377,18 @@ for _ in range(int(sys.argv[1])):
     c = ClientSession(Identity.generate(), lambda k: None)
     c.start()
     (hello,) = c.data_to_send()
-    s.send(PCI.pack((DRF | DATA) << 24, 1000, 0) + hello)
-    while True:  # netplumbd's HELLO: never acknowledged, and FRCT's window shut at it
+    try:
+        s.send(PCI.pack((DRF | DATA) << 24, 1000, 0) + hello)
+    except OSError:  # closed unanswered: netplumbd had no refusal thread free
+        continue
+    while sys.argv[2] == "shut":  # netplumbd's HELLO: never acknowledged, and FRCT's window shut at it
         word, seq, _ = PCI.unpack_from(s.recv(65536))
         if word >> 24 & DATA:
+            s.send(PCI.pack(FC << 24 | seq & 0xFFFFFF, 0, 0))
             break
-    s.send(PCI.pack(FC << 24 | seq & 0xFFFFFF, 0, 0))
     socks.append(s)
 print("holding", len(socks), flush=True)
-time.sleep(60)  # reading nothing more, opening nothing
+time.sleep(90)  # acknowledging nothing more, reading nothing, opening nothing
 """
 
 
@@ -398,7 +401,7 @@ def test_a_peer_that_shuts_its_window_holds_no_slot_past_the_grace_time() -> Non
     with running_lab(["--per-peer-startups", "2", "--login-grace-time", "3"]) as lab:
         alice = lab.client("alice")
         mallory = lab.client("mallory", NOBODY, 'users="nobody"')
-        hold = lab.popen_py(NOBODY, SHUT_WINDOW, "2")
+        hold = lab.popen_py(NOBODY, DEAF_PEER, "2", "shut")
         try:
             assert hold.stdout is not None and hold.stdout.readline() == "holding 2\n", hold.communicate()
             t0 = time.monotonic()
@@ -410,6 +413,28 @@ def test_a_peer_that_shuts_its_window_holds_no_slot_past_the_grace_time() -> Non
         finally:
             hold.kill()
             hold.wait()
+
+
+def test_refusals_are_not_held_up_by_peers_that_never_acknowledge_them() -> None:
+    """uid 65534 fills its two unauthenticated slots, then opens 12 more connections and acknowledges
+    (and reads) none of the refusals netplumbd sends them: a refusal's flow closes at once instead of
+    lingering two minutes on it, so the few threads that send refusals stay free, and the next client
+    over the limit still hears why; a client within its limits is served meanwhile."""
+    with running_lab(["--per-peer-startups", "2", "--login-grace-time", "60"]) as lab:
+        alice = lab.client("alice")
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        hold = _hold(lab, NOBODY, 2, 90)
+        deaf = lab.popen_py(NOBODY, DEAF_PEER, "12", "deaf")
+        try:
+            assert deaf.stdout is not None and deaf.stdout.readline() == "holding 12\n", deaf.communicate()
+            wait_for(lambda: lab.log_text().count("too many unauthenticated connections") >= 8, 10, "refusals")
+            r = lab.plumb(mallory, "true")
+            assert r.returncode == 255 and b"(at most 2: --per-peer-startups)" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "served").stdout == b"served\n"
+        finally:
+            for p in (hold, deaf):
+                p.kill()
+                p.wait()
 
 
 def test_a_remote_peers_unauthenticated_connections_are_capped_per_peer() -> None:

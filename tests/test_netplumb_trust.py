@@ -492,6 +492,27 @@ def test_all_unauthenticated_connections_are_capped_but_admins_get_in() -> None:
         wait_for(lambda: lab.plumb(bob, "true").returncode == 0, 15, "the slots to free up")
 
 
+def test_sessions_fill_max_sessions_but_admins_still_get_in() -> None:
+    """uid 65534's key holds every session --max-sessions allows: another user is refused, naming it;
+    root still logs in (the few sessions kept for admins), and the others once the sessions end."""
+    with running_lab(["--max-sessions", "2"]) as lab:
+        alice = lab.client("alice")  # root
+        bob = lab.client("bob", OTHER, 'users="nobody"')
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        running = [lab.popen_plumb(mallory, "sh", "-c", "echo up; exec sleep 60") for _ in range(2)]
+        try:
+            for p in running:
+                assert p.stdout is not None and p.stdout.readline() == b"up\n", p.communicate()
+            r = lab.plumb(bob, "true")
+            assert r.returncode == 255 and b"(at most 2: --max-sessions)" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "admin").stdout == b"admin\n"
+        finally:
+            for p in running:
+                p.kill()
+                p.wait()
+        wait_for(lambda: lab.plumb(bob, "true").returncode == 0, 20, "the sessions to end")
+
+
 def test_sessions_are_capped_per_key_and_per_peer() -> None:
     with running_lab(["--per-key-sessions", "2", "--per-peer-sessions", "3"]) as lab:
         alice = lab.client("alice")

@@ -6,7 +6,8 @@ sessions hold for their commands (Buffers): what clients sent ahead of what the 
 A peer is the allocating uid the IRMd vouches for on a local flow, or for a flow from another machine
 the peer as the layer names it (a udp shim's source host, a unicast member's address), as the IRMd
 counts flows per remote peer. A local admin (root, or netplumbd's own user) is held to --max-sessions
-only, as the IRMd leaves its admins out of users' limits: no peer's waiting connections lock it out.
+only, and has ADMIN_SESSIONS more, as the IRMd leaves its admins out of users' limits: neither peers'
+waiting connections nor keys' sessions lock it out.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class Limits:
 
 
 SESSION_FDS = 16  # a session's own descriptors (measured: 9), with room to spare
+# Sessions past --max-sessions that only local admins may take (as the IRMd keeps descriptors for its
+# admins): however many sessions keys hold, root still logs in to see to them.
+ADMIN_SESSIONS = 4
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class LimitReached(Exception):
 
 def refuse_arrival(counts: Counts, limits: Limits, peer: Peer) -> str | None:
     """Why a new connection may not start its handshake, or None."""
-    if counts.sessions >= limits.max_sessions:
+    if counts.sessions >= limits.max_sessions + (ADMIN_SESSIONS if peer.admin else 0):
         return f"too many connections (at most {limits.max_sessions}: --max-sessions); try again later"
     if peer.admin:
         return None

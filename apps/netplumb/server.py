@@ -18,7 +18,7 @@ from pathlib import Path
 from apps.netplumb import policy, privsep
 from apps.netplumb.driver import KILL_GRACE, PREAUTH_RCV_BUF, Config, ConfigError, Driver, open_recipe_dir
 from apps.netplumb.keys import AuthorizedKeys, Identity, KeyFileError, SpentKeys, config_dir, fingerprint
-from apps.netplumb.limits import LimitReached, Limits, Peer, Ticket
+from apps.netplumb.limits import ADMIN_SESSIONS, LimitReached, Limits, Peer, Ticket
 from apps.netplumb.policy import Settings
 from apps.netplumb.privsep import Spare
 from apps.netplumb.session import ServerSession
@@ -145,13 +145,13 @@ def fit_fds(limits: Limits) -> Limits:
     """Raise the descriptor limit so that every session can hold all its limits allow (a service
     manager's 1024 was less than one key's 8 sessions could take); if it cannot be raised enough,
     serve fewer sessions, so that one client at its limits never leaves another without descriptors."""
-    need = limits.max_sessions * limits.fds_per_session() + RESERVE_FDS
+    need = (limits.max_sessions + ADMIN_SESSIONS) * limits.fds_per_session() + RESERVE_FDS
     before, soft = raise_nofile(need)
     if before < need:
         privsep.job_nofile = before  # the jobs keep the limit netplumbd was given
     if need <= soft:
         return limits
-    sessions = max(1, (soft - RESERVE_FDS) // limits.fds_per_session())
+    sessions = max(1, (soft - RESERVE_FDS) // limits.fds_per_session() - ADMIN_SESSIONS)
     log.warning(
         "%d descriptors allow %d sessions of %d descriptors each (--max-channels, --max-connections), not %d "
         "(--max-sessions)",

@@ -392,7 +392,7 @@ for i in range(int(sys.argv[1])):
     payload = b"B" * (reply.mtu - PCI.size)
     # A first fragment opens the run; the PDU after it never comes, so none behind it becomes an SDU.
     s.send(PCI.pack((DRF | DATA | FFGM | MFGM) << 24 | 1024, 1000, 0) + payload)
-    for seq in range(1002, 2024):
+    for seq in range(1002, 1102):  # past any window: 4 MiB is 64 of them
         s.send(PCI.pack((DATA | MFGM) << 24 | 1024, seq, 0) + payload)
         sent += len(payload)
     flows.append(s)
@@ -416,7 +416,7 @@ time.sleep(60)
 @needs_root
 @pytest.mark.timeout(120)
 def test_unauthenticated_peers_hold_a_small_receive_window() -> None:
-    """uid 65534, with no key, opens 24 connections (limits raised to let it) and sends each ~64 MB of
+    """uid 65534, with no key, opens 24 connections (limits raised to let it) and sends each ~6 MB of
     PDUs behind a hole, which never become an SDU: before the handshake netplumbd's FRCT window is a
     packet or two (PREAUTH_RCV_BUF), not RCV_BUF (4 MiB, ~100 MiB for them all), and that is all it
     holds; an authenticated client beside it gets the full window and moves 8 MB."""
@@ -430,7 +430,7 @@ def test_unauthenticated_peers_hold_a_small_receive_window() -> None:
         try:
             assert p.stdout is not None
             words = p.stdout.readline().split()
-            assert words[:1] == ["sent"] and int(words[1]) > 1000, words or p.communicate(timeout=10)
+            assert words[:1] == ["sent"] and int(words[1]) > 100, words or p.communicate(timeout=10)
             window, sacked, pdu = int(words[3]), int(words[5]), int(words[7])
             assert 0 < window * pdu <= PREAUTH_RCV_BUF and sacked * pdu < PREAUTH_RCV_BUF, words
             big = os.urandom(8 << 20)

@@ -112,7 +112,7 @@ class Daemon:
                         flow.read()  # its hello: the refusal answers it
                     flow.write(ServerSession(self.cfg.identity, lambda _key: why).error(why))
                 finally:
-                    flow.close(linger=False)  # no waiting on a peer we refused to acknowledge the refusal
+                    flow.close(linger=False)  # a refused peer is owed no wait for its acknowledgement
             except Exception as e:
                 refusal_log.log("flow %d: refusal not delivered: %s", reply.flow_id, e)
             finally:

@@ -207,6 +207,26 @@ class Engine:
                 self._ring(s, now)  # what came besides acks is for the reader
         return True
 
+    def resize(self, s: Session, rcv_buf: int) -> None:
+        """FRCT holds at most `rcv_buf` bytes of the flow for the application (Frct.resize); a window
+        that grew is advertised now."""
+        f = s.frct
+        assert f is not None
+        with self._lock:
+            if self._engine_only(s):
+                return
+            f.resize(rcv_buf, time.monotonic())
+            self._flush(s)
+            self._kick(s)
+
+    def abort(self, s: Session) -> None:
+        """End the session now, whatever the peer has not acknowledged or the layer has not taken: for a
+        peer owed nothing more (one that never authenticated), which could else hold the flow for the
+        whole linger by acknowledging nothing or reading nothing."""
+        with self._lock:
+            if not s.done.is_set():
+                self._end(s)
+
     @staticmethod
     def _engine_only(s: Session) -> bool:
         """The application's thread no longer sends or reads the IPCP's socket: the flow ended, failed

@@ -48,6 +48,8 @@ class Fccntl(enum.IntEnum):
     GRCVBUF = 0o102
     SSNDBUF = 0o103  # SO_SNDBUF
     GSNDBUF = 0o104
+    FRCTSRCVBUF = 0o105  # bytes FRCT holds for the application (its receive window; one whole SDU at least)
+    FRCTGRCVBUF = 0o106
 
 
 FLOWSRCVTIMEO = Fccntl.SRCVTIMEO
@@ -62,3 +64,5 @@ FLOWGTXQLEN = Fccntl.GTXQLEN
 FRCTSFLAGS = Fccntl.FRCTSFLAGS
 FRCTGFLAGS = Fccntl.FRCTGFLAGS
 FLOWGMTU = Fccntl.GMTU
+FRCTSRCVBUF = Fccntl.FRCTSRCVBUF
+FRCTGRCVBUF = Fccntl.FRCTGRCVBUF

@@ -40,7 +40,7 @@ from flowlib.fccntl import (
     FRCTFRTX,
     Fccntl,
 )
-from flowlib.frct import APP_MTU, Frct
+from flowlib.frct import APP_MTU, RCV_BUF, Frct
 from flowlib.identity import Peer, client_identity, server_identity
 from flowlib.irm import IrmClient, default_client
 from flowlib.liveness import Liveness
@@ -375,6 +375,10 @@ class Flow:
                 frct = self._frct()
                 # Retransmission follows the QoS; the rest is the caller's.
                 frct.cflags = frct.cflags & FRCTFRTX | int(value) & (FRCTFRESCNTL | FRCTFLINGER)
+            case Fccntl.FRCTSRCVBUF:
+                self._frct()
+                assert self._session is not None
+                engine().resize(self._session, _positive(value))
             case Fccntl.GRCVTIMEO:
                 return self._rcvtimeo
             case Fccntl.GSNDTIMEO:
@@ -389,6 +393,8 @@ class Flow:
                 return self._tx_queued()
             case Fccntl.FRCTGFLAGS:
                 return self._frct().cflags
+            case Fccntl.FRCTGRCVBUF:
+                return self._frct().rcv_buf
             case Fccntl.GMTU:
                 return self.mtu
             case Fccntl.GRCVBUF:
@@ -455,8 +461,9 @@ class Flow:
 
     # -- teardown --------------------------------------------------------
 
-    def close(self) -> None:
-        """Deallocate the flow (idempotent)."""
+    def close(self, linger: bool = True) -> None:
+        """Deallocate the flow (idempotent). `linger`: with FRCT, first let the peer acknowledge what it
+        has not (FRCTFLINGER); False drops that and ends at once (a peer owed nothing more)."""
         if self._closed:
             return
         self._closed = True
@@ -467,6 +474,8 @@ class Flow:
         if self._session is None and (e := running()) is not None:
             e.unwatch(self._sock)
         self._sock.close()
+        if self._session is not None and not linger:
+            engine().abort(self._session)
         if self._session is not None:  # let FRCT deliver what is still unacknowledged
             self._session.done.wait(LINGER + 1.0)
         self._irm.dealloc(self.flow_id)
@@ -481,8 +490,16 @@ def _timeout(value: Any) -> float | None:
     return t
 
 
-def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow:
-    """A Flow over the IPCP's socket: direct for raw flows, through the engine for FRCT.
+def _positive(value: Any) -> int:
+    n = int(value)
+    if n <= 0:
+        raise InvalidArgument(f"{value!r}: expected a number of bytes > 0")
+    return n
+
+
+def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool, rcv_buf: int = RCV_BUF) -> Flow:
+    """A Flow over the IPCP's socket: direct for raw flows, through the engine for FRCT; `rcv_buf`,
+    what FRCT holds for the application from the first PDU on (FRCTSRCVBUF changes it later).
 
     An encrypted flow seals and opens with the key and cipher the IRMds agreed in OAP; the
     acceptor's peer is the client certificate its IRMd verified (the allocator's is set by
@@ -499,7 +516,7 @@ def establish(reply: m.FlowReply, fd: int, irm: IrmClient, client: bool) -> Flow
         else:
             # C's order on the wire: FRCT PCI, then encryption, then the CRC.
             mtu = reply.mtu - (crypto.overhead if crypto else 0) - (crc.CRCLEN if with_crc else 0)
-            frct = Frct(mtu, reliable=qos.reliable) if qos.frct else None
+            frct = Frct(mtu, reliable=qos.reliable, rcv_buf=rcv_buf) if qos.frct else None
             live = Liveness(qos.timeout, time.monotonic())
             app_fd, session = engine().wrap(fd, mtu, frct, crypto, with_crc=with_crc, live=live)
             # Only reliable flows fragment: an unreliable one could not tell a lost piece from a whole SDU.

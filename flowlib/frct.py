@@ -274,6 +274,15 @@ class Frct:
             self._fc_edge = edge
             self.pdus.append(self._control(FC, edge, 0, now))
 
+    def resize(self, rcv_buf: int, now: float) -> None:
+        """Hold at most `rcv_buf` bytes for the application from now on (one whole SDU at least): a
+        server keeps a small window for a peer it does not trust yet, the full one once it does. A
+        window that grows is advertised at once; an edge advertised is never pulled back, so one that
+        shrinks closes as data arrives."""
+        self.rcv_buf = max(rcv_buf, self.app_mtu + self.max_payload)
+        self._half_window = min(RQ_SIZE, self.rcv_buf // self.max_payload) // 2
+        self.taken(0, now)
+
     def close(self, now: float) -> bool:
         """The application let go: a final ack if one is owed (as C's dealloc); whether to linger and
         retransmit what the peer has not acknowledged (FRCTFLINGER)."""

@@ -33,6 +33,7 @@ from flowlib.errors import (
 from flowlib.events import EventQueue, EventType, FlowSet, fevent
 from flowlib.fccntl import FLOWFRNONBLOCK, Fccntl
 from flowlib.flow import Flow, flow_accept, flow_alloc
+from flowlib.frct import APP_MTU
 from flowlib.irm import IrmClient
 from flowlib.stats import FlowStats, FrctStats, IpcpStats
 
@@ -492,6 +493,43 @@ def established_pair(client_factory: Callable[[], IrmClient], name: str, spec: q
                     raise
                 time.sleep(0.02)
         return cli, accepted.result(timeout=15)
+
+
+def test_frct_receive_buffer_bounds_what_a_reader_holds_and_grows_on_request(
+    client_factory: Callable[[], IrmClient], bound_name: str, pair: Pair
+) -> None:
+    """FRCTSRCVBUF: a receiver at its smallest buffer holds about one SDU of a writer that never stops
+    (the writer waits at the window), and takes the rest once it grows."""
+    with pytest.raises(PermissionDenied, match="runs no FRCT"):
+        pair[0].fccntl(fc.FRCTSRCVBUF, 1)
+    cli, srv = established_pair(client_factory, bound_name, qos.data)
+    try:
+        with pytest.raises(InvalidArgument, match="bytes > 0"):
+            srv.fccntl(fc.FRCTSRCVBUF, 0)
+        srv.fccntl(fc.FRCTSRCVBUF, 1)
+        small = srv.fccntl(fc.FRCTGRCVBUF)
+        assert small < 2 * APP_MTU, small  # one whole SDU and one PDU: not the default 4 MiB
+        sdu = b"x" * 30000
+        cli.set_timeout(1)
+        sent = 0
+        with contextlib.suppress(FlowTimeout):
+            while sent < 100:
+                cli.write(sdu)
+                sent += 1
+        time.sleep(0.5)
+        held = srv.fccntl(fc.FLOWGRXQLEN)
+        assert 0 < held * len(sdu) <= small, (held, sent)  # the rest waits at the writer
+        srv.fccntl(fc.FRCTSRCVBUF, 4 << 20)
+        assert srv.fccntl(fc.FRCTGRCVBUF) == 4 << 20
+        cli.set_timeout(10)
+        for _ in range(100):
+            cli.write(sdu)
+        srv.set_timeout(10)
+        got = sum(len(srv.read()) for _ in range(sent + 100))
+        assert got == (sent + 100) * len(sdu)
+    finally:
+        cli.close()
+        srv.close()
 
 
 def test_frct_flags_are_the_qos_s_and_only_frct_flows_have_them(

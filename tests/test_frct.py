@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from flowlib.frct import (
     ACK,
+    APP_MTU,
     DATA,
     DRF,
     FC,
@@ -29,6 +30,7 @@ from flowlib.frct import (
     MAX_SACK_BLOCKS,
     MFGM,
     PCI,
+    RCV_BUF,
     RQ_SIZE,
     SACK,
     SACK_BLOCK,
@@ -466,6 +468,38 @@ def test_the_window_reopens_when_the_receiver_reads_again() -> None:
     sim.drain = True  # the application reads everything it was given
     sim._collect()
     sim.now += 1.0
+    sim.stream(out[::-1], limit=sim.now + 60.0)
+    assert sim.got_b == sdus
+
+
+def _fill(sim: Sim, out: list[bytes]) -> None:
+    """a writes what b's window takes while b's application reads nothing, for 30 s."""
+    until = sim.now + 30
+    for _ in range(20000):
+        while out and sim.a.can_send(sim.now):
+            sim.a.send(out.pop(), sim.now)
+        if not sim.step(sim.now + 1.0) or sim.now > until:
+            break
+
+
+def test_a_window_resized_small_holds_that_much_and_opens_at_once_when_resized_back() -> None:
+    """A receiver at its smallest buffer (a server before its peer authenticated) holds no more than
+    that, unread; resized to the full buffer, it tells the sender at once, which goes on."""
+    sim = pair()
+    sim.b.resize(0, sim.now)  # the least it takes: one whole SDU and one PDU
+    assert sim.b.rcv_buf == APP_MTU + PAYLOAD
+    sim.drain = False
+    sdus = tagged(3 * RQ_SIZE, seed=5, min_size=PAYLOAD, max_size=PAYLOAD)
+    out = sdus[::-1]
+    _fill(sim, out)
+    held = len(sim.b.sdus)
+    assert 0 < held * PAYLOAD <= sim.b.rcv_buf and sim.b.counters.out_of_window == 0
+    sim.b.resize(RCV_BUF, sim.now)
+    assert sim.b.pdus, "the larger window is advertised at once"
+    _fill(sim, out)
+    assert len(sim.b.sdus) > held
+    sim.drain = True
+    sim._collect()
     sim.stream(out[::-1], limit=sim.now + 60.0)
     assert sim.got_b == sdus
 

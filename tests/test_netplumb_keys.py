@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import getpass
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from apps.netplumb import keygen
 from apps.netplumb.keys import (
     AuthorizedKeys,
     HostKeyChanged,
@@ -196,3 +199,15 @@ def test_one_time_key_is_spent_by_exactly_one_of_many_racing(tmp_path: Path) -> 
     outs = [p.communicate(timeout=30)[0].strip() for p in procs]
     assert sum(wins) + outs.count("True") == 1, (wins, outs)
     assert path.read_text().count("\n") == 1
+
+
+def test_keygen_for_a_uid_without_an_account_names_the_uid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uid with no entry in the password database (and no USER or LOGNAME) gets a key whose
+    comment names the uid, not a traceback."""
+
+    def no_account() -> str:
+        raise KeyError(f"getpwuid(): uid not found: {os.getuid()}")
+
+    monkeypatch.setattr(getpass, "getuser", no_account)
+    keygen.main(["-f", str(tmp_path / "id")])
+    assert (tmp_path / "id.pub").read_text().split()[-1] == f"uid{os.getuid()}@{socket.gethostname()}"

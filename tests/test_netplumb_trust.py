@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import resource
 import secrets
 import select
@@ -23,12 +24,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, children_of, pid_alive, wait_for
-from netplumb_lab import NOBODY, Lab, lab_dir, needs_root, running_lab
+from helpers import BIN, IrmdProc, children_of, free_port, pid_alive, start_irmd, stop_irmd, udp4_bootstrap, wait_for
+from netplumb_lab import NOBODY, PY, Lab, lab_dir, needs_root, running_lab
 
 pytestmark = [needs_root, pytest.mark.timeout(120)]
 
 SECRET = "secret-of-root-4f2a"
+OTHER = pwd.getpwnam("daemon").pw_uid  # a second unprivileged user
 
 
 @pytest.fixture
@@ -360,17 +362,155 @@ def test_unauthenticated_connections_are_capped_per_peer_and_timed_out() -> None
             hold.wait()
 
 
-def test_all_unauthenticated_connections_are_capped() -> None:
-    with running_lab(["--max-startups", "3", "--per-peer-startups", "3", "--login-grace-time", "30"]) as lab:
+DEAF_PEER = r"""
+import socket, sys, time
+from apps.netplumb.keys import Identity
+from apps.netplumb.session import ClientSession
+from flowlib.frct import DATA, DRF, FC, PCI
+from flowlib.irm import IrmClient
+from proto.qos import data as reliable
+irm = IrmClient()
+socks = []
+for _ in range(int(sys.argv[1])):
+    reply, fd = irm.alloc("host2", reliable, 10)
+    s = socket.socket(fileno=fd)
+    c = ClientSession(Identity.generate(), lambda k: None)
+    c.start()
+    (hello,) = c.data_to_send()
+    try:
+        s.send(PCI.pack((DRF | DATA) << 24, 1000, 0) + hello)
+    except OSError:  # closed unanswered: netplumbd had no refusal thread free
+        continue
+    while sys.argv[2] == "shut":  # netplumbd's HELLO: never acknowledged, and FRCT's window shut at it
+        word, seq, _ = PCI.unpack_from(s.recv(65536))
+        if word >> 24 & DATA:
+            s.send(PCI.pack(FC << 24 | seq & 0xFFFFFF, 0, 0))
+            break
+    socks.append(s)
+print("holding", len(socks), flush=True)
+time.sleep(90)  # acknowledging nothing more, reading nothing, opening nothing
+"""
+
+
+def test_a_peer_that_shuts_its_window_holds_no_slot_past_the_grace_time() -> None:
+    """uid 65534, with no key, takes its two unauthenticated slots and shuts FRCT's window on each at
+    netplumbd's HELLO, which it never acknowledges: the grace time's ERROR cannot be sent, and a close
+    that lingered would retransmit the HELLO for two minutes. netplumbd gives up on that write within
+    the grace time and closes without lingering on a peer it owes nothing, and the slots come back
+    while the attacker still holds its ends; a client is served meanwhile."""
+    with running_lab(["--per-peer-startups", "2", "--login-grace-time", "3"]) as lab:
         alice = lab.client("alice")
-        hold = _hold(lab, NOBODY, 3, 60)
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        hold = lab.popen_py(NOBODY, DEAF_PEER, "2", "shut")
         try:
-            r = lab.plumb(alice, "true")
-            assert r.returncode == 255 and b"(at most 3: --max-startups); try again later" in r.stderr, r.stderr
+            assert hold.stdout is not None and hold.stdout.readline() == "holding 2\n", hold.communicate()
+            t0 = time.monotonic()
+            r = lab.plumb(mallory, "true")
+            assert r.returncode == 255 and b"--per-peer-startups" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "served").stdout == b"served\n"
+            wait_for(lambda: lab.plumb(mallory, "true").returncode == 0, 20, "the slots to come back")
+            assert time.monotonic() - t0 < 15 and hold.poll() is None
         finally:
             hold.kill()
             hold.wait()
-        wait_for(lambda: lab.plumb(alice, "true").returncode == 0, 15, "the slots to free up")
+
+
+def test_refusals_are_not_held_up_by_peers_that_never_acknowledge_them() -> None:
+    """uid 65534 fills its two unauthenticated slots, then opens 12 more connections and acknowledges
+    (and reads) none of the refusals netplumbd sends them: a refusal's flow closes at once instead of
+    lingering two minutes on it, so the few threads that send refusals stay free, and the next client
+    over the limit still hears why; a client within its limits is served meanwhile."""
+    with running_lab(["--per-peer-startups", "2", "--login-grace-time", "60"]) as lab:
+        alice = lab.client("alice")
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        hold = _hold(lab, NOBODY, 2, 90)
+        deaf = lab.popen_py(NOBODY, DEAF_PEER, "12", "deaf")
+        try:
+            assert deaf.stdout is not None and deaf.stdout.readline() == "holding 12\n", deaf.communicate()
+            wait_for(lambda: lab.log_text().count("too many unauthenticated connections") >= 8, 10, "refusals")
+            r = lab.plumb(mallory, "true")
+            assert r.returncode == 255 and b"(at most 2: --per-peer-startups)" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "served").stdout == b"served\n"
+        finally:
+            for p in (hold, deaf):
+                p.kill()
+                p.wait()
+
+
+def test_a_remote_peers_unauthenticated_connections_are_capped_per_peer() -> None:
+    """A peer on another machine, as the IRMd names it (a udp shim's source host), is held to
+    --per-peer-startups as a local uid is: 127.0.0.2 holding two silent connections is refused a third,
+    the refusal naming it, while a client at 127.0.0.3 logs in meanwhile."""
+    with running_lab(None) as lab:
+        port = str(free_port(["127.0.0.1", "127.0.0.2", "127.0.0.3"]))
+        lab.irmd.irm_ok(*udp4_bootstrap("lan", "127.0.0.1", "port", port))
+        lab.irmd.note_children()
+        hosts: list[IrmdProc] = []
+        hold: subprocess.Popen[str] | None = None
+        try:
+            for name, ip in (("b", "127.0.0.2"), ("c", "127.0.0.3")):
+                hosts.append(start_irmd(lab.root, name))
+                hosts[-1].irm_ok(*udp4_bootstrap("lan", ip, "port", port, "peer", "127.0.0.1"))
+                hosts[-1].note_children()
+            b, c = hosts
+            lab.start("--layer", "lan", "--per-peer-startups", "2", "--login-grace-time", "30")
+            alice = lab.client("alice")
+            hold = subprocess.Popen(
+                [PY, "-c", SILENT, "2", "60"],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**b.env, "PYTHONPATH": str(Path.cwd())},
+            )
+            assert hold.stdout is not None and hold.stdout.readline().startswith("holding"), hold.communicate()
+            r = lab.plumb(alice, "true", env={"OUROBOROS_SOCK": str(b.sock)})
+            assert r.returncode == 255, r.stderr
+            assert b"too many unauthenticated connections from peer 127.0.0.2 of layer lan" in r.stderr, r.stderr
+            r = lab.plumb(alice, "echo", "served", env={"OUROBOROS_SOCK": str(c.sock)})
+            assert r.stdout == b"served\n", r.stderr
+        finally:
+            if hold is not None:
+                hold.kill()
+                hold.wait()
+            for h in hosts:
+                stop_irmd(h, check=False)
+
+
+def test_all_unauthenticated_connections_are_capped_but_admins_get_in() -> None:
+    """uid 65534's silent connections fill --max-startups: another user is refused, naming it; root (an
+    admin, as for the IRMd's users' limits) still logs in, and the others once the slots free up."""
+    with running_lab(["--max-startups", "3", "--per-peer-startups", "3", "--login-grace-time", "30"]) as lab:
+        alice = lab.client("alice")  # root
+        bob = lab.client("bob", OTHER, 'users="nobody"')
+        hold = _hold(lab, NOBODY, 3, 60)
+        try:
+            r = lab.plumb(bob, "true")
+            assert r.returncode == 255 and b"(at most 3: --max-startups); try again later" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "admin").stdout == b"admin\n"
+        finally:
+            hold.kill()
+            hold.wait()
+        wait_for(lambda: lab.plumb(bob, "true").returncode == 0, 15, "the slots to free up")
+
+
+def test_sessions_fill_max_sessions_but_admins_still_get_in() -> None:
+    """uid 65534's key holds every session --max-sessions allows: another user is refused, naming it;
+    root still logs in (the few sessions kept for admins), and the others once the sessions end."""
+    with running_lab(["--max-sessions", "2"]) as lab:
+        alice = lab.client("alice")  # root
+        bob = lab.client("bob", OTHER, 'users="nobody"')
+        mallory = lab.client("mallory", NOBODY, 'users="nobody"')
+        running = [lab.popen_plumb(mallory, "sh", "-c", "echo up; exec sleep 60") for _ in range(2)]
+        try:
+            for p in running:
+                assert p.stdout is not None and p.stdout.readline() == b"up\n", p.communicate()
+            r = lab.plumb(bob, "true")
+            assert r.returncode == 255 and b"(at most 2: --max-sessions)" in r.stderr, r.stderr
+            assert lab.plumb(alice, "echo", "admin").stdout == b"admin\n"
+        finally:
+            for p in running:
+                p.kill()
+                p.wait()
+        wait_for(lambda: lab.plumb(bob, "true").returncode == 0, 20, "the sessions to end")
 
 
 def test_sessions_are_capped_per_key_and_per_peer() -> None:

@@ -44,8 +44,10 @@ from apps.netplumb.limits import Admission, BufferFull, Buffers, Holding, LimitR
 from apps.netplumb.messages import BadStart, Data, Eof, Signal, Start, Unread, Window
 from apps.netplumb.policy import Account, Plan, Refused, Settings
 from apps.netplumb.privsep import JobNotStarted, Runner
-from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, FIRST_SERVER_CHANNEL, STDERR, STDIN, STDOUT, Fields
+from apps.netplumb.wire import FIRST_CLIENT_CHANNEL, FIRST_SERVER_CHANNEL, MAX_PACKET, STDERR, STDIN, STDOUT, Fields
 from flowlib import Flow, FlowDown, FlowError, FlowTimeout
+from flowlib.fccntl import Fccntl
+from flowlib.frct import RCV_BUF
 
 log = logging.getLogger("netplumbd")
 
@@ -54,6 +56,10 @@ CLOSE_LINGER = 2.0  # after we ended a connection, how long what the client stil
 KILL_GRACE = 2.0  # SIGTERM, then SIGKILL this much later
 START_TIMEOUT = 15.0  # the runner reports the job started (or why not) by then
 OPEN_TIMEOUT = 10.0  # a recipe's redirection waits this long for the other end of a named pipe
+# What FRCT holds of a connection for netplumbd before its client authenticated: HELLO, AUTH and START,
+# a packet each at most (FRCT rounds it up to one whole SDU and one PDU). Once authenticated, the full
+# window (RCV_BUF); a peer without a key could else have a full one buffered per connection.
+PREAUTH_RCV_BUF = 2 * MAX_PACKET
 USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -101,7 +107,10 @@ class Driver:
         self.refused_connections = 0  # over --max-connections, logged once and counted
         self.lock = threading.Lock()
         self.reader = Reader(flow, self.core)
-        self.who = f"flow {flow.flow_id}" + (f" (uid {ticket.peer})" if ticket.peer is not None else "")
+        self.who = f"flow {flow.flow_id}" + (f" ({ticket.peer})" if ticket.peer.known else "")
+        # Until the client authenticated, no write of ours waits longer than the grace time: a peer
+        # that keeps its window shut would else hold the connection, and its slot, past it.
+        flow.fccntl(Fccntl.SSNDTIMEO, cfg.limits.login_grace)
 
     # -- authentication ---------------------------------------------------------
 
@@ -168,6 +177,9 @@ class Driver:
         match ev:
             case Authenticated():
                 log.info("%s: authenticated", self.who)
+                self.flow.fccntl(Fccntl.SSNDTIMEO, None)  # flow control, not a clock, paces the session now
+                if self.flow.qos.frct:
+                    self.flow.fccntl(Fccntl.FRCTSRCVBUF, RCV_BUF)
             case StartRequested(fields):
                 self._start(fields)
             case Data() | Eof() | Unread() | Window():
@@ -330,7 +342,9 @@ class Driver:
         self.ends.close()
         if self.holding is not None:  # whatever its sinks still hold, the key has back
             self.holding.close()
-        self.flow.close()
+        # A client that never authenticated is owed nothing more: no linger on what it left
+        # unacknowledged or unread, which would hold the connection (and its slot) long past the grace.
+        self.flow.close(linger=bool(self.key))
         self.reader.close()
         if self.refused_connections > 1:
             log.info("%s: %d socket connections refused (--max-connections)", self.who, self.refused_connections)

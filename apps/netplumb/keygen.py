@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import shlex
 import socket
 import sys
@@ -13,6 +14,15 @@ from pathlib import Path
 
 from apps.netplumb.keys import Identity, config_dir, fingerprint, public_line
 from proto.version import add_version
+
+
+def _user() -> str:
+    """Who makes the key, for its comment: the login name, else the uid (a uid with no account, as a
+    container's or a service's, made getuser raise and the tool end in a traceback)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     add_version(ap)
     args = ap.parse_args(argv)
     ident = Identity.generate()
-    comment = args.comment if args.comment is not None else f"{getpass.getuser()}@{socket.gethostname()}"
+    comment = args.comment if args.comment is not None else f"{_user()}@{socket.gethostname()}"
     if args.one_time is not None:
         words = args.one_time[0:] if len(args.one_time) != 1 else shlex.split(args.one_time[0])
         if not words:

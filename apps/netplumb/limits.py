@@ -3,8 +3,11 @@ connections in the handshake, sessions per peer and per key. Counts under one lo
 pure functions of the counts, and every refusal names the limit and its option. And the bytes a key's
 sessions hold for their commands (Buffers): what clients sent ahead of what the commands read.
 
-A peer is the allocating uid the IRMd vouches for on a local flow; a flow from another machine has
-none (Ouroboros hands out no addresses), so only the overall and per-key limits apply to it.
+A peer is the allocating uid the IRMd vouches for on a local flow, or for a flow from another machine
+the peer as the layer names it (a udp shim's source host, a unicast member's address), as the IRMd
+counts flows per remote peer. A local admin (root, or netplumbd's own user) is held to --max-sessions
+only, and has ADMIN_SESSIONS more, as the IRMd leaves its admins out of users' limits: neither peers'
+waiting connections nor keys' sessions lock it out.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import TypeVar
 from apps.netplumb.keys import fingerprint
 from apps.netplumb.wire import INITIAL_WINDOW, MAX_CONNECTIONS
 
-K = TypeVar("K", int, bytes)
+K = TypeVar("K", "Peer", bytes)
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,37 @@ class Limits:
 
 
 SESSION_FDS = 16  # a session's own descriptors (measured: 9), with room to spare
+# Sessions past --max-sessions that only local admins may take (as the IRMd keeps descriptors for its
+# admins): however many sessions keys hold, root still logs in to see to them.
+ADMIN_SESSIONS = 4
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who a connection comes from, as the IRMd vouches for it: a local uid, or a remote peer in a
+    layer; neither when unknown (then only the overall limits apply)."""
+
+    uid: int | None = None
+    layer: str = ""
+    remote: str = ""  # the peer as its layer names it, for a flow from another machine
+    admin: bool = False  # a local admin: root or netplumbd's own user
+
+    @property
+    def known(self) -> bool:
+        return self.uid is not None or bool(self.remote)
+
+    def __str__(self) -> str:
+        if self.uid is not None:
+            return f"uid {self.uid}"
+        return f"peer {self.remote} of layer {self.layer}" if self.remote else "an unknown peer"
 
 
 @dataclass
 class Counts:
-    startups: int = 0
+    startups: int = 0  # admins' not counted
     sessions: int = 0  # every connection, in the handshake or past it
-    peer_startups: Counter[int] = field(default_factory=Counter)
-    peer_sessions: Counter[int] = field(default_factory=Counter)
+    peer_startups: Counter[Peer] = field(default_factory=Counter)
+    peer_sessions: Counter[Peer] = field(default_factory=Counter)
     key_sessions: Counter[bytes] = field(default_factory=Counter)
 
 
@@ -64,19 +90,18 @@ class LimitReached(Exception):
     """A connection or a login over a limit; the message goes to the client."""
 
 
-def refuse_arrival(counts: Counts, limits: Limits, peer: int | None) -> str | None:
+def refuse_arrival(counts: Counts, limits: Limits, peer: Peer) -> str | None:
     """Why a new connection may not start its handshake, or None."""
-    if counts.sessions >= limits.max_sessions:
+    if counts.sessions >= limits.max_sessions + (ADMIN_SESSIONS if peer.admin else 0):
         return f"too many connections (at most {limits.max_sessions}: --max-sessions); try again later"
+    if peer.admin:
+        return None
     if counts.startups >= limits.max_startups:
         return f"too many unauthenticated connections (at most {limits.max_startups}: --max-startups); try again later"
-    if peer is not None and counts.peer_sessions[peer] >= limits.peer_sessions:
-        return f"too many connections from uid {peer} (at most {limits.peer_sessions}: --per-peer-sessions)"
-    if peer is not None and counts.peer_startups[peer] >= limits.peer_startups:
-        return (
-            f"too many unauthenticated connections from uid {peer} (at most {limits.peer_startups}: "
-            f"--per-peer-startups)"
-        )
+    if peer.known and counts.peer_sessions[peer] >= limits.peer_sessions:
+        return f"too many connections from {peer} (at most {limits.peer_sessions}: --per-peer-sessions)"
+    if peer.known and counts.peer_startups[peer] >= limits.peer_startups:
+        return f"too many unauthenticated connections from {peer} (at most {limits.peer_startups}: --per-peer-startups)"
     return None
 
 
@@ -92,7 +117,12 @@ class Ticket:
     """One admitted connection."""
 
     id: int
-    peer: int | None
+    peer: Peer
+
+    @property
+    def counted(self) -> bool:
+        """Held to the per-peer limits: a known peer, not an admin."""
+        return self.peer.known and not self.peer.admin
 
 
 class Admission:
@@ -105,18 +135,20 @@ class Admission:
         self._ids = itertools.count(1)
         self._keys: dict[int, bytes] = {}  # ticket -> its key, once logged in
 
-    def arrive(self, peer: int | None) -> Ticket:
+    def arrive(self, peer: Peer) -> Ticket:
         with self._lock:
             why = refuse_arrival(self.counts, self.limits, peer)
             if why is not None:
                 raise LimitReached(why)
             c = self.counts
-            c.startups += 1
+            ticket = Ticket(next(self._ids), peer)
             c.sessions += 1
-            if peer is not None:
+            if not peer.admin:
+                c.startups += 1
+            if ticket.counted:
                 c.peer_startups[peer] += 1
                 c.peer_sessions[peer] += 1
-            return Ticket(next(self._ids), peer)
+            return ticket
 
     def login(self, ticket: Ticket, key: bytes) -> None:
         """The ticket's client authenticated as `key`: it leaves the handshake count (LimitReached if the
@@ -140,12 +172,13 @@ class Admission:
             else:
                 _drop(c.key_sessions, key)
             c.sessions -= 1
-            if ticket.peer is not None:
+            if ticket.counted:
                 _drop(c.peer_sessions, ticket.peer)
 
     def _end_startup(self, ticket: Ticket) -> None:
-        self.counts.startups -= 1
-        if ticket.peer is not None:
+        if not ticket.peer.admin:
+            self.counts.startups -= 1
+        if ticket.counted:
             _drop(self.counts.peer_startups, ticket.peer)
 
 

@@ -16,9 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from apps.netplumb import policy, privsep
-from apps.netplumb.driver import KILL_GRACE, Config, ConfigError, Driver, open_recipe_dir
+from apps.netplumb.driver import KILL_GRACE, PREAUTH_RCV_BUF, Config, ConfigError, Driver, open_recipe_dir
 from apps.netplumb.keys import AuthorizedKeys, Identity, KeyFileError, SpentKeys, config_dir, fingerprint
-from apps.netplumb.limits import LimitReached, Limits, Ticket
+from apps.netplumb.limits import ADMIN_SESSIONS, LimitReached, Limits, Peer, Ticket
 from apps.netplumb.policy import Settings
 from apps.netplumb.privsep import Spare
 from apps.netplumb.session import ServerSession
@@ -61,11 +61,11 @@ class Daemon:
                 log.warning("accept: %s", e)
                 time.sleep(ACCEPT_BACKOFF)
                 continue
-            peer = reply.peer_uid if reply.peer_uid >= 0 else None
+            peer = peer_of(reply)
             try:
                 ticket = self.cfg.admission.arrive(peer)
             except LimitReached as e:
-                refusal_log.log("flow %d%s: %s", reply.flow_id, f" (uid {peer})" if peer is not None else "", e)
+                refusal_log.log("flow %d (%s): %s", reply.flow_id, peer, e)
                 self._refuse(reply, fd, str(e))
                 continue
             threading.Thread(
@@ -74,7 +74,8 @@ class Daemon:
 
     def _connection(self, reply: m.FlowReply, fd: int, ticket: Ticket) -> None:
         try:
-            flow = establish(reply, fd, self.irm, client=False)  # closes fd if it fails
+            # A small receive window until the peer authenticated (the driver opens it then).
+            flow = establish(reply, fd, self.irm, client=False, rcv_buf=PREAUTH_RCV_BUF)  # closes fd if it fails
         except Exception as e:  # whatever a peer did to the flow before the session began
             log.info("flow %d: %s: %s", reply.flow_id, type(e).__name__, e)
             self.cfg.admission.leave(ticket)
@@ -104,14 +105,14 @@ class Daemon:
 
         def refuse() -> None:
             try:
-                flow = establish(reply, fd, self.irm, client=False)
+                flow = establish(reply, fd, self.irm, client=False, rcv_buf=PREAUTH_RCV_BUF)
                 try:
                     flow.set_timeout(REFUSE_WAIT)
                     with contextlib.suppress(FlowError):
                         flow.read()  # its hello: the refusal answers it
                     flow.write(ServerSession(self.cfg.identity, lambda _key: why).error(why))
                 finally:
-                    flow.close()
+                    flow.close(linger=False)  # a refused peer is owed no wait for its acknowledgement
             except Exception as e:
                 refusal_log.log("flow %d: refusal not delivered: %s", reply.flow_id, e)
             finally:
@@ -132,17 +133,25 @@ class Daemon:
         return any(c.runner is not None and not c.runner.gone.is_set() for c in list(self.live))
 
 
+def peer_of(reply: m.FlowReply) -> Peer:
+    """Who a flow comes from, as the IRMd vouches: the allocating uid on this host (root and our own
+    user are admins), else the remote peer its layer names."""
+    if reply.peer_uid >= 0:
+        return Peer(uid=reply.peer_uid, admin=reply.peer_uid in (0, os.geteuid()))
+    return Peer(layer=reply.layer, remote=reply.remote)
+
+
 def fit_fds(limits: Limits) -> Limits:
     """Raise the descriptor limit so that every session can hold all its limits allow (a service
     manager's 1024 was less than one key's 8 sessions could take); if it cannot be raised enough,
     serve fewer sessions, so that one client at its limits never leaves another without descriptors."""
-    need = limits.max_sessions * limits.fds_per_session() + RESERVE_FDS
+    need = (limits.max_sessions + ADMIN_SESSIONS) * limits.fds_per_session() + RESERVE_FDS
     before, soft = raise_nofile(need)
     if before < need:
         privsep.job_nofile = before  # the jobs keep the limit netplumbd was given
     if need <= soft:
         return limits
-    sessions = max(1, (soft - RESERVE_FDS) // limits.fds_per_session())
+    sessions = max(1, (soft - RESERVE_FDS) // limits.fds_per_session() - ADMIN_SESSIONS)
     log.warning(
         "%d descriptors allow %d sessions of %d descriptors each (--max-channels, --max-connections), not %d "
         "(--max-sessions)",
@@ -215,9 +224,9 @@ def _parser() -> argparse.ArgumentParser:
     limits = ap.add_argument_group("limits")
     for opt, attr, kind, what in (
         ("--max-startups", "max_startups", int, "unauthenticated connections in all"),
-        ("--per-peer-startups", "peer_startups", int, "unauthenticated connections from one local uid"),
+        ("--per-peer-startups", "peer_startups", int, "unauthenticated connections from one local uid or remote peer"),
         ("--max-sessions", "max_sessions", int, "connections in all"),
-        ("--per-peer-sessions", "peer_sessions", int, "connections from one local uid"),
+        ("--per-peer-sessions", "peer_sessions", int, "connections from one local uid or remote peer"),
         ("--per-key-sessions", "key_sessions", int, "sessions of one key"),
         ("--login-grace-time", "login_grace", float, "seconds to authenticate and ask for a command"),
         ("--max-channels", "max_channels", int, "named pipes and sockets of one START"),

@@ -118,6 +118,17 @@ class IrmClient:
             raise FlowError(f"the IRMd answered {type(reply).__name__} to FlowPeer")
         return reply.addr
 
+    def remote_of(self, reply: m.FlowReply) -> str:
+        """`peer_addr` of an accepted flow from another machine; "" for one from this host (its uid names
+        it) or when the IRMd can no longer say (the flow went meanwhile): a server's limits per client
+        then count it as one of its layer's."""
+        if reply.peer_uid >= 0:
+            return ""
+        try:
+            return self.peer_addr(reply.flow_id)
+        except FlowError:
+            return ""
+
     def listen(self, enabled: bool, cypher_s: int = 0) -> None:
         call(self.channel, m.FlowListen(enabled, cypher_s), REPLY_MARGIN)
 

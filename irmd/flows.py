@@ -565,7 +565,6 @@ class Flows:
                 no_wire=ipcp.type == "local",
                 peer_gid=src.gid if src else -1,
                 peer_groups=list(src.groups) if src and src.groups is not None else None,
-                remote=remote,
             )
         )
         waiting = next((f for f in acceptor.accepts if not f.done()), None)

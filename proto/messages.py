@@ -128,9 +128,6 @@ class FlowReply(Message):
     # Groups None: not known (kernel before 4.13, more than MAX_PEER_GROUPS): grant none on them.
     peer_gid: int = -1
     peer_groups: list[int] | None = None
-    # A flow from another machine: its peer as the layer names it (a udp shim's source host, a unicast
-    # member's address), as the IRMd counts flows per remote peer; "" for a flow from this host.
-    remote: str = ""
 
     def __post_init__(self) -> None:
         if not -1 <= self.peer_gid <= GID_MAX:

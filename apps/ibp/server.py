@@ -698,23 +698,11 @@ def flow_loop(server: DepotServer) -> None:
             time.sleep(ACCEPT_BACKOFF)
             continue
         server.admit(
-            flow_identity(reply, _remote_peer(irm, reply)),
+            flow_identity(reply, irm.remote_of(reply)),
             functools.partial(_open_flow, irm, reply, fd),
             server.name,
             functools.partial(_drop_flow, irm, reply, fd),
         )
-
-
-def _remote_peer(irm: IrmClient, reply: m.FlowReply) -> str:
-    """The remote host a flow came from, as its layer vouches for it; "" for a local one (its uid
-    names it) or when the IRMd cannot say (the flow went meanwhile: it is then one of its layer's)."""
-    if reply.peer_uid >= 0:
-        return ""
-    try:
-        return irm.peer_addr(reply.flow_id)
-    except FlowError as e:
-        peer_log.log("flow %d: its peer not known: %s", reply.flow_id, e)
-        return ""
 
 
 def _open_flow(irm: IrmClient, reply: m.FlowReply, fd: int) -> ByteStream:

@@ -61,7 +61,7 @@ class Daemon:
                 log.warning("accept: %s", e)
                 time.sleep(ACCEPT_BACKOFF)
                 continue
-            peer = peer_of(reply)
+            peer = peer_of(reply, self.irm)
             try:
                 ticket = self.cfg.admission.arrive(peer)
             except LimitReached as e:
@@ -133,12 +133,12 @@ class Daemon:
         return any(c.runner is not None and not c.runner.gone.is_set() for c in list(self.live))
 
 
-def peer_of(reply: m.FlowReply) -> Peer:
+def peer_of(reply: m.FlowReply, irm: IrmClient) -> Peer:
     """Who a flow comes from, as the IRMd vouches: the allocating uid on this host (root and our own
-    user are admins), else the remote peer its layer names."""
+    user are admins), else the remote peer its layer names (m.FlowPeer, asked of the IRMd)."""
     if reply.peer_uid >= 0:
         return Peer(uid=reply.peer_uid, admin=reply.peer_uid in (0, os.geteuid()))
-    return Peer(layer=reply.layer, remote=reply.remote)
+    return Peer(layer=reply.layer, remote=irm.remote_of(reply))
 
 
 def fit_fds(limits: Limits) -> Limits:

@@ -50,7 +50,11 @@ def test_create_name_rejects_an_unknown_lb_policy_naming_the_choices(reg: Regist
         reg.create_name("pong", "random")
 
 
-@pytest.mark.parametrize("bad", ["", "two words", "tab\there", "nl\n", "x" * 256, "bell\x07"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "two words", "tab\there", "nl\n", "x" * 256, "bell\x07", "nb\u00a0sp", "line\u2028sep", "wide\u3000space",
+     "del\x7f", "nel\x85", "zw\u200bsp", "bom\ufeff"],
+)  # fmt: skip
 def test_bad_names_are_rejected(bad: str) -> None:
     with pytest.raises(InvalidArgument):
         check_name(bad)
@@ -58,6 +62,11 @@ def test_bad_names_are_rejected(bad: str) -> None:
 
 def test_longest_allowed_name_is_accepted() -> None:
     assert check_name("x" * 255) == "x" * 255
+
+
+@pytest.mark.parametrize("good", ["café", "名前", "a-b_c.d:e@f", "~!#$%^&*()"])
+def test_printable_names_of_any_script_are_accepted(good: str) -> None:
+    assert check_name(good) == good
 
 
 def test_get_unknown_name_is_enoent_saying_not_found(reg: Registry) -> None:

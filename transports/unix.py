@@ -7,6 +7,7 @@ along as SCM_RIGHTS ancillary data.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import ctypes
@@ -195,6 +196,15 @@ def seqpacket_pair(rights: bool = False) -> tuple[socket.socket, socket.socket]:
     return pair
 
 
+def seqpacket_fds() -> tuple[int, int]:
+    """seqpacket_pair's two ends as bare descriptors, for a process that only hands them on (the IRMd,
+    a local flow's): no Python socket objects in between, whose making costs a getsockname each."""
+    a, b = _socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in (a, b):
+        refuse_rights(end)
+    return a.detach(), b.detach()
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
@@ -216,7 +226,7 @@ def peer_groups(sock: socket.socket, limit: int = NGROUPS_MAX) -> tuple[int, ...
     return tuple(buf[: size.value // 4])
 
 
-def refuse_rights(sock: socket.socket) -> None:
+def refuse_rights(sock: _socket.socket) -> None:
     """Make `sock` refuse descriptors sent to it (the sender's sendmsg fails with EPERM), where the
     kernel can (6.16 on). A descriptor a peer passed is closed by whoever drops the last reference:
     with one whose close blocks (a TCP socket lingering on unsent data), that reader would stall."""

@@ -184,6 +184,10 @@ SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_R
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13: the peer's supplementary groups
 NGROUPS_MAX = 65536  # the kernel's bound on a process's supplementary groups
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets at once, never waits
+# socket's MSG_ flags are an enum.IntFlag, whose | and & run in Python (about 1 us each): as ints,
+# for the paths every frame and flow event take
+TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def seqpacket_pair(rights: bool = False) -> tuple[socket.socket, socket.socket]:
@@ -255,7 +259,7 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_FRAME:
+    if flags & TRUNCATED or len(data) > MAX_FRAME:
         close_fds(fds)
         raise WireError("frame or fd list truncated")
     if not data:  # read as the peer's end: an empty packet's fds would otherwise be nobody's to close

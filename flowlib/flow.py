@@ -461,9 +461,11 @@ class Flow:
             return
         self._closed = True
         # Out of its sets while its fd is still its own: epoll watches a file, not a number, and a
-        # set left watching it would report its end under the number a new flow reuses.
-        for fset in list(self._sets):
-            fset.remove(self)
+        # set left watching it would report its end under the number a new flow reuses. (Most flows
+        # are in none by now: a WeakSet's len is cheap, iterating it is not.)
+        if len(self._sets):
+            for fset in list(self._sets):
+                fset.remove(self)
         if self._session is None and (e := running()) is not None:
             e.unwatch(self._sock)
         self._sock.close()

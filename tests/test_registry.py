@@ -281,6 +281,20 @@ def test_name_for_hash_uses_the_layers_algorithm(reg: Registry) -> None:
     assert reg.name_for_hash("lo", "SHA3_512", name_hash("SHA3_512", "pong")) is not None
 
 
+def test_name_for_hash_keeps_each_algorithms_hash_apart_and_follows_registrations(reg: Registry) -> None:
+    """A name's hashes are made once per algorithm: a lookup by one never answers for another, and a
+    name whose hash is known is found only while it is registered with the IPCP asked."""
+    entry = reg.create_name("pong")
+    entry.regs.add("lo")
+    for _ in range(2):
+        for algo in ("SHA3_512", "SHA3_256", "MD5"):
+            assert reg.name_for_hash("lo", algo, name_hash(algo, "pong")) is entry
+            other = "SHA3_224" if algo != "SHA3_224" else "SHA3_256"
+            assert reg.name_for_hash("lo", other, name_hash(algo, "pong")) is None
+    entry.regs.discard("lo")
+    assert reg.name_for_hash("lo", "SHA3_256", name_hash("SHA3_256", "pong")) is None
+
+
 def test_a_name_is_in_the_layers_of_the_ipcps_it_is_registered_with_until_they_go(reg: Registry) -> None:
     for name, layer in (("u1", "net"), ("u2", "net"), ("lo", "local")):
         reg.ipcps[name] = ipcp(name, "unicast", layer)

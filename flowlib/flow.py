@@ -56,7 +56,7 @@ from proto.errors import (
     PermissionDenied,
 )
 from proto.qos import QosSpec, raw
-from transports.unix import hung_up, recv_record
+from transports.unix import PEEK_NOW, hung_up, recv_record
 
 if TYPE_CHECKING:
     from flowlib.stats import FlowStats
@@ -300,7 +300,7 @@ class Flow:
         if (s := self._session) is not None and s.frct is not None:
             return bool(s.frct.sdus)
         try:
-            return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            return bool(self._sock.recv(1, PEEK_NOW))
         except OSError:
             return False
 
@@ -312,7 +312,7 @@ class Flow:
         raw = self._recv == self._sock.recv
         while self._pending is None:
             try:
-                if self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                if self._sock.recv(1, PEEK_NOW):
                     if raw:
                         return True
                 elif hung_up(self._sock):
@@ -438,7 +438,7 @@ class Flow:
                 return n + len(s.frct.sdus)  # its socket holds only the doorbell
             n += len(s.backlog)
         with contextlib.suppress(OSError):
-            n += len(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) > 0
+            n += len(self._sock.recv(1, PEEK_NOW)) > 0
         return n
 
     def _tx_queued(self) -> int:
@@ -468,9 +468,11 @@ class Flow:
             return
         self._closed = True
         # Out of its sets while its fd is still its own: epoll watches a file, not a number, and a
-        # set left watching it would report its end under the number a new flow reuses.
-        for fset in list(self._sets):
-            fset.remove(self)
+        # set left watching it would report its end under the number a new flow reuses. (Most flows
+        # are in none by now: a WeakSet's len is cheap, iterating it is not.)
+        if len(self._sets):
+            for fset in list(self._sets):
+                fset.remove(self)
         if self._session is None and (e := running()) is not None:
             e.unwatch(self._sock)
         self._sock.close()

@@ -129,11 +129,9 @@ def server_identity(
     """The allocating side's check of who answered for `name`: a certificate the IRMd verified
     against its CA store; else the user's pin for the name (an unknown key only with accept-new,
     a changed one never); no certificate at all passes only for names with no pin."""
-    known = known or KnownNames()
-    if accept_new is None:
-        accept_new = os.environ.get(STRICT_ENV, "yes") == "accept-new"
     if reply.peer_crt and reply.peer_ca:
         return Peer.of(reply.peer_crt, "ca")
+    known = known or KnownNames()
     pins = known.pins(name)
     if not reply.peer_crt:
         if pins:
@@ -149,6 +147,8 @@ def server_identity(
             f"{peer.fingerprint} ({peer.subject}); someone may be impersonating {name!r}. Refused; if the "
             f"change is expected, remove the old line from {known.path}"
         )
+    if accept_new is None:  # asked only here: most allocations find their answer above
+        accept_new = os.environ.get(STRICT_ENV, "yes") == "accept-new"
     if not accept_new:
         raise AuthenticationFailed(
             f"{name!r} presented key {peer.fingerprint} ({peer.subject}), which neither this IRMd's CA store "

@@ -33,7 +33,7 @@ from proto.errors import (
 from proto.names import check_name, name_hash
 from proto.qos import QosSpec
 from transports.channel import ChannelClosed, RemoteError
-from transports.unix import close_own, seqpacket_pair
+from transports.unix import close_own, seqpacket_fds
 from transports.wire import Message
 
 if TYPE_CHECKING:
@@ -207,8 +207,7 @@ class Flows:
         reply: Message
         try:
             if self.direct(c, ipcp, digest):
-                src_end, dst_end = seqpacket_pair()
-                reply, fds = m.IpcpFlow(ipcp.mtu), [src_end.detach(), dst_end.detach()]
+                reply, fds = m.IpcpFlow(ipcp.mtu), list(seqpacket_fds())
             else:
                 reply, fds = await ipcp.channel.request(
                     m.IpcpFlowAlloc(flow.flow_id, digest, msg.qos, remaining, attempt.data), timeout=remaining + 1.0

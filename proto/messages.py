@@ -135,7 +135,8 @@ class FlowReply(Message):
         if self.peer_groups is not None:
             if len(self.peer_groups) > MAX_PEER_GROUPS:
                 raise ValueError(f"peer_groups: {len(self.peer_groups)} groups, at most {MAX_PEER_GROUPS}")
-            if not all(0 <= g <= GID_MAX for g in self.peer_groups):
+            # bounds of the whole list at once: msgspec took only ints (a bool is no int to it)
+            if self.peer_groups and not (min(self.peer_groups) >= 0 and max(self.peer_groups) <= GID_MAX):
                 raise ValueError("peer_groups: a gid out of range")
 
 

@@ -26,7 +26,9 @@ QUOTED = 64  # characters of a refused name its error repeats
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not name or len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
+    # The space is the one whitespace character str.isprintable() takes (every other one is a control
+    # or separator character), so these two tests are the per-character check without its loop.
+    if not name or len(name) > MAX_NAME or " " in name or not name.isprintable():
         raise InvalidArgument(f"bad {what} {quoted(name, QUOTED)}: 1-{MAX_NAME} printable characters, no spaces")
     return name
 

@@ -6,6 +6,7 @@ Layers map a spec onto one of their QoS cubes; the presets are C Ouroboros 0.23'
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 UINT32_MAX = 0xFFFFFFFF
 UINT64_MAX = 0xFFFFFFFFFFFFFFFF
@@ -25,10 +26,15 @@ class QosSpec:
     cypher_s: int = 0  # encryption key bits, 0 = none (flow_alloc(..., encrypt=True) sets it)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        # Every flow's messages carry a spec, decoded in three processes per allocation: plain ints in
+        # range are taken in a few C calls; anything else (a bool, an int subclass, a bad value) is
+        # looked at field by field.
+        values = _VALUES(self)
+        if set(map(type, values)) == _INT and min(values) >= 0 and max(values) <= UINT64_MAX:
+            return
+        for name, value in zip(_FIELDS, values, strict=True):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= UINT64_MAX:
-                raise ValueError(f"qos {f.name}: expected a non-negative integer, got {value!r}")
+                raise ValueError(f"qos {name}: expected a non-negative integer, got {value!r}")
 
     @property
     def reliable(self) -> bool:
@@ -44,6 +50,10 @@ class QosSpec:
         """Whether every packet carries a CRC32 trailer (ber 0, as C's)."""
         return self.ber == 0
 
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(QosSpec))
+_VALUES = operator.attrgetter(*_FIELDS)
+_INT = {int}
 
 raw = QosSpec()
 raw_no_errors = QosSpec(ber=0)

@@ -557,3 +557,35 @@ def test_across_a_unicast_layer_the_named_server_is_reached_and_an_impostor_is_n
             break
         time.sleep(1)  # until the directory points at the impostor
     assert "neither this IRMd's CA store" in r.stderr and "1 received" not in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(30)
+def test_the_strict_names_setting_decides_for_an_unknown_key_and_never_for_a_changed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$OUROBOROS_STRICT_NAMES (read only once a key is unknown): "yes" or unset refuses an unknown
+    key, "accept-new" pins it; a changed key is refused either way, and a pinned one passes."""
+    from cryptography.hazmat.primitives import serialization
+
+    from flowlib.identity import KnownNames, server_identity
+
+    known = KnownNames(tmp_path / "known_names")
+
+    def reply(crt: bytes) -> m.FlowReply:
+        return m.FlowReply(1, "local", 1400, qos.raw, "pong", peer_crt=crt)
+
+    ours, other = (certificate("pong", new_key()).public_bytes(serialization.Encoding.DER) for _ in range(2))
+    for strict in (None, "yes"):
+        if strict is None:
+            monkeypatch.delenv("OUROBOROS_STRICT_NAMES", raising=False)
+        else:
+            monkeypatch.setenv("OUROBOROS_STRICT_NAMES", strict)
+        with pytest.raises(AuthenticationFailed, match="accept-new"):
+            server_identity("pong", reply(ours), known=known)
+    monkeypatch.setenv("OUROBOROS_STRICT_NAMES", "accept-new")
+    first = server_identity("pong", reply(ours), known=known)
+    assert first is not None and first.verified == "new"
+    with pytest.raises(AuthenticationFailed, match="has CHANGED"):
+        server_identity("pong", reply(other), known=known)
+    again = server_identity("pong", reply(ours), known=known)
+    assert again is not None and again.verified == "pinned"

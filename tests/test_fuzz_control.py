@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import struct
 import time
@@ -192,6 +193,31 @@ def test_an_empty_packet_carrying_fds_leaves_none_open(tmp_path: Path) -> None:
         assert fds_on(passed) == 0  # in flight: the kernel holds them
         assert recv_frame(ours) == (b"", [])
         assert fds_on(passed) == 0  # nothing was left open by the read
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_frame_or_fd_list_cut_short_by_the_kernel_is_refused_and_its_fds_closed(tmp_path: Path) -> None:
+    """A frame longer than MAX_FRAME, or more fds than MAX_FDS (the kernel drops the rest): the read
+    says so (MSG_TRUNC, MSG_CTRUNC) rather than handing on part of either; the next frame reads whole."""
+    from transports.unix import recv_frame, send_frame, seqpacket_pair
+    from transports.wire import MAX_FDS, MAX_FRAME, WireError
+
+    passed = tmp_path / "passed"
+    passed.touch()
+    ours, theirs = seqpacket_pair(rights=True)
+    try:
+        with open(passed, "rb") as f:
+            for frame, fds in ((b"x" * (MAX_FRAME + 2), [f.fileno()]), (b"y", [f.fileno()] * (MAX_FDS + 1))):
+                send_frame(theirs, frame, fds)
+                with pytest.raises(WireError, match="truncated"):
+                    recv_frame(ours)
+                assert fds_on(passed) == 1  # the file's own: none received was left open
+            send_frame(theirs, b"z", [f.fileno()])
+            data, got = recv_frame(ours)
+        assert data == b"z" and len(got) == 1
+        os.close(got[0])
     finally:
         ours.close()
         theirs.close()

@@ -46,7 +46,7 @@ from proto import messages as m
 from proto.control import call
 from proto.errors import FlowError, LimitReached
 from proto.login import login_umask
-from transports.unix import recv_frame, send_frame
+from transports.unix import recv_frame, send_frame, seqpacket_fds
 from transports.wire import REPLY, Error
 
 NOBODY = 65534
@@ -1396,6 +1396,22 @@ def test_a_flows_peer_cannot_pass_descriptors_over_the_flow(host: IrmdProc) -> N
             flow.write(b"still a flow")
     finally:
         irm.close()
+
+
+@pytest.mark.skipif(
+    not SO_PASSRIGHTS_WORKS, reason="this kernel has no SO_PASSRIGHTS (Linux 6.16): sockets cannot refuse descriptors"
+)
+def test_the_pair_the_irmd_makes_for_a_local_flow_refuses_descriptors_at_both_ends() -> None:
+    """Direct IPC's pair is made as bare descriptors (seqpacket_fds): both ends still refuse
+    SCM_RIGHTS, and carry SDUs."""
+    a, b = seqpacket_fds()
+    with socket.socket(fileno=a) as sa, socket.socket(fileno=b) as sb, open(os.devnull, "rb") as passed:
+        for end in (sa, sb):
+            with pytest.raises(PermissionError):
+                end.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [passed.fileno()]))])
+        sa.send(b"sdu")
+        assert sb.recv(16) == b"sdu"
+        assert sa.type == socket.SOCK_SEQPACKET and sa.family == socket.AF_UNIX
 
 
 FLOODER = """

@@ -50,7 +50,11 @@ def test_create_name_rejects_an_unknown_lb_policy_naming_the_choices(reg: Regist
         reg.create_name("pong", "random")
 
 
-@pytest.mark.parametrize("bad", ["", "two words", "tab\there", "nl\n", "x" * 256, "bell\x07"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "two words", "tab\there", "nl\n", "x" * 256, "bell\x07", "nb\u00a0sp", "line\u2028sep", "wide\u3000space",
+     "del\x7f", "nel\x85", "zw\u200bsp", "bom\ufeff"],
+)  # fmt: skip
 def test_bad_names_are_rejected(bad: str) -> None:
     with pytest.raises(InvalidArgument):
         check_name(bad)
@@ -58,6 +62,11 @@ def test_bad_names_are_rejected(bad: str) -> None:
 
 def test_longest_allowed_name_is_accepted() -> None:
     assert check_name("x" * 255) == "x" * 255
+
+
+@pytest.mark.parametrize("good", ["café", "名前", "a-b_c.d:e@f", "~!#$%^&*()"])
+def test_printable_names_of_any_script_are_accepted(good: str) -> None:
+    assert check_name(good) == good
 
 
 def test_get_unknown_name_is_enoent_saying_not_found(reg: Registry) -> None:
@@ -270,6 +279,20 @@ def test_name_for_hash_uses_the_layers_algorithm(reg: Registry) -> None:
     reg.create_name("pong").regs.add("lo")
     assert reg.name_for_hash("lo", "SHA3_512", name_hash("SHA3_256", "pong")) is None
     assert reg.name_for_hash("lo", "SHA3_512", name_hash("SHA3_512", "pong")) is not None
+
+
+def test_name_for_hash_keeps_each_algorithms_hash_apart_and_follows_registrations(reg: Registry) -> None:
+    """A name's hashes are made once per algorithm: a lookup by one never answers for another, and a
+    name whose hash is known is found only while it is registered with the IPCP asked."""
+    entry = reg.create_name("pong")
+    entry.regs.add("lo")
+    for _ in range(2):
+        for algo in ("SHA3_512", "SHA3_256", "MD5"):
+            assert reg.name_for_hash("lo", algo, name_hash(algo, "pong")) is entry
+            other = "SHA3_224" if algo != "SHA3_224" else "SHA3_256"
+            assert reg.name_for_hash("lo", other, name_hash(algo, "pong")) is None
+    entry.regs.discard("lo")
+    assert reg.name_for_hash("lo", "SHA3_256", name_hash("SHA3_256", "pong")) is None
 
 
 def test_a_name_is_in_the_layers_of_the_ipcps_it_is_registered_with_until_they_go(reg: Registry) -> None:

@@ -332,6 +332,17 @@ def test_unknown_field_is_rejected_naming_it() -> None:
         JSON_CODEC.decode(json_frame(m.FlowDealloc, {"flow_id": 1, "bogus": 2}))
 
 
+def test_a_field_swapped_for_an_unknown_one_is_rejected_as_many_fields_as_expected() -> None:
+    """As many keys as the record has fields, one of them not a field: unknown, whatever the count."""
+    with pytest.raises(WireError, match=r"unknown fields.*'bogus'"):
+        CODEC.decode(packed_frame(m.FlowDealloc, {"bogus": 1}))
+    full = {f.name: getattr(qos.raw, f.name) for f in dataclasses.fields(qos.raw)}
+    swapped = {**{k: v for k, v in full.items() if k != "timeout"}, "speed": 1}
+    with pytest.raises(WireError, match=r"FlowAlloc.qos: unknown fields.*'speed'"):
+        CODEC.decode(packed_frame(m.FlowAlloc, {"name": "n", "qos": swapped}))
+    assert CODEC.decode(packed_frame(m.FlowAlloc, {"name": "n", "qos": full})).msg == m.FlowAlloc("n", qos.raw)
+
+
 def test_unknown_field_in_a_nested_qos_spec_is_rejected() -> None:
     with pytest.raises(WireError, match=r"unknown fields.*'speed'"):
         CODEC.decode(packed_frame(m.FlowAlloc, {"name": "n", "qos": {"speed": 1}}))

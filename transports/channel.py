@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from transports.ratelog import RateLog
-from transports.unix import close_fds, close_own, recv_frame, send_frame
+from transports.unix import PEEK_NOW, close_fds, close_own, recv_frame, send_frame
 from transports.wire import HEADER, ID_MASK, NOTICE, REPLY, Codec, Error, Message, WireError
 
 if TYPE_CHECKING:
@@ -499,6 +499,6 @@ class SyncChannel:
 def _unread(sock: socket.socket) -> bool:
     """Whether a frame waits in the socket, unread (its end counts as nothing more to read)."""
     try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        return bool(sock.recv(1, PEEK_NOW))
     except OSError:
         return False

@@ -7,6 +7,7 @@ along as SCM_RIGHTS ancillary data.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import ctypes
@@ -183,6 +184,10 @@ SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_R
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13: the peer's supplementary groups
 NGROUPS_MAX = 65536  # the kernel's bound on a process's supplementary groups
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets at once, never waits
+# socket's MSG_ flags are an enum.IntFlag, whose | and & run in Python (about 1 us each): as ints,
+# for the paths every frame and flow event take
+TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def seqpacket_pair(rights: bool = False) -> tuple[socket.socket, socket.socket]:
@@ -193,6 +198,15 @@ def seqpacket_pair(rights: bool = False) -> tuple[socket.socket, socket.socket]:
         for end in pair:
             refuse_rights(end)
     return pair
+
+
+def seqpacket_fds() -> tuple[int, int]:
+    """seqpacket_pair's two ends as bare descriptors, for a process that only hands them on (the IRMd,
+    a local flow's): no Python socket objects in between, whose making costs a getsockname each."""
+    a, b = _socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in (a, b):
+        refuse_rights(end)
+    return a.detach(), b.detach()
 
 
 @functools.cache
@@ -216,7 +230,7 @@ def peer_groups(sock: socket.socket, limit: int = NGROUPS_MAX) -> tuple[int, ...
     return tuple(buf[: size.value // 4])
 
 
-def refuse_rights(sock: socket.socket) -> None:
+def refuse_rights(sock: _socket.socket) -> None:
     """Make `sock` refuse descriptors sent to it (the sender's sendmsg fails with EPERM), where the
     kernel can (6.16 on). A descriptor a peer passed is closed by whoever drops the last reference:
     with one whose close blocks (a TCP socket lingering on unsent data), that reader would stall."""
@@ -245,7 +259,7 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_FRAME:
+    if flags & TRUNCATED or len(data) > MAX_FRAME:
         close_fds(fds)
         raise WireError("frame or fd list truncated")
     if not data:  # read as the peer's end: an empty packet's fds would otherwise be nobody's to close

@@ -192,10 +192,12 @@ class _Shape(FrozenRecord):
     def check(self, raw: dict[Any, Any], where: str) -> None:
         """Refuse unknown and missing fields and non-finite floats, here and in nested records; the
         types of the values are msgspec's to check."""
-        if unknown := raw.keys() - self.names:
-            raise WireError(f"{where}: unknown fields {_names({str(u) for u in unknown})}")
-        if missing := self.required - raw.keys():
-            raise WireError(f"{where}: missing field {min(missing)!r}")
+        keys = raw.keys()
+        if keys != self.names:  # (a record with every field, as msgspec encodes one, is neither)
+            if unknown := keys - self.names:
+                raise WireError(f"{where}: unknown fields {_names({str(u) for u in unknown})}")
+            if missing := self.required - keys:
+                raise WireError(f"{where}: missing field {min(missing)!r}")
         for name in self.floats:
             value = raw.get(name)
             if isinstance(value, float) and not math.isfinite(value):

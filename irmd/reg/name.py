@@ -9,6 +9,7 @@ import os
 from typing import TypeVar
 
 from irmd.identity import Program
+from proto.names import name_hash
 
 LB_ROUND_ROBIN, LB_SPILLOVER = "round-robin", "spillover"
 LB_IMPLICIT = LB_SPILLOVER  # the policy of a name made by a bind, a registration or a config's reg, as in Ouroboros
@@ -51,6 +52,14 @@ class Name:
     reg_owner: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     next_rr: int = 0
     sec: dict[str, str] = dataclasses.field(default_factory=dict)  # security files set at creation (irmd.secfiles)
+    # its hash by each layer algorithm asked: an allocation looks names up by hash, twice on one host
+    hashes: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def hash_by(self, algo: str) -> bytes:
+        """The name's hash by a layer's algorithm (proto.names.name_hash), made once: a name never changes."""
+        if (digest := self.hashes.get(algo)) is None:
+            digest = self.hashes[algo] = name_hash(algo, self.name)
+        return digest
 
     @property
     def pids(self) -> set[int]:

@@ -17,7 +17,7 @@ from irmd.reg.ipcp import Ipcp, by_preference
 from irmd.reg.name import LB_IMPLICIT, Name, ProcBinding, ProgBinding, lb_pick, prog_key
 from irmd.reg.proc import Acceptor, may_accept, runs_bound_program
 from proto.errors import Busy, InvalidArgument, NotFound
-from proto.names import LB_POLICIES, check_name, name_hash, wildcard_match
+from proto.names import LB_POLICIES, check_name, wildcard_match
 
 
 class Registry:
@@ -90,7 +90,7 @@ class Registry:
     def name_for_hash(self, ipcp: str, algo: str, digest: bytes) -> Name | None:
         """The name registered with IPCP `ipcp` whose hash (by the layer's algorithm) is `digest`."""
         for entry in self.names.values():
-            if ipcp in entry.regs and name_hash(algo, entry.name) == digest:
+            if ipcp in entry.regs and entry.hash_by(algo) == digest:
                 return entry
         return None
 

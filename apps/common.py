@@ -45,7 +45,7 @@ from proto.visible import visible
 PER_CLIENT = 64  # flows one local user (or one verified remote peer) holds at a server at once
 NOFILE_CEILING = 1 << 16  # descriptors a tool's server takes at most, whatever the hard limit
 FD_RESERVE = 64  # a server's descriptors users' flows leave to its admins' flows and to itself
-ANONYMOUS = "anonymous peers"  # the client every remote peer that proves no name is counted as
+ANONYMOUS = "anonymous peers"  # remote peers that prove no name: counted per host, and all of them together
 BACKLOG_RETRY = 0.002  # seconds between tries of replies kept for a slow reader
 HANDOVER = 2.0  # seconds a server waits for a reply to leave before it closes a flow it let go
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -270,41 +270,58 @@ def on_signals(stop: Callable[[], None]) -> None:
 
 def client_of(flow: Flow) -> str | None:
     """Whom a flow is counted against: a local user by the uid the kernel told the IRMd, a remote peer by
-    its verified name; None for the server's admins (root, its own uid), never refused."""
+    its verified name, or else by the host its layer vouches for (Flow.peer_addr); None for the
+    server's admins (root, its own uid), never refused."""
     if flow.peer_uid is not None:
         return None if flow.peer_uid in (0, os.geteuid()) else f"uid {flow.peer_uid}"
     if flow.peer is not None:
         return f"peer {visible(flow.peer.name)}"  # a certificate's name: shown as text, whatever it holds
-    return ANONYMOUS  # remote and unverified: one client among them all, with half the clients' total
+    if addr := flow.peer_addr():
+        return f"host {visible(addr)} of layer {visible(flow.layer)}"
+    return f"{ANONYMOUS} of layer {visible(flow.layer)}"  # a layer that names no host: one client of it
+
+
+def proves_nothing(flow: Flow) -> bool:
+    """A remote peer proving no name: a host at most, as its layer says."""
+    return flow.peer_uid is None and flow.peer is None
 
 
 class FlowQuota:
     """The flows each client of a server holds (`client_of`): at most `per_client` each, and `total` for
-    all clients but the admins together, so that one user's flows leave room for the others and root's."""
+    all clients but the admins together, so that one user's flows leave room for the others and root's.
+    Remote peers proving no name are counted per host, and hold at most half of `total` together, so
+    that many hosts leave the host's own users and the verified peers the other half."""
 
     def __init__(self, per_client: int, total: int) -> None:
         self.per_client = per_client
         self.total = max(total, 1)
+        self.anonymous_room = max(self.total // 2, 1)
         self.held: dict[Flow, str] = {}
         self.counts: dict[str, int] = {}
-        self.said: set[str] = set()  # clients told of their refusal (once, until they hold fewer again)
+        self.anonymous: set[Flow] = set()  # of `held`, the flows of peers proving no name
+        self.said: set[str] = set()  # refusals told (once, until whoever was refused holds fewer again)
 
     def take(self, flow: Flow) -> bool:
         """Count a new flow in, or say why it is refused (once per stretch of refusals) and return False."""
         who = client_of(flow)
         if who is None:
             return True
-        held = self.counts.get(who, 0)
-        # Peers that prove nothing are told apart by nothing: together they hold at most half, so that
-        # one of them taking all it may leaves the host's own users the other half.
-        limit = max(self.total // 2, 1) if who == ANONYMOUS else self.per_client
-        if held >= limit or len(self.held) >= self.total:
+        held, nameless = self.counts.get(who, 0), proves_nothing(flow)
+        why = ""
+        if held >= self.per_client or len(self.held) >= self.total:
+            why = f"{who} holds {held} flows, its limit here."
+        elif nameless and len(self.anonymous) >= self.anonymous_room:
+            who = ANONYMOUS  # what is refused: all of them, for now
+            why = f"{ANONYMOUS} hold {len(self.anonymous)} flows, half of what clients hold here."
+        if why:
             if who not in self.said:
                 self.said.add(who)
-                print(f"Flow {flow.flow_id} refused: {who} holds {held} flows, its limit here.", flush=True)
+                print(f"Flow {flow.flow_id} refused: {why}", flush=True)
             return False
         self.held[flow] = who
         self.counts[who] = held + 1
+        if nameless:
+            self.anonymous.add(flow)
         return True
 
     def give(self, flow: Flow) -> None:
@@ -313,6 +330,9 @@ class FlowQuota:
             return
         self.counts[who] -= 1
         self.said.discard(who)
+        if flow in self.anonymous:
+            self.anonymous.discard(flow)
+            self.said.discard(ANONYMOUS)
         if not self.counts[who]:
             del self.counts[who]
 

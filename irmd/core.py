@@ -101,6 +101,7 @@ class Irmd:
         self.server.close()
         await self.programs.stop_all(list(self.reg.ipcps.values()))
         self.flows.tear_down_all()
+        self.ipcps.infos.close()
         self.server.close_clients()
         for task in list(self._tasks):
             task.cancel()

@@ -414,26 +414,27 @@ class Flows:
         return out
 
     async def _counters(self, names: set[str]) -> dict[tuple[str, int], list[str]]:
-        """The per-flow counters of the IPCPs that keep them: (ipcp, flow id) -> FLOW_COUNTERS[2:]."""
+        """The per-flow counters of the IPCPs that keep them: (ipcp, flow id) -> FLOW_COUNTERS[2:]. Each
+        IPCP's info is shared with whoever asks it meanwhile (Ipcps.infos); the caller keeps the rows of
+        the flows it asked of, which are those it may see."""
+        ipcps = [i for name in sorted(names) if (i := self.reg.ipcps.get(name)) is not None]
+        infos = await asyncio.gather(*(self._info(i) for i in ipcps))
         counted: dict[tuple[str, int], list[str]] = {}
         width = len(m.FLOW_COUNTERS)
-        for name in sorted(names):
-            ipcp = self.reg.ipcps.get(name)
-            if ipcp is None or ipcp.channel is None or ipcp.channel.closed:
-                continue
-            try:
-                reply, fds = await ipcp.channel.request(m.IpcpInfoReq(), timeout=QUERY_TIMEOUT)
-            except (RemoteError, TimeoutError, ChannelClosed) as e:
-                log.debug("counters of %s: %s", name, e)
-                continue
-            close_own(fds)
-            sections = reply.sections if isinstance(reply, m.IpcpInfo) else []
-            for section in sections:
+        for ipcp, info in zip(ipcps, infos, strict=True):
+            for section in info.sections if info is not None else []:
                 if section.name == "flows" and tuple(section.columns[:width]) == m.FLOW_COUNTERS:
                     for row in section.rows:
                         if len(row) >= width and row[0].isdigit():
-                            counted[(name, int(row[0]))] = row[2:width]
+                            counted[(ipcp.name, int(row[0]))] = row[2:width]
         return counted
+
+    async def _info(self, ipcp: Ipcp) -> m.IpcpInfo | None:
+        try:
+            return await asyncio.wait_for(self.irmd.ipcps.infos.get(ipcp), QUERY_TIMEOUT)
+        except (FlowError, TimeoutError) as e:
+            log.debug("counters of %s: %s", ipcp.name, e)
+            return None
 
     # -- ends of flows --------------------------------------------------------
 

@@ -33,10 +33,12 @@ from helpers import (
     HOLD_FLOWS_TO,
     WHO_ACCEPTS,
     IrmdProc,
+    free_port,
     kernel_refuses_rights,
     parse_table,
     start_irmd,
     stop_irmd,
+    udp4_bootstrap,
     wait_for,
 )
 
@@ -641,6 +643,79 @@ def test_a_user_holds_a_share_of_a_udp_ipcps_flows_and_root_allocates_beside_it(
             mine = [b.alloc("sink") for _ in range(3)]  # root's: not counted
             for flow in mine:
                 flow.close()
+
+
+COUNTER_FLOOD = """
+import os, socket, sys, time
+from proto import messages as m
+from proto.qos import QosSpec
+from transports.unix import recv_frame, send_frame
+from transports.wire import REPLY
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+def reply():
+    while True:
+        data, fds = recv_frame(s)
+        for fd in fds:
+            os.close(fd)
+        frame = m.CODEC.decode(data)
+        if frame.req_id & REPLY:
+            return frame.msg
+send_frame(s, m.CODEC.encode(m.FlowAlloc(sys.argv[2], QosSpec(), 10.0), 1))
+flow = reply()
+print("holding", flow.flow_id, flush=True)
+ask = [m.FlowInfo(flow.flow_id, "", counters=True), m.FlowList()]
+sent = answered = counted = 0
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end or answered < sent:
+    while sent - answered < 128 and time.monotonic() < end:  # as many at once as the IRMd serves
+        sent += 1
+        send_frame(s, m.CODEC.encode(ask[sent % 2], sent + 1))
+    got = reply()
+    answered += 1
+    counted += getattr(got, "data", "") == "ipcp"
+print("done", answered, counted, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_users_counter_queries_in_a_loop_reach_the_ipcp_spaced_and_root_gets_fresh_counters(
+    public_dir: Path,
+) -> None:
+    """uid 65534, holding a flow of a unicast layer, asks its counters (FlowInfo) and its flow list as
+    fast as the IRMd answers, 128 at a time: each once made the IPCP build its whole info, and root's
+    requests waited behind some 1,800 of them a second. Now the IPCP is asked once per 10 ms at most,
+    all callers sharing the answer: it stays mostly idle, uid 65534 still gets its own counters, and
+    root's `irm ipcp show` and pings are served, with counters that count what root saw happen."""
+    with irmd_in(public_dir) as irmd:
+        port = free_port(["127.0.0.1"])
+        irmd.irm_ok(*udp4_bootstrap("lan", "127.0.0.1", "port", str(port)))
+        irmd.irm_ok("ipcp", "bootstrap", "name", "n1", "type", "unicast", "layer", "net", "autobind")
+        irmd.irm_ok("bind", "program", str(BIN / "oping"), "name", "echo", "auto", "--", "-l")
+        irmd.irm_ok("name", "register", "echo", "layer", "net")
+        ipcp = irmd.ipcp_pid("n1")
+        log = public_dir / "flood.log"
+        argv = [*AS_NOBODY, str(BIN / "python"), "-c", COUNTER_FLOOD, str(irmd.sock), "echo", "6"]
+        with server(argv, irmd.env, log, "holding") as flood:
+            root = IrmClient(irmd.sock)
+            try:
+                reply, fd = root.alloc("echo", None, 10)
+                flow = Flow(reply, fd, root)
+                used, t0 = cpu_seconds(ipcp), time.monotonic()
+                for seq in range(20):
+                    udp_lan.ping(flow, seq)
+                    counted = root.flow_counters(flow.flow_id)  # asked after the reply came: it counts it
+                    assert counted.data == "ipcp" and counted.sent >= seq + 1 and counted.received >= seq + 1
+                    shown = irmd.request(m.IpcpInfoReq("n1"))
+                    assert isinstance(shown, m.IpcpInfo) and shown.sections
+                flood.wait(30)
+                used, took = cpu_seconds(ipcp) - used, time.monotonic() - t0
+                flow.close()
+            finally:
+                root.close()
+        summary = log.read_text().splitlines()[-1].split()
+        assert summary[0] == "done" and int(summary[1]) > 1000 and int(summary[2]) > 0, summary
+        assert used < 0.1 * took, f"the IPCP used {used:.2f} s of CPU in {took:.2f} s of uid 65534's queries"
 
 
 def raw_conn(irmd: IrmdProc) -> socket.socket:

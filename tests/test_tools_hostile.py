@@ -220,50 +220,104 @@ def test_a_waiting_ovpn_with_peer_tunnels_with_that_peer_only(
     assert ovpn.accept_tunnel(None, None) is first
 
 
-@pytest.mark.timeout(120)
-def test_peers_proving_no_name_leave_a_root_opings_users_half_its_room(
-    host: IrmdProc,
-    public_dir: Path,  # noqa: F811 (the fixture it takes)
-) -> None:
-    """Remote peers that prove no name are one client to the server: one of them holding flows took the
-    whole of what users may hold at root's `oping -l`, and a local user got none. They hold half now."""
-    port = str(free_port(["127.0.0.1", "127.0.0.2"]))
+def serve_echo_over_udp(host: IrmdProc) -> str:
+    """Root's `oping -l` for `echo` in the local layer and a udp layer on 127.0.0.1; the layer's port."""
+    port = str(free_port(["127.0.0.1", "127.0.0.2", "127.0.0.3"]))
     host.irm_ok(*udp4_bootstrap("lan", "127.0.0.1", "port", port))
     host.irm_ok("bind", "program", "oping", "name", "echo")
     host.irm_ok("name", "register", "echo", "layer", "lan")
     host.irm_ok("name", "register", "echo", "layer", "local")
     host.note_children()
+    return port
+
+
+@contextlib.contextmanager
+def remote_host(public_dir: Path, ip: str, port: str) -> Iterator[IrmdProc]:  # noqa: F811 (not the fixture)
+    """Another host of the udp layer, at `ip`: an IRMd of its own."""
+    remote = start_irmd(public_dir, f"remote-{ip}")
+    try:
+        remote.irm_ok(*udp4_bootstrap("lan", ip, "port", port, "peer", "127.0.0.1"))
+        remote.note_children()
+        yield remote
+    finally:
+        stop_irmd(remote, check=False)
+
+
+@contextlib.contextmanager
+def holding_from(remote: IrmdProc) -> Iterator[None]:
+    """A process of the remote host allocating 250 flows to `echo` and holding them (a root one there
+    is as anonymous here)."""
+    hold = subprocess.Popen(
+        [str(BIN / "python"), "-c", REMOTE_HOLD],
+        env=remote.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert hold.stdout is not None
+        line = hold.stdout.readline()
+        assert line.startswith("holding"), line + hold.stdout.read()
+        yield
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+@pytest.mark.timeout(120)
+def test_peers_proving_no_name_leave_a_root_opings_users_half_its_room(
+    host: IrmdProc,
+    public_dir: Path,  # noqa: F811 (the fixture it takes)
+) -> None:
+    """Remote peers that prove no name were one client to the server: one of them holding flows took the
+    whole of what users may hold at root's `oping -l`, and a local user got none. A host of them holds a
+    client's share now, and all of them together half."""
+    port = serve_echo_over_udp(host)
     log = host.log.parent
     argv = ["prlimit", "--nofile=256:256", str(BIN / "oping"), "-l", "-Q"]  # users' room: 192 flows
-    with server(argv, host.env, log / "srv.log", "started"):
-        remote = start_irmd(public_dir, "remote")
-        hold = None
-        try:
-            remote.irm_ok(*udp4_bootstrap("lan", "127.0.0.2", "port", port, "peer", "127.0.0.1"))
-            remote.note_children()
-            hold = subprocess.Popen(  # another host's process: a root one there is as anonymous here
-                [str(BIN / "python"), "-c", REMOTE_HOLD],
-                env=remote.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            assert hold.stdout is not None
-            line = hold.stdout.readline()
-            assert line.startswith("holding"), line + hold.stdout.read()
-            wait_for(lambda: "anonymous peers holds" in (log / "srv.log").read_text(), 30, "a refusal")
+    with (
+        server(argv, host.env, log / "srv.log", "started"),
+        remote_host(public_dir, "127.0.0.2", port) as remote,
+        holding_from(remote),
+    ):
+        refused = "host 127.0.0.2 of layer lan holds 64 flows"  # a client's share (PER_CLIENT)
+        wait_for(lambda: refused in (log / "srv.log").read_text(), 30, "a refusal")
+        r = run_as_user(host, [*AS_NOBODY, str(BIN / "oping"), *PING])
+        assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(150)
+def test_one_remote_host_proving_no_name_leaves_another_its_room_at_a_root_oping(
+    host: IrmdProc,
+    public_dir: Path,  # noqa: F811 (the fixture it takes)
+) -> None:
+    """Every remote peer proving no name was one client of root's `oping -l`: one host of a udp layer
+    (127.0.0.2) holding flows took the room of every other (127.0.0.3). Each host is a client of its own
+    now, as the layer vouches for it (m.FlowPeer: a udp peer's IP): the other host pings beside it; and
+    hosts together hold half of the users' room, so a local user still pings when both hold all they may."""
+    port = serve_echo_over_udp(host)
+    srv = host.log.parent / "srv.log"
+    argv = ["prlimit", "--nofile=256:256", str(BIN / "oping"), "-l", "-Q"]  # users' room 192, hosts' 96
+    with (
+        server(argv, host.env, srv, "started"),
+        remote_host(public_dir, "127.0.0.2", port) as a,
+        remote_host(public_dir, "127.0.0.3", port) as b,
+        holding_from(a),
+    ):
+        wait_for(lambda: " refused: " in srv.read_text(), 30, "a's refusal")  # a holds all it may
+        r = b.run("oping", *PING)
+        assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
+        assert "refused: host 127.0.0.2 of layer lan holds 64 flows" in srv.read_text()
+        with holding_from(b):
+            wait_for(lambda: "anonymous peers hold 96 flows" in srv.read_text(), 30, "the hosts' refusal")
+            assert "host 127.0.0.3 of layer lan holds" not in srv.read_text()  # 32 it got: not its share
             r = run_as_user(host, [*AS_NOBODY, str(BIN / "oping"), *PING])
             assert "2 packets transmitted, 2 received" in r.stdout, r.stdout + r.stderr
-            assert "anonymous peers holds 96 flows" in (log / "srv.log").read_text()  # half of 192
-        finally:
-            if hold is not None:
-                hold.kill()
-                hold.wait()
-            stop_irmd(remote, check=False)
 
 
 REMOTE_HOLD = """
 import time
+from apps.oping import ECHO_REQUEST, HDR
 from flowlib import flow_alloc
 flows, errors = [], set()
 for _ in range(250):
@@ -272,7 +326,13 @@ for _ in range(250):
     except Exception as e:
         errors.add(str(e))
 print("holding", len(flows), sorted(errors), flush=True)
-time.sleep(60)
+while True:  # a ping on each every 2 s: none is reaped as idle (10 s), each held while the test runs
+    time.sleep(2)
+    for flow in flows:
+        try:
+            flow.write(HDR.pack(ECHO_REQUEST, 0, time.monotonic_ns()) + bytes(40))
+        except Exception:
+            pass  # a flow the server refused
 """
 
 

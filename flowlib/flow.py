@@ -348,12 +348,7 @@ class Flow:
         """The remote host the flow came from, as its layer vouches for it (m.FlowPeer: a udp peer's IP
         or IPv6 /64, a unicast member's address); "" for a flow from this host, from a layer that names
         no peer, or when the IRMd cannot say (the flow went meanwhile)."""
-        if self.peer_uid is not None:
-            return ""
-        try:
-            return self._irm.peer_addr(self.flow_id)
-        except FlowError:
-            return ""
+        return "" if self.peer_uid is not None else self._irm.remote_addr(self.flow_id)
 
     def ended(self) -> str:
         """How the flow ended, as the IRMd saw it: 'dealloc' (by the peer) or 'down'."""

@@ -118,14 +118,11 @@ class IrmClient:
             raise FlowError(f"the IRMd answered {type(reply).__name__} to FlowPeer")
         return reply.addr
 
-    def remote_of(self, reply: m.FlowReply) -> str:
-        """`peer_addr` of an accepted flow from another machine; "" for one from this host (its uid names
-        it) or when the IRMd can no longer say (the flow went meanwhile): a server's limits per client
-        then count it as one of its layer's."""
-        if reply.peer_uid >= 0:
-            return ""
+    def remote_addr(self, flow_id: int) -> str:
+        """`peer_addr`, or "" when the IRMd can no longer say (the flow went meanwhile): a server's limits
+        per client then count the flow as one of its layer's."""
         try:
-            return self.peer_addr(reply.flow_id)
+            return self.peer_addr(flow_id)
         except FlowError:
             return ""
 

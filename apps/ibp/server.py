@@ -698,7 +698,7 @@ def flow_loop(server: DepotServer) -> None:
             time.sleep(ACCEPT_BACKOFF)
             continue
         server.admit(
-            flow_identity(reply, irm.remote_of(reply)),
+            flow_identity(reply, "" if reply.peer_uid >= 0 else irm.remote_addr(reply.flow_id)),
             functools.partial(_open_flow, irm, reply, fd),
             server.name,
             functools.partial(_drop_flow, irm, reply, fd),

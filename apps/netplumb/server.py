@@ -138,7 +138,7 @@ def peer_of(reply: m.FlowReply, irm: IrmClient) -> Peer:
     user are admins), else the remote peer its layer names (m.FlowPeer, asked of the IRMd)."""
     if reply.peer_uid >= 0:
         return Peer(uid=reply.peer_uid, admin=reply.peer_uid in (0, os.geteuid()))
-    return Peer(layer=reply.layer, remote=irm.remote_of(reply))
+    return Peer(layer=reply.layer, remote=irm.remote_addr(reply.flow_id))
 
 
 def fit_fds(limits: Limits) -> Limits:

@@ -172,6 +172,14 @@ def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         proc.wait()
 
 
+def interrupted(proc: subprocess.Popen[str], timeout: float = 20.0) -> tuple[str, float]:
+    """Ctrl-C to `proc`: its stdout to the end, and how long it took to end after the signal."""
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out, _ = proc.communicate(timeout=timeout)
+    return out, time.monotonic() - t0
+
+
 def irmd_env(sock: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["OUROBOROS_SOCK"] = str(sock)

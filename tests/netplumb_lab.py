@@ -146,6 +146,20 @@ class Lab:
             env=self.env(XDG_CONFIG_HOME=str(c.config), **(env or {})),
         )
 
+    @contextlib.contextmanager
+    def sessions(self, c: Client, n: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+        """`n` sessions of `c` running a command that said it is up and then waits; killed at the end
+        (the list may be added to)."""
+        running = [self.popen_plumb(c, "sh", "-c", "echo up; exec sleep 60") for _ in range(n)]
+        try:
+            for p in running:
+                assert p.stdout is not None and p.stdout.readline() == b"up\n"
+            yield running
+        finally:
+            for p in running:
+                p.kill()
+                p.wait()
+
     def py(self, uid: int, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Python as `uid`, with the checkout importable (an attacker's script)."""
         return subprocess.run(

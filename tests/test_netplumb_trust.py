@@ -499,17 +499,10 @@ def test_sessions_fill_max_sessions_but_admins_still_get_in() -> None:
         alice = lab.client("alice")  # root
         bob = lab.client("bob", OTHER, 'users="nobody"')
         mallory = lab.client("mallory", NOBODY, 'users="nobody"')
-        running = [lab.popen_plumb(mallory, "sh", "-c", "echo up; exec sleep 60") for _ in range(2)]
-        try:
-            for p in running:
-                assert p.stdout is not None and p.stdout.readline() == b"up\n", p.communicate()
+        with lab.sessions(mallory, 2):
             r = lab.plumb(bob, "true")
             assert r.returncode == 255 and b"(at most 2: --max-sessions)" in r.stderr, r.stderr
             assert lab.plumb(alice, "echo", "admin").stdout == b"admin\n"
-        finally:
-            for p in running:
-                p.kill()
-                p.wait()
         wait_for(lambda: lab.plumb(bob, "true").returncode == 0, 20, "the sessions to end")
 
 
@@ -518,26 +511,17 @@ def test_sessions_are_capped_per_key_and_per_peer() -> None:
         alice = lab.client("alice")
         mallory = lab.client("mallory", NOBODY, 'users="nobody"')
         mallory2 = lab.client("mallory2", NOBODY, 'users="nobody"')
-        running = [lab.popen_plumb(mallory, "sh", "-c", "echo up; exec sleep 60") for _ in range(2)]
-        try:
-            for p in running:
-                assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        with lab.sessions(mallory, 2):
             r = lab.plumb(mallory, "true")
             assert (
                 r.returncode == 255
                 and b"too many sessions with key" in r.stderr
                 and b"(at most 2: --per-key-sessions)" in r.stderr
             ), r.stderr
-            third = lab.popen_plumb(mallory2, "sh", "-c", "echo up; exec sleep 60")
-            running.append(third)
-            assert third.stdout is not None and third.stdout.readline() == b"up\n"
-            r = lab.plumb(mallory2, "true")
-            assert r.returncode == 255 and b"too many connections from uid 65534" in r.stderr, r.stderr
-            assert lab.plumb(alice, "echo", "served").stdout == b"served\n"
-        finally:
-            for p in running:
-                p.kill()
-                p.wait()
+            with lab.sessions(mallory2, 1):
+                r = lab.plumb(mallory2, "true")
+                assert r.returncode == 255 and b"too many connections from uid 65534" in r.stderr, r.stderr
+                assert lab.plumb(alice, "echo", "served").stdout == b"served\n"
         wait_for(lambda: lab.plumb(mallory, "true").returncode == 0, 20, "the sessions to end")
 
 

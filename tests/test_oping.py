@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Callable
 
 import pytest
-from helpers import BIN, IrmdProc
+from helpers import BIN, IrmdProc, interrupted
 
 from apps import oping
 from apps.common import stack_report
@@ -372,10 +371,7 @@ def test_an_interrupted_ping_prints_its_statistics_and_ends_0_as_cs(irmd: IrmdPr
         assert lines[0].startswith(f"Pinging {pong} with 64 bytes of data ("), lines
         assert lines[2].startswith(f"64 bytes from {pong}: seq=0 "), lines
         time.sleep(0.5)  # waiting for the next request's time
-        client.send_signal(signal.SIGINT)
-        t0 = time.monotonic()
-        out, _ = client.communicate(timeout=20)
-        took = time.monotonic() - t0
+        out, took = interrupted(client)
     finally:
         client.kill()
         client.wait()

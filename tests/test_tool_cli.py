@@ -187,19 +187,21 @@ def test_a_reader_or_writer_that_cannot_join_the_layer_exits_255_as_cs_obc(irmd:
         assert r.stderr.startswith("obc: "), r.stderr
 
 
+def _oecho(irmd: IrmdProc, *argv: str) -> subprocess.Popen[str]:
+    """An oecho client of `irmd`, its output piped."""
+    env = {**os.environ, "OUROBOROS_SOCK": str(irmd.sock)}
+    return subprocess.Popen(
+        [str(BIN / "oecho"), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
 @pytest.mark.timeout(60)
 def test_an_oecho_client_whose_server_never_answers_says_so_as_cs(
     irmd: IrmdProc, client_factory: Callable[[], IrmClient], bound_name: str
 ) -> None:
     """C's client prints "Failed to read packet." and its main returns -1: status 255."""
     server = client_factory()
-    client = subprocess.Popen(
-        [str(BIN / "oecho"), "-n", bound_name, "-m", "hello"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OUROBOROS_SOCK": str(irmd.sock)},
-    )
+    client = _oecho(irmd, "-n", bound_name, "-m", "hello")
     try:
         with flow_accept(timeout=20, irm=server) as flow:
             flow.set_timeout(10)
@@ -219,13 +221,7 @@ def test_an_interrupted_oecho_client_dies_of_sigint_saying_nothing_as_cs(
     """C's oecho takes no signal itself: Ctrl-C while it waits for its reply ends it, with no more said.
     Ours ended in a traceback."""
     server = client_factory()
-    client = subprocess.Popen(
-        [str(BIN / "oecho"), "-n", bound_name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OUROBOROS_SOCK": str(irmd.sock)},
-    )
+    client = _oecho(irmd, "-n", bound_name)
     try:
         with flow_accept(timeout=20, irm=server) as flow:
             flow.set_timeout(10)

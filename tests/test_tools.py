@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import pytest
-from helpers import BIN, IrmdProc
+from helpers import BIN, IrmdProc, interrupted
 from unicast_net import Cluster
 
 from apps import ocbr, operf
@@ -407,10 +406,7 @@ def test_an_interrupted_ocbr_ends_at_once_with_its_statistics(
         assert client.stdout is not None
         assert client.stdout.readline().startswith("Client started, duration 60, rate 1000 b/s")
         time.sleep(2)  # allocated, one SDU sent, the next 8 s away
-        client.send_signal(signal.SIGINT)
-        t0 = time.monotonic()
-        out, _ = client.communicate(timeout=20)
-        took = time.monotonic() - t0
+        out, took = interrupted(client)
     finally:
         client.kill()
         client.wait()

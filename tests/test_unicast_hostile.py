@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import random
 import subprocess
@@ -465,16 +466,20 @@ print("sent", sent, flush=True)
 """
 
 
-COMES_AND_GOES = r"""
+COMES_AND_GOES = (
+    r"""
 import sys, time
 from flowlib.errors import FlowError
-from flowlib.flow import flow_alloc
+from flowlib.flow import Flow, flow_alloc
 from ipcp.unicast import auth
 from ipcp.unicast import messages as um
 from ipcp.unicast.connmgr import Adjacency
 from ipcp.unicast.enroll import Enrollee
 from ipcp.unicast.handshake import Handshake
 from proto.qos import raw
+"""
+    + inspect.getsource(drive)
+    + r"""
 key, secs, done, ident = sys.argv[1], float(sys.argv[2]), 0, auth.Identity.generate()
 end = time.monotonic() + secs
 while time.monotonic() < end:
@@ -490,13 +495,7 @@ while time.monotonic() < end:
             core = Adjacency(Handshake(True, um.MGMT, "rogue", "net", 0xBEEF, auth.layer_psk(key),
                                        time.monotonic(), identity=ident))
         core.start() if isinstance(core, Enrollee) else None
-        while not core.done:
-            for sdu in core.pop_out():
-                f.write(sdu)
-            if not core.done:
-                core.receive(f.read(), time.monotonic())
-        for sdu in core.pop_out():
-            f.write(sdu)
+        drive(core, f)
         done += 1
     except FlowError:
         pass
@@ -504,6 +503,7 @@ while time.monotonic() < end:
         f.close()
 print("done", done, flush=True)
 """
+)
 
 
 @pytest.mark.timeout(240)

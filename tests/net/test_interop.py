@@ -391,12 +391,21 @@ def test_a_c_oecho_reaches_ours(pair: Pair) -> None:
     assert "Server replied with Client says hi!" in r.stdout, r.stdout + r.stderr + pair.logs()
 
 
-def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
-    udp_layer(pair)
-    for out in pair.c_servers("c-operf", "operf", "--listen", bind="c-perf"):  # noqa: B007 - the last, read below
-        r = pair.ours.irmd.run("operf", "-n", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M", timeout=60)
+def ours_against_c_server(
+    pair: Pair, tool: str, name: str, *argv: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Our `tool` against C's `tool --listen` bound to `name`, a fresh C server while 0.23 fails the
+    allocation (Pair.c_servers): our tool's result, and the file of the last C server's output."""
+    for out in pair.c_servers(f"c-{tool}", tool, "--listen", bind=name):  # noqa: B007 - the last is returned
+        r = pair.ours.irmd.run(tool, "-n", name, *argv, timeout=60)
         if not any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED):
             break
+    return r, out
+
+
+def test_our_operf_reaches_a_c_operf_server(pair: Pair) -> None:
+    udp_layer(pair)
+    r, out = ours_against_c_server(pair, "operf", "c-perf", "-d", "1s", "-s", "1000", "-r", "8M")
     wait_for(
         lambda: len(re.findall(r"Seqno \d+ from fd", out.read_text())) >= 500,
         10,
@@ -427,10 +436,7 @@ def cbr_counted(server_out: Callable[[], str], sent: re.Match[str], what: str) -
 
 def test_our_ocbr_reaches_a_c_ocbr_server(pair: Pair) -> None:
     udp_layer(pair)
-    for out in pair.c_servers("c-ocbr", "ocbr", "--listen", bind="c-cbr"):  # noqa: B007 - the last, read below
-        r = pair.ours.irmd.run("ocbr", "-n", "c-cbr", "-d", "1", "-r", "400k", "-s", "500", timeout=60)
-        if not any(words in r.stdout + r.stderr for words in C_ALLOC_FAILED):
-            break
+    r, out = ours_against_c_server(pair, "ocbr", "c-cbr", "-d", "1", "-r", "400k", "-s", "500")
     sent = CBR_SENT.search(r.stdout)
     assert r.returncode == 0 and sent and int(sent[1]) >= 90, r.stdout + r.stderr + pair.logs()
     cbr_counted(out.read_text, sent, r.stdout + pair.logs())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,17 @@ def _raise_nofile() -> None:
 
 
 _raise_nofile()
+
+
+def _interruptible() -> None:
+    """A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would
+    every process a test starts: Ctrl-C could not reach them as it reaches a user's. A handler of our
+    own resets it to the default in every program started from here."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_interruptible()
 
 # Hypothesis's per-example deadline is a timing assertion: on two shared CPUs running other
 # tests (xdist workers, IRMds) a slow example is load, not a bug. Every test has a timeout.

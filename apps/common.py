@@ -296,6 +296,10 @@ class FlowQuota:
         self.per_client = per_client
         self.total = max(total, 1)
         self.anonymous_room = max(self.total // 2, 1)
+        # A host proving no name holds at most half of that room (a client's share at least): another host
+        # still gets in. Its flows outlive its own deallocations when the shim's rate drops their notices
+        # (until the peer is found silent), so a client's share alone locked out a host allocating briskly.
+        self.per_host = max(per_client, self.anonymous_room // 2)
         self.held: dict[Flow, str] = {}
         self.counts: dict[str, int] = {}
         self.anonymous: set[Flow] = set()  # of `held`, the flows of peers proving no name
@@ -308,7 +312,7 @@ class FlowQuota:
             return True
         held, nameless = self.counts.get(who, 0), proves_nothing(flow)
         why = ""
-        if held >= self.per_client or len(self.held) >= self.total:
+        if held >= (self.per_host if nameless else self.per_client) or len(self.held) >= self.total:
             why = f"{who} holds {held} flows, its limit here."
         elif nameless and len(self.anonymous) >= self.anonymous_room:
             who = ANONYMOUS  # what is refused: all of them, for now

@@ -234,6 +234,10 @@ class ShimCore:
         # request comes again (its answer was lost).
         self._deciding: dict[tuple[Addr, int], int] = {}
         self._answered: dict[tuple[Addr, int], tuple[int, bytes, bytes]] = {}
+        # ... and for a while the answers of accepted flows that ended since (fingerprint, the reply, the
+        # DEALLOC sent, when): a retransmission whose answer was lost finds out how its flow went, and is
+        # not taken for a new request (its OAP header a replay, refused, would fail the peer's allocation).
+        self._ended: OrderedDict[tuple[Addr, int], tuple[bytes, bytes, bytes | None, float]] = OrderedDict()
         self._out: deque[tuple[Addr | None, bytes]] = deque()
         self._events: deque[Event] = deque()
         self._budget = 0  # bytes left to answer the datagram being handled
@@ -456,8 +460,14 @@ class ShimCore:
                 del self._peers[flow.addr]
             self.version += 1
             key = (flow.addr, flow.remote_eid)
-            if self._answered.get(key, (None,))[0] == eid:  # not a later flow's, on an eid the peer reused
+            answered = self._answered.get(key)
+            if answered is not None and answered[0] == eid:  # not a later flow's, on an eid the peer reused
                 del self._answered[key]
+                bye = self._encode(Kind.DEALLOC, s_eid=eid, d_eid=flow.remote_eid) if flow.ours else None
+                self._ended[key] = (answered[1], answered[2], bye, now)
+                self._ended.move_to_end(key)
+                if len(self._ended) > self.limits.flows:
+                    self._ended.popitem(last=False)
             self._freed[eid] = now
             if len(self._freed) > MAX_QUARANTINE:
                 self._freed.popitem(last=False)
@@ -505,6 +515,14 @@ class ShimCore:
             reply = answered[2]
             if len(reply) <= self._budget or self._known(src, resolved=True):
                 self._send(src, reply)
+            return
+        ended = self._ended.get(key)
+        if ended is not None and ended[0] == _fingerprint(digest, data):  # lost, and the flow ended since
+            reply, bye = ended[1], ended[2]
+            if len(reply) + len(bye or b"") <= self._budget or self._known(src, resolved=True):
+                self._send(src, reply)  # accepted, as it was
+                if bye is not None:
+                    self._send(src, bye)  # and let go, as it was since
             return
         # Another request on the eid of a flow we accepted: a new flow. 0.23 takes its eids from its
         # lowest free flow descriptors, so its next flow to us often has the eid of one it let go
@@ -716,6 +734,8 @@ class ShimCore:
                 self._send(p.dst, p.frame)
         while self._freed and now - next(iter(self._freed.values())) >= QUARANTINE:
             self._freed.popitem(last=False)
+        while self._ended and now - next(iter(self._ended.values()))[3] >= QUARANTINE:
+            self._ended.popitem(last=False)
         if now >= self._next_live:
             self._next_live = self._check_flows(now)
         if now >= self._next_greet:

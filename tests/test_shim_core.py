@@ -523,6 +523,36 @@ def test_a_retransmitted_request_after_the_accept_is_answered_again_with_the_sam
     assert list(net[A].flows) == [theirs.eid], "the retransmission made a second flow"
 
 
+def test_a_retransmitted_request_whose_flow_ended_since_gets_its_answer_and_the_end_not_a_new_flow() -> None:
+    """The answer lost, then the flow let go at A (its server closed it): the retransmission was taken for
+    a new request, whose OAP header the IRMd refused as a replay, and B's allocation failed (-1009). It
+    now gets what A answered and, after it, the end of the flow."""
+    net = pong_at(A, core(B, peers=[A]))
+    net.boot()
+    lost = [0]
+
+    def lose_first_reply(s: Sent) -> bool:
+        if s.kind is Kind.FLOW_REPLY and lost[0] == 0:
+            lost[0] += 1
+            return True
+        return False
+
+    net.drop = lose_first_reply
+    flow = net[B].alloc(PONG, qos.raw, A, net.now, 5.0, OAP_REQ)
+    net.pump()
+    (req,) = net.take(A, FlowRequested)
+    theirs = net[A].accept(req, net.now, OAP_RESP)
+    assert theirs is not None
+    net.pump()  # that reply is lost
+    net[A].dealloc(theirs.eid, net.now)  # A's server lets the flow go
+    net.pump()
+    net.run(ALLOC_RETRY + 0.1)
+    assert net.take(A, FlowRequested) == [], "a retransmission was taken for a new request"
+    assert net.take(B, AllocDone) == [AllocDone(flow.eid, 0, OAP_RESP, Offer())]
+    assert net.take(B, FlowEnded) == [FlowEnded(flow.eid, down=False)]
+    assert net[A].flows == {} and net[B].flows == {}
+
+
 def test_a_retransmitted_request_while_the_peer_decides_is_not_answered() -> None:
     net = pong_at(A, core(B, peers=[A]))
     net.boot()

@@ -73,6 +73,7 @@ class Flows:
         self.irmd = irmd
         self.reg = irmd.reg
         self.under_way: Counter[int] = Counter()  # users' allocations under way, by uid (admins' not counted)
+        self.parked: Counter[int] = Counter()  # users' flow_accept calls waiting, by uid (admins' not counted)
 
     # -- applications ----------------------------------------------------
 
@@ -134,23 +135,28 @@ class Flows:
         allocation holds places in pools its IPCP shares among all users (a shim's outstanding name
         queries, a unicast layer's directory lookups): allocations to names nobody answers, kept
         coming, once held all of them, and everyone's names went unresolved. Admins are not counted."""
+        with self.holding(self.under_way, uid, "allocations under way", "allocs"):
+            yield
+
+    @contextlib.contextmanager
+    def holding(self, held: Counter[int], uid: int, what: str, key: str) -> Iterator[None]:
+        """Count one more of `what` for `uid` in `held` while the block runs, or refuse with EDQUOT past
+        the limits `{key}_per_uid` and `{key}_total`. Admins are not counted."""
         if policy.is_admin(uid, self.irmd.uid):
             yield
             return
-        limits = self.irmd.limits
-        if (mine := self.under_way[uid]) >= limits.allocs_per_uid:
-            raise LimitReached(
-                f"uid {uid} has {mine} allocations under way (limit allocs_per_uid={limits.allocs_per_uid})"
-            )
-        if (users := self.under_way.total()) >= limits.allocs_total:
-            raise LimitReached(f"users have {users} allocations under way (limit allocs_total={limits.allocs_total})")
-        self.under_way[uid] += 1
+        per_uid, total = f"{key}_per_uid", f"{key}_total"
+        if (mine := held[uid]) >= (most := getattr(self.irmd.limits, per_uid)):
+            raise LimitReached(f"uid {uid} has {mine} {what} (limit {per_uid}={most})")
+        if (users := held.total()) >= (most := getattr(self.irmd.limits, total)):
+            raise LimitReached(f"users have {users} {what} (limit {total}={most})")
+        held[uid] += 1
         try:
             yield
         finally:
-            self.under_way[uid] -= 1
-            if not self.under_way[uid]:
-                del self.under_way[uid]
+            held[uid] -= 1
+            if not held[uid]:
+                del held[uid]
 
     async def flow_alloc(self, c: Client, msg: m.FlowAlloc, _: list[int]) -> tuple[m.FlowReply, list[int]]:
         check_name(msg.name)
@@ -318,17 +324,20 @@ class Flows:
             raise LimitReached(
                 f"{waiting} accepts are waiting on this connection already (limit accepts_per_conn={limit})"
             )
-        fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
-        c.accepts.append(fut)
-        c.serves, c.cypher_s = True, msg.cypher_s
-        await self.irmd.notify_acceptors()
-        try:
-            reply, fd = await asyncio.wait_for(fut, msg.timeout if msg.timeout and msg.timeout > 0 else None)
-        except TimeoutError:
-            raise FlowTimeout(f"no flow arrived within {msg.timeout} s") from None
-        finally:
-            with contextlib.suppress(ValueError):
-                c.accepts.remove(fut)
+        # Each waiting accept holds the IRMd's memory; a user's connections together once parked
+        # accepts_per_conn times conns_per_uid of them.
+        with self.holding(self.parked, c.uid, "accepts waiting", "accepts"):
+            fut: asyncio.Future[tuple[m.FlowReply, int]] = asyncio.get_running_loop().create_future()
+            c.accepts.append(fut)
+            c.serves, c.cypher_s = True, msg.cypher_s
+            await self.irmd.notify_acceptors()
+            try:
+                reply, fd = await asyncio.wait_for(fut, msg.timeout if msg.timeout and msg.timeout > 0 else None)
+            except TimeoutError:
+                raise FlowTimeout(f"no flow arrived within {msg.timeout} s") from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    c.accepts.remove(fut)
         return reply, [fd]
 
     async def flow_listen(self, c: Client, msg: m.FlowListen, _: list[int]) -> m.Ok:

@@ -51,6 +51,10 @@ class Limits:
     # may hold most of a small shim's, eth-llc's 62, at another host.)
     flows_per_peer: int = 1024
     accepts_per_conn: int = 64  # flow_accept calls waiting at once
+    # flow_accept calls a user's connections together have waiting (each holds the IRMd's memory), and
+    # all users': without them, a user's connections parked accepts_per_conn x conns_per_uid (16,384).
+    accepts_per_uid: int = 256
+    accepts_total: int = 2048
     requests_per_conn: int = 256  # requests being served at once
     queued_bytes_per_conn: int = 1 << 20  # replies and notices not yet read; above it, no more requests are read
 

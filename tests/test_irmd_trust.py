@@ -745,6 +745,67 @@ def test_pending_accepts_per_connection_are_limited(tight: IrmdProc) -> None:
         assert isinstance(got[3], Error) and got[3].code == "EDQUOT" and "accepts_per_conn=2" in got[3].text
 
 
+PARK_ACCEPTS = """
+import socket, sys
+from proto import messages as m
+from transports.unix import recv_frame, send_frame
+conns = []
+for _ in range(int(sys.argv[2])):  # connections, each parking accepts_per_conn=2 accepts
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    s.settimeout(1)
+    conns.append(s)
+    for req in (1, 2):
+        send_frame(s, m.CODEC.encode(m.FlowAccept(30), req))
+refused = []
+for s in conns:
+    try:
+        while True:  # the refusals come at once; parked accepts answer nothing yet
+            refused.append(m.CODEC.decode(recv_frame(s)[0]).msg.text)
+    except TimeoutError:
+        pass
+print(len(conns) * 2 - len(refused), "parked;", "; ".join(refused), flush=True)
+sys.stdin.read()  # they stay parked until the test is done
+"""
+
+
+@pytest.mark.timeout(60)
+def test_pending_accepts_per_user_are_limited_and_roots_are_not(public_dir: Path) -> None:
+    """uid 65534's connections, each within accepts_per_conn, together parked accepts_per_conn x
+    conns_per_uid flow_accept calls in the IRMd (16,384 by default), each holding its memory. A user's
+    waiting accepts are limited (accepts_per_uid) and all users' (accepts_total): past them, EDQUOT
+    naming the limit; root's accepts, beside them and past both, wait for their flows."""
+    limits = ["conns_per_uid=3", "accepts_per_conn=2", "accepts_per_uid=3", "accepts_total=4"]
+    with irmd_in(public_dir, *(a for limit in limits for a in ("--limit", limit))) as irmd:
+        env = as_nobody_env(irmd.env)
+        code = textwrap.dedent(PARK_ACCEPTS)
+        with contextlib.ExitStack() as stack:
+
+            def park(uid: int, conns: int) -> str:
+                argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", str(BIN / "python")]
+                p = subprocess.Popen(
+                    [*argv, "-c", code, str(irmd.sock), str(conns)],
+                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+                )  # fmt: skip
+                stack.callback(p.wait, 10)
+                stack.callback(p.stdin.close)  # type: ignore[union-attr]
+                return p.stdout.readline().strip()  # type: ignore[union-attr]
+
+            line = park(NOBODY, 3)
+            assert line.startswith("3 parked;"), line
+            assert line.count("uid 65534 has 3 accepts waiting (limit accepts_per_uid=3)") == 3, line
+            line = park(NOBODY - 1, 2)  # another user: the one place left of accepts_total
+            assert line.startswith("1 parked;"), line
+            assert line.count("users have 4 accepts waiting (limit accepts_total=4)") == 3, line
+            socks = [stack.enter_context(raw_conn(irmd)) for _ in range(3)]
+            for s in socks:
+                for req in (1, 2):
+                    send_frame(s, m.CODEC.encode(m.FlowAccept(1), req))
+            for s in socks:  # each of root's six waited its second for a flow, refused none
+                got = replies(s, 2)
+                assert all(isinstance(r, Error) and r.code == "ETIMEDOUT" for r in got.values()), got
+
+
 def test_requests_at_once_per_connection_are_limited(public_dir: Path) -> None:
     with irmd_in(public_dir, "--limit", "requests_per_conn=4") as irmd:
         s = raw_conn(irmd)

@@ -60,6 +60,16 @@ def duration(text: str, default_unit: str = "ms") -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or default_unit]
 
 
+def c_duration(text: str) -> float:
+    """A time option of C's tools (`duration` in ms): whole ms, as C's keep theirs. One that comes to
+    a fraction of a ms is refused, as C's refuses every fraction (`-i 0.5`: `Unknown time unit: .5.`),
+    not rounded (`-i 0.5` would be 0, back to back); a fraction of a larger unit is ours (`0.5s`)."""
+    seconds = duration(text)
+    if abs(seconds * 1000 - round(seconds * 1000)) > 1e-6:
+        raise ValueError(f"bad duration {text!r}: not a whole number of ms")
+    return seconds
+
+
 def ms(seconds: float) -> int:
     """A duration in whole ms, as C's tools keep theirs (a fraction of ours is rounded)."""
     return round(seconds * 1000)
@@ -73,7 +83,7 @@ def c_units(parse: Callable[[str], float], what: str) -> Callable[[str], float]:
         try:
             return parse(text)
         except ValueError:
-            number = re.match(r"\d*(?:\.\d+)?", text.strip())
+            number = re.match(r"\d*", text.strip())  # what C's strtol reads: the unit is what follows
             print(f"Unknown {what} unit: {text.strip()[number.end() if number else 0 :]}.")
             sys.exit(1)
 

@@ -19,6 +19,7 @@ from apps.common import (
     CParser,
     Pacer,
     alloc,
+    c_duration,
     c_long,
     c_units,
     duration,
@@ -274,7 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-t", "--test", default="uni", help="the type of test: uni, bi (default uni)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the operf server")
     p.add_argument(
-        "-d", "--duration", type=c_units(duration, "time"), default=60.0, help="test duration (ms, or 10s; default 60s)"
+        "-d",
+        "--duration",
+        type=c_units(c_duration, "time"),
+        default=60.0,
+        help="test duration (ms, or 10s; default 60s)",
     )
     p.add_argument(
         "-r",

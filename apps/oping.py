@@ -18,9 +18,9 @@ import time
 from apps.common import (
     CParser,
     alloc,
+    c_duration,
     c_long,
     c_units,
-    duration,
     ends_quietly,
     fail,
     ms,
@@ -278,11 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--busy", action="store_true", help="server busy-polls one flow")
     p.add_argument("-c", "--count", type=c_long, default=2**31 - 1, help="number of packets")
     p.add_argument(
-        "-d", "--duration", type=c_units(duration, "time"), help="duration of the test (ms, or with a unit: 10s)"
+        "-d", "--duration", type=c_units(c_duration, "time"), help="duration of the test (ms, or with a unit: 10s)"
     )
     p.add_argument("-f", "--flood", action="store_true", help="send back-to-back, each after the last reply")
     p.add_argument("-F", "--flood-busy", action="store_true", help="flood, busy-polling for replies")
-    p.add_argument("-i", "--interval", type=c_units(duration, "time"), default=1.0, help="interval (default 1000 ms)")
+    p.add_argument("-i", "--interval", type=c_units(c_duration, "time"), default=1.0, help="interval (default 1000 ms)")
     p.add_argument("-n", "--server-name", dest="name", help="name of the oping server")
     p.add_argument("-q", "--qos", help="raw, best, video, voice, data (and the other presets); others: raw")
     p.add_argument("-s", "--size", type=c_long, default=MIN_SIZE, help=f"payload size (B, default 64, max {MAX_SIZE})")

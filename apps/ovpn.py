@@ -70,6 +70,50 @@ def failed(line: str, err: Exception) -> NoReturn:
     sys.exit(1)
 
 
+def getopt_argv(p: CParser, argv: list[str]) -> list[str]:
+    """The command line read as C's getopt_long reads it, each option's value joined to it (so that a
+    value may begin with '-', as getopt takes it), non-options kept in place; an option it does not
+    know, or one whose value is missing, ends the program in getopt's words, at the first of them."""
+    takes_value = {s: a.nargs is None for a in p._actions for s in a.option_strings}
+    longs = [s for s in takes_value if s.startswith("--")]
+    words, out = list(argv), []
+    while words:
+        word = words.pop(0)
+        if word == "--":  # the rest are not options
+            out += [word, *words]
+            break
+        if word == "-" or not word.startswith("-"):
+            out.append(word)
+            continue
+        if word.startswith("--"):
+            name, eq, value = word.partition("=")
+            found = [name] if name in takes_value else [s for s in longs if s.startswith(name)]
+            if not found:
+                p.error(f"unrecognized option '{name}'")
+            if len(found) > 1:
+                p.error(f"option '{name}' is ambiguous; possibilities: {' '.join(repr(s) for s in found)}")
+            if not takes_value[found[0]]:
+                if eq:
+                    p.error(f"option '{found[0]}' doesn't allow an argument")
+                out.append(found[0])
+            elif eq or words:
+                out.append(f"{found[0]}={value if eq else words.pop(0)}")
+            else:
+                p.error(f"option '{found[0]}' requires an argument")
+            continue
+        for i, char in enumerate(word[1:], 1):  # a cluster of short options: -Ch, or -n NAME, -nNAME
+            if f"-{char}" not in takes_value:
+                p.error(f"invalid option -- '{char}'")
+            if not takes_value[f"-{char}"]:
+                out.append(f"-{char}")
+            elif word[i + 1 :] or words:
+                out.append(f"-{char}{word[i + 1 :] or words.pop(0)}")
+                break
+            else:
+                p.error(f"option requires an argument -- '{char}'")
+    return out
+
+
 def refuse(p: CParser, line: str) -> NoReturn:
     """C's words for a command line it cannot run: what is wrong and an empty line, then the usage,
     all on stdout; status 1."""
@@ -202,14 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer", help="tunnel only with the peer whose certificate proves this name, encrypted (ours)")
     logs.add_arguments(p, quiet=False)
     add_version(p)
-    args, extra = p.parse_known_args(argv)
-    if unknown := [word for word in extra if word.startswith("-") and word != "-"]:  # getopt's words, on stderr alone
-        word = unknown[0]
-        p.error(f"unrecognized option '{word}'" if word.startswith("--") else f"invalid option -- '{word[1]}'")
-    logs.setup("ovpn", args)
-    if os.geteuid() != 0:
+    if os.geteuid() != 0:  # as C's: before the command line is read (`ovpn --help` too)
         print("ovpn must be run as root.")
         sys.exit(1)
+    args, extra = p.parse_known_args(getopt_argv(p, sys.argv[1:] if argv is None else argv))
+    logs.setup("ovpn", args)
     ip = ip_arg(args.ip) if args.ip is not None else None
     mask = mask_arg(args.mask) if args.mask is not None else None
     if args.ip is not None and ip is None:

@@ -297,7 +297,20 @@ def test_a_command_line_c_does_not_take_prints_the_usage_on_stdout_and_exits_1(
     assert capsys.readouterr().out.startswith("Usage: oping [OPTION]...\n")
 
 
-@pytest.mark.parametrize(("value", "unit"), [("10x", "x"), ("2w", "w"), ("abc", "abc")])
+# C's reads the digits before a point and takes the rest for the unit: it refuses `-i 0.5` (ours would
+# round 0.5 ms to 0, back to back); ours takes a fraction only of a larger unit (`-i 0.5s`).
+@pytest.mark.parametrize(
+    ("value", "unit"),
+    [
+        ("10x", "x"),
+        ("2w", "w"),
+        ("abc", "abc"),
+        ("0.5", ".5"),
+        ("1.5ms", ".5ms"),
+        ("0.0005s", ".0005s"),
+        ("1.5y", ".5y"),
+    ],
+)
 def test_a_time_unit_c_does_not_know_exits_1_saying_so(
     value: str, unit: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

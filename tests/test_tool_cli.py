@@ -71,6 +71,13 @@ def test_help_is_cs_usage_on_stdout_with_cs_status(
     [
         (["--bogus"], "", "ovpn: unrecognized option '--bogus'\n"),
         (["-x", "-i", "10.0.0.1"], "", "ovpn: invalid option -- 'x'\n"),
+        (["-n"], "", "ovpn: option requires an argument -- 'n'\n"),
+        (["-i", "10.0.0.1", "--name"], "", "ovpn: option '--name' requires an argument\n"),
+        (["--na"], "", "ovpn: option '--name' requires an argument\n"),  # its whole name, as getopt says it
+        (["-x", "-n"], "", "ovpn: invalid option -- 'x'\n"),  # the first thing wrong, as getopt
+        (["--v"], "", "ovpn: option '--v' is ambiguous; possibilities: '--verbose' '--version'\n"),
+        # getopt takes the word after -n as its value, '-i' as well: 10.0.0.1 is then left over
+        (["-n", "-i", "10.0.0.1", "-m", "255.0.0.0"], "Unknown arguments specified: 10.0.0.1 \n\nUsage: ovpn", ""),
         (["-i", "x", "-m", "255.0.0.0"], "Invalid IP address: x.\n\nUsage: ovpn", ""),
         (["-i", "10.0.0.1", "-m", "255.0.255.0"], "Invalid subnet mask: 255.0.255.0.\n\nUsage: ovpn", ""),
         (["-i", "10.0.0.1"], "Please specify a subnetmask.\n\nUsage: ovpn", ""),
@@ -89,6 +96,19 @@ def test_ovpn_says_what_is_wrong_with_its_command_line_as_cs(
     assert done.value.code == 1
     assert said.out.startswith(out) and (out or not said.out), said.out
     assert said.err == err
+
+
+# C's ovpn asks for root before it reads its command line: as another user, all it says is that.
+@pytest.mark.parametrize("argv", [["--help"], ["--bogus"], ["-n"], ["-i", "10.0.0.1", "-m", "255.0.0.0"]])
+@pytest.mark.usefixtures("parsing")
+def test_ovpn_as_another_user_says_it_must_be_run_as_root_whatever_its_command_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ovpn.os, "geteuid", lambda: 65534)
+    with pytest.raises(SystemExit) as done:
+        ovpn.main(argv)
+    assert done.value.code == 1
+    assert capsys.readouterr() == ("ovpn must be run as root.\n", "")
 
 
 # What each prints on stdout before it needs an IRMd: that no server (or name) was given, or its usage.

@@ -19,7 +19,7 @@ import pytest
 from helpers import BIN, IrmdProc, interrupted
 from unicast_net import Cluster
 
-from apps import ocbr, operf
+from apps import ocbr, operf, oping
 from flowlib import FlowError, flow_alloc
 from flowlib.irm import IrmClient
 from proto import logs
@@ -125,6 +125,7 @@ def test_operf_rates_take_cs_units_and_sizes_its_bounds(irmd: IrmdProc, serving:
         (["-t", "bi"], 1, "No server specified.\n"),
         (["-n", "perf", "-r", "5x"], 1, "Unknown rate unit: x.\n"),
         (["-n", "perf", "-d", "5y"], 1, "Unknown time unit: y.\n"),
+        (["-n", "perf", "-d", "0.5"], 1, "Unknown time unit: .5.\n"),  # a fraction of a ms, as C's
     ],
 )
 @pytest.mark.usefixtures("parsing")
@@ -217,6 +218,25 @@ def test_ocbr_without_a_server_prints_the_usage_and_exits_1(capsys: pytest.Captu
 
 def test_ocbr_reads_rates_as_c() -> None:
     assert [ocbr.c_rate(t) for t in ("800k", "2M", "1G", "100", "5x", "x")] == [8e5, 2e6, 1e9, 100.0, 5.0, 0.0]
+
+
+# Ours: a fraction of a unit larger than a ms, so long as it comes to whole ms (C's refuses any fraction).
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("tool", "argv", "expected"),
+    [
+        (oping, ["-i", "0.5s"], {"interval": 0.5}),
+        (oping, ["-i", "1500"], {"interval": 1.5}),
+        (oping, ["-i", "0.5s", "-d", "1.5s"], {"count": 3}),
+        (operf, ["-d", "0.25s"], {"duration": 0.25}),
+    ],
+)
+@pytest.mark.usefixtures("parsing")
+def test_a_fraction_of_a_second_is_taken_in_whole_ms(
+    tool: ModuleType, argv: list[str], expected: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = parsed(tool, ["-n", "x", *argv], monkeypatch)
+    assert {k: args[k] for k in expected} == expected
 
 
 def parsed(tool: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:

@@ -26,6 +26,8 @@ CATALOGUE: list[tuple[tuple[str, ...], int | None]] = [
     (("oping", "-c", "1"), 2),  # "No server specified.", then the usage
     (("oping", "-n", "x", "-i", "2x"), None),
     (("oping", "-n", "x", "-d", "1w"), None),
+    (("oping", "-n", "x", "-i", "0.5"), None),  # a fraction of a ms
+    (("oping", "-n", "x", "-i", "1.5ms"), None),
     (("oping", "-n", "nobody", "-c", "1"), None),
     (("operf", "--help"), 1),
     (("operf", "--bogus"), 1),
@@ -33,6 +35,7 @@ CATALOGUE: list[tuple[tuple[str, ...], int | None]] = [
     (("operf", "-n", "x", "-t", "tri"), None),
     (("operf", "-n", "x", "-r", "1x"), None),
     (("operf", "-n", "x", "-d", "1y"), None),
+    (("operf", "-n", "x", "-d", "0.5"), None),
     (("operf", "-n", "nobody", "-d", "10"), None),
     (("ocbr", "--help"), 0),  # C's usage says "Usage: cbr", ours "Usage: ocbr"
     (("ocbr", "-l", "--bogus"), 0),
@@ -50,6 +53,9 @@ CATALOGUE: list[tuple[tuple[str, ...], int | None]] = [
     (("ovpn", "--help"), 1),
     (("ovpn", "-h"), 1),
     (("ovpn", "--bogus"), None),
+    (("ovpn", "-n"), None),  # getopt's words on stderr, nothing on stdout
+    (("ovpn", "-i", "10.0.0.1", "--name"), None),
+    (("ovpn", "-n", "-i", "10.0.0.1", "-m", "255.0.0.0"), 3),  # "-i" is the name: 10.0.0.1 left over
     (("ovpn", "-i", "x"), 3),
     (("ovpn", "-i", "10.0.0.1"), 3),
     (("ovpn", "-m", "255.0.0.0"), 3),

@@ -83,6 +83,9 @@ class Limits:
     cache: int = 4096  # resolved names
     rate: float = 50.0  # management messages per second from one source (burst: twice that)
     strangers_rate: float = 2000.0  # ... from all sources not known to us together
+    # ... from the addresses of one host (`peer_of`) that proved itself a member, together: a host of
+    # ours opening and closing ~30 flows a second sends past `rate`, and had its deallocations dropped
+    member_rate: float = 500.0
     sources: int = 4096  # sources whose rates are tracked
 
     @property
@@ -217,9 +220,7 @@ class ShimCore:
         self._echo: dict[Addr, int] = {}  # a member's latest cookie for us, to prove ourselves without a round trip
         self._page: dict[Addr, int] = {}  # the page of its members to ask a member for next
         self.cookies = cookies or Cookies()
-        self.rates = RateLimits(
-            limits.rate, 2 * limits.rate, limits.strangers_rate, 2 * limits.strangers_rate, limits.sources
-        )
+        self.rates = RateLimits(limits.rate, limits.strangers_rate, limits.member_rate, limits.sources)
         self.registered: set[bytes] = set()
         self.cache: dict[bytes, tuple[Addr, float]] = {}
         self.flows: dict[int, ShimFlow] = {}
@@ -478,8 +479,9 @@ class ShimCore:
     def receive(self, data: bytes, src: Addr, now: float) -> None:
         """A datagram that arrived on the management endpoint."""
         self.stats["received"] += 1
-        known = self._known(src)
-        if not self.rates.allow(src, known, now):
+        known, member = self._known(src), self._adopted(src)
+        # A member's addresses share one bucket: a host proves as many as it has ports.
+        if not self.rates.allow(("host", self.peer_of(src)) if member else src, known, now, member):
             self._drop("rate", src)
             return
         self._budget = AMPLIFICATION * len(data)

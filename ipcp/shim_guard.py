@@ -51,25 +51,32 @@ class Bucket:
 
 class RateLimits:
     """A token bucket per source (the least recently heard forgotten beyond `max_sources`), and one
-    bucket shared by every source not known to us, so that changing addresses earns no extra tokens."""
+    bucket shared by every source not known to us, so that changing addresses earns no extra tokens.
+    A member's bucket fills at `member_rate`: a host of ours opening and closing flows quickly sends
+    more than a stranger may, and its deallocations lost to the rate left its flows behind."""
 
     def __init__(
-        self, rate: float, burst: float, strangers_rate: float, strangers_burst: float, max_sources: int
+        self, rate: float, strangers_rate: float, member_rate: float, max_sources: int, burst: float = 2.0
     ) -> None:
-        self.rate, self.burst = rate, burst
+        """Rates in tokens a second; each bucket saves `burst` seconds of its rate."""
+        self.rate, self.member_rate, self.burst = rate, member_rate, burst
         self.max_sources = max_sources
         self._buckets: OrderedDict[Hashable, Bucket] = OrderedDict()
-        self._strangers = Bucket(strangers_rate, strangers_burst)
+        self._strangers = Bucket(strangers_rate, burst * strangers_rate)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, src: Hashable, known: bool, now: float) -> bool:
+    def allow(self, src: Hashable, known: bool, now: float, member: bool = False) -> bool:
+        """Whether a message from `src` may be taken. `member`: `src` names a proven member (whose
+        bucket, once made, fills at `member_rate`), and `known` exempts it from the strangers' bucket."""
+        rate = self.member_rate if member else self.rate
+        burst = self.burst * rate
         bucket = self._buckets.get(src)
         if bucket is None:
             if len(self._buckets) >= self.max_sources:
                 self._buckets.popitem(last=False)
-            bucket = self._buckets[src] = Bucket(self.rate, self.burst, now)
+            bucket = self._buckets[src] = Bucket(rate, burst, now)
         else:
             self._buckets.move_to_end(src)
         return bucket.take(now) and (known or self._strangers.take(now))

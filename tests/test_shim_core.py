@@ -887,6 +887,30 @@ def test_a_source_over_its_rate_is_dropped_and_others_are_not() -> None:
     assert len(a.datagrams_to_send()) == 1
 
 
+def test_a_proven_members_burst_of_deallocations_all_take_effect_and_a_strangers_are_held_to_its_rate() -> None:
+    """A member of ours opening and closing flows quickly was held to a stranger's 50 messages a
+    second (bursts of 100): of 150 deallocations sent at once, a third were dropped, and those flows
+    stayed at the server until the peer went silent. A proven member's host now has `member_rate`;
+    an address that only has flows with us (C proved nothing) keeps the stranger's rate."""
+    net = pong_at(A, core(B, peers=[A]), core(C))
+    net.boot()
+    assert net[A]._adopted(B) and not net[A]._adopted(C)
+    flows: dict[Hashable, list[int]] = {B: [], C: []}
+    for _ in range(150):
+        for host in (B, C):
+            flows[host].append(connect(net, host, A)[0])
+        net.now += 1 / Limits().rate  # within either's rate
+    net.now += 10.0  # every bucket full again
+    for host in (B, C):
+        for eid in flows[host]:
+            net[host].dealloc(eid, net.now)
+    net.pump()
+    left = {host: sum(1 for f in net[A].flows.values() if f.addr == host) for host in (B, C)}
+    assert left[B] == 0, f"{left[B]} of the member's 150 flows left at A"
+    assert left[C] == 150 - 2 * Limits().rate, "the stranger's deallocations past its burst are dropped"
+    assert net[A].stats["dropped rate"] == left[C]
+
+
 def test_flow_requests_waiting_for_the_irmd_are_capped_per_source_and_in_all() -> None:
     a = core(A, limits=Limits(deciding=20, deciding_per_source=4))
     a.register(PONG, True)

@@ -36,6 +36,7 @@ from ipcp.shim import (
     Limits,
     QueryDone,
     ShimCore,
+    ShimFlow,
 )
 from ipcp.shim_wire import COOKIE, ERRNO, ETH_DIX, ETH_LLC, UDP, Kind, Layout, Mgmt, Offer, ShimWireError
 from transports import udp
@@ -498,7 +499,8 @@ def test_a_configured_peer_that_answers_but_never_proves_it_is_ours_gets_each_re
     assert net[B].members[A] == 0.0 and A not in net[B].heard
 
 
-def test_a_retransmitted_request_after_the_accept_is_answered_again_with_the_same_eid() -> None:
+def accepted_answer_lost() -> tuple[Net, ShimFlow, ShimFlow]:
+    """B's allocation to A's pong, accepted by A, whose answer is lost: (the net, B's flow, A's)."""
     net = pong_at(A, core(B, peers=[A]))
     net.boot()
     lost = [0]
@@ -516,6 +518,11 @@ def test_a_retransmitted_request_after_the_accept_is_answered_again_with_the_sam
     theirs = net[A].accept(req, net.now, OAP_RESP)
     assert theirs is not None
     net.pump()  # that reply is lost
+    return net, flow, theirs
+
+
+def test_a_retransmitted_request_after_the_accept_is_answered_again_with_the_same_eid() -> None:
+    net, flow, theirs = accepted_answer_lost()
     assert net.take(B, AllocDone) == []
     net.run(ALLOC_RETRY + 0.1)
     assert net.take(A, FlowRequested) == [], "a retransmission was taken for a new request"
@@ -527,23 +534,7 @@ def test_a_retransmitted_request_whose_flow_ended_since_gets_its_answer_and_the_
     """The answer lost, then the flow let go at A (its server closed it): the retransmission was taken for
     a new request, whose OAP header the IRMd refused as a replay, and B's allocation failed (-1009). It
     now gets what A answered and, after it, the end of the flow."""
-    net = pong_at(A, core(B, peers=[A]))
-    net.boot()
-    lost = [0]
-
-    def lose_first_reply(s: Sent) -> bool:
-        if s.kind is Kind.FLOW_REPLY and lost[0] == 0:
-            lost[0] += 1
-            return True
-        return False
-
-    net.drop = lose_first_reply
-    flow = net[B].alloc(PONG, qos.raw, A, net.now, 5.0, OAP_REQ)
-    net.pump()
-    (req,) = net.take(A, FlowRequested)
-    theirs = net[A].accept(req, net.now, OAP_RESP)
-    assert theirs is not None
-    net.pump()  # that reply is lost
+    net, flow, theirs = accepted_answer_lost()
     net[A].dealloc(theirs.eid, net.now)  # A's server lets the flow go
     net.pump()
     net.run(ALLOC_RETRY + 0.1)

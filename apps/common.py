@@ -231,9 +231,13 @@ def qos_arg(text: str) -> QosSpec:
         raise SystemExit(f"{sys.argv[0]}: {e}") from None
 
 
-def fail(tool: str, err: Exception) -> NoReturn:
+def fail(tool: str, err: Exception, line: str = "", status: int = 1) -> NoReturn:
+    """End a tool: C's `line` on stdout first, if it has one (for scripts that look for it), then what
+    went wrong on stderr (ours), and C's status."""
+    if line:
+        print(line, flush=True)
     print(f"{tool}: {err}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(status)
 
 
 # What C's clients print on stdout when flow_alloc fails (oping with the negative errno it got), and
@@ -255,9 +259,7 @@ def alloc_failed(tool: str, err: FlowError) -> NoReturn:
     if isinstance(err, IrmdUnreachable) or tool not in ALLOC_FAILED:
         fail(tool, err)
     line, status = ALLOC_FAILED[tool]
-    print(line.format(errno=C_ERRNO.get(err.code, EIPCP) if err.code else EIPCP), flush=True)
-    print(f"{tool}: {err}", file=sys.stderr)
-    sys.exit(status)
+    fail(tool, err, line.format(errno=C_ERRNO.get(err.code, EIPCP) if err.code else EIPCP), status)
 
 
 def alloc(tool: str, args: argparse.Namespace, timeout: float | None) -> Flow:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from apps.common import CParser, ends_quietly, handed_over
+from apps.common import CParser, ends_quietly, fail, handed_over
 from flowlib import Flow, FlowError, flow_join
 from proto.version import add_version
 from proto.visible import visible
@@ -24,10 +24,8 @@ FAILED = 255  # C's status when it cannot join or write: its main returns -1
 def join(layer: str) -> Flow:
     try:
         return flow_join(layer, timeout=10)
-    except FlowError as e:  # C's line on stdout, what went wrong on stderr (ours)
-        print("Failed to join broadcast.", flush=True)
-        print(f"obc: {e}", file=sys.stderr)
-        sys.exit(FAILED)
+    except FlowError as e:
+        fail("obc", e, "Failed to join broadcast.", FAILED)
 
 
 def text_of(sdu: bytes) -> str:

@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
 
-from apps.common import CParser, alloc_failed, ends_quietly, serve
+from apps.common import CParser, alloc_failed, ends_quietly, fail, serve
 from flowlib import Flow, FlowError, flow_alloc
 from proto import logs
 from proto.version import add_version
@@ -52,18 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             flow.write(args.message.encode() + b"\0")  # a C string, NUL and all, as C's client sends it
         except FlowError as e:
-            failed("Failed to write packet.", e)
+            fail("oecho", e, "Failed to write packet.", FAILED)
         try:
             flow.set_timeout(5.0)
             sdu = flow.read()
         except FlowError as e:
-            failed("Failed to read packet.", e)
+            fail("oecho", e, "Failed to read packet.", FAILED)
     print(f"Server replied with {text(sdu)}")
     sys.exit(0)
-
-
-def failed(line: str, err: FlowError) -> NoReturn:
-    """C's line on stdout, what went wrong on stderr (ours), and C's status: its main returns -1."""
-    print(line, flush=True)
-    print(f"oecho: {err}", file=sys.stderr)
-    sys.exit(FAILED)

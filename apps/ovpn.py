@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from apps.common import CParser, ends_quietly, qos_arg
+from apps.common import CParser, ends_quietly, fail, qos_arg
 from flowlib import Flow, FlowError, InvalidArgument, flow_accept, flow_alloc, qos
 from proto import logs
 from proto.version import add_version
@@ -62,12 +62,6 @@ def ip_arg(text: str) -> ipaddress.IPv4Address | None:
         return ipaddress.IPv4Address(text)
     except ValueError:
         return None
-
-
-def failed(line: str, err: Exception) -> NoReturn:
-    print(line, flush=True)
-    print(f"ovpn: {err}", file=sys.stderr)
-    sys.exit(1)
 
 
 def getopt_argv(p: CParser, argv: list[str]) -> list[str]:
@@ -275,13 +269,13 @@ def main(argv: list[str] | None = None) -> None:
             print("Waiting for a new flow...", flush=True)
             flow = accept_tunnel(args.timeout, args.peer)
     except FlowError as e:  # C's line on stdout, what went wrong on stderr (ours)
-        failed(f"Failed to {'allocate' if args.name is not None else 'accept'} flow.", e)
+        fail("ovpn", e, f"Failed to {'allocate' if args.name is not None else 'accept'} flow.")
     print("Flow allocated.", flush=True)
     try:
         tun, dev = tun_open(args.dev, ip, mask, flow.mtu)
     except OSError as e:
         flow.close()
-        failed("Failed to open tunnel device.", e)
+        fail("ovpn", e, "Failed to open tunnel device.")
     print(f"Tunnel device name is {dev}.", flush=True)
     tunnel = Tunnel(flow, tun)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):

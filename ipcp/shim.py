@@ -97,6 +97,13 @@ class Limits:
         return max(1, int(self.candidates * self.peer_share))
 
 
+def _uncount(counter: Counter[Hashable], key: Hashable) -> None:
+    """One fewer for `key`; a key counted no more leaves the counter (its size stays the keys held)."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
 def _fingerprint(digest: bytes, data: bytes) -> bytes:
     """What tells a retransmitted flow request from a new one on the same eid: its hash and piggyback
     (an OAP request, whose id and timestamp are new for every flow)."""
@@ -456,9 +463,7 @@ class ShimCore:
         flow = self.flows.pop(eid, None)
         self._allocs.pop(eid, None)
         if flow is not None:
-            self._peers[flow.addr] -= 1
-            if self._peers[flow.addr] <= 0:
-                del self._peers[flow.addr]
+            _uncount(self._peers, flow.addr)
             self.version += 1
             key = (flow.addr, flow.remote_eid)
             answered = self._answered.get(key)
@@ -512,19 +517,13 @@ class ShimCore:
         key = (src, msg.s_eid)
         if key in self._deciding:  # a retransmission while the IRMd decides
             return
-        answered = self._answered.get(key)
-        if answered is not None and answered[1] == _fingerprint(digest, data):  # the answer was lost
-            reply = answered[2]
-            if len(reply) <= self._budget or self._known(src, resolved=True):
-                self._send(src, reply)
+        fingerprint = _fingerprint(digest, data)
+        answered, ended = self._answered.get(key), self._ended.get(key)
+        if answered is not None and answered[1] == fingerprint:  # the answer was lost
+            self._repeat(src, answered[2])
             return
-        ended = self._ended.get(key)
-        if ended is not None and ended[0] == _fingerprint(digest, data):  # lost, and the flow ended since
-            reply, bye = ended[1], ended[2]
-            if len(reply) + len(bye or b"") <= self._budget or self._known(src, resolved=True):
-                self._send(src, reply)  # accepted, as it was
-                if bye is not None:
-                    self._send(src, bye)  # and let go, as it was since
+        if ended is not None and ended[0] == fingerprint:  # lost, and the flow ended since
+            self._repeat(src, ended[1], ended[2])  # accepted, as it was, and let go, as it was since
             return
         # Another request on the eid of a flow we accepted: a new flow. 0.23 takes its eids from its
         # lowest free flow descriptors, so its next flow to us often has the eid of one it let go
@@ -551,6 +550,13 @@ class ShimCore:
         flow = ShimFlow(self.new_eid(), src, msg.s_eid)
         self._deciding[key] = flow.eid
         self._events.append(FlowRequested(flow, digest, qos, data, offer, self._budget))
+
+    def _repeat(self, src: Addr, *frames: bytes | None) -> None:
+        """Send again what answered a request that came again, within its budget (unless a member)."""
+        sent = [f for f in frames if f is not None]
+        if sum(map(len, sent)) <= self._budget or self._known(src, resolved=True):
+            for frame in sent:
+                self._send(src, frame)
 
     def _on_flow_reply(self, msg: Mgmt, src: Addr, now: float) -> None:
         req_eid, resp_eid = self.layout.reply_eids(msg)
@@ -747,10 +753,7 @@ class ShimCore:
             for addr, seen in list(self.members.items()):
                 if addr not in self.static_peers and now - seen > MEMBER_TTL:
                     del self.members[addr]
-                    peer = self.peer_of(addr)
-                    self._adopted_of[peer] -= 1
-                    if self._adopted_of[peer] <= 0:
-                        del self._adopted_of[peer]
+                    _uncount(self._adopted_of, self.peer_of(addr))
                     self._echo.pop(addr, None)
                     self._page.pop(addr, None)
                     self.version += 1
@@ -760,9 +763,7 @@ class ShimCore:
     def _forget_candidate(self, addr: Addr) -> None:
         teller = self.candidates.pop(addr, None)
         if teller is not None:
-            self._named_by[teller] -= 1
-            if self._named_by[teller] <= 0:
-                del self._named_by[teller]
+            _uncount(self._named_by, teller)
 
     def _greet(self, now: float) -> None:
         for _ in range(min(self.limits.greet, len(self.candidates))):

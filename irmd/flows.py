@@ -349,9 +349,7 @@ class Flows:
     async def flow_dealloc(self, c: Client, msg: m.FlowDealloc, _: list[int]) -> m.Ok:
         """The flow is the owner's no more at once (its limits, its lists); its IPCP and its peer learn
         of it in the background, so the request (a notice, from flowlib) never waits on the layer."""
-        flow = self.reg.flows.get(msg.flow_id)
-        if flow is None or flow.owner != c.conn_id:
-            raise NotFound(f"flow {msg.flow_id} not found")
+        flow = self._held(c, msg.flow_id)
         if flow.peer:
             self.release_pair(flow)
         else:
@@ -385,10 +383,14 @@ class Flows:
 
     async def flow_peer(self, c: Client, msg: m.FlowPeer, _: list[int]) -> m.FlowPeer:
         """The remote host a flow the caller holds came from, as its layer named it (m.FlowPeer)."""
-        flow = self.reg.flows.get(msg.flow_id)
+        return m.FlowPeer(msg.flow_id, self._held(c, msg.flow_id).remote)
+
+    def _held(self, c: Client, flow_id: int) -> Flow:
+        """The flow `flow_id` if the caller's connection holds it, else NotFound (whoever else's it is)."""
+        flow = self.reg.flows.get(flow_id)
         if flow is None or flow.owner != c.conn_id:
-            raise NotFound(f"flow {msg.flow_id} not found")
-        return m.FlowPeer(msg.flow_id, flow.remote)
+            raise NotFound(f"flow {flow_id} not found")
+        return flow
 
     async def flow_list(self, c: Client, msg: m.FlowList, _: list[int]) -> m.Table:
         flows = [f for f in list(self.reg.flows.values()) if policy.visible(c.caller, f.uid)]

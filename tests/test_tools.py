@@ -235,6 +235,13 @@ def test_ocbr_reads_rates_as_c() -> None:
 def test_a_fraction_of_a_second_is_taken_in_whole_ms(
     tool: ModuleType, argv: list[str], expected: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    assert_parsed(tool, argv, expected, monkeypatch)
+
+
+def assert_parsed(
+    tool: ModuleType, argv: list[str], expected: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tool -n x ARGV` hands its client the `expected` options."""
     args = parsed(tool, ["-n", "x", *argv], monkeypatch)
     assert {k: args[k] for k in expected} == expected
 
@@ -265,8 +272,7 @@ def parsed(tool: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -
 def test_numbers_are_read_as_cs_strtol_reads_them(
     tool: ModuleType, argv: list[str], expected: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    args = parsed(tool, ["-n", "x", *argv], monkeypatch)
-    assert {k: args[k] for k in expected} == expected
+    assert_parsed(tool, argv, expected, monkeypatch)
 
 
 @pytest.mark.timeout(10)
